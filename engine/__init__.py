@@ -1,0 +1,1 @@
+"""ember.engine: data, training loop, checkpoints, distributed, losses, metrics and the CLI."""

@@ -1,0 +1,50 @@
+"""Choosing between a kernel's Triton implementation and its PyTorch reference.
+
+Every public op takes ``impl=None | "triton" | "ref"``:
+
+- ``None`` (default): Triton for CUDA tensors, the reference otherwise. The environment variable
+  ``EMBER_KERNELS=ref`` forces the reference everywhere (debugging), ``EMBER_KERNELS=triton`` forces
+  Triton everywhere (with ``TRITON_INTERPRET=1`` this runs the kernels on CPU, slowly).
+- ``"triton"``: Triton; on CPU tensors only under ``TRITON_INTERPRET=1`` (the test rig).
+- ``"ref"``: the pure-PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_IMPLS = (None, "triton", "ref")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor, impl: str | None, op: str) -> bool:
+    """Decide the implementation for op on tensor t; raises a clear error for impossible asks."""
+    if impl not in _IMPLS:
+        raise ValueError(f"{op}: impl must be one of None, 'triton', 'ref'; got {impl!r}")
+    if impl is None:
+        impl = os.environ.get("EMBER_KERNELS") or None
+        if impl not in _IMPLS:
+            raise ValueError(f"EMBER_KERNELS must be 'triton' or 'ref', got {impl!r}")
+    if impl == "ref":
+        return False
+    if impl == "triton":
+        if not (t.is_cuda or (t.device.type == "cpu" and interpreting())):
+            raise ValueError(
+                f"{op}: impl='triton' needs CUDA tensors (got {t.device}); set TRITON_INTERPRET=1 "
+                "before importing triton to run the kernels on CPU, or use impl='ref'"
+            )
+        return True
+    return t.is_cuda
+
+
+def check_dtype(op: str, name: str, t: torch.Tensor, allowed=(torch.float32, torch.float16,
+                                                               torch.bfloat16)) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise ValueError(f"{op}: {name} has dtype {t.dtype}; supported: {names}")

@@ -1,0 +1,102 @@
+"""ModelConfig: one frozen dataclass describes every supported decoder family.
+
+Families differ by fields (qkv bias, q/k norm, sliding window, norm offset, activation, tied
+embeddings, RoPE scaling), never by subclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """Llama-3.1 style frequency scaling ("llama3"), or linear position interpolation."""
+
+    kind: str = "llama3"  # "llama3" | "linear"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    model_type: str = "llama"  # the HF model_type written back on export
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    attention_out_bias: bool = False  # o_proj bias (Llama's attention_bias=True sets both)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # keys visible to each query, incl. itself (Mistral)
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + w); Gemma uses 1.0
+    activation: str = "silu"  # "silu" (SwiGLU) | "gelu_tanh" (GeGLU)
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    embedding_scale: float | None = None  # Gemma multiplies embeddings by sqrt(hidden)
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str = "float32"  # dtype the checkpoint was stored in
+    extra: dict = field(default_factory=dict)  # HF fields kept verbatim for export (not used)
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads})")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"activation must be 'silu' or 'gelu_tanh', got {self.activation!r}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError("hidden_size must be divisible by num_heads when head_dim is unset")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings included once when tied)."""
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        hd, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
+        attn = d * hd * (hq + 2 * hkv) + hq * hd * d
+        per_layer = attn + 3 * d * f + 2 * d + (2 * hd if self.qk_norm else 0)
+        return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + d
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in fp32, with Llama-3 / linear scaling applied."""
+    hd = cfg.head_dim
+    # fp32 exactly as transformers computes it, so logits match bit for bit where possible.
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    if rs.kind == "linear":
+        return inv / rs.factor
+    # llama3: keep high frequencies, divide low ones by factor, interpolate smoothly in between.
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(mid, smoothed, scaled)

@@ -1,0 +1,195 @@
+"""One decoder-only transformer for the Llama family (Llama 2/3, Mistral, Qwen2/3, SmolLM2, Gemma-style
+options), configured by ``ModelConfig``. Kernels are called through ``ember.kernels`` only.
+
+Shapes: B batch, T tokens, D hidden, H query heads, K kv heads, hd head_dim, V vocab.
+Packed batches: B == 1 and ``cu_seqlens`` marks document boundaries (attention never crosses them;
+``position_ids`` restart per document).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ember.kernels import apply_rope, flash_attention, geglu, rms_norm, swiglu
+from ember.models.config import ModelConfig, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.offset)
+
+
+class KVCache:
+    """Preallocated keys/values for generation: per layer (B, max_len, K, hd); ``length`` tokens filled."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        t0, t1 = self.length, self.length + k.shape[1]
+        if t1 > self.max_len:
+            raise ValueError(f"KV cache full: {t1} tokens > max_len {self.max_len}")
+        self.k[layer][:, t0:t1] = k
+        self.v[layer][:, t0:t1] = v
+        return self.k[layer][:, :t1], self.v[layer][:, :t1]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.cfg, self.layer = cfg, layer
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.attention_out_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_offset)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, cache=None, key_mask=None):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim)  # (B, T, H, hd)
+        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, K, hd)
+        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, S, K, hd), S = cached + T
+        if key_mask is not None:
+            out = _masked_attention(q, k, v, key_mask, cfg)
+        elif cu_seqlens is not None:
+            out = flash_attention(q[0], k[0], v[0], causal=True, window=cfg.sliding_window,
+                                  softcap=cfg.attn_softcap, cu_seqlens=cu_seqlens,
+                                  max_seqlen=max_seqlen)[None]
+        else:
+            out = flash_attention(q, k, v, causal=True, window=cfg.sliding_window,
+                                  softcap=cfg.attn_softcap)
+        return self.o_proj(out.reshape(B, T, cfg.num_heads * cfg.head_dim))
+
+
+def _masked_attention(q, k, v, key_mask, cfg: ModelConfig):
+    """Attention with a per-key padding mask (left-padded batched generation). q (B, T, H, hd),
+    k/v (B, S, K, hd), key_mask (B, S) bool, True = real token."""
+    T, S = q.shape[1], k.shape[1]
+    i = torch.arange(T, device=q.device)[:, None] + (S - T)
+    j = torch.arange(S, device=q.device)[None, :]
+    keep = (j <= i)[None] & key_mask[:, None, :]  # (B, T, S)
+    if cfg.sliding_window is not None:
+        keep &= (i - j < cfg.sliding_window)[None]
+    rep = cfg.num_heads // cfg.num_kv_heads
+    qf, kf, vf = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H, T, hd)
+    kf, vf = kf.repeat_interleave(rep, 1), vf.repeat_interleave(rep, 1)
+    s = qf @ kf.transpose(-1, -2) / cfg.head_dim ** 0.5
+    if cfg.attn_softcap is not None:
+        s = cfg.attn_softcap * torch.tanh(s / cfg.attn_softcap)
+    s = s.masked_fill(~keep[:, None], float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return (p @ vf).transpose(1, 2).to(q.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
+        self.act = swiglu if cfg.activation == "silu" else geglu
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, cache=None, key_mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, cache, key_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
+            cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The (V, D) matrix that maps final hidden states to logits (tied: the embedding)."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> Transformer:
+        """Random init (benchmarks and tests use real shapes with random weights)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0 - self.cfg.norm_offset)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    def rope(self, position_ids: torch.Tensor):
+        """cos, sin (B, T, hd/2) fp32 for integer positions (B, T)."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, hd/2)
+        return freqs.cos(), freqs.sin()
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *,
+                      cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                      cache: KVCache | None = None,
+                      key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states (B, T, D), the input to the output head."""
+        B, T = input_ids.shape
+        if cu_seqlens is not None and B != 1:
+            raise ValueError(f"packed batches (cu_seqlens) must have batch size 1, got {B}")
+        if position_ids is None:
+            start = cache.length if cache is not None else 0
+            position_ids = torch.arange(start, start + T, device=input_ids.device)[None].expand(B, T)
+        cos, sin = self.rope(position_ids)
+        x = self.embed(input_ids)  # (B, T, D)
+        if self.cfg.embedding_scale is not None:
+            x = x * torch.tensor(self.cfg.embedding_scale, dtype=x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, cu_seqlens, max_seqlen, cache, key_mask)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = F.linear(hidden, self.output_weight)  # (B, T, V)
+        if self.cfg.final_softcap is not None:
+            c = self.cfg.final_softcap
+            out = c * torch.tanh(out / c)
+        return out
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                **kw) -> torch.Tensor:
+        """Logits (B, T, V)."""
+        return self.logits(self.hidden_states(input_ids, position_ids, **kw))

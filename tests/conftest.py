@@ -1,0 +1,25 @@
+"""Test-wide setup. On machines without a GPU, Triton kernels run in the interpreter; this must be
+decided before anything imports triton."""
+
+import os
+import shutil
+
+if not os.path.exists("/dev/nvidia0") and shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
