@@ -5,6 +5,8 @@ tensors, the reference on CPU. Each op ``<op>`` has its reference ``<op>_ref`` b
 """
 
 from ember.kernels.attention import flash_attention, flash_attention_ref
+from ember.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from ember.kernels.lora import lora_linear, lora_linear_ref
 from ember.kernels.rms_norm import rms_norm, rms_norm_ref
 from ember.kernels.rope import apply_rope, apply_rope_ref
 from ember.kernels.swiglu import geglu, geglu_ref, swiglu, swiglu_ref
@@ -15,6 +17,10 @@ __all__ = [
     "flash_attention",
     "flash_attention_ref",
     "geglu",
+    "linear_cross_entropy",
+    "linear_cross_entropy_ref",
+    "lora_linear",
+    "lora_linear_ref",
     "geglu_ref",
     "rms_norm",
     "rms_norm_ref",
