@@ -1,0 +1,656 @@
+"""Datasets: JSONL reading with per-line diagnostics, loss masks, splits, padding-free packing.
+
+Formats (one JSON object per line; ``format="auto"`` picks the file's format from its first line):
+    {"text": "..."}                                     loss on every token
+    {"prompt": "...", "completion": "..."}              loss on the completion (+ EOS)
+    {"messages": [{"role": "user", "content": "..."}, ...]}   loss on assistant turns
+Prompt/completion pairs are rendered as a user/assistant chat with the tokenizer's chat template
+when it has one (``use_chat_template``), else concatenated as-is (put any separator in the prompt).
+
+Labels are pre-shifted: ``labels[t]`` is the token position ``t`` must predict (``input_ids[t+1]``)
+or ``IGNORE`` (-100). The last position of every example is ``IGNORE``, so packed documents never
+predict across a boundary.
+
+Tokenizer duck type: ``encode(text, add_special_tokens=False) -> list[int]``, ``decode(ids)``,
+``bos_token_id``, ``eos_token_id``, ``pad_token_id``, ``chat_template`` (str | None),
+``apply_chat_template(messages, add_generation_prompt=False, tokenize=False) -> str``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import accumulate
+from pathlib import Path
+
+import torch
+
+from ember import EmberError
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant", "tool")
+FORMATS = ("auto", "text", "prompt_completion", "messages")
+MAX_PROBLEMS = 5  # problems quoted verbatim in a report; the rest are counted by kind
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise EmberError(f"data.{name} must be one of {', '.join(map(repr, allowed))}, "
+                         f"got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    train: tuple[str, ...] = ()  # JSONL file(s)
+    validation: str | None = None  # a file, or carve val_fraction out of train
+    val_fraction: float = 0.0
+    test: str | None = None
+    format: str = "auto"
+    loss_on: str = "completion"  # "completion" (assistant turns) | "all"
+    max_seq_len: int = 2048
+    truncation: str = "truncate_left"  # over-long: "truncate_left" | "truncate_right" | "drop"
+    bad_lines: str = "skip"  # "skip" (count and report) | "error"
+    seed: int = 0
+    order: str = "shuffle"  # per-epoch order: "shuffle" | "length" (short first) | "file"
+    packing: str = "best_fit"  # "best_fit" (length-sorted bins, fewer batches) | "greedy"
+    tokens_per_batch: int = 8192
+    system_prompt: str | None = None
+    use_chat_template: bool | None = None  # None: when the tokenizer has a template
+    add_eos: bool = True
+
+    def __post_init__(self) -> None:
+        train = (self.train,) if isinstance(self.train, str) else tuple(self.train)
+        object.__setattr__(self, "train", train)
+        _one_of("format", self.format, FORMATS)
+        _one_of("loss_on", self.loss_on, ("completion", "all"))
+        _one_of("truncation", self.truncation, ("truncate_left", "truncate_right", "drop"))
+        _one_of("bad_lines", self.bad_lines, ("skip", "error"))
+        _one_of("order", self.order, ("shuffle", "length", "file"))
+        _one_of("packing", self.packing, ("best_fit", "greedy"))
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise EmberError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.validation is not None and self.val_fraction > 0:
+            raise EmberError("set either data.validation (a file) or data.val_fraction, not both")
+        if self.max_seq_len < 2:
+            raise EmberError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.tokens_per_batch < self.max_seq_len:
+            raise EmberError(f"data.tokens_per_batch ({self.tokens_per_batch}) must be >= "
+                             f"data.max_seq_len ({self.max_seq_len}) so every example fits a batch")
+
+
+@dataclass(eq=False)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # pre-shifted, IGNORE where there is no loss
+    source: str  # "path:line"
+    prompt_len: int = 0  # leading tokens that are the generation prompt (0 for plain text)
+    reference: str | None = None  # completion / final assistant text, for generation metrics
+    key: str = ""  # content hash: splits depend on the line's content, not its position
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
+
+
+@dataclass
+class DataReport:
+    path: str
+    format: str = "?"
+    lines: int = 0
+    examples: int = 0
+    blank_lines: int = 0
+    bad_lines: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    kinds: Counter = field(default_factory=Counter)  # problem kind -> count
+    problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS, "path:line: why"
+
+    def note(self, kind: str, message: str) -> None:
+        self.kinds[kind] += 1
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(message)
+
+    def summary(self) -> str:
+        s = (f"{self.path}: {self.examples} examples ({self.format}), {self.tokens} tokens, "
+             f"{self.loss_tokens} with loss")
+        extra = [f"{n} {what}" for n, what in ((self.bad_lines, "bad lines skipped"),
+                                               (self.truncated, "truncated"),
+                                               (self.dropped_too_long, "dropped (too long)"))
+                 if n]
+        if extra:
+            s += "; " + ", ".join(extra)
+            s += "".join(f"\n  {p}" for p in self.problems)
+            more = sum(self.kinds.values()) - len(self.problems)
+            if more > 0:
+                kinds = ", ".join(f"{k}: {n}" for k, n in self.kinds.items())
+                s += f"\n  ... and {more} more ({kinds})"
+        return s
+
+
+class _Bad(Exception):
+    def __init__(self, kind: str, why: str):
+        super().__init__(why)
+        self.kind, self.why = kind, why
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+               float: "number", type(None): "null"}
+
+
+def _type_name(v) -> str:
+    return _JSON_TYPES.get(type(v), type(v).__name__)
+
+
+def _get_str(obj: dict, key: str) -> str:
+    if key not in obj:
+        raise _Bad("missing field", f"missing field {key!r} (keys present: {sorted(obj)})")
+    v = obj[key]
+    if not isinstance(v, str):
+        raise _Bad("wrong type", f"field {key!r} must be a string, got {_type_name(v)}")
+    return v
+
+
+def _detect(obj: dict) -> str | None:
+    keys = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"),
+            "text": ("text",)}
+    return next((fmt for fmt, ks in keys.items() if any(k in obj for k in ks)), None)
+
+
+def _parse(obj: dict, fmt: str):
+    """The record of one line in ``fmt``, validated; raises _Bad with the reason."""
+    if fmt == "text":
+        text = _get_str(obj, "text")
+        if not text.strip():
+            raise _Bad("empty text", "empty text")
+        return text
+    if fmt == "prompt_completion":
+        prompt, completion = _get_str(obj, "prompt"), _get_str(obj, "completion")
+        if not completion.strip():
+            raise _Bad("empty completion", "empty completion")
+        return prompt, completion
+    if "messages" not in obj:
+        raise _Bad("missing field", f"missing field 'messages' (keys present: {sorted(obj)})")
+    msgs = obj["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise _Bad("wrong type", f"field 'messages' must be a non-empty array of "
+                                 f"{{role, content}} objects, got {_type_name(msgs)}"
+                   + (" (empty)" if msgs == [] else ""))
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise _Bad("wrong type", f"messages[{i}] must be an object, got {_type_name(m)}")
+        for k in ("role", "content"):
+            if k not in m:
+                raise _Bad("missing field", f"messages[{i}] has no {k!r}")
+            if not isinstance(m[k], str):
+                raise _Bad("wrong type", f"messages[{i}].{k} must be a string, got "
+                                         f"{_type_name(m[k])}")
+        if m["role"] not in ROLES:
+            raise _Bad("unknown role", f"unknown role {m['role']!r} in messages[{i}] (expected "
+                                       f"{', '.join(ROLES)})")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise _Bad("empty completion", f"empty assistant message in messages[{i}]")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+class _Encoder:
+    """Turns parsed records into (ids, target mask, prompt_len, reference)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer):
+        self.cfg, self.tok = cfg, tokenizer
+        self.eos = getattr(tokenizer, "eos_token_id", None)
+        # Every id that ends a turn (e.g. Llama 3's <|eot_id|> besides <|end_of_text|>).
+        self.ends = set(getattr(tokenizer, "eos_token_ids", None) or ()) | (
+            {self.eos} if self.eos is not None else set())
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.chat = self.has_template if cfg.use_chat_template is None else cfg.use_chat_template
+        if self.chat and not self.has_template:
+            raise EmberError("data.use_chat_template is true but the tokenizer has no chat "
+                             "template; set data.use_chat_template = false")
+        if cfg.system_prompt is not None and not self.chat:
+            raise EmberError("data.system_prompt needs a chat template (data.use_chat_template); "
+                             "without one, put the instructions in each prompt")
+
+    def _enc(self, text: str, special: bool = False) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=special)) if text else []
+
+    def _with_eos(self, ids: list[int]) -> list[int]:
+        if self.cfg.add_eos and self.eos is not None and (not ids or ids[-1] != self.eos):
+            ids = ids + [self.eos]
+        return ids
+
+    def encode(self, fmt: str, rec):
+        all_loss = self.cfg.loss_on == "all"
+        if fmt == "text":
+            ids = self._with_eos(self._enc(rec, True))
+            return ids, [True] * len(ids), 0, None
+        if fmt == "prompt_completion" and not self.chat:
+            p, c = self._enc(rec[0], True), self._with_eos(self._enc(rec[1]))
+            return p + c, [all_loss] * len(p) + [True] * len(c), len(p), rec[1]
+        if fmt == "prompt_completion":
+            rec = [{"role": "user", "content": rec[0]}, {"role": "assistant", "content": rec[1]}]
+        elif not self.has_template:
+            raise EmberError("the messages format needs a tokenizer with a chat template; this "
+                             "one has none (use prompt/completion lines instead)")
+        if self.cfg.system_prompt is not None and rec[0]["role"] != "system":
+            rec = [{"role": "system", "content": self.cfg.system_prompt}, *rec]
+        return self._chat(rec, all_loss)
+
+    def _render(self, messages, gen: bool = False) -> str:
+        try:
+            return self.tok.apply_chat_template(messages, add_generation_prompt=gen,
+                                                tokenize=False)
+        except Exception as e:  # jinja raise_exception() and template bugs: a per-line problem
+            raise _Bad("chat template", f"the chat template rejected this conversation: "
+                                        f"{type(e).__name__}: {e}") from None
+
+    def _spans(self, messages, full: str):
+        """(start, end, is_assistant) character spans covering ``full``; None when the template
+        does not render the conversation turn by turn. An assistant span is what rendering one
+        more message adds after the generation prompt, so templates may inject headers/dates."""
+        spans, pos = [], 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            pre, upto = self._render(messages[:i], True), self._render(messages[: i + 1])
+            if not (full.startswith(upto) and upto.startswith(pre) and len(pre) >= pos):
+                return None
+            spans += [(pos, len(pre), False), (len(pre), len(upto), True)]
+            pos = len(upto)
+        return spans + [(pos, len(full), False)]
+
+    def _chat(self, messages, all_loss: bool):
+        full = self._render(messages)
+        spans = self._spans(messages, full)
+        if spans is None and not all_loss:
+            raise _Bad("chat template", "the chat template does not render this conversation "
+                                        "turn by turn, so assistant tokens cannot be located; "
+                                        "use data.loss_on = 'all'")
+        if not all_loss and len(spans) == 1:
+            raise _Bad("no assistant", "no assistant message: nothing to learn with "
+                                       "data.loss_on = 'completion'")
+        ids, mask, prompt_len, end = [], [], 0, None
+        for s, e, assistant in spans or [(0, len(full), False)]:
+            toks = self._enc(full[s:e])
+            flags = [assistant or all_loss] * len(toks)
+            if assistant:
+                prompt_len, end = len(ids), len(ids) + len(toks)
+                last_end = max((j for j, t in enumerate(toks) if t in self.ends), default=None)
+                if not all_loss and last_end is not None:
+                    # Template text after the end-of-turn token (a newline) is not the answer.
+                    flags[last_end + 1:] = [False] * (len(toks) - last_end - 1)
+            ids += toks
+            mask += flags
+        if self.cfg.add_eos and self.eos is not None and end is not None and not (
+                self.ends.intersection(ids[prompt_len:end])):
+            ids.insert(end, self.eos)
+            mask.insert(end, True)
+        reference = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+        return ids, mask, prompt_len, reference
+
+
+def render_prompt(tokenizer, cfg: DataConfig, prompt: str) -> list[int]:
+    """Token ids for generating a completion of ``prompt`` exactly as training rendered it."""
+    enc = _Encoder(cfg, tokenizer)
+    if not enc.chat:
+        return enc._enc(prompt, True)
+    msgs = [{"role": "user", "content": prompt}]
+    if cfg.system_prompt is not None:
+        msgs.insert(0, {"role": "system", "content": cfg.system_prompt})
+    try:
+        return enc._enc(enc._render(msgs, True))
+    except _Bad as e:
+        raise EmberError(e.why) from None
+
+
+def _labels(ids: list[int], mask: list[bool]) -> list[int]:
+    return [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+
+
+def _fit(ids, mask, prompt_len, cfg: DataConfig, bos):
+    """Apply the over-long policy; None when the example must be dropped."""
+    n, m = len(ids), cfg.max_seq_len
+    if cfg.truncation == "drop":
+        return None
+    if cfg.truncation == "truncate_right":
+        return ids[:m], mask[:m], min(prompt_len, m)
+    keep_bos = bos is not None and ids[0] == bos
+    cut = n - m
+    ids2, mask2 = ids[:keep_bos] + ids[keep_bos + cut:], mask[:keep_bos] + mask[keep_bos + cut:]
+    return ids2, mask2, max(keep_bos, prompt_len - cut)
+
+
+class _Reader:
+    """One file's state: its format (fixed by the first recognizable line) and its report."""
+
+    def __init__(self, path: Path, cfg: DataConfig, tokenizer):
+        self.path, self.cfg, self.report = path, cfg, DataReport(str(path))
+        self.enc = _Encoder(cfg, tokenizer)
+        self.bos = getattr(tokenizer, "bos_token_id", None)
+        self.fmt = None if cfg.format == "auto" else cfg.format
+
+    def bad(self, lineno: int, kind: str, why: str) -> None:
+        where = f"{self.path}:{lineno}"
+        if self.cfg.bad_lines == "error":
+            raise EmberError(f"{where}: {why}\n(fix the line, or set data.bad_lines = \"skip\" "
+                             "to skip bad lines and count them)")
+        self.report.bad_lines += 1
+        self.report.note(kind, f"{where}: {why}")
+
+    def record(self, line: str):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _Bad("invalid JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise _Bad("invalid JSON", "invalid JSON: nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise _Bad("wrong type", f"expected a JSON object, got {_type_name(obj)}")
+        if self.fmt is None:
+            self.fmt = _detect(obj)
+            if self.fmt is None:
+                raise _Bad("missing field", "no 'text', 'prompt'/'completion' or 'messages' "
+                                            f"field (keys present: {sorted(obj)})")
+        return _parse(obj, self.fmt)
+
+    def example(self, lineno: int, raw: bytes) -> Example | None:
+        cfg, rep, where = self.cfg, self.report, f"{self.path}:{lineno}"
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            self.bad(lineno, "not UTF-8", f"not valid UTF-8 ({e.reason} at byte {e.start})")
+            return None
+        if not line.strip():
+            rep.blank_lines += 1
+            return None
+        try:
+            rec = self.record(line)  # fixes self.fmt on the first line
+            ids, mask, prompt_len, reference = self.enc.encode(self.fmt, rec)
+        except _Bad as e:
+            self.bad(lineno, e.kind, e.why)
+            return None
+        if len(ids) > cfg.max_seq_len:
+            n, fitted = len(ids), _fit(ids, mask, prompt_len, cfg, self.bos)
+            what = f"{where}: {n} tokens > max_seq_len {cfg.max_seq_len}"
+            if fitted is None or not any(fitted[1][1:]):
+                rep.dropped_too_long += 1
+                rep.note("too long", f"{what} (dropped" + (
+                    ")" if fitted is None else ": no loss tokens left after truncation)"))
+                return None
+            ids, mask, prompt_len = fitted
+            rep.truncated += 1
+            rep.note("too long", f"{what} ({cfg.truncation.replace('_', ' ')})")
+        labels = _labels(ids, mask)
+        if all(t == IGNORE for t in labels):
+            self.bad(lineno, "no loss tokens", "nothing to learn from (a single token)")
+            return None
+        key = hashlib.blake2b(line.strip().encode(), digest_size=16).hexdigest()
+        return Example(ids, labels, where, prompt_len, reference, key)
+
+
+def load_examples(path: str | Path, cfg: DataConfig, tokenizer) -> tuple[list[Example], DataReport]:
+    """Read one JSONL file. Bad lines are skipped and reported, or raise (``cfg.bad_lines``)."""
+    path = Path(path)
+    if not path.exists():
+        raise EmberError(f"{path}: dataset file not found")
+    if path.is_dir():
+        raise EmberError(f"{path}: is a directory; give the JSONL file")
+    reader = _Reader(path, cfg, tokenizer)
+    rep, examples = reader.report, []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            rep.lines += 1
+            ex = reader.example(lineno, raw)
+            if ex is not None:
+                examples.append(ex)
+    rep.format = reader.fmt or cfg.format
+    rep.examples = len(examples)
+    rep.tokens = sum(len(e) for e in examples)
+    rep.loss_tokens = sum(e.num_loss_tokens for e in examples)
+    if rep.lines == rep.blank_lines:
+        raise EmberError(f"{path}: the file is empty; expected one JSON object per line")
+    if not examples:
+        raise EmberError(f"{path}: no usable examples: all {rep.lines - rep.blank_lines} lines "
+                         "are bad or too long\n" + "\n".join(f"  {p}" for p in rep.problems))
+    return examples, rep
+
+
+def split_examples(examples: list[Example], fraction: float, seed: int):
+    """(train, validation): ``round(n * fraction)`` examples (at least one) chosen by a seeded hash
+    of each line's content, so the split is the same across runs and across line reordering."""
+    if fraction <= 0:
+        return list(examples), []
+    n_val = max(1, round(len(examples) * fraction))
+    if n_val >= len(examples):
+        raise EmberError(f"data.val_fraction={fraction} leaves no training examples out of "
+                         f"{len(examples)}; lower it or give a validation file")
+    rank = sorted(range(len(examples)), key=lambda i: (
+        hashlib.blake2b(f"{seed}\0{examples[i].key}".encode(), digest_size=16).digest(), i))
+    val = set(rank[:n_val])
+    return ([e for i, e in enumerate(examples) if i not in val],
+            [e for i, e in enumerate(examples) if i in val])
+
+
+@dataclass
+class Datasets:
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example] | None
+    reports: list[DataReport]
+
+    def summary(self) -> str:
+        head = (f"train {len(self.train)}, validation {len(self.validation)}"
+                + ("" if self.test is None else f", test {len(self.test)}") + " examples")
+        return "\n".join([head] + [r.summary() for r in self.reports])
+
+
+def load_datasets(cfg: DataConfig, tokenizer) -> Datasets:
+    if not cfg.train:
+        raise EmberError("data.train is empty: give one or more JSONL files")
+    reports = []
+
+    def load(path):
+        ex, rep = load_examples(path, cfg, tokenizer)
+        reports.append(rep)
+        return ex
+
+    train = [e for p in cfg.train for e in load(p)]
+    if cfg.validation is not None:
+        val = load(cfg.validation)
+    else:
+        train, val = split_examples(train, cfg.val_fraction, cfg.seed)
+    return Datasets(train, val, None if cfg.test is None else load(cfg.test), reports)
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """One packed, padding-free sequence: B == 1, documents delimited by ``cu_seqlens``."""
+
+    input_ids: torch.Tensor  # (1, T) long
+    labels: torch.Tensor  # (1, T) long, pre-shifted, IGNORE where no loss
+    position_ids: torch.Tensor  # (1, T) long, restarting at 0 per document
+    cu_seqlens: torch.Tensor  # (num_docs + 1,) int32
+    max_seqlen: int
+    num_loss_tokens: int
+    num_docs: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    def to(self, device, non_blocking: bool = True) -> Batch:
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in (
+            self.input_ids, self.labels, self.position_ids, self.cu_seqlens)),
+            self.max_seqlen, self.num_loss_tokens, self.num_docs)
+
+
+def collate(examples: list[Example]) -> Batch:
+    ids = [t for e in examples for t in e.input_ids]
+    labels = [t for e in examples for t in e.labels]
+    pos = [p for e in examples for p in range(len(e))]
+    lens = [len(e) for e in examples]
+    return Batch(torch.tensor([ids]), torch.tensor([labels]), torch.tensor([pos]),
+                 torch.tensor([0, *accumulate(lens)], dtype=torch.int32), max(lens),
+                 sum(1 for t in labels if t != IGNORE), len(examples))
+
+
+@dataclass
+class PaddedBatch:
+    input_ids: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), IGNORE on padding
+    attention_mask: torch.Tensor  # (B, T) long, 1 = real token
+    position_ids: torch.Tensor  # (B, T), 0 at each row's first real token
+    num_loss_tokens: int
+
+
+def pad_batch(examples: list[Example], pad_id: int, side: str = "right") -> PaddedBatch:
+    """A (B, T) batch with padding, for callers that want the classic layout (HF comparisons,
+    left-padded generation)."""
+    _one_of("side", side, ("right", "left"))
+    T = max(len(e) for e in examples)
+    ids, labels, mask, pos = [], [], [], []
+    for e in examples:
+        n, p = len(e), T - len(e)
+        cat = (lambda a, b: b + a) if side == "left" else (lambda a, b: a + b)
+        ids.append(cat(list(e.input_ids), [pad_id] * p))
+        labels.append(cat(list(e.labels), [IGNORE] * p))
+        mask.append(cat([1] * n, [0] * p))
+        pos.append(cat(list(range(n)), [0] * p))
+    return PaddedBatch(torch.tensor(ids), torch.tensor(labels), torch.tensor(mask),
+                       torch.tensor(pos), sum(e.num_loss_tokens for e in examples))
+
+
+def _best_fit(order: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: longest first, each into the fullest bin it fits (ties: ``order``)."""
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (room left, bin id)
+    for i in sorted(order, key=lambda i: -lengths[i]):  # stable: equal lengths keep `order`
+        j = bisect.bisect_left(free, (lengths[i], -1))
+        if j < len(free):
+            room, b = free.pop(j)
+        else:
+            room, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        bisect.insort(free, (room - lengths[i], b))
+    return bins
+
+
+def _greedy(order: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
+    bins, cur, used = [], [], 0
+    for i in order:
+        if used + lengths[i] > capacity:
+            bins.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += lengths[i]
+    return bins + ([cur] if cur else [])
+
+
+class PackedBatches:
+    """Epochs of packed batches of at most ``tokens_per_batch`` tokens, deterministic by seed.
+
+    Iterating yields the rest of the current epoch, then moves to the next epoch, so after a
+    ``load_state_dict`` the next batches are exactly those an uninterrupted run would have seen.
+    With ``world_size > 1`` each rank gets every ``world_size``-th batch (an epoch is cut to a
+    multiple of ``world_size`` batches so ranks stay in step).
+    """
+
+    def __init__(self, examples: list[Example], tokens_per_batch: int, *, seed: int = 0,
+                 order: str = "shuffle", packing: str = "best_fit", rank: int = 0,
+                 world_size: int = 1):
+        _one_of("order", order, ("shuffle", "length", "file"))
+        _one_of("packing", packing, ("best_fit", "greedy"))
+        if not examples:
+            raise EmberError("no examples to batch")
+        self.examples = examples
+        self.lengths = [len(e) for e in examples]
+        if max(self.lengths) > tokens_per_batch:
+            raise EmberError(f"tokens_per_batch ({tokens_per_batch}) is smaller than the longest "
+                             f"example ({max(self.lengths)} tokens); raise it or lower "
+                             "max_seq_len")
+        if not 0 <= rank < world_size:
+            raise EmberError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.tokens_per_batch, self.seed, self.order, self.packing = (
+            tokens_per_batch, seed, order, packing)
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.position = 0, 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps([self.lengths, tokens_per_batch, seed, order, packing, rank,
+                             world_size]).encode())
+        for e in examples:
+            h.update(e.key.encode())
+        self.fingerprint = h.hexdigest()
+
+    @classmethod
+    def from_config(cls, examples: list[Example], cfg: DataConfig, **kw) -> PackedBatches:
+        return cls(examples, cfg.tokens_per_batch, seed=cfg.seed, order=cfg.order,
+                   packing=cfg.packing, **kw)
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        """Example indices of every batch of ``epoch`` for this rank."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = random.Random(f"{self.seed}:{epoch}")  # str seeds hash stably across runs
+        order = list(range(len(self.examples)))
+        if self.order == "shuffle":
+            rng.shuffle(order)
+        elif self.order == "length":
+            order.sort(key=self.lengths.__getitem__)
+        if self.packing == "greedy":
+            bins = _greedy(order, self.lengths, self.tokens_per_batch)
+        else:
+            bins = _best_fit(order, self.lengths, self.tokens_per_batch)
+            if self.order == "shuffle":
+                rng.shuffle(bins)
+            elif self.order == "length":
+                bins.sort(key=lambda b: (max(self.lengths[i] for i in b), b))
+            else:
+                for b in bins:
+                    b.sort()
+                bins.sort()
+        if self.world_size > 1:
+            bins = bins[: len(bins) - len(bins) % self.world_size][self.rank:: self.world_size]
+            if not bins:
+                raise EmberError(f"the data makes fewer batches than world_size "
+                                 f"({self.world_size}); lower tokens_per_batch or add data")
+        self._cache = (epoch, bins)
+        return bins
+
+    def __len__(self) -> int:
+        """Batches in the current epoch (it can vary by a few between epochs)."""
+        return len(self.plan(self.epoch))
+
+    def total_batches(self, epochs: int) -> int:
+        return sum(len(self.plan(e)) for e in range(epochs))
+
+    def __iter__(self):
+        plan = self.plan(self.epoch)
+        while self.position < len(plan):
+            idx = plan[self.position]
+            self.position += 1
+            yield collate([self.examples[i] for i in idx])
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise EmberError("the dataset or batching settings differ from the checkpoint's, so "
+                             "the run cannot resume at the same batch; resume with the same data "
+                             "and data.* settings")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
