@@ -2,6 +2,30 @@
 tokenizer and generation."""
 
 from ember.models.config import ModelConfig, RopeScaling
+from ember.models.generate import generate, generate_ids
+from ember.models.hf import config_from_hf, config_to_hf
+from ember.models.loading import load_pretrained, save_pretrained, save_state_dict
+from ember.models.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
+from ember.models.tokenizer import Tokenizer, load_tokenizer
 from ember.models.transformer import KVCache, Transformer
 
-__all__ = ["KVCache", "ModelConfig", "RopeScaling", "Transformer"]
+__all__ = [
+    "KVCache",
+    "LoRAConfig",
+    "ModelConfig",
+    "RopeScaling",
+    "Tokenizer",
+    "Transformer",
+    "apply_lora",
+    "config_from_hf",
+    "config_to_hf",
+    "generate",
+    "generate_ids",
+    "load_adapter",
+    "load_pretrained",
+    "load_tokenizer",
+    "merge_lora",
+    "save_adapter",
+    "save_pretrained",
+    "save_state_dict",
+]

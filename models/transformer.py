@@ -1,5 +1,6 @@
-"""One decoder-only transformer for the Llama family (Llama 2/3, Mistral, Qwen2/3, SmolLM2, Gemma-style
-options), configured by ``ModelConfig``. Kernels are called through ``ember.kernels`` only.
+"""One decoder-only transformer for the Llama family (Llama 2/3, Mistral, Qwen2/3, SmolLM2,
+Gemma-style options), configured by ``ModelConfig``. Kernels are called through ``ember.kernels``
+only.
 
 Shapes: B batch, T tokens, D hidden, H query heads, K kv heads, hd head_dim, V vocab.
 Packed batches: B == 1 and ``cu_seqlens`` marks document boundaries (attention never crosses them;
@@ -27,7 +28,8 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values for generation: per layer (B, max_len, K, hd); ``length`` tokens filled."""
+    """Preallocated keys/values for generation: per layer (B, max_len, K, hd); the first
+    ``length`` positions are filled."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
         shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
@@ -138,6 +140,14 @@ class Transformer(nn.Module):
             cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and not self.inv_freq.is_meta:
+            # model.to(bf16) would round the RoPE table to 3 significant digits (angles off by
+            # radians at long positions); keep the exact fp32 values on the new device.
+            self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
+        return self
+
     @property
     def output_weight(self) -> torch.Tensor:
         """The (V, D) matrix that maps final hidden states to logits (tied: the embedding)."""
@@ -171,7 +181,8 @@ class Transformer(nn.Module):
             raise ValueError(f"packed batches (cu_seqlens) must have batch size 1, got {B}")
         if position_ids is None:
             start = cache.length if cache is not None else 0
-            position_ids = torch.arange(start, start + T, device=input_ids.device)[None].expand(B, T)
+            position_ids = torch.arange(start, start + T, device=input_ids.device)
+            position_ids = position_ids[None].expand(B, T)
         cos, sin = self.rope(position_ids)
         x = self.embed(input_ids)  # (B, T, D)
         if self.cfg.embedding_scale is not None:
