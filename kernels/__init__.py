@@ -6,7 +6,24 @@ tensors, the reference on CPU. Each op ``<op>`` has its reference ``<op>_ref`` b
 
 from ember.kernels.attention import flash_attention, flash_attention_ref
 from ember.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
-from ember.kernels.lora import lora_linear, lora_linear_ref
+from ember.kernels.lora import (
+    lora_linear,
+    lora_linear_ref,
+    lora_mlp,
+    lora_mlp_ref,
+    lora_qkv,
+    lora_qkv_ref,
+)
+from ember.kernels.nf4 import (
+    NF4State,
+    NF4Weight,
+    nf4_dequantize,
+    nf4_dequantize_ref,
+    nf4_linear,
+    nf4_linear_ref,
+    nf4_quantize,
+    nf4_quantize_ref,
+)
 from ember.kernels.rms_norm import rms_norm, rms_norm_ref
 from ember.kernels.rope import apply_rope, apply_rope_ref
 from ember.kernels.swiglu import geglu, geglu_ref, swiglu, swiglu_ref
@@ -17,11 +34,23 @@ __all__ = [
     "flash_attention",
     "flash_attention_ref",
     "geglu",
+    "geglu_ref",
     "linear_cross_entropy",
     "linear_cross_entropy_ref",
     "lora_linear",
     "lora_linear_ref",
-    "geglu_ref",
+    "lora_mlp",
+    "lora_mlp_ref",
+    "lora_qkv",
+    "lora_qkv_ref",
+    "nf4_dequantize",
+    "nf4_dequantize_ref",
+    "nf4_linear",
+    "nf4_linear_ref",
+    "nf4_quantize",
+    "nf4_quantize_ref",
+    "NF4State",
+    "NF4Weight",
     "rms_norm",
     "rms_norm_ref",
     "swiglu",

@@ -6,11 +6,13 @@ from ember.models.generate import generate, generate_ids
 from ember.models.hf import config_from_hf, config_to_hf
 from ember.models.loading import load_pretrained, save_pretrained, save_state_dict
 from ember.models.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
+from ember.models.nf4 import Linear4bit, quantize_model_
 from ember.models.tokenizer import Tokenizer, load_tokenizer
 from ember.models.transformer import KVCache, Transformer
 
 __all__ = [
     "KVCache",
+    "Linear4bit",
     "LoRAConfig",
     "ModelConfig",
     "RopeScaling",
@@ -25,6 +27,7 @@ __all__ = [
     "load_pretrained",
     "load_tokenizer",
     "merge_lora",
+    "quantize_model_",
     "save_adapter",
     "save_pretrained",
     "save_state_dict",

@@ -1,0 +1,416 @@
+"""QLoRA base models: NF4 ``Linear4bit`` layers and the bitsandbytes 4-bit checkpoint format.
+
+A quantized projection is ``Linear4bit`` (``quant_weight``: an ``NF4Weight``; ``bias``: a
+Parameter or None), so ``LoRALinear`` wraps it like an ``nn.Linear``. Its state dict is
+bitsandbytes' own, key for key and byte for byte (what ``transformers`` writes with
+``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``)::
+
+    <prefix>.weight                                   packed codes, (ceil(n/2), 1) uint8
+    <prefix>.weight.absmax                            uint8 (double quant) or fp32 (blocks,)
+    <prefix>.weight.quant_map                         the 16 NF4 values, fp32
+    <prefix>.weight.nested_absmax                     fp32, double quant only
+    <prefix>.weight.nested_quant_map                  the 256-value dynamic map, double quant only
+    <prefix>.weight.quant_state.bitsandbytes__nf4     uint8 bytes of a JSON dict (shape, dtype,
+                                                      blocksize, nested_offset, ...)
+    <prefix>.bias
+
+and config.json carries ``quantization_config`` (``bnb_quantization_config``). Loading paths:
+``load_quantized_`` quantizes while loading (meta-device model, tensor by tensor, never the whole
+bf16 model; built on ``replace_linears_with_4bit_`` + ``assign_quantized_``);
+``load_bnb_quantized_`` streams a pre-quantized bitsandbytes checkpoint into a meta-device model;
+``load_bnb_4bit_state`` turns such a state dict into ``{weight key: NF4Weight}``; and
+``quantize_model_`` quantizes a loaded model in place, one layer at a time. Saving: the model's
+``state_dict()`` is already in bnb's format; ``rename_bnb_keys`` applies the HF key renaming.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+from ember import EmberError
+from ember.kernels.nf4 import NESTED_BLOCKSIZE, NF4State, NF4Weight, nf4_linear
+
+QS_SUFFIX = "quant_state.bitsandbytes__nf4"
+BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", QS_SUFFIX)
+
+
+# ---------------------------------------------------------------------------- bnb tensor format
+def nf4_to_bnb(w: NF4Weight, key: str = "weight") -> dict[str, torch.Tensor]:
+    """The bitsandbytes tensors of one weight, named from ``key`` (e.g. ``...q_proj.weight``)."""
+    st = w.state
+    out = {key: w.packed, f"{key}.absmax": st.absmax, f"{key}.quant_map": st.code}
+    if st.nested:
+        out[f"{key}.nested_absmax"] = st.nested_absmax
+        out[f"{key}.nested_quant_map"] = st.nested_code.clone()
+    out[f"{key}.{QS_SUFFIX}"] = torch.tensor(list(st.quant_state_json().encode()),
+                                             dtype=torch.uint8)
+    return out
+
+
+def nf4_from_bnb(tensors: Mapping[str, torch.Tensor], key: str = "weight",
+                 device=None) -> NF4Weight:
+    """Inverse of ``nf4_to_bnb``: ``tensors`` holds ``key`` and its ``key.<suffix>`` entries."""
+    qs_key = f"{key}.{QS_SUFFIX}"
+    if qs_key not in tensors:
+        other = [k for k in tensors if k.startswith(f"{key}.quant_state.")]
+        if other:
+            raise EmberError(f"{other[0]}: only NF4 4-bit weights are supported (not FP4); "
+                             "re-quantize the model with bnb_4bit_quant_type='nf4'")
+        raise EmberError(f"{key}: missing '{qs_key}', this is not a bitsandbytes 4-bit weight")
+    try:
+        meta = json.loads(bytes(tensors[qs_key].cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EmberError(f"{qs_key}: unreadable quant state ({e})") from e
+    if meta.get("quant_type") != "nf4":
+        raise EmberError(f"{key}: quant_type {meta.get('quant_type')!r} is not supported; "
+                         "only bitsandbytes NF4 checkpoints load")
+    dev = device if device is not None else tensors[key].device
+    get = lambda suffix: tensors[f"{key}.{suffix}"].to(dev)
+    dtype = getattr(torch, meta["dtype"])
+    nested = "nested_offset" in meta
+    state = NF4State(
+        absmax=get("absmax"), shape=torch.Size(meta["shape"]), dtype=dtype,
+        blocksize=int(meta["blocksize"]), code=get("quant_map").float(),
+        offset=float(meta["nested_offset"]) if nested else None,
+        nested_absmax=get("nested_absmax") if nested else None,
+        nested_code=get("nested_quant_map").float() if nested else None,
+        nested_blocksize=int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)))
+    packed = tensors[key].to(dev)
+    if packed.dtype != torch.uint8:  # bnb_4bit_quant_storage other than uint8: same bytes
+        packed = packed.contiguous().view(torch.uint8)
+    return NF4Weight(packed.reshape(-1, 1), state)
+
+
+def split_bnb_key(key: str) -> tuple[str, str]:
+    """``'a.weight.absmax'`` -> ``('a.weight', '.absmax')``; other keys -> ``(key, '')``. A loader
+    renames the weight part like any dense weight and appends the suffix again."""
+    for suffix in BNB_SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], "." + suffix
+    return key, ""
+
+
+def rename_bnb_keys(state_dict: Mapping[str, torch.Tensor],
+                    rename: Callable[[str], str]) -> dict[str, torch.Tensor]:
+    """Apply a dense-key renaming (e.g. ember -> HF names) to a state dict with bnb entries."""
+    out = {}
+    for key, value in state_dict.items():
+        base, suffix = split_bnb_key(key)
+        out[rename(base) + suffix] = value
+    return out
+
+
+def load_bnb_4bit_state(state_dict: Mapping[str, torch.Tensor],
+                        quantization_config: Mapping | None = None, device=None):
+    """Split a pre-quantized bitsandbytes state dict into ``({weight key: NF4Weight}, rest)``;
+    the weight keys are the dense names (``model.layers.0.self_attn.q_proj.weight``)."""
+    if quantization_config is not None:
+        check_quantization_config(quantization_config)
+    quantized, rest = {}, {}
+    bases = {split_bnb_key(k)[0] for k in state_dict if k.endswith("." + QS_SUFFIX)}
+    for key, value in state_dict.items():
+        base, _ = split_bnb_key(key)
+        if base not in bases:
+            rest[key] = value
+    for base in sorted(bases):
+        parts = {k: v for k, v in state_dict.items() if split_bnb_key(k)[0] == base}
+        if base not in parts:
+            raise EmberError(f"{base}: the checkpoint has its quant state but not the packed "
+                             "weight itself (a missing shard?)")
+        quantized[base] = nf4_from_bnb(parts, base, device)
+    return quantized, rest
+
+
+def bnb_quantization_config(compute_dtype: torch.dtype = torch.bfloat16, *,
+                            double_quant: bool = True,
+                            skip_modules: Iterable[str] | None = None) -> dict:
+    """``quantization_config`` for config.json, as transformers writes it for NF4."""
+    return {"_load_in_4bit": True, "_load_in_8bit": False,
+            "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."),
+            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": double_quant, "llm_int8_enable_fp32_cpu_offload": False,
+            "llm_int8_has_fp16_weight": False,
+            "llm_int8_skip_modules": list(skip_modules) if skip_modules is not None else None,
+            "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False,
+            "quant_method": "bitsandbytes"}
+
+
+def check_quantization_config(cfg: Mapping) -> None:
+    """Reject quantization configs Ember cannot load, with a message that says why."""
+    method = cfg.get("quant_method")
+    if method != "bitsandbytes":
+        raise EmberError(f"quantization_config.quant_method={method!r}: only bitsandbytes 4-bit "
+                         "(NF4) checkpoints load; use the unquantized model with quantize='nf4'")
+    if not (cfg.get("load_in_4bit") or cfg.get("_load_in_4bit")):
+        raise EmberError("quantization_config: a bitsandbytes 8-bit checkpoint; only 4-bit NF4 "
+                         "loads; use the unquantized model with quantize='nf4'")
+    if cfg.get("bnb_4bit_quant_type", "fp4") != "nf4":
+        raise EmberError(f"quantization_config.bnb_4bit_quant_type="
+                         f"{cfg.get('bnb_4bit_quant_type')!r}: only 'nf4' is supported")
+
+
+# ---------------------------------------------------------------------------------- Linear4bit
+class Linear4bit(nn.Module):
+    """y = x W^T + b with W stored as NF4 (frozen); output in x.dtype. ``quant_weight`` is None
+    until a weight is set (``set_weight`` or ``load_state_dict``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 device=None, dtype=None, quant_weight: NF4Weight | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.quant_weight = quant_weight
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64,
+                    double_quant: bool = True) -> Linear4bit:
+        q = cls(linear.in_features, linear.out_features, bias=False)
+        q.set_weight(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.detach(), requires_grad=linear.bias.requires_grad)
+        return q
+
+    def set_weight(self, weight: torch.Tensor | NF4Weight, *, blocksize: int = 64,
+                   double_quant: bool = True) -> None:
+        """Quantize a dense (out, in) weight on its device, or take an ``NF4Weight`` as is."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise EmberError(f"Linear4bit: weight of shape {tuple(weight.shape)} does not fit "
+                             f"({self.out_features}, {self.in_features})")
+        if isinstance(weight, torch.Tensor):
+            if weight.device.type == "meta":
+                raise EmberError("Linear4bit: cannot quantize a meta tensor; load real weights")
+            weight = NF4Weight.quantize(weight, blocksize, double_quant)
+        self.quant_weight = weight
+
+    def _device(self):
+        """Where a loaded weight goes: the current weight's device, else the bias's (unless meta),
+        else wherever the state dict's tensor is."""
+        if self.quant_weight is not None:
+            return self.quant_weight.device
+        if self.bias is not None and self.bias.device.type != "meta":
+            return self.bias.device
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_weight is None:
+            raise EmberError("Linear4bit has no weight yet: load a checkpoint or call set_weight")
+        return nf4_linear(x, self.quant_weight, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        # The packed weight is not a Parameter: follow the module's device moves (never a dtype
+        # cast, which would break the exact absmax values).
+        if self.quant_weight is not None:
+            probe = fn(torch.empty(0, device=self.quant_weight.device))
+            if probe.device != self.quant_weight.device:
+                self.quant_weight = self.quant_weight.to(probe.device)
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.quant_weight is not None:
+            destination.update(nf4_to_bnb(self.quant_weight, prefix + "weight"))
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        mine = {k: v for k, v in state_dict.items() if k == key or k.startswith(key + ".")}
+        if key not in mine:
+            missing_keys.append(key)
+        else:
+            device = self._device()
+            try:
+                if len(mine) == 1 and mine[key].is_floating_point():  # a dense checkpoint
+                    w = mine[key].to(device) if device is not None else mine[key]
+                    self.set_weight(w)
+                else:
+                    self.set_weight(nf4_from_bnb(mine, key, device))
+            except EmberError as e:
+                error_msgs.append(str(e))
+        rest = {k: v for k, v in state_dict.items() if k not in mine}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        qw = self.quant_weight
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, nf4="
+                + ("None" if qw is None else f"blocksize {qw.blocksize}, nested {qw.state.nested}"))
+
+
+# ----------------------------------------------------------------------- whole-model helpers
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    return any(name == s or name.endswith("." + s) or fnmatch.fnmatch(name, s) for s in skip)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _linear_names(model: nn.Module, skip: Iterable[str]) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and
+            not _skipped(n, skip)]
+
+
+def quantize_model_(model: nn.Module, skip: Iterable[str] = ("lm_head",), *,
+                    blocksize: int = 64, double_quant: bool = True) -> list[str]:
+    """Replace every ``nn.Linear`` (but ``skip``: leaf names, full names or globs) by a
+    ``Linear4bit`` quantized on the weight's device, one layer at a time so that each dense
+    weight is freed before the next is quantized. Returns the replaced module names."""
+    names = _linear_names(model, skip)
+    for name in names:  # only names are held: each old layer dies when replaced
+        _set_module(model, name, Linear4bit.from_linear(model.get_submodule(name),
+                                                        blocksize=blocksize,
+                                                        double_quant=double_quant))
+    return names
+
+
+def replace_linears_with_4bit_(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list[str]:
+    """For loading: swap ``nn.Linear`` layers (typically on the meta device) for empty
+    ``Linear4bit`` ones, to be filled by ``assign_quantized_`` or ``load_state_dict``."""
+    names = _linear_names(model, skip)
+    for name in names:
+        lin = model.get_submodule(name)
+        bias = lin.bias
+        _set_module(model, name, Linear4bit(
+            lin.in_features, lin.out_features, bias is not None,
+            device=None if bias is None else bias.device,
+            dtype=None if bias is None else bias.dtype))
+    return names
+
+
+def assign_quantized_(model: nn.Module, name: str, tensor: torch.Tensor | NF4Weight, *,
+                      device=None, blocksize: int = 64, double_quant: bool = True) -> bool:
+    """Loader hook: if ``name`` is the ``.weight`` of a ``Linear4bit``, quantize ``tensor`` on
+    ``device`` (or take an NF4Weight) into it and return True; otherwise return False and let the
+    caller assign the tensor as usual."""
+    parent, _, leaf = name.rpartition(".")
+    if leaf != "weight":
+        return False
+    try:
+        module = model.get_submodule(parent)
+    except AttributeError:
+        return False
+    if not isinstance(module, Linear4bit):
+        return False
+    if device is not None:
+        tensor = tensor.to(device)
+    module.set_weight(tensor, blocksize=blocksize, double_quant=double_quant)
+    return True
+
+
+def _assign_param_(model: nn.Module, key: str, tensor: torch.Tensor, device, dtype) -> None:
+    owner, _, name = key.rpartition(".")
+    module = model.get_submodule(owner)
+    if name not in module._parameters:
+        raise EmberError(f"checkpoint tensor {key} has no parameter to go to in the model")
+    old = module._parameters[name]
+    setattr(module, name, nn.Parameter(tensor.to(device=device, dtype=dtype),
+                                       requires_grad=old is None or old.requires_grad))
+
+
+def _meta_left(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.is_meta]
+
+
+def load_quantized_(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *, device,
+                    compute_dtype: torch.dtype, skip: Iterable[str] = ("lm_head",),
+                    blocksize: int = 64, double_quant: bool = True) -> list[str]:
+    """Quantize while loading. ``model`` is built on the meta device; ``tensors`` streams dense
+    ``(ember_key, tensor)`` pairs (any stored dtype, CPU). Each linear weight (but ``skip``) is
+    moved to ``device``, cast to ``compute_dtype`` (as transformers does before quantizing) and
+    quantized there, one at a time; every other tensor becomes a ``compute_dtype`` parameter.
+    Returns the quantized module names. Non-persistent buffers (RoPE) are the caller's."""
+    names = replace_linears_with_4bit_(model, skip)
+    for key, t in tensors:
+        if not assign_quantized_(model, key, t.to(device=device, dtype=compute_dtype),
+                                 blocksize=blocksize, double_quant=double_quant):
+            _assign_param_(model, key, t, device, compute_dtype)
+    _check_loaded(model)
+    return names
+
+
+def load_bnb_quantized_(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *, device,
+                        compute_dtype: torch.dtype,
+                        rename: Callable[[str], str | None] | None = None) -> list[str]:
+    """Load a pre-quantized bitsandbytes NF4 checkpoint into a meta-device ``model``, streaming.
+    ``tensors`` yields the checkpoint's ``(key, tensor)`` pairs as stored; ``rename`` maps a dense
+    key (``model.layers.0.self_attn.q_proj.weight``) to the Ember one (None: already Ember keys).
+    The linear layers that arrive quantized become ``Linear4bit`` (the others, e.g. a dense
+    lm_head, stay ``nn.Linear``); the rest is cast to ``compute_dtype``. Returns the NF4 modules."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    done = []
+    for key, t in tensors:
+        base, suffix = split_bnb_key(key)
+        ekey = rename(base) if rename is not None else base
+        if ekey is None:
+            raise EmberError(f"checkpoint key {key} does not belong to this model")
+        parts = pending.get(ekey)
+        if parts is None and not suffix:
+            owner = model.get_submodule(ekey.rpartition(".")[0]) if "." in ekey else model
+            if not (ekey.endswith(".weight") and t.dtype == torch.uint8 and
+                    isinstance(owner, (nn.Linear, Linear4bit))):
+                _assign_param_(model, ekey, t, device, compute_dtype)
+                continue
+        parts = pending.setdefault(ekey, {})
+        parts[ekey + suffix] = t
+        w = _complete_bnb(parts, ekey, device)
+        if w is not None:
+            del pending[ekey]
+            module_name = ekey.rpartition(".")[0]
+            lin = model.get_submodule(module_name)
+            if not isinstance(lin, Linear4bit):
+                q = Linear4bit(lin.in_features, lin.out_features, bias=False)
+                q.bias = lin.bias  # loaded already, or still meta and filled by its own key
+                _set_module(model, module_name, q)
+                lin = q
+            lin.set_weight(w)
+            done.append(module_name)
+    if pending:
+        raise EmberError(f"incomplete bitsandbytes weights (a missing shard?): "
+                         f"{sorted(pending)[:3]}")
+    _check_loaded(model)
+    return done
+
+
+def _complete_bnb(parts: dict[str, torch.Tensor], key: str, device) -> NF4Weight | None:
+    """The NF4Weight once all its bnb entries have arrived, else None."""
+    qs = parts.get(f"{key}.{QS_SUFFIX}")
+    if qs is None or key not in parts:
+        return None
+    nested = b'"nested_offset"' in bytes(qs.tolist())
+    need = ("absmax", "quant_map") + (("nested_absmax", "nested_quant_map") if nested else ())
+    if any(f"{key}.{s}" not in parts for s in need):
+        return None
+    return nf4_from_bnb(parts, key, device)
+
+
+def _check_loaded(model: nn.Module) -> None:
+    left = _meta_left(model) + [n for n, m in model.named_modules()
+                                if isinstance(m, Linear4bit) and m.quant_weight is None]
+    if left:
+        raise EmberError(f"the checkpoint has no weights for {left[:5]}")
+
+
+def dequantize_model_(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """Replace every ``Linear4bit`` by an ``nn.Linear`` holding its dequantized weight (for a
+    merged bf16 export). Returns the replaced module names."""
+    names = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    for name in names:
+        q = model.get_submodule(name)
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None,
+                        device=q.quant_weight.device, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(q.quant_weight.dequantize(dtype))
+            if q.bias is not None:
+                lin.bias.copy_(q.bias)
+        _set_module(model, name, lin)
+    return names

@@ -1,0 +1,225 @@
+"""NF4 against bitsandbytes (the oracle, on CPU): our quantization equals bnb's byte for byte
+(packed codes, absmax, nested absmax, offset, maps), and bnb-quantized tensors dequantize
+bit-identically with ours, reference and Triton (interpreter); then nf4_linear (fused small-M
+dequant+matmul kernel and dequant + matmul) against its reference under the numerics rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.kernels.nf4 import (
+    NF4State,
+    NF4Weight,
+    _nf4_matmul,
+    dynamic_map,
+    nf4_dequantize,
+    nf4_dequantize_ref,
+    nf4_linear,
+    nf4_linear_ref,
+    nf4_quantize,
+)
+from tests.numerics import assert_close_to_ref, grads, poison
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+IMPLS = ("ref", "triton")
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Float buffers the launchers allocate start as NaN, so an unwritten element shows."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.is_floating_point():
+            poison(t)
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def _bnb(w, double_quant, blocksize=64):
+    return bnbf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4",
+                              compress_statistics=double_quant)
+
+
+def _assert_same_as_bnb(packed, state: NF4State, pb, sb):
+    assert torch.equal(packed, pb), "packed codes differ from bitsandbytes"
+    assert torch.equal(state.absmax, sb.absmax)
+    assert torch.equal(state.code, sb.code)
+    assert state.shape == sb.shape and state.dtype == sb.dtype
+    assert state.blocksize == sb.blocksize
+    assert state.nested == sb.nested
+    if sb.nested:
+        assert torch.equal(state.nested_absmax, sb.state2.absmax)
+        assert torch.equal(state.nested_code, sb.state2.code)
+        assert state.offset == sb.offset.item()
+        assert state.nested_blocksize == sb.state2.blocksize
+
+
+def test_dynamic_map_is_bnbs():
+    assert torch.equal(dynamic_map(), bnbf.create_dynamic_map())
+
+
+# (shape, dtype, blocksize): tail blocks (numel % blocksize), odd numel (a pad nibble), 1-D, and a
+# weight long enough for two nested blocks of 256 absmax values.
+CASES = [
+    ((130, 70), torch.float32, 64),
+    ((33, 7), torch.bfloat16, 64),
+    ((96, 200), torch.float32, 64),
+    ((5, 41), torch.float16, 128),
+    ((1001,), torch.float32, 32),
+    ((48, 64), torch.bfloat16, 256),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape,dtype,blocksize", CASES)
+def test_quantize_matches_bnb_byte_for_byte(shape, dtype, blocksize, double_quant, impl):
+    w = (torch.randn(shape) * torch.rand(shape[0], *([1] * (len(shape) - 1))) * 3).to(dtype)
+    pb, sb = _bnb(w, double_quant, blocksize)
+    packed, state = nf4_quantize(w, blocksize, double_quant, impl=impl)
+    _assert_same_as_bnb(packed, state, pb, sb)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_quantize_edge_blocks_match_bnb(impl):
+    """All-zero blocks, a constant tensor (all absmax equal: the nested block is all zero), huge
+    and tiny magnitudes, exact ties at +-absmax."""
+    w = torch.randn(40, 96)
+    w[3] = 0.0
+    w[7, :64] = 0.0
+    w[9] *= 1e30
+    w[11] *= 1e-30
+    w[13] = torch.linspace(-2, 2, 96)
+    for t in (w, torch.full((8, 64), 0.37), torch.zeros(64, 2)):
+        for dq in (True, False):
+            pb, sb = _bnb(t, dq)
+            packed, state = nf4_quantize(t, 64, dq, impl=impl)
+            _assert_same_as_bnb(packed, state, pb, sb)
+            assert torch.equal(nf4_dequantize(packed, state, impl=impl).view(-1),
+                               bnbf.dequantize_4bit(pb, sb).view(-1))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape,dtype,blocksize", CASES)
+def test_dequantize_bit_identical_to_bnb(poisoned, shape, dtype, blocksize, double_quant, impl):
+    """bnb quantizes; we dequantize bnb's own state in its dtype (bnb returns 1-D as (1, n))."""
+    w = torch.randn(shape).to(dtype)
+    pb, sb = _bnb(w, double_quant, blocksize)
+    state = NF4State(sb.absmax, sb.shape, sb.dtype, sb.blocksize, sb.code,
+                     sb.offset.item() if sb.nested else None,
+                     sb.state2.absmax if sb.nested else None,
+                     sb.state2.code if sb.nested else None)
+    out = nf4_dequantize(pb, state, impl=impl)
+    ref = bnbf.dequantize_4bit(pb, sb)
+    assert out.dtype == dtype and out.shape == shape
+    assert torch.equal(out.view(-1), ref.view(-1))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_dequantize_equals_reference_in_every_dtype(poisoned, out_dtype):
+    """One fp32 product rounded once (RNE): the kernel's hand-rounded bf16 included."""
+    w = NF4Weight.quantize(torch.randn(72, 136) * 5)
+    ref = nf4_dequantize_ref(w.packed, w.state, out_dtype)
+    assert torch.equal(w.dequantize(out_dtype, impl="triton"), ref)
+    assert torch.equal(ref, nf4_dequantize_ref(w.packed, w.state).to(out_dtype))
+
+
+def test_nf4_weight_object():
+    w = torch.randn(24, 64)
+    q = NF4Weight.quantize(w, 64, True, impl="ref")
+    assert q.shape == w.shape and q.dtype == w.dtype and q.numel() == w.numel()
+    assert q.device == w.device and q.to("cpu").shape == w.shape
+    assert "NF4Weight(shape=(24, 64)" in repr(q)
+    err = (q.dequantize() - w).abs().max() / w.abs().max()
+    assert 0 < err < 0.2  # 4-bit: coarse but close
+
+
+def test_bad_inputs_raise_clear_errors():
+    w = torch.randn(8, 64)
+    with pytest.raises(ValueError, match="blocksize"):
+        nf4_quantize(w, 48)
+    with pytest.raises(ValueError, match="dtype"):
+        nf4_quantize(w.to(torch.int32))
+    packed, state = nf4_quantize(w)
+    with pytest.raises(ValueError, match="ceil"):
+        nf4_dequantize(packed[:-1], state)
+    with pytest.raises(ValueError, match="dtype"):
+        nf4_dequantize(packed, state, torch.int8)
+    with pytest.raises(ValueError, match="does not match"):
+        nf4_linear(torch.randn(3, 32), NF4Weight(packed, state))
+
+
+def _linear_case(m, n, k, dtype, bias, blocksize=64):
+    wq = NF4Weight.quantize(torch.randn(n, k) * 0.05, blocksize)
+    x32 = torch.randn(m, k)
+    b32 = torch.randn(n) if bias else None
+    return wq, x32, b32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,split,blocksize", [
+    (5, 40, 192, 1, 64),     # N not a multiple of the 32-column tile
+    (16, 96, 768, 3, 64),    # K split in 3 slices summed in fp32
+    (1, 33, 256, 2, 128),
+])
+def test_fused_nf4_matmul_matches_reference(poisoned, m, n, k, split, blocksize, dtype):
+    wq, x32, b32 = _linear_case(m, n, k, dtype, True, blocksize)
+    x, b = x32.to(dtype), b32.to(dtype)
+    out = _nf4_matmul(x, wq, b, split=split)
+    assert out.dtype == dtype
+    assert_close_to_ref("nf4_matmul", out, nf4_linear_ref(x, wq, b), nf4_linear_ref(x32, wq, b32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [7, 37])  # the fused small-M kernel and dequant + matmul
+def test_nf4_linear_forward_and_grads(m, dtype):
+    wq, x32, b32 = _linear_case(m, 48, 128, dtype, True)
+    dy32 = torch.randn(m, 48)
+
+    def run(x, b, dy, impl):
+        x, b = x.detach().requires_grad_(), b.detach().requires_grad_()
+        y = nf4_linear(x.view(1, m, -1), wq, b, impl=impl)
+        return (y, *grads(y, (x, b), dy.view(1, m, -1)))
+
+    out = run(x32.to(dtype), b32.to(dtype), dy32.to(dtype), "triton")
+    lowp = run(x32.to(dtype), b32.to(dtype), dy32.to(dtype), "ref")
+    ref32 = run(x32, b32, dy32, "ref")
+    for name, o, r, g in zip(("y", "dx", "dbias"), out, lowp, ref32, strict=True):
+        assert_close_to_ref(f"nf4_linear.{name}", o, r, g)
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (1000, 333)])
+def test_gpu_quantize_dequantize_exact(shape):
+    w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    p_ref, s_ref = nf4_quantize(w, impl="ref")
+    p, s = nf4_quantize(w, impl="triton")
+    assert torch.equal(p, p_ref) and torch.equal(s.absmax, s_ref.absmax)
+    assert torch.equal(s.nested_absmax, s_ref.nested_absmax) and s.offset == s_ref.offset
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert torch.equal(nf4_dequantize(p, s, dtype, impl="triton"),
+                           nf4_dequantize_ref(p, s, dtype))
+    if shape == (1000, 333):  # bitsandbytes' CPU quantizer agrees with ours on the GPU (without
+        # double quant: its offset is a torch mean, whose last bit depends on the device)
+        pb, sb = _bnb(w.cpu(), False)
+        p, s = nf4_quantize(w, double_quant=False, impl="triton")
+        assert torch.equal(p.cpu(), pb) and torch.equal(s.absmax.cpu(), sb.absmax)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 16, 100])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (14336, 4096), (4096, 14336)])
+def test_gpu_nf4_linear_bf16(m, n, k):
+    wq = NF4Weight.quantize(torch.randn(n, k, device="cuda") * 0.02)
+    x32 = torch.randn(m, k, device="cuda")
+    b32 = torch.randn(n, device="cuda")
+    x, b = x32.bfloat16(), b32.bfloat16()
+    assert_close_to_ref("nf4_linear", nf4_linear(x, wq, b), nf4_linear_ref(x, wq, b),
+                        nf4_linear_ref(x32, wq, b32))

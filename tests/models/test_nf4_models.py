@@ -1,0 +1,227 @@
+"""NF4 models against bitsandbytes and transformers on CPU: a checkpoint transformers writes with
+BitsAndBytesConfig(load_in_4bit, nf4, double quant) is exactly what Ember's quantization of the same
+dense weights produces and saves (every tensor, the JSON quant state included), it loads into
+Ember with the same dequantized weights and the same layer outputs as bnb's Linear4bit, and a
+quantized Ember Transformer matches the transformers model's logits."""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ember import EmberError
+from ember.kernels.nf4 import NF4Weight
+from ember.models.nf4 import (
+    Linear4bit,
+    assign_quantized_,
+    bnb_quantization_config,
+    check_quantization_config,
+    dequantize_model_,
+    load_bnb_4bit_state,
+    load_bnb_quantized_,
+    load_quantized_,
+    nf4_from_bnb,
+    nf4_to_bnb,
+    quantize_model_,
+    rename_bnb_keys,
+    replace_linears_with_4bit_,
+    split_bnb_key,
+)
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """A tiny Llama saved dense (fp32) and as transformers' bitsandbytes NF4 checkpoint."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    dense_dir, q_dir = tmp_path_factory.mktemp("dense"), tmp_path_factory.mktemp("bnb")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(dense_dir)
+    qcfg = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32)
+    hf_q = transformers.LlamaForCausalLM.from_pretrained(dense_dir, quantization_config=qcfg,
+                                                         device_map="cpu")
+    hf_q.save_pretrained(q_dir)
+    return {
+        "dense": load_file(dense_dir / "model.safetensors"),
+        "bnb": load_file(q_dir / "model.safetensors"),
+        "config": json.loads((dense_dir / "config.json").read_text()),
+        "qconfig": json.loads((q_dir / "config.json").read_text())["quantization_config"],
+        "hf_model": hf_q,
+        "dense_dir": dense_dir,
+    }
+
+
+def test_checkpoint_loads_and_equals_our_quantization_byte_for_byte(hf_pair):
+    sd, dense = hf_pair["bnb"], hf_pair["dense"]
+    quantized, rest = load_bnb_4bit_state(sd, hf_pair["qconfig"])
+    linears = {k for k, v in dense.items()
+               if v.dim() == 2 and "embed" not in k and "lm_head" not in k}
+    assert set(quantized) == linears
+    assert set(rest) == set(dense) - linears  # norms, embedding and the dense lm_head
+    for key, w in quantized.items():
+        ours = nf4_to_bnb(NF4Weight.quantize(dense[key]), key)
+        theirs = {k: v for k, v in sd.items() if split_bnb_key(k)[0] == key}
+        assert ours.keys() == theirs.keys()
+        for k in ours:
+            assert torch.equal(ours[k], theirs[k]), k
+        assert tuple(w.shape) == tuple(dense[key].shape) and w.dtype == dense[key].dtype
+
+
+def test_loaded_weights_and_layers_match_bnb_linear4bit(hf_pair):
+    model = hf_pair["hf_model"]
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        bnb_layer = model.get_submodule(name)
+        ours = Linear4bit(bnb_layer.in_features, bnb_layer.out_features, bias=False)
+        ours.load_state_dict(bnb_layer.state_dict())
+        dq = bnbf.dequantize_4bit(bnb_layer.weight.data, bnb_layer.weight.quant_state)
+        assert torch.equal(ours.quant_weight.dequantize(), dq)
+        x = torch.randn(2, 5, bnb_layer.in_features)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), bnb_layer(x), rtol=0, atol=0)
+        # and Ember writes bnb's state dict back, tensor for tensor
+        mine, theirs = ours.state_dict(), bnb_layer.state_dict()
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_quantized_ember_model_saves_the_transformers_checkpoint_and_matches_logits(hf_pair):
+    from ember.models.hf import config_from_hf, ember_key_to_hf, from_hf_state_dict
+    from ember.models.transformer import Transformer
+
+    cfg = config_from_hf(hf_pair["config"])
+    model = Transformer(cfg)
+    model.load_state_dict(from_hf_state_dict(hf_pair["dense"], cfg))
+    old = [weakref.ref(m) for m in model.modules() if isinstance(m, nn.Linear)]
+    names = quantize_model_(model)
+    gc.collect()
+    assert "lm_head" not in names and len(names) == 14
+    assert sum(r() is not None for r in old) == 1, "replaced dense layers are still alive"
+    assert isinstance(model.lm_head, nn.Linear)
+
+    saved = rename_bnb_keys(model.state_dict(), ember_key_to_hf)
+    assert saved.keys() == hf_pair["bnb"].keys()
+    for k, v in saved.items():
+        assert torch.equal(v, hf_pair["bnb"][k]), k
+    check_quantization_config(bnb_quantization_config(torch.float32))
+
+    ids = torch.randint(0, cfg.vocab_size, (2, 11))
+    with torch.no_grad():
+        ours = model(ids)
+        theirs = hf_pair["hf_model"](ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def _meta_model(cfg):
+    from ember.models.config import rope_inv_freq
+    from ember.models.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.inv_freq = rope_inv_freq(cfg)  # non-persistent: the loader rebuilds it
+    return model
+
+
+def test_quantize_while_loading_and_state_dict_round_trip(hf_pair):
+    from ember.models.hf import config_from_hf, from_hf_state_dict, hf_key_to_ember
+    from ember.models.transformer import Transformer
+
+    cfg = config_from_hf(hf_pair["config"])
+    ember_sd = from_hf_state_dict(hf_pair["dense"], cfg)
+    whole = Transformer(cfg)
+    whole.load_state_dict(ember_sd)
+    quantize_model_(whole)
+
+    # Tensor by tensor into a meta-device model, as models/loading.py streams shards.
+    streamed = _meta_model(cfg)
+    names = load_quantized_(streamed, iter(ember_sd.items()), device="cpu",
+                            compute_dtype=torch.float32)
+    assert len(names) == 14
+    prequantized = _meta_model(cfg)
+    names = load_bnb_quantized_(prequantized, iter(hf_pair["bnb"].items()), device="cpu",
+                                compute_dtype=torch.float32, rename=hf_key_to_ember)
+    assert len(names) == 14 and isinstance(prequantized.lm_head, nn.Linear)
+    placeholder = Transformer(cfg)
+    replace_linears_with_4bit_(placeholder)
+    for key, tensor in ember_sd.items():
+        if not assign_quantized_(placeholder, key, tensor):
+            placeholder.get_parameter(key).data.copy_(tensor)
+
+    reloaded = Transformer(cfg)
+    replace_linears_with_4bit_(reloaded)
+    reloaded.load_state_dict(whole.state_dict())  # bnb-format keys into empty Linear4bit
+
+    from ember.models.loading import load_hf_folder
+
+    loaded = load_hf_folder(hf_pair["dense_dir"], quantize="nf4")  # the loader's nf4 hook
+
+    ids = torch.randint(0, cfg.vocab_size, (1, 9))
+    with torch.no_grad():
+        ref = whole(ids)
+        for other in (streamed, prequantized, placeholder, reloaded, loaded):
+            assert torch.equal(other(ids), ref)
+        dequantize_model_(reloaded, torch.float32)
+        assert not any(isinstance(m, Linear4bit) for m in reloaded.modules())
+        assert torch.equal(reloaded(ids), ref)
+
+
+def test_lora_over_nf4_base_trains_only_adapters():
+    from ember.models.lora import LoRAConfig, apply_lora, lora_parameters
+
+    lin = nn.Linear(64, 48)
+    model = nn.Sequential()
+    model.add_module("q_proj", lin)
+    quantize_model_(model)
+    base_out = model(torch.randn(3, 64))
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=("q_proj",)))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.q_proj.base(x))  # B = 0 at init
+    model(x).square().sum().backward()
+    params = lora_parameters(model)
+    assert len(params) == 2 and all(p.grad is not None for p in params)
+    assert model.q_proj.base.bias.grad is None and base_out.shape == (3, 48)
+
+
+def test_nf4_state_dict_entries_match_bnb_quant_state_in_bf16():
+    w = torch.randn(40, 96, dtype=torch.bfloat16)
+    pb, sb = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    ours = nf4_to_bnb(NF4Weight.quantize(w), "weight")
+    theirs = {"weight." + k: v for k, v in sb.as_dict(packed=True).items()}
+    theirs["weight"] = pb
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    back = nf4_from_bnb(theirs, "weight")
+    assert back.dtype == torch.bfloat16 and torch.equal(back.dequantize(),
+                                                        bnbf.dequantize_4bit(pb, sb))
+
+
+def test_module_moves_and_errors():
+    q = Linear4bit.from_linear(nn.Linear(64, 8))
+    assert q.to(torch.float16).quant_weight.state.absmax.dtype == torch.uint8  # no dtype cast
+    assert q.bias.dtype == torch.float16
+    with pytest.raises(EmberError, match="no weight"):
+        Linear4bit(64, 8)(torch.randn(2, 64))
+    with pytest.raises(EmberError, match="does not fit"):
+        Linear4bit(64, 8).set_weight(torch.randn(8, 32))
+    sd = nf4_to_bnb(NF4Weight.quantize(torch.randn(8, 64)), "w")
+    sd["w.quant_state.bitsandbytes__fp4"] = sd.pop("w.quant_state.bitsandbytes__nf4")
+    with pytest.raises(EmberError, match="FP4"):
+        nf4_from_bnb(sd, "w")
+    for bad in ({"quant_method": "gptq"}, {"quant_method": "bitsandbytes", "load_in_8bit": True},
+                {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                 "bnb_4bit_quant_type": "fp4"}):
+        with pytest.raises(EmberError):
+            check_quantization_config(bad)
