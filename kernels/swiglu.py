@@ -1,7 +1,17 @@
 """Gated MLP activations: swiglu(g, u) = silu(g) * u,  geglu(g, u) = gelu_tanh(g) * u.
 
-gate, up: same shape (..., F), same dtype; math in fp32, output in the input dtype. Backward
-recomputes the activation from gate instead of saving it.
+gate, up: same shape (..., F), same dtype (fp32/fp16/bf16); math in fp32, output in the input dtype.
+gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) (Gemma's approximation).
+
+Triton path: gate/up are viewed as (M, F) rows; the last dim must be contiguous (a copy is made
+otherwise) and rows may have any stride, so the halves of a fused gate_up projection work without a
+copy. Backward saves gate and up only and recomputes the activation a(g):
+
+    d_gate = dy * u * a'(g)        d_up = dy * a(g)
+
+silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g). sigmoid and tanh are built from exp (libdevice is
+not available under the interpreter) of a non-positive argument, so they never overflow:
+sigmoid(g) = 1/(1+e) or e/(1+e) with e = exp(-|g|);  tanh(z) = sign(z) (1-e)/(1+e), e = exp(-2|z|).
 """
 
 from __future__ import annotations
@@ -9,8 +19,10 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
+import triton.language as tl
 
-from ember.kernels._dispatch import use_triton
+from ember.kernels._dispatch import check_dtype, use_triton
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -24,21 +36,156 @@ def geglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (0.5 * g * (1.0 + torch.tanh(inner)) * up.float()).to(gate.dtype)
 
 
+@triton.jit
+def _tanh(z):
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def _act_and_grad(g, GELU: tl.constexpr, NEED_GRAD: tl.constexpr):
+    """a(g) and, when NEED_GRAD, a'(g) (else 0) in fp32."""
+    if GELU:
+        # 0.7978845608028654 = sqrt(2 / pi)
+        th = _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
+        a = 0.5 * g * (1.0 + th)
+        if NEED_GRAD:
+            da = 0.5 * (1.0 + th) + (0.5 * 0.7978845608028654) * g * (1.0 - th * th) * (
+                1.0 + 3.0 * 0.044715 * g * g)
+        else:
+            da = 0.0 * g
+    else:
+        # sigmoid from exp(-|g|) <= 1: no overflow for very negative gates.
+        e = tl.exp(-tl.abs(g))
+        s = tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        a = g * s
+        if NEED_GRAD:
+            da = s * (1.0 + g * (1.0 - s))
+        else:
+            da = 0.0 * g
+    return a, da
+
+
+@triton.jit
+def _glu_fwd_kernel(G, U, OUT, N, stride_g, stride_u, stride_o,
+                    GELU: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    a, _ = _act_and_grad(g, GELU, False)
+    tl.store(OUT + row * stride_o + cols, (a * u).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _glu_bwd_kernel(DY, G, U, DG, DU, N, stride_dy, stride_g, stride_u, stride_dg, stride_du,
+                    GELU: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    a, da = _act_and_grad(g, GELU, True)
+    tl.store(DG + row * stride_dg + cols, (dy * u * da).to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + row * stride_du + cols, (dy * a).to(DU.dtype.element_ty), mask=mask)
+
+
+def _fwd_sig(dt: str) -> dict:
+    return {"G": f"*{dt}", "U": f"*{dt}", "OUT": f"*{dt}", "N": "i32", "stride_g": "i32",
+            "stride_u": "i32", "stride_o": "i32", "GELU": "constexpr", "BLOCK": "constexpr"}
+
+
+def _bwd_sig(dt: str) -> dict:
+    return {"DY": f"*{dt}", "G": f"*{dt}", "U": f"*{dt}", "DG": f"*{dt}", "DU": f"*{dt}",
+            "N": "i32", "stride_dy": "i32", "stride_g": "i32", "stride_u": "i32",
+            "stride_dg": "i32", "stride_du": "i32", "GELU": "constexpr", "BLOCK": "constexpr"}
+
+
+# _tanh and _act_and_grad are compiled through the kernels that call them.
+COMPILE_SPECS = [
+    (_glu_fwd_kernel, _fwd_sig("fp32"), {"GELU": False, "BLOCK": 1024}),
+    (_glu_fwd_kernel, _fwd_sig("bf16"), {"GELU": True, "BLOCK": 4096}, {"num_warps": 8}),
+    (_glu_bwd_kernel, _bwd_sig("fp32"), {"GELU": True, "BLOCK": 1024}),
+    (_glu_bwd_kernel, _bwd_sig("bf16"), {"GELU": False, "BLOCK": 4096}, {"num_warps": 8}),
+]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (M, F) with unit stride along F, copying only when no such view exists."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _launch_cfg(n: int) -> tuple[int, int]:
+    block = min(4096, triton.next_power_of_2(n))
+    return block, 8 if block >= 2048 else 4
+
+
+def _glu_fwd(g2: torch.Tensor, u2: torch.Tensor, gelu: bool) -> torch.Tensor:
+    m, n = g2.shape
+    out = torch.empty((m, n), device=g2.device, dtype=g2.dtype)
+    if out.numel() == 0:
+        return out
+    block, num_warps = _launch_cfg(n)
+    _glu_fwd_kernel[(m, triton.cdiv(n, block))](
+        g2, u2, out, n, g2.stride(0), u2.stride(0), out.stride(0),
+        GELU=gelu, BLOCK=block, num_warps=num_warps)
+    return out
+
+
+def _glu_bwd(dy2: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, gelu: bool):
+    m, n = g2.shape
+    dg = torch.empty((m, n), device=g2.device, dtype=g2.dtype)
+    du = torch.empty_like(dg)
+    if dg.numel() == 0:
+        return dg, du
+    block, num_warps = _launch_cfg(n)
+    _glu_bwd_kernel[(m, triton.cdiv(n, block))](
+        dy2, g2, u2, dg, du, n, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0),
+        du.stride(0), GELU=gelu, BLOCK=block, num_warps=num_warps)
+    return dg, du
+
+
+class _GLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, gelu):
+        g2, u2 = _rows(gate), _rows(up)
+        ctx.save_for_backward(g2, u2)
+        ctx.gelu = gelu
+        return _glu_fwd(g2, u2, gelu).view(gate.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        g2, u2 = ctx.saved_tensors
+        dg, du = _glu_bwd(_rows(dy), g2, u2, ctx.gelu)
+        return (dg.view(dy.shape) if ctx.needs_input_grad[0] else None,
+                du.view(dy.shape) if ctx.needs_input_grad[1] else None, None)
+
+
 def _check(op: str, gate: torch.Tensor, up: torch.Tensor) -> None:
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(f"{op}: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} "
-                         f"{up.dtype} must have the same shape and dtype")
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        raise ValueError(f"{op}: gate {tuple(gate.shape)} {gate.dtype} {gate.device} and up "
+                         f"{tuple(up.shape)} {up.dtype} {up.device} must have the same shape, "
+                         "dtype and device")
+    if gate.dim() == 0:
+        raise ValueError(f"{op}: gate and up must have at least one dim, got scalars")
+    check_dtype(op, "gate", gate)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, impl: str | None = None) -> torch.Tensor:
+    """silu(gate) * up, elementwise."""
     _check("swiglu", gate, up)
     if use_triton(gate, impl, "swiglu"):
-        raise NotImplementedError("Triton SwiGLU lands with the kernel groundwork")
+        return _GLU.apply(gate, up, False)
     return swiglu_ref(gate, up)
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, *, impl: str | None = None) -> torch.Tensor:
+    """gelu_tanh(gate) * up, elementwise."""
     _check("geglu", gate, up)
     if use_triton(gate, impl, "geglu"):
-        raise NotImplementedError("Triton GeGLU lands with the kernel groundwork")
+        return _GLU.apply(gate, up, True)
     return geglu_ref(gate, up)

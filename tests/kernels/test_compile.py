@@ -1,0 +1,230 @@
+"""GPU compile check on a CPU machine: every Triton kernel in ember.kernels compiles for sm_80
+and sm_90 (ttir -> ttgir -> llir -> ptx -> cubin with the ptxas that ships with triton), so a
+kernel that only fails in the real GPU compiler is caught without a GPU.
+
+Convention (see the kernel files): a module of ember.kernels that defines ``@triton.jit`` functions
+exposes ``COMPILE_SPECS = [(jit_fn, signature, constexprs[, options]), ...]``, e.g.
+``(_k, {"X": "*bf16", "N": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}, {"num_warps": 8})``
+(``options`` is optional: ``num_warps``/``num_stages`` passed to ``triton.compile``). Every jit
+function defined in the module must be covered: by a spec, or by being called from a covered
+kernel (a ``@triton.jit`` helper cannot be compiled on its own; it is compiled inside its caller).
+New modules and subpackages are discovered with ``pkgutil.walk_packages``.
+
+Why a subprocess: tests run with ``TRITON_INTERPRET=1``, under which ``@triton.jit`` returns an
+``InterpretedFunction`` that ``triton.compile`` cannot take (no ``cache_key``; its callees are
+interpreter objects too). The compiles therefore run in one child process started without
+``TRITON_INTERPRET``, where the decorators give real ``JITFunction``s; this process only discovers
+kernels and checks coverage. One test per (module, kernel, arch) keeps failures readable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pkgutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import types
+
+import pytest
+
+ARCHS = (80, 90)
+TIMEOUT_S = 600  # all compiles together; a kernel compile takes seconds
+
+
+def _underlying(obj):
+    """The Python function behind a jit/interpreted/autotuned kernel, or None for anything else."""
+    from triton.runtime import KernelInterface
+
+    seen = 0
+    while isinstance(obj, KernelInterface) and seen < 8:
+        obj = getattr(obj, "fn", None)
+        seen += 1
+    return obj if seen and isinstance(obj, types.FunctionType) else None
+
+
+def _jit_object(obj):
+    """The JITFunction inside obj (unwrapping autotuners/heuristics), for triton.compile."""
+    from triton.runtime import JITFunction
+
+    while not isinstance(obj, JITFunction) and hasattr(obj, "fn"):
+        obj = obj.fn
+    if not isinstance(obj, JITFunction):
+        raise TypeError(f"{obj!r} is not a triton.jit function")
+    return obj
+
+
+def _modules():
+    """(name, module or the import error text) for every module under ember.kernels."""
+    import ember.kernels as pkg
+
+    out = [("ember.kernels", pkg)]
+    for info in pkgutil.walk_packages(pkg.__path__, "ember.kernels.",
+                                      onerror=lambda name: out.append((name, "walk failed"))):
+        try:
+            out.append((info.name, importlib.import_module(info.name)))
+        except Exception:  # noqa: BLE001 - reported by test_module_imports
+            out.append((info.name, traceback.format_exc(limit=3)))
+    return out
+
+
+def _jit_functions(module) -> dict[str, types.FunctionType]:
+    """name -> Python function of every jit function defined (not imported) in module."""
+    found = {}
+    for obj in vars(module).values():
+        fn = _underlying(obj)
+        if fn is not None and fn.__module__ == module.__name__:
+            found[fn.__name__] = fn
+    return found
+
+
+def _specs(module) -> list[tuple]:
+    return list(getattr(module, "COMPILE_SPECS", []))
+
+
+def _callees(fn: types.FunctionType) -> list[types.FunctionType]:
+    """jit functions that fn's body refers to by global name or as ``some_module.name``."""
+    out = []
+    for name in fn.__code__.co_names:
+        obj = fn.__globals__.get(name)
+        if isinstance(obj, types.ModuleType):
+            out += [f for n in fn.__code__.co_names if (f := _underlying(getattr(obj, n, None)))]
+        elif (f := _underlying(obj)) is not None:
+            out.append(f)
+    return out
+
+
+def _coverage():
+    """(modules, {(module, kernel)}: spec'd kernels, {(module, fn)}: covered through a caller)."""
+    modules = _modules()
+    spec_keys, problems = set(), []
+    for name, mod in modules:
+        if isinstance(mod, str):
+            continue
+        for i, spec in enumerate(_specs(mod)):
+            fn = _underlying(spec[0]) if isinstance(spec, tuple) and spec else None
+            if fn is None or len(spec) not in (3, 4):
+                problems.append(f"{name}.COMPILE_SPECS[{i}] is not (jit_fn, signature, "
+                                f"constexprs[, options]): {spec!r:.200}")
+                continue
+            spec_keys.add((fn.__module__, fn.__name__))
+    # Helpers reached from a spec'd kernel (transitively) are compiled as part of it.
+    by_key = {(n, f): fn for n, m in modules if not isinstance(m, str)
+              for f, fn in _jit_functions(m).items()}
+    stack = [by_key[k] for k in spec_keys if k in by_key]
+    reached: set = set()
+    while stack:
+        for callee in _callees(stack.pop()):
+            key = (callee.__module__, callee.__name__)
+            if key not in reached and key not in spec_keys:
+                reached.add(key)
+                stack.append(callee)
+    return modules, spec_keys, reached, problems
+
+
+if __name__ == "__main__":  # the compile worker needs none of the discovery
+    _MODULES, _SPEC_KEYS, _REACHED, _SPEC_PROBLEMS, _CASES = [], set(), set(), [], []
+else:
+    _MODULES, _SPEC_KEYS, _REACHED, _SPEC_PROBLEMS = _coverage()
+    _CASES = sorted({(mod, kern, arch) for mod, kern in _SPEC_KEYS for arch in ARCHS})
+
+
+@pytest.mark.parametrize("module", [n for n, _ in _MODULES])
+def test_module_imports_and_every_jit_function_is_covered(module):
+    mod = dict(_MODULES)[module]
+    assert not isinstance(mod, str), f"{module} failed to import:\n{mod}"
+    bad = [p for p in _SPEC_PROBLEMS if p.startswith(module + ".COMPILE_SPECS")]
+    assert not bad, "\n".join(bad)
+    missing = [f for f in _jit_functions(mod)
+               if (module, f) not in _SPEC_KEYS and (module, f) not in _REACHED]
+    assert not missing, (
+        f"{module}: @triton.jit functions {missing} are in no COMPILE_SPECS entry and are not "
+        "called by any covered kernel; add (fn, signature, constexprs) entries to "
+        f"{module}.COMPILE_SPECS")
+
+
+@pytest.fixture(scope="module")
+def compile_results(request):
+    """Compile the selected (module, kernel, arch) cases in child processes started without the
+    interpreter (one per CPU, at most 2); returns {"module::kernel::arch": {"ok", "error",
+    "seconds", "cpu_seconds"}}. Results stream back one JSON line per case, so a time-out loses
+    only the rest."""
+    wanted = sorted({tuple(item.callspec.params[k] for k in ("module", "kernel", "arch"))
+                     for item in request.session.items
+                     if getattr(item, "originalname", None) == "test_compiles"})
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset
+    n = max(1, min(2, os.cpu_count() or 1, len(wanted)))
+    logs = [tempfile.TemporaryFile("w+") for _ in range(n)]
+    # Cases go in argv (not stdin) so every worker starts compiling at once.
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(wanted[i::n])],
+                              stdout=subprocess.PIPE, stderr=logs[i], text=True, env=env)
+             for i in range(n)]
+    results, deadline = {}, time.monotonic() + TIMEOUT_S
+    for i, proc in enumerate(procs):
+        note = ""
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            note = f"compile worker killed after {TIMEOUT_S}s\n"
+        for line in out.splitlines():
+            if line.startswith("{"):
+                results.update(json.loads(line))
+        logs[i].seek(0)
+        err = note + logs[i].read()[-4000:]
+        logs[i].close()
+        for case in wanted[i::n]:
+            results.setdefault("::".join(map(str, case)), {
+                "ok": False, "seconds": 0.0, "cpu_seconds": 0.0,
+                "error": f"no result from the compile worker (rc {proc.returncode}):\n{err}"})
+    return results
+
+
+@pytest.mark.parametrize("module,kernel,arch", _CASES,
+                         ids=[f"{m}::{k}::sm{a}" for m, k, a in _CASES])
+def test_compiles(module, kernel, arch, compile_results):
+    res = compile_results[f"{module}::{kernel}::{arch}"]
+    assert res["ok"], f"{module}.{kernel} failed to compile for sm_{arch}:\n{res['error']}"
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas runs as a child)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _worker() -> None:
+    """Child process: compile the requested cases, printing one JSON line per case."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    wanted = json.loads(sys.argv[2])
+    for module, kernel, arch in wanted:
+        key = f"{module}::{kernel}::{arch}"
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        try:
+            mod = importlib.import_module(module)
+            specs = [s for s in _specs(mod) if _underlying(s[0]).__name__ == kernel]
+            assert specs, f"no COMPILE_SPECS entry for {kernel}"
+            for spec in specs:
+                fn, signature, constexprs = spec[:3]
+                options = spec[3] if len(spec) == 4 else None
+                src = ASTSource(fn=_jit_object(fn), signature=dict(signature),
+                                constexprs=dict(constexprs))
+                triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+            res = {"ok": True, "error": ""}
+        except Exception as e:  # noqa: BLE001 - every failure is reported on its own test
+            res = {"ok": False, "error": "".join(traceback.format_exception(e, limit=-6))[-6000:]}
+        res.update(seconds=time.perf_counter() - t0, cpu_seconds=_cpu_seconds() - c0)
+        print(json.dumps({key: res}), flush=True)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _worker()

@@ -1,0 +1,121 @@
+"""RoPE Triton kernel vs apply_rope_ref: q/k outputs and both gradients, for the strided views the
+model produces, GQA, head_dim 64/80/96/128, per-batch and broadcast cos/sin."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.kernels.rope import apply_rope, apply_rope_ref
+from tests.numerics import assert_close_to_ref, grads, poison
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Float buffers the launchers allocate start as NaN, so an unwritten element shows."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.is_floating_point():
+            poison(t)
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def _cos_sin(b, t, d, device):
+    ang = torch.rand(b, t, d // 2, device=device) * 50
+    return ang.cos(), ang.sin()
+
+
+def _run(lin, views, cos, sin, dq, dk, impl):
+    """views(lin) -> (q, k): q/k are views into one leaf, as in the model (a linear output)."""
+    lin = lin.detach().requires_grad_()
+    q, k = views(lin)
+    qo, ko = apply_rope(q, k, cos, sin, impl=impl)
+    (dlin,) = grads((qo, ko), (lin,), (dq, dk))
+    return qo, ko, dlin
+
+
+def _check(b, t, h, kh, d, cos_b, dtype, device, layout="separate"):
+    if layout == "separate":  # q_proj / k_proj outputs, .view(B, T, H, D): contiguous per tensor
+        lin32 = torch.randn(b, t, (h + kh) * d, device=device)
+
+        def views(x):
+            return (x[..., : h * d].view(b, t, h, d), x[..., h * d:].view(b, t, kh, d))
+    else:  # fused qkv projection: q/k are strided slices (row stride (H + 2K) * D)
+        lin32 = torch.randn(b, t, (h + 2 * kh) * d, device=device)
+
+        def views(x):
+            return (x[..., : h * d].unflatten(-1, (h, d)),
+                    x[..., h * d: (h + kh) * d].unflatten(-1, (kh, d)))
+    cos, sin = _cos_sin(cos_b, t, d, device)
+    dq32, dk32 = torch.randn(b, t, h, d, device=device), torch.randn(b, t, kh, d, device=device)
+    lin, dq, dk = lin32.to(dtype), dq32.to(dtype), dk32.to(dtype)
+    out = _run(lin, views, cos, sin, dq, dk, "triton")
+    lowp = _run(lin, views, cos, sin, dq, dk, "ref")
+    ref32 = _run(lin.float(), views, cos, sin, dq.float(), dk.float(), "ref")
+    for name, o, r, g in zip(("q", "k", "d_qk"), out, lowp, ref32, strict=True):
+        assert o.dtype == r.dtype
+        assert_close_to_ref(name, o, r, g)
+
+
+@pytest.mark.parametrize("b,t,h,kh,d,cos_b,layout", [
+    (2, 5, 4, 2, 80, 1, "separate"),
+    (2, 3, 3, 1, 96, 2, "fused"),
+    (1, 6, 2, 2, 64, 1, "fused"),
+    (1, 3, 5, 1, 128, 1, "separate"),
+])
+def test_fp32(b, t, h, kh, d, cos_b, layout, poisoned):
+    _check(b, t, h, kh, d, cos_b, torch.float32, "cpu", layout)
+
+
+def test_fp16(poisoned):
+    _check(2, 3, 2, 1, 96, 2, torch.float16, "cpu", "fused")
+
+
+def test_noncontiguous_last_dim_and_one_sided_grad(poisoned):
+    b, t, h, d = 1, 4, 2, 32
+    base = torch.randn(b, t, d, h)
+    q = base.transpose(-1, -2)  # (B, T, H, D) with stride 2 along D: copied on purpose
+    k = torch.randn(b, t, 1, d, requires_grad=True)
+    cos, sin = _cos_sin(1, t, d, "cpu")
+    qo, ko = apply_rope(q, k, cos, sin, impl="triton")
+    qr, kr = apply_rope_ref(q, k, cos, sin)
+    assert_close_to_ref("q", qo, qr, qr)
+    dk = torch.randn_like(ko)
+    (g,) = torch.autograd.grad(ko, k, dk)
+    (gr,) = torch.autograd.grad(kr, k, dk)
+    assert_close_to_ref("dk", g, gr, gr)
+
+
+def test_bad_inputs():
+    q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8)
+    cos, sin = _cos_sin(1, 4, 8, "cpu")
+    with pytest.raises(ValueError, match="even D"):
+        apply_rope(torch.randn(1, 4, 2, 7), torch.randn(1, 4, 1, 7), cos, sin)
+    with pytest.raises(ValueError, match="even D"):
+        apply_rope(q[0], k[0], cos, sin)
+    with pytest.raises(ValueError, match="share"):
+        apply_rope(q, torch.randn(1, 3, 1, 8), cos, sin)
+    with pytest.raises(ValueError, match="cos/sin"):
+        apply_rope(q, k, cos[:, :3], sin[:, :3])
+    with pytest.raises(ValueError, match="cos/sin"):
+        apply_rope(q, k, cos.expand(3, 4, 4), sin.expand(3, 4, 4))
+    with pytest.raises(ValueError, match="dtype"):
+        apply_rope(q.to(torch.int64), k, cos, sin)
+    with pytest.raises(ValueError, match="cos/sin"):
+        apply_rope(q, k, cos.requires_grad_(), sin, impl="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,t,h,kh,d,cos_b,layout", [
+    (2, 2048, 32, 8, 128, 1, "separate"),
+    (1, 4096, 28, 4, 128, 1, "fused"),
+    (2, 1000, 32, 32, 80, 2, "separate"),
+    (1, 1531, 16, 4, 96, 1, "fused"),
+])
+def test_gpu_dtype_matrix(dtype, b, t, h, kh, d, cos_b, layout, poisoned):
+    _check(b, t, h, kh, d, cos_b, dtype, "cuda", layout)

@@ -1,0 +1,112 @@
+"""SwiGLU / GeGLU Triton kernels vs their references: output and both gradients, including the
+halves of a fused gate_up projection (strided rows) and rows spanning several column blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.kernels.swiglu import geglu, geglu_ref, swiglu, swiglu_ref
+from tests.numerics import assert_close_to_ref, grads, poison
+
+OPS = {"swiglu": swiglu, "geglu": geglu}
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Float buffers the launchers allocate start as NaN, so an unwritten element shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.is_floating_point():
+            poison(t)
+        return t
+
+    def nan_empty_like(*args, **kwargs):
+        t = empty_like(*args, **kwargs)
+        if t.is_floating_point():
+            poison(t)
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+
+
+def _run(op, gu, fused, dy, impl):
+    gu = gu.detach().requires_grad_()
+    g, u = gu.chunk(2, -1) if fused else gu.unbind(0)
+    y = op(g, u, impl=impl)
+    (dgu,) = grads(y, (gu,), dy)
+    return y, dgu
+
+
+def _check(name, shape, dtype, device, fused):
+    op = OPS[name]
+    # Spread gate over the activation's curved region and both saturated tails.
+    if fused:  # one (..., 2F) gate_up output: gate/up rows have stride 2F
+        gu32 = torch.randn(*shape[:-1], 2 * shape[-1], device=device) * 4
+    else:
+        gu32 = torch.randn(2, *shape, device=device) * 4
+    dy32 = torch.randn(shape, device=device)
+    gu, dy = gu32.to(dtype), dy32.to(dtype)
+    out = _run(op, gu, fused, dy, "triton")
+    lowp = _run(op, gu, fused, dy, "ref")
+    ref32 = _run(op, gu.float(), fused, dy.float(), "ref")
+    for part, o, r, g in zip(("out", "d_gate_up"), out, lowp, ref32, strict=True):
+        assert o.dtype == r.dtype
+        assert_close_to_ref(f"{name}.{part}", o, r, g)
+
+
+@pytest.mark.parametrize("name", ["swiglu", "geglu"])
+@pytest.mark.parametrize("shape,fused", [((3, 5, 100), False), ((2, 5000), True)])
+def test_fp32(name, shape, fused, poisoned):
+    _check(name, shape, torch.float32, "cpu", fused)
+
+
+@pytest.mark.parametrize("name", ["swiglu", "geglu"])
+def test_fp16(name, poisoned):
+    _check(name, (5, 300), torch.float16, "cpu", False)
+
+
+def test_extreme_gate_values_stay_finite(poisoned):
+    # exp(-g) overflows for g < -88 in fp32; tanh from exp must saturate, not produce inf/inf.
+    g = torch.tensor([[-1e4, -100.0, -30.0, 0.0, 1e-6, 30.0, 100.0, 1e4]], requires_grad=True)
+    u = torch.ones_like(g, requires_grad=True)
+    for op, ref in ((swiglu, swiglu_ref), (geglu, geglu_ref)):
+        y = op(g, u, impl="triton")
+        dg, du = torch.autograd.grad(y.sum(), (g, u))
+        yr = ref(g, u)
+        dgr, dur = torch.autograd.grad(yr.sum(), (g, u))
+        for part, o, r in (("out", y, yr), ("dg", dg, dgr), ("du", du, dur)):
+            assert_close_to_ref(f"{op.__name__}.{part}", o, r, r)
+
+
+def test_only_up_needs_grad(poisoned):
+    g = torch.randn(3, 40)
+    u = torch.randn(3, 40, requires_grad=True)
+    (du,) = torch.autograd.grad(geglu(g, u, impl="triton").sum(), u)
+    (dur,) = torch.autograd.grad(geglu_ref(g, u).sum(), u)
+    assert_close_to_ref("du", du, dur, dur)
+
+
+@pytest.mark.parametrize("op", [swiglu, geglu])
+def test_bad_inputs(op):
+    g = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="same shape"):
+        op(g, torch.randn(4, 9))
+    with pytest.raises(ValueError, match="same shape"):
+        op(g, g.half())
+    with pytest.raises(ValueError, match="dtype"):
+        op(g.int(), g.int())
+    with pytest.raises(ValueError, match="scalars"):
+        op(g[0, 0], g[0, 1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["swiglu", "geglu"])
+@pytest.mark.parametrize("shape,fused", [((2, 1024, 14336), False), ((2048, 18944), True),
+                                         ((3, 333, 5000), False)])
+def test_gpu_dtype_matrix(dtype, name, shape, fused, poisoned):
+    _check(name, shape, dtype, "cuda", fused)
