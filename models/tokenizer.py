@@ -1,0 +1,416 @@
+"""Tokenizer: a ``tokenizers.Tokenizer`` plus the special tokens and the chat template of a model.
+
+Reads and writes Hugging Face folders (tokenizer.json + tokenizer_config.json [+
+chat_template.jinja, special_tokens_map.json, generation_config.json]) and builds byte-level BPE
+tokenizers from GGUF metadata (``tokenizer.ggml.*``), splitting text the way llama.cpp does for the
+file's ``tokenizer.ggml.pre`` type.
+
+Chat templates are the model's own Jinja, rendered in jinja2's ``ImmutableSandboxedEnvironment``
+with transformers' conventions (trim_blocks, lstrip_blocks, ``raise_exception``, ``tojson`` without
+HTML escaping, ``strftime_now``, ``{% generation %}`` blocks, special tokens as variables), so the
+same template renders the same text here and in transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
+from ember import EmberError
+
+_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class Tokenizer:
+    """Encode/decode text and render chats.
+
+    ``pad_token_id`` falls back to ``eos_token_id`` when the model defines no pad token (padding
+    positions are masked everywhere, so any id works and eos is always in the vocabulary).
+    ``eos_token_ids`` is every id that ends a generation (eos plus e.g. ``<|eot_id|>`` from
+    generation_config.json or GGUF metadata).
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, *, bos_token: str | None = None,
+                 eos_token: str | None = None, pad_token: str | None = None,
+                 unk_token: str | None = None, chat_template: str | None = None,
+                 add_bos_token: bool = False, add_eos_token: bool = False,
+                 extra_eos_token_ids: Iterable[int] = (), model_max_length: int | None = None):
+        self.backend = backend
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.pad_token, self.unk_token = pad_token, unk_token
+        self.chat_template = chat_template
+        self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
+        self.model_max_length = model_max_length
+        for name in _SPECIALS:
+            tok = getattr(self, name)
+            if tok is not None and backend.token_to_id(tok) is None:
+                raise EmberError(f"tokenizer: {name} {tok!r} is not in the vocabulary")
+        self._extra_eos = frozenset(int(i) for i in extra_eos_token_ids)
+
+    # ---- ids -------------------------------------------------------------------------------------
+    def _id(self, tok: str | None) -> int | None:
+        return None if tok is None else self.backend.token_to_id(tok)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._id(self.eos_token)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._id(self.unk_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        pad = self._id(self.pad_token)
+        return pad if pad is not None else self.eos_token_id
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        eos = self.eos_token_id
+        return self._extra_eos | ({eos} if eos is not None else set())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def all_special_ids(self) -> set[int]:
+        return {t_id for t_id, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(i)
+
+    # ---- encode / decode -------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise EmberError(f"tokenizer.encode expects a str, got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False
+                     ) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts),
+                                                         add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, batch: Sequence[Iterable[int]], skip_special_tokens: bool = True
+                     ) -> list[str]:
+        return self.backend.decode_batch([[int(i) for i in ids] for ids in batch],
+                                         skip_special_tokens=skip_special_tokens)
+
+    # ---- chat ------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = False, **kwargs: Any) -> str | list[int]:
+        """Render ``messages`` ([{"role": ..., "content": ...}]) with the model's template; extra
+        keyword arguments become template variables (e.g. ``tools``, ``enable_thinking``)."""
+        if self.chat_template is None:
+            raise EmberError("this tokenizer has no chat template (tokenizer_config.json "
+                             "'chat_template' / chat_template.jinja); format the prompt yourself "
+                             "or use a chat model")
+        if isinstance(messages, dict) or not all(isinstance(m, dict) for m in messages):
+            raise EmberError("apply_chat_template expects a list of {'role', 'content'} dicts")
+        context = {name: getattr(self, name) for name in _SPECIALS}
+        context.update(kwargs)
+        context.setdefault("tools", None)
+        context.setdefault("documents", None)
+        try:
+            text = _compile(self.chat_template).render(
+                messages=_plain(list(messages)), add_generation_prompt=add_generation_prompt,
+                **_plain(context))
+        except jinja2.TemplateError as e:  # raise_exception() lands here with the template's text
+            raise EmberError(f"chat template failed: {e}") from None
+        return self.encode(text) if tokenize else text
+
+    # ---- persistence -----------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json, readable by
+        ``load_tokenizer`` and by transformers' ``AutoTokenizer`` (4.x and 5.x)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(out / "tokenizer.json"))
+        added = {
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
+                     "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(self.backend.get_added_tokens_decoder().items())}
+        specials = {n: getattr(self, n) for n in _SPECIALS if getattr(self, n) is not None}
+        cfg: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
+            "added_tokens_decoder": added, "clean_up_tokenization_spaces": False,
+            "model_max_length": self.model_max_length or 1_000_000_000_000_000_019_884_624_838_656,
+            **specials,
+        }
+        if self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
+        _write_json(out / "tokenizer_config.json", cfg)
+        _write_json(out / "special_tokens_map.json", specials)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _token_str(v: Any) -> str | None:
+    """tokenizer_config values are a str, an AddedToken dict ({"content": ...}) or null."""
+    if isinstance(v, dict):
+        return v.get("content")
+    return v if isinstance(v, str) else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EmberError(f"cannot read {path}: {e}") from None
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer from a Hugging Face folder (ours or one written by transformers)."""
+    folder = Path(path)
+    if folder.is_file() and folder.name == "tokenizer.json":
+        folder = folder.parent
+    tj = folder / "tokenizer.json"
+    if not tj.is_file():
+        hint = (" (only a slow tokenizer is there: convert it once with transformers' "
+                "AutoTokenizer(...).save_pretrained)") if any(
+            (folder / f).exists() for f in ("tokenizer.model", "vocab.json")) else ""
+        raise EmberError(f"no tokenizer.json in {folder}{hint}")
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(tj))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise EmberError(f"cannot parse {tj}: {e}") from None
+    cfg = _read_json(folder / "tokenizer_config.json") if (
+        folder / "tokenizer_config.json").is_file() else {}
+    smap = _read_json(folder / "special_tokens_map.json") if (
+        folder / "special_tokens_map.json").is_file() else {}
+    specials = {n: _token_str(cfg.get(n, smap.get(n))) for n in _SPECIALS}
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # older multi-template format: [{"name", "template"}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    jinja_file = folder / "chat_template.jinja"  # transformers >= 4.50 writes it separately
+    if jinja_file.is_file():
+        template = jinja_file.read_text(encoding="utf-8")
+    extra_eos: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        if (folder / name).is_file():
+            eos = _read_json(folder / name).get("eos_token_id")
+            if eos is not None:
+                extra_eos = eos if isinstance(eos, list) else [eos]
+                break
+    if specials["eos_token"] is None and extra_eos:
+        specials["eos_token"] = backend.id_to_token(int(extra_eos[0]))
+    for name, tok in specials.items():
+        if tok is not None and backend.token_to_id(tok) is None:
+            # transformers adds such tokens at load time; we keep the vocabulary the model has
+            warnings.warn(f"{folder}: {name} {tok!r} is not in tokenizer.json; ignoring it",
+                          stacklevel=2)
+            specials[name] = None
+    max_len = cfg.get("model_max_length")
+    return Tokenizer(backend, **specials, chat_template=template,
+                     add_bos_token=bool(cfg.get("add_bos_token", False)),
+                     add_eos_token=bool(cfg.get("add_eos_token", False)),
+                     extra_eos_token_ids=extra_eos,
+                     model_max_length=int(max_len) if isinstance(max_len, int | float)
+                     and max_len < 1e12 else None)
+
+
+# ------------------------------------------------------------------------------------------
+# Chat template rendering
+
+
+def _plain(value: Any) -> Any:
+    """Rebuild template inputs from plain JSON types, so the sandbox never sees an object whose
+    methods it does not know are unsafe (transformers does the same)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool):
+        return bool(value)
+    for base in (str, int, float):  # subclasses (enums, numpy scalars) carry extra methods
+        if isinstance(value, base):
+            return base(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _plain(value.item())
+    return f"<{type(value).__name__}>"
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str):
+    class _Generation(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` marks assistant text for loss masks in
+        transformers; here it renders its body unchanged."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(
+                lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    class _Namespace(jinja2.utils.Namespace):
+        def __setitem__(self, name, value):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} not allowed")
+            super().__setitem__(name, value)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["namespace"] = _Namespace
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise EmberError(f"chat template does not parse: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------
+# GGUF
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+# llama.cpp's split regexes per tokenizer.ggml.pre (llama-vocab.cpp); applied before byte mapping.
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+          r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
+          r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx",
+                     "smaug-bpe"), _LLAMA3),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2),
+    **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O),
+}
+_PRE_GPT2 = ("default", "gpt2", "mpt", "olmo", "jais")
+# GPT-2's regex after splitting every digit on its own (SmolLM, StarCoder)
+_PRE_DIGITS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+
+
+def _pre_tokenizer(pre: str, source: str):
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _PRE_GPT2:
+        return byte_level
+    if pre in _PRE_DIGITS:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in _PRE_SPLITS:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_PRE_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    known = sorted(set(_PRE_GPT2) | set(_PRE_DIGITS) | set(_PRE_SPLITS))
+    raise EmberError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported (known: "
+                     f"{', '.join(known)})")
+
+
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
+    """Build the byte-level BPE tokenizer a GGUF file describes (``tokenizer.ggml.model`` gpt2)."""
+    kind = md.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise EmberError(f"{source}: GGUF tokenizer model {kind!r} is not supported (only 'gpt2' "
+                         "byte-level BPE); convert the original Hugging Face model instead")
+    try:
+        tokens, merges = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.merges"]
+    except KeyError as e:
+        raise EmberError(f"{source}: GGUF metadata {e.args[0]} is missing") from None
+    types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise EmberError(f"{source}: {len(types)} token types for {len(tokens)} tokens")
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    # Byte-level vocabularies are stored already mapped; anything else is respelled like
+    # transformers' GGUF converter does, so both agree on ids.
+    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
+             for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ")) for m in merges]
+    if any(len(p) != 2 for p in pairs):
+        raise EmberError(f"{source}: malformed tokenizer.ggml.merges entry")
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, dropout=None,
+                                              continuing_subword_prefix="",
+                                              end_of_word_suffix="", fuse_unk=False))
+    backend.pre_tokenizer = _pre_tokenizer(md.get("tokenizer.ggml.pre", "default"), source)
+    backend.decoder = decoders.ByteLevel()
+    typed = list(zip(tokens, types, strict=True))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in typed
+                                if ty == _CONTROL and set(t) <= alphabet])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in typed
+                        if ty == _USER_DEFINED and t in vocab])
+
+    def tok(key):
+        i = md.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False))
+    add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
+    bos, eos = tok("bos_token_id"), tok("eos_token_id")
+    if (add_bos and bos) or (add_eos and eos):
+        single = ([bos] if add_bos and bos else []) + ["$A"] + ([eos] if add_eos and eos else [])
+        pair = single + ["$B" if s == "$A" else s for s in single]
+        backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair,
+            special_tokens=[(t, vocab[t]) for t in {bos, eos} if t is not None and t in vocab])
+    else:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    extra = [md[f"tokenizer.ggml.{k}"] for k in ("eot_token_id", "eom_token_id")
+             if md.get(f"tokenizer.ggml.{k}") is not None]
+    ctx = next((v for k, v in md.items() if k.endswith(".context_length")), None)
+    return Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=tok("padding_token_id"),
+                     unk_token=tok("unknown_token_id"),
+                     chat_template=md.get("tokenizer.chat_template"), add_bos_token=add_bos,
+                     add_eos_token=add_eos, extra_eos_token_ids=extra,
+                     model_max_length=int(ctx) if ctx else None)

@@ -1,0 +1,165 @@
+"""Generation: SmolLM2 answers Paris, batched (left-padded) == one prompt at a time, KV cache ==
+full recomputation, sampling knobs (seeded, top-k, top-p), per-row EOS, stop strings, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.models.config import ModelConfig
+from ember.models.generate import generate, generate_ids, sample_next
+from ember.models.tokenizer import tokenizer_from_gguf
+from ember.models.transformer import Transformer
+from tests.models.test_gguf import smollm2, smollm2_dir, tiny_tokenizer_md  # noqa: F401
+
+# ---------------------------------------------------------------------------------------------
+# Real model
+
+
+def test_smollm2_answers_paris(smollm2):  # noqa: F811
+    model, tok = smollm2
+    out = generate(model, tok, ["What is the capital of France?"], chat=True, max_new_tokens=12)
+    assert len(out) == 1 and "Paris" in out[0], out
+
+
+PLAIN = ["The capital of France is", "Once upon a time, in a land far away, there lived a",
+         "1, 2, 3,"]
+
+
+def test_smollm2_batched_equals_unbatched(smollm2):  # noqa: F811
+    model, tok = smollm2
+    prompts = [tok.encode(p) for p in PLAIN]
+    assert len({len(p) for p in prompts}) == 3  # real left padding
+    kw = dict(max_new_tokens=8, eos_token_ids=tok.eos_token_ids, pad_token_id=tok.pad_token_id)
+    batched = generate_ids(model, prompts, **kw)
+    single = [generate_ids(model, [p], **kw)[0] for p in prompts]
+    assert batched == single
+    assert all(len(s) > 0 for s in single)
+
+
+def test_smollm2_kv_cache_equals_recompute(smollm2):  # noqa: F811
+    model, tok = smollm2
+    prompt = tok.encode(PLAIN[1])
+    cached = generate_ids(model, [prompt], max_new_tokens=6)[0]
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            last = model.hidden_states(torch.tensor([seq]))[:, -1:]
+            seq.append(int(model.logits(last)[0, -1].argmax()))
+    assert cached == seq[len(prompt):]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random model (fast)
+
+VOCAB = len(tiny_tokenizer_md()["tokenizer.ggml.tokens"])
+
+
+@pytest.fixture
+def tiny():
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_layers=2,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=96)
+    # a large init spreads the logits, so greedy choices are not near-ties
+    model = Transformer(cfg).init_weights(std=0.5, seed=int(torch.randint(0, 2**30, ())))
+    return model, tokenizer_from_gguf(tiny_tokenizer_md())
+
+
+def _rand_prompts(lengths):
+    return [torch.randint(3, VOCAB, (n,)).tolist() for n in lengths]
+
+
+def test_left_padding_and_cache_match_recompute(tiny):
+    model, _ = tiny
+    prompts = _rand_prompts([5, 1, 9, 3])
+    out = generate_ids(model, prompts, max_new_tokens=7)
+    for p, o in zip(prompts, out, strict=True):
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(7):
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert o == seq[len(p):]
+
+
+def test_eos_stops_each_row_independently(tiny):
+    model, _ = tiny
+    for _ in range(20):  # find prompts whose row 0 emits a token that row 1 never does
+        prompts = _rand_prompts([4, 6])
+        free = generate_ids(model, prompts, max_new_tokens=8)
+        only_0 = [t for t in free[0][1:] if t not in free[1]]
+        if only_0:
+            break
+    else:
+        pytest.fail("no usable stop token in 20 draws")
+    stop = only_0[0]
+    out = generate_ids(model, prompts, max_new_tokens=8, eos_token_ids=[stop])
+    assert out[0] == free[0][:free[0].index(stop)]  # the stop token itself is not returned
+    assert len(out[0]) >= 1
+    assert out[1] == free[1]  # row 1 keeps going after row 0 finished
+    assert generate_ids(model, prompts, max_new_tokens=0) == [[], []]
+
+
+def test_sampling_is_seeded_and_knobs_reduce_to_greedy(tiny):
+    model, _ = tiny
+    prompts = _rand_prompts([3, 5])
+    greedy = generate_ids(model, prompts, max_new_tokens=6)
+    a = generate_ids(model, prompts, max_new_tokens=6, temperature=1.5, seed=7)
+    b = generate_ids(model, prompts, max_new_tokens=6, temperature=1.5, seed=7)
+    assert a == b
+    others = [generate_ids(model, prompts, max_new_tokens=6, temperature=1.5, seed=s)
+              for s in range(8, 12)]
+    assert any(o != a for o in others)
+    assert generate_ids(model, prompts, max_new_tokens=6, temperature=1.0, top_k=1,
+                        seed=3) == greedy
+    assert generate_ids(model, prompts, max_new_tokens=6, temperature=1.0, top_p=1e-6,
+                        seed=3) == greedy
+
+
+def test_top_p_and_top_k_keep_the_right_tokens():
+    probs = torch.tensor([0.05, 0.5, 0.3, 0.15])
+    logits = probs.log().expand(4000, 4).contiguous()
+    g = torch.Generator().manual_seed(0)
+    draw = sample_next(logits, temperature=1.0, top_p=0.6, generator=g)
+    assert set(draw.tolist()) == {1, 2}  # 0.5 < 0.6, so the nucleus needs the second token
+    assert abs((draw == 1).float().mean().item() - 0.5 / 0.8) < 0.05
+    draw = sample_next(logits, temperature=1.0, top_p=0.5, generator=g)
+    assert set(draw.tolist()) == {1}
+    draw = sample_next(logits, temperature=1.0, top_k=3, generator=g)
+    assert set(draw.tolist()) == {1, 2, 3}
+    assert abs((draw == 3).float().mean().item() - 0.15 / 0.95) < 0.05
+
+
+def test_generate_text_stop_strings_and_chat(tiny):
+    model, tok = tiny
+    for seed in range(20):  # a random model may emit EOS at once; find one that talks
+        model.init_weights(std=0.5, seed=seed)
+        free = generate(model, tok, ["he"], max_new_tokens=12)[0]
+        if len(free) >= 8:
+            break
+    else:
+        pytest.fail("every random model stopped within 8 characters")
+    stop = free[3:5]
+    cut = generate(model, tok, ["he"], max_new_tokens=12, stop_strings=[stop])[0]
+    assert cut == free[:free.index(stop)]
+    conv = [{"role": "user", "content": "he"}]
+    assert generate(model, tok, [conv], max_new_tokens=4) == generate(
+        model, tok, ["he"], chat=True, max_new_tokens=4)
+    assert generate(model, tok, "he", max_new_tokens=3) == generate(model, tok, ["he"],
+                                                                    max_new_tokens=3)
+
+
+def test_bad_inputs(tiny):
+    model, tok = tiny
+    for kw, msg in [(dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
+                    (dict(top_k=-2), "top_k"), (dict(max_new_tokens=-1), "max_new_tokens"),
+                    (dict(max_new_tokens=200), "exceeds the model's context")]:
+        with pytest.raises(EmberError, match=msg):
+            generate_ids(model, [[5, 6]], **kw)
+    with pytest.raises(EmberError, match="prompt 1 is empty"):
+        generate_ids(model, [[5], []])
+    with pytest.raises(EmberError, match="outside the vocabulary"):
+        generate_ids(model, [[5, VOCAB]])
+    with pytest.raises(EmberError, match="stop_strings must be a list"):
+        generate(model, tok, ["he"], stop_strings="x")
+    with pytest.raises(EmberError, match="must be a str or a conversation"):
+        generate(model, tok, [123])

@@ -1,0 +1,203 @@
+"""Tokenizer: GGUF-built ids and chat rendering equal transformers' for SmolLM2, HF folder round
+trips both ways (ours -> transformers, transformers -> ours), llama.cpp pre-tokenizer rules,
+sandboxed templates and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tokenizers
+
+from ember import EmberError
+from ember.models.gguf import GGUFFile
+from ember.models.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
+from tests.models.test_gguf import _offline, tiny_tokenizer_md
+
+TEXTS = [
+    "Hello world",
+    "What is the capital of France?",
+    "  leading,  double  spaces\t\ttabs\n\n\nnewlines   trailing   ",
+    "héllo wörld — naïve café, Ελληνικά, русский, 日本語のテキスト, 한국어, العربية",
+    "emoji 🤖🔥👍🏽 and a family 👨‍👩‍👧 in one ZWJ sequence",
+    "def f(x: int) -> int:\n    return x ** 2  # square\n\nclass A:\n\tpass\n",
+    'for (int i = 0; i < n; ++i) { s += a[i]; }  // C\nconsole.log("hi");',
+    "numbers 12345, 3.14159, 2024-06-01, 1e-5 and 007",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "it's don't we'll I'M you've THEY'RE",
+    "\u00a0non-breaking\u2009thin\u200bzero-width",
+    "",
+]
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello! 👋"}, {"role": "user", "content": "2+2?"}],
+    [{"role": "user", "content": "Write code:\n```py\nprint('x')\n```"},
+     {"role": "assistant", "content": "Done."}],
+]
+
+_CACHE: dict = {}
+
+
+@pytest.fixture(scope="module")
+def smol_gguf():
+    from ember.models.hub import builtin_gguf_path
+
+    try:
+        return builtin_gguf_path("smollm2")
+    except EmberError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def ours(smol_gguf) -> Tokenizer:
+    with GGUFFile(smol_gguf) as g:
+        return tokenizer_from_gguf(g.metadata)
+
+
+@pytest.fixture(scope="module")
+def theirs(smol_gguf):
+    transformers = pytest.importorskip("transformers")
+    with _offline():
+        return transformers.AutoTokenizer.from_pretrained(smol_gguf.parent,
+                                                          gguf_file=smol_gguf.name)
+
+
+def test_ids_match_transformers_gguf_tokenizer(ours, theirs):
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == theirs(text, add_special_tokens=False)["input_ids"], text
+        assert ours.decode(ids, skip_special_tokens=False) == text
+    assert ours.encode_batch(TEXTS) == [ours.encode(t) for t in TEXTS]
+    assert ours.decode_batch([ours.encode(t) for t in TEXTS[:3]]) == TEXTS[:3]
+
+
+def test_special_tokens_match_transformers(ours, theirs):
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+        assert getattr(ours, name + "_id") == getattr(theirs, name + "_id"), name
+    assert ours.vocab_size == len(theirs) == 49152
+    assert ours.eos_token_ids == {theirs.eos_token_id}
+    ids = ours.encode("<|im_start|>user\nhi<|im_end|>")
+    assert ids[0] == 1 and ids[-1] == 2  # control tokens stay whole
+    assert ours.decode(ids) == "user\nhi"  # and are skipped when decoding by default
+
+
+def test_chat_template_matches_transformers(ours, theirs):
+    for chat in CHATS:
+        for gen in (False, True):
+            text = ours.apply_chat_template(chat, add_generation_prompt=gen)
+            assert text == theirs.apply_chat_template(chat, add_generation_prompt=gen,
+                                                      tokenize=False)
+            ids = ours.apply_chat_template(chat, add_generation_prompt=gen, tokenize=True)
+            assert ids == theirs(text, add_special_tokens=False)["input_ids"]
+    text = ours.apply_chat_template(CHATS[0], add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n") and "named SmolLM" in text
+
+
+def test_our_folder_loads_in_transformers_and_back(ours, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    again = load_tokenizer(tmp_path)
+    for text in TEXTS:
+        assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+        assert again.encode(text) == ours.encode(text)
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        assert getattr(theirs, name) == getattr(ours, name) == getattr(again, name)
+    assert again.chat_template == ours.chat_template
+    chat = CHATS[1]
+    assert theirs.apply_chat_template(chat, tokenize=False) == ours.apply_chat_template(chat)
+
+
+def test_reads_folder_written_by_transformers(theirs, ours, tmp_path):
+    theirs.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    loaded = load_tokenizer(tmp_path)
+    for text in TEXTS:
+        assert loaded.encode(text) == ours.encode(text)
+    assert loaded.eos_token == "<|im_end|>" and loaded.bos_token == "<|im_start|>"
+    assert loaded.eos_token_ids == {0, 2}
+    assert loaded.apply_chat_template(CHATS[1]) == ours.apply_chat_template(CHATS[1])
+
+
+def test_digits_split_like_llama_cpp():
+    """llama.cpp splits every digit on its own for the 'smollm' pre-tokenizer (as SmolLM's own
+    tokenizer.json does); 'default' (GPT-2) lets the '1 2' merge apply."""
+    smol = tokenizer_from_gguf(tiny_tokenizer_md("smollm"))
+    gpt2 = tokenizer_from_gguf(tiny_tokenizer_md("default"))
+    twelve = smol.token_to_id("12")
+    assert twelve is not None
+    assert twelve not in smol.encode("a 12 b")
+    assert twelve in gpt2.encode("a12b")
+    assert smol.decode(smol.encode(" the 12")) == " the 12"
+    with pytest.raises(EmberError, match="pre-tokenizer 'mystery' is not supported"):
+        tokenizer_from_gguf(tiny_tokenizer_md("mystery"))
+
+
+def test_add_bos_from_gguf_metadata():
+    md = tiny_tokenizer_md() | {"tokenizer.ggml.add_bos_token": True}
+    tok = tokenizer_from_gguf(md)
+    assert tok.encode("he", add_special_tokens=True)[0] == tok.bos_token_id
+    assert tok.encode("he") == [tok.token_to_id("he")]
+
+
+def test_pad_falls_back_to_eos():
+    md = dict(tiny_tokenizer_md())
+    del md["tokenizer.ggml.padding_token_id"]
+    tok = tokenizer_from_gguf(md)
+    assert tok.pad_token is None and tok.pad_token_id == tok.eos_token_id == 2
+
+
+def test_template_sandbox_and_errors():
+    md = tiny_tokenizer_md()
+    tok = tokenizer_from_gguf(md)
+    tok.chat_template = "{{ messages.__class__.__mro__ }}"
+    with pytest.raises(EmberError, match="chat template failed"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
+    tok.chat_template = "{{ ''.__class__.__subclasses__() }}"
+    with pytest.raises(EmberError, match="chat template failed"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
+    tok.chat_template = ("{% if messages[0]['role'] != 'user' %}"
+                         "{{ raise_exception('first message must be user') }}{% endif %}"
+                         "{% generation %}{{ messages[0]['content'] | tojson }}{% endgeneration %}"
+                         "{{ bos_token }}")
+    with pytest.raises(EmberError, match="first message must be user"):
+        tok.apply_chat_template([{"role": "system", "content": "x"}])
+    assert tok.apply_chat_template([{"role": "user", "content": "é<"}]) == '"é<"<|im_start|>'
+    tok.chat_template = "{% for %}"
+    with pytest.raises(EmberError, match="does not parse"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
+    tok.chat_template = None
+    with pytest.raises(EmberError, match="no chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
+    with pytest.raises(EmberError, match="expects a str"):
+        tok.encode(["not", "a", "string"])
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(EmberError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "vocab.json").write_text("{}")
+    with pytest.raises(EmberError, match="slow tokenizer"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(EmberError, match="cannot parse"):
+        load_tokenizer(tmp_path)
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={"a": 0}, merges=[]))
+    with pytest.raises(EmberError, match="not in the vocabulary"):
+        Tokenizer(backend, eos_token="</s>")
+
+
+def test_unknown_special_token_in_config_is_dropped(tmp_path):
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    tok.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["pad_token"] = "<pad>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "special_tokens_map.json").unlink()
+    with pytest.warns(UserWarning, match="pad_token '<pad>' is not in tokenizer.json"):
+        loaded = load_tokenizer(tmp_path)
+    assert loaded.pad_token is None and loaded.pad_token_id == loaded.eos_token_id
+
