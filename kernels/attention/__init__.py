@@ -1,14 +1,27 @@
 """Attention: softmax(scale * q k^T [+ masks, softcap]) v, causal / sliding window / GQA / packed.
 
 Contract:
-- Padded mode: q (B, T, Hq, D), k and v (B, S, Hkv, D), Hq a multiple of Hkv (query head h uses kv head
-  h // (Hq // Hkv)); output (B, T, Hq, D) in q.dtype.
-- Varlen (packed) mode: ``cu_seqlens`` int32 (n_docs + 1,) cumulative lengths starting at 0; q (total, Hq, D),
-  k/v (total, Hkv, D); token i of document d only attends within d.
-- ``causal``: query i sees keys j <= i (positions counted inside each document; with S != T in padded mode the
-  query block is aligned to the end of the keys, as flash-attn does).
-- ``window=W``: query i sees keys j with i - j < W (W keys including itself; HF's ``sliding_window``).
+- Padded mode: q (B, T, Hq, D), k and v (B, S, Hkv, D), Hq a multiple of Hkv (query head h uses kv
+  head h // (Hq // Hkv)); output (B, T, Hq, D) in q.dtype.
+- Varlen (packed) mode: ``cu_seqlens`` int32 (n_docs + 1,) cumulative lengths starting at 0;
+  q (total, Hq, D), k/v (total, Hkv, D); token i of document d only attends within d.
+- ``causal``: query i sees keys j <= i (positions counted inside each document; with S != T in
+  padded mode the query block is aligned to the end of the keys, as flash-attn does).
+- ``window=W``: query i sees keys j with i - j < W (W keys including itself; HF's
+  ``sliding_window``); without ``causal`` also j - i < W.
 - ``softcap=c``: scores s become c * tanh(s / c) before masking (Gemma 2).
+- A query row that sees no key (causal with S < T) gets output 0 and zero gradients.
+
+Triton path (``_fwd.py``, ``_bwd.py``, shared device helpers in ``_common.py``): FA2-style. The
+forward saves the output and the natural-log LSE per query row (fp32, (B, Hq, T); (1, Hq, total) in
+varlen mode). The backward runs ``delta = rowsum(dO * O)``, then a dK/dV kernel (one program per key
+block and kv head, looping over its query-head group, so GQA gradients are reduced without atomics
+and K/V are never repeated) and a dQ kernel. Fully masked blocks are skipped (causal: blocks above
+the diagonal; window: blocks outside it); only blocks crossing a mask boundary evaluate the mask.
+Limits: head_dim <= 256 (non-powers of two are padded to the next power of two inside the kernel);
+fp16/bf16 (fp32 is supported for tests, at IEEE fp32 matmul speed); inputs need a contiguous last
+dim (other strides are handled; a strided last dim is copied). In varlen mode ``max_seqlen`` must be
+at least the longest document: when given on CUDA, ``cu_seqlens`` is trusted without a device sync.
 """
 
 from __future__ import annotations
@@ -18,7 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ember.kernels._dispatch import use_triton
+from ember.kernels._dispatch import check_dtype, use_triton
+from ember.kernels.attention import _bwd, _fwd
 
 
 def _attend_ref(q, k, v, causal, scale, window, softcap):
@@ -56,7 +70,7 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
         return _attend_ref(q, k, v, causal, scale, window, softcap)
     outs = []
     bounds = cu_seqlens.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         if b > a:
             outs.append(flash_attention_ref(q[None, a:b], k[None, a:b], v[None, a:b], causal=causal,
                                             softmax_scale=scale, window=window,
@@ -64,7 +78,8 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
     return torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
 
 
-def _validate(q, k, v, cu_seqlens, window, softcap):
+def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap):
+    """Raises on bad input; returns max_seqlen (computed from cu_seqlens when not given)."""
     want = 3 if cu_seqlens is not None else 4
     if q.dim() != want or k.dim() != want or v.dim() != want:
         layout = "(total, H, D) with cu_seqlens" if want == 3 else "(B, T, H, D)"
@@ -78,22 +93,81 @@ def _validate(q, k, v, cu_seqlens, window, softcap):
         raise ValueError(f"flash_attention: query heads ({q.shape[-2]}) must be a multiple of kv "
                          f"heads ({k.shape[-2]})")
     if q.dtype != k.dtype or q.dtype != v.dtype:
-        raise ValueError(f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0 or int(
-                cu_seqlens[-1]) != q.shape[0]:
-            raise ValueError(f"flash_attention: cu_seqlens must be 1-D, start at 0 and end at "
-                             f"total={q.shape[0]}; got {cu_seqlens.tolist()[:8]}...")
-    if window is not None and window < 1:
-        raise ValueError(f"flash_attention: window must be >= 1, got {window}")
+        raise ValueError(f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, "
+                         f"{v.dtype})")
+    if window is not None and (window < 1 or window != int(window)):
+        raise ValueError(f"flash_attention: window must be an integer >= 1, got {window}")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"flash_attention: softcap must be > 0, got {softcap}")
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+            raise ValueError(f"flash_attention: cu_seqlens must be a 1-D integer tensor of "
+                             f"n_docs + 1 offsets; got shape {tuple(cu_seqlens.shape)}, "
+                             f"dtype {cu_seqlens.dtype}")
+        if max_seqlen is not None and max_seqlen < 1:
+            raise ValueError(f"flash_attention: max_seqlen must be >= 1, got {max_seqlen}")
+        if not cu_seqlens.is_cuda or max_seqlen is None:
+            # One host read; skipped on CUDA when max_seqlen is given, to keep the step sync-free.
+            bounds = cu_seqlens.tolist()
+            if bounds[0] != 0 or bounds[-1] != q.shape[0] or any(
+                    b < a for a, b in zip(bounds[:-1], bounds[1:], strict=True)):
+                raise ValueError(f"flash_attention: cu_seqlens must start at 0, never decrease and "
+                                 f"end at total={q.shape[0]}; got {bounds[:8]}...")
+            longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+            if max_seqlen is not None and max_seqlen < longest:
+                raise ValueError(f"flash_attention: max_seqlen={max_seqlen} is shorter than the "
+                                 f"longest document ({longest})")
+            return longest if max_seqlen is None else max_seqlen
+    return max_seqlen
 
 
-def flash_attention(q, k, v, *, causal=True, softmax_scale=None, window=None, softcap=None,
-                    cu_seqlens=None, max_seqlen=None, impl=None):
-    _validate(q, k, v, cu_seqlens, window, softcap)
-    if use_triton(q, impl, "flash_attention"):
-        raise NotImplementedError("Triton flash attention lands with the attention issue")
-    return flash_attention_ref(q, k, v, causal=causal, softmax_scale=softmax_scale, window=window,
-                               softcap=softcap, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, window, softcap, cu_seqlens, max_seqlen):
+        opts = dict(causal=causal, scale=scale, window=window, softcap=softcap,
+                    cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        out, lse = _fwd.attn_fwd(q, k, v, **opts)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.opts = opts
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()  # e.g. an expanded gradient of .sum()
+        need = ctx.needs_input_grad
+        dq, dk, dv = _bwd.attn_bwd(dout, q, k, v, out, lse, **ctx.opts, need_dq=need[0],
+                                   need_dkdv=need[1] or need[2])
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                    softmax_scale: float | None = None, window: int | None = None,
+                    softcap: float | None = None, cu_seqlens: torch.Tensor | None = None,
+                    max_seqlen: int | None = None, impl: str | None = None) -> torch.Tensor:
+    """Attention per the module docstring; differentiable in q, k and v."""
+    max_seqlen = _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap)
+    if not use_triton(q, impl, "flash_attention"):
+        return flash_attention_ref(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                   window=window, softcap=softcap, cu_seqlens=cu_seqlens,
+                                   max_seqlen=max_seqlen)
+    check_dtype("flash_attention", "q", q)
+    if q.shape[-1] > 256:
+        raise ValueError(f"flash_attention: the Triton kernel supports head_dim <= 256, got "
+                         f"{q.shape[-1]}; use impl='ref'")
+    if q.device != k.device or q.device != v.device or (
+            cu_seqlens is not None and cu_seqlens.device != q.device):
+        raise ValueError("flash_attention: q, k, v and cu_seqlens must be on the same device")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if q.numel() == 0 or k.shape[-3] == 0:
+        return flash_attention_ref(q, k, v, causal=causal, softmax_scale=scale, window=window,
+                                   softcap=softcap, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    # The kernels need unit stride on head_dim only (RoPE'd views of fused projections are fine).
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if cu_seqlens is not None and cu_seqlens.dtype != torch.int32:
+        cu_seqlens = cu_seqlens.to(torch.int32)
+    return _FlashAttention.apply(q, k, v, bool(causal), float(scale),
+                                 None if window is None else int(window),
+                                 None if softcap is None else float(softcap), cu_seqlens,
+                                 max_seqlen)

@@ -1,0 +1,291 @@
+"""Data-parallel training with PyTorch's FSDP2 (``fully_shard``) under ``torchrun``.
+
+Launch: ``torchrun --nproc_per_node N -m ember.engine.cli train CONFIG`` (multi-node: add
+torchrun's ``--nnodes``/``--rdzv_*`` flags; checkpoints then need a filesystem every node sees).
+``init_distributed`` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and
+joins the process group: NCCL on GPUs (``cuda:LOCAL_RANK``, with gloo for CPU tensors), gloo on
+CPU. A plain ``python`` run is world size 1 and never touches ``torch.distributed``.
+
+Sharding (``shard_model``), applied to the finished model in STYLE.md's order: LoRA/NF4 wrapping
+-> activation checkpointing -> compile -> ``fully_shard`` on every block, then on the root.
+Module names and state-dict keys are unchanged (FSDP2 swaps parameters for ``DTensor`` shards in
+place). With LoRA the frozen base is sharded like the rest; only adapters get gradients.
+Mixed precision on CUDA: bf16 parameters for compute, fp32 gradient reduction, fp32 master shards.
+
+Semantics, so that N ranks reproduce one process:
+- Data: ``grad_accum`` is per rank; an optimizer step consumes ``grad_accum * world_size`` packed
+  batches. Rank r takes batches r, r + N, ... of the one-process order (``PackedBatches`` with
+  ``rank``/``world_size``), so step s covers exactly the batches a single process with
+  ``grad_accum * world_size`` would take at step s. (Each epoch is cut to a multiple of N
+  batches, dropping at most N - 1.)
+- Loss: every rank divides its summed token losses by the answer tokens of the whole global step
+  (``all_reduce_sums`` before the forward), and gradients are *summed* across ranks (FSDP's
+  default averaging is switched off), so the gradient is the token-weighted mean over all ranks'
+  tokens, identical to one process. The logged loss is the all-reduced sum of the ranks' losses.
+- Clipping: ``clip_grad_norm`` computes the global norm over the shards.
+
+QLoRA (NF4 base) with FSDP is not supported: ``shard_model`` refuses it with a clear error.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ember import EmberError
+from ember.engine.data import DataConfig, Example, PackedBatches
+
+MIXED_PRECISION = ("auto", "bf16", "none")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistConfig:
+    """``[dist]`` in a run config (only used under ``torchrun`` with more than one process)."""
+
+    mixed_precision: str = "auto"  # "auto": bf16 params + fp32 reduce on CUDA, none on CPU
+    # False keeps each block's gathered parameters from forward to backward (less communication,
+    # more memory: ZeRO-2-like); True re-gathers them in backward (ZeRO-3).
+    reshard_after_forward: bool = True
+    timeout_minutes: float = 30.0  # a collective waiting longer than this fails the run
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise EmberError(f"dist.mixed_precision must be one of "
+                             f"{', '.join(map(repr, MIXED_PRECISION))}, got "
+                             f"{self.mixed_precision!r}")
+        if not self.timeout_minutes > 0:
+            raise EmberError(f"dist.timeout_minutes must be > 0, got {self.timeout_minutes}")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+    backend: str | None = None  # None: no process group (one process)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise EmberError(f"environment variable {name}={raw!r} is not an integer (set by "
+                         "torchrun; launch with torchrun or unset it)") from None
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
+    """Join torchrun's process group (a no-op for a single process). ``device``: the run's
+    device setting ("auto", "cpu", "cuda", "cuda:N"); with several processes each rank uses
+    ``cuda:LOCAL_RANK``."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < max(world, 1):
+        raise EmberError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise EmberError(f"device = {device!r} but CUDA is not available; use device = \"cpu\"")
+    if world <= 1:
+        return DistInfo(device=device)
+    if cuda:
+        if device not in ("cuda", f"cuda:{local}"):
+            raise EmberError(f"under torchrun each process uses cuda:LOCAL_RANK; set device = "
+                             f"\"cuda\" (or \"auto\") instead of {device!r}")
+        if local >= torch.cuda.device_count():
+            raise EmberError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} GPUs are "
+                             "visible: lower --nproc_per_node or check CUDA_VISIBLE_DEVICES")
+        torch.cuda.set_device(local)
+        device, backend = f"cuda:{local}", "cpu:gloo,cuda:nccl"
+    else:
+        device, backend = "cpu", "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    if dist.get_world_size() != world or dist.get_rank() != rank:
+        raise EmberError(f"the process group (rank {dist.get_rank()} of "
+                         f"{dist.get_world_size()}) disagrees with RANK={rank}, "
+                         f"WORLD_SIZE={world}")
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=device,
+                    backend=backend)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _mp_policy(mixed_precision: str, device: str):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if device.startswith("cuda") else "none"
+    if mixed_precision == "none":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard_model(model: nn.Module, info: DistInfo, *, mixed_precision: str = "auto",
+                reshard_after_forward: bool = True) -> nn.Module:
+    """``fully_shard`` every block of ``model.layers``, then the root (in place; returns the
+    model). A no-op for one process. Build the optimizer after this call: its parameters are
+    the shards."""
+    if mixed_precision not in MIXED_PRECISION:
+        raise EmberError(f"mixed_precision must be one of {MIXED_PRECISION}, "
+                         f"got {mixed_precision!r}")
+    if not info.distributed:
+        return model
+    if any(hasattr(m, "quant_weight") for m in model.modules()):
+        raise EmberError("QLoRA (an NF4-quantized base) with FSDP across several processes is "
+                         "not supported yet; train QLoRA on one GPU, or use LoRA on a bf16 "
+                         "base (model.dtype = \"bfloat16\") with torchrun")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise EmberError(f"shard_model needs a model with a `layers` ModuleList (an ember "
+                         f"Transformer), got {type(model).__name__}")
+    mesh = init_device_mesh("cuda" if info.device.startswith("cuda") else "cpu",
+                            (info.world_size,))
+    mp = _mp_policy(mixed_precision, info.device)
+    for block in layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root (embedding, final norm, head) stays gathered after forward: the loss uses
+    # ``model.output_weight`` outside ``forward``, and backward needs it right away anyway.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            # Sum, not average: every rank's loss is already divided by the global token count.
+            m.set_gradient_divide_factor(1.0)
+            if hasattr(m, "set_force_sum_reduction_for_comms"):
+                m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM / AVG
+    # The trainer's losses call ``hidden_states`` rather than ``forward``: it must run FSDP's
+    # hooks (gather the root's parameters) too.
+    register_fsdp_forward_method(model, "hidden_states")
+    return model
+
+
+def rank_batches(examples: list[Example], cfg: DataConfig, info: DistInfo) -> PackedBatches:
+    """This rank's share of the packed batches, in the one-process global order."""
+    return PackedBatches.from_config(examples, cfg, rank=info.rank, world_size=info.world_size)
+
+
+def _global_fingerprint(batches: PackedBatches) -> str:
+    # The fingerprint of the same data and batching seen by one process: equal across world
+    # sizes (PackedBatches' own fingerprint includes rank and world size).
+    one = PackedBatches(batches.examples, batches.tokens_per_batch, seed=batches.seed,
+                        order=batches.order, packing=batches.packing)
+    return one.fingerprint
+
+
+def data_state(batches: PackedBatches, batches_per_step: int) -> dict:
+    """The data position in world-size-independent terms, for checkpoints:
+    ``batches_per_step`` is the global number (grad_accum * world_size)."""
+    return {"epoch": batches.epoch, "batches_done": batches.position * batches.world_size,
+            "batches_per_step": batches_per_step, "fingerprint": _global_fingerprint(batches)}
+
+
+def restore_data_state(batches: PackedBatches, state: dict, batches_per_step: int) -> None:
+    """Continue at the batch after ``state`` with this rank's ``batches`` (any world size, as
+    long as the global batches per optimizer step are unchanged)."""
+    if state.get("fingerprint") != _global_fingerprint(batches):
+        raise EmberError("the dataset or batching settings differ from the checkpoint's, so the "
+                         "run cannot resume at the same batch; resume with the same data and "
+                         "data.* settings")
+    saved = int(state["batches_per_step"])
+    if saved != batches_per_step:
+        w = batches.world_size
+        hint = (f"set grad_accum = {saved // w} for {w} processes" if saved % w == 0
+                else f"use a process count that divides {saved}")
+        raise EmberError(f"the checkpoint took {saved} packed batches per optimizer step "
+                         f"(grad_accum x processes), this run takes {batches_per_step}; {hint} "
+                         "to continue the same run")
+    done = int(state["batches_done"])
+    if done % batches.world_size:
+        raise EmberError(f"the checkpoint stopped after {done} batches of its epoch, which "
+                         f"{batches.world_size} processes cannot split evenly")
+    batches.epoch, batches.position = int(state["epoch"]), done // batches.world_size
+
+
+def all_reduce_sums(values: Sequence[float], info: DistInfo) -> list[float]:
+    """Element-wise sums over ranks (one collective; float64, exact for token counts)."""
+    if not info.distributed:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                     device="cpu" if "gloo" in (info.backend or "") else info.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is True on some rank (e.g. a stop request)."""
+    return all_reduce_sums([1.0 if flag else 0.0], info)[0] > 0
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(obj, info: DistInfo) -> list:
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def rank0_echo(echo, info: DistInfo):
+    """``echo`` on rank 0, a no-op elsewhere: only rank 0 prints and writes logs."""
+    return echo if info.is_main else (lambda *a, **k: None)
+
+
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
+    """Clip gradients to a global L2 norm (over all shards) and return the norm before."""
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):  # DTensor: the reduction over shards
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def gather_full_state_dict(model: nn.Module, *, trainable_only: bool = False
+                           ) -> dict[str, torch.Tensor] | None:
+    """The full (unsharded) state dict on CPU on rank 0, None on other ranks; every rank must
+    call it (it is a collective). ``trainable_only``: only parameters that require grad (LoRA
+    adapters). Keys are the model's usual keys."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True,
+                            ignore_frozen_params=trainable_only)
+    sd = get_model_state_dict(model, options=opts)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in sd.items()}

@@ -1,0 +1,186 @@
+"""Activation checkpointing and offload: exact gradients, unchanged keys, policies, offload."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.engine.activation import (
+    ActivationConfig,
+    apply_activation_checkpointing,
+    checkpointed_layers,
+    offloader_of,
+    remove_activation_checkpointing,
+)
+from ember.engine.data import Example, collate
+from ember.engine.losses import sft_loss
+from ember.models import LoRAConfig, ModelConfig, Transformer, apply_lora
+
+CFG = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=4, num_heads=4,
+                  num_kv_heads=2, qk_norm=True)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bit-exact comparisons: one intra-op thread, so no reduction depends on how work is split
+    between threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _batch(seed: int, lengths=(9, 14, 6)):
+    g = torch.Generator().manual_seed(seed)
+    exs = []
+    for n in lengths:
+        ids = torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist()
+        labels = ids[1:] + [-100]
+        exs.append(Example(ids, labels, "t:1"))
+    return collate(exs)
+
+
+def _model(lora_dropout: float | None = None, device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    model = Transformer(CFG).init_weights(seed=1)
+    if lora_dropout is not None:
+        apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=lora_dropout, init="gaussian"))
+        with torch.no_grad():  # B = 0 would make every adapter gradient but dB trivially 0
+            for n, p in model.named_parameters():
+                if n.endswith("lora_B"):
+                    p.normal_(0, 0.02)
+    return model.to(device=device, dtype=dtype).train()
+
+
+def _grads(model, batch, seed=123):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same dropout masks in both runs
+    loss = sft_loss(model, batch, batch.num_loss_tokens)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                         if p.grad is not None}
+
+
+@pytest.mark.parametrize("policy,k,offload", [("every_block", 2, False), ("every_k", 3, False),
+                                              ("every_block", 2, True)])
+def test_gradients_equal_without_checkpointing(policy, k, offload):
+    batch = _batch(0)
+    # LoRA with dropout: the recompute must replay the same dropout masks (RNG preserved).
+    model = _model(lora_dropout=0.25)
+    loss_ref, ref = _grads(model, batch)
+    keys = list(model.state_dict())
+    names = [n for n, _ in model.named_parameters()]
+    chosen = apply_activation_checkpointing(model, policy, k=k, offload=offload)
+    assert chosen == checkpointed_layers(CFG.num_layers, policy, k)
+    assert list(model.state_dict()) == keys and [n for n, _ in model.named_parameters()] == names
+    loss, got = _grads(model, batch)
+    assert loss == loss_ref
+    assert got.keys() == ref.keys() and len(got) > 8
+    for n in ref:  # the recompute runs the same fp32 ops in the same order: bit-identical
+        torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0, msg=n)
+
+
+def test_full_finetune_gradients_and_offload_stats():
+    batch = _batch(1, (20, 7))
+    model = _model()
+    _, ref = _grads(model, batch)
+    apply_activation_checkpointing(model, "every_block", offload=True)
+    off = offloader_of(model)
+    _, got = _grads(model, batch)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0, msg=n)
+    # One saved input per checkpointed block, the (1, T, D) hidden state; nothing copied on CPU.
+    T = batch.num_tokens
+    assert off.stats["tensors"] == CFG.num_layers
+    assert off.stats["bytes"] == CFG.num_layers * T * CFG.hidden_size * 4
+    assert off.stats["offloaded_tensors"] == 0
+
+
+def test_checkpointing_actually_recomputes():
+    """The policy decides which blocks run their forward twice in a training step."""
+    batch = _batch(2)
+    model = _model()
+    calls = [0] * CFG.num_layers
+    for i, block in enumerate(model.layers):
+        # A pre-hook: recompute stops early, inside the block, once the saved tensors are back.
+        block.mlp.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+    apply_activation_checkpointing(model, "every_k", k=2)
+    _grads(model, batch)
+    assert calls == [2, 1, 2, 1]
+    calls[:] = [0] * CFG.num_layers
+    with torch.no_grad():  # no recompute (and no checkpoint overhead) without gradients
+        model(batch.input_ids)
+    assert calls == [1] * CFG.num_layers
+    remove_activation_checkpointing(model)
+    calls[:] = [0] * CFG.num_layers
+    _grads(model, batch)
+    assert calls == [1] * CFG.num_layers
+
+
+def test_deepcopy_and_reapply():
+    model = _model()
+    apply_activation_checkpointing(model, "every_block")
+    twin = copy.deepcopy(model)
+    # The copied blocks' forward is bound to the copy, not to the original blocks.
+    assert twin.layers[0].forward.__self__ is twin.layers[0]
+    batch = _batch(3)
+    _, a = _grads(model, batch)
+    _, b = _grads(twin, batch)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)
+    assert apply_activation_checkpointing(model, "every_k", k=3) == [0, 3]
+    assert "forward" not in vars(model.layers[1])
+
+
+def test_bad_settings():
+    model = _model()
+    with pytest.raises(EmberError, match="checkpointing must be one of"):
+        apply_activation_checkpointing(model, "sometimes")
+    with pytest.raises(EmberError, match="every_k must be an integer >= 1"):
+        apply_activation_checkpointing(model, "every_k", k=0)
+    with pytest.raises(EmberError, match="offload needs activation checkpointing"):
+        ActivationConfig(offload=True)
+    with pytest.raises(EmberError, match="`layers` ModuleList"):
+        apply_activation_checkpointing(torch.nn.Linear(2, 2), "every_block")
+    assert checkpointed_layers(5, "none") == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", [False, True])
+def test_gpu_checkpointing_memory_and_gradients(offload):
+    cfg = ModelConfig(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_layers=6,
+                      num_heads=8, num_kv_heads=4)
+    torch.manual_seed(0)
+    model = Transformer(cfg).init_weights(seed=0).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 512, (1, 4096), device="cuda")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        h = model.hidden_states(ids)
+        torch.cuda.synchronize()
+        # Offloaded inputs are freed once their copy-out finished; the allocator books that on
+        # its next allocation.
+        torch.empty(1, device="cuda")
+        after_fwd = torch.cuda.memory_allocated() - base
+        h.float().square().mean().backward()
+        torch.cuda.synchronize()
+        return after_fwd, {n: p.grad.float() for n, p in model.named_parameters()}
+
+    held_ref, ref = step()
+    apply_activation_checkpointing(model, "every_block", offload=offload)
+    held, got = step()
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0, msg=n)
+    block_input = 4096 * cfg.hidden_size * 2
+    if offload:
+        assert offloader_of(model).stats["offloaded_tensors"] == cfg.num_layers
+        # Only the final norm's input (and small tables) stay on the GPU.
+        assert held < 3 * block_input, (held, held_ref)
+    else:
+        assert held < (cfg.num_layers + 3) * block_input < held_ref / 3, (held, held_ref)

@@ -1,0 +1,126 @@
+"""Loop guards: non-finite steps skipped and counted, OOM explained, signals stop gracefully.
+(The full SIGTERM -> checkpoint -> exit 0 -> resume path runs as a subprocess in test_dcp.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.engine.data import Example, collate
+from ember.engine.guards import (
+    GracefulStop,
+    GuardConfig,
+    NonFiniteGuard,
+    oom_guard,
+    resume_command,
+)
+from ember.engine.losses import sft_loss
+from tests.engine import _dist_worker as w
+
+
+def test_guard_counts_and_stops_after_n_in_a_row():
+    g = NonFiniteGuard(3)
+    assert g.check(1, 2.0, 1.0)
+    assert not g.check(2, float("nan"), 1.0)
+    assert not g.check(3, 1.0, float("inf"))
+    assert g.check(4, 1.5)  # a good step resets the streak, not the total
+    assert (g.in_a_row, g.skipped, g.last_bad) == (0, 2, 3)
+    assert not g.check(5, float("-inf"))
+    assert not g.check(6, float("nan"))
+    state = g.state_dict()
+    again = NonFiniteGuard(3)
+    again.load_state_dict(state)  # a resumed run continues the streak
+    with pytest.raises(EmberError, match=r"step 7: loss nan, gradient norm 0.5\. 3 steps in a "
+                                         r"row .* 5 skipped in total.*optim.lr"):
+        again.check(7, float("nan"), 0.5)
+    with pytest.raises(EmberError, match="max_nonfinite_in_a_row must be an integer >= 1"):
+        GuardConfig(max_nonfinite_in_a_row=0)
+
+
+def test_skipped_step_leaves_weights_and_optimizer_untouched():
+    model = w.make_model("full")
+    opt = w.make_optimizer(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    guard = NonFiniteGuard(2)
+    ids = torch.randint(0, w.CFG.vocab_size, (17,)).tolist()
+    batch = collate([Example(ids, ids[1:] + [-100], "x:1")])
+
+    def step(n, poison):
+        loss = sft_loss(model, batch, batch.num_loss_tokens) * (float("nan") if poison else 1.0)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        applied = guard.check(n, loss.item(), norm.item())
+        if applied:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return applied
+
+    assert step(1, False)
+    before = [p.detach().clone() for p in params]
+    adam_steps = [float(opt.state[p]["step"]) for p in params]
+    assert not step(2, True)
+    assert all(torch.equal(a, p) for a, p in zip(before, params, strict=True))
+    assert [float(opt.state[p]["step"]) for p in params] == adam_steps
+    assert step(3, False) and guard.skipped == 1
+    assert not all(torch.equal(a, p) for a, p in zip(before, params, strict=True))
+
+
+def test_oom_becomes_a_clear_error():
+    big = torch.ones(1000)
+
+    def run():
+        with oom_guard(batch_tokens=8192, seq_len=4096, device="cpu", step=12, method="full",
+                       checkpointing="none", offload=False):
+            _ = big * 2  # a frame holding tensors, as a real forward would
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(EmberError) as info:
+        run()
+    msg = str(info.value)
+    assert "CUDA out of memory at step 12: a micro-batch of 8192 tokens (longest sequence 4096)" \
+        in msg
+    for fix in ("data.tokens_per_batch (e.g. to 4096)", "grad_accum",
+                "activations.checkpointing = \"every_block\"", "activations.offload = true",
+                "method = \"lora\"", "QLoRA", "data.max_seq_len below 4096", "torchrun"):
+        assert fix in msg, fix
+    # The OOM's frames (holding the step's tensors) are released; no CUDA trace is shown.
+    assert info.value.__suppress_context__ and info.value.__context__.__traceback__ is None
+    with pytest.raises(KeyError):  # anything else passes through untouched
+        with oom_guard(batch_tokens=1, seq_len=1, device="cpu"):
+            raise KeyError("x")
+    with oom_guard(batch_tokens=1, seq_len=1, device="cpu", method="lora",
+                   checkpointing="every_block", offload=True):
+        pass
+
+
+def test_graceful_stop_flags_signals_and_restores_handlers():
+    messages = []
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with GracefulStop(echo=messages.append) as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)  # handled between bytecodes, right here
+        assert stop.requested and stop.signal_name == "SIGTERM"
+        assert "finishing the current step" in messages[0]
+        os.kill(os.getpid(), signal.SIGTERM)  # repeated SIGTERMs (torchrun, schedulers) wait
+        assert stop.signal_name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C after a request stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+        assert "resume with: ember train runs/x --resume" in stop.message(
+            3, "ck", "ember train runs/x --resume")
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    with GracefulStop(echo=messages.append) as stop:
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C is a graceful request
+        assert stop.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_resume_command():
+    assert resume_command("runs/my run") == "ember train 'runs/my run' --resume"
+    assert resume_command("r", world_size=8) == \
+        "torchrun --nproc_per_node 8 -m ember.engine.cli train r --resume"
+    assert "--nnodes 2" in resume_command("r", world_size=16, nnodes=2)

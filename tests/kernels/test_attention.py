@@ -1,0 +1,243 @@
+"""Flash attention Triton kernels vs flash_attention_ref: output and dq, dk, dv under the shared
+numerics rule, for every option alone and combined, odd lengths, GQA 1/4/8, packed documents and
+S != T; the CPU cases run in the interpreter (small shapes), the CUDA cases at real sizes."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from ember.kernels.attention import _attend_ref, _fwd, flash_attention, flash_attention_ref
+from tests.numerics import assert_close_to_ref, grads, poison
+
+
+@contextlib.contextmanager
+def _poisoned():
+    """Float buffers allocated inside the block start as NaN, so an unwritten element shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.is_floating_point():
+            poison(t)
+        return t
+
+    def nan_empty_like(*args, **kwargs):
+        t = empty_like(*args, **kwargs)
+        if t.is_floating_point():
+            poison(t)
+        return t
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "empty", nan_empty)
+        mp.setattr(torch, "empty_like", nan_empty_like)
+        yield
+
+
+def _run(q, k, v, do, impl, **kw):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with _poisoned() if impl == "triton" else contextlib.nullcontext():
+        out = flash_attention(q, k, v, impl=impl, **kw)
+        return (out, *grads(out, (q, k, v), do))
+
+
+def _check(q, k, v, **kw):
+    """Kernel vs the reference in q.dtype and in fp32, for out, dq, dk, dv."""
+    do = torch.randn(q.shape, device=q.device).to(q.dtype)
+    out = _run(q, k, v, do, "triton", **kw)
+    lowp = _run(q, k, v, do, "ref", **kw)
+    ref32 = _run(q.float(), k.float(), v.float(), do.float(), "ref", **kw)
+    for name, o, r, g in zip(("out", "dq", "dk", "dv"), out, lowp, ref32, strict=True):
+        assert o.dtype == q.dtype, f"{name}: dtype {o.dtype} != {q.dtype}"
+        assert_close_to_ref(name, o, r, g)
+
+
+def _qkv(b, t, s, hq, hkv, d, dtype=torch.float32, device="cpu"):
+    q = torch.randn(b, t, hq, d, device=device).to(dtype)
+    k = torch.randn(b, s, hkv, d, device=device).to(dtype)
+    v = torch.randn(b, s, hkv, d, device=device).to(dtype)
+    return q, k, v
+
+
+# (B, T, S, Hq, Hkv, D, options): each option alone, then combined. The interpreter runs these with
+# BLOCK_M=32/BLOCK_N=16 (fwd, dq) and 16/32 (dk/dv), so T=37..129 crosses several masked and
+# unmasked blocks.
+CASES = {
+    "causal": (1, 129, 129, 1, 1, 64, dict(causal=True)),
+    "noncausal": (2, 37, 37, 2, 2, 64, dict(causal=False)),
+    "gqa4": (1, 37, 37, 4, 1, 64, dict(causal=True)),
+    "gqa8": (1, 21, 21, 8, 1, 32, dict(causal=True)),
+    "hd80": (1, 37, 37, 2, 1, 80, dict(causal=True)),
+    "scale": (1, 37, 37, 2, 2, 64, dict(causal=False, softmax_scale=0.3)),
+    "window": (1, 70, 70, 2, 1, 64, dict(causal=True, window=21)),
+    "window_noncausal": (1, 70, 70, 1, 1, 64, dict(causal=False, window=9)),
+    "softcap": (1, 37, 37, 2, 1, 64, dict(causal=True, softcap=4.0)),
+    "softcap_noncausal": (1, 37, 37, 1, 1, 64, dict(causal=False, softcap=2.0)),
+    "kv_longer": (1, 19, 53, 2, 1, 64, dict(causal=True)),  # prefill after a cache
+    "kv_longer_window": (1, 19, 53, 2, 1, 64, dict(causal=True, window=25)),
+    "kv_shorter": (1, 40, 23, 1, 1, 64, dict(causal=True)),  # first rows see no key
+    "combined": (1, 70, 70, 4, 1, 80, dict(causal=True, window=33, softcap=3.0,
+                                           softmax_scale=0.2)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_padded(case):
+    b, t, s, hq, hkv, d, kw = CASES[case]
+    _check(*_qkv(b, t, s, hq, hkv, d), **kw)
+
+
+def test_fp16_combined():
+    _check(*_qkv(1, 45, 45, 4, 2, 64, torch.float16), causal=True, window=30, softcap=5.0)
+
+
+def _packed(lengths, hq, hkv, d, dtype=torch.float32, device="cpu"):
+    total = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                      device=device)
+    q = torch.randn(total, hq, d, device=device).to(dtype)
+    k = torch.randn(total, hkv, d, device=device).to(dtype)
+    v = torch.randn(total, hkv, d, device=device).to(dtype)
+    return q, k, v, cu
+
+
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=True, window=7, softcap=3.0),
+                                dict(causal=False)], ids=["causal", "window_softcap", "noncausal"])
+def test_varlen(kw):
+    # Documents of different lengths, one empty, one of a single token, one crossing blocks.
+    q, k, v, cu = _packed([5, 37, 0, 1, 16, 24], 2, 1, 64)
+    _check(q, k, v, cu_seqlens=cu, **kw)
+
+
+def test_varlen_documents_are_independent():
+    """Changing one document's tokens must not change another document's output."""
+    q, k, v, cu = _packed([9, 20, 13], 2, 1, 64)
+    out = flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=20, impl="triton")
+    k2, v2 = k.clone(), v.clone()
+    k2[9:29], v2[9:29] = torch.randn_like(k2[9:29]), torch.randn_like(v2[9:29])
+    out2 = flash_attention(q, k2, v2, cu_seqlens=cu, max_seqlen=20, impl="triton")
+    torch.testing.assert_close(out2[:9], out[:9], rtol=0, atol=0)
+    torch.testing.assert_close(out2[29:], out[29:], rtol=0, atol=0)
+    assert not torch.allclose(out2[9:29], out[9:29])
+
+
+def test_strided_inputs_and_expanded_grad():
+    """q/k/v as views of one fused projection (non-contiguous), a strided head dim, and the
+    stride-0 upstream gradient of .sum()."""
+    b, t, h, d = 1, 33, 2, 64
+    fused = torch.randn(b, t, 3 * h * d, requires_grad=True)
+    q, k, v = fused.view(b, t, 3, h, d).unbind(2)
+    assert not q.is_contiguous()
+    out = flash_attention(q, k, v, causal=True, impl="triton")
+    (g,) = grads(out.sum(), (fused,), torch.ones(()))
+    out_ref = flash_attention_ref(q, k, v, causal=True)
+    (g_ref,) = grads(out_ref.sum(), (fused,), torch.ones(()))
+    assert_close_to_ref("out", out, out_ref, out_ref)
+    assert_close_to_ref("dfused", g, g_ref, g_ref)
+    wide = torch.randn(b, t, h, 2 * d)[..., ::2]  # stride 2 on head_dim: copied on purpose
+    out = flash_attention(wide, wide, wide, causal=False, impl="triton")
+    ref = flash_attention_ref(wide, wide, wide, causal=False)
+    assert_close_to_ref("out_strided_d", out, ref, ref)
+
+
+def test_lse_is_the_log_sum_exp_of_the_scores():
+    q, k, v = _qkv(1, 37, 37, 2, 1, 64)
+    scale = 0.125
+    _, lse = _fwd.attn_fwd(q, k, v, causal=True, scale=scale, window=None, softcap=None,
+                           cu_seqlens=None, max_seqlen=None)
+    s = torch.einsum("bthd,bshd->bhts", q, k.expand(-1, -1, 2, -1)) * scale
+    s = s.masked_fill(torch.ones(37, 37, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_fast_path_matches_explicit_masks():
+    """The SDPA shortcut in flash_attention_ref agrees with the explicit-mask oracle."""
+    q, k, v = _qkv(2, 29, 29, 4, 2, 16)
+    for causal in (True, False):
+        fast = flash_attention_ref(q, k, v, causal=causal)
+        explicit = _attend_ref(q, k, v, causal, 0.25, None, None)
+        torch.testing.assert_close(fast, explicit, rtol=1e-5, atol=1e-5)
+
+
+def _raises(match, *args, **kw):
+    with pytest.raises(ValueError, match=match):
+        flash_attention(*args, impl="triton", **kw)
+
+
+def test_bad_inputs():
+    q, k, v = _qkv(1, 8, 8, 4, 2, 16)
+    _raises("must be \\(B, T, H, D\\)", q[0], k, v)
+    _raises("do not match", q, k[..., :8], v[..., :8])
+    _raises("multiple of kv heads", q[:, :, :3], k, v)
+    _raises("dtypes differ", q, k.double(), v)
+    _raises("window must be an integer >= 1", q, k, v, window=0)
+    _raises("window must be an integer >= 1", q, k, v, window=2.5)
+    _raises("softcap must be > 0", q, k, v, softcap=0.0)
+    _raises("supported: float32", q.double(), k.double(), v.double())
+    big = torch.randn(1, 4, 1, 288)
+    _raises("head_dim <= 256", big, big, big)
+    qp, kp, vp = q[0], k[0], v[0]
+    _raises("1-D integer tensor", qp, kp, vp, cu_seqlens=torch.tensor([0.0, 8.0]))
+    _raises("end at total=8", qp, kp, vp, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
+    _raises("never decrease", qp, kp, vp, cu_seqlens=torch.tensor([0, 6, 4, 8],
+                                                                  dtype=torch.int32))
+    _raises("shorter than the longest", qp, kp, vp,
+            cu_seqlens=torch.tensor([0, 6, 8], dtype=torch.int32), max_seqlen=4)
+    with pytest.raises(ValueError, match="impl must be"):
+        flash_attention(q, k, v, impl="cuda")
+
+
+# ------------------------------------------------------------------------- packing end to end
+def _tiny_model(**overrides):
+    from ember.models.config import ModelConfig
+    from ember.models.transformer import Transformer
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, **overrides)
+    return Transformer(cfg).init_weights(std=0.2, seed=0).eval()
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_packing_end_to_end(impl, monkeypatch):
+    """A packed batch (B=1, cu_seqlens, restarting positions) gives each document the logits it
+    gets alone."""
+    monkeypatch.setenv("EMBER_KERNELS", impl)
+    model = _tiny_model(sliding_window=6, attn_softcap=20.0)
+    lengths = [7, 12, 3]
+    docs = [torch.randint(0, 64, (1, n)) for n in lengths]
+    ids = torch.cat(docs, dim=1)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, 7, 19, 22], dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(ids, pos, cu_seqlens=cu, max_seqlen=12)[0]
+        alone = torch.cat([model(d)[0] for d in docs])
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------- GPU
+GPU_CASES = [
+    (2, 1024, 1024, 16, 16, 128, dict(causal=True)),
+    (2, 1000, 1000, 8, 2, 64, dict(causal=False)),
+    (1, 777, 777, 8, 1, 80, dict(causal=True, window=256)),
+    (1, 1024, 1024, 8, 8, 96, dict(causal=True, softcap=30.0)),
+    (1, 513, 513, 8, 4, 256, dict(causal=True, window=100, softcap=20.0)),
+    (2, 128, 1100, 8, 2, 128, dict(causal=True)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", range(len(GPU_CASES)))
+def test_gpu_padded(case, dtype):
+    b, t, s, hq, hkv, d, kw = GPU_CASES[case]
+    _check(*_qkv(b, t, s, hq, hkv, d, dtype, "cuda"), **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_varlen(d):
+    q, k, v, cu = _packed([1000, 17, 2048, 300, 1], 16, 4, d, torch.bfloat16, "cuda")
+    _check(q, k, v, cu_seqlens=cu, max_seqlen=2048, causal=True)
+    _check(q, k, v, cu_seqlens=cu, max_seqlen=2048, causal=True, window=128, softcap=30.0)
