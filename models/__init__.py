@@ -5,6 +5,7 @@ from ember.models.config import ModelConfig, RopeScaling
 from ember.models.generate import generate, generate_ids
 from ember.models.gguf import import_gguf, load_gguf
 from ember.models.hf import config_from_hf, config_to_hf
+from ember.models.hf_backend import accelerate as accelerate_hf
 from ember.models.hub import DEFAULT_MODEL, list_models, resolve_model
 from ember.models.loading import load_pretrained, save_pretrained, save_state_dict
 from ember.models.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
@@ -25,6 +26,7 @@ __all__ = [
     "RopeScaling",
     "Tokenizer",
     "Transformer",
+    "accelerate_hf",
     "apply_lora",
     "config_from_hf",
     "config_to_hf",

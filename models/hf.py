@@ -16,10 +16,17 @@ and a mixed stack is refused with the layer indices.
 State dicts are renamed through ``KEY_TABLE`` (no transforms are needed for these families). Tied
 checkpoints may or may not carry ``lm_head.weight``: it is accepted (shape-checked) and dropped on
 import, and never written on export, exactly as transformers saves tied models.
+
+Quantized checkpoints: ``quantization_config`` is accepted for bitsandbytes NF4 4-bit only
+(``quantization_config_from_hf`` validates it; 8-bit, FP4, GPTQ... are refused naming the field);
+it describes storage, so the ModelConfig does not carry it. A bnb 4-bit weight is ``<key>`` (packed
+uint8) plus ``<key>.absmax`` etc. (``ember.models.nf4``); those entries are renamed with their
+weight, and ``to_hf_state_dict`` accepts them.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 
@@ -27,6 +34,7 @@ import torch
 
 from ember import EmberError
 from ember.models.config import ModelConfig, RopeScaling
+from ember.models.nf4 import QS_SUFFIX, check_quantization_config, split_bnb_key
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {
@@ -121,7 +129,7 @@ _COMMON_FIELDS = frozenset(
     num_key_value_heads head_dim rms_norm_eps max_position_embeddings tie_word_embeddings
     bos_token_id eos_token_id
     pad_token_id rope_theta rope_scaling rope_parameters dtype torch_dtype hidden_act
-    attention_dropout rope_interleaved partial_rotary_factor
+    attention_dropout rope_interleaved partial_rotary_factor quantization_config
 """.split()
 )
 
@@ -290,6 +298,22 @@ def _parse_window(raw: Mapping, model_type: str, num_layers: int) -> int | None:
     return window
 
 
+def quantization_config_from_hf(raw: Mapping) -> dict | None:
+    """config.json's ``quantization_config`` (bitsandbytes NF4 4-bit is the one kind Ember loads),
+    validated, or None for an unquantized checkpoint. It says how the linear weights are stored,
+    not what the model computes, so ``config_from_hf`` leaves it out of the ModelConfig."""
+    qc = raw.get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, Mapping):
+        raise EmberError(f"config.json: quantization_config must be an object, got {qc!r}")
+    try:
+        check_quantization_config(qc)
+    except EmberError as e:
+        raise EmberError(f"config.json: {e}") from None
+    return dict(qc)
+
+
 def config_from_hf(raw: Mapping) -> ModelConfig:
     """ModelConfig from a parsed config.json (either transformers 4.x or 5.x style)."""
     if not isinstance(raw, Mapping):
@@ -300,12 +324,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             f"config.json: model_type {model_type!r} is not supported (supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    if "quantization_config" in raw:
-        raise EmberError(
-            "config.json: pre-quantized checkpoints (quantization_config) are not "
-            "supported; load the unquantized model (Ember quantizes with "
-            "quantize='nf4' itself)"
-        )
+    quantization_config_from_hf(raw)
     if "auto_map" in raw:
         raise EmberError(
             "config.json: auto_map points at custom modeling code, which Ember never "
@@ -595,10 +614,28 @@ def from_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict
     return {ek: sd[hk] for hk, ek in mapping.items()}
 
 
+def _quant_state_shape(sd: Mapping, base: str) -> tuple[int, ...]:
+    """The dense shape a bitsandbytes weight dequantizes to, from its JSON quant state."""
+    raw = sd[f"{base}.{QS_SUFFIX}"]
+    try:
+        return tuple(json.loads(bytes(raw.cpu().tolist()).decode("utf-8"))["shape"])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise EmberError(
+            f"state dict: {base}.{QS_SUFFIX} is not a readable bitsandbytes quant "
+            f"state ({type(e).__name__}: {e})"
+        ) from None
+
+
 def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Ember state dict -> HF state dict as transformers saves it (tied: no lm_head.weight)."""
+    """Ember state dict -> HF state dict as transformers saves it (tied: no lm_head.weight).
+
+    NF4 layers (``Linear4bit``) appear in bitsandbytes' format: ``<name>.weight`` packed uint8 plus
+    its ``.absmax`` / ``.quant_map`` / ... entries, renamed along with the weight; their dense shape
+    is checked from the quant state. A value may also be any object with a ``shape`` (e.g. an
+    ``NF4Weight`` to be dequantized while saving)."""
     want = expected_shapes(cfg)
-    unknown = [k for k in sd if k not in want]
+    quantized = {split_bnb_key(k)[0] for k in sd if k.endswith("." + QS_SUFFIX)}
+    unknown = [k for k in sd if split_bnb_key(k)[0] not in want]
     if unknown:
         raise EmberError(f"state dict: unexpected Ember key(s): {_listing(unknown)}")
     missing = set(want) - set(sd)
@@ -606,6 +643,19 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         raise EmberError(f"state dict: missing Ember key(s): {_listing(missing)}")
     out = {}
     for k, v in sd.items():
+        base, suffix = split_bnb_key(k)
+        if base in quantized:
+            if not suffix and _quant_state_shape(sd, base) != want[base]:
+                raise EmberError(
+                    f"state dict: NF4 weight {k} has shape "
+                    f"{_quant_state_shape(sd, base)}, expected {want[k]}"
+                )
+            out[ember_key_to_hf(base) + suffix] = v
+            continue
+        if suffix:
+            raise EmberError(
+                f"state dict: {k} without {base}.{QS_SUFFIX} (an incomplete bitsandbytes weight)"
+            )
         if tuple(v.shape) != want[k]:
             raise EmberError(f"state dict: {k} has shape {tuple(v.shape)}, expected {want[k]}")
         out[ember_key_to_hf(k)] = v

@@ -8,6 +8,12 @@ stays about one copy of the model. ``iter_checkpoint`` exposes that stream of
 
 Pickle checkpoints (``pytorch_model.bin``, ``*.pt``) are refused, never unpickled.
 
+QLoRA: ``load_pretrained(..., quantize="nf4")`` quantizes the linear layers while loading; a
+bitsandbytes NF4 checkpoint (``quantization_config`` in config.json, as transformers saves with
+``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``) loads as it is, streamed by
+``iter_bnb_checkpoint`` into ``ember.models.nf4.load_bnb_quantized_``. ``save_pretrained`` writes
+a model with NF4 layers back in that format, or dequantized (``dequantize=True``) as a plain model.
+
 dtype policy: ``load_pretrained(dtype=None)`` keeps the dtype the weights are stored in (a bf16
 checkpoint gives a bf16 model, on CPU too); ``save_pretrained(dtype=None)`` writes the model's
 current dtype, like transformers. RoPE frequencies are always computed in fp32.
@@ -16,6 +22,7 @@ current dtype, like transformers. RoPE frequencies are always computed in fp32.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -33,9 +40,25 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ember import EmberError
+from ember.kernels.nf4 import NF4Weight
 from ember.models.config import ModelConfig, rope_inv_freq
-from ember.models.hf import DTYPES, config_from_hf, config_to_hf, map_hf_keys, to_hf_state_dict
+from ember.models.hf import (
+    DTYPES,
+    config_from_hf,
+    config_to_hf,
+    hf_key_to_ember,
+    map_hf_keys,
+    quantization_config_from_hf,
+    to_hf_state_dict,
+)
 from ember.models.hub import cache_root
+from ember.models.nf4 import (
+    QS_SUFFIX,
+    Linear4bit,
+    bnb_quantization_config,
+    load_bnb_quantized_,
+    split_bnb_key,
+)
 from ember.models.transformer import Transformer
 
 SINGLE_FILE = "model.safetensors"
@@ -80,19 +103,26 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # Reading
 
 
-def read_config(folder: str | os.PathLike) -> ModelConfig:
-    """ModelConfig from ``folder/config.json``."""
+def _read_config_json(folder: str | os.PathLike) -> tuple[Path, dict]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise EmberError(f"{path} not found: a model folder needs config.json next to the weights")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        return path, json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EmberError(f"{path} is not valid JSON ({e})") from None
+
+
+def _parse_config(path: Path, raw) -> ModelConfig:
     try:
         return config_from_hf(raw)
     except EmberError as e:
         raise EmberError(f"{path}: {str(e).removeprefix('config.json: ')}") from None
+
+
+def read_config(folder: str | os.PathLike) -> ModelConfig:
+    """ModelConfig from ``folder/config.json``."""
+    return _parse_config(*_read_config_json(folder))
 
 
 @dataclass
@@ -106,11 +136,23 @@ class CheckpointIndex:
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
     def stored_dtype(self) -> torch.dtype:
-        """The dtype holding most of the weights (a few fp32 norms in a bf16 file don't count)."""
+        """The dtype holding most of the weights (a few fp32 norms in a bf16 file don't count);
+        in a bitsandbytes checkpoint, of the weights that are not 4-bit."""
+        quantized = self.quantized_weights()
         count: Counter = Counter()
         for k, shape in self.shapes.items():
-            count[self.dtypes[k]] += max(1, torch.Size(shape).numel())
+            if split_bnb_key(k)[0] not in quantized:
+                count[self.dtypes[k]] += max(1, torch.Size(shape).numel())
+        if not count:
+            raise EmberError(
+                f"{self.folder}: every tensor is 4-bit; the checkpoint lacks the "
+                "embedding and norms"
+            )
         return count.most_common(1)[0][0]
+
+    def quantized_weights(self) -> set[str]:
+        """HF keys of the bitsandbytes 4-bit weights (those with a quant state)."""
+        return {split_bnb_key(k)[0] for k in self.key_file if k.endswith("." + QS_SUFFIX)}
 
 
 def _refuse_pickle(folder: Path) -> None:
@@ -150,8 +192,12 @@ def _index_files(folder: Path) -> list[Path]:
     return files
 
 
-def scan_checkpoint(folder: str | os.PathLike) -> CheckpointIndex:
-    """Find the safetensors files of an HF folder and read their headers (no tensor data)."""
+def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False) -> CheckpointIndex:
+    """Find the safetensors files of an HF folder and read their headers (no tensor data).
+
+    ``quantized``: the folder is a bitsandbytes 4-bit checkpoint, so uint8 tensors (packed
+    weights, absmax, quant states) are expected too."""
+    allowed = {**_ST_DTYPES, "U8": torch.uint8} if quantized else _ST_DTYPES
     folder = Path(folder)
     if (folder / SINGLE_FILE).is_file():
         files = [folder / SINGLE_FILE]
@@ -173,14 +219,20 @@ def scan_checkpoint(folder: str | os.PathLike) -> CheckpointIndex:
                         )
                     sl = f.get_slice(key)
                     st_dtype = sl.get_dtype()
-                    if st_dtype not in _ST_DTYPES:
+                    if st_dtype not in allowed:
+                        hint = (
+                            " (a bitsandbytes 4-bit checkpoint? Its config.json needs the "
+                            "quantization_config it was saved with)"
+                            if st_dtype == "U8" and not quantized
+                            else ""
+                        )
                         raise EmberError(
                             f"{path}: tensor {key} has dtype {st_dtype}; only F32, F16 "
-                            "and BF16 weights are supported"
+                            f"and BF16 weights are supported{hint}"
                         )
                     ckpt.key_file[key] = path
                     ckpt.shapes[key] = tuple(sl.get_shape())
-                    ckpt.dtypes[key] = _ST_DTYPES[st_dtype]
+                    ckpt.dtypes[key] = allowed[st_dtype]
         except (SafetensorError, OSError) as e:
             raise EmberError(
                 f"{path} is not a readable safetensors file ({e}); it is truncated or "
@@ -213,6 +265,102 @@ def iter_checkpoint(
             ) from None
 
 
+def _read_quant_state(f, key: str, path: Path) -> dict:
+    try:
+        meta = json.loads(bytes(f.get_tensor(key).tolist()).decode("utf-8"))
+        shape = tuple(int(n) for n in meta["shape"])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise EmberError(
+            f"{path}: tensor {key} is not a readable bitsandbytes quant state "
+            f"({type(e).__name__}: {e})"
+        ) from None
+    if meta.get("quant_type") != "nf4":
+        raise EmberError(
+            f"{path}: tensor {key} has quant_type {meta.get('quant_type')!r}; only NF4 4-bit "
+            "weights load"
+        )
+    return {**meta, "shape": shape}
+
+
+def _bnb_dense_shapes(ckpt: CheckpointIndex) -> dict[str, tuple[int, ...]]:
+    """HF key -> the shape of the dense weight it stands for: a 4-bit weight's comes from its
+    JSON quant state (a few hundred bytes, read now so that every key and shape is validated
+    before the first weight is loaded); its absmax/quant_map/... entries are not weights."""
+    quantized = ckpt.quantized_weights()
+    shapes, orphans = {}, []
+    for key, shape in ckpt.shapes.items():
+        base, suffix = split_bnb_key(key)
+        if base in quantized:
+            continue
+        if suffix:
+            orphans.append(key)
+        elif ckpt.dtypes[key] == torch.uint8:
+            raise EmberError(
+                f"{ckpt.key_file[key]}: tensor {key} is uint8 but has no "
+                f"{key}.{QS_SUFFIX}: not a bitsandbytes 4-bit weight"
+            )
+        else:
+            shapes[key] = shape
+    if orphans:
+        raise EmberError(
+            f"{ckpt.folder}: {', '.join(sorted(orphans)[:3])} belong to 4-bit "
+            f"weights without a {QS_SUFFIX} entry (a missing shard?)"
+        )
+    metas = {}
+    for path in ckpt.files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for base in quantized:
+                qs_key = f"{base}.{QS_SUFFIX}"
+                if ckpt.key_file[qs_key] == path:
+                    metas[base] = _read_quant_state(f, qs_key, path)
+    for base in sorted(quantized):
+        if base not in ckpt.key_file:
+            raise EmberError(
+                f"{ckpt.folder}: the packed 4-bit weight {base} is missing (only "
+                "its quant state is stored; a missing shard?)"
+            )
+        meta = metas[base]
+        parts = ("absmax", "quant_map")
+        if "nested_offset" in meta:
+            parts += ("nested_absmax", "nested_quant_map")
+        absent = [f"{base}.{p}" for p in parts if f"{base}.{p}" not in ckpt.key_file]
+        if absent:
+            raise EmberError(
+                f"{ckpt.folder}: the 4-bit weight {base} lacks {', '.join(absent)} (a missing "
+                "shard?)"
+            )
+        shapes[base] = meta["shape"]
+    return shapes
+
+
+def iter_bnb_checkpoint(
+    folder: str | os.PathLike, cfg: ModelConfig | None = None, ckpt: CheckpointIndex | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_key, tensor)`` for every tensor of a bitsandbytes 4-bit checkpoint, as stored
+    (dense weights, packed NF4 weights and their ``.absmax`` / ``.quant_map`` / ... entries; the
+    consumer is ``ember.models.nf4.load_bnb_quantized_``). Keys are HF's, since a bnb entry's name
+    only maps through its weight's. Keys and dense shapes are validated against cfg first;
+    packed weights stored in another dtype (``bnb_4bit_quant_storage``) come as their uint8 bytes.
+    """
+    cfg = cfg if cfg is not None else read_config(folder)
+    ckpt = ckpt if ckpt is not None else scan_checkpoint(folder, quantized=True)
+    mapping = map_hf_keys(_bnb_dense_shapes(ckpt), cfg, str(ckpt.folder))
+    quantized = ckpt.quantized_weights()
+    for path in ckpt.files:
+        keys = [k for k, p in ckpt.key_file.items() if p == path and split_bnb_key(k)[0] in mapping]
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for key in keys:
+                    t = f.get_tensor(key)
+                    if key in quantized and t.dtype != torch.uint8:
+                        t = t.contiguous().view(torch.uint8).reshape(-1, 1)
+                    yield key, t
+        except SafetensorError as e:
+            raise EmberError(
+                f"{path}: reading tensor data failed ({e}); the file is corrupt"
+            ) from None
+
+
 def _assign_(model: nn.Module, tensors, device, dtype: torch.dtype) -> None:
     """Replace the meta parameters of model by the given tensors (cast and moved one at a time)."""
     for key, t in tensors:
@@ -236,41 +384,65 @@ def load_hf_folder(
     *,
     quantize: str | None = None,
 ) -> Transformer:
-    """A ``Transformer`` with the weights of an HF model folder (config.json + safetensors)."""
+    """A ``Transformer`` with the weights of an HF model folder (config.json + safetensors).
+
+    A bitsandbytes NF4 checkpoint (``quantization_config`` in config.json) loads with its 4-bit
+    weights as they are (``Linear4bit``), whatever ``quantize`` says."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EmberError(f"model folder {folder} does not exist")
-    cfg = read_config(folder)
-    ckpt = scan_checkpoint(folder)
+    if quantize not in (None, "nf4"):
+        raise EmberError(f"quantize must be None or 'nf4', got {quantize!r}")
+    path, raw = _read_config_json(folder)
+    cfg = _parse_config(path, raw)
+    prequantized = quantization_config_from_hf(raw) is not None
+    ckpt = scan_checkpoint(folder, quantized=prequantized)
     stored = ckpt.stored_dtype()
     target = resolve_dtype(dtype) or stored
     cfg = cfg.replace(torch_dtype=_dtype_name(stored))
     with torch.device("meta"):
         model = Transformer(cfg)
-    tensors = iter_checkpoint(folder, cfg, ckpt)
-    if quantize is None:
-        _assign_(model, tensors, torch.device(device), target)
+    device = torch.device(device)
+    if prequantized:
+        _load_bnb_(model, folder, ckpt, device, target)
     elif quantize == "nf4":
-        _load_nf4_(model, tensors, torch.device(device), target)
+        _load_nf4_(model, iter_checkpoint(folder, cfg, ckpt), device, target)
     else:
-        raise EmberError(f"quantize must be None or 'nf4', got {quantize!r}")
+        _assign_(model, iter_checkpoint(folder, cfg, ckpt), device, target)
     return model
 
 
-def _load_nf4_(model: Transformer, tensors, device: torch.device, dtype: torch.dtype) -> None:
-    """Quantize-while-loading: ember.models.nf4 owns which weights become NF4 and how."""
-    try:
-        from ember.models import nf4
-    except ImportError:
+def _load_bnb_(
+    model: Transformer,
+    folder: Path,
+    ckpt: CheckpointIndex,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """A pre-quantized bitsandbytes checkpoint: NF4 weights stay NF4 (bit for bit); the rest is
+    cast to dtype. Ember computes everything in dtype (bnb_4bit_compute_dtype is not used)."""
+    if not ckpt.quantized_weights():
         raise EmberError(
-            "quantize='nf4' needs ember.models.nf4, which this build does not have "
-            "yet; load without quantize"
-        ) from None
-    if not hasattr(nf4, "load_quantized_"):
-        raise EmberError(
-            "quantize='nf4': ember.models.nf4 has no load_quantized_(model, tensors, "
-            "device=..., compute_dtype=...) entry point"
+            f"{folder}/config.json has a quantization_config but the safetensors "
+            "hold no 4-bit weights; remove quantization_config to load it dense"
         )
+    tensors = iter_bnb_checkpoint(folder, model.cfg, ckpt)
+    load_bnb_quantized_(model, tensors, device=device, compute_dtype=dtype, rename=hf_key_to_ember)
+    head = model.lm_head
+    if isinstance(head, Linear4bit):
+        # logits() and the fused loss read the head as a dense (V, D) matrix.
+        model.lm_head = nn.Linear(
+            head.in_features, head.out_features, bias=False, device=device, dtype=dtype
+        )
+        with torch.no_grad():
+            model.lm_head.weight.copy_(head.quant_weight.dequantize(dtype))
+    model.inv_freq = rope_inv_freq(model.cfg).to(device)
+
+
+def _load_nf4_(model: Transformer, tensors, device: torch.device, dtype: torch.dtype) -> None:
+    """Quantize-while-loading: ember.models.nf4 owns which weights become NF4 and how (looked up
+    in sys.modules at call time, so a test can stand in for it)."""
+    nf4 = importlib.import_module("ember.models.nf4")
     nf4.load_quantized_(model, tensors, device=device, compute_dtype=dtype)
     model.inv_freq = rope_inv_freq(model.cfg).to(device)
 
@@ -388,6 +560,30 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _materialize(v, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(v, NF4Weight):  # save_pretrained(dequantize=True): one weight at a time
+        return v.dequantize(dtype).to("cpu").contiguous()
+    return v.detach().to("cpu", dtype).contiguous()
+
+
+def _bnb_config(hf: dict, dense: list[str], cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """``quantization_config`` for a bnb 4-bit folder. transformers decides which linears to
+    convert from the config alone: by default all but the output head, else all but
+    ``llm_int8_skip_modules``, which therefore lists every linear Ember keeps dense."""
+    keep = {
+        k.removesuffix(".weight")
+        for k in dense
+        if k.endswith("_proj.weight") or k == "lm_head.weight"
+    }
+    if cfg.tie_word_embeddings:
+        keep.add("lm_head")  # tied to the embedding, never quantized
+    return bnb_quantization_config(
+        dtype,
+        double_quant=any(k.endswith(".nested_absmax") for k in hf),
+        skip_modules=None if keep == {"lm_head"} else sorted(keep),
+    )
+
+
 def _write_folder(
     sd: dict, cfg: ModelConfig, tmp: Path, tokenizer, dtype: torch.dtype | None, limit: int
 ) -> None:
@@ -397,8 +593,12 @@ def _write_folder(
             "(ember.models.lora.merge_lora) or save the adapter alone (save_adapter)"
         )
     hf = to_hf_state_dict(sd, cfg)
-    dtypes = {k: dtype or v.dtype for k, v in hf.items()}
-    saved_dtype = Counter(dtypes[k] for k in hf).most_common(1)[0][0]
+    quantized = {split_bnb_key(k)[0] for k in hf if k.endswith("." + QS_SUFFIX)}
+    # dtype casts the dense tensors; 4-bit data and its statistics are written bit for bit.
+    dense = [k for k in hf if split_bnb_key(k)[0] not in quantized]
+    dtypes = {k: v.dtype for k, v in hf.items()}
+    dtypes.update({k: dtype or hf[k].dtype for k in dense})
+    saved_dtype = Counter(dtypes[k] for k in dense).most_common(1)[0][0]
     sizes = {k: v.numel() * dtypes[k].itemsize for k, v in hf.items()}
     shards = _plan_shards(sizes, limit)
     names = (
@@ -408,7 +608,13 @@ def _write_folder(
     )
     for name, keys in zip(names, shards, strict=True):
         # Cast and copy one shard at a time so saving a GPU model needs one shard of host memory.
-        tensors = {k: hf[k].detach().to("cpu", dtypes[k]).contiguous() for k in keys}
+        tensors, seen = {}, set()
+        for k in keys:
+            t = _materialize(hf[k], dtypes[k])
+            # NF4 layers share one quant_map tensor; safetensors refuses aliased tensors.
+            ptr = t.untyped_storage().data_ptr()
+            tensors[k] = t.clone() if ptr in seen else t
+            seen.add(ptr)
         save_file(tensors, tmp / name, metadata={"format": "pt"})
         del tensors
     if len(shards) > 1:
@@ -424,7 +630,10 @@ def _write_folder(
                 },
             },
         )
-    _write_json(tmp / "config.json", config_to_hf(cfg, saved_dtype))
+    config = config_to_hf(cfg, saved_dtype)
+    if quantized:
+        config["quantization_config"] = _bnb_config(hf, dense, cfg, saved_dtype)
+    _write_json(tmp / "config.json", config)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     if cfg.pad_token_id is not None:
         gen["pad_token_id"] = cfg.pad_token_id
@@ -445,9 +654,19 @@ def save_pretrained(
     *,
     dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
+    dequantize: bool = False,
 ) -> Path:
     """Write an HF folder (config.json + safetensors, sharded above ``max_shard_size``) that
     ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads unchanged.
+
+    ``dtype`` (default: as they are) is the dtype of the written dense tensors. A model with NF4
+    layers (``Linear4bit``: loaded with ``quantize="nf4"``, from a bitsandbytes checkpoint, or
+    after ``quantize_model_``) is written in bitsandbytes' 4-bit format, which transformers loads
+    with bitsandbytes installed (``quantization_config`` in config.json; the 4-bit data is never
+    cast). ``dequantize=True`` writes a plain model instead: each NF4 weight dequantized, one at a
+    time, to ``dtype`` (default: the dtype it was quantized from), e.g. the base for PEFT adapters
+    trained with QLoRA. A model with LoRA adapters is refused: ``merge_lora`` it first, or save
+    the adapter alone (``save_adapter``).
 
     The folder appears atomically: everything is written to a temporary sibling and renamed into
     place. An existing ``out_dir`` is replaced only if it holds nothing but model-folder files
@@ -457,14 +676,32 @@ def save_pretrained(
         raise EmberError(
             f"save_pretrained expects an ember Transformer, got {type(model).__name__}"
         )
+    sd = model.state_dict()
+    if dequantize:
+        sd = _with_nf4_weights(model, sd)
     return save_state_dict(
-        model.state_dict(),
+        sd,
         model.cfg,
         out_dir,
         tokenizer,
         dtype=dtype,
         max_shard_size=max_shard_size,
     )
+
+
+def _with_nf4_weights(model: nn.Module, sd: dict) -> dict:
+    """sd with each Linear4bit's bnb entries replaced by its NF4Weight, dequantized on write."""
+    nf4 = {
+        f"{n}.weight": m.quant_weight for n, m in model.named_modules() if isinstance(m, Linear4bit)
+    }
+    out = {}
+    for k, v in sd.items():
+        base = split_bnb_key(k)[0]
+        if base not in nf4:
+            out[k] = v
+        elif k == base:
+            out[k] = nf4[base]
+    return out
 
 
 def save_state_dict(
@@ -477,7 +714,8 @@ def save_state_dict(
     max_shard_size: int | str = "5GB",
 ) -> Path:
     """``save_pretrained`` for a full Ember state dict (e.g. gathered from a sharded model with
-    ``torch.distributed.checkpoint.state_dict.get_model_state_dict(..., full_state_dict=True)``)."""
+    ``torch.distributed.checkpoint.state_dict.get_model_state_dict(..., full_state_dict=True)``);
+    bitsandbytes entries of NF4 layers are written in bnb's format, as by ``save_pretrained``."""
     target = resolve_dtype(dtype)
     limit = parse_size(max_shard_size)
     out = Path(out_dir)

@@ -5,6 +5,12 @@ only.
 Shapes: B batch, T tokens, D hidden, H query heads, K kv heads, hd head_dim, V vocab.
 Packed batches: B == 1 and ``cu_seqlens`` marks document boundaries (attention never crosses them;
 ``position_ids`` restart per document).
+
+LoRA (``ember.models.lora``) wraps projections in place. When q, k and v (or gate, up and down) all
+carry adapters and no dropout is drawn, the block calls the fused ``ember.kernels.lora_qkv`` /
+``lora_mlp`` once instead of the modules one by one (same math, fewer saved activations);
+``Transformer.set_fused_lora(False)`` turns that off. Module hooks on the wrapped projections do
+not run on the fused path.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ember.kernels import apply_rope, flash_attention, geglu, rms_norm, swiglu
+from ember.kernels import apply_rope, flash_attention, geglu, lora_mlp, lora_qkv, rms_norm, swiglu
 from ember.models.config import ModelConfig, rope_inv_freq
+from ember.models.lora import LoRALinear
 
 
 class RMSNorm(nn.Module):
@@ -47,11 +54,28 @@ class KVCache:
         return self.k[layer][:, :t1], self.v[layer][:, :t1]
 
 
+def _fusable(mods) -> bool:
+    """LoRA on every projection of a fused block and no dropout drawn in this call: PEFT draws one
+    dropout mask per projection, which one shared LoRA input cannot reproduce."""
+    return all(isinstance(m, LoRALinear) and (m.dropout is None or not m.training) for m in mods)
+
+
+def _lora_args(mods):
+    """(weights, As, Bs, scales, biases) of LoRALinear modules, for the fused kernels."""
+    return ([m.base.quant_weight if hasattr(m.base, "quant_weight") else m.base.weight
+             for m in mods],
+            [m.lora_A for m in mods], [m.lora_B for m in mods], [m.scale for m in mods],
+            [m.base.bias for m in mods])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.cfg, self.layer = cfg, layer
+        # With LoRA on q, k and v, one fused call reads x once and keeps one copy of it for
+        # backward (ember.kernels.lora_qkv); False runs the three projections one by one.
+        self.fuse_lora = True
         self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
@@ -63,9 +87,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, cache=None, key_mask=None):
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim)  # (B, T, H, hd)
-        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, K, hd)
-        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        qkv = (self.q_proj, self.k_proj, self.v_proj)
+        if self.fuse_lora and _fusable(qkv):
+            q, k, v = lora_qkv(x, *_lora_args(qkv))
+        else:
+            q, k, v = (proj(x) for proj in qkv)
+        q = q.view(B, T, cfg.num_heads, cfg.head_dim)  # (B, T, H, hd)
+        k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, K, hd)
+        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, k, cos, sin)
@@ -111,8 +140,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
         self.act = swiglu if cfg.activation == "silu" else geglu
+        self.activation = cfg.activation
+        # With LoRA on gate, up and down: one fused call (ember.kernels.lora_mlp) that keeps the
+        # gate/up outputs but not act(gate, up); False runs the modules one by one.
+        self.fuse_lora = True
 
     def forward(self, x):
+        mods = (self.gate_proj, self.up_proj, self.down_proj)
+        if self.fuse_lora and _fusable(mods):
+            return lora_mlp(x, *_lora_args(mods), activation=self.activation)
         return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -146,6 +182,14 @@ class Transformer(nn.Module):
             # model.to(bf16) would round the RoPE table to 3 significant digits (angles off by
             # radians at long positions); keep the exact fp32 values on the new device.
             self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
+        return self
+
+    def set_fused_lora(self, enabled: bool) -> Transformer:
+        """Use the fused LoRA blocks (q/k/v, MLP) where every projection has an adapter (the
+        default), or the per-projection modules (same math; for comparisons and debugging)."""
+        for m in self.modules():
+            if isinstance(m, (Attention, MLP)):
+                m.fuse_lora = enabled
         return self
 
     @property

@@ -1,0 +1,365 @@
+"""Ember's kernels inside a Hugging Face ``transformers`` model: ``accelerate(model)``.
+
+``accelerate`` takes a ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` /
+``Qwen3ForCausalLM`` instance (bare, or inside a PEFT ``PeftModel``: the causal LM is found inside)
+and rebinds ``forward`` on *that instance's* modules only (``types.MethodType``); no transformers
+class, function or registry is touched, parameters stay where they are (state dicts,
+``save_pretrained`` and PEFT adapters are unaffected), and ``restore(model)`` puts the original
+methods back.
+
+What is swapped (each a keyword, all on by default):
+
+- ``rms_norm``: every ``*RMSNorm`` (layer norms, final norm, Qwen3's per-head q/k norms) ->
+  ``ember.kernels.rms_norm``. HF rounds the normalized input to the input dtype before multiplying
+  by the weight; Ember rounds once at the end (equal in fp32, closer to fp32 in bf16).
+- ``mlp``: ``down(act(gate(x)) * up(x))`` with the fused ``swiglu`` (``hidden_act`` silu/swish) or
+  ``geglu`` (gelu_pytorch_tanh); other activations keep HF's MLP.
+- ``rope`` and ``attention``: the attention module's forward is replaced. RoPE: HF passes cos/sin of
+  the full head_dim, ``cat(freqs, freqs)``; the first half is Ember's half layout, so
+  ``apply_rope(q, k, cos[..., :hd/2], sin[..., :hd/2])`` in the (B, T, H, hd) layout, whatever rope
+  type (llama3, linear, ...) HF computed. Attention -> ``ember.kernels.flash_attention`` (causal,
+  GQA, the layer's sliding window) in these cases:
+
+  * no padding and no packing -> dense causal (whatever causal or sliding-window mask HF built
+    for its own attention is not read);
+  * a 2-D ``attention_mask`` with padding (any pattern) -> varlen: the real tokens of each row are
+    gathered into one packed sequence (``cu_seqlens``), attended, and scattered back. Real tokens
+    get exactly HF's causal-with-padding result; outputs at padding positions are 0 (HF's are
+    meaningless values that a -100 label ignores);
+  * packed rows (no mask, ``position_ids`` restarting per document, no KV cache: the same rule HF
+    uses to detect packing) -> varlen with one document per restart.
+
+  Everything else goes to HF's own attention function for the configured ``attn_implementation``,
+  with HF's mask: decoding with a KV cache (queries != keys), custom 4-D masks, attention dropout
+  in training, and non-causal use. ``rope`` alone (``attention=False``) rotates with Ember and
+  always calls HF's attention.
+- ``loss``: when ``labels`` are given (as in HF, ``shift_labels`` alone gives no loss) and
+  ``lm_head`` is a plain ``nn.Linear``, the loss comes from ``ember.kernels.linear_cross_entropy``
+  on the final hidden states of the labelled positions only: the (B, T, V) logits are never built.
+  Semantics are HF's ``ForCausalLMLoss``: labels shifted left by one (or ``shift_labels``),
+  ``ignore_index`` (-100) skipped, mean over labelled tokens, or sum / ``num_items_in_batch`` when
+  that is passed (gradient accumulation). Under autocast the head runs in the autocast dtype, as
+  HF's ``lm_head`` would. In training mode ``logits`` is None; in eval mode they are computed too.
+  Differences: a batch whose labels are all -100 gives loss 0 (HF: NaN). A LoRA/quantized
+  ``lm_head`` or one with hooks keeps HF's loss path.
+
+The decision is made once per forward by the wrapper of the inner ``*Model`` from the 2-D
+``attention_mask``, ``position_ids`` and cache (one host sync for a mask or for position_ids), and
+handed to every attention layer as a keyword argument (``ember_attention_plan``), so gradient
+checkpointing replays it. An attention layer called without a plan (the inner model's forward
+bypassed) uses Ember only when HF's mask is None.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ember import EmberError
+from ember.kernels import apply_rope, flash_attention, geglu, linear_cross_entropy, rms_norm, swiglu
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+PLAN_KW = "ember_attention_plan"
+_ACTIVATIONS = {"silu": swiglu, "swish": swiglu, "gelu_pytorch_tanh": geglu}
+
+
+@dataclass
+class AttentionPlan:
+    """What one forward's attention layers run, decided once from the inputs HF's mask is built
+    from (so the 4-D mask HF still builds can be ignored). ``cu_seqlens`` None: dense causal
+    (with the layer's window). Otherwise varlen over the flattened (B*T) tokens, or over the
+    gathered real tokens when ``indices`` (positions in B*T) is set (padding)."""
+
+    cu_seqlens: torch.Tensor | None = None  # (n_seq + 1,) int32
+    max_seqlen: int | None = None
+    indices: torch.Tensor | None = None  # (n_real,) int64, padding only
+    packed: bool = False  # from position_ids: HF drops packing when a KV cache exists
+
+
+# ------------------------------------------------------------------------------ finding modules
+def _family(m: nn.Module) -> str | None:
+    for cls in type(m).__mro__:
+        if cls.__name__ in SUPPORTED and cls.__module__.startswith("transformers."):
+            return cls.__name__
+    return None
+
+
+def find_causal_lm(model: nn.Module) -> nn.Module:
+    """The supported transformers causal LM in ``model`` (itself, or inside PEFT wrappers)."""
+    if not isinstance(model, nn.Module):
+        raise EmberError(f"accelerate() takes a transformers model instance, got "
+                         f"{type(model).__name__}")
+    # modules() is self first, then depth-first: PeftModel -> LoraModel -> *ForCausalLM.
+    for m in model.modules():
+        if _family(m) is not None:
+            return m
+    raise EmberError(f"accelerate(): {type(model).__name__} is not a supported model; Ember swaps "
+                     f"kernels into {', '.join(SUPPORTED)} instances (or a PEFT model wrapping "
+                     "one). Load the model with one of those classes, or train it with Ember "
+                     "natively (ember.models.load_pretrained)")
+
+
+def _is(m: nn.Module, suffix: str, *attrs: str) -> bool:
+    return type(m).__name__.endswith(suffix) and all(hasattr(m, a) for a in attrs)
+
+
+# ------------------------------------------------------------------------------- new forwards
+def _mark(kind: str) -> Callable[[Callable], Callable]:
+    def deco(fn: Callable) -> Callable:
+        fn._ember_swap = kind  # how swapped() and restore() recognize our forwards
+        return fn
+
+    return deco
+
+
+def _bind(module: nn.Module, fn: Callable) -> None:
+    module.forward = types.MethodType(fn, module)
+
+
+@_mark("rms_norm")
+def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward_for(act: Callable) -> Callable:
+    @_mark(f"mlp:{act.__name__}")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
+
+    return forward
+
+
+def _window(attn: nn.Module) -> int | None:
+    # Qwen2/3 store the per-layer window on the module (None on full-attention layers); Mistral
+    # reads it from the config; Llama has none.
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(attn.config, "sliding_window", None)
+
+
+def _hf_attention(self, q, k, v, attention_mask, dropout, **kwargs):
+    """HF's attention function for this config, in HF's (B, H, T, hd) layout -> (B, T, H, hd)."""
+    impl = self.config._attn_implementation
+    default = getattr(sys.modules[type(self).__module__], "eager_attention_forward", None)
+    if impl == "eager" or impl is None:
+        fn = default
+    else:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, default)
+    out, _ = fn(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
+                dropout=dropout, scaling=self.scaling, sliding_window=_window(self), **kwargs)
+    return out  # HF's interfaces return (B, T, H, hd)
+
+
+def _varlen_attention(q, k, v, plan: AttentionPlan, scale: float, window: int | None):
+    B, T, H, hd = q.shape
+    qf, kf, vf = (t.reshape(B * T, t.shape[2], hd) for t in (q, k, v))  # (B*T, heads, hd)
+    if plan.indices is not None:
+        qf, kf, vf = (t.index_select(0, plan.indices) for t in (qf, kf, vf))
+    out = flash_attention(qf, kf, vf, causal=True, softmax_scale=scale, window=window,
+                          cu_seqlens=plan.cu_seqlens, max_seqlen=plan.max_seqlen)
+    if plan.indices is not None:
+        out = out.new_zeros(B * T, H, hd).index_copy(0, plan.indices, out)
+    return out.view(B, T, H, hd)
+
+
+def _attention_forward_for(rope: bool, flash: bool) -> Callable:
+    @_mark("attention" if flash else "rope")
+    def forward(self, hidden_states: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
+        plan = kwargs.pop(PLAN_KW, None)
+        B, T, _ = hidden_states.shape
+        hd = self.head_dim
+        q = self.q_proj(hidden_states).view(B, T, -1, hd)  # (B, T, H, hd)
+        k = self.k_proj(hidden_states).view(B, T, -1, hd)  # (B, T, K, hd)
+        v = self.v_proj(hidden_states).view(B, T, -1, hd)
+        if hasattr(self, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = position_embeddings  # (B or 1, T, hd): cat(freqs, freqs)
+        if rope:
+            q, k = apply_rope(q, k, cos[..., : hd // 2], sin[..., : hd // 2])
+        else:
+            hf_rope = sys.modules[type(self).__module__].apply_rotary_pos_emb
+            qt, kt = hf_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            q, k = qt.transpose(1, 2), kt.transpose(1, 2)
+        if past_key_values is not None:
+            kc, vc = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            k, v = kc.transpose(1, 2), vc.transpose(1, 2)  # (B, S, K, hd)
+        dropout = self.attention_dropout if self.training else 0.0
+        out = None
+        if flash and dropout == 0.0 and k.shape[1] == T and getattr(self, "is_causal", True):
+            if (plan is not None and plan.cu_seqlens is not None
+                    and not (plan.packed and past_key_values is not None)):
+                out = _varlen_attention(q, k, v, plan, self.scaling, _window(self))
+            elif plan is not None or attention_mask is None:
+                out = flash_attention(q, k, v, causal=True, softmax_scale=self.scaling,
+                                      window=_window(self))
+        if out is None:
+            out = _hf_attention(self, q, k, v, attention_mask, dropout, **kwargs)
+        out = self.o_proj(out.reshape(B, T, -1))
+        return out, None
+
+    return forward
+
+
+def attention_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                   batch: int, seqlen: int, past_key_values=None) -> AttentionPlan | None:
+    """The plan for one forward; None when HF's attention must run with HF's mask (a KV cache
+    holding earlier tokens, a custom 4-D mask, a row without any real token). Host syncs: one
+    for a 2-D mask, one for packed position_ids."""
+    if past_key_values is not None and past_key_values.get_seq_length() > 0:
+        return None
+    if attention_mask is not None:
+        if (not torch.is_tensor(attention_mask) or attention_mask.dim() != 2
+                or tuple(attention_mask.shape) != (batch, seqlen)):
+            return None  # per-layer-type dicts, custom 4-D masks, masks covering cached tokens
+        keep = attention_mask.bool()
+        lengths = keep.sum(1)
+        if bool(keep.all()):
+            return AttentionPlan()  # HF ignores an all-ones mask, and so does packing detection
+        if not bool(lengths.all()):
+            return None
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        return AttentionPlan(cu, int(lengths.max()), keep.reshape(-1).nonzero().squeeze(1))
+    if position_ids is None or past_key_values is not None:
+        return AttentionPlan()
+    pos = position_ids.expand(batch, seqlen) if position_ids.shape[0] != batch else position_ids
+    starts = torch.ones(batch, seqlen, dtype=torch.bool, device=pos.device)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1  # HF's rule: a jump other than +1 starts a doc
+    first = starts.reshape(-1).nonzero().squeeze(1)
+    if first.numel() == batch:
+        return AttentionPlan()  # one document per row
+    cu = torch.cat([first, first.new_tensor([batch * seqlen])]).to(torch.int32)
+    return AttentionPlan(cu, int((cu[1:] - cu[:-1]).max()), None, packed=True)
+
+
+@_mark("attention_plan")
+def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                   past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
+    ref = input_ids if input_ids is not None else inputs_embeds
+    if ref is not None and PLAN_KW not in kwargs:
+        plan = attention_plan(attention_mask, position_ids, ref.shape[0], ref.shape[1],
+                           past_key_values)
+        if plan is not None:
+            kwargs[PLAN_KW] = plan
+    return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids, past_key_values=past_key_values,
+                              inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+
+
+def _plain_head(head: nn.Module) -> bool:
+    w = getattr(head, "weight", None)
+    return (isinstance(head, nn.Linear) and type(w) in (nn.Parameter, torch.Tensor)
+            and w.is_floating_point() and w.device.type != "meta"
+            and not (head._forward_hooks or head._forward_pre_hooks))
+
+
+def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Tensor,
+                   num_items_in_batch=None, ignore_index: int = -100) -> torch.Tensor:
+    """HF's ``ForCausalLMLoss`` from hidden states (B, T, D) and pre-shifted labels (B, T),
+    through the fused linear cross-entropy on the labelled rows only."""
+    y = shift_labels.to(hidden.device).reshape(-1)
+    idx = (y != ignore_index).nonzero().squeeze(1)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (N, D) labelled rows
+    y = y.index_select(0, idx)
+    w, b = head.weight, head.bias
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):  # HF's lm_head would run in the autocast dtype
+        dt = torch.get_autocast_dtype(dev)
+    else:
+        dt = w.dtype
+    h, w = h.to(dt), w.to(dt)
+    b = None if b is None else b.to(dt)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = linear_cross_entropy(h, w, y, bias=b, ignore_index=ignore_index, reduction=reduction)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
+
+
+def _keep(logits_to_keep):
+    return slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+
+
+@_mark("loss")
+def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                       past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+                       logits_to_keep=0, **kwargs):
+    shift_labels = kwargs.get("shift_labels")
+    if labels is None or not _plain_head(self.lm_head):
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, past_key_values=past_key_values,
+                                  inputs_embeds=inputs_embeds, labels=labels,
+                                  use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    kwargs.pop("shift_labels", None)
+    return_dict = kwargs.pop("return_dict", None)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=past_key_values,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    hidden = outputs.last_hidden_state  # (B, T, D)
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    loss = causal_lm_loss(hidden, self.lm_head, shift_labels, num_items, ignore_index)
+    logits = None if self.training else self.lm_head(hidden[:, _keep(logits_to_keep)])
+    out = CausalLMOutputWithPast(loss=loss, logits=logits,
+                                 past_key_values=outputs.past_key_values,
+                                 hidden_states=outputs.hidden_states,
+                                 attentions=outputs.attentions)
+    return out.to_tuple() if return_dict is False else out
+
+
+# ------------------------------------------------------------------------------------- public
+def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True,
+               attention: bool = True, loss: bool = True) -> nn.Module:
+    """Swap Ember's kernels into this transformers model instance (see the module docstring);
+    returns the same ``model``. Calling it again re-applies the chosen swaps."""
+    lm = find_causal_lm(model)
+    restore(lm)
+    base = getattr(lm, "model", None)
+    if base is None or not hasattr(base, "layers"):
+        raise EmberError(f"accelerate(): {type(lm).__name__} has no .model.layers; this "
+                         "transformers version lays the model out differently than Ember expects")
+    act = _ACTIVATIONS.get(getattr(lm.config, "hidden_act", None))
+    attn_forward = _attention_forward_for(rope, attention)
+    for m in lm.modules():
+        if rms_norm and _is(m, "RMSNorm", "weight", "variance_epsilon"):
+            _bind(m, _rms_norm_forward)
+        elif mlp and act is not None and _is(m, "MLP", "gate_proj", "up_proj", "down_proj"):
+            _bind(m, _mlp_forward_for(act))
+        elif (rope or attention) and _is(m, "Attention", "q_proj", "k_proj", "v_proj", "o_proj",
+                                         "head_dim", "scaling", "layer_idx"):
+            _bind(m, attn_forward)
+    if attention:
+        _bind(base, _model_forward)
+    if loss:
+        _bind(lm, _causal_lm_forward)
+    return model
+
+
+def swapped(model: nn.Module) -> dict[str, str]:
+    """Module name (relative to ``model``) -> what its forward was swapped for ("rms_norm",
+    "mlp:swiglu", "attention", "rope", "attention_plan", "loss")."""
+    return {name: m.__dict__["forward"]._ember_swap for name, m in model.named_modules()
+            if getattr(m.__dict__.get("forward"), "_ember_swap", False)}
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo ``accelerate``: every swapped module gets its class's forward back."""
+    for m in model.modules():
+        if getattr(m.__dict__.get("forward"), "_ember_swap", False):
+            del m.forward
+    return model
