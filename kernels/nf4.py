@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -429,8 +430,12 @@ def _nf4_matmul(x2: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None,
 
 
 def nf4_mm(x2: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None):
-    """Triton path of x2 (M, K) @ W^T (+ bias): fused for M <= SMALL_M, else dequant + cuBLAS."""
-    if x2.shape[0] <= SMALL_M and _fusable(weight, x2.dtype):
+    """Triton path of x2 (M, K) @ W^T (+ bias): dequant + cuBLAS; the fused small-M kernel is
+    opt-in (EMBER_NF4_FUSED_MATMUL=1) because on an H100 it measured 0.46 ms at M=1..16 for a
+    14336x4096 weight against ~0.11 ms for dequant + cuBLAS (bench/results/2026-11-23_*.jsonl);
+    the interpreter always takes it so that CI keeps it correct."""
+    fused = interpreting() or os.environ.get("EMBER_NF4_FUSED_MATMUL") == "1"
+    if fused and x2.shape[0] <= SMALL_M and _fusable(weight, x2.dtype):
         return _nf4_matmul(x2.contiguous(), weight, None if bias is None else bias.to(x2.dtype))
     w = _nf4_dequantize(weight.packed, weight.state, x2.dtype)
     if bias is None:
