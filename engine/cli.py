@@ -1,0 +1,226 @@
+"""The ``ember`` command line.
+
+    ember train CONFIG.toml|RECIPE|RUN_DIR [--set key=value ...] [--resume]
+    ember eval RUN_DIR|MODEL [--data FILE] [--adapter DIR] [--metrics exact_match,...]
+    ember generate RUN_DIR|MODEL --prompt TEXT [--prompt TEXT ...] [--adapter DIR]
+    ember export RUN_DIR (--adapter OUT | --merged OUT)
+    ember import-gguf FILE.gguf OUT_DIR
+    ember recipes | ember models
+
+Errors the user can fix print one message and exit with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ember import EmberError
+
+EXIT_USER_ERROR = 2
+
+
+def _cmd_train(a) -> None:
+    from ember.engine.config import load_config
+    from ember.engine.trainer import train
+
+    cfg = load_config(a.config, a.set or [])
+    train(cfg, resume=a.resume)
+
+
+def _is_run_dir(path: str) -> bool:
+    return (Path(path) / "config.toml").is_file()
+
+
+def _load(target: str, adapter: str | None, device: str | None, raw: bool = False):
+    """(model, tokenizer, DataConfig used to render prompts) for a run directory or a model."""
+    import torch
+
+    from ember.engine.data import DataConfig
+
+    if _is_run_dir(target):
+        from ember.engine.trainer import load_run_model
+
+        model, tok, cfg = load_run_model(target, device)
+        data_cfg = cfg.data
+        if adapter is not None or raw:
+            raise EmberError("--adapter / --raw are for a model; a run directory brings its own "
+                             "adapter and prompt format")
+    else:
+        from ember.models.loading import load_pretrained
+        from ember.models.lora import load_adapter
+
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tok = load_pretrained(target, "float32" if dev == "cpu" else "bfloat16", dev)
+        if adapter is not None:
+            load_adapter(model, adapter)
+        data_cfg = DataConfig(use_chat_template=False if raw else None)
+    if tok is None:
+        raise EmberError(f"{target} has no tokenizer.json")
+    model.eval()
+    return model, tok, data_cfg
+
+
+def _cmd_generate(a) -> None:
+    from ember.engine.data import render_prompt
+    from ember.models.generate import generate_ids
+
+    model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
+    ids = [render_prompt(tok, data_cfg, p) for p in a.prompt]
+    eos = sorted(getattr(tok, "eos_token_ids", None) or {tok.eos_token_id})
+    out = generate_ids(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                       top_p=a.top_p, seed=a.seed, eos_token_ids=eos,
+                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0])
+    for i, gen in enumerate(out):
+        text = tok.decode(gen, skip_special_tokens=True)
+        if len(out) > 1:
+            print(f"--- {i}")
+        print(text)
+
+
+def _cmd_eval(a) -> None:
+    import torch
+
+    from ember.engine.data import load_examples
+    from ember.engine.evaluation import generation_eval, validation_loss
+    from ember.engine.metrics import perplexity
+    from ember.engine.trainer import autocast_for
+
+    model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
+    data = a.data or data_cfg.test or data_cfg.validation
+    if data is None:
+        raise EmberError("give the examples to score with --data FILE.jsonl")
+    examples, report = load_examples(data, data_cfg, tok)
+    print(report.summary(), file=sys.stderr)
+    device = str(next(model.parameters()).device)
+    precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+    autocast = autocast_for(device, precision)
+    loss, _ = validation_loss(model, examples, max(data_cfg.tokens_per_batch,
+                                                   max(len(e) for e in examples)), device,
+                              autocast)
+    scores = {"loss": loss, "perplexity": perplexity(loss)}
+    metrics = [m for m in a.metrics.split(",") if m] if a.metrics else ["exact_match"]
+    if any(e.reference is not None for e in examples):
+        res = generation_eval(model, tok, examples, metrics, max_new_tokens=a.max_new_tokens,
+                              batch_size=a.batch_size, autocast=autocast,
+                              max_examples=a.max_examples)
+        scores.update(res.scores)
+    print(json.dumps({"data": str(data), "examples": len(examples), **scores}))
+
+
+def _cmd_export(a) -> None:
+    from ember.engine.trainer import load_run_model
+    from ember.models.loading import save_pretrained
+    from ember.models.lora import lora_modules, merge_lora, save_adapter
+
+    if not _is_run_dir(a.run_dir):
+        raise EmberError(f"{a.run_dir} is not a run directory (no config.toml)")
+    model, tok, cfg = load_run_model(a.run_dir, "cpu")
+    if a.adapter:
+        if not lora_modules(model):
+            raise EmberError(f"{a.run_dir} is a full fine-tuning run: it has no adapter; use "
+                             "--merged OUT to export the model")
+        out = save_adapter(model, a.adapter, base_model_name_or_path=cfg.model.name)
+    else:
+        if lora_modules(model):
+            merge_lora(model)
+        out = save_pretrained(model, a.merged, tok)
+    print(f"wrote {out}")
+
+
+def _cmd_import_gguf(a) -> None:
+    from ember.models.gguf import import_gguf
+    from ember.models.loading import resolve_dtype
+
+    src = Path(a.file)
+    if src.suffix.lower() != ".gguf" or not src.is_file():
+        raise EmberError(f"{src} is not a .gguf file")
+    print(f"wrote {import_gguf(src, a.out_dir, resolve_dtype(a.dtype))}")
+
+
+def _cmd_recipes(a) -> None:
+    from ember.engine.config import recipe_names
+
+    print("\n".join(recipe_names()))
+
+
+def _cmd_models(a) -> None:
+    from ember.models.hub import BUILTIN_MODELS
+
+    for m in BUILTIN_MODELS.values():
+        print(f"{m.name}: {m.description}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ember", description="Fine-tune language models.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train from a TOML config, a recipe or a run directory")
+    p.add_argument("config", help="CONFIG.toml, a recipe name (ember recipes) or a RUN_DIR")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set lora.rank=8 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.set_defaults(fn=_cmd_train)
+
+    def model_args(p, what: str):
+        p.add_argument("model", metavar="RUN_DIR|MODEL",
+                       help=f"a run directory, or a model (built-in name, HF folder, .gguf) {what}")
+        p.add_argument("--adapter", help="a LoRA adapter folder to load onto MODEL")
+        p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--raw", action="store_true",
+                       help="MODEL: prompts without the chat template (as data.use_chat_template "
+                            "= false trained them)")
+
+    p = sub.add_parser("generate", help="complete prompts")
+    model_args(p, "to generate with")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(fn=_cmd_generate)
+
+    p = sub.add_parser("eval", help="loss, perplexity and generation metrics on a JSONL file")
+    model_args(p, "to evaluate")
+    p.add_argument("--data", help="JSONL examples (default: the run's test split)")
+    p.add_argument("--metrics", help="comma-separated: exact_match, accuracy, f1, json_match, "
+                                     "field_accuracy (default exact_match)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-examples", type=int, default=None)
+    p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("export", help="write a run's adapter (PEFT) or merged model (HF)")
+    p.add_argument("run_dir")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--adapter", metavar="OUT", help="PEFT adapter folder")
+    g.add_argument("--merged", metavar="OUT", help="HF model folder with the adapter merged")
+    p.set_defaults(fn=_cmd_export)
+
+    p = sub.add_parser("import-gguf", help="convert a .gguf file to an HF model folder")
+    p.add_argument("file")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.set_defaults(fn=_cmd_import_gguf)
+
+    sub.add_parser("recipes", help="list the built-in recipes").set_defaults(fn=_cmd_recipes)
+    sub.add_parser("models", help="list the built-in models").set_defaults(fn=_cmd_models)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except EmberError as e:
+        print(f"ember: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("ember: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Run configuration: frozen, keyword-only dataclasses loaded from TOML or a named recipe.
+
+A run is ``TrainConfig``; each TOML table is one section (``[model]``, ``[lora]``, ``[optim]``,
+``[data]``, ``[task]``, ``[eval]``, ``[checkpoint]``), top-level keys are ``TrainConfig`` fields.
+``--set a.b=value`` overrides parse ``value`` as a TOML value (a bare word is a string). Unknown
+keys and wrong types are ``EmberError``s that name the key and list the valid ones.
+
+``"auto"`` fields (device, precision, model.dtype, optim.lr) are decided by ``resolve()`` at the
+start of a run; the resolved config is what the run directory and every checkpoint record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
+    import tomli as tomllib
+
+from ember import EmberError
+from ember.engine.data import DataConfig
+from ember.models.lora import LoRAConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    name: str = "smollm2-135m-instruct"  # built-in name, HF folder or .gguf file
+    # Weights dtype. "auto": float32 (CPU, and full fine-tuning's master weights); bfloat16 for
+    # the frozen base of LoRA on CUDA (adapters always train in float32).
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float | None = None  # None: 1e-3 with LoRA, 2e-5 for full fine-tuning
+    weight_decay: float = 0.0  # never applied to biases, norms or embeddings
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int | None = None  # None: warmup_ratio of the run
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant" (after warmup)
+    min_lr_ratio: float = 0.0  # cosine/linear decay to lr * min_lr_ratio
+    max_grad_norm: float = 1.0  # 0: no clipping
+
+    def __post_init__(self) -> None:
+        _one_of("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        if self.lr is not None and not self.lr > 0:
+            raise EmberError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise EmberError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise EmberError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm < 0 or self.weight_decay < 0 or self.eps <= 0:
+            raise EmberError("optim.max_grad_norm and optim.weight_decay must be >= 0, optim.eps "
+                             "> 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise EmberError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """A built-in generated dataset (``ember.engine.tasks``). When ``name`` is set, its splits
+    are written to ``<run_dir>/data/`` and used for any of data.train / data.validation /
+    data.test that the config leaves empty."""
+
+    name: str | None = None
+    train: int = 2000
+    validation: int = 100
+    test: int = 200
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    every_steps: int = 0  # 0: evaluate at the end only
+    val_loss: bool = True  # validation loss and perplexity
+    max_val_batches: int | None = None
+    # Task metrics by greedy generation on the test split (the validation split when there is
+    # no test split): the model completes each prompt, compared with its reference completion.
+    metrics: tuple[str, ...] = ("exact_match",)
+    split: str = "auto"  # "auto" (test, else validation) | "test" | "validation"
+    max_examples: int | None = None
+    max_new_tokens: int = 64
+    batch_size: int = 64
+    before: bool = True  # also measure the metrics before training (the baseline)
+    show: int = 3  # print this many (prompt, prediction, reference) samples after the last eval
+    early_stopping: str | None = None  # a metric name ("val_loss", "exact_match", ...)
+    patience: int = 3  # evaluations without improvement before stopping
+    mode: str = "auto"  # "min" | "max" | "auto" (min for losses/perplexity, max otherwise)
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        from ember.engine.metrics import METRICS
+
+        object.__setattr__(self, "metrics", _as_tuple(self.metrics))
+        for m in self.metrics:
+            _one_of("eval.metrics entry", m, tuple(METRICS))
+        _one_of("eval.split", self.split, ("auto", "test", "validation"))
+        _one_of("eval.mode", self.mode, ("auto", "min", "max"))
+        if self.every_steps < 0 or self.patience < 1 or self.batch_size < 1:
+            raise EmberError("eval.every_steps must be >= 0, eval.patience and eval.batch_size "
+                             ">= 1")
+        if self.early_stopping is not None:
+            valid = ("val_loss", "perplexity", *self.metrics)
+            _one_of("eval.early_stopping", self.early_stopping, valid)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only the final checkpoint
+    keep_last: int = 2
+    save_final: bool = True  # checkpoint at the end, plus the adapter / model in <run_dir>/final
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.keep_last < 1:
+            raise EmberError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    name: str = "run"
+    run_dir: str | None = None  # None: runs/<name>
+    model: ModelSpec = field(default_factory=ModelSpec)
+    method: str = "lora"  # "lora" (adapters only) | "full"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # Full fine-tuning only: glob patterns of parameter names kept frozen (e.g. "embed.*"), and
+    # the decoder layers that train (None: all; negative indices count from the end).
+    freeze: tuple[str, ...] = ()
+    train_layers: tuple[int, ...] | None = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    grad_accum: int = 1  # micro-batches (of data.tokens_per_batch tokens) per optimizer step
+    max_steps: int | None = None  # None: epochs decide
+    epochs: float = 1.0
+    seed: int = 0
+    precision: str = "auto"  # "auto" | "bf16" | "fp16" | "fp32" (autocast dtype)
+    device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:N"
+    threads: int | None = None  # CPU threads for torch (None: torch's default)
+    log_every: int = 1  # steps between metrics.jsonl rows
+    plot: bool = True  # loss/metric PNG at the end (needs matplotlib)
+
+    def __post_init__(self) -> None:
+        _one_of("method", self.method, ("lora", "full"))
+        _one_of("precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        object.__setattr__(self, "freeze", _as_tuple(self.freeze))
+        if self.train_layers is not None:
+            object.__setattr__(self, "train_layers", _as_tuple(self.train_layers))
+        if self.method == "lora" and (self.freeze or self.train_layers is not None):
+            raise EmberError("freeze / train_layers apply to method = \"full\"; with LoRA choose "
+                             "the adapted modules with lora.targets (e.g. \"layers.2[0-9].*\")")
+        if self.grad_accum < 1 or self.log_every < 1:
+            raise EmberError("grad_accum and log_every must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise EmberError(f"max_steps must be >= 1, got {self.max_steps}")
+        if not self.epochs > 0:
+            raise EmberError(f"epochs must be > 0, got {self.epochs}")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run_dir if self.run_dir is not None else Path("runs") / self.name)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise EmberError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _as_tuple(v) -> tuple:
+    return (v,) if isinstance(v, (str, int)) else tuple(v)
+
+
+# --- dict <-> dataclass --------------------------------------------------------------------------
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "none"
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if typing.get_origin(tp) is tuple:
+        return "a list"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _value_name(v) -> str:
+    return "a table" if isinstance(v, dict) else f"{type(v).__name__} {v!r}"
+
+
+def _coerce(value, tp, key: str):
+    """``value`` (from TOML) as type ``tp``, or EmberError naming ``key``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except EmberError as e:
+                errors.append(e)
+        raise EmberError(f"{key} must be {_type_name(tp)}, got {_value_name(value)}")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise EmberError(f"{key} must be a table ([{key}]), got {_value_name(value)}")
+        return from_dict(tp, value, key)
+    if origin is tuple:
+        items = value if isinstance(value, list) else [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
+        if len(items) != len(args):
+            raise EmberError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        pairs = enumerate(zip(items, args, strict=True))
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in pairs)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is typing.Any or tp is object:
+        return value
+    raise EmberError(f"{key} must be {_type_name(tp)}, got {_value_name(value)}")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a TOML-like dict; unknown keys are an error naming them."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            where = f"[{prefix}]" if prefix else "the top level"
+            valid = ", ".join(sorted(fields))
+            raise EmberError(f"unknown config key {full!r}; valid keys in {where}: {valid}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except EmberError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise EmberError(f"[{prefix or 'config'}]: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    """Plain dict of a config; None fields are left out (TOML has no null, and omitted means
+    default, which is None for every optional field)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if v is None:
+            continue
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # JSON string escapes are valid TOML
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(cfg) -> str:
+    """TOML text of a config; ``load_config`` reads it back to an equal config."""
+    d = to_dict(cfg)
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def recipe_names() -> list[str]:
+    root = importlib.resources.files("ember.engine") / "recipes"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def parse_toml(text: str, where: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise EmberError(f"{where}: invalid TOML: {e}") from None
+
+
+def load_source(source: str | Path) -> dict:
+    """The dict of a TOML file, a run directory's config, or a packaged recipe given by name."""
+    p = Path(source)
+    if p.is_dir() and (p / "config.toml").is_file():  # a run directory: its resolved config
+        p = p / "config.toml"
+    if p.is_file():
+        return parse_toml(p.read_text(encoding="utf-8"), str(p))
+    name = str(source)
+    if name in recipe_names():
+        res = importlib.resources.files("ember.engine") / "recipes" / f"{name}.toml"
+        return parse_toml(res.read_text(encoding="utf-8"), f"recipe {name!r}")
+    if p.suffix == ".toml" or "/" in name:
+        raise EmberError(f"config file {name} not found")
+    raise EmberError(f"{name!r} is neither a config file nor a recipe; recipes: "
+                     f"{', '.join(recipe_names())}")
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    """``"a.b=value"`` -> (["a", "b"], value parsed as TOML; a bare word stays a string)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise EmberError(f"--set expects key=value (e.g. lora.rank=8), got {item!r}")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = json.loads(json.dumps(data))  # a deep copy of plain TOML data
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise EmberError(f"--set {item}: {part!r} is a value, not a table")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | tuple = ()
+                ) -> TrainConfig:
+    """TrainConfig from a TOML file or recipe name (None: all defaults) plus ``--set`` items."""
+    data = load_source(source) if source is not None else {}
+    return from_dict(TrainConfig, apply_overrides(data, list(overrides)))

@@ -1,0 +1,112 @@
+"""Evaluation: validation loss / perplexity on packed batches, and task metrics by generation.
+
+Generation metrics: each example's prompt (its tokens up to ``prompt_len``, rendered exactly as in
+training) is completed greedily in batches of similar prompt lengths (left-padded, every row stops
+at EOS), decoded, and scored against the example's reference completion with
+``ember.engine.metrics``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ember import EmberError
+from ember.engine import metrics as M
+from ember.engine.data import Example, PackedBatches
+from ember.engine.losses import sft_loss
+from ember.models.generate import generate_ids
+
+PREFIX_DECIDABLE = {"exact_match"}
+
+
+def _diverged(text: str, ref_normalized: str) -> bool:
+    """True when no continuation of ``text`` can normalize to the reference: normalizing an
+    extension keeps ``normalize(text)`` as its prefix."""
+    text = text.rstrip("\ufffd")  # a multi-byte character still being decoded
+    norm = M.normalize(text)
+    return not ref_normalized.startswith(norm) or (
+        text[-1:].isspace() and len(norm) < len(ref_normalized)
+        and not ref_normalized[len(norm)].isspace() and norm != "")
+
+
+@dataclass
+class GenerationResult:
+    scores: dict[str, float]
+    samples: list[tuple[str, str, str]] = field(default_factory=list)  # (prompt, pred, ref)
+    seconds: float = 0.0
+    examples: int = 0
+
+
+@torch.no_grad()
+def validation_loss(model, examples: list[Example], tokens_per_batch: int, device,
+                    autocast=contextlib.nullcontext, max_batches: int | None = None
+                    ) -> tuple[float, int]:
+    """(mean loss per answer token, answer tokens) over ``examples``."""
+    batches = PackedBatches(examples, tokens_per_batch, order="file", packing="greedy")
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            if batch.num_loss_tokens == 0:
+                continue
+            with autocast():
+                loss = sft_loss(model, batch.to(device), batch.num_loss_tokens)
+            total += float(loss) * batch.num_loss_tokens
+            tokens += batch.num_loss_tokens
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise EmberError("validation set has no answer tokens to score")
+    return total / tokens, tokens
+
+
+def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
+                    max_new_tokens: int = 64, batch_size: int = 64, autocast=contextlib.nullcontext,
+                    max_examples: int | None = None, show: int = 0) -> GenerationResult:
+    """Greedy completions of every example's prompt, scored against its reference."""
+    usable = [e for e in examples if e.prompt_len > 0 and e.reference is not None]
+    if not usable:
+        raise EmberError("generation metrics need prompt/completion or messages examples (a "
+                         "prompt and a reference answer); this split has none: set eval.metrics "
+                         "= [] or give such a file")
+    if max_examples is not None:
+        usable = usable[:max_examples]
+    t0 = time.perf_counter()
+    eos = sorted(getattr(tokenizer, "eos_token_ids", None) or {tokenizer.eos_token_id})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    order = sorted(range(len(usable)), key=lambda i: usable[i].prompt_len)
+    # Exact match is decided as soon as a row's text leaves its reference: stop that row there
+    # (a base model that never says the answer costs a few decode steps, not max_new_tokens).
+    decidable = set(metric_names) <= PREFIX_DECIDABLE
+    preds: list[str] = [""] * len(usable)
+    was_training = model.training
+    model.eval()
+    try:
+        for a in range(0, len(order), batch_size):
+            idx = order[a:a + batch_size]
+            prompts = [usable[i].input_ids[:usable[i].prompt_len] for i in idx]
+            should_stop = None
+            if decidable:
+                refs = [M.normalize(usable[i].reference) for i in idx]
+
+                def should_stop(row, ids, refs=refs):
+                    return _diverged(tokenizer.decode(ids, skip_special_tokens=True), refs[row])
+            with autocast():
+                out = generate_ids(model, prompts, max_new_tokens=max_new_tokens,
+                                   eos_token_ids=eos, pad_token_id=pad, should_stop=should_stop)
+            for i, ids in zip(idx, out, strict=True):
+                preds[i] = tokenizer.decode(ids, skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    refs = [e.reference for e in usable]
+    scores = M.compute(metric_names, preds, refs)
+    samples = [(tokenizer.decode(e.input_ids[:e.prompt_len], skip_special_tokens=False), p, r)
+               for e, p, r in list(zip(usable, preds, refs, strict=True))[:show]]
+    return GenerationResult(scores, samples, time.perf_counter() - t0, len(usable))

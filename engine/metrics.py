@@ -1,0 +1,110 @@
+"""Task metrics on generated text: exact match, accuracy, macro F1, JSON record/field matches.
+
+Every metric takes predictions and references (lists of str) and returns a float in [0, 1].
+Text is compared after ``normalize`` (surrounding whitespace stripped, inner runs of whitespace
+collapsed), so a trailing newline or a leading space never decides a score.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+
+from ember import EmberError
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    _check(predictions, references)
+    pairs = zip(predictions, references, strict=True)
+    return sum(normalize(p) == normalize(r) for p, r in pairs) / len(references)
+
+
+def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Label accuracy: exact match of normalized, case-folded labels."""
+    _check(predictions, references)
+    return sum(normalize(p).casefold() == normalize(r).casefold()
+               for p, r in zip(predictions, references, strict=True)) / len(references)
+
+
+def macro_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """F1 averaged over the reference labels (a label task); a prediction outside the label set
+    counts as a miss for its reference's class."""
+    _check(predictions, references)
+    preds = [normalize(p).casefold() for p in predictions]
+    refs = [normalize(r).casefold() for r in references]
+    scores = []
+    for label in sorted(set(refs)):
+        tp = sum(p == label and r == label for p, r in zip(preds, refs, strict=True))
+        fp = sum(p == label and r != label for p, r in zip(preds, refs, strict=True))
+        fn = sum(p != label and r == label for p, r in zip(preds, refs, strict=True))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores)
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+
+
+def json_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """The prediction parses as JSON and equals the reference's JSON (key order and spacing
+    free)."""
+    _check(predictions, references)
+    hits = 0
+    for p, r in zip(predictions, references, strict=True):
+        ref = _json(r)
+        if ref is None:
+            raise EmberError(f"json_match: reference is not JSON: {r[:80]!r}")
+        hits += _json(p) == ref
+    return hits / len(references)
+
+
+def field_accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean over records of the fraction of reference fields the prediction got right (an
+    unparsable prediction gets none)."""
+    _check(predictions, references)
+    total = 0.0
+    for p, r in zip(predictions, references, strict=True):
+        ref = _json(r)
+        if not isinstance(ref, dict) or not ref:
+            raise EmberError(f"field_accuracy: reference is not a JSON object: {r[:80]!r}")
+        pred = _json(p)
+        if isinstance(pred, dict):
+            total += sum(k in pred and pred[k] == v for k, v in ref.items()) / len(ref)
+    return total / len(references)
+
+
+METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
+    "exact_match": exact_match,
+    "accuracy": accuracy,
+    "f1": macro_f1,
+    "json_match": json_match,
+    "field_accuracy": field_accuracy,
+}
+
+
+def compute(names: Sequence[str], predictions: Sequence[str], references: Sequence[str]
+            ) -> dict[str, float]:
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise EmberError(f"unknown metric {unknown[0]!r}; known: {', '.join(METRICS)}")
+    return {n: METRICS[n](predictions, references) for n in names}
+
+
+def perplexity(mean_loss: float) -> float:
+    """exp(loss), inf instead of an overflow."""
+    return math.exp(mean_loss) if mean_loss < 700 else math.inf
+
+
+def _check(predictions: Sequence[str], references: Sequence[str]) -> None:
+    if len(predictions) != len(references):
+        raise EmberError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        raise EmberError("no examples to score")

@@ -1,0 +1,124 @@
+"""The ember CLI end to end on a tiny random model: train, export (adapter / merged), generate,
+eval, import-gguf; user errors are one line and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ember.engine.cli import main
+from tests.engine.test_trainer import make_tiny_model, tiny_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = make_tiny_model(root / "model")
+    train = write_jsonl(root / "train.jsonl", tiny_rows(32, seed=1))
+    test = write_jsonl(root / "test.jsonl", tiny_rows(6, seed=3))
+    cfg = root / "tiny.toml"
+    cfg.write_text(f"""
+name = "tiny"
+run_dir = "{root / 'run'}"
+max_steps = 3
+device = "cpu"
+plot = false
+[model]
+name = "{model}"
+[lora]
+rank = 4
+alpha = 8
+[data]
+train = ["{train}"]
+val_fraction = 0.2
+test = "{test}"
+max_seq_len = 64
+tokens_per_batch = 128
+[eval]
+max_new_tokens = 4
+""")
+    assert main(["train", str(cfg), "--set", "optim.lr=5e-3"]) == 0
+    return {"root": root, "model": model, "run": root / "run", "config": cfg, "test": test}
+
+
+def test_train_writes_a_run(trained, capsys):
+    run = trained["run"]
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+    assert {"val_loss", "perplexity", "exact_match"} <= set(rows[-1])
+    assert (run / "final" / "adapter" / "adapter_config.json").is_file()
+    assert "optim" in (run / "config.toml").read_text()
+
+
+def _generate(capsys, *args) -> str:
+    capsys.readouterr()
+    assert main(["generate", *args, "--prompt", "say red dog ->", "--max-new-tokens", "5"]) == 0
+    return capsys.readouterr().out
+
+
+def test_export_and_generate(trained, tmp_path, capsys):
+    from ember.engine.trainer import load_run_model
+    from ember.models.loading import load_pretrained
+
+    run = str(trained["run"])
+    assert main(["export", run, "--adapter", str(tmp_path / "adapter")]) == 0
+    assert main(["export", run, "--merged", str(tmp_path / "merged")]) == 0
+    ids = torch.tensor([[5, 9, 17, 33, 2, 70]])
+    model, _, _ = load_run_model(run, "cpu")
+    merged, _ = load_pretrained(tmp_path / "merged", "float32")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), model(ids), rtol=1e-4, atol=1e-5)
+    # The run, the base + exported adapter and the merged model all generate the same text.
+    out_run = _generate(capsys, run)
+    base, adapter = str(trained["model"]), str(tmp_path / "adapter")
+    assert out_run == _generate(capsys, base, "--adapter", adapter, "--raw")
+    assert out_run == _generate(capsys, str(tmp_path / "merged"), "--raw")
+
+
+def test_eval(trained, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(trained["run"]), "--metrics", "exact_match,accuracy",
+                 "--max-new-tokens", "4"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["examples"] == 6 and 0 <= row["exact_match"] <= 1 and row["loss"] > 0
+    assert row["perplexity"] == pytest.approx(2.718281828 ** row["loss"], rel=1e-6)
+
+
+def test_import_gguf(tmp_path, capsys):
+    from ember.models.loading import load_pretrained
+    from tests.models.test_gguf import write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    assert main(["import-gguf", str(tmp_path / "tiny.gguf"), str(tmp_path / "hf")]) == 0
+    model, tok = load_pretrained(tmp_path / "hf")
+    assert tok is not None and model.cfg.num_layers == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "missing.toml"], "missing.toml not found"),
+    (["train", "quickstart", "--set", "lora.rnk=3"], "unknown config key 'lora.rnk'"),
+    (["train", "quickstart", "--set", "optim.lr=-1"], "optim.lr must be > 0"),
+    (["export", ".", "--adapter", "x"], "not a run directory"),
+    (["generate", "no-such-model", "--prompt", "hi"], "not found"),
+])
+def test_user_errors_are_one_clean_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ember: error: ") and message in err and "Traceback" not in err
+
+
+def test_resume_needs_the_flag(trained, capsys):
+    assert main(["train", str(trained["config"])]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_console_entry_point():
+    out = subprocess.run([sys.executable, "-m", "ember.engine.cli", "train", "nope.toml"],
+                         capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == "ember: error: config file nope.toml not found"

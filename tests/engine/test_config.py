@@ -1,0 +1,125 @@
+"""Run configs: TOML / recipes / --set overrides, errors that name the key, resolved round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ember import EmberError
+from ember.engine.config import (
+    TrainConfig,
+    from_dict,
+    load_config,
+    parse_override,
+    parse_toml,
+    recipe_names,
+    to_toml,
+)
+from ember.engine.trainer import cpu_has_bf16, resolve
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_and_overrides():
+    assert load_config() == TrainConfig()
+    cfg = load_config(None, ["lora.rank=8", "optim.betas=[0.9, 0.95]", "model.name=my-model",
+                             'eval.metrics=["exact_match", "f1"]', "data.train=a.jsonl",
+                             "max_steps=10", "optim.lr=1e-4", 'method="full"',
+                             "train_layers=[0, -1]"])
+    assert cfg.lora.rank == 8 and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.model.name == "my-model"  # a bare word is a string
+    assert cfg.eval.metrics == ("exact_match", "f1") and cfg.data.train == ("a.jsonl",)
+    assert cfg.max_steps == 10 and cfg.optim.lr == 1e-4 and cfg.train_layers == (0, -1)
+    assert parse_override("a.b = [1, 2]") == (["a", "b"], [1, 2])
+
+
+@pytest.mark.parametrize("item, key, valid", [
+    ("lora.rnk=8", "lora.rnk", "rank"),
+    ("lr=1e-3", "'lr'", "optim"),
+    ("optim.warmup=3", "optim.warmup", "warmup_steps"),
+    ("data.trian=x.jsonl", "data.trian", "train"),
+    ("eval.every=5", "eval.every", "every_steps"),
+])
+def test_unknown_keys_are_named_with_the_valid_ones(item, key, valid):
+    with pytest.raises(EmberError, match="unknown config key") as e:
+        load_config(None, [item])
+    assert key in str(e.value) and valid in str(e.value)
+
+
+@pytest.mark.parametrize("item, match", [
+    ('lora.rank="eight"', "lora.rank must be an integer"),
+    ("optim.lr=fast", "optim.lr must be a number"),
+    ("lora=3", "lora must be a table"),
+    ("optim.betas=[0.9]", "optim.betas must be a list of 2"),
+    ("optim.schedule=cosne", "optim.schedule must be one of"),
+    ("precision=fp8", "precision must be one of"),
+    ('eval.metrics=["bleu"]', "eval.metrics entry must be one of"),
+    ('eval.early_stopping="f1"', "eval.early_stopping must be one of"),
+    ('freeze=["embed.*"]', "method = \"full\""),
+    ("data.max_seq_len=10000", "tokens_per_batch"),
+    ("lora.rank", "key=value"),
+    ("lora.rank.x=1", "lora.rank must be an integer, got a table"),
+])
+def test_bad_values_are_clear_errors(item, match):
+    with pytest.raises(EmberError, match=match):
+        load_config(None, [item])
+
+
+def test_sources(tmp_path):
+    assert "quickstart" in recipe_names()
+    example = REPO / "examples" / "quickstart.toml"
+    assert load_config(example) == load_config("quickstart")  # the example is the recipe
+    with pytest.raises(EmberError, match="recipes: .*quickstart"):
+        load_config("no-such-recipe")
+    with pytest.raises(EmberError, match="not found"):
+        load_config(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[lora\nrank = 8\n")
+    with pytest.raises(EmberError, match="bad.toml: invalid TOML"):
+        load_config(bad)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text('name = "x"\n[lora]\nrank = 4\n')
+    assert load_config(run).lora.rank == 4  # a run directory stands for its config
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = resolve(load_config("quickstart", [f'run_dir="{tmp_path}"',
+                                             "optim.betas=[0.8, 0.9]"]))
+    assert cfg.device == "cpu" or cfg.device.startswith("cuda")
+    assert cfg.precision in ("bf16", "fp32") and cfg.optim.lr == 1e-3
+    if cfg.device == "cpu":
+        assert cfg.precision == ("bf16" if cpu_has_bf16() else "fp32")
+    assert cfg.data.train == (str(tmp_path / "data" / "train.jsonl"),)
+    assert cfg.data.test == str(tmp_path / "data" / "test.jsonl")
+    text = to_toml(cfg)
+    assert from_dict(TrainConfig, parse_toml(text, "x")) == cfg
+    assert resolve(cfg) == cfg  # nothing "auto" is left
+    assert resolve(load_config(None, ['method="full"'])).optim.lr == 2e-5
+
+
+def test_support_tickets_task(tmp_path):
+    import json
+
+    from ember.engine.tasks import ISSUES, PRODUCTS, generate_splits, write_splits
+
+    sizes = {"train": 300, "validation": 20, "test": 40}
+    splits = generate_splits("support-tickets", sizes, seed=0)
+    assert splits == generate_splits("support-tickets", sizes, seed=0)  # deterministic
+    assert {k: len(v) for k, v in splits.items()} == sizes
+    prompts = [{r["prompt"] for r in rows} for rows in splits.values()]
+    assert sum(map(len, prompts)) == sum(sizes.values())  # no ticket in two splits
+    labels = {"category": set(), "priority": set(), "product": set()}
+    for r in splits["train"]:
+        rec = json.loads(r["completion"])
+        assert rec.keys() == labels.keys() and r["completion"] == " " + json.dumps(rec)
+        assert any(a.lower() in r["prompt"].lower() for a in PRODUCTS[rec["product"]])
+        for k, v in rec.items():
+            labels[k].add(v)
+    assert labels == {"category": set(ISSUES), "priority": {"high", "medium", "low"},
+                      "product": set(PRODUCTS)}
+    paths = write_splits("support-tickets", tmp_path, sizes)
+    assert [json.loads(x) for x in paths["test"].read_text().splitlines()] == splits["test"]
+    with pytest.raises(EmberError, match="unknown task"):
+        generate_splits("nope", sizes)
