@@ -54,6 +54,10 @@ def sft_loss(model, batch, num_loss_tokens: int) -> torch.Tensor:
         raise EmberError("sft_loss: num_loss_tokens must be >= 1 (a batch with nothing to learn)")
     idx = answer_positions(batch.labels)
     h = _hidden(model, batch).index_select(0, idx)  # (N, D): the head sees answer tokens only
+    if torch.is_autocast_enabled(h.device.type):
+        # Full fine-tuning keeps an fp32 residual stream: run the head in the autocast dtype, as
+        # every other matmul under autocast does, instead of an fp32 head GEMM.
+        h = h.to(torch.get_autocast_dtype(h.device.type))
     labels = batch.labels.reshape(-1).index_select(0, idx)
     loss = linear_cross_entropy(h, _head_weight(model, h.dtype), labels, reduction="sum",
                                 softcap=model.cfg.final_softcap)
