@@ -17,53 +17,71 @@ a model with NF4 layers back in that format, or dequantized (``dequantize=True``
 dtype policy: ``load_pretrained(dtype=None)`` keeps the dtype the weights are stored in (a bf16
 checkpoint gives a bf16 model, on CPU too); ``save_pretrained(dtype=None)`` writes the model's
 current dtype, like transformers. RoPE frequencies are always computed in fp32.
+
+This module is the orchestration (dtype policy, building the model, atomic folders);
+``ember.models.safetensors_io`` reads and writes the files (config.json, safetensors headers,
+shards and index) and ``ember.models.bnb_checkpoint`` the bitsandbytes 4-bit format. Their public
+names are importable from here too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import os
 import re
 import shutil
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ember import EmberError
-from ember.kernels.nf4 import NF4Weight
-from ember.models.config import ModelConfig, rope_inv_freq
-from ember.models.hf import (
-    DTYPES,
-    config_from_hf,
-    config_to_hf,
-    hf_key_to_ember,
-    map_hf_keys,
-    quantization_config_from_hf,
-    to_hf_state_dict,
+from ember.models.bnb_checkpoint import (
+    _bnb_config,
+    _load_bnb_,
+    _with_nf4_weights,
+    iter_bnb_checkpoint,
 )
+from ember.models.config import ModelConfig, rope_inv_freq
+from ember.models.hf import DTYPES, config_to_hf, quantization_config_from_hf, to_hf_state_dict
 from ember.models.hub import cache_root
-from ember.models.nf4 import (
-    QS_SUFFIX,
-    Linear4bit,
-    bnb_quantization_config,
-    load_bnb_quantized_,
-    split_bnb_key,
+from ember.models.nf4 import QS_SUFFIX, split_bnb_key
+from ember.models.safetensors_io import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointIndex,
+    _parse_config,
+    _read_config_json,
+    _write_json,
+    _write_shards,
+    iter_checkpoint,
+    parse_size,
+    read_config,
+    scan_checkpoint,
 )
 from ember.models.transformer import Transformer
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+__all__ = [
+    "INDEX_FILE",
+    "SINGLE_FILE",
+    "CheckpointIndex",
+    "gguf_folder",
+    "iter_bnb_checkpoint",
+    "iter_checkpoint",
+    "load_hf_folder",
+    "load_pretrained",
+    "parse_size",
+    "read_config",
+    "resolve_dtype",
+    "save_pretrained",
+    "save_state_dict",
+    "scan_checkpoint",
+]
+
 _DTYPE_ALIASES = {
     "fp32": "float32",
     "fp16": "float16",
@@ -71,7 +89,6 @@ _DTYPE_ALIASES = {
     "bf16": "bfloat16",
     "float": "float32",
 }
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What a model folder may contain; save_pretrained only replaces folders made of these.
 _MODEL_FOLDER_FILES = re.compile(
     r"(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
@@ -97,268 +114,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading
-
-
-def _read_config_json(folder: str | os.PathLike) -> tuple[Path, dict]:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise EmberError(f"{path} not found: a model folder needs config.json next to the weights")
-    try:
-        return path, json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EmberError(f"{path} is not valid JSON ({e})") from None
-
-
-def _parse_config(path: Path, raw) -> ModelConfig:
-    try:
-        return config_from_hf(raw)
-    except EmberError as e:
-        raise EmberError(f"{path}: {str(e).removeprefix('config.json: ')}") from None
-
-
-def read_config(folder: str | os.PathLike) -> ModelConfig:
-    """ModelConfig from ``folder/config.json``."""
-    return _parse_config(*_read_config_json(folder))
-
-
-@dataclass
-class CheckpointIndex:
-    """Where every tensor of a safetensors checkpoint lives, from the file headers only."""
-
-    folder: Path
-    files: list[Path] = field(default_factory=list)
-    key_file: dict[str, Path] = field(default_factory=dict)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
-
-    def stored_dtype(self) -> torch.dtype:
-        """The dtype holding most of the weights (a few fp32 norms in a bf16 file don't count);
-        in a bitsandbytes checkpoint, of the weights that are not 4-bit."""
-        quantized = self.quantized_weights()
-        count: Counter = Counter()
-        for k, shape in self.shapes.items():
-            if split_bnb_key(k)[0] not in quantized:
-                count[self.dtypes[k]] += max(1, torch.Size(shape).numel())
-        if not count:
-            raise EmberError(
-                f"{self.folder}: every tensor is 4-bit; the checkpoint lacks the "
-                "embedding and norms"
-            )
-        return count.most_common(1)[0][0]
-
-    def quantized_weights(self) -> set[str]:
-        """HF keys of the bitsandbytes 4-bit weights (those with a quant state)."""
-        return {split_bnb_key(k)[0] for k in self.key_file if k.endswith("." + QS_SUFFIX)}
-
-
-def _refuse_pickle(folder: Path) -> None:
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if pickles:
-        raise EmberError(
-            f"{folder} holds only pickle weights ({', '.join(pickles[:3])}); Ember never unpickles "
-            "checkpoints (it can run arbitrary code). Convert them to safetensors with a tool you "
-            "trust, e.g. transformers: AutoModelForCausalLM.from_pretrained(src)"
-            ".save_pretrained(dst), then load dst"
-        )
-
-
-def _index_files(folder: Path) -> list[Path]:
-    index = folder / INDEX_FILE
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise EmberError(
-            f"{index} is not a valid safetensors index (needs a 'weight_map' object: "
-            f"{type(e).__name__}: {e})"
-        ) from None
-    files = []
-    for name in names:
-        if not isinstance(name, str) or Path(name).name != name:
-            raise EmberError(
-                f"{index}: weight_map names file {name!r}, which is not a plain file "
-                "name in the folder"
-            )
-        path = folder / name
-        if not path.is_file():
-            raise EmberError(
-                f"{path} not found (listed in {INDEX_FILE}); the download is incomplete"
-            )
-        files.append(path)
-    return files
-
-
-def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False) -> CheckpointIndex:
-    """Find the safetensors files of an HF folder and read their headers (no tensor data).
-
-    ``quantized``: the folder is a bitsandbytes 4-bit checkpoint, so uint8 tensors (packed
-    weights, absmax, quant states) are expected too."""
-    allowed = {**_ST_DTYPES, "U8": torch.uint8} if quantized else _ST_DTYPES
-    folder = Path(folder)
-    if (folder / SINGLE_FILE).is_file():
-        files = [folder / SINGLE_FILE]
-    elif (folder / INDEX_FILE).is_file():
-        files = _index_files(folder)
-    else:
-        _refuse_pickle(folder)
-        found = sorted(p.name for p in folder.glob("*.safetensors"))
-        hint = f" (found {', '.join(found[:3])} without {INDEX_FILE})" if found else ""
-        raise EmberError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}{hint}")
-    ckpt = CheckpointIndex(folder=folder, files=files)
-    for path in files:
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    if key in ckpt.key_file:
-                        raise EmberError(
-                            f"tensor {key} is stored twice: in {ckpt.key_file[key]} and {path}"
-                        )
-                    sl = f.get_slice(key)
-                    st_dtype = sl.get_dtype()
-                    if st_dtype not in allowed:
-                        hint = (
-                            " (a bitsandbytes 4-bit checkpoint? Its config.json needs the "
-                            "quantization_config it was saved with)"
-                            if st_dtype == "U8" and not quantized
-                            else ""
-                        )
-                        raise EmberError(
-                            f"{path}: tensor {key} has dtype {st_dtype}; only F32, F16 "
-                            f"and BF16 weights are supported{hint}"
-                        )
-                    ckpt.key_file[key] = path
-                    ckpt.shapes[key] = tuple(sl.get_shape())
-                    ckpt.dtypes[key] = allowed[st_dtype]
-        except (SafetensorError, OSError) as e:
-            raise EmberError(
-                f"{path} is not a readable safetensors file ({e}); it is truncated or "
-                "corrupt: download or save it again"
-            ) from None
-    if not ckpt.key_file:
-        raise EmberError(f"{folder}: the safetensors files hold no tensors")
-    return ckpt
-
-
-def iter_checkpoint(
-    folder: str | os.PathLike, cfg: ModelConfig | None = None, ckpt: CheckpointIndex | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(ember_key, tensor)`` for every weight, one file at a time, as stored (dtype, CPU).
-
-    All keys and shapes are validated against cfg (default: the folder's config.json) before the
-    first tensor is read, so a bad checkpoint fails fast and names the key."""
-    cfg = cfg if cfg is not None else read_config(folder)
-    ckpt = ckpt if ckpt is not None else scan_checkpoint(folder)
-    mapping = map_hf_keys(ckpt.shapes, cfg, str(ckpt.folder))
-    for path in ckpt.files:
-        keys = [k for k, p in ckpt.key_file.items() if p == path and k in mapping]
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for key in keys:
-                    yield mapping[key], f.get_tensor(key)
-        except SafetensorError as e:
-            raise EmberError(
-                f"{path}: reading tensor data failed ({e}); the file is corrupt"
-            ) from None
-
-
-def _read_quant_state(f, key: str, path: Path) -> dict:
-    try:
-        meta = json.loads(bytes(f.get_tensor(key).tolist()).decode("utf-8"))
-        shape = tuple(int(n) for n in meta["shape"])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise EmberError(
-            f"{path}: tensor {key} is not a readable bitsandbytes quant state "
-            f"({type(e).__name__}: {e})"
-        ) from None
-    if meta.get("quant_type") != "nf4":
-        raise EmberError(
-            f"{path}: tensor {key} has quant_type {meta.get('quant_type')!r}; only NF4 4-bit "
-            "weights load"
-        )
-    return {**meta, "shape": shape}
-
-
-def _bnb_dense_shapes(ckpt: CheckpointIndex) -> dict[str, tuple[int, ...]]:
-    """HF key -> the shape of the dense weight it stands for: a 4-bit weight's comes from its
-    JSON quant state (a few hundred bytes, read now so that every key and shape is validated
-    before the first weight is loaded); its absmax/quant_map/... entries are not weights."""
-    quantized = ckpt.quantized_weights()
-    shapes, orphans = {}, []
-    for key, shape in ckpt.shapes.items():
-        base, suffix = split_bnb_key(key)
-        if base in quantized:
-            continue
-        if suffix:
-            orphans.append(key)
-        elif ckpt.dtypes[key] == torch.uint8:
-            raise EmberError(
-                f"{ckpt.key_file[key]}: tensor {key} is uint8 but has no "
-                f"{key}.{QS_SUFFIX}: not a bitsandbytes 4-bit weight"
-            )
-        else:
-            shapes[key] = shape
-    if orphans:
-        raise EmberError(
-            f"{ckpt.folder}: {', '.join(sorted(orphans)[:3])} belong to 4-bit "
-            f"weights without a {QS_SUFFIX} entry (a missing shard?)"
-        )
-    metas = {}
-    for path in ckpt.files:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for base in quantized:
-                qs_key = f"{base}.{QS_SUFFIX}"
-                if ckpt.key_file[qs_key] == path:
-                    metas[base] = _read_quant_state(f, qs_key, path)
-    for base in sorted(quantized):
-        if base not in ckpt.key_file:
-            raise EmberError(
-                f"{ckpt.folder}: the packed 4-bit weight {base} is missing (only "
-                "its quant state is stored; a missing shard?)"
-            )
-        meta = metas[base]
-        parts = ("absmax", "quant_map")
-        if "nested_offset" in meta:
-            parts += ("nested_absmax", "nested_quant_map")
-        absent = [f"{base}.{p}" for p in parts if f"{base}.{p}" not in ckpt.key_file]
-        if absent:
-            raise EmberError(
-                f"{ckpt.folder}: the 4-bit weight {base} lacks {', '.join(absent)} (a missing "
-                "shard?)"
-            )
-        shapes[base] = meta["shape"]
-    return shapes
-
-
-def iter_bnb_checkpoint(
-    folder: str | os.PathLike, cfg: ModelConfig | None = None, ckpt: CheckpointIndex | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_key, tensor)`` for every tensor of a bitsandbytes 4-bit checkpoint, as stored
-    (dense weights, packed NF4 weights and their ``.absmax`` / ``.quant_map`` / ... entries; the
-    consumer is ``ember.models.nf4.load_bnb_quantized_``). Keys are HF's, since a bnb entry's name
-    only maps through its weight's. Keys and dense shapes are validated against cfg first;
-    packed weights stored in another dtype (``bnb_4bit_quant_storage``) come as their uint8 bytes.
-    """
-    cfg = cfg if cfg is not None else read_config(folder)
-    ckpt = ckpt if ckpt is not None else scan_checkpoint(folder, quantized=True)
-    mapping = map_hf_keys(_bnb_dense_shapes(ckpt), cfg, str(ckpt.folder))
-    quantized = ckpt.quantized_weights()
-    for path in ckpt.files:
-        keys = [k for k, p in ckpt.key_file.items() if p == path and split_bnb_key(k)[0] in mapping]
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for key in keys:
-                    t = f.get_tensor(key)
-                    if key in quantized and t.dtype != torch.uint8:
-                        t = t.contiguous().view(torch.uint8).reshape(-1, 1)
-                    yield key, t
-        except SafetensorError as e:
-            raise EmberError(
-                f"{path}: reading tensor data failed ({e}); the file is corrupt"
-            ) from None
 
 
 def _assign_(model: nn.Module, tensors, device, dtype: torch.dtype) -> None:
@@ -410,33 +165,6 @@ def load_hf_folder(
     else:
         _assign_(model, iter_checkpoint(folder, cfg, ckpt), device, target)
     return model
-
-
-def _load_bnb_(
-    model: Transformer,
-    folder: Path,
-    ckpt: CheckpointIndex,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> None:
-    """A pre-quantized bitsandbytes checkpoint: NF4 weights stay NF4 (bit for bit); the rest is
-    cast to dtype. Ember computes everything in dtype (bnb_4bit_compute_dtype is not used)."""
-    if not ckpt.quantized_weights():
-        raise EmberError(
-            f"{folder}/config.json has a quantization_config but the safetensors "
-            "hold no 4-bit weights; remove quantization_config to load it dense"
-        )
-    tensors = iter_bnb_checkpoint(folder, model.cfg, ckpt)
-    load_bnb_quantized_(model, tensors, device=device, compute_dtype=dtype, rename=hf_key_to_ember)
-    head = model.lm_head
-    if isinstance(head, Linear4bit):
-        # logits() and the fused loss read the head as a dense (V, D) matrix.
-        model.lm_head = nn.Linear(
-            head.in_features, head.out_features, bias=False, device=device, dtype=dtype
-        )
-        with torch.no_grad():
-            model.lm_head.weight.copy_(head.quant_weight.dequantize(dtype))
-    model.inv_freq = rope_inv_freq(model.cfg).to(device)
 
 
 def _load_nf4_(model: Transformer, tensors, device: torch.device, dtype: torch.dtype) -> None:
@@ -517,72 +245,6 @@ def load_pretrained(
 # --------------------------------------------------------------------------------------------------
 # Saving
 
-_SIZE_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like "5GB" (10^9) or "2GiB" (2^30), as transformers does."""
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise EmberError(
-            f"max_shard_size must be a positive int (bytes) or like '5GB' / '500MB' / "
-            f"'2GiB', got {size!r}"
-        )
-    return max(1, int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]))
-
-
-def _plan_shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
-    """Greedy shards in key order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[list[str]] = [[]]
-    used = 0
-    for key, n in sizes.items():
-        if shards[-1] and used + n > limit:
-            shards.append([])
-            used = 0
-        shards[-1].append(key)
-        used += n
-    return shards
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _materialize(v, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(v, NF4Weight):  # save_pretrained(dequantize=True): one weight at a time
-        return v.dequantize(dtype).to("cpu").contiguous()
-    return v.detach().to("cpu", dtype).contiguous()
-
-
-def _bnb_config(hf: dict, dense: list[str], cfg: ModelConfig, dtype: torch.dtype) -> dict:
-    """``quantization_config`` for a bnb 4-bit folder. transformers decides which linears to
-    convert from the config alone: by default all but the output head, else all but
-    ``llm_int8_skip_modules``, which therefore lists every linear Ember keeps dense."""
-    keep = {
-        k.removesuffix(".weight")
-        for k in dense
-        if k.endswith("_proj.weight") or k == "lm_head.weight"
-    }
-    if cfg.tie_word_embeddings:
-        keep.add("lm_head")  # tied to the embedding, never quantized
-    return bnb_quantization_config(
-        dtype,
-        double_quant=any(k.endswith(".nested_absmax") for k in hf),
-        skip_modules=None if keep == {"lm_head"} else sorted(keep),
-    )
-
 
 def _write_folder(
     sd: dict, cfg: ModelConfig, tmp: Path, tokenizer, dtype: torch.dtype | None, limit: int
@@ -599,37 +261,7 @@ def _write_folder(
     dtypes = {k: v.dtype for k, v in hf.items()}
     dtypes.update({k: dtype or hf[k].dtype for k in dense})
     saved_dtype = Counter(dtypes[k] for k in dense).most_common(1)[0][0]
-    sizes = {k: v.numel() * dtypes[k].itemsize for k, v in hf.items()}
-    shards = _plan_shards(sizes, limit)
-    names = (
-        [SINGLE_FILE]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    for name, keys in zip(names, shards, strict=True):
-        # Cast and copy one shard at a time so saving a GPU model needs one shard of host memory.
-        tensors, seen = {}, set()
-        for k in keys:
-            t = _materialize(hf[k], dtypes[k])
-            # NF4 layers share one quant_map tensor; safetensors refuses aliased tensors.
-            ptr = t.untyped_storage().data_ptr()
-            tensors[k] = t.clone() if ptr in seen else t
-            seen.add(ptr)
-        save_file(tensors, tmp / name, metadata={"format": "pt"})
-        del tensors
-    if len(shards) > 1:
-        _write_json(
-            tmp / INDEX_FILE,
-            {
-                "metadata": {
-                    "total_size": sum(sizes.values()),
-                    "total_parameters": sum(v.numel() for v in hf.values()),
-                },
-                "weight_map": {
-                    k: name for name, keys in zip(names, shards, strict=True) for k in keys
-                },
-            },
-        )
+    _write_shards(hf, dtypes, tmp, limit)
     config = config_to_hf(cfg, saved_dtype)
     if quantized:
         config["quantization_config"] = _bnb_config(hf, dense, cfg, saved_dtype)
@@ -687,21 +319,6 @@ def save_pretrained(
         dtype=dtype,
         max_shard_size=max_shard_size,
     )
-
-
-def _with_nf4_weights(model: nn.Module, sd: dict) -> dict:
-    """sd with each Linear4bit's bnb entries replaced by its NF4Weight, dequantized on write."""
-    nf4 = {
-        f"{n}.weight": m.quant_weight for n, m in model.named_modules() if isinstance(m, Linear4bit)
-    }
-    out = {}
-    for k, v in sd.items():
-        base = split_bnb_key(k)[0]
-        if base not in nf4:
-            out[k] = v
-        elif k == base:
-            out[k] = nf4[base]
-    return out
 
 
 def save_state_dict(

@@ -396,12 +396,12 @@ def test_export_refuses_what_hf_cannot_express(tmp_path):
 def test_save_is_atomic(tmp_path, monkeypatch):
     _, folder = _make(tmp_path, "llama")
     model = _load(folder)
-    import ember.models.loading as loading
+    import ember.models.safetensors_io as safetensors_io
 
     def crash(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(loading, "save_file", crash)
+    monkeypatch.setattr(safetensors_io, "save_file", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         save_pretrained(model, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]  # no half folder, no temp dir

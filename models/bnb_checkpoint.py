@@ -1,0 +1,190 @@
+"""bitsandbytes NF4 4-bit checkpoints in and out of HF folders.
+
+In: a folder whose config.json has a ``quantization_config`` (as transformers saves a model loaded
+with ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``). Every key, quant state
+and dense shape is validated before the first weight is read (``_bnb_dense_shapes``);
+``iter_bnb_checkpoint`` streams the tensors as stored and ``_load_bnb_`` hands them to
+``ember.models.nf4.load_bnb_quantized_``, NF4 weights bit for bit. Out: the
+``quantization_config`` a saved folder needs (``_bnb_config``), and a state dict whose NF4 layers
+are dequantized while writing (``_with_nf4_weights``, for ``save_pretrained(dequantize=True)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+
+from ember import EmberError
+from ember.models.config import ModelConfig, rope_inv_freq
+from ember.models.hf import hf_key_to_ember, map_hf_keys
+from ember.models.nf4 import (
+    QS_SUFFIX,
+    Linear4bit,
+    bnb_quantization_config,
+    load_bnb_quantized_,
+    split_bnb_key,
+)
+from ember.models.safetensors_io import CheckpointIndex, read_config, scan_checkpoint
+from ember.models.transformer import Transformer
+
+
+def _read_quant_state(f, key: str, path: Path) -> dict:
+    try:
+        meta = json.loads(bytes(f.get_tensor(key).tolist()).decode("utf-8"))
+        shape = tuple(int(n) for n in meta["shape"])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise EmberError(
+            f"{path}: tensor {key} is not a readable bitsandbytes quant state "
+            f"({type(e).__name__}: {e})"
+        ) from None
+    if meta.get("quant_type") != "nf4":
+        raise EmberError(
+            f"{path}: tensor {key} has quant_type {meta.get('quant_type')!r}; only NF4 4-bit "
+            "weights load"
+        )
+    return {**meta, "shape": shape}
+
+
+def _bnb_dense_shapes(ckpt: CheckpointIndex) -> dict[str, tuple[int, ...]]:
+    """HF key -> the shape of the dense weight it stands for: a 4-bit weight's comes from its
+    JSON quant state (a few hundred bytes, read now so that every key and shape is validated
+    before the first weight is loaded); its absmax/quant_map/... entries are not weights."""
+    quantized = ckpt.quantized_weights()
+    shapes, orphans = {}, []
+    for key, shape in ckpt.shapes.items():
+        base, suffix = split_bnb_key(key)
+        if base in quantized:
+            continue
+        if suffix:
+            orphans.append(key)
+        elif ckpt.dtypes[key] == torch.uint8:
+            raise EmberError(
+                f"{ckpt.key_file[key]}: tensor {key} is uint8 but has no "
+                f"{key}.{QS_SUFFIX}: not a bitsandbytes 4-bit weight"
+            )
+        else:
+            shapes[key] = shape
+    if orphans:
+        raise EmberError(
+            f"{ckpt.folder}: {', '.join(sorted(orphans)[:3])} belong to 4-bit "
+            f"weights without a {QS_SUFFIX} entry (a missing shard?)"
+        )
+    metas = {}
+    for path in ckpt.files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for base in quantized:
+                qs_key = f"{base}.{QS_SUFFIX}"
+                if ckpt.key_file[qs_key] == path:
+                    metas[base] = _read_quant_state(f, qs_key, path)
+    for base in sorted(quantized):
+        if base not in ckpt.key_file:
+            raise EmberError(
+                f"{ckpt.folder}: the packed 4-bit weight {base} is missing (only "
+                "its quant state is stored; a missing shard?)"
+            )
+        meta = metas[base]
+        parts = ("absmax", "quant_map")
+        if "nested_offset" in meta:
+            parts += ("nested_absmax", "nested_quant_map")
+        absent = [f"{base}.{p}" for p in parts if f"{base}.{p}" not in ckpt.key_file]
+        if absent:
+            raise EmberError(
+                f"{ckpt.folder}: the 4-bit weight {base} lacks {', '.join(absent)} (a missing "
+                "shard?)"
+            )
+        shapes[base] = meta["shape"]
+    return shapes
+
+
+def iter_bnb_checkpoint(
+    folder: str | os.PathLike, cfg: ModelConfig | None = None, ckpt: CheckpointIndex | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_key, tensor)`` for every tensor of a bitsandbytes 4-bit checkpoint, as stored
+    (dense weights, packed NF4 weights and their ``.absmax`` / ``.quant_map`` / ... entries; the
+    consumer is ``ember.models.nf4.load_bnb_quantized_``). Keys are HF's, since a bnb entry's name
+    only maps through its weight's. Keys and dense shapes are validated against cfg first;
+    packed weights stored in another dtype (``bnb_4bit_quant_storage``) come as their uint8 bytes.
+    """
+    cfg = cfg if cfg is not None else read_config(folder)
+    ckpt = ckpt if ckpt is not None else scan_checkpoint(folder, quantized=True)
+    mapping = map_hf_keys(_bnb_dense_shapes(ckpt), cfg, str(ckpt.folder))
+    quantized = ckpt.quantized_weights()
+    for path in ckpt.files:
+        keys = [k for k, p in ckpt.key_file.items() if p == path and split_bnb_key(k)[0] in mapping]
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for key in keys:
+                    t = f.get_tensor(key)
+                    if key in quantized and t.dtype != torch.uint8:
+                        t = t.contiguous().view(torch.uint8).reshape(-1, 1)
+                    yield key, t
+        except SafetensorError as e:
+            raise EmberError(
+                f"{path}: reading tensor data failed ({e}); the file is corrupt"
+            ) from None
+
+
+def _load_bnb_(
+    model: Transformer,
+    folder: Path,
+    ckpt: CheckpointIndex,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """A pre-quantized bitsandbytes checkpoint: NF4 weights stay NF4 (bit for bit); the rest is
+    cast to dtype. Ember computes everything in dtype (bnb_4bit_compute_dtype is not used)."""
+    if not ckpt.quantized_weights():
+        raise EmberError(
+            f"{folder}/config.json has a quantization_config but the safetensors "
+            "hold no 4-bit weights; remove quantization_config to load it dense"
+        )
+    tensors = iter_bnb_checkpoint(folder, model.cfg, ckpt)
+    load_bnb_quantized_(model, tensors, device=device, compute_dtype=dtype, rename=hf_key_to_ember)
+    head = model.lm_head
+    if isinstance(head, Linear4bit):
+        # logits() and the fused loss read the head as a dense (V, D) matrix.
+        model.lm_head = nn.Linear(
+            head.in_features, head.out_features, bias=False, device=device, dtype=dtype
+        )
+        with torch.no_grad():
+            model.lm_head.weight.copy_(head.quant_weight.dequantize(dtype))
+    model.inv_freq = rope_inv_freq(model.cfg).to(device)
+
+
+def _bnb_config(hf: dict, dense: list[str], cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """``quantization_config`` for a bnb 4-bit folder. transformers decides which linears to
+    convert from the config alone: by default all but the output head, else all but
+    ``llm_int8_skip_modules``, which therefore lists every linear Ember keeps dense."""
+    keep = {
+        k.removesuffix(".weight")
+        for k in dense
+        if k.endswith("_proj.weight") or k == "lm_head.weight"
+    }
+    if cfg.tie_word_embeddings:
+        keep.add("lm_head")  # tied to the embedding, never quantized
+    return bnb_quantization_config(
+        dtype,
+        double_quant=any(k.endswith(".nested_absmax") for k in hf),
+        skip_modules=None if keep == {"lm_head"} else sorted(keep),
+    )
+
+
+def _with_nf4_weights(model: nn.Module, sd: dict) -> dict:
+    """sd with each Linear4bit's bnb entries replaced by its NF4Weight, dequantized on write."""
+    nf4 = {
+        f"{n}.weight": m.quant_weight for n, m in model.named_modules() if isinstance(m, Linear4bit)
+    }
+    out = {}
+    for k, v in sd.items():
+        base = split_bnb_key(k)[0]
+        if base not in nf4:
+            out[k] = v
+        elif k == base:
+            out[k] = nf4[base]
+    return out

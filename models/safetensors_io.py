@@ -1,0 +1,291 @@
+"""HF model folders on disk, below the model: ``config.json``, safetensors headers and shard
+indexes, the stream of tensors they hold, and sharded safetensors writing.
+
+``scan_checkpoint`` reads only the file headers (``CheckpointIndex``: which file holds which
+tensor, its shape and dtype); ``iter_checkpoint`` then streams ``(ember_key, tensor)`` pairs one
+file at a time, as stored, after validating every key and shape against the config. Writing:
+``parse_size`` reads ``max_shard_size``; ``_write_shards`` cuts a state dict into
+``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` plus the index, one shard in host
+memory at a time. Pickle checkpoints are refused, never unpickled. Orchestration (building the
+model, dtypes, atomic folders) is in ``ember.models.loading``; bitsandbytes 4-bit folders in
+``ember.models.bnb_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ember import EmberError
+from ember.kernels.nf4 import NF4Weight
+from ember.models.config import ModelConfig
+from ember.models.hf import config_from_hf, map_hf_keys
+from ember.models.nf4 import QS_SUFFIX, split_bnb_key
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _read_config_json(folder: str | os.PathLike) -> tuple[Path, dict]:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise EmberError(f"{path} not found: a model folder needs config.json next to the weights")
+    try:
+        return path, json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EmberError(f"{path} is not valid JSON ({e})") from None
+
+
+def _parse_config(path: Path, raw) -> ModelConfig:
+    try:
+        return config_from_hf(raw)
+    except EmberError as e:
+        raise EmberError(f"{path}: {str(e).removeprefix('config.json: ')}") from None
+
+
+def read_config(folder: str | os.PathLike) -> ModelConfig:
+    """ModelConfig from ``folder/config.json``."""
+    return _parse_config(*_read_config_json(folder))
+
+
+@dataclass
+class CheckpointIndex:
+    """Where every tensor of a safetensors checkpoint lives, from the file headers only."""
+
+    folder: Path
+    files: list[Path] = field(default_factory=list)
+    key_file: dict[str, Path] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype holding most of the weights (a few fp32 norms in a bf16 file don't count);
+        in a bitsandbytes checkpoint, of the weights that are not 4-bit."""
+        quantized = self.quantized_weights()
+        count: Counter = Counter()
+        for k, shape in self.shapes.items():
+            if split_bnb_key(k)[0] not in quantized:
+                count[self.dtypes[k]] += max(1, torch.Size(shape).numel())
+        if not count:
+            raise EmberError(
+                f"{self.folder}: every tensor is 4-bit; the checkpoint lacks the "
+                "embedding and norms"
+            )
+        return count.most_common(1)[0][0]
+
+    def quantized_weights(self) -> set[str]:
+        """HF keys of the bitsandbytes 4-bit weights (those with a quant state)."""
+        return {split_bnb_key(k)[0] for k in self.key_file if k.endswith("." + QS_SUFFIX)}
+
+
+def _refuse_pickle(folder: Path) -> None:
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise EmberError(
+            f"{folder} holds only pickle weights ({', '.join(pickles[:3])}); Ember never unpickles "
+            "checkpoints (it can run arbitrary code). Convert them to safetensors with a tool you "
+            "trust, e.g. transformers: AutoModelForCausalLM.from_pretrained(src)"
+            ".save_pretrained(dst), then load dst"
+        )
+
+
+def _index_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_FILE
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise EmberError(
+            f"{index} is not a valid safetensors index (needs a 'weight_map' object: "
+            f"{type(e).__name__}: {e})"
+        ) from None
+    files = []
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name:
+            raise EmberError(
+                f"{index}: weight_map names file {name!r}, which is not a plain file "
+                "name in the folder"
+            )
+        path = folder / name
+        if not path.is_file():
+            raise EmberError(
+                f"{path} not found (listed in {INDEX_FILE}); the download is incomplete"
+            )
+        files.append(path)
+    return files
+
+
+def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False) -> CheckpointIndex:
+    """Find the safetensors files of an HF folder and read their headers (no tensor data).
+
+    ``quantized``: the folder is a bitsandbytes 4-bit checkpoint, so uint8 tensors (packed
+    weights, absmax, quant states) are expected too."""
+    allowed = {**_ST_DTYPES, "U8": torch.uint8} if quantized else _ST_DTYPES
+    folder = Path(folder)
+    if (folder / SINGLE_FILE).is_file():
+        files = [folder / SINGLE_FILE]
+    elif (folder / INDEX_FILE).is_file():
+        files = _index_files(folder)
+    else:
+        _refuse_pickle(folder)
+        found = sorted(p.name for p in folder.glob("*.safetensors"))
+        hint = f" (found {', '.join(found[:3])} without {INDEX_FILE})" if found else ""
+        raise EmberError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}{hint}")
+    ckpt = CheckpointIndex(folder=folder, files=files)
+    for path in files:
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key in ckpt.key_file:
+                        raise EmberError(
+                            f"tensor {key} is stored twice: in {ckpt.key_file[key]} and {path}"
+                        )
+                    sl = f.get_slice(key)
+                    st_dtype = sl.get_dtype()
+                    if st_dtype not in allowed:
+                        hint = (
+                            " (a bitsandbytes 4-bit checkpoint? Its config.json needs the "
+                            "quantization_config it was saved with)"
+                            if st_dtype == "U8" and not quantized
+                            else ""
+                        )
+                        raise EmberError(
+                            f"{path}: tensor {key} has dtype {st_dtype}; only F32, F16 "
+                            f"and BF16 weights are supported{hint}"
+                        )
+                    ckpt.key_file[key] = path
+                    ckpt.shapes[key] = tuple(sl.get_shape())
+                    ckpt.dtypes[key] = allowed[st_dtype]
+        except (SafetensorError, OSError) as e:
+            raise EmberError(
+                f"{path} is not a readable safetensors file ({e}); it is truncated or "
+                "corrupt: download or save it again"
+            ) from None
+    if not ckpt.key_file:
+        raise EmberError(f"{folder}: the safetensors files hold no tensors")
+    return ckpt
+
+
+def iter_checkpoint(
+    folder: str | os.PathLike, cfg: ModelConfig | None = None, ckpt: CheckpointIndex | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(ember_key, tensor)`` for every weight, one file at a time, as stored (dtype, CPU).
+
+    All keys and shapes are validated against cfg (default: the folder's config.json) before the
+    first tensor is read, so a bad checkpoint fails fast and names the key."""
+    cfg = cfg if cfg is not None else read_config(folder)
+    ckpt = ckpt if ckpt is not None else scan_checkpoint(folder)
+    mapping = map_hf_keys(ckpt.shapes, cfg, str(ckpt.folder))
+    for path in ckpt.files:
+        keys = [k for k, p in ckpt.key_file.items() if p == path and k in mapping]
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for key in keys:
+                    yield mapping[key], f.get_tensor(key)
+        except SafetensorError as e:
+            raise EmberError(
+                f"{path}: reading tensor data failed ({e}); the file is corrupt"
+            ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB" (10^9) or "2GiB" (2^30), as transformers does."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise EmberError(
+            f"max_shard_size must be a positive int (bytes) or like '5GB' / '500MB' / "
+            f"'2GiB', got {size!r}"
+        )
+    return max(1, int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]))
+
+
+def _plan_shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Greedy shards in key order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, n in sizes.items():
+        if shards[-1] and used + n > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += n
+    return shards
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _materialize(v, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(v, NF4Weight):  # save_pretrained(dequantize=True): one weight at a time
+        return v.dequantize(dtype).to("cpu").contiguous()
+    return v.detach().to("cpu", dtype).contiguous()
+
+
+def _write_shards(tensors: dict, dtypes: dict[str, torch.dtype], folder: Path, limit: int) -> None:
+    """Write ``tensors`` (HF keys; each cast to ``dtypes[key]``, an ``NF4Weight`` dequantized) to
+    ``folder/model.safetensors``, or in shards of about ``limit`` bytes plus the index."""
+    sizes = {k: v.numel() * dtypes[k].itemsize for k, v in tensors.items()}
+    shards = _plan_shards(sizes, limit)
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for name, keys in zip(names, shards, strict=True):
+        # Cast and copy one shard at a time so saving a GPU model needs one shard of host memory.
+        shard, seen = {}, set()
+        for k in keys:
+            t = _materialize(tensors[k], dtypes[k])
+            # NF4 layers share one quant_map tensor; safetensors refuses aliased tensors.
+            ptr = t.untyped_storage().data_ptr()
+            shard[k] = t.clone() if ptr in seen else t
+            seen.add(ptr)
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        del shard
+    if len(shards) > 1:
+        _write_json(
+            folder / INDEX_FILE,
+            {
+                "metadata": {
+                    "total_size": sum(sizes.values()),
+                    "total_parameters": sum(v.numel() for v in tensors.values()),
+                },
+                "weight_map": {
+                    k: name for name, keys in zip(names, shards, strict=True) for k in keys
+                },
+            },
+        )
