@@ -47,7 +47,8 @@ from ember.models.bnb_checkpoint import (
     iter_bnb_checkpoint,
 )
 from ember.models.config import ModelConfig, rope_inv_freq
-from ember.models.hf import DTYPES, config_to_hf, quantization_config_from_hf, to_hf_state_dict
+from ember.models.hf import to_hf_state_dict
+from ember.models.hf_config import DTYPES, config_to_hf, quantization_config_from_hf
 from ember.models.hub import cache_root
 from ember.models.nf4 import QS_SUFFIX, split_bnb_key
 from ember.models.safetensors_io import (

@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 from ember import EmberError
 from ember.kernels.nf4 import NF4Weight
 from ember.models.config import ModelConfig
-from ember.models.hf import config_from_hf, map_hf_keys
+from ember.models.hf import map_hf_keys
+from ember.models.hf_config import config_from_hf
 from ember.models.nf4 import QS_SUFFIX, split_bnb_key
 
 SINGLE_FILE = "model.safetensors"

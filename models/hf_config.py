@@ -1,0 +1,489 @@
+"""Hugging Face ``config.json`` <-> Ember ``ModelConfig``, as pure functions on parsed dicts.
+
+Supported ``model_type``: llama (also SmolLM2), mistral, qwen2, qwen3. Both config.json styles are
+read: transformers 4.x (``rope_theta``, ``rope_scaling``, ``torch_dtype``) and 5.x
+(``rope_parameters``, ``dtype``); ``config_to_hf`` writes both, so either major version loads the
+folder. RoPE types: default, linear and llama3; others (yarn, dynamic, longrope...) are refused.
+
+Every config.json field is either understood, checked to have the one value Ember implements, or on
+an explicit list of harmless fields (bookkeeping, generation defaults); any other field is an error
+that names it, so a checkpoint Ember would silently compute differently is never loaded.
+
+Qwen2/Qwen3 sliding window: transformers applies it to layers ``i >= max_window_layers`` (or per
+``layer_types``). Ember has one window for the whole stack, so all-full and all-sliding stacks load
+and a mixed stack is refused with the layer indices.
+
+Quantized checkpoints: ``quantization_config`` is accepted for bitsandbytes NF4 4-bit only
+(``quantization_config_from_hf`` validates it; 8-bit, FP4, GPTQ... are refused naming the field);
+it describes storage, so the ModelConfig does not carry it. State dicts are in ``ember.models.hf``,
+which re-exports every public name of this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ember import EmberError
+from ember.models.config import ModelConfig, RopeScaling
+from ember.models.nf4 import check_quantization_config
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------------
+# config.json -> ModelConfig
+
+# Fields with no effect on the computation (bookkeeping, labels, generation defaults, other
+# runtimes).
+_HARMLESS_FIELDS = frozenset(
+    """
+    _name_or_path transformers_version architectures model_type use_cache initializer_range
+    pretraining_tp is_llama_config transformers.js_config output_attentions output_hidden_states
+    return_dict torchscript use_return_dict id2label label2id problem_type chunk_size_feed_forward
+    is_encoder_decoder is_decoder add_cross_attention tie_encoder_decoder
+    cross_attention_hidden_size pruned_heads finetuning_task tokenizer_class prefix sep_token_id
+    decoder_start_token_id
+    task_specific_params tf_legacy_loss use_bfloat16 _attn_implementation_autoset
+    max_length min_length do_sample early_stopping num_beams num_beam_groups diversity_penalty
+    temperature top_k top_p typical_p repetition_penalty length_penalty no_repeat_ngram_size
+    encoder_no_repeat_ngram_size bad_words_ids num_return_sequences output_scores
+    return_dict_in_generate forced_bos_token_id forced_eos_token_id remove_invalid_values
+    exponential_decay_length_penalty suppress_tokens begin_suppress_tokens
+""".split()
+)
+
+_COMMON_FIELDS = frozenset(
+    """
+    vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads
+    num_key_value_heads head_dim rms_norm_eps max_position_embeddings tie_word_embeddings
+    bos_token_id eos_token_id
+    pad_token_id rope_theta rope_scaling rope_parameters dtype torch_dtype hidden_act
+    attention_dropout rope_interleaved partial_rotary_factor quantization_config
+""".split()
+)
+
+_QWEN_WINDOW = "use_sliding_window sliding_window max_window_layers layer_types"
+_FAMILY_FIELDS = {
+    "llama": frozenset({"attention_bias", "mlp_bias"}),
+    "mistral": frozenset({"sliding_window"}),
+    "qwen2": frozenset(f"{_QWEN_WINDOW} use_mrope".split()),
+    "qwen3": frozenset(f"{_QWEN_WINDOW} attention_bias".split()),
+}
+
+# transformers' class defaults for fields a config.json may omit; matching them keeps parity.
+_IDS = dict(bos_token_id=1, eos_token_id=2)
+_QWEN = dict(max_position_embeddings=32768, num_key_value_heads=32, sliding_window=4096,
+             bos_token_id=None, eos_token_id=None, max_window_layers=28)  # fmt: skip
+_DEFAULTS = {
+    "llama": dict(**_IDS, max_position_embeddings=2048, num_key_value_heads=None),
+    "mistral": dict(
+        **_IDS, max_position_embeddings=131072, num_key_value_heads=8, sliding_window=4096
+    ),
+    "qwen2": _QWEN,
+    "qwen3": dict(**_QWEN, head_dim=128),
+}
+
+_ROPE_KEYS = {
+    "default": frozenset(),
+    "linear": frozenset({"factor"}),
+    "llama3": frozenset(
+        {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    ),
+}
+
+
+def _get_int(raw: Mapping, key: str, default=..., *, nullable: bool = False) -> int | None:
+    if key not in raw:
+        if default is ...:
+            raise EmberError(f"config.json: required field {key!r} is missing")
+        return default
+    v = raw[key]
+    if v is None and nullable:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise EmberError(f"config.json: {key} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def _get_bool(raw: Mapping, key: str, default: bool) -> bool:
+    v = raw.get(key, default)
+    if not isinstance(v, bool):
+        raise EmberError(f"config.json: {key} must be true or false, got {v!r}")
+    return v
+
+
+def _get_float(d: Mapping, key: str, default=..., where: str = "config.json") -> float:
+    if key not in d or d[key] is None:
+        if default is ...:
+            raise EmberError(f"{where}: required field {key!r} is missing")
+        return default
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise EmberError(f"{where}: {key} must be a number, got {v!r}")
+    return float(v)
+
+
+def _parse_rope(raw: Mapping, max_pos: int) -> tuple[float, RopeScaling | None]:
+    """RoPE theta and scaling, with transformers 5's precedence: a non-empty legacy ``rope_scaling``
+    wins over ``rope_parameters``, and a top-level ``rope_theta`` fills in a missing theta."""
+    scaling, params = raw.get("rope_scaling"), raw.get("rope_parameters")
+    for name, val in (("rope_scaling", scaling), ("rope_parameters", params)):
+        if val is not None and not isinstance(val, dict):
+            raise EmberError(f"config.json: {name} must be an object or null, got {val!r}")
+    rope = dict(scaling or params or {})
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise EmberError(
+            f"config.json: per-layer-type RoPE parameters ({sorted(rope)}) are not "
+            "supported; Ember applies one RoPE to every layer"
+        )
+    theta = _get_float(rope, "rope_theta", None, "config.json rope parameters")
+    if theta is None:
+        theta = _get_float(raw, "rope_theta", 10000.0)
+    kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+    rope.pop("type", None)
+    rope.pop("rope_theta", None)
+    if kind not in _ROPE_KEYS:
+        raise EmberError(
+            f"config.json: rope type {kind!r} is not supported (supported: {', '.join(_ROPE_KEYS)})"
+        )
+    unknown = sorted(set(rope) - _ROPE_KEYS[kind])
+    if unknown:
+        raise EmberError(f"config.json: unsupported field(s) {unknown} for rope type {kind!r}")
+    if kind == "default":
+        return theta, None
+    where = f"config.json {kind} rope scaling"
+    factor = _get_float(rope, "factor", ..., where)
+    if factor <= 0:
+        raise EmberError(f"{where}: factor must be > 0, got {factor}")
+    if kind == "linear":
+        return theta, RopeScaling(kind="linear", factor=factor)
+    low, high = (
+        _get_float(rope, "low_freq_factor", ..., where),
+        _get_float(rope, "high_freq_factor", ..., where),
+    )
+    if high <= low:
+        raise EmberError(f"{where}: high_freq_factor ({high}) must exceed low_freq_factor ({low})")
+    orig = rope.get("original_max_position_embeddings", max_pos)
+    if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:
+        raise EmberError(
+            f"{where}: original_max_position_embeddings must be a positive integer, got {orig!r}"
+        )
+    return theta, RopeScaling(
+        kind="llama3",
+        factor=factor,
+        low_freq_factor=low,
+        high_freq_factor=high,
+        original_max_position_embeddings=orig,
+    )
+
+
+def _parse_window(raw: Mapping, model_type: str, num_layers: int) -> int | None:
+    dflt = _DEFAULTS[model_type]
+    window = _get_int(raw, "sliding_window", dflt.get("sliding_window"), nullable=True)
+    if window == 0:
+        raise EmberError("config.json: sliding_window must be >= 1 or null, got 0")
+    if model_type == "mistral":
+        return window
+    if model_type == "llama":
+        return None
+    if _get_bool(raw, "use_mrope", False):
+        raise EmberError("config.json: use_mrope=true (multimodal RoPE) is not supported")
+    # Qwen2/3: the window exists only with use_sliding_window, and only on the layers layer_types
+    # (or max_window_layers) marks as sliding; transformers ignores max_window_layers when
+    # layer_types is given.
+    if not _get_bool(raw, "use_sliding_window", False):
+        window = None
+    types = raw.get("layer_types")
+    if types is None:
+        first = _get_int(raw, "max_window_layers", dflt["max_window_layers"])
+        types = [
+            "sliding_attention" if window is not None and i >= first else "full_attention"
+            for i in range(num_layers)
+        ]
+    if (
+        not isinstance(types, list)
+        or len(types) != num_layers
+        or not set(types) <= {"full_attention", "sliding_attention"}
+    ):
+        raise EmberError(
+            f"config.json: layer_types must list 'full_attention'/'sliding_attention' "
+            f"for each of the {num_layers} layers, got {types!r}"
+        )
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if not sliding:
+        return None
+    if window is None:
+        raise EmberError(
+            "config.json: layer_types marks sliding-attention layers but "
+            "use_sliding_window is false or sliding_window is null"
+        )
+    if len(sliding) != num_layers:
+        raise EmberError(
+            f"config.json: sliding-window attention on only some layers "
+            f"({sliding[:8]}{'...' if len(sliding) > 8 else ''} of {num_layers}) is not "
+            "supported; Ember uses one window for every layer (set "
+            "use_sliding_window=false to run them all with full attention)"
+        )
+    return window
+
+
+def quantization_config_from_hf(raw: Mapping) -> dict | None:
+    """config.json's ``quantization_config`` (bitsandbytes NF4 4-bit is the one kind Ember loads),
+    validated, or None for an unquantized checkpoint. It says how the linear weights are stored,
+    not what the model computes, so ``config_from_hf`` leaves it out of the ModelConfig."""
+    qc = raw.get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, Mapping):
+        raise EmberError(f"config.json: quantization_config must be an object, got {qc!r}")
+    try:
+        check_quantization_config(qc)
+    except EmberError as e:
+        raise EmberError(f"config.json: {e}") from None
+    return dict(qc)
+
+
+def config_from_hf(raw: Mapping) -> ModelConfig:
+    """ModelConfig from a parsed config.json (either transformers 4.x or 5.x style)."""
+    if not isinstance(raw, Mapping):
+        raise EmberError(f"config.json must hold a JSON object, got {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise EmberError(
+            f"config.json: model_type {model_type!r} is not supported (supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    quantization_config_from_hf(raw)
+    if "auto_map" in raw:
+        raise EmberError(
+            "config.json: auto_map points at custom modeling code, which Ember never "
+            f"runs; if this is a standard {model_type} model, delete auto_map"
+        )
+    unknown = sorted(set(raw) - _HARMLESS_FIELDS - _COMMON_FIELDS - _FAMILY_FIELDS[model_type])
+    if unknown:
+        raise EmberError(
+            f"config.json: field(s) {unknown} are not supported for model_type "
+            f"{model_type!r}; Ember cannot guarantee the same computation"
+        )
+    archs = raw.get("architectures")
+    if archs is not None and archs != [ARCHITECTURES[model_type]]:
+        raise EmberError(
+            f"config.json: architectures {archs!r} is not supported; expected "
+            f"[{ARCHITECTURES[model_type]!r}]"
+        )
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise EmberError(
+            f"config.json: hidden_act {act!r} is not supported for {model_type} (only 'silu')"
+        )
+    if _get_float(raw, "attention_dropout", 0.0) != 0.0:
+        raise EmberError(
+            "config.json: attention_dropout != 0 is not supported (Ember has no attention dropout)"
+        )
+    if _get_bool(raw, "rope_interleaved", False):
+        raise EmberError(
+            "config.json: rope_interleaved=true is not supported (Ember uses the "
+            "half-rotation RoPE layout)"
+        )
+    if _get_float(raw, "partial_rotary_factor", 1.0) != 1.0:
+        raise EmberError("config.json: partial_rotary_factor != 1 is not supported")
+
+    dflt = _DEFAULTS[model_type]
+    num_layers = _get_int(raw, "num_hidden_layers")
+    num_heads = _get_int(raw, "num_attention_heads")
+    kv = _get_int(raw, "num_key_value_heads", dflt["num_key_value_heads"], nullable=True)
+    head_dim = _get_int(raw, "head_dim", dflt.get("head_dim"), nullable=True)
+    max_pos = _get_int(raw, "max_position_embeddings", dflt["max_position_embeddings"])
+    kv = kv if kv is not None else num_heads
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    ):
+        if _get_int(raw, key) == 0:
+            raise EmberError(f"config.json: {key} must be >= 1")
+    if kv == 0 or num_heads % kv:
+        raise EmberError(
+            f"config.json: num_attention_heads ({num_heads}) must be a multiple of "
+            f"num_key_value_heads ({kv})"
+        )
+    if head_dim is None and _get_int(raw, "hidden_size") % num_heads:
+        raise EmberError(
+            f"config.json: hidden_size ({raw['hidden_size']}) is not divisible by "
+            f"num_attention_heads ({num_heads}); set head_dim"
+        )
+    if head_dim is not None and head_dim % 2:
+        raise EmberError(f"config.json: head_dim must be even for RoPE, got {head_dim}")
+    theta, scaling = _parse_rope(raw, max_pos)
+    dtype = raw.get("dtype") or raw.get("torch_dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise EmberError(
+            f"config.json: dtype {dtype!r} is not supported (use one of {', '.join(DTYPES)})"
+        )
+    eos = raw.get("eos_token_id", dflt["eos_token_id"])
+    if not (
+        eos is None
+        or (isinstance(eos, int) and not isinstance(eos, bool))
+        or (isinstance(eos, list) and all(isinstance(e, int) for e in eos))
+    ):
+        raise EmberError(
+            f"config.json: eos_token_id must be an integer, a list or null, got {eos!r}"
+        )
+
+    if model_type == "qwen2":
+        attn_bias, out_bias = True, False
+    elif model_type in ("llama", "qwen3"):
+        attn_bias = out_bias = _get_bool(raw, "attention_bias", False)
+    else:
+        attn_bias = out_bias = False
+    extra = {k: raw[k] for k in ("initializer_range",) if k in raw}
+    try:
+        return ModelConfig(
+            model_type=model_type,
+            vocab_size=_get_int(raw, "vocab_size"),
+            hidden_size=_get_int(raw, "hidden_size"),
+            intermediate_size=_get_int(raw, "intermediate_size"),
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=kv,
+            head_dim=head_dim,
+            rms_norm_eps=_get_float(raw, "rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=_get_bool(raw, "tie_word_embeddings", False),
+            attention_bias=attn_bias,
+            attention_out_bias=out_bias,
+            mlp_bias=_get_bool(raw, "mlp_bias", False) if model_type == "llama" else False,
+            qk_norm=model_type == "qwen3",
+            sliding_window=_parse_window(raw, model_type, num_layers),
+            bos_token_id=_get_int(raw, "bos_token_id", dflt["bos_token_id"], nullable=True),
+            eos_token_id=eos,
+            pad_token_id=_get_int(raw, "pad_token_id", None, nullable=True),
+            torch_dtype=dtype or "float32",
+            extra=extra,
+        )
+    except EmberError:
+        raise
+    except ValueError as e:
+        raise EmberError(f"config.json: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# ModelConfig -> config.json
+
+
+def _check_exportable(cfg: ModelConfig) -> None:
+    mt = cfg.model_type
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise EmberError(
+            f"cannot export model_type {mt!r} to Hugging Face (supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    problems = []
+    if cfg.activation != "silu":
+        problems.append(f"activation={cfg.activation!r}")
+    for name in ("attn_softcap", "final_softcap", "embedding_scale"):
+        if getattr(cfg, name) is not None:
+            problems.append(f"{name}={getattr(cfg, name)}")
+    if cfg.norm_offset != 0.0:
+        problems.append(f"norm_offset={cfg.norm_offset}")
+    if cfg.qk_norm != (mt == "qwen3"):
+        problems.append(f"qk_norm={cfg.qk_norm}")
+    if cfg.mlp_bias and mt != "llama":
+        problems.append("mlp_bias=True")
+    if cfg.sliding_window is not None and mt == "llama":
+        problems.append(f"sliding_window={cfg.sliding_window}")
+    bias = (cfg.attention_bias, cfg.attention_out_bias)
+    allowed = {
+        "llama": {(False, False), (True, True)},
+        "mistral": {(False, False)},
+        "qwen2": {(True, False)},
+        "qwen3": {(False, False), (True, True)},
+    }[mt]
+    if bias not in allowed:
+        problems.append(f"attention_bias={bias[0]}, attention_out_bias={bias[1]}")
+    if problems:
+        raise EmberError(
+            f"cannot export as Hugging Face model_type {mt!r}: it has no "
+            f"equivalent of {', '.join(problems)}"
+        )
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> dict:
+    """A config.json dict that transformers (4.45+ and 5.x) loads into the same model.
+
+    ``dtype`` is the dtype the weights are saved in (default ``cfg.torch_dtype``)."""
+    _check_exportable(cfg)
+    if isinstance(dtype, torch.dtype):
+        dtype = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
+    dtype = dtype or cfg.torch_dtype
+    if dtype not in DTYPES:
+        raise EmberError(f"cannot export dtype {dtype!r} (use one of {', '.join(DTYPES)})")
+    mt = cfg.model_type
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    rs = cfg.rope_scaling
+    if rs is not None and rs.kind == "linear":
+        rope.update(rope_type="linear", factor=rs.factor)
+    elif rs is not None:
+        rope.update(
+            rope_type="llama3",
+            factor=rs.factor,
+            low_freq_factor=rs.low_freq_factor,
+            high_freq_factor=rs.high_freq_factor,
+            original_max_position_embeddings=rs.original_max_position_embeddings,
+        )
+    legacy_scaling = None if rs is None else {k: v for k, v in rope.items() if k != "rope_theta"}
+    out = {
+        "architectures": [ARCHITECTURES[mt]],
+        "model_type": mt,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        # 5.x reads rope_parameters and dtype; 4.x reads rope_theta, rope_scaling and torch_dtype.
+        "rope_parameters": rope,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": legacy_scaling,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+        "attention_dropout": 0.0,
+        "initializer_range": cfg.extra.get("initializer_range", 0.02),
+        "use_cache": True,
+    }
+    if mt in ("llama", "qwen3"):
+        out["attention_bias"] = cfg.attention_bias
+    if mt == "llama":
+        out["mlp_bias"] = cfg.mlp_bias
+    if mt == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    if mt in ("qwen2", "qwen3"):
+        sliding = cfg.sliding_window is not None
+        out.update(
+            use_sliding_window=sliding,
+            sliding_window=cfg.sliding_window,
+            max_window_layers=0 if sliding else cfg.num_layers,
+            layer_types=[("sliding_attention" if sliding else "full_attention")] * cfg.num_layers,
+        )
+    return out
