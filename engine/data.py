@@ -14,33 +14,54 @@ predict across a boundary.
 Tokenizer duck type: ``encode(text, add_special_tokens=False) -> list[int]``, ``decode(ids)``,
 ``bos_token_id``, ``eos_token_id``, ``pad_token_id``, ``chat_template`` (str | None),
 ``apply_chat_template(messages, add_generation_prompt=False, tokenize=False) -> str``.
+
+Batching (``Example`` -> packed ``Batch``, ``PackedBatches``, ``pad_batch``) is in
+``ember.engine.packing``; its public names are importable from here too.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
-import random
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import accumulate
 from pathlib import Path
 
-import torch
-
 from ember import EmberError
+from ember.engine.packing import (
+    IGNORE,
+    Batch,
+    Example,
+    PackedBatches,
+    PaddedBatch,
+    _one_of,
+    collate,
+    pad_batch,
+)
 
-IGNORE = -100
+__all__ = [
+    "FORMATS",
+    "IGNORE",
+    "MAX_PROBLEMS",
+    "ROLES",
+    "Batch",
+    "DataConfig",
+    "DataReport",
+    "Datasets",
+    "Example",
+    "PackedBatches",
+    "PaddedBatch",
+    "collate",
+    "load_datasets",
+    "load_examples",
+    "pad_batch",
+    "render_prompt",
+    "split_examples",
+]
+
 ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("auto", "text", "prompt_completion", "messages")
 MAX_PROBLEMS = 5  # problems quoted verbatim in a report; the rest are counted by kind
-
-
-def _one_of(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise EmberError(f"data.{name} must be one of {', '.join(map(repr, allowed))}, "
-                         f"got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,23 +101,6 @@ class DataConfig:
         if self.tokens_per_batch < self.max_seq_len:
             raise EmberError(f"data.tokens_per_batch ({self.tokens_per_batch}) must be >= "
                              f"data.max_seq_len ({self.max_seq_len}) so every example fits a batch")
-
-
-@dataclass(eq=False)
-class Example:
-    input_ids: list[int]
-    labels: list[int]  # pre-shifted, IGNORE where there is no loss
-    source: str  # "path:line"
-    prompt_len: int = 0  # leading tokens that are the generation prompt (0 for plain text)
-    reference: str | None = None  # completion / final assistant text, for generation metrics
-    key: str = ""  # content hash: splits depend on the line's content, not its position
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def num_loss_tokens(self) -> int:
-        return sum(1 for t in self.labels if t != IGNORE)
 
 
 @dataclass
@@ -471,186 +475,3 @@ def load_datasets(cfg: DataConfig, tokenizer) -> Datasets:
         train, val = split_examples(train, cfg.val_fraction, cfg.seed)
     return Datasets(train, val, None if cfg.test is None else load(cfg.test), reports)
 
-
-# --- batches -------------------------------------------------------------------------------------
-
-@dataclass
-class Batch:
-    """One packed, padding-free sequence: B == 1, documents delimited by ``cu_seqlens``."""
-
-    input_ids: torch.Tensor  # (1, T) long
-    labels: torch.Tensor  # (1, T) long, pre-shifted, IGNORE where no loss
-    position_ids: torch.Tensor  # (1, T) long, restarting at 0 per document
-    cu_seqlens: torch.Tensor  # (num_docs + 1,) int32
-    max_seqlen: int
-    num_loss_tokens: int
-    num_docs: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.input_ids.shape[1]
-
-    def to(self, device, non_blocking: bool = True) -> Batch:
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in (
-            self.input_ids, self.labels, self.position_ids, self.cu_seqlens)),
-            self.max_seqlen, self.num_loss_tokens, self.num_docs)
-
-
-def collate(examples: list[Example]) -> Batch:
-    ids = [t for e in examples for t in e.input_ids]
-    labels = [t for e in examples for t in e.labels]
-    pos = [p for e in examples for p in range(len(e))]
-    lens = [len(e) for e in examples]
-    return Batch(torch.tensor([ids]), torch.tensor([labels]), torch.tensor([pos]),
-                 torch.tensor([0, *accumulate(lens)], dtype=torch.int32), max(lens),
-                 sum(1 for t in labels if t != IGNORE), len(examples))
-
-
-@dataclass
-class PaddedBatch:
-    input_ids: torch.Tensor  # (B, T)
-    labels: torch.Tensor  # (B, T), IGNORE on padding
-    attention_mask: torch.Tensor  # (B, T) long, 1 = real token
-    position_ids: torch.Tensor  # (B, T), 0 at each row's first real token
-    num_loss_tokens: int
-
-
-def pad_batch(examples: list[Example], pad_id: int, side: str = "right") -> PaddedBatch:
-    """A (B, T) batch with padding, for callers that want the classic layout (HF comparisons,
-    left-padded generation)."""
-    _one_of("side", side, ("right", "left"))
-    T = max(len(e) for e in examples)
-    ids, labels, mask, pos = [], [], [], []
-    for e in examples:
-        n, p = len(e), T - len(e)
-        cat = (lambda a, b: b + a) if side == "left" else (lambda a, b: a + b)
-        ids.append(cat(list(e.input_ids), [pad_id] * p))
-        labels.append(cat(list(e.labels), [IGNORE] * p))
-        mask.append(cat([1] * n, [0] * p))
-        pos.append(cat(list(range(n)), [0] * p))
-    return PaddedBatch(torch.tensor(ids), torch.tensor(labels), torch.tensor(mask),
-                       torch.tensor(pos), sum(e.num_loss_tokens for e in examples))
-
-
-def _best_fit(order: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best-fit decreasing: longest first, each into the fullest bin it fits (ties: ``order``)."""
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # sorted (room left, bin id)
-    for i in sorted(order, key=lambda i: -lengths[i]):  # stable: equal lengths keep `order`
-        j = bisect.bisect_left(free, (lengths[i], -1))
-        if j < len(free):
-            room, b = free.pop(j)
-        else:
-            room, b = capacity, len(bins)
-            bins.append([])
-        bins[b].append(i)
-        bisect.insort(free, (room - lengths[i], b))
-    return bins
-
-
-def _greedy(order: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
-    bins, cur, used = [], [], 0
-    for i in order:
-        if used + lengths[i] > capacity:
-            bins.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += lengths[i]
-    return bins + ([cur] if cur else [])
-
-
-class PackedBatches:
-    """Epochs of packed batches of at most ``tokens_per_batch`` tokens, deterministic by seed.
-
-    Iterating yields the rest of the current epoch, then moves to the next epoch, so after a
-    ``load_state_dict`` the next batches are exactly those an uninterrupted run would have seen.
-    With ``world_size > 1`` each rank gets every ``world_size``-th batch (an epoch is cut to a
-    multiple of ``world_size`` batches so ranks stay in step).
-    """
-
-    def __init__(self, examples: list[Example], tokens_per_batch: int, *, seed: int = 0,
-                 order: str = "shuffle", packing: str = "best_fit", rank: int = 0,
-                 world_size: int = 1):
-        _one_of("order", order, ("shuffle", "length", "file"))
-        _one_of("packing", packing, ("best_fit", "greedy"))
-        if not examples:
-            raise EmberError("no examples to batch")
-        self.examples = examples
-        self.lengths = [len(e) for e in examples]
-        if max(self.lengths) > tokens_per_batch:
-            raise EmberError(f"tokens_per_batch ({tokens_per_batch}) is smaller than the longest "
-                             f"example ({max(self.lengths)} tokens); raise it or lower "
-                             "max_seq_len")
-        if not 0 <= rank < world_size:
-            raise EmberError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.tokens_per_batch, self.seed, self.order, self.packing = (
-            tokens_per_batch, seed, order, packing)
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.position = 0, 0
-        self._cache: tuple[int, list[list[int]]] | None = None
-        h = hashlib.blake2b(digest_size=16)
-        h.update(json.dumps([self.lengths, tokens_per_batch, seed, order, packing, rank,
-                             world_size]).encode())
-        for e in examples:
-            h.update(e.key.encode())
-        self.fingerprint = h.hexdigest()
-
-    @classmethod
-    def from_config(cls, examples: list[Example], cfg: DataConfig, **kw) -> PackedBatches:
-        return cls(examples, cfg.tokens_per_batch, seed=cfg.seed, order=cfg.order,
-                   packing=cfg.packing, **kw)
-
-    def plan(self, epoch: int) -> list[list[int]]:
-        """Example indices of every batch of ``epoch`` for this rank."""
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
-        rng = random.Random(f"{self.seed}:{epoch}")  # str seeds hash stably across runs
-        order = list(range(len(self.examples)))
-        if self.order == "shuffle":
-            rng.shuffle(order)
-        elif self.order == "length":
-            order.sort(key=self.lengths.__getitem__)
-        if self.packing == "greedy":
-            bins = _greedy(order, self.lengths, self.tokens_per_batch)
-        else:
-            bins = _best_fit(order, self.lengths, self.tokens_per_batch)
-            if self.order == "shuffle":
-                rng.shuffle(bins)
-            elif self.order == "length":
-                bins.sort(key=lambda b: (max(self.lengths[i] for i in b), b))
-            else:
-                for b in bins:
-                    b.sort()
-                bins.sort()
-        if self.world_size > 1:
-            bins = bins[: len(bins) - len(bins) % self.world_size][self.rank:: self.world_size]
-            if not bins:
-                raise EmberError(f"the data makes fewer batches than world_size "
-                                 f"({self.world_size}); lower tokens_per_batch or add data")
-        self._cache = (epoch, bins)
-        return bins
-
-    def __len__(self) -> int:
-        """Batches in the current epoch (it can vary by a few between epochs)."""
-        return len(self.plan(self.epoch))
-
-    def total_batches(self, epochs: int) -> int:
-        return sum(len(self.plan(e)) for e in range(epochs))
-
-    def __iter__(self):
-        plan = self.plan(self.epoch)
-        while self.position < len(plan):
-            idx = plan[self.position]
-            self.position += 1
-            yield collate([self.examples[i] for i in idx])
-        self.epoch, self.position = self.epoch + 1, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "fingerprint": self.fingerprint}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("fingerprint") != self.fingerprint:
-            raise EmberError("the dataset or batching settings differ from the checkpoint's, so "
-                             "the run cannot resume at the same batch; resume with the same data "
-                             "and data.* settings")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
