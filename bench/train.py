@@ -42,390 +42,78 @@ block inputs to CPU (``offload=True``); HF+PEFT+bnb its standard checkpointing.
 
 Results: JSONL rows appended to ``bench/results/<date>_<gpu>.jsonl`` (op "train") and the tables
 in ``bench/results/<date>_<gpu>_train.md``; the tables are printed last.
+
+Code: workloads, data, FLOP formulas and the systems under test are in ``bench/_train_systems.py``;
+step timing, the runner and the report in ``bench/_train_measure.py``; this file runs them. Their
+public names are importable from here too (``__all__``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import gc
-import json
-import os
-import random
 import sys
-import time
-from dataclasses import dataclass
 
 import _harness as H
 import torch
+from _train_measure import (
+    Runner,
+    _free,
+    make_step,
+    peak_matmul_tflops,
+    tables,
+    time_steps,
+    write_results,
+)
+from _train_systems import (
+    GPU_WORKLOADS,
+    LLAMA3,
+    SHAPES,
+    SMOKE_WORKLOADS,
+    SYSTEMS,
+    Data,
+    Workload,
+    apply_liger,
+    build_ember,
+    build_hf,
+    hf_config,
+    label,
+    make_data,
+    matmul_params,
+    model_flops,
+)
 
 from ember.engine.activation import apply_activation_checkpointing
-from ember.engine.data import IGNORE, Batch
-from ember.engine.losses import sft_loss
-from ember.models import LoRAConfig, ModelConfig, RopeScaling, Transformer, apply_lora
+from ember.models import LoRAConfig, ModelConfig, apply_lora
 from ember.models.hf_backend import accelerate, restore
 
-LLAMA3 = dict(rope_theta=500000.0, rms_norm_eps=1e-5, vocab_size=128256)
-SHAPES = {  # name -> ember ModelConfig kwargs
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-                         num_kv_heads=8, max_position_embeddings=131072, **LLAMA3,
-                         rope_scaling=RopeScaling(factor=8.0)),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
-                         num_kv_heads=8, max_position_embeddings=131072, tie_word_embeddings=True,
-                         **LLAMA3, rope_scaling=RopeScaling(factor=32.0)),
-    "tiny": dict(hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
-                 num_kv_heads=2, vocab_size=512, rms_norm_eps=1e-5),
-}
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    shape: str
-    method: str  # "lora" | "qlora" | "full"
-    rank: int
-    seqlens: tuple[int, ...]
-    tokens: int  # per optimizer step (one micro-batch)
-    checkpointing: bool
-    prompt_frac: float = 0.0  # leading share of each document without loss
-
-
-GPU_WORKLOADS = {
-    "qlora8b": Workload("qlora8b", "llama-3.1-8b", "qlora", 32, (2048, 8192), 16384, True),
-    "lora8b": Workload("lora8b", "llama-3.1-8b", "lora", 16, (2048, 8192), 16384, True),
-    "full1b": Workload("full1b", "llama-3.2-1b", "full", 0, (2048, 8192), 8192, False),
-}
-SMOKE_WORKLOADS = {  # the GPU code paths in miniature, on CPU
-    "qlora-tiny": Workload("qlora-tiny", "tiny", "qlora", 8, (32,), 64, True),
-    "full-tiny": Workload("full-tiny", "tiny", "full", 0, (32,), 64, False),
-}
-SYSTEMS = ("ember", "hf", "hf_ember", "liger")
-
-
-def label(system: str, method: str) -> str:
-    hf = {"lora": "HF+PEFT", "qlora": "HF+PEFT+bnb", "full": "HF"}.get(method, "HF")
-    return {"ember": "Ember", "hf": hf, "hf_ember": f"{hf}+Ember kernels",
-            "liger": f"{hf}+Liger"}[system]
-
-
-# ------------------------------------------------------------------------------------------ data
-@dataclass
-class Data:
-    ember: Batch  # (1, R*L) packed, pre-shifted labels
-    hf: dict  # (R, L) rows, position_ids restarting per document, HF's unshifted labels
-    tokens: int
-    sum_len_sq: int
-
-
-def make_data(rows: int, seqlen: int, vocab: int, seed: int, prompt_frac: float = 0.0,
-              one_doc: bool = False) -> Data:
-    rng = random.Random(seed)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (rows, seqlen), generator=g)
-    docs = []  # per row, document lengths
-    for _ in range(rows):
-        lens, left = [], seqlen
-        while left > 0:
-            n = seqlen if one_doc else rng.randint(max(2, seqlen // 8), max(2, seqlen // 2))
-            n = left if left - n < 2 else n
-            lens.append(n)
-            left -= n
-        docs.append(lens)
-    pos = torch.zeros(rows, seqlen, dtype=torch.long)
-    hf_labels = ids.clone()
-    pre = torch.full((rows, seqlen), IGNORE, dtype=torch.long)
-    for r, lens in enumerate(docs):
-        a = 0
-        for n in lens:
-            pos[r, a:a + n] = torch.arange(n)
-            p = int(prompt_frac * n)
-            hf_labels[r, a:a + max(p, 1)] = IGNORE  # the first token has no context
-            pre[r, a + max(p, 1) - 1:a + n - 1] = ids[r, a + max(p, 1):a + n]
-            a += n
-    lens = [n for row in docs for n in row]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    batch = Batch(ids.reshape(1, -1), pre.reshape(1, -1), pos.reshape(1, -1), cu, max(lens),
-                  int((pre != IGNORE).sum()), len(lens))
-    hf = dict(input_ids=ids, position_ids=pos, labels=hf_labels, use_cache=False)
-    return Data(batch, hf, rows * seqlen, sum(n * n for n in lens))
-
-
-# ---------------------------------------------------------------------------------------- models
-def matmul_params(cfg: ModelConfig) -> int:
-    d, hd = cfg.hidden_size, cfg.head_dim
-    per_layer = d * hd * (cfg.num_heads + 2 * cfg.num_kv_heads) + cfg.num_heads * hd * d
-    return cfg.num_layers * (per_layer + 3 * d * cfg.intermediate_size) + cfg.vocab_size * d
-
-
-def model_flops(cfg: ModelConfig, wl: Workload, data: Data, n_lora: int) -> float:
-    n = matmul_params(cfg)
-    dense = 6 * n if wl.method == "full" else 4 * n + 6 * n_lora
-    attn = 6 * cfg.num_layers * cfg.num_heads * cfg.head_dim * data.sum_len_sq
-    return dense * data.tokens + attn
-
-
-@torch.no_grad()
-def _init_(model: torch.nn.Module, std: float = 0.02) -> None:
-    """Random init on the parameters' device (a CPU generator would take minutes at 8B)."""
-    for name, p in model.named_parameters():
-        p.fill_(1.0) if "norm" in name else p.normal_(0.0, std)
-
-
-def build_ember(cfg: ModelConfig, wl: Workload, device: str, offload: bool = False):
-    from ember.models.nf4 import quantize_model_
-
-    base_dtype = torch.float32 if wl.method == "full" or device == "cpu" else torch.bfloat16
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(base_dtype)
-    try:
-        with torch.device(device):
-            model = Transformer(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    _init_(model)
-    if wl.method == "qlora":
-        quantize_model_(model)
-    if wl.method != "full":
-        apply_lora(model, LoRAConfig(rank=wl.rank, alpha=2.0 * wl.rank))
-    if wl.checkpointing:
-        apply_activation_checkpointing(model, "every_block", offload=offload and device == "cuda")
-    return model
-
-
-def hf_config(cfg: ModelConfig):
-    import transformers
-
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    rs = cfg.rope_scaling
-    if rs is not None:
-        rope.update(rope_type="llama3", factor=rs.factor, low_freq_factor=rs.low_freq_factor,
-                    high_freq_factor=rs.high_freq_factor,
-                    original_max_position_embeddings=rs.original_max_position_embeddings)
-    return transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=cfg.tie_word_embeddings, rope_parameters=rope, use_cache=False)
-
-
-def _to_bnb_4bit_(model: torch.nn.Module) -> None:
-    """Swap every decoder linear for a bitsandbytes NF4 Linear4bit (double quant, bf16 compute),
-    one at a time so the dense weights are freed as we go."""
-    import bitsandbytes as bnb
-
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
-    for name in names:
-        parent, _, leaf = name.rpartition(".")
-        lin = model.get_submodule(name)
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=torch.bfloat16, compress_statistics=True,
-                              quant_type="nf4", device="meta")
-        w = lin.weight.data
-        q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True,
-                                     quant_type="nf4").to(w.device)
-        setattr(model.get_submodule(parent), leaf, q)
-        del lin, w
-    model.is_loaded_in_4bit = True  # what from_pretrained sets; PEFT then picks its bnb LoRA layer
-
-
-def build_hf(cfg: ModelConfig, wl: Workload, device: str, folder=None):
-    import peft
-    import transformers
-
-    dtype = torch.float32 if wl.method == "full" or device == "cpu" else torch.bfloat16
-    if folder is not None:  # the real model (CPU comparison)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, attn_implementation="sdpa").to(device)
-    else:
-        with torch.device(device):
-            model = transformers.AutoModelForCausalLM.from_config(
-                hf_config(cfg), dtype=dtype, attn_implementation="sdpa")
-        _init_(model)
-    if wl.method == "qlora":
-        _to_bnb_4bit_(model)
-    if wl.method != "full":
-        model = peft.get_peft_model(model, peft.LoraConfig(
-            r=wl.rank, lora_alpha=2 * wl.rank, lora_dropout=0.0, bias="none",
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                            "down_proj"]))
-    if wl.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    return model
-
-
-def apply_liger(model) -> None:
-    import liger_kernel.transformers as lk
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    fn = getattr(lk, "_apply_liger_kernel_to_instance", None)
-    # Liger patches transformers' llama module globals too (rope, classes): the HF rows must
-    # therefore all run before this (they do: liger runs last).
-    fn(model=base) if fn is not None else lk.apply_liger_kernel_to_llama(model=base)
-
-
-# ---------------------------------------------------------------------------------------- timing
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
-def make_step(system: str, model, data: Data, autocast, lr: float):
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = {"fused": True} if params and params[0].is_cuda else {}
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **fused)
-    dev = params[0].device
-    ember_batch = data.ember.to(dev)
-    hf_batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in data.hf.items()}
-
-    def step() -> torch.Tensor:
-        with autocast():
-            if system == "ember":
-                loss = sft_loss(model, ember_batch, ember_batch.num_loss_tokens)
-            else:
-                loss = model(**hf_batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step
-
-
-def time_steps(step, warmup: int, steps: int, device: str):
-    """(wall seconds per step, CPU seconds per step, peak GiB or None, losses). CPU time is the
-    process's (all threads): on a shared machine it tracks the work done where wall time also
-    counts the waiting."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0, c0 = time.perf_counter(), time.process_time()
-    losses = [step() for _ in range(steps)]
-    _sync(device)
-    dt = (time.perf_counter() - t0) / steps
-    dc = (time.process_time() - c0) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    return dt, dc, peak, [float(x) for x in losses]
-
-
-def peak_matmul_tflops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    import triton.testing
-
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(functools.partial(torch.mm, a, b), warmup=50, rep=300,
-                                 return_mode="median")
-    del a, b
-    return 2 * 8192**3 / ms / 1e9
-
-
-def _oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-# ------------------------------------------------------------------------------------------ runs
-class Runner:
-    def __init__(self, args, peak_tflops: float | None):
-        self.args, self.peak = args, peak_tflops
-        self.rows: list[dict] = []
-        self.longest: list[dict] = []
-        self.deadline = time.monotonic() + args.time_budget
-
-    def out_of_time(self) -> bool:
-        return time.monotonic() > self.deadline
-
-    def add(self, **row) -> dict:
-        row = {**H.env_info(), "op": "train", "smoke": bool(self.args.smoke), **row}
-        self.rows.append(row)
-        if row.get("tokens_per_s"):
-            print(f"[train] {row['workload']} L={row['seqlen']} {row['system']}: "
-                  f"{row['tokens_per_s']:,.0f} tok/s, peak {row.get('peak_gib')} GiB, "
-                  f"loss {row.get('losses')}", file=sys.stderr, flush=True)
-        elif row.get("note"):
-            print(f"[train] {row['workload']} L={row['seqlen']} {row['system']}: {row['note']}",
-                  file=sys.stderr, flush=True)
-        return row
-
-    def measure(self, system: str, model, cfg, wl: Workload, seqlen: int, autocast, n_lora):
-        base = dict(workload=wl.name, shape=wl.shape, method=wl.method, rank=wl.rank,
-                    seqlen=seqlen, system=system, tokens=wl.tokens,
-                    checkpointing=wl.checkpointing, dtype=self.args.dtype_name)
-        if self.out_of_time():
-            return self.add(**base, note="skipped: --time-budget spent")
-        data = make_data(max(1, wl.tokens // seqlen), seqlen, cfg.vocab_size, seed=seqlen,
-                         prompt_frac=wl.prompt_frac)
-        lr = 1e-5 if wl.method == "full" else 1e-4
-        step = make_step(system, model, data, autocast, lr)
-        try:
-            dt, dc, peak, losses = time_steps(step, self.args.warmup_steps,
-                                              self.args.train_steps, self.args.device)
-        except Exception as e:  # noqa: BLE001 - one system failing must not end the bench
-            note = "OOM" if _oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:90]}"
-            del step
-            _free(self.args.device)
-            return self.add(**base, note=note)
-        del step
-        _free(self.args.device)
-        flops = model_flops(cfg, wl, data, n_lora)
-        return self.add(**base, tokens_per_s=data.tokens / dt, step_s=dt, peak_gib=peak,
-                        tokens_per_cpu_s=data.tokens / dc if self.args.device == "cpu" else None,
-                        mfu=flops / dt / (self.peak * 1e12) if self.peak else None,
-                        model_tflop_per_step=flops / 1e12, losses=losses, n_lora=n_lora)
-
-    def longest_fit(self, system: str, model, cfg, wl, autocast, lengths, verify: bool):
-        """Peak memory at two lengths -> the length that fills the GPU (linear fit)."""
-        peaks = {}
-        for t in lengths:
-            data = make_data(1, t, cfg.vocab_size, seed=t, one_doc=True)
-            step = make_step(system, model, data, autocast, 1e-4)
-            try:
-                step()
-                _sync("cuda")
-                torch.cuda.reset_peak_memory_stats()
-                step()
-                _sync("cuda")
-                peaks[t] = torch.cuda.max_memory_allocated()
-            except Exception as e:  # noqa: BLE001
-                peaks[t] = None
-                note = "OOM" if _oom(e) else f"{type(e).__name__}: {str(e)[:80]}"
-                print(f"[train] longest probe {system} T={t}: {note}", file=sys.stderr)
-            del step
-            _free("cuda")
-        (t1, p1), (t2, p2) = sorted(peaks.items())
-        row = dict(workload=wl.name, system=system, probes={t: p and p / 2**30
-                                                            for t, p in peaks.items()})
-        if p1 is None or p2 is None or p2 <= p1:
-            row["note"] = "probe failed"
-            self.longest.append(row)
-            return
-        cap = torch.cuda.get_device_properties(0).total_memory - 2**30  # 1 GiB for the context
-        per_token = (p2 - p1) / (t2 - t1)
-        t_max = int((cap - (p1 - per_token * t1)) / per_token)
-        row.update(fit_tokens=t_max, bytes_per_token=per_token, verified=None)
-        if verify:
-            t = int(0.97 * t_max) // 256 * 256
-            data = make_data(1, t, cfg.vocab_size, seed=1, one_doc=True)
-            step = make_step(system, model, data, autocast, 1e-4)
-            try:
-                step()
-                row["verified"] = t
-            except Exception as e:  # noqa: BLE001
-                row["verified"] = f"failed at {t}: {'OOM' if _oom(e) else type(e).__name__}"
-            del step
-            _free("cuda")
-        self.longest.append(row)
+__all__ = [
+    "GPU_WORKLOADS",
+    "LLAMA3",
+    "SHAPES",
+    "SMOKE_WORKLOADS",
+    "SYSTEMS",
+    "Data",
+    "Runner",
+    "Workload",
+    "apply_liger",
+    "build_ember",
+    "build_hf",
+    "hf_config",
+    "label",
+    "main",
+    "make_data",
+    "make_step",
+    "matmul_params",
+    "model_flops",
+    "parse",
+    "peak_matmul_tflops",
+    "run_cpu",
+    "run_liger",
+    "run_workload",
+    "tables",
+    "time_steps",
+    "write_results",
+]
 
 
 def _autocast_factory(device: str, dtype_name: str):
@@ -517,68 +205,6 @@ def run_cpu(runner: Runner) -> None:
     wl = Workload("smollm2-135m-lora", "smollm2-135m", "lora", 16, (L,), rows * L, False,
                   prompt_frac=0.5)
     run_workload(runner, wl, ["ember", "hf", "hf_ember"], folder=folder, cfg=cfg)
-
-
-# ---------------------------------------------------------------------------------------- output
-def _f(v, spec: str, dash: str = "-") -> str:
-    return dash if v is None else format(v, spec)
-
-
-def tables(runner: Runner) -> str:
-    info = H.env_info()
-    versions = {m: getattr(H.try_import(m), "__version__", "-") for m in
-                ("transformers", "peft", "bitsandbytes", "liger_kernel")}
-    if versions["liger_kernel"] == "-" and H.try_import("liger_kernel") is not None:
-        versions["liger_kernel"] = "installed"
-    head = (f"### train: {info['gpu']}, torch {info['torch']}, triton {info['triton']}, "
-            + ", ".join(f"{k} {v}" for k, v in versions.items())
-            + f", git {info['git_sha']}, {time.strftime('%Y-%m-%d')}"
-            + (f", peak bf16 matmul {runner.peak:.0f} TFLOP/s" if runner.peak else
-               f", {runner.args.dtype_name}, {torch.get_num_threads()} threads"))
-    lines = [head, "",
-             "| workload | seq | system | tokens/s | vs HF | peak GiB | MFU | loss | note |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
-    hf = {(r["workload"], r["seqlen"]): r for r in runner.rows if r["system"] == "hf"}
-    for r in runner.rows:
-        ref_row = hf.get((r["workload"], r["seqlen"]), {})
-        tps, ref = r.get("tokens_per_s"), ref_row.get("tokens_per_s")
-        note = r.get("note") or ""
-        cps, ref_cps = r.get("tokens_per_cpu_s"), ref_row.get("tokens_per_cpu_s")
-        if cps:  # CPU runs: per CPU-second too (robust to other load on the machine)
-            note = (f"{cps:,.0f} tok/CPU-s" + (f" ({cps / ref_cps:.2f}x HF)" if ref_cps else "")
-                    + (f"; {note}" if note else ""))
-        name = label(r["system"], r.get("method"))
-        lines.append(
-            f"| {r['workload']} | {r['seqlen']} | {name} | {_f(tps, ',.0f')} | "
-            f"{_f(tps / ref if tps and ref else None, '.2f')} | {_f(r.get('peak_gib'), '.1f')} | "
-            f"{_f(r['mfu'] * 100 if r.get('mfu') else None, '.1f')}{'%' if r.get('mfu') else ''}"
-            f" | {_f(r['losses'][-1] if r.get('losses') else None, '.3f')} | {note} |")
-    lines.append("| - | - | Unsloth | - | - | - | - | - | not measured: not installable offline |")
-    if runner.longest:
-        lines += ["", "| longest QLoRA 8B sequence | fits (linear fit of peak memory) | "
-                  "bytes/token | probes (GiB) | verified |", "|---|---:|---:|---|---|"]
-        for r in runner.longest:
-            probes = ", ".join(f"{t}: {_f(g, '.1f', 'OOM')}" for t, g in r["probes"].items())
-            lines.append(f"| {label(r['system'], 'qlora')} | {_f(r.get('fit_tokens'), ',d')} | "
-                         f"{_f(r.get('bytes_per_token'), ',.0f')} | {probes} | "
-                         f"{r.get('verified') or r.get('note') or 'no (--full verifies)'} |")
-    return "\n".join(lines)
-
-
-def write_results(runner: Runner, table: str) -> None:
-    path = H.results_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        for r in runner.rows + [{**H.env_info(), "op": "train_longest", **x}
-                                for x in runner.longest]:
-            f.write(json.dumps(r, default=str) + "\n")
-    (path.parent / f"{path.stem}_train.md").write_text(table + "\n")
-    md_dir = os.environ.get("EMBER_BENCH_MD_DIR")
-    if md_dir:
-        os.makedirs(md_dir, exist_ok=True)
-        with open(os.path.join(md_dir, "train.md"), "w") as f:
-            f.write(table + "\n")
-    print(f"{len(runner.rows)} rows appended to {path}", file=sys.stderr)
 
 
 def parse():
