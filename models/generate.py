@@ -56,13 +56,34 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 
 
 @torch.inference_mode()
+def _check_ids(what: str, i: int, ids: list[int], vocab: int) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise EmberError(f"{what} {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+
+
+def _greedy_tokens(model: Transformer, hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """argmax of the logits at every position of hidden (b, T, D) -> (b, T), in chunks of
+    positions so a draft pass never holds (b, T, V) logits at once."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    out = torch.cat([model.logits(h[i:i + chunk]).argmax(-1) for i in range(0, h.shape[0], chunk)])
+    return out.view(hidden.shape[:2])
+
+
 def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, eos_token_ids: Iterable[int] = (),
                  pad_token_id: int = 0,
-                 should_stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+                 should_stop: Callable[[int, list[int]], bool] | None = None,
+                 drafts: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt. Returns the new ids per row, without the
-    stop token. ``should_stop(row, ids_so_far)`` may end a row early (stop strings)."""
+    stop token. ``should_stop(row, ids_so_far)`` may end a row early (stop strings).
+
+    ``drafts`` (greedy only): a guessed continuation per prompt, e.g. the reference answer when
+    evaluating. It is verified the way speculative decoding verifies a draft model's tokens: fed
+    in one pass after the tokens generated so far, and accepted for as long as it agrees with the
+    model's own argmax, plus the model's next token. The output is exactly greedy decoding's; a
+    right guess just costs one pass instead of one pass per token."""
     _check_sampling(max_new_tokens, temperature, top_p, top_k)
     prompts = [list(map(int, p)) for p in prompt_ids]
     if not prompts:
@@ -71,10 +92,16 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     for i, p in enumerate(prompts):
         if not p:
             raise EmberError(f"prompt {i} is empty: give at least one token (e.g. BOS)")
-        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise EmberError(f"prompt {i} has token ids outside the vocabulary "
-                             f"[0, {cfg.vocab_size}): {bad[:5]}")
+        _check_ids("prompt", i, p, cfg.vocab_size)
+    if drafts is not None:
+        if temperature > 0:
+            raise EmberError("drafts are verified against greedy choices: use temperature = 0")
+        drafts = [list(map(int, d)) for d in drafts]
+        if len(drafts) != len(prompts):
+            raise EmberError(f"{len(drafts)} drafts for {len(prompts)} prompts: give one per "
+                             "prompt (an empty list where there is no guess)")
+        for i, d in enumerate(drafts):
+            _check_ids("draft", i, d, cfg.vocab_size)
     B, L = len(prompts), max(map(len, prompts))
     if L + max_new_tokens > cfg.max_position_embeddings:
         raise EmberError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
@@ -89,37 +116,90 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
         ids[i, L - len(p):] = torch.tensor(p)
         mask[i, L - len(p):] = True
     ids, mask = ids.to(device), mask.to(device)
-    padded = not bool(mask.all())
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, L): real tokens count from 0
-    key_mask = mask if padded else None
-    cache = KVCache(cfg, B, L + max_new_tokens, device, weight.dtype)
+    # Cache slots: the prompt, one per generated token, and the rejected tail of a draft pass
+    # (hidden with key_mask, like padding).
+    slots = L + max_new_tokens + (max_new_tokens + 1 if drafts is not None else 0)
+    key_mask = None if bool(mask.all()) else mask
+    cache = KVCache(cfg, B, slots, device, weight.dtype)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     stop_ids = set(int(t) for t in eos_token_ids)
 
     hidden = model.hidden_states(ids, positions, cache=cache, key_mask=key_mask)[:, -1:]
-    next_pos = positions[:, -1:] + 1  # (B, 1)
+    # Per batch row: the prompt it holds, whether it is still generating, the tokens it fed in
+    # the last pass (the last committed token, then draft tokens) and the position of the next.
+    rows = list(range(B))
+    alive = [True] * B
+    feeds = [[0] for _ in range(B)]  # the prompt's last token (only feeds[b][1:] is ever read)
+    next_pos = positions[:, -1].tolist()
+    drafting = [drafts is not None and len(d) > 0 for d in (drafts or [[]] * B)]
     out: list[list[int]] = [[] for _ in range(B)]
-    finished = [False] * B
-    for step in range(max_new_tokens):
-        logits = model.logits(hidden)[:, -1].float()  # (B, V)
-        tokens = sample_next(logits, temperature, top_p, top_k, generator)
-        for i, t in enumerate(tokens.tolist()):
-            if finished[i]:
+    while True:
+        if hidden.shape[1] == 1:
+            logits = model.logits(hidden[:, -1]).float()  # (b, V)
+            preds = sample_next(logits, temperature, top_p, top_k, generator)[:, None].tolist()
+        else:  # a draft pass (greedy): a prediction after every fed token
+            preds = _greedy_tokens(model, hidden).tolist()  # (b, T)
+        first_slot = cache.length - hidden.shape[1]
+        for b, r in enumerate(rows):
+            if not alive[b]:
                 continue
-            if t in stop_ids:
-                finished[i] = True
-                continue
-            out[i].append(t)
-            if should_stop is not None and should_stop(i, out[i]):
-                finished[i] = True
-        if all(finished) or step == max_new_tokens - 1:
+            j = 0
+            while True:  # commit the prediction after fed token j; go on while the draft agrees
+                t = preds[b][j]
+                if t in stop_ids:
+                    alive[b] = False
+                    break
+                out[r].append(t)
+                if drafting[r]:
+                    n = len(out[r])
+                    drafting[r] = n < len(drafts[r]) and drafts[r][n - 1] == t
+                if (should_stop is not None and should_stop(r, out[r])) or (
+                        len(out[r]) >= max_new_tokens):
+                    alive[b] = False
+                    break
+                if j + 1 < len(feeds[b]) and feeds[b][j + 1] == t:
+                    j += 1
+                    continue
+                break
+            if j + 1 < len(feeds[b]):  # hide the rejected draft tokens from later passes
+                key_mask[b, first_slot + j + 1:first_slot + len(feeds[b])] = False
+            next_pos[b] += j + 1
+        if not any(alive):
             break
+        dead = alive.count(False)
+        if dead and dead * 8 >= len(rows):
+            # Enough rows finished that carrying them costs more than copying the cache.
+            keep = [b for b in range(len(rows)) if alive[b]]
+            idx = torch.tensor(keep, device=device)
+            cache.k = [t.index_select(0, idx) for t in cache.k]
+            cache.v = [t.index_select(0, idx) for t in cache.v]
+            key_mask = key_mask.index_select(0, idx) if key_mask is not None else None
+            rows, next_pos = [rows[b] for b in keep], [next_pos[b] for b in keep]
+            alive = [True] * len(keep)
+        # Next pass: each live row feeds its last token, plus what is left of its draft.
+        feeds = []
+        for b, r in enumerate(rows):
+            if not alive[b]:
+                feeds.append([])
+                continue
+            n = len(out[r])
+            tail = drafts[r][n:max_new_tokens - 1] if drafting[r] else []
+            feeds.append([out[r][-1], *tail])
+        T = max(map(len, feeds))
+        inp = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
+        for b, f in enumerate(feeds):
+            inp[b, :len(f)] = torch.tensor(f, dtype=torch.long)
+        pos = torch.tensor(next_pos)[:, None] + torch.arange(T)[None]  # (b, T)
+        if key_mask is None and (T > 1 or not all(alive)):
+            key_mask = torch.ones((len(rows), cache.length), dtype=torch.bool, device=device)
         if key_mask is not None:
-            key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=1)
-        hidden = model.hidden_states(tokens[:, None], next_pos, cache=cache, key_mask=key_mask)
-        next_pos = next_pos + 1
+            new = torch.arange(T)[None] < torch.tensor(list(map(len, feeds)))[:, None]
+            key_mask = torch.cat([key_mask, new.to(device)], dim=1)
+        hidden = model.hidden_states(inp.to(device), pos.to(device), cache=cache,
+                                     key_mask=key_mask)
     return out
 
 

@@ -99,6 +99,69 @@ def test_eos_stops_each_row_independently(tiny):
     assert generate_ids(model, prompts, max_new_tokens=0) == [[], []]
 
 
+def _passes(model):
+    """Count the model's forward passes (hidden_states calls) made by generate_ids."""
+    calls = []
+    inner = model.hidden_states
+
+    def counted(*a, **kw):
+        calls.append(a[0].shape)
+        return inner(*a, **kw)
+
+    model.hidden_states = counted
+    return calls
+
+
+def test_drafts_give_exactly_greedy_output_and_save_passes(tiny):
+    model, _ = tiny
+    prompts = _rand_prompts([5, 1, 9, 3, 4, 7])
+    n = 9
+    free = generate_ids(model, prompts, max_new_tokens=n)
+    assert any(len(f) == n for f in free)
+    fix = free[2][:]
+    fix[3] = (fix[3] + 1) % VOCAB  # right up to token 3, then wrong
+    drafts = [free[0],  # exactly right
+              free[1][:2],  # a right prefix, shorter than the output
+              fix,
+              [(free[3][0] + 1) % VOCAB] + free[3][1:],  # wrong from the first token
+              [],  # no guess
+              free[5] + [7, 8, 9, 10]]  # right, and longer than max_new_tokens allows
+    calls = _passes(model)
+    out = generate_ids(model, prompts, max_new_tokens=n, drafts=drafts)
+    assert out == free
+    # prefill, one draft pass, then one pass per token for the rows whose guess was wrong (the
+    # finished rows leave the batch)
+    assert len(calls) <= n and calls[1][1] > 1 and calls[-1][0] < len(prompts)
+    # all guesses right: prefill + one draft pass (+ at most one for a row at its stop token)
+    calls.clear()
+    assert generate_ids(model, prompts, max_new_tokens=n, drafts=free) == free
+    assert len(calls) <= 3
+
+
+def test_drafts_with_eos_and_stop_rules(tiny):
+    model, _ = tiny
+    prompts = _rand_prompts([4, 6, 2])
+    free = generate_ids(model, prompts, max_new_tokens=8)
+    stop = free[0][3]
+    want = generate_ids(model, prompts, max_new_tokens=8, eos_token_ids=[stop])
+    guess = [w + [stop] for w in want]  # a reference ends with its EOS token
+    assert generate_ids(model, prompts, max_new_tokens=8, eos_token_ids=[stop],
+                        drafts=guess) == want
+
+    def short(row, ids):
+        return len(ids) >= 2 + row
+
+    want = generate_ids(model, prompts, max_new_tokens=8, should_stop=short)
+    assert generate_ids(model, prompts, max_new_tokens=8, should_stop=short,
+                        drafts=free) == want
+    with pytest.raises(EmberError, match="temperature = 0"):
+        generate_ids(model, prompts, temperature=1.0, drafts=free)
+    with pytest.raises(EmberError, match="one per prompt"):
+        generate_ids(model, prompts, drafts=free[:2])
+    with pytest.raises(EmberError, match="draft 1 has token ids outside"):
+        generate_ids(model, prompts, drafts=[[], [VOCAB], []])
+
+
 def test_sampling_is_seeded_and_knobs_reduce_to_greedy(tiny):
     model, _ = tiny
     prompts = _rand_prompts([3, 5])
