@@ -1,7 +1,8 @@
 """Run configuration: frozen, keyword-only dataclasses loaded from TOML or a named recipe.
 
 A run is ``TrainConfig``; each TOML table is one section (``[model]``, ``[lora]``, ``[optim]``,
-``[data]``, ``[task]``, ``[eval]``, ``[checkpoint]``), top-level keys are ``TrainConfig`` fields.
+``[data]``, ``[task]``, ``[eval]``, ``[checkpoint]``, ``[activations]``, ``[dist]``, ``[guards]``),
+top-level keys are ``TrainConfig`` fields.
 ``--set a.b=value`` overrides parse ``value`` as a TOML value (a bare word is a string). Unknown
 keys and wrong types are ``EmberError``s that name the key and list the valid ones.
 
@@ -25,7 +26,10 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
     import tomli as tomllib
 
 from ember import EmberError
+from ember.engine.activation import ActivationConfig
 from ember.engine.data import DataConfig
+from ember.engine.distributed import DistConfig
+from ember.engine.guards import GuardConfig
 from ember.models.lora import LoRAConfig
 
 
@@ -117,8 +121,12 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: only the final checkpoint
     keep_last: int = 2
     save_final: bool = True  # checkpoint at the end, plus the adapter / model in <run_dir>/final
+    # How --resume checks a checkpoint before using it: "hash" (sizes and sha256 of every file,
+    # split between the processes) or "size" (faster for huge checkpoints, misses bit rot).
+    verify: str = "hash"
 
     def __post_init__(self) -> None:
+        _one_of("checkpoint.verify", self.verify, ("hash", "size"))
         if self.every_steps < 0 or self.keep_last < 1:
             raise EmberError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
 
@@ -139,7 +147,12 @@ class TrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    grad_accum: int = 1  # micro-batches (of data.tokens_per_batch tokens) per optimizer step
+    activations: ActivationConfig = field(default_factory=ActivationConfig)
+    dist: DistConfig = field(default_factory=DistConfig)  # under torchrun only
+    guards: GuardConfig = field(default_factory=GuardConfig)
+    # Micro-batches (of data.tokens_per_batch tokens) per optimizer step and per process: under
+    # torchrun with N processes a step takes grad_accum * N batches.
+    grad_accum: int = 1
     max_steps: int | None = None  # None: epochs decide
     epochs: float = 1.0
     seed: int = 0
