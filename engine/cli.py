@@ -24,10 +24,14 @@ EXIT_USER_ERROR = 2
 
 def _cmd_train(a) -> None:
     from ember.engine.config import load_config
+    from ember.engine.distributed import shutdown
     from ember.engine.trainer import train
 
     cfg = load_config(a.config, a.set or [])
-    train(cfg, resume=a.resume)
+    try:
+        train(cfg, resume=a.resume)
+    finally:
+        shutdown()  # leave torchrun's process group (a no-op for one process)
 
 
 def _is_run_dir(path: str) -> bool:
@@ -41,7 +45,7 @@ def _load(target: str, adapter: str | None, device: str | None, raw: bool = Fals
     from ember.engine.data import DataConfig
 
     if _is_run_dir(target):
-        from ember.engine.trainer import load_run_model
+        from ember.engine.state import load_run_model
 
         model, tok, cfg = load_run_model(target, device)
         data_cfg = cfg.data
@@ -86,7 +90,7 @@ def _cmd_eval(a) -> None:
     from ember.engine.data import load_examples
     from ember.engine.evaluation import generation_eval, validation_loss
     from ember.engine.metrics import perplexity
-    from ember.engine.trainer import autocast_for
+    from ember.engine.runtime import autocast_for
 
     model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
     data = a.data or data_cfg.test or data_cfg.validation
@@ -111,7 +115,7 @@ def _cmd_eval(a) -> None:
 
 
 def _cmd_export(a) -> None:
-    from ember.engine.trainer import load_run_model
+    from ember.engine.state import load_run_model
     from ember.models.loading import save_pretrained
     from ember.models.lora import lora_modules, merge_lora, save_adapter
 

@@ -70,10 +70,15 @@ class DistInfo:
     local_rank: int = 0
     device: str = "cpu"
     backend: str | None = None  # None: no process group (one process)
+    local_world_size: int = 1  # processes on this node
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def nnodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
 
     @property
     def is_main(self) -> bool:
@@ -124,7 +129,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
                          f"{dist.get_world_size()}) disagrees with RANK={rank}, "
                          f"WORLD_SIZE={world}")
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device,
-                    backend=backend)
+                    backend=backend, local_world_size=_env_int("LOCAL_WORLD_SIZE", world))
 
 
 def shutdown() -> None:

@@ -66,8 +66,8 @@ class NonFiniteGuard:
                 f"gradients (each was skipped; {self.skipped} skipped in total), so the run "
                 "stops. Usual causes: a learning rate too high (lower optim.lr, or add warmup "
                 "with optim.warmup_steps), fp16 overflow (use precision = \"bf16\"), or broken "
-                "data. Resume from the last checkpoint after the change, or allow more with "
-                "guards.max_nonfinite_in_a_row.")
+                "data: fix it in a new run (a resumed run keeps its optim and data settings), or "
+                "allow more with guards.max_nonfinite_in_a_row and --resume.")
         return False
 
     def state_dict(self) -> dict:
@@ -139,9 +139,10 @@ def resume_command(run_dir, world_size: int = 1, nnodes: int = 1) -> str:
     """The shell command that continues the run in ``run_dir``."""
     run = shlex.quote(str(run_dir))
     if world_size > 1 or nnodes > 1:
-        nodes = f" --nnodes {nnodes} (plus your rendezvous flags)" if nnodes > 1 else ""
+        nodes = (f" --nnodes {nnodes} (plus your rendezvous flags)" if nnodes > 1
+                 else " --standalone")
         per_node = max(1, world_size // max(1, nnodes))
-        return (f"torchrun --nproc_per_node {per_node}{nodes} -m ember.engine.cli train {run} "
+        return (f"torchrun{nodes} --nproc_per_node {per_node} -m ember.engine.cli train {run} "
                 "--resume")
     return f"ember train {run} --resume"
 

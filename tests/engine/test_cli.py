@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ember.engine.cli import main
-from tests.engine.test_trainer import make_tiny_model, tiny_rows, write_jsonl
+from tests.engine._tiny import make_tiny_model, tiny_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def _generate(capsys, *args) -> str:
 
 
 def test_export_and_generate(trained, tmp_path, capsys):
-    from ember.engine.trainer import load_run_model
+    from ember.engine.state import load_run_model
     from ember.models.loading import load_pretrained
 
     run = str(trained["run"])

@@ -16,7 +16,7 @@ from ember.engine.config import (
     recipe_names,
     to_toml,
 )
-from ember.engine.trainer import cpu_has_bf16, resolve
+from ember.engine.runtime import cpu_has_bf16, resolve
 
 REPO = Path(__file__).resolve().parents[2]
 

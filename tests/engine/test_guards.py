@@ -1,8 +1,10 @@
-"""Loop guards: non-finite steps skipped and counted, OOM explained, signals stop gracefully.
-(The full SIGTERM -> checkpoint -> exit 0 -> resume path runs as a subprocess in test_dcp.py.)"""
+"""Loop guards: non-finite steps skipped and counted (and a diverging ``ember train`` run stopped,
+its streak carried through a checkpoint), OOM explained, signals stop gracefully. (The full
+SIGTERM -> checkpoint -> exit 0 -> resume path runs ``ember train`` in test_dcp.py.)"""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 
@@ -10,6 +12,9 @@ import pytest
 import torch
 
 from ember import EmberError
+from ember.engine import dcp
+from ember.engine.cli import main
+from ember.engine.config import to_toml
 from ember.engine.data import Example, collate
 from ember.engine.guards import (
     GracefulStop,
@@ -19,7 +24,8 @@ from ember.engine.guards import (
     resume_command,
 )
 from ember.engine.losses import sft_loss
-from tests.engine import _dist_worker as w
+from tests.engine import _tiny as w
+from tests.engine._tiny import checkpoint_weights, rows_of, tiny_config
 
 
 def test_guard_counts_and_stops_after_n_in_a_row():
@@ -67,6 +73,36 @@ def test_skipped_step_leaves_weights_and_optimizer_untouched():
     assert [float(opt.state[p]["step"]) for p in params] == adam_steps
     assert step(3, False) and guard.skipped == 1
     assert not all(torch.equal(a, p) for a, p in zip(before, params, strict=True))
+
+
+def test_diverging_run_skips_nonfinite_steps_then_stops(tiny, tmp_path, capsys):
+    """lr = 1e30: the first update blows the adapters up, every later step is NaN. Each is
+    skipped (weights and optimizer untouched: the checkpoints of steps 1-3 hold the same
+    weights), and the run stops at the 3rd in a row with the message, exit status 2."""
+    run = tmp_path / "nan"
+    config = tmp_path / "nan.toml"
+    config.write_text(to_toml(tiny_config(
+        tiny, run, "optim.lr=1e30", "optim.warmup_steps=0", "guards.max_nonfinite_in_a_row=3",
+        "max_steps=20", "checkpoint.every_steps=1", "checkpoint.keep_last=5", "eval.before=false",
+        "eval.metrics=[]")))
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "ember: error: step 4: loss nan" in err and "3 steps in a row" in err, err
+    assert "guards.max_nonfinite_in_a_row" in err
+    rows = [r for r in rows_of(run) if r["kind"] == "train"]
+    assert [(r["step"], r.get("skipped", False)) for r in rows] == [(1, False), (2, True),
+                                                                    (3, True)]
+    assert not math.isfinite(rows[1]["loss"]) and math.isfinite(rows[0]["loss"])
+    steps = [s for s, _ in dcp.list_checkpoints(run / "checkpoints")]
+    assert steps == [1, 2, 3]
+    first = checkpoint_weights(run, tmp_path, step=1)
+    last = checkpoint_weights(run, tmp_path)
+    assert first.keys() == last.keys()
+    assert all(torch.equal(first[k], last[k]) for k in first)
+    # The streak goes on in a resumed run (allowing 5 in a row): 2 so far, 3 more stop it.
+    assert main(["train", str(run), "--resume", "--set", "guards.max_nonfinite_in_a_row=5"]) == 2
+    err = capsys.readouterr().err
+    assert "step 6: loss nan" in err and "5 steps in a row" in err and "5 skipped in total" in err
 
 
 def test_oom_becomes_a_clear_error():
@@ -122,5 +158,5 @@ def test_graceful_stop_flags_signals_and_restores_handlers():
 def test_resume_command():
     assert resume_command("runs/my run") == "ember train 'runs/my run' --resume"
     assert resume_command("r", world_size=8) == \
-        "torchrun --nproc_per_node 8 -m ember.engine.cli train r --resume"
+        "torchrun --standalone --nproc_per_node 8 -m ember.engine.cli train r --resume"
     assert "--nnodes 2" in resume_command("r", world_size=16, nnodes=2)

@@ -1,19 +1,19 @@
 """The training loop on a tiny random model: it learns, LoRA trains only adapters, accumulation is
-token-weighted, resume is exact, losses (SFT / distillation / DPO) match their definitions."""
+token-weighted, resume is exact, losses (SFT / distillation / DPO) match their definitions.
+Through ``ember train`` elsewhere: two processes in test_distributed.py, kill / SIGTERM and
+resume in test_dcp.py, NaN steps in test_guards.py."""
 
 from __future__ import annotations
 
 import json
 import math
-import random
-from pathlib import Path
 
 import pytest
 import torch
 
 from ember import EmberError
-from ember.engine import checkpoint as ckpt
-from ember.engine.config import load_config, to_toml
+from ember.engine import dcp
+from ember.engine.config import to_toml
 from ember.engine.data import DataConfig, PackedBatches, collate, load_examples
 from ember.engine.losses import (
     adapters_disabled,
@@ -24,81 +24,7 @@ from ember.engine.losses import (
 )
 from ember.engine.trainer import Trainer, lr_factor, resolve, train
 from ember.models.lora import LoRAConfig, apply_lora
-
-WORDS = ["red", "green", "blue", "cat", "dog", "fish", "one", "two", "three", "sun", "moon"]
-
-
-def tiny_rows(n: int, seed: int = 0) -> list[dict]:
-    """Prompt/completion pairs of varied lengths: the answer is the prompt's first 1-3 words."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 9))]
-        answer = " ".join(words[:1 + len(words) % 3])
-        rows.append({"prompt": "say " + " ".join(words) + " ->", "completion": " " + answer})
-    return rows
-
-
-def make_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """An HF folder with a random 2-layer Llama and a small byte-level BPE tokenizer."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from ember.models.config import ModelConfig
-    from ember.models.loading import save_pretrained
-    from ember.models.tokenizer import Tokenizer
-    from ember.models.transformer import Transformer
-
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    texts = [r["prompt"] + r["completion"] for r in tiny_rows(200)]
-    backend.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<eos>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = Tokenizer(backend, eos_token="<eos>", pad_token="<pad>")
-    cfg = ModelConfig(vocab_size=backend.get_vocab_size(), hidden_size=64, intermediate_size=96,
-                      num_layers=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=True,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      max_position_embeddings=256)
-    torch.manual_seed(seed)
-    model = Transformer(cfg).init_weights(std=0.05, seed=seed)
-    save_pretrained(model, folder, tok)
-    return folder
-
-
-def write_jsonl(path: Path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    model = make_tiny_model(root / "model")
-    return {"model": str(model),
-            "train": write_jsonl(root / "train.jsonl", tiny_rows(48, seed=1)),
-            "small": write_jsonl(root / "small.jsonl", tiny_rows(8, seed=1)),
-            "val": write_jsonl(root / "val.jsonl", tiny_rows(8, seed=2)),
-            "test": write_jsonl(root / "test.jsonl", tiny_rows(8, seed=3))}
-
-
-def tiny_config(tiny, run_dir, *extra: str):
-    sets = [f'model.name="{tiny["model"]}"', f'run_dir="{run_dir}"', 'device="cpu"',
-            'precision="fp32"', f'data.train=["{tiny["train"]}"]',
-            f'data.validation="{tiny["val"]}"', f'data.test="{tiny["test"]}"',
-            "data.max_seq_len=64", "data.tokens_per_batch=128",
-            "eval.max_new_tokens=4", "eval.show=0", "plot=false", "lora.rank=4", "lora.alpha=8",
-            *extra]
-    return load_config(None, sets)
-
-
-def rows_of(run_dir) -> list[dict]:
-    return [json.loads(r) for r in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def quiet(*_a, **_k):
-    pass
+from tests.engine._tiny import checkpoint_weights, quiet, rows_of, tiny_config
 
 
 def test_tiny_model_overfits(tiny, tmp_path):
@@ -137,8 +63,9 @@ def test_lora_trains_only_adapters(tiny, tmp_path):
     assert all(p.abs().sum() > 0 for n, p in adapters.items() if n.endswith("lora_B"))
     assert (tmp_path / "run" / "final" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "run" / "config.toml").read_text() == to_toml(cfg)
-    saved = ckpt.load_latest(tmp_path / "run")[0]
-    assert set(saved["model"]) == set(adapters)  # checkpoints hold the adapters only
+    saved = checkpoint_weights(tmp_path / "run", tmp_path)
+    assert set(saved) == set(adapters)  # checkpoints hold the adapters only
+    assert all(torch.equal(saved[n], p) for n, p in adapters.items())
 
 
 def _micro_grads(model, batches, n_loss):
@@ -182,20 +109,19 @@ def test_stop_resume_equals_uninterrupted_run(tiny, tmp_path):
     train(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
     cfg_b = tiny_config(tiny, tmp_path / "b", *extra)
     stopped = train(cfg_b, echo=quiet, progress=False, stop_after=4)
-    assert stopped.steps == 4 and ckpt.list_checkpoints(tmp_path / "b")
+    assert stopped.steps == 4 and dcp.list_checkpoints(tmp_path / "b" / "checkpoints")
     with pytest.raises(EmberError, match="--resume"):
         train(cfg_b, echo=quiet, progress=False)
     with (tmp_path / "b" / "metrics.jsonl").open("a") as f:  # rows a crash left past the ckpt
         f.write(json.dumps({"kind": "train", "step": 5, "loss": 123.0}) + "\n")
+        f.write('{"kind": "train", "step": 6, "lo')  # torn by a kill in the middle of a write
     train(cfg_b, resume=True, echo=quiet, progress=False)
-    a, b = rows_of(tmp_path / "a"), rows_of(tmp_path / "b")
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")}
-                          for r in rows]
-    assert strip(a) == strip(b)
+    a, b = rows_of(tmp_path / "a", timing=False), rows_of(tmp_path / "b", timing=False)
+    assert a == b
     assert [r["step"] for r in a if r["kind"] == "eval"] == [0, 3, 6]
-    wa = ckpt.load_latest(tmp_path / "a")[0]["model"]
-    wb = ckpt.load_latest(tmp_path / "b")[0]["model"]
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    wa = checkpoint_weights(tmp_path / "a", tmp_path)
+    wb = checkpoint_weights(tmp_path / "b", tmp_path)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     # A changed training setting cannot be resumed silently.
     with pytest.raises(EmberError, match="optim"):
         train(tiny_config(tiny, tmp_path / "b", *extra, "optim.lr=0.5"), resume=True,
@@ -232,23 +158,6 @@ def test_lr_schedule():
     assert math.isclose(lr_factor(10, 10, 2, "cosine", 0.1), 0.1)
     assert math.isclose(lr_factor(6, 10, 2, "linear", 0.0), 0.5)
     assert lr_factor(9, 10, 2, "constant", 0.0) == 1.0
-
-
-def test_checkpoint_atomic_and_pruned(tmp_path):
-    state = {"model": {"w": torch.randn(3, 4)}, "trainer": {"step": 1}, "config": "x = 1\n",
-             "optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": []}}
-    for step in (1, 2, 3):
-        ckpt.save({**state, "trainer": {"step": step}}, tmp_path, step, keep_last=2)
-    names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
-    assert names == ["step_00000002", "step_00000003"]
-    # A half-written checkpoint (no manifest / truncated file) is never picked up.
-    (tmp_path / "checkpoints" / "step_00000009").mkdir()
-    bad = tmp_path / "checkpoints" / "step_00000003" / "model.safetensors"
-    bad.write_bytes(bad.read_bytes()[:-1])
-    loaded, where = ckpt.load_latest(tmp_path)
-    assert where.name == "step_00000002" and loaded["trainer"]["step"] == 2
-    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
-    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], torch.ones(2))
 
 
 # --- losses ---------------------------------------------------------------------------------------

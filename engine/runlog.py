@@ -1,0 +1,92 @@
+"""A run's metrics log (``<run_dir>/metrics.jsonl``) and its plot (``metrics.png``).
+
+One JSON row per logged step (``"kind": "train"``) and per evaluation (``"eval"``). Under torchrun
+only rank 0 writes (``main=False`` on the other ranks makes every method a no-op). On resume the
+rows logged after the checkpoint are dropped, so the log reads like one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def format_scores(scores: dict) -> str:
+    out = []
+    for k, v in scores.items():
+        if k in ("val_loss", "train_loss"):
+            out.append(f"{k} {v:.4f}")
+        elif k == "perplexity":
+            out.append(f"perplexity {v:.3f}")
+        else:
+            out.append(f"{k} {100 * v:.1f}%")
+    return ", ".join(out)
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, *, main: bool = True):
+        self.run_dir, self.path, self.main = run_dir, run_dir / "metrics.jsonl", main
+
+    def write(self, row: dict) -> None:
+        if self.main:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def start(self, step: int) -> None:
+        """A fresh run (``step`` 0) starts an empty log; a resumed one keeps rows up to ``step``."""
+        if not self.main or not self.path.exists():
+            return
+        if step == 0:
+            self.path.unlink()
+            return
+        keep = [json.dumps(r) for r in self.rows() if r["step"] <= step]
+        self.path.write_text("".join(r + "\n" for r in keep))
+
+    def rows(self) -> list[dict]:
+        """The logged rows; a line torn by a kill in the middle of a write is left out."""
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def plot(self, echo) -> None:
+        """Loss and metric curves to ``metrics.png`` (needs matplotlib)."""
+        if not self.main:
+            return
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            echo("note: matplotlib is not installed, skipped metrics.png "
+                 "(pip install matplotlib)")
+            return
+        rows = self.rows()
+        train = [r for r in rows if r["kind"] == "train"]
+        evals = [r for r in rows if r["kind"] == "eval"]
+        names = [k for k in (evals[-1] if evals else {}) if k not in ("kind", "step")]
+        fig, axes = plt.subplots(1, 1 + bool(names), figsize=(6 + 5 * bool(names), 4))
+        axes = axes if names else [axes]
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+        val = [r for r in evals if "val_loss" in r]
+        if val:
+            axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-",
+                         label="validation loss")
+        axes[0].set_xlabel("step")
+        axes[0].set_yscale("log")
+        axes[0].legend()
+        for name in names:
+            if name in ("val_loss", "perplexity"):
+                continue
+            pts = [r for r in evals if name in r]
+            axes[1].plot([r["step"] for r in pts], [r[name] for r in pts], "o-", label=name)
+        if names:
+            axes[1].set_xlabel("step")
+            axes[1].legend()
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "metrics.png", dpi=100)
+        plt.close(fig)

@@ -1,0 +1,153 @@
+"""Decisions and objects a run is built from: "auto" settings resolved for this machine, autocast,
+the learning-rate schedule, the model (LoRA or full fine-tuning with frozen parts) and AdamW."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+import re
+import resource
+from pathlib import Path
+
+import torch
+
+from ember import EmberError
+from ember.engine.config import TrainConfig, from_dict, to_dict
+from ember.models.loading import load_pretrained
+from ember.models.lora import apply_lora
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 matmuls natively (AVX512-BF16 or AMX), where bf16
+    autocast is faster than fp32; elsewhere bf16 is emulated and slower."""
+    try:
+        caps = torch._C._cpu._get_cpu_capability()
+        if isinstance(caps, dict):
+            return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Decide every "auto" field (device, precision, model dtype, lr, task data paths)."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EmberError(f"device = {device!r} but CUDA is not available; use device = \"cpu\"")
+    precision = cfg.precision
+    if precision == "auto":
+        if device.startswith("cuda"):
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        else:
+            precision = "bf16" if cpu_has_bf16() else "fp32"
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise EmberError("precision = \"fp16\" needs CUDA; on CPU use \"bf16\" or \"fp32\"")
+    model = cfg.model
+    if model.dtype == "auto":
+        # A frozen base can live in the autocast dtype; trained weights stay fp32 masters.
+        low = cfg.method == "lora" and precision == "bf16"
+        model = model.__class__(name=model.name, dtype="bfloat16" if low else "float32")
+    optim = cfg.optim
+    if optim.lr is None:
+        optim = from_dict(type(optim), {**to_dict(optim),
+                                        "lr": 1e-3 if cfg.method == "lora" else 2e-5})
+    data = cfg.data
+    if cfg.task.name is not None:
+        folder = cfg.out_dir / "data"
+        changes = {}
+        if not data.train:
+            changes["train"] = [str(folder / "train.jsonl")]
+        if data.validation is None and data.val_fraction == 0 and cfg.task.validation > 0:
+            changes["validation"] = str(folder / "validation.jsonl")
+        if data.test is None and cfg.task.test > 0:
+            changes["test"] = str(folder / "test.jsonl")
+        data = from_dict(type(data), {**to_dict(data), **changes})
+    return cfg.replace(device=device, precision=precision, model=model, optim=optim, data=data)
+
+
+def autocast_for(device: str, precision: str):
+    """A factory of autocast contexts for ``precision`` (fp32: no autocast)."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    return lambda: torch.autocast(kind, dtype=dtype)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based) of ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def freeze_parameters(model, freeze: tuple[str, ...], train_layers: tuple[int, ...] | None
+                      ) -> None:
+    """Full fine-tuning: everything trains except ``freeze`` globs and layers not listed."""
+    n = len(model.layers)
+    keep_layers = None
+    if train_layers is not None:
+        bad = [i for i in train_layers if not -n <= i < n]
+        if bad:
+            raise EmberError(f"train_layers {bad} out of range for a {n}-layer model")
+        keep_layers = {i % n for i in train_layers}
+    used = set()
+    for name, p in model.named_parameters():
+        trainable = True
+        if keep_layers is not None:
+            m = re.match(r"layers\.(\d+)\.", name)
+            trainable = m is not None and int(m[1]) in keep_layers
+        for pat in freeze:
+            if fnmatch.fnmatchcase(name, pat):
+                used.add(pat)
+                trainable = False
+        p.requires_grad_(trainable)
+    unused = [pat for pat in freeze if pat not in used]
+    if unused:
+        raise EmberError(f"freeze pattern {unused[0]!r} matches no parameter (names look like "
+                         f"{next(iter(dict(model.named_parameters())))!r})")
+
+
+def build_model(cfg: TrainConfig, device: str):
+    model, tokenizer = load_pretrained(cfg.model.name, cfg.model.dtype, device)
+    if tokenizer is None:
+        raise EmberError(f"model {cfg.model.name!r} has no tokenizer.json; training needs one")
+    if cfg.method == "lora":
+        apply_lora(model, cfg.lora)
+    else:
+        freeze_parameters(model, cfg.freeze, cfg.train_layers)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise EmberError("no parameter is trainable: check lora.targets / freeze / train_layers")
+    return model, tokenizer
+
+
+def make_optimizer(model, cfg, device: str) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            # Norm gains, biases and embeddings are not shrunk towards 0.
+            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    kw = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, ValueError):  # fused kernel missing for this device/dtype
+        return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+def memory_gib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

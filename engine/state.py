@@ -1,0 +1,185 @@
+"""A run's checkpoints, resume and final export, the same for one process and under torchrun.
+
+Checkpoints go through ``ember.engine.dcp`` (atomic, a manifest with sizes and sha256, loadable
+by any number of processes) into ``<run_dir>/checkpoints/step_N/``: the trainable weights and
+the optimizer state (sharded by rank), every rank's RNG states, the resolved config, and
+``extra``:
+
+    progress   step, tokens seen, seconds trained, early-stopping state, scores before training
+               (the lr schedule is a function of the step: ``runtime.lr_factor``)
+    data       the data position in terms that do not depend on the number of processes
+    guard      the non-finite guard's streak and total
+    scaler     the fp16 GradScaler (fp16 only)
+
+``--resume`` takes the newest checkpoint that verifies, naming every newer one it skips (and
+refusing when checkpoints exist but none is usable). The run's config must equal the
+checkpoint's except for ``RESUMABLE_CHANGES``; ``grad_accum`` may change with the number of
+processes as long as ``grad_accum * processes`` (packed batches per optimizer step) does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ember import EmberError
+from ember.engine import dcp
+from ember.engine.config import TrainConfig, from_dict, parse_toml, to_dict, to_toml
+from ember.engine.data import PackedBatches
+from ember.engine.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_object,
+    data_state,
+    gather_full_state_dict,
+    restore_data_state,
+)
+from ember.engine.guards import NonFiniteGuard
+from ember.engine.runtime import build_model
+from ember.models.loading import load_pretrained, save_pretrained
+from ember.models.lora import apply_lora, load_adapter, save_adapter
+from ember.models.transformer import Transformer
+
+# Settings a resumed run may change: they do not alter the trajectory up to the checkpoint (a
+# run directory may also move). grad_accum is checked by ``restore_data_state`` instead: the
+# batches per optimizer step, all processes together, must stay the same.
+RESUMABLE_CHANGES = {"eval", "checkpoint", "max_steps", "epochs", "log_every", "plot", "threads",
+                     "activations", "guards", "grad_accum", "name", "run_dir"}
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    best: float | None = None  # early stopping: the best score so far
+    bad_evals: int = 0  # early stopping: evaluations since the best
+    before: dict = field(default_factory=dict)  # scores before fine-tuning
+
+
+def open_run(cfg: TrainConfig, info: DistInfo, *, resume: bool, echo) -> Path | None:
+    """Check the run directory and write the resolved config; returns the checkpoint to resume
+    from (None: start at step 0). Every rank must call it."""
+    root = dcp.checkpoint_root(cfg.out_dir)
+    latest = None
+    if not resume:
+        taken = broadcast_object(bool(dcp.list_checkpoints(root)) if info.is_main else None, info)
+        if taken:
+            raise EmberError(f"{cfg.out_dir} already holds a run with checkpoints; continue it "
+                             "with --resume, or start a new one with --set run_dir=<new folder>")
+    else:
+        found = dcp.find_latest(root, info, level=cfg.checkpoint.verify)
+        for msg in found.skipped:
+            echo(f"resume: {msg}")
+        latest = found.path
+        if latest is None and found.skipped:
+            raise EmberError(f"cannot resume {cfg.out_dir}: none of its checkpoints is usable "
+                             "(see above); move them away to start again from step 0")
+        if latest is None:
+            echo(f"resume: no checkpoint in {root}, starting from step 0")
+        else:
+            _check_same_run(latest, cfg)
+    if info.is_main:
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.out_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    barrier(info)
+    return latest
+
+
+def _check_same_run(path: Path, cfg: TrainConfig) -> None:
+    where = path / "config.toml"
+    try:
+        text = where.read_text(encoding="utf-8")
+    except OSError:
+        raise EmberError(f"{path} has no config.toml: not a checkpoint of an ember run") from None
+    a, b = to_dict(from_dict(TrainConfig, parse_toml(text, str(where)))), to_dict(cfg)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+    if diff:
+        raise EmberError(f"cannot resume {cfg.out_dir}: the config differs from the checkpoint's "
+                         f"in {', '.join(diff)}; resume with the same settings (only "
+                         f"{', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+
+
+def save(cfg: TrainConfig, info: DistInfo, model, optimizer, *, progress: Progress,
+         batches: PackedBatches, guard: NonFiniteGuard, scaler=None) -> Path:
+    """Checkpoint the run after ``progress.step`` (every rank; gradients must be cleared)."""
+    extra = {"progress": dataclasses.asdict(progress),
+             "data": data_state(batches, cfg.grad_accum * info.world_size),
+             "guard": guard.state_dict()}
+    if scaler is not None:
+        extra["scaler"] = scaler.state_dict()
+    return dcp.save(dcp.checkpoint_root(cfg.out_dir), progress.step, model=model,
+                    optimizer=optimizer, extra=extra, config_text=to_toml(cfg), info=info,
+                    keep_last=cfg.checkpoint.keep_last)
+
+
+def restore(path: Path, cfg: TrainConfig, info: DistInfo, model, optimizer, *,
+            batches: PackedBatches, guard: NonFiniteGuard, scaler=None) -> Progress:
+    """Load a checkpoint into the built (and sharded) model, the optimizer, this rank's RNG,
+    the data position, the guard and the scaler; returns the run's progress."""
+    # find_latest has just verified the files at cfg.checkpoint.verify: sizes suffice here.
+    loaded = dcp.load(path, model=model, optimizer=optimizer, info=info, level="size")
+    extra = loaded.extra
+    restore_data_state(batches, extra["data"], cfg.grad_accum * info.world_size)
+    guard.load_state_dict(extra["guard"])
+    if scaler is not None and extra.get("scaler"):
+        scaler.load_state_dict(extra["scaler"])
+    return Progress(**extra["progress"])
+
+
+def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | None:
+    """The PEFT adapter (LoRA) or HF model folder (full fine-tuning) in ``<run_dir>/final``,
+    written by rank 0 (returned there; None elsewhere). Every rank must call it: a sharded
+    model's weights are gathered to rank 0's CPU first."""
+    lora = cfg.method == "lora"
+    if info.distributed:
+        state = gather_full_state_dict(model, trainable_only=lora)
+        if not info.is_main:
+            return None
+        model = _unsharded(model.cfg, cfg, state)
+    final = cfg.out_dir / "final"
+    if lora:
+        return save_adapter(model, final / "adapter", base_model_name_or_path=cfg.model.name)
+    return save_pretrained(model, final / "model", tokenizer)
+
+
+def _unsharded(model_cfg, cfg: TrainConfig, state: dict) -> Transformer:
+    """A plain model holding ``state`` (a gathered state dict), built on the meta device so that
+    no weights are allocated twice; with LoRA only the adapters are real (all an export needs)."""
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+        if cfg.method == "lora":
+            apply_lora(model, cfg.lora)
+    model.load_state_dict(state, strict=cfg.method != "lora", assign=True)
+    return model
+
+
+def load_run_model(run_dir: str | Path, device: str | None = None):
+    """(model with the run's trained weights, tokenizer, resolved config) from a run directory:
+    the final adapter / model if saved, else the newest checkpoint that verifies."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.toml"
+    if not cfg_path.is_file():
+        raise EmberError(f"{run_dir} is not a run directory (no config.toml)")
+    cfg = from_dict(TrainConfig, parse_toml(cfg_path.read_text(encoding="utf-8"), str(cfg_path)))
+    device = device or cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        device = "cpu"
+    final_adapter, final_model = run_dir / "final" / "adapter", run_dir / "final" / "model"
+    if cfg.method == "full" and final_model.is_dir():
+        model, tok = load_pretrained(final_model, cfg.model.dtype, device)
+        return model, tok, cfg
+    if cfg.method == "lora" and final_adapter.is_dir():
+        model, tok = load_pretrained(cfg.model.name, cfg.model.dtype, device)
+        load_adapter(model, final_adapter)
+        return model, tok, cfg
+    latest = dcp.find_latest(dcp.checkpoint_root(run_dir))
+    if latest.path is None:
+        skipped = "".join(f"\n  {m}" for m in latest.skipped)
+        raise EmberError(f"{run_dir} has no final weights and no usable checkpoint{skipped}")
+    model, tok = build_model(cfg, device)  # LoRA / frozen parts as trained: the same keys
+    dcp.load_model_weights(latest.path, model)
+    return model, tok, cfg

@@ -1,0 +1,138 @@
+"""Tiny random models and data for the engine tests (built at test time, nothing downloaded).
+
+- ``make_tiny_model``: an HF folder (a 2-layer Llama and a byte-level BPE tokenizer) that
+  ``ember train`` loads like any model; ``tiny_rows`` / ``tiny_config``: its data and a run config.
+- ``make_model`` / ``make_examples``: an in-memory 3-layer model (full or LoRA) and synthetic
+  examples, for tests below the trainer (checkpoints, sharding, guards).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from ember.engine import dcp
+from ember.engine.config import load_config
+from ember.engine.data import IGNORE, DataConfig, Example
+from ember.models import LoRAConfig, ModelConfig, Transformer, apply_lora
+
+WORDS = ["red", "green", "blue", "cat", "dog", "fish", "one", "two", "three", "sun", "moon"]
+
+
+def tiny_rows(n: int, seed: int = 0) -> list[dict]:
+    """Prompt/completion pairs of varied lengths: the answer is the prompt's first 1-3 words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 9))]
+        answer = " ".join(words[:1 + len(words) % 3])
+        rows.append({"prompt": "say " + " ".join(words) + " ->", "completion": " " + answer})
+    return rows
+
+
+def make_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """An HF folder with a random 2-layer Llama and a small byte-level BPE tokenizer."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from ember.models.loading import save_pretrained
+    from ember.models.tokenizer import Tokenizer
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    texts = [r["prompt"] + r["completion"] for r in tiny_rows(200)]
+    backend.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<eos>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = Tokenizer(backend, eos_token="<eos>", pad_token="<pad>")
+    cfg = ModelConfig(vocab_size=backend.get_vocab_size(), hidden_size=64, intermediate_size=96,
+                      num_layers=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=True,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      max_position_embeddings=256)
+    torch.manual_seed(seed)
+    model = Transformer(cfg).init_weights(std=0.05, seed=seed)
+    save_pretrained(model, folder, tok)
+    return folder
+
+
+def write_jsonl(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def tiny_config(tiny, run_dir, *extra: str):
+    """A run config on the ``tiny`` fixture's model and files; ``extra``: ``--set`` items."""
+    sets = [f'model.name="{tiny["model"]}"', f'run_dir="{run_dir}"', 'device="cpu"',
+            'precision="fp32"', f'data.train=["{tiny["train"]}"]',
+            f'data.validation="{tiny["val"]}"', f'data.test="{tiny["test"]}"',
+            "data.max_seq_len=64", "data.tokens_per_batch=128",
+            "eval.max_new_tokens=4", "eval.show=0", "plot=false", "lora.rank=4", "lora.alpha=8",
+            *extra]
+    return load_config(None, sets)
+
+
+def checkpoint_weights(run_dir, tmp: Path, step: int | None = None) -> dict[str, torch.Tensor]:
+    """The weights stored in a run's checkpoint of ``step`` (None: the newest), through one
+    torch file."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    root = dcp.checkpoint_root(run_dir)
+    if step is None:
+        latest = dcp.find_latest(root)
+        assert latest.path is not None and not latest.skipped
+        path = latest.path
+    else:
+        path = dcp.step_dir(root, step)
+    out = tmp / f"{Path(run_dir).name}-{path.name}.pt"
+    dcp_to_torch_save(path, out)
+    return torch.load(out, weights_only=True)["model"]
+
+
+def rows_of(run_dir, *, timing: bool = True) -> list[dict]:
+    """The rows of a run's metrics.jsonl; ``timing=False`` drops the wall-clock fields (what
+    two runs of the same trajectory may differ in)."""
+    rows = [json.loads(r) for r in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    if timing:
+        return rows
+    return [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")} for r in rows]
+
+
+def quiet(*_a, **_k):
+    pass
+
+
+CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=3,
+                  num_heads=4, num_kv_heads=2)
+DATA = DataConfig(max_seq_len=24, tokens_per_batch=40, seed=3)
+
+
+def make_examples(n: int = 24, seed: int = 0) -> list[Example]:
+    g = random.Random(seed)
+    out = []
+    for i in range(n):
+        ids = [g.randrange(CFG.vocab_size) for _ in range(g.randint(5, 20))]
+        prompt = g.randint(1, len(ids) // 2)
+        labels = [IGNORE if t < prompt - 1 else ids[t + 1] for t in range(len(ids) - 1)]
+        out.append(Example(ids, labels + [IGNORE], f"synthetic:{i}", key=f"k{seed}-{i}"))
+    return out
+
+
+def make_model(kind: str) -> torch.nn.Module:
+    """The same 3-layer model every call: full fine-tuning ("full") or LoRA adapters ("lora")."""
+    torch.manual_seed(0)
+    model = Transformer(CFG).init_weights(seed=0)
+    if kind == "lora":
+        apply_lora(model, LoRAConfig(rank=4, alpha=8, init="gaussian"))
+    return model.train()
+
+
+def make_optimizer(model) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.AdamW(params, lr=2e-2, weight_decay=0.01, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=2e-2, weight_decay=0.01, foreach=True)

@@ -1,0 +1,19 @@
+"""Fixtures shared by the engine tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.engine._tiny import make_tiny_model, tiny_rows, write_jsonl
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny random HF model folder and its JSONL splits (built once per test session)."""
+    root = tmp_path_factory.mktemp("tiny")
+    model = make_tiny_model(root / "model")
+    return {"model": str(model),
+            "train": write_jsonl(root / "train.jsonl", tiny_rows(48, seed=1)),
+            "small": write_jsonl(root / "small.jsonl", tiny_rows(8, seed=1)),
+            "val": write_jsonl(root / "val.jsonl", tiny_rows(8, seed=2)),
+            "test": write_jsonl(root / "test.jsonl", tiny_rows(8, seed=3))}
