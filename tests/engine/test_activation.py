@@ -170,11 +170,15 @@ def test_gpu_checkpointing_memory_and_gradients(offload):
         after_fwd = torch.cuda.memory_allocated() - base
         h.float().square().mean().backward()
         torch.cuda.synchronize()
-        return after_fwd, {n: p.grad.float() for n, p in model.named_parameters()}
+        return after_fwd, {n: p.grad.float() for n, p in model.named_parameters()
+                           if p.grad is not None}
 
     held_ref, ref = step()
+    # hidden_states stops before the output head: every parameter but the head gets a gradient.
+    assert set(dict(model.named_parameters())) - set(ref) == {"lm_head.weight"}
     apply_activation_checkpointing(model, "every_block", offload=offload)
     held, got = step()
+    assert got.keys() == ref.keys()
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0, msg=n)
     block_input = 4096 * cfg.hidden_size * 2
