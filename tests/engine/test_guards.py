@@ -105,6 +105,29 @@ def test_diverging_run_skips_nonfinite_steps_then_stops(tiny, tmp_path, capsys):
     assert "step 6: loss nan" in err and "5 steps in a row" in err and "5 skipped in total" in err
 
 
+def test_oom_in_a_training_step_is_explained(tiny, tmp_path, monkeypatch, capsys):
+    """The trainer's step runs under ``oom_guard``: a CUDA OOM there (raised by a stand-in loss
+    here, as no GPU is needed) ends ``ember train`` with the message and exit status 2."""
+    import ember.engine.trainer as trainer
+
+    real, calls = trainer.sft_loss, []
+
+    def loss_that_runs_out(model, batch, n):
+        calls.append(batch.num_tokens)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(model, batch, n)
+
+    monkeypatch.setattr(trainer, "sft_loss", loss_that_runs_out)
+    config = tmp_path / "oom.toml"
+    config.write_text(to_toml(tiny_config(tiny, tmp_path / "oom", "max_steps=5",
+                                          "eval.before=false", "eval.metrics=[]")))
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"CUDA out of memory at step 3: a micro-batch of {calls[2]} tokens" in err, err
+    assert "activations.checkpointing" in err and "Traceback" not in err
+
+
 def test_oom_becomes_a_clear_error():
     big = torch.ones(1000)
 

@@ -22,6 +22,7 @@ from ember.engine.losses import (
     sequence_logprobs,
     sft_loss,
 )
+from ember.engine.state import load_run_model
 from ember.engine.trainer import Trainer, lr_factor, resolve, train
 from ember.models.lora import LoRAConfig, apply_lora
 from tests.engine._tiny import checkpoint_weights, quiet, rows_of, tiny_config
@@ -110,6 +111,10 @@ def test_stop_resume_equals_uninterrupted_run(tiny, tmp_path):
     cfg_b = tiny_config(tiny, tmp_path / "b", *extra)
     stopped = train(cfg_b, echo=quiet, progress=False, stop_after=4)
     assert stopped.steps == 4 and dcp.list_checkpoints(tmp_path / "b" / "checkpoints")
+    model, _, _ = load_run_model(tmp_path / "b", "cpu")  # no final weights: the checkpoint's
+    stored = checkpoint_weights(tmp_path / "b", tmp_path)
+    params = dict(model.named_parameters())
+    assert stored and all(torch.equal(params[k], v) for k, v in stored.items())
     with pytest.raises(EmberError, match="--resume"):
         train(cfg_b, echo=quiet, progress=False)
     with (tmp_path / "b" / "metrics.jsonl").open("a") as f:  # rows a crash left past the ckpt
