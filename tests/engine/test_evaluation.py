@@ -1,0 +1,48 @@
+"""Evaluation by generation: the reference-drafted fast path scores exactly what plain greedy
+generation scores, whether the model agrees with the references or not."""
+
+from __future__ import annotations
+
+import torch
+
+from ember.engine import metrics as M
+from ember.engine.evaluation import generation_eval
+from ember.engine.packing import IGNORE, Example
+from ember.models.config import ModelConfig
+from ember.models.generate import generate_ids
+from ember.models.tokenizer import tokenizer_from_gguf
+from ember.models.transformer import Transformer
+from tests.models.test_gguf import tiny_tokenizer_md
+
+
+def test_generation_eval_equals_plain_greedy_generation():
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    vocab = len(tiny_tokenizer_md()["tokenizer.ggml.tokens"])
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=48, intermediate_size=80, num_layers=2,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=96)
+    model = Transformer(cfg).init_weights(std=0.5, seed=int(torch.randint(0, 2**30, ())))
+    eos = sorted(tok.eos_token_ids)
+    prompts = [torch.randint(3, vocab, (n,)).tolist() for n in (5, 2, 8, 3, 6, 4)]
+    free = generate_ids(model, prompts, max_new_tokens=10, eos_token_ids=eos)
+    texts = [tok.decode(f, skip_special_tokens=True) for f in free]
+    # rows 0-2: the reference is what the model says; rows 3-5: the model's first two tokens,
+    # then others (the draft is accepted, then rejected in the middle)
+    answers = [f + eos[:1] for f in free[:3]] + [
+        f[:2] + [(f[2] + 1) % vocab if len(f) > 2 else 5, 6] + eos[:1] for f in free[3:]]
+    examples = [Example(p + a, [IGNORE] * (len(p) - 1) + a + [IGNORE], f"t:{i}", len(p),
+                        tok.decode(a, skip_special_tokens=True))
+                for i, (p, a) in enumerate(zip(prompts, answers, strict=True))]
+    for metrics in (["exact_match"], ["exact_match", "f1"]):
+        res = generation_eval(model, tok, examples, metrics, max_new_tokens=10, batch_size=4,
+                              show=6)
+        refs = [e.reference for e in examples]
+        preds = [s[1] for s in res.samples]
+        want = M.compute(metrics, texts, refs)
+        if metrics == ["exact_match"]:  # rows that left their reference stop early
+            assert [p for p in preds[:3]] == texts[:3]
+            assert all(texts[i].startswith(preds[i]) for i in range(3, 6))
+        else:
+            assert preds == texts
+        assert res.scores == want
+        assert res.scores["exact_match"] == (
+            sum(M.normalize(t) == M.normalize(r) for t, r in zip(texts, refs, strict=True)) / 6)
