@@ -55,7 +55,6 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-@torch.inference_mode()
 def _check_ids(what: str, i: int, ids: list[int], vocab: int) -> None:
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
@@ -70,6 +69,7 @@ def _greedy_tokens(model: Transformer, hidden: torch.Tensor, chunk: int = 256) -
     return out.view(hidden.shape[:2])
 
 
+@torch.inference_mode()
 def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, eos_token_ids: Iterable[int] = (),

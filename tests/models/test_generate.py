@@ -105,6 +105,8 @@ def _passes(model):
     inner = model.hidden_states
 
     def counted(*a, **kw):
+        # no autograd graph may be built: it would keep every activation alive
+        assert torch.is_inference_mode_enabled()
         calls.append(a[0].shape)
         return inner(*a, **kw)
 
