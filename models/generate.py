@@ -174,8 +174,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             # Enough rows finished that carrying them costs more than copying the cache.
             keep = [b for b in range(len(rows)) if alive[b]]
             idx = torch.tensor(keep, device=device)
-            cache.k = [t.index_select(0, idx) for t in cache.k]
-            cache.v = [t.index_select(0, idx) for t in cache.v]
+            cache.select(idx)
             key_mask = key_mask.index_select(0, idx) if key_mask is not None else None
             rows, next_pos = [rows[b] for b in keep], [next_pos[b] for b in keep]
             alive = [True] * len(keep)

@@ -36,12 +36,16 @@ class RMSNorm(nn.Module):
 
 class KVCache:
     """Preallocated keys/values for generation: per layer (B, max_len, K, hd); the first
-    ``length`` positions are filled."""
+    ``length`` positions are filled. Each layer's buffers are allocated at its first write, in
+    the dtype of the keys it receives (the compute dtype, which under autocast or FSDP mixed
+    precision differs from the stored weights'); ``dtype`` is only the default for ``k``/``v``
+    views of layers never written."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        self.device, self.dtype = device, dtype
+        self.k: list[torch.Tensor | None] = [None] * cfg.num_layers
+        self.v: list[torch.Tensor | None] = [None] * cfg.num_layers
         self.length = 0
         self.max_len = max_len
 
@@ -49,9 +53,18 @@ class KVCache:
         t0, t1 = self.length, self.length + k.shape[1]
         if t1 > self.max_len:
             raise ValueError(f"KV cache full: {t1} tokens > max_len {self.max_len}")
+        if self.k[layer] is None:
+            shape = (k.shape[0], *self.shape[1:])
+            self.k[layer] = torch.zeros(shape, device=k.device, dtype=k.dtype)
+            self.v[layer] = torch.zeros(shape, device=v.device, dtype=v.dtype)
         self.k[layer][:, t0:t1] = k
         self.v[layer][:, t0:t1] = v
         return self.k[layer][:, :t1], self.v[layer][:, :t1]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (finished generations leave the batch)."""
+        self.k = [t if t is None else t.index_select(0, rows) for t in self.k]
+        self.v = [t if t is None else t.index_select(0, rows) for t in self.v]
 
 
 def _fusable(mods) -> bool:

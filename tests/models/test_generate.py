@@ -228,3 +228,13 @@ def test_bad_inputs(tiny):
         generate(model, tok, ["he"], stop_strings="x")
     with pytest.raises(EmberError, match="must be a str or a conversation"):
         generate(model, tok, [123])
+
+
+def test_cache_takes_the_compute_dtype_under_autocast(tiny):
+    """fp32 weights under bf16 autocast (full fine-tuning's eval): keys arrive in bf16, and the
+    cache must hold them as such, padded batch or not."""
+    model, _ = tiny
+    for prompts in (_rand_prompts([4]), _rand_prompts([4, 2])):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = generate_ids(model, prompts, max_new_tokens=3)
+        assert [len(o) for o in out] == [3] * len(prompts)
