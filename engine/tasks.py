@@ -8,8 +8,8 @@ the model must answer with a fixed JSON record::
 
 - ``category`` (billing | bug | account | feature_request | how_to) follows from what the customer
   describes, in many phrasings;
-- ``priority`` (high | medium | low) from urgency cues ("we are blocked", "no rush"), medium when
-  there are none;
+- ``priority`` (high | medium | low) from what the customer says about urgency ("our whole team
+  is blocked", "please have a look this week", "no rush");
 - ``product`` is the canonical name of the product the ticket mentions, often by an alias
   ("the iPhone app" -> "Mobile App").
 
@@ -108,12 +108,19 @@ PRIORITY_CUES = {
     "low": [
         "No rush at all.",
         "Whenever you get a chance.",
-        "Not urgent, just wondering.",
+        "Just wondering, no hurry.",
         "Take your time, it's a minor thing.",
         "Low priority for us.",
-        "It can wait until next week.",
+        "It can wait until next month.",
     ],
-    "medium": [""],
+    "medium": [
+        "Please have a look this week.",
+        "It's annoying but we can work around it.",
+        "A fix in the next few days would be good.",
+        "We'd like this sorted out soon.",
+        "It affects a few of our users.",
+        "Normal priority.",
+    ],
 }
 
 GREETINGS = ["Hi,", "Hello,", "Hello team,", "Hey there,", "Good morning,", "Dear support,", "",
@@ -132,7 +139,7 @@ COMPANIES = ["Acme Corp", "Blue Harbor", "Northwind", "Lumen Labs", "Pinecrest",
 def _ticket(rng: random.Random) -> tuple[str, dict]:
     product = rng.choice(sorted(PRODUCTS))
     category = rng.choice(sorted(ISSUES))
-    priority = rng.choices(["high", "medium", "low"], weights=[3, 4, 3])[0]
+    priority = rng.choice(["high", "medium", "low"])
     issue = rng.choice(ISSUES[category]).format(p=rng.choice(PRODUCTS[product]))
     issue = issue[0].upper() + issue[1:]
     cue = rng.choice(PRIORITY_CUES[priority])

@@ -88,7 +88,7 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = resolve(load_config("quickstart", [f'run_dir="{tmp_path}"',
                                              "optim.betas=[0.8, 0.9]"]))
     assert cfg.device == "cpu" or cfg.device.startswith("cuda")
-    assert cfg.precision in ("bf16", "fp32") and cfg.optim.lr == 1e-3
+    assert cfg.precision in ("bf16", "fp32") and cfg.optim.lr == 2e-3  # the recipe's own
     if cfg.device == "cpu":
         assert cfg.precision == ("bf16" if cpu_has_bf16() else "fp32")
     assert cfg.data.train == (str(tmp_path / "data" / "train.jsonl"),)
@@ -97,6 +97,7 @@ def test_resolved_config_round_trips(tmp_path):
     assert from_dict(TrainConfig, parse_toml(text, "x")) == cfg
     assert resolve(cfg) == cfg  # nothing "auto" is left
     assert resolve(load_config(None, ['method="full"'])).optim.lr == 2e-5
+    assert resolve(load_config(None, ['method="lora"'])).optim.lr == 1e-3  # "auto" for LoRA
 
 
 def test_support_tickets_task(tmp_path):
