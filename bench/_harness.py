@@ -122,6 +122,9 @@ def parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--providers", default="", help="comma list; empty = all available")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup budget, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench measurement budget, ms")
+    p.add_argument("--profile", default="", metavar="PROVIDERS",
+                   help="comma list of providers whose fwd+bwd runs once more under "
+                        "torch.profiler after timing: top kernels by device time are printed")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--jsonl", dest="jsonl", action="store_true", default=None,
                    help="append JSONL rows (default: on GPU runs, off in --smoke)")
@@ -355,9 +358,34 @@ class Bench:
                 self.add_row(shape=shape, provider=name, mode=mode, timing=timing,
                              bytes=bytes.get(mode), flops=flops.get(mode), dtype=dtype,
                              extra=extra, error=err, op=op)
+            if name in self.args.profile.split(",") and (upstream is not None or not grad_inputs):
+                self._profile(f"{op or self.op} {shape} {name}", fn, grad_inputs, upstream)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         self.flush()
+
+    def _profile(self, label: str, fn, grad_inputs, upstream, top: int = 15) -> None:
+        """One fwd (+bwd) of ``fn`` under torch.profiler; prints the ops / kernels that took
+        the most device time (CPU time on CPU), so a slow pass can be pinned on its kernel."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = torch.cuda.is_available()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+        def once():
+            outs = _as_tuple(fn())
+            if grad_inputs:
+                outs, ups = _grad_pairs(outs, upstream)
+                torch.autograd.grad(outs, grad_inputs, ups, allow_unused=True)
+
+        once()  # compiled / autotuned before the profiled call
+        with profile(activities=acts) as prof:
+            once()
+            if cuda:
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(f"== profile: {label} (fwd{'+bwd' if grad_inputs else ''}, top {top} by {key})")
+        print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
 
     def _run_mode(self, fn, mode, grad_inputs, upstream) -> Timing:
         if mode == "fwd":

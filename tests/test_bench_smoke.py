@@ -50,3 +50,16 @@ def test_bench_smoke(script, smoke_runs):
     assert len(table) >= 3, f"{script} printed no markdown table rows:\n{out[-2000:]}"
     errors = [ln for ln in table if "| error:" in ln]
     assert not errors, f"{script}: providers failed:\n" + "\n".join(errors)
+
+
+def test_profile_flag_prints_a_breakdown():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("EMBER_BENCH_MD_DIR", None)
+    proc = subprocess.run([sys.executable, str(BENCH / "rms_norm.py"), "--smoke", "--no-jsonl",
+                           "--modes", "fwd+bwd", "--providers", "ref", "--profile", "ref"],
+                          cwd=BENCH.parent, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    head = [ln for ln in proc.stdout.splitlines() if ln.startswith("== profile:")]
+    assert head and "ref (fwd+bwd" in head[0], proc.stdout[-2000:]
+    assert "Self CPU" in proc.stdout  # the profiler's table
