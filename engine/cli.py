@@ -115,6 +115,8 @@ def _cmd_eval(a) -> None:
 
 
 def _cmd_export(a) -> None:
+    import torch
+
     from ember.engine.state import load_run_model
     from ember.models.loading import save_pretrained
     from ember.models.lora import lora_modules, merge_lora, save_adapter
@@ -128,9 +130,12 @@ def _cmd_export(a) -> None:
                              "--merged OUT to export the model")
         out = save_adapter(model, a.adapter, base_model_name_or_path=cfg.model.name)
     else:
+        # A QLoRA run's 4-bit base is dequantized: the merged model is a plain bf16 HF model.
+        nf4 = any(hasattr(m, "quant_weight") for m in model.modules())
+        bf16 = torch.bfloat16 if nf4 else None
         if lora_modules(model):
-            merge_lora(model)
-        out = save_pretrained(model, a.merged, tok)
+            merge_lora(model, bf16)
+        out = save_pretrained(model, a.merged, tok, dtype=bf16, dequantize=nf4)
     print(f"wrote {out}")
 
 

@@ -39,6 +39,14 @@ class ModelSpec:
     # Weights dtype. "auto": float32 (CPU, and full fine-tuning's master weights); bfloat16 for
     # the frozen base of LoRA on CUDA (adapters always train in float32).
     dtype: str = "auto"
+    # "nf4": QLoRA. The linear layers are quantized to NF4 (bitsandbytes-exact) while loading;
+    # a checkpoint already in bitsandbytes 4-bit format loads as NF4 without this.
+    quantize: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.quantize is not None and self.quantize != "nf4":
+            raise EmberError(f"model.quantize must be \"nf4\" (QLoRA) or left out, got "
+                             f"{self.quantize!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,6 +179,10 @@ class TrainConfig:
         if self.method == "lora" and (self.freeze or self.train_layers is not None):
             raise EmberError("freeze / train_layers apply to method = \"full\"; with LoRA choose "
                              "the adapted modules with lora.targets (e.g. \"layers.2[0-9].*\")")
+        if self.model.quantize and self.method != "lora":
+            raise EmberError("model.quantize = \"nf4\" (QLoRA) trains LoRA adapters on a frozen "
+                             "4-bit base: set method = \"lora\", or drop quantize for full "
+                             "fine-tuning")
         if self.grad_accum < 1 or self.log_every < 1:
             raise EmberError("grad_accum and log_every must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:

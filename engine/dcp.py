@@ -213,14 +213,31 @@ def _dcp_call(fn, state: dict, folder: Path):
         return fn(state, checkpoint_id=str(folder), no_dist=no_dist)
 
 
+def _sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None):
+    """{"model": trainable weights by name[, "optim": optimizer state]}. A sharded model goes
+    through DCP's state-dict API (DTensors, FSDP names); a plain one hands DCP its trainable
+    parameters directly (the same names; loads land in them in place), which also works where
+    DCP cannot walk the model: the packed NF4 entries of a QLoRA base are state-dict keys but
+    not attributes."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
+        get_optimizer_state_dict,
         get_state_dict,
     )
 
     opts = StateDictOptions(ignore_frozen_params=True)
+    if not _sharded(model):
+        msd = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        if optimizer is None:
+            return {"model": msd}
+        return {"model": msd, "optim": get_optimizer_state_dict(model, optimizer, options=opts)}
     if optimizer is None:
         return {"model": get_model_state_dict(model, options=opts)}
     msd, osd = get_state_dict(model, optimizer, options=opts)
@@ -352,7 +369,11 @@ def load(folder: str | os.PathLike, *, model: nn.Module,
     (LoRA, checkpointing, sharding) and the optimizer exactly as for the run that saved it.
     A checkpoint that fails verification is refused. Every rank must call it."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+        set_state_dict,
+    )
 
     info = info or DistInfo()
     folder = Path(folder)
@@ -370,7 +391,10 @@ def load(folder: str | os.PathLike, *, model: nn.Module,
                          "settings") from None
     # Not strict: frozen weights are not in the checkpoint (_check_keys matched the rest).
     opts = StateDictOptions(ignore_frozen_params=True, strict=False)
-    if optimizer is None:
+    if not _sharded(model):  # the weights were loaded in place
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, state["optim"], options=opts)
+    elif optimizer is None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         set_model_state_dict(model, state["model"], options=opts)

@@ -8,6 +8,7 @@ import fnmatch
 import math
 import re
 import resource
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if model.dtype == "auto":
         # A frozen base can live in the autocast dtype; trained weights stay fp32 masters.
         low = cfg.method == "lora" and precision == "bf16"
-        model = model.__class__(name=model.name, dtype="bfloat16" if low else "float32")
+        model = replace(model, dtype="bfloat16" if low else "float32")
     optim = cfg.optim
     if optim.lr is None:
         optim = from_dict(type(optim), {**to_dict(optim),
@@ -120,7 +121,8 @@ def freeze_parameters(model, freeze: tuple[str, ...], train_layers: tuple[int, .
 
 
 def build_model(cfg: TrainConfig, device: str):
-    model, tokenizer = load_pretrained(cfg.model.name, cfg.model.dtype, device)
+    model, tokenizer = load_pretrained(cfg.model.name, cfg.model.dtype, device,
+                                       quantize=cfg.model.quantize)
     if tokenizer is None:
         raise EmberError(f"model {cfg.model.name!r} has no tokenizer.json; training needs one")
     if cfg.method == "lora":

@@ -173,7 +173,8 @@ def load_run_model(run_dir: str | Path, device: str | None = None):
         model, tok = load_pretrained(final_model, cfg.model.dtype, device)
         return model, tok, cfg
     if cfg.method == "lora" and final_adapter.is_dir():
-        model, tok = load_pretrained(cfg.model.name, cfg.model.dtype, device)
+        model, tok = load_pretrained(cfg.model.name, cfg.model.dtype, device,
+                                     quantize=cfg.model.quantize)
         load_adapter(model, final_adapter)
         return model, tok, cfg
     latest = dcp.find_latest(dcp.checkpoint_root(run_dir))
