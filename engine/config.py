@@ -1,7 +1,8 @@
 """Run configuration: frozen, keyword-only dataclasses loaded from TOML or a named recipe.
 
 A run is ``TrainConfig``; each TOML table is one section (``[model]``, ``[lora]``, ``[optim]``,
-``[data]``, ``[task]``, ``[eval]``, ``[checkpoint]``, ``[activations]``, ``[dist]``, ``[guards]``),
+``[data]``, ``[task]``, ``[eval]``, ``[checkpoint]``, ``[activations]``, ``[dist]``, ``[guards]``,
+``[distill]``, ``[dpo]``),
 top-level keys are ``TrainConfig`` fields.
 ``--set a.b=value`` overrides parse ``value`` as a TOML value (a bare word is a string). Unknown
 keys and wrong types are ``EmberError``s that name the key and list the valid ones.
@@ -30,6 +31,7 @@ from ember.engine.activation import ActivationConfig
 from ember.engine.data import DataConfig
 from ember.engine.distributed import DistConfig
 from ember.engine.guards import GuardConfig
+from ember.engine.objectives import OBJECTIVES, DistillConfig, DPOConfig
 from ember.models.lora import LoRAConfig
 
 
@@ -146,6 +148,10 @@ class TrainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     method: str = "lora"  # "lora" (adapters only) | "full"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # "sft" | "distill" (from distill.teacher) | "dpo" (preference pairs); engine/objectives.py
+    objective: str = "sft"
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     # Full fine-tuning only: glob patterns of parameter names kept frozen (e.g. "embed.*"), and
     # the decoder layers that train (None: all; negative indices count from the end).
     freeze: tuple[str, ...] = ()
@@ -173,6 +179,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _one_of("method", self.method, ("lora", "full"))
         _one_of("precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        _one_of("objective", self.objective, OBJECTIVES)
+        if self.objective == "distill" and self.distill.teacher is None:
+            raise EmberError("objective = \"distill\" needs distill.teacher: a model name, HF "
+                             "folder or .gguf file sharing the student's tokenizer")
         object.__setattr__(self, "freeze", _as_tuple(self.freeze))
         if self.train_layers is not None:
             object.__setattr__(self, "train_layers", _as_tuple(self.train_layers))

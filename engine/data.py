@@ -4,8 +4,11 @@ Formats (one JSON object per line; ``format="auto"`` picks the file's format fro
     {"text": "..."}                                     loss on every token
     {"prompt": "...", "completion": "..."}              loss on the completion (+ EOS)
     {"messages": [{"role": "user", "content": "..."}, ...]}   loss on assistant turns
+    {"prompt": "...", "chosen": "...", "rejected": "..."}     a preference pair (objective = "dpo")
 Prompt/completion pairs are rendered as a user/assistant chat with the tokenizer's chat template
 when it has one (``use_chat_template``), else concatenated as-is (put any separator in the prompt).
+A preference line becomes one ``Example`` of two documents (``parts``): prompt + chosen, then
+prompt + rejected, each rendered like a prompt/completion pair; the pair is never split by batching.
 
 Labels are pre-shifted: ``labels[t]`` is the token position ``t`` must predict (``input_ids[t+1]``)
 or ``IGNORE`` (-100). The last position of every example is ``IGNORE``, so packed documents never
@@ -60,7 +63,7 @@ __all__ = [
 ]
 
 ROLES = ("system", "user", "assistant", "tool")
-FORMATS = ("auto", "text", "prompt_completion", "messages")
+FORMATS = ("auto", "text", "prompt_completion", "messages", "preference")
 MAX_PROBLEMS = 5  # problems quoted verbatim in a report; the rest are counted by kind
 
 
@@ -164,7 +167,8 @@ def _get_str(obj: dict, key: str) -> str:
 
 
 def _detect(obj: dict) -> str | None:
-    keys = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"),
+    keys = {"messages": ("messages",), "preference": ("chosen", "rejected"),
+            "prompt_completion": ("prompt", "completion"),
             "text": ("text",)}
     return next((fmt for fmt, ks in keys.items() if any(k in obj for k in ks)), None)
 
@@ -181,6 +185,14 @@ def _parse(obj: dict, fmt: str):
         if not completion.strip():
             raise _Bad("empty completion", "empty completion")
         return prompt, completion
+    if fmt == "preference":
+        prompt, chosen, rejected = (_get_str(obj, k) for k in ("prompt", "chosen", "rejected"))
+        for name, v in (("chosen", chosen), ("rejected", rejected)):
+            if not v.strip():
+                raise _Bad("empty completion", f"empty {name} completion")
+        if chosen == rejected:
+            raise _Bad("identical pair", "chosen and rejected are identical: no preference")
+        return prompt, chosen, rejected
     if "messages" not in obj:
         raise _Bad("missing field", f"missing field 'messages' (keys present: {sorted(obj)})")
     msgs = obj["messages"]
@@ -363,12 +375,13 @@ class _Reader:
         if self.fmt is None:
             self.fmt = _detect(obj)
             if self.fmt is None:
-                raise _Bad("missing field", "no 'text', 'prompt'/'completion' or 'messages' "
-                                            f"field (keys present: {sorted(obj)})")
+                raise _Bad("missing field", "no 'text', 'prompt'/'completion', 'messages' or "
+                                            f"'chosen'/'rejected' field (keys present: "
+                                            f"{sorted(obj)})")
         return _parse(obj, self.fmt)
 
     def example(self, lineno: int, raw: bytes) -> Example | None:
-        cfg, rep, where = self.cfg, self.report, f"{self.path}:{lineno}"
+        rep, where = self.report, f"{self.path}:{lineno}"
         try:
             line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
@@ -379,10 +392,29 @@ class _Reader:
             return None
         try:
             rec = self.record(line)  # fixes self.fmt on the first line
-            ids, mask, prompt_len, reference = self.enc.encode(self.fmt, rec)
+            if self.fmt == "preference":
+                docs = [self.enc.encode("prompt_completion", (rec[0], c)) for c in rec[1:]]
+            else:
+                docs = [self.enc.encode(self.fmt, rec)]
         except _Bad as e:
             self.bad(lineno, e.kind, e.why)
             return None
+        fitted = []
+        for d in docs:
+            fitted.append(self._fit(lineno, *d[:3]))
+            if fitted[-1] is None:  # a pair with a dropped half is dropped whole
+                return None
+        key = hashlib.blake2b(line.strip().encode(), digest_size=16).hexdigest()
+        if len(fitted) == 1:
+            (ids, labels, prompt_len), = fitted
+            return Example(ids, labels, where, prompt_len, docs[0][3], key)
+        # A pair: the chosen document first; generation metrics use its prompt and completion.
+        return Example([t for f in fitted for t in f[0]], [t for f in fitted for t in f[1]], where,
+                       fitted[0][2], rec[1], key, parts=tuple(len(f[0]) for f in fitted))
+
+    def _fit(self, lineno: int, ids, mask, prompt_len):
+        """(ids, labels, prompt_len) of one document after the over-long policy, or None."""
+        cfg, rep, where = self.cfg, self.report, f"{self.path}:{lineno}"
         if len(ids) > cfg.max_seq_len:
             n, fitted = len(ids), _fit(ids, mask, prompt_len, cfg, self.bos)
             what = f"{where}: {n} tokens > max_seq_len {cfg.max_seq_len}"
@@ -398,8 +430,7 @@ class _Reader:
         if all(t == IGNORE for t in labels):
             self.bad(lineno, "no loss tokens", "nothing to learn from (a single token)")
             return None
-        key = hashlib.blake2b(line.strip().encode(), digest_size=16).hexdigest()
-        return Example(ids, labels, where, prompt_len, reference, key)
+        return ids, labels, prompt_len
 
 
 def load_examples(path: str | Path, cfg: DataConfig, tokenizer) -> tuple[list[Example], DataReport]:

@@ -48,20 +48,27 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
 
 
-def sft_loss(model, batch, num_loss_tokens: int) -> torch.Tensor:
-    """Summed cross-entropy over the batch's answer tokens / ``num_loss_tokens`` (fp32 scalar)."""
-    if num_loss_tokens < 1:
-        raise EmberError("sft_loss: num_loss_tokens must be >= 1 (a batch with nothing to learn)")
+def _answer_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions (N,), hidden states (N, D)) of the batch's answer tokens."""
     idx = answer_positions(batch.labels)
-    h = _hidden(model, batch).index_select(0, idx)  # (N, D): the head sees answer tokens only
+    return idx, _hidden(model, batch).index_select(0, idx)  # the head sees answer tokens only
+
+
+def _ce_sum(model, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if torch.is_autocast_enabled(h.device.type):
         # Full fine-tuning keeps an fp32 residual stream: run the head in the autocast dtype, as
         # every other matmul under autocast does, instead of an fp32 head GEMM.
         h = h.to(torch.get_autocast_dtype(h.device.type))
-    labels = batch.labels.reshape(-1).index_select(0, idx)
-    loss = linear_cross_entropy(h, _head_weight(model, h.dtype), labels, reduction="sum",
+    return linear_cross_entropy(h, _head_weight(model, h.dtype), labels, reduction="sum",
                                 softcap=model.cfg.final_softcap)
-    return loss / num_loss_tokens
+
+
+def sft_loss(model, batch, num_loss_tokens: int) -> torch.Tensor:
+    """Summed cross-entropy over the batch's answer tokens / ``num_loss_tokens`` (fp32 scalar)."""
+    if num_loss_tokens < 1:
+        raise EmberError("sft_loss: num_loss_tokens must be >= 1 (a batch with nothing to learn)")
+    idx, h = _answer_hidden(model, batch)
+    return _ce_sum(model, h, batch.labels.reshape(-1).index_select(0, idx)) / num_loss_tokens
 
 
 def kl_div_from_logits(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
@@ -96,6 +103,20 @@ def distillation_loss(model, teacher, batch, num_loss_tokens: int, temperature: 
     with torch.no_grad():
         t_logits = teacher.logits(_hidden(teacher, batch).index_select(0, idx))
     return kl_div_from_logits(student, t_logits, temperature) / num_loss_tokens
+
+
+def distill_sft_loss(model, teacher, batch, num_loss_tokens: int, temperature: float,
+                     alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(``alpha * KD + (1 - alpha) * SFT``, KD, SFT), each summed over the batch's answer tokens /
+    ``num_loss_tokens``, from one student forward; ``alpha = 0`` gives ``sft_loss`` exactly."""
+    if num_loss_tokens < 1:
+        raise EmberError("distillation: num_loss_tokens must be >= 1")
+    idx, h = _answer_hidden(model, batch)
+    sft = _ce_sum(model, h, batch.labels.reshape(-1).index_select(0, idx)) / num_loss_tokens
+    with torch.no_grad():
+        t_logits = teacher.logits(_hidden(teacher, batch).index_select(0, idx))
+    kd = kl_div_from_logits(model.logits(h), t_logits, temperature) / num_loss_tokens
+    return alpha * kd + (1 - alpha) * sft, kd.detach(), sft.detach()
 
 
 def sequence_logprobs(model, batch) -> torch.Tensor:

@@ -42,6 +42,9 @@ class Example:
     prompt_len: int = 0  # leading tokens that are the generation prompt (0 for plain text)
     reference: str | None = None  # completion / final assistant text, for generation metrics
     key: str = ""  # content hash: splits depend on the line's content, not its position
+    # Lengths of the documents packed together in this example (a DPO pair: chosen, rejected);
+    # empty: one document. They stay in one batch, each its own document in ``cu_seqlens``.
+    parts: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -49,6 +52,10 @@ class Example:
     @property
     def num_loss_tokens(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE)
+
+    @property
+    def doc_lengths(self) -> tuple[int, ...]:
+        return self.parts or (len(self),)
 
 
 @dataclass
@@ -76,11 +83,11 @@ class Batch:
 def collate(examples: list[Example]) -> Batch:
     ids = [t for e in examples for t in e.input_ids]
     labels = [t for e in examples for t in e.labels]
-    pos = [p for e in examples for p in range(len(e))]
-    lens = [len(e) for e in examples]
+    lens = [n for e in examples for n in e.doc_lengths]
+    pos = [p for n in lens for p in range(n)]
     return Batch(torch.tensor([ids]), torch.tensor([labels]), torch.tensor([pos]),
                  torch.tensor([0, *accumulate(lens)], dtype=torch.int32), max(lens),
-                 sum(1 for t in labels if t != IGNORE), len(examples))
+                 sum(1 for t in labels if t != IGNORE), len(lens))
 
 
 @dataclass

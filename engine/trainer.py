@@ -1,11 +1,12 @@
-"""The training loop: SFT with LoRA or full fine-tuning, in one process or under torchrun (FSDP2),
-with evaluation, checkpoints, exact resume and guards.
+"""The training loop: SFT, distillation or DPO (``engine/objectives.py``) with LoRA or full
+fine-tuning, in one process or under torchrun (FSDP2), with evaluation, checkpoints, exact resume
+and guards.
 
 One optimizer step = ``grad_accum`` packed micro-batches of ``data.tokens_per_batch`` tokens per
-process. The loss of every micro-batch is divided by the answer tokens of the whole step, all
-processes together (``losses.sft_loss``), so accumulation is token-weighted: 4 micro-batches of 1
-example give the gradients of 1 batch of 4, and N processes give those of one process taking
-their N * grad_accum batches (``engine/distributed.py``).
+process. The loss of every micro-batch is divided by the answer tokens (DPO: the pairs) of the
+whole step, all processes together (``losses.sft_loss``), so accumulation is token-weighted: 4
+micro-batches of 1 example give the gradients of 1 batch of 4, and N processes give those of one
+process taking their N * grad_accum batches (``engine/distributed.py``).
 
 Setup order (STYLE.md): join torchrun's process group (it picks each rank's device) -> build the
 model with LoRA / frozen parts -> activation checkpointing (``[activations]``) -> ``fully_shard``
@@ -59,10 +60,9 @@ from ember.engine.distributed import (
     rank_batches,
     shard_model,
 )
-from ember.engine.evaluation import generation_eval, validation_loss
+from ember.engine.evaluation import generation_eval
 from ember.engine.guards import GracefulStop, NonFiniteGuard, oom_guard, resume_command
-from ember.engine.losses import sft_loss
-from ember.engine.metrics import perplexity
+from ember.engine.objectives import make_objective
 from ember.engine.runlog import MetricsLog, format_scores
 from ember.engine.runtime import (
     autocast_for,
@@ -95,6 +95,7 @@ class StepStats:
     tokens: int
     applied: bool  # False: a non-finite step, skipped
     stop: bool  # a process got SIGTERM / SIGINT
+    extra: dict  # the objective's metrics (distillation's KD / SFT terms, DPO's rewards)
 
 
 class Trainer:
@@ -120,6 +121,7 @@ class Trainer:
             barrier(info)
         ds = load_datasets(cfg.data, tokenizer)
         self.echo(ds.summary())
+        self.objective.check_data(ds)
         return ds
 
     def _build(self, cfg: TrainConfig, info: DistInfo):
@@ -139,6 +141,8 @@ class Trainer:
             random.seed(cfg.seed + info.rank)
         what = (f"LoRA r={cfg.lora.rank} on {len(lora_modules(model))} modules"
                 if cfg.method == "lora" else "full fine-tuning")
+        if cfg.objective != "sft":
+            what += f", objective {cfg.objective}"
         where = (f"{info.world_size} processes (FSDP2), {self.device} on rank 0"
                  if info.distributed else self.device)
         ckpt = (f"; activation checkpointing on {len(blocks)}/{len(model.layers)} blocks"
@@ -153,9 +157,9 @@ class Trainer:
         cfg, ds = self.cfg, self.datasets
         scores: dict[str, float] = {}
         if cfg.eval.val_loss and ds.validation:
-            loss, _ = validation_loss(self.model, ds.validation, cfg.data.tokens_per_batch,
-                                      self.device, self.autocast, cfg.eval.max_val_batches)
-            scores.update(val_loss=loss, perplexity=perplexity(loss))
+            scores.update(self.objective.val_scores(
+                self.model, ds.validation, cfg.data.tokens_per_batch, self.device, self.autocast,
+                cfg.eval.max_val_batches))
         split = self._gen_split()
         if cfg.eval.metrics and split is not None:
             res = generation_eval(self.model, self.tokenizer, split[1], cfg.eval.metrics,
@@ -187,25 +191,28 @@ class Trainer:
     def _step(self, micro: list, step: int, opt, params, scaler, guard: NonFiniteGuard,
               signals: GracefulStop) -> StepStats:
         cfg, info = self.cfg, self.info
-        n_loss, n_tok = all_reduce_sums([sum(b.num_loss_tokens for b in micro),
-                                         sum(b.num_tokens for b in micro)], info)
-        n_loss = int(n_loss)
+        obj = self.objective
+        n_loss, n_tok, n_w = all_reduce_sums([sum(b.num_loss_tokens for b in micro),
+                                              sum(b.num_tokens for b in micro),
+                                              sum(obj.weight(b) for b in micro)], info)
+        n_loss, n_w = int(n_loss), int(n_w)
         act = cfg.activations
         with oom_guard(batch_tokens=max(b.num_tokens for b in micro),
                        seq_len=max(b.max_seqlen for b in micro), device=self.device, step=step,
                        method=cfg.method, checkpointing=act.checkpointing, offload=act.offload):
             local = 0.0
-            if n_loss > 0:
+            if n_w > 0:
                 # Every rank runs every micro-batch (even one without answer tokens: it adds 0):
                 # a sharded forward / backward is a collective.
                 for b in micro:
                     with self.autocast():
-                        loss = sft_loss(self.model, b.to(self.device), n_loss)
+                        loss = obj.loss(self.model, b.to(self.device), n_w)
                     (scaler.scale(loss) if scaler else loss).backward()
                     local += float(loss.detach())
             if scaler:
                 scaler.unscale_(opt)
             norm = clip_grad_norm(params, cfg.optim.max_grad_norm or math.inf)
+            extra = obj.step_metrics(lambda xs: all_reduce_sums(xs, info))
             # One collective for the loss and the stop requests, so all ranks stop together.
             total, stops = all_reduce_sums([local, float(signals.requested)], info)
             # With fp16 the scaler skips overflowing steps itself: only the loss counts there.
@@ -218,7 +225,7 @@ class Trainer:
             if scaler:
                 scaler.update()
             opt.zero_grad(set_to_none=True)
-        return StepStats(total, norm, n_loss, int(n_tok), applied, stops > 0)
+        return StepStats(total, norm, n_loss, int(n_tok), applied, stops > 0, extra)
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -231,7 +238,10 @@ class Trainer:
         latest = open_run(cfg, info, resume=self.resume, echo=self.echo)
         self.log = MetricsLog(cfg.out_dir, main=info.is_main)
         self.device, self.autocast = info.device, autocast_for(info.device, cfg.precision)
+        # Before _build seeds the run: loading a teacher / reference leaves the RNG as SFT's.
+        self.objective = make_objective(cfg, self.device)
         self.model = model = self._build(cfg, info)
+        self.objective.check_model(model, self.tokenizer)
         self.datasets = self._datasets(cfg, info, self.tokenizer)
         batches = rank_batches(self.datasets.train, cfg.data, info)
         per_epoch = len(batches.plan(0))
@@ -291,6 +301,7 @@ class Trainer:
                                     "grad_norm": s.grad_norm, "tokens": prog.tokens,
                                     "loss_tokens": s.loss_tokens, "tokens_per_s": s.tokens / dt,
                                     "seconds": seconds0 + time.perf_counter() - t_train,
+                                    **s.extra,
                                     **({} if s.applied else {"skipped": True})})
                 status = (f"loss {s.loss:.4f} | {s.tokens / dt:,.0f} tok/s | "
                           f"mem {memory_gib(self.device):.1f} GiB")

@@ -223,6 +223,11 @@ CORPUS = {
                                 "object")], True),
     "bad_utf8.jsonl": ([(2, "not valid UTF-8"), (3, "empty text"),
                         (4, "field 'text' must be a string")], True),
+    "bad_preference.jsonl": ([(2, "missing field 'rejected'"),
+                              (3, "field 'chosen' must be a string, got number"),
+                              (4, "empty chosen completion"),
+                              (5, "chosen and rejected are identical"),
+                              (6, "missing field 'chosen'"), (7, "missing field 'prompt'")], True),
     "all_bad.jsonl": ([(1, "field 'prompt' must be a string, got number"), (2, "invalid JSON"),
                        (3, "expected a JSON object"), (4, "empty completion")], False),
 }

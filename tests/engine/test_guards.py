@@ -108,9 +108,9 @@ def test_diverging_run_skips_nonfinite_steps_then_stops(tiny, tmp_path, capsys):
 def test_oom_in_a_training_step_is_explained(tiny, tmp_path, monkeypatch, capsys):
     """The trainer's step runs under ``oom_guard``: a CUDA OOM there (raised by a stand-in loss
     here, as no GPU is needed) ends ``ember train`` with the message and exit status 2."""
-    import ember.engine.trainer as trainer
+    import ember.engine.objectives as objectives
 
-    real, calls = trainer.sft_loss, []
+    real, calls = objectives.sft_loss, []
 
     def loss_that_runs_out(model, batch, n):
         calls.append(batch.num_tokens)
@@ -118,7 +118,7 @@ def test_oom_in_a_training_step_is_explained(tiny, tmp_path, monkeypatch, capsys
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
         return real(model, batch, n)
 
-    monkeypatch.setattr(trainer, "sft_loss", loss_that_runs_out)
+    monkeypatch.setattr(objectives, "sft_loss", loss_that_runs_out)
     config = tmp_path / "oom.toml"
     config.write_text(to_toml(tiny_config(tiny, tmp_path / "oom", "max_steps=5",
                                           "eval.before=false", "eval.metrics=[]")))

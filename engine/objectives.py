@@ -1,0 +1,226 @@
+"""Training objectives: what one packed micro-batch's loss is (``objective`` in the config).
+
+``"sft"``      cross-entropy on the answer tokens (``losses.sft_loss``).
+``"distill"``  ``alpha * KD + (1 - alpha) * SFT`` on the answer tokens, KD being the student's
+               ``T^2 * KL`` to a frozen teacher (``[distill]``); both terms are token-weighted
+               over the whole accumulated step, like SFT.
+``"dpo"``      the DPO loss of preference pairs (``[dpo]``, data lines {"prompt", "chosen",
+               "rejected"}), averaged over the pairs of the whole step. The reference is the same
+               model with its LoRA adapters switched off; with full fine-tuning a frozen copy of
+               the starting model.
+
+An objective weighs each micro-batch (answer tokens, or pairs for DPO) so the trainer can divide
+every micro-batch's loss by the weight of the step, keeps sums of its own train metrics (reduced
+over the processes once per step) and computes its validation scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ember import EmberError
+from ember.engine.data import Datasets, Example, PackedBatches
+from ember.engine.evaluation import validation_loss
+from ember.engine.losses import (
+    adapters_disabled,
+    distill_sft_loss,
+    dpo_loss,
+    sequence_logprobs,
+    sft_loss,
+)
+from ember.engine.metrics import perplexity
+
+if TYPE_CHECKING:
+    from ember.engine.config import TrainConfig
+
+OBJECTIVES = ("sft", "distill", "dpo")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    teacher: str | None = None  # built-in name, HF folder or .gguf file (like model.name)
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the KD term; the SFT term gets 1 - alpha
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise EmberError(f"distill.temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise EmberError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPOConfig:
+    beta: float = 0.1  # strength of the pull towards the reference (higher: stay closer)
+    label_smoothing: float = 0.0  # > 0: conservative DPO, for noisy preference labels
+
+    def __post_init__(self) -> None:
+        if not self.beta > 0:
+            raise EmberError(f"dpo.beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise EmberError(f"dpo.label_smoothing must be in [0, 0.5), got "
+                             f"{self.label_smoothing}")
+
+
+def _frozen_model(name: str, precision: str, device: str):
+    """A model for forwards only: eval mode, no gradients, weights in the autocast dtype."""
+    from ember.models.loading import load_pretrained
+
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    model, tokenizer = load_pretrained(name, dtype, device)
+    return model.requires_grad_(False).eval(), tokenizer
+
+
+class SFT:
+    """Plain supervised fine-tuning; the base of the other objectives."""
+
+    name = "sft"
+    pairs = False  # trains on preference pairs
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+
+    def weight(self, batch) -> int:
+        return batch.num_loss_tokens
+
+    def loss(self, model, batch, denom: int) -> torch.Tensor:
+        return sft_loss(model, batch, denom)
+
+    def check_model(self, model, tokenizer) -> None:
+        pass
+
+    def check_data(self, ds: Datasets) -> None:
+        for split, examples in (("train", ds.train), ("validation", ds.validation)):
+            bad = next((e for e in examples if bool(e.parts) != self.pairs), None)
+            if bad is None:
+                continue
+            if self.pairs:
+                raise EmberError(f"{bad.source}: objective = \"dpo\" trains on preference lines "
+                                 "{\"prompt\", \"chosen\", \"rejected\"}; this " + split
+                                 + " line is not one")
+            raise EmberError(f"{bad.source}: a preference line (chosen/rejected) in the {split} "
+                             f"data; set objective = \"dpo\" to train on preference pairs")
+
+    def _add(self, **values: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    def step_metrics(self, reduce) -> dict[str, float]:
+        """This step's metrics, all processes together (``reduce``: sums a list of floats)."""
+        keys = sorted(self.sums)
+        sums = dict(zip(keys, reduce([self.sums[k] for k in keys]), strict=True)) if keys else {}
+        self.sums = {}
+        return self._finish(sums)
+
+    def _finish(self, sums: dict[str, float]) -> dict[str, float]:
+        return sums
+
+    def val_scores(self, model, examples: list[Example], tokens_per_batch: int, device,
+                   autocast, max_batches: int | None) -> dict[str, float]:
+        loss, _ = validation_loss(model, examples, tokens_per_batch, device, autocast,
+                                  max_batches)
+        return {"val_loss": loss, "perplexity": perplexity(loss)}
+
+
+class Distill(SFT):
+    name = "distill"
+
+    def __init__(self, cfg: TrainConfig, device: str):
+        super().__init__()
+        self.cfg = cfg.distill
+        self.teacher, self.teacher_tok = _frozen_model(self.cfg.teacher, cfg.precision, device)
+
+    def check_model(self, model, tokenizer) -> None:
+        v_s, v_t = model.cfg.vocab_size, self.teacher.cfg.vocab_size
+        same = v_s == v_t
+        if same and self.teacher_tok is not None:
+            vocab = getattr(getattr(tokenizer, "backend", None), "get_vocab", None)
+            t_vocab = getattr(getattr(self.teacher_tok, "backend", None), "get_vocab", None)
+            same = vocab is None or t_vocab is None or vocab() == t_vocab()
+        if not same:
+            raise EmberError(f"distill.teacher {self.cfg.teacher!r} does not share the student's "
+                             f"vocabulary (vocab sizes {v_t} and {v_s}, or different tokens); "
+                             "distillation compares next-token distributions, so pick a teacher "
+                             "from the same model family (same tokenizer)")
+
+    def loss(self, model, batch, denom: int) -> torch.Tensor:
+        c = self.cfg
+        loss, kd, sft = distill_sft_loss(model, self.teacher, batch, denom, c.temperature,
+                                         c.alpha)
+        self._add(kd_loss=kd, sft_loss=sft)
+        return loss
+
+
+class DPO(SFT):
+    name = "dpo"
+    pairs = True
+
+    def __init__(self, cfg: TrainConfig, device: str):
+        super().__init__()
+        self.cfg = cfg.dpo
+        self.ref_model = None
+        if cfg.method == "full":  # no adapters to switch off: a frozen copy is the reference
+            self.ref_model, _ = _frozen_model(cfg.model.name, cfg.precision, device)
+
+    def weight(self, batch) -> int:
+        return batch.num_docs // 2
+
+    def reference(self, model):
+        if self.ref_model is not None:
+            return contextlib.nullcontext(self.ref_model)
+        return adapters_disabled(model)
+
+    def _pair_loss(self, model, batch):
+        with torch.no_grad(), self.reference(model) as ref:
+            ref_lp = sequence_logprobs(ref, batch)
+        lp = sequence_logprobs(model, batch)  # (2 * pairs,): chosen, rejected, chosen, ...
+        return dpo_loss(lp[0::2], lp[1::2], ref_lp[0::2], ref_lp[1::2], self.cfg.beta,
+                        self.cfg.label_smoothing)
+
+    def loss(self, model, batch, denom: int) -> torch.Tensor:
+        loss, chosen, rejected = self._pair_loss(model, batch)
+        self._add(**_pair_sums(chosen, rejected))
+        return loss * chosen.numel() / denom
+
+    def _finish(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums.pop("pairs", 0.0), 1.0)
+        return {k: v / n for k, v in sums.items()}
+
+    @torch.no_grad()
+    def val_scores(self, model, examples: list[Example], tokens_per_batch: int, device,
+                   autocast, max_batches: int | None) -> dict[str, float]:
+        batches = PackedBatches(examples, tokens_per_batch, order="file", packing="greedy")
+        was_training = model.training
+        model.eval()
+        sums: dict[str, float] = {}
+        try:
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                with autocast():
+                    loss, chosen, rejected = self._pair_loss(model, batch.to(device))
+                for k, v in {"loss": float(loss) * chosen.numel(),
+                             **_pair_sums(chosen, rejected)}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        finally:
+            model.train(was_training)
+        return {f"val_{k}": v for k, v in self._finish(sums).items()}
+
+
+def _pair_sums(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    return {"pairs": chosen.numel(), "reward_accuracy": float((chosen > rejected).sum()),
+            "reward_margin": float((chosen - rejected).sum()),
+            "chosen_reward": float(chosen.sum()), "rejected_reward": float(rejected.sum())}
+
+
+def make_objective(cfg: TrainConfig, device: str) -> SFT:
+    """The objective of a resolved config (loads the teacher / reference model when needed)."""
+    if cfg.objective == "distill":
+        return Distill(cfg, device)
+    if cfg.objective == "dpo":
+        return DPO(cfg, device)
+    return SFT()

@@ -1,0 +1,159 @@
+"""Distillation and DPO through ``ember train`` on tiny random models: the student moves towards
+its teacher, alpha = 0 is plain SFT, DPO raises the reward margin of chosen over rejected with the
+base weights untouched, preference pairs stay together in packed batches, and mismatched data or
+teachers are clear errors. The losses themselves are checked in test_trainer.py."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.engine.config import load_config
+from ember.engine.data import IGNORE, DataConfig, collate, load_examples
+from ember.engine.losses import distillation_loss
+from ember.engine.trainer import Trainer, train
+from ember.models.loading import load_pretrained
+from tests.engine._tiny import WORDS, make_tiny_model, quiet, rows_of, tiny_config, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """Another random model with the tiny model's tokenizer (the tokenizer training is
+    deterministic; the weights differ by seed)."""
+    return str(make_tiny_model(tmp_path_factory.mktemp("teacher") / "model", seed=1))
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory):
+    """Preference pairs: the chosen answer repeats the prompt's first word, the rejected one
+    another word."""
+    rng = random.Random(5)
+    rows = []
+    for _ in range(12):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 6))]
+        wrong = rng.choice([w for w in WORDS if w != words[0]])
+        rows.append({"prompt": "say " + " ".join(words) + " ->", "chosen": " " + words[0],
+                     "rejected": " " + wrong})
+    return write_jsonl(tmp_path_factory.mktemp("prefs") / "prefs.jsonl", rows)
+
+
+def _train_rows(run_dir) -> list[dict]:
+    return [r for r in rows_of(run_dir, timing=False) if r["kind"] == "train"]
+
+
+def test_distillation_moves_the_student_to_its_teacher(tiny, teacher, tmp_path):
+    small = tiny["small"]
+    run = tmp_path / "run"
+    cfg = tiny_config(tiny, run, 'method="full"', 'objective="distill"',
+                      f'distill.teacher="{teacher}"', "distill.alpha=1.0", "max_steps=8",
+                      "optim.lr=3e-3", "optim.warmup_steps=1", "eval.metrics=[]",
+                      f'data.train=["{small}"]')
+    train(cfg, echo=quiet, progress=False)
+    rows = _train_rows(run)
+    assert all(r["loss"] == r["kd_loss"] for r in rows)
+    assert rows[-1]["kd_loss"] < rows[0]["kd_loss"] / 2
+    # The KL to the teacher on the training answers, before and after, measured afresh.
+    base, tok = load_pretrained(tiny["model"], "float32")
+    student, _ = load_pretrained(run / "final" / "model", "float32")
+    t, _ = load_pretrained(teacher, "float32")
+    batch = collate(load_examples(small, DataConfig(), tok)[0])
+    with torch.no_grad():
+        before, after = (float(distillation_loss(m, t, batch, batch.num_loss_tokens))
+                         for m in (base, student))
+    assert after < before / 2, (before, after)
+
+
+def test_distillation_with_alpha_0_is_sft(tiny, tmp_path):
+    extra = ("max_steps=3", "lora.dropout=0.1", "grad_accum=2", "eval.metrics=[]",
+             "eval.val_loss=false", "checkpoint.save_final=false")
+    sft = Trainer(tiny_config(tiny, tmp_path / "sft", *extra), echo=quiet, progress=False)
+    sft.run()
+    # The teacher is the student's own starting model: any teacher would do with alpha = 0.
+    kd = Trainer(tiny_config(tiny, tmp_path / "kd", *extra, 'objective="distill"',
+                             f'distill.teacher="{tiny["model"]}"', "distill.alpha=0.0"),
+                 echo=quiet, progress=False)
+    kd.run()
+    a, b = _train_rows(tmp_path / "sft"), _train_rows(tmp_path / "kd")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] == [r["sft_loss"] for r in b]
+    assert all(r["kd_loss"] > 0 for r in b[1:])
+    pa, pb = dict(sft.model.named_parameters()), dict(kd.model.named_parameters())
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_dpo_raises_the_margin_and_trains_only_adapters(tiny, prefs, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config(tiny, run, 'objective="dpo"', "dpo.beta=0.5", "max_steps=10",
+                      "optim.lr=1e-2", "optim.warmup_steps=1", "eval.metrics=[]",
+                      f'data.train=["{prefs}"]', f'data.validation="{prefs}"',
+                      "data.tokens_per_batch=96")
+    t = Trainer(cfg, echo=quiet, progress=False)
+    res = t.run()
+    # At the start the policy is its reference (LoRA's B = 0): every reward is 0, loss log 2.
+    assert res.before["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert res.before["val_reward_margin"] == pytest.approx(0, abs=1e-6)
+    assert res.after["val_loss"] < 0.5 * math.log(2)
+    assert res.after["val_reward_accuracy"] >= 0.9 and res.after["val_reward_margin"] > 1
+    rows = _train_rows(run)
+    assert {"reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"} <= set(rows[0])
+    assert rows[-1]["reward_margin"] > rows[0]["reward_margin"]
+    base, _ = load_pretrained(tiny["model"], "float32")
+    trained = dict(t.model.named_parameters())
+    for name, p in base.named_parameters():
+        key = name.replace(".weight", ".base.weight") if name.endswith("proj.weight") else name
+        assert torch.equal(trained[key], p), name
+    assert all(trained[n].abs().sum() > 0 for n in trained if n.endswith("lora_B"))
+
+
+def test_dpo_with_full_finetuning_uses_a_frozen_copy(tiny, prefs, tmp_path):
+    cfg = tiny_config(tiny, tmp_path / "run", 'method="full"', 'objective="dpo"',
+                      "max_steps=3", "optim.lr=1e-3", "eval.metrics=[]",
+                      f'data.train=["{prefs}"]', f'data.validation="{prefs}"',
+                      "data.tokens_per_batch=96", "checkpoint.save_final=false")
+    res = train(cfg, echo=quiet, progress=False)
+    assert res.before["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert res.after["val_reward_margin"] > 0
+
+
+def test_pairs_stay_together_in_packed_batches(tiny, prefs):
+    _, tok = load_pretrained(tiny["model"], "float32")
+    examples, rep = load_examples(prefs, DataConfig(), tok)
+    assert rep.format == "preference" and all(len(e.parts) == 2 for e in examples)
+    b = collate(examples[:3])
+    assert b.num_docs == 6 and b.cu_seqlens.tolist() == [0, *torch.tensor(
+        [n for e in examples[:3] for n in e.parts]).cumsum(0).tolist()]
+    ends = b.cu_seqlens[1:].long() - 1
+    assert (b.labels[0, ends] == IGNORE).all()  # no document predicts across a boundary
+    assert (b.position_ids[0, b.cu_seqlens[:-1].long()] == 0).all()
+    e = examples[0]
+    chosen = tok.decode(e.input_ids[e.prompt_len:e.parts[0]], skip_special_tokens=True)
+    assert chosen == e.reference and e.reference.strip() in WORDS
+
+
+def test_objective_errors(tiny, prefs, tmp_path):
+    with pytest.raises(EmberError, match=r"prefs\.jsonl:1: a preference line .*objective = "
+                                         r"\"dpo\""):
+        train(tiny_config(tiny, tmp_path / "a", f'data.train=["{prefs}"]'), echo=quiet,
+              progress=False)
+    with pytest.raises(EmberError, match=r"train\.jsonl:\d+: objective = \"dpo\" trains on "
+                                         "preference lines"):
+        train(tiny_config(tiny, tmp_path / "b", 'objective="dpo"'), echo=quiet, progress=False)
+    with pytest.raises(EmberError, match="needs distill.teacher"):
+        load_config(None, ['objective="distill"'])
+    with pytest.raises(EmberError, match="distill.alpha must be in"):
+        load_config(None, ["distill.alpha=1.5"])
+    with pytest.raises(EmberError, match="unknown config key 'dpo.reference'"):
+        load_config(None, ['dpo.reference="x"'])
+    # A teacher with another vocabulary cannot be distilled from.
+    from ember.models import Transformer
+    from ember.models.loading import save_pretrained
+
+    model, tok = load_pretrained(tiny["model"], "float32")
+    other = Transformer(model.cfg.__class__(**{**vars(model.cfg), "vocab_size": 320}))
+    save_pretrained(other.init_weights(seed=0), tmp_path / "other", tok)
+    with pytest.raises(EmberError, match="does not share the student's vocabulary"):
+        train(tiny_config(tiny, tmp_path / "c", 'objective="distill"',
+                          f'distill.teacher="{tmp_path / "other"}"'), echo=quiet, progress=False)
