@@ -1,6 +1,7 @@
 """Run configuration: frozen, keyword-only dataclasses loaded from TOML or a named recipe.
 
-A run is ``TrainConfig``; each TOML table is one section (``[model]``, ``[lora]``, ``[optim]``,
+A run is ``TrainConfig``; each TOML table is one section (``[model]``, ``[lora]``,
+``[prompt_tuning]``, ``[optim]``,
 ``[data]``, ``[task]``, ``[eval]``, ``[checkpoint]``, ``[activations]``, ``[dist]``, ``[guards]``),
 top-level keys are ``TrainConfig`` fields.
 ``--set a.b=value`` overrides parse ``value`` as a TOML value (a bare word is a string). Unknown
@@ -31,6 +32,7 @@ from ember.engine.data import DataConfig
 from ember.engine.distributed import DistConfig
 from ember.engine.guards import GuardConfig
 from ember.models.lora import LoRAConfig
+from ember.models.prompt_tuning import PromptTuningConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +53,7 @@ class ModelSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    lr: float | None = None  # None: 1e-3 with LoRA, 2e-5 for full fine-tuning
+    lr: float | None = None  # None: 1e-3 with LoRA, 3e-2 prompt tuning, 2e-5 full fine-tuning
     weight_decay: float = 0.0  # never applied to biases, norms or embeddings
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -144,8 +146,9 @@ class TrainConfig:
     name: str = "run"
     run_dir: str | None = None  # None: runs/<name>
     model: ModelSpec = field(default_factory=ModelSpec)
-    method: str = "lora"  # "lora" (adapters only) | "full"
+    method: str = "lora"  # "lora" (adapters only) | "full" | "prompt" (prompt tuning)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
     # Full fine-tuning only: glob patterns of parameter names kept frozen (e.g. "embed.*"), and
     # the decoder layers that train (None: all; negative indices count from the end).
     freeze: tuple[str, ...] = ()
@@ -171,7 +174,7 @@ class TrainConfig:
     plot: bool = True  # loss/metric PNG at the end (needs matplotlib)
 
     def __post_init__(self) -> None:
-        _one_of("method", self.method, ("lora", "full"))
+        _one_of("method", self.method, ("lora", "full", "prompt"))
         _one_of("precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
         object.__setattr__(self, "freeze", _as_tuple(self.freeze))
         if self.train_layers is not None:
@@ -179,6 +182,9 @@ class TrainConfig:
         if self.method == "lora" and (self.freeze or self.train_layers is not None):
             raise EmberError("freeze / train_layers apply to method = \"full\"; with LoRA choose "
                              "the adapted modules with lora.targets (e.g. \"layers.2[0-9].*\")")
+        if self.method == "prompt" and (self.freeze or self.train_layers is not None):
+            raise EmberError("freeze / train_layers apply to method = \"full\"; prompt tuning "
+                             "freezes the whole model")
         if self.model.quantize and self.method != "lora":
             raise EmberError("model.quantize = \"nf4\" (QLoRA) trains LoRA adapters on a frozen "
                              "4-bit base: set method = \"lora\", or drop quantize for full "
