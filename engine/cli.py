@@ -55,11 +55,12 @@ def _load(target: str, adapter: str | None, device: str | None, raw: bool = Fals
     else:
         from ember.models.loading import load_pretrained
         from ember.models.lora import load_adapter
+        from ember.models.prompt_tuning import is_prompt_adapter, load_prompt_adapter
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tok = load_pretrained(target, "float32" if dev == "cpu" else "bfloat16", dev)
         if adapter is not None:
-            load_adapter(model, adapter)
+            (load_prompt_adapter if is_prompt_adapter(adapter) else load_adapter)(model, adapter)
         data_cfg = DataConfig(use_chat_template=False if raw else None)
     if tok is None:
         raise EmberError(f"{target} has no tokenizer.json")
@@ -120,11 +121,17 @@ def _cmd_export(a) -> None:
     from ember.engine.state import load_run_model
     from ember.models.loading import save_pretrained
     from ember.models.lora import lora_modules, merge_lora, save_adapter
+    from ember.models.prompt_tuning import prompt_embedding, save_prompt_adapter
 
     if not _is_run_dir(a.run_dir):
         raise EmberError(f"{a.run_dir} is not a run directory (no config.toml)")
     model, tok, cfg = load_run_model(a.run_dir, "cpu")
-    if a.adapter:
+    if prompt_embedding(model) is not None:
+        if not a.adapter:
+            raise EmberError(f"{a.run_dir} is a prompt tuning run: its virtual tokens are inputs, "
+                             "not weights to merge; use --adapter OUT (a PEFT adapter)")
+        out = save_prompt_adapter(model, a.adapter, base_model_name_or_path=cfg.model.name)
+    elif a.adapter:
         if not lora_modules(model):
             raise EmberError(f"{a.run_dir} is a full fine-tuning run: it has no adapter; use "
                              "--merged OUT to export the model")
@@ -176,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(p, what: str):
         p.add_argument("model", metavar="RUN_DIR|MODEL",
                        help=f"a run directory, or a model (built-in name, HF folder, .gguf) {what}")
-        p.add_argument("--adapter", help="a LoRA adapter folder to load onto MODEL")
+        p.add_argument("--adapter", help="a PEFT adapter folder (LoRA or prompt tuning) to "
+                                         "load onto MODEL")
         p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
         p.add_argument("--max-new-tokens", type=int, default=128)
         p.add_argument("--raw", action="store_true",

@@ -1,8 +1,8 @@
 """Run configuration: frozen, keyword-only dataclasses loaded from TOML or a named recipe.
 
-A run is ``TrainConfig``; each TOML table is one section (``[model]``, ``[lora]``, ``[optim]``,
-``[data]``, ``[task]``, ``[eval]``, ``[checkpoint]``, ``[activations]``, ``[dist]``, ``[guards]``,
-``[distill]``, ``[dpo]``),
+A run is ``TrainConfig``; each TOML table is one section (``[model]``, ``[lora]``,
+``[prompt_tuning]``, ``[optim]``, ``[data]``, ``[task]``, ``[eval]``, ``[checkpoint]``,
+``[activations]``, ``[dist]``, ``[guards]``, ``[distill]``, ``[dpo]``),
 top-level keys are ``TrainConfig`` fields.
 ``--set a.b=value`` overrides parse ``value`` as a TOML value (a bare word is a string). Unknown
 keys and wrong types are ``EmberError``s that name the key and list the valid ones.
@@ -33,6 +33,7 @@ from ember.engine.distributed import DistConfig
 from ember.engine.guards import GuardConfig
 from ember.engine.objectives import OBJECTIVES, DistillConfig, DPOConfig
 from ember.models.lora import LoRAConfig
+from ember.models.prompt_tuning import PromptTuningConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +54,7 @@ class ModelSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    lr: float | None = None  # None: 1e-3 with LoRA, 2e-5 for full fine-tuning
+    lr: float | None = None  # None: 1e-3 with LoRA, 3e-2 prompt tuning, 2e-5 full fine-tuning
     weight_decay: float = 0.0  # never applied to biases, norms or embeddings
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -146,8 +147,9 @@ class TrainConfig:
     name: str = "run"
     run_dir: str | None = None  # None: runs/<name>
     model: ModelSpec = field(default_factory=ModelSpec)
-    method: str = "lora"  # "lora" (adapters only) | "full"
+    method: str = "lora"  # "lora" (adapters only) | "full" | "prompt" (prompt tuning)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
     # "sft" | "distill" (from distill.teacher) | "dpo" (preference pairs); engine/objectives.py
     objective: str = "sft"
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -177,9 +179,13 @@ class TrainConfig:
     plot: bool = True  # loss/metric PNG at the end (needs matplotlib)
 
     def __post_init__(self) -> None:
-        _one_of("method", self.method, ("lora", "full"))
+        _one_of("method", self.method, ("lora", "full", "prompt"))
         _one_of("precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
         _one_of("objective", self.objective, OBJECTIVES)
+        if self.objective == "dpo" and self.method == "prompt":
+            raise EmberError("objective = \"dpo\" with method = \"prompt\" is not supported (the "
+                             "reference would be the model with its initial prompt): use "
+                             "method = \"lora\" or \"full\"")
         if self.objective == "distill" and self.distill.teacher is None:
             raise EmberError("objective = \"distill\" needs distill.teacher: a model name, HF "
                              "folder or .gguf file sharing the student's tokenizer")
@@ -189,6 +195,9 @@ class TrainConfig:
         if self.method == "lora" and (self.freeze or self.train_layers is not None):
             raise EmberError("freeze / train_layers apply to method = \"full\"; with LoRA choose "
                              "the adapted modules with lora.targets (e.g. \"layers.2[0-9].*\")")
+        if self.method == "prompt" and (self.freeze or self.train_layers is not None):
+            raise EmberError("freeze / train_layers apply to method = \"full\"; prompt tuning "
+                             "freezes the whole model")
         if self.model.quantize and self.method != "lora":
             raise EmberError("model.quantize = \"nf4\" (QLoRA) trains LoRA adapters on a frozen "
                              "4-bit base: set method = \"lora\", or drop quantize for full "

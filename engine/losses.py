@@ -25,15 +25,19 @@ from torch.utils.checkpoint import checkpoint
 from ember import EmberError
 from ember.kernels import linear_cross_entropy
 from ember.models.lora import lora_modules
+from ember.models.prompt_tuning import prompt_packed
 
 IGNORE = -100
 
 
 def _hidden(model, batch) -> torch.Tensor:
-    """Final hidden states (T, D) of a packed batch."""
-    h = model.hidden_states(batch.input_ids, batch.position_ids, cu_seqlens=batch.cu_seqlens,
-                            max_seqlen=batch.max_seqlen)  # (1, T, D)
-    return h.reshape(-1, h.shape[-1])
+    """Final hidden states (T, D) of a packed batch (a prompt-tuned model's virtual tokens go in
+    front of every document; only the batch's own positions come back)."""
+    ids, pos, cu, max_len, real = prompt_packed(model, batch.input_ids, batch.position_ids,
+                                                batch.cu_seqlens, batch.max_seqlen)
+    h = model.hidden_states(ids, pos, cu_seqlens=cu, max_seqlen=max_len)  # (1, T', D)
+    h = h.reshape(-1, h.shape[-1])
+    return h if real is None else h.index_select(0, real)
 
 
 def _head_weight(model, dtype: torch.dtype) -> torch.Tensor:

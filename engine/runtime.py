@@ -17,6 +17,7 @@ from ember import EmberError
 from ember.engine.config import TrainConfig, from_dict, to_dict
 from ember.models.loading import load_pretrained
 from ember.models.lora import apply_lora
+from ember.models.prompt_tuning import apply_prompt_tuning
 
 
 def cpu_has_bf16() -> bool:
@@ -53,12 +54,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     model = cfg.model
     if model.dtype == "auto":
         # A frozen base can live in the autocast dtype; trained weights stay fp32 masters.
-        low = cfg.method == "lora" and precision == "bf16"
+        low = cfg.method in ("lora", "prompt") and precision == "bf16"
         model = replace(model, dtype="bfloat16" if low else "float32")
     optim = cfg.optim
     if optim.lr is None:
         optim = from_dict(type(optim), {**to_dict(optim),
-                                        "lr": 1e-3 if cfg.method == "lora" else 2e-5})
+                                        "lr": DEFAULT_LR[cfg.method]})
     data = cfg.data
     if cfg.task.name is not None:
         folder = cfg.out_dir / "data"
@@ -71,6 +72,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             changes["test"] = str(folder / "test.jsonl")
         data = from_dict(type(data), {**to_dict(data), **changes})
     return cfg.replace(device=device, precision=precision, model=model, optim=optim, data=data)
+
+
+# Prompt tuning trains a few embeddings from scratch: PEFT's examples use 3e-2 .. 3e-1.
+DEFAULT_LR = {"lora": 1e-3, "prompt": 3e-2, "full": 2e-5}
 
 
 def autocast_for(device: str, precision: str):
@@ -127,6 +132,9 @@ def build_model(cfg: TrainConfig, device: str):
         raise EmberError(f"model {cfg.model.name!r} has no tokenizer.json; training needs one")
     if cfg.method == "lora":
         apply_lora(model, cfg.lora)
+    elif cfg.method == "prompt":
+        pt = cfg.prompt_tuning
+        apply_prompt_tuning(model, pt.num_virtual_tokens, pt.init, pt.init_text, tokenizer)
     else:
         freeze_parameters(model, cfg.freeze, cfg.train_layers)
     if not any(p.requires_grad for p in model.parameters()):

@@ -41,6 +41,7 @@ from ember.engine.guards import NonFiniteGuard
 from ember.engine.runtime import build_model
 from ember.models.loading import load_pretrained, save_pretrained
 from ember.models.lora import apply_lora, load_adapter, save_adapter
+from ember.models.prompt_tuning import load_prompt_adapter, save_prompt_adapter
 from ember.models.transformer import Transformer
 
 # Settings a resumed run may change: they do not alter the trajectory up to the checkpoint (a
@@ -131,9 +132,9 @@ def restore(path: Path, cfg: TrainConfig, info: DistInfo, model, optimizer, *,
 
 
 def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | None:
-    """The PEFT adapter (LoRA) or HF model folder (full fine-tuning) in ``<run_dir>/final``,
-    written by rank 0 (returned there; None elsewhere). Every rank must call it: a sharded
-    model's weights are gathered to rank 0's CPU first."""
+    """The PEFT adapter (LoRA, prompt tuning) or HF model folder (full fine-tuning) in
+    ``<run_dir>/final``, written by rank 0 (returned there; None elsewhere). Every rank must call
+    it: a sharded model's weights are gathered to rank 0's CPU first."""
     lora = cfg.method == "lora"
     if info.distributed:
         state = gather_full_state_dict(model, trainable_only=lora)
@@ -141,6 +142,8 @@ def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | N
             return None
         model = _unsharded(model.cfg, cfg, state)
     final = cfg.out_dir / "final"
+    if cfg.method == "prompt":  # one process (the trainer refuses FSDP)
+        return save_prompt_adapter(model, final / "adapter", base_model_name_or_path=cfg.model.name)
     if lora:
         return save_adapter(model, final / "adapter", base_model_name_or_path=cfg.model.name)
     return save_pretrained(model, final / "model", tokenizer)
@@ -176,6 +179,10 @@ def load_run_model(run_dir: str | Path, device: str | None = None):
         model, tok = load_pretrained(cfg.model.name, cfg.model.dtype, device,
                                      quantize=cfg.model.quantize)
         load_adapter(model, final_adapter)
+        return model, tok, cfg
+    if cfg.method == "prompt" and final_adapter.is_dir():
+        model, tok = load_pretrained(cfg.model.name, cfg.model.dtype, device)
+        load_prompt_adapter(model, final_adapter)
         return model, tok, cfg
     latest = dcp.find_latest(dcp.checkpoint_root(run_dir))
     if latest.path is None:

@@ -19,7 +19,7 @@ Run directory (``cfg.out_dir``), written by rank 0::
     metrics.jsonl        one JSON row per logged step ("kind": "train") and per evaluation ("eval")
     data/                the generated task splits (``[task]``)
     checkpoints/step_N/  sharded checkpoints (``engine/state.py`` on ``engine/dcp.py``)
-    final/adapter/       PEFT adapter (LoRA), or final/model/ (full fine-tuning, an HF folder)
+    final/adapter/       PEFT adapter (LoRA, prompt tuning), or final/model/ (full fine-tuning)
     metrics.png          loss and metric curves (when matplotlib is installed)
 
 Resume (``resume=True``) continues from the newest complete checkpoint, with any number of
@@ -128,6 +128,9 @@ class Trainer:
         """Model -> LoRA / freezing -> activation checkpointing -> FSDP2 (STYLE.md's order)."""
         torch.manual_seed(cfg.seed)  # the same initial weights (LoRA's A) on every rank
         random.seed(cfg.seed)
+        if cfg.method == "prompt" and info.distributed:
+            raise EmberError("prompt tuning runs in one process (its few thousand parameters "
+                             "gain nothing from FSDP); start it without torchrun")
         model, self.tokenizer = build_model(cfg, self.device)
         n_all = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -139,8 +142,9 @@ class Trainer:
         if info.rank:  # each rank its own dropout masks; rank 0 goes on as one process would
             torch.manual_seed(cfg.seed + info.rank)
             random.seed(cfg.seed + info.rank)
-        what = (f"LoRA r={cfg.lora.rank} on {len(lora_modules(model))} modules"
-                if cfg.method == "lora" else "full fine-tuning")
+        what = {"lora": f"LoRA r={cfg.lora.rank} on {len(lora_modules(model))} modules",
+                "prompt": f"prompt tuning ({cfg.prompt_tuning.num_virtual_tokens} virtual tokens)",
+                }.get(cfg.method, "full fine-tuning")
         if cfg.objective != "sft":
             what += f", objective {cfg.objective}"
         where = (f"{info.world_size} processes (FSDP2), {self.device} on rank 0"

@@ -10,6 +10,12 @@ from ember.models.hub import DEFAULT_MODEL, list_models, resolve_model
 from ember.models.loading import load_pretrained, save_pretrained, save_state_dict
 from ember.models.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 from ember.models.nf4 import Linear4bit, quantize_model_
+from ember.models.prompt_tuning import (
+    PromptTuningConfig,
+    apply_prompt_tuning,
+    load_prompt_adapter,
+    save_prompt_adapter,
+)
 from ember.models.tokenizer import Tokenizer, load_tokenizer
 from ember.models.transformer import KVCache, Transformer
 
@@ -23,21 +29,25 @@ __all__ = [
     "Linear4bit",
     "LoRAConfig",
     "ModelConfig",
+    "PromptTuningConfig",
     "RopeScaling",
     "Tokenizer",
     "Transformer",
     "accelerate_hf",
     "apply_lora",
+    "apply_prompt_tuning",
     "config_from_hf",
     "config_to_hf",
     "generate",
     "generate_ids",
     "load_adapter",
+    "load_prompt_adapter",
     "load_pretrained",
     "load_tokenizer",
     "merge_lora",
     "quantize_model_",
     "save_adapter",
+    "save_prompt_adapter",
     "save_pretrained",
     "save_state_dict",
 ]

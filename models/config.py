@@ -63,7 +63,8 @@ class ModelConfig:
             raise ValueError(f"activation must be 'silu' or 'gelu_tanh', got {self.activation!r}")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
-                raise ValueError("hidden_size must be divisible by num_heads when head_dim is unset")
+                raise ValueError(
+                    "hidden_size must be divisible by num_heads when head_dim is unset")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from ember import EmberError
+from ember.models.prompt_tuning import virtual_ids
 from ember.models.transformer import KVCache, Transformer
 
 
@@ -103,9 +104,11 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
         for i, d in enumerate(drafts):
             _check_ids("draft", i, d, cfg.vocab_size)
     B, L = len(prompts), max(map(len, prompts))
-    if L + max_new_tokens > cfg.max_position_embeddings:
-        raise EmberError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's context of {cfg.max_position_embeddings} tokens")
+    virtual = virtual_ids(model)  # prompt tuning: trained tokens in front of every prompt
+    if len(virtual) + L + max_new_tokens > cfg.max_position_embeddings:
+        extra = f" + {len(virtual)} virtual tokens" if virtual else ""
+        raise EmberError(f"prompt ({L} tokens){extra} + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     weight = model.embed.weight
@@ -115,11 +118,14 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     for i, p in enumerate(prompts):
         ids[i, L - len(p):] = torch.tensor(p)
         mask[i, L - len(p):] = True
+    if virtual:  # in the first columns, before the padding: positions 0..P-1 in every row
+        ids = torch.cat([torch.tensor(virtual).expand(B, -1), ids], dim=1)
+        mask = torch.cat([torch.ones((B, len(virtual)), dtype=torch.bool), mask], dim=1)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, L): real tokens count from 0
     # Cache slots: the prompt, one per generated token, and the rejected tail of a draft pass
     # (hidden with key_mask, like padding).
-    slots = L + max_new_tokens + (max_new_tokens + 1 if drafts is not None else 0)
+    slots = ids.shape[1] + max_new_tokens + (max_new_tokens + 1 if drafts is not None else 0)
     key_mask = None if bool(mask.all()) else mask
     cache = KVCache(cfg, B, slots, device, weight.dtype)
     generator = None

@@ -17,7 +17,8 @@ def assert_close_to_ref(name: str, out: torch.Tensor, ref_lowp: torch.Tensor,
                         ref_fp32: torch.Tensor, *, floor: float | None = None) -> None:
     """out: kernel result; ref_lowp: the reference computed in the test dtype; ref_fp32: the
     reference computed in fp32 on fp32 copies of the same inputs."""
-    assert out.shape == ref_fp32.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref_fp32.shape)}"
+    assert out.shape == ref_fp32.shape, (
+        f"{name}: shape {tuple(out.shape)} != {tuple(ref_fp32.shape)}")
     o, r, g = out.double(), ref_lowp.double(), ref_fp32.double()
     assert torch.isfinite(o).all(), f"{name}: kernel output has NaN/inf (unwritten or overflow)"
     if floor is None:

@@ -15,8 +15,8 @@ k = torch.randn(2, t, 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=T
 v = torch.randn(2, t, 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 out = flash_attention(q, k, v, causal=causal)
 torch.cuda.synchronize()
-print("fwd ok", (out.float() - flash_attention_ref(q, k, v, causal=causal).float()).abs().max().item(),
-      flush=True)
+err = (out.float() - flash_attention_ref(q, k, v, causal=causal).float()).abs().max().item()
+print("fwd ok", err, flush=True)
 out.backward(torch.randn_like(out))
 torch.cuda.synchronize()
 print("bwd ok", flush=True)

@@ -143,6 +143,8 @@ def test_objective_errors(tiny, prefs, tmp_path):
         train(tiny_config(tiny, tmp_path / "b", 'objective="dpo"'), echo=quiet, progress=False)
     with pytest.raises(EmberError, match="needs distill.teacher"):
         load_config(None, ['objective="distill"'])
+    with pytest.raises(EmberError, match='with method = "prompt" is not supported'):
+        load_config(None, ['objective="dpo"', 'method="prompt"'])
     with pytest.raises(EmberError, match="distill.alpha must be in"):
         load_config(None, ["distill.alpha=1.5"])
     with pytest.raises(EmberError, match="unknown config key 'dpo.reference'"):

@@ -1,0 +1,85 @@
+"""Prompt tuning through ``ember train`` (``method = "prompt"``): only the virtual tokens train,
+packed documents each get them, the run saves a PEFT adapter, reloads, exports and resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.engine.cli import main as cli
+from ember.engine.data import DataConfig, collate, load_examples
+from ember.engine.losses import sequence_logprobs, sft_loss
+from ember.engine.state import load_run_model
+from ember.engine.trainer import Trainer, resolve, train
+from ember.models.loading import load_pretrained
+from ember.models.prompt_tuning import apply_prompt_tuning
+from tests.engine._tiny import quiet, rows_of, tiny_config
+
+PROMPT = ('method="prompt"', "prompt_tuning.num_virtual_tokens=4")
+
+
+def test_prompt_tuning_trains_only_the_prompt(tiny, tmp_path, capsys):
+    run, small = tmp_path / "run", tiny["small"]  # one batch, seen at every step
+    cfg = resolve(tiny_config(tiny, run, *PROMPT, "max_steps=12", f'data.train=["{small}"]'))
+    assert cfg.optim.lr == 3e-2
+    t = Trainer(cfg, echo=quiet, progress=False)
+    res = t.run()
+    assert "exact_match" in res.before and "exact_match" in res.after
+    assert res.after["val_loss"] < res.before["val_loss"] - 0.3, (res.before, res.after)
+    assert [n for n, p in t.model.named_parameters() if p.requires_grad] == ["embed.prompt"]
+    base, _ = load_pretrained(tiny["model"], "float32")
+    params = dict(t.model.named_parameters())
+    for n, p in base.named_parameters():  # the base is bit-identical
+        assert torch.equal(params[n.replace("embed.", "embed.base.")], p), n
+    losses = [r["loss"] for r in rows_of(run) if r["kind"] == "train"]
+    assert losses[-1] < 0.9 * losses[0] and losses == sorted(losses, reverse=True), losses
+
+    config = json.loads((run / "final" / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 4
+    model, _, _ = load_run_model(run, "cpu")
+    ids = torch.tensor([[*range(4), *range(300, 304), 5, 6]])  # with the virtual ids
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), t.model.eval()(ids))
+    assert cli(["export", str(run), "--adapter", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert cli(["export", str(run), "--merged", str(tmp_path / "m")]) == 2
+    assert "not weights to merge" in capsys.readouterr().err
+    assert cli(["generate", tiny["model"], "--adapter", str(tmp_path / "out"), "--prompt",
+                "say red ->", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+
+
+def test_prompt_tuning_resumes_exactly(tiny, tmp_path):
+    extra = (*PROMPT, "max_steps=4", "checkpoint.every_steps=2", "eval.metrics=[]",
+             "eval.before=false")
+    train(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
+    cfg_b = tiny_config(tiny, tmp_path / "b", *extra)
+    train(cfg_b, echo=quiet, progress=False, stop_after=2)
+    train(cfg_b, resume=True, echo=quiet, progress=False)
+    assert rows_of(tmp_path / "a", timing=False) == rows_of(tmp_path / "b", timing=False)
+
+
+def test_packed_documents_score_as_alone(tiny):
+    model, tok = load_pretrained(tiny["model"], "float32")
+    torch.manual_seed(0)
+    apply_prompt_tuning(model, 3, "random")
+    a, b = load_examples(tiny["train"], DataConfig(), tok)[0][:2]
+    with torch.no_grad():
+        both = sequence_logprobs(model, collate([a, b]))
+        alone = torch.cat([sequence_logprobs(model, collate([e])) for e in (a, b)])
+        torch.testing.assert_close(both, alone, rtol=1e-5, atol=1e-5)
+        n = a.num_loss_tokens + b.num_loss_tokens
+        torch.testing.assert_close(sft_loss(model, collate([a, b]), n), -both.sum() / n)
+
+
+def test_prompt_config_errors(tiny, tmp_path):
+    with pytest.raises(EmberError, match="set method = \"lora\""):
+        tiny_config(tiny, tmp_path / "a", *PROMPT, 'model.quantize="nf4"')
+    with pytest.raises(EmberError, match="prompt tuning freezes"):
+        tiny_config(tiny, tmp_path / "b", *PROMPT, 'freeze=["embed.*"]')
+    with pytest.raises(EmberError, match="prompt_tuning.init must be"):
+        tiny_config(tiny, tmp_path / "c", *PROMPT, 'prompt_tuning.init="zeros"')
+    with pytest.raises(EmberError, match="unknown config key 'prompt_tuning.rank'"):
+        tiny_config(tiny, tmp_path / "d", *PROMPT, "prompt_tuning.rank=3")

@@ -1,0 +1,143 @@
+"""Prompt tuning: PEFT's PROMPT_TUNING format and logits (PEFT itself is the oracle), packed
+documents and generation with the virtual tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.models.generate import generate_ids
+from ember.models.loading import load_hf_folder
+from ember.models.prompt_tuning import (
+    apply_prompt_tuning,
+    load_prompt_adapter,
+    prompt_packed,
+    save_prompt_adapter,
+    virtual_ids,
+)
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+TOL = 1e-4
+P = 5
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False, rms_norm_eps=1e-5)
+    d = tmp_path_factory.mktemp("hf")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def _hf_model(hf_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+def _tuned(hf_dir, seed=0):
+    torch.manual_seed(seed)
+    model = apply_prompt_tuning(load_hf_folder(hf_dir, torch.float32).eval(), P, "random")
+    return model
+
+
+def _ids(seed=1, shape=(2, 11)):
+    return torch.randint(0, 97, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _real_logits(model, ids):
+    """Logits of the real tokens of unpadded rows, with the virtual tokens in front."""
+    virt = torch.tensor(virtual_ids(model)).expand(ids.shape[0], -1)
+    return model(torch.cat([virt, ids], dim=1))[:, P:]
+
+
+def _max_diff(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def test_only_the_prompt_trains_and_init_modes(hf_dir):
+    model = _tuned(hf_dir)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["embed.prompt"]
+    assert model.embed.prompt.shape == (P, 48) and model.embed.prompt.dtype == torch.float32
+    vocab = apply_prompt_tuning(load_hf_folder(hf_dir, torch.float32), 3, "vocab").embed
+    rows = (vocab.prompt[:, None] == vocab.weight[None]).all(-1).any(-1)
+    assert rows.all()  # every virtual token starts as some vocabulary embedding
+
+    class Tok:
+        def encode(self, text, add_special_tokens=True):
+            return [7, 8]
+
+    text = apply_prompt_tuning(load_hf_folder(hf_dir, torch.float32), 3, "text", "hi", Tok())
+    assert torch.equal(text.embed.prompt, text.embed.weight[[7, 8, 7]])
+    with pytest.raises(EmberError, match="init_text"):
+        apply_prompt_tuning(load_hf_folder(hf_dir, torch.float32), 3, "text")
+
+
+def test_saved_adapter_matches_peft_logits(hf_dir, tmp_path):
+    model = _tuned(hf_dir)
+    save_prompt_adapter(model, tmp_path / "a", base_model_name_or_path=str(hf_dir))
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PROMPT_TUNING" and config["token_dim"] == 48
+    assert config["num_virtual_tokens"] == P and config["num_layers"] == 2
+    theirs_model = peft.PeftModel.from_pretrained(_hf_model(hf_dir), tmp_path / "a").eval()
+    ids = _ids()
+    with torch.no_grad():
+        theirs = theirs_model(input_ids=ids).logits[:, P:]
+        assert _max_diff(_real_logits(model, ids), theirs) <= TOL
+
+
+def test_peft_adapter_loads_in_ember(hf_dir, tmp_path):
+    torch.manual_seed(0)
+    cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+    peft_model = peft.get_peft_model(_hf_model(hf_dir), cfg).eval()
+    peft_model.save_pretrained(tmp_path / "a")
+    ids = _ids(2)
+    model = load_prompt_adapter(load_hf_folder(hf_dir, torch.float32).eval(), tmp_path / "a")
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids).logits[:, P:]
+        assert _max_diff(_real_logits(model, ids), theirs) <= TOL
+    with pytest.raises(EmberError, match="PROMPT_TUNING"):
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+        load_prompt_adapter(load_hf_folder(hf_dir, torch.float32), tmp_path / "a")
+
+
+def test_packed_documents_each_get_the_prompt(hf_dir):
+    model = _tuned(hf_dir)
+    docs = [_ids(3, (1, 7)), _ids(4, (1, 12)), _ids(5, (1, 4))]
+    lens = [d.shape[1] for d in docs]
+    ids = torch.cat(docs, dim=1)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    cu = torch.tensor([0, 7, 19, 23], dtype=torch.int32)
+    new_ids, new_pos, new_cu, max_len, real = prompt_packed(model, ids, pos, cu, 12)
+    assert new_cu.tolist() == [0, 12, 29, 38] and max_len == 12 + P
+    assert torch.equal(new_ids[0, real], ids[0]) and torch.equal(new_pos[0, real], pos[0] + P)
+    with torch.no_grad():
+        h = model.hidden_states(new_ids, new_pos, cu_seqlens=new_cu, max_seqlen=max_len)
+        packed = model.logits(h[0, real])
+        alone = torch.cat([_real_logits(model, d)[0] for d in docs])
+    assert _max_diff(packed, alone) <= TOL
+
+
+def test_generation_sees_the_virtual_tokens(hf_dir):
+    model = _tuned(hf_dir)
+    with torch.no_grad():  # a prompt large enough to decide the continuation
+        model.embed.prompt.mul_(30)
+    prompts = [_ids(6, (1, 4))[0].tolist(), _ids(7, (1, 9))[0].tolist()]
+    out = generate_ids(model, prompts, max_new_tokens=6)
+    for p, gen in zip(prompts, out, strict=True):
+        seq = list(p)
+        for _ in range(6):  # recompute the full sequence for every token
+            with torch.no_grad():
+                seq.append(int(_real_logits(model, torch.tensor([seq]))[0, -1].argmax()))
+        assert gen == seq[len(p):]
+    # drafts (greedy verification) give the same output
+    assert generate_ids(model, prompts, max_new_tokens=6, drafts=[o[:3] for o in out]) == out
+    base = load_hf_folder(hf_dir, torch.float32).eval()
+    assert generate_ids(base, prompts, max_new_tokens=6) != out
