@@ -311,8 +311,6 @@ def _atomic_write(path: Path, write) -> None:
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
                  base_model_name_or_path: str | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT 0.21 does."""
-    from safetensors.torch import save_file
-
     mods = lora_modules(model)
     if not mods:
         raise EmberError("the model has no LoRA adapters to save (apply_lora or load_adapter "
@@ -346,6 +344,13 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         "r": r, "rank_pattern": rank_pattern, "revision": None, "target_modules": targets,
         "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": rslora.pop(),
     }
+    return _write_adapter(out_dir, config, tensors)
+
+
+def _write_adapter(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """A PEFT adapter folder: adapter_model.safetensors + adapter_config.json, each atomic."""
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "adapter_model.safetensors",

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from ember import EmberError
-from ember.models.lora import _atomic_write, _read_adapter
+from ember.models.lora import _read_adapter, _write_adapter
 
 # Ember's init names and PEFT's ``prompt_tuning_init`` values.
 _PEFT_INIT = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM", "text": "TEXT"}
@@ -179,8 +179,6 @@ def is_prompt_adapter(adapter_dir: str | os.PathLike) -> bool:
 def save_prompt_adapter(model: nn.Module, out_dir: str | os.PathLike,
                         base_model_name_or_path: str | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT 0.21 does."""
-    from safetensors.torch import save_file
-
     pe = prompt_embedding(model)
     if pe is None:
         raise EmberError("the model has no prompt tuning to save (apply_prompt_tuning first)")
@@ -198,13 +196,7 @@ def save_prompt_adapter(model: nn.Module, out_dir: str | os.PathLike,
         "tokenizer_name_or_path": base_model_name_or_path if init == "TEXT" else None,
     }
     tensors = {"prompt_embeddings": pe.prompt.detach().float().to("cpu").contiguous()}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "adapter_model.safetensors",
-                  lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(out / "adapter_config.json",
-                  lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-    return out
+    return _write_adapter(out_dir, config, tensors)
 
 
 def load_prompt_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
