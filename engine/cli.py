@@ -121,6 +121,7 @@ def _cmd_export(a) -> None:
     from ember.engine.state import load_run_model
     from ember.models.loading import save_pretrained
     from ember.models.lora import lora_modules, merge_lora, save_adapter
+    from ember.models.nf4 import is_quantized
     from ember.models.prompt_tuning import prompt_embedding, save_prompt_adapter
 
     if not _is_run_dir(a.run_dir):
@@ -138,7 +139,7 @@ def _cmd_export(a) -> None:
         out = save_adapter(model, a.adapter, base_model_name_or_path=cfg.model.name)
     else:
         # A QLoRA run's 4-bit base is dequantized: the merged model is a plain bf16 HF model.
-        nf4 = any(hasattr(m, "quant_weight") for m in model.modules())
+        nf4 = is_quantized(model)
         bf16 = torch.bfloat16 if nf4 else None
         if lora_modules(model):
             merge_lora(model, bf16)

@@ -40,6 +40,7 @@ import torch.nn as nn
 
 from ember import EmberError
 from ember.engine.data import DataConfig, Example, PackedBatches
+from ember.models.nf4 import is_quantized
 
 MIXED_PRECISION = ("auto", "bf16", "none")
 
@@ -157,7 +158,7 @@ def shard_model(model: nn.Module, info: DistInfo, *, mixed_precision: str = "aut
                          f"got {mixed_precision!r}")
     if not info.distributed:
         return model
-    if any(hasattr(m, "quant_weight") for m in model.modules()):
+    if is_quantized(model):
         raise EmberError("QLoRA (an NF4-quantized base) with FSDP across several processes is "
                          "not supported yet; train QLoRA on one GPU, or use LoRA on a bf16 "
                          "base (model.dtype = \"bfloat16\") with torchrun")

@@ -246,6 +246,11 @@ class Linear4bit(nn.Module):
 
 
 # ----------------------------------------------------------------------- whole-model helpers
+def is_quantized(model: nn.Module) -> bool:
+    """True when any layer of ``model`` holds NF4 weights (a QLoRA base)."""
+    return any(isinstance(m, Linear4bit) for m in model.modules())
+
+
 def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(name == s or name.endswith("." + s) or fnmatch.fnmatch(name, s) for s in skip)
 
