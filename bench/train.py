@@ -150,7 +150,14 @@ def run_workload(runner: Runner, wl: Workload, systems: list[str], folder=None,
                 runner.measure(system, None, cfg, wl, L, autocast, 0)
     elif hf_systems:
         model = build_hf(cfg, wl, args.device, folder)
+        # Each system starts from the same weights (the previous one's timed steps trained them).
+        start = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+                 if p.requires_grad}
         for system in hf_systems:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in start:
+                        p.copy_(start[n])
             if system == "hf_ember":
                 accelerate(model)
             for L in wl.seqlens:
