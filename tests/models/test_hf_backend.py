@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ember import EmberError
 from ember.models import hf_backend
@@ -332,22 +333,38 @@ def test_triton_path(monkeypatch):
     _check_grads(ref, model)
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("case", ["llama", "qwen3_qknorm", "mistral_window"])
-def test_gpu_bf16_rule(case):
-    """bf16 on CUDA: the accelerated model's error against HF fp32 is within the shared rule's
-    bound set by HF's own bf16 error (loss, logits, every gradient)."""
+def test_bf16_rule(case, dev):
+    """bf16: the accelerated model's error against HF fp32 is within the shared rule's bound set
+    by HF's own bf16 error (logits, every gradient, and the loss). On CPU the swap runs Ember's
+    reference paths, on CUDA its Triton kernels.
+
+    The loss is a mean over tokens: its error is a single draw of the per-token rounding errors
+    (HF's own bf16 loss error ranges 2e-4..2e-3 over seeds at this size), so the 2x rule on the
+    scalar alone would pass or fail by luck. Its bound is set by HF's largest per-token bf16
+    error instead, which bounds the error of any mean of them; a wrong loss (shift, ignored
+    tokens, normalization) is off by far more."""
     ref32, _ = _pair(case, seed=23, hidden_size=128, intermediate_size=256,
                      num_attention_heads=8, num_key_value_heads=2, head_dim=16, vocab_size=512)
-    ref32 = ref32.cuda()
+    ref32 = ref32.to(dev)
     ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
     model = accelerate(copy.deepcopy(ref16))
-    ids = torch.randint(0, 512, (2, 200), device="cuda")
+    ids = torch.randint(0, 512, (2, 200), device=dev)
     mask = torch.ones_like(ids)
     mask[1, 150:] = 0
     labels = ids.masked_fill(mask == 0, -100)
     outs = [m(ids, attention_mask=mask, labels=labels) for m in (model, ref16, ref32)]
-    assert_close_to_ref("loss", *(o.loss.float().detach() for o in outs))
+
+    def per_token(o):
+        return F.cross_entropy(o.logits[:, :-1].detach().float().flatten(0, 1),
+                               labels[:, 1:].flatten(), reduction="none")
+
+    token_err = (per_token(outs[1]) - per_token(outs[2])).abs().max().item()
+    loss_err = (outs[0].loss.float() - outs[2].loss.float()).abs().item()
+    assert loss_err <= 2 * token_err + 1e-5 * outs[2].loss.abs().item(), (
+        f"loss: |ember - hf32| = {loss_err:.3e} > 2 x HF's largest per-token bf16 error "
+        f"{token_err:.3e}")
     for o in outs:
         o.loss.backward()
     named = [dict(m.named_parameters()) for m in (model, ref16, ref32)]
