@@ -12,6 +12,9 @@ from pathlib import Path
 
 
 def format_scores(scores: dict) -> str:
+    if not scores:
+        return ("nothing evaluated (no validation or test data: set data.validation, "
+                "data.val_fraction or data.test)")
     out = []
     for k, v in scores.items():
         if k in ("val_loss", "train_loss"):

@@ -181,6 +181,25 @@ class Trainer:
             self.log.write({"kind": "eval", "step": step, **scores})
         return scores
 
+    def _check_eval_data(self) -> None:
+        """Early stopping on a metric no evaluation can produce would never stop: say so now."""
+        ev, ds = self.cfg.eval, self.datasets
+        name = ev.early_stopping
+        if name is None:
+            return
+        if name in ("val_loss", "perplexity"):
+            if not (ev.val_loss and ds.validation):
+                raise EmberError(f"eval.early_stopping = {name!r} needs validation data and "
+                                 "eval.val_loss = true: set data.validation (a file) or "
+                                 "data.val_fraction")
+        elif self._gen_split() is None:
+            raise EmberError(f"eval.early_stopping = {name!r} is measured on the test or "
+                             "validation split and this run has neither: set data.test, "
+                             "data.validation or data.val_fraction")
+        if not ev.every_steps:
+            raise EmberError("eval.early_stopping needs evaluations during the run: set "
+                             "eval.every_steps (e.g. 50)")
+
     def _gen_split(self):
         ds, want = self.datasets, self.cfg.eval.split
         if want in ("auto", "test") and ds.test:
@@ -251,6 +270,7 @@ class Trainer:
         self.model = model = self._build(cfg, info)
         self.objective.check_model(model, self.tokenizer)
         self.datasets = self._datasets(cfg, info, self.tokenizer)
+        self._check_eval_data()
         batches = rank_batches(self.datasets.train, cfg.data, info)
         per_epoch = len(batches.plan(0))
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))

@@ -156,6 +156,23 @@ def test_early_stopping(tiny, tmp_path):
     assert res.stopped_early and res.steps == 4
 
 
+@pytest.mark.parametrize("metric,no_val,no_test,every,match", [
+    ("val_loss", True, False, 2, "needs validation data"),
+    ("exact_match", True, True, 2, "has neither"),
+    ("val_loss", False, False, 0, "set eval.every_steps"),
+])
+def test_early_stopping_without_its_data_is_refused(tiny, tmp_path, metric, no_val, no_test,
+                                                    every, match):
+    import dataclasses
+
+    cfg = tiny_config(tiny, tmp_path / "es", "max_steps=2", f"eval.every_steps={every}",
+                      f'eval.early_stopping="{metric}"', "eval.metrics=['exact_match']")
+    data = dataclasses.replace(cfg.data, validation=None if no_val else cfg.data.validation,
+                               test=None if no_test else cfg.data.test)
+    with pytest.raises(EmberError, match=match):
+        train(cfg.replace(data=data), echo=quiet, progress=False)
+
+
 def test_lr_schedule():
     f = [lr_factor(s, 10, 2, "cosine", 0.1) for s in range(10)]
     assert f[0] == 0.5 and f[1] == 1.0 and f[2] == 1.0
