@@ -8,6 +8,9 @@ against the same fp32 oracle.
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -35,6 +38,30 @@ def poison(*tensors: torch.Tensor) -> None:
     """Fill output buffers with NaN so that an element a kernel forgets to write is caught."""
     for t in tensors:
         t.fill_(float("nan"))
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Inside the block, float tensors from ``torch.empty`` / ``torch.empty_like`` start as NaN,
+    so an element a kernel's launcher allocates but never writes shows in the results."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.is_floating_point():
+            poison(t)
+        return t
+
+    def nan_empty_like(*args, **kwargs):
+        t = empty_like(*args, **kwargs)
+        if t.is_floating_point():
+            poison(t)
+        return t
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "empty", nan_empty)
+        mp.setattr(torch, "empty_like", nan_empty_like)
+        yield
 
 
 def grads(outputs, inputs, grad_out):

@@ -10,35 +10,12 @@ import pytest
 import torch
 
 from ember.kernels.attention import _attend_ref, _fwd, flash_attention, flash_attention_ref
-from tests.numerics import assert_close_to_ref, grads, poison
-
-
-@contextlib.contextmanager
-def _poisoned():
-    """Float buffers allocated inside the block start as NaN, so an unwritten element shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        if t.is_floating_point():
-            poison(t)
-        return t
-
-    def nan_empty_like(*args, **kwargs):
-        t = empty_like(*args, **kwargs)
-        if t.is_floating_point():
-            poison(t)
-        return t
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "empty", nan_empty)
-        mp.setattr(torch, "empty_like", nan_empty_like)
-        yield
+from tests.numerics import assert_close_to_ref, grads, poisoned_allocations
 
 
 def _run(q, k, v, do, impl, **kw):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    with _poisoned() if impl == "triton" else contextlib.nullcontext():
+    with poisoned_allocations() if impl == "triton" else contextlib.nullcontext():
         out = flash_attention(q, k, v, impl=impl, **kw)
         return (out, *grads(out, (q, k, v), do))
 
