@@ -1,9 +1,9 @@
 """Tokenizer: a ``tokenizers.Tokenizer`` plus the special tokens and the chat template of a model.
 
 Reads and writes Hugging Face folders (tokenizer.json + tokenizer_config.json [+
-chat_template.jinja, special_tokens_map.json, generation_config.json]) and builds byte-level BPE
-tokenizers from GGUF metadata (``tokenizer.ggml.*``), splitting text the way llama.cpp does for the
-file's ``tokenizer.ggml.pre`` type.
+chat_template.jinja, special_tokens_map.json, generation_config.json]) and builds tokenizers from
+GGUF metadata (``tokenizer.ggml.*``): byte-level BPE, splitting text the way llama.cpp does for the
+file's ``tokenizer.ggml.pre`` type, and SentencePiece-style BPE (``ember.models.spm``).
 
 Chat templates are the model's own Jinja, rendered in jinja2's ``ImmutableSandboxedEnvironment``
 with transformers' conventions (trim_blocks, lstrip_blocks, ``raise_exception``, ``tojson`` without
@@ -358,26 +358,16 @@ def _pre_tokenizer(pre: str, source: str):
 _CONTROL, _USER_DEFINED = 3, 4
 
 
-def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
-    """Build the byte-level BPE tokenizer a GGUF file describes (``tokenizer.ggml.model`` gpt2)."""
-    kind = md.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise EmberError(f"{source}: GGUF tokenizer model {kind!r} is not supported (only 'gpt2' "
-                         "byte-level BPE); convert the original Hugging Face model instead")
-    try:
-        tokens, merges = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.merges"]
-    except KeyError as e:
-        raise EmberError(f"{source}: GGUF metadata {e.args[0]} is missing") from None
-    types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    if len(types) != len(tokens):
-        raise EmberError(f"{source}: {len(types)} token types for {len(tokens)} tokens")
+def _byte_level_backend(md: dict[str, Any], tokens: list[str], source: str):
+    if "tokenizer.ggml.merges" not in md:
+        raise EmberError(f"{source}: GGUF metadata tokenizer.ggml.merges is missing")
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     # Byte-level vocabularies are stored already mapped; anything else is respelled like
     # transformers' GGUF converter does, so both agree on ids.
     vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
              for i, t in enumerate(tokens)}
-    pairs = [tuple(m.split(" ")) for m in merges]
+    pairs = [tuple(m.split(" ")) for m in md["tokenizer.ggml.merges"]]
     if any(len(p) != 2 for p in pairs):
         raise EmberError(f"{source}: malformed tokenizer.ggml.merges entry")
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, dropout=None,
@@ -385,9 +375,35 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
                                               end_of_word_suffix="", fuse_unk=False))
     backend.pre_tokenizer = _pre_tokenizer(md.get("tokenizer.ggml.pre", "default"), source)
     backend.decoder = decoders.ByteLevel()
+    return backend, vocab, alphabet
+
+
+def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
+    """Build the tokenizer a GGUF file describes: byte-level BPE (``tokenizer.ggml.model`` gpt2)
+    or SentencePiece-style BPE with byte fallback (``llama``; see ``ember.models.spm``)."""
+    kind = md.get("tokenizer.ggml.model")
+    if kind not in ("gpt2", "llama"):
+        raise EmberError(f"{source}: GGUF tokenizer model {kind!r} is not supported (only 'gpt2' "
+                         "byte-level BPE and 'llama' SentencePiece BPE); convert the original "
+                         "Hugging Face model instead")
+    if "tokenizer.ggml.tokens" not in md:
+        raise EmberError(f"{source}: GGUF metadata tokenizer.ggml.tokens is missing")
+    tokens = list(md["tokenizer.ggml.tokens"])
+    types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise EmberError(f"{source}: {len(types)} token types for {len(tokens)} tokens")
+    if kind == "gpt2":
+        backend, vocab, alphabet = _byte_level_backend(md, tokens, source)
+        spelled = lambda t: set(t) <= alphabet  # noqa: E731 - a mislabelled non-byte token
+    else:
+        from ember.models.spm import spm_backend
+
+        backend = spm_backend(md, source)
+        vocab = backend.get_vocab()
+        spelled = lambda t: True  # noqa: E731
     typed = list(zip(tokens, types, strict=True))
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in typed
-                                if ty == _CONTROL and set(t) <= alphabet])
+                                if ty == _CONTROL and spelled(t)])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in typed
                         if ty == _USER_DEFINED and t in vocab])
 
@@ -395,7 +411,8 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
         i = md.get(f"tokenizer.ggml.{key}")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
-    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False))
+    # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise.
+    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", kind == "llama"))
     add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
     bos, eos = tok("bos_token_id"), tok("eos_token_id")
     if (add_bos and bos) or (add_eos and eos):
@@ -404,7 +421,7 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
         backend.post_processor = processors.TemplateProcessing(
             single=single, pair=pair,
             special_tokens=[(t, vocab[t]) for t in {bos, eos} if t is not None and t in vocab])
-    else:
+    elif kind == "gpt2":
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
     extra = [md[f"tokenizer.ggml.{k}"] for k in ("eot_token_id", "eom_token_id")
              if md.get(f"tokenizer.ggml.{k}") is not None]

@@ -364,9 +364,9 @@ def test_missing_tensor_and_unknown_tensor(tmp_path):
 
 
 def test_unsupported_tokenizer_and_moe(tmp_path):
-    write_tiny_gguf(tmp_path / "spm.gguf", metadata={"tokenizer.ggml.model": "llama"})
-    with pytest.raises(EmberError, match="tokenizer model 'llama' is not supported"):
-        load_gguf(tmp_path / "spm.gguf")
+    write_tiny_gguf(tmp_path / "wpm.gguf", metadata={"tokenizer.ggml.model": "bert"})
+    with pytest.raises(EmberError, match="tokenizer model 'bert' is not supported"):
+        load_gguf(tmp_path / "wpm.gguf")
     write_tiny_gguf(tmp_path / "moe.gguf", metadata={"llama.expert_count": 8})
     with pytest.raises(EmberError, match="mixture-of-experts"):
         load_gguf(tmp_path / "moe.gguf")

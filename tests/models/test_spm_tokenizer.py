@@ -1,0 +1,146 @@
+"""SentencePiece GGUF vocabularies (``tokenizer.ggml.model = "llama"``): a real SentencePiece BPE
+model is trained at test time, written into GGUF metadata the way llama.cpp's converter does
+(pieces, scores, token types, no merges), and read back. Oracles: transformers' GGUF tokenizer
+(ids, for Llama-style, Gemma-style and Phi-3-style files) and SentencePiece itself (ids)."""
+
+from __future__ import annotations
+
+import pytest
+from gguf import GGUFWriter
+
+from ember import EmberError
+from ember.models.gguf import GGUFFile
+from ember.models.spm import recovered_merges
+from ember.models.tokenizer import tokenizer_from_gguf
+from tests.models.test_gguf import _offline, _put
+from tests.models.test_tokenizer import TEXTS
+
+spm = pytest.importorskip("sentencepiece")
+
+# What the vocabulary is learned from: the test texts plus enough repetition for long pieces.
+CORPUS = TEXTS * 3 + ["the quick brown fox jumps over the lazy dog"] * 20 + [
+    "hello world, hello there. " * 5, "  indented  code:\n\tif x:\n\t\treturn 1\n"]
+EXTRA = ["the  lazy   dog", " leading space", "trailing space ", "\n\nnew lines\n",
+         "unseen: ζψ Ж ☃ 𝔘", "<s>inline special</s> and <|im_start|>user", "x" * 40]
+# llama.cpp token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spm")
+    (d / "corpus.txt").write_text("\n".join(CORPUS))
+    # Llama's settings: BPE, byte fallback, no normalization, whitespace kept as is.
+    spm.SentencePieceTrainer.train(
+        input=str(d / "corpus.txt"), model_prefix=str(d / "m"), vocab_size=600,
+        model_type="bpe", byte_fallback=True, character_coverage=0.9995,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        user_defined_symbols=["<|im_start|>"], minloglevel=2)
+    return spm.SentencePieceProcessor(model_file=str(d / "m.model"))
+
+
+def _metadata(sp, arch: str, **extra) -> dict:
+    """The tokenizer metadata llama.cpp's convert_hf_to_gguf writes for a SentencePiece model."""
+    n = sp.get_piece_size()
+    types = []
+    for i in range(n):
+        piece = sp.id_to_piece(i)
+        types.append(UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i)
+                     else BYTE if sp.is_byte(i) else USER_DEFINED if piece == "<|im_start|>"
+                     else NORMAL)
+    return {"general.architecture": arch, "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+            "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0, **extra}
+
+
+def _write(path, md: dict):
+    w = GGUFWriter(str(path), md["general.architecture"])
+    for k, v in md.items():
+        if k != "general.architecture":
+            _put(w, k, v)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _theirs(path):
+    transformers = pytest.importorskip("transformers")
+    with _offline():
+        return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
+def test_ids_match_transformers(sp_model, arch, tmp_path):
+    path = _write(tmp_path / f"{arch}.gguf", _metadata(sp_model, arch))
+    with GGUFFile(path) as g:
+        ours = tokenizer_from_gguf(g.metadata)
+    theirs = _theirs(path)
+    for text in TEXTS + EXTRA:
+        ids = ours.encode(text, add_special_tokens=True)
+        assert ids == theirs(text)["input_ids"], (arch, text)
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), (arch, text)
+    assert ours.bos_token == theirs.bos_token == "<s>" and ours.add_bos_token
+
+
+def test_llama_style_equals_sentencepiece_and_round_trips(sp_model, tmp_path):
+    path = _write(tmp_path / "m.gguf", _metadata(sp_model, "llama"))
+    with GGUFFile(path) as g:
+        ours = tokenizer_from_gguf(g.metadata)
+    # Two known differences, both transformers' (the oracle above) as much as ours: SentencePiece
+    # does not know special tokens inside text, and it prepends U+2581 even to text that starts
+    # with a space, where transformers' GGUF tokenizer ("first" Metaspace scheme) does not.
+    for text in TEXTS + EXTRA:
+        if "<" in text or text[:1].isspace():
+            continue
+        ids = ours.encode(text)
+        assert ids == sp_model.encode(text), text
+        assert ours.decode(ids) == sp_model.decode(ids) == text, text
+    assert ours.encode(" a") == sp_model.encode(" a")[1:]
+    # Byte fallback: characters no piece covers become <0xXX> pieces and decode back.
+    ids = ours.encode("☃")
+    assert [ours.id_to_token(i) for i in ids] == ["▁", "<0xE2>", "<0x98>", "<0x83>"]
+    assert ours.decode(ids) == "☃"
+    # Control tokens stay whole; user-defined ones too, and decode as text.
+    ids = ours.encode("<s>a<|im_start|>", add_special_tokens=False)
+    assert ids[0] == 1 and ids[-1] == 3
+    assert ours.decode(ids) == "a<|im_start|>"
+
+
+def test_no_space_prefix_flag(sp_model):
+    ours = tokenizer_from_gguf(_metadata(sp_model, "llama",
+                                         **{"tokenizer.ggml.add_space_prefix": False}))
+    ids = ours.encode("hello")
+    assert ours.id_to_token(ids[0])[0] != "▁" and ours.decode(ids) == "hello"
+
+
+def test_bos_flag_and_merges_from_file(sp_model):
+    md = _metadata(sp_model, "llama", **{"tokenizer.ggml.add_bos_token": False})
+    tok = tokenizer_from_gguf(md)
+    assert not tok.add_bos_token and tok.encode("hi", add_special_tokens=True) == tok.encode("hi")
+    # A file that lists its merges uses them (here: the recovered ones, so the ids agree).
+    rank = dict(zip(md["tokenizer.ggml.tokens"], md["tokenizer.ggml.scores"], strict=True))
+    merges = [f"{a} {b}" for a, b in recovered_merges(md["tokenizer.ggml.tokens"], rank)]
+    with_merges = tokenizer_from_gguf({**md, "tokenizer.ggml.merges": merges})
+    for text in TEXTS:
+        assert with_merges.encode(text) == tok.encode(text)
+
+
+def test_recovered_merges_order():
+    tokens = ["a", "b", "c", "ab", "bc", "abc"]
+    rank = {"a": 0.0, "b": 0.0, "c": 0.0, "ab": -1.0, "bc": -2.0, "abc": -3.0}
+    # Best score first; "abc" splits two ways, the longer left part first.
+    assert recovered_merges(tokens, rank) == [("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")]
+
+
+def test_bad_metadata(sp_model):
+    md = _metadata(sp_model, "llama")
+    del md["tokenizer.ggml.scores"]
+    with pytest.raises(EmberError, match="needs tokenizer.ggml.scores"):
+        tokenizer_from_gguf(md)
+    with pytest.raises(EmberError, match="tokenizer model 'bert' is not supported"):
+        tokenizer_from_gguf({**_metadata(sp_model, "llama"), "tokenizer.ggml.model": "bert"})
