@@ -11,7 +11,7 @@ from gguf import GGUFWriter
 from ember import EmberError
 from ember.models.gguf import GGUFFile
 from ember.models.spm import recovered_merges
-from ember.models.tokenizer import tokenizer_from_gguf
+from ember.models.tokenizer import load_tokenizer, tokenizer_from_gguf
 from tests.models.test_gguf import _offline, _put
 from tests.models.test_tokenizer import TEXTS
 
@@ -85,6 +85,15 @@ def test_ids_match_transformers(sp_model, arch, tmp_path):
         assert ids == theirs(text)["input_ids"], (arch, text)
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), (arch, text)
     assert ours.bos_token == theirs.bos_token == "<s>" and ours.add_bos_token
+    # ember import-gguf writes tokenizer.json: transformers and Ember read it back alike.
+    ours.save_pretrained(tmp_path / "hf")
+    import transformers
+
+    folder = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    again = load_tokenizer(tmp_path / "hf")
+    for text in TEXTS + EXTRA:
+        ids = ours.encode(text, add_special_tokens=True)
+        assert folder(text)["input_ids"] == ids == again.encode(text, add_special_tokens=True)
 
 
 def test_llama_style_equals_sentencepiece_and_round_trips(sp_model, tmp_path):
