@@ -53,6 +53,9 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     torch_dtype: str = "float32"  # dtype the checkpoint was stored in
+    # A sequence classifier (HF *ForSequenceClassification): the class names in index order. The
+    # model then has a ``score`` head (ember.models.heads) and no LM head.
+    labels: tuple[str, ...] | None = None
     extra: dict = field(default_factory=dict)  # HF fields kept verbatim for export (not used)
 
     def __post_init__(self) -> None:
@@ -68,6 +71,13 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.labels is not None:
+            labels = tuple(self.labels)
+            object.__setattr__(self, "labels", labels)
+            if len(labels) < 2 or len(set(labels)) != len(labels) or not all(
+                    isinstance(x, str) and x for x in labels):
+                raise ValueError(f"labels must be at least two distinct non-empty names, got "
+                                 f"{list(labels)}")
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
