@@ -43,6 +43,7 @@ from ember.engine import metrics as M
 from ember.engine.data import (
     IGNORE,
     DataConfig,
+    DataReport,
     Datasets,
     Example,
     PackedBatches,
@@ -196,8 +197,14 @@ def pad_id(model_cfg, tokenizer) -> int | None:
 
 def attach_head(model, cfg: TrainConfig, tokenizer):
     """The run's classification head on a freshly loaded model (before LoRA / freezing)."""
+    # A head that trains on a frozen low-precision base keeps fp32 weights, as LoRA's adapters do.
+    dtype = torch.float32 if cfg.method == "lora" else None
     return add_classification_head(
-        model, cfg.head.labels, pad_token_id=pad_id(model.cfg, tokenizer), seed=cfg.seed
+        model,
+        cfg.head.labels,
+        pad_token_id=pad_id(model.cfg, tokenizer),
+        seed=cfg.seed,
+        dtype=dtype,
     )
 
 
@@ -258,6 +265,8 @@ class _ClassReader(_Reader):
                 'one has none (use {"text", "label"} lines instead)'
             )
         else:
+            if self.cfg.system_prompt is not None and rec[0]["role"] != "system":
+                rec = [{"role": "system", "content": self.cfg.system_prompt}, *rec]
             ids = enc._enc(enc._render(rec))
         return ids, label
 
@@ -436,21 +445,23 @@ def eval_classifier(
     metrics: str | None = None,
     field: str = "label",
     max_examples: int | None = None,
-) -> dict:
-    """``ember eval`` of a classifier: loss and label metrics on a labelled JSONL file."""
-    import sys
+) -> tuple[dict, DataReport]:
+    """``ember eval`` of a classifier: (loss and label metrics, report) on a labelled JSONL file.
+    ``metrics``: comma-separated names (default accuracy and macro_f1)."""
+    from ember.engine.runtime import autocast_for
 
-    examples, report = load_labelled(
-        data, data_cfg, tokenizer, model.cfg.labels, field, model.cfg.pad_token_id
-    )
-    print(report.summary(), file=sys.stderr)
     names = [m for m in (metrics or "").split(",") if m] or list(DEFAULT_METRICS)
     bad = [m for m in names if m not in LABEL_METRICS]
     if bad:
         raise EmberError(
             f"--metrics {bad} do not apply to a classifier; use {', '.join(LABEL_METRICS)}"
         )
-    device = next(model.parameters()).device
+    examples, report = load_labelled(
+        data, data_cfg, tokenizer, model.cfg.labels, field, model.cfg.pad_token_id
+    )
+    device = str(next(model.parameters()).device)
+    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()  # as ember eval does
+    autocast = autocast_for(device, "bf16" if bf16 else "fp32")
     res = label_scores(
         model,
         tokenizer,
@@ -458,9 +469,10 @@ def eval_classifier(
         names,
         data_cfg.tokens_per_batch,
         device,
-        max_examples=max_examples,
+        autocast,
+        max_examples,
     )
-    return {"data": str(data), "examples": res.examples, **res.scores}
+    return {"data": str(data), "examples": res.examples, **res.scores}, report
 
 
 class Classification(SFT):

@@ -111,8 +111,10 @@ def _cmd_eval(a) -> None:
             from ember.engine.config import load_config
 
             field = load_config(a.model).head.label_field
-        print(json.dumps(eval_classifier(model, tok, data, data_cfg, a.metrics, field,
-                                         a.max_examples)))
+        scores, report = eval_classifier(model, tok, data, data_cfg, a.metrics, field,
+                                         a.max_examples)
+        print(report.summary(), file=sys.stderr)
+        print(json.dumps(scores))
         return
     examples, report = load_examples(data, data_cfg, tok)
     print(report.summary(), file=sys.stderr)

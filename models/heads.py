@@ -73,11 +73,13 @@ def add_classification_head(
     pad_token_id: int | None = None,
     std: float | None = None,
     seed: int | None = None,
+    dtype: torch.dtype | None = None,
 ):
     """Make ``model`` a classifier in place: a fresh ``score`` head (normal init with ``std``,
     default the config's initializer_range, as transformers initializes it), the LM head dropped,
-    ``model.cfg`` with ``labels`` and ``pad_token_id`` (default: the config's). A model that
-    already has these labels (an HF classifier) is kept as it is."""
+    ``model.cfg`` with ``labels`` and ``pad_token_id`` (default: the config's). ``dtype``: the
+    head's (default the embedding's; a head trained on a frozen bf16 base wants float32). A model
+    that already has these labels (an HF classifier) is kept as it is."""
     labels = tuple(labels)
     cfg = model.cfg
     if cfg.labels is not None:
@@ -98,7 +100,7 @@ def add_classification_head(
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     weight = torch.randn(len(labels), cfg.hidden_size, generator=gen) * std
     model.score = nn.Linear(
-        cfg.hidden_size, len(labels), bias=False, device=w.device, dtype=w.dtype
+        cfg.hidden_size, len(labels), bias=False, device=w.device, dtype=dtype or w.dtype
     )
     with torch.no_grad():
         model.score.weight.copy_(weight)
@@ -139,24 +141,22 @@ def classify(
     *,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
-    hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Class logits (N, num_labels): one row per row of ``input_ids`` (B, T), or per document of
-    a packed batch (``cu_seqlens``). Rows may be right-padded with the pad id; left padding
-    would shift positions (transformers computes it with positions counted from the pad too).
-    ``hidden``: the final hidden states (B, T, D) if already computed."""
+    a packed batch (``cu_seqlens``). Rows run without an attention mask, which is exact for right
+    padding (causal attention: the pooled token never sees the pads after it), not for left
+    padding."""
     if not is_classifier(model):
         raise EmberError(
             "the model has no classification head (add_classification_head, or "
             "load an HF *ForSequenceClassification folder)"
         )
-    if hidden is None:
-        hidden = model.hidden_states(
-            input_ids, position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
-        )
+    hidden = model.hidden_states(
+        input_ids, position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
+    )  # (B, T, D)
     pos = last_token_positions(input_ids, model.cfg.pad_token_id, cu_seqlens)
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos)  # (N, D)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos)  # (N, D): the head sees N rows
     w = model.score.weight
-    return nn.functional.linear(
-        h.to(w.dtype) if not torch.is_autocast_enabled(h.device.type) else h, w
-    )
+    if h.dtype != w.dtype and not torch.is_autocast_enabled(h.device.type):
+        h = h.to(w.dtype)  # an fp32 head on a bf16 base (LoRA), outside autocast
+    return nn.functional.linear(h, w)

@@ -329,3 +329,18 @@ def test_qlora_classifier_builds_and_trains_the_head(task):
     classification_loss(model, collate(examples[:4]), 4)[0].backward()
     trained = {n for n, p in model.named_parameters() if p.grad is not None}
     assert "score.weight" in trained and any("lora_A" in n for n in trained)
+
+
+def test_lora_head_on_a_bf16_base_is_fp32(task):
+    from ember.engine.runtime import build_model
+
+    cfg = resolve(cls_config(task, "unused", 'precision="bf16"', "lora.rank=4"))
+    assert cfg.model.dtype == "bfloat16"  # a frozen base in the autocast dtype
+    model, tok = build_model(cfg, "cpu")
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert model.score.weight.dtype == torch.float32  # trained weights stay fp32, as LoRA's
+    examples, _ = load_labelled(task["val"], cfg.data, tok, cfg.head.labels, pad=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = classification_loss(model, collate(examples[:3]), 3)
+    loss.backward()
+    assert model.score.weight.grad.dtype == torch.float32 and loss.isfinite()
