@@ -83,11 +83,13 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def num_params(self) -> int:
-        """Parameter count (embeddings included once when tied)."""
+        """Parameter count (embeddings included once when tied; a classifier's score head)."""
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         hd, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
         attn = d * hd * (hq + 2 * hkv) + hq * hd * d
         per_layer = attn + 3 * d * f + 2 * d + (2 * hd if self.qk_norm else 0)
+        if self.labels:  # a classifier: the score head instead of an LM head
+            return v * d + len(self.labels) * d + self.num_layers * per_layer + d
         return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + d
 
 

@@ -242,6 +242,7 @@ def test_last_token_positions_rule():
 
 def test_head_errors(tmp_path):
     model = _classifier("llama")
+    assert model.cfg.num_params() == sum(p.numel() for p in model.parameters())
     with pytest.raises(ValueError, match="without an LM head"):
         _ = model.output_weight
     with pytest.raises(EmberError, match="already a classifier"):
