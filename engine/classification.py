@@ -424,10 +424,10 @@ def label_scores(
         examples = examples[:max_examples]
     t0 = time.perf_counter()
     preds, loss = predict(model, examples, tokens_per_batch, device, autocast)
-    names = model.cfg.labels
-    pred_names = [names[p] for p in preds]
+    # Scored on class indices: label names that differ only in case or spacing stay distinct.
+    scores = M.compute(metric_names, [str(p) for p in preds], [str(e.labels[-1]) for e in examples])
+    pred_names = [model.cfg.labels[p] for p in preds]
     refs = [e.reference for e in examples]
-    scores = M.compute(metric_names, pred_names, refs)
     samples = [
         (tokenizer.decode(e.input_ids, skip_special_tokens=False), p, r)
         for e, p, r in list(zip(examples, pred_names, refs, strict=True))[:show]

@@ -344,3 +344,19 @@ def test_lora_head_on_a_bf16_base_is_fp32(task):
         loss, _ = classification_loss(model, collate(examples[:3]), 3)
     loss.backward()
     assert model.score.weight.grad.dtype == torch.float32 and loss.isfinite()
+
+
+def test_metrics_tell_case_distinct_labels_apart(tiny, tmp_path):
+    from ember.engine.classification import label_scores
+
+    model, tok = load_pretrained(tiny["model"], "float32")
+    add_classification_head(model, ("A", "a"), pad_token_id=tok.pad_token_id)
+    torch.nn.init.zeros_(model.score.weight)  # equal logits: argmax predicts class 0, "A"
+    rows = [{"text": t, "label": x} for t, x in (("red", "A"), ("sun", "a"), ("cat", "a"))]
+    examples, _ = load_labelled(
+        write_jsonl(tmp_path / "c.jsonl", rows), DataConfig(), tok, ("A", "a")
+    )
+    res = label_scores(model, tok, examples, ["accuracy", "macro_f1"], 256, "cpu", show=1)
+    assert res.scores["accuracy"] == pytest.approx(1 / 3)
+    assert res.scores["macro_f1"] == pytest.approx((0.5 + 0.0) / 2)
+    assert res.samples == [("red", "A", "A")]
