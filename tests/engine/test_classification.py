@@ -44,6 +44,16 @@ def animal_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread for these tiny models (on a loaded 2-core machine two spinning OpenMP
+    threads made a 2 s training run take over 2 minutes); torch's setting is restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def task(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("cls")
@@ -70,6 +80,7 @@ def cls_config(task, run_dir, *extra: str):
         'head.type="classification"',
         "eval.show=0",
         "plot=false",
+        "threads=1",
         *extra,
     ]
     return load_config(None, sets)
@@ -85,6 +96,7 @@ model.name = "{task["model"]}"
 run_dir = "{run}"
 device = "cpu"
 precision = "fp32"
+threads = 1
 method = "lora"
 epochs = 5
 plot = false

@@ -50,6 +50,16 @@ DOCS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread for these tiny models (on a loaded 2-core machine two spinning OpenMP
+    threads made a 2 s training run take over 2 minutes); torch's setting is restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _classifier(case: str, seed: int = 0) -> Transformer:
     cfg = ModelConfig(**{**BASE, **CASES[case]}, labels=LABELS)
     return Transformer(cfg).init_weights(std=0.1, seed=seed).eval()
