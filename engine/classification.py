@@ -55,6 +55,7 @@ from ember.engine.data import (
 from ember.engine.evaluation import GenerationResult
 from ember.engine.objectives import SFT
 from ember.models.heads import add_classification_head, classify, is_classifier
+from ember.models.loading import read_config
 
 if TYPE_CHECKING:
     from ember.engine.config import TrainConfig
@@ -168,15 +169,17 @@ def infer_labels(paths, field: str = "label") -> tuple[str, ...]:
 
 
 def resolve_head(cfg: TrainConfig) -> TrainConfig:
-    """Labels inferred from data.train when not given; accuracy and macro_f1 as the default
-    metrics. The resolved config records both."""
+    """Labels, when not given: an HF classifier's (``model.name``), else inferred from
+    data.train; accuracy and macro_f1 as the default metrics. The resolved config records both."""
     if cfg.head.type is None:
         return cfg
     head = cfg.head
     if not head.labels:
-        if not cfg.data.train:
+        labels = model_labels(cfg.model.name)  # fine-tuning an HF classifier: its labels
+        if labels is None and not cfg.data.train:
             raise EmberError("data.train is empty: give one or more JSONL files")
-        head = replace(head, labels=infer_labels(cfg.data.train, head.label_field))
+        labels = labels or infer_labels(cfg.data.train, head.label_field)
+        head = replace(head, labels=labels)
     ev = cfg.eval
     if ev.metrics == ("exact_match",):  # EvalConfig's default, for generation
         ev = replace(ev, metrics=DEFAULT_METRICS)
@@ -196,16 +199,33 @@ def pad_id(model_cfg, tokenizer) -> int | None:
 
 
 def attach_head(model, cfg: TrainConfig, tokenizer):
-    """The run's classification head on a freshly loaded model (before LoRA / freezing)."""
-    # A head that trains on a frozen low-precision base keeps fp32 weights, as LoRA's adapters do.
-    dtype = torch.float32 if cfg.method == "lora" else None
-    return add_classification_head(
-        model,
-        cfg.head.labels,
-        pad_token_id=pad_id(model.cfg, tokenizer),
-        seed=cfg.seed,
-        dtype=dtype,
+    """The run's classification head on a freshly loaded model (before LoRA / freezing); a model
+    that is already a classifier (an HF folder) keeps its head, which must have the run's
+    labels. A classifier without ``[head]`` is refused: it has no LM head to train."""
+    if cfg.head.type is None:
+        if is_classifier(model):
+            raise EmberError(
+                f"{cfg.model.name} is a sequence classifier (labels {list(model.cfg.labels)}): "
+                'set head.type = "classification" to fine-tune it'
+            )
+        return model
+    add_classification_head(
+        model, cfg.head.labels, pad_token_id=pad_id(model.cfg, tokenizer), seed=cfg.seed
     )
+    if cfg.method == "lora":  # a head trained on a frozen (low-precision) base stays fp32
+        model.score.float()
+    return model
+
+
+def model_labels(name: str) -> tuple[str, ...] | None:
+    """The labels of an HF classifier folder (``model.name``), or None."""
+    folder = Path(name)
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        return read_config(folder).labels
+    except EmberError:
+        return None  # loading the model reports what is wrong with it
 
 
 def train_head(model, cfg: TrainConfig) -> None:

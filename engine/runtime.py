@@ -132,8 +132,7 @@ def build_model(cfg: TrainConfig, device: str):
                                        quantize=cfg.model.quantize)
     if tokenizer is None:
         raise EmberError(f"model {cfg.model.name!r} has no tokenizer.json; training needs one")
-    if cfg.head.type is not None:  # before LoRA / freezing, which then leave the head alone
-        attach_head(model, cfg, tokenizer)
+    attach_head(model, cfg, tokenizer)  # [head]: before LoRA / freezing, which leave it alone
     if cfg.method == "lora":
         apply_lora(model, cfg.lora)
     elif cfg.method == "prompt":

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ember import EmberError
 from ember.engine.classification import (
     Classification,
+    HeadConfig,
     classification_loss,
     infer_labels,
     load_labelled,
@@ -372,3 +373,31 @@ def test_metrics_tell_case_distinct_labels_apart(tiny, tmp_path):
     assert res.scores["accuracy"] == pytest.approx(1 / 3)
     assert res.scores["macro_f1"] == pytest.approx((0.5 + 0.0) / 2)
     assert res.samples == [("red", "A", "A")]
+
+
+def test_fine_tune_an_hf_classifier_folder(task, tmp_path):
+    from ember.models.loading import save_pretrained
+
+    model, tok = load_pretrained(task["model"], "float32")
+    add_classification_head(model, ("none", "animal"), pad_token_id=tok.pad_token_id, seed=1)
+    folder = save_pretrained(model, tmp_path / "hf_classifier", tok)
+    plain = cls_config(task, tmp_path / "x", f'model.name="{folder}"').replace(head=HeadConfig())
+    with pytest.raises(EmberError, match='is a sequence classifier.*head.type = "classification"'):
+        Trainer(plain, echo=quiet, progress=False).run()
+    cfg = resolve(
+        cls_config(
+            task,
+            tmp_path / "ft",
+            f'model.name="{folder}"',
+            "max_steps=2",
+            "eval.before=false",
+            "lora.rank=4",
+        )
+    )
+    assert cfg.head.labels == ("none", "animal")  # the model's order, not the data's sorted one
+    t = Trainer(cfg, echo=quiet, progress=False)
+    t.run()
+    assert t.model.score.weight.dtype == torch.float32
+    assert not torch.equal(t.model.score.weight, model.score.weight)  # the head trained
+    again, _, _ = load_run_model(tmp_path / "ft", "cpu")
+    assert torch.equal(again.score.weight, t.model.score.weight)
