@@ -9,8 +9,9 @@ adapters, as PEFT's ``modules_to_save``), and QLoRA.
 Data lines: ``{"text": ..., "label": ...}`` (tokenized as ``tokenizer(text)`` does, special
 tokens included, no EOS appended) or ``{"messages": [...], "label": ...}`` (rendered with the chat
 template). ``label`` is a class name or an index into ``head.labels``; when ``head.labels`` is
-empty the names are the sorted distinct labels of the training files (indices: ``"0" .. "n-1"``),
-written into the resolved config so evaluation and export agree. A missing, mistyped or unknown
+empty the names are those of ``model.name`` if it is an HF classifier folder, else the sorted
+distinct labels of the training files (indices: ``"0" .. "n-1"``), written into the resolved
+config so evaluation and export agree. A missing, mistyped or unknown
 label is a bad line (``file:line: reason``, counted and reported, or an error with
 ``data.bad_lines = "error"``). Trailing pad tokens are stripped, so each document's last token is
 where the head pools (and where its class index is stored: ``Example.labels[-1]``).
@@ -21,7 +22,8 @@ processes give the per-document mean of one big batch, like ``losses.sft_loss`` 
 
 Evaluation: ``val_loss`` on the validation split; ``eval.metrics`` (``accuracy``, ``macro_f1``,
 ``f1``, ``exact_match``; default with a head: accuracy and macro_f1) from the argmax of the head
-on the test split (validation when there is none) — one forward pass per packed batch.
+on the test split (validation when there is none), computed on class indices; one forward
+pass per packed batch, no generation.
 """
 
 from __future__ import annotations
