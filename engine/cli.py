@@ -71,8 +71,12 @@ def _load(target: str, adapter: str | None, device: str | None, raw: bool = Fals
 def _cmd_generate(a) -> None:
     from ember.engine.data import render_prompt
     from ember.models.generate import generate_ids
+    from ember.models.heads import is_classifier
 
     model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
+    if is_classifier(model):
+        raise EmberError(f"{a.model} is a sequence classifier (labels {list(model.cfg.labels)}): "
+                         "it has no LM head to generate with; score text with ember eval")
     ids = [render_prompt(tok, data_cfg, p) for p in a.prompt]
     eos = sorted(getattr(tok, "eos_token_ids", None) or {tok.eos_token_id})
     out = generate_ids(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
@@ -97,6 +101,21 @@ def _cmd_eval(a) -> None:
     data = a.data or data_cfg.test or data_cfg.validation
     if data is None:
         raise EmberError("give the examples to score with --data FILE.jsonl")
+    from ember.models.heads import is_classifier
+
+    if is_classifier(model):
+        from ember.engine.classification import eval_classifier
+
+        field = "label"
+        if _is_run_dir(a.model):
+            from ember.engine.config import load_config
+
+            field = load_config(a.model).head.label_field
+        scores, report = eval_classifier(model, tok, data, data_cfg, a.metrics, field,
+                                         a.max_examples)
+        print(report.summary(), file=sys.stderr)
+        print(json.dumps(scores))
+        return
     examples, report = load_examples(data, data_cfg, tok)
     print(report.summary(), file=sys.stderr)
     device = str(next(model.parameters()).device)
@@ -203,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="loss, perplexity and generation metrics on a JSONL file")
     model_args(p, "to evaluate")
     p.add_argument("--data", help="JSONL examples (default: the run's test split)")
-    p.add_argument("--metrics", help="comma-separated: exact_match, accuracy, f1, json_match, "
-                                     "field_accuracy (default exact_match)")
+    p.add_argument("--metrics", help="comma-separated: exact_match, accuracy, f1, macro_f1, "
+                                     "json_match, field_accuracy (default exact_match; a "
+                                     "classifier: accuracy,macro_f1)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-examples", type=int, default=None)
     p.set_defaults(fn=_cmd_eval)

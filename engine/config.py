@@ -2,7 +2,7 @@
 
 A run is ``TrainConfig``; each TOML table is one section (``[model]``, ``[lora]``,
 ``[prompt_tuning]``, ``[optim]``, ``[data]``, ``[task]``, ``[eval]``, ``[checkpoint]``,
-``[activations]``, ``[dist]``, ``[guards]``, ``[distill]``, ``[dpo]``),
+``[activations]``, ``[dist]``, ``[guards]``, ``[distill]``, ``[dpo]``, ``[head]``),
 top-level keys are ``TrainConfig`` fields.
 ``--set a.b=value`` overrides parse ``value`` as a TOML value (a bare word is a string). Unknown
 keys and wrong types are ``EmberError``s that name the key and list the valid ones.
@@ -28,6 +28,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
 
 from ember import EmberError
 from ember.engine.activation import ActivationConfig
+from ember.engine.classification import HeadConfig, check_config
 from ember.engine.data import DataConfig
 from ember.engine.distributed import DistConfig
 from ember.engine.guards import GuardConfig
@@ -154,6 +155,8 @@ class TrainConfig:
     objective: str = "sft"
     distill: DistillConfig = field(default_factory=DistillConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    # A task head instead of the LM head (engine/classification.py): [head] type = "classification"
+    head: HeadConfig = field(default_factory=HeadConfig)
     # Full fine-tuning only: glob patterns of parameter names kept frozen (e.g. "embed.*"), and
     # the decoder layers that train (None: all; negative indices count from the end).
     freeze: tuple[str, ...] = ()
@@ -202,6 +205,7 @@ class TrainConfig:
             raise EmberError("model.quantize = \"nf4\" (QLoRA) trains LoRA adapters on a frozen "
                              "4-bit base: set method = \"lora\", or drop quantize for full "
                              "fine-tuning")
+        check_config(self)
         if self.grad_accum < 1 or self.log_every < 1:
             raise EmberError("grad_accum and log_every must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:

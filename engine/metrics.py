@@ -85,6 +85,7 @@ METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
     "exact_match": exact_match,
     "accuracy": accuracy,
     "f1": macro_f1,
+    "macro_f1": macro_f1,
     "json_match": json_match,
     "field_accuracy": field_accuracy,
 }

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ember import EmberError
-from ember.engine.data import Datasets, Example, PackedBatches
-from ember.engine.evaluation import validation_loss
+from ember.engine.data import DataConfig, Datasets, Example, PackedBatches, load_datasets
+from ember.engine.evaluation import GenerationResult, generation_eval, validation_loss
 from ember.engine.losses import (
     adapters_disabled,
     distill_sft_loss,
@@ -92,6 +92,16 @@ class SFT:
 
     def check_model(self, model, tokenizer) -> None:
         pass
+
+    def load_datasets(self, cfg: DataConfig, tokenizer) -> Datasets:
+        return load_datasets(cfg, tokenizer)
+
+    def task_eval(self, model, tokenizer, examples: list[Example], ev, autocast
+                  ) -> GenerationResult:
+        """``eval.metrics`` on a split (``ev``: the EvalConfig): greedy generation here."""
+        return generation_eval(model, tokenizer, examples, ev.metrics,
+                               max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                               autocast=autocast, max_examples=ev.max_examples, show=ev.show)
 
     def check_data(self, ds: Datasets) -> None:
         for split, examples in (("train", ds.train), ("validation", ds.validation)):
@@ -219,6 +229,10 @@ def _pair_sums(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]
 
 def make_objective(cfg: TrainConfig, device: str) -> SFT:
     """The objective of a resolved config (loads the teacher / reference model when needed)."""
+    if cfg.head.type == "classification":
+        from ember.engine.classification import Classification
+
+        return Classification(cfg)
     if cfg.objective == "distill":
         return Distill(cfg, device)
     if cfg.objective == "dpo":

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ember import EmberError
+from ember.engine.classification import attach_head, resolve_head, train_head
 from ember.engine.config import TrainConfig, from_dict, to_dict
 from ember.models.loading import load_pretrained
 from ember.models.lora import apply_lora
@@ -71,7 +72,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         if data.test is None and cfg.task.test > 0:
             changes["test"] = str(folder / "test.jsonl")
         data = from_dict(type(data), {**to_dict(data), **changes})
-    return cfg.replace(device=device, precision=precision, model=model, optim=optim, data=data)
+    cfg = cfg.replace(device=device, precision=precision, model=model, optim=optim, data=data)
+    return resolve_head(cfg)
 
 
 # Prompt tuning trains a few embeddings from scratch: PEFT's examples use 3e-2 .. 3e-1.
@@ -130,6 +132,7 @@ def build_model(cfg: TrainConfig, device: str):
                                        quantize=cfg.model.quantize)
     if tokenizer is None:
         raise EmberError(f"model {cfg.model.name!r} has no tokenizer.json; training needs one")
+    attach_head(model, cfg, tokenizer)  # [head]: before LoRA / freezing, which leave it alone
     if cfg.method == "lora":
         apply_lora(model, cfg.lora)
     elif cfg.method == "prompt":
@@ -137,6 +140,8 @@ def build_model(cfg: TrainConfig, device: str):
         apply_prompt_tuning(model, pt.num_virtual_tokens, pt.init, pt.init_text, tokenizer)
     else:
         freeze_parameters(model, cfg.freeze, cfg.train_layers)
+    if cfg.head.type is not None:
+        train_head(model, cfg)
     if not any(p.requires_grad for p in model.parameters()):
         raise EmberError("no parameter is trainable: check lora.targets / freeze / train_layers")
     return model, tokenizer

@@ -27,6 +27,7 @@ import torch
 
 from ember import EmberError
 from ember.engine import dcp
+from ember.engine.classification import attach_head
 from ember.engine.config import TrainConfig, from_dict, parse_toml, to_dict, to_toml
 from ember.engine.data import PackedBatches
 from ember.engine.distributed import (
@@ -174,10 +175,12 @@ def load_run_model(run_dir: str | Path, device: str | None = None):
     final_adapter, final_model = run_dir / "final" / "adapter", run_dir / "final" / "model"
     if cfg.method == "full" and final_model.is_dir():
         model, tok = load_pretrained(final_model, cfg.model.dtype, device)
+        attach_head(model, cfg, tok)  # saved as an HF classifier: check it is this run's
         return model, tok, cfg
     if cfg.method == "lora" and final_adapter.is_dir():
         model, tok = load_pretrained(cfg.model.name, cfg.model.dtype, device,
                                      quantize=cfg.model.quantize)
+        attach_head(model, cfg, tok)  # the adapter brings the trained head (modules_to_save)
         load_adapter(model, final_adapter)
         return model, tok, cfg
     if cfg.method == "prompt" and final_adapter.is_dir():

@@ -48,7 +48,7 @@ import torch
 from ember import EmberError
 from ember.engine.activation import apply_activation_checkpointing
 from ember.engine.config import TrainConfig
-from ember.engine.data import Datasets, PackedBatches, load_datasets
+from ember.engine.data import Datasets, PackedBatches
 from ember.engine.distributed import (
     DistInfo,
     all_reduce_sums,
@@ -60,7 +60,6 @@ from ember.engine.distributed import (
     rank_batches,
     shard_model,
 )
-from ember.engine.evaluation import generation_eval
 from ember.engine.guards import GracefulStop, NonFiniteGuard, oom_guard, resume_command
 from ember.engine.objectives import make_objective
 from ember.engine.runlog import MetricsLog, format_scores
@@ -119,7 +118,7 @@ class Trainer:
                              {"train": t.train, "validation": t.validation, "test": t.test},
                              t.seed)
             barrier(info)
-        ds = load_datasets(cfg.data, tokenizer)
+        ds = self.objective.load_datasets(cfg.data, tokenizer)
         self.echo(ds.summary())
         self.objective.check_data(ds)
         return ds
@@ -147,6 +146,8 @@ class Trainer:
                 }.get(cfg.method, "full fine-tuning")
         if cfg.objective != "sft":
             what += f", objective {cfg.objective}"
+        if cfg.head.type is not None:
+            what += f", {cfg.head.type} head ({len(cfg.head.labels)} labels)"
         where = (f"{info.world_size} processes (FSDP2), {self.device} on rank 0"
                  if info.distributed else self.device)
         ckpt = (f"; activation checkpointing on {len(blocks)}/{len(model.layers)} blocks"
@@ -170,10 +171,8 @@ class Trainer:
                 cfg.eval.max_val_batches))
         split = self._gen_split()
         if cfg.eval.metrics and split is not None:
-            res = generation_eval(self.model, self.tokenizer, split[1], cfg.eval.metrics,
-                                  max_new_tokens=cfg.eval.max_new_tokens,
-                                  batch_size=cfg.eval.batch_size, autocast=self.autocast,
-                                  max_examples=cfg.eval.max_examples, show=cfg.eval.show)
+            res = self.objective.task_eval(self.model, self.tokenizer, split[1], cfg.eval,
+                                           self.autocast)
             scores.update(res.scores)
             self.last_samples, self.last_gen = res.samples, (split[0], res.examples, res.seconds)
         scores = broadcast_object(scores, self.info)  # early stopping decides alike everywhere

@@ -53,6 +53,9 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     torch_dtype: str = "float32"  # dtype the checkpoint was stored in
+    # A sequence classifier (HF *ForSequenceClassification): the class names in index order. The
+    # model then has a ``score`` head (ember.models.heads) and no LM head.
+    labels: tuple[str, ...] | None = None
     extra: dict = field(default_factory=dict)  # HF fields kept verbatim for export (not used)
 
     def __post_init__(self) -> None:
@@ -68,16 +71,25 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.labels is not None:
+            labels = tuple(self.labels)
+            object.__setattr__(self, "labels", labels)
+            if len(labels) < 2 or len(set(labels)) != len(labels) or not all(
+                    isinstance(x, str) and x for x in labels):
+                raise ValueError(f"labels must be at least two distinct non-empty names, got "
+                                 f"{list(labels)}")
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def num_params(self) -> int:
-        """Parameter count (embeddings included once when tied)."""
+        """Parameter count (embeddings included once when tied; a classifier's score head)."""
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         hd, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
         attn = d * hd * (hq + 2 * hkv) + hq * hd * d
         per_layer = attn + 3 * d * f + 2 * d + (2 * hd if self.qk_norm else 0)
+        if self.labels:  # a classifier: the score head instead of an LM head
+            return v * d + len(self.labels) * d + self.num_layers * per_layer + d
         return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + d
 
 

@@ -72,6 +72,7 @@ KEY_TABLE: list[tuple[str, str]] = [
     ("layers.{i}.mlp.down_proj.bias", "model.layers.{i}.mlp.down_proj.bias"),
     ("norm.weight", "model.norm.weight"),
     ("lm_head.weight", "lm_head.weight"),
+    ("score.weight", "score.weight"),  # classifiers (ember.models.heads)
 ]
 
 # HF keys some checkpoints carry that hold no weights (old Llama conversions saved RoPE buffers).

@@ -27,6 +27,7 @@ import torch
 
 from ember import EmberError
 from ember.models.config import ModelConfig, RopeScaling
+from ember.models.heads import labels_from_hf, labels_to_hf
 from ember.models.nf4 import check_quantization_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -48,7 +49,8 @@ _HARMLESS_FIELDS = frozenset(
     """
     _name_or_path transformers_version architectures model_type use_cache initializer_range
     pretraining_tp is_llama_config transformers.js_config output_attentions output_hidden_states
-    return_dict torchscript use_return_dict id2label label2id problem_type chunk_size_feed_forward
+    return_dict torchscript use_return_dict id2label label2id problem_type num_labels
+    chunk_size_feed_forward
     is_encoder_decoder is_decoder add_cross_attention tie_encoder_decoder
     cross_attention_hidden_size pruned_heads finetuning_task tokenizer_class prefix sep_token_id
     decoder_start_token_id
@@ -275,10 +277,12 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             f"{model_type!r}; Ember cannot guarantee the same computation"
         )
     archs = raw.get("architectures")
-    if archs is not None and archs != [ARCHITECTURES[model_type]]:
+    classifier = _classifier_architecture(model_type)
+    labels = labels_from_hf(raw, classifier)
+    if archs is not None and labels is None and archs != [ARCHITECTURES[model_type]]:
         raise EmberError(
             f"config.json: architectures {archs!r} is not supported; expected "
-            f"[{ARCHITECTURES[model_type]!r}]"
+            f"[{ARCHITECTURES[model_type]!r}] or [{classifier!r}]"
         )
     act = raw.get("hidden_act", "silu")
     if act != "silu":
@@ -372,12 +376,18 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             eos_token_id=eos,
             pad_token_id=_get_int(raw, "pad_token_id", None, nullable=True),
             torch_dtype=dtype or "float32",
+            labels=labels,
             extra=extra,
         )
     except EmberError:
         raise
     except ValueError as e:
         raise EmberError(f"config.json: {e}") from None
+
+
+def _classifier_architecture(model_type: str) -> str:
+    """transformers' classifier class of a family (``LlamaForSequenceClassification``)."""
+    return ARCHITECTURES[model_type].replace("ForCausalLM", "ForSequenceClassification")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -486,4 +496,6 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
             max_window_layers=0 if sliding else cfg.num_layers,
             layer_types=[("sliding_attention" if sliding else "full_attention")] * cfg.num_layers,
         )
+    if cfg.labels is not None:
+        out.update(architectures=[_classifier_architecture(mt)], **labels_to_hf(cfg.labels))
     return out

@@ -271,6 +271,10 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
 _EMBER_NAME = re.compile(r"layers\.(\d+)\.(attn|mlp)\.(\w+)")
 _HF_NAME = re.compile(r"(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
 _PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight")
+# A SEQ_CLS adapter (PEFT's task_type for *ForSequenceClassification) carries the classifier head
+# whole: modules_to_save, saved under this key.
+HEAD_MODULES = ("classifier", "score")
+HEAD_KEY = "base_model.model.score.weight"
 _UNSUPPORTED = {  # PEFT fields ember cannot represent: (field, value meaning "off")
     "use_dora": False, "fan_in_fan_out": False, "lora_bias": False,
     "modules_to_save": None, "layer_replication": None, "target_parameters": None,
@@ -344,6 +348,10 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         "r": r, "rank_pattern": rank_pattern, "revision": None, "target_modules": targets,
         "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": rslora.pop(),
     }
+    if getattr(model, "score", None) is not None:
+        # A classifier: PEFT's SEQ_CLS format, the whole head saved as modules_to_save.
+        config.update(task_type="SEQ_CLS", modules_to_save=list(HEAD_MODULES))
+        tensors[HEAD_KEY] = model.score.weight.detach().to("cpu").contiguous()
     return _write_adapter(out_dir, config, tensors)
 
 
@@ -392,6 +400,8 @@ def _validate_config(config: dict, where: Path) -> None:
                          "can be loaded")
     for key, off in _UNSUPPORTED.items():
         v = config.get(key, off)
+        if key == "modules_to_save" and v and set(v) <= set(HEAD_MODULES):
+            continue  # the classifier head (load_adapter checks the model has one)
         if v not in (off, None, [], {}, False):
             raise EmberError(f"{where}: {key}={v!r} is not supported by ember's LoRA")
     init = config.get("init_lora_weights", True)
@@ -444,6 +454,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     where = adapter_dir / "adapter_config.json"
     _validate_config(config, where)
     wfile = adapter_dir / "adapter_model.safetensors"
+    head = _adapter_head(model, config, tensors, wfile)
     cands = _candidates(model)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
@@ -499,4 +510,28 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         with torch.no_grad():
             mod.lora_A.copy_(A)
             mod.lora_B.copy_(B)
+    if head is not None:
+        with torch.no_grad():
+            model.score.weight.copy_(head)
+        model.score.weight.requires_grad_(True)  # trains with the adapters (modules_to_save)
     return model
+
+
+def _adapter_head(model: nn.Module, config: dict, tensors: dict, wfile: Path):
+    """The classifier head weight of a SEQ_CLS adapter (removed from ``tensors``), or None."""
+    head = tensors.pop(HEAD_KEY, None)
+    score = getattr(model, "score", None)
+    if head is None and config.get("task_type") == "SEQ_CLS" and score is not None:
+        raise EmberError(f"{wfile}: a SEQ_CLS adapter without {HEAD_KEY}; its classifier head "
+                         "was not saved (modules_to_save)")
+    if head is None:
+        return None
+    if score is None:
+        raise EmberError(f"{wfile}: the adapter holds a classification head ({HEAD_KEY}) but "
+                         "the model has none: load the base as a classifier (an HF "
+                         "*ForSequenceClassification folder, or ember.models.heads."
+                         "add_classification_head)")
+    if tuple(head.shape) != tuple(score.weight.shape):
+        raise EmberError(f"{wfile}: {HEAD_KEY} has shape {tuple(head.shape)}, the model's head "
+                         f"{tuple(score.weight.shape)} (a different number of labels)")
+    return head

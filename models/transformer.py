@@ -185,8 +185,12 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
+        # A classifier (cfg.labels) has no LM head, as in HF's *ForSequenceClassification: its
+        # ``score`` maps a document's last hidden state to class logits (ember.models.heads).
+        self.lm_head = None if cfg.tie_word_embeddings or cfg.labels else nn.Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.score = None if not cfg.labels else nn.Linear(
+            cfg.hidden_size, len(cfg.labels), bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def _apply(self, fn, recurse=True):
@@ -208,6 +212,9 @@ class Transformer(nn.Module):
     @property
     def output_weight(self) -> torch.Tensor:
         """The (V, D) matrix that maps final hidden states to logits (tied: the embedding)."""
+        if self.lm_head is None and not self.cfg.tie_word_embeddings:
+            raise ValueError("this model is a sequence classifier (cfg.labels) without an LM "
+                             "head: use ember.models.heads.classify for its class logits")
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> Transformer:

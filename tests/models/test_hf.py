@@ -343,7 +343,7 @@ def test_bad_weights(tmp_path):
     "change,needle",
     [
         ({"model_type": "gpt2"}, "gpt2"),
-        ({"architectures": ["LlamaForSequenceClassification"]}, "LlamaForSequenceClassification"),
+        ({"architectures": ["LlamaForTokenClassification"]}, "LlamaForTokenClassification"),
         ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn"),
         (
             {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}},

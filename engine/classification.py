@@ -1,0 +1,558 @@
+"""Sequence classification runs (``[head] type = "classification"``): data, loss, evaluation.
+
+The model is the run's decoder with a ``score`` head pooled at each document's last non-pad token
+(``ember.models.heads``, transformers' ``*ForSequenceClassification`` rule); the LM head is
+dropped. Every method trains the head: ``full`` (with ``freeze`` / ``train_layers``; ``train_layers
+= []`` trains the head alone: a linear probe), ``lora`` (the head trains whole next to the
+adapters, as PEFT's ``modules_to_save``), and QLoRA.
+
+Data lines: ``{"text": ..., "label": ...}`` (tokenized as ``tokenizer(text)`` does, special
+tokens included, no EOS appended) or ``{"messages": [...], "label": ...}`` (rendered with the chat
+template). ``label`` is a class name or an index into ``head.labels``; when ``head.labels`` is
+empty the names are those of ``model.name`` if it is an HF classifier folder, else the sorted
+distinct labels of the training files (indices: ``"0" .. "n-1"``), written into the resolved
+config so evaluation and export agree. A missing, mistyped or unknown
+label is a bad line (``file:line: reason``, counted and reported, or an error with
+``data.bad_lines = "error"``). Trailing pad tokens are stripped, so each document's last token is
+where the head pools (and where its class index is stored: ``Example.labels[-1]``).
+
+Loss: cross-entropy of the class logits, summed over the documents of a micro-batch and divided
+by the documents of the whole optimizer step (the trainer's weight), so gradient accumulation and
+processes give the per-document mean of one big batch, like ``losses.sft_loss`` per token.
+
+Evaluation: ``val_loss`` on the validation split; ``eval.metrics`` (``accuracy``, ``macro_f1``,
+``f1``, ``exact_match``; default with a head: accuracy and macro_f1) from the argmax of the head
+on the test split (validation when there is none), computed on class indices; one forward
+pass per packed batch, no generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ember import EmberError
+from ember.engine import metrics as M
+from ember.engine.data import (
+    IGNORE,
+    DataConfig,
+    DataReport,
+    Datasets,
+    Example,
+    PackedBatches,
+    _Bad,
+    _Reader,
+    _type_name,
+    split_examples,
+)
+from ember.engine.evaluation import GenerationResult
+from ember.engine.objectives import SFT
+from ember.models.heads import add_classification_head, classify, is_classifier
+from ember.models.loading import read_config
+
+if TYPE_CHECKING:
+    from ember.engine.config import TrainConfig
+
+HEAD_TYPES = ("classification",)
+LABEL_METRICS = ("accuracy", "macro_f1", "f1", "exact_match")
+DEFAULT_METRICS = ("accuracy", "macro_f1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadConfig:
+    type: str | None = None  # "classification" | None (a language model)
+    labels: tuple[str, ...] = ()  # class names in index order; empty: from data.train, sorted
+    label_field: str = "label"  # the JSONL field holding each line's class
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "labels", (self.labels,) if isinstance(self.labels, str) else tuple(self.labels)
+        )
+        if self.type is not None and self.type not in HEAD_TYPES:
+            raise EmberError(f'head.type must be "classification" or left out, got {self.type!r}')
+        if self.labels and (
+            len(self.labels) < 2
+            or len(set(self.labels)) != len(self.labels)
+            or not all(self.labels)
+        ):
+            raise EmberError(
+                f"head.labels must be at least two distinct non-empty names, got "
+                f"{list(self.labels)}"
+            )
+        if not self.label_field:
+            raise EmberError('head.label_field must be a field name, e.g. "label"')
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse what a classification run cannot do (called by ``TrainConfig``)."""
+    if cfg.head.type is None:
+        if cfg.head.labels:
+            raise EmberError(
+                'head.labels is set but head.type is not: add head.type = "classification"'
+            )
+        return
+    if cfg.objective != "sft":
+        raise EmberError(
+            f"objective = {cfg.objective!r} with a classification head is not "
+            "supported: the head trains with cross-entropy over its labels; leave "
+            'objective out ("sft")'
+        )
+    if cfg.method == "prompt":
+        raise EmberError(
+            'method = "prompt" with a classification head is not supported: use '
+            'method = "lora" (the head trains with the adapters) or "full" '
+            "(train_layers = [] trains the head alone)"
+        )
+    if cfg.task.name is not None:
+        raise EmberError(
+            "[task] generates prompt/completion data, not labelled lines; give "
+            '{"text", "label"} files in data.train'
+        )
+    bad = [m for m in cfg.eval.metrics if m not in LABEL_METRICS]
+    if bad:
+        raise EmberError(
+            f"eval.metrics {bad} do not apply to a classifier; use {', '.join(LABEL_METRICS)}"
+        )
+    if cfg.eval.early_stopping == "perplexity":
+        raise EmberError(
+            'eval.early_stopping = "perplexity" does not apply to a classifier; '
+            'use "val_loss", "accuracy" or "macro_f1"'
+        )
+
+
+def infer_labels(paths, field: str = "label") -> tuple[str, ...]:
+    """The sorted distinct labels of JSONL files (integers: ``"0" .. str(max)``). Lines that do not
+    parse are left to the data loader to report."""
+    names, indices = set(), set()
+    for path in paths:
+        try:
+            lines = Path(path).read_bytes().splitlines()
+        except OSError as e:
+            raise EmberError(
+                f"{path}: cannot read the training file to find the labels ({e})"
+            ) from None
+        for raw in lines:
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                continue
+            v = obj.get(field) if isinstance(obj, dict) else None
+            if isinstance(v, str) and v:
+                names.add(v)
+            elif isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                indices.add(v)
+    where = ", ".join(map(str, paths))
+    if names and indices:
+        raise EmberError(
+            f"{where}: the {field!r} values mix names and indices; list the class "
+            "names in order in [head] labels"
+        )
+    labels = (
+        tuple(sorted(names))
+        if names
+        else tuple(str(i) for i in range(max(indices, default=-1) + 1))
+    )
+    if len(labels) < 2:
+        raise EmberError(
+            f"{where}: found {len(labels)} distinct {field!r} value(s) "
+            f"{list(labels)}; a classifier needs at least two: check the field name "
+            "(head.label_field) or list the names in [head] labels"
+        )
+    return labels
+
+
+def resolve_head(cfg: TrainConfig) -> TrainConfig:
+    """Labels, when not given: an HF classifier's (``model.name``), else inferred from
+    data.train; accuracy and macro_f1 as the default metrics. The resolved config records both."""
+    if cfg.head.type is None:
+        return cfg
+    head = cfg.head
+    if not head.labels:
+        labels = model_labels(cfg.model.name)  # fine-tuning an HF classifier: its labels
+        if labels is None and not cfg.data.train:
+            raise EmberError("data.train is empty: give one or more JSONL files")
+        labels = labels or infer_labels(cfg.data.train, head.label_field)
+        head = replace(head, labels=labels)
+    ev = cfg.eval
+    if ev.metrics == ("exact_match",):  # EvalConfig's default, for generation
+        ev = replace(ev, metrics=DEFAULT_METRICS)
+    return cfg.replace(head=head, eval=ev)
+
+
+def pad_id(model_cfg, tokenizer) -> int | None:
+    """The pad id a classifier pools around: the model's, else the tokenizer's pad, else EOS."""
+    for v in (
+        model_cfg.pad_token_id,
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        if v is not None:
+            return v
+    return None
+
+
+def attach_head(model, cfg: TrainConfig, tokenizer):
+    """The run's classification head on a freshly loaded model (before LoRA / freezing); a model
+    that is already a classifier (an HF folder) keeps its head, which must have the run's
+    labels. A classifier without ``[head]`` is refused: it has no LM head to train."""
+    if cfg.head.type is None:
+        if is_classifier(model):
+            raise EmberError(
+                f"{cfg.model.name} is a sequence classifier (labels {list(model.cfg.labels)}): "
+                'set head.type = "classification" to fine-tune it'
+            )
+        return model
+    add_classification_head(
+        model, cfg.head.labels, pad_token_id=pad_id(model.cfg, tokenizer), seed=cfg.seed
+    )
+    if cfg.method == "lora":  # a head trained on a frozen (low-precision) base stays fp32
+        model.score.float()
+    return model
+
+
+def model_labels(name: str) -> tuple[str, ...] | None:
+    """The labels of an HF classifier folder (``model.name``), or None."""
+    folder = Path(name)
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        return read_config(folder).labels
+    except EmberError:
+        return None  # loading the model reports what is wrong with it
+
+
+def train_head(model, cfg: TrainConfig) -> None:
+    """The head trains with every method, unless a freeze pattern names it."""
+    frozen = any(fnmatch.fnmatchcase("score.weight", p) for p in cfg.freeze)
+    model.score.weight.requires_grad_(not frozen)
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+class _ClassReader(_Reader):
+    def __init__(self, path: Path, cfg: DataConfig, tokenizer, labels, field: str, pad):
+        super().__init__(path, cfg, tokenizer)
+        self.labels, self.field, self.pad = tuple(labels), field, pad
+        self.index = {name: i for i, name in enumerate(self.labels)}
+
+    def _label(self, obj: dict) -> int:
+        if self.field not in obj:
+            raise _Bad(
+                "missing field", f"missing field {self.field!r} (keys present: {sorted(obj)})"
+            )
+        v = obj[self.field]
+        if isinstance(v, int) and not isinstance(v, bool):
+            if not 0 <= v < len(self.labels):
+                raise _Bad(
+                    "unknown label",
+                    f"label index {v} out of range for "
+                    f"{len(self.labels)} labels {list(self.labels)}",
+                )
+            return v
+        if not isinstance(v, str):
+            raise _Bad(
+                "wrong type",
+                f"field {self.field!r} must be a class name (string) or "
+                f"index (integer), got {_type_name(v)}",
+            )
+        if v not in self.index:
+            raise _Bad("unknown label", f"unknown label {v!r} (labels: {', '.join(self.labels)})")
+        return self.index[v]
+
+    def encode(self, line: str) -> tuple[list[int], int]:
+        rec = self.record(line)  # validates text / messages; fixes self.fmt on the first line
+        if self.fmt not in ("text", "messages"):
+            raise EmberError(
+                f'{self.path}: a classification file holds {{"text", '
+                f'"{self.field}"}} or {{"messages", "{self.field}"}} lines, '
+                f"not {self.fmt} lines"
+            )
+        label = self._label(json.loads(line))
+        enc = self.enc
+        if self.fmt == "text":
+            ids = enc._enc(rec, True)  # as tokenizer(text) for an HF classifier
+        elif not enc.has_template:
+            raise EmberError(
+                "the messages format needs a tokenizer with a chat template; this "
+                'one has none (use {"text", "label"} lines instead)'
+            )
+        else:
+            if self.cfg.system_prompt is not None and rec[0]["role"] != "system":
+                rec = [{"role": "system", "content": self.cfg.system_prompt}, *rec]
+            ids = enc._enc(enc._render(rec))
+        return ids, label
+
+    def _strip(self, ids: list[int]) -> list[int]:
+        n = len(ids)
+        while n and ids[n - 1] == self.pad:
+            n -= 1
+        return ids[:n]
+
+    def example(self, lineno: int, raw: bytes) -> Example | None:
+        rep, where = self.report, f"{self.path}:{lineno}"
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            self.bad(lineno, "not UTF-8", f"not valid UTF-8 ({e.reason} at byte {e.start})")
+            return None
+        if not line.strip():
+            rep.blank_lines += 1
+            return None
+        try:
+            ids, label = self.encode(line)
+            ids = self._strip(ids)
+            if not ids:
+                raise _Bad("empty text", "no tokens besides padding")
+        except _Bad as e:
+            self.bad(lineno, e.kind, e.why)
+            return None
+        m = self.cfg.max_seq_len
+        if len(ids) > m:
+            what = f"{where}: {len(ids)} tokens > max_seq_len {m}"
+            if self.cfg.truncation == "drop":
+                rep.dropped_too_long += 1
+                rep.note("too long", f"{what} (dropped)")
+                return None
+            if self.cfg.truncation == "truncate_right":
+                ids = self._strip(ids[:m]) or ids[:1]
+            else:
+                keep_bos = int(self.bos is not None and ids[0] == self.bos)
+                ids = ids[:keep_bos] + ids[len(ids) - m + keep_bos :]
+            rep.truncated += 1
+            rep.note("too long", f"{what} ({self.cfg.truncation.replace('_', ' ')})")
+        key = hashlib.blake2b(line.strip().encode(), digest_size=16).hexdigest()
+        return Example(ids, [IGNORE] * (len(ids) - 1) + [label], where, 0, self.labels[label], key)
+
+
+def load_labelled(
+    path, cfg: DataConfig, tokenizer, labels, field: str = "label", pad: int | None = None
+):
+    """(examples, DataReport) of one labelled JSONL file; bad lines as ``data.load_examples``."""
+    path = Path(path)
+    if not path.exists():
+        raise EmberError(f"{path}: dataset file not found")
+    if path.is_dir():
+        raise EmberError(f"{path}: is a directory; give the JSONL file")
+    reader = _ClassReader(path, cfg, tokenizer, labels, field, pad)
+    rep, examples = reader.report, []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            rep.lines += 1
+            ex = reader.example(lineno, raw)
+            if ex is not None:
+                examples.append(ex)
+    rep.format = f"{reader.fmt or cfg.format} + {field}"
+    rep.examples = len(examples)
+    rep.tokens = sum(len(e) for e in examples)
+    rep.loss_tokens = len(examples)
+    if rep.lines == rep.blank_lines:
+        raise EmberError(f"{path}: the file is empty; expected one JSON object per line")
+    if not examples:
+        raise EmberError(
+            f"{path}: no usable examples: all {rep.lines - rep.blank_lines} lines "
+            "are bad or too long\n" + "\n".join(f"  {p}" for p in rep.problems)
+        )
+    return examples, rep
+
+
+def load_labelled_datasets(
+    cfg: DataConfig, tokenizer, labels, field: str = "label", pad: int | None = None
+) -> Datasets:
+    if not cfg.train:
+        raise EmberError("data.train is empty: give one or more JSONL files")
+    reports = []
+
+    def load(path):
+        ex, rep = load_labelled(path, cfg, tokenizer, labels, field, pad)
+        reports.append(rep)
+        return ex
+
+    train = [e for p in cfg.train for e in load(p)]
+    if cfg.validation is not None:
+        val = load(cfg.validation)
+    else:
+        train, val = split_examples(train, cfg.val_fraction, cfg.seed)
+    return Datasets(train, val, None if cfg.test is None else load(cfg.test), reports)
+
+
+# --- loss and evaluation -------------------------------------------------------------------------
+
+
+def doc_targets(batch) -> torch.Tensor:
+    """The class index of every document of a packed batch (stored at its last position)."""
+    last = batch.cu_seqlens[1:].to(batch.labels.device, torch.long) - 1
+    return batch.labels.reshape(-1).index_select(0, last)
+
+
+def classification_loss(model, batch, num_docs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy over the batch's documents / ``num_docs``, logits (docs, L))."""
+    if num_docs < 1:
+        raise EmberError("classification_loss: num_docs must be >= 1")
+    logits = classify(
+        model,
+        batch.input_ids,
+        batch.position_ids,
+        cu_seqlens=batch.cu_seqlens,
+        max_seqlen=batch.max_seqlen,
+    )
+    loss = F.cross_entropy(logits.float(), doc_targets(batch), reduction="sum")
+    return loss / num_docs, logits
+
+
+@torch.no_grad()
+def predict(
+    model, examples: list[Example], tokens_per_batch: int, device, autocast=contextlib.nullcontext
+) -> tuple[list[int], float]:
+    """(argmax class of every example, in order; mean cross-entropy)."""
+    tokens_per_batch = max(tokens_per_batch, max(len(e) for e in examples))
+    batches = PackedBatches(examples, tokens_per_batch, order="file", packing="greedy")
+    was_training = model.training
+    model.eval()
+    preds, total = [], 0.0
+    try:
+        for batch in batches:
+            with autocast():
+                loss, logits = classification_loss(model, batch.to(device), 1)
+            preds += logits.argmax(-1).tolist()
+            total += float(loss)
+    finally:
+        model.train(was_training)
+    return preds, total / len(examples)
+
+
+def label_scores(
+    model,
+    tokenizer,
+    examples: list[Example],
+    metric_names,
+    tokens_per_batch: int,
+    device,
+    autocast=contextlib.nullcontext,
+    max_examples: int | None = None,
+    show: int = 0,
+) -> GenerationResult:
+    """``metric_names`` on the argmax labels of ``examples``, plus ``loss`` (mean cross-entropy)."""
+    if max_examples is not None:
+        examples = examples[:max_examples]
+    t0 = time.perf_counter()
+    preds, loss = predict(model, examples, tokens_per_batch, device, autocast)
+    # Scored on class indices: label names that differ only in case or spacing stay distinct.
+    scores = M.compute(metric_names, [str(p) for p in preds], [str(e.labels[-1]) for e in examples])
+    pred_names = [model.cfg.labels[p] for p in preds]
+    refs = [e.reference for e in examples]
+    samples = [
+        (tokenizer.decode(e.input_ids, skip_special_tokens=False), p, r)
+        for e, p, r in list(zip(examples, pred_names, refs, strict=True))[:show]
+    ]
+    return GenerationResult(
+        {**scores, "loss": loss}, samples, time.perf_counter() - t0, len(examples)
+    )
+
+
+def eval_classifier(
+    model,
+    tokenizer,
+    data,
+    data_cfg: DataConfig,
+    metrics: str | None = None,
+    field: str = "label",
+    max_examples: int | None = None,
+) -> tuple[dict, DataReport]:
+    """``ember eval`` of a classifier: (loss and label metrics, report) on a labelled JSONL file.
+    ``metrics``: comma-separated names (default accuracy and macro_f1)."""
+    from ember.engine.runtime import autocast_for
+
+    names = [m for m in (metrics or "").split(",") if m] or list(DEFAULT_METRICS)
+    bad = [m for m in names if m not in LABEL_METRICS]
+    if bad:
+        raise EmberError(
+            f"--metrics {bad} do not apply to a classifier; use {', '.join(LABEL_METRICS)}"
+        )
+    examples, report = load_labelled(
+        data, data_cfg, tokenizer, model.cfg.labels, field, model.cfg.pad_token_id
+    )
+    device = str(next(model.parameters()).device)
+    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()  # as ember eval does
+    autocast = autocast_for(device, "bf16" if bf16 else "fp32")
+    res = label_scores(
+        model,
+        tokenizer,
+        examples,
+        names,
+        data_cfg.tokens_per_batch,
+        device,
+        autocast,
+        max_examples,
+    )
+    return {"data": str(data), "examples": res.examples, **res.scores}, report
+
+
+class Classification(SFT):
+    """The objective of a run with ``[head] type = "classification"``."""
+
+    name = "classification"
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        self.head, self.tokens = cfg.head, cfg.data.tokens_per_batch
+        self.pad = None
+
+    def loss(self, model, batch, denom: int) -> torch.Tensor:
+        return classification_loss(model, batch, denom)[0]
+
+    def check_model(self, model, tokenizer) -> None:
+        if not is_classifier(model):
+            raise EmberError("internal error: a classification run without a head")
+        self.pad = model.cfg.pad_token_id
+
+    def load_datasets(self, cfg: DataConfig, tokenizer) -> Datasets:
+        return load_labelled_datasets(
+            cfg, tokenizer, self.head.labels, self.head.label_field, self.pad
+        )
+
+    def check_data(self, ds: Datasets) -> None:
+        pass  # every example came through the labelled reader
+
+    def val_scores(
+        self,
+        model,
+        examples: list[Example],
+        tokens_per_batch: int,
+        device,
+        autocast,
+        max_batches: int | None,
+    ) -> dict[str, float]:
+        if max_batches is not None:  # batches of the packed validation split, in file order
+            plan = PackedBatches(examples, tokens_per_batch, order="file", packing="greedy").plan(
+                0
+            )[:max_batches]
+            examples = [examples[i] for b in plan for i in b]
+        _, loss = predict(model, examples, tokens_per_batch, device, autocast)
+        return {"val_loss": loss}
+
+    def task_eval(
+        self, model, tokenizer, examples: list[Example], ev, autocast
+    ) -> GenerationResult:
+        res = label_scores(
+            model,
+            tokenizer,
+            examples,
+            ev.metrics,
+            self.tokens,
+            next(model.parameters()).device,
+            autocast,
+            ev.max_examples,
+            ev.show,
+        )
+        res.scores.pop("loss")  # the test split's loss is not val_loss
+        return res

@@ -1,0 +1,291 @@
+"""Sequence classification head: parity with transformers' ``*ForSequenceClassification`` (logits
+of a right-padded batch in HF against a packed batch in Ember, gradients), HF folders in and out,
+PEFT SEQ_CLS adapters both ways, the pooling rule and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from ember import EmberError
+from ember.models import LoRAConfig, ModelConfig, Transformer, apply_lora, load_adapter
+from ember.models.heads import add_classification_head, classify, last_token_positions
+from ember.models.loading import load_pretrained, save_pretrained
+from ember.models.lora import save_adapter
+
+transformers = pytest.importorskip("transformers")
+
+PAD = 0
+LABELS = ("neg", "neutral", "pos")
+BASE = dict(
+    vocab_size=83,
+    intermediate_size=72,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    pad_token_id=PAD,
+)
+CASES = {
+    "llama": dict(hidden_size=48),
+    "llama_tied": dict(hidden_size=48, tie_word_embeddings=True),
+    "qwen2_bias": dict(
+        model_type="qwen2", hidden_size=40, num_heads=5, num_kv_heads=1, attention_bias=True
+    ),
+    "mistral_window": dict(model_type="mistral", hidden_size=48, sliding_window=4),
+}
+# Documents of varied lengths; the third ends in two pad ids that are real tokens (the head pools
+# before them, as transformers' rightmost-non-pad rule does), the fourth is a single token.
+DOCS = [
+    [5, 9, 17, 33, 2, 8, 41],
+    [12, 3, 77],
+    [7, 19, 23, 6, PAD, PAD],
+    [50],
+    [11, 13, 15, 17, 19, 21, 23, 25, 27],
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread for these tiny models (on a loaded 2-core machine two spinning OpenMP
+    threads made a 2 s training run take over 2 minutes); torch's setting is restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _classifier(case: str, seed: int = 0) -> Transformer:
+    cfg = ModelConfig(**{**BASE, **CASES[case]}, labels=LABELS)
+    return Transformer(cfg).init_weights(std=0.1, seed=seed).eval()
+
+
+def _packed(docs=DOCS):
+    ids = torch.tensor([[t for d in docs for t in d]])
+    pos = torch.tensor([[p for d in docs for p in range(len(d))]])
+    cu = torch.tensor(
+        [0, *torch.tensor([len(d) for d in docs]).cumsum(0).tolist()], dtype=torch.int32
+    )
+    return ids, pos, cu, max(map(len, docs))
+
+
+def _padded(docs=DOCS):
+    """Right-padded (B, T) ids and the attention mask of the documents' real lengths."""
+    T = max(map(len, docs))
+    ids = torch.tensor([d + [PAD] * (T - len(d)) for d in docs])
+    mask = torch.tensor([[1] * len(d) + [0] * (T - len(d)) for d in docs])
+    return ids, mask
+
+
+def _ember_logits(model, docs=DOCS):
+    ids, pos, cu, max_len = _packed(docs)
+    return classify(model, ids, pos, cu_seqlens=cu, max_seqlen=max_len)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers_packed_vs_padded(case, tmp_path):
+    model = _classifier(case)
+    save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    arch = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[model.cfg.model_type]
+    assert config["architectures"] == [f"{arch}ForSequenceClassification"]
+    assert config["num_labels"] == 3 and config["pad_token_id"] == PAD
+    assert config["id2label"] == {"0": "neg", "1": "neutral", "2": "pos"}
+    assert config["label2id"] == {"neg": 0, "neutral": 1, "pos": 2}
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == f"{arch}ForSequenceClassification"
+    assert hf.config.id2label == {0: "neg", 1: "neutral", 2: "pos"}
+    ids, mask = _padded()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        ours = _ember_logits(model)
+        rows = classify(model, ids)  # the padded batch in Ember too (right padding)
+    assert ours.shape == (len(DOCS), 3)
+    assert (ours - ref).abs().max() < 1e-5, (ours - ref).abs().max()
+    assert (rows - ref).abs().max() < 1e-5
+    # Not a vacuous match: the logits differ between documents and from a wrong pooling position.
+    assert (ref[0] - ref[1]).abs().max() > 1e-3
+    with torch.no_grad():
+        h = model.hidden_states(ids)
+        wrong = F.linear(h[2, -1], model.score.weight)  # the trailing pad of document 3
+    assert (wrong - ref[2]).abs().max() > 1e-3
+
+
+def test_hf_classifier_folder_round_trip(tmp_path):
+    """transformers' LlamaForSequenceClassification -> Ember -> HF folder: identical tensors and
+    label fields, same logits."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=83,
+        hidden_size=48,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=PAD,
+        num_labels=3,
+        id2label={0: "a", 1: "b", 2: "c"},
+        label2id={"a": 0, "b": 1, "c": 2},
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForSequenceClassification(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    model, _ = load_pretrained(tmp_path / "hf")
+    assert model.cfg.labels == ("a", "b", "c") and model.lm_head is None
+    ids, mask = _padded()
+    with torch.no_grad():
+        assert (
+            _ember_logits(model) - hf(input_ids=ids, attention_mask=mask).logits
+        ).abs().max() < 1e-5
+    save_pretrained(model, tmp_path / "out")
+    a, b = (
+        load_file(tmp_path / "hf" / "model.safetensors"),
+        load_file(tmp_path / "out" / "model.safetensors"),
+    )
+    assert sorted(a) == sorted(b) and "score.weight" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out["id2label"] == {"0": "a", "1": "b", "2": "c"} and out["num_labels"] == 3
+
+
+def test_head_gradients_match_transformers(tmp_path):
+    model = _classifier("llama", seed=1).train()
+    save_pretrained(model, tmp_path)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).train()
+    y = torch.tensor([2, 0, 1, 1, 0])
+    ids, mask = _padded()
+    hf(input_ids=ids, attention_mask=mask, labels=y).loss.backward()  # mean CE over the batch
+    loss = F.cross_entropy(_ember_logits(model), y)
+    loss.backward()
+    grads = {
+        "score.weight": hf.score.weight.grad,
+        "embed.weight": hf.model.embed_tokens.weight.grad,
+        "layers.0.attn.q_proj.weight": hf.model.layers[0].self_attn.q_proj.weight.grad,
+        "layers.1.mlp.down_proj.weight": hf.model.layers[1].mlp.down_proj.weight.grad,
+    }
+    params = dict(model.named_parameters())
+    for name, ref in grads.items():
+        assert ref.abs().max() > 0, name
+        err = (params[name].grad - ref).abs().max() / ref.abs().max()
+        assert err < 1e-4, (name, err)
+
+
+def _causal_base(tmp_path):
+    cfg = ModelConfig(**BASE, hidden_size=48)
+    save_pretrained(Transformer(cfg).init_weights(std=0.1, seed=2), tmp_path / "base")
+    return tmp_path / "base"
+
+
+def _randomize_(model, seed: int = 5) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_lora_classifier_adapter_loads_in_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = _causal_base(tmp_path)
+    model, _ = load_pretrained(base)
+    add_classification_head(model, LABELS, seed=0)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=("q", "v", "down")))
+    model.score.weight.requires_grad_(True)  # modules_to_save: the head trains whole
+    _randomize_(model)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=3)
+    pm = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
+    ids, mask = _padded()
+    with torch.no_grad():
+        ref = pm(input_ids=ids, attention_mask=mask).logits
+        ours = _ember_logits(model.eval())
+    assert (ours - ref).abs().max() < 1e-5, (ours - ref).abs().max()
+
+    # ...and back: the adapter onto a fresh Ember classifier gives the same logits.
+    again, _ = load_pretrained(base)
+    add_classification_head(again, LABELS, seed=9)
+    load_adapter(again, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(_ember_logits(again.eval()), ours)
+
+
+def test_peft_seq_cls_adapter_loads_in_ember(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = _causal_base(tmp_path)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=3)
+    pm = peft.get_peft_model(
+        hf,
+        peft.LoraConfig(
+            task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"]
+        ),
+    )
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(tmp_path / "peft")
+    model, _ = load_pretrained(base)
+    add_classification_head(model, LABELS)
+    load_adapter(model, tmp_path / "peft")
+    assert model.score.weight.requires_grad
+    ids, mask = _padded()
+    with torch.no_grad():
+        ref = pm.eval()(input_ids=ids, attention_mask=mask).logits
+        assert (_ember_logits(model.eval()) - ref).abs().max() < 1e-5
+
+
+def test_last_token_positions_rule():
+    ids = torch.tensor([[4, 5, 0, 0], [0, 0, 0, 0], [0, 7, 0, 9]])
+    assert last_token_positions(ids, 0).tolist() == [1, 4, 11]  # an all-pad row: its first
+    assert last_token_positions(ids, None).tolist() == [3, 7, 11]
+    cu = torch.tensor([0, 3, 5, 12], dtype=torch.int32)
+    assert last_token_positions(ids.reshape(1, -1), 0, cu).tolist() == [1, 3, 11]
+
+
+def test_head_errors(tmp_path):
+    model = _classifier("llama")
+    assert model.cfg.num_params() == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="without an LM head"):
+        _ = model.output_weight
+    with pytest.raises(EmberError, match="already a classifier"):
+        add_classification_head(model, ("x", "y"))
+    assert add_classification_head(model, LABELS) is model  # same labels: kept as it is
+    with pytest.raises(ValueError, match="at least two distinct"):
+        ModelConfig(**BASE, hidden_size=48, labels=("a", "a"))
+    base = _causal_base(tmp_path)
+    lm, _ = load_pretrained(base)
+    with pytest.raises(EmberError, match="no classification head"):
+        classify(lm, torch.tensor([[1, 2]]))
+    apply_lora(model, LoRAConfig(rank=2))
+    save_adapter(model, tmp_path / "ad")
+    with pytest.raises(EmberError, match="holds a classification head"):
+        load_adapter(lm, tmp_path / "ad")
+    other, _ = load_pretrained(base)
+    add_classification_head(other, ("a", "b"))
+    with pytest.raises(EmberError, match="different number of labels"):
+        load_adapter(other, tmp_path / "ad")
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        ({"problem_type": "regression", "num_labels": 1}, "problem_type 'regression'"),
+        ({"num_labels": 1, "id2label": {"0": "x"}}, "num_labels must be an integer >= 2"),
+        ({"id2label": {"0": "a", "5": "b"}, "num_labels": 2}, "id2label must map"),
+        ({"architectures": ["LlamaForTokenClassification"]}, "not supported"),
+    ],
+)
+def test_bad_classifier_configs(tmp_path, edit, match):
+    save_pretrained(_classifier("llama"), tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(EmberError, match=match):
+        load_pretrained(tmp_path)
