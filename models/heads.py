@@ -144,13 +144,21 @@ def classify(
 ) -> torch.Tensor:
     """Class logits (N, num_labels): one row per row of ``input_ids`` (B, T), or per document of
     a packed batch (``cu_seqlens``). Rows run without an attention mask, which is exact for right
-    padding (causal attention: the pooled token never sees the pads after it), not for left
-    padding."""
+    padding (causal attention: the pooled token never sees the pads after it); left-padded rows
+    are refused."""
     if not is_classifier(model):
         raise EmberError(
             "the model has no classification head (add_classification_head, or "
             "load an HF *ForSequenceClassification folder)"
         )
+    pad = model.cfg.pad_token_id
+    if cu_seqlens is None and pad is not None and input_ids.dim() == 2 and input_ids.shape[1] > 1:
+        starts_padded = input_ids[:, 0] == pad
+        if bool((starts_padded & (input_ids[:, 1:] != pad).any(1)).any()):
+            raise EmberError(
+                "classify: a row starts with pad tokens (left padding); the pooled last token "
+                "would attend to them. Pad on the right, or pack the rows (cu_seqlens)"
+            )
     hidden = model.hidden_states(
         input_ids, position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
     )  # (B, T, D)

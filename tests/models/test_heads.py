@@ -115,6 +115,9 @@ def test_logits_match_transformers_packed_vs_padded(case, tmp_path):
         h = model.hidden_states(ids)
         wrong = F.linear(h[2, -1], model.score.weight)  # the trailing pad of document 3
     assert (wrong - ref[2]).abs().max() > 1e-3
+    left = torch.cat([torch.full((1, 2), PAD), ids[:1, :-2]], 1)  # the same row, left-padded
+    with pytest.raises(EmberError, match="left padding"):
+        classify(model, left)
 
 
 def test_hf_classifier_folder_round_trip(tmp_path):
