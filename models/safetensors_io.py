@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -180,6 +181,30 @@ def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False) -> Ch
     if not ckpt.key_file:
         raise EmberError(f"{folder}: the safetensors files hold no tensors")
     return ckpt
+
+
+def untie_if_head_differs(ckpt: CheckpointIndex, cfg: ModelConfig) -> ModelConfig:
+    """cfg, untied when config.json says tie_word_embeddings but the checkpoint stores an
+    ``lm_head.weight`` that differs from the embedding. transformers then keeps the two apart
+    (and warns), so Ember does the same instead of silently using the embedding as the head."""
+    emb, head = "model.embed_tokens.weight", "lm_head.weight"
+    if not cfg.tie_word_embeddings or head not in ckpt.key_file or emb not in ckpt.key_file:
+        return cfg
+    if head in ckpt.quantized_weights() or ckpt.shapes[head] != ckpt.shapes[emb]:
+        return cfg  # map_hf_keys names the mismatch
+    tensors = {}
+    for key in (emb, head):
+        with safe_open(ckpt.key_file[key], framework="pt", device="cpu") as f:
+            tensors[key] = f.get_tensor(key)
+    if torch.equal(tensors[emb].float(), tensors[head].float()):
+        return cfg
+    warnings.warn(
+        f"{ckpt.folder}: config.json has tie_word_embeddings=true but the checkpoint's "
+        f"{head} differs from {emb}; loading them untied, as transformers does (set "
+        "tie_word_embeddings=false in config.json to silence this)",
+        stacklevel=3,
+    )
+    return cfg.replace(tie_word_embeddings=False)
 
 
 def iter_checkpoint(
