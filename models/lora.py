@@ -275,7 +275,26 @@ _UNSUPPORTED = {  # PEFT fields ember cannot represent: (field, value meaning "o
     "use_dora": False, "fan_in_fan_out": False, "lora_bias": False,
     "modules_to_save": None, "layer_replication": None, "target_parameters": None,
     "trainable_token_indices": None, "use_qalora": False,
+    # LoRA variants whose forward is not x W^T + scale * x A^T B^T (PEFT 0.21 lora_variants)
+    "alora_invocation_tokens": None, "arrow_config": None, "use_bdlora": None,
+    "velora_config": None, "monteclora_config": None, "kasa_config": None,
 }
+_MERGEABLE = ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "layer_replication",
+              "target_parameters", "trainable_token_indices", "use_qalora")
+# PEFT LoraConfig fields that do not change what a saved adapter computes (bookkeeping, training
+# options, inits that leave the base model as it is); any other field that is set is refused, so
+# an adapter from a newer PEFT with a new variant never loads with the wrong math.
+_KNOWN_FIELDS = frozenset("""
+    task_type peft_type auto_mapping peft_version base_model_name_or_path revision inference_mode
+    r target_modules exclude_modules lora_alpha lora_dropout bias use_rslora init_lora_weights
+    layers_to_transform layers_pattern rank_pattern alpha_pattern megatron_config megatron_core
+    loftq_config eva_config corda_config lora_ga_config qalora_group_size runtime_config
+    ensure_weight_tying
+""".split()) | set(_UNSUPPORTED)
+# inits that change the base weights too: the adapter alone is relative to a modified base
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_MERGE_HINT = ("merge it into the base with PEFT (PeftModel.merge_and_unload(), then "
+               "save_pretrained) and load the merged model")
 
 
 def hf_module_name(name: str) -> str:
@@ -386,21 +405,38 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     raise EmberError(f"{adapter_dir}: no adapter_model.safetensors (or adapter_model.bin)")
 
 
-def _validate_config(config: dict, where: Path) -> None:
+def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> None:
     if config.get("peft_type", "LORA") != "LORA":
         raise EmberError(f"{where}: peft_type is {config.get('peft_type')!r}; only LORA adapters "
                          "can be loaded")
     for key, off in _UNSUPPORTED.items():
         v = config.get(key, off)
-        if v not in (off, None, [], {}, False):
-            raise EmberError(f"{where}: {key}={v!r} is not supported by ember's LoRA")
+        # A variant's sub-config turns it on even when empty (PEFT builds the dataclass from {}).
+        if v not in (off, None, [], False) and (v != {} or key not in _MERGEABLE):
+            hint = (_MERGE_HINT if key in _MERGEABLE else "a LoRA variant whose forward differs "
+                    "from plain LoRA; ember loads plain LoRA adapters only")
+            raise EmberError(f"{where}: {key}={v!r} is not supported by ember's LoRA: {hint}")
+    unknown = sorted(k for k, v in config.items()
+                     if k not in _KNOWN_FIELDS and v not in (None, False, [], {}, "", 0))
+    if unknown:
+        raise EmberError(f"{where}: field(s) {unknown} are unknown to ember's LoRA and may change "
+                         f"what the adapter computes; {_MERGE_HINT}")
     init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.split("_")[0].lower() in ("pissa", "olora", "corda", "loftq"):
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise EmberError(f"{where}: init_lora_weights={init!r}: this adapter is relative to a "
                          "modified base model; re-save it with PEFT's "
-                         "path_initial_model_for_weight_conversion to get a plain LoRA")
-    if config.get("bias", "none") != "none":
-        raise EmberError(f"{where}: bias={config['bias']!r} is not supported (only 'none')")
+                         "path_initial_model_for_weight_conversion to get a plain LoRA, or "
+                         f"{_MERGE_HINT}")
+    bias = config.get("bias", "none")
+    if bias not in ("none", "all", "lora_only"):
+        raise EmberError(f"{where}: bias={bias!r} is not a PEFT bias mode")
+    # bias="all"/"lora_only" train the base biases and save them with the adapter; on a model
+    # without biases (Llama, Mistral) nothing is saved and the adapter is a plain LoRA.
+    biases = sorted(k for k in (tensors or {}) if k.endswith(".bias"))
+    if bias != "none" and biases:
+        raise EmberError(f"{where}: bias={bias!r}: the adapter carries {len(biases)} trained "
+                         f"base biases (e.g. {biases[0]}), which ember's LoRA cannot hold; "
+                         f"{_MERGE_HINT}")
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
             raise EmberError(f"{where}: {key} must be a positive number, got {config.get(key)!r}")
@@ -431,6 +467,19 @@ def _peft_targets(config: dict, hf_name: str) -> bool:
     return m is not None and int(m[1]) in layers
 
 
+def _saved_unchanged_embedding(model: nn.Module, key: str, t: torch.Tensor) -> bool:
+    """A full embedding / head weight PEFT saved (``save_embedding_layers``) equal to the model's:
+    loading it (as PEFT does) changes nothing, so it can be skipped."""
+    attr = {"base_model.model.model.embed_tokens.weight": "embed",
+            "base_model.model.lm_head.weight": "lm_head"}.get(key)
+    mod = getattr(model, attr, None) if attr else None
+    if mod is None and attr == "lm_head":
+        mod = getattr(model, "embed", None)  # tied: the head is the embedding
+    w = getattr(mod, "weight", None)
+    return (isinstance(w, torch.Tensor) and w.shape == t.shape
+            and torch.equal(w.detach().cpu().float(), t.float()))
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     """Wrap the modules an adapter (ember's or PEFT's) targets and load its weights.
 
@@ -442,18 +491,25 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     adapter_dir = Path(adapter_dir)
     config, tensors = _read_adapter(adapter_dir)
     where = adapter_dir / "adapter_config.json"
-    _validate_config(config, where)
+    _validate_config(config, where, tensors)
     wfile = adapter_dir / "adapter_model.safetensors"
     cands = _candidates(model)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, t in tensors.items():
+        if _saved_unchanged_embedding(model, key, t):
+            continue  # save_embedding_layers=True: a copy of the base's own weight
         m = _PEFT_KEY.fullmatch(key)
         name = ember_module_name(m[1]) if m else None
         if name is None or name not in cands:
             unknown.append(key)
             continue
         pairs.setdefault(name, {})[m[2]] = t
+    heads = [k for k in unknown if re.search(r"\.(embed_tokens|lm_head)\.", k)]
+    if heads:
+        raise EmberError(f"{wfile}: the adapter changes the embedding or output head ({heads[:3]}:"
+                         " LoRA on embed_tokens/lm_head, or new full weights saved with "
+                         f"save_embedding_layers), which ember's LoRA cannot hold; {_MERGE_HINT}")
     if unknown:
         raise EmberError(f"{wfile}: {len(unknown)} keys match no projection of this model, e.g. "
                          f"{unknown[:3]} (expected base_model.model.model.layers.N.self_attn."
