@@ -3,7 +3,7 @@
 Supported ``model_type``: llama (also SmolLM2), mistral, qwen2, qwen3. Both config.json styles are
 read: transformers 4.x (``rope_theta``, ``rope_scaling``, ``torch_dtype``) and 5.x
 (``rope_parameters``, ``dtype``); ``config_to_hf`` writes both, so either major version loads the
-folder. RoPE types: default, linear and llama3; others (yarn, dynamic, longrope...) are refused.
+folder. RoPE types: default, linear, llama3 and yarn; others (dynamic, longrope...) are refused.
 
 Every config.json field is either understood, checked to have the one value Ember implements, or on
 an explicit list of harmless fields (bookkeeping, generation defaults); any other field is an error
@@ -21,6 +21,7 @@ which re-exports every public name of this module.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -98,6 +99,10 @@ _ROPE_KEYS = {
     "llama3": frozenset(
         {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
     ),
+    "yarn": frozenset(
+        """factor original_max_position_embeddings attention_factor beta_fast beta_slow mscale
+        mscale_all_dim truncate""".split()
+    ),
 }
 
 
@@ -161,6 +166,8 @@ def _parse_rope(raw: Mapping, max_pos: int) -> tuple[float, RopeScaling | None]:
     if kind == "default":
         return theta, None
     where = f"config.json {kind} rope scaling"
+    if kind == "yarn":
+        return theta, _parse_yarn(rope, max_pos, where)
     factor = _get_float(rope, "factor", ..., where)
     if factor <= 0:
         raise EmberError(f"{where}: factor must be > 0, got {factor}")
@@ -183,6 +190,44 @@ def _parse_rope(raw: Mapping, max_pos: int) -> tuple[float, RopeScaling | None]:
         low_freq_factor=low,
         high_freq_factor=high,
         original_max_position_embeddings=orig,
+    )
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _parse_yarn(rope: Mapping, max_pos: int, where: str) -> RopeScaling:
+    """YaRN with transformers' defaults: original context = max_position_embeddings, factor =
+    their ratio, attention_factor from factor (and DeepSeek's mscale / mscale_all_dim)."""
+    orig = rope.get("original_max_position_embeddings", max_pos)
+    if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:
+        raise EmberError(
+            f"{where}: original_max_position_embeddings must be a positive integer, got {orig!r}"
+        )
+    factor = _get_float(rope, "factor", max_pos / orig, where)
+    if factor <= 0:
+        raise EmberError(f"{where}: factor must be > 0, got {factor}")
+    attn = _get_float(rope, "attention_factor", None, where)
+    if attn is None:
+        mscale = _get_float(rope, "mscale", 0.0, where)
+        mscale_all = _get_float(rope, "mscale_all_dim", 0.0, where)
+        attn = (
+            _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+            if mscale and mscale_all
+            else _yarn_mscale(factor)
+        )
+    truncate = rope.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise EmberError(f"{where}: truncate must be true or false, got {truncate!r}")
+    return RopeScaling(
+        kind="yarn",
+        factor=factor,
+        original_max_position_embeddings=orig,
+        beta_fast=_get_float(rope, "beta_fast", 0.0, where) or 32.0,
+        beta_slow=_get_float(rope, "beta_slow", 0.0, where) or 1.0,
+        truncate=truncate,
+        attention_factor=float(attn),
     )
 
 
@@ -436,6 +481,16 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
     rs = cfg.rope_scaling
     if rs is not None and rs.kind == "linear":
         rope.update(rope_type="linear", factor=rs.factor)
+    elif rs is not None and rs.kind == "yarn":
+        rope.update(
+            rope_type="yarn",
+            factor=rs.factor,
+            original_max_position_embeddings=rs.original_max_position_embeddings,
+            beta_fast=rs.beta_fast,
+            beta_slow=rs.beta_slow,
+            truncate=rs.truncate,
+            attention_factor=rs.attention_factor,
+        )
     elif rs is not None:
         rope.update(
             rope_type="llama3",

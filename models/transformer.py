@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ember.kernels import apply_rope, flash_attention, geglu, lora_mlp, lora_qkv, rms_norm, swiglu
-from ember.models.config import ModelConfig, rope_inv_freq
+from ember.models.config import ModelConfig, rope_attention_factor, rope_inv_freq
 from ember.models.lora import LoRALinear
 
 
@@ -226,6 +226,9 @@ class Transformer(nn.Module):
     def rope(self, position_ids: torch.Tensor):
         """cos, sin (B, T, hd/2) fp32 for integer positions (B, T)."""
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, hd/2)
+        scale = rope_attention_factor(self.cfg)
+        if scale != 1.0:  # YaRN scales cos/sin, so q.k by scale^2
+            return freqs.cos() * scale, freqs.sin() * scale
         return freqs.cos(), freqs.sin()
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *,

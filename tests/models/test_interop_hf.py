@@ -4,13 +4,15 @@ the feature."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ember.models.loading import load_pretrained
+from ember import EmberError
+from ember.models.loading import load_pretrained, read_config, save_pretrained
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
@@ -73,3 +75,65 @@ def test_tied_config_with_a_stored_lm_head(tmp_path, same):
     assert model.cfg.tie_word_embeddings == same and len(untied) == (0 if same else 1)
     with torch.no_grad():
         assert (model(ids) - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+ROPE_CASES = {  # name -> (config class, kwargs); T=24 runs past original_max_position_embeddings
+    "llama_yarn": (
+        "LlamaConfig",
+        dict(rope_parameters={**YARN, "original_max_position_embeddings": 16}),
+    ),
+    "llama_yarn_default_context": ("LlamaConfig", dict(rope_parameters=YARN)),
+    "qwen3_yarn_deepseek_mscale": (
+        "Qwen3Config",
+        dict(
+            head_dim=16,
+            rope_parameters={
+                **YARN,
+                "original_max_position_embeddings": 16,
+                "mscale": 0.707,
+                "mscale_all_dim": 1.0,
+                "beta_fast": 16.0,
+                "beta_slow": 2.0,
+                "truncate": False,
+            },
+        ),
+    ),
+    "qwen2_yarn_attention_factor": (
+        "Qwen2Config",
+        dict(
+            rope_parameters={**YARN, "original_max_position_embeddings": 8, "attention_factor": 0.8}
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_yarn_rope_matches_transformers_and_exports(tmp_path, case):
+    """YaRN (Qwen2.5/Qwen3 long-context configs) used to be refused."""
+    cls, kw = ROPE_CASES[case]
+    folder = _save(tmp_path, case, cls, **kw)
+    ids = _ids(24)
+    model, _ = load_pretrained(folder)
+    assert model.cfg.rope_scaling.kind == "yarn"
+    with torch.no_grad():
+        ours = model(ids)
+    assert (ours - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
+    save_pretrained(model, tmp_path / "export")
+    assert read_config(tmp_path / "export") == model.cfg
+    with torch.no_grad():
+        assert (ours - _hf_logits(tmp_path / "export", ids)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_rope_types_without_a_static_table_are_refused(tmp_path, rope_type):
+    """dynamic NTK and LongRoPE change the frequencies with the sequence length: refused."""
+    folder = _save(tmp_path, "llama", rope_parameters={"rope_type": "linear", "factor": 2.0})
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    rope = {"rope_type": rope_type, "rope_theta": 1e4, "factor": 2.0}
+    if rope_type == "longrope":
+        rope = {**rope, "short_factor": [1.0] * 6, "long_factor": [2.0] * 6}
+    path.write_text(json.dumps({**raw, "rope_parameters": rope, "rope_scaling": None}))
+    with pytest.raises(EmberError, match=f"rope type '{rope_type}' is not supported"):
+        load_pretrained(folder)
