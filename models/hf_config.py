@@ -1,6 +1,7 @@
 """Hugging Face ``config.json`` <-> Ember ``ModelConfig``, as pure functions on parsed dicts.
 
-Supported ``model_type``: llama (also SmolLM2), mistral, qwen2, qwen3. Both config.json styles are
+Supported ``model_type``: llama (also SmolLM2), mistral, qwen2, qwen3, phi3 (its fused weights
+are split in ``ember.models.hf``). Both config.json styles are
 read: transformers 4.x (``rope_theta``, ``rope_scaling``, ``torch_dtype``) and 5.x
 (``rope_parameters``, ``dtype``); ``config_to_hf`` writes both, so either major version loads the
 folder. RoPE types: default, linear, llama3 and yarn; others (dynamic, longrope...) are refused.
@@ -30,12 +31,13 @@ from ember import EmberError
 from ember.models.config import ModelConfig, RopeScaling
 from ember.models.nf4 import check_quantization_config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -78,6 +80,9 @@ _FAMILY_FIELDS = {
     "mistral": frozenset({"sliding_window"}),
     "qwen2": frozenset(f"{_QWEN_WINDOW} use_mrope".split()),
     "qwen3": frozenset(f"{_QWEN_WINDOW} attention_bias".split()),
+    "phi3": frozenset(
+        "sliding_window resid_pdrop embd_pdrop original_max_position_embeddings".split()
+    ),
 }
 
 # transformers' class defaults for fields a config.json may omit; matching them keeps parity.
@@ -91,6 +96,13 @@ _DEFAULTS = {
     ),
     "qwen2": _QWEN,
     "qwen3": dict(**_QWEN, head_dim=128),
+    "phi3": dict(
+        bos_token_id=1,
+        eos_token_id=32000,
+        max_position_embeddings=4096,
+        num_key_value_heads=None,
+        sliding_window=None,
+    ),
 }
 
 _ROPE_KEYS = {
@@ -137,7 +149,9 @@ def _get_float(d: Mapping, key: str, default=..., where: str = "config.json") ->
     return float(v)
 
 
-def _parse_rope(raw: Mapping, max_pos: int) -> tuple[float, RopeScaling | None]:
+def _parse_rope(
+    raw: Mapping, max_pos: int, model_type: str = "llama"
+) -> tuple[float, RopeScaling | None]:
     """RoPE theta and scaling, with transformers 5's precedence: a non-empty legacy ``rope_scaling``
     wins over ``rope_parameters``, and a top-level ``rope_theta`` fills in a missing theta."""
     scaling, params = raw.get("rope_scaling"), raw.get("rope_parameters")
@@ -156,6 +170,12 @@ def _parse_rope(raw: Mapping, max_pos: int) -> tuple[float, RopeScaling | None]:
     kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
     rope.pop("type", None)
     rope.pop("rope_theta", None)
+    # transformers 5 writes partial_rotary_factor into rope_parameters (Phi-3)
+    if _get_float(rope, "partial_rotary_factor", 1.0, "config.json rope parameters") != 1.0:
+        raise EmberError("config.json: partial_rotary_factor != 1 is not supported")
+    rope.pop("partial_rotary_factor", None)
+    if model_type == "phi3" and kind in ("su", "yarn"):
+        kind = "longrope"  # transformers reads Phi-3's old names as LongRoPE
     if kind not in _ROPE_KEYS:
         raise EmberError(
             f"config.json: rope type {kind!r} is not supported (supported: {', '.join(_ROPE_KEYS)})"
@@ -236,7 +256,7 @@ def _parse_window(raw: Mapping, model_type: str, num_layers: int) -> int | None:
     window = _get_int(raw, "sliding_window", dflt.get("sliding_window"), nullable=True)
     if window == 0:
         raise EmberError("config.json: sliding_window must be >= 1 or null, got 0")
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         return window
     if model_type == "llama":
         return None
@@ -330,6 +350,16 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
         raise EmberError(
             f"config.json: hidden_act {act!r} is not supported for {model_type} (only 'silu')"
         )
+    for key in ("resid_pdrop", "embd_pdrop"):
+        if _get_float(raw, key, 0.0) != 0.0:
+            raise EmberError(
+                f"config.json: {key} != 0 is not supported (Ember has no dropout there)"
+            )
+    if model_type == "phi3" and raw.get("quantization_config") is not None:
+        raise EmberError(
+            "config.json: bitsandbytes 4-bit Phi-3 checkpoints (fused qkv_proj / gate_up_proj) "
+            "are not supported; load the unquantized model with quantize='nf4'"
+        )
     if _get_float(raw, "attention_dropout", 0.0) != 0.0:
         raise EmberError(
             "config.json: attention_dropout != 0 is not supported (Ember has no attention dropout)"
@@ -370,7 +400,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
         )
     if head_dim is not None and head_dim % 2:
         raise EmberError(f"config.json: head_dim must be even for RoPE, got {head_dim}")
-    theta, scaling = _parse_rope(raw, max_pos)
+    theta, scaling = _parse_rope(raw, max_pos, model_type)
     dtype = raw.get("dtype") or raw.get("torch_dtype")
     if dtype is not None and dtype not in DTYPES:
         raise EmberError(
@@ -456,6 +486,7 @@ def _check_exportable(cfg: ModelConfig) -> None:
         "mistral": {(False, False)},
         "qwen2": {(True, False)},
         "qwen3": {(False, False), (True, True)},
+        "phi3": {(False, False)},
     }[mt]
     if bias not in allowed:
         problems.append(f"attention_bias={bias[0]}, attention_out_bias={bias[1]}")
@@ -531,8 +562,14 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         out["attention_bias"] = cfg.attention_bias
     if mt == "llama":
         out["mlp_bias"] = cfg.mlp_bias
-    if mt == "mistral":
+    if mt in ("mistral", "phi3"):
         out["sliding_window"] = cfg.sliding_window
+    if mt == "phi3":
+        out.update(
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            original_max_position_embeddings=cfg.max_position_embeddings,
+        )
     if mt in ("qwen2", "qwen3"):
         sliding = cfg.sliding_window is not None
         out.update(

@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from ember import EmberError
 from ember.kernels import lora_linear
+from ember.models.lora_fused import fuse_adapter, is_fused, split_adapter
 
 SHORT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                  "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -335,23 +336,25 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         raise EmberError("the model has no LoRA adapters to save (apply_lora or load_adapter "
                          "first)")
     hf = {n: hf_module_name(n) for n in mods}
-    tensors = {}
-    for n, m in mods.items():
-        for k in ("lora_A", "lora_B"):
-            tensors[f"base_model.model.{hf[n]}.{k}.weight"] = (
-                getattr(m, k).detach().to("cpu").contiguous())
-    r, alpha = Counter((m.rank, m.alpha) for m in mods.values()).most_common(1)[0][0]
-    rank_pattern = {re.escape(hf[n]): m.rank for n, m in mods.items() if m.rank != r}
-    alpha_pattern = {re.escape(hf[n]): m.alpha for n, m in mods.items() if m.alpha != alpha}
     rslora = {m.use_rslora for m in mods.values()}
     drops = {m.dropout.p if m.dropout is not None else 0.0 for m in mods.values()}
     if len(rslora) > 1 or len(drops) > 1:
         raise EmberError("PEFT's format needs one use_rslora and one dropout for all adapters")
+    entries = {hf[n]: (m.lora_A.detach(), m.lora_B.detach(), m.rank, m.alpha)
+               for n, m in mods.items()}
+    fused = is_fused(getattr(model, "cfg", None))
+    if fused:  # Phi-3: PEFT sees qkv_proj / gate_up_proj
+        entries = fuse_adapter(entries, model.cfg, next(iter(rslora)))
+    tensors = {f"base_model.model.{h}.{k}.weight": t.to("cpu").contiguous()
+               for h, (A, B, _, _) in entries.items() for k, t in (("lora_A", A), ("lora_B", B))}
+    r, alpha = Counter(e[2:] for e in entries.values()).most_common(1)[0][0]
+    rank_pattern = {re.escape(h): e[2] for h, e in entries.items() if e[2] != r}
+    alpha_pattern = {re.escape(h): e[3] for h, e in entries.items() if e[3] != alpha}
     # A leaf-name list is what PEFT writes and reads back best; it is exact only when every
     # projection with that leaf name is wrapped, otherwise list the modules as one full regex.
     leaves = sorted({n.split(".")[-1] for n in mods})
     same_leaf = [n for n in _candidates(model) if n.split(".")[-1] in leaves and n not in mods]
-    targets = leaves if not same_leaf else "|".join(re.escape(hf[n]) for n in mods)
+    targets = leaves if not (same_leaf or fused) else "|".join(re.escape(h) for h in entries)
     config = {
         "alpha_pattern": alpha_pattern, "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path, "bias": "none",
@@ -492,6 +495,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     config, tensors = _read_adapter(adapter_dir)
     where = adapter_dir / "adapter_config.json"
     _validate_config(config, where, tensors)
+    if is_fused(getattr(model, "cfg", None)):
+        tensors, config = split_adapter(tensors, config, model.cfg)
     wfile = adapter_dir / "adapter_model.safetensors"
     cands = _candidates(model)
     pairs: dict[str, dict[str, torch.Tensor]] = {}

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from ember import EmberError
 from ember.kernels.nf4 import NF4Weight
 from ember.models.config import ModelConfig
-from ember.models.hf import map_hf_keys
+from ember.models.hf import fused_parts, map_hf_keys
 from ember.models.hf_config import config_from_hf
 from ember.models.nf4 import QS_SUFFIX, split_bnb_key
 
@@ -217,12 +217,18 @@ def iter_checkpoint(
     cfg = cfg if cfg is not None else read_config(folder)
     ckpt = ckpt if ckpt is not None else scan_checkpoint(folder)
     mapping = map_hf_keys(ckpt.shapes, cfg, str(ckpt.folder))
+    fused = fused_parts(ckpt.shapes, cfg)  # Phi-3: one stored tensor, several Ember weights
     for path in ckpt.files:
-        keys = [k for k, p in ckpt.key_file.items() if p == path and k in mapping]
+        keys = [k for k, p in ckpt.key_file.items() if p == path and (k in mapping or k in fused)]
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for key in keys:
-                    yield mapping[key], f.get_tensor(key)
+                    t = f.get_tensor(key)
+                    if key in fused:
+                        for part, a, b in fused[key]:
+                            yield mapping[part], t[a:b].clone()
+                    else:
+                        yield mapping[key], t
         except SafetensorError as e:
             raise EmberError(
                 f"{path}: reading tensor data failed ({e}); the file is corrupt"

@@ -1,4 +1,4 @@
-"""One decoder-only transformer for the Llama family (Llama 2/3, Mistral, Qwen2/3, SmolLM2,
+"""One decoder-only transformer for the Llama family (Llama 2/3, Mistral, Qwen2/3, Phi-3, SmolLM2,
 Gemma-style options), configured by ``ModelConfig``. Kernels are called through ``ember.kernels``
 only.
 

@@ -137,3 +137,61 @@ def test_rope_types_without_a_static_table_are_refused(tmp_path, rope_type):
     path.write_text(json.dumps({**raw, "rope_parameters": rope, "rope_scaling": None}))
     with pytest.raises(EmberError, match=f"rope type '{rope_type}' is not supported"):
         load_pretrained(folder)
+
+
+PHI3 = dict(pad_token_id=None, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.mark.parametrize(
+    "case,kw",
+    [
+        ("phi3_window", dict(sliding_window=5)),  # Phi-3-mini-4k has a 2047-token window
+        ("phi3_tied_mha", dict(tie_word_embeddings=True, num_key_value_heads=4)),
+    ],
+)
+def test_phi3_fused_projections_load_and_export(tmp_path, case, kw):
+    """Phi-3 (fused qkv_proj / gate_up_proj) used to be refused as an unknown model_type."""
+    folder = _save(tmp_path, case, "Phi3Config", **PHI3, **kw)
+    ids = _ids(24)
+    model, _ = load_pretrained(folder)
+    assert model.cfg.model_type == "phi3" and model.cfg.sliding_window == kw.get("sliding_window")
+    with torch.no_grad():
+        ours = model(ids)
+    assert (ours - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
+    save_pretrained(model, tmp_path / "export")
+    stored = load_file(folder / "model.safetensors")
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    assert set(exported) == set(stored) and all(torch.equal(exported[k], stored[k]) for k in stored)
+    # QLoRA base: quantized while loading; saved dequantized (bnb cannot hold fused weights)
+    nf4, _ = load_pretrained(folder, quantize="nf4")
+    with pytest.raises(EmberError, match="dequantize=True"):
+        save_pretrained(nf4, tmp_path / "nf4")
+    save_pretrained(nf4, tmp_path / "dense", dequantize=True)
+    with torch.no_grad():
+        assert (nf4(ids) - _hf_logits(tmp_path / "dense", ids)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 6}}, "longrope"),
+        ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}, "partial"),
+        ({"resid_pdrop": 0.1}, "resid_pdrop"),
+        (
+            {
+                "quantization_config": {
+                    "quant_method": "bitsandbytes",
+                    "load_in_4bit": True,
+                    "bnb_4bit_quant_type": "nf4",
+                }
+            },
+            "4-bit Phi-3",
+        ),
+    ],
+)
+def test_phi3_what_ember_cannot_compute_is_refused(tmp_path, change, needle):
+    folder = _save(tmp_path, "phi3", "Phi3Config", **PHI3)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(EmberError, match=needle):
+        load_pretrained(folder)

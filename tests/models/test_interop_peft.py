@@ -12,7 +12,7 @@ import torch
 
 from ember import EmberError
 from ember.models.loading import load_pretrained
-from ember.models.lora import load_adapter
+from ember.models.lora import LoRAConfig, apply_lora, load_adapter, lora_modules, save_adapter
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -23,11 +23,13 @@ VOCAB = 96
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    """Tiny random Llamas, without and with biases (attention_bias sets q/k/v/o biases)."""
+    """Tiny random Llamas, without and with biases (attention_bias sets q/k/v/o biases), and a
+    Phi-3 (fused qkv_proj / gate_up_proj)."""
     root = tmp_path_factory.mktemp("peft_bases")
     out = {}
-    for name, kw in {"plain": {}, "biased": dict(attention_bias=True)}.items():
-        config = transformers.LlamaConfig(
+    phi3 = dict(pad_token_id=None, eos_token_id=2, sliding_window=5)
+    for name, kw in {"plain": {}, "biased": dict(attention_bias=True), "phi3": phi3}.items():
+        config = (transformers.Phi3Config if name == "phi3" else transformers.LlamaConfig)(
             vocab_size=VOCAB,
             hidden_size=32,
             intermediate_size=48,
@@ -37,7 +39,7 @@ def bases(tmp_path_factory):
             rms_norm_eps=1e-5,
             **kw,
         )
-        model = transformers.LlamaForCausalLM(config)
+        model = transformers.AutoModelForCausalLM.from_config(config)
         g = torch.Generator().manual_seed(len(name))
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -158,3 +160,50 @@ def test_adapter_config_fields_that_change_the_math(bases, tmp_path, field, valu
     else:
         with pytest.raises(EmberError, match=needle):
             load_adapter(model, tmp_path / "ad")
+
+
+def _peft_logits(base, adapter, ids):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+        pm = peft.PeftModel.from_pretrained(hf, adapter).eval()
+    with torch.no_grad():
+        return pm(ids).logits
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(
+            target_modules="all-linear", rank_pattern={"qkv_proj": 2}, alpha_pattern={"o_proj": 3}
+        ),
+        dict(target_modules=["gate_up_proj", "qkv_proj"], use_rslora=True),
+    ],
+    ids=["all_linear_patterns", "fused_only_rslora"],
+)
+def test_phi3_fused_adapters_round_trip_through_peft(bases, tmp_path, kw):
+    """PEFT's LoRA on Phi-3's qkv_proj / gate_up_proj loads split over Ember's q/k/v and gate/up,
+    and Ember writes it back fused; both load with PEFT's logits."""
+    ids, ref = _peft_adapter(bases["phi3"], tmp_path / "peft", **kw)
+    model, _ = load_pretrained(bases["phi3"])
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert (model.eval()(ids) - ref).abs().max().item() <= 1e-4
+    save_adapter(model, tmp_path / "ember")
+    assert (_peft_logits(bases["phi3"], tmp_path / "ember", ids) - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("targets,rslora", [(("q", "v", "up"), False), (("k", "gate", "up"), True)])
+def test_phi3_ember_adapters_on_some_fused_parts_load_in_peft(bases, tmp_path, targets, rslora):
+    """Ember trains q/k/v with separate A's (and may skip some): exported block-diagonally."""
+    model, _ = load_pretrained(bases["phi3"])
+    apply_lora(model, LoRAConfig(rank=3, alpha=5, targets=targets, use_rslora=rslora))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.eval()(ids)
+    save_adapter(model, tmp_path / "ember")
+    assert (_peft_logits(bases["phi3"], tmp_path / "ember", ids) - ours).abs().max().item() <= 1e-4
