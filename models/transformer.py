@@ -1,5 +1,5 @@
-"""One decoder-only transformer for the Llama family (Llama 2/3, Mistral, Qwen2/3, Phi-3, SmolLM2,
-Gemma-style options), configured by ``ModelConfig``. Kernels are called through ``ember.kernels``
+"""One decoder-only transformer for the Llama family (Llama 2/3, Mistral, Qwen2/3, Phi-3, Gemma,
+SmolLM2), configured by ``ModelConfig``. Kernels are called through ``ember.kernels``
 only.
 
 Shapes: B batch, T tokens, D hidden, H query heads, K kv heads, hd head_dim, V vocab.

@@ -195,3 +195,45 @@ def test_phi3_what_ember_cannot_compute_is_refused(tmp_path, change, needle):
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
     with pytest.raises(EmberError, match=needle):
         load_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "case,kw",
+    [
+        ("gemma_mqa", dict(head_dim=16, num_key_value_heads=1)),
+        ("gemma_untied_bias_legacy_gelu", dict(tie_word_embeddings=False, attention_bias=True)),
+    ],
+)
+def test_gemma_loads_and_exports(tmp_path, case, kw):
+    """Gemma (v1): (1 + w) norms, sqrt(hidden) embedding scale, GeGLU; was refused."""
+    folder = _save(tmp_path, case, "GemmaConfig", **kw)
+    if "legacy" in case:  # the original Gemma releases say "gelu" and mean the tanh GELU
+        path = folder / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "hidden_act": "gelu"}))
+    ids = _ids()
+    model, _ = load_pretrained(folder)
+    assert model.cfg.norm_offset == 1.0 and model.cfg.activation == "gelu_tanh"
+    with torch.no_grad():
+        ours = model(ids)
+    assert (ours - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
+    save_pretrained(model, tmp_path / "export")
+    assert read_config(tmp_path / "export") == model.cfg
+    with torch.no_grad():
+        assert (ours - _hf_logits(tmp_path / "export", ids)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "config_cls,model_type",
+    [
+        ("Gemma2Config", "gemma2"),  # post-norms, softcaps, alternating windows
+        ("Gemma3TextConfig", "gemma3_text"),
+        ("Olmo2Config", "olmo2"),
+        ("CohereConfig", "cohere"),
+        ("GPTNeoXConfig", "gpt_neox"),
+        ("GraniteConfig", "granite"),  # embedding/residual/attention/logits multipliers
+    ],
+)
+def test_unsupported_families_are_refused_by_name(tmp_path, config_cls, model_type):
+    folder = _save(tmp_path, model_type, config_cls, pad_token_id=None, eos_token_id=2)
+    with pytest.raises(EmberError, match=f"model_type '{model_type}' is not supported"):
+        load_pretrained(folder)
