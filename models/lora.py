@@ -20,7 +20,9 @@ PEFT interop. ``save_adapter`` writes ``adapter_config.json`` + ``adapter_model.
 keys ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` exactly as
 ``peft.PeftModel.save_pretrained`` does for a transformers Llama-family model, so
 ``PeftModel.from_pretrained(hf_model, dir)`` reproduces ember's logits; ``load_adapter`` reads
-adapters written by either (per-module ranks/alphas via ``rank_pattern`` / ``alpha_pattern``).
+adapters written by either (per-module ranks/alphas via ``rank_pattern`` / ``alpha_pattern``;
+``modules_to_save`` lm_head / embed_tokens of an untied model overwrite the model's own weights
+and are written back by ``save_adapter``). Phi-3's fused projections: ``ember.models.lora_fused``.
 """
 
 from __future__ import annotations
@@ -274,14 +276,18 @@ _HF_NAME = re.compile(r"(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
 _PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight")
 _UNSUPPORTED = {  # PEFT fields ember cannot represent: (field, value meaning "off")
     "use_dora": False, "fan_in_fan_out": False, "lora_bias": False,
-    "modules_to_save": None, "layer_replication": None, "target_parameters": None,
+    "layer_replication": None, "target_parameters": None,
     "trainable_token_indices": None, "use_qalora": False,
     # LoRA variants whose forward is not x W^T + scale * x A^T B^T (PEFT 0.21 lora_variants)
     "alora_invocation_tokens": None, "arrow_config": None, "use_bdlora": None,
     "velora_config": None, "monteclora_config": None, "kasa_config": None,
 }
-_MERGEABLE = ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "layer_replication",
+_MERGEABLE = ("use_dora", "fan_in_fan_out", "lora_bias", "layer_replication",
               "target_parameters", "trainable_token_indices", "use_qalora")
+# modules_to_save Ember can hold: PEFT saves the module's trained full weight under this key and
+# Ember writes it into the model's own module (the attribute), as PEFT's wrapper replaces it.
+_FULL_WEIGHTS = {"lm_head": ("base_model.model.lm_head.weight", "lm_head"),
+                 "embed_tokens": ("base_model.model.model.embed_tokens.weight", "embed")}
 # PEFT LoraConfig fields that do not change what a saved adapter computes (bookkeeping, training
 # options, inits that leave the base model as it is); any other field that is set is refused, so
 # an adapter from a newer PEFT with a new variant never loads with the wrong math.
@@ -290,7 +296,7 @@ _KNOWN_FIELDS = frozenset("""
     r target_modules exclude_modules lora_alpha lora_dropout bias use_rslora init_lora_weights
     layers_to_transform layers_pattern rank_pattern alpha_pattern megatron_config megatron_core
     loftq_config eva_config corda_config lora_ga_config qalora_group_size runtime_config
-    ensure_weight_tying
+    ensure_weight_tying modules_to_save
 """.split()) | set(_UNSUPPORTED)
 # inits that change the base weights too: the adapter alone is relative to a modified base
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -355,6 +361,10 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     leaves = sorted({n.split(".")[-1] for n in mods})
     same_leaf = [n for n in _candidates(model) if n.split(".")[-1] in leaves and n not in mods]
     targets = leaves if not (same_leaf or fused) else "|".join(re.escape(h) for h in entries)
+    mts = sorted(getattr(model, "peft_modules_to_save", ()))  # set by load_adapter
+    for name in mts:
+        key, attr = _FULL_WEIGHTS[name]
+        tensors[key] = getattr(model, attr).weight.detach().to("cpu").contiguous()
     config = {
         "alpha_pattern": alpha_pattern, "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path, "bias": "none",
@@ -362,7 +372,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         "init_lora_weights": True, "layer_replication": None, "layers_pattern": None,
         "layers_to_transform": None, "loftq_config": {}, "lora_alpha": alpha,
         "lora_bias": False, "lora_dropout": drops.pop(), "megatron_config": None,
-        "megatron_core": "megatron.core", "modules_to_save": None, "peft_type": "LORA",
+        "megatron_core": "megatron.core", "modules_to_save": mts or None, "peft_type": "LORA",
         "r": r, "rank_pattern": rank_pattern, "revision": None, "target_modules": targets,
         "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": rslora.pop(),
     }
@@ -430,6 +440,10 @@ def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> 
                          "modified base model; re-save it with PEFT's "
                          "path_initial_model_for_weight_conversion to get a plain LoRA, or "
                          f"{_MERGE_HINT}")
+    mts = config.get("modules_to_save") or []
+    if not isinstance(mts, list) or any(m not in _FULL_WEIGHTS for m in mts):
+        raise EmberError(f"{where}: modules_to_save={mts!r} is not supported by ember's LoRA (only "
+                         f"{sorted(_FULL_WEIGHTS)}): {_MERGE_HINT}")
     bias = config.get("bias", "none")
     if bias not in ("none", "all", "lora_only"):
         raise EmberError(f"{where}: bias={bias!r} is not a PEFT bias mode")
@@ -483,6 +497,26 @@ def _saved_unchanged_embedding(model: nn.Module, key: str, t: torch.Tensor) -> b
             and torch.equal(w.detach().cpu().float(), t.float()))
 
 
+def _full_weights(model: nn.Module, config: dict, tensors: dict, wfile: Path) -> dict:
+    """``{model attribute: weight}`` for modules_to_save (popped from tensors), checked."""
+    full = {}
+    for name in config.get("modules_to_save") or []:
+        key, attr = _FULL_WEIGHTS[name]
+        if key not in tensors:
+            raise EmberError(f"{wfile}: modules_to_save lists {name} but {key} is missing")
+        if getattr(model, "lm_head", 1) is None:
+            raise EmberError(f"{wfile}: modules_to_save={name!r} on a model with tied embeddings "
+                             f"(PEFT trains a separate copy: unties them) is not supported; "
+                             f"{_MERGE_HINT}")
+        w = getattr(getattr(model, attr, None), "weight", None)
+        if not isinstance(w, torch.Tensor) or w.shape != tensors[key].shape:
+            raise EmberError(f"{wfile}: {key} has shape {tuple(tensors[key].shape)}, the model's "
+                             f"{attr} {tuple(getattr(w, 'shape', ()))} (a resized vocabulary?); "
+                             f"{_MERGE_HINT}")
+        full[attr] = tensors.pop(key)
+    return full
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     """Wrap the modules an adapter (ember's or PEFT's) targets and load its weights.
 
@@ -498,6 +532,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     if is_fused(getattr(model, "cfg", None)):
         tensors, config = split_adapter(tensors, config, model.cfg)
     wfile = adapter_dir / "adapter_model.safetensors"
+    full = _full_weights(model, config, tensors, wfile)
     cands = _candidates(model)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
@@ -547,6 +582,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     if not lora_modules(model):
         for p in model.parameters():
             p.requires_grad_(False)
+    with torch.no_grad():
+        for attr, t in full.items():
+            getattr(model, attr).weight.copy_(t)
+    if full:
+        model.peft_modules_to_save = {n for n, (_, a) in _FULL_WEIGHTS.items() if a in full}
     for name, (A, B, r, alpha) in plan.items():
         mod = model.get_submodule(name)
         if isinstance(mod, LoRALinear):

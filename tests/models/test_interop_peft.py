@@ -28,7 +28,12 @@ def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft_bases")
     out = {}
     phi3 = dict(pad_token_id=None, eos_token_id=2, sliding_window=5)
-    for name, kw in {"plain": {}, "biased": dict(attention_bias=True), "phi3": phi3}.items():
+    kinds = {
+        "plain": {},
+        "biased": dict(attention_bias=True),
+        "tied": dict(tie_word_embeddings=True),
+    }
+    for name, kw in {**kinds, "phi3": phi3}.items():
         config = (transformers.Phi3Config if name == "phi3" else transformers.LlamaConfig)(
             vocab_size=VOCAB,
             hidden_size=32,
@@ -106,9 +111,15 @@ def test_plain_lora_math_loads_with_peft_logits(bases, tmp_path, case, base, kw)
             "trained base biases",
         ),
         (
-            "modules_to_save",
-            "plain",
+            "modules_to_save_tied",  # PEFT trains a copy of the head: unties it
+            "tied",
             dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+            "tied embeddings",
+        ),
+        (
+            "modules_to_save_norm",
+            "plain",
+            dict(target_modules=["q_proj"], modules_to_save=["norm"]),
             "modules_to_save",
         ),
         (
@@ -207,3 +218,33 @@ def test_phi3_ember_adapters_on_some_fused_parts_load_in_peft(bases, tmp_path, t
         ours = model.eval()(ids)
     save_adapter(model, tmp_path / "ember")
     assert (_peft_logits(bases["phi3"], tmp_path / "ember", ids) - ours).abs().max().item() <= 1e-4
+
+
+def _train_saved_copies(model):
+    """Move PEFT's modules_to_save copies away from the base weights, as training would."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("modules", [["lm_head"], ["embed_tokens", "lm_head"]])
+def test_modules_to_save_round_trip_through_peft(bases, tmp_path, modules):
+    """Trained full copies of the head / embedding (modules_to_save) used to be refused: they
+    replace the model's own weights, and save_adapter writes them back for PEFT."""
+    ids, ref = _peft_adapter(
+        bases["plain"],
+        tmp_path / "peft",
+        target_modules=["q_proj"],
+        modules_to_save=modules,
+        edit_base=_train_saved_copies,
+    )
+    model, _ = load_pretrained(bases["plain"])
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert (model.eval()(ids) - ref).abs().max().item() <= 1e-4
+    save_adapter(model, tmp_path / "ember")
+    saved = json.loads((tmp_path / "ember" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == sorted(modules)
+    assert (_peft_logits(bases["plain"], tmp_path / "ember", ids) - ref).abs().max().item() <= 1e-4
