@@ -85,7 +85,9 @@ _FAMILY_FIELDS = {
     "qwen2": frozenset(f"{_QWEN_WINDOW} use_mrope".split()),
     "qwen3": frozenset(f"{_QWEN_WINDOW} attention_bias".split()),
     "phi3": frozenset(
-        "sliding_window resid_pdrop embd_pdrop original_max_position_embeddings".split()
+        # attention_bias: transformers' Phi-3 has no biases whatever it says
+        """sliding_window resid_pdrop embd_pdrop original_max_position_embeddings
+        attention_bias""".split()
     ),
     "gemma": frozenset({"attention_bias", "hidden_activation", "use_bidirectional_attention"}),
 }

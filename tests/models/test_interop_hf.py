@@ -146,7 +146,11 @@ PHI3 = dict(pad_token_id=None, bos_token_id=1, eos_token_id=2)
     "case,kw",
     [
         ("phi3_window", dict(sliding_window=5)),  # Phi-3-mini-4k has a 2047-token window
-        ("phi3_tied_mha", dict(tie_word_embeddings=True, num_key_value_heads=4)),
+        # official Phi-3 configs say attention_bias=false; transformers ignores it either way
+        (
+            "phi3_tied_mha",
+            dict(tie_word_embeddings=True, num_key_value_heads=4, attention_bias=True),
+        ),
     ],
 )
 def test_phi3_fused_projections_load_and_export(tmp_path, case, kw):
