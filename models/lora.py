@@ -509,10 +509,12 @@ def _full_weights(model: nn.Module, config: dict, tensors: dict, wfile: Path) ->
                              f"(PEFT trains a separate copy: unties them) is not supported; "
                              f"{_MERGE_HINT}")
         w = getattr(getattr(model, attr, None), "weight", None)
-        if not isinstance(w, torch.Tensor) or w.shape != tensors[key].shape:
+        if not isinstance(w, torch.Tensor):
+            raise EmberError(f"{wfile}: modules_to_save={name!r} needs a dense {attr} (this one "
+                             "is quantized); load the base without quantizing it")
+        if w.shape != tensors[key].shape:
             raise EmberError(f"{wfile}: {key} has shape {tuple(tensors[key].shape)}, the model's "
-                             f"{attr} {tuple(getattr(w, 'shape', ()))} (a resized vocabulary?); "
-                             f"{_MERGE_HINT}")
+                             f"{attr} {tuple(w.shape)} (a resized vocabulary?); {_MERGE_HINT}")
         full[attr] = tensors.pop(key)
     return full
 
