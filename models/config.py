@@ -15,13 +15,19 @@ import torch
 
 @dataclass(frozen=True, kw_only=True)
 class RopeScaling:
-    """Llama-3.1 style frequency scaling ("llama3"), or linear position interpolation."""
+    """Llama-3.1 style frequency scaling ("llama3"), linear position interpolation, or YaRN
+    ("yarn": frequencies ramped between interpolation and extrapolation by ``beta_fast`` /
+    ``beta_slow``, cos/sin multiplied by ``attention_factor``), as transformers computes them."""
 
-    kind: str = "llama3"  # "llama3" | "linear"
+    kind: str = "llama3"  # "llama3" | "linear" | "yarn"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0  # yarn only, like the three below
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +109,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         return inv
     if rs.kind == "linear":
         return inv / rs.factor
+    if rs.kind == "yarn":
+        return _yarn_inv_freq(hd, cfg.rope_theta, rs)
     # llama3: keep high frequencies, divide low ones by factor, interpolate smoothly in between.
     low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
     high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
@@ -113,3 +121,30 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
     mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(mid, smoothed, scaled)
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The factor cos and sin are multiplied by (YaRN's attention scaling; 1 otherwise)."""
+    rs = cfg.rope_scaling
+    return rs.attention_factor if rs is not None and rs.kind == "yarn" else 1.0
+
+
+def _yarn_inv_freq(hd: int, base: float, rs: RopeScaling) -> torch.Tensor:
+    """YaRN (arXiv 2309.00071) in transformers' operation order: dimensions that rotate more than
+    ``beta_fast`` times over the original context keep their frequency, those under ``beta_slow``
+    are divided by ``factor``, with a linear ramp in between."""
+
+    def dim_of(rotations: float) -> float:
+        ctx = rs.original_max_position_embeddings
+        return hd * math.log(ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(rs.beta_fast), dim_of(rs.beta_slow)
+    if rs.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, hd - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = ((torch.arange(hd // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    pos_freqs = base ** (torch.arange(0, hd, 2).float() / hd)
+    return (1.0 / (rs.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation

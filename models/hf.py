@@ -1,6 +1,7 @@
 """Hugging Face <-> Ember state dicts, as pure functions: the key table and its transforms.
 
-State dicts are renamed through ``KEY_TABLE`` (no transforms are needed for these families). Tied
+State dicts are renamed through ``KEY_TABLE``; the one transform is Phi-3's fused ``qkv_proj`` /
+``gate_up_proj`` weights, split into Ember's projections on import and concatenated on export. Tied
 checkpoints may or may not carry ``lm_head.weight``: it is accepted (shape-checked) and dropped on
 import, and never written on export, exactly as transformers saves tied models.
 
@@ -43,9 +44,11 @@ __all__ = [
     "ember_key_to_hf",
     "expected_shapes",
     "from_hf_state_dict",
+    "fused_parts",
     "hf_key_to_ember",
     "map_hf_keys",
     "quantization_config_from_hf",
+    "split_fused",
     "to_hf_state_dict",
 ]
 
@@ -74,6 +77,96 @@ KEY_TABLE: list[tuple[str, str]] = [
     ("lm_head.weight", "lm_head.weight"),
     ("score.weight", "score.weight"),  # classifiers (ember.models.heads)
 ]
+
+# Phi-3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj (rows stacked in this order):
+# split into Ember's projections on import, concatenated back on export.
+_FUSED = {
+    "self_attn.qkv_proj.weight": (
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+    ),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
+_FUSED_KEY = re.compile(
+    r"(model\.layers\.\d+\.)(self_attn\.qkv_proj\.weight|mlp\.gate_up_proj\.weight)"
+)
+
+
+def _part_rows(cfg: ModelConfig, fused_suffix: str) -> list[int]:
+    hd = cfg.head_dim
+    if fused_suffix.startswith("self_attn"):
+        return [cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd]
+    return [cfg.intermediate_size, cfg.intermediate_size]
+
+
+def fused_parts(
+    hf_shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig
+) -> dict[str, list[tuple[str, int, int]]]:
+    """For a fused-projection family (Phi-3): ``{fused HF key: [(part HF key, first row, end
+    row)]}`` for the fused keys present; {} for every other family."""
+    if cfg.model_type != "phi3":
+        return {}
+    out = {}
+    for key in hf_shapes:
+        m = _FUSED_KEY.fullmatch(key)
+        if m is None:
+            continue
+        rows, start, parts = _part_rows(cfg, m[2]), 0, []
+        for part, n in zip(_FUSED[m[2]], rows, strict=True):
+            parts.append((m[1] + part, start, start + n))
+            start += n
+        out[key] = parts
+    return out
+
+
+def _unfused_shapes(hf_shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, where: str):
+    """hf_shapes with each fused weight replaced by its parts (shape-checked)."""
+    fused = fused_parts(hf_shapes, cfg)
+    if not fused:
+        return hf_shapes
+    out = {k: v for k, v in hf_shapes.items() if k not in fused}
+    for key, parts in fused.items():
+        shape = tuple(hf_shapes[key])
+        if len(shape) != 2 or shape[0] != parts[-1][2]:
+            raise EmberError(
+                f"{where}: {key} has shape {shape}, expected ({parts[-1][2]}, {cfg.hidden_size}) "
+                "for this config.json"
+            )
+        for part, a, b in parts:
+            out[part] = (b - a, shape[1])
+    return out
+
+
+def split_fused(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """An HF state dict with Phi-3's fused weights split into per-projection HF keys."""
+    fused = fused_parts({k: tuple(v.shape) for k, v in sd.items()}, cfg)
+    out = {k: v for k, v in sd.items() if k not in fused}
+    for key, parts in fused.items():
+        out.update({part: sd[key][a:b] for part, a, b in parts})
+    return out
+
+
+def _fuse(hf: dict[str, torch.Tensor], cfg: ModelConfig, quantized: bool) -> dict:
+    if cfg.model_type != "phi3":
+        return hf
+    if quantized:
+        raise EmberError(
+            "cannot export a Phi-3 model with NF4 layers in bitsandbytes' format (its fused "
+            "qkv_proj / gate_up_proj would need re-quantizing); save it with dequantize=True"
+        )
+    out = dict(hf)
+    for i in range(cfg.num_layers):
+        for fused, parts in _FUSED.items():
+            keys = [f"model.layers.{i}.{p}" for p in parts]
+            # an NF4Weight (save_pretrained(dequantize=True)) is dequantized to its own dtype
+            ws = [
+                w if isinstance(w, torch.Tensor) else w.dequantize(w.dtype)
+                for w in (out.pop(k) for k in keys)
+            ]
+            out[f"model.layers.{i}.{fused}"] = torch.cat([w.to(ws[0].dtype) for w in ws])
+    return out
+
 
 # HF keys some checkpoints carry that hold no weights (old Llama conversions saved RoPE buffers).
 _IGNORED_HF_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -131,6 +224,7 @@ def map_hf_keys(
 
     Raises EmberError naming unknown keys, missing keys, or a key with the wrong shape."""
     want = expected_shapes(cfg)
+    hf_shapes = _unfused_shapes(hf_shapes, cfg, where)
     mapping, unknown = {}, []
     for hk, shape in hf_shapes.items():
         ek = hf_key_to_ember(hk)
@@ -164,7 +258,9 @@ def map_hf_keys(
 
 
 def from_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF state dict -> Ember state dict (same tensors, renamed; validated against cfg)."""
+    """HF state dict -> Ember state dict (same tensors, renamed, fused ones split; validated
+    against cfg)."""
+    sd = split_fused(sd, cfg)
     mapping = map_hf_keys({k: tuple(v.shape) for k, v in sd.items()}, cfg, "state dict")
     return {ek: sd[hk] for hk, ek in mapping.items()}
 
@@ -214,4 +310,4 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         if tuple(v.shape) != want[k]:
             raise EmberError(f"state dict: {k} has shape {tuple(v.shape)}, expected {want[k]}")
         out[ember_key_to_hf(k)] = v
-    return out
+    return _fuse(out, cfg, bool(quantized))

@@ -1,9 +1,11 @@
 """Hugging Face ``config.json`` <-> Ember ``ModelConfig``, as pure functions on parsed dicts.
 
-Supported ``model_type``: llama (also SmolLM2), mistral, qwen2, qwen3. Both config.json styles are
+Supported ``model_type``: llama (also SmolLM2), mistral, qwen2, qwen3, phi3 (its fused weights
+are split in ``ember.models.hf``), gemma (v1: ``norm_offset`` 1, GeGLU, scaled embeddings; Gemma 2/3
+need layers Ember does not have and are refused as unknown model types). Both config.json styles are
 read: transformers 4.x (``rope_theta``, ``rope_scaling``, ``torch_dtype``) and 5.x
 (``rope_parameters``, ``dtype``); ``config_to_hf`` writes both, so either major version loads the
-folder. RoPE types: default, linear and llama3; others (yarn, dynamic, longrope...) are refused.
+folder. RoPE (default, linear, llama3, yarn) is parsed in ``ember.models.hf_rope``.
 
 Every config.json field is either understood, checked to have the one value Ember implements, or on
 an explicit list of harmless fields (bookkeeping, generation defaults); any other field is an error
@@ -26,16 +28,21 @@ from collections.abc import Mapping
 import torch
 
 from ember import EmberError
-from ember.models.config import ModelConfig, RopeScaling
+from ember.models.config import ModelConfig
 from ember.models.heads import labels_from_hf, labels_to_hf
+from ember.models.hf_rope import get_float as _get_float
+from ember.models.hf_rope import parse_rope as _parse_rope
+from ember.models.hf_rope import rope_to_hf
 from ember.models.nf4 import check_quantization_config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -79,6 +86,12 @@ _FAMILY_FIELDS = {
     "mistral": frozenset({"sliding_window"}),
     "qwen2": frozenset(f"{_QWEN_WINDOW} use_mrope".split()),
     "qwen3": frozenset(f"{_QWEN_WINDOW} attention_bias".split()),
+    "phi3": frozenset(
+        # attention_bias: transformers' Phi-3 has no biases whatever it says
+        """sliding_window resid_pdrop embd_pdrop original_max_position_embeddings
+        attention_bias""".split()
+    ),
+    "gemma": frozenset({"attention_bias", "hidden_activation", "use_bidirectional_attention"}),
 }
 
 # transformers' class defaults for fields a config.json may omit; matching them keeps parity.
@@ -92,13 +105,20 @@ _DEFAULTS = {
     ),
     "qwen2": _QWEN,
     "qwen3": dict(**_QWEN, head_dim=128),
-}
-
-_ROPE_KEYS = {
-    "default": frozenset(),
-    "linear": frozenset({"factor"}),
-    "llama3": frozenset(
-        {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    "phi3": dict(
+        bos_token_id=1,
+        eos_token_id=32000,
+        max_position_embeddings=4096,
+        num_key_value_heads=None,
+        sliding_window=None,
+    ),
+    "gemma": dict(
+        bos_token_id=2,
+        eos_token_id=1,
+        max_position_embeddings=8192,
+        num_key_value_heads=16,
+        head_dim=256,
+        tie_word_embeddings=True,
     ),
 }
 
@@ -123,79 +143,14 @@ def _get_bool(raw: Mapping, key: str, default: bool) -> bool:
     return v
 
 
-def _get_float(d: Mapping, key: str, default=..., where: str = "config.json") -> float:
-    if key not in d or d[key] is None:
-        if default is ...:
-            raise EmberError(f"{where}: required field {key!r} is missing")
-        return default
-    v = d[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise EmberError(f"{where}: {key} must be a number, got {v!r}")
-    return float(v)
-
-
-def _parse_rope(raw: Mapping, max_pos: int) -> tuple[float, RopeScaling | None]:
-    """RoPE theta and scaling, with transformers 5's precedence: a non-empty legacy ``rope_scaling``
-    wins over ``rope_parameters``, and a top-level ``rope_theta`` fills in a missing theta."""
-    scaling, params = raw.get("rope_scaling"), raw.get("rope_parameters")
-    for name, val in (("rope_scaling", scaling), ("rope_parameters", params)):
-        if val is not None and not isinstance(val, dict):
-            raise EmberError(f"config.json: {name} must be an object or null, got {val!r}")
-    rope = dict(scaling or params or {})
-    if any(isinstance(v, dict) for v in rope.values()):
-        raise EmberError(
-            f"config.json: per-layer-type RoPE parameters ({sorted(rope)}) are not "
-            "supported; Ember applies one RoPE to every layer"
-        )
-    theta = _get_float(rope, "rope_theta", None, "config.json rope parameters")
-    if theta is None:
-        theta = _get_float(raw, "rope_theta", 10000.0)
-    kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
-    rope.pop("type", None)
-    rope.pop("rope_theta", None)
-    if kind not in _ROPE_KEYS:
-        raise EmberError(
-            f"config.json: rope type {kind!r} is not supported (supported: {', '.join(_ROPE_KEYS)})"
-        )
-    unknown = sorted(set(rope) - _ROPE_KEYS[kind])
-    if unknown:
-        raise EmberError(f"config.json: unsupported field(s) {unknown} for rope type {kind!r}")
-    if kind == "default":
-        return theta, None
-    where = f"config.json {kind} rope scaling"
-    factor = _get_float(rope, "factor", ..., where)
-    if factor <= 0:
-        raise EmberError(f"{where}: factor must be > 0, got {factor}")
-    if kind == "linear":
-        return theta, RopeScaling(kind="linear", factor=factor)
-    low, high = (
-        _get_float(rope, "low_freq_factor", ..., where),
-        _get_float(rope, "high_freq_factor", ..., where),
-    )
-    if high <= low:
-        raise EmberError(f"{where}: high_freq_factor ({high}) must exceed low_freq_factor ({low})")
-    orig = rope.get("original_max_position_embeddings", max_pos)
-    if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:
-        raise EmberError(
-            f"{where}: original_max_position_embeddings must be a positive integer, got {orig!r}"
-        )
-    return theta, RopeScaling(
-        kind="llama3",
-        factor=factor,
-        low_freq_factor=low,
-        high_freq_factor=high,
-        original_max_position_embeddings=orig,
-    )
-
-
 def _parse_window(raw: Mapping, model_type: str, num_layers: int) -> int | None:
     dflt = _DEFAULTS[model_type]
     window = _get_int(raw, "sliding_window", dflt.get("sliding_window"), nullable=True)
     if window == 0:
         raise EmberError("config.json: sliding_window must be >= 1 or null, got 0")
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         return window
-    if model_type == "llama":
+    if model_type in ("llama", "gemma"):
         return None
     if _get_bool(raw, "use_mrope", False):
         raise EmberError("config.json: use_mrope=true (multimodal RoPE) is not supported")
@@ -236,6 +191,27 @@ def _parse_window(raw: Mapping, model_type: str, num_layers: int) -> int | None:
             "use_sliding_window=false to run them all with full attention)"
         )
     return window
+
+
+def _activation(raw: Mapping, model_type: str) -> str:
+    """Ember's MLP activation for the config's hidden_act: SwiGLU, or GeGLU (tanh) for Gemma."""
+    if model_type != "gemma":
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise EmberError(
+                f"config.json: hidden_act {act!r} is not supported for {model_type} (only 'silu')"
+            )
+        return "silu"
+    if raw.get("use_bidirectional_attention"):
+        raise EmberError("config.json: use_bidirectional_attention=true is not supported")
+    act = raw.get("hidden_activation") or raw.get("hidden_act", "gelu_pytorch_tanh")
+    # transformers reads Gemma's legacy hidden_act "gelu" as the tanh approximation
+    if act not in ("gelu_pytorch_tanh", "gelu"):
+        raise EmberError(
+            f"config.json: hidden activation {act!r} is not supported for gemma "
+            "(only 'gelu_pytorch_tanh')"
+        )
+    return "gelu_tanh"
 
 
 def quantization_config_from_hf(raw: Mapping) -> dict | None:
@@ -284,10 +260,16 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             f"config.json: architectures {archs!r} is not supported; expected "
             f"[{ARCHITECTURES[model_type]!r}] or [{classifier!r}]"
         )
-    act = raw.get("hidden_act", "silu")
-    if act != "silu":
+    act = _activation(raw, model_type)
+    for key in ("resid_pdrop", "embd_pdrop"):
+        if _get_float(raw, key, 0.0) != 0.0:
+            raise EmberError(
+                f"config.json: {key} != 0 is not supported (Ember has no dropout there)"
+            )
+    if model_type == "phi3" and raw.get("quantization_config") is not None:
         raise EmberError(
-            f"config.json: hidden_act {act!r} is not supported for {model_type} (only 'silu')"
+            "config.json: bitsandbytes 4-bit Phi-3 checkpoints (fused qkv_proj / gate_up_proj) "
+            "are not supported; load the unquantized model with quantize='nf4'"
         )
     if _get_float(raw, "attention_dropout", 0.0) != 0.0:
         raise EmberError(
@@ -329,7 +311,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
         )
     if head_dim is not None and head_dim % 2:
         raise EmberError(f"config.json: head_dim must be even for RoPE, got {head_dim}")
-    theta, scaling = _parse_rope(raw, max_pos)
+    theta, scaling = _parse_rope(raw, max_pos, model_type)
     dtype = raw.get("dtype") or raw.get("torch_dtype")
     if dtype is not None and dtype not in DTYPES:
         raise EmberError(
@@ -347,7 +329,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
 
     if model_type == "qwen2":
         attn_bias, out_bias = True, False
-    elif model_type in ("llama", "qwen3"):
+    elif model_type in ("llama", "qwen3", "gemma"):
         attn_bias = out_bias = _get_bool(raw, "attention_bias", False)
     else:
         attn_bias = out_bias = False
@@ -366,11 +348,16 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=max_pos,
-            tie_word_embeddings=_get_bool(raw, "tie_word_embeddings", False),
+            tie_word_embeddings=_get_bool(
+                raw, "tie_word_embeddings", dflt.get("tie_word_embeddings", False)
+            ),
             attention_bias=attn_bias,
             attention_out_bias=out_bias,
             mlp_bias=_get_bool(raw, "mlp_bias", False) if model_type == "llama" else False,
             qk_norm=model_type == "qwen3",
+            activation=act,
+            norm_offset=1.0 if model_type == "gemma" else 0.0,
+            embedding_scale=_get_int(raw, "hidden_size") ** 0.5 if model_type == "gemma" else None,
             sliding_window=_parse_window(raw, model_type, num_layers),
             bos_token_id=_get_int(raw, "bos_token_id", dflt["bos_token_id"], nullable=True),
             eos_token_id=eos,
@@ -402,12 +389,15 @@ def _check_exportable(cfg: ModelConfig) -> None:
             f"{', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     problems = []
-    if cfg.activation != "silu":
+    gemma = mt == "gemma"
+    if cfg.activation != ("gelu_tanh" if gemma else "silu"):
         problems.append(f"activation={cfg.activation!r}")
-    for name in ("attn_softcap", "final_softcap", "embedding_scale"):
+    for name in ("attn_softcap", "final_softcap"):
         if getattr(cfg, name) is not None:
             problems.append(f"{name}={getattr(cfg, name)}")
-    if cfg.norm_offset != 0.0:
+    if cfg.embedding_scale != (cfg.hidden_size**0.5 if gemma else None):
+        problems.append(f"embedding_scale={cfg.embedding_scale}")
+    if cfg.norm_offset != (1.0 if gemma else 0.0):
         problems.append(f"norm_offset={cfg.norm_offset}")
     if cfg.qk_norm != (mt == "qwen3"):
         problems.append(f"qk_norm={cfg.qk_norm}")
@@ -421,6 +411,8 @@ def _check_exportable(cfg: ModelConfig) -> None:
         "mistral": {(False, False)},
         "qwen2": {(True, False)},
         "qwen3": {(False, False), (True, True)},
+        "phi3": {(False, False)},
+        "gemma": {(False, False), (True, True)},
     }[mt]
     if bias not in allowed:
         problems.append(f"attention_bias={bias[0]}, attention_out_bias={bias[1]}")
@@ -442,18 +434,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
     if dtype not in DTYPES:
         raise EmberError(f"cannot export dtype {dtype!r} (use one of {', '.join(DTYPES)})")
     mt = cfg.model_type
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    rope = rope_to_hf(cfg)
     rs = cfg.rope_scaling
-    if rs is not None and rs.kind == "linear":
-        rope.update(rope_type="linear", factor=rs.factor)
-    elif rs is not None:
-        rope.update(
-            rope_type="llama3",
-            factor=rs.factor,
-            low_freq_factor=rs.low_freq_factor,
-            high_freq_factor=rs.high_freq_factor,
-            original_max_position_embeddings=rs.original_max_position_embeddings,
-        )
     legacy_scaling = None if rs is None else {k: v for k, v in rope.items() if k != "rope_theta"}
     out = {
         "architectures": [ARCHITECTURES[mt]],
@@ -465,7 +447,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": "gelu_pytorch_tanh" if mt == "gemma" else "silu",
         "rms_norm_eps": cfg.rms_norm_eps,
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
@@ -482,12 +464,18 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         "initializer_range": cfg.extra.get("initializer_range", 0.02),
         "use_cache": True,
     }
-    if mt in ("llama", "qwen3"):
+    if mt in ("llama", "qwen3", "gemma"):
         out["attention_bias"] = cfg.attention_bias
     if mt == "llama":
         out["mlp_bias"] = cfg.mlp_bias
-    if mt == "mistral":
+    if mt in ("mistral", "phi3"):
         out["sliding_window"] = cfg.sliding_window
+    if mt == "phi3":
+        out.update(
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            original_max_position_embeddings=cfg.max_position_embeddings,
+        )
     if mt in ("qwen2", "qwen3"):
         sliding = cfg.sliding_window is not None
         out.update(

@@ -63,6 +63,7 @@ from ember.models.safetensors_io import (
     parse_size,
     read_config,
     scan_checkpoint,
+    untie_if_head_differs,
 )
 from ember.models.transformer import Transformer
 
@@ -153,6 +154,7 @@ def load_hf_folder(
     cfg = _parse_config(path, raw)
     prequantized = quantization_config_from_hf(raw) is not None
     ckpt = scan_checkpoint(folder, quantized=prequantized)
+    cfg = untie_if_head_differs(ckpt, cfg)
     stored = ckpt.stored_dtype()
     target = resolve_dtype(dtype) or stored
     cfg = cfg.replace(torch_dtype=_dtype_name(stored))

@@ -16,23 +16,16 @@ NF4 ``Linear4bit`` exposing ``quant_weight`` / ``bias`` / ``in_features`` / ``ou
 ``base_state_dict(model)`` gives the un-wrapped keys (``layers.0.attn.q_proj.weight``) for code
 that writes base checkpoints; ``merge_lora`` folds the adapters in and restores plain modules.
 
-PEFT interop. ``save_adapter`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` with
-keys ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` exactly as
-``peft.PeftModel.save_pretrained`` does for a transformers Llama-family model, so
-``PeftModel.from_pretrained(hf_model, dir)`` reproduces ember's logits; ``load_adapter`` reads
-adapters written by either (per-module ranks/alphas via ``rank_pattern`` / ``alpha_pattern``).
+PEFT interop: ``save_adapter`` / ``load_adapter`` in ``ember.models.peft_adapter`` (re-exported
+here).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
-import os
 import re
-from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -266,272 +259,14 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     return model
 
 
-# --- PEFT format ---------------------------------------------------------------------------------
-
-_EMBER_NAME = re.compile(r"layers\.(\d+)\.(attn|mlp)\.(\w+)")
-_HF_NAME = re.compile(r"(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
-_PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight")
-# A SEQ_CLS adapter (PEFT's task_type for *ForSequenceClassification) carries the classifier head
-# whole: modules_to_save, saved under this key.
-HEAD_MODULES = ("classifier", "score")
-HEAD_KEY = "base_model.model.score.weight"
-_UNSUPPORTED = {  # PEFT fields ember cannot represent: (field, value meaning "off")
-    "use_dora": False, "fan_in_fan_out": False, "lora_bias": False,
-    "modules_to_save": None, "layer_replication": None, "target_parameters": None,
-    "trainable_token_indices": None, "use_qalora": False,
-}
-
-
-def hf_module_name(name: str) -> str:
-    """``layers.3.attn.q_proj`` -> ``model.layers.3.self_attn.q_proj`` (transformers' name)."""
-    m = _EMBER_NAME.fullmatch(name)
-    if m is None:
-        raise EmberError(f"no transformers name for module {name!r}: PEFT export covers the "
-                         "attention and MLP projections inside layers")
-    part = "self_attn" if m[2] == "attn" else "mlp"
-    return f"model.layers.{m[1]}.{part}.{m[3]}"
-
-
-def ember_module_name(hf_name: str) -> str | None:
-    m = _HF_NAME.fullmatch(hf_name)
-    if m is None:
-        return None
-    return f"layers.{m[1]}.{'attn' if m[2] == 'self_attn' else 'mlp'}.{m[3]}"
-
-
-def _pattern_value(patterns: dict, hf_name: str, default):
-    for key, value in patterns.items():  # PEFT's get_pattern_key rule
-        if re.match(rf"(.*\.)?({key})$", hf_name):
-            return value
-    return default
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
-                 base_model_name_or_path: str | None = None) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT 0.21 does."""
-    mods = lora_modules(model)
-    if not mods:
-        raise EmberError("the model has no LoRA adapters to save (apply_lora or load_adapter "
-                         "first)")
-    hf = {n: hf_module_name(n) for n in mods}
-    tensors = {}
-    for n, m in mods.items():
-        for k in ("lora_A", "lora_B"):
-            tensors[f"base_model.model.{hf[n]}.{k}.weight"] = (
-                getattr(m, k).detach().to("cpu").contiguous())
-    r, alpha = Counter((m.rank, m.alpha) for m in mods.values()).most_common(1)[0][0]
-    rank_pattern = {re.escape(hf[n]): m.rank for n, m in mods.items() if m.rank != r}
-    alpha_pattern = {re.escape(hf[n]): m.alpha for n, m in mods.items() if m.alpha != alpha}
-    rslora = {m.use_rslora for m in mods.values()}
-    drops = {m.dropout.p if m.dropout is not None else 0.0 for m in mods.values()}
-    if len(rslora) > 1 or len(drops) > 1:
-        raise EmberError("PEFT's format needs one use_rslora and one dropout for all adapters")
-    # A leaf-name list is what PEFT writes and reads back best; it is exact only when every
-    # projection with that leaf name is wrapped, otherwise list the modules as one full regex.
-    leaves = sorted({n.split(".")[-1] for n in mods})
-    same_leaf = [n for n in _candidates(model) if n.split(".")[-1] in leaves and n not in mods]
-    targets = leaves if not same_leaf else "|".join(re.escape(hf[n]) for n in mods)
-    config = {
-        "alpha_pattern": alpha_pattern, "auto_mapping": None,
-        "base_model_name_or_path": base_model_name_or_path, "bias": "none",
-        "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True, "layer_replication": None, "layers_pattern": None,
-        "layers_to_transform": None, "loftq_config": {}, "lora_alpha": alpha,
-        "lora_bias": False, "lora_dropout": drops.pop(), "megatron_config": None,
-        "megatron_core": "megatron.core", "modules_to_save": None, "peft_type": "LORA",
-        "r": r, "rank_pattern": rank_pattern, "revision": None, "target_modules": targets,
-        "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": rslora.pop(),
-    }
-    if getattr(model, "score", None) is not None:
-        # A classifier: PEFT's SEQ_CLS format, the whole head saved as modules_to_save.
-        config.update(task_type="SEQ_CLS", modules_to_save=list(HEAD_MODULES))
-        tensors[HEAD_KEY] = model.score.weight.detach().to("cpu").contiguous()
-    return _write_adapter(out_dir, config, tensors)
-
-
-def _write_adapter(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """A PEFT adapter folder: adapter_model.safetensors + adapter_config.json, each atomic."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "adapter_model.safetensors",
-                  lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(out / "adapter_config.json",
-                  lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-    return out
-
-
-def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    cfg_path = adapter_dir / "adapter_config.json"
-    if not adapter_dir.is_dir():
-        raise EmberError(f"adapter directory {str(adapter_dir)!r} does not exist")
-    if not cfg_path.is_file():
-        raise EmberError(f"{cfg_path}: missing; an adapter directory holds adapter_config.json "
-                         "and adapter_model.safetensors (as written by save_adapter or PEFT)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EmberError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise EmberError(f"{cfg_path}: expected a JSON object")
-    st, pt = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"
-    try:
-        if st.is_file():
-            from safetensors.torch import load_file
-            return config, load_file(str(st))
-        if pt.is_file():
-            return config, torch.load(pt, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt/truncated files surface as many different exception types
-        raise EmberError(f"{st if st.is_file() else pt}: cannot read adapter weights "
-                         f"({type(e).__name__}: {e})") from None
-    raise EmberError(f"{adapter_dir}: no adapter_model.safetensors (or adapter_model.bin)")
-
-
-def _validate_config(config: dict, where: Path) -> None:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise EmberError(f"{where}: peft_type is {config.get('peft_type')!r}; only LORA adapters "
-                         "can be loaded")
-    for key, off in _UNSUPPORTED.items():
-        v = config.get(key, off)
-        if key == "modules_to_save" and v and set(v) <= set(HEAD_MODULES):
-            continue  # the classifier head (load_adapter checks the model has one)
-        if v not in (off, None, [], {}, False):
-            raise EmberError(f"{where}: {key}={v!r} is not supported by ember's LoRA")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.split("_")[0].lower() in ("pissa", "olora", "corda", "loftq"):
-        raise EmberError(f"{where}: init_lora_weights={init!r}: this adapter is relative to a "
-                         "modified base model; re-save it with PEFT's "
-                         "path_initial_model_for_weight_conversion to get a plain LoRA")
-    if config.get("bias", "none") != "none":
-        raise EmberError(f"{where}: bias={config['bias']!r} is not supported (only 'none')")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise EmberError(f"{where}: {key} must be a positive number, got {config.get(key)!r}")
-
-
-def _peft_targets(config: dict, hf_name: str) -> bool:
-    """PEFT's check_target_module_exists (list / regex targets, exclude_modules, layer indices)."""
-    exclude = config.get("exclude_modules")
-    if isinstance(exclude, str) and re.fullmatch(exclude, hf_name):
-        return False
-    if isinstance(exclude, list) and any(hf_name == e or hf_name.endswith("." + e)
-                                         for e in exclude):
-        return False
-    targets = config.get("target_modules")
-    if isinstance(targets, str):
-        return re.fullmatch(targets, hf_name) is not None
-    if not targets:
-        return False
-    if targets == "all-linear" or "all-linear" in targets:
-        return hf_name.split(".")[-1] in SHORT_TARGETS.values()
-    if not any(hf_name == t or hf_name.endswith("." + t) for t in targets):
-        return False
-    layers = config.get("layers_to_transform")
-    if layers is None or layers == []:
-        return True
-    layers = [layers] if isinstance(layers, int) else layers
-    m = re.match(r".*?\.[^.]*\.(\d+)\.", hf_name)
-    return m is not None and int(m[1]) in layers
-
-
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
-    """Wrap the modules an adapter (ember's or PEFT's) targets and load its weights.
-
-    The weights file decides which modules get adapters; ranks come from the tensor shapes and
-    are checked against ``r`` / ``rank_pattern``; alphas from ``lora_alpha`` / ``alpha_pattern``.
-    Modules already wrapped (e.g. resuming training) get their weights overwritten. Everything
-    else is frozen, as after ``apply_lora``.
-    """
-    adapter_dir = Path(adapter_dir)
-    config, tensors = _read_adapter(adapter_dir)
-    where = adapter_dir / "adapter_config.json"
-    _validate_config(config, where)
-    wfile = adapter_dir / "adapter_model.safetensors"
-    head = _adapter_head(model, config, tensors, wfile)
-    cands = _candidates(model)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
-    for key, t in tensors.items():
-        m = _PEFT_KEY.fullmatch(key)
-        name = ember_module_name(m[1]) if m else None
-        if name is None or name not in cands:
-            unknown.append(key)
-            continue
-        pairs.setdefault(name, {})[m[2]] = t
-    if unknown:
-        raise EmberError(f"{wfile}: {len(unknown)} keys match no projection of this model, e.g. "
-                         f"{unknown[:3]} (expected base_model.model.model.layers.N.self_attn."
-                         "q_proj.lora_A.weight; is it an adapter for a different model?)")
-    if not pairs:
-        raise EmberError(f"{wfile}: no LoRA weights in the file")
-    incomplete = [n for n, p in pairs.items() if len(p) != 2]
-    if incomplete:
-        raise EmberError(f"{wfile}: lora_A or lora_B missing for {incomplete[:3]}")
-    missing = [n for n in cands if n not in pairs and _EMBER_NAME.fullmatch(n)
-               and _peft_targets(config, hf_module_name(n))]
-    if missing:
-        raise EmberError(f"{wfile}: adapter_config targets {len(missing)} modules with no "
-                         f"weights in the file, e.g. {[hf_module_name(n) for n in missing[:3]]}")
-    r0, alpha0 = config["r"], config["lora_alpha"]
-    rank_pat, alpha_pat = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    dropout, rslora = float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora"))
-    plan = {}
-    for name in sorted(pairs, key=_natural_key):
-        A, B = pairs[name]["lora_A"], pairs[name]["lora_B"]
-        hf = hf_module_name(name)
-        mod = cands[name]
-        in_f, out_f = _features(mod.base if isinstance(mod, LoRALinear) else mod)
-        r = _pattern_value(rank_pat, hf, r0)
-        if A.ndim != 2 or B.ndim != 2 or A.shape != (r, in_f) or B.shape != (out_f, r):
-            raise EmberError(f"{wfile}: {hf}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
-                             f"do not fit this model, expected ({r}, {in_f}) / ({out_f}, {r}) "
-                             "(rank from adapter_config r/rank_pattern)")
-        plan[name] = (A, B, r, float(_pattern_value(alpha_pat, hf, alpha0)))
-    if not lora_modules(model):
-        for p in model.parameters():
-            p.requires_grad_(False)
-    for name, (A, B, r, alpha) in plan.items():
-        mod = model.get_submodule(name)
-        if isinstance(mod, LoRALinear):
-            if mod.rank != r:
-                raise EmberError(f"{name} already has a rank-{mod.rank} adapter; the file has "
-                                 f"rank {r}")
-            mod.alpha, mod.scale = alpha, alpha / (math.sqrt(r) if rslora else r)
-        else:
-            mod = LoRALinear(mod, r, alpha, dropout=dropout, use_rslora=rslora)
-            _set_module(model, name, mod)
-        with torch.no_grad():
-            mod.lora_A.copy_(A)
-            mod.lora_B.copy_(B)
-    if head is not None:
-        with torch.no_grad():
-            model.score.weight.copy_(head)
-        model.score.weight.requires_grad_(True)  # trains with the adapters (modules_to_save)
-    return model
-
-
-def _adapter_head(model: nn.Module, config: dict, tensors: dict, wfile: Path):
-    """The classifier head weight of a SEQ_CLS adapter (removed from ``tensors``), or None."""
-    head = tensors.pop(HEAD_KEY, None)
-    score = getattr(model, "score", None)
-    if head is None and config.get("task_type") == "SEQ_CLS" and score is not None:
-        raise EmberError(f"{wfile}: a SEQ_CLS adapter without {HEAD_KEY}; its classifier head "
-                         "was not saved (modules_to_save)")
-    if head is None:
-        return None
-    if score is None:
-        raise EmberError(f"{wfile}: the adapter holds a classification head ({HEAD_KEY}) but "
-                         "the model has none: load the base as a classifier (an HF "
-                         "*ForSequenceClassification folder, or ember.models.heads."
-                         "add_classification_head)")
-    if tuple(head.shape) != tuple(score.weight.shape):
-        raise EmberError(f"{wfile}: {HEAD_KEY} has shape {tuple(head.shape)}, the model's head "
-                         f"{tuple(score.weight.shape)} (a different number of labels)")
-    return head
+# PEFT adapter folders live in ember.models.peft_adapter (imported last: it builds on the above).
+from ember.models.peft_adapter import (  # noqa: E402, F401
+    HEAD_KEY,
+    HEAD_MODULES,
+    _read_adapter,
+    _write_adapter,
+    ember_module_name,
+    hf_module_name,
+    load_adapter,
+    save_adapter,
+)

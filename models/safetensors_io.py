@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from safetensors.torch import save_file
 from ember import EmberError
 from ember.kernels.nf4 import NF4Weight
 from ember.models.config import ModelConfig
-from ember.models.hf import map_hf_keys
+from ember.models.hf import fused_parts, map_hf_keys
 from ember.models.hf_config import config_from_hf
 from ember.models.nf4 import QS_SUFFIX, split_bnb_key
 
@@ -182,6 +183,30 @@ def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False) -> Ch
     return ckpt
 
 
+def untie_if_head_differs(ckpt: CheckpointIndex, cfg: ModelConfig) -> ModelConfig:
+    """cfg, untied when config.json says tie_word_embeddings but the checkpoint stores an
+    ``lm_head.weight`` that differs from the embedding. transformers then keeps the two apart
+    (and warns), so Ember does the same instead of silently using the embedding as the head."""
+    emb, head = "model.embed_tokens.weight", "lm_head.weight"
+    if not cfg.tie_word_embeddings or head not in ckpt.key_file or emb not in ckpt.key_file:
+        return cfg
+    if head in ckpt.quantized_weights() or ckpt.shapes[head] != ckpt.shapes[emb]:
+        return cfg  # map_hf_keys names the mismatch
+    tensors = {}
+    for key in (emb, head):
+        with safe_open(ckpt.key_file[key], framework="pt", device="cpu") as f:
+            tensors[key] = f.get_tensor(key)
+    if torch.equal(tensors[emb].float(), tensors[head].float()):
+        return cfg
+    warnings.warn(
+        f"{ckpt.folder}: config.json has tie_word_embeddings=true but the checkpoint's "
+        f"{head} differs from {emb}; loading them untied, as transformers does (set "
+        "tie_word_embeddings=false in config.json to silence this)",
+        stacklevel=3,
+    )
+    return cfg.replace(tie_word_embeddings=False)
+
+
 def iter_checkpoint(
     folder: str | os.PathLike, cfg: ModelConfig | None = None, ckpt: CheckpointIndex | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -192,12 +217,18 @@ def iter_checkpoint(
     cfg = cfg if cfg is not None else read_config(folder)
     ckpt = ckpt if ckpt is not None else scan_checkpoint(folder)
     mapping = map_hf_keys(ckpt.shapes, cfg, str(ckpt.folder))
+    fused = fused_parts(ckpt.shapes, cfg)  # Phi-3: one stored tensor, several Ember weights
     for path in ckpt.files:
-        keys = [k for k, p in ckpt.key_file.items() if p == path and k in mapping]
+        keys = [k for k, p in ckpt.key_file.items() if p == path and (k in mapping or k in fused)]
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for key in keys:
-                    yield mapping[key], f.get_tensor(key)
+                    t = f.get_tensor(key)
+                    if key in fused:
+                        for part, a, b in fused[key]:
+                            yield mapping[part], t[a:b].clone()
+                    else:
+                        yield mapping[key], t
         except SafetensorError as e:
             raise EmberError(
                 f"{path}: reading tensor data failed ({e}); the file is corrupt"

@@ -1,5 +1,5 @@
-"""One decoder-only transformer for the Llama family (Llama 2/3, Mistral, Qwen2/3, SmolLM2,
-Gemma-style options), configured by ``ModelConfig``. Kernels are called through ``ember.kernels``
+"""One decoder-only transformer for the Llama family (Llama 2/3, Mistral, Qwen2/3, Phi-3, Gemma,
+SmolLM2), configured by ``ModelConfig``. Kernels are called through ``ember.kernels``
 only.
 
 Shapes: B batch, T tokens, D hidden, H query heads, K kv heads, hd head_dim, V vocab.
@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ember.kernels import apply_rope, flash_attention, geglu, lora_mlp, lora_qkv, rms_norm, swiglu
-from ember.models.config import ModelConfig, rope_inv_freq
+from ember.models.config import ModelConfig, rope_attention_factor, rope_inv_freq
 from ember.models.lora import LoRALinear
 
 
@@ -233,6 +233,9 @@ class Transformer(nn.Module):
     def rope(self, position_ids: torch.Tensor):
         """cos, sin (B, T, hd/2) fp32 for integer positions (B, T)."""
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, hd/2)
+        scale = rope_attention_factor(self.cfg)
+        if scale != 1.0:  # YaRN scales cos/sin, so q.k by scale^2
+            return freqs.cos() * scale, freqs.sin() * scale
         return freqs.cos(), freqs.sin()
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *,

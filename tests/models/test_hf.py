@@ -344,7 +344,8 @@ def test_bad_weights(tmp_path):
     [
         ({"model_type": "gpt2"}, "gpt2"),
         ({"architectures": ["LlamaForTokenClassification"]}, "LlamaForTokenClassification"),
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}},
+         "dynamic"),
         (
             {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}},
             "low_freq_factor",

@@ -288,7 +288,8 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
     ("bad_json", lambda p: (p / "adapter_config.json").write_text("{r: 4"), "not valid JSON"),
     ("not_lora", lambda p: _edit(p, {"peft_type": "IA3"}), "only LORA"),
     ("dora", lambda p: _edit(p, {"use_dora": True}), "use_dora=True is not supported"),
-    ("bias", lambda p: _edit(p, {"bias": "all"}), "bias='all'"),
+    ("bias", lambda p: _edit(p, {"bias": "all"}, tensors=lambda sd: {
+        **sd, f"{Q0}.bias": torch.ones(48)}), "bias='all'.*trained base biases"),
     ("pissa", lambda p: _edit(p, {"init_lora_weights": "pissa"}), "modified base model"),
     ("save", lambda p: _edit(p, {"modules_to_save": ["lm_head"]}), "modules_to_save"),
     ("no_weights", lambda p: (p / "adapter_model.safetensors").unlink(), "no adapter_model"),

@@ -1,0 +1,104 @@
+"""PEFT adapters for Phi-3, whose checkpoints fuse q/k/v into ``qkv_proj`` and gate/up into
+``gate_up_proj`` while Ember keeps one projection each (``ember.models.hf`` splits the weights).
+
+PEFT's LoRA on a fused projection is ``W x + s B A x`` with one ``A`` and ``B`` stacking the rows
+of the parts, so on import each part gets the shared ``A`` and its rows of ``B`` (exact). On
+export, parts with the same ``A``, rank and alpha fuse back to exactly that; otherwise the parts
+are stacked block-diagonally, ``A = [A_q; A_k; A_v]`` and ``B = diag(s_q B_q, s_k B_k, s_v B_v)``
+with the fused scale set to 1 (rank ``r_q + r_k + r_v``), which computes the same update.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from ember.models.config import ModelConfig
+
+GROUPS = {
+    "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "mlp.gate_up_proj": ("gate_proj", "up_proj"),
+}
+_FUSED_NAME = re.compile(r"(.*\.layers\.\d+\.)(self_attn\.qkv_proj|mlp\.gate_up_proj)")
+
+
+def is_fused(cfg: ModelConfig | None) -> bool:
+    return getattr(cfg, "model_type", None) == "phi3"
+
+
+def _rows(cfg: ModelConfig, group: str) -> list[int]:
+    hd = cfg.head_dim
+    if group.startswith("self_attn"):
+        return [cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd]
+    return [cfg.intermediate_size] * 2
+
+
+def _part_name(prefix: str, group: str, part: str) -> str:
+    return f"{prefix}{group.split('.')[0]}.{part}"
+
+
+def split_adapter(tensors: dict, config: dict, cfg: ModelConfig) -> tuple[dict, dict]:
+    """PEFT tensors and adapter_config for a fused model -> the per-projection layout Ember loads:
+    each part gets the fused ``lora_A`` and its rows of ``lora_B``; the fused module's
+    rank/alpha patterns are repeated for each part name (ahead of the others, so they win)."""
+    out, rank_pat, alpha_pat = {}, {}, {}
+    old_rank, old_alpha = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    for key, t in tensors.items():
+        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight", key)
+        f = _FUSED_NAME.fullmatch(m[1]) if m else None
+        if f is None:
+            out[key] = t
+            continue
+        prefix, group = f[1], f[2]
+        rows = _rows(cfg, group)
+        chunks = t.split(rows) if m[2] == "lora_B" and t.shape[0] == sum(rows) else [t] * len(rows)
+        for part, chunk in zip(GROUPS[group], chunks, strict=True):
+            name = _part_name(prefix, group, part)
+            out[f"base_model.model.{name}.{m[2]}.weight"] = chunk
+            for old, new in ((old_rank, rank_pat), (old_alpha, alpha_pat)):
+                hit = next((v for k, v in old.items() if re.match(rf"(.*\.)?({k})$", m[1])), None)
+                if hit is not None:
+                    new[re.escape(name)] = hit
+    config = {
+        **config,
+        "rank_pattern": {**rank_pat, **old_rank},
+        "alpha_pattern": {**alpha_pat, **old_alpha},
+    }
+    return out, config
+
+
+def fuse_adapter(entries: dict, cfg: ModelConfig, rslora: bool) -> dict:
+    """``{hf name: (A, B, rank, alpha)}`` per projection -> the same for a fused model's modules."""
+    out, groups = {}, {}
+    for name, e in entries.items():
+        prefix, _, leaf = name.rpartition(".")
+        group = next((g for g, parts in GROUPS.items() if leaf in parts), None)
+        if group is None:
+            out[name] = e
+            continue
+        groups.setdefault((prefix.rpartition(".")[0] + ".", group), {})[leaf] = e
+    for (prefix, group), parts in groups.items():
+        fused_name = prefix + group
+        present = [p for p in GROUPS[group] if p in parts]
+        first = parts[present[0]]
+        if len(present) == len(GROUPS[group]) and all(
+            parts[p][2:] == first[2:] and torch.equal(parts[p][0], first[0]) for p in present
+        ):
+            out[fused_name] = (first[0], torch.cat([parts[p][1] for p in present]), *first[2:])
+            continue
+        rank = sum(parts[p][2] for p in present)
+        A = torch.cat([parts[p][0].float() for p in present])
+        B = torch.zeros(sum(_rows(cfg, group)), rank)
+        row = col = 0
+        for part, n in zip(GROUPS[group], _rows(cfg, group), strict=True):
+            if part in parts:
+                _, b, r, alpha = parts[part]
+                B[row : row + n, col : col + r] = b.float() * (
+                    alpha / (math.sqrt(r) if rslora else r)
+                )
+                col += r
+            row += n
+        out[fused_name] = (A, B, rank, math.sqrt(rank) if rslora else float(rank))  # scale 1
+    return out

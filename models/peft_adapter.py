@@ -1,0 +1,406 @@
+"""PEFT adapter folders for Ember's LoRA: ``save_adapter`` / ``load_adapter``.
+
+``save_adapter`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` exactly as
+``peft.PeftModel.save_pretrained`` does for a transformers Llama-family model, so
+``PeftModel.from_pretrained(hf_model, dir)`` reproduces ember's logits; ``load_adapter`` reads
+adapters written by either (per-module ranks/alphas via ``rank_pattern`` / ``alpha_pattern``;
+``modules_to_save`` lm_head / embed_tokens of an untied model overwrite the model's own weights
+and are written back by ``save_adapter``; a classifier's head travels as PEFT's SEQ_CLS
+``modules_to_save``). Fields that would change what an adapter computes (DoRA, LoRA variants,
+base-changing inits, unknown fields) are refused by name. Phi-3's fused projections:
+``ember.models.lora_fused``. Both functions are also importable from ``ember.models.lora``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ember import EmberError
+from ember.models.lora import (
+    SHORT_TARGETS,
+    LoRALinear,
+    _candidates,
+    _features,
+    _natural_key,
+    _set_module,
+    lora_modules,
+)
+from ember.models.lora_fused import fuse_adapter, is_fused, split_adapter
+
+_EMBER_NAME = re.compile(r"layers\.(\d+)\.(attn|mlp)\.(\w+)")
+_HF_NAME = re.compile(r"(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
+_PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight")
+# A SEQ_CLS adapter (PEFT's task_type for *ForSequenceClassification) carries the classifier head
+# whole: modules_to_save, saved under this key.
+HEAD_MODULES = ("classifier", "score")
+HEAD_KEY = "base_model.model.score.weight"
+_UNSUPPORTED = {  # PEFT fields ember cannot represent: (field, value meaning "off")
+    "use_dora": False, "fan_in_fan_out": False, "lora_bias": False,
+    "layer_replication": None, "target_parameters": None,
+    "trainable_token_indices": None, "use_qalora": False,
+    # LoRA variants whose forward is not x W^T + scale * x A^T B^T (PEFT 0.21 lora_variants)
+    "alora_invocation_tokens": None, "arrow_config": None, "use_bdlora": None,
+    "velora_config": None, "monteclora_config": None, "kasa_config": None,
+}
+_MERGEABLE = ("use_dora", "fan_in_fan_out", "lora_bias", "layer_replication",
+              "target_parameters", "trainable_token_indices", "use_qalora")
+# modules_to_save Ember can hold: PEFT saves the module's trained full weight under this key and
+# Ember writes it into the model's own module (the attribute), as PEFT's wrapper replaces it.
+_FULL_WEIGHTS = {"lm_head": ("base_model.model.lm_head.weight", "lm_head"),
+                 "embed_tokens": ("base_model.model.model.embed_tokens.weight", "embed")}
+# PEFT LoraConfig fields that do not change what a saved adapter computes (bookkeeping, training
+# options, inits that leave the base model as it is); any other field that is set is refused, so
+# an adapter from a newer PEFT with a new variant never loads with the wrong math.
+_KNOWN_FIELDS = frozenset("""
+    task_type peft_type auto_mapping peft_version base_model_name_or_path revision inference_mode
+    r target_modules exclude_modules lora_alpha lora_dropout bias use_rslora init_lora_weights
+    layers_to_transform layers_pattern rank_pattern alpha_pattern megatron_config megatron_core
+    loftq_config eva_config corda_config lora_ga_config qalora_group_size runtime_config
+    ensure_weight_tying modules_to_save
+""".split()) | set(_UNSUPPORTED)
+# inits that change the base weights too: the adapter alone is relative to a modified base
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_MERGE_HINT = ("merge it into the base with PEFT (PeftModel.merge_and_unload(), then "
+               "save_pretrained) and load the merged model")
+
+
+def hf_module_name(name: str) -> str:
+    """``layers.3.attn.q_proj`` -> ``model.layers.3.self_attn.q_proj`` (transformers' name)."""
+    m = _EMBER_NAME.fullmatch(name)
+    if m is None:
+        raise EmberError(f"no transformers name for module {name!r}: PEFT export covers the "
+                         "attention and MLP projections inside layers")
+    part = "self_attn" if m[2] == "attn" else "mlp"
+    return f"model.layers.{m[1]}.{part}.{m[3]}"
+
+
+def ember_module_name(hf_name: str) -> str | None:
+    m = _HF_NAME.fullmatch(hf_name)
+    if m is None:
+        return None
+    return f"layers.{m[1]}.{'attn' if m[2] == 'self_attn' else 'mlp'}.{m[3]}"
+
+
+def _pattern_value(patterns: dict, hf_name: str, default):
+    for key, value in patterns.items():  # PEFT's get_pattern_key rule
+        if re.match(rf"(.*\.)?({key})$", hf_name):
+            return value
+    return default
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT 0.21 does."""
+    mods = lora_modules(model)
+    if not mods:
+        raise EmberError("the model has no LoRA adapters to save (apply_lora or load_adapter "
+                         "first)")
+    hf = {n: hf_module_name(n) for n in mods}
+    rslora = {m.use_rslora for m in mods.values()}
+    drops = {m.dropout.p if m.dropout is not None else 0.0 for m in mods.values()}
+    if len(rslora) > 1 or len(drops) > 1:
+        raise EmberError("PEFT's format needs one use_rslora and one dropout for all adapters")
+    entries = {hf[n]: (m.lora_A.detach(), m.lora_B.detach(), m.rank, m.alpha)
+               for n, m in mods.items()}
+    fused = is_fused(getattr(model, "cfg", None))
+    if fused:  # Phi-3: PEFT sees qkv_proj / gate_up_proj
+        entries = fuse_adapter(entries, model.cfg, next(iter(rslora)))
+    tensors = {f"base_model.model.{h}.{k}.weight": t.to("cpu").contiguous()
+               for h, (A, B, _, _) in entries.items() for k, t in (("lora_A", A), ("lora_B", B))}
+    r, alpha = Counter(e[2:] for e in entries.values()).most_common(1)[0][0]
+    rank_pattern = {re.escape(h): e[2] for h, e in entries.items() if e[2] != r}
+    alpha_pattern = {re.escape(h): e[3] for h, e in entries.items() if e[3] != alpha}
+    # A leaf-name list is what PEFT writes and reads back best; it is exact only when every
+    # projection with that leaf name is wrapped, otherwise list the modules as one full regex.
+    leaves = sorted({n.split(".")[-1] for n in mods})
+    same_leaf = [n for n in _candidates(model) if n.split(".")[-1] in leaves and n not in mods]
+    targets = leaves if not (same_leaf or fused) else "|".join(re.escape(h) for h in entries)
+    mts = sorted(getattr(model, "peft_modules_to_save", ()))  # set by load_adapter
+    for name in mts:
+        key, attr = _FULL_WEIGHTS[name]
+        tensors[key] = getattr(model, attr).weight.detach().to("cpu").contiguous()
+    config = {
+        "alpha_pattern": alpha_pattern, "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path, "bias": "none",
+        "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "layer_replication": None, "layers_pattern": None,
+        "layers_to_transform": None, "loftq_config": {}, "lora_alpha": alpha,
+        "lora_bias": False, "lora_dropout": drops.pop(), "megatron_config": None,
+        "megatron_core": "megatron.core", "modules_to_save": mts or None, "peft_type": "LORA",
+        "r": r, "rank_pattern": rank_pattern, "revision": None, "target_modules": targets,
+        "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": rslora.pop(),
+    }
+    if getattr(model, "score", None) is not None:
+        # A classifier: PEFT's SEQ_CLS format, the whole head saved as modules_to_save.
+        config.update(task_type="SEQ_CLS", modules_to_save=sorted({*mts, *HEAD_MODULES}))
+        tensors[HEAD_KEY] = model.score.weight.detach().to("cpu").contiguous()
+    return _write_adapter(out_dir, config, tensors)
+
+
+def _write_adapter(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """A PEFT adapter folder: adapter_model.safetensors + adapter_config.json, each atomic."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "adapter_model.safetensors",
+                  lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic_write(out / "adapter_config.json",
+                  lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    return out
+
+
+def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not adapter_dir.is_dir():
+        raise EmberError(f"adapter directory {str(adapter_dir)!r} does not exist")
+    if not cfg_path.is_file():
+        raise EmberError(f"{cfg_path}: missing; an adapter directory holds adapter_config.json "
+                         "and adapter_model.safetensors (as written by save_adapter or PEFT)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EmberError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise EmberError(f"{cfg_path}: expected a JSON object")
+    st, pt = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"
+    try:
+        if st.is_file():
+            from safetensors.torch import load_file
+            return config, load_file(str(st))
+        if pt.is_file():
+            return config, torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt/truncated files surface as many different exception types
+        raise EmberError(f"{st if st.is_file() else pt}: cannot read adapter weights "
+                         f"({type(e).__name__}: {e})") from None
+    raise EmberError(f"{adapter_dir}: no adapter_model.safetensors (or adapter_model.bin)")
+
+
+def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise EmberError(f"{where}: peft_type is {config.get('peft_type')!r}; only LORA adapters "
+                         "can be loaded")
+    for key, off in _UNSUPPORTED.items():
+        v = config.get(key, off)
+        # A variant's sub-config turns it on even when empty (PEFT builds the dataclass from {}).
+        if v not in (off, None, [], False) and (v != {} or key not in _MERGEABLE):
+            hint = (_MERGE_HINT if key in _MERGEABLE else "a LoRA variant whose forward differs "
+                    "from plain LoRA; ember loads plain LoRA adapters only")
+            raise EmberError(f"{where}: {key}={v!r} is not supported by ember's LoRA: {hint}")
+    unknown = sorted(k for k, v in config.items()
+                     if k not in _KNOWN_FIELDS and v not in (None, False, [], {}, "", 0))
+    if unknown:
+        raise EmberError(f"{where}: field(s) {unknown} are unknown to ember's LoRA and may change "
+                         f"what the adapter computes; {_MERGE_HINT}")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise EmberError(f"{where}: init_lora_weights={init!r}: this adapter is relative to a "
+                         "modified base model; re-save it with PEFT's "
+                         "path_initial_model_for_weight_conversion to get a plain LoRA, or "
+                         f"{_MERGE_HINT}")
+    mts = config.get("modules_to_save") or []
+    if not isinstance(mts, list) or any(m not in _FULL_WEIGHTS and m not in HEAD_MODULES
+                                        for m in mts):
+        raise EmberError(f"{where}: modules_to_save={mts!r} is not supported by ember's LoRA (only "
+                         f"{sorted(_FULL_WEIGHTS)}, and a classifier's head): {_MERGE_HINT}")
+    bias = config.get("bias", "none")
+    if bias not in ("none", "all", "lora_only"):
+        raise EmberError(f"{where}: bias={bias!r} is not a PEFT bias mode")
+    # bias="all"/"lora_only" train the base biases and save them with the adapter; on a model
+    # without biases (Llama, Mistral) nothing is saved and the adapter is a plain LoRA.
+    biases = sorted(k for k in (tensors or {}) if k.endswith(".bias"))
+    if bias != "none" and biases:
+        raise EmberError(f"{where}: bias={bias!r}: the adapter carries {len(biases)} trained "
+                         f"base biases (e.g. {biases[0]}), which ember's LoRA cannot hold; "
+                         f"{_MERGE_HINT}")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+            raise EmberError(f"{where}: {key} must be a positive number, got {config.get(key)!r}")
+
+
+def _peft_targets(config: dict, hf_name: str) -> bool:
+    """PEFT's check_target_module_exists (list / regex targets, exclude_modules, layer indices)."""
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str) and re.fullmatch(exclude, hf_name):
+        return False
+    if isinstance(exclude, list) and any(hf_name == e or hf_name.endswith("." + e)
+                                         for e in exclude):
+        return False
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        return re.fullmatch(targets, hf_name) is not None
+    if not targets:
+        return False
+    if targets == "all-linear" or "all-linear" in targets:
+        return hf_name.split(".")[-1] in SHORT_TARGETS.values()
+    if not any(hf_name == t or hf_name.endswith("." + t) for t in targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    layers = [layers] if isinstance(layers, int) else layers
+    m = re.match(r".*?\.[^.]*\.(\d+)\.", hf_name)
+    return m is not None and int(m[1]) in layers
+
+
+def _saved_unchanged_embedding(model: nn.Module, key: str, t: torch.Tensor) -> bool:
+    """A full embedding / head weight PEFT saved (``save_embedding_layers``) equal to the model's:
+    loading it (as PEFT does) changes nothing, so it can be skipped."""
+    attr = {"base_model.model.model.embed_tokens.weight": "embed",
+            "base_model.model.lm_head.weight": "lm_head"}.get(key)
+    mod = getattr(model, attr, None) if attr else None
+    if mod is None and attr == "lm_head":
+        mod = getattr(model, "embed", None)  # tied: the head is the embedding
+    w = getattr(mod, "weight", None)
+    return (isinstance(w, torch.Tensor) and w.shape == t.shape
+            and torch.equal(w.detach().cpu().float(), t.float()))
+
+
+def _full_weights(model: nn.Module, config: dict, tensors: dict, wfile: Path) -> dict:
+    """``{model attribute: weight}`` for modules_to_save (popped from tensors), checked."""
+    full = {}
+    for name in config.get("modules_to_save") or []:
+        if name in HEAD_MODULES:  # a classifier's head: _adapter_head
+            continue
+        key, attr = _FULL_WEIGHTS[name]
+        if key not in tensors:
+            raise EmberError(f"{wfile}: modules_to_save lists {name} but {key} is missing")
+        if getattr(model, "lm_head", 1) is None:
+            raise EmberError(f"{wfile}: modules_to_save={name!r} on a model with tied embeddings "
+                             f"(PEFT trains a separate copy: unties them) is not supported; "
+                             f"{_MERGE_HINT}")
+        w = getattr(getattr(model, attr, None), "weight", None)
+        if not isinstance(w, torch.Tensor):
+            raise EmberError(f"{wfile}: modules_to_save={name!r} needs a dense {attr} (this one "
+                             "is quantized); load the base without quantizing it")
+        if w.shape != tensors[key].shape:
+            raise EmberError(f"{wfile}: {key} has shape {tuple(tensors[key].shape)}, the model's "
+                             f"{attr} {tuple(w.shape)} (a resized vocabulary?); {_MERGE_HINT}")
+        full[attr] = tensors.pop(key)
+    return full
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+    """Wrap the modules an adapter (ember's or PEFT's) targets and load its weights.
+
+    The weights file decides which modules get adapters; ranks come from the tensor shapes and
+    are checked against ``r`` / ``rank_pattern``; alphas from ``lora_alpha`` / ``alpha_pattern``.
+    Modules already wrapped (e.g. resuming training) get their weights overwritten. Everything
+    else is frozen, as after ``apply_lora``.
+    """
+    adapter_dir = Path(adapter_dir)
+    config, tensors = _read_adapter(adapter_dir)
+    where = adapter_dir / "adapter_config.json"
+    _validate_config(config, where, tensors)
+    if is_fused(getattr(model, "cfg", None)):
+        tensors, config = split_adapter(tensors, config, model.cfg)
+    wfile = adapter_dir / "adapter_model.safetensors"
+    head = _adapter_head(model, config, tensors, wfile)
+    full = _full_weights(model, config, tensors, wfile)
+    cands = _candidates(model)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, t in tensors.items():
+        if _saved_unchanged_embedding(model, key, t):
+            continue  # save_embedding_layers=True: a copy of the base's own weight
+        m = _PEFT_KEY.fullmatch(key)
+        name = ember_module_name(m[1]) if m else None
+        if name is None or name not in cands:
+            unknown.append(key)
+            continue
+        pairs.setdefault(name, {})[m[2]] = t
+    heads = [k for k in unknown if re.search(r"\.(embed_tokens|lm_head)\.", k)]
+    if heads:
+        raise EmberError(f"{wfile}: the adapter changes the embedding or output head ({heads[:3]}:"
+                         " LoRA on embed_tokens/lm_head, or new full weights saved with "
+                         f"save_embedding_layers), which ember's LoRA cannot hold; {_MERGE_HINT}")
+    if unknown:
+        raise EmberError(f"{wfile}: {len(unknown)} keys match no projection of this model, e.g. "
+                         f"{unknown[:3]} (expected base_model.model.model.layers.N.self_attn."
+                         "q_proj.lora_A.weight; is it an adapter for a different model?)")
+    if not pairs:
+        raise EmberError(f"{wfile}: no LoRA weights in the file")
+    incomplete = [n for n, p in pairs.items() if len(p) != 2]
+    if incomplete:
+        raise EmberError(f"{wfile}: lora_A or lora_B missing for {incomplete[:3]}")
+    missing = [n for n in cands if n not in pairs and _EMBER_NAME.fullmatch(n)
+               and _peft_targets(config, hf_module_name(n))]
+    if missing:
+        raise EmberError(f"{wfile}: adapter_config targets {len(missing)} modules with no "
+                         f"weights in the file, e.g. {[hf_module_name(n) for n in missing[:3]]}")
+    r0, alpha0 = config["r"], config["lora_alpha"]
+    rank_pat, alpha_pat = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    dropout, rslora = float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora"))
+    plan = {}
+    for name in sorted(pairs, key=_natural_key):
+        A, B = pairs[name]["lora_A"], pairs[name]["lora_B"]
+        hf = hf_module_name(name)
+        mod = cands[name]
+        in_f, out_f = _features(mod.base if isinstance(mod, LoRALinear) else mod)
+        r = _pattern_value(rank_pat, hf, r0)
+        if A.ndim != 2 or B.ndim != 2 or A.shape != (r, in_f) or B.shape != (out_f, r):
+            raise EmberError(f"{wfile}: {hf}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
+                             f"do not fit this model, expected ({r}, {in_f}) / ({out_f}, {r}) "
+                             "(rank from adapter_config r/rank_pattern)")
+        plan[name] = (A, B, r, float(_pattern_value(alpha_pat, hf, alpha0)))
+    if not lora_modules(model):
+        for p in model.parameters():
+            p.requires_grad_(False)
+    with torch.no_grad():
+        for attr, t in full.items():
+            getattr(model, attr).weight.copy_(t)
+    if full:
+        model.peft_modules_to_save = {n for n, (_, a) in _FULL_WEIGHTS.items() if a in full}
+    for name, (A, B, r, alpha) in plan.items():
+        mod = model.get_submodule(name)
+        if isinstance(mod, LoRALinear):
+            if mod.rank != r:
+                raise EmberError(f"{name} already has a rank-{mod.rank} adapter; the file has "
+                                 f"rank {r}")
+            mod.alpha, mod.scale = alpha, alpha / (math.sqrt(r) if rslora else r)
+        else:
+            mod = LoRALinear(mod, r, alpha, dropout=dropout, use_rslora=rslora)
+            _set_module(model, name, mod)
+        with torch.no_grad():
+            mod.lora_A.copy_(A)
+            mod.lora_B.copy_(B)
+    if head is not None:
+        with torch.no_grad():
+            model.score.weight.copy_(head)
+        model.score.weight.requires_grad_(True)  # trains with the adapters (modules_to_save)
+    return model
+
+
+def _adapter_head(model: nn.Module, config: dict, tensors: dict, wfile: Path):
+    """The classifier head weight of a SEQ_CLS adapter (removed from ``tensors``), or None."""
+    head = tensors.pop(HEAD_KEY, None)
+    score = getattr(model, "score", None)
+    if head is None and config.get("task_type") == "SEQ_CLS" and score is not None:
+        raise EmberError(f"{wfile}: a SEQ_CLS adapter without {HEAD_KEY}; its classifier head "
+                         "was not saved (modules_to_save)")
+    if head is None:
+        return None
+    if score is None:
+        raise EmberError(f"{wfile}: the adapter holds a classification head ({HEAD_KEY}) but "
+                         "the model has none: load the base as a classifier (an HF "
+                         "*ForSequenceClassification folder, or ember.models.heads."
+                         "add_classification_head)")
+    if tuple(head.shape) != tuple(score.weight.shape):
+        raise EmberError(f"{wfile}: {HEAD_KEY} has shape {tuple(head.shape)}, the model's head "
+                         f"{tuple(score.weight.shape)} (a different number of labels)")
+    return head

@@ -1,0 +1,243 @@
+"""Interop regressions against transformers on checkpoints as other tools write them: each case
+either matches transformers' logits (fp32, <= 1e-4) or is refused with an EmberError that names
+the feature."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ember import EmberError
+from ember.models.loading import load_pretrained, read_config, save_pretrained
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+VOCAB = 96
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=48,
+    intermediate_size=72,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+)
+
+
+def _save(tmp_path, name: str, config_cls: str = "LlamaConfig", **kw):
+    """A tiny random transformers model (every weight randomized, norms around 1), saved."""
+    config = getattr(transformers, config_cls)(**{**BASE, **kw})
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    g = torch.Generator().manual_seed(len(name))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.2 * noise if "norm" in n else 0.1 * noise)
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    return folder
+
+
+def _hf_logits(folder, ids):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, attn_implementation="eager"
+        ).eval()
+    with torch.no_grad():
+        return hf(ids).logits
+
+
+def _ids(T: int = 16):
+    return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(T))
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["head_equals_embedding", "head_differs"])
+def test_tied_config_with_a_stored_lm_head(tmp_path, same):
+    """tie_word_embeddings=true but model.safetensors also holds lm_head.weight: transformers
+    ties them when equal and keeps them apart when not; Ember used to drop the head silently."""
+    folder = _save(tmp_path, "tied", tie_word_embeddings=True)
+    sd = load_file(folder / "model.safetensors")
+    emb = sd["model.embed_tokens.weight"]
+    sd["lm_head.weight"] = emb.clone() if same else torch.randn(emb.shape) * 0.1
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    ids = _ids()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = load_pretrained(folder)
+    untied = [w for w in caught if "tie_word_embeddings=true" in str(w.message)]
+    assert model.cfg.tie_word_embeddings == same and len(untied) == (0 if same else 1)
+    with torch.no_grad():
+        assert (model(ids) - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+ROPE_CASES = {  # name -> (config class, kwargs); T=24 runs past original_max_position_embeddings
+    "llama_yarn": (
+        "LlamaConfig",
+        dict(rope_parameters={**YARN, "original_max_position_embeddings": 16}),
+    ),
+    "llama_yarn_default_context": ("LlamaConfig", dict(rope_parameters=YARN)),
+    "qwen3_yarn_deepseek_mscale": (
+        "Qwen3Config",
+        dict(
+            head_dim=16,
+            rope_parameters={
+                **YARN,
+                "original_max_position_embeddings": 16,
+                "mscale": 0.707,
+                "mscale_all_dim": 1.0,
+                "beta_fast": 16.0,
+                "beta_slow": 2.0,
+                "truncate": False,
+            },
+        ),
+    ),
+    "qwen2_yarn_attention_factor": (
+        "Qwen2Config",
+        dict(
+            rope_parameters={**YARN, "original_max_position_embeddings": 8, "attention_factor": 0.8}
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_yarn_rope_matches_transformers_and_exports(tmp_path, case):
+    """YaRN (Qwen2.5/Qwen3 long-context configs) used to be refused."""
+    cls, kw = ROPE_CASES[case]
+    folder = _save(tmp_path, case, cls, **kw)
+    ids = _ids(24)
+    model, _ = load_pretrained(folder)
+    assert model.cfg.rope_scaling.kind == "yarn"
+    with torch.no_grad():
+        ours = model(ids)
+    assert (ours - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
+    save_pretrained(model, tmp_path / "export")
+    assert read_config(tmp_path / "export") == model.cfg
+    with torch.no_grad():
+        assert (ours - _hf_logits(tmp_path / "export", ids)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_rope_types_without_a_static_table_are_refused(tmp_path, rope_type):
+    """dynamic NTK and LongRoPE change the frequencies with the sequence length: refused."""
+    folder = _save(tmp_path, "llama", rope_parameters={"rope_type": "linear", "factor": 2.0})
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    rope = {"rope_type": rope_type, "rope_theta": 1e4, "factor": 2.0}
+    if rope_type == "longrope":
+        rope = {**rope, "short_factor": [1.0] * 6, "long_factor": [2.0] * 6}
+    path.write_text(json.dumps({**raw, "rope_parameters": rope, "rope_scaling": None}))
+    with pytest.raises(EmberError, match=f"rope type '{rope_type}' is not supported"):
+        load_pretrained(folder)
+
+
+PHI3 = dict(pad_token_id=None, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.mark.parametrize(
+    "case,kw",
+    [
+        ("phi3_window", dict(sliding_window=5)),  # Phi-3-mini-4k has a 2047-token window
+        # official Phi-3 configs say attention_bias=false; transformers ignores it either way
+        (
+            "phi3_tied_mha",
+            dict(tie_word_embeddings=True, num_key_value_heads=4, attention_bias=True),
+        ),
+    ],
+)
+def test_phi3_fused_projections_load_and_export(tmp_path, case, kw):
+    """Phi-3 (fused qkv_proj / gate_up_proj) used to be refused as an unknown model_type."""
+    folder = _save(tmp_path, case, "Phi3Config", **PHI3, **kw)
+    ids = _ids(24)
+    model, _ = load_pretrained(folder)
+    assert model.cfg.model_type == "phi3" and model.cfg.sliding_window == kw.get("sliding_window")
+    with torch.no_grad():
+        ours = model(ids)
+    assert (ours - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
+    save_pretrained(model, tmp_path / "export")
+    stored = load_file(folder / "model.safetensors")
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    assert set(exported) == set(stored) and all(torch.equal(exported[k], stored[k]) for k in stored)
+    # QLoRA base: quantized while loading; saved dequantized (bnb cannot hold fused weights)
+    nf4, _ = load_pretrained(folder, quantize="nf4")
+    with pytest.raises(EmberError, match="dequantize=True"):
+        save_pretrained(nf4, tmp_path / "nf4")
+    save_pretrained(nf4, tmp_path / "dense", dequantize=True)
+    with torch.no_grad():
+        assert (nf4(ids) - _hf_logits(tmp_path / "dense", ids)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 6}}, "longrope"),
+        ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}, "partial"),
+        ({"resid_pdrop": 0.1}, "resid_pdrop"),
+        (
+            {
+                "quantization_config": {
+                    "quant_method": "bitsandbytes",
+                    "load_in_4bit": True,
+                    "bnb_4bit_quant_type": "nf4",
+                }
+            },
+            "4-bit Phi-3",
+        ),
+    ],
+)
+def test_phi3_what_ember_cannot_compute_is_refused(tmp_path, change, needle):
+    folder = _save(tmp_path, "phi3", "Phi3Config", **PHI3)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(EmberError, match=needle):
+        load_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "case,kw",
+    [
+        ("gemma_mqa", dict(head_dim=16, num_key_value_heads=1)),
+        ("gemma_untied_bias_legacy_gelu", dict(tie_word_embeddings=False, attention_bias=True)),
+    ],
+)
+def test_gemma_loads_and_exports(tmp_path, case, kw):
+    """Gemma (v1): (1 + w) norms, sqrt(hidden) embedding scale, GeGLU; was refused."""
+    folder = _save(tmp_path, case, "GemmaConfig", **kw)
+    if "legacy" in case:  # the original Gemma releases say "gelu" and mean the tanh GELU
+        path = folder / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "hidden_act": "gelu"}))
+    ids = _ids()
+    model, _ = load_pretrained(folder)
+    assert model.cfg.norm_offset == 1.0 and model.cfg.activation == "gelu_tanh"
+    with torch.no_grad():
+        ours = model(ids)
+    assert (ours - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
+    save_pretrained(model, tmp_path / "export")
+    assert read_config(tmp_path / "export") == model.cfg
+    with torch.no_grad():
+        assert (ours - _hf_logits(tmp_path / "export", ids)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "config_cls,model_type",
+    [
+        ("Gemma2Config", "gemma2"),  # post-norms, softcaps, alternating windows
+        ("Gemma3TextConfig", "gemma3_text"),
+        ("Olmo2Config", "olmo2"),
+        ("CohereConfig", "cohere"),
+        ("GPTNeoXConfig", "gpt_neox"),
+        ("GraniteConfig", "granite"),  # embedding/residual/attention/logits multipliers
+    ],
+)
+def test_unsupported_families_are_refused_by_name(tmp_path, config_cls, model_type):
+    folder = _save(tmp_path, model_type, config_cls, pad_token_id=None, eos_token_id=2)
+    with pytest.raises(EmberError, match=f"model_type '{model_type}' is not supported"):
+        load_pretrained(folder)

@@ -1,0 +1,250 @@
+"""PEFT adapters as peft 0.21 writes them, loaded by Ember: plain LoRA math loads with PEFT's
+logits; anything else (variants, trained biases, embeddings/heads, base-changing inits) is refused
+with an EmberError that names it."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.models.loading import load_pretrained
+from ember.models.lora import LoRAConfig, apply_lora, load_adapter, lora_modules, save_adapter
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+VOCAB = 96
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """Tiny random Llamas, without and with biases (attention_bias sets q/k/v/o biases), and a
+    Phi-3 (fused qkv_proj / gate_up_proj)."""
+    root = tmp_path_factory.mktemp("peft_bases")
+    out = {}
+    phi3 = dict(pad_token_id=None, eos_token_id=2, sliding_window=5)
+    kinds = {
+        "plain": {},
+        "biased": dict(attention_bias=True),
+        "tied": dict(tie_word_embeddings=True),
+    }
+    for name, kw in {**kinds, "phi3": phi3}.items():
+        config = (transformers.Phi3Config if name == "phi3" else transformers.LlamaConfig)(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            **kw,
+        )
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        g = torch.Generator().manual_seed(len(name))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_((1 if "norm" in n else 0) + 0.1 * torch.randn(p.shape, generator=g))
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def _peft_adapter(base, out, save_kw=None, edit_base=None, **lora_kw):
+    """A PEFT adapter with random A and B (init_lora_weights=False), and PEFT's logits."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+        lora_kw.setdefault("init_lora_weights", False)
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, **lora_kw))
+        if edit_base is not None:
+            edit_base(pm.base_model.model)
+        pm.save_pretrained(out, **(save_kw or {}))
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return ids, pm.eval()(ids).logits
+
+
+def _double_embedding(model):
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(2)
+
+
+@pytest.mark.parametrize(
+    "case,base,kw",
+    [
+        # bias="all"/"lora_only" on a model without biases saves a plain LoRA (was refused)
+        ("bias_all_no_biases", "plain", dict(target_modules="all-linear", bias="all")),
+        ("bias_lora_only_no_biases", "plain", dict(target_modules=["q_proj"], bias="lora_only")),
+        # save_embedding_layers=True with the base's own embedding: a no-op copy (was refused)
+        (
+            "unchanged_embeddings",
+            "plain",
+            dict(target_modules=["v_proj"], save_kw=dict(save_embedding_layers=True)),
+        ),
+        (
+            "orthogonal_init",
+            "plain",
+            dict(target_modules=["q_proj"], init_lora_weights="orthogonal"),
+        ),
+    ],
+)
+def test_plain_lora_math_loads_with_peft_logits(bases, tmp_path, case, base, kw):
+    ids, ref = _peft_adapter(bases[base], tmp_path / case, **kw)
+    model, _ = load_pretrained(bases[base])
+    load_adapter(model, tmp_path / case)
+    with torch.no_grad():
+        assert (model.eval()(ids) - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "case,base,kw,needle",
+    [
+        (
+            "trained_biases",
+            "biased",
+            dict(target_modules=["q_proj"], bias="lora_only"),
+            "trained base biases",
+        ),
+        (
+            "modules_to_save_tied",  # PEFT trains a copy of the head: unties it
+            "tied",
+            dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+            "tied embeddings",
+        ),
+        (
+            "modules_to_save_norm",
+            "plain",
+            dict(target_modules=["q_proj"], modules_to_save=["norm"]),
+            "modules_to_save",
+        ),
+        (
+            "lora_on_embedding",
+            "plain",
+            dict(target_modules=["q_proj", "embed_tokens"]),
+            "embedding or output head",
+        ),
+        (
+            "new_embeddings",
+            "plain",
+            dict(
+                target_modules=["q_proj"],
+                edit_base=_double_embedding,
+                save_kw=dict(save_embedding_layers=True),
+            ),
+            "embedding or output head",
+        ),
+    ],
+)
+def test_what_plain_lora_cannot_hold_is_refused(bases, tmp_path, case, base, kw, needle):
+    _peft_adapter(bases[base], tmp_path / case, **kw)
+    model, _ = load_pretrained(bases[base])
+    with pytest.raises(EmberError, match=needle):
+        load_adapter(model, tmp_path / case)
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        # LoRA variants of peft 0.21 whose forward differs (were loaded as plain LoRA)
+        ("alora_invocation_tokens", [5, 6], "alora_invocation_tokens"),
+        ("use_bdlora", {"nblocks": 2}, "use_bdlora"),
+        ("kasa_config", {}, "kasa_config"),  # an empty sub-config still turns KaSA on in PEFT
+        ("arrow_config", None, None),  # null: off
+        ("init_lora_weights", "lora_ga", "modified base model"),  # subtracts B A from the base
+        ("a_future_peft_field", {"on": True}, "a_future_peft_field"),
+    ],
+)
+def test_adapter_config_fields_that_change_the_math(bases, tmp_path, field, value, needle):
+    ids, ref = _peft_adapter(bases["plain"], tmp_path / "ad", target_modules=["q_proj"])
+    path = tmp_path / "ad" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    model, _ = load_pretrained(bases["plain"])
+    if needle is None:
+        load_adapter(model, tmp_path / "ad")
+        with torch.no_grad():
+            assert (model.eval()(ids) - ref).abs().max().item() <= 1e-4
+    else:
+        with pytest.raises(EmberError, match=needle):
+            load_adapter(model, tmp_path / "ad")
+
+
+def _peft_logits(base, adapter, ids):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+        pm = peft.PeftModel.from_pretrained(hf, adapter).eval()
+    with torch.no_grad():
+        return pm(ids).logits
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(
+            target_modules="all-linear", rank_pattern={"qkv_proj": 2}, alpha_pattern={"o_proj": 3}
+        ),
+        dict(target_modules=["gate_up_proj", "qkv_proj"], use_rslora=True),
+    ],
+    ids=["all_linear_patterns", "fused_only_rslora"],
+)
+def test_phi3_fused_adapters_round_trip_through_peft(bases, tmp_path, kw):
+    """PEFT's LoRA on Phi-3's qkv_proj / gate_up_proj loads split over Ember's q/k/v and gate/up,
+    and Ember writes it back fused; both load with PEFT's logits."""
+    ids, ref = _peft_adapter(bases["phi3"], tmp_path / "peft", **kw)
+    model, _ = load_pretrained(bases["phi3"])
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert (model.eval()(ids) - ref).abs().max().item() <= 1e-4
+    save_adapter(model, tmp_path / "ember")
+    assert (_peft_logits(bases["phi3"], tmp_path / "ember", ids) - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("targets,rslora", [(("q", "v", "up"), False), (("k", "gate", "up"), True)])
+def test_phi3_ember_adapters_on_some_fused_parts_load_in_peft(bases, tmp_path, targets, rslora):
+    """Ember trains q/k/v with separate A's (and may skip some): exported block-diagonally."""
+    model, _ = load_pretrained(bases["phi3"])
+    apply_lora(model, LoRAConfig(rank=3, alpha=5, targets=targets, use_rslora=rslora))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.eval()(ids)
+    save_adapter(model, tmp_path / "ember")
+    assert (_peft_logits(bases["phi3"], tmp_path / "ember", ids) - ours).abs().max().item() <= 1e-4
+
+
+def _train_saved_copies(model):
+    """Move PEFT's modules_to_save copies away from the base weights, as training would."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("modules", [["lm_head"], ["embed_tokens", "lm_head"]])
+def test_modules_to_save_round_trip_through_peft(bases, tmp_path, modules):
+    """Trained full copies of the head / embedding (modules_to_save) used to be refused: they
+    replace the model's own weights, and save_adapter writes them back for PEFT."""
+    ids, ref = _peft_adapter(
+        bases["plain"],
+        tmp_path / "peft",
+        target_modules=["q_proj"],
+        modules_to_save=modules,
+        edit_base=_train_saved_copies,
+    )
+    model, _ = load_pretrained(bases["plain"])
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert (model.eval()(ids) - ref).abs().max().item() <= 1e-4
+    save_adapter(model, tmp_path / "ember")
+    saved = json.loads((tmp_path / "ember" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == sorted(modules)
+    assert (_peft_logits(bases["plain"], tmp_path / "ember", ids) - ref).abs().max().item() <= 1e-4
