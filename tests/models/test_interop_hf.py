@@ -17,17 +17,10 @@ from ember.models.loading import load_pretrained, read_config, save_pretrained
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 
-VOCAB = 96
-BASE = dict(
-    vocab_size=VOCAB,
-    hidden_size=48,
-    intermediate_size=72,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-)
+from tests.models.test_hf import BASE as _HF_BASE  # noqa: E402
+from tests.models.test_hf import VOCAB  # noqa: E402
+
+BASE = {**_HF_BASE, "hidden_size": 48}
 
 
 def _save(tmp_path, name: str, config_cls: str = "LlamaConfig", **kw):
@@ -52,6 +45,17 @@ def _hf_logits(folder, ids):
         ).eval()
     with torch.no_grad():
         return hf(ids).logits
+
+
+def _assert_parity_and_export(model, folder, ids, tmp_path):
+    """Ember's logits equal transformers' on ``folder``, and on Ember's own export of it."""
+    with torch.no_grad():
+        ours = model(ids)
+    assert (ours - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
+    save_pretrained(model, tmp_path / "export")
+    assert read_config(tmp_path / "export") == model.cfg
+    with torch.no_grad():
+        assert (ours - _hf_logits(tmp_path / "export", ids)).abs().max().item() <= 1e-4
 
 
 def _ids(T: int = 16):
@@ -116,13 +120,7 @@ def test_yarn_rope_matches_transformers_and_exports(tmp_path, case):
     ids = _ids(24)
     model, _ = load_pretrained(folder)
     assert model.cfg.rope_scaling.kind == "yarn"
-    with torch.no_grad():
-        ours = model(ids)
-    assert (ours - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
-    save_pretrained(model, tmp_path / "export")
-    assert read_config(tmp_path / "export") == model.cfg
-    with torch.no_grad():
-        assert (ours - _hf_logits(tmp_path / "export", ids)).abs().max().item() <= 1e-4
+    _assert_parity_and_export(model, folder, ids, tmp_path)
 
 
 @pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
@@ -217,13 +215,7 @@ def test_gemma_loads_and_exports(tmp_path, case, kw):
     ids = _ids()
     model, _ = load_pretrained(folder)
     assert model.cfg.norm_offset == 1.0 and model.cfg.activation == "gelu_tanh"
-    with torch.no_grad():
-        ours = model(ids)
-    assert (ours - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
-    save_pretrained(model, tmp_path / "export")
-    assert read_config(tmp_path / "export") == model.cfg
-    with torch.no_grad():
-        assert (ours - _hf_logits(tmp_path / "export", ids)).abs().max().item() <= 1e-4
+    _assert_parity_and_export(model, folder, ids, tmp_path)
 
 
 @pytest.mark.parametrize(
