@@ -73,6 +73,7 @@ from ember.engine.runtime import (
     memory_gib,
     resolve,
 )
+from ember.engine.stages import describe as describe_start
 from ember.engine.state import Progress, export_final, open_run, restore, save
 from ember.models.lora import lora_modules
 
@@ -154,6 +155,8 @@ class Trainer:
         self.echo(f"run {cfg.out_dir}: {cfg.model.name} ({n_all / 1e6:.1f}M params), {what}, "
                   f"{n_train / 1e6:.2f}M trainable; {where}, {cfg.precision}, "
                   f"{torch.get_num_threads()} threads{ckpt}")
+        if cfg.model.init is not None:
+            self.echo(describe_start(cfg))
         if cfg.model.quantize and not self.device.startswith("cuda"):
             self.echo("note: QLoRA on a CPU dequantizes every 4-bit weight in PyTorch at each use "
                       "(about 20x slower than LoRA on SmolLM2-135M, measured); on a CPU, LoRA on "
