@@ -4,7 +4,10 @@ Formats (one JSON object per line; ``format="auto"`` picks the file's format fro
     {"text": "..."}                                     loss on every token
     {"prompt": "...", "completion": "..."}              loss on the completion (+ EOS)
     {"messages": [{"role": "user", "content": "..."}, ...]}   loss on assistant turns
-    {"prompt": "...", "chosen": "...", "rejected": "..."}     a preference pair (objective = "dpo")
+    {"prompt": "...", "chosen": "...", "rejected": "..."}     a preference pair (objective = "dpo");
+        or TRL's chat form: "prompt", "chosen", "rejected" as message lists, or only "chosen" and
+        "rejected" as whole conversations (the shared prompt is their common prefix); see
+        ``ember.engine.preference``
 Prompt/completion pairs are rendered as a user/assistant chat with the tokenizer's chat template
 when it has one (``use_chat_template``), else concatenated as-is (put any separator in the prompt).
 A preference line becomes one ``Example`` of two documents (``parts``): prompt + chosen, then
@@ -185,14 +188,10 @@ def _parse(obj: dict, fmt: str):
         if not completion.strip():
             raise _Bad("empty completion", "empty completion")
         return prompt, completion
-    if fmt == "preference":
-        prompt, chosen, rejected = (_get_str(obj, k) for k in ("prompt", "chosen", "rejected"))
-        for name, v in (("chosen", chosen), ("rejected", rejected)):
-            if not v.strip():
-                raise _Bad("empty completion", f"empty {name} completion")
-        if chosen == rejected:
-            raise _Bad("identical pair", "chosen and rejected are identical: no preference")
-        return prompt, chosen, rejected
+    if fmt == "preference":  # strings or chat messages: ember.engine.preference
+        from ember.engine.preference import parse_pair
+
+        return parse_pair(obj)
     if "messages" not in obj:
         raise _Bad("missing field", f"missing field 'messages' (keys present: {sorted(obj)})")
     msgs = obj["messages"]
@@ -393,7 +392,9 @@ class _Reader:
         try:
             rec = self.record(line)  # fixes self.fmt on the first line
             if self.fmt == "preference":
-                docs = [self.enc.encode("prompt_completion", (rec[0], c)) for c in rec[1:]]
+                from ember.engine.preference import encode_pair
+
+                docs = encode_pair(self.enc, rec)
             else:
                 docs = [self.enc.encode(self.fmt, rec)]
         except _Bad as e:
@@ -410,7 +411,7 @@ class _Reader:
             return Example(ids, labels, where, prompt_len, docs[0][3], key)
         # A pair: the chosen document first; generation metrics use its prompt and completion.
         return Example([t for f in fitted for t in f[0]], [t for f in fitted for t in f[1]], where,
-                       fitted[0][2], rec[1], key, parts=tuple(len(f[0]) for f in fitted))
+                       fitted[0][2], rec.reference, key, parts=tuple(len(f[0]) for f in fitted))
 
     def _fit(self, lineno: int, ids, mask, prompt_len):
         """(ids, labels, prompt_len) of one document after the over-long policy, or None."""
