@@ -95,6 +95,9 @@ def _cmd_eval(a) -> None:
 
     model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
     data = a.data or data_cfg.test or data_cfg.validation
+    if isinstance(data, tuple):
+        raise EmberError(f"the run has {len(data)} validation files and no test file; choose "
+                         "one with --data FILE.jsonl")
     if data is None:
         raise EmberError("give the examples to score with --data FILE.jsonl")
     examples, report = load_examples(data, data_cfg, tok)

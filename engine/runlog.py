@@ -80,6 +80,11 @@ class MetricsLog:
         axes[0].set_yscale("log")
         axes[0].legend()
         for name in names:
+            if name.startswith("val_loss/"):  # per-source validation loss (data.validation)
+                axes[0].plot([r["step"] for r in evals if name in r],
+                             [r[name] for r in evals if name in r], "o--", label=name)
+                axes[0].legend()
+                continue
             if name in ("val_loss", "perplexity"):
                 continue
             pts = [r for r in evals if name in r]

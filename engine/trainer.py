@@ -62,6 +62,7 @@ from ember.engine.distributed import (
 )
 from ember.engine.evaluation import generation_eval
 from ember.engine.guards import GracefulStop, NonFiniteGuard, oom_guard, resume_command
+from ember.engine.mixing import per_source_scores
 from ember.engine.objectives import make_objective
 from ember.engine.runlog import MetricsLog, format_scores
 from ember.engine.runtime import (
@@ -171,6 +172,9 @@ class Trainer:
             scores.update(self.objective.val_scores(
                 self.model, ds.validation, cfg.data.tokens_per_batch, self.device, self.autocast,
                 cfg.eval.max_val_batches))
+            scores.update(per_source_scores(  # data.validation per source: val_loss/<name>
+                self.objective, ds.val_sources, self.model, cfg.data.tokens_per_batch,
+                self.device, self.autocast, cfg.eval.max_val_batches))
         split = self._gen_split()
         if cfg.eval.metrics and split is not None:
             res = generation_eval(self.model, self.tokenizer, split[1], cfg.eval.metrics,
