@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from ember import EmberError
+from ember.engine.cli import main as cli
+from ember.engine.config import to_toml
 from ember.engine.data import PackedBatches, load_datasets
 from ember.engine.losses import sft_loss
 from ember.engine.state import load_run_model
@@ -51,7 +53,16 @@ def sft_lora(tiny, tmp_path_factory):
 def test_lora_stage_continues_exactly(tiny, sft_lora, tmp_path):
     stage1 = [r for r in rows_of(sft_lora) if r["kind"] == "eval"][-1]
     run = tmp_path / "s2"
-    t, res = _stage(tiny, run, "max_steps=2", f'model.init="{sft_lora}"', "lora.dropout=0.1")
+    # rank = 16, alpha = 32 are the defaults, i.e. "not set": the adapter's values are taken.
+    t, res = _stage(
+        tiny,
+        run,
+        "max_steps=2",
+        f'model.init="{sft_lora}"',
+        "lora.dropout=0.1",
+        "lora.rank=16",
+        "lora.alpha=32",
+    )
     # rank / alpha / targets come from the adapter; a changed training setting (dropout) applies.
     lora = t.cfg.lora
     assert (lora.rank, lora.alpha, lora.targets, lora.dropout) == (
@@ -68,8 +79,15 @@ def test_lora_stage_continues_exactly(tiny, sft_lora, tmp_path):
     batch = next(iter(PackedBatches.from_config(examples, t.cfg.data)))
     with torch.no_grad():
         ref = float(sft_loss(model.eval(), batch, batch.num_loss_tokens))
+    # Through `ember train CONFIG.toml`, with [model] init in the file.
     run_b = tmp_path / "s2b"
-    _stage(tiny, run_b, "max_steps=1", f'model.init="{sft_lora}"')
+    toml = tmp_path / "stage2.toml"
+    toml.write_text(
+        to_toml(tiny_config(tiny, run_b, *FAST, "max_steps=1", "plot=false")).replace(
+            "[model]\n", f"[model]\ninit = {json.dumps(str(sft_lora))}\n"
+        )
+    )
+    assert cli(["train", str(toml)]) == 0
     assert _first_loss(run_b) == pytest.approx(ref, rel=1e-6)
     # The continued adapter moved on from stage 1's, on the same modules, for the same base.
     a = lora_state_dict(load_run_model(sft_lora, "cpu")[0])
@@ -192,3 +210,23 @@ def test_start_errors(tiny, sft_lora, tmp_path):
     _stage(tiny, unfinished, "max_steps=1", "checkpoint.save_final=false", "eval.val_loss=false")
     with pytest.raises(EmberError, match="has no final/adapter"):
         cfg(f'model.init="{unfinished}"')
+
+
+def test_resumed_dpo_stage_keeps_the_stage1_reference(tiny, sft_lora, prefs, tmp_path):
+    """The reference is the adapter as loaded from model.init, not the checkpoint's: a DPO stage
+    stopped and resumed logs what an uninterrupted one does."""
+    extra = (
+        'objective="dpo"',
+        f'data.train=["{prefs}"]',
+        f'data.validation="{prefs}"',
+        "max_steps=4",
+        "checkpoint.every_steps=2",
+        "eval.every_steps=2",
+        f'model.init="{sft_lora}"',
+        *FAST,
+    )
+    train(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
+    cfg_b = tiny_config(tiny, tmp_path / "b", *extra)
+    train(cfg_b, echo=quiet, progress=False, stop_after=2)
+    train(cfg_b, resume=True, echo=quiet, progress=False)
+    assert rows_of(tmp_path / "a", timing=False) == rows_of(tmp_path / "b", timing=False)
