@@ -326,17 +326,18 @@ def adapter_snapshot(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 @contextlib.contextmanager
 def adapters_swapped(model, snapshot: dict):
-    """The model with the snapshot's adapter weights inside the block (no gradients), its own
-    weights back afterwards, bit for bit."""
+    """The model with the snapshot's adapter weights inside the block (no gradients, no LoRA
+    dropout: the reference is deterministic), its own weights back afterwards, bit for bit."""
     mods = lora_modules(model)
     if set(mods) != set(snapshot):
         raise EmberError("the model's adapters are not those of the reference snapshot")
     saved = {}
     with torch.no_grad():
         for n, m in mods.items():
-            saved[n] = (m.lora_A.detach().clone(), m.lora_B.detach().clone())
+            saved[n] = (m.lora_A.detach().clone(), m.lora_B.detach().clone(), m.dropout)
             m.lora_A.copy_(snapshot[n][0])
             m.lora_B.copy_(snapshot[n][1])
+            m.dropout = None
     try:
         yield model
     finally:
@@ -344,6 +345,7 @@ def adapters_swapped(model, snapshot: dict):
             for n, m in mods.items():
                 m.lora_A.copy_(saved[n][0])
                 m.lora_B.copy_(saved[n][1])
+                m.dropout = saved[n][2]
 
 
 def describe(cfg: TrainConfig) -> str:

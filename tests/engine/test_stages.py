@@ -230,3 +230,28 @@ def test_resumed_dpo_stage_keeps_the_stage1_reference(tiny, sft_lora, prefs, tmp
     train(cfg_b, echo=quiet, progress=False, stop_after=2)
     train(cfg_b, resume=True, echo=quiet, progress=False)
     assert rows_of(tmp_path / "a", timing=False) == rows_of(tmp_path / "b", timing=False)
+
+
+def test_adapters_swapped_is_the_snapshot_without_dropout():
+    from ember.engine.stages import adapter_snapshot, adapters_swapped
+    from ember.models.lora import lora_modules
+    from tests.engine._tiny import CFG, make_model
+
+    model = make_model("lora")
+    for m in lora_modules(model).values():
+        m.dropout = torch.nn.Dropout(0.5)
+        torch.nn.init.normal_(m.lora_B)
+    snap = adapter_snapshot(model)
+    ids = torch.randint(0, CFG.vocab_size, (1, 12))
+    with torch.no_grad():
+        want = model.eval()(ids)
+    model.train()
+    before = lora_state_dict(model)
+    for m in lora_modules(model).values():  # training moves the adapter on
+        torch.nn.init.normal_(m.lora_A)
+    moved = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    with torch.no_grad(), adapters_swapped(model, snap) as ref:
+        assert torch.equal(ref(ids), want) and torch.equal(ref(ids), want)
+        assert all(torch.equal(v, before[k]) for k, v in lora_state_dict(model).items())
+    assert all(torch.equal(v, moved[k]) for k, v in lora_state_dict(model).items())
+    assert all(m.dropout is not None for m in lora_modules(model).values())
