@@ -91,7 +91,8 @@ class MetricsLog:
             axes[1].plot([r["step"] for r in pts], [r[name] for r in pts], "o-", label=name)
         if names:
             axes[1].set_xlabel("step")
-            axes[1].legend()
+            if axes[1].lines:  # (only val_loss / perplexity: they are on the left plot)
+                axes[1].legend()
         fig.tight_layout()
         fig.savefig(self.run_dir / "metrics.png", dpi=100)
         plt.close(fig)
