@@ -15,7 +15,7 @@ from ember.engine.data import DataConfig, PackedBatches, load_datasets
 from ember.engine.evaluation import validation_loss
 from ember.engine.mixing import quotas, source_names
 from ember.engine.state import load_run_model
-from ember.engine.trainer import train
+from ember.engine.trainer import Trainer, train
 from tests.engine._tiny import make_examples, quiet, rows_of, tiny_config, tiny_rows, write_jsonl
 
 
@@ -164,16 +164,14 @@ def test_training_logs_per_source_validation_loss(tiny, two_tasks, tmp_path):
 
 
 def test_mixed_run_resumes_exactly(tiny, two_tasks, tmp_path):
-    extra = (
-        "max_steps=8",
-        "checkpoint.every_steps=3",
-        "eval.every_steps=4",
-        "lora.dropout=0.1",
-        "data.tokens_per_batch=64",
-    )  # 8 steps: about 3 epochs of ~3 batches
-    train(_mix_config(tiny, two_tasks, tmp_path / "a", *extra), echo=quiet, progress=False)
+    # 3 batches per epoch: stopped in the middle of epoch 0, resumed into epoch 1.
+    extra = ("max_steps=5", "eval.every_steps=2", "lora.dropout=0.1")
+    t = Trainer(_mix_config(tiny, two_tasks, tmp_path / "a", *extra), echo=quiet, progress=False)
+    t.run()
+    ds = t.datasets
+    assert len(PackedBatches.from_config(ds.train, t.cfg.data).plan(0)) == 3
     cfg_b = _mix_config(tiny, two_tasks, tmp_path / "b", *extra)
-    train(cfg_b, echo=quiet, progress=False, stop_after=5)
+    train(cfg_b, echo=quiet, progress=False, stop_after=2)
     train(cfg_b, resume=True, echo=quiet, progress=False)
     assert rows_of(tmp_path / "a", timing=False) == rows_of(tmp_path / "b", timing=False)
     with pytest.raises(EmberError, match="data"):
