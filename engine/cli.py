@@ -99,6 +99,9 @@ def _cmd_eval(a) -> None:
 
     model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
     data = a.data or data_cfg.test or data_cfg.validation
+    if isinstance(data, tuple):
+        raise EmberError(f"the run has {len(data)} validation files and no test file; choose "
+                         "one with --data FILE.jsonl")
     if data is None:
         raise EmberError("give the examples to score with --data FILE.jsonl")
     from ember.models.heads import is_classifier
@@ -137,6 +140,7 @@ def _cmd_eval(a) -> None:
 def _cmd_export(a) -> None:
     import torch
 
+    from ember.engine.stages import base_of
     from ember.engine.state import load_run_model
     from ember.models.loading import save_pretrained
     from ember.models.lora import lora_modules, merge_lora, save_adapter
@@ -150,12 +154,12 @@ def _cmd_export(a) -> None:
         if not a.adapter:
             raise EmberError(f"{a.run_dir} is a prompt tuning run: its virtual tokens are inputs, "
                              "not weights to merge; use --adapter OUT (a PEFT adapter)")
-        out = save_prompt_adapter(model, a.adapter, base_model_name_or_path=cfg.model.name)
+        out = save_prompt_adapter(model, a.adapter, base_model_name_or_path=base_of(cfg))
     elif a.adapter:
         if not lora_modules(model):
             raise EmberError(f"{a.run_dir} is a full fine-tuning run: it has no adapter; use "
                              "--merged OUT to export the model")
-        out = save_adapter(model, a.adapter, base_model_name_or_path=cfg.model.name)
+        out = save_adapter(model, a.adapter, base_model_name_or_path=base_of(cfg))
     else:
         # A QLoRA run's 4-bit base is dequantized: the merged model is a plain bf16 HF model.
         nf4 = is_quantized(model)

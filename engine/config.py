@@ -46,8 +46,14 @@ class ModelSpec:
     # "nf4": QLoRA. The linear layers are quantized to NF4 (bitsandbytes-exact) while loading;
     # a checkpoint already in bitsandbytes 4-bit format loads as NF4 without this.
     quantize: str | None = None
+    # Start from an earlier stage's result: a run directory (its final adapter or model) or a
+    # PEFT adapter folder; ``name`` stays the base model it was trained on (engine/stages.py).
+    init: str | None = None
 
     def __post_init__(self) -> None:
+        if self.init is not None and not self.init.strip():
+            raise EmberError("model.init is empty: give a previous run directory or a PEFT "
+                             "adapter folder, or leave it out")
         if self.quantize is not None and self.quantize != "nf4":
             raise EmberError(f"model.quantize must be \"nf4\" (QLoRA) or left out, got "
                              f"{self.quantize!r}")

@@ -4,7 +4,10 @@ Formats (one JSON object per line; ``format="auto"`` picks the file's format fro
     {"text": "..."}                                     loss on every token
     {"prompt": "...", "completion": "..."}              loss on the completion (+ EOS)
     {"messages": [{"role": "user", "content": "..."}, ...]}   loss on assistant turns
-    {"prompt": "...", "chosen": "...", "rejected": "..."}     a preference pair (objective = "dpo")
+    {"prompt": "...", "chosen": "...", "rejected": "..."}     a preference pair (objective = "dpo");
+        or TRL's chat form: "prompt", "chosen", "rejected" as message lists, or only "chosen" and
+        "rejected" as whole conversations (the shared prompt is their common prefix); see
+        ``ember.engine.preference``
 Prompt/completion pairs are rendered as a user/assistant chat with the tokenizer's chat template
 when it has one (``use_chat_template``), else concatenated as-is (put any separator in the prompt).
 A preference line becomes one ``Example`` of two documents (``parts``): prompt + chosen, then
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember import EmberError
+from ember.engine.mixing import check_weights, describe, source_names
 from ember.engine.packing import (
     IGNORE,
     Batch,
@@ -70,7 +74,11 @@ MAX_PROBLEMS = 5  # problems quoted verbatim in a report; the rest are counted b
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     train: tuple[str, ...] = ()  # JSONL file(s)
-    validation: str | None = None  # a file, or carve val_fraction out of train
+    # Weights of the train files in every epoch (up/down-sampling; ember.engine.mixing); empty:
+    # the files concatenated, each example once per epoch.
+    mix: tuple[float, ...] = ()
+    # A file, or one per source (val_loss/<name> each), or carve val_fraction out of train
+    validation: str | tuple[str, ...] | None = None
     val_fraction: float = 0.0
     test: str | None = None
     format: str = "auto"
@@ -89,6 +97,13 @@ class DataConfig:
     def __post_init__(self) -> None:
         train = (self.train,) if isinstance(self.train, str) else tuple(self.train)
         object.__setattr__(self, "train", train)
+        if self.mix:
+            object.__setattr__(self, "mix", tuple(self.mix))
+            check_weights(self.mix, len(train))
+        if isinstance(self.validation, (list, tuple)):
+            object.__setattr__(self, "validation", tuple(self.validation))
+            if not self.validation:
+                raise EmberError("data.validation is an empty list: give files or leave it out")
         _one_of("format", self.format, FORMATS)
         _one_of("loss_on", self.loss_on, ("completion", "all"))
         _one_of("truncation", self.truncation, ("truncate_left", "truncate_right", "drop"))
@@ -185,14 +200,10 @@ def _parse(obj: dict, fmt: str):
         if not completion.strip():
             raise _Bad("empty completion", "empty completion")
         return prompt, completion
-    if fmt == "preference":
-        prompt, chosen, rejected = (_get_str(obj, k) for k in ("prompt", "chosen", "rejected"))
-        for name, v in (("chosen", chosen), ("rejected", rejected)):
-            if not v.strip():
-                raise _Bad("empty completion", f"empty {name} completion")
-        if chosen == rejected:
-            raise _Bad("identical pair", "chosen and rejected are identical: no preference")
-        return prompt, chosen, rejected
+    if fmt == "preference":  # strings or chat messages: ember.engine.preference
+        from ember.engine.preference import parse_pair
+
+        return parse_pair(obj)
     if "messages" not in obj:
         raise _Bad("missing field", f"missing field 'messages' (keys present: {sorted(obj)})")
     msgs = obj["messages"]
@@ -393,7 +404,9 @@ class _Reader:
         try:
             rec = self.record(line)  # fixes self.fmt on the first line
             if self.fmt == "preference":
-                docs = [self.enc.encode("prompt_completion", (rec[0], c)) for c in rec[1:]]
+                from ember.engine.preference import encode_pair
+
+                docs = encode_pair(self.enc, rec)
             else:
                 docs = [self.enc.encode(self.fmt, rec)]
         except _Bad as e:
@@ -410,7 +423,7 @@ class _Reader:
             return Example(ids, labels, where, prompt_len, docs[0][3], key)
         # A pair: the chosen document first; generation metrics use its prompt and completion.
         return Example([t for f in fitted for t in f[0]], [t for f in fitted for t in f[1]], where,
-                       fitted[0][2], rec[1], key, parts=tuple(len(f[0]) for f in fitted))
+                       fitted[0][2], rec.reference, key, parts=tuple(len(f[0]) for f in fitted))
 
     def _fit(self, lineno: int, ids, mask, prompt_len):
         """(ids, labels, prompt_len) of one document after the over-long policy, or None."""
@@ -482,11 +495,14 @@ class Datasets:
     validation: list[Example]
     test: list[Example] | None
     reports: list[DataReport]
+    val_sources: dict[str, list[Example]] = field(default_factory=dict)  # name -> examples
+    mixing: str = ""  # data.mix: each source's share of an epoch
 
     def summary(self) -> str:
         head = (f"train {len(self.train)}, validation {len(self.validation)}"
                 + ("" if self.test is None else f", test {len(self.test)}") + " examples")
-        return "\n".join([head] + [r.summary() for r in self.reports])
+        return "\n".join([head] + [r.summary() for r in self.reports]
+                         + ([self.mixing] if self.mixing else []))
 
 
 def load_datasets(cfg: DataConfig, tokenizer) -> Datasets:
@@ -499,10 +515,28 @@ def load_datasets(cfg: DataConfig, tokenizer) -> Datasets:
         reports.append(rep)
         return ex
 
-    train = [e for p in cfg.train for e in load(p)]
+    train = []
+    for group, path in enumerate(cfg.train):
+        for e in load(path):
+            e.group = group  # the source, for data.mix and per-source validation
+            train.append(e)
+    val_sources = {}
     if cfg.validation is not None:
-        val = load(cfg.validation)
+        files = [cfg.validation] if isinstance(cfg.validation, str) else list(cfg.validation)
+        loaded = [load(f) for f in files]
+        val = [e for examples in loaded for e in examples]
+        if len(files) > 1:
+            val_sources = dict(zip(source_names(files, "data.validation"), loaded, strict=True))
     else:
         train, val = split_examples(train, cfg.val_fraction, cfg.seed)
-    return Datasets(train, val, None if cfg.test is None else load(cfg.test), reports)
+        if val and len(cfg.train) > 1:
+            names = source_names(list(cfg.train), "data.train")
+            val_sources = {n: ex for g, n in enumerate(names)
+                           if (ex := [e for e in val if e.group == g])}
+    mixing = ""
+    if cfg.mix:
+        sizes = [sum(1 for e in train if e.group == g) for g in range(len(cfg.train))]
+        mixing = describe(sizes, cfg.mix, source_names(list(cfg.train), "data.train"))
+    test = None if cfg.test is None else load(cfg.test)
+    return Datasets(train, val, test, reports, val_sources, mixing)
 

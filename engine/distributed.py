@@ -198,7 +198,7 @@ def _global_fingerprint(batches: PackedBatches) -> str:
     # The fingerprint of the same data and batching seen by one process: equal across world
     # sizes (PackedBatches' own fingerprint includes rank and world size).
     one = PackedBatches(batches.examples, batches.tokens_per_batch, seed=batches.seed,
-                        order=batches.order, packing=batches.packing)
+                        order=batches.order, packing=batches.packing, mix=batches.mix)
     return one.fingerprint
 
 

@@ -5,9 +5,11 @@
                ``T^2 * KL`` to a frozen teacher (``[distill]``); both terms are token-weighted
                over the whole accumulated step, like SFT.
 ``"dpo"``      the DPO loss of preference pairs (``[dpo]``, data lines {"prompt", "chosen",
-               "rejected"}), averaged over the pairs of the whole step. The reference is the same
-               model with its LoRA adapters switched off; with full fine-tuning a frozen copy of
-               the starting model.
+               "rejected"}), averaged over the pairs of the whole step. The reference is the
+               starting model: the same model with its LoRA adapters switched off; with full
+               fine-tuning a frozen copy of the starting weights; after ``model.init`` the
+               earlier stage's result (a continued adapter: its loaded weights swapped in;
+               ``engine/stages.py``).
 
 An objective weighs each micro-batch (answer tokens, or pairs for DPO) so the trainer can divide
 every micro-batch's loss by the weight of the step, keeps sums of its own train metrics (reduced
@@ -33,6 +35,7 @@ from ember.engine.losses import (
     sft_loss,
 )
 from ember.engine.metrics import perplexity
+from ember.engine.stages import adapter_snapshot, adapters_swapped, continues_lora, frozen_start
 
 if TYPE_CHECKING:
     from ember.engine.config import TrainConfig
@@ -172,16 +175,24 @@ class DPO(SFT):
     def __init__(self, cfg: TrainConfig, device: str):
         super().__init__()
         self.cfg = cfg.dpo
-        self.ref_model = None
+        self.ref_model, self.ref_adapters = None, None
+        # The reference is the starting model (after model.init: the earlier stage's result).
+        self.snapshot = continues_lora(cfg)  # a continued adapter: a frozen copy of it
         if cfg.method == "full":  # no adapters to switch off: a frozen copy is the reference
-            self.ref_model, _ = _frozen_model(cfg.model.name, cfg.precision, device)
+            self.ref_model = frozen_start(cfg, device)
 
     def weight(self, batch) -> int:
         return batch.num_docs // 2
 
+    def check_model(self, model, tokenizer) -> None:
+        if self.snapshot:  # the built model holds the adapter as loaded (before any resume)
+            self.ref_adapters = adapter_snapshot(model)
+
     def reference(self, model):
         if self.ref_model is not None:
             return contextlib.nullcontext(self.ref_model)
+        if self.ref_adapters is not None:
+            return adapters_swapped(model, self.ref_adapters)
         return adapters_disabled(model)
 
     def _pair_loss(self, model, batch):

@@ -45,6 +45,7 @@ class Example:
     # Lengths of the documents packed together in this example (a DPO pair: chosen, rejected);
     # empty: one document. They stay in one batch, each its own document in ``cu_seqlens``.
     parts: tuple[int, ...] = ()
+    group: int = 0  # which training file it came from (data.mix, per-source validation)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -154,7 +155,7 @@ class PackedBatches:
 
     def __init__(self, examples: list[Example], tokens_per_batch: int, *, seed: int = 0,
                  order: str = "shuffle", packing: str = "best_fit", rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, mix: tuple[float, ...] = ()):
         _one_of("order", order, ("shuffle", "length", "file"))
         _one_of("packing", packing, ("best_fit", "greedy"))
         if not examples:
@@ -170,6 +171,16 @@ class PackedBatches:
         self.tokens_per_batch, self.seed, self.order, self.packing = (
             tokens_per_batch, seed, order, packing)
         self.rank, self.world_size = rank, world_size
+        # data.mix: each epoch draws its examples from the sources (Example.group) by weight.
+        self.mix = tuple(mix)
+        self._members = None
+        if self.mix:
+            self._members = [[] for _ in self.mix]
+            for i, e in enumerate(examples):
+                self._members[e.group].append(i)
+            empty = [g for g, m in enumerate(self._members) if not m]
+            if empty:
+                raise EmberError(f"data.mix: training source {empty[0]} has no examples")
         self.epoch, self.position = 0, 0
         self._cache: tuple[int, list[list[int]]] | None = None
         h = hashlib.blake2b(digest_size=16)
@@ -177,12 +188,14 @@ class PackedBatches:
                              world_size]).encode())
         for e in examples:
             h.update(e.key.encode())
+        if self.mix:  # (unmixed fingerprints stay as they were: old checkpoints still resume)
+            h.update(json.dumps([self.mix, [e.group for e in examples]]).encode())
         self.fingerprint = h.hexdigest()
 
     @classmethod
     def from_config(cls, examples: list[Example], cfg: DataConfig, **kw) -> PackedBatches:
         return cls(examples, cfg.tokens_per_batch, seed=cfg.seed, order=cfg.order,
-                   packing=cfg.packing, **kw)
+                   packing=cfg.packing, mix=cfg.mix, **kw)
 
     def plan(self, epoch: int) -> list[list[int]]:
         """Example indices of every batch of ``epoch`` for this rank."""
@@ -190,6 +203,10 @@ class PackedBatches:
             return self._cache[1]
         rng = random.Random(f"{self.seed}:{epoch}")  # str seeds hash stably across runs
         order = list(range(len(self.examples)))
+        if self.mix:
+            from ember.engine.mixing import epoch_indices
+
+            order = sorted(epoch_indices(self._members, self.mix, self.seed, epoch))
         if self.order == "shuffle":
             rng.shuffle(order)
         elif self.order == "length":

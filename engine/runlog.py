@@ -83,13 +83,19 @@ class MetricsLog:
         axes[0].set_yscale("log")
         axes[0].legend()
         for name in names:
+            if name.startswith("val_loss/"):  # per-source validation loss (data.validation)
+                axes[0].plot([r["step"] for r in evals if name in r],
+                             [r[name] for r in evals if name in r], "o--", label=name)
+                axes[0].legend()
+                continue
             if name in ("val_loss", "perplexity"):
                 continue
             pts = [r for r in evals if name in r]
             axes[1].plot([r["step"] for r in pts], [r[name] for r in pts], "o-", label=name)
         if names:
             axes[1].set_xlabel("step")
-            axes[1].legend()
+            if axes[1].lines:  # (only val_loss / perplexity: they are on the left plot)
+                axes[1].legend()
         fig.tight_layout()
         fig.savefig(self.run_dir / "metrics.png", dpi=100)
         plt.close(fig)

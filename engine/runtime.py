@@ -16,7 +16,7 @@ import torch
 from ember import EmberError
 from ember.engine.classification import attach_head, resolve_head, train_head
 from ember.engine.config import TrainConfig, from_dict, to_dict
-from ember.models.loading import load_pretrained
+from ember.engine.stages import load_start, resolve_start
 from ember.models.lora import apply_lora
 from ember.models.prompt_tuning import apply_prompt_tuning
 
@@ -73,7 +73,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             changes["test"] = str(folder / "test.jsonl")
         data = from_dict(type(data), {**to_dict(data), **changes})
     cfg = cfg.replace(device=device, precision=precision, model=model, optim=optim, data=data)
-    return resolve_head(cfg)
+    # A continued LoRA adapter's rank, alpha and targets; a classifier's labels and metrics.
+    return resolve_head(resolve_start(cfg))
 
 
 # Prompt tuning trains a few embeddings from scratch: PEFT's examples use 3e-2 .. 3e-1.
@@ -128,16 +129,19 @@ def freeze_parameters(model, freeze: tuple[str, ...], train_layers: tuple[int, .
 
 
 def build_model(cfg: TrainConfig, device: str):
-    model, tokenizer = load_pretrained(cfg.model.name, cfg.model.dtype, device,
-                                       quantize=cfg.model.quantize)
+    # model.init: an earlier stage's weights, its adapter already on when this method continues it
+    model, tokenizer, started = load_start(cfg, cfg.model.dtype, device)
     if tokenizer is None:
         raise EmberError(f"model {cfg.model.name!r} has no tokenizer.json; training needs one")
     attach_head(model, cfg, tokenizer)  # [head]: before LoRA / freezing, which leave it alone
     if cfg.method == "lora":
-        apply_lora(model, cfg.lora)
+        if not started:
+            apply_lora(model, cfg.lora)
     elif cfg.method == "prompt":
         pt = cfg.prompt_tuning
-        apply_prompt_tuning(model, pt.num_virtual_tokens, pt.init, pt.init_text, tokenizer)
+        if not started:
+            apply_prompt_tuning(model, pt.num_virtual_tokens, pt.init, pt.init_text,
+                                tokenizer)
     else:
         freeze_parameters(model, cfg.freeze, cfg.train_layers)
     if cfg.head.type is not None:

@@ -40,6 +40,7 @@ from ember.engine.distributed import (
 )
 from ember.engine.guards import NonFiniteGuard
 from ember.engine.runtime import build_model
+from ember.engine.stages import base_of
 from ember.models.loading import load_pretrained, save_pretrained
 from ember.models.lora import apply_lora, load_adapter, save_adapter
 from ember.models.prompt_tuning import load_prompt_adapter, save_prompt_adapter
@@ -142,11 +143,11 @@ def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | N
         if not info.is_main:
             return None
         model = _unsharded(model.cfg, cfg, state)
-    final = cfg.out_dir / "final"
+    final, base = cfg.out_dir / "final", base_of(cfg)
     if cfg.method == "prompt":  # one process (the trainer refuses FSDP)
-        return save_prompt_adapter(model, final / "adapter", base_model_name_or_path=cfg.model.name)
+        return save_prompt_adapter(model, final / "adapter", base_model_name_or_path=base)
     if lora:
-        return save_adapter(model, final / "adapter", base_model_name_or_path=cfg.model.name)
+        return save_adapter(model, final / "adapter", base_model_name_or_path=base)
     return save_pretrained(model, final / "model", tokenizer)
 
 
@@ -178,13 +179,13 @@ def load_run_model(run_dir: str | Path, device: str | None = None):
         attach_head(model, cfg, tok)  # saved as an HF classifier: check it is this run's
         return model, tok, cfg
     if cfg.method == "lora" and final_adapter.is_dir():
-        model, tok = load_pretrained(cfg.model.name, cfg.model.dtype, device,
+        model, tok = load_pretrained(base_of(cfg), cfg.model.dtype, device,
                                      quantize=cfg.model.quantize)
         attach_head(model, cfg, tok)  # the adapter brings the trained head (modules_to_save)
         load_adapter(model, final_adapter)
         return model, tok, cfg
     if cfg.method == "prompt" and final_adapter.is_dir():
-        model, tok = load_pretrained(cfg.model.name, cfg.model.dtype, device)
+        model, tok = load_pretrained(base_of(cfg), cfg.model.dtype, device)
         load_prompt_adapter(model, final_adapter)
         return model, tok, cfg
     latest = dcp.find_latest(dcp.checkpoint_root(run_dir))

@@ -61,6 +61,7 @@ from ember.engine.distributed import (
     shard_model,
 )
 from ember.engine.guards import GracefulStop, NonFiniteGuard, oom_guard, resume_command
+from ember.engine.mixing import per_source_scores
 from ember.engine.objectives import make_objective
 from ember.engine.runlog import MetricsLog, format_scores
 from ember.engine.runtime import (
@@ -72,6 +73,7 @@ from ember.engine.runtime import (
     memory_gib,
     resolve,
 )
+from ember.engine.stages import describe as describe_start
 from ember.engine.state import Progress, export_final, open_run, restore, save
 from ember.models.lora import lora_modules
 
@@ -155,6 +157,8 @@ class Trainer:
         self.echo(f"run {cfg.out_dir}: {cfg.model.name} ({n_all / 1e6:.1f}M params), {what}, "
                   f"{n_train / 1e6:.2f}M trainable; {where}, {cfg.precision}, "
                   f"{torch.get_num_threads()} threads{ckpt}")
+        if cfg.model.init is not None:
+            self.echo(describe_start(cfg))
         if cfg.model.quantize and not self.device.startswith("cuda"):
             self.echo("note: QLoRA on a CPU dequantizes every 4-bit weight in PyTorch at each use "
                       "(about 20x slower than LoRA on SmolLM2-135M, measured); on a CPU, LoRA on "
@@ -169,6 +173,9 @@ class Trainer:
             scores.update(self.objective.val_scores(
                 self.model, ds.validation, cfg.data.tokens_per_batch, self.device, self.autocast,
                 cfg.eval.max_val_batches))
+            scores.update(per_source_scores(  # data.validation per source: val_loss/<name>
+                self.objective, ds.val_sources, self.model, cfg.data.tokens_per_batch,
+                self.device, self.autocast, cfg.eval.max_val_batches))
         split = self._gen_split()
         if cfg.eval.metrics and split is not None:
             res = self.objective.task_eval(self.model, self.tokenizer, split[1], cfg.eval,

@@ -1,0 +1,121 @@
+"""Preference lines (``objective = "dpo"``): parsing and encoding one chosen/rejected pair.
+
+Three shapes, as TRL's preference datasets have them:
+
+    {"prompt": "...", "chosen": "...", "rejected": "..."}               strings
+    {"prompt": [messages], "chosen": [messages], "rejected": [messages]}  explicit prompt
+    {"chosen": [messages], "rejected": [messages]}                      implicit prompt
+
+Strings are rendered like a prompt/completion pair (``ember.engine.data``). Messages are rendered
+with the tokenizer's chat template: the shared prompt is ``prompt`` (explicit) or the longest
+common prefix of the two conversations (implicit), and after it ``chosen`` and ``rejected`` must
+each be exactly one assistant message. Log-probabilities (the labels) cover that final assistant
+response only (and its end-of-turn token); earlier assistant turns are part of the prompt. A pair
+whose conversations differ before their final assistant message is refused: its two answers
+would not answer the same prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ember.engine.data import _Bad, _get_str, _parse, _type_name
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str | list[dict]  # a string, or the shared messages
+    chosen: str | dict  # a string, or one assistant message
+    rejected: str | dict
+
+    @property
+    def reference(self) -> str:
+        """The chosen answer's text (generation metrics compare against it)."""
+        return self.chosen if isinstance(self.chosen, str) else self.chosen["content"]
+
+
+def _messages(obj: dict, key: str) -> list[dict]:
+    """Validated messages of ``obj[key]``; problems are named after ``key``."""
+    try:
+        return _parse({"messages": obj[key]}, "messages")
+    except _Bad as e:
+        why = e.why.replace("'messages'", repr(key)).replace("messages[", f"{key}[")
+        raise _Bad(e.kind, why) from None
+
+
+def _answer(msgs: list[dict], key: str, start: int) -> dict:
+    """The one assistant message of ``msgs[start:]`` (what follows the shared prompt)."""
+    rest = msgs[start:]
+    if len(rest) != 1 or rest[0]["role"] != "assistant":
+        roles = [m["role"] for m in rest]
+        raise _Bad(
+            "pair shape",
+            f"after the shared prompt ({start} messages) {key} must be "
+            f"exactly one assistant message, got {len(rest)} messages "
+            f"with roles {roles}",
+        )
+    return rest[0]
+
+
+def parse_pair(obj: dict) -> Pair:
+    """The pair of one preference line, validated; raises _Bad with the reason."""
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            raise _Bad("missing field", f"missing field {key!r} (keys present: {sorted(obj)})")
+    chat = isinstance(obj["chosen"], list)
+    if not chat:
+        if "prompt" not in obj:
+            raise _Bad(
+                "missing field",
+                "missing field 'prompt' (string chosen/rejected need "
+                "one; the implicit-prompt form takes message lists)",
+            )
+        prompt, chosen, rejected = (_get_str(obj, k) for k in ("prompt", "chosen", "rejected"))
+        for name, v in (("chosen", chosen), ("rejected", rejected)):
+            if not v.strip():
+                raise _Bad("empty completion", f"empty {name} completion")
+        pair = Pair(prompt, chosen, rejected)
+    else:
+        kinds = {k: _type_name(obj[k]) for k in ("prompt", "chosen", "rejected") if k in obj}
+        if set(kinds.values()) != {"array"}:
+            raise _Bad(
+                "wrong type",
+                f"prompt, chosen and rejected must be all strings or all "
+                f"message arrays, got {kinds}",
+            )
+        chosen, rejected = _messages(obj, "chosen"), _messages(obj, "rejected")
+        if "prompt" in obj:
+            prompt = _messages(obj, "prompt")
+            pair = Pair(prompt, _answer(chosen, "chosen", 0), _answer(rejected, "rejected", 0))
+        else:
+            n = 0
+            while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+                n += 1
+            if chosen == rejected:
+                raise _Bad("identical pair", "chosen and rejected are identical: no preference")
+            if n == 0:
+                raise _Bad(
+                    "pair shape",
+                    "chosen and rejected share no first message, so there "
+                    "is no prompt; give the prompt as a 'prompt' field",
+                )
+            pair = Pair(chosen[:n], _answer(chosen, "chosen", n), _answer(rejected, "rejected", n))
+    if pair.chosen == pair.rejected:
+        raise _Bad("identical pair", "chosen and rejected are identical: no preference")
+    return pair
+
+
+def encode_pair(enc, pair: Pair) -> list[tuple]:
+    """Two documents, chosen then rejected: (ids, target mask, prompt_len, reference) each, from
+    ``enc`` (``ember.engine.data._Encoder``)."""
+    if isinstance(pair.prompt, str):
+        return [
+            enc.encode("prompt_completion", (pair.prompt, c)) for c in (pair.chosen, pair.rejected)
+        ]
+    docs = []
+    for answer in (pair.chosen, pair.rejected):
+        ids, mask, prompt_len, reference = enc.encode("messages", [*pair.prompt, answer])
+        if enc.cfg.loss_on != "all":  # earlier assistant turns are context, not the answer
+            mask = [False] * prompt_len + mask[prompt_len:]
+        docs.append((ids, mask, prompt_len, reference))
+    return docs

@@ -1,0 +1,361 @@
+"""Sequential stages: a run that starts from a previous run's result (``model.init``).
+
+``model.init`` names a previous run directory (its ``final/`` output is used) or a PEFT adapter
+folder (LoRA or prompt tuning, ember's or PEFT's). ``model.name`` stays the *base* model, and
+must be the one the previous stage was trained on (checked; see ``same_base``). What the new stage
+starts from, by the previous result's kind (rows) and this stage's ``method`` (columns):
+
+    =============  ==============================  ============================  ===============
+    previous       lora                            full                          prompt
+    =============  ==============================  ============================  ===============
+    LoRA adapter   continue training that adapter  base + adapter merged         error
+    full model     new adapter on its weights      continue from its weights     new prompt on it
+    prompt         error                           error                         continue prompt
+    =============  ==============================  ============================  ===============
+
+Continuing an adapter keeps its rank, alpha, rsLoRA and target modules: ``resolve_start`` writes
+them into the resolved config. A ``[lora]`` setting left at its default takes the adapter's value;
+one set to another value is an error (``lora.dropout``, a training setting, may change).
+
+DPO after an earlier stage: the reference is the stage's *starting* model, i.e. the previous
+stage's result (the usual practice: the SFT model). With full fine-tuning it is a frozen copy of
+the starting weights; with LoRA and no earlier adapter it is the model with adapters switched
+off (the base, or the previous full model); with a continued LoRA adapter the reference is the
+adapter as loaded, kept as a frozen copy of its (small) weights and swapped in for the reference
+forward (``adapters_swapped``). So a continued adapter stays one adapter on the original base:
+``final/adapter`` of every stage applies to ``model.name`` directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ember import EmberError
+from ember.models.hub import builtin_model
+from ember.models.lora import (
+    SHORT_TARGETS,
+    LoRAConfig,
+    _natural_key,
+    _read_adapter,
+    ember_module_name,
+    load_adapter,
+    lora_modules,
+    merge_lora,
+    resolve_targets,
+)
+from ember.models.peft_adapter import _PEFT_KEY
+
+if TYPE_CHECKING:
+    from ember.engine.config import TrainConfig
+
+_KINDS = {"LORA": "lora", "PROMPT_TUNING": "prompt"}
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a stage's weights come from."""
+
+    source: str  # model.init as given
+    kind: str  # what it holds: "lora" | "prompt" (an adapter) | "full" (a model folder)
+    base: str  # the weights to load: the adapter's base, or the previous full model's folder
+    adapter: Path | None = None
+    adapter_config: dict = field(default_factory=dict)
+
+
+def _model_id(name: str) -> str | None:
+    """A comparable identity for a model name (built-in name or alias, folder, .gguf file);
+    None when it names nothing on this machine (e.g. a hub id in an adapter config)."""
+    b = builtin_model(name)
+    if b is not None:
+        return f"builtin:{b.name}"
+    p = Path(name)
+    return str(p.resolve()) if p.exists() else None
+
+
+def same_base(a: str, b: str) -> bool | None:
+    """True / False when it can be told whether ``a`` and ``b`` are the same model, else None."""
+    if a == b or a.strip().lower() == b.strip().lower():
+        return True
+    ia, ib = _model_id(a), _model_id(b)
+    return None if ia is None or ib is None else ia == ib
+
+
+def _check_base(init: str, trained_on: str, model_name: str) -> None:
+    if same_base(trained_on, model_name) is False:
+        raise EmberError(
+            f"model.init {init!r} was trained on the base model {trained_on!r}, but "
+            f"model.name is {model_name!r}; set model.name = {trained_on!r} (the "
+            "base of the earlier stage; model.init then supplies its trained "
+            "weights)"
+        )
+
+
+def _run_config(run_dir: Path) -> TrainConfig:
+    from ember.engine.config import TrainConfig, from_dict, parse_toml
+
+    path = run_dir / "config.toml"
+    return from_dict(TrainConfig, parse_toml(path.read_text(encoding="utf-8"), str(path)))
+
+
+def find_start(init: str, model_name: str) -> Start:
+    """What ``model.init`` holds; EmberError when it is unusable or for another base model."""
+    p = Path(init)
+    if not p.exists():
+        raise EmberError(
+            f"model.init {init!r} does not exist; give a previous run directory "
+            "(runs/NAME) or a PEFT adapter folder (adapter_config.json)"
+        )
+    if p.is_dir() and (p / "config.toml").is_file():
+        prev = _run_config(p)
+        _check_base(init, prev.model.name, model_name)
+        what = "model" if prev.method == "full" else "adapter"
+        out = p / "final" / what
+        if not out.is_dir():
+            raise EmberError(
+                f"model.init {init!r}: the run has no final/{what} (it did not "
+                "finish, or ran with checkpoint.save_final = false); finish it with "
+                "`ember train " + init + " --resume`, or give another run"
+            )
+        if prev.method == "full":
+            return Start(init, "full", str(out))
+        config, _ = _read_adapter(out)
+        return Start(init, prev.method, base_of(prev), out, config)
+    if p.is_dir() and (p / "adapter_config.json").is_file():
+        config, _ = _read_adapter(p)
+        kind = _KINDS.get(config.get("peft_type"))
+        if kind is None:
+            raise EmberError(
+                f"model.init {init!r}: peft_type {config.get('peft_type')!r} is not "
+                f"supported; ember continues {' or '.join(_KINDS)} adapters"
+            )
+        trained_on = config.get("base_model_name_or_path")
+        if isinstance(trained_on, str) and trained_on:
+            _check_base(init, trained_on, model_name)
+        return Start(init, kind, model_name, p, config)
+    if p.is_dir() and (p / "config.json").is_file():
+        raise EmberError(
+            f"model.init {init!r} is a model folder: set model.name = {init!r} to "
+            "start from its weights (model.init takes a run directory or an "
+            "adapter folder)"
+        )
+    raise EmberError(
+        f"model.init {init!r} is neither a run directory (config.toml) nor a PEFT "
+        "adapter folder (adapter_config.json)"
+    )
+
+
+def base_of(cfg: TrainConfig) -> str:
+    """The model a run's adapter applies to (its final/adapter's base): ``model.name``, or the
+    earlier full model's folder when the run started from one."""
+    if cfg.model.init is None or cfg.method == "full":
+        return cfg.model.name
+    return start_of(cfg).base
+
+
+def start_of(cfg: TrainConfig) -> Start:
+    """The start of a config with ``model.init``, checked against its ``method``."""
+    start = find_start(cfg.model.init, cfg.model.name)
+    if (start.kind == "prompt") != (cfg.method == "prompt") and start.kind != "full":
+        held = "a prompt-tuning adapter" if start.kind == "prompt" else "a LoRA adapter"
+        fix = (
+            'use method = "prompt" to continue it'
+            if start.kind == "prompt"
+            else 'use method = "lora" to continue it, or method = "full" to train its merged '
+            "weights"
+        )
+        raise EmberError(
+            f"model.init {start.source!r} holds {held}, which a method = "
+            f"{cfg.method!r} stage cannot start from: {fix}"
+        )
+    return start
+
+
+# --- LoRA settings of a continued adapter --------------------------------------------------------
+
+
+def _adapter_modules(start: Start) -> list[str]:
+    _, tensors = _read_adapter(start.adapter)
+    names = {ember_module_name(m[1]) for k in tensors if (m := _PEFT_KEY.fullmatch(k))}
+    return sorted((n for n in names if n is not None), key=_natural_key)
+
+
+def _adapter_lora(start: Start) -> LoRAConfig:
+    c, where = start.adapter_config, start.adapter / "adapter_config.json"
+    if c.get("rank_pattern") or c.get("alpha_pattern"):
+        raise EmberError(
+            f"model.init: {where} has per-module ranks or alphas (rank_pattern / "
+            "alpha_pattern), which a [lora] config cannot express; continue an "
+            "adapter with one rank and alpha"
+        )
+    targets = c.get("target_modules")
+    leaves = set(SHORT_TARGETS.values())
+    if (
+        isinstance(targets, list)
+        and targets
+        and set(targets) <= leaves
+        and not c.get("layers_to_transform")
+        and not c.get("exclude_modules")
+    ):
+        targets = tuple(sorted(targets))  # PEFT semantics: every module with these names
+    else:
+        targets = tuple(_adapter_modules(start))  # exactly the modules the file holds
+    r, alpha = c.get("r"), c.get("lora_alpha")
+    if not isinstance(r, int) or not isinstance(alpha, (int, float)):
+        raise EmberError(f"model.init: {where}: r and lora_alpha must be numbers")
+    return LoRAConfig(
+        rank=r,
+        alpha=float(alpha),
+        targets=targets,
+        use_rslora=bool(c.get("use_rslora")),
+        dropout=float(c.get("lora_dropout") or 0.0),
+    )
+
+
+def _same_targets(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    return {SHORT_TARGETS.get(t, t) for t in a} == {SHORT_TARGETS.get(t, t) for t in b}
+
+
+def resolve_start(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the [lora] settings of the adapter it continues (``resolve`` calls it)."""
+    if cfg.model.init is None:
+        return cfg
+    start = start_of(cfg)
+    if not (cfg.method == "lora" and start.kind == "lora"):
+        return cfg
+    have, default = _adapter_lora(start), LoRAConfig()
+    for f in ("rank", "alpha", "use_rslora", "targets"):
+        mine, theirs = getattr(cfg.lora, f), getattr(have, f)
+        same = _same_targets(mine, theirs) if f == "targets" else mine == theirs
+        if mine != getattr(default, f) and not same:
+            raise EmberError(
+                f"lora.{f} = {mine!r} conflicts with the adapter continued from "
+                f"model.init {start.source!r} ({f} {theirs!r}); a continued adapter "
+                f"keeps its shape: remove lora.{f} from the config"
+            )
+    keep = {
+        "dropout": cfg.lora.dropout if cfg.lora.dropout != default.dropout else have.dropout,
+        "targets": cfg.lora.targets if cfg.lora.targets != default.targets else have.targets,
+    }
+    return cfg.replace(lora=replace(have, **keep, init=cfg.lora.init))
+
+
+# --- building the starting model -----------------------------------------------------------------
+
+
+def _load_lora(model, start: Start) -> None:
+    try:
+        load_adapter(model, start.adapter)
+    except EmberError as e:
+        raise EmberError(
+            f"model.init {start.source!r}: {e} (was it trained on another base "
+            "model than model.name?)"
+        ) from None
+
+
+def continue_adapters(model, cfg: TrainConfig, tokenizer, start: Start) -> None:
+    """Apply ``start``'s adapter to ``model`` (loaded from ``start.base``) as ``cfg.method``
+    trains it: a LoRA adapter continued or merged, a prompt continued."""
+    from ember.models.prompt_tuning import load_prompt_adapter
+
+    if start.kind == "prompt":
+        try:
+            load_prompt_adapter(model, start.adapter)
+        except EmberError as e:
+            raise EmberError(f"model.init {start.source!r}: {e}") from None
+        return
+    if start.kind != "lora":
+        return
+    _load_lora(model, start)
+    if cfg.method != "lora":  # full fine-tuning of the merged weights
+        merge_lora(model)
+        return
+    mods = lora_modules(model)
+    if sorted(mods, key=_natural_key) != resolve_targets(model, cfg.lora.targets):
+        raise EmberError(
+            f"lora.targets {list(cfg.lora.targets)} select other modules than the "
+            f"adapter continued from model.init {start.source!r} has; remove "
+            "lora.targets from the config"
+        )
+    p = cfg.lora.dropout
+    for m in mods.values():
+        m.dropout = torch.nn.Dropout(p) if p > 0 else None
+
+
+def load_start(cfg: TrainConfig, dtype: str, device: str):
+    """(model, tokenizer, started): the model ``cfg`` starts from; ``started`` is True when the
+    method's adapters are already on it (a continued adapter or prompt)."""
+    from ember.models.loading import load_pretrained
+
+    if cfg.model.init is None:
+        model, tok = load_pretrained(cfg.model.name, dtype, device, quantize=cfg.model.quantize)
+        return model, tok, False
+    start = start_of(cfg)
+    model, tok = load_pretrained(start.base, dtype, device, quantize=cfg.model.quantize)
+    continue_adapters(model, cfg, tok, start)
+    return model, tok, start.kind == cfg.method
+
+
+def frozen_start(cfg: TrainConfig, device: str):
+    """The starting model for forwards only (DPO's reference with full fine-tuning): eval mode,
+    no gradients, weights in the autocast dtype."""
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.precision, "float32")
+    model, _, _ = load_start(cfg, dtype, device)
+    return model.requires_grad_(False).eval()
+
+
+def continues_lora(cfg: TrainConfig) -> bool:
+    """True when the run trains an adapter loaded from ``model.init``."""
+    return cfg.model.init is not None and cfg.method == "lora" and start_of(cfg).kind == "lora"
+
+
+# --- DPO's reference for a continued adapter -----------------------------------------------------
+
+
+def adapter_snapshot(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Frozen copies of every adapter's (A, B): the starting adapter, for the reference."""
+    return {
+        n: (m.lora_A.detach().clone(), m.lora_B.detach().clone())
+        for n, m in lora_modules(model).items()
+    }
+
+
+@contextlib.contextmanager
+def adapters_swapped(model, snapshot: dict):
+    """The model with the snapshot's adapter weights inside the block (no gradients, no LoRA
+    dropout: the reference is deterministic), its own weights back afterwards, bit for bit."""
+    mods = lora_modules(model)
+    if set(mods) != set(snapshot):
+        raise EmberError("the model's adapters are not those of the reference snapshot")
+    saved = {}
+    with torch.no_grad():
+        for n, m in mods.items():
+            saved[n] = (m.lora_A.detach().clone(), m.lora_B.detach().clone(), m.dropout)
+            m.lora_A.copy_(snapshot[n][0])
+            m.lora_B.copy_(snapshot[n][1])
+            m.dropout = None
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, m in mods.items():
+                m.lora_A.copy_(saved[n][0])
+                m.lora_B.copy_(saved[n][1])
+                m.dropout = saved[n][2]
+
+
+def describe(cfg: TrainConfig) -> str:
+    """One line for the run's log: what the stage starts from."""
+    start = start_of(cfg)
+    what = {
+        ("lora", "lora"): f"continuing its LoRA adapter (r={cfg.lora.rank}, "
+        f"alpha={cfg.lora.alpha:g}) on {start.base}",
+        ("lora", "full"): f"its LoRA adapter merged into {start.base}",
+        ("prompt", "prompt"): f"continuing its prompt on {start.base}",
+    }.get((start.kind, cfg.method), f"the weights of {start.base}")
+    ref = "; the DPO reference is this starting model" if cfg.objective == "dpo" else ""
+    return f"starting from model.init {start.source}: {what}{ref}"

@@ -1,0 +1,183 @@
+"""Multi-task mixing (``data.mix``) and per-source validation: exact per-epoch shares, full
+coverage of a downsampled file, determinism, exact resume (in the batch stream and through the
+trainer), ``val_loss/<name>`` rows that match each file's own validation loss, and bad weights
+as clear errors."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+
+from ember import EmberError
+from ember.engine.data import DataConfig, PackedBatches, load_datasets
+from ember.engine.evaluation import validation_loss
+from ember.engine.mixing import quotas, source_names
+from ember.engine.state import load_run_model
+from ember.engine.trainer import Trainer, train
+from tests.engine._tiny import make_examples, quiet, rows_of, tiny_config, tiny_rows, write_jsonl
+
+
+def _sources(sizes):
+    examples = []
+    for g, n in enumerate(sizes):
+        for e in make_examples(n, seed=g):
+            e.group = g
+            examples.append(e)
+    return examples
+
+
+def _per_group(batches: PackedBatches, epoch: int) -> Counter:
+    return Counter(batches.examples[i].group for b in batches.plan(epoch) for i in b)
+
+
+@pytest.mark.parametrize("sizes,mix", [((30, 10), (0.25, 0.75)), ((23, 17, 9), (0.7, 0.2, 0.1))])
+def test_each_epoch_has_the_weighted_shares(sizes, mix):
+    examples = _sources(sizes)
+    batches = PackedBatches(examples, 40, seed=3, mix=mix)
+    n = sum(sizes)
+    seen = Counter()
+    for epoch in range(4):
+        per = _per_group(batches, epoch)
+        assert sum(per.values()) == n  # an epoch is as long as all the files together
+        for g, w in enumerate(mix):
+            assert abs(per[g] / n - w / sum(mix)) <= 1 / n, (epoch, per)
+        assert [per[g] for g in range(len(sizes))] == quotas(list(sizes), mix)
+        seen.update(i for b in batches.plan(epoch) for i in b)
+    # Each source is a stream of shuffled passes: its examples are seen equally often, +-1.
+    for g in range(len(sizes)):
+        counts = [seen[i] for i, e in enumerate(examples) if e.group == g]
+        assert max(counts) - min(counts) <= 1, (g, counts)
+
+
+def test_downsampled_file_shows_every_example_before_repeating():
+    examples = _sources((30, 10))
+    batches = PackedBatches(examples, 40, seed=0, mix=(0.25, 0.75))  # 10 of 30 per epoch
+    first = [i for e in range(3) for b in batches.plan(e) for i in b if examples[i].group == 0]
+    assert sorted(first) == list(range(30))
+
+
+def test_mixing_is_deterministic_by_seed_and_resumes_exactly():
+    examples = _sources((30, 10))
+    a = PackedBatches(examples, 40, seed=1, mix=(0.7, 0.3))
+    b = PackedBatches(examples, 40, seed=1, mix=(0.7, 0.3))
+    assert [a.plan(e) for e in range(3)] == [b.plan(e) for e in range(3)]
+    assert a.plan(0) != PackedBatches(examples, 40, seed=2, mix=(0.7, 0.3)).plan(0)
+    assert a.plan(0) != a.plan(1)  # a new draw each epoch
+    full = [x.input_ids.tolist() for _ in range(2) for x in a]
+    cut = len(b.plan(0)) + 3
+    got = [x.input_ids.tolist() for _, x in zip(range(cut), _forever(b), strict=False)]
+    state = b.state_dict()
+    c = PackedBatches(examples, 40, seed=1, mix=(0.7, 0.3))
+    c.load_state_dict(state)
+    rest = [x.input_ids.tolist() for _, x in zip(range(len(full) - cut), _forever(c), strict=False)]
+    assert got + rest == full
+    with pytest.raises(EmberError, match="differ from the checkpoint"):
+        PackedBatches(examples, 40, seed=1, mix=(0.6, 0.4)).load_state_dict(state)
+    with pytest.raises(EmberError, match="differ from the checkpoint"):
+        PackedBatches(examples, 40, seed=1).load_state_dict(state)
+
+
+def _forever(batches):
+    while True:
+        yield from batches
+
+
+@pytest.mark.parametrize(
+    "mix,match",
+    [
+        ([1.0], "data.mix has 1 weights but data.train has 2 files"),
+        ([1.0, 2.0, 3.0], "has 3 weights"),
+        ([0.5, -0.5], r"data.mix\[1\] = -0.5: weights must be finite and > 0"),
+        ([1.0, 0.0], r"data.mix\[1\] = 0.0"),
+        ([math.nan, 1.0], r"data.mix\[0\] = nan"),
+        ([math.inf, 1.0], r"data.mix\[0\] = inf"),
+    ],
+)
+def test_bad_weights_are_errors(mix, match):
+    with pytest.raises(EmberError, match=match):
+        DataConfig(train=("a.jsonl", "b.jsonl"), mix=tuple(mix))
+
+
+def test_bad_sources_are_errors(tiny, tmp_path):
+    from ember.engine.config import load_config
+
+    with pytest.raises(EmberError, match=r"data.mix\[0\] must be a number"):
+        load_config(None, ['data.train=["a", "b"]', 'data.mix="x"'])
+    with pytest.raises(EmberError, match="data.validation is an empty list"):
+        DataConfig(train=("a",), validation=())
+    with pytest.raises(EmberError, match="data.train lists .* twice"):
+        source_names(["x/a.jsonl", "x/a.jsonl"], "data.train")
+    assert source_names(["d/math/val.jsonl", "d/chat/val.jsonl"], "v") == ["math/val", "chat/val"]
+
+
+@pytest.fixture(scope="module")
+def two_tasks(tmp_path_factory):
+    """Two sources of different sizes and styles, with a validation file each."""
+    root = tmp_path_factory.mktemp("mix")
+    rev = [
+        {
+            "prompt": r["prompt"].replace("say", "reverse"),
+            "completion": " " + " ".join(reversed(r["completion"].split())),
+        }
+        for r in tiny_rows(24, seed=7)
+    ]
+    return {
+        "a": write_jsonl(root / "copy.jsonl", tiny_rows(8, seed=1)),
+        "b": write_jsonl(root / "reverse.jsonl", rev[:16]),
+        "va": write_jsonl(root / "copy_val.jsonl", tiny_rows(4, seed=2)),
+        "vb": write_jsonl(root / "reverse_val.jsonl", rev[16:20]),
+    }
+
+
+def _mix_config(tiny, t, run, *extra):
+    return tiny_config(
+        tiny,
+        run,
+        f'data.train=["{t["a"]}", "{t["b"]}"]',
+        "data.mix=[0.75, 0.25]",
+        f'data.validation=["{t["va"]}", "{t["vb"]}"]',
+        "eval.metrics=[]",
+        *extra,
+    )
+
+
+def test_training_logs_per_source_validation_loss(tiny, two_tasks, tmp_path):
+    run = tmp_path / "run"
+    train(
+        _mix_config(tiny, two_tasks, run, "max_steps=4", "eval.every_steps=2"),
+        echo=quiet,
+        progress=False,
+    )
+    evals = [r for r in rows_of(run) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        assert {"val_loss", "val_loss/copy_val", "val_loss/reverse_val"} <= r.keys()
+    model, tok, cfg = load_run_model(run, "cpu")  # the final model scores each file alike
+    ds = load_datasets(cfg.data, tok)
+    for name, examples in ds.val_sources.items():
+        loss, _ = validation_loss(model, examples, cfg.data.tokens_per_batch, "cpu")
+        assert loss == pytest.approx(evals[-1][f"val_loss/{name}"], rel=1e-6)
+    # The copy task (8 examples) fills 75% of each 24-example epoch: 18 draws, 2.25x.
+    assert "copy: 18 per epoch (75%) from 8 examples (2.25x)" in ds.summary()
+
+
+def test_mixed_run_resumes_exactly(tiny, two_tasks, tmp_path):
+    # 3 batches per epoch: stopped in the middle of epoch 0, resumed into epoch 1.
+    extra = ("max_steps=5", "eval.every_steps=2", "lora.dropout=0.1")
+    t = Trainer(_mix_config(tiny, two_tasks, tmp_path / "a", *extra), echo=quiet, progress=False)
+    t.run()
+    ds = t.datasets
+    assert len(PackedBatches.from_config(ds.train, t.cfg.data).plan(0)) == 3
+    cfg_b = _mix_config(tiny, two_tasks, tmp_path / "b", *extra)
+    train(cfg_b, echo=quiet, progress=False, stop_after=2)
+    train(cfg_b, resume=True, echo=quiet, progress=False)
+    assert rows_of(tmp_path / "a", timing=False) == rows_of(tmp_path / "b", timing=False)
+    with pytest.raises(EmberError, match="data"):
+        train(
+            _mix_config(tiny, two_tasks, tmp_path / "b", *extra, "data.mix=[0.5, 0.5]"),
+            resume=True,
+            echo=quiet,
+            progress=False,
+        )

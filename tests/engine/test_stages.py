@@ -1,0 +1,257 @@
+"""Sequential stages (``model.init``): a stage starts exactly where the previous one ended
+(its first loss and its "before" validation loss are the previous run's final ones), a
+continued LoRA adapter keeps its shape, DPO after SFT uses the SFT model as its reference, and
+unusable or mismatched starts are clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.engine.cli import main as cli
+from ember.engine.config import to_toml
+from ember.engine.data import PackedBatches, load_datasets
+from ember.engine.losses import sft_loss
+from ember.engine.state import load_run_model
+from ember.engine.trainer import Trainer, resolve, train
+from ember.models.lora import lora_state_dict
+from tests.engine._tiny import WORDS, make_tiny_model, quiet, rows_of, tiny_config, write_jsonl
+
+FAST = ("eval.metrics=[]", "optim.warmup_steps=0", 'optim.schedule="constant"')
+
+
+def _stage(tiny, run, *extra):
+    t = Trainer(tiny_config(tiny, run, *FAST, *extra), echo=quiet, progress=False)
+    res = t.run()
+    return t, res
+
+
+def _first_loss(run) -> float:
+    return next(r["loss"] for r in rows_of(run) if r["kind"] == "train")
+
+
+@pytest.fixture(scope="module")
+def sft_lora(tiny, tmp_path_factory):
+    """Stage 1: LoRA SFT on q/v only, rank 4, trained far enough that B is far from 0."""
+    run = tmp_path_factory.mktemp("stages") / "sft"
+    _stage(
+        tiny,
+        run,
+        "max_steps=6",
+        "optim.lr=1e-2",
+        'lora.targets=["q", "v"]',
+        f'data.train=["{tiny["small"]}"]',
+    )
+    return run
+
+
+def test_lora_stage_continues_exactly(tiny, sft_lora, tmp_path):
+    stage1 = [r for r in rows_of(sft_lora) if r["kind"] == "eval"][-1]
+    run = tmp_path / "s2"
+    # rank = 16, alpha = 32 are the defaults, i.e. "not set": the adapter's values are taken.
+    t, res = _stage(
+        tiny,
+        run,
+        "max_steps=2",
+        f'model.init="{sft_lora}"',
+        "lora.dropout=0.1",
+        "lora.rank=16",
+        "lora.alpha=32",
+    )
+    # rank / alpha / targets come from the adapter; a changed training setting (dropout) applies.
+    lora = t.cfg.lora
+    assert (lora.rank, lora.alpha, lora.targets, lora.dropout) == (
+        4,
+        8.0,
+        ("q_proj", "v_proj"),
+        0.1,
+    )
+    assert "rank = 4" in (run / "config.toml").read_text()  # the resolved config records it
+    assert res.before["val_loss"] == stage1["val_loss"]
+    # Step 1's loss is the stage-1 model's loss on stage 2's first batch (dropout off there).
+    model, tok, _ = load_run_model(sft_lora, "cpu")
+    examples = load_datasets(t.cfg.data, tok).train
+    batch = next(iter(PackedBatches.from_config(examples, t.cfg.data)))
+    with torch.no_grad():
+        ref = float(sft_loss(model.eval(), batch, batch.num_loss_tokens))
+    # Through `ember train CONFIG.toml`, with [model] init in the file.
+    run_b = tmp_path / "s2b"
+    toml = tmp_path / "stage2.toml"
+    toml.write_text(
+        to_toml(tiny_config(tiny, run_b, *FAST, "max_steps=1", "plot=false")).replace(
+            "[model]\n", f"[model]\ninit = {json.dumps(str(sft_lora))}\n"
+        )
+    )
+    assert cli(["train", str(toml)]) == 0
+    assert _first_loss(run_b) == pytest.approx(ref, rel=1e-6)
+    # The continued adapter moved on from stage 1's, on the same modules, for the same base.
+    a = lora_state_dict(load_run_model(sft_lora, "cpu")[0])
+    b = lora_state_dict(load_run_model(run, "cpu")[0])
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    config = json.loads((run / "final" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny["model"]
+
+
+@pytest.mark.parametrize(
+    "first,second", [("full", "full"), ("lora", "full"), ("full", "lora"), ("prompt", "prompt")]
+)
+def test_stages_across_methods_start_from_the_previous_result(tiny, tmp_path, first, second):
+    extra = {
+        "full": ('method="full"', "optim.lr=1e-3"),
+        "lora": ("optim.lr=1e-2",),
+        "prompt": ('method="prompt"', "prompt_tuning.num_virtual_tokens=3"),
+    }
+    small = f'data.train=["{tiny["small"]}"]'
+    _, r1 = _stage(tiny, tmp_path / "a", "max_steps=3", small, *extra[first])
+    _, r2 = _stage(
+        tiny, tmp_path / "b", "max_steps=1", small, *extra[second], f'model.init="{tmp_path / "a"}"'
+    )
+    exact = first == second
+    assert r2.before["val_loss"] == pytest.approx(r1.after["val_loss"], rel=0 if exact else 1e-5)
+    assert r1.after["val_loss"] != pytest.approx(r1.before["val_loss"], rel=1e-3)  # it trained
+    # The result loads back on the right base (full -> lora: stage 1's model, not model.name).
+    model, _, _ = load_run_model(tmp_path / "b", "cpu")
+    assert model is not None
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory):
+    rows = []
+    for i in range(6):
+        w = WORDS[i]
+        rows.append({"prompt": f"say {w} blue ->", "chosen": f" {w}", "rejected": " moon"})
+    return write_jsonl(tmp_path_factory.mktemp("prefs") / "p.jsonl", rows)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_dpo_after_sft_uses_the_sft_model_as_reference(tiny, sft_lora, prefs, tmp_path, method):
+    init = sft_lora
+    if method == "full":
+        init = tmp_path / "sft_full"
+        _stage(
+            tiny,
+            init,
+            "max_steps=3",
+            'method="full"',
+            "optim.lr=1e-3",
+            f'data.train=["{tiny["small"]}"]',
+        )
+    dpo = (
+        'objective="dpo"',
+        f'data.train=["{prefs}"]',
+        f'data.validation="{prefs}"',
+        'data.test=""',
+        "max_steps=3",
+        f'method="{method}"',
+        f'model.init="{init}"',
+    )
+    t, res = _stage(tiny, tmp_path / "dpo", *[d for d in dpo if d != 'data.test=""'])
+    # Policy == reference at the start: every reward is 0 and the loss is log 2. With the base
+    # model as the reference (adapters off) the SFT stage's rewards would not be 0.
+    assert res.before["val_reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert res.before["val_chosen_reward"] == pytest.approx(0.0, abs=1e-6)
+    assert _first_loss(tmp_path / "dpo") == pytest.approx(math.log(2), abs=1e-6)
+    assert res.after["val_reward_margin"] > 0
+    if method == "lora":  # the reference stays the loaded adapter while training moves on
+        start = lora_state_dict(load_run_model(sft_lora, "cpu")[0])
+        assert {
+            n + s: v
+            for n, (a, b) in t.objective.ref_adapters.items()
+            for s, v in ((".lora_A", a), (".lora_B", b))
+        }.keys() == start.keys()
+        for n, (a, b) in t.objective.ref_adapters.items():
+            assert torch.equal(a, start[n + ".lora_A"]) and torch.equal(b, start[n + ".lora_B"])
+        now = lora_state_dict(t.model)
+        assert any(not torch.equal(now[k], start[k]) for k in start)
+
+
+def test_start_errors(tiny, sft_lora, tmp_path):
+    def cfg(*extra):
+        return resolve(tiny_config(tiny, tmp_path / "x", *extra))
+
+    with pytest.raises(EmberError, match=r"lora.rank = 8 conflicts .*\(rank 4\)"):
+        cfg(f'model.init="{sft_lora}"', "lora.rank=8")
+    with pytest.raises(EmberError, match="lora.targets .* conflicts"):
+        cfg(f'model.init="{sft_lora}"', 'lora.targets=["q", "k"]')
+    assert cfg(f'model.init="{sft_lora}"', 'lora.targets=["v", "q"]').lora.rank == 4
+    with pytest.raises(EmberError, match="does not exist"):
+        cfg(f'model.init="{tmp_path / "nope"}"')
+    with pytest.raises(EmberError, match="is a model folder: set model.name"):
+        cfg(f'model.init="{tiny["model"]}"')
+    with pytest.raises(EmberError, match="holds a LoRA adapter, which a method = 'prompt'"):
+        cfg(f'model.init="{sft_lora}"', 'method="prompt"')
+    # Another base model: named by the run, or by the adapter's config.
+    other = str(make_tiny_model(tmp_path / "other", seed=1))
+    with pytest.raises(EmberError, match="was trained on the base model .* set model.name"):
+        cfg(f'model.init="{sft_lora}"', f'model.name="{other}"')
+    adapter = tmp_path / "adapter"
+    shutil.copytree(sft_lora / "final" / "adapter", adapter)
+    with pytest.raises(EmberError, match="was trained on the base model"):
+        cfg(f'model.init="{adapter}"', f'model.name="{other}"')
+    # No recorded base: the shapes decide.
+    c = json.loads((adapter / "adapter_config.json").read_text())
+    c["base_model_name_or_path"] = None
+    (adapter / "adapter_config.json").write_text(json.dumps(c))
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(adapter / "adapter_model.safetensors")
+    save_file(
+        {k: v[:, :-1].contiguous() if "lora_A" in k else v for k, v in w.items()},
+        adapter / "adapter_model.safetensors",
+    )
+    with pytest.raises(EmberError, match="model.init .* do not fit this model"):
+        train(cfg(f'model.init="{adapter}"', "max_steps=1"), echo=quiet, progress=False)
+    unfinished = tmp_path / "unfinished"
+    _stage(tiny, unfinished, "max_steps=1", "checkpoint.save_final=false", "eval.val_loss=false")
+    with pytest.raises(EmberError, match="has no final/adapter"):
+        cfg(f'model.init="{unfinished}"')
+
+
+def test_resumed_dpo_stage_keeps_the_stage1_reference(tiny, sft_lora, prefs, tmp_path):
+    """The reference is the adapter as loaded from model.init, not the checkpoint's: a DPO stage
+    stopped and resumed logs what an uninterrupted one does."""
+    extra = (
+        'objective="dpo"',
+        f'data.train=["{prefs}"]',
+        f'data.validation="{prefs}"',
+        "max_steps=4",
+        "checkpoint.every_steps=2",
+        "eval.every_steps=2",
+        f'model.init="{sft_lora}"',
+        *FAST,
+    )
+    train(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
+    cfg_b = tiny_config(tiny, tmp_path / "b", *extra)
+    train(cfg_b, echo=quiet, progress=False, stop_after=2)
+    train(cfg_b, resume=True, echo=quiet, progress=False)
+    assert rows_of(tmp_path / "a", timing=False) == rows_of(tmp_path / "b", timing=False)
+
+
+def test_adapters_swapped_is_the_snapshot_without_dropout():
+    from ember.engine.stages import adapter_snapshot, adapters_swapped
+    from ember.models.lora import lora_modules
+    from tests.engine._tiny import CFG, make_model
+
+    model = make_model("lora")
+    for m in lora_modules(model).values():
+        m.dropout = torch.nn.Dropout(0.5)
+        torch.nn.init.normal_(m.lora_B)
+    snap = adapter_snapshot(model)
+    ids = torch.randint(0, CFG.vocab_size, (1, 12))
+    with torch.no_grad():
+        want = model.eval()(ids)
+    model.train()
+    before = lora_state_dict(model)
+    for m in lora_modules(model).values():  # training moves the adapter on
+        torch.nn.init.normal_(m.lora_A)
+    moved = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    with torch.no_grad(), adapters_swapped(model, snap) as ref:
+        assert torch.equal(ref(ids), want) and torch.equal(ref(ids), want)
+        assert all(torch.equal(v, before[k]) for k, v in lora_state_dict(model).items())
+    assert all(torch.equal(v, moved[k]) for k, v in lora_state_dict(model).items())
+    assert all(m.dropout is not None for m in lora_modules(model).values())
