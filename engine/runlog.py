@@ -17,12 +17,15 @@ def format_scores(scores: dict) -> str:
                 "data.val_fraction or data.test)")
     out = []
     for k, v in scores.items():
-        if k in ("val_loss", "train_loss"):
-            out.append(f"{k} {v:.4f}")
-        elif k == "perplexity":
-            out.append(f"perplexity {v:.3f}")
-        else:
+        # Fractions (task metrics, DPO's reward accuracy) as percentages; losses, perplexity and
+        # DPO rewards / margins (log-ratios, any sign) as numbers. Per-source names end "/<file>".
+        name = k.split("/")[0].removeprefix("val_")
+        if name.endswith(("accuracy", "exact_match", "f1", "json_match")):
             out.append(f"{k} {100 * v:.1f}%")
+        elif name == "perplexity":
+            out.append(f"{k} {v:.3f}")
+        else:
+            out.append(f"{k} {v:.4f}")
     return ", ".join(out)
 
 

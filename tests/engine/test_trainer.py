@@ -272,3 +272,14 @@ def test_generation_stops_rows_that_left_the_reference():
     assert _diverged(' {"cate ', ref)  # a trailing space followed by anything cannot match
     assert not _diverged(' {"category": "bug"}', ref)
     assert not _diverged(' {"category": "bu\ufffd', ref)  # half a character: undecided
+
+
+def test_format_scores_units():
+    from ember.engine.runlog import format_scores
+
+    line = format_scores({"val_loss": 1.25, "perplexity": 3.49, "exact_match": 0.5,
+                          "val_reward_margin": 0.118, "val_reward_accuracy": 0.7,
+                          "val_loss/math": 0.4, "macro_f1": 0.9})
+    assert line == ("val_loss 1.2500, perplexity 3.490, exact_match 50.0%, val_reward_margin "
+                    "0.1180, val_reward_accuracy 70.0%, val_loss/math 0.4000, macro_f1 90.0%")
+    assert format_scores({}).startswith("nothing evaluated")
