@@ -296,6 +296,10 @@ def load_start(cfg: TrainConfig, dtype: str, device: str):
         return model, tok, False
     start = start_of(cfg)
     model, tok = load_pretrained(start.base, dtype, device, quantize=cfg.model.quantize)
+    if cfg.head.type is not None:  # a classifier stage after a classifier stage: the adapter
+        from ember.engine.classification import attach_head  # carries the head, so add it first
+
+        attach_head(model, cfg, tok)
     continue_adapters(model, cfg, tok, start)
     return model, tok, start.kind == cfg.method
 

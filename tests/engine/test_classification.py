@@ -401,3 +401,16 @@ def test_fine_tune_an_hf_classifier_folder(task, tmp_path):
     assert not torch.equal(t.model.score.weight, model.score.weight)  # the head trained
     again, _, _ = load_run_model(tmp_path / "ft", "cpu")
     assert torch.equal(again.score.weight, t.model.score.weight)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_classifier_stage_continues_a_classifier_stage(task, tmp_path, method):
+    # model.init from a classifier run: the head (inside the LoRA adapter, or the saved
+    # classifier folder) comes along, so stage 2's baseline is stage 1's final result.
+    extra = ("max_steps=3", "lora.rank=4", f'method="{method}"', "eval.metrics=[]")
+    first = Trainer(cls_config(task, tmp_path / "one", *extra, "eval.before=false"),
+                    echo=quiet, progress=False).run()
+    second = Trainer(cls_config(task, tmp_path / "two", *extra,
+                                f'model.init="{tmp_path / "one"}"'),
+                     echo=quiet, progress=False).run()
+    assert second.before["val_loss"] == pytest.approx(first.after["val_loss"], rel=1e-6)
