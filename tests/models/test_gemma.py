@@ -251,16 +251,18 @@ def test_accelerate_hf_refuses_gemma2(tmp_path):
         accelerate(hf)
 
 
-def test_triton_kernels_match_the_reference(tmp_path, monkeypatch):
+@pytest.mark.parametrize("case", ["gemma2", "gemma3"])
+def test_triton_kernels_match_the_reference(tmp_path, monkeypatch, case):
     """The packed LoRA training step through the Triton kernels (the interpreter on CPU: flash
     attention with softmax scale, per-layer window and softcap, fused lora_qkv / lora_mlp, (1 + w)
-    RMSNorm) equals the PyTorch reference path, outputs and LoRA gradients."""
+    RMSNorm incl. Gemma 3's q/k norms, RoPE with two tables) equals the PyTorch reference path,
+    outputs and LoRA gradients."""
     from ember.kernels._dispatch import interpreting
 
     if not (torch.cuda.is_available() or interpreting()):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _ = load_pretrained(_save(tmp_path, "gemma2"), device=device)
+    model, _ = load_pretrained(_save(tmp_path, case), device=device)
     apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=(
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
     with torch.no_grad():
@@ -339,3 +341,54 @@ def test_gguf_gemma2_and_gemma3_are_refused_by_name(tmp_path, arch):
     write_tiny_gguf(tmp_path / "m.gguf", arch=arch)
     with pytest.raises(EmberError, match=f"architecture '{arch}' is not supported"):
         load_gguf(tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("case", ["gemma2", "gemma3"])
+def test_peft_adapters_both_ways(tmp_path, case):
+    """A PEFT adapter on every projection loads with PEFT's logits, and Ember's saved adapter
+    loads in PEFT with Ember's logits."""
+    peft = pytest.importorskip("peft")
+    from ember.models.lora import load_adapter, save_adapter
+
+    folder = _save(tmp_path, case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, attn_implementation="eager").eval()
+        pm = peft.get_peft_model(hf, peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        pm.save_pretrained(tmp_path / "peft")
+    ids = _ids()
+    with torch.no_grad():
+        ref = pm.eval()(ids).logits
+    model, _ = load_pretrained(folder)
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert (model.eval()(ids) - ref).abs().max().item() <= 1e-4
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(-2)
+        ours = model(ids)
+    save_adapter(model, tmp_path / "ember")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, attn_implementation="eager").eval()
+        pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ember").eval()
+    with torch.no_grad():
+        assert (pm(ids).logits - ours).abs().max().item() <= 1e-4
+
+
+def test_nf4_quantize_while_loading(tmp_path):
+    """quantize='nf4' keeps the Gemma 3 post-norms, local RoPE table and windows: the same
+    logits as quantizing the dense model in memory."""
+    from ember.models import quantize_model_
+
+    folder = _save(tmp_path, "gemma3")
+    dense, _ = load_pretrained(folder)
+    quantize_model_(dense)
+    nf4, _ = load_pretrained(folder, quantize="nf4")
+    assert torch.equal(nf4.inv_freq_local, dense.inv_freq_local)
+    ids = _ids()
+    with torch.no_grad():
+        assert (dense(ids) - nf4(ids)).abs().max().item() <= 1e-5
