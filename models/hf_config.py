@@ -6,8 +6,9 @@ and gemma3_text (also: sandwich norms, ``query_pre_attn_scalar``, per-layer slid
 ``layer_types``, softcaps; Gemma 3: (1 + w) q/k norms, a local RoPE base; the multimodal ``gemma3``
 is refused). Both config.json styles are read: transformers 4.x (``rope_theta``, ``rope_scaling``,
 ``torch_dtype``) and 5.x (``rope_parameters``, ``dtype``); ``config_to_hf`` writes both, so either
-major version loads the folder. RoPE (default, linear, llama3, yarn; Gemma 3's per-layer-type
-parameters) is parsed in ``ember.models.hf_rope``.
+major version loads the folder. RoPE (default, linear, llama3, yarn) is parsed in
+``ember.models.hf_rope``, Gemma 2/3's own fields (windows per layer, softcaps, Gemma 3's RoPE per
+layer type) in ``ember.models.hf_gemma``.
 
 Every config.json field is either understood, checked to have the one value Ember implements, or on
 an explicit list of harmless fields (bookkeeping, generation defaults); any other field is an error
@@ -31,9 +32,12 @@ import torch
 
 from ember import EmberError
 from ember.models.config import ModelConfig
-from ember.models.hf_rope import gemma3_rope_to_hf, parse_gemma3_rope, rope_to_hf
+from ember.models.hf_gemma import DEFAULTS as _GEMMA_DEFAULTS
+from ember.models.hf_gemma import FIELDS as _GEMMA_FIELDS
+from ember.models.hf_gemma import gemma_fields, gemma_to_hf
 from ember.models.hf_rope import get_float as _get_float
 from ember.models.hf_rope import parse_rope as _parse_rope
+from ember.models.hf_rope import rope_to_hf
 from ember.models.nf4 import check_quantization_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
@@ -95,14 +99,8 @@ _FAMILY_FIELDS = {
         "sliding_window resid_pdrop embd_pdrop original_max_position_embeddings".split()
     ),
     "gemma": frozenset({"attention_bias", "hidden_activation", "use_bidirectional_attention"}),
+    **_GEMMA_FIELDS,
 }
-_GEMMA2 = """attention_bias hidden_activation use_bidirectional_attention query_pre_attn_scalar
-    sliding_window layer_types final_logit_softcapping attn_logit_softcapping
-    cache_implementation"""
-_FAMILY_FIELDS["gemma2"] = frozenset(f"{_GEMMA2} sliding_window_size".split())
-_FAMILY_FIELDS["gemma3_text"] = frozenset(
-    f"{_GEMMA2} sliding_window_pattern _sliding_window_pattern rope_local_base_freq".split()
-)
 
 # transformers' class defaults for fields a config.json may omit; matching them keeps parity.
 _IDS = dict(bos_token_id=1, eos_token_id=2)
@@ -130,12 +128,8 @@ _DEFAULTS = {
         head_dim=256,
         tie_word_embeddings=True,
     ),
+    **_GEMMA_DEFAULTS,
 }
-_G2 = dict(bos_token_id=2, eos_token_id=1, num_key_value_heads=4, head_dim=256,
-           tie_word_embeddings=True, sliding_window=4096, query_pre_attn_scalar=256)  # fmt: skip
-_DEFAULTS["gemma2"] = dict(**_G2, max_position_embeddings=8192, final_logit_softcapping=30.0,
-                           attn_logit_softcapping=50.0, window_period=2)  # fmt: skip
-_DEFAULTS["gemma3_text"] = dict(**_G2, max_position_embeddings=131072, window_period=6)
 
 
 def _get_int(raw: Mapping, key: str, default=..., *, nullable: bool = False) -> int | None:
@@ -221,66 +215,18 @@ def _activation(raw: Mapping, model_type: str) -> str:
         return "silu"
     if raw.get("use_bidirectional_attention"):
         raise EmberError("config.json: use_bidirectional_attention=true is not supported")
-    act = raw.get("hidden_activation") or raw.get("hidden_act", "gelu_pytorch_tanh")
-    # transformers reads Gemma's legacy hidden_act "gelu" as the tanh approximation
-    if act not in ("gelu_pytorch_tanh", "gelu"):
+    if model_type in _SANDWICH:  # transformers reads hidden_activation only ("gelu" is exact)
+        act = raw.get("hidden_activation", "gelu_pytorch_tanh")
+        legacy = ()
+    else:  # transformers reads Gemma's legacy hidden_act "gelu" as the tanh approximation
+        act = raw.get("hidden_activation") or raw.get("hidden_act", "gelu_pytorch_tanh")
+        legacy = ("gelu",)
+    if act not in ("gelu_pytorch_tanh", *legacy):
         raise EmberError(
             f"config.json: hidden activation {act!r} is not supported for {model_type} "
             "(only 'gelu_pytorch_tanh')"
         )
     return "gelu_tanh"
-
-
-def _opt_float(raw: Mapping, key: str, default: float | None) -> float | None:
-    """A number or null (an explicit null overrides the default)."""
-    return _get_float(raw, key, None) if key in raw else default
-
-
-def _gemma_fields(raw: Mapping, model_type: str, num_layers: int, max_pos: int) -> dict:
-    """ModelConfig fields of Gemma 2 / Gemma 3 text: per-layer windows (``layer_types``, else
-    transformers' default pattern: every ``window_period``-th layer global), softcaps, attention
-    scale and (Gemma 3) the local RoPE base with the scaling on global layers only."""
-    dflt = _DEFAULTS[model_type]
-    window = _parse_window(raw, model_type, num_layers)
-    if "sliding_window_size" in raw and raw["sliding_window_size"] != window:
-        raise EmberError(
-            f"config.json: sliding_window_size ({raw['sliding_window_size']!r}) differs from "
-            f"sliding_window ({window!r}); transformers uses sliding_window"
-        )
-    types = raw.get("layer_types")
-    if types is None:
-        period = dflt["window_period"]
-        if model_type == "gemma3_text":
-            period = _get_int(raw, "sliding_window_pattern", period)
-        if period < 1:
-            raise EmberError("config.json: sliding_window_pattern must be >= 1")
-        types = [
-            "full_attention" if (i + 1) % period == 0 else "sliding_attention"
-            for i in range(num_layers)
-        ]
-    if not isinstance(types, list):
-        raise EmberError(f"config.json: layer_types must be a list, got {types!r}")
-    scalar = _get_float(raw, "query_pre_attn_scalar", dflt["query_pre_attn_scalar"])
-    if scalar <= 0:
-        raise EmberError(f"config.json: query_pre_attn_scalar must be > 0, got {scalar}")
-    out = dict(
-        sliding_window=window,
-        layer_types=tuple(types),
-        sandwich_norms=True,
-        query_pre_attn_scalar=scalar,
-        attn_softcap=_opt_float(raw, "attn_logit_softcapping", dflt.get("attn_logit_softcapping")),
-        final_softcap=_opt_float(
-            raw, "final_logit_softcapping", dflt.get("final_logit_softcapping")
-        ),
-    )
-    for key in ("attn_softcap", "final_softcap"):
-        if out[key] is not None and out[key] <= 0:
-            raise EmberError(f"config.json: logit softcapping must be > 0 or null, got {out[key]}")
-    if model_type == "gemma3_text":
-        out["rope_theta"], out["rope_scaling"], out["rope_local_theta"] = parse_gemma3_rope(
-            raw, max_pos
-        )
-    return out
 
 
 def quantization_config_from_hf(raw: Mapping) -> dict | None:
@@ -414,7 +360,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
     fields = dict(rope_theta=theta, rope_scaling=scaling,
                   sliding_window=_parse_window(raw, model_type, num_layers))  # fmt: skip
     if model_type in _SANDWICH:
-        fields.update(_gemma_fields(raw, model_type, num_layers, max_pos))
+        fields.update(gemma_fields(raw, model_type, num_layers, max_pos, fields["sliding_window"]))
     gemma = model_type in GEMMA
     try:
         return ModelConfig(
@@ -568,26 +514,5 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
             layer_types=[("sliding_attention" if sliding else "full_attention")] * cfg.num_layers,
         )
     if mt in _SANDWICH:
-        _gemma_to_hf(cfg, out)
+        gemma_to_hf(cfg, out)
     return out
-
-
-def _gemma_to_hf(cfg: ModelConfig, out: dict) -> None:
-    """Gemma 2/3 fields of config.json (transformers 5 names, plus Gemma 3's 4.x RoPE names)."""
-    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
-    del out["hidden_act"]
-    out.update(
-        hidden_activation="gelu_pytorch_tanh",
-        # transformers types it as an int and checks
-        query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
-        sliding_window=cfg.sliding_window,
-        layer_types=[
-            "sliding_attention" if cfg.is_sliding(i) else "full_attention"
-            for i in range(cfg.num_layers)
-        ],
-        attn_logit_softcapping=cfg.attn_softcap,
-        final_logit_softcapping=cfg.final_softcap,
-    )
-    if cfg.model_type == "gemma3_text":
-        out["rope_parameters"] = gemma3_rope_to_hf(cfg)
-        out["rope_local_base_freq"] = out["rope_parameters"]["sliding_attention"]["rope_theta"]

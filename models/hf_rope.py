@@ -3,8 +3,7 @@
 Types: default, linear, llama3 and yarn, read from either ``rope_parameters`` (transformers 5) or
 ``rope_scaling`` (4.x) with transformers 5's precedence; dynamic NTK and LongRoPE change the
 frequencies with the sequence length and are refused, as is ``partial_rotary_factor`` != 1.
-Per-layer-type parameters are read for Gemma 3 only (``parse_gemma3_rope``: a scaled global RoPE,
-an unscaled local one); elsewhere they are refused.
+Per-layer-type parameters are refused here; Gemma 3's are read in ``ember.models.hf_gemma``.
 """
 
 from __future__ import annotations
@@ -101,56 +100,6 @@ def parse_rope(
         high_freq_factor=high,
         original_max_position_embeddings=orig,
     )
-
-
-def parse_gemma3_rope(raw: Mapping, max_pos: int) -> tuple[float, RopeScaling | None, float]:
-    """Gemma 3 (``gemma3_text``): (global theta, global scaling, local theta), as transformers 5's
-    ``Gemma3TextConfig.convert_rope_params_to_dict`` reads either ``rope_parameters`` per layer type
-    or the legacy ``rope_theta`` / ``rope_scaling`` (global layers only) / ``rope_local_base_freq``.
-    """
-    params = raw.get("rope_parameters")
-    if params is not None and (
-        not isinstance(params, dict) or not set(params) <= {"sliding_attention", "full_attention"}
-    ):
-        raise EmberError(
-            "config.json: gemma3_text rope_parameters must map 'sliding_attention' / "
-            f"'full_attention' to RoPE parameters, got {params!r}"
-        )
-    params = params or {}
-    full = dict(params.get("full_attention") or {})
-    local = dict(params.get("sliding_attention") or {})
-    scaling = raw.get("rope_scaling")
-    if scaling is not None:
-        if not isinstance(scaling, dict):
-            raise EmberError(f"config.json: rope_scaling must be an object, got {scaling!r}")
-        if "type" in scaling and "rope_type" not in scaling:
-            # transformers 5 merges it into {"rope_type": "default"} and ignores "type"; 4.x
-            # applied it: the two disagree, so say which was meant
-            raise EmberError(
-                "config.json: Gemma 3 rope_scaling names its type with the legacy key 'type', "
-                "which transformers 5 ignores (4.x applied it); rename it to 'rope_type' to "
-                "apply the scaling, or remove rope_scaling"
-            )
-        full.update(scaling)
-    full.setdefault("rope_theta", get_float(raw, "rope_theta", 1_000_000.0))
-    local.setdefault("rope_theta", get_float(raw, "rope_local_base_freq", 10_000.0))
-    theta, rs = parse_rope({"rope_parameters": full}, max_pos, "gemma3_text")
-    local_theta, local_rs = parse_rope({"rope_parameters": local}, max_pos, "gemma3_text")
-    if local_rs is not None:
-        raise EmberError(
-            f"config.json: RoPE scaling on Gemma 3's sliding-attention layers ({local}) is not "
-            "supported (Ember scales the full-attention layers' RoPE only)"
-        )
-    return theta, rs, local_theta
-
-
-def gemma3_rope_to_hf(cfg: ModelConfig) -> dict:
-    """transformers 5's per-layer-type ``rope_parameters`` of a Gemma 3 config."""
-    local = cfg.rope_theta if cfg.rope_local_theta is None else cfg.rope_local_theta
-    return {
-        "sliding_attention": {"rope_type": "default", "rope_theta": local},
-        "full_attention": rope_to_hf(cfg),
-    }
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
