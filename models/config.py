@@ -30,6 +30,9 @@ class RopeScaling:
     attention_factor: float = 1.0
 
 
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     model_type: str = "llama"  # the HF model_type written back on export
@@ -55,6 +58,13 @@ class ModelConfig:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     embedding_scale: float | None = None  # Gemma multiplies embeddings by sqrt(hidden)
+    # Per-layer attention kind, "sliding_attention" (window ``sliding_window``, RoPE base
+    # ``rope_local_theta``) or "full_attention" (Gemma 2/3); None: every layer is sliding iff
+    # sliding_window is set.
+    layer_types: tuple[str, ...] | None = None
+    sandwich_norms: bool = False  # Gemma 2/3: RMSNorm on the attention and MLP outputs too
+    query_pre_attn_scalar: float | None = None  # softmax scale is this ** -0.5; None: head_dim
+    rope_local_theta: float | None = None  # unscaled RoPE base of sliding layers (Gemma 3)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -84,6 +94,28 @@ class ModelConfig:
                     isinstance(x, str) and x for x in labels):
                 raise ValueError(f"labels must be at least two distinct non-empty names, got "
                                  f"{list(labels)}")
+        if self.layer_types is not None:
+            types = tuple(self.layer_types)
+            if len(types) != self.num_layers or not set(types) <= set(LAYER_TYPES):
+                raise ValueError(f"layer_types must give one of {LAYER_TYPES} for each of the "
+                                 f"{self.num_layers} layers, got {self.layer_types!r}")
+            object.__setattr__(self, "layer_types", types)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether ``layer`` is a local layer (sliding window, local RoPE base)."""
+        if self.layer_types is None:
+            return self.sliding_window is not None
+        return self.layer_types[layer] == "sliding_attention"
+
+    def window(self, layer: int) -> int | None:
+        """Keys visible to each query of ``layer`` (incl. itself), None for full attention."""
+        return self.sliding_window if self.is_sliding(layer) else None
+
+    @property
+    def softmax_scale(self) -> float | None:
+        """Attention softmax scale; None means the kernels' default 1/sqrt(head_dim)."""
+        s = self.query_pre_attn_scalar
+        return None if s is None else s**-0.5
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -93,18 +125,21 @@ class ModelConfig:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         hd, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
         attn = d * hd * (hq + 2 * hkv) + hq * hd * d
-        per_layer = attn + 3 * d * f + 2 * d + (2 * hd if self.qk_norm else 0)
+        per_layer = attn + 3 * d * f + (4 if self.sandwich_norms else 2) * d + (
+            2 * hd if self.qk_norm else 0)
         if self.labels:  # a classifier: the score head instead of an LM head
             return v * d + len(self.labels) * d + self.num_layers * per_layer + d
         return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + d
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,) in fp32, with Llama-3 / linear scaling applied."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in fp32, with Llama-3 / linear scaling applied; with
+    ``local``, the unscaled ones of base ``rope_local_theta`` (Gemma 3's sliding layers)."""
     hd = cfg.head_dim
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
     # fp32 exactly as transformers computes it, so logits match bit for bit where possible.
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    rs = cfg.rope_scaling
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    rs = None if local else cfg.rope_scaling
     if rs is None:
         return inv
     if rs.kind == "linear":

@@ -1,9 +1,11 @@
 """Hugging Face <-> Ember state dicts, as pure functions: the key table and its transforms.
 
-State dicts are renamed through ``KEY_TABLE``; the one transform is Phi-3's fused ``qkv_proj`` /
-``gate_up_proj`` weights, split into Ember's projections on import and concatenated on export. Tied
-checkpoints may or may not carry ``lm_head.weight``: it is accepted (shape-checked) and dropped on
-import, and never written on export, exactly as transformers saves tied models.
+State dicts are renamed through ``KEY_TABLE`` (with ``SANDWICH_KEYS`` first for Gemma 2/3, whose
+``post_attention_layernorm`` is the norm on the attention output); the one transform is Phi-3's
+fused ``qkv_proj`` / ``gate_up_proj`` weights, split into Ember's projections on import and
+concatenated on export. Tied checkpoints may or may not carry ``lm_head.weight``: it is accepted
+(shape-checked) and dropped on import, and never written on export, exactly as transformers saves
+tied models.
 
 A bitsandbytes 4-bit weight is ``<key>`` (packed uint8) plus ``<key>.absmax`` etc.
 (``ember.models.nf4``); those entries are renamed with their weight, and ``to_hf_state_dict``
@@ -38,6 +40,7 @@ __all__ = [
     "ARCHITECTURES",
     "DTYPES",
     "KEY_TABLE",
+    "SANDWICH_KEYS",
     "SUPPORTED_MODEL_TYPES",
     "config_from_hf",
     "config_to_hf",
@@ -76,6 +79,13 @@ KEY_TABLE: list[tuple[str, str]] = [
     ("norm.weight", "model.norm.weight"),
     ("lm_head.weight", "lm_head.weight"),
     ("score.weight", "score.weight"),  # classifiers (ember.models.heads)
+]
+
+# Gemma 2/3 (cfg.sandwich_norms): the same HF name means another norm, so these rows come first.
+SANDWICH_KEYS: list[tuple[str, str]] = [
+    ("layers.{i}.attn_post_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.mlp_norm.weight", "model.layers.{i}.pre_feedforward_layernorm.weight"),
+    ("layers.{i}.mlp_post_norm.weight", "model.layers.{i}.post_feedforward_layernorm.weight"),
 ]
 
 # Phi-3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj (rows stacked in this order):
@@ -180,6 +190,10 @@ _FROM_HF = {h: e for e, h in KEY_TABLE}
 _TO_HF = {e: h for e, h in KEY_TABLE}
 _HF_PATTERNS = _compile(_FROM_HF)
 _EMBER_PATTERNS = _compile(_TO_HF)
+_SW_FROM_HF = {**_FROM_HF, **{h: e for e, h in SANDWICH_KEYS}}
+_SW_TO_HF = {**_TO_HF, **{e: h for e, h in SANDWICH_KEYS}}
+_SW_HF_PATTERNS = _compile(h for _, h in SANDWICH_KEYS) + _HF_PATTERNS
+_SW_EMBER_PATTERNS = _compile(e for e, _ in SANDWICH_KEYS) + _EMBER_PATTERNS
 
 
 def _rename(key: str, patterns, table) -> str | None:
@@ -190,12 +204,21 @@ def _rename(key: str, patterns, table) -> str | None:
     return None
 
 
-def hf_key_to_ember(key: str) -> str | None:
-    """The Ember name of an HF state-dict key, or None if the key is not in ``KEY_TABLE``."""
+def _sandwich(cfg: ModelConfig | None) -> bool:
+    return cfg is not None and cfg.sandwich_norms
+
+
+def hf_key_to_ember(key: str, cfg: ModelConfig | None = None) -> str | None:
+    """The Ember name of an HF state-dict key, or None if the key is not in ``KEY_TABLE`` (or
+    ``SANDWICH_KEYS`` for a cfg with sandwich norms)."""
+    if _sandwich(cfg):
+        return _rename(key, _SW_HF_PATTERNS, _SW_FROM_HF)
     return _rename(key, _HF_PATTERNS, _FROM_HF)
 
 
-def ember_key_to_hf(key: str) -> str | None:
+def ember_key_to_hf(key: str, cfg: ModelConfig | None = None) -> str | None:
+    if _sandwich(cfg):
+        return _rename(key, _SW_EMBER_PATTERNS, _SW_TO_HF)
     return _rename(key, _EMBER_PATTERNS, _TO_HF)
 
 
@@ -227,7 +250,7 @@ def map_hf_keys(
     hf_shapes = _unfused_shapes(hf_shapes, cfg, where)
     mapping, unknown = {}, []
     for hk, shape in hf_shapes.items():
-        ek = hf_key_to_ember(hk)
+        ek = hf_key_to_ember(hk, cfg)
         if ek is None:
             if not _IGNORED_HF_KEYS.fullmatch(hk):
                 unknown.append(hk)
@@ -252,7 +275,7 @@ def map_hf_keys(
     missing = set(want) - set(mapping.values())
     if missing:
         raise EmberError(
-            f"{where}: missing key(s): {_listing(ember_key_to_hf(k) or k for k in missing)}"
+            f"{where}: missing key(s): {_listing(ember_key_to_hf(k, cfg) or k for k in missing)}"
         )
     return mapping
 
@@ -301,7 +324,7 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[s
                     f"state dict: NF4 weight {k} has shape "
                     f"{_quant_state_shape(sd, base)}, expected {want[k]}"
                 )
-            out[ember_key_to_hf(base) + suffix] = v
+            out[ember_key_to_hf(base, cfg) + suffix] = v
             continue
         if suffix:
             raise EmberError(
@@ -309,5 +332,5 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[s
             )
         if tuple(v.shape) != want[k]:
             raise EmberError(f"state dict: {k} has shape {tuple(v.shape)}, expected {want[k]}")
-        out[ember_key_to_hf(k)] = v
+        out[ember_key_to_hf(k, cfg)] = v
     return _fuse(out, cfg, bool(quantized))

@@ -1,11 +1,14 @@
 """Hugging Face ``config.json`` <-> Ember ``ModelConfig``, as pure functions on parsed dicts.
 
 Supported ``model_type``: llama (also SmolLM2), mistral, qwen2, qwen3, phi3 (its fused weights
-are split in ``ember.models.hf``), gemma (v1: ``norm_offset`` 1, GeGLU, scaled embeddings; Gemma 2/3
-need layers Ember does not have and are refused as unknown model types). Both config.json styles are
-read: transformers 4.x (``rope_theta``, ``rope_scaling``, ``torch_dtype``) and 5.x
-(``rope_parameters``, ``dtype``); ``config_to_hf`` writes both, so either major version loads the
-folder. RoPE (default, linear, llama3, yarn) is parsed in ``ember.models.hf_rope``.
+are split in ``ember.models.hf``), gemma (v1: ``norm_offset`` 1, GeGLU, scaled embeddings), gemma2
+and gemma3_text (also: sandwich norms, ``query_pre_attn_scalar``, per-layer sliding windows from
+``layer_types``, softcaps; Gemma 3: (1 + w) q/k norms, a local RoPE base; the multimodal ``gemma3``
+is refused). Both config.json styles are read: transformers 4.x (``rope_theta``, ``rope_scaling``,
+``torch_dtype``) and 5.x (``rope_parameters``, ``dtype``); ``config_to_hf`` writes both, so either
+major version loads the folder. RoPE (default, linear, llama3, yarn) is parsed in
+``ember.models.hf_rope``, Gemma 2/3's own fields (windows per layer, softcaps, Gemma 3's RoPE per
+layer type) in ``ember.models.hf_gemma``.
 
 Every config.json field is either understood, checked to have the one value Ember implements, or on
 an explicit list of harmless fields (bookkeeping, generation defaults); any other field is an error
@@ -30,12 +33,18 @@ import torch
 from ember import EmberError
 from ember.models.config import ModelConfig
 from ember.models.heads import labels_from_hf, labels_to_hf
+from ember.models.hf_gemma import DEFAULTS as _GEMMA_DEFAULTS
+from ember.models.hf_gemma import FIELDS as _GEMMA_FIELDS
+from ember.models.hf_gemma import gemma_fields, gemma_to_hf
 from ember.models.hf_rope import get_float as _get_float
 from ember.models.hf_rope import parse_rope as _parse_rope
 from ember.models.hf_rope import rope_to_hf
 from ember.models.nf4 import check_quantization_config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
+                         "gemma3_text")
+GEMMA = ("gemma", "gemma2", "gemma3_text")
+_SANDWICH = ("gemma2", "gemma3_text")  # Gemma 2/3: post-norms, softcaps, per-layer windows
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -43,6 +52,8 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -92,6 +103,7 @@ _FAMILY_FIELDS = {
         attention_bias""".split()
     ),
     "gemma": frozenset({"attention_bias", "hidden_activation", "use_bidirectional_attention"}),
+    **_GEMMA_FIELDS,
 }
 
 # transformers' class defaults for fields a config.json may omit; matching them keeps parity.
@@ -120,6 +132,7 @@ _DEFAULTS = {
         head_dim=256,
         tie_word_embeddings=True,
     ),
+    **_GEMMA_DEFAULTS,
 }
 
 
@@ -152,6 +165,8 @@ def _parse_window(raw: Mapping, model_type: str, num_layers: int) -> int | None:
         return window
     if model_type in ("llama", "gemma"):
         return None
+    if model_type in _SANDWICH:
+        return window
     if _get_bool(raw, "use_mrope", False):
         raise EmberError("config.json: use_mrope=true (multimodal RoPE) is not supported")
     # Qwen2/3: the window exists only with use_sliding_window, and only on the layers layer_types
@@ -195,7 +210,7 @@ def _parse_window(raw: Mapping, model_type: str, num_layers: int) -> int | None:
 
 def _activation(raw: Mapping, model_type: str) -> str:
     """Ember's MLP activation for the config's hidden_act: SwiGLU, or GeGLU (tanh) for Gemma."""
-    if model_type != "gemma":
+    if model_type not in GEMMA:
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise EmberError(
@@ -204,11 +219,15 @@ def _activation(raw: Mapping, model_type: str) -> str:
         return "silu"
     if raw.get("use_bidirectional_attention"):
         raise EmberError("config.json: use_bidirectional_attention=true is not supported")
-    act = raw.get("hidden_activation") or raw.get("hidden_act", "gelu_pytorch_tanh")
-    # transformers reads Gemma's legacy hidden_act "gelu" as the tanh approximation
-    if act not in ("gelu_pytorch_tanh", "gelu"):
+    if model_type in _SANDWICH:  # transformers reads hidden_activation only ("gelu" is exact)
+        act = raw.get("hidden_activation", "gelu_pytorch_tanh")
+        legacy = ()
+    else:  # transformers reads Gemma's legacy hidden_act "gelu" as the tanh approximation
+        act = raw.get("hidden_activation") or raw.get("hidden_act", "gelu_pytorch_tanh")
+        legacy = ("gelu",)
+    if act not in ("gelu_pytorch_tanh", *legacy):
         raise EmberError(
-            f"config.json: hidden activation {act!r} is not supported for gemma "
+            f"config.json: hidden activation {act!r} is not supported for {model_type} "
             "(only 'gelu_pytorch_tanh')"
         )
     return "gelu_tanh"
@@ -235,6 +254,13 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
     if not isinstance(raw, Mapping):
         raise EmberError(f"config.json must hold a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type")
+    if model_type == "gemma3":
+        raise EmberError(
+            "config.json: model_type 'gemma3' is the multimodal Gemma 3 "
+            "(Gemma3ForConditionalGeneration: vision tower + language model), which Ember does "
+            "not load; use a text-only checkpoint (model_type 'gemma3_text', Gemma3ForCausalLM, "
+            "e.g. gemma-3-1b) or extract the language model with transformers first"
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise EmberError(
             f"config.json: model_type {model_type!r} is not supported (supported: "
@@ -266,10 +292,11 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             raise EmberError(
                 f"config.json: {key} != 0 is not supported (Ember has no dropout there)"
             )
-    if model_type == "phi3" and raw.get("quantization_config") is not None:
+    bnb_refused = {"phi3": "Phi-3", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
+    if model_type in bnb_refused and raw.get("quantization_config") is not None:
         raise EmberError(
-            "config.json: bitsandbytes 4-bit Phi-3 checkpoints (fused qkv_proj / gate_up_proj) "
-            "are not supported; load the unquantized model with quantize='nf4'"
+            f"config.json: bitsandbytes 4-bit {bnb_refused[model_type]} checkpoints are not "
+            "supported; load the unquantized model with quantize='nf4'"
         )
     if _get_float(raw, "attention_dropout", 0.0) != 0.0:
         raise EmberError(
@@ -311,7 +338,9 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
         )
     if head_dim is not None and head_dim % 2:
         raise EmberError(f"config.json: head_dim must be even for RoPE, got {head_dim}")
-    theta, scaling = _parse_rope(raw, max_pos, model_type)
+    theta, scaling = (None, None) if model_type == "gemma3_text" else _parse_rope(
+        raw, max_pos, model_type
+    )
     dtype = raw.get("dtype") or raw.get("torch_dtype")
     if dtype is not None and dtype not in DTYPES:
         raise EmberError(
@@ -329,11 +358,16 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
 
     if model_type == "qwen2":
         attn_bias, out_bias = True, False
-    elif model_type in ("llama", "qwen3", "gemma"):
+    elif model_type in ("llama", "qwen3", *GEMMA):
         attn_bias = out_bias = _get_bool(raw, "attention_bias", False)
     else:
         attn_bias = out_bias = False
     extra = {k: raw[k] for k in ("initializer_range",) if k in raw}
+    fields = dict(rope_theta=theta, rope_scaling=scaling,
+                  sliding_window=_parse_window(raw, model_type, num_layers))  # fmt: skip
+    if model_type in _SANDWICH:
+        fields.update(gemma_fields(raw, model_type, num_layers, max_pos, fields["sliding_window"]))
+    gemma = model_type in GEMMA
     try:
         return ModelConfig(
             model_type=model_type,
@@ -345,8 +379,6 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             num_kv_heads=kv,
             head_dim=head_dim,
             rms_norm_eps=_get_float(raw, "rms_norm_eps", 1e-6),
-            rope_theta=theta,
-            rope_scaling=scaling,
             max_position_embeddings=max_pos,
             tie_word_embeddings=_get_bool(
                 raw, "tie_word_embeddings", dflt.get("tie_word_embeddings", False)
@@ -354,17 +386,17 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             attention_bias=attn_bias,
             attention_out_bias=out_bias,
             mlp_bias=_get_bool(raw, "mlp_bias", False) if model_type == "llama" else False,
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
             activation=act,
-            norm_offset=1.0 if model_type == "gemma" else 0.0,
-            embedding_scale=_get_int(raw, "hidden_size") ** 0.5 if model_type == "gemma" else None,
-            sliding_window=_parse_window(raw, model_type, num_layers),
+            norm_offset=1.0 if gemma else 0.0,
+            embedding_scale=_get_int(raw, "hidden_size") ** 0.5 if gemma else None,
             bos_token_id=_get_int(raw, "bos_token_id", dflt["bos_token_id"], nullable=True),
             eos_token_id=eos,
             pad_token_id=_get_int(raw, "pad_token_id", None, nullable=True),
             torch_dtype=dtype or "float32",
             labels=labels,
             extra=extra,
+            **fields,
         )
     except EmberError:
         raise
@@ -389,17 +421,24 @@ def _check_exportable(cfg: ModelConfig) -> None:
             f"{', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     problems = []
-    gemma = mt == "gemma"
+    gemma, sandwich = mt in GEMMA, mt in _SANDWICH
     if cfg.activation != ("gelu_tanh" if gemma else "silu"):
         problems.append(f"activation={cfg.activation!r}")
-    for name in ("attn_softcap", "final_softcap"):
+    names = ("layer_types", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
+    for name in () if sandwich else names:
         if getattr(cfg, name) is not None:
             problems.append(f"{name}={getattr(cfg, name)}")
+    if cfg.sandwich_norms != sandwich:
+        problems.append(f"sandwich_norms={cfg.sandwich_norms}")
+    if cfg.rope_local_theta is not None and mt != "gemma3_text":
+        problems.append(f"rope_local_theta={cfg.rope_local_theta}")
+    if mt == "gemma3_text" and cfg.rope_local_theta is None and cfg.rope_scaling is not None:
+        problems.append("RoPE scaling on sliding layers (rope_local_theta=None)")
     if cfg.embedding_scale != (cfg.hidden_size**0.5 if gemma else None):
         problems.append(f"embedding_scale={cfg.embedding_scale}")
     if cfg.norm_offset != (1.0 if gemma else 0.0):
         problems.append(f"norm_offset={cfg.norm_offset}")
-    if cfg.qk_norm != (mt == "qwen3"):
+    if cfg.qk_norm != (mt in ("qwen3", "gemma3_text")):
         problems.append(f"qk_norm={cfg.qk_norm}")
     if cfg.mlp_bias and mt != "llama":
         problems.append("mlp_bias=True")
@@ -413,6 +452,8 @@ def _check_exportable(cfg: ModelConfig) -> None:
         "qwen3": {(False, False), (True, True)},
         "phi3": {(False, False)},
         "gemma": {(False, False), (True, True)},
+        "gemma2": {(False, False), (True, True)},
+        "gemma3_text": {(False, False), (True, True)},
     }[mt]
     if bias not in allowed:
         problems.append(f"attention_bias={bias[0]}, attention_out_bias={bias[1]}")
@@ -464,7 +505,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         "initializer_range": cfg.extra.get("initializer_range", 0.02),
         "use_cache": True,
     }
-    if mt in ("llama", "qwen3", "gemma"):
+    if mt in ("llama", "qwen3", *GEMMA):
         out["attention_bias"] = cfg.attention_bias
     if mt == "llama":
         out["mlp_bias"] = cfg.mlp_bias
@@ -486,4 +527,6 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         )
     if cfg.labels is not None:
         out.update(architectures=[_classifier_architecture(mt)], **labels_to_hf(cfg.labels))
+    if mt in _SANDWICH:
+        gemma_to_hf(cfg, out)
     return out

@@ -2,8 +2,8 @@
 
 Types: default, linear, llama3 and yarn, read from either ``rope_parameters`` (transformers 5) or
 ``rope_scaling`` (4.x) with transformers 5's precedence; dynamic NTK and LongRoPE change the
-frequencies with the sequence length and are refused, as are per-layer-type parameters and
-``partial_rotary_factor`` != 1.
+frequencies with the sequence length and are refused, as is ``partial_rotary_factor`` != 1.
+Per-layer-type parameters are refused here; Gemma 3's are read in ``ember.models.hf_gemma``.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ from ember.models.bnb_checkpoint import (
     _with_nf4_weights,
     iter_bnb_checkpoint,
 )
-from ember.models.config import ModelConfig, rope_inv_freq
+from ember.models.config import ModelConfig
 from ember.models.hf import to_hf_state_dict
 from ember.models.hf_config import DTYPES, config_to_hf, quantization_config_from_hf
 from ember.models.hub import cache_root
@@ -128,7 +128,7 @@ def _assign_(model: nn.Module, tensors, device, dtype: torch.dtype) -> None:
             module, name, nn.Parameter(new, requires_grad=module._parameters[name].requires_grad)
         )
     # The RoPE table is a non-persistent buffer: not in checkpoints, rebuilt in fp32 for the config.
-    model.inv_freq = rope_inv_freq(model.cfg).to(device)
+    model.reset_rope_(device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise EmberError(f"internal error: no weights were loaded for {left[:5]}")
@@ -175,7 +175,7 @@ def _load_nf4_(model: Transformer, tensors, device: torch.device, dtype: torch.d
     in sys.modules at call time, so a test can stand in for it)."""
     nf4 = importlib.import_module("ember.models.nf4")
     nf4.load_quantized_(model, tensors, device=device, compute_dtype=dtype)
-    model.inv_freq = rope_inv_freq(model.cfg).to(device)
+    model.reset_rope_(device)
 
 
 def _file_digest(path: Path) -> str:

@@ -1,5 +1,5 @@
-"""One decoder-only transformer for the Llama family (Llama 2/3, Mistral, Qwen2/3, Phi-3, Gemma,
-SmolLM2), configured by ``ModelConfig``. Kernels are called through ``ember.kernels``
+"""One decoder-only transformer for the Llama family (Llama 2/3, Mistral, Qwen2/3, Phi-3,
+Gemma 1/2/3, SmolLM2), configured by ``ModelConfig``. Kernels are called through ``ember.kernels``
 only.
 
 Shapes: B batch, T tokens, D hidden, H query heads, K kv heads, hd head_dim, V vocab.
@@ -11,6 +11,10 @@ carry adapters and no dropout is drawn, the block calls the fused ``ember.kernel
 ``lora_mlp`` once instead of the modules one by one (same math, fewer saved activations);
 ``Transformer.set_fused_lora(False)`` turns that off. Module hooks on the wrapped projections do
 not run on the fused path.
+
+Gemma 2/3: each layer is local (``sliding_window``, RoPE base ``rope_local_theta``) or global per
+``cfg.layer_types``; ``sandwich_norms`` adds RMSNorms on the attention and MLP outputs before
+they join the residual.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.cfg, self.layer = cfg, layer
+        self.window = cfg.window(layer)
         # With LoRA on q, k and v, one fused call reads x once and keeps one copy of it for
         # backward (ember.kernels.lora_qkv); False runs the three projections one by one.
         self.fuse_lora = True
@@ -113,31 +118,32 @@ class Attention(nn.Module):
         q, k = apply_rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, S, K, hd), S = cached + T
+        kw = dict(causal=True, softmax_scale=cfg.softmax_scale, window=self.window,
+                  softcap=cfg.attn_softcap)
         if key_mask is not None:
-            out = _masked_attention(q, k, v, key_mask, cfg)
+            out = _masked_attention(q, k, v, key_mask, cfg, self.window)
         elif cu_seqlens is not None:
-            out = flash_attention(q[0], k[0], v[0], causal=True, window=cfg.sliding_window,
-                                  softcap=cfg.attn_softcap, cu_seqlens=cu_seqlens,
-                                  max_seqlen=max_seqlen)[None]
+            out = flash_attention(q[0], k[0], v[0], cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                  **kw)[None]
         else:
-            out = flash_attention(q, k, v, causal=True, window=cfg.sliding_window,
-                                  softcap=cfg.attn_softcap)
+            out = flash_attention(q, k, v, **kw)
         return self.o_proj(out.reshape(B, T, cfg.num_heads * cfg.head_dim))
 
 
-def _masked_attention(q, k, v, key_mask, cfg: ModelConfig):
+def _masked_attention(q, k, v, key_mask, cfg: ModelConfig, window: int | None):
     """Attention with a per-key padding mask (left-padded batched generation). q (B, T, H, hd),
     k/v (B, S, K, hd), key_mask (B, S) bool, True = real token."""
     T, S = q.shape[1], k.shape[1]
     i = torch.arange(T, device=q.device)[:, None] + (S - T)
     j = torch.arange(S, device=q.device)[None, :]
     keep = (j <= i)[None] & key_mask[:, None, :]  # (B, T, S)
-    if cfg.sliding_window is not None:
-        keep &= (i - j < cfg.sliding_window)[None]
+    if window is not None:
+        keep &= (i - j < window)[None]
     rep = cfg.num_heads // cfg.num_kv_heads
     qf, kf, vf = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H, T, hd)
     kf, vf = kf.repeat_interleave(rep, 1), vf.repeat_interleave(rep, 1)
-    s = qf @ kf.transpose(-1, -2) / cfg.head_dim ** 0.5
+    s = qf @ kf.transpose(-1, -2)
+    s = s / cfg.head_dim ** 0.5 if cfg.softmax_scale is None else s * cfg.softmax_scale
     if cfg.attn_softcap is not None:
         s = cfg.attn_softcap * torch.tanh(s / cfg.attn_softcap)
     s = s.masked_fill(~keep[:, None], float("-inf"))
@@ -172,10 +178,16 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.mlp = MLP(cfg)
+        if cfg.sandwich_norms:
+            self.attn_post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+            self.mlp_post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.sandwich = cfg.sandwich_norms
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, cache=None, key_mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, cache, key_mask)
-        return x + self.mlp(self.mlp_norm(x))
+        a = self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, cache, key_mask)
+        x = x + (self.attn_post_norm(a) if self.sandwich else a)
+        m = self.mlp(self.mlp_norm(x))
+        return x + (self.mlp_post_norm(m) if self.sandwich else m)
 
 
 class Transformer(nn.Module):
@@ -192,13 +204,23 @@ class Transformer(nn.Module):
         self.score = None if not cfg.labels else nn.Linear(
             cfg.hidden_size, len(cfg.labels), bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        if cfg.rope_local_theta is not None:  # sliding layers' RoPE (Gemma 3)
+            self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True),
+                                 persistent=False)
+
+    def reset_rope_(self, device) -> None:
+        """Rebuild the RoPE tables (non-persistent fp32 buffers) on device, e.g. after loading
+        weights into a model built on the meta device."""
+        self.inv_freq = rope_inv_freq(self.cfg).to(device)
+        if self.cfg.rope_local_theta is not None:
+            self.inv_freq_local = rope_inv_freq(self.cfg, local=True).to(device)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if self.inv_freq.dtype != torch.float32 and not self.inv_freq.is_meta:
             # model.to(bf16) would round the RoPE table to 3 significant digits (angles off by
             # radians at long positions); keep the exact fp32 values on the new device.
-            self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
+            self.reset_rope_(self.inv_freq.device)
         return self
 
     def set_fused_lora(self, enabled: bool) -> Transformer:
@@ -230,10 +252,12 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 
-    def rope(self, position_ids: torch.Tensor):
-        """cos, sin (B, T, hd/2) fp32 for integer positions (B, T)."""
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, hd/2)
-        scale = rope_attention_factor(self.cfg)
+    def rope(self, position_ids: torch.Tensor, local: bool = False):
+        """cos, sin (B, T, hd/2) fp32 for integer positions (B, T); ``local``: the sliding
+        layers' table (``rope_local_theta``)."""
+        inv_freq = self.inv_freq_local if local else self.inv_freq
+        freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, hd/2)
+        scale = 1.0 if local else rope_attention_factor(self.cfg)
         if scale != 1.0:  # YaRN scales cos/sin, so q.k by scale^2
             return freqs.cos() * scale, freqs.sin() * scale
         return freqs.cos(), freqs.sin()
@@ -250,11 +274,14 @@ class Transformer(nn.Module):
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + T, device=input_ids.device)
             position_ids = position_ids[None].expand(B, T)
-        cos, sin = self.rope(position_ids)
+        cfg = self.cfg
+        rope = self.rope(position_ids)
+        local = rope if cfg.rope_local_theta is None else self.rope(position_ids, local=True)
         x = self.embed(input_ids)  # (B, T, D)
-        if self.cfg.embedding_scale is not None:
-            x = x * torch.tensor(self.cfg.embedding_scale, dtype=x.dtype)
-        for block in self.layers:
+        if cfg.embedding_scale is not None:
+            x = x * torch.tensor(cfg.embedding_scale, dtype=x.dtype)
+        for i, block in enumerate(self.layers):
+            cos, sin = local if cfg.is_sliding(i) else rope
             x = block(x, cos, sin, cu_seqlens, max_seqlen, cache, key_mask)
         if cache is not None:
             cache.length += T

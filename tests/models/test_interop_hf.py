@@ -221,8 +221,6 @@ def test_gemma_loads_and_exports(tmp_path, case, kw):
 @pytest.mark.parametrize(
     "config_cls,model_type",
     [
-        ("Gemma2Config", "gemma2"),  # post-norms, softcaps, alternating windows
-        ("Gemma3TextConfig", "gemma3_text"),
         ("Olmo2Config", "olmo2"),
         ("CohereConfig", "cohere"),
         ("GPTNeoXConfig", "gpt_neox"),

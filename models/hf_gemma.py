@@ -1,0 +1,156 @@
+"""Gemma 2 / Gemma 3 text ``config.json`` fields <-> ``ModelConfig``, for
+``ember.models.hf_config``: per-layer sliding windows (``layer_types`` or transformers' default
+pattern), ``query_pre_attn_scalar``, logit softcaps, and Gemma 3's RoPE per layer type (a scaled
+global RoPE, an unscaled local one with its own base), read as transformers 5 reads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ember import EmberError
+from ember.models.config import ModelConfig, RopeScaling
+from ember.models.hf_rope import get_float, parse_rope, rope_to_hf
+
+# config.json fields of each family beyond the common ones, and transformers' class defaults
+# (``window_period``: every n-th layer is global when layer_types is absent).
+_GEMMA2 = """attention_bias hidden_activation use_bidirectional_attention query_pre_attn_scalar
+    sliding_window layer_types final_logit_softcapping attn_logit_softcapping
+    cache_implementation"""
+FIELDS = {
+    "gemma2": frozenset(f"{_GEMMA2} sliding_window_size".split()),
+    "gemma3_text": frozenset(
+        f"{_GEMMA2} sliding_window_pattern _sliding_window_pattern rope_local_base_freq".split()
+    ),
+}
+_G2 = dict(bos_token_id=2, eos_token_id=1, num_key_value_heads=4, head_dim=256,
+           tie_word_embeddings=True, sliding_window=4096, query_pre_attn_scalar=256)  # fmt: skip
+DEFAULTS = {
+    "gemma2": dict(**_G2, max_position_embeddings=8192, final_logit_softcapping=30.0,
+                   attn_logit_softcapping=50.0, window_period=2),
+    "gemma3_text": dict(**_G2, max_position_embeddings=131072, window_period=6),
+}  # fmt: skip
+
+
+def _opt_float(raw: Mapping, key: str, default: float | None) -> float | None:
+    """A number or null (an explicit null overrides the default)."""
+    return get_float(raw, key, None) if key in raw else default
+
+
+def gemma_fields(raw: Mapping, model_type: str, num_layers: int, max_pos: int,
+                 window: int | None) -> dict:
+    """ModelConfig fields of Gemma 2 / Gemma 3 text: per-layer windows (``layer_types``, else
+    transformers' default pattern: every ``window_period``-th layer global), softcaps, attention
+    scale and (Gemma 3) the local RoPE base with the scaling on global layers only. ``window``:
+    the parsed ``sliding_window``."""
+    dflt = DEFAULTS[model_type]
+    if "sliding_window_size" in raw and raw["sliding_window_size"] != window:
+        raise EmberError(
+            f"config.json: sliding_window_size ({raw['sliding_window_size']!r}) differs from "
+            f"sliding_window ({window!r}); transformers uses sliding_window"
+        )
+    types = raw.get("layer_types")
+    if types is None:
+        period = dflt["window_period"]
+        if model_type == "gemma3_text":
+            period = raw.get("sliding_window_pattern", period)
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            raise EmberError(f"config.json: sliding_window_pattern must be >= 1, got {period!r}")
+        types = [
+            "full_attention" if (i + 1) % period == 0 else "sliding_attention"
+            for i in range(num_layers)
+        ]
+    if not isinstance(types, list):
+        raise EmberError(f"config.json: layer_types must be a list, got {types!r}")
+    scalar = get_float(raw, "query_pre_attn_scalar", dflt["query_pre_attn_scalar"])
+    if scalar <= 0:
+        raise EmberError(f"config.json: query_pre_attn_scalar must be > 0, got {scalar}")
+    out = dict(
+        sliding_window=window,
+        layer_types=tuple(types),
+        sandwich_norms=True,
+        query_pre_attn_scalar=scalar,
+        attn_softcap=_opt_float(raw, "attn_logit_softcapping", dflt.get("attn_logit_softcapping")),
+        final_softcap=_opt_float(
+            raw, "final_logit_softcapping", dflt.get("final_logit_softcapping")
+        ),
+    )
+    for key in ("attn_softcap", "final_softcap"):
+        if out[key] is not None and out[key] <= 0:
+            raise EmberError(f"config.json: logit softcapping must be > 0 or null, got {out[key]}")
+    if model_type == "gemma3_text":
+        out["rope_theta"], out["rope_scaling"], out["rope_local_theta"] = parse_gemma3_rope(
+            raw, max_pos
+        )
+    return out
+
+
+def gemma_to_hf(cfg: ModelConfig, out: dict) -> None:
+    """Gemma 2/3 fields of config.json (transformers 5 names, plus Gemma 3's 4.x RoPE names)."""
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    del out["hidden_act"]
+    out.update(
+        hidden_activation="gelu_pytorch_tanh",
+        # transformers types it as an int and checks
+        query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+        sliding_window=cfg.sliding_window,
+        layer_types=[
+            "sliding_attention" if cfg.is_sliding(i) else "full_attention"
+            for i in range(cfg.num_layers)
+        ],
+        attn_logit_softcapping=cfg.attn_softcap,
+        final_logit_softcapping=cfg.final_softcap,
+    )
+    if cfg.model_type == "gemma3_text":
+        out["rope_parameters"] = gemma3_rope_to_hf(cfg)
+        out["rope_local_base_freq"] = out["rope_parameters"]["sliding_attention"]["rope_theta"]
+
+
+def parse_gemma3_rope(raw: Mapping, max_pos: int) -> tuple[float, RopeScaling | None, float]:
+    """Gemma 3 (``gemma3_text``): (global theta, global scaling, local theta), as transformers 5's
+    ``Gemma3TextConfig.convert_rope_params_to_dict`` reads either ``rope_parameters`` per layer type
+    or the legacy ``rope_theta`` / ``rope_scaling`` (global layers only) / ``rope_local_base_freq``.
+    """
+    params = raw.get("rope_parameters")
+    if params is not None and (
+        not isinstance(params, dict) or not set(params) <= {"sliding_attention", "full_attention"}
+    ):
+        raise EmberError(
+            "config.json: gemma3_text rope_parameters must map 'sliding_attention' / "
+            f"'full_attention' to RoPE parameters, got {params!r}"
+        )
+    params = params or {}
+    full = dict(params.get("full_attention") or {})
+    local = dict(params.get("sliding_attention") or {})
+    scaling = raw.get("rope_scaling")
+    if scaling is not None:
+        if not isinstance(scaling, dict):
+            raise EmberError(f"config.json: rope_scaling must be an object, got {scaling!r}")
+        if "type" in scaling and "rope_type" not in scaling:
+            # transformers 5 merges it into {"rope_type": "default"} and ignores "type"; 4.x
+            # applied it: the two disagree, so say which was meant
+            raise EmberError(
+                "config.json: Gemma 3 rope_scaling names its type with the legacy key 'type', "
+                "which transformers 5 ignores (4.x applied it); rename it to 'rope_type' to "
+                "apply the scaling, or remove rope_scaling"
+            )
+        full.update(scaling)
+    full.setdefault("rope_theta", get_float(raw, "rope_theta", 1_000_000.0))
+    local.setdefault("rope_theta", get_float(raw, "rope_local_base_freq", 10_000.0))
+    theta, rs = parse_rope({"rope_parameters": full}, max_pos, "gemma3_text")
+    local_theta, local_rs = parse_rope({"rope_parameters": local}, max_pos, "gemma3_text")
+    if local_rs is not None:
+        raise EmberError(
+            f"config.json: RoPE scaling on Gemma 3's sliding-attention layers ({local}) is not "
+            "supported (Ember scales the full-attention layers' RoPE only)"
+        )
+    return theta, rs, local_theta
+
+
+def gemma3_rope_to_hf(cfg: ModelConfig) -> dict:
+    """transformers 5's per-layer-type ``rope_parameters`` of a Gemma 3 config."""
+    local = cfg.rope_theta if cfg.rope_local_theta is None else cfg.rope_local_theta
+    return {
+        "sliding_attention": {"rope_type": "default", "rope_theta": local},
+        "full_attention": rope_to_hf(cfg),
+    }
