@@ -21,7 +21,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from ember import EmberError
-from ember.models.config import ModelConfig, rope_inv_freq
+from ember.models.config import ModelConfig
 from ember.models.hf import hf_key_to_ember, map_hf_keys
 from ember.models.nf4 import (
     QS_SUFFIX,
@@ -154,7 +154,7 @@ def _load_bnb_(
         )
         with torch.no_grad():
             model.lm_head.weight.copy_(head.quant_weight.dequantize(dtype))
-    model.inv_freq = rope_inv_freq(model.cfg).to(device)
+    model.reset_rope_(device)
 
 
 def _bnb_config(hf: dict, dense: list[str], cfg: ModelConfig, dtype: torch.dtype) -> dict:

@@ -502,7 +502,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path,
     with torch.device("meta"):
         model = Transformer(cfg)
     model.load_state_dict(sd, strict=True, assign=True)
-    model.inv_freq = rope_inv_freq(cfg)  # non-persistent buffer: not in sd, still on meta
+    model.reset_rope_("cpu")  # non-persistent buffers: not in sd, still on meta
     out = Path(out_dir)
     save_pretrained(model, out, tok)
     return out
