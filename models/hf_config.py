@@ -26,6 +26,7 @@ which re-exports every public name of this module.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -65,7 +66,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # runtimes).
 _HARMLESS_FIELDS = frozenset(
     """
-    _name_or_path transformers_version architectures model_type use_cache initializer_range
+    _name_or_path transformers_version architectures model_type use_cache initializer_range auto_map
     pretraining_tp is_llama_config transformers.js_config output_attentions output_hidden_states
     return_dict torchscript use_return_dict id2label label2id problem_type num_labels
     chunk_size_feed_forward
@@ -268,9 +269,13 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
         )
     quantization_config_from_hf(raw)
     if "auto_map" in raw:
-        raise EmberError(
-            "config.json: auto_map points at custom modeling code, which Ember never "
-            f"runs; if this is a standard {model_type} model, delete auto_map"
+        # Official Phi-3 / older Qwen repos ship custom code next to a model_type transformers
+        # implements natively; like transformers without trust_remote_code, the native model is
+        # used (the unknown-field check below still refuses configs the native code can't read).
+        warnings.warn(
+            f"config.json: auto_map points at custom modeling code, which Ember never runs; "
+            f"loading it as a standard {model_type} model",
+            stacklevel=2,
         )
     unknown = sorted(set(raw) - _HARMLESS_FIELDS - _COMMON_FIELDS - _FAMILY_FIELDS[model_type])
     if unknown:

@@ -231,3 +231,19 @@ def test_unsupported_families_are_refused_by_name(tmp_path, config_cls, model_ty
     folder = _save(tmp_path, model_type, config_cls, pad_token_id=None, eos_token_id=2)
     with pytest.raises(EmberError, match=f"model_type '{model_type}' is not supported"):
         load_pretrained(folder)
+
+
+def test_auto_map_of_a_native_model_type_loads_as_the_native_model(tmp_path):
+    """Official Phi-3 repos ship auto_map (remote code); like transformers without
+    trust_remote_code, the native implementation is used, with a warning, and no code runs."""
+    folder = _save(tmp_path, "phi3", "Phi3Config", **PHI3)
+    path = folder / "config.json"
+    auto = {"AutoConfig": "configuration_phi3.Phi3Config",
+            "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"}
+    path.write_text(json.dumps({**json.loads(path.read_text()), "auto_map": auto}))
+    (folder / "modeling_phi3.py").write_text("raise SystemExit('remote code ran')\n")
+    ids = _ids(24)
+    with pytest.warns(UserWarning, match="auto_map"):
+        model, _ = load_pretrained(folder)
+    with torch.no_grad():
+        assert (model(ids) - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
