@@ -15,8 +15,7 @@ an explicit list of harmless fields (bookkeeping, generation defaults); any othe
 that names it, so a checkpoint Ember would silently compute differently is never loaded.
 
 Qwen2/Qwen3 sliding window: transformers applies it to layers ``i >= max_window_layers`` (or per
-``layer_types``). Ember has one window for the whole stack, so all-full and all-sliding stacks load
-and a mixed stack is refused with the layer indices.
+``layer_types``); a mixed stack becomes ``ModelConfig.layer_types``.
 
 Quantized checkpoints: ``quantization_config`` is accepted for bitsandbytes NF4 4-bit only
 (``quantization_config_from_hf`` validates it; 8-bit, FP4, GPTQ... are refused naming the field);
@@ -157,17 +156,18 @@ def _get_bool(raw: Mapping, key: str, default: bool) -> bool:
     return v
 
 
-def _parse_window(raw: Mapping, model_type: str, num_layers: int) -> int | None:
+def _parse_window(raw: Mapping, model_type: str, num_layers: int
+                  ) -> tuple[int | None, tuple[str, ...] | None]:
     dflt = _DEFAULTS[model_type]
     window = _get_int(raw, "sliding_window", dflt.get("sliding_window"), nullable=True)
     if window == 0:
         raise EmberError("config.json: sliding_window must be >= 1 or null, got 0")
     if model_type in ("mistral", "phi3"):
-        return window
+        return window, None
     if model_type in ("llama", "gemma"):
-        return None
+        return None, None
     if model_type in _SANDWICH:
-        return window
+        return window, None
     if _get_bool(raw, "use_mrope", False):
         raise EmberError("config.json: use_mrope=true (multimodal RoPE) is not supported")
     # Qwen2/3: the window exists only with use_sliding_window, and only on the layers layer_types
@@ -193,20 +193,15 @@ def _parse_window(raw: Mapping, model_type: str, num_layers: int) -> int | None:
         )
     sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
     if not sliding:
-        return None
+        return None, None
     if window is None:
         raise EmberError(
             "config.json: layer_types marks sliding-attention layers but "
             "use_sliding_window is false or sliding_window is null"
         )
-    if len(sliding) != num_layers:
-        raise EmberError(
-            f"config.json: sliding-window attention on only some layers "
-            f"({sliding[:8]}{'...' if len(sliding) > 8 else ''} of {num_layers}) is not "
-            "supported; Ember uses one window for every layer (set "
-            "use_sliding_window=false to run them all with full attention)"
-        )
-    return window
+    if len(sliding) != num_layers:  # the window on some layers only: per-layer types
+        return window, tuple(types)
+    return window, None
 
 
 def _activation(raw: Mapping, model_type: str) -> str:
@@ -368,8 +363,10 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
     else:
         attn_bias = out_bias = False
     extra = {k: raw[k] for k in ("initializer_range",) if k in raw}
-    fields = dict(rope_theta=theta, rope_scaling=scaling,
-                  sliding_window=_parse_window(raw, model_type, num_layers))  # fmt: skip
+    window, layer_types = _parse_window(raw, model_type, num_layers)
+    fields = dict(rope_theta=theta, rope_scaling=scaling, sliding_window=window)
+    if layer_types is not None:  # Qwen2/3 with the window on some layers only
+        fields["layer_types"] = layer_types
     if model_type in _SANDWICH:
         fields.update(gemma_fields(raw, model_type, num_layers, max_pos, fields["sliding_window"]))
     gemma = model_type in GEMMA
@@ -431,6 +428,8 @@ def _check_exportable(cfg: ModelConfig) -> None:
         problems.append(f"activation={cfg.activation!r}")
     names = ("layer_types", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
     for name in () if sandwich else names:
+        if name == "layer_types" and mt in ("qwen2", "qwen3") and cfg.sliding_window:
+            continue  # Qwen's own layer_types: the window on some layers only
         if getattr(cfg, name) is not None:
             problems.append(f"{name}={getattr(cfg, name)}")
     if cfg.sandwich_norms != sandwich:
@@ -524,12 +523,11 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         )
     if mt in ("qwen2", "qwen3"):
         sliding = cfg.sliding_window is not None
-        out.update(
-            use_sliding_window=sliding,
-            sliding_window=cfg.sliding_window,
-            max_window_layers=0 if sliding else cfg.num_layers,
-            layer_types=[("sliding_attention" if sliding else "full_attention")] * cfg.num_layers,
-        )
+        types = [("sliding_attention" if cfg.is_sliding(i) else "full_attention")
+                 for i in range(cfg.num_layers)]
+        first = next((i for i, t in enumerate(types) if t == "sliding_attention"), cfg.num_layers)
+        out.update(use_sliding_window=sliding, sliding_window=cfg.sliding_window,
+                   max_window_layers=first, layer_types=types)
     if cfg.labels is not None:
         out.update(architectures=[_classifier_architecture(mt)], **labels_to_hf(cfg.labels))
     if mt in _SANDWICH:

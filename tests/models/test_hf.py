@@ -63,6 +63,10 @@ CASES = {
         "Qwen2Config",
         dict(hidden_size=48, use_sliding_window=True, sliding_window=6, max_window_layers=0),
     ),
+    "qwen2_mixed_sliding": (  # layer 0 full attention, layer 1 a window of 6
+        "Qwen2Config",
+        dict(hidden_size=48, use_sliding_window=True, sliding_window=6, max_window_layers=1),
+    ),
     "qwen3_tied_hd": ("Qwen3Config", dict(hidden_size=40, head_dim=16, tie_word_embeddings=True)),
 }
 
@@ -376,7 +380,11 @@ def test_qwen_window_semantics():
         is None
     )  # no layer >= 2
     mixed = {**base, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}
-    assert "[1]" in _err(config_from_hf, mixed)
+    cfg = config_from_hf(mixed)
+    assert cfg.layer_types == ("full_attention", "sliding_attention")
+    assert [cfg.window(i) for i in range(2)] == [None, 8]
+    back = config_to_hf(cfg)
+    assert back["layer_types"] == list(cfg.layer_types) and back["max_window_layers"] == 1
     types = {
         **base,
         "use_sliding_window": True,
