@@ -11,6 +11,10 @@ Sharding (``shard_model``), applied to the finished model in STYLE.md's order: L
 Module names and state-dict keys are unchanged (FSDP2 swaps parameters for ``DTensor`` shards in
 place). With LoRA the frozen base is sharded like the rest; only adapters get gradients.
 Mixed precision on CUDA: bf16 parameters for compute, fp32 gradient reduction, fp32 master shards.
+Loading: only rank 0 reads the weights, into host memory (``build_device``); the other ranks build
+the same model on the meta device, and after ``fully_shard`` rank 0 broadcasts each tensor into
+every rank's shards (``materialize_from_rank0``), so no GPU ever holds the whole model and host
+memory holds one copy, not one per rank.
 
 Semantics, so that N ranks reproduce one process:
 - Data: ``grad_accum`` is per rank; an optimizer step consumes ``grad_accum * world_size`` packed
@@ -187,6 +191,29 @@ def shard_model(model: nn.Module, info: DistInfo, *, mixed_precision: str = "aut
     # hooks (gather the root's parameters) too.
     register_fsdp_forward_method(model, "hidden_states")
     return model
+
+
+def build_device(info: DistInfo) -> str:
+    """Where a process builds the model before ``shard_model``: one process builds it on its
+    device; under torchrun rank 0 reads the weights into host memory and every other rank builds
+    only the structure ("meta"), so no rank but 0 ever holds the whole model."""
+    if not info.distributed:
+        return info.device
+    return "cpu" if info.rank == 0 else "meta"
+
+
+def materialize_from_rank0(model: nn.Module, full_sd: dict | None, info: DistInfo) -> None:
+    """After ``shard_model`` on a model built by ``build_device``: every rank allocates its
+    shards on its device and rank 0 broadcasts ``full_sd`` (its full state dict, taken before
+    sharding) into them; the RoPE tables (non-persistent) are rebuilt on the device."""
+    if not info.distributed:
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=info.device)
+    set_model_state_dict(model, full_sd if info.rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    model.reset_rope_(info.device)
 
 
 def rank_batches(examples: list[Example], cfg: DataConfig, info: DistInfo) -> PackedBatches:

@@ -54,8 +54,10 @@ from ember.engine.distributed import (
     all_reduce_sums,
     barrier,
     broadcast_object,
+    build_device,
     clip_grad_norm,
     init_distributed,
+    materialize_from_rank0,
     rank0_echo,
     rank_batches,
     shard_model,
@@ -132,14 +134,19 @@ class Trainer:
         if cfg.method == "prompt" and info.distributed:
             raise EmberError("prompt tuning runs in one process (its few thousand parameters "
                              "gain nothing from FSDP); start it without torchrun")
-        model, self.tokenizer = build_model(cfg, self.device)
+        model, self.tokenizer = build_model(cfg, build_device(info))
         n_all = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         act = cfg.activations
         blocks = apply_activation_checkpointing(model, act.checkpointing, k=act.every_k,
                                                 offload=act.offload)
+        # Under torchrun only rank 0 read the weights (into host memory): the full tensors it
+        # broadcasts into every rank's shards once they exist.
+        full_sd = dict(model.state_dict()) if info.distributed and info.rank == 0 else None
         shard_model(model, info, mixed_precision=cfg.dist.mixed_precision,
                     reshard_after_forward=cfg.dist.reshard_after_forward)
+        materialize_from_rank0(model, full_sd, info)
+        del full_sd
         if info.rank:  # each rank its own dropout masks; rank 0 goes on as one process would
             torch.manual_seed(cfg.seed + info.rank)
             random.seed(cfg.seed + info.rank)

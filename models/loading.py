@@ -141,7 +141,8 @@ def load_hf_folder(
     *,
     quantize: str | None = None,
 ) -> Transformer:
-    """A ``Transformer`` with the weights of an HF model folder (config.json + safetensors).
+    """A ``Transformer`` with the weights of an HF model folder (config.json + safetensors);
+    ``device="meta"``: the same model without reading any weight.
 
     A bitsandbytes NF4 checkpoint (``quantization_config`` in config.json) loads with its 4-bit
     weights as they are (``Linear4bit``), whatever ``quantize`` says."""
@@ -161,6 +162,11 @@ def load_hf_folder(
     with torch.device("meta"):
         model = Transformer(cfg)
     device = torch.device(device)
+    if device.type == "meta":  # the structure alone (FSDP: ranks > 0 get their shards later)
+        if prequantized or quantize:
+            raise EmberError("a 4-bit (NF4) model cannot be built without its weights (FSDP "
+                             "with QLoRA is not supported); load it on one process")
+        return model.to(target)
     if prequantized:
         _load_bnb_(model, folder, ckpt, device, target)
     elif quantize == "nf4":

@@ -232,3 +232,26 @@ def test_qlora_with_fsdp_is_refused():
         shard_model(model, DistInfo(rank=0, world_size=2))
     with pytest.raises(EmberError, match="mixed_precision must be one of"):
         shard_model(model, DistInfo(), mixed_precision="fp8")
+
+
+def test_ranks_above_zero_build_the_structure_only(tiny, monkeypatch):
+    """Under torchrun only rank 0 reads the weights (the others get their shards by broadcast,
+    checked end to end by the two-process tests above): a "meta" build reads no tensor."""
+    from ember.engine.distributed import build_device
+    from ember.models import loading
+
+    assert build_device(DistInfo(device="cpu")) == "cpu"
+    assert build_device(DistInfo(rank=0, world_size=2, device="cpu")) == "cpu"
+    assert build_device(DistInfo(rank=1, world_size=2, device="cpu")) == "meta"
+    full, _ = loading.load_pretrained(tiny["model"], "float32")
+
+    def no_reading(*a, **k):
+        raise AssertionError("a meta build read the checkpoint")
+
+    monkeypatch.setattr(loading, "iter_checkpoint", no_reading)
+    skeleton, tok = loading.load_pretrained(tiny["model"], "float32", "meta")
+    assert tok is not None and all(p.is_meta for p in skeleton.parameters())
+    assert {k: (v.shape, v.dtype) for k, v in skeleton.state_dict().items()} == {
+        k: (v.shape, v.dtype) for k, v in full.state_dict().items()}
+    with pytest.raises(EmberError, match="cannot be built without its weights"):
+        loading.load_pretrained(tiny["model"], "float32", "meta", quantize="nf4")
