@@ -300,13 +300,8 @@ class _ClassReader(_Reader):
 
     def example(self, lineno: int, raw: bytes) -> Example | None:
         rep, where = self.report, f"{self.path}:{lineno}"
-        try:
-            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            self.bad(lineno, "not UTF-8", f"not valid UTF-8 ({e.reason} at byte {e.start})")
-            return None
-        if not line.strip():
-            rep.blank_lines += 1
+        line = self.text(lineno, raw)
+        if line is None:
             return None
         try:
             ids, label = self.encode(line)

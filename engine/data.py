@@ -391,15 +391,22 @@ class _Reader:
                                             f"{sorted(obj)})")
         return _parse(obj, self.fmt)
 
-    def example(self, lineno: int, raw: bytes) -> Example | None:
-        rep, where = self.report, f"{self.path}:{lineno}"
+    def text(self, lineno: int, raw: bytes) -> str | None:
+        """The line as text; None (counted) for a blank line or one that is not UTF-8."""
         try:
             line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
             self.bad(lineno, "not UTF-8", f"not valid UTF-8 ({e.reason} at byte {e.start})")
             return None
         if not line.strip():
-            rep.blank_lines += 1
+            self.report.blank_lines += 1
+            return None
+        return line
+
+    def example(self, lineno: int, raw: bytes) -> Example | None:
+        where = f"{self.path}:{lineno}"
+        line = self.text(lineno, raw)
+        if line is None:
             return None
         try:
             rec = self.record(line)  # fixes self.fmt on the first line

@@ -23,3 +23,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tiny models (on a loaded 2-core machine two spinning OpenMP threads
+    made a 2 s training run take over 2 minutes); torch's setting is restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -51,13 +51,8 @@ DOCS = [
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread for these tiny models (on a loaded 2-core machine two spinning OpenMP
-    threads made a 2 s training run take over 2 minutes); torch's setting is restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here on one torch thread (tests/conftest.py: one_thread)."""
 
 
 def _classifier(case: str, seed: int = 0) -> Transformer:
