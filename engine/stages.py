@@ -212,6 +212,7 @@ def _adapter_lora(start: Start) -> LoRAConfig:
         alpha=float(alpha),
         targets=targets,
         use_rslora=bool(c.get("use_rslora")),
+        use_dora=bool(c.get("use_dora")),
         dropout=float(c.get("lora_dropout") or 0.0),
     )
 
@@ -228,7 +229,7 @@ def resolve_start(cfg: TrainConfig) -> TrainConfig:
     if not (cfg.method == "lora" and start.kind == "lora"):
         return cfg
     have, default = _adapter_lora(start), LoRAConfig()
-    for f in ("rank", "alpha", "use_rslora", "targets"):
+    for f in ("rank", "alpha", "use_rslora", "use_dora", "targets"):
         mine, theirs = getattr(cfg.lora, f), getattr(have, f)
         same = _same_targets(mine, theirs) if f == "targets" else mine == theirs
         if mine != getattr(default, f) and not same:
@@ -320,10 +321,11 @@ def continues_lora(cfg: TrainConfig) -> bool:
 # --- DPO's reference for a continued adapter -----------------------------------------------------
 
 
-def adapter_snapshot(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Frozen copies of every adapter's (A, B): the starting adapter, for the reference."""
+def adapter_snapshot(model) -> dict[str, dict[str, torch.Tensor]]:
+    """Frozen copies of every adapter's tensors (A, B, a DoRA magnitude): the starting adapter,
+    for the reference."""
     return {
-        n: (m.lora_A.detach().clone(), m.lora_B.detach().clone())
+        n: {k: p.detach().clone() for k, p in m.adapter_params().items()}
         for n, m in lora_modules(model).items()
     }
 
@@ -338,18 +340,19 @@ def adapters_swapped(model, snapshot: dict):
     saved = {}
     with torch.no_grad():
         for n, m in mods.items():
-            saved[n] = (m.lora_A.detach().clone(), m.lora_B.detach().clone(), m.dropout)
-            m.lora_A.copy_(snapshot[n][0])
-            m.lora_B.copy_(snapshot[n][1])
+            params = m.adapter_params()
+            saved[n] = ({k: p.detach().clone() for k, p in params.items()}, m.dropout)
+            for k, p in params.items():
+                p.copy_(snapshot[n][k])
             m.dropout = None
     try:
         yield model
     finally:
         with torch.no_grad():
             for n, m in mods.items():
-                m.lora_A.copy_(saved[n][0])
-                m.lora_B.copy_(saved[n][1])
-                m.dropout = saved[n][2]
+                for k, p in m.adapter_params().items():
+                    p.copy_(saved[n][0][k])
+                m.dropout = saved[n][1]
 
 
 def describe(cfg: TrainConfig) -> str:

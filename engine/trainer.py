@@ -150,7 +150,8 @@ class Trainer:
         if info.rank:  # each rank its own dropout masks; rank 0 goes on as one process would
             torch.manual_seed(cfg.seed + info.rank)
             random.seed(cfg.seed + info.rank)
-        what = {"lora": f"LoRA r={cfg.lora.rank} on {len(lora_modules(model))} modules",
+        kind = "DoRA" if cfg.lora.use_dora else "LoRA"
+        what = {"lora": f"{kind} r={cfg.lora.rank} on {len(lora_modules(model))} modules",
                 "prompt": f"prompt tuning ({cfg.prompt_tuning.num_virtual_tokens} virtual tokens)",
                 }.get(cfg.method, "full fine-tuning")
         if cfg.objective != "sft":

@@ -4,6 +4,13 @@ A wrapped projection computes ``y = x W^T + b + scale * (dropout(x) A^T) B^T`` t
 ``ember.kernels.lora_linear`` (the one call site the fused / NF4 kernels plug into), with
 ``A`` (r, in), ``B`` (out, r) and ``scale = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
 
+DoRA (``use_dora``, PEFT's ``DoraLinearLayer``) adds a trainable magnitude ``m`` (out,), set to the
+row norms ``||W + scale * B A||`` (over the input dim) when the module is made, and computes
+``y = x W^T + b + (g - 1) x_l W^T + g * scale * (x_l A^T) B^T`` with ``g = m / ||W + scale * B A||``
+per output row; the norm is a constant for autograd (the DoRA paper, section 4.3, as PEFT).
+Without dropout (x_l = x) that is ``g * (x W^T + scale * (x A^T) B^T) + b``; merged,
+``W' = g * (W + scale * B A)``. DoRA modules never take the fused q/k/v and MLP kernels.
+
 State-dict layout. ``apply_lora`` replaces e.g. ``layers.0.attn.q_proj`` (an ``nn.Linear``, or an
 NF4 ``Linear4bit`` exposing ``quant_weight`` / ``bias`` / ``in_features`` / ``out_features``) by a
 ``LoRALinear`` whose children are the original module as ``base`` and two parameters, so keys are::
@@ -12,6 +19,7 @@ NF4 ``Linear4bit`` exposing ``quant_weight`` / ``bias`` / ``in_features`` / ``ou
     layers.0.attn.q_proj.base.bias     (when the projection has one)
     layers.0.attn.q_proj.lora_A        (r, in)
     layers.0.attn.q_proj.lora_B        (out, r)
+    layers.0.attn.q_proj.lora_magnitude   (out,), DoRA only
 
 ``base_state_dict(model)`` gives the un-wrapped keys (``layers.0.attn.q_proj.weight``) for code
 that writes base checkpoints; ``merge_lora`` folds the adapters in and restores plain modules.
@@ -29,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ember import EmberError
 from ember.kernels import lora_linear
@@ -49,6 +58,7 @@ class LoRAConfig:
     targets: tuple[str, ...] = ALL_LINEAR
     use_rslora: bool = False
     init: str = "kaiming"  # "kaiming" (PEFT's default) | "gaussian"; B is zero either way
+    use_dora: bool = False  # DoRA: a trained magnitude per output row (see the module docstring)
 
     def __post_init__(self) -> None:
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -59,6 +69,8 @@ class LoRAConfig:
             raise EmberError(f"lora.alpha must be > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise EmberError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_dora, bool):
+            raise EmberError(f"lora.use_dora must be true or false, got {self.use_dora!r}")
         if self.init not in ("kaiming", "gaussian"):
             raise EmberError(f"lora.init must be 'kaiming' or 'gaussian', got {self.init!r}")
         if not targets or not all(isinstance(t, str) and t for t in targets):
@@ -85,7 +97,7 @@ class LoRALinear(nn.Module):
     """A frozen base projection plus a trainable low-rank update (see the module docstring)."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, *, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming",
+                 use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         if not _is_linear(base):
@@ -99,6 +111,10 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, in_f, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_f, rank, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.use_dora = use_dora
+        self.lora_magnitude = None
+        if use_dora:  # fp32 like A and B; reset_lora sets it to the row norms
+            self.lora_magnitude = nn.Parameter(torch.empty(out_f, device=device, dtype=dtype))
         self.reset_lora(init)
 
     @property
@@ -110,34 +126,65 @@ class LoRALinear(nn.Module):
         return self.lora_B.shape[0]
 
     def reset_lora(self, init: str = "kaiming") -> None:
-        """A random, B zero: the wrapped model computes exactly what the base did."""
+        """A random, B zero (and a DoRA magnitude ``||W||``): the wrapped model computes exactly
+        what the base did."""
         with torch.no_grad():
             if init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             else:
                 nn.init.normal_(self.lora_A, std=1.0 / self.rank)
             self.lora_B.zero_()
+            if self.lora_magnitude is not None:
+                self.lora_magnitude.copy_(self.weight_norm())
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The trained tensors by attribute name: lora_A, lora_B (and lora_magnitude)."""
+        names = ("lora_A", "lora_B") + (("lora_magnitude",) if self.use_dora else ())
+        return {k: getattr(self, k) for k in names}
+
+    def weight_norm(self) -> torch.Tensor:
+        """``||W + scale * B A||`` per output row (out,), fp32, outside autograd (DoRA's norm)."""
+        with torch.no_grad():
+            return torch.linalg.norm(self._adapted_weight(), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora_x = self.dropout(x) if self.dropout is not None and self.training else None
-        return lora_linear(x, _base_weight(self.base), self.lora_A, self.lora_B, self.scale,
-                           self.base.bias, lora_x=lora_x)
+        w, A, B, bias = _base_weight(self.base), self.lora_A, self.lora_B, self.base.bias
+        # scale 0 is "adapters off" (losses.adapters_disabled): the base, as PEFT's
+        # disable_adapter, for DoRA too
+        if not self.use_dora or self.scale == 0.0:
+            return lora_linear(x, w, A, B, self.scale, bias, lora_x=lora_x)
+        g = (self.lora_magnitude / self.weight_norm()).to(x.dtype)  # (out,), grad to m only
+        if lora_x is None:
+            y = g * lora_linear(x, w, A, B, self.scale, None)
+            return y if bias is None else y + bias.to(x.dtype)
+        # Dropout (PEFT): the base sees x; the rescaled base and the update see dropout(x).
+        # scale 0 makes lora_linear the base matmul alone (NF4 stays on its kernels).
+        upd = F.linear(F.linear(lora_x, A.to(x.dtype)), B.to(x.dtype))
+        return (lora_linear(x, w, A, B, 0.0, bias)
+                + (g - 1) * lora_linear(lora_x, w, A, B, 0.0, None) + (g * self.scale) * upd)
+
+    def _adapted_weight(self) -> torch.Tensor:
+        """W + scale * B @ A in fp32, detached (an NF4 base dequantized)."""
+        w = _base_weight(self.base)
+        dense = w.detach().float() if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
+        return dense + self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W + scale * B @ A, computed in fp32, returned in ``dtype`` (default: the base's)."""
+        """W + scale * B @ A (DoRA: rescaled rowwise to ``m``), computed in fp32, returned in
+        ``dtype`` (default: the base's)."""
         w = _base_weight(self.base)
-        if isinstance(w, torch.Tensor):
-            dtype = dtype or w.dtype
-            dense = w.detach().float()
-        else:
-            dtype = dtype or torch.float32
-            dense = w.dequantize(torch.float32)
-        delta = self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
-        return (dense + delta).to(dtype)
+        dtype = dtype or (w.dtype if isinstance(w, torch.Tensor) else torch.float32)
+        merged = self._adapted_weight()
+        if self.use_dora:
+            norm = torch.linalg.norm(merged, dim=1)
+            merged = (self.lora_magnitude.detach().float() / norm)[:, None] * merged
+        return merged.to(dtype)
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, "
-                f"dropout={self.dropout.p if self.dropout is not None else 0.0}")
+                f"dropout={self.dropout.p if self.dropout is not None else 0.0}"
+                + (", dora" if self.use_dora else ""))
 
 
 # --- target resolution ---------------------------------------------------------------------------
@@ -205,18 +252,18 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     for name in names:
         _set_module(model, name, LoRALinear(model.get_submodule(name), cfg.rank, cfg.alpha,
                                             dropout=cfg.dropout, use_rslora=cfg.use_rslora,
-                                            init=cfg.init))
+                                            init=cfg.init, use_dora=cfg.use_dora))
     return model
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
+    return [p for m in lora_modules(model).values() for p in m.adapter_params().values()]
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors, ember names (``layers.0.attn.q_proj.lora_A``)."""
-    return {f"{n}.{k}": getattr(m, k).detach() for n, m in lora_modules(model).items()
-            for k in ("lora_A", "lora_B")}
+    return {f"{n}.{k}": p.detach() for n, m in lora_modules(model).items()
+            for k, p in m.adapter_params().items()}
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -234,7 +281,8 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Fold ``scale * B @ A`` into each base weight and put plain modules back.
+    """Fold ``scale * B @ A`` (DoRA: and the magnitude) into each base weight and put plain
+    modules back; biases are unchanged.
 
     An ``nn.Linear`` base keeps its dtype (unless ``dtype``); an NF4 base is dequantized into a new
     ``nn.Linear`` in ``dtype`` (default fp32). The result has the original state-dict names.

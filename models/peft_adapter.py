@@ -7,8 +7,9 @@
 adapters written by either (per-module ranks/alphas via ``rank_pattern`` / ``alpha_pattern``;
 ``modules_to_save`` lm_head / embed_tokens of an untied model overwrite the model's own weights
 and are written back by ``save_adapter``; a classifier's head travels as PEFT's SEQ_CLS
-``modules_to_save``). Fields that would change what an adapter computes (DoRA, LoRA variants,
-base-changing inits, unknown fields) are refused by name. Phi-3's fused projections:
+``modules_to_save``; DoRA's ``use_dora`` with its ``lora_magnitude_vector`` per module). Fields
+that would change what an adapter computes (other LoRA variants, base-changing inits, unknown
+fields) are refused by name. Phi-3's fused projections:
 ``ember.models.lora_fused``. Both functions are also importable from ``ember.models.lora``.
 """
 
@@ -39,19 +40,22 @@ from ember.models.lora_fused import fuse_adapter, is_fused, split_adapter
 _EMBER_NAME = re.compile(r"layers\.(\d+)\.(attn|mlp)\.(\w+)")
 _HF_NAME = re.compile(r"(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
 _PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight")
+# DoRA's magnitude: a bare parameter in PEFT 0.21's files (no ".weight")
+_MAGNITUDE_KEY = re.compile(r"base_model\.model\.(.+)\.lora_magnitude_vector(?:\.default)?"
+                            r"(?:\.weight)?")
 # A SEQ_CLS adapter (PEFT's task_type for *ForSequenceClassification) carries the classifier head
 # whole: modules_to_save, saved under this key.
 HEAD_MODULES = ("classifier", "score")
 HEAD_KEY = "base_model.model.score.weight"
 _UNSUPPORTED = {  # PEFT fields ember cannot represent: (field, value meaning "off")
-    "use_dora": False, "fan_in_fan_out": False, "lora_bias": False,
+    "fan_in_fan_out": False, "lora_bias": False,
     "layer_replication": None, "target_parameters": None,
     "trainable_token_indices": None, "use_qalora": False,
     # LoRA variants whose forward is not x W^T + scale * x A^T B^T (PEFT 0.21 lora_variants)
     "alora_invocation_tokens": None, "arrow_config": None, "use_bdlora": None,
     "velora_config": None, "monteclora_config": None, "kasa_config": None,
 }
-_MERGEABLE = ("use_dora", "fan_in_fan_out", "lora_bias", "layer_replication",
+_MERGEABLE = ("fan_in_fan_out", "lora_bias", "layer_replication",
               "target_parameters", "trainable_token_indices", "use_qalora")
 # modules_to_save Ember can hold: PEFT saves the module's trained full weight under this key and
 # Ember writes it into the model's own module (the attribute), as PEFT's wrapper replaces it.
@@ -65,7 +69,7 @@ _KNOWN_FIELDS = frozenset("""
     r target_modules exclude_modules lora_alpha lora_dropout bias use_rslora init_lora_weights
     layers_to_transform layers_pattern rank_pattern alpha_pattern megatron_config megatron_core
     loftq_config eva_config corda_config lora_ga_config qalora_group_size runtime_config
-    ensure_weight_tying modules_to_save
+    ensure_weight_tying modules_to_save use_dora
 """.split()) | set(_UNSUPPORTED)
 # inits that change the base weights too: the adapter alone is relative to a modified base
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -113,15 +117,25 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     hf = {n: hf_module_name(n) for n in mods}
     rslora = {m.use_rslora for m in mods.values()}
     drops = {m.dropout.p if m.dropout is not None else 0.0 for m in mods.values()}
-    if len(rslora) > 1 or len(drops) > 1:
-        raise EmberError("PEFT's format needs one use_rslora and one dropout for all adapters")
+    dora = {m.use_dora for m in mods.values()}
+    if len(rslora) > 1 or len(drops) > 1 or len(dora) > 1:
+        raise EmberError("PEFT's format needs one use_rslora, one use_dora and one dropout for "
+                         "all adapters")
+    use_dora = dora.pop()
     entries = {hf[n]: (m.lora_A.detach(), m.lora_B.detach(), m.rank, m.alpha)
                for n, m in mods.items()}
     fused = is_fused(getattr(model, "cfg", None))
+    if fused and use_dora:
+        raise EmberError(f"DoRA adapters on {model.cfg.model_type}'s fused qkv_proj / "
+                         "gate_up_proj cannot be written in PEFT's format yet; merge_lora() the "
+                         "model and save it instead")
     if fused:  # Phi-3: PEFT sees qkv_proj / gate_up_proj
         entries = fuse_adapter(entries, model.cfg, next(iter(rslora)))
     tensors = {f"base_model.model.{h}.{k}.weight": t.to("cpu").contiguous()
                for h, (A, B, _, _) in entries.items() for k, t in (("lora_A", A), ("lora_B", B))}
+    if use_dora:
+        tensors.update({f"base_model.model.{hf[n]}.lora_magnitude_vector":
+                        m.lora_magnitude.detach().to("cpu").contiguous() for n, m in mods.items()})
     r, alpha = Counter(e[2:] for e in entries.values()).most_common(1)[0][0]
     rank_pattern = {re.escape(h): e[2] for h, e in entries.items() if e[2] != r}
     alpha_pattern = {re.escape(h): e[3] for h, e in entries.items() if e[3] != alpha}
@@ -143,7 +157,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         "lora_bias": False, "lora_dropout": drops.pop(), "megatron_config": None,
         "megatron_core": "megatron.core", "modules_to_save": mts or None, "peft_type": "LORA",
         "r": r, "rank_pattern": rank_pattern, "revision": None, "target_modules": targets,
-        "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": rslora.pop(),
+        "task_type": "CAUSAL_LM", "use_dora": use_dora, "use_rslora": rslora.pop(),
     }
     if getattr(model, "score", None) is not None:
         # A classifier: PEFT's SEQ_CLS format, the whole head saved as modules_to_save.
@@ -307,6 +321,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     config, tensors = _read_adapter(adapter_dir)
     where = adapter_dir / "adapter_config.json"
     _validate_config(config, where, tensors)
+    use_dora = bool(config.get("use_dora"))
+    if is_fused(getattr(model, "cfg", None)) and use_dora:
+        raise EmberError(f"{where}: use_dora=true on {model.cfg.model_type}'s fused qkv_proj / "
+                         f"gate_up_proj is not supported yet; {_MERGE_HINT}")
     if is_fused(getattr(model, "cfg", None)):
         tensors, config = split_adapter(tensors, config, model.cfg)
     wfile = adapter_dir / "adapter_model.safetensors"
@@ -319,11 +337,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         if _saved_unchanged_embedding(model, key, t):
             continue  # save_embedding_layers=True: a copy of the base's own weight
         m = _PEFT_KEY.fullmatch(key)
-        name = ember_module_name(m[1]) if m else None
+        mag = None if m else _MAGNITUDE_KEY.fullmatch(key)
+        name = ember_module_name((m or mag)[1]) if m or mag else None
         if name is None or name not in cands:
             unknown.append(key)
             continue
-        pairs.setdefault(name, {})[m[2]] = t
+        pairs.setdefault(name, {})[m[2] if m else "lora_magnitude"] = t
     heads = [k for k in unknown if re.search(r"\.(embed_tokens|lm_head)\.", k)]
     if heads:
         raise EmberError(f"{wfile}: the adapter changes the embedding or output head ({heads[:3]}:"
@@ -335,9 +354,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
                          "q_proj.lora_A.weight; is it an adapter for a different model?)")
     if not pairs:
         raise EmberError(f"{wfile}: no LoRA weights in the file")
-    incomplete = [n for n, p in pairs.items() if len(p) != 2]
+    incomplete = [n for n, p in pairs.items() if "lora_A" not in p or "lora_B" not in p]
     if incomplete:
         raise EmberError(f"{wfile}: lora_A or lora_B missing for {incomplete[:3]}")
+    odd = [hf_module_name(n) for n, p in pairs.items() if ("lora_magnitude" in p) != use_dora]
+    if odd:
+        raise EmberError(f"{wfile}: adapter_config has use_dora={use_dora} but "
+                         f"lora_magnitude_vector is {'missing' if use_dora else 'present'} for "
+                         f"{odd[:3]}")
     missing = [n for n in cands if n not in pairs and _EMBER_NAME.fullmatch(n)
                and _peft_targets(config, hf_module_name(n))]
     if missing:
@@ -357,7 +381,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             raise EmberError(f"{wfile}: {hf}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
                              f"do not fit this model, expected ({r}, {in_f}) / ({out_f}, {r}) "
                              "(rank from adapter_config r/rank_pattern)")
-        plan[name] = (A, B, r, float(_pattern_value(alpha_pat, hf, alpha0)))
+        mag = pairs[name].get("lora_magnitude")
+        if mag is not None and tuple(mag.shape) != (out_f,):
+            raise EmberError(f"{wfile}: {hf}: lora_magnitude_vector {tuple(mag.shape)} does not "
+                             f"fit this model, expected ({out_f},)")
+        plan[name] = (A, B, mag, r, float(_pattern_value(alpha_pat, hf, alpha0)))
     if not lora_modules(model):
         for p in model.parameters():
             p.requires_grad_(False)
@@ -366,19 +394,22 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             getattr(model, attr).weight.copy_(t)
     if full:
         model.peft_modules_to_save = {n for n, (_, a) in _FULL_WEIGHTS.items() if a in full}
-    for name, (A, B, r, alpha) in plan.items():
+    for name, (A, B, mag, r, alpha) in plan.items():
         mod = model.get_submodule(name)
         if isinstance(mod, LoRALinear):
-            if mod.rank != r:
-                raise EmberError(f"{name} already has a rank-{mod.rank} adapter; the file has "
-                                 f"rank {r}")
+            if mod.rank != r or mod.use_dora != use_dora:
+                raise EmberError(f"{name} already has a rank-{mod.rank} adapter (use_dora="
+                                 f"{mod.use_dora}); the file has rank {r} (use_dora={use_dora})")
             mod.alpha, mod.scale = alpha, alpha / (math.sqrt(r) if rslora else r)
         else:
-            mod = LoRALinear(mod, r, alpha, dropout=dropout, use_rslora=rslora)
+            mod = LoRALinear(mod, r, alpha, dropout=dropout, use_rslora=rslora,
+                             use_dora=use_dora)
             _set_module(model, name, mod)
         with torch.no_grad():
             mod.lora_A.copy_(A)
             mod.lora_B.copy_(B)
+            if mag is not None:
+                mod.lora_magnitude.copy_(mag)
     if head is not None:
         with torch.no_grad():
             model.score.weight.copy_(head)

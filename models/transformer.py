@@ -73,8 +73,10 @@ class KVCache:
 
 def _fusable(mods) -> bool:
     """LoRA on every projection of a fused block and no dropout drawn in this call: PEFT draws one
-    dropout mask per projection, which one shared LoRA input cannot reproduce."""
-    return all(isinstance(m, LoRALinear) and (m.dropout is None or not m.training) for m in mods)
+    dropout mask per projection, which one shared LoRA input cannot reproduce. DoRA's rowwise
+    rescale is not in the fused kernels: DoRA modules run one by one."""
+    return all(isinstance(m, LoRALinear) and not m.use_dora
+               and (m.dropout is None or not m.training) for m in mods)
 
 
 def _lora_args(mods):

@@ -287,7 +287,15 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
     ("no_config", lambda p: (p / "adapter_config.json").unlink(), "adapter_config.json: missing"),
     ("bad_json", lambda p: (p / "adapter_config.json").write_text("{r: 4"), "not valid JSON"),
     ("not_lora", lambda p: _edit(p, {"peft_type": "IA3"}), "only LORA"),
-    ("dora", lambda p: _edit(p, {"use_dora": True}), "use_dora=True is not supported"),
+    ("dora_no_magnitude", lambda p: _edit(p, {"use_dora": True}),
+     "use_dora=True but lora_magnitude_vector is missing"),
+    ("magnitude_not_dora", lambda p: _edit(p, tensors=lambda sd: {
+        **sd, f"{Q0}.lora_magnitude_vector": torch.ones(48)}),
+     "use_dora=False but lora_magnitude_vector is present"),
+    ("magnitude_shape", lambda p: _edit(p, {"use_dora": True}, tensors=lambda sd: {
+        **sd, **{k.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(47)
+                 for k in sd if k.endswith("lora_A.weight")}}),
+     r"lora_magnitude_vector \(47,\) does not fit"),
     ("bias", lambda p: _edit(p, {"bias": "all"}, tensors=lambda sd: {
         **sd, f"{Q0}.bias": torch.ones(48)}), "bias='all'.*trained base biases"),
     ("pissa", lambda p: _edit(p, {"init_lora_weights": "pissa"}), "modified base model"),
