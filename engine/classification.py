@@ -52,6 +52,7 @@ from ember.engine.data import (
     _Bad,
     _Reader,
     _type_name,
+    read_lines,
     split_examples,
 )
 from ember.engine.evaluation import GenerationResult
@@ -333,19 +334,9 @@ def load_labelled(
     path, cfg: DataConfig, tokenizer, labels, field: str = "label", pad: int | None = None
 ):
     """(examples, DataReport) of one labelled JSONL file; bad lines as ``data.load_examples``."""
-    path = Path(path)
-    if not path.exists():
-        raise EmberError(f"{path}: dataset file not found")
-    if path.is_dir():
-        raise EmberError(f"{path}: is a directory; give the JSONL file")
-    reader = _ClassReader(path, cfg, tokenizer, labels, field, pad)
-    rep, examples = reader.report, []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            rep.lines += 1
-            ex = reader.example(lineno, raw)
-            if ex is not None:
-                examples.append(ex)
+    reader, examples = read_lines(path, lambda p: _ClassReader(p, cfg, tokenizer, labels, field,
+                                                                pad))
+    rep = reader.report
     rep.format = f"{reader.fmt or cfg.format} + {field}"
     rep.examples = len(examples)
     rep.tokens = sum(len(e) for e in examples)

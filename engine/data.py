@@ -453,21 +453,28 @@ class _Reader:
         return ids, labels, prompt_len
 
 
-def load_examples(path: str | Path, cfg: DataConfig, tokenizer) -> tuple[list[Example], DataReport]:
-    """Read one JSONL file. Bad lines are skipped and reported, or raise (``cfg.bad_lines``)."""
+def read_lines(path: str | Path, make_reader) -> tuple[_Reader, list[Example]]:
+    """(reader, examples) of one JSONL file: ``make_reader(path)`` turns each line into an
+    example or reports it (its ``report`` counts the lines)."""
     path = Path(path)
     if not path.exists():
         raise EmberError(f"{path}: dataset file not found")
     if path.is_dir():
         raise EmberError(f"{path}: is a directory; give the JSONL file")
-    reader = _Reader(path, cfg, tokenizer)
-    rep, examples = reader.report, []
+    reader, examples = make_reader(path), []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            rep.lines += 1
+            reader.report.lines += 1
             ex = reader.example(lineno, raw)
             if ex is not None:
                 examples.append(ex)
+    return reader, examples
+
+
+def load_examples(path: str | Path, cfg: DataConfig, tokenizer) -> tuple[list[Example], DataReport]:
+    """Read one JSONL file. Bad lines are skipped and reported, or raise (``cfg.bad_lines``)."""
+    reader, examples = read_lines(path, lambda p: _Reader(p, cfg, tokenizer))
+    rep = reader.report
     rep.format = reader.fmt or cfg.format
     rep.examples = len(examples)
     rep.tokens = sum(len(e) for e in examples)

@@ -28,12 +28,12 @@ from ember.models.lora import (
 )
 from ember.models.transformer import _fusable
 from tests.engine import conftest as engine_fixtures
+from tests.models.test_interop_peft import VOCAB, save_random_model
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 
-VOCAB = 96
 TOL = 1e-5
 tiny = engine_fixtures.tiny  # the engine tests' tiny model folder and JSONL files
 
@@ -44,16 +44,7 @@ def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("dora_bases")
     out = {}
     for name, kw in {"plain": {}, "biased": dict(attention_bias=True, mlp_bias=True)}.items():
-        config = transformers.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, **kw)
-        model = transformers.AutoModelForCausalLM.from_config(config)
-        g = torch.Generator().manual_seed(len(name))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_((1 if "norm" in n else 0) + 0.1 * torch.randn(p.shape, generator=g))
-        model.save_pretrained(root / name)
-        out[name] = root / name
+        out[name] = save_random_model(root / name, transformers.LlamaConfig, seed=len(name), **kw)
     return out
 
 

@@ -34,24 +34,24 @@ def bases(tmp_path_factory):
         "tied": dict(tie_word_embeddings=True),
     }
     for name, kw in {**kinds, "phi3": phi3}.items():
-        config = (transformers.Phi3Config if name == "phi3" else transformers.LlamaConfig)(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rms_norm_eps=1e-5,
-            **kw,
-        )
-        model = transformers.AutoModelForCausalLM.from_config(config)
-        g = torch.Generator().manual_seed(len(name))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_((1 if "norm" in n else 0) + 0.1 * torch.randn(p.shape, generator=g))
-        model.save_pretrained(root / name)
-        out[name] = root / name
+        config_cls = transformers.Phi3Config if name == "phi3" else transformers.LlamaConfig
+        out[name] = save_random_model(root / name, config_cls, seed=len(name), **kw)
     return out
+
+
+def save_random_model(folder, config_cls, seed: int, **kw):
+    """A tiny transformers model (2 layers, hidden 32) with every weight random (norms around
+    1), saved to ``folder``; returns the folder."""
+    config = config_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        rms_norm_eps=1e-5, **kw)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_((1 if "norm" in n else 0) + 0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(folder)
+    return folder
 
 
 def _peft_adapter(base, out, save_kw=None, edit_base=None, **lora_kw):
