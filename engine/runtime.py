@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ember import EmberError
-from ember.engine.classification import attach_head, resolve_head, train_head
+from ember.engine.classification import resolve_head, train_head
 from ember.engine.config import TrainConfig, from_dict, to_dict
 from ember.engine.stages import load_start, resolve_start
 from ember.models.lora import apply_lora
@@ -133,7 +133,6 @@ def build_model(cfg: TrainConfig, device: str):
     model, tokenizer, started = load_start(cfg, cfg.model.dtype, device)
     if tokenizer is None:
         raise EmberError(f"model {cfg.model.name!r} has no tokenizer.json; training needs one")
-    attach_head(model, cfg, tokenizer)  # [head]: before LoRA / freezing, which leave it alone
     if cfg.method == "lora":
         if not started:
             apply_lora(model, cfg.lora)

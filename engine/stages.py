@@ -290,17 +290,16 @@ def continue_adapters(model, cfg: TrainConfig, tokenizer, start: Start) -> None:
 def load_start(cfg: TrainConfig, dtype: str, device: str):
     """(model, tokenizer, started): the model ``cfg`` starts from; ``started`` is True when the
     method's adapters are already on it (a continued adapter or prompt)."""
+    from ember.engine.classification import attach_head  # here: it imports objectives -> stages
     from ember.models.loading import load_pretrained
 
-    if cfg.model.init is None:
-        model, tok = load_pretrained(cfg.model.name, dtype, device, quantize=cfg.model.quantize)
+    start = None if cfg.model.init is None else start_of(cfg)
+    base = cfg.model.name if start is None else start.base
+    model, tok = load_pretrained(base, dtype, device, quantize=cfg.model.quantize)
+    # [head]: before LoRA / freezing, and before a continued adapter, which may carry the head.
+    attach_head(model, cfg, tok)
+    if start is None:
         return model, tok, False
-    start = start_of(cfg)
-    model, tok = load_pretrained(start.base, dtype, device, quantize=cfg.model.quantize)
-    if cfg.head.type is not None:  # a classifier stage after a classifier stage: the adapter
-        from ember.engine.classification import attach_head  # carries the head, so add it first
-
-        attach_head(model, cfg, tok)
     continue_adapters(model, cfg, tok, start)
     return model, tok, start.kind == cfg.method
 
