@@ -24,13 +24,9 @@ CFG = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layer
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Bit-exact comparisons: one intra-op thread, so no reduction depends on how work is split
-    between threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Bit-exact comparisons: one intra-op thread (tests/conftest.py), so no reduction depends on
+    how work is split between threads."""
 
 
 def _batch(seed: int, lengths=(9, 14, 6)):
