@@ -397,23 +397,27 @@ def classification_loss(model, batch, num_docs: int) -> tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def predict(
-    model, examples: list[Example], tokens_per_batch: int, device, autocast=contextlib.nullcontext
+    model, examples: list[Example], tokens_per_batch: int, device, autocast=contextlib.nullcontext,
+    max_batches: int | None = None,
 ) -> tuple[list[int], float]:
-    """(argmax class of every example, in order; mean cross-entropy)."""
+    """(argmax class of every example scored, in order; their mean cross-entropy). The examples
+    are packed in file order; ``max_batches``: only the first that many batches."""
     tokens_per_batch = max(tokens_per_batch, max(len(e) for e in examples))
     batches = PackedBatches(examples, tokens_per_batch, order="file", packing="greedy")
     was_training = model.training
     model.eval()
     preds, total = [], 0.0
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
             with autocast():
                 loss, logits = classification_loss(model, batch.to(device), 1)
             preds += logits.argmax(-1).tolist()
             total += float(loss)
     finally:
         model.train(was_training)
-    return preds, total / len(examples)
+    return preds, total / len(preds)
 
 
 def label_scores(
@@ -518,12 +522,7 @@ class Classification(SFT):
         autocast,
         max_batches: int | None,
     ) -> dict[str, float]:
-        if max_batches is not None:  # batches of the packed validation split, in file order
-            plan = PackedBatches(examples, tokens_per_batch, order="file", packing="greedy").plan(
-                0
-            )[:max_batches]
-            examples = [examples[i] for b in plan for i in b]
-        _, loss = predict(model, examples, tokens_per_batch, device, autocast)
+        _, loss = predict(model, examples, tokens_per_batch, device, autocast, max_batches)
         return {"val_loss": loss}
 
     def task_eval(

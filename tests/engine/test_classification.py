@@ -5,6 +5,7 @@ data errors; refused configurations; early stopping on accuracy."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 
@@ -409,3 +410,23 @@ def test_classifier_stage_continues_a_classifier_stage(task, tmp_path, method):
                                 f'model.init="{tmp_path / "one"}"'),
                      echo=quiet, progress=False).run()
     assert second.before["val_loss"] == pytest.approx(first.after["val_loss"], rel=1e-6)
+
+
+def test_validation_loss_over_the_first_batches(task):
+    """eval.max_val_batches: the mean loss of the documents in the first packed batches."""
+    from ember.engine.data import PackedBatches
+
+    model, tok = load_pretrained(task["model"], "float32")
+    add_classification_head(model, ("animal", "none"), pad_token_id=tok.pad_token_id, seed=0)
+    examples, _ = load_labelled(task["val"], DataConfig(), tok, ("animal", "none"))
+    objective = Classification(resolve(cls_config(task, "unused")))
+    objective.check_model(model, tok)
+    plan = PackedBatches(examples, 64, order="file", packing="greedy").plan(0)
+    first = [examples[i] for b in plan[:2] for i in b]
+    assert 0 < len(first) < len(examples)
+    with torch.no_grad():
+        want = sum(classification_loss(model, collate([e]), 1)[0] for e in first) / len(first)
+    got = objective.val_scores(model, examples, 64, "cpu", contextlib.nullcontext, 2)
+    assert got["val_loss"] == pytest.approx(float(want), rel=1e-5)
+    full = objective.val_scores(model, examples, 64, "cpu", contextlib.nullcontext, None)
+    assert full["val_loss"] != pytest.approx(got["val_loss"], rel=1e-5)
