@@ -48,7 +48,7 @@ from ember.models.lora import (
     merge_lora,
     resolve_targets,
 )
-from ember.models.peft_adapter import _PEFT_KEY
+from ember.models.peft_adapter import _PEFT_KEY, _read_adapter_config
 
 if TYPE_CHECKING:
     from ember.engine.config import TrainConfig
@@ -123,10 +123,10 @@ def find_start(init: str, model_name: str) -> Start:
             )
         if prev.method == "full":
             return Start(init, "full", str(out))
-        config, _ = _read_adapter(out)
+        config = _read_adapter_config(out)
         return Start(init, prev.method, base_of(prev), out, config)
     if p.is_dir() and (p / "adapter_config.json").is_file():
-        config, _ = _read_adapter(p)
+        config = _read_adapter_config(p)
         kind = _KINDS.get(config.get("peft_type"))
         if kind is None:
             raise EmberError(

@@ -179,7 +179,13 @@ def _write_adapter(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> P
     return out
 
 
-def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # preferred first
+
+
+def _read_adapter_config(adapter_dir: Path) -> dict:
+    """An adapter folder's adapter_config.json (checked to be a JSON object, with a weights file
+    beside it that is not read here)."""
+    adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / "adapter_config.json"
     if not adapter_dir.is_dir():
         raise EmberError(f"adapter directory {str(adapter_dir)!r} does not exist")
@@ -192,17 +198,22 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise EmberError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise EmberError(f"{cfg_path}: expected a JSON object")
-    st, pt = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"
+    if not any((adapter_dir / n).is_file() for n in ADAPTER_WEIGHTS):
+        raise EmberError(f"{adapter_dir}: no adapter_model.safetensors (or adapter_model.bin)")
+    return config
+
+
+def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    config = _read_adapter_config(adapter_dir)
+    st, pt = (adapter_dir / n for n in ADAPTER_WEIGHTS)
     try:
         if st.is_file():
             from safetensors.torch import load_file
             return config, load_file(str(st))
-        if pt.is_file():
-            return config, torch.load(pt, map_location="cpu", weights_only=True)
+        return config, torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt/truncated files surface as many different exception types
         raise EmberError(f"{st if st.is_file() else pt}: cannot read adapter weights "
                          f"({type(e).__name__}: {e})") from None
-    raise EmberError(f"{adapter_dir}: no adapter_model.safetensors (or adapter_model.bin)")
 
 
 def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> None:
