@@ -67,16 +67,18 @@ def _softcap(z, cap):
 
 
 @triton.jit
-def _logits_tile(H, W, B, rows, cols, D, stride_h, stride_w, cap,
+def _logits_tile(H, W, B, rows, cols, V, D, stride_h, stride_w, cap,
                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr,
                  INTERPRET: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """fp32 (BLOCK_N, BLOCK_V) logits for int64 row / column indices that the caller clamped into
-    range (out-of-range lanes repeat a valid row and are masked afterwards), so the loads need no
-    row or column masks."""
+    """fp32 (BLOCK_N, BLOCK_V) logits for int64 row indices that the caller clamped into range
+    and vocabulary indices ``cols`` (a plain arange, clamped here only where they index weight
+    rows): out-of-range lanes repeat a valid row and are masked by the caller, so the tile loads
+    need no row masks. The bias is read along its contiguous dim with a mask instead, which keeps
+    that load vectorized."""
     ks = tl.arange(0, BLOCK_D)
     h_ptrs = H + rows[:, None] * stride_h + ks[None, :]
-    w_ptrs = W + cols[:, None] * stride_w + ks[None, :]
+    w_ptrs = W + tl.minimum(cols, V - 1).to(tl.int64)[:, None] * stride_w + ks[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_D):
         if EVEN_D:
@@ -90,7 +92,7 @@ def _logits_tile(H, W, B, rows, cols, D, stride_h, stride_w, cap,
         h_ptrs += BLOCK_D
         w_ptrs += BLOCK_D
     if HAS_BIAS:
-        acc += tl.load(B + cols).to(tl.float32)[None, :]
+        acc += tl.load(B + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
     if SOFTCAP:
         acc = _softcap(acc, cap)
     return acc
@@ -117,9 +119,8 @@ def _lce_fwd_kernel(H, W, B, PM, PS, PT, N, V, D, stride_h, stride_w, v_per_spli
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cmask = cols < v_hi
-        t = _logits_tile(H, W, B, rows_ld, tl.minimum(cols, V - 1).to(tl.int64), D, stride_h,
-                         stride_w, cap, HAS_BIAS, SOFTCAP, EVEN_D, INTERPRET, IEEE, BLOCK_N,
-                         BLOCK_V, BLOCK_D)
+        t = _logits_tile(H, W, B, rows_ld, cols, V, D, stride_h, stride_w, cap, HAS_BIAS,
+                         SOFTCAP, EVEN_D, INTERPRET, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)
         t = tl.where(cmask[None, :], t, float("-inf"))
         # Every tile holds at least one valid column, so m_new is finite and exp(-inf) = 0.
         m_new = tl.maximum(m, tl.max(t, axis=1))
@@ -171,9 +172,8 @@ def _lce_dlogits_kernel(H, W, B, LAB, LSE, G, DS, N, V, D, stride_h, stride_w, s
     jj = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     cmask = jj < vlen
     cols = v0 + jj
-    t = _logits_tile(H, W, B, tl.minimum(rows, N - 1), tl.minimum(cols, V - 1).to(tl.int64), D,
-                     stride_h, stride_w, cap, HAS_BIAS, SOFTCAP, EVEN_D, INTERPRET, IEEE,
-                     BLOCK_N, BLOCK_V, BLOCK_D)
+    t = _logits_tile(H, W, B, tl.minimum(rows, N - 1), cols, V, D, stride_h, stride_w, cap,
+                     HAS_BIAS, SOFTCAP, EVEN_D, INTERPRET, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)
     lse = tl.load(LSE + rows, mask=rmask, other=0.0)
     g = tl.load(G + rows, mask=rmask, other=0.0)
     y = tl.load(LAB + rows, mask=rmask, other=-1)
@@ -190,8 +190,12 @@ def _lce_dlogits_kernel(H, W, B, LAB, LSE, G, DS, N, V, D, stride_h, stride_w, s
 @triton.jit
 def _lce_dhidden_kernel(DS, W, ACC, OUT, N, D, v0, vlen, stride_ds, stride_w, stride_acc,
                         stride_out, FIRST: tl.constexpr, LAST: tl.constexpr, EVEN_K: tl.constexpr,
-                        INTERPRET: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                        EVEN_D: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """ACC/OUT (+)= DS @ W[v0:v0+vlen]. The weight tile is read along D, its contiguous dim, so
+    its column offsets stay a plain arange (masked, never clamped): a clamp hides their
+    contiguity from the compiler, which then loads the tile one element at a time instead of in
+    16-byte async copies (tests/kernels/test_codegen.py checks the PTX)."""
     pid = tl.program_id(0)
     num_d = tl.cdiv(D, BLOCK_D)
     pid_m = pid // num_d
@@ -202,16 +206,22 @@ def _lce_dhidden_kernel(DS, W, ACC, OUT, N, D, v0, vlen, stride_ds, stride_w, st
     cmask = cols < D
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = DS + tl.minimum(rows, N - 1)[:, None] * stride_ds + ks[None, :]
-    b_ptrs = W + (v0 + ks).to(tl.int64)[:, None] * stride_w + tl.minimum(cols, D - 1)[None, :]
+    b_ptrs = W + (v0 + ks).to(tl.int64)[:, None] * stride_w + cols[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for k0 in range(0, vlen, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
+            if EVEN_D:
+                b = tl.load(b_ptrs)
+            else:
+                b = tl.load(b_ptrs, mask=cmask[None, :], other=0.0)
         else:
             km = (k0 + ks) < vlen
             a = tl.load(a_ptrs, mask=km[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=km[:, None], other=0.0)
+            if EVEN_D:
+                b = tl.load(b_ptrs, mask=km[:, None], other=0.0)
+            else:
+                b = tl.load(b_ptrs, mask=km[:, None] & cmask[None, :], other=0.0)
         acc = _dot(a, b, acc, INTERPRET, IEEE)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_w
@@ -247,8 +257,8 @@ def _dhidden_sig(t: str, acc: str) -> dict:
     return {"DS": f"*{t}", "W": f"*{t}", "ACC": f"*{acc}", "OUT": f"*{t}", "N": "i32", "D": "i32",
             "v0": "i32", "vlen": "i32", "stride_ds": "i32", "stride_w": "i32",
             "stride_acc": "i32", "stride_out": "i32",
-            **dict.fromkeys(("FIRST", "LAST", "EVEN_K", "INTERPRET", "IEEE", "BLOCK_M", "BLOCK_D",
-                             "BLOCK_K"), "constexpr")}
+            **dict.fromkeys(("FIRST", "LAST", "EVEN_K", "EVEN_D", "INTERPRET", "IEEE", "BLOCK_M",
+                             "BLOCK_D", "BLOCK_K"), "constexpr")}
 
 
 # One spec per kernel, every feature switched on, the bf16 tiles of the first autotune config.
@@ -266,7 +276,8 @@ COMPILE_SPECS = [
     (_lce_dlogits_kernel, _dlogits_sig("bf16"),
      {"HAS_BIAS": True, "SOFTCAP": True, **_TILE}, {"num_warps": 8, "num_stages": 4}),
     (_lce_dhidden_kernel, _dhidden_sig("bf16", "fp32"),
-     {"FIRST": False, "LAST": True, "EVEN_K": False, "INTERPRET": False, "IEEE": False,
+     {"FIRST": False, "LAST": True, "EVEN_K": False, "EVEN_D": False, "INTERPRET": False,
+      "IEEE": False,
       "BLOCK_M": 128, "BLOCK_D": 128, "BLOCK_K": 64}, {"num_warps": 8, "num_stages": 3}),
 ]
 
@@ -392,7 +403,7 @@ def _lce_bwd(h, w, b, y, lse, g, o: Options, need_h: bool, need_w: bool, need_b:
             last = v0 + vlen == v and acc is not dh
             _lce_dhidden_kernel[(triton.cdiv(n, bm) * triton.cdiv(d, bd),)](
                 ds, w, acc, dh, n, d, v0, vlen, ds.stride(0), w.stride(0), acc.stride(0),
-                dh.stride(0), FIRST=v0 == 0, LAST=last, EVEN_K=vlen % bk == 0,
+                dh.stride(0), FIRST=v0 == 0, LAST=last, EVEN_K=vlen % bk == 0, EVEN_D=d % bd == 0,
                 INTERPRET=interp, IEEE=flags["IEEE"], BLOCK_M=bm, BLOCK_D=bd, BLOCK_K=bk,
                 num_warps=warps, num_stages=stages)
         if need_w:
