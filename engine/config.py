@@ -313,11 +313,20 @@ def from_dict(cls, data: dict, prefix: str = ""):
             raise EmberError(f"unknown config key {full!r}; valid keys in {where}: {valid}")
         kwargs[key] = _coerce(value, hints[key], full)
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except EmberError:
         raise
     except (TypeError, ValueError) as e:
         raise EmberError(f"[{prefix or 'config'}]: {e}") from None
+    object.__setattr__(obj, "_given", frozenset(kwargs))
+    return obj
+
+
+def given_keys(cfg) -> frozenset[str] | None:
+    """The keys the config file / ``--set`` items gave for this section (``from_dict`` records
+    them), so that a value written out equal to its default still counts as chosen; None for a
+    config built in code or copied with ``dataclasses.replace`` (unknown)."""
+    return getattr(cfg, "_given", None)
 
 
 def to_dict(cfg) -> dict:

@@ -14,8 +14,9 @@ starts from, by the previous result's kind (rows) and this stage's ``method`` (c
     =============  ==============================  ============================  ===============
 
 Continuing an adapter keeps its rank, alpha, rsLoRA and target modules: ``resolve_start`` writes
-them into the resolved config. A ``[lora]`` setting left at its default takes the adapter's value;
-one set to another value is an error (``lora.dropout``, a training setting, may change).
+them into the resolved config. A ``[lora]`` setting the config leaves out takes the adapter's
+value; one the config sets to another value is an error, even when it is the default (e.g.
+``rank = 16`` on a rank-8 adapter); ``lora.dropout``, a training setting, may change.
 
 DPO after an earlier stage: the reference is the stage's *starting* model, i.e. the previous
 stage's result (the usual practice: the SFT model). With full fine-tuning it is a frozen copy of
@@ -29,6 +30,7 @@ forward (``adapters_swapped``). So a continued adapter stays one adapter on the 
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -228,20 +230,24 @@ def resolve_start(cfg: TrainConfig) -> TrainConfig:
     start = start_of(cfg)
     if not (cfg.method == "lora" and start.kind == "lora"):
         return cfg
-    have, default = _adapter_lora(start), LoRAConfig()
+    from ember.engine.config import given_keys
+
+    have, default, given = _adapter_lora(start), LoRAConfig(), given_keys(cfg.lora)
+
+    def chosen(f: str) -> bool:  # set in the config (or, for a config built in code, not default)
+        return f in given if given is not None else getattr(cfg.lora, f) != getattr(default, f)
+
     for f in ("rank", "alpha", "use_rslora", "use_dora", "targets"):
         mine, theirs = getattr(cfg.lora, f), getattr(have, f)
         same = _same_targets(mine, theirs) if f == "targets" else mine == theirs
-        if mine != getattr(default, f) and not same:
+        if chosen(f) and not same:
             raise EmberError(
                 f"lora.{f} = {mine!r} conflicts with the adapter continued from "
                 f"model.init {start.source!r} ({f} {theirs!r}); a continued adapter "
-                f"keeps its shape: remove lora.{f} from the config"
+                f"keeps its shape: remove lora.{f} from the config (or set it to "
+                f"{json.dumps(list(theirs) if isinstance(theirs, tuple) else theirs)})"
             )
-    keep = {
-        "dropout": cfg.lora.dropout if cfg.lora.dropout != default.dropout else have.dropout,
-        "targets": cfg.lora.targets if cfg.lora.targets != default.targets else have.targets,
-    }
+    keep = {f: getattr(cfg.lora if chosen(f) else have, f) for f in ("dropout", "targets")}
     return cfg.replace(lora=replace(have, **keep, init=cfg.lora.init))
 
 

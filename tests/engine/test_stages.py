@@ -53,16 +53,7 @@ def sft_lora(tiny, tmp_path_factory):
 def test_lora_stage_continues_exactly(tiny, sft_lora, tmp_path):
     stage1 = [r for r in rows_of(sft_lora) if r["kind"] == "eval"][-1]
     run = tmp_path / "s2"
-    # rank = 16, alpha = 32 are the defaults, i.e. "not set": the adapter's values are taken.
-    t, res = _stage(
-        tiny,
-        run,
-        "max_steps=2",
-        f'model.init="{sft_lora}"',
-        "lora.dropout=0.1",
-        "lora.rank=16",
-        "lora.alpha=32",
-    )
+    t, res = _stage(tiny, run, "max_steps=2", f'model.init="{sft_lora}"', "lora.dropout=0.1")
     # rank / alpha / targets come from the adapter; a changed training setting (dropout) applies.
     lora = t.cfg.lora
     assert (lora.rank, lora.alpha, lora.targets, lora.dropout) == (
@@ -83,7 +74,9 @@ def test_lora_stage_continues_exactly(tiny, sft_lora, tmp_path):
     run_b = tmp_path / "s2b"
     toml = tmp_path / "stage2.toml"
     toml.write_text(
-        to_toml(tiny_config(tiny, run_b, *FAST, "max_steps=1", "plot=false")).replace(
+        # A full dump writes every [lora] key: they must agree with the adapter's.
+        to_toml(tiny_config(tiny, run_b, *FAST, "max_steps=1", "plot=false",
+                            'lora.targets=["q_proj", "v_proj"]')).replace(
             "[model]\n", f"[model]\ninit = {json.dumps(str(sft_lora))}\n"
         )
     )
@@ -172,6 +165,11 @@ def test_start_errors(tiny, sft_lora, tmp_path):
 
     with pytest.raises(EmberError, match=r"lora.rank = 8 conflicts .*\(rank 4\)"):
         cfg(f'model.init="{sft_lora}"', "lora.rank=8")
+    # A value equal to the default is still a choice the adapter contradicts (not dropped).
+    with pytest.raises(EmberError, match=r"lora.rank = 16 conflicts .*\(rank 4\)"):
+        cfg(f'model.init="{sft_lora}"', "lora.rank=16")
+    with pytest.raises(EmberError, match=r"lora.alpha = 32.0 conflicts"):
+        cfg(f'model.init="{sft_lora}"', "lora.alpha=32")
     with pytest.raises(EmberError, match="lora.targets .* conflicts"):
         cfg(f'model.init="{sft_lora}"', 'lora.targets=["q", "k"]')
     assert cfg(f'model.init="{sft_lora}"', 'lora.targets=["v", "q"]').lora.rank == 4
