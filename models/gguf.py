@@ -31,6 +31,13 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ember import EmberError
 from ember.models.config import ModelConfig, RopeScaling, rope_inv_freq
+from ember.models.gguf_arch import (
+    ARCHITECTURES,
+    EXTRA_BLOCK_NAMES,
+    arch_fields,
+    arch_tensors,
+    check_supported,
+)
 
 Q = GGMLQuantizationType
 
@@ -308,9 +315,6 @@ def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> torch.T
 # ------------------------------------------------------------------------------------------
 # Names, permutation, config
 
-# arch -> (HF model_type, whether llama.cpp permuted Q/K rows for it)
-ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
-
 _BLOCK_NAMES = {
     "attn_norm.weight": "attn_norm.weight",
     "ffn_norm.weight": "mlp_norm.weight",
@@ -320,6 +324,7 @@ _BLOCK_NAMES = {
         ("attn_q", "attn.q_proj"), ("attn_k", "attn.k_proj"), ("attn_v", "attn.v_proj"),
         ("attn_output", "attn.o_proj"), ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
         ("ffn_down", "mlp.down_proj")] for p in ("weight", "bias")},
+    **EXTRA_BLOCK_NAMES,
 }
 _TOP_NAMES = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight",
               "output.weight": "lm_head.weight"}
@@ -376,9 +381,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     """Rebuild the ModelConfig from ``<arch>.*`` metadata and the tensor table."""
     md, path = g.metadata, g.path
     arch = md.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise EmberError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "
-                         f"{sorted(ARCHITECTURES)})")
+    check_supported(arch, md, g.tensors, path)
     model_type, _ = ARCHITECTURES[arch]
 
     def get(key, default=None, required=False):
@@ -398,7 +401,8 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     rot = get("rope.dimension_count")
     if rot is not None and int(rot) != head_dim:
         raise EmberError(f"{path}: partial rotary embeddings ({arch}.rope.dimension_count={rot} "
-                         f"< head_dim {head_dim}) are not supported")
+                         f"< head_dim {head_dim}) are not supported in GGUF files; use the "
+                         "original Hugging Face checkpoint")
     if "token_embd.weight" not in g.tensors:
         raise EmberError(f"{path}: tensor token_embd.weight is missing")
     vocab = g.tensors["token_embd.weight"].shape[0]
@@ -424,7 +428,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
            if i is not None]
     eos = list(dict.fromkeys(eos))
     has = g.tensors.__contains__
-    return ModelConfig(
+    fields = dict(
         model_type=model_type, vocab_size=vocab, hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length", required=True)),
         num_layers=int(get("block_count", required=True)), num_heads=heads,
@@ -439,12 +443,14 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         eos_token_id=(eos[0] if len(eos) == 1 else eos) if eos else None,
         pad_token_id=tok_id("padding_token_id"), torch_dtype="float32",
     )
+    return ModelConfig(**{**fields, **arch_fields(arch, md, get, fields)})
 
 
 def iter_state_dict(g: GGUFFile, cfg: ModelConfig,
                     dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
     """(ember name, tensor) pairs, dequantized, unpermuted, cast to ``dtype``, one at a time."""
-    _, permuted = ARCHITECTURES[g.metadata["general.architecture"]]
+    arch = g.metadata["general.architecture"]
+    _, permuted = ARCHITECTURES[arch]
     unknown = [n for n in g.tensors if ember_name(n) is None and n != "rope_freqs.weight"]
     if unknown:
         raise EmberError(f"{g.path}: unexpected tensors {unknown[:5]} for a "
@@ -456,7 +462,8 @@ def iter_state_dict(g: GGUFFile, cfg: ModelConfig,
         w = g.tensor(name)
         if permuted and (".attn_q." in name or ".attn_k." in name):
             w = unpermute_qk(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
-        yield key, w.to(dtype)
+        for k, t in arch_tensors(arch, name, key, w, cfg):
+            yield k, t.to(dtype)
 
 
 def _check_shapes(sd: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> None:

@@ -1,0 +1,129 @@
+"""Family-specific parts of the GGUF import (``ember.models.gguf``): Gemma 1/2/3 and Phi-3.
+
+What llama.cpp's ``convert_hf_to_gguf.py`` writes for them and what its runtime assumes, read
+back into ``ModelConfig`` fields and Ember tensors:
+
+- Gemma (``gemma``, ``gemma2``, ``gemma3``): every ``*norm.weight`` is stored as ``1 + w`` (Gemma's
+  RMSNorm scales by ``1 + w``; Ember keeps HF's ``w`` with ``norm_offset`` 1), GeGLU, embeddings
+  scaled by sqrt(hidden), tied output. Gemma 2/3 add the post-attention / post-FFN norms.
+- What the file does not say, llama.cpp hard-codes, and so does this module: the softmax scale
+  is 1/sqrt(head_dim) except for the 27B models (46-layer Gemma 2, 62-layer Gemma 3), whose
+  ``query_pre_attn_scalar`` is hidden/heads; Gemma 2 alternates sliding / full layers (every 2nd
+  full), softcaps 50 / 30 and a 4096 window unless the file gives them; Gemma 3 makes every 6th
+  layer full, its sliding layers use an unscaled RoPE of base 10000 (``rope.freq_base`` and any
+  linear scaling are the full layers'), no attention softcap, and no sliding layers at all when
+  the file has no ``attention.sliding_window``. ``<arch>.attention.sliding_window_pattern`` (a
+  period, or one bool per layer, true = sliding) overrides the pattern where present.
+- Phi-3 (``phi3``): ``attn_qkv`` (q, k, v rows stacked) and ``ffn_up`` with 2 x ffn rows (gate,
+  then up) are split with ``ember.models.hf``'s Phi-3 split; ``attention.sliding_window`` 0 means
+  none (Phi-4). LongRoPE files (``rope_factors_long`` / ``rope_factors_short``) are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ember import EmberError
+from ember.models.config import ModelConfig
+
+# GGUF architecture -> (HF model_type, whether llama.cpp permuted Q/K rows for it)
+ARCHITECTURES = {
+    "llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
+    "gemma": ("gemma", False), "gemma2": ("gemma2", False), "gemma3": ("gemma3_text", False),
+    "phi3": ("phi3", False),
+}
+GEMMA = ("gemma", "gemma2", "gemma3")
+# block tensors beyond the common ones: Gemma 2/3's sandwich norms, Phi-3's fused q/k/v
+EXTRA_BLOCK_NAMES = {
+    "post_attention_norm.weight": "attn_post_norm.weight",
+    "post_ffw_norm.weight": "mlp_post_norm.weight",
+    "attn_qkv.weight": "attn.qkv_proj.weight",  # split in arch_tensors
+}
+_LAYERS_27B = {"gemma2": 46, "gemma3": 62}  # llama.cpp's LLM_TYPE_27B test
+_WINDOW_PERIOD = {"gemma2": 2, "gemma3": 6}
+_MULTIMODAL_PREFIXES = ("v.", "mm.", "a.")  # vision tower, projector, audio encoder tensors
+
+
+def check_supported(arch: Any, md: dict, tensor_names, path: Path) -> None:
+    """Refuse files this importer cannot represent, naming the key or tensor."""
+    if arch == "clip":
+        raise EmberError(f"{path}: this is a multimodal projector file (general.architecture "
+                         "'clip', an mmproj GGUF), not a language model; load the text model's "
+                         "GGUF file instead")
+    if arch not in ARCHITECTURES:
+        raise EmberError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "
+                         f"{sorted(ARCHITECTURES)})")
+    mm = [n for n in tensor_names if n.startswith(_MULTIMODAL_PREFIXES)]
+    if mm:
+        raise EmberError(f"{path}: multimodal GGUF (vision/audio tensors such as {mm[0]!r}) is "
+                         "not supported; use a text-only GGUF of the language model")
+    longrope = [n for n in tensor_names if n.startswith("rope_factors_")]
+    if longrope:
+        raise EmberError(f"{path}: tensors {longrope} (LongRoPE frequency factors, the 128k-"
+                         "context Phi-3 models) are not supported in GGUF files; use a "
+                         "4k-context GGUF or the original Hugging Face checkpoint")
+
+
+def _layer_types(arch: str, md: dict, num_layers: int, window: int | None) -> tuple[str, ...]:
+    if window is None:
+        return ("full_attention",) * num_layers
+    pattern = md.get(f"{arch}.attention.sliding_window_pattern", _WINDOW_PERIOD[arch])
+    if isinstance(pattern, list):
+        if len(pattern) != num_layers:
+            raise EmberError(f"{arch}.attention.sliding_window_pattern has {len(pattern)} "
+                             f"entries for {num_layers} layers")
+        sliding = [bool(x) for x in pattern]
+    elif isinstance(pattern, int) and not isinstance(pattern, bool) and pattern >= 1:
+        sliding = [i % pattern < pattern - 1 for i in range(num_layers)]  # llama.cpp's rule
+    else:
+        raise EmberError(f"{arch}.attention.sliding_window_pattern must be a period >= 1 or "
+                         f"one bool per layer, got {pattern!r}")
+    return tuple("sliding_attention" if s else "full_attention" for s in sliding)
+
+
+def arch_fields(arch: str, md: dict, get: Callable, base: dict) -> dict:
+    """ModelConfig fields of a Gemma / Phi-3 file beyond the common ones in ``base``."""
+    if arch == "phi3":
+        window = int(get("attention.sliding_window") or 0)
+        return {"sliding_window": window or None}
+    if arch not in GEMMA:
+        return {}
+    hidden, heads, layers = base["hidden_size"], base["num_heads"], base["num_layers"]
+    out = dict(norm_offset=1.0, activation="gelu_tanh", embedding_scale=hidden**0.5)
+    if arch == "gemma":
+        return out
+    if arch == "gemma2":
+        window = int(get("attention.sliding_window") or 4096)
+        out.update(attn_softcap=float(get("attn_logit_softcapping") or 50.0),
+                   final_softcap=float(get("final_logit_softcapping") or 30.0))
+    else:
+        window = int(get("attention.sliding_window") or 0) or None
+        final = get("final_logit_softcapping")
+        out.update(final_softcap=float(final) if final else None, rope_local_theta=10000.0)
+    scalar = hidden // heads if layers == _LAYERS_27B[arch] else base["head_dim"]
+    out.update(sandwich_norms=True, sliding_window=window, query_pre_attn_scalar=float(scalar),
+               layer_types=_layer_types(arch, md, layers, window))
+    return out
+
+
+def arch_tensors(arch: str, name: str, key: str, w: torch.Tensor,
+                 cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Ember key, tensor) pairs for one dequantized GGUF tensor already named ``key``."""
+    if arch in GEMMA and name.endswith("norm.weight"):
+        yield key, w - 1  # stored as 1 + w
+        return
+    if arch == "phi3" and (key.endswith(".qkv_proj.weight") or (
+            key.endswith(".mlp.up_proj.weight") and w.shape[0] == 2 * cfg.intermediate_size)):
+        from ember.models.hf import hf_key_to_ember, split_fused
+
+        layer = key.split(".")[1]
+        hf_key = (f"model.layers.{layer}.self_attn.qkv_proj.weight" if "qkv" in key
+                  else f"model.layers.{layer}.mlp.gate_up_proj.weight")
+        for part, t in split_fused({hf_key: w}, cfg).items():
+            yield hf_key_to_ember(part, cfg), t
+        return
+    yield key, w
