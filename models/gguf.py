@@ -1,5 +1,13 @@
 """GGUF import: read a llama.cpp model file into an ember ``ModelConfig``, state dict and tokenizer.
 
+Architectures (``general.architecture``): ``llama`` (also Mistral, SmolLM2), ``qwen2``, ``qwen3``,
+``gemma``, ``gemma2``, ``gemma3`` (text; becomes ``gemma3_text``) and ``phi3``; the Gemma and Phi-3
+specifics (norms stored as 1 + w, windows, softcaps, local RoPE base, fused qkv / gate-up, and the
+values llama.cpp hard-codes instead of storing) are in ``ember.models.gguf_arch``. Refused with an
+error naming the key or tensor: other architectures, mmproj (``clip``) and multimodal files,
+mixture-of-experts, per-layer head counts, partial rotary (``rope.dimension_count`` < head_dim),
+Phi-3 LongRoPE (``rope_factors_long/short``), rope scaling other than linear / Llama-3.
+
 Format (v2/v3, little-endian): magic ``GGUF``, version, tensor count, metadata count, metadata
 key/values, a tensor table (name, dims in ggml order = fastest first, type, offset), then the tensor
 data at ``general.alignment`` (32). The header is parsed here with ``struct`` (``gguf.GGUFReader``
@@ -12,7 +20,9 @@ Transforms applied to get back to Hugging Face / ember layout:
 - undo llama.cpp's Q/K row permutation (``convert_hf_to_gguf.py`` reorders each head's rows from
   HF's rotate-half layout to interleaved pairs for llama-architecture files);
 - rename ``blk.N.attn_q`` ... to ``layers.N.attn.q_proj`` ...; a missing ``output`` means tied
-  embeddings; a ``rope_freqs`` tensor (Llama 3.1 files) becomes a ``RopeScaling``.
+  embeddings; a ``rope_freqs`` tensor (Llama 3.1 files) becomes a ``RopeScaling``;
+- Gemma: subtract the 1 llama.cpp added to every norm weight; Phi-3: split ``attn_qkv`` and the
+  fused ``ffn_up`` (``ember.models.gguf_arch``).
 """
 
 from __future__ import annotations

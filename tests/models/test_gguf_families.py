@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf import MODEL_ARCH_NAMES, GGUFWriter, get_tensor_name_map
+from gguf import MODEL_ARCH_NAMES, GGUFWriter, get_tensor_name_map, quants
+from gguf import GGMLQuantizationType as Q
 
 from ember import EmberError
 from ember.models.gguf import import_gguf, load_gguf
@@ -96,8 +97,9 @@ def _metadata(arch: str, c) -> dict:
 
 
 def write_family_gguf(path, case: str, model, md: dict | None = None,
-                      extra_tensors: dict | None = None) -> None:
-    """The GGUF file of ``model``; ``md``: the architecture metadata (default ``_metadata``)."""
+                      extra_tensors: dict | None = None, quant: dict | None = None) -> None:
+    """The GGUF file of ``model``; ``md``: the architecture metadata (default ``_metadata``);
+    ``quant``: GGUF tensor kind (``attn_qkv``) -> ggml type, F32 otherwise."""
     arch = CASES[case][0]
     c = model.config
     w = GGUFWriter(str(path), arch)
@@ -111,7 +113,12 @@ def write_family_gguf(path, case: str, model, md: dict | None = None,
         t = t.float()
         if arch.startswith("gemma") and key.endswith("norm.weight"):
             t = t + 1  # llama.cpp stores Gemma's (1 + w)
-        w.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), t.numpy())
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        qt = (quant or {}).get(name.split(".")[-2])
+        if qt is None:
+            w.add_tensor(name, t.numpy())
+        else:
+            w.add_tensor(name, quants.quantize(t.numpy(), qt), raw_dtype=qt)
     for name, t in (extra_tensors or {}).items():
         w.add_tensor(name, np.asarray(t, dtype=np.float32))
     w.write_header_to_file()
@@ -190,6 +197,30 @@ def test_family_gguf_matches_hf_and_transformers_gguf(case, tmp_path):
         else:
             sd2 = sd
         assert _diff(_ember(changed, sd2, ids), ref) > 1e-2, f"{case}: {feature} has no effect"
+
+
+def test_quantized_phi3_fused_weights_split_after_dequantization(tmp_path):
+    hf = _hf_model("phi3")
+    path = tmp_path / "q.gguf"
+    write_family_gguf(path, "phi3", hf, quant={"attn_qkv": Q.Q8_0, "ffn_up": Q.Q5_1,
+                                               "ffn_down": Q.Q5_0})
+    cfg, sd, _ = load_gguf(path)
+    hd, kv = cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    qkv = hf.model.layers[1].self_attn.qkv_proj.weight.detach().numpy()
+    want = torch.from_numpy(quants.dequantize(quants.quantize(qkv, Q.Q8_0), Q.Q8_0))
+    q_rows = cfg.num_heads * hd
+    assert torch.equal(sd["layers.1.attn.q_proj.weight"], want[:q_rows])
+    assert torch.equal(sd["layers.1.attn.k_proj.weight"], want[q_rows:q_rows + kv])
+    assert torch.equal(sd["layers.1.attn.v_proj.weight"], want[q_rows + kv:])
+    ids = torch.randint(0, VOCAB, (2, 13))
+    with _offline():
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager",
+            sliding_window=hf.config.sliding_window).eval()
+    with torch.no_grad():
+        diff = _diff(_ember(cfg, sd, ids), theirs(ids).logits)
+    print(f"phi3 quantized: max |logit diff| transformers GGUF {diff:.2e}")
+    assert diff <= TOL
 
 
 def test_load_pretrained_gguf_path(tmp_path, monkeypatch):

@@ -74,9 +74,11 @@ def _theirs(path):
         return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "phi3"])
 def test_ids_match_transformers(sp_model, arch, tmp_path):
-    path = _write(tmp_path / f"{arch}.gguf", _metadata(sp_model, arch))
+    # convert_hf_to_gguf.py writes add_space_prefix = false for Gemma 2/3
+    extra = {"tokenizer.ggml.add_space_prefix": False} if arch.startswith("gemma") else {}
+    path = _write(tmp_path / f"{arch}.gguf", _metadata(sp_model, arch, **extra))
     with GGUFFile(path) as g:
         ours = tokenizer_from_gguf(g.metadata)
     theirs = _theirs(path)
