@@ -140,16 +140,16 @@ def _diff(a, b) -> float:
 
 def _dropped(case: str, cfg) -> dict:
     """Ember configs with one imported feature switched off: each must change the logits."""
+    if case == "gemma2_27b_scale":  # 46 layers: only what this case adds to "gemma2"
+        return {"query_pre_attn_scalar": cfg.replace(query_pre_attn_scalar=None)}
     out = {"norm +1 convention": "norm"} if case != "phi3" else {}
     if case.startswith("gemma"):
         out["embedding scale"] = cfg.replace(embedding_scale=None)
-    if case.startswith(("gemma2", "gemma3")):
+    if case in ("gemma2", "gemma3"):
         out["alternating sliding windows"] = cfg.replace(layer_types=None, sliding_window=None)
         out["final softcap"] = cfg.replace(final_softcap=None)
-    if case.startswith("gemma2"):
+    if case == "gemma2":
         out["attention softcap"] = cfg.replace(attn_softcap=None)
-    if case == "gemma2_27b_scale":
-        out["query_pre_attn_scalar"] = cfg.replace(query_pre_attn_scalar=None)
     if case == "gemma3":
         out["local rope base"] = cfg.replace(rope_local_theta=None)
         out["global linear rope scaling"] = cfg.replace(rope_scaling=None)
