@@ -153,8 +153,8 @@ def test_phi3_reads_the_top_level_original_context(tmp_path):
 
 def test_llama_family_longrope_matches_transformers(tmp_path):
     """transformers computes LongRoPE for Llama/Qwen/Mistral too (full rotary only)."""
-    for cls in ("LlamaConfig", "Qwen2Config"):
-        kw = dict(pad_token_id=None, eos_token_id=2)
+    for cls in ("LlamaConfig", "Qwen2Config", "Qwen3Config", "MistralConfig"):
+        kw = dict(pad_token_id=None, eos_token_id=2, head_dim=HEAD_DIM)
         hf, folder = _make(tmp_path, cls, 1.0, True, cls=cls, **kw)
         model, _ = load_pretrained(folder)
         assert model.cfg.longrope.original_max_position_embeddings == ORIG
@@ -346,3 +346,14 @@ def test_lora_gradients_match_peft(tmp_path):
         for ours, ab in ((m.lora_A.grad, "A"), (m.lora_B.grad, "B")):
             ref = theirs[key % ab]
             assert (ours - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_llama_longrope_generation_keeps_short_keys_like_transformers(tmp_path):
+    """transformers' Llama does not rebuild its cache at the switch (only Phi-3 does): the keys
+    cached before it stay under the short table, and Ember's tokens match that."""
+    hf, folder = _make(tmp_path, "llama_gen", 1.0, True, cls="LlamaConfig", pad_token_id=None,
+                       eos_token_id=2, head_dim=HEAD_DIM)
+    model, _ = load_pretrained(folder)
+    prompt = _ids(10, 1)[0].tolist()
+    ref = _hf_generate(hf, prompt, 30)
+    assert generate_ids(model.eval(), [prompt], max_new_tokens=30) == [ref]
