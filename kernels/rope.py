@@ -3,14 +3,18 @@
 For x (B, T, H, D) split in halves x1 = x[..., :D/2], x2 = x[..., D/2:]:
     out1 = x1 * cos - x2 * sin,   out2 = x2 * cos + x1 * sin
 cos/sin: (B or 1, T, D/2), fp32 (from ``rope_cos_sin``; fp16/bf16 are accepted and upcast).
-Output in x.dtype. q (B, T, H, D) and k (B, T, K, D) may differ in head count (GQA) and dtype.
+Partial rotary (Phi-4-mini): cos/sin (B or 1, T, R/2) with an even R < D rotate x[..., :R] as
+above and pass x[..., R:] through unchanged. Output in x.dtype. q (B, T, H, D) and k (B, T, K, D)
+may differ in head count (GQA) and dtype.
 
 Triton path: one program per token (b, t) rotates all q heads and all k heads of that token, so
 cos/sin are read once per token. q/k may have any strides (they are usually ``.view``s of a linear
 output) as long as the last dim is contiguous (a copy is made otherwise); outputs are new contiguous
-tensors. Any even D is accepted: the half-dim block is the next power of two and its tail is masked
-(D = 80, 96). Backward is the same rotation by -sin (a rotation's transpose): it saves only cos/sin.
-cos/sin get no gradient on the Triton path (they are position tables; pass them detached).
+tensors (partial rotary: the kernel rotates the x[..., :R] views and the untouched tail is
+concatenated after). Any even D is accepted: the half-dim block is the next power of two and its
+tail is masked (D = 80, 96). Backward is the same rotation by -sin (a rotation's transpose): it
+saves only cos/sin. cos/sin get no gradient on the Triton path (they are position tables; pass
+them detached).
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ from ember.kernels._dispatch import check_dtype, use_triton
 
 
 def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    d2 = x.shape[-1] // 2
-    xf = x.float()
+    d2 = cos.shape[-1]
+    xf = x[..., :2 * d2].float()
     x1, x2 = xf[..., :d2], xf[..., d2:]
-    c, s = cos[:, :, None, :].float(), sin[:, :, None, :].float()  # (B, T, 1, D/2)
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+    c, s = cos[:, :, None, :].float(), sin[:, :, None, :].float()  # (B, T, 1, R/2)
+    out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+    return out if 2 * d2 == x.shape[-1] else torch.cat([out, x[..., 2 * d2:]], dim=-1)
 
 
 def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
@@ -134,18 +139,19 @@ class _Rope(torch.autograd.Function):
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (B, T, H, D) and k (B, T, K, D) by cos/sin (B or 1, T, D/2); returns (q', k')."""
+    """Rotate q (B, T, H, D) and k (B, T, K, D) by cos/sin (B or 1, T, R/2); returns (q', k').
+    R = D rotates every dim; an even R < D only the first R (partial rotary)."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[-1] % 2 or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"apply_rope: q, k must be (B, T, H, D) with the same even D; got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
     if q.shape[:2] != k.shape[:2]:
         raise ValueError(f"apply_rope: q and k must share (B, T); got {tuple(q.shape)} and "
                          f"{tuple(k.shape)}")
-    if (cos.dim() != 3 or cos.shape != sin.shape or cos.shape[-1] != q.shape[-1] // 2
+    if (cos.dim() != 3 or cos.shape != sin.shape or not 0 < cos.shape[-1] <= q.shape[-1] // 2
             or cos.shape[1] != q.shape[1] or cos.shape[0] not in (1, q.shape[0])):
-        raise ValueError(f"apply_rope: cos/sin must be (B or 1, T, D/2) = ({q.shape[0]} or 1, "
-                         f"{q.shape[1]}, {q.shape[-1] // 2}); got {tuple(cos.shape)} and "
-                         f"{tuple(sin.shape)}")
+        raise ValueError(f"apply_rope: cos/sin must be (B or 1, T, R/2) = ({q.shape[0]} or 1, "
+                         f"{q.shape[1]}, R/2) with 0 < R <= D = {q.shape[-1]}; got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         check_dtype("apply_rope", name, t)
         if t.device != q.device:
@@ -154,6 +160,10 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
             raise ValueError("apply_rope: the Triton path does not differentiate through cos/sin; "
                              "pass cos.detach(), sin.detach() or use impl='ref'")
-        return _Rope.apply(_last_contiguous(q), _last_contiguous(k), _last_contiguous(cos),
-                           _last_contiguous(sin))
+        r = 2 * cos.shape[-1]
+        qr, kr = _Rope.apply(_last_contiguous(q[..., :r]), _last_contiguous(k[..., :r]),
+                             _last_contiguous(cos), _last_contiguous(sin))
+        if r == q.shape[-1]:
+            return qr, kr
+        return torch.cat([qr, q[..., r:]], dim=-1), torch.cat([kr, k[..., r:]], dim=-1)
     return apply_rope_ref(q, k, cos, sin)

@@ -15,11 +15,14 @@ import torch
 
 @dataclass(frozen=True, kw_only=True)
 class RopeScaling:
-    """Llama-3.1 style frequency scaling ("llama3"), linear position interpolation, or YaRN
+    """Llama-3.1 style frequency scaling ("llama3"), linear position interpolation, YaRN
     ("yarn": frequencies ramped between interpolation and extrapolation by ``beta_fast`` /
-    ``beta_slow``, cos/sin multiplied by ``attention_factor``), as transformers computes them."""
+    ``beta_slow``, cos/sin multiplied by ``attention_factor``) or LongRoPE ("longrope", Phi-3.5 /
+    Phi-4-mini: frequency ``i`` divided by ``short_factor[i]``, or by ``long_factor[i]`` in a
+    forward whose largest position is >= ``original_max_position_embeddings``; cos/sin multiplied
+    by ``attention_factor``), as transformers computes them."""
 
-    kind: str = "llama3"  # "llama3" | "linear" | "yarn"
+    kind: str = "llama3"  # "llama3" | "linear" | "yarn" | "longrope"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -27,7 +30,17 @@ class RopeScaling:
     beta_fast: float = 32.0  # yarn only, like the three below
     beta_slow: float = 1.0
     truncate: bool = True
-    attention_factor: float = 1.0
+    attention_factor: float = 1.0  # yarn and longrope
+    short_factor: tuple[float, ...] = ()  # longrope only: one per rotary frequency
+    long_factor: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("short_factor", "long_factor"):
+            object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
+        if self.kind == "longrope" and (
+                not self.short_factor or len(self.short_factor) != len(self.long_factor)):
+            raise ValueError("longrope needs short_factor and long_factor of the same, non-zero "
+                             f"length; got {len(self.short_factor)} and {len(self.long_factor)}")
 
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -46,6 +59,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    # RoPE rotates the first int(head_dim * this) dims of each head, the rest pass through (Phi-4)
+    partial_rotary_factor: float = 1.0
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v biases (Qwen2)
@@ -87,6 +102,14 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ValueError(
+                f"partial_rotary_factor ({self.partial_rotary_factor}) must be in (0, 1] and "
+                f"give an even rotary dim int(head_dim * factor) >= 2; got {self.rotary_dim}")
+        if self.longrope is not None and len(self.longrope.short_factor) != self.rotary_dim // 2:
+            raise ValueError(
+                f"longrope short_factor/long_factor must have rotary_dim / 2 = "
+                f"{self.rotary_dim // 2} entries, got {len(self.longrope.short_factor)}")
         if self.labels is not None:
             labels = tuple(self.labels)
             object.__setattr__(self, "labels", labels)
@@ -100,6 +123,17 @@ class ModelConfig:
                 raise ValueError(f"layer_types must give one of {LAYER_TYPES} for each of the "
                                  f"{self.num_layers} layers, got {self.layer_types!r}")
             object.__setattr__(self, "layer_types", types)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dims of each head that RoPE rotates (transformers' int(head_dim * factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def longrope(self) -> RopeScaling | None:
+        """The LongRoPE scaling, or None when RoPE does not depend on the sequence length."""
+        rs = self.rope_scaling
+        return rs if rs is not None and rs.kind == "longrope" else None
 
     def is_sliding(self, layer: int) -> bool:
         """Whether ``layer`` is a local layer (sliding window, local RoPE base)."""
@@ -132,14 +166,19 @@ class ModelConfig:
         return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + d
 
 
-def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,) in fp32, with Llama-3 / linear scaling applied; with
-    ``local``, the unscaled ones of base ``rope_local_theta`` (Gemma 3's sliding layers)."""
-    hd = cfg.head_dim
+def rope_inv_freq(cfg: ModelConfig, local: bool = False, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies (rotary_dim/2,) in fp32, with the config's scaling applied (LongRoPE:
+    the short factors, or with ``long`` the long ones); with ``local``, the unscaled ones of base
+    ``rope_local_theta`` (Gemma 3's sliding layers)."""
+    hd = cfg.rotary_dim
     theta = cfg.rope_local_theta if local else cfg.rope_theta
     # fp32 exactly as transformers computes it, so logits match bit for bit where possible.
-    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    exponent = torch.arange(0, hd, 2, dtype=torch.int64).float() / hd
     rs = None if local else cfg.rope_scaling
+    if rs is not None and rs.kind == "longrope":
+        ext = torch.tensor(rs.long_factor if long else rs.short_factor, dtype=torch.float32)
+        return 1.0 / (ext * theta**exponent)
+    inv = 1.0 / (theta**exponent)
     if rs is None:
         return inv
     if rs.kind == "linear":
@@ -159,9 +198,10 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
 
 
 def rope_attention_factor(cfg: ModelConfig) -> float:
-    """The factor cos and sin are multiplied by (YaRN's attention scaling; 1 otherwise)."""
+    """The factor cos and sin are multiplied by (YaRN's and LongRoPE's attention scaling; 1
+    otherwise)."""
     rs = cfg.rope_scaling
-    return rs.attention_factor if rs is not None and rs.kind == "yarn" else 1.0
+    return rs.attention_factor if rs is not None and rs.kind in ("yarn", "longrope") else 1.0
 
 
 def _yarn_inv_freq(hd: int, base: float, rs: RopeScaling) -> torch.Tensor:

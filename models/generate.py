@@ -6,6 +6,17 @@ column for all rows. Padded keys are hidden with ``key_mask`` and positions coun
 ``eos_token_ids`` (or when ``should_stop`` says so); finished rows are frozen and the loop ends when
 every row has finished or ``max_new_tokens`` is reached.
 
+LongRoPE (Phi-3.5, Phi-4-mini) has a short and a long frequency table; like transformers
+generating one sequence, a row's forward uses the long one once the position it feeds reaches
+``original_max_position_embeddings``. For phi3, transformers then drops the KV cache and recomputes
+it from every token so far, so all keys use the long table from there on (``Phi3ForCausalLM
+.prepare_inputs_for_generation``); Ember does the same in one re-prefill pass of the batch (the
+other rows recompute what they had). Other families (Llama, Qwen, Mistral with LongRoPE) keep the
+keys cached under the short table, as transformers does. The table is chosen per row, so a row in
+a batch still computes what it would alone (transformers' batched generate decides for the whole
+batch, from padded lengths). A draft pass never straddles the switch (its tail is cut at it), so
+drafting still gives exactly greedy decoding's tokens.
+
 Two levels:
 - ``generate_ids(model, prompt_ids, ...)``: token ids in, generated ids out (the stop token is not
   included). This is what evaluation code calls.
@@ -133,7 +144,18 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
         generator = torch.Generator(device=device).manual_seed(seed)
     stop_ids = set(int(t) for t in eos_token_ids)
 
-    hidden = model.hidden_states(ids, positions, cache=cache, key_mask=key_mask)[:, -1:]
+    lr = cfg.longrope
+    # LongRoPE: each row's table so far (None: not LongRoPE), and for phi3 the ids and positions
+    # of every cache slot, to rebuild the cache under the long table at a row's switch.
+    long = None if lr is None else [
+        int(p) + 1 > lr.original_max_position_embeddings for p in positions.max(1).values]
+    slots_in = (ids, positions) if lr is not None and cfg.model_type == "phi3" else None
+
+    def long_rope():
+        return None if long is None else torch.tensor(long, device=device)
+
+    hidden = model.hidden_states(ids, positions, cache=cache, key_mask=key_mask,
+                                 long_rope=long_rope())[:, -1:]
     # Per batch row: the prompt it holds, whether it is still generating, the tokens it fed in
     # the last pass (the last committed token, then draft tokens) and the position of the next.
     rows = list(range(B))
@@ -182,6 +204,9 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             idx = torch.tensor(keep, device=device)
             cache.select(idx)
             key_mask = key_mask.index_select(0, idx) if key_mask is not None else None
+            if slots_in is not None:
+                slots_in = tuple(t.index_select(0, idx) for t in slots_in)
+            long = None if long is None else [long[b] for b in keep]
             rows, next_pos = [rows[b] for b in keep], [next_pos[b] for b in keep]
             alive = [True] * len(keep)
         # Next pass: each live row feeds its last token, plus what is left of its draft.
@@ -192,6 +217,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                 continue
             n = len(out[r])
             tail = drafts[r][n:max_new_tokens - 1] if drafting[r] else []
+            if long is not None and not long[b]:  # a short pass feeds no draft past the switch
+                tail = tail[:max(0, lr.original_max_position_embeddings - 1 - next_pos[b])]
             feeds.append([out[r][-1], *tail])
         T = max(map(len, feeds))
         inp = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
@@ -203,8 +230,21 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
         if key_mask is not None:
             new = torch.arange(T)[None] < torch.tensor(list(map(len, feeds)))[:, None]
             key_mask = torch.cat([key_mask, new.to(device)], dim=1)
-        hidden = model.hidden_states(inp.to(device), pos.to(device), cache=cache,
-                                     key_mask=key_mask)
+        inp, pos = inp.to(device), pos.to(device)
+        switch = [b for b in range(len(rows)) if long is not None and not long[b] and alive[b]
+                  and next_pos[b] >= lr.original_max_position_embeddings]
+        for b in switch:
+            long[b] = True
+        if switch and slots_in is not None:  # phi3: recompute every cached key and value
+            inp, pos = torch.cat([slots_in[0], inp], 1), torch.cat([slots_in[1], pos], 1)
+            cache = KVCache(cfg, len(rows), slots, device, weight.dtype)
+        hidden = model.hidden_states(inp, pos, cache=cache, key_mask=key_mask,
+                                     long_rope=long_rope())[:, -T:]
+        if slots_in is not None and all(long):
+            slots_in = None  # no row can switch any more
+        elif slots_in is not None:
+            slots_in = (inp, pos) if switch else (
+                torch.cat([slots_in[0], inp], 1), torch.cat([slots_in[1], pos], 1))
     return out
 
 

@@ -6,9 +6,9 @@ and gemma3_text (also: sandwich norms, ``query_pre_attn_scalar``, per-layer slid
 ``layer_types``, softcaps; Gemma 3: (1 + w) q/k norms, a local RoPE base; the multimodal ``gemma3``
 is refused). Both config.json styles are read: transformers 4.x (``rope_theta``, ``rope_scaling``,
 ``torch_dtype``) and 5.x (``rope_parameters``, ``dtype``); ``config_to_hf`` writes both, so either
-major version loads the folder. RoPE (default, linear, llama3, yarn) is parsed in
-``ember.models.hf_rope``, Gemma 2/3's own fields (windows per layer, softcaps, Gemma 3's RoPE per
-layer type) in ``ember.models.hf_gemma``.
+major version loads the folder. RoPE (default, linear, llama3, yarn, longrope; Phi-3's
+``partial_rotary_factor``) is parsed in ``ember.models.hf_rope``, Gemma 2/3's own fields (windows
+per layer, softcaps, Gemma 3's RoPE per layer type) in ``ember.models.hf_gemma``.
 
 Every config.json field is either understood, checked to have the one value Ember implements, or on
 an explicit list of harmless fields (bookkeeping, generation defaults); any other field is an error
@@ -36,9 +36,10 @@ from ember.models.heads import labels_from_hf, labels_to_hf
 from ember.models.hf_gemma import DEFAULTS as _GEMMA_DEFAULTS
 from ember.models.hf_gemma import FIELDS as _GEMMA_FIELDS
 from ember.models.hf_gemma import gemma_fields, gemma_to_hf
+from ember.models.hf_rope import LONGROPE_FAMILIES, rope_to_hf
 from ember.models.hf_rope import get_float as _get_float
+from ember.models.hf_rope import parse_partial_rotary as _parse_partial_rotary
 from ember.models.hf_rope import parse_rope as _parse_rope
-from ember.models.hf_rope import rope_to_hf
 from ember.models.nf4 import check_quantization_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
@@ -307,8 +308,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             "config.json: rope_interleaved=true is not supported (Ember uses the "
             "half-rotation RoPE layout)"
         )
-    if _get_float(raw, "partial_rotary_factor", 1.0) != 1.0:
-        raise EmberError("config.json: partial_rotary_factor != 1 is not supported")
+    partial = _parse_partial_rotary(raw, model_type)
 
     dflt = _DEFAULTS[model_type]
     num_layers = _get_int(raw, "num_hidden_layers")
@@ -338,8 +338,9 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
         )
     if head_dim is not None and head_dim % 2:
         raise EmberError(f"config.json: head_dim must be even for RoPE, got {head_dim}")
+    rotary_dim = int((head_dim or _get_int(raw, "hidden_size") // num_heads) * partial)
     theta, scaling = (None, None) if model_type == "gemma3_text" else _parse_rope(
-        raw, max_pos, model_type
+        raw, max_pos, model_type, rotary_dim
     )
     dtype = raw.get("dtype") or raw.get("torch_dtype")
     if dtype is not None and dtype not in DTYPES:
@@ -382,6 +383,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=_get_float(raw, "rms_norm_eps", 1e-6),
             max_position_embeddings=max_pos,
+            partial_rotary_factor=partial,
             tie_word_embeddings=_get_bool(
                 raw, "tie_word_embeddings", dflt.get("tie_word_embeddings", False)
             ),
@@ -438,6 +440,10 @@ def _check_exportable(cfg: ModelConfig) -> None:
         problems.append(f"rope_local_theta={cfg.rope_local_theta}")
     if mt == "gemma3_text" and cfg.rope_local_theta is None and cfg.rope_scaling is not None:
         problems.append("RoPE scaling on sliding layers (rope_local_theta=None)")
+    if cfg.partial_rotary_factor != 1.0 and mt != "phi3":
+        problems.append(f"partial_rotary_factor={cfg.partial_rotary_factor}")
+    if cfg.longrope is not None and mt not in LONGROPE_FAMILIES:
+        problems.append("LongRoPE")
     if cfg.embedding_scale != (cfg.hidden_size**0.5 if gemma else None):
         problems.append(f"embedding_scale={cfg.embedding_scale}")
     if cfg.norm_offset != (1.0 if gemma else 0.0):
@@ -481,7 +487,9 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
     mt = cfg.model_type
     rope = rope_to_hf(cfg)
     rs = cfg.rope_scaling
-    legacy_scaling = None if rs is None else {k: v for k, v in rope.items() if k != "rope_theta"}
+    legacy_scaling = None if rs is None else {
+        k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")
+    }
     out = {
         "architectures": [ARCHITECTURES[mt]],
         "model_type": mt,
@@ -519,8 +527,13 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         out.update(
             resid_pdrop=0.0,
             embd_pdrop=0.0,
-            original_max_position_embeddings=cfg.max_position_embeddings,
+            # transformers' Phi-3 reads LongRoPE's original context from here, not the rope dict
+            original_max_position_embeddings=cfg.max_position_embeddings
+            if cfg.longrope is None
+            else cfg.longrope.original_max_position_embeddings,
         )
+        if cfg.partial_rotary_factor != 1.0:
+            out["partial_rotary_factor"] = cfg.partial_rotary_factor
     if mt in ("qwen2", "qwen3"):
         sliding = cfg.sliding_window is not None
         types = [("sliding_attention" if cfg.is_sliding(i) else "full_attention")

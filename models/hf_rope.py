@@ -1,8 +1,19 @@
 """RoPE in config.json <-> Ember's ``rope_theta`` / ``RopeScaling``, for ``ember.models.hf_config``.
 
-Types: default, linear, llama3 and yarn, read from either ``rope_parameters`` (transformers 5) or
-``rope_scaling`` (4.x) with transformers 5's precedence; dynamic NTK and LongRoPE change the
-frequencies with the sequence length and are refused, as is ``partial_rotary_factor`` != 1.
+Types: default, linear, llama3, yarn and longrope, read from either ``rope_parameters``
+(transformers 5) or ``rope_scaling`` (4.x) with transformers 5's precedence. Dynamic NTK is refused.
+
+LongRoPE (Phi-3.5, Phi-4-mini; Phi-3's old names "su" and "yarn" mean it too): ``short_factor`` and
+``long_factor`` must list rotary_dim / 2 numbers; ``original_max_position_embeddings`` is, for
+phi3, the top-level field (default 4096, which transformers' Phi-3 puts above the rope dict's),
+otherwise the rope dict's (default ``max_position_embeddings``); ``factor`` defaults to
+max_position_embeddings / original and only sets the default ``attention_factor``
+sqrt(1 + ln(factor) / ln(original)) (1 when factor <= 1). Which table a forward uses is decided in
+``ember.models.transformer``.
+
+``partial_rotary_factor`` (Phi-4-mini: 0.75; from the rope dict, else the top-level field) is read
+for phi3 only: transformers' other families we load ignore it with the default RoPE (and break
+with LongRoPE), so a value != 1 there is refused naming the family.
 Per-layer-type parameters are refused here; Gemma 3's are read in ``ember.models.hf_gemma``.
 """
 
@@ -24,7 +35,13 @@ _ROPE_KEYS = {
         """factor original_max_position_embeddings attention_factor beta_fast beta_slow mscale
         mscale_all_dim truncate""".split()
     ),
+    "longrope": frozenset(
+        "short_factor long_factor original_max_position_embeddings factor attention_factor".split()
+    ),
 }
+# transformers computes LongRoPE in the shared rotary embedding of these families
+LONGROPE_FAMILIES = ("phi3", "llama", "mistral", "qwen2", "qwen3")
+PHI3_ORIGINAL_MAX = 4096  # Phi3Config's class default for original_max_position_embeddings
 
 
 def get_float(d: Mapping, key: str, default=..., where: str = "config.json") -> float:
@@ -38,16 +55,42 @@ def get_float(d: Mapping, key: str, default=..., where: str = "config.json") -> 
     return float(v)
 
 
-def parse_rope(
-    raw: Mapping, max_pos: int, model_type: str = "llama"
-) -> tuple[float, RopeScaling | None]:
-    """RoPE theta and scaling, with transformers 5's precedence: a non-empty legacy ``rope_scaling``
-    wins over ``rope_parameters``, and a top-level ``rope_theta`` fills in a missing theta."""
+def _rope_dict(raw: Mapping) -> dict:
+    """The rope parameters transformers 5 reads: a non-empty legacy ``rope_scaling`` wins over
+    ``rope_parameters``."""
     scaling, params = raw.get("rope_scaling"), raw.get("rope_parameters")
     for name, val in (("rope_scaling", scaling), ("rope_parameters", params)):
         if val is not None and not isinstance(val, dict):
             raise EmberError(f"config.json: {name} must be an object or null, got {val!r}")
-    rope = dict(scaling or params or {})
+    return dict(scaling or params or {})
+
+
+def parse_partial_rotary(raw: Mapping, model_type: str) -> float:
+    """``partial_rotary_factor``: the rope dict's, else the top-level one, else 1 (transformers 5's
+    precedence). Only phi3 applies it; elsewhere a value != 1 is refused."""
+    rope = _rope_dict(raw)
+    where = "config.json rope parameters"
+    if rope.get("partial_rotary_factor") is None:
+        rope, where = raw, "config.json"
+    f = get_float(rope, "partial_rotary_factor", 1.0, where)
+    if f != 1.0 and model_type != "phi3":
+        raise EmberError(
+            f"{where}: partial_rotary_factor={f} is not supported for model_type "
+            f"{model_type!r}: transformers' {model_type} rotates the whole head with the default "
+            "RoPE (and fails with LongRoPE); only phi3 applies partial rotary embeddings"
+        )
+    if not 0 < f <= 1:
+        raise EmberError(f"{where}: partial_rotary_factor must be in (0, 1], got {f}")
+    return f
+
+
+def parse_rope(
+    raw: Mapping, max_pos: int, model_type: str = "llama", rotary_dim: int | None = None
+) -> tuple[float, RopeScaling | None]:
+    """RoPE theta and scaling, with transformers 5's precedence: a non-empty legacy ``rope_scaling``
+    wins over ``rope_parameters``, and a top-level ``rope_theta`` fills in a missing theta.
+    ``rotary_dim`` (LongRoPE's factor lists have rotary_dim / 2 entries) defaults to head_dim."""
+    rope = _rope_dict(raw)
     if any(isinstance(v, dict) for v in rope.values()):
         raise EmberError(
             f"config.json: per-layer-type RoPE parameters ({sorted(rope)}) are not "
@@ -59,9 +102,10 @@ def parse_rope(
     kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
     rope.pop("type", None)
     rope.pop("rope_theta", None)
-    # transformers 5 writes partial_rotary_factor into rope_parameters (Phi-3)
-    if get_float(rope, "partial_rotary_factor", 1.0, "config.json rope parameters") != 1.0:
-        raise EmberError("config.json: partial_rotary_factor != 1 is not supported")
+    # transformers 5 writes partial_rotary_factor into rope_parameters (Phi-3): read by
+    # parse_partial_rotary; refused here for the other families (Gemma 3's per-layer dicts)
+    if model_type != "phi3":
+        parse_partial_rotary({"rope_parameters": rope}, model_type)
     rope.pop("partial_rotary_factor", None)
     if model_type == "phi3" and kind in ("su", "yarn"):
         kind = "longrope"  # transformers reads Phi-3's old names as LongRoPE
@@ -77,6 +121,19 @@ def parse_rope(
     where = f"config.json {kind} rope scaling"
     if kind == "yarn":
         return theta, _parse_yarn(rope, max_pos, where)
+    if kind == "longrope":
+        if model_type not in LONGROPE_FAMILIES:
+            raise EmberError(
+                f"{where}: LongRoPE is not supported for model_type {model_type!r} (supported "
+                f"for {', '.join(LONGROPE_FAMILIES)})"
+            )
+        if rotary_dim is None:
+            heads = raw.get("num_attention_heads")
+            hd = raw.get("head_dim") or (raw.get("hidden_size", 0) // heads if heads else 0)
+            rotary_dim = int(hd)
+        orig = raw.get("original_max_position_embeddings", PHI3_ORIGINAL_MAX) if (
+            model_type == "phi3") else rope.get("original_max_position_embeddings", max_pos)
+        return theta, _parse_longrope(rope, max_pos, orig, rotary_dim, where)
     factor = get_float(rope, "factor", ..., where)
     if factor <= 0:
         raise EmberError(f"{where}: factor must be > 0, got {factor}")
@@ -140,9 +197,50 @@ def _parse_yarn(rope: Mapping, max_pos: int, where: str) -> RopeScaling:
     )
 
 
+def _parse_longrope(rope: Mapping, max_pos: int, orig, rotary_dim: int, where: str
+                    ) -> RopeScaling:
+    """LongRoPE as transformers' ``_compute_longrope_parameters`` reads it."""
+    if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:
+        raise EmberError(
+            f"{where}: original_max_position_embeddings must be a positive integer, got {orig!r}"
+        )
+    lists = {}
+    for key in ("short_factor", "long_factor"):
+        v = rope.get(key)
+        if not isinstance(v, list) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v
+        ):
+            raise EmberError(f"{where}: {key} must be a list of numbers, got {v!r}")
+        if len(v) != rotary_dim // 2:
+            raise EmberError(
+                f"{where}: {key} must have rotary_dim / 2 = {rotary_dim // 2} entries (one per "
+                f"rotated frequency, rotary_dim = int(head_dim * partial_rotary_factor) = "
+                f"{rotary_dim}), got {len(v)}"
+            )
+        if not all(x > 0 for x in v):
+            raise EmberError(f"{where}: {key} must hold positive numbers, got {v!r}")
+        lists[key] = tuple(float(x) for x in v)
+    factor = get_float(rope, "factor", max_pos / orig, where)
+    attn = get_float(rope, "attention_factor", None, where)
+    if attn is None:
+        attn = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    if attn < 0:
+        raise EmberError(f"{where}: attention_factor must be >= 0, got {attn}")
+    return RopeScaling(
+        kind="longrope",
+        factor=factor,
+        original_max_position_embeddings=orig,
+        attention_factor=float(attn),
+        **lists,
+    )
+
+
 def rope_to_hf(cfg: ModelConfig) -> dict:
-    """transformers 5's ``rope_parameters`` for cfg (theta, type and the type's fields)."""
+    """transformers 5's ``rope_parameters`` for cfg (theta, type and the type's fields, and
+    ``partial_rotary_factor`` when it is not 1)."""
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.partial_rotary_factor != 1.0:
+        rope["partial_rotary_factor"] = cfg.partial_rotary_factor
     rs = cfg.rope_scaling
     if rs is not None and rs.kind == "linear":
         rope.update(rope_type="linear", factor=rs.factor)
@@ -154,6 +252,15 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
             beta_fast=rs.beta_fast,
             beta_slow=rs.beta_slow,
             truncate=rs.truncate,
+            attention_factor=rs.attention_factor,
+        )
+    elif rs is not None and rs.kind == "longrope":
+        rope.update(
+            rope_type="longrope",
+            short_factor=list(rs.short_factor),
+            long_factor=list(rs.long_factor),
+            original_max_position_embeddings=rs.original_max_position_embeddings,
+            factor=rs.factor,
             attention_factor=rs.attention_factor,
         )
     elif rs is not None:

@@ -12,6 +12,14 @@ carry adapters and no dropout is drawn, the block calls the fused ``ember.kernel
 ``Transformer.set_fused_lora(False)`` turns that off. Module hooks on the wrapped projections do
 not run on the fused path.
 
+RoPE: ``cfg.rotary_dim`` leading dims of each head are rotated, the rest pass through (partial
+rotary, Phi-4-mini). LongRoPE (Phi-3.5 / Phi-4-mini) has two frequency tables; as in transformers,
+one forward uses the long one for every token iff its largest position id + 1 exceeds
+``original_max_position_embeddings`` (a packed batch: the longest document, since positions
+restart per document), decided on device without a host sync. ``hidden_states(long_rope=...)``
+overrides that choice; ``ember.models.generate`` uses it to rebuild the KV cache at the switch the
+way transformers' Phi-3 does.
+
 Gemma 2/3: each layer is local (``sliding_window``, RoPE base ``rope_local_theta``) or global per
 ``cfg.layer_types``; ``sandwich_norms`` adds RMSNorms on the attention and MLP outputs before
 they join the residual.
@@ -209,6 +217,9 @@ class Transformer(nn.Module):
         if cfg.rope_local_theta is not None:  # sliding layers' RoPE (Gemma 3)
             self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True),
                                  persistent=False)
+        if cfg.longrope is not None:  # inv_freq holds the short factors' table
+            self.register_buffer("inv_freq_long", rope_inv_freq(cfg, long=True),
+                                 persistent=False)
 
     def reset_rope_(self, device) -> None:
         """Rebuild the RoPE tables (non-persistent fp32 buffers) on device, e.g. after loading
@@ -216,6 +227,8 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(self.cfg).to(device)
         if self.cfg.rope_local_theta is not None:
             self.inv_freq_local = rope_inv_freq(self.cfg, local=True).to(device)
+        if self.cfg.longrope is not None:
+            self.inv_freq_long = rope_inv_freq(self.cfg, long=True).to(device)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -254,11 +267,24 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 
-    def rope(self, position_ids: torch.Tensor, local: bool = False):
-        """cos, sin (B, T, hd/2) fp32 for integer positions (B, T); ``local``: the sliding
-        layers' table (``rope_local_theta``)."""
+    def rope(self, position_ids: torch.Tensor, local: bool = False,
+             long_rope: bool | torch.Tensor | None = None):
+        """cos, sin (B, T, rotary_dim/2) fp32 for integer positions (B, T); ``local``: the
+        sliding layers' table (``rope_local_theta``). LongRoPE: the long table iff ``long_rope``
+        (a bool, or a (B,) bool tensor: per row), or (None) iff max(position_ids) + 1 >
+        original_max_position_embeddings, as transformers decides it once per forward."""
         inv_freq = self.inv_freq_local if local else self.inv_freq
-        freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, hd/2)
+        lr = None if local else self.cfg.longrope
+        if lr is not None and long_rope is None and position_ids.numel():
+            # a 0-dim device tensor, not a bool: no host sync per forward
+            long_rope = position_ids.max() + 1 > lr.original_max_position_embeddings
+            inv_freq = torch.where(long_rope, self.inv_freq_long, inv_freq)
+        elif lr is not None and isinstance(long_rope, torch.Tensor):
+            long_rope = long_rope.to(inv_freq.device)[:, None, None]  # (B, 1, 1)
+            inv_freq = torch.where(long_rope, self.inv_freq_long, inv_freq)  # (B, 1, rd/2)
+        elif lr is not None and long_rope:
+            inv_freq = self.inv_freq_long
+        freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, rotary_dim/2)
         scale = 1.0 if local else rope_attention_factor(self.cfg)
         if scale != 1.0:  # YaRN scales cos/sin, so q.k by scale^2
             return freqs.cos() * scale, freqs.sin() * scale
@@ -266,9 +292,10 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *,
                       cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                      cache: KVCache | None = None,
-                      key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normed hidden states (B, T, D), the input to the output head."""
+                      cache: KVCache | None = None, key_mask: torch.Tensor | None = None,
+                      long_rope: bool | torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states (B, T, D), the input to the output head. ``long_rope``:
+        LongRoPE's table for this forward (None: from the positions, see ``rope``)."""
         B, T = input_ids.shape
         if cu_seqlens is not None and B != 1:
             raise ValueError(f"packed batches (cu_seqlens) must have batch size 1, got {B}")
@@ -277,7 +304,7 @@ class Transformer(nn.Module):
             position_ids = torch.arange(start, start + T, device=input_ids.device)
             position_ids = position_ids[None].expand(B, T)
         cfg = self.cfg
-        rope = self.rope(position_ids)
+        rope = self.rope(position_ids, long_rope=long_rope)
         local = rope if cfg.rope_local_theta is None else self.rope(position_ids, local=True)
         x = self.embed(input_ids)  # (B, T, D)
         if cfg.embedding_scale is not None:

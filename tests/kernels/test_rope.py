@@ -1,5 +1,6 @@
 """RoPE Triton kernel vs apply_rope_ref: q/k outputs and both gradients, for the strided views the
-model produces, GQA, head_dim 64/80/96/128, per-batch and broadcast cos/sin."""
+model produces, GQA, head_dim 64/80/96/128, per-batch and broadcast cos/sin, and partial rotary
+(cos/sin for the first R < D dims only)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def _run(lin, views, cos, sin, dq, dk, impl):
     return qo, ko, dlin
 
 
-def _check(b, t, h, kh, d, cos_b, dtype, device, layout="separate"):
+def _check(b, t, h, kh, d, cos_b, dtype, device, layout="separate", rot=None):
     if layout == "separate":  # q_proj / k_proj outputs, .view(B, T, H, D): contiguous per tensor
         lin32 = torch.randn(b, t, (h + kh) * d, device=device)
 
@@ -36,7 +37,7 @@ def _check(b, t, h, kh, d, cos_b, dtype, device, layout="separate"):
         def views(x):
             return (x[..., : h * d].unflatten(-1, (h, d)),
                     x[..., h * d: (h + kh) * d].unflatten(-1, (kh, d)))
-    cos, sin = _cos_sin(cos_b, t, d, device)
+    cos, sin = _cos_sin(cos_b, t, rot or d, device)
     dq32, dk32 = torch.randn(b, t, h, d, device=device), torch.randn(b, t, kh, d, device=device)
     lin, dq, dk = lin32.to(dtype), dq32.to(dtype), dk32.to(dtype)
     out = _run(lin, views, cos, sin, dq, dk, "triton")
@@ -55,6 +56,25 @@ def _check(b, t, h, kh, d, cos_b, dtype, device, layout="separate"):
 ])
 def test_fp32(b, t, h, kh, d, cos_b, layout, poisoned):
     _check(b, t, h, kh, d, cos_b, torch.float32, "cpu", layout)
+
+
+@pytest.mark.parametrize("b,t,h,kh,d,rot,layout", [
+    (2, 5, 4, 2, 64, 48, "fused"),  # Phi-4-mini's 0.75 of a 128 head, halved
+    (1, 3, 3, 1, 80, 40, "separate"),
+    (2, 2, 2, 2, 32, 2, "separate"),
+])
+def test_partial_rotary(b, t, h, kh, d, rot, layout, poisoned):
+    _check(b, t, h, kh, d, 1, torch.float32, "cpu", layout, rot)
+
+
+def test_partial_rotary_passes_the_tail_through():
+    q, k = torch.randn(2, 3, 2, 16), torch.randn(2, 3, 1, 16)
+    cos, sin = _cos_sin(1, 3, 12, "cpu")
+    for impl in ("triton", "ref"):
+        qo, ko = apply_rope(q, k, cos, sin, impl=impl)
+        assert torch.equal(qo[..., 12:], q[..., 12:]) and torch.equal(ko[..., 12:], k[..., 12:])
+        full = apply_rope(q[..., :12], k[..., :12], cos, sin, impl=impl)
+        assert torch.equal(qo[..., :12], full[0]) and torch.equal(ko[..., :12], full[1])
 
 
 def test_fp16(poisoned):
@@ -89,6 +109,8 @@ def test_bad_inputs():
         apply_rope(q, k, cos[:, :3], sin[:, :3])
     with pytest.raises(ValueError, match="cos/sin"):
         apply_rope(q, k, cos.expand(3, 4, 4), sin.expand(3, 4, 4))
+    with pytest.raises(ValueError, match="cos/sin"):  # more rotary dims than the head has
+        apply_rope(q, k, *_cos_sin(1, 4, 10, "cpu"))
     with pytest.raises(ValueError, match="dtype"):
         apply_rope(q.to(torch.int64), k, cos, sin)
     with pytest.raises(ValueError, match="cos/sin"):
