@@ -22,6 +22,16 @@ starts the copy of block ``i - 1``'s input on the side stream, overlapping it wi
 recompute and backward. The hidden state is the only tensor moved: RoPE tables and
 ``cu_seqlens`` are shared by all blocks and stay where they are. On CPU the hooks run but keep
 the tensor as it is (nothing to offload to), so the CPU path is the same code without copies.
+
+MLP in token chunks (``mlp_chunk_tokens = C``, any policy; the "tiled MLP" of long-sequence
+training): each block's MLP branch (norm, gate/up, activation, down; ``Block.mlp_branch``) runs
+over the flattened tokens ``C`` at a time, each chunk under its own ``checkpoint``, so backward
+holds one chunk's MLP activations instead of the whole sequence's. The MLP is token-wise, so the
+result is the same computation (only the matmul blocking differs). At Llama-3-8B widths the MLP
+keeps ~90 of a block's ~136 KB per token, which dominates what a checkpointed block re-creates
+in backward at long context; the price is one more MLP forward per chunk in backward. With
+``checkpointing`` as well, the chunks nest inside the block's recompute. Sequences of at most
+``C`` tokens run as before.
 """
 
 from __future__ import annotations
@@ -48,9 +58,17 @@ class ActivationConfig:
     checkpointing: str = "none"  # "none" | "every_block" | "every_k"
     every_k: int = 2  # with "every_k": checkpoint blocks 0, k, 2k, ...
     offload: bool = False  # move checkpointed blocks' inputs to pinned CPU memory (CUDA only)
+    mlp_chunk_tokens: int = 0  # > 0: every block's MLP runs in chunks of this many tokens
 
     def __post_init__(self) -> None:
         _validate(self.checkpointing, self.every_k, self.offload, "activations.")
+        _validate_chunk(self.mlp_chunk_tokens, "activations.")
+
+
+def _validate_chunk(chunk, prefix: str = "") -> None:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise EmberError(f"{prefix}mlp_chunk_tokens must be an integer >= 0 (0: off), got "
+                         f"{chunk!r}")
 
 
 def _validate(policy: str, k: int, offload: bool, prefix: str = "") -> None:
@@ -173,6 +191,34 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     ctx = offloader.hooks(args[0]) if offloader is not None else contextlib.nullcontext()
     with ctx:
         return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+
+def _chunked_mlp_branch(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    inner = functools.partial(type(self).mlp_branch, self)
+    chunk = self._ember_mlp_chunk
+    flat = x.reshape(-1, x.shape[-1])
+    if not torch.is_grad_enabled() or flat.shape[0] <= chunk:
+        return inner(x)
+    # (1, C, D) chunks: the modules see the (batch, tokens, hidden) layout they always get.
+    outs = [checkpoint(inner, flat[i:i + chunk].unsqueeze(0), use_reentrant=False)
+            for i in range(0, flat.shape[0], chunk)]
+    return torch.cat(outs, dim=1).view(x.shape)
+
+
+def set_mlp_chunks(model: nn.Module, chunk_tokens: int) -> None:
+    """Run every block's MLP branch in chunks of ``chunk_tokens`` tokens (0: whole, as built);
+    see the module docstring. In place; parameter names do not change."""
+    _validate_chunk(chunk_tokens)
+    for block in _blocks(model):
+        if not hasattr(type(block), "mlp_branch"):
+            raise EmberError(f"MLP chunking needs blocks with an `mlp_branch` (ember's Block), "
+                             f"got {type(block).__name__}")
+        if chunk_tokens:
+            block._ember_mlp_chunk = chunk_tokens
+            block.mlp_branch = types.MethodType(_chunked_mlp_branch, block)
+        else:
+            block.__dict__.pop("mlp_branch", None)
+            block.__dict__.pop("_ember_mlp_chunk", None)
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:

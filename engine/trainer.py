@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from ember import EmberError
-from ember.engine.activation import apply_activation_checkpointing
+from ember.engine.activation import apply_activation_checkpointing, set_mlp_chunks
 from ember.engine.config import TrainConfig
 from ember.engine.data import Datasets, PackedBatches
 from ember.engine.distributed import (
@@ -140,6 +140,7 @@ class Trainer:
         act = cfg.activations
         blocks = apply_activation_checkpointing(model, act.checkpointing, k=act.every_k,
                                                 offload=act.offload)
+        set_mlp_chunks(model, act.mlp_chunk_tokens)
         # Under torchrun only rank 0 read the weights (into host memory): the full tensors it
         # broadcasts into every rank's shards once they exist.
         full_sd = dict(model.state_dict()) if info.distributed and info.rank == 0 else None

@@ -196,8 +196,13 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, cache=None, key_mask=None):
         a = self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, cache, key_mask)
         x = x + (self.attn_post_norm(a) if self.sandwich else a)
+        return x + self.mlp_branch(x)
+
+    def mlp_branch(self, x):
+        """The MLP side of the residual, token by token independent (engine/activation.py can
+        run it in token chunks: ``activations.mlp_chunk_tokens``)."""
         m = self.mlp(self.mlp_norm(x))
-        return x + (self.mlp_post_norm(m) if self.sandwich else m)
+        return self.mlp_post_norm(m) if self.sandwich else m
 
 
 class Transformer(nn.Module):

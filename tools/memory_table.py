@@ -3,6 +3,7 @@
     python tools/memory_table.py                       # GPU if there is one, else CPU counting
     python tools/memory_table.py --device cpu --measure-tokens 64
     python tools/memory_table.py --device cuda --tokens 8192
+    python tools/memory_table.py --device cpu --tokens 344064 --mlp-chunk 8192   # long context
 
 Widths are Llama-3-8B's (hidden 4096, MLP 14336, 32 query / 8 KV heads of 128, 32 layers, bf16);
 the vocabulary is cut to 1024 because, with the fused linear cross-entropy, the embedding and
@@ -27,6 +28,12 @@ counted is exactly what the GPU kernels save; ``--kernels ref`` counts the PyTor
 which keep fp32 intermediates (about 2.6x more per plain block). Peak in backward (CPU) =
 resident + one plain block (a checkpointed block's activations are re-created one block at a
 time); for "none" the backward's transient gradients are not counted.
+
+MLP chunks (``--mlp-chunk C``, ``activations.mlp_chunk_tokens``; the last row): a block then
+keeps neither the MLP's inputs nor its gate/up outputs, and re-creates them ``C`` tokens at a
+time. Counted by running block 1 a second time with chunks on: its saved bytes give the block
+without its MLP internals; the difference, per token, times ``C`` is what one chunk re-creates.
+Peak in backward = resident + (block without MLP internals + one chunk's MLP).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ GIB = 2**30
 POLICIES = (("none", "none", 2, False), ("every_k (k=4)", "every_k", 4, False),
             ("every_k (k=2)", "every_k", 2, False), ("every_block", "every_block", 2, False),
             ("every_block + offload", "every_block", 2, True))
+CHUNKED = ("every_block + offload + MLP in chunks of {c} tokens", "every_block", 2, True)
 
 
 def llama3_8b(**changes):
@@ -69,10 +77,10 @@ class SavedBytes:
         return sum(self.seen.values())
 
 
-def count_cpu(tokens: int) -> dict:
+def count_cpu(tokens: int, mlp_chunk: int = 0) -> dict:
     import torch
 
-    from ember.engine.activation import apply_activation_checkpointing
+    from ember.engine.activation import apply_activation_checkpointing, set_mlp_chunks
     from ember.models import Transformer
 
     cfg = llama3_8b(num_layers=3, vocab_size=1024)
@@ -91,18 +99,34 @@ def count_cpu(tokens: int) -> dict:
     x = tokens * cfg.hidden_size * 2
     if ckpt != x:
         raise RuntimeError(f"a checkpointed block kept {ckpt} bytes, expected its input ({x})")
-    return {"C": counter.total - plain - 2 * ckpt, "plain": plain, "ckpt": ckpt, "x": x}
+    out = {"C": counter.total - plain - 2 * ckpt, "plain": plain, "ckpt": ckpt, "x": x}
+    if mlp_chunk:
+        # Block 1 again, its MLP in chunks smaller than the measured tokens (so chunking is on).
+        set_mlp_chunks(model, max(1, tokens // 4))
+        counter.seen.clear()
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+            model.hidden_states(ids)
+        out["plain_chunked"] = per_block[1]
+        out["mlp_per_token"] = (plain - per_block[1]) / tokens
+    return out
 
 
-def table_cpu(m: dict, layers: int, scale: float) -> list[dict]:
+def _policies(mlp_chunk: int) -> tuple:
+    return POLICIES + (((CHUNKED[0].format(c=mlp_chunk), *CHUNKED[1:]),) if mlp_chunk else ())
+
+
+def table_cpu(m: dict, layers: int, tokens: int, scale: float, mlp_chunk: int = 0) -> list[dict]:
     from ember.engine.activation import checkpointed_layers
 
     rows = []
-    for name, policy, k, offload in POLICIES:
+    for i, (name, policy, k, offload) in enumerate(_policies(mlp_chunk)):
         n_ckpt = len(checkpointed_layers(layers, policy, k))
         kept = m["ckpt"] - (m["x"] if offload else 0)
         resident = (m["C"] + (layers - n_ckpt) * m["plain"] + n_ckpt * kept) * scale
-        peak = resident + (m["plain"] * scale if n_ckpt else 0)
+        redo = m["plain"] * scale  # what backward re-creates for one checkpointed block
+        if i >= len(POLICIES):  # MLP in chunks: the block without MLP internals + one chunk
+            redo = m["plain_chunked"] * scale + m["mlp_per_token"] * min(mlp_chunk, tokens)
+        peak = resident + (redo if n_ckpt else 0)
         rows.append({"policy": name, "checkpointed": n_ckpt, "resident": resident,
                      "host": n_ckpt * m["x"] * scale if offload else 0, "peak": peak})
     return rows
@@ -128,10 +152,10 @@ def _gpu_step(model, ids) -> tuple[int, int]:
     return resident, torch.cuda.max_memory_allocated() - base
 
 
-def measure_gpu(layers: int, tokens: int) -> list[dict]:
+def measure_gpu(layers: int, tokens: int, mlp_chunk: int = 0) -> list[dict]:
     import torch
 
-    from ember.engine.activation import apply_activation_checkpointing, offloader_of
+    from ember.engine.activation import apply_activation_checkpointing, offloader_of, set_mlp_chunks
     from ember.models import Transformer
 
     cfg = llama3_8b(num_layers=layers, vocab_size=1024)
@@ -139,8 +163,9 @@ def measure_gpu(layers: int, tokens: int) -> list[dict]:
         model = Transformer(cfg).to(torch.bfloat16).init_weights(seed=0).train()
     ids = torch.randint(0, cfg.vocab_size, (1, tokens), device="cuda")
     rows = []
-    for name, policy, k, offload in POLICIES:
+    for i, (name, policy, k, offload) in enumerate(_policies(mlp_chunk)):
         n_ckpt = len(apply_activation_checkpointing(model, policy, k=k, offload=offload))
+        set_mlp_chunks(model, mlp_chunk if i >= len(POLICIES) else 0)
         row = {"policy": name, "checkpointed": n_ckpt, "resident": None, "host": 0, "peak": None}
         try:
             row["resident"], row["peak"] = _gpu_step(model, ids)
@@ -165,6 +190,8 @@ def main(argv=None) -> None:
     ap.add_argument("--measure-tokens", type=int, default=64,
                     help="CPU: tokens actually run (bytes scale linearly to --tokens)")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--mlp-chunk", type=int, default=0,
+                    help="add a row with the MLP in chunks of this many tokens (0: no row)")
     ap.add_argument("--kernels", default="triton", choices=("triton", "ref"),
                     help="CPU: count what the Triton kernels save (interpreter) or the refs")
     a = ap.parse_args(argv)
@@ -181,14 +208,14 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     head = f"Llama-3-8B shape, {a.layers} layers, {a.tokens} tokens per micro-batch, bf16"
     if cuda:
-        rows = measure_gpu(a.layers, a.tokens)
+        rows = measure_gpu(a.layers, a.tokens, a.mlp_chunk)
         print(f"{head}; measured on {torch.cuda.get_device_name()} (memory_allocated after "
               "forward, max_memory_allocated in backward, above weights + gradients)\n")
     else:
         run = min(a.tokens, a.measure_tokens)
-        m = count_cpu(run)
+        m = count_cpu(run, a.mlp_chunk)
         scale = a.tokens / run
-        rows = table_cpu(m, a.layers, scale)
+        rows = table_cpu(m, a.layers, a.tokens, scale, a.mlp_chunk)
         print(f"{head}; counted saved-tensor bytes ({a.kernels} kernels on CPU) at {run} tokens, "
               f"scaled x{scale:g}: per block plain {m['plain'] * scale / GIB:.3f} GiB, "
               f"checkpointed {m['ckpt'] * scale / GIB:.3f} GiB (its bf16 input); other "

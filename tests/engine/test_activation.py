@@ -14,6 +14,7 @@ from ember.engine.activation import (
     checkpointed_layers,
     offloader_of,
     remove_activation_checkpointing,
+    set_mlp_chunks,
 )
 from ember.engine.data import Example, collate
 from ember.engine.losses import sft_loss
@@ -131,6 +132,81 @@ def test_deepcopy_and_reapply():
     assert "forward" not in vars(model.layers[1])
 
 
+@pytest.mark.parametrize("policy,chunk", [("none", 7), ("every_block", 7), ("every_block", 64)])
+def test_mlp_chunks_equal_gradients(policy, chunk):
+    """The MLP in token chunks (alone or nested in block checkpointing) is the same computation:
+    loss and gradients equal up to the matmuls' blocking (29 tokens: chunks of 7 leave a ragged
+    last one; 64 >= the batch runs unchunked). No dropout here: chunks draw their masks in
+    another order (test_mlp_chunks_replay_dropout covers the recompute's masks)."""
+    batch = _batch(4)
+    model = _model(lora_dropout=0.0)
+    loss_ref, ref = _grads(model, batch)
+    keys = list(model.state_dict())
+    apply_activation_checkpointing(model, policy)
+    set_mlp_chunks(model, chunk)
+    assert list(model.state_dict()) == keys
+    calls = [0]
+    model.layers[1].mlp.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    loss, got = _grads(model, batch)
+    # Forward once per chunk and again per chunk in backward; the block's own recompute (which
+    # stops early, once the last saved tensor is back) runs up to n more.
+    n = -(-batch.num_tokens // chunk)
+    if chunk >= batch.num_tokens:
+        assert calls[0] == (1 if policy == "none" else 2)
+    elif policy == "none":
+        assert calls[0] == 2 * n
+    else:
+        assert 2 * n < calls[0] <= 3 * n
+    assert loss == pytest.approx(loss_ref, rel=1e-6)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
+    set_mlp_chunks(model, 0)  # back to the class's branch
+    assert "mlp_branch" not in vars(model.layers[0])
+
+
+def test_mlp_chunks_replay_dropout(monkeypatch):
+    """With LoRA dropout, each chunk's recompute in backward replays the chunk's forward masks:
+    the gradients equal those of the same chunks run without checkpoints (bit for bit)."""
+    import ember.engine.activation as act
+
+    batch = _batch(6)
+    model = _model(lora_dropout=0.3)
+    set_mlp_chunks(model, 5)
+    loss, got = _grads(model, batch)
+    monkeypatch.setattr(act, "checkpoint", lambda fn, *a, use_reentrant: fn(*a))
+    loss_ref, ref = _grads(model, batch)
+    assert loss == loss_ref
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
+
+
+def test_mlp_chunks_bound_saved_activations():
+    """No saved tensor holds the MLP width for more than one chunk of tokens, batched input
+    (B=2: chunks run over the flattened tokens) included; outputs unchanged."""
+    model = _model()
+    ids = torch.randint(0, CFG.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+
+    def biggest_mlp_saved():
+        sizes = []
+
+        def pack(t):
+            if t.shape and t.shape[-1] == CFG.intermediate_size:
+                sizes.append(t.numel() // CFG.intermediate_size)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(ids)
+        return max(sizes, default=0), out
+
+    full, ref = biggest_mlp_saved()
+    assert full == 48  # all 2 x 24 tokens' gate/up outputs
+    set_mlp_chunks(model, 10)
+    chunked, out = biggest_mlp_saved()
+    assert chunked == 0  # only each chunk's input is kept; its MLP is re-run in backward
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_settings():
     model = _model()
     with pytest.raises(EmberError, match="checkpointing must be one of"):
@@ -139,6 +215,10 @@ def test_bad_settings():
         apply_activation_checkpointing(model, "every_k", k=0)
     with pytest.raises(EmberError, match="offload needs activation checkpointing"):
         ActivationConfig(offload=True)
+    with pytest.raises(EmberError, match="mlp_chunk_tokens must be an integer >= 0"):
+        ActivationConfig(mlp_chunk_tokens=-8)
+    with pytest.raises(EmberError, match="mlp_chunk_tokens must be an integer >= 0"):
+        set_mlp_chunks(model, 2.5)
     with pytest.raises(EmberError, match="`layers` ModuleList"):
         apply_activation_checkpointing(torch.nn.Linear(2, 2), "every_block")
     assert checkpointed_layers(5, "none") == []

@@ -86,10 +86,12 @@ def runs(tiny, tmp_path_factory):
     for kind, extra in KINDS.items():
         assert main(["train", str(write_config(tiny, tmp / f"{kind}1", *extra)),
                      *sets("grad_accum=2")]) == 0
-    # LoRA -> activation checkpointing -> fully_shard, as STYLE.md orders them.
+    # LoRA -> activation checkpointing -> fully_shard, as STYLE.md orders them; the MLP in
+    # token chunks nested in the blocks' recompute (FSDP unshards once per block, not per chunk).
     out["full2"] = torchrun_train(str(write_config(tiny, tmp / "full2", *KINDS["full"])))
     out["lora2"] = torchrun_train(str(write_config(tiny, tmp / "lora2", *KINDS["lora"],
-                                                   'activations.checkpointing="every_block"')))
+                                                   'activations.checkpointing="every_block"',
+                                                   "activations.mlp_chunk_tokens=24")))
     # 1 -> 2: the one-process run's checkpoint of step 2, continued by two processes.
     continue_from(tmp / "full1", tmp / "full12", 2)
     out["full12"] = torchrun_train(str(tmp / "full12"), "--resume",
