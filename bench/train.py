@@ -82,7 +82,7 @@ from _train_systems import (
     model_flops,
 )
 
-from ember.engine.activation import apply_activation_checkpointing
+from ember.engine.activation import apply_activation_checkpointing, set_mlp_chunks
 from ember.models import LoRAConfig, ModelConfig, apply_lora
 from ember.models.hf_backend import accelerate, restore
 
@@ -139,7 +139,9 @@ def run_workload(runner: Runner, wl: Workload, systems: list[str], folder=None,
         for L in wl.seqlens:
             runner.measure("ember", model, cfg, wl, L, autocast, lora_count(model))
         if wl.method == "qlora" and args.device == "cuda" and not runner.out_of_time():
+            # Long context: block inputs offloaded to host, the MLP 8K tokens at a time.
             apply_activation_checkpointing(model, "every_block", offload=True)
+            set_mlp_chunks(model, 8192)
             runner.longest_fit("ember", model, cfg, wl, autocast, (16384, 32768), args.full)
         del model
         _free(args.device)

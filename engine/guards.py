@@ -84,7 +84,7 @@ def _gib(n: int) -> str:
 
 def oom_message(*, batch_tokens: int, seq_len: int, device, step: int | None = None,
                 method: str | None = None, checkpointing: str | None = None,
-                offload: bool | None = None) -> str:
+                offload: bool | None = None, mlp_chunk_tokens: int | None = None) -> str:
     """The explanation of a CUDA out-of-memory error, with numbers and remedies."""
     where = f" at step {step}" if step is not None else ""
     lines = [f"CUDA out of memory{where}: a micro-batch of {batch_tokens} tokens (longest "
@@ -102,6 +102,9 @@ def oom_message(*, batch_tokens: int, seq_len: int, device, step: int | None = N
         fixes.append("activation checkpointing: activations.checkpointing = \"every_block\"")
     if not offload:
         fixes.append("offload checkpointed activations to CPU: activations.offload = true")
+    if not mlp_chunk_tokens and seq_len > 8192:
+        fixes.append("long sequences: run the MLP in token chunks, activations.mlp_chunk_tokens = "
+                     "8192 (a block's MLP activations then stop growing with the sequence)")
     if method != "lora":
         fixes.append("LoRA instead of full fine-tuning (method = \"lora\")")
     fixes += ["QLoRA: a 4-bit (NF4) base model",

@@ -241,7 +241,8 @@ class Trainer:
         act = cfg.activations
         with oom_guard(batch_tokens=max(b.num_tokens for b in micro),
                        seq_len=max(b.max_seqlen for b in micro), device=self.device, step=step,
-                       method=cfg.method, checkpointing=act.checkpointing, offload=act.offload):
+                       method=cfg.method, checkpointing=act.checkpointing, offload=act.offload,
+                       mlp_chunk_tokens=act.mlp_chunk_tokens):
             local = 0.0
             if n_w > 0:
                 # Every rank runs every micro-batch (even one without answer tokens: it adds 0):

@@ -21,6 +21,7 @@ from ember.engine.guards import (
     GuardConfig,
     NonFiniteGuard,
     oom_guard,
+    oom_message,
     resume_command,
 )
 from ember.engine.losses import sft_loss
@@ -146,6 +147,11 @@ def test_oom_becomes_a_clear_error():
                 "activations.checkpointing = \"every_block\"", "activations.offload = true",
                 "method = \"lora\"", "QLoRA", "data.max_seq_len below 4096", "torchrun"):
         assert fix in msg, fix
+    assert "mlp_chunk_tokens" not in msg  # 4096-token sequences: MLP chunks would not help
+    long = oom_message(batch_tokens=65536, seq_len=65536, device="cpu", mlp_chunk_tokens=0)
+    assert "activations.mlp_chunk_tokens = 8192" in long
+    assert "mlp_chunk_tokens" not in oom_message(batch_tokens=65536, seq_len=65536,
+                                                 device="cpu", mlp_chunk_tokens=4096)
     # The OOM's frames (holding the step's tensors) are released; no CUDA trace is shown.
     assert info.value.__suppress_context__ and info.value.__context__.__traceback__ is None
     with pytest.raises(KeyError):  # anything else passes through untouched
