@@ -79,9 +79,15 @@ class PromptEmbedding(nn.Module):
     def first_virtual_id(self) -> int:
         return self.base.num_embeddings
 
+    def virtual_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """True where ``ids`` select a virtual token. The model's embedding scale (Gemma's
+        sqrt(hidden)) skips those rows: PEFT inserts the prompt after the (scaled) embedding
+        module, so the stored prompt is what the first layer sees."""
+        return ids >= self.base.num_embeddings
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         V, P = self.base.num_embeddings, self.prompt.shape[0]
-        virtual = ids >= V
+        virtual = self.virtual_mask(ids)
         x = self.base(ids.masked_fill(virtual, 0))  # (B, T, D)
         p = self.prompt[(ids - V).clamp(0, P - 1)]  # (B, T, D)
         return torch.where(virtual[..., None], p.to(x.dtype), x)
@@ -121,6 +127,9 @@ def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int, init: str = "
     base: nn.Embedding = model.embed
     P, (V, D) = cfg.num_virtual_tokens, base.weight.shape
     w = base.weight.detach()
+    # Inits in the units the first layer sees (PEFT reads the embedding module's output, which
+    # carries Gemma's sqrt(hidden) scale; the model does not scale the prompt rows again).
+    scale = getattr(getattr(model, "cfg", None), "embedding_scale", None) or 1.0
     with torch.no_grad():
         if cfg.init == "random":
             std = w.float().std() if not w.is_meta else torch.tensor(1.0)
@@ -136,7 +145,7 @@ def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int, init: str = "
                     raise EmberError("prompt_tuning.init_text encodes to no tokens")
                 ids = torch.tensor((text_ids * math.ceil(P / len(text_ids)))[:P])
             prompt = w[ids.to(w.device)].float().clone()
-    model.embed = PromptEmbedding(base, prompt.float())
+    model.embed = PromptEmbedding(base, prompt.float() * scale)
     model.prompt_tuning_init = cfg.init
     return model
 

@@ -142,13 +142,16 @@ class Attention(nn.Module):
 
 def _masked_attention(q, k, v, key_mask, cfg: ModelConfig, window: int | None):
     """Attention with a per-key padding mask (left-padded batched generation). q (B, T, H, hd),
-    k/v (B, S, K, hd), key_mask (B, S) bool, True = real token."""
+    k/v (B, S, K, hd), key_mask (B, S) bool, True = real token. Masked slots can sit between
+    real ones (prompt tuning's virtual tokens come before the padding; rejected draft tokens
+    leave holes), so a sliding window counts real tokens (positions), not slots."""
     T, S = q.shape[1], k.shape[1]
     i = torch.arange(T, device=q.device)[:, None] + (S - T)
     j = torch.arange(S, device=q.device)[None, :]
     keep = (j <= i)[None] & key_mask[:, None, :]  # (B, T, S)
     if window is not None:
-        keep &= (i - j < window)[None]
+        pos = key_mask.cumsum(-1)  # (B, S): real tokens up to and including each slot
+        keep &= (pos[:, S - T:, None] - pos[:, None, :]) < window
     rep = cfg.num_heads // cfg.num_kv_heads
     qf, kf, vf = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H, T, hd)
     kf, vf = kf.repeat_interleave(rep, 1), vf.repeat_interleave(rep, 1)
@@ -313,7 +316,9 @@ class Transformer(nn.Module):
         local = rope if cfg.rope_local_theta is None else self.rope(position_ids, local=True)
         x = self.embed(input_ids)  # (B, T, D)
         if cfg.embedding_scale is not None:
-            x = x * torch.tensor(cfg.embedding_scale, dtype=x.dtype)
+            scaled = x * torch.tensor(cfg.embedding_scale, dtype=x.dtype)
+            virtual = getattr(self.embed, "virtual_mask", None)  # prompt tuning: rows unscaled
+            x = scaled if virtual is None else torch.where(virtual(input_ids)[..., None], x, scaled)
         for i, block in enumerate(self.layers):
             cos, sin = local if cfg.is_sliding(i) else rope
             x = block(x, cos, sin, cu_seqlens, max_seqlen, cache, key_mask)

@@ -140,6 +140,29 @@ def test_drafts_give_exactly_greedy_output_and_save_passes(tiny):
     assert len(calls) <= 3
 
 
+def test_sliding_window_counts_tokens_not_slots(tiny):
+    """A window of 4 tokens with left padding and with the holes rejected drafts leave in the
+    cache: generation equals recomputing the unpadded sequence, drafts or not (the window must
+    count real tokens; counting cache slots would cut keys short after a hole)."""
+    _, _ = tiny
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_layers=2,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=96, sliding_window=4)
+    model = Transformer(cfg).init_weights(std=0.5, seed=3)
+    prompts = _rand_prompts([6, 2, 9])
+    n = 10
+    free = generate_ids(model, prompts, max_new_tokens=n)
+    for p, o in zip(prompts, free, strict=True):
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(n):
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert o == seq[len(p):]
+    wrong = [f[:] for f in free]
+    for w in wrong:  # right for 2 tokens, then wrong: the rest of each draft becomes a hole
+        w[2] = (w[2] + 1) % VOCAB
+    assert generate_ids(model, prompts, max_new_tokens=n, drafts=wrong) == free
+
+
 def test_drafts_with_eos_and_stop_rules(tiny):
     model, _ = tiny
     prompts = _rand_prompts([4, 6, 2])

@@ -26,16 +26,25 @@ TOL = 1e-4
 P = 5
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def hf_dir(request, tmp_path_factory):
+    """Llama, and Gemma 3, whose embedding module scales by sqrt(hidden): PEFT puts the prompt
+    after that module, so the virtual tokens are not scaled."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=False, rms_norm_eps=1e-5)
+    dims = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                tie_word_embeddings=False, rms_norm_eps=1e-5)
     d = tmp_path_factory.mktemp("hf")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    if request.param == "gemma3":
+        cfg = transformers.Gemma3TextConfig(**dims, head_dim=12, sliding_window=8)
+        transformers.Gemma3ForCausalLM(cfg).save_pretrained(d)
+    else:
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**dims)).save_pretrained(d)
     return d
+
+
+def _scale(model) -> float:
+    return model.cfg.embedding_scale or 1.0
 
 
 def _hf_model(hf_dir):
@@ -66,16 +75,17 @@ def test_only_the_prompt_trains_and_init_modes(hf_dir):
     model = _tuned(hf_dir)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["embed.prompt"]
     assert model.embed.prompt.shape == (P, 48) and model.embed.prompt.dtype == torch.float32
-    vocab = apply_prompt_tuning(load_hf_folder(hf_dir, torch.float32), 3, "vocab").embed
-    rows = (vocab.prompt[:, None] == vocab.weight[None]).all(-1).any(-1)
-    assert rows.all()  # every virtual token starts as some vocabulary embedding
+    vocab_model = apply_prompt_tuning(load_hf_folder(hf_dir, torch.float32), 3, "vocab")
+    vocab, s = vocab_model.embed, _scale(vocab_model)
+    rows = (vocab.prompt[:, None] == vocab.weight[None] * s).all(-1).any(-1)
+    assert rows.all()  # every virtual token starts as some (scaled) vocabulary embedding
 
     class Tok:
         def encode(self, text, add_special_tokens=True):
             return [7, 8]
 
     text = apply_prompt_tuning(load_hf_folder(hf_dir, torch.float32), 3, "text", "hi", Tok())
-    assert torch.equal(text.embed.prompt, text.embed.weight[[7, 8, 7]])
+    assert torch.equal(text.embed.prompt, text.embed.weight[[7, 8, 7]] * _scale(text))
     with pytest.raises(EmberError, match="init_text"):
         apply_prompt_tuning(load_hf_folder(hf_dir, torch.float32), 3, "text")
 
