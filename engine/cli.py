@@ -141,7 +141,7 @@ def _cmd_export(a) -> None:
     import torch
 
     from ember.engine.stages import base_of
-    from ember.engine.state import load_run_model
+    from ember.engine.state import load_run_model, multimodal_base
     from ember.models.loading import save_pretrained
     from ember.models.lora import lora_modules, merge_lora, save_adapter
     from ember.models.nf4 import is_quantized
@@ -166,7 +166,8 @@ def _cmd_export(a) -> None:
         bf16 = torch.bfloat16 if nf4 else None
         if lora_modules(model):
             merge_lora(model, bf16)
-        out = save_pretrained(model, a.merged, tok, dtype=bf16, dequantize=nf4)
+        out = save_pretrained(model, a.merged, tok, dtype=bf16, dequantize=nf4,
+                              multimodal_base=multimodal_base(model, cfg))
     print(f"wrote {out}")
 
 

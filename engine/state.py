@@ -148,7 +148,19 @@ def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | N
         return save_prompt_adapter(model, final / "adapter", base_model_name_or_path=base)
     if lora:
         return save_adapter(model, final / "adapter", base_model_name_or_path=base)
-    return save_pretrained(model, final / "model", tokenizer)
+    return save_pretrained(model, final / "model", tokenizer,
+                           multimodal_base=multimodal_base(model, cfg))
+
+
+def multimodal_base(model, cfg: TrainConfig) -> Path | None:
+    """The base folder of a run on a multimodal Gemma 3's language model (its vision tower goes
+    into a merged / full model folder), or None for a text-only model."""
+    model_cfg = getattr(model, "cfg", None)
+    if model_cfg is None or not model_cfg.extra.get("multimodal"):
+        return None
+    from ember.models.hub import resolve_model
+
+    return resolve_model(base_of(cfg))
 
 
 def _unsharded(model_cfg, cfg: TrainConfig, state: dict) -> Transformer:

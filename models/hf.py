@@ -11,6 +11,11 @@ A bitsandbytes 4-bit weight is ``<key>`` (packed uint8) plus ``<key>.absmax`` et
 (``ember.models.nf4``); those entries are renamed with their weight, and ``to_hf_state_dict``
 accepts them.
 
+A multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration) holds the language model under a
+prefix beside the vision tower and projector; ``split_multimodal_keys`` gives the text model's
+names of its keys (and the vision keys, which a text-only model does not load) and
+``multimodal_key`` the stored name back for export.
+
 config.json <-> ``ModelConfig`` (supported model types, field validation, RoPE and sliding-window
 parsing, ``quantization_config``) is in ``ember.models.hf_config``; its public names are
 importable from here too.
@@ -50,8 +55,10 @@ __all__ = [
     "fused_parts",
     "hf_key_to_ember",
     "map_hf_keys",
+    "multimodal_key",
     "quantization_config_from_hf",
     "split_fused",
+    "split_multimodal_keys",
     "to_hf_state_dict",
 ]
 
@@ -334,3 +341,43 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[s
             raise EmberError(f"state dict: {k} has shape {tuple(v.shape)}, expected {want[k]}")
         out[ember_key_to_hf(k, cfg)] = v
     return _fuse(out, cfg, bool(quantized))
+
+
+# --------------------------------------------------------------------------------------------------
+# Multimodal Gemma 3 checkpoints
+
+# (stored prefix, text-model prefix): transformers 4.50-4.51 and 5.x save "language_model.model.",
+# 4.52-4.57 "model.language_model." (transformers' "llava" conversion mapping reads both).
+_MM_TEXT_PREFIXES = (
+    ("language_model.model.", "model."),
+    ("model.language_model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("lm_head.", "lm_head."),
+)
+_MM_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                       "model.multi_modal_projector.")
+
+
+def split_multimodal_keys(keys: Iterable[str], where: str = "checkpoint"
+                          ) -> tuple[dict[str, str], list[str]]:
+    """``({text-model HF key: stored key}, [vision tower / projector keys])`` of a multimodal
+    Gemma 3 checkpoint. Other keys keep their name (``map_hf_keys`` then names them)."""
+    text, vision = {}, []
+    for key in keys:
+        if key.startswith(_MM_VISION_PREFIXES):
+            vision.append(key)
+            continue
+        new = next((t + key[len(s):] for s, t in _MM_TEXT_PREFIXES if key.startswith(s)), key)
+        if new in text:
+            raise EmberError(f"{where}: {text[new]} and {key} are the same weight of the language "
+                             "model stored twice (two key layouts mixed)")
+        text[new] = key
+    return text, vision
+
+
+def multimodal_key(key: str, stored: Mapping[str, str]) -> str:
+    """The multimodal checkpoint's name of a text-model HF key: as ``stored`` (from
+    ``split_multimodal_keys`` of the base) names it, else in transformers 5's saved layout."""
+    if key in stored:
+        return stored[key]
+    return "language_model." + key if key.startswith("model.") else key

@@ -3,9 +3,12 @@
 Supported ``model_type``: llama (also SmolLM2), mistral, qwen2, qwen3, phi3 (its fused weights
 are split in ``ember.models.hf``), gemma (v1: ``norm_offset`` 1, GeGLU, scaled embeddings), gemma2
 and gemma3_text (also: sandwich norms, ``query_pre_attn_scalar``, per-layer sliding windows from
-``layer_types``, softcaps; Gemma 3: (1 + w) q/k norms, a local RoPE base; the multimodal ``gemma3``
-is refused). Both config.json styles are read: transformers 4.x (``rope_theta``, ``rope_scaling``,
-``torch_dtype``) and 5.x (``rope_parameters``, ``dtype``); ``config_to_hf`` writes both, so either
+``layer_types``, softcaps; Gemma 3: (1 + w) q/k norms, a local RoPE base). The multimodal ``gemma3``
+(Gemma3ForConditionalGeneration) loads as its ``gemma3_text`` language model, marked
+``extra["multimodal"] = "gemma3"`` so that export writes for the multimodal class
+(``ember.models.hf_gemma.multimodal_text_config``); other multimodal families are refused. Both
+config.json styles are read: transformers 4.x (``rope_theta``, ``rope_scaling``, ``torch_dtype``)
+and 5.x (``rope_parameters``, ``dtype``); ``config_to_hf`` writes both, so either
 major version loads the folder. RoPE (default, linear, llama3, yarn, longrope; Phi-3's
 ``partial_rotary_factor``) is parsed in ``ember.models.hf_rope``, Gemma 2/3's own fields (windows
 per layer, softcaps, Gemma 3's RoPE per layer type) in ``ember.models.hf_gemma``.
@@ -35,7 +38,7 @@ from ember.models.config import ModelConfig
 from ember.models.heads import labels_from_hf, labels_to_hf
 from ember.models.hf_gemma import DEFAULTS as _GEMMA_DEFAULTS
 from ember.models.hf_gemma import FIELDS as _GEMMA_FIELDS
-from ember.models.hf_gemma import gemma_fields, gemma_to_hf
+from ember.models.hf_gemma import MULTIMODAL, gemma_fields, gemma_to_hf, multimodal_text_config
 from ember.models.hf_rope import LONGROPE_FAMILIES, rope_to_hf
 from ember.models.hf_rope import get_float as _get_float
 from ember.models.hf_rope import parse_partial_rotary as _parse_partial_rotary
@@ -251,17 +254,19 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
     if not isinstance(raw, Mapping):
         raise EmberError(f"config.json must hold a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type")
-    if model_type == "gemma3":
-        raise EmberError(
-            "config.json: model_type 'gemma3' is the multimodal Gemma 3 "
-            "(Gemma3ForConditionalGeneration: vision tower + language model), which Ember does "
-            "not load; use a text-only checkpoint (model_type 'gemma3_text', Gemma3ForCausalLM, "
-            "e.g. gemma-3-1b) or extract the language model with transformers first"
-        )
+    if model_type in MULTIMODAL:
+        # Gemma3ForConditionalGeneration: its language model, trained text-only; the marker tells
+        # export to write PEFT names / merged folders for the multimodal class.
+        cfg = config_from_hf(multimodal_text_config(raw, _HARMLESS_FIELDS))
+        return cfg.replace(extra={**cfg.extra, "multimodal": model_type})
     if model_type not in SUPPORTED_MODEL_TYPES:
+        multimodal = "text_config" in raw or "vision_config" in raw
         raise EmberError(
-            f"config.json: model_type {model_type!r} is not supported (supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"config.json: model_type {model_type!r} is "
+            + ("a multimodal model, which Ember does not load (of the multimodal families, only "
+               "the language model of 'gemma3' is supported); use a text-only checkpoint"
+               if multimodal else "not supported")
+            + f" (supported: {', '.join(SUPPORTED_MODEL_TYPES + tuple(MULTIMODAL))})"
         )
     quantization_config_from_hf(raw)
     if "auto_map" in raw:

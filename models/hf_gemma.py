@@ -2,6 +2,12 @@
 ``ember.models.hf_config``: per-layer sliding windows (``layer_types`` or transformers' default
 pattern), ``query_pre_attn_scalar``, logit softcaps, and Gemma 3's RoPE per layer type (a scaled
 global RoPE, an unscaled local one with its own base), read as transformers 5 reads them.
+
+The multimodal Gemma 3 (``model_type`` "gemma3", ``Gemma3ForConditionalGeneration``: SigLIP vision
+tower + projector + a Gemma 3 text model): ``multimodal_text_config`` gives the config.json of its
+language model (``text_config`` with transformers' ``Gemma3TextConfig`` defaults for the fields
+Google's configs leave out, and the top-level embedding tying), which Ember trains text-only. Its
+weights are renamed in ``ember.models.hf`` (``split_multimodal_keys``).
 """
 
 from __future__ import annotations
@@ -154,3 +160,68 @@ def gemma3_rope_to_hf(cfg: ModelConfig) -> dict:
         "sliding_attention": {"rope_type": "default", "rope_theta": local},
         "full_attention": rope_to_hf(cfg),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Multimodal Gemma 3 (Gemma3ForConditionalGeneration): the language model's config.json
+
+MULTIMODAL = {"gemma3": "Gemma3ForConditionalGeneration"}  # model_type -> its one architecture
+# Top-level fields of a gemma3 config.json besides the text/vision configs: image-token bookkeeping
+# (text-only inputs never use them) and fields handed to the text config.
+_MM_FIELDS = frozenset("""
+    text_config vision_config mm_tokens_per_image boi_token_index eoi_token_index
+    image_token_index image_token_id boi_token_id eoi_token_id tie_word_embeddings dtype torch_dtype
+    bos_token_id eos_token_id pad_token_id initializer_range
+""".split())
+# transformers 5's Gemma3TextConfig defaults for the fields Ember otherwise requires (Google's
+# gemma-3-4b/12b/27b text_config lists only what differs from them).
+_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216,
+                      num_hidden_layers=26, num_attention_heads=8, pad_token_id=0)  # fmt: skip
+
+
+def multimodal_text_config(raw: Mapping, harmless: frozenset) -> dict:
+    """The ``gemma3_text`` config.json of a multimodal Gemma 3 config.json's language model.
+
+    Checked: the architecture, the top-level fields (``harmless`` plus the image-token fields;
+    anything else is refused by name), no ``quantization_config``. The embedding tying is the
+    top-level ``tie_word_embeddings`` (what transformers' Gemma3ForConditionalGeneration obeys,
+    default true); dtype and token ids missing from ``text_config`` come from the top level."""
+    arch = MULTIMODAL[raw["model_type"]]
+    archs = raw.get("architectures")
+    if archs is not None and archs != [arch]:
+        raise EmberError(
+            f"config.json: architectures {archs!r} is not supported for model_type "
+            f"'gemma3'; Ember loads the language model of [{arch!r}] only"
+        )
+    if raw.get("quantization_config") is not None:
+        raise EmberError(
+            "config.json: bitsandbytes 4-bit Gemma 3 checkpoints are not supported; load the "
+            "unquantized model with quantize='nf4'"
+        )
+    unknown = sorted(set(raw) - _MM_FIELDS - harmless - {"quantization_config"})
+    if unknown:
+        raise EmberError(
+            f"config.json: field(s) {unknown} are not supported for model_type 'gemma3'; "
+            "Ember cannot guarantee the same computation"
+        )
+    text = raw.get("text_config") or {}
+    if not isinstance(text, Mapping):
+        raise EmberError(f"config.json: text_config must be an object, got {text!r}")
+    top = {k: raw[k] for k in ("dtype", "torch_dtype", "bos_token_id", "eos_token_id",
+                               "pad_token_id") if k in raw and k not in text}
+    text = {**_TEXT_DEFAULTS, "model_type": "gemma3_text", **top, **text}
+    if text["model_type"] != "gemma3_text":
+        raise EmberError(
+            f"config.json: text_config.model_type is {text['model_type']!r}; a multimodal "
+            "Gemma 3 has a 'gemma3_text' language model"
+        )
+    if text.get("final_logit_softcapping") is not None:
+        # Gemma3ForCausalLM applies it, Gemma3ForConditionalGeneration does not: say so.
+        raise EmberError(
+            "config.json: text_config.final_logit_softcapping is set, which transformers' "
+            "Gemma3ForConditionalGeneration ignores (Gemma3ForCausalLM applies it); set it to "
+            "null to train the language model as the multimodal class computes it"
+        )
+    text.pop("architectures", None)  # a saved sub-config may say null / the text class
+    text["tie_word_embeddings"] = raw.get("tie_word_embeddings", True)
+    return text

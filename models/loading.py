@@ -14,6 +14,10 @@ bitsandbytes NF4 checkpoint (``quantization_config`` in config.json, as transfor
 ``iter_bnb_checkpoint`` into ``ember.models.nf4.load_bnb_quantized_``. ``save_pretrained`` writes
 a model with NF4 layers back in that format, or dequantized (``dequantize=True``) as a plain model.
 
+Multimodal Gemma 3 (``Gemma3ForConditionalGeneration``): its language model loads, the vision
+tower and projector are left out (with a warning); ``save_pretrained(..., multimodal_base=folder)``
+writes the whole multimodal folder back, the vision weights copied from ``folder`` unchanged.
+
 dtype policy: ``load_pretrained(dtype=None)`` keeps the dtype the weights are stored in (a bf16
 checkpoint gives a bf16 model, on CPU too); ``save_pretrained(dtype=None)`` writes the model's
 current dtype, like transformers. RoPE frequencies are always computed in fp32.
@@ -38,6 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 
 from ember import EmberError
 from ember.models.bnb_checkpoint import (
@@ -47,7 +52,12 @@ from ember.models.bnb_checkpoint import (
     iter_bnb_checkpoint,
 )
 from ember.models.config import ModelConfig
-from ember.models.hf import to_hf_state_dict
+from ember.models.hf import (
+    expected_shapes,
+    multimodal_key,
+    split_multimodal_keys,
+    to_hf_state_dict,
+)
 from ember.models.hf_config import DTYPES, config_to_hf, quantization_config_from_hf
 from ember.models.hub import cache_root
 from ember.models.nf4 import QS_SUFFIX, split_bnb_key
@@ -60,6 +70,7 @@ from ember.models.safetensors_io import (
     _write_json,
     _write_shards,
     iter_checkpoint,
+    language_model_view,
     parse_size,
     read_config,
     scan_checkpoint,
@@ -95,7 +106,8 @@ _DTYPE_ALIASES = {
 _MODEL_FOLDER_FILES = re.compile(
     r"(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
     r"model\.safetensors\.index\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|"
-    r"chat_template\.jinja|vocab\.json|merges\.txt)"
+    r"chat_template\.jinja|vocab\.json|merges\.txt|"
+    r"preprocessor_config\.json|processor_config\.json|chat_template\.json)"
 )
 
 
@@ -155,6 +167,8 @@ def load_hf_folder(
     cfg = _parse_config(path, raw)
     prequantized = quantization_config_from_hf(raw) is not None
     ckpt = scan_checkpoint(folder, quantized=prequantized)
+    if cfg.extra.get("multimodal"):
+        ckpt = language_model_view(ckpt)
     cfg = untie_if_head_differs(ckpt, cfg)
     stored = ckpt.stored_dtype()
     target = resolve_dtype(dtype) or stored
@@ -255,8 +269,44 @@ def load_pretrained(
 # Saving
 
 
+# Files of a multimodal base that a merged export copies as they are (the image processor's too,
+# so that AutoProcessor loads the folder).
+_MULTIMODAL_COPIED = ("generation_config.json", "preprocessor_config.json",
+                      "processor_config.json", "chat_template.json")
+
+
+def _with_multimodal_base(hf: dict, dtypes: dict, cfg: ModelConfig, base: Path
+                          ) -> tuple[dict, dict]:
+    """hf (the language model's HF state dict) renamed into the multimodal base checkpoint's key
+    layout, plus the base's vision tower and projector tensors as stored (dtypes updated in
+    place); returns the config.json to write: the base's, untied if the model is."""
+    path, raw = _read_config_json(base)
+    base_cfg = _parse_config(path, raw)
+    if not base_cfg.extra.get("multimodal"):
+        raise EmberError(f"save_pretrained: multimodal_base {base} is not a multimodal checkpoint "
+                         f"(model_type {raw.get('model_type')!r})")
+    tied = cfg.tie_word_embeddings
+    if expected_shapes(base_cfg.replace(tie_word_embeddings=tied)) != expected_shapes(cfg):
+        raise EmberError(f"save_pretrained: the model is not the language model of {base} "
+                         "(its layers or sizes differ); pass the folder it was loaded from")
+    ckpt = scan_checkpoint(base)
+    text, vision = split_multimodal_keys(ckpt.key_file, str(base))
+    out = {multimodal_key(k, text): v for k, v in hf.items()}
+    dtypes.update({multimodal_key(k, text): dtypes.pop(k) for k in list(hf)})
+    for f in ckpt.files:  # copied bit for bit: read as stored, written in the stored dtype
+        keys = [k for k in vision if ckpt.key_file[k] == f]
+        with safe_open(f, framework="pt", device="cpu") as st:
+            out.update({k: st.get_tensor(k) for k in keys})
+        dtypes.update({k: ckpt.dtypes[k] for k in keys})
+    config = dict(raw)
+    if tied != raw.get("tie_word_embeddings", True):
+        config["tie_word_embeddings"] = tied
+    return out, config
+
+
 def _write_folder(
-    sd: dict, cfg: ModelConfig, tmp: Path, tokenizer, dtype: torch.dtype | None, limit: int
+    sd: dict, cfg: ModelConfig, tmp: Path, tokenizer, dtype: torch.dtype | None, limit: int,
+    multimodal_base: Path | None = None,
 ) -> None:
     if any(".lora_" in k or ".base." in k for k in sd):
         raise EmberError(
@@ -270,15 +320,27 @@ def _write_folder(
     dtypes = {k: v.dtype for k, v in hf.items()}
     dtypes.update({k: dtype or hf[k].dtype for k in dense})
     saved_dtype = Counter(dtypes[k] for k in dense).most_common(1)[0][0]
+    if multimodal_base is not None:
+        if quantized:
+            raise EmberError("save_pretrained: a model with NF4 layers cannot be written into a "
+                             "multimodal folder in bitsandbytes' format; save it with "
+                             "dequantize=True")
+        hf, config = _with_multimodal_base(hf, dtypes, cfg, Path(multimodal_base))
+    else:
+        config = config_to_hf(cfg, saved_dtype)
     _write_shards(hf, dtypes, tmp, limit)
-    config = config_to_hf(cfg, saved_dtype)
     if quantized:
         config["quantization_config"] = _bnb_config(hf, dense, cfg, saved_dtype)
     _write_json(tmp / "config.json", config)
+    if multimodal_base is not None and config == _read_config_json(multimodal_base)[1]:
+        shutil.copyfile(Path(multimodal_base) / "config.json", tmp / "config.json")  # as it was
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     if cfg.pad_token_id is not None:
         gen["pad_token_id"] = cfg.pad_token_id
     _write_json(tmp / "generation_config.json", gen)
+    for name in _MULTIMODAL_COPIED if multimodal_base is not None else ():
+        if (Path(multimodal_base) / name).is_file():
+            shutil.copyfile(Path(multimodal_base) / name, tmp / name)
     if tokenizer is not None:
         if not hasattr(tokenizer, "save_pretrained"):
             raise EmberError(
@@ -296,6 +358,7 @@ def save_pretrained(
     dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     dequantize: bool = False,
+    multimodal_base: str | os.PathLike | None = None,
 ) -> Path:
     """Write an HF folder (config.json + safetensors, sharded above ``max_shard_size``) that
     ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads unchanged.
@@ -308,6 +371,13 @@ def save_pretrained(
     time, to ``dtype`` (default: the dtype it was quantized from), e.g. the base for PEFT adapters
     trained with QLoRA. A model with LoRA adapters is refused: ``merge_lora`` it first, or save
     the adapter alone (``save_adapter``).
+
+    A multimodal Gemma 3's language model (loaded from a ``Gemma3ForConditionalGeneration``
+    folder: ``cfg.extra["multimodal"]``) is written with ``multimodal_base`` = that folder as a
+    whole ``Gemma3ForConditionalGeneration`` folder: the language model's weights under the
+    base's key layout, the vision tower and projector copied from the base bit for bit, the
+    base's config.json (and generation / image processor configs). Without it, the language
+    model alone is written as a text-only ``Gemma3ForCausalLM`` folder.
 
     The folder appears atomically: everything is written to a temporary sibling and renamed into
     place. An existing ``out_dir`` is replaced only if it holds nothing but model-folder files
@@ -327,6 +397,7 @@ def save_pretrained(
         tokenizer,
         dtype=dtype,
         max_shard_size=max_shard_size,
+        multimodal_base=multimodal_base,
     )
 
 
@@ -338,6 +409,7 @@ def save_state_dict(
     *,
     dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
+    multimodal_base: str | os.PathLike | None = None,
 ) -> Path:
     """``save_pretrained`` for a full Ember state dict (e.g. gathered from a sharded model with
     ``torch.distributed.checkpoint.state_dict.get_model_state_dict(..., full_state_dict=True)``);
@@ -359,7 +431,7 @@ def save_state_dict(
     tmp = out.parent / f".{out.name}.tmp-{tag}"
     tmp.mkdir()
     try:
-        _write_folder(sd, cfg, tmp, tokenizer, target, limit)
+        _write_folder(sd, cfg, tmp, tokenizer, target, limit, multimodal_base)
         if existing:
             old = out.parent / f".{out.name}.old-{tag}"
             os.rename(out, old)

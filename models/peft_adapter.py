@@ -9,7 +9,11 @@ adapters written by either (per-module ranks/alphas via ``rank_pattern`` / ``alp
 and are written back by ``save_adapter``; a classifier's head travels as PEFT's SEQ_CLS
 ``modules_to_save``; DoRA's ``use_dora`` with its ``lora_magnitude_vector`` per module). Fields
 that would change what an adapter computes (other LoRA variants, base-changing inits, unknown
-fields) are refused by name. Phi-3's fused projections:
+fields) are refused by name. On a multimodal Gemma 3's language model (``cfg.extra["multimodal"]``)
+the names are those inside ``Gemma3ForConditionalGeneration``
+(``base_model.model.model.language_model.layers.{i}...``, target_modules a regex that leaves the
+vision tower out); ``load_adapter`` reads both that and the 4.5x ``language_model.model.`` layout,
+and refuses adapters on the vision tower. Phi-3's fused projections:
 ``ember.models.lora_fused``. Both functions are also importable from ``ember.models.lora``.
 """
 
@@ -38,7 +42,11 @@ from ember.models.lora import (
 from ember.models.lora_fused import fuse_adapter, is_fused, split_adapter
 
 _EMBER_NAME = re.compile(r"layers\.(\d+)\.(attn|mlp)\.(\w+)")
-_HF_NAME = re.compile(r"(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
+# A multimodal Gemma 3's language model: "model.language_model." in transformers 4.52+ (what PEFT
+# names on transformers 5), "language_model.model." before.
+_HF_NAME = re.compile(r"(?:model\.language_model\.|language_model\.model\.|model\.)?"
+                      r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
+_VISION = re.compile(r"(?:model\.)?(?:vision_tower|multi_modal_projector)\.")
 _PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight")
 # DoRA's magnitude: a bare parameter in PEFT 0.21's files (no ".weight")
 _MAGNITUDE_KEY = re.compile(r"base_model\.model\.(.+)\.lora_magnitude_vector(?:\.default)?"
@@ -77,14 +85,21 @@ _MERGE_HINT = ("merge it into the base with PEFT (PeftModel.merge_and_unload(), 
                "save_pretrained) and load the merged model")
 
 
-def hf_module_name(name: str) -> str:
-    """``layers.3.attn.q_proj`` -> ``model.layers.3.self_attn.q_proj`` (transformers' name)."""
+def _multimodal(cfg) -> bool:
+    return bool(getattr(cfg, "extra", {}).get("multimodal"))
+
+
+def hf_module_name(name: str, cfg=None) -> str:
+    """``layers.3.attn.q_proj`` -> ``model.layers.3.self_attn.q_proj`` (transformers' name);
+    ``model.language_model.layers.3.self_attn.q_proj`` when cfg is a multimodal Gemma 3's
+    language model (``extra["multimodal"]``: the module inside Gemma3ForConditionalGeneration)."""
     m = _EMBER_NAME.fullmatch(name)
     if m is None:
         raise EmberError(f"no transformers name for module {name!r}: PEFT export covers the "
                          "attention and MLP projections inside layers")
     part = "self_attn" if m[2] == "attn" else "mlp"
-    return f"model.layers.{m[1]}.{part}.{m[3]}"
+    prefix = "model.language_model." if _multimodal(cfg) else "model."
+    return f"{prefix}layers.{m[1]}.{part}.{m[3]}"
 
 
 def ember_module_name(hf_name: str) -> str | None:
@@ -114,7 +129,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     if not mods:
         raise EmberError("the model has no LoRA adapters to save (apply_lora or load_adapter "
                          "first)")
-    hf = {n: hf_module_name(n) for n in mods}
+    cfg = getattr(model, "cfg", None)
+    hf = {n: hf_module_name(n, cfg) for n in mods}
     rslora = {m.use_rslora for m in mods.values()}
     drops = {m.dropout.p if m.dropout is not None else 0.0 for m in mods.values()}
     dora = {m.use_dora for m in mods.values()}
@@ -144,6 +160,11 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     leaves = sorted({n.split(".")[-1] for n in mods})
     same_leaf = [n for n in _candidates(model) if n.split(".")[-1] in leaves and n not in mods]
     targets = leaves if not (same_leaf or fused) else "|".join(re.escape(h) for h in entries)
+    if _multimodal(cfg) and not same_leaf:
+        # Leaf names would also match the vision tower's q_proj / k_proj / v_proj: one regex
+        # over the language model's layers instead.
+        targets = (r"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\."
+                   f"(?:{'|'.join(leaves)})")
     mts = sorted(getattr(model, "peft_modules_to_save", ()))  # set by load_adapter
     for name in mts:
         key, attr = _FULL_WEIGHTS[name]
@@ -354,6 +375,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             unknown.append(key)
             continue
         pairs.setdefault(name, {})[m[2] if m else "lora_magnitude"] = t
+    vision = [k for k in unknown if _VISION.match(k.removeprefix("base_model.model."))]
+    if vision:
+        raise EmberError(f"{wfile}: the adapter changes the vision tower or projector of a "
+                         f"multimodal model ({vision[:3]}); Ember trains and loads the language "
+                         f"model only; {_MERGE_HINT}")
     heads = [k for k in unknown if re.search(r"\.(embed_tokens|lm_head)\.", k)]
     if heads:
         raise EmberError(f"{wfile}: the adapter changes the embedding or output head ({heads[:3]}:"
@@ -368,23 +394,25 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     incomplete = [n for n, p in pairs.items() if "lora_A" not in p or "lora_B" not in p]
     if incomplete:
         raise EmberError(f"{wfile}: lora_A or lora_B missing for {incomplete[:3]}")
-    odd = [hf_module_name(n) for n, p in pairs.items() if ("lora_magnitude" in p) != use_dora]
+    cfg = getattr(model, "cfg", None)
+    odd = [hf_module_name(n, cfg) for n, p in pairs.items() if ("lora_magnitude" in p) != use_dora]
     if odd:
         raise EmberError(f"{wfile}: adapter_config has use_dora={use_dora} but "
                          f"lora_magnitude_vector is {'missing' if use_dora else 'present'} for "
                          f"{odd[:3]}")
     missing = [n for n in cands if n not in pairs and _EMBER_NAME.fullmatch(n)
-               and _peft_targets(config, hf_module_name(n))]
+               and _peft_targets(config, hf_module_name(n, cfg))]
     if missing:
+        names = [hf_module_name(n, cfg) for n in missing[:3]]
         raise EmberError(f"{wfile}: adapter_config targets {len(missing)} modules with no "
-                         f"weights in the file, e.g. {[hf_module_name(n) for n in missing[:3]]}")
+                         f"weights in the file, e.g. {names}")
     r0, alpha0 = config["r"], config["lora_alpha"]
     rank_pat, alpha_pat = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     dropout, rslora = float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora"))
     plan = {}
     for name in sorted(pairs, key=_natural_key):
         A, B = pairs[name]["lora_A"], pairs[name]["lora_B"]
-        hf = hf_module_name(name)
+        hf = hf_module_name(name, cfg)
         mod = cands[name]
         in_f, out_f = _features(mod.base if isinstance(mod, LoRALinear) else mod)
         r = _pattern_value(rank_pat, hf, r0)

@@ -6,7 +6,8 @@ tensor, its shape and dtype); ``iter_checkpoint`` then streams ``(ember_key, ten
 file at a time, as stored, after validating every key and shape against the config. Writing:
 ``parse_size`` reads ``max_shard_size``; ``_write_shards`` cuts a state dict into
 ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` plus the index, one shard in host
-memory at a time. Pickle checkpoints are refused, never unpickled. Orchestration (building the
+memory at a time. ``language_model_view`` shows a multimodal Gemma 3 checkpoint as its language
+model. Pickle checkpoints are refused, never unpickled. Orchestration (building the
 model, dtypes, atomic folders) is in ``ember.models.loading``; bitsandbytes 4-bit folders in
 ``ember.models.bnb_checkpoint``.
 """
@@ -29,7 +30,7 @@ from safetensors.torch import save_file
 from ember import EmberError
 from ember.kernels.nf4 import NF4Weight
 from ember.models.config import ModelConfig
-from ember.models.hf import fused_parts, map_hf_keys
+from ember.models.hf import fused_parts, map_hf_keys, split_multimodal_keys
 from ember.models.hf_config import config_from_hf
 from ember.models.nf4 import QS_SUFFIX, split_bnb_key
 
@@ -74,6 +75,12 @@ class CheckpointIndex:
     key_file: dict[str, Path] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    # the name in the file of a key named otherwise here (a multimodal checkpoint's language
+    # model: ``language_model_view``); absent keys are stored under their own name
+    stored: dict[str, str] = field(default_factory=dict)
+
+    def stored_key(self, key: str) -> str:
+        return self.stored.get(key, key)
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype holding most of the weights (a few fp32 norms in a bf16 file don't count);
@@ -183,6 +190,27 @@ def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False) -> Ch
     return ckpt
 
 
+def language_model_view(ckpt: CheckpointIndex) -> CheckpointIndex:
+    """A multimodal Gemma 3 checkpoint's language model, under the text model's HF names (the
+    vision tower and projector left out, with a warning: Ember trains the language model only)."""
+    text, vision = split_multimodal_keys(ckpt.key_file, str(ckpt.folder))
+    if vision:
+        warnings.warn(
+            f"{ckpt.folder}: a multimodal checkpoint; its {len(vision)} vision tower / projector "
+            "tensors are not loaded (Ember trains the language model, text-only); a merged "
+            "export copies them through unchanged",
+            stacklevel=3,
+        )
+    return CheckpointIndex(
+        folder=ckpt.folder,
+        files=ckpt.files,
+        key_file={k: ckpt.key_file[s] for k, s in text.items()},
+        shapes={k: ckpt.shapes[s] for k, s in text.items()},
+        dtypes={k: ckpt.dtypes[s] for k, s in text.items()},
+        stored={k: s for k, s in text.items() if k != s},
+    )
+
+
 def untie_if_head_differs(ckpt: CheckpointIndex, cfg: ModelConfig) -> ModelConfig:
     """cfg, untied when config.json says tie_word_embeddings but the checkpoint stores an
     ``lm_head.weight`` that differs from the embedding. transformers then keeps the two apart
@@ -195,7 +223,7 @@ def untie_if_head_differs(ckpt: CheckpointIndex, cfg: ModelConfig) -> ModelConfi
     tensors = {}
     for key in (emb, head):
         with safe_open(ckpt.key_file[key], framework="pt", device="cpu") as f:
-            tensors[key] = f.get_tensor(key)
+            tensors[key] = f.get_tensor(ckpt.stored_key(key))
     if torch.equal(tensors[emb].float(), tensors[head].float()):
         return cfg
     warnings.warn(
@@ -223,7 +251,7 @@ def iter_checkpoint(
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for key in keys:
-                    t = f.get_tensor(key)
+                    t = f.get_tensor(ckpt.stored_key(key))
                     if key in fused:
                         for part, a, b in fused[key]:
                             yield mapping[part], t[a:b].clone()

@@ -1,7 +1,8 @@
 """Gemma 2 and Gemma 3 (text): logits parity with transformers on tiny random configs (every norm
 weight randomized, sequences longer than the sliding window), exact state-dict and config round
 trips, packed == per document, fused LoRA == unfused, KV-cache generation == full-forward greedy,
-LoRA training through ``ember train`` and refusals (multimodal gemma3, bitsandbytes, accelerate)."""
+LoRA training through ``ember train`` and refusals (other multimodal families, bitsandbytes,
+accelerate). The multimodal Gemma 3: ``test_gemma3_multimodal.py``."""
 
 from __future__ import annotations
 
@@ -219,9 +220,10 @@ def test_generation_matches_full_forward_greedy(tmp_path, case):
 
 def test_refusals(tmp_path):
     raw = json.loads((_save(tmp_path, "gemma2") / "config.json").read_text())
-    multimodal = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
-                  "text_config": {**raw, "model_type": "gemma3_text"}}
-    with pytest.raises(EmberError, match="multimodal Gemma 3.*gemma3_text"):
+    # the multimodal gemma3 loads (tests/models/test_gemma3_multimodal.py); other families not
+    multimodal = {"model_type": "paligemma", "architectures": ["PaliGemmaForConditionalGeneration"],
+                  "text_config": {**raw, "model_type": "gemma2"}}
+    with pytest.raises(EmberError, match="'paligemma' is a multimodal model.*only"):
         config_from_hf(multimodal)
     bnb = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     with pytest.raises(EmberError, match="4-bit Gemma 2"):
