@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ember.kernels._dispatch import check_dtype, use_triton
 from ember.kernels.nf4 import NF4Weight, nf4_dequantize, nf4_mm
-from ember.kernels.swiglu import geglu, geglu_ref, swiglu, swiglu_ref
+from ember.kernels.swiglu import geglu, geglu_ref, glu_backward_, swiglu, swiglu_ref
 
 _ACTS = {"silu": (swiglu, swiglu_ref), "gelu_tanh": (geglu, geglu_ref)}
 
@@ -176,14 +176,16 @@ class _LoRAMLP(torch.autograd.Function):
         nf4s, scales, activation, impl = ctx.meta
         ws, bs, As, Bs = _unpack(3, nf4s, tensors)
         need = ctx.needs_input_grad[3:]
-        with torch.enable_grad():  # h = act(g, up) again: cheaper than keeping (M, F) alive
-            g_, up_ = g.detach().requires_grad_(), up.detach().requires_grad_()
-            h = _ACTS[activation][0](g_, up_, impl=impl)
-        hd = h.detach()
-        dh, _, grads_d = _group_bwd([dout.contiguous()], hd, hd, u2, ws[2:], bs[2:], As[2:],
+        # h = act(g, up) again (cheaper than keeping an (M, F) tensor alive), for the down
+        # projection's backward; then the activation's gradients overwrite g and up (saved for
+        # this backward only): at most g, up, h and dh are alive, not also dg and dup.
+        with torch.no_grad():
+            h = _ACTS[activation][0](g, up, impl=impl)
+        dh, _, grads_d = _group_bwd([dout.contiguous()], h, h, u2, ws[2:], bs[2:], As[2:],
                                     Bs[2:], scales[2:], True, False, need[2::3])
-        dg, dup = torch.autograd.grad(h, (g_, up_), dh)
-        del h, hd, dh
+        del h
+        dg, dup = glu_backward_(dh, g, up, gelu=activation == "gelu_tanh", impl=impl)
+        del dh
         src = lx2 if ctx.has_lx else x2
         if x2 is None:
             x2 = torch.empty(0, device=src.device, dtype=src.dtype)

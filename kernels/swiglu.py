@@ -189,3 +189,43 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, *, impl: str | None = None) -> t
     if use_triton(gate, impl, "geglu"):
         return _GLU.apply(gate, up, True)
     return geglu_ref(gate, up)
+
+
+def glu_backward_(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, gelu: bool,
+                  impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``swiglu`` (``gelu=False``) / ``geglu`` written over their inputs: gate then
+    holds d_gate and up holds d_up (returned). For a caller that owns gate and up and needs
+    them no more (``lora_mlp``'s backward): no (M, F) buffer is allocated, where autograd would
+    hold the recomputed activation and two new gradients next to gate and up. Each element is
+    read before it is written by the same thread, so overwriting is safe. gate/up: the same
+    shape with unit stride along F; dy: their shape."""
+    op = "glu_backward_"
+    _check(op, gate, up)
+    if dy.shape != gate.shape or gate.stride(-1) != 1 or up.stride(-1) != 1:
+        raise ValueError(f"{op}: dy {tuple(dy.shape)} must match gate/up {tuple(gate.shape)}, "
+                         "and gate/up need unit stride along the last dim")
+    if use_triton(gate, impl, op):
+        g2, u2, dy2 = gate.view(-1, gate.shape[-1]), up.view(-1, up.shape[-1]), _rows(dy)
+        m, n = g2.shape
+        if g2.numel():
+            block, num_warps = _launch_cfg(n)
+            _glu_bwd_kernel[(m, triton.cdiv(n, block))](
+                dy2, g2, u2, g2, u2, n, dy2.stride(0), g2.stride(0), u2.stride(0), g2.stride(0),
+                u2.stride(0), GELU=gelu, BLOCK=block, num_warps=num_warps)
+        # Written through raw pointers: tell autograd, so a second use of a graph that saved
+        # gate or up (backward with retain_graph) fails loudly instead of reading gradients.
+        torch.autograd.graph.increment_version(gate)
+        torch.autograd.graph.increment_version(up)
+        return gate, up
+    g, u, d = gate.float(), up.float(), dy.float()
+    if gelu:
+        c = math.sqrt(2.0 / math.pi)
+        th = torch.tanh(c * (g + 0.044715 * g * g * g))
+        a = 0.5 * g * (1.0 + th)
+        da = 0.5 * (1.0 + th) + 0.5 * c * g * (1.0 - th * th) * (1.0 + 3.0 * 0.044715 * g * g)
+    else:
+        s = torch.sigmoid(g)
+        a, da = g * s, s * (1.0 + g * (1.0 - s))
+    gate.copy_(d * u * da)
+    up.copy_(d * a)
+    return gate, up

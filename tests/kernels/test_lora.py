@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ember.kernels.lora import (
     lora_linear,
@@ -160,6 +162,34 @@ def test_backward_saves_only_inputs_and_rank_r_activations():
     assert sum(t.numel() == m * f for t in saved) == 2
     assert not any(t.numel() in (f * k,) for t in saved), "a dense weight was saved"
     out.sum().backward()
+    # Backward allocates two (M, F) tensors (h recomputed, dh); the activation's gradients
+    # overwrite the saved g and up instead of adding two more.
+    out = lora_mlp(x, ws, As, Bs, 1.0, impl="triton")
+    with _FullSizeAllocations(m * f) as allocs:
+        out.sum().backward(retain_graph=True)
+    assert allocs.count == 2, allocs.ops
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()  # g and up were consumed: a second backward is refused, not wrong
+
+
+class _FullSizeAllocations(TorchDispatchMode):
+    """Counts new tensors of ``numel`` elements created by ops (views and in-place ops reuse
+    storage and are not counted)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.count, self.ops = numel, 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.numel() == self.numel
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.count += 1
+                self.ops.append(str(func))
+        return out
 
 
 def test_bad_shapes_raise_clear_errors():
