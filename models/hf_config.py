@@ -40,7 +40,7 @@ from ember.models.heads import labels_from_hf, labels_to_hf
 from ember.models.hf_gemma import DEFAULTS as _GEMMA_DEFAULTS
 from ember.models.hf_gemma import FIELDS as _GEMMA_FIELDS
 from ember.models.hf_gemma import MULTIMODAL, gemma_fields, gemma_to_hf, multimodal_text_config
-from ember.models.hf_rope import LONGROPE_FAMILIES, rope_to_hf
+from ember.models.hf_rope import LONGROPE_FAMILIES, legacy_rope_scaling, rope_to_hf
 from ember.models.hf_rope import get_float as _get_float
 from ember.models.hf_rope import parse_partial_rotary as _parse_partial_rotary
 from ember.models.hf_rope import parse_rope as _parse_rope
@@ -504,10 +504,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         raise EmberError(f"cannot export dtype {dtype!r} (use one of {', '.join(DTYPES)})")
     mt = cfg.model_type
     rope = rope_to_hf(cfg)
-    rs = cfg.rope_scaling
-    legacy_scaling = None if rs is None else {
-        k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")
-    }
+    legacy_scaling = legacy_rope_scaling(cfg)
     out = {
         "architectures": [ARCHITECTURES[mt]],
         "model_type": mt,

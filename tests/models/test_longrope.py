@@ -381,3 +381,26 @@ def test_phi4_mini_published_config_fields_load(tmp_path):
     for key, value in (("mlp_bias", True), ("lm_head_bias", True), ("interpolate_factor", 2)):
         with pytest.raises(EmberError, match=f"{key}={value!r} is not supported"):
             config_from_hf({**raw, key: value})
+
+
+def test_export_rope_scaling_is_what_transformers_4_phi3_accepts(tmp_path):
+    """transformers 4.x's Phi3Config (4.57 included) refuses a rope_scaling that is not exactly
+    {type, short_factor, long_factor} and derives factor / attention_factor from the top-level
+    context lengths: the export writes that, transformers 5 reads the folder with the same logits
+    and Ember reads it back to the same config; an attention_factor those lengths do not give
+    keeps the full dict (4.x cannot express it)."""
+    hf, folder = _make(tmp_path, "phi35", 1.0, True)
+    model, _ = load_pretrained(folder)
+    save_pretrained(model, tmp_path / "export")
+    raw = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert set(raw["rope_scaling"]) == {"type", "short_factor", "long_factor"}
+    assert raw["rope_scaling"]["type"] == "longrope"
+    assert raw["original_max_position_embeddings"] == ORIG
+    assert read_config(tmp_path / "export") == model.cfg
+    assert config_from_hf({k: v for k, v in raw.items() if k != "rope_parameters"}) == model.cfg
+    for T in (12, 40):
+        assert _diff(model, tmp_path / "export", _ids(T)) <= 1e-4
+    rs = dataclasses.replace(model.cfg.longrope, attention_factor=1.5)
+    odd = config_to_hf(model.cfg.replace(rope_scaling=rs))
+    assert odd["rope_scaling"]["attention_factor"] == 1.5
+    assert config_from_hf(odd).longrope.attention_factor == 1.5
