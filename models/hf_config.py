@@ -28,6 +28,7 @@ which re-exports every public name of this module.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Mapping
 
@@ -39,7 +40,7 @@ from ember.models.heads import labels_from_hf, labels_to_hf
 from ember.models.hf_gemma import DEFAULTS as _GEMMA_DEFAULTS
 from ember.models.hf_gemma import FIELDS as _GEMMA_FIELDS
 from ember.models.hf_gemma import MULTIMODAL, gemma_fields, gemma_to_hf, multimodal_text_config
-from ember.models.hf_rope import LONGROPE_FAMILIES, rope_to_hf
+from ember.models.hf_rope import LONGROPE_FAMILIES, legacy_rope_scaling, rope_to_hf
 from ember.models.hf_rope import get_float as _get_float
 from ember.models.hf_rope import parse_partial_rotary as _parse_partial_rotary
 from ember.models.hf_rope import parse_rope as _parse_rope
@@ -102,13 +103,16 @@ _FAMILY_FIELDS = {
     "qwen2": frozenset(f"{_QWEN_WINDOW} use_mrope".split()),
     "qwen3": frozenset(f"{_QWEN_WINDOW} attention_bias".split()),
     "phi3": frozenset(
-        # attention_bias: transformers' Phi-3 has no biases whatever it says
+        # attention_bias: transformers' Phi-3 has no biases whatever it says; the last four are
+        # Phi-4-mini's custom-code fields (checked at their no-op values below)
         """sliding_window resid_pdrop embd_pdrop original_max_position_embeddings
-        attention_bias""".split()
+        attention_bias full_attn_mod interpolate_factor lm_head_bias mlp_bias""".split()
     ),
     "gemma": frozenset({"attention_bias", "hidden_activation", "use_bidirectional_attention"}),
     **_GEMMA_FIELDS,
 }
+
+_PHI3_NOOP_FIELDS = dict(full_attn_mod=1, interpolate_factor=1, lm_head_bias=False, mlp_bias=False)
 
 # transformers' class defaults for fields a config.json may omit; matching them keeps parity.
 _IDS = dict(bos_token_id=1, eos_token_id=2)
@@ -293,6 +297,15 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             f"[{ARCHITECTURES[model_type]!r}] or [{classifier!r}]"
         )
     act = _activation(raw, model_type)
+    if model_type == "phi3":
+        # Phi-4-mini's config.json (written for its custom code) carries these at values that
+        # change nothing; transformers' Phi-3 ignores them whatever they say, so others are refused
+        for key, noop in _PHI3_NOOP_FIELDS.items():
+            if key in raw and raw[key] != noop:
+                raise EmberError(
+                    f"config.json: {key}={raw[key]!r} is not supported for model_type 'phi3' "
+                    f"(only {json.dumps(noop)}: transformers' Phi-3 does not implement it)"
+                )
     for key in ("resid_pdrop", "embd_pdrop"):
         if _get_float(raw, key, 0.0) != 0.0:
             raise EmberError(
@@ -491,10 +504,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         raise EmberError(f"cannot export dtype {dtype!r} (use one of {', '.join(DTYPES)})")
     mt = cfg.model_type
     rope = rope_to_hf(cfg)
-    rs = cfg.rope_scaling
-    legacy_scaling = None if rs is None else {
-        k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")
-    }
+    legacy_scaling = legacy_rope_scaling(cfg)
     out = {
         "architectures": [ARCHITECTURES[mt]],
         "model_type": mt,

@@ -272,3 +272,25 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
             original_max_position_embeddings=rs.original_max_position_embeddings,
         )
     return rope
+
+
+def legacy_rope_scaling(cfg: ModelConfig) -> dict | None:
+    """transformers 4.x's ``rope_scaling`` for cfg: ``rope_to_hf``'s fields without theta and
+    partial rotary, except Phi-3's LongRoPE: 4.x's Phi3Config accepts exactly ``type``,
+    ``short_factor`` and ``long_factor`` (anything else fails to load) and derives factor and
+    attention_factor from the top-level context lengths, so those three are written when the
+    derived values are cfg's (5.x reads the same dict the same way, as it does the published
+    Phi-3.5 / Phi-4-mini configs)."""
+    rs = cfg.rope_scaling
+    if rs is None:
+        return None
+    if cfg.model_type == "phi3" and rs.kind == "longrope":
+        short = {"type": "longrope", "short_factor": list(rs.short_factor),
+                 "long_factor": list(rs.long_factor)}
+        derived = _parse_longrope(short, cfg.max_position_embeddings,
+                                  rs.original_max_position_embeddings, cfg.rotary_dim, "")
+        if derived == rs:
+            return short
+    return {k: v for k, v in rope_to_hf(cfg).items()
+            if k not in ("rope_theta", "partial_rotary_factor")}
+

@@ -357,3 +357,50 @@ def test_llama_longrope_generation_keeps_short_keys_like_transformers(tmp_path):
     prompt = _ids(10, 1)[0].tolist()
     ref = _hf_generate(hf, prompt, 30)
     assert generate_ids(model.eval(), [prompt], max_new_tokens=30) == [ref]
+
+
+def test_phi4_mini_published_config_fields_load(tmp_path):
+    """Phi-4-mini-instruct's config.json (transformers 4.x spelling: rope_scaling with type
+    "longrope", top-level partial_rotary_factor) also carries its custom code's full_attn_mod,
+    interpolate_factor, lm_head_bias and mlp_bias at values that change nothing; transformers'
+    Phi-3 ignores them, so it loads (logits equal transformers'), other values are refused."""
+    hf, folder = _make(tmp_path, "phi4_published", 0.75, True, tie_word_embeddings=True)
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    rope = raw.pop("rope_parameters")
+    raw.update(partial_rotary_factor=0.75, rope_theta=rope["rope_theta"],
+               rope_scaling={"long_factor": rope["long_factor"],
+                             "short_factor": rope["short_factor"], "type": "longrope"},
+               full_attn_mod=1, interpolate_factor=1, lm_head_bias=False, mlp_bias=False)
+    path.write_text(json.dumps(raw))
+    model, _ = load_pretrained(folder)
+    assert model.cfg.rotary_dim == 12
+    assert model.cfg.longrope.original_max_position_embeddings == ORIG
+    for T in (12, 40):
+        assert _diff(model, hf, _ids(T)) <= 1e-4, T
+    for key, value in (("mlp_bias", True), ("lm_head_bias", True), ("interpolate_factor", 2)):
+        with pytest.raises(EmberError, match=f"{key}={value!r} is not supported"):
+            config_from_hf({**raw, key: value})
+
+
+def test_export_rope_scaling_is_what_transformers_4_phi3_accepts(tmp_path):
+    """transformers 4.x's Phi3Config (4.57 included) refuses a rope_scaling that is not exactly
+    {type, short_factor, long_factor} and derives factor / attention_factor from the top-level
+    context lengths: the export writes that, transformers 5 reads the folder with the same logits
+    and Ember reads it back to the same config; an attention_factor those lengths do not give
+    keeps the full dict (4.x cannot express it)."""
+    hf, folder = _make(tmp_path, "phi35", 1.0, True)
+    model, _ = load_pretrained(folder)
+    save_pretrained(model, tmp_path / "export")
+    raw = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert set(raw["rope_scaling"]) == {"type", "short_factor", "long_factor"}
+    assert raw["rope_scaling"]["type"] == "longrope"
+    assert raw["original_max_position_embeddings"] == ORIG
+    assert read_config(tmp_path / "export") == model.cfg
+    assert config_from_hf({k: v for k, v in raw.items() if k != "rope_parameters"}) == model.cfg
+    for T in (12, 40):
+        assert _diff(model, tmp_path / "export", _ids(T)) <= 1e-4
+    rs = dataclasses.replace(model.cfg.longrope, attention_factor=1.5)
+    odd = config_to_hf(model.cfg.replace(rope_scaling=rs))
+    assert odd["rope_scaling"]["attention_factor"] == 1.5
+    assert config_from_hf(odd).longrope.attention_factor == 1.5
