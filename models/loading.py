@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import re
 import shutil
@@ -275,11 +276,14 @@ _MULTIMODAL_COPIED = ("generation_config.json", "preprocessor_config.json",
                       "processor_config.json", "chat_template.json")
 
 
-def _with_multimodal_base(hf: dict, dtypes: dict, cfg: ModelConfig, base: Path
-                          ) -> tuple[dict, dict]:
+def _with_multimodal_base(hf: dict, dtypes: dict, cfg: ModelConfig, base: Path,
+                          saved_dtype: torch.dtype) -> tuple[dict, dict]:
     """hf (the language model's HF state dict) renamed into the multimodal base checkpoint's key
     layout, plus the base's vision tower and projector tensors as stored (dtypes updated in
-    place); returns the config.json to write: the base's, untied if the model is."""
+    place); returns the config.json to write: the base's, untied if the model is, with its
+    dtype fields set to the language model's ``saved_dtype`` when that differs (transformers
+    loads every weight in the config's dtype: a bf16 base's config on fp32 weights would
+    silently round them)."""
     path, raw = _read_config_json(base)
     base_cfg = _parse_config(path, raw)
     if not base_cfg.extra.get("multimodal"):
@@ -298,9 +302,14 @@ def _with_multimodal_base(hf: dict, dtypes: dict, cfg: ModelConfig, base: Path
         with safe_open(f, framework="pt", device="cpu") as st:
             out.update({k: st.get_tensor(k) for k in keys})
         dtypes.update({k: ckpt.dtypes[k] for k in keys})
-    config = dict(raw)
+    config = json.loads(json.dumps(raw))  # a deep copy: text_config is a nested dict
     if tied != raw.get("tie_word_embeddings", True):
         config["tie_word_embeddings"] = tied
+    name = str(saved_dtype).removeprefix("torch.")
+    for section in (config, config.get("text_config")):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(section, dict) and section.get(key) not in (None, name):
+                section[key] = name
     return out, config
 
 
@@ -325,7 +334,7 @@ def _write_folder(
             raise EmberError("save_pretrained: a model with NF4 layers cannot be written into a "
                              "multimodal folder in bitsandbytes' format; save it with "
                              "dequantize=True")
-        hf, config = _with_multimodal_base(hf, dtypes, cfg, Path(multimodal_base))
+        hf, config = _with_multimodal_base(hf, dtypes, cfg, Path(multimodal_base), saved_dtype)
     else:
         config = config_to_hf(cfg, saved_dtype)
     _write_shards(hf, dtypes, tmp, limit)

@@ -36,7 +36,8 @@ def _one_thread(one_thread):
     """Every test here on one torch thread (tests/conftest.py: one_thread)."""
 
 
-def save_multimodal(folder, vocab: int = VOCAB, seed: int = 0, tokenizer=None):
+def save_multimodal(folder, vocab: int = VOCAB, seed: int = 0, tokenizer=None,
+                    dtype=torch.float32):
     """A tiny random Gemma3ForConditionalGeneration (every weight random, norms included; the
     image token inside the text vocabulary) saved by transformers to ``folder``."""
     config = transformers.Gemma3Config(
@@ -47,17 +48,17 @@ def save_multimodal(folder, vocab: int = VOCAB, seed: int = 0, tokenizer=None):
     with torch.no_grad():
         for n, p in model.named_parameters():  # Gemma norms are (1 + w): w around 0
             p.copy_((0.3 if "norm" in n else 0.1) * torch.randn(p.shape, generator=g))
-    model.save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
 
 
-def _hf(folder):
+def _hf(folder, dtype="auto"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return transformers.Gemma3ForConditionalGeneration.from_pretrained(
-            folder, attn_implementation="eager").eval()
+            folder, attn_implementation="eager", dtype=dtype).eval()
 
 
 def _ids(B: int = 2, n: int = T, seed: int = 0):
@@ -222,6 +223,24 @@ def test_merged_export_is_the_whole_multimodal_folder(base, tmp_path):
         save_pretrained(model, tmp_path / "bad", multimodal_base=text)
 
 
+def test_merged_export_records_its_dtype(tmp_path):
+    """Real Gemma 3 checkpoints are bf16; a model trained in fp32 and exported merged writes
+    fp32 language-model weights, so config.json must say float32 (transformers would load them
+    rounded to bf16 otherwise); the vision tower stays as stored."""
+    base = save_multimodal(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert json.loads((base / "config.json").read_text()).get("dtype") == "bfloat16"
+    model, _ = load_pretrained(base, dtype=torch.float32)  # as training in fp32 leaves it
+    out = save_pretrained(model, tmp_path / "merged", multimodal_base=base)
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "float32"
+    assert config.get("text_config", {}).get("dtype") in (None, "float32")
+    hf = _hf(out)
+    assert hf.model.language_model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    ids = _ids()
+    with torch.no_grad():
+        assert _diff(model(ids), _text_logits(hf, ids)) <= 1e-4
+
+
 def test_qlora_loads_the_language_model(base):
     from ember.models import quantize_model_
 
@@ -295,10 +314,14 @@ tokens_per_batch = 128
     ids = torch.tensor([[5, 9, 17, 33, 2, 70, 11, 40, 8, 3, 19]])
     with torch.no_grad():
         ours = model(ids).float()
-    # QLoRA: the merged language model is written in bf16 (its NF4 base dequantized), rounded
-    # once: logits agree to that precision (as tests/engine/test_qlora_train.py)
+    # QLoRA: the merged language model is written in bf16 (its NF4 base dequantized; config.json
+    # says so), rounded once: computed in fp32, logits agree to that precision (as
+    # tests/engine/test_qlora_train.py)
     tol = 0.02 * ours.abs().max().item() if method == "qlora" else 1e-4
-    assert _diff(ours, _text_logits(_hf(tmp_path / "merged"), ids).float()) <= tol
+    merged = _hf(tmp_path / "merged", dtype=torch.float32)
+    assert _diff(ours, _text_logits(merged, ids).float()) <= tol
+    if method == "qlora":
+        assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
     if method == "lora":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
