@@ -136,3 +136,36 @@ def make_optimizer(model) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=2e-2, weight_decay=0.01, fused=True)
     except (RuntimeError, ValueError):
         return torch.optim.AdamW(params, lr=2e-2, weight_decay=0.01, foreach=True)
+
+
+def cli_train_tiny(tmp_path: Path, base, method: str = "lora", steps: int = 3) -> Path:
+    """``ember train`` through the CLI on ``base`` (an HF folder with a tokenizer) with a written
+    TOML config: LoRA r=4 (``method`` "lora", "qlora" = LoRA on an NF4 base, or "full"), a few
+    steps on tiny_rows; checks the losses are finite and returns the run directory."""
+    from ember.engine.cli import main
+
+    train = write_jsonl(tmp_path / "train.jsonl", tiny_rows(24, seed=1))
+    run = tmp_path / "run"
+    config = tmp_path / "tiny.toml"
+    config.write_text(f"""
+run_dir = "{run}"
+max_steps = {steps}
+device = "cpu"
+plot = false
+method = "{'full' if method == 'full' else 'lora'}"
+[model]
+name = "{base}"
+{'quantize = "nf4"' if method == 'qlora' else ''}
+[lora]
+rank = 4
+alpha = 8
+[data]
+train = ["{train}"]
+max_seq_len = 64
+tokens_per_batch = 128
+""")
+    assert main(["train", str(config), "--set", "optim.lr=5e-3"]) == 0
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert len(losses) == steps and all(0 < loss < 20 for loss in losses)
+    return run

@@ -292,7 +292,7 @@ def test_lora_training_through_ember_train(tmp_path):
     from ember.engine.cli import main
     from ember.engine.state import load_run_model
     from ember.models import ModelConfig
-    from tests.engine._tiny import make_tiny_model, tiny_rows, write_jsonl
+    from tests.engine._tiny import cli_train_tiny, make_tiny_model
 
     _, tok = load_pretrained(make_tiny_model(tmp_path / "llama"))
     cfg = ModelConfig(
@@ -304,28 +304,7 @@ def test_lora_training_through_ember_train(tmp_path):
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         max_position_embeddings=128)
     save_pretrained(Transformer(cfg).init_weights(std=0.05, seed=0), tmp_path / "gemma2", tok)
-    train = write_jsonl(tmp_path / "train.jsonl", tiny_rows(24, seed=1))
-    run = tmp_path / "run"
-    config = tmp_path / "tiny.toml"
-    config.write_text(f"""
-run_dir = "{run}"
-max_steps = 3
-device = "cpu"
-plot = false
-[model]
-name = "{tmp_path / 'gemma2'}"
-[lora]
-rank = 4
-alpha = 8
-[data]
-train = ["{train}"]
-max_seq_len = 64
-tokens_per_batch = 128
-""")
-    assert main(["train", str(config), "--set", "optim.lr=5e-3"]) == 0
-    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if r["kind"] == "train"]
-    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
+    run = cli_train_tiny(tmp_path, tmp_path / "gemma2")
     assert main(["export", str(run), "--merged", str(tmp_path / "merged")]) == 0
     model, _, _ = load_run_model(run, "cpu")
     ids = torch.tensor([[5, 9, 17, 33, 2, 70, 11, 40, 8, 3, 19]])

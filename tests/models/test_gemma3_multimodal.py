@@ -279,34 +279,11 @@ def test_training_and_export_through_the_cli(tmp_path, method):
     peft = pytest.importorskip("peft")
     from ember.engine.cli import main
     from ember.engine.state import load_run_model
-    from tests.engine._tiny import make_tiny_model, tiny_rows, write_jsonl
+    from tests.engine._tiny import cli_train_tiny, make_tiny_model
 
     _, tok = load_pretrained(make_tiny_model(tmp_path / "llama"))
     base = save_multimodal(tmp_path / "gemma3", vocab=len(tok) + 3, tokenizer=tok)
-    train = write_jsonl(tmp_path / "train.jsonl", tiny_rows(24, seed=1))
-    run = tmp_path / "run"
-    config = tmp_path / "tiny.toml"
-    config.write_text(f"""
-run_dir = "{run}"
-max_steps = 3
-device = "cpu"
-plot = false
-method = "{'full' if method == 'full' else 'lora'}"
-[model]
-name = "{base}"
-{'quantize = "nf4"' if method == 'qlora' else ''}
-[lora]
-rank = 4
-alpha = 8
-[data]
-train = ["{train}"]
-max_seq_len = 64
-tokens_per_batch = 128
-""")
-    assert main(["train", str(config), "--set", "optim.lr=5e-3"]) == 0
-    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if r["kind"] == "train"]
-    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
+    run = cli_train_tiny(tmp_path, base, method)
     if method != "full":
         assert main(["export", str(run), "--adapter", str(tmp_path / "ad")]) == 0
     assert main(["export", str(run), "--merged", str(tmp_path / "merged")]) == 0

@@ -23,15 +23,21 @@ from tests.models.test_hf import VOCAB  # noqa: E402
 BASE = {**_HF_BASE, "hidden_size": 48}
 
 
-def _save(tmp_path, name: str, config_cls: str = "LlamaConfig", **kw):
-    """A tiny random transformers model (every weight randomized, norms around 1), saved."""
-    config = getattr(transformers, config_cls)(**{**BASE, **kw})
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    g = torch.Generator().manual_seed(len(name))
+def randomize_(model, seed: int) -> None:
+    """Every weight random (norms around 1, the rest around 0), seeded: no parameter is left at
+    an init that could hide a mapping mistake (a zero bias, a unit norm)."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
             p.copy_(1 + 0.2 * noise if "norm" in n else 0.1 * noise)
+
+
+def _save(tmp_path, name: str, config_cls: str = "LlamaConfig", **kw):
+    """A tiny random transformers model (every weight randomized, norms around 1), saved."""
+    config = getattr(transformers, config_cls)(**{**BASE, **kw})
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    randomize_(model, len(name))
     folder = tmp_path / name
     model.save_pretrained(folder)
     return folder

@@ -17,6 +17,7 @@ from ember import EmberError
 from ember.models.generate import generate_ids
 from ember.models.hf import config_from_hf, config_to_hf
 from ember.models.loading import load_pretrained, read_config, save_pretrained
+from tests.models.test_interop_hf import randomize_
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
@@ -58,11 +59,7 @@ def _make(tmp_path, name, prf=1.0, longrope=True, cls="Phi3Config", **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_config(config)
-    g = torch.Generator().manual_seed(len(name))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.2 * noise if "norm" in n else 0.1 * noise)
+    randomize_(model, len(name))
     model.set_attn_implementation("eager")
     folder = tmp_path / name
     model.save_pretrained(folder)
