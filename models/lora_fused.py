@@ -6,6 +6,11 @@ of the parts, so on import each part gets the shared ``A`` and its rows of ``B``
 export, parts with the same ``A``, rank and alpha fuse back to exactly that; otherwise the parts
 are stacked block-diagonally, ``A = [A_q; A_k; A_v]`` and ``B = diag(s_q B_q, s_k B_k, s_v B_v)``
 with the fused scale set to 1 (rank ``r_q + r_k + r_v``), which computes the same update.
+
+DoRA: the magnitude is one value per output row and its norm ``||W + s B A||`` is taken row by
+row, so the fused module's vector is the parts' vectors stacked (exact both ways, in either
+export form above). A part without an adapter contributes its base rows' norms, which makes
+DoRA's rescaling 1 there, as the unadapted projection computes.
 """
 
 from __future__ import annotations
@@ -46,17 +51,20 @@ def split_adapter(tensors: dict, config: dict, cfg: ModelConfig) -> tuple[dict, 
     out, rank_pat, alpha_pat = {}, {}, {}
     old_rank, old_alpha = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     for key, t in tensors.items():
-        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight", key)
+        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B|lora_magnitude_vector)"
+                         r"(?:\.default)?(?:\.weight)?", key)
         f = _FUSED_NAME.fullmatch(m[1]) if m else None
         if f is None:
             out[key] = t
             continue
         prefix, group = f[1], f[2]
         rows = _rows(cfg, group)
-        chunks = t.split(rows) if m[2] == "lora_B" and t.shape[0] == sum(rows) else [t] * len(rows)
+        by_row = m[2] != "lora_A" and t.shape[0] == sum(rows)  # B's and the magnitude's rows
+        chunks = t.split(rows) if by_row else [t] * len(rows)
+        suffix = "" if m[2] == "lora_magnitude_vector" else ".weight"
         for part, chunk in zip(GROUPS[group], chunks, strict=True):
             name = _part_name(prefix, group, part)
-            out[f"base_model.model.{name}.{m[2]}.weight"] = chunk
+            out[f"base_model.model.{name}.{m[2]}{suffix}"] = chunk
             for old, new in ((old_rank, rank_pat), (old_alpha, alpha_pat)):
                 hit = next((v for k, v in old.items() if re.match(rf"(.*\.)?({k})$", m[1])), None)
                 if hit is not None:
@@ -67,6 +75,26 @@ def split_adapter(tensors: dict, config: dict, cfg: ModelConfig) -> tuple[dict, 
         "alpha_pattern": {**alpha_pat, **old_alpha},
     }
     return out, config
+
+
+def fuse_magnitudes(mags: dict, base_norm, cfg: ModelConfig) -> dict:
+    """DoRA magnitudes ``{hf name: (out,)}`` per projection -> per module of the fused model;
+    ``base_norm(hf name)`` gives the base rows' norms of a part without an adapter."""
+    out, groups = {}, {}
+    for name, v in mags.items():
+        prefix, _, leaf = name.rpartition(".")
+        group = next((g for g, parts in GROUPS.items() if leaf in parts), None)
+        if group is None:
+            out[name] = v
+        else:
+            groups.setdefault(prefix.rpartition(".")[0] + "." + group, {})[leaf] = v
+    for fused_name, parts in groups.items():
+        prefix, group = fused_name.rsplit(".", 2)[0], ".".join(fused_name.rsplit(".", 2)[1:])
+        stem = f"{prefix}.{group.split('.')[0]}."
+        out[fused_name] = torch.cat([
+            parts[p].float() if p in parts else base_norm(stem + p).float()
+            for p in GROUPS[group]])
+    return out
 
 
 def fuse_adapter(entries: dict, cfg: ModelConfig, rslora: bool) -> dict:

@@ -39,7 +39,7 @@ from ember.models.lora import (
     _set_module,
     lora_modules,
 )
-from ember.models.lora_fused import fuse_adapter, is_fused, split_adapter
+from ember.models.lora_fused import fuse_adapter, fuse_magnitudes, is_fused, split_adapter
 
 _EMBER_NAME = re.compile(r"layers\.(\d+)\.(attn|mlp)\.(\w+)")
 # A multimodal Gemma 3's language model: "model.language_model." in transformers 4.52+ (what PEFT
@@ -122,6 +122,21 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _base_row_norms(model: nn.Module):
+    """hf module name -> its (unadapted) weight's row norms, fp32 (NF4 dequantized)."""
+    cfg = getattr(model, "cfg", None)
+    by_hf = {hf_module_name(n, cfg): m for n, m in model.named_modules()
+             if re.fullmatch(r"layers\.\d+\.(attn|mlp)\.\w+_proj", n)}
+
+    def norm(name: str) -> torch.Tensor:
+        w = by_hf[name].quant_weight if hasattr(by_hf[name], "quant_weight") else \
+            by_hf[name].weight
+        dense = w.detach().float() if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
+        return torch.linalg.norm(dense, dim=1)
+
+    return norm
+
+
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
                  base_model_name_or_path: str | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT 0.21 does."""
@@ -141,17 +156,15 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     entries = {hf[n]: (m.lora_A.detach(), m.lora_B.detach(), m.rank, m.alpha)
                for n, m in mods.items()}
     fused = is_fused(getattr(model, "cfg", None))
-    if fused and use_dora:
-        raise EmberError(f"DoRA adapters on {model.cfg.model_type}'s fused qkv_proj / "
-                         "gate_up_proj cannot be written in PEFT's format yet; merge_lora() the "
-                         "model and save it instead")
+    mags = {hf[n]: m.lora_magnitude.detach() for n, m in mods.items()} if use_dora else {}
     if fused:  # Phi-3: PEFT sees qkv_proj / gate_up_proj
         entries = fuse_adapter(entries, model.cfg, next(iter(rslora)))
+        if use_dora:
+            mags = fuse_magnitudes(mags, _base_row_norms(model), model.cfg)
     tensors = {f"base_model.model.{h}.{k}.weight": t.to("cpu").contiguous()
                for h, (A, B, _, _) in entries.items() for k, t in (("lora_A", A), ("lora_B", B))}
-    if use_dora:
-        tensors.update({f"base_model.model.{hf[n]}.lora_magnitude_vector":
-                        m.lora_magnitude.detach().to("cpu").contiguous() for n, m in mods.items()})
+    tensors.update({f"base_model.model.{h}.lora_magnitude_vector": v.to("cpu").contiguous()
+                    for h, v in mags.items()})
     r, alpha = Counter(e[2:] for e in entries.values()).most_common(1)[0][0]
     rank_pattern = {re.escape(h): e[2] for h, e in entries.items() if e[2] != r}
     alpha_pattern = {re.escape(h): e[3] for h, e in entries.items() if e[3] != alpha}
@@ -354,9 +367,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     where = adapter_dir / "adapter_config.json"
     _validate_config(config, where, tensors)
     use_dora = bool(config.get("use_dora"))
-    if is_fused(getattr(model, "cfg", None)) and use_dora:
-        raise EmberError(f"{where}: use_dora=true on {model.cfg.model_type}'s fused qkv_proj / "
-                         f"gate_up_proj is not supported yet; {_MERGE_HINT}")
     if is_fused(getattr(model, "cfg", None)):
         tensors, config = split_adapter(tensors, config, model.cfg)
     wfile = adapter_dir / "adapter_model.safetensors"

@@ -261,6 +261,34 @@ def test_nf4_base(bases):
         assert (model(ids) - got).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("targets", [("q", "k", "v", "o", "gate", "up", "down"),
+                                     ("q", "v", "up")])
+def test_phi3_fused_projections_both_ways(tmp_path, targets):
+    """Phi-3 fuses q/k/v and gate/up: PEFT's DoRA adapter on qkv_proj / gate_up_proj loads (its
+    magnitude split by rows), and Ember's adapter goes back fused, also when only some parts have
+    an adapter (the others contribute their base rows' norms: rescaling 1)."""
+    base = save_random_model(tmp_path / "phi3", transformers.Phi3Config, seed=3,
+                             pad_token_id=0, tie_word_embeddings=False)
+    pm = _peft_dora(base, tmp_path / "peft", target_modules=["qkv_proj", "gate_up_proj",
+                                                              "o_proj", "down_proj"])
+    ids = _ids(2)
+    model, _ = load_pretrained(base, "float32")
+    load_adapter(model, tmp_path / "peft")
+    assert len(lora_modules(model)) == 14
+    with torch.no_grad():
+        assert (model.eval()(ids) - pm(ids).logits).abs().max() <= TOL
+    ours, _ = load_pretrained(base, "float32")
+    apply_lora(ours, LoRAConfig(rank=4, alpha=8, targets=targets, use_dora=True))
+    _randomize(ours, seed=5)
+    save_adapter(ours, tmp_path / "ember")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(_hf(base), tmp_path / "ember").eval()
+    with torch.no_grad():
+        diff = (ours.eval()(ids) - back(ids).logits).abs().max()
+    assert diff <= TOL, diff
+
+
 def test_refused(bases, tmp_path):
     with pytest.raises(EmberError, match="use_dora"):
         LoRAConfig(use_dora="yes")
