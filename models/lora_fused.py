@@ -77,36 +77,34 @@ def split_adapter(tensors: dict, config: dict, cfg: ModelConfig) -> tuple[dict, 
     return out, config
 
 
-def fuse_magnitudes(mags: dict, base_norm, cfg: ModelConfig) -> dict:
-    """DoRA magnitudes ``{hf name: (out,)}`` per projection -> per module of the fused model;
-    ``base_norm(hf name)`` gives the base rows' norms of a part without an adapter."""
+def _by_group(items: dict) -> tuple[dict, dict]:
+    """``{hf name: value}`` -> (the values of unfused modules by name, ``{(layer prefix, fused
+    group): {part leaf: value}}``), the layer prefix ending in "." (e.g. "model.layers.0.")."""
     out, groups = {}, {}
-    for name, v in mags.items():
+    for name, v in items.items():
         prefix, _, leaf = name.rpartition(".")
         group = next((g for g, parts in GROUPS.items() if leaf in parts), None)
         if group is None:
             out[name] = v
         else:
-            groups.setdefault(prefix.rpartition(".")[0] + "." + group, {})[leaf] = v
-    for fused_name, parts in groups.items():
-        prefix, group = fused_name.rsplit(".", 2)[0], ".".join(fused_name.rsplit(".", 2)[1:])
-        stem = f"{prefix}.{group.split('.')[0]}."
-        out[fused_name] = torch.cat([
-            parts[p].float() if p in parts else base_norm(stem + p).float()
+            groups.setdefault((prefix.rpartition(".")[0] + ".", group), {})[leaf] = v
+    return out, groups
+
+
+def fuse_magnitudes(mags: dict, base_norm, cfg: ModelConfig) -> dict:
+    """DoRA magnitudes ``{hf name: (out,)}`` per projection -> per module of the fused model;
+    ``base_norm(hf name)`` gives the base rows' norms of a part without an adapter."""
+    out, groups = _by_group(mags)
+    for (prefix, group), parts in groups.items():
+        out[prefix + group] = torch.cat([
+            parts[p].float() if p in parts else base_norm(_part_name(prefix, group, p)).float()
             for p in GROUPS[group]])
     return out
 
 
 def fuse_adapter(entries: dict, cfg: ModelConfig, rslora: bool) -> dict:
     """``{hf name: (A, B, rank, alpha)}`` per projection -> the same for a fused model's modules."""
-    out, groups = {}, {}
-    for name, e in entries.items():
-        prefix, _, leaf = name.rpartition(".")
-        group = next((g for g, parts in GROUPS.items() if leaf in parts), None)
-        if group is None:
-            out[name] = e
-            continue
-        groups.setdefault((prefix.rpartition(".")[0] + ".", group), {})[leaf] = e
+    out, groups = _by_group(entries)
     for (prefix, group), parts in groups.items():
         fused_name = prefix + group
         present = [p for p in GROUPS[group] if p in parts]
