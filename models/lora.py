@@ -93,6 +93,12 @@ def _base_weight(base: nn.Module):
     return base.quant_weight if hasattr(base, "quant_weight") else base.weight
 
 
+def dense_base_weight(base: nn.Module) -> torch.Tensor:
+    """A projection's weight in fp32, detached (an NF4 base dequantized)."""
+    w = _base_weight(base)
+    return w.detach().float() if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
+
+
 class LoRALinear(nn.Module):
     """A frozen base projection plus a trainable low-rank update (see the module docstring)."""
 
@@ -166,9 +172,8 @@ class LoRALinear(nn.Module):
 
     def _adapted_weight(self) -> torch.Tensor:
         """W + scale * B @ A in fp32, detached (an NF4 base dequantized)."""
-        w = _base_weight(self.base)
-        dense = w.detach().float() if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
-        return dense + self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        update = self.lora_B.detach().float() @ self.lora_A.detach().float()
+        return dense_base_weight(self.base) + self.scale * update
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W + scale * B @ A (DoRA: rescaled rowwise to ``m``), computed in fp32, returned in

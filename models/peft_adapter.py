@@ -37,6 +37,7 @@ from ember.models.lora import (
     _features,
     _natural_key,
     _set_module,
+    dense_base_weight,
     lora_modules,
 )
 from ember.models.lora_fused import fuse_adapter, fuse_magnitudes, is_fused, split_adapter
@@ -126,15 +127,8 @@ def _base_row_norms(model: nn.Module):
     """hf module name -> its (unadapted) weight's row norms, fp32 (NF4 dequantized)."""
     cfg = getattr(model, "cfg", None)
     by_hf = {hf_module_name(n, cfg): m for n, m in model.named_modules()
-             if re.fullmatch(r"layers\.\d+\.(attn|mlp)\.\w+_proj", n)}
-
-    def norm(name: str) -> torch.Tensor:
-        w = by_hf[name].quant_weight if hasattr(by_hf[name], "quant_weight") else \
-            by_hf[name].weight
-        dense = w.detach().float() if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
-        return torch.linalg.norm(dense, dim=1)
-
-    return norm
+             if _EMBER_NAME.fullmatch(n) and n.endswith("_proj")}
+    return lambda name: torch.linalg.norm(dense_base_weight(by_hf[name]), dim=1)
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
