@@ -42,7 +42,8 @@ A bench script is a plain file run as ``python bench/<op>.py [flags]``; it impor
 Providers: a dict ``name -> zero-argument callable`` returning a tensor or a tuple of tensors
 (``None``/``False`` values are skipped: that is how an unavailable peer is written). Names:
 ``ref`` (eager reference), ``ref_compiled`` (``torch.compile`` of the reference: the honest
-baseline), ``triton`` (ours); any other name is a peer (``liger``, ``sdpa_flash``, ``bnb`` ...).
+baseline), ``triton`` (ours; ``triton_<variant>``: one of our variants forced); any other name
+is a peer (``liger``, ``sdpa_flash``, ``bnb`` ...).
 The table shows each row's speed ratio vs ``ref_compiled`` and vs the first peer present (``>1``:
 this row is faster). Build the providers in a function called once per shape (lambdas in a loop
 body trip ruff's B023), as above.
@@ -451,7 +452,7 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "") -> str:
         groups.setdefault((r["op"], r["shape"], r["mode"]), []).append(r)
     for (op, shape, mode), rs in groups.items():
         by = {r["provider"]: r["ms"] for r in rs if r["ms"]}
-        peer = next((p for p in by if p not in CORE), None)
+        peer = next((p for p in by if p not in CORE and not p.startswith("triton_")), None)
         for r in rs:
             if r["error"]:
                 lines.append(f"| {op} | {shape} | {r['dtype']} | {mode} | {r['provider']} | "

@@ -4,8 +4,10 @@ NF4 matmul (decode / eval), ember Triton vs the torch reference vs bitsandbytes.
 Shapes: Llama-3-8B weights, 4096x4096 (q/o) and 14336x4096 (gate/up; down is the transpose),
 blocksize 64 with double quantization, bf16 output. ``python bench/nf4.py [--quick | --smoke]``.
 Rows: ``dequant`` (0.5 byte/param + absmax in, 2 bytes/param out), ``quantize`` (bf16 in, codes and
-absmax out), ``nf4_linear`` at M = 1 and 16 rows (packed weight read once: bytes = weight + x + y;
-the ``bf16_dense`` row is a cuBLAS matmul with the dense bf16 weight, 4x the weight bytes).
+absmax out), ``nf4_linear`` at M = 1, 4 and 16 rows (packed weight read once: bytes = weight + x +
+y; the ``bf16_dense`` row is a cuBLAS matmul with the dense bf16 weight, 4x the weight bytes):
+``triton`` is what nf4_linear runs (the path it timed fastest for the shape, named in ``extra``),
+``triton_<path>`` each path of ember.kernels.nf4_matmul forced.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ember.kernels.nf4 import (
     nf4_quantize,
     nf4_quantize_ref,
 )
+from ember.kernels.nf4_matmul import PATHS, applies, fused_mm, remembered
 
 
 def _bnb(args):
@@ -42,6 +45,12 @@ def _weight_bytes(w: NF4Weight) -> int:
     st = w.state
     extra = st.nested_absmax.numel() * 4 + st.nested_code.numel() * 4 if st.nested else 0
     return w.packed.numel() + st.absmax.numel() * st.absmax.element_size() + extra
+
+
+def _forced(path: str, x, q):
+    if path == "dequant":
+        return x @ nf4_dequantize(q.packed, q.state, x.dtype, impl="triton").t()
+    return fused_mm(x, q, None, path)
 
 
 def run_shape(bench: H.Bench, args, n: int, k: int, bnbf) -> None:
@@ -76,20 +85,25 @@ def run_shape(bench: H.Bench, args, n: int, k: int, bnbf) -> None:
         },
         bytes={"fwd": out_b + wb},
     )
-    for m in (1, 16):
+    for m in (1, 16) if args.smoke else (1, 4, 16):
         x = torch.randn(m, k, device=args.device, dtype=dtype)
         io = m * (k + n) * x.element_size()  # x in, y out
+        forced = {f"triton_{p}": (lambda x=x, p=p: _forced(p, x, q))
+                  for p in PATHS if applies(p, m, q, dtype)}
+        nf4_linear(x, q, impl="triton")  # times the paths once (on a GPU) and remembers the best
         bench.case(
             op="nf4_linear", shape=f"M={m} {shape}",
             providers={
                 "ref": lambda x=x: nf4_linear_ref(x, q),
                 "triton": lambda x=x: nf4_linear(x, q, impl="triton"),
+                **forced,
                 "bnb": bnb and sb is not None and (
                     lambda x=x: bnb.matmul_4bit(x, pb.t(), quant_state=sb)),
                 "bf16_dense": lambda x=x: F.linear(x, w),
             },
             bytes={"fwd": wb + io},
             flops={"fwd": 2 * m * n * k},
+            extra={"path": remembered(x, q) or "untimed (interpreter)"},
         )
 
 

@@ -17,18 +17,16 @@ Tensor contract: ``NF4State`` keeps absmax (fp32, or uint8 + nested fp32 absmax/
 original shape and dtype, blocksize and the 16-entry code; ``NF4Weight`` bundles packed + state and
 is what ``Linear4bit`` and ``lora_linear`` take. The Triton dequant reads 0.5 byte/param (+1 byte
 per 64) and writes bf16/fp16/fp32; the Triton quantizer does the 4-bit part, the (n/64-element)
-double quantization runs in torch on the same device. ``nf4_linear`` (y = x W^T + b) uses a fused
-dequant+matmul kernel for M <= 16 rows (decode/eval) and Triton dequant + cuBLAS otherwise; its
-backward re-dequantizes W (never stored) and saves no tensor at all. Limits: 2D weights for the
-matmul; the fused kernel needs in_features % blocksize == 0 and blocksize <= its K tile (256, 128
-for fp32); other shapes take the dequant + cuBLAS path.
+double quantization runs in torch on the same device. ``nf4_linear`` (y = x W^T + b) uses Triton
+dequant + cuBLAS, or for M <= 16 rows (decode/eval) a fused dequant+matmul kernel when it was
+timed faster for that shape (``ember.kernels.nf4_matmul``); its backward re-dequantizes W (never
+stored) and saves no tensor at all. Limits: 2D weights for the matmul.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,7 +34,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ember.kernels._dispatch import check_dtype, interpreting, use_triton
+from ember.kernels._dispatch import check_dtype, use_triton
+from ember.kernels.nf4_matmul import SMALL_M, _nibbles, choose, fused_mm, nested_args, words
 
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
             -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -44,7 +43,6 @@ NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453
             0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
-SMALL_M = 16  # rows up to which nf4_linear uses the fused dequant+matmul kernel
 
 
 def dynamic_map() -> torch.Tensor:
@@ -231,14 +229,6 @@ def _nf4_quantize_kernel(X, P, ABSMAX, BOUNDS, N, BS: tl.constexpr, ROWS: tl.con
 
 
 @triton.jit
-def _nibbles(word):
-    """(..., ) int32 words of packed bytes -> (..., 8) codes in element order: byte 0 (the least
-    significant, little-endian) holds elements 0 (high nibble) and 1 (low nibble)."""
-    j = tl.arange(0, 8)
-    return (tl.expand_dims(word, -1) >> (8 * (j // 2) + 4 - 4 * (j % 2))) & 15
-
-
-@triton.jit
 def _nf4_dequant_kernel(P, ABSMAX, ABSMAX2, CODE, CODE2, OUT, offset, N, BS: tl.constexpr,
                         NBS: tl.constexpr, WORDS: tl.constexpr, NESTED: tl.constexpr,
                         BF16_BITS: tl.constexpr):
@@ -259,75 +249,11 @@ def _nf4_dequant_kernel(P, ABSMAX, ABSMAX2, CODE, CODE2, OUT, offset, N, BS: tl.
     tl.store(OUT + idx, w.to(OUT.dtype.element_ty), mask=idx < N)
 
 
-@triton.jit
-def _nf4_matmul_kernel(X, P, ABSMAX, ABSMAX2, CODE, CODE2, BIAS, OUT, offset, M, N, K,
-                       stride_xm, stride_os, stride_om, K_SPLIT, BS: tl.constexpr,
-                       NBS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       IEEE: tl.constexpr, INTERPRET: tl.constexpr):
-    """OUT[s] (M, N) = X (M, K) @ dequant(W (N, K))^T over K slice s = program_id(1)."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
-    rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = rn < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k_lo = pid_s * K_SPLIT
-    k_hi = tl.minimum(k_lo + K_SPLIT, K)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(X + rm[:, None] * stride_xm + rk[None, :],
-                    mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
-        rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        word = tl.load(P + rn[:, None] * (K // 8) + rw[None, :],
-                       mask=nmask[:, None] & (rw[None, :] < k_hi // 8), other=0)
-        q = tl.reshape(_nibbles(word), (BLOCK_N, BLOCK_K // BS, BS))
-        rblk = k0 // BS + tl.arange(0, BLOCK_K // BS)
-        bmask = nmask[:, None] & (rblk[None, :] < k_hi // BS)
-        blk = rn[:, None] * (K // BS) + rblk[None, :]
-        am = tl.load(ABSMAX + blk, mask=bmask, other=0)
-        if NESTED:
-            am2 = tl.load(ABSMAX2 + blk // NBS, mask=bmask, other=0.0)
-            am = tl.load(CODE2 + am.to(tl.int32)) * am2 + offset
-        w = tl.reshape(tl.load(CODE + q) * am.to(tl.float32)[:, :, None], (BLOCK_N, BLOCK_K))
-        if INTERPRET:  # the interpreter's bf16 dot is wrong: fp32 operands there
-            acc += tl.dot(x.to(tl.float32), tl.trans(w))
-        elif IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    if HAS_BIAS:
-        acc += tl.load(BIAS + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    o = OUT + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :]
-    tl.store(o, acc.to(OUT.dtype.element_ty), mask=(rm[:, None] < M) & nmask[None, :])
-
-
 def _sig(**kw):  # _nibbles is compiled through the kernels that call it
     return {k: ("constexpr" if v is None else v) for k, v in kw.items()}
 
 
 _C = None
-def _mm_config(dtype: torch.dtype) -> dict:
-    """Tiles of the fused matmul: fp32 operands (IEEE dot) get half the K tile, so that the
-    pipelined buffers stay within the shared memory of every sm_80+ GPU."""
-    fp32 = dtype == torch.float32
-    return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128 if fp32 else 256, "num_warps": 4,
-            "num_stages": 2 if fp32 else 3}
-
-
-def _mm_spec(xt: str, ot: str, dtype: torch.dtype, nested: bool):
-    cfg = _mm_config(dtype)
-    opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
-    sig = _sig(X=xt, P="*i32", ABSMAX="*u8" if nested else "*fp32", ABSMAX2="*fp32",
-               CODE="*fp32", CODE2="*fp32", BIAS=xt, OUT=ot, offset="fp32", M="i32", N="i32",
-               K="i32", stride_xm="i32", stride_os="i32", stride_om="i32", K_SPLIT="i32", BS=_C,
-               NBS=_C, NESTED=_C, HAS_BIAS=_C, BLOCK_M=_C, BLOCK_N=_C, BLOCK_K=_C, IEEE=_C,
-               INTERPRET=_C)
-    cx = {"BS": 64, "NBS": 256, "NESTED": nested, "HAS_BIAS": ot == xt,
-          "IEEE": dtype == torch.float32, "INTERPRET": False, **cfg}
-    return (_nf4_matmul_kernel, sig, cx, opts)
-
-
 COMPILE_SPECS = [
     (_nf4_quantize_kernel, _sig(X=xt, P="*u8", ABSMAX="*fp32", BOUNDS="*fp32", N="i32", BS=_C,
                                 ROWS=_C), {"BS": 64, "ROWS": 32})
@@ -338,20 +264,10 @@ COMPILE_SPECS = [
                                BF16_BITS=_C),
      {"BS": 64, "NBS": 256, "WORDS": 512, "NESTED": nested, "BF16_BITS": ot == "*u16"})
     for am, nested in (("*u8", True), ("*fp32", False)) for ot in ("*u16", "*fp16", "*fp32")
-] + [
-    _mm_spec("*bf16", "*bf16", torch.bfloat16, True),  # one K slice, bias fused
-    _mm_spec("*fp16", "*fp32", torch.float16, False),  # K split into fp32 partial sums
-    _mm_spec("*fp32", "*fp32", torch.float32, True),
 ]
 
 
 # ----------------------------------------------------------------------------------- launchers
-def _nested_args(state: NF4State):
-    if state.nested:
-        return state.nested_absmax, state.nested_code, float(state.offset)
-    return state.absmax, state.code, 0.0
-
-
 def _nf4_quantize(w: torch.Tensor, blocksize: int, double_quant: bool):
     x = w.reshape(-1).contiguous()
     n = x.numel()
@@ -363,84 +279,34 @@ def _nf4_quantize(w: torch.Tensor, blocksize: int, double_quant: bool):
     return packed, _make_state(absmax, w, blocksize, double_quant)
 
 
-def _words(packed: torch.Tensor) -> torch.Tensor:
-    """The packed bytes as int32 words (kernels read 4 bytes = 8 values at a time); sizes that are
-    not a multiple of 8 values (never a real weight) pay for a padded copy."""
-    flat = packed.reshape(-1)
-    if flat.numel() % 4 or flat.data_ptr() % 4:
-        flat = F.pad(flat, (0, -flat.numel() % 4))
-    return flat.view(torch.int32)
-
-
 def _nf4_dequantize(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(state.shape, dtype=dtype, device=packed.device)
-    words = 512  # 4096 values per program
-    am2, code2, offset = _nested_args(state)
+    per_program = 512  # words: 4096 values per program
+    am2, code2, offset = nested_args(state)
     bf16 = dtype == torch.bfloat16
-    _nf4_dequant_kernel[(triton.cdiv(state.numel, words * 8),)](
-        _words(packed), state.absmax, am2, state.code, code2,
+    _nf4_dequant_kernel[(triton.cdiv(state.numel, per_program * 8),)](
+        words(packed), state.absmax, am2, state.code, code2,
         out.view(torch.uint16) if bf16 else out, offset, state.numel, BS=state.blocksize,
-        NBS=state.nested_blocksize, WORDS=words, NESTED=state.nested, BF16_BITS=bf16,
+        NBS=state.nested_blocksize, WORDS=per_program, NESTED=state.nested, BF16_BITS=bf16,
         num_warps=4, enable_fp_fusion=False)
     return out
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _fusable(weight: NF4Weight, dtype: torch.dtype) -> bool:
-    n_out, k = weight.shape if len(weight.shape) == 2 else (0, 1)
-    bs = weight.blocksize
-    return n_out > 0 and k % bs == 0 and bs <= _mm_config(dtype)["BLOCK_K"]
-
-
-def _nf4_matmul(x2: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None,
-                split: int | None = None) -> torch.Tensor:
-    """x2 (M <= 16, K) @ dequant(W)^T (+ bias) in one pass over the packed weight; ``split``
-    K-slices (default: enough programs to cover the GPU twice) are summed in fp32."""
-    m, k = x2.shape
-    n = weight.shape[0]
-    st = weight.state
-    cfg = _mm_config(x2.dtype)
-    block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    tiles = triton.cdiv(n, block_n)
-    if split is None:
-        sms = _sm_count(x2.device.index or 0) if x2.is_cuda else 1
-        split = 1
-        while tiles * split < 2 * sms and k // (split * 2) >= 4 * block_k:
-            split *= 2
-    k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    split = triton.cdiv(k, k_split)
-    out = torch.empty((split, m, n), device=x2.device,
-                      dtype=x2.dtype if split == 1 else torch.float32)
-    am2, code2, offset = _nested_args(st)
-    fuse_bias = bias is not None and split == 1
-    _nf4_matmul_kernel[(tiles, split)](
-        x2, _words(weight.packed), st.absmax, am2, st.code, code2, bias if fuse_bias else x2, out,
-        offset,
-        m, n, k, x2.stride(0), out.stride(0), out.stride(1), k_split, BS=st.blocksize,
-        NBS=st.nested_blocksize, NESTED=st.nested, HAS_BIAS=fuse_bias,
-        IEEE=x2.dtype == torch.float32, INTERPRET=interpreting(), enable_fp_fusion=False, **cfg)
-    if split == 1:
-        return out[0]
-    y = out.sum(0).to(x2.dtype)
-    return y if bias is None else y.add_(bias.to(y.dtype))
-
-
 def nf4_mm(x2: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None):
-    """Triton path of x2 (M, K) @ W^T (+ bias): dequant + cuBLAS; the fused small-M kernel is
-    opt-in (EMBER_NF4_FUSED_MATMUL=1) because on an H100 it measured 0.46 ms at M=1..16 for a
-    14336x4096 weight against ~0.11 ms for dequant + cuBLAS (bench/results/2026-11-23_*.jsonl);
-    the interpreter always takes it so that CI keeps it correct."""
-    fused = interpreting() or os.environ.get("EMBER_NF4_FUSED_MATMUL") == "1"
-    if fused and x2.shape[0] <= SMALL_M and _fusable(weight, x2.dtype):
-        return _nf4_matmul(x2.contiguous(), weight, None if bias is None else bias.to(x2.dtype))
-    w = _nf4_dequantize(weight.packed, weight.state, x2.dtype)
-    if bias is None:
-        return x2 @ w.t()
-    return torch.addmm(bias.to(x2.dtype), x2, w.t())
+    """Triton path of x2 (M, K) @ W^T (+ bias): dequant + cuBLAS, or for a few rows one of the
+    fused kernels of ``ember.kernels.nf4_matmul``, whichever was timed fastest for this shape."""
+    bias = None if bias is None else bias.to(x2.dtype)
+
+    def run(path: str) -> torch.Tensor:
+        if path != "dequant":
+            return fused_mm(x2, weight, bias, path)
+        w = _nf4_dequantize(weight.packed, weight.state, x2.dtype)
+        return x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
+
+    if x2.shape[0] <= SMALL_M:
+        x2 = x2.contiguous()
+        return run(choose(x2, weight, run))
+    return run("dequant")
 
 
 class _NF4Linear(torch.autograd.Function):

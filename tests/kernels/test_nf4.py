@@ -1,7 +1,7 @@
 """NF4 against bitsandbytes (the oracle, on CPU): our quantization equals bnb's byte for byte
 (packed codes, absmax, nested absmax, offset, maps), and bnb-quantized tensors dequantize
-bit-identically with ours, reference and Triton (interpreter); then nf4_linear (fused small-M
-dequant+matmul kernel and dequant + matmul) against its reference under the numerics rule."""
+bit-identically with ours, reference and Triton (interpreter); then nf4_linear against its
+reference under the numerics rule (the fused few-row kernels: test_nf4_matmul.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 from ember.kernels.nf4 import (
     NF4State,
     NF4Weight,
-    _nf4_matmul,
     dynamic_map,
     nf4_dequantize,
     nf4_dequantize_ref,
@@ -149,21 +148,7 @@ def _linear_case(m, n, k, dtype, bias, blocksize=64):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m,n,k,split,blocksize", [
-    (5, 40, 192, 1, 64),     # N not a multiple of the 32-column tile
-    (16, 96, 768, 3, 64),    # K split in 3 slices summed in fp32
-    (1, 33, 256, 2, 128),
-])
-def test_fused_nf4_matmul_matches_reference(poisoned, m, n, k, split, blocksize, dtype):
-    wq, x32, b32 = _linear_case(m, n, k, dtype, True, blocksize)
-    x, b = x32.to(dtype), b32.to(dtype)
-    out = _nf4_matmul(x, wq, b, split=split)
-    assert out.dtype == dtype
-    assert_close_to_ref("nf4_matmul", out, nf4_linear_ref(x, wq, b), nf4_linear_ref(x32, wq, b32))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m", [7, 37])  # the fused small-M kernel and dequant + matmul
+@pytest.mark.parametrize("m", [3, 7, 37])  # gemv, fused tensor-core, dequant + matmul
 def test_nf4_linear_forward_and_grads(m, dtype):
     wq, x32, b32 = _linear_case(m, 48, 128, dtype, True)
     dy32 = torch.randn(m, 48)
