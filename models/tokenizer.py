@@ -320,7 +320,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs), strict=True))
 
 
-# llama.cpp's split regexes per tokenizer.ggml.pre (llama-vocab.cpp); applied before byte mapping.
+# llama.cpp's split regexes per tokenizer.ggml.pre (llama-vocab.cpp, as the models' own
+# tokenizer.json writes them); applied before byte mapping.
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -329,30 +330,52 @@ _GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo
           r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
           r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}"
           r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+           r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SEED_CODER = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT2, _DIGITS = "gpt2", "digits"  # GPT-2's regex; the same after splitting every digit alone
+_LLAMA3_PRES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
+                "lfm2")
 _PRE_SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx",
-                     "smaug-bpe"), _LLAMA3),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2),
-    **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O),
+    **dict.fromkeys((*_LLAMA3_PRES, "dbrx", "smaug-bpe"), _LLAMA3),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "megrez", "stablelm2"), _QWEN2),
+    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), _GPT4O),
+    "tekken": _TEKKEN, "seed-coder": _SEED_CODER,
+    **dict.fromkeys(("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling",
+                     "gigachat", "a.x-4.0", "mellum", "exaone4", "jina-es", "jina-de",
+                     "jina-v2-es", "jina-v2-de"), _GPT2),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
+                     "minerva-7b"), _DIGITS),
 }
-_PRE_GPT2 = ("default", "gpt2", "mpt", "olmo", "jais")
-# GPT-2's regex after splitting every digit on its own (SmolLM, StarCoder)
-_PRE_DIGITS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+# llama.cpp keeps a pre-token the vocabulary has whole instead of merging it (tokenizer.json's
+# "ignore_merges") and adds BOS unless the file says otherwise, for these types only.
+_WHOLE_WORDS = frozenset((*_LLAMA3_PRES, "tekken"))
 
 
-def _pre_tokenizer(pre: str, source: str):
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in _PRE_GPT2:
+def _pre_tokenizer(md: dict[str, Any], source: str):
+    pre = md.get("tokenizer.ggml.pre")
+    if pre is None or pre == "default":
+        # llama.cpp's fallback for such files is a different split, and warns the same way
+        warnings.warn(f"{source}: tokenizer.ggml.pre is {pre!r}: the file does not say how its "
+                      "vocabulary splits text; splitting like GPT-2 (as transformers does), which "
+                      "may differ from the model's own tokenizer. Re-convert the model with a "
+                      "current llama.cpp to be sure", stacklevel=3)
+        pre = "gpt2"
+    split = _PRE_SPLITS.get(pre)
+    if split is None:
+        raise EmberError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported "
+                         f"(tokenizer.ggml.pre; known: {', '.join(sorted(_PRE_SPLITS))}); import "
+                         "the original Hugging Face model, whose tokenizer.json says how to split")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in (
+        _GPT2, _DIGITS))
+    if split == _GPT2:
         return byte_level
-    if pre in _PRE_DIGITS:
+    if split == _DIGITS:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in _PRE_SPLITS:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_PRE_SPLITS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    known = sorted(set(_PRE_GPT2) | set(_PRE_DIGITS) | set(_PRE_SPLITS))
-    raise EmberError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported (known: "
-                     f"{', '.join(known)})")
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                    byte_level])
 
 
 _CONTROL, _USER_DEFINED = 3, 4
@@ -370,10 +393,12 @@ def _byte_level_backend(md: dict[str, Any], tokens: list[str], source: str):
     pairs = [tuple(m.split(" ")) for m in md["tokenizer.ggml.merges"]]
     if any(len(p) != 2 for p in pairs):
         raise EmberError(f"{source}: malformed tokenizer.ggml.merges entry")
+    whole = md.get("tokenizer.ggml.pre") in _WHOLE_WORDS
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, dropout=None,
                                               continuing_subword_prefix="",
-                                              end_of_word_suffix="", fuse_unk=False))
-    backend.pre_tokenizer = _pre_tokenizer(md.get("tokenizer.ggml.pre", "default"), source)
+                                              end_of_word_suffix="", fuse_unk=False,
+                                              ignore_merges=whole))
+    backend.pre_tokenizer = _pre_tokenizer(md, source)
     backend.decoder = decoders.ByteLevel()
     return backend, vocab, alphabet
 
@@ -411,8 +436,10 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
         i = md.get(f"tokenizer.ggml.{key}")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
-    # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise.
-    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+    # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise, and to
+    # Llama-3 / Tekken byte-level ones.
+    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", kind == "llama" or md.get(
+        "tokenizer.ggml.pre") in _WHOLE_WORDS))
     add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
     bos, eos = tok("bos_token_id"), tok("eos_token_id")
     if (add_bos and bos) or (add_eos and eos):
