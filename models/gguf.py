@@ -434,9 +434,9 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         v = md.get(f"tokenizer.ggml.{key}")
         return int(v) if v is not None else None
 
-    eos = [i for i in (tok_id("eos_token_id"), tok_id("eot_token_id"), tok_id("eom_token_id"))
-           if i is not None]
-    eos = list(dict.fromkeys(eos))
+    from ember.models.tokenizer import gguf_stop_ids
+
+    eos = gguf_stop_ids(md)
     has = g.tensors.__contains__
     fields = dict(
         model_type=model_type, vocab_size=vocab, hidden_size=hidden,

@@ -403,6 +403,23 @@ def _byte_level_backend(md: dict[str, Any], tokens: list[str], source: str):
     return backend, vocab, alphabet
 
 
+# The end-of-turn texts llama.cpp recognises when a file names no eot token (llama-vocab.cpp).
+_TURN_ENDS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>",
+              "<|endoftext|>", "<|end_of_text|>", "<EOT>", "<end_of_utterance>")
+
+
+def gguf_stop_ids(md: dict[str, Any]) -> list[int]:
+    """Every id that ends a generation for a GGUF file: its eos, eot and eom tokens, then those of
+    llama.cpp's end-of-turn tokens that the chat template writes (Gemma's ``<end_of_turn>``,
+    Phi-3's ``<|end|>``, Llama 3's ``<|eot_id|>`` in files without ``eot_token_id``), which
+    llama.cpp stops at too and the models' generation_config.json lists."""
+    ids = [md.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
+    template = md.get("tokenizer.chat_template") or ""
+    tokens = md.get("tokenizer.ggml.tokens") or []
+    ids += [i for i, t in enumerate(tokens) if t in _TURN_ENDS and t in template]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None and 0 <= i < len(tokens)))
+
+
 def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
     """Build the tokenizer a GGUF file describes: byte-level BPE (``tokenizer.ggml.model`` gpt2)
     or SentencePiece-style BPE with byte fallback (``llama``; see ``ember.models.spm``)."""
@@ -450,8 +467,7 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
             special_tokens=[(t, vocab[t]) for t in {bos, eos} if t is not None and t in vocab])
     elif kind == "gpt2":
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    extra = [md[f"tokenizer.ggml.{k}"] for k in ("eot_token_id", "eom_token_id")
-             if md.get(f"tokenizer.ggml.{k}") is not None]
+    extra = gguf_stop_ids(md)
     ctx = next((v for k, v in md.items() if k.endswith(".context_length")), None)
     return Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=tok("padding_token_id"),
                      unk_token=tok("unknown_token_id"),

@@ -202,3 +202,18 @@ def test_unknown_special_token_in_config_is_dropped(tmp_path):
         loaded = load_tokenizer(tmp_path)
     assert loaded.pad_token is None and loaded.pad_token_id == loaded.eos_token_id
 
+
+
+def test_template_turn_end_stops_generation(tmp_path):
+    """A file whose chat template ends turns with another token than eos (Gemma's <end_of_turn>,
+    Phi-3's <|end|>, older Llama 3 files' <|eot_id|>) stops there too, as llama.cpp does."""
+    from ember.models.gguf import load_gguf
+    from tests.models.test_gguf import write_tiny_gguf
+
+    template = "{% for m in messages %}{{ m['content'] }}<|endoftext|>{% endfor %}"
+    md = tiny_tokenizer_md() | {"tokenizer.chat_template": template}
+    assert tokenizer_from_gguf(md).eos_token_ids == {2, 0}
+    assert tokenizer_from_gguf(tiny_tokenizer_md()).eos_token_ids == {2}  # not in the template
+    write_tiny_gguf(tmp_path / "m.gguf", metadata={"tokenizer.chat_template": template})
+    cfg, _, tok = load_gguf(tmp_path / "m.gguf")
+    assert cfg.eos_token_id == [2, 0] and tok.eos_token_ids == {0, 2}
