@@ -381,15 +381,18 @@ def _pre_tokenizer(md: dict[str, Any], source: str):
 _CONTROL, _USER_DEFINED = 3, 4
 
 
-def _byte_level_backend(md: dict[str, Any], tokens: list[str], source: str):
+def _byte_level_backend(md: dict[str, Any], tokens: list[str], types: list[int], source: str):
     if "tokenizer.ggml.merges" not in md:
         raise EmberError(f"{source}: GGUF metadata tokenizer.ggml.merges is missing")
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
-    # Byte-level vocabularies are stored already mapped; anything else is respelled like
-    # transformers' GGUF converter does, so both agree on ids.
-    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
-             for i, t in enumerate(tokens)}
+    # Byte-level vocabularies are stored already mapped, except control and user-defined tokens,
+    # which llama.cpp's converter writes as plain text (DeepSeek's "<｜end▁of▁sentence｜>"): those
+    # keep their text, matched whole in the input like llama.cpp does. Any other token is
+    # respelled like transformers' GGUF converter does, so both agree on ids.
+    vocab = {(t if set(t) <= alphabet or ty in (_CONTROL, _USER_DEFINED)
+              else "".join(spelling[b] for b in t.encode("utf-8"))): i
+             for i, (t, ty) in enumerate(zip(tokens, types, strict=True))}
     pairs = [tuple(m.split(" ")) for m in md["tokenizer.ggml.merges"]]
     if any(len(p) != 2 for p in pairs):
         raise EmberError(f"{source}: malformed tokenizer.ggml.merges entry")
@@ -400,7 +403,7 @@ def _byte_level_backend(md: dict[str, Any], tokens: list[str], source: str):
                                               ignore_merges=whole))
     backend.pre_tokenizer = _pre_tokenizer(md, source)
     backend.decoder = decoders.ByteLevel()
-    return backend, vocab, alphabet
+    return backend, vocab
 
 
 # The end-of-turn texts llama.cpp recognises when a file names no eot token (llama-vocab.cpp).
@@ -435,17 +438,15 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
     if len(types) != len(tokens):
         raise EmberError(f"{source}: {len(types)} token types for {len(tokens)} tokens")
     if kind == "gpt2":
-        backend, vocab, alphabet = _byte_level_backend(md, tokens, source)
-        spelled = lambda t: set(t) <= alphabet  # noqa: E731 - a mislabelled non-byte token
+        backend, vocab = _byte_level_backend(md, tokens, types, source)
     else:
         from ember.models.spm import spm_backend
 
         backend = spm_backend(md, source)
         vocab = backend.get_vocab()
-        spelled = lambda t: True  # noqa: E731
     typed = list(zip(tokens, types, strict=True))
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in typed
-                                if ty == _CONTROL and spelled(t)])
+                                if ty == _CONTROL and t in vocab])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in typed
                         if ty == _USER_DEFINED and t in vocab])
 

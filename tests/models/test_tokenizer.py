@@ -217,3 +217,23 @@ def test_template_turn_end_stops_generation(tmp_path):
     write_tiny_gguf(tmp_path / "m.gguf", metadata={"tokenizer.chat_template": template})
     cfg, _, tok = load_gguf(tmp_path / "m.gguf")
     assert cfg.eos_token_id == [2, 0] and tok.eos_token_ids == {0, 2}
+
+
+def test_plain_text_control_tokens_keep_their_ids():
+    """llama.cpp's converter writes added tokens of a byte-level vocabulary as plain text, so
+    DeepSeek-R1-Distill's specials are not in the byte alphabet: they keep the file's ids, stay
+    whole in text and decode back (was: 'Missing SpecialToken(s)' from tokenizers)."""
+    md = tiny_tokenizer_md("deepseek-r1-qwen")
+    n = len(md["tokenizer.ggml.tokens"])
+    md["tokenizer.ggml.tokens"] = [*md["tokenizer.ggml.tokens"], "<｜begin▁of▁sentence｜>",
+                                   "<｜end▁of▁sentence｜>", "<｜User｜>"]
+    md["tokenizer.ggml.token_type"] = [*md["tokenizer.ggml.token_type"], 3, 3, 4]
+    md |= {"tokenizer.ggml.bos_token_id": n, "tokenizer.ggml.eos_token_id": n + 1,
+           "tokenizer.ggml.add_bos_token": True}
+    tok = tokenizer_from_gguf(md)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.vocab_size) == (n, n + 1, n + 3)
+    ids = tok.encode("<｜User｜>he<｜end▁of▁sentence｜>", add_special_tokens=True)
+    assert ids == [n, n + 2, tok.token_to_id("he"), n + 1]
+    assert tok.decode(ids) == "<｜User｜>he"
+    assert tok.decode(ids, skip_special_tokens=False) == (
+        "<｜begin▁of▁sentence｜><｜User｜>he<｜end▁of▁sentence｜>")
