@@ -423,8 +423,9 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     if kind == "linear" or (kind == "none" and factor and f"{arch}.rope.scaling.type" not in md):
         scaling = RopeScaling(kind="linear", factor=_nice_float(factor))
     elif kind not in ("none", "linear"):
-        raise EmberError(f"{path}: rope scaling type {kind!r} is not supported (none, linear, "
-                         "llama3)")
+        raise EmberError(f"{path}: rope scaling type {kind!r} ({arch}.rope.scaling.type) is not "
+                         "supported in GGUF files (none, linear, llama3 rope_freqs); import the "
+                         "original Hugging Face checkpoint, whose config.json Ember reads")
     if "rope_freqs.weight" in g.tensors:
         scaling = _llama3_rope(g.tensor("rope_freqs.weight"), {
             "head_dim": head_dim, "rope_theta": rope_theta,
