@@ -335,6 +335,8 @@ _TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{L
            r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _SEED_CODER = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+")
+# DeepSeek Coder (Llama architecture): several regexes, each splitting the previous one's pieces
+_DEEPSEEK_CODER = ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}")
 _GPT2, _DIGITS = "gpt2", "digits"  # GPT-2's regex; the same after splitting every digit alone
 _LLAMA3_PRES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
                 "lfm2")
@@ -342,7 +344,7 @@ _PRE_SPLITS = {
     **dict.fromkeys((*_LLAMA3_PRES, "dbrx", "smaug-bpe"), _LLAMA3),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "megrez", "stablelm2"), _QWEN2),
     **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), _GPT4O),
-    "tekken": _TEKKEN, "seed-coder": _SEED_CODER,
+    "tekken": _TEKKEN, "seed-coder": _SEED_CODER, "deepseek-coder": _DEEPSEEK_CODER,
     **dict.fromkeys(("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling",
                      "gigachat", "a.x-4.0", "mellum", "exaone4", "jina-es", "jina-de",
                      "jina-v2-es", "jina-v2-de"), _GPT2),
@@ -374,8 +376,9 @@ def _pre_tokenizer(md: dict[str, Any], source: str):
         return byte_level
     if split == _DIGITS:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                    byte_level])
+    regexes = (split,) if isinstance(split, str) else split
+    return pre_tokenizers.Sequence([*(pre_tokenizers.Split(Regex(r), behavior="isolated")
+                                      for r in regexes), byte_level])
 
 
 _CONTROL, _USER_DEFINED = 3, 4

@@ -41,6 +41,14 @@ def _gpt2():
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
+def _deepseek_coder():
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in (
+        r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+")]
+    return pre_tokenizers.Sequence([*splits, pre_tokenizers.Digits(individual_digits=True),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                             use_regex=False)])
+
+
 # tokenizer.ggml.pre -> (pre-tokenizer of the model's tokenizer.json, its BPE "ignore_merges")
 CASES = {
     "llama-bpe": (lambda: _split(LLAMA3), True),
@@ -49,13 +57,14 @@ CASES = {
     "gpt-4o": (lambda: _split(GPT4O), False),
     "seed-coder": (lambda: _split(SEED_CODER), False),
     "gpt-2": (_gpt2, False),
+    "deepseek-coder": (_deepseek_coder, False),
     "smollm": (lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                 _gpt2()]), False),
 }
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TRICKY = TEXTS + [
     "  0", "\r\n  9", "x   12345678 y", "I'LL WE'VE it'S", "a\u0301\u0302 e\u0301",
-    "HTTPServer iPhone",
+    "HTTPServer iPhone", "中文字符 한국어 テキスト ١٢٣",
     "https://a.b/c?d=1#e", "👨‍👩‍👧 🏳️‍🌈", "\t\t\tx\n\n\n  \n", "ǅemal ŉ", "x" * 200, "<|im_start",
 ]
 
@@ -129,6 +138,6 @@ def test_missing_pre_warns_and_unknown_pre_is_refused():
         tok = tokenizer_from_gguf(md)
     assert tok.encode("it's 2024") == tokenizer_from_gguf(
         {**md, "tokenizer.ggml.pre": "gpt-2"}).encode("it's 2024")
-    for pre in ("deepseek-coder", "bloom", "chameleon"):
+    for pre in ("deepseek-llm", "bloom", "chameleon"):
         with pytest.raises(EmberError, match=f"pre-tokenizer '{pre}'.*not supported"):
             tokenizer_from_gguf({**md, "tokenizer.ggml.pre": pre})
