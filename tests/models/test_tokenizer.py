@@ -237,3 +237,20 @@ def test_plain_text_control_tokens_keep_their_ids():
     assert tok.decode(ids) == "<｜User｜>he"
     assert tok.decode(ids, skip_special_tokens=False) == (
         "<｜begin▁of▁sentence｜><｜User｜>he<｜end▁of▁sentence｜>")
+
+
+def test_smollm2_digits_follow_its_own_tokenizer_json(ours, smol_gguf):
+    """SmolLM2's tokenizer.json splits every digit off before GPT-2's regex, and so does llama.cpp
+    for pre 'smollm': whitespace before a digit stays one piece ("  " + "0"). transformers' GGUF
+    tokenizer drops that step (GPT-2's regex alone: " " + " 0"); Ember follows the model's own."""
+    with GGUFFile(smol_gguf) as g:
+        md = g.metadata
+    toks = md["tokenizer.ggml.tokens"]
+    oracle = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab={t: i for i, t in enumerate(toks)},
+        merges=[tuple(m.split(" ")) for m in md["tokenizer.ggml.merges"]]))
+    oracle.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Digits(individual_digits=True),
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    for text in ["  0", "x = [\n  1,\n  22\n]", "\r\n  9", "\t\t42", "a   123456789"]:
+        assert ours.encode(text) == oracle.encode(text).ids, text
