@@ -423,8 +423,9 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     if kind == "linear" or (kind == "none" and factor and f"{arch}.rope.scaling.type" not in md):
         scaling = RopeScaling(kind="linear", factor=_nice_float(factor))
     elif kind not in ("none", "linear"):
-        raise EmberError(f"{path}: rope scaling type {kind!r} is not supported (none, linear, "
-                         "llama3)")
+        raise EmberError(f"{path}: rope scaling type {kind!r} ({arch}.rope.scaling.type) is not "
+                         "supported in GGUF files (none, linear, llama3 rope_freqs); import the "
+                         "original Hugging Face checkpoint, whose config.json Ember reads")
     if "rope_freqs.weight" in g.tensors:
         scaling = _llama3_rope(g.tensor("rope_freqs.weight"), {
             "head_dim": head_dim, "rope_theta": rope_theta,
@@ -434,9 +435,9 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         v = md.get(f"tokenizer.ggml.{key}")
         return int(v) if v is not None else None
 
-    eos = [i for i in (tok_id("eos_token_id"), tok_id("eot_token_id"), tok_id("eom_token_id"))
-           if i is not None]
-    eos = list(dict.fromkeys(eos))
+    from ember.models.tokenizer import gguf_stop_ids
+
+    eos = gguf_stop_ids(md)
     has = g.tensors.__contains__
     fields = dict(
         model_type=model_type, vocab_size=vocab, hidden_size=hidden,

@@ -320,7 +320,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs), strict=True))
 
 
-# llama.cpp's split regexes per tokenizer.ggml.pre (llama-vocab.cpp); applied before byte mapping.
+# llama.cpp's split regexes per tokenizer.ggml.pre (llama-vocab.cpp, as the models' own
+# tokenizer.json writes them); applied before byte mapping.
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -329,53 +330,100 @@ _GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo
           r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
           r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}"
           r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+           r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SEED_CODER = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+")
+# DeepSeek Coder (Llama architecture): several regexes, each splitting the previous one's pieces
+_DEEPSEEK_CODER = ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}")
+_GPT2, _DIGITS = "gpt2", "digits"  # GPT-2's regex; the same after splitting every digit alone
+_LLAMA3_PRES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
+                "lfm2")
 _PRE_SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx",
-                     "smaug-bpe"), _LLAMA3),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2),
-    **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O),
+    **dict.fromkeys((*_LLAMA3_PRES, "dbrx", "smaug-bpe"), _LLAMA3),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "megrez", "stablelm2"), _QWEN2),
+    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), _GPT4O),
+    "tekken": _TEKKEN, "seed-coder": _SEED_CODER, "deepseek-coder": _DEEPSEEK_CODER,
+    **dict.fromkeys(("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling",
+                     "gigachat", "a.x-4.0", "mellum", "exaone4", "jina-es", "jina-de",
+                     "jina-v2-es", "jina-v2-de"), _GPT2),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
+                     "minerva-7b"), _DIGITS),
 }
-_PRE_GPT2 = ("default", "gpt2", "mpt", "olmo", "jais")
-# GPT-2's regex after splitting every digit on its own (SmolLM, StarCoder)
-_PRE_DIGITS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+# llama.cpp keeps a pre-token the vocabulary has whole instead of merging it (tokenizer.json's
+# "ignore_merges") and adds BOS unless the file says otherwise, for these types only.
+_WHOLE_WORDS = frozenset((*_LLAMA3_PRES, "tekken"))
 
 
-def _pre_tokenizer(pre: str, source: str):
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in _PRE_GPT2:
+def _pre_tokenizer(md: dict[str, Any], source: str):
+    pre = md.get("tokenizer.ggml.pre")
+    if pre is None or pre == "default":
+        # llama.cpp's fallback for such files is a different split, and warns the same way
+        warnings.warn(f"{source}: tokenizer.ggml.pre is {pre!r}: the file does not say how its "
+                      "vocabulary splits text; splitting like GPT-2 (as transformers does), which "
+                      "may differ from the model's own tokenizer. Re-convert the model with a "
+                      "current llama.cpp to be sure", stacklevel=3)
+        pre = "gpt2"
+    split = _PRE_SPLITS.get(pre)
+    if split is None:
+        raise EmberError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported "
+                         f"(tokenizer.ggml.pre; known: {', '.join(sorted(_PRE_SPLITS))}); import "
+                         "the original Hugging Face model, whose tokenizer.json says how to split")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in (
+        _GPT2, _DIGITS))
+    if split == _GPT2:
         return byte_level
-    if pre in _PRE_DIGITS:
+    if split == _DIGITS:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in _PRE_SPLITS:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_PRE_SPLITS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    known = sorted(set(_PRE_GPT2) | set(_PRE_DIGITS) | set(_PRE_SPLITS))
-    raise EmberError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported (known: "
-                     f"{', '.join(known)})")
+    regexes = (split,) if isinstance(split, str) else split
+    return pre_tokenizers.Sequence([*(pre_tokenizers.Split(Regex(r), behavior="isolated")
+                                      for r in regexes), byte_level])
 
 
 _CONTROL, _USER_DEFINED = 3, 4
 
 
-def _byte_level_backend(md: dict[str, Any], tokens: list[str], source: str):
+def _byte_level_backend(md: dict[str, Any], tokens: list[str], types: list[int], source: str):
     if "tokenizer.ggml.merges" not in md:
         raise EmberError(f"{source}: GGUF metadata tokenizer.ggml.merges is missing")
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
-    # Byte-level vocabularies are stored already mapped; anything else is respelled like
-    # transformers' GGUF converter does, so both agree on ids.
-    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
-             for i, t in enumerate(tokens)}
+    # Byte-level vocabularies are stored already mapped, except control and user-defined tokens,
+    # which llama.cpp's converter writes as plain text (DeepSeek's "<｜end▁of▁sentence｜>"): those
+    # keep their text, matched whole in the input like llama.cpp does. Any other token is
+    # respelled like transformers' GGUF converter does, so both agree on ids.
+    vocab = {(t if set(t) <= alphabet or ty in (_CONTROL, _USER_DEFINED)
+              else "".join(spelling[b] for b in t.encode("utf-8"))): i
+             for i, (t, ty) in enumerate(zip(tokens, types, strict=True))}
     pairs = [tuple(m.split(" ")) for m in md["tokenizer.ggml.merges"]]
     if any(len(p) != 2 for p in pairs):
         raise EmberError(f"{source}: malformed tokenizer.ggml.merges entry")
+    whole = md.get("tokenizer.ggml.pre") in _WHOLE_WORDS
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, dropout=None,
                                               continuing_subword_prefix="",
-                                              end_of_word_suffix="", fuse_unk=False))
-    backend.pre_tokenizer = _pre_tokenizer(md.get("tokenizer.ggml.pre", "default"), source)
+                                              end_of_word_suffix="", fuse_unk=False,
+                                              ignore_merges=whole))
+    backend.pre_tokenizer = _pre_tokenizer(md, source)
     backend.decoder = decoders.ByteLevel()
-    return backend, vocab, alphabet
+    return backend, vocab
+
+
+# The end-of-turn texts llama.cpp recognises when a file names no eot token (llama-vocab.cpp).
+_TURN_ENDS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>",
+              "<|endoftext|>", "<|end_of_text|>", "<EOT>", "<end_of_utterance>")
+
+
+def gguf_stop_ids(md: dict[str, Any]) -> list[int]:
+    """Every id that ends a generation for a GGUF file: its eos, eot and eom tokens, then those of
+    llama.cpp's end-of-turn tokens that the chat template writes (Gemma's ``<end_of_turn>``,
+    Phi-3's ``<|end|>``, Llama 3's ``<|eot_id|>`` in files without ``eot_token_id``), which
+    llama.cpp stops at too and the models' generation_config.json lists."""
+    ids = [md.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
+    template = md.get("tokenizer.chat_template") or ""
+    tokens = md.get("tokenizer.ggml.tokens") or []
+    ids += [i for i, t in enumerate(tokens) if t in _TURN_ENDS and t in template]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None and 0 <= i < len(tokens)))
 
 
 def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
@@ -393,17 +441,15 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
     if len(types) != len(tokens):
         raise EmberError(f"{source}: {len(types)} token types for {len(tokens)} tokens")
     if kind == "gpt2":
-        backend, vocab, alphabet = _byte_level_backend(md, tokens, source)
-        spelled = lambda t: set(t) <= alphabet  # noqa: E731 - a mislabelled non-byte token
+        backend, vocab = _byte_level_backend(md, tokens, types, source)
     else:
         from ember.models.spm import spm_backend
 
         backend = spm_backend(md, source)
         vocab = backend.get_vocab()
-        spelled = lambda t: True  # noqa: E731
     typed = list(zip(tokens, types, strict=True))
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in typed
-                                if ty == _CONTROL and spelled(t)])
+                                if ty == _CONTROL and t in vocab])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in typed
                         if ty == _USER_DEFINED and t in vocab])
 
@@ -411,8 +457,10 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
         i = md.get(f"tokenizer.ggml.{key}")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
-    # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise.
-    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+    # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise, and to
+    # Llama-3 / Tekken byte-level ones.
+    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", kind == "llama" or md.get(
+        "tokenizer.ggml.pre") in _WHOLE_WORDS))
     add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
     bos, eos = tok("bos_token_id"), tok("eos_token_id")
     if (add_bos and bos) or (add_eos and eos):
@@ -423,8 +471,7 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
             special_tokens=[(t, vocab[t]) for t in {bos, eos} if t is not None and t in vocab])
     elif kind == "gpt2":
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    extra = [md[f"tokenizer.ggml.{k}"] for k in ("eot_token_id", "eom_token_id")
-             if md.get(f"tokenizer.ggml.{k}") is not None]
+    extra = gguf_stop_ids(md)
     ctx = next((v for k, v in md.items() if k.endswith(".context_length")), None)
     return Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=tok("padding_token_id"),
                      unk_token=tok("unknown_token_id"),

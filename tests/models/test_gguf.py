@@ -305,6 +305,64 @@ def test_linear_rope_scaling_from_metadata(tmp_path):
                                                      "llama.rope.scaling.factor": 4.0})
     cfg, _, _ = load_gguf(tmp_path / "lin.gguf")
     assert cfg.rope_scaling == RopeScaling(kind="linear", factor=4.0)
+    write_tiny_gguf(tmp_path / "yarn.gguf", metadata={"llama.rope.scaling.type": "yarn"})
+    with pytest.raises(EmberError, match="rope scaling type 'yarn'.*original Hugging Face"):
+        load_gguf(tmp_path / "yarn.gguf")
+
+
+def test_k_quant_mix_like_q4_k_m_matches_transformers(tmp_path):
+    """A file mixing types per tensor the way llama.cpp's Q4_K_M does (Q6_K embeddings, Q4_K /
+    Q5_K / Q6_K / Q8_0 / Q3_K matrices varying by layer, F32 norms, no output.weight: tied) loads
+    to exactly the weights transformers' GGUF loader dequantizes, and to its logits."""
+    rng = np.random.default_rng()
+    hidden, heads, kv_heads, inter = 256, 4, 2, 256
+    w = GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    for k, v in {"llama.block_count": 2, "llama.context_length": 512,
+                 "llama.embedding_length": hidden, "llama.feed_forward_length": inter,
+                 "llama.attention.head_count": heads, "llama.attention.head_count_kv": kv_heads,
+                 "llama.attention.layer_norm_rms_epsilon": 1e-6, **tiny_tokenizer_md()}.items():
+        _put(w, k, v)
+
+    def add(name, rows, cols, qt):
+        if qt == Q.Q8_0:
+            w.add_tensor(name, quants.quantize(rng.standard_normal((rows, cols)).astype(
+                np.float32) * 0.05, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(name, _random_k_blocks(qt, rows * cols // 256, rng).reshape(rows, -1),
+                         raw_dtype=qt)
+
+    add("token_embd.weight", VOCAB, hidden, Q.Q6_K)
+    for i, (qa, qb) in enumerate([(Q.Q4_K, Q.Q6_K), (Q.Q5_K, Q.Q8_0)]):
+        p = f"blk.{i}."
+        for norm in ("attn_norm", "ffn_norm"):
+            w.add_tensor(p + norm + ".weight", 1 + 0.1 * rng.standard_normal(hidden, np.float32))
+        add(p + "attn_q.weight", hidden, hidden, qa)
+        add(p + "attn_k.weight", kv_heads * hidden // heads, hidden, Q.Q3_K)
+        add(p + "attn_v.weight", kv_heads * hidden // heads, hidden, qb)
+        add(p + "attn_output.weight", hidden, hidden, qa)
+        add(p + "ffn_gate.weight", inter, hidden, qa)
+        add(p + "ffn_up.weight", inter, hidden, qa)
+        add(p + "ffn_down.weight", hidden, inter, qb)
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cfg, sd, _ = load_gguf(tmp_path / "m.gguf")
+    assert cfg.tie_word_embeddings and cfg.max_position_embeddings == 512
+    hf = transformers_gguf_model(tmp_path, "m.gguf")
+    hf_sd = hf.state_dict()
+    for k, v in sd.items():
+        hk = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}.get(
+            k, "model." + k.replace(".attn.", ".self_attn.").replace("attn_norm", "input_layernorm")
+            .replace("mlp_norm", "post_attention_layernorm"))
+        assert torch.equal(v, hf_sd[hk]), k
+    model = Transformer(cfg)
+    model.load_state_dict(sd)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        ours, ref = model(ids), hf(ids).logits
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_reader_agrees_with_gguf_reader(tmp_path):

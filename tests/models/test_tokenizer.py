@@ -126,7 +126,8 @@ def test_digits_split_like_llama_cpp():
     """llama.cpp splits every digit on its own for the 'smollm' pre-tokenizer (as SmolLM's own
     tokenizer.json does); 'default' (GPT-2) lets the '1 2' merge apply."""
     smol = tokenizer_from_gguf(tiny_tokenizer_md("smollm"))
-    gpt2 = tokenizer_from_gguf(tiny_tokenizer_md("default"))
+    with pytest.warns(UserWarning, match="splitting like GPT-2"):
+        gpt2 = tokenizer_from_gguf(tiny_tokenizer_md("default"))
     twelve = smol.token_to_id("12")
     assert twelve is not None
     assert twelve not in smol.encode("a 12 b")
@@ -201,3 +202,55 @@ def test_unknown_special_token_in_config_is_dropped(tmp_path):
         loaded = load_tokenizer(tmp_path)
     assert loaded.pad_token is None and loaded.pad_token_id == loaded.eos_token_id
 
+
+
+def test_template_turn_end_stops_generation(tmp_path):
+    """A file whose chat template ends turns with another token than eos (Gemma's <end_of_turn>,
+    Phi-3's <|end|>, older Llama 3 files' <|eot_id|>) stops there too, as llama.cpp does."""
+    from ember.models.gguf import load_gguf
+    from tests.models.test_gguf import write_tiny_gguf
+
+    template = "{% for m in messages %}{{ m['content'] }}<|endoftext|>{% endfor %}"
+    md = tiny_tokenizer_md() | {"tokenizer.chat_template": template}
+    assert tokenizer_from_gguf(md).eos_token_ids == {2, 0}
+    assert tokenizer_from_gguf(tiny_tokenizer_md()).eos_token_ids == {2}  # not in the template
+    write_tiny_gguf(tmp_path / "m.gguf", metadata={"tokenizer.chat_template": template})
+    cfg, _, tok = load_gguf(tmp_path / "m.gguf")
+    assert cfg.eos_token_id == [2, 0] and tok.eos_token_ids == {0, 2}
+
+
+def test_plain_text_control_tokens_keep_their_ids():
+    """llama.cpp's converter writes added tokens of a byte-level vocabulary as plain text, so
+    DeepSeek-R1-Distill's specials are not in the byte alphabet: they keep the file's ids, stay
+    whole in text and decode back (was: 'Missing SpecialToken(s)' from tokenizers)."""
+    md = tiny_tokenizer_md("deepseek-r1-qwen")
+    n = len(md["tokenizer.ggml.tokens"])
+    md["tokenizer.ggml.tokens"] = [*md["tokenizer.ggml.tokens"], "<｜begin▁of▁sentence｜>",
+                                   "<｜end▁of▁sentence｜>", "<｜User｜>"]
+    md["tokenizer.ggml.token_type"] = [*md["tokenizer.ggml.token_type"], 3, 3, 4]
+    md |= {"tokenizer.ggml.bos_token_id": n, "tokenizer.ggml.eos_token_id": n + 1,
+           "tokenizer.ggml.add_bos_token": True}
+    tok = tokenizer_from_gguf(md)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.vocab_size) == (n, n + 1, n + 3)
+    ids = tok.encode("<｜User｜>he<｜end▁of▁sentence｜>", add_special_tokens=True)
+    assert ids == [n, n + 2, tok.token_to_id("he"), n + 1]
+    assert tok.decode(ids) == "<｜User｜>he"
+    assert tok.decode(ids, skip_special_tokens=False) == (
+        "<｜begin▁of▁sentence｜><｜User｜>he<｜end▁of▁sentence｜>")
+
+
+def test_smollm2_digits_follow_its_own_tokenizer_json(ours, smol_gguf):
+    """SmolLM2's tokenizer.json splits every digit off before GPT-2's regex, and so does llama.cpp
+    for pre 'smollm': whitespace before a digit stays one piece ("  " + "0"). transformers' GGUF
+    tokenizer drops that step (GPT-2's regex alone: " " + " 0"); Ember follows the model's own."""
+    with GGUFFile(smol_gguf) as g:
+        md = g.metadata
+    toks = md["tokenizer.ggml.tokens"]
+    oracle = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab={t: i for i, t in enumerate(toks)},
+        merges=[tuple(m.split(" ")) for m in md["tokenizer.ggml.merges"]]))
+    oracle.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Digits(individual_digits=True),
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    for text in ["  0", "x = [\n  1,\n  22\n]", "\r\n  9", "\t\t42", "a   123456789"]:
+        assert ours.encode(text) == oracle.encode(text).ids, text
