@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from ember import EmberError
 from ember.engine import metrics as M
-from ember.engine.data import Example, PackedBatches
+from ember.engine.data import Batch, Example, PackedBatches, collate
+from ember.engine.distributed import DistInfo, all_reduce_sums, eval_share
 from ember.engine.losses import sft_loss
 from ember.models.generate import generate_ids
 
@@ -44,30 +46,48 @@ class GenerationResult:
     examples: int = 0
 
 
+def eval_batches(examples: list[Example], tokens_per_batch: int, max_batches: int | None = None,
+                 info: DistInfo | None = None, keep: Callable[[Batch], bool] | None = None
+                 ) -> Iterator[tuple[Batch, bool]]:
+    """This process's share of the evaluation batches, as (batch, counts) pairs. The batches are
+    the examples in file order, packed greedily, the first ``max_batches`` of them, less those
+    ``keep`` rejects; under torchrun (``info``) rank r takes batches r, r + N, ... and, when it
+    has fewer than another rank, ends with a repeat of the first batch that must not count
+    (``counts`` False): a sharded model's forward is a collective, so every rank makes as many
+    (``distributed.eval_share``). Sum what counts and all-reduce the sums."""
+    plan = PackedBatches(examples, tokens_per_batch, order="file", packing="greedy").plan(0)
+    batches = [collate([examples[i] for i in idx]) for idx in plan[:max_batches]]
+    if keep is not None:
+        batches = [b for b in batches if keep(b)]
+    for i in eval_share(len(batches), info or DistInfo()):
+        yield batches[0 if i is None else i], i is not None
+
+
 @torch.no_grad()
 def validation_loss(model, examples: list[Example], tokens_per_batch: int, device,
-                    autocast=contextlib.nullcontext, max_batches: int | None = None
-                    ) -> tuple[float, int]:
-    """(mean loss per answer token, answer tokens) over ``examples``."""
-    batches = PackedBatches(examples, tokens_per_batch, order="file", packing="greedy")
+                    autocast=contextlib.nullcontext, max_batches: int | None = None,
+                    info: DistInfo | None = None) -> tuple[float, int]:
+    """(mean loss per answer token, answer tokens) over ``examples``; under torchrun (``info``)
+    each rank scores its share of the batches (``eval_batches``) and the sums are all-reduced,
+    so every rank gets the one-process value."""
+    info = info or DistInfo()
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
     try:
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            if batch.num_loss_tokens == 0:
-                continue
+        for batch, counts in eval_batches(examples, tokens_per_batch, max_batches, info,
+                                          keep=lambda b: b.num_loss_tokens > 0):
             with autocast():
                 loss = sft_loss(model, batch.to(device), batch.num_loss_tokens)
-            total += float(loss) * batch.num_loss_tokens
-            tokens += batch.num_loss_tokens
+            if counts:
+                total += float(loss) * batch.num_loss_tokens
+                tokens += batch.num_loss_tokens
     finally:
         model.train(was_training)
+    total, tokens = all_reduce_sums([total, tokens], info)
     if tokens == 0:
         raise EmberError("validation set has no answer tokens to score")
-    return total / tokens, tokens
+    return total / tokens, int(tokens)
 
 
 def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,

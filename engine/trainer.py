@@ -57,6 +57,7 @@ from ember.engine.distributed import (
     build_device,
     clip_grad_norm,
     init_distributed,
+    local_numel,
     materialize_from_rank0,
     rank0_echo,
     rank_batches,
@@ -166,6 +167,11 @@ class Trainer:
         self.echo(f"run {cfg.out_dir}: {cfg.model.name} ({n_all / 1e6:.1f}M params), {what}, "
                   f"{n_train / 1e6:.2f}M trainable; {where}, {cfg.precision}, "
                   f"{torch.get_num_threads()} threads{ckpt}")
+        for role, frozen in self.objective.frozen_models().items():
+            n = sum(p.numel() for p in frozen.parameters())
+            self.echo(f"{cfg.objective} {role}: {n / 1e6:.1f}M params, frozen" + (
+                f", sharded: {local_numel(frozen) / n:.0%} of it on rank 0"
+                if info.distributed else ""))
         if cfg.model.init is not None:
             self.echo(describe_start(cfg))
         if cfg.model.quantize and not self.device.startswith("cuda"):
@@ -282,7 +288,7 @@ class Trainer:
         self.log = MetricsLog(cfg.out_dir, main=info.is_main)
         self.device, self.autocast = info.device, autocast_for(info.device, cfg.precision)
         # Before _build seeds the run: loading a teacher / reference leaves the RNG as SFT's.
-        self.objective = make_objective(cfg, self.device)
+        self.objective = make_objective(cfg, info)
         self.model = model = self._build(cfg, info)
         self.objective.check_model(model, self.tokenizer)
         self.datasets = self._datasets(cfg, info, self.tokenizer)
