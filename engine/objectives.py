@@ -122,7 +122,8 @@ class SFT:
         """``eval.metrics`` on a split (``ev``: the EvalConfig): greedy generation here."""
         return generation_eval(model, tokenizer, examples, ev.metrics,
                                max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-                               autocast=autocast, max_examples=ev.max_examples, show=ev.show)
+                               autocast=autocast, max_examples=ev.max_examples, show=ev.show,
+                               info=self.info)
 
     def check_data(self, ds: Datasets) -> None:
         for split, examples in (("train", ds.train), ("validation", ds.validation)):

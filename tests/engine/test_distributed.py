@@ -11,6 +11,8 @@ ember.engine.cli train``; process startup dominates on CPU, so there are few lau
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -50,7 +52,10 @@ STEPS = 6
 COMMON = ("max_steps=6", "data.tokens_per_batch=96", "checkpoint.every_steps=2",
           "checkpoint.keep_last=5", "eval.every_steps=3", "eval.max_new_tokens=3")
 KINDS = {"full": ('method="full"', "optim.lr=3e-3", "eval.metrics=[]"),
-         "lora": ("optim.lr=1e-2", "eval.metrics=['exact_match']")}
+         # 7 test examples in batches of 3: rank 0 generates 2 batches, rank 1 one and then
+         # lock-step passes; every completion is printed (eval.show) to compare them.
+         "lora": ("optim.lr=1e-2", "eval.metrics=['exact_match']", "eval.max_examples=7",
+                  "eval.batch_size=3", "eval.show=7")}
 
 
 def write_config(tiny, run_dir: Path, *extra: str) -> Path:
@@ -113,8 +118,10 @@ def runs(tiny, tmp_path_factory):
     out = {}
     kinds = {**KINDS, **objective_runs(tiny, tmp)}
     for kind, extra in kinds.items():
-        assert main(["train", str(write_config(tiny, tmp / f"{kind}1", *extra)),
-                     *sets("grad_accum=2")]) == 0
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            assert main(["train", str(write_config(tiny, tmp / f"{kind}1", *extra)),
+                         *sets("grad_accum=2")]) == 0
+        out[f"{kind}1"] = printed.getvalue()
     for kind in ("distill", "dpo"):
         out[f"{kind}2"] = torchrun_train(str(write_config(tiny, tmp / f"{kind}2",
                                                           *kinds[kind])))
@@ -155,6 +162,9 @@ def test_two_processes_match_one(runs, kind):
     assert "2 processes (FSDP2)" in out[f"{kind}2"]
     if kind == "lora":
         assert "activation checkpointing on 2/2 blocks" in out["lora2"]
+        # each rank generated for its share of the test examples: the same completions
+        outputs = [re.findall(r"\n  output: (.*)", out[f"lora{n}"]) for n in (1, 2)]
+        assert len(outputs[0]) == 7 and outputs[1] == outputs[0], outputs
 
 
 @pytest.mark.parametrize("kind", ["distill", "dpo"])
