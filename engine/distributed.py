@@ -28,6 +28,13 @@ Semantics, so that N ranks reproduce one process:
   tokens, identical to one process. The logged loss is the all-reduced sum of the ranks' losses.
 - Clipping: ``clip_grad_norm`` computes the global norm over the shards.
 
+- Evaluation: each rank scores a disjoint share of the batches or examples (``eval_share``:
+  every N-th, padded with calls that count for nothing, since a sharded forward is a collective);
+  the sums are all-reduced, the predictions gathered.
+
+Forward-only models (distillation's teacher, DPO's reference copy with full fine-tuning) are
+sharded the same way on the same process group, without an optimizer (``shard_frozen``).
+
 QLoRA (NF4 base) with FSDP is not supported: ``shard_model`` refuses it with a clear error.
 """
 

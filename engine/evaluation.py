@@ -7,6 +7,12 @@ at EOS), decoded, and scored against the example's reference completion with
 speculative draft: the output is exactly greedy decoding's, but where the model agrees with the
 reference a row costs one forward pass instead of one per token (a fine-tuned model evaluates at
 close to the cost of its prompts).
+
+Under torchrun both are shared out (``info``): each rank takes every N-th validation batch
+(``eval_batches``) or example, and as a sharded model's forward is a collective, a rank with less
+to do makes forward calls that count for nothing (a repeated batch; one-token passes while the
+others still decode). Loss sums are all-reduced and predictions gathered, so every rank gets the
+one-process scores.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@
                earlier stage's result (a continued adapter: its loaded weights swapped in;
                ``engine/stages.py``).
 
+Under torchrun the teacher and a full fine-tuning's reference copy are sharded across the
+processes like the model (``distributed.shard_frozen``); every rank calls them in the same order
+(every rank runs every micro-batch) and frees their gathered root after each use (``release``).
+
 An objective weighs each micro-batch (answer tokens, or pairs for DPO) so the trainer can divide
 every micro-batch's loss by the weight of the step, keeps sums of its own train metrics (reduced
 over the processes once per step) and computes its validation scores.

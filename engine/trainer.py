@@ -30,8 +30,14 @@ and counted, ``guards.max_nonfinite_in_a_row`` of them in a row stop the run; a 
 out-of-memory error becomes a message with the numbers and the remedies; SIGTERM / SIGINT finish
 the current step, write a checkpoint, print the command that resumes and return (exit status 0).
 
-Evaluation under torchrun runs on every rank with the same data (a sharded model's forward is a
-collective, so all ranks make the same calls); rank 0's scores are used by all.
+Under torchrun the frozen teacher (distillation) and the reference copy (DPO with full
+fine-tuning) are sharded like the model (``distributed.shard_frozen``): each rank holds 1 / N of
+them. Evaluation is shared out too: each rank scores every N-th validation batch and the sums are
+all-reduced (``evaluation.eval_batches``), and generation metrics complete every N-th example,
+decoding in lock step, with the predictions gathered (``evaluation.generation_eval``). A sharded
+forward is a collective, so every rank makes as many forward calls (a rank with less to do
+makes calls whose results count for nothing); rank 0's scores are used by all. A classification
+head's evaluation still runs whole on every rank.
 """
 
 from __future__ import annotations
