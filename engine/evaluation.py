@@ -60,19 +60,20 @@ class GenerationResult:
 
 def eval_batches(examples: list[Example], tokens_per_batch: int, max_batches: int | None = None,
                  info: DistInfo | None = None, keep: Callable[[Batch], bool] | None = None
-                 ) -> Iterator[tuple[Batch, bool]]:
-    """This process's share of the evaluation batches, as (batch, counts) pairs. The batches are
+                 ) -> Iterator[tuple[int | None, Batch]]:
+    """This process's share of the evaluation batches, as (index, batch) pairs. The batches are
     the examples in file order, packed greedily, the first ``max_batches`` of them, less those
-    ``keep`` rejects; under torchrun (``info``) rank r takes batches r, r + N, ... and, when it
-    has fewer than another rank, ends with a repeat of the first batch that must not count
-    (``counts`` False): a sharded model's forward is a collective, so every rank makes as many
-    (``distributed.eval_share``). Sum what counts and all-reduce the sums."""
+    ``keep`` rejects, and ``index`` is the batch's place among them; under torchrun (``info``)
+    rank r takes batches r, r + N, ... and, when it has fewer than another rank, ends with a
+    repeat of the first batch that must not count (``index`` None): a sharded model's forward
+    is a collective, so every rank makes as many (``distributed.eval_share``). Sum what counts
+    and all-reduce the sums (or gather the results by index)."""
     plan = PackedBatches(examples, tokens_per_batch, order="file", packing="greedy").plan(0)
     batches = [collate([examples[i] for i in idx]) for idx in plan[:max_batches]]
     if keep is not None:
         batches = [b for b in batches if keep(b)]
     for i in eval_share(len(batches), info or DistInfo()):
-        yield batches[0 if i is None else i], i is not None
+        yield i, batches[0 if i is None else i]
 
 
 @torch.no_grad()
@@ -87,11 +88,11 @@ def validation_loss(model, examples: list[Example], tokens_per_batch: int, devic
     model.eval()
     total, tokens = 0.0, 0
     try:
-        for batch, counts in eval_batches(examples, tokens_per_batch, max_batches, info,
-                                          keep=lambda b: b.num_loss_tokens > 0):
+        for i, batch in eval_batches(examples, tokens_per_batch, max_batches, info,
+                                     keep=lambda b: b.num_loss_tokens > 0):
             with autocast():
                 loss = sft_loss(model, batch.to(device), batch.num_loss_tokens)
-            if counts:
+            if i is not None:
                 total += float(loss) * batch.num_loss_tokens
                 tokens += batch.num_loss_tokens
     finally:

@@ -250,11 +250,10 @@ class DPO(SFT):
         model.eval()
         sums = dict.fromkeys(["loss", *_pair_sums(torch.zeros(0), torch.zeros(0))], 0.0)
         try:  # each process its share of the batches (engine/evaluation.eval_batches)
-            for batch, counts in eval_batches(examples, tokens_per_batch, max_batches,
-                                              self.info):
+            for i, batch in eval_batches(examples, tokens_per_batch, max_batches, self.info):
                 with autocast():
                     loss, chosen, rejected = self._pair_loss(model, batch.to(device))
-                if counts:
+                if i is not None:
                     for k, v in {"loss": float(loss) * chosen.numel(),
                                  **_pair_sums(chosen, rejected)}.items():
                         sums[k] += float(v)
@@ -276,7 +275,7 @@ def make_objective(cfg: TrainConfig, info: DistInfo) -> SFT:
     if cfg.head.type == "classification":
         from ember.engine.classification import Classification
 
-        return Classification(cfg)
+        return Classification(cfg, info)
     if cfg.objective == "distill":
         return Distill(cfg, info)
     if cfg.objective == "dpo":

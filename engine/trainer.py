@@ -37,7 +37,7 @@ all-reduced (``evaluation.eval_batches``), and generation metrics complete every
 decoding in lock step, with the predictions gathered (``evaluation.generation_eval``). A sharded
 forward is a collective, so every rank makes as many forward calls (a rank with less to do
 makes calls whose results count for nothing); rank 0's scores are used by all. A classification
-head's evaluation still runs whole on every rank.
+head's evaluation shares out its batches the same way (``classification.predict``).
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ from ember.engine.evaluation import eval_batches
 from ember.models.nf4 import quantize_model_
 from tests.engine import _tiny as w
 from tests.engine._tiny import make_tiny_model, rows_of, tiny_config, write_jsonl
+from tests.engine.test_classification import animal_rows
 
 STEPS = 6
 COMMON = ("max_steps=6", "data.tokens_per_batch=96", "checkpoint.every_steps=2",
@@ -88,11 +89,12 @@ def continue_from(src: Path, dst: Path, step: int) -> None:
     shutil.rmtree(dst / "final")
 
 
-def objective_runs(tiny, tmp: Path) -> dict[str, tuple[str, ...]]:
+def short_runs(tiny, tmp: Path) -> dict[str, tuple[str, ...]]:
     """Distillation (LoRA student) and DPO (full fine-tuning: a frozen reference copy): both
-    keep a second model that FSDP shards too. Shorter runs on smaller batches: the validation
-    sets then make an odd number of batches (ranks with one batch fewer make a dummy call), and
-    the distillation run validates per source (val_loss/val, val_loss/test)."""
+    keep a second model that FSDP shards too; and a classifier, whose evaluation is shared out
+    by batches like the validation loss. Shorter runs on smaller batches: the validation sets
+    then make an odd number of batches (ranks with one batch fewer make a dummy call), and the
+    distillation run validates per source (val_loss/val, val_loss/test)."""
     teacher = make_tiny_model(tmp / "teacher", seed=1)
     rng = random.Random(5)
     prefs = []
@@ -102,6 +104,8 @@ def objective_runs(tiny, tmp: Path) -> dict[str, tuple[str, ...]]:
         prefs.append({"prompt": "say " + " ".join(words) + " ->", "chosen": " " + words[0],
                       "rejected": " " + wrong})
     prefs = write_jsonl(tmp / "prefs.jsonl", prefs)
+    labelled = {s: write_jsonl(tmp / f"{s}.jsonl", animal_rows(n, seed))
+                for s, n, seed in (("train", 64, 1), ("val", 21, 2), ("test", 21, 3))}
     short = ("max_steps=3", "eval.every_steps=0", "eval.metrics=[]", "checkpoint.every_steps=0",
              "checkpoint.save_final=false")
     return {"distill": (*short, 'objective="distill"', f'distill.teacher="{teacher}"',
@@ -109,20 +113,24 @@ def objective_runs(tiny, tmp: Path) -> dict[str, tuple[str, ...]]:
                         f'data.validation=["{tiny["val"]}", "{tiny["test"]}"]'),
             "dpo": (*short, 'method="full"', 'objective="dpo"', "dpo.beta=0.5", "optim.lr=1e-3",
                     f'data.train=["{prefs}"]', f'data.validation="{prefs}"',
-                    "data.tokens_per_batch=80")}
+                    "data.tokens_per_batch=80"),
+            "classify": (*short, 'head.type="classification"', "eval.metrics=['accuracy']",
+                         f'data.train=["{labelled["train"]}"]',
+                         f'data.validation="{labelled["val"]}"',
+                         f'data.test="{labelled["test"]}"', "data.tokens_per_batch=64")}
 
 
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     out = {}
-    kinds = {**KINDS, **objective_runs(tiny, tmp)}
+    kinds = {**KINDS, **short_runs(tiny, tmp)}
     for kind, extra in kinds.items():
         with contextlib.redirect_stdout(io.StringIO()) as printed:
             assert main(["train", str(write_config(tiny, tmp / f"{kind}1", *extra)),
                          *sets("grad_accum=2")]) == 0
         out[f"{kind}1"] = printed.getvalue()
-    for kind in ("distill", "dpo"):
+    for kind in ("distill", "dpo", "classify"):
         out[f"{kind}2"] = torchrun_train(str(write_config(tiny, tmp / f"{kind}2",
                                                           *kinds[kind])))
     # LoRA -> activation checkpointing -> fully_shard, as STYLE.md orders them; the MLP in
@@ -187,6 +195,13 @@ def test_teacher_and_reference_are_sharded(runs, kind):
     assert m is not None and 45 <= int(m[1]) <= 55, out[f"{kind}2"][-3000:]
 
 
+def test_classifier_evaluation_is_shared_out(runs):
+    tmp, _ = runs
+    one = rows_of(tmp / "classify1")
+    assert [r["step"] for r in one if "accuracy" in r and "val_loss" in r] == [0, 3]
+    _same_rows(rows_of(tmp / "classify2"), one)
+
+
 def test_evaluation_batches_are_shared_out():
     """Each rank scores a disjoint share of the validation batches, together all of them, and
     every rank makes as many forward calls (the last ones repeats that count for nothing)."""
@@ -197,15 +212,16 @@ def test_evaluation_batches_are_shared_out():
             real = sorted(i for s in shares for i in s if i is not None)
             assert real == list(range(n))
     examples = w.make_examples()
-    one = [b.input_ids for b, counts in eval_batches(examples, 40, max_batches=7) if counts]
-    assert len(one) == 7
+    one = [(i, b.input_ids) for i, b in eval_batches(examples, 40, max_batches=7)]
+    assert [i for i, _ in one] == list(range(7))
     got = []
     for r in (0, 1):
         mine = list(eval_batches(examples, 40, max_batches=7,
                                  info=DistInfo(rank=r, world_size=2)))
-        assert len(mine) == 4 and [c for _, c in mine] == [True] * 3 + [r == 0]
-        got += [(i * 2 + r, b.input_ids) for i, (b, c) in enumerate(mine) if c]
-    assert all(torch.equal(one[i], ids) for i, ids in got) and len(got) == 7
+        assert [i for i, _ in mine] == [r, r + 2, r + 4, 6 if r == 0 else None]
+        got += [(i, b.input_ids) for i, b in mine if i is not None]
+    assert sorted(i for i, _ in got) == list(range(7))
+    assert all(torch.equal(one[i][1], ids) for i, ids in got)
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
