@@ -1,7 +1,10 @@
 """FSDP2 under torchrun on CPU (gloo, 2 processes) through ``ember train``: the same per-step
 losses as one process on the same global batch (full fine-tuning and LoRA, within 1e-5), the
-same evaluation and exported weights, checkpoints continued by another number of processes
-(2 -> 1 and 1 -> 2); then the pieces below the trainer (data sharding, helpers, refusals).
+same evaluation (shared out across the ranks: validation batches, generated completions) and
+exported weights, checkpoints continued by another number of processes (2 -> 1 and 1 -> 2);
+short distillation, DPO (full: a frozen reference copy) and classifier runs, the teacher and the
+reference sharded too; then the pieces below the trainer (data and evaluation sharding, helpers,
+refusals).
 
 One process with grad_accum = 2 and two with grad_accum = 1 take the same 2 packed batches per
 optimizer step (6 batches per epoch: no epoch is cut for 2 ranks). One-process runs go through
