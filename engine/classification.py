@@ -23,7 +23,8 @@ processes give the per-document mean of one big batch, like ``losses.sft_loss`` 
 Evaluation: ``val_loss`` on the validation split; ``eval.metrics`` (``accuracy``, ``macro_f1``,
 ``f1``, ``exact_match``; default with a head: accuracy and macro_f1) from the argmax of the head
 on the test split (validation when there is none), computed on class indices; one forward
-pass per packed batch, no generation.
+pass per packed batch, no generation. Under torchrun each rank scores every N-th batch
+(``evaluation.eval_batches``) and the results are gathered.
 """
 
 from __future__ import annotations
@@ -48,14 +49,14 @@ from ember.engine.data import (
     DataReport,
     Datasets,
     Example,
-    PackedBatches,
     _Bad,
     _Reader,
     _type_name,
     read_lines,
     split_examples,
 )
-from ember.engine.evaluation import GenerationResult
+from ember.engine.distributed import DistInfo, all_gather_objects
+from ember.engine.evaluation import GenerationResult, eval_batches
 from ember.engine.objectives import SFT
 from ember.models.heads import add_classification_head, classify, is_classifier
 from ember.models.loading import read_config
@@ -398,26 +399,27 @@ def classification_loss(model, batch, num_docs: int) -> tuple[torch.Tensor, torc
 @torch.no_grad()
 def predict(
     model, examples: list[Example], tokens_per_batch: int, device, autocast=contextlib.nullcontext,
-    max_batches: int | None = None,
+    max_batches: int | None = None, info: DistInfo | None = None,
 ) -> tuple[list[int], float]:
     """(argmax class of every example scored, in order; their mean cross-entropy). The examples
-    are packed in file order; ``max_batches``: only the first that many batches."""
+    are packed in file order; ``max_batches``: only the first that many batches. Under torchrun
+    (``info``) each rank scores its share of the batches and every rank gets all results."""
     tokens_per_batch = max(tokens_per_batch, max(len(e) for e in examples))
-    batches = PackedBatches(examples, tokens_per_batch, order="file", packing="greedy")
+    info = info or DistInfo()
     was_training = model.training
     model.eval()
-    preds, total = [], 0.0
+    mine: dict[int, tuple[list[int], float]] = {}  # batch index -> (classes, summed loss)
     try:
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
+        for i, batch in eval_batches(examples, tokens_per_batch, max_batches, info):
             with autocast():
                 loss, logits = classification_loss(model, batch.to(device), 1)
-            preds += logits.argmax(-1).tolist()
-            total += float(loss)
+            if i is not None:
+                mine[i] = (logits.argmax(-1).tolist(), float(loss))
     finally:
         model.train(was_training)
-    return preds, total / len(preds)
+    scored = {i: r for part in all_gather_objects(mine, info) for i, r in part.items()}
+    preds = [c for i in sorted(scored) for c in scored[i][0]]
+    return preds, sum(scored[i][1] for i in sorted(scored)) / len(preds)
 
 
 def label_scores(
@@ -430,12 +432,14 @@ def label_scores(
     autocast=contextlib.nullcontext,
     max_examples: int | None = None,
     show: int = 0,
+    info: DistInfo | None = None,
 ) -> GenerationResult:
-    """``metric_names`` on the argmax labels of ``examples``, plus ``loss`` (mean cross-entropy)."""
+    """``metric_names`` on the argmax labels of ``examples``, plus ``loss`` (mean cross-entropy);
+    under torchrun (``info``) the batches are shared out (``predict``)."""
     if max_examples is not None:
         examples = examples[:max_examples]
     t0 = time.perf_counter()
-    preds, loss = predict(model, examples, tokens_per_batch, device, autocast)
+    preds, loss = predict(model, examples, tokens_per_batch, device, autocast, info=info)
     # Scored on class indices: label names that differ only in case or spacing stay distinct.
     scores = M.compute(metric_names, [str(p) for p in preds], [str(e.labels[-1]) for e in examples])
     pred_names = [model.cfg.labels[p] for p in preds]
@@ -492,8 +496,8 @@ class Classification(SFT):
 
     name = "classification"
 
-    def __init__(self, cfg: TrainConfig):
-        super().__init__()
+    def __init__(self, cfg: TrainConfig, info: DistInfo | None = None):
+        super().__init__(info)
         self.head, self.tokens = cfg.head, cfg.data.tokens_per_batch
         self.pad = None
 
@@ -522,7 +526,8 @@ class Classification(SFT):
         autocast,
         max_batches: int | None,
     ) -> dict[str, float]:
-        _, loss = predict(model, examples, tokens_per_batch, device, autocast, max_batches)
+        _, loss = predict(model, examples, tokens_per_batch, device, autocast, max_batches,
+                          self.info)
         return {"val_loss": loss}
 
     def task_eval(
@@ -538,6 +543,7 @@ class Classification(SFT):
             autocast,
             ev.max_examples,
             ev.show,
+            self.info,
         )
         res.scores.pop("loss")  # the test split's loss is not val_loss
         return res

@@ -28,6 +28,13 @@ Semantics, so that N ranks reproduce one process:
   tokens, identical to one process. The logged loss is the all-reduced sum of the ranks' losses.
 - Clipping: ``clip_grad_norm`` computes the global norm over the shards.
 
+- Evaluation: each rank scores a disjoint share of the batches or examples (``eval_share``:
+  every N-th, padded with calls that count for nothing, since a sharded forward is a collective);
+  the sums are all-reduced, the predictions gathered.
+
+Forward-only models (distillation's teacher, DPO's reference copy with full fine-tuning) are
+sharded the same way on the same process group, without an optimizer (``shard_frozen``).
+
 QLoRA (NF4 base) with FSDP is not supported: ``shard_model`` refuses it with a clear error.
 """
 
@@ -191,6 +198,49 @@ def shard_model(model: nn.Module, info: DistInfo, *, mixed_precision: str = "aut
     # hooks (gather the root's parameters) too.
     register_fsdp_forward_method(model, "hidden_states")
     return model
+
+
+def shard_frozen(model: nn.Module, info: DistInfo) -> nn.Module:
+    """A model for forwards only (distillation's teacher, DPO's reference with full fine-tuning):
+    eval mode, no gradients and, under torchrun, sharded like the trained model (``fully_shard``
+    per block, then the root, on the same process group; no optimizer), so each rank holds
+    1 / world_size of it. Build it on ``build_device(info)``: rank 0's full weights are broadcast
+    into the shards. Its parameters are gathered block by block for each forward, so every rank
+    must make the same forward calls in the same order; call ``release`` after each use (the
+    root stays gathered after a forward, for the ``logits`` / ``output_weight`` that follow it).
+    Weights stay in their dtype (no mixed-precision policy: they are loaded in the compute
+    dtype)."""
+    model.requires_grad_(False).eval()
+    if not info.distributed:
+        return model
+    full_sd = dict(model.state_dict()) if info.rank == 0 else None
+    shard_model(model, info, mixed_precision="none", reshard_after_forward=True)
+    materialize_from_rank0(model, full_sd, info)
+    return model
+
+
+def release(model: nn.Module) -> None:
+    """Free the gathered root parameters of a ``shard_frozen`` model after its forward and
+    head (a no-op in one process). Training models need no call: backward reshards them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
+def local_numel(model: nn.Module) -> int:
+    """Parameter elements held by this process (its shards under FSDP)."""
+    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+               for p in model.parameters())
+
+
+def eval_share(n: int, info: DistInfo) -> list[int | None]:
+    """This rank's share of ``n`` evaluation items (batches, examples): items r, r + N, ... of
+    the one-process order (the ranks' shares are disjoint and cover all n), then None up to
+    ``ceil(n / N)`` entries. Every rank gets as many entries, because a sharded model's forward
+    is a collective: at a None the rank makes a forward call whose result counts for nothing."""
+    share: list[int | None] = list(range(info.rank, n, info.world_size))
+    return share + [None] * (-(-n // info.world_size) - len(share))
 
 
 def build_device(info: DistInfo) -> str:

@@ -7,19 +7,33 @@ at EOS), decoded, and scored against the example's reference completion with
 speculative draft: the output is exactly greedy decoding's, but where the model agrees with the
 reference a row costs one forward pass instead of one per token (a fine-tuned model evaluates at
 close to the cost of its prompts).
+
+Under torchrun both are shared out (``info``): each rank takes every N-th validation batch
+(``eval_batches``) or example, and as a sharded model's forward is a collective, a rank with less
+to do makes forward calls that count for nothing (a repeated batch; one-token passes while the
+others still decode). Loss sums are all-reduced and predictions gathered, so every rank gets the
+one-process scores.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from ember import EmberError
 from ember.engine import metrics as M
-from ember.engine.data import Example, PackedBatches
+from ember.engine.data import Batch, Example, PackedBatches, collate
+from ember.engine.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sums,
+    any_rank,
+    eval_share,
+)
 from ember.engine.losses import sft_loss
 from ember.models.generate import generate_ids
 
@@ -44,36 +58,60 @@ class GenerationResult:
     examples: int = 0
 
 
+def eval_batches(examples: list[Example], tokens_per_batch: int, max_batches: int | None = None,
+                 info: DistInfo | None = None, keep: Callable[[Batch], bool] | None = None
+                 ) -> Iterator[tuple[int | None, Batch]]:
+    """This process's share of the evaluation batches, as (index, batch) pairs. The batches are
+    the examples in file order, packed greedily, the first ``max_batches`` of them, less those
+    ``keep`` rejects, and ``index`` is the batch's place among them; under torchrun (``info``)
+    rank r takes batches r, r + N, ... and, when it has fewer than another rank, ends with a
+    repeat of the first batch that must not count (``index`` None): a sharded model's forward
+    is a collective, so every rank makes as many (``distributed.eval_share``). Sum what counts
+    and all-reduce the sums (or gather the results by index)."""
+    plan = PackedBatches(examples, tokens_per_batch, order="file", packing="greedy").plan(0)
+    batches = [collate([examples[i] for i in idx]) for idx in plan[:max_batches]]
+    if keep is not None:
+        batches = [b for b in batches if keep(b)]
+    for i in eval_share(len(batches), info or DistInfo()):
+        yield i, batches[0 if i is None else i]
+
+
 @torch.no_grad()
 def validation_loss(model, examples: list[Example], tokens_per_batch: int, device,
-                    autocast=contextlib.nullcontext, max_batches: int | None = None
-                    ) -> tuple[float, int]:
-    """(mean loss per answer token, answer tokens) over ``examples``."""
-    batches = PackedBatches(examples, tokens_per_batch, order="file", packing="greedy")
+                    autocast=contextlib.nullcontext, max_batches: int | None = None,
+                    info: DistInfo | None = None) -> tuple[float, int]:
+    """(mean loss per answer token, answer tokens) over ``examples``; under torchrun (``info``)
+    each rank scores its share of the batches (``eval_batches``) and the sums are all-reduced,
+    so every rank gets the one-process value."""
+    info = info or DistInfo()
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
     try:
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            if batch.num_loss_tokens == 0:
-                continue
+        for i, batch in eval_batches(examples, tokens_per_batch, max_batches, info,
+                                     keep=lambda b: b.num_loss_tokens > 0):
             with autocast():
                 loss = sft_loss(model, batch.to(device), batch.num_loss_tokens)
-            total += float(loss) * batch.num_loss_tokens
-            tokens += batch.num_loss_tokens
+            if i is not None:
+                total += float(loss) * batch.num_loss_tokens
+                tokens += batch.num_loss_tokens
     finally:
         model.train(was_training)
+    total, tokens = all_reduce_sums([total, tokens], info)
     if tokens == 0:
         raise EmberError("validation set has no answer tokens to score")
-    return total / tokens, tokens
+    return total / tokens, int(tokens)
 
 
 def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
                     max_new_tokens: int = 64, batch_size: int = 64, autocast=contextlib.nullcontext,
-                    max_examples: int | None = None, show: int = 0) -> GenerationResult:
-    """Greedy completions of every example's prompt, scored against its reference."""
+                    max_examples: int | None = None, show: int = 0,
+                    info: DistInfo | None = None) -> GenerationResult:
+    """Greedy completions of every example's prompt, scored against its reference. Under
+    torchrun (``info``) each rank completes a share of the examples (every N-th by prompt
+    length, ``distributed.eval_share``) in as many batches as the others, decoding in lock step
+    (``generate_ids``' ``sync``: a sharded forward is a collective); the predictions are
+    gathered and every rank scores all of them."""
     usable = [e for e in examples if e.prompt_len > 0 and e.reference is not None]
     if not usable:
         raise EmberError("generation metrics need prompt/completion or messages examples (a "
@@ -81,10 +119,22 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
                          "= [] or give such a file")
     if max_examples is not None:
         usable = usable[:max_examples]
+    info = info or DistInfo()
+    model_cfg = getattr(model, "cfg", None)
+    longest = max(e.prompt_len for e in usable)
+    if model_cfg is not None and longest + max_new_tokens > model_cfg.max_position_embeddings:
+        # Checked here, on every rank, rather than by generate_ids on the rank holding the prompt
+        raise EmberError(f"an evaluation prompt of {longest} tokens + eval.max_new_tokens "
+                         f"({max_new_tokens}) exceeds the model's context of "
+                         f"{model_cfg.max_position_embeddings} tokens; lower "
+                         "eval.max_new_tokens or data.max_seq_len")
+    sync = None if not info.distributed else (lambda flag: any_rank(flag, info))
     t0 = time.perf_counter()
     eos = sorted(getattr(tokenizer, "eos_token_ids", None) or {tokenizer.eos_token_id})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     order = sorted(range(len(usable)), key=lambda i: usable[i].prompt_len)
+    share = eval_share(len(order), info)  # the same length on every rank, so as many batches
+    mine = [order[i] for i in share if i is not None]
     # Exact match is decided as soon as a row's text leaves its reference: stop that row there
     # (a base model that never says the answer costs a few decode steps, not max_new_tokens).
     decidable = set(metric_names) <= PREFIX_DECIDABLE
@@ -92,8 +142,8 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     was_training = model.training
     model.eval()
     try:
-        for a in range(0, len(order), batch_size):
-            idx = order[a:a + batch_size]
+        for a in range(0, len(share), batch_size):
+            idx = mine[a:a + batch_size]  # empty: only lock-step passes
             prompts = [usable[i].input_ids[:usable[i].prompt_len] for i in idx]
             # The reference answer's tokens as a speculative draft: greedy output unchanged, but a
             # model that has learned the task answers a whole row in one pass.
@@ -107,11 +157,15 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
             with autocast():
                 out = generate_ids(model, prompts, max_new_tokens=max_new_tokens,
                                    eos_token_ids=eos, pad_token_id=pad, should_stop=should_stop,
-                                   drafts=drafts)
+                                   drafts=drafts, sync=sync)
             for i, ids in zip(idx, out, strict=True):
                 preds[i] = tokenizer.decode(ids, skip_special_tokens=True)
     finally:
         model.train(was_training)
+    if info.distributed:
+        for part in all_gather_objects({i: preds[i] for i in mine}, info):
+            for i, p in part.items():
+                preds[i] = p
     refs = [e.reference for e in usable]
     scores = M.compute(metric_names, preds, refs)
     samples = [(tokenizer.decode(e.input_ids[:e.prompt_len], skip_special_tokens=False), p, r)

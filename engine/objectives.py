@@ -11,6 +11,10 @@
                earlier stage's result (a continued adapter: its loaded weights swapped in;
                ``engine/stages.py``).
 
+Under torchrun the teacher and a full fine-tuning's reference copy are sharded across the
+processes like the model (``distributed.shard_frozen``); every rank calls them in the same order
+(every rank runs every micro-batch) and frees their gathered root after each use (``release``).
+
 An objective weighs each micro-batch (answer tokens, or pairs for DPO) so the trainer can divide
 every micro-batch's loss by the weight of the step, keeps sums of its own train metrics (reduced
 over the processes once per step) and computes its validation scores.
@@ -25,8 +29,20 @@ from typing import TYPE_CHECKING
 import torch
 
 from ember import EmberError
-from ember.engine.data import DataConfig, Datasets, Example, PackedBatches, load_datasets
-from ember.engine.evaluation import GenerationResult, generation_eval, validation_loss
+from ember.engine.data import DataConfig, Datasets, Example, load_datasets
+from ember.engine.distributed import (
+    DistInfo,
+    all_reduce_sums,
+    build_device,
+    release,
+    shard_frozen,
+)
+from ember.engine.evaluation import (
+    GenerationResult,
+    eval_batches,
+    generation_eval,
+    validation_loss,
+)
 from ember.engine.losses import (
     adapters_disabled,
     distill_sft_loss,
@@ -69,13 +85,14 @@ class DPOConfig:
                              f"{self.label_smoothing}")
 
 
-def _frozen_model(name: str, precision: str, device: str):
-    """A model for forwards only: eval mode, no gradients, weights in the autocast dtype."""
+def _frozen_model(name: str, precision: str, info: DistInfo):
+    """A model for forwards only: eval mode, no gradients, weights in the autocast dtype; under
+    torchrun sharded across the processes (``distributed.shard_frozen``)."""
     from ember.models.loading import load_pretrained
 
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
-    model, tokenizer = load_pretrained(name, dtype, device)
-    return model.requires_grad_(False).eval(), tokenizer
+    model, tokenizer = load_pretrained(name, dtype, build_device(info))
+    return shard_frozen(model, info), tokenizer
 
 
 class SFT:
@@ -84,8 +101,9 @@ class SFT:
     name = "sft"
     pairs = False  # trains on preference pairs
 
-    def __init__(self):
+    def __init__(self, info: DistInfo | None = None):
         self.sums: dict[str, float] = {}
+        self.info = info or DistInfo()  # the processes evaluation is shared by
 
     def weight(self, batch) -> int:
         return batch.num_loss_tokens
@@ -96,6 +114,10 @@ class SFT:
     def check_model(self, model, tokenizer) -> None:
         pass
 
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        """The objective's own forward-only models by role (a teacher, a reference copy)."""
+        return {}
+
     def load_datasets(self, cfg: DataConfig, tokenizer) -> Datasets:
         return load_datasets(cfg, tokenizer)
 
@@ -104,7 +126,8 @@ class SFT:
         """``eval.metrics`` on a split (``ev``: the EvalConfig): greedy generation here."""
         return generation_eval(model, tokenizer, examples, ev.metrics,
                                max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-                               autocast=autocast, max_examples=ev.max_examples, show=ev.show)
+                               autocast=autocast, max_examples=ev.max_examples, show=ev.show,
+                               info=self.info)
 
     def check_data(self, ds: Datasets) -> None:
         for split, examples in (("train", ds.train), ("validation", ds.validation)):
@@ -135,17 +158,20 @@ class SFT:
     def val_scores(self, model, examples: list[Example], tokens_per_batch: int, device,
                    autocast, max_batches: int | None) -> dict[str, float]:
         loss, _ = validation_loss(model, examples, tokens_per_batch, device, autocast,
-                                  max_batches)
+                                  max_batches, self.info)
         return {"val_loss": loss, "perplexity": perplexity(loss)}
 
 
 class Distill(SFT):
     name = "distill"
 
-    def __init__(self, cfg: TrainConfig, device: str):
-        super().__init__()
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        super().__init__(info)
         self.cfg = cfg.distill
-        self.teacher, self.teacher_tok = _frozen_model(self.cfg.teacher, cfg.precision, device)
+        self.teacher, self.teacher_tok = _frozen_model(self.cfg.teacher, cfg.precision, info)
+
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        return {"teacher": self.teacher}
 
     def check_model(self, model, tokenizer) -> None:
         v_s, v_t = model.cfg.vocab_size, self.teacher.cfg.vocab_size
@@ -164,6 +190,7 @@ class Distill(SFT):
         c = self.cfg
         loss, kd, sft = distill_sft_loss(model, self.teacher, batch, denom, c.temperature,
                                          c.alpha)
+        release(self.teacher)
         self._add(kd_loss=kd, sft_loss=sft)
         return loss
 
@@ -172,17 +199,20 @@ class DPO(SFT):
     name = "dpo"
     pairs = True
 
-    def __init__(self, cfg: TrainConfig, device: str):
-        super().__init__()
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        super().__init__(info)
         self.cfg = cfg.dpo
         self.ref_model, self.ref_adapters = None, None
         # The reference is the starting model (after model.init: the earlier stage's result).
         self.snapshot = continues_lora(cfg)  # a continued adapter: a frozen copy of it
         if cfg.method == "full":  # no adapters to switch off: a frozen copy is the reference
-            self.ref_model = frozen_start(cfg, device)
+            self.ref_model = shard_frozen(frozen_start(cfg, build_device(info)), info)
 
     def weight(self, batch) -> int:
         return batch.num_docs // 2
+
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        return {} if self.ref_model is None else {"reference": self.ref_model}
 
     def check_model(self, model, tokenizer) -> None:
         if self.snapshot:  # the built model holds the adapter as loaded (before any resume)
@@ -198,6 +228,8 @@ class DPO(SFT):
     def _pair_loss(self, model, batch):
         with torch.no_grad(), self.reference(model) as ref:
             ref_lp = sequence_logprobs(ref, batch)
+        if self.ref_model is not None:
+            release(self.ref_model)
         lp = sequence_logprobs(model, batch)  # (2 * pairs,): chosen, rejected, chosen, ...
         return dpo_loss(lp[0::2], lp[1::2], ref_lp[0::2], ref_lp[1::2], self.cfg.beta,
                         self.cfg.label_smoothing)
@@ -214,21 +246,20 @@ class DPO(SFT):
     @torch.no_grad()
     def val_scores(self, model, examples: list[Example], tokens_per_batch: int, device,
                    autocast, max_batches: int | None) -> dict[str, float]:
-        batches = PackedBatches(examples, tokens_per_batch, order="file", packing="greedy")
         was_training = model.training
         model.eval()
-        sums: dict[str, float] = {}
-        try:
-            for i, batch in enumerate(batches):
-                if max_batches is not None and i >= max_batches:
-                    break
+        sums = dict.fromkeys(["loss", *_pair_sums(torch.zeros(0), torch.zeros(0))], 0.0)
+        try:  # each process its share of the batches (engine/evaluation.eval_batches)
+            for i, batch in eval_batches(examples, tokens_per_batch, max_batches, self.info):
                 with autocast():
                     loss, chosen, rejected = self._pair_loss(model, batch.to(device))
-                for k, v in {"loss": float(loss) * chosen.numel(),
-                             **_pair_sums(chosen, rejected)}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                if i is not None:
+                    for k, v in {"loss": float(loss) * chosen.numel(),
+                                 **_pair_sums(chosen, rejected)}.items():
+                        sums[k] += float(v)
         finally:
             model.train(was_training)
+        sums = dict(zip(sums, all_reduce_sums(list(sums.values()), self.info), strict=True))
         return {f"val_{k}": v for k, v in self._finish(sums).items()}
 
 
@@ -238,14 +269,15 @@ def _pair_sums(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]
             "chosen_reward": float(chosen.sum()), "rejected_reward": float(rejected.sum())}
 
 
-def make_objective(cfg: TrainConfig, device: str) -> SFT:
-    """The objective of a resolved config (loads the teacher / reference model when needed)."""
+def make_objective(cfg: TrainConfig, info: DistInfo) -> SFT:
+    """The objective of a resolved config (loads the teacher / reference model when needed,
+    sharded across the processes of ``info``)."""
     if cfg.head.type == "classification":
         from ember.engine.classification import Classification
 
-        return Classification(cfg)
+        return Classification(cfg, info)
     if cfg.objective == "distill":
-        return Distill(cfg, device)
+        return Distill(cfg, info)
     if cfg.objective == "dpo":
-        return DPO(cfg, device)
-    return SFT()
+        return DPO(cfg, info)
+    return SFT(info)

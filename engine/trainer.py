@@ -30,8 +30,14 @@ and counted, ``guards.max_nonfinite_in_a_row`` of them in a row stop the run; a 
 out-of-memory error becomes a message with the numbers and the remedies; SIGTERM / SIGINT finish
 the current step, write a checkpoint, print the command that resumes and return (exit status 0).
 
-Evaluation under torchrun runs on every rank with the same data (a sharded model's forward is a
-collective, so all ranks make the same calls); rank 0's scores are used by all.
+Under torchrun the frozen teacher (distillation) and the reference copy (DPO with full
+fine-tuning) are sharded like the model (``distributed.shard_frozen``): each rank holds 1 / N of
+them. Evaluation is shared out too: each rank scores every N-th validation batch and the sums are
+all-reduced (``evaluation.eval_batches``), and generation metrics complete every N-th example,
+decoding in lock step, with the predictions gathered (``evaluation.generation_eval``). A sharded
+forward is a collective, so every rank makes as many forward calls (a rank with less to do
+makes calls whose results count for nothing); rank 0's scores are used by all. A classification
+head's evaluation shares out its batches the same way (``classification.predict``).
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from ember.engine.distributed import (
     build_device,
     clip_grad_norm,
     init_distributed,
+    local_numel,
     materialize_from_rank0,
     rank0_echo,
     rank_batches,
@@ -166,6 +173,11 @@ class Trainer:
         self.echo(f"run {cfg.out_dir}: {cfg.model.name} ({n_all / 1e6:.1f}M params), {what}, "
                   f"{n_train / 1e6:.2f}M trainable; {where}, {cfg.precision}, "
                   f"{torch.get_num_threads()} threads{ckpt}")
+        for role, frozen in self.objective.frozen_models().items():
+            n = sum(p.numel() for p in frozen.parameters())
+            self.echo(f"{cfg.objective} {role}: {n / 1e6:.1f}M params, frozen" + (
+                f", sharded: {local_numel(frozen) / n:.0%} of it on rank 0"
+                if info.distributed else ""))
         if cfg.model.init is not None:
             self.echo(describe_start(cfg))
         if cfg.model.quantize and not self.device.startswith("cuda"):
@@ -282,7 +294,7 @@ class Trainer:
         self.log = MetricsLog(cfg.out_dir, main=info.is_main)
         self.device, self.autocast = info.device, autocast_for(info.device, cfg.precision)
         # Before _build seeds the run: loading a teacher / reference leaves the RNG as SFT's.
-        self.objective = make_objective(cfg, self.device)
+        self.objective = make_objective(cfg, info)
         self.model = model = self._build(cfg, info)
         self.objective.check_model(model, self.tokenizer)
         self.datasets = self._datasets(cfg, info, self.tokenizer)

@@ -81,13 +81,23 @@ def _greedy_tokens(model: Transformer, hidden: torch.Tensor, chunk: int = 256) -
     return out.view(hidden.shape[:2])
 
 
+def _idle_passes(model: Transformer, sync: Callable[[bool], bool]) -> None:
+    """Lock-step decoding with nothing (left) to generate here: one-token passes, one now and one
+    more for as long as ``sync`` says another process still generates."""
+    dummy = torch.zeros((1, 1), dtype=torch.long, device=model.embed.weight.device)
+    model.hidden_states(dummy, dummy)
+    while sync(False):
+        model.hidden_states(dummy, dummy)
+
+
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, eos_token_ids: Iterable[int] = (),
                  pad_token_id: int = 0,
                  should_stop: Callable[[int, list[int]], bool] | None = None,
-                 drafts: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+                 drafts: Sequence[Sequence[int]] | None = None,
+                 sync: Callable[[bool], bool] | None = None) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt. Returns the new ids per row, without the
     stop token. ``should_stop(row, ids_so_far)`` may end a row early (stop strings).
 
@@ -95,10 +105,19 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     evaluating. It is verified the way speculative decoding verifies a draft model's tokens: fed
     in one pass after the tokens generated so far, and accepted for as long as it agrees with the
     model's own argmax, plus the model's next token. The output is exactly greedy decoding's; a
-    right guess just costs one pass instead of one pass per token."""
+    right guess just costs one pass instead of one pass per token.
+
+    ``sync`` (lock-step decoding, for a model whose forward is a collective, e.g. sharded across
+    processes that each generate their own prompts): called after each pass with whether this
+    call still has rows generating, it returns whether any process has (the caller reduces the
+    flag across processes), and the passes end when it returns False. Until then a call whose
+    rows have all finished, or that got no prompts at all, makes one-token passes whose output
+    is dropped, so every process makes as many forward calls."""
     _check_sampling(max_new_tokens, temperature, top_p, top_k)
     prompts = [list(map(int, p)) for p in prompt_ids]
     if not prompts:
+        if sync is not None and max_new_tokens > 0:
+            _idle_passes(model, sync)
         return []
     cfg = model.cfg
     for i, p in enumerate(prompts):
@@ -195,7 +214,10 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             if j + 1 < len(feeds[b]):  # hide the rejected draft tokens from later passes
                 key_mask[b, first_slot + j + 1:first_slot + len(feeds[b])] = False
             next_pos[b] += j + 1
-        if not any(alive):
+        if not (any(alive) if sync is None else sync(any(alive))):
+            break
+        if not any(alive):  # other processes still generate
+            _idle_passes(model, sync)
             break
         dead = alive.count(False)
         if dead and dead * 8 >= len(rows):

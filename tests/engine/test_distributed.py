@@ -1,7 +1,10 @@
 """FSDP2 under torchrun on CPU (gloo, 2 processes) through ``ember train``: the same per-step
 losses as one process on the same global batch (full fine-tuning and LoRA, within 1e-5), the
-same evaluation and exported weights, checkpoints continued by another number of processes
-(2 -> 1 and 1 -> 2); then the pieces below the trainer (data sharding, helpers, refusals).
+same evaluation (shared out across the ranks: validation batches, generated completions) and
+exported weights, checkpoints continued by another number of processes (2 -> 1 and 1 -> 2);
+short distillation, DPO (full: a frozen reference copy) and classifier runs, the teacher and the
+reference sharded too; then the pieces below the trainer (data and evaluation sharding, helpers,
+refusals).
 
 One process with grad_accum = 2 and two with grad_accum = 1 take the same 2 packed batches per
 optimizer step (6 batches per epoch: no epoch is cut for 2 ranks). One-process runs go through
@@ -11,8 +14,12 @@ ember.engine.cli train``; process startup dominates on CPU, so there are few lau
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import random
+import re
 import shutil
 import subprocess
 import sys
@@ -32,21 +39,27 @@ from ember.engine.distributed import (
     all_reduce_sums,
     any_rank,
     data_state,
+    eval_share,
     init_distributed,
     rank0_echo,
     rank_batches,
     restore_data_state,
     shard_model,
 )
+from ember.engine.evaluation import eval_batches
 from ember.models.nf4 import quantize_model_
 from tests.engine import _tiny as w
-from tests.engine._tiny import rows_of, tiny_config
+from tests.engine._tiny import make_tiny_model, rows_of, tiny_config, write_jsonl
+from tests.engine.test_classification import animal_rows
 
 STEPS = 6
 COMMON = ("max_steps=6", "data.tokens_per_batch=96", "checkpoint.every_steps=2",
           "checkpoint.keep_last=5", "eval.every_steps=3", "eval.max_new_tokens=3")
 KINDS = {"full": ('method="full"', "optim.lr=3e-3", "eval.metrics=[]"),
-         "lora": ("optim.lr=1e-2", "eval.metrics=['exact_match']")}
+         # 7 test examples in batches of 3: rank 0 generates 2 batches, rank 1 one and then
+         # lock-step passes; every completion is printed (eval.show) to compare them.
+         "lora": ("optim.lr=1e-2", "eval.metrics=['exact_match']", "eval.max_examples=7",
+                  "eval.batch_size=3", "eval.show=7")}
 
 
 def write_config(tiny, run_dir: Path, *extra: str) -> Path:
@@ -79,13 +92,50 @@ def continue_from(src: Path, dst: Path, step: int) -> None:
     shutil.rmtree(dst / "final")
 
 
+def short_runs(tiny, tmp: Path) -> dict[str, tuple[str, ...]]:
+    """Distillation (LoRA student) and DPO (full fine-tuning: a frozen reference copy): both
+    keep a second model that FSDP shards too; and a classifier, whose evaluation is shared out
+    by batches like the validation loss. Shorter runs on smaller batches: the validation sets
+    then make an odd number of batches (ranks with one batch fewer make a dummy call), and the
+    distillation run validates per source (val_loss/val, val_loss/test)."""
+    teacher = make_tiny_model(tmp / "teacher", seed=1)
+    rng = random.Random(5)
+    prefs = []
+    for _ in range(16):
+        words = [rng.choice(w.WORDS) for _ in range(rng.randint(2, 6))]
+        wrong = rng.choice([x for x in w.WORDS if x != words[0]])
+        prefs.append({"prompt": "say " + " ".join(words) + " ->", "chosen": " " + words[0],
+                      "rejected": " " + wrong})
+    prefs = write_jsonl(tmp / "prefs.jsonl", prefs)
+    labelled = {s: write_jsonl(tmp / f"{s}.jsonl", animal_rows(n, seed))
+                for s, n, seed in (("train", 64, 1), ("val", 21, 2), ("test", 21, 3))}
+    short = ("max_steps=3", "eval.every_steps=0", "eval.metrics=[]", "checkpoint.every_steps=0",
+             "checkpoint.save_final=false")
+    return {"distill": (*short, 'objective="distill"', f'distill.teacher="{teacher}"',
+                        "data.max_seq_len=32", "data.tokens_per_batch=48", "optim.lr=1e-2",
+                        f'data.validation=["{tiny["val"]}", "{tiny["test"]}"]'),
+            "dpo": (*short, 'method="full"', 'objective="dpo"', "dpo.beta=0.5", "optim.lr=1e-3",
+                    f'data.train=["{prefs}"]', f'data.validation="{prefs}"',
+                    "data.tokens_per_batch=80"),
+            "classify": (*short, 'head.type="classification"', "eval.metrics=['accuracy']",
+                         f'data.train=["{labelled["train"]}"]',
+                         f'data.validation="{labelled["val"]}"',
+                         f'data.test="{labelled["test"]}"', "data.tokens_per_batch=64")}
+
+
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     out = {}
-    for kind, extra in KINDS.items():
-        assert main(["train", str(write_config(tiny, tmp / f"{kind}1", *extra)),
-                     *sets("grad_accum=2")]) == 0
+    kinds = {**KINDS, **short_runs(tiny, tmp)}
+    for kind, extra in kinds.items():
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            assert main(["train", str(write_config(tiny, tmp / f"{kind}1", *extra)),
+                         *sets("grad_accum=2")]) == 0
+        out[f"{kind}1"] = printed.getvalue()
+    for kind in ("distill", "dpo", "classify"):
+        out[f"{kind}2"] = torchrun_train(str(write_config(tiny, tmp / f"{kind}2",
+                                                          *kinds[kind])))
     # LoRA -> activation checkpointing -> fully_shard, as STYLE.md orders them; the MLP in
     # token chunks nested in the blocks' recompute (FSDP unshards once per block, not per chunk).
     out["full2"] = torchrun_train(str(write_config(tiny, tmp / "full2", *KINDS["full"])))
@@ -102,9 +152,10 @@ def runs(tiny, tmp_path_factory):
 def _same_rows(got: list[dict], want: list[dict]) -> None:
     assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in want]
     for g, r in zip(got, want, strict=True):
-        for k in ("loss", "val_loss", "exact_match"):
-            if k in r:
-                assert abs(g[k] - r[k]) <= 1e-5, (r["step"], k, g[k], r[k])
+        assert g.keys() == r.keys()
+        for k in r.keys() - {"kind", "step", "seconds", "tokens_per_s", "grad_norm"}:
+            # losses, scores, the objectives' metrics (DPO's rewards); token counts exactly
+            assert abs(g[k] - r[k]) <= 1e-5 * max(1.0, abs(r[k])), (r["step"], k, g[k], r[k])
         for k in ("tokens", "loss_tokens"):
             assert g.get(k) == r.get(k), (r["step"], k)
         if "grad_norm" in r:
@@ -122,6 +173,58 @@ def test_two_processes_match_one(runs, kind):
     assert "2 processes (FSDP2)" in out[f"{kind}2"]
     if kind == "lora":
         assert "activation checkpointing on 2/2 blocks" in out["lora2"]
+        # each rank generated for its share of the test examples: the same completions
+        outputs = [re.findall(r"\n  output: (.*)", out[f"lora{n}"]) for n in (1, 2)]
+        assert len(outputs[0]) == 7 and outputs[1] == outputs[0], outputs
+
+
+@pytest.mark.parametrize("kind", ["distill", "dpo"])
+def test_teacher_and_reference_are_sharded(runs, kind):
+    """The frozen teacher / reference copy is sharded like the trained model (rank 0 holds about
+    half of it) and the runs log what one process logs: losses, the objective's train metrics
+    and the validation scores (per source for distillation)."""
+    tmp, out = runs
+    one, two = rows_of(tmp / f"{kind}1"), rows_of(tmp / f"{kind}2")
+    losses = [r["loss"] for r in one if r["kind"] == "train"]
+    assert len(set(losses)) == 3 and [r["step"] for r in one if r["kind"] == "eval"] == [0, 3]
+    _same_rows(two, one)
+    if kind == "distill":
+        assert {"kd_loss", "val_loss/val", "val_loss/test"} <= {k for r in one for k in r}
+    else:
+        assert {"reward_margin", "val_reward_margin"} <= {k for r in one for k in r}
+    role = "teacher" if kind == "distill" else "reference"
+    m = re.search(rf"{kind} {role}: [\d.]+M params, frozen, sharded: (\d+)% of it on rank 0",
+                  out[f"{kind}2"])
+    assert m is not None and 45 <= int(m[1]) <= 55, out[f"{kind}2"][-3000:]
+
+
+def test_classifier_evaluation_is_shared_out(runs):
+    tmp, _ = runs
+    one = rows_of(tmp / "classify1")
+    assert [r["step"] for r in one if "accuracy" in r and "val_loss" in r] == [0, 3]
+    _same_rows(rows_of(tmp / "classify2"), one)
+
+
+def test_evaluation_batches_are_shared_out():
+    """Each rank scores a disjoint share of the validation batches, together all of them, and
+    every rank makes as many forward calls (the last ones repeats that count for nothing)."""
+    for n in range(7):
+        for world in (1, 2, 3):
+            shares = [eval_share(n, DistInfo(rank=r, world_size=world)) for r in range(world)]
+            assert {len(s) for s in shares} == {-(-n // world)}
+            real = sorted(i for s in shares for i in s if i is not None)
+            assert real == list(range(n))
+    examples = w.make_examples()
+    one = [(i, b.input_ids) for i, b in eval_batches(examples, 40, max_batches=7)]
+    assert [i for i, _ in one] == list(range(7))
+    got = []
+    for r in (0, 1):
+        mine = list(eval_batches(examples, 40, max_batches=7,
+                                 info=DistInfo(rank=r, world_size=2)))
+        assert [i for i, _ in mine] == [r, r + 2, r + 4, 6 if r == 0 else None]
+        got += [(i, b.input_ids) for i, b in mine if i is not None]
+    assert sorted(i for i, _ in got) == list(range(7))
+    assert all(torch.equal(one[i][1], ids) for i, ids in got)
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])

@@ -163,6 +163,33 @@ def test_sliding_window_counts_tokens_not_slots(tiny):
     assert generate_ids(model, prompts, max_new_tokens=n, drafts=wrong) == free
 
 
+def test_lock_step_decoding_keeps_pace_with_other_processes(tiny):
+    """``sync``: a call among processes that decode longer makes as many passes as they do
+    (one-token passes once its rows are done, or when it has no prompts), with the same output;
+    ``sync`` sees whether this call still generates."""
+    model, _ = tiny
+    prompts, n = _rand_prompts([4, 6, 2]), 5
+    calls = _passes(model)
+    free = generate_ids(model, prompts, max_new_tokens=n)
+    alone = len(calls)
+    assert alone > 1
+    for extra in (0, 3):
+        flags = []
+
+        def sync(flag, flags=flags, others=alone - 1 + extra):  # others: their passes left
+            flags.append(flag)
+            return flag or len(flags) <= others
+
+        calls.clear()
+        assert generate_ids(model, prompts, max_new_tokens=n, sync=sync) == free
+        assert len(calls) == alone + extra and calls[alone:] == [(1, 1)] * extra
+        assert flags == [True] * (alone - 1) + [False] * (extra + 1)
+        flags.clear()
+        calls.clear()
+        assert generate_ids(model, [], max_new_tokens=n, sync=sync) == []
+        assert calls == [(1, 1)] * (alone + extra)
+
+
 def test_drafts_with_eos_and_stop_rules(tiny):
     model, _ = tiny
     prompts = _rand_prompts([4, 6, 2])
