@@ -13,6 +13,10 @@ major version loads the folder. RoPE (default, linear, llama3, yarn, longrope; P
 ``partial_rotary_factor``) is parsed in ``ember.models.hf_rope``, Gemma 2/3's own fields (windows
 per layer, softcaps, Gemma 3's RoPE per layer type) in ``ember.models.hf_gemma``.
 
+MLP activation: SiLU (SwiGLU) or the tanh GELU (GeGLU) in any family, under transformers' names for
+them (silu / swish, gelu_pytorch_tanh / gelu_new / gelu_fast), read from the field transformers 5
+reads (``hidden_activation`` for Gemma 2/3, else ``hidden_act``); the exact GELU is refused.
+
 Every config.json field is either understood, checked to have the one value Ember implements, or on
 an explicit list of harmless fields (bookkeeping, generation defaults); any other field is an error
 that names it, so a checkpoint Ember would silently compute differently is never loaded.
@@ -131,6 +135,7 @@ _DEFAULTS = {
         max_position_embeddings=4096,
         num_key_value_heads=None,
         sliding_window=None,
+        rms_norm_eps=1e-5,
     ),
     "gemma": dict(
         bos_token_id=2,
@@ -212,29 +217,38 @@ def _parse_window(raw: Mapping, model_type: str, num_layers: int
     return window, None
 
 
+# transformers' activations (ACT2FN names) that Ember's MLP kernels compute: SiLU (SwiGLU) and the
+# tanh GELU (GeGLU; "gelu_new" and "gelu_fast" are the same formula written out). Exact (erf)
+# GELU is not implemented.
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
 def _activation(raw: Mapping, model_type: str) -> str:
-    """Ember's MLP activation for the config's hidden_act: SwiGLU, or GeGLU (tanh) for Gemma."""
-    if model_type not in GEMMA:
-        act = raw.get("hidden_act", "silu")
-        if act != "silu":
-            raise EmberError(
-                f"config.json: hidden_act {act!r} is not supported for {model_type} (only 'silu')"
-            )
-        return "silu"
+    """Ember's MLP activation for the config's hidden activation, read as transformers 5 reads it:
+    ``hidden_act`` (Gemma v1, where the original releases' "gelu" means the tanh GELU), or
+    ``hidden_activation`` (Gemma 2/3)."""
     if raw.get("use_bidirectional_attention"):
         raise EmberError("config.json: use_bidirectional_attention=true is not supported")
-    if model_type in _SANDWICH:  # transformers reads hidden_activation only ("gelu" is exact)
-        act = raw.get("hidden_activation", "gelu_pytorch_tanh")
-        legacy = ()
-    else:  # transformers reads Gemma's legacy hidden_act "gelu" as the tanh approximation
-        act = raw.get("hidden_activation") or raw.get("hidden_act", "gelu_pytorch_tanh")
-        legacy = ("gelu",)
-    if act not in ("gelu_pytorch_tanh", *legacy):
+    key = "hidden_activation" if model_type in _SANDWICH else "hidden_act"
+    act = raw.get(key, "gelu_pytorch_tanh" if model_type in GEMMA else "silu")
+    if model_type == "gemma" and act == "gelu":
+        act = "gelu_pytorch_tanh"
+    if act not in _ACTIVATIONS or (model_type in GEMMA and _ACTIVATIONS[act] != "gelu_tanh"):
+        supported = [a for a, v in _ACTIVATIONS.items() if model_type not in GEMMA or v != "silu"]
         raise EmberError(
-            f"config.json: hidden activation {act!r} is not supported for {model_type} "
-            "(only 'gelu_pytorch_tanh')"
+            f"config.json: {key} {act!r} is not supported for {model_type} (supported: "
+            f"{', '.join(supported)})"
         )
-    return "gelu_tanh"
+    other = raw.get("hidden_activation") if model_type == "gemma" else None
+    if other is not None and _ACTIVATIONS.get(other) != _ACTIVATIONS[act]:
+        # transformers 4.40-4.4x computed Gemma's hidden_activation, 5.x computes hidden_act
+        raise EmberError(
+            f"config.json: hidden_act {act!r} and hidden_activation {other!r} differ; "
+            "transformers 5 computes hidden_act and 4.x computed hidden_activation, so make "
+            "them agree"
+        )
+    return _ACTIVATIONS[act]
 
 
 def quantization_config_from_hf(raw: Mapping) -> dict | None:
@@ -399,7 +413,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             num_heads=num_heads,
             num_kv_heads=kv,
             head_dim=head_dim,
-            rms_norm_eps=_get_float(raw, "rms_norm_eps", 1e-6),
+            rms_norm_eps=_get_float(raw, "rms_norm_eps", dflt.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=max_pos,
             partial_rotary_factor=partial,
             tie_word_embeddings=_get_bool(
@@ -444,7 +458,7 @@ def _check_exportable(cfg: ModelConfig) -> None:
         )
     problems = []
     gemma, sandwich = mt in GEMMA, mt in _SANDWICH
-    if cfg.activation != ("gelu_tanh" if gemma else "silu"):
+    if gemma and cfg.activation != "gelu_tanh":
         problems.append(f"activation={cfg.activation!r}")
     names = ("layer_types", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
     for name in () if sandwich else names:
@@ -515,7 +529,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
-        "hidden_act": "gelu_pytorch_tanh" if mt == "gemma" else "silu",
+        "hidden_act": "gelu_pytorch_tanh" if cfg.activation == "gelu_tanh" else "silu",
         "rms_norm_eps": cfg.rms_norm_eps,
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
