@@ -305,7 +305,18 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
     archs = raw.get("architectures")
     classifier = _classifier_architecture(model_type)
     labels = labels_from_hf(raw, classifier)
-    if archs is not None and labels is None and archs != [ARCHITECTURES[model_type]]:
+    causal_lm = isinstance(archs, list) and archs and all(
+        isinstance(a, str) and a.endswith("ForCausalLM") for a in archs)
+    if causal_lm and labels is None and archs != [ARCHITECTURES[model_type]]:
+        # AutoModelForCausalLM builds the model from model_type and never reads architectures
+        # (old Llama conversions say "LLaMAForCausalLM"); the weights' names are checked anyway
+        warnings.warn(
+            f"config.json: architectures {archs!r} is not {model_type}'s "
+            f"{ARCHITECTURES[model_type]!r}; loading it as model_type {model_type!r}, as "
+            "transformers' AutoModelForCausalLM does (export writes the standard name)",
+            stacklevel=2,
+        )
+    elif archs is not None and labels is None and archs != [ARCHITECTURES[model_type]]:
         raise EmberError(
             f"config.json: architectures {archs!r} is not supported; expected "
             f"[{ARCHITECTURES[model_type]!r}] or [{classifier!r}]"

@@ -87,3 +87,20 @@ def test_fields_a_config_json_omits_take_transformers_class_defaults(tmp_path, c
     model, _ = load_pretrained(folder)
     assert model.cfg.rms_norm_eps == getattr(transformers, cls)().rms_norm_eps
     _assert_parity_and_export(model, folder, _ids(), tmp_path)
+
+
+@pytest.mark.parametrize("archs", [["LLaMAForCausalLM"], ["MistralForCausalLM"], ["LlamaModel"]])
+def test_architectures_is_read_as_automodelforcausallm_reads_it(tmp_path, archs):
+    """AutoModelForCausalLM builds the model from model_type, whatever architectures says (old
+    Llama conversions: "LLaMAForCausalLM"); Ember refused any other name. A bare LlamaModel (no
+    "model." prefix, no head) stays refused."""
+    folder = _save(tmp_path, "llama")
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "architectures": archs}))
+    if archs == ["LlamaModel"]:
+        with pytest.raises(EmberError, match="architectures \\['LlamaModel'\\] is not supported"):
+            load_pretrained(folder)
+        return
+    with pytest.warns(UserWarning, match="loading it as model_type 'llama'"):
+        model, _ = load_pretrained(folder)
+    _assert_parity_and_export(model, folder, _ids(), tmp_path)
