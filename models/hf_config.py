@@ -77,7 +77,7 @@ _HARMLESS_FIELDS = frozenset(
     _name_or_path transformers_version architectures model_type use_cache initializer_range auto_map
     pretraining_tp is_llama_config transformers.js_config output_attentions output_hidden_states
     return_dict torchscript use_return_dict id2label label2id problem_type num_labels
-    chunk_size_feed_forward
+    chunk_size_feed_forward max_sequence_length
     is_encoder_decoder is_decoder add_cross_attention tie_encoder_decoder
     cross_attention_hidden_size pruned_heads finetuning_task tokenizer_class prefix sep_token_id
     decoder_start_token_id
@@ -439,7 +439,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             embedding_scale=_get_int(raw, "hidden_size") ** 0.5 if gemma else None,
             bos_token_id=_get_int(raw, "bos_token_id", dflt["bos_token_id"], nullable=True),
             eos_token_id=eos,
-            pad_token_id=_get_int(raw, "pad_token_id", None, nullable=True),
+            pad_token_id=_pad_token_id(raw),
             torch_dtype=dtype or "float32",
             labels=labels,
             extra=extra,
@@ -449,6 +449,15 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
         raise
     except ValueError as e:
         raise EmberError(f"config.json: {e}") from None
+
+
+def _pad_token_id(raw: Mapping) -> int | None:
+    """pad_token_id; a negative one (early Llama conversions: -1) is no pad token: no token id is
+    negative, and transformers' embedding only keeps that row's gradient at zero."""
+    pad = raw.get("pad_token_id")
+    if isinstance(pad, int) and not isinstance(pad, bool) and pad < 0:
+        return None
+    return _get_int(raw, "pad_token_id", None, nullable=True)
 
 
 def _classifier_architecture(model_type: str) -> str:

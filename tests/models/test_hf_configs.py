@@ -104,3 +104,15 @@ def test_architectures_is_read_as_automodelforcausallm_reads_it(tmp_path, archs)
     with pytest.warns(UserWarning, match="loading it as model_type 'llama'"):
         model, _ = load_pretrained(folder)
     _assert_parity_and_export(model, folder, _ids(), tmp_path)
+
+
+def test_early_llama_conversion_config_loads(tmp_path):
+    """The first Llama conversions' config.json: pad_token_id -1 (no pad token; was refused as
+    negative) and max_sequence_length (transformers ignores it; was refused as unknown)."""
+    folder = _save(tmp_path, "llama1")
+    path = folder / "config.json"
+    raw = {**json.loads(path.read_text()), "pad_token_id": -1, "max_sequence_length": 2048}
+    path.write_text(json.dumps(raw))
+    model, _ = load_pretrained(folder)
+    assert model.cfg.pad_token_id is None
+    _assert_parity_and_export(model, folder, _ids(), tmp_path)
