@@ -563,9 +563,10 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         "dtype": dtype,
         "torch_dtype": dtype,
         "attention_dropout": 0.0,
-        "initializer_range": cfg.extra.get("initializer_range", 0.02),
         "use_cache": True,
     }
+    if "initializer_range" in cfg.extra:  # absent: transformers' default, as it was read
+        out["initializer_range"] = cfg.extra["initializer_range"]
     if mt in ("llama", "qwen3", *GEMMA):
         out["attention_bias"] = cfg.attention_bias
     if mt == "llama":

@@ -75,17 +75,23 @@ def test_gemma3_attn_logit_softcapping_is_ignored_as_transformers_does(tmp_path)
         assert (capped(ids) - model(ids)).abs().max().item() > 1e-2
 
 
-@pytest.mark.parametrize("cls", ["Phi3Config", "LlamaConfig", "Gemma2Config"])
-def test_fields_a_config_json_omits_take_transformers_class_defaults(tmp_path, cls):
+@pytest.mark.parametrize(
+    "cls,field",
+    [("Phi3Config", "rms_norm_eps"), ("LlamaConfig", "rms_norm_eps"),
+     ("Gemma2Config", "rms_norm_eps"), ("Qwen2Config", "initializer_range")],
+)
+def test_fields_a_config_json_omits_take_transformers_class_defaults(tmp_path, cls, field):
     """A config.json without rms_norm_eps: Phi3Config's default is 1e-5 (the other families'
-    1e-6); Ember used 1e-6 for every family."""
+    1e-6); Ember used 1e-6 for every family. Without initializer_range, the export wrote 0.02, so
+    the exported config read back differently."""
     folder = _save(tmp_path, cls, cls, **(PHI3 if cls == "Phi3Config" else {}))
     path = folder / "config.json"
     raw = json.loads(path.read_text())
-    del raw["rms_norm_eps"]
+    del raw[field]
     path.write_text(json.dumps(raw))
     model, _ = load_pretrained(folder)
-    assert model.cfg.rms_norm_eps == getattr(transformers, cls)().rms_norm_eps
+    assert model.cfg.rms_norm_eps == (raw.get("rms_norm_eps")
+                                      or getattr(transformers, cls)().rms_norm_eps)
     _assert_parity_and_export(model, folder, _ids(), tmp_path)
 
 
