@@ -13,6 +13,10 @@ major version loads the folder. RoPE (default, linear, llama3, yarn, longrope; P
 ``partial_rotary_factor``) is parsed in ``ember.models.hf_rope``, Gemma 2/3's own fields (windows
 per layer, softcaps, Gemma 3's RoPE per layer type) in ``ember.models.hf_gemma``.
 
+MLP activation: SiLU (SwiGLU) or the tanh GELU (GeGLU) in any family, under transformers' names for
+them (silu / swish, gelu_pytorch_tanh / gelu_new / gelu_fast), read from the field transformers 5
+reads (``hidden_activation`` for Gemma 2/3, else ``hidden_act``); the exact GELU is refused.
+
 Every config.json field is either understood, checked to have the one value Ember implements, or on
 an explicit list of harmless fields (bookkeeping, generation defaults); any other field is an error
 that names it, so a checkpoint Ember would silently compute differently is never loaded.
@@ -73,7 +77,7 @@ _HARMLESS_FIELDS = frozenset(
     _name_or_path transformers_version architectures model_type use_cache initializer_range auto_map
     pretraining_tp is_llama_config transformers.js_config output_attentions output_hidden_states
     return_dict torchscript use_return_dict id2label label2id problem_type num_labels
-    chunk_size_feed_forward
+    chunk_size_feed_forward max_sequence_length
     is_encoder_decoder is_decoder add_cross_attention tie_encoder_decoder
     cross_attention_hidden_size pruned_heads finetuning_task tokenizer_class prefix sep_token_id
     decoder_start_token_id
@@ -131,6 +135,7 @@ _DEFAULTS = {
         max_position_embeddings=4096,
         num_key_value_heads=None,
         sliding_window=None,
+        rms_norm_eps=1e-5,
     ),
     "gemma": dict(
         bos_token_id=2,
@@ -212,29 +217,38 @@ def _parse_window(raw: Mapping, model_type: str, num_layers: int
     return window, None
 
 
+# transformers' activations (ACT2FN names) that Ember's MLP kernels compute: SiLU (SwiGLU) and the
+# tanh GELU (GeGLU; "gelu_new" and "gelu_fast" are the same formula written out). Exact (erf)
+# GELU is not implemented.
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
 def _activation(raw: Mapping, model_type: str) -> str:
-    """Ember's MLP activation for the config's hidden_act: SwiGLU, or GeGLU (tanh) for Gemma."""
-    if model_type not in GEMMA:
-        act = raw.get("hidden_act", "silu")
-        if act != "silu":
-            raise EmberError(
-                f"config.json: hidden_act {act!r} is not supported for {model_type} (only 'silu')"
-            )
-        return "silu"
+    """Ember's MLP activation for the config's hidden activation, read as transformers 5 reads it:
+    ``hidden_act`` (Gemma v1, where the original releases' "gelu" means the tanh GELU), or
+    ``hidden_activation`` (Gemma 2/3)."""
     if raw.get("use_bidirectional_attention"):
         raise EmberError("config.json: use_bidirectional_attention=true is not supported")
-    if model_type in _SANDWICH:  # transformers reads hidden_activation only ("gelu" is exact)
-        act = raw.get("hidden_activation", "gelu_pytorch_tanh")
-        legacy = ()
-    else:  # transformers reads Gemma's legacy hidden_act "gelu" as the tanh approximation
-        act = raw.get("hidden_activation") or raw.get("hidden_act", "gelu_pytorch_tanh")
-        legacy = ("gelu",)
-    if act not in ("gelu_pytorch_tanh", *legacy):
+    key = "hidden_activation" if model_type in _SANDWICH else "hidden_act"
+    act = raw.get(key, "gelu_pytorch_tanh" if model_type in GEMMA else "silu")
+    if model_type == "gemma" and act == "gelu":
+        act = "gelu_pytorch_tanh"
+    if act not in _ACTIVATIONS or (model_type in GEMMA and _ACTIVATIONS[act] != "gelu_tanh"):
+        supported = [a for a, v in _ACTIVATIONS.items() if model_type not in GEMMA or v != "silu"]
         raise EmberError(
-            f"config.json: hidden activation {act!r} is not supported for {model_type} "
-            "(only 'gelu_pytorch_tanh')"
+            f"config.json: {key} {act!r} is not supported for {model_type} (supported: "
+            f"{', '.join(supported)})"
         )
-    return "gelu_tanh"
+    other = raw.get("hidden_activation") if model_type == "gemma" else None
+    if other is not None and _ACTIVATIONS.get(other) != _ACTIVATIONS[act]:
+        # transformers 4.40-4.4x computed Gemma's hidden_activation, 5.x computes hidden_act
+        raise EmberError(
+            f"config.json: hidden_act {act!r} and hidden_activation {other!r} differ; "
+            "transformers 5 computes hidden_act and 4.x computed hidden_activation, so make "
+            "them agree"
+        )
+    return _ACTIVATIONS[act]
 
 
 def quantization_config_from_hf(raw: Mapping) -> dict | None:
@@ -291,7 +305,18 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
     archs = raw.get("architectures")
     classifier = _classifier_architecture(model_type)
     labels = labels_from_hf(raw, classifier)
-    if archs is not None and labels is None and archs != [ARCHITECTURES[model_type]]:
+    causal_lm = isinstance(archs, list) and archs and all(
+        isinstance(a, str) and a.endswith("ForCausalLM") for a in archs)
+    if causal_lm and labels is None and archs != [ARCHITECTURES[model_type]]:
+        # AutoModelForCausalLM builds the model from model_type and never reads architectures
+        # (old Llama conversions say "LLaMAForCausalLM"); the weights' names are checked anyway
+        warnings.warn(
+            f"config.json: architectures {archs!r} is not {model_type}'s "
+            f"{ARCHITECTURES[model_type]!r}; loading it as model_type {model_type!r}, as "
+            "transformers' AutoModelForCausalLM does (export writes the standard name)",
+            stacklevel=2,
+        )
+    elif archs is not None and labels is None and archs != [ARCHITECTURES[model_type]]:
         raise EmberError(
             f"config.json: architectures {archs!r} is not supported; expected "
             f"[{ARCHITECTURES[model_type]!r}] or [{classifier!r}]"
@@ -399,7 +424,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             num_heads=num_heads,
             num_kv_heads=kv,
             head_dim=head_dim,
-            rms_norm_eps=_get_float(raw, "rms_norm_eps", 1e-6),
+            rms_norm_eps=_get_float(raw, "rms_norm_eps", dflt.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=max_pos,
             partial_rotary_factor=partial,
             tie_word_embeddings=_get_bool(
@@ -414,7 +439,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             embedding_scale=_get_int(raw, "hidden_size") ** 0.5 if gemma else None,
             bos_token_id=_get_int(raw, "bos_token_id", dflt["bos_token_id"], nullable=True),
             eos_token_id=eos,
-            pad_token_id=_get_int(raw, "pad_token_id", None, nullable=True),
+            pad_token_id=_pad_token_id(raw),
             torch_dtype=dtype or "float32",
             labels=labels,
             extra=extra,
@@ -424,6 +449,15 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
         raise
     except ValueError as e:
         raise EmberError(f"config.json: {e}") from None
+
+
+def _pad_token_id(raw: Mapping) -> int | None:
+    """pad_token_id; a negative one (early Llama conversions: -1) is no pad token: no token id is
+    negative, and transformers' embedding only keeps that row's gradient at zero."""
+    pad = raw.get("pad_token_id")
+    if isinstance(pad, int) and not isinstance(pad, bool) and pad < 0:
+        return None
+    return _get_int(raw, "pad_token_id", None, nullable=True)
 
 
 def _classifier_architecture(model_type: str) -> str:
@@ -444,7 +478,7 @@ def _check_exportable(cfg: ModelConfig) -> None:
         )
     problems = []
     gemma, sandwich = mt in GEMMA, mt in _SANDWICH
-    if cfg.activation != ("gelu_tanh" if gemma else "silu"):
+    if gemma and cfg.activation != "gelu_tanh":
         problems.append(f"activation={cfg.activation!r}")
     names = ("layer_types", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
     for name in () if sandwich else names:
@@ -515,7 +549,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
-        "hidden_act": "gelu_pytorch_tanh" if mt == "gemma" else "silu",
+        "hidden_act": "gelu_pytorch_tanh" if cfg.activation == "gelu_tanh" else "silu",
         "rms_norm_eps": cfg.rms_norm_eps,
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
@@ -529,9 +563,10 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         "dtype": dtype,
         "torch_dtype": dtype,
         "attention_dropout": 0.0,
-        "initializer_range": cfg.extra.get("initializer_range", 0.02),
         "use_cache": True,
     }
+    if "initializer_range" in cfg.extra:  # absent: transformers' default, as it was read
+        out["initializer_range"] = cfg.extra["initializer_range"]
     if mt in ("llama", "qwen3", *GEMMA):
         out["attention_bias"] = cfg.attention_bias
     if mt == "llama":

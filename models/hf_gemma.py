@@ -1,6 +1,7 @@
 """Gemma 2 / Gemma 3 text ``config.json`` fields <-> ``ModelConfig``, for
 ``ember.models.hf_config``: per-layer sliding windows (``layer_types`` or transformers' default
-pattern), ``query_pre_attn_scalar``, logit softcaps, and Gemma 3's RoPE per layer type (a scaled
+pattern), ``query_pre_attn_scalar``, logit softcaps (Gemma 3's ``attn_logit_softcapping``
+is ignored, with a warning, as transformers ignores it), and Gemma 3's RoPE per layer type (a scaled
 global RoPE, an unscaled local one with its own base), read as transformers 5 reads them.
 
 The multimodal Gemma 3 (``model_type`` "gemma3", ``Gemma3ForConditionalGeneration``: SigLIP vision
@@ -12,6 +13,7 @@ weights are renamed in ``ember.models.hf`` (``split_multimodal_keys``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 from ember import EmberError
@@ -84,6 +86,15 @@ def gemma_fields(raw: Mapping, model_type: str, num_layers: int, max_pos: int,
     for key in ("attn_softcap", "final_softcap"):
         if out[key] is not None and out[key] <= 0:
             raise EmberError(f"config.json: logit softcapping must be > 0 or null, got {out[key]}")
+    if model_type == "gemma3_text" and out["attn_softcap"] is not None:
+        # transformers' Gemma 3 attention (4.50+ and 5.x) never passes the cap to its attention
+        # function: the field is read and ignored, so Ember ignores it too
+        warnings.warn(
+            f"config.json: attn_logit_softcapping={out['attn_softcap']} is ignored for "
+            "gemma3_text, as transformers ignores it (Gemma 3 attention has no logit softcap)",
+            stacklevel=3,
+        )
+        out["attn_softcap"] = None
     if model_type == "gemma3_text":
         out["rope_theta"], out["rope_scaling"], out["rope_local_theta"] = parse_gemma3_rope(
             raw, max_pos

@@ -1,0 +1,124 @@
+"""config.json variations of published checkpoints against transformers: activations and Gemma 3's
+attention softcap, each read as transformers 5 computes it (logits <= 1e-4, fp32, and Ember's
+export loads back with the same logits) or refused with an EmberError that names the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.models.loading import load_pretrained
+from ember.models.transformer import Transformer
+from tests.models.test_interop_hf import PHI3, _assert_parity_and_export, _ids, _save
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+
+@pytest.mark.parametrize(
+    "cls,key,act,ours",
+    [
+        ("LlamaConfig", "hidden_act", "gelu_pytorch_tanh", "gelu_tanh"),
+        ("Qwen2Config", "hidden_act", "gelu_new", "gelu_tanh"),
+        ("Phi3Config", "hidden_act", "gelu_fast", "gelu_tanh"),
+        ("MistralConfig", "hidden_act", "swish", "silu"),
+        ("Gemma2Config", "hidden_activation", "gelu_new", "gelu_tanh"),
+    ],
+)
+def test_activations_ember_computes_load_and_export(tmp_path, cls, key, act, ours):
+    """transformers' other names of SiLU and the tanh GELU; non-Gemma families with the tanh GELU
+    (any family takes any hidden_act) used to be refused, "swish" and "gelu_new" everywhere."""
+    folder = _save(tmp_path, f"{cls}-{act}", cls, **(PHI3 if cls == "Phi3Config" else {}),
+                   **{key: act})
+    model, _ = load_pretrained(folder)
+    assert model.cfg.activation == ours
+    _assert_parity_and_export(model, folder, _ids(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "cls,change,needle",
+    [
+        ("LlamaConfig", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported for llama"),
+        ("Gemma2Config", {"hidden_activation": "gelu"}, "hidden_activation 'gelu' is not"),
+        # transformers 5's Gemma computes hidden_act (SiLU here); Ember used to read
+        # hidden_activation first and compute the tanh GELU, silently different
+        ("GemmaConfig", {"hidden_act": "silu", "hidden_activation": "gelu_pytorch_tanh"},
+         "hidden_act 'silu' is not supported for gemma"),
+        # 4.x computed hidden_activation (exact GELU), 5.x hidden_act (the tanh GELU)
+        ("GemmaConfig", {"hidden_act": "gelu", "hidden_activation": "gelu"}, "differ"),
+    ],
+)
+def test_activations_ember_cannot_compute_are_refused(tmp_path, cls, change, needle):
+    folder = _save(tmp_path, "act", cls)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(EmberError, match=needle):
+        load_pretrained(folder)
+
+
+def test_gemma3_attn_logit_softcapping_is_ignored_as_transformers_does(tmp_path):
+    """transformers' Gemma 3 attention never applies attn_logit_softcapping (it applies the final
+    logit cap); Ember applied both, so logits differed from transformers'."""
+    folder = _save(tmp_path, "gemma3", "Gemma3TextConfig", sliding_window=5,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+    with pytest.warns(UserWarning, match="attn_logit_softcapping=2.0 is ignored"):
+        model, _ = load_pretrained(folder)
+    assert model.cfg.attn_softcap is None and model.cfg.final_softcap == 3.0
+    ids = _ids()
+    _assert_parity_and_export(model, folder, ids, tmp_path)
+    capped = Transformer(model.cfg.replace(attn_softcap=2.0))
+    capped.load_state_dict(model.state_dict())
+    with torch.no_grad():  # the cap bites on these weights: applying it would show
+        assert (capped(ids) - model(ids)).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "cls,field",
+    [("Phi3Config", "rms_norm_eps"), ("LlamaConfig", "rms_norm_eps"),
+     ("Gemma2Config", "rms_norm_eps"), ("Qwen2Config", "initializer_range")],
+)
+def test_fields_a_config_json_omits_take_transformers_class_defaults(tmp_path, cls, field):
+    """A config.json without rms_norm_eps: Phi3Config's default is 1e-5 (the other families'
+    1e-6); Ember used 1e-6 for every family. Without initializer_range, the export wrote 0.02, so
+    the exported config read back differently."""
+    folder = _save(tmp_path, cls, cls, **(PHI3 if cls == "Phi3Config" else {}))
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    del raw[field]
+    path.write_text(json.dumps(raw))
+    model, _ = load_pretrained(folder)
+    assert model.cfg.rms_norm_eps == (raw.get("rms_norm_eps")
+                                      or getattr(transformers, cls)().rms_norm_eps)
+    _assert_parity_and_export(model, folder, _ids(), tmp_path)
+
+
+@pytest.mark.parametrize("archs", [["LLaMAForCausalLM"], ["MistralForCausalLM"], ["LlamaModel"]])
+def test_architectures_is_read_as_automodelforcausallm_reads_it(tmp_path, archs):
+    """AutoModelForCausalLM builds the model from model_type, whatever architectures says (old
+    Llama conversions: "LLaMAForCausalLM"); Ember refused any other name. A bare LlamaModel (no
+    "model." prefix, no head) stays refused."""
+    folder = _save(tmp_path, "llama")
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "architectures": archs}))
+    if archs == ["LlamaModel"]:
+        with pytest.raises(EmberError, match="architectures \\['LlamaModel'\\] is not supported"):
+            load_pretrained(folder)
+        return
+    with pytest.warns(UserWarning, match="loading it as model_type 'llama'"):
+        model, _ = load_pretrained(folder)
+    _assert_parity_and_export(model, folder, _ids(), tmp_path)
+
+
+def test_early_llama_conversion_config_loads(tmp_path):
+    """The first Llama conversions' config.json: pad_token_id -1 (no pad token; was refused as
+    negative) and max_sequence_length (transformers ignores it; was refused as unknown)."""
+    folder = _save(tmp_path, "llama1")
+    path = folder / "config.json"
+    raw = {**json.loads(path.read_text()), "pad_token_id": -1, "max_sequence_length": 2048}
+    path.write_text(json.dumps(raw))
+    model, _ = load_pretrained(folder)
+    assert model.cfg.pad_token_id is None
+    _assert_parity_and_export(model, folder, _ids(), tmp_path)
