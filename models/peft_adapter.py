@@ -308,7 +308,8 @@ def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> 
     if bias not in ("none", "all", "lora_only"):
         raise EmberError(f"{where}: bias={bias!r} is not a PEFT bias mode")
     for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+        v = config.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
             raise EmberError(f"{where}: {key} must be a positive number, got {config.get(key)!r}")
 
 
