@@ -65,16 +65,28 @@ def split_adapter(tensors: dict, config: dict, cfg: ModelConfig) -> tuple[dict, 
         for part, chunk in zip(GROUPS[group], chunks, strict=True):
             name = _part_name(prefix, group, part)
             out[f"base_model.model.{name}.{m[2]}{suffix}"] = chunk
-            for old, new in ((old_rank, rank_pat), (old_alpha, alpha_pat)):
+            # Always explicit: a pattern that PEFT matched against no fused name (e.g. "up_proj",
+            # which "gate_up_proj" does not end with) must not reach the part's own name.
+            for old, new, dflt in ((old_rank, rank_pat, "r"), (old_alpha, alpha_pat, "lora_alpha")):
                 hit = next((v for k, v in old.items() if re.match(rf"(.*\.)?({k})$", m[1])), None)
-                if hit is not None:
-                    new[re.escape(name)] = hit
+                new[re.escape(name)] = config.get(dflt) if hit is None else hit
     config = {
         **config,
         "rank_pattern": {**rank_pat, **old_rank},
         "alpha_pattern": {**alpha_pat, **old_alpha},
     }
     return out, config
+
+
+def fused_module_name(hf_name: str, cfg: ModelConfig | None) -> str:
+    """A part's transformers name -> the module PEFT sees in a fused model
+    (``model.layers.0.self_attn.q_proj`` -> ``model.layers.0.self_attn.qkv_proj``); other names
+    and unfused models: unchanged."""
+    if not is_fused(cfg):
+        return hf_name
+    prefix, _, leaf = hf_name.rpartition(".")
+    group = next((g for g, parts in GROUPS.items() if leaf in parts), None)
+    return hf_name if group is None else f"{prefix.rpartition('.')[0]}.{group}"
 
 
 def _by_group(items: dict) -> tuple[dict, dict]:

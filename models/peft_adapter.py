@@ -5,9 +5,11 @@
 ``peft.PeftModel.save_pretrained`` does for a transformers Llama-family model, so
 ``PeftModel.from_pretrained(hf_model, dir)`` reproduces ember's logits; ``load_adapter`` reads
 adapters written by either (per-module ranks/alphas via ``rank_pattern`` / ``alpha_pattern``;
-``modules_to_save`` lm_head / embed_tokens of an untied model overwrite the model's own weights
-and are written back by ``save_adapter``; a classifier's head travels as PEFT's SEQ_CLS
-``modules_to_save``; DoRA's ``use_dora`` with its ``lora_magnitude_vector`` per module). Fields
+``modules_to_save`` lm_head / embed_tokens of an untied model, or of a tied one saved with
+``ensure_weight_tying``, overwrite the model's own weights and are written back by
+``save_adapter``; so do the projection biases that ``bias="all"`` / ``"lora_only"`` trained; a
+classifier's head travels as PEFT's SEQ_CLS ``modules_to_save``; DoRA's ``use_dora`` with its
+``lora_magnitude_vector`` per module). Fields
 that would change what an adapter computes (other LoRA variants, base-changing inits, unknown
 fields) are refused by name. On a multimodal Gemma 3's language model (``cfg.extra["multimodal"]``)
 the names are those inside ``Gemma3ForConditionalGeneration``
@@ -40,7 +42,13 @@ from ember.models.lora import (
     dense_base_weight,
     lora_modules,
 )
-from ember.models.lora_fused import fuse_adapter, fuse_magnitudes, is_fused, split_adapter
+from ember.models.lora_fused import (
+    fuse_adapter,
+    fuse_magnitudes,
+    fused_module_name,
+    is_fused,
+    split_adapter,
+)
 
 _EMBER_NAME = re.compile(r"layers\.(\d+)\.(attn|mlp)\.(\w+)")
 # A multimodal Gemma 3's language model: "model.language_model." in transformers 4.52+ (what PEFT
@@ -176,9 +184,14 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     for name in mts:
         key, attr = _FULL_WEIGHTS[name]
         tensors[key] = getattr(model, attr).weight.detach().to("cpu").contiguous()
+    tied = bool(mts) and _tied_lm(model)
+    bias = getattr(model, "peft_bias", "none")  # set by load_adapter
+    tensors.update(_bias_tensors(model, bias))
+    if tied:  # PEFT's ensure_weight_tying: the one trained embedding, saved as the head too
+        tensors[_FULL_WEIGHTS["lm_head"][0]] = tensors[_FULL_WEIGHTS["embed_tokens"][0]].clone()
     config = {
         "alpha_pattern": alpha_pattern, "auto_mapping": None,
-        "base_model_name_or_path": base_model_name_or_path, "bias": "none",
+        "base_model_name_or_path": base_model_name_or_path, "bias": bias,
         "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "layer_replication": None, "layers_pattern": None,
         "layers_to_transform": None, "loftq_config": {}, "lora_alpha": alpha,
@@ -186,12 +199,29 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         "megatron_core": "megatron.core", "modules_to_save": mts or None, "peft_type": "LORA",
         "r": r, "rank_pattern": rank_pattern, "revision": None, "target_modules": targets,
         "task_type": "CAUSAL_LM", "use_dora": use_dora, "use_rslora": rslora.pop(),
+        "ensure_weight_tying": tied,
     }
     if getattr(model, "score", None) is not None:
         # A classifier: PEFT's SEQ_CLS format, the whole head saved as modules_to_save.
         config.update(task_type="SEQ_CLS", modules_to_save=sorted({*mts, *HEAD_MODULES}))
         tensors[HEAD_KEY] = model.score.weight.detach().to("cpu").contiguous()
     return _write_adapter(out_dir, config, tensors)
+
+
+def _bias_tensors(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:
+    """The projections' biases as PEFT saves them for bias="all" (every one) or "lora_only" (those
+    of adapted modules; ``base_layer.bias`` inside PEFT's wrapper)."""
+    if mode == "none":
+        return {}
+    cfg, out = getattr(model, "cfg", None), {}
+    for n, m in _candidates(model).items():
+        wrapped = isinstance(m, LoRALinear)
+        b = getattr(m.base if wrapped else m, "bias", None)
+        if b is None or not _EMBER_NAME.fullmatch(n) or (mode == "lora_only" and not wrapped):
+            continue
+        key = f"base_model.model.{hf_module_name(n, cfg)}{'.base_layer' if wrapped else ''}.bias"
+        out[key] = b.detach().to("cpu").contiguous()
+    return out
 
 
 def _write_adapter(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
@@ -218,8 +248,12 @@ def _read_adapter_config(adapter_dir: Path) -> dict:
     if not adapter_dir.is_dir():
         raise EmberError(f"adapter directory {str(adapter_dir)!r} does not exist")
     if not cfg_path.is_file():
+        # PEFT saves an adapter not named "default" in a subfolder of that name
+        subs = sorted(p.parent.name for p in adapter_dir.glob("*/adapter_config.json"))
+        hint = f"; PEFT saved adapter(s) {subs} in subfolders: pass one of them" if subs else ""
         raise EmberError(f"{cfg_path}: missing; an adapter directory holds adapter_config.json "
-                         "and adapter_model.safetensors (as written by save_adapter or PEFT)")
+                         "and adapter_model.safetensors (as written by save_adapter or PEFT)"
+                         + hint)
     try:
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -267,22 +301,15 @@ def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> 
                          "path_initial_model_for_weight_conversion to get a plain LoRA, or "
                          f"{_MERGE_HINT}")
     mts = config.get("modules_to_save") or []
-    if not isinstance(mts, list) or any(m not in _FULL_WEIGHTS and m not in HEAD_MODULES
-                                        for m in mts):
+    if not isinstance(mts, list) or _saved_modules(mts)[1]:
         raise EmberError(f"{where}: modules_to_save={mts!r} is not supported by ember's LoRA (only "
                          f"{sorted(_FULL_WEIGHTS)}, and a classifier's head): {_MERGE_HINT}")
     bias = config.get("bias", "none")
     if bias not in ("none", "all", "lora_only"):
         raise EmberError(f"{where}: bias={bias!r} is not a PEFT bias mode")
-    # bias="all"/"lora_only" train the base biases and save them with the adapter; on a model
-    # without biases (Llama, Mistral) nothing is saved and the adapter is a plain LoRA.
-    biases = sorted(k for k in (tensors or {}) if k.endswith(".bias"))
-    if bias != "none" and biases:
-        raise EmberError(f"{where}: bias={bias!r}: the adapter carries {len(biases)} trained "
-                         f"base biases (e.g. {biases[0]}), which ember's LoRA cannot hold; "
-                         f"{_MERGE_HINT}")
     for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+        v = config.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
             raise EmberError(f"{where}: {key} must be a positive number, got {config.get(key)!r}")
 
 
@@ -324,20 +351,76 @@ def _saved_unchanged_embedding(model: nn.Module, key: str, t: torch.Tensor) -> b
             and torch.equal(w.detach().cpu().float(), t.float()))
 
 
+def _saved_modules(mts: list) -> tuple[list[str], list]:
+    """modules_to_save entries -> the ``_FULL_WEIGHTS`` modules they select (PEFT matches an entry
+    as a suffix of module names: "embed_tokens" and "model.embed_tokens" are one module), and the
+    entries that select none of them nor a classifier's head."""
+    names, bad = set(), []
+    for m in mts:
+        try:
+            hit = {n for n, (key, _) in _FULL_WEIGHTS.items()
+                   if re.fullmatch(rf"(.*\.)?{m}", key[len("base_model.model."):-len(".weight")])}
+        except (re.error, TypeError):
+            hit = set()
+        names |= hit
+        if not hit and m not in HEAD_MODULES:
+            bad.append(m)
+    return sorted(names), bad
+
+
+_BIAS_KEY = re.compile(r"base_model\.model\.(.+?)(?:\.base_layer)?\.bias")
+
+
+def _adapter_biases(model: nn.Module, config: dict, tensors: dict, wfile: Path) -> dict:
+    """bias="all" / "lora_only": the projections' biases PEFT trained and saved with the adapter
+    (``{ember module name: bias}``, popped from tensors); they replace the base's own, as in
+    PEFT. A model without biases (Llama, Mistral) saves none: a plain LoRA."""
+    mode = config.get("bias", "none")
+    if mode == "none":
+        return {}
+    cands, out = _candidates(model), {}
+    for key in [k for k in tensors if k.endswith(".bias")]:
+        m = _BIAS_KEY.fullmatch(key)
+        name = ember_module_name(m[1]) if m else None
+        mod = cands.get(name) if name else None
+        b = getattr(mod.base if isinstance(mod, LoRALinear) else mod, "bias", None)
+        if not isinstance(b, torch.Tensor) or b.shape != tensors[key].shape:
+            raise EmberError(f"{wfile}: bias={mode!r}: the trained bias {key} "
+                             f"{tuple(tensors[key].shape)} fits no projection bias of this model; "
+                             f"{_MERGE_HINT}")
+        out[name] = tensors.pop(key)
+    return out
+
+
+def _tied_lm(model: nn.Module) -> bool:
+    """A language model whose output head is its embedding (a classifier has no LM head)."""
+    return getattr(model, "lm_head", 1) is None and getattr(model, "score", None) is None
+
+
 def _full_weights(model: nn.Module, config: dict, tensors: dict, wfile: Path) -> dict:
     """``{model attribute: weight}`` for modules_to_save (popped from tensors), checked."""
     full = {}
-    for name in config.get("modules_to_save") or []:
-        if name in HEAD_MODULES:  # a classifier's head: _adapter_head
-            continue
+    names = _saved_modules(config.get("modules_to_save") or [])[0]
+    if names and _tied_lm(model):
+        # PEFT trains a copy of the module, which unties head and embedding, unless
+        # ensure_weight_tying: then one trained copy serves both (saved under both keys).
+        saved = [tensors[k] for k, _ in _FULL_WEIGHTS.values() if k in tensors]
+        if not (config.get("ensure_weight_tying") and saved
+                and all(torch.equal(saved[0], t) for t in saved[1:])):
+            raise EmberError(f"{wfile}: modules_to_save={names} on a model with tied embeddings "
+                             f"without ensure_weight_tying (PEFT trains a separate copy: unties "
+                             f"them) is not supported; {_MERGE_HINT}")
+        tensors.setdefault(_FULL_WEIGHTS["embed_tokens"][0], saved[0])
+        tensors.pop(_FULL_WEIGHTS["lm_head"][0], None)
+        names = ["embed_tokens"]
+    for name in names:
         key, attr = _FULL_WEIGHTS[name]
         if key not in tensors:
             raise EmberError(f"{wfile}: modules_to_save lists {name} but {key} is missing")
-        if getattr(model, "lm_head", 1) is None:
-            raise EmberError(f"{wfile}: modules_to_save={name!r} on a model with tied embeddings "
-                             f"(PEFT trains a separate copy: unties them) is not supported; "
-                             f"{_MERGE_HINT}")
         w = getattr(getattr(model, attr, None), "weight", None)
+        if attr == "lm_head" and getattr(model, "lm_head", None) is None:
+            raise EmberError(f"{wfile}: modules_to_save lists lm_head but the model has none "
+                             "(a classifier); load the adapter onto a causal LM")
         if not isinstance(w, torch.Tensor):
             raise EmberError(f"{wfile}: modules_to_save={name!r} needs a dense {attr} (this one "
                              "is quantized); load the base without quantizing it")
@@ -366,6 +449,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     wfile = adapter_dir / "adapter_model.safetensors"
     head = _adapter_head(model, config, tensors, wfile)
     full = _full_weights(model, config, tensors, wfile)
+    biases = _adapter_biases(model, config, tensors, wfile)
     cands = _candidates(model)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
@@ -404,8 +488,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         raise EmberError(f"{wfile}: adapter_config has use_dora={use_dora} but "
                          f"lora_magnitude_vector is {'missing' if use_dora else 'present'} for "
                          f"{odd[:3]}")
+    # Phi-3: PEFT matched target_modules against the fused qkv_proj / gate_up_proj names
     missing = [n for n in cands if n not in pairs and _EMBER_NAME.fullmatch(n)
-               and _peft_targets(config, hf_module_name(n, cfg))]
+               and _peft_targets(config, fused_module_name(hf_module_name(n, cfg), cfg))]
     if missing:
         names = [hf_module_name(n, cfg) for n in missing[:3]]
         raise EmberError(f"{wfile}: adapter_config targets {len(missing)} modules with no "
@@ -437,6 +522,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             getattr(model, attr).weight.copy_(t)
     if full:
         model.peft_modules_to_save = {n for n, (_, a) in _FULL_WEIGHTS.items() if a in full}
+    if biases:
+        model.peft_bias = config["bias"]  # save_adapter writes them back in this mode
     for name, (A, B, mag, r, alpha) in plan.items():
         mod = model.get_submodule(name)
         if isinstance(mod, LoRALinear):
@@ -453,6 +540,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             mod.lora_B.copy_(B)
             if mag is not None:
                 mod.lora_magnitude.copy_(mag)
+    with torch.no_grad():
+        for name, b in biases.items():
+            mod = model.get_submodule(name)
+            (mod.base if isinstance(mod, LoRALinear) else mod).bias.copy_(b)
     if head is not None:
         with torch.no_grad():
             model.score.weight.copy_(head)

@@ -1,5 +1,5 @@
 """PEFT adapters as peft 0.21 writes them, loaded by Ember: plain LoRA math loads with PEFT's
-logits; anything else (variants, trained biases, embeddings/heads, base-changing inits) is refused
+logits; anything else (variants, LoRA on embeddings, base-changing inits) is refused
 with an EmberError that names it."""
 
 from __future__ import annotations
@@ -104,12 +104,6 @@ def test_plain_lora_math_loads_with_peft_logits(bases, tmp_path, case, base, kw)
 @pytest.mark.parametrize(
     "case,base,kw,needle",
     [
-        (
-            "trained_biases",
-            "biased",
-            dict(target_modules=["q_proj"], bias="lora_only"),
-            "trained base biases",
-        ),
         (
             "modules_to_save_tied",  # PEFT trains a copy of the head: unties it
             "tied",

@@ -1,0 +1,123 @@
+"""LoraConfig variants as users write them (peft 0.21), each found loading wrongly or refused
+without cause: PEFT's adapter loads in Ember with PEFT's logits, and Ember's save_adapter of it
+loads back in PEFT with the same logits (fp32, <= 1e-4)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.models.heads import add_classification_head, classify
+from ember.models.loading import load_pretrained
+from ember.models.lora import load_adapter, save_adapter
+from tests.models.test_interop_peft import VOCAB, _peft_adapter, _peft_logits, save_random_model
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft_variant_bases")
+    kinds = {
+        "plain": (transformers.LlamaConfig, {}),
+        "tied": (transformers.LlamaConfig, dict(tie_word_embeddings=True)),
+        "biased": (transformers.LlamaConfig, dict(attention_bias=True, mlp_bias=True)),
+        "phi3": (transformers.Phi3Config, dict(pad_token_id=None, eos_token_id=2)),
+    }
+    return {name: save_random_model(root / name, cls, seed=i, **kw)
+            for i, (name, (cls, kw)) in enumerate(kinds.items())}
+
+
+def _train(model):
+    """Move what PEFT trains besides A and B (modules_to_save copies, bias="all"/"lora_only"
+    biases) away from the base, as training would."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "modules_to_save" in n or (n.endswith(".bias") and p.requires_grad):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize(
+    "base,kw",
+    [
+        # Llama's target list on Phi-3: PEFT adapts o_proj / down_proj only ("q_proj" is no suffix
+        # of "qkv_proj"); Ember matched it against its split q/k/v and refused the adapter.
+        ("phi3", dict(target_modules=LLAMA_TARGETS)),
+        # alpha_pattern "up_proj" matches no fused module in PEFT, but it reached Ember's split
+        # up_proj: a silently wrong scale on gate_up_proj.
+        ("phi3", dict(target_modules="all-linear", alpha_pattern={"up_proj": 1, "v_proj": 2},
+                      rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.qkv_proj": 3})),
+        # modules_to_save by a dotted name (PEFT matches it as a suffix): was refused
+        ("plain", dict(target_modules=["q_proj"], modules_to_save=["model.embed_tokens"])),
+        # tied embeddings with PEFT's ensure_weight_tying: one trained copy for both (was refused)
+        ("tied", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                      ensure_weight_tying=True)),
+        ("tied", dict(target_modules=["v_proj"], modules_to_save=["lm_head"],
+                      ensure_weight_tying=True)),
+        # trained base biases saved with the adapter: were refused, now replace the base's
+        ("biased", dict(target_modules=["q_proj", "up_proj"], bias="all")),
+        ("biased", dict(target_modules=["k_proj", "down_proj"], bias="lora_only")),
+    ],
+    ids=["phi3_llama_targets", "phi3_part_patterns", "mts_dotted", "tied_embed", "tied_head",
+         "bias_all", "bias_lora_only"],
+)
+def test_peft_variant_round_trips(bases, tmp_path, base, kw):
+    ids, ref = _peft_adapter(bases[base], tmp_path / "peft", edit_base=_train, **kw)
+    model, _ = load_pretrained(bases[base])
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert (model.eval()(ids) - ref).abs().max().item() <= 1e-4
+    save_adapter(model, tmp_path / "ember")
+    assert (_peft_logits(bases[base], tmp_path / "ember", ids) - ref).abs().max().item() <= 1e-4
+
+
+def test_tied_modules_to_save_without_weight_tying_is_refused(bases, tmp_path):
+    _peft_adapter(bases["tied"], tmp_path / "peft", target_modules=["q_proj"],
+                  modules_to_save=["embed_tokens"], edit_base=_train)
+    model, _ = load_pretrained(bases["tied"])
+    with pytest.raises(EmberError, match="tied embeddings without ensure_weight_tying"):
+        load_adapter(model, tmp_path / "peft")
+
+
+def test_classifier_with_saved_embedding(bases, tmp_path):
+    """SEQ_CLS with modules_to_save=["embed_tokens"]: a classifier has no LM head, so nothing is
+    tied (was refused as "tied embeddings")."""
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+            bases["plain"], num_labels=3, pad_token_id=0)
+        pm = peft.get_peft_model(hf, peft.LoraConfig(
+            task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj"],
+            modules_to_save=["embed_tokens"], init_lora_weights=False))
+        _train(pm)
+        pm.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        ref = pm.eval()(input_ids=ids).logits
+    model, _ = load_pretrained(bases["plain"])
+    add_classification_head(model, ("a", "b", "c"))
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert (classify(model.eval(), ids) - ref).abs().max().item() <= 1e-4
+
+
+def test_named_adapter_in_subfolder(bases, tmp_path):
+    """PEFT saves an adapter not called "default" in a subfolder: the error points there."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(bases["plain"])
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=["q_proj"]), "mine")
+        pm.save_pretrained(tmp_path)
+    model, _ = load_pretrained(bases["plain"])
+    with pytest.raises(EmberError, match=r"adapter\(s\) \['mine'\] in subfolders"):
+        load_adapter(model, tmp_path)
+    load_adapter(model, tmp_path / "mine")
