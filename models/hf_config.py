@@ -311,7 +311,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             raise EmberError(
                 f"config.json: {key} != 0 is not supported (Ember has no dropout there)"
             )
-    bnb_refused = {"phi3": "Phi-3", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
+    bnb_refused = {"gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
     if model_type in bnb_refused and raw.get("quantization_config") is not None:
         raise EmberError(
             f"config.json: bitsandbytes 4-bit {bnb_refused[model_type]} checkpoints are not "
