@@ -175,7 +175,8 @@ def _load_bnb_(
             "hold no 4-bit weights; remove quantization_config to load it dense"
         )
     tensors = iter_bnb_checkpoint(folder, model.cfg, ckpt)
-    load_bnb_quantized_(model, tensors, device=device, compute_dtype=dtype, rename=hf_key_to_ember)
+    load_bnb_quantized_(model, tensors, device=device, compute_dtype=dtype,
+                        rename=lambda key: hf_key_to_ember(key, model.cfg))
     head = model.lm_head
     if isinstance(head, Linear4bit):
         # logits() and the fused loss read the head as a dense (V, D) matrix.

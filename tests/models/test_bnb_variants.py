@@ -49,7 +49,6 @@ def _ids(vocab, seed=0):
     (128, 4, True, True), (64, 2, True, False), (64, 2, False, True)])
 def test_phi3_bnb_checkpoint_loads_saves_and_takes_peft_adapters(tmp_path, hidden, kv_heads,
                                                                 double_quant, exact):
-    peft = pytest.importorskip("peft")
     cfg = transformers.Phi3Config(vocab_size=96, hidden_size=hidden, intermediate_size=128,
                                   num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=kv_heads, max_position_embeddings=64,
@@ -75,17 +74,7 @@ def test_phi3_bnb_checkpoint_loads_saves_and_takes_peft_adapters(tmp_path, hidde
     assert _diff(_logits(_hf(out), ids), _logits(hf, ids)) <= TOL
     back, _ = load_pretrained(out)
     assert torch.equal(_logits(back, ids), _logits(model, ids))
-
-    apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.copy_(0.05 * torch.randn(m.lora_B.shape, generator=g))
-    adapter = save_adapter(model, tmp_path / "adapter")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model = peft.PeftModel.from_pretrained(_hf(folder), adapter).eval()
-    assert _diff(_logits(peft_model, ids), _logits(model, ids)) <= TOL
+    _peft_matches(model, folder, tmp_path, ids)
 
 
 @pytest.mark.parametrize("hidden,kv_heads", [(128, 4), (64, 2)])
@@ -109,3 +98,37 @@ def test_phi3_quantize_while_loading_is_bnbs_quantization_of_the_fused_weights(t
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert _diff(_logits(_hf(out), ids), _logits(hf, ids)) <= TOL
+
+
+def _peft_matches(model, folder, tmp_path, ids):
+    """An Ember QLoRA adapter (random B) loads with PEFT on transformers' bnb model."""
+    peft = pytest.importorskip("peft")
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(0.05 * torch.randn(m.lora_B.shape, generator=g))
+    adapter = save_adapter(model, tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.PeftModel.from_pretrained(_hf(folder), adapter).eval()
+    assert _diff(_logits(peft_model, ids), _logits(model, ids)) <= TOL
+
+
+@pytest.mark.parametrize("family", ["Gemma2", "Gemma3Text"])
+def test_gemma_sandwich_norm_bnb_checkpoint(tmp_path, family):
+    """Gemma 2/3 name their norms differently (post_attention_layernorm is the attention output's
+    norm): the bnb loader renames with the model's config (was: refused)."""
+    cfg = getattr(transformers, f"{family}Config")(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+        max_position_embeddings=64)
+    cls = "Gemma3ForCausalLM" if family == "Gemma3Text" else f"{family}ForCausalLM"
+    folder, hf = _bnb_folder(tmp_path, _randomized(getattr(transformers, cls)(cfg), 6), True)
+    model, _ = load_pretrained(folder)
+    ids = _ids(96, 2)
+    assert _diff(_logits(model, ids), _logits(hf, ids)) <= TOL
+    out = save_pretrained(model, tmp_path / "ember")
+    ours, theirs = load_file(out / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    _peft_matches(model, folder, tmp_path, ids)
