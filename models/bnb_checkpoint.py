@@ -190,12 +190,13 @@ def _load_bnb_(
 
 def _bnb_config(hf: dict, dense: list[str], cfg: ModelConfig, dtype: torch.dtype) -> dict:
     """``quantization_config`` for a bnb 4-bit folder. transformers decides which linears to
-    convert from the config alone: by default all but the output head, else all but
-    ``llm_int8_skip_modules``, which therefore lists every linear Ember keeps dense."""
-    keep = {
+    convert from the config alone: by default all but the output head (a classifier's
+    ``score``), else all but ``llm_int8_skip_modules``, which therefore lists every linear Ember
+    keeps dense."""
+    keep = {  # every dense matrix but the embedding: projections, lm_head, a classifier's score
         k.removesuffix(".weight")
         for k in dense
-        if k.endswith("_proj.weight") or k == "lm_head.weight"
+        if k.endswith(".weight") and len(hf[k].shape) == 2 and not k.endswith("embed_tokens.weight")
     }
     if cfg.tie_word_embeddings:
         keep.add("lm_head")  # tied to the embedding, never quantized

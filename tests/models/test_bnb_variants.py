@@ -24,7 +24,7 @@ bnbf = pytest.importorskip("bitsandbytes.functional")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 
 
-def _bnb_folder(root, model, double_quant: bool):
+def _bnb_folder(root, model, double_quant: bool, auto: str = "AutoModelForCausalLM"):
     """model saved dense, then as transformers writes it after a 4-bit NF4 load."""
     dense, q = root / "dense", root / "bnb"
     model.save_pretrained(dense)
@@ -33,7 +33,7 @@ def _bnb_folder(root, model, double_quant: bool):
         bnb_4bit_compute_dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf = transformers.AutoModelForCausalLM.from_pretrained(
+        hf = getattr(transformers, auto).from_pretrained(
             dense, quantization_config=qcfg, device_map="cpu")
     hf.save_pretrained(q)
     return q, hf.eval()
@@ -132,3 +132,29 @@ def test_gemma_sandwich_norm_bnb_checkpoint(tmp_path, family):
     ours, theirs = load_file(out / "model.safetensors"), load_file(folder / "model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     _peft_matches(model, folder, tmp_path, ids)
+
+
+def test_classifier_bnb_checkpoint_saves_with_its_score_head_dense(tmp_path):
+    """A *ForSequenceClassification keeps ``score`` dense: Ember's quantization_config must say so
+    (it listed only projections and lm_head, so transformers expected a 4-bit score)."""
+    from ember.models.heads import classify
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    model = _randomized(transformers.LlamaForSequenceClassification(cfg), 7)
+    folder, hf = _bnb_folder(tmp_path, model, True, "AutoModelForSequenceClassification")
+    ours, _ = load_pretrained(folder)
+    ids = _ids(96, 3).clamp(min=1)
+    with torch.no_grad():
+        logits = classify(ours, ids)
+        assert _diff(logits, hf(ids).logits) <= TOL
+    out = save_pretrained(ours, tmp_path / "ember")
+    saved, theirs = load_file(out / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert saved.keys() == theirs.keys() and all(torch.equal(saved[k], theirs[k]) for k in saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = transformers.AutoModelForSequenceClassification.from_pretrained(
+            out, device_map="cpu").eval()
+    with torch.no_grad():
+        assert _diff(back(ids).logits, logits) <= TOL
