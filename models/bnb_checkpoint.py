@@ -22,13 +22,16 @@ from safetensors import SafetensorError, safe_open
 
 from ember import EmberError
 from ember.models.config import ModelConfig
-from ember.models.hf import hf_key_to_ember, map_hf_keys
+from ember.models.hf import fused_parts, hf_key_to_ember, map_hf_keys
 from ember.models.nf4 import (
     QS_SUFFIX,
     Linear4bit,
+    _complete_bnb,
     bnb_quantization_config,
     load_bnb_quantized_,
+    nf4_to_bnb,
     split_bnb_key,
+    split_nf4_rows,
 )
 from ember.models.safetensors_io import CheckpointIndex, read_config, scan_checkpoint
 from ember.models.transformer import Transformer
@@ -110,24 +113,51 @@ def iter_bnb_checkpoint(
     consumer is ``ember.models.nf4.load_bnb_quantized_``). Keys are HF's, since a bnb entry's name
     only maps through its weight's. Keys and dense shapes are validated against cfg first;
     packed weights stored in another dtype (``bnb_4bit_quant_storage``) come as their uint8 bytes.
+    Phi-3's fused qkv_proj / gate_up_proj come split into their parts' keys (``split_nf4_rows``:
+    the same dequantized rows, bit for bit).
     """
     cfg = cfg if cfg is not None else read_config(folder)
     ckpt = ckpt if ckpt is not None else scan_checkpoint(folder, quantized=True)
-    mapping = map_hf_keys(_bnb_dense_shapes(ckpt), cfg, str(ckpt.folder))
+    shapes = _bnb_dense_shapes(ckpt)
+    mapping = map_hf_keys(shapes, cfg, str(ckpt.folder))
+    fused = fused_parts(shapes, cfg)  # Phi-3: one stored weight (NF4 or dense), several parts
     quantized = ckpt.quantized_weights()
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # a fused NF4 weight's entries so far
     for path in ckpt.files:
-        keys = [k for k, p in ckpt.key_file.items() if p == path and split_bnb_key(k)[0] in mapping]
+        keys = [k for k, p in ckpt.key_file.items()
+                if p == path and (split_bnb_key(k)[0] in mapping or split_bnb_key(k)[0] in fused)]
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for key in keys:
                     t = f.get_tensor(key)
                     if key in quantized and t.dtype != torch.uint8:
                         t = t.contiguous().view(torch.uint8).reshape(-1, 1)
-                    yield key, t
+                    base = split_bnb_key(key)[0]
+                    if base not in fused:
+                        yield key, t
+                    elif base not in quantized:
+                        for part, a, b in fused[base]:
+                            yield part, t[a:b].clone()
+                    else:
+                        yield from _split_fused_nf4(pending, key, t, fused[base])
         except SafetensorError as e:
             raise EmberError(
                 f"{path}: reading tensor data failed ({e}); the file is corrupt"
             ) from None
+
+
+def _split_fused_nf4(pending: dict, key: str, t: torch.Tensor, parts: list) -> Iterator:
+    """Collect the bnb entries of a fused NF4 weight; once complete, yield each part's."""
+    base = split_bnb_key(key)[0]
+    entries = pending.setdefault(base, {})
+    entries[key] = t
+    w = _complete_bnb(entries, base, None)
+    if w is None:
+        return
+    del pending[base]
+    pieces = split_nf4_rows(w, [b - a for _, a, b in parts], base)
+    for (part, _, _), piece in zip(parts, pieces, strict=True):
+        yield from nf4_to_bnb(piece, part).items()
 
 
 def _load_bnb_(
@@ -145,7 +175,8 @@ def _load_bnb_(
             "hold no 4-bit weights; remove quantization_config to load it dense"
         )
     tensors = iter_bnb_checkpoint(folder, model.cfg, ckpt)
-    load_bnb_quantized_(model, tensors, device=device, compute_dtype=dtype, rename=hf_key_to_ember)
+    load_bnb_quantized_(model, tensors, device=device, compute_dtype=dtype,
+                        rename=lambda key: hf_key_to_ember(key, model.cfg))
     head = model.lm_head
     if isinstance(head, Linear4bit):
         # logits() and the fused loss read the head as a dense (V, D) matrix.
@@ -159,12 +190,13 @@ def _load_bnb_(
 
 def _bnb_config(hf: dict, dense: list[str], cfg: ModelConfig, dtype: torch.dtype) -> dict:
     """``quantization_config`` for a bnb 4-bit folder. transformers decides which linears to
-    convert from the config alone: by default all but the output head, else all but
-    ``llm_int8_skip_modules``, which therefore lists every linear Ember keeps dense."""
-    keep = {
+    convert from the config alone: by default all but the output head (a classifier's
+    ``score``), else all but ``llm_int8_skip_modules``, which therefore lists every linear Ember
+    keeps dense."""
+    keep = {  # every dense matrix but the embedding: projections, lm_head, a classifier's score
         k.removesuffix(".weight")
         for k in dense
-        if k.endswith("_proj.weight") or k == "lm_head.weight"
+        if k.endswith(".weight") and len(hf[k].shape) == 2 and not k.endswith("embed_tokens.weight")
     }
     if cfg.tie_word_embeddings:
         keep.add("lm_head")  # tied to the embedding, never quantized

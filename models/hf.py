@@ -9,7 +9,7 @@ tied models.
 
 A bitsandbytes 4-bit weight is ``<key>`` (packed uint8) plus ``<key>.absmax`` etc.
 (``ember.models.nf4``); those entries are renamed with their weight, and ``to_hf_state_dict``
-accepts them.
+accepts them (Phi-3's NF4 parts are stacked into one fused NF4 weight, ``cat_nf4_rows``).
 
 A multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration) holds the language model under a
 prefix beside the vision tower and projector; ``split_multimodal_keys`` gives the text model's
@@ -39,7 +39,7 @@ from ember.models.hf_config import (
     config_to_hf,
     quantization_config_from_hf,
 )
-from ember.models.nf4 import QS_SUFFIX, split_bnb_key
+from ember.models.nf4 import QS_SUFFIX, cat_nf4_rows, nf4_from_bnb, nf4_to_bnb, split_bnb_key
 
 __all__ = [
     "ARCHITECTURES",
@@ -52,6 +52,7 @@ __all__ = [
     "ember_key_to_hf",
     "expected_shapes",
     "from_hf_state_dict",
+    "fused_groups",
     "fused_parts",
     "hf_key_to_ember",
     "map_hf_keys",
@@ -137,6 +138,15 @@ def fused_parts(
     return out
 
 
+def fused_groups(cfg: ModelConfig) -> list[list[str]]:
+    """The Ember weight keys stored as one fused weight (Phi-3: q/k/v and gate/up of each layer,
+    in stacking order); [] for every other family."""
+    if cfg.model_type != "phi3":
+        return []
+    return [[hf_key_to_ember(f"model.layers.{i}.{p}", cfg) for p in parts]
+            for i in range(cfg.num_layers) for parts in _FUSED.values()]
+
+
 def _unfused_shapes(hf_shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, where: str):
     """hf_shapes with each fused weight replaced by its parts (shape-checked)."""
     fused = fused_parts(hf_shapes, cfg)
@@ -164,18 +174,31 @@ def split_fused(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     return out
 
 
-def _fuse(hf: dict[str, torch.Tensor], cfg: ModelConfig, quantized: bool) -> dict:
+def _fuse_nf4(out: dict, keys: list[str], fused: str) -> None:
+    """Replace the bnb entries of NF4 parts by those of the fused weight (exact or refused)."""
+    ws = []
+    for k in keys:
+        entries = {e: out.pop(e) for e in [e for e in out if split_bnb_key(e)[0] == k]}
+        ws.append(nf4_from_bnb(entries, k))
+    out.update(nf4_to_bnb(cat_nf4_rows(ws, fused), fused))
+
+
+def _fuse(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict:
     if cfg.model_type != "phi3":
         return hf
-    if quantized:
-        raise EmberError(
-            "cannot export a Phi-3 model with NF4 layers in bitsandbytes' format (its fused "
-            "qkv_proj / gate_up_proj would need re-quantizing); save it with dequantize=True"
-        )
     out = dict(hf)
     for i in range(cfg.num_layers):
         for fused, parts in _FUSED.items():
             keys = [f"model.layers.{i}.{p}" for p in parts]
+            nf4 = [f"{k}.{QS_SUFFIX}" in out for k in keys]
+            if any(nf4) and not all(nf4):
+                raise EmberError(
+                    f"cannot export model.layers.{i}.{fused} in bitsandbytes' format: some of "
+                    "its parts are NF4 and some dense; save it with dequantize=True"
+                )
+            if all(nf4):
+                _fuse_nf4(out, keys, f"model.layers.{i}.{fused}")
+                continue
             # an NF4Weight (save_pretrained(dequantize=True)) is dequantized to its own dtype
             ws = [
                 w if isinstance(w, torch.Tensor) else w.dequantize(w.dtype)
@@ -340,7 +363,7 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         if tuple(v.shape) != want[k]:
             raise EmberError(f"state dict: {k} has shape {tuple(v.shape)}, expected {want[k]}")
         out[ember_key_to_hf(k, cfg)] = v
-    return _fuse(out, cfg, bool(quantized))
+    return _fuse(out, cfg)
 
 
 # --------------------------------------------------------------------------------------------------

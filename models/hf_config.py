@@ -275,6 +275,11 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
     if model_type in MULTIMODAL:
         # Gemma3ForConditionalGeneration: its language model, trained text-only; the marker tells
         # export to write PEFT names / merged folders for the multimodal class.
+        if raw.get("quantization_config") is not None:
+            raise EmberError(
+                "config.json: bitsandbytes 4-bit Gemma 3 multimodal checkpoints are not "
+                "supported; load the unquantized model with quantize='nf4'"
+            )
         cfg = config_from_hf(multimodal_text_config(raw, _HARMLESS_FIELDS))
         return cfg.replace(extra={**cfg.extra, "multimodal": model_type})
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -336,12 +341,6 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             raise EmberError(
                 f"config.json: {key} != 0 is not supported (Ember has no dropout there)"
             )
-    bnb_refused = {"phi3": "Phi-3", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
-    if model_type in bnb_refused and raw.get("quantization_config") is not None:
-        raise EmberError(
-            f"config.json: bitsandbytes 4-bit {bnb_refused[model_type]} checkpoints are not "
-            "supported; load the unquantized model with quantize='nf4'"
-        )
     if _get_float(raw, "attention_dropout", 0.0) != 0.0:
         raise EmberError(
             "config.json: attention_dropout != 0 is not supported (Ember has no attention dropout)"

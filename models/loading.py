@@ -55,6 +55,7 @@ from ember.models.bnb_checkpoint import (
 from ember.models.config import ModelConfig
 from ember.models.hf import (
     expected_shapes,
+    fused_groups,
     multimodal_key,
     split_multimodal_keys,
     to_hf_state_dict,
@@ -195,7 +196,8 @@ def _load_nf4_(model: Transformer, tensors, device: torch.device, dtype: torch.d
     """Quantize-while-loading: ember.models.nf4 owns which weights become NF4 and how (looked up
     in sys.modules at call time, so a test can stand in for it)."""
     nf4 = importlib.import_module("ember.models.nf4")
-    nf4.load_quantized_(model, tensors, device=device, compute_dtype=dtype)
+    nf4.load_quantized_(model, tensors, device=device, compute_dtype=dtype,
+                        fused=fused_groups(model.cfg))
     model.reset_rope_(device)
 
 

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
 from ember import EmberError
-from ember.kernels.nf4 import NESTED_BLOCKSIZE, NF4State, NF4Weight, nf4_linear
+from ember.kernels.nf4 import NESTED_BLOCKSIZE, NF4State, NF4Weight, _absmax_ref, nf4_linear
 
 QS_SUFFIX = "quant_state.bitsandbytes__nf4"
 BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", QS_SUFFIX)
@@ -84,6 +85,68 @@ def nf4_from_bnb(tensors: Mapping[str, torch.Tensor], key: str = "weight",
     if packed.dtype != torch.uint8:  # bnb_4bit_quant_storage other than uint8: same bytes
         packed = packed.contiguous().view(torch.uint8)
     return NF4Weight(packed.reshape(-1, 1), state)
+
+
+def split_nf4_rows(w: NF4Weight, rows: Sequence[int], key: str) -> list[NF4Weight]:
+    """A 2D NF4 weight cut into row blocks (Phi-3's fused qkv_proj / gate_up_proj), each part
+    dequantizing to exactly the whole's rows. The cuts must fall between 4-bit blocks; a nested
+    absmax is sliced where the cuts also fall between its 256-value blocks (real model sizes),
+    else each part keeps the fp32 absmax it dequantizes to (bit-identical weights)."""
+    st = w.state
+    k = st.shape[1] if len(st.shape) == 2 else 0
+    cuts = [0]
+    for r in rows:
+        cuts.append(cuts[-1] + r)
+    if len(st.shape) != 2 or cuts[-1] != st.shape[0]:
+        raise EmberError(f"{key}: NF4 weight of shape {tuple(st.shape)} cannot be cut into "
+                         f"{list(rows)} rows")
+    bs, nbs = st.blocksize, st.nested_blocksize
+    if any(c * k % bs for c in cuts[1:-1]):
+        raise EmberError(f"{key}: its 4-bit blocks of {bs} values straddle the parts (rows "
+                         f"{cuts[1:-1]} of {k} values); load the unquantized model with "
+                         "quantize='nf4'")
+    sliced = not st.nested or all(c * k // bs % nbs == 0 for c in cuts[1:-1])
+    absmax = st.absmax if sliced else _absmax_ref(st)
+    flat = w.packed.reshape(-1)
+    parts = []
+    for a, b in zip(cuts[:-1], cuts[1:], strict=False):
+        ba, bb = a * k // bs, -(-b * k // bs)
+        part = replace(st, shape=torch.Size((b - a, k)), absmax=absmax[ba:bb].clone())
+        if st.nested and sliced:
+            part = replace(part, nested_absmax=st.nested_absmax[ba // nbs:-(-bb // nbs)].clone())
+        elif st.nested:
+            part = replace(part, offset=None, nested_absmax=None, nested_code=None)
+        parts.append(NF4Weight(flat[a * k // 2:(b * k + 1) // 2].clone().reshape(-1, 1), part))
+    return parts
+
+
+def cat_nf4_rows(ws: Sequence[NF4Weight], key: str) -> NF4Weight:
+    """The inverse of ``split_nf4_rows``: row blocks stacked into one NF4 weight, exactly (the
+    parts' 4-bit blocks and double-quantization statistics must line up as one weight's would:
+    parts quantized one by one with double quantization have their own offsets)."""
+    st = ws[0].state
+    k, bs, nbs = st.shape[-1], st.blocksize, st.nested_blocksize
+    if any(len(w.shape) != 2 or w.shape[1] != k or w.blocksize != bs or w.dtype != st.dtype
+           for w in ws):
+        raise EmberError(f"{key}: its NF4 parts differ in width, blocksize or dtype "
+                         f"({[tuple(w.shape) for w in ws]}); save with dequantize=True")
+    if any(w.numel() % bs for w in ws[:-1]):
+        raise EmberError(f"{key}: its 4-bit blocks of {bs} values would straddle the parts; "
+                         "save with dequantize=True")
+    if not any(w.state.nested for w in ws):
+        state = replace(st, absmax=torch.cat([w.state.absmax for w in ws]))
+    elif (all(w.state.nested and w.state.offset == st.offset and
+              w.state.nested_blocksize == nbs and torch.equal(w.state.nested_code, st.nested_code)
+              for w in ws) and all(w.state.absmax.numel() % nbs == 0 for w in ws[:-1])):
+        state = replace(st, absmax=torch.cat([w.state.absmax for w in ws]),
+                        nested_absmax=torch.cat([w.state.nested_absmax for w in ws]))
+    else:
+        raise EmberError(f"{key}: its parts were quantized one by one (each with its own "
+                         "double-quantization statistics), so bitsandbytes' fused weight would "
+                         "need re-quantizing; save with dequantize=True")
+    shape = torch.Size((sum(w.shape[0] for w in ws), k))
+    packed = torch.cat([w.packed.reshape(-1) for w in ws]).reshape(-1, 1)
+    return NF4Weight(packed, replace(state, shape=shape))
 
 
 def split_bnb_key(key: str) -> tuple[str, str]:
@@ -328,19 +391,51 @@ def _meta_left(model: nn.Module) -> list[str]:
 
 def load_quantized_(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *, device,
                     compute_dtype: torch.dtype, skip: Iterable[str] = ("lm_head",),
-                    blocksize: int = 64, double_quant: bool = True) -> list[str]:
+                    blocksize: int = 64, double_quant: bool = True,
+                    fused: Iterable[Sequence[str]] = ()) -> list[str]:
     """Quantize while loading. ``model`` is built on the meta device; ``tensors`` streams dense
     ``(ember_key, tensor)`` pairs (any stored dtype, CPU). Each linear weight (but ``skip``) is
     moved to ``device``, cast to ``compute_dtype`` (as transformers does before quantizing) and
     quantized there, one at a time; every other tensor becomes a ``compute_dtype`` parameter.
+    ``fused``: groups of weight keys the checkpoint stores stacked as one weight (Phi-3's
+    qkv_proj / gate_up_proj), which bitsandbytes quantizes whole (one absmax mean for the double
+    quantization): each group is quantized stacked and cut (``split_nf4_rows``), bnb's bytes.
     Returns the quantized module names. Non-persistent buffers (RoPE) are the caller's."""
     names = replace_linears_with_4bit_(model, skip)
+    group_of = {k: tuple(g) for g in fused for k in g}
+    pending: dict[tuple, dict[str, torch.Tensor]] = {}
     for key, t in tensors:
-        if not assign_quantized_(model, key, t.to(device=device, dtype=compute_dtype),
-                                 blocksize=blocksize, double_quant=double_quant):
+        group = group_of.get(key)
+        if group is not None and isinstance(model.get_submodule(key.rpartition(".")[0]),
+                                            Linear4bit):
+            parts = pending.setdefault(group, {})
+            parts[key] = t.to(device=device, dtype=compute_dtype)
+            if len(parts) == len(group):
+                del pending[group]
+                _quantize_stacked_(model, [(k, parts[k]) for k in group], blocksize,
+                                   double_quant)
+        elif not assign_quantized_(model, key, t.to(device=device, dtype=compute_dtype),
+                                   blocksize=blocksize, double_quant=double_quant):
             _assign_param_(model, key, t, device, compute_dtype)
+    if pending:
+        raise EmberError(f"the checkpoint lacks part of the fused weights {sorted(pending)[:2]}")
     _check_loaded(model)
     return names
+
+
+def _quantize_stacked_(model: nn.Module, parts: list[tuple[str, torch.Tensor]], blocksize: int,
+                       double_quant: bool) -> None:
+    whole = torch.cat([t for _, t in parts])
+    k = whole.shape[1]
+    cuts = [t.shape[0] for _, t in parts]
+    if any(sum(cuts[:i]) * k % blocksize for i in range(1, len(cuts))):
+        pieces = [t for _, t in parts]  # 4-bit blocks would straddle the parts: one by one
+    else:
+        pieces = split_nf4_rows(NF4Weight.quantize(whole, blocksize, double_quant), cuts,
+                                parts[0][0])
+    del whole
+    for (key, _), piece in zip(parts, pieces, strict=True):
+        assign_quantized_(model, key, piece, blocksize=blocksize, double_quant=double_quant)
 
 
 def load_bnb_quantized_(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *, device,

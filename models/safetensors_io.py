@@ -177,6 +177,14 @@ def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False) -> Ch
                             f"{path}: tensor {key} has dtype {st_dtype}; only F32, F16 "
                             f"and BF16 weights are supported{hint}"
                         )
+                    if quantized and ".quant_state.bitsandbytes__" in key and not key.endswith(
+                        QS_SUFFIX
+                    ):
+                        raise EmberError(
+                            f"{path}: tensor {key} is a bitsandbytes FP4 quant state; only NF4 "
+                            "4-bit weights load (re-quantize with bnb_4bit_quant_type='nf4', or "
+                            "load the unquantized model with quantize='nf4')"
+                        )
                     ckpt.key_file[key] = path
                     ckpt.shapes[key] = tuple(sl.get_shape())
                     ckpt.dtypes[key] = allowed[st_dtype]

@@ -225,9 +225,6 @@ def test_refusals(tmp_path):
                   "text_config": {**raw, "model_type": "gemma2"}}
     with pytest.raises(EmberError, match="'paligemma' is a multimodal model.*only"):
         config_from_hf(multimodal)
-    bnb = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
-    with pytest.raises(EmberError, match="4-bit Gemma 2"):
-        config_from_hf({**raw, "quantization_config": bnb})
     with pytest.raises(EmberError, match="sliding_window_size"):
         config_from_hf({**raw, "sliding_window_size": WINDOW + 1})
     g3 = json.loads((_save(tmp_path, "gemma3_legacy") / "config.json").read_text())

@@ -208,6 +208,10 @@ def _edited(ckpts, tmp_path, qc_change=None, weights=None, config_change=None):
     (dict(weights=lambda sd: sd.pop("model.layers.0.self_attn.q_proj.weight")),
      "model.layers.0.self_attn.q_proj.weight"),
     (dict(config_change={"quantization_config": None}), "quantization_config"),
+    # FP4 weights under an nf4 config (was: StopIteration from the dtype count)
+    (dict(weights=lambda sd: sd.update({k.replace("__nf4", "__fp4"): sd.pop(k)
+                                        for k in [k for k in sd if k.endswith("__nf4")]})),
+     "FP4 quant state"),
 ])
 def test_bad_bnb_checkpoints_name_the_problem(ckpts, tmp_path, edit, needle):
     folder = _edited(ckpts, tmp_path, **edit)

@@ -1,0 +1,160 @@
+"""bitsandbytes 4-bit checkpoints as users write them, with transformers + bitsandbytes + PEFT as
+the oracles (CPU): variants the main QLoRA tests (test_qlora_integration.py) do not cover.
+
+Phi-3 stores q/k/v and gate/up as one fused weight, which bnb quantizes as a whole: Ember cuts
+the NF4 weight into its parts (bit-identical rows) and stacks them back on export, byte for byte
+when the cuts fall between the nested absmax blocks (every real Phi-3 size), else with plain fp32
+absmax (the same dequantized weights)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ember.models.loading import load_pretrained, save_pretrained
+from ember.models.lora import LoRAConfig, apply_lora, lora_modules
+from ember.models.peft_adapter import save_adapter
+from tests.models.test_qlora_integration import TOL, _diff, _hf, _logits, _randomized
+
+transformers = pytest.importorskip("transformers")
+bnbf = pytest.importorskip("bitsandbytes.functional")
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+
+def _bnb_folder(root, model, double_quant: bool, auto: str = "AutoModelForCausalLM"):
+    """model saved dense, then as transformers writes it after a 4-bit NF4 load."""
+    dense, q = root / "dense", root / "bnb"
+    model.save_pretrained(dense)
+    qcfg = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = getattr(transformers, auto).from_pretrained(
+            dense, quantization_config=qcfg, device_map="cpu")
+    hf.save_pretrained(q)
+    return q, hf.eval()
+
+
+def _ids(vocab, seed=0):
+    return torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+# hidden 128 with 4 kv heads: every cut of qkv_proj / gate_up_proj is a multiple of 256 absmax
+# blocks (sliced nested absmax, byte-identical export); hidden 64 with 2 kv heads is not.
+@pytest.mark.parametrize("hidden,kv_heads,double_quant,exact", [
+    (128, 4, True, True), (64, 2, True, False), (64, 2, False, True)])
+def test_phi3_bnb_checkpoint_loads_saves_and_takes_peft_adapters(tmp_path, hidden, kv_heads,
+                                                                double_quant, exact):
+    cfg = transformers.Phi3Config(vocab_size=96, hidden_size=hidden, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=kv_heads, max_position_embeddings=64,
+                                  pad_token_id=0)
+    folder, hf = _bnb_folder(tmp_path, _randomized(transformers.Phi3ForCausalLM(cfg), 3),
+                             double_quant)
+    model, _ = load_pretrained(folder)
+    ids = _ids(96)
+    assert _diff(_logits(model, ids), _logits(hf, ids)) <= TOL
+    for layer, hf_layer in zip(model.layers, hf.model.layers, strict=True):
+        for parts, fused in (((layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj),
+                              hf_layer.self_attn.qkv_proj),
+                             ((layer.mlp.gate_proj, layer.mlp.up_proj), hf_layer.mlp.gate_up_proj)):
+            ours = torch.cat([p.quant_weight.dequantize() for p in parts])
+            assert torch.equal(ours, bnbf.dequantize_4bit(fused.weight.data,
+                                                          fused.weight.quant_state))
+
+    out = save_pretrained(model, tmp_path / "ember")
+    ours, theirs = load_file(out / "model.safetensors"), load_file(folder / "model.safetensors")
+    if exact:
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert _diff(_logits(_hf(out), ids), _logits(hf, ids)) <= TOL
+    back, _ = load_pretrained(out)
+    assert torch.equal(_logits(back, ids), _logits(model, ids))
+    _peft_matches(model, folder, tmp_path, ids)
+
+
+@pytest.mark.parametrize("hidden,kv_heads", [(128, 4), (64, 2)])
+def test_phi3_quantize_while_loading_is_bnbs_quantization_of_the_fused_weights(tmp_path, hidden,
+                                                                              kv_heads):
+    """bnb quantizes qkv_proj / gate_up_proj whole (one absmax mean for the double quantization):
+    quantize='nf4' gives the same NF4 weights, and Ember's save is transformers' checkpoint."""
+    cfg = transformers.Phi3Config(vocab_size=96, hidden_size=hidden, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=kv_heads, max_position_embeddings=64,
+                                  pad_token_id=0)
+    folder, hf = _bnb_folder(tmp_path, _randomized(transformers.Phi3ForCausalLM(cfg), 4), True)
+    model, _ = load_pretrained(tmp_path / "dense", quantize="nf4")
+    from_bnb, _ = load_pretrained(folder)
+    ids = _ids(96, 1)
+    assert torch.equal(_logits(model, ids), _logits(from_bnb, ids))
+    assert _diff(_logits(model, ids), _logits(hf, ids)) <= TOL
+    out = save_pretrained(model, tmp_path / "ember")
+    ours, theirs = load_file(out / "model.safetensors"), load_file(folder / "model.safetensors")
+    if hidden == 128:  # cuts between nested absmax blocks: the very bytes
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert _diff(_logits(_hf(out), ids), _logits(hf, ids)) <= TOL
+
+
+def _peft_matches(model, folder, tmp_path, ids):
+    """An Ember QLoRA adapter (random B) loads with PEFT on transformers' bnb model."""
+    peft = pytest.importorskip("peft")
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(0.05 * torch.randn(m.lora_B.shape, generator=g))
+    adapter = save_adapter(model, tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.PeftModel.from_pretrained(_hf(folder), adapter).eval()
+    assert _diff(_logits(peft_model, ids), _logits(model, ids)) <= TOL
+
+
+@pytest.mark.parametrize("family", ["Gemma2", "Gemma3Text"])
+def test_gemma_sandwich_norm_bnb_checkpoint(tmp_path, family):
+    """Gemma 2/3 name their norms differently (post_attention_layernorm is the attention output's
+    norm): the bnb loader renames with the model's config (was: refused)."""
+    cfg = getattr(transformers, f"{family}Config")(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+        max_position_embeddings=64)
+    cls = "Gemma3ForCausalLM" if family == "Gemma3Text" else f"{family}ForCausalLM"
+    folder, hf = _bnb_folder(tmp_path, _randomized(getattr(transformers, cls)(cfg), 6), True)
+    model, _ = load_pretrained(folder)
+    ids = _ids(96, 2)
+    assert _diff(_logits(model, ids), _logits(hf, ids)) <= TOL
+    out = save_pretrained(model, tmp_path / "ember")
+    ours, theirs = load_file(out / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    _peft_matches(model, folder, tmp_path, ids)
+
+
+def test_classifier_bnb_checkpoint_saves_with_its_score_head_dense(tmp_path):
+    """A *ForSequenceClassification keeps ``score`` dense: Ember's quantization_config must say so
+    (it listed only projections and lm_head, so transformers expected a 4-bit score)."""
+    from ember.models.heads import classify
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    model = _randomized(transformers.LlamaForSequenceClassification(cfg), 7)
+    folder, hf = _bnb_folder(tmp_path, model, True, "AutoModelForSequenceClassification")
+    ours, _ = load_pretrained(folder)
+    ids = _ids(96, 3).clamp(min=1)
+    with torch.no_grad():
+        logits = classify(ours, ids)
+        assert _diff(logits, hf(ids).logits) <= TOL
+    out = save_pretrained(ours, tmp_path / "ember")
+    saved, theirs = load_file(out / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert saved.keys() == theirs.keys() and all(torch.equal(saved[k], theirs[k]) for k in saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = transformers.AutoModelForSequenceClassification.from_pretrained(
+            out, device_map="cpu").eval()
+    with torch.no_grad():
+        assert _diff(back(ids).logits, logits) <= TOL
