@@ -156,7 +156,8 @@ def load_hf_folder(
     quantize: str | None = None,
 ) -> Transformer:
     """A ``Transformer`` with the weights of an HF model folder (config.json + safetensors);
-    ``device="meta"``: the same model without reading any weight.
+    ``device="meta"``: the same model without reading any weight (a quantized one with its
+    dense ``nn.Linear`` layers: where NF4 goes is known once the weights are read).
 
     A bitsandbytes NF4 checkpoint (``quantization_config`` in config.json) loads with its 4-bit
     weights as they are (``Linear4bit``), whatever ``quantize`` says."""
@@ -179,9 +180,8 @@ def load_hf_folder(
         model = Transformer(cfg)
     device = torch.device(device)
     if device.type == "meta":  # the structure alone (FSDP: ranks > 0 get their shards later)
-        if prequantized or quantize:
-            raise EmberError("a 4-bit (NF4) model cannot be built without its weights (FSDP "
-                             "with QLoRA is not supported); load it on one process")
+        # With quantize / a 4-bit checkpoint: the dense structure; under FSDP rank 0's NF4
+        # layers replace their linears (engine.distributed.replicate_nf4_from_rank0).
         return model.to(target)
     if prequantized:
         _load_bnb_(model, folder, ckpt, device, target)
