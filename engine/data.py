@@ -235,6 +235,9 @@ class _Encoder:
                 continue
             pre = self._render(messages[:i], True, messages.tools)
             upto = self._render(messages[: i + 1], False, messages.tools)
+            eos = getattr(self.tok, "eos_token", None)
+            if eos and not full.startswith(upto) and upto.endswith(eos):
+                upto = upto[: -len(eos)]  # Phi-3 ends a render with EOS, not each turn
             if not (full.startswith(upto) and upto.startswith(pre) and len(pre) >= pos):
                 return None
             spans += [(pos, len(pre), False), (len(pre), len(upto), True)]
@@ -259,10 +262,11 @@ class _Encoder:
             flags = [assistant or all_loss] * len(toks)
             if assistant:
                 prompt_len, end = len(ids), len(ids) + len(toks)
-                last_end = max((j for j, t in enumerate(toks) if t in self.ends), default=None)
-                if not all_loss and last_end is not None:
-                    # Template text after the end-of-turn token (a newline) is not the answer.
-                    flags[last_end + 1:] = [False] * (len(toks) - last_end - 1)
+                stop = next((j for j, t in enumerate(toks) if t in self.ends), None)
+                if not all_loss and stop is not None:
+                    # Template text after the end-of-turn token (a newline, Phi-3's final EOS)
+                    # is not the answer.
+                    flags[stop + 1:] = [False] * (len(toks) - stop - 1)
             ids += toks
             mask += flags
         if self.cfg.add_eos and self.eos is not None and end is not None and not (
