@@ -273,7 +273,7 @@ class _ClassReader(_Reader):
 
     def encode(self, line: str) -> tuple[list[int], int]:
         rec = self.record(line)  # validates text / messages; fixes self.fmt on the first line
-        if self.fmt not in ("text", "messages"):
+        if self.fmt not in ("text", "messages", "sharegpt"):
             raise EmberError(
                 f'{self.path}: a classification file holds {{"text", '
                 f'"{self.field}"}} or {{"messages", "{self.field}"}} lines, '

@@ -40,7 +40,7 @@ ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired 
                          "completes the request.")
 _KEYS = {"messages": ("messages",), "sharegpt": ("conversations",),
          "preference": ("chosen", "rejected"), "prompt_completion": ("prompt", "completion"),
-         "alpaca": ("instruction", "output"), "text": ("text",)}
+         "alpaca": ("instruction",), "text": ("text",)}
 _MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name")  # passed to the template when present
 
 
