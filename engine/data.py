@@ -1,15 +1,25 @@
 """Datasets: JSONL reading with per-line diagnostics, loss masks, splits, padding-free packing.
 
-Formats (one JSON object per line; ``format="auto"`` picks the file's format from its first line):
+Formats (one JSON object per line, or a ``.json`` file holding one array of them, whose problems
+are named ``file[index]``; ``format="auto"`` picks the file's format from its first line):
     {"text": "..."}                                     loss on every token
     {"prompt": "...", "completion": "..."}              loss on the completion (+ EOS)
-    {"messages": [{"role": "user", "content": "..."}, ...]}   loss on assistant turns
+    {"instruction": "...", "input": "...", "output": "..."}   Alpaca (optional "system"): a
+        prompt/completion pair, the prompt being instruction and input joined by a blank line;
+        without a chat template, Stanford Alpaca's "### Instruction: ... ### Response:" prompt
+    {"messages": [{"role": "user", "content": "..."}, ...]}   loss on assistant turns; content
+        may be OpenAI text parts; assistant "tool_calls", "tool" messages and a line's "tools"
+        go to the chat template as transformers passes them
+    {"conversations": [{"from": "human", "value": "..."}, ...]}   ShareGPT, read as messages
     {"prompt": "...", "chosen": "...", "rejected": "..."}     a preference pair (objective = "dpo");
         or TRL's chat form: "prompt", "chosen", "rejected" as message lists, or only "chosen" and
         "rejected" as whole conversations (the shared prompt is their common prefix); see
         ``ember.engine.preference``
+Line parsing and validation is in ``ember.engine.formats``.
 Prompt/completion pairs are rendered as a user/assistant chat with the tokenizer's chat template
 when it has one (``use_chat_template``), else concatenated as-is (put any separator in the prompt).
+An assistant turn's loss covers what the template renders for it up to its first end-of-turn
+token (template text after it, a newline or Phi-3's final EOS, is not trained on).
 A preference line becomes one ``Example`` of two documents (``parts``): prompt + chosen, then
 prompt + rejected, each rendered like a prompt/completion pair; the pair is never split by batching.
 
@@ -19,7 +29,8 @@ predict across a boundary.
 
 Tokenizer duck type: ``encode(text, add_special_tokens=False) -> list[int]``, ``decode(ids)``,
 ``bos_token_id``, ``eos_token_id``, ``pad_token_id``, ``chat_template`` (str | None),
-``apply_chat_template(messages, add_generation_prompt=False, tokenize=False) -> str``.
+``apply_chat_template(messages, add_generation_prompt=False, tokenize=False) -> str`` (also
+``tools=`` for lines that give tools).
 
 Batching (``Example`` -> packed ``Batch``, ``PackedBatches``, ``pad_batch``) is in
 ``ember.engine.packing``; its public names are importable from here too.
