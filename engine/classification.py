@@ -273,7 +273,7 @@ class _ClassReader(_Reader):
 
     def encode(self, line: str) -> tuple[list[int], int]:
         rec = self.record(line)  # validates text / messages; fixes self.fmt on the first line
-        if self.fmt not in ("text", "messages"):
+        if self.fmt not in ("text", "messages", "sharegpt"):
             raise EmberError(
                 f'{self.path}: a classification file holds {{"text", '
                 f'"{self.field}"}} or {{"messages", "{self.field}"}} lines, '
@@ -291,7 +291,7 @@ class _ClassReader(_Reader):
         else:
             if self.cfg.system_prompt is not None and rec[0]["role"] != "system":
                 rec = [{"role": "system", "content": self.cfg.system_prompt}, *rec]
-            ids = enc._enc(enc._render(rec))
+            ids = enc._enc(enc._render(rec, False, getattr(rec, "tools", None)))
         return ids, label
 
     def _strip(self, ids: list[int]) -> list[int]:
@@ -301,7 +301,7 @@ class _ClassReader(_Reader):
         return ids[:n]
 
     def example(self, lineno: int, raw: bytes) -> Example | None:
-        rep, where = self.report, f"{self.path}:{lineno}"
+        rep, where = self.report, self.where(lineno)
         line = self.text(lineno, raw)
         if line is None:
             return None

@@ -1,15 +1,25 @@
 """Datasets: JSONL reading with per-line diagnostics, loss masks, splits, padding-free packing.
 
-Formats (one JSON object per line; ``format="auto"`` picks the file's format from its first line):
+Formats (one JSON object per line, or a ``.json`` file holding one array of them, whose problems
+are named ``file[index]``; ``format="auto"`` picks the file's format from its first line):
     {"text": "..."}                                     loss on every token
     {"prompt": "...", "completion": "..."}              loss on the completion (+ EOS)
-    {"messages": [{"role": "user", "content": "..."}, ...]}   loss on assistant turns
+    {"instruction": "...", "input": "...", "output": "..."}   Alpaca (optional "system"): a
+        prompt/completion pair, the prompt being instruction and input joined by a blank line;
+        without a chat template, Stanford Alpaca's "### Instruction: ... ### Response:" prompt
+    {"messages": [{"role": "user", "content": "..."}, ...]}   loss on assistant turns; content
+        may be OpenAI text parts; assistant "tool_calls", "tool" messages and a line's "tools"
+        go to the chat template as transformers passes them
+    {"conversations": [{"from": "human", "value": "..."}, ...]}   ShareGPT, read as messages
     {"prompt": "...", "chosen": "...", "rejected": "..."}     a preference pair (objective = "dpo");
         or TRL's chat form: "prompt", "chosen", "rejected" as message lists, or only "chosen" and
         "rejected" as whole conversations (the shared prompt is their common prefix); see
         ``ember.engine.preference``
+Line parsing and validation is in ``ember.engine.formats``.
 Prompt/completion pairs are rendered as a user/assistant chat with the tokenizer's chat template
 when it has one (``use_chat_template``), else concatenated as-is (put any separator in the prompt).
+An assistant turn's loss covers what the template renders for it up to its first end-of-turn
+token (template text after it, a newline or Phi-3's final EOS, is not trained on).
 A preference line becomes one ``Example`` of two documents (``parts``): prompt + chosen, then
 prompt + rejected, each rendered like a prompt/completion pair; the pair is never split by batching.
 
@@ -19,7 +29,8 @@ predict across a boundary.
 
 Tokenizer duck type: ``encode(text, add_special_tokens=False) -> list[int]``, ``decode(ids)``,
 ``bos_token_id``, ``eos_token_id``, ``pad_token_id``, ``chat_template`` (str | None),
-``apply_chat_template(messages, add_generation_prompt=False, tokenize=False) -> str``.
+``apply_chat_template(messages, add_generation_prompt=False, tokenize=False) -> str`` (also
+``tools=`` for lines that give tools).
 
 Batching (``Example`` -> packed ``Batch``, ``PackedBatches``, ``pad_batch``) is in
 ``ember.engine.packing``; its public names are importable from here too.
@@ -34,6 +45,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember import EmberError
+from ember.engine.formats import (  # noqa: F401  (_get_str, _type_name: for other readers)
+    ROLES,
+    Chat,
+    _Bad,
+    _get_str,
+    _type_name,
+    alpaca_prompt,
+    detect,
+    parse,
+)
 from ember.engine.mixing import check_weights, describe, source_names
 from ember.engine.packing import (
     IGNORE,
@@ -66,8 +87,7 @@ __all__ = [
     "split_examples",
 ]
 
-ROLES = ("system", "user", "assistant", "tool")
-FORMATS = ("auto", "text", "prompt_completion", "messages", "preference")
+FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt", "preference")
 MAX_PROBLEMS = 5  # problems quoted verbatim in a report; the rest are counted by kind
 
 
@@ -158,78 +178,6 @@ class DataReport:
         return s
 
 
-class _Bad(Exception):
-    def __init__(self, kind: str, why: str):
-        super().__init__(why)
-        self.kind, self.why = kind, why
-
-
-_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
-               float: "number", type(None): "null"}
-
-
-def _type_name(v) -> str:
-    return _JSON_TYPES.get(type(v), type(v).__name__)
-
-
-def _get_str(obj: dict, key: str) -> str:
-    if key not in obj:
-        raise _Bad("missing field", f"missing field {key!r} (keys present: {sorted(obj)})")
-    v = obj[key]
-    if not isinstance(v, str):
-        raise _Bad("wrong type", f"field {key!r} must be a string, got {_type_name(v)}")
-    return v
-
-
-def _detect(obj: dict) -> str | None:
-    keys = {"messages": ("messages",), "preference": ("chosen", "rejected"),
-            "prompt_completion": ("prompt", "completion"),
-            "text": ("text",)}
-    return next((fmt for fmt, ks in keys.items() if any(k in obj for k in ks)), None)
-
-
-def _parse(obj: dict, fmt: str):
-    """The record of one line in ``fmt``, validated; raises _Bad with the reason."""
-    if fmt == "text":
-        text = _get_str(obj, "text")
-        if not text.strip():
-            raise _Bad("empty text", "empty text")
-        return text
-    if fmt == "prompt_completion":
-        prompt, completion = _get_str(obj, "prompt"), _get_str(obj, "completion")
-        if not completion.strip():
-            raise _Bad("empty completion", "empty completion")
-        return prompt, completion
-    if fmt == "preference":  # strings or chat messages: ember.engine.preference
-        from ember.engine.preference import parse_pair
-
-        return parse_pair(obj)
-    if "messages" not in obj:
-        raise _Bad("missing field", f"missing field 'messages' (keys present: {sorted(obj)})")
-    msgs = obj["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        raise _Bad("wrong type", f"field 'messages' must be a non-empty array of "
-                                 f"{{role, content}} objects, got {_type_name(msgs)}"
-                   + (" (empty)" if msgs == [] else ""))
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise _Bad("wrong type", f"messages[{i}] must be an object, got {_type_name(m)}")
-        for k in ("role", "content"):
-            if k not in m:
-                raise _Bad("missing field", f"messages[{i}] has no {k!r}")
-            if not isinstance(m[k], str):
-                raise _Bad("wrong type", f"messages[{i}].{k} must be a string, got "
-                                         f"{_type_name(m[k])}")
-        if m["role"] not in ROLES:
-            raise _Bad("unknown role", f"unknown role {m['role']!r} in messages[{i}] (expected "
-                                       f"{', '.join(ROLES)})")
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise _Bad("empty completion", f"empty assistant message in messages[{i}]")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
 class _Encoder:
     """Turns parsed records into (ids, target mask, prompt_len, reference)."""
 
@@ -261,22 +209,29 @@ class _Encoder:
         if fmt == "text":
             ids = self._with_eos(self._enc(rec, True))
             return ids, [True] * len(ids), 0, None
-        if fmt == "prompt_completion" and not self.chat:
-            p, c = self._enc(rec[0], True), self._with_eos(self._enc(rec[1]))
+        if fmt in ("prompt_completion", "alpaca") and not self.chat:
+            prompt = alpaca_prompt(rec) if fmt == "alpaca" else rec[0]
+            p, c = self._enc(prompt, True), self._with_eos(self._enc(rec[1]))
             return p + c, [all_loss] * len(p) + [True] * len(c), len(p), rec[1]
-        if fmt == "prompt_completion":
-            rec = [{"role": "user", "content": rec[0]}, {"role": "assistant", "content": rec[1]}]
+        if fmt in ("prompt_completion", "alpaca"):
+            system = rec.system if fmt == "alpaca" else None
+            rec = Chat([{"role": "user", "content": rec[0]},
+                        {"role": "assistant", "content": rec[1]}])
+            if system is not None:  # the line's own system message wins over data.system_prompt
+                rec.insert(0, {"role": "system", "content": system})
         elif not self.has_template:
-            raise EmberError("the messages format needs a tokenizer with a chat template; this "
-                             "one has none (use prompt/completion lines instead)")
+            raise EmberError(f"the {fmt} format needs a tokenizer with a chat template; this one "
+                             "has none (use prompt/completion lines instead)")
         if self.cfg.system_prompt is not None and rec[0]["role"] != "system":
-            rec = [{"role": "system", "content": self.cfg.system_prompt}, *rec]
+            rec = Chat([{"role": "system", "content": self.cfg.system_prompt}, *rec],
+                       getattr(rec, "tools", None))
         return self._chat(rec, all_loss)
 
-    def _render(self, messages, gen: bool = False) -> str:
+    def _render(self, messages, gen: bool = False, tools: list | None = None) -> str:
         try:
             return self.tok.apply_chat_template(messages, add_generation_prompt=gen,
-                                                tokenize=False)
+                                                tokenize=False, **({"tools": tools} if tools
+                                                                   else {}))
         except Exception as e:  # jinja raise_exception() and template bugs: a per-line problem
             raise _Bad("chat template", f"the chat template rejected this conversation: "
                                         f"{type(e).__name__}: {e}") from None
@@ -289,7 +244,11 @@ class _Encoder:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            pre, upto = self._render(messages[:i], True), self._render(messages[: i + 1])
+            pre = self._render(messages[:i], True, messages.tools)
+            upto = self._render(messages[: i + 1], False, messages.tools)
+            eos = getattr(self.tok, "eos_token", None)
+            if eos and not full.startswith(upto) and upto.endswith(eos):
+                upto = upto[: -len(eos)]  # Phi-3 ends a render with EOS, not each turn
             if not (full.startswith(upto) and upto.startswith(pre) and len(pre) >= pos):
                 return None
             spans += [(pos, len(pre), False), (len(pre), len(upto), True)]
@@ -297,7 +256,9 @@ class _Encoder:
         return spans + [(pos, len(full), False)]
 
     def _chat(self, messages, all_loss: bool):
-        full = self._render(messages)
+        if not isinstance(messages, Chat):
+            messages = Chat(messages)
+        full = self._render(messages, False, messages.tools)
         spans = self._spans(messages, full)
         if spans is None and not all_loss:
             raise _Bad("chat template", "the chat template does not render this conversation "
@@ -312,10 +273,11 @@ class _Encoder:
             flags = [assistant or all_loss] * len(toks)
             if assistant:
                 prompt_len, end = len(ids), len(ids) + len(toks)
-                last_end = max((j for j, t in enumerate(toks) if t in self.ends), default=None)
-                if not all_loss and last_end is not None:
-                    # Template text after the end-of-turn token (a newline) is not the answer.
-                    flags[last_end + 1:] = [False] * (len(toks) - last_end - 1)
+                stop = next((j for j, t in enumerate(toks) if t in self.ends), None)
+                if not all_loss and stop is not None:
+                    # Template text after the end-of-turn token (a newline, Phi-3's final EOS)
+                    # is not the answer.
+                    flags[stop + 1:] = [False] * (len(toks) - stop - 1)
             ids += toks
             mask += flags
         if self.cfg.add_eos and self.eos is not None and end is not None and not (
@@ -365,12 +327,16 @@ class _Reader:
         self.enc = _Encoder(cfg, tokenizer)
         self.bos = getattr(tokenizer, "bos_token_id", None)
         self.fmt = None if cfg.format == "auto" else cfg.format
+        self.array = False  # a .json file holding an array: items are named path[index]
+
+    def where(self, lineno: int) -> str:
+        return f"{self.path}[{lineno}]" if self.array else f"{self.path}:{lineno}"
 
     def bad(self, lineno: int, kind: str, why: str) -> None:
-        where = f"{self.path}:{lineno}"
+        where = self.where(lineno)
         if self.cfg.bad_lines == "error":
-            raise EmberError(f"{where}: {why}\n(fix the line, or set data.bad_lines = \"skip\" "
-                             "to skip bad lines and count them)")
+            raise EmberError(f"{where}: {why}\n(fix the {'item' if self.array else 'line'}, or "
+                             "set data.bad_lines = \"skip\" to skip bad lines and count them)")
         self.report.bad_lines += 1
         self.report.note(kind, f"{where}: {why}")
 
@@ -384,17 +350,18 @@ class _Reader:
         if not isinstance(obj, dict):
             raise _Bad("wrong type", f"expected a JSON object, got {_type_name(obj)}")
         if self.fmt is None:
-            self.fmt = _detect(obj)
+            self.fmt = detect(obj)
             if self.fmt is None:
-                raise _Bad("missing field", "no 'text', 'prompt'/'completion', 'messages' or "
+                raise _Bad("missing field", "no 'text', 'prompt'/'completion', 'instruction'/"
+                                            "'output', 'messages', 'conversations' or "
                                             f"'chosen'/'rejected' field (keys present: "
                                             f"{sorted(obj)})")
-        return _parse(obj, self.fmt)
+        return parse(obj, self.fmt)
 
     def text(self, lineno: int, raw: bytes) -> str | None:
         """The line as text; None (counted) for a blank line or one that is not UTF-8."""
         try:
-            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            line = raw.decode("utf-8-sig" if lineno == 1 and not self.array else "utf-8")
         except UnicodeDecodeError as e:
             self.bad(lineno, "not UTF-8", f"not valid UTF-8 ({e.reason} at byte {e.start})")
             return None
@@ -404,7 +371,7 @@ class _Reader:
         return line
 
     def example(self, lineno: int, raw: bytes) -> Example | None:
-        where = f"{self.path}:{lineno}"
+        where = self.where(lineno)
         line = self.text(lineno, raw)
         if line is None:
             return None
@@ -434,7 +401,7 @@ class _Reader:
 
     def _fit(self, lineno: int, ids, mask, prompt_len):
         """(ids, labels, prompt_len) of one document after the over-long policy, or None."""
-        cfg, rep, where = self.cfg, self.report, f"{self.path}:{lineno}"
+        cfg, rep, where = self.cfg, self.report, self.where(lineno)
         if len(ids) > cfg.max_seq_len:
             n, fitted = len(ids), _fit(ids, mask, prompt_len, cfg, self.bos)
             what = f"{where}: {n} tokens > max_seq_len {cfg.max_seq_len}"
@@ -454,8 +421,9 @@ class _Reader:
 
 
 def read_lines(path: str | Path, make_reader) -> tuple[_Reader, list[Example]]:
-    """(reader, examples) of one JSONL file: ``make_reader(path)`` turns each line into an
-    example or reports it (its ``report`` counts the lines)."""
+    """(reader, examples) of one JSONL file, or of a JSON file holding an array of line objects
+    (items named ``path[index]``): ``make_reader(path)`` turns each line into an example or
+    reports it (its ``report`` counts the lines)."""
     path = Path(path)
     if not path.exists():
         raise EmberError(f"{path}: dataset file not found")
@@ -463,12 +431,32 @@ def read_lines(path: str | Path, make_reader) -> tuple[_Reader, list[Example]]:
         raise EmberError(f"{path}: is a directory; give the JSONL file")
     reader, examples = make_reader(path), []
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        items = _json_array(path, f)
+        if items is not None:
+            reader.array = True
+        for lineno, raw in enumerate(f, 1) if items is None else enumerate(items):
             reader.report.lines += 1
             ex = reader.example(lineno, raw)
             if ex is not None:
                 examples.append(ex)
     return reader, examples
+
+
+def _json_array(path: Path, f) -> list[bytes] | None:
+    """The items of a .json file holding one JSON array, each as a JSON line; None for a JSONL
+    file (a .json one too: many datasets are JSONL named .json)."""
+    head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    f.seek(0)
+    if path.suffix.lower() != ".json" or not head.startswith(b"["):
+        return None
+    try:
+        items = json.loads(f.read().decode("utf-8-sig"))
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise EmberError(f"{path}: not a readable JSON array ({e})") from None
+    except json.JSONDecodeError as e:
+        raise EmberError(f"{path}: invalid JSON: {e.msg} (line {e.lineno} column {e.colno}); a "
+                         ".json dataset is one array of objects, or one object per line") from None
+    return [json.dumps(x, ensure_ascii=False).encode() for x in items]
 
 
 def load_examples(path: str | Path, cfg: DataConfig, tokenizer) -> tuple[list[Example], DataReport]:
@@ -480,7 +468,8 @@ def load_examples(path: str | Path, cfg: DataConfig, tokenizer) -> tuple[list[Ex
     rep.tokens = sum(len(e) for e in examples)
     rep.loss_tokens = sum(e.num_loss_tokens for e in examples)
     if rep.lines == rep.blank_lines:
-        raise EmberError(f"{path}: the file is empty; expected one JSON object per line")
+        raise EmberError(f"{path}: the file is empty; expected one JSON object per line (or a "
+                         ".json array of them)")
     if not examples:
         raise EmberError(f"{path}: no usable examples: all {rep.lines - rep.blank_lines} lines "
                          "are bad or too long\n" + "\n".join(f"  {p}" for p in rep.problems))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ember.engine.data import _Bad, _get_str, _parse, _type_name
+from ember.engine.formats import _Bad, _get_str, _type_name, parse_messages
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,7 @@ class Pair:
 
 def _messages(obj: dict, key: str) -> list[dict]:
     """Validated messages of ``obj[key]``; problems are named after ``key``."""
-    try:
-        return _parse({"messages": obj[key]}, "messages")
-    except _Bad as e:
-        why = e.why.replace("'messages'", repr(key)).replace("messages[", f"{key}[")
-        raise _Bad(e.kind, why) from None
+    return parse_messages(obj[key], key)
 
 
 def _answer(msgs: list[dict], key: str, start: int) -> dict:

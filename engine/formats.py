@@ -1,0 +1,268 @@
+"""Line formats: detecting a file's format and turning one JSON object into a validated record.
+
+Records, as ``ember.engine.data`` encodes them:
+    text                 str
+    prompt_completion    (prompt, completion)
+    alpaca               ``Alpaca`` (prompt, completion, system, ...): ``instruction`` and ``input``
+                         joined by a blank line, ``output`` the completion
+    messages, sharegpt   ``Chat``: a list of messages (dicts with ``role`` and ``content``, plus
+                         ``tool_calls`` / ``tool_call_id`` / ``name`` when given) and ``tools``
+    preference           ``ember.engine.preference.Pair``
+
+What each input shape becomes:
+    ShareGPT ``{"conversations": [{"from", "value"}]}``: ``from`` human/user -> user, gpt/assistant
+        -> assistant, system -> system, tool/observation -> tool; a top-level ``system`` string
+        becomes the first message.
+    OpenAI content parts ``"content": [{"type": "text", "text": ...}]``: the text parts joined
+        with newlines (as vLLM does for templates that take string content); any other part
+        (image_url, input_audio, file) is refused: Ember trains text-only models.
+    Tool use: ``tool_calls`` of an assistant message go to the template as given (transformers'
+        shape, ``{"type": "function", "function": {"name", "arguments"}}``), except that
+        ``arguments`` given as a JSON string (OpenAI's shape) is decoded to an object: templates
+        ``tojson`` the arguments, and a string would be trained as a quoted, escaped string.
+        ``tools`` (a line's JSON schemas) are passed to the template as ``tools``.
+Every problem raises ``_Bad(kind, why)``, which the reader reports as ``file:line: why``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import NamedTuple
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "tool": "tool", "observation": "tool"}
+# Alpaca's own prompt (Stanford alpaca train.py), used when the tokenizer has no chat template.
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that "
+                   "appropriately completes the request.")
+ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input "
+                         "that provides further context. Write a response that appropriately "
+                         "completes the request.")
+_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",),
+         "preference": ("chosen", "rejected"), "prompt_completion": ("prompt", "completion"),
+         "alpaca": ("instruction",), "text": ("text",)}
+_MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name")  # passed to the template when present
+
+
+class _Bad(Exception):
+    def __init__(self, kind: str, why: str):
+        super().__init__(why)
+        self.kind, self.why = kind, why
+
+
+class Chat(list):
+    """Messages, and the JSON schemas of the tools the conversation may call (or None)."""
+
+    def __init__(self, messages=(), tools: list | None = None):
+        super().__init__(messages)
+        self.tools = tools
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+               float: "number", type(None): "null"}
+
+
+def _type_name(v) -> str:
+    return _JSON_TYPES.get(type(v), type(v).__name__)
+
+
+def _get_str(obj: dict, key: str) -> str:
+    if key not in obj:
+        raise _Bad("missing field", f"missing field {key!r} (keys present: {sorted(obj)})")
+    v = obj[key]
+    if not isinstance(v, str):
+        raise _Bad("wrong type", f"field {key!r} must be a string, got {_type_name(v)}")
+    return v
+
+
+def detect(obj: dict) -> str | None:
+    """The format of a line, from its keys; None when no format's keys are there."""
+    return next((fmt for fmt, ks in _KEYS.items() if any(k in obj for k in ks)), None)
+
+
+def parse(obj: dict, fmt: str):
+    """The record of one line in ``fmt``, validated; raises _Bad with the reason."""
+    if fmt == "text":
+        text = _get_str(obj, "text")
+        if not text.strip():
+            raise _Bad("empty text", "empty text")
+        return text
+    if fmt in ("prompt_completion", "alpaca"):
+        rec = _alpaca(obj) if fmt == "alpaca" else (_get_str(obj, "prompt"),
+                                                     _get_str(obj, "completion"))
+        if not rec[1].strip():
+            raise _Bad("empty completion", "empty " + ("output" if fmt == "alpaca" else
+                                                       "completion"))
+        return rec
+    if fmt == "preference":  # strings or chat messages: ember.engine.preference
+        from ember.engine.preference import parse_pair
+
+        return parse_pair(obj)
+    tools = obj.get("tools")
+    if tools is not None and not (isinstance(tools, list)
+                                  and all(isinstance(t, dict) for t in tools)):
+        raise _Bad("wrong type", f"field 'tools' must be an array of tool schemas (objects), got "
+                                 f"{_type_name(tools)}")
+    msgs = _sharegpt(obj) if fmt == "sharegpt" else obj.get("messages")
+    if "messages" not in obj and fmt == "messages":
+        raise _Bad("missing field", f"missing field 'messages' (keys present: {sorted(obj)})")
+    return Chat(parse_messages(msgs, "conversations" if fmt == "sharegpt" else "messages"),
+                tools or None)
+
+
+class Alpaca(NamedTuple):
+    prompt: str  # instruction and input, joined by a blank line
+    completion: str
+    system: str | None
+    instruction: str
+    input: str
+
+
+def _alpaca(obj: dict) -> Alpaca:
+    instruction, output = _get_str(obj, "instruction"), _get_str(obj, "output")
+    extra = obj.get("input") or ""
+    if not isinstance(extra, str):
+        raise _Bad("wrong type", f"field 'input' must be a string, got {_type_name(extra)}")
+    system = obj.get("system") or None
+    if system is not None and not isinstance(system, str):
+        raise _Bad("wrong type", f"field 'system' must be a string, got {_type_name(system)}")
+    if not (instruction.strip() or extra.strip()):
+        raise _Bad("empty prompt", "empty instruction and input")
+    prompt = "\n\n".join(s for s in (instruction, extra) if s)
+    return Alpaca(prompt, output, system, instruction, extra)
+
+
+def alpaca_prompt(rec: Alpaca) -> str:
+    """Stanford Alpaca's prompt (for a tokenizer without a chat template); a ``system`` field
+    replaces its preamble."""
+    if rec.input:
+        return (f"{rec.system or ALPACA_PREAMBLE_INPUT}\n\n### Instruction:\n{rec.instruction}"
+                f"\n\n### Input:\n{rec.input}\n\n### Response:\n")
+    return (f"{rec.system or ALPACA_PREAMBLE}\n\n### Instruction:\n{rec.instruction}\n\n"
+            "### Response:\n")
+
+
+def _sharegpt(obj: dict) -> list:
+    convs = obj.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise _Bad("wrong type", "field 'conversations' must be a non-empty array of "
+                                 f"{{from, value}} objects, got {_type_name(convs)}"
+                   + (" (empty)" if convs == [] else ""))
+    out = []
+    system = obj.get("system")
+    if system:
+        if not isinstance(system, str):
+            raise _Bad("wrong type", f"field 'system' must be a string, got {_type_name(system)}")
+        out.append({"role": "system", "content": system})
+    for i, m in enumerate(convs):
+        if not isinstance(m, dict):
+            raise _Bad("wrong type", f"conversations[{i}] must be an object, got {_type_name(m)}")
+        if "from" not in m and "role" in m:  # some ShareGPT exports use role/content inside
+            out.append(m)
+            continue
+        for k in ("from", "value"):
+            if k not in m:
+                raise _Bad("missing field", f"conversations[{i}] has no {k!r}")
+            if not isinstance(m[k], str):
+                raise _Bad("wrong type", f"conversations[{i}].{k} must be a string, got "
+                                         f"{_type_name(m[k])}")
+        role = SHAREGPT_ROLES.get(m["from"])
+        if role is None:
+            raise _Bad("unknown role", f"unknown speaker {m['from']!r} in conversations[{i}] "
+                                       f"(expected {', '.join(SHAREGPT_ROLES)})")
+        out.append({"role": role, "content": m["value"],
+                    **{k: m[k] for k in _MESSAGE_KEYS if k in m}})
+    return out
+
+
+def _content(c, where: str) -> str:
+    """A message's text: a string, or OpenAI content parts whose text parts are joined."""
+    if isinstance(c, str):
+        return c
+    if not isinstance(c, list):
+        raise _Bad("wrong type", f"{where}.content must be a string or an array of content "
+                                 f"parts, got {_type_name(c)}")
+    texts = []
+    for j, part in enumerate(c):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(part, dict) or not isinstance(kind, str):
+            raise _Bad("wrong type", f"{where}.content[{j}] must be a {{type, ...}} object, got "
+                                     + (_type_name(part) if not isinstance(part, dict)
+                                        else f"keys {sorted(part)}"))
+        if kind != "text":
+            raise _Bad("not text", f"{where}.content[{j}] is a {kind!r} part: Ember trains "
+                                   "text-only models, which cannot take it; drop the part "
+                                   "(or the line)")
+        if not isinstance(part.get("text"), str):
+            raise _Bad("wrong type", f"{where}.content[{j}].text must be a string, got "
+                                     f"{_type_name(part.get('text'))}")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _tool_calls(calls, where: str) -> list:
+    if not isinstance(calls, list) or not calls:
+        raise _Bad("wrong type", f"{where}.tool_calls must be a non-empty array, got "
+                                 f"{_type_name(calls)}" + (" (empty)" if calls == [] else ""))
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        w = f"{where}.tool_calls[{j}]"
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _Bad("wrong type", f"{w} must be {{\"type\": \"function\", \"function\": "
+                                     "{\"name\": ..., \"arguments\": {...}}}")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):  # OpenAI's shape: the arguments as a JSON text
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError as e:
+                raise _Bad("wrong type", f"{w}.function.arguments is a string that is not "
+                                         f"JSON: {e.msg}") from None
+        if not isinstance(args, dict):
+            raise _Bad("wrong type", f"{w}.function.arguments must be an object, got "
+                                     f"{_type_name(args)}")
+        out.append({**call, "function": {**fn, "arguments": args}})
+    return out
+
+
+def parse_messages(msgs, field: str = "messages") -> list[dict]:
+    """Validated messages of ``msgs``; problems are named after ``field``."""
+    if not isinstance(msgs, list) or not msgs:
+        raise _Bad("wrong type", f"field {field!r} must be a non-empty array of "
+                                 f"{{role, content}} objects, got {_type_name(msgs)}"
+                   + (" (empty)" if msgs == [] else ""))
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"{field}[{i}]"
+        if not isinstance(m, dict):
+            raise _Bad("wrong type", f"{where} must be an object, got {_type_name(m)}")
+        if "role" not in m:
+            raise _Bad("missing field", f"{where} has no 'role'")
+        role = m["role"]
+        if not isinstance(role, str):
+            raise _Bad("wrong type", f"{where}.role must be a string, got {_type_name(role)}")
+        if role not in ROLES:
+            raise _Bad("unknown role", f"unknown role {role!r} in {where} (expected "
+                                       f"{', '.join(ROLES)})")
+        calls = _tool_calls(m["tool_calls"], where) if m.get("tool_calls") is not None else None
+        if calls and role != "assistant":
+            raise _Bad("wrong type", f"{where} has tool_calls but role {role!r}: only assistant "
+                                     "messages call tools")
+        if "content" not in m and not calls:
+            raise _Bad("missing field", f"{where} has no 'content'")
+        content = m.get("content")
+        if content is not None or not calls:  # an assistant message that only calls tools
+            content = _content(content, where)
+        if role == "assistant" and not calls and not content.strip():
+            raise _Bad("empty completion", f"empty assistant message in {where}")
+        msg = {"role": role, "content": content}
+        for k in _MESSAGE_KEYS[1:]:
+            if k in m:
+                if not isinstance(m[k], str):
+                    raise _Bad("wrong type", f"{where}.{k} must be a string, got "
+                                             f"{_type_name(m[k])}")
+                msg[k] = m[k]
+        if calls:
+            msg["tool_calls"] = calls
+        out.append(msg)
+    return out

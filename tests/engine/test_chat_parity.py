@@ -1,0 +1,308 @@
+# ruff: noqa: E501  (the chat templates are copied as the models ship them, long lines included)
+"""Chat templates: Ember renders what transformers' ``apply_chat_template`` renders (ChatML as
+Qwen2.5 uses it with tools, Llama 3.1, Mistral [INST], Gemma 3, Phi-3), and the assistant-only loss mask
+covers the assistant content and its end-of-turn token: the same tokens as transformers'
+``return_assistant_tokens_mask`` for a template with ``{% generation %}`` blocks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from ember.engine.data import IGNORE, DataConfig, load_examples
+from ember.engine.formats import parse
+from ember.models.tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+QWEN25 = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
+LLAMA31 = r"""{{- bos_token }}
+{%- if not date_string is defined %}
+    {%- set date_string = "26 Jul 2024" %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if tools is not none %}
+    {{- "Environment: ipython\n" }}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{%- if tools is not none %}
+    {{- "You have access to the following functions.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+
+MISTRAL = r"""{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.first and system_message is defined %}
+            {{- ' [INST] ' + system_message + '\n\n' + message['content'] + ' [/INST]' }}
+        {%- else %}
+            {{- ' [INST] ' + message['content'] + ' [/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + eos_token}}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}
+"""
+
+GEMMA3 = r"""{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
+PHI3 = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + "
+        "message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + "
+        "message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+        "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+# ChatML with generation blocks (as SmolLM3's and the transformers docs' templates mark them).
+CHATML_GEN = ("{% for m in messages %}{% if m['role'] == 'assistant' %}"
+              "{{ '<|im_start|>assistant\n' }}{% generation %}{{ m['content'] + '<|im_end|>' }}"
+              "{% endgeneration %}{{ '\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\n' + "
+              "m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+# name: (template, bos, eos, end-of-turn token, the text an assistant turn is trained on)
+TEMPLATES = {
+    "qwen2.5": (QWEN25, None, "<|im_end|>", "<|im_end|>", "{}<|im_end|>"),
+    "llama3.1": (LLAMA31, "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "{}<|eot_id|>"),
+    "mistral": (MISTRAL, "<s>", "</s>", "</s>", " {}</s>"),
+    "gemma3": (GEMMA3, "<bos>", "<eos>", "<end_of_turn>", "{}<end_of_turn>"),
+    "phi3": (PHI3, "<s>", "<|endoftext|>", "<|end|>", "{}<|end|>"),
+}
+SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
+            "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<bos>",
+            "<eos>", "<start_of_turn>", "<end_of_turn>", "<|system|>", "<|user|>",
+            "<|assistant|>", "<|end|>", "<|endoftext|>"]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+SYSTEM = {"role": "system", "content": "You are terse."}
+CHAT = [{"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris is the capital of France."},
+        {"role": "user", "content": "And of Italy?"},
+        {"role": "assistant", "content": "Rome, of course."}]
+CALL = {"type": "function", "function": {"name": "get_weather",
+                                         "arguments": {"city": "Paris", "unit": "C"}}}
+TOOL_CHAT = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": "", "tool_calls": [CALL]},
+             {"role": "tool", "name": "get_weather", "content": '{"temp": 21}'},
+             {"role": "assistant", "content": "It is 21 degrees in Paris."}]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    tok = Backend(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = [json.dumps(c) for c in (CHAT, TOOL_CHAT, TOOLS)] + [QWEN25, LLAMA31]
+    tok.train_from_iterator(text * 3, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=SPECIALS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def _pair(backend, name, template=None):
+    """(ember Tokenizer, transformers PreTrainedTokenizerFast) with the same vocabulary."""
+    tpl, bos, eos, eot, _ = TEMPLATES.get(name, (template, None, "<|im_end|>", None, None))
+    ours = Tokenizer(backend, bos_token=bos, eos_token=eos, chat_template=tpl,
+                     extra_eos_token_ids=[backend.token_to_id(eot)] if eot else ())
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos,
+                                              eos_token=eos, chat_template=tpl)
+    return ours, hf
+
+
+def _conversations(name):
+    system = [] if name == "gemma3_nosys" else [SYSTEM]
+    yield system + CHAT[:2], None
+    yield system + CHAT, None
+    if name in ("qwen2.5", "llama3.1"):  # the templates that take tool calls and tool results
+        yield system + TOOL_CHAT, TOOLS
+        yield TOOL_CHAT, TOOLS
+
+
+def _load(tmp_path, ours, rows, **kw):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_examples(path, DataConfig(train=str(path), bad_lines="error", **kw), ours)
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_rendering_and_masks_match_transformers(tmp_path, backend, name):
+    ours, hf = _pair(backend, name)
+    turn = TEMPLATES[name][4]
+    for messages, tools in _conversations(name):
+        for gen in (False, True):
+            want = hf.apply_chat_template(messages, tools=tools, tokenize=False,
+                                          add_generation_prompt=gen)
+            rec = parse({"messages": messages, **({"tools": tools} if tools else {})},
+                        "messages")
+            assert ours.apply_chat_template(rec, add_generation_prompt=gen,
+                                            **({"tools": tools} if tools else {})) == want
+        row = {"messages": messages, **({"tools": tools} if tools else {})}
+        (ex,), _ = _load(tmp_path, ours, [row])
+        full = hf.apply_chat_template(messages, tools=tools, tokenize=False)
+        assert ex.input_ids == ours.encode(full)  # turn-by-turn tokens == the whole text's
+        assert backend.decode(ex.input_ids, skip_special_tokens=False) == full
+        target = backend.decode([t for t in ex.labels if t != IGNORE], skip_special_tokens=False)
+        if tools:
+            call = json.dumps(CALL["function"]["arguments"])
+            head = ('<tool_call>\n{"name": "get_weather", "arguments": ' + call + "}\n</tool_call>"
+                    if name == "qwen2.5" else '{"name": "get_weather", "parameters": ' + call + "}")
+            assert target == head + turn.format("").strip() + turn.format(messages[-1]["content"])
+        else:
+            assert target == "".join(turn.format(m["content"]) for m in messages
+                                     if m["role"] == "assistant")
+
+
+def test_openai_string_arguments_render_like_objects(backend):
+    ours, hf = _pair(backend, "qwen2.5")
+    as_string = json.loads(json.dumps(TOOL_CHAT))
+    args = as_string[1]["tool_calls"][0]["function"]
+    args["arguments"] = json.dumps(args["arguments"])
+    as_string[1]["content"] = None
+    rec = parse({"messages": as_string, "tools": TOOLS}, "messages")
+    want = hf.apply_chat_template(TOOL_CHAT, tools=TOOLS, tokenize=False)
+    assert ours.apply_chat_template(rec, tools=TOOLS) == want
+
+
+def test_assistant_mask_matches_generation_blocks(tmp_path, backend):
+    ours, hf = _pair(backend, "chatml_gen", CHATML_GEN)
+    for messages in ([SYSTEM, *CHAT], CHAT[:2]):
+        out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                     return_assistant_tokens_mask=True)
+        (ex,), _ = _load(tmp_path, ours, [{"messages": messages}])
+        assert ex.input_ids == list(out["input_ids"])
+        mask = [0] + [int(t != IGNORE) for t in ex.labels[:-1]]  # labels are pre-shifted
+        assert mask == list(out["assistant_masks"])
+        assert sum(mask) > 0

@@ -1,0 +1,180 @@
+"""Formats users bring: Alpaca, ShareGPT, OpenAI content parts, tool calls, .json arrays: each is
+the same example as its Ember equivalent (prompt/completion or messages), bad items name file,
+line or array index, and the reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from ember import EmberError
+from ember.engine.data import IGNORE, DataConfig, load_examples
+from ember.engine.formats import ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT
+from ember.models.tokenizer import Tokenizer
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
+          "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>"
+          "{% endfor %}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WORDS = ["What is the capital of France?", "Paris is the capital of France.", "Translate",
+         "Bonjour le monde", "Hello world", "You are terse.", "get_weather", "Weather in Paris"]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    tok = Backend(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(WORDS * 3, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<s>", "<|im_start|>", "<|im_end|>"],
+        show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tok(backend):
+    return Tokenizer(backend, eos_token="<|im_end|>", chat_template=CHATML)
+
+
+def _load(tmp_path, rows, tok, name="d.jsonl", **kw):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) if name.endswith("l")
+                    else json.dumps(rows, indent=1))
+    return load_examples(path, DataConfig(train=str(path), **kw), tok)
+
+
+def _text(tok, ids) -> str:
+    return tok.backend.decode(list(ids), skip_special_tokens=False)
+
+
+def _targets(tok, ex) -> str:
+    return _text(tok, [t for t in ex.labels if t != IGNORE])
+
+
+def test_alpaca_is_a_prompt_completion_pair(tmp_path, tok, backend):
+    rows = [{"instruction": "Translate", "input": "Bonjour le monde", "output": "Hello world"},
+            {"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
+            {"instruction": "Translate", "input": "Bonjour", "output": "Hello",
+             "system": "Be terse."}]
+    examples, rep = _load(tmp_path, rows, tok)
+    assert rep.format == "alpaca" and rep.examples == 3
+    pc = [{"prompt": "Translate\n\nBonjour le monde", "completion": "Hello world"},
+          {"prompt": "What is the capital of France?", "completion": "Paris."}]
+    same, _ = _load(tmp_path, pc, tok)
+    assert [e.input_ids for e in examples[:2]] == [e.input_ids for e in same]
+    assert [e.labels for e in examples[:2]] == [e.labels for e in same]
+    assert _targets(tok, examples[0]) == "Hello world<|im_end|>"
+    assert _text(tok, examples[2].input_ids).startswith("<|im_start|>system\nBe terse.<|im_end|>")
+    # The line's system wins over data.system_prompt, which fills in for the others.
+    ex, _ = _load(tmp_path, rows, tok, system_prompt="Default.")
+    assert "Default." in _text(tok, ex[0].input_ids) and "Default." not in _text(
+        tok, ex[2].input_ids)
+    # Without a chat template: Stanford Alpaca's prompt.
+    plain = Tokenizer(backend, eos_token="<|im_end|>")
+    ex, _ = _load(tmp_path, rows[:2], plain)
+    assert _text(tok, ex[0].input_ids[:ex[0].prompt_len]) == (
+        f"{ALPACA_PREAMBLE_INPUT}\n\n### Instruction:\nTranslate\n\n### Input:\nBonjour le monde"
+        "\n\n### Response:\n")
+    assert _text(tok, ex[1].input_ids[:ex[1].prompt_len]) == (
+        f"{ALPACA_PREAMBLE}\n\n### Instruction:\nWhat is the capital of France?\n\n### Response:\n")
+    assert _targets(tok, ex[0]) == "Hello world<|im_end|>"
+
+
+def test_sharegpt_and_content_parts_are_messages(tmp_path, tok):
+    msgs = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris is the capital of France."},
+            {"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "Hi"}]
+    (want,), _ = _load(tmp_path, [{"messages": msgs}], tok)
+    who = {"system": "system", "user": "human", "assistant": "gpt"}
+    share = {"conversations": [{"from": who[m["role"]], "value": m["content"]} for m in msgs]}
+    (ex,), rep = _load(tmp_path, [share], tok)
+    assert rep.format == "sharegpt"
+    assert (ex.input_ids, ex.labels, ex.reference) == (want.input_ids, want.labels, "Hi")
+    top_system = {"system": "You are terse.", "conversations": share["conversations"][1:]}
+    (ex,), _ = _load(tmp_path, [top_system], tok, format="sharegpt")
+    assert ex.input_ids == want.input_ids
+    parts = [{**m, "content": [{"type": "text", "text": w} for w in m["content"].split(" ", 1)]}
+             for m in msgs]
+    (ex,), _ = _load(tmp_path, [{"messages": parts}], tok)
+    joined = [{**m, "content": m["content"].replace(" ", "\n", 1)} for m in msgs]
+    (want,), _ = _load(tmp_path, [{"messages": joined}], tok)
+    assert ex.input_ids == want.input_ids and ex.labels == want.labels
+
+
+def test_tool_turns_train_only_the_assistant(tmp_path, tok):
+    call = {"type": "function", "id": "c1",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    msgs = [{"role": "user", "content": "Weather in Paris"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "21 C"},
+            {"role": "assistant", "content": "21 degrees."}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    (ex,), _ = _load(tmp_path, [{"messages": msgs, "tools": tools}], tok)
+    assert _targets(tok, ex) == ('<tool_call>{"name": "get_weather", "arguments": {"city": '
+                                 '"Paris"}}</tool_call><|im_end|>21 degrees.<|im_end|>')
+    assert "<|im_start|>tool\n21 C<|im_end|>" in _text(tok, ex.input_ids)
+
+
+BAD = [
+    ({"instruction": "Translate", "input": 3, "output": "x"}, "field 'input' must be a string"),
+    ({"instruction": "", "output": "x"}, "empty instruction and input"),
+    ({"instruction": "Translate", "output": " "}, "empty output"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]},
+     "unknown speaker 'bot' in conversations[1] (expected system, human, user, gpt"),
+    ({"conversations": [{"from": "human"}]}, "conversations[0] has no 'value'"),
+    ({"conversations": []}, "field 'conversations' must be a non-empty array"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "x.png"}}]}]},
+     "messages[0].content[1] is a 'image_url' part: Ember trains text-only models"),
+    ({"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+     "messages[0].content[0] must be a {type, ...} object"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}]},
+     "messages[0].tool_calls[0] must be"),
+    ({"messages": [{"role": "assistant", "tool_calls": [
+        {"function": {"name": "f", "arguments": "{oops"}}]}]},
+     "messages[0].tool_calls[0].function.arguments is a string that is not JSON"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"function": {"name": "f", "arguments": {}}}]}]}, "only assistant messages call tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": {"f": 1}},
+     "field 'tools' must be an array"),
+]
+
+
+@pytest.mark.parametrize(("row", "why"), BAD, ids=[w[:30] for _, w in BAD])
+def test_bad_lines_name_file_line_and_reason(tmp_path, tok, row, why):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+    if "instruction" in row:
+        good = {"instruction": "Translate", "output": "x"}
+    elif "conversations" in row:
+        good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]}
+    _, rep = _load(tmp_path, [good, row], tok)
+    assert rep.bad_lines == 1 and rep.problems[0].startswith(f"{tmp_path / 'd.jsonl'}:2: ")
+    assert why in rep.problems[0], rep.problems[0]
+
+
+def test_json_arrays(tmp_path, tok):
+    rows = [{"instruction": "Translate", "input": "Bonjour le monde", "output": "Hello world"},
+            {"instruction": "Translate", "output": 7},
+            {"instruction": "Hello world", "output": "Bonjour le monde"}]
+    examples, rep = _load(tmp_path, rows, tok, name="d.json")
+    assert rep.examples == 2 and rep.lines == 3 and rep.format == "alpaca"
+    assert rep.problems == [f"{tmp_path / 'd.json'}[1]: field 'output' must be a string, got "
+                            "number"]
+    assert [e.source for e in examples] == [f"{tmp_path / 'd.json'}[{i}]" for i in (0, 2)]
+    with pytest.raises(EmberError, match=r"d\.json\[1\]: field 'output' must be a string(.|\n)*"
+                                         r"fix the item"):
+        _load(tmp_path, rows, tok, name="d.json", bad_lines="error")
+    # Many datasets are JSONL named .json; a broken array names the place.
+    (tmp_path / "l.json").write_text("".join(json.dumps(r) + "\n" for r in rows[::2]))
+    assert len(load_examples(tmp_path / "l.json", DataConfig(), tok)[0]) == 2
+    (tmp_path / "b.json").write_text('[{"text": "Hello world"},\n {"text": }]')
+    with pytest.raises(EmberError, match=r"b\.json: invalid JSON: Expecting value \(line 2 "):
+        load_examples(tmp_path / "b.json", DataConfig(), tok)
+    (tmp_path / "e.json").write_text("[]")
+    with pytest.raises(EmberError, match="the file is empty"):
+        load_examples(tmp_path / "e.json", DataConfig(), tok)
