@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,7 +109,10 @@ def test_qlora_under_torchrun_matches_one_process(tiny, tmp_path):
     cfg2 = write_config(tiny, tmp_path / "q2", *extra)  # the same COMMON settings, grad_accum 1
     script = tmp_path / "rank_script.py"
     script.write_text(_RANK_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The rank script imports _nf4_digest from this file: the repository root on its path
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", str(script), str(cfg2), str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=600)
