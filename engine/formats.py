@@ -12,7 +12,9 @@ Records, as ``ember.engine.data`` encodes them:
 What each input shape becomes:
     ShareGPT ``{"conversations": [{"from", "value"}]}``: ``from`` human/user -> user, gpt/assistant
         -> assistant, system -> system, tool/observation -> tool; a top-level ``system`` string
-        becomes the first message.
+        becomes the first message. LLaMA-Factory's tool use: a ``function_call`` turn (its value
+        the JSON of one call ``{"name", "arguments"}`` or a list of them) is an assistant message
+        calling those tools, and ``tools`` may be the JSON text of the schemas.
     OpenAI content parts ``"content": [{"type": "text", "text": ...}]``: the text parts joined
         with newlines (as vLLM does for templates that take string content); any other part
         (image_url, input_audio, file) is refused: Ember trains text-only models.
@@ -99,6 +101,8 @@ def parse(obj: dict, fmt: str):
 
         return parse_pair(obj)
     tools = obj.get("tools")
+    if fmt == "sharegpt" and isinstance(tools, str):  # LLaMA-Factory: the schemas as JSON text
+        tools = _json_value(tools, "field 'tools'") if tools.strip() else None
     if tools is not None and not (isinstance(tools, list)
                                   and all(isinstance(t, dict) for t in tools)):
         raise _Bad("wrong type", f"field 'tools' must be an array of tool schemas (objects), got "
@@ -166,13 +170,28 @@ def _sharegpt(obj: dict) -> list:
             if not isinstance(m[k], str):
                 raise _Bad("wrong type", f"conversations[{i}].{k} must be a string, got "
                                          f"{_type_name(m[k])}")
+        if m["from"] == "function_call":  # LLaMA-Factory: the assistant calls tools
+            calls = _json_value(m["value"], f"conversations[{i}].value")
+            calls = calls if isinstance(calls, list) else [calls]
+            out.append({"role": "assistant", "content": None, "tool_calls": [
+                {"type": "function", "function": c} for c in calls]})
+            continue
         role = SHAREGPT_ROLES.get(m["from"])
         if role is None:
             raise _Bad("unknown role", f"unknown speaker {m['from']!r} in conversations[{i}] "
-                                       f"(expected {', '.join(SHAREGPT_ROLES)})")
+                                       f"(expected {', '.join(SHAREGPT_ROLES)}, "
+                                       "function_call)")
         out.append({"role": role, "content": m["value"],
                     **{k: m[k] for k in _MESSAGE_KEYS if k in m}})
     return out
+
+
+def _json_value(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _Bad("wrong type", f"{where} must be JSON text here: {e.msg} at character "
+                                 f"{e.pos}") from None
 
 
 def _content(c, where: str) -> str:

@@ -117,6 +117,20 @@ def test_tool_turns_train_only_the_assistant(tmp_path, tok):
     assert _targets(tok, ex) == ('<tool_call>{"name": "get_weather", "arguments": {"city": '
                                  '"Paris"}}</tool_call><|im_end|>21 degrees.<|im_end|>')
     assert "<|im_start|>tool\n21 C<|im_end|>" in _text(tok, ex.input_ids)
+    # LLaMA-Factory's ShareGPT shape of the same conversation: function_call / observation
+    # turns and the tool schemas as JSON text
+    share = {"conversations": [
+        {"from": "human", "value": "Weather in Paris"},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": '
+                                           '"Paris"}}'},
+        {"from": "observation", "value": "21 C"}, {"from": "gpt", "value": "21 degrees."}],
+        "tools": json.dumps(tools)}
+    unnamed = [{k: v for k, v in m.items() if k != "tool_call_id"} for m in msgs]
+    unnamed[1] = {**msgs[1], "tool_calls": [{"type": "function", "function": call["function"]}]}
+    (want,), _ = _load(tmp_path, [{"messages": unnamed, "tools": tools}], tok)
+    (ex,), rep = _load(tmp_path, [share], tok)
+    assert rep.format == "sharegpt"
+    assert (ex.input_ids, ex.labels) == (want.input_ids, want.labels)
 
 
 BAD = [
@@ -126,6 +140,9 @@ BAD = [
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]},
      "unknown speaker 'bot' in conversations[1] (expected system, human, user, gpt"),
     ({"conversations": [{"from": "human"}]}, "conversations[0] has no 'value'"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call",
+                                                          "value": "get_weather(Paris)"}]},
+     "conversations[1].value must be JSON text here"),
     ({"conversations": []}, "field 'conversations' must be a non-empty array"),
     ({"messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is this?"},
