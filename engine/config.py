@@ -46,6 +46,9 @@ class ModelSpec:
     # "nf4": QLoRA. The linear layers are quantized to NF4 (bitsandbytes-exact) while loading;
     # a checkpoint already in bitsandbytes 4-bit format loads as NF4 without this.
     quantize: str | None = None
+    # With quantize: double-quantize the NF4 block scales (bitsandbytes'
+    # bnb_4bit_use_double_quant; ~0.4 bit/param less). false: bnb's bytes for that setting.
+    double_quant: bool = True
     # Start from an earlier stage's result: a run directory (its final adapter or model) or a
     # PEFT adapter folder; ``name`` stays the base model it was trained on (engine/stages.py).
     init: str | None = None
@@ -57,6 +60,9 @@ class ModelSpec:
         if self.quantize is not None and self.quantize != "nf4":
             raise EmberError(f"model.quantize must be \"nf4\" (QLoRA) or left out, got "
                              f"{self.quantize!r}")
+        if not self.double_quant and self.quantize is None:
+            raise EmberError("model.double_quant = false applies to QLoRA's quantization: set "
+                             "model.quantize = \"nf4\" too, or drop double_quant")
 
 
 @dataclass(frozen=True, kw_only=True)

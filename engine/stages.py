@@ -301,7 +301,8 @@ def load_start(cfg: TrainConfig, dtype: str, device: str):
 
     start = None if cfg.model.init is None else start_of(cfg)
     base = cfg.model.name if start is None else start.base
-    model, tok = load_pretrained(base, dtype, device, quantize=cfg.model.quantize)
+    model, tok = load_pretrained(base, dtype, device, quantize=cfg.model.quantize,
+                                 double_quant=cfg.model.double_quant)
     # [head]: before LoRA / freezing, and before a continued adapter, which may carry the head.
     attach_head(model, cfg, tok)
     if start is None:

@@ -192,7 +192,8 @@ def load_run_model(run_dir: str | Path, device: str | None = None):
         return model, tok, cfg
     if cfg.method == "lora" and final_adapter.is_dir():
         model, tok = load_pretrained(base_of(cfg), cfg.model.dtype, device,
-                                     quantize=cfg.model.quantize)
+                                     quantize=cfg.model.quantize,
+                                     double_quant=cfg.model.double_quant)
         attach_head(model, cfg, tok)  # the adapter brings the trained head (modules_to_save)
         load_adapter(model, final_adapter)
         return model, tok, cfg

@@ -154,13 +154,16 @@ def load_hf_folder(
     device: str | torch.device = "cpu",
     *,
     quantize: str | None = None,
+    double_quant: bool = True,
 ) -> Transformer:
     """A ``Transformer`` with the weights of an HF model folder (config.json + safetensors);
     ``device="meta"``: the same model without reading any weight (a quantized one with its
     dense ``nn.Linear`` layers: where NF4 goes is known once the weights are read).
+    ``quantize="nf4"`` quantizes the linear layers while loading, their block scales
+    double-quantized unless ``double_quant=False`` (bitsandbytes' ``bnb_4bit_use_double_quant``).
 
     A bitsandbytes NF4 checkpoint (``quantization_config`` in config.json) loads with its 4-bit
-    weights as they are (``Linear4bit``), whatever ``quantize`` says."""
+    weights as they are (``Linear4bit``), whatever ``quantize`` / ``double_quant`` say."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EmberError(f"model folder {folder} does not exist")
@@ -186,18 +189,19 @@ def load_hf_folder(
     if prequantized:
         _load_bnb_(model, folder, ckpt, device, target)
     elif quantize == "nf4":
-        _load_nf4_(model, iter_checkpoint(folder, cfg, ckpt), device, target)
+        _load_nf4_(model, iter_checkpoint(folder, cfg, ckpt), device, target, double_quant)
     else:
         _assign_(model, iter_checkpoint(folder, cfg, ckpt), device, target)
     return model
 
 
-def _load_nf4_(model: Transformer, tensors, device: torch.device, dtype: torch.dtype) -> None:
+def _load_nf4_(model: Transformer, tensors, device: torch.device, dtype: torch.dtype,
+               double_quant: bool = True) -> None:
     """Quantize-while-loading: ember.models.nf4 owns which weights become NF4 and how (looked up
     in sys.modules at call time, so a test can stand in for it)."""
     nf4 = importlib.import_module("ember.models.nf4")
     nf4.load_quantized_(model, tensors, device=device, compute_dtype=dtype,
-                        fused=fused_groups(model.cfg))
+                        double_quant=double_quant, fused=fused_groups(model.cfg))
     model.reset_rope_(device)
 
 
@@ -248,13 +252,15 @@ def load_pretrained(
     device: str | torch.device = "cpu",
     *,
     quantize: str | None = None,
+    double_quant: bool = True,
 ):
     """``(model, tokenizer)`` from an HF folder, a ``.gguf`` file or a built-in model name.
 
     ``dtype=None`` keeps the stored dtype. ``tokenizer`` is None (with a warning) when the folder
-    has no tokenizer.json. ``quantize="nf4"`` stores the linear weights in NF4 while loading."""
+    has no tokenizer.json. ``quantize="nf4"`` stores the linear weights in NF4 while loading
+    (``double_quant``: see ``load_hf_folder``)."""
     folder = _resolve_path(path)
-    model = load_hf_folder(folder, dtype, device, quantize=quantize)
+    model = load_hf_folder(folder, dtype, device, quantize=quantize, double_quant=double_quant)
     if (folder / "tokenizer.json").is_file():
         from ember.models.tokenizer import load_tokenizer
 

@@ -68,6 +68,8 @@ def test_quantize_config_errors(tiny, tmp_path):
         tiny_config(tiny, tmp_path / "a", 'model.quantize="int8"')
     with pytest.raises(EmberError, match="set method = \"lora\""):
         tiny_config(tiny, tmp_path / "b", 'model.quantize="nf4"', 'method="full"')
+    with pytest.raises(EmberError, match="double_quant = false applies to QLoRA"):
+        tiny_config(tiny, tmp_path / "c", "model.double_quant=false")
 
 
 # Trains under torchrun, then each rank writes the digest of its NF4 bytes.

@@ -177,6 +177,31 @@ def test_quantize_while_loading_and_state_dict_round_trip(hf_pair):
         assert torch.equal(reloaded(ids), ref)
 
 
+def test_quantize_while_loading_without_double_quant_is_bnbs(hf_pair):
+    """``double_quant=False``: the bytes transformers + bitsandbytes write for
+    ``bnb_4bit_use_double_quant=False`` (plain fp32 absmax per block), and its logits."""
+    transformers = pytest.importorskip("transformers")
+    from ember.models.loading import load_hf_folder
+
+    qcfg = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
+        bnb_4bit_compute_dtype=torch.float32)
+    hf_q = transformers.LlamaForCausalLM.from_pretrained(
+        hf_pair["dense_dir"], quantization_config=qcfg, device_map="cpu")
+    model = load_hf_folder(hf_pair["dense_dir"], quantize="nf4", double_quant=False)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 14
+    hf_modules = dict(hf_q.named_modules())
+    for name, m in layers:
+        assert not m.quant_weight.state.nested
+        w = hf_modules["model." + name.replace("attn.", "self_attn.")].weight
+        assert torch.equal(m.quant_weight.packed, w.data.view(torch.uint8).reshape(-1, 1))
+        assert torch.equal(m.quant_weight.state.absmax, w.quant_state.absmax)
+    ids = torch.randint(0, hf_pair["config"]["vocab_size"], (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf_q(ids).logits, rtol=0, atol=1e-4)
+
+
 def test_lora_over_nf4_base_trains_only_adapters():
     from ember.models.lora import LoRAConfig, apply_lora, lora_parameters
 
