@@ -473,8 +473,9 @@ def test_quantize_call_site(tmp_path, monkeypatch):
     assert "quantize" in _err(load_pretrained, folder, quantize="int8")
     seen = {}
 
-    def load_quantized_(model, tensors, *, device, compute_dtype, fused):
+    def load_quantized_(model, tensors, *, device, compute_dtype, double_quant, fused):
         assert fused == []  # no fused weights in a Llama
+        assert double_quant is True  # the default, as bitsandbytes' QLoRA recipe
         assert all(p.is_meta for p in model.parameters())
         pairs = list(tensors)
         seen.update({k: t.dtype for k, t in pairs})
