@@ -30,8 +30,10 @@ def _cmd_train(a) -> None:
     cfg = load_config(a.config, a.set or [])
     try:
         train(cfg, resume=a.resume)
-    finally:
-        shutdown()  # leave torchrun's process group (a no-op for one process)
+    except BaseException:
+        shutdown()  # leave torchrun's process group at once: the other ranks may be stuck
+        raise
+    shutdown(together=True)  # (a no-op for one process)
 
 
 def _is_run_dir(path: str) -> bool:

@@ -150,8 +150,14 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
                     backend=backend, local_world_size=_env_int("LOCAL_WORLD_SIZE", world))
 
 
-def shutdown() -> None:
+def shutdown(*, together: bool = False) -> None:
+    """Leave torchrun's process group (a no-op for one process). ``together`` (after a run that
+    ended normally on every rank): first wait for all ranks, so that none tears its group down
+    while rank 0 is still writing files and talking to it (with gloo, a rank leaving early
+    has been seen to abort in the group's destructor)."""
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
