@@ -5,8 +5,9 @@ Architectures (``general.architecture``): ``llama`` (also Mistral, SmolLM2), ``q
 specifics (norms stored as 1 + w, windows, softcaps, local RoPE base, fused qkv / gate-up, and the
 values llama.cpp hard-codes instead of storing) are in ``ember.models.gguf_arch``. Refused with an
 error naming the key or tensor: other architectures, mmproj (``clip``) and multimodal files,
-mixture-of-experts, per-layer head counts, partial rotary (``rope.dimension_count`` < head_dim),
-Phi-3 LongRoPE (``rope_factors_long/short``), rope scaling other than linear / Llama-3.
+mixture-of-experts, per-layer head counts, partial rotary outside phi3. RoPE (linear, Llama 3.1
+``rope_freqs``, YaRN, Phi-3 LongRoPE ``rope_factors_long/short``) is read in
+``ember.models.gguf_rope``.
 
 Format (v2/v3, little-endian): magic ``GGUF``, version, tensor count, metadata count, metadata
 key/values, a tensor table (name, dims in ggml order = fastest first, type, offset), then the tensor
@@ -20,7 +21,7 @@ Transforms applied to get back to Hugging Face / ember layout:
 - undo llama.cpp's Q/K row permutation (``convert_hf_to_gguf.py`` reorders each head's rows from
   HF's rotate-half layout to interleaved pairs for llama-architecture files);
 - rename ``blk.N.attn_q`` ... to ``layers.N.attn.q_proj`` ...; a missing ``output`` means tied
-  embeddings; a ``rope_freqs`` tensor (Llama 3.1 files) becomes a ``RopeScaling``;
+  embeddings; ``rope_freqs`` / ``rope_factors_*`` tensors become a ``RopeScaling``;
 - Gemma: subtract the 1 llama.cpp added to every norm weight; Phi-3: split ``attn_qkv`` and the
   fused ``ffn_up`` (``ember.models.gguf_arch``).
 """
@@ -40,7 +41,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ember import EmberError
-from ember.models.config import ModelConfig, RopeScaling, rope_inv_freq
+from ember.models.config import ModelConfig
 from ember.models.gguf_arch import (
     ARCHITECTURES,
     EXTRA_BLOCK_NAMES,
@@ -48,6 +49,7 @@ from ember.models.gguf_arch import (
     arch_tensors,
     check_supported,
 )
+from ember.models.gguf_rope import ROPE_TENSORS, nice_float, rope_fields
 
 Q = GGMLQuantizationType
 
@@ -363,30 +365,6 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
-def _nice_float(x: float) -> float:
-    """GGUF stores fp32; return the shortest decimal that rounds to the same fp32 (1e-05, not
-    9.999999747378752e-06), which is what the original config said."""
-    return float(str(np.float32(x)))
-
-
-def _llama3_rope(rope_freqs: torch.Tensor, cfg: dict, path: Path) -> RopeScaling:
-    """Recover Llama-3.1 rope scaling from llama.cpp's ``rope_freqs`` factors (which the file
-    stores instead of the four parameters) by matching the standard low/high factors."""
-    factor = float(rope_freqs.max())
-    orig = int(cfg.get("orig_ctx") or 8192)
-    base = ModelConfig(vocab_size=1, hidden_size=cfg["head_dim"], intermediate_size=1,
-                       num_layers=1, num_heads=1, num_kv_heads=1, rope_theta=cfg["rope_theta"])
-    plain = rope_inv_freq(base)
-    for low, high in [(1.0, 4.0), (1.0, 2.0), (2.0, 4.0)]:
-        rs = RopeScaling(kind="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
-                         original_max_position_embeddings=orig)
-        ratio = plain / rope_inv_freq(base.replace(rope_scaling=rs))
-        if torch.allclose(ratio, rope_freqs.float(), rtol=1e-3, atol=1e-4):
-            return rs
-    raise EmberError(f"{path}: rope_freqs tensor does not match Llama-3 rope scaling with any "
-                     "standard low/high frequency factor; this GGUF is not supported")
-
-
 def config_from_gguf(g: GGUFFile) -> ModelConfig:
     """Rebuild the ModelConfig from ``<arch>.*`` metadata and the tensor table."""
     md, path = g.metadata, g.path
@@ -408,28 +386,11 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     hidden, heads = int(get("embedding_length", required=True)), int(
         get("attention.head_count", required=True))
     head_dim = int(get("attention.key_length") or hidden // heads)
-    rot = get("rope.dimension_count")
-    if rot is not None and int(rot) != head_dim:
-        raise EmberError(f"{path}: partial rotary embeddings ({arch}.rope.dimension_count={rot} "
-                         f"< head_dim {head_dim}) are not supported in GGUF files; use the "
-                         "original Hugging Face checkpoint")
     if "token_embd.weight" not in g.tensors:
         raise EmberError(f"{path}: tensor token_embd.weight is missing")
     vocab = g.tensors["token_embd.weight"].shape[0]
-    rope_theta = _nice_float(get("rope.freq_base", 10000.0))
-    scaling = None
-    kind = get("rope.scaling.type", "none")
-    factor = get("rope.scaling.factor") or get("rope.scale_linear")
-    if kind == "linear" or (kind == "none" and factor and f"{arch}.rope.scaling.type" not in md):
-        scaling = RopeScaling(kind="linear", factor=_nice_float(factor))
-    elif kind not in ("none", "linear"):
-        raise EmberError(f"{path}: rope scaling type {kind!r} ({arch}.rope.scaling.type) is not "
-                         "supported in GGUF files (none, linear, llama3 rope_freqs); import the "
-                         "original Hugging Face checkpoint, whose config.json Ember reads")
-    if "rope_freqs.weight" in g.tensors:
-        scaling = _llama3_rope(g.tensor("rope_freqs.weight"), {
-            "head_dim": head_dim, "rope_theta": rope_theta,
-            "orig_ctx": get("rope.scaling.original_context_length")}, path)
+    context = int(get("context_length", 4096))
+    rope = rope_fields(g, arch, get, head_dim, context)
 
     def tok_id(key):
         v = md.get(f"tokenizer.ggml.{key}")
@@ -444,9 +405,8 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         intermediate_size=int(get("feed_forward_length", required=True)),
         num_layers=int(get("block_count", required=True)), num_heads=heads,
         num_kv_heads=int(get("attention.head_count_kv") or heads), head_dim=head_dim,
-        rms_norm_eps=_nice_float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=rope_theta, rope_scaling=scaling,
-        max_position_embeddings=int(get("context_length", 4096)),
+        rms_norm_eps=nice_float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        **rope, max_position_embeddings=context,
         tie_word_embeddings=not has("output.weight"),
         attention_bias=has("blk.0.attn_q.bias"), attention_out_bias=has("blk.0.attn_output.bias"),
         mlp_bias=has("blk.0.ffn_up.bias"), qk_norm=has("blk.0.attn_q_norm.weight"),
@@ -462,7 +422,7 @@ def iter_state_dict(g: GGUFFile, cfg: ModelConfig,
     """(ember name, tensor) pairs, dequantized, unpermuted, cast to ``dtype``, one at a time."""
     arch = g.metadata["general.architecture"]
     _, permuted = ARCHITECTURES[arch]
-    unknown = [n for n in g.tensors if ember_name(n) is None and n != "rope_freqs.weight"]
+    unknown = [n for n in g.tensors if ember_name(n) is None and n not in ROPE_TENSORS]
     if unknown:
         raise EmberError(f"{g.path}: unexpected tensors {unknown[:5]} for a "
                          f"{g.metadata['general.architecture']} model; not supported")

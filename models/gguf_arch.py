@@ -16,7 +16,8 @@ back into ``ModelConfig`` fields and Ember tensors:
   period, or one bool per layer, true = sliding) overrides the pattern where present.
 - Phi-3 (``phi3``): ``attn_qkv`` (q, k, v rows stacked) and ``ffn_up`` with 2 x ffn rows (gate,
   then up) are split with ``ember.models.hf``'s Phi-3 split; ``attention.sliding_window`` 0 means
-  none (Phi-4). LongRoPE files (``rope_factors_long`` / ``rope_factors_short``) are refused.
+  none (Phi-4). LongRoPE and partial rotary (Phi-3.5, Phi-4-mini) are read in
+  ``ember.models.gguf_rope``.
 """
 
 from __future__ import annotations
@@ -61,11 +62,6 @@ def check_supported(arch: Any, md: dict, tensor_names, path: Path) -> None:
     if mm:
         raise EmberError(f"{path}: multimodal GGUF (vision/audio tensors such as {mm[0]!r}) is "
                          "not supported; use a text-only GGUF of the language model")
-    longrope = [n for n in tensor_names if n.startswith("rope_factors_")]
-    if longrope:
-        raise EmberError(f"{path}: tensors {longrope} (LongRoPE frequency factors, the 128k-"
-                         "context Phi-3 models) are not supported in GGUF files; use a "
-                         "4k-context GGUF or the original Hugging Face checkpoint")
 
 
 def _layer_types(arch: str, md: dict, num_layers: int, window: int | None) -> tuple[str, ...]:

@@ -306,8 +306,11 @@ def test_linear_rope_scaling_from_metadata(tmp_path):
     cfg, _, _ = load_gguf(tmp_path / "lin.gguf")
     assert cfg.rope_scaling == RopeScaling(kind="linear", factor=4.0)
     write_tiny_gguf(tmp_path / "yarn.gguf", metadata={"llama.rope.scaling.type": "yarn"})
-    with pytest.raises(EmberError, match="rope scaling type 'yarn'.*original Hugging Face"):
+    with pytest.raises(EmberError, match="YaRN rope scaling without a positive llama.rope"):
         load_gguf(tmp_path / "yarn.gguf")
+    write_tiny_gguf(tmp_path / "ntk.gguf", metadata={"llama.rope.scaling.type": "ntk"})
+    with pytest.raises(EmberError, match="rope scaling type 'ntk'.*original Hugging Face"):
+        load_gguf(tmp_path / "ntk.gguf")
 
 
 def test_k_quant_mix_like_q4_k_m_matches_transformers(tmp_path):

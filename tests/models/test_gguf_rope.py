@@ -1,0 +1,185 @@
+"""GGUF import of long-context RoPE: Phi-3 LongRoPE (short / long factor tensors, attention factor,
+original context) with full and partial rotary (Phi-3.5 and Phi-4-mini shapes), and YaRN
+(Qwen2.5 / Qwen3 long-context configs). Tiny random transformers models are written to GGUF with
+the keys and tensors llama.cpp's convert_hf_to_gguf.py writes for them, read back by Ember and
+compared with the original HF model on sequences below and beyond the original context
+(transformers' own GGUF loader ignores these keys, so it is no oracle here)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ember import EmberError
+from ember.models.gguf import import_gguf, load_gguf
+from tests.models.test_gguf import VOCAB, _offline
+from tests.models.test_gguf_families import DIMS, _diff, _ember, write_family_gguf
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+ORIG = 24  # original context; tests run 13 tokens (short factors) and 40 (long factors)
+
+
+def _randomize_(model) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.3 if name.endswith("norm.weight") else 1.0 if "embed" in name else 0.15
+            p.copy_(torch.randn_like(p) * scale)
+
+
+def _phi3(partial: float):
+    rot = int(16 * partial)  # head_dim 16
+    g = torch.Generator().manual_seed(int(partial * 100))
+    short = (1.0 + torch.rand(rot // 2, generator=g)).tolist()
+    long = (1.0 + 8 * torch.rand(rot // 2, generator=g)).tolist()
+    cfg = transformers.Phi3Config(**{**DIMS, "max_position_embeddings": 4 * ORIG},
+                                  num_hidden_layers=2, tie_word_embeddings=False,
+                                  original_max_position_embeddings=ORIG, rope_parameters={
+                                      "rope_type": "longrope", "rope_theta": 10000.0,
+                                      "short_factor": short, "long_factor": long,
+                                      "partial_rotary_factor": partial})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    _randomize_(model)
+    return model, short, long, rot
+
+
+def _phi3_metadata(c, rot: int, attn: float | None) -> dict:
+    """Phi3MiniModel.set_gguf_parameters + generate_extra_tensors' keys."""
+    md = {"context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
+          "block_count": c.num_hidden_layers, "feed_forward_length": c.intermediate_size,
+          "attention.head_count": c.num_attention_heads,
+          "attention.head_count_kv": c.num_key_value_heads,
+          "attention.layer_norm_rms_epsilon": float(c.rms_norm_eps),
+          "rope.dimension_count": rot, "rope.freq_base": 10000.0,
+          "rope.scaling.original_context_length": ORIG, "attention.sliding_window": 0}
+    if attn is not None:
+        md["rope.scaling.attn_factor"] = attn
+    return {f"phi3.{k}": v for k, v in md.items()}
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.75])
+def test_phi3_longrope_gguf_matches_hf(partial, tmp_path):
+    hf, short, long, rot = _phi3(partial)
+    scale = hf.config.max_position_embeddings / ORIG
+    attn = math.sqrt(1 + math.log(scale) / math.log(ORIG))
+    path = tmp_path / "phi.gguf"
+    write_family_gguf(path, "phi3", hf, _phi3_metadata(hf.config, rot, attn), extra_tensors={
+        "rope_factors_long.weight": long, "rope_factors_short.weight": short})
+    cfg, sd, _ = load_gguf(path)
+    rs = cfg.rope_scaling
+    assert rs.kind == "longrope" and rs.original_max_position_embeddings == ORIG
+    assert cfg.partial_rotary_factor == partial and cfg.rotary_dim == rot
+    assert rs.long_factor == pytest.approx(long, rel=1e-6)
+    for T in (13, 40):  # below / beyond the original context: short / long factors
+        ids = torch.randint(0, VOCAB, (2, T))
+        with torch.no_grad():
+            ref = hf(ids).logits
+        ours = _ember(cfg, sd, ids)
+        print(f"phi3 longrope partial={partial} T={T}: max |logit diff| {_diff(ours, ref):.2e}")
+        assert _diff(ours, ref) <= TOL
+        # each part of the file matters: the factors and the attention factor
+        plain = cfg.replace(rope_scaling=None)
+        assert _diff(_ember(plain, sd, ids), ref) > 1e-2
+        no_attn = cfg.replace(rope_scaling=type(rs)(**{**rs.__dict__, "attention_factor": 1.0}))
+        assert _diff(_ember(no_attn, sd, ids), ref) > 1e-2
+    # ember import-gguf's folder: transformers reads the same LongRoPE / partial rotary back
+    with _offline():
+        folder = import_gguf(path, tmp_path / "hf")
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert _diff(theirs(ids).logits, hf(ids).logits) <= TOL
+
+
+def test_phi3_longrope_default_attention_factor_and_bad_files(tmp_path):
+    hf, short, long, rot = _phi3(1.0)
+    path = tmp_path / "phi.gguf"
+    tensors = {"rope_factors_long.weight": long, "rope_factors_short.weight": short}
+    write_family_gguf(path, "phi3", hf, _phi3_metadata(hf.config, rot, None), extra_tensors=tensors)
+    cfg, sd, _ = load_gguf(path)  # attn_factor left out: transformers' formula
+    ids = torch.randint(0, VOCAB, (1, 40))
+    with torch.no_grad():
+        assert _diff(_ember(cfg, sd, ids), hf(ids).logits) <= TOL
+    write_family_gguf(path, "phi3", hf, _phi3_metadata(hf.config, rot, None),
+                      extra_tensors={"rope_factors_long.weight": long})
+    with pytest.raises(EmberError, match="rope_factors_short.weight.*missing"):
+        load_gguf(path)
+    write_family_gguf(path, "phi3", hf, _phi3_metadata(hf.config, rot, None), extra_tensors={
+        "rope_factors_long.weight": long[:-1], "rope_factors_short.weight": short[:-1]})
+    with pytest.raises(EmberError, match="rotary_dim / 2 = 8 positive factors, got 7"):
+        load_gguf(path)
+
+
+def _qwen(arch: str, rope: dict):
+    cls = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}[arch]
+    cfg = getattr(transformers, cls)(**{**DIMS, "max_position_embeddings": 4 * ORIG},
+                                     num_hidden_layers=2, head_dim=16, tie_word_embeddings=False,
+                                     rope_parameters={"rope_theta": 10000.0, **rope})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(2)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    _randomize_(model)
+    return model
+
+
+def _qwen_metadata(arch: str, c, yarn: dict) -> dict:
+    """TextModel.set_gguf_parameters' keys for a YaRN config (only those the config has)."""
+    md = {"context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
+          "block_count": c.num_hidden_layers, "feed_forward_length": c.intermediate_size,
+          "attention.head_count": c.num_attention_heads,
+          "attention.head_count_kv": c.num_key_value_heads, "attention.key_length": 16,
+          "attention.value_length": 16,
+          "attention.layer_norm_rms_epsilon": float(c.rms_norm_eps), "rope.freq_base": 10000.0,
+          "rope.scaling.type": "yarn", "rope.scaling.factor": yarn["factor"],
+          "rope.scaling.original_context_length": yarn["original_max_position_embeddings"]}
+    for hf_key, key in (("attention_factor", "yarn_attn_factor"), ("beta_fast", "yarn_beta_fast"),
+                        ("beta_slow", "yarn_beta_slow")):
+        if hf_key in yarn:
+            md[f"rope.scaling.{key}"] = yarn[hf_key]
+    return {f"{arch}.{k}": float(v) if isinstance(v, float) else v for k, v in md.items()}
+
+
+@pytest.mark.parametrize("arch,extra", [
+    ("qwen2", {}),
+    ("qwen3", {"beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.3}),
+])
+def test_yarn_gguf_matches_hf(arch, extra, tmp_path):
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG, **extra}
+    hf = _qwen(arch, yarn)
+    path = tmp_path / "q.gguf"
+    write_family_gguf(path, arch, hf, _qwen_metadata(arch, hf.config, yarn))
+    cfg, sd, _ = load_gguf(path)
+    assert cfg.rope_scaling.kind == "yarn" and cfg.rope_scaling.factor == 4.0
+    ids = torch.randint(0, VOCAB, (2, 40))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    ours = _ember(cfg, sd, ids)
+    print(f"{arch} yarn {extra}: max |logit diff| {_diff(ours, ref):.2e}")
+    assert _diff(ours, ref) <= TOL
+    assert _diff(_ember(cfg.replace(rope_scaling=None), sd, ids), ref) > 1e-2
+
+
+def test_yarn_refusals(tmp_path):
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG}
+    hf = _qwen("qwen2", yarn)
+    path = tmp_path / "q.gguf"
+    md = _qwen_metadata("qwen2", hf.config, yarn)
+    write_family_gguf(path, "qwen2", hf, {**md, "qwen2.rope.scaling.yarn_ext_factor": 0.5})
+    with pytest.raises(EmberError, match="yarn_ext_factor=0.5"):
+        load_gguf(path)
+    write_family_gguf(path, "qwen2", hf, {**md, "qwen2.rope.scaling.yarn_log_multiplier": 0.1})
+    with pytest.raises(EmberError, match="yarn_log_multiplier"):
+        load_gguf(path)
+    write_family_gguf(path, "qwen2", hf, {**md, "qwen2.rope.dimension_count": 8})
+    with pytest.raises(EmberError, match="only supported for phi3"):
+        load_gguf(path)
+    write_family_gguf(path, "qwen2", hf, md, extra_tensors={
+        "rope_freqs.weight": np.ones(8), "rope_factors_long.weight": np.ones(8)})
+    with pytest.raises(EmberError, match="both rope_freqs and rope_factors"):
+        load_gguf(path)
