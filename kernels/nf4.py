@@ -35,7 +35,16 @@ import triton
 import triton.language as tl
 
 from ember.kernels._dispatch import check_dtype, use_triton
-from ember.kernels.nf4_matmul import SMALL_M, _nibbles, choose, fused_mm, nested_args, words
+from ember.kernels.nf4_matmul import (
+    _C,
+    SMALL_M,
+    _nibbles,
+    _sig,
+    choose,
+    fused_mm,
+    nested_args,
+    words,
+)
 
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
             -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -249,11 +258,6 @@ def _nf4_dequant_kernel(P, ABSMAX, ABSMAX2, CODE, CODE2, OUT, offset, N, BS: tl.
     tl.store(OUT + idx, w.to(OUT.dtype.element_ty), mask=idx < N)
 
 
-def _sig(**kw):  # _nibbles is compiled through the kernels that call it
-    return {k: ("constexpr" if v is None else v) for k, v in kw.items()}
-
-
-_C = None
 COMPILE_SPECS = [
     (_nf4_quantize_kernel, _sig(X=xt, P="*u8", ABSMAX="*fp32", BOUNDS="*fp32", N="i32", BS=_C,
                                 ROWS=_C), {"BS": 64, "ROWS": 32})

@@ -32,6 +32,15 @@ import triton.language as tl
 
 from ember.kernels._dispatch import interpreting
 
+
+def fused_mm_ref(x2: torch.Tensor, weight, bias: torch.Tensor | None = None,
+                 path: str = "fused", split: int | None = None) -> torch.Tensor:
+    """The spec of ``fused_mm`` (every path and split gives this): x2 @ dequant(W)^T (+ bias) in
+    PyTorch, ``ember.kernels.nf4.nf4_linear_ref`` (imported here: nf4 imports this module)."""
+    from ember.kernels.nf4 import nf4_linear_ref
+
+    return nf4_linear_ref(x2, weight, bias)
+
 SMALL_M = 16  # rows up to which the fused tensor-core kernel is a candidate
 GEMV_M = 4  # rows up to which the CUDA-core kernel is a candidate
 PATHS = ("dequant", "fused", "gemv")
