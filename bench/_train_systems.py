@@ -122,12 +122,21 @@ def _init_(model: torch.nn.Module, std: float = 0.02) -> None:
         p.fill_(1.0) if "norm" in name else p.normal_(0.0, std)
 
 
-def build_ember(cfg: ModelConfig, wl: Workload, device: str, offload: bool = False):
+def base_dtype(wl: Workload, device: str, cpu_bf16: bool = False) -> torch.dtype:
+    """Full fine-tuning: fp32 master weights. LoRA/QLoRA: the frozen base in bf16 where the
+    matmuls run in bf16 (a GPU, or a CPU with bf16 units under ``--cpu-dtype bf16``), for every
+    system alike (autocast would round an fp32 base to the same bf16 values at every use)."""
+    low = device != "cpu" or cpu_bf16
+    return torch.bfloat16 if wl.method != "full" and low else torch.float32
+
+
+def build_ember(cfg: ModelConfig, wl: Workload, device: str, offload: bool = False,
+                cpu_bf16: bool = False):
     from ember.models.nf4 import quantize_model_
 
-    base_dtype = torch.float32 if wl.method == "full" or device == "cpu" else torch.bfloat16
+    dtype = base_dtype(wl, device, cpu_bf16)
     prev = torch.get_default_dtype()
-    torch.set_default_dtype(base_dtype)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             model = Transformer(cfg)
@@ -181,11 +190,11 @@ def _to_bnb_4bit_(model: torch.nn.Module) -> None:
     model.is_loaded_in_4bit = True  # what from_pretrained sets; PEFT then picks its bnb LoRA layer
 
 
-def build_hf(cfg: ModelConfig, wl: Workload, device: str, folder=None):
+def build_hf(cfg: ModelConfig, wl: Workload, device: str, folder=None, cpu_bf16: bool = False):
     import peft
     import transformers
 
-    dtype = torch.float32 if wl.method == "full" or device == "cpu" else torch.bfloat16
+    dtype = base_dtype(wl, device, cpu_bf16)
     if folder is not None:  # the real model (CPU comparison)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, attn_implementation="sdpa").to(device)

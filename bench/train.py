@@ -73,6 +73,7 @@ from _train_systems import (
     Data,
     Workload,
     apply_liger,
+    base_dtype,
     build_ember,
     build_hf,
     hf_config,
@@ -96,6 +97,7 @@ __all__ = [
     "Runner",
     "Workload",
     "apply_liger",
+    "base_dtype",
     "build_ember",
     "build_hf",
     "hf_config",
@@ -127,6 +129,7 @@ def run_workload(runner: Runner, wl: Workload, systems: list[str], folder=None,
     args = runner.args
     cfg = cfg or ModelConfig(**SHAPES[wl.shape])
     autocast = _autocast_factory(args.device, args.dtype_name)
+    cpu_bf16 = args.device == "cpu" and args.dtype_name == "bf16"
     lora_count = lambda m: sum(p.numel() for n, p in m.named_parameters()
                                if p.requires_grad and "lora" in n)
     if runner.out_of_time():
@@ -135,7 +138,8 @@ def run_workload(runner: Runner, wl: Workload, systems: list[str], folder=None,
                 runner.measure(system, None, cfg, wl, L, autocast, 0)  # a "skipped" row
         return
     if "ember" in systems:
-        model = build_ember(cfg, wl, args.device) if folder is None else _ember_real(wl, folder)
+        model = (build_ember(cfg, wl, args.device, cpu_bf16=cpu_bf16) if folder is None
+                 else _ember_real(wl, folder, base_dtype(wl, args.device, cpu_bf16)))
         for L in wl.seqlens:
             runner.measure("ember", model, cfg, wl, L, autocast, lora_count(model))
         if wl.method == "qlora" and args.device == "cuda" and not runner.out_of_time():
@@ -151,7 +155,7 @@ def run_workload(runner: Runner, wl: Workload, systems: list[str], folder=None,
             for L in wl.seqlens:
                 runner.measure(system, None, cfg, wl, L, autocast, 0)
     elif hf_systems:
-        model = build_hf(cfg, wl, args.device, folder)
+        model = build_hf(cfg, wl, args.device, folder, cpu_bf16=cpu_bf16)
         # Each system starts from the same weights (the previous one's timed steps trained them).
         start = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
                  if p.requires_grad}
@@ -195,10 +199,10 @@ def run_liger(runner: Runner, workloads: list[Workload]) -> None:
 
 
 # --------------------------------------------------------------------------------- CPU: SmolLM2
-def _ember_real(wl: Workload, folder):
+def _ember_real(wl: Workload, folder, dtype: torch.dtype):
     from ember.models.loading import load_pretrained
 
-    model, _ = load_pretrained(folder, dtype=torch.float32)
+    model, _ = load_pretrained(folder, dtype=dtype)
     apply_lora(model, LoRAConfig(rank=wl.rank, alpha=2.0 * wl.rank))
     return model
 

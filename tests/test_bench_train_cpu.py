@@ -76,3 +76,13 @@ def test_one_loss_three_ways(bench):
     assert torch.allclose(got, want, rtol=1e-5, atol=0), (got, want)
     bench.accelerate(hf)
     assert torch.allclose(hf(**data.hf).loss, want, rtol=1e-5, atol=0)
+
+
+def test_base_dtype_rule(bench):
+    """The frozen base is bf16 wherever the matmuls run in bf16, for every system alike; full
+    fine-tuning keeps fp32 master weights."""
+    wl = {m: bench.Workload(m, "tiny", m, 8, (32,), 64, False) for m in ("lora", "qlora", "full")}
+    assert bench.base_dtype(wl["lora"], "cuda") == torch.bfloat16
+    assert bench.base_dtype(wl["qlora"], "cpu", cpu_bf16=True) == torch.bfloat16
+    assert bench.base_dtype(wl["lora"], "cpu") == torch.float32
+    assert bench.base_dtype(wl["full"], "cuda") == torch.float32
