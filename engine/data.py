@@ -1,7 +1,9 @@
 """Datasets: JSONL reading with per-line diagnostics, loss masks, splits, padding-free packing.
 
-Formats (one JSON object per line, or a ``.json`` file holding one array of them, whose problems
-are named ``file[index]``; ``format="auto"`` picks the file's format from its first line):
+Formats (one JSON object per line, or a ``.json`` file holding one array of them, a CSV / TSV
+file with a header row, or a Parquet file, any of them gzipped - ``ember.engine.datafiles``;
+problems are named ``file:line`` or ``file[index]``; ``format="auto"`` picks the file's format
+from its first example):
     {"text": "..."}                                     loss on every token
     {"prompt": "...", "completion": "..."}              loss on the completion (+ EOS)
     {"instruction": "...", "input": "...", "output": "..."}   Alpaca (optional "system"): a
@@ -45,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember import EmberError
+from ember.engine.datafiles import open_data, table_items
 from ember.engine.formats import (  # noqa: F401  (_get_str, _type_name: for other readers)
     ROLES,
     Chat,
@@ -421,17 +424,17 @@ class _Reader:
 
 
 def read_lines(path: str | Path, make_reader) -> tuple[_Reader, list[Example]]:
-    """(reader, examples) of one JSONL file, or of a JSON file holding an array of line objects
-    (items named ``path[index]``): ``make_reader(path)`` turns each line into an example or
-    reports it (its ``report`` counts the lines)."""
+    """(reader, examples) of one JSONL file, or of a JSON-array / CSV / TSV / Parquet file, any
+    of them gzipped (``ember.engine.datafiles``; items named ``path[index]``): ``make_reader(path)``
+    turns each line into an example or reports it (its ``report`` counts the lines)."""
     path = Path(path)
     if not path.exists():
         raise EmberError(f"{path}: dataset file not found")
     if path.is_dir():
         raise EmberError(f"{path}: is a directory; give the JSONL file")
     reader, examples = make_reader(path), []
-    with open(path, "rb") as f:
-        items = _json_array(path, f)
+    with open_data(path) as f:
+        items = table_items(path, f)
         if items is not None:
             reader.array = True
         for lineno, raw in enumerate(f, 1) if items is None else enumerate(items):
@@ -440,23 +443,6 @@ def read_lines(path: str | Path, make_reader) -> tuple[_Reader, list[Example]]:
             if ex is not None:
                 examples.append(ex)
     return reader, examples
-
-
-def _json_array(path: Path, f) -> list[bytes] | None:
-    """The items of a .json file holding one JSON array, each as a JSON line; None for a JSONL
-    file (a .json one too: many datasets are JSONL named .json)."""
-    head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    f.seek(0)
-    if path.suffix.lower() != ".json" or not head.startswith(b"["):
-        return None
-    try:
-        items = json.loads(f.read().decode("utf-8-sig"))
-    except (UnicodeDecodeError, RecursionError) as e:
-        raise EmberError(f"{path}: not a readable JSON array ({e})") from None
-    except json.JSONDecodeError as e:
-        raise EmberError(f"{path}: invalid JSON: {e.msg} (line {e.lineno} column {e.colno}); a "
-                         ".json dataset is one array of objects, or one object per line") from None
-    return [json.dumps(x, ensure_ascii=False).encode() for x in items]
 
 
 def load_examples(path: str | Path, cfg: DataConfig, tokenizer) -> tuple[list[Example], DataReport]:

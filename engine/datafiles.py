@@ -1,0 +1,130 @@
+"""Dataset files other than plain JSONL, turned into the same JSON lines the readers parse
+(``ember.engine.data.read_lines``), so every format, check and message applies unchanged:
+
+- ``.json``: one JSON array of objects (a ``.json`` file of one object per line is JSONL);
+- ``.csv`` / ``.tsv``: a header row naming the fields, one example per row (RFC 4180 quoting);
+  a cell of a list field (``messages``, ``conversations``, ``chosen``, ``rejected``, ``prompt``,
+  ``tools``) that holds a JSON array is decoded, as exporting chat data to CSV writes it;
+- ``.parquet`` (what Hugging Face datasets are stored as): rows as objects, list and struct
+  columns as JSON arrays and objects; needs ``pyarrow`` (``pip install pyarrow``);
+- any of these, or JSONL, compressed with gzip (``.jsonl.gz``, ``.csv.gz`` ...).
+Items of the non-JSONL kinds are named ``file[index]`` (0-based) in reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from pathlib import Path
+from typing import IO
+
+from ember import EmberError
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
+_LIST_FIELDS = ("messages", "conversations", "chosen", "rejected", "prompt", "tools")
+
+
+def kind(path: Path) -> str:
+    """The data suffix, under any ``.gz``: ``.jsonl``, ``.json``, ``.csv``, ``.tsv``,
+    ``.parquet`` or whatever else the name ends with."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def open_data(path: Path) -> IO[bytes]:
+    """The file's bytes, gunzipped when it is named ``*.gz``."""
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _json_line(obj, path: Path, index: int) -> bytes:
+    try:
+        return json.dumps(obj, ensure_ascii=False).encode()
+    except (TypeError, ValueError) as e:
+        raise EmberError(f"{path}[{index}]: a value cannot be read as JSON ({e})") from None
+
+
+def _json_array(path: Path, f: IO[bytes]) -> list[bytes] | None:
+    head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    f.seek(0)
+    if not head.startswith(b"["):
+        return None
+    try:
+        items = json.loads(f.read().decode("utf-8-sig"))
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise EmberError(f"{path}: not a readable JSON array ({e})") from None
+    except json.JSONDecodeError as e:
+        raise EmberError(f"{path}: invalid JSON: {e.msg} (line {e.lineno} column {e.colno}); a "
+                         ".json dataset is one array of objects, or one object per line") from None
+    return [_json_line(x, path, i) for i, x in enumerate(items)]
+
+
+def _csv_rows(path: Path, f: IO[bytes], delimiter: str) -> list[bytes]:
+    try:
+        text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
+        rows = list(csv.reader(text, delimiter=delimiter))
+    except UnicodeDecodeError as e:
+        raise EmberError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        what = "CSV" if delimiter == "," else "TSV"
+        raise EmberError(f"{path}: not a readable {what} file ({e})") from None
+    if not rows or not any(h.strip() for h in rows[0]):
+        raise EmberError(f"{path}: no header row; the first row must name the fields (text, or "
+                         "prompt and completion, or messages, ...)")
+    header = [h.strip() for h in rows[0]]
+    dup = sorted({h for h in header if header.count(h) > 1 and h})
+    if dup:
+        raise EmberError(f"{path}: header names {dup} more than once")
+    out = []
+    for i, row in enumerate(rows[1:]):
+        if not any(c.strip() for c in row):
+            out.append(b"")  # a blank row: counted as blank, like a blank JSONL line
+            continue
+        if len(row) != len(header):
+            raise EmberError(f"{path}[{i}]: {len(row)} cells for {len(header)} header fields "
+                             f"({header}); quote cells that contain the delimiter")
+        obj = {}
+        for name, cell in zip(header, row, strict=True):
+            if not name:
+                continue
+            value = cell
+            if name in _LIST_FIELDS and cell.lstrip().startswith("["):
+                try:
+                    value = json.loads(cell)
+                except json.JSONDecodeError as e:
+                    raise EmberError(f"{path}[{i}]: field {name!r} looks like a JSON array but "
+                                     f"is not valid JSON ({e.msg})") from None
+            obj[name] = value
+        out.append(_json_line(obj, path, i))
+    return out
+
+
+def _parquet_rows(path: Path, f: IO[bytes]) -> list[bytes]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise EmberError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or "
+                         "convert the file to JSONL") from None
+    try:
+        table = pq.read_table(f)
+    except Exception as e:  # pyarrow's errors have no common base worth naming
+        raise EmberError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    return [_json_line(row, path, i) for i, row in enumerate(table.to_pylist())]
+
+
+def table_items(path: Path, f: IO[bytes]) -> list[bytes] | None:
+    """The examples of a JSON-array, CSV/TSV or Parquet file as JSON lines; None for JSONL (read
+    line by line from ``f``)."""
+    k = kind(path)
+    if k == ".json":
+        return _json_array(path, f)
+    if k in (".csv", ".tsv"):
+        return _csv_rows(path, f, "," if k == ".csv" else "\t")
+    if k == ".parquet":
+        return _parquet_rows(path, f)
+    return None

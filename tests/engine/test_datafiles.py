@@ -1,0 +1,119 @@
+"""Dataset files beyond JSONL (``ember.engine.datafiles``): CSV / TSV with a header row, Parquet,
+and any of them or JSONL gzipped. Each gives exactly the examples of the same rows as JSONL."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+
+import pytest
+
+from ember import EmberError
+from ember.engine.data import DataConfig, load_examples
+from tests.engine.test_formats import backend, tok  # noqa: F401  (fixtures)
+
+ROWS = [
+    {"prompt": "What is the capital of France?", "completion": "Paris, of course."},
+    {"prompt": "Translate, please:\n\"Bonjour le monde\"", "completion": "Hello world"},
+    {"prompt": "Weather in Paris", "completion": "get_weather"},
+]
+CHATS = [{"messages": [{"role": "system", "content": "You are terse."},
+                       {"role": "user", "content": "Weather in Paris"},
+                       {"role": "assistant", "content": "Hello world"}]},
+         {"messages": [{"role": "user", "content": "Translate"},
+                       {"role": "assistant", "content": "Bonjour le monde"}]}]
+
+
+def _same(a, b) -> None:
+    assert [(e.input_ids, e.labels) for e in a] == [(e.input_ids, e.labels) for e in b]
+
+
+def _jsonl(tmp_path, rows, tok):
+    path = tmp_path / "ref.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_examples(path, DataConfig(), tok)[0]
+
+
+def _csv(path, rows, delimiter=",", encode_lists=True):
+    fields = list(rows[0])
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter=delimiter)
+        w.writerow(fields)
+        for r in rows:
+            w.writerow([json.dumps(r[k]) if encode_lists and isinstance(r[k], list) else r[k]
+                        for k in fields])
+
+
+@pytest.mark.parametrize("name,delimiter", [("d.csv", ","), ("d.tsv", "\t")])
+def test_csv_and_tsv_equal_jsonl(tmp_path, tok, name, delimiter):
+    """Quoted cells with the delimiter, quotes and newlines; a chat column holding JSON."""
+    ref = _jsonl(tmp_path, ROWS, tok)
+    _csv(tmp_path / name, ROWS, delimiter)
+    examples, rep = load_examples(tmp_path / name, DataConfig(), tok)
+    assert rep.format == "prompt_completion" and rep.examples == 3
+    _same(examples, ref)
+    assert [e.source for e in examples] == [f"{tmp_path / name}[{i}]" for i in range(3)]
+    _csv(tmp_path / "chat.csv", CHATS)
+    _same(load_examples(tmp_path / "chat.csv", DataConfig(), tok)[0], _jsonl(tmp_path, CHATS, tok))
+
+
+def test_gzipped_files(tmp_path, tok):
+    ref = _jsonl(tmp_path, ROWS, tok)
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in ROWS))
+    examples, rep = load_examples(tmp_path / "d.jsonl.gz", DataConfig(), tok)
+    _same(examples, ref)
+    assert examples[1].source == f"{tmp_path / 'd.jsonl.gz'}:2"
+    _csv(tmp_path / "d.csv", ROWS)
+    with open(tmp_path / "d.csv", "rb") as src, gzip.open(tmp_path / "d.csv.gz", "wb") as dst:
+        dst.write(src.read())
+    _same(load_examples(tmp_path / "d.csv.gz", DataConfig(), tok)[0], ref)
+    with gzip.open(tmp_path / "a.json.gz", "wt", encoding="utf-8") as f:
+        json.dump(ROWS, f)
+    _same(load_examples(tmp_path / "a.json.gz", DataConfig(), tok)[0], ref)
+
+
+def test_parquet_equals_jsonl(tmp_path, tok):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    for rows in (ROWS, CHATS):  # flat string columns; a list-of-struct column
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+        _same(load_examples(tmp_path / "d.parquet", DataConfig(), tok)[0],
+              _jsonl(tmp_path, rows, tok))
+    # a null where a string is needed is a bad row, named like a JSON array item
+    pq.write_table(pa.Table.from_pylist([*ROWS, {"prompt": "Hello world", "completion": None}]),
+                   tmp_path / "n.parquet")
+    examples, rep = load_examples(tmp_path / "n.parquet", DataConfig(), tok)
+    assert rep.examples == 3 and rep.problems[0].startswith(f"{tmp_path / 'n.parquet'}[3]: ")
+    (tmp_path / "x.parquet").write_bytes(b"not parquet")
+    with pytest.raises(EmberError, match=r"x\.parquet: not a readable Parquet file"):
+        load_examples(tmp_path / "x.parquet", DataConfig(), tok)
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, tok, monkeypatch):
+    import sys
+
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails
+    with pytest.raises(EmberError, match=r"needs pyarrow \(pip install pyarrow\)"):
+        load_examples(tmp_path / "d.parquet", DataConfig(), tok)
+
+
+def test_bad_tables(tmp_path, tok):
+    (tmp_path / "h.csv").write_text("\n\n")
+    with pytest.raises(EmberError, match="no header row"):
+        load_examples(tmp_path / "h.csv", DataConfig(), tok)
+    (tmp_path / "w.csv").write_text("prompt,completion\nHello world,Paris,extra\n")
+    with pytest.raises(EmberError, match=r"w\.csv\[0\]: 3 cells for 2 header fields"):
+        load_examples(tmp_path / "w.csv", DataConfig(), tok)
+    (tmp_path / "d.csv").write_text("prompt,prompt\na,b\n")
+    with pytest.raises(EmberError, match=r"header names \['prompt'\] more than once"):
+        load_examples(tmp_path / "d.csv", DataConfig(), tok)
+    (tmp_path / "m.csv").write_text('messages\n"[{""role"": ""user"""\n')
+    with pytest.raises(EmberError, match=r"m\.csv\[0\]: field 'messages' looks like a JSON array"):
+        load_examples(tmp_path / "m.csv", DataConfig(), tok)
+    (tmp_path / "k.csv").write_text("question,answer\nHello world,Paris\n\n")
+    with pytest.raises(EmberError, match=r"k\.csv\[0\]: no 'text', 'prompt'/'completion'"):
+        load_examples(tmp_path / "k.csv", DataConfig(bad_lines="error"), tok)
