@@ -74,8 +74,13 @@ def epoch_indices(
 
 def source_names(paths: list[str], what: str) -> list[str]:
     """Short distinct names of files: the name without extension, with as many parent folders
-    as it takes to tell them apart (``data/math/val.jsonl`` -> ``math/val``)."""
-    parts = [Path(p).with_suffix("").parts for p in paths]
+    as it takes to tell them apart (``data/math/val.jsonl`` or ``.jsonl.gz`` -> ``math/val``)."""
+
+    def stem(p: Path) -> Path:
+        p = p.with_suffix("") if p.suffix.lower() == ".gz" else p
+        return p.with_suffix("")
+
+    parts = [stem(Path(p)).parts for p in paths]
     for k in range(1, max(len(p) for p in parts) + 1):
         names = ["/".join(p[-k:]) for p in parts]
         if len(set(names)) == len(names):
