@@ -6,7 +6,6 @@ teachers are clear errors. The losses themselves are checked in test_trainer.py.
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from ember.engine.data import IGNORE, DataConfig, collate, load_examples
 from ember.engine.losses import distillation_loss
 from ember.engine.trainer import Trainer, train
 from ember.models.loading import load_pretrained
-from tests.engine._tiny import WORDS, make_tiny_model, quiet, rows_of, tiny_config, write_jsonl
+from tests.engine._tiny import WORDS, make_tiny_model, quiet, rows_of, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +24,6 @@ def teacher(tmp_path_factory):
     """Another random model with the tiny model's tokenizer (the tokenizer training is
     deterministic; the weights differ by seed)."""
     return str(make_tiny_model(tmp_path_factory.mktemp("teacher") / "model", seed=1))
-
-
-@pytest.fixture(scope="module")
-def prefs(tmp_path_factory):
-    """Preference pairs: the chosen answer repeats the prompt's first word, the rejected one
-    another word."""
-    rng = random.Random(5)
-    rows = []
-    for _ in range(12):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 6))]
-        wrong = rng.choice([w for w in WORDS if w != words[0]])
-        rows.append({"prompt": "say " + " ".join(words) + " ->", "chosen": " " + words[0],
-                     "rejected": " " + wrong})
-    return write_jsonl(tmp_path_factory.mktemp("prefs") / "prefs.jsonl", rows)
 
 
 def _train_rows(run_dir) -> list[dict]:
