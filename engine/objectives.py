@@ -20,6 +20,7 @@ train metrics (reduced over the processes once per step) and computes its valida
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -109,7 +110,7 @@ class SFT:
                              "data; set objective = \"dpo\", \"orpo\" or \"simpo\" to train on "
                              "preference pairs")
 
-    def begin_step(self, micro: list, reduce) -> None:
+    def begin_step(self, micro: list, reduce: Callable[[list[float]], list[float]]) -> None:
         """Called with all of a step's micro-batches before their losses (``reduce``: sums a list
         of floats over the processes), for a loss normalized by a step-wide count."""
 

@@ -22,6 +22,7 @@ also ``log_odds_ratio`` and ``log_odds_chosen``; ``val_*`` of each at evaluation
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -115,7 +116,7 @@ class _Pairs(SFT):
     def weight(self, batch) -> int:
         return batch.num_docs // 2
 
-    def begin_step(self, micro: list, reduce) -> None:
+    def begin_step(self, micro: list, reduce: Callable[[list[float]], list[float]]) -> None:
         if self.nll_weight:
             local = sum(float(answer_counts(b)[0::2].sum()) for b in micro)
             self.step_tokens = reduce([local])[0]

@@ -122,12 +122,15 @@ def test_pairs_stay_together_in_packed_batches(tiny, prefs):
 
 def test_objective_errors(tiny, prefs, tmp_path):
     with pytest.raises(EmberError, match=r"prefs\.jsonl:1: a preference line .*objective = "
-                                         r"\"dpo\""):
+                                         r"\"dpo\", \"orpo\" or \"simpo\""):
         train(tiny_config(tiny, tmp_path / "a", f'data.train=["{prefs}"]'), echo=quiet,
               progress=False)
     with pytest.raises(EmberError, match=r"train\.jsonl:\d+: objective = \"dpo\" trains on "
                                          "preference lines"):
         train(tiny_config(tiny, tmp_path / "b", 'objective="dpo"'), echo=quiet, progress=False)
+    with pytest.raises(EmberError, match=r"train\.jsonl:\d+: objective = \"orpo\" trains on "
+                                         "preference lines"):
+        train(tiny_config(tiny, tmp_path / "b2", 'objective="orpo"'), echo=quiet, progress=False)
     with pytest.raises(EmberError, match="needs distill.teacher"):
         load_config(None, ['objective="distill"'])
     with pytest.raises(EmberError, match='with method = "prompt" is not supported'):
