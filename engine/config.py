@@ -2,7 +2,8 @@
 
 A run is ``TrainConfig``; each TOML table is one section (``[model]``, ``[lora]``,
 ``[prompt_tuning]``, ``[optim]``, ``[data]``, ``[task]``, ``[eval]``, ``[checkpoint]``,
-``[activations]``, ``[dist]``, ``[guards]``, ``[distill]``, ``[dpo]``, ``[head]``),
+``[activations]``, ``[dist]``, ``[guards]``, ``[distill]``, ``[dpo]``, ``[orpo]``, ``[simpo]``,
+``[head]``),
 top-level keys are ``TrainConfig`` fields.
 ``--set a.b=value`` overrides parse ``value`` as a TOML value (a bare word is a string). Unknown
 keys and wrong types are ``EmberError``s that name the key and list the valid ones.
@@ -32,7 +33,8 @@ from ember.engine.classification import HeadConfig, check_config
 from ember.engine.data import DataConfig
 from ember.engine.distributed import DistConfig
 from ember.engine.guards import GuardConfig
-from ember.engine.objectives import OBJECTIVES, DistillConfig, DPOConfig
+from ember.engine.objectives import OBJECTIVES, DistillConfig
+from ember.engine.preference_objectives import DPOConfig, ORPOConfig, SimPOConfig
 from ember.models.lora import LoRAConfig
 from ember.models.prompt_tuning import PromptTuningConfig
 
@@ -163,10 +165,13 @@ class TrainConfig:
     method: str = "lora"  # "lora" (adapters only) | "full" | "prompt" (prompt tuning)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
-    # "sft" | "distill" (from distill.teacher) | "dpo" (preference pairs); engine/objectives.py
+    # "sft" | "distill" (from distill.teacher) | preference pairs: "dpo" (against a reference),
+    # "orpo", "simpo" (reference-free); engine/objectives.py, engine/preference_objectives.py
     objective: str = "sft"
     distill: DistillConfig = field(default_factory=DistillConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    orpo: ORPOConfig = field(default_factory=ORPOConfig)
+    simpo: SimPOConfig = field(default_factory=SimPOConfig)
     # A task head instead of the LM head (engine/classification.py): [head] type = "classification"
     head: HeadConfig = field(default_factory=HeadConfig)
     # Full fine-tuning only: glob patterns of parameter names kept frozen (e.g. "embed.*"), and
@@ -200,7 +205,8 @@ class TrainConfig:
         if self.objective == "dpo" and self.method == "prompt":
             raise EmberError("objective = \"dpo\" with method = \"prompt\" is not supported (the "
                              "reference would be the model with its initial prompt): use "
-                             "method = \"lora\" or \"full\"")
+                             "method = \"lora\" or \"full\", or the reference-free objective = "
+                             "\"orpo\" or \"simpo\"")
         if self.objective == "distill" and self.distill.teacher is None:
             raise EmberError("objective = \"distill\" needs distill.teacher: a model name, HF "
                              "folder or .gguf file sharing the student's tokenizer")

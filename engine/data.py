@@ -13,7 +13,8 @@ from its first example):
         may be OpenAI text parts; assistant "tool_calls", "tool" messages and a line's "tools"
         go to the chat template as transformers passes them
     {"conversations": [{"from": "human", "value": "..."}, ...]}   ShareGPT, read as messages
-    {"prompt": "...", "chosen": "...", "rejected": "..."}     a preference pair (objective = "dpo");
+    {"prompt": "...", "chosen": "...", "rejected": "..."}     a preference pair (objective "dpo",
+        "orpo" or "simpo");
         or TRL's chat form: "prompt", "chosen", "rejected" as message lists, or only "chosen" and
         "rejected" as whole conversations (the shared prompt is their common prefix); see
         ``ember.engine.preference``

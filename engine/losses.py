@@ -1,4 +1,5 @@
-"""Training losses on packed batches: SFT cross-entropy, distillation (KL to a teacher), DPO.
+"""Training losses on packed batches: SFT cross-entropy, distillation (KL to a teacher), and the
+per-document answer log-probabilities of preference pairs.
 
 SFT. The output head runs only on positions that have a label (``labels != -100``: the answer
 tokens), through the fused ``linear_cross_entropy``, so prompt tokens never produce logits.
@@ -9,14 +10,16 @@ token-mean loss of all its examples in one batch, whatever the split into micro-
 Distillation. ``T^2 * KL(softmax(t / T) || softmax(s / T))`` per answer token (Hinton et al.),
 summed and divided like the SFT loss; the teacher's logits are computed without gradients.
 
-DPO (Rafailov et al., sigmoid loss). ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))``
-with sequence log-probabilities summed over each document's answer tokens; the reference is the
-same model with its LoRA adapters switched off (``adapters_disabled``).
+Preference pairs. ``doc_logprobs``: each document's answer log-probability (summed, and its
+token count for per-token means) from one forward; the losses built on them are in
+``engine/preference_losses.py``. A LoRA model's reference is the same model with its adapters
+switched off (``adapters_disabled``).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -123,34 +126,49 @@ def distill_sft_loss(model, teacher, batch, num_loss_tokens: int, temperature: f
     return alpha * kd + (1 - alpha) * sft, kd.detach(), sft.detach()
 
 
-def sequence_logprobs(model, batch) -> torch.Tensor:
-    """Sum of log p(label) over each document's answer tokens: (num_docs,) fp32."""
+class DocLogprobs(NamedTuple):
+    """Per document of a packed batch: the summed log p(label) over its answer tokens and how
+    many answer tokens it has."""
+
+    sums: torch.Tensor  # (num_docs,) fp32
+    counts: torch.Tensor  # (num_docs,) fp32
+
+    @property
+    def means(self) -> torch.Tensor:
+        """(num_docs,) log-probability per answer token (TRL's ``average_log_prob``)."""
+        return self.sums / self.counts.clamp(min=1)
+
+
+def _answer_docs(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer positions (N,), the document of each (N,))."""
     idx = answer_positions(batch.labels)
+    # Document of each answer position: how many boundaries lie at or before it.
+    return idx, torch.bucketize(idx, batch.cu_seqlens[1:].to(idx.device, torch.long), right=True)
+
+
+def answer_counts(batch) -> torch.Tensor:
+    """(num_docs,) long: the answer tokens of each document of a packed batch."""
+    _, doc = _answer_docs(batch)
+    return torch.bincount(doc, minlength=batch.cu_seqlens.numel() - 1)
+
+
+def doc_logprobs(model, batch) -> DocLogprobs:
+    """Each document's summed answer log-probability and answer token count, from one forward
+    whose head runs on the answer tokens only."""
+    idx, doc = _answer_docs(batch)
     h = _hidden(model, batch).index_select(0, idx)
     labels = batch.labels.reshape(-1).index_select(0, idx)
     token_lp = -linear_cross_entropy(h, _head_weight(model, h.dtype), labels, reduction="none",
                                      softcap=model.cfg.final_softcap)  # (N,)
-    # Document of each answer position: how many boundaries lie at or before it.
-    doc = torch.bucketize(idx, batch.cu_seqlens[1:].to(idx.device, torch.long), right=True)
     n_docs = batch.cu_seqlens.numel() - 1
-    return token_lp.new_zeros(n_docs).index_add(0, doc, token_lp)
+    sums = token_lp.new_zeros(n_docs).index_add(0, doc, token_lp)
+    counts = torch.bincount(doc, minlength=n_docs).to(sums.dtype)
+    return DocLogprobs(sums, counts)
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.0
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean loss, chosen rewards, rejected rewards) from per-pair sequence log-probabilities;
-    ``label_smoothing`` > 0 is the conservative DPO of Mitchell (2023)."""
-    if not beta > 0:
-        raise EmberError(f"dpo beta must be > 0, got {beta}")
-    if not 0 <= label_smoothing < 0.5:
-        raise EmberError(f"dpo label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    chosen = beta * (policy_chosen - ref_chosen.detach())
-    rejected = beta * (policy_rejected - ref_rejected.detach())
-    margin = chosen - rejected
-    loss = (-(1 - label_smoothing) * F.logsigmoid(margin)
-            - label_smoothing * F.logsigmoid(-margin))
-    return loss.mean(), chosen.detach(), rejected.detach()
+def sequence_logprobs(model, batch) -> torch.Tensor:
+    """Sum of log p(label) over each document's answer tokens: (num_docs,) fp32."""
+    return doc_logprobs(model, batch).sums
 
 
 @contextmanager

@@ -4,25 +4,23 @@
 ``"distill"``  ``alpha * KD + (1 - alpha) * SFT`` on the answer tokens, KD being the student's
                ``T^2 * KL`` to a frozen teacher (``[distill]``); both terms are token-weighted
                over the whole accumulated step, like SFT.
-``"dpo"``      the DPO loss of preference pairs (``[dpo]``, data lines {"prompt", "chosen",
-               "rejected"}), averaged over the pairs of the whole step. The reference is the
-               starting model: the same model with its LoRA adapters switched off; with full
-               fine-tuning a frozen copy of the starting weights; after ``model.init`` the
-               earlier stage's result (a continued adapter: its loaded weights swapped in;
-               ``engine/stages.py``).
+``"dpo"``, ``"orpo"``, ``"simpo"``  preference pairs (data lines {"prompt", "chosen",
+               "rejected"}; ``[dpo]``, ``[orpo]``, ``[simpo]``):
+               ``engine/preference_objectives.py``, imported here only by ``make_objective``
+               (it builds on ``SFT``).
 
 Under torchrun the teacher and a full fine-tuning's reference copy are sharded across the
 processes like the model (``distributed.shard_frozen``); every rank calls them in the same order
 (every rank runs every micro-batch) and frees their gathered root after each use (``release``).
 
-An objective weighs each micro-batch (answer tokens, or pairs for DPO) so the trainer can divide
-every micro-batch's loss by the weight of the step, keeps sums of its own train metrics (reduced
-over the processes once per step) and computes its validation scores.
+An objective weighs each micro-batch (answer tokens, or pairs for preference objectives) so the
+trainer can divide every micro-batch's loss by the weight of the step, keeps sums of its own
+train metrics (reduced over the processes once per step) and computes its validation scores.
 """
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,33 +28,16 @@ import torch
 
 from ember import EmberError
 from ember.engine.data import DataConfig, Datasets, Example, load_datasets
-from ember.engine.distributed import (
-    DistInfo,
-    all_reduce_sums,
-    build_device,
-    release,
-    shard_frozen,
-)
-from ember.engine.evaluation import (
-    GenerationResult,
-    eval_batches,
-    generation_eval,
-    validation_loss,
-)
-from ember.engine.losses import (
-    adapters_disabled,
-    distill_sft_loss,
-    dpo_loss,
-    sequence_logprobs,
-    sft_loss,
-)
+from ember.engine.distributed import DistInfo, build_device, release, shard_frozen
+from ember.engine.evaluation import GenerationResult, generation_eval, validation_loss
+from ember.engine.losses import distill_sft_loss, sft_loss
 from ember.engine.metrics import perplexity
-from ember.engine.stages import adapter_snapshot, adapters_swapped, continues_lora, frozen_start
 
 if TYPE_CHECKING:
     from ember.engine.config import TrainConfig
 
-OBJECTIVES = ("sft", "distill", "dpo")
+PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo")  # engine/preference_objectives.py
+OBJECTIVES = ("sft", "distill", *PREFERENCE_OBJECTIVES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,19 +51,6 @@ class DistillConfig:
             raise EmberError(f"distill.temperature must be > 0, got {self.temperature}")
         if not 0 <= self.alpha <= 1:
             raise EmberError(f"distill.alpha must be in [0, 1], got {self.alpha}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DPOConfig:
-    beta: float = 0.1  # strength of the pull towards the reference (higher: stay closer)
-    label_smoothing: float = 0.0  # > 0: conservative DPO, for noisy preference labels
-
-    def __post_init__(self) -> None:
-        if not self.beta > 0:
-            raise EmberError(f"dpo.beta must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise EmberError(f"dpo.label_smoothing must be in [0, 0.5), got "
-                             f"{self.label_smoothing}")
 
 
 def _frozen_model(name: str, precision: str, info: DistInfo):
@@ -135,11 +103,16 @@ class SFT:
             if bad is None:
                 continue
             if self.pairs:
-                raise EmberError(f"{bad.source}: objective = \"dpo\" trains on preference lines "
-                                 "{\"prompt\", \"chosen\", \"rejected\"}; this " + split
+                raise EmberError(f"{bad.source}: objective = \"{self.name}\" trains on preference "
+                                 "lines {\"prompt\", \"chosen\", \"rejected\"}; this " + split
                                  + " line is not one")
             raise EmberError(f"{bad.source}: a preference line (chosen/rejected) in the {split} "
-                             f"data; set objective = \"dpo\" to train on preference pairs")
+                             "data; set objective = \"dpo\", \"orpo\" or \"simpo\" to train on "
+                             "preference pairs")
+
+    def begin_step(self, micro: list, reduce: Callable[[list[float]], list[float]]) -> None:
+        """Called with all of a step's micro-batches before their losses (``reduce``: sums a list
+        of floats over the processes), for a loss normalized by a step-wide count."""
 
     def _add(self, **values: float) -> None:
         for k, v in values.items():
@@ -195,80 +168,6 @@ class Distill(SFT):
         return loss
 
 
-class DPO(SFT):
-    name = "dpo"
-    pairs = True
-
-    def __init__(self, cfg: TrainConfig, info: DistInfo):
-        super().__init__(info)
-        self.cfg = cfg.dpo
-        self.ref_model, self.ref_adapters = None, None
-        # The reference is the starting model (after model.init: the earlier stage's result).
-        self.snapshot = continues_lora(cfg)  # a continued adapter: a frozen copy of it
-        if cfg.method == "full":  # no adapters to switch off: a frozen copy is the reference
-            self.ref_model = shard_frozen(frozen_start(cfg, build_device(info)), info)
-
-    def weight(self, batch) -> int:
-        return batch.num_docs // 2
-
-    def frozen_models(self) -> dict[str, torch.nn.Module]:
-        return {} if self.ref_model is None else {"reference": self.ref_model}
-
-    def check_model(self, model, tokenizer) -> None:
-        if self.snapshot:  # the built model holds the adapter as loaded (before any resume)
-            self.ref_adapters = adapter_snapshot(model)
-
-    def reference(self, model):
-        if self.ref_model is not None:
-            return contextlib.nullcontext(self.ref_model)
-        if self.ref_adapters is not None:
-            return adapters_swapped(model, self.ref_adapters)
-        return adapters_disabled(model)
-
-    def _pair_loss(self, model, batch):
-        with torch.no_grad(), self.reference(model) as ref:
-            ref_lp = sequence_logprobs(ref, batch)
-        if self.ref_model is not None:
-            release(self.ref_model)
-        lp = sequence_logprobs(model, batch)  # (2 * pairs,): chosen, rejected, chosen, ...
-        return dpo_loss(lp[0::2], lp[1::2], ref_lp[0::2], ref_lp[1::2], self.cfg.beta,
-                        self.cfg.label_smoothing)
-
-    def loss(self, model, batch, denom: int) -> torch.Tensor:
-        loss, chosen, rejected = self._pair_loss(model, batch)
-        self._add(**_pair_sums(chosen, rejected))
-        return loss * chosen.numel() / denom
-
-    def _finish(self, sums: dict[str, float]) -> dict[str, float]:
-        n = max(sums.pop("pairs", 0.0), 1.0)
-        return {k: v / n for k, v in sums.items()}
-
-    @torch.no_grad()
-    def val_scores(self, model, examples: list[Example], tokens_per_batch: int, device,
-                   autocast, max_batches: int | None) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        sums = dict.fromkeys(["loss", *_pair_sums(torch.zeros(0), torch.zeros(0))], 0.0)
-        try:  # each process its share of the batches (engine/evaluation.eval_batches)
-            for i, batch in eval_batches(examples, tokens_per_batch, max_batches, self.info):
-                with autocast():
-                    loss, chosen, rejected = self._pair_loss(model, batch.to(device))
-                if i is not None:
-                    for k, v in {"loss": float(loss) * chosen.numel(),
-                                 **_pair_sums(chosen, rejected)}.items():
-                        sums[k] += float(v)
-        finally:
-            model.train(was_training)
-        sums = dict(zip(sums, all_reduce_sums(list(sums.values()), self.info), strict=True))
-        return {f"val_{k}": v for k, v in self._finish(sums).items()}
-
-
-def _pair_sums(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
-    return {"pairs": chosen.numel(), "reward_accuracy": float((chosen > rejected).sum()),
-            "reward_margin": float((chosen - rejected).sum()),
-            "chosen_reward": float(chosen.sum()), "rejected_reward": float(rejected.sum())}
-
-
 def make_objective(cfg: TrainConfig, info: DistInfo) -> SFT:
     """The objective of a resolved config (loads the teacher / reference model when needed,
     sharded across the processes of ``info``)."""
@@ -278,6 +177,8 @@ def make_objective(cfg: TrainConfig, info: DistInfo) -> SFT:
         return Classification(cfg, info)
     if cfg.objective == "distill":
         return Distill(cfg, info)
-    if cfg.objective == "dpo":
-        return DPO(cfg, info)
+    if cfg.objective in PREFERENCE_OBJECTIVES:
+        from ember.engine.preference_objectives import PREFERENCE  # it imports this module
+
+        return PREFERENCE[cfg.objective](cfg, info)
     return SFT(info)

@@ -1,4 +1,4 @@
-"""Preference lines (``objective = "dpo"``): parsing and encoding one chosen/rejected pair.
+"""Preference lines (``objective`` "dpo", "orpo", "simpo"): parsing and encoding one pair.
 
 Three shapes, as TRL's preference datasets have them:
 

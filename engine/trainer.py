@@ -1,12 +1,12 @@
-"""The training loop: SFT, distillation or DPO (``engine/objectives.py``) with LoRA or full
-fine-tuning, in one process or under torchrun (FSDP2), with evaluation, checkpoints, exact resume
-and guards.
+"""The training loop: SFT, distillation or preference pairs (``engine/objectives.py``) with LoRA
+or full fine-tuning, in one process or under torchrun (FSDP2), with evaluation, checkpoints,
+exact resume and guards.
 
 One optimizer step = ``grad_accum`` packed micro-batches of ``data.tokens_per_batch`` tokens per
-process. The loss of every micro-batch is divided by the answer tokens (DPO: the pairs) of the
-whole step, all processes together (``losses.sft_loss``), so accumulation is token-weighted: 4
-micro-batches of 1 example give the gradients of 1 batch of 4, and N processes give those of one
-process taking their N * grad_accum batches (``engine/distributed.py``).
+process. The loss of every micro-batch is divided by the answer tokens (preference objectives: the
+pairs) of the whole step, all processes together (``losses.sft_loss``), so accumulation is
+token-weighted: 4 micro-batches of 1 example give the gradients of 1 batch of 4, and N processes
+give those of one process taking their N * grad_accum batches (``engine/distributed.py``).
 
 Setup order (STYLE.md): join torchrun's process group (it picks each rank's device) -> build the
 model with LoRA / frozen parts -> activation checkpointing (``[activations]``) -> ``fully_shard``
@@ -256,6 +256,7 @@ class Trainer:
                        method=cfg.method, checkpointing=act.checkpointing, offload=act.offload,
                        mlp_chunk_tokens=act.mlp_chunk_tokens):
             local = 0.0
+            obj.begin_step(micro, lambda xs: all_reduce_sums(xs, info))
             if n_w > 0:
                 # Every rank runs every micro-batch (even one without answer tokens: it adds 0):
                 # a sharded forward / backward is a collective.

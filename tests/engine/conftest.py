@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from tests.engine._tiny import make_tiny_model, tiny_rows, write_jsonl
+from tests.engine._tiny import WORDS, make_tiny_model, tiny_rows, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +19,17 @@ def tiny(tmp_path_factory):
             "small": write_jsonl(root / "small.jsonl", tiny_rows(8, seed=1)),
             "val": write_jsonl(root / "val.jsonl", tiny_rows(8, seed=2)),
             "test": write_jsonl(root / "test.jsonl", tiny_rows(8, seed=3))}
+
+
+@pytest.fixture(scope="session")
+def prefs(tmp_path_factory):
+    """Preference pairs: the chosen answer repeats the prompt's first word, the rejected one
+    another word."""
+    rng = random.Random(5)
+    rows = []
+    for _ in range(12):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 6))]
+        wrong = rng.choice([w for w in WORDS if w != words[0]])
+        rows.append({"prompt": "say " + " ".join(words) + " ->", "chosen": " " + words[0],
+                     "rejected": " " + wrong})
+    return write_jsonl(tmp_path_factory.mktemp("prefs") / "prefs.jsonl", rows)

@@ -115,7 +115,10 @@ def short_runs(tiny, tmp: Path) -> dict[str, tuple[str, ...]]:
     return {"distill": (*short, 'objective="distill"', f'distill.teacher="{teacher}"',
                         "data.max_seq_len=32", "data.tokens_per_batch=48", "optim.lr=1e-2",
                         f'data.validation=["{tiny["val"]}", "{tiny["test"]}"]'),
+            # sft_weight: RPO's NLL term, a token mean over the step's chosen answers on all
+            # processes (Objective.begin_step)
             "dpo": (*short, 'method="full"', 'objective="dpo"', "dpo.beta=0.5", "optim.lr=1e-3",
+                    "dpo.sft_weight=0.5",
                     f'data.train=["{prefs}"]', f'data.validation="{prefs}"',
                     "data.tokens_per_batch=80"),
             "classify": (*short, 'head.type="classification"', "eval.metrics=['accuracy']",
@@ -192,7 +195,8 @@ def test_teacher_and_reference_are_sharded(runs, kind):
     if kind == "distill":
         assert {"kd_loss", "val_loss/val", "val_loss/test"} <= {k for r in one for k in r}
     else:
-        assert {"reward_margin", "val_reward_margin"} <= {k for r in one for k in r}
+        assert {"reward_margin", "val_reward_margin", "nll_loss", "val_nll_loss"} <= {
+            k for r in one for k in r}
     role = "teacher" if kind == "distill" else "reference"
     m = re.search(rf"{kind} {role}: [\d.]+M params, frozen, sharded: (\d+)% of it on rank 0",
                   out[f"{kind}2"])

@@ -1,12 +1,13 @@
-"""Distillation and DPO through ``ember train`` on tiny random models: the student moves towards
-its teacher, alpha = 0 is plain SFT, DPO raises the reward margin of chosen over rejected with the
-base weights untouched, preference pairs stay together in packed batches, and mismatched data or
-teachers are clear errors. The losses themselves are checked in test_trainer.py."""
+"""Distillation and preference objectives through ``ember train`` on tiny random models: the
+student moves towards its teacher, alpha = 0 is plain SFT, DPO (each loss type) raises the reward
+margin of chosen over rejected with the base weights untouched, ORPO and SimPO learn the
+preference with one forward per batch and no reference, preference pairs stay together in packed
+batches, and mismatched data or teachers are clear errors. The losses themselves are checked in
+test_trainer.py and test_preference_losses.py."""
 
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from ember.engine.data import IGNORE, DataConfig, collate, load_examples
 from ember.engine.losses import distillation_loss
 from ember.engine.trainer import Trainer, train
 from ember.models.loading import load_pretrained
-from tests.engine._tiny import WORDS, make_tiny_model, quiet, rows_of, tiny_config, write_jsonl
+from tests.engine._tiny import WORDS, make_tiny_model, quiet, rows_of, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +26,6 @@ def teacher(tmp_path_factory):
     """Another random model with the tiny model's tokenizer (the tokenizer training is
     deterministic; the weights differ by seed)."""
     return str(make_tiny_model(tmp_path_factory.mktemp("teacher") / "model", seed=1))
-
-
-@pytest.fixture(scope="module")
-def prefs(tmp_path_factory):
-    """Preference pairs: the chosen answer repeats the prompt's first word, the rejected one
-    another word."""
-    rng = random.Random(5)
-    rows = []
-    for _ in range(12):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 6))]
-        wrong = rng.choice([w for w in WORDS if w != words[0]])
-        rows.append({"prompt": "say " + " ".join(words) + " ->", "chosen": " " + words[0],
-                     "rejected": " " + wrong})
-    return write_jsonl(tmp_path_factory.mktemp("prefs") / "prefs.jsonl", rows)
 
 
 def _train_rows(run_dir) -> list[dict]:
@@ -135,12 +122,15 @@ def test_pairs_stay_together_in_packed_batches(tiny, prefs):
 
 def test_objective_errors(tiny, prefs, tmp_path):
     with pytest.raises(EmberError, match=r"prefs\.jsonl:1: a preference line .*objective = "
-                                         r"\"dpo\""):
+                                         r"\"dpo\", \"orpo\" or \"simpo\""):
         train(tiny_config(tiny, tmp_path / "a", f'data.train=["{prefs}"]'), echo=quiet,
               progress=False)
     with pytest.raises(EmberError, match=r"train\.jsonl:\d+: objective = \"dpo\" trains on "
                                          "preference lines"):
         train(tiny_config(tiny, tmp_path / "b", 'objective="dpo"'), echo=quiet, progress=False)
+    with pytest.raises(EmberError, match=r"train\.jsonl:\d+: objective = \"orpo\" trains on "
+                                         "preference lines"):
+        train(tiny_config(tiny, tmp_path / "b2", 'objective="orpo"'), echo=quiet, progress=False)
     with pytest.raises(EmberError, match="needs distill.teacher"):
         load_config(None, ['objective="distill"'])
     with pytest.raises(EmberError, match='with method = "prompt" is not supported'):
@@ -159,3 +149,64 @@ def test_objective_errors(tiny, prefs, tmp_path):
     with pytest.raises(EmberError, match="does not share the student's vocabulary"):
         train(tiny_config(tiny, tmp_path / "c", 'objective="distill"',
                           f'distill.teacher="{tmp_path / "other"}"'), echo=quiet, progress=False)
+
+
+REFERENCE_FREE = {
+    "orpo": ('objective="orpo"', "orpo.beta=1.0", "optim.lr=1e-2", "max_steps=20"),
+    "simpo": ('objective="simpo"', "simpo.sft_weight=0.2", 'method="full"', "optim.lr=1e-3",
+              "max_steps=10"),
+}
+
+
+@pytest.mark.parametrize("objective", REFERENCE_FREE)
+def test_reference_free_objectives_learn_the_preference_with_one_forward(
+        tiny, prefs, tmp_path, monkeypatch, objective):
+    """ORPO (LoRA) and SimPO (full fine-tuning): the loss falls and the reward accuracy rises,
+    with one forward per batch and no reference: no frozen copy, no adapters-off forward."""
+    from ember.engine import preference_objectives
+    from ember.engine.evaluation import eval_batches
+    from ember.models import Transformer
+
+    def no_reference(*_a, **_k):
+        raise AssertionError(f"objective {objective} built or ran a reference")
+
+    for name in ("adapters_disabled", "adapters_swapped", "frozen_start", "shard_frozen"):
+        monkeypatch.setattr(preference_objectives, name, no_reference)
+    forwards = []
+    hidden = Transformer.hidden_states
+    monkeypatch.setattr(Transformer, "hidden_states",
+                        lambda self, *a, **k: forwards.append(1) or hidden(self, *a, **k))
+    run = tmp_path / "run"
+    cfg = tiny_config(tiny, run, *REFERENCE_FREE[objective], "optim.warmup_steps=1",
+                      "eval.metrics=[]", f'data.train=["{prefs}"]', f'data.validation="{prefs}"',
+                      "data.tokens_per_batch=96")
+    t = Trainer(cfg, echo=quiet, progress=False)
+    res = t.run()
+    assert t.objective.frozen_models() == {}
+    n_val = len(list(eval_batches(t.datasets.validation, 96)))
+    # One forward per training batch (one per step) and per validation batch (before and after).
+    assert len(forwards) == cfg.max_steps + 2 * n_val
+    rows = _train_rows(run)
+    assert {"reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward",
+            "nll_loss"} <= set(rows[0])
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert res.after["val_loss"] < res.before["val_loss"]
+    assert res.after["val_reward_accuracy"] > res.before["val_reward_accuracy"]
+    assert res.after["val_reward_accuracy"] >= 0.9
+    assert res.after["val_reward_margin"] > res.before["val_reward_margin"]
+
+
+@pytest.mark.parametrize("sets", [('dpo.loss_type="ipo"', "dpo.sft_weight=0.5"),
+                                  ('dpo.loss_type="hinge"',),
+                                  ('dpo.loss_type="robust"', "dpo.label_smoothing=0.1")])
+def test_dpo_loss_types_train(tiny, prefs, tmp_path, sets):
+    cfg = tiny_config(tiny, tmp_path / "run", 'objective="dpo"', "dpo.beta=0.5", *sets,
+                      "max_steps=10", "optim.lr=1e-2", "optim.warmup_steps=1", "eval.metrics=[]",
+                      f'data.train=["{prefs}"]', f'data.validation="{prefs}"',
+                      "data.tokens_per_batch=96", "checkpoint.save_final=false")
+    res = train(cfg, echo=quiet, progress=False)
+    assert res.before["val_reward_margin"] == pytest.approx(0, abs=1e-6)  # policy = reference
+    assert res.after["val_loss"] < res.before["val_loss"]
+    assert res.after["val_reward_accuracy"] >= 0.9 and res.after["val_reward_margin"] > 0
+    rows = _train_rows(tmp_path / "run")
+    assert rows[-1]["loss"] < rows[0]["loss"]

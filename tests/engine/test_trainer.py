@@ -17,11 +17,11 @@ from ember.engine.config import to_toml
 from ember.engine.data import DataConfig, PackedBatches, collate, load_examples
 from ember.engine.losses import (
     adapters_disabled,
-    dpo_loss,
     kl_div_from_logits,
     sequence_logprobs,
     sft_loss,
 )
+from ember.engine.preference_losses import dpo_loss
 from ember.engine.state import load_run_model
 from ember.engine.trainer import Trainer, lr_factor, resolve, train
 from ember.models.lora import LoRAConfig, apply_lora
@@ -219,9 +219,9 @@ def test_dpo_loss_and_reference_without_adapters(tiny):
 
     pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.0])
     rc, rr = torch.tensor([-3.5, -5.0]), torch.tensor([-3.5, -4.5])
-    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.5)
     margin = 0.5 * ((pc - rc) - (pr - rr))
-    torch.testing.assert_close(loss, torch.nn.functional.softplus(-margin).mean())
+    torch.testing.assert_close(losses, torch.nn.functional.softplus(-margin))
     torch.testing.assert_close(chosen - rejected, margin)
 
     model, tok = load_pretrained(tiny["model"], "float32")

@@ -1,0 +1,246 @@
+"""Preference objectives (``objective`` = ``"dpo"``, ``"orpo"``, ``"simpo"``): data lines
+{"prompt", "chosen", "rejected"} (``engine/preference.py``), each pair's chosen and rejected
+documents side by side in one packed batch; the losses are in ``engine/preference_losses.py``.
+
+``"dpo"``    against a reference: the starting model, i.e. the same model with its LoRA adapters
+             switched off; with full fine-tuning a frozen copy of the starting weights; after
+             ``model.init`` the earlier stage's result (a continued adapter: its loaded weights
+             swapped in; ``engine/stages.py``). ``[dpo] loss_type``: sigmoid, robust, hinge, ipo.
+``"orpo"``   reference-free: NLL of the chosen answers + the odds-ratio term (``[orpo]``).
+``"simpo"``  reference-free: the length-normalized margin with a target gap (``[simpo]``).
+
+ORPO and SimPO run one forward per micro-batch and build no reference (no frozen copy, no
+adapters-off forward). Each pair weighs 1: pair losses are averaged over the pairs of the whole
+accumulated step. An NLL term (ORPO's, DPO's / SimPO's ``sft_weight``: TRL's ``rpo_alpha`` /
+``cpo_alpha``) is the mean NLL per chosen answer token of the whole step, as TRL's token-mean
+cross-entropy over the chosen answers of its batch (``begin_step`` counts those tokens, summed
+over the processes). Metrics per step: ``reward_accuracy``, ``reward_margin``, ``chosen_reward``,
+``rejected_reward`` (TRL's rewards/*), ``nll_loss`` (the chosen answers' NLL per token), for ORPO
+also ``log_odds_ratio`` and ``log_odds_chosen``; ``val_*`` of each at evaluations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ember import EmberError
+from ember.engine.distributed import DistInfo, all_reduce_sums, build_device, release, shard_frozen
+from ember.engine.evaluation import eval_batches
+from ember.engine.losses import DocLogprobs, adapters_disabled, answer_counts, doc_logprobs
+from ember.engine.objectives import SFT
+from ember.engine.preference_losses import (
+    DPO_LOSS_TYPES,
+    PairLosses,
+    dpo_loss,
+    orpo_log_odds,
+    orpo_loss,
+    simpo_loss,
+)
+from ember.engine.stages import adapter_snapshot, adapters_swapped, continues_lora, frozen_start
+
+if TYPE_CHECKING:
+    from ember.engine.config import TrainConfig
+    from ember.engine.data import Example
+
+
+def _check(section: str, beta: float, label_smoothing: float, sft_weight: float) -> None:
+    if not beta > 0:
+        raise EmberError(f"{section}.beta must be > 0, got {beta}")
+    if not 0 <= label_smoothing < 0.5:
+        raise EmberError(f"{section}.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if not sft_weight >= 0:
+        raise EmberError(f"{section}.sft_weight must be >= 0, got {sft_weight}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPOConfig:
+    beta: float = 0.1  # strength of the pull towards the reference (higher: stay closer)
+    # "sigmoid" (DPO) | "robust" (needs label_smoothing) | "hinge" (SLiC) | "ipo" (per-token
+    # mean log-probs); formulas in engine/preference_losses.py
+    loss_type: str = "sigmoid"
+    # sigmoid: > 0 is conservative DPO; robust: the assumed fraction of flipped labels
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0  # RPO (TRL's rpo_alpha): + weight * NLL per chosen answer token
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise EmberError(f"dpo.loss_type must be one of "
+                             f"{', '.join(map(repr, DPO_LOSS_TYPES))}, got {self.loss_type!r}")
+        _check("dpo", self.beta, self.label_smoothing, self.sft_weight)
+        if self.loss_type == "robust" and self.label_smoothing == 0:
+            raise EmberError("dpo.loss_type = \"robust\" needs dpo.label_smoothing in (0, 0.5): "
+                             "the fraction of preference labels assumed flipped (with 0 it is "
+                             "plain sigmoid DPO)")
+        if self.loss_type in ("hinge", "ipo") and self.label_smoothing:
+            raise EmberError(f"dpo.label_smoothing applies to loss_type \"sigmoid\" and "
+                             f"\"robust\", not {self.loss_type!r}: drop it")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ORPOConfig:
+    beta: float = 0.1  # weight of the odds-ratio term next to the NLL (the paper's lambda)
+
+    def __post_init__(self) -> None:
+        _check("orpo", self.beta, 0.0, 0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimPOConfig:
+    beta: float = 2.0  # scale of the per-token mean log-prob margin
+    gamma: float = 0.5  # target margin (TRL's simpo_gamma; SimPO's gamma_beta_ratio = gamma/beta)
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0  # CPO's NLL term (TRL's cpo_alpha; TRL's default 1.0, SimPO's 0)
+
+    def __post_init__(self) -> None:
+        _check("simpo", self.beta, self.label_smoothing, self.sft_weight)
+        if not self.gamma >= 0:
+            raise EmberError(f"simpo.gamma must be >= 0, got {self.gamma}")
+
+
+class _Pairs(SFT):
+    """What the preference objectives share (see the module docstring)."""
+
+    pairs = True
+
+    def __init__(self, info: DistInfo, nll_weight: float):
+        super().__init__(info)
+        self.nll_weight = nll_weight
+        self.step_tokens = 0.0  # chosen answer tokens of the step, all processes
+
+    def weight(self, batch) -> int:
+        return batch.num_docs // 2
+
+    def begin_step(self, micro: list, reduce: Callable[[list[float]], list[float]]) -> None:
+        if self.nll_weight:
+            local = sum(float(answer_counts(b)[0::2].sum()) for b in micro)
+            self.step_tokens = reduce([local])[0]
+
+    def _pair_losses(self, model, batch) -> tuple[PairLosses, DocLogprobs, dict[str, float]]:
+        """(the pair losses, the policy's log-probs of the batch, extra metric sums)."""
+        raise NotImplementedError
+
+    def _batch(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(summed pair losses, summed NLL of the chosen answers, metric sums)."""
+        out, lp, extra = self._pair_losses(model, batch)
+        nll = -lp.sums[0::2].sum()
+        sums = {"pairs": out.chosen.numel(),
+                "reward_accuracy": float((out.chosen > out.rejected).sum()),
+                "reward_margin": float((out.chosen - out.rejected).sum()),
+                "chosen_reward": float(out.chosen.sum()),
+                "rejected_reward": float(out.rejected.sum()),
+                "nll_sum": float(nll.detach()), "chosen_tokens": float(lp.counts[0::2].sum()),
+                **extra}
+        return out.losses.sum(), nll, sums
+
+    def loss(self, model, batch, denom: int) -> torch.Tensor:
+        pair_sum, nll, sums = self._batch(model, batch)
+        self._add(**sums)
+        loss = pair_sum / denom
+        if self.nll_weight:
+            loss = loss + self.nll_weight * nll / max(self.step_tokens, 1.0)
+        return loss
+
+    def _finish(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums.pop("pairs", 0.0), 1.0)
+        tokens = max(sums.pop("chosen_tokens", 0.0), 1.0)
+        nll = sums.pop("nll_sum", 0.0) / tokens
+        out = {k: v / n for k, v in sums.items()}
+        if "loss" in out:  # validation: the pairs' mean loss plus the weighted NLL
+            out["loss"] += self.nll_weight * nll
+        return {**out, "nll_loss": nll}
+
+    @torch.no_grad()
+    def val_scores(self, model, examples: list[Example], tokens_per_batch: int, device,
+                   autocast, max_batches: int | None) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        sums: dict[str, float] = {}
+        try:  # each process its share of the batches (engine/evaluation.eval_batches)
+            for i, batch in eval_batches(examples, tokens_per_batch, max_batches, self.info):
+                with autocast():
+                    pair_sum, _, part = self._batch(model, batch.to(device))
+                counted = 0.0 if i is None else 1.0  # a batch only run along (i None) adds 0
+                for k, v in {"loss": float(pair_sum), **part}.items():
+                    sums[k] = sums.get(k, 0.0) + counted * v
+        finally:
+            model.train(was_training)
+        keys = sorted(sums)  # the same on every process: each runs at least one batch
+        sums = dict(zip(keys, all_reduce_sums([sums[k] for k in keys], self.info), strict=True))
+        return {f"val_{k}": v for k, v in self._finish(sums).items()}
+
+
+class DPO(_Pairs):
+    name = "dpo"
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        super().__init__(info, cfg.dpo.sft_weight)
+        self.cfg = cfg.dpo
+        self.ref_model, self.ref_adapters = None, None
+        # The reference is the starting model (after model.init: the earlier stage's result).
+        self.snapshot = continues_lora(cfg)  # a continued adapter: a frozen copy of it
+        if cfg.method == "full":  # no adapters to switch off: a frozen copy is the reference
+            self.ref_model = shard_frozen(frozen_start(cfg, build_device(info)), info)
+
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        return {} if self.ref_model is None else {"reference": self.ref_model}
+
+    def check_model(self, model, tokenizer) -> None:
+        if self.snapshot:  # the built model holds the adapter as loaded (before any resume)
+            self.ref_adapters = adapter_snapshot(model)
+
+    def reference(self, model):
+        if self.ref_model is not None:
+            return contextlib.nullcontext(self.ref_model)
+        if self.ref_adapters is not None:
+            return adapters_swapped(model, self.ref_adapters)
+        return adapters_disabled(model)
+
+    def _pair_losses(self, model, batch):
+        with torch.no_grad(), self.reference(model) as ref:
+            ref_lp = doc_logprobs(ref, batch)
+        if self.ref_model is not None:
+            release(self.ref_model)
+        lp = doc_logprobs(model, batch)  # (2 * pairs,): chosen, rejected, chosen, ...
+        c = self.cfg
+        pol, ref = (lp.means, ref_lp.means) if c.loss_type == "ipo" else (lp.sums, ref_lp.sums)
+        out = dpo_loss(pol[0::2], pol[1::2], ref[0::2], ref[1::2], c.beta, c.label_smoothing,
+                       c.loss_type)
+        return out, lp, {}
+
+
+class ORPO(_Pairs):
+    name = "orpo"
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        super().__init__(info, 1.0)  # ORPO's NLL term always weighs 1
+        self.cfg = cfg.orpo
+
+    def _pair_losses(self, model, batch):
+        lp = doc_logprobs(model, batch)
+        a = lp.means
+        out = orpo_loss(a[0::2], a[1::2], self.cfg.beta)
+        log_odds = orpo_log_odds(a[0::2].detach(), a[1::2].detach())
+        return out, lp, {"log_odds_ratio": float(F.logsigmoid(log_odds).sum()),
+                         "log_odds_chosen": float(log_odds.sum())}
+
+
+class SimPO(_Pairs):
+    name = "simpo"
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        super().__init__(info, cfg.simpo.sft_weight)
+        self.cfg = cfg.simpo
+
+    def _pair_losses(self, model, batch):
+        lp = doc_logprobs(model, batch)
+        a, c = lp.means, self.cfg
+        return simpo_loss(a[0::2], a[1::2], c.beta, c.gamma, c.label_smoothing), lp, {}
+
+
+PREFERENCE = {"dpo": DPO, "orpo": ORPO, "simpo": SimPO}

@@ -1,0 +1,246 @@
+"""Preference losses against straightforward float64 implementations of TRL's definitions
+(DPOTrainer's loss types and rpo_alpha, ORPOTrainer, CPOTrainer's simpo): the pure losses on
+random log-probabilities, the per-document log-probabilities of a packed batch against each
+document's full logits alone, every objective's loss and metrics on a real batch against TRL's
+padded computation from full logits (one micro-batch or two), ORPO's log(1 - exp) near 0, and
+bad configs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.engine.config import load_config
+from ember.engine.data import IGNORE, DataConfig, collate, load_examples
+from ember.engine.distributed import DistInfo
+from ember.engine.losses import doc_logprobs
+from ember.engine.objectives import make_objective
+from ember.engine.preference_losses import dpo_loss, log1mexp, orpo_loss, simpo_loss
+from ember.models.loading import load_pretrained
+from ember.models.lora import LoRAConfig, apply_lora
+from tests.engine._tiny import tiny_config
+
+# --- TRL's definitions, written out plainly (float64) --------------------------------------------
+
+def _logsig(x):
+    return -torch.log1p(torch.exp(-x))
+
+
+def trl_dpo(pc, pr, rc, rr, beta, ls, loss_type):
+    logits = (pc - pr) - (rc - rr)
+    if loss_type == "sigmoid":
+        losses = -_logsig(beta * logits) * (1 - ls) - _logsig(-beta * logits) * ls
+    elif loss_type == "robust":
+        losses = (-_logsig(beta * logits) * (1 - ls) + _logsig(-beta * logits) * ls) / (1 - 2 * ls)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:
+        losses = (logits - 1 / (2 * beta)) ** 2
+    return losses, beta * (pc - rc), beta * (pr - rr)
+
+
+def trl_orpo(ac, ar, beta):
+    log_odds = (ac - ar) - (torch.log1p(-torch.exp(ac)) - torch.log1p(-torch.exp(ar)))
+    return -beta * _logsig(log_odds), beta * ac, beta * ar, log_odds
+
+
+def trl_simpo(ac, ar, beta, gamma, ls):
+    logits = (ac - ar) - gamma / beta
+    losses = -_logsig(beta * logits) * (1 - ls) - _logsig(-beta * logits) * ls
+    return losses, beta * ac, beta * ar
+
+
+def _random_pairs(pairs=9, seed=0):
+    """TRL's layout: (2P, L) per-token log-probs and mask (chosen rows first), and per row the
+    summed and the per-token mean log-probability."""
+    g = torch.Generator().manual_seed(seed)
+    n = torch.randint(1, 20, (2 * pairs,), generator=g)
+    mask = torch.arange(20)[None] < n[:, None]
+    lp = -torch.rand(2 * pairs, 20, generator=g, dtype=torch.float64) * 2 * mask
+    sums = lp.sum(-1)
+    return sums, sums / mask.sum(-1)
+
+
+def _split(x, pairs):
+    return x[:pairs], x[pairs:]
+
+
+@pytest.mark.parametrize("loss_type,ls", [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.1),
+                                          ("robust", 0.4), ("hinge", 0.0), ("ipo", 0.0)])
+def test_dpo_loss_types_match_trl(loss_type, ls):
+    sums, means = _random_pairs()
+    ref_sums, ref_means = _random_pairs(seed=1)
+    x, r = (means, ref_means) if loss_type == "ipo" else (sums, ref_sums)
+    (pc, pr), (rc, rr) = _split(x, 9), _split(r, 9)
+    want = trl_dpo(pc, pr, rc, rr, 0.3, ls, loss_type)
+    pol = x.float().requires_grad_()
+    got = dpo_loss(pol[:9], pol[9:], r[:9].float(), r[9:].float(), 0.3, ls, loss_type)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    got.losses.mean().backward()
+    assert torch.isfinite(pol.grad).all() and pol.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.25])
+def test_simpo_and_orpo_match_trl(ls):
+    _, means = _random_pairs(seed=2)
+    ac, ar = _split(means, 9)
+    a = means.float().requires_grad_()
+    got = simpo_loss(a[:9], a[9:], beta=2.5, gamma=1.2, label_smoothing=ls)
+    for x, y in zip(got, trl_simpo(ac, ar, 2.5, 1.2, ls), strict=True):
+        torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=1e-5)
+    got = orpo_loss(a[:9], a[9:], beta=0.25)
+    for x, y in zip(got, trl_orpo(ac, ar, 0.25)[:3], strict=True):
+        torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=1e-5)
+    got.losses.sum().backward()
+    assert torch.isfinite(a.grad).all()
+
+
+def test_log1mexp_is_accurate_and_finite_near_zero():
+    x = -torch.logspace(-6, 1.9, 400).double()  # -1e-6 .. -80, fp32 values
+    want = torch.log(-torch.expm1(x))  # (TRL's log1p(-exp(x)) in fp32 is off by 5% at -1e-6)
+    torch.testing.assert_close(log1mexp(x.float()).double(), want, rtol=2e-6, atol=1e-12)
+    # A log-probability of (almost) 0 (a chosen answer already certain): finite loss and grads.
+    a = torch.tensor([0.0, -1e-9, -1e-5, -3.0], requires_grad=True)
+    r = torch.tensor([-0.5, -1e-7, -1e-6, 0.0], requires_grad=True)
+    out = orpo_loss(a, r, beta=0.1)
+    out.losses.sum().backward()
+    assert torch.isfinite(out.losses).all()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(r.grad).all()
+    # Where float64 TRL is accurate, the same value.
+    torch.testing.assert_close(out.losses[2:3].double(),
+                               trl_orpo(a[2:3].double().detach(), r[2:3].double().detach(),
+                                        0.1)[0], rtol=1e-4, atol=0)
+
+
+# --- on a real model ----------------------------------------------------------------------------
+
+def _alone(model, examples):
+    """Per document, each scored alone with full logits: (sum of log p(label), answer tokens),
+    chosen documents first, then rejected (TRL's concatenated order)."""
+    rows = {0: [], 1: []}
+    for e in examples:
+        start = 0
+        for k, n in enumerate(e.parts):
+            ids = torch.tensor([e.input_ids[start:start + n]])
+            labels = torch.tensor(e.labels[start:start + n])
+            logp = torch.log_softmax(model(ids)[0].double(), -1)  # (n, V)
+            keep = labels != IGNORE
+            rows[k].append((logp[keep].gather(1, labels[keep, None]).sum(), int(keep.sum())))
+            start += n
+    sums = torch.stack([s for k in (0, 1) for s, _ in rows[k]])
+    counts = torch.tensor([c for k in (0, 1) for _, c in rows[k]], dtype=torch.float64)
+    return sums, counts
+
+
+@pytest.fixture(scope="module")
+def pref_batch(tiny, prefs):
+    model, tok = load_pretrained(tiny["model"], "float32")
+    examples, _ = load_examples(prefs, DataConfig(), tok)
+    return model, examples[:5]
+
+
+def test_doc_logprobs_equal_each_document_alone(pref_batch):
+    model, examples = pref_batch
+    assert len({n for e in examples for n in e.parts}) > 2  # documents of different lengths
+    with torch.no_grad():
+        lp = doc_logprobs(model, collate(examples))
+        sums, counts = _alone(model, examples)
+    order = torch.tensor([j for i in range(5) for j in (i, i + 5)])  # packed: c0 r0 c1 r1 ...
+    torch.testing.assert_close(lp.counts.double(), counts[order])
+    torch.testing.assert_close(lp.sums.double(), sums[order], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp.means.double(), (sums / counts)[order], rtol=1e-5, atol=1e-5)
+
+
+CASES = {
+    "dpo_sigmoid_rpo": ('objective="dpo"', "dpo.beta=0.5", "dpo.label_smoothing=0.1",
+                        "dpo.sft_weight=0.7"),
+    "dpo_robust": ('objective="dpo"', 'dpo.loss_type="robust"', "dpo.label_smoothing=0.2"),
+    "dpo_hinge": ('objective="dpo"', 'dpo.loss_type="hinge"', "dpo.beta=2.0"),
+    "dpo_ipo": ('objective="dpo"', 'dpo.loss_type="ipo"', "dpo.beta=0.5"),
+    "orpo": ('objective="orpo"', "orpo.beta=0.3"),
+    "simpo": ('objective="simpo"', "simpo.beta=2.5", "simpo.gamma=0.4",
+              "simpo.label_smoothing=0.1", "simpo.sft_weight=0.6"),
+}
+
+
+def _trl_step(cfg, policy, reference, examples):
+    """TRL's loss and metrics of one batch of these pairs, from each document's full logits."""
+    P = len(examples)
+    sums, counts = _alone(policy, examples)
+    means = sums / counts
+    nll = -sums[:P].sum() / counts[:P].sum()  # cross-entropy over the chosen answers' tokens
+    if cfg.objective == "dpo":
+        c = cfg.dpo
+        ref_sums, _ = _alone(reference, examples)
+        x, r = (means, ref_sums / counts) if c.loss_type == "ipo" else (sums, ref_sums)
+        losses, ch, rj = trl_dpo(x[:P], x[P:], r[:P], r[P:], c.beta, c.label_smoothing,
+                                 c.loss_type)
+        weight = c.sft_weight
+    elif cfg.objective == "orpo":
+        losses, ch, rj, _ = trl_orpo(means[:P], means[P:], cfg.orpo.beta)
+        weight = 1.0
+    else:
+        c = cfg.simpo
+        losses, ch, rj = trl_simpo(means[:P], means[P:], c.beta, c.gamma, c.label_smoothing)
+        weight = c.sft_weight
+    return losses.mean() + weight * nll, {
+        "reward_accuracy": float((ch > rj).double().mean()),
+        "reward_margin": float((ch - rj).mean()), "chosen_reward": float(ch.mean()),
+        "rejected_reward": float(rj.mean()), "nll_loss": float(nll)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_objective_matches_trl_on_a_batch(tiny, pref_batch, tmp_path, case):
+    base, examples = pref_batch
+    cfg = tiny_config(tiny, tmp_path, *CASES[case])
+    obj = make_objective(cfg, DistInfo())
+    model, _ = load_pretrained(tiny["model"], "float32")
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy away from its reference (the base model)
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.2)
+    obj.check_model(model, None)
+    with torch.no_grad():
+        want, metrics = _trl_step(cfg, model, base, examples)
+    # One micro-batch of the 5 pairs, then the same step as two micro-batches (3 + 2 pairs).
+    for micro in ([collate(examples)], [collate(examples[:3]), collate(examples[3:])]):
+        obj.begin_step(micro, lambda xs: xs)
+        total = sum(obj.loss(model, b, 5) for b in micro)
+        torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=1e-5)
+        got = obj.step_metrics(lambda xs: xs)
+        for k, v in metrics.items():
+            assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (k, got[k], v)
+    total.backward()
+    grads = [p.grad for n, p in model.named_parameters() if n.endswith("lora_B")]
+    assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("sets,match", [
+    (['dpo.loss_type="robust"'], r"dpo\.loss_type = \"robust\" needs dpo\.label_smoothing"),
+    (['dpo.loss_type="kto"'], r"dpo\.loss_type must be one of .*'ipo', got 'kto'"),
+    (["dpo.beta=-0.1"], r"dpo\.beta must be > 0"),
+    (['dpo.loss_type="ipo"', "dpo.label_smoothing=0.1"], r"dpo\.label_smoothing applies to"),
+    (["dpo.sft_weight=-1"], r"dpo\.sft_weight must be >= 0"),
+    (["orpo.beta=0"], r"orpo\.beta must be > 0"),
+    (["simpo.beta=-2"], r"simpo\.beta must be > 0"),
+    (["simpo.gamma=-0.5"], r"simpo\.gamma must be >= 0"),
+    (["simpo.label_smoothing=0.5"], r"simpo\.label_smoothing must be in \[0, 0\.5\)"),
+    (["orpo.lambda_=0.1"], r"unknown config key 'orpo\.lambda_'; valid keys in \[orpo\]: beta"),
+    (["simpo.gamma_beta_ratio=0.5"], r"unknown config key 'simpo\.gamma_beta_ratio'"),
+    (['objective="kto"'], r"objective must be one of .*'orpo', 'simpo', got 'kto'"),
+])
+def test_bad_preference_configs(sets, match):
+    with pytest.raises(EmberError, match=match):
+        load_config(None, sets)
+
+
+def test_reference_free_objectives_allow_prompt_tuning():
+    for objective in ("orpo", "simpo"):
+        assert load_config(None, [f'objective="{objective}"', 'method="prompt"']).method == "prompt"
+    assert math.isclose(load_config(None, ['objective="simpo"']).simpo.beta, 2.0)
