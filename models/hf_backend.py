@@ -64,9 +64,32 @@ import torch.nn.functional as F
 from ember import EmberError
 from ember.kernels import apply_rope, flash_attention, geglu, linear_cross_entropy, rms_norm, swiglu
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 PLAN_KW = "ember_attention_plan"
 _ACTIVATIONS = {"silu": swiglu, "swish": swiglu, "gelu_pytorch_tanh": geglu}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What sets a family's modules apart, as its transformers modeling file reads it."""
+
+    act_key: str = "hidden_act"  # config field the MLP's activation is read from
+    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w)
+    attn_softcap: bool = False  # Gemma 2 passes its attention's attn_logit_softcapping (3 does not)
+    final_softcap: bool = False  # logits = c * tanh(logits / c), c = final_logit_softcapping
+
+
+_GEMMA2 = Family("hidden_activation", 1.0, attn_softcap=True, final_softcap=True)
+FAMILIES = {
+    "LlamaForCausalLM": Family(),
+    "MistralForCausalLM": Family(),
+    "Qwen2ForCausalLM": Family(),
+    "Qwen3ForCausalLM": Family(),
+    "GemmaForCausalLM": Family(norm_offset=1.0),
+    "Gemma2ForCausalLM": _GEMMA2,
+    "Gemma3ForCausalLM": Family("hidden_activation", 1.0, final_softcap=True),
+    "Phi3ForCausalLM": Family(),
+}
+SUPPORTED = tuple(FAMILIES)
 
 
 @dataclass
@@ -99,14 +122,22 @@ def find_causal_lm(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if _family(m) is not None:
             return m
+    multimodal = ("; multimodal models (ForConditionalGeneration) are not swapped: load the text "
+                  "model alone (e.g. Gemma3ForCausalLM)" if any(
+                      type(m).__name__.endswith("ForConditionalGeneration")
+                      for m in model.modules()) else "")
     raise EmberError(f"accelerate(): {type(model).__name__} is not a supported model; Ember swaps "
                      f"kernels into {', '.join(SUPPORTED)} instances (or a PEFT model wrapping "
-                     "one). Load the model with one of those classes, or train it with Ember "
-                     "natively (ember.models.load_pretrained)")
+                     f"one){multimodal}. Load the model with one of those classes, or train it "
+                     "with Ember natively (ember.models.load_pretrained)")
 
 
-def _is(m: nn.Module, suffix: str, *attrs: str) -> bool:
-    return type(m).__name__.endswith(suffix) and all(hasattr(m, a) for a in attrs)
+def _is(m: nn.Module, suffix: str, *attrs: str, one_of: tuple[tuple[str, ...], ...] = ((),)
+        ) -> bool:
+    """``m``'s class name ends with ``suffix``, it has every attr and all attrs of one ``one_of``
+    alternative (separate projections, or Phi-3's fused ones)."""
+    return (type(m).__name__.endswith(suffix) and all(hasattr(m, a) for a in attrs)
+            and any(all(hasattr(m, a) for a in alt) for alt in one_of))
 
 
 # ------------------------------------------------------------------------------- new forwards
@@ -127,10 +158,20 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
+@_mark("rms_norm")
+def _gemma_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # HF: (x.float() * rsqrt(mean(x^2) + eps) * (1 + w.float())).type_as(x), rounded once.
+    return rms_norm(x, self.weight, self.eps, offset=1.0)
+
+
 def _mlp_forward_for(act: Callable) -> Callable:
     @_mark(f"mlp:{act.__name__}")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
+        if hasattr(self, "gate_up_proj"):  # Phi-3: one projection, gate first (HF's chunk(2))
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(act(gate, up))
 
     return forward
 
@@ -143,7 +184,7 @@ def _window(attn: nn.Module) -> int | None:
     return getattr(attn.config, "sliding_window", None)
 
 
-def _hf_attention(self, q, k, v, attention_mask, dropout, **kwargs):
+def _hf_attention(self, q, k, v, attention_mask, dropout, softcap, **kwargs):
     """HF's attention function for this config, in HF's (B, H, T, hd) layout -> (B, T, H, hd)."""
     impl = self.config._attn_implementation
     default = getattr(sys.modules[type(self).__module__], "eager_attention_forward", None)
@@ -153,39 +194,53 @@ def _hf_attention(self, q, k, v, attention_mask, dropout, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, default)
+    if softcap is not None:  # only Gemma 2's attention functions are handed one
+        kwargs["softcap"] = softcap
     out, _ = fn(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
                 dropout=dropout, scaling=self.scaling, sliding_window=_window(self), **kwargs)
     return out  # HF's interfaces return (B, T, H, hd)
 
 
-def _varlen_attention(q, k, v, plan: AttentionPlan, scale: float, window: int | None):
+def _varlen_attention(q, k, v, plan: AttentionPlan, **opts):
     B, T, H, hd = q.shape
     qf, kf, vf = (t.reshape(B * T, t.shape[2], hd) for t in (q, k, v))  # (B*T, heads, hd)
     if plan.indices is not None:
         qf, kf, vf = (t.index_select(0, plan.indices) for t in (qf, kf, vf))
-    out = flash_attention(qf, kf, vf, causal=True, softmax_scale=scale, window=window,
-                          cu_seqlens=plan.cu_seqlens, max_seqlen=plan.max_seqlen)
+    out = flash_attention(qf, kf, vf, causal=True, cu_seqlens=plan.cu_seqlens,
+                          max_seqlen=plan.max_seqlen, **opts)
     if plan.indices is not None:
         out = out.new_zeros(B * T, H, hd).index_copy(0, plan.indices, out)
     return out.view(B, T, H, hd)
 
 
-def _attention_forward_for(rope: bool, flash: bool) -> Callable:
+def _project_qkv(self, x: torch.Tensor, hd: int):
+    """q (B, T, H, hd), k and v (B, T, K, hd), each projection called as a module (PEFT)."""
+    B, T, _ = x.shape
+    if hasattr(self, "qkv_proj"):  # Phi-3: fused [q | k | v], split by head counts as HF does
+        qkv = self.qkv_proj(x)
+        nq, nk = self.config.num_attention_heads * hd, self.config.num_key_value_heads * hd
+        q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+    else:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    return (t.view(B, T, -1, hd) for t in (q, k, v))
+
+
+def _attention_forward_for(rope: bool, flash: bool, softcap: bool) -> Callable:
     @_mark("attention" if flash else "rope")
     def forward(self, hidden_states: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
         plan = kwargs.pop(PLAN_KW, None)
         B, T, _ = hidden_states.shape
-        hd = self.head_dim
-        q = self.q_proj(hidden_states).view(B, T, -1, hd)  # (B, T, H, hd)
-        k = self.k_proj(hidden_states).view(B, T, -1, hd)  # (B, T, K, hd)
-        v = self.v_proj(hidden_states).view(B, T, -1, hd)
-        if hasattr(self, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+        q, k, v = _project_qkv(self, hidden_states, self.head_dim)
+        if hasattr(self, "q_norm"):  # Qwen3, Gemma 3: per-head RMSNorm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = position_embeddings  # (B or 1, T, hd): cat(freqs, freqs)
+        # (B or 1, T, R): cat(freqs, freqs) over the rotary dims R (R < hd: partial rotary),
+        # whatever RoPE type (and, for Gemma 3, which of its two tables) HF computed.
+        cos, sin = position_embeddings
         if rope:
-            q, k = apply_rope(q, k, cos[..., : hd // 2], sin[..., : hd // 2])
+            r = cos.shape[-1] // 2
+            q, k = apply_rope(q, k, cos[..., :r], sin[..., :r])
         else:
             hf_rope = sys.modules[type(self).__module__].apply_rotary_pos_emb
             qt, kt = hf_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -194,16 +249,17 @@ def _attention_forward_for(rope: bool, flash: bool) -> Callable:
             kc, vc = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
             k, v = kc.transpose(1, 2), vc.transpose(1, 2)  # (B, S, K, hd)
         dropout = self.attention_dropout if self.training else 0.0
+        cap = self.attn_logit_softcapping if softcap else None
+        opts = dict(softmax_scale=self.scaling, window=_window(self), softcap=cap)
         out = None
         if flash and dropout == 0.0 and k.shape[1] == T and getattr(self, "is_causal", True):
             if (plan is not None and plan.cu_seqlens is not None
                     and not (plan.packed and past_key_values is not None)):
-                out = _varlen_attention(q, k, v, plan, self.scaling, _window(self))
+                out = _varlen_attention(q, k, v, plan, **opts)
             elif plan is not None or attention_mask is None:
-                out = flash_attention(q, k, v, causal=True, softmax_scale=self.scaling,
-                                      window=_window(self))
+                out = flash_attention(q, k, v, causal=True, **opts)
         if out is None:
-            out = _hf_attention(self, q, k, v, attention_mask, dropout, **kwargs)
+            out = _hf_attention(self, q, k, v, attention_mask, dropout, cap, **kwargs)
         out = self.o_proj(out.reshape(B, T, -1))
         return out, None
 
@@ -263,9 +319,11 @@ def _plain_head(head: nn.Module) -> bool:
 
 
 def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Tensor,
-                   num_items_in_batch=None, ignore_index: int = -100) -> torch.Tensor:
+                   num_items_in_batch=None, ignore_index: int = -100,
+                   softcap: float | None = None) -> torch.Tensor:
     """HF's ``ForCausalLMLoss`` from hidden states (B, T, D) and pre-shifted labels (B, T),
-    through the fused linear cross-entropy on the labelled rows only."""
+    through the fused linear cross-entropy on the labelled rows only; ``softcap`` caps the
+    logits first (Gemma 2/3's ``final_logit_softcapping``)."""
     y = shift_labels.to(hidden.device).reshape(-1)
     idx = (y != ignore_index).nonzero().squeeze(1)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (N, D) labelled rows
@@ -279,7 +337,8 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Te
     h, w = h.to(dt), w.to(dt)
     b = None if b is None else b.to(dt)
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = linear_cross_entropy(h, w, y, bias=b, ignore_index=ignore_index, reduction=reduction)
+    loss = linear_cross_entropy(h, w, y, bias=b, ignore_index=ignore_index, reduction=reduction,
+                                softcap=softcap)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -289,6 +348,12 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Te
 
 def _keep(logits_to_keep):
     return slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+
+
+def _final_softcap(lm: nn.Module) -> float | None:
+    if not FAMILIES[_family(lm)].final_softcap:
+        return None
+    return getattr(lm.config, "final_logit_softcapping", None)
 
 
 @_mark("loss")
@@ -313,8 +378,13 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     hidden = outputs.last_hidden_state  # (B, T, D)
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    loss = causal_lm_loss(hidden, self.lm_head, shift_labels, num_items, ignore_index)
-    logits = None if self.training else self.lm_head(hidden[:, _keep(logits_to_keep)])
+    cap = _final_softcap(self)
+    loss = causal_lm_loss(hidden, self.lm_head, shift_labels, num_items, ignore_index, cap)
+    logits = None
+    if not self.training:
+        logits = self.lm_head(hidden[:, _keep(logits_to_keep)])
+        if cap is not None:  # as HF: logits / c, tanh, * c
+            logits = torch.tanh(logits / cap) * cap
     out = CausalLMOutputWithPast(loss=loss, logits=logits,
                                  past_key_values=outputs.past_key_values,
                                  hidden_states=outputs.hidden_states,
@@ -333,15 +403,20 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
     if base is None or not hasattr(base, "layers"):
         raise EmberError(f"accelerate(): {type(lm).__name__} has no .model.layers; this "
                          "transformers version lays the model out differently than Ember expects")
-    act = _ACTIVATIONS.get(getattr(lm.config, "hidden_act", None))
-    attn_forward = _attention_forward_for(rope, attention)
+    fam = FAMILIES[_family(lm)]
+    act = _ACTIVATIONS.get(getattr(lm.config, fam.act_key, None))
+    attn_forward = _attention_forward_for(rope, attention, fam.attn_softcap)
+    norm, norm_eps = ((_gemma_rms_norm_forward, "eps") if fam.norm_offset
+                      else (_rms_norm_forward, "variance_epsilon"))
     for m in lm.modules():
-        if rms_norm and _is(m, "RMSNorm", "weight", "variance_epsilon"):
-            _bind(m, _rms_norm_forward)
-        elif mlp and act is not None and _is(m, "MLP", "gate_proj", "up_proj", "down_proj"):
+        if rms_norm and _is(m, "RMSNorm", "weight", norm_eps):
+            _bind(m, norm)
+        elif mlp and act is not None and _is(m, "MLP", "down_proj", one_of=(
+                ("gate_proj", "up_proj"), ("gate_up_proj",))):
             _bind(m, _mlp_forward_for(act))
-        elif (rope or attention) and _is(m, "Attention", "q_proj", "k_proj", "v_proj", "o_proj",
-                                         "head_dim", "scaling", "layer_idx"):
+        elif (rope or attention) and _is(m, "Attention", "o_proj", "head_dim", "scaling",
+                                         "layer_idx", one_of=(("q_proj", "k_proj", "v_proj"),
+                                                              ("qkv_proj",))):
             _bind(m, attn_forward)
     if attention:
         _bind(base, _model_forward)

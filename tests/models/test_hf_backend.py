@@ -49,9 +49,9 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             p.copy_(1 + 0.2 * noise if "norm" in name else 0.1 * noise)
 
 
-def _pair(case: str, seed: int = 0, attn: str = "sdpa", **over):
+def _pair(case: str, seed: int = 0, attn: str = "sdpa", cases: dict = CASES, **over):
     """Two identical models: (HF as is, the one to accelerate)."""
-    cfg_name, kw = CASES[case]
+    cfg_name, kw = cases[case]
     config = getattr(transformers, cfg_name)(**{**BASE, **kw, **over})
     ref = transformers.AutoModelForCausalLM.from_config(config)
     _randomize(ref, seed)
@@ -203,10 +203,15 @@ def test_generate_matches(flash_calls):
 
 
 def test_peft_model():
-    peft = pytest.importorskip("peft")
     ref, model = _pair("qwen2_bias", seed=13)
-    lcfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"],
-                lora_dropout=0.0, init_lora_weights="gaussian")
+    _peft_parity(ref, model, ["q_proj", "v_proj", "gate_proj"], _ids(2, 9, seed=6))
+
+
+def _peft_parity(ref, model, targets: list[str], ids: torch.Tensor) -> None:
+    """LoRA (non-zero B) on both twins, the second accelerated: same loss and gradients."""
+    peft = pytest.importorskip("peft")
+    lcfg = dict(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                init_lora_weights="gaussian")
     torch.manual_seed(0)
     p_ref = peft.get_peft_model(ref, peft.LoraConfig(**lcfg))
     torch.manual_seed(0)
@@ -219,7 +224,6 @@ def test_peft_model():
                         len(name))))
     assert accelerate(p_model) is p_model
     assert find_causal_lm(p_model) is model
-    ids = _ids(2, 9, seed=6)
     out_ref, out = p_ref(input_ids=ids, labels=ids), p_model(input_ids=ids, labels=ids)
     _close("loss", out.loss, out_ref.loss)
     out_ref.loss.backward()
@@ -308,7 +312,11 @@ def test_training_curves_match(case):
     else:  # packed rows: 3 + 5 + 4 tokens in each row
         pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 3]]).expand(4, -1)
         batches = [dict(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)]
-    a, b = _train(ref, batches, 30), _train(model, batches, 30)
+    _curves_match(ref, model, batches)
+
+
+def _curves_match(ref, model, batches, steps: int = 30) -> None:
+    a, b = _train(ref, batches, steps), _train(model, batches, steps)
     assert a[-1] < 0.5 * a[0], f"the reference run did not learn: {a[0]:.3f} -> {a[-1]:.3f}"
     rel = [abs(x - y) / abs(x) for x, y in zip(a, b, strict=True)]
     assert max(rel) <= 1e-4, f"loss curves differ: max rel {max(rel):.2e}\n{a}\n{b}"
