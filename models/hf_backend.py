@@ -73,20 +73,20 @@ class Family:
     """What sets a family's modules apart, as its transformers modeling file reads it."""
 
     act_key: str = "hidden_act"  # config field the MLP's activation is read from
-    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w)
+    gemma_norm: bool = False  # RMSNorm scales by (1 + w), rounds once; eps in .eps
     attn_softcap: bool = False  # Gemma 2 passes its attention's attn_logit_softcapping (3 does not)
     final_softcap: bool = False  # logits = c * tanh(logits / c), c = final_logit_softcapping
 
 
-_GEMMA2 = Family("hidden_activation", 1.0, attn_softcap=True, final_softcap=True)
+_GEMMA2 = Family("hidden_activation", True, attn_softcap=True, final_softcap=True)
 FAMILIES = {
     "LlamaForCausalLM": Family(),
     "MistralForCausalLM": Family(),
     "Qwen2ForCausalLM": Family(),
     "Qwen3ForCausalLM": Family(),
-    "GemmaForCausalLM": Family(norm_offset=1.0),
+    "GemmaForCausalLM": Family(gemma_norm=True),
     "Gemma2ForCausalLM": _GEMMA2,
-    "Gemma3ForCausalLM": Family("hidden_activation", 1.0, final_softcap=True),
+    "Gemma3ForCausalLM": Family("hidden_activation", True, final_softcap=True),
     "Phi3ForCausalLM": Family(),
 }
 SUPPORTED = tuple(FAMILIES)
@@ -406,7 +406,7 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
     fam = FAMILIES[_family(lm)]
     act = _ACTIVATIONS.get(getattr(lm.config, fam.act_key, None))
     attn_forward = _attention_forward_for(rope, attention, fam.attn_softcap)
-    norm, norm_eps = ((_gemma_rms_norm_forward, "eps") if fam.norm_offset
+    norm, norm_eps = ((_gemma_rms_norm_forward, "eps") if fam.gemma_norm
                       else (_rms_norm_forward, "variance_epsilon"))
     for m in lm.modules():
         if rms_norm and _is(m, "RMSNorm", "weight", norm_eps):

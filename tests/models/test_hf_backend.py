@@ -302,17 +302,19 @@ def test_training_curves_match(case):
     documents) moves the loss by >1e-2 within a few steps."""
     ref, model = _pair(case, seed=19)
     accelerate(model)
+    _curves_match(ref, model, _curve_batches(packed=case != "llama"))
+
+
+def _curve_batches(packed: bool) -> list[dict]:
     ids = _ids(4, 12, seed=9)
-    if case == "llama":  # padded rows
+    if not packed:  # padded rows
         mask = torch.ones_like(ids)
         mask[1, 8:] = 0
         mask[3, 5:] = 0
-        batches = [dict(input_ids=ids, attention_mask=mask,
-                        labels=ids.masked_fill(mask == 0, -100))]
-    else:  # packed rows: 3 + 5 + 4 tokens in each row
-        pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 3]]).expand(4, -1)
-        batches = [dict(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)]
-    _curves_match(ref, model, batches)
+        return [dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))]
+    # packed rows: 3 + 5 + 4 tokens in each row
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 3]]).expand(4, -1)
+    return [dict(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)]
 
 
 def _curves_match(ref, model, batches, steps: int = 30) -> None:
