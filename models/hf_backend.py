@@ -103,6 +103,9 @@ class AttentionPlan:
     max_seqlen: int | None = None
     indices: torch.Tensor | None = None  # (n_real,) int64, padding only
     packed: bool = False  # from position_ids: HF drops packing when a KV cache exists
+    # Padding inside a row (not only at its ends): HF's sliding window counts those positions,
+    # so layers with a window run HF's attention with its mask.
+    gaps: bool = False
 
 
 # ------------------------------------------------------------------------------ finding modules
@@ -255,7 +258,8 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool) -> Callable:
         if flash and dropout == 0.0 and k.shape[1] == T and getattr(self, "is_causal", True):
             if (plan is not None and plan.cu_seqlens is not None
                     and not (plan.packed and past_key_values is not None)):
-                out = _varlen_attention(q, k, v, plan, **opts)
+                if not (plan.gaps and opts["window"] is not None):
+                    out = _varlen_attention(q, k, v, plan, **opts)
             elif plan is not None or attention_mask is None:
                 out = flash_attention(q, k, v, causal=True, **opts)
         if out is None:
@@ -270,7 +274,7 @@ def attention_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tens
                    batch: int, seqlen: int, past_key_values=None) -> AttentionPlan | None:
     """The plan for one forward; None when HF's attention must run with HF's mask (a KV cache
     holding earlier tokens, a custom 4-D mask, a row without any real token). Host syncs: one
-    for a 2-D mask, one for packed position_ids."""
+    for a 2-D mask (two with padding), one for packed position_ids."""
     if past_key_values is not None and past_key_values.get_seq_length() > 0:
         return None
     if attention_mask is not None:
@@ -279,12 +283,16 @@ def attention_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tens
             return None  # per-layer-type dicts, custom 4-D masks, masks covering cached tokens
         keep = attention_mask.bool()
         lengths = keep.sum(1)
-        if bool(keep.all()):
+        t = torch.arange(seqlen, device=keep.device)
+        span = torch.where(keep, t, -1).amax(1) - torch.where(keep, t, seqlen).amin(1) + 1
+        full, any_empty, gaps, longest = torch.stack([x.long() for x in (
+            keep.all(), (lengths == 0).any(), (span != lengths).any(), lengths.max())]).tolist()
+        if full:
             return AttentionPlan()  # HF ignores an all-ones mask, and so does packing detection
-        if not bool(lengths.all()):
+        if any_empty:
             return None
         cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        return AttentionPlan(cu, int(lengths.max()), keep.reshape(-1).nonzero().squeeze(1))
+        return AttentionPlan(cu, longest, keep.reshape(-1).nonzero().squeeze(1), gaps=bool(gaps))
     if position_ids is None or past_key_values is not None:
         return AttentionPlan()
     pos = position_ids.expand(batch, seqlen) if position_ids.shape[0] != batch else position_ids

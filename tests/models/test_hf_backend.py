@@ -327,15 +327,19 @@ def _curves_match(ref, model, batches, steps: int = 30) -> None:
 def test_triton_path(monkeypatch):
     """The Triton kernels (interpreter on CPU) behind the swap: layouts and strides as HF hands
     them over (cos/sin halves, q/k views of the projections)."""
+    _triton_parity(monkeypatch, *_pair("qwen3_qknorm", seed=21, num_hidden_layers=1))
+
+
+def _triton_parity(monkeypatch, ref, model, T: int = 9) -> None:
     from ember.kernels._dispatch import interpreting
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu" and not interpreting():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     monkeypatch.setenv("EMBER_KERNELS", "triton")
-    ref, model = (m.to(dev) for m in _pair("qwen3_qknorm", seed=21, num_hidden_layers=1))
+    ref, model = ref.to(dev), model.to(dev)
     accelerate(model)
-    ids = _ids(1, 9, seed=10).to(dev)
+    ids = _ids(1, T, seed=10).to(dev)
     out_ref, out = ref(ids, labels=ids), model(ids, labels=ids)
     _close("loss", out.loss, out_ref.loss)
     out_ref.loss.backward()

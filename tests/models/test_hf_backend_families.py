@@ -30,6 +30,7 @@ from tests.models.test_hf_backend import (
     _ids,
     _pair,
     _peft_parity,
+    _triton_parity,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -209,6 +210,34 @@ def test_gemma2_padding_varlen(calls):
         real = mask.bool()
         a, b = model.eval()(ids, attention_mask=mask).logits, ref.eval()(ids, attention_mask=mask)
         _close("logits (real tokens)", a[real], b.logits[real])
+
+
+def test_gemma2_padding_inside_rows(calls):
+    """Padding inside a row: HF's sliding window counts the padding positions, so the windowed
+    layer runs HF's attention with HF's mask; the full-attention layer stays on varlen."""
+    ref, model = _fam("gemma2", seed=9)
+    accelerate(model)
+    ids = _ids(2, T, seed=4)
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[0, 6:9] = 0
+    mask[1, 15:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 9] = -100  # predicted from a padding position
+    kw = dict(attention_mask=mask, labels=labels)
+    out_ref, out = ref(ids, **kw), model(ids, **kw)
+    _close("loss", out.loss, out_ref.loss)
+    out_ref.loss.backward()
+    out.loss.backward()
+    _check_grads(ref, model)
+    assert calls["attn"] == _attn("varlen", "gemma2")[1:]
+
+
+@pytest.mark.parametrize("case", ["gemma2", "gemma3", "phi3_partial"])
+def test_triton_path(case, monkeypatch):
+    """The Triton kernels (interpreter on CPU): (1 + w) norms incl. Gemma 3's q/k norms, window
+    + softcap attention, both RoPE tables, the softcapped fused loss, Phi-3's fused qkv /
+    gate_up views and partial rotary."""
+    _triton_parity(monkeypatch, *_fam(case, seed=21))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
