@@ -1,53 +1,70 @@
 """Ember's kernels inside a Hugging Face ``transformers`` model: ``accelerate(model)``.
 
 ``accelerate`` takes a ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` /
-``Qwen3ForCausalLM`` instance (bare, or inside a PEFT ``PeftModel``: the causal LM is found inside)
-and rebinds ``forward`` on *that instance's* modules only (``types.MethodType``); no transformers
-class, function or registry is touched, parameters stay where they are (state dicts,
+``Qwen3ForCausalLM`` / ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` (text)
+/ ``Phi3ForCausalLM`` instance (bare, or inside a PEFT ``PeftModel``: the causal LM is found
+inside) and rebinds ``forward`` on *that instance's* modules only (``types.MethodType``); no
+transformers class, function or registry is touched, parameters stay where they are (state dicts,
 ``save_pretrained`` and PEFT adapters are unaffected), and ``restore(model)`` puts the original
-methods back.
+methods back. Multimodal classes (``Gemma3ForConditionalGeneration``) are refused: load the text
+model. What sets a family apart is read as its modeling file reads it (``FAMILIES``).
 
 What is swapped (each a keyword, all on by default):
 
-- ``rms_norm``: every ``*RMSNorm`` (layer norms, final norm, Qwen3's per-head q/k norms) ->
-  ``ember.kernels.rms_norm``. HF rounds the normalized input to the input dtype before multiplying
-  by the weight; Ember rounds once at the end (equal in fp32, closer to fp32 in bf16).
-- ``mlp``: ``down(act(gate(x)) * up(x))`` with the fused ``swiglu`` (``hidden_act`` silu/swish) or
-  ``geglu`` (gelu_pytorch_tanh); other activations keep HF's MLP.
-- ``rope`` and ``attention``: the attention module's forward is replaced. RoPE: HF passes cos/sin of
-  the full head_dim, ``cat(freqs, freqs)``; the first half is Ember's half layout, so
-  ``apply_rope(q, k, cos[..., :hd/2], sin[..., :hd/2])`` in the (B, T, H, hd) layout, whatever rope
-  type (llama3, linear, ...) HF computed. Attention -> ``ember.kernels.flash_attention`` (causal,
-  GQA, the layer's sliding window) in these cases:
+- ``rms_norm``: every ``*RMSNorm`` (layer norms, final norm, Gemma 2/3's sandwich norms, Qwen3's
+  and Gemma 3's per-head q/k norms) -> ``ember.kernels.rms_norm``. HF rounds the normalized input
+  to the input dtype before multiplying by the weight; Ember rounds once at the end (equal in fp32,
+  closer to fp32 in bf16). Gemma's norms are ``x * (1 + w)`` in fp32, cast at the end, exactly
+  HF's: ``rms_norm(..., offset=1.0)``.
+- ``mlp``: ``down(act(gate(x)) * up(x))`` with the fused ``swiglu`` (silu/swish) or ``geglu``
+  (gelu_pytorch_tanh), the activation read from the field the family's MLP reads (``hidden_act``;
+  Gemma 2/3: ``hidden_activation``); other activations keep HF's MLP. Phi-3's fused
+  ``gate_up_proj`` output is chunked in two, gate first, as HF does.
+- ``rope`` and ``attention``: the attention module's forward is replaced. Projections are called
+  as modules (PEFT's LoRA layers apply; Phi-3's fused ``qkv_proj`` output is split into q, k, v by
+  head counts). RoPE: HF passes the layer's cos/sin (Gemma 3: the local or global table for that
+  layer; LongRoPE and other types as HF computed them) over the rotary dims R, ``cat(freqs,
+  freqs)``; the first half is Ember's half layout, so ``apply_rope(q, k, cos[..., :R/2],
+  sin[..., :R/2])`` in the (B, T, H, hd) layout, which rotates the first R dims of each head and
+  passes the rest through (R < hd: Phi-3's ``partial_rotary_factor``). Attention ->
+  ``ember.kernels.flash_attention`` (causal, GQA, the module's ``scaling`` - Gemma 2/3:
+  ``query_pre_attn_scalar ** -0.5`` -, the layer's sliding window as HF reads it - the module's
+  ``sliding_window`` (None on full layers) or Mistral/Phi-3's config -, and Gemma 2's
+  ``attn_logit_softcapping``; Gemma 3 keeps that field but HF does not apply it, nor does Ember) in
+  these cases:
 
   * no padding and no packing -> dense causal (whatever causal or sliding-window mask HF built
     for its own attention is not read);
-  * a 2-D ``attention_mask`` with padding (any pattern) -> varlen: the real tokens of each row are
-    gathered into one packed sequence (``cu_seqlens``), attended, and scattered back. Real tokens
-    get exactly HF's causal-with-padding result; outputs at padding positions are 0 (HF's are
-    meaningless values that a -100 label ignores);
+  * a 2-D ``attention_mask`` with padding -> varlen: the real tokens of each row are gathered
+    into one packed sequence (``cu_seqlens``), attended, and scattered back. Real tokens get
+    exactly HF's causal-with-padding result; outputs at padding positions are 0 (HF's are
+    meaningless values that a -100 label ignores). Padding inside a row (not only at its ends)
+    in a layer with a sliding window goes to HF: HF's window counts the padding positions;
   * packed rows (no mask, ``position_ids`` restarting per document, no KV cache: the same rule HF
     uses to detect packing) -> varlen with one document per restart.
 
   Everything else goes to HF's own attention function for the configured ``attn_implementation``,
-  with HF's mask: decoding with a KV cache (queries != keys), custom 4-D masks, attention dropout
-  in training, and non-causal use. ``rope`` alone (``attention=False``) rotates with Ember and
+  with HF's mask, window and softcap: decoding with a KV cache (queries != keys), custom 4-D or
+  per-layer-type mask dicts, attention dropout in training, and non-causal use (Gemma 3's
+  ``use_bidirectional_attention``). ``rope`` alone (``attention=False``) rotates with Ember and
   always calls HF's attention.
 - ``loss``: when ``labels`` are given (as in HF, ``shift_labels`` alone gives no loss) and
   ``lm_head`` is a plain ``nn.Linear``, the loss comes from ``ember.kernels.linear_cross_entropy``
   on the final hidden states of the labelled positions only: the (B, T, V) logits are never built.
   Semantics are HF's ``ForCausalLMLoss``: labels shifted left by one (or ``shift_labels``),
   ``ignore_index`` (-100) skipped, mean over labelled tokens, or sum / ``num_items_in_batch`` when
-  that is passed (gradient accumulation). Under autocast the head runs in the autocast dtype, as
-  HF's ``lm_head`` would. In training mode ``logits`` is None; in eval mode they are computed too.
-  Differences: a batch whose labels are all -100 gives loss 0 (HF: NaN). A LoRA/quantized
-  ``lm_head`` or one with hooks keeps HF's loss path.
+  that is passed (gradient accumulation); Gemma 2/3's ``final_logit_softcapping`` c caps the
+  logits first (``softcap=c``), and eval logits are ``c * tanh(logits / c)`` as HF's. Under
+  autocast the head runs in the autocast dtype, as HF's ``lm_head`` would. In training mode
+  ``logits`` is None; in eval mode they are computed too. Differences: a batch whose labels are
+  all -100 gives loss 0 (HF: NaN). A LoRA/quantized ``lm_head`` or one with hooks keeps HF's loss
+  path. Gemma's ``sqrt(hidden)`` embedding scale stays in HF's model forward.
 
 The decision is made once per forward by the wrapper of the inner ``*Model`` from the 2-D
-``attention_mask``, ``position_ids`` and cache (one host sync for a mask or for position_ids), and
-handed to every attention layer as a keyword argument (``ember_attention_plan``), so gradient
-checkpointing replays it. An attention layer called without a plan (the inner model's forward
-bypassed) uses Ember only when HF's mask is None.
+``attention_mask``, ``position_ids`` and cache (host syncs: one or two for a mask, one for
+position_ids), and handed to every attention layer as a keyword argument
+(``ember_attention_plan``), so gradient checkpointing replays it. An attention layer called
+without a plan (the inner model's forward bypassed) uses Ember only when HF's mask is None.
 """
 
 from __future__ import annotations
