@@ -1,53 +1,70 @@
 """Ember's kernels inside a Hugging Face ``transformers`` model: ``accelerate(model)``.
 
 ``accelerate`` takes a ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` /
-``Qwen3ForCausalLM`` instance (bare, or inside a PEFT ``PeftModel``: the causal LM is found inside)
-and rebinds ``forward`` on *that instance's* modules only (``types.MethodType``); no transformers
-class, function or registry is touched, parameters stay where they are (state dicts,
+``Qwen3ForCausalLM`` / ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` (text)
+/ ``Phi3ForCausalLM`` instance (bare, or inside a PEFT ``PeftModel``: the causal LM is found
+inside) and rebinds ``forward`` on *that instance's* modules only (``types.MethodType``); no
+transformers class, function or registry is touched, parameters stay where they are (state dicts,
 ``save_pretrained`` and PEFT adapters are unaffected), and ``restore(model)`` puts the original
-methods back.
+methods back. Multimodal classes (``Gemma3ForConditionalGeneration``) are refused: load the text
+model. What sets a family apart is read as its modeling file reads it (``FAMILIES``).
 
 What is swapped (each a keyword, all on by default):
 
-- ``rms_norm``: every ``*RMSNorm`` (layer norms, final norm, Qwen3's per-head q/k norms) ->
-  ``ember.kernels.rms_norm``. HF rounds the normalized input to the input dtype before multiplying
-  by the weight; Ember rounds once at the end (equal in fp32, closer to fp32 in bf16).
-- ``mlp``: ``down(act(gate(x)) * up(x))`` with the fused ``swiglu`` (``hidden_act`` silu/swish) or
-  ``geglu`` (gelu_pytorch_tanh); other activations keep HF's MLP.
-- ``rope`` and ``attention``: the attention module's forward is replaced. RoPE: HF passes cos/sin of
-  the full head_dim, ``cat(freqs, freqs)``; the first half is Ember's half layout, so
-  ``apply_rope(q, k, cos[..., :hd/2], sin[..., :hd/2])`` in the (B, T, H, hd) layout, whatever rope
-  type (llama3, linear, ...) HF computed. Attention -> ``ember.kernels.flash_attention`` (causal,
-  GQA, the layer's sliding window) in these cases:
+- ``rms_norm``: every ``*RMSNorm`` (layer norms, final norm, Gemma 2/3's sandwich norms, Qwen3's
+  and Gemma 3's per-head q/k norms) -> ``ember.kernels.rms_norm``. HF rounds the normalized input
+  to the input dtype before multiplying by the weight; Ember rounds once at the end (equal in fp32,
+  closer to fp32 in bf16). Gemma's norms are ``x * (1 + w)`` in fp32, cast at the end, exactly
+  HF's: ``rms_norm(..., offset=1.0)``.
+- ``mlp``: ``down(act(gate(x)) * up(x))`` with the fused ``swiglu`` (silu/swish) or ``geglu``
+  (gelu_pytorch_tanh), the activation read from the field the family's MLP reads (``hidden_act``;
+  Gemma 2/3: ``hidden_activation``); other activations keep HF's MLP. Phi-3's fused
+  ``gate_up_proj`` output is chunked in two, gate first, as HF does.
+- ``rope`` and ``attention``: the attention module's forward is replaced. Projections are called
+  as modules (PEFT's LoRA layers apply; Phi-3's fused ``qkv_proj`` output is split into q, k, v by
+  head counts). RoPE: HF passes the layer's cos/sin (Gemma 3: the local or global table for that
+  layer; LongRoPE and other types as HF computed them) over the rotary dims R, ``cat(freqs,
+  freqs)``; the first half is Ember's half layout, so ``apply_rope(q, k, cos[..., :R/2],
+  sin[..., :R/2])`` in the (B, T, H, hd) layout, which rotates the first R dims of each head and
+  passes the rest through (R < hd: Phi-3's ``partial_rotary_factor``). Attention ->
+  ``ember.kernels.flash_attention`` (causal, GQA, the module's ``scaling`` - Gemma 2/3:
+  ``query_pre_attn_scalar ** -0.5`` -, the layer's sliding window as HF reads it - the module's
+  ``sliding_window`` (None on full layers) or Mistral/Phi-3's config -, and Gemma 2's
+  ``attn_logit_softcapping``; Gemma 3 keeps that field but HF does not apply it, nor does Ember) in
+  these cases:
 
   * no padding and no packing -> dense causal (whatever causal or sliding-window mask HF built
     for its own attention is not read);
-  * a 2-D ``attention_mask`` with padding (any pattern) -> varlen: the real tokens of each row are
-    gathered into one packed sequence (``cu_seqlens``), attended, and scattered back. Real tokens
-    get exactly HF's causal-with-padding result; outputs at padding positions are 0 (HF's are
-    meaningless values that a -100 label ignores);
+  * a 2-D ``attention_mask`` with padding -> varlen: the real tokens of each row are gathered
+    into one packed sequence (``cu_seqlens``), attended, and scattered back. Real tokens get
+    exactly HF's causal-with-padding result; outputs at padding positions are 0 (HF's are
+    meaningless values that a -100 label ignores). Padding inside a row (not only at its ends)
+    in a layer with a sliding window goes to HF: HF's window counts the padding positions;
   * packed rows (no mask, ``position_ids`` restarting per document, no KV cache: the same rule HF
     uses to detect packing) -> varlen with one document per restart.
 
   Everything else goes to HF's own attention function for the configured ``attn_implementation``,
-  with HF's mask: decoding with a KV cache (queries != keys), custom 4-D masks, attention dropout
-  in training, and non-causal use. ``rope`` alone (``attention=False``) rotates with Ember and
+  with HF's mask, window and softcap: decoding with a KV cache (queries != keys), custom 4-D or
+  per-layer-type mask dicts, attention dropout in training, and non-causal use (Gemma 3's
+  ``use_bidirectional_attention``). ``rope`` alone (``attention=False``) rotates with Ember and
   always calls HF's attention.
 - ``loss``: when ``labels`` are given (as in HF, ``shift_labels`` alone gives no loss) and
   ``lm_head`` is a plain ``nn.Linear``, the loss comes from ``ember.kernels.linear_cross_entropy``
   on the final hidden states of the labelled positions only: the (B, T, V) logits are never built.
   Semantics are HF's ``ForCausalLMLoss``: labels shifted left by one (or ``shift_labels``),
   ``ignore_index`` (-100) skipped, mean over labelled tokens, or sum / ``num_items_in_batch`` when
-  that is passed (gradient accumulation). Under autocast the head runs in the autocast dtype, as
-  HF's ``lm_head`` would. In training mode ``logits`` is None; in eval mode they are computed too.
-  Differences: a batch whose labels are all -100 gives loss 0 (HF: NaN). A LoRA/quantized
-  ``lm_head`` or one with hooks keeps HF's loss path.
+  that is passed (gradient accumulation); Gemma 2/3's ``final_logit_softcapping`` c caps the
+  logits first (``softcap=c``), and eval logits are ``c * tanh(logits / c)`` as HF's. Under
+  autocast the head runs in the autocast dtype, as HF's ``lm_head`` would. In training mode
+  ``logits`` is None; in eval mode they are computed too. Differences: a batch whose labels are
+  all -100 gives loss 0 (HF: NaN). A LoRA/quantized ``lm_head`` or one with hooks keeps HF's loss
+  path. Gemma's ``sqrt(hidden)`` embedding scale stays in HF's model forward.
 
 The decision is made once per forward by the wrapper of the inner ``*Model`` from the 2-D
-``attention_mask``, ``position_ids`` and cache (one host sync for a mask or for position_ids), and
-handed to every attention layer as a keyword argument (``ember_attention_plan``), so gradient
-checkpointing replays it. An attention layer called without a plan (the inner model's forward
-bypassed) uses Ember only when HF's mask is None.
+``attention_mask``, ``position_ids`` and cache (host syncs: one or two for a mask, one for
+position_ids), and handed to every attention layer as a keyword argument
+(``ember_attention_plan``), so gradient checkpointing replays it. An attention layer called
+without a plan (the inner model's forward bypassed) uses Ember only when HF's mask is None.
 """
 
 from __future__ import annotations
@@ -64,9 +81,32 @@ import torch.nn.functional as F
 from ember import EmberError
 from ember.kernels import apply_rope, flash_attention, geglu, linear_cross_entropy, rms_norm, swiglu
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 PLAN_KW = "ember_attention_plan"
 _ACTIVATIONS = {"silu": swiglu, "swish": swiglu, "gelu_pytorch_tanh": geglu}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What sets a family's modules apart, as its transformers modeling file reads it."""
+
+    act_key: str = "hidden_act"  # config field the MLP's activation is read from
+    gemma_norm: bool = False  # RMSNorm scales by (1 + w), rounds once; eps in .eps
+    attn_softcap: bool = False  # Gemma 2 passes its attention's attn_logit_softcapping (3 does not)
+    final_softcap: bool = False  # logits = c * tanh(logits / c), c = final_logit_softcapping
+
+
+_GEMMA2 = Family("hidden_activation", True, attn_softcap=True, final_softcap=True)
+FAMILIES = {
+    "LlamaForCausalLM": Family(),
+    "MistralForCausalLM": Family(),
+    "Qwen2ForCausalLM": Family(),
+    "Qwen3ForCausalLM": Family(),
+    "GemmaForCausalLM": Family(gemma_norm=True),
+    "Gemma2ForCausalLM": _GEMMA2,
+    "Gemma3ForCausalLM": Family("hidden_activation", True, final_softcap=True),
+    "Phi3ForCausalLM": Family(),
+}
+SUPPORTED = tuple(FAMILIES)
 
 
 @dataclass
@@ -80,6 +120,9 @@ class AttentionPlan:
     max_seqlen: int | None = None
     indices: torch.Tensor | None = None  # (n_real,) int64, padding only
     packed: bool = False  # from position_ids: HF drops packing when a KV cache exists
+    # Padding inside a row (not only at its ends): HF's sliding window counts those positions,
+    # so layers with a window run HF's attention with its mask.
+    gaps: bool = False
 
 
 # ------------------------------------------------------------------------------ finding modules
@@ -99,14 +142,22 @@ def find_causal_lm(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if _family(m) is not None:
             return m
+    multimodal = ("; multimodal models (ForConditionalGeneration) are not swapped: load the text "
+                  "model alone (e.g. Gemma3ForCausalLM)" if any(
+                      type(m).__name__.endswith("ForConditionalGeneration")
+                      for m in model.modules()) else "")
     raise EmberError(f"accelerate(): {type(model).__name__} is not a supported model; Ember swaps "
                      f"kernels into {', '.join(SUPPORTED)} instances (or a PEFT model wrapping "
-                     "one). Load the model with one of those classes, or train it with Ember "
-                     "natively (ember.models.load_pretrained)")
+                     f"one){multimodal}. Load the model with one of those classes, or train it "
+                     "with Ember natively (ember.models.load_pretrained)")
 
 
-def _is(m: nn.Module, suffix: str, *attrs: str) -> bool:
-    return type(m).__name__.endswith(suffix) and all(hasattr(m, a) for a in attrs)
+def _is(m: nn.Module, suffix: str, *attrs: str, one_of: tuple[tuple[str, ...], ...] = ((),)
+        ) -> bool:
+    """``m``'s class name ends with ``suffix``, it has every attr and all attrs of one ``one_of``
+    alternative (separate projections, or Phi-3's fused ones)."""
+    return (type(m).__name__.endswith(suffix) and all(hasattr(m, a) for a in attrs)
+            and any(all(hasattr(m, a) for a in alt) for alt in one_of))
 
 
 # ------------------------------------------------------------------------------- new forwards
@@ -127,10 +178,20 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
+@_mark("rms_norm")
+def _gemma_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # HF: (x.float() * rsqrt(mean(x^2) + eps) * (1 + w.float())).type_as(x), rounded once.
+    return rms_norm(x, self.weight, self.eps, offset=1.0)
+
+
 def _mlp_forward_for(act: Callable) -> Callable:
     @_mark(f"mlp:{act.__name__}")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
+        if hasattr(self, "gate_up_proj"):  # Phi-3: one projection, gate first (HF's chunk(2))
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(act(gate, up))
 
     return forward
 
@@ -143,7 +204,7 @@ def _window(attn: nn.Module) -> int | None:
     return getattr(attn.config, "sliding_window", None)
 
 
-def _hf_attention(self, q, k, v, attention_mask, dropout, **kwargs):
+def _hf_attention(self, q, k, v, attention_mask, dropout, softcap, **kwargs):
     """HF's attention function for this config, in HF's (B, H, T, hd) layout -> (B, T, H, hd)."""
     impl = self.config._attn_implementation
     default = getattr(sys.modules[type(self).__module__], "eager_attention_forward", None)
@@ -153,39 +214,53 @@ def _hf_attention(self, q, k, v, attention_mask, dropout, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, default)
+    if softcap is not None:  # only Gemma 2's attention functions are handed one
+        kwargs["softcap"] = softcap
     out, _ = fn(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
                 dropout=dropout, scaling=self.scaling, sliding_window=_window(self), **kwargs)
     return out  # HF's interfaces return (B, T, H, hd)
 
 
-def _varlen_attention(q, k, v, plan: AttentionPlan, scale: float, window: int | None):
+def _varlen_attention(q, k, v, plan: AttentionPlan, **opts):
     B, T, H, hd = q.shape
     qf, kf, vf = (t.reshape(B * T, t.shape[2], hd) for t in (q, k, v))  # (B*T, heads, hd)
     if plan.indices is not None:
         qf, kf, vf = (t.index_select(0, plan.indices) for t in (qf, kf, vf))
-    out = flash_attention(qf, kf, vf, causal=True, softmax_scale=scale, window=window,
-                          cu_seqlens=plan.cu_seqlens, max_seqlen=plan.max_seqlen)
+    out = flash_attention(qf, kf, vf, causal=True, cu_seqlens=plan.cu_seqlens,
+                          max_seqlen=plan.max_seqlen, **opts)
     if plan.indices is not None:
         out = out.new_zeros(B * T, H, hd).index_copy(0, plan.indices, out)
     return out.view(B, T, H, hd)
 
 
-def _attention_forward_for(rope: bool, flash: bool) -> Callable:
+def _project_qkv(self, x: torch.Tensor, hd: int):
+    """q (B, T, H, hd), k and v (B, T, K, hd), each projection called as a module (PEFT)."""
+    B, T, _ = x.shape
+    if hasattr(self, "qkv_proj"):  # Phi-3: fused [q | k | v], split by head counts as HF does
+        qkv = self.qkv_proj(x)
+        nq, nk = self.config.num_attention_heads * hd, self.config.num_key_value_heads * hd
+        q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+    else:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    return (t.view(B, T, -1, hd) for t in (q, k, v))
+
+
+def _attention_forward_for(rope: bool, flash: bool, softcap: bool) -> Callable:
     @_mark("attention" if flash else "rope")
     def forward(self, hidden_states: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
         plan = kwargs.pop(PLAN_KW, None)
         B, T, _ = hidden_states.shape
-        hd = self.head_dim
-        q = self.q_proj(hidden_states).view(B, T, -1, hd)  # (B, T, H, hd)
-        k = self.k_proj(hidden_states).view(B, T, -1, hd)  # (B, T, K, hd)
-        v = self.v_proj(hidden_states).view(B, T, -1, hd)
-        if hasattr(self, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+        q, k, v = _project_qkv(self, hidden_states, self.head_dim)
+        if hasattr(self, "q_norm"):  # Qwen3, Gemma 3: per-head RMSNorm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = position_embeddings  # (B or 1, T, hd): cat(freqs, freqs)
+        # (B or 1, T, R): cat(freqs, freqs) over the rotary dims R (R < hd: partial rotary),
+        # whatever RoPE type (and, for Gemma 3, which of its two tables) HF computed.
+        cos, sin = position_embeddings
         if rope:
-            q, k = apply_rope(q, k, cos[..., : hd // 2], sin[..., : hd // 2])
+            r = cos.shape[-1] // 2
+            q, k = apply_rope(q, k, cos[..., :r], sin[..., :r])
         else:
             hf_rope = sys.modules[type(self).__module__].apply_rotary_pos_emb
             qt, kt = hf_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -194,16 +269,18 @@ def _attention_forward_for(rope: bool, flash: bool) -> Callable:
             kc, vc = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
             k, v = kc.transpose(1, 2), vc.transpose(1, 2)  # (B, S, K, hd)
         dropout = self.attention_dropout if self.training else 0.0
+        cap = self.attn_logit_softcapping if softcap else None
+        opts = dict(softmax_scale=self.scaling, window=_window(self), softcap=cap)
         out = None
         if flash and dropout == 0.0 and k.shape[1] == T and getattr(self, "is_causal", True):
             if (plan is not None and plan.cu_seqlens is not None
                     and not (plan.packed and past_key_values is not None)):
-                out = _varlen_attention(q, k, v, plan, self.scaling, _window(self))
+                if not (plan.gaps and opts["window"] is not None):
+                    out = _varlen_attention(q, k, v, plan, **opts)
             elif plan is not None or attention_mask is None:
-                out = flash_attention(q, k, v, causal=True, softmax_scale=self.scaling,
-                                      window=_window(self))
+                out = flash_attention(q, k, v, causal=True, **opts)
         if out is None:
-            out = _hf_attention(self, q, k, v, attention_mask, dropout, **kwargs)
+            out = _hf_attention(self, q, k, v, attention_mask, dropout, cap, **kwargs)
         out = self.o_proj(out.reshape(B, T, -1))
         return out, None
 
@@ -214,7 +291,7 @@ def attention_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tens
                    batch: int, seqlen: int, past_key_values=None) -> AttentionPlan | None:
     """The plan for one forward; None when HF's attention must run with HF's mask (a KV cache
     holding earlier tokens, a custom 4-D mask, a row without any real token). Host syncs: one
-    for a 2-D mask, one for packed position_ids."""
+    for a 2-D mask (two with padding), one for packed position_ids."""
     if past_key_values is not None and past_key_values.get_seq_length() > 0:
         return None
     if attention_mask is not None:
@@ -223,12 +300,16 @@ def attention_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tens
             return None  # per-layer-type dicts, custom 4-D masks, masks covering cached tokens
         keep = attention_mask.bool()
         lengths = keep.sum(1)
-        if bool(keep.all()):
+        t = torch.arange(seqlen, device=keep.device)
+        span = torch.where(keep, t, -1).amax(1) - torch.where(keep, t, seqlen).amin(1) + 1
+        full, any_empty, gaps, longest = torch.stack([x.long() for x in (
+            keep.all(), (lengths == 0).any(), (span != lengths).any(), lengths.max())]).tolist()
+        if full:
             return AttentionPlan()  # HF ignores an all-ones mask, and so does packing detection
-        if not bool(lengths.all()):
+        if any_empty:
             return None
         cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        return AttentionPlan(cu, int(lengths.max()), keep.reshape(-1).nonzero().squeeze(1))
+        return AttentionPlan(cu, longest, keep.reshape(-1).nonzero().squeeze(1), gaps=bool(gaps))
     if position_ids is None or past_key_values is not None:
         return AttentionPlan()
     pos = position_ids.expand(batch, seqlen) if position_ids.shape[0] != batch else position_ids
@@ -263,9 +344,11 @@ def _plain_head(head: nn.Module) -> bool:
 
 
 def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Tensor,
-                   num_items_in_batch=None, ignore_index: int = -100) -> torch.Tensor:
+                   num_items_in_batch=None, ignore_index: int = -100,
+                   softcap: float | None = None) -> torch.Tensor:
     """HF's ``ForCausalLMLoss`` from hidden states (B, T, D) and pre-shifted labels (B, T),
-    through the fused linear cross-entropy on the labelled rows only."""
+    through the fused linear cross-entropy on the labelled rows only; ``softcap`` caps the
+    logits first (Gemma 2/3's ``final_logit_softcapping``)."""
     y = shift_labels.to(hidden.device).reshape(-1)
     idx = (y != ignore_index).nonzero().squeeze(1)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (N, D) labelled rows
@@ -279,7 +362,8 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Te
     h, w = h.to(dt), w.to(dt)
     b = None if b is None else b.to(dt)
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = linear_cross_entropy(h, w, y, bias=b, ignore_index=ignore_index, reduction=reduction)
+    loss = linear_cross_entropy(h, w, y, bias=b, ignore_index=ignore_index, reduction=reduction,
+                                softcap=softcap)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -289,6 +373,12 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Te
 
 def _keep(logits_to_keep):
     return slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+
+
+def _final_softcap(lm: nn.Module) -> float | None:
+    if not FAMILIES[_family(lm)].final_softcap:
+        return None
+    return getattr(lm.config, "final_logit_softcapping", None)
 
 
 @_mark("loss")
@@ -313,8 +403,13 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     hidden = outputs.last_hidden_state  # (B, T, D)
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    loss = causal_lm_loss(hidden, self.lm_head, shift_labels, num_items, ignore_index)
-    logits = None if self.training else self.lm_head(hidden[:, _keep(logits_to_keep)])
+    cap = _final_softcap(self)
+    loss = causal_lm_loss(hidden, self.lm_head, shift_labels, num_items, ignore_index, cap)
+    logits = None
+    if not self.training:
+        logits = self.lm_head(hidden[:, _keep(logits_to_keep)])
+        if cap is not None:  # as HF: logits / c, tanh, * c
+            logits = torch.tanh(logits / cap) * cap
     out = CausalLMOutputWithPast(loss=loss, logits=logits,
                                  past_key_values=outputs.past_key_values,
                                  hidden_states=outputs.hidden_states,
@@ -333,15 +428,20 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
     if base is None or not hasattr(base, "layers"):
         raise EmberError(f"accelerate(): {type(lm).__name__} has no .model.layers; this "
                          "transformers version lays the model out differently than Ember expects")
-    act = _ACTIVATIONS.get(getattr(lm.config, "hidden_act", None))
-    attn_forward = _attention_forward_for(rope, attention)
+    fam = FAMILIES[_family(lm)]
+    act = _ACTIVATIONS.get(getattr(lm.config, fam.act_key, None))
+    attn_forward = _attention_forward_for(rope, attention, fam.attn_softcap)
+    norm, norm_eps = ((_gemma_rms_norm_forward, "eps") if fam.gemma_norm
+                      else (_rms_norm_forward, "variance_epsilon"))
     for m in lm.modules():
-        if rms_norm and _is(m, "RMSNorm", "weight", "variance_epsilon"):
-            _bind(m, _rms_norm_forward)
-        elif mlp and act is not None and _is(m, "MLP", "gate_proj", "up_proj", "down_proj"):
+        if rms_norm and _is(m, "RMSNorm", "weight", norm_eps):
+            _bind(m, norm)
+        elif mlp and act is not None and _is(m, "MLP", "down_proj", one_of=(
+                ("gate_proj", "up_proj"), ("gate_up_proj",))):
             _bind(m, _mlp_forward_for(act))
-        elif (rope or attention) and _is(m, "Attention", "q_proj", "k_proj", "v_proj", "o_proj",
-                                         "head_dim", "scaling", "layer_idx"):
+        elif (rope or attention) and _is(m, "Attention", "o_proj", "head_dim", "scaling",
+                                         "layer_idx", one_of=(("q_proj", "k_proj", "v_proj"),
+                                                              ("qkv_proj",))):
             _bind(m, attn_forward)
     if attention:
         _bind(base, _model_forward)

@@ -246,14 +246,24 @@ def test_refusals(tmp_path):
             save_pretrained(Transformer(cfg.replace(**change)), tmp_path / "x")
 
 
-def test_accelerate_hf_refuses_gemma2(tmp_path):
-    from ember.models.hf_backend import accelerate
+def test_accelerate_hf_takes_a_gemma2_checkpoint(tmp_path):
+    """A Gemma 2 checkpoint as transformers loads it takes Ember's kernels (ember.models.
+    hf_backend; its parity tests are in tests/models/test_hf_backend_families.py): same loss
+    and softcapped eval logits."""
+    from ember.models.hf_backend import accelerate, swapped
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf = transformers.AutoModelForCausalLM.from_pretrained(_save(tmp_path, "gemma2"))
-    with pytest.raises(EmberError, match="Gemma2ForCausalLM is not a supported model"):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(_save(tmp_path, "gemma2")).eval()
+    ids = _ids()
+    with torch.no_grad():
+        want = hf(ids, labels=ids)
         accelerate(hf)
+        got = hf(ids, labels=ids)
+    assert "loss" in swapped(hf).values()
+    for name in ("loss", "logits"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max(), name
 
 
 @pytest.mark.parametrize("case", ["gemma2", "gemma3"])

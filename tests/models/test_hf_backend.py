@@ -49,9 +49,9 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             p.copy_(1 + 0.2 * noise if "norm" in name else 0.1 * noise)
 
 
-def _pair(case: str, seed: int = 0, attn: str = "sdpa", **over):
+def _pair(case: str, seed: int = 0, attn: str = "sdpa", cases: dict = CASES, **over):
     """Two identical models: (HF as is, the one to accelerate)."""
-    cfg_name, kw = CASES[case]
+    cfg_name, kw = cases[case]
     config = getattr(transformers, cfg_name)(**{**BASE, **kw, **over})
     ref = transformers.AutoModelForCausalLM.from_config(config)
     _randomize(ref, seed)
@@ -203,10 +203,15 @@ def test_generate_matches(flash_calls):
 
 
 def test_peft_model():
-    peft = pytest.importorskip("peft")
     ref, model = _pair("qwen2_bias", seed=13)
-    lcfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"],
-                lora_dropout=0.0, init_lora_weights="gaussian")
+    _peft_parity(ref, model, ["q_proj", "v_proj", "gate_proj"], _ids(2, 9, seed=6))
+
+
+def _peft_parity(ref, model, targets: list[str], ids: torch.Tensor) -> None:
+    """LoRA (non-zero B) on both twins, the second accelerated: same loss and gradients."""
+    peft = pytest.importorskip("peft")
+    lcfg = dict(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                init_lora_weights="gaussian")
     torch.manual_seed(0)
     p_ref = peft.get_peft_model(ref, peft.LoraConfig(**lcfg))
     torch.manual_seed(0)
@@ -219,7 +224,6 @@ def test_peft_model():
                         len(name))))
     assert accelerate(p_model) is p_model
     assert find_causal_lm(p_model) is model
-    ids = _ids(2, 9, seed=6)
     out_ref, out = p_ref(input_ids=ids, labels=ids), p_model(input_ids=ids, labels=ids)
     _close("loss", out.loss, out_ref.loss)
     out_ref.loss.backward()
@@ -298,17 +302,23 @@ def test_training_curves_match(case):
     documents) moves the loss by >1e-2 within a few steps."""
     ref, model = _pair(case, seed=19)
     accelerate(model)
+    _curves_match(ref, model, _curve_batches(packed=case != "llama"))
+
+
+def _curve_batches(packed: bool) -> list[dict]:
     ids = _ids(4, 12, seed=9)
-    if case == "llama":  # padded rows
+    if not packed:  # padded rows
         mask = torch.ones_like(ids)
         mask[1, 8:] = 0
         mask[3, 5:] = 0
-        batches = [dict(input_ids=ids, attention_mask=mask,
-                        labels=ids.masked_fill(mask == 0, -100))]
-    else:  # packed rows: 3 + 5 + 4 tokens in each row
-        pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 3]]).expand(4, -1)
-        batches = [dict(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)]
-    a, b = _train(ref, batches, 30), _train(model, batches, 30)
+        return [dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))]
+    # packed rows: 3 + 5 + 4 tokens in each row
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 3]]).expand(4, -1)
+    return [dict(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)]
+
+
+def _curves_match(ref, model, batches, steps: int = 30) -> None:
+    a, b = _train(ref, batches, steps), _train(model, batches, steps)
     assert a[-1] < 0.5 * a[0], f"the reference run did not learn: {a[0]:.3f} -> {a[-1]:.3f}"
     rel = [abs(x - y) / abs(x) for x, y in zip(a, b, strict=True)]
     assert max(rel) <= 1e-4, f"loss curves differ: max rel {max(rel):.2e}\n{a}\n{b}"
@@ -317,15 +327,19 @@ def test_training_curves_match(case):
 def test_triton_path(monkeypatch):
     """The Triton kernels (interpreter on CPU) behind the swap: layouts and strides as HF hands
     them over (cos/sin halves, q/k views of the projections)."""
+    _triton_parity(monkeypatch, *_pair("qwen3_qknorm", seed=21, num_hidden_layers=1))
+
+
+def _triton_parity(monkeypatch, ref, model, T: int = 9) -> None:
     from ember.kernels._dispatch import interpreting
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu" and not interpreting():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     monkeypatch.setenv("EMBER_KERNELS", "triton")
-    ref, model = (m.to(dev) for m in _pair("qwen3_qknorm", seed=21, num_hidden_layers=1))
+    ref, model = ref.to(dev), model.to(dev)
     accelerate(model)
-    ids = _ids(1, 9, seed=10).to(dev)
+    ids = _ids(1, T, seed=10).to(dev)
     out_ref, out = ref(ids, labels=ids), model(ids, labels=ids)
     _close("loss", out.loss, out_ref.loss)
     out_ref.loss.backward()
