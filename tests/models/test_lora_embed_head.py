@@ -118,7 +118,8 @@ def test_ember_adapters_load_in_peft(bases, tmp_path, tied):
     ids = _ids()
     ours = _logits(model, ids)
     save_adapter(model, tmp_path / "ad")
-    assert _err(_peft_logits(bases["tied" if tied else "llama"], tmp_path / "ad", ids), ours) <= 1e-5
+    back = _peft_logits(bases["tied" if tied else "llama"], tmp_path / "ad", ids)
+    assert _err(back, ours) <= 1e-5
 
 
 def _peft_model(base, adapter):
@@ -148,7 +149,7 @@ def test_gradients_through_the_fused_loss_equal_peft(bases, tmp_path, case):
               if p.requires_grad and ("embed_tokens" in n or "lm_head" in n)}
     ours = {"base_model.model.model.embed_tokens.lora_embedding_A": model.embed.lora_embedding_A,
             "base_model.model.model.embed_tokens.lora_embedding_B": model.embed.lora_embedding_B}
-    head_a, head_b = "base_model.model.lm_head.lora_A.weight", "base_model.model.lm_head.lora_B.weight"
+    head_a, head_b = (f"base_model.model.lm_head.lora_{k}.weight" for k in "AB")
     if case == "untied":
         ours |= {head_a: model.lm_head.lora_A, head_b: model.lm_head.lora_B}
     else:
@@ -203,3 +204,85 @@ def test_head_dropout_is_exact(bases, tied):
         gr = torch.autograd.grad(ref, params, retain_graph=True)
         for a, b in zip(gl, gr, strict=True):
             assert _err(a, b) <= 1e-5
+
+
+def test_training_through_ember_train(tmp_path):
+    """``ember train`` with LoRA on the embedding and head (the tiny model is tied: one adapter
+    for both) and ``lora.embedding_lr``: the loss goes down, the embedding adapter learns at its
+    own lr, and the exported adapter gives PEFT the logits of the run's model."""
+    from ember.engine.state import load_run_model
+    from ember.engine.trainer import Trainer, resolve
+    from tests.engine._tiny import (
+        make_tiny_model,
+        quiet,
+        rows_of,
+        tiny_config,
+        tiny_rows,
+        write_jsonl,
+    )
+
+    tiny = {"model": str(make_tiny_model(tmp_path / "model")),
+            "train": write_jsonl(tmp_path / "train.jsonl", tiny_rows(24, seed=1)),
+            "val": write_jsonl(tmp_path / "val.jsonl", tiny_rows(4, seed=2)),
+            "test": write_jsonl(tmp_path / "test.jsonl", tiny_rows(4, seed=3))}
+    cfg = resolve(tiny_config(tiny, tmp_path / "run", "max_steps=12", "optim.lr=1e-2",
+                              "optim.warmup_steps=1", "eval.metrics=[]",
+                              'lora.targets=["q", "v", "embed_tokens", "lm_head"]',
+                              "lora.embedding_lr=2e-3", "lora.dropout=0.1"))
+    t = Trainer(cfg, echo=quiet, progress=False)
+    t.run()
+    losses = [r["loss"] for r in rows_of(tmp_path / "run") if r["kind"] == "train"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.9, losses
+    emb_a = t.model.embed.lora_embedding_A.abs().max().item()  # A starts at zero
+    q_b = t.model.layers[0].attn.q_proj.lora_B.abs().max().item()  # so does B
+    # Adam moves an entry by about lr per step at most: 12 steps at 2e-3 vs 1e-2
+    assert emb_a < 12 * 2e-3 < q_b, (emb_a, q_b)
+    adapter = tmp_path / "run" / "final" / "adapter"
+    model, _, _ = load_run_model(tmp_path / "run", "cpu")
+    assert isinstance(model.embed, LoRAEmbedding) and model.embed.ties_head
+    ids = _ids().clamp(max=model.cfg.vocab_size - 1)
+    assert _err(_peft_logits(tiny["model"], adapter, ids), _logits(model, ids)) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        (dict(targets=("q", "embed_tokens"), use_dora=True), "DoRA"),
+        (dict(targets=("lm_head",), use_dora=True), "DoRA"),
+        (dict(targets=("nothing_like_this",)), "match no"),
+    ],
+)
+def test_bad_targets_are_refused(bases, kw, needle):
+    model, _ = load_pretrained(bases["llama"])
+    with pytest.raises(EmberError, match=needle):
+        apply_lora(model, LoRAConfig(rank=4, alpha=8, **kw))
+
+
+def test_all_linear_leaves_out_embedding_and_head(bases):
+    model, _ = load_pretrained(bases["llama"])
+    names = resolve_targets(model, ("all-linear",))
+    assert "lm_head" not in names and "embed" not in names and len(names) == 14
+    assert resolve_targets(model, ("embed_tokens", "lm_head")) == ["embed", "lm_head"]
+    tied, _ = load_pretrained(bases["tied"])
+    assert resolve_targets(tied, ("lm_head",)) == ["embed"]  # one tied adapter
+
+
+def test_bad_adapters_and_settings_are_refused(bases, tmp_path):
+    _peft_adapter(bases["llama"], tmp_path / "dora", target_modules=["q_proj", "embed_tokens"],
+                  use_dora=True)
+    model, _ = load_pretrained(bases["llama"])
+    with pytest.raises(EmberError, match="DoRA"):
+        load_adapter(model, tmp_path / "dora")
+    # a tied model, PEFT without ensure_weight_tying: two adapters on the one shared matrix
+    _peft_adapter(bases["tied"], tmp_path / "two", target_modules=TARGETS)
+    model, _ = load_pretrained(bases["tied"])
+    with pytest.raises(EmberError, match="ensure_weight_tying"):
+        load_adapter(model, tmp_path / "two")
+    with pytest.raises(EmberError, match="embedding_lr"):
+        LoRAConfig(embedding_lr=0.0)
+    from ember.engine.config import OptimConfig
+    from ember.engine.runtime import make_optimizer
+
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=("q",)))
+    with pytest.raises(EmberError, match="embedding_lr"):
+        make_optimizer(model, OptimConfig(), "cpu", embedding_lr=1e-4)
