@@ -24,6 +24,11 @@ NF4 ``Linear4bit`` exposing ``quant_weight`` / ``bias`` / ``in_features`` / ``ou
 ``base_state_dict(model)`` gives the un-wrapped keys (``layers.0.attn.q_proj.weight``) for code
 that writes base checkpoints; ``merge_lora`` folds the adapters in and restores plain modules.
 
+The token embedding (``embed``, PEFT's ``embed_tokens``) takes a ``LoRAEmbedding`` and the output
+head (``lm_head``) a ``LoRALinear`` whose update reaches the fused loss through
+``Transformer.head_operands``; on a tied model one embedding adapter serves both (PEFT's
+``ensure_weight_tying``): ``ember.models.lora_embed``.
+
 PEFT interop: ``save_adapter`` / ``load_adapter`` in ``ember.models.peft_adapter`` (re-exported
 here).
 """
