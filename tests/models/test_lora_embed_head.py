@@ -286,3 +286,27 @@ def test_bad_adapters_and_settings_are_refused(bases, tmp_path):
     apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=("q",)))
     with pytest.raises(EmberError, match="embedding_lr"):
         make_optimizer(model, OptimConfig(), "cpu", embedding_lr=1e-4)
+
+
+def test_qlora_base_keeps_a_dense_head_and_embedding(bases, tmp_path):
+    """NF4 quantizes the projections only: LoRA on the embedding and head of a 4-bit base loads in
+    PEFT on the dequantized base with the same logits, and merges into a plain model."""
+    from ember.models.loading import save_pretrained
+    from ember.models.nf4 import Linear4bit
+
+    model, _ = load_pretrained(bases["llama"], quantize="nf4")
+    base_dir = save_pretrained(model, tmp_path / "base", dequantize=True)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=("v", "embed_tokens", "lm_head")))
+    assert isinstance(model.lm_head.base, torch.nn.Linear)
+    assert isinstance(model.embed.base, torch.nn.Embedding)
+    assert isinstance(model.layers[0].attn.v_proj.base, Linear4bit)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.2 * torch.randn_like(p))
+    ids = _ids()
+    ours = _logits(model, ids)
+    save_adapter(model, tmp_path / "ad")
+    assert _err(_peft_logits(base_dir, tmp_path / "ad", ids), ours) <= 1e-4
+    merge_lora(model)
+    assert not lora_modules(model) and _err(_logits(model, ids), ours) <= 1e-4
