@@ -242,6 +242,12 @@ def test_training_through_ember_train(tmp_path):
     assert isinstance(model.embed, LoRAEmbedding) and model.embed.ties_head
     ids = _ids().clamp(max=model.cfg.vocab_size - 1)
     assert _err(_peft_logits(tiny["model"], adapter, ids), _logits(model, ids)) <= 1e-5
+    # a next stage continues the adapter (model.init), embedding and head included
+    cfg2 = resolve(tiny_config(tiny, tmp_path / "s2", "max_steps=1", "eval.metrics=[]",
+                               f'model.init="{tmp_path / "run"}"'))
+    t2 = Trainer(cfg2, echo=quiet, progress=False)
+    t2.run()
+    assert set(lora_modules(t2.model)) == set(lora_modules(t.model))
 
 
 @pytest.mark.parametrize(
