@@ -12,6 +12,9 @@ A (r, D), B (V, r). Ember's head is not a module call: the fused cross-entropy t
 ``W + scale * B A`` (which in bf16 would round small updates away), dropout exact, and the only
 (V, D)-sized temporary is the concatenated weight that autograd keeps for backward as it keeps W.
 Gradients reach A through the small (N, r) product and B through the fused op's weight gradient.
+Cost: that weight gradient is the whole (V, D + r) one, of which only B's r columns are kept, so
+the head's backward costs what training the full head costs (the W + scale * B A route costs the
+same: dB = dW' A^T needs the (V, D) dW'); a kernel option for a column range of dW would save it.
 
 Tied models (one matrix for embedding and head). ``ties_head=True`` is PEFT's
 ``ensure_weight_tying``: one adapter on the embedding, and the head multiplies by the adapted
