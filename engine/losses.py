@@ -43,11 +43,12 @@ def _hidden(model, batch) -> torch.Tensor:
     return h if real is None else h.index_select(0, real)
 
 
-def _head_weight(model, dtype: torch.dtype) -> torch.Tensor:
+def _head(model, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, W) for the fused head (``model.head_operands``: a LoRA on the head included)."""
+    x, w = model.head_operands(h)
     # Under autocast the hidden states are bf16 while the head may be fp32; the fused op wants one
     # dtype, and the cast stays differentiable for full fine-tuning.
-    w = model.output_weight
-    return w if w.dtype == dtype else w.to(dtype)
+    return x, (w if w.dtype == x.dtype else w.to(x.dtype))
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -66,7 +67,7 @@ def _ce_sum(model, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Full fine-tuning keeps an fp32 residual stream: run the head in the autocast dtype, as
         # every other matmul under autocast does, instead of an fp32 head GEMM.
         h = h.to(torch.get_autocast_dtype(h.device.type))
-    return linear_cross_entropy(h, _head_weight(model, h.dtype), labels, reduction="sum",
+    return linear_cross_entropy(*_head(model, h), labels, reduction="sum",
                                 softcap=model.cfg.final_softcap)
 
 
@@ -158,7 +159,7 @@ def doc_logprobs(model, batch) -> DocLogprobs:
     idx, doc = _answer_docs(batch)
     h = _hidden(model, batch).index_select(0, idx)
     labels = batch.labels.reshape(-1).index_select(0, idx)
-    token_lp = -linear_cross_entropy(h, _head_weight(model, h.dtype), labels, reduction="none",
+    token_lp = -linear_cross_entropy(*_head(model, h), labels, reduction="none",
                                      softcap=model.cfg.final_softcap)  # (N,)
     n_docs = batch.cu_seqlens.numel() - 1
     sums = token_lp.new_zeros(n_docs).index_add(0, doc, token_lp)

@@ -150,14 +150,25 @@ def build_model(cfg: TrainConfig, device: str):
     return model, tokenizer
 
 
-def make_optimizer(model, cfg, device: str) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
+                   ) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters. ``embedding_lr`` (``lora.embedding_lr``): the peak lr
+    of the adapters on the embedding and the head, kept in their groups as ``lr_ratio`` (the
+    trainer multiplies the scheduled lr by it)."""
+    parts: dict[tuple[bool, bool], list] = {k: [] for k in
+                                            ((True, False), (False, False), (True, True),
+                                             (False, True))}
     for name, p in model.named_parameters():
         if p.requires_grad:
             # Norm gains, biases and embeddings are not shrunk towards 0.
-            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+            emb = embedding_lr is not None and name.split(".")[0] in ("embed", "lm_head")
+            parts[(p.ndim >= 2 and "embed" not in name, emb)].append(p)
+    if embedding_lr is not None and not (parts[(True, True)] or parts[(False, True)]):
+        raise EmberError("lora.embedding_lr is set but no adapter is on the embedding or the head: "
+                         "add embed_tokens / lm_head to lora.targets, or drop lora.embedding_lr")
+    groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0}
+              | ({"lr_ratio": embedding_lr / cfg.lr} if emb else {})
+              for (decay, emb), ps in parts.items() if ps]
     kw = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)

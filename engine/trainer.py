@@ -305,7 +305,8 @@ class Trainer:
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
         o = cfg.optim
         warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_ratio * total)
-        opt = make_optimizer(model, o, self.device)
+        opt = make_optimizer(model, o, self.device, embedding_lr=cfg.lora.embedding_lr
+                             if cfg.method == "lora" else None)
         params = [p for g in opt.param_groups for p in g["params"]]
         scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         guard = NonFiniteGuard(cfg.guards.max_nonfinite_in_a_row)
@@ -345,7 +346,7 @@ class Trainer:
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
                 lr = o.lr * lr_factor(prog.step, total, warmup, o.schedule, o.min_lr_ratio)
                 for g in opt.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_ratio", 1.0)
                 s = self._step(micro, prog.step + 1, opt, params, scaler, guard, signals)
                 prog.step += 1
                 prog.tokens += s.tokens

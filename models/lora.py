@@ -24,6 +24,11 @@ NF4 ``Linear4bit`` exposing ``quant_weight`` / ``bias`` / ``in_features`` / ``ou
 ``base_state_dict(model)`` gives the un-wrapped keys (``layers.0.attn.q_proj.weight``) for code
 that writes base checkpoints; ``merge_lora`` folds the adapters in and restores plain modules.
 
+The token embedding (``embed``, PEFT's ``embed_tokens``) takes a ``LoRAEmbedding`` and the output
+head (``lm_head``) a ``LoRALinear`` whose update reaches the fused loss through
+``Transformer.head_operands``; on a tied model one embedding adapter serves both (PEFT's
+``ensure_weight_tying``): ``ember.models.lora_embed``.
+
 PEFT interop: ``save_adapter`` / ``load_adapter`` in ``ember.models.peft_adapter`` (re-exported
 here).
 """
@@ -41,16 +46,22 @@ import torch.nn.functional as F
 
 from ember import EmberError
 from ember.kernels import lora_linear
+from ember.models.lora_embed import LoRAEmbedding
 
-SHORT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-                 "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-ALL_LINEAR = tuple(SHORT_TARGETS)
+ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
+_LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# short and transformers names -> Ember module names (PEFT's "embed_tokens" is Ember's "embed")
+SHORT_TARGETS = {**dict(zip(ALL_LINEAR, _LINEAR_LEAVES, strict=True)),
+                 "embed_tokens": "embed", "lm_head": "lm_head"}
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoRAConfig:
     """``targets``: short names (q k v o gate up down), module leaf names (``q_proj``),
-    ``"all-linear"``, or glob / regex patterns on full module names (``layers.1[0-9].mlp.*``)."""
+    ``"all-linear"`` (never the head, as in PEFT), ``embed_tokens`` / ``lm_head`` (see
+    ``ember.models.lora_embed``), or glob / regex patterns on full module names
+    (``layers.1[0-9].mlp.*``). ``embedding_lr``: the learning rate of the embedding's and head's
+    adapters (Unsloth's ``embedding_learning_rate``; None: ``optim.lr``)."""
 
     rank: int = 16
     alpha: float = 32.0
@@ -59,6 +70,7 @@ class LoRAConfig:
     use_rslora: bool = False
     init: str = "kaiming"  # "kaiming" (PEFT's default) | "gaussian"; B is zero either way
     use_dora: bool = False  # DoRA: a trained magnitude per output row (see the module docstring)
+    embedding_lr: float | None = None
 
     def __post_init__(self) -> None:
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -73,6 +85,10 @@ class LoRAConfig:
             raise EmberError(f"lora.use_dora must be true or false, got {self.use_dora!r}")
         if self.init not in ("kaiming", "gaussian"):
             raise EmberError(f"lora.init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if self.embedding_lr is not None and (isinstance(self.embedding_lr, bool)
+                                              or not self.embedding_lr > 0):
+            raise EmberError(f"lora.embedding_lr must be > 0 (or left out), got "
+                             f"{self.embedding_lr!r}")
         if not targets or not all(isinstance(t, str) and t for t in targets):
             raise EmberError(f"lora.targets must be a non-empty list of names, "
                              f"got {self.targets!r}")
@@ -195,14 +211,21 @@ class LoRALinear(nn.Module):
 # --- target resolution ---------------------------------------------------------------------------
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear projections (wrapped ones by their wrapper's name), never a wrapper's ``.base``."""
+    """Linear projections and the token embedding (wrapped ones by their wrapper's name), never a
+    wrapper's ``.base``."""
     return {n: m for n, m in model.named_modules()
-            if n and (_is_linear(m) or isinstance(m, LoRALinear)) and not n.endswith(".base")}
+            if n and (_is_linear(m) or isinstance(m, (LoRALinear, LoRAEmbedding, nn.Embedding)))
+            and not n.endswith(".base")}
+
+
+def tied_lm(model: nn.Module) -> bool:
+    """A language model whose output head is its embedding (a classifier has no LM head)."""
+    return getattr(model, "lm_head", 1) is None and getattr(model, "score", None) is None
 
 
 def _target_matches(target: str, name: str) -> bool:
     if target == "all-linear":
-        return name.split(".")[-1] in SHORT_TARGETS.values()
+        return name.split(".")[-1] in _LINEAR_LEAVES
     leaf = SHORT_TARGETS.get(target, target)
     if name == leaf or name.endswith("." + leaf):
         return True
@@ -220,6 +243,8 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     chosen, unmatched = set(), []
     for t in targets:
         hit = [n for n in cands if _target_matches(t, n)]
+        if t == "lm_head" and not hit and tied_lm(model) and "embed" in cands:
+            hit = ["embed"]  # tied: one adapter on the embedding serves the head too
         if not hit:
             unmatched.append(t)
         chosen.update(hit)
@@ -227,9 +252,10 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
         some = ", ".join(sorted(cands)[:8])
         raise EmberError(f"LoRA targets {unmatched} match no linear module; use short names "
                          f"{list(SHORT_TARGETS)}, 'all-linear', or patterns on names like {some}")
-    if "lm_head" in chosen:
-        raise EmberError("LoRA on lm_head is not supported: the output head is computed by the "
-                         "fused loss from model.output_weight; remove it from lora.targets")
+    odd = sorted(n for n in chosen if n != "embed" and isinstance(cands[n], nn.Embedding))
+    if odd:
+        raise EmberError(f"LoRA targets select embeddings {odd}; only the token embedding "
+                         "(embed_tokens) takes LoRA")
     return sorted(chosen, key=_natural_key)
 
 
@@ -242,22 +268,40 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))}
+
+
+EMBED_HEAD = ("embed", "lm_head")  # Ember's names of the modules of ember.models.lora_embed
+
+
+def check_embed_head(names, *, use_dora: bool, where: str = "lora") -> None:
+    """DoRA on the embedding or the output head is refused (PEFT's DoRA there is not in Ember)."""
+    hit = [n for n in names if n in EMBED_HEAD]
+    if hit and use_dora:
+        raise EmberError(f"{where}: DoRA (use_dora) on {hit} (embed_tokens / lm_head) is not "
+                         "supported; drop them from the targets or turn DoRA off")
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    """Freeze every parameter and wrap the targeted projections in ``LoRALinear``."""
+    """Freeze every parameter and wrap the targeted projections in ``LoRALinear`` (the token
+    embedding in a ``LoRAEmbedding``; on a tied model it adapts the head too)."""
     if lora_modules(model):
         raise EmberError("the model already has LoRA adapters; merge_lora() it first or start "
                          "from a fresh base model")
     names = resolve_targets(model, cfg.targets)
+    check_embed_head(names, use_dora=cfg.use_dora, where="lora.targets")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        _set_module(model, name, LoRALinear(model.get_submodule(name), cfg.rank, cfg.alpha,
-                                            dropout=cfg.dropout, use_rslora=cfg.use_rslora,
-                                            init=cfg.init, use_dora=cfg.use_dora))
+        base = model.get_submodule(name)
+        if name == "embed":
+            mod = LoRAEmbedding(base, cfg.rank, cfg.alpha, use_rslora=cfg.use_rslora,
+                                dropout=cfg.dropout, ties_head=tied_lm(model))
+        else:
+            mod = LoRALinear(base, cfg.rank, cfg.alpha, dropout=cfg.dropout,
+                             use_rslora=cfg.use_rslora, init=cfg.init, use_dora=cfg.use_dora)
+        _set_module(model, name, mod)
     return model
 
 
@@ -292,9 +336,19 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     An ``nn.Linear`` base keeps its dtype (unless ``dtype``); an NF4 base is dequantized into a new
     ``nn.Linear`` in ``dtype`` (default fp32). The result has the original state-dict names.
     """
-    for name, m in lora_modules(model).items():
+    mods = lora_modules(model)
+    embed = mods.get("embed")
+    if isinstance(embed, LoRAEmbedding) and not embed.ties_head and tied_lm(model):
+        raise EmberError("merge_lora: the adapter changes the embedding of a tied model but not "
+                         "its head (PEFT without ensure_weight_tying); one merged matrix cannot "
+                         "hold both: keep the adapter unmerged")
+    for name, m in mods.items():
         merged = m.merged_weight(dtype)
         base = m.base
+        if isinstance(m, LoRAEmbedding):
+            base.weight = nn.Parameter(merged, requires_grad=False)
+            _set_module(model, name, base)
+            continue
         if isinstance(base, nn.Linear) and merged.dtype == base.weight.dtype:
             with torch.no_grad():
                 base.weight.copy_(merged)

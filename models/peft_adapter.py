@@ -16,7 +16,9 @@ the names are those inside ``Gemma3ForConditionalGeneration``
 (``base_model.model.model.language_model.layers.{i}...``, target_modules a regex that leaves the
 vision tower out); ``load_adapter`` reads both that and the 4.5x ``language_model.model.`` layout,
 and refuses adapters on the vision tower. Phi-3's fused projections:
-``ember.models.lora_fused``. Both functions are also importable from ``ember.models.lora``.
+``ember.models.lora_fused``. LoRA on ``embed_tokens`` / ``lm_head`` (``ember.models.lora_embed``;
+keys and tied-model rules in ``ember.models.peft_keys``). Both functions are also importable from
+``ember.models.lora``.
 """
 
 from __future__ import annotations
@@ -33,14 +35,18 @@ import torch.nn as nn
 
 from ember import EmberError
 from ember.models.lora import (
-    SHORT_TARGETS,
+    _LINEAR_LEAVES,
+    EMBED_HEAD,
+    LoRAEmbedding,
     LoRALinear,
     _candidates,
     _features,
     _natural_key,
     _set_module,
+    check_embed_head,
     dense_base_weight,
     lora_modules,
+    tied_lm,
 )
 from ember.models.lora_fused import (
     fuse_adapter,
@@ -49,17 +55,19 @@ from ember.models.lora_fused import (
     is_fused,
     split_adapter,
 )
+from ember.models.peft_keys import (  # noqa: F401  (re-exported)
+    _EMBER_NAME,
+    _MAGNITUDE_KEY,
+    _PEFT_KEY,
+    _VISION,
+    _multimodal,
+    ember_module_name,
+    hf_module_name,
+    lora_keys,
+    split_tied_head,
+    tied_head_tensors,
+)
 
-_EMBER_NAME = re.compile(r"layers\.(\d+)\.(attn|mlp)\.(\w+)")
-# A multimodal Gemma 3's language model: "model.language_model." in transformers 4.52+ (what PEFT
-# names on transformers 5), "language_model.model." before.
-_HF_NAME = re.compile(r"(?:model\.language_model\.|language_model\.model\.|model\.)?"
-                      r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
-_VISION = re.compile(r"(?:model\.)?(?:vision_tower|multi_modal_projector)\.")
-_PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight")
-# DoRA's magnitude: a bare parameter in PEFT 0.21's files (no ".weight")
-_MAGNITUDE_KEY = re.compile(r"base_model\.model\.(.+)\.lora_magnitude_vector(?:\.default)?"
-                            r"(?:\.weight)?")
 # A SEQ_CLS adapter (PEFT's task_type for *ForSequenceClassification) carries the classifier head
 # whole: modules_to_save, saved under this key.
 HEAD_MODULES = ("classifier", "score")
@@ -93,29 +101,6 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _MERGE_HINT = ("merge it into the base with PEFT (PeftModel.merge_and_unload(), then "
                "save_pretrained) and load the merged model")
 
-
-def _multimodal(cfg) -> bool:
-    return bool(getattr(cfg, "extra", {}).get("multimodal"))
-
-
-def hf_module_name(name: str, cfg=None) -> str:
-    """``layers.3.attn.q_proj`` -> ``model.layers.3.self_attn.q_proj`` (transformers' name);
-    ``model.language_model.layers.3.self_attn.q_proj`` when cfg is a multimodal Gemma 3's
-    language model (``extra["multimodal"]``: the module inside Gemma3ForConditionalGeneration)."""
-    m = _EMBER_NAME.fullmatch(name)
-    if m is None:
-        raise EmberError(f"no transformers name for module {name!r}: PEFT export covers the "
-                         "attention and MLP projections inside layers")
-    part = "self_attn" if m[2] == "attn" else "mlp"
-    prefix = "model.language_model." if _multimodal(cfg) else "model."
-    return f"{prefix}layers.{m[1]}.{part}.{m[3]}"
-
-
-def ember_module_name(hf_name: str) -> str | None:
-    m = _HF_NAME.fullmatch(hf_name)
-    if m is None:
-        return None
-    return f"layers.{m[1]}.{'attn' if m[2] == 'self_attn' else 'mlp'}.{m[3]}"
 
 
 def _pattern_value(patterns: dict, hf_name: str, default):
@@ -155,16 +140,20 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         raise EmberError("PEFT's format needs one use_rslora, one use_dora and one dropout for "
                          "all adapters")
     use_dora = dora.pop()
-    entries = {hf[n]: (m.lora_A.detach(), m.lora_B.detach(), m.rank, m.alpha)
-               for n, m in mods.items()}
+    entries = {hf[n]: tuple(p.detach() for p in m.adapter_params().values())[:2]
+               + (m.rank, m.alpha) for n, m in mods.items()}
     fused = is_fused(getattr(model, "cfg", None))
     mags = {hf[n]: m.lora_magnitude.detach() for n, m in mods.items()} if use_dora else {}
     if fused:  # Phi-3: PEFT sees qkv_proj / gate_up_proj
         entries = fuse_adapter(entries, model.cfg, next(iter(rslora)))
         if use_dora:
             mags = fuse_magnitudes(mags, _base_row_norms(model), model.cfg)
-    tensors = {f"base_model.model.{h}.{k}.weight": t.to("cpu").contiguous()
-               for h, (A, B, _, _) in entries.items() for k, t in (("lora_A", A), ("lora_B", B))}
+    tensors = {k: t.to("cpu").contiguous() for h, (A, B, _, _) in entries.items()
+               for k, t in zip(lora_keys(h), (A, B), strict=True)}
+    embed = mods.get("embed")
+    ties = isinstance(embed, LoRAEmbedding) and embed.ties_head and tied_lm(model)
+    if ties:  # PEFT's ensure_weight_tying: the head's adapter is the embedding's, transposed
+        tensors.update(tied_head_tensors(*entries[hf["embed"]][:2]))
     tensors.update({f"base_model.model.{h}.lora_magnitude_vector": v.to("cpu").contiguous()
                     for h, v in mags.items()})
     r, alpha = Counter(e[2:] for e in entries.values()).most_common(1)[0][0]
@@ -174,20 +163,23 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     # projection with that leaf name is wrapped, otherwise list the modules as one full regex.
     leaves = sorted({n.split(".")[-1] for n in mods})
     same_leaf = [n for n in _candidates(model) if n.split(".")[-1] in leaves and n not in mods]
-    targets = leaves if not (same_leaf or fused) else "|".join(re.escape(h) for h in entries)
+    targets = (sorted({h.split(".")[-1] for h in entries}) if not (same_leaf or fused)
+               else "|".join(re.escape(h) for h in entries))
     if _multimodal(cfg) and not same_leaf:
         # Leaf names would also match the vision tower's q_proj / k_proj / v_proj: one regex
         # over the language model's layers instead.
-        targets = (r"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\."
-                   f"(?:{'|'.join(leaves)})")
+        layers = [n for n in leaves if n not in EMBED_HEAD]
+        targets = "|".join([re.escape(hf[n]) for n in EMBED_HEAD if n in mods]
+                           + [r"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\."
+                              f"(?:{'|'.join(layers)})"] * bool(layers))
     mts = sorted(getattr(model, "peft_modules_to_save", ()))  # set by load_adapter
     for name in mts:
         key, attr = _FULL_WEIGHTS[name]
         tensors[key] = getattr(model, attr).weight.detach().to("cpu").contiguous()
-    tied = bool(mts) and _tied_lm(model)
+    tied = (bool(mts) and tied_lm(model)) or ties
     bias = getattr(model, "peft_bias", "none")  # set by load_adapter
     tensors.update(_bias_tensors(model, bias))
-    if tied:  # PEFT's ensure_weight_tying: the one trained embedding, saved as the head too
+    if tied and mts:  # ensure_weight_tying: the one trained embedding, saved as the head too
         tensors[_FULL_WEIGHTS["lm_head"][0]] = tensors[_FULL_WEIGHTS["embed_tokens"][0]].clone()
     config = {
         "alpha_pattern": alpha_pattern, "auto_mapping": None,
@@ -199,7 +191,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         "megatron_core": "megatron.core", "modules_to_save": mts or None, "peft_type": "LORA",
         "r": r, "rank_pattern": rank_pattern, "revision": None, "target_modules": targets,
         "task_type": "CAUSAL_LM", "use_dora": use_dora, "use_rslora": rslora.pop(),
-        "ensure_weight_tying": tied,
+        "ensure_weight_tying": bool(tied),
     }
     if getattr(model, "score", None) is not None:
         # A classifier: PEFT's SEQ_CLS format, the whole head saved as modules_to_save.
@@ -327,7 +319,7 @@ def _peft_targets(config: dict, hf_name: str) -> bool:
     if not targets:
         return False
     if targets == "all-linear" or "all-linear" in targets:
-        return hf_name.split(".")[-1] in SHORT_TARGETS.values()
+        return hf_name.split(".")[-1] in _LINEAR_LEAVES
     if not any(hf_name == t or hf_name.endswith("." + t) for t in targets):
         return False
     layers = config.get("layers_to_transform")
@@ -341,12 +333,13 @@ def _peft_targets(config: dict, hf_name: str) -> bool:
 def _saved_unchanged_embedding(model: nn.Module, key: str, t: torch.Tensor) -> bool:
     """A full embedding / head weight PEFT saved (``save_embedding_layers``) equal to the model's:
     loading it (as PEFT does) changes nothing, so it can be skipped."""
-    attr = {"base_model.model.model.embed_tokens.weight": "embed",
-            "base_model.model.lm_head.weight": "lm_head"}.get(key)
+    m = re.fullmatch(r"base_model\.model\.(model\.embed_tokens|lm_head)(?:\.base_layer)?\.weight",
+                     key)
+    attr = None if m is None else "embed" if m[1] != "lm_head" else "lm_head"
     mod = getattr(model, attr, None) if attr else None
     if mod is None and attr == "lm_head":
         mod = getattr(model, "embed", None)  # tied: the head is the embedding
-    w = getattr(mod, "weight", None)
+    w = getattr(mod.base if isinstance(mod, LoRALinear) else mod, "weight", None)
     return (isinstance(w, torch.Tensor) and w.shape == t.shape
             and torch.equal(w.detach().cpu().float(), t.float()))
 
@@ -392,16 +385,11 @@ def _adapter_biases(model: nn.Module, config: dict, tensors: dict, wfile: Path) 
     return out
 
 
-def _tied_lm(model: nn.Module) -> bool:
-    """A language model whose output head is its embedding (a classifier has no LM head)."""
-    return getattr(model, "lm_head", 1) is None and getattr(model, "score", None) is None
-
-
 def _full_weights(model: nn.Module, config: dict, tensors: dict, wfile: Path) -> dict:
     """``{model attribute: weight}`` for modules_to_save (popped from tensors), checked."""
     full = {}
     names = _saved_modules(config.get("modules_to_save") or [])[0]
-    if names and _tied_lm(model):
+    if names and tied_lm(model):
         # PEFT trains a copy of the module, which unties head and embedding, unless
         # ensure_weight_tying: then one trained copy serves both (saved under both keys).
         saved = [tensors[k] for k, _ in _FULL_WEIGHTS.values() if k in tensors]
@@ -459,10 +447,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         m = _PEFT_KEY.fullmatch(key)
         mag = None if m else _MAGNITUDE_KEY.fullmatch(key)
         name = ember_module_name((m or mag)[1]) if m or mag else None
-        if name is None or name not in cands:
+        if name is None or (name not in cands and name != "lm_head"):
             unknown.append(key)
             continue
-        pairs.setdefault(name, {})[m[2] if m else "lora_magnitude"] = t
+        kind = m[2].replace("embedding_", "") if m else "lora_magnitude"
+        pairs.setdefault(name, {})[kind] = t
     vision = [k for k in unknown if _VISION.match(k.removeprefix("base_model.model."))]
     if vision:
         raise EmberError(f"{wfile}: the adapter changes the vision tower or projector of a "
@@ -470,9 +459,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
                          f"model only; {_MERGE_HINT}")
     heads = [k for k in unknown if re.search(r"\.(embed_tokens|lm_head)\.", k)]
     if heads:
-        raise EmberError(f"{wfile}: the adapter changes the embedding or output head ({heads[:3]}:"
-                         " LoRA on embed_tokens/lm_head, or new full weights saved with "
-                         f"save_embedding_layers), which ember's LoRA cannot hold; {_MERGE_HINT}")
+        raise EmberError(f"{wfile}: the adapter replaces the embedding or output head ({heads[:3]}:"
+                         " new full weights saved with save_embedding_layers, e.g. a resized or "
+                         f"trained vocabulary), which ember's LoRA cannot hold; {_MERGE_HINT}")
+    ties = split_tied_head(pairs, config, tied_lm(model), wfile)
+    if "lm_head" in pairs and "lm_head" not in cands:
+        raise EmberError(f"{wfile}: the adapter has LoRA on lm_head but the model has no output "
+                         "head (a classifier); load it onto a causal LM")
+    check_embed_head(pairs, use_dora=use_dora, where=str(wfile))
     if unknown:
         raise EmberError(f"{wfile}: {len(unknown)} keys match no projection of this model, e.g. "
                          f"{unknown[:3]} (expected base_model.model.model.layers.N.self_attn."
@@ -489,7 +483,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
                          f"lora_magnitude_vector is {'missing' if use_dora else 'present'} for "
                          f"{odd[:3]}")
     # Phi-3: PEFT matched target_modules against the fused qkv_proj / gate_up_proj names
-    missing = [n for n in cands if n not in pairs and _EMBER_NAME.fullmatch(n)
+    missing = [n for n in cands if n not in pairs and (_EMBER_NAME.fullmatch(n) or n == "embed")
                and _peft_targets(config, fused_module_name(hf_module_name(n, cfg), cfg))]
     if missing:
         names = [hf_module_name(n, cfg) for n in missing[:3]]
@@ -503,7 +497,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         A, B = pairs[name]["lora_A"], pairs[name]["lora_B"]
         hf = hf_module_name(name, cfg)
         mod = cands[name]
-        in_f, out_f = _features(mod.base if isinstance(mod, LoRALinear) else mod)
+        base = mod.base if isinstance(mod, (LoRALinear, LoRAEmbedding)) else mod
+        in_f, out_f = base.weight.shape if name == "embed" else _features(base)
         r = _pattern_value(rank_pat, hf, r0)
         if A.ndim != 2 or B.ndim != 2 or A.shape != (r, in_f) or B.shape != (out_f, r):
             raise EmberError(f"{wfile}: {hf}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
@@ -526,18 +521,23 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         model.peft_bias = config["bias"]  # save_adapter writes them back in this mode
     for name, (A, B, mag, r, alpha) in plan.items():
         mod = model.get_submodule(name)
-        if isinstance(mod, LoRALinear):
+        if isinstance(mod, (LoRALinear, LoRAEmbedding)):
             if mod.rank != r or mod.use_dora != use_dora:
                 raise EmberError(f"{name} already has a rank-{mod.rank} adapter (use_dora="
                                  f"{mod.use_dora}); the file has rank {r} (use_dora={use_dora})")
             mod.alpha, mod.scale = alpha, alpha / (math.sqrt(r) if rslora else r)
+        elif name == "embed":
+            mod = LoRAEmbedding(mod, r, alpha, dropout=dropout, use_rslora=rslora)
+            _set_module(model, name, mod)
         else:
             mod = LoRALinear(mod, r, alpha, dropout=dropout, use_rslora=rslora,
                              use_dora=use_dora)
             _set_module(model, name, mod)
+        if isinstance(mod, LoRAEmbedding):
+            mod.ties_head = bool(ties)
         with torch.no_grad():
-            mod.lora_A.copy_(A)
-            mod.lora_B.copy_(B)
+            for p, t in zip(mod.adapter_params().values(), (A, B), strict=False):
+                p.copy_(t)
             if mag is not None:
                 mod.lora_magnitude.copy_(mag)
     with torch.no_grad():

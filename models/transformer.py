@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ember.kernels import apply_rope, flash_attention, geglu, lora_mlp, lora_qkv, rms_norm, swiglu
 from ember.models.config import ModelConfig, rope_attention_factor, rope_inv_freq
 from ember.models.lora import LoRALinear
+from ember.models.lora_embed import adapted_head_weight, head_lora, head_operands
 
 
 class RMSNorm(nn.Module):
@@ -256,11 +257,24 @@ class Transformer(nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
-        """The (V, D) matrix that maps final hidden states to logits (tied: the embedding)."""
+        """The (V, D) matrix that maps final hidden states to logits (tied: the embedding), with
+        a LoRA on the head folded in (``W + scale * B A``; ``head_operands`` avoids forming it)."""
         if self.lm_head is None and not self.cfg.tie_word_embeddings:
             raise ValueError("this model is a sequence classifier (cfg.labels) without an LM "
                              "head: use ember.models.heads.classify for its class logits")
+        lora = head_lora(self.lm_head, self.embed)
+        if lora is not None:
+            return adapted_head_weight(lora)
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def head_operands(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, W)`` with logits ``= x W^T`` (before the final softcap): ``(hidden,
+        output_weight)``, or with a LoRA on the head the concatenated operands of
+        ``ember.models.lora_embed.head_operands`` (exact, LoRA dropout included)."""
+        lora = head_lora(self.lm_head, self.embed)
+        if lora is None:
+            return hidden, self.output_weight
+        return head_operands(hidden, lora, self.training)
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> Transformer:
         """Random init (benchmarks and tests use real shapes with random weights)."""
@@ -327,7 +341,8 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = F.linear(hidden, self.output_weight)  # (B, T, V)
+        x, w = self.head_operands(hidden)
+        out = F.linear(x, w)  # (B, T, V)
         if self.cfg.final_softcap is not None:
             c = self.cfg.final_softcap
             out = c * torch.tanh(out / c)

@@ -1,5 +1,5 @@
 """PEFT adapters as peft 0.21 writes them, loaded by Ember: plain LoRA math loads with PEFT's
-logits; anything else (variants, LoRA on embeddings, base-changing inits) is refused
+logits; anything else (variants, new full embeddings, base-changing inits) is refused
 with an EmberError that names it."""
 
 from __future__ import annotations
@@ -117,10 +117,10 @@ def test_plain_lora_math_loads_with_peft_logits(bases, tmp_path, case, base, kw)
             "modules_to_save",
         ),
         (
-            "lora_on_embedding",
-            "plain",
-            dict(target_modules=["q_proj", "embed_tokens"]),
-            "embedding or output head",
+            "lora_on_tied_head",  # its own adapter on the shared matrix (tests/models/
+            "tied",  # test_lora_embed_head.py: the LoRA on embed_tokens / lm_head that loads)
+            dict(target_modules=["q_proj", "lm_head"]),
+            "ensure_weight_tying",
         ),
         (
             "new_embeddings",
