@@ -156,7 +156,8 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig
             parts[part] = w
             order = _PHI3_FUSED[_PHI3_PARTS[part]]
             if len(parts) == len(order):
-                yield name, torch.cat([fused.pop(name)[p] for p in order])
+                yield name, torch.cat([parts[p] for p in order])
+                del fused[name]
             continue
         yield _gguf_name(key), w
     if fused:
