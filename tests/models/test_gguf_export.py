@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFReader, quants
 from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader, quants
 
 from ember import EmberError
 from ember.models.config import ModelConfig, RopeScaling
