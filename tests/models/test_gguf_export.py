@@ -329,6 +329,9 @@ def test_smollm2_q8_0_round_trip(tmp_path):
                     "llama.context_length", "llama.rope.freq_base", "llama.vocab_size"):
             assert b.metadata[key] == a.metadata[key], key
         assert b.tensors["blk.0.attn_q.weight"].qtype == Q.Q8_0
+        w = model.state_dict()["layers.3.mlp.down_proj.weight"].numpy()
+        assert np.array_equal(b.raw("blk.3.ffn_down.weight").numpy(),
+                              quants.quantize(w, Q.Q8_0).reshape(-1))
         size = path.stat().st_size
     cfg, sd, tok_back = load_gguf(path)
     fields = ("num_layers", "hidden_size", "num_kv_heads", "rope_theta", "rms_norm_eps",
@@ -340,7 +343,11 @@ def test_smollm2_q8_0_round_trip(tmp_path):
     ref, ours = _logits(model, ids), _logits(back, ids)
     diff = _diff(ref, ours)
     agree = (ref.argmax(-1) == ours.argmax(-1)).float().mean().item()
-    print(f"SmolLM2 q8_0: {size / 2**20:.0f} MiB, max |logit diff| {diff:.3f} "
-          f"(logits up to {ref.abs().max():.1f}), argmax agreement {agree:.2f}")
-    assert diff <= 0.02 * ref.abs().max().item() and agree >= 0.9
+    kl = torch.nn.functional.kl_div(ours.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1)
+    print(f"SmolLM2 q8_0: {size / 2**20:.0f} MiB, max |logit diff| {diff:.3f} (logits up to "
+          f"{ref.abs().max():.1f}), KL(fp32 || q8_0) mean {kl.mean():.1e} max {kl.max():.1e}, "
+          f"argmax agreement {agree:.2f}")
+    # 8-bit weights on a 135M model: KL ~1e-3 per token (f16 gives ~2e-6), the same next tokens
+    assert kl.mean() <= 1e-2 and kl.max() <= 5e-2 and agree >= 0.9
     assert tok_back.encode(PROBE) == tok.encode(PROBE)
