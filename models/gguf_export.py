@@ -166,7 +166,7 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig
         yield "rope_freqs.weight", _llama3_factors(cfg)
 
 
-def _encode(name: str, w: torch.Tensor, qtype: Q) -> tuple[np.ndarray, Q]:
+def _encode(w: torch.Tensor, qtype: Q) -> tuple[np.ndarray, Q]:
     """The tensor's GGUF bytes (numpy, torch order) and ggml type: 1-D stays F32; Q8_0 falls back
     to F16 for rows that are not whole blocks."""
     if w.ndim < 2 or qtype == Q.F32:
@@ -344,12 +344,15 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
             if k != "general.architecture":
                 _put(writer, k, v)
         for n, t in tensors.items():
-            data, qt = _encode(n, t, qtype)
+            data, qt = _encode(t, qtype)
             writer.add_tensor(n, data, raw_dtype=qt if data.dtype == np.uint8 else None)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-    finally:
         writer.close()
-    os.replace(tmp, out)
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
     return out

@@ -205,6 +205,16 @@ def test_q8_0_rows_not_a_multiple_of_32_fall_back_to_f16(tmp_path):
     assert _field(GGUFReader(path), "general.file_type") == 7
 
 
+def test_llama_sliding_window_is_dropped_with_a_warning(tmp_path):
+    cfg = ModelConfig(model_type="mistral", vocab_size=VOCAB, hidden_size=32, intermediate_size=32,
+                      num_layers=1, num_heads=2, num_kv_heads=1, sliding_window=8,
+                      max_position_embeddings=64)
+    with pytest.warns(UserWarning, match="sliding window .8. is dropped"):
+        path = save_gguf(Transformer(cfg), tokenizer_from_gguf(tiny_tokenizer_md()),
+                         tmp_path / "m.gguf")
+    assert load_gguf(path)[0].sliding_window is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizers
 
