@@ -144,14 +144,17 @@ def _cmd_export(a) -> None:
 
     from ember.engine.stages import base_of
     from ember.engine.state import load_run_model, multimodal_base
-    from ember.models.loading import save_pretrained
+    from ember.models.loading import load_pretrained, save_pretrained
     from ember.models.lora import lora_modules, merge_lora, save_adapter
     from ember.models.nf4 import is_quantized
     from ember.models.prompt_tuning import prompt_embedding, save_prompt_adapter
 
-    if not _is_run_dir(a.run_dir):
+    if _is_run_dir(a.run_dir):
+        model, tok, cfg = load_run_model(a.run_dir, "cpu")
+    elif a.adapter:
         raise EmberError(f"{a.run_dir} is not a run directory (no config.toml)")
-    model, tok, cfg = load_run_model(a.run_dir, "cpu")
+    else:  # a model (folder, .gguf, built-in name) converted as it is
+        (model, tok), cfg = load_pretrained(a.run_dir), None
     if prompt_embedding(model) is not None:
         if not a.adapter:
             raise EmberError(f"{a.run_dir} is a prompt tuning run: its virtual tokens are inputs, "
@@ -162,6 +165,13 @@ def _cmd_export(a) -> None:
             raise EmberError(f"{a.run_dir} is a full fine-tuning run: it has no adapter; use "
                              "--merged OUT to export the model")
         out = save_adapter(model, a.adapter, base_model_name_or_path=base_of(cfg))
+    elif a.gguf:
+        from ember.models.gguf_export import save_gguf
+
+        # merged in fp32 (a QLoRA base dequantized into it): the GGUF type is the only rounding
+        if lora_modules(model):
+            merge_lora(model, torch.float32 if is_quantized(model) else None)
+        out = save_gguf(model, tok, a.gguf, dtype=a.gguf_type)
     else:
         # A QLoRA run's 4-bit base is dequantized: the merged model is a plain bf16 HF model.
         nf4 = is_quantized(model)
@@ -169,7 +179,7 @@ def _cmd_export(a) -> None:
         if lora_modules(model):
             merge_lora(model, bf16)
         out = save_pretrained(model, a.merged, tok, dtype=bf16, dequantize=nf4,
-                              multimodal_base=multimodal_base(model, cfg))
+                              multimodal_base=multimodal_base(model, cfg) if cfg else None)
     print(f"wrote {out}")
 
 
@@ -236,11 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=None)
     p.set_defaults(fn=_cmd_eval)
 
-    p = sub.add_parser("export", help="write a run's adapter (PEFT) or merged model (HF)")
-    p.add_argument("run_dir")
+    p = sub.add_parser("export", help="write a run's adapter (PEFT), merged model (HF) or GGUF "
+                                      "file (llama.cpp, Ollama)")
+    p.add_argument("run_dir", metavar="RUN_DIR|MODEL",
+                   help="a run directory, or a model (built-in name, HF folder, .gguf) for "
+                        "--merged / --gguf")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--adapter", metavar="OUT", help="PEFT adapter folder")
     g.add_argument("--merged", metavar="OUT", help="HF model folder with the adapter merged")
+    g.add_argument("--gguf", metavar="OUT.gguf",
+                   help="GGUF file for llama.cpp / Ollama / LM Studio, adapter merged")
+    p.add_argument("--gguf-type", default="f16", choices=("f16", "bf16", "f32", "q8_0"),
+                   help="tensor type of the GGUF matrices (default f16; norms stay f32)")
     p.set_defaults(fn=_cmd_export)
 
     p = sub.add_parser("import-gguf", help="convert a .gguf file to an HF model folder")

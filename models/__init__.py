@@ -4,6 +4,7 @@ tokenizer and generation."""
 from ember.models.config import ModelConfig, RopeScaling
 from ember.models.generate import generate, generate_ids
 from ember.models.gguf import import_gguf, load_gguf
+from ember.models.gguf_export import save_gguf
 from ember.models.hf import config_from_hf, config_to_hf
 from ember.models.hf_backend import accelerate as accelerate_hf
 from ember.models.hub import DEFAULT_MODEL, list_models, resolve_model
@@ -47,6 +48,7 @@ __all__ = [
     "merge_lora",
     "quantize_model_",
     "save_adapter",
+    "save_gguf",
     "save_prompt_adapter",
     "save_pretrained",
     "save_state_dict",

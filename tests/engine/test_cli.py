@@ -80,6 +80,28 @@ def test_export_and_generate(trained, tmp_path, capsys):
     assert out_run == _generate(capsys, str(tmp_path / "merged"), "--raw")
 
 
+def test_export_gguf(trained, tmp_path):
+    """--gguf merges the run's LoRA adapter (transformers reads the file: tests/models/
+    test_gguf_export.py); a plain model folder converts too."""
+    from ember.engine.state import load_run_model
+    from ember.models.gguf import GGUFFile, load_gguf
+    from ember.models.transformer import Transformer
+
+    run, out = str(trained["run"]), tmp_path / "run.gguf"
+    assert main(["export", run, "--gguf", str(out), "--gguf-type", "f32"]) == 0
+    model, _, _ = load_run_model(run, "cpu")
+    cfg, sd, _ = load_gguf(out)
+    back = Transformer(cfg).eval()
+    back.load_state_dict(sd)
+    ids = torch.tensor([[5, 9, 17, 33, 2, 70]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), model(ids), rtol=1e-4, atol=1e-5)
+    assert main(["export", str(trained["model"]), "--gguf", str(tmp_path / "base.gguf"),
+                 "--gguf-type", "q8_0"]) == 0
+    with GGUFFile(tmp_path / "base.gguf") as g:
+        assert g.metadata["general.file_type"] == 7 and g.metadata["tokenizer.ggml.pre"] == "gpt2"
+
+
 def test_eval(trained, capsys):
     capsys.readouterr()
     assert main(["eval", str(trained["run"]), "--metrics", "exact_match,accuracy",
@@ -104,6 +126,7 @@ def test_import_gguf(tmp_path, capsys):
     (["train", "quickstart", "--set", "lora.rnk=3"], "unknown config key 'lora.rnk'"),
     (["train", "quickstart", "--set", "optim.lr=-1"], "optim.lr must be > 0"),
     (["export", ".", "--adapter", "x"], "not a run directory"),
+    (["export", "no-such-model", "--gguf", "x.gguf"], "not found"),
     (["generate", "no-such-model", "--prompt", "hi"], "not found"),
 ])
 def test_user_errors_are_one_clean_line(argv, message, capsys):

@@ -1,0 +1,358 @@
+"""GGUF export: an Ember ``Transformer`` and its tokenizer -> one GGUF v3 file for llama.cpp,
+Ollama and LM Studio (the inverse of ``ember.models.gguf``).
+
+Families, as llama.cpp's ``convert_hf_to_gguf.py`` writes them: ``llama`` (also Mistral and
+SmolLM2; Q/K rows permuted from HF's rotate-half layout to llama.cpp's interleaved pairs),
+``qwen2`` (biases), ``qwen3`` (q/k norms), ``gemma`` / ``gemma2`` / ``gemma3`` (every norm weight
+stored as 1 + w; windows, softcaps), ``phi3`` (``attn_qkv`` = q;k;v and ``ffn_up`` = gate;up).
+
+Output types: ``f32``, ``f16``, ``bf16``, ``q8_0`` (``quantize_q8_0``: ggml's Q8_0, byte for byte
+what ``gguf.quants`` writes). As in the converter, 1-D tensors (norms, biases, ``rope_freqs``)
+stay F32, and for ``q8_0`` a matrix whose rows are not a multiple of 32 is written F16.
+
+Metadata: the ``<arch>.*`` keys the importer and llama.cpp read (``config_from_gguf``), a Llama
+3.1 rope scaling as the ``rope_freqs`` tensor, and the tokenizer (``ember.models.gguf_tokenizer``).
+Whatever GGUF cannot express is refused before anything is written: the metadata is read back
+with the importer's own ``config_from_gguf`` and every field that would come back different is
+named (a query_pre_attn_scalar llama.cpp hard-codes differently, a local RoPE base other than
+10000, partial rotary, YaRN / LongRoPE scaling ...). Refused too: classifier heads, prompt-tuning
+models and LoRA adapters not merged (``merge_lora`` first). A 4-bit (NF4) model is dequantized.
+A llama-architecture sliding window (Mistral v0.1) is dropped with a warning: llama.cpp's llama
+graph has no window, and its converter drops it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFWriter, LlamaFileType
+
+from ember import EmberError
+from ember.models.config import ModelConfig, rope_inv_freq
+from ember.models.gguf import (
+    _BLOCK_NAMES,
+    _TOP_NAMES,
+    Q,
+    TensorInfo,
+    config_from_gguf,
+    permute_qk,
+)
+from ember.models.gguf_arch import ARCHITECTURES, GEMMA
+
+# output type -> (ggml type of matrices, general.file_type)
+DTYPES = {
+    "f32": (Q.F32, LlamaFileType.ALL_F32), "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+}
+# Ember model_type -> GGUF general.architecture
+_ARCH_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+            "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3",
+            "phi3": "phi3"}
+_GGUF_BLOCK = {v: k for k, v in _BLOCK_NAMES.items()}
+_GGUF_TOP = {v: k for k, v in _TOP_NAMES.items()}
+_Q8_BLOCK = 32
+# Phi-3's fused tensors and the Ember projections stacked in them, in row order
+_PHI3_FUSED = {"attn_qkv": ("q_proj", "k_proj", "v_proj"), "ffn_up": ("gate_proj", "up_proj")}
+_PHI3_PARTS = {p: fused for fused, parts in _PHI3_FUSED.items() for p in parts}
+
+
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """ggml's Q8_0 of a (rows, cols) tensor, cols a multiple of 32 -> uint8 (rows, cols/32*34):
+    per block of 32, an fp16 scale d = max|x| / 127 then int8 q = round(x / d) (half away from
+    zero, computed as x * (1/d) in fp32, like ggml's reference and ``gguf.quants``)."""
+    if w.ndim != 2 or w.shape[1] % _Q8_BLOCK:
+        raise EmberError(f"quantize_q8_0: need a matrix with rows a multiple of {_Q8_BLOCK}, "
+                         f"got shape {tuple(w.shape)}")
+    rows, cols = w.shape
+    blocks = w.detach().float().reshape(-1, _Q8_BLOCK)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    x = blocks * inv
+    a = x.abs()
+    whole = a.floor()
+    q = torch.sign(x) * (whole + (2 * (a - whole)).floor())
+    out = torch.cat([d.half().view(torch.uint8), q.to(torch.int8).view(torch.uint8)], dim=1)
+    return out.reshape(rows, cols // _Q8_BLOCK * (_Q8_BLOCK + 2))
+
+
+def gguf_arch(cfg: ModelConfig) -> str:
+    """The GGUF ``general.architecture`` of a config; EmberError for a family GGUF export lacks."""
+    arch = _ARCH_OF.get(cfg.model_type)
+    if arch is None:
+        raise EmberError(f"save_gguf: model_type {cfg.model_type!r} has no GGUF export "
+                         f"(supported: {', '.join(sorted(_ARCH_OF))})")
+    return arch
+
+
+# ------------------------------------------------------------------------------------------
+# Tensors
+
+
+def _gguf_name(key: str) -> str:
+    if key in _GGUF_TOP:
+        return _GGUF_TOP[key]
+    _, layer, rest = key.split(".", 2)
+    return f"blk.{layer}.{_GGUF_BLOCK[rest]}"
+
+
+def _dense(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with NF4 weights dequantized (to the dtype they came from)."""
+    from ember.models.bnb_checkpoint import _with_nf4_weights
+    from ember.models.nf4 import is_quantized
+
+    sd = model.state_dict()
+    if is_quantized(model):
+        sd = _with_nf4_weights(model, sd)
+    return {k: v if isinstance(v, torch.Tensor) else v.dequantize(v.dtype)
+            for k, v in sd.items()}
+
+
+def _llama3_factors(cfg: ModelConfig) -> torch.Tensor:
+    """convert_hf_to_gguf.py's ``rope_freqs``: per rotary frequency, what Llama 3 divides it by."""
+    rs = cfg.rope_scaling
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    plain = cfg.replace(rope_scaling=None)
+    out = []
+    for freq in rope_inv_freq(plain).tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(rs.factor)
+        else:
+            smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+                rs.high_freq_factor - rs.low_freq_factor)
+            out.append(1 / ((1 - smooth) / rs.factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def gguf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, fp32 tensor in llama.cpp's layout) for an Ember state dict."""
+    arch = gguf_arch(cfg)
+    _, permuted = ARCHITECTURES[arch]
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        w = t.detach().float().cpu()
+        if permuted and (".q_proj." in key or ".k_proj." in key):
+            w = permute_qk(w, cfg.num_heads if ".q_proj." in key else cfg.num_kv_heads)
+        if arch in GEMMA and key.endswith("norm.weight"):
+            w = w + 1  # llama.cpp's Gemma norms scale by the stored weight
+        part = key.split(".")[-2]
+        if arch == "phi3" and part in _PHI3_PARTS and key.endswith(".weight"):
+            name = f"blk.{key.split('.')[1]}.{_PHI3_PARTS[part]}.weight"
+            parts = fused.setdefault(name, {})
+            parts[part] = w
+            order = _PHI3_FUSED[_PHI3_PARTS[part]]
+            if len(parts) == len(order):
+                yield name, torch.cat([parts[p] for p in order])
+                del fused[name]
+            continue
+        yield _gguf_name(key), w
+    if fused:
+        raise EmberError(f"save_gguf: incomplete fused Phi-3 weights {sorted(fused)[:3]}")
+    if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "llama3":
+        yield "rope_freqs.weight", _llama3_factors(cfg)
+
+
+def _encode(w: torch.Tensor, qtype: Q) -> tuple[np.ndarray, Q]:
+    """The tensor's GGUF bytes (numpy, torch order) and ggml type: 1-D stays F32; Q8_0 falls back
+    to F16 for rows that are not whole blocks."""
+    if w.ndim < 2 or qtype == Q.F32:
+        return w.numpy().astype(np.float32), Q.F32
+    if qtype == Q.Q8_0 and w.shape[-1] % _Q8_BLOCK == 0:
+        return quantize_q8_0(w).numpy(), Q.Q8_0
+    if qtype == Q.BF16:
+        return w.to(torch.bfloat16).view(torch.uint8).numpy(), Q.BF16
+    return w.numpy().astype(np.float16), Q.F16
+
+
+# ------------------------------------------------------------------------------------------
+# Metadata
+
+
+def arch_metadata(cfg: ModelConfig) -> dict[str, Any]:
+    """``<arch>.*`` keys (without the prefix) for ``cfg``, as llama.cpp's converter writes them."""
+    arch = gguf_arch(cfg)
+    rs = cfg.rope_scaling
+    if rs is not None and rs.kind not in ("linear", "llama3"):
+        raise EmberError(f"save_gguf: rope scaling {rs.kind!r} cannot be written to GGUF "
+                         "(llama.cpp reads none, linear and Llama-3); export the merged HF "
+                         "folder instead (ember export --merged)")
+    md: dict[str, Any] = {
+        "context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
+        "block_count": cfg.num_layers, "feed_forward_length": cfg.intermediate_size,
+        "attention.head_count": cfg.num_heads, "attention.head_count_kv": cfg.num_kv_heads,
+        "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
+        "rope.freq_base": float(cfg.rope_theta), "vocab_size": cfg.vocab_size,
+    }
+    if cfg.head_dim != cfg.hidden_size // cfg.num_heads or arch in GEMMA:
+        md.update({"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim})
+    if arch in ("llama", "phi3"):
+        md["rope.dimension_count"] = cfg.rotary_dim
+    if rs is not None and rs.kind == "linear":
+        md.update({"rope.scaling.type": "linear", "rope.scaling.factor": float(rs.factor)})
+    if rs is not None and rs.kind == "llama3" and rs.original_max_position_embeddings != 8192:
+        md["rope.scaling.original_context_length"] = rs.original_max_position_embeddings
+    if arch == "phi3":
+        md["attention.sliding_window"] = cfg.sliding_window or 0
+    if arch in ("gemma2", "gemma3"):
+        if cfg.sliding_window is not None:
+            md["attention.sliding_window"] = cfg.sliding_window
+        if cfg.final_softcap is not None:
+            md["final_logit_softcapping"] = float(cfg.final_softcap)
+        if cfg.attn_softcap is not None:
+            md["attn_logit_softcapping"] = float(cfg.attn_softcap)
+        sliding = [cfg.is_sliding(i) for i in range(cfg.num_layers)]
+        period = {"gemma2": 2, "gemma3": 6}[arch]
+        if cfg.sliding_window is not None and sliding != [
+                i % period < period - 1 for i in range(cfg.num_layers)]:
+            md["attention.sliding_window_pattern"] = sliding
+    return md
+
+
+class _Header:
+    """What ``config_from_gguf`` reads of a ``GGUFFile``: metadata, tensor shapes, rope_freqs."""
+
+    def __init__(self, md: dict, shapes: dict[str, tuple[int, ...]], extra: dict, path: Path):
+        self.metadata, self.path, self._extra = md, path, extra
+        self.tensors = {n: TensorInfo(n, s, 0, 0, 0) for n, s in shapes.items()}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._extra[name]
+
+
+def _semantics(cfg: ModelConfig) -> dict[str, Any]:
+    """The config fields that change the computation, in a form where equal means same model
+    (floats at fp32 precision, per-layer windows and RoPE bases instead of their encodings)."""
+    def f32(v):
+        return float(np.float32(v)) if isinstance(v, float) else v
+
+    out = {f.name: f32(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    for k in ("model_type", "torch_dtype", "extra", "bos_token_id", "eos_token_id",
+              "pad_token_id", "labels", "layer_types", "sliding_window", "query_pre_attn_scalar",
+              "rope_local_theta"):
+        out.pop(k)
+    rs = cfg.rope_scaling
+    out["rope_scaling"] = None if rs is None else {
+        k: f32(v) for k, v in dataclasses.asdict(rs).items()}
+    out["windows"] = tuple(cfg.window(i) for i in range(cfg.num_layers))
+    out["local_rope"] = tuple(cfg.rope_local_theta if cfg.is_sliding(i) else None
+                              for i in range(cfg.num_layers))
+    out["softmax_scale"] = f32(cfg.softmax_scale or cfg.head_dim**-0.5)
+    return out
+
+
+def check_expressible(cfg: ModelConfig, md: dict, shapes: dict, extra: dict, path: Path) -> None:
+    """Read ``md`` back with the importer; EmberError naming every field that would differ."""
+    back = config_from_gguf(_Header(md, shapes, extra, path))
+    ours, theirs = _semantics(cfg), _semantics(back)
+    diff = {k: (v, theirs[k]) for k, v in ours.items() if theirs[k] != v}
+    if diff:
+        said = "; ".join(f"{k}: {a!r} would be read as {b!r}" for k, (a, b) in diff.items())
+        raise EmberError(f"save_gguf: a {md['general.architecture']} GGUF file cannot express "
+                         f"this model ({said}); llama.cpp would compute a different model. "
+                         "Export the merged HF folder instead (ember export --merged)")
+
+
+def _refuse_unexportable(model: torch.nn.Module) -> None:
+    from ember.models.lora import lora_modules
+    from ember.models.prompt_tuning import prompt_embedding
+    from ember.models.transformer import Transformer
+
+    if not isinstance(model, Transformer):
+        raise EmberError(f"save_gguf expects an ember Transformer, got {type(model).__name__}")
+    if model.cfg.labels:
+        raise EmberError("save_gguf: a sequence classifier (score head) has no GGUF form for "
+                         "llama.cpp; export it as an HF folder (ember export --merged)")
+    if prompt_embedding(model) is not None:
+        raise EmberError("save_gguf: a prompt-tuning model's virtual tokens are inputs, not "
+                         "weights; GGUF cannot hold them. Save the PEFT adapter instead")
+    if lora_modules(model):
+        raise EmberError("save_gguf: the model has LoRA adapters; merge them first "
+                         "(ember.models.lora.merge_lora(model)) or use ember export --gguf, "
+                         "which merges")
+
+
+def _put(w: GGUFWriter, key: str, v: Any) -> None:
+    if isinstance(v, bool):
+        w.add_bool(key, v)
+    elif isinstance(v, int):
+        w.add_uint32(key, v)
+    elif isinstance(v, float):
+        w.add_float32(key, v)
+    elif isinstance(v, str):
+        w.add_string(key, v)
+    else:  # lists: strings, int32 (token types) or bools (per-layer window pattern)
+        w.add_array(key, list(v))
+
+
+def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
+              dtype: str = "f16", name: str | None = None) -> Path:
+    """Write ``model`` (an Ember ``Transformer``, LoRA merged) and ``tokenizer`` (an Ember
+    ``Tokenizer``, byte-level BPE) to the GGUF file ``path`` for llama.cpp / Ollama.
+
+    ``dtype``: "f16" (default), "bf16", "f32" or "q8_0" for the matrices; norms and biases are
+    always F32. ``name``: ``general.name`` (default: the file's stem). The file appears
+    atomically (written to a temporary sibling, then renamed)."""
+    from ember.models.gguf_tokenizer import tokenizer_metadata
+
+    if dtype not in DTYPES:
+        raise EmberError(f"save_gguf: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if tokenizer is None:
+        raise EmberError("save_gguf: a tokenizer is needed (llama.cpp reads the vocabulary from "
+                         "the GGUF file)")
+    model = getattr(model, "_orig_mod", model)
+    _refuse_unexportable(model)
+    cfg = model.cfg
+    arch = gguf_arch(cfg)
+    out = Path(path)
+    if cfg.sliding_window is not None and arch == "llama" and (
+            cfg.sliding_window < cfg.max_position_embeddings):
+        warnings.warn(f"save_gguf: the sliding window ({cfg.sliding_window}) is dropped: "
+                      "llama.cpp's llama architecture attends to the whole context (as its own "
+                      "converter does for Mistral v0.1); outputs differ past the window",
+                      stacklevel=2)
+        cfg = cfg.replace(sliding_window=None)
+    qtype, file_type = DTYPES[dtype]
+    tensors = dict(gguf_tensors(_dense(model), cfg))
+    md = {"general.architecture": arch,
+          **{f"{arch}.{k}": v for k, v in arch_metadata(cfg).items()}}
+    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+    check_expressible(cfg, md, shapes, {"rope_freqs.weight": tensors.get("rope_freqs.weight")},
+                      out)
+    md.update(tokenizer_metadata(tokenizer, cfg.vocab_size))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    writer = GGUFWriter(str(tmp), arch)
+    try:
+        writer.add_name(name or out.stem)
+        writer.add_file_type(int(file_type))
+        writer.add_quantization_version(2)
+        for k, v in md.items():
+            if k != "general.architecture":
+                _put(writer, k, v)
+        for n, t in tensors.items():
+            data, qt = _encode(t, qtype)
+            writer.add_tensor(n, data, raw_dtype=qt if data.dtype == np.uint8 else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
