@@ -11,7 +11,8 @@ import pytest
 
 from ember import EmberError
 from ember.engine.data import DataConfig, load_examples
-from tests.engine.test_formats import backend, tok  # noqa: F401  (fixtures)
+from ember.models.tokenizer import Tokenizer
+from tests.engine.test_formats import CHATML, chat_backend
 
 ROWS = [
     {"prompt": "What is the capital of France?", "completion": "Paris, of course."},
@@ -23,6 +24,11 @@ CHATS = [{"messages": [{"role": "system", "content": "You are terse."},
                        {"role": "assistant", "content": "Hello world"}]},
          {"messages": [{"role": "user", "content": "Translate"},
                        {"role": "assistant", "content": "Bonjour le monde"}]}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(chat_backend(), eos_token="<|im_end|>", chat_template=CHATML)
 
 
 def _same(a, b) -> None:

@@ -23,8 +23,8 @@ WORDS = ["What is the capital of France?", "Paris is the capital of France.", "T
          "Bonjour le monde", "Hello world", "You are terse.", "get_weather", "Weather in Paris"]
 
 
-@pytest.fixture(scope="module")
-def backend():
+def chat_backend() -> Backend:
+    """A tiny byte-level BPE trained on WORDS (also used by test_datafiles)."""
     tok = Backend(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -32,6 +32,11 @@ def backend():
         vocab_size=400, special_tokens=["<pad>", "<s>", "<|im_start|>", "<|im_end|>"],
         show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return tok
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return chat_backend()
 
 
 @pytest.fixture(scope="module")
