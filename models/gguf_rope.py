@@ -33,7 +33,12 @@ import torch
 
 from ember import EmberError
 from ember.models.config import ModelConfig, RopeScaling, rope_inv_freq
-from ember.models.hf_rope import LONGROPE_FAMILIES, PHI3_ORIGINAL_MAX
+from ember.models.hf_rope import (
+    LONGROPE_FAMILIES,
+    PHI3_ORIGINAL_MAX,
+    longrope_attention_factor,
+    yarn_mscale,
+)
 
 ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
@@ -82,8 +87,7 @@ def _yarn(get: Callable, arch: str, context: int, path: Path) -> RopeScaling:
                                              or context),
         beta_fast=nice_float(get("rope.scaling.yarn_beta_fast") or 32.0),
         beta_slow=nice_float(get("rope.scaling.yarn_beta_slow") or 1.0),
-        attention_factor=nice_float(attn) if attn is not None else (
-            0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0))
+        attention_factor=nice_float(attn) if attn is not None else yarn_mscale(factor))
 
 
 def _longrope(g, get: Callable, arch: str, context: int, rotary_dim: int,
@@ -107,7 +111,7 @@ def _longrope(g, get: Callable, arch: str, context: int, rotary_dim: int,
     factor = context / orig
     attn = get("rope.scaling.attn_factor")
     if attn is None:
-        attn = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        attn = longrope_attention_factor(factor, orig)
     return RopeScaling(kind="longrope", factor=factor, original_max_position_embeddings=orig,
                        attention_factor=nice_float(attn), short_factor=short, long_factor=long)
 

@@ -159,8 +159,14 @@ def parse_rope(
     )
 
 
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention scaling for ``factor`` (transformers' ``get_mscale``)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def longrope_attention_factor(factor: float, orig: int) -> float:
+    """LongRoPE's default attention scaling (transformers' and llama.cpp's converter's)."""
+    return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
 
 
 def _parse_yarn(rope: Mapping, max_pos: int, where: str) -> RopeScaling:
@@ -179,9 +185,9 @@ def _parse_yarn(rope: Mapping, max_pos: int, where: str) -> RopeScaling:
         mscale = get_float(rope, "mscale", 0.0, where)
         mscale_all = get_float(rope, "mscale_all_dim", 0.0, where)
         attn = (
-            _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+            yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
             if mscale and mscale_all
-            else _yarn_mscale(factor)
+            else yarn_mscale(factor)
         )
     truncate = rope.get("truncate", True)
     if not isinstance(truncate, bool):
@@ -223,7 +229,7 @@ def _parse_longrope(rope: Mapping, max_pos: int, orig, rotary_dim: int, where: s
     factor = get_float(rope, "factor", max_pos / orig, where)
     attn = get_float(rope, "attention_factor", None, where)
     if attn is None:
-        attn = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        attn = longrope_attention_factor(factor, orig)
     if attn < 0:
         raise EmberError(f"{where}: attention_factor must be >= 0, got {attn}")
     return RopeScaling(
