@@ -2,7 +2,8 @@
 
     ember train CONFIG.toml|RECIPE|RUN_DIR [--set key=value ...] [--resume]
     ember eval RUN_DIR|MODEL [--data FILE] [--adapter DIR] [--metrics exact_match,...]
-    ember generate RUN_DIR|MODEL --prompt TEXT [--prompt TEXT ...] [--adapter DIR]
+    ember generate RUN_DIR|MODEL --prompt TEXT [--prompt TEXT ...] [--adapter DIR] [--stream]
+    ember chat RUN_DIR|MODEL [--system TEXT]      (one message per line on standard input)
     ember export RUN_DIR (--adapter OUT | --merged OUT)
     ember import-gguf FILE.gguf OUT_DIR
     ember recipes | ember models
@@ -70,25 +71,101 @@ def _load(target: str, adapter: str | None, device: str | None, raw: bool = Fals
     return model, tok, data_cfg
 
 
-def _cmd_generate(a) -> None:
-    from ember.engine.data import render_prompt
+class _Stream:
+    """Prints a row's text as its tokens arrive (``generate_ids``' ``should_stop`` hook): the
+    whole prefix is decoded each time, and a tail that may be an incomplete UTF-8 character
+    (decoded as U+FFFD) waits for the next token."""
+
+    def __init__(self, tok):
+        self.tok, self.shown = tok, ""
+
+    def __call__(self, row: int, ids: list[int]) -> bool:
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and text.startswith(self.shown):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+        return False
+
+    def finish(self, ids: list[int]) -> str:
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        print(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text, flush=True)
+        self.shown = ""
+        return text
+
+
+def _generator(model, tok, a):
+    """``run(prompt_ids, stream) -> new ids per prompt`` with the command line's sampling."""
     from ember.models.generate import generate_ids
     from ember.models.heads import is_classifier
 
-    model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
     if is_classifier(model):
         raise EmberError(f"{a.model} is a sequence classifier (labels {list(model.cfg.labels)}): "
                          "it has no LM head to generate with; score text with ember eval")
-    ids = [render_prompt(tok, data_cfg, p) for p in a.prompt]
     eos = sorted(getattr(tok, "eos_token_ids", None) or {tok.eos_token_id})
-    out = generate_ids(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                       top_p=a.top_p, seed=a.seed, eos_token_ids=eos,
-                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0])
-    for i, gen in enumerate(out):
-        text = tok.decode(gen, skip_special_tokens=True)
-        if len(out) > 1:
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+
+    def run(ids: list[list[int]], stream: _Stream | None = None) -> list[list[int]]:
+        return generate_ids(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                            top_p=a.top_p, top_k=a.top_k, seed=a.seed, eos_token_ids=eos,
+                            pad_token_id=pad, should_stop=stream)
+
+    return run
+
+
+def _cmd_generate(a) -> None:
+    from ember.engine.data import render_prompt
+
+    model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
+    run = _generator(model, tok, a)
+    ids = [render_prompt(tok, data_cfg, p, a.system) for p in a.prompt]
+    if a.stream:
+        for i, p in enumerate(ids):  # one prompt at a time, each printed as it is generated
+            if len(ids) > 1:
+                print(f"--- {i}")
+            stream = _Stream(tok)
+            stream.finish(run([p], stream)[0])
+        return
+    for i, gen in enumerate(run(ids)):
+        if len(ids) > 1:
             print(f"--- {i}")
-        print(text)
+        print(tok.decode(gen, skip_special_tokens=True))
+
+
+def _cmd_chat(a) -> None:
+    from ember.engine.data import render_chat
+
+    model, tok, data_cfg = _load(a.model, a.adapter, a.device)
+    run = _generator(model, tok, a)
+    system = [{"role": "system", "content": a.system}] if a.system is not None else []
+    messages: list[dict] = []
+    render_chat(tok, data_cfg, [*system, {"role": "user", "content": "hi"}])  # fails early
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("ember chat: /reset starts over, /exit (or Ctrl-D) quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages.clear()
+            continue
+        if not text:
+            continue
+        turn = [*messages, {"role": "user", "content": text}]
+        try:
+            ids = render_chat(tok, data_cfg, [*system, *turn])
+            if interactive:
+                print("assistant> ", end="", flush=True)
+            stream = _Stream(tok)
+            answer = stream.finish(run([ids], stream)[0])
+        except EmberError as e:  # e.g. the conversation outgrew the context: say so, keep going
+            print(f"ember: error: {e} (/reset starts a new conversation)", file=sys.stderr)
+            continue
+        messages = [*turn, {"role": "assistant", "content": answer}]
 
 
 def _cmd_eval(a) -> None:
@@ -207,7 +284,10 @@ def _cmd_models(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ember import __version__
+
     ap = argparse.ArgumentParser(prog="ember", description="Fine-tune language models.")
+    ap.add_argument("--version", action="version", version=f"ember {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train from a TOML config, a recipe or a run directory")
@@ -217,24 +297,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.set_defaults(fn=_cmd_train)
 
-    def model_args(p, what: str):
+    def model_args(p, what: str, raw: bool = True):
         p.add_argument("model", metavar="RUN_DIR|MODEL",
                        help=f"a run directory, or a model (built-in name, HF folder, .gguf) {what}")
         p.add_argument("--adapter", help="a PEFT adapter folder (LoRA or prompt tuning) to "
                                          "load onto MODEL")
         p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
         p.add_argument("--max-new-tokens", type=int, default=128)
+        if not raw:
+            return
         p.add_argument("--raw", action="store_true",
                        help="MODEL: prompts without the chat template (as data.use_chat_template "
                             "= false trained them)")
 
+    def sampling_args(p):
+        p.add_argument("--system", help="system prompt (chat templates; replaces the run's "
+                                        "data.system_prompt)")
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+        p.add_argument("--seed", type=int, default=None)
+
     p = sub.add_parser("generate", help="complete prompts")
     model_args(p, "to generate with")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    sampling_args(p)
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.set_defaults(fn=_cmd_generate)
+
+    p = sub.add_parser("chat", help="talk to a chat model: one message per line on standard "
+                                    "input, answers streamed")
+    model_args(p, "to chat with", raw=False)
+    sampling_args(p)
+    p.set_defaults(fn=_cmd_chat)
 
     p = sub.add_parser("eval", help="loss, perplexity and generation metrics on a JSONL file")
     model_args(p, "to evaluate")

@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -292,13 +293,32 @@ class _Encoder:
         return ids, mask, prompt_len, reference
 
 
-def render_prompt(tokenizer, cfg: DataConfig, prompt: str) -> list[int]:
-    """Token ids for generating a completion of ``prompt`` exactly as training rendered it."""
+def render_prompt(tokenizer, cfg: DataConfig, prompt: str, system: str | None = None
+                  ) -> list[int]:
+    """Token ids for generating a completion of ``prompt`` exactly as training rendered it.
+    ``system`` replaces ``data.system_prompt`` (chat templates only)."""
     enc = _Encoder(cfg, tokenizer)
     if not enc.chat:
+        if system is not None:
+            raise EmberError("a system prompt needs a chat template; this model or run renders "
+                             "prompts as plain text: put the instructions in the prompt")
         return enc._enc(prompt, True)
     msgs = [{"role": "user", "content": prompt}]
-    if cfg.system_prompt is not None:
+    if system is not None:
+        msgs.insert(0, {"role": "system", "content": system})
+    return render_chat(tokenizer, cfg, msgs)
+
+
+def render_chat(tokenizer, cfg: DataConfig, messages: Sequence[dict]) -> list[int]:
+    """Token ids for generating the next assistant turn of a conversation (``role``/``content``
+    dicts, oldest first) rendered as training rendered conversations: ``data.system_prompt``
+    goes first unless the conversation starts with its own system message."""
+    enc = _Encoder(cfg, tokenizer)
+    if not enc.chat:
+        raise EmberError("a conversation needs a chat template; this model or run renders "
+                         "prompts as plain text (use ember generate)")
+    msgs = list(messages)
+    if cfg.system_prompt is not None and (not msgs or msgs[0]["role"] != "system"):
         msgs.insert(0, {"role": "system", "content": cfg.system_prompt})
     try:
         return enc._enc(enc._render(msgs, True))

@@ -1,0 +1,102 @@
+"""ember generate --stream / --system / --top-k and ember chat on a tiny random chat model; the
+oracle is generate_ids on conversations rendered with the chat template directly."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from ember import __version__
+from ember.engine.cli import main
+from ember.engine.data import DataConfig, render_chat, render_prompt
+from ember.models.config import ModelConfig
+from ember.models.generate import generate_ids
+from ember.models.loading import load_pretrained, save_pretrained
+from ember.models.tokenizer import Tokenizer
+from ember.models.transformer import Transformer
+from tests.engine.test_formats import CHATML, chat_backend
+
+MAX_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chat") / "model"
+    tok = Tokenizer(chat_backend(), eos_token="<|im_end|>", pad_token="<pad>",
+                    chat_template=CHATML)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    save_pretrained(Transformer(cfg).init_weights(std=0.3, seed=0), folder, tok)
+    return folder
+
+
+def _answer(folder, messages, **sampling) -> str:
+    """The oracle: the template rendered here, generate_ids, decode."""
+    model, tok = load_pretrained(folder, "float32", "cpu")
+    model.eval()
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tok.encode(text)
+    out = generate_ids(model, [ids], max_new_tokens=MAX_NEW, eos_token_ids=[tok.eos_token_id],
+                       pad_token_id=tok.pad_token_id, **sampling)[0]
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def _run(capsys, argv, stdin: str | None = None, monkeypatch=None) -> str:
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def test_stream_prints_what_generate_prints(chat_model, capsys):
+    args = ["generate", str(chat_model), "--prompt", "red dog", "--prompt", "a blue cat",
+            "--max-new-tokens", str(MAX_NEW)]
+    plain, streamed = _run(capsys, args), _run(capsys, [*args, "--stream"])
+    assert streamed == plain
+    first = plain.split("--- 1\n")[0].removeprefix("--- 0\n").removesuffix("\n")
+    assert first == _answer(chat_model, [{"role": "user", "content": "red dog"}])
+
+
+def test_system_and_top_k(chat_model, capsys):
+    sys_msg = {"role": "system", "content": "Answer in one word."}
+    out = _run(capsys, ["generate", str(chat_model), "--prompt", "red dog", "--system",
+                        sys_msg["content"], "--max-new-tokens", str(MAX_NEW)])
+    assert out == _answer(chat_model, [sys_msg, {"role": "user", "content": "red dog"}]) + "\n"
+    out = _run(capsys, ["generate", str(chat_model), "--prompt", "red dog", "--temperature",
+                        "1.0", "--top-k", "1", "--seed", "3", "--max-new-tokens", str(MAX_NEW)])
+    # top-k 1 is greedy whatever the temperature
+    assert out == _answer(chat_model, [{"role": "user", "content": "red dog"}]) + "\n"
+
+
+def test_chat_keeps_the_conversation(chat_model, capsys, monkeypatch):
+    out = _run(capsys, ["chat", str(chat_model), "--max-new-tokens", str(MAX_NEW)],
+               "red dog\n\nand a cat?\n/reset\nred dog\n/exit\nnever read\n", monkeypatch)
+    a1, a2, a3 = out.split("\n")[:3]
+    assert out.count("\n") == 3
+    u1, u2 = {"role": "user", "content": "red dog"}, {"role": "user", "content": "and a cat?"}
+    assert a1 == _answer(chat_model, [u1])
+    assert a2 == _answer(chat_model, [u1, {"role": "assistant", "content": a1}, u2])
+    assert a3 == a1  # /reset forgot the first exchange
+
+
+def test_render_chat_puts_the_run_system_prompt_first(chat_model):
+    _, tok = load_pretrained(chat_model, "float32", "cpu")
+    cfg = DataConfig(system_prompt="S")
+    msgs = [{"role": "user", "content": "u"}]
+    want = tok.encode(tok.apply_chat_template([{"role": "system", "content": "S"}, *msgs],
+                                              add_generation_prompt=True, tokenize=False))
+    assert render_chat(tok, cfg, msgs) == want == render_prompt(tok, DataConfig(), "u", "S")
+    own = [{"role": "system", "content": "mine"}, *msgs]
+    assert render_chat(tok, cfg, own) == tok.encode(tok.apply_chat_template(
+        own, add_generation_prompt=True, tokenize=False))
+
+
+def test_errors_and_version(chat_model, capsys):
+    assert main(["generate", str(chat_model), "--raw", "--prompt", "x", "--system", "s"]) == 2
+    assert "system prompt needs a chat template" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ember {__version__}"
