@@ -171,6 +171,7 @@ def _cmd_chat(a) -> None:
 def _cmd_eval(a) -> None:
     import torch
 
+    from ember.engine.choices import choice_metrics, is_choice_file, load_choices, score_choices
     from ember.engine.data import load_examples
     from ember.engine.evaluation import generation_eval, validation_loss
     from ember.engine.metrics import perplexity
@@ -198,11 +199,23 @@ def _cmd_eval(a) -> None:
         print(report.summary(), file=sys.stderr)
         print(json.dumps(scores))
         return
-    examples, report = load_examples(data, data_cfg, tok)
-    print(report.summary(), file=sys.stderr)
     device = str(next(model.parameters()).device)
     precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
     autocast = autocast_for(device, precision)
+    if is_choice_file(data):
+        asked = set((a.metrics or "").split(",")) - {""}
+        if asked - {"choice_accuracy", "choice_accuracy_norm"}:
+            raise EmberError(f"{data} is a multiple-choice file: its metrics are choice_accuracy "
+                             f"and choice_accuracy_norm (both reported), not {sorted(asked)}")
+        examples, questions, report = load_choices(data, data_cfg, tok)
+        print(report.summary(), file=sys.stderr)
+        examples, questions = examples[:a.max_examples], questions[:a.max_examples]
+        scores = score_choices(model, examples, data_cfg.tokens_per_batch, device, autocast)
+        print(json.dumps({"data": str(data), "examples": len(examples),
+                          **choice_metrics(scores, questions)}))
+        return
+    examples, report = load_examples(data, data_cfg, tok)
+    print(report.summary(), file=sys.stderr)
     loss, _ = validation_loss(model, examples, max(data_cfg.tokens_per_batch,
                                                    max(len(e) for e in examples)), device,
                               autocast)
@@ -331,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_args(p)
     p.set_defaults(fn=_cmd_chat)
 
-    p = sub.add_parser("eval", help="loss, perplexity and generation metrics on a JSONL file")
+    p = sub.add_parser("eval", help="loss, perplexity and generation metrics on a JSONL file; "
+                                    "multiple-choice accuracy on question/choices/answer lines")
     model_args(p, "to evaluate")
     p.add_argument("--data", help="JSONL examples (default: the run's test split)")
     p.add_argument("--metrics", help="comma-separated: exact_match, accuracy, f1, macro_f1, "

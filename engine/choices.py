@@ -1,0 +1,222 @@
+"""Multiple-choice evaluation by log-likelihood (MMLU, ARC, HellaSwag-style benchmarks), the way
+EleutherAI's lm-evaluation-harness scores ``multiple_choice`` tasks.
+
+A line holds a question and its candidate answers::
+
+    {"question": "The capital of France is", "choices": ["Paris", "Rome", "Berlin"], "answer": 0}
+
+``question`` (or ``prompt``), ``choices`` (two or more strings) and ``answer`` (the index of the
+right choice, or its text). Each choice is scored by the log-probability the model gives its
+tokens after the question; the prediction is the highest-scoring choice:
+
+- ``choice_accuracy``: by the summed log-probability (lm-eval's ``acc``);
+- ``choice_accuracy_norm``: by the summed log-probability per character of the choice
+  (lm-eval's ``acc_norm``, which favours long answers less).
+
+Rendering. With a chat template (an instruct model, or a run trained on chats) the question is
+the user's message and the choice is the assistant's answer, as training renders them (the run's
+``data.system_prompt`` included). Without one (``--raw``, base models), as lm-eval: the
+context is the question text (BOS per the tokenizer), the continuation is ``" " + choice``
+(no space added when the question ends with whitespace or the choice starts with it), trailing
+whitespace of the question moves into the continuation, and the continuation's tokens are those
+of ``question + continuation`` past the question's own tokens, so a token that spans the
+boundary is scored as the model would see it.
+
+Each question is one packed example whose documents are (context + choice) for every choice, so
+a forward pass scores all of them together (the context is computed once per choice). A
+question longer than ``data.max_seq_len`` loses context tokens from the left (after BOS) and is
+counted as truncated, or is dropped with ``data.truncation = "drop"``; bad lines are reported
+like any other data file's (``data.bad_lines``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ember import EmberError
+from ember.engine.data import IGNORE, DataConfig, DataReport, _Bad, _Reader, read_lines
+from ember.engine.formats import _type_name
+from ember.engine.losses import doc_logprobs
+from ember.engine.packing import Example, PackedBatches, collate
+
+
+def is_choice_file(path: str | Path) -> bool:
+    """True when the file's first record has a ``choices`` field."""
+    first: list[dict] = []
+
+    class _Peek(_Reader):
+        def example(self, lineno, raw):
+            if not first:
+                line = self.text(lineno, raw)
+                with contextlib.suppress(json.JSONDecodeError):
+                    obj = json.loads(line) if line is not None else None
+                    if isinstance(obj, dict):
+                        first.append(obj)
+            return None
+
+    read_lines(path, lambda p: _Peek(p, DataConfig(use_chat_template=False), None))
+    return bool(first) and "choices" in first[0]
+
+
+@dataclass(frozen=True)
+class Question:
+    answer: int  # index of the right choice
+    chars: tuple[int, ...]  # characters of each choice (acc_norm)
+
+
+class _ChoiceReader(_Reader):
+    def __init__(self, path: Path, cfg: DataConfig, tokenizer):
+        super().__init__(path, cfg, tokenizer)
+        self.questions: list[Question] = []
+
+    def parse(self, line: str) -> tuple[str, list[str], int]:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _Bad("invalid JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise _Bad("wrong type", f"expected a JSON object, got {_type_name(obj)}")
+        missing = [k for k in ("choices", "answer") if k not in obj]
+        q = obj.get("question", obj.get("prompt"))
+        if q is None:
+            missing.insert(0, "question")
+        if missing:
+            raise _Bad("missing field", f"a multiple-choice line needs 'question' (or 'prompt'), "
+                                        f"'choices' and 'answer'; missing {missing}")
+        choices, answer = obj["choices"], obj["answer"]
+        if not isinstance(q, str):
+            raise _Bad("wrong type", f"'question' must be a string, got {_type_name(q)}")
+        if (not isinstance(choices, list) or len(choices) < 2
+                or not all(isinstance(c, str) and c for c in choices)):
+            raise _Bad("wrong type", "'choices' must be a list of two or more non-empty strings")
+        if isinstance(answer, bool) or not isinstance(answer, (int, str)):
+            raise _Bad("wrong type", "'answer' must be the index of the right choice or its text, "
+                                     f"got {_type_name(answer)}")
+        if isinstance(answer, str):
+            if answer not in choices:
+                raise _Bad("unknown answer", f"answer {answer!r} is not one of the choices")
+            answer = choices.index(answer)
+        if not 0 <= answer < len(choices):
+            raise _Bad("unknown answer", f"answer index {answer} is out of range for "
+                                         f"{len(choices)} choices")
+        return q, choices, answer
+
+    def pair(self, question: str, choice: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) of one choice."""
+        enc = self.enc
+        if enc.chat:
+            msgs = [{"role": "user", "content": question}]
+            if self.cfg.system_prompt is not None:
+                msgs.insert(0, {"role": "system", "content": self.cfg.system_prompt})
+            context, cont, special = enc._render(msgs, True), choice, False
+        else:
+            sep = "" if (not question or question[-1].isspace() or choice[0].isspace()) else " "
+            context = question.rstrip()
+            cont = question[len(context):] + sep + choice
+            special = True
+        ctx = enc._enc(context, special)
+        whole = enc._enc(context + cont, special)
+        if whole[:len(ctx)] != ctx:  # the boundary token changed the context's own tokens
+            return ctx, enc._enc(cont)
+        return ctx, whole[len(ctx):]
+
+    def fit(self, ctx: list[int], cont: list[int]) -> list[int] | None:
+        """The context cut from the left to fit ``max_seq_len`` (None: cannot)."""
+        room = self.cfg.max_seq_len - len(cont)
+        if len(ctx) + len(cont) <= self.cfg.max_seq_len:
+            return ctx
+        keep_bos = int(bool(ctx) and self.bos is not None and ctx[0] == self.bos)
+        if self.cfg.truncation == "drop" or room < keep_bos + 1:
+            return None
+        return ctx[:keep_bos] + ctx[len(ctx) - room + keep_bos:]
+
+    def example(self, lineno: int, raw: bytes) -> Example | None:
+        line = self.text(lineno, raw)
+        if line is None:
+            return None
+        try:
+            question, choices, answer = self.parse(line)
+            pairs = [self.pair(question, c) for c in choices]
+            if any(not cont for _, cont in pairs):
+                raise _Bad("empty choice", "a choice has no tokens")
+        except _Bad as e:
+            self.bad(lineno, e.kind, e.why)
+            return None
+        ids, labels, parts, cut = [], [], [], False
+        for ctx, cont in pairs:
+            fitted = self.fit(ctx, cont)
+            if fitted is None:
+                self.report.dropped_too_long += 1
+                self.report.note("too long", f"{self.where(lineno)}: a choice needs more than "
+                                             f"max_seq_len {self.cfg.max_seq_len} tokens "
+                                             "(dropped)")
+                return None
+            cut = cut or len(fitted) < len(ctx)
+            doc = fitted + cont
+            # labels pre-shifted: position t predicts doc[t + 1]; the continuation is scored
+            lab = [IGNORE] * (len(fitted) - 1) + cont + [IGNORE]
+            if not fitted:  # no context at all: the first continuation token has no predictor
+                lab = cont[1:] + [IGNORE]
+            ids += doc
+            labels += lab
+            parts.append(len(doc))
+        if cut:
+            self.report.truncated += 1
+            self.report.note("too long", f"{self.where(lineno)}: context cut to fit max_seq_len "
+                                         f"{self.cfg.max_seq_len}")
+        self.questions.append(Question(answer, tuple(len(c) for c in choices)))
+        key = hashlib.blake2b(line.strip().encode(), digest_size=16).hexdigest()
+        return Example(ids, labels, self.where(lineno), 0, choices[answer], key, tuple(parts))
+
+
+def load_choices(path: str | Path, cfg: DataConfig, tokenizer
+                 ) -> tuple[list[Example], list[Question], DataReport]:
+    """(one packed example per question, its answer and choice lengths, the report)."""
+    reader, examples = read_lines(path, lambda p: _ChoiceReader(p, cfg, tokenizer))
+    rep = reader.report
+    rep.format, rep.examples = "multiple choice", len(examples)
+    rep.tokens = sum(len(e) for e in examples)
+    rep.loss_tokens = sum(e.num_loss_tokens for e in examples)
+    if not examples:
+        raise EmberError(f"{path}: no usable questions out of {rep.lines - rep.blank_lines} "
+                         "lines\n" + "\n".join(f"  {p}" for p in rep.problems))
+    return examples, reader.questions, rep
+
+
+@torch.no_grad()
+def score_choices(model, examples: list[Example], tokens_per_batch: int, device,
+                  autocast=contextlib.nullcontext) -> list[torch.Tensor]:
+    """Per question, the summed log-probability of each choice ((k,) fp32, on the CPU)."""
+    was_training = model.training
+    model.eval()
+    out: list[torch.Tensor | None] = [None] * len(examples)
+    try:
+        batches = PackedBatches(examples, max(tokens_per_batch, max(map(len, examples))),
+                                order="file", packing="greedy").plan(0)
+        for idx in batches:
+            with autocast():
+                sums = doc_logprobs(model, collate([examples[i] for i in idx]).to(device)).sums
+            sums, at = sums.float().cpu(), 0
+            for i in idx:
+                k = len(examples[i].parts)
+                out[i], at = sums[at:at + k], at + k
+    finally:
+        model.train(was_training)
+    return out
+
+
+def choice_metrics(scores: list[torch.Tensor], questions: list[Question]) -> dict[str, float]:
+    """``choice_accuracy`` and ``choice_accuracy_norm`` (see the module docstring)."""
+    if len(scores) != len(questions):
+        raise EmberError(f"{len(scores)} scored questions for {len(questions)} answers")
+    acc = sum(int(s.argmax()) == q.answer for s, q in zip(scores, questions, strict=True))
+    norm = sum(int((s / torch.tensor(q.chars, dtype=s.dtype)).argmax()) == q.answer
+               for s, q in zip(scores, questions, strict=True))
+    n = len(questions)
+    return {"choice_accuracy": acc / n, "choice_accuracy_norm": norm / n}

@@ -1,0 +1,148 @@
+"""Multiple-choice evaluation (engine/choices.py, ember eval on question/choices/answer lines).
+Oracle: transformers' model on the same folder, log-probabilities summed over each choice's tokens
+(lm-eval's recipe: the continuation is the tokens of context + continuation past the context's)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.engine.choices import choice_metrics, load_choices, score_choices
+from ember.engine.cli import main
+from ember.engine.data import DataConfig
+from ember.models.loading import load_pretrained
+from tests.engine._tiny import make_tiny_model, write_jsonl
+from tests.engine.test_cli_chat import chat_model  # noqa: F401  (fixture)
+
+ROWS = [
+    {"question": "say red dog ->", "choices": ["red", "blue", "green dog"], "answer": 0},
+    {"prompt": "say blue cat -> ", "choices": ["blue", "cat"], "answer": "cat"},
+    {"question": "colors:\n", "choices": [" red", "blue blue blue", "a", "dog"], "answer": 3},
+]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("mc") / "model", seed=4)
+
+
+@pytest.fixture(scope="module")
+def base_tok(base):
+    from ember.models.tokenizer import load_tokenizer
+
+    return load_tokenizer(base)
+
+
+def _hf_sums(folder, pairs) -> list[float]:
+    """Summed log p(continuation | context) per (context ids, continuation ids) from
+    transformers' model."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out = []
+    for ctx, cont in pairs:
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            lp = hf(ids).logits[0].float().log_softmax(-1)
+        out.append(sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)))
+    return out
+
+
+def _raw_pairs(tok, row):
+    q = row.get("question", row.get("prompt"))
+    for c in row["choices"]:
+        context = q.rstrip()
+        cont = q[len(context):] + ("" if not q or q[-1].isspace() or c[0].isspace() else " ") + c
+        ctx = tok.encode(context, add_special_tokens=True)
+        whole = tok.encode(context + cont, add_special_tokens=True)
+        assert whole[:len(ctx)] == ctx
+        yield ctx, whole[len(ctx):]
+
+
+def test_scores_match_transformers(base, tmp_path, capsys):
+    model, tok = load_pretrained(base, "float32", "cpu")
+    path = write_jsonl(tmp_path / "mc.jsonl", ROWS)
+    cfg = DataConfig(use_chat_template=False, tokens_per_batch=64, max_seq_len=64)
+    examples, questions, rep = load_choices(path, cfg, tok)
+    assert [q.answer for q in questions] == [0, 1, 3] and rep.examples == 3
+    got = score_choices(model, examples, 64, "cpu")
+    pairs = [p for r in ROWS for p in _raw_pairs(tok, r)]
+    want = _hf_sums(base, pairs)
+    torch.testing.assert_close(torch.cat(got), torch.tensor(want), rtol=1e-4, atol=1e-4)
+    # the CLI reports the metrics of those scores
+    capsys.readouterr()
+    assert main(["eval", str(base), "--raw", "--data", path, "--device", "cpu"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    split, at = [], 0
+    for r in ROWS:
+        split.append(torch.tensor(want[at:at + len(r["choices"])]))
+        at += len(r["choices"])
+    assert row == {"data": path, "examples": 3, **choice_metrics(split, questions)}
+
+
+def test_chat_models_score_the_assistant_answer(chat_model, tmp_path):  # noqa: F811
+    model, tok = load_pretrained(chat_model, "float32", "cpu")
+    rows = ROWS[:2]
+    path = write_jsonl(tmp_path / "mc.jsonl", rows)
+    examples, _, _ = load_choices(path, DataConfig(system_prompt="S"), tok)
+    got = torch.cat(score_choices(model, examples, 32, "cpu"))  # one question per batch
+    pairs = []
+    for r in rows:
+        q = r.get("question", r.get("prompt"))
+        text = tok.apply_chat_template([{"role": "system", "content": "S"},
+                                        {"role": "user", "content": q}],
+                                       add_generation_prompt=True, tokenize=False)
+        ctx = tok.encode(text)
+        pairs += [(ctx, tok.encode(text + c)[len(ctx):]) for c in r["choices"]]
+    torch.testing.assert_close(got, torch.tensor(_hf_sums(chat_model, pairs)), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_accuracy_and_length_normalized_accuracy():
+    from ember.engine.choices import Question
+
+    scores = [torch.tensor([-10.0, -12.0]), torch.tensor([-3.0, -1.0, -2.0])]
+    qs = [Question(1, (2, 20)), Question(1, (1, 1, 1))]
+    # question 1: the sum prefers choice 0, per character choice 1 (-5 vs -0.6)
+    assert choice_metrics(scores, qs) == {"choice_accuracy": 0.5, "choice_accuracy_norm": 1.0}
+
+
+def test_long_questions_lose_context_from_the_left(base, tmp_path):
+    _, tok = load_pretrained(base, "float32", "cpu")
+    row = {"question": "say red dog -> " * 20, "choices": ["red", "blue"], "answer": 0}
+    path = write_jsonl(tmp_path / "long.jsonl", [row])
+    cfg = DataConfig(use_chat_template=False, max_seq_len=12, tokens_per_batch=64)
+    (ex,), _, rep = load_choices(path, cfg, tok)
+    assert rep.truncated == 1 and all(n <= 12 for n in ex.parts)
+    for (ctx, cont), n, at in zip(_raw_pairs(tok, row), ex.parts, (0, ex.parts[0]), strict=True):
+        assert ex.input_ids[at:at + n] == (ctx[len(ctx) - (12 - len(cont)):] + cont)
+    with pytest.raises(EmberError, match="no usable questions"):
+        load_choices(path, DataConfig(use_chat_template=False, max_seq_len=12,
+                                      truncation="drop", bad_lines="skip"), tok)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"question": "q", "choices": ["a", "b"]}, "missing ['answer']"),
+    ({"choices": ["a", "b"], "answer": 0}, "missing ['question']"),
+    ({"question": "q", "choices": ["a"], "answer": 0}, "two or more non-empty strings"),
+    ({"question": "q", "choices": ["a", "b"], "answer": 2}, "out of range for 2 choices"),
+    ({"question": "q", "choices": ["a", "b"], "answer": "c"}, "'c' is not one of the choices"),
+    ({"question": "q", "choices": ["a", "b"], "answer": True}, "index of the right choice"),
+])
+def test_bad_lines_say_what_is_wrong(base_tok, tmp_path, row, message):
+    tok = base_tok
+    path = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], row])
+    with pytest.raises(EmberError, match=r"bad\.jsonl:2: ") as e:
+        load_choices(path, DataConfig(use_chat_template=False, bad_lines="error"), tok)
+    assert message in str(e.value)
+    _, qs, rep = load_choices(path, DataConfig(use_chat_template=False, bad_lines="skip"), tok)
+    assert len(qs) == 1 and rep.bad_lines == 1
+
+
+def test_cli_refuses_generation_metrics_on_a_choice_file(base, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "mc.jsonl", ROWS[:1])
+    assert main(["eval", str(base), "--raw", "--data", path, "--metrics", "exact_match"]) == 2
+    assert "multiple-choice file" in capsys.readouterr().err
