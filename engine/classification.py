@@ -124,6 +124,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise EmberError(
             f"eval.metrics {bad} do not apply to a classifier; use {', '.join(LABEL_METRICS)}"
         )
+    if cfg.eval.choices is not None:
+        raise EmberError("eval.choices scores answers with the LM head, which a classifier "
+                         "does not have: remove eval.choices")
     if cfg.eval.early_stopping == "perplexity":
         raise EmberError(
             'eval.early_stopping = "perplexity" does not apply to a classifier; '

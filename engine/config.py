@@ -121,6 +121,9 @@ class EvalConfig:
     batch_size: int = 64
     before: bool = True  # also measure the metrics before training (the baseline)
     show: int = 3  # print this many (prompt, prediction, reference) samples after the last eval
+    # A multiple-choice file ({"question", "choices", "answer"} lines, engine/choices.py) scored
+    # at every evaluation by log-likelihood: choice_accuracy and choice_accuracy_norm.
+    choices: str | None = None
     early_stopping: str | None = None  # a metric name ("val_loss", "exact_match", ...)
     patience: int = 3  # evaluations without improvement before stopping
     mode: str = "auto"  # "min" | "max" | "auto" (min for losses/perplexity, max otherwise)
@@ -138,7 +141,8 @@ class EvalConfig:
             raise EmberError("eval.every_steps must be >= 0, eval.patience and eval.batch_size "
                              ">= 1")
         if self.early_stopping is not None:
-            valid = ("val_loss", "perplexity", *self.metrics)
+            valid = ("val_loss", "perplexity", *self.metrics, *(
+                ("choice_accuracy", "choice_accuracy_norm") if self.choices else ()))
             _one_of("eval.early_stopping", self.early_stopping, valid)
 
 

@@ -53,6 +53,7 @@ import torch
 
 from ember import EmberError
 from ember.engine.activation import apply_activation_checkpointing, set_mlp_chunks
+from ember.engine.choices import choice_metrics, load_choices, score_choices
 from ember.engine.config import TrainConfig
 from ember.engine.data import Datasets, PackedBatches
 from ember.engine.distributed import (
@@ -132,6 +133,11 @@ class Trainer:
         ds = self.objective.load_datasets(cfg.data, tokenizer)
         self.echo(ds.summary())
         self.objective.check_data(ds)
+        self.choice_set = None
+        if cfg.eval.choices is not None:
+            examples, questions, rep = load_choices(cfg.eval.choices, cfg.data, tokenizer)
+            self.echo(rep.summary())
+            self.choice_set = (examples, questions)
         return ds
 
     def _build(self, cfg: TrainConfig, info: DistInfo):
@@ -197,6 +203,11 @@ class Trainer:
             scores.update(per_source_scores(  # data.validation per source: val_loss/<name>
                 self.objective, ds.val_sources, self.model, cfg.data.tokens_per_batch,
                 self.device, self.autocast, cfg.eval.max_val_batches))
+        if self.choice_set is not None:  # every rank scores every question (lock-step forwards)
+            examples, questions = self.choice_set
+            scores.update(choice_metrics(score_choices(
+                self.model, examples, cfg.data.tokens_per_batch, self.device, self.autocast),
+                questions))
         split = self._gen_split()
         if cfg.eval.metrics and split is not None:
             res = self.objective.task_eval(self.model, self.tokenizer, split[1], cfg.eval,
@@ -219,6 +230,8 @@ class Trainer:
                 raise EmberError(f"eval.early_stopping = {name!r} needs validation data and "
                                  "eval.val_loss = true: set data.validation (a file) or "
                                  "data.val_fraction")
+        elif name.startswith("choice_"):
+            pass  # eval.choices is its own data
         elif self._gen_split() is None:
             raise EmberError(f"eval.early_stopping = {name!r} is measured on the test or "
                              "validation split and this run has neither: set data.test, "

@@ -146,3 +146,47 @@ def test_cli_refuses_generation_metrics_on_a_choice_file(base, tmp_path, capsys)
     path = write_jsonl(tmp_path / "mc.jsonl", ROWS[:1])
     assert main(["eval", str(base), "--raw", "--data", path, "--metrics", "exact_match"]) == 2
     assert "multiple-choice file" in capsys.readouterr().err
+
+
+def test_training_reports_choice_accuracy_and_can_stop_on_it(tiny, tmp_path):
+    """eval.choices in a real run: the kind of answer the data teaches (words of the prompt)
+    against letters the data never has after the arrow; scored before and during training,
+    logged, usable for early stopping. The final score equals scoring the run's final model
+    directly."""
+    from ember.engine.state import load_run_model
+    from ember.engine.trainer import train
+    from tests.engine._tiny import quiet, rows_of, tiny_config, tiny_rows
+
+    rows = [{"question": r["prompt"], "choices": [w, r["completion"].strip()], "answer": 1}
+            for r, w in zip(tiny_rows(12, seed=7), ["xq", "zz kv", "vq", "jjj"] * 3,
+                            strict=True)]
+    path = write_jsonl(tmp_path / "mc.jsonl", rows)
+    cfg = tiny_config(tiny, tmp_path / "run", "max_steps=16", "optim.lr=5e-3",
+                      "eval.every_steps=8", "eval.metrics=[]", f'eval.choices="{path}"',
+                      "data.use_chat_template=false")
+    train(cfg, echo=quiet, progress=False)
+    evals = [r for r in rows_of(tmp_path / "run") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 8, 16]
+    assert max(r["choice_accuracy"] for r in evals[1:]) > evals[0]["choice_accuracy"]
+    model, tok, run_cfg = load_run_model(tmp_path / "run", "cpu")
+    examples, questions, _ = load_choices(path, run_cfg.data, tok)
+    final = choice_metrics(score_choices(model, examples, 128, "cpu"), questions)
+    assert final == {k: evals[-1][k] for k in final}
+    # early stopping on it: an lr too small to move the score by min_delta stops after patience
+    cfg = tiny_config(tiny, tmp_path / "es", "max_steps=20", "optim.lr=1e-9",
+                      "eval.every_steps=2", "eval.metrics=[]", f'eval.choices="{path}"',
+                      'eval.early_stopping="choice_accuracy"', "eval.patience=2",
+                      "eval.min_delta=0.1", "data.use_chat_template=false")
+    res = train(cfg, echo=quiet, progress=False)
+    assert res.stopped_early and res.steps == 4
+
+
+def test_choices_config_errors(tiny, tmp_path):
+    from tests.engine._tiny import tiny_config
+
+    with pytest.raises(EmberError, match="eval.early_stopping must be one of"):
+        tiny_config(tiny, tmp_path / "x", 'eval.early_stopping="choice_accuracy"')
+    path = write_jsonl(tmp_path / "mc.jsonl", ROWS)
+    with pytest.raises(EmberError, match="eval.choices scores answers with the LM head"):
+        tiny_config(tiny, tmp_path / "h", 'head.type="classification"', 'method="full"',
+                    f'eval.choices="{path}"')
