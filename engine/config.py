@@ -193,6 +193,7 @@ class TrainConfig:
     # Micro-batches (of data.tokens_per_batch tokens) per optimizer step and per process: under
     # torchrun with N processes a step takes grad_accum * N batches.
     grad_accum: int = 1
+    neftune_noise_alpha: float = 0.0  # NEFTune embedding noise while training (engine/neftune.py)
     max_steps: int | None = None  # None: epochs decide
     epochs: float = 1.0
     seed: int = 0
@@ -214,6 +215,12 @@ class TrainConfig:
         if self.objective == "distill" and self.distill.teacher is None:
             raise EmberError("objective = \"distill\" needs distill.teacher: a model name, HF "
                              "folder or .gguf file sharing the student's tokenizer")
+        if self.neftune_noise_alpha < 0:
+            raise EmberError(f"neftune_noise_alpha must be >= 0, got {self.neftune_noise_alpha}")
+        if self.neftune_noise_alpha and self.objective not in ("sft", "distill"):
+            raise EmberError(f"neftune_noise_alpha applies to instruction tuning (objective "
+                             f"\"sft\" or \"distill\"), not {self.objective!r}: the noise would "
+                             "also perturb the preference log-probabilities; remove it")
         object.__setattr__(self, "freeze", _as_tuple(self.freeze))
         if self.train_layers is not None:
             object.__setattr__(self, "train_layers", _as_tuple(self.train_layers))

@@ -72,6 +72,7 @@ from ember.engine.distributed import (
 )
 from ember.engine.guards import GracefulStop, NonFiniteGuard, oom_guard, resume_command
 from ember.engine.mixing import per_source_scores
+from ember.engine.neftune import add_neftune
 from ember.engine.objectives import make_objective
 from ember.engine.runlog import MetricsLog, format_scores
 from ember.engine.runtime import (
@@ -154,6 +155,8 @@ class Trainer:
         blocks = apply_activation_checkpointing(model, act.checkpointing, k=act.every_k,
                                                 offload=act.offload)
         set_mlp_chunks(model, act.mlp_chunk_tokens)
+        if cfg.neftune_noise_alpha:
+            add_neftune(model.embed, cfg.neftune_noise_alpha)
         # Under torchrun only rank 0 read the weights (into host memory): the full tensors it
         # broadcasts into every rank's shards once they exist.
         full_sd = dict(model.state_dict()) if info.distributed and info.rank == 0 else None
