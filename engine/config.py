@@ -202,6 +202,7 @@ class TrainConfig:
     threads: int | None = None  # CPU threads for torch (None: torch's default)
     log_every: int = 1  # steps between metrics.jsonl rows
     plot: bool = True  # loss/metric PNG at the end (needs matplotlib)
+    tensorboard: bool = False  # also log to <run_dir>/tensorboard (needs the tensorboard package)
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, ("lora", "full", "prompt"))

@@ -8,7 +8,10 @@ rows logged after the checkpoint are dropped, so the log reads like one uninterr
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+
+from ember import EmberError
 
 
 def format_scores(scores: dict) -> str:
@@ -30,16 +33,40 @@ def format_scores(scores: dict) -> str:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, *, main: bool = True):
+    """``tensorboard=True`` mirrors every number to TensorBoard event files in
+    ``<run_dir>/tensorboard`` (tags ``train/loss``, ``eval/val_loss`` ...; needs the
+    ``tensorboard`` package), with the same resume rule as the JSON log."""
+
+    def __init__(self, run_dir: Path, *, main: bool = True, tensorboard: bool = False):
         self.run_dir, self.path, self.main = run_dir, run_dir / "metrics.jsonl", main
+        self.tensorboard, self._tb = tensorboard and main, None
+        if self.tensorboard:
+            try:
+                import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+            except ImportError:
+                raise EmberError("tensorboard = true needs the tensorboard package: pip install "
+                                 "tensorboard (or set tensorboard = false)") from None
 
     def write(self, row: dict) -> None:
         if self.main:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("kind", "step") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{row['kind']}/{k}", v, row["step"])
+            self._tb.flush()
 
     def start(self, step: int) -> None:
-        """A fresh run (``step`` 0) starts an empty log; a resumed one keeps rows up to ``step``."""
+        """A fresh run (``step`` 0) starts an empty log; a resumed one keeps rows up to ``step``
+        (TensorBoard: events after ``step`` are purged)."""
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb_dir = self.run_dir / "tensorboard"
+            if step == 0 and tb_dir.exists():
+                shutil.rmtree(tb_dir)
+            self._tb = SummaryWriter(str(tb_dir), purge_step=step + 1 if step else None)
         if not self.main or not self.path.exists():
             return
         if step == 0:
@@ -47,6 +74,11 @@ class MetricsLog:
             return
         keep = [json.dumps(r) for r in self.rows() if r["step"] <= step]
         self.path.write_text("".join(r + "\n" for r in keep))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def rows(self) -> list[dict]:
         """The logged rows; a line torn by a kill in the middle of a write is left out."""

@@ -308,7 +308,7 @@ class Trainer:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         latest = open_run(cfg, info, resume=self.resume, echo=self.echo)
-        self.log = MetricsLog(cfg.out_dir, main=info.is_main)
+        self.log = MetricsLog(cfg.out_dir, main=info.is_main, tensorboard=cfg.tensorboard)
         self.device, self.autocast = info.device, autocast_for(info.device, cfg.precision)
         # Before _build seeds the run: loading a teacher / reference leaves the RNG as SFT's.
         self.objective = make_objective(cfg, info)
@@ -423,6 +423,7 @@ class Trainer:
             self.echo(f"saved {out}")
         if cfg.plot:
             self.log.plot(self.echo)
+        self.log.close()
         self.echo(f"done in {time.perf_counter() - t_start:.0f} s")
         return RunResult(cfg.out_dir, prog.step, prog.before, scores, stopped,
                          time.perf_counter() - t_start)

@@ -104,9 +104,17 @@ def test_grad_accumulation_is_token_weighted(tiny):
     assert abs(wrong - one_loss) > 1e-3
 
 
+def _tensorboard(run_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
 def test_stop_resume_equals_uninterrupted_run(tiny, tmp_path):
     extra = ("max_steps=6", "checkpoint.every_steps=2", "eval.every_steps=3", "lora.dropout=0.1",
-             "data.tokens_per_batch=96", "grad_accum=2", "eval.metrics=[]")
+             "data.tokens_per_batch=96", "grad_accum=2", "eval.metrics=[]", "tensorboard=true")
     train(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
     cfg_b = tiny_config(tiny, tmp_path / "b", *extra)
     stopped = train(cfg_b, echo=quiet, progress=False, stop_after=4)
@@ -120,9 +128,24 @@ def test_stop_resume_equals_uninterrupted_run(tiny, tmp_path):
     with (tmp_path / "b" / "metrics.jsonl").open("a") as f:  # rows a crash left past the ckpt
         f.write(json.dumps({"kind": "train", "step": 5, "loss": 123.0}) + "\n")
         f.write('{"kind": "train", "step": 6, "lo')  # torn by a kill in the middle of a write
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "b" / "tensorboard")) as tb:  # and its TensorBoard events
+        tb.add_scalar("train/loss", 123.0, 5)
     train(cfg_b, resume=True, echo=quiet, progress=False)
     a, b = rows_of(tmp_path / "a", timing=False), rows_of(tmp_path / "b", timing=False)
     assert a == b
+    # TensorBoard holds the same numbers, and the resumed run's events past the checkpoint were
+    # purged (steps 5 and 6 once each)
+    tb_a, tb_b = _tensorboard(tmp_path / "a"), _tensorboard(tmp_path / "b")
+    assert tb_a["train/loss"] == [(r["step"], pytest.approx(r["loss"]))
+                                  for r in a if r["kind"] == "train"]
+    assert tb_a["eval/val_loss"] == [(r["step"], pytest.approx(r["val_loss"]))
+                                     for r in a if r["kind"] == "eval"]
+    untimed = {f"{r['kind']}/{k}" for r in a for k in r if k not in ("kind", "step")}
+    assert {t: tb_b[t] for t in untimed} == {t: tb_a[t] for t in untimed}
+    assert tb_b.keys() == tb_a.keys()
+    assert [s for s, _ in tb_b["train/seconds"]] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in a if r["kind"] == "eval"] == [0, 3, 6]
     wa = checkpoint_weights(tmp_path / "a", tmp_path)
     wb = checkpoint_weights(tmp_path / "b", tmp_path)
