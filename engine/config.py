@@ -54,8 +54,19 @@ class ModelSpec:
     # Start from an earlier stage's result: a run directory (its final adapter or model) or a
     # PEFT adapter folder; ``name`` stays the base model it was trained on (engine/stages.py).
     init: str | None = None
+    # Context extension (models/context.py): RoPE scaling "linear" | "yarn" by rope_factor, to
+    # train on sequences longer than the model's context; exported folders carry it.
+    rope_scaling: str | None = None
+    rope_factor: float | None = None
 
     def __post_init__(self) -> None:
+        if (self.rope_scaling is None) != (self.rope_factor is None):
+            raise EmberError("model.rope_scaling and model.rope_factor go together, e.g. "
+                             "rope_scaling = \"yarn\" and rope_factor = 4.0 for 4x the context")
+        if self.rope_scaling is not None:
+            _one_of("model.rope_scaling", self.rope_scaling, ("linear", "yarn"))
+            if not self.rope_factor > 1:
+                raise EmberError(f"model.rope_factor must be > 1, got {self.rope_factor}")
         if self.init is not None and not self.init.strip():
             raise EmberError("model.init is empty: give a previous run directory or a PEFT "
                              "adapter folder, or leave it out")

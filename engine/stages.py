@@ -293,16 +293,27 @@ def continue_adapters(model, cfg: TrainConfig, tokenizer, start: Start) -> None:
         m.dropout = torch.nn.Dropout(p) if p > 0 else None
 
 
+def load_base(cfg: TrainConfig, name, dtype: str, device: str, **kw):
+    """``load_pretrained(name, ...)`` with the run's context extension (``model.rope_scaling``)
+    applied: every path that rebuilds a run's model goes through here."""
+    from ember.models.context import extend_context
+    from ember.models.loading import load_pretrained
+
+    model, tok = load_pretrained(name, dtype, device, **kw)
+    if cfg.model.rope_scaling is not None:
+        extend_context(model, cfg.model.rope_scaling, cfg.model.rope_factor)
+    return model, tok
+
+
 def load_start(cfg: TrainConfig, dtype: str, device: str):
     """(model, tokenizer, started): the model ``cfg`` starts from; ``started`` is True when the
     method's adapters are already on it (a continued adapter or prompt)."""
     from ember.engine.classification import attach_head  # here: it imports objectives -> stages
-    from ember.models.loading import load_pretrained
 
     start = None if cfg.model.init is None else start_of(cfg)
     base = cfg.model.name if start is None else start.base
-    model, tok = load_pretrained(base, dtype, device, quantize=cfg.model.quantize,
-                                 double_quant=cfg.model.double_quant)
+    model, tok = load_base(cfg, base, dtype, device, quantize=cfg.model.quantize,
+                           double_quant=cfg.model.double_quant)
     # [head]: before LoRA / freezing, and before a continued adapter, which may carry the head.
     attach_head(model, cfg, tok)
     if start is None:

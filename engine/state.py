@@ -40,8 +40,8 @@ from ember.engine.distributed import (
 )
 from ember.engine.guards import NonFiniteGuard
 from ember.engine.runtime import build_model
-from ember.engine.stages import base_of
-from ember.models.loading import load_pretrained, save_pretrained
+from ember.engine.stages import base_of, load_base
+from ember.models.loading import save_pretrained
 from ember.models.lora import apply_lora, load_adapter, save_adapter
 from ember.models.prompt_tuning import load_prompt_adapter, save_prompt_adapter
 from ember.models.transformer import Transformer
@@ -187,18 +187,17 @@ def load_run_model(run_dir: str | Path, device: str | None = None):
         device = "cpu"
     final_adapter, final_model = run_dir / "final" / "adapter", run_dir / "final" / "model"
     if cfg.method == "full" and final_model.is_dir():
-        model, tok = load_pretrained(final_model, cfg.model.dtype, device)
+        model, tok = load_base(cfg, final_model, cfg.model.dtype, device)
         attach_head(model, cfg, tok)  # saved as an HF classifier: check it is this run's
         return model, tok, cfg
     if cfg.method == "lora" and final_adapter.is_dir():
-        model, tok = load_pretrained(base_of(cfg), cfg.model.dtype, device,
-                                     quantize=cfg.model.quantize,
-                                     double_quant=cfg.model.double_quant)
+        model, tok = load_base(cfg, base_of(cfg), cfg.model.dtype, device,
+                               quantize=cfg.model.quantize, double_quant=cfg.model.double_quant)
         attach_head(model, cfg, tok)  # the adapter brings the trained head (modules_to_save)
         load_adapter(model, final_adapter)
         return model, tok, cfg
     if cfg.method == "prompt" and final_adapter.is_dir():
-        model, tok = load_pretrained(base_of(cfg), cfg.model.dtype, device)
+        model, tok = load_base(cfg, base_of(cfg), cfg.model.dtype, device)
         load_prompt_adapter(model, final_adapter)
         return model, tok, cfg
     latest = dcp.find_latest(dcp.checkpoint_root(run_dir))

@@ -222,6 +222,18 @@ class Trainer:
             self.log.write({"kind": "eval", "step": step, **scores})
         return scores
 
+    def _check_context(self, model) -> None:
+        """Documents longer than the model's context train positions it has never seen: say so
+        (model.rope_scaling extends the context)."""
+        limit = model.cfg.max_position_embeddings
+        longest = max(n for e in self.datasets.train for n in e.doc_lengths)
+        if longest > limit:
+            over = sum(any(n > limit for n in e.doc_lengths) for e in self.datasets.train)
+            self.echo(f"warning: {over} training examples are longer than the model's context "
+                      f"({limit} tokens; the longest has {longest}): set model.rope_scaling = "
+                      f"\"yarn\" and model.rope_factor = {math.ceil(longest / limit)} to extend "
+                      "it, or lower data.max_seq_len")
+
     def _check_eval_data(self) -> None:
         """Early stopping on a metric no evaluation can produce would never stop: say so now."""
         ev, ds = self.cfg.eval, self.datasets
@@ -316,6 +328,7 @@ class Trainer:
         self.objective.check_model(model, self.tokenizer)
         self.datasets = self._datasets(cfg, info, self.tokenizer)
         self._check_eval_data()
+        self._check_context(model)
         batches = rank_batches(self.datasets.train, cfg.data, info)
         per_epoch = len(batches.plan(0))
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))

@@ -1,0 +1,81 @@
+"""Context extension (models/context.py): Ember's linear / YaRN scaling of a model's RoPE gives
+transformers' logits for the same rope_scaling, beyond the original context; the exported config
+carries it (the engine side: tests/engine/test_context_extension.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from ember import EmberError
+from ember.models.context import extend_context
+from ember.models.loading import load_pretrained, save_pretrained
+from tests.models.test_hf import BASE, LLAMA3, VOCAB, _randomize
+
+T = 150  # > the original context of 64
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    config = transformers.LlamaConfig(**BASE, hidden_size=48)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    _randomize(model, seed=11)
+    out = tmp_path_factory.mktemp("ctx") / "llama"
+    model.save_pretrained(out)
+    return out
+
+
+def _hf(folder, rope: dict | None, max_pos: int):
+    config = transformers.AutoConfig.from_pretrained(folder)
+    if rope is not None:
+        config.rope_parameters = {"rope_theta": config.rope_parameters["rope_theta"], **rope}
+    config.max_position_embeddings = max_pos
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, config=config, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("kind", ["linear", "yarn"])
+@torch.no_grad()
+def test_matches_transformers_beyond_the_original_context(folder, tmp_path, kind):
+    ids = torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(2))
+    with pytest.warns(UserWarning, match="tokenizer"):
+        model, _ = load_pretrained(folder, "float32")
+    plain = model(ids)
+    extend_context(model, kind, 4.0)
+    assert model.cfg.max_position_embeddings == 256
+    assert all(b.attn.cfg is model.cfg for b in model.layers)
+    hf = _hf(folder, {"rope_type": kind, "factor": 4.0, "original_max_position_embeddings": 64},
+             256)
+    want = hf(ids).logits
+    torch.testing.assert_close(model(ids), want, rtol=1e-4, atol=1e-4)
+    assert (plain - want).abs().max() > 1e-2  # the scaling matters at these positions
+    # exported: transformers reads the scaling from config.json, a later Ember load too
+    save_pretrained(model, tmp_path / "out")
+    rp = json.loads((tmp_path / "out" / "config.json").read_text())["rope_parameters"]
+    assert rp["rope_type"] == kind and rp["factor"] == 4.0
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", attn_implementation="eager").eval()
+    torch.testing.assert_close(back(ids).logits, want, rtol=1e-4, atol=1e-4)
+    with pytest.warns(UserWarning, match="tokenizer"):
+        again, _ = load_pretrained(tmp_path / "out", "float32")
+    cfg = again.cfg
+    assert extend_context(again, kind, 4.0).cfg is cfg  # already extended: unchanged
+    assert (cfg.rope_scaling.kind, cfg.rope_scaling.factor, cfg.max_position_embeddings) == (
+        kind, 4.0, 256)
+    torch.testing.assert_close(again(ids), want, rtol=1e-4, atol=1e-4)
+
+
+def test_refusals(tmp_path):
+    config = transformers.LlamaConfig(**BASE, hidden_size=48, rope_parameters=LLAMA3)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "l3")
+    with pytest.warns(UserWarning, match="tokenizer"):
+        model, _ = load_pretrained(tmp_path / "l3", "float32")
+    with pytest.raises(EmberError, match="already scales RoPE \\(llama3"):
+        extend_context(model, "yarn", 2.0)
+    with pytest.raises(EmberError, match="must be > 1"):
+        extend_context(model, "linear", 1.0)
+    with pytest.raises(EmberError, match="use one of linear, yarn"):
+        extend_context(model, "dynamic", 2.0)
