@@ -110,12 +110,12 @@ def _nf4_state(model) -> tuple[int, str]:
         if not isinstance(m, Linear4bit):
             continue
         n += 1
-        storage = m._parameters.get("nf4_storage")
-        if storage is None:  # its own tensors, all of them here
+        if m.nf4_layout is None:  # its own tensors, all of them here
             w = m.quant_weight
             held += sum(v.numel() * v.element_size() for k, v in nf4_to_bnb(w).items()
                         if "quant_state" not in k)
         else:
+            storage = m.nf4_storage
             local = storage.to_local() if hasattr(storage, "to_local") else storage
             held += local.numel() * local.element_size()
             full = storage.full_tensor() if hasattr(storage, "full_tensor") else storage
