@@ -49,7 +49,6 @@ from ember.engine.distributed import (
     all_gather_objects,
     barrier,
     broadcast_object,
-    nf4_hidden,
 )
 
 MANIFEST = "manifest.json"
@@ -225,7 +224,7 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None):
     through DCP's state-dict API (DTensors, FSDP names); a plain one hands DCP its trainable
     parameters directly (the same names; loads land in them in place), which also works where
     DCP cannot walk the model: the packed NF4 entries of a QLoRA base are state-dict keys but
-    not attributes."""
+    not attributes (sharded, they are one frozen Parameter per layer: ``store_nf4_flat``)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -239,10 +238,9 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None):
         if optimizer is None:
             return {"model": msd}
         return {"model": msd, "optim": get_optimizer_state_dict(model, optimizer, options=opts)}
-    with nf4_hidden(model):  # a sharded QLoRA model: its NF4 entries are no attributes either
-        if optimizer is None:
-            return {"model": get_model_state_dict(model, options=opts)}
-        msd, osd = get_state_dict(model, optimizer, options=opts)
+    if optimizer is None:
+        return {"model": get_model_state_dict(model, options=opts)}
+    msd, osd = get_state_dict(model, optimizer, options=opts)
     return {"model": msd, "optim": osd}
 
 
@@ -399,12 +397,10 @@ def load(folder: str | os.PathLike, *, model: nn.Module,
     elif optimizer is None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        with nf4_hidden(model):
-            set_model_state_dict(model, state["model"], options=opts)
+        set_model_state_dict(model, state["model"], options=opts)
     else:
-        with nf4_hidden(model):
-            set_state_dict(model, optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"], options=opts)
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=opts)
     if restore_rng:
         saved = manifest.get("world_size", 1)
         # Same world size: each rank continues its own streams. Another world size cannot

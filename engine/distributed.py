@@ -10,17 +10,19 @@ Sharding (``shard_model``), applied to the finished model in STYLE.md's order: L
 -> activation checkpointing -> compile -> ``fully_shard`` on every block, then on the root.
 Module names and state-dict keys are unchanged (FSDP2 swaps parameters for ``DTensor`` shards in
 place). With LoRA the frozen base is sharded like the rest; only adapters get gradients.
-QLoRA (an NF4 base): the packed 4-bit weights are not Parameters, so FSDP leaves them alone and
-every rank keeps a full copy (0.5 byte per weight plus the block scales), received from rank 0 byte
-for byte (``replicate_nf4_from_rank0``, called by ``shard_model``); everything that is a Parameter
-(adapters, norms, embeddings, head, biases) is sharded and reduced as for LoRA on a dense base. The
-NF4 entries are never gathered, checkpointed or cast by the mixed-precision policy (``nf4_hidden``
-keeps them out of DCP's state dicts).
+QLoRA (an NF4 base, FSDP-QLoRA): each NF4 layer keeps its packed codes and quant state as one
+frozen 1-D bf16 Parameter (``store_nf4_flat``, called by ``shard_model``; ``Linear4bit``'s
+flat-storage mode), so FSDP shards the 4-bit base like the rest: each rank holds 1 / N of the
+NF4 bytes, a block's layers are gathered byte for byte just before its forward (and again for
+its backward) and freed after. bf16 storage is what FSDP's mixed-precision policy casts
+parameters to, so it casts nothing; frozen, the storage is never reduced, checkpointed (DCP's
+state dicts leave frozen parameters out) nor exported (an adapter is the trainable parameters;
+a merged export reloads the base).
 Mixed precision on CUDA: bf16 parameters for compute, fp32 gradient reduction, fp32 master shards.
 Loading: only rank 0 reads the weights, into host memory (``build_device``); the other ranks build
 the same model on the meta device, and after ``fully_shard`` rank 0 broadcasts each tensor into
-every rank's shards (``materialize_from_rank0``), so no GPU ever holds the whole model and host
-memory holds one copy, not one per rank.
+every rank's shards (``materialize_from_rank0``, the end of ``shard_model``), so no GPU ever holds
+the whole model and host memory holds one copy, not one per rank.
 
 Semantics, so that N ranks reproduce one process:
 - Data: ``grad_accum`` is per rank; an optimizer step consumes ``grad_accum * world_size`` packed
@@ -44,9 +46,7 @@ sharded the same way on the same process group, without an optimizer (``shard_fr
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -57,7 +57,7 @@ import torch.nn as nn
 
 from ember import EmberError
 from ember.engine.data import DataConfig, Example, PackedBatches
-from ember.models.nf4 import Linear4bit, nf4_from_bnb, nf4_to_bnb
+from ember.models.nf4 import Linear4bit
 
 MIXED_PRECISION = ("auto", "bf16", "none")
 
@@ -174,17 +174,15 @@ def _mp_policy(mixed_precision: str, device: str):
 def shard_model(model: nn.Module, info: DistInfo, *, mixed_precision: str = "auto",
                 reshard_after_forward: bool = True) -> nn.Module:
     """``fully_shard`` every block of ``model.layers``, then the root (in place; returns the
-    model). A no-op for one process. Build the optimizer after this call: its parameters are
-    the shards. An NF4 base (QLoRA) is first replicated from rank 0 (a collective: every rank
-    calls this with the same model)."""
+    model), then fill the shards with rank 0's weights (``materialize_from_rank0``): ``model``
+    is built on ``build_device(info)``. A no-op for one process. A collective: every rank calls
+    it with the same model. Build the optimizer after this call: its parameters are the
+    shards. An NF4 base (QLoRA) is sharded too (``store_nf4_flat``)."""
     if mixed_precision not in MIXED_PRECISION:
         raise EmberError(f"mixed_precision must be one of {MIXED_PRECISION}, "
                          f"got {mixed_precision!r}")
     if not info.distributed:
         return model
-    # Before fully_shard: ranks > 0 must hold rank 0's module structure (Linear4bit where rank
-    # 0 has one) so that every rank registers the same parameters.
-    replicate_nf4_from_rank0(model, info)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
@@ -192,6 +190,12 @@ def shard_model(model: nn.Module, info: DistInfo, *, mixed_precision: str = "aut
     if not isinstance(layers, nn.ModuleList):
         raise EmberError(f"shard_model needs a model with a `layers` ModuleList (an ember "
                          f"Transformer), got {type(model).__name__}")
+    # Before fully_shard: ranks > 0 must hold rank 0's module structure (Linear4bit where rank
+    # 0 has one) so that every rank registers the same parameters.
+    store_nf4_flat(model, info)
+    # Only rank 0 read the weights (into host memory): the full tensors it broadcasts into
+    # every rank's shards once they exist.
+    full_sd = dict(model.state_dict()) if info.rank == 0 else None
     mesh = init_device_mesh("cuda" if info.device.startswith("cuda") else "cpu",
                             (info.world_size,))
     mp = _mp_policy(mixed_precision, info.device)
@@ -209,6 +213,7 @@ def shard_model(model: nn.Module, info: DistInfo, *, mixed_precision: str = "aut
     # The trainer's losses call ``hidden_states`` rather than ``forward``: it must run FSDP's
     # hooks (gather the root's parameters) too.
     register_fsdp_forward_method(model, "hidden_states")
+    materialize_from_rank0(model, full_sd, info)
     return model
 
 
@@ -223,12 +228,7 @@ def shard_frozen(model: nn.Module, info: DistInfo) -> nn.Module:
     Weights stay in their dtype (no mixed-precision policy: they are loaded in the compute
     dtype)."""
     model.requires_grad_(False).eval()
-    if not info.distributed:
-        return model
-    full_sd = dict(model.state_dict()) if info.rank == 0 else None
-    shard_model(model, info, mixed_precision="none", reshard_after_forward=True)
-    materialize_from_rank0(model, full_sd, info)
-    return model
+    return shard_model(model, info, mixed_precision="none", reshard_after_forward=True)
 
 
 def release(model: nn.Module) -> None:
@@ -265,109 +265,57 @@ def build_device(info: DistInfo) -> str:
 
 
 def materialize_from_rank0(model: nn.Module, full_sd: dict | None, info: DistInfo) -> None:
-    """After ``shard_model`` on a model built by ``build_device``: every rank allocates its
+    """The end of ``shard_model`` on a model built by ``build_device``: every rank allocates its
     shards on its device and rank 0 broadcasts ``full_sd`` (its full state dict, taken before
-    sharding) into them; the RoPE tables (non-persistent) are rebuilt on the device. The NF4
-    entries of ``full_sd`` are skipped: ``shard_model`` has replicated them already."""
-    if not info.distributed:
-        return
+    sharding) into them, the NF4 bytes of a QLoRA base (flat Parameters) like every other
+    weight; the RoPE tables (non-persistent) are rebuilt on the device."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    model.to_empty(device=info.device)  # moves rank 0's NF4 weights, keeps the received ones
-    with nf4_hidden(model):
-        if full_sd is not None:
-            keys = model.state_dict().keys()
-            full_sd = {k: v for k, v in full_sd.items() if k in keys}
-        set_model_state_dict(model, full_sd if info.rank == 0 else {},
-                             options=StateDictOptions(full_state_dict=True,
-                                                      broadcast_from_rank0=True))
+    model.to_empty(device=info.device)
+    set_model_state_dict(model, full_sd if info.rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True,
+                                                  broadcast_from_rank0=True))
     model.reset_rope_(info.device)
 
 
-def replicate_nf4_from_rank0(model: nn.Module, info: DistInfo) -> int:
-    """QLoRA under torchrun: give every rank rank 0's NF4 base weights, byte for byte, and
-    return how many layers were copied (0 for a model without NF4 layers; every rank calls it,
-    it is a collective). Ranks > 0 built the dense structure on the meta device; each of rank
-    0's ``Linear4bit`` layers replaces the ``nn.Linear`` of the same name there (keeping its
-    bias Parameter), then receives the packed codes and quant state (bitsandbytes' tensors, one
-    broadcast of their bytes per layer) on this rank's device.
+def store_nf4_flat(model: nn.Module, info: DistInfo) -> int:
+    """QLoRA under torchrun, before ``fully_shard``: every NF4 layer keeps its bytes as one
+    frozen Parameter (``Linear4bit.store_flat_``), so that FSDP shards the 4-bit base like any
+    other frozen weight (each rank holds 1 / N of it, a block's layers are gathered for its
+    forward and backward) and ``materialize_from_rank0`` broadcasts rank 0's bytes into the
+    shards. Returns the number of NF4 layers (0 without them); every rank calls it (a
+    collective). Rank 0 quantized (or read a bitsandbytes checkpoint) while the others built the
+    dense structure on the meta device: each of rank 0's ``Linear4bit`` layers replaces the
+    ``nn.Linear`` of the same name there (keeping its bias), with a storage of rank 0's layout.
 
     Rank 0 quantizes and the bytes travel, rather than every rank quantizing while loading:
-    host memory then holds one dense checkpoint read at a time, not one per rank, the disk is
-    read once, and the ranks' weights are identical by construction (also for a pre-quantized
-    bitsandbytes checkpoint, whose layout only rank 0 has read). The NF4 weights are frozen and
-    not Parameters, so FSDP leaves them alone: each rank keeps the full 4-bit base (0.5 byte per
-    weight plus the block scales), only the Parameters are sharded."""
-    if not info.distributed:
-        return 0
+    host memory holds one dense checkpoint read at a time, not one per rank, the disk is read
+    once, and the ranks' weights are identical by construction (also for a pre-quantized
+    checkpoint, whose layout only rank 0 has read)."""
     layout = None
     if info.rank == 0:
         layout = []
         for name, m in model.named_modules():
             if isinstance(m, Linear4bit):
-                if m.quant_weight is None:
-                    raise EmberError(f"{name}: an NF4 layer without weights cannot be shared "
-                                     "with the other processes; load the model's weights first")
-                parts = nf4_to_bnb(m.quant_weight)
-                layout.append((name, m.in_features, m.out_features,
-                               [(k, t.dtype, tuple(t.shape)) for k, t in parts.items()]))
+                m.store_flat_()
+                layout.append((name, m.in_features, m.out_features, m.nf4_layout))
     layout = broadcast_object(layout, info)
-    for name, in_f, out_f, specs in layout:
+    if info.rank == 0:
+        return len(layout)
+    for name, in_f, out_f, nf4 in layout:
         module = model.get_submodule(name)
-        if info.rank == 0:
-            parts = nf4_to_bnb(module.quant_weight)
-            blob = torch.cat([parts[k].contiguous().reshape(-1).view(torch.uint8)
-                              for k, _, _ in specs]).to(info.device)
-        else:
-            if not isinstance(module, Linear4bit):
-                if not isinstance(module, nn.Linear):
-                    raise EmberError(f"{name}: rank 0 has an NF4 layer where this process has "
-                                     f"a {type(module).__name__}; every process must build the "
-                                     "same model")
-                shell = Linear4bit(in_f, out_f, bias=False)
-                shell.bias = module.bias
-                parent, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, leaf, shell)
-                module = shell
-            sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape in specs]
-            blob = torch.empty(sum(sizes), dtype=torch.uint8, device=info.device)
-        dist.broadcast(blob, src=0)
-        if info.rank == 0:
+        if isinstance(module, Linear4bit):  # built with weights: rank 0's bytes replace them
+            module.store_flat_(nf4)
             continue
-        parts, at = {}, 0
-        for key, dtype, shape in specs:
-            n = math.prod(shape) * dtype.itemsize
-            parts[key] = blob[at:at + n].clone().view(dtype).reshape(shape)
-            at += n
-        module.quant_weight = nf4_from_bnb(parts, "weight", info.device)
+        if not isinstance(module, nn.Linear):
+            raise EmberError(f"{name}: rank 0 has an NF4 layer where this process has a "
+                             f"{type(module).__name__}; every process must build the same model")
+        shell = Linear4bit(in_f, out_f, bias=False)
+        shell.bias = module.bias
+        shell.store_flat_(nf4)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, shell)
     return len(layout)
-
-
-@contextlib.contextmanager
-def nf4_hidden(model: nn.Module):
-    """Leave the packed NF4 entries (``<layer>.weight``, ``<layer>.weight.absmax``, ...) out of
-    ``model.state_dict()`` and out of ``load_state_dict``'s missing keys inside the block. DCP's
-    state-dict API (``get_model_state_dict`` and friends) maps every key to an attribute path,
-    which these bitsandbytes-format keys are not; they are frozen, replicated on every rank and
-    never part of a checkpoint anyway."""
-    def drop(module, state_dict, prefix, local_metadata):
-        key = prefix + "weight"
-        for k in [k for k in state_dict if k == key or k.startswith(key + ".")]:
-            del state_dict[k]
-
-    layers = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear4bit)}
-
-    def not_missing(module, incompatible):  # load_state_dict: the weights stay as they are
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in layers]
-
-    handles = [m.register_state_dict_post_hook(drop) for m in model.modules()
-               if isinstance(m, Linear4bit)]
-    handles.append(model.register_load_state_dict_post_hook(not_missing))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def rank_batches(examples: list[Example], cfg: DataConfig, info: DistInfo) -> PackedBatches:
@@ -472,8 +420,7 @@ def gather_full_state_dict(model: nn.Module, *, trainable_only: bool = False
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True,
                             ignore_frozen_params=trainable_only)
-    with nf4_hidden(model):  # the NF4 base (QLoRA): not gathered, every rank has it
-        sd = get_model_state_dict(model, options=opts)
+    sd = get_model_state_dict(model, options=opts)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in sd.items()}

@@ -65,7 +65,6 @@ from ember.engine.distributed import (
     clip_grad_norm,
     init_distributed,
     local_numel,
-    materialize_from_rank0,
     rank0_echo,
     rank_batches,
     shard_model,
@@ -157,13 +156,10 @@ class Trainer:
         set_mlp_chunks(model, act.mlp_chunk_tokens)
         if cfg.neftune_noise_alpha:
             add_neftune(model.embed, cfg.neftune_noise_alpha)
-        # Under torchrun only rank 0 read the weights (into host memory): the full tensors it
-        # broadcasts into every rank's shards once they exist.
-        full_sd = dict(model.state_dict()) if info.distributed and info.rank == 0 else None
+        # Under torchrun only rank 0 read the weights: shard_model broadcasts them into the
+        # shards.
         shard_model(model, info, mixed_precision=cfg.dist.mixed_precision,
                     reshard_after_forward=cfg.dist.reshard_after_forward)
-        materialize_from_rank0(model, full_sd, info)
-        del full_sd
         if info.rank:  # each rank its own dropout masks; rank 0 goes on as one process would
             torch.manual_seed(cfg.seed + info.rank)
             random.seed(cfg.seed + info.rank)

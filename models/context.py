@@ -8,8 +8,9 @@ model's current context as ``original_max_position_embeddings``, multiplies
 ``max_position_embeddings`` by ``factor`` and rebuilds the RoPE tables, in place. Exported
 folders carry the scaling in config.json, so transformers (and a later Ember load) run the model
 as it was trained. A PEFT adapter has no place for it: load its base with the same
-``rope_scaling`` (transformers: set ``config.rope_parameters`` before loading). A model that already has a RoPE scaling (Llama 3.1's "llama3", LongRoPE, a
-YaRN checkpoint) is refused: the two would not compose.
+``rope_scaling`` (transformers: set ``config.rope_parameters`` before loading). A model that
+already has a RoPE scaling (Llama 3.1's "llama3", LongRoPE, a YaRN checkpoint) is refused: the
+two would not compose.
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ def load_hf_folder(
     device = torch.device(device)
     if device.type == "meta":  # the structure alone (FSDP: ranks > 0 get their shards later)
         # With quantize / a 4-bit checkpoint: the dense structure; under FSDP rank 0's NF4
-        # layers replace their linears (engine.distributed.replicate_nf4_from_rank0).
+        # layers replace their linears (engine.distributed.store_nf4_flat).
         return model.to(target)
     if prequantized:
         _load_bnb_(model, folder, ckpt, device, target)

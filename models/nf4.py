@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from ember import EmberError
 from ember.kernels.nf4 import NESTED_BLOCKSIZE, NF4State, NF4Weight, _absmax_ref, nf4_linear
+from ember.models.nf4_storage import STORAGE_DTYPE, NF4Layout, pack_nf4, unpack_nf4
 
 QS_SUFFIX = "quant_state.bitsandbytes__nf4"
 BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", QS_SUFFIX)
@@ -220,12 +221,20 @@ def check_quantization_config(cfg: Mapping) -> None:
 # ---------------------------------------------------------------------------------- Linear4bit
 class Linear4bit(nn.Module):
     """y = x W^T + b with W stored as NF4 (frozen); output in x.dtype. ``quant_weight`` is None
-    until a weight is set (``set_weight`` or ``load_state_dict``)."""
+    until a weight is set (``set_weight`` or ``load_state_dict``).
+
+    Flat-storage mode (``store_flat_``): all the weight's NF4 bytes become one frozen 1-D
+    Parameter, ``nf4_storage`` (``ember.models.nf4_storage``), and ``quant_weight`` is rebuilt
+    from it at each use as views of whatever tensor that Parameter is then, so a wrapper that
+    swaps Parameters (a data-parallel one sharding them, gathering them for the forward) moves
+    the 4-bit base like any other weight. The state dict then holds ``nf4_storage`` rather
+    than bitsandbytes' entries; the weight can no longer be replaced."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  device=None, dtype=None, quant_weight: NF4Weight | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.nf4_layout: NF4Layout | None = None  # set in flat-storage mode
         self.quant_weight = quant_weight
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
@@ -262,27 +271,77 @@ class Linear4bit(nn.Module):
             return self.bias.device
         return None
 
+    @property
+    def quant_weight(self) -> NF4Weight | None:
+        if self.nf4_layout is not None:
+            return unpack_nf4(self.nf4_storage, self.nf4_layout)
+        return self._quant_weight
+
+    @quant_weight.setter
+    def quant_weight(self, weight: NF4Weight | None) -> None:
+        if self.nf4_layout is not None:
+            raise EmberError("Linear4bit: this layer keeps its NF4 bytes as one parameter "
+                             "(flat storage, e.g. sharded across processes); its weight cannot "
+                             "be replaced")
+        self._quant_weight = weight
+
+    def store_flat_(self, layout: NF4Layout | None = None) -> None:
+        """Switch to flat-storage mode (see the class docstring). Without ``layout``: pack the
+        current weight. With one (e.g. another process's ``nf4_layout``): an uninitialized
+        storage of that layout on the meta device, for a copy of a layer whose bytes arrive
+        later (``load_state_dict``); the layer's weight, if any, is dropped."""
+        if self.nf4_layout is not None:
+            raise EmberError("Linear4bit: the NF4 weight is in flat storage already")
+        if layout is None:
+            if self._quant_weight is None:
+                raise EmberError("Linear4bit: no NF4 weight to store; load the weights first")
+            storage, layout = pack_nf4(self._quant_weight)
+        else:
+            storage = torch.empty(layout.numel, dtype=STORAGE_DTYPE, device="meta")
+        if tuple(layout.shape) != (self.out_features, self.in_features):
+            raise EmberError(f"Linear4bit: an NF4 layout of shape {layout.shape} does not fit "
+                             f"({self.out_features}, {self.in_features})")
+        self._quant_weight = None
+        self.nf4_storage = nn.Parameter(storage, requires_grad=False)
+        self.nf4_layout = layout
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant_weight is None:
+        w = self.quant_weight
+        if w is None:
             raise EmberError("Linear4bit has no weight yet: load a checkpoint or call set_weight")
-        return nf4_linear(x, self.quant_weight, self.bias)
+        return nf4_linear(x, w, self.bias)
 
     def _apply(self, fn, recurse=True):
-        # The packed weight is not a Parameter: follow the module's device moves (never a dtype
-        # cast, which would break the exact absmax values).
-        if self.quant_weight is not None:
-            probe = fn(torch.empty(0, device=self.quant_weight.device))
-            if probe.device != self.quant_weight.device:
-                self.quant_weight = self.quant_weight.to(probe.device)
+        # The NF4 bytes follow the module's device moves, never a dtype cast (which would break
+        # them: exact absmax values, codes that are no numbers).
+        if self.nf4_layout is not None:
+            storage = self.nf4_storage
+            probe = fn(torch.empty(0, dtype=storage.dtype, device=storage.device))
+            if probe.dtype == storage.dtype:
+                return super()._apply(fn, recurse)
+            del self._parameters["nf4_storage"]
+            try:
+                super()._apply(fn, recurse)
+            finally:
+                self.nf4_storage = nn.Parameter(storage.to(probe.device), requires_grad=False)
+            return self
+        if self._quant_weight is not None:
+            probe = fn(torch.empty(0, device=self._quant_weight.device))
+            if probe.device != self._quant_weight.device:
+                self._quant_weight = self._quant_weight.to(probe.device)
         return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if self.quant_weight is not None:
-            destination.update(nf4_to_bnb(self.quant_weight, prefix + "weight"))
+        if self._quant_weight is not None:
+            destination.update(nf4_to_bnb(self._quant_weight, prefix + "weight"))
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        if self.nf4_layout is not None:  # nf4_storage is a Parameter like the bias
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                          missing_keys, unexpected_keys, error_msgs)
+            return
         key = prefix + "weight"
         mine = {k: v for k, v in state_dict.items() if k == key or k.startswith(key + ".")}
         if key not in mine:
@@ -302,10 +361,12 @@ class Linear4bit(nn.Module):
                                       unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        qw = self.quant_weight
+        qw, lay = self._quant_weight, self.nf4_layout
+        nf4 = ("None" if qw is None else f"blocksize {qw.blocksize}, nested {qw.state.nested}")
+        if lay is not None:
+            nf4 = f"blocksize {lay.blocksize}, nested {lay.offset is not None}, flat storage"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, nf4="
-                + ("None" if qw is None else f"blocksize {qw.blocksize}, nested {qw.state.nested}"))
+                f"bias={self.bias is not None}, nf4={nf4}")
 
 
 # ----------------------------------------------------------------------- whole-model helpers

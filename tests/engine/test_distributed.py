@@ -41,14 +41,13 @@ from ember.engine.distributed import (
     data_state,
     eval_share,
     init_distributed,
-    nf4_hidden,
     rank0_echo,
     rank_batches,
     restore_data_state,
     shard_model,
 )
 from ember.engine.evaluation import eval_batches
-from ember.models.nf4 import quantize_model_
+from ember.models.nf4 import Linear4bit, quantize_model_
 from tests.engine import _tiny as w
 from tests.engine._tiny import make_tiny_model, rows_of, tiny_config, write_jsonl
 from tests.engine.test_classification import animal_rows
@@ -335,25 +334,26 @@ def test_single_process_helpers(monkeypatch):
         init_distributed("cpu")
 
 
-def test_nf4_entries_hidden_from_dcp():
-    """A QLoRA base under FSDP: DCP's state-dict API cannot walk the packed NF4 keys (they are
-    no attributes); ``nf4_hidden`` leaves them out of state_dict() and load_state_dict()'s
-    missing keys, while the weights themselves stay (the two-process QLoRA run in
-    test_qlora_train checks the rest end to end)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+def test_flat_nf4_base_in_dcp_state_dicts():
+    """A QLoRA base as FSDP sees it (``Linear4bit.store_flat_``, which ``shard_model`` applies):
+    DCP's state-dict API walks it (bitsandbytes' keys are no attributes, one flat Parameter per
+    layer is), and a checkpoint's state dict leaves the frozen NF4 bytes out (the two-process
+    QLoRA run in test_qlora_train checks the rest end to end)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     model = w.make_model("lora")
     quantize_model_(model, blocksize=32)
-    nf4 = {k for k in model.state_dict() if ".base.weight" in k}
-    assert nf4 and any(k.endswith(".absmax") for k in nf4)
     with pytest.raises(AttributeError):
         get_model_state_dict(model)
-    with nf4_hidden(model):
-        sd = get_model_state_dict(model)
-        assert sd.keys() == model.state_dict().keys() and not sd.keys() & nf4
-        assert not model.load_state_dict(sd).missing_keys
-    assert nf4 <= model.state_dict().keys()  # the hooks are gone after the block
-    assert model.load_state_dict(sd, strict=False).missing_keys
+    flat = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for m in flat:
+        m.store_flat_()
+    storage = {k for k in model.state_dict() if k.endswith(".base.nf4_storage")}
+    assert len(storage) == len(flat) > 0
+    assert get_model_state_dict(model).keys() == model.state_dict().keys()
+    ckpt = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
+    assert ckpt and all("lora_" in k for k in ckpt)
+    assert model.load_state_dict(ckpt, strict=False).missing_keys
     with pytest.raises(EmberError, match="mixed_precision must be one of"):
         shard_model(model, DistInfo(), mixed_precision="fp8")
 

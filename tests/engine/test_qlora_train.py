@@ -1,7 +1,8 @@
 """QLoRA through ``ember train``: ``model.quantize = "nf4"`` trains adapters on a 4-bit base, the
 run reloads on the same base for eval/export, and ``ember export --merged`` writes a plain bf16 HF
 model that transformers loads with the QLoRA model's logits. Under torchrun (2 processes, gloo)
-every rank holds rank 0's NF4 bytes and the run logs and exports what one process does."""
+the NF4 base is sharded (each rank holds half of rank 0's bytes, FSDP-QLoRA) and the run logs,
+exports and resumes as one process does."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,9 @@ from ember import EmberError
 from ember.engine.cli import main as cli
 from ember.engine.state import load_run_model
 from ember.engine.trainer import Trainer, resolve
+from ember.models.loading import load_pretrained, save_pretrained
 from ember.models.nf4 import Linear4bit, nf4_to_bnb
+from ember.models.nf4_storage import unpack_nf4
 from tests.engine._tiny import quiet, rows_of, tiny_config
 from tests.engine.test_distributed import COMMON, _same_rows, continue_from, sets, write_config
 
@@ -72,38 +76,61 @@ def test_quantize_config_errors(tiny, tmp_path):
         tiny_config(tiny, tmp_path / "c", "model.double_quant=false")
 
 
-# Trains under torchrun, then each rank writes the digest of its NF4 bytes.
+# Trains under torchrun, each rank writes the NF4 bytes it holds and the digest of the gathered
+# NF4 base, then the run's checkpoint of step 2 is continued by two processes (2 -> 2).
 _RANK_SCRIPT = textwrap.dedent("""
     import sys
+    from pathlib import Path
     import torch.distributed as dist
     from ember.engine.config import load_config
     from ember.engine.trainer import Trainer
-    from tests.engine.test_qlora_train import _nf4_digest
+    from tests.engine.test_distributed import continue_from
+    from tests.engine.test_qlora_train import _nf4_state
 
     t = Trainer(load_config(sys.argv[1], []), progress=False)
     t.run()
+    held, digest = _nf4_state(t.model)
     with open(f"{sys.argv[2]}/rank{dist.get_rank()}.txt", "w") as f:
-        f.write(_nf4_digest(t.model))
+        f.write(f"{held} {digest}")
+    run = Path(sys.argv[3])
+    if dist.get_rank() == 0:
+        continue_from(t.cfg.out_dir, run, 2)
+    dist.barrier()
+    Trainer(load_config(str(run), [f'run_dir="{run}"']), resume=True, progress=False).run()
     dist.destroy_process_group()
 """)
 
 
-def _nf4_digest(model) -> str:
-    """How many NF4 layers ``model`` has and a hash of all their bitsandbytes tensors."""
-    h, n = hashlib.sha256(), 0
+def _nf4_state(model) -> tuple[int, str]:
+    """(bytes of NF4 base this process holds, "<NF4 layers> <hash of all their bitsandbytes
+    tensors>"). Sharded (a flat ``nf4_storage`` DTensor per layer) the hash is over the gathered
+    bytes: every rank must call it."""
+    h, n, held = hashlib.sha256(), 0, 0
     for name, m in model.named_modules():
-        if isinstance(m, Linear4bit):
-            n += 1
-            for k, v in sorted(nf4_to_bnb(m.quant_weight, name).items()):
-                h.update(k.encode())
-                h.update(v.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return f"{n} {h.hexdigest()}"
+        if not isinstance(m, Linear4bit):
+            continue
+        n += 1
+        if m.nf4_layout is None:  # its own tensors, all of them here
+            w = m.quant_weight
+            held += sum(v.numel() * v.element_size() for k, v in nf4_to_bnb(w).items()
+                        if "quant_state" not in k)
+        else:
+            storage = m.nf4_storage
+            local = storage.to_local() if hasattr(storage, "to_local") else storage
+            held += local.numel() * local.element_size()
+            full = storage.full_tensor() if hasattr(storage, "full_tensor") else storage
+            w = unpack_nf4(full, m.nf4_layout)
+        for k, v in sorted(nf4_to_bnb(w, name).items()):
+            h.update(k.encode())
+            h.update(v.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return held, f"{n} {h.hexdigest()}"
 
 
 def test_qlora_under_torchrun_matches_one_process(tiny, tmp_path):
-    """Data-parallel QLoRA: 2 processes with grad_accum 1 log the losses of 1 process with
-    grad_accum 2, both ranks hold the NF4 bytes one process quantizes, and the adapter, the
-    merged export and a 2 -> 1 resume from the 2-process checkpoint agree with one process."""
+    """Data-parallel QLoRA (FSDP-QLoRA): 2 processes with grad_accum 1 log the losses of 1
+    process with grad_accum 2 while each holds half of the NF4 base, whose gathered bytes are
+    those one process quantizes; the adapter (loaded by peft too), the merged export and a
+    2 -> 1 and a 2 -> 2 resume from the 2-process checkpoint agree with one process."""
     extra = ('model.quantize="nf4"', "optim.lr=1e-2", "eval.metrics=[]")
     one = Trainer(resolve(tiny_config(tiny, tmp_path / "q1", *COMMON, *extra, "grad_accum=2")),
                   echo=quiet, progress=False)
@@ -111,17 +138,24 @@ def test_qlora_under_torchrun_matches_one_process(tiny, tmp_path):
     cfg2 = write_config(tiny, tmp_path / "q2", *extra)  # the same COMMON settings, grad_accum 1
     script = tmp_path / "rank_script.py"
     script.write_text(_RANK_SCRIPT)
-    # The rank script imports _nf4_digest from this file: the repository root on its path
+    # The rank script imports _nf4_state from this file: the repository root on its path
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", str(script), str(cfg2), str(tmp_path)],
+                           "--nproc_per_node=2", str(script), str(cfg2), str(tmp_path),
+                           str(tmp_path / "q22")],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    digests = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
-    assert digests[0] == digests[1] == _nf4_digest(one.model), digests
-    assert digests[0].startswith("14 ")  # 7 projections x 2 layers
+    total, digest = _nf4_state(one.model)
+    held = []
+    for r in (0, 1):
+        n, got = (tmp_path / f"rank{r}.txt").read_text().split(" ", 1)
+        assert got == digest, (r, got, digest)  # the bytes one process quantizes, gathered
+        held.append(int(n))
+    assert digest.startswith("14 ")  # 7 projections x 2 layers
+    # sharded: each rank holds half of the 4-bit base (plus alignment padding), not all of it
+    assert sum(held) >= total and max(held) <= 0.55 * total, (held, total)
     want = rows_of(tmp_path / "q1")
     losses = [r["loss"] for r in want if r["kind"] == "train"]
     assert len(set(losses)) == 6 and losses[-1] < losses[0]
@@ -143,3 +177,19 @@ def test_qlora_under_torchrun_matches_one_process(tiny, tmp_path):
     continue_from(tmp_path / "q2", run, 2)
     assert cli(["train", str(run), "--resume", *sets(f'run_dir="{run}"', "grad_accum=2")]) == 0
     _same_rows(rows_of(run), want)
+    # 2 -> 2 (in the torchrun launch above): the same log, bit for bit
+    assert rows_of(tmp_path / "q22", timing=False) == rows_of(tmp_path / "q2", timing=False)
+    # the sharded run's adapter in peft, on the dequantized 4-bit base: the run's own logits
+    peft = pytest.importorskip("peft")
+    from tests.models.test_qlora_integration import TOL, _diff, _hf, _logits
+
+    model, _, _ = load_run_model(tmp_path / "q2", "cpu")
+    base = save_pretrained(load_pretrained(tiny["model"], quantize="nf4")[0],
+                           tmp_path / "base", dequantize=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = peft.PeftModel.from_pretrained(_hf(base), tmp_path / "q2" / "final" / "adapter")
+    ids = torch.randint(3, model.cfg.vocab_size, (2, 12))
+    ours = _logits(model.eval(), ids)
+    assert _diff(ours, _logits(hf.eval(), ids)) <= TOL
+    assert _diff(ours, _logits(_hf(base), ids)) > 100 * TOL  # the adapter matters

@@ -250,3 +250,40 @@ def test_module_moves_and_errors():
                  "bnb_4bit_quant_type": "fp4"}):
         with pytest.raises(EmberError):
             check_quantization_config(bad)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_flat_storage_holds_bnbs_bytes_as_one_parameter(double_quant):
+    """``store_flat_`` (what FSDP shards): one frozen bf16 Parameter whose views are exactly
+    bitsandbytes' tensors, the same outputs, no dtype cast, and a copy built from the layout
+    alone (another process's meta model) filled by ``load_state_dict``."""
+    w = torch.randn(24, 97 * 2)  # 4-bit blocks of 64 straddle rows; an odd block count
+    pb, sb = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                compress_statistics=double_quant)
+    theirs = {"weight." + k: v for k, v in sb.as_dict(packed=True).items()}
+    theirs["weight"] = pb
+    q = Linear4bit(w.shape[1], w.shape[0])
+    q.set_weight(nf4_from_bnb(theirs, "weight"))
+    x = torch.randn(3, w.shape[1])
+    want = q(x)
+    q.store_flat_()
+    (name, p), = ((n, p) for n, p in q.named_parameters() if n != "bias")
+    assert name == "nf4_storage" and p.dim() == 1 and p.dtype == torch.bfloat16
+    assert not p.requires_grad and p.numel() * 2 == q.nf4_layout.nbytes
+    mine = nf4_to_bnb(q.quant_weight, "weight")
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert torch.equal(q(x), want)
+    assert q.state_dict().keys() == {"bias", "nf4_storage"}
+    raw = p.detach().view(torch.int16).clone()  # bf16 NaN payloads: compare the bits
+    q.half().float()
+    assert torch.equal(q.nf4_storage.view(torch.int16), raw)
+    with pytest.raises(EmberError, match="cannot be replaced"):
+        q.set_weight(w)
+    copy = Linear4bit(w.shape[1], w.shape[0])
+    copy.store_flat_(q.nf4_layout)
+    assert copy.nf4_storage.is_meta
+    copy.to_empty(device="cpu")
+    copy.load_state_dict(q.state_dict())
+    assert torch.equal(copy.nf4_storage.view(torch.int16), raw)
+    assert "flat storage" in repr(copy)
