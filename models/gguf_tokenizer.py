@@ -26,7 +26,6 @@ import warnings
 from typing import Any
 
 from ember import EmberError
-from ember.models.gguf_tokenizer_spm import check_round_trip, spm_vocab_metadata
 from ember.models.tokenizer import (
     _PRE_SPLITS,
     _WHOLE_WORDS,
@@ -106,6 +105,8 @@ def tokenizer_metadata(tok: Tokenizer, vocab_size: int, arch: str | None = None
             "(llama.cpp reads a Unigram or WordPiece vocabulary only for other model families). "
             "Export the merged HF folder (ember export --merged) instead")
     if spm:
+        from ember.models.gguf_tokenizer_spm import check_round_trip, spm_vocab_metadata
+
         md = spm_vocab_metadata(tok, model, vocab_size, arch)
         _add_specials(tok, md)
         unk = tok.backend.token_to_id(model.get("unk_token") or "")
