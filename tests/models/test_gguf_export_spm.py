@@ -53,7 +53,7 @@ EMBED = 640  # embedding rows: ids 602..639 are a vocabulary gap ([PAD<i>])
 GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n"
                   "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
                   "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-STYLES = ("llama", "phi3", "gemma2", "trained")
+STYLES = ("llama", "phi3", "gemma", "gemma2", "gemma3", "trained")
 # text for the llama.cpp oracle: no leading space, no control token (where HF's "first" Metaspace
 # and llama.cpp knowingly differ: llama.cpp prefixes a space after every special token)
 PLAIN = [t for t in [*TEXTS, *EXTRA, PROBE, *CHECKS] if t and not t[0].isspace() and "<" not in t]
@@ -111,13 +111,15 @@ def _spm_session(text: str, ids: dict[str, int], scores: list[float]) -> list[in
     return out
 
 
-def llama_cpp_spm(md: dict, text: str, add_special: bool = False) -> list[int]:
-    """The ids llama.cpp's ``llama_tokenize`` gives for ``text`` (parse_special false: control
-    tokens are text, user-defined ones are matched whole in the raw text)."""
+def llama_cpp_spm(md: dict, text: str, add_special: bool = False, parse_special: bool = False
+                  ) -> list[int]:
+    """The ids llama.cpp's ``llama_tokenize`` gives for ``text``: user-defined tokens are matched
+    whole in the raw text, control and unknown ones only with ``parse_special``."""
     tokens, types, scores = (md[f"tokenizer.ggml.{k}"] for k in ("tokens", "token_type", "scores"))
     ids = {t: i for i, t in enumerate(tokens)}
     fragments: list[str | int] = [text]
-    for i in sorted((i for i, ty in enumerate(types) if ty == 4), key=lambda i: -len(tokens[i])):
+    whole = [i for i, ty in enumerate(types) if ty in ((4, 3, 2) if parse_special else (4,))]
+    for i in sorted(whole, key=lambda i: -len(tokens[i])):  # longest first
         split: list[str | int] = []
         for f in fragments:
             if isinstance(f, int):
@@ -180,11 +182,12 @@ def _gemma_md(sp) -> dict:
 def styles(sp_model, tmp_path_factory) -> dict[str, Tokenizer]:  # noqa: F811
     """style -> the tokenizer an HF folder of that style loads as (saved and loaded back)."""
     out = {"trained": _trained_bpe()}
-    for style in ("llama", "phi3", "gemma2"):
+    for style in ("llama", "phi3", "gemma2"):  # one Gemma tokenizer, written as each Gemma arch
         md = _gemma_md(sp_model) if style == "gemma2" else _metadata(sp_model, style)
         folder = tmp_path_factory.mktemp(style)
         tokenizer_from_gguf(md).save_pretrained(folder)
         out[style] = load_tokenizer(folder)
+    out["gemma"] = out["gemma3"] = out["gemma2"]
     assert out["phi3"].backend.normalizer is not None and out["llama"].backend.normalizer is None
     return out
 
@@ -206,23 +209,27 @@ def test_every_reader_gives_the_original_ids(styles, style, sp_model, tmp_path):
     md = _export(tok, style, tmp_path / "t.gguf")
     assert md["tokenizer.ggml.model"] == "llama" and md["tokenizer.ggml.pre"] == "default"
     assert "tokenizer.ggml.merges" not in md
-    assert md["tokenizer.ggml.add_space_prefix"] == (style != "gemma2")
+    gemma = style.startswith("gemma")
+    assert md["tokenizer.ggml.add_space_prefix"] == (not gemma)
     n = len(md["tokenizer.ggml.tokens"])
     assert n == EMBED and md["tokenizer.ggml.tokens"][-1] == f"[PAD{EMBED - 1}]"
     assert md["tokenizer.ggml.token_type"][-1] == 5
     if style != "trained":  # the converter's tokens and types for the same SentencePiece model
-        ref = _gemma_md(sp_model) if style == "gemma2" else _metadata(sp_model, style)
+        ref = _gemma_md(sp_model) if gemma else _metadata(sp_model, style)
         k = len(ref["tokenizer.ggml.tokens"])
         for key in ("tokens", "token_type"):
             assert md[f"tokenizer.ggml.{key}"][:k] == ref[f"tokenizer.ggml.{key}"], key
     texts = [*TEXTS, *EXTRA, PROBE]
     ember = tokenizer_from_gguf(md)
-    with _offline():
-        theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="t.gguf")
+    theirs = None
+    if style != "gemma":  # transformers reads no Gemma (1) GGUF file, tokenizer included
+        with _offline():
+            theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="t.gguf")
     for text in texts:
         want = tok.encode(text, add_special_tokens=True)
         assert ember.encode(text, add_special_tokens=True) == want, (style, text)
-        if style == "gemma2" or not text[:1].isspace():  # transformers ignores add_space_prefix
+        # transformers ignores add_space_prefix (and prepends no second U+2581 to " x")
+        if theirs is not None and (gemma or not text[:1].isspace()):
             assert theirs(text)["input_ids"] == want, (style, text)
     for text in PLAIN:
         assert llama_cpp_spm(md, text) == tok.encode(text), (style, text)
@@ -231,13 +238,15 @@ def test_every_reader_gives_the_original_ids(styles, style, sp_model, tmp_path):
     if style == "phi3":  # a prefix space after every added token, like llama.cpp's
         text = "<|im_start|>user\nhi there<|im_start|>x"
         assert llama_cpp_spm(md, text) == tok.encode(text)
-    if style == "gemma2":
+    if gemma:
         chat = tok.apply_chat_template([{"role": "user", "content": "Hi there!"}],
                                        add_generation_prompt=True)
         assert ember.apply_chat_template([{"role": "user", "content": "Hi there!"}],
                                          add_generation_prompt=True) == chat
         ids = tok.encode(chat)
-        assert ember.encode(chat) == ids == theirs(chat, add_special_tokens=False)["input_ids"]
+        assert ember.encode(chat) == ids == llama_cpp_spm(md, chat, parse_special=True)
+        if theirs is not None:
+            assert theirs(chat, add_special_tokens=False)["input_ids"] == ids
         assert ids[1] == tok.token_to_id("<start_of_turn>") == 600
         assert md["tokenizer.ggml.token_type"][600:602] == [3, 3]
 
