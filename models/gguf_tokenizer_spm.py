@@ -25,6 +25,16 @@ merge list that is not (a BPE trained with ``tokenizers``, where "abc" is reache
 "c") can tokenize differently; the export therefore reads its own metadata back with Ember's
 importer and compares the ids with the tokenizer's on a probe text (scripts, digits, runs of
 spaces, newlines, emojis through byte fallback), refusing with the first text that differs.
+
+Also refused, because llama.cpp would tokenize differently: byte fallback without all 256
+``<0xNN>`` pieces (llama.cpp aborts on a byte it cannot spell); a normalizer or pre-tokenizer that
+does more than write spaces as U+2581 after an optional leading one (lowercasing, NFKC, splitting
+"a b" apart); for Gemma, a tokenizer that prepends a space, or merges that do not create pieces in
+id order. Unlike the converter, added tokens keep the tokenizer's own ``special`` flag (it also
+makes ``<|...|>`` / ``<unused..>`` lookalikes control). Known differences that are the runtimes',
+not the file's: llama.cpp prepends U+2581 after every special token and to text that already
+starts with a space, HF's "first" ``Metaspace`` does neither (its ``Prepend`` normalizer does the
+former); transformers ignores ``add_space_prefix`` except for Gemma.
 """
 
 from __future__ import annotations
@@ -122,10 +132,14 @@ def spm_vocab_metadata(tok: Tokenizer, model: dict, vocab_size: int, arch: str |
             raise EmberError("save_gguf: the vocabulary's merges do not create its pieces in id "
                              "order; Gemma GGUF readers (transformers, Ember) rank merges by "
                              "position in the file, llama.cpp by score, so they would disagree")
+    prefix = space_prefix(tok)
+    if prefix and arch in _GEMMA:
+        raise EmberError("save_gguf: this tokenizer prepends a space (U+2581) to the text, which "
+                         "Gemma GGUF readers (transformers, Ember) never do; export it with a "
+                         "Llama-family model, or use the model's own Gemma tokenizer")
     return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
             "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
-            "tokenizer.ggml.token_type": types,
-            "tokenizer.ggml.add_space_prefix": space_prefix(tok)}
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.add_space_prefix": prefix}
 
 
 def check_round_trip(tok: Tokenizer, md: dict[str, Any], arch: str | None) -> None:
@@ -144,8 +158,9 @@ def check_round_trip(tok: Tokenizer, md: dict[str, Any], arch: str | None) -> No
                     for t, ids in ((tok, ours), (back, theirs)))
             raise EmberError(
                 f"save_gguf: written as SentencePiece scores, this vocabulary tokenizes {text!r} "
-                f"differently (token {at}: {b!r} instead of {a!r}). llama.cpp "
-                "merges any two adjacent pieces that form a piece, best score first, while this "
-                "tokenizer's merge list only allows some of them (a BPE trained with the "
-                "tokenizers library rather than converted from a SentencePiece model); GGUF "
-                "cannot hold such a merge list for this tokenizer type")
+                f"differently (token {at}: {b!r} instead of {a!r}). llama.cpp merges any two "
+                "adjacent pieces that form a piece, best score first, while this tokenizer's "
+                "merge list allows only some of them (typically a BPE trained with the tokenizers "
+                "library, not converted from a SentencePiece model); GGUF cannot hold such a "
+                "merge list for this tokenizer type. Export the merged HF folder instead "
+                "(ember export --merged)")

@@ -295,6 +295,8 @@ def test_refusals():
     assert tokenizer_metadata(swapped, 300, "llama")
     with pytest.raises(EmberError, match="in id order"):
         tokenizer_metadata(swapped, 300, "gemma2")
+    with pytest.raises(EmberError, match="prepends a space .* Gemma GGUF readers"):
+        tokenizer_metadata(ok, 300, "gemma3")
     with pytest.raises(EmberError, match="changes more than spaces"):
         tokenizer_metadata(_tiny_bpe([], norm=normalizers.Lowercase()), 300)
     with pytest.raises(EmberError, match="turns 'a b' into"):
