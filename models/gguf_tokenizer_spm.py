@@ -34,7 +34,7 @@ id order. Unlike the converter, added tokens keep the tokenizer's own ``special`
 makes ``<|...|>`` / ``<unused..>`` lookalikes control). Known differences that are the runtimes',
 not the file's: llama.cpp prepends U+2581 after every special token and to text that already
 starts with a space, HF's "first" ``Metaspace`` does neither (its ``Prepend`` normalizer does the
-former); transformers ignores ``add_space_prefix`` except for Gemma.
+former); transformers ignores ``add_space_prefix`` (it always prepends, and never for Gemma).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Fixtures: a real SentencePiece BPE model trained at test time (test_spm_tokenizer's), turned into
 the HF-style tokenizers Ember loads from Llama 2 (Metaspace), Phi-3 (Prepend normalizer) and Gemma
-(no prefix space, ``<start_of_turn>`` control tokens, chat template) folders, plus a BPE trained
-with the ``tokenizers`` library. Each is exported without a ``tokenizer.model``, so the scores are
+(no prefix space, ``<start_of_turn>`` control tokens, chat template) folders, the same vocabulary
+saved by transformers' own ``LlamaTokenizer`` / ``GemmaTokenizer``, and a BPE trained with the
+``tokenizers`` library. Each is exported without a ``tokenizer.model``, so the scores are
 derived, and read back by three readers whose ids must equal the original tokenizer's: Ember's
 importer, transformers' GGUF tokenizer and ``llama_cpp_spm``, a transcription of llama.cpp's
 ``llm_tokenizer_spm`` (llama-vocab.cpp) used as the oracle for the runtime the file is for.
@@ -53,7 +54,9 @@ EMBED = 640  # embedding rows: ids 602..639 are a vocabulary gap ([PAD<i>])
 GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n"
                   "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
                   "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-STYLES = ("llama", "phi3", "gemma", "gemma2", "gemma3", "trained")
+# style -> GGUF architecture written; "tf-*": tokenizer.json written by transformers' classes
+ARCH = {"llama": "llama", "phi3": "phi3", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3",
+        "trained": "llama", "tf-llama": "llama", "tf-gemma": "gemma3"}
 # text for the llama.cpp oracle: no leading space, no control token (where HF's "first" Metaspace
 # and llama.cpp knowingly differ: llama.cpp prefixes a space after every special token)
 PLAIN = [t for t in [*TEXTS, *EXTRA, PROBE, *CHECKS] if t and not t[0].isspace() and "<" not in t]
@@ -169,6 +172,21 @@ def _trained_bpe() -> Tokenizer:
                      add_bos_token=True)
 
 
+def _transformers_written(sp, cls: str, folder) -> Tokenizer:
+    """The tokenizer transformers' ``cls`` builds from the SentencePiece vocabulary (merges as its
+    converter derives them), saved by transformers and loaded by Ember."""
+    from transformers.tokenization_utils_base import generate_merges
+
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    scores = {p: sp.get_score(i) for p, i in vocab.items()}
+    kw = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    tok = getattr(transformers, cls)(vocab=vocab, merges=generate_merges(vocab, scores), **kw,
+                                     **({"mask_token": "<unk>"} if cls == "GemmaTokenizer" else {}))
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.save_pretrained(folder)
+    return load_tokenizer(folder)
+
+
 def _gemma_md(sp) -> dict:
     md = _metadata(sp, "gemma2", **{"tokenizer.ggml.add_space_prefix": False,
                                     "tokenizer.chat_template": GEMMA_TEMPLATE})
@@ -188,13 +206,14 @@ def styles(sp_model, tmp_path_factory) -> dict[str, Tokenizer]:  # noqa: F811
         tokenizer_from_gguf(md).save_pretrained(folder)
         out[style] = load_tokenizer(folder)
     out["gemma"] = out["gemma3"] = out["gemma2"]
+    for style, cls in (("tf-llama", "LlamaTokenizer"), ("tf-gemma", "GemmaTokenizer")):
+        out[style] = _transformers_written(sp_model, cls, tmp_path_factory.mktemp(style))
     assert out["phi3"].backend.normalizer is not None and out["llama"].backend.normalizer is None
     return out
 
 
 def _export(tok: Tokenizer, style: str, path) -> dict:
-    arch = "llama" if style == "trained" else style
-    md = {"general.architecture": arch, **tokenizer_metadata(tok, EMBED, arch)}
+    md = {"general.architecture": ARCH[style], **tokenizer_metadata(tok, EMBED, ARCH[style])}
     _write(path, md)
     with GGUFFile(path) as g:
         return g.metadata
@@ -203,18 +222,18 @@ def _export(tok: Tokenizer, style: str, path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("style", list(ARCH))
 def test_every_reader_gives_the_original_ids(styles, style, sp_model, tmp_path):  # noqa: F811
     tok = styles[style]
     md = _export(tok, style, tmp_path / "t.gguf")
     assert md["tokenizer.ggml.model"] == "llama" and md["tokenizer.ggml.pre"] == "default"
     assert "tokenizer.ggml.merges" not in md
-    gemma = style.startswith("gemma")
+    gemma = ARCH[style].startswith("gemma")
     assert md["tokenizer.ggml.add_space_prefix"] == (not gemma)
     n = len(md["tokenizer.ggml.tokens"])
     assert n == EMBED and md["tokenizer.ggml.tokens"][-1] == f"[PAD{EMBED - 1}]"
     assert md["tokenizer.ggml.token_type"][-1] == 5
-    if style != "trained":  # the converter's tokens and types for the same SentencePiece model
+    if style in ("llama", "phi3") or style.startswith("gemma"):  # the converter's tokens, types
         ref = _gemma_md(sp_model) if gemma else _metadata(sp_model, style)
         k = len(ref["tokenizer.ggml.tokens"])
         for key in ("tokens", "token_type"):
@@ -238,7 +257,7 @@ def test_every_reader_gives_the_original_ids(styles, style, sp_model, tmp_path):
     if style == "phi3":  # a prefix space after every added token, like llama.cpp's
         text = "<|im_start|>user\nhi there<|im_start|>x"
         assert llama_cpp_spm(md, text) == tok.encode(text)
-    if gemma:
+    if tok.chat_template is not None:
         chat = tok.apply_chat_template([{"role": "user", "content": "Hi there!"}],
                                        add_generation_prompt=True)
         assert ember.apply_chat_template([{"role": "user", "content": "Hi there!"}],
