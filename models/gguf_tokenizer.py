@@ -97,14 +97,17 @@ def tokenizer_metadata(tok: Tokenizer, vocab_size: int, arch: str | None = None
     decoder = json.dumps(spec.get("decoder"))
     spm = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
     if not spm and (model.get("type") != "BPE" or "ByteLevel" not in decoder):
+        kind = model.get("type")
+        if kind == "BPE":
+            kind = "BPE (with neither byte fallback nor byte-level decoding)"
         raise EmberError(
             "save_gguf: only BPE tokenizers can be written to GGUF: byte-level (GPT-2 style: Llama "
             "3, Qwen, SmolLM) or SentencePiece-style with byte fallback (Llama 2, Mistral, Gemma, "
-            f"Phi-3); this one is a {model.get('type')} tokenizer"
-            f"{' with neither' if model.get('type') == 'BPE' else ''} "
-            "(llama.cpp reads a Unigram or WordPiece vocabulary only for other model families). "
-            "Export the merged HF folder (ember export --merged) instead")
+            f"Phi-3); this one is a {kind} tokenizer (llama.cpp reads Unigram or WordPiece "
+            "vocabularies only for other model families). Export the merged HF folder (ember "
+            "export --merged) instead")
     if spm:
+        # (imported here: that module checks the export on this module's PROBE)
         from ember.models.gguf_tokenizer_spm import check_round_trip, spm_vocab_metadata
 
         md = spm_vocab_metadata(tok, model, vocab_size, arch)
