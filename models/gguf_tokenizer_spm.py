@@ -88,7 +88,7 @@ def space_prefix(tok: Tokenizer) -> bool:
 def _first_ranks(merges: list) -> dict[str, int]:
     rank: dict[str, int] = {}
     for r, m in enumerate(merges):
-        a, b = m.split(" ") if isinstance(m, str) else m
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
         rank.setdefault(a + b, r)
     return rank
 
