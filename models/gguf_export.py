@@ -301,7 +301,7 @@ def _put(w: GGUFWriter, key: str, v: Any) -> None:
 def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
               dtype: str = "f16", name: str | None = None) -> Path:
     """Write ``model`` (an Ember ``Transformer``, LoRA merged) and ``tokenizer`` (an Ember
-    ``Tokenizer``, byte-level BPE) to the GGUF file ``path`` for llama.cpp / Ollama.
+    ``Tokenizer``: byte-level or SentencePiece-style BPE) to the GGUF file ``path`` for llama.cpp.
 
     ``dtype``: "f16" (default), "bf16", "f32" or "q8_0" for the matrices; norms and biases are
     always F32. ``name``: ``general.name`` (default: the file's stem). The file appears
@@ -332,7 +332,7 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
     shapes = {n: tuple(t.shape) for n, t in tensors.items()}
     check_expressible(cfg, md, shapes, {"rope_freqs.weight": tensors.get("rope_freqs.weight")},
                       out)
-    md.update(tokenizer_metadata(tokenizer, cfg.vocab_size))
+    md.update(tokenizer_metadata(tokenizer, cfg.vocab_size, arch))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     writer = GGUFWriter(str(tmp), arch)

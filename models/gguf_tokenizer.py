@@ -1,10 +1,11 @@
 """GGUF export of a tokenizer: an Ember ``Tokenizer`` -> ``tokenizer.*`` metadata, the inverse of
 ``ember.models.tokenizer.tokenizer_from_gguf`` (and what llama.cpp's ``convert_hf_to_gguf.py``
-writes for a byte-level BPE vocabulary).
+writes).
 
-- ``tokenizer.ggml.model`` "gpt2": byte-level BPE only. SentencePiece vocabularies (byte
-  fallback, U+2581 spaces: Llama 2, Mistral v0.1-v0.3, Gemma, Phi-3) are refused with an error
-  that points to llama.cpp's converter on the merged folder.
+- ``tokenizer.ggml.model`` "gpt2": byte-level BPE (below). "llama": SentencePiece-style BPE with
+  byte fallback (Llama 2, Mistral v0.1-v0.3, Gemma, Phi-3), see ``ember.models.gguf_tokenizer_spm``.
+  Other tokenizers (Unigram, WordPiece, BPE with neither byte fallback nor byte-level decoding)
+  are refused: none of the families Ember exports uses them.
 - ``tokenizer.ggml.pre``: llama.cpp names a pre-tokenizer instead of storing its regex. Like the
   converter (which hashes the tokenization of a probe text), the tokenizer's pre-tokenizer is run
   on a probe text and compared with the split of each name the importer knows; the first name
@@ -86,19 +87,36 @@ def _merges(model: dict) -> list[str]:
     return out
 
 
-def tokenizer_metadata(tok: Tokenizer, vocab_size: int) -> dict[str, Any]:
+def tokenizer_metadata(tok: Tokenizer, vocab_size: int, arch: str | None = None
+                       ) -> dict[str, Any]:
     """``tokenizer.*`` GGUF metadata for ``tok`` and a model whose embedding has ``vocab_size``
-    rows (ids the tokenizer does not use become ``[PAD<i>]`` tokens)."""
+    rows (ids the tokenizer does not use become ``[PAD<i>]`` tokens); ``arch``: the file's
+    ``general.architecture`` (Gemma's SentencePiece vocabularies are read back differently)."""
     spec = json.loads(tok.backend.to_str())
     model = spec.get("model") or {}
     decoder = json.dumps(spec.get("decoder"))
-    if model.get("type") != "BPE" or model.get("byte_fallback") or "ByteLevel" not in decoder:
+    spm = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+    if not spm and (model.get("type") != "BPE" or "ByteLevel" not in decoder):
+        kind = model.get("type")
+        if kind == "BPE":
+            kind = "BPE (with neither byte fallback nor byte-level decoding)"
         raise EmberError(
-            f"save_gguf: only byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen, SmolLM) can "
-            f"be written to GGUF; this one is a {model.get('type')} "
-            f"{'SentencePiece-style (byte fallback) ' if model.get('byte_fallback') else ''}"
-            "tokenizer. Export the merged HF folder (ember export --merged) and convert it with "
-            "llama.cpp's convert_hf_to_gguf.py")
+            "save_gguf: only BPE tokenizers can be written to GGUF: byte-level (GPT-2 style: Llama "
+            "3, Qwen, SmolLM) or SentencePiece-style with byte fallback (Llama 2, Mistral, Gemma, "
+            f"Phi-3); this one is a {kind} tokenizer (llama.cpp reads Unigram or WordPiece "
+            "vocabularies only for other model families). Export the merged HF folder (ember "
+            "export --merged) instead")
+    if spm:
+        # (imported here: that module checks the export on this module's PROBE)
+        from ember.models.gguf_tokenizer_spm import check_round_trip, spm_vocab_metadata
+
+        md = spm_vocab_metadata(tok, model, vocab_size, arch)
+        _add_specials(tok, md)
+        unk = tok.backend.token_to_id(model.get("unk_token") or "")
+        if unk is not None:
+            md.setdefault("tokenizer.ggml.unknown_token_id", unk)
+        check_round_trip(tok, md, arch)
+        return md
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     added = tok.backend.get_added_tokens_decoder()
     vocab.update({t.content: i for i, t in added.items()})
@@ -122,6 +140,12 @@ def tokenizer_metadata(tok: Tokenizer, vocab_size: int) -> dict[str, Any]:
         "tokenizer.ggml.token_type": types,
         "tokenizer.ggml.merges": _merges(model),
     }
+    _add_specials(tok, md)
+    return md
+
+
+def _add_specials(tok: Tokenizer, md: dict[str, Any]) -> None:
+    """Special token ids, add_bos / add_eos, the chat template and extra stop ids, into ``md``."""
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
            "unknown_token_id": tok.unk_token_id, "padding_token_id": tok._id(tok.pad_token)}
     md.update({f"tokenizer.ggml.{k}": int(v) for k, v in ids.items() if v is not None})
@@ -137,4 +161,3 @@ def tokenizer_metadata(tok: Tokenizer, vocab_size: int) -> dict[str, Any]:
         raise EmberError(f"save_gguf: the tokenizer stops at {len(extra)} ids besides eos "
                          f"({extra}); GGUF holds two (eot, eom). Drop the others from "
                          "generation_config.json's eos_token_id")
-    return md

@@ -310,7 +310,7 @@ def test_unexpressible_models_are_refused(tmp_path):
         save_gguf(Transformer(ModelConfig(**base, labels=("a", "b"))), tok, tmp_path / "c.gguf")
     spm = tokenizer_from_gguf({**tiny_tokenizer_md(), "tokenizer.ggml.model": "llama",
                                "tokenizer.ggml.scores": [0.0] * VOCAB})
-    with pytest.raises(EmberError, match="only byte-level BPE"):
+    with pytest.raises(EmberError, match="byte fallback but no <0x00> piece"):
         save_gguf(Transformer(ModelConfig(**base)), spm, tmp_path / "s.gguf")
     with pytest.raises(EmberError, match="dtype 'q4_0'"):
         save_gguf(Transformer(ModelConfig(**base)), tok, tmp_path / "q.gguf", dtype="q4_0")
