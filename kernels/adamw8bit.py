@@ -143,8 +143,8 @@ def _load_f32(X, idx, mask, BF16_BITS: tl.constexpr):
 def _requantize(x, LUT):
     """(codes, absmax) of the fp32 tile x (ROWS, BLOCK): one block per row, bnb's CPU rule."""
     am = tl.max(tl.abs(x), axis=1)
-    inv = tl.math.div_rn(tl.full(am.shape, 1.0, tl.float32), am)
-    s = tl.where(am[:, None] > 0, x * inv[:, None], 0.0)
+    inv = tl.math.div_rn(tl.full(am.shape, 1.0, tl.float32), tl.where(am > 0, am, 1.0))
+    s = tl.where(am[:, None] > 0, x * inv[:, None], 0.0)  # a block of zeros: codes 0
     s = tl.minimum(tl.maximum(s, -1.0), 1.0)
     t = ((s + 1.0) * 0.5) * 65535.0 + 0.5
     q = tl.load(LUT + t.to(tl.int32))
