@@ -102,7 +102,8 @@ def test_ref_is_bitsandbytes_bit_for_bit(shape, dtype, lr, wd):
     grads = _grads(shape, 5, seed=1, dtype=dtype)
     for steps in (1, 5):
         ours, theirs = _our_steps(p0, grads[:steps], lr, wd), _bnb_steps(p0, grads[:steps], lr, wd)
-        for name, a, b in zip(("p", "state1", "state2", "absmax1", "absmax2"), ours, theirs, strict=True):
+        names = ("p", "state1", "state2", "absmax1", "absmax2")
+        for name, a, b in zip(names, ours, theirs, strict=True):
             assert a.dtype == b.dtype and torch.equal(a, b), (name, steps)
 
 
@@ -129,7 +130,8 @@ def test_triton_matches_ref(shape, dtype):
     ref32 = _our_steps(p0, [g.to(dtype).float() for g in grads], 1e-2, 0.1, impl="ref")
     assert_close_to_ref("p", tri[0], ref[0], ref32[0])
     assert tri[0].dtype == dtype
-    for name, a, b in zip(("state1", "state2", "absmax1", "absmax2"), tri[1:], ref[1:], strict=True):
+    names = ("state1", "state2", "absmax1", "absmax2")
+    for name, a, b in zip(names, tri[1:], ref[1:], strict=True):
         assert torch.equal(a, b), name
 
 
