@@ -93,11 +93,16 @@ class AdamW8bit(torch.optim.Optimizer):
         self.min_8bit_size = min_8bit_size
         self.impl = impl
 
-    @staticmethod
-    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
-        # torch casts floating state to the parameter's dtype on load: the scales and bnb's fp32
-        # moments of small parameters must stay fp32 (a bf16 round trip would change them).
-        return value if key == "step" else value.to(device=param.device)
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts every state tensor of a floating parameter to its dtype: the byte codes, the
+        # scales and the fp32 moments of small parameters keep their saved dtypes.
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved, params, strict=True):
+            for key, v in state_dict["state"].get(i, {}).items():
+                if key != "step" and torch.is_tensor(v):
+                    self.state[p][key] = v.to(device=p.device)
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
         from torch.distributed.tensor import DTensor
