@@ -63,7 +63,7 @@ def _shard_layout(p) -> tuple[int, int]:
 
     rows, shards = p.shape[0] if p.dim() else 1, 1
     for dim, pl in enumerate(p.placements):
-        if isinstance(pl, Shard) and pl.dim == 0 and type(pl) is Shard:
+        if type(pl) is Shard and pl.dim == 0:
             size = p.device_mesh.size(dim)
             rows, shards = -(-rows // size), shards * size
         elif not isinstance(pl, Replicate):

@@ -11,7 +11,7 @@ torch's CPU kernels do for bnb's ``mul_/add_/addcmul_/addcdiv_`` calls; fma = on
   m = qmap1[state1] * absmax1[b]                    v = qmap2[state2] * absmax2[b]
   m = fma(g, 1 - beta1, m * beta1)                  v = fma((1 - beta2) * g, g, v * beta2)
   c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t)          (Python doubles, then fp32 scalars)
-  denom = sqrt(v) / c2 + eps                        (IEEE sqrt and division)
+  denom = sqrt(v) / c2 + eps                        (IEEE division; sqrt: see below)
   p = p * (1 - lr * wd)                             (decoupled weight decay, skipped when wd = 0)
   p = p + ((-lr / c1) * m) / denom                  then rounded to p's dtype (RNE)
 Requantization of the *new* m and v (the update above used them unquantized), per block b:
@@ -28,8 +28,10 @@ states contiguous; absmax may be longer than ceil(n/B) (a sharded parameter pads
 absmax to a common length): the extra entries are neither read nor written. Everything is updated
 in place. The Triton kernel does a block in one pass: read p, g, 2 state bytes and 2 scales, write
 p, 2 bytes and 2 scales (~2 x 4 + 2 x 2 + 4 bytes per fp32 parameter). Launches disable FMA
-contraction and use correctly rounded sqrt/division so the GPU computes the same fp32 values as
-the reference on CPU.
+contraction (the fmas above are explicit) and use correctly rounded sqrt and division, so the
+kernel's m, v, codes and scales equal the reference's bit for bit. The parameter may differ in its
+last bit: torch's CPU sqrt (MKL) is within 1 ulp but not always correctly rounded, and it is what
+both the reference and bnb's CPU path use (the reference equals bnb bit for bit on CPU).
 """
 
 from __future__ import annotations
