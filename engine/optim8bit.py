@@ -16,7 +16,8 @@ blocks of 256 counted from the start of the shard. State tensors are DTensors la
 parameter, so DCP saves each rank's part: the byte states with the parameter's placements, the
 scales as a dim-0 sharded vector padded to the same length on every rank (the largest shard's
 block count). A checkpoint therefore resumes at the world size that wrote it (the block grid
-follows the shards); at another world size the scales' global size differs and loading is refused.
+follows the shards); at another world size loading is refused (``state["shards"]`` records the
+split), never silently misread.
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ def _shard_layout(p) -> tuple[int, int]:
     return -(-rows * per_row // BLOCKSIZE), shards
 
 
+def _shards(p) -> int:
+    from torch.distributed.tensor import DTensor
+
+    return _shard_layout(p)[1] if isinstance(p, DTensor) else 1
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW with 8-bit blockwise states, numerically bitsandbytes' ``AdamW8bit`` (module doc).
     Param groups may carry any extra keys (the trainer's ``lr_ratio``); ``lr`` and
@@ -94,11 +101,18 @@ class AdamW8bit(torch.optim.Optimizer):
         self.impl = impl
 
     def load_state_dict(self, state_dict: dict) -> None:
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved, params, strict=True):
+            shards = state_dict["state"].get(i, {}).get("shards")
+            if shards is not None and int(shards) != _shards(p):
+                raise EmberError(f"this adamw_8bit optimizer state was written with parameters "
+                                 f"split in {int(shards)} shards, this run splits them in "
+                                 f"{_shards(p)}: its 8-bit blocks follow the shards, so resume "
+                                 "with the number of processes that wrote the checkpoint")
         super().load_state_dict(state_dict)
         # torch casts every state tensor of a floating parameter to its dtype: the byte codes, the
         # scales and the fp32 moments of small parameters keep their saved dtypes.
-        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(saved, params, strict=True):
             for key, v in state_dict["state"].get(i, {}).items():
                 if key != "step" and torch.is_tensor(v):
@@ -123,6 +137,7 @@ class AdamW8bit(torch.optim.Optimizer):
             return
         state["state1"] = like_p(torch.zeros_like(local, dtype=torch.uint8))
         state["state2"] = like_p(torch.zeros_like(local, dtype=torch.uint8))
+        state["shards"] = torch.tensor(_shards(p))  # the block grid follows the shards
         if not sharded:
             nb = -(-p.numel() // BLOCKSIZE)
             state["absmax1"] = torch.zeros(nb, dtype=torch.float32, device=p.device)

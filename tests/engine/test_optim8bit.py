@@ -95,6 +95,9 @@ def test_state_dict_round_trip_resumes_exactly():
     _run(opt, ps, 2, first=4)
     _run(opt2, ps2, 2, first=4)
     assert all(torch.equal(p, q) for p, q in zip(ps, ps2, strict=True))
+    saved["state"][0]["shards"] = torch.tensor(2)  # as if written by 2 FSDP processes
+    with pytest.raises(EmberError, match="resume with the number of processes"):
+        AdamW8bit(_groups(ps2)).load_state_dict(saved)
 
 
 def test_config_names_the_optimizer():
@@ -165,7 +168,8 @@ def test_fsdp2_sharded_states_checkpoint_and_resume(tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
     res = torch.load(out)
     assert res["kinds"]["layers.0.weight"] == ["absmax1:DTensor", "absmax2:DTensor",
-                                                "state1:DTensor", "state2:DTensor", "step:Tensor"]
+                                                "shards:Tensor", "state1:DTensor",
+                                                "state2:DTensor", "step:Tensor"]
     assert res["kinds"]["layers.0.bias"] == ["state1:DTensor", "state2:DTensor", "step:Tensor"]
     for n, p in res["a"].items():
         assert torch.equal(p, res["b"][n]), n  # resumed == uninterrupted
