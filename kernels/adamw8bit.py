@@ -32,6 +32,8 @@ contraction (the fmas above are explicit) and use correctly rounded sqrt and div
 kernel's m, v, codes and scales equal the reference's bit for bit. The parameter may differ in its
 last bit: torch's CPU sqrt (MKL) is within 1 ulp but not always correctly rounded, and it is what
 both the reference and bnb's CPU path use (the reference equals bnb bit for bit on CPU).
+Limits: the Triton kernel takes < 2^31 values per tensor; percentile clipping, max_unorm and paged
+states (bnb options AdamW8bit leaves off) are not implemented.
 """
 
 from __future__ import annotations
