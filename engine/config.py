@@ -80,6 +80,7 @@ class ModelSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
+    name: str = "adamw"  # "adamw" (torch, fp32 states) | "adamw_8bit" (bnb's 8-bit states)
     lr: float | None = None  # None: 1e-3 with LoRA, 3e-2 prompt tuning, 2e-5 full fine-tuning
     weight_decay: float = 0.0  # never applied to biases, norms or embeddings
     betas: tuple[float, float] = (0.9, 0.999)
@@ -91,6 +92,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # 0: no clipping
 
     def __post_init__(self) -> None:
+        _one_of("optim.name", self.name, ("adamw", "adamw_8bit"))
         _one_of("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
         if self.lr is not None and not self.lr > 0:
             raise EmberError(f"optim.lr must be > 0, got {self.lr}")

@@ -151,8 +151,9 @@ def build_model(cfg: TrainConfig, device: str):
 
 
 def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
-                   ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters. ``embedding_lr`` (``lora.embedding_lr``): the peak lr
+                   ) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (``optim.name``: torch's, or ``AdamW8bit`` with
+    bitsandbytes' 8-bit states). ``embedding_lr`` (``lora.embedding_lr``): the peak lr
     of the adapters on the embedding and the head, kept in their groups as ``lr_ratio`` (the
     trainer multiplies the scheduled lr by it)."""
     parts: dict[tuple[bool, bool], list] = {k: [] for k in
@@ -170,6 +171,10 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
               | ({"lr_ratio": embedding_lr / cfg.lr} if emb else {})
               for (decay, emb), ps in parts.items() if ps]
     kw = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cfg.name == "adamw_8bit":
+        from ember.engine.optim8bit import AdamW8bit
+
+        return AdamW8bit(groups, **kw)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, ValueError):  # fused kernel missing for this device/dtype

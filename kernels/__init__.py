@@ -4,6 +4,7 @@ Every op takes ``impl=None | "triton" | "ref"`` (see ``ember.kernels._dispatch``
 tensors, the reference on CPU. Each op ``<op>`` has its reference ``<op>_ref`` beside it.
 """
 
+from ember.kernels.adamw8bit import adamw8bit_step, adamw8bit_step_ref
 from ember.kernels.attention import flash_attention, flash_attention_ref
 from ember.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from ember.kernels.lora import (
@@ -29,6 +30,8 @@ from ember.kernels.rope import apply_rope, apply_rope_ref
 from ember.kernels.swiglu import geglu, geglu_ref, swiglu, swiglu_ref
 
 __all__ = [
+    "adamw8bit_step",
+    "adamw8bit_step_ref",
     "apply_rope",
     "apply_rope_ref",
     "flash_attention",
