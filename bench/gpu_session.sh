@@ -49,7 +49,7 @@ case "$part" in
       tests/kernels/test_cross_entropy.py
     ;;
   kernels)
-    for b in rms_norm rope swiglu nf4 lora; do
+    for b in rms_norm rope swiglu nf4 lora adamw8bit; do
       run "bench_$b" 60 python3 "bench/$b.py" --quick
     done
     run bench_linear_cross_entropy 120 python3 bench/linear_cross_entropy.py --quick \
