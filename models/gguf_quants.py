@@ -1,0 +1,318 @@
+"""ggml's block quantizations in torch, byte for byte what llama.cpp writes, and llama-quantize's
+per-tensor type choice for its file types (``Q4_K_M`` ...).
+
+Legacy types, per block of 32 (as ``gguf.quants``, which follows ggml's reference):
+``Q8_0`` d = max|x| / 127, q = round(x / d); ``Q4_0`` / ``Q5_0`` d = (the signed value of largest
+magnitude) / -8 (-16), q = trunc(x / d + 8.5 (16.5)); ``Q4_1`` / ``Q5_1`` d = (max - min) / 15 (31),
+m = min, q = trunc((x - m) / d + 0.5). Bytes: fp16 scale(s), then the low nibbles (element i and
+i + 16 share a byte), for the 5-bit types 4 bytes of high bits in between.
+
+K-quants, per super-block of 256, transcribed from ggml-quants.c's ``quantize_row_q{4,5,6}_K_ref``
+(what ``llama-quantize`` runs without an importance matrix): Q4_K / Q5_K cut it into 8 sub-blocks
+of 32, each fitted by ``make_qkx2_quants`` (a weighted least-squares search over 21 / 16 trial
+scales of a scale and a min), then the 8 scales and mins are themselves quantized to 6 bits
+against fp16 super-scales; Q6_K uses 16 sub-blocks of 16 with ``make_qx_quants`` (19 trial
+scales, symmetric) and int8 sub-scales. Every loop over a block is vectorized over all blocks
+at once, while each sum keeps the C code's order (element by element, in fp32, no fused
+multiply-add), because the search compares errors and a different rounding picks a different
+scale. ``_nearest_int`` is ggml's float trick itself. The C reference compiled with
+``-ffp-contract=off`` is the oracle (tests/models/test_gguf_quants.py); a build that contracts
+to FMA (``-march=native`` on x86) differs from it in a few blocks per million.
+
+Inputs must be finite; a block whose scale underflows to a subnormal (all |x| < ~1e-37) is
+outside what the tests cover.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from ember import EmberError
+
+QK_K = 256
+# ggml type -> (elements per block, bytes per block)
+BLOCKS = {Q.Q4_0: (32, 18), Q.Q4_1: (32, 20), Q.Q5_0: (32, 22), Q.Q5_1: (32, 24),
+          Q.Q8_0: (32, 34), Q.Q4_K: (QK_K, 144), Q.Q5_K: (QK_K, 176), Q.Q6_K: (QK_K, 210)}
+_CHUNK = 1 << 22  # elements quantized at once: bounds the temporaries of the K-quant searches
+
+
+def _f32(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def _div(c: float, t: torch.Tensor) -> torch.Tensor:
+    """c / t correctly rounded (torch's ``c / t`` is ``c * (1 / t)``, rounded twice)."""
+    return torch.div(_f32(c), t)
+
+
+def _half_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.half().view(torch.uint8).reshape(*t.shape, 2)
+
+
+def _nearest_int(f: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int: add 1.5 * 2**23 and read the mantissa (round half to even)."""
+    bits = (f + 12582912.0).view(torch.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+def _seqsum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 in order, starting from 0.0, in fp32: a C ``for`` loop's ``s += t[i]``."""
+    acc = torch.zeros_like(t[0])
+    for row in t:
+        acc += row
+    return acc
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(n, 32) codes -> (n, 16) bytes: element i in the low nibble, i + 16 in the high one."""
+    return (q[:, :16] & 0xF) | (q[:, 16:] << 4)
+
+
+def _high_bits(q: torch.Tensor) -> torch.Tensor:
+    """(n, 32) 5-bit codes -> (n, 4) bytes: bit i of the little-endian uint32 is q[i]'s bit 4."""
+    bits = ((q >> 4) & 1).reshape(-1, 4, 8)
+    return (bits << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+def _blocks(w: torch.Tensor, qtype: Q) -> torch.Tensor:
+    size = BLOCKS[qtype][0]
+    if w.ndim != 2 or w.shape[1] % size:
+        raise EmberError(f"quantize {qtype.name}: need a matrix with rows a multiple of {size}, "
+                         f"got shape {tuple(w.shape)}")
+    return w.detach().float().cpu().reshape(-1, size)
+
+
+# ------------------------------------------------------------------------------------------
+# Legacy types: blocks of 32
+
+
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """ggml's Q8_0 of a (rows, cols) tensor, cols a multiple of 32 -> uint8 (rows, cols/32*34):
+    per block of 32, an fp16 scale d = max|x| / 127 then int8 q = round(x / d) (half away from
+    zero, computed as x * (1/d) in fp32, like ggml's reference and ``gguf.quants``)."""
+    blocks = _blocks(w, Q.Q8_0)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), _div(1.0, d))
+    x = blocks * inv
+    a = x.abs()
+    whole = a.floor()
+    q = torch.sign(x) * (whole + (2 * (a - whole)).floor())
+    out = torch.cat([d.half().view(torch.uint8), q.to(torch.int8).view(torch.uint8)], dim=1)
+    return out.reshape(w.shape[0], -1)
+
+
+def _symmetric(blocks: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q5_0: the scale d (n, 1) and the codes trunc(x / d + half + 0.5), 0..2*half-1."""
+    imax = blocks.abs().argmax(dim=1, keepdim=True)
+    d = torch.gather(blocks, 1, imax) / -half
+    inv = torch.where(d == 0, torch.zeros_like(d), _div(1.0, d))
+    q = torch.trunc(blocks * inv + (half + 0.5)).clamp(0, 2 * half - 1).to(torch.uint8)
+    return d, q
+
+
+def _affine(blocks: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1 / Q5_1: d = (max - min) / top (n, 1), m = min, codes trunc((x - m) / d + 0.5)."""
+    mx = blocks.amax(dim=1, keepdim=True)
+    mn = blocks.amin(dim=1, keepdim=True)
+    d = (mx - mn) / top
+    inv = torch.where(d == 0, torch.zeros_like(d), _div(1.0, d))
+    q = torch.trunc((blocks - mn) * inv + 0.5).clamp(0, top).to(torch.uint8)
+    return d, mn, q
+
+
+def quantize_q4_0(w: torch.Tensor) -> torch.Tensor:
+    """ggml's Q4_0 (18 bytes per 32: fp16 d, 16 bytes of nibbles), as ``gguf.quants``."""
+    d, q = _symmetric(_blocks(w, Q.Q4_0), 8)
+    return torch.cat([_half_bytes(d[:, 0]), _nibbles(q)], 1).reshape(w.shape[0], -1)
+
+
+def quantize_q4_1(w: torch.Tensor) -> torch.Tensor:
+    """ggml's Q4_1 (20 bytes per 32: fp16 d, fp16 min, nibbles), as ``gguf.quants``."""
+    d, m, q = _affine(_blocks(w, Q.Q4_1), 15)
+    out = torch.cat([_half_bytes(d[:, 0]), _half_bytes(m[:, 0]), _nibbles(q)], 1)
+    return out.reshape(w.shape[0], -1)
+
+
+def quantize_q5_0(w: torch.Tensor) -> torch.Tensor:
+    """ggml's Q5_0 (22 bytes per 32: fp16 d, 4 bytes of high bits, nibbles), as ``gguf.quants``."""
+    d, q = _symmetric(_blocks(w, Q.Q5_0), 16)
+    out = torch.cat([_half_bytes(d[:, 0]), _high_bits(q), _nibbles(q)], 1)
+    return out.reshape(w.shape[0], -1)
+
+
+def quantize_q5_1(w: torch.Tensor) -> torch.Tensor:
+    """ggml's Q5_1 (24 bytes per 32: fp16 d, fp16 min, high bits, nibbles), as ``gguf.quants``."""
+    d, m, q = _affine(_blocks(w, Q.Q5_1), 31)
+    out = torch.cat([_half_bytes(d[:, 0]), _half_bytes(m[:, 0]), _high_bits(q), _nibbles(q)], 1)
+    return out.reshape(w.shape[0], -1)
+
+
+# ------------------------------------------------------------------------------------------
+# K-quants: super-blocks of 256
+
+
+def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+               nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's make_qkx2_quants (use_mad false) on every row of x (n, k) with weights w: codes
+    L (n, k) in 0..nmax, scale (n,) and the_min (n,) such that x ~ scale * L - the_min."""
+    xt, wt = x.T.contiguous(), w.T.contiguous()  # (k, n): the sums run over dim 0, in C's order
+    mn = x.amin(1)
+    mx = x.amax(1)
+    sum_w, sum_x = wt[0].clone(), wt[0] * xt[0]
+    for i in range(1, xt.shape[0]):
+        sum_w += wt[i]
+        sum_x += wt[i] * xt[i]
+    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
+    mn0, flat = mn, mx == mn
+    iscale = _div(float(nmax), mx - mn)
+    scale = _div(1.0, iscale)
+    L = _nearest_int(iscale * (xt - mn)).clamp(0, nmax).float()
+    diff = scale * L + mn - xt
+    best = _seqsum(wt * (diff * diff))
+    for step in range(nstep + 1):
+        factor = float(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax))
+        # C divides by (max - min) and shifts by min with min the best fit's so far
+        laux = _nearest_int(_div(factor, mx - mn) * (xt - mn)).clamp(0, nmax).float()
+        wl = wt * laux
+        sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * laux), _seqsum(wl * xt)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        pos = this_min > 0
+        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        diff = this_scale * laux + this_min - xt
+        err = _seqsum(wt * (diff * diff))
+        better = (D > 0) & (err < best)
+        L = torch.where(better, laux, L)
+        best = torch.where(better, err, best)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)
+    L = torch.where(flat, torch.zeros_like(L), L)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    return L.T, scale, -torch.where(flat, mn0, mn)
+
+
+def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """Q4_K / Q5_K's 12 bytes of 6-bit scales and mins (n, 8) each (get_scale_min_k4's inverse)."""
+    lo = torch.cat([ls[:, :4] | ((ls[:, 4:] >> 4) << 6), lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+                    (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)], 1)
+    return lo.to(torch.uint8)
+
+
+def _q45_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
+    """The common part of Q4_K and Q5_K on super-blocks x (nb, 256): (d, dmin, scales, L)."""
+    nb = x.shape[0]
+    sub = x.reshape(-1, 32)
+    sum_x2 = _seqsum((sub * sub).T.contiguous())
+    av_x = torch.sqrt((sum_x2 / 32).double()).float()  # torch's fp32 sqrt is not correctly rounded
+    weights = av_x[:, None] + sub.abs()
+    L, scales, mins = _make_qkx2(sub, weights, nmax, rmin, 0.1, nstep)
+    scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+    max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
+    max_scale = torch.where(max_scale > 0, max_scale, torch.zeros_like(max_scale))
+    max_min = torch.where(max_min > 0, max_min, torch.zeros_like(max_min))
+    inv_scale = torch.where(max_scale > 0, _div(63.0, max_scale), torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, _div(63.0, max_min), torch.zeros_like(max_min))
+    ls = (_nearest_int(inv_scale * scales) & 0xFF).clamp(max=63)  # uint8_t, then MIN(63, .)
+    lm = (_nearest_int(inv_min * mins) & 0xFF).clamp(max=63)
+    d16, dmin16 = (max_scale / 63).half(), (max_min / 63).half()
+    d = (d16.float() * ls.float()).reshape(-1, 1)
+    dm = (dmin16.float() * lm.float()).reshape(-1, 1)
+    requant = _nearest_int((sub + dm) / d).clamp(0, nmax).float()
+    L = torch.where(d == 0, L, requant).to(torch.uint8).reshape(nb, QK_K)
+    head = torch.cat([d16.view(torch.uint8).reshape(nb, 2), dmin16.view(torch.uint8).reshape(nb, 2),
+                      _pack_scales_k4(ls, lm)], 1)
+    return head, L
+
+
+def _split64(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nb, 256) -> the first and second halves of each 64: (nb, 4, 32) each."""
+    q = L.reshape(-1, 4, 2, 32)
+    return q[:, :, 0], q[:, :, 1]
+
+
+def _q4_k(x: torch.Tensor) -> torch.Tensor:
+    head, L = _q45_k(x, 15, -1.0, 20)
+    a, b = _split64(L)
+    return torch.cat([head, (a | (b << 4)).reshape(-1, 128)], 1)
+
+
+def _q5_k(x: torch.Tensor) -> torch.Tensor:
+    head, L = _q45_k(x, 31, -0.5, 15)
+    a, b = _split64(L)
+    shifts = (2 * torch.arange(4, dtype=torch.uint8))[None, :, None]
+    qh = (((a >> 4) << shifts) | ((b >> 4) << (shifts + 1))).sum(1, dtype=torch.uint8)
+    ql = ((a & 0xF) | ((b & 0xF) << 4)).reshape(-1, 128)
+    return torch.cat([head, qh, ql], 1)
+
+
+def _make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_qx_quants with rmse_type 1 (weights x**2), no quant weights, on every row of
+    x (n, k): codes L (n, k) in 0..2*nmax-1 (value L - nmax) and the scale (n,)."""
+    xt = x.T.contiguous()
+    imax = x.abs().argmax(1, keepdim=True)
+    mx = torch.gather(x, 1, imax)[:, 0]
+    zero = x.abs().amax(1) < 1e-15  # GROUP_MAX_EPS
+    wx = xt * xt * xt  # w * x with w = x * x
+
+    def trial(iscale):
+        lv = _nearest_int(iscale * xt).clamp(-nmax, nmax - 1).float()
+        return lv, _seqsum(wx * lv), _seqsum(xt * xt * lv * lv)
+
+    lv, sumlx, suml2 = trial(_div(float(-nmax), mx))
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(suml2))
+    best = scale * sumlx
+    for step in (*range(-9, 0), *range(1, 10)):
+        factor = float(-(np.float32(nmax) + np.float32(0.1) * np.float32(step)))
+        lt, sumlx, suml2 = trial(_div(factor, mx))
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        lv = torch.where(better, lt, lv)
+        scale = torch.where(better, sumlx / suml2, scale)
+        best = torch.where(better, scale * sumlx, best)
+    L = torch.where(zero, torch.zeros_like(lv), lv + nmax)
+    return L.T, torch.where(zero, torch.zeros_like(scale), scale)
+
+
+def _q6_k(x: torch.Tensor) -> torch.Tensor:
+    nb = x.shape[0]
+    sub = x.reshape(-1, 16)
+    L, scales = _make_qx(sub, 32)
+    scales = scales.reshape(nb, 16)
+    imax = scales.abs().argmax(1, keepdim=True)
+    max_scale = torch.gather(scales, 1, imax)
+    zero = (max_scale.abs() < 1e-15)[:, 0]
+    iscale = _div(-128.0, max_scale)
+    d16 = _div(1.0, iscale).half()
+    sc = (_nearest_int(iscale * scales).clamp(max=127) & 0xFF).to(torch.uint8).view(torch.int8)
+    d = (d16.float() * sc.float()).reshape(-1, 1)
+    requant = (_nearest_int(sub / d).clamp(-32, 31) + 32).float()
+    L = torch.where(d == 0, L, requant).to(torch.uint8).reshape(nb, 2, 4, 32)
+    ql = torch.cat([L[:, :, 0] & 0xF, L[:, :, 1] & 0xF], 2) | (
+        torch.cat([L[:, :, 2] & 0xF, L[:, :, 3] & 0xF], 2) << 4)
+    qh = ((L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4)
+          | ((L[:, :, 3] >> 4) << 6))
+    out = torch.cat([ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(torch.uint8),
+                     d16.view(torch.uint8).reshape(nb, 2)], 1)
+    return torch.where(zero[:, None], torch.zeros_like(out), out)
+
+
+_K_QUANTS = {Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k}
+_LEGACY = {Q.Q4_0: quantize_q4_0, Q.Q4_1: quantize_q4_1, Q.Q5_0: quantize_q5_0,
+           Q.Q5_1: quantize_q5_1, Q.Q8_0: quantize_q8_0}
+
+
+def quantize(w: torch.Tensor, qtype: Q) -> torch.Tensor:
+    """``w`` (rows, cols), cols a multiple of the type's block -> uint8 (rows, row bytes) in
+    ggml's layout for ``qtype`` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)."""
+    if qtype in _LEGACY:
+        return _LEGACY[qtype](w)
+    if qtype not in _K_QUANTS:
+        raise EmberError(f"quantize: no quantizer for {qtype.name} (have "
+                         f"{', '.join(t.name for t in BLOCKS)})")
+    blocks = _blocks(w, qtype)
+    step = max(1, _CHUNK // QK_K)
+    out = torch.cat([_K_QUANTS[qtype](blocks[i:i + step]) for i in range(0, len(blocks), step)])
+    return out.reshape(w.shape[0], -1)
