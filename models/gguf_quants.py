@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
+from gguf import LlamaFileType
 
 from ember import EmberError
 
@@ -176,7 +177,7 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
         # C divides by (max - min) and shifts by min with min the best fit's so far
         laux = _nearest_int(_div(factor, mx - mn) * (xt - mn)).clamp(0, nmax).float()
         wl = wt * laux
-        sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * laux), _seqsum(wl * xt)
+        sum_l, sum_l2, sum_xl = _seqsum(torch.stack([wl, wl * laux, wl * xt], 1))  # (k, 3, n)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -260,7 +261,7 @@ def _make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     def trial(iscale):
         lv = _nearest_int(iscale * xt).clamp(-nmax, nmax - 1).float()
-        return lv, _seqsum(wx * lv), _seqsum(xt * xt * lv * lv)
+        return lv, *_seqsum(torch.stack([wx * lv, xt * xt * lv * lv], 1))  # (k, 2, n)
 
     lv, sumlx, suml2 = trial(_div(float(-nmax), mx))
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(suml2))
@@ -316,3 +317,88 @@ def quantize(w: torch.Tensor, qtype: Q) -> torch.Tensor:
     step = max(1, _CHUNK // QK_K)
     out = torch.cat([_K_QUANTS[qtype](blocks[i:i + step]) for i in range(0, len(blocks), step)])
     return out.reshape(w.shape[0], -1)
+
+
+# ------------------------------------------------------------------------------------------
+# llama-quantize's file types: the type of each tensor (llama.cpp src/llama-quant.cpp,
+# llama_tensor_get_type_impl and tensor_type_fallback, for the types below, no imatrix, no MoE)
+
+# name as llama-quantize spells it, lowercased -> (default ggml type, general.file_type)
+_F = LlamaFileType
+FILE_TYPES = {
+    "q4_0": (Q.Q4_0, _F.MOSTLY_Q4_0), "q4_1": (Q.Q4_1, _F.MOSTLY_Q4_1),
+    "q5_0": (Q.Q5_0, _F.MOSTLY_Q5_0), "q5_1": (Q.Q5_1, _F.MOSTLY_Q5_1),
+    "q8_0": (Q.Q8_0, _F.MOSTLY_Q8_0),
+    "q4_k_s": (Q.Q4_K, _F.MOSTLY_Q4_K_S), "q4_k_m": (Q.Q4_K, _F.MOSTLY_Q4_K_M),
+    "q5_k_s": (Q.Q5_K, _F.MOSTLY_Q5_K_S), "q5_k_m": (Q.Q5_K, _F.MOSTLY_Q5_K_M),
+    "q6_k": (Q.Q6_K, _F.MOSTLY_Q6_K),
+}
+ALIASES = {"q4_k": "q4_k_m", "q5_k": "q5_k_m"}  # as llama-quantize's own list has them
+# what a type falls back to for rows that are not whole blocks (then F16)
+_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+_ATTN_V = ("attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight")  # category_is_attn_v
+
+
+def _use_more_bits(i_layer: int, n_layers: int) -> bool:
+    # the first clause short-circuits every negative (i - n/8), so // and % are C's / and %
+    return (i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8
+            or (i_layer - n_layers // 8) % 3 == 2)
+
+
+def _layer(name: str) -> int:
+    return int(name.split(".")[1])
+
+
+def _mixed_type(name: str, ncols: int, ftype: str, ctx: dict) -> Q:
+    """llama_tensor_get_type_impl for our file types and architectures."""
+    new = FILE_TYPES[ftype][0]
+    if name == "output.weight" or (ctx["tied"] and name == "token_embd.weight"):
+        if ncols % BLOCKS[new][0]:
+            return Q.Q8_0
+        return new if new == Q.Q8_0 else Q.Q6_K
+    if name == "token_embd.weight":
+        return new
+    if any(k in name for k in _ATTN_V):
+        i, n = _layer(name), ctx["n_attention_wv"]
+        if ftype in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n):
+            new = Q.Q6_K
+        elif ftype == "q4_k_s" and i < 4:
+            new = Q.Q5_K
+        if ctx["is_70b"] and new == Q.Q4_K:
+            new = Q.Q5_K
+    elif "ffn_down" in name:
+        i, n = _layer(name), ctx["n_layer"]
+        if ftype in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n):
+            new = Q.Q6_K
+        elif ftype == "q4_k_s" and i < n // 8:
+            new = Q.Q5_K
+    return new
+
+
+def tensor_types(shapes: dict[str, tuple[int, ...]], ftype: str, *, arch: str, n_layer: int,
+                 n_head: int, n_head_kv: int) -> dict[str, Q]:
+    """The ggml type llama-quantize gives each tensor (GGUF name -> torch shape) for ``ftype``
+    (a key of FILE_TYPES or ALIASES): 1-D tensors and norms stay F32; ``output.weight`` (or the
+    tied ``token_embd.weight``) gets Q6_K (Q8_0 for Q8_0, or when its rows are not whole blocks);
+    for Q4_K_M / Q5_K_M, ``attn_v`` (``attn_qkv``) and ``ffn_down`` of the layers
+    ``use_more_bits`` picks get Q6_K; Q4_K_S gives Q5_K to the first 4 ``attn_v`` and the first
+    1/8 of ``ffn_down``; an 80-layer Llama-2/3-70B-like model (GQA) or Qwen2-72B gets Q5_K for
+    its Q4_K ``attn_v``. Rows not a multiple of the block: Q4_K -> Q5_0, Q5_K -> Q5_1,
+    Q6_K -> Q8_0, and F16 if still not whole blocks."""
+    ftype = ALIASES.get(ftype, ftype)
+    ctx = {"tied": "output.weight" not in shapes, "n_layer": n_layer,
+           "n_attention_wv": sum(any(k in n for k in _ATTN_V) for n in shapes),
+           "is_70b": n_layer == 80 and (arch == "qwen2" or (arch == "llama"
+                                                            and n_head != n_head_kv))}
+    out = {}
+    for name, shape in shapes.items():
+        if len(shape) < 2 or not name.endswith("weight") or "_norm.weight" in name:
+            out[name] = Q.F32
+            continue
+        new = _mixed_type(name, shape[-1], ftype, ctx)
+        if shape[-1] % BLOCKS[new][0]:
+            new = _FALLBACK.get(new, new)
+            if shape[-1] % BLOCKS[new][0]:
+                new = Q.F16
+        out[name] = new
+    return out

@@ -15,7 +15,8 @@ from gguf import GGUFReader, quants
 from ember import EmberError
 from ember.models.config import ModelConfig, RopeScaling
 from ember.models.gguf import GGUFFile, load_gguf
-from ember.models.gguf_export import quantize_q8_0, save_gguf
+from ember.models.gguf_export import save_gguf
+from ember.models.gguf_quants import quantize_q8_0
 from ember.models.gguf_tokenizer import PROBE
 from ember.models.loading import load_pretrained
 from ember.models.tokenizer import Tokenizer, tokenizer_from_gguf
@@ -312,8 +313,8 @@ def test_unexpressible_models_are_refused(tmp_path):
                                "tokenizer.ggml.scores": [0.0] * VOCAB})
     with pytest.raises(EmberError, match="only byte-level BPE"):
         save_gguf(Transformer(ModelConfig(**base)), spm, tmp_path / "s.gguf")
-    with pytest.raises(EmberError, match="dtype 'q4_0'"):
-        save_gguf(Transformer(ModelConfig(**base)), tok, tmp_path / "q.gguf", dtype="q4_0")
+    with pytest.raises(EmberError, match="dtype 'q3_k_xl' is not one of f32, f16, bf16, q4_0"):
+        save_gguf(Transformer(ModelConfig(**base)), tok, tmp_path / "q.gguf", dtype="q3_k_xl")
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
