@@ -106,8 +106,12 @@ def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
 
 def _symmetric(blocks: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_0 / Q5_0: the scale d (n, 1) and the codes trunc(x / d + half + 0.5), 0..2*half-1."""
-    imax = blocks.abs().argmax(dim=1, keepdim=True)
-    d = torch.gather(blocks, 1, imax) / -half
+    a = blocks.abs()
+    imax = a.argmax(dim=1, keepdim=True)
+    # C keeps max = +0.0 unless some |x| > 0: an all-zero block gets d = -0.0 (gguf.quants: the
+    # sign of its first zero)
+    mx = torch.gather(blocks, 1, imax).where(a.amax(1, keepdim=True) > 0, 0.0)
+    d = mx / -half
     inv = torch.where(d == 0, torch.zeros_like(d), _div(1.0, d))
     q = torch.trunc(blocks * inv + (half + 0.5)).clamp(0, 2 * half - 1).to(torch.uint8)
     return d, q
@@ -115,8 +119,9 @@ def _symmetric(blocks: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Ten
 
 def _affine(blocks: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_1 / Q5_1: d = (max - min) / top (n, 1), m = min, codes trunc((x - m) / d + 0.5)."""
-    mx = blocks.amax(dim=1, keepdim=True)
-    mn = blocks.amin(dim=1, keepdim=True)
+    # C's first extreme element (v < min, v > max): the sign of a zero extreme is the first one's
+    mx = torch.gather(blocks, 1, blocks.argmax(dim=1, keepdim=True))
+    mn = torch.gather(blocks, 1, blocks.argmin(dim=1, keepdim=True))
     d = (mx - mn) / top
     inv = torch.where(d == 0, torch.zeros_like(d), _div(1.0, d))
     q = torch.trunc((blocks - mn) * inv + 0.5).clamp(0, top).to(torch.uint8)
