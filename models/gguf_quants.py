@@ -159,45 +159,67 @@ def quantize_q5_1(w: torch.Tensor) -> torch.Tensor:
 # K-quants: super-blocks of 256
 
 
+def _codes(v: torch.Tensor, lo: int, hi: int, bound: torch.Tensor) -> torch.Tensor:
+    """clamp(nearest_int(v), lo, hi) as floats. ``bound`` (n,) bounds |v| per column: where all
+    are below 2**22 the float trick is round half to even, i.e. ``torch.round`` (3 passes less);
+    otherwise (degenerate blocks, NaN) the trick itself, whose wrap-around C would see too."""
+    if bool((bound <= 4e6).all()):
+        return torch.round(v).clamp_(lo, hi)
+    return _nearest_int(v).clamp_(lo, hi).float()
+
+
 def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
                nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's make_qkx2_quants (use_mad false) on every row of x (n, k) with weights w: codes
     L (n, k) in 0..nmax, scale (n,) and the_min (n,) such that x ~ scale * L - the_min."""
     xt, wt = x.T.contiguous(), w.T.contiguous()  # (k, n): the sums run over dim 0, in C's order
-    mn = x.amin(1)
+    lo = x.amin(1)
     mx = x.amax(1)
     sum_w, sum_x = wt[0].clone(), wt[0] * xt[0]
     for i in range(1, xt.shape[0]):
         sum_w += wt[i]
         sum_x += wt[i] * xt[i]
-    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
+    mn = torch.where(lo > 0, torch.zeros_like(lo), lo)
     mn0, flat = mn, mx == mn
+    zero = torch.zeros_like(mn)
+
+    def codes(iscale, shift):  # the codes of a trial scale and min, in 0..nmax
+        span = torch.maximum((mx - shift).abs(), (lo - shift).abs())  # >= |x - shift|
+        bound = torch.where(flat, zero, iscale.abs() * span)
+        return _codes(iscale * (xt - shift), 0, nmax, bound)
+
     iscale = _div(float(nmax), mx - mn)
     scale = _div(1.0, iscale)
-    L = _nearest_int(iscale * (xt - mn)).clamp(0, nmax).float()
+    L = codes(iscale, mn)
     diff = scale * L + mn - xt
     best = _seqsum(wt * (diff * diff))
+    best_is, best_shift = iscale, mn  # L is recomputed from these at the end
+    stacked = torch.empty(xt.shape[0], 3, xt.shape[1])  # (k, 3, n): 3 sums in one loop
     for step in range(nstep + 1):
         factor = float(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax))
         # C divides by (max - min) and shifts by min with min the best fit's so far
-        laux = _nearest_int(_div(factor, mx - mn) * (xt - mn)).clamp(0, nmax).float()
-        wl = wt * laux
-        sum_l, sum_l2, sum_xl = _seqsum(torch.stack([wl, wl * laux, wl * xt], 1))  # (k, 3, n)
+        iscale = _div(factor, mx - mn)
+        laux = codes(iscale, mn)
+        wl = torch.mul(wt, laux, out=stacked[:, 0])
+        torch.mul(wl, laux, out=stacked[:, 1])
+        torch.mul(wl, xt, out=stacked[:, 2])
+        sum_l, sum_l2, sum_xl = _seqsum(stacked)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
         pos = this_min > 0
         this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
-        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        this_min = torch.where(pos, zero, this_min)
         diff = this_scale * laux + this_min - xt
-        err = _seqsum(wt * (diff * diff))
+        err = _seqsum(wt * diff.mul_(diff))
         better = (D > 0) & (err < best)
-        L = torch.where(better, laux, L)
+        best_is = torch.where(better, iscale, best_is)
+        best_shift = torch.where(better, mn, best_shift)
         best = torch.where(better, err, best)
         scale = torch.where(better, this_scale, scale)
         mn = torch.where(better, this_min, mn)
-    L = torch.where(flat, torch.zeros_like(L), L)
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    L = torch.where(flat, 0.0, codes(best_is, best_shift))
+    scale = torch.where(flat, zero, scale)
     return L.T, scale, -torch.where(flat, mn0, mn)
 
 
@@ -262,23 +284,33 @@ def _make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     imax = x.abs().argmax(1, keepdim=True)
     mx = torch.gather(x, 1, imax)[:, 0]
     zero = x.abs().amax(1) < 1e-15  # GROUP_MAX_EPS
-    wx = xt * xt * xt  # w * x with w = x * x
+    x2 = xt * xt
+    wx = x2 * xt  # w * x with w = x * x
+    stacked = torch.empty(xt.shape[0], 2, xt.shape[1])  # (k, 2, n)
+
+    def codes(iscale):  # |iscale * x| <= |factor| <= 33 but in all-zero blocks (masked)
+        return _codes(iscale * xt, -nmax, nmax - 1, torch.where(zero, 0.0, iscale.abs() * mx.abs()))
 
     def trial(iscale):
-        lv = _nearest_int(iscale * xt).clamp(-nmax, nmax - 1).float()
-        return lv, *_seqsum(torch.stack([wx * lv, xt * xt * lv * lv], 1))  # (k, 2, n)
+        lv = codes(iscale)
+        torch.mul(wx, lv, out=stacked[:, 0])
+        torch.mul(torch.mul(x2, lv, out=stacked[:, 1]), lv, out=stacked[:, 1])
+        return _seqsum(stacked)
 
-    lv, sumlx, suml2 = trial(_div(float(-nmax), mx))
+    iscale = _div(float(-nmax), mx)
+    sumlx, suml2 = trial(iscale)
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(suml2))
     best = scale * sumlx
+    best_is = iscale
     for step in (*range(-9, 0), *range(1, 10)):
         factor = float(-(np.float32(nmax) + np.float32(0.1) * np.float32(step)))
-        lt, sumlx, suml2 = trial(_div(factor, mx))
+        iscale = _div(factor, mx)
+        sumlx, suml2 = trial(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        lv = torch.where(better, lt, lv)
+        best_is = torch.where(better, iscale, best_is)
         scale = torch.where(better, sumlx / suml2, scale)
         best = torch.where(better, scale * sumlx, best)
-    L = torch.where(zero, torch.zeros_like(lv), lv + nmax)
+    L = torch.where(zero, 0.0, codes(best_is) + nmax)
     return L.T, torch.where(zero, torch.zeros_like(scale), scale)
 
 
