@@ -239,6 +239,13 @@ def _cmd_export(a) -> None:
     from ember.models.nf4 import is_quantized
     from ember.models.prompt_tuning import prompt_embedding, save_prompt_adapter
 
+    if a.gguf:  # before loading the model: a typo costs nothing
+        from ember.models.gguf_export import GGUF_TYPES
+
+        if a.gguf_type.lower() not in GGUF_TYPES:
+            raise EmberError(f"--gguf-type {a.gguf_type!r} is not one of "
+                             f"{', '.join(GGUF_TYPES)} (llama.cpp's names, any case)")
+
     if _is_run_dir(a.run_dir):
         model, tok, cfg = load_run_model(a.run_dir, "cpu")
     elif a.adapter:
@@ -365,8 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--merged", metavar="OUT", help="HF model folder with the adapter merged")
     g.add_argument("--gguf", metavar="OUT.gguf",
                    help="GGUF file for llama.cpp / Ollama / LM Studio, adapter merged")
-    p.add_argument("--gguf-type", default="f16", choices=("f16", "bf16", "f32", "q8_0"),
-                   help="tensor type of the GGUF matrices (default f16; norms stay f32)")
+    p.add_argument("--gguf-type", default="f16", metavar="TYPE",
+                   help="f16 (default), bf16, f32, or a llama-quantize type, any case: Q8_0, "
+                        "Q4_0, Q4_1, Q5_0, Q5_1, Q4_K_S, Q4_K_M (= Q4_K), Q5_K_S, "
+                        "Q5_K_M (= Q5_K), Q6_K (per-tensor types as llama-quantize picks them; "
+                        "norms stay f32)")
     p.set_defaults(fn=_cmd_export)
 
     p = sub.add_parser("import-gguf", help="convert a .gguf file to an HF model folder")

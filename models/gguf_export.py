@@ -6,9 +6,13 @@ SmolLM2; Q/K rows permuted from HF's rotate-half layout to llama.cpp's interleav
 ``qwen2`` (biases), ``qwen3`` (q/k norms), ``gemma`` / ``gemma2`` / ``gemma3`` (every norm weight
 stored as 1 + w; windows, softcaps), ``phi3`` (``attn_qkv`` = q;k;v and ``ffn_up`` = gate;up).
 
-Output types: ``f32``, ``f16``, ``bf16``, ``q8_0`` (``quantize_q8_0``: ggml's Q8_0, byte for byte
-what ``gguf.quants`` writes). As in the converter, 1-D tensors (norms, biases, ``rope_freqs``)
-stay F32, and for ``q8_0`` a matrix whose rows are not a multiple of 32 is written F16.
+Output types: ``f32``, ``f16``, ``bf16`` (as the converter: 1-D tensors, i.e. norms, biases,
+``rope_freqs``, stay F32), and llama-quantize's file types ``q8_0``, ``q4_0``, ``q4_1``,
+``q5_0``, ``q5_1``, ``q4_k_s``, ``q4_k_m`` (alias ``q4_k``), ``q5_k_s``, ``q5_k_m`` (``q5_k``),
+``q6_k`` (any case): each tensor gets the type llama-quantize would give it (Q6_K for the output
+matrix, more bits for some ``attn_v`` / ``ffn_down``, fallbacks for rows that are not whole
+blocks: ``ember.models.gguf_quants.tensor_types``), quantized byte for byte as llama.cpp does
+(``ember.models.gguf_quants``).
 
 Metadata: the ``<arch>.*`` keys the importer and llama.cpp read (``config_from_gguf``), a Llama
 3.1 rope scaling as the ``rope_freqs`` tensor, and the tokenizer (``ember.models.gguf_tokenizer``).
@@ -46,41 +50,23 @@ from ember.models.gguf import (
     permute_qk,
 )
 from ember.models.gguf_arch import ARCHITECTURES, GEMMA
+from ember.models.gguf_quants import ALIASES, FILE_TYPES, quantize, tensor_types
 
-# output type -> (ggml type of matrices, general.file_type)
+# float output type -> (ggml type of matrices, general.file_type); quantized: FILE_TYPES
 DTYPES = {
     "f32": (Q.F32, LlamaFileType.ALL_F32), "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
-    "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16),
 }
+GGUF_TYPES = (*DTYPES, *FILE_TYPES, *ALIASES)
 # Ember model_type -> GGUF general.architecture
 _ARCH_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3",
             "phi3": "phi3"}
 _GGUF_BLOCK = {v: k for k, v in _BLOCK_NAMES.items()}
 _GGUF_TOP = {v: k for k, v in _TOP_NAMES.items()}
-_Q8_BLOCK = 32
 # Phi-3's fused tensors and the Ember projections stacked in them, in row order
 _PHI3_FUSED = {"attn_qkv": ("q_proj", "k_proj", "v_proj"), "ffn_up": ("gate_proj", "up_proj")}
 _PHI3_PARTS = {p: fused for fused, parts in _PHI3_FUSED.items() for p in parts}
-
-
-def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
-    """ggml's Q8_0 of a (rows, cols) tensor, cols a multiple of 32 -> uint8 (rows, cols/32*34):
-    per block of 32, an fp16 scale d = max|x| / 127 then int8 q = round(x / d) (half away from
-    zero, computed as x * (1/d) in fp32, like ggml's reference and ``gguf.quants``)."""
-    if w.ndim != 2 or w.shape[1] % _Q8_BLOCK:
-        raise EmberError(f"quantize_q8_0: need a matrix with rows a multiple of {_Q8_BLOCK}, "
-                         f"got shape {tuple(w.shape)}")
-    rows, cols = w.shape
-    blocks = w.detach().float().reshape(-1, _Q8_BLOCK)
-    d = blocks.abs().amax(dim=1, keepdim=True) / 127
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    x = blocks * inv
-    a = x.abs()
-    whole = a.floor()
-    q = torch.sign(x) * (whole + (2 * (a - whole)).floor())
-    out = torch.cat([d.half().view(torch.uint8), q.to(torch.int8).view(torch.uint8)], dim=1)
-    return out.reshape(rows, cols // _Q8_BLOCK * (_Q8_BLOCK + 2))
 
 
 def gguf_arch(cfg: ModelConfig) -> str:
@@ -166,16 +152,26 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig
         yield "rope_freqs.weight", _llama3_factors(cfg)
 
 
-def _encode(w: torch.Tensor, qtype: Q) -> tuple[np.ndarray, Q]:
-    """The tensor's GGUF bytes (numpy, torch order) and ggml type: 1-D stays F32; Q8_0 falls back
-    to F16 for rows that are not whole blocks."""
-    if w.ndim < 2 or qtype == Q.F32:
-        return w.numpy().astype(np.float32), Q.F32
-    if qtype == Q.Q8_0 and w.shape[-1] % _Q8_BLOCK == 0:
-        return quantize_q8_0(w).numpy(), Q.Q8_0
+def _encode(w: torch.Tensor, qtype: Q) -> np.ndarray:
+    """The tensor's GGUF bytes (numpy, torch order) as ``qtype``; 1-D tensors are given F32."""
+    if qtype == Q.F32:
+        return w.numpy().astype(np.float32)
+    if qtype == Q.F16:
+        return w.numpy().astype(np.float16)
     if qtype == Q.BF16:
-        return w.to(torch.bfloat16).view(torch.uint8).numpy(), Q.BF16
-    return w.numpy().astype(np.float16), Q.F16
+        return w.to(torch.bfloat16).view(torch.uint8).numpy()
+    return quantize(w, qtype).numpy()
+
+
+def _tensor_types(dtype: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, arch: str
+                  ) -> tuple[dict[str, Q], LlamaFileType]:
+    """Each tensor's ggml type and the file type for ``dtype`` (a name in GGUF_TYPES)."""
+    if dtype in DTYPES:
+        qtype, file_type = DTYPES[dtype]
+        return {n: Q.F32 if len(s) < 2 else qtype for n, s in shapes.items()}, file_type
+    types = tensor_types(shapes, dtype, arch=arch, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+                         n_head_kv=cfg.num_kv_heads)
+    return types, FILE_TYPES[ALIASES.get(dtype, dtype)][1]
 
 
 # ------------------------------------------------------------------------------------------
@@ -303,13 +299,17 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
     """Write ``model`` (an Ember ``Transformer``, LoRA merged) and ``tokenizer`` (an Ember
     ``Tokenizer``: byte-level or SentencePiece-style BPE) to the GGUF file ``path`` for llama.cpp.
 
-    ``dtype``: "f16" (default), "bf16", "f32" or "q8_0" for the matrices; norms and biases are
-    always F32. ``name``: ``general.name`` (default: the file's stem). The file appears
+    ``dtype``: "f16" (default), "bf16", "f32" for the matrices (norms and biases are always
+    F32), or a llama-quantize file type, any case: "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+    "q4_k_s", "q4_k_m" (= "q4_k"), "q5_k_s", "q5_k_m" (= "q5_k"), "q6_k".
+    ``name``: ``general.name`` (default: the file's stem). The file appears
     atomically (written to a temporary sibling, then renamed)."""
     from ember.models.gguf_tokenizer import tokenizer_metadata
 
-    if dtype not in DTYPES:
-        raise EmberError(f"save_gguf: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if not isinstance(dtype, str) or dtype.lower() not in GGUF_TYPES:
+        raise EmberError(f"save_gguf: dtype {dtype!r} is not one of {', '.join(GGUF_TYPES)} "
+                         "(llama.cpp's names, any case)")
+    dtype = dtype.lower()
     if tokenizer is None:
         raise EmberError("save_gguf: a tokenizer is needed (llama.cpp reads the vocabulary from "
                          "the GGUF file)")
@@ -325,7 +325,6 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
                       "converter does for Mistral v0.1); outputs differ past the window",
                       stacklevel=2)
         cfg = cfg.replace(sliding_window=None)
-    qtype, file_type = DTYPES[dtype]
     tensors = dict(gguf_tensors(_dense(model), cfg))
     md = {"general.architecture": arch,
           **{f"{arch}.{k}": v for k, v in arch_metadata(cfg).items()}}
@@ -333,6 +332,7 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
     check_expressible(cfg, md, shapes, {"rope_freqs.weight": tensors.get("rope_freqs.weight")},
                       out)
     md.update(tokenizer_metadata(tokenizer, cfg.vocab_size, arch))
+    types, file_type = _tensor_types(dtype, shapes, cfg, arch)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     writer = GGUFWriter(str(tmp), arch)
@@ -344,8 +344,8 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
             if k != "general.architecture":
                 _put(writer, k, v)
         for n, t in tensors.items():
-            data, qt = _encode(t, qtype)
-            writer.add_tensor(n, data, raw_dtype=qt if data.dtype == np.uint8 else None)
+            data = _encode(t, types[n])
+            writer.add_tensor(n, data, raw_dtype=types[n] if data.dtype == np.uint8 else None)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

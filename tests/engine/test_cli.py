@@ -127,6 +127,8 @@ def test_import_gguf(tmp_path, capsys):
     (["train", "quickstart", "--set", "optim.lr=-1"], "optim.lr must be > 0"),
     (["export", ".", "--adapter", "x"], "not a run directory"),
     (["export", "no-such-model", "--gguf", "x.gguf"], "not found"),
+    (["export", "no-such-model", "--gguf", "x.gguf", "--gguf-type", "Q3_K_XL"],
+     "--gguf-type 'Q3_K_XL' is not one of f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q4_k_s"),
     (["generate", "no-such-model", "--prompt", "hi"], "not found"),
 ])
 def test_user_errors_are_one_clean_line(argv, message, capsys):

@@ -15,7 +15,8 @@ from gguf import GGUFReader, quants
 from ember import EmberError
 from ember.models.config import ModelConfig, RopeScaling
 from ember.models.gguf import GGUFFile, load_gguf
-from ember.models.gguf_export import quantize_q8_0, save_gguf
+from ember.models.gguf_export import save_gguf
+from ember.models.gguf_quants import quantize_q8_0
 from ember.models.gguf_tokenizer import PROBE
 from ember.models.loading import load_pretrained
 from ember.models.tokenizer import Tokenizer, tokenizer_from_gguf
@@ -312,8 +313,8 @@ def test_unexpressible_models_are_refused(tmp_path):
                                "tokenizer.ggml.scores": [0.0] * VOCAB})
     with pytest.raises(EmberError, match="byte fallback but no <0x00> piece"):
         save_gguf(Transformer(ModelConfig(**base)), spm, tmp_path / "s.gguf")
-    with pytest.raises(EmberError, match="dtype 'q4_0'"):
-        save_gguf(Transformer(ModelConfig(**base)), tok, tmp_path / "q.gguf", dtype="q4_0")
+    with pytest.raises(EmberError, match="dtype 'q3_k_xl' is not one of f32, f16, bf16, q4_0"):
+        save_gguf(Transformer(ModelConfig(**base)), tok, tmp_path / "q.gguf", dtype="q3_k_xl")
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
@@ -321,8 +322,16 @@ def test_unexpressible_models_are_refused(tmp_path):
 # The real SmolLM2-135M-Instruct
 
 
+# KL(fp32 || exported) per token and top-1 agreement on the prompt below, measured: q8_0 KL mean
+# 1.8e-3, max 8.8e-3, agreement 1.0; q4_k_m (SmolLM2's rows of 576 are not whole super-blocks:
+# Q5_0 there, Q4_K / Q6_K for ffn_down, Q8_0 for the tied embedding) mean 0.074, max 0.17,
+# agreement 0.92. The "fp32" model is the shipped Q4_1 GGUF dequantized, so q4_1 is exact.
+SMOL_BOUNDS = {"q8_0": (1e-2, 5e-2, 0.9), "q4_k_m": (0.15, 0.4, 0.8)}
+
+
 @pytest.mark.slow
-def test_smollm2_q8_0_round_trip(tmp_path):
+@pytest.mark.parametrize("dtype", list(SMOL_BOUNDS))
+def test_smollm2_round_trip(dtype, tmp_path):
     from ember.models.hub import builtin_gguf_path
 
     try:
@@ -330,7 +339,7 @@ def test_smollm2_q8_0_round_trip(tmp_path):
     except EmberError as e:
         pytest.skip(str(e))
     model, tok = load_pretrained("smollm2-135m-instruct", dtype=torch.float32)
-    path = save_gguf(model, tok, tmp_path / "smol.gguf", dtype="q8_0")
+    path = save_gguf(model, tok, tmp_path / "smol.gguf", dtype=dtype)
     with GGUFFile(original) as a, GGUFFile(path) as b:
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre",
                     "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id",
@@ -338,10 +347,13 @@ def test_smollm2_q8_0_round_trip(tmp_path):
                     "tokenizer.ggml.unknown_token_id", "tokenizer.chat_template",
                     "llama.context_length", "llama.rope.freq_base", "llama.vocab_size"):
             assert b.metadata[key] == a.metadata[key], key
-        assert b.tensors["blk.0.attn_q.weight"].qtype == Q.Q8_0
-        w = model.state_dict()["layers.3.mlp.down_proj.weight"].numpy()
-        assert np.array_equal(b.raw("blk.3.ffn_down.weight").numpy(),
-                              quants.quantize(w, Q.Q8_0).reshape(-1))
+        types = [b.tensors[f"{n}.weight"].qtype for n in (
+            "token_embd", "blk.0.attn_q", "blk.0.ffn_down", "blk.3.ffn_down")]
+        assert types == ([Q.Q8_0] * 4 if dtype == "q8_0" else [Q.Q8_0, Q.Q5_0, Q.Q6_K, Q.Q4_K])
+        if dtype == "q8_0":
+            w = model.state_dict()["layers.3.mlp.down_proj.weight"].numpy()
+            assert np.array_equal(b.raw("blk.3.ffn_down.weight").numpy(),
+                                  quants.quantize(w, Q.Q8_0).reshape(-1))
         size = path.stat().st_size
     cfg, sd, tok_back = load_gguf(path)
     fields = ("num_layers", "hidden_size", "num_kv_heads", "rope_theta", "rms_norm_eps",
@@ -355,9 +367,9 @@ def test_smollm2_q8_0_round_trip(tmp_path):
     agree = (ref.argmax(-1) == ours.argmax(-1)).float().mean().item()
     kl = torch.nn.functional.kl_div(ours.log_softmax(-1), ref.log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1)
-    print(f"SmolLM2 q8_0: {size / 2**20:.0f} MiB, max |logit diff| {diff:.3f} (logits up to "
-          f"{ref.abs().max():.1f}), KL(fp32 || q8_0) mean {kl.mean():.1e} max {kl.max():.1e}, "
+    print(f"SmolLM2 {dtype}: {size / 2**20:.0f} MiB, max |logit diff| {diff:.3f} (logits up to "
+          f"{ref.abs().max():.1f}), KL(fp32 || {dtype}) mean {kl.mean():.1e} max {kl.max():.1e}, "
           f"argmax agreement {agree:.2f}")
-    # 8-bit weights on a 135M model: KL ~1e-3 per token (f16 gives ~2e-6), the same next tokens
-    assert kl.mean() <= 1e-2 and kl.max() <= 5e-2 and agree >= 0.9
+    kl_mean, kl_max, min_agree = SMOL_BOUNDS[dtype]
+    assert kl.mean() <= kl_mean and kl.max() <= kl_max and agree >= min_agree
     assert tok_back.encode(PROBE) == tok.encode(PROBE)

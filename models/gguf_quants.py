@@ -1,0 +1,446 @@
+"""ggml's block quantizations in torch, byte for byte what llama.cpp writes, and llama-quantize's
+per-tensor type choice for its file types (``Q4_K_M`` ...).
+
+Legacy types, per block of 32 (as ``gguf.quants``, which follows ggml's reference):
+``Q8_0`` d = max|x| / 127, q = round(x / d); ``Q4_0`` / ``Q5_0`` d = (the signed value of largest
+magnitude) / -8 (-16), q = trunc(x / d + 8.5 (16.5)); ``Q4_1`` / ``Q5_1`` d = (max - min) / 15 (31),
+m = min, q = trunc((x - m) / d + 0.5). Bytes: fp16 scale(s), then the low nibbles (element i and
+i + 16 share a byte), for the 5-bit types 4 bytes of high bits in between. One difference from
+``gguf.quants``, where we follow llama.cpp: an all-zero block whose first value is -0.0 gets a
+-0.0 / +0.0 scale (or min) as ggml's loops leave it, not the sign numpy's argmax picks.
+
+K-quants, per super-block of 256, transcribed from ggml-quants.c's ``quantize_row_q{4,5,6}_K_ref``
+(what ``llama-quantize`` runs without an importance matrix): Q4_K / Q5_K cut it into 8 sub-blocks
+of 32, each fitted by ``make_qkx2_quants`` (a weighted least-squares search over 21 / 16 trial
+scales of a scale and a min), then the 8 scales and mins are themselves quantized to 6 bits
+against fp16 super-scales; Q6_K uses 16 sub-blocks of 16 with ``make_qx_quants`` (19 trial
+scales, symmetric) and int8 sub-scales. Every loop over a block is vectorized over all blocks
+at once, while each sum keeps the C code's order (element by element, in fp32, no fused
+multiply-add), because the search compares errors and a different rounding picks a different
+scale. ``_nearest_int`` is ggml's float trick itself. The C reference compiled with
+``-ffp-contract=off`` is the oracle (tests/models/test_gguf_quants.py). A build that contracts
+to fused multiply-adds (gcc ``-O3 -march=native`` on x86, llama.cpp's default native build)
+differs from it, and so from itself built strictly: on SmolLM2's weights in 3.3% of Q4_K and
+1.3% of Q6_K super-blocks, 1e-4 of Q4_0 / Q5_0 blocks; no portable bytes exist beyond IEEE's.
+
+Inputs must be finite; a block whose scale underflows to a subnormal (all |x| < ~1e-37) is
+outside what the tests cover.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import LlamaFileType
+
+from ember import EmberError
+
+QK_K = 256
+# ggml type -> (elements per block, bytes per block)
+BLOCKS = {Q.Q4_0: (32, 18), Q.Q4_1: (32, 20), Q.Q5_0: (32, 22), Q.Q5_1: (32, 24),
+          Q.Q8_0: (32, 34), Q.Q4_K: (QK_K, 144), Q.Q5_K: (QK_K, 176), Q.Q6_K: (QK_K, 210)}
+_CHUNK = 1 << 22  # elements quantized at once: bounds the temporaries of the K-quant searches
+
+
+def _f32(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def _div(c: float, t: torch.Tensor) -> torch.Tensor:
+    """c / t correctly rounded (torch's ``c / t`` is ``c * (1 / t)``, rounded twice)."""
+    return torch.div(_f32(c), t)
+
+
+def _half_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.half().view(torch.uint8).reshape(*t.shape, 2)
+
+
+def _nearest_int(f: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int: add 1.5 * 2**23 and read the mantissa (round half to even)."""
+    bits = (f + 12582912.0).view(torch.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+def _seqsum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 in order, starting from 0.0, in fp32: a C ``for`` loop's ``s += t[i]``."""
+    acc = torch.zeros_like(t[0])
+    for row in t:
+        acc += row
+    return acc
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(n, 32) codes -> (n, 16) bytes: element i in the low nibble, i + 16 in the high one."""
+    return (q[:, :16] & 0xF) | (q[:, 16:] << 4)
+
+
+def _high_bits(q: torch.Tensor) -> torch.Tensor:
+    """(n, 32) 5-bit codes -> (n, 4) bytes: bit i of the little-endian uint32 is q[i]'s bit 4."""
+    bits = ((q >> 4) & 1).reshape(-1, 4, 8)
+    return (bits << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+def _blocks(w: torch.Tensor, qtype: Q) -> torch.Tensor:
+    size = BLOCKS[qtype][0]
+    if w.ndim != 2 or w.shape[1] % size:
+        raise EmberError(f"quantize {qtype.name}: need a matrix with rows a multiple of {size}, "
+                         f"got shape {tuple(w.shape)}")
+    return w.detach().float().cpu().reshape(-1, size)
+
+
+# ------------------------------------------------------------------------------------------
+# Legacy types: blocks of 32
+
+
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """ggml's Q8_0 of a (rows, cols) tensor, cols a multiple of 32 -> uint8 (rows, cols/32*34):
+    per block of 32, an fp16 scale d = max|x| / 127 then int8 q = round(x / d) (half away from
+    zero, computed as x * (1/d) in fp32, like ggml's reference and ``gguf.quants``)."""
+    blocks = _blocks(w, Q.Q8_0)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), _div(1.0, d))
+    x = blocks * inv
+    a = x.abs()
+    whole = a.floor()
+    q = torch.sign(x) * (whole + (2 * (a - whole)).floor())
+    out = torch.cat([d.half().view(torch.uint8), q.to(torch.int8).view(torch.uint8)], dim=1)
+    return out.reshape(w.shape[0], -1)
+
+
+def _symmetric(blocks: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q5_0: the scale d (n, 1) and the codes trunc(x / d + half + 0.5), 0..2*half-1."""
+    a = blocks.abs()
+    imax = a.argmax(dim=1, keepdim=True)
+    # C keeps max = +0.0 unless some |x| > 0: an all-zero block gets d = -0.0 (gguf.quants: the
+    # sign of its first zero)
+    mx = torch.gather(blocks, 1, imax).where(a.amax(1, keepdim=True) > 0, 0.0)
+    d = mx / -half
+    inv = torch.where(d == 0, torch.zeros_like(d), _div(1.0, d))
+    q = torch.trunc(blocks * inv + (half + 0.5)).clamp(0, 2 * half - 1).to(torch.uint8)
+    return d, q
+
+
+def _affine(blocks: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1 / Q5_1: d = (max - min) / top (n, 1), m = min, codes trunc((x - m) / d + 0.5)."""
+    # C's first extreme element (v < min, v > max): the sign of a zero extreme is the first one's
+    mx = torch.gather(blocks, 1, blocks.argmax(dim=1, keepdim=True))
+    mn = torch.gather(blocks, 1, blocks.argmin(dim=1, keepdim=True))
+    d = (mx - mn) / top
+    inv = torch.where(d == 0, torch.zeros_like(d), _div(1.0, d))
+    q = torch.trunc((blocks - mn) * inv + 0.5).clamp(0, top).to(torch.uint8)
+    return d, mn, q
+
+
+def quantize_q4_0(w: torch.Tensor) -> torch.Tensor:
+    """ggml's Q4_0 (18 bytes per 32: fp16 d, 16 bytes of nibbles), as ``gguf.quants``."""
+    d, q = _symmetric(_blocks(w, Q.Q4_0), 8)
+    return torch.cat([_half_bytes(d[:, 0]), _nibbles(q)], 1).reshape(w.shape[0], -1)
+
+
+def quantize_q4_1(w: torch.Tensor) -> torch.Tensor:
+    """ggml's Q4_1 (20 bytes per 32: fp16 d, fp16 min, nibbles), as ``gguf.quants``."""
+    d, m, q = _affine(_blocks(w, Q.Q4_1), 15)
+    out = torch.cat([_half_bytes(d[:, 0]), _half_bytes(m[:, 0]), _nibbles(q)], 1)
+    return out.reshape(w.shape[0], -1)
+
+
+def quantize_q5_0(w: torch.Tensor) -> torch.Tensor:
+    """ggml's Q5_0 (22 bytes per 32: fp16 d, 4 bytes of high bits, nibbles), as ``gguf.quants``."""
+    d, q = _symmetric(_blocks(w, Q.Q5_0), 16)
+    out = torch.cat([_half_bytes(d[:, 0]), _high_bits(q), _nibbles(q)], 1)
+    return out.reshape(w.shape[0], -1)
+
+
+def quantize_q5_1(w: torch.Tensor) -> torch.Tensor:
+    """ggml's Q5_1 (24 bytes per 32: fp16 d, fp16 min, high bits, nibbles), as ``gguf.quants``."""
+    d, m, q = _affine(_blocks(w, Q.Q5_1), 31)
+    out = torch.cat([_half_bytes(d[:, 0]), _half_bytes(m[:, 0]), _high_bits(q), _nibbles(q)], 1)
+    return out.reshape(w.shape[0], -1)
+
+
+# ------------------------------------------------------------------------------------------
+# K-quants: super-blocks of 256
+
+
+def _codes(v: torch.Tensor, lo: int, hi: int, bound: torch.Tensor) -> torch.Tensor:
+    """clamp(nearest_int(v), lo, hi) as floats, in place in v. ``bound`` (n,) bounds |v| per
+    column: where all are below 2**22 the float trick is round half to even, (v + c) - c in
+    floats (no int pass); otherwise (degenerate blocks, NaN) the trick itself, whose
+    wrap-around C would see too."""
+    if bool((bound <= 4e6).all()):
+        return v.add_(12582912.0).sub_(12582912.0).clamp_(lo, hi)
+    return _nearest_int(v).clamp_(lo, hi).float()
+
+
+def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+               nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's make_qkx2_quants (use_mad false) on every row of x (n, k) with weights w: codes
+    L (n, k) in 0..nmax, scale (n,) and the_min (n,) such that x ~ scale * L - the_min."""
+    xt, wt = x.T.contiguous(), w.T.contiguous()  # (k, n): the sums run over dim 0, in C's order
+    lo = x.amin(1)
+    mx = x.amax(1)
+    sum_w, sum_x = wt[0].clone(), wt[0] * xt[0]
+    for i in range(1, xt.shape[0]):
+        sum_w += wt[i]
+        sum_x += wt[i] * xt[i]
+    mn = torch.where(lo > 0, torch.zeros_like(lo), lo)
+    mn0, flat = mn, mx == mn
+    zero = torch.zeros_like(mn)
+
+    def codes(iscale, shift):  # the codes of a trial scale and min, in 0..nmax
+        span = torch.maximum((mx - shift).abs(), (lo - shift).abs())  # >= |x - shift|
+        bound = torch.where(flat, zero, iscale.abs() * span)
+        return _codes((xt - shift).mul_(iscale), 0, nmax, bound)
+
+    iscale = _div(float(nmax), mx - mn)
+    scale = _div(1.0, iscale)
+    L = codes(iscale, mn)
+    diff = scale * L + mn - xt
+    best = _seqsum(wt * (diff * diff))
+    best_is, best_shift = iscale, mn  # L is recomputed from these at the end
+    stacked = torch.empty(xt.shape[0], 3, xt.shape[1])  # (k, 3, n): 3 sums in one loop
+    for step in range(nstep + 1):
+        factor = float(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax))
+        # C divides by (max - min) and shifts by min with min the best fit's so far
+        iscale = _div(factor, mx - mn)
+        laux = codes(iscale, mn)
+        wl = torch.mul(wt, laux, out=stacked[:, 0])
+        torch.mul(wl, laux, out=stacked[:, 1])
+        torch.mul(wl, xt, out=stacked[:, 2])
+        sum_l, sum_l2, sum_xl = _seqsum(stacked)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        pos = this_min > 0
+        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+        this_min = torch.where(pos, zero, this_min)
+        diff = (laux * this_scale).add_(this_min).sub_(xt)
+        err = _seqsum(diff.mul_(diff).mul_(wt))
+        better = (D > 0) & (err < best)
+        best_is = torch.where(better, iscale, best_is)
+        best_shift = torch.where(better, mn, best_shift)
+        best = torch.where(better, err, best)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)
+    L = torch.where(flat, 0.0, codes(best_is, best_shift))
+    scale = torch.where(flat, zero, scale)
+    return L.T, scale, -torch.where(flat, mn0, mn)
+
+
+def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """Q4_K / Q5_K's 12 bytes of 6-bit scales and mins (n, 8) each (get_scale_min_k4's inverse)."""
+    lo = torch.cat([ls[:, :4] | ((ls[:, 4:] >> 4) << 6), lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+                    (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)], 1)
+    return lo.to(torch.uint8)
+
+
+def _q45_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
+    """The common part of Q4_K and Q5_K on super-blocks x (nb, 256): (d, dmin, scales, L)."""
+    nb = x.shape[0]
+    sub = x.reshape(-1, 32)
+    sum_x2 = _seqsum((sub * sub).T.contiguous())
+    av_x = torch.sqrt((sum_x2 / 32).double()).float()  # torch's fp32 sqrt is not correctly rounded
+    weights = av_x[:, None] + sub.abs()
+    L, scales, mins = _make_qkx2(sub, weights, nmax, rmin, 0.1, nstep)
+    scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+    max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
+    max_scale = torch.where(max_scale > 0, max_scale, torch.zeros_like(max_scale))
+    max_min = torch.where(max_min > 0, max_min, torch.zeros_like(max_min))
+    inv_scale = torch.where(max_scale > 0, _div(63.0, max_scale), torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, _div(63.0, max_min), torch.zeros_like(max_min))
+    ls = (_nearest_int(inv_scale * scales) & 0xFF).clamp(max=63)  # uint8_t, then MIN(63, .)
+    lm = (_nearest_int(inv_min * mins) & 0xFF).clamp(max=63)
+    d16, dmin16 = (max_scale / 63).half(), (max_min / 63).half()
+    d = (d16.float() * ls.float()).reshape(-1, 1)
+    dm = (dmin16.float() * lm.float()).reshape(-1, 1)
+    requant = _nearest_int((sub + dm) / d).clamp(0, nmax).float()
+    L = torch.where(d == 0, L, requant).to(torch.uint8).reshape(nb, QK_K)
+    head = torch.cat([d16.view(torch.uint8).reshape(nb, 2), dmin16.view(torch.uint8).reshape(nb, 2),
+                      _pack_scales_k4(ls, lm)], 1)
+    return head, L
+
+
+def _split64(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nb, 256) -> the first and second halves of each 64: (nb, 4, 32) each."""
+    q = L.reshape(-1, 4, 2, 32)
+    return q[:, :, 0], q[:, :, 1]
+
+
+def _q4_k(x: torch.Tensor) -> torch.Tensor:
+    head, L = _q45_k(x, 15, -1.0, 20)
+    a, b = _split64(L)
+    return torch.cat([head, (a | (b << 4)).reshape(-1, 128)], 1)
+
+
+def _q5_k(x: torch.Tensor) -> torch.Tensor:
+    head, L = _q45_k(x, 31, -0.5, 15)
+    a, b = _split64(L)
+    shifts = (2 * torch.arange(4, dtype=torch.uint8))[None, :, None]
+    qh = (((a >> 4) << shifts) | ((b >> 4) << (shifts + 1))).sum(1, dtype=torch.uint8)
+    ql = ((a & 0xF) | ((b & 0xF) << 4)).reshape(-1, 128)
+    return torch.cat([head, qh, ql], 1)
+
+
+def _make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_qx_quants with rmse_type 1 (weights x**2), no quant weights, on every row of
+    x (n, k): codes L (n, k) in 0..2*nmax-1 (value L - nmax) and the scale (n,)."""
+    xt = x.T.contiguous()
+    imax = x.abs().argmax(1, keepdim=True)
+    mx = torch.gather(x, 1, imax)[:, 0]
+    zero = x.abs().amax(1) < 1e-15  # GROUP_MAX_EPS
+    x2 = xt * xt
+    wx = x2 * xt  # w * x with w = x * x
+    stacked = torch.empty(xt.shape[0], 2, xt.shape[1])  # (k, 2, n)
+
+    def codes(iscale):  # |iscale * x| <= |factor| <= 33 but in all-zero blocks (masked)
+        return _codes(iscale * xt, -nmax, nmax - 1, torch.where(zero, 0.0, iscale.abs() * mx.abs()))
+
+    def trial(iscale):
+        lv = codes(iscale)
+        torch.mul(wx, lv, out=stacked[:, 0])
+        torch.mul(torch.mul(x2, lv, out=stacked[:, 1]), lv, out=stacked[:, 1])
+        return _seqsum(stacked)
+
+    iscale = _div(float(-nmax), mx)
+    sumlx, suml2 = trial(iscale)
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(suml2))
+    best = scale * sumlx
+    best_is = iscale
+    for step in (*range(-9, 0), *range(1, 10)):
+        factor = float(-(np.float32(nmax) + np.float32(0.1) * np.float32(step)))
+        iscale = _div(factor, mx)
+        sumlx, suml2 = trial(iscale)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        best_is = torch.where(better, iscale, best_is)
+        scale = torch.where(better, sumlx / suml2, scale)
+        best = torch.where(better, scale * sumlx, best)
+    L = torch.where(zero, 0.0, codes(best_is) + nmax)
+    return L.T, torch.where(zero, torch.zeros_like(scale), scale)
+
+
+def _q6_k(x: torch.Tensor) -> torch.Tensor:
+    nb = x.shape[0]
+    sub = x.reshape(-1, 16)
+    L, scales = _make_qx(sub, 32)
+    scales = scales.reshape(nb, 16)
+    imax = scales.abs().argmax(1, keepdim=True)
+    max_scale = torch.gather(scales, 1, imax)
+    zero = (max_scale.abs() < 1e-15)[:, 0]
+    iscale = _div(-128.0, max_scale)
+    d16 = _div(1.0, iscale).half()
+    sc = (_nearest_int(iscale * scales).clamp(max=127) & 0xFF).to(torch.uint8).view(torch.int8)
+    d = (d16.float() * sc.float()).reshape(-1, 1)
+    requant = (_nearest_int(sub / d).clamp(-32, 31) + 32).float()
+    L = torch.where(d == 0, L, requant).to(torch.uint8).reshape(nb, 2, 4, 32)
+    ql = torch.cat([L[:, :, 0] & 0xF, L[:, :, 1] & 0xF], 2) | (
+        torch.cat([L[:, :, 2] & 0xF, L[:, :, 3] & 0xF], 2) << 4)
+    qh = ((L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4)
+          | ((L[:, :, 3] >> 4) << 6))
+    out = torch.cat([ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(torch.uint8),
+                     d16.view(torch.uint8).reshape(nb, 2)], 1)
+    return torch.where(zero[:, None], torch.zeros_like(out), out)
+
+
+_K_QUANTS = {Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k}
+_LEGACY = {Q.Q4_0: quantize_q4_0, Q.Q4_1: quantize_q4_1, Q.Q5_0: quantize_q5_0,
+           Q.Q5_1: quantize_q5_1, Q.Q8_0: quantize_q8_0}
+
+
+def quantize(w: torch.Tensor, qtype: Q) -> torch.Tensor:
+    """``w`` (rows, cols), cols a multiple of the type's block -> uint8 (rows, row bytes) in
+    ggml's layout for ``qtype`` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)."""
+    if qtype in _LEGACY:
+        return _LEGACY[qtype](w)
+    if qtype not in _K_QUANTS:
+        raise EmberError(f"quantize: no quantizer for {qtype.name} (have "
+                         f"{', '.join(t.name for t in BLOCKS)})")
+    blocks = _blocks(w, qtype)
+    step = max(1, _CHUNK // QK_K)
+    out = torch.cat([_K_QUANTS[qtype](blocks[i:i + step]) for i in range(0, len(blocks), step)])
+    return out.reshape(w.shape[0], -1)
+
+
+# ------------------------------------------------------------------------------------------
+# llama-quantize's file types: the type of each tensor (llama.cpp src/llama-quant.cpp,
+# llama_tensor_get_type_impl and tensor_type_fallback, for the types below, no imatrix, no MoE)
+
+# name as llama-quantize spells it, lowercased -> (default ggml type, general.file_type)
+_F = LlamaFileType
+FILE_TYPES = {
+    "q4_0": (Q.Q4_0, _F.MOSTLY_Q4_0), "q4_1": (Q.Q4_1, _F.MOSTLY_Q4_1),
+    "q5_0": (Q.Q5_0, _F.MOSTLY_Q5_0), "q5_1": (Q.Q5_1, _F.MOSTLY_Q5_1),
+    "q8_0": (Q.Q8_0, _F.MOSTLY_Q8_0),
+    "q4_k_s": (Q.Q4_K, _F.MOSTLY_Q4_K_S), "q4_k_m": (Q.Q4_K, _F.MOSTLY_Q4_K_M),
+    "q5_k_s": (Q.Q5_K, _F.MOSTLY_Q5_K_S), "q5_k_m": (Q.Q5_K, _F.MOSTLY_Q5_K_M),
+    "q6_k": (Q.Q6_K, _F.MOSTLY_Q6_K),
+}
+ALIASES = {"q4_k": "q4_k_m", "q5_k": "q5_k_m"}  # as llama-quantize's own list has them
+# what a type falls back to for rows that are not whole blocks (then F16)
+_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+_ATTN_V = ("attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight")  # category_is_attn_v
+
+
+def _use_more_bits(i_layer: int, n_layers: int) -> bool:
+    # the first clause short-circuits every negative (i - n/8), so // and % are C's / and %
+    return (i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8
+            or (i_layer - n_layers // 8) % 3 == 2)
+
+
+def _layer(name: str) -> int:
+    return int(name.split(".")[1])
+
+
+def _mixed_type(name: str, ncols: int, ftype: str, ctx: dict) -> Q:
+    """llama_tensor_get_type_impl for our file types and architectures."""
+    new = FILE_TYPES[ftype][0]
+    if name == "output.weight" or (ctx["tied"] and name == "token_embd.weight"):
+        if ncols % BLOCKS[new][0]:
+            return Q.Q8_0
+        return new if new == Q.Q8_0 else Q.Q6_K
+    if name == "token_embd.weight":
+        return new
+    if any(k in name for k in _ATTN_V):
+        i, n = _layer(name), ctx["n_attention_wv"]
+        if ftype in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n):
+            new = Q.Q6_K
+        elif ftype == "q4_k_s" and i < 4:
+            new = Q.Q5_K
+        if ctx["is_70b"] and new == Q.Q4_K:
+            new = Q.Q5_K
+    elif "ffn_down" in name:
+        i, n = _layer(name), ctx["n_layer"]
+        if ftype in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n):
+            new = Q.Q6_K
+        elif ftype == "q4_k_s" and i < n // 8:
+            new = Q.Q5_K
+    return new
+
+
+def tensor_types(shapes: dict[str, tuple[int, ...]], ftype: str, *, arch: str, n_layer: int,
+                 n_head: int, n_head_kv: int) -> dict[str, Q]:
+    """The ggml type llama-quantize gives each tensor (GGUF name -> torch shape) for ``ftype``
+    (a key of FILE_TYPES or ALIASES): 1-D tensors and norms stay F32; ``output.weight`` (or the
+    tied ``token_embd.weight``) gets Q6_K (Q8_0 for Q8_0, or when its rows are not whole blocks);
+    for Q4_K_M / Q5_K_M, ``attn_v`` (``attn_qkv``) and ``ffn_down`` of the layers
+    ``use_more_bits`` picks get Q6_K; Q4_K_S gives Q5_K to the first 4 ``attn_v`` and the first
+    1/8 of ``ffn_down``; an 80-layer Llama-2/3-70B-like model (GQA) or Qwen2-72B gets Q5_K for
+    its Q4_K ``attn_v``. Rows not a multiple of the block: Q4_K -> Q5_0, Q5_K -> Q5_1,
+    Q6_K -> Q8_0, and F16 if still not whole blocks."""
+    ftype = ALIASES.get(ftype, ftype)
+    ctx = {"tied": "output.weight" not in shapes, "n_layer": n_layer,
+           "n_attention_wv": sum(any(k in n for k in _ATTN_V) for n in shapes),
+           "is_70b": n_layer == 80 and (arch == "qwen2" or (arch == "llama"
+                                                            and n_head != n_head_kv))}
+    out = {}
+    for name, shape in shapes.items():
+        if len(shape) < 2 or not name.endswith("weight") or "_norm.weight" in name:
+            out[name] = Q.F32
+            continue
+        new = _mixed_type(name, shape[-1], ftype, ctx)
+        if shape[-1] % BLOCKS[new][0]:
+            new = _FALLBACK.get(new, new)
+            if shape[-1] % BLOCKS[new][0]:
+                new = Q.F16
+        out[name] = new
+    return out
