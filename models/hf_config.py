@@ -25,7 +25,7 @@ Qwen2/Qwen3 sliding window: transformers applies it to layers ``i >= max_window_
 ``layer_types``); a mixed stack becomes ``ModelConfig.layer_types``.
 
 Quantized checkpoints: ``quantization_config`` is accepted for bitsandbytes NF4 4-bit only
-(``quantization_config_from_hf`` validates it; 8-bit, FP4, GPTQ... are refused naming the field);
+(``quantization_config_from_hf`` validates it; FP4, GPTQ... are refused naming the field);
 it describes storage, so the ModelConfig does not carry it. State dicts are in ``ember.models.hf``,
 which re-exports every public name of this module.
 """

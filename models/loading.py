@@ -52,6 +52,7 @@ from ember.models.bnb_checkpoint import (
     _with_nf4_weights,
     iter_bnb_checkpoint,
 )
+from ember.models.bnb_int8 import int8_view, is_int8_config
 from ember.models.config import ModelConfig
 from ember.models.hf import (
     expected_shapes,
@@ -163,7 +164,8 @@ def load_hf_folder(
     double-quantized unless ``double_quant=False`` (bitsandbytes' ``bnb_4bit_use_double_quant``).
 
     A bitsandbytes NF4 checkpoint (``quantization_config`` in config.json) loads with its 4-bit
-    weights as they are (``Linear4bit``), whatever ``quantize`` / ``double_quant`` say."""
+    weights as they are (``Linear4bit``), whatever ``quantize`` / ``double_quant`` say; an
+    8-bit (LLM.int8) one is dequantized to the dense model (``ember.models.bnb_int8``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EmberError(f"model folder {folder} does not exist")
@@ -171,8 +173,13 @@ def load_hf_folder(
         raise EmberError(f"quantize must be None or 'nf4', got {quantize!r}")
     path, raw = _read_config_json(folder)
     cfg = _parse_config(path, raw)
-    prequantized = quantization_config_from_hf(raw) is not None
-    ckpt = scan_checkpoint(folder, quantized=prequantized)
+    qc = quantization_config_from_hf(raw)
+    int8 = is_int8_config(qc)  # LLM.int8: read as the dense model (ember.models.bnb_int8)
+    prequantized = qc is not None and not int8
+    ckpt = scan_checkpoint(folder, quantized=prequantized, int8=int8)
+    dequant = None
+    if int8:
+        ckpt, dequant = int8_view(ckpt)
     if cfg.extra.get("multimodal"):
         ckpt = language_model_view(ckpt)
     cfg = untie_if_head_differs(ckpt, cfg)
@@ -189,9 +196,10 @@ def load_hf_folder(
     if prequantized:
         _load_bnb_(model, folder, ckpt, device, target)
     elif quantize == "nf4":
-        _load_nf4_(model, iter_checkpoint(folder, cfg, ckpt), device, target, double_quant)
+        _load_nf4_(model, iter_checkpoint(folder, cfg, ckpt, dequant), device, target,
+                   double_quant)
     else:
-        _assign_(model, iter_checkpoint(folder, cfg, ckpt), device, target)
+        _assign_(model, iter_checkpoint(folder, cfg, ckpt, dequant), device, target)
     return model
 
 

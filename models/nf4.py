@@ -175,6 +175,9 @@ def load_bnb_4bit_state(state_dict: Mapping[str, torch.Tensor],
     the weight keys are the dense names (``model.layers.0.self_attn.q_proj.weight``)."""
     if quantization_config is not None:
         check_quantization_config(quantization_config)
+    if any(v.dtype == torch.int8 for v in state_dict.values()):
+        raise EmberError("an 8-bit (LLM.int8) state dict, not a 4-bit one: load its folder with "
+                         "load_pretrained, which dequantizes it")
     quantized, rest = {}, {}
     bases = {split_bnb_key(k)[0] for k in state_dict if k.endswith("." + QS_SUFFIX)}
     for key, value in state_dict.items():
@@ -208,11 +211,14 @@ def check_quantization_config(cfg: Mapping) -> None:
     """Reject quantization configs Ember cannot load, with a message that says why."""
     method = cfg.get("quant_method")
     if method != "bitsandbytes":
-        raise EmberError(f"quantization_config.quant_method={method!r}: only bitsandbytes 4-bit "
-                         "(NF4) checkpoints load; use the unquantized model with quantize='nf4'")
+        raise EmberError(f"quantization_config.quant_method={method!r}: only bitsandbytes "
+                         "checkpoints (4-bit NF4, 8-bit) load; use the unquantized model with "
+                         "quantize='nf4'")
+    if cfg.get("load_in_8bit") or cfg.get("_load_in_8bit"):
+        return  # LLM.int8: loaded dequantized (ember.models.bnb_int8)
     if not (cfg.get("load_in_4bit") or cfg.get("_load_in_4bit")):
-        raise EmberError("quantization_config: a bitsandbytes 8-bit checkpoint; only 4-bit NF4 "
-                         "loads; use the unquantized model with quantize='nf4'")
+        raise EmberError("quantization_config: bitsandbytes with neither load_in_4bit nor "
+                         "load_in_8bit; save the checkpoint again")
     if cfg.get("bnb_4bit_quant_type", "fp4") != "nf4":
         raise EmberError(f"quantization_config.bnb_4bit_quant_type="
                          f"{cfg.get('bnb_4bit_quant_type')!r}: only 'nf4' is supported")

@@ -19,7 +19,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,12 +139,16 @@ def _index_files(folder: Path) -> list[Path]:
     return files
 
 
-def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False) -> CheckpointIndex:
+def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False,
+                    int8: bool = False) -> CheckpointIndex:
     """Find the safetensors files of an HF folder and read their headers (no tensor data).
 
     ``quantized``: the folder is a bitsandbytes 4-bit checkpoint, so uint8 tensors (packed
-    weights, absmax, quant states) are expected too."""
-    allowed = {**_ST_DTYPES, "U8": torch.uint8} if quantized else _ST_DTYPES
+    weights, absmax, quant states) are expected too; ``int8``: an 8-bit one (int8 weights,
+    uint8 format tags)."""
+    allowed = {**_ST_DTYPES, "U8": torch.uint8} if quantized or int8 else _ST_DTYPES
+    if int8:
+        allowed = {**allowed, "I8": torch.int8}
     folder = Path(folder)
     if (folder / SINGLE_FILE).is_file():
         files = [folder / SINGLE_FILE]
@@ -244,12 +248,15 @@ def untie_if_head_differs(ckpt: CheckpointIndex, cfg: ModelConfig) -> ModelConfi
 
 
 def iter_checkpoint(
-    folder: str | os.PathLike, cfg: ModelConfig | None = None, ckpt: CheckpointIndex | None = None
+    folder: str | os.PathLike, cfg: ModelConfig | None = None, ckpt: CheckpointIndex | None = None,
+    dequant: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(ember_key, tensor)`` for every weight, one file at a time, as stored (dtype, CPU).
 
     All keys and shapes are validated against cfg (default: the folder's config.json) before the
-    first tensor is read, so a bad checkpoint fails fast and names the key."""
+    first tensor is read, so a bad checkpoint fails fast and names the key. ``dequant(stored
+    key, tensor)`` turns a stored tensor into the weight it stands for (an 8-bit checkpoint's:
+    ``ember.models.bnb_int8``)."""
     cfg = cfg if cfg is not None else read_config(folder)
     ckpt = ckpt if ckpt is not None else scan_checkpoint(folder)
     mapping = map_hf_keys(ckpt.shapes, cfg, str(ckpt.folder))
@@ -260,6 +267,8 @@ def iter_checkpoint(
             with safe_open(path, framework="pt", device="cpu") as f:
                 for key in keys:
                     t = f.get_tensor(ckpt.stored_key(key))
+                    if dequant is not None:
+                        t = dequant(ckpt.stored_key(key), t)
                     if key in fused:
                         for part, a, b in fused[key]:
                             yield mapping[part], t[a:b].clone()

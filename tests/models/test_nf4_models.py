@@ -245,11 +245,13 @@ def test_module_moves_and_errors():
     sd["w.quant_state.bitsandbytes__fp4"] = sd.pop("w.quant_state.bitsandbytes__nf4")
     with pytest.raises(EmberError, match="FP4"):
         nf4_from_bnb(sd, "w")
-    for bad in ({"quant_method": "gptq"}, {"quant_method": "bitsandbytes", "load_in_8bit": True},
+    for bad in ({"quant_method": "gptq"}, {"quant_method": "bitsandbytes"},
                 {"quant_method": "bitsandbytes", "load_in_4bit": True,
                  "bnb_4bit_quant_type": "fp4"}):
         with pytest.raises(EmberError):
             check_quantization_config(bad)
+    # 8-bit checkpoints load, dequantized (tests/models/test_bnb_int8.py)
+    check_quantization_config({"quant_method": "bitsandbytes", "load_in_8bit": True})
 
 
 @pytest.mark.parametrize("double_quant", [True, False])

@@ -200,7 +200,7 @@ def _edited(ckpts, tmp_path, qc_change=None, weights=None, config_change=None):
 @pytest.mark.parametrize("edit,needle", [
     (dict(qc_change={"bnb_4bit_quant_type": "fp4"}), "bnb_4bit_quant_type"),
     (dict(qc_change={"load_in_4bit": False, "_load_in_4bit": False, "load_in_8bit": True}),
-     "8-bit"),
+     "but the checkpoint holds 4-bit entries"),
     (dict(qc_change={"quant_method": "gptq"}), "quant_method"),
     (dict(config_change={"intermediate_size": 80}), "model.layers.0.mlp.down_proj.weight"),
     (dict(weights=lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight.absmax")),
