@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from ember import EmberError
 from ember.models.config import ModelConfig
@@ -33,7 +33,12 @@ from ember.models.nf4 import (
     split_bnb_key,
     split_nf4_rows,
 )
-from ember.models.safetensors_io import CheckpointIndex, read_config, scan_checkpoint
+from ember.models.safetensors_io import (
+    CheckpointIndex,
+    open_weights,
+    read_config,
+    scan_checkpoint,
+)
 from ember.models.transformer import Transformer
 
 
@@ -80,7 +85,7 @@ def _bnb_dense_shapes(ckpt: CheckpointIndex) -> dict[str, tuple[int, ...]]:
         )
     metas = {}
     for path in ckpt.files:
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with open_weights(path) as f:
             for base in quantized:
                 qs_key = f"{base}.{QS_SUFFIX}"
                 if ckpt.key_file[qs_key] == path:
@@ -127,7 +132,7 @@ def iter_bnb_checkpoint(
         keys = [k for k, p in ckpt.key_file.items()
                 if p == path and (split_bnb_key(k)[0] in mapping or split_bnb_key(k)[0] in fused)]
         try:
-            with safe_open(path, framework="pt", device="cpu") as f:
+            with open_weights(path) as f:
                 for key in keys:
                     t = f.get_tensor(key)
                     if key in quantized and t.dtype != torch.uint8:

@@ -21,10 +21,9 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 
 import torch
-from safetensors import safe_open
 
 from ember import EmberError
-from ember.models.safetensors_io import CheckpointIndex
+from ember.models.safetensors_io import CheckpointIndex, open_weights
 
 INV_127 = 7.874015718698502e-3  # bitsandbytes' int8_vectorwise_dequant multiplier
 
@@ -82,7 +81,7 @@ def int8_view(ckpt: CheckpointIndex) -> tuple[CheckpointIndex, Callable]:
         scb = scales.get(key)
         if scb is None:
             return t
-        with safe_open(ckpt.key_file[scb], framework="pt", device="cpu") as f:
+        with open_weights(ckpt.key_file[scb]) as f:
             return dequantize_int8(t, f.get_tensor(scb).float())
 
     return view, dequant

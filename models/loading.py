@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 from ember import EmberError
 from ember.models.bnb_checkpoint import (
@@ -74,6 +73,7 @@ from ember.models.safetensors_io import (
     _write_shards,
     iter_checkpoint,
     language_model_view,
+    open_weights,
     parse_size,
     read_config,
     scan_checkpoint,
@@ -315,7 +315,7 @@ def _with_multimodal_base(hf: dict, dtypes: dict, cfg: ModelConfig, base: Path,
     dtypes.update({multimodal_key(k, text): dtypes.pop(k) for k in list(hf)})
     for f in ckpt.files:  # copied bit for bit: read as stored, written in the stored dtype
         keys = [k for k in vision if ckpt.key_file[k] == f]
-        with safe_open(f, framework="pt", device="cpu") as st:
+        with open_weights(f) as st:
             out.update({k: st.get_tensor(k) for k in keys})
         dtypes.update({k: ckpt.dtypes[k] for k in keys})
     config = json.loads(json.dumps(raw))  # a deep copy: text_config is a nested dict

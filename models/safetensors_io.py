@@ -7,8 +7,10 @@ file at a time, as stored, after validating every key and shape against the conf
 ``parse_size`` reads ``max_shard_size``; ``_write_shards`` cuts a state dict into
 ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` plus the index, one shard in host
 memory at a time. ``language_model_view`` shows a multimodal Gemma 3 checkpoint as its language
-model. Pickle checkpoints are refused, never unpickled. Orchestration (building the
-model, dtypes, atomic folders) is in ``ember.models.loading``; bitsandbytes 4-bit folders in
+model. transformers' ``pytorch_model.bin`` (and its sharded index) is read through
+``open_weights`` with ``torch.load(weights_only=True)``, PyTorch's restricted unpickler, which
+runs no code; other pickle files are refused. Orchestration (building the model, dtypes, atomic
+folders) is in ``ember.models.loading``; bitsandbytes 4-bit folders in
 ``ember.models.bnb_checkpoint``.
 """
 
@@ -36,12 +38,76 @@ from ember.models.nf4 import QS_SUFFIX, split_bnb_key
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# PyTorch checkpoints as transformers names them: read with torch.load(weights_only=True)
+TORCH_FILE = "pytorch_model.bin"
+TORCH_INDEX_FILE = "pytorch_model.bin.index.json"
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 # --------------------------------------------------------------------------------------------------
 # Reading
+
+_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.uint8: "U8", torch.int8: "I8", torch.float64: "F64", torch.int32: "I32",
+                torch.int64: "I64", torch.bool: "BOOL"}
+
+
+class _TorchSlice:
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+    def get_dtype(self) -> str:
+        return _DTYPE_NAMES.get(self.t.dtype, str(self.t.dtype).removeprefix("torch."))
+
+    def get_shape(self) -> list[int]:
+        return list(self.t.shape)
+
+
+class _TorchFile:
+    """A ``pytorch_model*.bin`` behind safetensors' ``safe_open`` interface. It is read with
+    ``torch.load(weights_only=True)``: PyTorch's restricted unpickler, which builds tensors and
+    plain containers only and refuses anything else (no code runs), memory-mapped when the file
+    allows it."""
+
+    def __init__(self, path: Path):
+        try:
+            try:
+                sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError:  # the pre-1.6 (non-zip) format cannot be memory-mapped
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # the restricted unpickler's refusals, truncated files
+            raise EmberError(f"{path} is not a plain PyTorch tensor checkpoint "
+                             f"(torch.load(weights_only=True) refused it: {type(e).__name__}: "
+                             f"{str(e)[:200]}); convert it to safetensors with a tool you trust"
+                             ) from None
+        if not isinstance(sd, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+            raise EmberError(f"{path} does not hold a state dict (name -> tensor)")
+        self.sd = sd
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def keys(self) -> list[str]:
+        return list(self.sd)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.sd[key]
+
+    def get_slice(self, key: str) -> _TorchSlice:
+        return _TorchSlice(self.sd[key])
+
+
+def open_weights(path: Path):
+    """A weights file opened for reading: safetensors (``safe_open``), or a transformers
+    ``pytorch_model*.bin`` (``torch.load(weights_only=True)``)."""
+    if Path(path).suffix == ".bin":
+        return _TorchFile(Path(path))
+    return safe_open(path, framework="pt", device="cpu")
 
 
 def _read_config_json(folder: str | os.PathLike) -> tuple[Path, dict]:
@@ -106,21 +172,22 @@ def _refuse_pickle(folder: Path) -> None:
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
         raise EmberError(
-            f"{folder} holds only pickle weights ({', '.join(pickles[:3])}); Ember never unpickles "
-            "checkpoints (it can run arbitrary code). Convert them to safetensors with a tool you "
+            f"{folder} holds only pickle weights ({', '.join(pickles[:3])}) under names Ember "
+            f"does not read (it reads safetensors, and {TORCH_FILE} / {TORCH_INDEX_FILE} with "
+            "torch.load(weights_only=True)). Convert them to safetensors with a tool you "
             "trust, e.g. transformers: AutoModelForCausalLM.from_pretrained(src)"
             ".save_pretrained(dst), then load dst"
         )
 
 
-def _index_files(folder: Path) -> list[Path]:
-    index = folder / INDEX_FILE
+def _index_files(folder: Path, name: str = INDEX_FILE) -> list[Path]:
+    index = folder / name
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         names = sorted(set(weight_map.values()))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise EmberError(
-            f"{index} is not a valid safetensors index (needs a 'weight_map' object: "
+            f"{index} is not a valid checkpoint index (needs a 'weight_map' object: "
             f"{type(e).__name__}: {e})"
         ) from None
     files = []
@@ -133,7 +200,7 @@ def _index_files(folder: Path) -> list[Path]:
         path = folder / name
         if not path.is_file():
             raise EmberError(
-                f"{path} not found (listed in {INDEX_FILE}); the download is incomplete"
+                f"{path} not found (listed in {name}); the download is incomplete"
             )
         files.append(path)
     return files
@@ -154,6 +221,10 @@ def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False,
         files = [folder / SINGLE_FILE]
     elif (folder / INDEX_FILE).is_file():
         files = _index_files(folder)
+    elif (folder / TORCH_FILE).is_file():
+        files = [folder / TORCH_FILE]
+    elif (folder / TORCH_INDEX_FILE).is_file():
+        files = _index_files(folder, TORCH_INDEX_FILE)
     else:
         _refuse_pickle(folder)
         found = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -162,7 +233,7 @@ def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False,
     ckpt = CheckpointIndex(folder=folder, files=files)
     for path in files:
         try:
-            with safe_open(path, framework="pt", device="cpu") as f:
+            with open_weights(path) as f:
                 for key in f.keys():
                     if key in ckpt.key_file:
                         raise EmberError(
@@ -234,7 +305,7 @@ def untie_if_head_differs(ckpt: CheckpointIndex, cfg: ModelConfig) -> ModelConfi
         return cfg  # map_hf_keys names the mismatch
     tensors = {}
     for key in (emb, head):
-        with safe_open(ckpt.key_file[key], framework="pt", device="cpu") as f:
+        with open_weights(ckpt.key_file[key]) as f:
             tensors[key] = f.get_tensor(ckpt.stored_key(key))
     if torch.equal(tensors[emb].float(), tensors[head].float()):
         return cfg
@@ -264,7 +335,7 @@ def iter_checkpoint(
     for path in ckpt.files:
         keys = [k for k, p in ckpt.key_file.items() if p == path and (k in mapping or k in fused)]
         try:
-            with safe_open(path, framework="pt", device="cpu") as f:
+            with open_weights(path) as f:
                 for key in keys:
                     t = f.get_tensor(ckpt.stored_key(key))
                     if dequant is not None:
