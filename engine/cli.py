@@ -6,6 +6,7 @@
     ember chat RUN_DIR|MODEL [--system TEXT]      (one message per line on standard input)
     ember export RUN_DIR (--adapter OUT | --merged OUT)
     ember import-gguf FILE.gguf OUT_DIR
+    ember config [CONFIG|RECIPE|RUN_DIR] [--set key=value ...]   (every setting, explained)
     ember recipes | ember models
 
 Errors the user can fix print one message and exit with status 2 (no traceback).
@@ -296,6 +297,13 @@ def _cmd_recipes(a) -> None:
     print("\n".join(recipe_names()))
 
 
+def _cmd_config(a) -> None:
+    from ember.engine.config import load_config
+    from ember.engine.config_doc import annotated_toml
+
+    print(annotated_toml(load_config(a.config, a.set or [])), end="")
+
+
 def _cmd_models(a) -> None:
     from ember.models.hub import BUILTIN_MODELS
 
@@ -384,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.set_defaults(fn=_cmd_import_gguf)
+
+    p = sub.add_parser("config", help="print every setting of a config (defaults filled in, "
+                                      "each key with its meaning) as TOML")
+    p.add_argument("config", nargs="?", default="quickstart",
+                   help="CONFIG.toml, a recipe name or a RUN_DIR (default: quickstart)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value")
+    p.set_defaults(fn=_cmd_config)
 
     sub.add_parser("recipes", help="list the built-in recipes").set_defaults(fn=_cmd_recipes)
     sub.add_parser("models", help="list the built-in models").set_defaults(fn=_cmd_models)

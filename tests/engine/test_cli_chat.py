@@ -100,3 +100,16 @@ def test_errors_and_version(chat_model, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ember {__version__}"
+
+
+def test_config_prints_every_setting_explained(capsys, tmp_path):
+    from ember.engine.config import TrainConfig, from_dict, load_config, parse_toml
+
+    assert main(["config", "quickstart", "--set", "lora.rank=8"]) == 0
+    text = capsys.readouterr().out
+    assert from_dict(TrainConfig, parse_toml(text, "out")) == load_config(
+        "quickstart", ["lora.rank=8"])  # a valid config that loads back to the same settings
+    assert "\n[lora]\nrank = 8\n" in text
+    assert '# run_dir = (unset)  # None: runs/<name>' in text  # unset keys, commented out
+    assert 'method = "lora"  # "lora" (adapters only) | "full"' in text  # the field's comment
+    assert main(["config", str(tmp_path / "missing.toml")]) == 2
