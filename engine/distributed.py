@@ -275,7 +275,8 @@ def materialize_from_rank0(model: nn.Module, full_sd: dict | None, info: DistInf
     set_model_state_dict(model, full_sd if info.rank == 0 else {},
                          options=StateDictOptions(full_state_dict=True,
                                                   broadcast_from_rank0=True))
-    model.reset_rope_(info.device)
+    if hasattr(model, "reset_rope_"):  # (a Transformer; other models have no RoPE tables)
+        model.reset_rope_(info.device)
 
 
 def store_nf4_flat(model: nn.Module, info: DistInfo) -> int:
