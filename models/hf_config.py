@@ -44,6 +44,7 @@ from ember.models.heads import labels_from_hf, labels_to_hf
 from ember.models.hf_gemma import DEFAULTS as _GEMMA_DEFAULTS
 from ember.models.hf_gemma import FIELDS as _GEMMA_FIELDS
 from ember.models.hf_gemma import MULTIMODAL, gemma_fields, gemma_to_hf, multimodal_text_config
+from ember.models.hf_moe import MOE_FAMILIES, moe_base_config, moe_check_exportable, moe_to_hf
 from ember.models.hf_rope import LONGROPE_FAMILIES, legacy_rope_scaling, rope_to_hf
 from ember.models.hf_rope import get_float as _get_float
 from ember.models.hf_rope import parse_partial_rotary as _parse_partial_rotary
@@ -51,7 +52,7 @@ from ember.models.hf_rope import parse_rope as _parse_rope
 from ember.models.nf4 import check_quantization_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
-                         "gemma3_text")
+                         "gemma3_text", *MOE_FAMILIES)
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 _SANDWICH = ("gemma2", "gemma3_text")  # Gemma 2/3: post-norms, softcaps, per-layer windows
 ARCHITECTURES = {
@@ -63,6 +64,7 @@ ARCHITECTURES = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    **{mt: arch for mt, (_, _, arch) in MOE_FAMILIES.items()},
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -282,6 +284,11 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             )
         cfg = config_from_hf(multimodal_text_config(raw, _HARMLESS_FIELDS))
         return cfg.replace(extra={**cfg.extra, "multimodal": model_type})
+    if model_type in MOE_FAMILIES:
+        # Mixtral / Qwen2-MoE / Qwen3-MoE: the dense sibling's attention plus the experts
+        # (ember.models.hf_moe)
+        base, moe = moe_base_config(raw)
+        return config_from_hf(base).replace(model_type=model_type, **moe)
     if model_type not in SUPPORTED_MODEL_TYPES:
         multimodal = "text_config" in raw or "vision_config" in raw
         raise EmberError(
@@ -529,6 +536,11 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
     """A config.json dict that transformers (4.45+ and 5.x) loads into the same model.
 
     ``dtype`` is the dtype the weights are saved in (default ``cfg.torch_dtype``)."""
+    if cfg.model_type in MOE_FAMILIES:
+        return moe_to_hf(cfg, config_to_hf(moe_check_exportable(cfg), dtype))
+    if cfg.num_experts:
+        raise EmberError(f"cannot export model_type {cfg.model_type!r} with experts: Hugging "
+                         f"Face's mixture-of-experts families are {', '.join(MOE_FAMILIES)}")
     _check_exportable(cfg)
     if isinstance(dtype, torch.dtype):
         dtype = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
