@@ -288,7 +288,11 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
         # Mixtral / Qwen2-MoE / Qwen3-MoE: the dense sibling's attention plus the experts
         # (ember.models.hf_moe)
         base, moe = moe_base_config(raw)
-        return config_from_hf(base).replace(model_type=model_type, **moe)
+        cfg = config_from_hf(base)
+        try:
+            return cfg.replace(model_type=model_type, **moe)
+        except ValueError as e:
+            raise EmberError(f"config.json: {e}") from None
     if model_type not in SUPPORTED_MODEL_TYPES:
         multimodal = "text_config" in raw or "vision_config" in raw
         raise EmberError(
