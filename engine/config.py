@@ -54,8 +54,15 @@ class ModelSpec:
     # Start from an earlier stage's result: a run directory (its final adapter or model) or a
     # PEFT adapter folder; ``name`` stays the base model it was trained on (engine/stages.py).
     init: str | None = None
+    # Mixture-of-experts models: the weight of the router load-balancing loss added to the
+    # training loss (transformers' load_balancing_loss_func). None: the checkpoint's
+    # router_aux_loss_coef; 0: off.
+    router_aux_loss_coef: float | None = None
 
     def __post_init__(self) -> None:
+        c = self.router_aux_loss_coef
+        if c is not None and (isinstance(c, bool) or not c >= 0):
+            raise EmberError(f"model.router_aux_loss_coef must be >= 0 (or left out), got {c!r}")
         if self.init is not None and not self.init.strip():
             raise EmberError("model.init is empty: give a previous run directory or a PEFT "
                              "adapter folder, or leave it out")

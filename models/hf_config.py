@@ -287,6 +287,9 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
     if model_type in MOE_FAMILIES:
         # Mixtral / Qwen2-MoE / Qwen3-MoE: the dense sibling's attention plus the experts
         # (ember.models.hf_moe)
+        if raw.get("quantization_config") is not None:
+            raise EmberError(f"config.json: bitsandbytes-quantized {model_type} checkpoints are "
+                             "not supported; load the unquantized model with quantize='nf4'")
         base, moe = moe_base_config(raw)
         cfg = config_from_hf(base)
         try:

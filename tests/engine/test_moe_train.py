@@ -1,0 +1,101 @@
+"""Training a mixture-of-experts model through the real trainer: LoRA on attention and experts
+(router frozen), QLoRA with NF4 experts, the load-balancing loss (its coefficient, its log row)
+and MLP token chunking, which gives the same loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.engine.activation import set_mlp_chunks
+from ember.engine.trainer import Trainer, resolve
+from ember.models import ModelConfig, Transformer
+from ember.models.loading import load_pretrained, save_pretrained
+from ember.models.moe import MoE, collect_router_stats, load_balancing_loss
+from ember.models.nf4 import Linear4bit
+from tests.engine._tiny import quiet, rows_of, tiny_config
+
+
+@pytest.fixture(scope="module")
+def moe_tiny(tiny, tmp_path_factory):
+    """The tiny fixture's data and tokenizer with a random 2-layer Qwen3-MoE (4 experts, top 2)."""
+    _, tok = load_pretrained(tiny["model"])
+    cfg = ModelConfig(model_type="qwen3_moe", vocab_size=len(tok), hidden_size=64,
+                      intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                      qk_norm=True, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, norm_topk_prob=True,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      max_position_embeddings=256)
+    model = Transformer(cfg).init_weights(std=0.05, seed=3)
+    folder = tmp_path_factory.mktemp("moe") / "model"
+    save_pretrained(model, folder, tok)
+    return {**tiny, "model": str(folder)}
+
+
+def _run(moe_tiny, run_dir, *extra):
+    cfg = resolve(tiny_config(moe_tiny, run_dir, "eval.metrics=[]", "eval.before=false",
+                              "eval.val_loss=false",
+                              "checkpoint.save_final=false", *extra))
+    t = Trainer(cfg, echo=quiet, progress=False)
+    t.run()
+    return t, [r for r in rows_of(run_dir) if r["kind"] == "train"]
+
+
+def test_lora_on_attention_and_experts_trains_router_frozen(moe_tiny, tmp_path):
+    t, rows = _run(moe_tiny, tmp_path / "run", "max_steps=8", "optim.lr=2e-2")
+    losses = [r["loss"] for r in rows]
+    assert sum(losses[-3:]) < sum(losses[:3]) * 0.85, losses
+    assert all(r["router_aux_loss"] > 0 for r in rows)  # logged apart from the loss
+    trainable = {n for n, p in t.model.named_parameters() if p.requires_grad}
+    assert any(".mlp.experts.3.down_proj.lora_B" in n for n in trainable)
+    assert any(".attn.q_proj.lora_A" in n for n in trainable)
+    assert all("lora_" in n for n in trainable)  # the routers stay frozen
+    base, _ = load_pretrained(moe_tiny["model"])
+    assert torch.equal(t.model.layers[1].mlp.gate.weight, base.layers[1].mlp.gate.weight)
+
+
+def test_aux_coefficient(moe_tiny, tiny, tmp_path):
+    """model.router_aux_loss_coef: 0 turns the loss off (no log row, other updates), a dense model
+    refuses it."""
+    _, on = _run(moe_tiny, tmp_path / "on", "max_steps=2", "model.router_aux_loss_coef=5.0")
+    _, off = _run(moe_tiny, tmp_path / "off", "max_steps=2", "model.router_aux_loss_coef=0")
+    assert on[0]["loss"] == off[0]["loss"]  # the same weights see the same first batch
+    assert on[1]["loss"] != off[1]["loss"]  # the aux gradient changed the first update
+    assert "router_aux_loss" in on[0] and "router_aux_loss" not in off[0]
+    cfg = resolve(tiny_config(tiny, tmp_path / "dense", "max_steps=1",
+                              "model.router_aux_loss_coef=0.01"))
+    with pytest.raises(EmberError, match="not a mixture-of-experts"):
+        Trainer(cfg, echo=quiet, progress=False).run()
+
+
+def test_qlora_quantizes_experts_not_routers(moe_tiny, tmp_path):
+    t, rows = _run(moe_tiny, tmp_path / "q", "max_steps=3", "optim.lr=2e-2",
+                   'model.quantize="nf4"', "lora.targets=['up','down','q']")
+    mods = dict(t.model.named_modules())
+    assert isinstance(mods["layers.0.mlp.experts.2.up_proj.base"], Linear4bit)
+    assert isinstance(mods["layers.0.mlp.gate"], torch.nn.Linear)
+    assert all(r["loss"] == r["loss"] for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_mlp_chunks_give_the_same_loss_and_gradients(moe_tiny):
+    """activations.mlp_chunk_tokens runs an MoE branch in token chunks: the load-balancing sums
+    add up to the one-pass loss, and the gradients agree."""
+    model, _ = load_pretrained(moe_tiny["model"])
+    ids = torch.randint(3, model.cfg.vocab_size, (1, 23), generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        model.zero_grad()
+        with collect_router_stats(model) as stats:
+            out = model(ids).square().mean()
+        aux = load_balancing_loss(stats, model.cfg.num_experts)
+        (out + aux).backward()
+        return aux.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                              if p.grad is not None}
+
+    aux, ref = grads()
+    set_mlp_chunks(model, 5)
+    aux_c, got = grads()
+    assert abs(aux - aux_c) <= 1e-6
+    assert set(got) == set(ref) and all((got[n] - ref[n]).abs().max() <= 1e-6 for n in ref)
+    assert any(isinstance(m, MoE) for m in model.modules())
