@@ -55,6 +55,7 @@ from ember.models.lora_fused import (
     is_fused,
     split_adapter,
 )
+from ember.models.peft_moe import check_dense_mlps, expert_modules, expert_tensors
 from ember.models.peft_keys import (  # noqa: F401  (re-exported)
     _EMBER_NAME,
     _MAGNITUDE_KEY,
@@ -132,10 +133,15 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         raise EmberError("the model has no LoRA adapters to save (apply_lora or load_adapter "
                          "first)")
     cfg = getattr(model, "cfg", None)
-    hf = {n: hf_module_name(n, cfg) for n in mods}
     rslora = {m.use_rslora for m in mods.values()}
     drops = {m.dropout.p if m.dropout is not None else 0.0 for m in mods.values()}
     dora = {m.use_dora for m in mods.values()}
+    experts = expert_modules(mods)  # MoE experts: PEFT's target_parameters (ember.models.peft_moe)
+    expert_sd, expert_targets, expert_ranks, expert_alphas = expert_tensors(
+        experts, cfg.num_experts) if experts else ({}, [], {}, {})
+    mods = {n: m for n, m in mods.items() if n not in experts}
+    check_dense_mlps(mods, cfg)
+    hf = {n: hf_module_name(n, cfg) for n in mods}
     if len(rslora) > 1 or len(drops) > 1 or len(dora) > 1:
         raise EmberError("PEFT's format needs one use_rslora, one use_dora and one dropout for "
                          "all adapters")
@@ -156,15 +162,19 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         tensors.update(tied_head_tensors(*entries[hf["embed"]][:2]))
     tensors.update({f"base_model.model.{h}.lora_magnitude_vector": v.to("cpu").contiguous()
                     for h, v in mags.items()})
-    r, alpha = Counter(e[2:] for e in entries.values()).most_common(1)[0][0]
+    r, alpha = Counter(e[2:] for e in entries.values()).most_common(1)[0][0] if entries else (
+        next(iter(experts.values())).rank, next(iter(experts.values())).alpha)
     rank_pattern = {re.escape(h): e[2] for h, e in entries.items() if e[2] != r}
     alpha_pattern = {re.escape(h): e[3] for h, e in entries.items() if e[3] != alpha}
+    rank_pattern.update({k: v for k, v in expert_ranks.items() if v != r})
+    alpha_pattern.update({k: v for k, v in expert_alphas.items() if v != alpha})
+    tensors.update({k: t.to("cpu").contiguous() for k, t in expert_sd.items()})
     # A leaf-name list is what PEFT writes and reads back best; it is exact only when every
     # projection with that leaf name is wrapped, otherwise list the modules as one full regex.
     leaves = sorted({n.split(".")[-1] for n in mods})
     same_leaf = [n for n in _candidates(model) if n.split(".")[-1] in leaves and n not in mods]
     targets = (sorted({h.split(".")[-1] for h in entries}) if not (same_leaf or fused)
-               else "|".join(re.escape(h) for h in entries))
+               else "|".join(re.escape(h) for h in entries)) if entries else None
     if _multimodal(cfg) and not same_leaf:
         # Leaf names would also match the vision tower's q_proj / k_proj / v_proj: one regex
         # over the language model's layers instead.
@@ -193,6 +203,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         "task_type": "CAUSAL_LM", "use_dora": use_dora, "use_rslora": rslora.pop(),
         "ensure_weight_tying": bool(tied),
     }
+    if expert_targets:
+        config["target_parameters"] = expert_targets
     if getattr(model, "score", None) is not None:
         # A classifier: PEFT's SEQ_CLS format, the whole head saved as modules_to_save.
         config.update(task_type="SEQ_CLS", modules_to_save=sorted({*mts, *HEAD_MODULES}))
@@ -281,6 +293,10 @@ def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> 
             hint = (_MERGE_HINT if key in _MERGEABLE else "a LoRA variant whose forward differs "
                     "from plain LoRA; ember loads plain LoRA adapters only")
             raise EmberError(f"{where}: {key}={v!r} is not supported by ember's LoRA: {hint}")
+    if config.get("target_parameters"):
+        raise EmberError(f"{where}: target_parameters={config['target_parameters']!r} (LoRA on "
+                         "mixture-of-experts expert parameters) cannot be loaded by Ember yet; "
+                         f"{_MERGE_HINT}")
     unknown = sorted(k for k, v in config.items()
                      if k not in _KNOWN_FIELDS and v not in (None, False, [], {}, "", 0))
     if unknown:

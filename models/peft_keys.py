@@ -19,11 +19,12 @@ import torch
 
 from ember import EmberError
 
-_EMBER_NAME = re.compile(r"layers\.(\d+)\.(attn|mlp)\.(\w+)")
+# Qwen2-MoE's shared expert is a plain MLP inside the MoE block (experts: ember.models.peft_moe)
+_EMBER_NAME = re.compile(r"layers\.(\d+)\.(attn|mlp)\.((?:shared_expert\.)?\w+)")
 # A multimodal Gemma 3's language model: "model.language_model." in transformers 4.52+ (what PEFT
 # names on transformers 5), "language_model.model." before.
 _LM_PREFIX = r"(?:model\.language_model\.|language_model\.model\.|model\.)?"
-_HF_NAME = re.compile(_LM_PREFIX + r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
+_HF_NAME = re.compile(_LM_PREFIX + r"layers\.(\d+)\.(self_attn|mlp)\.((?:shared_expert\.)?\w+)")
 _HF_EMBED = re.compile(_LM_PREFIX + "embed_tokens")
 _HF_HEAD = re.compile(r"(?:language_model\.)?lm_head")
 _VISION = re.compile(r"(?:model\.)?(?:vision_tower|multi_modal_projector)\.")

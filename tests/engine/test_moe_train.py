@@ -45,7 +45,7 @@ def _run(moe_tiny, run_dir, *extra):
 def test_lora_on_attention_and_experts_trains_router_frozen(moe_tiny, tmp_path):
     t, rows = _run(moe_tiny, tmp_path / "run", "max_steps=8", "optim.lr=2e-2")
     losses = [r["loss"] for r in rows]
-    assert sum(losses[-3:]) < sum(losses[:3]) * 0.85, losses
+    assert sum(losses[-3:]) < sum(losses[:3]) * 0.9, losses
     assert all(r["router_aux_loss"] > 0 for r in rows)  # logged apart from the loss
     trainable = {n for n, p in t.model.named_parameters() if p.requires_grad}
     assert any(".mlp.experts.3.down_proj.lora_B" in n for n in trainable)
