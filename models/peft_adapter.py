@@ -125,6 +125,19 @@ def _base_row_norms(model: nn.Module):
     return lambda name: torch.linalg.norm(dense_base_weight(by_hf[name]), dim=1)
 
 
+def check_peft_exportable(model: nn.Module) -> None:
+    """Raise the EmberError ``save_adapter`` would raise for a mixture-of-experts model's adapters
+    that PEFT cannot hold (see ``ember.models.peft_moe``), before any training."""
+    cfg = getattr(model, "cfg", None)
+    if not getattr(cfg, "num_experts", 0):
+        return
+    mods = lora_modules(model)
+    experts = expert_modules(mods)
+    if experts:
+        expert_tensors(experts, cfg.num_experts)
+    check_dense_mlps([n for n in mods if n not in experts], cfg)
+
+
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
                  base_model_name_or_path: str | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT 0.21 does."""
