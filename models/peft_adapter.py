@@ -55,7 +55,12 @@ from ember.models.lora_fused import (
     is_fused,
     split_adapter,
 )
-from ember.models.peft_moe import check_dense_mlps, expert_modules, expert_tensors
+from ember.models.peft_moe import (
+    check_dense_mlps,
+    expert_modules,
+    expert_tensors,
+    split_expert_adapter,
+)
 from ember.models.peft_keys import (  # noqa: F401  (re-exported)
     _EMBER_NAME,
     _MAGNITUDE_KEY,
@@ -306,10 +311,6 @@ def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> 
             hint = (_MERGE_HINT if key in _MERGEABLE else "a LoRA variant whose forward differs "
                     "from plain LoRA; ember loads plain LoRA adapters only")
             raise EmberError(f"{where}: {key}={v!r} is not supported by ember's LoRA: {hint}")
-    if config.get("target_parameters"):
-        raise EmberError(f"{where}: target_parameters={config['target_parameters']!r} (LoRA on "
-                         "mixture-of-experts expert parameters) cannot be loaded by Ember yet; "
-                         f"{_MERGE_HINT}")
     unknown = sorted(k for k, v in config.items()
                      if k not in _KNOWN_FIELDS and v not in (None, False, [], {}, "", 0))
     if unknown:
@@ -459,6 +460,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     adapter_dir = Path(adapter_dir)
     config, tensors = _read_adapter(adapter_dir)
     where = adapter_dir / "adapter_config.json"
+    if config.get("target_parameters"):  # LoRA on MoE experts (ember.models.peft_moe)
+        tensors, config = split_expert_adapter(tensors, config, getattr(model, "cfg", None))
     _validate_config(config, where, tensors)
     use_dora = bool(config.get("use_dora"))
     if is_fused(getattr(model, "cfg", None)):

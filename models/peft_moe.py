@@ -116,3 +116,67 @@ def expert_tensors(mods: dict, num_experts: int) -> tuple[dict, list, dict, dict
             targets.append(name)
             ranks[re.escape(name)], alphas[re.escape(name)] = r, a
     return tensors, targets, ranks, alphas
+
+
+_PARAM_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.mlp\.experts((?:\.base_layer)?)"
+                        r"\.(lora_A|lora_B)(?:\.default)?\.weight")
+_PARAMS = ("gate_up_proj", "down_proj")  # registration order: the first targeted is innermost
+
+
+def _pattern(patterns: dict, name: str, default):
+    for key, value in (patterns or {}).items():  # PEFT's get_pattern_key rule
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def split_expert_adapter(tensors: dict, config: dict, cfg) -> tuple[dict, dict]:
+    """A PEFT adapter with ``target_parameters`` on the experts -> the same adapter with one
+    LoRA pair per expert projection (keys ``...mlp.experts.E.gate_proj.lora_A.weight``), ranks
+    and alphas in ``rank_pattern`` / ``alpha_pattern``: exact (expert e's gate and up share
+    PEFT's A and split its B rows)."""
+    targets = list(config.get("target_parameters") or [])
+    num_experts = getattr(cfg, "num_experts", 0)
+    if not num_experts:
+        raise EmberError(f"the adapter targets parameters {targets[:3]} (LoRA on mixture-of-"
+                         "experts experts) but the model has no experts")
+    out = {k: v for k, v in tensors.items() if not _PARAM_KEY.fullmatch(k)}
+    ranks, alphas = dict(config.get("rank_pattern") or {}), dict(config.get("alpha_pattern") or {})
+    found = {}
+    for k, v in tensors.items():
+        m = _PARAM_KEY.fullmatch(k)
+        if m:
+            found[(int(m[1]), bool(m[2]), m[3])] = v
+    for i in sorted({i for i, _, _ in found}):
+        prefix = f"model.layers.{i}.mlp.experts"
+        params = [p for p in _PARAMS
+                  if any(f"{prefix}.{p}" == t or f"{prefix}.{p}".endswith("." + t)
+                         for t in targets)]
+        if not params:
+            raise EmberError(f"adapter: LoRA weights on layer {i}'s experts but target_parameters "
+                             f"{targets!r} name none of {_PARAMS}")
+        for p in params:
+            inner = len(params) == 2 and p == params[0]
+            A, B = found.get((i, inner, "lora_A")), found.get((i, inner, "lora_B"))
+            if A is None or B is None or A.shape[0] % num_experts:
+                raise EmberError(f"adapter: {prefix}.{p}: lora_A / lora_B missing or not "
+                                 f"stacked over {num_experts} experts")
+            name = f"{prefix}.{p}"
+            r = A.shape[0] // num_experts
+            if r != _pattern(config.get("rank_pattern"), name, config["r"]):
+                raise EmberError(f"adapter: {name}: rank {r} from lora_A disagrees with "
+                                 "adapter_config r / rank_pattern")
+            alpha = _pattern(config.get("alpha_pattern"), name, config["lora_alpha"])
+            Bs = B.reshape(B.shape[0], r, num_experts)  # column j * E + e
+            half = B.shape[0] // 2
+            for e in range(num_experts):
+                Ae, Be = A[e * r:(e + 1) * r], Bs[:, :, e]
+                parts = ({"gate_proj": Be[:half], "up_proj": Be[half:]} if p == "gate_up_proj"
+                         else {"down_proj": Be})
+                for proj, b in parts.items():
+                    hf = f"{prefix}.{e}.{proj}"
+                    out[f"base_model.model.{hf}.lora_A.weight"] = Ae.contiguous()
+                    out[f"base_model.model.{hf}.lora_B.weight"] = b.contiguous()
+                    ranks[re.escape(hf)], alphas[re.escape(hf)] = r, alpha
+    config = {**config, "target_parameters": None, "rank_pattern": ranks, "alpha_pattern": alphas}
+    return out, config

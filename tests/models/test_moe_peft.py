@@ -85,8 +85,32 @@ def test_expert_lora_exports_to_peft_target_parameters(tmp_path, case, targets, 
     # the adapters matter: the base model's logits are far from these
     with torch.no_grad():
         assert (_load(folder)(ids) - ours).abs().max() > 1e-2
-    with pytest.raises(EmberError, match="target_parameters"):
-        load_adapter(_load(folder), tmp_path / "ember")
+    back = load_adapter(_load(folder), tmp_path / "ember")  # gate/up come back at rank 2r
+    with torch.no_grad():
+        assert (back(ids) - ours).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("case,params", [
+    ("mixtral", ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+    ("qwen3_moe", ["mlp.experts.down_proj"]),
+])
+def test_peft_expert_adapter_loads_with_peft_logits(tmp_path, case, params):
+    """An adapter PEFT made with target_parameters on the fused experts (and q_proj) loads in
+    Ember with PEFT's logits."""
+    hf = _hf_model(case)
+    folder = tmp_path / case
+    hf.save_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(hf, peft.LoraConfig(
+            r=2, lora_alpha=6, target_modules=["q_proj"], target_parameters=params,
+            rank_pattern={"down_proj": 3}, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "peft")
+    ids = _ids()
+    want = _peft_logits(folder, tmp_path / "peft", ids)
+    model = load_adapter(_load(folder), tmp_path / "peft")
+    with torch.no_grad():
+        assert (model(ids) - want).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("targets,needle", [
