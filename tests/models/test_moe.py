@@ -201,3 +201,104 @@ def test_other_exports_refuse_moe(tmp_path):
         accelerate(hf)
     with pytest.raises(EmberError, match="with experts"):
         config_to_hf(model.cfg.replace(model_type="qwen3"))
+
+
+# HF key (after "model.layers.N.") -> llama.cpp tensor (after "blk.N."), as convert_hf_to_gguf.py
+# names them; experts are stacked into one 3-D tensor per projection.
+_GGUF_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight":
+    "ffn_norm.weight", **{f"self_attn.{p}_proj.{k}": f"attn_{p}.{k}" for p in "qkv"
+                          for k in ("weight", "bias")},
+    "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_norm.weight":
+    "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight", "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+    **{f"mlp.shared_expert.{p}_proj.weight": f"ffn_{p}_shexp.weight" for p in ("gate", "up",
+                                                                             "down")},
+    **{f"mlp.{p}_proj.weight": f"ffn_{p}.weight" for p in ("gate", "up", "down")},
+}
+_EXPERT = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up",
+           "down_proj": "down"}
+
+
+def _write_gguf(folder, path, arch: str, n_experts: int):
+    """The saved HF folder as llama.cpp's converter writes it (F32, Q/K permuted for llama)."""
+    import re
+
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from ember.models.gguf import permute_qk
+    from tests.models.test_gguf import _put, tiny_tokenizer_md
+
+    raw = json.loads((folder / "config.json").read_text())
+    sd = load_file(folder / "model.safetensors")
+    w = GGUFWriter(str(path), arch)
+    hd = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+    md = {"block_count": raw["num_hidden_layers"], "context_length": 64,
+          "embedding_length": raw["hidden_size"], "feed_forward_length": raw["intermediate_size"],
+          "attention.head_count": raw["num_attention_heads"], "attention.key_length": hd,
+          "attention.head_count_kv": raw["num_key_value_heads"], "rope.dimension_count": hd,
+          "rope.freq_base": raw["rope_parameters"]["rope_theta"],
+          "attention.layer_norm_rms_epsilon": raw["rms_norm_eps"], "expert_count": n_experts,
+          "expert_used_count": raw["num_experts_per_tok"]}
+    if "moe_intermediate_size" in raw:
+        md["expert_feed_forward_length"] = raw["moe_intermediate_size"]
+    if raw.get("shared_expert_intermediate_size"):
+        md["expert_shared_feed_forward_length"] = raw["shared_expert_intermediate_size"]
+    for k, v in {**{f"{arch}.{k}": v for k, v in md.items()}, **tiny_tokenizer_md()}.items():
+        _put(w, k, v)
+    stacks: dict = {}
+    for k, t in sd.items():
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", k)
+        if m is None:
+            name = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight":
+                    "output.weight", "model.norm.weight": "output_norm.weight"}[k]
+        elif (e := re.fullmatch(r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight",
+                                m[2])):
+            stacks.setdefault(f"blk.{m[1]}.ffn_{_EXPERT[e[2]]}_exps.weight", {})[int(e[1])] = t
+            continue
+        else:
+            name = f"blk.{m[1]}.{_GGUF_NAMES[m[2]]}"
+            if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+                n = raw["num_attention_heads" if "attn_q" in name else "num_key_value_heads"]
+                t = permute_qk(t, n)
+            if name.endswith("ffn_gate_inp_shexp.weight"):
+                t = t.reshape(-1)  # a vector in llama.cpp's files
+        w.add_tensor(name, t.numpy().astype(np.float32))
+    for name, parts in stacks.items():
+        w.add_tensor(name, torch.stack([parts[e] for e in range(n_experts)]).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("case,arch", [("mixtral", "llama"), ("qwen2_moe", "qwen2moe"),
+                                       ("qwen3_moe", "qwen3moe")])
+def test_gguf_import_matches_transformers(tmp_path, case, arch):
+    """A GGUF file written as llama.cpp's converter does loads to transformers' logits, and
+    exports back to the HF family."""
+    from ember.models.gguf import load_gguf
+    from ember.models.transformer import Transformer
+    from tests.models.test_gguf import VOCAB as GGUF_VOCAB
+
+    cls, kw = CASES[case]
+    if case == "qwen3_moe":  # llama.cpp's qwen3moe renormalizes the top-k weights
+        kw = {**kw, "norm_topk_prob": True}
+    config = getattr(transformers, cls)(**{**BASE, **kw, "vocab_size": GGUF_VOCAB})
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    randomize_(hf, 7)
+    hf.eval().save_pretrained(tmp_path / "hf")
+    _write_gguf(tmp_path / "hf", tmp_path / "m.gguf", arch, config.num_experts
+                if hasattr(config, "num_experts") else config.num_local_experts)
+    cfg, sd, _ = load_gguf(tmp_path / "m.gguf")
+    assert cfg.model_type == case and cfg.num_experts == (5 if case != "mixtral" else 4)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.reset_rope_("cpu")
+    ids = _ids().clamp(max=GGUF_VOCAB - 1)
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    assert config_from_hf(config_to_hf(cfg)).num_experts == cfg.num_experts
