@@ -6,9 +6,9 @@ specifics (norms stored as 1 + w, windows, softcaps, local RoPE base, fused qkv 
 values llama.cpp hard-codes instead of storing) are in ``ember.models.gguf_arch``. Mixture of
 experts (Mixtral as ``llama`` with ``expert_count``, ``qwen2moe``, ``qwen3moe``):
 ``ember.models.gguf_moe``. Refused with an error naming the key or tensor: other architectures,
-mmproj (``clip``) and multimodal files, per-layer head counts, partial rotary outside phi3. RoPE (linear, Llama 3.1
-``rope_freqs``, YaRN, Phi-3 LongRoPE ``rope_factors_long/short``) is read in
-``ember.models.gguf_rope``.
+mmproj (``clip``) and multimodal files, per-layer head counts, partial rotary outside phi3.
+RoPE (linear, Llama 3.1 ``rope_freqs``, YaRN, Phi-3 LongRoPE ``rope_factors_long/short``) is read
+in ``ember.models.gguf_rope``.
 
 Format (v2/v3, little-endian): magic ``GGUF``, version, tensor count, metadata count, metadata
 key/values, a tensor table (name, dims in ggml order = fastest first, type, offset), then the tensor

@@ -101,7 +101,8 @@ SANDWICH_KEYS: list[tuple[str, str]] = [
 # experts into 3-D parameters in memory but writes one key per expert and projection).
 _QWEN_MOE_KEYS = [
     ("layers.{i}.mlp.gate.weight", "model.layers.{i}.mlp.gate.weight"),
-    *[(f"layers.{{i}}.mlp.experts.{{e}}.{p}.weight", f"model.layers.{{i}}.mlp.experts.{{e}}.{p}.weight")
+    *[(f"layers.{{i}}.mlp.experts.{{e}}.{p}.weight",
+       f"model.layers.{{i}}.mlp.experts.{{e}}.{p}.weight")
       for p in ("gate_proj", "up_proj", "down_proj")],
     *[(f"layers.{{i}}.mlp.shared_expert.{p}.weight",
        f"model.layers.{{i}}.mlp.shared_expert.{p}.weight")

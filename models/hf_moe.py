@@ -133,9 +133,25 @@ def _bool(raw: Mapping, key: str, default: bool) -> bool:
     return v
 
 
+def moe_config(raw: Mapping, config_from_hf) -> ModelConfig:
+    """The ModelConfig of an MoE config.json (``config_from_hf`` reads the dense sibling's)."""
+    if raw.get("quantization_config") is not None:
+        raise EmberError(f"config.json: bitsandbytes-quantized {raw['model_type']} checkpoints "
+                         "are not supported; load the unquantized model with quantize='nf4'")
+    base, moe = moe_base_config(raw)
+    cfg = config_from_hf(base)
+    try:
+        return cfg.replace(model_type=raw["model_type"], **moe)
+    except ValueError as e:
+        raise EmberError(f"config.json: {e}") from None
+
+
 def moe_check_exportable(cfg: ModelConfig) -> ModelConfig:
     """The dense sibling's ModelConfig of an MoE cfg (for the shared export checks)."""
     mt = cfg.model_type
+    if mt not in MOE_FAMILIES:
+        raise EmberError(f"cannot export model_type {mt!r} with experts: Hugging Face's "
+                         f"mixture-of-experts families are {', '.join(MOE_FAMILIES)}")
     if cfg.num_experts == 0:
         raise EmberError(f"cannot export model_type {mt!r} without experts (num_experts=0)")
     problems = []

@@ -55,12 +55,6 @@ from ember.models.lora_fused import (
     is_fused,
     split_adapter,
 )
-from ember.models.peft_moe import (
-    check_dense_mlps,
-    expert_modules,
-    expert_tensors,
-    split_expert_adapter,
-)
 from ember.models.peft_keys import (  # noqa: F401  (re-exported)
     _EMBER_NAME,
     _MAGNITUDE_KEY,
@@ -72,6 +66,12 @@ from ember.models.peft_keys import (  # noqa: F401  (re-exported)
     lora_keys,
     split_tied_head,
     tied_head_tensors,
+)
+from ember.models.peft_moe import (
+    check_dense_mlps,
+    expert_modules,
+    expert_tensors,
+    split_expert_adapter,
 )
 
 # A SEQ_CLS adapter (PEFT's task_type for *ForSequenceClassification) carries the classifier head

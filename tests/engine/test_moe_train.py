@@ -82,7 +82,8 @@ def test_mlp_chunks_give_the_same_loss_and_gradients(moe_tiny):
     """activations.mlp_chunk_tokens runs an MoE branch in token chunks: the load-balancing sums
     add up to the one-pass loss, and the gradients agree."""
     model, _ = load_pretrained(moe_tiny["model"])
-    ids = torch.randint(3, model.cfg.vocab_size, (1, 23), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.cfg.vocab_size, (1, 23), generator=gen)
 
     def grads():
         model.zero_grad()
