@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ember import EmberError
-from ember.engine.activation import set_mlp_chunks
+from ember.engine.activation import apply_activation_checkpointing, set_mlp_chunks
 from ember.engine.trainer import Trainer, resolve
 from ember.models import ModelConfig, Transformer
 from ember.models.loading import load_pretrained, save_pretrained
@@ -78,9 +78,9 @@ def test_qlora_quantizes_experts_not_routers(moe_tiny, tmp_path):
     assert all(r["loss"] == r["loss"] for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
 
 
-def test_mlp_chunks_give_the_same_loss_and_gradients(moe_tiny):
+def test_mlp_chunks_and_checkpointing_give_the_same_loss_and_gradients(moe_tiny):
     """activations.mlp_chunk_tokens runs an MoE branch in token chunks: the load-balancing sums
-    add up to the one-pass loss, and the gradients agree."""
+    add up to the one-pass loss, and the gradients agree; so do checkpointed blocks."""
     model, _ = load_pretrained(moe_tiny["model"])
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.cfg.vocab_size, (1, 23), generator=gen)
@@ -98,5 +98,11 @@ def test_mlp_chunks_give_the_same_loss_and_gradients(moe_tiny):
     set_mlp_chunks(model, 5)
     aux_c, got = grads()
     assert abs(aux - aux_c) <= 1e-6
+    assert set(got) == set(ref) and all((got[n] - ref[n]).abs().max() <= 1e-6 for n in ref)
+    # activation checkpointing recomputes the routing in backward: the same gradients
+    set_mlp_chunks(model, 0)
+    apply_activation_checkpointing(model, "every_block")
+    aux_k, got = grads()
+    assert abs(aux - aux_k) <= 1e-6
     assert set(got) == set(ref) and all((got[n] - ref[n]).abs().max() <= 1e-6 for n in ref)
     assert any(isinstance(m, MoE) for m in model.modules())
