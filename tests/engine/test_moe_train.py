@@ -9,6 +9,8 @@ import torch
 
 from ember import EmberError
 from ember.engine.activation import apply_activation_checkpointing, set_mlp_chunks
+from ember.engine.cli import main as cli
+from ember.engine.state import load_run_model
 from ember.engine.trainer import Trainer, resolve
 from ember.models import ModelConfig, Transformer
 from ember.models.loading import load_pretrained, save_pretrained
@@ -43,7 +45,10 @@ def _run(moe_tiny, run_dir, *extra):
 
 
 def test_lora_on_attention_and_experts_trains_router_frozen(moe_tiny, tmp_path):
-    t, rows = _run(moe_tiny, tmp_path / "run", "max_steps=8", "optim.lr=2e-2")
+    """The run trains, saves its PEFT adapter (experts as target_parameters), and ``ember export
+    --merged`` writes a Qwen3-MoE folder transformers loads with the trained model's logits."""
+    run = tmp_path / "run"
+    t, rows = _run(moe_tiny, run, "max_steps=8", "optim.lr=2e-2", "checkpoint.save_final=true")
     losses = [r["loss"] for r in rows]
     assert sum(losses[-3:]) < sum(losses[:3]) * 0.9, losses
     assert all(r["router_aux_loss"] > 0 for r in rows)  # logged apart from the loss
@@ -53,6 +58,18 @@ def test_lora_on_attention_and_experts_trains_router_frozen(moe_tiny, tmp_path):
     assert all("lora_" in n for n in trainable)  # the routers stay frozen
     base, _ = load_pretrained(moe_tiny["model"])
     assert torch.equal(t.model.layers[1].mlp.gate.weight, base.layers[1].mlp.gate.weight)
+
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, base.cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = t.model.eval()(ids)
+        again, _, _ = load_run_model(run, "cpu")  # the final adapter loaded back
+        assert (again.eval()(ids) - want).abs().max() <= 1e-5
+    assert cli(["export", str(run), "--merged", str(tmp_path / "merged")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        assert (hf(ids).logits - want).abs().max() <= 1e-4
 
 
 def test_aux_coefficient(moe_tiny, tiny, tmp_path):
