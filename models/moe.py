@@ -6,7 +6,8 @@ sum iff ``cfg.norm_topk_prob`` (Mixtral always renormalizes: that is the softmax
 logits), cast to the compute dtype. Each expert is Ember's ``MLP`` (gate/up/down projections), so
 LoRA, NF4 and name-based targeting wrap ``experts.E.gate_proj`` like any other projection (and the
 fused ``lora_mlp`` runs per expert). Tokens are dispatched per expert (index_select, index_add):
-an expert computes only the tokens routed to it, never the whole batch. Qwen2-MoE's shared expert
+an expert computes only the tokens routed to it, never the whole batch; an expert no token chose
+gets zero gradients (not None), so every rank of a sharded model reduces the same tensors. Qwen2-MoE's shared expert
 runs on every token, scaled by ``sigmoid(shared_expert_gate(x))``.
 
 Load balancing (Switch Transformer eq. 4-6, transformers' ``load_balancing_loss_func``): over the
@@ -78,6 +79,14 @@ class MoE(nn.Module):
             h = self.experts[e](x.index_select(0, rows))  # (n, D)
             out = out.index_add(0, rows, h * w[start:start + n])
             start += n
+        if torch.is_grad_enabled():
+            # An expert no token chose still joins the graph with zero gradients: FSDP2
+            # reduce-scatters the gradients of a block's parameters together, and a rank whose
+            # expert had no gradient (None) would disagree with one whose expert had tokens.
+            for e in (e for e, n in enumerate(counts) if n == 0):
+                idle = [p.sum() for p in self.experts[e].parameters() if p.requires_grad]
+                if idle:
+                    out = out + 0.0 * torch.stack(idle).sum().to(out.dtype)
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.reshape(shape)
