@@ -17,8 +17,9 @@ the names are those inside ``Gemma3ForConditionalGeneration``
 vision tower out); ``load_adapter`` reads both that and the 4.5x ``language_model.model.`` layout,
 and refuses adapters on the vision tower. Phi-3's fused projections:
 ``ember.models.lora_fused``. LoRA on ``embed_tokens`` / ``lm_head`` (``ember.models.lora_embed``;
-keys and tied-model rules in ``ember.models.peft_keys``). Both functions are also importable from
-``ember.models.lora``.
+keys and tied-model rules in ``ember.models.peft_keys``). Mixture-of-experts experts: PEFT's
+``target_parameters`` on the fused expert tensors (``ember.models.peft_moe``). Both functions are
+also importable from ``ember.models.lora``.
 """
 
 from __future__ import annotations

@@ -309,3 +309,18 @@ def test_gguf_import_matches_transformers(tmp_path, case, arch):
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
     assert config_from_hf(config_to_hf(cfg)).num_experts == cfg.num_experts
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+    """KV-cache decoding of left-padded rows of different lengths: transformers' greedy tokens."""
+    from ember.models.generate import generate_ids
+
+    hf, folder = _save(tmp_path, "qwen2_moe")
+    model = _load(folder).eval()
+    prompts = [[5, 9, 11, 3, 7], [8, 2]]
+    got = generate_ids(model, prompts, max_new_tokens=6)
+    for p, g in zip(prompts, got, strict=True):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False,
+                               min_new_tokens=6, pad_token_id=0)[0, len(p):].tolist()
+        assert g == want
