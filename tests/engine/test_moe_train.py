@@ -123,3 +123,24 @@ def test_mlp_chunks_and_checkpointing_give_the_same_loss_and_gradients(moe_tiny)
     assert abs(aux - aux_k) <= 1e-6
     assert set(got) == set(ref) and all((got[n] - ref[n]).abs().max() <= 1e-6 for n in ref)
     assert any(isinstance(m, MoE) for m in model.modules())
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one(moe_tiny, tmp_path):
+    """Full fine-tuning under torchrun (FSDP2 per block): experts idle on one rank and busy on
+    the other still reduce together, and 2 processes log what 1 process with grad_accum 2 logs
+    (losses and the load-balancing loss)."""
+    from ember.engine.config import to_toml
+    from tests.engine.test_distributed import _same_rows, torchrun_train
+
+    extra = ('method="full"', "optim.lr=3e-3", "eval.metrics=[]", "eval.before=false",
+             "eval.val_loss=false", "checkpoint.save_final=false", "max_steps=3",
+             "data.tokens_per_batch=96")
+    _run(moe_tiny, tmp_path / "one", *extra, "grad_accum=2")
+    cfg = tmp_path / "two.toml"
+    cfg.write_text(to_toml(tiny_config(moe_tiny, tmp_path / "two", "eval.metrics=[]",
+                                       "eval.before=false", "eval.val_loss=false", *extra)))
+    torchrun_train(str(cfg))
+    one, two = rows_of(tmp_path / "one"), rows_of(tmp_path / "two")
+    assert [r for r in one if r["kind"] == "train"][0]["router_aux_loss"] > 0
+    _same_rows([r for r in two if r["kind"] == "train"], [r for r in one if r["kind"] == "train"])
