@@ -19,20 +19,24 @@ from ember.models.nf4 import Linear4bit
 from tests.engine._tiny import quiet, rows_of, tiny_config
 
 
-@pytest.fixture(scope="module")
-def moe_tiny(tiny, tmp_path_factory):
-    """The tiny fixture's data and tokenizer with a random 2-layer Qwen3-MoE (4 experts, top 2)."""
+def _moe_model(tiny, folder, experts: int = 4, k: int = 2) -> str:
+    """A random 2-layer Qwen3-MoE with the tiny fixture's tokenizer, saved to folder."""
     _, tok = load_pretrained(tiny["model"])
     cfg = ModelConfig(model_type="qwen3_moe", vocab_size=len(tok), hidden_size=64,
                       intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
-                      qk_norm=True, num_experts=4, num_experts_per_tok=2,
+                      qk_norm=True, num_experts=experts, num_experts_per_tok=k,
                       moe_intermediate_size=32, norm_topk_prob=True,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       max_position_embeddings=256)
     model = Transformer(cfg).init_weights(std=0.05, seed=3)
-    folder = tmp_path_factory.mktemp("moe") / "model"
     save_pretrained(model, folder, tok)
-    return {**tiny, "model": str(folder)}
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def moe_tiny(tiny, tmp_path_factory):
+    """The tiny fixture's data with a Qwen3-MoE (4 experts, top 2)."""
+    return {**tiny, "model": _moe_model(tiny, tmp_path_factory.mktemp("moe") / "model")}
 
 
 def _run(moe_tiny, run_dir, *extra):
@@ -126,16 +130,18 @@ def test_mlp_chunks_and_checkpointing_give_the_same_loss_and_gradients(moe_tiny)
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_match_one(moe_tiny, tmp_path):
-    """Full fine-tuning under torchrun (FSDP2 per block): experts idle on one rank and busy on
-    the other still reduce together, and 2 processes log what 1 process with grad_accum 2 logs
-    (losses and the load-balancing loss)."""
+def test_fsdp_two_processes_match_one(tiny, tmp_path):
+    """Full fine-tuning under torchrun (FSDP2 per block) of 16 experts, top 1, on small batches:
+    experts idle on one rank and busy on the other still reduce together, and 2 processes log
+    what 1 process with grad_accum 2 logs (losses and the load-balancing loss)."""
     from ember.engine.config import to_toml
     from tests.engine.test_distributed import _same_rows, torchrun_train
 
+    moe_tiny = {**tiny, "model": _moe_model(tiny, tmp_path / "model", experts=16, k=1)}
+
     extra = ('method="full"', "optim.lr=3e-3", "eval.metrics=[]", "eval.before=false",
              "eval.val_loss=false", "checkpoint.save_final=false", "max_steps=3",
-             "data.tokens_per_batch=96")
+             "data.tokens_per_batch=40", "data.max_seq_len=40")
     _run(moe_tiny, tmp_path / "one", *extra, "grad_accum=2")
     cfg = tmp_path / "two.toml"
     cfg.write_text(to_toml(tiny_config(moe_tiny, tmp_path / "two", "eval.metrics=[]",
