@@ -36,7 +36,13 @@ _REWRITTEN = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w
 
 
 def check_dense_mlps(names, cfg) -> None:
-    """Refuse LoRA on a dense MLP of a family whose names PEFT retargets to the experts."""
+    """Refuse LoRA on a dense MLP of a family whose names PEFT retargets to the experts, and on
+    routers (transformers 5's are not ``nn.Linear``: PEFT cannot wrap them)."""
+    routers = sorted(n for n in names if n.endswith(".mlp.gate"))
+    if routers:
+        raise EmberError(f"PEFT export: LoRA on the routers {routers[:3]} cannot be written for "
+                         "PEFT on transformers 5 (its routers are not linear modules); drop them "
+                         "from lora.targets or merge the adapter (ember export --merged)")
     leaves = _REWRITTEN.get(getattr(cfg, "model_type", None), ())
     hit = sorted(n for n in names if n.split(".")[-1] in leaves + ("gate_proj", "up_proj",
                                                                     "down_proj")

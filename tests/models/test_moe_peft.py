@@ -118,6 +118,7 @@ def test_peft_expert_adapter_loads_with_peft_logits(tmp_path, case, params):
     (("gate",), "gate and up"),
     # PEFT on transformers 5 would put a dense layer's down_proj adapter on the experts
     (("layers.0.mlp.down_proj",), "dense MLP"),
+    (("layers.1.mlp.gate",), "routers"),
 ])
 def test_expert_lora_peft_cannot_hold_is_refused(tmp_path, targets, needle):
     hf = _hf_model("qwen3_moe_norm_dense0" if "layers.0.mlp.down_proj" in targets else "mixtral")
