@@ -5,10 +5,11 @@ in fp32; the ``k`` largest ``p`` pick the experts; their weights are those ``p``
 sum iff ``cfg.norm_topk_prob`` (Mixtral always renormalizes: that is the softmax over the chosen
 logits), cast to the compute dtype. Each expert is Ember's ``MLP`` (gate/up/down projections), so
 LoRA, NF4 and name-based targeting wrap ``experts.E.gate_proj`` like any other projection (and the
-fused ``lora_mlp`` runs per expert). Tokens are dispatched per expert (index_select, index_add):
-an expert computes only the tokens routed to it, never the whole batch; an expert no token chose
-gets zero gradients (not None), so every rank of a sharded model reduces the same tensors. Qwen2-MoE's shared expert
-runs on every token, scaled by ``sigmoid(shared_expert_gate(x))``.
+fused ``lora_mlp`` runs per expert). Tokens are dispatched per expert: one gather sorts the
+(token, choice) pairs by expert, each expert computes only its contiguous rows (never the whole
+batch), one index_add scatters the weighted outputs back; an expert no token chose gets zero
+gradients (not None), so every rank of a sharded model reduces the same tensors. Qwen2-MoE's
+shared expert runs on every token, scaled by ``sigmoid(shared_expert_gate(x))``.
 
 Load balancing (Switch Transformer eq. 4-6, transformers' ``load_balancing_loss_func``): over the
 tokens of one forward and all sparse layers together, ``E * sum_e f_e * P_e`` where ``f_e`` is the
@@ -70,23 +71,22 @@ class MoE(nn.Module):
         tokens = order // self.top_k  # (N * k,) token of each assignment, grouped by expert
         w = weights.reshape(-1).index_select(0, order)[:, None]  # (N * k, 1)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        out = torch.zeros_like(x)
-        start = 0
+        xs = x.index_select(0, tokens)  # (N * k, D): one gather, each expert's rows contiguous
+        hs, idle, start = [], [], 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = tokens[start:start + n]
-            h = self.experts[e](x.index_select(0, rows))  # (n, D)
-            out = out.index_add(0, rows, h * w[start:start + n])
-            start += n
-        if torch.is_grad_enabled():
-            # An expert no token chose still joins the graph with zero gradients: FSDP2
-            # reduce-scatters the gradients of a block's parameters together, and a rank whose
-            # expert had no gradient (None) would disagree with one whose expert had tokens.
-            for e in (e for e, n in enumerate(counts) if n == 0):
-                idle = [p.sum() for p in self.experts[e].parameters() if p.requires_grad]
-                if idle:
-                    out = out + 0.0 * torch.stack(idle).sum().to(out.dtype)
+            if n:
+                hs.append(self.experts[e](xs[start:start + n]))  # (n, D)
+                start += n
+            elif torch.is_grad_enabled():
+                # An expert no token chose still joins the graph with zero gradients: FSDP2
+                # reduce-scatters the gradients of a block's parameters together, and a rank
+                # whose expert had no gradient (None) would disagree with one where it had tokens.
+                idle += [p.sum() for p in self.experts[e].parameters() if p.requires_grad]
+        out = torch.zeros_like(x)
+        if hs:  # (no tokens at all: nothing to scatter)
+            out = out.index_add_(0, tokens, torch.cat(hs) * w)  # one scatter
+        if idle:
+            out = out + 0.0 * torch.stack(idle).sum().to(out.dtype)
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.reshape(shape)
