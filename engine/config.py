@@ -58,8 +58,15 @@ class ModelSpec:
     # train on sequences longer than the model's context; exported folders carry it.
     rope_scaling: str | None = None
     rope_factor: float | None = None
+    # Mixture-of-experts models: the weight of the router load-balancing loss added to the
+    # training loss (transformers' load_balancing_loss_func). None: the checkpoint's
+    # router_aux_loss_coef; 0: off.
+    router_aux_loss_coef: float | None = None
 
     def __post_init__(self) -> None:
+        c = self.router_aux_loss_coef
+        if c is not None and (isinstance(c, bool) or not c >= 0):
+            raise EmberError(f"model.router_aux_loss_coef must be >= 0 (or left out), got {c!r}")
         if (self.rope_scaling is None) != (self.rope_factor is None):
             raise EmberError("model.rope_scaling and model.rope_factor go together, e.g. "
                              "rope_scaling = \"yarn\" and rope_factor = 4.0 for 4x the context")

@@ -18,6 +18,7 @@ from ember.engine.classification import resolve_head, train_head
 from ember.engine.config import TrainConfig, from_dict, to_dict
 from ember.engine.stages import load_start, resolve_start
 from ember.models.lora import apply_lora
+from ember.models.peft_adapter import check_peft_exportable
 from ember.models.prompt_tuning import apply_prompt_tuning
 
 
@@ -136,6 +137,8 @@ def build_model(cfg: TrainConfig, device: str):
     if cfg.method == "lora":
         if not started:
             apply_lora(model, cfg.lora)
+        if cfg.checkpoint.save_final:  # a PEFT file the run could not write: say so now
+            check_peft_exportable(model)
     elif cfg.method == "prompt":
         pt = cfg.prompt_tuning
         if not started:

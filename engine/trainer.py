@@ -86,6 +86,7 @@ from ember.engine.runtime import (
 from ember.engine.stages import describe as describe_start
 from ember.engine.state import Progress, export_final, open_run, restore, save
 from ember.models.lora import lora_modules
+from ember.models.moe import collect_router_stats, load_balancing_loss
 
 
 @dataclass
@@ -275,6 +276,8 @@ class Trainer:
                                               sum(obj.weight(b) for b in micro)], info)
         n_loss, n_w = int(n_loss), int(n_w)
         act = cfg.activations
+        coef = self.aux_coef
+        aux_local = 0.0
         with oom_guard(batch_tokens=max(b.num_tokens for b in micro),
                        seq_len=max(b.max_seqlen for b in micro), device=self.device, step=step,
                        method=cfg.method, checkpointing=act.checkpointing, offload=act.offload,
@@ -285,16 +288,25 @@ class Trainer:
                 # Every rank runs every micro-batch (even one without answer tokens: it adds 0):
                 # a sharded forward / backward is a collective.
                 for b in micro:
-                    with self.autocast():
+                    with self.autocast(), collect_router_stats(self.model) as stats:
                         loss = obj.loss(self.model, b.to(self.device), n_w)
-                    (scaler.scale(loss) if scaler else loss).backward()
                     local += float(loss.detach())
+                    aux = load_balancing_loss(stats, self.model.cfg.num_experts) if coef else None
+                    if aux is not None:
+                        # MoE load balancing: one loss per micro-batch (its forwards together),
+                        # weighted by its share of the step's tokens; logged apart from the loss
+                        loss = loss + coef * aux * (b.num_tokens / n_tok)
+                        aux_local += float(aux.detach()) * b.num_tokens / n_tok
+                    (scaler.scale(loss) if scaler else loss).backward()
             if scaler:
                 scaler.unscale_(opt)
             norm = clip_grad_norm(params, cfg.optim.max_grad_norm or math.inf)
             extra = obj.step_metrics(lambda xs: all_reduce_sums(xs, info))
             # One collective for the loss and the stop requests, so all ranks stop together.
-            total, stops = all_reduce_sums([local, float(signals.requested)], info)
+            total, stops, aux_all = all_reduce_sums(
+                [local, float(signals.requested), aux_local], info)
+            if coef:
+                extra = {**extra, "router_aux_loss": aux_all}
             # With fp16 the scaler skips overflowing steps itself: only the loss counts there.
             applied = guard.check(step, total, None if scaler else norm)
             if applied:
@@ -321,6 +333,7 @@ class Trainer:
         # Before _build seeds the run: loading a teacher / reference leaves the RNG as SFT's.
         self.objective = make_objective(cfg, info)
         self.model = model = self._build(cfg, info)
+        self.aux_coef = router_aux_coef(cfg, model)
         self.objective.check_model(model, self.tokenizer)
         self.datasets = self._datasets(cfg, info, self.tokenizer)
         self._check_eval_data()
@@ -456,6 +469,18 @@ class Trainer:
             return False
         prog.bad_evals += 1
         return prog.bad_evals >= ev.patience
+
+
+def router_aux_coef(cfg: TrainConfig, model) -> float:
+    """The weight of the MoE load-balancing loss: ``model.router_aux_loss_coef`` if set, else the
+    checkpoint's ``router_aux_loss_coef`` (transformers' 0.001 default); 0 for a dense model."""
+    if not model.cfg.num_experts:
+        if cfg.model.router_aux_loss_coef:
+            raise EmberError(f"model.router_aux_loss_coef is set but {cfg.model.name} is not a "
+                             "mixture-of-experts model; drop it")
+        return 0.0
+    c = cfg.model.router_aux_loss_coef
+    return model.cfg.router_aux_loss_coef if c is None else c
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, echo=print, progress: bool | None = None,

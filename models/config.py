@@ -87,6 +87,22 @@ class ModelConfig:
     # A sequence classifier (HF *ForSequenceClassification): the class names in index order. The
     # model then has a ``score`` head (ember.models.heads) and no LM head.
     labels: tuple[str, ...] | None = None
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; ember.models.moe): 0 experts is a dense
+    # model. A sparse layer routes each token to ``num_experts_per_tok`` of ``num_experts`` MLPs of
+    # width ``moe_intermediate_size``, weighted by the softmax over all experts' router logits,
+    # restricted to the chosen ones and renormalized to sum 1 iff ``norm_topk_prob`` (Mixtral:
+    # always, which is the softmax over the chosen logits). Layer i is sparse iff
+    # ``(i + 1) % decoder_sparse_step == 0`` and i is not in ``mlp_only_layers`` (Qwen2/3-MoE);
+    # other layers have the dense MLP of width ``intermediate_size``. Qwen2-MoE adds a shared
+    # expert of width ``shared_expert_intermediate_size`` scaled by sigmoid(shared_expert_gate(x)).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None  # None: intermediate_size
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.001  # HF's default weight of the load-balancing loss
     extra: dict = field(default_factory=dict)  # HF fields kept verbatim for export (not used)
 
     def __post_init__(self) -> None:
@@ -117,12 +133,37 @@ class ModelConfig:
                     isinstance(x, str) and x for x in labels):
                 raise ValueError(f"labels must be at least two distinct non-empty names, got "
                                  f"{list(labels)}")
+        self._check_moe()
         if self.layer_types is not None:
             types = tuple(self.layer_types)
             if len(types) != self.num_layers or not set(types) <= set(LAYER_TYPES):
                 raise ValueError(f"layer_types must give one of {LAYER_TYPES} for each of the "
                                  f"{self.num_layers} layers, got {self.layer_types!r}")
             object.__setattr__(self, "layer_types", types)
+
+    def _check_moe(self) -> None:
+        object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
+        if self.num_experts == 0:
+            return
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}]"
+                             f", got {self.num_experts_per_tok}")
+        if self.moe_intermediate_size is None:
+            object.__setattr__(self, "moe_intermediate_size", self.intermediate_size)
+        if self.decoder_sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+        if not 0 <= self.router_aux_loss_coef:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+
+    @property
+    def moe(self) -> bool:
+        """Whether some layer is a mixture of experts."""
+        return any(self.is_sparse(i) for i in range(self.num_layers))
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether ``layer``'s MLP is a mixture of experts (transformers' Qwen2/3-MoE rule)."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     @property
     def rotary_dim(self) -> int:
@@ -159,11 +200,18 @@ class ModelConfig:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         hd, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
         attn = d * hd * (hq + 2 * hkv) + hq * hd * d
-        per_layer = attn + 3 * d * f + (4 if self.sandwich_norms else 2) * d + (
-            2 * hd if self.qk_norm else 0)
+        per_layer = attn + (4 if self.sandwich_norms else 2) * d + (2 * hd if self.qk_norm else 0)
+        layers = self.num_layers * per_layer
+        for i in range(self.num_layers):
+            if not self.is_sparse(i):
+                layers += 3 * d * f
+                continue
+            layers += self.num_experts * (3 * d * self.moe_intermediate_size + d)  # + router
+            if self.shared_expert_intermediate_size:
+                layers += 3 * d * self.shared_expert_intermediate_size + d
         if self.labels:  # a classifier: the score head instead of an LM head
-            return v * d + len(self.labels) * d + self.num_layers * per_layer + d
-        return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + d
+            return v * d + len(self.labels) * d + layers + d
+        return v * d * (1 if self.tie_word_embeddings else 2) + layers + d
 
 
 def rope_inv_freq(cfg: ModelConfig, local: bool = False, long: bool = False) -> torch.Tensor:

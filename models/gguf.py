@@ -3,11 +3,12 @@
 Architectures (``general.architecture``): ``llama`` (also Mistral, SmolLM2), ``qwen2``, ``qwen3``,
 ``gemma``, ``gemma2``, ``gemma3`` (text; becomes ``gemma3_text``) and ``phi3``; the Gemma and Phi-3
 specifics (norms stored as 1 + w, windows, softcaps, local RoPE base, fused qkv / gate-up, and the
-values llama.cpp hard-codes instead of storing) are in ``ember.models.gguf_arch``. Refused with an
-error naming the key or tensor: other architectures, mmproj (``clip``) and multimodal files,
-mixture-of-experts, per-layer head counts, partial rotary outside phi3. RoPE (linear, Llama 3.1
-``rope_freqs``, YaRN, Phi-3 LongRoPE ``rope_factors_long/short``) is read in
-``ember.models.gguf_rope``.
+values llama.cpp hard-codes instead of storing) are in ``ember.models.gguf_arch``. Mixture of
+experts (Mixtral as ``llama`` with ``expert_count``, ``qwen2moe``, ``qwen3moe``):
+``ember.models.gguf_moe``. Refused with an error naming the key or tensor: other architectures,
+mmproj (``clip``) and multimodal files, per-layer head counts, partial rotary outside phi3.
+RoPE (linear, Llama 3.1 ``rope_freqs``, YaRN, Phi-3 LongRoPE ``rope_factors_long/short``) is read
+in ``ember.models.gguf_rope``.
 
 Format (v2/v3, little-endian): magic ``GGUF``, version, tensor count, metadata count, metadata
 key/values, a tensor table (name, dims in ggml order = fastest first, type, offset), then the tensor
@@ -49,6 +50,7 @@ from ember.models.gguf_arch import (
     arch_tensors,
     check_supported,
 )
+from ember.models.gguf_moe import moe_fields
 from ember.models.gguf_rope import ROPE_TENSORS, nice_float, rope_fields
 
 Q = GGMLQuantizationType
@@ -380,9 +382,6 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
             raise EmberError(f"{path}: {arch}.{key} varies per layer ({v[:4]}...); not supported")
         return v
 
-    if get("expert_count"):
-        raise EmberError(f"{path}: mixture-of-experts GGUF ({arch}.expert_count="
-                         f"{get('expert_count')}) is not supported")
     hidden, heads = int(get("embedding_length", required=True)), int(
         get("attention.head_count", required=True))
     head_dim = int(get("attention.key_length") or hidden // heads)
@@ -414,6 +413,10 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         eos_token_id=(eos[0] if len(eos) == 1 else eos) if eos else None,
         pad_token_id=tok_id("padding_token_id"), torch_dtype="float32",
     )
+    if get("expert_count"):  # mixture of experts (ember.models.gguf_moe)
+        fields.update(moe_fields(arch, get, path))
+    elif arch in ("qwen2moe", "qwen3moe"):
+        raise EmberError(f"{path}: {arch}.expert_count is missing")
     return ModelConfig(**{**fields, **arch_fields(arch, md, get, fields)})
 
 

@@ -30,12 +30,14 @@ import torch
 
 from ember import EmberError
 from ember.models.config import ModelConfig
+from ember.models.gguf_moe import BLOCK_NAMES as MOE_BLOCK_NAMES
+from ember.models.gguf_moe import expert_tensors
 
 # GGUF architecture -> (HF model_type, whether llama.cpp permuted Q/K rows for it)
 ARCHITECTURES = {
     "llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
     "gemma": ("gemma", False), "gemma2": ("gemma2", False), "gemma3": ("gemma3_text", False),
-    "phi3": ("phi3", False),
+    "phi3": ("phi3", False), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", False),
 }
 GEMMA = ("gemma", "gemma2", "gemma3")
 # block tensors beyond the common ones: Gemma 2/3's sandwich norms, Phi-3's fused q/k/v
@@ -43,6 +45,7 @@ EXTRA_BLOCK_NAMES = {
     "post_attention_norm.weight": "attn_post_norm.weight",
     "post_ffw_norm.weight": "mlp_post_norm.weight",
     "attn_qkv.weight": "attn.qkv_proj.weight",  # split in arch_tensors
+    **MOE_BLOCK_NAMES,  # mixture of experts (ember.models.gguf_moe)
 }
 _LAYERS_27B = {"gemma2": 46, "gemma3": 62}  # llama.cpp's LLM_TYPE_27B test
 _WINDOW_PERIOD = {"gemma2": 2, "gemma3": 6}
@@ -109,6 +112,10 @@ def arch_fields(arch: str, md: dict, get: Callable, base: dict) -> dict:
 def arch_tensors(arch: str, name: str, key: str, w: torch.Tensor,
                  cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(Ember key, tensor) pairs for one dequantized GGUF tensor already named ``key``."""
+    experts = expert_tensors(key, w, cfg.num_experts) if cfg.num_experts else None
+    if experts is not None:
+        yield from experts
+        return
     if arch in GEMMA and name.endswith("norm.weight"):
         yield key, w - 1  # stored as 1 + w
         return

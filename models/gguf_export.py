@@ -272,6 +272,10 @@ def _refuse_unexportable(model: torch.nn.Module) -> None:
     if model.cfg.labels:
         raise EmberError("save_gguf: a sequence classifier (score head) has no GGUF form for "
                          "llama.cpp; export it as an HF folder (ember export --merged)")
+    if model.cfg.num_experts:
+        raise EmberError("save_gguf: mixture-of-experts models have no GGUF export in Ember yet; "
+                         "export an HF folder (ember export --merged) and convert it with "
+                         "llama.cpp's convert_hf_to_gguf.py")
     if prompt_embedding(model) is not None:
         raise EmberError("save_gguf: a prompt-tuning model's virtual tokens are inputs, not "
                          "weights; GGUF cannot hold them. Save the PEFT adapter instead")

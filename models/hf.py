@@ -45,6 +45,7 @@ __all__ = [
     "ARCHITECTURES",
     "DTYPES",
     "KEY_TABLE",
+    "MOE_KEYS",
     "SANDWICH_KEYS",
     "SUPPORTED_MODEL_TYPES",
     "config_from_hf",
@@ -95,6 +96,30 @@ SANDWICH_KEYS: list[tuple[str, str]] = [
     ("layers.{i}.mlp_norm.weight", "model.layers.{i}.pre_feedforward_layernorm.weight"),
     ("layers.{i}.mlp_post_norm.weight", "model.layers.{i}.post_feedforward_layernorm.weight"),
 ]
+
+# Mixture-of-experts layers ("{e}" is an expert index), as transformers 5 saves them (it fuses the
+# experts into 3-D parameters in memory but writes one key per expert and projection).
+_QWEN_MOE_KEYS = [
+    ("layers.{i}.mlp.gate.weight", "model.layers.{i}.mlp.gate.weight"),
+    *[(f"layers.{{i}}.mlp.experts.{{e}}.{p}.weight",
+       f"model.layers.{{i}}.mlp.experts.{{e}}.{p}.weight")
+      for p in ("gate_proj", "up_proj", "down_proj")],
+    *[(f"layers.{{i}}.mlp.shared_expert.{p}.weight",
+       f"model.layers.{{i}}.mlp.shared_expert.{p}.weight")
+      for p in ("gate_proj", "up_proj", "down_proj")],
+    ("layers.{i}.mlp.shared_expert_gate.weight", "model.layers.{i}.mlp.shared_expert_gate.weight"),
+]
+MOE_KEYS: dict[str, list[tuple[str, str]]] = {
+    # Mixtral: w1 = gate, w3 = up, w2 = down
+    "mixtral": [
+        ("layers.{i}.mlp.gate.weight", "model.layers.{i}.block_sparse_moe.gate.weight"),
+        *[(f"layers.{{i}}.mlp.experts.{{e}}.{p}.weight",
+           f"model.layers.{{i}}.block_sparse_moe.experts.{{e}}.{w}.weight")
+          for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))],
+    ],
+    "qwen2_moe": _QWEN_MOE_KEYS,
+    "qwen3_moe": _QWEN_MOE_KEYS,
+}
 
 # Phi-3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj (rows stacked in this order):
 # split into Ember's projections on import, concatenated back on export.
@@ -213,43 +238,51 @@ _IGNORED_HF_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_f
 
 
 def _compile(templates: Iterable[str]) -> list[tuple[re.Pattern, str]]:
-    return [(re.compile(re.escape(t).replace(r"\{i\}", r"(\d+)")), t) for t in templates]
+    return [(re.compile(re.escape(t).replace(r"\{i\}", r"(?P<i>\d+)")
+                        .replace(r"\{e\}", r"(?P<e>\d+)")), t) for t in templates]
 
 
-_FROM_HF = {h: e for e, h in KEY_TABLE}
-_TO_HF = {e: h for e, h in KEY_TABLE}
-_HF_PATTERNS = _compile(_FROM_HF)
-_EMBER_PATTERNS = _compile(_TO_HF)
-_SW_FROM_HF = {**_FROM_HF, **{h: e for e, h in SANDWICH_KEYS}}
-_SW_TO_HF = {**_TO_HF, **{e: h for e, h in SANDWICH_KEYS}}
-_SW_HF_PATTERNS = _compile(h for _, h in SANDWICH_KEYS) + _HF_PATTERNS
-_SW_EMBER_PATTERNS = _compile(e for e, _ in SANDWICH_KEYS) + _EMBER_PATTERNS
+def _tables(rows: list[tuple[str, str]]):
+    """(ember->hf patterns, table, hf->ember patterns, table) for rows tried in order."""
+    to_hf, from_hf = {}, {}
+    for e, h in rows:
+        to_hf.setdefault(e, h)
+        from_hf.setdefault(h, e)
+    return (_compile(to_hf), to_hf, _compile(from_hf), from_hf)
+
+
+_PLAIN = _tables(KEY_TABLE)
+_SANDWICH = _tables(SANDWICH_KEYS + KEY_TABLE)
+_MOE_TABLES = {mt: _tables(rows + KEY_TABLE) for mt, rows in MOE_KEYS.items()}
 
 
 def _rename(key: str, patterns, table) -> str | None:
     for pat, template in patterns:
         m = pat.fullmatch(key)
         if m:
-            return table[template].replace("{i}", m.group(1)) if m.groups() else table[template]
+            out = table[template]
+            for name, value in m.groupdict().items():
+                out = out.replace("{" + name + "}", value)
+            return out
     return None
 
 
-def _sandwich(cfg: ModelConfig | None) -> bool:
-    return cfg is not None and cfg.sandwich_norms
+def _table(cfg: ModelConfig | None):
+    if cfg is not None and cfg.sandwich_norms:
+        return _SANDWICH
+    return _MOE_TABLES.get(cfg.model_type, _PLAIN) if cfg is not None else _PLAIN
 
 
 def hf_key_to_ember(key: str, cfg: ModelConfig | None = None) -> str | None:
     """The Ember name of an HF state-dict key, or None if the key is not in ``KEY_TABLE`` (or
-    ``SANDWICH_KEYS`` for a cfg with sandwich norms)."""
-    if _sandwich(cfg):
-        return _rename(key, _SW_HF_PATTERNS, _SW_FROM_HF)
-    return _rename(key, _HF_PATTERNS, _FROM_HF)
+    ``SANDWICH_KEYS`` for a cfg with sandwich norms, ``MOE_KEYS`` for an MoE family)."""
+    _, _, patterns, table = _table(cfg)
+    return _rename(key, patterns, table)
 
 
 def ember_key_to_hf(key: str, cfg: ModelConfig | None = None) -> str | None:
-    if _sandwich(cfg):
-        return _rename(key, _SW_EMBER_PATTERNS, _SW_TO_HF)
-    return _rename(key, _EMBER_PATTERNS, _TO_HF)
+    patterns, table, _, _ = _table(cfg)
+    return _rename(key, patterns, table)
 
 
 # --------------------------------------------------------------------------------------------------

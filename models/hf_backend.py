@@ -146,6 +146,9 @@ def find_causal_lm(model: nn.Module) -> nn.Module:
                   "model alone (e.g. Gemma3ForCausalLM)" if any(
                       type(m).__name__.endswith("ForConditionalGeneration")
                       for m in model.modules()) else "")
+    if any(type(m).__name__.endswith("SparseMoeBlock") for m in model.modules()):
+        multimodal += ("; mixture-of-experts models (Mixtral, Qwen2/3-MoE) are not swapped, "
+                       "their experts are not plain MLPs")
     raise EmberError(f"accelerate(): {type(model).__name__} is not a supported model; Ember swaps "
                      f"kernels into {', '.join(SUPPORTED)} instances (or a PEFT model wrapping "
                      f"one){multimodal}. Load the model with one of those classes, or train it "

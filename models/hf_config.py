@@ -6,7 +6,8 @@ and gemma3_text (also: sandwich norms, ``query_pre_attn_scalar``, per-layer slid
 ``layer_types``, softcaps; Gemma 3: (1 + w) q/k norms, a local RoPE base). The multimodal ``gemma3``
 (Gemma3ForConditionalGeneration) loads as its ``gemma3_text`` language model, marked
 ``extra["multimodal"] = "gemma3"`` so that export writes for the multimodal class
-(``ember.models.hf_gemma.multimodal_text_config``); other multimodal families are refused. Both
+(``ember.models.hf_gemma.multimodal_text_config``); other multimodal families are refused.
+Mixture of experts (mixtral, qwen2_moe, qwen3_moe): ``ember.models.hf_moe``. Both
 config.json styles are read: transformers 4.x (``rope_theta``, ``rope_scaling``, ``torch_dtype``)
 and 5.x (``rope_parameters``, ``dtype``); ``config_to_hf`` writes both, so either
 major version loads the folder. RoPE (default, linear, llama3, yarn, longrope; Phi-3's
@@ -44,6 +45,7 @@ from ember.models.heads import labels_from_hf, labels_to_hf
 from ember.models.hf_gemma import DEFAULTS as _GEMMA_DEFAULTS
 from ember.models.hf_gemma import FIELDS as _GEMMA_FIELDS
 from ember.models.hf_gemma import MULTIMODAL, gemma_fields, gemma_to_hf, multimodal_text_config
+from ember.models.hf_moe import MOE_FAMILIES, moe_check_exportable, moe_config, moe_to_hf
 from ember.models.hf_rope import LONGROPE_FAMILIES, legacy_rope_scaling, rope_to_hf
 from ember.models.hf_rope import get_float as _get_float
 from ember.models.hf_rope import parse_partial_rotary as _parse_partial_rotary
@@ -51,7 +53,7 @@ from ember.models.hf_rope import parse_rope as _parse_rope
 from ember.models.nf4 import check_quantization_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
-                         "gemma3_text")
+                         "gemma3_text", *MOE_FAMILIES)
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 _SANDWICH = ("gemma2", "gemma3_text")  # Gemma 2/3: post-norms, softcaps, per-layer windows
 ARCHITECTURES = {
@@ -63,6 +65,7 @@ ARCHITECTURES = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    **{mt: arch for mt, (_, _, arch) in MOE_FAMILIES.items()},
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -282,6 +285,8 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             )
         cfg = config_from_hf(multimodal_text_config(raw, _HARMLESS_FIELDS))
         return cfg.replace(extra={**cfg.extra, "multimodal": model_type})
+    if model_type in MOE_FAMILIES:  # the dense sibling's attention plus experts (hf_moe)
+        return moe_config(raw, config_from_hf)
     if model_type not in SUPPORTED_MODEL_TYPES:
         multimodal = "text_config" in raw or "vision_config" in raw
         raise EmberError(
@@ -529,6 +534,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
     """A config.json dict that transformers (4.45+ and 5.x) loads into the same model.
 
     ``dtype`` is the dtype the weights are saved in (default ``cfg.torch_dtype``)."""
+    if cfg.num_experts or cfg.model_type in MOE_FAMILIES:  # ember.models.hf_moe
+        return moe_to_hf(cfg, config_to_hf(moe_check_exportable(cfg), dtype))
     _check_exportable(cfg)
     if isinstance(dtype, torch.dtype):
         dtype = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))

@@ -390,9 +390,15 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+# Mixture-of-experts routers (``mlp.gate``, Qwen2-MoE's ``shared_expert_gate``) always stay dense:
+# the top-k choice turns their tiny logit gaps into discrete decisions that NF4's rounding flips,
+# and they hold a negligible share of the weights.
+ROUTERS = ("mlp.gate", "shared_expert_gate")
+
+
 def _linear_names(model: nn.Module, skip: Iterable[str]) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and
-            not _skipped(n, skip)]
+            not _skipped(n, (*skip, *ROUTERS))]
 
 
 def quantize_model_(model: nn.Module, skip: Iterable[str] = ("lm_head",), *,

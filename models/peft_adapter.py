@@ -17,8 +17,9 @@ the names are those inside ``Gemma3ForConditionalGeneration``
 vision tower out); ``load_adapter`` reads both that and the 4.5x ``language_model.model.`` layout,
 and refuses adapters on the vision tower. Phi-3's fused projections:
 ``ember.models.lora_fused``. LoRA on ``embed_tokens`` / ``lm_head`` (``ember.models.lora_embed``;
-keys and tied-model rules in ``ember.models.peft_keys``). Both functions are also importable from
-``ember.models.lora``.
+keys and tied-model rules in ``ember.models.peft_keys``). Mixture-of-experts experts: PEFT's
+``target_parameters`` on the fused expert tensors (``ember.models.peft_moe``). Both functions are
+also importable from ``ember.models.lora``.
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ from ember.models.peft_keys import (  # noqa: F401  (re-exported)
     lora_keys,
     split_tied_head,
     tied_head_tensors,
+)
+from ember.models.peft_moe import (
+    check_dense_mlps,
+    expert_modules,
+    expert_tensors,
+    split_expert_adapter,
 )
 
 # A SEQ_CLS adapter (PEFT's task_type for *ForSequenceClassification) carries the classifier head
@@ -124,6 +131,19 @@ def _base_row_norms(model: nn.Module):
     return lambda name: torch.linalg.norm(dense_base_weight(by_hf[name]), dim=1)
 
 
+def check_peft_exportable(model: nn.Module) -> None:
+    """Raise the EmberError ``save_adapter`` would raise for a mixture-of-experts model's adapters
+    that PEFT cannot hold (see ``ember.models.peft_moe``), before any training."""
+    cfg = getattr(model, "cfg", None)
+    if not getattr(cfg, "num_experts", 0):
+        return
+    mods = lora_modules(model)
+    experts = expert_modules(mods)
+    if experts:
+        expert_tensors(experts, cfg.num_experts)
+    check_dense_mlps([n for n in mods if n not in experts], cfg)
+
+
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
                  base_model_name_or_path: str | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT 0.21 does."""
@@ -132,10 +152,15 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         raise EmberError("the model has no LoRA adapters to save (apply_lora or load_adapter "
                          "first)")
     cfg = getattr(model, "cfg", None)
-    hf = {n: hf_module_name(n, cfg) for n in mods}
     rslora = {m.use_rslora for m in mods.values()}
     drops = {m.dropout.p if m.dropout is not None else 0.0 for m in mods.values()}
     dora = {m.use_dora for m in mods.values()}
+    experts = expert_modules(mods)  # MoE experts: PEFT's target_parameters (ember.models.peft_moe)
+    expert_sd, expert_targets, expert_ranks, expert_alphas = expert_tensors(
+        experts, cfg.num_experts) if experts else ({}, [], {}, {})
+    mods = {n: m for n, m in mods.items() if n not in experts}
+    check_dense_mlps(mods, cfg)
+    hf = {n: hf_module_name(n, cfg) for n in mods}
     if len(rslora) > 1 or len(drops) > 1 or len(dora) > 1:
         raise EmberError("PEFT's format needs one use_rslora, one use_dora and one dropout for "
                          "all adapters")
@@ -156,15 +181,19 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         tensors.update(tied_head_tensors(*entries[hf["embed"]][:2]))
     tensors.update({f"base_model.model.{h}.lora_magnitude_vector": v.to("cpu").contiguous()
                     for h, v in mags.items()})
-    r, alpha = Counter(e[2:] for e in entries.values()).most_common(1)[0][0]
+    r, alpha = Counter(e[2:] for e in entries.values()).most_common(1)[0][0] if entries else (
+        next(iter(experts.values())).rank, next(iter(experts.values())).alpha)
     rank_pattern = {re.escape(h): e[2] for h, e in entries.items() if e[2] != r}
     alpha_pattern = {re.escape(h): e[3] for h, e in entries.items() if e[3] != alpha}
+    rank_pattern.update({k: v for k, v in expert_ranks.items() if v != r})
+    alpha_pattern.update({k: v for k, v in expert_alphas.items() if v != alpha})
+    tensors.update({k: t.to("cpu").contiguous() for k, t in expert_sd.items()})
     # A leaf-name list is what PEFT writes and reads back best; it is exact only when every
     # projection with that leaf name is wrapped, otherwise list the modules as one full regex.
     leaves = sorted({n.split(".")[-1] for n in mods})
     same_leaf = [n for n in _candidates(model) if n.split(".")[-1] in leaves and n not in mods]
     targets = (sorted({h.split(".")[-1] for h in entries}) if not (same_leaf or fused)
-               else "|".join(re.escape(h) for h in entries))
+               else "|".join(re.escape(h) for h in entries)) if entries else None
     if _multimodal(cfg) and not same_leaf:
         # Leaf names would also match the vision tower's q_proj / k_proj / v_proj: one regex
         # over the language model's layers instead.
@@ -193,6 +222,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         "task_type": "CAUSAL_LM", "use_dora": use_dora, "use_rslora": rslora.pop(),
         "ensure_weight_tying": bool(tied),
     }
+    if expert_targets:
+        config["target_parameters"] = expert_targets
     if getattr(model, "score", None) is not None:
         # A classifier: PEFT's SEQ_CLS format, the whole head saved as modules_to_save.
         config.update(task_type="SEQ_CLS", modules_to_save=sorted({*mts, *HEAD_MODULES}))
@@ -430,6 +461,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     adapter_dir = Path(adapter_dir)
     config, tensors = _read_adapter(adapter_dir)
     where = adapter_dir / "adapter_config.json"
+    if config.get("target_parameters"):  # LoRA on MoE experts (ember.models.peft_moe)
+        tensors, config = split_expert_adapter(tensors, config, getattr(model, "cfg", None))
     _validate_config(config, where, tensors)
     use_dora = bool(config.get("use_dora"))
     if is_fused(getattr(model, "cfg", None)):

@@ -19,11 +19,15 @@ import torch
 
 from ember import EmberError
 
-_EMBER_NAME = re.compile(r"layers\.(\d+)\.(attn|mlp)\.(\w+)")
+# Qwen2-MoE's shared expert is a plain MLP inside the MoE block (experts: ember.models.peft_moe)
+_EMBER_NAME = re.compile(r"layers\.(\d+)\.(attn|mlp)\.((?:shared_expert\.)?\w+)")
 # A multimodal Gemma 3's language model: "model.language_model." in transformers 4.52+ (what PEFT
 # names on transformers 5), "language_model.model." before.
 _LM_PREFIX = r"(?:model\.language_model\.|language_model\.model\.|model\.)?"
-_HF_NAME = re.compile(_LM_PREFIX + r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
+_HF_NAME = re.compile(_LM_PREFIX + r"layers\.(\d+)\.(self_attn|mlp)\.((?:shared_expert\.)?\w+)")
+# one expert's projection (ember.models.peft_moe splits PEFT's stacked expert adapters into these)
+_EMBER_EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)")
+_HF_EXPERT = re.compile(_LM_PREFIX + r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)")
 _HF_EMBED = re.compile(_LM_PREFIX + "embed_tokens")
 _HF_HEAD = re.compile(r"(?:language_model\.)?lm_head")
 _VISION = re.compile(r"(?:model\.)?(?:vision_tower|multi_modal_projector)\.")
@@ -47,6 +51,9 @@ def hf_module_name(name: str, cfg=None) -> str:
     prefix = "model.language_model." if _multimodal(cfg) else "model."
     if name in ("embed", "lm_head"):
         return prefix + "embed_tokens" if name == "embed" else "lm_head"
+    m = _EMBER_EXPERT.fullmatch(name)
+    if m is not None:
+        return f"{prefix}layers.{m[1]}.mlp.experts.{m[2]}.{m[3]}"
     m = _EMBER_NAME.fullmatch(name)
     if m is None:
         raise EmberError(f"no transformers name for module {name!r}: PEFT export covers the "
@@ -60,6 +67,9 @@ def ember_module_name(hf_name: str) -> str | None:
         return "embed"
     if _HF_HEAD.fullmatch(hf_name):
         return "lm_head"
+    m = _HF_EXPERT.fullmatch(hf_name)
+    if m is not None:
+        return f"layers.{m[1]}.mlp.experts.{m[2]}.{m[3]}"
     m = _HF_NAME.fullmatch(hf_name)
     if m is None:
         return None

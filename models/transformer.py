@@ -20,6 +20,9 @@ restart per document), decided on device without a host sync. ``hidden_states(lo
 overrides that choice; ``ember.models.generate`` uses it to rebuild the KV cache at the switch the
 way transformers' Phi-3 does.
 
+Mixture of experts (Mixtral, Qwen2/3-MoE): a sparse layer's ``mlp`` is ``ember.models.moe.MoE``,
+whose experts are this file's ``MLP``.
+
 Gemma 2/3: each layer is local (``sliding_window``, RoPE base ``rope_local_theta``) or global per
 ``cfg.layer_types``; ``sandwich_norms`` adds RMSNorms on the attention and MLP outputs before
 they join the residual.
@@ -35,6 +38,7 @@ from ember.kernels import apply_rope, flash_attention, geglu, lora_mlp, lora_qkv
 from ember.models.config import ModelConfig, rope_attention_factor, rope_inv_freq
 from ember.models.lora import LoRALinear
 from ember.models.lora_embed import adapted_head_weight, head_lora, head_operands
+from ember.models.moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -166,9 +170,9 @@ def _masked_attention(q, k, v, key_mask, cfg: ModelConfig, window: int | None):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, width: int | None = None):
         super().__init__()
-        d, f = cfg.hidden_size, cfg.intermediate_size
+        d, f = cfg.hidden_size, width or cfg.intermediate_size
         self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
@@ -191,7 +195,8 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.attn = Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
-        self.mlp = MLP(cfg)
+        # A sparse layer's MLP is a mixture of experts (ember.models.moe), each expert an MLP
+        self.mlp = MoE(cfg, lambda f: MLP(cfg, f)) if cfg.is_sparse(layer) else MLP(cfg)
         if cfg.sandwich_norms:
             self.attn_post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
             self.mlp_post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
@@ -204,7 +209,8 @@ class Block(nn.Module):
 
     def mlp_branch(self, x):
         """The MLP side of the residual, token by token independent (engine/activation.py can
-        run it in token chunks: ``activations.mlp_chunk_tokens``)."""
+        run it in token chunks: ``activations.mlp_chunk_tokens``; an MoE layer's load-balancing
+        statistics are sums over tokens, so chunks add up to the same loss)."""
         m = self.mlp(self.mlp_norm(x))
         return self.mlp_post_norm(m) if self.sandwich else m
 

@@ -1,0 +1,74 @@
+"""Mixture-of-experts GGUF files (``ember.models.gguf``): Mixtral (``llama`` with
+``llama.expert_count``), ``qwen2moe`` and ``qwen3moe``, as llama.cpp's ``convert_hf_to_gguf.py``
+writes them and its runtime reads them.
+
+Tensors per layer: ``ffn_gate_inp`` (the router, (E, D)), ``ffn_gate_exps`` / ``ffn_up_exps``
+(E, F, D) and ``ffn_down_exps`` (E, D, F), the experts stacked in expert order (split here into
+Ember's per-expert MLPs); Qwen2-MoE's shared expert ``ffn_{gate,up,down}_shexp`` and its gate
+``ffn_gate_inp_shexp`` ((D,) or (1, D)). Metadata: ``expert_count``, ``expert_used_count``,
+``expert_feed_forward_length`` (Qwen; Mixtral's experts are ``feed_forward_length`` wide),
+``expert_shared_feed_forward_length``. llama.cpp renormalizes the top-k weights for Mixtral and
+Qwen3-MoE and not for Qwen2-MoE unless ``expert_weights_norm`` says otherwise; every layer is
+sparse (a layer without ``ffn_gate_inp`` is refused by the shape check). Expert gating functions
+other than softmax (``expert_gating_func``) and expert groups are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from ember import EmberError
+
+# GGUF arch -> (model_type with experts, llama.cpp's default top-k renormalization)
+MOE_MODEL_TYPES = {"llama": ("mixtral", True), "qwen2moe": ("qwen2_moe", False),
+                   "qwen3moe": ("qwen3_moe", True)}
+BLOCK_NAMES = {
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_exps.weight": "mlp.experts.gate_proj.weight",  # stacked: split in expert_tensors
+    "ffn_up_exps.weight": "mlp.experts.up_proj.weight",
+    "ffn_down_exps.weight": "mlp.experts.down_proj.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+}
+
+
+def moe_fields(arch: str, get: Callable, path) -> dict:
+    """ModelConfig MoE fields of a file with ``<arch>.expert_count``."""
+    if arch not in MOE_MODEL_TYPES:
+        raise EmberError(f"{path}: mixture-of-experts GGUF of architecture {arch!r} is not "
+                         f"supported (supported: {sorted(MOE_MODEL_TYPES)})")
+    gating = get("expert_gating_func")
+    if gating not in (None, 1):  # LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
+        raise EmberError(f"{path}: {arch}.expert_gating_func={gating} is not supported (softmax "
+                         "routing only)")
+    if get("expert_group_count") or get("expert_shared_count", 0) > 1:
+        raise EmberError(f"{path}: expert groups / several shared experts are not supported")
+    model_type, norm = MOE_MODEL_TYPES[arch]
+    shared = int(get("expert_shared_feed_forward_length") or 0)
+    return dict(
+        model_type=model_type, num_experts=int(get("expert_count")),
+        num_experts_per_tok=int(get("expert_used_count", required=True)),
+        moe_intermediate_size=int(get("expert_feed_forward_length")
+                                  or get("feed_forward_length", required=True)),
+        norm_topk_prob=bool(get("expert_weights_norm", norm)),
+        shared_expert_intermediate_size=shared if arch == "qwen2moe" else 0,
+    )
+
+
+def expert_tensors(key: str, w: torch.Tensor, num_experts: int
+                   ) -> Iterator[tuple[str, torch.Tensor]] | None:
+    """Per-expert (Ember key, tensor) pairs of a stacked expert tensor, the shared expert gate as
+    (1, D); None for other tensors."""
+    if key.endswith("mlp.shared_expert_gate.weight"):
+        return iter([(key, w.reshape(1, -1))])
+    if ".mlp.experts." not in key:
+        return None
+    if w.ndim != 3 or w.shape[0] != num_experts:
+        raise EmberError(f"stacked expert tensor for {key} has shape {tuple(w.shape)}, expected "
+                         f"({num_experts}, rows, cols)")
+    head, proj = key.rsplit(".experts.", 1)
+    return ((f"{head}.experts.{e}.{proj}", w[e]) for e in range(num_experts))

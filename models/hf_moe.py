@@ -1,0 +1,193 @@
+"""config.json of mixture-of-experts families <-> ``ModelConfig``, for ``ember.models.hf_config``.
+
+Each MoE family is its dense sibling plus expert fields: ``mixtral`` is ``mistral``'s attention,
+``qwen2_moe`` is ``qwen2``'s (q/k/v biases), ``qwen3_moe`` is ``qwen3``'s (q/k norms).
+``moe_base_config`` turns an MoE config.json into its sibling's (with the MoE family's
+defaults filled in, since they differ: Mixtral's RoPE base is 1e6 and it has no window by
+default) plus the ``ModelConfig`` MoE fields; ``moe_to_hf`` turns the sibling's exported dict
+back. Fields read as transformers 5.23 reads them: Mixtral ``num_local_experts``; Qwen2-MoE
+``num_experts``; Qwen3-MoE ``num_experts`` (4.x) or ``num_local_experts`` (what 5.x writes).
+Refused: ``router_jitter_noise`` != 0 (training-time noise Ember does not draw), a Qwen-MoE
+sliding window (no released model uses it), ``qkv_bias`` false, and classifier architectures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ember import EmberError
+from ember.models.config import ModelConfig
+
+# family: (dense sibling, its architecture, the family's architecture)
+MOE_FAMILIES = {
+    "mixtral": ("mistral", "MistralForCausalLM", "MixtralForCausalLM"),
+    "qwen2_moe": ("qwen2", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("qwen3", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+}
+
+# transformers' defaults where the MoE family's differ from (or are absent in) its sibling's.
+_DEFAULTS = {
+    "mixtral": dict(rope_theta=1e6, sliding_window=None, rms_norm_eps=1e-5,
+                    max_position_embeddings=131072, num_key_value_heads=8),
+    "qwen2_moe": dict(num_key_value_heads=16),
+    "qwen3_moe": dict(num_key_value_heads=4, head_dim=None),
+}
+_MOE_DEFAULTS = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                      shared_expert_intermediate_size=5632, norm_topk_prob=False),
+    "qwen3_moe": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                      norm_topk_prob=False),
+}
+_QWEN_WINDOW = ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
+_ROUTER = ("router_aux_loss_coef", "router_jitter_noise", "output_router_logits")
+
+
+def _int(raw: Mapping, key: str, default) -> int:
+    v = raw.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise EmberError(f"config.json: {key} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def moe_base_config(raw: Mapping) -> tuple[dict, dict]:
+    """(the dense sibling's config.json, ModelConfig MoE fields) of an MoE config.json."""
+    mt = raw["model_type"]
+    base, base_arch, arch = MOE_FAMILIES[mt]
+    out, moe_d = dict(raw), _MOE_DEFAULTS[mt]
+    archs = out.pop("architectures", None)
+    if archs is not None and archs != [arch]:
+        raise EmberError(f"config.json: architectures {archs!r} is not supported for model_type "
+                         f"{mt!r}; only [{arch!r}] (causal LM) is")
+    if _num(out, "router_jitter_noise", 0.0) != 0.0:
+        raise EmberError("config.json: router_jitter_noise != 0 is not supported (Ember draws no "
+                         "router noise); set it to 0")
+    coef = _num(out, "router_aux_loss_coef", 0.001)
+    for key in _ROUTER:
+        out.pop(key, None)
+    experts_key = "num_local_experts" if mt == "mixtral" else "num_experts"
+    if mt == "qwen3_moe" and "num_local_experts" in out:  # transformers 5 writes this name
+        if "num_experts" in out and out["num_experts"] != out["num_local_experts"]:
+            raise EmberError("config.json: num_experts and num_local_experts disagree")
+        out["num_experts"] = out.pop("num_local_experts")
+    fields = dict(
+        num_experts=_int(out, experts_key, moe_d[experts_key]),
+        num_experts_per_tok=_int(out, "num_experts_per_tok", moe_d["num_experts_per_tok"]),
+        router_aux_loss_coef=coef,
+    )
+    out.pop(experts_key, None)
+    out.pop("num_experts_per_tok", None)
+    if mt == "mixtral":
+        fields.update(moe_intermediate_size=None, norm_topk_prob=True)
+    else:
+        if _bool(out, "use_sliding_window", False):
+            raise EmberError(f"config.json: use_sliding_window=true is not supported for {mt}")
+        for key in _QWEN_WINDOW:
+            out.pop(key, None)
+        only = out.pop("mlp_only_layers", [])
+        if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
+            raise EmberError(f"config.json: mlp_only_layers must be a list of layer indices, "
+                             f"got {only!r}")
+        fields.update(
+            moe_intermediate_size=_int(out, "moe_intermediate_size",
+                                       moe_d["moe_intermediate_size"]),
+            norm_topk_prob=_bool(out, "norm_topk_prob", moe_d["norm_topk_prob"]),
+            shared_expert_intermediate_size=_int(
+                out, "shared_expert_intermediate_size",
+                moe_d.get("shared_expert_intermediate_size", 0)),
+            decoder_sparse_step=_int(out, "decoder_sparse_step", 1),
+            mlp_only_layers=tuple(only),
+        )
+        for key in ("moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                    "shared_expert_intermediate_size"):
+            out.pop(key, None)
+        if mt == "qwen3_moe":
+            fields["shared_expert_intermediate_size"] = 0
+    if mt == "qwen2_moe" and not _bool(out, "qkv_bias", True):
+        raise EmberError("config.json: qkv_bias=false is not supported for qwen2_moe")
+    out.pop("qkv_bias", None)
+    if fields["num_experts"] == 0 or fields.get("decoder_sparse_step") == 0:
+        raise EmberError(f"config.json: {mt} with no experts (num_experts=0 or "
+                         "decoder_sparse_step=0); load it as a dense model instead")
+    for key, value in _DEFAULTS[mt].items():
+        if key == "rope_theta" and ("rope_parameters" in out or "rope_theta" in out):
+            continue
+        out.setdefault(key, value)
+    out["model_type"] = base
+    if archs is not None:
+        out["architectures"] = [base_arch]
+    return out, fields
+
+
+def _num(raw: Mapping, key: str, default: float) -> float:
+    v = raw.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise EmberError(f"config.json: {key} must be a number, got {v!r}")
+    return float(v)
+
+
+def _bool(raw: Mapping, key: str, default: bool) -> bool:
+    v = raw.get(key, default)
+    if not isinstance(v, bool):
+        raise EmberError(f"config.json: {key} must be true or false, got {v!r}")
+    return v
+
+
+def moe_config(raw: Mapping, config_from_hf) -> ModelConfig:
+    """The ModelConfig of an MoE config.json (``config_from_hf`` reads the dense sibling's)."""
+    if raw.get("quantization_config") is not None:
+        raise EmberError(f"config.json: bitsandbytes-quantized {raw['model_type']} checkpoints "
+                         "are not supported; load the unquantized model with quantize='nf4'")
+    base, moe = moe_base_config(raw)
+    cfg = config_from_hf(base)
+    try:
+        return cfg.replace(model_type=raw["model_type"], **moe)
+    except ValueError as e:
+        raise EmberError(f"config.json: {e}") from None
+
+
+def moe_check_exportable(cfg: ModelConfig) -> ModelConfig:
+    """The dense sibling's ModelConfig of an MoE cfg (for the shared export checks)."""
+    mt = cfg.model_type
+    if mt not in MOE_FAMILIES:
+        raise EmberError(f"cannot export model_type {mt!r} with experts: Hugging Face's "
+                         f"mixture-of-experts families are {', '.join(MOE_FAMILIES)}")
+    if cfg.num_experts == 0:
+        raise EmberError(f"cannot export model_type {mt!r} without experts (num_experts=0)")
+    problems = []
+    if mt == "mixtral" and (not cfg.norm_topk_prob or cfg.shared_expert_intermediate_size
+                            or cfg.decoder_sparse_step != 1 or cfg.mlp_only_layers
+                            or cfg.moe_intermediate_size != cfg.intermediate_size):
+        problems.append("Qwen-MoE routing fields")
+    if mt == "qwen3_moe" and cfg.shared_expert_intermediate_size:
+        problems.append("a shared expert")
+    if mt != "mixtral" and cfg.sliding_window is not None:
+        problems.append(f"sliding_window={cfg.sliding_window}")
+    if cfg.labels is not None:
+        problems.append("a classifier head")
+    if problems:
+        raise EmberError(f"cannot export as Hugging Face model_type {mt!r}: it has no "
+                         f"equivalent of {', '.join(problems)}")
+    return cfg.replace(model_type=MOE_FAMILIES[mt][0], num_experts=0)
+
+
+def moe_to_hf(cfg: ModelConfig, out: dict) -> dict:
+    """Turn the dense sibling's exported config.json ``out`` into the MoE family's."""
+    mt = cfg.model_type
+    out.update(model_type=mt, architectures=[MOE_FAMILIES[mt][2]],
+               num_experts_per_tok=cfg.num_experts_per_tok,
+               router_aux_loss_coef=cfg.router_aux_loss_coef, router_jitter_noise=0.0,
+               output_router_logits=False)
+    if mt == "mixtral":
+        out["num_local_experts"] = cfg.num_experts
+        return out
+    for key in _QWEN_WINDOW:
+        out.pop(key, None)
+    out.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_intermediate_size,
+               norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=cfg.decoder_sparse_step,
+               mlp_only_layers=list(cfg.mlp_only_layers), use_sliding_window=False,
+               sliding_window=None)
+    if mt == "qwen2_moe":
+        out.update(shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+                   qkv_bias=True)
+    return out

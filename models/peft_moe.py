@@ -1,0 +1,188 @@
+"""LoRA on mixture-of-experts experts in PEFT 0.21's format, for ``ember.models.peft_adapter``.
+
+transformers 5 holds a sparse layer's experts as two 3-D parameters of ``mlp.experts``:
+``gate_up_proj`` (E, 2F, D) (gate rows first) and ``down_proj`` (E, D, F). PEFT adapts them with
+``target_parameters`` (``lora.ParamWrapper``): one ``lora_A`` (r * E, in) whose rows
+``e * r : (e + 1) * r`` are expert e's A, and one ``lora_B`` (out, r * E) whose column
+``j * E + e`` is column j of expert e's B (PEFT reshapes it to (out, r, E)). Two parameters of one
+module nest: ``gate_up_proj``'s wrapper is inside (``experts.base_layer.lora_A``), ``down_proj``'s
+outside (``experts.lora_A``); alone, either is ``experts.lora_A``.
+
+Ember adapts each expert's ``gate_proj`` and ``up_proj`` separately (two A matrices); PEFT's
+``gate_up_proj`` has one A per expert. The export is exact at rank 2r: ``A = [A_gate; A_up]``,
+``B = [[B_gate, 0], [0, B_up]]``, alpha chosen so that PEFT's scale equals Ember's
+(``rank_pattern`` / ``alpha_pattern`` on the parameter's name). A layer is exported only when
+every expert's gate and up (or neither) and every expert's down (or none) carry adapters of one
+rank and alpha, without dropout or DoRA (PEFT's ParamWrapper has neither); anything else is
+refused. Loading such an adapter back is refused too (Ember's own resume uses its checkpoints).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from ember import EmberError
+
+EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)")
+
+
+# PEFT 0.21 on transformers 5 rewrites these families' adapter configs as if written for v4: any
+# target_modules entry named like an expert projection becomes an expert target_parameter (see
+# peft.utils.transformers_weight_conversion); Qwen2-MoE is not rewritten.
+_REWRITTEN = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w2", "w3")}
+
+
+def check_dense_mlps(names, cfg) -> None:
+    """Refuse LoRA on a dense MLP of a family whose names PEFT retargets to the experts, and on
+    routers (transformers 5's are not ``nn.Linear``: PEFT cannot wrap them)."""
+    routers = sorted(n for n in names if n.endswith(".mlp.gate"))
+    if routers:
+        raise EmberError(f"PEFT export: LoRA on the routers {routers[:3]} cannot be written for "
+                         "PEFT on transformers 5 (its routers are not linear modules); drop them "
+                         "from lora.targets or merge the adapter (ember export --merged)")
+    leaves = _REWRITTEN.get(getattr(cfg, "model_type", None), ())
+    hit = sorted(n for n in names if n.split(".")[-1] in leaves + ("gate_proj", "up_proj",
+                                                                    "down_proj")
+                 and ".mlp." in n and not EXPERT.fullmatch(n)) if leaves else []
+    if hit:
+        raise EmberError(f"PEFT export: LoRA on the dense MLP {hit[:3]} of a {cfg.model_type} "
+                         "model cannot be written for PEFT 0.21 on transformers 5, which turns "
+                         "every gate_proj/up_proj/down_proj target into the experts' parameters; "
+                         "drop those targets or merge the adapter (ember export --merged)")
+
+
+def expert_modules(mods: dict) -> dict:
+    """The LoRA modules of ``mods`` (Ember name -> module) that sit on experts."""
+    return {n: m for n, m in mods.items() if EXPERT.fullmatch(n)}
+
+
+def _check(group: dict, num_experts: int, what: str) -> tuple[int, float, bool]:
+    if len(group) != num_experts:
+        raise EmberError(f"PEFT export: {what} has LoRA on {len(group)} of its {num_experts} "
+                         "experts; PEFT adapts all experts of a layer or none (target the "
+                         "experts of whole layers, e.g. lora.targets=['gate','up','down'])")
+    kinds = {(m.rank, m.alpha, m.use_rslora) for m in group.values()}
+    if len(kinds) != 1 or any(m.use_dora or (m.dropout is not None and m.dropout.p)
+                              for m in group.values()):
+        raise EmberError(f"PEFT export: {what}'s experts need one rank and alpha, no DoRA and no "
+                         "dropout (PEFT's LoRA on expert parameters has neither)")
+    return kinds.pop()
+
+
+def _stack(As: list, Bs: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's (r * E, in) A and (out, r * E) B from per-expert (r, in) / (out, r) pairs."""
+    A = torch.cat(As)
+    B = torch.stack(Bs, dim=-1).reshape(Bs[0].shape[0], -1)  # column j * E + e
+    return A, B
+
+
+def expert_tensors(mods: dict, num_experts: int) -> tuple[dict, list, dict, dict]:
+    """(PEFT tensors, target_parameters, rank_pattern, alpha_pattern) of the expert adapters in
+    ``mods``; the patterns are keyed by the parameter's full name (regex-escaped)."""
+    layers: dict[int, dict] = {}
+    for n, m in expert_modules(mods).items():
+        i, e, proj = EXPERT.fullmatch(n).groups()
+        layers.setdefault(int(i), {}).setdefault(proj, {})[int(e)] = m
+    tensors, targets, ranks, alphas = {}, [], {}, {}
+    for i, projs in sorted(layers.items()):
+        prefix = f"model.layers.{i}.mlp.experts"
+        if ("gate_proj" in projs) != ("up_proj" in projs):
+            raise EmberError(f"PEFT export: layer {i}'s experts have LoRA on "
+                             f"{sorted(projs)} only; PEFT's fused gate_up_proj needs gate and up "
+                             "both adapted or neither")
+        both = "gate_proj" in projs and "down_proj" in projs
+        if "gate_proj" in projs:
+            r, a, rs = _check({**{(0, e): m for e, m in projs["gate_proj"].items()},
+                               **{(1, e): m for e, m in projs["up_proj"].items()}},
+                              2 * num_experts, f"layer {i} (gate and up)")
+            As, Bs = [], []
+            for e in range(num_experts):
+                g, u = projs["gate_proj"][e], projs["up_proj"][e]
+                As.append(torch.cat([g.lora_A.detach(), u.lora_A.detach()]))
+                Bs.append(torch.block_diag(g.lora_B.detach(), u.lora_B.detach()))
+            A, B = _stack(As, Bs)
+            key = f"{prefix}{'.base_layer' if both else ''}"
+            tensors[f"base_model.model.{key}.lora_A.weight"] = A
+            tensors[f"base_model.model.{key}.lora_B.weight"] = B
+            name = f"{prefix}.gate_up_proj"
+            targets.append(name)
+            # the same scale at rank 2r: alpha / r == a' / 2r (rsLoRA: / sqrt)
+            ranks[re.escape(name)] = 2 * r
+            alphas[re.escape(name)] = a * (math.sqrt(2) if rs else 2)
+        if "down_proj" in projs:
+            r, a, _ = _check(projs["down_proj"], num_experts, f"layer {i} (down)")
+            ms = [projs["down_proj"][e] for e in range(num_experts)]
+            A, B = _stack([m.lora_A.detach() for m in ms], [m.lora_B.detach() for m in ms])
+            tensors[f"base_model.model.{prefix}.lora_A.weight"] = A
+            tensors[f"base_model.model.{prefix}.lora_B.weight"] = B
+            name = f"{prefix}.down_proj"
+            targets.append(name)
+            ranks[re.escape(name)], alphas[re.escape(name)] = r, a
+    return tensors, targets, ranks, alphas
+
+
+_PARAM_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.mlp\.experts((?:\.base_layer)?)"
+                        r"\.(lora_A|lora_B)(?:\.default)?\.weight")
+_PARAMS = ("gate_up_proj", "down_proj")  # registration order: the first targeted is innermost
+
+
+def _pattern(patterns: dict, name: str, default):
+    for key, value in (patterns or {}).items():  # PEFT's get_pattern_key rule
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def split_expert_adapter(tensors: dict, config: dict, cfg) -> tuple[dict, dict]:
+    """A PEFT adapter with ``target_parameters`` on the experts -> the same adapter with one
+    LoRA pair per expert projection (keys ``...mlp.experts.E.gate_proj.lora_A.weight``), ranks
+    and alphas in ``rank_pattern`` / ``alpha_pattern``: exact (expert e's gate and up share
+    PEFT's A and split its B rows)."""
+    targets = list(config.get("target_parameters") or [])
+    num_experts = getattr(cfg, "num_experts", 0)
+    if not num_experts:
+        raise EmberError(f"the adapter targets parameters {targets[:3]} (LoRA on mixture-of-"
+                         "experts experts) but the model has no experts")
+    out = {k: v for k, v in tensors.items() if not _PARAM_KEY.fullmatch(k)}
+    ranks, alphas = dict(config.get("rank_pattern") or {}), dict(config.get("alpha_pattern") or {})
+    found = {}
+    for k, v in tensors.items():
+        m = _PARAM_KEY.fullmatch(k)
+        if m:
+            found[(int(m[1]), bool(m[2]), m[3])] = v
+    for i in sorted({i for i, _, _ in found}):
+        prefix = f"model.layers.{i}.mlp.experts"
+        params = [p for p in _PARAMS
+                  if any(f"{prefix}.{p}" == t or f"{prefix}.{p}".endswith("." + t)
+                         for t in targets)]
+        if not params:
+            raise EmberError(f"adapter: LoRA weights on layer {i}'s experts but target_parameters "
+                             f"{targets!r} name none of {_PARAMS}")
+        for p in params:
+            inner = len(params) == 2 and p == params[0]
+            A, B = found.get((i, inner, "lora_A")), found.get((i, inner, "lora_B"))
+            if A is None or B is None or A.shape[0] % num_experts:
+                raise EmberError(f"adapter: {prefix}.{p}: lora_A / lora_B missing or not "
+                                 f"stacked over {num_experts} experts")
+            name = f"{prefix}.{p}"
+            r = A.shape[0] // num_experts
+            if r != _pattern(config.get("rank_pattern"), name, config["r"]):
+                raise EmberError(f"adapter: {name}: rank {r} from lora_A disagrees with "
+                                 "adapter_config r / rank_pattern")
+            alpha = _pattern(config.get("alpha_pattern"), name, config["lora_alpha"])
+            Bs = B.reshape(B.shape[0], r, num_experts)  # column j * E + e
+            half = B.shape[0] // 2
+            for e in range(num_experts):
+                Ae, Be = A[e * r:(e + 1) * r], Bs[:, :, e]
+                parts = ({"gate_proj": Be[:half], "up_proj": Be[half:]} if p == "gate_up_proj"
+                         else {"down_proj": Be})
+                for proj, b in parts.items():
+                    hf = f"{prefix}.{e}.{proj}"
+                    out[f"base_model.model.{hf}.lora_A.weight"] = Ae.contiguous()
+                    out[f"base_model.model.{hf}.lora_B.weight"] = b.contiguous()
+                    ranks[re.escape(hf)], alphas[re.escape(hf)] = r, alpha
+    config = {**config, "target_parameters": None, "rank_pattern": ranks, "alpha_pattern": alphas}
+    return out, config

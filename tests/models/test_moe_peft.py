@@ -1,0 +1,129 @@
+"""PEFT adapters of mixture-of-experts models against peft 0.21 on transformers 5: LoRA on the
+attention (both ways), LoRA on the experts (Ember -> PEFT's ``target_parameters`` on the fused
+expert parameters, rank 2r for gate_up), and what PEFT cannot hold, refused."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.models.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
+from tests.models.test_moe import _hf_model, _ids, _load
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+
+def _peft_logits(folder, adapter, ids):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        pm = peft.PeftModel.from_pretrained(hf, adapter).eval()
+    with torch.no_grad():
+        return pm(ids).logits
+
+
+def _train_adapters(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe"])
+def test_attention_lora_both_ways(tmp_path, case):
+    """PEFT's adapter on q/v (and Qwen2-MoE's shared expert) loads in Ember with PEFT's logits;
+    Ember's adapter loads in PEFT with Ember's logits."""
+    hf = _hf_model(case)
+    folder = tmp_path / case
+    hf.save_pretrained(folder)
+    targets = ["q_proj", "v_proj"] + (["shared_expert.up_proj"] if case == "qwen2_moe" else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                     init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "peft")
+    ids = _ids()
+    want = _peft_logits(folder, tmp_path / "peft", ids)
+    model = load_adapter(_load(folder), tmp_path / "peft")
+    with torch.no_grad():
+        assert (model(ids) - want).abs().max().item() <= 1e-4
+
+    ours = apply_lora(_load(folder), LoRAConfig(rank=4, alpha=8, targets=("q", "k", "o")))
+    _train_adapters(ours)
+    save_adapter(ours, tmp_path / "ember")
+    with torch.no_grad():
+        assert (ours(ids) - _peft_logits(folder, tmp_path / "ember", ids)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("case,targets,rslora", [
+    ("mixtral", ("q", "gate", "up", "down"), False),
+    ("qwen3_moe", ("gate", "up", "down"), True),
+    ("qwen2_moe_step2", ("down", "v"), False),
+])
+def test_expert_lora_exports_to_peft_target_parameters(tmp_path, case, targets, rslora):
+    hf = _hf_model(case)
+    folder = tmp_path / case
+    hf.save_pretrained(folder)
+    model = apply_lora(_load(folder), LoRAConfig(rank=3, alpha=5, targets=targets,
+                                                 use_rslora=rslora))
+    _train_adapters(model)
+    save_adapter(model, tmp_path / "ember")
+    config = json.loads((tmp_path / "ember" / "adapter_config.json").read_text())
+    assert config["target_parameters"]
+    ids = _ids()
+    with torch.no_grad():
+        ours = model(ids)
+    got = _peft_logits(folder, tmp_path / "ember", ids)
+    assert (ours - got).abs().max().item() <= 1e-4
+    # the adapters matter: the base model's logits are far from these
+    with torch.no_grad():
+        assert (_load(folder)(ids) - ours).abs().max() > 1e-2
+    back = load_adapter(_load(folder), tmp_path / "ember")  # gate/up come back at rank 2r
+    with torch.no_grad():
+        assert (back(ids) - ours).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("case,params", [
+    ("mixtral", ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+    ("qwen3_moe", ["mlp.experts.down_proj"]),
+])
+def test_peft_expert_adapter_loads_with_peft_logits(tmp_path, case, params):
+    """An adapter PEFT made with target_parameters on the fused experts (and q_proj) loads in
+    Ember with PEFT's logits."""
+    hf = _hf_model(case)
+    folder = tmp_path / case
+    hf.save_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(hf, peft.LoraConfig(
+            r=2, lora_alpha=6, target_modules=["q_proj"], target_parameters=params,
+            rank_pattern={"down_proj": 3}, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "peft")
+    ids = _ids()
+    want = _peft_logits(folder, tmp_path / "peft", ids)
+    model = load_adapter(_load(folder), tmp_path / "peft")
+    with torch.no_grad():
+        assert (model(ids) - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("targets,needle", [
+    (("layers.1.mlp.experts.0.gate_proj", "layers.1.mlp.experts.0.up_proj"), "of its"),
+    (("gate",), "gate and up"),
+    # PEFT on transformers 5 would put a dense layer's down_proj adapter on the experts
+    (("layers.0.mlp.down_proj",), "dense MLP"),
+    (("layers.1.mlp.gate",), "routers"),
+])
+def test_expert_lora_peft_cannot_hold_is_refused(tmp_path, targets, needle):
+    hf = _hf_model("qwen3_moe_norm_dense0" if "layers.0.mlp.down_proj" in targets else "mixtral")
+    hf.save_pretrained(tmp_path / "m")
+    model = apply_lora(_load(tmp_path / "m"), LoRAConfig(rank=2, alpha=4, targets=targets))
+    with pytest.raises(EmberError, match=needle):
+        save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
