@@ -4,7 +4,9 @@ Ollama and LM Studio (the inverse of ``ember.models.gguf``).
 Families, as llama.cpp's ``convert_hf_to_gguf.py`` writes them: ``llama`` (also Mistral and
 SmolLM2; Q/K rows permuted from HF's rotate-half layout to llama.cpp's interleaved pairs),
 ``qwen2`` (biases), ``qwen3`` (q/k norms), ``gemma`` / ``gemma2`` / ``gemma3`` (every norm weight
-stored as 1 + w; windows, softcaps), ``phi3`` (``attn_qkv`` = q;k;v and ``ffn_up`` = gate;up).
+stored as 1 + w; windows, softcaps), ``phi3`` (``attn_qkv`` = q;k;v and ``ffn_up`` = gate;up),
+and mixture-of-experts Mixtral (``llama``), ``qwen2moe``, ``qwen3moe`` (``ember.models.gguf_moe``:
+experts stacked into 3-D tensors; no K-quant mixes yet).
 
 Output types: ``f32``, ``f16``, ``bf16`` (as the converter: 1-D tensors, i.e. norms, biases,
 ``rope_freqs``, stay F32), and llama-quantize's file types ``q8_0``, ``q4_0``, ``q4_1``,
@@ -50,6 +52,13 @@ from ember.models.gguf import (
     permute_qk,
 )
 from ember.models.gguf_arch import ARCHITECTURES, GEMMA
+from ember.models.gguf_moe import (
+    EXPORT_ARCH,
+    F32_TENSORS,
+    check_exportable,
+    moe_metadata,
+    stack_expert,
+)
 from ember.models.gguf_quants import ALIASES, FILE_TYPES, quantize, tensor_types
 
 # float output type -> (ggml type of matrices, general.file_type); quantized: FILE_TYPES
@@ -61,12 +70,14 @@ GGUF_TYPES = (*DTYPES, *FILE_TYPES, *ALIASES)
 # Ember model_type -> GGUF general.architecture
 _ARCH_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3",
-            "phi3": "phi3"}
+            "phi3": "phi3", **EXPORT_ARCH}
 _GGUF_BLOCK = {v: k for k, v in _BLOCK_NAMES.items()}
 _GGUF_TOP = {v: k for k, v in _TOP_NAMES.items()}
 # Phi-3's fused tensors and the Ember projections stacked in them, in row order
 _PHI3_FUSED = {"attn_qkv": ("q_proj", "k_proj", "v_proj"), "ffn_up": ("gate_proj", "up_proj")}
 _PHI3_PARTS = {p: fused for fused, parts in _PHI3_FUSED.items() for p in parts}
+# quantized types a mixture-of-experts model may be exported as (llama-quantize's legacy mixes)
+_MOE_QTYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
 
 
 def gguf_arch(cfg: ModelConfig) -> str:
@@ -127,6 +138,7 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig
     arch = gguf_arch(cfg)
     _, permuted = ARCHITECTURES[arch]
     fused: dict[str, dict[str, torch.Tensor]] = {}
+    experts: dict[str, dict[int, torch.Tensor]] = {}
     for key, t in sd.items():
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -145,9 +157,15 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig
                 yield name, torch.cat([parts[p] for p in order])
                 del fused[name]
             continue
+        if ".mlp.experts." in key:  # stacked per layer and projection (ember.models.gguf_moe)
+            if (done := stack_expert(experts, key, w, cfg.num_experts)) is not None:
+                yield done
+            continue
+        if key.endswith("shared_expert_gate.weight"):
+            w = w.reshape(-1)  # (1, D) squeezed by the converter; transformers reads a vector
         yield _gguf_name(key), w
-    if fused:
-        raise EmberError(f"save_gguf: incomplete fused Phi-3 weights {sorted(fused)[:3]}")
+    if fused or experts:
+        raise EmberError(f"save_gguf: incomplete fused weights {sorted(fused or experts)[:3]}")
     if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "llama3":
         yield "rope_freqs.weight", _llama3_factors(cfg)
 
@@ -160,7 +178,8 @@ def _encode(w: torch.Tensor, qtype: Q) -> np.ndarray:
         return w.numpy().astype(np.float16)
     if qtype == Q.BF16:
         return w.to(torch.bfloat16).view(torch.uint8).numpy()
-    return quantize(w, qtype).numpy()
+    # a 3-D expert stack is quantized row by row, as llama-quantize does each expert's matrix
+    return quantize(w.reshape(-1, w.shape[-1]), qtype).reshape(*w.shape[:-1], -1).numpy()
 
 
 def _tensor_types(dtype: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, arch: str
@@ -168,10 +187,19 @@ def _tensor_types(dtype: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConf
     """Each tensor's ggml type and the file type for ``dtype`` (a name in GGUF_TYPES)."""
     if dtype in DTYPES:
         qtype, file_type = DTYPES[dtype]
-        return {n: Q.F32 if len(s) < 2 else qtype for n, s in shapes.items()}, file_type
-    types = tensor_types(shapes, dtype, arch=arch, n_layer=cfg.num_layers, n_head=cfg.num_heads,
-                         n_head_kv=cfg.num_kv_heads)
-    return types, FILE_TYPES[ALIASES.get(dtype, dtype)][1]
+        types = {n: Q.F32 if len(s) < 2 else qtype for n, s in shapes.items()}
+    else:
+        ftype = ALIASES.get(dtype, dtype)
+        if cfg.num_experts and FILE_TYPES[ftype][0] not in _MOE_QTYPES:
+            raise EmberError(f"save_gguf: --gguf-type {dtype} (a K-quant mix) is not supported "
+                             "for mixture-of-experts models yet; use f32, f16, bf16, q8_0, "
+                             "q4_0, q4_1, q5_0 or q5_1")
+        types = tensor_types(shapes, dtype, arch=arch, n_layer=cfg.num_layers,
+                             n_head=cfg.num_heads, n_head_kv=cfg.num_kv_heads,
+                             n_expert=cfg.num_experts)
+        file_type = FILE_TYPES[ftype][1]
+    types.update({n: Q.F32 for n in types if n.endswith(F32_TENSORS)})
+    return types, file_type
 
 
 # ------------------------------------------------------------------------------------------
@@ -197,6 +225,9 @@ def arch_metadata(cfg: ModelConfig) -> dict[str, Any]:
         md.update({"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim})
     if arch in ("llama", "phi3"):
         md["rope.dimension_count"] = cfg.rotary_dim
+    if cfg.num_experts:
+        check_exportable(cfg, arch)
+        md.update(moe_metadata(cfg, arch))
     if rs is not None and rs.kind == "linear":
         md.update({"rope.scaling.type": "linear", "rope.scaling.factor": float(rs.factor)})
     if rs is not None and rs.kind == "llama3" and rs.original_max_position_embeddings != 8192:
@@ -272,10 +303,6 @@ def _refuse_unexportable(model: torch.nn.Module) -> None:
     if model.cfg.labels:
         raise EmberError("save_gguf: a sequence classifier (score head) has no GGUF form for "
                          "llama.cpp; export it as an HF folder (ember export --merged)")
-    if model.cfg.num_experts:
-        raise EmberError("save_gguf: mixture-of-experts models have no GGUF export in Ember yet; "
-                         "export an HF folder (ember export --merged) and convert it with "
-                         "llama.cpp's convert_hf_to_gguf.py")
     if prompt_embedding(model) is not None:
         raise EmberError("save_gguf: a prompt-tuning model's virtual tokens are inputs, not "
                          "weights; GGUF cannot hold them. Save the PEFT adapter instead")

@@ -11,6 +11,11 @@ Ember's per-expert MLPs); Qwen2-MoE's shared expert ``ffn_{gate,up,down}_shexp``
 Qwen3-MoE and not for Qwen2-MoE unless ``expert_weights_norm`` says otherwise; every layer is
 sparse (a layer without ``ffn_gate_inp`` is refused by the shape check). Expert gating functions
 other than softmax (``expert_gating_func``) and expert groups are refused.
+
+Export writes the same (per-expert MLPs stacked, the shared expert gate as a vector, router and
+shared gate always F32) and refuses what these files cannot say: dense layers among sparse ones,
+and a top-k renormalization other than llama.cpp's for the architecture (the converter writes no
+``expert_weights_norm`` for them).
 """
 
 from __future__ import annotations
@@ -72,3 +77,53 @@ def expert_tensors(key: str, w: torch.Tensor, num_experts: int
                          f"({num_experts}, rows, cols)")
     head, proj = key.rsplit(".experts.", 1)
     return ((f"{head}.experts.{e}.{proj}", w[e]) for e in range(num_experts))
+
+
+# ------------------------------------------------------------------------------------------
+# Export (ember.models.gguf_export), as convert_hf_to_gguf.py's MixtralModel (LlamaModel) and
+# Qwen2MoeModel / Qwen3MoeModel write them
+
+EXPORT_ARCH = {model_type: arch for arch, (model_type, _) in MOE_MODEL_TYPES.items()}
+# tensors the converter always writes as F32 and llama-quantize never quantizes: the router, and
+# the shared expert gate ((1, D) in HF, a vector to ggml)
+F32_TENSORS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
+_STACKED = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+
+
+def check_exportable(cfg, arch: str) -> None:
+    """EmberError for a mixture-of-experts config a GGUF file of ``arch`` cannot express."""
+    dense = [i for i in range(cfg.num_layers) if not cfg.is_sparse(i)]
+    if dense:
+        raise EmberError(f"save_gguf: this mixture-of-experts model has dense MLP layers {dense} "
+                         f"(decoder_sparse_step / mlp_only_layers); llama.cpp's {arch} makes "
+                         "every layer sparse. Export an HF folder instead (ember export --merged)")
+    if cfg.norm_topk_prob != MOE_MODEL_TYPES[arch][1]:
+        raise EmberError(f"save_gguf: this mixture-of-experts model has norm_topk_prob="
+                         f"{cfg.norm_topk_prob}, but llama.cpp's {arch} always uses "
+                         f"{MOE_MODEL_TYPES[arch][1]} (its converter writes no "
+                         "expert_weights_norm for it). Export an HF folder instead "
+                         "(ember export --merged)")
+
+
+def moe_metadata(cfg, arch: str) -> dict:
+    """``<arch>.*`` expert keys (without the prefix) as the converter writes them."""
+    md = {"expert_count": cfg.num_experts, "expert_used_count": cfg.num_experts_per_tok}
+    if arch != "llama":  # Mixtral's experts are feed_forward_length wide
+        md["expert_feed_forward_length"] = cfg.moe_intermediate_size
+    if arch == "qwen2moe" and cfg.shared_expert_intermediate_size:
+        md["expert_shared_feed_forward_length"] = cfg.shared_expert_intermediate_size
+    return md
+
+
+def stack_expert(parts: dict, key: str, w: torch.Tensor, num_experts: int
+                 ) -> tuple[str, torch.Tensor] | None:
+    """Collect Ember's per-expert weight ``layers.N.mlp.experts.E.P.weight`` in ``parts``; once
+    all ``num_experts`` of ``blk.N.ffn_{gate,up,down}_exps.weight`` are there, return it stacked
+    in expert order ((E, rows, cols)), as the converter's torch.stack."""
+    bits = key.split(".")
+    name = f"blk.{bits[1]}.{_STACKED[bits[5]]}.weight"
+    parts.setdefault(name, {})[int(bits[4])] = w
+    if len(parts[name]) < num_experts:
+        return None
+    got = parts.pop(name)
+    return name, torch.stack([got[e] for e in range(num_experts)])

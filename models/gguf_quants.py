@@ -408,6 +408,10 @@ def _mixed_type(name: str, ncols: int, ftype: str, ctx: dict) -> Q:
             new = Q.Q5_K
         if ctx["is_70b"] and new == Q.Q4_K:
             new = Q.Q5_K
+        if ctx["n_expert"] == 8:  # "for the 8-expert model, bumping this to Q8_0 trades ~128MB"
+            new = Q.Q8_0
+    elif "attn_k.weight" in name and ctx["n_expert"] == 8:
+        new = Q.Q8_0
     elif "ffn_down" in name:
         i, n = _layer(name), ctx["n_layer"]
         if ftype in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n):
@@ -418,7 +422,7 @@ def _mixed_type(name: str, ncols: int, ftype: str, ctx: dict) -> Q:
 
 
 def tensor_types(shapes: dict[str, tuple[int, ...]], ftype: str, *, arch: str, n_layer: int,
-                 n_head: int, n_head_kv: int) -> dict[str, Q]:
+                 n_head: int, n_head_kv: int, n_expert: int = 0) -> dict[str, Q]:
     """The ggml type llama-quantize gives each tensor (GGUF name -> torch shape) for ``ftype``
     (a key of FILE_TYPES or ALIASES): 1-D tensors and norms stay F32; ``output.weight`` (or the
     tied ``token_embd.weight``) gets Q6_K (Q8_0 for Q8_0, or when its rows are not whole blocks);
@@ -426,9 +430,10 @@ def tensor_types(shapes: dict[str, tuple[int, ...]], ftype: str, *, arch: str, n
     ``use_more_bits`` picks get Q6_K; Q4_K_S gives Q5_K to the first 4 ``attn_v`` and the first
     1/8 of ``ffn_down``; an 80-layer Llama-2/3-70B-like model (GQA) or Qwen2-72B gets Q5_K for
     its Q4_K ``attn_v``. Rows not a multiple of the block: Q4_K -> Q5_0, Q5_K -> Q5_1,
-    Q6_K -> Q8_0, and F16 if still not whole blocks."""
+    Q6_K -> Q8_0, and F16 if still not whole blocks. A model of ``n_expert`` 8 (Mixtral 8x7B)
+    gets Q8_0 for every ``attn_v`` and ``attn_k``."""
     ftype = ALIASES.get(ftype, ftype)
-    ctx = {"tied": "output.weight" not in shapes, "n_layer": n_layer,
+    ctx = {"tied": "output.weight" not in shapes, "n_layer": n_layer, "n_expert": n_expert,
            "n_attention_wv": sum(any(k in n for k in _ATTN_V) for n in shapes),
            "is_70b": n_layer == 80 and (arch == "qwen2" or (arch == "llama"
                                                             and n_head != n_head_kv))}

@@ -196,7 +196,8 @@ def test_bad_configs_are_refused(tmp_path, change, needle):
 
 
 def test_other_exports_refuse_moe(tmp_path):
-    """GGUF export, transformers' accelerate() and a dense family with experts are refused."""
+    """GGUF export (of a Qwen3-MoE without llama.cpp's top-k renormalization), transformers'
+    accelerate() and a dense family with experts are refused."""
     from ember.models.gguf_export import save_gguf
     from ember.models.hf_backend import accelerate
 
