@@ -40,27 +40,41 @@ from pathlib import Path
 import torch
 
 from ember import EmberError
-from ember.engine.data import IGNORE, DataConfig, DataReport, _Bad, _Reader, read_lines
+from ember.engine.data import (
+    IGNORE,
+    DataConfig,
+    DataReport,
+    _Bad,
+    _Reader,
+    read_lines,
+    with_system_prompt,
+)
 from ember.engine.formats import _type_name
 from ember.engine.losses import doc_logprobs
 from ember.engine.packing import Example, PackedBatches, collate
 
 
+class _First(Exception):
+    """Ends ``is_choice_file``'s read at the first record."""
+
+
 def is_choice_file(path: str | Path) -> bool:
-    """True when the file's first record has a ``choices`` field."""
+    """True when the file's first record has a ``choices`` field (the rest is not read)."""
     first: list[dict] = []
 
     class _Peek(_Reader):
         def example(self, lineno, raw):
-            if not first:
-                line = self.text(lineno, raw)
+            line = self.text(lineno, raw)
+            if line is not None:
                 with contextlib.suppress(json.JSONDecodeError):
-                    obj = json.loads(line) if line is not None else None
+                    obj = json.loads(line)
                     if isinstance(obj, dict):
                         first.append(obj)
+                        raise _First
             return None
 
-    read_lines(path, lambda p: _Peek(p, DataConfig(use_chat_template=False), None))
+    with contextlib.suppress(_First):
+        read_lines(path, lambda p: _Peek(p, DataConfig(use_chat_template=False), None))
     return bool(first) and "choices" in first[0]
 
 
@@ -107,19 +121,24 @@ class _ChoiceReader(_Reader):
                                          f"{len(choices)} choices")
         return q, choices, answer
 
-    def pair(self, question: str, choice: str) -> tuple[list[int], list[int]]:
+    def context(self, question: str) -> tuple[str, bool]:
+        """(the text every choice of ``question`` continues, whether it takes BOS): the chat
+        template's user turn and generation prompt, or (raw) the question without its trailing
+        whitespace, which moves into each continuation."""
+        if self.enc.chat:
+            msgs = with_system_prompt(self.cfg, [{"role": "user", "content": question}])
+            return self.enc._render(msgs, True), False
+        return question.rstrip(), True
+
+    def pair(self, question: str, context: str, special: bool, choice: str
+             ) -> tuple[list[int], list[int]]:
         """(context ids, continuation ids) of one choice."""
         enc = self.enc
         if enc.chat:
-            msgs = [{"role": "user", "content": question}]
-            if self.cfg.system_prompt is not None:
-                msgs.insert(0, {"role": "system", "content": self.cfg.system_prompt})
-            context, cont, special = enc._render(msgs, True), choice, False
+            cont = choice
         else:
             sep = "" if (not question or question[-1].isspace() or choice[0].isspace()) else " "
-            context = question.rstrip()
             cont = question[len(context):] + sep + choice
-            special = True
         ctx = enc._enc(context, special)
         whole = enc._enc(context + cont, special)
         if whole[:len(ctx)] != ctx:  # the boundary token changed the context's own tokens
@@ -142,7 +161,8 @@ class _ChoiceReader(_Reader):
             return None
         try:
             question, choices, answer = self.parse(line)
-            pairs = [self.pair(question, c) for c in choices]
+            context, special = self.context(question)
+            pairs = [self.pair(question, context, special, c) for c in choices]
             if any(not cont for _, cont in pairs):
                 raise _Bad("empty choice", "a choice has no tokens")
         except _Bad as e:

@@ -309,6 +309,15 @@ def render_prompt(tokenizer, cfg: DataConfig, prompt: str, system: str | None = 
     return render_chat(tokenizer, cfg, msgs)
 
 
+def with_system_prompt(cfg: DataConfig, messages: Sequence[dict]) -> list[dict]:
+    """``messages`` with ``data.system_prompt`` first, unless they start with their own system
+    message (or no system prompt is set)."""
+    msgs = list(messages)
+    if cfg.system_prompt is not None and (not msgs or msgs[0]["role"] != "system"):
+        msgs.insert(0, {"role": "system", "content": cfg.system_prompt})
+    return msgs
+
+
 def render_chat(tokenizer, cfg: DataConfig, messages: Sequence[dict]) -> list[int]:
     """Token ids for generating the next assistant turn of a conversation (``role``/``content``
     dicts, oldest first) rendered as training rendered conversations: ``data.system_prompt``
@@ -317,11 +326,8 @@ def render_chat(tokenizer, cfg: DataConfig, messages: Sequence[dict]) -> list[in
     if not enc.chat:
         raise EmberError("a conversation needs a chat template; this model or run renders "
                          "prompts as plain text (use ember generate)")
-    msgs = list(messages)
-    if cfg.system_prompt is not None and (not msgs or msgs[0]["role"] != "system"):
-        msgs.insert(0, {"role": "system", "content": cfg.system_prompt})
     try:
-        return enc._enc(enc._render(msgs, True))
+        return enc._enc(enc._render(with_system_prompt(cfg, messages), True))
     except _Bad as e:
         raise EmberError(e.why) from None
 
