@@ -62,12 +62,9 @@ def int8_view(ckpt: CheckpointIndex) -> tuple[CheckpointIndex, Callable]:
                              f"{ckpt.shapes[scb]} do not fit: expected a matrix and one scale "
                              "per row")
         scales[key] = scb
-    extra = {s for s in scales.values()} | {k for k in ckpt.key_file if k.endswith(
+    extra = set(scales.values()) | {k for k in ckpt.key_file if k.endswith(
         ".weight_format") and k.removesuffix("weight_format") + "weight" in scales}
-    dense = [k for k in ckpt.key_file if k not in extra and k not in scales]
-    count = Counter({})
-    for k in dense:
-        count[ckpt.dtypes[k]] += 1
+    count = Counter(d for k, d in ckpt.dtypes.items() if k not in extra and k not in scales)
     float_dtype = count.most_common(1)[0][0] if count else torch.float32
     view = dataclasses.replace(
         ckpt,
@@ -77,11 +74,17 @@ def int8_view(ckpt: CheckpointIndex) -> tuple[CheckpointIndex, Callable]:
                 if k not in extra},
     )
 
+    loaded: dict[str, torch.Tensor] = {}  # every row scale, read at the first int8 weight
+
     def dequant(key: str, t: torch.Tensor) -> torch.Tensor:
         scb = scales.get(key)
         if scb is None:
             return t
-        with open_weights(ckpt.key_file[scb]) as f:
-            return dequantize_int8(t, f.get_tensor(scb).float())
+        if not loaded:  # each file holding scales opened once (a .bin shard is unpickled once)
+            for path in {ckpt.key_file[s] for s in scales.values()}:
+                with open_weights(path) as f:
+                    loaded.update({s: f.get_tensor(s).float() for s in scales.values()
+                                   if ckpt.key_file[s] == path})
+        return dequantize_int8(t, loaded[scb])
 
     return view, dequant
