@@ -42,6 +42,14 @@ CASES = {  # name -> (base, PEFT LoraConfig kwargs)
 }
 
 
+def _perturb_trainable(model) -> None:
+    """Every trainable parameter set to 0.2 * N(0, 1) (global RNG), as after some training."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.2 * torch.randn_like(p))
+
+
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("embed_head_bases")
@@ -112,9 +120,7 @@ def test_ember_adapters_load_in_peft(bases, tmp_path, tied):
     with torch.no_grad():
         assert torch.equal(model.embed.lora_embedding_A, torch.zeros_like(
             model.embed.lora_embedding_A))  # PEFT's init: A zero, B normal
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(0.2 * torch.randn_like(p))
+    _perturb_trainable(model)
     ids = _ids()
     ours = _logits(model, ids)
     save_adapter(model, tmp_path / "ad")
@@ -184,10 +190,7 @@ def test_head_dropout_is_exact(bases, tied):
     h = torch.randn(10, model.cfg.hidden_size)
     mask = (torch.rand(10, model.cfg.hidden_size) > 0.5).float() * 2
     head.dropout = _FixedMask(mask)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(0.2 * torch.randn_like(p))
+    _perturb_trainable(model)
     labels = torch.randint(0, VOCAB, (10,))
     params = list(head.adapter_params().values())
     model.train()
@@ -306,10 +309,7 @@ def test_qlora_base_keeps_a_dense_head_and_embedding(bases, tmp_path):
     assert isinstance(model.lm_head.base, torch.nn.Linear)
     assert isinstance(model.embed.base, torch.nn.Embedding)
     assert isinstance(model.layers[0].attn.v_proj.base, Linear4bit)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(0.2 * torch.randn_like(p))
+    _perturb_trainable(model)
     ids = _ids()
     ours = _logits(model, ids)
     save_adapter(model, tmp_path / "ad")

@@ -36,6 +36,16 @@ def _train_adapters(model, seed=0):
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
+
+def _assert_loads_like_peft(pm, folder, tmp_path) -> None:
+    """The PEFT model ``pm``'s adapter, saved, loads in Ember on ``folder`` with PEFT's logits."""
+    pm.save_pretrained(tmp_path / "peft")
+    ids = _ids()
+    want = _peft_logits(folder, tmp_path / "peft", ids)
+    model = load_adapter(_load(folder), tmp_path / "peft")
+    with torch.no_grad():
+        assert (model(ids) - want).abs().max().item() <= 1e-4
+
 @pytest.mark.parametrize("case", ["mixtral", "qwen2_moe"])
 def test_attention_lora_both_ways(tmp_path, case):
     """PEFT's adapter on q/v (and Qwen2-MoE's shared expert) loads in Ember with PEFT's logits;
@@ -48,16 +58,12 @@ def test_attention_lora_both_ways(tmp_path, case):
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                      init_lora_weights=False))
-    pm.save_pretrained(tmp_path / "peft")
-    ids = _ids()
-    want = _peft_logits(folder, tmp_path / "peft", ids)
-    model = load_adapter(_load(folder), tmp_path / "peft")
-    with torch.no_grad():
-        assert (model(ids) - want).abs().max().item() <= 1e-4
+    _assert_loads_like_peft(pm, folder, tmp_path)
 
     ours = apply_lora(_load(folder), LoRAConfig(rank=4, alpha=8, targets=("q", "k", "o")))
     _train_adapters(ours)
     save_adapter(ours, tmp_path / "ember")
+    ids = _ids()
     with torch.no_grad():
         assert (ours(ids) - _peft_logits(folder, tmp_path / "ember", ids)).abs().max() <= 1e-4
 
@@ -105,12 +111,7 @@ def test_peft_expert_adapter_loads_with_peft_logits(tmp_path, case, params):
         pm = peft.get_peft_model(hf, peft.LoraConfig(
             r=2, lora_alpha=6, target_modules=["q_proj"], target_parameters=params,
             rank_pattern={"down_proj": 3}, init_lora_weights=False))
-    pm.save_pretrained(tmp_path / "peft")
-    ids = _ids()
-    want = _peft_logits(folder, tmp_path / "peft", ids)
-    model = load_adapter(_load(folder), tmp_path / "peft")
-    with torch.no_grad():
-        assert (model(ids) - want).abs().max().item() <= 1e-4
+    _assert_loads_like_peft(pm, folder, tmp_path)
 
 
 @pytest.mark.parametrize("targets,needle", [
