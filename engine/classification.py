@@ -54,6 +54,7 @@ from ember.engine.data import (
     _type_name,
     read_lines,
     split_examples,
+    with_system_prompt,
 )
 from ember.engine.distributed import DistInfo, all_gather_objects
 from ember.engine.evaluation import GenerationResult, eval_batches
@@ -292,9 +293,8 @@ class _ClassReader(_Reader):
                 'one has none (use {"text", "label"} lines instead)'
             )
         else:
-            if self.cfg.system_prompt is not None and rec[0]["role"] != "system":
-                rec = [{"role": "system", "content": self.cfg.system_prompt}, *rec]
-            ids = enc._enc(enc._render(rec, False, getattr(rec, "tools", None)))
+            rec = with_system_prompt(self.cfg, rec)
+            ids = enc._enc(enc._render(rec, False, rec.tools))
         return ids, label
 
     def _strip(self, ids: list[int]) -> list[int]:

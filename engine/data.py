@@ -227,10 +227,7 @@ class _Encoder:
         elif not self.has_template:
             raise EmberError(f"the {fmt} format needs a tokenizer with a chat template; this one "
                              "has none (use prompt/completion lines instead)")
-        if self.cfg.system_prompt is not None and rec[0]["role"] != "system":
-            rec = Chat([{"role": "system", "content": self.cfg.system_prompt}, *rec],
-                       getattr(rec, "tools", None))
-        return self._chat(rec, all_loss)
+        return self._chat(with_system_prompt(self.cfg, rec), all_loss)
 
     def _render(self, messages, gen: bool = False, tools: list | None = None) -> str:
         try:
@@ -309,10 +306,10 @@ def render_prompt(tokenizer, cfg: DataConfig, prompt: str, system: str | None = 
     return render_chat(tokenizer, cfg, msgs)
 
 
-def with_system_prompt(cfg: DataConfig, messages: Sequence[dict]) -> list[dict]:
+def with_system_prompt(cfg: DataConfig, messages: Sequence[dict]) -> Chat:
     """``messages`` with ``data.system_prompt`` first, unless they start with their own system
-    message (or no system prompt is set)."""
-    msgs = list(messages)
+    message (or no system prompt is set); a :class:`Chat`'s tools are kept."""
+    msgs = Chat(messages, getattr(messages, "tools", None))
     if cfg.system_prompt is not None and (not msgs or msgs[0]["role"] != "system"):
         msgs.insert(0, {"role": "system", "content": cfg.system_prompt})
     return msgs

@@ -272,6 +272,15 @@ def test_messages_lines_use_the_chat_template(tiny, tmp_path):
     (ex,), _ = load_labelled(path, DataConfig(), tok, ("a", "b"))
     assert ex.input_ids == tok.encode(tok.apply_chat_template(msgs), add_special_tokens=False)
     assert ex.labels[-1] == 1 and ex.reference == "b"
+    # A line's tools reach the template, also when data.system_prompt is put first.
+    tok.chat_template = ("{% if tools %}tools: {{ tools | map(attribute='name') | join(',') }}\n"
+                         "{% endif %}" + tok.chat_template)
+    tools = [{"name": "lookup", "parameters": {}}]
+    path = write_jsonl(tmp_path / "t.jsonl", [{"messages": msgs, "tools": tools, "label": 0}])
+    (ex,), _ = load_labelled(path, DataConfig(system_prompt="be brief"), tok, ("a", "b"))
+    want = tok.apply_chat_template([{"role": "system", "content": "be brief"}, *msgs], tools=tools)
+    assert "tools: lookup" in want
+    assert ex.input_ids == tok.encode(want, add_special_tokens=False)
 
 
 @pytest.mark.parametrize(
