@@ -103,6 +103,17 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     router_aux_loss_coef: float = 0.001  # HF's default weight of the load-balancing loss
+    # Llama variants (ember.models.hf_llama_variants). SmolLM3: layers that skip RoPE (NoPE).
+    nope_layers: tuple[int, ...] = ()
+    # Granite: each branch's output times this before the residual add; the softmax scale itself
+    # (None: query_pre_attn_scalar's rule); logits divided by logits_scaling.
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
+    # OLMo2: no RMSNorm before attention / MLP (its sandwich norms only), and q_norm / k_norm
+    # over the whole projection width (H*hd, K*hd) instead of per head.
+    pre_norms: bool = True
+    qk_norm_full: bool = False
     extra: dict = field(default_factory=dict)  # HF fields kept verbatim for export (not used)
 
     def __post_init__(self) -> None:
@@ -134,6 +145,13 @@ class ModelConfig:
                 raise ValueError(f"labels must be at least two distinct non-empty names, got "
                                  f"{list(labels)}")
         self._check_moe()
+        object.__setattr__(self, "nope_layers", tuple(sorted(set(self.nope_layers))))
+        if not all(0 <= i < self.num_layers for i in self.nope_layers):
+            raise ValueError(f"nope_layers must be layer indices < {self.num_layers}, got "
+                             f"{self.nope_layers}")
+        if not (math.isfinite(self.logits_scaling) and self.logits_scaling != 0):
+            raise ValueError(f"logits_scaling must be finite and non-zero, got "
+                             f"{self.logits_scaling}")
         if self.layer_types is not None:
             types = tuple(self.layer_types)
             if len(types) != self.num_layers or not set(types) <= set(LAYER_TYPES):
@@ -189,6 +207,8 @@ class ModelConfig:
     @property
     def softmax_scale(self) -> float | None:
         """Attention softmax scale; None means the kernels' default 1/sqrt(head_dim)."""
+        if self.attention_multiplier is not None:
+            return self.attention_multiplier
         s = self.query_pre_attn_scalar
         return None if s is None else s**-0.5
 
@@ -200,7 +220,9 @@ class ModelConfig:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         hd, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
         attn = d * hd * (hq + 2 * hkv) + hq * hd * d
-        per_layer = attn + (4 if self.sandwich_norms else 2) * d + (2 * hd if self.qk_norm else 0)
+        norms = (2 if self.sandwich_norms else 0) + (2 if self.pre_norms else 0)
+        qk = (hq + hkv if self.qk_norm_full else 2) * hd if self.qk_norm else 0
+        per_layer = attn + norms * d + qk
         layers = self.num_layers * per_layer
         for i in range(self.num_layers):
             if not self.is_sparse(i):

@@ -7,7 +7,8 @@ and gemma3_text (also: sandwich norms, ``query_pre_attn_scalar``, per-layer slid
 (Gemma3ForConditionalGeneration) loads as its ``gemma3_text`` language model, marked
 ``extra["multimodal"] = "gemma3"`` so that export writes for the multimodal class
 (``ember.models.hf_gemma.multimodal_text_config``); other multimodal families are refused.
-Mixture of experts (mixtral, qwen2_moe, qwen3_moe): ``ember.models.hf_moe``. Both
+Mixture of experts (mixtral, qwen2_moe, qwen3_moe): ``ember.models.hf_moe``; smollm3, granite,
+olmo2: ``ember.models.hf_llama_variants``. Both
 config.json styles are read: transformers 4.x (``rope_theta``, ``rope_scaling``, ``torch_dtype``)
 and 5.x (``rope_parameters``, ``dtype``); ``config_to_hf`` writes both, so either
 major version loads the folder. RoPE (default, linear, llama3, yarn, longrope; Phi-3's
@@ -40,6 +41,7 @@ from collections.abc import Mapping
 import torch
 
 from ember import EmberError
+from ember.models import hf_llama_variants as _var
 from ember.models.config import ModelConfig
 from ember.models.heads import labels_from_hf, labels_to_hf
 from ember.models.hf_gemma import DEFAULTS as _GEMMA_DEFAULTS
@@ -53,7 +55,7 @@ from ember.models.hf_rope import parse_rope as _parse_rope
 from ember.models.nf4 import check_quantization_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
-                         "gemma3_text", *MOE_FAMILIES)
+                         "gemma3_text", *MOE_FAMILIES, *_var.VARIANTS)
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 _SANDWICH = ("gemma2", "gemma3_text")  # Gemma 2/3: post-norms, softcaps, per-layer windows
 ARCHITECTURES = {
@@ -66,6 +68,7 @@ ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     **{mt: arch for mt, (_, _, arch) in MOE_FAMILIES.items()},
+    **_var.ARCHITECTURES,
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -117,8 +120,11 @@ _FAMILY_FIELDS = {
     ),
     "gemma": frozenset({"attention_bias", "hidden_activation", "use_bidirectional_attention"}),
     **_GEMMA_FIELDS,
+    **_var.FIELDS,
 }
 
+_MLP_BIAS = ("llama", "smollm3", "granite")
+_QK_NORM = ("qwen3", "gemma3_text", "olmo2")
 _PHI3_NOOP_FIELDS = dict(full_attn_mod=1, interpolate_factor=1, lm_head_bias=False, mlp_bias=False)
 
 # transformers' class defaults for fields a config.json may omit; matching them keeps parity.
@@ -149,6 +155,7 @@ _DEFAULTS = {
         tie_word_embeddings=True,
     ),
     **_GEMMA_DEFAULTS,
+    **_var.DEFAULTS,
 }
 
 
@@ -180,7 +187,7 @@ def _parse_window(raw: Mapping, model_type: str, num_layers: int
         raise EmberError("config.json: sliding_window must be >= 1 or null, got 0")
     if model_type in ("mistral", "phi3"):
         return window, None
-    if model_type in ("llama", "gemma"):
+    if model_type in ("llama", "gemma", *_var.VARIANTS):  # SmolLM3's: hf_llama_variants
         return None, None
     if model_type in _SANDWICH:
         return window, None
@@ -297,6 +304,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             + f" (supported: {', '.join(SUPPORTED_MODEL_TYPES + tuple(MULTIMODAL))})"
         )
     quantization_config_from_hf(raw)
+    raw = _var.with_defaults(raw)  # SmolLM3 / Granite / OLMo2: RoPE base, pad token defaults
     if "auto_map" in raw:
         # Official Phi-3 / older Qwen repos ship custom code next to a model_type transformers
         # implements natively; like transformers without trust_remote_code, the native model is
@@ -364,13 +372,8 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
     head_dim = _get_int(raw, "head_dim", dflt.get("head_dim"), nullable=True)
     max_pos = _get_int(raw, "max_position_embeddings", dflt["max_position_embeddings"])
     kv = kv if kv is not None else num_heads
-    for key in (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-    ):
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads"):
         if _get_int(raw, key) == 0:
             raise EmberError(f"config.json: {key} must be >= 1")
     if kv == 0 or num_heads % kv:
@@ -406,7 +409,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
 
     if model_type == "qwen2":
         attn_bias, out_bias = True, False
-    elif model_type in ("llama", "qwen3", *GEMMA):
+    elif model_type in ("llama", "qwen3", *GEMMA, *_var.VARIANTS):
         attn_bias = out_bias = _get_bool(raw, "attention_bias", False)
     else:
         attn_bias = out_bias = False
@@ -415,9 +418,11 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
     fields = dict(rope_theta=theta, rope_scaling=scaling, sliding_window=window)
     if layer_types is not None:  # Qwen2/3 with the window on some layers only
         fields["layer_types"] = layer_types
+    fields.update(_var.variant_fields(raw, num_layers))
     if model_type in _SANDWICH:
         fields.update(gemma_fields(raw, model_type, num_layers, max_pos, fields["sliding_window"]))
     gemma = model_type in GEMMA
+    fields.setdefault("embedding_scale", _get_int(raw, "hidden_size") ** 0.5 if gemma else None)
     try:
         return ModelConfig(
             model_type=model_type,
@@ -436,11 +441,10 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             ),
             attention_bias=attn_bias,
             attention_out_bias=out_bias,
-            mlp_bias=_get_bool(raw, "mlp_bias", False) if model_type == "llama" else False,
-            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            mlp_bias=_get_bool(raw, "mlp_bias", False) if model_type in _MLP_BIAS else False,
+            qk_norm=model_type in _QK_NORM,
             activation=act,
             norm_offset=1.0 if gemma else 0.0,
-            embedding_scale=_get_int(raw, "hidden_size") ** 0.5 if gemma else None,
             bos_token_id=_get_int(raw, "bos_token_id", dflt["bos_token_id"], nullable=True),
             eos_token_id=eos,
             pad_token_id=_pad_token_id(raw),
@@ -480,17 +484,17 @@ def _check_exportable(cfg: ModelConfig) -> None:
             f"cannot export model_type {mt!r} to Hugging Face (supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    problems = []
+    problems = _var.variant_problems(cfg)
     gemma, sandwich = mt in GEMMA, mt in _SANDWICH
     if gemma and cfg.activation != "gelu_tanh":
         problems.append(f"activation={cfg.activation!r}")
     names = ("layer_types", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
     for name in () if sandwich else names:
-        if name == "layer_types" and mt in ("qwen2", "qwen3") and cfg.sliding_window:
+        if name == "layer_types" and mt in ("qwen2", "qwen3", "smollm3") and cfg.sliding_window:
             continue  # Qwen's own layer_types: the window on some layers only
         if getattr(cfg, name) is not None:
             problems.append(f"{name}={getattr(cfg, name)}")
-    if cfg.sandwich_norms != sandwich:
+    if cfg.sandwich_norms != (sandwich or mt == "olmo2"):
         problems.append(f"sandwich_norms={cfg.sandwich_norms}")
     if cfg.rope_local_theta is not None and mt != "gemma3_text":
         problems.append(f"rope_local_theta={cfg.rope_local_theta}")
@@ -500,13 +504,13 @@ def _check_exportable(cfg: ModelConfig) -> None:
         problems.append(f"partial_rotary_factor={cfg.partial_rotary_factor}")
     if cfg.longrope is not None and mt not in LONGROPE_FAMILIES:
         problems.append("LongRoPE")
-    if cfg.embedding_scale != (cfg.hidden_size**0.5 if gemma else None):
+    if cfg.embedding_scale != (cfg.hidden_size**0.5 if gemma else None) and mt != "granite":
         problems.append(f"embedding_scale={cfg.embedding_scale}")
     if cfg.norm_offset != (1.0 if gemma else 0.0):
         problems.append(f"norm_offset={cfg.norm_offset}")
-    if cfg.qk_norm != (mt in ("qwen3", "gemma3_text")):
+    if cfg.qk_norm != (mt in _QK_NORM):
         problems.append(f"qk_norm={cfg.qk_norm}")
-    if cfg.mlp_bias and mt != "llama":
+    if cfg.mlp_bias and mt not in _MLP_BIAS:
         problems.append("mlp_bias=True")
     if cfg.sliding_window is not None and mt == "llama":
         problems.append(f"sliding_window={cfg.sliding_window}")
@@ -520,7 +524,7 @@ def _check_exportable(cfg: ModelConfig) -> None:
         "gemma": {(False, False), (True, True)},
         "gemma2": {(False, False), (True, True)},
         "gemma3_text": {(False, False), (True, True)},
-    }[mt]
+    }.get(mt, {(False, False), (True, True)})  # SmolLM3, Granite, OLMo2: Llama's
     if bias not in allowed:
         problems.append(f"attention_bias={bias[0]}, attention_out_bias={bias[1]}")
     if problems:
@@ -601,4 +605,5 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         out.update(architectures=[_classifier_architecture(mt)], **labels_to_hf(cfg.labels))
     if mt in _SANDWICH:
         gemma_to_hf(cfg, out)
+    _var.variant_to_hf(cfg, out)
     return out

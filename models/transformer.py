@@ -26,6 +26,12 @@ whose experts are this file's ``MLP``.
 Gemma 2/3: each layer is local (``sliding_window``, RoPE base ``rope_local_theta``) or global per
 ``cfg.layer_types``; ``sandwich_norms`` adds RMSNorms on the attention and MLP outputs before
 they join the residual.
+
+Llama variants: SmolLM3's ``nope_layers`` skip RoPE; Granite scales the embeddings
+(``embedding_scale``), each branch before the residual add (``residual_multiplier``), the
+softmax (``attention_multiplier``) and divides the logits by ``logits_scaling`` (in
+``head_operands``, so the fused loss and generation see it); OLMo2 has sandwich norms without
+pre-norms (``pre_norms=False``) and q/k norms over the whole projection (``qk_norm_full``).
 """
 
 from __future__ import annotations
@@ -113,9 +119,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.attention_out_bias)
+        self.rope = layer not in cfg.nope_layers
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_offset)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_offset)
+            full = cfg.qk_norm_full  # OLMo2: over (H*hd) and (K*hd), before the head split
+            self.q_norm = RMSNorm(cfg.num_heads * hd if full else hd, cfg.rms_norm_eps,
+                                  cfg.norm_offset)
+            self.k_norm = RMSNorm(cfg.num_kv_heads * hd if full else hd, cfg.rms_norm_eps,
+                                  cfg.norm_offset)
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, cache=None, key_mask=None):
         cfg = self.cfg
@@ -125,12 +135,15 @@ class Attention(nn.Module):
             q, k, v = lora_qkv(x, *_lora_args(qkv))
         else:
             q, k, v = (proj(x) for proj in qkv)
+        if cfg.qk_norm and cfg.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, cfg.num_heads, cfg.head_dim)  # (B, T, H, hd)
         k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, K, hd)
         v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
+        if cfg.qk_norm and not cfg.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, k, cos, sin)
+        if self.rope:
+            q, k = apply_rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, S, K, hd), S = cached + T
         kw = dict(causal=True, softmax_scale=cfg.softmax_scale, window=self.window,
@@ -192,19 +205,24 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        # OLMo2 (pre_norms=False): no norm before attention / MLP, and no weights for one
+        pre = (lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+               ) if cfg.pre_norms else nn.Identity
+        self.attn_norm = pre()
         self.attn = Attention(cfg, layer)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.mlp_norm = pre()
         # A sparse layer's MLP is a mixture of experts (ember.models.moe), each expert an MLP
         self.mlp = MoE(cfg, lambda f: MLP(cfg, f)) if cfg.is_sparse(layer) else MLP(cfg)
         if cfg.sandwich_norms:
             self.attn_post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
             self.mlp_post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.sandwich = cfg.sandwich_norms
+        self.residual_multiplier = cfg.residual_multiplier  # Granite
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, cache=None, key_mask=None):
         a = self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, cache, key_mask)
-        x = x + (self.attn_post_norm(a) if self.sandwich else a)
+        a = self.attn_post_norm(a) if self.sandwich else a
+        x = x + (a if self.residual_multiplier == 1.0 else a * self.residual_multiplier)
         return x + self.mlp_branch(x)
 
     def mlp_branch(self, x):
@@ -212,7 +230,8 @@ class Block(nn.Module):
         run it in token chunks: ``activations.mlp_chunk_tokens``; an MoE layer's load-balancing
         statistics are sums over tokens, so chunks add up to the same loss)."""
         m = self.mlp(self.mlp_norm(x))
-        return self.mlp_post_norm(m) if self.sandwich else m
+        m = self.mlp_post_norm(m) if self.sandwich else m
+        return m if self.residual_multiplier == 1.0 else m * self.residual_multiplier
 
 
 class Transformer(nn.Module):
@@ -277,6 +296,8 @@ class Transformer(nn.Module):
         """``(x, W)`` with logits ``= x W^T`` (before the final softcap): ``(hidden,
         output_weight)``, or with a LoRA on the head the concatenated operands of
         ``ember.models.lora_embed.head_operands`` (exact, LoRA dropout included)."""
+        if self.cfg.logits_scaling != 1.0:  # Granite: x W^T / s, as (x / s) W^T
+            hidden = hidden / self.cfg.logits_scaling
         lora = head_lora(self.lm_head, self.embed)
         if lora is None:
             return hidden, self.output_weight

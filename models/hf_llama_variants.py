@@ -1,0 +1,181 @@
+"""SmolLM3, Granite and OLMo2 ``config.json`` fields <-> ``ModelConfig``, for
+``ember.models.hf_config``: Llama's decoder with a few fields each, read as transformers 5 reads
+them (``models/{smollm3,granite,olmo2}/modeling_*.py``).
+
+- SmolLM3 (``SmolLM3ForCausalLM``): ``no_rope_layers`` (per layer 1 = RoPE, 0 = NoPE; entries past
+  ``num_hidden_layers`` are never read) or, without it, a NoPE layer every
+  ``no_rope_layer_interval``-th layer; ``layer_types`` (default: the NoPE layers are sliding iff
+  ``use_sliding_window`` and ``sliding_window`` is set). transformers' eager / SDPA masks apply
+  the window on every ``sliding_attention`` layer, its flash-attention path only when
+  ``use_sliding_window`` is also true: a config where the two disagree is refused. RoPE base
+  default 2e6.
+- Granite: ``embedding_multiplier`` (Ember's ``embedding_scale``), ``residual_multiplier``,
+  ``attention_multiplier`` (the softmax scale itself; default 1.0, not 1/sqrt(head_dim)),
+  ``logits_scaling`` (logits divided by it).
+- OLMo2: no pre-norms; ``post_attention_layernorm`` / ``post_feedforward_layernorm`` are RMSNorms on
+  the attention and MLP outputs before the residual add (Ember's sandwich norms, whose HF names
+  are Gemma 2's), and q_norm / k_norm over the whole q / k projection width before RoPE.
+
+The state-dict key table is Llama's (OLMo2: Gemma 2's sandwich rows in ``ember.models.hf``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from ember import EmberError
+from ember.models.config import ModelConfig
+from ember.models.hf_rope import get_float
+
+ARCHITECTURES = {"smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
+                 "olmo2": "Olmo2ForCausalLM"}
+VARIANTS = tuple(ARCHITECTURES)
+_GRANITE_MULT = ("embedding_multiplier", "residual_multiplier", "attention_multiplier",
+                 "logits_scaling")
+FIELDS = {
+    "smollm3": frozenset("""attention_bias mlp_bias use_sliding_window sliding_window
+        no_rope_layers no_rope_layer_interval layer_types""".split()),
+    "granite": frozenset({"attention_bias", "mlp_bias", *_GRANITE_MULT}),
+    "olmo2": frozenset({"attention_bias"}),
+}
+# transformers' class defaults for the fields a config.json may omit
+DEFAULTS = {
+    "smollm3": dict(bos_token_id=128000, eos_token_id=128001, max_position_embeddings=32768,
+                    num_key_value_heads=4, tie_word_embeddings=True),
+    "granite": dict(bos_token_id=1, eos_token_id=2, max_position_embeddings=2048,
+                    num_key_value_heads=None),
+    "olmo2": dict(bos_token_id=None, eos_token_id=50279, max_position_embeddings=2048,
+                  num_key_value_heads=None, rms_norm_eps=1e-5),
+}
+_PAD = {"smollm3": 128004, "granite": None, "olmo2": 1}
+SMOLLM3_THETA = 2_000_000.0  # SmolLM3Config.default_theta
+
+
+def with_defaults(raw: Mapping) -> Mapping:
+    """``raw`` with the family's RoPE base and pad token filled in where transformers' config
+    class defaults them differently from Llama's (other families: ``raw`` itself)."""
+    mt = raw.get("model_type")
+    if mt not in VARIANTS:
+        return raw
+    out = {"pad_token_id": _PAD[mt], **raw}
+    if mt == "smollm3":
+        out = {"rope_theta": SMOLLM3_THETA, **out}
+    return out
+
+
+def _int(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise EmberError(f"config.json: {what} must be an integer, got {v!r}")
+    return v
+
+
+def _smollm3_fields(raw: Mapping, num_layers: int) -> dict:
+    rope = raw.get("no_rope_layers")
+    if rope is None:
+        every = _int(raw.get("no_rope_layer_interval", 4), "no_rope_layer_interval")
+        if every < 1:
+            raise EmberError(f"config.json: no_rope_layer_interval must be >= 1, got {every}")
+        rope = [int((i + 1) % every != 0) for i in range(num_layers)]
+    if not isinstance(rope, list) or len(rope) < num_layers or not all(
+            _int(r, "each no_rope_layers entry") in (0, 1) for r in rope):
+        raise EmberError(f"config.json: no_rope_layers must list 1 (RoPE) or 0 (NoPE) for each "
+                         f"of the {num_layers} layers, got {rope!r}")
+    nope = tuple(i for i in range(num_layers) if not rope[i])
+    use = raw.get("use_sliding_window", False)
+    if not isinstance(use, bool):
+        raise EmberError(f"config.json: use_sliding_window must be true or false, got {use!r}")
+    window = raw.get("sliding_window")
+    if window is not None and (_int(window, "sliding_window") < 1):
+        raise EmberError(f"config.json: sliding_window must be >= 1 or null, got {window}")
+    types = raw.get("layer_types")
+    if types is None:
+        types = ["sliding_attention" if use and window is not None and i in nope
+                 else "full_attention" for i in range(num_layers)]
+    if (not isinstance(types, list) or len(types) != num_layers
+            or not set(types) <= {"full_attention", "sliding_attention"}):
+        raise EmberError(f"config.json: layer_types must list 'full_attention' or "
+                         f"'sliding_attention' for each of the {num_layers} layers, got {types!r}")
+    sliding = [t == "sliding_attention" for t in types]
+    if any(sliding) and (window is None or not use):
+        raise EmberError(
+            "config.json: layer_types marks sliding-attention layers but "
+            + ("sliding_window is null (transformers cannot build that mask)" if window is None
+               else "use_sliding_window is false (transformers' eager/SDPA attention applies the "
+                    "window there, its flash attention does not); set use_sliding_window to "
+                    "true to keep the window, or mark those layers full_attention"))
+    out = dict(nope_layers=nope, sliding_window=window if any(sliding) else None)
+    if any(sliding) and not all(sliding):
+        out["layer_types"] = tuple(types)
+    return out
+
+
+def _granite_fields(raw: Mapping) -> dict:
+    m = {k: get_float(raw, k, 1.0) for k in _GRANITE_MULT}
+    if not all(math.isfinite(v) for v in m.values()) or m["logits_scaling"] == 0:
+        raise EmberError(f"config.json: Granite's multipliers must be finite numbers and "
+                         f"logits_scaling non-zero, got {m}")
+    return dict(embedding_scale=None if m["embedding_multiplier"] == 1.0
+                else m["embedding_multiplier"],
+                residual_multiplier=m["residual_multiplier"],
+                attention_multiplier=m["attention_multiplier"],
+                logits_scaling=m["logits_scaling"])
+
+
+def variant_fields(raw: Mapping, num_layers: int) -> dict:
+    """The ModelConfig fields of a SmolLM3 / Granite / OLMo2 config.json beyond Llama's ({} for
+    other families)."""
+    mt = raw["model_type"]
+    if mt not in VARIANTS:
+        return {}
+    if mt == "smollm3":
+        return _smollm3_fields(raw, num_layers)
+    if mt == "granite":
+        return _granite_fields(raw)
+    return dict(sandwich_norms=True, pre_norms=False, qk_norm_full=True)  # qk_norm: hf_config
+
+
+def variant_problems(cfg: ModelConfig) -> list[str]:
+    """The variant fields cfg sets that its model_type cannot express in config.json (for every
+    model_type: a Llama with NoPE layers has no HF form either)."""
+    mt, problems = cfg.model_type, []
+    if cfg.nope_layers and mt != "smollm3":
+        problems.append(f"nope_layers={cfg.nope_layers}")
+    granite = dict(residual_multiplier=1.0, logits_scaling=1.0, attention_multiplier=None)
+    for name, plain in granite.items():
+        if mt != "granite" and getattr(cfg, name) != plain:
+            problems.append(f"{name}={getattr(cfg, name)}")
+    olmo2 = mt == "olmo2"
+    if cfg.pre_norms == olmo2:
+        problems.append(f"pre_norms={cfg.pre_norms}")
+    if cfg.qk_norm_full != olmo2:
+        problems.append(f"qk_norm_full={cfg.qk_norm_full}")
+    if mt in ("granite", "olmo2") and cfg.sliding_window is not None:
+        problems.append(f"sliding_window={cfg.sliding_window}")
+    if mt == "smollm3" and cfg.rope_local_theta is not None:
+        problems.append(f"rope_local_theta={cfg.rope_local_theta}")
+    return problems
+
+
+def variant_to_hf(cfg: ModelConfig, out: dict) -> None:
+    """The family's config.json fields (transformers 5 names), into ``out`` (other families:
+    nothing)."""
+    mt = cfg.model_type
+    if mt not in VARIANTS:
+        return
+    out["attention_bias"] = cfg.attention_bias
+    if mt in ("smollm3", "granite"):
+        out["mlp_bias"] = cfg.mlp_bias
+    if mt == "smollm3":
+        sliding = [cfg.is_sliding(i) for i in range(cfg.num_layers)]
+        out.update(
+            no_rope_layers=[int(i not in cfg.nope_layers) for i in range(cfg.num_layers)],
+            use_sliding_window=any(sliding),
+            sliding_window=cfg.sliding_window if any(sliding) else None,
+            layer_types=["sliding_attention" if s else "full_attention" for s in sliding])
+    if mt == "granite":
+        out.update(
+            embedding_multiplier=cfg.embedding_scale or 1.0,
+            residual_multiplier=cfg.residual_multiplier,
+            attention_multiplier=cfg.softmax_scale or cfg.head_dim**-0.5,
+            logits_scaling=cfg.logits_scaling)
