@@ -2,7 +2,8 @@
 
 ``accelerate`` takes a ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` /
 ``Qwen3ForCausalLM`` / ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` (text)
-/ ``Phi3ForCausalLM`` instance (bare, or inside a PEFT ``PeftModel``: the causal LM is found
+/ ``Phi3ForCausalLM`` / ``SmolLM3ForCausalLM`` / ``GraniteForCausalLM`` / ``Olmo2ForCausalLM``
+instance (bare, or inside a PEFT ``PeftModel``: the causal LM is found
 inside) and rebinds ``forward`` on *that instance's* modules only (``types.MethodType``); no
 transformers class, function or registry is touched, parameters stay where they are (state dicts,
 ``save_pretrained`` and PEFT adapters are unaffected), and ``restore(model)`` puts the original
@@ -58,7 +59,9 @@ What is swapped (each a keyword, all on by default):
   autocast the head runs in the autocast dtype, as HF's ``lm_head`` would. In training mode
   ``logits`` is None; in eval mode they are computed too. Differences: a batch whose labels are
   all -100 gives loss 0 (HF: NaN). A LoRA/quantized ``lm_head`` or one with hooks keeps HF's loss
-  path. Gemma's ``sqrt(hidden)`` embedding scale stays in HF's model forward.
+  path. Gemma's ``sqrt(hidden)`` embedding scale stays in HF's model forward, as do Granite's
+  embedding and residual multipliers; Granite's ``logits_scaling`` divides the hidden states
+  before the fused loss (and the eval logits).
 
 The decision is made once per forward by the wrapper of the inner ``*Model`` from the 2-D
 ``attention_mask``, ``position_ids`` and cache (host syncs: one or two for a mask, one for
@@ -93,6 +96,7 @@ class Family:
     gemma_norm: bool = False  # RMSNorm scales by (1 + w), rounds once; eps in .eps
     attn_softcap: bool = False  # Gemma 2 passes its attention's attn_logit_softcapping (3 does not)
     final_softcap: bool = False  # logits = c * tanh(logits / c), c = final_logit_softcapping
+    logits_scaling: bool = False  # Granite: logits / config.logits_scaling
 
 
 _GEMMA2 = Family("hidden_activation", True, attn_softcap=True, final_softcap=True)
@@ -105,6 +109,11 @@ FAMILIES = {
     "Gemma2ForCausalLM": _GEMMA2,
     "Gemma3ForCausalLM": Family("hidden_activation", True, final_softcap=True),
     "Phi3ForCausalLM": Family(),
+    # SmolLM3: NoPE layers (the module's use_rope); Granite: the multipliers stay in HF's layer
+    # and model code, the softmax scale is the module's scaling; OLMo2: full-width q/k norms
+    "SmolLM3ForCausalLM": Family(),
+    "GraniteForCausalLM": Family(logits_scaling=True),
+    "Olmo2ForCausalLM": Family(),
 }
 SUPPORTED = tuple(FAMILIES)
 
@@ -256,12 +265,18 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool) -> Callable:
         plan = kwargs.pop(PLAN_KW, None)
         B, T, _ = hidden_states.shape
         q, k, v = _project_qkv(self, hidden_states, self.head_dim)
-        if hasattr(self, "q_norm"):  # Qwen3, Gemma 3: per-head RMSNorm before RoPE
+        if hasattr(self, "q_norm") and self.q_norm.weight.numel() != self.head_dim:
+            # OLMo2: RMSNorm over the whole q / k projection, before the head split
+            q = self.q_norm(q.reshape(B, T, -1)).view(B, T, -1, self.head_dim)
+            k = self.k_norm(k.reshape(B, T, -1)).view(B, T, -1, self.head_dim)
+        elif hasattr(self, "q_norm"):  # Qwen3, Gemma 3: per-head RMSNorm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         # (B or 1, T, R): cat(freqs, freqs) over the rotary dims R (R < hd: partial rotary),
         # whatever RoPE type (and, for Gemma 3, which of its two tables) HF computed.
         cos, sin = position_embeddings
-        if rope:
+        if not getattr(self, "use_rope", True):  # SmolLM3's NoPE layers
+            pass
+        elif rope:
             r = cos.shape[-1] // 2
             q, k = apply_rope(q, k, cos[..., :r], sin[..., :r])
         else:
@@ -404,6 +419,8 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
                          position_ids=position_ids, past_key_values=past_key_values,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     hidden = outputs.last_hidden_state  # (B, T, D)
+    if FAMILIES[_family(self)].logits_scaling:  # Granite: logits / s, as (hidden / s) W^T
+        hidden = hidden / self.config.logits_scaling
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     cap = _final_softcap(self)
@@ -432,6 +449,13 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
         raise EmberError(f"accelerate(): {type(lm).__name__} has no .model.layers; this "
                          "transformers version lays the model out differently than Ember expects")
     fam = FAMILIES[_family(lm)]
+    c = lm.config
+    if (getattr(c, "model_type", None) == "smollm3" and not c.use_sliding_window
+            and "sliding_attention" in (c.layer_types or ())):
+        raise EmberError("accelerate(): this SmolLM3 config marks sliding_attention layers with "
+                         "use_sliding_window=false, where transformers' eager/SDPA attention "
+                         "applies the window and its flash attention does not; set "
+                         "use_sliding_window=true or mark those layers full_attention")
     act = _ACTIVATIONS.get(getattr(lm.config, fam.act_key, None))
     attn_forward = _attention_forward_for(rope, attention, fam.attn_softcap)
     norm, norm_eps = ((_gemma_rms_norm_forward, "eps") if fam.gemma_norm

@@ -398,3 +398,56 @@ def test_lora_training_through_ember_train(tmp_path):
         with torch.no_grad():
             ours = model(ids)
         assert (ours - _hf_logits(tmp_path / f"merged_{mt}", ids)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["smollm3", "granite_tied_mha_bias", "olmo2_mqa_tied_bias"])
+def test_accelerate_hf(tmp_path, case, monkeypatch):
+    """``accelerate_hf`` on the transformers model: the same loss, gradients and eval logits as
+    the model without the swap, on a right-padded batch (varlen attention) too; SmolLM3's NoPE
+    layers skip Ember's RoPE, Granite's softmax scale is its attention_multiplier."""
+    import copy
+
+    from ember.models import hf_backend
+
+    seen = {"rope": 0, "scale": []}
+    rope, attn = hf_backend.apply_rope, hf_backend.flash_attention
+    monkeypatch.setattr(hf_backend, "apply_rope",
+                        lambda *a, **k: seen.__setitem__("rope", seen["rope"] + 1) or rope(*a, **k))
+    monkeypatch.setattr(hf_backend, "flash_attention", lambda *a, **k: seen["scale"].append(
+        (k["softmax_scale"], k["window"])) or attn(*a, **k))
+    ref = _hf(_save(tmp_path, case)).train()
+    model = hf_backend.accelerate(copy.deepcopy(ref))
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, -6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    for kw in (dict(), dict(attention_mask=mask)):
+        ref.zero_grad()
+        model.zero_grad()
+        want, got = ref(ids, labels=labels, **kw), model(ids, labels=labels, **kw)
+        assert (got.loss - want.loss).abs().item() <= 1e-5
+        want.loss.backward()
+        got.loss.backward()
+        mine = dict(model.named_parameters())
+        for n, p in ref.named_parameters():
+            assert (mine[n].grad - p.grad).abs().max() <= 1e-5 * p.grad.abs().max(), n
+    with torch.no_grad():
+        want = ref.eval()(ids, labels=labels)
+        got = model.eval()(ids, labels=labels)
+        assert (got.logits - want.logits).abs().max() <= 1e-5 * want.logits.abs().max()
+    cfg = ref.config
+    if case == "smollm3":
+        assert seen["rope"] == 2 * 3  # 2 of 4 layers rotate, in 3 forwards
+        assert {w for _, w in seen["scale"]} == {None, WINDOW}
+    if case.startswith("granite"):
+        assert {s for s, _ in seen["scale"]} == {cfg.attention_multiplier}
+    hf_backend.restore(model)
+
+
+def test_accelerate_hf_refuses_a_smollm3_window_transformers_applies_two_ways():
+    from ember.models.hf_backend import accelerate
+
+    config = transformers.SmolLM3Config(**BASE, use_sliding_window=False, sliding_window=WINDOW,
+                                        layer_types=["sliding_attention", "full_attention"] * 2)
+    with pytest.raises(EmberError, match="use_sliding_window=false"):
+        accelerate(transformers.AutoModelForCausalLM.from_config(config))
