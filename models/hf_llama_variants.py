@@ -50,6 +50,8 @@ DEFAULTS = {
 }
 _PAD = {"smollm3": 128004, "granite": None, "olmo2": 1}
 SMOLLM3_THETA = 2_000_000.0  # SmolLM3Config.default_theta
+_NO_GRANITE_CLASSIFIER = ("transformers has no GraniteForSequenceClassification, so a Granite "
+                          "sequence classifier has no Hugging Face form")
 
 
 def with_defaults(raw: Mapping) -> Mapping:
@@ -131,6 +133,8 @@ def variant_fields(raw: Mapping, num_layers: int) -> dict:
     if mt == "smollm3":
         return _smollm3_fields(raw, num_layers)
     if mt == "granite":
+        if raw.get("architectures") == ["GraniteForSequenceClassification"]:
+            raise EmberError(_NO_GRANITE_CLASSIFIER)
         return _granite_fields(raw)
     return dict(sandwich_norms=True, pre_norms=False, qk_norm_full=True)  # qk_norm: hf_config
 
@@ -152,6 +156,8 @@ def variant_problems(cfg: ModelConfig) -> list[str]:
         problems.append(f"qk_norm_full={cfg.qk_norm_full}")
     if mt in ("granite", "olmo2") and cfg.sliding_window is not None:
         problems.append(f"sliding_window={cfg.sliding_window}")
+    if mt == "granite" and cfg.labels is not None:
+        problems.append(f"labels={list(cfg.labels)} ({_NO_GRANITE_CLASSIFIER})")
     if mt == "smollm3" and cfg.rope_local_theta is not None:
         problems.append(f"rope_local_theta={cfg.rope_local_theta}")
     return problems

@@ -337,6 +337,11 @@ def test_refusals(tmp_path):
     granite = json.loads((_save(tmp_path, "granite") / "config.json").read_text())
     with pytest.raises(EmberError, match="logits_scaling non-zero"):
         config_from_hf({**granite, "logits_scaling": 0})
+    with pytest.raises(EmberError, match="no GraniteForSequenceClassification"):
+        config_from_hf({**granite, "architectures": ["GraniteForSequenceClassification"]})
+    with pytest.raises(EmberError, match="no GraniteForSequenceClassification"):
+        save_pretrained(Transformer(config_from_hf(granite).replace(labels=("a", "b"))),
+                        tmp_path / "g")
     olmo = json.loads((_save(tmp_path, "olmo2") / "config.json").read_text())
     with pytest.raises(EmberError, match=r"\['mlp_bias'\] are not supported"):
         config_from_hf({**olmo, "mlp_bias": True})  # transformers' OLMo2 MLP has no bias
@@ -451,3 +456,27 @@ def test_accelerate_hf_refuses_a_smollm3_window_transformers_applies_two_ways():
                                         layer_types=["sliding_attention", "full_attention"] * 2)
     with pytest.raises(EmberError, match="use_sliding_window=false"):
         accelerate(transformers.AutoModelForCausalLM.from_config(config))
+
+
+@pytest.mark.parametrize("mt", ["smollm3", "olmo2"])
+def test_sequence_classifier_exports_to_transformers(tmp_path, mt):
+    """An Ember SmolLM3 / OLMo2 classifier (score head) loads as transformers'
+    ``*ForSequenceClassification`` with the same class logits on a right-padded batch."""
+    from ember.models import ModelConfig
+    from ember.models.heads import classify
+    from tests.models.test_heads import BASE as HEADS_BASE
+    from tests.models.test_heads import DOCS, LABELS, _ember_logits, _padded
+
+    kw = dict(nope_layers=(1,)) if mt == "smollm3" else dict(
+        sandwich_norms=True, pre_norms=False, qk_norm=True, qk_norm_full=True)
+    cfg = ModelConfig(**HEADS_BASE, hidden_size=48, model_type=mt, labels=LABELS, **kw)
+    model = Transformer(cfg).init_weights(std=0.1, seed=0).eval()
+    save_pretrained(model, tmp_path)
+    assert read_config(tmp_path) == cfg
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    ids, mask = _padded()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        assert (_ember_logits(model) - ref).abs().max() < 1e-5
+        assert (classify(model, ids) - ref).abs().max() < 1e-5
+    assert (ref[0] - ref[1]).abs().max() > 1e-3 and len(ref) == len(DOCS)
