@@ -122,6 +122,12 @@ def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int, init: str = "
                              init_text=init_text)
     if prompt_embedding(model) is not None:
         raise EmberError("the model already has prompt tuning")
+    mcfg = getattr(model, "cfg", None)
+    if getattr(mcfg, "model_type", None) == "granite" and mcfg.embedding_scale is not None:
+        # transformers' Granite scales every inputs_embeds row (PEFT's prompt too), Gemma only
+        # the embedding module's output, which is what Ember's virtual rows follow
+        raise EmberError("prompt tuning on Granite with an embedding_multiplier is not "
+                         "supported (transformers scales PEFT's virtual tokens too); use LoRA")
     for p in model.parameters():
         p.requires_grad_(False)
     base: nn.Embedding = model.embed

@@ -342,6 +342,10 @@ def test_refusals(tmp_path):
     with pytest.raises(EmberError, match="no GraniteForSequenceClassification"):
         save_pretrained(Transformer(config_from_hf(granite).replace(labels=("a", "b"))),
                         tmp_path / "g")
+    from ember.models.prompt_tuning import apply_prompt_tuning
+
+    with pytest.raises(EmberError, match="prompt tuning on Granite"):
+        apply_prompt_tuning(Transformer(config_from_hf(granite)), 4)
     olmo = json.loads((_save(tmp_path, "olmo2") / "config.json").read_text())
     with pytest.raises(EmberError, match=r"\['mlp_bias'\] are not supported"):
         config_from_hf({**olmo, "mlp_bias": True})  # transformers' OLMo2 MLP has no bias
