@@ -181,7 +181,8 @@ def variant_to_hf(cfg: ModelConfig, out: dict) -> None:
             layer_types=["sliding_attention" if s else "full_attention" for s in sliding])
     if mt == "granite":
         out.update(
-            embedding_multiplier=cfg.embedding_scale or 1.0,
+            embedding_multiplier=1.0 if cfg.embedding_scale is None else cfg.embedding_scale,
             residual_multiplier=cfg.residual_multiplier,
-            attention_multiplier=cfg.softmax_scale or cfg.head_dim**-0.5,
+            attention_multiplier=cfg.head_dim**-0.5 if cfg.softmax_scale is None
+            else cfg.softmax_scale,
             logits_scaling=cfg.logits_scaling)

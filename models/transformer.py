@@ -205,12 +205,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        # OLMo2 (pre_norms=False): no norm before attention / MLP, and no weights for one
-        pre = (lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
-               ) if cfg.pre_norms else nn.Identity
-        self.attn_norm = pre()
+        def pre_norm() -> nn.Module:  # OLMo2 (pre_norms=False): none, and no weights for one
+            return (RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+                    if cfg.pre_norms else nn.Identity())
+
+        self.attn_norm = pre_norm()
         self.attn = Attention(cfg, layer)
-        self.mlp_norm = pre()
+        self.mlp_norm = pre_norm()
         # A sparse layer's MLP is a mixture of experts (ember.models.moe), each expert an MLP
         self.mlp = MoE(cfg, lambda f: MLP(cfg, f)) if cfg.is_sparse(layer) else MLP(cfg)
         if cfg.sandwich_norms:

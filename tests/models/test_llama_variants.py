@@ -67,9 +67,9 @@ COMMON = ("attention_bias", "tie_word_embeddings", "num_key_value_heads", "rms_n
           "rope_parameters")
 
 
-def _save(tmp_path, case: str):
+def _save(tmp_path, case: str, **over):
     cls, kw = CASES[case]
-    config = getattr(transformers, cls)(**{**BASE, **kw})
+    config = getattr(transformers, cls)(**{**BASE, **kw, **over})
     model = transformers.AutoModelForCausalLM.from_config(config)
     g = torch.Generator().manual_seed(len(case))
     with torch.no_grad():
@@ -486,18 +486,19 @@ def test_sequence_classifier_exports_to_transformers(tmp_path, mt):
     assert (ref[0] - ref[1]).abs().max() > 1e-3 and len(ref) == len(DOCS)
 
 
-@pytest.mark.parametrize("case", FAMILY)
+@pytest.mark.parametrize("case", ["smollm3", "olmo2"])
 def test_triton_kernels_match_the_reference(tmp_path, monkeypatch, case):
     """The packed LoRA training step through the Triton kernels (the interpreter on CPU: flash
-    attention with Granite's softmax scale and SmolLM3's windows, RoPE skipped on NoPE layers,
-    RMSNorm over OLMo2's full q/k width, fused lora_qkv / lora_mlp) equals the PyTorch reference
-    path, outputs and LoRA gradients."""
+    attention with SmolLM3's windows, RoPE skipped on NoPE layers, RMSNorm over OLMo2's full q/k
+    width, fused lora_qkv / lora_mlp) equals the PyTorch reference path, outputs and LoRA
+    gradients. Granite adds only a softmax scale (Gemma's test covers it) and PyTorch ops."""
     from ember.kernels._dispatch import interpreting
 
     if not (torch.cuda.is_available() or interpreting()):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _ = load_pretrained(_save(tmp_path, case), device=device)
+    # two layers (SmolLM3: one RoPE, one NoPE + sliding): the interpreter is slow
+    model, _ = load_pretrained(_save(tmp_path, case, num_hidden_layers=2), device=device)
     _lora_with_random_b(model)
     docs = [_ids(1, 11, seed=5)[0].to(device), _ids(1, 7, seed=6)[0].to(device)]
     results = []
