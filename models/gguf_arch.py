@@ -1,4 +1,4 @@
-"""Family-specific parts of the GGUF import (``ember.models.gguf``): Gemma 1/2/3 and Phi-3.
+"""Family-specific parts of the GGUF import (``ember.models.gguf``): Gemma 1/2/3, Phi-3, Granite.
 
 What llama.cpp's ``convert_hf_to_gguf.py`` writes for them and what its runtime assumes, read
 back into ``ModelConfig`` fields and Ember tensors:
@@ -18,6 +18,10 @@ back into ``ModelConfig`` fields and Ember tensors:
   then up) are split with ``ember.models.hf``'s Phi-3 split; ``attention.sliding_window`` 0 means
   none (Phi-4). LongRoPE and partial rotary (Phi-3.5, Phi-4-mini) are read in
   ``ember.models.gguf_rope``.
+- Granite (``granite``, Llama's layout, Q/K permuted): ``logit_scale`` (required), and where
+  present and non-zero ``embedding_scale``, ``residual_scale``, ``attention.scale`` (else none,
+  none, 1/sqrt(head_dim)), as llama.cpp reads them; ``rope.scaling.finetuned`` false (llama.cpp:
+  no RoPE) is refused.
 """
 
 from __future__ import annotations
@@ -32,12 +36,14 @@ from ember import EmberError
 from ember.models.config import ModelConfig
 from ember.models.gguf_moe import BLOCK_NAMES as MOE_BLOCK_NAMES
 from ember.models.gguf_moe import expert_tensors
+from ember.models.gguf_rope import nice_float
 
 # GGUF architecture -> (HF model_type, whether llama.cpp permuted Q/K rows for it)
 ARCHITECTURES = {
     "llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
     "gemma": ("gemma", False), "gemma2": ("gemma2", False), "gemma3": ("gemma3_text", False),
     "phi3": ("phi3", False), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", False),
+    "granite": ("granite", True),
 }
 GEMMA = ("gemma", "gemma2", "gemma3")
 # block tensors beyond the common ones: Gemma 2/3's sandwich norms, Phi-3's fused q/k/v
@@ -89,6 +95,8 @@ def arch_fields(arch: str, md: dict, get: Callable, base: dict) -> dict:
     if arch == "phi3":
         window = int(get("attention.sliding_window") or 0)
         return {"sliding_window": window or None}
+    if arch == "granite":
+        return granite_fields(md, get)
     if arch not in GEMMA:
         return {}
     hidden, heads, layers = base["hidden_size"], base["num_heads"], base["num_layers"]
@@ -107,6 +115,22 @@ def arch_fields(arch: str, md: dict, get: Callable, base: dict) -> dict:
     out.update(sandwich_norms=True, sliding_window=window, query_pre_attn_scalar=float(scalar),
                layer_types=_layer_types(arch, md, layers, window))
     return out
+
+
+def granite_fields(md: dict, get: Callable) -> dict:
+    """Granite's multipliers as llama.cpp reads them: ``logit_scale`` required, the others
+    optional with 0 or absent meaning none (the attention scale then 1/sqrt(head_dim)); RoPE
+    only while ``rope.scaling.finetuned`` is true (its default)."""
+    if md.get("granite.rope.scaling.finetuned", True) is not True:
+        raise EmberError("granite.rope.scaling.finetuned is false: llama.cpp then applies no RoPE "
+                         "at all, which Ember's Granite does not implement")
+    logit = get("logit_scale")
+    if not logit:
+        raise EmberError("granite.logit_scale is missing or 0 (llama.cpp requires it)")
+    emb, res, att = (nice_float(get(k) or 0.0) for k in ("embedding_scale", "residual_scale",
+                                                           "attention.scale"))
+    return dict(embedding_scale=emb or None, residual_multiplier=res or 1.0,
+                attention_multiplier=att or None, logits_scaling=nice_float(logit))
 
 
 def arch_tensors(arch: str, name: str, key: str, w: torch.Tensor,

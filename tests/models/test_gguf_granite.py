@@ -1,0 +1,130 @@
+"""GGUF ``granite`` both ways. transformers' GGUF loader does not read Granite, so the oracle is a
+writer in this file that follows llama.cpp's convert_hf_to_gguf.py (``GraniteModel``, a
+``LlamaModel``: Q/K rows permuted per head, head_dim dropped, the multipliers written as
+``attention.scale`` / ``embedding_scale`` / ``residual_scale`` where non-zero and ``logit_scale``)
+applied to a tiny random transformers Granite, whose logits Ember's import must give (fp32,
+<= 1e-4); Ember's export must read back to the same model. SmolLM3 and OLMo2 GGUF files are
+refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import MODEL_ARCH_NAMES, GGUFWriter, get_tensor_name_map
+
+from ember import EmberError
+from ember.models.gguf import load_gguf
+from ember.models.gguf_export import save_gguf
+from ember.models.transformer import Transformer
+from tests.models.test_gguf import VOCAB, _put, tiny_tokenizer_md, write_tiny_gguf
+
+transformers = pytest.importorskip("transformers")
+
+MULT = dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.05,
+            logits_scaling=4.0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here on one torch thread (tests/conftest.py: one_thread)."""
+
+
+def _granite(tied: bool = False):
+    cfg = transformers.GraniteConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2, **MULT)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    return model
+
+
+def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py's LlamaModel.permute."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+        w.shape)
+
+
+def write_granite_gguf(path, model, drop: tuple[str, ...] = (), extra: dict | None = None):
+    """The file convert_hf_to_gguf.py writes for ``model`` (F32 tensors)."""
+    c = model.config
+    md = {"context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
+          "block_count": c.num_hidden_layers, "feed_forward_length": c.intermediate_size,
+          "rope.dimension_count": c.hidden_size // c.num_attention_heads,
+          "attention.head_count": c.num_attention_heads,
+          "attention.head_count_kv": c.num_key_value_heads,
+          "rope.freq_base": float(c.rope_parameters["rope_theta"]),
+          "attention.layer_norm_rms_epsilon": float(c.rms_norm_eps), "vocab_size": c.vocab_size,
+          "attention.scale": float(c.attention_multiplier),
+          "embedding_scale": float(c.embedding_multiplier),
+          "residual_scale": float(c.residual_multiplier), "logit_scale": float(c.logits_scaling)}
+    w = GGUFWriter(str(path), "granite")
+    for k, v in {**{f"granite.{k}": v for k, v in md.items() if k not in drop},
+                 **tiny_tokenizer_md(), **(extra or {})}.items():
+        _put(w, k, v)
+    arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == "granite")
+    names = get_tensor_name_map(arch, c.num_hidden_layers)
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        if key.endswith("q_proj.weight"):
+            t = _permute(t, c.num_attention_heads)
+        elif key.endswith("k_proj.weight"):
+            t = _permute(t, c.num_key_value_heads)
+        w.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _ember(cfg, sd, ids):
+    model = Transformer(cfg).eval()
+    model.load_state_dict(sd)
+    with torch.no_grad():
+        return model(ids), model
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_granite_gguf_matches_hf_and_exports_back(tmp_path, tied):
+    hf = _granite(tied)
+    write_granite_gguf(tmp_path / "g.gguf", hf)
+    ids = torch.randint(3, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(ids).logits
+    cfg, sd, tok = load_gguf(tmp_path / "g.gguf")
+    assert (cfg.embedding_scale, cfg.residual_multiplier, cfg.attention_multiplier,
+            cfg.logits_scaling, cfg.tie_word_embeddings) == (3.0, 0.4, 0.05, 4.0, tied)
+    got, model = _ember(cfg, sd, ids)
+    assert (got - want).abs().max().item() <= 1e-4
+    for name, plain in dict(embedding_scale=None, residual_multiplier=1.0,
+                            attention_multiplier=None, logits_scaling=1.0).items():
+        assert (_ember(cfg.replace(**{name: plain}), sd, ids)[0] - want).abs().max() > 1e-2
+    save_gguf(model, tok, tmp_path / "back.gguf", dtype="f32")
+    cfg2, sd2, _ = load_gguf(tmp_path / "back.gguf")
+    assert cfg2 == cfg and sd2.keys() == sd.keys()
+    assert all(torch.equal(sd2[k], sd[k]) for k in sd)
+
+
+def test_granite_gguf_defaults_and_refusals(tmp_path):
+    hf = _granite()
+    # no attention.scale / residual_scale / embedding_scale: llama.cpp's 1/sqrt(hd), 1, none
+    write_granite_gguf(tmp_path / "d.gguf", hf,
+                       drop=("attention.scale", "residual_scale", "embedding_scale"))
+    cfg, _, _ = load_gguf(tmp_path / "d.gguf")
+    assert (cfg.embedding_scale, cfg.residual_multiplier, cfg.softmax_scale) == (None, 1.0, None)
+    write_granite_gguf(tmp_path / "n.gguf", hf, drop=("logit_scale",))
+    with pytest.raises(EmberError, match="granite.logit_scale is missing"):
+        load_gguf(tmp_path / "n.gguf")
+    write_granite_gguf(tmp_path / "r.gguf", hf, extra={"granite.rope.scaling.finetuned": False})
+    with pytest.raises(EmberError, match="no RoPE"):
+        load_gguf(tmp_path / "r.gguf")
+    for arch in ("smollm3", "olmo2"):
+        write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch)
+        with pytest.raises(EmberError, match=f"GGUF architecture '{arch}' is not supported"):
+            load_gguf(tmp_path / f"{arch}.gguf")
