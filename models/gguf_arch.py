@@ -1,4 +1,5 @@
-"""Family-specific parts of the GGUF import (``ember.models.gguf``): Gemma 1/2/3, Phi-3, Granite.
+"""Family-specific parts of the GGUF import (``ember.models.gguf``): Gemma 1/2/3, Phi-3, Granite,
+SmolLM3.
 
 What llama.cpp's ``convert_hf_to_gguf.py`` writes for them and what its runtime assumes, read
 back into ``ModelConfig`` fields and Ember tensors:
@@ -22,6 +23,8 @@ back into ``ModelConfig`` fields and Ember tensors:
   present and non-zero ``embedding_scale``, ``residual_scale``, ``attention.scale`` (else none,
   none, 1/sqrt(head_dim)), as llama.cpp reads them; ``rope.scaling.finetuned`` false (llama.cpp:
   no RoPE) is refused.
+- SmolLM3 (``smollm3``, Llama's layout): llama.cpp skips RoPE on every 4th layer (its
+  ``n_no_rope_layer_step``, hard-coded, no key) and has no sliding window.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ ARCHITECTURES = {
     "llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
     "gemma": ("gemma", False), "gemma2": ("gemma2", False), "gemma3": ("gemma3_text", False),
     "phi3": ("phi3", False), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", False),
-    "granite": ("granite", True),
+    "granite": ("granite", True), "smollm3": ("smollm3", True),
 }
 GEMMA = ("gemma", "gemma2", "gemma3")
 # block tensors beyond the common ones: Gemma 2/3's sandwich norms, Phi-3's fused q/k/v
@@ -97,6 +100,8 @@ def arch_fields(arch: str, md: dict, get: Callable, base: dict) -> dict:
         return {"sliding_window": window or None}
     if arch == "granite":
         return granite_fields(md, get)
+    if arch == "smollm3":  # llama.cpp hard-codes NoPE on every 4th layer (no key) and no window
+        return {"nope_layers": tuple(i for i in range(base["num_layers"]) if (i + 1) % 4 == 0)}
     if arch not in GEMMA:
         return {}
     hidden, heads, layers = base["hidden_size"], base["num_heads"], base["num_layers"]

@@ -70,7 +70,8 @@ GGUF_TYPES = (*DTYPES, *FILE_TYPES, *ALIASES)
 # Ember model_type -> GGUF general.architecture
 _ARCH_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3",
-            "phi3": "phi3", "granite": "granite", **EXPORT_ARCH}
+            "phi3": "phi3", "granite": "granite", "smollm3": "smollm3",
+            **EXPORT_ARCH}
 _GGUF_BLOCK = {v: k for k, v in _BLOCK_NAMES.items()}
 _GGUF_TOP = {v: k for k, v in _TOP_NAMES.items()}
 # Phi-3's fused tensors and the Ember projections stacked in them, in row order
@@ -223,7 +224,7 @@ def arch_metadata(cfg: ModelConfig) -> dict[str, Any]:
     }
     if cfg.head_dim != cfg.hidden_size // cfg.num_heads or arch in GEMMA:
         md.update({"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim})
-    if arch in ("llama", "phi3", "granite"):
+    if arch in ("llama", "phi3", "granite", "smollm3"):
         md["rope.dimension_count"] = cfg.rotary_dim
     if arch == "granite":  # as the converter: the multipliers where non-zero, logit_scale always
         md.update({k: float(v) for k, v in (

@@ -1,10 +1,12 @@
-"""GGUF ``granite`` both ways. transformers' GGUF loader does not read Granite, so the oracle is a
-writer in this file that follows llama.cpp's convert_hf_to_gguf.py (``GraniteModel``, a
-``LlamaModel``: Q/K rows permuted per head, head_dim dropped, the multipliers written as
-``attention.scale`` / ``embedding_scale`` / ``residual_scale`` where non-zero and ``logit_scale``)
-applied to a tiny random transformers Granite, whose logits Ember's import must give (fp32,
-<= 1e-4); Ember's export must read back to the same model. SmolLM3 and OLMo2 GGUF files are
-refused by name."""
+"""GGUF ``granite`` and ``smollm3`` both ways. transformers' GGUF loader reads neither, so the
+oracle is a writer in this file that follows llama.cpp's convert_hf_to_gguf.py (``GraniteModel`` and
+``SmolLM3Model``, both ``LlamaModel``: Q/K rows permuted per head; Granite drops head_dim and
+writes its multipliers as ``attention.scale`` / ``embedding_scale`` / ``residual_scale`` where
+non-zero and ``logit_scale``) applied to tiny random transformers models, whose logits Ember's
+import must give (fp32, <= 1e-4); Ember's export must read back to the same model. llama.cpp's
+SmolLM3 hard-codes NoPE on every 4th layer and no window, so the HF model here has transformers'
+default ``no_rope_layer_interval`` 4, and other patterns are refused on export. OLMo2 GGUF files
+are refused by name."""
 
 from __future__ import annotations
 
@@ -50,25 +52,43 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
         w.shape)
 
 
-def write_granite_gguf(path, model, drop: tuple[str, ...] = (), extra: dict | None = None):
+def _smollm3():
+    cfg = transformers.SmolLM3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+        bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(4)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    return model
+
+
+def write_llama_variant_gguf(path, model, drop: tuple[str, ...] = (), extra: dict | None = None):
     """The file convert_hf_to_gguf.py writes for ``model`` (F32 tensors)."""
     c = model.config
+    arch = c.model_type
     md = {"context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
           "block_count": c.num_hidden_layers, "feed_forward_length": c.intermediate_size,
           "rope.dimension_count": c.hidden_size // c.num_attention_heads,
           "attention.head_count": c.num_attention_heads,
           "attention.head_count_kv": c.num_key_value_heads,
           "rope.freq_base": float(c.rope_parameters["rope_theta"]),
-          "attention.layer_norm_rms_epsilon": float(c.rms_norm_eps), "vocab_size": c.vocab_size,
-          "attention.scale": float(c.attention_multiplier),
-          "embedding_scale": float(c.embedding_multiplier),
-          "residual_scale": float(c.residual_multiplier), "logit_scale": float(c.logits_scaling)}
-    w = GGUFWriter(str(path), "granite")
-    for k, v in {**{f"granite.{k}": v for k, v in md.items() if k not in drop},
+          "attention.layer_norm_rms_epsilon": float(c.rms_norm_eps), "vocab_size": c.vocab_size}
+    if arch == "granite":
+        md.update({"attention.scale": float(c.attention_multiplier),
+                   "embedding_scale": float(c.embedding_multiplier),
+                   "residual_scale": float(c.residual_multiplier),
+                   "logit_scale": float(c.logits_scaling)})
+    w = GGUFWriter(str(path), arch)
+    for k, v in {**{f"{arch}.{k}": v for k, v in md.items() if k not in drop},
                  **tiny_tokenizer_md(), **(extra or {})}.items():
         _put(w, k, v)
-    arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == "granite")
-    names = get_tensor_name_map(arch, c.num_hidden_layers)
+    names = get_tensor_name_map(next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch),
+                                c.num_hidden_layers)
     for key, t in model.state_dict().items():
         if key == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -93,7 +113,7 @@ def _ember(cfg, sd, ids):
 @pytest.mark.parametrize("tied", [False, True])
 def test_granite_gguf_matches_hf_and_exports_back(tmp_path, tied):
     hf = _granite(tied)
-    write_granite_gguf(tmp_path / "g.gguf", hf)
+    write_llama_variant_gguf(tmp_path / "g.gguf", hf)
     ids = torch.randint(3, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = hf(ids).logits
@@ -114,17 +134,40 @@ def test_granite_gguf_matches_hf_and_exports_back(tmp_path, tied):
 def test_granite_gguf_defaults_and_refusals(tmp_path):
     hf = _granite()
     # no attention.scale / residual_scale / embedding_scale: llama.cpp's 1/sqrt(hd), 1, none
-    write_granite_gguf(tmp_path / "d.gguf", hf,
+    write_llama_variant_gguf(tmp_path / "d.gguf", hf,
                        drop=("attention.scale", "residual_scale", "embedding_scale"))
     cfg, _, _ = load_gguf(tmp_path / "d.gguf")
     assert (cfg.embedding_scale, cfg.residual_multiplier, cfg.softmax_scale) == (None, 1.0, None)
-    write_granite_gguf(tmp_path / "n.gguf", hf, drop=("logit_scale",))
+    write_llama_variant_gguf(tmp_path / "n.gguf", hf, drop=("logit_scale",))
     with pytest.raises(EmberError, match="granite.logit_scale is missing"):
         load_gguf(tmp_path / "n.gguf")
-    write_granite_gguf(tmp_path / "r.gguf", hf, extra={"granite.rope.scaling.finetuned": False})
+    write_llama_variant_gguf(tmp_path / "r.gguf", hf,
+                             extra={"granite.rope.scaling.finetuned": False})
     with pytest.raises(EmberError, match="no RoPE"):
         load_gguf(tmp_path / "r.gguf")
-    for arch in ("smollm3", "olmo2"):
-        write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch)
-        with pytest.raises(EmberError, match=f"GGUF architecture '{arch}' is not supported"):
-            load_gguf(tmp_path / f"{arch}.gguf")
+    write_tiny_gguf(tmp_path / "olmo2.gguf", arch="olmo2")
+    with pytest.raises(EmberError, match="GGUF architecture 'olmo2' is not supported"):
+        load_gguf(tmp_path / "olmo2.gguf")
+
+
+def test_smollm3_gguf_matches_hf_and_exports_back(tmp_path):
+    hf = _smollm3()
+    write_llama_variant_gguf(tmp_path / "s.gguf", hf)
+    ids = torch.randint(3, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(ids).logits
+    cfg, sd, tok = load_gguf(tmp_path / "s.gguf")
+    assert cfg.nope_layers == (3,) and cfg.tie_word_embeddings and cfg.sliding_window is None
+    got, model = _ember(cfg, sd, ids)
+    assert (got - want).abs().max().item() <= 1e-4
+    assert (_ember(cfg.replace(nope_layers=()), sd, ids)[0] - want).abs().max() > 1e-2
+    save_gguf(model, tok, tmp_path / "back.gguf", dtype="f32")
+    cfg2, sd2, _ = load_gguf(tmp_path / "back.gguf")
+    assert cfg2 == cfg and all(torch.equal(sd2[k], sd[k]) for k in sd)
+    # what llama.cpp's smollm3 cannot express: other NoPE layers, a sliding window
+    for change, needle in ((dict(nope_layers=(1,)), "nope_layers"),
+                           (dict(sliding_window=4), "windows")):
+        other = Transformer(cfg.replace(**change))
+        other.load_state_dict(sd)
+        with pytest.raises(EmberError, match=f"cannot express this model.*{needle}"):
+            save_gguf(other, tok, tmp_path / "x.gguf", dtype="f32")
