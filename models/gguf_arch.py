@@ -1,5 +1,5 @@
 """Family-specific parts of the GGUF import (``ember.models.gguf``): Gemma 1/2/3, Phi-3, Granite,
-SmolLM3.
+SmolLM3, OLMo2.
 
 What llama.cpp's ``convert_hf_to_gguf.py`` writes for them and what its runtime assumes, read
 back into ``ModelConfig`` fields and Ember tensors:
@@ -25,6 +25,8 @@ back into ``ModelConfig`` fields and Ember tensors:
   no RoPE) is refused.
 - SmolLM3 (``smollm3``, Llama's layout): llama.cpp skips RoPE on every 4th layer (its
   ``n_no_rope_layer_step``, hard-coded, no key) and has no sliding window.
+- OLMo2 (``olmo2``, not permuted: NeoX RoPE): ``post_attention_norm`` / ``post_ffw_norm`` and
+  no pre-norms, q/k norms over the whole projection; an OLMo 3 sliding window is refused.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ ARCHITECTURES = {
     "gemma": ("gemma", False), "gemma2": ("gemma2", False), "gemma3": ("gemma3_text", False),
     "phi3": ("phi3", False), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", False),
     "granite": ("granite", True), "smollm3": ("smollm3", True),
+    "olmo2": ("olmo2", False),
 }
 GEMMA = ("gemma", "gemma2", "gemma3")
 # block tensors beyond the common ones: Gemma 2/3's sandwich norms, Phi-3's fused q/k/v
@@ -100,6 +103,11 @@ def arch_fields(arch: str, md: dict, get: Callable, base: dict) -> dict:
         return {"sliding_window": window or None}
     if arch == "granite":
         return granite_fields(md, get)
+    if arch == "olmo2":  # post-norms only, q/k norms over the whole projection
+        if get("attention.sliding_window"):
+            raise EmberError("olmo2.attention.sliding_window is set (an OLMo 3 file); sliding "
+                             "windows are not supported for olmo2 GGUF files")
+        return dict(sandwich_norms=True, pre_norms=False, qk_norm_full=True)
     if arch == "smollm3":  # llama.cpp hard-codes NoPE on every 4th layer (no key) and no window
         return {"nope_layers": tuple(i for i in range(base["num_layers"]) if (i + 1) % 4 == 0)}
     if arch not in GEMMA:

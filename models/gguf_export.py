@@ -71,7 +71,7 @@ GGUF_TYPES = (*DTYPES, *FILE_TYPES, *ALIASES)
 _ARCH_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3",
             "phi3": "phi3", "granite": "granite", "smollm3": "smollm3",
-            **EXPORT_ARCH}
+            "olmo2": "olmo2", **EXPORT_ARCH}
 _GGUF_BLOCK = {v: k for k, v in _BLOCK_NAMES.items()}
 _GGUF_TOP = {v: k for k, v in _TOP_NAMES.items()}
 # Phi-3's fused tensors and the Ember projections stacked in them, in row order
@@ -240,6 +240,14 @@ def arch_metadata(cfg: ModelConfig) -> dict[str, Any]:
         md["rope.scaling.original_context_length"] = rs.original_max_position_embeddings
     if arch == "phi3":
         md["attention.sliding_window"] = cfg.sliding_window or 0
+    if arch == "olmo2" and (cfg.tie_word_embeddings or cfg.attention_bias
+                            or cfg.attention_out_bias or cfg.head_dim * cfg.num_heads
+                            != cfg.hidden_size):
+        raise EmberError("save_gguf: llama.cpp's olmo2 has a separate output matrix, no attention "
+                         "biases and head_dim = hidden / heads; this model differs (tied "
+                         f"embeddings {cfg.tie_word_embeddings}, attention bias "
+                         f"{cfg.attention_bias}, head_dim {cfg.head_dim}). Export the merged HF "
+                         "folder instead (ember export --merged)")
     if arch in ("gemma2", "gemma3"):
         if cfg.sliding_window is not None:
             md["attention.sliding_window"] = cfg.sliding_window

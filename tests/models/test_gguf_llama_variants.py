@@ -1,12 +1,12 @@
-"""GGUF ``granite`` and ``smollm3`` both ways. transformers' GGUF loader reads neither, so the
+"""GGUF ``granite``, ``smollm3``, ``olmo2`` both ways. transformers' GGUF loader reads none, so the
 oracle is a writer in this file that follows llama.cpp's convert_hf_to_gguf.py (``GraniteModel`` and
 ``SmolLM3Model``, both ``LlamaModel``: Q/K rows permuted per head; Granite drops head_dim and
 writes its multipliers as ``attention.scale`` / ``embedding_scale`` / ``residual_scale`` where
 non-zero and ``logit_scale``) applied to tiny random transformers models, whose logits Ember's
 import must give (fp32, <= 1e-4); Ember's export must read back to the same model. llama.cpp's
 SmolLM3 hard-codes NoPE on every 4th layer and no window, so the HF model here has transformers'
-default ``no_rope_layer_interval`` 4, and other patterns are refused on export. OLMo2 GGUF files
-are refused by name."""
+default ``no_rope_layer_interval`` 4, and other patterns are refused on export. ``olmo2`` likewise
+(``Olmo2Model``, a ``TextModel``: no permutation); tied or biased OLMo2 exports are refused."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ember import EmberError
 from ember.models.gguf import load_gguf
 from ember.models.gguf_export import save_gguf
 from ember.models.transformer import Transformer
-from tests.models.test_gguf import VOCAB, _put, tiny_tokenizer_md, write_tiny_gguf
+from tests.models.test_gguf import VOCAB, _put, tiny_tokenizer_md
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,12 +52,12 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
         w.shape)
 
 
-def _smollm3():
-    cfg = transformers.SmolLM3Config(
+def _smollm3(cls: str = "SmolLM3Config", **kw):
+    cfg = getattr(transformers, cls)(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
-        bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, **kw)
     cfg._attn_implementation = "eager"
     torch.manual_seed(4)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
@@ -92,7 +92,9 @@ def write_llama_variant_gguf(path, model, drop: tuple[str, ...] = (), extra: dic
     for key, t in model.state_dict().items():
         if key == "lm_head.weight" and c.tie_word_embeddings:
             continue
-        if key.endswith("q_proj.weight"):
+        if arch == "olmo2":  # TextModel: no permutation (llama.cpp's NeoX RoPE)
+            pass
+        elif key.endswith("q_proj.weight"):
             t = _permute(t, c.num_attention_heads)
         elif key.endswith("k_proj.weight"):
             t = _permute(t, c.num_key_value_heads)
@@ -145,9 +147,6 @@ def test_granite_gguf_defaults_and_refusals(tmp_path):
                              extra={"granite.rope.scaling.finetuned": False})
     with pytest.raises(EmberError, match="no RoPE"):
         load_gguf(tmp_path / "r.gguf")
-    write_tiny_gguf(tmp_path / "olmo2.gguf", arch="olmo2")
-    with pytest.raises(EmberError, match="GGUF architecture 'olmo2' is not supported"):
-        load_gguf(tmp_path / "olmo2.gguf")
 
 
 def test_smollm3_gguf_matches_hf_and_exports_back(tmp_path):
@@ -171,3 +170,24 @@ def test_smollm3_gguf_matches_hf_and_exports_back(tmp_path):
         other.load_state_dict(sd)
         with pytest.raises(EmberError, match=f"cannot express this model.*{needle}"):
             save_gguf(other, tok, tmp_path / "x.gguf", dtype="f32")
+
+
+def test_olmo2_gguf_matches_hf_and_exports_back(tmp_path):
+    hf = _smollm3("Olmo2Config")
+    write_llama_variant_gguf(tmp_path / "o.gguf", hf)
+    ids = torch.randint(3, VOCAB, (2, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = hf(ids).logits
+    cfg, sd, tok = load_gguf(tmp_path / "o.gguf")
+    assert cfg.sandwich_norms and not cfg.pre_norms and cfg.qk_norm and cfg.qk_norm_full
+    got, model = _ember(cfg, sd, ids)
+    assert (got - want).abs().max().item() <= 1e-4
+    save_gguf(model, tok, tmp_path / "back.gguf", dtype="f32")
+    cfg2, sd2, _ = load_gguf(tmp_path / "back.gguf")
+    assert cfg2 == cfg and all(torch.equal(sd2[k], sd[k]) for k in sd)
+    tied = Transformer(cfg.replace(tie_word_embeddings=True))
+    with pytest.raises(EmberError, match="llama.cpp's olmo2 has a separate output matrix"):
+        save_gguf(tied, tok, tmp_path / "x.gguf", dtype="f32")
+    write_llama_variant_gguf(tmp_path / "w.gguf", hf, extra={"olmo2.attention.sliding_window": 4})
+    with pytest.raises(EmberError, match="OLMo 3 file"):
+        load_gguf(tmp_path / "w.gguf")
