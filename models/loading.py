@@ -265,17 +265,21 @@ def load_pretrained(
     """``(model, tokenizer)`` from an HF folder, a ``.gguf`` file or a built-in model name.
 
     ``dtype=None`` keeps the stored dtype. ``tokenizer`` is None (with a warning) when the folder
-    has no tokenizer.json. ``quantize="nf4"`` stores the linear weights in NF4 while loading
-    (``double_quant``: see ``load_hf_folder``)."""
+    has neither tokenizer.json nor a slow tokenizer's files (tokenizer.model, vocab.json +
+    merges.txt: ``ember.models.slow_tokenizer``). ``quantize="nf4"`` stores the linear weights in
+    NF4 while loading (``double_quant``: see ``load_hf_folder``)."""
     folder = _resolve_path(path)
     model = load_hf_folder(folder, dtype, device, quantize=quantize, double_quant=double_quant)
-    if (folder / "tokenizer.json").is_file():
+    from ember.models.slow_tokenizer import has_slow_tokenizer
+
+    if (folder / "tokenizer.json").is_file() or has_slow_tokenizer(folder):
         from ember.models.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(folder)
     else:
         warnings.warn(
-            f"{folder} has no tokenizer.json: returning tokenizer=None (token ids in and out only)",
+            f"{folder} has no tokenizer.json (nor tokenizer.model or vocab.json + merges.txt): "
+            "returning tokenizer=None (token ids in and out only)",
             stacklevel=2,
         )
         tokenizer = None

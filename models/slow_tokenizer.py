@@ -40,7 +40,7 @@ _BPE_CLASSES = ("GPT2Tokenizer", "Qwen2Tokenizer")
 _DEFAULTS = {
     "LlamaTokenizer": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"},
     "GemmaTokenizer": {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>",
-                       "pad_token": "<pad>"},
+                       "pad_token": "<pad>", "mask_token": "<mask>"},
     "GPT2Tokenizer": dict.fromkeys(("unk_token", "bos_token", "eos_token"), "<|endoftext|>"),
     "Qwen2Tokenizer": dict.fromkeys(("unk_token", "eos_token", "pad_token"), "<|endoftext|>"),
 }
@@ -248,7 +248,9 @@ def _added_token(d: dict, content: str) -> AddedToken:
 def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
                  ) -> tuple[tokenizers.Tokenizer, dict[str, str]]:
     """The backend transformers builds from ``folder``'s slow files (without post-processor: the
-    caller adds bos/eos), and the special tokens its tokenizer class assumes by default."""
+    caller adds bos/eos), and the special tokens its tokenizer class assumes where the folder
+    names none (those the vocabulary lacks are left out: transformers would add them as new
+    tokens)."""
     cls = _tokenizer_class(folder, cfg, model_type)
     if cls in _SPM_CLASSES:
         if not (folder / "tokenizer.model").is_file():
@@ -258,7 +260,7 @@ def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
         backend = _bpe_backend(folder, cls, cfg)
     defaults = {k: v for k, v in _DEFAULTS[cls].items() if k not in cfg and k not in smap}
     named = {v for k, v in {**smap, **cfg, **defaults}.items()
-             if k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+             if k in ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")}
     named = {(v.get("content") if isinstance(v, dict) else v) for v in named} - {None}
 
     # (id, token) pairs the folder pins: added_tokens_decoder, else the legacy added_tokens.json

@@ -220,7 +220,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         model_type = (_read_json(folder / "config.json").get("model_type") or "") if (
             folder / "config.json").is_file() else ""
         backend, defaults = slow_backend(folder, cfg, smap, str(model_type))
-        specials.update({n: t for n, t in defaults.items() if backend.token_to_id(t) is not None})
+        specials.update({n: t for n, t in defaults.items()
+                         if n in specials and backend.token_to_id(t) is not None})
     else:
         try:
             backend = tokenizers.Tokenizer.from_file(str(tj))
