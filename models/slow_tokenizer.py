@@ -239,6 +239,12 @@ def _tokenizer_class(folder: Path, cfg: dict, model_type: str) -> str:
     return "Qwen2Tokenizer" if model_type.startswith("qwen") else "GPT2Tokenizer"
 
 
+def _content(v: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a str or an AddedToken dict."""
+    v = v.get("content") if isinstance(v, dict) else v
+    return v if isinstance(v, str) else None
+
+
 def _added_token(d: dict, content: str) -> AddedToken:
     flags = {k: bool(d[k]) for k in ("single_word", "lstrip", "rstrip", "normalized", "special")
              if k in d}
@@ -259,9 +265,8 @@ def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
     else:
         backend = _bpe_backend(folder, cls, cfg)
     defaults = {k: v for k, v in _DEFAULTS[cls].items() if k not in cfg and k not in smap}
-    named = {v for k, v in {**smap, **cfg, **defaults}.items()
-             if k in ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")}
-    named = {(v.get("content") if isinstance(v, dict) else v) for v in named} - {None}
+    named = {_content(v) for k, v in {**smap, **cfg, **defaults}.items()
+             if k in ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")} - {None}
 
     # (id, token) pairs the folder pins: added_tokens_decoder, else the legacy added_tokens.json
     pinned: list[tuple[int, AddedToken]] = []
@@ -290,8 +295,7 @@ def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
                              "tokenizer files disagree")
     extra = [*(cfg.get("additional_special_tokens") or []),
              *(smap.get("additional_special_tokens") or [])]
-    specials = [t for t in (*named, *((e.get("content") if isinstance(e, dict) else e)
-                                      for e in extra)) if isinstance(t, str)]
+    specials = [t for t in (*sorted(named), *map(_content, extra)) if t is not None]
     decoder_tokens = backend.get_added_tokens_decoder().values()
     have = {t.content for t in decoder_tokens}
     # named special tokens not yet added become special (matched whole, skipped when decoding),
