@@ -33,7 +33,8 @@ _FRAGMENTS = ["", " ", "  ", "   ", "\n", "\n\n", "\t", " \t ", "a", " a", "a ",
               "日本語", "한국어", "العربية", "☃", "🤖🔥", "👨‍👩‍👧", "\u00a0", "\u200b", "12345",
               "3.14", "007", "x" * 30, "def f():", "#", "##", "<s>", "</s>", "<unk>", "<bos>",
               "<eos>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool>",
-              "<start_of_turn>", "<end_of_turn>", "▁", "▁▁x", "<0x41>", "\r\n", "Ｆｕｌｌ"]
+              "<start_of_turn>", "<end_of_turn>", "<|user|>", "<|end|>", "<|end|> \n x", "▁",
+              "▁▁x", "<0x41>", "\r\n", "Ｆｕｌｌ"]
 
 
 def _texts() -> list[str]:
@@ -109,6 +110,10 @@ CASES = {
                                    "add_bos_token": True, "add_eos_token": True}),
     "llama_no_prefix": ("llama", {"tokenizer_class": "LlamaTokenizer", "add_prefix_space": False,
                                   "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
+    # Phi-3 / Llama-2 chat style: added_tokens_decoder repeats the control pieces and appends
+    # chat markers after the SentencePiece vocabulary (one with rstrip, one not special)
+    "phi3_like": ("llama", {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False,
+                            "legacy": False, "eos_token": "<|endoftext|>", "pad_token": "<unk>"}),
     "gemma": ("gemma", {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True}),
     "gpt2": ("bpe", {"tokenizer_class": "GPT2Tokenizer"}),
     "gpt2_prefix_bos": ("bpe", {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": True,
@@ -128,6 +133,12 @@ def _case_folder(trained, tmp_path, name: str):
             **_added(["<|endoftext|>"], 0),
             **_added(["<|im_start|>", "<|im_end|>", "<tool>"], bpe.get_vocab_size(),
                      special=lambda t: t != "<tool>")}
+    if name == "phi3_like":
+        cfg["added_tokens_decoder"] = {
+            **_added(["<unk>", "<s>", "</s>"], 0),
+            **_added(["<|endoftext|>", "<|user|>", "<|end|>", "<tool>"], 600,
+                     special=lambda t: t != "<tool>")}
+        cfg["added_tokens_decoder"]["602"]["rstrip"] = True
     if model == "bpe":
         return _folder(tmp_path, name, cfg, bpe=bpe)
     return _folder(tmp_path, name, cfg, model=models[model])
@@ -147,9 +158,7 @@ def _assert_same_ids(ours, theirs, strings=STRINGS):
         assert not bad, f"{len(bad)} of {len(strings)} differ (special={special}), e.g. {bad[0]}"
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_matches_transformers(trained, tmp_path, name):
-    folder = _case_folder(trained, tmp_path, name)
+def _assert_like_transformers(folder):
     ours, theirs = load_tokenizer(folder), _theirs(folder)
     _assert_same_ids(ours, theirs)
     for skip in (False, True):
@@ -163,10 +172,46 @@ def test_matches_transformers(trained, tmp_path, name):
     assert ours.all_special_ids == {i for i, t in theirs.added_tokens_decoder.items() if t.special}
     assert (ours.add_bos_token, ours.add_eos_token) == (theirs.add_bos_token,
                                                         theirs.add_eos_token)
-    if "chat_template" in CASES[name][1]:
+    if ours.chat_template is not None:
         chat = [{"role": "user", "content": "Hi there"}]
         assert ours.apply_chat_template(chat, add_generation_prompt=True) == (
             theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_transformers(trained, tmp_path, name):
+    _assert_like_transformers(_case_folder(trained, tmp_path, name))
+
+
+def test_legacy_added_tokens_json(trained, tmp_path):
+    """Older repos: added tokens in added_tokens.json, specials in special_tokens_map.json."""
+    _, _, bpe = trained
+    folder = _folder(tmp_path, "legacy", {"tokenizer_class": "GPT2Tokenizer"}, bpe=bpe)
+    n = bpe.get_vocab_size()
+    (folder / "added_tokens.json").write_text(json.dumps(
+        {"<|im_start|>": n, "<|im_end|>": n + 1, "extra word": n + 2}))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]}))
+    _assert_like_transformers(folder)
+    assert load_tokenizer(folder).eos_token_id == n + 1
+
+
+def test_class_from_model_type(trained, tmp_path):
+    """No tokenizer_class: config.json's model_type picks Qwen2's or Gemma's convention, else
+    GPT-2's / Llama's (transformers 5.x builds a generic backend without the prefix space there;
+    Ember keeps Llama's, which SentencePiece agrees with)."""
+    d, models, bpe = trained
+    for name, model_type in (("qwen2", "qwen2"), ("gemma", "gemma"), ("gpt2", "gpt2")):
+        folder = _case_folder(trained, tmp_path, name)
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        del cfg["tokenizer_class"]
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+        _assert_like_transformers(folder)
+    folder = _folder(tmp_path, "plain", {}, model=models["llama"])
+    sp = spm.SentencePieceProcessor(model_file=models["llama"])
+    assert load_tokenizer(folder).encode_batch(["Hello world", "a  b"]) == sp.encode(
+        ["Hello world", "a  b"])
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma", "qwen2"])
