@@ -9,9 +9,12 @@
   every text segment (``legacy: true``) or never (``add_prefix_space: false``). Gemma: spaces
   replaced, no prefix. Like transformers, the file's normalizer spec (``add_dummy_prefix``,
   charsmap) is not used: the tokenizer class decides.
-  One deliberate difference: a model trained without byte fallback maps a character it cannot
-  spell to the unknown piece, as SentencePiece does (transformers 5.x silently drops it).
-  Unigram, word and char models are refused.
+  Unigram models become a ``tokenizers`` Unigram over the pieces and scores with the same
+  splitting: SentencePiece's algorithm and what transformers 4.x built (5.x's ``LlamaTokenizer``
+  recovers BPE merges from such a file instead, whose ids differ from SentencePiece's). Word and
+  char models are refused.
+  One deliberate difference: a BPE model trained without byte fallback maps a character it
+  cannot spell to the unknown piece, as SentencePiece does (transformers 5.x silently drops it).
 - ``vocab.json`` + ``merges.txt``: byte-level BPE, split like ``GPT2Tokenizer`` (GPT-2's regex) or
   ``Qwen2Tokenizer`` (its own regex after NFC).
 
@@ -32,7 +35,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from ember import EmberError
-from ember.models.spm import recovered_merges, spm_bpe
+from ember.models.spm import recovered_merges, spm_bpe, spm_pipeline
 
 _SPM_CLASSES = ("LlamaTokenizer", "GemmaTokenizer")
 _BPE_CLASSES = ("GPT2Tokenizer", "Qwen2Tokenizer")
@@ -152,24 +155,32 @@ def read_spm_model(path: Path) -> SpmModel:
 def _spm_backend(folder: Path, cls: str, cfg: dict) -> tokenizers.Tokenizer:
     path = folder / "tokenizer.model"
     sp = read_spm_model(path)
-    if sp.model_type != _BPE:
+    if sp.model_type not in (_BPE, _UNIGRAM):
         kind = _MODEL_TYPES.get(sp.model_type, str(sp.model_type))
-        raise EmberError(f"{path}: a SentencePiece {kind} model; Ember reads BPE ones (Llama 2, "
-                         "Mistral, Gemma, Phi-3). Convert the folder once with transformers "
+        raise EmberError(f"{path}: a SentencePiece {kind} model; Ember reads BPE and unigram "
+                         "ones. Convert the folder once with transformers "
                          "(AutoTokenizer.from_pretrained(folder).save_pretrained(folder)) or use "
                          "a model that ships a tokenizer.json")
     if len(set(sp.pieces)) != len(sp.pieces):
         raise EmberError(f"{path}: the same piece appears twice; the file is corrupt")
-    merges = recovered_merges(sp.pieces, {t: -float(i) for i, t in enumerate(sp.pieces)},
-                              longer_first=False)
     unk = sp.pieces[sp.unk_id] if 0 <= sp.unk_id < len(sp.pieces) else None
     if cls == "GemmaTokenizer":
-        backend = spm_bpe(sp.pieces, merges, unk=unk, style="gemma", prepend="never")
+        style, prepend = "gemma", "never"
     else:
         prefix = cfg.get("add_prefix_space")
-        prepend = ("never" if prefix is not None and not prefix
-                   else "always" if cfg.get("legacy", False) else "first")
-        backend = spm_bpe(sp.pieces, merges, unk=unk, style="llama", prepend=prepend)
+        style, prepend = "llama", ("never" if prefix is not None and not prefix
+                                   else "always" if cfg.get("legacy", False) else "first")
+    if sp.model_type == _UNIGRAM:  # SentencePiece's own algorithm, not transformers 5.x's BPE
+        if unk is None:
+            raise EmberError(f"{path}: unk_id {sp.unk_id} is not a piece; the file is corrupt")
+        backend = tokenizers.Tokenizer(models.Unigram(list(zip(sp.pieces, sp.scores, strict=True)),
+                                                      unk_id=sp.unk_id,
+                                                      byte_fallback=sp.byte_fallback))
+        spm_pipeline(backend, style=style, prepend=prepend)
+    else:
+        merges = recovered_merges(sp.pieces, {t: -float(i) for i, t in enumerate(sp.pieces)},
+                                  longer_first=False)
+        backend = spm_bpe(sp.pieces, merges, unk=unk, style=style, prepend=prepend)
     added = [AddedToken(p, special=t == _CONTROL, normalized=False)
              for p, t in zip(sp.pieces, sp.types, strict=True) if t in (_CONTROL, _USER_DEFINED)]
     backend.add_tokens(added)

@@ -82,12 +82,18 @@ def spm_backend(md: dict[str, Any], source: str) -> tokenizers.Tokenizer:
 
 def spm_bpe(tokens: list[str], merges: list[tuple[str, str]], *, unk: str | None, style: str,
             prepend: str) -> tokenizers.Tokenizer:
-    """BPE with byte fallback over SentencePiece pieces, split and decoded like transformers'
-    ``style`` ("llama": ``Metaspace`` pre-tokenizer with ``prepend`` "first" / "always" / "never";
-    "phi3": the prefix and spaces in the normalizer; "gemma": spaces replaced, never a prefix)."""
+    """BPE with byte fallback over SentencePiece pieces, split and decoded by ``spm_pipeline``."""
     vocab = {t: i for i, t in enumerate(tokens)}
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk,
                                               fuse_unk=True, byte_fallback=True, dropout=None))
+    spm_pipeline(backend, style=style, prepend=prepend)
+    return backend
+
+
+def spm_pipeline(backend: tokenizers.Tokenizer, *, style: str, prepend: str) -> None:
+    """Give a SentencePiece-piece model transformers' normalizer, pre-tokenizer and decoder for
+    ``style`` ("llama": ``Metaspace`` with ``prepend`` "first" / "always" / "never"; "phi3": the
+    prefix and spaces in the normalizer; "gemma": spaces replaced, never a prefix)."""
     prefix = prepend != "never" and style != "gemma"
     decode = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if style == "gemma":
@@ -102,4 +108,3 @@ def spm_bpe(tokens: list[str], merges: list[tuple[str, str]], *, unk: str | None
     if prefix:
         decode.append(decoders.Strip(content=" ", left=1))
     backend.decoder = decoders.Sequence(decode)
-    return backend

@@ -84,7 +84,9 @@ def trained(tmp_path_factory):
                             pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
                             control_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
                             allow_whitespace_only_pieces=True, split_by_whitespace=False),
-        "unigram": _train_spm(d, "unigram", model_type="unigram", vocab_size=400),
+        "unigram": _train_spm(d, "unigram", model_type="unigram", vocab_size=400,
+                              user_defined_symbols=["<|im_start|>"]),
+        "char": _train_spm(d, "char", model_type="char", vocab_size=200, byte_fallback=False),
     }
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
     bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -235,6 +237,31 @@ def test_ids_match_sentencepiece(trained, tmp_path):
     assert ours.encode_batch(plain, add_special_tokens=True) == [[1, *i] for i in sp.encode(plain)]
 
 
+@pytest.mark.parametrize("byte_fallback", [True, False])
+def test_unigram_matches_sentencepiece(trained, tmp_path, byte_fallback):
+    """A unigram tokenizer.model is read as SentencePiece segments it (transformers 5.x turns it
+    into a BPE that disagrees on some strings): ids, bos, decoding, and unknown characters (the
+    unknown piece without byte fallback, byte pieces with it)."""
+    d, models, _ = trained
+    model = models["unigram"] if byte_fallback else _train_spm(
+        d, "unigram_nb", model_type="unigram", vocab_size=150, byte_fallback=False)
+    folder = _folder(tmp_path, "uni", {"tokenizer_class": "LlamaTokenizer",
+                                       "add_bos_token": True}, model=model)
+    ours = load_tokenizer(folder)
+    sp = spm.SentencePieceProcessor(model_file=model)
+    plain = [s for s in STRINGS if s and not s[0].isspace() and s[0] != "▁" and "<" not in s]
+    plain += ["hello \u2603 world", "ok \U0001d518\U0001d518"]
+    ids = ours.encode_batch(plain)
+    assert ids == sp.encode(plain)
+    assert ours.encode_batch(plain, add_special_tokens=True) == [[1, *i] for i in ids]
+    spelled = [i for i in ids if 0 not in i]  # SentencePiece decodes <unk> as " ⁇ "
+    assert len(spelled) > 40 and ours.decode_batch(spelled) == sp.decode(spelled)
+    assert (0 in ids[-1]) != byte_fallback
+    assert ours.encode("a<|im_start|>b") == sp.encode("a<|im_start|>b")
+    ours.save_pretrained(tmp_path / "out")  # exported: transformers reads the Unigram as is
+    _assert_same_ids(ours, _theirs(tmp_path / "out"))
+
+
 def test_no_byte_fallback_keeps_unknown_characters(trained, tmp_path):
     """A model trained without byte fallback: SentencePiece writes the unknown piece for a
     character it cannot spell (transformers 5.x drops the character: Ember follows SentencePiece),
@@ -267,9 +294,9 @@ def test_reads_the_model_proto(trained):
 
 def test_refusals(trained, tmp_path):
     d, models, bpe = trained
-    uni = _folder(tmp_path, "uni", {"tokenizer_class": "LlamaTokenizer"}, model=models["unigram"])
-    with pytest.raises(EmberError, match="SentencePiece unigram model"):
-        load_tokenizer(uni)
+    char = _folder(tmp_path, "char", {"tokenizer_class": "LlamaTokenizer"}, model=models["char"])
+    with pytest.raises(EmberError, match="SentencePiece char model"):
+        load_tokenizer(char)
     t5 = _folder(tmp_path, "t5", {"tokenizer_class": "T5Tokenizer"}, model=models["llama"])
     with pytest.raises(EmberError, match="tokenizer_class 'T5Tokenizer'"):
         load_tokenizer(t5)
