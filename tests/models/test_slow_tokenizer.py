@@ -27,6 +27,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 CORPUS = TEXTS * 3 + ["the quick brown fox jumps over the lazy dog"] * 20 + [
     "hello world, hello there. " * 5, "  indented  code:\n\tif x:\n\t\treturn 1\n",
+    "end.\n\nNext line;\n}\n" * 5,
     "## heading #tag ###", "print('#x')  # comment"]
 _FRAGMENTS = ["", " ", "  ", "   ", "\n", "\n\n", "\t", " \t ", "a", " a", "a ", "hello",
               "Hello World", "HELLO", "the lazy dog", "it's", "don't", "café", "naïve", "ζψ Ж",
@@ -34,7 +35,8 @@ _FRAGMENTS = ["", " ", "  ", "   ", "\n", "\n\n", "\t", " \t ", "a", " a", "a ",
               "3.14", "007", "x" * 30, "def f():", "#", "##", "<s>", "</s>", "<unk>", "<bos>",
               "<eos>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool>",
               "<start_of_turn>", "<end_of_turn>", "<|user|>", "<|end|>", "<|end|> \n x", "▁",
-              "▁▁x", "<0x41>", "\r\n", "Ｆｕｌｌ"]
+              "▁▁x", "<0x41>", "\r\n", "Ｆｕｌｌ",
+              "cafe\u0301 n\u0303"]  # decomposed accents: NFC (Qwen2) changes their bytes
 
 
 def _texts() -> list[str]:
@@ -47,6 +49,7 @@ def _texts() -> list[str]:
 
 STRINGS = _texts()
 _FIELDS = ("bos_token", "eos_token", "unk_token", "pad_token")
+QWEN2_SPLIT = transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX
 
 
 def _train_spm(d, name: str, **kw) -> str:
@@ -89,7 +92,10 @@ def trained(tmp_path_factory):
         "char": _train_spm(d, "char", model_type="char", vocab_size=200, byte_fallback=False),
     }
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Qwen2's split, so that merges of punctuation with newlines exist (GPT-2's never makes them)
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Split(tokenizers.Regex(QWEN2_SPLIT), behavior="isolated"),
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.train_from_iterator(CORPUS, tokenizers.trainers.BpeTrainer(
         vocab_size=700, special_tokens=["<|endoftext|>"], show_progress=False,
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
@@ -171,6 +177,10 @@ def _assert_like_transformers(folder):
         assert getattr(ours, f) == getattr(theirs, f), f
         assert getattr(ours, f"{f}_id") == getattr(theirs, f"{f}_id") or f == "pad_token", f
     assert ours.vocab_size == len(theirs)
+    # the merges too (same order), so the exported tokenizer.json is transformers' conversion
+    mine, want = (json.loads(t.to_str())["model"] for t in (ours.backend,
+                                                            theirs.backend_tokenizer))
+    assert (mine.get("merges"), mine["vocab"]) == (want.get("merges"), want["vocab"])
     assert ours.all_special_ids == {i for i, t in theirs.added_tokens_decoder.items() if t.special}
     assert (ours.add_bos_token, ours.add_eos_token) == (theirs.add_bos_token,
                                                         theirs.add_eos_token)
