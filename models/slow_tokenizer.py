@@ -284,17 +284,21 @@ def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
     decoder = cfg.get("added_tokens_decoder")
     if isinstance(decoder, dict):
         for i, d in decoder.items():
-            if not isinstance(d, dict) or not isinstance(d.get("content"), str):
-                raise EmberError(f"{folder}/tokenizer_config.json: added_tokens_decoder[{i}] "
-                                 "needs a 'content' string")
+            if not isinstance(d, dict) or not isinstance(d.get("content"), str) or not str(
+                    i).isdigit():
+                raise EmberError(f"{folder}/tokenizer_config.json: added_tokens_decoder entry "
+                                 f"{i!r} needs an id as key and a 'content' string")
             pinned.append((int(i), _added_token(d, d["content"])))
     elif (folder / "added_tokens.json").is_file():
         try:
             table = json.loads((folder / "added_tokens.json").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise EmberError(f"cannot read {folder / 'added_tokens.json'}: {e}") from None
+        if not isinstance(table, dict) or not all(isinstance(i, int) for i in table.values()):
+            raise EmberError(f"{folder / 'added_tokens.json'}: expected a JSON object of token "
+                             "-> id")
         for t, i in table.items():
-            pinned.append((int(i), AddedToken(t, special=t in named, normalized=t not in named)))
+            pinned.append((i, AddedToken(t, special=t in named, normalized=t not in named)))
     for i, tok in sorted(pinned, key=lambda p: p[0]):
         if tok.special:
             backend.add_special_tokens([tok])

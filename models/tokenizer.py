@@ -217,9 +217,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if not has_slow_tokenizer(folder):
             raise EmberError(f"no tokenizer.json in {folder} (nor a slow tokenizer's "
                              "tokenizer.model or vocab.json + merges.txt)")
-        model_type = (_read_json(folder / "config.json").get("model_type") or "") if (
-            folder / "config.json").is_file() else ""
-        backend, defaults = slow_backend(folder, cfg, smap, str(model_type))
+        model_cfg = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+        model_type = model_cfg.get("model_type") if isinstance(model_cfg, dict) else None
+        backend, defaults = slow_backend(folder, cfg, smap, str(model_type or ""))
         specials.update({n: t for n, t in defaults.items()
                          if n in specials and backend.token_to_id(t) is not None})
     else:

@@ -319,6 +319,10 @@ def test_refusals(trained, tmp_path):
                      bpe=bpe)
     with pytest.raises(EmberError, match="should have id 5"):
         load_tokenizer(pinned)
+    (pinned / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "added_tokens_decoder": {"x": {"content": "a"}}}))
+    with pytest.raises(EmberError, match="added_tokens_decoder entry 'x'"):
+        load_tokenizer(pinned)
     merges = _folder(tmp_path, "merges", {"tokenizer_class": "GPT2Tokenizer"}, bpe=bpe)
     (merges / "merges.txt").write_text("#version: 0.2\nh e\nzz9 q\n")
     with pytest.raises(EmberError, match="merges.txt:2"):
