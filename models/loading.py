@@ -266,16 +266,23 @@ def load_pretrained(
 
     ``dtype=None`` keeps the stored dtype. ``tokenizer`` is None (with a warning) when the folder
     has neither tokenizer.json nor a slow tokenizer's files (tokenizer.model, vocab.json +
-    merges.txt: ``ember.models.slow_tokenizer``). ``quantize="nf4"`` stores the linear weights in
-    NF4 while loading (``double_quant``: see ``load_hf_folder``)."""
+    merges.txt: ``ember.models.slow_tokenizer``), or slow files Ember cannot read.
+    ``quantize="nf4"`` stores the linear weights in NF4 while loading (``double_quant``: see
+    ``load_hf_folder``)."""
     folder = _resolve_path(path)
     model = load_hf_folder(folder, dtype, device, quantize=quantize, double_quant=double_quant)
     from ember.models.slow_tokenizer import has_slow_tokenizer
+    from ember.models.tokenizer import load_tokenizer
 
-    if (folder / "tokenizer.json").is_file() or has_slow_tokenizer(folder):
-        from ember.models.tokenizer import load_tokenizer
-
+    if (folder / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(folder)
+    elif has_slow_tokenizer(folder):
+        try:
+            tokenizer = load_tokenizer(folder)
+        except EmberError as e:  # the weights stay usable with token ids, as without tokenizer
+            warnings.warn(f"{e}: returning tokenizer=None (token ids in and out only)",
+                          stacklevel=2)
+            tokenizer = None
     else:
         warnings.warn(
             f"{folder} has no tokenizer.json (nor tokenizer.model or vocab.json + merges.txt): "

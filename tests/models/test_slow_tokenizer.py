@@ -370,3 +370,8 @@ def test_load_pretrained_slow_only_folder(trained, tmp_path):
     out = save_pretrained(model, tmp_path / "out", tokenizer=tok)
     assert (out / "tokenizer.json").is_file()
     _assert_same_ids(tok, _theirs(out))
+    # a slow tokenizer Ember cannot read leaves the model usable on ids, as no tokenizer does
+    shutil.copy(models["char"], folder / "tokenizer.model")
+    with pytest.warns(UserWarning, match="SentencePiece char model.*tokenizer=None"):
+        _, tok = load_pretrained(folder, "float32")
+    assert tok is None
