@@ -125,7 +125,7 @@ CASES = {
     "gemma": ("gemma", {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True}),
     "gpt2": ("bpe", {"tokenizer_class": "GPT2Tokenizer"}),
     "gpt2_prefix_bos": ("bpe", {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": True,
-                                "add_bos_token": True}),
+                                "add_bos_token": True, "extra_special_tokens": ["hello"]}),
     "qwen2": ("bpe", {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None,
                       "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "errors": "replace",
                       "chat_template": CHAT}),
