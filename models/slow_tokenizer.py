@@ -308,8 +308,11 @@ def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
             raise EmberError(f"{folder}: added token {tok.content!r} should have id {i} but the "
                              f"vocabulary gives it {backend.token_to_id(tok.content)}; the "
                              "tokenizer files disagree")
-    extra = [*(cfg.get("additional_special_tokens") or []),
-             *(smap.get("additional_special_tokens") or [])]
+    extra = []  # lists of tokens (transformers 5 also writes {name: token} extras)
+    for source in (cfg, smap):
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            v = source.get(key) or []
+            extra += list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else []
     specials = [t for t in (*sorted(named), *map(_content, extra)) if t is not None]
     decoder_tokens = backend.get_added_tokens_decoder().values()
     have = {t.content for t in decoder_tokens}
