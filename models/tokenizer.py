@@ -1,7 +1,8 @@
 """Tokenizer: a ``tokenizers.Tokenizer`` plus the special tokens and the chat template of a model.
 
 Reads and writes Hugging Face folders (tokenizer.json + tokenizer_config.json [+
-chat_template.jinja, special_tokens_map.json, generation_config.json]) and builds tokenizers from
+chat_template.jinja, special_tokens_map.json, generation_config.json]; folders with only a slow
+tokenizer's files through ``ember.models.slow_tokenizer``) and builds tokenizers from
 GGUF metadata (``tokenizer.ggml.*``): byte-level BPE, splitting text the way llama.cpp does for the
 file's ``tokenizer.ggml.pre`` type, and SentencePiece-style BPE (``ember.models.spm``).
 
@@ -200,7 +201,9 @@ def _read_json(path: Path) -> dict:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer from a Hugging Face folder (ours or one written by transformers)."""
+    """Load a tokenizer from a Hugging Face folder (ours or one written by transformers); a
+    folder without tokenizer.json is built from its slow tokenizer's files (tokenizer.model or
+    vocab.json + merges.txt, see ``ember.models.slow_tokenizer``)."""
     folder = Path(path)
     if folder.is_file() and folder.name == "tokenizer.json":
         folder = folder.parent
