@@ -192,14 +192,15 @@ def _cmd_eval(a) -> None:
         from ember.engine.reward import eval_one_output
 
         field, kind = "label", "regression" if model.cfg.problem_type else "reward"
+        center = 0.0
         if _is_run_dir(a.model):
             from ember.engine.config import load_config
 
             head = load_config(a.model).head
-            field, kind = head.label_field, head.type if head.type != "classification" else kind
+            field, center = head.label_field, head.center_rewards_coefficient
         if len(model.cfg.labels) == 1:  # a reward or regression head
             scores, report = eval_one_output(model, tok, data, data_cfg, kind, a.metrics, field,
-                                             a.max_examples)
+                                             a.max_examples, center)
         else:
             scores, report = eval_classifier(model, tok, data, data_cfg, a.metrics, field,
                                              a.max_examples)

@@ -311,9 +311,10 @@ HEAD_OBJECTIVES = {"reward": RewardHead, "regression": RegressionHead}
 
 def eval_one_output(model, tokenizer, data, data_cfg: DataConfig, kind: str,
                     metrics: str | None = None, field: str = "label",
-                    max_examples: int | None = None):
+                    max_examples: int | None = None, center: float = 0.0):
     """``ember eval`` of a reward (``kind`` "reward": preference pairs) or regression head:
-    (scores, report). ``metrics``: comma-separated names (default all of the kind's)."""
+    (scores, report). ``metrics``: comma-separated names (default all of the kind's);
+    ``center``: a reward run's center_rewards_coefficient (in the loss)."""
     from ember.engine.runtime import autocast_for
 
     allowed = METRICS[kind]
@@ -330,7 +331,7 @@ def eval_one_output(model, tokenizer, data, data_cfg: DataConfig, kind: str,
     bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()  # as ember eval does
     out = score_documents(model, examples, data_cfg.tokens_per_batch, device,
                           autocast_for(device, "bf16" if bf16 else "fp32"))
-    scores = (reward_scores(out, examples) if kind == "reward" else
+    scores = (reward_scores(out, examples, center) if kind == "reward" else
               regression_scores(out, examples))
     return {"data": str(data), "examples": len(examples), "loss": scores["loss"],
             **{m: scores[m] for m in names}}, report
