@@ -384,3 +384,22 @@ def test_qlora_reward_head_builds_and_trains(task):
     obj.loss(model, collate(examples[:4]), 4).backward()
     trained = {n for n, p in model.named_parameters() if p.grad is not None}
     assert "score.weight" in trained and any("lora_A" in n for n in trained)
+
+
+@pytest.mark.slow  # one torchrun launch: ~30 s on a loaded 2-core machine
+def test_two_processes_match_one(task, tmp_path):
+    from ember.engine.config import to_toml
+    from tests.engine.test_distributed import _same_rows, torchrun_train
+
+    extra = ('method="full"', "max_steps=4", "optim.lr=3e-3", "data.tokens_per_batch=96",
+             "eval.every_steps=2", "checkpoint.save_final=false")
+    for name, accum in (("one", 2), ("two", 1)):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(to_toml(head_config(task, tmp_path / name, "reward", *extra,
+                                            f"grad_accum={accum}")))
+    assert cli(["train", str(tmp_path / "one.toml")]) == 0
+    torchrun_train(str(tmp_path / "two.toml"))
+    one = rows_of(tmp_path / "one")
+    assert len({r["loss"] for r in one if r["kind"] == "train"}) == 4
+    assert [r["step"] for r in one if r["kind"] == "eval"] == [0, 2, 4]
+    _same_rows(rows_of(tmp_path / "two"), one)
