@@ -203,6 +203,9 @@ def resolve_head(cfg: TrainConfig) -> TrainConfig:
     head = cfg.head
     if not head.labels:
         labels = model_labels(cfg.model.name)  # fine-tuning an HF classifier: its labels
+        if labels is not None and len(labels) == 1:
+            raise EmberError(f"{cfg.model.name} has one output (num_labels = 1): set head.type = "
+                             '"reward" or "regression" to fine-tune it')
         if labels is None and not cfg.data.train:
             raise EmberError("data.train is empty: give one or more JSONL files")
         labels = labels or infer_labels(cfg.data.train, head.label_field)
@@ -233,7 +236,8 @@ def attach_head(model, cfg: TrainConfig, tokenizer):
         if is_classifier(model):
             raise EmberError(
                 f"{cfg.model.name} is a sequence classifier (labels {list(model.cfg.labels)}): "
-                'set head.type = "classification" to fine-tune it'
+                'set head.type = "classification" (one output: "reward" or "regression") to '
+                "fine-tune it"
             )
         return model
     labels = cfg.head.labels

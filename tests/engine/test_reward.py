@@ -362,6 +362,11 @@ def test_reward_from_an_hf_num_labels_1_folder(task, tmp_path):
     acc = float((r[0::2] > r[1::2]).double().mean())
     assert res.before["accuracy"] == pytest.approx(acc)  # the folder's own head, not a new one
     assert res.before["margin"] == pytest.approx(float((r[0::2] - r[1::2]).mean()), abs=1e-5)
+    with pytest.raises(EmberError, match='has one output .* "reward" or "regression"'):
+        resolve(head_config(task, tmp_path / "c", "classification", f'model.name="{folder}"'))
+    lm = head_config(task, tmp_path / "lm", "reward", f'model.name="{folder}"')
+    with pytest.raises(EmberError, match='one output: "reward" or "regression"'):
+        Trainer(lm.replace(head=type(lm.head)()), echo=quiet, progress=False).run()
     two = transformers.AutoModelForSequenceClassification.from_pretrained(
         task["model"], num_labels=2)
     two.save_pretrained(tmp_path / "two")
