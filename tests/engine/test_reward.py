@@ -130,6 +130,9 @@ def test_reward_train_eval_export_lora(task, tmp_path, capsys):
 
     assert cli(["export", str(run), "--merged", str(tmp_path / "merged")]) == 0
     assert cli(["export", str(run), "--adapter", str(tmp_path / "adapter")]) == 0
+    capsys.readouterr()
+    assert cli(["eval", str(tmp_path / "merged"), "--data", task["val"]]) == 0  # an HF folder
+    assert json.loads(capsys.readouterr().out)["accuracy"] == scores["accuracy"]
     model, tok, _ = load_run_model(run, "cpu")
     examples, _ = load_pairs(task["val"], DataConfig(), tok, tok.pad_token_id)
     examples = examples[:5]
