@@ -8,6 +8,7 @@ stopping's direction; exact resume; starting from an HF num_labels=1 folder."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -185,6 +186,24 @@ def test_reward_loss_is_trls_and_accumulation_invariant(task, tmp_path):
     m = torch.tensor([row.get("margin", 0.0) for row in rows], dtype=torch.float64)
     trl = -F.logsigmoid(rc - rr - m).mean() + coef * torch.mean((rc + rr) ** 2)
     assert abs(float(one[0]) - float(trl)) < 1e-5, (float(one[0]), float(trl))
+    # Evaluation: a task_eval right after the validation pass on the same split reuses it; on
+    # another split (a test file) it scores that split.
+    from ember.engine import reward
+    from ember.engine.config import EvalConfig
+
+    calls = []
+    score = reward.score_documents
+    reward.score_documents = lambda *a, **k: calls.append(len(a[1])) or score(*a, **k)
+    try:
+        ev = EvalConfig(metrics=("accuracy", "margin"))
+        val = obj.val_scores(model, examples, 256, "cpu", contextlib.nullcontext, None)
+        same = obj.task_eval(model, tok, examples, ev, contextlib.nullcontext).scores
+        other = obj.task_eval(model, tok, examples[:3], ev, contextlib.nullcontext).scores
+    finally:
+        reward.score_documents = score
+    assert calls == [n, 3] and same == {"accuracy": val["val_accuracy"],
+                                        "margin": val["val_margin"]}
+    assert other["accuracy"] == float((rc[:3] > rr[:3]).double().mean())
     sums = obj.step_metrics(lambda xs: xs)
     assert sums["accuracy"] == pytest.approx(float((rc > rr).double().mean()))
     assert sums["margin"] == pytest.approx(float((rc - rr).mean()), abs=1e-6)  # of both passes
