@@ -197,12 +197,13 @@ def test_reward_loss_is_trls_and_accumulation_invariant(task, tmp_path):
     try:
         ev = EvalConfig(metrics=("accuracy", "margin"))
         val = obj.val_scores(model, examples, 256, "cpu", contextlib.nullcontext, None)
-        same = obj.task_eval(model, tok, examples, ev, contextlib.nullcontext).scores
         other = obj.task_eval(model, tok, examples[:3], ev, contextlib.nullcontext).scores
+        val = obj.val_scores(model, examples, 256, "cpu", contextlib.nullcontext, None)
+        same = obj.task_eval(model, tok, examples, ev, contextlib.nullcontext).scores
     finally:
         reward.score_documents = score
-    assert calls == [n, 3] and same == {"accuracy": val["val_accuracy"],
-                                        "margin": val["val_margin"]}
+    assert calls == [n, 3, n] and same == {"accuracy": val["val_accuracy"],
+                                           "margin": val["val_margin"]}
     assert other["accuracy"] == float((rc[:3] > rr[:3]).double().mean())
     sums = obj.step_metrics(lambda xs: xs)
     assert sums["accuracy"] == pytest.approx(float((rc > rr).double().mean()))
