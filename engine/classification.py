@@ -20,6 +20,8 @@ Loss: cross-entropy of the class logits, summed over the documents of a micro-ba
 by the documents of the whole optimizer step (the trainer's weight), so gradient accumulation and
 processes give the per-document mean of one big batch, like ``losses.sft_loss`` per token.
 
+One-output heads (``"reward"``, ``"regression"``) build on this module: ``engine/reward.py``.
+
 Evaluation: ``val_loss`` on the validation split; ``eval.metrics`` (``accuracy``, ``macro_f1``,
 ``f1``, ``exact_match``; default with a head: accuracy and macro_f1) from the argmax of the head
 on the test split (validation when there is none), computed on class indices; one forward
@@ -114,6 +116,9 @@ def check_config(cfg: TrainConfig) -> None:
             raise EmberError(
                 'head.labels is set but head.type is not: add head.type = "classification"'
             )
+        if bad := [m for m in cfg.eval.metrics if m in M.HEAD_SCORES]:
+            raise EmberError(f"eval.metrics {bad} score a reward or regression head: set "
+                             'head.type = "reward" or "regression", or remove them')
         return
     if cfg.objective != "sft":
         raise EmberError(

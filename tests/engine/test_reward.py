@@ -334,6 +334,7 @@ def load_run_objective(run):
     (['head.type="regression"', "head.center_rewards_coefficient=0.1"], 'type = "reward" only'),
     (['head.type="reward"', "head.center_rewards_coefficient=-1"], "must be >= 0"),
     (['head.type="multilabel"'], "head.type must be one of"),
+    (['eval.metrics=["mse"]'], "score a reward or regression head"),
 ])
 def test_refused_configs(task, tmp_path, extra, match):
     with pytest.raises(EmberError, match=match):
