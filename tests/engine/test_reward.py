@@ -432,3 +432,11 @@ def test_two_processes_match_one(task, tmp_path):
     assert len({r["loss"] for r in one if r["kind"] == "train"}) == 4
     assert [r["step"] for r in one if r["kind"] == "eval"] == [0, 2, 4]
     _same_rows(rows_of(tmp_path / "two"), one)
+
+
+def test_ember_config_documents_the_head_keys(task):
+    from ember.engine.config_doc import annotated_toml
+
+    text = annotated_toml(head_config(task, "unused", "reward"))
+    assert 'type = "reward"  # "classification" | "reward"' in text
+    assert "center_rewards_coefficient = 0.0  # reward: + coefficient * mean(" in text
