@@ -85,8 +85,10 @@ class ModelConfig:
     pad_token_id: int | None = None
     torch_dtype: str = "float32"  # dtype the checkpoint was stored in
     # A sequence classifier (HF *ForSequenceClassification): the class names in index order. The
-    # model then has a ``score`` head (ember.models.heads) and no LM head.
+    # model then has a ``score`` head (ember.models.heads) and no LM head. One name: a one-output
+    # head (a reward model, or regression when problem_type = "regression").
     labels: tuple[str, ...] | None = None
+    problem_type: str | None = None  # HF's, for a one-output head: None or "regression"
     # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; ember.models.moe): 0 experts is a dense
     # model. A sparse layer routes each token to ``num_experts_per_tok`` of ``num_experts`` MLPs of
     # width ``moe_intermediate_size``, weighted by the softmax over all experts' router logits,
@@ -129,10 +131,13 @@ class ModelConfig:
         if self.labels is not None:
             labels = tuple(self.labels)
             object.__setattr__(self, "labels", labels)
-            if len(labels) < 2 or len(set(labels)) != len(labels) or not all(
+            if not labels or len(set(labels)) != len(labels) or not all(
                     isinstance(x, str) and x for x in labels):
-                raise ValueError(f"labels must be at least two distinct non-empty names, got "
-                                 f"{list(labels)}")
+                raise ValueError(f"labels must be distinct non-empty names, got {list(labels)}")
+        if self.problem_type not in (None, "regression") or (
+                self.problem_type and (self.labels is None or len(self.labels) != 1)):
+            raise ValueError(f"problem_type {self.problem_type!r}: only a one-output head (one "
+                             "label) may be \"regression\"")
         self._check_moe()
         if self.layer_types is not None:
             types = tuple(self.layer_types)

@@ -41,7 +41,7 @@ import torch
 
 from ember import EmberError
 from ember.models.config import ModelConfig
-from ember.models.heads import labels_from_hf, labels_to_hf
+from ember.models.heads import labels_from_hf, labels_to_hf, problem_type_from_hf
 from ember.models.hf_gemma import DEFAULTS as _GEMMA_DEFAULTS
 from ember.models.hf_gemma import FIELDS as _GEMMA_FIELDS
 from ember.models.hf_gemma import MULTIMODAL, gemma_fields, gemma_to_hf, multimodal_text_config
@@ -445,7 +445,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             eos_token_id=eos,
             pad_token_id=_pad_token_id(raw),
             torch_dtype=dtype or "float32",
-            labels=labels,
+            labels=labels, problem_type=problem_type_from_hf(raw, labels),
             extra=extra,
             **fields,
         )
@@ -598,7 +598,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         out.update(use_sliding_window=sliding, sliding_window=cfg.sliding_window,
                    max_window_layers=first, layer_types=types)
     if cfg.labels is not None:
-        out.update(architectures=[_classifier_architecture(mt)], **labels_to_hf(cfg.labels))
+        out.update(architectures=[_classifier_architecture(mt)],
+                   **labels_to_hf(cfg.labels, cfg.problem_type))
     if mt in _SANDWICH:
         gemma_to_hf(cfg, out)
     return out
