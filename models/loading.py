@@ -266,9 +266,11 @@ def load_pretrained(
 
     ``dtype=None`` keeps the stored dtype. ``tokenizer`` is None (with a warning) when the folder
     has no tokenizer.json. ``quantize="nf4"`` stores the linear weights in NF4 while loading
-    (``double_quant``: see ``load_hf_folder``)."""
+    (``double_quant``: see ``load_hf_folder``). The model is in eval mode, as transformers'
+    ``from_pretrained`` returns it (Phi-2's residual dropout acts only after ``.train()``)."""
     folder = _resolve_path(path)
     model = load_hf_folder(folder, dtype, device, quantize=quantize, double_quant=double_quant)
+    model.eval()
     if (folder / "tokenizer.json").is_file():
         from ember.models.tokenizer import load_tokenizer
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -246,6 +247,11 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     cands = _candidates(model)
     chosen, unmatched = set(), []
     phi = getattr(getattr(model, "cfg", None), "model_type", None) == "phi"
+    if phi and {"up", "down"} <= set(targets) and "gate" in targets:
+        # the seven short names (the default) mean every projection; Phi's MLP has no gate
+        warnings.warn("lora.targets: 'gate' skipped, Phi's MLP has no gate projection (fc1 -> "
+                      "fc2 are 'up' / 'down')", stacklevel=3)
+        targets = tuple(t for t in targets if t != "gate")
     for t in targets:
         hit = [n for n in cands if _target_matches(PHI_LEAVES.get(t, t) if phi else t, n)]
         if t == "lm_head" and not hit and tied_lm(model) and "embed" in cands:

@@ -142,6 +142,9 @@ def test_phi2_dropout_config_loads_and_drops_only_in_training(folders, tmp_path)
         a = model(ids)
         torch.manual_seed(0)
         assert torch.equal(model(ids), a) and _err(a, ref) > 1e-2
+        hf = _hf(tmp_path / "m").train()  # same draws in the same order as transformers
+        torch.manual_seed(0)
+        assert _err(hf(ids).logits, a) <= 1e-4
         for block in model.layers:  # the embedding dropout alone
             block.resid_dropout = 0.0
         assert _err(model(ids), ref) > 1e-2
