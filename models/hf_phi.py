@@ -13,8 +13,8 @@ Dropout: ``resid_pdrop`` and ``embd_pdrop`` are applied in training forwards exa
 transformers applies them (phi-2 ships ``resid_pdrop=0.1``; eval and generation never drop);
 ``attention_dropout`` != 0 is refused as for every family (Ember's attention kernels have none).
 Refused with a message: RoPE scaling (no released Phi-1/2 uses it), ``head_dim`` other than
-hidden_size / heads (transformers' q/k LayerNorms assume it), classifier architectures and
-bitsandbytes-quantized phi checkpoints (load the dense one with ``quantize="nf4"``).
+hidden_size / heads (transformers' q/k LayerNorms assume it), classifier architectures
+(``PhiForSequenceClassification``). bitsandbytes NF4 checkpoints load as for every family.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ FIELDS = frozenset("""
     num_key_value_heads head_dim resid_pdrop embd_pdrop attention_dropout hidden_act
     max_position_embeddings layer_norm_eps tie_word_embeddings rope_parameters rope_theta
     rope_scaling partial_rotary_factor qk_layernorm bos_token_id eos_token_id pad_token_id dtype
-    torch_dtype
+    torch_dtype quantization_config
 """.split())
 
 # (ember key template, HF key template); "{i}" is a layer index.
@@ -96,9 +96,6 @@ def phi_config(raw: Mapping, harmless: frozenset, config_from_hf) -> ModelConfig
     """The ModelConfig of a phi config.json. The shared fields (sizes, ids, dtype, activation,
     ``attention_dropout``) are read by ``config_from_hf`` as for a Llama config, then the Phi
     fields are set."""
-    if raw.get("quantization_config") is not None:
-        raise EmberError("config.json: bitsandbytes-quantized phi checkpoints are not supported; "
-                         "load the unquantized model with quantize='nf4'")
     archs = raw.get("architectures")
     if archs is not None and archs != [ARCHITECTURE]:
         raise EmberError(f"config.json: architectures {archs!r} is not supported for model_type "

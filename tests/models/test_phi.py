@@ -168,8 +168,8 @@ def test_phi2_dropout_config_loads_and_drops_only_in_training(folders, tmp_path)
     (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
     (dict(resid_pdrop=1.0), "resid_pdrop must be in"),
     (dict(qk_layernorm="yes"), "qk_layernorm must be true or false"),
-    (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}),
-     "quantize='nf4'"),
+    (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True,
+                               "bnb_4bit_quant_type": "fp4"}), "fp4"),
 ])
 def test_configs_ember_cannot_compute_are_refused(folders, change, needle):
     raw = json.loads((folders["phi2_like"] / "config.json").read_text())
@@ -333,3 +333,40 @@ def test_nf4_quantize_while_loading_keeps_biases(folders):
         assert _err(q(ids), dense(ids)) <= 1e-4
     apply_lora(q, LoRAConfig(rank=2, alpha=4, targets=("all-linear",)))
     assert len(lora_modules(q)) == 2 * 6
+
+
+def test_bitsandbytes_checkpoint_both_ways(folders, tmp_path):
+    """transformers + bitsandbytes' NF4 phi checkpoint loads with its logits, and Ember's
+    quantize-while-loading saves the same bytes."""
+    from safetensors.torch import load_file
+
+    folder = folders["phi2_like"]
+    qcfg = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32)
+    w = _quiet()
+    try:
+        hf_q = transformers.PhiForCausalLM.from_pretrained(folder, quantization_config=qcfg,
+                                                           device_map="cpu").eval()
+        hf_q.save_pretrained(tmp_path / "bnb")
+    finally:
+        w.__exit__(None, None, None)
+    ids = _ids()
+    with torch.no_grad():
+        ref = hf_q(ids).logits
+    model, _ = load_pretrained(tmp_path / "bnb")
+    with torch.no_grad():
+        assert _err(model(ids), ref) <= 1e-4
+    ours, _ = load_pretrained(folder, quantize="nf4")
+    save_pretrained(ours, tmp_path / "ember")
+    a, b = load_file(tmp_path / "ember" / "model.safetensors"), load_file(
+        tmp_path / "bnb" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_accelerate_hf_refuses_phi(folders):
+    """The HF backend swaps RMSNorm / gated-MLP / RoPE kernels; Phi has none of those modules."""
+    from ember.models import accelerate_hf
+
+    with pytest.raises(EmberError, match="PhiForCausalLM is not a supported model"):
+        accelerate_hf(_hf(folders["phi2_like"]))
