@@ -89,6 +89,7 @@ def test_logits_parity_and_export(folders, tmp_path, case):
     assert (cfg.model_type, cfg.norm, cfg.parallel_block, cfg.gated_mlp) == (
         "phi", "layernorm", True, False)
     assert cfg.partial_rotary_factor == CASES[case]["partial_rotary_factor"]
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         ref = _hf(folders[case])(ids).logits
         ours = model(ids)
