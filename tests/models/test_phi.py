@@ -371,3 +371,32 @@ def test_accelerate_hf_refuses_phi(folders):
 
     with pytest.raises(EmberError, match="PhiForCausalLM is not a supported model"):
         accelerate_hf(_hf(folders["phi2_like"]))
+
+
+PHI2_CONFIG = {  # microsoft/phi-2's config.json (transformers 4.37 style)
+    "_name_or_path": "microsoft/phi-2", "architectures": ["PhiForCausalLM"],
+    "attention_dropout": 0.0, "bos_token_id": 50256, "embd_pdrop": 0.0, "eos_token_id": 50256,
+    "hidden_act": "gelu_new", "hidden_size": 2560, "initializer_range": 0.02,
+    "intermediate_size": 10240, "layer_norm_eps": 1e-05, "max_position_embeddings": 2048,
+    "model_type": "phi", "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 32, "partial_rotary_factor": 0.4, "qk_layernorm": False,
+    "resid_pdrop": 0.1, "rope_scaling": None, "rope_theta": 10000.0,
+    "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.37.0",
+    "use_cache": True, "vocab_size": 51200,
+}
+
+
+@pytest.mark.parametrize("change", [{}, dict(  # microsoft/phi-1_5's differences
+    bos_token_id=None, eos_token_id=None, hidden_size=2048, intermediate_size=8192,
+    num_hidden_layers=24, num_key_value_heads=None, partial_rotary_factor=0.5, resid_pdrop=0.0,
+    torch_dtype="float32")], ids=["phi-2", "phi-1_5"])
+def test_released_configs_parse_as_transformers_reads_them(change):
+    raw = {**PHI2_CONFIG, **change}
+    cfg = config_from_hf(raw)
+    hf = transformers.PhiConfig.from_dict(raw)
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_kv_heads, cfg.rotary_dim, cfg.resid_dropout,
+            cfg.rms_norm_eps, cfg.eos_token_id) == (
+        hf.hidden_size, hf.num_hidden_layers, hf.num_key_value_heads,
+        int(hf.hidden_size // hf.num_attention_heads * hf.rope_parameters["partial_rotary_factor"]),
+        hf.resid_pdrop, hf.layer_norm_eps, hf.eos_token_id)
+    assert cfg.num_params() == {2560: 2_779_683_840, 2048: 1_418_270_720}[cfg.hidden_size]
