@@ -74,14 +74,14 @@ def test_mlp_chunks_of_a_parallel_block_give_the_same_loss_and_grads(phi):
 
 
 def test_lora_with_default_targets_learns_and_exports(phi, tmp_path):
-    cfg = tiny_config(phi, tmp_path / "run", "max_steps=30", "optim.lr=3e-2",
+    cfg = tiny_config(phi, tmp_path / "run", "max_steps=20", "optim.lr=3e-2",
                       "optim.warmup_steps=1", "eval.metrics=[]")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = train(cfg, echo=quiet, progress=False)
     assert any("'gate' skipped" in str(w.message) for w in caught)
     losses = [r["loss"] for r in rows_of(tmp_path / "run") if r["kind"] == "train"]
-    assert len(losses) == 30
+    assert len(losses) == 20
     assert sum(losses[-5:]) / 5 < 0.85 * losses[0], losses
     assert res.after["val_loss"] < 0.85 * res.before["val_loss"], (res.before, res.after)
     adapter = tmp_path / "run" / "final" / "adapter"
