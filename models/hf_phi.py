@@ -19,6 +19,7 @@ hidden_size / heads (transformers' q/k LayerNorms assume it), classifier archite
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 from ember import EmberError
@@ -117,8 +118,11 @@ def phi_config(raw: Mapping, harmless: frozenset, config_from_hf) -> ModelConfig
         raise EmberError(f"config.json: qk_layernorm must be true or false, got {qk!r}")
     theta, partial = _rope(raw)
     resid, embd = _fraction(raw, "resid_pdrop", 0.0), _fraction(raw, "embd_pdrop", 0.0)
+    if "auto_map" in raw:  # as hf_config does for the other families, in phi's words
+        warnings.warn("config.json: auto_map points at custom modeling code, which Ember never "
+                      "runs; loading it as a standard phi model", stacklevel=3)
     drop = ("resid_pdrop", "embd_pdrop", "qk_layernorm", "layer_norm_eps", "rope_parameters",
-            "rope_scaling", "rope_theta", "partial_rotary_factor", "architectures")
+            "rope_scaling", "rope_theta", "partial_rotary_factor", "architectures", "auto_map")
     base = {k: v for k, v in raw.items() if k not in drop}
     base.update(model_type="llama", rope_theta=theta,
                 rms_norm_eps=get_float(raw, "layer_norm_eps", 1e-5),

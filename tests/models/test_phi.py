@@ -400,3 +400,9 @@ def test_released_configs_parse_as_transformers_reads_them(change):
         int(hf.hidden_size // hf.num_attention_heads * hf.rope_parameters["partial_rotary_factor"]),
         hf.resid_pdrop, hf.layer_norm_eps, hf.eos_token_id)
     assert cfg.num_params() == {2560: 2_779_683_840, 2048: 1_418_270_720}[cfg.hidden_size]
+
+
+def test_auto_map_loads_as_the_native_phi_with_a_warning():
+    with pytest.warns(UserWarning, match="loading it as a standard phi model"):
+        cfg = config_from_hf({**PHI2_CONFIG, "auto_map": {"AutoConfig": "x.PhiConfig"}})
+    assert cfg.model_type == "phi"
