@@ -105,6 +105,17 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     router_aux_loss_coef: float = 0.001  # HF's default weight of the load-balancing loss
+    # Phi-1/1.5/2 (GPT-J style blocks): "layernorm" norms (weight and bias, eps ``rms_norm_eps``)
+    # instead of RMSNorm, also for q/k norms; a parallel block ``x + attn(n(x)) + mlp(n(x))`` with
+    # one norm; a plain MLP ``down(act(up(x)))`` (no gate_proj); a bias on the output head.
+    norm: str = "rms"  # "rms" | "layernorm"
+    parallel_block: bool = False
+    gated_mlp: bool = True
+    lm_head_bias: bool = False
+    # Dropout in training forwards (transformers' resid_pdrop on the attention and MLP outputs,
+    # embd_pdrop on the embeddings); eval forwards and generation never drop.
+    resid_dropout: float = 0.0
+    embed_dropout: float = 0.0
     extra: dict = field(default_factory=dict)  # HF fields kept verbatim for export (not used)
 
     def __post_init__(self) -> None:
@@ -113,6 +124,15 @@ class ModelConfig:
                              f"({self.num_kv_heads})")
         if self.activation not in ("silu", "gelu_tanh"):
             raise ValueError(f"activation must be 'silu' or 'gelu_tanh', got {self.activation!r}")
+        if self.norm not in ("rms", "layernorm"):
+            raise ValueError(f"norm must be 'rms' or 'layernorm', got {self.norm!r}")
+        for name in ("resid_dropout", "embed_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.parallel_block and self.sandwich_norms:
+            raise ValueError("parallel_block and sandwich_norms cannot be combined")
+        if not self.gated_mlp and self.num_experts:
+            raise ValueError("mixture-of-experts layers have gated experts (gated_mlp=True)")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(
@@ -205,18 +225,28 @@ class ModelConfig:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         hd, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
         attn = d * hd * (hq + 2 * hkv) + hq * hd * d
-        per_layer = attn + (4 if self.sandwich_norms else 2) * d + (2 * hd if self.qk_norm else 0)
+        ln = 2 if self.norm == "layernorm" else 1  # a LayerNorm has a bias too
+        norms = 4 if self.sandwich_norms else 1 if self.parallel_block else 2
+        per_layer = attn + ln * (norms * d + (2 * hd if self.qk_norm else 0))
+        if self.attention_bias:
+            per_layer += hd * (hq + 2 * hkv)
+        if self.attention_out_bias:
+            per_layer += d
         layers = self.num_layers * per_layer
         for i in range(self.num_layers):
             if not self.is_sparse(i):
-                layers += 3 * d * f
+                layers += (3 if self.gated_mlp else 2) * d * f
+                if self.mlp_bias:
+                    layers += (2 if self.gated_mlp else 1) * f + d
                 continue
             layers += self.num_experts * (3 * d * self.moe_intermediate_size + d)  # + router
             if self.shared_expert_intermediate_size:
                 layers += 3 * d * self.shared_expert_intermediate_size + d
+        final = ln * d
         if self.labels:  # a classifier: the score head instead of an LM head
-            return v * d + len(self.labels) * d + layers + d
-        return v * d * (1 if self.tie_word_embeddings else 2) + layers + d
+            return v * d + len(self.labels) * d + layers + final
+        head = (0 if self.tie_word_embeddings else v * d) + (v if self.lm_head_bias else 0)
+        return v * d + head + layers + final
 
 
 def rope_inv_freq(cfg: ModelConfig, local: bool = False, long: bool = False) -> torch.Tensor:

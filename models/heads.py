@@ -116,6 +116,8 @@ def add_classification_head(
     with torch.no_grad():
         model.score.weight.copy_(weight)
     model.lm_head = None  # not used by the classifier (HF's classifier has none either)
+    if getattr(model, "head_bias", None) is not None:
+        model.head_bias = None  # the LM head's bias (Phi) goes with it
     return model
 
 

@@ -268,9 +268,11 @@ def load_pretrained(
     has neither tokenizer.json nor a slow tokenizer's files (tokenizer.model, vocab.json +
     merges.txt: ``ember.models.slow_tokenizer``), or slow files Ember cannot read.
     ``quantize="nf4"`` stores the linear weights in NF4 while loading (``double_quant``: see
-    ``load_hf_folder``)."""
+    ``load_hf_folder``). The model is in eval mode, as transformers' ``from_pretrained`` returns
+    it (Phi-2's residual dropout acts only after ``.train()``)."""
     folder = _resolve_path(path)
     model = load_hf_folder(folder, dtype, device, quantize=quantize, double_quant=double_quant)
+    model.eval()
     from ember.models.slow_tokenizer import has_slow_tokenizer
     from ember.models.tokenizer import load_tokenizer
 
