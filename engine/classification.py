@@ -20,6 +20,8 @@ Loss: cross-entropy of the class logits, summed over the documents of a micro-ba
 by the documents of the whole optimizer step (the trainer's weight), so gradient accumulation and
 processes give the per-document mean of one big batch, like ``losses.sft_loss`` per token.
 
+One-output heads (``"reward"``, ``"regression"``) build on this module: ``engine/reward.py``.
+
 Evaluation: ``val_loss`` on the validation split; ``eval.metrics`` (``accuracy``, ``macro_f1``,
 ``f1``, ``exact_match``; default with a head: accuracy and macro_f1) from the argmax of the head
 on the test split (validation when there is none), computed on class indices; one forward
@@ -65,23 +67,31 @@ from ember.models.loading import read_config
 if TYPE_CHECKING:
     from ember.engine.config import TrainConfig
 
-HEAD_TYPES = ("classification",)
+HEAD_TYPES = ("classification", "reward", "regression")
 LABEL_METRICS = ("accuracy", "macro_f1", "f1", "exact_match")
 DEFAULT_METRICS = ("accuracy", "macro_f1")
 
 
 @dataclass(frozen=True, kw_only=True)
 class HeadConfig:
-    type: str | None = None  # "classification" | None (a language model)
+    # "classification" | "reward" (one output, trained on preference pairs) | "regression" (one
+    # output, MSE on numeric labels) | None (a language model); engine/reward.py for the last two
+    type: str | None = None
     labels: tuple[str, ...] = ()  # class names in index order; empty: from data.train, sorted
-    label_field: str = "label"  # the JSONL field holding each line's class
+    label_field: str = "label"  # the JSONL field holding each line's class (regression: number)
+    # reward: + coefficient * mean((r_chosen + r_rejected)^2) (TRL's center_rewards_coefficient)
+    center_rewards_coefficient: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(
             self, "labels", (self.labels,) if isinstance(self.labels, str) else tuple(self.labels)
         )
         if self.type is not None and self.type not in HEAD_TYPES:
-            raise EmberError(f'head.type must be "classification" or left out, got {self.type!r}')
+            raise EmberError(f"head.type must be one of {', '.join(map(repr, HEAD_TYPES))} or "
+                             f"left out, got {self.type!r}")
+        if self.labels and self.type in ("reward", "regression"):
+            raise EmberError(f"head.labels names classes; a {self.type} head has one output: "
+                             "remove head.labels")
         if self.labels and (
             len(self.labels) < 2
             or len(set(self.labels)) != len(self.labels)
@@ -93,6 +103,10 @@ class HeadConfig:
             )
         if not self.label_field:
             raise EmberError('head.label_field must be a field name, e.g. "label"')
+        c = self.center_rewards_coefficient
+        if not c >= 0 or (c and self.type != "reward"):
+            raise EmberError(f"head.center_rewards_coefficient must be >= 0 and applies to "
+                             f'head.type = "reward" only, got {c!r}')
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -102,36 +116,42 @@ def check_config(cfg: TrainConfig) -> None:
             raise EmberError(
                 'head.labels is set but head.type is not: add head.type = "classification"'
             )
+        if bad := [m for m in cfg.eval.metrics if m in M.HEAD_SCORES]:
+            raise EmberError(f"eval.metrics {bad} score a reward or regression head: set "
+                             'head.type = "reward" or "regression", or remove them')
         return
     if cfg.objective != "sft":
         raise EmberError(
-            f"objective = {cfg.objective!r} with a classification head is not "
-            "supported: the head trains with cross-entropy over its labels; leave "
-            'objective out ("sft")'
+            f"objective = {cfg.objective!r} with a {cfg.head.type} head is not "
+            "supported: the head has its own loss; leave objective out (\"sft\")"
         )
     if cfg.method == "prompt":
         raise EmberError(
-            'method = "prompt" with a classification head is not supported: use '
+            f'method = "prompt" with a {cfg.head.type} head is not supported: use '
             'method = "lora" (the head trains with the adapters) or "full" '
             "(train_layers = [] trains the head alone)"
         )
     if cfg.task.name is not None:
         raise EmberError(
             "[task] generates prompt/completion data, not labelled lines; give "
-            '{"text", "label"} files in data.train'
+            '{"text", "label"} files (a reward head: preference pairs) in data.train'
+        )
+    if cfg.eval.choices is not None:
+        raise EmberError("eval.choices scores answers with the LM head, which a classifier "
+                         "does not have: remove eval.choices")
+    if cfg.head.type != "classification":
+        from ember.engine.reward import check_one_output
+
+        return check_one_output(cfg)
+    if cfg.eval.early_stopping == "perplexity":
+        raise EmberError(
+            'eval.early_stopping = "perplexity" does not apply to a classifier; '
+            'use "val_loss", "accuracy" or "macro_f1"'
         )
     bad = [m for m in cfg.eval.metrics if m not in LABEL_METRICS]
     if bad:
         raise EmberError(
             f"eval.metrics {bad} do not apply to a classifier; use {', '.join(LABEL_METRICS)}"
-        )
-    if cfg.eval.choices is not None:
-        raise EmberError("eval.choices scores answers with the LM head, which a classifier "
-                         "does not have: remove eval.choices")
-    if cfg.eval.early_stopping == "perplexity":
-        raise EmberError(
-            'eval.early_stopping = "perplexity" does not apply to a classifier; '
-            'use "val_loss", "accuracy" or "macro_f1"'
         )
 
 
@@ -181,9 +201,16 @@ def resolve_head(cfg: TrainConfig) -> TrainConfig:
     data.train; accuracy and macro_f1 as the default metrics. The resolved config records both."""
     if cfg.head.type is None:
         return cfg
+    if cfg.head.type != "classification":  # one output: no labels; its own default metrics
+        from ember.engine.reward import default_metrics
+
+        return cfg.replace(eval=default_metrics(cfg))
     head = cfg.head
     if not head.labels:
         labels = model_labels(cfg.model.name)  # fine-tuning an HF classifier: its labels
+        if labels is not None and len(labels) == 1:
+            raise EmberError(f"{cfg.model.name} has one output (num_labels = 1): set head.type = "
+                             '"reward" or "regression" to fine-tune it')
         if labels is None and not cfg.data.train:
             raise EmberError("data.train is empty: give one or more JSONL files")
         labels = labels or infer_labels(cfg.data.train, head.label_field)
@@ -214,12 +241,19 @@ def attach_head(model, cfg: TrainConfig, tokenizer):
         if is_classifier(model):
             raise EmberError(
                 f"{cfg.model.name} is a sequence classifier (labels {list(model.cfg.labels)}): "
-                'set head.type = "classification" to fine-tune it'
+                'set head.type = "classification" (one output: "reward" or "regression") to '
+                "fine-tune it"
             )
         return model
+    labels = cfg.head.labels
+    if cfg.head.type != "classification":  # one output, named as the HF folder names it
+        one = model.cfg.labels
+        labels = one if one is not None and len(one) == 1 else ("LABEL_0",)
     add_classification_head(
-        model, cfg.head.labels, pad_token_id=pad_id(model.cfg, tokenizer), seed=cfg.seed
+        model, labels, pad_token_id=pad_id(model.cfg, tokenizer), seed=cfg.seed
     )
+    problem = "regression" if cfg.head.type == "regression" else None
+    model.cfg = model.cfg.replace(problem_type=problem if len(labels) == 1 else None)
     if cfg.method == "lora":  # a head trained on a frozen (low-precision) base stays fp32
         model.score.float()
     return model
@@ -338,13 +372,20 @@ def load_labelled(
     path, cfg: DataConfig, tokenizer, labels, field: str = "label", pad: int | None = None
 ):
     """(examples, DataReport) of one labelled JSONL file; bad lines as ``data.load_examples``."""
-    reader, examples = read_lines(path, lambda p: _ClassReader(p, cfg, tokenizer, labels, field,
-                                                                pad))
+    return read_head_file(
+        path, lambda p: _ClassReader(p, cfg, tokenizer, labels, field, pad), f" + {field}"
+    )
+
+
+def read_head_file(path, make_reader, what: str = ""):
+    """(examples, DataReport) of one file read by a head's reader (``data.read_lines``); an
+    empty file or one without a usable line is an error that lists the problems."""
+    reader, examples = read_lines(path, make_reader)
     rep = reader.report
-    rep.format = f"{reader.fmt or cfg.format} + {field}"
+    rep.format = f"{reader.fmt or reader.cfg.format}{what}"
     rep.examples = len(examples)
     rep.tokens = sum(len(e) for e in examples)
-    rep.loss_tokens = len(examples)
+    rep.loss_tokens = sum(len(e.doc_lengths) for e in examples)
     if rep.lines == rep.blank_lines:
         raise EmberError(f"{path}: the file is empty; expected one JSON object per line")
     if not examples:
@@ -356,23 +397,26 @@ def load_labelled(
 
 
 def load_labelled_datasets(
-    cfg: DataConfig, tokenizer, labels, field: str = "label", pad: int | None = None
+    cfg: DataConfig, tokenizer, labels, field: str = "label", pad: int | None = None, load=None
 ) -> Datasets:
+    """Train / validation / test of a head's files; ``load(path) -> (examples, report)``
+    (default: ``load_labelled``)."""
     if not cfg.train:
         raise EmberError("data.train is empty: give one or more JSONL files")
+    load_file = load or (lambda p: load_labelled(p, cfg, tokenizer, labels, field, pad))
     reports = []
 
-    def load(path):
-        ex, rep = load_labelled(path, cfg, tokenizer, labels, field, pad)
+    def load_one(path):
+        ex, rep = load_file(path)
         reports.append(rep)
         return ex
 
-    train = [e for p in cfg.train for e in load(p)]
+    train = [e for p in cfg.train for e in load_one(p)]
     if cfg.validation is not None:
-        val = load(cfg.validation)
+        val = load_one(cfg.validation)
     else:
         train, val = split_examples(train, cfg.val_fraction, cfg.seed)
-    return Datasets(train, val, None if cfg.test is None else load(cfg.test), reports)
+    return Datasets(train, val, None if cfg.test is None else load_one(cfg.test), reports)
 
 
 # --- loss and evaluation -------------------------------------------------------------------------

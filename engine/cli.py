@@ -189,14 +189,21 @@ def _cmd_eval(a) -> None:
 
     if is_classifier(model):
         from ember.engine.classification import eval_classifier
+        from ember.engine.reward import eval_one_output
 
-        field = "label"
+        field, kind = "label", "regression" if model.cfg.problem_type else "reward"
+        center = 0.0
         if _is_run_dir(a.model):
             from ember.engine.config import load_config
 
-            field = load_config(a.model).head.label_field
-        scores, report = eval_classifier(model, tok, data, data_cfg, a.metrics, field,
-                                         a.max_examples)
+            head = load_config(a.model).head
+            field, center = head.label_field, head.center_rewards_coefficient
+        if len(model.cfg.labels) == 1:  # a reward or regression head
+            scores, report = eval_one_output(model, tok, data, data_cfg, kind, a.metrics, field,
+                                             a.max_examples, center)
+        else:
+            scores, report = eval_classifier(model, tok, data, data_cfg, a.metrics, field,
+                                             a.max_examples)
         print(report.summary(), file=sys.stderr)
         print(json.dumps(scores))
         return

@@ -146,15 +146,15 @@ class EvalConfig:
     choices: str | None = None
     early_stopping: str | None = None  # a metric name ("val_loss", "exact_match", ...)
     patience: int = 3  # evaluations without improvement before stopping
-    mode: str = "auto"  # "min" | "max" | "auto" (min for losses/perplexity, max otherwise)
+    mode: str = "auto"  # "min" | "max" | "auto" (min for losses/perplexity/mse/rmse, else max)
     min_delta: float = 0.0
 
     def __post_init__(self) -> None:
-        from ember.engine.metrics import METRICS
+        from ember.engine.metrics import HEAD_SCORES, METRICS
 
         object.__setattr__(self, "metrics", _as_tuple(self.metrics))
         for m in self.metrics:
-            _one_of("eval.metrics entry", m, tuple(METRICS))
+            _one_of("eval.metrics entry", m, (*METRICS, *HEAD_SCORES))
         _one_of("eval.split", self.split, ("auto", "test", "validation"))
         _one_of("eval.mode", self.mode, ("auto", "min", "max"))
         if self.every_steps < 0 or self.patience < 1 or self.batch_size < 1:
@@ -196,7 +196,8 @@ class TrainConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     orpo: ORPOConfig = field(default_factory=ORPOConfig)
     simpo: SimPOConfig = field(default_factory=SimPOConfig)
-    # A task head instead of the LM head (engine/classification.py): [head] type = "classification"
+    # A task head instead of the LM head: [head] type = "classification"
+    # (engine/classification.py), "reward" or "regression" (engine/reward.py)
     head: HeadConfig = field(default_factory=HeadConfig)
     # Full fine-tuning only: glob patterns of parameter names kept frozen (e.g. "embed.*"), and
     # the decoder layers that train (None: all; negative indices count from the end).

@@ -51,6 +51,12 @@ def _head(model, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (w if w.dtype == x.dtype else w.to(x.dtype))
 
 
+def _head_bias(model, h: torch.Tensor) -> torch.Tensor | None:
+    """The head's bias (Phi's lm_head.bias) in the fused op's dtype, or None."""
+    b = getattr(model, "output_bias", None)
+    return None if b is None else b.to(h.dtype)
+
+
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     """Indices (N,) of the positions that carry a label, in a (1, T) or (T,) labels tensor."""
     return (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
@@ -67,8 +73,8 @@ def _ce_sum(model, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Full fine-tuning keeps an fp32 residual stream: run the head in the autocast dtype, as
         # every other matmul under autocast does, instead of an fp32 head GEMM.
         h = h.to(torch.get_autocast_dtype(h.device.type))
-    return linear_cross_entropy(*_head(model, h), labels, reduction="sum",
-                                softcap=model.cfg.final_softcap)
+    return linear_cross_entropy(*_head(model, h), labels, bias=_head_bias(model, h),
+                                reduction="sum", softcap=model.cfg.final_softcap)
 
 
 def sft_loss(model, batch, num_loss_tokens: int) -> torch.Tensor:
@@ -159,8 +165,8 @@ def doc_logprobs(model, batch) -> DocLogprobs:
     idx, doc = _answer_docs(batch)
     h = _hidden(model, batch).index_select(0, idx)
     labels = batch.labels.reshape(-1).index_select(0, idx)
-    token_lp = -linear_cross_entropy(*_head(model, h), labels, reduction="none",
-                                     softcap=model.cfg.final_softcap)  # (N,)
+    token_lp = -linear_cross_entropy(*_head(model, h), labels, bias=_head_bias(model, h),
+                                     reduction="none", softcap=model.cfg.final_softcap)  # (N,)
     n_docs = batch.cu_seqlens.numel() - 1
     sums = token_lp.new_zeros(n_docs).index_add(0, doc, token_lp)
     counts = torch.bincount(doc, minlength=n_docs).to(sums.dtype)

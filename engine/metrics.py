@@ -91,6 +91,12 @@ METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
 }
 
 
+# Scores of one-output heads (``engine/reward.py``), computed on numbers, not text: a reward
+# model's pair accuracy and mean margin, a regression head's errors and correlation.
+HEAD_SCORES = ("margin", "mse", "rmse", "pearson")
+LOWER_IS_BETTER = ("val_loss", "perplexity", "mse", "rmse")  # early stopping's "auto" mode
+
+
 def compute(names: Sequence[str], predictions: Sequence[str], references: Sequence[str]
             ) -> dict[str, float]:
     unknown = [n for n in names if n not in METRICS]

@@ -175,6 +175,10 @@ def make_objective(cfg: TrainConfig, info: DistInfo) -> SFT:
         from ember.engine.classification import Classification
 
         return Classification(cfg, info)
+    if cfg.head.type is not None:  # one output: "reward" or "regression"
+        from ember.engine.reward import HEAD_OBJECTIVES
+
+        return HEAD_OBJECTIVES[cfg.head.type](cfg, info)
     if cfg.objective == "distill":
         return Distill(cfg, info)
     if cfg.objective in PREFERENCE_OBJECTIVES:

@@ -46,6 +46,7 @@ class Example:
     # empty: one document. They stay in one batch, each its own document in ``cu_seqlens``.
     parts: tuple[int, ...] = ()
     group: int = 0  # which training file it came from (data.mix, per-source validation)
+    value: float = 0.0  # a number per example: a reward pair's margin, a regression target
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -70,6 +71,7 @@ class Batch:
     max_seqlen: int
     num_loss_tokens: int
     num_docs: int
+    values: torch.Tensor | None = None  # (examples,) float32: each example's ``value``
 
     @property
     def num_tokens(self) -> int:
@@ -78,7 +80,8 @@ class Batch:
     def to(self, device, non_blocking: bool = True) -> Batch:
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in (
             self.input_ids, self.labels, self.position_ids, self.cu_seqlens)),
-            self.max_seqlen, self.num_loss_tokens, self.num_docs)
+            self.max_seqlen, self.num_loss_tokens, self.num_docs,
+            None if self.values is None else self.values.to(device, non_blocking=non_blocking))
 
 
 def collate(examples: list[Example]) -> Batch:
@@ -88,7 +91,8 @@ def collate(examples: list[Example]) -> Batch:
     pos = [p for n in lens for p in range(n)]
     return Batch(torch.tensor([ids]), torch.tensor([labels]), torch.tensor([pos]),
                  torch.tensor([0, *accumulate(lens)], dtype=torch.int32), max(lens),
-                 sum(1 for t in labels if t != IGNORE), len(lens))
+                 sum(1 for t in labels if t != IGNORE), len(lens),
+                 torch.tensor([e.value for e in examples], dtype=torch.float32))
 
 
 @dataclass

@@ -70,6 +70,7 @@ from ember.engine.distributed import (
     shard_model,
 )
 from ember.engine.guards import GracefulStop, NonFiniteGuard, oom_guard, resume_command
+from ember.engine.metrics import LOWER_IS_BETTER
 from ember.engine.mixing import per_source_scores
 from ember.engine.neftune import add_neftune
 from ember.engine.objectives import make_objective
@@ -171,7 +172,7 @@ class Trainer:
         if cfg.objective != "sft":
             what += f", objective {cfg.objective}"
         if cfg.head.type is not None:
-            what += f", {cfg.head.type} head ({len(cfg.head.labels)} labels)"
+            what += f", {cfg.head.type} head ({len(model.cfg.labels)} outputs)"
         where = (f"{info.world_size} processes (FSDP2), {self.device} on rank 0"
                  if info.distributed else self.device)
         ckpt = (f"; activation checkpointing on {len(blocks)}/{len(model.layers)} blocks"
@@ -460,7 +461,7 @@ class Trainer:
         if name is None or name not in scores:
             return False
         mode = ev.mode if ev.mode != "auto" else (
-            "min" if name in ("val_loss", "perplexity") else "max")
+            "min" if name in LOWER_IS_BETTER else "max")
         value, best = scores[name], prog.best
         better = best is None or (value < best - ev.min_delta if mode == "min"
                                   else value > best + ev.min_delta)

@@ -85,8 +85,10 @@ class ModelConfig:
     pad_token_id: int | None = None
     torch_dtype: str = "float32"  # dtype the checkpoint was stored in
     # A sequence classifier (HF *ForSequenceClassification): the class names in index order. The
-    # model then has a ``score`` head (ember.models.heads) and no LM head.
+    # model then has a ``score`` head (ember.models.heads) and no LM head. One name: a one-output
+    # head (a reward model, or regression when problem_type = "regression").
     labels: tuple[str, ...] | None = None
+    problem_type: str | None = None  # HF's, for a one-output head: None or "regression"
     # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; ember.models.moe): 0 experts is a dense
     # model. A sparse layer routes each token to ``num_experts_per_tok`` of ``num_experts`` MLPs of
     # width ``moe_intermediate_size``, weighted by the softmax over all experts' router logits,
@@ -114,6 +116,17 @@ class ModelConfig:
     # over the whole projection width (H*hd, K*hd) instead of per head.
     pre_norms: bool = True
     qk_norm_full: bool = False
+    # Phi-1/1.5/2 (GPT-J style blocks): "layernorm" norms (weight and bias, eps ``rms_norm_eps``)
+    # instead of RMSNorm, also for q/k norms; a parallel block ``x + attn(n(x)) + mlp(n(x))`` with
+    # one norm; a plain MLP ``down(act(up(x)))`` (no gate_proj); a bias on the output head.
+    norm: str = "rms"  # "rms" | "layernorm"
+    parallel_block: bool = False
+    gated_mlp: bool = True
+    lm_head_bias: bool = False
+    # Dropout in training forwards (transformers' resid_pdrop on the attention and MLP outputs,
+    # embd_pdrop on the embeddings); eval forwards and generation never drop.
+    resid_dropout: float = 0.0
+    embed_dropout: float = 0.0
     extra: dict = field(default_factory=dict)  # HF fields kept verbatim for export (not used)
 
     def __post_init__(self) -> None:
@@ -122,6 +135,15 @@ class ModelConfig:
                              f"({self.num_kv_heads})")
         if self.activation not in ("silu", "gelu_tanh"):
             raise ValueError(f"activation must be 'silu' or 'gelu_tanh', got {self.activation!r}")
+        if self.norm not in ("rms", "layernorm"):
+            raise ValueError(f"norm must be 'rms' or 'layernorm', got {self.norm!r}")
+        for name in ("resid_dropout", "embed_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.parallel_block and self.sandwich_norms:
+            raise ValueError("parallel_block and sandwich_norms cannot be combined")
+        if not self.gated_mlp and self.num_experts:
+            raise ValueError("mixture-of-experts layers have gated experts (gated_mlp=True)")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(
@@ -140,10 +162,13 @@ class ModelConfig:
         if self.labels is not None:
             labels = tuple(self.labels)
             object.__setattr__(self, "labels", labels)
-            if len(labels) < 2 or len(set(labels)) != len(labels) or not all(
+            if not labels or len(set(labels)) != len(labels) or not all(
                     isinstance(x, str) and x for x in labels):
-                raise ValueError(f"labels must be at least two distinct non-empty names, got "
-                                 f"{list(labels)}")
+                raise ValueError(f"labels must be distinct non-empty names, got {list(labels)}")
+        if self.problem_type not in (None, "regression") or (
+                self.problem_type and (self.labels is None or len(self.labels) != 1)):
+            raise ValueError(f"problem_type {self.problem_type!r}: only a one-output head (one "
+                             "label) may be \"regression\"")
         self._check_moe()
         object.__setattr__(self, "nope_layers", tuple(sorted(set(self.nope_layers))))
         if not all(0 <= i < self.num_layers for i in self.nope_layers):
@@ -220,20 +245,30 @@ class ModelConfig:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         hd, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
         attn = d * hd * (hq + 2 * hkv) + hq * hd * d
-        norms = (2 if self.sandwich_norms else 0) + (2 if self.pre_norms else 0)
+        ln = 2 if self.norm == "layernorm" else 1  # a LayerNorm has a bias too
+        norms = (2 if self.sandwich_norms else 0) + (
+            (1 if self.parallel_block else 2) if self.pre_norms else 0)
         qk = (hq + hkv if self.qk_norm_full else 2) * hd if self.qk_norm else 0
-        per_layer = attn + norms * d + qk
+        per_layer = attn + ln * (norms * d + qk)
+        if self.attention_bias:
+            per_layer += hd * (hq + 2 * hkv)
+        if self.attention_out_bias:
+            per_layer += d
         layers = self.num_layers * per_layer
         for i in range(self.num_layers):
             if not self.is_sparse(i):
-                layers += 3 * d * f
+                layers += (3 if self.gated_mlp else 2) * d * f
+                if self.mlp_bias:
+                    layers += (2 if self.gated_mlp else 1) * f + d
                 continue
             layers += self.num_experts * (3 * d * self.moe_intermediate_size + d)  # + router
             if self.shared_expert_intermediate_size:
                 layers += 3 * d * self.shared_expert_intermediate_size + d
+        final = ln * d
         if self.labels:  # a classifier: the score head instead of an LM head
-            return v * d + len(self.labels) * d + layers + d
-        return v * d * (1 if self.tie_word_embeddings else 2) + layers + d
+            return v * d + len(self.labels) * d + layers + final
+        head = (0 if self.tie_word_embeddings else v * d) + (v if self.lm_head_bias else 0)
+        return v * d + head + layers + final
 
 
 def rope_inv_freq(cfg: ModelConfig, local: bool = False, long: bool = False) -> torch.Tensor:

@@ -341,7 +341,8 @@ _BLOCK_NAMES = {
     **EXTRA_BLOCK_NAMES,
 }
 _TOP_NAMES = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight",
-              "output.weight": "lm_head.weight"}
+              "output.weight": "lm_head.weight",
+              "output_norm.bias": "norm.bias", "output.bias": "head_bias"}  # phi2's biases
 
 
 def ember_name(gguf_name: str) -> str | None:

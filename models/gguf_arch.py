@@ -27,6 +27,10 @@ back into ``ModelConfig`` fields and Ember tensors:
   ``n_no_rope_layer_step``, hard-coded, no key) and has no sliding window.
 - OLMo2 (``olmo2``, not permuted: NeoX RoPE): ``post_attention_norm`` / ``post_ffw_norm`` and
   no pre-norms, q/k norms over the whole projection; an OLMo 3 sliding window is refused.
+- Phi-1/1.5/2 (``phi2``): LayerNorms with bias (eps ``attention.layer_norm_epsilon``), parallel
+  blocks, a plain GELU MLP, biases everywhere incl. ``output.bias``; q/k/v either separate or one
+  ``attn_qkv`` (weight and bias, rows q; k; v: files converted from the original phi-2 code);
+  ``rope.dimension_count`` gives the partial rotary factor.
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ from ember.models.gguf_rope import nice_float
 ARCHITECTURES = {
     "llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
     "gemma": ("gemma", False), "gemma2": ("gemma2", False), "gemma3": ("gemma3_text", False),
-    "phi3": ("phi3", False), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", False),
-    "granite": ("granite", True), "smollm3": ("smollm3", True),
+    "phi3": ("phi3", False), "phi2": ("phi", False), "qwen2moe": ("qwen2_moe", False),
+    "qwen3moe": ("qwen3_moe", False), "granite": ("granite", True), "smollm3": ("smollm3", True),
     "olmo2": ("olmo2", False),
 }
 GEMMA = ("gemma", "gemma2", "gemma3")
@@ -57,6 +61,8 @@ EXTRA_BLOCK_NAMES = {
     "post_attention_norm.weight": "attn_post_norm.weight",
     "post_ffw_norm.weight": "mlp_post_norm.weight",
     "attn_qkv.weight": "attn.qkv_proj.weight",  # split in arch_tensors
+    "attn_qkv.bias": "attn.qkv_proj.bias",  # phi2's fused q/k/v bias, split likewise
+    "attn_norm.bias": "attn_norm.bias",  # phi2: LayerNorms with bias
     **MOE_BLOCK_NAMES,  # mixture of experts (ember.models.gguf_moe)
 }
 _LAYERS_27B = {"gemma2": 46, "gemma3": 62}  # llama.cpp's LLM_TYPE_27B test
@@ -97,7 +103,12 @@ def _layer_types(arch: str, md: dict, num_layers: int, window: int | None) -> tu
 
 
 def arch_fields(arch: str, md: dict, get: Callable, base: dict) -> dict:
-    """ModelConfig fields of a Gemma / Phi-3 file beyond the common ones in ``base``."""
+    """ModelConfig fields of a Gemma / Phi-2 / Phi-3 file beyond the common ones in ``base``."""
+    if arch == "phi2":  # llama.cpp's PHI2: Phi-1/1.5/2 (no q/k LayerNorms, no GQA in converters)
+        return dict(norm="layernorm", parallel_block=True, gated_mlp=False, attention_bias=True,
+                    attention_out_bias=True, mlp_bias=True, lm_head_bias=True,
+                    activation="gelu_tanh",
+                    rms_norm_eps=nice_float(get("attention.layer_norm_epsilon", required=True)))
     if arch == "phi3":
         window = int(get("attention.sliding_window") or 0)
         return {"sliding_window": window or None}
@@ -155,6 +166,13 @@ def arch_tensors(arch: str, name: str, key: str, w: torch.Tensor,
         return
     if arch in GEMMA and name.endswith("norm.weight"):
         yield key, w - 1  # stored as 1 + w
+        return
+    if arch == "phi2" and ".qkv_proj." in key:  # rows q; k; v, weight or bias
+        n = [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
+        if w.shape[0] != sum(n):
+            raise EmberError(f"{name} has {w.shape[0]} rows, the metadata implies {sum(n)}")
+        for p, t in zip(("q_proj", "k_proj", "v_proj"), w.split(n), strict=True):
+            yield key.replace("qkv_proj", p), t
         return
     if arch == "phi3" and (key.endswith(".qkv_proj.weight") or (
             key.endswith(".mlp.up_proj.weight") and w.shape[0] == 2 * cfg.intermediate_size)):

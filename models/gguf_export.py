@@ -70,7 +70,7 @@ GGUF_TYPES = (*DTYPES, *FILE_TYPES, *ALIASES)
 # Ember model_type -> GGUF general.architecture
 _ARCH_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3",
-            "phi3": "phi3", "granite": "granite", "smollm3": "smollm3",
+            "phi3": "phi3", "phi": "phi2", "granite": "granite", "smollm3": "smollm3",
             "olmo2": "olmo2", **EXPORT_ARCH}
 _GGUF_BLOCK = {v: k for k, v in _BLOCK_NAMES.items()}
 _GGUF_TOP = {v: k for k, v in _TOP_NAMES.items()}
@@ -87,6 +87,10 @@ def gguf_arch(cfg: ModelConfig) -> str:
     if arch is None:
         raise EmberError(f"save_gguf: model_type {cfg.model_type!r} has no GGUF export "
                          f"(supported: {', '.join(sorted(_ARCH_OF))})")
+    if arch == "phi2" and (cfg.qk_norm or cfg.tie_word_embeddings):
+        raise EmberError("save_gguf: llama.cpp's phi2 architecture has no q/k LayerNorms "
+                         "(qk_layernorm) and no tied output head; export the merged HF folder "
+                         "instead (ember export --merged)")
     return arch
 
 
@@ -148,7 +152,7 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig
             w = permute_qk(w, cfg.num_heads if ".q_proj." in key else cfg.num_kv_heads)
         if arch in GEMMA and key.endswith("norm.weight"):
             w = w + 1  # llama.cpp's Gemma norms scale by the stored weight
-        part = key.split(".")[-2]
+        part = key.split(".")[-2] if "." in key else key  # head_bias: phi's output.bias
         if arch == "phi3" and part in _PHI3_PARTS and key.endswith(".weight"):
             name = f"blk.{key.split('.')[1]}.{_PHI3_PARTS[part]}.weight"
             parts = fused.setdefault(name, {})
@@ -224,8 +228,10 @@ def arch_metadata(cfg: ModelConfig) -> dict[str, Any]:
     }
     if cfg.head_dim != cfg.hidden_size // cfg.num_heads or arch in GEMMA:
         md.update({"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim})
-    if arch in ("llama", "phi3", "granite", "smollm3"):
+    if arch in ("llama", "phi3", "phi2", "granite", "smollm3"):
         md["rope.dimension_count"] = cfg.rotary_dim
+    if arch == "phi2":  # LayerNorms
+        md["attention.layer_norm_epsilon"] = float(md.pop("attention.layer_norm_rms_epsilon"))
     if arch == "granite":  # as the converter: the multipliers where non-zero, logit_scale always
         md.update({k: float(v) for k, v in (
             ("embedding_scale", cfg.embedding_scale), ("residual_scale", cfg.residual_multiplier),
@@ -283,7 +289,7 @@ def _semantics(cfg: ModelConfig) -> dict[str, Any]:
     out = {f.name: f32(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     for k in ("model_type", "torch_dtype", "extra", "bos_token_id", "eos_token_id",
               "pad_token_id", "labels", "layer_types", "sliding_window", "query_pre_attn_scalar",
-              "rope_local_theta"):
+              "rope_local_theta", "resid_dropout", "embed_dropout"):  # dropout: training only
         out.pop(k)
     rs = cfg.rope_scaling
     out["rope_scaling"] = None if rs is None else {

@@ -11,6 +11,9 @@ they need no padding at all.
 HF interop: ``config.json`` gets ``architectures = [<Family>ForSequenceClassification]``,
 ``num_labels``, ``id2label``, ``label2id``, ``problem_type = "single_label_classification"``
 (``labels_to_hf`` / ``labels_from_hf``); the weight is ``score.weight`` under the same name.
+A one-output head (one label, ``num_labels = 1``) is a reward model (``problem_type`` unset, as
+TRL's RewardTrainer saves it) or a regression head (``problem_type = "regression"``: transformers
+then computes MSE); ``ModelConfig.problem_type`` carries which.
 """
 
 from __future__ import annotations
@@ -27,21 +30,22 @@ PROBLEM_TYPE = "single_label_classification"
 
 def labels_from_hf(raw: Mapping, architecture: str) -> tuple[str, ...] | None:
     """The class names of a config.json whose architectures is ``[architecture]`` (a
-    ``*ForSequenceClassification``), else None. Refuses regression and multi-label heads."""
+    ``*ForSequenceClassification``), else None. Refuses multi-label heads."""
     if raw.get("architectures") != [architecture]:
         return None
     problem = raw.get("problem_type")
-    if problem not in (None, PROBLEM_TYPE):
-        raise EmberError(
-            f"config.json: problem_type {problem!r} is not supported; Ember's "
-            f"classification head is {PROBLEM_TYPE!r} (softmax over classes)"
-        )
     id2label = raw.get("id2label")
     n = raw.get("num_labels", len(id2label) if isinstance(id2label, Mapping) else 2)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise EmberError(
-            f"config.json: num_labels must be an integer >= 2 for a "
-            f"{architecture} Ember can load (1 is regression), got {n!r}"
+            f"config.json: num_labels must be an integer >= 1 for a {architecture} (1: a reward "
+            f"or regression head), got {n!r}"
+        )
+    if problem not in ((None, "regression") if n == 1 else (None, PROBLEM_TYPE)):
+        raise EmberError(
+            f"config.json: problem_type {problem!r} with num_labels {n} is not supported; "
+            f"Ember's heads are {PROBLEM_TYPE!r} (softmax over two or more classes) and "
+            "one-output reward / 'regression' heads"
         )
     if id2label is None:
         return tuple(f"LABEL_{i}" for i in range(n))
@@ -56,13 +60,20 @@ def labels_from_hf(raw: Mapping, architecture: str) -> tuple[str, ...] | None:
     return labels
 
 
-def labels_to_hf(labels: Sequence[str]) -> dict:
-    """The config.json fields of a classifier with these class names."""
+def problem_type_from_hf(raw: Mapping, labels: tuple[str, ...] | None) -> str | None:
+    """``ModelConfig.problem_type`` of a classifier's config.json: "regression" or None."""
+    return "regression" if labels and raw.get("problem_type") == "regression" else None
+
+
+def labels_to_hf(labels: Sequence[str], problem_type: str | None = None) -> dict:
+    """The config.json fields of a classifier with these class names (one name: a one-output
+    head, ``problem_type`` None for a reward model, as TRL writes it, or "regression")."""
+    single = len(labels) == 1
     return {
         "num_labels": len(labels),
         "id2label": {str(i): x for i, x in enumerate(labels)},
         "label2id": {x: i for i, x in enumerate(labels)},
-        "problem_type": PROBLEM_TYPE,
+        "problem_type": problem_type if single else PROBLEM_TYPE,
     }
 
 
@@ -105,6 +116,8 @@ def add_classification_head(
     with torch.no_grad():
         model.score.weight.copy_(weight)
     model.lm_head = None  # not used by the classifier (HF's classifier has none either)
+    if getattr(model, "head_bias", None) is not None:
+        model.head_bias = None  # the LM head's bias (Phi) goes with it
     return model
 
 

@@ -39,6 +39,7 @@ from ember.models.hf_config import (
     config_to_hf,
     quantization_config_from_hf,
 )
+from ember.models.hf_phi import KEYS as PHI_KEYS
 from ember.models.nf4 import QS_SUFFIX, cat_nf4_rows, nf4_from_bnb, nf4_to_bnb, split_bnb_key
 
 __all__ = [
@@ -254,6 +255,7 @@ def _tables(rows: list[tuple[str, str]]):
 _PLAIN = _tables(KEY_TABLE)
 _SANDWICH = _tables(SANDWICH_KEYS + KEY_TABLE)
 _MOE_TABLES = {mt: _tables(rows + KEY_TABLE) for mt, rows in MOE_KEYS.items()}
+_PHI = _tables(PHI_KEYS)  # Phi-1/1.5/2: its own names (LayerNorms with bias, dense, fc1/fc2)
 
 
 def _rename(key: str, patterns, table) -> str | None:
@@ -270,6 +272,8 @@ def _rename(key: str, patterns, table) -> str | None:
 def _table(cfg: ModelConfig | None):
     if cfg is not None and cfg.sandwich_norms:
         return _SANDWICH
+    if cfg is not None and cfg.model_type == "phi":
+        return _PHI
     return _MOE_TABLES.get(cfg.model_type, _PLAIN) if cfg is not None else _PLAIN
 
 

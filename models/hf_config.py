@@ -43,11 +43,12 @@ import torch
 from ember import EmberError
 from ember.models import hf_llama_variants as _var
 from ember.models.config import ModelConfig
-from ember.models.heads import labels_from_hf, labels_to_hf
+from ember.models.heads import labels_from_hf, labels_to_hf, problem_type_from_hf
 from ember.models.hf_gemma import DEFAULTS as _GEMMA_DEFAULTS
 from ember.models.hf_gemma import FIELDS as _GEMMA_FIELDS
 from ember.models.hf_gemma import MULTIMODAL, gemma_fields, gemma_to_hf, multimodal_text_config
 from ember.models.hf_moe import MOE_FAMILIES, moe_check_exportable, moe_config, moe_to_hf
+from ember.models.hf_phi import phi_config, phi_fields_of, phi_to_hf
 from ember.models.hf_rope import LONGROPE_FAMILIES, legacy_rope_scaling, rope_to_hf
 from ember.models.hf_rope import get_float as _get_float
 from ember.models.hf_rope import parse_partial_rotary as _parse_partial_rotary
@@ -55,7 +56,7 @@ from ember.models.hf_rope import parse_rope as _parse_rope
 from ember.models.nf4 import check_quantization_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
-                         "gemma3_text", *MOE_FAMILIES, *_var.VARIANTS)
+                         "gemma3_text", "phi", *MOE_FAMILIES, *_var.VARIANTS)
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 _SANDWICH = ("gemma2", "gemma3_text")  # Gemma 2/3: post-norms, softcaps, per-layer windows
 ARCHITECTURES = {
@@ -67,6 +68,7 @@ ARCHITECTURES = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "phi": "PhiForCausalLM",
     **{mt: arch for mt, (_, _, arch) in MOE_FAMILIES.items()},
     **_var.ARCHITECTURES,
 }
@@ -294,6 +296,8 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
         return cfg.replace(extra={**cfg.extra, "multimodal": model_type})
     if model_type in MOE_FAMILIES:  # the dense sibling's attention plus experts (hf_moe)
         return moe_config(raw, config_from_hf)
+    if model_type == "phi":  # Phi-1/1.5/2: Llama's shared fields plus its own (hf_phi)
+        return phi_config(raw, _HARMLESS_FIELDS, config_from_hf)
     if model_type not in SUPPORTED_MODEL_TYPES:
         multimodal = "text_config" in raw or "vision_config" in raw
         raise EmberError(
@@ -449,7 +453,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             eos_token_id=eos,
             pad_token_id=_pad_token_id(raw),
             torch_dtype=dtype or "float32",
-            labels=labels,
+            labels=labels, problem_type=problem_type_from_hf(raw, labels),
             extra=extra,
             **fields,
         )
@@ -484,7 +488,8 @@ def _check_exportable(cfg: ModelConfig) -> None:
             f"cannot export model_type {mt!r} to Hugging Face (supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    problems = _var.variant_problems(cfg)
+    # Phi-1/2's fields and the Llama variants' (SmolLM3, Granite, OLMo2): no other family has them
+    problems = phi_fields_of(cfg) + _var.variant_problems(cfg)
     gemma, sandwich = mt in GEMMA, mt in _SANDWICH
     if gemma and cfg.activation != "gelu_tanh":
         problems.append(f"activation={cfg.activation!r}")
@@ -540,12 +545,15 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
     ``dtype`` is the dtype the weights are saved in (default ``cfg.torch_dtype``)."""
     if cfg.num_experts or cfg.model_type in MOE_FAMILIES:  # ember.models.hf_moe
         return moe_to_hf(cfg, config_to_hf(moe_check_exportable(cfg), dtype))
-    _check_exportable(cfg)
+    if cfg.model_type != "phi":
+        _check_exportable(cfg)
     if isinstance(dtype, torch.dtype):
         dtype = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
     dtype = dtype or cfg.torch_dtype
     if dtype not in DTYPES:
         raise EmberError(f"cannot export dtype {dtype!r} (use one of {', '.join(DTYPES)})")
+    if cfg.model_type == "phi":  # ember.models.hf_phi
+        return phi_to_hf(cfg, dtype)
     mt = cfg.model_type
     rope = rope_to_hf(cfg)
     legacy_scaling = legacy_rope_scaling(cfg)
@@ -602,7 +610,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         out.update(use_sliding_window=sliding, sliding_window=cfg.sliding_window,
                    max_window_layers=first, layer_types=types)
     if cfg.labels is not None:
-        out.update(architectures=[_classifier_architecture(mt)], **labels_to_hf(cfg.labels))
+        out.update(architectures=[_classifier_architecture(mt)],
+                   **labels_to_hf(cfg.labels, cfg.problem_type))
     if mt in _SANDWICH:
         gemma_to_hf(cfg, out)
     _var.variant_to_hf(cfg, out)

@@ -265,17 +265,30 @@ def load_pretrained(
     """``(model, tokenizer)`` from an HF folder, a ``.gguf`` file or a built-in model name.
 
     ``dtype=None`` keeps the stored dtype. ``tokenizer`` is None (with a warning) when the folder
-    has no tokenizer.json. ``quantize="nf4"`` stores the linear weights in NF4 while loading
-    (``double_quant``: see ``load_hf_folder``)."""
+    has neither tokenizer.json nor a slow tokenizer's files (tokenizer.model, vocab.json +
+    merges.txt: ``ember.models.slow_tokenizer``), or slow files Ember cannot read.
+    ``quantize="nf4"`` stores the linear weights in NF4 while loading (``double_quant``: see
+    ``load_hf_folder``). The model is in eval mode, as transformers' ``from_pretrained`` returns
+    it (Phi-2's residual dropout acts only after ``.train()``)."""
     folder = _resolve_path(path)
     model = load_hf_folder(folder, dtype, device, quantize=quantize, double_quant=double_quant)
-    if (folder / "tokenizer.json").is_file():
-        from ember.models.tokenizer import load_tokenizer
+    model.eval()
+    from ember.models.slow_tokenizer import has_slow_tokenizer
+    from ember.models.tokenizer import load_tokenizer
 
+    if (folder / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(folder)
+    elif has_slow_tokenizer(folder):
+        try:
+            tokenizer = load_tokenizer(folder)
+        except EmberError as e:  # the weights stay usable with token ids, as without tokenizer
+            warnings.warn(f"{e}: returning tokenizer=None (token ids in and out only)",
+                          stacklevel=2)
+            tokenizer = None
     else:
         warnings.warn(
-            f"{folder} has no tokenizer.json: returning tokenizer=None (token ids in and out only)",
+            f"{folder} has no tokenizer.json (nor tokenizer.model or vocab.json + merges.txt): "
+            "returning tokenizer=None (token ids in and out only)",
             stacklevel=2,
         )
         tokenizer = None

@@ -38,6 +38,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 
 from ember import EmberError
 from ember.kernels import lora_linear
+from ember.models.hf_phi import EMBER_LEAVES as PHI_LEAVES
 from ember.models.lora_embed import LoRAEmbedding
 
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
@@ -53,12 +55,15 @@ _LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 # short and transformers names -> Ember module names (PEFT's "embed_tokens" is Ember's "embed")
 SHORT_TARGETS = {**dict(zip(ALL_LINEAR, _LINEAR_LEAVES, strict=True)),
                  "embed_tokens": "embed", "lm_head": "lm_head"}
+# transformers' leaf names of the linears "all-linear" selects (Phi-1/2: dense, fc1, fc2)
+HF_LINEAR_LEAVES = (*_LINEAR_LEAVES, *PHI_LEAVES)
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoRAConfig:
     """``targets``: short names (q k v o gate up down), module leaf names (``q_proj``),
-    ``"all-linear"`` (never the head, as in PEFT), ``embed_tokens`` / ``lm_head`` (see
+    ``"all-linear"`` (never the head, as in PEFT), on Phi-1/2 also transformers' ``dense`` /
+    ``fc1`` / ``fc2`` (Ember's o_proj / up_proj / down_proj), ``embed_tokens`` / ``lm_head`` (see
     ``ember.models.lora_embed``), or glob / regex patterns on full module names
     (``layers.1[0-9].mlp.*``). ``embedding_lr``: the learning rate of the embedding's and head's
     adapters (Unsloth's ``embedding_learning_rate``; None: ``optim.lr``)."""
@@ -241,8 +246,14 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     """Full module names selected by ``targets``; errors name the patterns that match nothing."""
     cands = _candidates(model)
     chosen, unmatched = set(), []
+    phi = getattr(getattr(model, "cfg", None), "model_type", None) == "phi"
+    if phi and {"up", "down"} <= set(targets) and "gate" in targets:
+        # the seven short names (the default) mean every projection; Phi's MLP has no gate
+        warnings.warn("lora.targets: 'gate' skipped, Phi's MLP has no gate projection (fc1 -> "
+                      "fc2 are 'up' / 'down')", stacklevel=3)
+        targets = tuple(t for t in targets if t != "gate")
     for t in targets:
-        hit = [n for n in cands if _target_matches(t, n)]
+        hit = [n for n in cands if _target_matches(PHI_LEAVES.get(t, t) if phi else t, n)]
         if t == "lm_head" and not hit and tied_lm(model) and "embed" in cands:
             hit = ["embed"]  # tied: one adapter on the embedding serves the head too
         if not hit:

@@ -36,8 +36,8 @@ import torch.nn as nn
 
 from ember import EmberError
 from ember.models.lora import (
-    _LINEAR_LEAVES,
     EMBED_HEAD,
+    HF_LINEAR_LEAVES,
     LoRAEmbedding,
     LoRALinear,
     _candidates,
@@ -350,7 +350,7 @@ def _peft_targets(config: dict, hf_name: str) -> bool:
     if not targets:
         return False
     if targets == "all-linear" or "all-linear" in targets:
-        return hf_name.split(".")[-1] in _LINEAR_LEAVES
+        return hf_name.split(".")[-1] in HF_LINEAR_LEAVES
     if not any(hf_name == t or hf_name.endswith("." + t) for t in targets):
         return False
     layers = config.get("layers_to_transform")

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from ember import EmberError
+from ember.models.hf_phi import EMBER_LEAVES as _PHI_EMBER_LEAVES
+from ember.models.hf_phi import HF_LEAVES as _PHI_HF_LEAVES
 
 # Qwen2-MoE's shared expert is a plain MLP inside the MoE block (experts: ember.models.peft_moe)
 _EMBER_NAME = re.compile(r"layers\.(\d+)\.(attn|mlp)\.((?:shared_expert\.)?\w+)")
@@ -47,7 +49,8 @@ def hf_module_name(name: str, cfg=None) -> str:
     """``layers.3.attn.q_proj`` -> ``model.layers.3.self_attn.q_proj`` (transformers' name);
     ``model.language_model.layers.3.self_attn.q_proj`` when cfg is a multimodal Gemma 3's
     language model (``extra["multimodal"]``: the module inside Gemma3ForConditionalGeneration).
-    ``embed`` -> ``model.embed_tokens``, ``lm_head`` -> ``lm_head``."""
+    ``embed`` -> ``model.embed_tokens``, ``lm_head`` -> ``lm_head``. Phi-1/2 (model_type "phi")
+    names its o_proj / up_proj / down_proj ``dense`` / ``fc1`` / ``fc2``."""
     prefix = "model.language_model." if _multimodal(cfg) else "model."
     if name in ("embed", "lm_head"):
         return prefix + "embed_tokens" if name == "embed" else "lm_head"
@@ -59,7 +62,8 @@ def hf_module_name(name: str, cfg=None) -> str:
         raise EmberError(f"no transformers name for module {name!r}: PEFT export covers the "
                          "attention and MLP projections inside layers, embed_tokens and lm_head")
     part = "self_attn" if m[2] == "attn" else "mlp"
-    return f"{prefix}layers.{m[1]}.{part}.{m[3]}"
+    leaf = _PHI_HF_LEAVES.get(m[3], m[3]) if getattr(cfg, "model_type", None) == "phi" else m[3]
+    return f"{prefix}layers.{m[1]}.{part}.{leaf}"
 
 
 def ember_module_name(hf_name: str) -> str | None:
@@ -73,7 +77,8 @@ def ember_module_name(hf_name: str) -> str | None:
     m = _HF_NAME.fullmatch(hf_name)
     if m is None:
         return None
-    return f"layers.{m[1]}.{'attn' if m[2] == 'self_attn' else 'mlp'}.{m[3]}"
+    leaf = _PHI_EMBER_LEAVES.get(m[3], m[3])  # Phi's dense / fc1 / fc2 (no other family's names)
+    return f"layers.{m[1]}.{'attn' if m[2] == 'self_attn' else 'mlp'}.{leaf}"
 
 
 def lora_keys(hf_name: str) -> tuple[str, str]:

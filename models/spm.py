@@ -35,16 +35,19 @@ SPACE = "\u2581"
 _GEMMA = ("gemma", "gemma2", "gemma3")
 
 
-def recovered_merges(tokens: list[str], rank: dict[str, float]) -> list[tuple[str, str]]:
+def recovered_merges(tokens: list[str], rank: dict[str, float], *, longer_first: bool = True
+                     ) -> list[tuple[str, str]]:
     """The merges a vocabulary implies: each piece split into two pieces of the vocabulary, best
-    ``rank`` first (ties: longer left part, then longer right part, then file order)."""
+    ``rank`` first (ties: longer left part, then longer right part, then file order; shorter
+    first with ``longer_first=False``, as transformers orders a ``tokenizer.model``'s merges)."""
+    sign = 1 if longer_first else -1
     ids = {t: i for i, t in enumerate(tokens)}
     found = []
     for piece, score in rank.items():
         local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
                  if piece[:i] in ids and piece[i:] in ids]
         found += sorted(local, key=lambda m: (ids[m[0]], ids[m[1]]))
-    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    found.sort(key=lambda m: (m[2], sign * len(m[0]), sign * len(m[1])), reverse=True)
     return [(a, b) for a, b, _ in found]
 
 
@@ -70,23 +73,38 @@ def spm_backend(md: dict[str, Any], source: str) -> tokenizers.Tokenizer:
                                  "this file has neither")
             rank = dict(zip(tokens, map(float, scores), strict=True))
         merges = recovered_merges(tokens, rank)
-    vocab = {t: i for i, t in enumerate(tokens)}
     unk_id = md.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+    style = "gemma" if arch in _GEMMA else "phi3" if arch == "phi3" else "llama"
+    prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
+    return spm_bpe(tokens, merges, unk=unk, style=style, prepend="first" if prefix else "never")
+
+
+def spm_bpe(tokens: list[str], merges: list[tuple[str, str]], *, unk: str | None, style: str,
+            prepend: str) -> tokenizers.Tokenizer:
+    """BPE with byte fallback over SentencePiece pieces, split and decoded by ``spm_pipeline``."""
+    vocab = {t: i for i, t in enumerate(tokens)}
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk,
                                               fuse_unk=True, byte_fallback=True, dropout=None))
-    prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
+    spm_pipeline(backend, style=style, prepend=prepend)
+    return backend
+
+
+def spm_pipeline(backend: tokenizers.Tokenizer, *, style: str, prepend: str) -> None:
+    """Give a SentencePiece-piece model transformers' normalizer, pre-tokenizer and decoder for
+    ``style`` ("llama": ``Metaspace`` with ``prepend`` "first" / "always" / "never"; "phi3": the
+    prefix and spaces in the normalizer; "gemma": spaces replaced, never a prefix)."""
+    prefix = prepend != "never" and style != "gemma"
     decode = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-    if arch in _GEMMA:
+    if style == "gemma":
         backend.normalizer = normalizers.Replace(" ", SPACE)
         backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-    elif arch == "phi3":
+    elif style == "phi3":
         steps = [normalizers.Prepend(SPACE)] if prefix else []
         backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPACE)])
     else:
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement=SPACE, prepend_scheme="first" if prefix else "never", split=False)
-    if prefix and arch not in _GEMMA:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE,
+                                                         prepend_scheme=prepend, split=False)
+    if prefix:
         decode.append(decoders.Strip(content=" ", left=1))
     backend.decoder = decoders.Sequence(decode)
-    return backend

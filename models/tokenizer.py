@@ -1,7 +1,8 @@
 """Tokenizer: a ``tokenizers.Tokenizer`` plus the special tokens and the chat template of a model.
 
 Reads and writes Hugging Face folders (tokenizer.json + tokenizer_config.json [+
-chat_template.jinja, special_tokens_map.json, generation_config.json]) and builds tokenizers from
+chat_template.jinja, special_tokens_map.json, generation_config.json]; folders with only a slow
+tokenizer's files through ``ember.models.slow_tokenizer``) and builds tokenizers from
 GGUF metadata (``tokenizer.ggml.*``): byte-level BPE, splitting text the way llama.cpp does for the
 file's ``tokenizer.ggml.pre`` type, and SentencePiece-style BPE (``ember.models.spm``).
 
@@ -168,6 +169,19 @@ class Tokenizer:
         _write_json(out / "special_tokens_map.json", specials)
 
 
+def _set_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None) -> None:
+    """Make ``encode(..., add_special_tokens=True)`` add ``bos`` before and ``eos`` after the text
+    (either may be None); a no-op when both are."""
+    if bos is None and eos is None:
+        return
+    single = ([bos] if bos else []) + ["$A"] + ([eos] if eos else [])
+    pair = single + ["$B" if s == "$A" else s for s in single]
+    backend.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair,
+        special_tokens=[(t, backend.token_to_id(t)) for t in dict.fromkeys((bos, eos))
+                        if t is not None and backend.token_to_id(t) is not None])
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -187,25 +201,35 @@ def _read_json(path: Path) -> dict:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer from a Hugging Face folder (ours or one written by transformers)."""
+    """Load a tokenizer from a Hugging Face folder (ours or one written by transformers); a
+    folder without tokenizer.json is built from its slow tokenizer's files (tokenizer.model or
+    vocab.json + merges.txt, see ``ember.models.slow_tokenizer``)."""
     folder = Path(path)
     if folder.is_file() and folder.name == "tokenizer.json":
         folder = folder.parent
     tj = folder / "tokenizer.json"
-    if not tj.is_file():
-        hint = (" (only a slow tokenizer is there: convert it once with transformers' "
-                "AutoTokenizer(...).save_pretrained)") if any(
-            (folder / f).exists() for f in ("tokenizer.model", "vocab.json")) else ""
-        raise EmberError(f"no tokenizer.json in {folder}{hint}")
-    try:
-        backend = tokenizers.Tokenizer.from_file(str(tj))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise EmberError(f"cannot parse {tj}: {e}") from None
     cfg = _read_json(folder / "tokenizer_config.json") if (
         folder / "tokenizer_config.json").is_file() else {}
     smap = _read_json(folder / "special_tokens_map.json") if (
         folder / "special_tokens_map.json").is_file() else {}
     specials = {n: _token_str(cfg.get(n, smap.get(n))) for n in _SPECIALS}
+    slow = not tj.is_file()
+    if slow:
+        from ember.models.slow_tokenizer import has_slow_tokenizer, slow_backend
+
+        if not has_slow_tokenizer(folder):
+            raise EmberError(f"no tokenizer.json in {folder} (nor a slow tokenizer's "
+                             "tokenizer.model or vocab.json + merges.txt)")
+        model_cfg = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+        model_type = model_cfg.get("model_type") if isinstance(model_cfg, dict) else None
+        backend, defaults = slow_backend(folder, cfg, smap, str(model_type or ""))
+        specials.update({n: t for n, t in defaults.items()
+                         if n in specials and backend.token_to_id(t) is not None})
+    else:
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tj))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise EmberError(f"cannot parse {tj}: {e}") from None
     template = cfg.get("chat_template")
     if isinstance(template, list):  # older multi-template format: [{"name", "template"}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -225,14 +249,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     for name, tok in specials.items():
         if tok is not None and backend.token_to_id(tok) is None:
             # transformers adds such tokens at load time; we keep the vocabulary the model has
-            warnings.warn(f"{folder}: {name} {tok!r} is not in tokenizer.json; ignoring it",
+            where = "the slow tokenizer's vocabulary" if slow else "tokenizer.json"
+            warnings.warn(f"{folder}: {name} {tok!r} is not in {where}; ignoring it",
                           stacklevel=2)
             specials[name] = None
+    add_bos, add_eos = bool(cfg.get("add_bos_token", False)), bool(cfg.get("add_eos_token", False))
+    if slow:  # tokenizer.json carries its post-processor; here it comes from the flags
+        _set_bos_eos(backend, specials["bos_token"] if add_bos else None,
+                     specials["eos_token"] if add_eos else None)
     max_len = cfg.get("model_max_length")
     return Tokenizer(backend, **specials, chat_template=template,
-                     add_bos_token=bool(cfg.get("add_bos_token", False)),
-                     add_eos_token=bool(cfg.get("add_eos_token", False)),
-                     extra_eos_token_ids=extra_eos,
+                     add_bos_token=add_bos, add_eos_token=add_eos, extra_eos_token_ids=extra_eos,
                      model_max_length=int(max_len) if isinstance(max_len, int | float)
                      and max_len < 1e12 else None)
 
@@ -464,11 +491,7 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
     add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
     bos, eos = tok("bos_token_id"), tok("eos_token_id")
     if (add_bos and bos) or (add_eos and eos):
-        single = ([bos] if add_bos and bos else []) + ["$A"] + ([eos] if add_eos and eos else [])
-        pair = single + ["$B" if s == "$A" else s for s in single]
-        backend.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair,
-            special_tokens=[(t, vocab[t]) for t in {bos, eos} if t is not None and t in vocab])
+        _set_bos_eos(backend, bos if add_bos else None, eos if add_eos else None)
     elif kind == "gpt2":
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
     extra = gguf_stop_ids(md)

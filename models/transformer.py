@@ -23,6 +23,11 @@ way transformers' Phi-3 does.
 Mixture of experts (Mixtral, Qwen2/3-MoE): a sparse layer's ``mlp`` is ``ember.models.moe.MoE``,
 whose experts are this file's ``MLP``.
 
+Phi-1/1.5/2 (``cfg.parallel_block``): one LayerNorm (``cfg.norm == "layernorm"``, with bias) feeds
+both branches, ``x + drop(attn(n(x))) + drop(mlp(n(x)))``; the MLP is plain (``gated_mlp`` False:
+``down_proj(act(up_proj(x)))``, transformers' fc1 / fc2; the fused LoRA MLP kernel is gated-only, so
+it runs module by module) and the head has a bias (``head_bias``, transformers' lm_head.bias).
+
 Gemma 2/3: each layer is local (``sliding_window``, RoPE base ``rope_local_theta``) or global per
 ``cfg.layer_types``; ``sandwich_norms`` adds RMSNorms on the attention and MLP outputs before
 they join the residual.
@@ -55,6 +60,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, self.offset)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    """The family's norm over the last dim: RMSNorm (with Gemma's offset) or a LayerNorm with
+    weight and bias (Phi), both with eps ``cfg.rms_norm_eps``."""
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=cfg.rms_norm_eps)
+    return RMSNorm(dim, cfg.rms_norm_eps, cfg.norm_offset)
 
 
 class KVCache:
@@ -121,11 +134,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.attention_out_bias)
         self.rope = layer not in cfg.nope_layers
         if cfg.qk_norm:
-            full = cfg.qk_norm_full  # OLMo2: over (H*hd) and (K*hd), before the head split
-            self.q_norm = RMSNorm(cfg.num_heads * hd if full else hd, cfg.rms_norm_eps,
-                                  cfg.norm_offset)
-            self.k_norm = RMSNorm(cfg.num_kv_heads * hd if full else hd, cfg.rms_norm_eps,
-                                  cfg.norm_offset)
+            # OLMo2 (qk_norm_full): over (H*hd) and (K*hd), before the head split
+            full = cfg.qk_norm_full
+            self.q_norm = make_norm(cfg, cfg.num_heads * hd if full else hd)
+            self.k_norm = make_norm(cfg, cfg.num_kv_heads * hd if full else hd)
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, cache=None, key_mask=None):
         cfg = self.cfg
@@ -186,6 +198,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, width: int | None = None):
         super().__init__()
         d, f = cfg.hidden_size, width or cfg.intermediate_size
+        if not cfg.gated_mlp:
+            raise ValueError("MLP is the gated MLP; a config with gated_mlp=False uses PlainMLP")
         self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
@@ -202,37 +216,67 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
+class PlainMLP(nn.Module):
+    """``down_proj(act(up_proj(x)))`` without a gate (Phi-1/1.5/2: transformers' fc1 / fc2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
+        self.activation = cfg.activation
+
+    def forward(self, x):
+        h = self.up_proj(x)
+        h = F.silu(h) if self.activation == "silu" else F.gelu(h, approximate="tanh")
+        return self.down_proj(h)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        d = cfg.hidden_size
+
         def pre_norm() -> nn.Module:  # OLMo2 (pre_norms=False): none, and no weights for one
-            return (RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
-                    if cfg.pre_norms else nn.Identity())
+            return make_norm(cfg, d) if cfg.pre_norms else nn.Identity()
 
         self.attn_norm = pre_norm()
         self.attn = Attention(cfg, layer)
-        self.mlp_norm = pre_norm()
+        self.parallel = cfg.parallel_block  # one norm feeds attention and MLP (Phi)
+        if not self.parallel:
+            self.mlp_norm = pre_norm()
         # A sparse layer's MLP is a mixture of experts (ember.models.moe), each expert an MLP
-        self.mlp = MoE(cfg, lambda f: MLP(cfg, f)) if cfg.is_sparse(layer) else MLP(cfg)
+        if cfg.is_sparse(layer):
+            self.mlp = MoE(cfg, lambda f: MLP(cfg, f))
+        else:
+            self.mlp = MLP(cfg) if cfg.gated_mlp else PlainMLP(cfg)
         if cfg.sandwich_norms:
-            self.attn_post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
-            self.mlp_post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+            self.attn_post_norm = make_norm(cfg, d)
+            self.mlp_post_norm = make_norm(cfg, d)
         self.sandwich = cfg.sandwich_norms
         self.residual_multiplier = cfg.residual_multiplier  # Granite
+        self.resid_dropout = cfg.resid_dropout
+
+    def _drop(self, t):
+        return F.dropout(t, self.resid_dropout, True) if self.resid_dropout and self.training else t
+
+    def _scale(self, t):
+        return t if self.residual_multiplier == 1.0 else t * self.residual_multiplier
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, cache=None, key_mask=None):
         a = self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, cache, key_mask)
-        a = self.attn_post_norm(a) if self.sandwich else a
-        x = x + (a if self.residual_multiplier == 1.0 else a * self.residual_multiplier)
+        if self.parallel:  # x + attn(n(x)) + mlp(n(x)), in transformers' Phi order
+            return self._scale(self._drop(a)) + self.mlp_branch(x) + x
+        x = x + self._scale(self.attn_post_norm(a) if self.sandwich else self._drop(a))
         return x + self.mlp_branch(x)
 
     def mlp_branch(self, x):
         """The MLP side of the residual, token by token independent (engine/activation.py can
         run it in token chunks: ``activations.mlp_chunk_tokens``; an MoE layer's load-balancing
-        statistics are sums over tokens, so chunks add up to the same loss)."""
-        m = self.mlp(self.mlp_norm(x))
-        m = self.mlp_post_norm(m) if self.sandwich else m
-        return m if self.residual_multiplier == 1.0 else m * self.residual_multiplier
+        statistics are sums over tokens, so chunks add up to the same loss). A parallel block
+        takes the block input and applies the shared norm again (cheaper than keeping it)."""
+        m = self.mlp((self.attn_norm if self.parallel else self.mlp_norm)(x))
+        return self._scale(self.mlp_post_norm(m) if self.sandwich else self._drop(m))
 
 
 class Transformer(nn.Module):
@@ -241,13 +285,16 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.norm = make_norm(cfg, cfg.hidden_size)
         # A classifier (cfg.labels) has no LM head, as in HF's *ForSequenceClassification: its
         # ``score`` maps a document's last hidden state to class logits (ember.models.heads).
         self.lm_head = None if cfg.tie_word_embeddings or cfg.labels else nn.Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False)
         self.score = None if not cfg.labels else nn.Linear(
             cfg.hidden_size, len(cfg.labels), bias=False)
+        # The head's bias (Phi's lm_head.bias, kept when the weight is tied to the embedding)
+        self.head_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if (
+            cfg.lm_head_bias and not cfg.labels) else None
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         if cfg.rope_local_theta is not None:  # sliding layers' RoPE (Gemma 3)
             self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True),
@@ -293,6 +340,11 @@ class Transformer(nn.Module):
             return adapted_head_weight(lora)
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
+    @property
+    def output_bias(self) -> torch.Tensor | None:
+        """The (V,) bias added to the logits (``cfg.lm_head_bias``), or None."""
+        return self.head_bias
+
     def head_operands(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, W)`` with logits ``= x W^T`` (before the final softcap): ``(hidden,
         output_weight)``, or with a LoRA on the head the concatenated operands of
@@ -311,7 +363,7 @@ class Transformer(nn.Module):
             with torch.no_grad():
                 if name.endswith("norm.weight"):
                     p.fill_(1.0 - self.cfg.norm_offset)
-                elif name.endswith(".bias"):
+                elif name.endswith(".bias") or name == "head_bias":
                     p.zero_()
                 else:
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
@@ -357,6 +409,8 @@ class Transformer(nn.Module):
         rope = self.rope(position_ids, long_rope=long_rope)
         local = rope if cfg.rope_local_theta is None else self.rope(position_ids, local=True)
         x = self.embed(input_ids)  # (B, T, D)
+        if cfg.embed_dropout and self.training:
+            x = F.dropout(x, cfg.embed_dropout, True)
         if cfg.embedding_scale is not None:
             scaled = x * torch.tensor(cfg.embedding_scale, dtype=x.dtype)
             virtual = getattr(self.embed, "virtual_mask", None)  # prompt tuning: rows unscaled
@@ -370,7 +424,8 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         x, w = self.head_operands(hidden)
-        out = F.linear(x, w)  # (B, T, V)
+        b = self.output_bias
+        out = F.linear(x, w, None if b is None else b.to(w.dtype))  # (B, T, V)
         if self.cfg.final_softcap is not None:
             c = self.cfg.final_softcap
             out = c * torch.tanh(out / c)

@@ -290,7 +290,7 @@ def test_messages_lines_use_the_chat_template(tiny, tmp_path):
         (['method="prompt"'], 'method = "prompt" with a classification head'),
         (['eval.metrics=["json_match"]'], "do not apply to a classifier"),
         (['eval.early_stopping="perplexity"'], "does not apply to a classifier"),
-        (['head.type="regression"'], "head.type must be"),
+        (['head.type="regression_head"'], "head.type must be"),
         (['head.labels=["a"]'], "at least two distinct"),
         (["head.num_labels=2"], "unknown config key 'head.num_labels'"),
     ],

@@ -177,7 +177,7 @@ def test_yarn_refusals(tmp_path):
     with pytest.raises(EmberError, match="yarn_log_multiplier"):
         load_gguf(path)
     write_family_gguf(path, "qwen2", hf, {**md, "qwen2.rope.dimension_count": 8})
-    with pytest.raises(EmberError, match="only supported for phi3"):
+    with pytest.raises(EmberError, match="only supported for phi3 / phi2"):
         load_gguf(path)
     write_family_gguf(path, "qwen2", hf, md, extra_tensors={
         "rope_freqs.weight": np.ones(8), "rope_factors_long.weight": np.ones(8)})

@@ -151,6 +151,29 @@ def test_hf_classifier_folder_round_trip(tmp_path):
     assert out["id2label"] == {"0": "a", "1": "b", "2": "c"} and out["num_labels"] == 3
 
 
+@pytest.mark.parametrize("problem", [None, "regression"])
+def test_one_output_head_round_trip(tmp_path, problem):
+    # num_labels = 1: a reward model (problem_type unset, as TRL saves it) or regression, whose
+    # MSE transformers computes from problem_type.
+    cfg = ModelConfig(**{**BASE, **CASES["llama"]}, labels=("LABEL_0",), problem_type=problem)
+    model = Transformer(cfg).init_weights(std=0.1, seed=2).eval()
+    save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_labels"] == 1 and config.get("problem_type") == problem
+    again, _ = load_pretrained(tmp_path)
+    assert again.cfg.labels == ("LABEL_0",) and again.cfg.problem_type == problem
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    ids, mask = _padded()
+    y = torch.randn(len(DOCS))
+    with torch.no_grad():
+        ours = _ember_logits(model)
+        out = hf(input_ids=ids, attention_mask=mask, labels=y)
+    assert (out.logits - ours).abs().max() < 1e-5
+    assert float(out.loss) == pytest.approx(float(F.mse_loss(ours[:, 0], y)), abs=1e-6)
+    with pytest.raises(ValueError, match="one-output head"):
+        ModelConfig(**{**BASE, **CASES["llama"]}, labels=LABELS, problem_type="regression")
+
+
 def test_head_gradients_match_transformers(tmp_path):
     model = _classifier("llama", seed=1).train()
     save_pretrained(model, tmp_path)
@@ -256,7 +279,7 @@ def test_head_errors(tmp_path):
     with pytest.raises(EmberError, match="already a classifier"):
         add_classification_head(model, ("x", "y"))
     assert add_classification_head(model, LABELS) is model  # same labels: kept as it is
-    with pytest.raises(ValueError, match="at least two distinct"):
+    with pytest.raises(ValueError, match="labels must be distinct non-empty names"):
         ModelConfig(**BASE, hidden_size=48, labels=("a", "a"))
     base = _causal_base(tmp_path)
     lm, _ = load_pretrained(base)
@@ -275,8 +298,9 @@ def test_head_errors(tmp_path):
 @pytest.mark.parametrize(
     "edit,match",
     [
-        ({"problem_type": "regression", "num_labels": 1}, "problem_type 'regression'"),
-        ({"num_labels": 1, "id2label": {"0": "x"}}, "num_labels must be an integer >= 2"),
+        ({"problem_type": "regression"}, "problem_type 'regression' with num_labels 3"),
+        ({"problem_type": "multi_label_classification"}, "is not supported"),
+        ({"num_labels": 0, "id2label": {}}, "num_labels must be an integer >= 1"),
         ({"id2label": {"0": "a", "5": "b"}, "num_labels": 2}, "id2label must map"),
         ({"architectures": ["LlamaForTokenClassification"]}, "not supported"),
     ],

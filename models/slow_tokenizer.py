@@ -1,0 +1,324 @@
+"""Tokenizers of Hugging Face folders that have no tokenizer.json, only a "slow" tokenizer's files.
+
+- ``tokenizer.model``: a SentencePiece ModelProto, read by the small protobuf reader below (no
+  sentencepiece or protobuf at run time). BPE models become the backend transformers (5.x) builds
+  for ``LlamaTokenizer`` (Llama 2, Mistral v0.1-v0.3, Phi-3, Vicuna...) or ``GemmaTokenizer``: the
+  pieces in file order, merges recovered from that order (``ember.models.spm.recovered_merges``),
+  byte fallback, control pieces as special added tokens, user-defined pieces as plain added
+  tokens. Llama: ``Metaspace`` with a prefix space once (``legacy: false``, the default), before
+  every text segment (``legacy: true``) or never (``add_prefix_space: false``). Gemma: spaces
+  replaced, no prefix. Like transformers, the file's normalizer spec (``add_dummy_prefix``,
+  charsmap) is not used: the tokenizer class decides.
+  Unigram models become a ``tokenizers`` Unigram over the pieces and scores with the same
+  splitting: SentencePiece's algorithm and what transformers 4.x built (5.x's ``LlamaTokenizer``
+  recovers BPE merges from such a file instead, whose ids differ from SentencePiece's). Word and
+  char models are refused.
+  One deliberate difference: a BPE model trained without byte fallback maps a character it
+  cannot spell to the unknown piece, as SentencePiece does (transformers 5.x silently drops it).
+- ``vocab.json`` + ``merges.txt``: byte-level BPE, split like ``GPT2Tokenizer`` (GPT-2's regex) or
+  ``Qwen2Tokenizer`` (its own regex after NFC).
+
+Added tokens come from tokenizer_config.json's ``added_tokens_decoder`` (else the legacy
+``added_tokens.json``) and the named special tokens; each must land on the id the folder says.
+Which class: tokenizer_config.json's ``tokenizer_class``, else config.json's ``model_type``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+
+from ember import EmberError
+from ember.models.spm import recovered_merges, spm_bpe, spm_pipeline
+
+_SPM_CLASSES = ("LlamaTokenizer", "GemmaTokenizer")
+_BPE_CLASSES = ("GPT2Tokenizer", "Qwen2Tokenizer")
+# The special tokens each class assumes when the folder names none (transformers' defaults).
+_DEFAULTS = {
+    "LlamaTokenizer": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"},
+    "GemmaTokenizer": {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>",
+                       "pad_token": "<pad>", "mask_token": "<mask>"},
+    "GPT2Tokenizer": dict.fromkeys(("unk_token", "bos_token", "eos_token"), "<|endoftext|>"),
+    "Qwen2Tokenizer": dict.fromkeys(("unk_token", "eos_token", "pad_token"), "<|endoftext|>"),
+}
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def has_slow_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds a slow tokenizer's files (and so ``load_tokenizer`` can try)."""
+    return (folder / "tokenizer.model").is_file() or (
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+
+
+# ------------------------------------------------------------------------------------------
+# SentencePiece ModelProto (sentencepiece_model.proto), only the fields used here
+
+_UNIGRAM, _BPE = 1, 2
+_MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+@dataclass(frozen=True)
+class SpmModel:
+    pieces: list[str]
+    scores: list[float]
+    types: list[int]  # 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+    model_type: int = _UNIGRAM
+    byte_fallback: bool = False
+    unk_id: int = 0
+    add_dummy_prefix: bool = True
+
+
+def _fields(buf: bytes, source: str):
+    """(field number, value) for each field of one protobuf message: ints for varints, bytes for
+    length-delimited fields, raw 4/8 bytes for fixed-width ones."""
+    pos, end = 0, len(buf)
+
+    def varint():
+        nonlocal pos
+        out = shift = 0
+        while True:
+            if pos >= end or shift > 63:
+                raise EmberError(f"{source}: truncated or corrupt protobuf (not a SentencePiece "
+                                 "model?)")
+            b = buf[pos]
+            pos += 1
+            out |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return out
+
+    while pos < end:
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            yield number, varint()
+            continue
+        size = varint() if wire == 2 else {1: 8, 5: 4}.get(wire)
+        if size is None or pos + size > end:
+            raise EmberError(f"{source}: corrupt protobuf (wire type {wire} for field {number}); "
+                             "is this a SentencePiece tokenizer.model?")
+        yield number, buf[pos:pos + size]
+        pos += size
+
+
+def _int32(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def read_spm_model(path: Path) -> SpmModel:
+    """Pieces, scores, types and the trainer fields Ember needs from a ``tokenizer.model``."""
+    source = str(path)
+    try:
+        buf = path.read_bytes()
+    except OSError as e:
+        raise EmberError(f"cannot read {path}: {e}") from None
+    pieces, scores, types = [], [], []
+    trainer: dict[str, Any] = {}
+    for number, value in _fields(buf, source):
+        if number == 1 and isinstance(value, bytes):  # SentencePiece {piece, score, type}
+            piece, score, kind = "", 0.0, 1
+            for n, v in _fields(value, source):
+                if n == 1 and isinstance(v, bytes):
+                    piece = v.decode("utf-8", errors="replace")
+                elif n == 2 and isinstance(v, bytes) and len(v) == 4:
+                    score = struct.unpack("<f", v)[0]
+                elif n == 3 and isinstance(v, int):
+                    kind = v
+            pieces.append(piece)
+            scores.append(score)
+            types.append(kind)
+        elif number == 2 and isinstance(value, bytes):  # TrainerSpec
+            for n, v in _fields(value, source):
+                if n == 3 and isinstance(v, int):
+                    trainer["model_type"] = v
+                elif n == 35 and isinstance(v, int):
+                    trainer["byte_fallback"] = bool(v)
+                elif n == 40 and isinstance(v, int):
+                    trainer["unk_id"] = _int32(v)
+        elif number == 3 and isinstance(value, bytes):  # NormalizerSpec
+            for n, v in _fields(value, source):
+                if n == 3 and isinstance(v, int):
+                    trainer["add_dummy_prefix"] = bool(v)
+    if not pieces:
+        raise EmberError(f"{source}: no pieces: not a SentencePiece model (or an empty one)")
+    return SpmModel(pieces, scores, types, **trainer)
+
+
+def _spm_backend(folder: Path, cls: str, cfg: dict) -> tokenizers.Tokenizer:
+    path = folder / "tokenizer.model"
+    sp = read_spm_model(path)
+    if sp.model_type not in (_BPE, _UNIGRAM):
+        kind = _MODEL_TYPES.get(sp.model_type, str(sp.model_type))
+        raise EmberError(f"{path}: a SentencePiece {kind} model; Ember reads BPE and unigram "
+                         "ones. Convert the folder once with transformers "
+                         "(AutoTokenizer.from_pretrained(folder).save_pretrained(folder)) or use "
+                         "a model that ships a tokenizer.json")
+    if len(set(sp.pieces)) != len(sp.pieces):
+        raise EmberError(f"{path}: the same piece appears twice; the file is corrupt")
+    unk = sp.pieces[sp.unk_id] if 0 <= sp.unk_id < len(sp.pieces) else None
+    if cls == "GemmaTokenizer":
+        style, prepend = "gemma", "never"
+    else:
+        prefix = cfg.get("add_prefix_space")
+        style, prepend = "llama", ("never" if prefix is not None and not prefix
+                                   else "always" if cfg.get("legacy", False) else "first")
+    if sp.model_type == _UNIGRAM:  # SentencePiece's own algorithm, not transformers 5.x's BPE
+        if unk is None:
+            raise EmberError(f"{path}: unk_id {sp.unk_id} is not a piece; the file is corrupt")
+        backend = tokenizers.Tokenizer(models.Unigram(list(zip(sp.pieces, sp.scores, strict=True)),
+                                                      unk_id=sp.unk_id,
+                                                      byte_fallback=sp.byte_fallback))
+        spm_pipeline(backend, style=style, prepend=prepend)
+    else:
+        merges = recovered_merges(sp.pieces, {t: -float(i) for i, t in enumerate(sp.pieces)},
+                                  longer_first=False)
+        backend = spm_bpe(sp.pieces, merges, unk=unk, style=style, prepend=prepend)
+    added = [AddedToken(p, special=t == _CONTROL, normalized=False)
+             for p, t in zip(sp.pieces, sp.types, strict=True) if t in (_CONTROL, _USER_DEFINED)]
+    backend.add_tokens(added)
+    return backend
+
+
+# ------------------------------------------------------------------------------------------
+# Byte-level BPE (vocab.json + merges.txt)
+
+
+def _bpe_backend(folder: Path, cls: str, cfg: dict) -> tokenizers.Tokenizer:
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    for f in (vocab_file, merges_file):
+        if not f.is_file():
+            raise EmberError(f"{folder}: {cls} needs vocab.json and merges.txt; {f.name} is "
+                             "missing")
+    try:
+        vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+        lines = merges_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EmberError(f"cannot read the slow tokenizer in {folder}: {e}") from None
+    if not isinstance(vocab, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
+        raise EmberError(f"{vocab_file}: expected a JSON object of token -> id")
+    if lines and lines[0].startswith("#version"):
+        lines = lines[1:]
+    merges = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        pair = tuple(line.split())
+        if len(pair) != 2 or any(p not in vocab for p in pair):
+            raise EmberError(f"{merges_file}:{n}: {line!r} is not a merge of two tokens of "
+                             "vocab.json")
+        merges.append(pair)
+    prefix = bool(cfg.get("add_prefix_space") or False)
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None,
+                                              continuing_subword_prefix="",
+                                              end_of_word_suffix="", fuse_unk=False))
+    if cls == "Qwen2Tokenizer":
+        backend.normalizer = normalizers.NFC()
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=False)])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+# ------------------------------------------------------------------------------------------
+# The hook load_tokenizer calls
+
+
+def _tokenizer_class(folder: Path, cfg: dict, model_type: str) -> str:
+    cls = cfg.get("tokenizer_class")
+    if isinstance(cls, str):
+        base = cls.removesuffix("Fast")
+        if base in _SPM_CLASSES + _BPE_CLASSES:
+            return base
+        raise EmberError(f"{folder}: tokenizer_class {cls!r} with no tokenizer.json; Ember builds "
+                         f"{', '.join(_SPM_CLASSES + _BPE_CLASSES)} from their slow files. Convert "
+                         "the folder once with transformers (AutoTokenizer.from_pretrained(folder)"
+                         ".save_pretrained(folder))")
+    if (folder / "tokenizer.model").is_file():
+        return "GemmaTokenizer" if model_type.startswith("gemma") else "LlamaTokenizer"
+    return "Qwen2Tokenizer" if model_type.startswith("qwen") else "GPT2Tokenizer"
+
+
+def _content(v: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a str or an AddedToken dict."""
+    v = v.get("content") if isinstance(v, dict) else v
+    return v if isinstance(v, str) else None
+
+
+def _added_token(d: dict, content: str) -> AddedToken:
+    flags = {k: bool(d[k]) for k in ("single_word", "lstrip", "rstrip", "normalized", "special")
+             if k in d}
+    return AddedToken(content, **flags)
+
+
+def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
+                 ) -> tuple[tokenizers.Tokenizer, dict[str, str]]:
+    """The backend transformers builds from ``folder``'s slow files (without post-processor: the
+    caller adds bos/eos), and the special tokens its tokenizer class assumes where the folder
+    names none (those the vocabulary lacks are left out: transformers would add them as new
+    tokens)."""
+    cls = _tokenizer_class(folder, cfg, model_type)
+    if cls in _SPM_CLASSES:
+        if not (folder / "tokenizer.model").is_file():
+            raise EmberError(f"{folder}: {cls} needs tokenizer.model, which is missing")
+        backend = _spm_backend(folder, cls, cfg)
+    else:
+        backend = _bpe_backend(folder, cls, cfg)
+    defaults = {k: v for k, v in _DEFAULTS[cls].items() if k not in cfg and k not in smap}
+    named = {_content(v) for k, v in {**smap, **cfg, **defaults}.items()
+             if k in ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")} - {None}
+
+    # (id, token) pairs the folder pins: added_tokens_decoder, else the legacy added_tokens.json
+    pinned: list[tuple[int, AddedToken]] = []
+    decoder = cfg.get("added_tokens_decoder")
+    if isinstance(decoder, dict):
+        for i, d in decoder.items():
+            if not isinstance(d, dict) or not isinstance(d.get("content"), str) or not str(
+                    i).isdigit():
+                raise EmberError(f"{folder}/tokenizer_config.json: added_tokens_decoder entry "
+                                 f"{i!r} needs an id as key and a 'content' string")
+            pinned.append((int(i), _added_token(d, d["content"])))
+    elif (folder / "added_tokens.json").is_file():
+        try:
+            table = json.loads((folder / "added_tokens.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EmberError(f"cannot read {folder / 'added_tokens.json'}: {e}") from None
+        if not isinstance(table, dict) or not all(isinstance(i, int) for i in table.values()):
+            raise EmberError(f"{folder / 'added_tokens.json'}: expected a JSON object of token "
+                             "-> id")
+        for t, i in table.items():
+            pinned.append((i, AddedToken(t, special=t in named, normalized=t not in named)))
+    for i, tok in sorted(pinned, key=lambda p: p[0]):
+        if tok.special:
+            backend.add_special_tokens([tok])
+        else:
+            backend.add_tokens([tok])
+        if backend.token_to_id(tok.content) != i:
+            raise EmberError(f"{folder}: added token {tok.content!r} should have id {i} but the "
+                             f"vocabulary gives it {backend.token_to_id(tok.content)}; the "
+                             "tokenizer files disagree")
+    extra = []  # lists of tokens (transformers 5 also writes {name: token} extras)
+    for source in (cfg, smap):
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            v = source.get(key) or []
+            extra += list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else []
+    specials = [t for t in (*sorted(named), *map(_content, extra)) if t is not None]
+    decoder_tokens = backend.get_added_tokens_decoder().values()
+    have = {t.content for t in decoder_tokens}
+    # named special tokens not yet added become special (matched whole, skipped when decoding),
+    # if the vocabulary has them; load_tokenizer reports those it has not
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in dict.fromkeys(specials)
+                                if t not in have and backend.token_to_id(t) is not None])
+    return backend, defaults
