@@ -36,9 +36,9 @@ from ember.models.hf_config import (
     DTYPES,
     SUPPORTED_MODEL_TYPES,
     config_from_hf,
-    config_to_hf,
     quantization_config_from_hf,
 )
+from ember.models.hf_config_export import config_to_hf
 from ember.models.hf_phi import KEYS as PHI_KEYS
 from ember.models.nf4 import QS_SUFFIX, cat_nf4_rows, nf4_from_bnb, nf4_to_bnb, split_bnb_key
 

@@ -10,7 +10,8 @@ and gemma3_text (also: sandwich norms, ``query_pre_attn_scalar``, per-layer slid
 Mixture of experts (mixtral, qwen2_moe, qwen3_moe): ``ember.models.hf_moe``; smollm3, granite,
 olmo2: ``ember.models.hf_llama_variants``. Both
 config.json styles are read: transformers 4.x (``rope_theta``, ``rope_scaling``, ``torch_dtype``)
-and 5.x (``rope_parameters``, ``dtype``); ``config_to_hf`` writes both, so either
+and 5.x (``rope_parameters``, ``dtype``); ``config_to_hf`` (``ember.models.hf_config_export``)
+writes both, so either
 major version loads the folder. RoPE (default, linear, llama3, yarn, longrope; Phi-3's
 ``partial_rotary_factor``) is parsed in ``ember.models.hf_rope``, Gemma 2/3's own fields (windows
 per layer, softcaps, Gemma 3's RoPE per layer type) in ``ember.models.hf_gemma``.
@@ -43,13 +44,12 @@ import torch
 from ember import EmberError
 from ember.models import hf_llama_variants as _var
 from ember.models.config import ModelConfig
-from ember.models.heads import labels_from_hf, labels_to_hf, problem_type_from_hf
+from ember.models.heads import labels_from_hf, problem_type_from_hf
 from ember.models.hf_gemma import DEFAULTS as _GEMMA_DEFAULTS
 from ember.models.hf_gemma import FIELDS as _GEMMA_FIELDS
-from ember.models.hf_gemma import MULTIMODAL, gemma_fields, gemma_to_hf, multimodal_text_config
-from ember.models.hf_moe import MOE_FAMILIES, moe_check_exportable, moe_config, moe_to_hf
-from ember.models.hf_phi import phi_config, phi_fields_of, phi_to_hf
-from ember.models.hf_rope import LONGROPE_FAMILIES, legacy_rope_scaling, rope_to_hf
+from ember.models.hf_gemma import MULTIMODAL, gemma_fields, multimodal_text_config
+from ember.models.hf_moe import MOE_FAMILIES, moe_config
+from ember.models.hf_phi import phi_config
 from ember.models.hf_rope import get_float as _get_float
 from ember.models.hf_rope import parse_partial_rotary as _parse_partial_rotary
 from ember.models.hf_rope import parse_rope as _parse_rope
@@ -475,144 +475,3 @@ def _pad_token_id(raw: Mapping) -> int | None:
 def _classifier_architecture(model_type: str) -> str:
     """transformers' classifier class of a family (``LlamaForSequenceClassification``)."""
     return ARCHITECTURES[model_type].replace("ForCausalLM", "ForSequenceClassification")
-
-
-# --------------------------------------------------------------------------------------------------
-# ModelConfig -> config.json
-
-
-def _check_exportable(cfg: ModelConfig) -> None:
-    mt = cfg.model_type
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise EmberError(
-            f"cannot export model_type {mt!r} to Hugging Face (supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
-    # Phi-1/2's fields and the Llama variants' (SmolLM3, Granite, OLMo2): no other family has them
-    problems = phi_fields_of(cfg) + _var.variant_problems(cfg)
-    gemma, sandwich = mt in GEMMA, mt in _SANDWICH
-    if gemma and cfg.activation != "gelu_tanh":
-        problems.append(f"activation={cfg.activation!r}")
-    names = ("layer_types", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
-    for name in () if sandwich else names:
-        if name == "layer_types" and mt in ("qwen2", "qwen3", "smollm3") and cfg.sliding_window:
-            continue  # Qwen's own layer_types: the window on some layers only
-        if getattr(cfg, name) is not None:
-            problems.append(f"{name}={getattr(cfg, name)}")
-    if cfg.sandwich_norms != (sandwich or mt == "olmo2"):
-        problems.append(f"sandwich_norms={cfg.sandwich_norms}")
-    if cfg.rope_local_theta is not None and mt != "gemma3_text":
-        problems.append(f"rope_local_theta={cfg.rope_local_theta}")
-    if mt == "gemma3_text" and cfg.rope_local_theta is None and cfg.rope_scaling is not None:
-        problems.append("RoPE scaling on sliding layers (rope_local_theta=None)")
-    if cfg.partial_rotary_factor != 1.0 and mt != "phi3":
-        problems.append(f"partial_rotary_factor={cfg.partial_rotary_factor}")
-    if cfg.longrope is not None and mt not in LONGROPE_FAMILIES:
-        problems.append("LongRoPE")
-    if cfg.embedding_scale != (cfg.hidden_size**0.5 if gemma else None) and mt != "granite":
-        problems.append(f"embedding_scale={cfg.embedding_scale}")
-    if cfg.norm_offset != (1.0 if gemma else 0.0):
-        problems.append(f"norm_offset={cfg.norm_offset}")
-    if cfg.qk_norm != (mt in _QK_NORM):
-        problems.append(f"qk_norm={cfg.qk_norm}")
-    if cfg.mlp_bias and mt not in _MLP_BIAS:
-        problems.append("mlp_bias=True")
-    if cfg.sliding_window is not None and mt == "llama":
-        problems.append(f"sliding_window={cfg.sliding_window}")
-    bias = (cfg.attention_bias, cfg.attention_out_bias)
-    allowed = {
-        "llama": {(False, False), (True, True)},
-        "mistral": {(False, False)},
-        "qwen2": {(True, False)},
-        "qwen3": {(False, False), (True, True)},
-        "phi3": {(False, False)},
-        "gemma": {(False, False), (True, True)},
-        "gemma2": {(False, False), (True, True)},
-        "gemma3_text": {(False, False), (True, True)},
-    }.get(mt, {(False, False), (True, True)})  # SmolLM3, Granite, OLMo2: Llama's
-    if bias not in allowed:
-        problems.append(f"attention_bias={bias[0]}, attention_out_bias={bias[1]}")
-    if problems:
-        raise EmberError(
-            f"cannot export as Hugging Face model_type {mt!r}: it has no "
-            f"equivalent of {', '.join(problems)}"
-        )
-
-
-def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> dict:
-    """A config.json dict that transformers (4.45+ and 5.x) loads into the same model.
-
-    ``dtype`` is the dtype the weights are saved in (default ``cfg.torch_dtype``)."""
-    if cfg.num_experts or cfg.model_type in MOE_FAMILIES:  # ember.models.hf_moe
-        return moe_to_hf(cfg, config_to_hf(moe_check_exportable(cfg), dtype))
-    if cfg.model_type != "phi":
-        _check_exportable(cfg)
-    if isinstance(dtype, torch.dtype):
-        dtype = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
-    dtype = dtype or cfg.torch_dtype
-    if dtype not in DTYPES:
-        raise EmberError(f"cannot export dtype {dtype!r} (use one of {', '.join(DTYPES)})")
-    if cfg.model_type == "phi":  # ember.models.hf_phi
-        return phi_to_hf(cfg, dtype)
-    mt = cfg.model_type
-    rope = rope_to_hf(cfg)
-    legacy_scaling = legacy_rope_scaling(cfg)
-    out = {
-        "architectures": [ARCHITECTURES[mt]],
-        "model_type": mt,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "gelu_pytorch_tanh" if cfg.activation == "gelu_tanh" else "silu",
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id,
-        # 5.x reads rope_parameters and dtype; 4.x reads rope_theta, rope_scaling and torch_dtype.
-        "rope_parameters": rope,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": legacy_scaling,
-        "dtype": dtype,
-        "torch_dtype": dtype,
-        "attention_dropout": 0.0,
-        "use_cache": True,
-    }
-    if "initializer_range" in cfg.extra:  # absent: transformers' default, as it was read
-        out["initializer_range"] = cfg.extra["initializer_range"]
-    if mt in ("llama", "qwen3", *GEMMA):
-        out["attention_bias"] = cfg.attention_bias
-    if mt == "llama":
-        out["mlp_bias"] = cfg.mlp_bias
-    if mt in ("mistral", "phi3"):
-        out["sliding_window"] = cfg.sliding_window
-    if mt == "phi3":
-        out.update(
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            # transformers' Phi-3 reads LongRoPE's original context from here, not the rope dict
-            original_max_position_embeddings=cfg.max_position_embeddings
-            if cfg.longrope is None
-            else cfg.longrope.original_max_position_embeddings,
-        )
-        if cfg.partial_rotary_factor != 1.0:
-            out["partial_rotary_factor"] = cfg.partial_rotary_factor
-    if mt in ("qwen2", "qwen3"):
-        sliding = cfg.sliding_window is not None
-        types = [("sliding_attention" if cfg.is_sliding(i) else "full_attention")
-                 for i in range(cfg.num_layers)]
-        first = next((i for i, t in enumerate(types) if t == "sliding_attention"), cfg.num_layers)
-        out.update(use_sliding_window=sliding, sliding_window=cfg.sliding_window,
-                   max_window_layers=first, layer_types=types)
-    if cfg.labels is not None:
-        out.update(architectures=[_classifier_architecture(mt)],
-                   **labels_to_hf(cfg.labels, cfg.problem_type))
-    if mt in _SANDWICH:
-        gemma_to_hf(cfg, out)
-    _var.variant_to_hf(cfg, out)
-    return out

@@ -60,7 +60,8 @@ from ember.models.hf import (
     split_multimodal_keys,
     to_hf_state_dict,
 )
-from ember.models.hf_config import DTYPES, config_to_hf, quantization_config_from_hf
+from ember.models.hf_config import DTYPES, quantization_config_from_hf
+from ember.models.hf_config_export import config_to_hf
 from ember.models.hub import cache_root
 from ember.models.nf4 import QS_SUFFIX, split_bnb_key
 from ember.models.safetensors_io import (
