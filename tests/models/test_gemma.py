@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 
 from ember import EmberError
 from ember.engine.losses import sft_loss
-from ember.models import LoRAConfig, Transformer, apply_lora
+from ember.models import Transformer
 from ember.models.generate import generate_ids
 from ember.models.hf import config_from_hf, from_hf_state_dict, to_hf_state_dict
 from ember.models.loading import load_pretrained, read_config, save_pretrained
+from tests.models.lora_util import lora_with_random_b
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
@@ -88,16 +89,6 @@ def _ids(B: int = 2, n: int = T, seed: int = 0):
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Every test here on one torch thread (tests/conftest.py: one_thread)."""
-
-
-def _lora_with_random_b(model) -> None:
-    """LoRA r=4 on all seven projections with random B, so the adapters change the output."""
-    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=(
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.1 * torch.randn(p.shape))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -191,7 +182,7 @@ def test_packed_equals_per_document_and_fused_lora(tmp_path, case):
         keep = labels != -100
         want = F.cross_entropy(alone[keep], labels[keep], reduction="sum") / 7
         assert (sft_loss(model, batch, 7) - want).abs().item() <= 1e-5
-    _lora_with_random_b(model)
+    lora_with_random_b(model)
     grads = []
     for fused in (True, False):
         model.set_fused_lora(fused).zero_grad()
@@ -278,7 +269,7 @@ def test_triton_kernels_match_the_reference(tmp_path, monkeypatch, case):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = load_pretrained(_save(tmp_path, case), device=device)
-    _lora_with_random_b(model)
+    lora_with_random_b(model)
     docs = [_ids(1, 11, seed=5)[0].to(device), _ids(1, 7, seed=6)[0].to(device)]
     results = []
     for impl in ("ref", "triton"):

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from ember import EmberError
 from ember.models.hf import config_from_hf
 from ember.models.loading import load_pretrained, save_pretrained
-from ember.models.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
+from ember.models.lora import load_adapter, merge_lora, save_adapter
+from tests.models.lora_util import lora_with_random_b
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json",
@@ -79,15 +80,6 @@ def _diff(a, b) -> float:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return save_multimodal(tmp_path_factory.mktemp("g3mm") / "base")
-
-
-def _lora_with_random_b(model, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                        "up_proj", "down_proj")):
-    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=targets))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.1 * torch.randn(p.shape))
 
 
 def test_language_model_logits_match_the_multimodal_class(base):
@@ -154,7 +146,7 @@ def test_googles_sparse_config_json():
 def test_adapter_exports_for_the_multimodal_class_and_back(base, tmp_path):
     peft = pytest.importorskip("peft")
     model, _ = load_pretrained(base)
-    _lora_with_random_b(model, ("q_proj", "v_proj", "down_proj"))
+    lora_with_random_b(model, ("q_proj", "v_proj", "down_proj"))
     save_adapter(model, tmp_path / "ad")
     keys = load_file(tmp_path / "ad" / "adapter_model.safetensors")
     assert all(k.startswith("base_model.model.model.language_model.layers.") for k in keys)
@@ -196,7 +188,7 @@ def test_adapter_exports_for_the_multimodal_class_and_back(base, tmp_path):
 
 def test_merged_export_is_the_whole_multimodal_folder(base, tmp_path):
     model, _ = load_pretrained(base)
-    _lora_with_random_b(model)
+    lora_with_random_b(model)
     merge_lora(model)
     out = save_pretrained(model, tmp_path / "merged", multimodal_base=base)
     assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
