@@ -46,6 +46,7 @@ class Example:
     # empty: one document. They stay in one batch, each its own document in ``cu_seqlens``.
     parts: tuple[int, ...] = ()
     group: int = 0  # which training file it came from (data.mix, per-source validation)
+    desirable: bool | None = None  # KTO's label of an unpaired completion (engine/kto.py)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -70,6 +71,7 @@ class Batch:
     max_seqlen: int
     num_loss_tokens: int
     num_docs: int
+    desirable: torch.Tensor | None = None  # (num_docs,) bool: KTO's labels (engine/kto.py)
 
     @property
     def num_tokens(self) -> int:
@@ -78,7 +80,8 @@ class Batch:
     def to(self, device, non_blocking: bool = True) -> Batch:
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in (
             self.input_ids, self.labels, self.position_ids, self.cu_seqlens)),
-            self.max_seqlen, self.num_loss_tokens, self.num_docs)
+            self.max_seqlen, self.num_loss_tokens, self.num_docs,
+            None if self.desirable is None else self.desirable.to(device))
 
 
 def collate(examples: list[Example]) -> Batch:
@@ -86,9 +89,12 @@ def collate(examples: list[Example]) -> Batch:
     labels = [t for e in examples for t in e.labels]
     lens = [n for e in examples for n in e.doc_lengths]
     pos = [p for n in lens for p in range(n)]
+    desirable = None
+    if any(e.desirable is not None for e in examples):  # KTO: one label per (one-document) example
+        desirable = torch.tensor([bool(e.desirable) for e in examples])
     return Batch(torch.tensor([ids]), torch.tensor([labels]), torch.tensor([pos]),
                  torch.tensor([0, *accumulate(lens)], dtype=torch.int32), max(lens),
-                 sum(1 for t in labels if t != IGNORE), len(lens))
+                 sum(1 for t in labels if t != IGNORE), len(lens), desirable)
 
 
 @dataclass

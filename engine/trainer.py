@@ -283,7 +283,8 @@ class Trainer:
                        method=cfg.method, checkpointing=act.checkpointing, offload=act.offload,
                        mlp_chunk_tokens=act.mlp_chunk_tokens):
             local = 0.0
-            obj.begin_step(micro, lambda xs: all_reduce_sums(xs, info))
+            obj.begin_step(micro, lambda xs: all_reduce_sums(xs, info), model=self.model,
+                           device=self.device, autocast=self.autocast)
             if n_w > 0:
                 # Every rank runs every micro-batch (even one without answer tokens: it adds 0):
                 # a sharded forward / backward is a collective.
