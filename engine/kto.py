@@ -71,7 +71,7 @@ from ember.engine.evaluation import eval_batches
 from ember.engine.formats import parse_messages
 from ember.engine.losses import doc_logprobs
 from ember.engine.objectives import SFT
-from ember.engine.preference import _answer, encode_answer, parse_pair
+from ember.engine.preference import encode_answer, parse_pair
 from ember.engine.preference_losses import KTO_LOSS_TYPES, UnpairedLosses, kto_loss
 from ember.engine.preference_objectives import Referenced
 
@@ -132,7 +132,10 @@ def parse_unpaired(obj: dict) -> list[tuple]:
         return [(prompt, completion, label)]
     if isinstance(prompt, list) and isinstance(completion, list):
         msgs = parse_messages(completion, "completion")
-        return [(parse_messages(prompt, "prompt"), _answer(msgs, "completion", 0), label)]
+        if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+            raise _Bad("wrong shape", f"completion must be exactly one assistant message, got "
+                                      f"roles {[m['role'] for m in msgs]}")
+        return [(parse_messages(prompt, "prompt"), msgs[0], label)]
     raise _Bad("wrong type", f"prompt and completion must be both strings or both message "
                              f"arrays, got {_type_name(prompt)} and {_type_name(completion)}")
 
@@ -233,11 +236,6 @@ class KTO(Referenced, SFT):
 
     def load_datasets(self, cfg: DataConfig, tokenizer) -> Datasets:
         return load_datasets(cfg, tokenizer, load_kto_examples)
-
-    def check_data(self, ds: Datasets) -> None:
-        bad = next((e for e in ds.train + ds.validation if e.desirable is None), None)
-        if bad is not None:
-            raise EmberError(f"{bad.source}: objective = \"kto\" trains on labelled completions")
 
     def _kl_sums(self, model, kl_batches: list[Batch], device, autocast) -> tuple[float, int]:
         """(sum of policy - reference log-probs, documents) of the mismatched documents."""
