@@ -143,7 +143,7 @@ CASES = {  # (settings, seed of the policy's LoRA B: the sign of the raw KL esti
     "kto": (KTO_SETS, 5),
     "kto_kl_clamped": (KTO_SETS, 3),
     "apo_zero_unpaired": (('objective="kto"', 'kto.loss_type="apo_zero_unpaired"',
-                           "kto.beta=2.0"), 3),
+                           "kto.beta=2.0"), 5),
 }
 
 
