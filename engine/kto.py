@@ -82,10 +82,10 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, kw_only=True)
 class KTOConfig:
     beta: float = 0.1  # strength of the pull towards the reference (higher: stay closer)
-    # Weights of the desirable / undesirable examples' losses (KTO paper eq. 8: keep
-    # desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3])
+    # Weight of each desirable example's loss; KTO paper eq. 8: keep desirable_weight *
+    # n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]
     desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
+    undesirable_weight: float = 1.0  # weight of each undesirable example's loss
     # "kto" (KL term from mismatched pairs) | "apo_zero_unpaired" (APO-zero, no KL term)
     loss_type: str = "kto"
 

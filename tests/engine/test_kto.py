@@ -19,6 +19,7 @@ import torch
 
 from ember import EmberError
 from ember.engine.config import load_config
+from ember.engine.config_doc import annotated_toml
 from ember.engine.data import IGNORE, DataConfig, collate, load_examples
 from ember.engine.distributed import DistInfo
 from ember.engine.kto import kl_documents, load_kto_examples
@@ -379,3 +380,7 @@ def test_kto_lines_elsewhere_and_bad_configs(tiny, kto_file, tmp_path):
         make_objective(_cfg(tiny, kto_file, tmp_path / "z", 'data.loss_on="all"'), DistInfo())
     cfg = load_config(None, ['objective="kto"', 'kto.loss_type="apo_zero_unpaired"'])
     assert cfg.kto.beta == 0.1 and cfg.kto.desirable_weight == cfg.kto.undesirable_weight == 1.0
+    doc = annotated_toml(cfg)  # ember config: every key with its comment
+    for key in ("beta = 0.1  # ", "desirable_weight = 1.0  # ", "undesirable_weight = 1.0  # ",
+                'loss_type = "apo_zero_unpaired"  # '):
+        assert f"\n{key}" in doc.split("\n[kto]")[1].split("\n\n")[0], key
