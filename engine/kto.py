@@ -16,8 +16,9 @@ bad lines (``file:line: reason``). Each example is one packed document carrying 
 Loss (``preference_losses.kto_loss``): with summed completion log-probs ``r = pi - ref``,
 desirable ``w_d (1 - s(beta (r - z)))``, undesirable ``w_u (1 - s(beta (z - r)))``, rewards
 ``beta r``. ``z`` is TRL's KL estimate: the mean of ``pi - ref`` over mismatched documents
-(prompt i + completion of document i - 1, cyclic, as TRL rotates completions within a batch),
-clamped at 0 and detached. ``loss_type = "apo_zero_unpaired"`` has no KL term.
+(prompt i + completion of document i - 1, cyclic, as TRL rotates completions within a batch;
+if those share their prompt, as a pair's two halves may, the nearest earlier document with
+another prompt), clamped at 0 and detached. ``loss_type = "apo_zero_unpaired"`` has no KL term.
 
 What "the batch" is. The KL documents of an optimizer step are built from this process's
 micro-batches of the step in order (micro-batch, then packed order), rotated across the whole
@@ -187,17 +188,26 @@ def _documents(batch: Batch) -> list[tuple[list[int], list[int], int]]:
     return out
 
 
+def _partner(docs: list, i: int) -> int:
+    """The nearest document before ``i`` (cyclic) with another prompt: TRL's i - 1, unless
+    neighbours share their prompt (a DPO pair's two halves); i - 1 when all prompts are one."""
+    prompt = docs[i][0][:docs[i][2] + 1]
+    return next((j % len(docs) for j in range(i - 1, i - len(docs), -1)
+                 if docs[j][0][:docs[j][2] + 1] != prompt), i - 1)
+
+
 def kl_documents(micro: list[Batch], max_len: int) -> list[Batch]:
     """The mismatched documents of a step's micro-batches, one packed batch per micro-batch: the
     prompt of document i (its tokens up to its first completion token) + the completion of
-    document i - 1 of the step (cyclic), labels on that completion only, cut at ``max_len``."""
+    document i - 1 of the step (cyclic; the nearest earlier one with another prompt: ``_partner``),
+    labels on that completion only, cut at ``max_len``."""
     docs = [d for b in micro for d in _documents(b)]
     out, start = [], 0
     for b in micro:
         group = []
         for i in range(start, start + b.num_docs):
             ids, _, f = docs[i]
-            ids_j, labels_j, f_j = docs[i - 1]  # i = 0: the step's last document
+            ids_j, labels_j, f_j = docs[_partner(docs, i)]
             kl_ids, kl_labels = ids[:f + 1] + ids_j[f_j + 1:], [IGNORE] * f + labels_j[f_j:]
             if len(kl_ids) > max_len:  # TRL cuts its KL sequences at max_length, on the right
                 kl_ids, kl_labels = kl_ids[:max_len], kl_labels[:max_len - 1] + [IGNORE]

@@ -152,8 +152,11 @@ CASES = {  # (settings, seed of the policy's LoRA B: the sign of the raw KL esti
 def test_objective_matches_trl_on_a_batch(tiny, kto_file, tmp_path, case):
     base, tok = load_pretrained(tiny["model"], "float32")
     examples, _ = load_kto_examples(kto_file, DataConfig(), tok)
-    # undesirable (long completion), desirable (long prompt), desirable, undesirable, desirable
-    examples = examples[-6:-4] + examples[:3]
+    # undesirable (long completion), desirable (long prompt), then 3 lines of the pairs: no two
+    # neighbours share a prompt, so the mismatched pairs are TRL's rotation by one
+    examples = examples[-6:-4] + [examples[0], examples[3], examples[4]]
+    prompts = [tuple(e.input_ids[:e.prompt_len]) for e in examples]
+    assert all(prompts[i] != prompts[i - 1] for i in range(5))
     n = max(len(e) for e in examples)
     sets, seed = CASES[case]
     cfg = tiny_config(tiny, tmp_path, *sets, f"data.max_seq_len={n}")
@@ -170,8 +173,9 @@ def test_objective_matches_trl_on_a_batch(tiny, kto_file, tmp_path, case):
     obj.check_model(model, None)
     with torch.no_grad():
         want, metrics, raw_kl = _trl_batch(cfg, model, base, examples)
-    # The KL term in play, or clamped at 0 (TRL logs the clamped value).
-    assert raw_kl > 0.2 if case == "kto" else raw_kl < -0.2 and metrics["kl"] == 0
+    # The KL term in play (in "kto"; "apo_zero_unpaired" ignores it), or clamped at 0.
+    assert raw_kl < -0.2 and metrics["kl"] == 0 if case == "kto_kl_clamped" else raw_kl > 0.2
+    assert metrics["kl"] == (raw_kl if case == "kto" else 0)
     # One micro-batch of the 5 examples, then the same step as two micro-batches (3 + 2): the
     # same mismatched pairs (rotated across the step), so the same loss.
     for micro in ([collate(examples)], [collate(examples[:3]), collate(examples[3:])]):
@@ -192,7 +196,13 @@ def test_objective_matches_trl_on_a_batch(tiny, kto_file, tmp_path, case):
 def test_kl_documents_are_mismatched_and_carry_no_loss(tiny, kto_file):
     _, tok = load_pretrained(tiny["model"], "float32")
     examples, _ = load_kto_examples(kto_file, DataConfig(), tok)
-    ex = examples[:7]
+    ex = examples[:7]  # the halves of pairs 0-2 (neighbours sharing a prompt), then pair 3's
+
+    def prompt(e):
+        return e.input_ids[:e.prompt_len]
+
+    # TRL's previous example, or the nearest earlier one with another prompt
+    partner = [(i - 1) % 7 if i % 2 == 0 else (i - 2) % 7 for i in range(7)]
     micro = [collate(ex[:4]), collate(ex[4:])]
     kl = kl_documents(micro, 64)
     assert [b.num_docs for b in kl] == [4, 3] and all(b.desirable is None for b in kl)
@@ -200,11 +210,11 @@ def test_kl_documents_are_mismatched_and_carry_no_loss(tiny, kto_file):
         cu = b.cu_seqlens.tolist()
         for d in range(b.num_docs):
             i = 4 * k + d
-            e, f = ex[i], ex[i - 1]  # prompt i, completion of the step's previous example
+            e, f = ex[i], ex[partner[i]]  # prompt i, another example's completion
+            assert prompt(e) != prompt(f)  # mismatched
             ids = b.input_ids[0, cu[d]:cu[d + 1]].tolist()
             labels = b.labels[0, cu[d]:cu[d + 1]].tolist()
-            assert ids == e.input_ids[:e.prompt_len] + f.input_ids[f.prompt_len:]
-            assert ids != e.input_ids  # mismatched (no two neighbours share a completion here)
+            assert ids == prompt(e) + f.input_ids[f.prompt_len:]
             assert labels == [IGNORE] * (e.prompt_len - 1) + f.labels[f.prompt_len - 1:]
     # One micro-batch of the same examples in the same order: the same documents.
     one = kl_documents([collate(ex)], 64)[0]
