@@ -20,20 +20,19 @@ desirable ``w_d (1 - s(beta (r - z)))``, undesirable ``w_u (1 - s(beta (z - r)))
 if those share their prompt, as a pair's two halves may, the nearest earlier document with
 another prompt), clamped at 0 and detached. ``loss_type = "apo_zero_unpaired"`` has no KL term.
 
-What "the batch" is. The KL documents of an optimizer step are built from this process's
-micro-batches of the step in order (micro-batch, then packed order), rotated across the whole
-step, each cut at ``data.max_seq_len``; those of micro-batch k (its prompts) are scored together
-in one forward of the policy and one of the reference, both without gradients, before any loss
-of the step (``begin_step``: the same number of forwards on every process). ``z`` is their mean
-over the step, all processes pooled (each mismatched document weighs 1; TRL averages the
-per-device means, the same when the devices have as many). Each example weighs 1: the losses
-are summed and divided by the examples of the step, all processes (TRL's mean over a batch). So
-one process with ``grad_accum = 1`` is TRL's batch exactly, and a step's loss does not depend on
-how its examples are split into micro-batches (the same order gives the same mismatched pairs).
-With N processes each rotates its own examples: which mismatched pairs are formed (not how they
-are averaged) depends on N. A process whose step holds one example scores its own (matched)
-pair; the objective refuses a ``tokens_per_batch * grad_accum`` under two ``max_seq_len``.
-Validation: each batch's own rotation, one ``z`` for the whole validation set.
+What "the batch" is. The mismatched documents are built per packed micro-batch (TRL: per device
+batch), each cut at ``data.max_seq_len``, and scored in one forward of the policy and one of the
+reference, both without gradients, before any loss of the step (``begin_step``; every process
+makes as many). ``z`` is their mean over the whole optimizer step: all micro-batches of all
+processes pooled, each mismatched document weighing 1 (TRL: per micro-batch, the mean of the
+devices' means; the same with one micro-batch of equal-sized device batches). Each example
+weighs 1: the losses are summed and divided by the examples of the step, all processes (TRL's
+mean over its batch). So one process with ``grad_accum = 1`` is TRL's batch exactly, and a step
+of the same packed batches gives the same loss on any number of processes and ``grad_accum``
+(N x grad_accum constant), as SFT does; batches packed differently (``tokens_per_batch``) pair
+other documents. A one-document micro-batch has no mismatched pair: it adds nothing to ``z``
+(a step without any has ``z = 0``); ``tokens_per_batch`` must hold two ``max_seq_len`` examples.
+Validation: each batch's own documents, one ``z`` for the whole validation set.
 
 Metrics per step (TRL's ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``kl``,
 ``logps/chosen``, ``logps/rejected``): ``chosen_reward``, ``rejected_reward``, ``reward_margin``,
@@ -196,25 +195,19 @@ def _partner(docs: list, i: int) -> int:
                  if docs[j][0][:docs[j][2] + 1] != prompt), i - 1)
 
 
-def kl_documents(micro: list[Batch], max_len: int) -> list[Batch]:
-    """The mismatched documents of a step's micro-batches, one packed batch per micro-batch: the
-    prompt of document i (its tokens up to its first completion token) + the completion of
-    document i - 1 of the step (cyclic; the nearest earlier one with another prompt: ``_partner``),
-    labels on that completion only, cut at ``max_len``."""
-    docs = [d for b in micro for d in _documents(b)]
-    out, start = [], 0
-    for b in micro:
-        group = []
-        for i in range(start, start + b.num_docs):
-            ids, _, f = docs[i]
-            ids_j, labels_j, f_j = docs[_partner(docs, i)]
-            kl_ids, kl_labels = ids[:f + 1] + ids_j[f_j + 1:], [IGNORE] * f + labels_j[f_j:]
-            if len(kl_ids) > max_len:  # TRL cuts its KL sequences at max_length, on the right
-                kl_ids, kl_labels = kl_ids[:max_len], kl_labels[:max_len - 1] + [IGNORE]
-            group.append(Example(kl_ids, kl_labels, "kl"))
-        start += b.num_docs
-        out.append(collate(group))
-    return out
+def kl_documents(batch: Batch, max_len: int) -> Batch:
+    """The mismatched documents of a packed batch: the prompt of document i (its tokens up to
+    its first completion token) + the completion of document i - 1 (cyclic; the nearest earlier
+    one with another prompt: ``_partner``), labels on that completion only, cut at ``max_len``.
+    A batch of one document gives it back (its own pair: not mismatched)."""
+    docs, group = _documents(batch), []
+    for i, (ids, _, f) in enumerate(docs):
+        ids_j, labels_j, f_j = docs[_partner(docs, i)]
+        kl_ids, kl_labels = ids[:f + 1] + ids_j[f_j + 1:], [IGNORE] * f + labels_j[f_j:]
+        if len(kl_ids) > max_len:  # TRL cuts its KL sequences at max_length, on the right
+            kl_ids, kl_labels = kl_ids[:max_len], kl_labels[:max_len - 1] + [IGNORE]
+        group.append(Example(kl_ids, kl_labels, "kl"))
+    return collate(group)
 
 
 # --- the objective -------------------------------------------------------------------------------
@@ -229,11 +222,10 @@ class KTO(Referenced, SFT):
         if d.loss_on != "completion":
             raise EmberError("objective = \"kto\" scores the completions only: set data.loss_on "
                              "= \"completion\"")
-        if self.cfg.loss_type == "kto" and d.tokens_per_batch * cfg.grad_accum < 2 * d.max_seq_len:
+        if self.cfg.loss_type == "kto" and d.tokens_per_batch < 2 * d.max_seq_len:
             raise EmberError(f"objective = \"kto\" estimates its KL term from the other examples "
-                             f"of a step: data.tokens_per_batch * grad_accum "
-                             f"({d.tokens_per_batch * cfg.grad_accum}) must hold at least two "
-                             f"examples of data.max_seq_len ({d.max_seq_len})")
+                             f"of a batch: data.tokens_per_batch ({d.tokens_per_batch}) must hold "
+                             f"at least two examples of data.max_seq_len ({d.max_seq_len})")
         self._init_reference(cfg, info)
         self.kl = 0.0  # the step's raw KL estimate, all processes
 
@@ -247,20 +239,22 @@ class KTO(Referenced, SFT):
     def load_datasets(self, cfg: DataConfig, tokenizer) -> Datasets:
         return load_datasets(cfg, tokenizer, load_kto_examples)
 
-    def _kl_sums(self, model, kl_batches: list[Batch], device, autocast) -> tuple[float, int]:
-        """(sum of policy - reference log-probs, documents) of the mismatched documents."""
+    def _kl_sums(self, model, batches: list[Batch], device, autocast) -> tuple[float, int]:
+        """(sum of policy - reference log-probs, documents) of the batches' mismatched documents.
+        A one-document batch is scored (every process makes as many forwards) but not counted."""
         total, n, autocast = 0.0, 0, autocast or contextlib.nullcontext
-        for kl in kl_batches:
-            kl = kl.to(device)
+        for b in batches:
+            kl = kl_documents(b, self.max_len).to(device)
             with torch.no_grad(), autocast():
                 diff = doc_logprobs(model, kl).sums - self.ref_logprobs(model, kl).sums
-            total, n = total + float(diff.sum()), n + kl.num_docs
+            if kl.num_docs > 1:
+                total, n = total + float(diff.sum()), n + kl.num_docs
         return total, n
 
     def begin_step(self, micro: list, reduce, model=None, device=None, autocast=None) -> None:
         self.kl = 0.0
         if self.uses_kl:
-            total, n = self._kl_sums(model, kl_documents(micro, self.max_len), device, autocast)
+            total, n = self._kl_sums(model, micro, device, autocast)
             total, n = reduce([total, float(n)])
             self.kl = total / max(n, 1.0)
 
@@ -310,8 +304,7 @@ class KTO(Referenced, SFT):
             for i, batch in eval_batches(examples, tokens_per_batch, max_batches, self.info):
                 kl_part = (0.0, 0)
                 if self.uses_kl:
-                    kl_part = self._kl_sums(model, kl_documents([batch], self.max_len), device,
-                                            autocast)
+                    kl_part = self._kl_sums(model, [batch], device, autocast)
                 b = batch.to(device)
                 with autocast():
                     ref = self.ref_logprobs(model, b).sums.float().cpu()

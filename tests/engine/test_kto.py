@@ -120,15 +120,19 @@ def _score(model, seqs):
     return torch.stack(out)
 
 
-def _trl_batch(cfg, policy, reference, examples):
+def _trl_batch(cfg, policy, reference, examples, sizes):
     """TRL's loss and metrics of one batch of these examples: completion_ids after each prompt,
-    KL_completion_ids the completions rotated by one, cut at max_length."""
+    KL_completion_ids the completions rotated by one within each micro-batch (``sizes``: how
+    many examples each has), cut at max_length; the KL estimate their mean."""
     k = cfg.kto
     prompts = [e.input_ids[:e.prompt_len] for e in examples]
     comps = [e.input_ids[e.prompt_len:] for e in examples]
-    kl_seqs = []
-    for p, c in zip(prompts, [comps[-1]] + comps[:-1], strict=True):
-        kl_seqs.append((p, c[:cfg.data.max_seq_len - len(p)]))
+    kl_seqs, a = [], 0
+    for n in sizes:
+        p, c = prompts[a:a + n], comps[a:a + n]
+        for pi, ci in zip(p, [c[-1]] + c[:-1], strict=True):
+            kl_seqs.append((pi, ci[:cfg.data.max_seq_len - len(pi)]))
+        a += n
     labels = torch.tensor([e.desirable for e in examples])
     seqs = list(zip(prompts, comps, strict=True))
     pol, ref = _score(policy, seqs), _score(reference, seqs)
@@ -153,7 +157,8 @@ def test_objective_matches_trl_on_a_batch(tiny, kto_file, tmp_path, case):
     base, tok = load_pretrained(tiny["model"], "float32")
     examples, _ = load_kto_examples(kto_file, DataConfig(), tok)
     # undesirable (long completion), desirable (long prompt), then 3 lines of the pairs: no two
-    # neighbours share a prompt, so the mismatched pairs are TRL's rotation by one
+    # neighbours share a prompt, so the mismatched pairs are TRL's rotation by one (also as two
+    # micro-batches of 3 + 2)
     examples = examples[-6:-4] + [examples[0], examples[3], examples[4]]
     prompts = [tuple(e.input_ids[:e.prompt_len]) for e in examples]
     assert all(prompts[i] != prompts[i - 1] for i in range(5))
@@ -171,14 +176,16 @@ def test_objective_matches_trl_on_a_batch(tiny, kto_file, tmp_path, case):
             if n.endswith("lora_B"):
                 p.normal_(0, 0.2)
     obj.check_model(model, None)
-    with torch.no_grad():
-        want, metrics, raw_kl = _trl_batch(cfg, model, base, examples)
-    # The KL term in play (in "kto"; "apo_zero_unpaired" ignores it), or clamped at 0.
-    assert raw_kl < -0.2 and metrics["kl"] == 0 if case == "kto_kl_clamped" else raw_kl > 0.2
-    assert metrics["kl"] == (raw_kl if case == "kto" else 0)
-    # One micro-batch of the 5 examples, then the same step as two micro-batches (3 + 2): the
-    # same mismatched pairs (rotated across the step), so the same loss.
-    for micro in ([collate(examples)], [collate(examples[:3]), collate(examples[3:])]):
+    # One micro-batch of the 5 examples, then the same step as two micro-batches (3 + 2): each
+    # rotates its own completions, one KL estimate for the step.
+    for sizes in ([5], [3, 2]):
+        with torch.no_grad():
+            want, metrics, raw_kl = _trl_batch(cfg, model, base, examples, sizes)
+        # The KL term in play (in "kto"; "apo_zero_unpaired" ignores it), or clamped at 0.
+        assert raw_kl < -0.2 and metrics["kl"] == 0 if case == "kto_kl_clamped" else raw_kl > 0.2
+        assert metrics["kl"] == (raw_kl if case == "kto" else 0)
+        micro = [collate(examples)] if sizes == [5] else [collate(examples[:3]),
+                                                         collate(examples[3:])]
         obj.begin_step(micro, lambda xs: xs, model=model, device="cpu")
         if cfg.kto.loss_type == "kto":
             assert obj.kl == pytest.approx(raw_kl, rel=1e-4, abs=1e-5)
@@ -193,18 +200,19 @@ def test_objective_matches_trl_on_a_batch(tiny, kto_file, tmp_path, case):
     assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
-def test_kl_documents_are_mismatched_and_carry_no_loss(tiny, kto_file):
-    _, tok = load_pretrained(tiny["model"], "float32")
+def test_kl_documents_are_mismatched_and_carry_no_loss(tiny, kto_file, tmp_path):
+    model, tok = load_pretrained(tiny["model"], "float32")
     examples, _ = load_kto_examples(kto_file, DataConfig(), tok)
     ex = examples[:7]  # the halves of pairs 0-2 (neighbours sharing a prompt), then pair 3's
 
     def prompt(e):
         return e.input_ids[:e.prompt_len]
 
-    # TRL's previous example, or the nearest earlier one with another prompt
-    partner = [(i - 1) % 7 if i % 2 == 0 else (i - 2) % 7 for i in range(7)]
+    # Per micro-batch: TRL's previous example (cyclic), or the nearest earlier one with another
+    # prompt: micro-batch 1 holds pairs 0, 1 (c0 r0 c1 r1), micro-batch 2 c2 r2 c3.
+    partner = [3, 3, 1, 1, 6, 6, 5]
     micro = [collate(ex[:4]), collate(ex[4:])]
-    kl = kl_documents(micro, 64)
+    kl = [kl_documents(b, 64) for b in micro]
     assert [b.num_docs for b in kl] == [4, 3] and all(b.desirable is None for b in kl)
     for k, b in enumerate(kl):
         cu = b.cu_seqlens.tolist()
@@ -216,15 +224,17 @@ def test_kl_documents_are_mismatched_and_carry_no_loss(tiny, kto_file):
             labels = b.labels[0, cu[d]:cu[d + 1]].tolist()
             assert ids == prompt(e) + f.input_ids[f.prompt_len:]
             assert labels == [IGNORE] * (e.prompt_len - 1) + f.labels[f.prompt_len - 1:]
-    # One micro-batch of the same examples in the same order: the same documents.
-    one = kl_documents([collate(ex)], 64)[0]
-    assert torch.equal(one.input_ids, torch.cat([b.input_ids for b in kl], 1))
     # Cut at max_len, the last position predicting nothing.
-    short = kl_documents([collate(ex)], 9)[0]
+    short = kl_documents(collate(ex), 9)
     lens = (short.cu_seqlens[1:] - short.cu_seqlens[:-1]).tolist()
     assert max(lens) == 9 and (short.labels[0, short.cu_seqlens[1:].long() - 1] == IGNORE).all()
     # The loss batch is the examples alone: the KL documents add no loss tokens.
     assert sum(b.num_loss_tokens for b in micro) == sum(e.num_loss_tokens for e in ex)
+    # A one-document micro-batch has no mismatched pair: scored, not counted.
+    obj = make_objective(tiny_config(tiny, tmp_path, 'objective="kto"'), DistInfo())
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, init="gaussian"))  # B != 0: not the reference
+    total, n = obj._kl_sums(model, [collate(ex[:1]), collate(ex[1:3])], "cpu", None)
+    assert n == 2 and total != 0
 
 
 def _cfg(tiny, kto_file, run, *extra):
@@ -384,7 +394,7 @@ def test_kto_lines_elsewhere_and_bad_configs(tiny, kto_file, tmp_path):
                         (["kto.label_smoothing=0.1"], "unknown config key 'kto.label_smoothing'")]:
         with pytest.raises(EmberError, match=match):
             load_config(None, sets)
-    with pytest.raises(EmberError, match=r"tokens_per_batch \* grad_accum \(96\) must hold"):
+    with pytest.raises(EmberError, match=r"data\.tokens_per_batch \(96\) must hold at least two"):
         make_objective(_cfg(tiny, kto_file, tmp_path / "y", "data.max_seq_len=64"), DistInfo())
     with pytest.raises(EmberError, match=r"data\.loss_on = \"completion\""):
         make_objective(_cfg(tiny, kto_file, tmp_path / "z", 'data.loss_on="all"'), DistInfo())
