@@ -232,7 +232,11 @@ def test_kl_documents_are_mismatched_and_carry_no_loss(tiny, kto_file, tmp_path)
     assert sum(b.num_loss_tokens for b in micro) == sum(e.num_loss_tokens for e in ex)
     # A one-document micro-batch has no mismatched pair: scored, not counted.
     obj = make_objective(tiny_config(tiny, tmp_path, 'objective="kto"'), DistInfo())
-    apply_lora(model, LoRAConfig(rank=4, alpha=8, init="gaussian"))  # B != 0: not the reference
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    with torch.no_grad():  # B != 0: the policy is not the reference
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.2)
     total, n = obj._kl_sums(model, [collate(ex[:1]), collate(ex[1:3])], "cpu", None)
     assert n == 2 and total != 0
 
