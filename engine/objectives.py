@@ -14,7 +14,7 @@ Under torchrun the teacher and a full fine-tuning's reference copy are sharded a
 processes like the model (``distributed.shard_frozen``); every rank calls them in the same order
 (every rank runs every micro-batch) and frees their gathered root after each use (``release``).
 
-An objective weighs each micro-batch (answer tokens, or pairs for preference objectives) so the
+An objective weighs each micro-batch (answer tokens, pairs, KTO's examples) so the
 trainer can divide every micro-batch's loss by the weight of the step, keeps sums of its own
 train metrics (reduced over the processes once per step) and computes its validation scores.
 """

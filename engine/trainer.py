@@ -4,9 +4,10 @@ exact resume and guards.
 
 One optimizer step = ``grad_accum`` packed micro-batches of ``data.tokens_per_batch`` tokens per
 process. The loss of every micro-batch is divided by the answer tokens (preference objectives: the
-pairs) of the whole step, all processes together (``losses.sft_loss``), so accumulation is
-token-weighted: 4 micro-batches of 1 example give the gradients of 1 batch of 4, and N processes
-give those of one process taking their N * grad_accum batches (``engine/distributed.py``).
+pairs, KTO the examples) of the whole step, all processes together (``losses.sft_loss``), so
+accumulation is token-weighted: 4 micro-batches of 1 example give the gradients of 1 batch of 4,
+and N processes give those of one process taking their N * grad_accum batches
+(``engine/distributed.py``).
 
 Setup order (STYLE.md): join torchrun's process group (it picks each rank's device) -> build the
 model with LoRA / frozen parts -> activation checkpointing (``[activations]``) -> ``fully_shard``
