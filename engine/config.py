@@ -3,7 +3,7 @@
 A run is ``TrainConfig``; each TOML table is one section (``[model]``, ``[lora]``,
 ``[prompt_tuning]``, ``[optim]``, ``[data]``, ``[task]``, ``[eval]``, ``[checkpoint]``,
 ``[activations]``, ``[dist]``, ``[guards]``, ``[distill]``, ``[dpo]``, ``[orpo]``, ``[simpo]``,
-``[head]``),
+``[kto]``, ``[head]``),
 top-level keys are ``TrainConfig`` fields.
 ``--set a.b=value`` overrides parse ``value`` as a TOML value (a bare word is a string). Unknown
 keys and wrong types are ``EmberError``s that name the key and list the valid ones.
@@ -33,6 +33,7 @@ from ember.engine.classification import HeadConfig, check_config
 from ember.engine.data import DataConfig
 from ember.engine.distributed import DistConfig
 from ember.engine.guards import GuardConfig
+from ember.engine.kto import KTOConfig
 from ember.engine.objectives import OBJECTIVES, DistillConfig
 from ember.engine.preference_objectives import DPOConfig, ORPOConfig, SimPOConfig
 from ember.models.lora import LoRAConfig
@@ -190,12 +191,13 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
     # "sft" | "distill" (from distill.teacher) | preference pairs: "dpo" (against a reference),
-    # "orpo", "simpo" (reference-free); engine/objectives.py, engine/preference_objectives.py
+    # "orpo", "simpo" (reference-free); "kto": unpaired labelled completions (engine/kto.py)
     objective: str = "sft"
     distill: DistillConfig = field(default_factory=DistillConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     orpo: ORPOConfig = field(default_factory=ORPOConfig)
     simpo: SimPOConfig = field(default_factory=SimPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
     # A task head instead of the LM head: [head] type = "classification"
     # (engine/classification.py), "reward" or "regression" (engine/reward.py)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -229,11 +231,11 @@ class TrainConfig:
         _one_of("method", self.method, ("lora", "full", "prompt"))
         _one_of("precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
         _one_of("objective", self.objective, OBJECTIVES)
-        if self.objective == "dpo" and self.method == "prompt":
-            raise EmberError("objective = \"dpo\" with method = \"prompt\" is not supported (the "
-                             "reference would be the model with its initial prompt): use "
-                             "method = \"lora\" or \"full\", or the reference-free objective = "
-                             "\"orpo\" or \"simpo\"")
+        if self.objective in ("dpo", "kto") and self.method == "prompt":
+            raise EmberError(f"objective = \"{self.objective}\" with method = \"prompt\" is "
+                             "not supported (the reference would be the model with its initial "
+                             "prompt): use method = \"lora\" or \"full\", or the reference-free "
+                             "objective = \"orpo\" or \"simpo\"")
         if self.objective == "distill" and self.distill.teacher is None:
             raise EmberError("objective = \"distill\" needs distill.teacher: a model name, HF "
                              "folder or .gguf file sharing the student's tokenizer")

@@ -346,6 +346,19 @@ def _fit(ids, mask, prompt_len, cfg: DataConfig, bos):
     return ids2, mask2, max(keep_bos, prompt_len - cut)
 
 
+def json_object(line: str) -> dict:
+    """The JSON object of one line; raises _Bad with the reason."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _Bad("invalid JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise _Bad("invalid JSON", "invalid JSON: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise _Bad("wrong type", f"expected a JSON object, got {_type_name(obj)}")
+    return obj
+
+
 class _Reader:
     """One file's state: its format (fixed by the first recognizable line) and its report."""
 
@@ -368,14 +381,7 @@ class _Reader:
         self.report.note(kind, f"{where}: {why}")
 
     def record(self, line: str):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _Bad("invalid JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
-        except RecursionError:
-            raise _Bad("invalid JSON", "invalid JSON: nested too deeply") from None
-        if not isinstance(obj, dict):
-            raise _Bad("wrong type", f"expected a JSON object, got {_type_name(obj)}")
+        obj = json_object(line)
         if self.fmt is None:
             self.fmt = detect(obj)
             if self.fmt is None:
@@ -463,15 +469,17 @@ def read_lines(path: str | Path, make_reader) -> tuple[_Reader, list[Example]]:
             reader.array = True
         for lineno, raw in enumerate(f, 1) if items is None else enumerate(items):
             reader.report.lines += 1
-            ex = reader.example(lineno, raw)
+            ex = reader.example(lineno, raw)  # an Example, a list of them (KTO), or None
             if ex is not None:
-                examples.append(ex)
+                examples.extend(ex if isinstance(ex, list) else [ex])
     return reader, examples
 
 
-def load_examples(path: str | Path, cfg: DataConfig, tokenizer) -> tuple[list[Example], DataReport]:
-    """Read one JSONL file. Bad lines are skipped and reported, or raise (``cfg.bad_lines``)."""
-    reader, examples = read_lines(path, lambda p: _Reader(p, cfg, tokenizer))
+def load_examples(path: str | Path, cfg: DataConfig, tokenizer, make_reader=None
+                  ) -> tuple[list[Example], DataReport]:
+    """Read one JSONL file. Bad lines are skipped and reported, or raise (``cfg.bad_lines``).
+    ``make_reader(path)``: another line reader (``engine/kto.py``'s)."""
+    reader, examples = read_lines(path, make_reader or (lambda p: _Reader(p, cfg, tokenizer)))
     rep = reader.report
     rep.format = reader.fmt or cfg.format
     rep.examples = len(examples)
@@ -518,13 +526,15 @@ class Datasets:
                          + ([self.mixing] if self.mixing else []))
 
 
-def load_datasets(cfg: DataConfig, tokenizer) -> Datasets:
+def load_datasets(cfg: DataConfig, tokenizer, load_file=load_examples) -> Datasets:
+    """Every split of ``cfg``; ``load_file(path, cfg, tokenizer) -> (examples, report)`` reads
+    one file (``engine/kto.py`` passes its own reader)."""
     if not cfg.train:
         raise EmberError("data.train is empty: give one or more JSONL files")
     reports = []
 
     def load(path):
-        ex, rep = load_examples(path, cfg, tokenizer)
+        ex, rep = load_file(path, cfg, tokenizer)
         reports.append(rep)
         return ex
 

@@ -95,6 +95,9 @@ def parse(obj: dict, fmt: str):
         if not rec[1].strip():
             raise _Bad("empty completion", "empty " + ("output" if fmt == "alpaca" else
                                                        "completion"))
+        if fmt == "prompt_completion" and isinstance(obj.get("label"), bool):
+            raise _Bad("kto line", "a KTO line (a completion labelled true/false): set "
+                                   "objective = \"kto\" to train on it")
         return rec
     if fmt == "preference":  # strings or chat messages: ember.engine.preference
         from ember.engine.preference import parse_pair

@@ -4,6 +4,7 @@
 ``"distill"``  ``alpha * KD + (1 - alpha) * SFT`` on the answer tokens, KD being the student's
                ``T^2 * KL`` to a frozen teacher (``[distill]``); both terms are token-weighted
                over the whole accumulated step, like SFT.
+``"kto"``      unpaired completions labelled desirable or not: ``engine/kto.py``.
 ``"dpo"``, ``"orpo"``, ``"simpo"``  preference pairs (data lines {"prompt", "chosen",
                "rejected"}; ``[dpo]``, ``[orpo]``, ``[simpo]``):
                ``engine/preference_objectives.py``, imported here only by ``make_objective``
@@ -13,7 +14,7 @@ Under torchrun the teacher and a full fine-tuning's reference copy are sharded a
 processes like the model (``distributed.shard_frozen``); every rank calls them in the same order
 (every rank runs every micro-batch) and frees their gathered root after each use (``release``).
 
-An objective weighs each micro-batch (answer tokens, or pairs for preference objectives) so the
+An objective weighs each micro-batch (answer tokens, pairs, KTO's examples) so the
 trainer can divide every micro-batch's loss by the weight of the step, keeps sums of its own
 train metrics (reduced over the processes once per step) and computes its validation scores.
 """
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from ember.engine.config import TrainConfig
 
 PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo")  # engine/preference_objectives.py
-OBJECTIVES = ("sft", "distill", *PREFERENCE_OBJECTIVES)
+OBJECTIVES = ("sft", "distill", *PREFERENCE_OBJECTIVES, "kto")  # kto: engine/kto.py
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,9 +111,11 @@ class SFT:
                              "data; set objective = \"dpo\", \"orpo\" or \"simpo\" to train on "
                              "preference pairs")
 
-    def begin_step(self, micro: list, reduce: Callable[[list[float]], list[float]]) -> None:
+    def begin_step(self, micro: list, reduce: Callable[[list[float]], list[float]], model=None,
+                   device=None, autocast=None) -> None:
         """Called with all of a step's micro-batches before their losses (``reduce``: sums a list
-        of floats over the processes), for a loss normalized by a step-wide count."""
+        of floats over the processes), for a loss normalized by a step-wide count (KTO: its KL
+        term, scored with ``model`` on ``device`` under ``autocast``)."""
 
     def _add(self, **values: float) -> None:
         for k, v in values.items():
@@ -181,6 +184,10 @@ def make_objective(cfg: TrainConfig, info: DistInfo) -> SFT:
         return HEAD_OBJECTIVES[cfg.head.type](cfg, info)
     if cfg.objective == "distill":
         return Distill(cfg, info)
+    if cfg.objective == "kto":
+        from ember.engine.kto import KTO
+
+        return KTO(cfg, info)
     if cfg.objective in PREFERENCE_OBJECTIVES:
         from ember.engine.preference_objectives import PREFERENCE  # it imports this module
 

@@ -47,6 +47,7 @@ class Example:
     parts: tuple[int, ...] = ()
     group: int = 0  # which training file it came from (data.mix, per-source validation)
     value: float = 0.0  # a number per example: a reward pair's margin, a regression target
+    desirable: bool | None = None  # KTO's label of an unpaired completion (engine/kto.py)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -72,6 +73,7 @@ class Batch:
     num_loss_tokens: int
     num_docs: int
     values: torch.Tensor | None = None  # (examples,) float32: each example's ``value``
+    desirable: torch.Tensor | None = None  # (num_docs,) bool: KTO's labels (engine/kto.py)
 
     @property
     def num_tokens(self) -> int:
@@ -81,7 +83,8 @@ class Batch:
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in (
             self.input_ids, self.labels, self.position_ids, self.cu_seqlens)),
             self.max_seqlen, self.num_loss_tokens, self.num_docs,
-            None if self.values is None else self.values.to(device, non_blocking=non_blocking))
+            None if self.values is None else self.values.to(device, non_blocking=non_blocking),
+            None if self.desirable is None else self.desirable.to(device))
 
 
 def collate(examples: list[Example]) -> Batch:
@@ -89,10 +92,13 @@ def collate(examples: list[Example]) -> Batch:
     labels = [t for e in examples for t in e.labels]
     lens = [n for e in examples for n in e.doc_lengths]
     pos = [p for n in lens for p in range(n)]
+    desirable = None
+    if any(e.desirable is not None for e in examples):  # KTO: one label per (one-document) example
+        desirable = torch.tensor([bool(e.desirable) for e in examples])
     return Batch(torch.tensor([ids]), torch.tensor([labels]), torch.tensor([pos]),
                  torch.tensor([0, *accumulate(lens)], dtype=torch.int32), max(lens),
                  sum(1 for t in labels if t != IGNORE), len(lens),
-                 torch.tensor([e.value for e in examples], dtype=torch.float32))
+                 torch.tensor([e.value for e in examples], dtype=torch.float32), desirable)
 
 
 @dataclass

@@ -101,17 +101,18 @@ def parse_pair(obj: dict) -> Pair:
     return pair
 
 
+def encode_answer(enc, prompt: str | list[dict], answer: str | dict) -> tuple:
+    """One document, prompt then answer: (ids, target mask, prompt_len, reference) from ``enc``
+    (``ember.engine.data._Encoder``); a message prompt's earlier assistant turns are context."""
+    if isinstance(prompt, str):
+        return enc.encode("prompt_completion", (prompt, answer))
+    ids, mask, prompt_len, reference = enc.encode("messages", [*prompt, answer])
+    if enc.cfg.loss_on != "all":  # earlier assistant turns are context, not the answer
+        mask = [False] * prompt_len + mask[prompt_len:]
+    return ids, mask, prompt_len, reference
+
+
 def encode_pair(enc, pair: Pair) -> list[tuple]:
     """Two documents, chosen then rejected: (ids, target mask, prompt_len, reference) each, from
     ``enc`` (``ember.engine.data._Encoder``)."""
-    if isinstance(pair.prompt, str):
-        return [
-            enc.encode("prompt_completion", (pair.prompt, c)) for c in (pair.chosen, pair.rejected)
-        ]
-    docs = []
-    for answer in (pair.chosen, pair.rejected):
-        ids, mask, prompt_len, reference = enc.encode("messages", [*pair.prompt, answer])
-        if enc.cfg.loss_on != "all":  # earlier assistant turns are context, not the answer
-            mask = [False] * prompt_len + mask[prompt_len:]
-        docs.append((ids, mask, prompt_len, reference))
-    return docs
+    return [encode_answer(enc, pair.prompt, a) for a in (pair.chosen, pair.rejected)]

@@ -30,6 +30,13 @@ SimPO (``simpo_loss``; Meng et al. 2024, TRL ``CPOTrainer`` ``loss_type="simpo"`
 log-probs: ``x = beta (a_c - a_r) - gamma``, loss ``-(1 - e) log s(x) - e log s(-x)``, rewards
 ``beta * a``. ``gamma`` is TRL's ``simpo_gamma`` (the target margin; SimPO's own code writes it
 as ``gamma_beta_ratio = gamma / beta``).
+
+KTO (``kto_loss``; Ethayarajh et al. 2024, TRL ``KTOTrainer``) on unpaired completions, each
+desirable or not, with summed log-probs: ``r = pi - ref``, ``z = max(KL, 0)`` (detached; the
+estimate from mismatched pairs, ``engine/kto.py``), desirable ``w_d (1 - s(beta (r - z)))``,
+undesirable ``w_u (1 - s(beta (z - r)))``; rewards ``beta * r``. ``apo_zero_unpaired``
+(D'Oosterlinck et al. 2024, eq. 7 unpaired): no KL term, desirable ``w_d (1 - s(beta r))``,
+undesirable ``w_u s(beta r)``.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import torch.nn.functional as F
 from ember import EmberError
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 _LN2 = math.log(2.0)
 
 
@@ -119,3 +127,30 @@ def simpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, beta: flo
         raise EmberError(f"simpo label_smoothing must be in [0, 0.5), got {label_smoothing}")
     losses = _smoothed(beta * (chosen_mean - rejected_mean) - gamma, label_smoothing)
     return PairLosses(losses, beta * chosen_mean.detach(), beta * rejected_mean.detach())
+
+
+class UnpairedLosses(NamedTuple):
+    losses: torch.Tensor  # (N,) fp32, one per completion, weighted (desirable_weight, ...)
+    rewards: torch.Tensor  # (N,) beta * (policy - reference), detached
+
+
+def kto_loss(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor,
+             kl: float | torch.Tensor = 0.0, beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0, loss_type: str = "kto") -> UnpairedLosses:
+    """KTO's per-completion losses and rewards (module docstring) from summed log-probs of the
+    policy and the reference, ``desirable`` (N,) bool, and ``kl`` the batch's raw KL estimate
+    (clamped at 0 and detached here; unused by ``apo_zero_unpaired``)."""
+    if not beta > 0:
+        raise EmberError(f"kto beta must be > 0, got {beta}")
+    if loss_type not in KTO_LOSS_TYPES:
+        raise EmberError(f"kto loss_type must be one of {', '.join(map(repr, KTO_LOSS_TYPES))}, "
+                         f"got {loss_type!r}")
+    r = policy - reference.detach()
+    z = torch.as_tensor(kl, dtype=r.dtype, device=r.device).detach().clamp(min=0)
+    if loss_type == "apo_zero_unpaired":
+        z = torch.zeros_like(z)
+    good = 1 - torch.sigmoid(beta * (r - z))
+    bad = torch.sigmoid(beta * r) if loss_type == "apo_zero_unpaired" else (
+        1 - torch.sigmoid(beta * (z - r)))
+    losses = torch.where(desirable, desirable_weight * good, undesirable_weight * bad)
+    return UnpairedLosses(losses, beta * r.detach())

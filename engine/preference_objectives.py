@@ -116,7 +116,8 @@ class _Pairs(SFT):
     def weight(self, batch) -> int:
         return batch.num_docs // 2
 
-    def begin_step(self, micro: list, reduce: Callable[[list[float]], list[float]]) -> None:
+    def begin_step(self, micro: list, reduce: Callable[[list[float]], list[float]], model=None,
+                   device=None, autocast=None) -> None:
         if self.nll_weight:
             local = sum(float(answer_counts(b)[0::2].sum()) for b in micro)
             self.step_tokens = reduce([local])[0]
@@ -175,14 +176,13 @@ class _Pairs(SFT):
         return {f"val_{k}": v for k, v in self._finish(sums).items()}
 
 
-class DPO(_Pairs):
-    name = "dpo"
+class Referenced:
+    """The reference of DPO and KTO: the starting model, i.e. the same model with its LoRA
+    adapters switched off; with full fine-tuning a frozen copy of the starting weights; after
+    ``model.init`` the earlier stage's result (a continued adapter: its weights swapped in)."""
 
-    def __init__(self, cfg: TrainConfig, info: DistInfo):
-        super().__init__(info, cfg.dpo.sft_weight)
-        self.cfg = cfg.dpo
+    def _init_reference(self, cfg: TrainConfig, info: DistInfo) -> None:
         self.ref_model, self.ref_adapters = None, None
-        # The reference is the starting model (after model.init: the earlier stage's result).
         self.snapshot = continues_lora(cfg)  # a continued adapter: a frozen copy of it
         if cfg.method == "full":  # no adapters to switch off: a frozen copy is the reference
             self.ref_model = shard_frozen(frozen_start(cfg, build_device(info)), info)
@@ -201,11 +201,25 @@ class DPO(_Pairs):
             return adapters_swapped(model, self.ref_adapters)
         return adapters_disabled(model)
 
-    def _pair_losses(self, model, batch):
+    def ref_logprobs(self, model, batch) -> DocLogprobs:
+        """The reference's ``doc_logprobs`` of a batch (no gradients)."""
         with torch.no_grad(), self.reference(model) as ref:
-            ref_lp = doc_logprobs(ref, batch)
+            lp = doc_logprobs(ref, batch)
         if self.ref_model is not None:
             release(self.ref_model)
+        return lp
+
+
+class DPO(Referenced, _Pairs):
+    name = "dpo"
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        super().__init__(info, cfg.dpo.sft_weight)
+        self.cfg = cfg.dpo
+        self._init_reference(cfg, info)
+
+    def _pair_losses(self, model, batch):
+        ref_lp = self.ref_logprobs(model, batch)
         lp = doc_logprobs(model, batch)  # (2 * pairs,): chosen, rejected, chosen, ...
         c = self.cfg
         pol, ref = (lp.means, ref_lp.means) if c.loss_type == "ipo" else (lp.sums, ref_lp.sums)

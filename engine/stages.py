@@ -381,5 +381,6 @@ def describe(cfg: TrainConfig) -> str:
         ("lora", "full"): f"its LoRA adapter merged into {start.base}",
         ("prompt", "prompt"): f"continuing its prompt on {start.base}",
     }.get((start.kind, cfg.method), f"the weights of {start.base}")
-    ref = "; the DPO reference is this starting model" if cfg.objective == "dpo" else ""
+    ref = (f"; the {cfg.objective.upper()} reference is this starting model"
+           if cfg.objective in ("dpo", "kto") else "")
     return f"starting from model.init {start.source}: {what}{ref}"

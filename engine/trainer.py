@@ -4,9 +4,10 @@ exact resume and guards.
 
 One optimizer step = ``grad_accum`` packed micro-batches of ``data.tokens_per_batch`` tokens per
 process. The loss of every micro-batch is divided by the answer tokens (preference objectives: the
-pairs) of the whole step, all processes together (``losses.sft_loss``), so accumulation is
-token-weighted: 4 micro-batches of 1 example give the gradients of 1 batch of 4, and N processes
-give those of one process taking their N * grad_accum batches (``engine/distributed.py``).
+pairs, KTO the examples) of the whole step, all processes together (``losses.sft_loss``), so
+accumulation is token-weighted: 4 micro-batches of 1 example give the gradients of 1 batch of 4,
+and N processes give those of one process taking their N * grad_accum batches
+(``engine/distributed.py``).
 
 Setup order (STYLE.md): join torchrun's process group (it picks each rank's device) -> build the
 model with LoRA / frozen parts -> activation checkpointing (``[activations]``) -> ``fully_shard``
@@ -284,7 +285,8 @@ class Trainer:
                        method=cfg.method, checkpointing=act.checkpointing, offload=act.offload,
                        mlp_chunk_tokens=act.mlp_chunk_tokens):
             local = 0.0
-            obj.begin_step(micro, lambda xs: all_reduce_sums(xs, info))
+            obj.begin_step(micro, lambda xs: all_reduce_sums(xs, info), model=self.model,
+                           device=self.device, autocast=self.autocast)
             if n_w > 0:
                 # Every rank runs every micro-batch (even one without answer tokens: it adds 0):
                 # a sharded forward / backward is a collective.

@@ -107,6 +107,14 @@ def short_runs(tiny, tmp: Path) -> dict[str, tuple[str, ...]]:
         prefs.append({"prompt": "say " + " ".join(words) + " ->", "chosen": " " + words[0],
                       "rejected": " " + wrong})
     prefs = write_jsonl(tmp / "prefs.jsonl", prefs)
+    kto = []  # KTO lines, a third of the wrong completions labelled desirable
+    for _ in range(48):
+        words = [rng.choice(w.WORDS) for _ in range(rng.randint(2, 6))]
+        wrong = rng.choice([x for x in w.WORDS if x != words[0]])
+        p = "say " + " ".join(words) + " ->"
+        kto += [{"prompt": p, "completion": " " + words[0], "label": True},
+                {"prompt": p, "completion": " " + wrong, "label": rng.random() < 0.3}]
+    kto = write_jsonl(tmp / "kto.jsonl", kto)
     labelled = {s: write_jsonl(tmp / f"{s}.jsonl", animal_rows(n, seed))
                 for s, n, seed in (("train", 64, 1), ("val", 21, 2), ("test", 21, 3))}
     short = ("max_steps=3", "eval.every_steps=0", "eval.metrics=[]", "checkpoint.every_steps=0",
@@ -119,6 +127,11 @@ def short_runs(tiny, tmp: Path) -> dict[str, tuple[str, ...]]:
             "dpo": (*short, 'method="full"', 'objective="dpo"', "dpo.beta=0.5", "optim.lr=1e-3",
                     "dpo.sft_weight=0.5",
                     f'data.train=["{prefs}"]', f'data.validation="{prefs}"',
+                    "data.tokens_per_batch=80"),
+            # the KL term pooled over the step's micro-batches of both processes
+            "kto": (*short, 'method="full"', 'objective="kto"', "kto.beta=1.0", "optim.lr=1e-2",
+                    f'data.train=["{kto}"]', f'data.validation="{kto}"', f'data.test="{kto}"',
+                    "data.max_seq_len=32",
                     "data.tokens_per_batch=80"),
             "classify": (*short, 'head.type="classification"', "eval.metrics=['accuracy']",
                          f'data.train=["{labelled["train"]}"]',
@@ -136,7 +149,7 @@ def runs(tiny, tmp_path_factory):
             assert main(["train", str(write_config(tiny, tmp / f"{kind}1", *extra)),
                          *sets("grad_accum=2")]) == 0
         out[f"{kind}1"] = printed.getvalue()
-    for kind in ("distill", "dpo", "classify"):
+    for kind in ("distill", "dpo", "kto", "classify"):
         out[f"{kind}2"] = torchrun_train(str(write_config(tiny, tmp / f"{kind}2",
                                                           *kinds[kind])))
     # LoRA -> activation checkpointing -> fully_shard, as STYLE.md orders them; the MLP in
@@ -181,7 +194,7 @@ def test_two_processes_match_one(runs, kind):
         assert len(outputs[0]) == 7 and outputs[1] == outputs[0], outputs
 
 
-@pytest.mark.parametrize("kind", ["distill", "dpo"])
+@pytest.mark.parametrize("kind", ["distill", "dpo", "kto"])
 def test_teacher_and_reference_are_sharded(runs, kind):
     """The frozen teacher / reference copy is sharded like the trained model (rank 0 holds about
     half of it) and the runs log what one process logs: losses, the objective's train metrics
@@ -193,6 +206,9 @@ def test_teacher_and_reference_are_sharded(runs, kind):
     _same_rows(two, one)
     if kind == "distill":
         assert {"kd_loss", "val_loss/val", "val_loss/test"} <= {k for r in one for k in r}
+    elif kind == "kto":
+        assert any(r.get("kl", 0) > 0 for r in one)  # the KL term in play
+        assert {"reward_margin", "val_reward_margin", "val_kl"} <= {k for r in one for k in r}
     else:
         assert {"reward_margin", "val_reward_margin", "nll_loss", "val_nll_loss"} <= {
             k for r in one for k in r}

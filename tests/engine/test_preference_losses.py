@@ -233,7 +233,7 @@ def test_objective_matches_trl_on_a_batch(tiny, pref_batch, tmp_path, case):
     (["simpo.label_smoothing=0.5"], r"simpo\.label_smoothing must be in \[0, 0\.5\)"),
     (["orpo.lambda_=0.1"], r"unknown config key 'orpo\.lambda_'; valid keys in \[orpo\]: beta"),
     (["simpo.gamma_beta_ratio=0.5"], r"unknown config key 'simpo\.gamma_beta_ratio'"),
-    (['objective="kto"'], r"objective must be one of .*'orpo', 'simpo', got 'kto'"),
+    (['objective="cpo"'], r"objective must be one of .*'orpo', 'simpo', 'kto', got 'cpo'"),
 ])
 def test_bad_preference_configs(sets, match):
     with pytest.raises(EmberError, match=match):
