@@ -26,7 +26,7 @@ Evaluation: ``val_loss`` on the validation split; ``eval.metrics`` (``accuracy``
 ``f1``, ``exact_match``; default with a head: accuracy and macro_f1) from the argmax of the head
 on the test split (validation when there is none), computed on class indices; one forward
 pass per packed batch, no generation. Under torchrun each rank scores every N-th batch
-(``evaluation.eval_batches``) and the results are gathered.
+(``evaluation.scored_batches``) and the results are gathered.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ from ember.engine.data import (
     split_examples,
     with_system_prompt,
 )
-from ember.engine.distributed import DistInfo, all_gather_objects
-from ember.engine.evaluation import GenerationResult, eval_batches
+from ember.engine.distributed import DistInfo
+from ember.engine.evaluation import GenerationResult, scored_batches
 from ember.engine.objectives import SFT
 from ember.models.heads import add_classification_head, classify, is_classifier
 from ember.models.loading import read_config
@@ -279,6 +279,14 @@ def train_head(model, cfg: TrainConfig) -> None:
 # --- data ----------------------------------------------------------------------------------------
 
 
+def strip_pad(ids: list[int], pad: int | None) -> list[int]:
+    """``ids`` without trailing ``pad`` tokens (where the head pools: the last real token)."""
+    n = len(ids)
+    while n and ids[n - 1] == pad:
+        n -= 1
+    return ids[:n]
+
+
 class _ClassReader(_Reader):
     def __init__(self, path: Path, cfg: DataConfig, tokenizer, labels, field: str, pad):
         super().__init__(path, cfg, tokenizer)
@@ -331,12 +339,6 @@ class _ClassReader(_Reader):
             ids = enc._enc(enc._render(rec, False, rec.tools))
         return ids, label
 
-    def _strip(self, ids: list[int]) -> list[int]:
-        n = len(ids)
-        while n and ids[n - 1] == self.pad:
-            n -= 1
-        return ids[:n]
-
     def example(self, lineno: int, raw: bytes) -> Example | None:
         rep, where = self.report, self.where(lineno)
         line = self.text(lineno, raw)
@@ -344,7 +346,7 @@ class _ClassReader(_Reader):
             return None
         try:
             ids, label = self.encode(line)
-            ids = self._strip(ids)
+            ids = strip_pad(ids, self.pad)
             if not ids:
                 raise _Bad("empty text", "no tokens besides padding")
         except _Bad as e:
@@ -358,7 +360,7 @@ class _ClassReader(_Reader):
                 rep.note("too long", f"{what} (dropped)")
                 return None
             if self.cfg.truncation == "truncate_right":
-                ids = self._strip(ids[:m]) or ids[:1]
+                ids = strip_pad(ids[:m], self.pad) or ids[:1]
             else:
                 keep_bos = int(self.bos is not None and ids[0] == self.bos)
                 ids = ids[:keep_bos] + ids[len(ids) - m + keep_bos :]
@@ -443,7 +445,6 @@ def classification_loss(model, batch, num_docs: int) -> tuple[torch.Tensor, torc
     return loss / num_docs, logits
 
 
-@torch.no_grad()
 def predict(
     model, examples: list[Example], tokens_per_batch: int, device, autocast=contextlib.nullcontext,
     max_batches: int | None = None, info: DistInfo | None = None,
@@ -451,22 +452,15 @@ def predict(
     """(argmax class of every example scored, in order; their mean cross-entropy). The examples
     are packed in file order; ``max_batches``: only the first that many batches. Under torchrun
     (``info``) each rank scores its share of the batches and every rank gets all results."""
-    tokens_per_batch = max(tokens_per_batch, max(len(e) for e in examples))
-    info = info or DistInfo()
-    was_training = model.training
-    model.eval()
-    mine: dict[int, tuple[list[int], float]] = {}  # batch index -> (classes, summed loss)
-    try:
-        for i, batch in eval_batches(examples, tokens_per_batch, max_batches, info):
-            with autocast():
-                loss, logits = classification_loss(model, batch.to(device), 1)
-            if i is not None:
-                mine[i] = (logits.argmax(-1).tolist(), float(loss))
-    finally:
-        model.train(was_training)
-    scored = {i: r for part in all_gather_objects(mine, info) for i, r in part.items()}
-    preds = [c for i in sorted(scored) for c in scored[i][0]]
-    return preds, sum(scored[i][1] for i in sorted(scored)) / len(preds)
+
+    def classes_and_loss(batch):  # (classes, summed loss) of one batch
+        loss, logits = classification_loss(model, batch, 1)
+        return logits.argmax(-1).tolist(), float(loss)
+
+    scored = scored_batches(model, examples, max(tokens_per_batch, max(map(len, examples))),
+                            device, classes_and_loss, autocast, max_batches, info)
+    preds = [c for classes, _ in scored for c in classes]
+    return preds, sum(loss for _, loss in scored) / len(preds)
 
 
 def label_scores(

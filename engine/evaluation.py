@@ -21,6 +21,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -74,6 +75,29 @@ def eval_batches(examples: list[Example], tokens_per_batch: int, max_batches: in
         batches = [b for b in batches if keep(b)]
     for i in eval_share(len(batches), info or DistInfo()):
         yield i, batches[0 if i is None else i]
+
+
+@torch.no_grad()
+def scored_batches(model, examples: list[Example], tokens_per_batch: int, device,
+                   fn: Callable[[Batch], Any], autocast=contextlib.nullcontext,
+                   max_batches: int | None = None, info: DistInfo | None = None) -> list:
+    """``fn(batch)`` (a picklable result; the batch on ``device``, under ``autocast``, the model
+    in eval mode) for every batch of ``eval_batches``, in file order. Under torchrun each rank
+    computes its share and every rank gets all results."""
+    info = info or DistInfo()
+    was_training = model.training
+    model.eval()
+    mine = {}
+    try:
+        for i, batch in eval_batches(examples, tokens_per_batch, max_batches, info):
+            with autocast():
+                out = fn(batch.to(device))
+            if i is not None:  # a batch only run along counts for nothing
+                mine[i] = out
+    finally:
+        model.train(was_training)
+    scored = {i: r for part in all_gather_objects(mine, info) for i, r in part.items()}
+    return [scored[i] for i in sorted(scored)]
 
 
 @torch.no_grad()

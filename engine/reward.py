@@ -46,10 +46,11 @@ from ember.engine.classification import (
     _ClassReader,
     load_labelled_datasets,
     read_head_file,
+    strip_pad,
 )
 from ember.engine.data import IGNORE, DataConfig, Datasets, Example, _Bad, _Reader, _type_name
-from ember.engine.distributed import DistInfo, all_gather_objects
-from ember.engine.evaluation import GenerationResult, eval_batches
+from ember.engine.distributed import DistInfo
+from ember.engine.evaluation import GenerationResult, scored_batches
 from ember.models.heads import classify
 
 if TYPE_CHECKING:
@@ -96,13 +97,6 @@ def _number(obj: dict, field: str, required: bool) -> float:
     return x
 
 
-def _strip(ids: list[int], pad: int | None) -> list[int]:
-    n = len(ids)
-    while n and ids[n - 1] == pad:
-        n -= 1
-    return ids[:n]
-
-
 class _PairReader(_Reader):
     """Preference lines as DPO reads and renders them; each document's trailing pads stripped,
     its last position labelled 0 (one "loss token" per document), the line's margin kept."""
@@ -126,7 +120,7 @@ class _PairReader(_Reader):
             return None
         docs, start = [], 0
         for n in ex.parts:
-            docs.append(_strip(ex.input_ids[start:start + n], self.pad))
+            docs.append(strip_pad(ex.input_ids[start:start + n], self.pad))
             start += n
             if not docs[-1]:
                 self.bad(lineno, "empty text", "no tokens besides padding")
@@ -180,28 +174,16 @@ def head_outputs(model, batch) -> torch.Tensor:
     return out[:, 0].float()
 
 
-@torch.no_grad()
 def score_documents(model, examples: list[Example], tokens_per_batch: int, device,
                     autocast=contextlib.nullcontext, max_batches: int | None = None,
                     info: DistInfo | None = None) -> list[float]:
     """The head's output on every document of ``examples`` (file order; the first
     ``max_batches`` batches only); under torchrun each rank scores its share of the batches and
     every rank gets all results (as ``classification.predict``)."""
-    tokens_per_batch = max(tokens_per_batch, max(len(e) for e in examples))
-    was_training = model.training
-    model.eval()
-    mine: dict[int, list[float]] = {}
-    try:
-        for i, batch in eval_batches(examples, tokens_per_batch, max_batches, info):
-            with autocast():
-                out = head_outputs(model, batch.to(device))
-            if i is not None:
-                mine[i] = out.tolist()
-    finally:
-        model.train(was_training)
-    scored = {i: r for part in all_gather_objects(mine, info or DistInfo()) for i, r in
-              part.items()}
-    return [x for i in sorted(scored) for x in scored[i]]
+    scored = scored_batches(model, examples, max(tokens_per_batch, max(map(len, examples))),
+                            device, lambda b: head_outputs(model, b).tolist(), autocast,
+                            max_batches, info)
+    return [x for outs in scored for x in outs]
 
 
 def reward_scores(rewards: list[float], examples: list[Example], center: float = 0.0
