@@ -22,13 +22,12 @@ split), never silently misread.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 
 from ember import EmberError
-from ember.kernels.adamw8bit import BLOCKSIZE, adamw8bit_step
+from ember.kernels.adamw8bit import BLOCKSIZE, adam_moments_, adamw8bit_step
 
 _FP32_KEYS = ("absmax1", "absmax2")
 
@@ -39,12 +38,8 @@ def adamw32_step_ref(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: to
     """bnb's 32-bit Adam(W) CPU update (``optimizer_update_32bit``), in place, fp32 m and v:
     p *= 1 - lr wd; p += (-lr sqrt(1-beta2^t) / (1-beta1^t)) * m / (sqrt(v) + eps sqrt(1-beta2^t))
     (torch's AdamW puts eps outside the bias correction: the same up to eps' scaling)."""
-    g = grad.float()
     pf = p.float()
-    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    c1 = 1.0 - beta1**step
-    c2 = math.sqrt(1.0 - beta2**step)
+    c1, c2 = adam_moments_(m, v, grad.float(), beta1, beta2, step)
     if weight_decay > 0.0:
         pf.mul_(1.0 - lr * weight_decay)
     pf.add_(m / (v.sqrt() + eps * c2), alpha=-lr * c2 / c1)

@@ -107,6 +107,16 @@ def quantize_blockwise_ref(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor,
     return q.reshape(-1)[:n].view(x.shape), am
 
 
+def adam_moments_(m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta1: float, beta2: float,
+                  step: int) -> tuple[float, float]:
+    """Adam's moment update in place, in bnb's operation order (m = beta1 m + (1 - beta1) g,
+    v = beta2 v + (1 - beta2) g^2), fp32; returns the bias corrections (1 - beta1^t,
+    sqrt(1 - beta2^t)). Shared with the 32-bit update of ``ember.engine.optim8bit``."""
+    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    return 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
+
+
 def adamw8bit_step_ref(p: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor,
                        state2: torch.Tensor, absmax1: torch.Tensor, absmax2: torch.Tensor, *,
                        step: int, lr: float, beta1: float = 0.9, beta2: float = 0.999,
@@ -114,12 +124,8 @@ def adamw8bit_step_ref(p: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor
     nb = -(-p.numel() // BLOCKSIZE)
     m = dequantize_blockwise_ref(state1, absmax1, True).view(p.shape)
     v = dequantize_blockwise_ref(state2, absmax2, False).view(p.shape)
-    g = grad.float()
     pf = p.float()
-    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    c1 = 1.0 - beta1**step
-    c2 = math.sqrt(1.0 - beta2**step)
+    c1, c2 = adam_moments_(m, v, grad.float(), beta1, beta2, step)
     denom = (v.sqrt() / c2).add_(eps)
     if weight_decay > 0.0:
         pf.mul_(1.0 - lr * weight_decay)
