@@ -15,7 +15,7 @@ import torch
 from gguf import MODEL_ARCH_NAMES, GGUFWriter, get_tensor_name_map
 
 from ember import EmberError
-from ember.models.gguf import load_gguf
+from ember.models.gguf import load_gguf, permute_qk
 from ember.models.gguf_export import save_gguf
 from ember.models.transformer import Transformer
 from tests.models.test_gguf import VOCAB, _put, tiny_tokenizer_md
@@ -31,40 +31,28 @@ def _one_thread(one_thread):
     """Every test here on one torch thread (tests/conftest.py: one_thread)."""
 
 
-def _granite(tied: bool = False):
-    cfg = transformers.GraniteConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
-        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2, **MULT)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(3)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
-    return model
-
-
-def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """convert_hf_to_gguf.py's LlamaModel.permute."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape)
-
-
-def _smollm3(cls: str = "SmolLM3Config", **kw):
+def _hf(cls: str, layers: int, seed: int, **kw):
+    """A random transformers ``cls`` model (eager attention) of the tests' shape."""
     cfg = getattr(transformers, cls)(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
         bos_token_id=1, eos_token_id=2, pad_token_id=2, **kw)
     cfg._attn_implementation = "eager"
-    torch.manual_seed(4)
+    torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
     return model
+
+
+def _granite(tied: bool = False):
+    return _hf("GraniteConfig", 3, 3, tie_word_embeddings=tied, **MULT)
+
+
+def _smollm3(cls: str = "SmolLM3Config", **kw):
+    return _hf(cls, 5, 4, **kw)
 
 
 def write_llama_variant_gguf(path, model, drop: tuple[str, ...] = (), extra: dict | None = None):
@@ -95,9 +83,9 @@ def write_llama_variant_gguf(path, model, drop: tuple[str, ...] = (), extra: dic
         if arch == "olmo2":  # TextModel: no permutation (llama.cpp's NeoX RoPE)
             pass
         elif key.endswith("q_proj.weight"):
-            t = _permute(t, c.num_attention_heads)
+            t = permute_qk(t, c.num_attention_heads)
         elif key.endswith("k_proj.weight"):
-            t = _permute(t, c.num_key_value_heads)
+            t = permute_qk(t, c.num_key_value_heads)
         w.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), t.float().numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
