@@ -246,11 +246,12 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     """Full module names selected by ``targets``; errors name the patterns that match nothing."""
     cands = _candidates(model)
     chosen, unmatched = set(), []
-    phi = getattr(getattr(model, "cfg", None), "model_type", None) == "phi"
-    if phi and {"up", "down"} <= set(targets) and "gate" in targets:
-        # the seven short names (the default) mean every projection; Phi's MLP has no gate
-        warnings.warn("lora.targets: 'gate' skipped, Phi's MLP has no gate projection (fc1 -> "
-                      "fc2 are 'up' / 'down')", stacklevel=3)
+    cfg = getattr(model, "cfg", None)
+    phi = getattr(cfg, "model_type", None) == "phi"
+    if not getattr(cfg, "gated_mlp", True) and {"up", "down"} <= set(targets) and "gate" in targets:
+        # the seven short names (the default) mean every projection; a plain MLP has no gate
+        warnings.warn("lora.targets: 'gate' skipped, this model's MLP has no gate projection "
+                      "(Phi-1/2: fc1 -> fc2 are 'up' / 'down')", stacklevel=3)
         targets = tuple(t for t in targets if t != "gate")
     for t in targets:
         hit = [n for n in cands if _target_matches(PHI_LEAVES.get(t, t) if phi else t, n)]
