@@ -36,6 +36,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 
 from ember import EmberError
 from ember.models.spm import recovered_merges, spm_bpe, spm_pipeline
+from ember.models.tokenizer import _QWEN2 as _QWEN2_SPLIT  # the GGUF "qwen2" split, the same regex
 
 _SPM_CLASSES = ("LlamaTokenizer", "GemmaTokenizer")
 _BPE_CLASSES = ("GPT2Tokenizer", "Qwen2Tokenizer")
@@ -47,8 +48,6 @@ _DEFAULTS = {
     "GPT2Tokenizer": dict.fromkeys(("unk_token", "bos_token", "eos_token"), "<|endoftext|>"),
     "Qwen2Tokenizer": dict.fromkeys(("unk_token", "eos_token", "pad_token"), "<|endoftext|>"),
 }
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def has_slow_tokenizer(folder: Path) -> bool:
