@@ -59,6 +59,11 @@ class GenerationResult:
     examples: int = 0
 
 
+def eval_plan(examples: list[Example], tokens_per_batch: int) -> list[list[int]]:
+    """The evaluation batches as lists of example indices: file order, packed greedily."""
+    return PackedBatches(examples, tokens_per_batch, order="file", packing="greedy").plan(0)
+
+
 def eval_batches(examples: list[Example], tokens_per_batch: int, max_batches: int | None = None,
                  info: DistInfo | None = None, keep: Callable[[Batch], bool] | None = None
                  ) -> Iterator[tuple[int | None, Batch]]:
@@ -69,8 +74,8 @@ def eval_batches(examples: list[Example], tokens_per_batch: int, max_batches: in
     repeat of the first batch that must not count (``index`` None): a sharded model's forward
     is a collective, so every rank makes as many (``distributed.eval_share``). Sum what counts
     and all-reduce the sums (or gather the results by index)."""
-    plan = PackedBatches(examples, tokens_per_batch, order="file", packing="greedy").plan(0)
-    batches = [collate([examples[i] for i in idx]) for idx in plan[:max_batches]]
+    batches = [collate([examples[i] for i in idx])
+               for idx in eval_plan(examples, tokens_per_batch)[:max_batches]]
     if keep is not None:
         batches = [b for b in batches if keep(b)]
     for i in eval_share(len(batches), info or DistInfo()):

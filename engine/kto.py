@@ -88,6 +88,10 @@ class KTOConfig:
     undesirable_weight: float = 1.0  # weight of each undesirable example's loss
     # "kto" (KL term from mismatched pairs) | "apo_zero_unpaired" (APO-zero, no KL term)
     loss_type: str = "kto"
+    # Score every completion with the reference once, before training (eval mode), as
+    # dpo.precompute_ref_log_probs; the KL term's mismatched documents are still scored per step
+    # (they change with each batch), so a full fine-tune keeps its frozen copy with loss "kto"
+    precompute_ref_log_probs: bool = False
 
     def __post_init__(self) -> None:
         if self.loss_type not in KTO_LOSS_TYPES:
@@ -226,12 +230,15 @@ class KTO(Referenced, SFT):
             raise EmberError(f"objective = \"kto\" estimates its KL term from the other examples "
                              f"of a batch: data.tokens_per_batch ({d.tokens_per_batch}) must hold "
                              f"at least two examples of data.max_seq_len ({d.max_seq_len})")
-        self._init_reference(cfg, info)
+        self._init_reference(cfg, info, self.cfg.precompute_ref_log_probs)
         self.kl = 0.0  # the step's raw KL estimate, all processes
 
     @property
     def uses_kl(self) -> bool:
         return self.cfg.loss_type == "kto"
+
+    def needs_live_reference(self) -> bool:
+        return self.uses_kl  # the KL documents: other prompts' completions, new each batch
 
     def weight(self, batch) -> int:
         return batch.num_docs

@@ -98,6 +98,10 @@ class SFT:
                                autocast=autocast, max_examples=ev.max_examples, show=ev.show,
                                info=self.info)
 
+    def prepare(self, model, ds: Datasets, tokens_per_batch: int, device, autocast, echo) -> None:
+        """Before the first step, with the model built and the data loaded (DPO / KTO precompute
+        their reference log-probs here)."""
+
     def check_data(self, ds: Datasets) -> None:
         for split, examples in (("train", ds.train), ("validation", ds.validation)):
             bad = next((e for e in examples if bool(e.parts) != self.pairs), None)

@@ -48,6 +48,9 @@ class Example:
     group: int = 0  # which training file it came from (data.mix, per-source validation)
     value: float = 0.0  # a number per example: a reward pair's margin, a regression target
     desirable: bool | None = None  # KTO's label of an unpaired completion (engine/kto.py)
+    # The reference model's summed answer log-prob of each document, when precomputed
+    # (``[dpo]`` / ``[kto]`` ``precompute_ref_log_probs``: engine/preference_objectives.py)
+    ref_logps: tuple[float, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -74,6 +77,7 @@ class Batch:
     num_docs: int
     values: torch.Tensor | None = None  # (examples,) float32: each example's ``value``
     desirable: torch.Tensor | None = None  # (num_docs,) bool: KTO's labels (engine/kto.py)
+    ref_sums: torch.Tensor | None = None  # (num_docs,) float32: precomputed reference log-probs
 
     @property
     def num_tokens(self) -> int:
@@ -84,7 +88,8 @@ class Batch:
             self.input_ids, self.labels, self.position_ids, self.cu_seqlens)),
             self.max_seqlen, self.num_loss_tokens, self.num_docs,
             None if self.values is None else self.values.to(device, non_blocking=non_blocking),
-            None if self.desirable is None else self.desirable.to(device))
+            None if self.desirable is None else self.desirable.to(device),
+            None if self.ref_sums is None else self.ref_sums.to(device))
 
 
 def collate(examples: list[Example]) -> Batch:
@@ -95,10 +100,14 @@ def collate(examples: list[Example]) -> Batch:
     desirable = None
     if any(e.desirable is not None for e in examples):  # KTO: one label per (one-document) example
         desirable = torch.tensor([bool(e.desirable) for e in examples])
+    ref_sums = None  # only when every document has its reference log-prob (else computed live)
+    if all(e.ref_logps is not None for e in examples):
+        ref_sums = torch.tensor([x for e in examples for x in e.ref_logps], dtype=torch.float32)
     return Batch(torch.tensor([ids]), torch.tensor([labels]), torch.tensor([pos]),
                  torch.tensor([0, *accumulate(lens)], dtype=torch.int32), max(lens),
                  sum(1 for t in labels if t != IGNORE), len(lens),
-                 torch.tensor([e.value for e in examples], dtype=torch.float32), desirable)
+                 torch.tensor([e.value for e in examples], dtype=torch.float32), desirable,
+                 ref_sums)
 
 
 @dataclass

@@ -22,6 +22,8 @@ also ``log_odds_ratio`` and ``log_odds_chosen``; ``val_*`` of each at evaluation
 from __future__ import annotations
 
 import contextlib
+import gc
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 
 from ember import EmberError
 from ember.engine.distributed import DistInfo, all_reduce_sums, build_device, release, shard_frozen
-from ember.engine.evaluation import eval_batches
+from ember.engine.evaluation import eval_batches, eval_plan, scored_batches
 from ember.engine.losses import DocLogprobs, adapters_disabled, answer_counts, doc_logprobs
 from ember.engine.objectives import SFT
 from ember.engine.preference_losses import (
@@ -46,7 +48,7 @@ from ember.engine.stages import adapter_snapshot, adapters_swapped, continues_lo
 
 if TYPE_CHECKING:
     from ember.engine.config import TrainConfig
-    from ember.engine.data import Example
+    from ember.engine.data import Datasets, Example
 
 
 def _check(section: str, beta: float, label_smoothing: float, sft_weight: float) -> None:
@@ -67,6 +69,10 @@ class DPOConfig:
     # sigmoid: > 0 is conservative DPO; robust: the assumed fraction of flipped labels
     label_smoothing: float = 0.0
     sft_weight: float = 0.0  # RPO (TRL's rpo_alpha): + weight * NLL per chosen answer token
+    # Score every pair with the reference once, before training (eval mode), instead of one
+    # reference forward per micro-batch: fewer forwards from the second epoch on, and a full
+    # fine-tune's frozen copy is freed for the run (TRL's precompute_ref_log_probs)
+    precompute_ref_log_probs: bool = False
 
     def __post_init__(self) -> None:
         if self.loss_type not in DPO_LOSS_TYPES:
@@ -181,8 +187,9 @@ class Referenced:
     adapters switched off; with full fine-tuning a frozen copy of the starting weights; after
     ``model.init`` the earlier stage's result (a continued adapter: its weights swapped in)."""
 
-    def _init_reference(self, cfg: TrainConfig, info: DistInfo) -> None:
+    def _init_reference(self, cfg: TrainConfig, info: DistInfo, precompute: bool) -> None:
         self.ref_model, self.ref_adapters = None, None
+        self.precompute, self.released = precompute, False
         self.snapshot = continues_lora(cfg)  # a continued adapter: a frozen copy of it
         if cfg.method == "full":  # no adapters to switch off: a frozen copy is the reference
             self.ref_model = shard_frozen(frozen_start(cfg, build_device(info)), info)
@@ -201,13 +208,62 @@ class Referenced:
             return adapters_swapped(model, self.ref_adapters)
         return adapters_disabled(model)
 
+    def needs_live_reference(self) -> bool:
+        """Whether batches that carry no precomputed log-probs are scored during training."""
+        return False
+
+    def prepare(self, model, ds: Datasets, tokens_per_batch: int, device, autocast, echo) -> None:
+        """``precompute_ref_log_probs``: one pass of the reference (eval mode, no gradients) over
+        the training and validation examples before the first step, each document's summed answer
+        log-prob kept on its example (``Example.ref_logps``, carried into ``Batch.ref_sums``), so
+        the steps and evaluations run no reference forward; a full fine-tune's frozen copy is then
+        released unless live scoring still needs it (KTO's mismatched KL documents)."""
+        if not self.precompute:
+            return
+        t0, n = time.perf_counter(), 0
+        splits = [ds.train, ds.validation, *ds.val_sources.values()]
+        for examples in splits:
+            todo = [e for e in examples if e.ref_logps is None]
+            if todo:
+                n += attach_ref_logps(todo, lambda b: self.ref_logprobs(model, b), model,
+                                      tokens_per_batch, device, autocast, self.info)
+        note = ""
+        if self.ref_model is not None and not self.needs_live_reference():
+            self.ref_model, self.released = None, True
+            gc.collect()
+            note = "; the frozen reference copy is released"
+        echo(f"{self.name}: reference log-probs of {n} documents precomputed in "
+             f"{time.perf_counter() - t0:.1f} s{note}")
+
     def ref_logprobs(self, model, batch) -> DocLogprobs:
-        """The reference's ``doc_logprobs`` of a batch (no gradients)."""
+        """The reference's ``doc_logprobs`` of a batch (no gradients): the precomputed values when
+        the batch carries them (``prepare``), else one forward of the reference."""
+        if batch.ref_sums is not None:
+            return DocLogprobs(batch.ref_sums, answer_counts(batch).float())
+        if self.released:
+            raise EmberError(f"internal: a {self.name} batch has no precomputed reference "
+                             "log-probs and the reference model was released")
         with torch.no_grad(), self.reference(model) as ref:
             lp = doc_logprobs(ref, batch)
         if self.ref_model is not None:
             release(self.ref_model)
         return lp
+
+
+def attach_ref_logps(examples: list[Example], score, model, tokens_per_batch: int, device,
+                     autocast, info: DistInfo) -> int:
+    """Set ``Example.ref_logps`` of every example from ``score(batch)`` (a ``DocLogprobs``) over
+    the evaluation batches (under torchrun each process its share, all results gathered);
+    returns the number of documents scored."""
+    sums = scored_batches(model, examples, tokens_per_batch, device,
+                          lambda b: score(b).sums.float().cpu().tolist(), autocast, info=info)
+    n = 0
+    for idx, row in zip(eval_plan(examples, tokens_per_batch), sums, strict=True):
+        for i in idx:
+            k = len(examples[i].doc_lengths)
+            examples[i].ref_logps, row, n = tuple(row[:k]), row[k:], n + k
+        assert not row, "documents left over: the evaluation plan changed"
+    return n
 
 
 class DPO(Referenced, _Pairs):
@@ -216,7 +272,7 @@ class DPO(Referenced, _Pairs):
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         super().__init__(info, cfg.dpo.sft_weight)
         self.cfg = cfg.dpo
-        self._init_reference(cfg, info)
+        self._init_reference(cfg, info, cfg.dpo.precompute_ref_log_probs)
 
     def _pair_losses(self, model, batch):
         ref_lp = self.ref_logprobs(model, batch)

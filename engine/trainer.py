@@ -341,6 +341,8 @@ class Trainer:
         self.datasets = self._datasets(cfg, info, self.tokenizer)
         self._check_eval_data()
         self._check_context(model)
+        self.objective.prepare(model, self.datasets, cfg.data.tokens_per_batch, self.device,
+                               self.autocast, self.echo)
         batches = rank_batches(self.datasets.train, cfg.data, info)
         per_epoch = len(batches.plan(0))
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))

@@ -123,9 +123,10 @@ def short_runs(tiny, tmp: Path) -> dict[str, tuple[str, ...]]:
                         "data.max_seq_len=32", "data.tokens_per_batch=48", "optim.lr=1e-2",
                         f'data.validation=["{tiny["val"]}", "{tiny["test"]}"]'),
             # sft_weight: RPO's NLL term, a token mean over the step's chosen answers on all
-            # processes (Objective.begin_step)
+            # processes (Objective.begin_step); the reference's log-probs precomputed, each
+            # process scoring a share (KTO below scores its reference live)
             "dpo": (*short, 'method="full"', 'objective="dpo"', "dpo.beta=0.5", "optim.lr=1e-3",
-                    "dpo.sft_weight=0.5",
+                    "dpo.sft_weight=0.5", "dpo.precompute_ref_log_probs=true",
                     f'data.train=["{prefs}"]', f'data.validation="{prefs}"',
                     "data.tokens_per_batch=80"),
             # the KL term pooled over the step's micro-batches of both processes
@@ -212,6 +213,9 @@ def test_teacher_and_reference_are_sharded(runs, kind):
     else:
         assert {"reward_margin", "val_reward_margin", "nll_loss", "val_nll_loss"} <= {
             k for r in one for k in r}
+    if kind == "dpo":
+        assert re.search(r"dpo: reference log-probs of 64 documents precomputed .* the frozen "
+                         r"reference copy is released", out["dpo2"]), out["dpo2"][-3000:]
     role = "teacher" if kind == "distill" else "reference"
     m = re.search(rf"{kind} {role}: [\d.]+M params, frozen, sharded: (\d+)% of it on rank 0",
                   out[f"{kind}2"])
