@@ -39,7 +39,11 @@ Paths (``impl``, see ``ember.kernels._dispatch``):
   accumulator (2.2 GiB at that shape) is ever needed; only dhidden, which is small, accumulates.
 - Chunked PyTorch (``linear_cross_entropy_chunked``; the CPU path and ``impl="ref"``): the same
   math on (rows x vocabulary) chunks of logits with an online log-sum-exp, backward recomputes each
-  chunk; never allocates N x V elements.
+  chunk; never allocates N x V elements. With a frozen head (only hidden needs a gradient, as in
+  LoRA) the forward also accumulates dhidden per unit row gradient in the same vocabulary walk
+  (sum_v exp(l_v - m) W_v rescaled as the running max m moves, as flash attention accumulates its
+  output) and the backward only scales it: 2 head matmuls per chunk instead of 3, an (N, D) fp32
+  buffer kept in place of hidden and weight.
 - ``linear_cross_entropy_ref``: the spec (full logits, ``F.cross_entropy``), the test oracle.
 
 Limits: V < 2^31; row and column offsets are int64, so N x D and V x D may exceed 2^31. The

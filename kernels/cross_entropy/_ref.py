@@ -83,14 +83,37 @@ def _bwd_body(h, w, b, ys, lse, g, softcap: float | None, eps: float, z_loss: fl
     return d.to(h.dtype), d.sum(0)
 
 
-_EAGER = (_fwd_body, _bwd_body)
+def _fwd_grad_body(h, w, b, ys, m, s, tgt, tot, acc, sacc, softcap: float | None, smooth: bool):
+    """``_fwd_body`` plus, for a frozen head, the pieces of dhidden (fp32 (rows, D)):
+    acc = sum_v exp(l_v - m) c_v W_v, rescaled as the running max m moves (flash attention's
+    output accumulator, with W as the values), and with label smoothing sacc = sum_v c_v W_v;
+    c_v = 1 - (l_v / softcap)^2, or 1."""
+    t = _chunk_logits(h, w, b, softcap)
+    m_new = torch.maximum(m, t.amax(1))
+    p = torch.exp(t - m_new[:, None])
+    scale = torch.exp(m - m_new)
+    s = s * scale + p.sum(1)
+    c = 1.0 - (t / softcap) ** 2 if softcap is not None else None
+    acc.mul_(scale[:, None])
+    _mm_into(acc, (p if c is None else p * c).to(w.dtype), w, first=False)
+    inside = (ys >= 0) & (ys < t.shape[1])
+    idx = ys.clamp(0, t.shape[1] - 1)
+    tgt = tgt + torch.where(inside, t.gather(1, idx[:, None]).squeeze(1), 0.0)
+    if smooth:
+        tot = tot + t.sum(1)
+        if c is not None:
+            _mm_into(sacc, c.to(w.dtype), w, first=False)
+    return m_new, s, tgt, tot
+
+
+_EAGER = (_fwd_body, _bwd_body, _fwd_grad_body)
 
 
 @functools.cache
 def _compiled_bodies():
     # One graph per chunk shape (full and ragged last chunks); the chunk start never reaches
     # the compiled code (labels arrive pre-shifted), so it does not trigger recompiles.
-    return (torch.compile(_fwd_body, dynamic=False), torch.compile(_bwd_body, dynamic=False))
+    return tuple(torch.compile(f, dynamic=False) for f in _EAGER)
 
 
 def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
@@ -114,32 +137,56 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     once in the input dtype; dbias accumulates in fp32."""
 
     @staticmethod
-    def forward(ctx, h, w, b, y, o: Options, rows: int, vocab: int, bodies):
+    def forward(ctx, h, w, b, y, o: Options, rows: int, vocab: int, bodies, grad_in_forward):
         n, v = h.shape[0], w.shape[0]
-        fwd_body = bodies[0]
         valid = y != o.ignore_index
         y = y.long()
         lse = torch.empty(n, device=h.device, dtype=torch.float32)
         loss = torch.empty(n, device=h.device, dtype=torch.float32)
+        # A frozen head (only hidden needs a gradient): dhidden per unit row gradient is built
+        # here, in the same vocabulary walk (2 head matmuls per chunk, not 1 now + 2 later).
+        dh1 = (torch.empty(h.shape, device=h.device, dtype=torch.float32) if grad_in_forward
+               else None)
+        smooth = bool(o.label_smoothing)
+        wsum = w.float().sum(0) if grad_in_forward and smooth and o.softcap is None else None
         for r0 in range(0, n, rows):
             hr, yr = h[r0:r0 + rows], y[r0:r0 + rows]
             m = torch.full((hr.shape[0],), float("-inf"), device=h.device)
             s, tgt, tot = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
+            if grad_in_forward:
+                acc = dh1[r0:r0 + rows].zero_()
+                sacc = torch.zeros_like(acc) if smooth and o.softcap is not None else None
             for v0 in range(0, v, vocab):
                 bc = None if b is None else b[v0:v0 + vocab]
-                m, s, tgt, tot = fwd_body(hr, w[v0:v0 + vocab], bc, yr - v0, m, s, tgt, tot,
-                                          o.softcap, bool(o.label_smoothing))
+                args = (hr, w[v0:v0 + vocab], bc, yr - v0, m, s, tgt, tot)
+                if grad_in_forward:
+                    m, s, tgt, tot = bodies[2](*args, acc, sacc, o.softcap, smooth)
+                else:
+                    m, s, tgt, tot = bodies[0](*args, o.softcap, smooth)
             lse[r0:r0 + rows] = m + torch.log(s)
             loss[r0:r0 + rows] = row_loss(lse[r0:r0 + rows], tgt, tot, valid[r0:r0 + rows], v, o)
-        ctx.save_for_backward(h, w, b, y, lse)
+            if grad_in_forward:
+                _finish_dhidden(acc, sacc if sacc is not None else wsum, s, lse[r0:r0 + rows],
+                                tgt, w, yr, valid[r0:r0 + rows], o, v)
+        if grad_in_forward:
+            ctx.save_for_backward(dh1, y)
+        else:
+            ctx.save_for_backward(h, w, b, y, lse)
         ctx.o, ctx.rows, ctx.vocab, ctx.bodies = o, rows, vocab, bodies
+        ctx.grad_in_forward, ctx.h_dtype = grad_in_forward, h.dtype
         ctx.mark_non_differentiable(lse)
         return reduce_rows(loss, valid, o.reduction), lse
 
     @staticmethod
     def backward(ctx, dloss, _dlse):
+        o = ctx.o
+        if ctx.grad_in_forward:
+            dh1, y = ctx.saved_tensors
+            g = row_grad(dloss, y != o.ignore_index, o.reduction)
+            return ((dh1 * g[:, None]).to(ctx.h_dtype), None, None, None, None, None, None, None,
+                    None)
         h, w, b, y, lse = ctx.saved_tensors
-        o, rows, vocab, bwd_body = ctx.o, ctx.rows, ctx.vocab, ctx.bodies[1]
+        rows, vocab, bwd_body = ctx.rows, ctx.vocab, ctx.bodies[1]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, v = h.shape[0], w.shape[0]
         g = row_grad(dloss, y != o.ignore_index, o.reduction)
@@ -168,7 +215,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if need_w:
                     _mm_into(dw[v0:v0 + vocab], d.t(), hr, first=r0 == 0)
         return (dh.to(h.dtype) if need_h else None, dw.to(w.dtype) if need_w else None,
-                db.to(b.dtype) if need_b else None, None, None, None, None, None)
+                db.to(b.dtype) if need_b else None, None, None, None, None, None, None)
+
+
+def _finish_dhidden(acc, smooth_sum, s, lse, tgt, w, y, valid, o: Options, vocab: int) -> None:
+    """acc (rows, D) fp32 from ``_fwd_grad_body`` becomes dloss_row / dhidden in place:
+    (1 + 2 z lse) sum_v softmax_v c_v W_v - eps / V sum_v c_v W_v - (1 - eps) c_y W_y, 0 on
+    ignored rows; ``smooth_sum``: sum_v c_v W_v, (rows, D) or (D,) without softcap."""
+    acc.div_(s[:, None])
+    if o.z_loss:
+        acc.mul_((1.0 + 2.0 * o.z_loss * lse)[:, None])
+    eps = o.label_smoothing
+    if eps:
+        acc.sub_(smooth_sum, alpha=eps / vocab)
+    c_y = 1.0 - (tgt / o.softcap) ** 2 if o.softcap is not None else torch.ones_like(tgt)
+    rows = valid.nonzero().squeeze(1)
+    label_rows = w.index_select(0, y[rows]).float() * (c_y[rows] * -(1.0 - eps))[:, None]
+    acc.index_add_(0, rows, label_rows)
+    acc.mul_(valid[:, None])
 
 
 def chunk_sizes(n: int, v: int, rows: int | None, vocab: int | None) -> tuple[int, int]:
@@ -203,8 +267,11 @@ def _chunked(hidden, weight, labels, bias, o: Options, return_lse: bool, chunk_r
     h2 = hidden.reshape(-1, d)
     rows, vocab = chunk_sizes(h2.shape[0], weight.shape[0], chunk_rows, chunk_vocab)
     bodies = _compiled_bodies() if compiled else _EAGER
+    # Only hidden needs a gradient (a frozen head, as in LoRA): build it during the forward.
+    grad_in_forward = (torch.is_grad_enabled() and h2.requires_grad and not weight.requires_grad
+                       and (bias is None or not bias.requires_grad))
     loss, lse = _ChunkedLinearCrossEntropy.apply(h2, weight, bias, labels.reshape(-1), o, rows,
-                                                 vocab, bodies)
+                                                 vocab, bodies, grad_in_forward)
     if o.reduction == "none":
         loss = loss.view(labels.shape)
     lse = lse.view(labels.shape)

@@ -36,16 +36,19 @@ def _inputs(n, d, v, dtype, device, *, bias=False, ignore_frac=0.2):
     return h, w, b, y
 
 
-def _run(fn, h, w, b, y, dtype, upstream, **opts):
-    """Loss and gradients w.r.t. (hidden, weight[, bias]) of fn on dtype copies of the inputs."""
-    leaves = [t.to(dtype).requires_grad_() for t in (h, w)]
+def _run(fn, h, w, b, y, dtype, upstream, frozen_head=False, **opts):
+    """Loss and gradients w.r.t. (hidden, weight[, bias]) of fn on dtype copies of the inputs
+    (``frozen_head``: w.r.t. hidden only)."""
+    leaves = [t.to(dtype).requires_grad_(i == 0 or not frozen_head) for i, t in enumerate((h, w))]
     if b is not None:
-        leaves.append(b.to(dtype).requires_grad_())
+        leaves.append(b.to(dtype).requires_grad_(not frozen_head))
     loss = fn(leaves[0], leaves[1], y, bias=leaves[2] if b is not None else None, **opts)
-    return (loss.detach(), *torch.autograd.grad(loss, leaves, upstream(loss)))
+    wrt = leaves[:1] if frozen_head else leaves
+    return (loss.detach(), *torch.autograd.grad(loss, wrt, upstream(loss)))
 
 
-def _check(fn, dtype, device, n=37, d=123, v=1001, reduction="mean", bias=False, **opts):
+def _check(fn, dtype, device, n=37, d=123, v=1001, reduction="mean", bias=False,
+           frozen_head=False, **opts):
     h, w, b, y = _inputs(n, d, v, dtype, device, bias=bias)
     ups = {}
 
@@ -54,7 +57,7 @@ def _check(fn, dtype, device, n=37, d=123, v=1001, reduction="mean", bias=False,
             ups["g"] = torch.randn(loss.shape, device=device)
         return ups["g"].to(loss.dtype)
 
-    opts = dict(opts, reduction=reduction)
+    opts = dict(opts, reduction=reduction, frozen_head=frozen_head)
     out = _run(fn, h, w, b, y, dtype, upstream, **opts)
     lowp = _run(linear_cross_entropy_ref, h, w, b, y, dtype, upstream, **opts)
     ref = _run(linear_cross_entropy_ref, h, w, b, y, torch.float32, upstream, **opts)
@@ -103,6 +106,40 @@ def test_chunked_matches_ref(reduction, opts):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunked_low_precision(dtype):
     _check(_chunked(chunk_rows=16, chunk_vocab=300), dtype, "cpu", **OPTION_SETS["all"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opts", list(OPTION_SETS))
+def test_chunked_frozen_head_builds_dhidden_in_forward(dtype, reduction, opts, monkeypatch):
+    """A frozen head (LoRA): dhidden is accumulated during the forward's vocabulary walk (the
+    softmax-weighted rows of W, rescaled as the running max moves), so the backward runs no
+    matmul at all; loss and dhidden two-sided against the reference."""
+    in_backward, mms = [], []
+    real_into = lce_ref._mm_into
+    monkeypatch.setattr(lce_ref, "_mm_into", lambda *a, **k: mms.append(bool(in_backward))
+                        or real_into(*a, **k))
+
+    def fn(h, w, y, **kw):
+        loss = linear_cross_entropy_chunked(h, w, y, chunk_rows=16, chunk_vocab=300, **kw)
+        return _BackwardFlag.apply(loss, in_backward)
+
+    _check(fn, dtype, "cpu", reduction=reduction, frozen_head=True, **OPTION_SETS[opts])
+    assert mms and not any(mms), "the backward ran matmuls (or the forward none)"
+
+
+class _BackwardFlag(torch.autograd.Function):
+    """Identity that marks when autograd has reached the loss's producer (the backward proper)."""
+
+    @staticmethod
+    def forward(ctx, x, flag):
+        ctx.flag = flag
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.flag.append(True)
+        return g, None
 
 
 def test_chunked_is_the_cpu_path():
