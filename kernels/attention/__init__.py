@@ -70,9 +70,16 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
         return _attend_ref(q, k, v, causal, scale, window, softcap)
     outs = []
     bounds = cu_seqlens.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        if b > a:
-            outs.append(flash_attention_ref(q[None, a:b], k[None, a:b], v[None, a:b], causal=causal,
+    if bounds[0] == 0 and bounds[-1] == q.shape[0]:
+        # One split per tensor: its backward is one concatenation, where a slice per document
+        # would zero-fill and add a full-size gradient per document.
+        lens = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        docs = zip(*(t.split(lens) for t in (q, k, v)), strict=True)
+    else:
+        docs = ((q[a:b], k[a:b], v[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    for qd, kd, vd in docs:
+        if qd.shape[0]:
+            outs.append(flash_attention_ref(qd[None], kd[None], vd[None], causal=causal,
                                             softmax_scale=scale, window=window,
                                             softcap=softcap)[0])
     return torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
