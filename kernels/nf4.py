@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ember.kernels._dispatch import check_dtype, use_triton
 from ember.kernels.nf4_matmul import (
@@ -320,6 +321,7 @@ class _NF4Linear(torch.autograd.Function):
         return nf4_mm(x2, weight, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         dx = dbias = None
         if ctx.needs_input_grad[0]:  # re-dequantize: the dense weight is never kept

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ember.kernels._dispatch import check_dtype, use_triton
 
@@ -173,6 +174,7 @@ class _RMSNorm(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         dx, dw = _rms_norm_bwd(_rows(dy), x2, weight, rstd, ctx.offset)

@@ -30,6 +30,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ember.kernels._dispatch import check_dtype, use_triton
 from ember.kernels.attention import _bwd, _fwd
@@ -132,6 +133,7 @@ class _FlashAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         if dout.stride(-1) != 1:

@@ -8,6 +8,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ember.kernels.cross_entropy._common import (
     Options,
@@ -137,6 +138,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return reduce_rows(loss, valid, o.reduction), lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dloss, _dlse):
         h, w, b, y, lse = ctx.saved_tensors
         o, rows, vocab, bwd_body = ctx.o, ctx.rows, ctx.vocab, ctx.bodies[1]
