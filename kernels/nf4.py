@@ -372,6 +372,12 @@ def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
                          f"{tuple(weight.shape)} (out, in)")
     if weight.device != x.device:
         raise ValueError(f"nf4_linear: x on {x.device}, weight on {weight.device}")
+    if bias is not None:
+        # The fused kernels read bias[:out] unchecked: a short bias would add memory past its end.
+        check_dtype("nf4_linear", "bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],) or bias.device != x.device:
+            raise ValueError(f"nf4_linear: bias must be ({weight.shape[0]},) on {x.device}, got "
+                             f"{tuple(bias.shape)} on {bias.device}")
     if not use_triton(x, impl, "nf4_linear"):
         return nf4_linear_ref(x, weight, bias)
     y = _NF4Linear.apply(x.reshape(-1, x.shape[-1]), bias, weight)

@@ -148,6 +148,7 @@ def test_bad_inputs():
     _raises("must be \\(B, T, H, D\\)", q[0], k, v)
     _raises("do not match", q, k[..., :8], v[..., :8])
     _raises("multiple of kv heads", q[:, :, :3], k, v)
+    _raises("multiple of kv heads \\(0\\)", q, k[:, :, :0], v[:, :, :0])  # was ZeroDivisionError
     _raises("dtypes differ", q, k.double(), v)
     _raises("window must be an integer >= 1", q, k, v, window=0)
     _raises("window must be an integer >= 1", q, k, v, window=2.5)
