@@ -167,8 +167,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                                    softcap=softcap, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     # The kernels need unit stride on head_dim only (RoPE'd views of fused projections are fine).
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if cu_seqlens is not None and cu_seqlens.dtype != torch.int32:
-        cu_seqlens = cu_seqlens.to(torch.int32)
+    if cu_seqlens is not None:
+        # The kernels read cu_seqlens[b] as CU + b: a strided view (cu[::2]) must be compacted.
+        cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
     return _FlashAttention.apply(q, k, v, bool(causal), float(scale),
                                  None if window is None else int(window),
                                  None if softcap is None else float(softcap), cu_seqlens,

@@ -88,6 +88,14 @@ def test_varlen(kw):
     _check(q, k, v, cu_seqlens=cu, **kw)
 
 
+def test_varlen_strided_cu_seqlens(poisoned):
+    # cu_seqlens as a strided view: the kernels read it as a dense vector, so it used to give
+    # [0, 3, 3] here (tokens 3..8 never written) or read out of bounds.
+    q, k, v, _ = _packed([3, 5], 2, 1, 16)
+    cu = torch.tensor([0, 3, 3, 8, 8], dtype=torch.int32)[::2]
+    _check(q, k, v, cu_seqlens=cu, causal=True)
+
+
 def test_varlen_documents_are_independent():
     """Changing one document's tokens must not change another document's output."""
     q, k, v, cu = _packed([9, 20, 13], 2, 1, 64)
