@@ -43,7 +43,7 @@ from ember.kernels.nf4_matmul import (
     _sig,
     choose,
     fused_mm,
-    nested_args,
+    state_args,
     words,
 )
 
@@ -287,10 +287,10 @@ def _nf4_quantize(w: torch.Tensor, blocksize: int, double_quant: bool):
 def _nf4_dequantize(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(state.shape, dtype=dtype, device=packed.device)
     per_program = 512  # words: 4096 values per program
-    am2, code2, offset = nested_args(state)
+    absmax, am2, code, code2, offset = state_args(state)
     bf16 = dtype == torch.bfloat16
     _nf4_dequant_kernel[(triton.cdiv(state.numel, per_program * 8),)](
-        words(packed), state.absmax, am2, state.code, code2,
+        words(packed), absmax, am2, code, code2,
         out.view(torch.uint16) if bf16 else out, offset, state.numel, BS=state.blocksize,
         NBS=state.nested_blocksize, WORDS=per_program, NESTED=state.nested, BF16_BITS=bf16,
         num_warps=4, enable_fp_fusion=False)
