@@ -96,6 +96,43 @@ def test_varlen_strided_cu_seqlens(poisoned):
     _check(q, k, v, cu_seqlens=cu, causal=True)
 
 
+def test_int32_offset_limit(monkeypatch):
+    """Token offsets inside a sequence are int32 in the kernels: a sequence whose q/k/v (or out)
+    would address past 2^31 elements is refused instead of wrapping around (meta tensors: only
+    shapes and strides, no memory)."""
+    from ember.kernels.attention import _check_int32_offsets
+
+    def t(shape, **kw):
+        return torch.empty(shape, device="meta", **kw)
+
+    d = 128
+    ok = t((1, 131072, 32, d))  # 2^29 elements: fine
+    _check_int32_offsets(ok, ok, ok, None, None)
+    q = t((1, 600_000, 32, d))  # Llama-70B-like width at 600K tokens: 2.5e9 > 2^31
+    kv = t((1, 600_000, 8, d))
+    with pytest.raises(ValueError, match="int32 in-sequence offsets"):
+        _check_int32_offsets(q, kv, kv, None, None)
+    # q as a view of a fused qkv projection: its token stride is (32 + 2 * 8) * d
+    fused = t((1, 400_000, 48, d))
+    q, k, v = fused[:, :, :32], fused[:, :, 32:40], fused[:, :, 40:]
+    with pytest.raises(ValueError, match="q spans 400000 tokens x 6144"):
+        _check_int32_offsets(q, k, v, None, None)
+    packed = t((400_000, 48, d))  # varlen: the longest document is what counts
+    qp, kp, vp = packed[:, :32], packed[:, 32:40], packed[:, 40:]
+    _check_int32_offsets(qp, kp, vp, torch.zeros(3, dtype=torch.int32), 8192)
+    with pytest.raises(ValueError, match="int32"):
+        _check_int32_offsets(qp, kp, vp, torch.zeros(2, dtype=torch.int32), 400_000)
+    # and flash_attention runs it before launching the kernels
+    import ember.kernels.attention as attention
+
+    def refuse(*args):
+        raise ValueError("int32 check ran")
+
+    monkeypatch.setattr(attention, "_check_int32_offsets", refuse)
+    with pytest.raises(ValueError, match="int32 check ran"):
+        flash_attention(*_qkv(1, 4, 4, 2, 1, 16), impl="triton")
+
+
 def test_varlen_documents_are_independent():
     """Changing one document's tokens must not change another document's output."""
     q, k, v, cu = _packed([9, 20, 13], 2, 1, 64)
