@@ -2,6 +2,8 @@
 
 Every op takes ``impl=None | "triton" | "ref"`` (see ``ember.kernels._dispatch``): Triton on CUDA
 tensors, the reference on CPU. Each op ``<op>`` has its reference ``<op>_ref`` beside it.
+The hand-written backwards are first-order: differentiating one of their gradients again
+(``create_graph=True``) raises; the ``*_ref`` functions are plain autograd and support it.
 """
 
 from ember.kernels.adamw8bit import adamw8bit_step, adamw8bit_step_ref

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ember.kernels._dispatch import check_dtype, use_triton
 from ember.kernels.nf4 import NF4Weight, nf4_dequantize, nf4_mm
@@ -146,6 +147,7 @@ class _LoRAGroup(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *dys):
         x2, lx2, u, *tensors = ctx.saved_tensors
         nf4s, scales = ctx.meta
@@ -177,6 +179,7 @@ class _LoRAMLP(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         x2, lx2, u1, g, up, u2, *tensors = ctx.saved_tensors
         nf4s, scales, activation, impl = ctx.meta

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ember.kernels._dispatch import check_dtype, use_triton
 from ember.kernels.nf4_matmul import (
@@ -42,7 +43,7 @@ from ember.kernels.nf4_matmul import (
     _sig,
     choose,
     fused_mm,
-    nested_args,
+    state_args,
     words,
 )
 
@@ -286,10 +287,10 @@ def _nf4_quantize(w: torch.Tensor, blocksize: int, double_quant: bool):
 def _nf4_dequantize(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(state.shape, dtype=dtype, device=packed.device)
     per_program = 512  # words: 4096 values per program
-    am2, code2, offset = nested_args(state)
+    absmax, am2, code, code2, offset = state_args(state)
     bf16 = dtype == torch.bfloat16
     _nf4_dequant_kernel[(triton.cdiv(state.numel, per_program * 8),)](
-        words(packed), state.absmax, am2, state.code, code2,
+        words(packed), absmax, am2, code, code2,
         out.view(torch.uint16) if bf16 else out, offset, state.numel, BS=state.blocksize,
         NBS=state.nested_blocksize, WORDS=per_program, NESTED=state.nested, BF16_BITS=bf16,
         num_warps=4, enable_fp_fusion=False)
@@ -320,6 +321,7 @@ class _NF4Linear(torch.autograd.Function):
         return nf4_mm(x2, weight, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         dx = dbias = None
         if ctx.needs_input_grad[0]:  # re-dequantize: the dense weight is never kept
@@ -370,6 +372,12 @@ def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
                          f"{tuple(weight.shape)} (out, in)")
     if weight.device != x.device:
         raise ValueError(f"nf4_linear: x on {x.device}, weight on {weight.device}")
+    if bias is not None:
+        # The fused kernels read bias[:out] unchecked: a short bias would add memory past its end.
+        check_dtype("nf4_linear", "bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],) or bias.device != x.device:
+            raise ValueError(f"nf4_linear: bias must be ({weight.shape[0]},) on {x.device}, got "
+                             f"{tuple(bias.shape)} on {bias.device}")
     if not use_triton(x, impl, "nf4_linear"):
         return nf4_linear_ref(x, weight, bias)
     y = _NF4Linear.apply(x.reshape(-1, x.shape[-1]), bias, weight)

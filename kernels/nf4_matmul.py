@@ -184,17 +184,20 @@ COMPILE_SPECS = [
 def words(packed: torch.Tensor) -> torch.Tensor:
     """The packed bytes as int32 words (kernels read 4 bytes = 8 values at a time); sizes that are
     not a multiple of 8 values (never a real weight) pay for a padded copy."""
-    flat = packed.reshape(-1)
+    flat = packed.reshape(-1).contiguous()
     if flat.numel() % 4 or flat.data_ptr() % 4:
         flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 4))
     return flat.view(torch.int32)
 
 
-def nested_args(state):
-    """(ABSMAX2, CODE2, offset) kernel arguments of an NF4State (placeholders when not nested)."""
+def state_args(state):
+    """(ABSMAX, ABSMAX2, CODE, CODE2, offset) kernel arguments of an NF4State (placeholders when
+    not nested). The kernels index them as dense vectors, so strided views are compacted."""
+    absmax, code = state.absmax.contiguous(), state.code.contiguous()
     if state.nested:
-        return state.nested_absmax, state.nested_code, float(state.offset)
-    return state.absmax, state.code, 0.0
+        return (absmax, state.nested_absmax.contiguous(), code, state.nested_code.contiguous(),
+                float(state.offset))
+    return absmax, absmax, code, code, 0.0
 
 
 @functools.cache
@@ -231,9 +234,11 @@ def fused_mm(x2: torch.Tensor, weight, bias: torch.Tensor | None, path: str = "f
     split = triton.cdiv(k, k_split)
     out = torch.empty((split, m, n), device=x2.device,
                       dtype=x2.dtype if split == 1 else torch.float32)
-    am2, code2, offset = nested_args(st)
+    absmax, am2, code, code2, offset = state_args(st)
     fuse_bias = bias is not None and split == 1
-    args = (x2, words(weight.packed), st.absmax, am2, st.code, code2, bias if fuse_bias else x2,
+    if fuse_bias:
+        bias = bias.contiguous()  # read as BIAS + column
+    args = (x2, words(weight.packed), absmax, am2, code, code2, bias if fuse_bias else x2,
             out, offset, m, n, k // 8, x2.stride(0), out.stride(0), out.stride(1), k_split)
     kw = {"BS": st.blocksize, "NBS": st.nested_blocksize, "NESTED": st.nested,
           "HAS_BIAS": fuse_bias, "enable_fp_fusion": False, **cfg}

@@ -1,6 +1,7 @@
 """RMSNorm: y = x / sqrt(mean(x^2) + eps) * (offset + w).
 
-Contract: x (..., D) fp32/fp16/bf16; weight (D,) fp32/fp16/bf16 (may differ from x's dtype).
+Contract: x (..., D) fp32/fp16/bf16; weight (D,) fp32/fp16/bf16 (may differ from x's dtype; any
+stride: a non-contiguous weight is copied).
 Statistics in fp32, output in x.dtype. ``offset=1.0`` gives Gemma's ``(1 + w)``.
 
 Triton path: x is viewed as (M, D) rows; the last dim must be contiguous (a copy is made
@@ -20,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ember.kernels._dispatch import check_dtype, use_triton
 
@@ -172,6 +174,7 @@ class _RMSNorm(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         dx, dw = _rms_norm_bwd(_rows(dy), x2, weight, rstd, ctx.offset)
@@ -195,5 +198,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
         if x.shape[-1] > _MAX_D:
             raise ValueError(f"rms_norm: the Triton kernel takes D <= {_MAX_D}, got "
                              f"{x.shape[-1]}; use impl='ref'")
-        return _RMSNorm.apply(x, weight, float(eps), float(offset))
+        # The kernels index weight as a dense (D,) vector: a strided view (w[::2]) is copied.
+        return _RMSNorm.apply(x, weight.contiguous(), float(eps), float(offset))
     return rms_norm_ref(x, weight, eps, offset)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ember.kernels._dispatch import check_dtype, use_triton
 
@@ -128,6 +129,7 @@ class _Rope(torch.autograd.Function):
         return _rope(q, k, cos, sin, backward=False)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dqo, dko):
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             raise RuntimeError("apply_rope: the Triton path gives no gradient for cos/sin")

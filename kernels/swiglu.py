@@ -21,6 +21,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ember.kernels._dispatch import check_dtype, use_triton
 
@@ -158,6 +159,7 @@ class _GLU(torch.autograd.Function):
         return _glu_fwd(g2, u2, gelu).view(gate.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         g2, u2 = ctx.saved_tensors
         dg, du = _glu_bwd(_rows(dy), g2, u2, ctx.gelu)

@@ -20,8 +20,10 @@ and K/V are never repeated) and a dQ kernel. Fully masked blocks are skipped (ca
 the diagonal; window: blocks outside it); only blocks crossing a mask boundary evaluate the mask.
 Limits: head_dim <= 256 (non-powers of two are padded to the next power of two inside the kernel);
 fp16/bf16 (fp32 is supported for tests, at IEEE fp32 matmul speed); inputs need a contiguous last
-dim (other strides are handled; a strided last dim is copied). In varlen mode ``max_seqlen`` must be
-at least the longest document: when given on CUDA, ``cu_seqlens`` is trusted without a device sync.
+dim (other strides are handled; a strided last dim is copied); offsets inside one sequence are
+int32, so (tokens - 1) x token stride of q, k, v and out must stay below 2^31 (refused
+otherwise). In varlen mode ``max_seqlen`` must be at least the longest document: when given on
+CUDA, ``cu_seqlens`` is trusted without a device sync.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ember.kernels._dispatch import check_dtype, use_triton
 from ember.kernels.attention import _bwd, _fwd
@@ -96,7 +99,7 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap):
             want == 3 and q.shape[0] != k.shape[0]):
         raise ValueError(f"flash_attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q "
                          f"{tuple(q.shape)}")
-    if q.shape[-2] % k.shape[-2]:
+    if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
         raise ValueError(f"flash_attention: query heads ({q.shape[-2]}) must be a multiple of kv "
                          f"heads ({k.shape[-2]})")
     if q.dtype != k.dtype or q.dtype != v.dtype:
@@ -128,6 +131,21 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap):
     return max_seqlen
 
 
+def _check_int32_offsets(q, k, v, cu_seqlens, max_seqlen) -> None:
+    """The kernels address a token inside its sequence as ``row * stride_t + d`` in int32 (the
+    batch / document / head offsets are int64): refuse sequences whose offsets would wrap."""
+    t_len = max_seqlen if cu_seqlens is not None else q.shape[1]
+    s_len = max_seqlen if cu_seqlens is not None else k.shape[1]
+    d = q.shape[-1]
+    # out (and a contiguous dout) are (.., Hq, D) per token: stride Hq * D.
+    for name, n, stride in (("q", t_len, q.stride(-3)), ("k", s_len, k.stride(-3)),
+                            ("v", s_len, v.stride(-3)), ("out", t_len, q.shape[-2] * d)):
+        if (n - 1) * stride + d >= 2**31:
+            raise ValueError(f"flash_attention: {name} spans {n} tokens x {stride} elements per "
+                             "token, past the kernels' int32 in-sequence offsets (2^31); split the "
+                             "sequence, use fewer heads per call, or impl='ref'")
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, window, softcap, cu_seqlens, max_seqlen):
@@ -139,10 +157,13 @@ class _FlashAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        if dout.stride(-1) != 1:
-            dout = dout.contiguous()  # e.g. an expanded gradient of .sum()
+        t_len = ctx.opts["max_seqlen"] if ctx.opts["cu_seqlens"] is not None else q.shape[1]
+        if dout.stride(-1) != 1 or (t_len - 1) * dout.stride(-3) + q.shape[-1] >= 2**31:
+            # e.g. an expanded gradient of .sum(); a contiguous dout has out's checked strides
+            dout = dout.contiguous()
         need = ctx.needs_input_grad
         dq, dk, dv = _bwd.attn_bwd(dout, q, k, v, out, lse, **ctx.opts, need_dq=need[0],
                                    need_dkdv=need[1] or need[2])
@@ -172,8 +193,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                                    softcap=softcap, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     # The kernels need unit stride on head_dim only (RoPE'd views of fused projections are fine).
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if cu_seqlens is not None and cu_seqlens.dtype != torch.int32:
-        cu_seqlens = cu_seqlens.to(torch.int32)
+    _check_int32_offsets(q, k, v, cu_seqlens, max_seqlen)
+    if cu_seqlens is not None:
+        # The kernels read cu_seqlens[b] as CU + b: a strided view (cu[::2]) must be compacted.
+        cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
     return _FlashAttention.apply(q, k, v, bool(causal), float(scale),
                                  None if window is None else int(window),
                                  None if softcap is None else float(softcap), cu_seqlens,

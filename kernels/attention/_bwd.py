@@ -35,7 +35,8 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, s
                                 stride_dt, stride_dh, stride_lb, stride_lh, T, n_heads,
                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                 BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
-    pid_m = tl.program_id(0)
+    # int64 rows: in varlen mode they run over every packed token, not one document.
+    pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads

@@ -8,6 +8,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ember.kernels.cross_entropy._common import (
     Options,
@@ -178,6 +179,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return reduce_rows(loss, valid, o.reduction), lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dloss, _dlse):
         o = ctx.o
         if ctx.grad_in_forward:

@@ -35,6 +35,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ember.kernels._dispatch import interpreting
 from ember.kernels.cross_entropy._common import Options, reduce_rows, row_grad, row_loss
@@ -426,6 +427,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return reduce_rows(loss, y != o.ignore_index, o.reduction), lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dloss, _dlse):
         h, w, b, y, lse = ctx.saved_tensors
         o = ctx.o

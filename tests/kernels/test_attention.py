@@ -88,6 +88,51 @@ def test_varlen(kw):
     _check(q, k, v, cu_seqlens=cu, **kw)
 
 
+def test_varlen_strided_cu_seqlens(poisoned):
+    # cu_seqlens as a strided view: the kernels read it as a dense vector, so it used to give
+    # [0, 3, 3] here (tokens 3..8 never written) or read out of bounds.
+    q, k, v, _ = _packed([3, 5], 2, 1, 16)
+    cu = torch.tensor([0, 3, 3, 8, 8], dtype=torch.int32)[::2]
+    _check(q, k, v, cu_seqlens=cu, causal=True)
+
+
+def test_int32_offset_limit(monkeypatch):
+    """Token offsets inside a sequence are int32 in the kernels: a sequence whose q/k/v (or out)
+    would address past 2^31 elements is refused instead of wrapping around (meta tensors: only
+    shapes and strides, no memory)."""
+    from ember.kernels.attention import _check_int32_offsets
+
+    def t(shape, **kw):
+        return torch.empty(shape, device="meta", **kw)
+
+    d = 128
+    ok = t((1, 131072, 32, d))  # 2^29 elements: fine
+    _check_int32_offsets(ok, ok, ok, None, None)
+    q = t((1, 600_000, 32, d))  # Llama-70B-like width at 600K tokens: 2.5e9 > 2^31
+    kv = t((1, 600_000, 8, d))
+    with pytest.raises(ValueError, match="int32 in-sequence offsets"):
+        _check_int32_offsets(q, kv, kv, None, None)
+    # q as a view of a fused qkv projection: its token stride is (32 + 2 * 8) * d
+    fused = t((1, 400_000, 48, d))
+    q, k, v = fused[:, :, :32], fused[:, :, 32:40], fused[:, :, 40:]
+    with pytest.raises(ValueError, match="q spans 400000 tokens x 6144"):
+        _check_int32_offsets(q, k, v, None, None)
+    packed = t((400_000, 48, d))  # varlen: the longest document is what counts
+    qp, kp, vp = packed[:, :32], packed[:, 32:40], packed[:, 40:]
+    _check_int32_offsets(qp, kp, vp, torch.zeros(3, dtype=torch.int32), 8192)
+    with pytest.raises(ValueError, match="int32"):
+        _check_int32_offsets(qp, kp, vp, torch.zeros(2, dtype=torch.int32), 400_000)
+    # and flash_attention runs it before launching the kernels
+    import ember.kernels.attention as attention
+
+    def refuse(*args):
+        raise ValueError("int32 check ran")
+
+    monkeypatch.setattr(attention, "_check_int32_offsets", refuse)
+    with pytest.raises(ValueError, match="int32 check ran"):
+        flash_attention(*_qkv(1, 4, 4, 2, 1, 16), impl="triton")
+
+
 def test_varlen_documents_are_independent():
     """Changing one document's tokens must not change another document's output."""
     q, k, v, cu = _packed([9, 20, 13], 2, 1, 64)
@@ -148,6 +193,7 @@ def test_bad_inputs():
     _raises("must be \\(B, T, H, D\\)", q[0], k, v)
     _raises("do not match", q, k[..., :8], v[..., :8])
     _raises("multiple of kv heads", q[:, :, :3], k, v)
+    _raises("multiple of kv heads \\(0\\)", q, k[:, :, :0], v[:, :, :0])  # was ZeroDivisionError
     _raises("dtypes differ", q, k.double(), v)
     _raises("window must be an integer >= 1", q, k, v, window=0)
     _raises("window must be an integer >= 1", q, k, v, window=2.5)

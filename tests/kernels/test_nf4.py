@@ -138,6 +138,13 @@ def test_bad_inputs_raise_clear_errors():
         nf4_dequantize(packed, state, torch.int8)
     with pytest.raises(ValueError, match="does not match"):
         nf4_linear(torch.randn(3, 32), NF4Weight(packed, state))
+    # A bias that is not (out,): the fused few-row kernels read past its end (silently wrong
+    # outputs), the dequant path broadcast-failed inside addmm.
+    for m in (3, 40):
+        for impl in ("triton", "ref"):
+            with pytest.raises(ValueError, match="bias must be \\(8,\\)"):
+                nf4_linear(torch.randn(m, 64), NF4Weight(packed, state), torch.randn(7),
+                           impl=impl)
 
 
 def _linear_case(m, n, k, dtype, bias, blocksize=64):

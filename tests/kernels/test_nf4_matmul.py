@@ -38,6 +38,34 @@ def test_fused_kernels_match_reference(poisoned, path, m, n, k, split, blocksize
                         fused_mm_ref(x32, wq, b32))
 
 
+@pytest.mark.parametrize("path", ["fused", "gemv", "dequant"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_strided_state_bias_and_packed(poisoned, path, double_quant):
+    """The kernels index absmax, the codes, the bias and the packed bytes as dense vectors:
+    strided views of them (a state or bias sliced out of a wider buffer) were read wrongly."""
+    import dataclasses
+
+    wq, x, b = _case(2, 40, 128, double_quant=double_quant)
+    st = wq.state
+
+    def strided(t):  # same values, every other element of a buffer twice the size
+        return torch.stack([t, torch.zeros_like(t)], -1).flatten()[::2].view(t.shape)
+
+    kw = dict(absmax=strided(st.absmax), code=strided(st.code))
+    if double_quant:
+        kw.update(nested_absmax=strided(st.nested_absmax), nested_code=strided(st.nested_code))
+    packed = torch.stack([wq.packed, torch.zeros_like(wq.packed)], -1).flatten(1)[:, ::2]
+    ws = NF4Weight(packed, dataclasses.replace(st, **kw))
+    bs = strided(b)
+    assert not (bs.is_contiguous() or ws.packed.is_contiguous() or ws.state.absmax.is_contiguous())
+    if path == "dequant":  # more than 16 rows: dequantize + matmul
+        out = nf4_linear(x.repeat(10, 1), ws, bs, impl="triton")[:2]
+    else:
+        out = fused_mm(x, ws, bs, path)
+    ref = fused_mm_ref(x, wq, b)
+    assert_close_to_ref(f"nf4_{path}", out, ref, ref)
+
+
 def test_bf16_gemv_within_one_ulp_of_reference():
     """The interpreter cannot do bf16 arithmetic, but the gemv kernel upcasts right after its
     loads, so bf16 inputs give the fp32 result rounded once."""

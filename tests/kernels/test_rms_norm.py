@@ -70,6 +70,17 @@ def test_strided_rows_and_noncontiguous_last_dim(poisoned):
            make_x=lambda x: x.t().contiguous().t())
 
 
+def test_strided_weight(poisoned):
+    # A weight that is a strided view (every other element of a buffer) was read as if dense.
+    x = torch.randn(5, 127)
+    w = (torch.randn(254) * 0.5 + 1.0)[::2].requires_grad_()
+    dy = torch.randn(5, 127)
+    out = _run(x, w, dy, 1e-6, 0.0, "triton")
+    ref = _run(x, w.contiguous(), dy, 1e-6, 0.0, "ref")
+    for name, o, r in zip(("y", "dx", "dw"), out, ref, strict=True):
+        assert_close_to_ref(name, o, r, r)
+
+
 def test_only_weight_or_only_input_grad(poisoned):
     x = torch.randn(6, 48)
     w = torch.randn(48, requires_grad=True)
