@@ -58,6 +58,7 @@ from ember.engine.data import (
     split_examples,
     with_system_prompt,
 )
+from ember.engine.datafiles import iter_items
 from ember.engine.distributed import DistInfo
 from ember.engine.evaluation import GenerationResult, scored_batches
 from ember.engine.objectives import SFT
@@ -156,19 +157,20 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def infer_labels(paths, field: str = "label") -> tuple[str, ...]:
-    """The sorted distinct labels of JSONL files (integers: ``"0" .. str(max)``). Lines that do not
-    parse are left to the data loader to report."""
+    """The sorted distinct labels of data files of any kind ``data.train`` reads (JSONL, JSON
+    array, CSV/TSV, Parquet, gzipped; integers: ``"0" .. str(max)``). Lines that do not parse are
+    left to the data loader to report."""
     names, indices = set(), set()
     for path in paths:
         try:
-            lines = Path(path).read_bytes().splitlines()
+            lines = list(iter_items(Path(path)))
         except OSError as e:
             raise EmberError(
                 f"{path}: cannot read the training file to find the labels ({e})"
             ) from None
         for raw in lines:
             try:
-                obj = json.loads(raw)
+                obj = json.loads(raw.decode("utf-8-sig"))
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 continue
             v = obj.get(field) if isinstance(obj, dict) else None
