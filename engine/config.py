@@ -108,6 +108,9 @@ class OptimConfig:
             raise EmberError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise EmberError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise EmberError(f"optim.warmup_steps must be >= 0 (or left out for warmup_ratio), "
+                             f"got {self.warmup_steps}")
         if self.max_grad_norm < 0 or self.weight_decay < 0 or self.eps <= 0:
             raise EmberError("optim.max_grad_norm and optim.weight_decay must be >= 0, optim.eps "
                              "> 0")
@@ -161,6 +164,15 @@ class EvalConfig:
         if self.every_steps < 0 or self.patience < 1 or self.batch_size < 1:
             raise EmberError("eval.every_steps must be >= 0, eval.patience and eval.batch_size "
                              ">= 1")
+        for name, off in (("max_val_batches", "eval.val_loss = false"),
+                          ("max_examples", "eval.metrics = []"),
+                          ("max_new_tokens", "eval.metrics = []")):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise EmberError(f"eval.{name} must be >= 1, got {v}; to skip that evaluation "
+                                 f"set {off}")
+        if self.show < 0:
+            raise EmberError(f"eval.show must be >= 0, got {self.show}")
         if self.early_stopping is not None:
             valid = ("val_loss", "perplexity", *self.metrics, *(
                 ("choice_accuracy", "choice_accuracy_norm") if self.choices else ()))
@@ -261,6 +273,9 @@ class TrainConfig:
         check_config(self)
         if self.grad_accum < 1 or self.log_every < 1:
             raise EmberError("grad_accum and log_every must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise EmberError(f"threads must be >= 1 (or left out: torch's default), got "
+                             f"{self.threads}")
         if self.max_steps is not None and self.max_steps < 1:
             raise EmberError(f"max_steps must be >= 1, got {self.max_steps}")
         if not self.epochs > 0:

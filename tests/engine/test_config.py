@@ -60,6 +60,14 @@ def test_unknown_keys_are_named_with_the_valid_ones(item, key, valid):
     ("data.max_seq_len=10000", "tokens_per_batch"),
     ("lora.rank", "key=value"),
     ("lora.rank.x=1", "lora.rank must be an integer, got a table"),
+    # Caught before training, not as a crash (threads, max_examples) or a late error after it
+    # (max_val_batches), nor silently ignored (a negative warmup, no new tokens).
+    ("threads=0", "threads must be >= 1"),
+    ("optim.warmup_steps=-3", "optim.warmup_steps must be >= 0"),
+    ("eval.max_examples=0", "eval.max_examples must be >= 1"),
+    ("eval.max_val_batches=0", "set eval.val_loss = false"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens must be >= 1"),
+    ("eval.show=-1", "eval.show must be >= 0"),
 ])
 def test_bad_values_are_clear_errors(item, match):
     with pytest.raises(EmberError, match=match):
