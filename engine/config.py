@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -130,6 +131,11 @@ class TaskConfig:
     test: int = 200
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.train < 1 or self.validation < 0 or self.test < 0:
+            raise EmberError(f"task.train must be >= 1 and task.validation, task.test >= 0, got "
+                             f"{self.train}, {self.validation}, {self.test}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
@@ -173,6 +179,8 @@ class EvalConfig:
                                  f"set {off}")
         if self.show < 0:
             raise EmberError(f"eval.show must be >= 0, got {self.show}")
+        if self.choices is not None and not self.choices.strip():
+            raise EmberError("eval.choices is empty: give a multiple-choice file, or leave it out")
         if self.early_stopping is not None:
             valid = ("val_loss", "perplexity", *self.metrics, *(
                 ("choice_accuracy", "choice_accuracy_norm") if self.choices else ()))
@@ -242,6 +250,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _one_of("method", self.method, ("lora", "full", "prompt"))
         _one_of("precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
+            raise EmberError(f"device must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got "
+                             f"{self.device!r}")
         _one_of("objective", self.objective, OBJECTIVES)
         if self.objective in ("dpo", "kto") and self.method == "prompt":
             raise EmberError(f"objective = \"{self.objective}\" with method = \"prompt\" is "

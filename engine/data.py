@@ -125,6 +125,12 @@ class DataConfig:
         if self.mix:
             object.__setattr__(self, "mix", tuple(self.mix))
             check_weights(self.mix, len(train))
+        for key, paths in (("train", train), ("validation", self.validation),
+                           ("test", self.test)):
+            if any(isinstance(f, str) and not f.strip()
+                   for f in ((paths,) if isinstance(paths, str) else paths or ())):
+                raise EmberError(f"data.{key} holds an empty file name: give the file's path, "
+                                 "or leave it out")
         if isinstance(self.validation, (list, tuple)):
             object.__setattr__(self, "validation", tuple(self.validation))
             if not self.validation:

@@ -68,6 +68,11 @@ def test_unknown_keys_are_named_with_the_valid_ones(item, key, valid):
     ("eval.max_val_batches=0", "set eval.val_loss = false"),
     ("eval.max_new_tokens=0", "eval.max_new_tokens must be >= 1"),
     ("eval.show=-1", "eval.show must be >= 0"),
+    ('device="tpu"', "device must be"),  # was torch's RuntimeError at the start of the run
+    ("task.train=0", "task.train must be >= 1"),  # was "data.train is empty"
+    ('data.validation=""', "data.validation holds an empty file name"),  # was ".: is a dir"
+    ('data.train=["a.jsonl", " "]', "data.train holds an empty file name"),
+    ('eval.choices=""', "eval.choices is empty"),
 ])
 def test_bad_values_are_clear_errors(item, match):
     with pytest.raises(EmberError, match=match):
