@@ -154,7 +154,10 @@ class EvalConfig:
     # A multiple-choice file ({"question", "choices", "answer"} lines, engine/choices.py) scored
     # at every evaluation by log-likelihood: choice_accuracy and choice_accuracy_norm.
     choices: str | None = None
-    early_stopping: str | None = None  # a metric name ("val_loss", "exact_match", ...)
+    # A metric name ("val_loss", "exact_match", ...): stop after `patience` evaluations without
+    # improvement; the run ends with (exports) the best evaluation's weights, kept in
+    # <run_dir>/best/ (transformers' load_best_model_at_end; engine/best.py).
+    early_stopping: str | None = None
     patience: int = 3  # evaluations without improvement before stopping
     mode: str = "auto"  # "min" | "max" | "auto" (min for losses/perplexity/mse/rmse, else max)
     min_delta: float = 0.0

@@ -20,6 +20,7 @@ Run directory (``cfg.out_dir``), written by rank 0::
     metrics.jsonl        one JSON row per logged step ("kind": "train") and per evaluation ("eval")
     data/                the generated task splits (``[task]``)
     checkpoints/step_N/  sharded checkpoints (``engine/state.py`` on ``engine/dcp.py``)
+    best/step_N/         eval.early_stopping: the best evaluation's weights, exported at the end
     final/adapter/       PEFT adapter (LoRA, prompt tuning), or final/model/ (full fine-tuning)
     metrics.png          loss and metric curves (when matplotlib is installed)
 
@@ -54,6 +55,7 @@ import torch
 
 from ember import EmberError
 from ember.engine.activation import apply_activation_checkpointing, set_mlp_chunks
+from ember.engine.best import improved, restore_best, save_best
 from ember.engine.choices import choice_metrics, load_choices, score_choices
 from ember.engine.config import TrainConfig
 from ember.engine.data import Datasets, PackedBatches
@@ -366,7 +368,7 @@ class Trainer:
 
         if prog.step == 0 and cfg.eval.before:
             prog.before = self.evaluate(0)
-            self._early_stop(prog.before, prog)  # the base model is the baseline to improve on
+            self._early_stop(prog.before, prog, 0)  # the base model is the baseline to beat
             if prog.before:
                 self.echo(f"before fine-tuning: {format_scores(prog.before)}{self._gen_note()}")
 
@@ -415,7 +417,7 @@ class Trainer:
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total:
                     scores, last_eval = self.evaluate(step), step
                     say(f"step {step}: {format_scores(scores)}")
-                    stopped = self._early_stop(scores, prog)
+                    stopped = self._early_stop(scores, prog, step)
                 leave = step < total and (s.stop or (self.stop_after is not None
                                                      and step >= self.stop_after))
                 every = cfg.checkpoint.every_steps
@@ -435,6 +437,7 @@ class Trainer:
         prog.seconds = seconds0 + time.perf_counter() - t_train
         if last_eval != prog.step:
             scores = self.evaluate(prog.step)
+            self._early_stop(scores, prog, prog.step)  # the last step may be the best
         if stopped:
             self.echo(f"early stopping at step {prog.step}: no {cfg.eval.early_stopping} "
                       f"improvement in {cfg.eval.patience} evaluations")
@@ -444,6 +447,15 @@ class Trainer:
             self.echo(f"  prompt: {prompt!r}\n  output: {pred!r}\n  answer: {ref!r}")
         if cfg.checkpoint.save_final:
             save(cfg, info, model, opt, progress=prog, **ckpt_state)
+        if cfg.eval.early_stopping and prog.best_step not in (None, prog.step):
+            if restore_best(cfg.out_dir, prog.best_step, model, info):
+                scores = prog.best_scores
+                self.echo(f"restored the weights of step {prog.best_step}, the best "
+                          f"{cfg.eval.early_stopping}: {format_scores(scores)}")
+            else:
+                self.echo(f"warning: the best weights (step {prog.best_step}) are gone from "
+                          f"{cfg.out_dir / 'best'}; keeping the last step's")
+        if cfg.checkpoint.save_final:
             out = export_final(model, cfg, self.tokenizer, info)
             self.echo(f"saved {out}")
         if cfg.plot:
@@ -457,18 +469,18 @@ class Trainer:
         while True:
             yield from batches
 
-    def _early_stop(self, scores: dict, prog: Progress) -> bool:
+    def _early_stop(self, scores: dict, prog: Progress, step: int) -> bool:
+        """Whether to stop; an improving evaluation's weights are kept (``engine/best.py``)."""
         ev = self.cfg.eval
         name = ev.early_stopping
         if name is None or name not in scores:
             return False
         mode = ev.mode if ev.mode != "auto" else (
             "min" if name in LOWER_IS_BETTER else "max")
-        value, best = scores[name], prog.best
-        better = best is None or (value < best - ev.min_delta if mode == "min"
-                                  else value > best + ev.min_delta)
-        if better:
-            prog.best, prog.bad_evals = value, 0
+        if improved(scores[name], prog.best, mode, ev.min_delta):
+            prog.best, prog.bad_evals = scores[name], 0
+            prog.best_step, prog.best_scores = step, dict(scores)
+            save_best(self.cfg.out_dir, step, self.model, self.info)
             return False
         prog.bad_evals += 1
         return prog.bad_evals >= ev.patience

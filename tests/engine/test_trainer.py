@@ -179,6 +179,25 @@ def test_early_stopping(tiny, tmp_path):
     assert res.stopped_early and res.steps == 4
 
 
+def test_early_stopping_ends_with_the_best_weights(tiny, tmp_path):
+    """As transformers' load_best_model_at_end: the exported weights are the best evaluation's,
+    also across a stop and --resume. Here nothing beats the base model by min_delta, so the
+    final adapter is the untrained one (LoRA B == 0) although 4 steps at lr 1e-2 moved it."""
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(tiny, tmp_path / "es", "max_steps=20", "optim.lr=1e-2",
+                      "eval.every_steps=2", 'eval.early_stopping="val_loss"', "eval.patience=2",
+                      "eval.min_delta=100", "eval.metrics=[]", "checkpoint.every_steps=2")
+    assert train(cfg, echo=quiet, progress=False, stop_after=2).steps == 2
+    res = train(cfg, resume=True, echo=quiet, progress=False)
+    assert res.stopped_early and res.steps == 4 and res.after == res.before
+    adapter = load_file(tmp_path / "es" / "final" / "adapter" / "adapter_model.safetensors")
+    b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert b and all(not v.any() for v in b)
+    moved = checkpoint_weights(tmp_path / "es", tmp_path, step=4)  # the last step's, kept
+    assert any(v.any() for k, v in moved.items() if "lora_B" in k)
+
+
 @pytest.mark.parametrize("metric,no_val,no_test,every,match", [
     ("val_loss", True, False, 2, "needs validation data"),
     ("exact_match", True, True, 2, "has neither"),
