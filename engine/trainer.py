@@ -469,8 +469,9 @@ class Trainer:
         while True:
             yield from batches
 
-    def _early_stop(self, scores: dict, prog: Progress, step: int) -> bool:
-        """Whether to stop; an improving evaluation's weights are kept (``engine/best.py``)."""
+    def _early_stop(self, scores: dict, prog: Progress, step: int | None = None) -> bool:
+        """Whether to stop; an improving evaluation's weights are kept (``engine/best.py``) when
+        ``step`` is given."""
         ev = self.cfg.eval
         name = ev.early_stopping
         if name is None or name not in scores:
@@ -479,8 +480,9 @@ class Trainer:
             "min" if name in LOWER_IS_BETTER else "max")
         if improved(scores[name], prog.best, mode, ev.min_delta):
             prog.best, prog.bad_evals = scores[name], 0
-            prog.best_step, prog.best_scores = step, dict(scores)
-            save_best(self.cfg.out_dir, step, self.model, self.info)
+            if step is not None:
+                prog.best_step, prog.best_scores = step, dict(scores)
+                save_best(self.cfg.out_dir, step, self.model, self.info)
             return False
         prog.bad_evals += 1
         return prog.bad_evals >= ev.patience
