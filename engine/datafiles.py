@@ -24,6 +24,7 @@ import gzip
 import io
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -50,8 +51,36 @@ def kind(path: Path) -> str:
 def open_data(path: Path) -> IO[bytes]:
     """The file's bytes, gunzipped when it is named ``*.gz``."""
     if path.suffix.lower() == ".gz":
-        return gzip.open(path, "rb")
+        with open(path, "rb") as f:
+            if f.read(2) != b"\x1f\x8b":
+                raise EmberError(f"{path}: named .gz but not gzip-compressed; rename it without "
+                                 ".gz, or compress it (gzip FILE)")
+        return _GzipReader(path)
     return open(path, "rb")
+
+
+class _GzipReader(gzip.GzipFile):
+    """A gzip file whose damage (truncated, corrupt) is an EmberError that names it."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, "rb")
+        self.path = path
+
+    def _damaged(self, e: Exception) -> EmberError:
+        return EmberError(f"{self.path}: the gzip data is damaged ({type(e).__name__}: {e}); "
+                          "re-create the file")
+
+    def read(self, *a):
+        try:
+            return super().read(*a)
+        except (EOFError, OSError, zlib.error) as e:
+            raise self._damaged(e) from None
+
+    def readline(self, *a):
+        try:
+            return super().readline(*a)
+        except (EOFError, OSError, zlib.error) as e:
+            raise self._damaged(e) from None
 
 
 def _json_line(obj, path: Path, index: int) -> bytes:
@@ -171,8 +200,8 @@ def table_items(path: Path, f: IO[bytes]) -> list[bytes] | None:
     """The examples of a JSON-array, CSV/TSV or Parquet file as JSON lines; None for JSONL (read
     line by line from ``f``)."""
     k = kind(path)
-    if k == ".json":
-        return _json_array(path, f)
+    if k not in TABLE_SUFFIXES:  # a .json array, or one in a file named .jsonl (a JSON Lines
+        return _json_array(path, f)  # line never starts with "["): else None, read as lines
     if k in (".csv", ".tsv"):
         return _csv_rows(path, f, "," if k == ".csv" else "\t")
     if k == ".parquet":

@@ -168,3 +168,22 @@ def test_heads_and_choices_read_csv(tmp_path, tok):
     (tmp_path / "q.csv").write_text('question,choices,answer\nhi,"[""a"", ""b""]",1\n'
                                     'yo,"[""c"", ""d""]",0\n')
     assert len(load_choices(str(tmp_path / "q.csv"), DataConfig(), tok)[1]) == 2
+
+
+def test_misnamed_and_damaged_files(tmp_path, tok):
+    """A JSON array in a file named .jsonl is read as one; a .gz file that is not gzip, or whose
+    data is cut off, is an EmberError naming it (was gzip's BadGzipFile / EOFError); a file of
+    pretty-printed objects says what JSON Lines are."""
+    ref = _jsonl(tmp_path, ROWS, tok)
+    (tmp_path / "a.jsonl").write_text(json.dumps(ROWS, indent=2))
+    _same(load_examples(tmp_path / "a.jsonl", DataConfig(), tok)[0], ref)
+    (tmp_path / "n.jsonl.gz").write_text(json.dumps(ROWS[0]) + "\n")
+    with pytest.raises(EmberError, match=r"n\.jsonl\.gz: named \.gz but not gzip-compressed"):
+        load_examples(tmp_path / "n.jsonl.gz", DataConfig(), tok)
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in ROWS * 200).encode())
+    (tmp_path / "t.jsonl.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EmberError, match=r"t\.jsonl\.gz: the gzip data is damaged"):
+        load_examples(tmp_path / "t.jsonl.gz", DataConfig(), tok)
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r, indent=2) for r in ROWS))
+    with pytest.raises(EmberError, match="one whole object per line"):
+        load_examples(tmp_path / "p.jsonl", DataConfig(), tok)
