@@ -345,7 +345,10 @@ class Trainer:
         self._check_context(model)
         batches = rank_batches(self.datasets.train, cfg.data, info)
         per_epoch = len(batches.plan(0))
-        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+        # Epochs decide: the last step takes only the micro-batches left (HF Trainer's partial
+        # accumulation), so 1 epoch of 5 batches at grad_accum 4 is 5 batches, not 8.
+        micro_total = None if cfg.max_steps else max(1, math.ceil(cfg.epochs * per_epoch))
+        total = cfg.max_steps or math.ceil(micro_total / cfg.grad_accum)
         o = cfg.optim
         warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_ratio * total)
         opt = make_optimizer(model, o, self.device, embedding_lr=cfg.lora.embedding_lr
@@ -381,12 +384,17 @@ class Trainer:
             bar = tqdm(total=total, initial=prog.step, unit="step", dynamic_ncols=True, leave=True)
         say = bar.write if bar is not None else self.echo
         stopped, last_eval, scores = False, None, {}
+        if latest is not None and prog.step >= total:  # a finished run: its last evaluation
+            scores = broadcast_object(self.log.last_eval(prog.step), info)  # is logged already
+            last_eval = prog.step if scores else None
         t_train = time.perf_counter()
         seconds0, step0 = prog.seconds, prog.step
         with GracefulStop(echo=say) as signals:
             while prog.step < total and not stopped:
                 t0 = time.perf_counter()
-                micro = [next(stream) for _ in range(cfg.grad_accum)]
+                n = cfg.grad_accum if micro_total is None else min(
+                    cfg.grad_accum, micro_total - prog.step * cfg.grad_accum)
+                micro = [next(stream) for _ in range(n)]
                 lr = o.lr * lr_factor(prog.step, total, warmup, o.schedule, o.min_lr_ratio)
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_ratio", 1.0)

@@ -156,6 +156,32 @@ def test_stop_resume_equals_uninterrupted_run(tiny, tmp_path):
               echo=quiet, progress=False)
 
 
+def test_one_epoch_sees_each_example_once_with_grad_accum(tiny, tmp_path):
+    """epochs = 1 with grad_accum 4: the last step takes the micro-batches left (HF Trainer's
+    partial accumulation), so the run trains on exactly the epoch's tokens (it took whole steps
+    of 4 from the next epoch: more than 1 epoch)."""
+    cfg = tiny_config(tiny, tmp_path / "r", f'data.train=["{tiny["small"]}"]', "grad_accum=4",
+                      "data.max_seq_len=16", "data.tokens_per_batch=16", "eval.metrics=[]",
+                      "eval.val_loss=false", "checkpoint.save_final=false")
+    t = Trainer(cfg, echo=quiet, progress=False)
+    res = t.run()
+    per_epoch = len(PackedBatches.from_config(t.datasets.train, t.cfg.data).plan(0))
+    assert per_epoch % 4 and res.steps == math.ceil(per_epoch / 4)
+    rows = [r for r in rows_of(tmp_path / "r") if r["kind"] == "train"]
+    assert rows[-1]["tokens"] == sum(len(e) for e in t.datasets.train)
+
+
+def test_resuming_a_finished_run_does_not_evaluate_again(tiny, tmp_path):
+    """--resume on a run that completed: its final evaluation is logged already (was a second
+    eval row for the last step in metrics.jsonl, a new evaluation's time)."""
+    cfg = tiny_config(tiny, tmp_path / "r", "max_steps=2", "eval.metrics=[]")
+    first = train(cfg, echo=quiet, progress=False)
+    rows = rows_of(tmp_path / "r", timing=False)
+    again = train(cfg, resume=True, echo=quiet, progress=False)
+    assert rows_of(tmp_path / "r", timing=False) == rows
+    assert again.after == first.after and again.steps == 2
+
+
 def test_full_finetuning_with_frozen_parts(tiny, tmp_path):
     cfg = tiny_config(tiny, tmp_path / "full", 'method="full"', "max_steps=1",
                       'freeze=["embed.*"]', "train_layers=[-1]", "eval.metrics=[]",
