@@ -7,10 +7,10 @@
   JSON array is decoded, as exporting chat data to CSV writes it; so is a ``prompt``,
   ``completion``, ``chosen`` or ``rejected`` cell holding a JSON array of message objects (any
   other such cell is text, "[" or not). Other columns are typed as pandas (Hugging Face
-  ``datasets``) reads a CSV: a column whose cells are all integers, all numbers, or all
-  true/false (any case) holds numbers / booleans (labels, margins, answer indices), an empty
-  cell there is a missing field; the text fields (``text``, ``prompt``, ``question``, ...) stay
-  strings;
+  ``datasets``) reads a CSV: a column whose cells are all integers, or all numbers, holds
+  numbers (labels, margins, answer indices), an empty cell there is a missing field; the text
+  fields (``text``, ``prompt``, ``question``, ...) stay strings, and so do true/false cells (a
+  class name for a classifier; KTO's ``label`` reads "true" / "false" as its booleans);
 - ``.parquet`` (what Hugging Face datasets are stored as): rows as objects, list and struct
   columns as JSON arrays and objects; needs ``pyarrow`` (``pip install pyarrow``);
 - any of these, or JSONL, compressed with gzip (``.jsonl.gz``, ``.csv.gz`` ...).
@@ -157,14 +157,12 @@ def _csv_rows(path: Path, f: IO[bytes], delimiter: str) -> list[bytes]:
 
 
 def _column_type(cells: list[str]):
-    """How pandas would type a CSV column: int, float or bool (a converter), or None (text)."""
+    """How pandas would type a CSV column of numbers: int or float, or None (text)."""
     cells = [c.strip() for c in cells if c.strip()]
     if not cells:
         return None
     if all(_INT.fullmatch(c) for c in cells):
         return int
-    if all(c.lower() in ("true", "false") for c in cells):
-        return lambda c: c.lower() == "true"
     try:
         for c in cells:
             float(c)

@@ -126,9 +126,9 @@ def test_bad_tables(tmp_path, tok):
 
 
 def test_csv_cells_typed_as_pandas_reads_them(tmp_path, tok):
-    """Numbers and booleans (labels, margins, answer indices) come back typed, as Hugging Face
-    datasets (pandas) reads a CSV; a text field starting with "[" stays text; "choices" is a
-    list."""
+    """Numbers (labels, margins, answer indices) come back typed, as Hugging Face datasets
+    (pandas) reads a CSV (true/false stay text: class names; KTO reads them as booleans); a
+    text field starting with "[" stays text; "choices" is a list."""
     from ember.engine.datafiles import iter_items
 
     path = tmp_path / "t.csv"
@@ -137,9 +137,9 @@ def test_csv_cells_typed_as_pandas_reads_them(tmp_path, tok):
                     'x,"[""a"", ""b""]",10,2,false,1.5,"[""c"", ""d""]"\n')
     rows = [json.loads(r) for r in iter_items(path)]
     assert rows == [
-        {"text": "42", "prompt": "[Q] hi", "label": 1, "score": 0.5, "ok": True,
+        {"text": "42", "prompt": "[Q] hi", "label": 1, "score": 0.5, "ok": "True",
          "choices": ["a", "b"]},
-        {"text": "x", "prompt": '["a", "b"]', "label": 10, "score": 2.0, "ok": False,
+        {"text": "x", "prompt": '["a", "b"]', "label": 10, "score": 2.0, "ok": "false",
          "margin": 1.5, "choices": ["c", "d"]}]
     # A prompt column of text that starts with "[" trains as the text it is.
     rows = [{"prompt": "[INST] What is the capital of France?", "completion": "Paris"},
@@ -168,6 +168,14 @@ def test_heads_and_choices_read_csv(tmp_path, tok):
     (tmp_path / "q.csv").write_text('question,choices,answer\nhi,"[""a"", ""b""]",1\n'
                                     'yo,"[""c"", ""d""]",0\n')
     assert len(load_choices(str(tmp_path / "q.csv"), DataConfig(), tok)[1]) == 2
+    # KTO's labels from CSV; an SFT run on such a file is refused, not trained on every row.
+    from ember.engine.kto import load_kto_examples
+
+    (tmp_path / "k.csv").write_text("prompt,completion,label\nhi,yes,TRUE\nyo,no,false\n")
+    examples, _ = load_kto_examples(tmp_path / "k.csv", DataConfig(), tok)
+    assert [e.desirable for e in examples] == [True, False]
+    with pytest.raises(EmberError, match="a KTO line"):
+        load_examples(tmp_path / "k.csv", DataConfig(bad_lines="error"), tok)
 
 
 def test_misnamed_and_damaged_files(tmp_path, tok):
