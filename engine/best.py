@@ -13,6 +13,7 @@ the best evaluation's.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ember.engine import dcp
@@ -24,8 +25,12 @@ def best_root(run_dir: str | Path) -> Path:
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
-    """``value`` beats ``best`` by more than ``min_delta`` (``mode``: "min" or "max")."""
-    if best is None:
+    """``value`` beats ``best`` by more than ``min_delta`` (``mode``: "min" or "max"). A NaN
+    score (pearson of constant predictions) never improves, and a NaN best is beaten by any
+    number (else no later evaluation could ever beat it)."""
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
         return True
     return value < best - min_delta if mode == "min" else value > best + min_delta
 

@@ -205,6 +205,18 @@ def test_early_stopping(tiny, tmp_path):
     assert res.stopped_early and res.steps == 4
 
 
+def test_early_stopping_comparisons_with_nan():
+    """A NaN score (pearson of constant predictions) is no improvement and no lasting best: it
+    used to become the best, which no later score could beat (stopping after `patience`)."""
+    from ember.engine.best import improved
+
+    nan = float("nan")
+    assert improved(0.1, None, "max", 0.0) and not improved(0.1, 0.1, "max", 0.0)
+    assert improved(0.05, 0.1, "min", 0.0) and not improved(0.05, 0.1, "min", 0.1)
+    assert not improved(nan, None, "max", 0.0) and not improved(nan, 0.3, "max", 0.0)
+    assert improved(-0.5, nan, "max", 0.0) and improved(3.0, nan, "min", 0.0)
+
+
 def test_early_stopping_ends_with_the_best_weights(tiny, tmp_path):
     """As transformers' load_best_model_at_end: the exported weights are the best evaluation's,
     also across a stop and --resume. Here nothing beats the base model by min_delta, so the
