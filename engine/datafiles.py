@@ -20,6 +20,8 @@ Items of the non-JSONL kinds are named ``file[index]`` (0-based) in reports.
 from __future__ import annotations
 
 import csv
+import datetime
+import decimal
 import gzip
 import io
 import json
@@ -85,9 +87,22 @@ class _GzipReader(gzip.GzipFile):
 
 def _json_line(obj, path: Path, index: int) -> bytes:
     try:
-        return json.dumps(obj, ensure_ascii=False).encode()
+        return json.dumps(obj, ensure_ascii=False, default=_plain).encode()
     except (TypeError, ValueError) as e:
         raise EmberError(f"{path}[{index}]: a value cannot be read as JSON ({e})") from None
+
+
+def _plain(value):
+    """A JSON stand-in for a Parquet value JSON has no type for (a column the example does not
+    use, such as a timestamp, must not make the file unreadable): decimals as numbers, dates and
+    times in ISO 8601, bytes as UTF-8 text, anything else as its str()."""
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
 
 
 def _json_array(path: Path, f: IO[bytes]) -> list[bytes] | None:

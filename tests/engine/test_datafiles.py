@@ -195,3 +195,27 @@ def test_misnamed_and_damaged_files(tmp_path, tok):
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r, indent=2) for r in ROWS))
     with pytest.raises(EmberError, match="one whole object per line"):
         load_examples(tmp_path / "p.jsonl", DataConfig(), tok)
+
+
+def test_parquet_columns_json_has_no_type_for(tmp_path, tok):
+    """An unused timestamp / binary column no longer makes a Parquet file unreadable (was "a
+    value cannot be read as JSON" for the first row); a decimal label reads as a number."""
+    import datetime
+    import decimal
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from ember.engine.reward import load_values
+
+    when = datetime.datetime(2026, 11, 23, 12, 0)
+    pq.write_table(pa.table({"prompt": [r["prompt"] for r in ROWS],
+                             "completion": [r["completion"] for r in ROWS],
+                             "created": [when] * 3, "raw": [b"\x00\xff", b"x", b""]}),
+                   tmp_path / "d.parquet")
+    _same(load_examples(tmp_path / "d.parquet", DataConfig(), tok)[0],
+          _jsonl(tmp_path, ROWS, tok))
+    pq.write_table(pa.table({"text": ["hi", "yo"], "label": [decimal.Decimal("0.25"),
+                                                            decimal.Decimal("3")]}),
+                   tmp_path / "v.parquet")
+    assert [e.value for e in load_values(tmp_path / "v.parquet", DataConfig(), tok)[0]] == [
+        0.25, 3.0]
