@@ -386,7 +386,11 @@ def from_dict(cls, data: dict, prefix: str = ""):
         if key not in fields:
             where = f"[{prefix}]" if prefix else "the top level"
             valid = ", ".join(sorted(fields))
-            raise EmberError(f"unknown config key {full!r}; valid keys in {where}: {valid}")
+            hint = ""
+            if prefix and key in {f.name for f in dataclasses.fields(TrainConfig)}:
+                hint = (f" ({key!r} is a top-level key: in TOML it must come before the first "
+                        "[table], or a key after [" + prefix.split(".")[0] + "] belongs to it)")
+            raise EmberError(f"unknown config key {full!r}; valid keys in {where}: {valid}{hint}")
         kwargs[key] = _coerce(value, hints[key], full)
     try:
         obj = cls(**kwargs)

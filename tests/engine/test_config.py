@@ -79,6 +79,16 @@ def test_bad_values_are_clear_errors(item, match):
         load_config(None, [item])
 
 
+def test_top_level_key_after_a_table_says_so(tmp_path):
+    """TOML puts a key written after [model] into [model]: the error says why max_steps is
+    unknown there."""
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\nname = "m"\nmax_steps = 10\n')
+    with pytest.raises(EmberError, match=r"'max_steps' is a top-level key: in TOML it must come "
+                                         r"before the first \[table\]"):
+        load_config(path)
+
+
 def test_sources(tmp_path):
     assert "quickstart" in recipe_names()
     example = REPO / "examples" / "quickstart.toml"
