@@ -234,7 +234,12 @@ def _cmd_eval(a) -> None:
                                                    max(len(e) for e in examples)), device,
                               autocast)
     scores = {"loss": loss, "perplexity": perplexity(loss)}
-    metrics = [m for m in a.metrics.split(",") if m] if a.metrics else ["exact_match"]
+    metrics = [m for m in (a.metrics or "").split(",") if m]
+    if not metrics and _is_run_dir(a.model):  # the metrics the run was evaluated with
+        from ember.engine.config import load_config
+
+        metrics = list(load_config(a.model).eval.metrics)
+    metrics = metrics or ["exact_match"]
     if any(e.reference is not None for e in examples):
         res = generation_eval(model, tok, examples, metrics, max_new_tokens=a.max_new_tokens,
                               batch_size=a.batch_size, autocast=autocast,
@@ -413,8 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, "to evaluate")
     p.add_argument("--data", help="JSONL examples (default: the run's test split)")
     p.add_argument("--metrics", help="comma-separated: exact_match, accuracy, f1, macro_f1, "
-                                     "json_match, field_accuracy (default exact_match; a "
-                                     "classifier: accuracy,macro_f1)")
+                                     "json_match, field_accuracy (default: a run's "
+                                     "eval.metrics, else exact_match; a classifier: "
+                                     "accuracy,macro_f1)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-examples", type=int, default=None)
     p.set_defaults(fn=_cmd_eval)
