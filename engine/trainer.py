@@ -486,11 +486,13 @@ class Trainer:
             return False
         mode = ev.mode if ev.mode != "auto" else (
             "min" if name in LOWER_IS_BETTER else "max")
-        if improved(scores[name], prog.best, mode, ev.min_delta):
-            prog.best, prog.bad_evals = scores[name], 0
-            if step is not None:
-                prog.best_step, prog.best_scores = step, dict(scores)
-                save_best(self.cfg.out_dir, step, self.model, self.info)
+        value = scores[name]
+        # The weights kept: any improvement (transformers' best model); patience: by min_delta.
+        if step is not None and improved(value, prog.best_scores.get(name), mode, 0.0):
+            prog.best_step, prog.best_scores = step, dict(scores)
+            save_best(self.cfg.out_dir, step, self.model, self.info)
+        if improved(value, prog.best, mode, ev.min_delta):
+            prog.best, prog.bad_evals = value, 0
             return False
         prog.bad_evals += 1
         return prog.bad_evals >= ev.patience

@@ -217,18 +217,37 @@ def test_early_stopping_comparisons_with_nan():
     assert improved(-0.5, nan, "max", 0.0) and improved(3.0, nan, "min", 0.0)
 
 
+def test_best_weights_follow_any_improvement_patience_min_delta(tiny, tmp_path, monkeypatch):
+    """As transformers: the kept best moves on any improvement, while patience counts only
+    improvements by more than min_delta (EarlyStoppingCallback's threshold)."""
+    import ember.engine.trainer as trainer_module
+    from ember.engine.state import Progress
+
+    kept = []
+    monkeypatch.setattr(trainer_module, "save_best", lambda run_dir, step, *a: kept.append(step))
+    cfg = tiny_config(tiny, tmp_path / "r", 'eval.early_stopping="val_loss"', "eval.patience=2",
+                      "eval.min_delta=0.5", "eval.every_steps=1", "eval.metrics=[]")
+    t = Trainer(cfg, echo=quiet, progress=False)
+    t.cfg, t.info, t.model, prog = cfg, None, None, Progress()
+    stops = [t._early_stop({"val_loss": v}, prog, i) for i, v in enumerate([3.0, 2.8, 2.7])]
+    assert stops == [False, False, True] and kept == [0, 1, 2] and prog.best_step == 2
+
+
 def test_early_stopping_ends_with_the_best_weights(tiny, tmp_path):
     """As transformers' load_best_model_at_end: the exported weights are the best evaluation's,
-    also across a stop and --resume. Here nothing beats the base model by min_delta, so the
-    final adapter is the untrained one (LoRA B == 0) although 4 steps at lr 1e-2 moved it."""
+    also across a stop and --resume. Here the best is the base model (mode "max" on a falling
+    val_loss), so the final adapter is the untrained one (LoRA B == 0) although 4 steps at lr
+    1e-2 moved it."""
     from safetensors.torch import load_file
 
     cfg = tiny_config(tiny, tmp_path / "es", "max_steps=20", "optim.lr=1e-2",
                       "eval.every_steps=2", 'eval.early_stopping="val_loss"', "eval.patience=2",
-                      "eval.min_delta=100", "eval.metrics=[]", "checkpoint.every_steps=2")
+                      'eval.mode="max"', "eval.metrics=[]", "checkpoint.every_steps=2")
     assert train(cfg, echo=quiet, progress=False, stop_after=2).steps == 2
     res = train(cfg, resume=True, echo=quiet, progress=False)
     assert res.stopped_early and res.steps == 4 and res.after == res.before
+    evals = [r["val_loss"] for r in rows_of(tmp_path / "es") if r["kind"] == "eval"]
+    assert evals[0] > evals[1] > evals[2]  # the scenario: every later evaluation is "worse"
     adapter = load_file(tmp_path / "es" / "final" / "adapter" / "adapter_model.safetensors")
     b = [v for k, v in adapter.items() if "lora_B" in k]
     assert b and all(not v.any() for v in b)
