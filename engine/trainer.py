@@ -236,8 +236,11 @@ class Trainer:
                       "it, or lower data.max_seq_len")
 
     def _check_eval_data(self) -> None:
-        """Early stopping on a metric no evaluation can produce would never stop: say so now."""
+        """Early stopping on a metric no evaluation can produce would never stop, an eval.split
+        that is missing fails the first evaluation: say so now."""
         ev, ds = self.cfg.eval, self.datasets
+        if ev.metrics:
+            self._gen_split()  # eval.split = "test" without a test split: now, not after training
         name = ev.early_stopping
         if name is None:
             return

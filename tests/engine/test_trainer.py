@@ -255,6 +255,19 @@ def test_early_stopping_ends_with_the_best_weights(tiny, tmp_path):
     assert any(v.any() for k, v in moved.items() if "lora_B" in k)
 
 
+def test_missing_eval_split_is_refused_before_training(tiny, tmp_path):
+    """eval.split = "test" without data.test: an error before the first step (was after the
+    whole run, at its final evaluation, with eval.before = false)."""
+    import dataclasses
+
+    cfg = tiny_config(tiny, tmp_path / "r", "max_steps=1", 'eval.split="test"', "eval.before=false")
+    cfg = cfg.replace(data=dataclasses.replace(cfg.data, test=None))
+    t = Trainer(cfg, echo=quiet, progress=False)
+    with pytest.raises(EmberError, match="no test split"):
+        t.run()
+    assert not (tmp_path / "r" / "metrics.jsonl").exists() or not rows_of(tmp_path / "r")
+
+
 @pytest.mark.parametrize("metric,no_val,no_test,every,match", [
     ("val_loss", True, False, 2, "needs validation data"),
     ("exact_match", True, True, 2, "has neither"),
