@@ -5,12 +5,13 @@ the ``patience`` evaluations after it that did not improve.
 
 Each evaluation that beats the best so far at all (transformers keeps its best model the same
 way; ``eval.min_delta`` only decides what counts for ``patience``, as EarlyStoppingCallback's
-threshold), the one before training included (the base model is the baseline), writes the
-trainable weights to ``<run_dir>/best/step_N/`` (``engine/dcp.py``; the newest only, any number
-of processes), so the best survives a stop and ``--resume``. At the end of the run the trainer
-evaluates the last step, writes its checkpoint (the exact state to continue from), then loads
-the best weights back before exporting ``final/``; the scores it reports as "after" are
-the best evaluation's.
+threshold) among those during training (the one before training is the baseline for
+``patience``, not weights to end with: a metric that never moves keeps the first evaluation's,
+as transformers would), writes the trainable weights to ``<run_dir>/best/step_N/``
+(``engine/dcp.py``; the newest only, any number of processes), so the best survives a stop and
+``--resume``. At the end of the run the trainer evaluates the last step, writes its checkpoint
+(the exact state to continue from), then loads the best weights back before exporting
+``final/``; the scores it reports as "after" are the best evaluation's.
 """
 
 from __future__ import annotations

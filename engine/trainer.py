@@ -490,8 +490,10 @@ class Trainer:
         mode = ev.mode if ev.mode != "auto" else (
             "min" if name in LOWER_IS_BETTER else "max")
         value = scores[name]
-        # The weights kept: any improvement (transformers' best model); patience: by min_delta.
-        if step is not None and improved(value, prog.best_scores.get(name), mode, 0.0):
+        # The weights kept: any improvement of an evaluation during training (transformers'
+        # best model; the base model before step 1 is not one to end with); patience: by
+        # min_delta, from the baseline before training.
+        if step and improved(value, prog.best_scores.get(name), mode, 0.0):
             prog.best_step, prog.best_scores = step, dict(scores)
             save_best(self.cfg.out_dir, step, self.model, self.info)
         if improved(value, prog.best, mode, ev.min_delta):
