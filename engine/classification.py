@@ -24,7 +24,8 @@ One-output heads (``"reward"``, ``"regression"``) build on this module: ``engine
 
 Evaluation: ``val_loss`` on the validation split; ``eval.metrics`` (``accuracy``, ``macro_f1``,
 ``f1``, ``exact_match``; default with a head: accuracy and macro_f1) from the argmax of the head
-on the test split (validation when there is none), computed on class indices; one forward
+on the test split (validation when there is none), computed on class indices (macro F1 as
+scikit-learn's, over the reference and predicted classes); one forward
 pass per packed batch, no generation. Under torchrun each rank scores every N-th batch
 (``evaluation.scored_batches``) and the results are gathered.
 """
@@ -58,6 +59,7 @@ from ember.engine.data import (
     split_examples,
     with_system_prompt,
 )
+from ember.engine.datafiles import iter_items
 from ember.engine.distributed import DistInfo
 from ember.engine.evaluation import GenerationResult, scored_batches
 from ember.engine.objectives import SFT
@@ -156,19 +158,20 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def infer_labels(paths, field: str = "label") -> tuple[str, ...]:
-    """The sorted distinct labels of JSONL files (integers: ``"0" .. str(max)``). Lines that do not
-    parse are left to the data loader to report."""
+    """The sorted distinct labels of data files of any kind ``data.train`` reads (JSONL, JSON
+    array, CSV/TSV, Parquet, gzipped; integers: ``"0" .. str(max)``). Lines that do not parse are
+    left to the data loader to report."""
     names, indices = set(), set()
     for path in paths:
         try:
-            lines = Path(path).read_bytes().splitlines()
+            lines = list(iter_items(Path(path)))
         except OSError as e:
             raise EmberError(
                 f"{path}: cannot read the training file to find the labels ({e})"
             ) from None
         for raw in lines:
             try:
-                obj = json.loads(raw)
+                obj = json.loads(raw.decode("utf-8-sig"))
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 continue
             v = obj.get(field) if isinstance(obj, dict) else None
@@ -482,9 +485,11 @@ def label_scores(
     t0 = time.perf_counter()
     preds, loss = predict(model, examples, tokens_per_batch, device, autocast, info=info)
     # Scored on class indices: label names that differ only in case or spacing stay distinct.
-    scores = M.compute(metric_names, [str(p) for p in preds], [str(e.labels[-1]) for e in examples])
+    refs = [e.labels[-1] for e in examples]
+    scores = M.compute(metric_names, [str(p) for p in preds], [str(r) for r in refs])
+    scores.update({n: M.class_macro_f1(preds, refs) for n in ("f1", "macro_f1") if n in scores})
     pred_names = [model.cfg.labels[p] for p in preds]
-    refs = [e.reference for e in examples]
+    refs = [e.reference for e in examples]  # the label names, for the samples
     samples = [
         (tokenizer.decode(e.input_ids, skip_special_tokens=False), p, r)
         for e, p, r in list(zip(examples, pred_names, refs, strict=True))[:show]

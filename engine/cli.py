@@ -2,6 +2,7 @@
 
     ember train CONFIG.toml|RECIPE|RUN_DIR [--set key=value ...] [--resume]
     ember eval RUN_DIR|MODEL [--data FILE] [--adapter DIR] [--metrics exact_match,...]
+        (a DPO / ORPO / SimPO / KTO run: its validation scores on FILE, against its reference)
     ember generate RUN_DIR|MODEL --prompt TEXT [--prompt TEXT ...] [--adapter DIR] [--stream]
     ember chat RUN_DIR|MODEL [--system TEXT]      (one message per line on standard input)
     ember export RUN_DIR (--adapter OUT | --merged OUT)
@@ -210,6 +211,11 @@ def _cmd_eval(a) -> None:
     device = str(next(model.parameters()).device)
     precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
     autocast = autocast_for(device, precision)
+    if _is_run_dir(a.model) and not is_choice_file(data):
+        scores = _eval_preference_run(a.model, model, tok, data, device, autocast, a)
+        if scores is not None:
+            print(json.dumps(scores))
+            return
     if is_choice_file(data):
         asked = set((a.metrics or "").split(",")) - {""}
         if asked - {"choice_accuracy", "choice_accuracy_norm"}:
@@ -228,13 +234,54 @@ def _cmd_eval(a) -> None:
                                                    max(len(e) for e in examples)), device,
                               autocast)
     scores = {"loss": loss, "perplexity": perplexity(loss)}
-    metrics = [m for m in a.metrics.split(",") if m] if a.metrics else ["exact_match"]
+    metrics = [m for m in (a.metrics or "").split(",") if m]
+    if not metrics and _is_run_dir(a.model):  # the metrics the run was evaluated with
+        from ember.engine.config import load_config
+
+        metrics = list(load_config(a.model).eval.metrics)
+    metrics = metrics or ["exact_match"]
     if any(e.reference is not None for e in examples):
         res = generation_eval(model, tok, examples, metrics, max_new_tokens=a.max_new_tokens,
                               batch_size=a.batch_size, autocast=autocast,
                               max_examples=a.max_examples)
         scores.update(res.scores)
     print(json.dumps({"data": str(data), "examples": len(examples), **scores}))
+
+
+def _eval_preference_run(run_dir: str, model, tok, data: str, device: str, autocast, a
+                         ) -> dict | None:
+    """A DPO / ORPO / SimPO / KTO run's validation scores on ``data`` (its own line format and
+    metrics, against its reference, as its evaluations during training); None for other runs."""
+    from dataclasses import replace
+
+    from ember.engine.config import load_config
+    from ember.engine.distributed import DistInfo
+    from ember.engine.objectives import make_objective
+    from ember.engine.runtime import build_model, resolve
+
+    cfg = load_config(run_dir)
+    if cfg.objective not in ("dpo", "orpo", "simpo", "kto"):
+        return None
+    cfg = resolve(cfg.replace(device=device))
+    if a.metrics:
+        raise EmberError(f"{run_dir} is an objective = \"{cfg.objective}\" run: ember eval "
+                         "reports its validation scores (reward accuracy, margins, ...); drop "
+                         "--metrics")
+    obj = make_objective(cfg, DistInfo())
+    if getattr(obj, "snapshot", False):  # a continued adapter: the reference is it as loaded
+        start, _ = build_model(cfg, device)
+        obj.check_model(start, tok)
+        del start
+    data_cfg = replace(cfg.data, train=(str(data),), mix=(), validation=None, val_fraction=0.0,
+                       test=None)
+    ds = obj.load_datasets(data_cfg, tok)
+    obj.check_data(ds)
+    print(ds.summary(), file=sys.stderr)
+    examples = ds.train
+    scores = obj.val_scores(model, examples, max(data_cfg.tokens_per_batch,
+                                                 max(len(e) for e in examples)),
+                            device, autocast, None)
+    return {"data": str(data), "examples": len(examples), **scores}
 
 
 def _cmd_export(a) -> None:
@@ -371,8 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, "to evaluate")
     p.add_argument("--data", help="JSONL examples (default: the run's test split)")
     p.add_argument("--metrics", help="comma-separated: exact_match, accuracy, f1, macro_f1, "
-                                     "json_match, field_accuracy (default exact_match; a "
-                                     "classifier: accuracy,macro_f1)")
+                                     "json_match, field_accuracy (default: a run's "
+                                     "eval.metrics, else exact_match; a classifier: "
+                                     "accuracy,macro_f1)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-examples", type=int, default=None)
     p.set_defaults(fn=_cmd_eval)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -108,6 +109,9 @@ class OptimConfig:
             raise EmberError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise EmberError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise EmberError(f"optim.warmup_steps must be >= 0 (or left out for warmup_ratio), "
+                             f"got {self.warmup_steps}")
         if self.max_grad_norm < 0 or self.weight_decay < 0 or self.eps <= 0:
             raise EmberError("optim.max_grad_norm and optim.weight_decay must be >= 0, optim.eps "
                              "> 0")
@@ -127,6 +131,11 @@ class TaskConfig:
     test: int = 200
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.train < 1 or self.validation < 0 or self.test < 0:
+            raise EmberError(f"task.train must be >= 1 and task.validation, task.test >= 0, got "
+                             f"{self.train}, {self.validation}, {self.test}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
@@ -145,7 +154,10 @@ class EvalConfig:
     # A multiple-choice file ({"question", "choices", "answer"} lines, engine/choices.py) scored
     # at every evaluation by log-likelihood: choice_accuracy and choice_accuracy_norm.
     choices: str | None = None
-    early_stopping: str | None = None  # a metric name ("val_loss", "exact_match", ...)
+    # A metric name ("val_loss", "exact_match", ...): stop after `patience` evaluations without
+    # improvement; the run ends with (exports) the best evaluation's weights, kept in
+    # <run_dir>/best/ (transformers' load_best_model_at_end; engine/best.py).
+    early_stopping: str | None = None
     patience: int = 3  # evaluations without improvement before stopping
     mode: str = "auto"  # "min" | "max" | "auto" (min for losses/perplexity/mse/rmse, else max)
     min_delta: float = 0.0
@@ -161,6 +173,17 @@ class EvalConfig:
         if self.every_steps < 0 or self.patience < 1 or self.batch_size < 1:
             raise EmberError("eval.every_steps must be >= 0, eval.patience and eval.batch_size "
                              ">= 1")
+        for name, off in (("max_val_batches", "eval.val_loss = false"),
+                          ("max_examples", "eval.metrics = []"),
+                          ("max_new_tokens", "eval.metrics = []")):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise EmberError(f"eval.{name} must be >= 1, got {v}; to skip that evaluation "
+                                 f"set {off}")
+        if self.show < 0:
+            raise EmberError(f"eval.show must be >= 0, got {self.show}")
+        if self.choices is not None and not self.choices.strip():
+            raise EmberError("eval.choices is empty: give a multiple-choice file, or leave it out")
         if self.early_stopping is not None:
             valid = ("val_loss", "perplexity", *self.metrics, *(
                 ("choice_accuracy", "choice_accuracy_norm") if self.choices else ()))
@@ -230,6 +253,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _one_of("method", self.method, ("lora", "full", "prompt"))
         _one_of("precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
+            raise EmberError(f"device must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got "
+                             f"{self.device!r}")
         _one_of("objective", self.objective, OBJECTIVES)
         if self.objective in ("dpo", "kto") and self.method == "prompt":
             raise EmberError(f"objective = \"{self.objective}\" with method = \"prompt\" is "
@@ -261,6 +287,9 @@ class TrainConfig:
         check_config(self)
         if self.grad_accum < 1 or self.log_every < 1:
             raise EmberError("grad_accum and log_every must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise EmberError(f"threads must be >= 1 (or left out: torch's default), got "
+                             f"{self.threads}")
         if self.max_steps is not None and self.max_steps < 1:
             raise EmberError(f"max_steps must be >= 1, got {self.max_steps}")
         if not self.epochs > 0:
@@ -357,7 +386,11 @@ def from_dict(cls, data: dict, prefix: str = ""):
         if key not in fields:
             where = f"[{prefix}]" if prefix else "the top level"
             valid = ", ".join(sorted(fields))
-            raise EmberError(f"unknown config key {full!r}; valid keys in {where}: {valid}")
+            hint = ""
+            if prefix and key in {f.name for f in dataclasses.fields(TrainConfig)}:
+                hint = (f" ({key!r} is a top-level key: in TOML it must come before the first "
+                        "[table], or a key after [" + prefix.split(".")[0] + "] belongs to it)")
+            raise EmberError(f"unknown config key {full!r}; valid keys in {where}: {valid}{hint}")
         kwargs[key] = _coerce(value, hints[key], full)
     try:
         obj = cls(**kwargs)

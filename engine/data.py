@@ -125,6 +125,12 @@ class DataConfig:
         if self.mix:
             object.__setattr__(self, "mix", tuple(self.mix))
             check_weights(self.mix, len(train))
+        for key, paths in (("train", train), ("validation", self.validation),
+                           ("test", self.test)):
+            if any(isinstance(f, str) and not f.strip()
+                   for f in ((paths,) if isinstance(paths, str) else paths or ())):
+                raise EmberError(f"data.{key} holds an empty file name: give the file's path, "
+                                 "or leave it out")
         if isinstance(self.validation, (list, tuple)):
             object.__setattr__(self, "validation", tuple(self.validation))
             if not self.validation:
@@ -489,8 +495,12 @@ def load_examples(path: str | Path, cfg: DataConfig, tokenizer, make_reader=None
         raise EmberError(f"{path}: the file is empty; expected one JSON object per line (or a "
                          ".json array of them)")
     if not examples:
+        hint = ("\n(JSON Lines hold one whole object per line: write each with json.dumps(obj), "
+                "not indented; or give a .json file holding one array of objects)"
+                if rep.kinds["invalid JSON"] else "")
         raise EmberError(f"{path}: no usable examples: all {rep.lines - rep.blank_lines} lines "
-                         "are bad or too long\n" + "\n".join(f"  {p}" for p in rep.problems))
+                         "are bad or too long\n" + "\n".join(f"  {p}" for p in rep.problems)
+                         + hint)
     return examples, rep
 
 

@@ -3,8 +3,14 @@
 
 - ``.json``: one JSON array of objects (a ``.json`` file of one object per line is JSONL);
 - ``.csv`` / ``.tsv``: a header row naming the fields, one example per row (RFC 4180 quoting);
-  a cell of a list field (``messages``, ``conversations``, ``chosen``, ``rejected``, ``prompt``,
-  ``tools``) that holds a JSON array is decoded, as exporting chat data to CSV writes it;
+  a cell of a list field (``messages``, ``conversations``, ``tools``, ``choices``) that holds a
+  JSON array is decoded, as exporting chat data to CSV writes it; so is a ``prompt``,
+  ``completion``, ``chosen`` or ``rejected`` cell holding a JSON array of message objects (any
+  other such cell is text, "[" or not). Other columns are typed as pandas (Hugging Face
+  ``datasets``) reads a CSV: a column whose cells are all integers, or all numbers, holds
+  numbers (labels, margins, answer indices), an empty cell there is a missing field; the text
+  fields (``text``, ``prompt``, ``question``, ...) stay strings, and so do true/false cells (a
+  class name for a classifier; KTO's ``label`` reads "true" / "false" as its booleans);
 - ``.parquet`` (what Hugging Face datasets are stored as): rows as objects, list and struct
   columns as JSON arrays and objects; needs ``pyarrow`` (``pip install pyarrow``);
 - any of these, or JSONL, compressed with gzip (``.jsonl.gz``, ``.csv.gz`` ...).
@@ -14,16 +20,25 @@ Items of the non-JSONL kinds are named ``file[index]`` (0-based) in reports.
 from __future__ import annotations
 
 import csv
+import datetime
+import decimal
 import gzip
 import io
 import json
+import re
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 from ember import EmberError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
-_LIST_FIELDS = ("messages", "conversations", "chosen", "rejected", "prompt", "tools")
+_LIST_FIELDS = ("messages", "conversations", "tools", "choices")  # always arrays
+_CHAT_FIELDS = ("prompt", "completion", "chosen", "rejected")  # text, or an array of messages
+# Fields that are text whatever they look like ("42" stays the string "42").
+_TEXT_FIELDS = (*_CHAT_FIELDS, "text", "instruction", "input", "output", "system", "question")
+_INT = re.compile(r"[+-]?[0-9]+")
 
 
 def kind(path: Path) -> str:
@@ -38,15 +53,56 @@ def kind(path: Path) -> str:
 def open_data(path: Path) -> IO[bytes]:
     """The file's bytes, gunzipped when it is named ``*.gz``."""
     if path.suffix.lower() == ".gz":
-        return gzip.open(path, "rb")
+        with open(path, "rb") as f:
+            if f.read(2) != b"\x1f\x8b":
+                raise EmberError(f"{path}: named .gz but not gzip-compressed; rename it without "
+                                 ".gz, or compress it (gzip FILE)")
+        return _GzipReader(path)
     return open(path, "rb")
+
+
+class _GzipReader(gzip.GzipFile):
+    """A gzip file whose damage (truncated, corrupt) is an EmberError that names it."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, "rb")
+        self.path = path
+
+    def _damaged(self, e: Exception) -> EmberError:
+        return EmberError(f"{self.path}: the gzip data is damaged ({type(e).__name__}: {e}); "
+                          "re-create the file")
+
+    def read(self, *a):
+        try:
+            return super().read(*a)
+        except (EOFError, OSError, zlib.error) as e:
+            raise self._damaged(e) from None
+
+    def readline(self, *a):
+        try:
+            return super().readline(*a)
+        except (EOFError, OSError, zlib.error) as e:
+            raise self._damaged(e) from None
 
 
 def _json_line(obj, path: Path, index: int) -> bytes:
     try:
-        return json.dumps(obj, ensure_ascii=False).encode()
+        return json.dumps(obj, ensure_ascii=False, default=_plain).encode()
     except (TypeError, ValueError) as e:
         raise EmberError(f"{path}[{index}]: a value cannot be read as JSON ({e})") from None
+
+
+def _plain(value):
+    """A JSON stand-in for a Parquet value JSON has no type for (a column the example does not
+    use, such as a timestamp, must not make the file unreadable): decimals as numbers, dates and
+    times in ISO 8601, bytes as UTF-8 text, anything else as its str()."""
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
 
 
 def _json_array(path: Path, f: IO[bytes]) -> list[bytes] | None:
@@ -80,16 +136,21 @@ def _csv_rows(path: Path, f: IO[bytes], delimiter: str) -> list[bytes]:
     dup = sorted({h for h in header if header.count(h) > 1 and h})
     if dup:
         raise EmberError(f"{path}: header names {dup} more than once")
+    body = rows[1:]
+    for i, row in enumerate(body):
+        if any(c.strip() for c in row) and len(row) != len(header):
+            raise EmberError(f"{path}[{i}]: {len(row)} cells for {len(header)} header fields "
+                             f"({header}); quote cells that contain the delimiter")
+    typed = {j: _column_type([r[j] for r in body if any(c.strip() for c in r)])
+             for j, name in enumerate(header) if name and name not in _TEXT_FIELDS
+             and name not in _LIST_FIELDS}
     out = []
-    for i, row in enumerate(rows[1:]):
+    for i, row in enumerate(body):
         if not any(c.strip() for c in row):
             out.append(b"")  # a blank row: counted as blank, like a blank JSONL line
             continue
-        if len(row) != len(header):
-            raise EmberError(f"{path}[{i}]: {len(row)} cells for {len(header)} header fields "
-                             f"({header}); quote cells that contain the delimiter")
         obj = {}
-        for name, cell in zip(header, row, strict=True):
+        for j, (name, cell) in enumerate(zip(header, row, strict=True)):
             if not name:
                 continue
             value = cell
@@ -99,9 +160,40 @@ def _csv_rows(path: Path, f: IO[bytes], delimiter: str) -> list[bytes]:
                 except json.JSONDecodeError as e:
                     raise EmberError(f"{path}[{i}]: field {name!r} looks like a JSON array but "
                                      f"is not valid JSON ({e.msg})") from None
+            elif name in _CHAT_FIELDS and cell.lstrip().startswith("["):
+                value = _messages_or_text(cell)
+            elif typed.get(j) is not None:
+                if not cell.strip():
+                    continue  # an empty cell of a number / boolean column: the field is missing
+                value = typed[j](cell.strip())
             obj[name] = value
         out.append(_json_line(obj, path, i))
     return out
+
+
+def _column_type(cells: list[str]):
+    """How pandas would type a CSV column of numbers: int or float, or None (text)."""
+    cells = [c.strip() for c in cells if c.strip()]
+    if not cells:
+        return None
+    if all(_INT.fullmatch(c) for c in cells):
+        return int
+    try:
+        for c in cells:
+            float(c)
+    except ValueError:
+        return None
+    return float
+
+
+def _messages_or_text(cell: str):
+    """A chat field's cell: its JSON array of message objects, or the text as it is."""
+    try:
+        value = json.loads(cell)
+    except json.JSONDecodeError:
+        return cell
+    return value if isinstance(value, list) and value and all(
+        isinstance(m, dict) for m in value) else cell
 
 
 def _parquet_rows(path: Path, f: IO[bytes]) -> list[bytes]:
@@ -121,10 +213,18 @@ def table_items(path: Path, f: IO[bytes]) -> list[bytes] | None:
     """The examples of a JSON-array, CSV/TSV or Parquet file as JSON lines; None for JSONL (read
     line by line from ``f``)."""
     k = kind(path)
-    if k == ".json":
-        return _json_array(path, f)
+    if k not in TABLE_SUFFIXES:  # a .json array, or one in a file named .jsonl (a JSON Lines
+        return _json_array(path, f)  # line never starts with "["): else None, read as lines
     if k in (".csv", ".tsv"):
         return _csv_rows(path, f, "," if k == ".csv" else "\t")
     if k == ".parquet":
         return _parquet_rows(path, f)
     return None
+
+
+def iter_items(path: Path) -> Iterator[bytes]:
+    """The raw examples of a data file of any kind above: JSONL lines, or the items of a
+    JSON-array / CSV / TSV / Parquet file as JSON lines."""
+    with open_data(path) as f:
+        items = table_items(path, f)
+        yield from (f if items is None else items)

@@ -95,7 +95,9 @@ def parse(obj: dict, fmt: str):
         if not rec[1].strip():
             raise _Bad("empty completion", "empty " + ("output" if fmt == "alpaca" else
                                                        "completion"))
-        if fmt == "prompt_completion" and isinstance(obj.get("label"), bool):
+        label = obj.get("label")
+        if fmt == "prompt_completion" and (isinstance(label, bool) or isinstance(label, str)
+                                           and label.strip().lower() in ("true", "false")):
             raise _Bad("kto line", "a KTO line (a completion labelled true/false): set "
                                    "objective = \"kto\" to train on it")
         return rec

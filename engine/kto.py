@@ -124,6 +124,8 @@ def parse_unpaired(obj: dict) -> list[tuple]:
                                         f"\"completion\", \"label\": true|false}} or preference "
                                         f"pairs; keys present: {sorted(obj)})")
     label = obj["label"]
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+        label = label.strip().lower() == "true"  # a CSV cell
     if not isinstance(label, bool):
         raise _Bad("wrong type", f"field 'label' must be true (desirable) or false, got "
                                  f"{_type_name(label)} {label!r}")

@@ -37,8 +37,20 @@ def macro_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
     _check(predictions, references)
     preds = [normalize(p).casefold() for p in predictions]
     refs = [normalize(r).casefold() for r in references]
+    return _mean_f1(sorted(set(refs)), preds, refs)
+
+
+def class_macro_f1(predictions: Sequence[int], references: Sequence[int]) -> float:
+    """Macro F1 of a classifier's class indices as scikit-learn's ``f1_score(average="macro")``
+    computes it: averaged over every class that is a reference or a prediction (a class the
+    head predicts but the split never holds counts, with F1 0)."""
+    _check(predictions, references)
+    return _mean_f1(sorted(set(references) | set(predictions)), predictions, references)
+
+
+def _mean_f1(labels, preds, refs) -> float:
     scores = []
-    for label in sorted(set(refs)):
+    for label in labels:
         tp = sum(p == label and r == label for p, r in zip(preds, refs, strict=True))
         fp = sum(p == label and r != label for p, r in zip(preds, refs, strict=True))
         fn = sum(p != label and r == label for p, r in zip(preds, refs, strict=True))

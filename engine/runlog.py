@@ -80,6 +80,13 @@ class MetricsLog:
             self._tb.close()
             self._tb = None
 
+    def last_eval(self, step: int) -> dict | None:
+        """The scores of the evaluation logged at ``step`` (None: none; or not the main rank)."""
+        if not self.main or not self.path.exists():
+            return None
+        found = [r for r in self.rows() if r.get("kind") == "eval" and r.get("step") == step]
+        return {k: v for k, v in found[-1].items() if k not in ("kind", "step")} if found else None
+
     def rows(self) -> list[dict]:
         """The logged rows; a line torn by a kill in the middle of a write is left out."""
         out = []

@@ -60,6 +60,8 @@ class Progress:
     seconds: float = 0.0
     best: float | None = None  # early stopping: the best score so far
     bad_evals: int = 0  # early stopping: evaluations since the best
+    best_step: int | None = None  # early stopping: the step of the best (weights in best/)
+    best_scores: dict = field(default_factory=dict)  # early stopping: the best's scores
     before: dict = field(default_factory=dict)  # scores before fine-tuning
 
 

@@ -20,6 +20,7 @@ Run directory (``cfg.out_dir``), written by rank 0::
     metrics.jsonl        one JSON row per logged step ("kind": "train") and per evaluation ("eval")
     data/                the generated task splits (``[task]``)
     checkpoints/step_N/  sharded checkpoints (``engine/state.py`` on ``engine/dcp.py``)
+    best/step_N/         eval.early_stopping: the best evaluation's weights, exported at the end
     final/adapter/       PEFT adapter (LoRA, prompt tuning), or final/model/ (full fine-tuning)
     metrics.png          loss and metric curves (when matplotlib is installed)
 
@@ -54,6 +55,7 @@ import torch
 
 from ember import EmberError
 from ember.engine.activation import apply_activation_checkpointing, set_mlp_chunks
+from ember.engine.best import improved, restore_best, save_best
 from ember.engine.choices import choice_metrics, load_choices, score_choices
 from ember.engine.config import TrainConfig
 from ember.engine.data import Datasets, PackedBatches
@@ -234,8 +236,11 @@ class Trainer:
                       "it, or lower data.max_seq_len")
 
     def _check_eval_data(self) -> None:
-        """Early stopping on a metric no evaluation can produce would never stop: say so now."""
+        """Early stopping on a metric no evaluation can produce would never stop, an eval.split
+        that is missing fails the first evaluation: say so now."""
         ev, ds = self.cfg.eval, self.datasets
+        if ev.metrics:
+            self._gen_split()  # eval.split = "test" without a test split: now, not after training
         name = ev.early_stopping
         if name is None:
             return
@@ -345,7 +350,10 @@ class Trainer:
                                self.autocast, self.echo)
         batches = rank_batches(self.datasets.train, cfg.data, info)
         per_epoch = len(batches.plan(0))
-        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+        # Epochs decide: the last step takes only the micro-batches left (HF Trainer's partial
+        # accumulation), so 1 epoch of 5 batches at grad_accum 4 is 5 batches, not 8.
+        micro_total = None if cfg.max_steps else max(1, math.ceil(cfg.epochs * per_epoch))
+        total = cfg.max_steps or math.ceil(micro_total / cfg.grad_accum)
         o = cfg.optim
         warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_ratio * total)
         opt = make_optimizer(model, o, self.device, embedding_lr=cfg.lora.embedding_lr
@@ -368,7 +376,7 @@ class Trainer:
 
         if prog.step == 0 and cfg.eval.before:
             prog.before = self.evaluate(0)
-            self._early_stop(prog.before, prog)  # the base model is the baseline to improve on
+            self._early_stop(prog.before, prog, 0)  # the base model is the baseline to beat
             if prog.before:
                 self.echo(f"before fine-tuning: {format_scores(prog.before)}{self._gen_note()}")
 
@@ -381,12 +389,17 @@ class Trainer:
             bar = tqdm(total=total, initial=prog.step, unit="step", dynamic_ncols=True, leave=True)
         say = bar.write if bar is not None else self.echo
         stopped, last_eval, scores = False, None, {}
+        if latest is not None and prog.step >= total:  # a finished run: its last evaluation
+            scores = broadcast_object(self.log.last_eval(prog.step), info)  # is logged already
+            last_eval = prog.step if scores else None
         t_train = time.perf_counter()
         seconds0, step0 = prog.seconds, prog.step
         with GracefulStop(echo=say) as signals:
             while prog.step < total and not stopped:
                 t0 = time.perf_counter()
-                micro = [next(stream) for _ in range(cfg.grad_accum)]
+                n = cfg.grad_accum if micro_total is None else min(
+                    cfg.grad_accum, micro_total - prog.step * cfg.grad_accum)
+                micro = [next(stream) for _ in range(n)]
                 lr = o.lr * lr_factor(prog.step, total, warmup, o.schedule, o.min_lr_ratio)
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_ratio", 1.0)
@@ -417,7 +430,7 @@ class Trainer:
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total:
                     scores, last_eval = self.evaluate(step), step
                     say(f"step {step}: {format_scores(scores)}")
-                    stopped = self._early_stop(scores, prog)
+                    stopped = self._early_stop(scores, prog, step)
                 leave = step < total and (s.stop or (self.stop_after is not None
                                                      and step >= self.stop_after))
                 every = cfg.checkpoint.every_steps
@@ -437,6 +450,7 @@ class Trainer:
         prog.seconds = seconds0 + time.perf_counter() - t_train
         if last_eval != prog.step:
             scores = self.evaluate(prog.step)
+            self._early_stop(scores, prog, prog.step)  # the last step may be the best
         if stopped:
             self.echo(f"early stopping at step {prog.step}: no {cfg.eval.early_stopping} "
                       f"improvement in {cfg.eval.patience} evaluations")
@@ -446,6 +460,15 @@ class Trainer:
             self.echo(f"  prompt: {prompt!r}\n  output: {pred!r}\n  answer: {ref!r}")
         if cfg.checkpoint.save_final:
             save(cfg, info, model, opt, progress=prog, **ckpt_state)
+        if cfg.eval.early_stopping and prog.best_step not in (None, prog.step):
+            if restore_best(cfg.out_dir, prog.best_step, model, info):
+                scores = prog.best_scores
+                self.echo(f"restored the weights of step {prog.best_step}, the best "
+                          f"{cfg.eval.early_stopping}: {format_scores(scores)}")
+            else:
+                self.echo(f"warning: the best weights (step {prog.best_step}) are gone from "
+                          f"{cfg.out_dir / 'best'}; keeping the last step's")
+        if cfg.checkpoint.save_final:
             out = export_final(model, cfg, self.tokenizer, info)
             self.echo(f"saved {out}")
         if cfg.plot:
@@ -459,17 +482,23 @@ class Trainer:
         while True:
             yield from batches
 
-    def _early_stop(self, scores: dict, prog: Progress) -> bool:
+    def _early_stop(self, scores: dict, prog: Progress, step: int | None = None) -> bool:
+        """Whether to stop; an improving evaluation's weights are kept (``engine/best.py``) when
+        ``step`` is given."""
         ev = self.cfg.eval
         name = ev.early_stopping
         if name is None or name not in scores:
             return False
         mode = ev.mode if ev.mode != "auto" else (
             "min" if name in LOWER_IS_BETTER else "max")
-        value, best = scores[name], prog.best
-        better = best is None or (value < best - ev.min_delta if mode == "min"
-                                  else value > best + ev.min_delta)
-        if better:
+        value = scores[name]
+        # The weights kept: any improvement of an evaluation during training (transformers'
+        # best model; the base model before step 1 is not one to end with); patience: by
+        # min_delta, from the baseline before training.
+        if step and improved(value, prog.best_scores.get(name), mode, 0.0):
+            prog.best_step, prog.best_scores = step, dict(scores)
+            save_best(self.cfg.out_dir, step, self.model, self.info)
+        if improved(value, prog.best, mode, ev.min_delta):
             prog.best, prog.bad_evals = value, 0
             return False
         prog.bad_evals += 1

@@ -439,3 +439,24 @@ def test_validation_loss_over_the_first_batches(task):
     assert got["val_loss"] == pytest.approx(float(want), rel=1e-5)
     full = objective.val_scores(model, examples, 64, "cpu", contextlib.nullcontext, None)
     assert full["val_loss"] != pytest.approx(got["val_loss"], rel=1e-5)
+
+
+def test_macro_f1_counts_predicted_classes_as_sklearn(monkeypatch):
+    """A classifier's macro F1 is scikit-learn's f1_score(average="macro"): a class the head
+    predicts but the split never holds enters the average with F1 0. refs [0, 0, 1, 1], preds
+    [0, 2, 1, 1]: class 0 F1 2/3, class 1 1, class 2 0 -> 5/9 (sklearn's value; the mean over
+    the reference classes only gave 5/6)."""
+    from types import SimpleNamespace
+
+    from ember.engine import classification
+    from ember.engine.data import IGNORE, Example
+
+    examples = [Example([1, 2], [IGNORE, c], f"x:{i}", reference=str(c))
+                for i, c in enumerate([0, 0, 1, 1])]
+    monkeypatch.setattr(classification, "predict", lambda *a, **k: ([0, 2, 1, 1], 0.5))
+    model = SimpleNamespace(cfg=SimpleNamespace(labels=("a", "b", "c")))
+    tok = SimpleNamespace(decode=lambda ids, **k: "")
+    res = classification.label_scores(model, tok, examples, ["accuracy", "macro_f1", "f1"], 64,
+                                      "cpu")
+    assert res.scores["macro_f1"] == pytest.approx(5 / 9) == res.scores["f1"]
+    assert res.scores["accuracy"] == 0.75

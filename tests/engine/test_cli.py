@@ -111,6 +111,23 @@ def test_eval(trained, capsys):
     assert row["perplexity"] == pytest.approx(2.718281828 ** row["loss"], rel=1e-6)
 
 
+def test_eval_of_a_run_defaults_to_its_metrics(trained, tmp_path, capsys):
+    """Without --metrics, ember eval RUN scores what the run was evaluated with (its
+    eval.metrics), not always exact_match."""
+    import re
+    import shutil
+
+    run = shutil.copytree(trained["run"], tmp_path / "run")
+    config = run / "config.toml"
+    text, n = re.subn(r"(?m)^metrics = .*$", 'metrics = ["accuracy", "f1"]', config.read_text())
+    assert n == 1
+    config.write_text(text)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--max-new-tokens", "4"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"accuracy", "f1"} <= set(row) and "exact_match" not in row
+
+
 def test_import_gguf(tmp_path, capsys):
     from ember.models.loading import load_pretrained
     from tests.models.test_gguf import write_tiny_gguf

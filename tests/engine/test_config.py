@@ -60,10 +60,33 @@ def test_unknown_keys_are_named_with_the_valid_ones(item, key, valid):
     ("data.max_seq_len=10000", "tokens_per_batch"),
     ("lora.rank", "key=value"),
     ("lora.rank.x=1", "lora.rank must be an integer, got a table"),
+    # Caught before training, not as a crash (threads, max_examples) or a late error after it
+    # (max_val_batches), nor silently ignored (a negative warmup, no new tokens).
+    ("threads=0", "threads must be >= 1"),
+    ("optim.warmup_steps=-3", "optim.warmup_steps must be >= 0"),
+    ("eval.max_examples=0", "eval.max_examples must be >= 1"),
+    ("eval.max_val_batches=0", "set eval.val_loss = false"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens must be >= 1"),
+    ("eval.show=-1", "eval.show must be >= 0"),
+    ('device="tpu"', "device must be"),  # was torch's RuntimeError at the start of the run
+    ("task.train=0", "task.train must be >= 1"),  # was "data.train is empty"
+    ('data.validation=""', "data.validation holds an empty file name"),  # was ".: is a dir"
+    ('data.train=["a.jsonl", " "]', "data.train holds an empty file name"),
+    ('eval.choices=""', "eval.choices is empty"),
 ])
 def test_bad_values_are_clear_errors(item, match):
     with pytest.raises(EmberError, match=match):
         load_config(None, [item])
+
+
+def test_top_level_key_after_a_table_says_so(tmp_path):
+    """TOML puts a key written after [model] into [model]: the error says why max_steps is
+    unknown there."""
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\nname = "m"\nmax_steps = 10\n')
+    with pytest.raises(EmberError, match=r"'max_steps' is a top-level key: in TOML it must come "
+                                         r"before the first \[table\]"):
+        load_config(path)
 
 
 def test_sources(tmp_path):

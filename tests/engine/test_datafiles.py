@@ -123,3 +123,99 @@ def test_bad_tables(tmp_path, tok):
     (tmp_path / "k.csv").write_text("question,answer\nHello world,Paris\n\n")
     with pytest.raises(EmberError, match=r"k\.csv\[0\]: no 'text', 'prompt'/'completion'"):
         load_examples(tmp_path / "k.csv", DataConfig(bad_lines="error"), tok)
+
+
+def test_csv_cells_typed_as_pandas_reads_them(tmp_path, tok):
+    """Numbers (labels, margins, answer indices) come back typed, as Hugging Face datasets
+    (pandas) reads a CSV (true/false stay text: class names; KTO reads them as booleans); a
+    text field starting with "[" stays text; "choices" is a list."""
+    from ember.engine.datafiles import iter_items
+
+    path = tmp_path / "t.csv"
+    path.write_text('text,prompt,label,score,ok,margin,choices\n'
+                    '42,[Q] hi,1,0.5,True,,"[""a"", ""b""]"\n'
+                    'x,"[""a"", ""b""]",10,2,false,1.5,"[""c"", ""d""]"\n')
+    rows = [json.loads(r) for r in iter_items(path)]
+    assert rows == [
+        {"text": "42", "prompt": "[Q] hi", "label": 1, "score": 0.5, "ok": "True",
+         "choices": ["a", "b"]},
+        {"text": "x", "prompt": '["a", "b"]', "label": 10, "score": 2.0, "ok": "false",
+         "margin": 1.5, "choices": ["c", "d"]}]
+    # A prompt column of text that starts with "[" trains as the text it is.
+    rows = [{"prompt": "[INST] What is the capital of France?", "completion": "Paris"},
+            {"prompt": "[1, 2] + [3]?", "completion": "[1, 2, 3]"}]
+    _csv(tmp_path / "b.csv", rows)
+    _same(load_examples(tmp_path / "b.csv", DataConfig(), tok)[0], _jsonl(tmp_path, rows, tok))
+
+
+def test_heads_and_choices_read_csv(tmp_path, tok):
+    """A classifier's labels are inferred from any data file kind (CSV, .json array, gzipped),
+    regression labels and multiple-choice answer indices in CSV are numbers."""
+    from ember.engine.choices import load_choices
+    from ember.engine.classification import infer_labels
+    from ember.engine.reward import load_values
+
+    rows = [{"text": f"t{i}", "label": i % 3} for i in range(6)]
+    _csv(tmp_path / "c.csv", rows)
+    (tmp_path / "c.json").write_text(json.dumps(rows, indent=1))
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write("\ufeff" + "".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("c.csv", "c.json", "c.jsonl.gz"):
+        assert infer_labels([tmp_path / name]) == ("0", "1", "2"), name
+    (tmp_path / "r.csv").write_text("text,label\nhello,0.25\nworld,3\n")
+    examples, rep = load_values(tmp_path / "r.csv", DataConfig(), tok)
+    assert [e.value for e in examples] == [0.25, 3.0] and rep.bad_lines == 0
+    (tmp_path / "q.csv").write_text('question,choices,answer\nhi,"[""a"", ""b""]",1\n'
+                                    'yo,"[""c"", ""d""]",0\n')
+    assert len(load_choices(str(tmp_path / "q.csv"), DataConfig(), tok)[1]) == 2
+    # KTO's labels from CSV; an SFT run on such a file is refused, not trained on every row.
+    from ember.engine.kto import load_kto_examples
+
+    (tmp_path / "k.csv").write_text("prompt,completion,label\nhi,yes,TRUE\nyo,no,false\n")
+    examples, _ = load_kto_examples(tmp_path / "k.csv", DataConfig(), tok)
+    assert [e.desirable for e in examples] == [True, False]
+    with pytest.raises(EmberError, match="a KTO line"):
+        load_examples(tmp_path / "k.csv", DataConfig(bad_lines="error"), tok)
+
+
+def test_misnamed_and_damaged_files(tmp_path, tok):
+    """A JSON array in a file named .jsonl is read as one; a .gz file that is not gzip, or whose
+    data is cut off, is an EmberError naming it (was gzip's BadGzipFile / EOFError); a file of
+    pretty-printed objects says what JSON Lines are."""
+    ref = _jsonl(tmp_path, ROWS, tok)
+    (tmp_path / "a.jsonl").write_text(json.dumps(ROWS, indent=2))
+    _same(load_examples(tmp_path / "a.jsonl", DataConfig(), tok)[0], ref)
+    (tmp_path / "n.jsonl.gz").write_text(json.dumps(ROWS[0]) + "\n")
+    with pytest.raises(EmberError, match=r"n\.jsonl\.gz: named \.gz but not gzip-compressed"):
+        load_examples(tmp_path / "n.jsonl.gz", DataConfig(), tok)
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in ROWS * 200).encode())
+    (tmp_path / "t.jsonl.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EmberError, match=r"t\.jsonl\.gz: the gzip data is damaged"):
+        load_examples(tmp_path / "t.jsonl.gz", DataConfig(), tok)
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r, indent=2) for r in ROWS))
+    with pytest.raises(EmberError, match="one whole object per line"):
+        load_examples(tmp_path / "p.jsonl", DataConfig(), tok)
+
+
+def test_parquet_columns_json_has_no_type_for(tmp_path, tok):
+    """An unused timestamp / binary column no longer makes a Parquet file unreadable (was "a
+    value cannot be read as JSON" for the first row); a decimal label reads as a number."""
+    import datetime
+    import decimal
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from ember.engine.reward import load_values
+
+    when = datetime.datetime(2026, 11, 23, 12, 0)
+    pq.write_table(pa.table({"prompt": [r["prompt"] for r in ROWS],
+                             "completion": [r["completion"] for r in ROWS],
+                             "created": [when] * 3, "raw": [b"\x00\xff", b"x", b""]}),
+                   tmp_path / "d.parquet")
+    _same(load_examples(tmp_path / "d.parquet", DataConfig(), tok)[0],
+          _jsonl(tmp_path, ROWS, tok))
+    pq.write_table(pa.table({"text": ["hi", "yo"], "label": [decimal.Decimal("0.25"),
+                                                            decimal.Decimal("3")]}),
+                   tmp_path / "v.parquet")
+    assert [e.value for e in load_values(tmp_path / "v.parquet", DataConfig(), tok)[0]] == [
+        0.25, 3.0]

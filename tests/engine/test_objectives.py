@@ -210,3 +210,29 @@ def test_dpo_loss_types_train(tiny, prefs, tmp_path, sets):
     assert res.after["val_reward_accuracy"] >= 0.9 and res.after["val_reward_margin"] > 0
     rows = _train_rows(tmp_path / "run")
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_ember_eval_of_a_preference_run_scores_it_as_training_did(tiny, prefs, tmp_path,
+                                                                  objective, capsys):
+    """``ember eval RUN --data pairs.jsonl`` on a DPO / KTO run reports the run's own validation
+    scores against its reference (was: the SFT loss over chosen and rejected answers for DPO, and
+    every line refused as "a KTO line" for KTO)."""
+    import dataclasses
+    import json
+
+    from ember.engine.cli import main as cli
+
+    run, pairs = tmp_path / objective, tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(open(prefs).readlines()[:4]))
+    cfg = tiny_config({**tiny, "train": pairs, "val": pairs}, run, f'objective="{objective}"',
+                      "max_steps=1", "optim.lr=1e-2", "eval.metrics=[]", "eval.before=false",
+                      "data.tokens_per_batch=96", "data.max_seq_len=32")
+    train(cfg.replace(data=dataclasses.replace(cfg.data, test=None)), echo=quiet,
+          progress=False)
+    last = [r for r in rows_of(run, timing=False) if r["kind"] == "eval"][-1]
+    capsys.readouterr()
+    assert cli(["eval", str(run), "--data", str(pairs)]) in (0, None)
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    want = {k: v for k, v in last.items() if k.startswith("val_")}
+    assert want and {k: got[k] for k in want} == pytest.approx(want, rel=1e-5, abs=1e-6)

@@ -156,6 +156,32 @@ def test_stop_resume_equals_uninterrupted_run(tiny, tmp_path):
               echo=quiet, progress=False)
 
 
+def test_one_epoch_sees_each_example_once_with_grad_accum(tiny, tmp_path):
+    """epochs = 1 with grad_accum 4: the last step takes the micro-batches left (HF Trainer's
+    partial accumulation), so the run trains on exactly the epoch's tokens (it took whole steps
+    of 4 from the next epoch: more than 1 epoch)."""
+    cfg = tiny_config(tiny, tmp_path / "r", f'data.train=["{tiny["small"]}"]', "grad_accum=4",
+                      "data.max_seq_len=16", "data.tokens_per_batch=16", "eval.metrics=[]",
+                      "eval.val_loss=false", "checkpoint.save_final=false")
+    t = Trainer(cfg, echo=quiet, progress=False)
+    res = t.run()
+    per_epoch = len(PackedBatches.from_config(t.datasets.train, t.cfg.data).plan(0))
+    assert per_epoch % 4 and res.steps == math.ceil(per_epoch / 4)
+    rows = [r for r in rows_of(tmp_path / "r") if r["kind"] == "train"]
+    assert rows[-1]["tokens"] == sum(len(e) for e in t.datasets.train)
+
+
+def test_resuming_a_finished_run_does_not_evaluate_again(tiny, tmp_path):
+    """--resume on a run that completed: its final evaluation is logged already (was a second
+    eval row for the last step in metrics.jsonl, a new evaluation's time)."""
+    cfg = tiny_config(tiny, tmp_path / "r", "max_steps=2", "eval.metrics=[]")
+    first = train(cfg, echo=quiet, progress=False)
+    rows = rows_of(tmp_path / "r", timing=False)
+    again = train(cfg, resume=True, echo=quiet, progress=False)
+    assert rows_of(tmp_path / "r", timing=False) == rows
+    assert again.after == first.after and again.steps == 2
+
+
 def test_full_finetuning_with_frozen_parts(tiny, tmp_path):
     cfg = tiny_config(tiny, tmp_path / "full", 'method="full"', "max_steps=1",
                       'freeze=["embed.*"]', "train_layers=[-1]", "eval.metrics=[]",
@@ -177,6 +203,57 @@ def test_early_stopping(tiny, tmp_path):
                       "eval.min_delta=0.1", "eval.metrics=[]")
     res = train(cfg, echo=quiet, progress=False)
     assert res.stopped_early and res.steps == 4
+
+
+def test_early_stopping_comparisons_with_nan():
+    """A NaN score (pearson of constant predictions) is no improvement and no lasting best: it
+    used to become the best, which no later score could beat (stopping after `patience`)."""
+    from ember.engine.best import improved
+
+    nan = float("nan")
+    assert improved(0.1, None, "max", 0.0) and not improved(0.1, 0.1, "max", 0.0)
+    assert improved(0.05, 0.1, "min", 0.0) and not improved(0.05, 0.1, "min", 0.1)
+    assert not improved(nan, None, "max", 0.0) and not improved(nan, 0.3, "max", 0.0)
+    assert improved(-0.5, nan, "max", 0.0) and improved(3.0, nan, "min", 0.0)
+
+
+def test_best_weights_follow_any_improvement_patience_min_delta(tiny, tmp_path, monkeypatch):
+    """As transformers: the kept best moves on any improvement, while patience counts only
+    improvements by more than min_delta (EarlyStoppingCallback's threshold)."""
+    import ember.engine.trainer as trainer_module
+    from ember.engine.state import Progress
+
+    kept = []
+    monkeypatch.setattr(trainer_module, "save_best", lambda run_dir, step, *a: kept.append(step))
+    cfg = tiny_config(tiny, tmp_path / "r", 'eval.early_stopping="val_loss"', "eval.patience=2",
+                      "eval.min_delta=0.5", "eval.every_steps=1", "eval.metrics=[]")
+    t = Trainer(cfg, echo=quiet, progress=False)
+    t.cfg, t.info, t.model, prog = cfg, None, None, Progress()
+    losses = [3.0, 2.8, 2.7, 2.9]
+    stops = [t._early_stop({"val_loss": v}, prog, i) for i, v in enumerate(losses)]
+    # step 0 (before training) is patience's baseline only; 1 and 2 improve (< min_delta)
+    assert stops == [False, False, True, True] and kept == [1, 2] and prog.best_step == 2
+
+
+def test_early_stopping_ends_with_the_best_weights(tiny, tmp_path):
+    """As transformers' load_best_model_at_end: the exported weights are the best evaluation's,
+    also across a stop and --resume. Here the best is step 2's (mode "max" on a falling
+    val_loss; the base model before training is patience's baseline, not a candidate), so
+    final/ holds step 2's weights, not those of step 4 where the run stopped."""
+    cfg = tiny_config(tiny, tmp_path / "es", "max_steps=20", "optim.lr=1e-2",
+                      "eval.every_steps=2", 'eval.early_stopping="val_loss"', "eval.patience=2",
+                      'eval.mode="max"', "eval.metrics=[]", "checkpoint.every_steps=2")
+    assert train(cfg, echo=quiet, progress=False, stop_after=2).steps == 2
+    res = train(cfg, resume=True, echo=quiet, progress=False)
+    evals = {r["step"]: r["val_loss"] for r in rows_of(tmp_path / "es") if r["kind"] == "eval"}
+    assert evals[0] > evals[2] > evals[4]  # the scenario: each evaluation "worse" than the last
+    assert res.stopped_early and res.steps == 4 and res.after["val_loss"] == evals[2]
+    model, _, _ = load_run_model(tmp_path / "es", "cpu")  # final/adapter
+    params = dict(model.named_parameters())
+    best = checkpoint_weights(tmp_path / "es", tmp_path, step=2)
+    last = checkpoint_weights(tmp_path / "es", tmp_path, step=4)
+    assert best and all(torch.equal(params[k], v) for k, v in best.items())
+    assert not all(torch.equal(params[k], v) for k, v in last.items())
 
 
 @pytest.mark.parametrize("metric,no_val,no_test,every,match", [

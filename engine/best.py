@@ -1,0 +1,53 @@
+"""The best evaluation's weights, for ``eval.early_stopping``: a run that early-stops on a metric
+ends with the weights of the evaluation that scored best on it, as transformers'
+``load_best_model_at_end`` does (its ``EarlyStoppingCallback`` requires it), not with those of
+the ``patience`` evaluations after it that did not improve.
+
+Each evaluation that beats the best so far at all (transformers keeps its best model the same
+way; ``eval.min_delta`` only decides what counts for ``patience``, as EarlyStoppingCallback's
+threshold) among those during training (the one before training is the baseline for
+``patience``, not weights to end with: a metric that never moves keeps the first evaluation's,
+as transformers would), writes the trainable weights to ``<run_dir>/best/step_N/``
+(``engine/dcp.py``; the newest only, any number of processes), so the best survives a stop and
+``--resume``. At the end of the run the trainer evaluates the last step, writes its checkpoint
+(the exact state to continue from), then loads the best weights back before exporting
+``final/``; the scores it reports as "after" are the best evaluation's.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ember.engine import dcp
+from ember.engine.distributed import DistInfo
+
+
+def best_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "best"
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    """``value`` beats ``best`` by more than ``min_delta`` (``mode``: "min" or "max"). A NaN
+    score (pearson of constant predictions) never improves, and a NaN best is beaten by any
+    number (else no later evaluation could ever beat it)."""
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def save_best(run_dir: str | Path, step: int, model, info: DistInfo) -> Path:
+    """Keep ``model``'s trainable weights as the best so far (every rank must call it)."""
+    return dcp.save(best_root(run_dir), step, model=model, info=info, keep_last=1)
+
+
+def restore_best(run_dir: str | Path, step: int, model, info: DistInfo) -> bool:
+    """Load the best weights (of ``step``) back into ``model`` (every rank must call it); False
+    when they are gone (the model keeps its weights)."""
+    path = dcp.step_dir(best_root(run_dir), step)
+    if not path.is_dir():
+        return False
+    dcp.load_model_weights(path, model, info)
+    return True
