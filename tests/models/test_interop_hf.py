@@ -250,3 +250,21 @@ def test_auto_map_of_a_native_model_type_loads_as_the_native_model(tmp_path):
         model, _ = load_pretrained(folder)
     with torch.no_grad():
         assert (model(ids) - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
+
+
+def test_export_keeps_the_stop_ids_of_generation_config(tmp_path):
+    """generation_config.json often stops at more ids than config.json's eos (Gemma-2-it:
+    [1, 107] for <end_of_turn>, Llama 3: <|eot_id|>, Qwen2.5: <|endoftext|>); an export wrote
+    config.json's eos alone, so transformers' generate and a reload here ran past end of turn."""
+    from ember.models.tokenizer import load_tokenizer, tokenizer_from_gguf
+    from tests.models.test_gguf import tiny_tokenizer_md
+
+    folder = _save(tmp_path, "eos", eos_token_id=2, bos_token_id=1)
+    tokenizer_from_gguf(tiny_tokenizer_md()).save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    model, tok = load_pretrained(folder)
+    assert tok.eos_token_ids == {0, 2} and model.cfg.eos_token_id == 2
+    out = save_pretrained(model, tmp_path / "export", tok)
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [2, 0]
+    assert load_tokenizer(out).eos_token_ids == {0, 2}
+    assert read_config(out).eos_token_id == 2  # config.json as it was
