@@ -123,25 +123,43 @@ class Tokenizer:
 
     # ---- chat ------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
-                            tokenize: bool = False, **kwargs: Any) -> str | list[int]:
+                            tokenize: bool = False, continue_final_message: bool | str = False,
+                            **kwargs: Any) -> str | list[int]:
         """Render ``messages`` ([{"role": ..., "content": ...}]) with the model's template; extra
-        keyword arguments become template variables (e.g. ``tools``, ``enable_thinking``)."""
+        keyword arguments become template variables (e.g. ``tools``, ``enable_thinking``).
+
+        As transformers 5 renders them: keys whose value is None are left out of the messages
+        (OpenAI's ``"tool_calls": null``), a message's reasoning under any of its names
+        (``reasoning_content``, ``thinking``, ``reasoning``) is also given under the others, and
+        ``continue_final_message`` (True, or the field to continue) ends the text inside the last
+        message instead of closing its turn, for the model to continue it."""
         if self.chat_template is None:
             raise EmberError("this tokenizer has no chat template (tokenizer_config.json "
                              "'chat_template' / chat_template.jinja); format the prompt yourself "
                              "or use a chat model")
         if isinstance(messages, dict) or not all(isinstance(m, dict) for m in messages):
             raise EmberError("apply_chat_template expects a list of {'role', 'content'} dicts")
+        if continue_final_message and add_generation_prompt:
+            raise EmberError("continue_final_message and add_generation_prompt exclude each "
+                             "other: continue the last message, or open a new assistant turn")
         context = {name: getattr(self, name) for name in _SPECIALS}
         context.update(kwargs)
         context.setdefault("tools", None)
         context.setdefault("documents", None)
+        chat = _alias_reasoning([{k: v for k, v in m.items() if v is not None}
+                                 for m in _plain(list(messages))])
+        final = None
+        if continue_final_message:
+            final = _tag_final_message(chat, continue_final_message, self.chat_template)
         try:
             text = _compile(self.chat_template).render(
-                messages=_plain(list(messages)), add_generation_prompt=add_generation_prompt,
-                **_plain(context))
-        except jinja2.TemplateError as e:  # raise_exception() lands here with the template's text
-            raise EmberError(f"chat template failed: {e}") from None
+                messages=chat, add_generation_prompt=add_generation_prompt, **_plain(context))
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
+            # raise_exception() (a TemplateError with the template's text) and template bugs
+            why = e if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: {e}"
+            raise EmberError(f"chat template failed: {why}") from None
+        if final is not None:
+            text = _cut_at_tag(text, final)
         return self.encode(text) if tokenize else text
 
     # ---- persistence -----------------------------------------------------------------------------
@@ -285,6 +303,56 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
         return _plain(value.item())
     return f"<{type(value).__name__}>"
+
+
+_REASONING = ("reasoning_content", "thinking", "reasoning")  # transformers' names, in its order
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _alias_reasoning(chat: list[dict]) -> list[dict]:
+    """transformers 5's ``_alias_reasoning_fields``: a message's reasoning (the first of its
+    names that is set) also as ``reasoning_content`` and, unless given, ``thinking``, so that a
+    template reading either name sees it (Qwen3 reads reasoning_content, gpt-oss thinking)."""
+    out = []
+    for m in chat:
+        r = next((m[k] for k in _REASONING if m.get(k) is not None), None)
+        out.append(m if r is None else {"thinking": r, **m, "reasoning_content": r})
+    return out
+
+
+def _tag_final_message(chat: list[dict], field: bool | str, template: str) -> str:
+    """Mark the end of the last message's ``field`` (transformers' continue_final_message) and
+    return the text marked; the render is cut at the mark (``_cut_at_tag``)."""
+    if not chat:
+        raise EmberError("continue_final_message needs at least one message")
+    field = field if isinstance(field, str) else "content"
+    last = chat[-1]
+    final = last.get(field)
+    if final is None:
+        raise EmberError(f"continue_final_message: the last message has no {field!r} to continue")
+    fields = [f for f in _REASONING if last.get(f) == final] if field in _REASONING else [field]
+    if not any(f in template for f in fields):
+        raise EmberError(f"continue_final_message={field!r}: the chat template never reads it")
+    if isinstance(final, list):  # content parts: continue the last text part
+        part = next((p for p in reversed(final) if isinstance(p, dict) and "text" in p), None)
+        if part is None:
+            raise EmberError("continue_final_message: the last message has no text to continue")
+        final, part["text"] = part["text"], part["text"] + _CONTINUE_TAG
+    else:
+        for f in fields:
+            last[f] = last[f] + _CONTINUE_TAG
+    return final
+
+
+def _cut_at_tag(text: str, final: str) -> str:
+    """The render up to the continued message's end (its trailing spaces too, where the template
+    kept them), as transformers cuts it."""
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in text or tag not in text:
+        raise EmberError("continue_final_message: the chat template dropped part of the last "
+                         "message, so there is no place to continue it")
+    at = text.rindex(tag)
+    return text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
 
 
 @lru_cache(maxsize=16)

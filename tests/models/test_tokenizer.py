@@ -254,3 +254,49 @@ def test_smollm2_digits_follow_its_own_tokenizer_json(ours, smol_gguf):
         tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     for text in ["  0", "x = [\n  1,\n  22\n]", "\r\n  9", "\t\t42", "a   123456789"]:
         assert ours.encode(text) == oracle.encode(text).ids, text
+
+
+# Reads what the cases below vary: a key that may be null, the reasoning under another name, and
+# the end of the last message (continued or closed).
+_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m.tool_calls is defined %}{{ m.tool_calls[0].name }}{% endif %}"
+    "{% if m.reasoning_content is string %}<think>{{ m.reasoning_content }}</think>{% endif %}"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("messages,kw", [
+    # OpenAI-style null fields: transformers 5 leaves them out; Ember crashed on tool_calls[0]
+    ([{"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "yo", "tool_calls": None}], {}),
+    # the reasoning under another of its names: Ember dropped it
+    ([{"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "yo", "reasoning": "think "}], {}),
+    ([{"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "yo", "thinking": "hm"}], {}),
+    # continue_final_message: Ember closed the turn (it became a template variable)
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is"}],
+     {"continue_final_message": True}),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Trailing  "}],
+     {"continue_final_message": True}),
+    ([{"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "x", "reasoning_content": "so"}],
+     {"continue_final_message": "reasoning_content"}),
+    ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+     {"continue_final_message": True}),
+])
+def test_chat_template_inputs_as_transformers_renders_them(messages, kw):
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    given = copy.deepcopy(messages)
+    ours = tokenizer_from_gguf(tiny_tokenizer_md() | {"tokenizer.chat_template": _TEMPLATE})
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_object=ours.backend,
+                                                  eos_token="<|im_end|>", chat_template=_TEMPLATE)
+    assert ours.apply_chat_template(messages, **kw) == theirs.apply_chat_template(
+        messages, tokenize=False, **kw)
+    assert messages == given  # the caller's messages are not edited
+    if kw:
+        with pytest.raises(EmberError, match="exclude each other"):
+            ours.apply_chat_template(messages, add_generation_prompt=True, **kw)
