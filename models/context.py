@@ -37,6 +37,10 @@ def extended_config(cfg: ModelConfig, kind: str, factor: float) -> ModelConfig:
         raise EmberError(f"the model already scales RoPE ({rs.kind}, factor {rs.factor:g}, "
                          f"context {cfg.max_position_embeddings}); a second scaling would not "
                          "compose with it: drop model.rope_scaling")
+    if cfg.model_type == "phi3":
+        raise EmberError("context extension of Phi-3 is not supported: transformers' Phi-3 takes "
+                         "no RoPE scaling but LongRoPE, so the model could not be exported; use "
+                         "a Phi-3 checkpoint with LongRoPE (Phi-3.5-mini, Phi-4-mini)")
     if cfg.partial_rotary_factor != 1.0 and kind == "yarn":
         raise EmberError("YaRN context extension on a partially rotary model is not supported; "
                          "use model.rope_scaling = \"linear\"")
