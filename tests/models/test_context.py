@@ -104,3 +104,18 @@ def test_phi3_takes_longrope_only(tmp_path):
         transformers.Phi3Config(**{**raw, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
     with pytest.raises(EmberError, match="rope type 'linear' is not one transformers' Phi-3"):
         config_from_hf({**raw, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+
+
+def test_phi2_extension_is_refused_before_training(tmp_path):
+    """Phi-1/2 exports refuse RoPE scaling; a linear extension used to be accepted and fail only
+    at export, after the training run (and yarn's refusal suggested linear)."""
+    config = transformers.PhiConfig(**{k: v for k, v in BASE.items() if k != "rms_norm_eps"},
+                                    hidden_size=48)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "phi")
+    with pytest.warns(UserWarning, match="tokenizer"):
+        model, _ = load_pretrained(tmp_path / "phi", "float32")
+    for kind in ("linear", "yarn"):
+        with pytest.raises(EmberError, match="context extension of Phi-1/1.5/2 is not supported"):
+            extend_context(model, kind, 2.0)
+    with pytest.raises(EmberError, match="no equivalent of rope_scaling"):  # why: export refuses
+        config_to_hf(model.cfg.replace(rope_scaling=RopeScaling(kind="linear", factor=2.0)))
