@@ -79,13 +79,17 @@ def render(template: str, messages: Sequence[dict], context: dict, *,
            add_generation_prompt: bool = False,
            continue_final_message: bool | str = False) -> str:
     """The text ``template`` renders for ``messages`` and the variables in ``context``."""
-    if isinstance(messages, dict) or not all(isinstance(m, dict) for m in messages):
+    messages = None if isinstance(messages, Mapping | str) else _plain(list(messages))
+    if messages is None or not all(isinstance(m, dict) for m in messages):
         raise EmberError("apply_chat_template expects a list of {'role', 'content'} dicts")
+    tools = context.get("tools")
+    if tools is not None and any(callable(t) and not isinstance(t, Mapping) for t in tools):
+        raise EmberError("chat template tools must be JSON schemas ({'type': 'function', "
+                         "'function': {...}}); Ember does not derive them from Python functions")
     if continue_final_message and add_generation_prompt:
         raise EmberError("continue_final_message and add_generation_prompt exclude each "
                          "other: continue the last message, or open a new assistant turn")
-    chat = _alias_reasoning([{k: v for k, v in m.items() if v is not None}
-                             for m in _plain(list(messages))])
+    chat = _alias_reasoning([{k: v for k, v in m.items() if v is not None} for m in messages])
     final = None
     if continue_final_message:
         final = _tag_final_message(chat, continue_final_message, template)
@@ -97,6 +101,7 @@ def render(template: str, messages: Sequence[dict], context: dict, *,
         why = e if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: {e}"
         raise EmberError(f"chat template failed: {why}") from None
     return text if final is None else _cut_at_tag(text, final)
+
 
 def _alias_reasoning(chat: list[dict]) -> list[dict]:
     """transformers 5's ``_alias_reasoning_fields``: a message's reasoning (the first of its
@@ -149,7 +154,7 @@ def _plain(value: Any) -> Any:
     methods it does not know are unsafe (transformers does the same)."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {_plain(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]

@@ -379,3 +379,20 @@ def test_named_chat_templates_travel_through_gguf(tmp_path):
     assert {k: v for k, v in out.items() if k.startswith(Keys.Tokenizer.CHAT_TEMPLATE)} == {
         k: md[k] for k in md if k.startswith(Keys.Tokenizer.CHAT_TEMPLATE)} | {
         Keys.Tokenizer.CHAT_TEMPLATES: ["rag", "tool_use"]}
+
+
+def test_tools_given_as_python_functions_are_refused():
+    """transformers derives a JSON schema from a Python function given as a tool; Ember put the
+    text '<function>' in the prompt instead."""
+
+    def get_weather(city: str) -> str:
+        """Weather.
+
+        Args:
+            city: where
+        """
+        return city
+
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    with pytest.raises(EmberError, match="tools must be JSON schemas"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=[get_weather])
