@@ -268,3 +268,30 @@ def test_export_keeps_the_stop_ids_of_generation_config(tmp_path):
     assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [2, 0]
     assert load_tokenizer(out).eos_token_ids == {0, 2}
     assert read_config(out).eos_token_id == 2  # config.json as it was
+
+
+def test_a_hub_id_loads_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
+    """"org/name" as transformers users write it: the snapshot already in the Hugging Face cache
+    (as huggingface_hub finds it offline) loads; Ember said "not found". Nothing is fetched."""
+    import os
+
+    hub = pytest.importorskip("huggingface_hub")
+    cache = tmp_path / "hf" / "hub"
+    repo = cache / "models--tiny-org--tiny-llama"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots").mkdir(parents=True)
+    _save(tmp_path, "src").rename(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    want = hub.snapshot_download("tiny-org/tiny-llama", local_files_only=True, cache_dir=cache)
+    from ember.models.hub import resolve_model
+
+    assert os.path.samefile(resolve_model("tiny-org/tiny-llama"), want)
+    model, _ = load_pretrained("tiny-org/tiny-llama")
+    ids = _ids()
+    with torch.no_grad():
+        assert (model(ids) - _hf_logits(want, ids)).abs().max().item() <= 1e-4
+    with pytest.raises(EmberError, match="not a Hugging Face Hub id in the local"):
+        resolve_model("tiny-org/absent")
