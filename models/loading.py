@@ -110,7 +110,7 @@ _DTYPE_ALIASES = {
 _MODEL_FOLDER_FILES = re.compile(
     r"(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
     r"model\.safetensors\.index\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|"
-    r"chat_template\.jinja|vocab\.json|merges\.txt|"
+    r"chat_template\.jinja|additional_chat_templates|vocab\.json|merges\.txt|"
     r"preprocessor_config\.json|processor_config\.json|chat_template\.json)"
 )
 

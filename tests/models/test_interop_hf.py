@@ -295,3 +295,17 @@ def test_a_hub_id_loads_from_the_local_hugging_face_cache(tmp_path, monkeypatch)
         assert (model(ids) - _hf_logits(want, ids)).abs().max().item() <= 1e-4
     with pytest.raises(EmberError, match="not a Hugging Face Hub id in the local"):
         resolve_model("tiny-org/absent")
+
+
+def test_export_replaces_a_folder_with_named_chat_templates(tmp_path):
+    """transformers 5 saves named chat templates in additional_chat_templates/: re-exporting over
+    such a model folder was refused as holding foreign files."""
+    folder = _save(tmp_path, "named")
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    model, _ = load_pretrained(folder)
+    save_pretrained(model, folder)
+    assert not (folder / "additional_chat_templates").exists()  # replaced as a whole
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(EmberError, match="notes.txt"):
+        save_pretrained(model, folder)
