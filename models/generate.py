@@ -281,12 +281,17 @@ def _as_messages(prompt, chat: bool) -> list[dict] | None:
 
 def encode_prompts(tokenizer, prompts: Sequence, chat: bool = False) -> list[list[int]]:
     """Token ids per prompt: conversations (and plain strings when ``chat``) go through the chat
-    template with the generation prompt; plain text gets the tokenizer's own special tokens."""
+    template with the generation prompt, or, when the last message is the assistant's (a
+    prefilled answer), ending inside it to be continued (transformers' text-generation pipeline
+    does the same); plain text gets the tokenizer's own special tokens."""
     out = []
     for p in prompts:
         messages = _as_messages(p, chat)
         if messages is None:
             out.append(tokenizer.encode(p, add_special_tokens=True))
+        elif messages and messages[-1].get("role") == "assistant":
+            out.append(tokenizer.apply_chat_template(messages, continue_final_message=True,
+                                                     tokenize=True))
         else:
             out.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                      tokenize=True))

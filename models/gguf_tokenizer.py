@@ -22,6 +22,7 @@ A normalizer (Qwen2's NFC) has no GGUF field and is dropped, as llama.cpp's conv
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from typing import Any
 
@@ -153,6 +154,11 @@ def _add_specials(tok: Tokenizer, md: dict[str, Any]) -> None:
     md["tokenizer.ggml.add_eos_token"] = bool(tok.add_eos_token)
     if tok.chat_template is not None:
         md["tokenizer.chat_template"] = tok.chat_template
+    # named ones ("tool_use", "rag") as gguf's add_chat_template writes them (name: [A-Za-z0-9_])
+    named = {re.sub(r"[^A-Za-z0-9]", "_", n): t for n, t in tok.chat_templates.items()}
+    md.update({f"tokenizer.chat_template.{n}": t for n, t in named.items()})
+    if named:
+        md["tokenizer.chat_templates"] = sorted(named)
     # stop ids llama.cpp would not find from eos and the template: eot, then eom
     extra = sorted(set(tok.eos_token_ids) - set(gguf_stop_ids(md)))
     for key, i in zip(("eot_token_id", "eom_token_id"), extra, strict=False):

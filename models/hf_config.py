@@ -327,6 +327,8 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
     archs = raw.get("architectures")
     classifier = _classifier_architecture(model_type)
     labels = labels_from_hf(raw, classifier)
+    if labels is None and model_type in _OLD_CLASSIFIERS:  # folders Ember exported before
+        labels = labels_from_hf(raw, _OLD_CLASSIFIERS[model_type])
     causal_lm = isinstance(archs, list) and archs and all(
         isinstance(a, str) and a.endswith("ForCausalLM") for a in archs)
     if causal_lm and labels is None and archs != [ARCHITECTURES[model_type]]:
@@ -472,6 +474,12 @@ def _pad_token_id(raw: Mapping) -> int | None:
     return _get_int(raw, "pad_token_id", None, nullable=True)
 
 
+# transformers' Gemma 3 text classifier; Gemma3ForSequenceClassification is the multimodal one's
+_CLASSIFIERS = {"gemma3_text": "Gemma3TextForSequenceClassification"}
+_OLD_CLASSIFIERS = {"gemma3_text": "Gemma3ForSequenceClassification"}
+
+
 def _classifier_architecture(model_type: str) -> str:
     """transformers' classifier class of a family (``LlamaForSequenceClassification``)."""
-    return ARCHITECTURES[model_type].replace("ForCausalLM", "ForSequenceClassification")
+    return _CLASSIFIERS.get(model_type) or ARCHITECTURES[model_type].replace(
+        "ForCausalLM", "ForSequenceClassification")

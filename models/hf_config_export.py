@@ -54,6 +54,9 @@ def _check_exportable(cfg: ModelConfig) -> None:
         problems.append(f"partial_rotary_factor={cfg.partial_rotary_factor}")
     if cfg.longrope is not None and mt not in LONGROPE_FAMILIES:
         problems.append("LongRoPE")
+    if mt == "phi3" and cfg.rope_scaling is not None and cfg.rope_scaling.kind != "longrope":
+        problems.append(f"{cfg.rope_scaling.kind} RoPE scaling (transformers' Phi-3 takes "
+                        "LongRoPE only)")
     if cfg.embedding_scale != (cfg.hidden_size**0.5 if gemma else None) and mt != "granite":
         problems.append(f"embedding_scale={cfg.embedding_scale}")
     if cfg.norm_offset != (1.0 if gemma else 0.0):

@@ -127,7 +127,10 @@ def phi_config(raw: Mapping, harmless: frozenset, config_from_hf) -> ModelConfig
     base.update(model_type="llama", rope_theta=theta,
                 rms_norm_eps=get_float(raw, "layer_norm_eps", 1e-5),
                 hidden_act=raw.get("hidden_act", "gelu_new"))
-    cfg = config_from_hf(base)
+    try:
+        cfg = config_from_hf(base)
+    except EmberError as e:  # the shared fields were read as a llama config's: say phi
+        raise EmberError(str(e).replace("for llama", "for phi")) from None
     try:
         return cfg.replace(
             model_type="phi", norm="layernorm", parallel_block=True, gated_mlp=False,

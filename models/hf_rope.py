@@ -41,6 +41,7 @@ _ROPE_KEYS = {
 }
 # transformers computes LongRoPE in the shared rotary embedding of these families
 LONGROPE_FAMILIES = ("phi3", "llama", "mistral", "qwen2", "qwen3")
+PHI3_ROPE_TYPES = ("default", "longrope")  # transformers' Phi3Config.validate_rope
 PHI3_ORIGINAL_MAX = 4096  # Phi3Config's class default for original_max_position_embeddings
 
 
@@ -113,6 +114,9 @@ def parse_rope(
         raise EmberError(
             f"config.json: rope type {kind!r} is not supported (supported: {', '.join(_ROPE_KEYS)})"
         )
+    if model_type == "phi3" and kind not in PHI3_ROPE_TYPES:
+        raise EmberError(f"config.json: rope type {kind!r} is not one transformers' Phi-3 takes "
+                         f"(only {', '.join(PHI3_ROPE_TYPES)})")
     unknown = sorted(set(rope) - _ROPE_KEYS[kind])
     if unknown:
         raise EmberError(f"config.json: unsupported field(s) {unknown} for rope type {kind!r}")

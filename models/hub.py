@@ -6,6 +6,11 @@ Python code needs the ``llm`` CLI, so the package is located with ``importlib.ut
 never imported). A GGUF file is imported once into the cache (``$EMBER_CACHE``, default
 ``~/.cache/ember``) by ``ember.models.loading.gguf_folder``, keyed by the file's content hash, and
 reused afterwards. Concurrent processes serialize on a lock file so the import runs once.
+
+A Hugging Face Hub id (``"HuggingFaceTB/SmolLM2-135M-Instruct"``) names the snapshot already in
+the Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+``~/.cache/huggingface/hub``), as ``huggingface_hub.snapshot_download(id,
+local_files_only=True)`` finds it; it is never fetched.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +126,25 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
                          f"a built-in name ({', '.join(list_models())})")
     if isinstance(name_or_path, str) and builtin_model(name_or_path) is not None:
         return import_cached(builtin_gguf_path(name_or_path))
-    raise EmberError(f"model {str(name_or_path)!r} not found: not a folder, not a .gguf file and "
-                     f"not a built-in model ({', '.join(list_models())}); Ember downloads nothing, "
-                     "so pass a local path")
+    snapshot = hf_cache_snapshot(name_or_path) if isinstance(name_or_path, str) else None
+    if snapshot is not None:
+        return snapshot
+    raise EmberError(f"model {str(name_or_path)!r} not found: not a folder, not a .gguf file, "
+                     f"not a built-in model ({', '.join(list_models())}) and not a Hugging Face "
+                     "Hub id in the local Hugging Face cache; Ember downloads nothing, so pass a "
+                     "local path")
+
+
+def hf_cache_snapshot(repo_id: str) -> Path | None:
+    """The folder of Hub model ``repo_id`` ("org/name") at its cached ``main`` revision in the
+    Hugging Face cache, or None (see the module docstring)."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        return None
+    root = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or Path(
+        os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+    repo = Path(root).expanduser() / f"models--{repo_id.replace('/', '--')}"
+    ref = repo / "refs" / "main"
+    if not ref.is_file():
+        return None
+    snapshot = repo / "snapshots" / ref.read_text().strip()
+    return snapshot if snapshot.is_dir() else None

@@ -110,7 +110,7 @@ _DTYPE_ALIASES = {
 _MODEL_FOLDER_FILES = re.compile(
     r"(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
     r"model\.safetensors\.index\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|"
-    r"chat_template\.jinja|vocab\.json|merges\.txt|"
+    r"chat_template\.jinja|additional_chat_templates|vocab\.json|merges\.txt|"
     r"preprocessor_config\.json|processor_config\.json|chat_template\.json)"
 )
 
@@ -343,6 +343,16 @@ def _with_multimodal_base(hf: dict, dtypes: dict, cfg: ModelConfig, base: Path,
     return out, config
 
 
+def _stop_ids(cfg: ModelConfig, tokenizer) -> int | list[int] | None:
+    """generation_config.json's eos_token_id: config.json's, then the other ids the tokenizer
+    stops at (the source folder's generation_config.json, e.g. Gemma's ``<end_of_turn>`` or
+    Llama 3's ``<|eot_id|>``), which transformers' generate and a reload here would lose."""
+    eos = cfg.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    ids += sorted(set(getattr(tokenizer, "eos_token_ids", ())) - set(ids))
+    return None if not ids else ids[0] if len(ids) == 1 else ids
+
+
 def _write_folder(
     sd: dict, cfg: ModelConfig, tmp: Path, tokenizer, dtype: torch.dtype | None, limit: int,
     multimodal_base: Path | None = None,
@@ -373,7 +383,7 @@ def _write_folder(
     _write_json(tmp / "config.json", config)
     if multimodal_base is not None and config == _read_config_json(multimodal_base)[1]:
         shutil.copyfile(Path(multimodal_base) / "config.json", tmp / "config.json")  # as it was
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": _stop_ids(cfg, tokenizer)}
     if cfg.pad_token_id is not None:
         gen["pad_token_id"] = cfg.pad_token_id
     _write_json(tmp / "generation_config.json", gen)

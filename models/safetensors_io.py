@@ -113,7 +113,10 @@ def open_weights(path: Path):
 def _read_config_json(folder: str | os.PathLike) -> tuple[Path, dict]:
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise EmberError(f"{path} not found: a model folder needs config.json next to the weights")
+        ggufs = sorted(p.name for p in Path(folder).glob("*.gguf"))
+        hint = f"; the folder holds {', '.join(ggufs)}: pass that .gguf file" if ggufs else ""
+        raise EmberError(f"{path} not found: a model folder needs config.json next to the "
+                         f"weights{hint}")
     try:
         return path, json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

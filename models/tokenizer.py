@@ -6,10 +6,8 @@ tokenizer's files through ``ember.models.slow_tokenizer``) and builds tokenizers
 GGUF metadata (``tokenizer.ggml.*``): byte-level BPE, splitting text the way llama.cpp does for the
 file's ``tokenizer.ggml.pre`` type, and SentencePiece-style BPE (``ember.models.spm``).
 
-Chat templates are the model's own Jinja, rendered in jinja2's ``ImmutableSandboxedEnvironment``
-with transformers' conventions (trim_blocks, lstrip_blocks, ``raise_exception``, ``tojson`` without
-HTML escaping, ``strftime_now``, ``{% generation %}`` blocks, special tokens as variables), so the
-same template renders the same text here and in transformers.
+Chat templates (the model's own Jinja, named ones too) are chosen and rendered as transformers
+does it, in ``ember.models.chat_template``.
 """
 
 from __future__ import annotations
@@ -17,18 +15,14 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterable, Sequence
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
 import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from ember import EmberError
+from ember.models.chat_template import read_templates, render, select_template
 
 _SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -46,11 +40,13 @@ class Tokenizer:
                  eos_token: str | None = None, pad_token: str | None = None,
                  unk_token: str | None = None, chat_template: str | None = None,
                  add_bos_token: bool = False, add_eos_token: bool = False,
-                 extra_eos_token_ids: Iterable[int] = (), model_max_length: int | None = None):
+                 extra_eos_token_ids: Iterable[int] = (), model_max_length: int | None = None,
+                 chat_templates: dict[str, str] | None = None):
         self.backend = backend
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token, self.unk_token = pad_token, unk_token
-        self.chat_template = chat_template
+        self.chat_template = chat_template  # the default one
+        self.chat_templates = dict(chat_templates or {})  # other named ones ("tool_use", "rag")
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
         self.model_max_length = model_max_length
         for name in _SPECIALS:
@@ -123,25 +119,22 @@ class Tokenizer:
 
     # ---- chat ------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
-                            tokenize: bool = False, **kwargs: Any) -> str | list[int]:
+                            tokenize: bool = False, continue_final_message: bool | str = False,
+                            chat_template: str | None = None, **kwargs: Any) -> str | list[int]:
         """Render ``messages`` ([{"role": ..., "content": ...}]) with the model's template; extra
-        keyword arguments become template variables (e.g. ``tools``, ``enable_thinking``)."""
-        if self.chat_template is None:
-            raise EmberError("this tokenizer has no chat template (tokenizer_config.json "
-                             "'chat_template' / chat_template.jinja); format the prompt yourself "
-                             "or use a chat model")
-        if isinstance(messages, dict) or not all(isinstance(m, dict) for m in messages):
-            raise EmberError("apply_chat_template expects a list of {'role', 'content'} dicts")
+        keyword arguments become template variables (e.g. ``tools``, ``enable_thinking``).
+        Rendered as transformers 5 renders it (``ember.models.chat_template``): ``tools`` select
+        a model's ``tool_use`` template, ``chat_template`` names another (or is one), and
+        ``continue_final_message`` (True, or the field to continue) ends the text inside the last
+        message instead of closing its turn, for the model to continue it."""
+        template = select_template(self.chat_template, self.chat_templates, chat_template,
+                                   kwargs.get("tools"))
         context = {name: getattr(self, name) for name in _SPECIALS}
         context.update(kwargs)
         context.setdefault("tools", None)
         context.setdefault("documents", None)
-        try:
-            text = _compile(self.chat_template).render(
-                messages=_plain(list(messages)), add_generation_prompt=add_generation_prompt,
-                **_plain(context))
-        except jinja2.TemplateError as e:  # raise_exception() lands here with the template's text
-            raise EmberError(f"chat template failed: {e}") from None
+        text = render(template, messages, context, add_generation_prompt=add_generation_prompt,
+                      continue_final_message=continue_final_message)
         return self.encode(text) if tokenize else text
 
     # ---- persistence -----------------------------------------------------------------------------
@@ -163,7 +156,11 @@ class Tokenizer:
             "model_max_length": self.model_max_length or 1_000_000_000_000_000_019_884_624_838_656,
             **specials,
         }
-        if self.chat_template is not None:
+        if self.chat_templates:  # several named ones: the list form, read by transformers 4 and 5
+            named = {"default": self.chat_template, **self.chat_templates}
+            cfg["chat_template"] = [{"name": n, "template": t} for n, t in named.items()
+                                    if t is not None]
+        elif self.chat_template is not None:
             cfg["chat_template"] = self.chat_template
         _write_json(out / "tokenizer_config.json", cfg)
         _write_json(out / "special_tokens_map.json", specials)
@@ -230,13 +227,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(tj))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise EmberError(f"cannot parse {tj}: {e}") from None
-    template = cfg.get("chat_template")
-    if isinstance(template, list):  # older multi-template format: [{"name", "template"}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default") or next(iter(named.values()), None)
-    jinja_file = folder / "chat_template.jinja"  # transformers >= 4.50 writes it separately
-    if jinja_file.is_file():
-        template = jinja_file.read_text(encoding="utf-8")
+    template, named = read_templates(cfg, folder)
     extra_eos: list[int] = []
     for name in ("generation_config.json", "config.json"):
         if (folder / name).is_file():
@@ -258,75 +249,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         _set_bos_eos(backend, specials["bos_token"] if add_bos else None,
                      specials["eos_token"] if add_eos else None)
     max_len = cfg.get("model_max_length")
-    return Tokenizer(backend, **specials, chat_template=template,
+    return Tokenizer(backend, **specials, chat_template=template, chat_templates=named,
                      add_bos_token=add_bos, add_eos_token=add_eos, extra_eos_token_ids=extra_eos,
                      model_max_length=int(max_len) if isinstance(max_len, int | float)
                      and max_len < 1e12 else None)
-
-
-# ------------------------------------------------------------------------------------------
-# Chat template rendering
-
-
-def _plain(value: Any) -> Any:
-    """Rebuild template inputs from plain JSON types, so the sandbox never sees an object whose
-    methods it does not know are unsafe (transformers does the same)."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, dict):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, bool):
-        return bool(value)
-    for base in (str, int, float):  # subclasses (enums, numpy scalars) carry extra methods
-        if isinstance(value, base):
-            return base(value)
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return _plain(value.item())
-    return f"<{type(value).__name__}>"
-
-
-@lru_cache(maxsize=16)
-def _compile(template: str):
-    class _Generation(jinja2.ext.Extension):
-        """``{% generation %}...{% endgeneration %}`` marks assistant text for loss masks in
-        transformers; here it renders its body unchanged."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(
-                lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    class _Namespace(jinja2.utils.Namespace):
-        def __setitem__(self, name, value):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} not allowed")
-            super().__setitem__(name, value)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.globals["namespace"] = _Namespace
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise EmberError(f"chat template does not parse: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -499,5 +425,8 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
     return Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=tok("padding_token_id"),
                      unk_token=tok("unknown_token_id"),
                      chat_template=md.get("tokenizer.chat_template"), add_bos_token=add_bos,
+        chat_templates={n: md[f"tokenizer.chat_template.{n}"]
+                        for n in md.get("tokenizer.chat_templates") or []
+                        if isinstance(md.get(f"tokenizer.chat_template.{n}"), str)},
                      add_eos_token=add_eos, extra_eos_token_ids=extra,
                      model_max_length=int(ctx) if ctx else None)

@@ -11,7 +11,10 @@ import torch
 import transformers
 
 from ember import EmberError
+from ember.models.config import RopeScaling
 from ember.models.context import extend_context
+from ember.models.hf_config import config_from_hf
+from ember.models.hf_config_export import config_to_hf
 from ember.models.loading import load_pretrained, save_pretrained
 from tests.models.test_hf import BASE, LLAMA3, VOCAB, _randomize
 
@@ -79,3 +82,40 @@ def test_refusals(tmp_path):
         extend_context(model, "linear", 1.0)
     with pytest.raises(EmberError, match="use one of linear, yarn"):
         extend_context(model, "dynamic", 2.0)
+
+
+def test_phi3_takes_longrope_only(tmp_path):
+    """transformers' Phi-3 validates rope_parameters to default / longrope: a linear context
+    extension exported a config.json that transformers refused to load (and loading such a
+    config here computed what transformers would not)."""
+    config = transformers.Phi3Config(**BASE, hidden_size=48, pad_token_id=0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "p3")
+    with pytest.warns(UserWarning, match="tokenizer"):
+        model, _ = load_pretrained(tmp_path / "p3", "float32")
+    for kind in ("linear", "yarn"):
+        with pytest.raises(EmberError, match="context extension of Phi-3 is not supported"):
+            extend_context(model, kind, 2.0)
+    scaled = model.cfg.replace(rope_scaling=RopeScaling(kind="linear", factor=2.0))
+    with pytest.raises(EmberError, match="linear RoPE scaling \\(transformers' Phi-3 takes"):
+        config_to_hf(scaled)
+    path = tmp_path / "p3" / "config.json"
+    raw = json.loads(path.read_text())
+    with pytest.raises(Exception, match="must be one of \\[.longrope.\\]"):  # the oracle
+        transformers.Phi3Config(**{**raw, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+    with pytest.raises(EmberError, match="rope type 'linear' is not one transformers' Phi-3"):
+        config_from_hf({**raw, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+
+
+def test_phi2_extension_is_refused_before_training(tmp_path):
+    """Phi-1/2 exports refuse RoPE scaling; a linear extension used to be accepted and fail only
+    at export, after the training run (and yarn's refusal suggested linear)."""
+    config = transformers.PhiConfig(**{k: v for k, v in BASE.items() if k != "rms_norm_eps"},
+                                    hidden_size=48)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "phi")
+    with pytest.warns(UserWarning, match="tokenizer"):
+        model, _ = load_pretrained(tmp_path / "phi", "float32")
+    for kind in ("linear", "yarn"):
+        with pytest.raises(EmberError, match="context extension of Phi-1/1.5/2 is not supported"):
+            extend_context(model, kind, 2.0)
+    with pytest.raises(EmberError, match="no equivalent of rope_scaling"):  # why: export refuses
+        config_to_hf(model.cfg.replace(rope_scaling=RopeScaling(kind="linear", factor=2.0)))

@@ -288,3 +288,23 @@ def test_cache_takes_the_compute_dtype_under_autocast(tiny):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = generate_ids(model, prompts, max_new_tokens=3)
         assert [len(o) for o in out] == [3] * len(prompts)
+
+
+def test_a_conversation_ending_with_the_assistant_is_continued():
+    """A prefilled answer (the last message the assistant's) is continued, as transformers'
+    text-generation pipeline does (``continue_final_message``); Ember closed the prefill's turn
+    and opened a new assistant turn after it."""
+    transformers = pytest.importorskip("transformers")
+    from ember.models.generate import encode_prompts
+
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend,
+                                                  chat_template=tok.chat_template)
+    prefill = [{"role": "user", "content": "he"}, {"role": "assistant", "content": "the 12"}]
+    ask = prefill[:1]
+    for conv in (prefill, ask):
+        cont = conv[-1]["role"] == "assistant"  # the pipeline's rule
+        want = theirs.apply_chat_template(conv, add_generation_prompt=not cont,
+                                          continue_final_message=cont, tokenize=False)
+        assert encode_prompts(tok, [conv]) == [theirs.encode(want, add_special_tokens=False)]
+    assert tok.decode(encode_prompts(tok, [prefill])[0]).endswith("the 12")  # no turn after it

@@ -416,6 +416,12 @@ def test_not_a_gguf_and_missing(tmp_path):
         load_gguf(junk)
     with pytest.raises(EmberError, match="not found"):
         load_gguf(tmp_path / "absent.gguf")
+    # a folder holding only a .gguf file: say which file to pass (it said only "config.json")
+    from ember.models.loading import load_pretrained
+
+    (tmp_path / "junk.gguf").rename(tmp_path / "model.gguf")
+    with pytest.raises(EmberError, match="holds model.gguf: pass that .gguf file"):
+        load_pretrained(tmp_path)
 
 
 def test_missing_tensor_and_unknown_tensor(tmp_path):

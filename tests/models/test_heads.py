@@ -311,3 +311,31 @@ def test_bad_classifier_configs(tmp_path, edit, match):
     path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
     with pytest.raises(EmberError, match=match):
         load_pretrained(tmp_path)
+
+
+def test_gemma3_text_classifier_from_transformers(tmp_path):
+    """transformers names Gemma 3's text classifier Gemma3TextForSequenceClassification (its
+    Gemma3ForSequenceClassification is the multimodal model's): Ember refused the folder
+    transformers saves, and wrote the multimodal name. Folders Ember wrote before still load."""
+    from tests.models.test_interop_hf import randomize_
+
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=BASE["vocab_size"], hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+        pad_token_id=PAD, num_labels=3)
+    hf = transformers.AutoModelForSequenceClassification.from_config(cfg)
+    randomize_(hf, 7)
+    hf.save_pretrained(tmp_path / "hf")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "hf", attn_implementation="eager").eval()
+    model, _ = load_pretrained(tmp_path / "hf")
+    ids, mask = _padded()
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask).logits
+        assert (classify(model, ids) - want).abs().max().item() <= 1e-5
+    save_pretrained(model, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3TextForSequenceClassification"]
+    config["architectures"] = ["Gemma3ForSequenceClassification"]  # Ember's earlier exports
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    assert load_pretrained(tmp_path / "out")[0].cfg.labels == model.cfg.labels

@@ -250,3 +250,62 @@ def test_auto_map_of_a_native_model_type_loads_as_the_native_model(tmp_path):
         model, _ = load_pretrained(folder)
     with torch.no_grad():
         assert (model(ids) - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
+
+
+def test_export_keeps_the_stop_ids_of_generation_config(tmp_path):
+    """generation_config.json often stops at more ids than config.json's eos (Gemma-2-it:
+    [1, 107] for <end_of_turn>, Llama 3: <|eot_id|>, Qwen2.5: <|endoftext|>); an export wrote
+    config.json's eos alone, so transformers' generate and a reload here ran past end of turn."""
+    from ember.models.tokenizer import load_tokenizer, tokenizer_from_gguf
+    from tests.models.test_gguf import tiny_tokenizer_md
+
+    folder = _save(tmp_path, "eos", eos_token_id=2, bos_token_id=1)
+    tokenizer_from_gguf(tiny_tokenizer_md()).save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    model, tok = load_pretrained(folder)
+    assert tok.eos_token_ids == {0, 2} and model.cfg.eos_token_id == 2
+    out = save_pretrained(model, tmp_path / "export", tok)
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [2, 0]
+    assert load_tokenizer(out).eos_token_ids == {0, 2}
+    assert read_config(out).eos_token_id == 2  # config.json as it was
+
+
+def test_a_hub_id_loads_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
+    """"org/name" as transformers users write it: the snapshot already in the Hugging Face cache
+    (as huggingface_hub finds it offline) loads; Ember said "not found". Nothing is fetched."""
+    import os
+
+    hub = pytest.importorskip("huggingface_hub")
+    cache = tmp_path / "hf" / "hub"
+    repo = cache / "models--tiny-org--tiny-llama"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots").mkdir(parents=True)
+    _save(tmp_path, "src").rename(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    want = hub.snapshot_download("tiny-org/tiny-llama", local_files_only=True, cache_dir=cache)
+    from ember.models.hub import resolve_model
+
+    assert os.path.samefile(resolve_model("tiny-org/tiny-llama"), want)
+    model, _ = load_pretrained("tiny-org/tiny-llama")
+    ids = _ids()
+    with torch.no_grad():
+        assert (model(ids) - _hf_logits(want, ids)).abs().max().item() <= 1e-4
+    with pytest.raises(EmberError, match="not a Hugging Face Hub id in the local"):
+        resolve_model("tiny-org/absent")
+
+
+def test_export_replaces_a_folder_with_named_chat_templates(tmp_path):
+    """transformers 5 saves named chat templates in additional_chat_templates/: re-exporting over
+    such a model folder was refused as holding foreign files."""
+    folder = _save(tmp_path, "named")
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    model, _ = load_pretrained(folder)
+    save_pretrained(model, folder)
+    assert not (folder / "additional_chat_templates").exists()  # replaced as a whole
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(EmberError, match="notes.txt"):
+        save_pretrained(model, folder)

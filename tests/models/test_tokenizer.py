@@ -254,3 +254,145 @@ def test_smollm2_digits_follow_its_own_tokenizer_json(ours, smol_gguf):
         tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     for text in ["  0", "x = [\n  1,\n  22\n]", "\r\n  9", "\t\t42", "a   123456789"]:
         assert ours.encode(text) == oracle.encode(text).ids, text
+
+
+# Reads what the cases below vary: a key that may be null, the reasoning under another name, and
+# the end of the last message (continued or closed).
+_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m.tool_calls is defined %}{{ m.tool_calls[0].name }}{% endif %}"
+    "{% if m.reasoning_content is string %}<think>{{ m.reasoning_content }}</think>{% endif %}"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("messages,kw", [
+    # OpenAI-style null fields: transformers 5 leaves them out; Ember crashed on tool_calls[0]
+    ([{"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "yo", "tool_calls": None}], {}),
+    # the reasoning under another of its names: Ember dropped it
+    ([{"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "yo", "reasoning": "think "}], {}),
+    ([{"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "yo", "thinking": "hm"}], {}),
+    # continue_final_message: Ember closed the turn (it became a template variable)
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is"}],
+     {"continue_final_message": True}),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Trailing  "}],
+     {"continue_final_message": True}),
+    ([{"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "x", "reasoning_content": "so"}],
+     {"continue_final_message": "reasoning_content"}),
+    ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+     {"continue_final_message": True}),
+])
+def test_chat_template_inputs_as_transformers_renders_them(messages, kw):
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    given = copy.deepcopy(messages)
+    ours = tokenizer_from_gguf(tiny_tokenizer_md() | {"tokenizer.chat_template": _TEMPLATE})
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_object=ours.backend,
+                                                  eos_token="<|im_end|>", chat_template=_TEMPLATE)
+    assert ours.apply_chat_template(messages, **kw) == theirs.apply_chat_template(
+        messages, tokenize=False, **kw)
+    assert messages == given  # the caller's messages are not edited
+    if kw:
+        with pytest.raises(EmberError, match="exclude each other"):
+            ours.apply_chat_template(messages, add_generation_prompt=True, **kw)
+
+
+_TOOL_USE = ("{% for t in tools %}[tool {{ t['name'] }}]{% endfor %}"
+             "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+_RAG = "{% for d in documents %}<doc>{{ d['text'] }}</doc>{% endfor %}{{ messages[0]['content'] }}"
+
+
+@pytest.mark.parametrize("layout", ["list", "files"])
+def test_named_chat_templates_are_chosen_as_transformers_chooses(tmp_path, layout):
+    """Hermes-2-Pro-style folders ship a default and a "tool_use" template (tokenizer_config's
+    list form, or transformers 5's chat_template.jinja + additional_chat_templates/): Ember
+    rendered the default even when given tools, and chose the first template of a list without
+    a default; it did not read additional_chat_templates/ at all."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer_from_gguf(tiny_tokenizer_md()).save_pretrained(tmp_path)
+    cfg_path = tmp_path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    default = cfg.pop("chat_template")
+    named = {"default": default, "tool_use": _TOOL_USE, "rag": _RAG}
+    if layout == "list":
+        cfg["chat_template"] = [{"name": n, "template": t} for n, t in named.items()]
+    else:
+        (tmp_path / "chat_template.jinja").write_text(default)
+        (tmp_path / "additional_chat_templates").mkdir()
+        for n in ("tool_use", "rag"):
+            (tmp_path / "additional_chat_templates" / f"{n}.jinja").write_text(named[n])
+    cfg_path.write_text(json.dumps(cfg))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    chat = [{"role": "user", "content": "hi"}]
+    tools = [{"name": "get_weather", "description": "x", "parameters": {}}]
+    docs = [{"title": "t", "text": "d"}]
+    for kw in ({}, {"tools": tools}, {"chat_template": "rag", "documents": docs},
+               {"chat_template": "{{ messages | length }}"}, {"add_generation_prompt": True}):
+        want = theirs.apply_chat_template(chat, tokenize=False, **kw)
+        for ours in (load_tokenizer(tmp_path), _resaved(load_tokenizer(tmp_path), tmp_path)):
+            assert ours.apply_chat_template(chat, **kw) == want, kw
+        again = transformers.AutoTokenizer.from_pretrained(tmp_path / "resaved")
+        assert again.apply_chat_template(chat, tokenize=False, **kw) == want, kw
+    assert "[tool get_weather]" in load_tokenizer(tmp_path).apply_chat_template(chat, tools=tools)
+    cfg["chat_template"] = [{"name": "tool_use", "template": _TOOL_USE}]  # no default: refused
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    import shutil
+    shutil.rmtree(tmp_path / "additional_chat_templates", ignore_errors=True)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(EmberError, match=r"named \['tool_use'\] but no default"):
+        load_tokenizer(tmp_path).apply_chat_template(chat)
+
+
+def _resaved(tok: Tokenizer, tmp_path) -> Tokenizer:
+    """tok written by Ember and read back (the named templates survive the round trip)."""
+    out = tmp_path / "resaved"
+    tok.save_pretrained(out)
+    return load_tokenizer(out)
+
+
+def test_named_chat_templates_travel_through_gguf(tmp_path):
+    """GGUF keeps named templates as gguf's add_chat_template writes them
+    (tokenizer.chat_template.NAME + tokenizer.chat_templates); both ways they were dropped."""
+    from gguf import GGUFReader, GGUFWriter, Keys
+
+    from ember.models.gguf_tokenizer import tokenizer_metadata
+
+    named = [{"name": "default", "template": "{{ messages[0]['content'] }}"},
+             {"name": "tool_use", "template": _TOOL_USE}, {"name": "rag", "template": _RAG}]
+    w = GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    w.add_chat_template(named)  # gguf's own writer: the keys llama.cpp reads
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    fields = GGUFReader(tmp_path / "t.gguf").fields
+    md = tiny_tokenizer_md() | {k: f.contents() for k, f in fields.items()
+                                if k.startswith("tokenizer.chat_template")}
+    tok = tokenizer_from_gguf(md)
+    assert tok.chat_template == named[0]["template"]
+    assert tok.chat_templates == {"tool_use": _TOOL_USE, "rag": _RAG}
+    out = tokenizer_metadata(tok, len(md["tokenizer.ggml.tokens"]))
+    assert {k: v for k, v in out.items() if k.startswith(Keys.Tokenizer.CHAT_TEMPLATE)} == {
+        k: md[k] for k in md if k.startswith(Keys.Tokenizer.CHAT_TEMPLATE)} | {
+        Keys.Tokenizer.CHAT_TEMPLATES: ["rag", "tool_use"]}
+
+
+def test_tools_given_as_python_functions_are_refused():
+    """transformers derives a JSON schema from a Python function given as a tool; Ember put the
+    text '<function>' in the prompt instead."""
+
+    def get_weather(city: str) -> str:
+        """Weather.
+
+        Args:
+            city: where
+        """
+        return city
+
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    with pytest.raises(EmberError, match="tools must be JSON schemas"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=[get_weather])

@@ -1,0 +1,210 @@
+"""Chat templates: which of a model's templates applies, and rendering one as transformers 5's
+``apply_chat_template`` does.
+
+Templates are the model's own Jinja, rendered in jinja2's ``ImmutableSandboxedEnvironment`` with
+transformers' conventions (trim_blocks, lstrip_blocks, ``raise_exception``, ``tojson`` without
+HTML escaping, ``strftime_now``, ``{% generation %}`` blocks, special tokens as variables). The
+inputs are prepared as transformers prepares them: keys whose value is None are left out of the
+messages (OpenAI's ``"tool_calls": null``), a message's reasoning under any of its names
+(``reasoning_content``, ``thinking``, ``reasoning``) is also given under the others, and
+``continue_final_message`` cuts the text at the end of the last message.
+
+A model may ship several named templates (tokenizer_config.json's ``chat_template`` as a list of
+``{"name", "template"}``, or ``chat_template.jinja`` plus ``additional_chat_templates/*.jinja``):
+as in transformers, ``"tool_use"`` renders conversations given ``tools``, ``"default"`` the others,
+and a name can be asked for (``chat_template="rag"``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ember import EmberError
+
+_REASONING = ("reasoning_content", "thinking", "reasoning")  # transformers' names, in its order
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+TEMPLATE_DIR = "additional_chat_templates"  # transformers' folder of named templates
+
+
+def read_templates(cfg: Mapping, folder: Path) -> tuple[str | None, dict[str, str]]:
+    """(the default template, the other named ones) of a tokenizer folder, read as transformers
+    reads them: chat_template.jinja and additional_chat_templates/NAME.jinja when present, else
+    tokenizer_config.json's ``chat_template`` (a string, or a list of {"name", "template"})."""
+    named: dict[str, str] = {}
+    if (folder / "chat_template.jinja").is_file():
+        named["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if (folder / TEMPLATE_DIR).is_dir():
+        for f in sorted((folder / TEMPLATE_DIR).glob("*.jinja")):
+            named[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+    if not named:
+        template = cfg.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template
+                     if isinstance(t, dict) and isinstance(t.get("name"), str)
+                     and isinstance(t.get("template"), str)}
+        elif isinstance(template, str):
+            named["default"] = template
+    return named.pop("default", None), named
+
+
+def select_template(default: str | None, named: Mapping[str, str], name: str | None,
+                    tools: Any) -> str:
+    """transformers' ``get_chat_template``: the template named ``name`` (or ``name`` itself when
+    it is a template's text), else ``tool_use`` when tools are given and the model has one, else
+    the default."""
+    if name is not None:
+        return name if name not in named and name != "default" else (named.get(name) or default)
+    if tools is not None and "tool_use" in named:
+        return named["tool_use"]
+    if default is not None:
+        return default
+    if named:
+        raise EmberError(f"the tokenizer has chat templates named {sorted(named)} but no default "
+                         "one; pass chat_template=<one of the names>")
+    raise EmberError("this tokenizer has no chat template (tokenizer_config.json "
+                     "'chat_template' / chat_template.jinja); format the prompt yourself "
+                     "or use a chat model")
+
+
+def render(template: str, messages: Sequence[dict], context: dict, *,
+           add_generation_prompt: bool = False,
+           continue_final_message: bool | str = False) -> str:
+    """The text ``template`` renders for ``messages`` and the variables in ``context``."""
+    messages = None if isinstance(messages, Mapping | str) else _plain(list(messages))
+    if messages is None or not all(isinstance(m, dict) for m in messages):
+        raise EmberError("apply_chat_template expects a list of {'role', 'content'} dicts")
+    tools = context.get("tools")
+    if tools is not None and any(callable(t) and not isinstance(t, Mapping) for t in tools):
+        raise EmberError("chat template tools must be JSON schemas ({'type': 'function', "
+                         "'function': {...}}); Ember does not derive them from Python functions")
+    if continue_final_message and add_generation_prompt:
+        raise EmberError("continue_final_message and add_generation_prompt exclude each "
+                         "other: continue the last message, or open a new assistant turn")
+    chat = _alias_reasoning([{k: v for k, v in m.items() if v is not None} for m in messages])
+    final = None
+    if continue_final_message:
+        final = _tag_final_message(chat, continue_final_message, template)
+    try:
+        text = _compile(template).render(
+            messages=chat, add_generation_prompt=add_generation_prompt, **_plain(context))
+    except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
+        # raise_exception() (a TemplateError with the template's text) and template bugs
+        why = e if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: {e}"
+        raise EmberError(f"chat template failed: {why}") from None
+    return text if final is None else _cut_at_tag(text, final)
+
+
+def _alias_reasoning(chat: list[dict]) -> list[dict]:
+    """transformers 5's ``_alias_reasoning_fields``: a message's reasoning (the first of its
+    names that is set) also as ``reasoning_content`` and, unless given, ``thinking``, so that a
+    template reading either name sees it (Qwen3 reads reasoning_content, gpt-oss thinking)."""
+    out = []
+    for m in chat:
+        r = next((m[k] for k in _REASONING if m.get(k) is not None), None)
+        out.append(m if r is None else {"thinking": r, **m, "reasoning_content": r})
+    return out
+
+
+def _tag_final_message(chat: list[dict], field: bool | str, template: str) -> str:
+    """Mark the end of the last message's ``field`` (transformers' continue_final_message) and
+    return the text marked; the render is cut at the mark (``_cut_at_tag``)."""
+    if not chat:
+        raise EmberError("continue_final_message needs at least one message")
+    field = field if isinstance(field, str) else "content"
+    last = chat[-1]
+    final = last.get(field)
+    if final is None:
+        raise EmberError(f"continue_final_message: the last message has no {field!r} to continue")
+    fields = [f for f in _REASONING if last.get(f) == final] if field in _REASONING else [field]
+    if not any(f in template for f in fields):
+        raise EmberError(f"continue_final_message={field!r}: the chat template never reads it")
+    if isinstance(final, list):  # content parts: continue the last text part
+        part = next((p for p in reversed(final) if isinstance(p, dict) and "text" in p), None)
+        if part is None:
+            raise EmberError("continue_final_message: the last message has no text to continue")
+        final, part["text"] = part["text"], part["text"] + _CONTINUE_TAG
+    else:
+        for f in fields:
+            last[f] = last[f] + _CONTINUE_TAG
+    return final
+
+
+def _cut_at_tag(text: str, final: str) -> str:
+    """The render up to the continued message's end (its trailing spaces too, where the template
+    kept them), as transformers cuts it."""
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in text or tag not in text:
+        raise EmberError("continue_final_message: the chat template dropped part of the last "
+                         "message, so there is no place to continue it")
+    at = text.rindex(tag)
+    return text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
+
+
+def _plain(value: Any) -> Any:
+    """Rebuild template inputs from plain JSON types, so the sandbox never sees an object whose
+    methods it does not know are unsafe (transformers does the same)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool):
+        return bool(value)
+    for base in (str, int, float):  # subclasses (enums, numpy scalars) carry extra methods
+        if isinstance(value, base):
+            return base(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _plain(value.item())
+    return f"<{type(value).__name__}>"
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str):
+    class _Generation(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` marks assistant text for loss masks in
+        transformers; here it renders its body unchanged."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(
+                lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    class _Namespace(jinja2.utils.Namespace):
+        def __setitem__(self, name, value):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} not allowed")
+            super().__setitem__(name, value)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["namespace"] = _Namespace
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise EmberError(f"chat template does not parse: {e}") from None
