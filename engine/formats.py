@@ -43,7 +43,10 @@ ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired 
 _KEYS = {"messages": ("messages",), "sharegpt": ("conversations",),
          "preference": ("chosen", "rejected"), "prompt_completion": ("prompt", "completion"),
          "alpaca": ("instruction",), "text": ("text",)}
-_MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name")  # passed to the template when present
+# Passed to the template when present; the reasoning of an assistant turn under any of the
+# names transformers knows (models/chat_template.py gives it to the template under each).
+_MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking",
+                 "reasoning")
 
 
 class _Bad(Exception):

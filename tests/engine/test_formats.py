@@ -110,6 +110,23 @@ def test_sharegpt_and_content_parts_are_messages(tmp_path, tok):
     assert ex.input_ids == want.input_ids and ex.labels == want.labels
 
 
+@pytest.mark.parametrize("key", ["reasoning_content", "thinking", "reasoning"])
+def test_assistant_reasoning_reaches_the_template_and_the_loss(tmp_path, backend, key):
+    """A Qwen3-style template renders an assistant turn's reasoning before its answer; the
+    reasoning is part of what the model learns to write, under any of transformers' names."""
+    think = CHATML.replace("{{ m['content'] or '' }}",
+                           "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>"
+                           "{% endif %}{{ m['content'] or '' }}")
+    tok = Tokenizer(backend, eos_token="<|im_end|>", chat_template=think)
+    msgs = [{"role": "user", "content": "Translate"},
+            {"role": "assistant", key: "Bonjour le monde", "content": "Hello world"}]
+    (ex,), _ = _load(tmp_path, [{"messages": msgs}], tok)
+    assert _targets(tok, ex) == "<think>Bonjour le monde</think>Hello world<|im_end|>"
+    bad = [msgs[0], {**msgs[1], key: 3}]
+    with pytest.raises(EmberError, match=f"{key} must be a string"):
+        _load(tmp_path, [{"messages": bad}], tok)
+
+
 def test_tool_turns_train_only_the_assistant(tmp_path, tok):
     call = {"type": "function", "id": "c1",
             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
