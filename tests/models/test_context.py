@@ -5,6 +5,7 @@ carries it (the engine side: tests/engine/test_context_extension.py)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -84,17 +85,25 @@ def test_refusals(tmp_path):
         extend_context(model, "dynamic", 2.0)
 
 
+def _refuses_extension(folder, family: str, config):
+    """A random model of ``config`` saved by transformers and loaded here, whose linear and yarn
+    context extensions are refused naming ``family``."""
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    with pytest.warns(UserWarning, match="tokenizer"):
+        model, _ = load_pretrained(folder, "float32")
+    for kind in ("linear", "yarn"):
+        with pytest.raises(EmberError, match=f"context extension of {re.escape(family)} is not "
+                                             "supported"):
+            extend_context(model, kind, 2.0)
+    return model
+
+
 def test_phi3_takes_longrope_only(tmp_path):
     """transformers' Phi-3 validates rope_parameters to default / longrope: a linear context
     extension exported a config.json that transformers refused to load (and loading such a
     config here computed what transformers would not)."""
-    config = transformers.Phi3Config(**BASE, hidden_size=48, pad_token_id=0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "p3")
-    with pytest.warns(UserWarning, match="tokenizer"):
-        model, _ = load_pretrained(tmp_path / "p3", "float32")
-    for kind in ("linear", "yarn"):
-        with pytest.raises(EmberError, match="context extension of Phi-3 is not supported"):
-            extend_context(model, kind, 2.0)
+    model = _refuses_extension(tmp_path / "p3", "Phi-3",
+                               transformers.Phi3Config(**BASE, hidden_size=48, pad_token_id=0))
     scaled = model.cfg.replace(rope_scaling=RopeScaling(kind="linear", factor=2.0))
     with pytest.raises(EmberError, match="linear RoPE scaling \\(transformers' Phi-3 takes"):
         config_to_hf(scaled)
@@ -111,11 +120,6 @@ def test_phi2_extension_is_refused_before_training(tmp_path):
     at export, after the training run (and yarn's refusal suggested linear)."""
     config = transformers.PhiConfig(**{k: v for k, v in BASE.items() if k != "rms_norm_eps"},
                                     hidden_size=48)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "phi")
-    with pytest.warns(UserWarning, match="tokenizer"):
-        model, _ = load_pretrained(tmp_path / "phi", "float32")
-    for kind in ("linear", "yarn"):
-        with pytest.raises(EmberError, match="context extension of Phi-1/1.5/2 is not supported"):
-            extend_context(model, kind, 2.0)
+    model = _refuses_extension(tmp_path / "phi", "Phi-1/1.5/2", config)
     with pytest.raises(EmberError, match="no equivalent of rope_scaling"):  # why: export refuses
         config_to_hf(model.cfg.replace(rope_scaling=RopeScaling(kind="linear", factor=2.0)))
