@@ -63,7 +63,7 @@ from ember.models.hf import (
 from ember.models.hf_config import DTYPES, quantization_config_from_hf
 from ember.models.hf_config_export import config_to_hf
 from ember.models.hub import cache_root
-from ember.models.nf4 import QS_SUFFIX, split_bnb_key
+from ember.models.nf4 import is_quant_state_key, split_bnb_key
 from ember.models.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -353,7 +353,7 @@ def _write_folder(
             "(ember.models.lora.merge_lora) or save the adapter alone (save_adapter)"
         )
     hf = to_hf_state_dict(sd, cfg)
-    quantized = {split_bnb_key(k)[0] for k in hf if k.endswith("." + QS_SUFFIX)}
+    quantized = {split_bnb_key(k)[0] for k in hf if is_quant_state_key(k)}
     # dtype casts the dense tensors; 4-bit data and its statistics are written bit for bit.
     dense = [k for k in hf if split_bnb_key(k)[0] not in quantized]
     dtypes = {k: v.dtype for k, v in hf.items()}

@@ -38,7 +38,22 @@ from ember.kernels.nf4 import NESTED_BLOCKSIZE, NF4State, NF4Weight, _absmax_ref
 from ember.models.nf4_storage import STORAGE_DTYPE, NF4Layout, pack_nf4, unpack_nf4
 
 QS_SUFFIX = "quant_state.bitsandbytes__nf4"
-BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", QS_SUFFIX)
+# bnb's FP4 (``bnb_4bit_quant_type="fp4"``, BitsAndBytesConfig's default) is the same format with
+# another 16-value code (its ``quant_map``), so it loads, trains and saves like NF4.
+QS_SUFFIXES = (QS_SUFFIX, "quant_state.bitsandbytes__fp4")
+QUANT_TYPES = ("nf4", "fp4")
+BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", *QS_SUFFIXES)
+
+
+def is_quant_state_key(key: str) -> bool:
+    """True for a bitsandbytes 4-bit quant state entry (``...weight.quant_state.bitsandbytes__nf4``
+    or ``__fp4``)."""
+    return key.endswith(tuple("." + s for s in QS_SUFFIXES))
+
+
+def quant_state_key(keys, base: str) -> str | None:
+    """The key of ``base``'s quant state among ``keys`` (NF4 or FP4), None if it has none."""
+    return next((f"{base}.{s}" for s in QS_SUFFIXES if f"{base}.{s}" in keys), None)
 
 
 # ---------------------------------------------------------------------------- bnb tensor format
@@ -49,28 +64,30 @@ def nf4_to_bnb(w: NF4Weight, key: str = "weight") -> dict[str, torch.Tensor]:
     if st.nested:
         out[f"{key}.nested_absmax"] = st.nested_absmax
         out[f"{key}.nested_quant_map"] = st.nested_code.clone()
-    out[f"{key}.{QS_SUFFIX}"] = torch.tensor(list(st.quant_state_json().encode()),
-                                             dtype=torch.uint8)
+    out[f"{key}.quant_state.bitsandbytes__{st.quant_type}"] = torch.tensor(
+        list(st.quant_state_json().encode()), dtype=torch.uint8)
     return out
 
 
 def nf4_from_bnb(tensors: Mapping[str, torch.Tensor], key: str = "weight",
                  device=None) -> NF4Weight:
     """Inverse of ``nf4_to_bnb``: ``tensors`` holds ``key`` and its ``key.<suffix>`` entries."""
-    qs_key = f"{key}.{QS_SUFFIX}"
-    if qs_key not in tensors:
+    qs_key = quant_state_key(tensors, key)
+    if qs_key is None:
         other = [k for k in tensors if k.startswith(f"{key}.quant_state.")]
         if other:
-            raise EmberError(f"{other[0]}: only NF4 4-bit weights are supported (not FP4); "
-                             "re-quantize the model with bnb_4bit_quant_type='nf4'")
-        raise EmberError(f"{key}: missing '{qs_key}', this is not a bitsandbytes 4-bit weight")
+            raise EmberError(f"{other[0]}: not a bitsandbytes 4-bit quant state (only "
+                             f"{' / '.join(QS_SUFFIXES)} load)")
+        raise EmberError(f"{key}: missing '{key}.{QS_SUFFIX}', this is not a bitsandbytes "
+                         "4-bit weight")
     try:
         meta = json.loads(bytes(tensors[qs_key].cpu().tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EmberError(f"{qs_key}: unreadable quant state ({e})") from e
-    if meta.get("quant_type") != "nf4":
-        raise EmberError(f"{key}: quant_type {meta.get('quant_type')!r} is not supported; "
-                         "only bitsandbytes NF4 checkpoints load")
+    check_quant_type(meta.get("quant_type"), qs_key)
+    if not qs_key.endswith("__" + meta["quant_type"]):
+        raise EmberError(f"{qs_key}: its JSON says quant_type {meta['quant_type']!r}, its name "
+                         "another; the checkpoint is corrupt: save it again")
     dev = device if device is not None else tensors[key].device
     get = lambda suffix: tensors[f"{key}.{suffix}"].to(dev)
     dtype = getattr(torch, meta["dtype"])
@@ -81,7 +98,8 @@ def nf4_from_bnb(tensors: Mapping[str, torch.Tensor], key: str = "weight",
         offset=float(meta["nested_offset"]) if nested else None,
         nested_absmax=get("nested_absmax") if nested else None,
         nested_code=get("nested_quant_map").float() if nested else None,
-        nested_blocksize=int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)))
+        nested_blocksize=int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)),
+        quant_type=meta["quant_type"])
     packed = tensors[key].to(dev)
     if packed.dtype != torch.uint8:  # bnb_4bit_quant_storage other than uint8: same bytes
         packed = packed.contiguous().view(torch.uint8)
@@ -128,8 +146,8 @@ def cat_nf4_rows(ws: Sequence[NF4Weight], key: str) -> NF4Weight:
     st = ws[0].state
     k, bs, nbs = st.shape[-1], st.blocksize, st.nested_blocksize
     if any(len(w.shape) != 2 or w.shape[1] != k or w.blocksize != bs or w.dtype != st.dtype
-           for w in ws):
-        raise EmberError(f"{key}: its NF4 parts differ in width, blocksize or dtype "
+           or w.state.quant_type != st.quant_type for w in ws):
+        raise EmberError(f"{key}: its NF4 parts differ in width, blocksize, dtype or quant_type "
                          f"({[tuple(w.shape) for w in ws]}); save with dequantize=True")
     if any(w.numel() % bs for w in ws[:-1]):
         raise EmberError(f"{key}: its 4-bit blocks of {bs} values would straddle the parts; "
@@ -179,7 +197,7 @@ def load_bnb_4bit_state(state_dict: Mapping[str, torch.Tensor],
         raise EmberError("an 8-bit (LLM.int8) state dict, not a 4-bit one: load its folder with "
                          "load_pretrained, which dequantizes it")
     quantized, rest = {}, {}
-    bases = {split_bnb_key(k)[0] for k in state_dict if k.endswith("." + QS_SUFFIX)}
+    bases = {split_bnb_key(k)[0] for k in state_dict if is_quant_state_key(k)}
     for key, value in state_dict.items():
         base, _ = split_bnb_key(key)
         if base not in bases:
@@ -195,11 +213,12 @@ def load_bnb_4bit_state(state_dict: Mapping[str, torch.Tensor],
 
 def bnb_quantization_config(compute_dtype: torch.dtype = torch.bfloat16, *,
                             double_quant: bool = True,
-                            skip_modules: Iterable[str] | None = None) -> dict:
-    """``quantization_config`` for config.json, as transformers writes it for NF4."""
+                            skip_modules: Iterable[str] | None = None,
+                            quant_type: str = "nf4") -> dict:
+    """``quantization_config`` for config.json, as transformers writes it for NF4 (or FP4)."""
     return {"_load_in_4bit": True, "_load_in_8bit": False,
             "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."),
-            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": quant_type,
             "bnb_4bit_use_double_quant": double_quant, "llm_int8_enable_fp32_cpu_offload": False,
             "llm_int8_has_fp16_weight": False,
             "llm_int8_skip_modules": list(skip_modules) if skip_modules is not None else None,
@@ -219,9 +238,16 @@ def check_quantization_config(cfg: Mapping) -> None:
     if not (cfg.get("load_in_4bit") or cfg.get("_load_in_4bit")):
         raise EmberError("quantization_config: bitsandbytes with neither load_in_4bit nor "
                          "load_in_8bit; save the checkpoint again")
-    if cfg.get("bnb_4bit_quant_type", "fp4") != "nf4":
-        raise EmberError(f"quantization_config.bnb_4bit_quant_type="
-                         f"{cfg.get('bnb_4bit_quant_type')!r}: only 'nf4' is supported")
+    # The 4-bit weights' own quant states say NF4 or FP4 (and win, as in bitsandbytes' loader).
+    check_quant_type(cfg.get("bnb_4bit_quant_type", "fp4"),
+                     "quantization_config.bnb_4bit_quant_type")
+
+
+def check_quant_type(quant_type, where: str) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise EmberError(f"{where}: bitsandbytes quant_type {quant_type!r} is not one of "
+                         f"{QUANT_TYPES}; save the checkpoint again with transformers + "
+                         "bitsandbytes, or load the unquantized model with quantize='nf4'")
 
 
 # ---------------------------------------------------------------------------------- Linear4bit
@@ -556,9 +582,10 @@ def load_bnb_quantized_(model: nn.Module, tensors: Iterable[tuple[str, torch.Ten
 
 def _complete_bnb(parts: dict[str, torch.Tensor], key: str, device) -> NF4Weight | None:
     """The NF4Weight once all its bnb entries have arrived, else None."""
-    qs = parts.get(f"{key}.{QS_SUFFIX}")
-    if qs is None or key not in parts:
+    qs_key = quant_state_key(parts, key)
+    if qs_key is None or key not in parts:
         return None
+    qs = parts[qs_key]
     nested = b'"nested_offset"' in bytes(qs.tolist())
     need = ("absmax", "quant_map") + (("nested_absmax", "nested_quant_map") if nested else ())
     if any(f"{key}.{s}" not in parts for s in need):

@@ -198,7 +198,7 @@ def _edited(ckpts, tmp_path, qc_change=None, weights=None, config_change=None):
 
 
 @pytest.mark.parametrize("edit,needle", [
-    (dict(qc_change={"bnb_4bit_quant_type": "fp4"}), "bnb_4bit_quant_type"),
+    (dict(qc_change={"bnb_4bit_quant_type": "int4"}), "bnb_4bit_quant_type"),
     (dict(qc_change={"load_in_4bit": False, "_load_in_4bit": False, "load_in_8bit": True}),
      "but the checkpoint holds 4-bit entries"),
     (dict(qc_change={"quant_method": "gptq"}), "quant_method"),
@@ -208,10 +208,13 @@ def _edited(ckpts, tmp_path, qc_change=None, weights=None, config_change=None):
     (dict(weights=lambda sd: sd.pop("model.layers.0.self_attn.q_proj.weight")),
      "model.layers.0.self_attn.q_proj.weight"),
     (dict(config_change={"quantization_config": None}), "quantization_config"),
-    # FP4 weights under an nf4 config (was: StopIteration from the dtype count)
+    # quant states named FP4 holding NF4's JSON (was: StopIteration from the dtype count)
     (dict(weights=lambda sd: sd.update({k.replace("__nf4", "__fp4"): sd.pop(k)
                                         for k in [k for k in sd if k.endswith("__nf4")]})),
-     "FP4 quant state"),
+     "its JSON says quant_type 'nf4'"),
+    (dict(weights=lambda sd: sd.update({k.replace("__nf4", "__int4"): sd.pop(k)
+                                        for k in [k for k in sd if k.endswith("__nf4")]})),
+     "not a bitsandbytes 4-bit quant state"),
 ])
 def test_bad_bnb_checkpoints_name_the_problem(ckpts, tmp_path, edit, needle):
     folder = _edited(ckpts, tmp_path, **edit)
