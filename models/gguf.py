@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import math
 import mmap
+import re
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ class TensorInfo:
     qtype: int
     offset: int  # absolute byte offset in the file
     nbytes: int
+    shard: int = 0  # the file holding it, for a model split in several (gguf-split)
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
@@ -75,10 +77,27 @@ _NP = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.i
 _STRING, _ARRAY = 8, 9
 
 
-class GGUFFile:
-    """A parsed GGUF header (``metadata``, ``tensors``) over a read-only memory map of the file."""
+_SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")  # llama.cpp's llama_split_path
 
-    def __init__(self, path: str | Path):
+
+def split_paths(path: str | Path) -> list[Path]:
+    """The files of a model split by llama.cpp's gguf-split (or ``--split-max-size``), named
+    ``<prefix>-00001-of-00003.gguf`` ..., given one of them (by name only: ``GGUFFile`` checks
+    their ``split.*`` metadata); ``[path]`` for a whole file."""
+    path = Path(path)
+    m = _SPLIT_NAME.search(path.name)
+    if m is None:
+        return [path]
+    count, prefix = int(m.group(2)), path.name[:m.start()]
+    return [path.with_name(f"{prefix}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+class GGUFFile:
+    """A parsed GGUF header (``metadata``, ``tensors``) over a read-only memory map of the file;
+    for a split model's first file, of all its files (their tensors joined, as llama.cpp
+    loads them)."""
+
+    def __init__(self, path: str | Path, *, _shard: bool = False):
         self.path = Path(path)
         if not self.path.is_file():
             raise EmberError(f"GGUF file not found: {self.path}")
@@ -87,8 +106,11 @@ class GGUFFile:
             if size < 24:
                 raise EmberError(f"{self.path}: not a GGUF file ({size} bytes)")
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._maps = [self._mm]
         try:
             self._parse()
+            if not _shard:
+                self._join_splits()
         except (struct.error, UnicodeDecodeError, IndexError, OverflowError, MemoryError) as e:
             self.close()
             raise EmberError(f"{self.path}: truncated or corrupt GGUF header ({e}); re-download "
@@ -104,9 +126,38 @@ class GGUFFile:
         self.close()
 
     def close(self) -> None:
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        for mm in self._maps:
+            mm.close()
+        self._maps, self._mm = [], None
+
+    def _join_splits(self) -> None:
+        count = int(self.metadata.get("split.count") or 1)
+        if count <= 1:
+            return
+        no, m = int(self.metadata.get("split.no", 0)), _SPLIT_NAME.search(self.path.name)
+        if no != 0 or m is None or int(m.group(2)) != count:
+            raise EmberError(f"{self.path}: file {no + 1} of a model split in {count} (llama.cpp's "
+                             f"gguf-split); open the first, named <prefix>-00001-of-{count:05d}"
+                             ".gguf, with the others beside it")
+        for i, p in enumerate(split_paths(self.path)[1:], start=1):
+            if not p.is_file():
+                raise EmberError(f"{self.path}: the model is split in {count} files and "
+                                 f"{p.name} is missing; put all of them in one folder")
+            shard = GGUFFile(p, _shard=True)
+            self._maps.append(shard._mm)  # closed with this file's
+            if (int(shard.metadata.get("split.no", -1)), shard.metadata.get("split.count")) != (
+                    i, count):
+                raise EmberError(f"{p}: split.no / split.count are "
+                                 f"{shard.metadata.get('split.no')} / "
+                                 f"{shard.metadata.get('split.count')}, expected {i} / {count}")
+            for name, t in shard.tensors.items():
+                if name in self.tensors:
+                    raise EmberError(f"{p}: tensor {name!r} is also in another file of the split")
+                self.tensors[name] = replace(t, shard=len(self._maps) - 1)
+        want = self.metadata.get("split.tensors.count")
+        if want is not None and int(want) != len(self.tensors):
+            raise EmberError(f"{self.path}: split.tensors.count is {want} but the {count} files "
+                             f"hold {len(self.tensors)} tensors")
 
     def _take(self, fmt: str):
         (v,) = struct.unpack_from(fmt, self._mm, self._pos)
@@ -187,7 +238,8 @@ class GGUFFile:
     def raw(self, name: str) -> torch.Tensor:
         """The tensor's bytes as a uint8 torch tensor (a copy, so the map can be closed)."""
         t = self.tensors[name]
-        return torch.from_numpy(np.frombuffer(self._mm, np.uint8, t.nbytes, t.offset).copy())
+        mm = self._maps[t.shard]
+        return torch.from_numpy(np.frombuffer(mm, np.uint8, t.nbytes, t.offset).copy())
 
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor dequantized to fp32, in torch shape."""

@@ -214,22 +214,25 @@ def _load_nf4_(model: Transformer, tensors, device: torch.device, dtype: torch.d
     model.reset_rope_(device)
 
 
-def _file_digest(path: Path) -> str:
+def _file_digest(*paths: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 
 def gguf_folder(gguf_path: str | os.PathLike) -> Path:
-    """The HF folder imported from a .gguf file, cached by content hash (imported once)."""
-    from ember.models.gguf import import_gguf
+    """The HF folder imported from a .gguf file (a split model's first file), cached by content
+    hash (imported once)."""
+    from ember.models.gguf import import_gguf, split_paths
 
     src = Path(gguf_path)
     if not src.is_file():
         raise EmberError(f"GGUF file {src} does not exist")
-    out = cache_root() / "gguf" / f"{src.stem}-{_file_digest(src)}"
+    files = [p for p in split_paths(src) if p.is_file()]  # the reader names a missing one
+    out = cache_root() / "gguf" / f"{src.stem}-{_file_digest(*files)}"
     if (out / "config.json").is_file():
         return out
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
