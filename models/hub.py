@@ -107,6 +107,17 @@ def import_cached(gguf_path: str | os.PathLike) -> Path:
         return gguf_folder(src)
 
 
+def is_gguf_file(path: str | os.PathLike) -> bool:
+    """A file named ``*.gguf`` or starting with GGUF's magic (Ollama's blobs have no suffix)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """An HF model folder for: a folder (returned as is), a ``.gguf`` file (imported to the cache)
     or a built-in model name such as ``smollm2-135m-instruct`` (see ``list_models()``)."""
@@ -114,7 +125,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     if p.is_dir():
         return p
     if p.is_file():
-        if p.suffix.lower() == ".gguf":
+        if is_gguf_file(p):
             return import_cached(p)
         raise EmberError(f"{p} is a file but not a .gguf; give a model folder, a .gguf file or "
                          f"a built-in name ({', '.join(list_models())})")

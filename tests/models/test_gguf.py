@@ -469,6 +469,23 @@ def test_hub_errors(tmp_path, monkeypatch):
         builtin_gguf_path("SmolLM2")
 
 
+def test_a_gguf_file_without_the_suffix_loads(tmp_path, monkeypatch):
+    """Ollama keeps its models as blobs named sha256-<hex>: a file is GGUF by its magic bytes
+    (was: 'a file but not a .gguf')."""
+    from ember.models.loading import load_pretrained
+
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
+    blob = tmp_path / "sha256-6a0746a1ec1aef3e7ec53868f220ff6e389f6f8ef87a01d77c96807de94ca2aa"
+    expected = write_tiny_gguf(blob)
+    model, _ = load_pretrained(blob)
+    assert torch.equal(model.state_dict()["layers.0.mlp.up_proj.weight"],
+                       expected["layers.0.mlp.up_proj.weight"])
+    from ember.engine.cli import main as cli
+
+    assert cli(["import-gguf", str(blob), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
 # ---------------------------------------------------------------------------------------------
 # The real SmolLM2-135M-Instruct file (imported once per session, see smollm2_dir)
 
