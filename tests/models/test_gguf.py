@@ -433,6 +433,12 @@ def test_unsupported_tokenizer_and_moe(tmp_path):
         "llama.expert_count": 8, "llama.expert_used_count": 2, "llama.expert_gating_func": 2})
     with pytest.raises(EmberError, match="expert_gating_func=2 is not supported"):
         load_gguf(tmp_path / "moe.gguf")
+    # a merge whose result is not a token (was: tokenizers' bare "Token `he` out of vocabulary")
+    write_tiny_gguf(tmp_path / "merges.gguf", metadata={
+        "tokenizer.ggml.merges": tiny_tokenizer_md()["tokenizer.ggml.merges"] + ["he e"]})
+    with pytest.raises(EmberError, match="merges has 'he e', whose parts or result are not in "
+                                         "tokenizer.ggml.tokens"):
+        load_gguf(tmp_path / "merges.gguf")
 
 
 def test_gguf_path_is_imported_once_into_the_cache(tmp_path, monkeypatch):
