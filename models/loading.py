@@ -62,7 +62,7 @@ from ember.models.hf import (
 )
 from ember.models.hf_config import DTYPES, quantization_config_from_hf
 from ember.models.hf_config_export import config_to_hf
-from ember.models.hub import cache_root
+from ember.models.hub import cache_root, split_paths
 from ember.models.nf4 import is_quant_state_key, split_bnb_key
 from ember.models.safetensors_io import (
     INDEX_FILE,
@@ -226,7 +226,7 @@ def _file_digest(*paths: Path) -> str:
 def gguf_folder(gguf_path: str | os.PathLike) -> Path:
     """The HF folder imported from a .gguf file (a split model's first file), cached by content
     hash (imported once)."""
-    from ember.models.gguf import import_gguf, split_paths
+    from ember.models.gguf import import_gguf
 
     src = Path(gguf_path)
     if not src.is_file():
