@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import mmap
 import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -495,16 +496,24 @@ def _check_shapes(sd: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     """Read a GGUF file -> ``(ModelConfig, ember state dict, Tokenizer)``. Weights are dequantized
-    to fp32 and cast to ``dtype``."""
+    to fp32 and cast to ``dtype``. A file written without a vocabulary (``tokenizer.ggml.model``
+    absent, "none" or "no_vocab", llama.cpp's LLAMA_VOCAB_TYPE_NONE) gives tokenizer None, with a
+    warning, as an HF folder without tokenizer files does."""
     from ember.models.tokenizer import tokenizer_from_gguf
 
     with GGUFFile(path) as g:
         cfg = config_from_gguf(g)
         sd = dict(iter_state_dict(g, cfg, dtype))
         _check_shapes(sd, cfg, g.path)
-        tok = tokenizer_from_gguf(g.metadata, source=str(g.path))
+        vocab = g.metadata.get("tokenizer.ggml.model")
+        if vocab in (None, "none", "no_vocab"):
+            warnings.warn(f"{g.path} has no vocabulary (tokenizer.ggml.model {vocab!r}): "
+                          "returning tokenizer=None (token ids in and out only)", stacklevel=2)
+            tok = None
+        else:
+            tok = tokenizer_from_gguf(g.metadata, source=str(g.path))
     cfg = cfg.replace(torch_dtype=str(dtype).removeprefix("torch."))
-    if tok.vocab_size > cfg.vocab_size:
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise EmberError(f"{path}: tokenizer has {tok.vocab_size} tokens but the embedding only "
                          f"{cfg.vocab_size} rows")
     return cfg, sd, tok

@@ -441,6 +441,27 @@ def test_unsupported_tokenizer_and_moe(tmp_path):
         load_gguf(tmp_path / "merges.gguf")
 
 
+@pytest.mark.parametrize("vocab", ["none", None])
+def test_a_file_without_a_vocabulary_loads_without_a_tokenizer(vocab, tmp_path, monkeypatch):
+    """tokenizer.ggml.model "none" (llama.cpp's LLAMA_VOCAB_TYPE_NONE) or absent: the weights
+    load and the tokenizer is None, as for an HF folder without tokenizer files (was: refused)."""
+    import sys
+
+    from ember.models.loading import load_pretrained
+
+    md = {} if vocab is None else {"tokenizer.ggml.model": vocab}
+    monkeypatch.setattr(sys.modules[__name__], "tiny_tokenizer_md", lambda pre=None: md)
+    expected = write_tiny_gguf(tmp_path / "novocab.gguf")
+    with pytest.warns(UserWarning, match="has no vocabulary"):
+        cfg, sd, tok = load_gguf(tmp_path / "novocab.gguf")
+    assert tok is None and cfg.eos_token_id is None
+    assert all(torch.equal(sd[k], expected[k]) for k in expected)
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="tokenizer"):
+        model, tok = load_pretrained(tmp_path / "novocab.gguf")
+    assert tok is None and torch.equal(model.state_dict()["embed.weight"], expected["embed.weight"])
+
+
 def test_gguf_path_is_imported_once_into_the_cache(tmp_path, monkeypatch):
     from ember.models.hub import resolve_model
     from ember.models.loading import load_pretrained
