@@ -218,10 +218,12 @@ def _bnb_config(hf: dict, dense: list[str], cfg: ModelConfig, dtype: torch.dtype
     )
 
 
-def _with_nf4_weights(model: nn.Module, sd: dict) -> dict:
-    """sd with each Linear4bit's bnb entries replaced by its NF4Weight, dequantized on write."""
+def _with_nf4_weights(model: nn.Module, sd: dict, only: str | None = None) -> dict:
+    """sd with each Linear4bit's bnb entries (those whose name contains ``only``, if given)
+    replaced by its NF4Weight, dequantized on write."""
     nf4 = {
-        f"{n}.weight": m.quant_weight for n, m in model.named_modules() if isinstance(m, Linear4bit)
+        f"{n}.weight": m.quant_weight for n, m in model.named_modules()
+        if isinstance(m, Linear4bit) and (only is None or only in n)
     }
     out = {}
     for k, v in sd.items():

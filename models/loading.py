@@ -409,7 +409,8 @@ def save_pretrained(
     layers (``Linear4bit``: loaded with ``quantize="nf4"``, from a bitsandbytes checkpoint, or
     after ``quantize_model_``) is written in bitsandbytes' 4-bit format, which transformers loads
     with bitsandbytes installed (``quantization_config`` in config.json; the 4-bit data is never
-    cast). ``dequantize=True`` writes a plain model instead: each NF4 weight dequantized, one at a
+    cast; MoE experts are written dequantized, as transformers 5 keeps them).
+    ``dequantize=True`` writes a plain model instead: each NF4 weight dequantized, one at a
     time, to ``dtype`` (default: the dtype it was quantized from), e.g. the base for PEFT adapters
     trained with QLoRA. A model with LoRA adapters is refused: ``merge_lora`` it first, or save
     the adapter alone (``save_adapter``).
@@ -432,6 +433,10 @@ def save_pretrained(
     sd = model.state_dict()
     if dequantize:
         sd = _with_nf4_weights(model, sd)
+    elif model.cfg.num_experts:
+        # transformers 5 holds MoE experts as 3-D parameters, which bitsandbytes leaves dense:
+        # its 4-bit MoE checkpoints store them so (was: NF4 experts it cannot load).
+        sd = _with_nf4_weights(model, sd, only=".experts.")
     return save_state_dict(
         sd,
         model.cfg,
