@@ -196,6 +196,9 @@ def load_hf_folder(
         return model.to(target)
     if prequantized:
         _load_bnb_(model, folder, ckpt, device, target)
+        # Ember computes in the model's dtype; the checkpoint's own compute dtype is kept for
+        # save_pretrained, so that transformers computes the saved model as it did the original.
+        model.bnb_compute_dtype = DTYPES.get(qc.get("bnb_4bit_compute_dtype"))
     elif quantize == "nf4":
         _load_nf4_(model, iter_checkpoint(folder, cfg, ckpt, dequant), device, target,
                    double_quant)
@@ -348,7 +351,7 @@ def _with_multimodal_base(hf: dict, dtypes: dict, cfg: ModelConfig, base: Path,
 
 def _write_folder(
     sd: dict, cfg: ModelConfig, tmp: Path, tokenizer, dtype: torch.dtype | None, limit: int,
-    multimodal_base: Path | None = None,
+    multimodal_base: Path | None = None, compute_dtype: torch.dtype | None = None,
 ) -> None:
     if any(".lora_" in k or ".base." in k for k in sd):
         raise EmberError(
@@ -372,7 +375,7 @@ def _write_folder(
         config = config_to_hf(cfg, saved_dtype)
     _write_shards(hf, dtypes, tmp, limit)
     if quantized:
-        config["quantization_config"] = _bnb_config(hf, dense, cfg, saved_dtype)
+        config["quantization_config"] = _bnb_config(hf, dense, cfg, compute_dtype or saved_dtype)
     _write_json(tmp / "config.json", config)
     if multimodal_base is not None and config == _read_config_json(multimodal_base)[1]:
         shutil.copyfile(Path(multimodal_base) / "config.json", tmp / "config.json")  # as it was
@@ -445,6 +448,7 @@ def save_pretrained(
         dtype=dtype,
         max_shard_size=max_shard_size,
         multimodal_base=multimodal_base,
+        compute_dtype=getattr(model, "bnb_compute_dtype", None),
     )
 
 
@@ -457,10 +461,12 @@ def save_state_dict(
     dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     multimodal_base: str | os.PathLike | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> Path:
     """``save_pretrained`` for a full Ember state dict (e.g. gathered from a sharded model with
     ``torch.distributed.checkpoint.state_dict.get_model_state_dict(..., full_state_dict=True)``);
-    bitsandbytes entries of NF4 layers are written in bnb's format, as by ``save_pretrained``."""
+    bitsandbytes entries of NF4 layers are written in bnb's format, as by ``save_pretrained``
+    (``bnb_4bit_compute_dtype``: ``compute_dtype``, default the saved dtype)."""
     target = resolve_dtype(dtype)
     limit = parse_size(max_shard_size)
     out = Path(out_dir)
@@ -478,7 +484,7 @@ def save_state_dict(
     tmp = out.parent / f".{out.name}.tmp-{tag}"
     tmp.mkdir()
     try:
-        _write_folder(sd, cfg, tmp, tokenizer, target, limit, multimodal_base)
+        _write_folder(sd, cfg, tmp, tokenizer, target, limit, multimodal_base, compute_dtype)
         if existing:
             old = out.parent / f".{out.name}.old-{tag}"
             os.rename(out, old)

@@ -25,13 +25,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 
 
 def _bnb_folder(root, model, double_quant: bool, auto: str = "AutoModelForCausalLM",
-                quant_type: str = "nf4"):
+                quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32):
     """model saved dense, then as transformers writes it after a 4-bit NF4 (or FP4) load."""
     dense, q = root / "dense", root / "bnb"
     model.save_pretrained(dense)
     qcfg = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
+        bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = getattr(transformers, auto).from_pretrained(
@@ -185,3 +185,23 @@ def test_fp4_checkpoint_loads_bit_exact_and_saves_transformers_bytes(tmp_path, d
     assert back.config.quantization_config.bnb_4bit_quant_type == "fp4"
     assert _diff(_logits(back, ids), _logits(hf, ids)) <= TOL
     _peft_matches(model, folder, tmp_path, ids)
+
+
+def test_save_keeps_the_checkpoints_compute_dtype(tmp_path):
+    """A QLoRA checkpoint computing in bf16 (bnb_4bit_compute_dtype) over fp32 weights saves
+    with that compute dtype, so transformers computes the saved folder exactly as the original
+    (was: the saved dtype, float32: other logits)."""
+    import json
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    folder, hf = _bnb_folder(tmp_path, _randomized(transformers.LlamaForCausalLM(cfg), 9), True,
+                             compute_dtype=torch.bfloat16)
+    model, _ = load_pretrained(folder)
+    out = save_pretrained(model, tmp_path / "ember")
+    qc = [json.loads((f / "config.json").read_text())["quantization_config"]
+          for f in (folder, out)]
+    assert qc[0]["bnb_4bit_compute_dtype"] == "bfloat16" and qc[1] == qc[0]
+    ids = _ids(96, 7)
+    assert torch.equal(_logits(_hf(out), ids), _logits(hf, ids))
