@@ -89,7 +89,7 @@ def _bnb_dense_shapes(ckpt: CheckpointIndex) -> dict[str, tuple[int, ...]]:
             for base in quantized:
                 qs_key = quant_state_key(ckpt.key_file, base)
                 if ckpt.key_file[qs_key] == path:
-                    metas[base] = _read_quant_state(f, qs_key, path)
+                    metas[base] = _read_quant_state(f, ckpt.stored_key(qs_key), path)
     for base in sorted(quantized):
         if base not in ckpt.key_file:
             raise EmberError(
@@ -134,7 +134,7 @@ def iter_bnb_checkpoint(
         try:
             with open_weights(path) as f:
                 for key in keys:
-                    t = f.get_tensor(key)
+                    t = f.get_tensor(ckpt.stored_key(key))
                     if key in quantized and t.dtype != torch.uint8:
                         t = t.contiguous().view(torch.uint8).reshape(-1, 1)
                     base = split_bnb_key(key)[0]

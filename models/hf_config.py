@@ -287,11 +287,6 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
     if model_type in MULTIMODAL:
         # Gemma3ForConditionalGeneration: its language model, trained text-only; the marker tells
         # export to write PEFT names / merged folders for the multimodal class.
-        if raw.get("quantization_config") is not None:
-            raise EmberError(
-                "config.json: bitsandbytes 4-bit Gemma 3 multimodal checkpoints are not "
-                "supported; load the unquantized model with quantize='nf4'"
-            )
         cfg = config_from_hf(multimodal_text_config(raw, _HARMLESS_FIELDS))
         return cfg.replace(extra={**cfg.extra, "multimodal": model_type})
     if model_type in MOE_FAMILIES:  # the dense sibling's attention plus experts (hf_moe)

@@ -325,6 +325,11 @@ def _with_multimodal_base(hf: dict, dtypes: dict, cfg: ModelConfig, base: Path,
     if not base_cfg.extra.get("multimodal"):
         raise EmberError(f"save_pretrained: multimodal_base {base} is not a multimodal checkpoint "
                          f"(model_type {raw.get('model_type')!r})")
+    if raw.get("quantization_config") is not None:
+        raise EmberError(f"save_pretrained: multimodal_base {base} is a bitsandbytes checkpoint, "
+                         "whose quantized vision tower cannot be copied into an unquantized "
+                         "folder; pass the unquantized Gemma 3 folder as the base, or save the "
+                         "language model alone (multimodal_base=None)")
     tied = cfg.tie_word_embeddings
     if expected_shapes(base_cfg.replace(tie_word_embeddings=tied)) != expected_shapes(cfg):
         raise EmberError(f"save_pretrained: the model is not the language model of {base} "
