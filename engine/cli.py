@@ -337,10 +337,11 @@ def _cmd_export(a) -> None:
 
 def _cmd_import_gguf(a) -> None:
     from ember.models.gguf import import_gguf
+    from ember.models.hub import is_gguf_file
     from ember.models.loading import resolve_dtype
 
     src = Path(a.file)
-    if src.suffix.lower() != ".gguf" or not src.is_file():
+    if not is_gguf_file(src):
         raise EmberError(f"{src} is not a .gguf file")
     print(f"wrote {import_gguf(src, a.out_dir, resolve_dtype(a.dtype))}")
 

@@ -90,6 +90,9 @@ class NF4State:
     nested_absmax: torch.Tensor | None = None
     nested_code: torch.Tensor | None = None
     nested_blocksize: int = NESTED_BLOCKSIZE
+    # bitsandbytes' name for ``code``: "nf4", or "fp4" for a checkpoint quantized with bnb's FP4
+    # (the same format and dequantization, another 16-value code; Ember quantizes to NF4 only).
+    quant_type: str = "nf4"
 
     @property
     def nested(self) -> bool:
@@ -108,8 +111,8 @@ class NF4State:
                        nested_absmax=mv(self.nested_absmax), nested_code=mv(self.nested_code))
 
     def quant_state_json(self) -> str:
-        """The JSON bitsandbytes packs into ``weight.quant_state.bitsandbytes__nf4``."""
-        d = {"quant_type": "nf4", "blocksize": self.blocksize,
+        """The JSON bitsandbytes packs into ``weight.quant_state.bitsandbytes__<quant_type>``."""
+        d = {"quant_type": self.quant_type, "blocksize": self.blocksize,
              "dtype": str(self.dtype).removeprefix("torch."), "shape": list(self.shape)}
         if self.nested:
             d.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",

@@ -1,8 +1,9 @@
-"""bitsandbytes NF4 4-bit checkpoints in and out of HF folders.
+"""bitsandbytes 4-bit checkpoints (NF4, and FP4: the same format with another code) in and out of
+HF folders.
 
 In: a folder whose config.json has a ``quantization_config`` (as transformers saves a model loaded
-with ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``). Every key, quant state
-and dense shape is validated before the first weight is read (``_bnb_dense_shapes``);
+with ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4" or "fp4")``). Every key,
+quant state and dense shape is validated before the first weight is read (``_bnb_dense_shapes``);
 ``iter_bnb_checkpoint`` streams the tensors as stored and ``_load_bnb_`` hands them to
 ``ember.models.nf4.load_bnb_quantized_``, NF4 weights bit for bit. Out: the
 ``quantization_config`` a saved folder needs (``_bnb_config``), and a state dict whose NF4 layers
@@ -28,8 +29,11 @@ from ember.models.nf4 import (
     Linear4bit,
     _complete_bnb,
     bnb_quantization_config,
+    check_quant_type,
+    is_quant_state_key,
     load_bnb_quantized_,
     nf4_to_bnb,
+    quant_state_key,
     split_bnb_key,
     split_nf4_rows,
 )
@@ -51,11 +55,7 @@ def _read_quant_state(f, key: str, path: Path) -> dict:
             f"{path}: tensor {key} is not a readable bitsandbytes quant state "
             f"({type(e).__name__}: {e})"
         ) from None
-    if meta.get("quant_type") != "nf4":
-        raise EmberError(
-            f"{path}: tensor {key} has quant_type {meta.get('quant_type')!r}; only NF4 4-bit "
-            "weights load"
-        )
+    check_quant_type(meta.get("quant_type"), f"{path}: tensor {key}")
     return {**meta, "shape": shape}
 
 
@@ -87,9 +87,9 @@ def _bnb_dense_shapes(ckpt: CheckpointIndex) -> dict[str, tuple[int, ...]]:
     for path in ckpt.files:
         with open_weights(path) as f:
             for base in quantized:
-                qs_key = f"{base}.{QS_SUFFIX}"
+                qs_key = quant_state_key(ckpt.key_file, base)
                 if ckpt.key_file[qs_key] == path:
-                    metas[base] = _read_quant_state(f, qs_key, path)
+                    metas[base] = _read_quant_state(f, ckpt.stored_key(qs_key), path)
     for base in sorted(quantized):
         if base not in ckpt.key_file:
             raise EmberError(
@@ -134,7 +134,7 @@ def iter_bnb_checkpoint(
         try:
             with open_weights(path) as f:
                 for key in keys:
-                    t = f.get_tensor(key)
+                    t = f.get_tensor(ckpt.stored_key(key))
                     if key in quantized and t.dtype != torch.uint8:
                         t = t.contiguous().view(torch.uint8).reshape(-1, 1)
                     base = split_bnb_key(key)[0]
@@ -205,17 +205,25 @@ def _bnb_config(hf: dict, dense: list[str], cfg: ModelConfig, dtype: torch.dtype
     }
     if cfg.tie_word_embeddings:
         keep.add("lm_head")  # tied to the embedding, never quantized
+    quant_types = {k.rpartition("__")[2] for k in hf if is_quant_state_key(k)}
+    if len(quant_types) > 1:
+        raise EmberError("save_pretrained: the model mixes NF4 and FP4 layers, which one "
+                         "bitsandbytes quantization_config cannot describe; save it with "
+                         "dequantize=True")
     return bnb_quantization_config(
         dtype,
         double_quant=any(k.endswith(".nested_absmax") for k in hf),
         skip_modules=None if keep == {"lm_head"} else sorted(keep),
+        quant_type=quant_types.pop(),
     )
 
 
-def _with_nf4_weights(model: nn.Module, sd: dict) -> dict:
-    """sd with each Linear4bit's bnb entries replaced by its NF4Weight, dequantized on write."""
+def _with_nf4_weights(model: nn.Module, sd: dict, only: str | None = None) -> dict:
+    """sd with each Linear4bit's bnb entries (those whose name contains ``only``, if given)
+    replaced by its NF4Weight, dequantized on write."""
     nf4 = {
-        f"{n}.weight": m.quant_weight for n, m in model.named_modules() if isinstance(m, Linear4bit)
+        f"{n}.weight": m.quant_weight for n, m in model.named_modules()
+        if isinstance(m, Linear4bit) and (only is None or only in n)
     }
     out = {}
     for k, v in sd.items():

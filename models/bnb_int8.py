@@ -62,8 +62,9 @@ def int8_view(ckpt: CheckpointIndex) -> tuple[CheckpointIndex, Callable]:
                              f"{ckpt.shapes[scb]} do not fit: expected a matrix and one scale "
                              "per row")
         scales[key] = scb
-    extra = set(scales.values()) | {k for k in ckpt.key_file if k.endswith(
-        ".weight_format") and k.removesuffix("weight_format") + "weight" in scales}
+    formats = [k for k in ckpt.key_file if k.endswith(".weight_format")
+               and k.removesuffix("weight_format") + "weight" in scales]
+    extra = set(scales.values()) | set(formats)
     count = Counter(d for k, d in ckpt.dtypes.items() if k not in extra and k not in scales)
     float_dtype = count.most_common(1)[0][0] if count else torch.float32
     view = dataclasses.replace(
@@ -81,10 +82,28 @@ def int8_view(ckpt: CheckpointIndex) -> tuple[CheckpointIndex, Callable]:
         if scb is None:
             return t
         if not loaded:  # each file holding scales opened once (a .bin shard is unpickled once)
-            for path in {ckpt.key_file[s] for s in scales.values()}:
+            small = [*scales.values(), *formats]
+            for path in {ckpt.key_file[s] for s in small}:
                 with open_weights(path) as f:
-                    loaded.update({s: f.get_tensor(s).float() for s in scales.values()
-                                   if ckpt.key_file[s] == path})
-        return dequantize_int8(t, loaded[scb])
+                    loaded.update({s: f.get_tensor(s) for s in small if ckpt.key_file[s] == path})
+            _check_row_format(ckpt, {k: loaded[k] for k in formats})
+        return dequantize_int8(t, loaded[scb].float())
 
     return view, dequant
+
+
+# bitsandbytes' LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING: only "row" holds the weight's rows in order.
+_FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}
+
+
+def _check_row_format(ckpt: CheckpointIndex, formats: Mapping[str, torch.Tensor]) -> None:
+    """Refuse int8 weights stored in a GPU tile layout (old bitsandbytes' col_turing /
+    col_ampere): read as rows they would be scrambled. bitsandbytes refuses them too."""
+    for key, t in formats.items():
+        code = int(t.reshape(-1)[0]) if t.numel() == 1 else None
+        if code != 0:
+            raise EmberError(f"{ckpt.key_file[key]}: {key} is {_FORMATS.get(code, t.tolist())!r}; "
+                             "only int8 weights in bitsandbytes' 'row' format load (a GPU tile "
+                             "layout of an old bitsandbytes): save the checkpoint again with a "
+                             "current transformers + bitsandbytes, or load the unquantized "
+                             "model")

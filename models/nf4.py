@@ -14,7 +14,8 @@ bitsandbytes' own, key for key and byte for byte (what ``transformers`` writes w
                                                       blocksize, nested_offset, ...)
     <prefix>.bias
 
-and config.json carries ``quantization_config`` (``bnb_quantization_config``). Loading paths:
+and config.json carries ``quantization_config`` (``bnb_quantization_config``); the format's
+functions are in ``ember.models.bnb_format`` (re-exported here). Loading paths:
 ``load_quantized_`` quantizes while loading (meta-device model, tensor by tensor, never the whole
 bf16 model; built on ``replace_linears_with_4bit_`` + ``assign_quantized_``);
 ``load_bnb_quantized_`` streams a pre-quantized bitsandbytes checkpoint into a meta-device model;
@@ -26,68 +27,31 @@ bf16 model; built on ``replace_linears_with_4bit_`` + ``assign_quantized_``);
 from __future__ import annotations
 
 import fnmatch
-import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
 from ember import EmberError
-from ember.kernels.nf4 import NESTED_BLOCKSIZE, NF4State, NF4Weight, _absmax_ref, nf4_linear
+from ember.kernels.nf4 import NF4Weight, _absmax_ref, nf4_linear
+
+# bitsandbytes' tensor format lives in ember.models.bnb_format; its names are re-exported here.
+from ember.models.bnb_format import BNB_SUFFIXES as BNB_SUFFIXES
+from ember.models.bnb_format import QS_SUFFIX as QS_SUFFIX
+from ember.models.bnb_format import QS_SUFFIXES as QS_SUFFIXES
+from ember.models.bnb_format import QUANT_TYPES as QUANT_TYPES
+from ember.models.bnb_format import bnb_quantization_config as bnb_quantization_config
+from ember.models.bnb_format import check_quant_type as check_quant_type
+from ember.models.bnb_format import check_quantization_config as check_quantization_config
+from ember.models.bnb_format import is_quant_state_key as is_quant_state_key
+from ember.models.bnb_format import load_bnb_4bit_state as load_bnb_4bit_state
+from ember.models.bnb_format import nf4_from_bnb, nf4_to_bnb, quant_state_key, split_bnb_key
+from ember.models.bnb_format import rename_bnb_keys as rename_bnb_keys
 from ember.models.nf4_storage import STORAGE_DTYPE, NF4Layout, pack_nf4, unpack_nf4
 
-QS_SUFFIX = "quant_state.bitsandbytes__nf4"
-BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", QS_SUFFIX)
 
-
-# ---------------------------------------------------------------------------- bnb tensor format
-def nf4_to_bnb(w: NF4Weight, key: str = "weight") -> dict[str, torch.Tensor]:
-    """The bitsandbytes tensors of one weight, named from ``key`` (e.g. ``...q_proj.weight``)."""
-    st = w.state
-    out = {key: w.packed, f"{key}.absmax": st.absmax, f"{key}.quant_map": st.code}
-    if st.nested:
-        out[f"{key}.nested_absmax"] = st.nested_absmax
-        out[f"{key}.nested_quant_map"] = st.nested_code.clone()
-    out[f"{key}.{QS_SUFFIX}"] = torch.tensor(list(st.quant_state_json().encode()),
-                                             dtype=torch.uint8)
-    return out
-
-
-def nf4_from_bnb(tensors: Mapping[str, torch.Tensor], key: str = "weight",
-                 device=None) -> NF4Weight:
-    """Inverse of ``nf4_to_bnb``: ``tensors`` holds ``key`` and its ``key.<suffix>`` entries."""
-    qs_key = f"{key}.{QS_SUFFIX}"
-    if qs_key not in tensors:
-        other = [k for k in tensors if k.startswith(f"{key}.quant_state.")]
-        if other:
-            raise EmberError(f"{other[0]}: only NF4 4-bit weights are supported (not FP4); "
-                             "re-quantize the model with bnb_4bit_quant_type='nf4'")
-        raise EmberError(f"{key}: missing '{qs_key}', this is not a bitsandbytes 4-bit weight")
-    try:
-        meta = json.loads(bytes(tensors[qs_key].cpu().tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EmberError(f"{qs_key}: unreadable quant state ({e})") from e
-    if meta.get("quant_type") != "nf4":
-        raise EmberError(f"{key}: quant_type {meta.get('quant_type')!r} is not supported; "
-                         "only bitsandbytes NF4 checkpoints load")
-    dev = device if device is not None else tensors[key].device
-    get = lambda suffix: tensors[f"{key}.{suffix}"].to(dev)
-    dtype = getattr(torch, meta["dtype"])
-    nested = "nested_offset" in meta
-    state = NF4State(
-        absmax=get("absmax"), shape=torch.Size(meta["shape"]), dtype=dtype,
-        blocksize=int(meta["blocksize"]), code=get("quant_map").float(),
-        offset=float(meta["nested_offset"]) if nested else None,
-        nested_absmax=get("nested_absmax") if nested else None,
-        nested_code=get("nested_quant_map").float() if nested else None,
-        nested_blocksize=int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)))
-    packed = tensors[key].to(dev)
-    if packed.dtype != torch.uint8:  # bnb_4bit_quant_storage other than uint8: same bytes
-        packed = packed.contiguous().view(torch.uint8)
-    return NF4Weight(packed.reshape(-1, 1), state)
-
-
+# ---------------------------------------------------------------------------- NF4 row blocks
 def split_nf4_rows(w: NF4Weight, rows: Sequence[int], key: str) -> list[NF4Weight]:
     """A 2D NF4 weight cut into row blocks (Phi-3's fused qkv_proj / gate_up_proj), each part
     dequantizing to exactly the whole's rows. The cuts must fall between 4-bit blocks; a nested
@@ -128,8 +92,8 @@ def cat_nf4_rows(ws: Sequence[NF4Weight], key: str) -> NF4Weight:
     st = ws[0].state
     k, bs, nbs = st.shape[-1], st.blocksize, st.nested_blocksize
     if any(len(w.shape) != 2 or w.shape[1] != k or w.blocksize != bs or w.dtype != st.dtype
-           for w in ws):
-        raise EmberError(f"{key}: its NF4 parts differ in width, blocksize or dtype "
+           or w.state.quant_type != st.quant_type for w in ws):
+        raise EmberError(f"{key}: its NF4 parts differ in width, blocksize, dtype or quant_type "
                          f"({[tuple(w.shape) for w in ws]}); save with dequantize=True")
     if any(w.numel() % bs for w in ws[:-1]):
         raise EmberError(f"{key}: its 4-bit blocks of {bs} values would straddle the parts; "
@@ -148,80 +112,6 @@ def cat_nf4_rows(ws: Sequence[NF4Weight], key: str) -> NF4Weight:
     shape = torch.Size((sum(w.shape[0] for w in ws), k))
     packed = torch.cat([w.packed.reshape(-1) for w in ws]).reshape(-1, 1)
     return NF4Weight(packed, replace(state, shape=shape))
-
-
-def split_bnb_key(key: str) -> tuple[str, str]:
-    """``'a.weight.absmax'`` -> ``('a.weight', '.absmax')``; other keys -> ``(key, '')``. A loader
-    renames the weight part like any dense weight and appends the suffix again."""
-    for suffix in BNB_SUFFIXES:
-        if key.endswith("." + suffix):
-            return key[: -len(suffix) - 1], "." + suffix
-    return key, ""
-
-
-def rename_bnb_keys(state_dict: Mapping[str, torch.Tensor],
-                    rename: Callable[[str], str]) -> dict[str, torch.Tensor]:
-    """Apply a dense-key renaming (e.g. ember -> HF names) to a state dict with bnb entries."""
-    out = {}
-    for key, value in state_dict.items():
-        base, suffix = split_bnb_key(key)
-        out[rename(base) + suffix] = value
-    return out
-
-
-def load_bnb_4bit_state(state_dict: Mapping[str, torch.Tensor],
-                        quantization_config: Mapping | None = None, device=None):
-    """Split a pre-quantized bitsandbytes state dict into ``({weight key: NF4Weight}, rest)``;
-    the weight keys are the dense names (``model.layers.0.self_attn.q_proj.weight``)."""
-    if quantization_config is not None:
-        check_quantization_config(quantization_config)
-    if any(v.dtype == torch.int8 for v in state_dict.values()):
-        raise EmberError("an 8-bit (LLM.int8) state dict, not a 4-bit one: load its folder with "
-                         "load_pretrained, which dequantizes it")
-    quantized, rest = {}, {}
-    bases = {split_bnb_key(k)[0] for k in state_dict if k.endswith("." + QS_SUFFIX)}
-    for key, value in state_dict.items():
-        base, _ = split_bnb_key(key)
-        if base not in bases:
-            rest[key] = value
-    for base in sorted(bases):
-        parts = {k: v for k, v in state_dict.items() if split_bnb_key(k)[0] == base}
-        if base not in parts:
-            raise EmberError(f"{base}: the checkpoint has its quant state but not the packed "
-                             "weight itself (a missing shard?)")
-        quantized[base] = nf4_from_bnb(parts, base, device)
-    return quantized, rest
-
-
-def bnb_quantization_config(compute_dtype: torch.dtype = torch.bfloat16, *,
-                            double_quant: bool = True,
-                            skip_modules: Iterable[str] | None = None) -> dict:
-    """``quantization_config`` for config.json, as transformers writes it for NF4."""
-    return {"_load_in_4bit": True, "_load_in_8bit": False,
-            "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."),
-            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4",
-            "bnb_4bit_use_double_quant": double_quant, "llm_int8_enable_fp32_cpu_offload": False,
-            "llm_int8_has_fp16_weight": False,
-            "llm_int8_skip_modules": list(skip_modules) if skip_modules is not None else None,
-            "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False,
-            "quant_method": "bitsandbytes"}
-
-
-def check_quantization_config(cfg: Mapping) -> None:
-    """Reject quantization configs Ember cannot load, with a message that says why."""
-    method = cfg.get("quant_method")
-    if method != "bitsandbytes":
-        raise EmberError(f"quantization_config.quant_method={method!r}: only bitsandbytes "
-                         "checkpoints (4-bit NF4, 8-bit) load; use the unquantized model with "
-                         "quantize='nf4'")
-    if cfg.get("load_in_8bit") or cfg.get("_load_in_8bit"):
-        return  # LLM.int8: loaded dequantized (ember.models.bnb_int8)
-    if not (cfg.get("load_in_4bit") or cfg.get("_load_in_4bit")):
-        raise EmberError("quantization_config: bitsandbytes with neither load_in_4bit nor "
-                         "load_in_8bit; save the checkpoint again")
-    if cfg.get("bnb_4bit_quant_type", "fp4") != "nf4":
-        raise EmberError(f"quantization_config.bnb_4bit_quant_type="
-                         f"{cfg.get('bnb_4bit_quant_type')!r}: only 'nf4' is supported")
 
 
 # ---------------------------------------------------------------------------------- Linear4bit
@@ -556,9 +446,10 @@ def load_bnb_quantized_(model: nn.Module, tensors: Iterable[tuple[str, torch.Ten
 
 def _complete_bnb(parts: dict[str, torch.Tensor], key: str, device) -> NF4Weight | None:
     """The NF4Weight once all its bnb entries have arrived, else None."""
-    qs = parts.get(f"{key}.{QS_SUFFIX}")
-    if qs is None or key not in parts:
+    qs_key = quant_state_key(parts, key)
+    if qs_key is None or key not in parts:
         return None
+    qs = parts[qs_key]
     nested = b'"nested_offset"' in bytes(qs.tolist())
     need = ("absmax", "quant_map") + (("nested_absmax", "nested_quant_map") if nested else ())
     if any(f"{key}.{s}" not in parts for s in need):

@@ -39,6 +39,7 @@ class NF4Layout:
     nested_blocksize: int
     parts: tuple[tuple[str, torch.dtype, tuple[int, ...], int], ...]  # (field, dtype, shape, at)
     nbytes: int
+    quant_type: str = "nf4"
 
     @property
     def numel(self) -> int:
@@ -65,7 +66,7 @@ def nf4_layout(w: NF4Weight) -> NF4Layout:
         at = _align(at + t.numel() * t.dtype.itemsize)
     st = w.state
     return NF4Layout(tuple(st.shape), st.dtype, st.blocksize, st.offset, st.nested_blocksize,
-                     tuple(parts), max(at, ALIGN))
+                     tuple(parts), max(at, ALIGN), st.quant_type)
 
 
 def pack_nf4(w: NF4Weight) -> tuple[torch.Tensor, NF4Layout]:
@@ -90,5 +91,5 @@ def unpack_nf4(storage: torch.Tensor, layout: NF4Layout) -> NF4Weight:
     state = NF4State(absmax=t["absmax"], shape=torch.Size(layout.shape), dtype=layout.dtype,
                      blocksize=layout.blocksize, code=t["code"], offset=layout.offset,
                      nested_absmax=t.get("nested_absmax"), nested_code=t.get("nested_code"),
-                     nested_blocksize=layout.nested_blocksize)
+                     nested_blocksize=layout.nested_blocksize, quant_type=layout.quant_type)
     return NF4Weight(t["packed"], state)

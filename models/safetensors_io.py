@@ -34,7 +34,7 @@ from ember.kernels.nf4 import NF4Weight
 from ember.models.config import ModelConfig
 from ember.models.hf import fused_parts, map_hf_keys, split_multimodal_keys
 from ember.models.hf_config import config_from_hf
-from ember.models.nf4 import QS_SUFFIX, split_bnb_key
+from ember.models.nf4 import QS_SUFFIXES, is_quant_state_key, split_bnb_key
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -168,7 +168,7 @@ class CheckpointIndex:
 
     def quantized_weights(self) -> set[str]:
         """HF keys of the bitsandbytes 4-bit weights (those with a quant state)."""
-        return {split_bnb_key(k)[0] for k in self.key_file if k.endswith("." + QS_SUFFIX)}
+        return {split_bnb_key(k)[0] for k in self.key_file if is_quant_state_key(k)}
 
 
 def _refuse_pickle(folder: Path) -> None:
@@ -255,13 +255,11 @@ def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False,
                             f"{path}: tensor {key} has dtype {st_dtype}; only F32, F16 "
                             f"and BF16 weights are supported{hint}"
                         )
-                    if quantized and ".quant_state.bitsandbytes__" in key and not key.endswith(
-                        QS_SUFFIX
-                    ):
+                    if quantized and ".quant_state." in key and not is_quant_state_key(key):
                         raise EmberError(
-                            f"{path}: tensor {key} is a bitsandbytes FP4 quant state; only NF4 "
-                            "4-bit weights load (re-quantize with bnb_4bit_quant_type='nf4', or "
-                            "load the unquantized model with quantize='nf4')"
+                            f"{path}: tensor {key} is not a bitsandbytes 4-bit quant state "
+                            f"Ember reads ({' / '.join(QS_SUFFIXES)}); load the unquantized "
+                            "model with quantize='nf4'"
                         )
                     ckpt.key_file[key] = path
                     ckpt.shapes[key] = tuple(sl.get_shape())

@@ -353,6 +353,11 @@ def _byte_level_backend(md: dict[str, Any], tokens: list[str], types: list[int],
     if any(len(p) != 2 for p in pairs):
         raise EmberError(f"{source}: malformed tokenizer.ggml.merges entry")
     whole = md.get("tokenizer.ggml.pre") in _WHOLE_WORDS
+    unknown = next((m for m in pairs if not {m[0], m[1], m[0] + m[1]} <= vocab.keys()), None)
+    if unknown is not None:  # (was: tokenizers' bare "Token ... out of vocabulary")
+        raise EmberError(f"{source}: tokenizer.ggml.merges has {' '.join(unknown)!r}, whose "
+                         "parts or result are not in tokenizer.ggml.tokens; the file's "
+                         "vocabulary is corrupt: convert the model again")
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, dropout=None,
                                               continuing_subword_prefix="",
                                               end_of_word_suffix="", fuse_unk=False,

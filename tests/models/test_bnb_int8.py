@@ -117,3 +117,25 @@ def test_an_int8_state_dict_is_not_taken_for_a_4bit_one(int8_folder):
     with pytest.raises(EmberError, match="8-bit \\(LLM.int8\\) state dict"):
         load_bnb_4bit_state(_stored(int8_folder / "int8"),
                             {"quant_method": "bitsandbytes", "load_in_8bit": True})
+
+
+def test_int8_weights_in_a_gpu_tile_layout_are_refused(int8_folder, tmp_path):
+    """weight_format 2 (old bitsandbytes' col_turing) holds the int8 weight in GPU tiles: read
+    as rows it is scrambled, so it is refused as bitsandbytes does (was: loaded as rows)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "tiled"
+    shutil.copytree(int8_folder / "int8", bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    key = "model.layers.1.mlp.up_proj.weight_format"
+    file = bad / index["weight_map"][key]
+    with safe_open(file, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert tensors[key].item() == 0  # 'row', as transformers writes it today
+    tensors[key] = torch.tensor(2, dtype=torch.uint8)
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(EmberError, match="up_proj.weight_format is 'col_turing'; only int8 "
+                                         "weights in bitsandbytes' 'row' format load"):
+        load_pretrained(bad, "float32")

@@ -24,13 +24,14 @@ bnbf = pytest.importorskip("bitsandbytes.functional")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 
 
-def _bnb_folder(root, model, double_quant: bool, auto: str = "AutoModelForCausalLM"):
-    """model saved dense, then as transformers writes it after a 4-bit NF4 load."""
+def _bnb_folder(root, model, double_quant: bool, auto: str = "AutoModelForCausalLM",
+                quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32):
+    """model saved dense, then as transformers writes it after a 4-bit NF4 (or FP4) load."""
     dense, q = root / "dense", root / "bnb"
     model.save_pretrained(dense)
     qcfg = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=torch.float32)
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = getattr(transformers, auto).from_pretrained(
@@ -158,3 +159,49 @@ def test_classifier_bnb_checkpoint_saves_with_its_score_head_dense(tmp_path):
             out, device_map="cpu").eval()
     with torch.no_grad():
         assert _diff(back(ids).logits, logits) <= TOL
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_fp4_checkpoint_loads_bit_exact_and_saves_transformers_bytes(tmp_path, double_quant):
+    """bnb_4bit_quant_type="fp4" (BitsAndBytesConfig(load_in_4bit=True)'s default) is NF4's
+    format with FP4's 16-value code: its weights dequantize as bnb's, the logits are transformers',
+    the save is transformers' checkpoint byte for byte, and PEFT takes a QLoRA adapter trained on
+    it (was: refused as unsupported)."""
+    cfg = transformers.Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    folder, hf = _bnb_folder(tmp_path, _randomized(transformers.Qwen2ForCausalLM(cfg), 8),
+                             double_quant, quant_type="fp4")
+    model, _ = load_pretrained(folder)
+    hf_down = hf.model.layers[1].mlp.down_proj.weight
+    assert torch.equal(model.layers[1].mlp.down_proj.quant_weight.dequantize(),
+                       bnbf.dequantize_4bit(hf_down.data, hf_down.quant_state))
+    ids = _ids(96, 4)
+    assert _diff(_logits(model, ids), _logits(hf, ids)) <= TOL
+    out = save_pretrained(model, tmp_path / "ember")
+    ours, theirs = load_file(out / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    back = _hf(out)
+    assert back.config.quantization_config.bnb_4bit_quant_type == "fp4"
+    assert _diff(_logits(back, ids), _logits(hf, ids)) <= TOL
+    _peft_matches(model, folder, tmp_path, ids)
+
+
+def test_save_keeps_the_checkpoints_compute_dtype(tmp_path):
+    """A QLoRA checkpoint computing in bf16 (bnb_4bit_compute_dtype) over fp32 weights saves
+    with that compute dtype, so transformers computes the saved folder exactly as the original
+    (was: the saved dtype, float32: other logits)."""
+    import json
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    folder, hf = _bnb_folder(tmp_path, _randomized(transformers.LlamaForCausalLM(cfg), 9), True,
+                             compute_dtype=torch.bfloat16)
+    model, _ = load_pretrained(folder)
+    out = save_pretrained(model, tmp_path / "ember")
+    qc = [json.loads((f / "config.json").read_text())["quantization_config"]
+          for f in (folder, out)]
+    assert qc[0]["bnb_4bit_compute_dtype"] == "bfloat16" and qc[1] == qc[0]
+    ids = _ids(96, 7)
+    assert torch.equal(_logits(_hf(out), ids), _logits(hf, ids))

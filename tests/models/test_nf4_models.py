@@ -243,24 +243,27 @@ def test_module_moves_and_errors():
         Linear4bit(64, 8).set_weight(torch.randn(8, 32))
     sd = nf4_to_bnb(NF4Weight.quantize(torch.randn(8, 64)), "w")
     sd["w.quant_state.bitsandbytes__fp4"] = sd.pop("w.quant_state.bitsandbytes__nf4")
-    with pytest.raises(EmberError, match="FP4"):
+    with pytest.raises(EmberError, match="its JSON says quant_type 'nf4'"):
         nf4_from_bnb(sd, "w")
     for bad in ({"quant_method": "gptq"}, {"quant_method": "bitsandbytes"},
                 {"quant_method": "bitsandbytes", "load_in_4bit": True,
-                 "bnb_4bit_quant_type": "fp4"}):
+                 "bnb_4bit_quant_type": "int4"}):
         with pytest.raises(EmberError):
             check_quantization_config(bad)
+    check_quantization_config({"quant_method": "bitsandbytes", "load_in_4bit": True,
+                               "bnb_4bit_quant_type": "fp4"})  # tests/models/test_bnb_variants
     # 8-bit checkpoints load, dequantized (tests/models/test_bnb_int8.py)
     check_quantization_config({"quant_method": "bitsandbytes", "load_in_8bit": True})
 
 
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_flat_storage_holds_bnbs_bytes_as_one_parameter(double_quant):
+@pytest.mark.parametrize("double_quant,quant_type", [(True, "nf4"), (False, "nf4"),
+                                                     (True, "fp4")])
+def test_flat_storage_holds_bnbs_bytes_as_one_parameter(double_quant, quant_type):
     """``store_flat_`` (what FSDP shards): one frozen bf16 Parameter whose views are exactly
     bitsandbytes' tensors, the same outputs, no dtype cast, and a copy built from the layout
     alone (another process's meta model) filled by ``load_state_dict``."""
     w = torch.randn(24, 97 * 2)  # 4-bit blocks of 64 straddle rows; an odd block count
-    pb, sb = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4",
+    pb, sb = bnbf.quantize_4bit(w, blocksize=64, quant_type=quant_type,
                                 compress_statistics=double_quant)
     theirs = {"weight." + k: v for k, v in sb.as_dict(packed=True).items()}
     theirs["weight"] = pb

@@ -170,7 +170,7 @@ def test_phi2_dropout_config_loads_and_drops_only_in_training(folders, tmp_path)
     (dict(resid_pdrop=1.0), "resid_pdrop must be in"),
     (dict(qk_layernorm="yes"), "qk_layernorm must be true or false"),
     (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True,
-                               "bnb_4bit_quant_type": "fp4"}), "fp4"),
+                               "bnb_4bit_quant_type": "int4"}), "int4"),
 ])
 def test_configs_ember_cannot_compute_are_refused(folders, change, needle):
     raw = json.loads((folders["phi2_like"] / "config.json").read_text())

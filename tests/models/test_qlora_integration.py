@@ -183,6 +183,18 @@ def test_quant_storage_dtype_loads(ckpts, tmp_path):
                        _logits(load_pretrained(ckpts["bnb"])[0], ids))
 
 
+_Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _edit_json(sd, **change):
+    """Change (None: drop) fields of q_proj's JSON quant state."""
+    key = _Q + ".quant_state.bitsandbytes__nf4"
+    meta = json.loads(bytes(sd[key].tolist()))
+    meta.update(change)
+    meta = {k: v for k, v in meta.items() if v is not None}
+    sd[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+
+
 def _edited(ckpts, tmp_path, qc_change=None, weights=None, config_change=None):
     folder = tmp_path / "edited"
     shutil.copytree(ckpts["bnb"], folder)
@@ -198,7 +210,7 @@ def _edited(ckpts, tmp_path, qc_change=None, weights=None, config_change=None):
 
 
 @pytest.mark.parametrize("edit,needle", [
-    (dict(qc_change={"bnb_4bit_quant_type": "fp4"}), "bnb_4bit_quant_type"),
+    (dict(qc_change={"bnb_4bit_quant_type": "int4"}), "bnb_4bit_quant_type"),
     (dict(qc_change={"load_in_4bit": False, "_load_in_4bit": False, "load_in_8bit": True}),
      "but the checkpoint holds 4-bit entries"),
     (dict(qc_change={"quant_method": "gptq"}), "quant_method"),
@@ -208,10 +220,22 @@ def _edited(ckpts, tmp_path, qc_change=None, weights=None, config_change=None):
     (dict(weights=lambda sd: sd.pop("model.layers.0.self_attn.q_proj.weight")),
      "model.layers.0.self_attn.q_proj.weight"),
     (dict(config_change={"quantization_config": None}), "quantization_config"),
-    # FP4 weights under an nf4 config (was: StopIteration from the dtype count)
+    # quant states named FP4 holding NF4's JSON (was: StopIteration from the dtype count)
     (dict(weights=lambda sd: sd.update({k.replace("__nf4", "__fp4"): sd.pop(k)
                                         for k in [k for k in sd if k.endswith("__nf4")]})),
-     "FP4 quant state"),
+     "its JSON says quant_type 'nf4'"),
+    (dict(weights=lambda sd: sd.update({k.replace("__nf4", "__int4"): sd.pop(k)
+                                        for k in [k for k in sd if k.endswith("__nf4")]})),
+     "not a bitsandbytes 4-bit quant state"),
+    # entries that do not fit their quant state (were: garbage weights, or IndexError /
+    # RuntimeError / KeyError from deep inside)
+    (dict(weights=lambda sd: _edit_json(sd, blocksize=128)),
+     "weight in 4-bit blocks of 128 needs 32 uint8"),
+    (dict(weights=lambda sd: _edit_json(sd, nested_offset=None)),
+     "double-quantized but its quant state has no nested_offset"),
+    (dict(weights=lambda sd: _edit_json(sd, dtype=None)), "the quant state lacks dtype"),
+    (dict(weights=lambda sd: sd.update({_Q + ".quant_map": sd[_Q + ".quant_map"][:15]})),
+     "q_proj.weight.quant_map is float32 with 15 values"),
 ])
 def test_bad_bnb_checkpoints_name_the_problem(ckpts, tmp_path, edit, needle):
     folder = _edited(ckpts, tmp_path, **edit)
