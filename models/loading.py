@@ -30,6 +30,8 @@ names are importable from here too.
 
 from __future__ import annotations
 
+import functools
+import glob
 import hashlib
 import importlib
 import json
@@ -226,16 +228,29 @@ def _file_digest(*paths: Path) -> str:
     return h.hexdigest()[:16]
 
 
+@functools.cache
+def importer_digest() -> str:
+    """A hash of the source of ``ember.models`` (the GGUF readers and the HF writer an import
+    goes through): an Ember whose importer changed imports a file afresh instead of serving an
+    import an earlier version cached."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:8]
+
+
 def gguf_folder(gguf_path: str | os.PathLike) -> Path:
     """The HF folder imported from a .gguf file (a split model's first file), cached by content
-    hash (imported once)."""
+    hash and importer version (imported once; imports of the same file by another version are
+    removed)."""
     from ember.models.gguf import import_gguf
 
     src = Path(gguf_path)
     if not src.is_file():
         raise EmberError(f"GGUF file {src} does not exist")
     files = [p for p in split_paths(src) if p.is_file()]  # the reader names a missing one
-    out = cache_root() / "gguf" / f"{src.stem}-{_file_digest(*files)}"
+    stem = f"{src.stem}-{_file_digest(*files)}"
+    out = cache_root() / "gguf" / f"{stem}-{importer_digest()}"
     if (out / "config.json").is_file():
         return out
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -248,6 +263,11 @@ def gguf_folder(gguf_path: str | os.PathLike) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    # The same file imported by another Ember version (or before versions were in the name).
+    for stale in out.parent.glob(f"{glob.escape(stem)}*"):
+        if stale != out and stale.is_dir() and (stale.name == stem
+                                                or stale.name.startswith(f"{stem}-")):
+            shutil.rmtree(stale, ignore_errors=True)
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ember import EmberError
+from ember.models import loading
 from ember.models.hf import config_from_hf, config_to_hf, from_hf_state_dict, to_hf_state_dict
 from ember.models.loading import iter_checkpoint, load_pretrained, save_pretrained
 
@@ -443,7 +445,17 @@ def test_gguf_path_imports_once_into_cache(tmp_path, monkeypatch):
     a = _load(gguf)
     b = _load(gguf)
     assert len(calls) == 1 and a.cfg == b.cfg
-    assert [p.name[:2] for p in (tmp_path / "cache" / "gguf").iterdir()] == ["m-"]
+    cache = tmp_path / "cache" / "gguf"
+    (first,) = cache.iterdir()
+    assert first.name.startswith("m-")
+    # An import cached under the old naming (no importer version), and another Ember version
+    # (its models/ source changed): the file is imported afresh and the stale imports go.
+    legacy = cache / first.name.rsplit("-", 1)[0]
+    shutil.copytree(first, legacy)
+    monkeypatch.setattr(loading, "importer_digest", lambda: "0ther000")
+    c = _load(gguf)
+    assert len(calls) == 2 and c.cfg == a.cfg
+    assert [p.name for p in cache.iterdir()] == [legacy.name + "-0ther000"]
 
 
 def test_tokenizer_travels_with_the_model(tmp_path):
