@@ -22,7 +22,7 @@ from ember.models.hf_config import (
 )
 from ember.models.hf_gemma import gemma_to_hf
 from ember.models.hf_moe import MOE_FAMILIES, moe_check_exportable, moe_to_hf
-from ember.models.hf_phi import phi_fields_of, phi_to_hf
+from ember.models.hf_phi import phi_fields_of, phi_to_hf, shape_to_hf
 from ember.models.hf_rope import LONGROPE_FAMILIES, legacy_rope_scaling, rope_to_hf
 
 
@@ -108,12 +108,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
     out = {
         "architectures": [ARCHITECTURES[mt]],
         "model_type": mt,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
+        **shape_to_hf(cfg),
         "head_dim": cfg.head_dim,
         "hidden_act": "gelu_pytorch_tanh" if cfg.activation == "gelu_tanh" else "silu",
         "rms_norm_eps": cfg.rms_norm_eps,

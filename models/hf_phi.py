@@ -149,6 +149,14 @@ def phi_fields_of(cfg: ModelConfig) -> list[str]:
     return [f"{k}={getattr(cfg, k)!r}" for k, v in _NOT_PHI.items() if getattr(cfg, k) != v]
 
 
+def shape_to_hf(cfg: ModelConfig) -> dict:
+    """The config.json keys of the model's shape, named alike by every family transformers has
+    (``config_to_hf`` and ``phi_to_hf`` start from them)."""
+    return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads}
+
+
 def phi_to_hf(cfg: ModelConfig, dtype: str) -> dict:
     """config.json of a phi ModelConfig (transformers 5 names, plus 4.x's rope_theta /
     partial_rotary_factor), or an EmberError naming what PhiForCausalLM cannot express."""
@@ -167,12 +175,7 @@ def phi_to_hf(cfg: ModelConfig, dtype: str) -> dict:
     out = {
         "architectures": [ARCHITECTURE],
         "model_type": "phi",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
+        **shape_to_hf(cfg),
         "hidden_act": "gelu_new" if cfg.activation == "gelu_tanh" else "silu",
         "layer_norm_eps": cfg.rms_norm_eps,
         "max_position_embeddings": cfg.max_position_embeddings,
