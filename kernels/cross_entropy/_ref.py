@@ -53,15 +53,21 @@ def _chunk_logits(h, w, b, softcap):
     return softcap * torch.tanh(z / softcap) if softcap is not None else z
 
 
+def _label_logits(t, ys):
+    """(rows,) each row's label logit from a chunk's logits t, 0 where the label (ys: labels
+    minus the chunk start) falls outside the chunk."""
+    inside = (ys >= 0) & (ys < t.shape[1])
+    idx = ys.clamp(0, t.shape[1] - 1)
+    return torch.where(inside, t.gather(1, idx[:, None]).squeeze(1), 0.0)
+
+
 def _fwd_body(h, w, b, ys, m, s, tgt, tot, softcap: float | None, smooth: bool):
     """Folds one (rows, vocabulary) chunk into the running max m, sum of exponentials s, label
     logit tgt and sum of logits tot (all fp32 (rows,)). ys = labels - chunk start."""
     t = _chunk_logits(h, w, b, softcap)
     m_new = torch.maximum(m, t.amax(1))
     s = s * torch.exp(m - m_new) + torch.exp(t - m_new[:, None]).sum(1)
-    inside = (ys >= 0) & (ys < t.shape[1])
-    idx = ys.clamp(0, t.shape[1] - 1)
-    tgt = tgt + torch.where(inside, t.gather(1, idx[:, None]).squeeze(1), 0.0)
+    tgt = tgt + _label_logits(t, ys)
     if smooth:
         tot = tot + t.sum(1)
     return m_new, s, tgt, tot
@@ -97,9 +103,7 @@ def _fwd_grad_body(h, w, b, ys, m, s, tgt, tot, acc, sacc, softcap: float | None
     c = 1.0 - (t / softcap) ** 2 if softcap is not None else None
     acc.mul_(scale[:, None])
     _mm_into(acc, (p if c is None else p * c).to(w.dtype), w, first=False)
-    inside = (ys >= 0) & (ys < t.shape[1])
-    idx = ys.clamp(0, t.shape[1] - 1)
-    tgt = tgt + torch.where(inside, t.gather(1, idx[:, None]).squeeze(1), 0.0)
+    tgt = tgt + _label_logits(t, ys)
     if smooth:
         tot = tot + t.sum(1)
         if c is not None:
