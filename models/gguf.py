@@ -18,7 +18,9 @@ supplies the type constants and serves as the test oracle.
 
 Transforms applied to get back to Hugging Face / ember layout:
 - dequantize every tensor to fp32 (vectorized torch ports of ggml's block formats; the rest through
-  ``gguf.quants``), then cast to the requested dtype;
+  ``gguf.quants``), then cast to the requested dtype; ``import_gguf`` does it one tensor at a time
+  as the HF folder's shards are written (``deferred_state_dict``), so importing an 8B file takes
+  one shard of memory, not 32 GB;
 - undo llama.cpp's Q/K row permutation (``convert_hf_to_gguf.py`` reorders each head's rows from
   HF's rotate-half layout to interleaved pairs for llama-architecture files);
 - rename ``blk.N.attn_q`` ... to ``layers.N.attn.q_proj`` ...; a missing ``output`` means tied
@@ -35,6 +37,7 @@ import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ember import EmberError
 from ember.models.config import ModelConfig
+from ember.models.deferred import Deferred
 from ember.models.gguf_arch import (
     ARCHITECTURES,
     EXTRA_BLOCK_NAMES,
@@ -459,24 +463,62 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     return ModelConfig(**{**fields, **arch_fields(arch, md, get, fields)})
 
 
-def iter_state_dict(g: GGUFFile, cfg: ModelConfig,
-                    dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-    """(ember name, tensor) pairs, dequantized, unpermuted, cast to ``dtype``, one at a time."""
-    arch = g.metadata["general.architecture"]
-    _, permuted = ARCHITECTURES[arch]
+def _ember_names(g: GGUFFile) -> Iterator[tuple[str, str]]:
+    """(GGUF name, Ember name) of every weight tensor (RoPE factor tensors are read as config)."""
     unknown = [n for n in g.tensors if ember_name(n) is None and n not in ROPE_TENSORS]
     if unknown:
         raise EmberError(f"{g.path}: unexpected tensors {unknown[:5]} for a "
                          f"{g.metadata['general.architecture']} model; not supported")
     for name in g.tensors:
         key = ember_name(name)
-        if key is None:
-            continue
-        w = g.tensor(name)
-        if permuted and (".attn_q." in name or ".attn_k." in name):
-            w = unpermute_qk(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
-        for k, t in arch_tensors(arch, name, key, w, cfg):
+        if key is not None:
+            yield name, key
+
+
+def _converted(g: GGUFFile, cfg: ModelConfig, name: str, key: str,
+               w: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Ember key, tensor) pairs of GGUF tensor ``name`` with values ``w`` (fp32, or meta for
+    shapes only): unpermuted, then split / offset per architecture."""
+    arch = g.metadata["general.architecture"]
+    if ARCHITECTURES[arch][1] and (".attn_q." in name or ".attn_k." in name):
+        w = unpermute_qk(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
+    yield from arch_tensors(arch, name, key, w, cfg)
+
+
+def iter_state_dict(g: GGUFFile, cfg: ModelConfig,
+                    dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """(ember name, tensor) pairs, dequantized, unpermuted, cast to ``dtype``, one at a time."""
+    for name, key in _ember_names(g):
+        for k, t in _converted(g, cfg, name, key, g.tensor(name)):
             yield k, t.to(dtype)
+
+
+class _LastTensor:
+    """The converted outputs of the GGUF tensor dequantized last: the parts a fused or stacked
+    tensor splits into are written one after another, so each is dequantized once."""
+
+    def __init__(self, g: GGUFFile, cfg: ModelConfig) -> None:
+        self.g, self.cfg, self.name, self.parts = g, cfg, None, {}
+
+    def get(self, name: str, key: str, part: str) -> torch.Tensor:
+        if name != self.name:
+            self.name, self.parts = None, {}  # free the last one first
+            self.parts = dict(_converted(self.g, self.cfg, name, key, self.g.tensor(name)))
+            self.name = name
+        return self.parts[part]
+
+
+def deferred_state_dict(g: GGUFFile, cfg: ModelConfig,
+                        dtype: torch.dtype = torch.float32) -> dict[str, Deferred]:
+    """The state dict of ``iter_state_dict`` with each tensor deferred (``ember.models.deferred``):
+    shapes now, values dequantized from the open file when written, one GGUF tensor in memory
+    at a time."""
+    last, sd = _LastTensor(g, cfg), {}
+    for name, key in _ember_names(g):
+        meta = torch.empty(g.tensors[name].shape, device="meta")
+        for part, t in _converted(g, cfg, name, key, meta):
+            sd[part] = Deferred(t.shape, dtype, partial(last.get, name, key, part))
+    return sd
 
 
 def _check_shapes(sd: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> None:
@@ -494,43 +536,45 @@ def _check_shapes(sd: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> 
                              f"metadata implies {tuple(shape)}")
 
 
+def _config_and_tokenizer(g: GGUFFile, path, dtype: torch.dtype):
+    from ember.models.tokenizer import tokenizer_from_gguf
+
+    cfg = config_from_gguf(g)
+    vocab = g.metadata.get("tokenizer.ggml.model")
+    if vocab in (None, "none", "no_vocab"):
+        warnings.warn(f"{g.path} has no vocabulary (tokenizer.ggml.model {vocab!r}): "
+                      "returning tokenizer=None (token ids in and out only)", stacklevel=3)
+        tok = None
+    else:
+        tok = tokenizer_from_gguf(g.metadata, source=str(g.path))
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
+        raise EmberError(f"{path}: tokenizer has {tok.vocab_size} tokens but the embedding only "
+                         f"{cfg.vocab_size} rows")
+    return cfg.replace(torch_dtype=str(dtype).removeprefix("torch.")), tok
+
+
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     """Read a GGUF file -> ``(ModelConfig, ember state dict, Tokenizer)``. Weights are dequantized
     to fp32 and cast to ``dtype``. A file written without a vocabulary (``tokenizer.ggml.model``
     absent, "none" or "no_vocab", llama.cpp's LLAMA_VOCAB_TYPE_NONE) gives tokenizer None, with a
     warning, as an HF folder without tokenizer files does."""
-    from ember.models.tokenizer import tokenizer_from_gguf
-
     with GGUFFile(path) as g:
-        cfg = config_from_gguf(g)
+        cfg, tok = _config_and_tokenizer(g, path, dtype)
         sd = dict(iter_state_dict(g, cfg, dtype))
         _check_shapes(sd, cfg, g.path)
-        vocab = g.metadata.get("tokenizer.ggml.model")
-        if vocab in (None, "none", "no_vocab"):
-            warnings.warn(f"{g.path} has no vocabulary (tokenizer.ggml.model {vocab!r}): "
-                          "returning tokenizer=None (token ids in and out only)", stacklevel=2)
-            tok = None
-        else:
-            tok = tokenizer_from_gguf(g.metadata, source=str(g.path))
-    cfg = cfg.replace(torch_dtype=str(dtype).removeprefix("torch."))
-    if tok is not None and tok.vocab_size > cfg.vocab_size:
-        raise EmberError(f"{path}: tokenizer has {tok.vocab_size} tokens but the embedding only "
-                         f"{cfg.vocab_size} rows")
     return cfg, sd, tok
 
 
 def import_gguf(gguf_path: str | Path, out_dir: str | Path,
-                dtype: torch.dtype = torch.float32) -> Path:
-    """Convert a GGUF file to a Hugging Face folder (config.json, model.safetensors, tokenizer
-    files, generation_config.json) that both ember and transformers load."""
-    from ember.models.loading import save_pretrained
-    from ember.models.transformer import Transformer
+                dtype: torch.dtype = torch.float32, max_shard_size: int | str = "5GB") -> Path:
+    """Convert a GGUF file to a Hugging Face folder (config.json, safetensors, tokenizer files,
+    generation_config.json) that both ember and transformers load, as ``load_gguf`` reads it.
+    Streamed: each tensor is dequantized as its shard is written, so the import needs one shard
+    of memory (``max_shard_size``), not the whole model in ``dtype``."""
+    from ember.models.loading import save_state_dict
 
-    cfg, sd, tok = load_gguf(gguf_path, dtype)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.reset_rope_("cpu")  # non-persistent buffers: not in sd, still on meta
-    out = Path(out_dir)
-    save_pretrained(model, out, tok)
-    return out
+    with GGUFFile(gguf_path) as g:
+        cfg, tok = _config_and_tokenizer(g, gguf_path, dtype)
+        sd = deferred_state_dict(g, cfg, dtype)
+        _check_shapes(sd, cfg, g.path)
+        return save_state_dict(sd, cfg, out_dir, tok, max_shard_size=max_shard_size)

