@@ -19,8 +19,8 @@ supplies the type constants and serves as the test oracle.
 Transforms applied to get back to Hugging Face / ember layout:
 - dequantize every tensor to fp32 (vectorized torch ports of ggml's block formats; the rest through
   ``gguf.quants``), then cast to the requested dtype; ``import_gguf`` does it one tensor at a time
-  as the HF folder's shards are written (``deferred_state_dict``), so importing an 8B file takes
-  one shard of memory, not 32 GB;
+  as the HF folder's shards (1 GB) are written (``deferred_state_dict``), so importing an 8B file
+  takes a few GB of memory, not 32 GB;
 - undo llama.cpp's Q/K row permutation (``convert_hf_to_gguf.py`` reorders each head's rows from
   HF's rotate-half layout to interleaved pairs for llama-architecture files);
 - rename ``blk.N.attn_q`` ... to ``layers.N.attn.q_proj`` ...; a missing ``output`` means tied
@@ -566,11 +566,13 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
 
 
 def import_gguf(gguf_path: str | Path, out_dir: str | Path,
-                dtype: torch.dtype = torch.float32, max_shard_size: int | str = "5GB") -> Path:
+                dtype: torch.dtype = torch.float32, max_shard_size: int | str = "1GB") -> Path:
     """Convert a GGUF file to a Hugging Face folder (config.json, safetensors, tokenizer files,
     generation_config.json) that both ember and transformers load, as ``load_gguf`` reads it.
-    Streamed: each tensor is dequantized as its shard is written, so the import needs one shard
-    of memory (``max_shard_size``), not the whole model in ``dtype``."""
+    Streamed: each tensor is dequantized as its shard is written, so the import needs about two
+    shards of memory (``max_shard_size``; the shard and its serialized bytes), not the whole model
+    in ``dtype`` (measured on SmolLM2-135M: peak RSS 684 MiB with 100 MB shards, 1062 MiB before,
+    324 MiB of it the interpreter and libraries)."""
     from ember.models.loading import save_state_dict
 
     with GGUFFile(gguf_path) as g:
