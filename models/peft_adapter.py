@@ -151,6 +151,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         next(iter(experts.values())).rank, next(iter(experts.values())).alpha)
     rank_pattern = {re.escape(h): e[2] for h, e in entries.items() if e[2] != r}
     alpha_pattern = {re.escape(h): e[3] for h, e in entries.items() if e[3] != alpha}
+    if ties and entries[hf["embed"]][2:] != (r, alpha):  # PEFT's tied head: patterns by its name
+        rank_pattern["lm_head"], alpha_pattern["lm_head"] = entries[hf["embed"]][2:]
     rank_pattern.update({k: v for k, v in expert_ranks.items() if v != r})
     alpha_pattern.update({k: v for k, v in expert_alphas.items() if v != alpha})
     tensors.update({k: t.to("cpu").contiguous() for k, t in expert_sd.items()})
@@ -220,6 +222,9 @@ def _peft_targets(config: dict, hf_name: str) -> bool:
         return False
     if isinstance(exclude, list) and any(hf_name == e or hf_name.endswith("." + e)
                                          for e in exclude):
+        return False
+    # a module PEFT trains whole (modules_to_save) never also gets an adapter
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", hf_name) for m in config.get("modules_to_save") or []):
         return False
     targets = config.get("target_modules")
     if isinstance(targets, str):
@@ -402,6 +407,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             raise EmberError(f"{wfile}: {hf}: lora_magnitude_vector {tuple(mag.shape)} does not "
                              f"fit this model, expected ({out_f},)")
         plan[name] = (A, B, mag, r, float(_pattern_value(alpha_pat, hf, alpha0)))
+    if ties and "embed" in plan:
+        _check_tied_head_scale(plan["embed"][3:], config, cfg, wfile)
     if not lora_modules(model):
         for p in model.parameters():
             p.requires_grad_(False)
@@ -442,6 +449,25 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             model.score.weight.copy_(head)
         model.score.weight.requires_grad_(True)  # trains with the adapters (modules_to_save)
     return model
+
+
+def _scale(r: int, alpha: float, rslora: bool) -> float:
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
+def _check_tied_head_scale(embed_ra: tuple, config: dict, cfg, wfile: Path) -> None:
+    """PEFT's ensure_weight_tying head reuses the embedding's A and B but takes its scale from
+    its own name, ``lm_head``, in rank_pattern / alpha_pattern; Ember's one tied adapter has one
+    scale, so a pattern that sets the embedding apart from the head is refused."""
+    rslora, head = bool(config.get("use_rslora")), hf_module_name("lm_head", cfg)
+    r_h = _pattern_value(config.get("rank_pattern") or {}, head, config["r"])
+    a_h = _pattern_value(config.get("alpha_pattern") or {}, head, config["lora_alpha"])
+    emb, hd = _scale(*embed_ra, rslora), _scale(r_h, a_h, rslora)
+    if not math.isclose(emb, hd, rel_tol=1e-6):
+        raise EmberError(f"{wfile}: with ensure_weight_tying PEFT scales the tied lm_head's update "
+                         f"by {hd:g} (r={r_h}, alpha={a_h} for 'lm_head' in rank_pattern / "
+                         f"alpha_pattern) and the embedding's by {emb:g}; Ember's tied adapter "
+                         "has one scale, so this adapter is not supported")
 
 
 def _adapter_head(model: nn.Module, config: dict, tensors: dict, wfile: Path):

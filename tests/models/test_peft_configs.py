@@ -1,0 +1,64 @@
+"""LoraConfig combinations and adapter files (peft 0.21 as the oracle) that Ember loaded wrongly,
+saved wrongly or refused without cause: each loads with PEFT's logits and, where Ember saves it
+back, loads in PEFT with the same logits; what Ember cannot hold is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.models.loading import load_pretrained
+from ember.models.lora import load_adapter, save_adapter
+from tests.models.test_interop_peft import _peft_adapter, _peft_logits, save_random_model
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft_config_bases")
+    kinds = {"plain": {}, "tied": dict(tie_word_embeddings=True)}
+    return {name: save_random_model(root / name, transformers.LlamaConfig, seed=i + 3, **kw)
+            for i, (name, kw) in enumerate(kinds.items())}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """fp32 logits agree (relative to their size: a tied random embedding adapter makes them
+    large)."""
+    return (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+def _round_trip(base, tmp_path, **kw) -> None:
+    ids, ref = _peft_adapter(base, tmp_path / "peft", **kw)
+    model, _ = load_pretrained(base)
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert _close(model.eval()(ids), ref)
+    save_adapter(model, tmp_path / "ember")
+    assert _close(_peft_logits(base, tmp_path / "ember", ids), ref)
+
+
+def test_modules_to_save_also_in_target_modules(bases, tmp_path):
+    """PEFT trains a modules_to_save module whole and puts no adapter on it even when
+    target_modules names it too; Ember took the missing adapter for a broken file and refused."""
+    _round_trip(bases["plain"], tmp_path, target_modules=["q_proj", "embed_tokens"],
+                modules_to_save=["embed_tokens"])
+
+
+def test_tied_head_patterns_follow_peft(bases, tmp_path):
+    """ensure_weight_tying with rank/alpha patterns: PEFT scales the tied head by the patterns'
+    value for "lm_head". Set apart from the embedding's it was loaded with the embedding's scale
+    (logits off by ~100): refused now; set alike it loads, and Ember's save writes lm_head's
+    pattern too (without it PEFT gave the head r / lora_alpha)."""
+    _round_trip(bases["tied"], tmp_path / "same", target_modules=["q_proj", "embed_tokens"],
+                ensure_weight_tying=True, rank_pattern={"embed_tokens|lm_head": 2},
+                alpha_pattern={"embed_tokens|lm_head": 7})
+    _peft_adapter(bases["tied"], tmp_path / "apart", target_modules=["q_proj", "embed_tokens"],
+                  ensure_weight_tying=True, rank_pattern={"embed_tokens": 2},
+                  alpha_pattern={"embed_tokens": 7})
+    model, _ = load_pretrained(bases["tied"])
+    with pytest.raises(EmberError, match="tied lm_head's update by 2 .* embedding's by 3.5"):
+        load_adapter(model, tmp_path / "apart")
