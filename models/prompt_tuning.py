@@ -222,7 +222,17 @@ def load_prompt_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.
         raise EmberError(f"{where}: peft_type is {config.get('peft_type')!r}, not PROMPT_TUNING")
     if config.get("num_transformer_submodules", 1) != 1:
         raise EmberError(f"{where}: num_transformer_submodules must be 1 (a decoder-only model)")
+    other = sorted(k for k in tensors if k != "prompt_embeddings")
+    if other:  # PEFT's modules_to_save (a SEQ_CLS head, a trained lm_head...): whole modules
+        raise EmberError(f"{where}: the adapter also replaces whole modules ({other[:3]}, "
+                         f"modules_to_save={config.get('modules_to_save')}, task_type="
+                         f"{config.get('task_type')!r}); Ember's prompt tuning holds the virtual "
+                         "tokens only (no classifier head or trained modules)")
     prompt = tensors.get("prompt_embeddings")
+    n = config.get("num_virtual_tokens")
+    if prompt is not None and n is not None and prompt.shape[0] != n:
+        raise EmberError(f"{where}: prompt_embeddings has {prompt.shape[0]} rows but "
+                         f"num_virtual_tokens is {n}")
     D = model.embed.weight.shape[1]
     if prompt is None or prompt.ndim != 2 or prompt.shape[1] != D:
         got = None if prompt is None else tuple(prompt.shape)
