@@ -147,7 +147,7 @@ def split_expert_adapter(tensors: dict, config: dict, cfg) -> tuple[dict, dict]:
         raise EmberError(f"the adapter targets parameters {targets[:3]} (LoRA on mixture-of-"
                          "experts experts) but the model has no experts")
     out = {k: v for k, v in tensors.items() if not _PARAM_KEY.fullmatch(k)}
-    ranks, alphas = dict(config.get("rank_pattern") or {}), dict(config.get("alpha_pattern") or {})
+    ranks, alphas = {}, {}  # the split experts' own entries, ahead of the config's (first wins)
     found = {}
     for k, v in tensors.items():
         m = _PARAM_KEY.fullmatch(k)
@@ -184,5 +184,10 @@ def split_expert_adapter(tensors: dict, config: dict, cfg) -> tuple[dict, dict]:
                     out[f"base_model.model.{hf}.lora_A.weight"] = Ae.contiguous()
                     out[f"base_model.model.{hf}.lora_B.weight"] = b.contiguous()
                     ranks[re.escape(hf)], alphas[re.escape(hf)] = r, alpha
+    # PEFT's lookup takes the first pattern that matches: a config pattern meant for another module
+    # (Qwen2-MoE's shared_expert.gate_proj: "gate_proj") must not reach the split experts
+    ranks.update({k: v for k, v in (config.get("rank_pattern") or {}).items() if k not in ranks})
+    alphas.update({k: v for k, v in (config.get("alpha_pattern") or {}).items()
+                   if k not in alphas})
     config = {**config, "target_parameters": None, "rank_pattern": ranks, "alpha_pattern": alphas}
     return out, config
