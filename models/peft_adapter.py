@@ -62,6 +62,7 @@ from ember.models.peft_files import (  # noqa: F401  (re-exported)
     ADAPTER_WEIGHTS,
     HEAD_KEY,
     HEAD_MODULES,
+    LORA_DEFAULTS,
     _pattern_value,
     _read_adapter,
     _read_adapter_config,
@@ -325,6 +326,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     """
     adapter_dir = Path(adapter_dir)
     config, tensors = _read_adapter(adapter_dir)
+    config = {**LORA_DEFAULTS, **config}  # fields PEFT's LoraConfig fills in when left out
     where = adapter_dir / "adapter_config.json"
     if config.get("target_parameters"):  # LoRA on MoE experts (ember.models.peft_moe)
         tensors, config = split_expert_adapter(tensors, config, getattr(model, "cfg", None))
@@ -332,7 +334,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     use_dora = bool(config.get("use_dora"))
     if is_fused(getattr(model, "cfg", None)):
         tensors, config = split_adapter(tensors, config, model.cfg)
-    wfile = adapter_dir / "adapter_model.safetensors"
+    wfile = next(adapter_dir / n for n in ADAPTER_WEIGHTS if (adapter_dir / n).is_file())
     head = _adapter_head(model, config, tensors, wfile)
     full = _full_weights(model, config, tensors, wfile)
     biases = _adapter_biases(model, config, tensors, wfile)

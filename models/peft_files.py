@@ -45,6 +45,9 @@ _KNOWN_FIELDS = frozenset("""
     loftq_config eva_config corda_config lora_ga_config qalora_group_size runtime_config
     ensure_weight_tying modules_to_save use_dora
 """.split()) | set(_UNSUPPORTED)
+# LoraConfig's defaults for fields an adapter_config.json may leave out (older or hand-written
+# files): PEFT loads those with these values
+LORA_DEFAULTS = {"r": 8, "lora_alpha": 8}
 # inits that change the base weights too: the adapter alone is relative to a modified base
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _MERGE_HINT = ("merge it into the base with PEFT (PeftModel.merge_and_unload(), then "

@@ -4,8 +4,12 @@ back, loads in PEFT with the same logits; what Ember cannot hold is refused by n
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ember import EmberError
 from ember.models.loading import load_pretrained
@@ -62,3 +66,36 @@ def test_tied_head_patterns_follow_peft(bases, tmp_path):
     model, _ = load_pretrained(bases["tied"])
     with pytest.raises(EmberError, match="tied lm_head's update by 2 .* embedding's by 3.5"):
         load_adapter(model, tmp_path / "apart")
+
+
+def test_config_fields_left_out_take_peft_defaults(bases, tmp_path):
+    """An adapter_config.json without lora_alpha (older or hand-written files): PEFT's LoraConfig
+    fills in 8 (_peft_adapter's alpha); Ember refused the file ("lora_alpha must be a positive
+    number, got None")."""
+    ids, ref = _peft_adapter(bases["plain"], tmp_path / "a", target_modules=["q_proj"])
+    path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    del config["lora_alpha"]
+    path.write_text(json.dumps(config))
+    assert _close(_peft_logits(bases["plain"], tmp_path / "a", ids), ref)  # PEFT: the same
+    model, _ = load_pretrained(bases["plain"])
+    load_adapter(model, tmp_path / "a")
+    with torch.no_grad():
+        assert _close(model.eval()(ids), ref)
+
+
+def test_bin_adapter_loads_and_errors_name_it(bases, tmp_path):
+    """An adapter_model.bin-only folder (older PEFT, safe_serialization=False) loads with PEFT's
+    logits; an error about its tensors named adapter_model.safetensors, a file not there."""
+    ids, ref = _peft_adapter(bases["plain"], tmp_path / "st", target_modules=["v_proj"])
+    sd = load_file(tmp_path / "st" / "adapter_model.safetensors")
+    for name, tensors in (("ok", sd), ("bad", {**sd, "base_model.model.model.norm.weight": ref})):
+        (tmp_path / name).mkdir()
+        shutil.copy(tmp_path / "st" / "adapter_config.json", tmp_path / name)
+        torch.save(tensors, tmp_path / name / "adapter_model.bin")
+    model, _ = load_pretrained(bases["plain"])
+    load_adapter(model, tmp_path / "ok")
+    with torch.no_grad():
+        assert _close(model.eval()(ids), ref)
+    with pytest.raises(EmberError, match=r"adapter_model\.bin: 1 keys match no projection"):
+        load_adapter(load_pretrained(bases["plain"])[0], tmp_path / "bad")
