@@ -321,8 +321,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
 
     The weights file decides which modules get adapters; ranks come from the tensor shapes and
     are checked against ``r`` / ``rank_pattern``; alphas from ``lora_alpha`` / ``alpha_pattern``.
-    Modules already wrapped (e.g. resuming training) get their weights overwritten. Everything
-    else is frozen, as after ``apply_lora``.
+    Modules already wrapped (e.g. resuming training) get their weights overwritten; a model with
+    adapters on modules the file has none for is refused. Everything else is frozen, as after
+    ``apply_lora``.
     """
     adapter_dir = Path(adapter_dir)
     config, tensors = _read_adapter(adapter_dir)
@@ -409,6 +410,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             raise EmberError(f"{wfile}: {hf}: lora_magnitude_vector {tuple(mag.shape)} does not "
                              f"fit this model, expected ({out_f},)")
         plan[name] = (A, B, mag, r, float(_pattern_value(alpha_pat, hf, alpha0)))
+    stale = sorted(set(lora_modules(model)) - set(plan), key=_natural_key)
+    if stale:
+        raise EmberError(f"{wfile}: the model already has LoRA adapters on {stale[:3]} "
+                         f"({len(stale)} modules) that this adapter does not have, which would "
+                         "stay in place; load it onto a fresh base model (or merge_lora first)")
     if ties and "embed" in plan:
         _check_tied_head_scale(plan["embed"][3:], config, cfg, wfile)
     if not lora_modules(model):

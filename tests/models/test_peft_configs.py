@@ -99,3 +99,19 @@ def test_bin_adapter_loads_and_errors_name_it(bases, tmp_path):
         assert _close(model.eval()(ids), ref)
     with pytest.raises(EmberError, match=r"adapter_model\.bin: 1 keys match no projection"):
         load_adapter(load_pretrained(bases["plain"])[0], tmp_path / "bad")
+
+
+def test_loading_over_other_adapters_is_refused(bases, tmp_path):
+    """A second load_adapter whose file covers fewer modules than the model's adapters left the
+    first adapter's other modules in place: a silent mix of two adapters."""
+    _peft_adapter(bases["plain"], tmp_path / "qv", target_modules=["q_proj", "v_proj"])
+    ids, ref = _peft_adapter(bases["plain"], tmp_path / "q", target_modules=["q_proj"])
+    model, _ = load_pretrained(bases["plain"])
+    load_adapter(model, tmp_path / "qv")
+    with pytest.raises(EmberError, match=r"already has LoRA adapters on \['layers\.0\.attn\.v_"):
+        load_adapter(model, tmp_path / "q")
+    load_adapter(model, tmp_path / "qv")  # the same modules: overwritten (resuming)
+    fresh, _ = load_pretrained(bases["plain"])
+    load_adapter(fresh, tmp_path / "q")
+    with torch.no_grad():
+        assert _close(fresh.eval()(ids), ref)
