@@ -7,7 +7,8 @@
 adapters written by either (per-module ranks/alphas via ``rank_pattern`` / ``alpha_pattern``;
 ``modules_to_save`` lm_head / embed_tokens of an untied model, or of a tied one saved with
 ``ensure_weight_tying``, overwrite the model's own weights and are written back by
-``save_adapter``; so do the projection biases that ``bias="all"`` / ``"lora_only"`` trained; a
+``save_adapter``; so do the biases that ``bias="all"`` / ``"lora_only"`` trained (Phi's LayerNorm
+and lm_head biases too) and a modules_to_save lm_head's bias; a
 classifier's head travels as PEFT's SEQ_CLS ``modules_to_save``; DoRA's ``use_dora`` with its
 ``lora_magnitude_vector`` per module). Fields
 that would change what an adapter computes (other LoRA variants, base-changing inits, unknown
@@ -35,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from ember import EmberError
+from ember.models.hf import ember_key_to_hf
 from ember.models.lora import (
     EMBED_HEAD,
     HF_LINEAR_LEAVES,
@@ -174,6 +176,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     for name in mts:
         key, attr = _FULL_WEIGHTS[name]
         tensors[key] = getattr(model, attr).weight.detach().to("cpu").contiguous()
+        if attr == "lm_head" and getattr(model, "head_bias", None) is not None:  # Phi's
+            tensors["base_model.model.lm_head.bias"] = model.head_bias.detach().cpu().contiguous()
     tied = (bool(mts) and tied_lm(model)) or ties
     bias = getattr(model, "peft_bias", "none")  # set by load_adapter
     tensors.update(_bias_tensors(model, bias))
@@ -200,20 +204,32 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     return _write_adapter(out_dir, config, tensors)
 
 
+def _bias_params(model: nn.Module) -> dict[str, tuple[str, bool, nn.Parameter]]:
+    """Every bias of the model (projections, Phi's LayerNorms and lm_head): transformers' module
+    name -> (whether PEFT wraps that module in a LoRA layer, so its key has ``base_layer``, the
+    parameter)."""
+    cfg, wrapped, out = getattr(model, "cfg", None), lora_modules(model), {}
+    for n, p in model.named_parameters():
+        if not n.endswith("bias"):
+            continue
+        key = n.replace(".base.", ".")
+        module = "lm_head" if n == "head_bias" else key.rpartition(".")[0]
+        hf = (hf_module_name(module, cfg) if _EMBER_NAME.fullmatch(module)
+              else (ember_key_to_hf(key, cfg) or "").removesuffix(".bias"))
+        if hf:
+            out[hf] = (module in wrapped, p)
+    return out
+
+
 def _bias_tensors(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:
-    """The projections' biases as PEFT saves them for bias="all" (every one) or "lora_only" (those
+    """The biases as PEFT saves them for bias="all" (every one, norms' too) or "lora_only" (those
     of adapted modules; ``base_layer.bias`` inside PEFT's wrapper)."""
     if mode == "none":
         return {}
-    cfg, out = getattr(model, "cfg", None), {}
-    for n, m in _candidates(model).items():
-        wrapped = isinstance(m, LoRALinear)
-        b = getattr(m.base if wrapped else m, "bias", None)
-        if b is None or not _EMBER_NAME.fullmatch(n) or (mode == "lora_only" and not wrapped):
-            continue
-        key = f"base_model.model.{hf_module_name(n, cfg)}{'.base_layer' if wrapped else ''}.bias"
-        out[key] = b.detach().to("cpu").contiguous()
-    return out
+    return {f"base_model.model.{hf}{'.base_layer' if wrapped else ''}.bias":
+            p.detach().to("cpu").contiguous()
+            for hf, (wrapped, p) in _bias_params(model).items()
+            if wrapped or mode == "all"}
 
 
 def _peft_targets(config: dict, hf_name: str) -> bool:
@@ -262,23 +278,26 @@ _BIAS_KEY = re.compile(r"base_model\.model\.(.+?)(?:\.base_layer)?\.bias")
 
 
 def _adapter_biases(model: nn.Module, config: dict, tensors: dict, wfile: Path) -> dict:
-    """bias="all" / "lora_only": the projections' biases PEFT trained and saved with the adapter
-    (``{ember module name: bias}``, popped from tensors); they replace the base's own, as in
-    PEFT. A model without biases (Llama, Mistral) saves none: a plain LoRA."""
-    mode = config.get("bias", "none")
-    if mode == "none":
-        return {}
-    cands, out = _candidates(model), {}
+    """The biases saved with the adapter (popped from tensors) that differ from the model's:
+    ``{parameter: bias}``. PEFT trains them with bias="all" / "lora_only" and with a
+    modules_to_save lm_head (Phi's lm_head.bias), and they replace the base's own; copies equal
+    to the base's (save_embedding_layers) change nothing. A model without biases (Llama) saves
+    none: a plain LoRA."""
+    mode, params, out = config.get("bias", "none"), _bias_params(model), {}
+    head_saved = "lm_head" in _saved_modules(config.get("modules_to_save") or [])[0]
     for key in [k for k in tensors if k.endswith(".bias")]:
         m = _BIAS_KEY.fullmatch(key)
-        name = ember_module_name(m[1]) if m else None
-        mod = cands.get(name) if name else None
-        b = getattr(mod.base if isinstance(mod, LoRALinear) else mod, "bias", None)
-        if not isinstance(b, torch.Tensor) or b.shape != tensors[key].shape:
-            raise EmberError(f"{wfile}: bias={mode!r}: the trained bias {key} "
-                             f"{tuple(tensors[key].shape)} fits no projection bias of this model; "
-                             f"{_MERGE_HINT}")
-        out[name] = tensors.pop(key)
+        wrapped, p = params.get(m[1] if m else "", (None, None))
+        if p is None or p.shape != tensors[key].shape:
+            raise EmberError(f"{wfile}: the adapter's bias {key} {tuple(tensors[key].shape)} "
+                             f"fits no bias of this model; {_MERGE_HINT}")
+        t = tensors.pop(key)
+        if torch.equal(p.detach().cpu().float(), t.float()):
+            continue
+        if mode == "none" and not (head_saved and m[1] == "lm_head"):
+            raise EmberError(f"{wfile}: the adapter replaces the bias {key} with bias='none' "
+                             f"(new full weights saved with save_embedding_layers?); {_MERGE_HINT}")
+        out[p] = t
     return out
 
 
@@ -425,7 +444,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             getattr(model, attr).weight.copy_(t)
     if full:
         model.peft_modules_to_save = {n for n, (_, a) in _FULL_WEIGHTS.items() if a in full}
-    if biases:
+    if biases and config["bias"] != "none":
         model.peft_bias = config["bias"]  # save_adapter writes them back in this mode
     for name, (A, B, mag, r, alpha) in plan.items():
         mod = model.get_submodule(name)
@@ -449,9 +468,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             if mag is not None:
                 mod.lora_magnitude.copy_(mag)
     with torch.no_grad():
-        for name, b in biases.items():
-            mod = model.get_submodule(name)
-            (mod.base if isinstance(mod, LoRALinear) else mod).bias.copy_(b)
+        for p, b in biases.items():
+            p.copy_(b)
     if head is not None:
         with torch.no_grad():
             model.score.weight.copy_(head)

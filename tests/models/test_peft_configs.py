@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from ember import EmberError
 from ember.models.loading import load_pretrained
 from ember.models.lora import load_adapter, save_adapter
-from tests.models.test_interop_peft import _peft_adapter, _peft_logits, save_random_model
+from tests.models.test_interop_peft import VOCAB, _peft_adapter, _peft_logits, save_random_model
+from tests.models.test_peft_variants import _train
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -25,8 +26,18 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft_config_bases")
     kinds = {"plain": {}, "tied": dict(tie_word_embeddings=True)}
-    return {name: save_random_model(root / name, transformers.LlamaConfig, seed=i + 3, **kw)
-            for i, (name, kw) in enumerate(kinds.items())}
+    out = {name: save_random_model(root / name, transformers.LlamaConfig, seed=i + 3, **kw)
+           for i, (name, kw) in enumerate(kinds.items())}
+    # Phi-1/2: biases on every projection, the LayerNorms and lm_head
+    phi = transformers.PhiForCausalLM(transformers.PhiConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, pad_token_id=None))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in phi.named_parameters():
+            p.copy_((1 if "layernorm.weight" in n else 0) + 0.1 * torch.randn(p.shape, generator=g))
+    phi.save_pretrained(root / "phi")
+    return {**out, "phi": root / "phi"}
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -115,3 +126,22 @@ def test_loading_over_other_adapters_is_refused(bases, tmp_path):
     load_adapter(fresh, tmp_path / "q")
     with torch.no_grad():
         assert _close(fresh.eval()(ids), ref)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(target_modules=["q_proj", "fc1"], bias="all"),
+    dict(target_modules=["q_proj", "lm_head"], bias="lora_only"),
+    dict(target_modules=["q_proj", "lm_head"]),
+    dict(target_modules=["dense"], modules_to_save=["lm_head"]),
+], ids=["bias_all", "head_lora_only", "head_lora", "head_saved"])
+def test_phi_biases_beyond_the_projections(bases, tmp_path, kw):
+    """Phi's LayerNorm and lm_head biases in PEFT's files: bias="all" trains and saves them all,
+    a LoRA on lm_head saves its unchanged base_layer.bias, modules_to_save lm_head its trained
+    one. Ember mapped projection biases only: each of these was refused."""
+    ids, ref = _peft_adapter(bases["phi"], tmp_path / "peft", edit_base=_train, **kw)
+    model, _ = load_pretrained(bases["phi"])
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert _close(model.eval()(ids), ref)
+    save_adapter(model, tmp_path / "ember")
+    assert _close(_peft_logits(bases["phi"], tmp_path / "ember", ids), ref)
