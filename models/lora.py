@@ -305,11 +305,12 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     check_embed_head(names, use_dora=cfg.use_dora, where="lora.targets")
     for p in model.parameters():
         p.requires_grad_(False)
+    pad = getattr(getattr(model, "cfg", None), "pad_token_id", None)  # transformers' padding_idx
     for name in names:
         base = model.get_submodule(name)
         if name == "embed":
             mod = LoRAEmbedding(base, cfg.rank, cfg.alpha, use_rslora=cfg.use_rslora,
-                                dropout=cfg.dropout, ties_head=tied_lm(model))
+                                dropout=cfg.dropout, ties_head=tied_lm(model), padding_idx=pad)
         else:
             mod = LoRALinear(base, cfg.rank, cfg.alpha, dropout=cfg.dropout,
                              use_rslora=cfg.use_rslora, init=cfg.init, use_dora=cfg.use_dora)

@@ -289,8 +289,9 @@ def _adapter_biases(model: nn.Module, config: dict, tensors: dict, wfile: Path) 
         m = _BIAS_KEY.fullmatch(key)
         wrapped, p = params.get(m[1] if m else "", (None, None))
         if p is None or p.shape != tensors[key].shape:
-            raise EmberError(f"{wfile}: the adapter's bias {key} {tuple(tensors[key].shape)} "
-                             f"fits no bias of this model; {_MERGE_HINT}")
+            raise EmberError(f"{wfile}: bias={mode!r}: the adapter's bias {key} "
+                             f"{tuple(tensors[key].shape)} fits no bias of this model; "
+                             f"{_MERGE_HINT}")
         t = tensors.pop(key)
         if torch.equal(p.detach().cpu().float(), t.float()):
             continue
@@ -454,7 +455,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
                                  f"{mod.use_dora}); the file has rank {r} (use_dora={use_dora})")
             mod.alpha, mod.scale = alpha, alpha / (math.sqrt(r) if rslora else r)
         elif name == "embed":
-            mod = LoRAEmbedding(mod, r, alpha, dropout=dropout, use_rslora=rslora)
+            mod = LoRAEmbedding(mod, r, alpha, dropout=dropout, use_rslora=rslora,
+                                padding_idx=getattr(cfg, "pad_token_id", None))
             _set_module(model, name, mod)
         else:
             mod = LoRALinear(mod, r, alpha, dropout=dropout, use_rslora=rslora,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 from ember import EmberError
 from ember.models.loading import load_pretrained
-from ember.models.lora import load_adapter, save_adapter
+from ember.models.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from tests.models.test_interop_peft import VOCAB, _peft_adapter, _peft_logits, save_random_model
 from tests.models.test_peft_variants import _train
 
@@ -21,11 +22,13 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 
+PAD = 5
+
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft_config_bases")
-    kinds = {"plain": {}, "tied": dict(tie_word_embeddings=True)}
+    kinds = {"plain": {}, "tied": dict(tie_word_embeddings=True), "padded": dict(pad_token_id=PAD)}
     out = {name: save_random_model(root / name, transformers.LlamaConfig, seed=i + 3, **kw)
            for i, (name, kw) in enumerate(kinds.items())}
     # Phi-1/2: biases on every projection, the LayerNorms and lm_head
@@ -145,3 +148,42 @@ def test_phi_biases_beyond_the_projections(bases, tmp_path, kw):
         assert _close(model.eval()(ids), ref)
     save_adapter(model, tmp_path / "ember")
     assert _close(_peft_logits(bases["phi"], tmp_path / "ember", ids), ref)
+
+
+def _embedding_grads(model, ids, w):
+    (model(ids) * w).sum().backward()
+    return model.embed.lora_embedding_A.grad, model.embed.lora_embedding_B.grad
+
+
+def _peft_embedding_grads(base, adapter, ids, w):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(base)
+        pm = peft.PeftModel.from_pretrained(hf, adapter, is_trainable=True).train()
+    (pm(ids).logits * w).sum().backward()
+    emb = pm.base_model.model.model.embed_tokens
+    return emb.lora_embedding_A["default"].grad, emb.lora_embedding_B["default"].grad
+
+
+def test_embedding_lora_pad_column_gets_no_gradient(bases, tmp_path):
+    """transformers' embed_tokens has padding_idx = pad_token_id and PEFT's LoRA lookup keeps it:
+    the pad token's column of lora_embedding_A gets no gradient. Ember's did (pad ids inside a
+    sequence, e.g. pad = eos), so its embedding adapter trained apart from PEFT's."""
+    base = bases["padded"]
+    ids, _ = _peft_adapter(base, tmp_path / "peft", target_modules=["q_proj", "embed_tokens"])
+    ids[:, 3] = PAD
+    w = torch.randn(2, 12, VOCAB, generator=torch.Generator().manual_seed(1))
+    model, _ = load_pretrained(base)  # PEFT's adapter loaded: same gradients
+    load_adapter(model, tmp_path / "peft")
+    for mine, theirs in zip(_embedding_grads(model.train(), ids, w),
+                            _peft_embedding_grads(base, tmp_path / "peft", ids, w), strict=True):
+        assert _close(mine, theirs)
+    model, _ = load_pretrained(base)  # Ember's own adapter (apply_lora), saved: same in PEFT
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=("q", "embed_tokens")))
+    with torch.no_grad():
+        model.embed.lora_embedding_A.normal_()
+    save_adapter(model, tmp_path / "ember")
+    mine = _embedding_grads(model.train(), ids, w)
+    assert mine[0][:, PAD].abs().max() == 0
+    for a, b in zip(mine, _peft_embedding_grads(base, tmp_path / "ember", ids, w), strict=True):
+        assert _close(a, b)
