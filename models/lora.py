@@ -245,6 +245,13 @@ def _target_matches(target: str, name: str) -> bool:
 def resolve_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     """Full module names selected by ``targets``; errors name the patterns that match nothing."""
     cands = _candidates(model)
+    if getattr(model, "score", None) is not None:
+        # A classifier's head trains whole with the adapters (PEFT's SEQ_CLS modules_to_save,
+        # which PEFT never also targets): patterns pass over it, naming it is an error.
+        if "score" in targets:
+            raise EmberError("lora.targets: the classifier head 'score' trains whole with the "
+                             "adapters (PEFT's modules_to_save) and takes no LoRA; drop it")
+        cands.pop("score", None)
     chosen, unmatched = set(), []
     cfg = getattr(model, "cfg", None)
     phi = getattr(cfg, "model_type", None) == "phi"

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from ember import EmberError
+from ember.models.heads import add_classification_head, classify
 from ember.models.loading import load_pretrained
 from ember.models.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from tests.models.test_interop_peft import VOCAB, _peft_adapter, _peft_logits, save_random_model
@@ -187,3 +188,28 @@ def test_embedding_lora_pad_column_gets_no_gradient(bases, tmp_path):
     assert mine[0][:, PAD].abs().max() == 0
     for a, b in zip(mine, _peft_embedding_grads(base, tmp_path / "ember", ids, w), strict=True):
         assert _close(a, b)
+
+
+def test_classifier_head_takes_no_lora(bases, tmp_path):
+    """lora.targets ".*" on a classifier wrapped its score head too, which PEFT's format cannot
+    hold (SEQ_CLS saves the head whole): save_adapter failed after training. Patterns now pass
+    over the head (it trains whole), as PEFT's modules_to_save does; naming it is an error."""
+    model, _ = load_pretrained(bases["plain"])
+    add_classification_head(model, ("a", "b", "c"))
+    with pytest.raises(EmberError, match="classifier head 'score'"):
+        apply_lora(model, LoRAConfig(rank=2, alpha=4, targets=("q", "score")))
+    apply_lora(model, LoRAConfig(rank=2, alpha=4, targets=(".*",)))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in [*model.parameters()]:
+            if p.requires_grad or p is model.score.weight:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    save_adapter(model, tmp_path / "ember")
+    ids = torch.randint(1, VOCAB, (2, 12), generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+            bases["plain"], num_labels=3, pad_token_id=0)
+        pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ember").eval()
+    with torch.no_grad():
+        assert _close(classify(model.eval(), ids), pm(input_ids=ids).logits)
