@@ -144,3 +144,19 @@ def test_config_patterns_do_not_reach_split_experts(tmp_path):
             target_parameters=["mlp.experts.gate_up_proj"], alpha_pattern={"gate_proj": 3},
             init_lora_weights=False))
     _assert_loads_like_peft(pm, tmp_path / "m", tmp_path)
+
+
+def test_router_parameter_patterns_by_parameter_name(tmp_path):
+    """PEFT's LoRA on a router through target_parameters ("gate.weight", as its all-linear does
+    on Mixtral) looks rank and alpha up by the parameter's name: Ember looked them up by the
+    module's ("...mlp.gate"), refusing rank_pattern {"gate.weight": 3} and taking alpha 5 from
+    {"gate": 5}, a pattern PEFT never applies there."""
+    hf = _hf_model("mixtral")
+    hf.save_pretrained(tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(hf, peft.LoraConfig(
+            r=2, lora_alpha=6, target_modules=["q_proj"], target_parameters=["gate.weight"],
+            rank_pattern={"gate.weight": 3}, alpha_pattern={"gate": 5, "gate.weight": 16},
+            init_lora_weights=False))
+    _assert_loads_like_peft(pm, tmp_path / "m", tmp_path)
