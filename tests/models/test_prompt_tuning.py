@@ -174,3 +174,21 @@ def test_peft_adapters_with_whole_modules_are_refused(hf_dir, tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "num_virtual_tokens": P + 1}))
     with pytest.raises(EmberError, match=f"{P} rows but num_virtual_tokens is {P + 1}"):
         load_prompt_adapter(load_hf_folder(hf_dir, torch.float32), tmp_path / "n")
+
+
+def test_text_initialised_prompt_loads_in_peft(hf_dir, tmp_path):
+    """A prompt initialised from text was saved as PEFT's TEXT without prompt_tuning_init_text
+    (and without a tokenizer when no base name was given): PeftModel.from_pretrained refused
+    it. Its saved embeddings are what count; PEFT now loads them."""
+
+    class Tok:
+        def encode(self, text, add_special_tokens=True):
+            return [7, 8]
+
+    model = apply_prompt_tuning(load_hf_folder(hf_dir, torch.float32).eval(), P, "text", "hi",
+                                Tok())
+    save_prompt_adapter(model, tmp_path / "a")
+    ids = _ids(3)
+    theirs = peft.PeftModel.from_pretrained(_hf_model(hf_dir), tmp_path / "a").eval()
+    with torch.no_grad():
+        assert _max_diff(_real_logits(model, ids), theirs(input_ids=ids).logits[:, P:]) <= TOL
