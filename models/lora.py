@@ -245,6 +245,13 @@ def _target_matches(target: str, name: str) -> bool:
 def resolve_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     """Full module names selected by ``targets``; errors name the patterns that match nothing."""
     cands = _candidates(model)
+    if getattr(model, "score", None) is not None:
+        # A classifier's head trains whole with the adapters (PEFT's SEQ_CLS modules_to_save,
+        # which PEFT never also targets): patterns pass over it, naming it is an error.
+        if "score" in targets:
+            raise EmberError("lora.targets: the classifier head 'score' trains whole with the "
+                             "adapters (PEFT's modules_to_save) and takes no LoRA; drop it")
+        cands.pop("score", None)
     chosen, unmatched = set(), []
     cfg = getattr(model, "cfg", None)
     phi = getattr(cfg, "model_type", None) == "phi"
@@ -305,11 +312,12 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     check_embed_head(names, use_dora=cfg.use_dora, where="lora.targets")
     for p in model.parameters():
         p.requires_grad_(False)
+    pad = getattr(getattr(model, "cfg", None), "pad_token_id", None)  # transformers' padding_idx
     for name in names:
         base = model.get_submodule(name)
         if name == "embed":
             mod = LoRAEmbedding(base, cfg.rank, cfg.alpha, use_rslora=cfg.use_rslora,
-                                dropout=cfg.dropout, ties_head=tied_lm(model))
+                                dropout=cfg.dropout, ties_head=tied_lm(model), padding_idx=pad)
         else:
             mod = LoRALinear(base, cfg.rank, cfg.alpha, dropout=cfg.dropout,
                              use_rslora=cfg.use_rslora, init=cfg.init, use_dora=cfg.use_dora)

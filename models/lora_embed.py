@@ -2,7 +2,9 @@
 
 Embedding (PEFT's ``lora.Embedding``): ``out = E[x] + scale * A^T[x] B^T`` with
 ``lora_embedding_A`` (r, V) and ``lora_embedding_B`` (D, r); PEFT's init is A zero, B standard
-normal, and PEFT never applies its dropout to an embedding. A model's embedding scale (Gemma's
+normal, and PEFT never applies its dropout to an embedding. The lookup of A keeps the base's
+``padding_idx`` (transformers': ``pad_token_id``), so the pad token's column of A trains only
+through a tied head, as in PEFT. A model's embedding scale (Gemma's
 sqrt(D)) multiplies the sum, as PEFT scales the adapter output by the embedding's scale.
 
 Head (PEFT's ``lora.Linear`` on ``lm_head``): ``logits = h W^T + scale * (dropout(h) A^T) B^T``,
@@ -36,10 +38,15 @@ class LoRAEmbedding(nn.Module):
     """A frozen ``nn.Embedding`` plus a trainable low-rank update (see the module docstring)."""
 
     def __init__(self, base: nn.Embedding, rank: int, alpha: float, *, use_rslora: bool = False,
-                 dropout: float = 0.0, ties_head: bool = False,
+                 dropout: float = 0.0, ties_head: bool = False, padding_idx: int | None = None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         V, D = base.weight.shape
+        # transformers builds embed_tokens with padding_idx = pad_token_id, and PEFT's lookup of
+        # A passes it on: the pad token's column of A gets no gradient from the embedding
+        self.padding_idx = padding_idx if (isinstance(padding_idx, int)
+                                           and not isinstance(padding_idx, bool)
+                                           and 0 <= padding_idx < V) else None
         device = base.weight.device
         self.base = base
         self.rank, self.alpha, self.use_rslora = rank, float(alpha), use_rslora
@@ -75,7 +82,7 @@ class LoRAEmbedding(nn.Module):
         x = self.base(ids)  # (B, T, D)
         if self.scale == 0.0:  # adapters off (losses.adapters_disabled)
             return x
-        after_a = F.embedding(ids, self.lora_embedding_A.t())  # (B, T, r)
+        after_a = F.embedding(ids, self.lora_embedding_A.t(), self.padding_idx)  # (B, T, r)
         return (x + (after_a @ self.lora_embedding_B.t()) * self.scale).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:

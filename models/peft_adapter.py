@@ -7,7 +7,8 @@
 adapters written by either (per-module ranks/alphas via ``rank_pattern`` / ``alpha_pattern``;
 ``modules_to_save`` lm_head / embed_tokens of an untied model, or of a tied one saved with
 ``ensure_weight_tying``, overwrite the model's own weights and are written back by
-``save_adapter``; so do the projection biases that ``bias="all"`` / ``"lora_only"`` trained; a
+``save_adapter``; so do the biases that ``bias="all"`` / ``"lora_only"`` trained (Phi's LayerNorm
+and lm_head biases too) and a modules_to_save lm_head's bias; a
 classifier's head travels as PEFT's SEQ_CLS ``modules_to_save``; DoRA's ``use_dora`` with its
 ``lora_magnitude_vector`` per module). Fields
 that would change what an adapter computes (other LoRA variants, base-changing inits, unknown
@@ -19,12 +20,12 @@ and refuses adapters on the vision tower. Phi-3's fused projections:
 ``ember.models.lora_fused``. LoRA on ``embed_tokens`` / ``lm_head`` (``ember.models.lora_embed``;
 keys and tied-model rules in ``ember.models.peft_keys``). Mixture-of-experts experts: PEFT's
 ``target_parameters`` on the fused expert tensors (``ember.models.peft_moe``). Both functions are
-also importable from ``ember.models.lora``.
+also importable from ``ember.models.lora``. Reading, checking and writing the folder itself:
+``ember.models.peft_files``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -35,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from ember import EmberError
+from ember.models.hf import ember_key_to_hf
 from ember.models.lora import (
     EMBED_HEAD,
     HF_LINEAR_LEAVES,
@@ -56,6 +58,20 @@ from ember.models.lora_fused import (
     is_fused,
     split_adapter,
 )
+from ember.models.peft_files import (  # noqa: F401  (re-exported)
+    _FULL_WEIGHTS,
+    _MERGE_HINT,
+    ADAPTER_WEIGHTS,
+    HEAD_KEY,
+    HEAD_MODULES,
+    LORA_DEFAULTS,
+    _pattern_value,
+    _read_adapter,
+    _read_adapter_config,
+    _saved_modules,
+    _validate_config,
+    _write_adapter,
+)
 from ember.models.peft_keys import (  # noqa: F401  (re-exported)
     _EMBER_NAME,
     _MAGNITUDE_KEY,
@@ -74,53 +90,6 @@ from ember.models.peft_moe import (
     expert_tensors,
     split_expert_adapter,
 )
-
-# A SEQ_CLS adapter (PEFT's task_type for *ForSequenceClassification) carries the classifier head
-# whole: modules_to_save, saved under this key.
-HEAD_MODULES = ("classifier", "score")
-HEAD_KEY = "base_model.model.score.weight"
-_UNSUPPORTED = {  # PEFT fields ember cannot represent: (field, value meaning "off")
-    "fan_in_fan_out": False, "lora_bias": False,
-    "layer_replication": None, "target_parameters": None,
-    "trainable_token_indices": None, "use_qalora": False,
-    # LoRA variants whose forward is not x W^T + scale * x A^T B^T (PEFT 0.21 lora_variants)
-    "alora_invocation_tokens": None, "arrow_config": None, "use_bdlora": None,
-    "velora_config": None, "monteclora_config": None, "kasa_config": None,
-}
-_MERGEABLE = ("fan_in_fan_out", "lora_bias", "layer_replication",
-              "target_parameters", "trainable_token_indices", "use_qalora")
-# modules_to_save Ember can hold: PEFT saves the module's trained full weight under this key and
-# Ember writes it into the model's own module (the attribute), as PEFT's wrapper replaces it.
-_FULL_WEIGHTS = {"lm_head": ("base_model.model.lm_head.weight", "lm_head"),
-                 "embed_tokens": ("base_model.model.model.embed_tokens.weight", "embed")}
-# PEFT LoraConfig fields that do not change what a saved adapter computes (bookkeeping, training
-# options, inits that leave the base model as it is); any other field that is set is refused, so
-# an adapter from a newer PEFT with a new variant never loads with the wrong math.
-_KNOWN_FIELDS = frozenset("""
-    task_type peft_type auto_mapping peft_version base_model_name_or_path revision inference_mode
-    r target_modules exclude_modules lora_alpha lora_dropout bias use_rslora init_lora_weights
-    layers_to_transform layers_pattern rank_pattern alpha_pattern megatron_config megatron_core
-    loftq_config eva_config corda_config lora_ga_config qalora_group_size runtime_config
-    ensure_weight_tying modules_to_save use_dora
-""".split()) | set(_UNSUPPORTED)
-# inits that change the base weights too: the adapter alone is relative to a modified base
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-_MERGE_HINT = ("merge it into the base with PEFT (PeftModel.merge_and_unload(), then "
-               "save_pretrained) and load the merged model")
-
-
-
-def _pattern_value(patterns: dict, hf_name: str, default):
-    for key, value in patterns.items():  # PEFT's get_pattern_key rule
-        if re.match(rf"(.*\.)?({key})$", hf_name):
-            return value
-    return default
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _base_row_norms(model: nn.Module):
@@ -185,6 +154,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         next(iter(experts.values())).rank, next(iter(experts.values())).alpha)
     rank_pattern = {re.escape(h): e[2] for h, e in entries.items() if e[2] != r}
     alpha_pattern = {re.escape(h): e[3] for h, e in entries.items() if e[3] != alpha}
+    if ties and entries[hf["embed"]][2:] != (r, alpha):  # PEFT's tied head: patterns by its name
+        rank_pattern["lm_head"], alpha_pattern["lm_head"] = entries[hf["embed"]][2:]
     rank_pattern.update({k: v for k, v in expert_ranks.items() if v != r})
     alpha_pattern.update({k: v for k, v in expert_alphas.items() if v != alpha})
     tensors.update({k: t.to("cpu").contiguous() for k, t in expert_sd.items()})
@@ -205,6 +176,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     for name in mts:
         key, attr = _FULL_WEIGHTS[name]
         tensors[key] = getattr(model, attr).weight.detach().to("cpu").contiguous()
+        if attr == "lm_head" and getattr(model, "head_bias", None) is not None:  # Phi's
+            tensors["base_model.model.lm_head.bias"] = model.head_bias.detach().cpu().contiguous()
     tied = (bool(mts) and tied_lm(model)) or ties
     bias = getattr(model, "peft_bias", "none")  # set by load_adapter
     tensors.update(_bias_tensors(model, bias))
@@ -231,109 +204,32 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     return _write_adapter(out_dir, config, tensors)
 
 
+def _bias_params(model: nn.Module) -> dict[str, tuple[str, bool, nn.Parameter]]:
+    """Every bias of the model (projections, Phi's LayerNorms and lm_head): transformers' module
+    name -> (whether PEFT wraps that module in a LoRA layer, so its key has ``base_layer``, the
+    parameter)."""
+    cfg, wrapped, out = getattr(model, "cfg", None), lora_modules(model), {}
+    for n, p in model.named_parameters():
+        if not n.endswith("bias"):
+            continue
+        key = n.replace(".base.", ".")
+        module = "lm_head" if n == "head_bias" else key.rpartition(".")[0]
+        hf = (hf_module_name(module, cfg) if _EMBER_NAME.fullmatch(module)
+              else (ember_key_to_hf(key, cfg) or "").removesuffix(".bias"))
+        if hf:
+            out[hf] = (module in wrapped, p)
+    return out
+
+
 def _bias_tensors(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:
-    """The projections' biases as PEFT saves them for bias="all" (every one) or "lora_only" (those
+    """The biases as PEFT saves them for bias="all" (every one, norms' too) or "lora_only" (those
     of adapted modules; ``base_layer.bias`` inside PEFT's wrapper)."""
     if mode == "none":
         return {}
-    cfg, out = getattr(model, "cfg", None), {}
-    for n, m in _candidates(model).items():
-        wrapped = isinstance(m, LoRALinear)
-        b = getattr(m.base if wrapped else m, "bias", None)
-        if b is None or not _EMBER_NAME.fullmatch(n) or (mode == "lora_only" and not wrapped):
-            continue
-        key = f"base_model.model.{hf_module_name(n, cfg)}{'.base_layer' if wrapped else ''}.bias"
-        out[key] = b.detach().to("cpu").contiguous()
-    return out
-
-
-def _write_adapter(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """A PEFT adapter folder: adapter_model.safetensors + adapter_config.json, each atomic."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "adapter_model.safetensors",
-                  lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(out / "adapter_config.json",
-                  lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-    return out
-
-
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # preferred first
-
-
-def _read_adapter_config(adapter_dir: Path) -> dict:
-    """An adapter folder's adapter_config.json (checked to be a JSON object, with a weights file
-    beside it that is not read here)."""
-    adapter_dir = Path(adapter_dir)
-    cfg_path = adapter_dir / "adapter_config.json"
-    if not adapter_dir.is_dir():
-        raise EmberError(f"adapter directory {str(adapter_dir)!r} does not exist")
-    if not cfg_path.is_file():
-        # PEFT saves an adapter not named "default" in a subfolder of that name
-        subs = sorted(p.parent.name for p in adapter_dir.glob("*/adapter_config.json"))
-        hint = f"; PEFT saved adapter(s) {subs} in subfolders: pass one of them" if subs else ""
-        raise EmberError(f"{cfg_path}: missing; an adapter directory holds adapter_config.json "
-                         "and adapter_model.safetensors (as written by save_adapter or PEFT)"
-                         + hint)
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EmberError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise EmberError(f"{cfg_path}: expected a JSON object")
-    if not any((adapter_dir / n).is_file() for n in ADAPTER_WEIGHTS):
-        raise EmberError(f"{adapter_dir}: no adapter_model.safetensors (or adapter_model.bin)")
-    return config
-
-
-def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    config = _read_adapter_config(adapter_dir)
-    st, pt = (adapter_dir / n for n in ADAPTER_WEIGHTS)
-    try:
-        if st.is_file():
-            from safetensors.torch import load_file
-            return config, load_file(str(st))
-        return config, torch.load(pt, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt/truncated files surface as many different exception types
-        raise EmberError(f"{st if st.is_file() else pt}: cannot read adapter weights "
-                         f"({type(e).__name__}: {e})") from None
-
-
-def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> None:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise EmberError(f"{where}: peft_type is {config.get('peft_type')!r}; only LORA adapters "
-                         "can be loaded")
-    for key, off in _UNSUPPORTED.items():
-        v = config.get(key, off)
-        # A variant's sub-config turns it on even when empty (PEFT builds the dataclass from {}).
-        if v not in (off, None, [], False) and (v != {} or key not in _MERGEABLE):
-            hint = (_MERGE_HINT if key in _MERGEABLE else "a LoRA variant whose forward differs "
-                    "from plain LoRA; ember loads plain LoRA adapters only")
-            raise EmberError(f"{where}: {key}={v!r} is not supported by ember's LoRA: {hint}")
-    unknown = sorted(k for k, v in config.items()
-                     if k not in _KNOWN_FIELDS and v not in (None, False, [], {}, "", 0))
-    if unknown:
-        raise EmberError(f"{where}: field(s) {unknown} are unknown to ember's LoRA and may change "
-                         f"what the adapter computes; {_MERGE_HINT}")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise EmberError(f"{where}: init_lora_weights={init!r}: this adapter is relative to a "
-                         "modified base model; re-save it with PEFT's "
-                         "path_initial_model_for_weight_conversion to get a plain LoRA, or "
-                         f"{_MERGE_HINT}")
-    mts = config.get("modules_to_save") or []
-    if not isinstance(mts, list) or _saved_modules(mts)[1]:
-        raise EmberError(f"{where}: modules_to_save={mts!r} is not supported by ember's LoRA (only "
-                         f"{sorted(_FULL_WEIGHTS)}, and a classifier's head): {_MERGE_HINT}")
-    bias = config.get("bias", "none")
-    if bias not in ("none", "all", "lora_only"):
-        raise EmberError(f"{where}: bias={bias!r} is not a PEFT bias mode")
-    for key in ("r", "lora_alpha"):
-        v = config.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise EmberError(f"{where}: {key} must be a positive number, got {config.get(key)!r}")
+    return {f"base_model.model.{hf}{'.base_layer' if wrapped else ''}.bias":
+            p.detach().to("cpu").contiguous()
+            for hf, (wrapped, p) in _bias_params(model).items()
+            if wrapped or mode == "all"}
 
 
 def _peft_targets(config: dict, hf_name: str) -> bool:
@@ -343,6 +239,9 @@ def _peft_targets(config: dict, hf_name: str) -> bool:
         return False
     if isinstance(exclude, list) and any(hf_name == e or hf_name.endswith("." + e)
                                          for e in exclude):
+        return False
+    # a module PEFT trains whole (modules_to_save) never also gets an adapter
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", hf_name) for m in config.get("modules_to_save") or []):
         return False
     targets = config.get("target_modules")
     if isinstance(targets, str):
@@ -375,44 +274,31 @@ def _saved_unchanged_embedding(model: nn.Module, key: str, t: torch.Tensor) -> b
             and torch.equal(w.detach().cpu().float(), t.float()))
 
 
-def _saved_modules(mts: list) -> tuple[list[str], list]:
-    """modules_to_save entries -> the ``_FULL_WEIGHTS`` modules they select (PEFT matches an entry
-    as a suffix of module names: "embed_tokens" and "model.embed_tokens" are one module), and the
-    entries that select none of them nor a classifier's head."""
-    names, bad = set(), []
-    for m in mts:
-        try:
-            hit = {n for n, (key, _) in _FULL_WEIGHTS.items()
-                   if re.fullmatch(rf"(.*\.)?{m}", key[len("base_model.model."):-len(".weight")])}
-        except (re.error, TypeError):
-            hit = set()
-        names |= hit
-        if not hit and m not in HEAD_MODULES:
-            bad.append(m)
-    return sorted(names), bad
-
-
 _BIAS_KEY = re.compile(r"base_model\.model\.(.+?)(?:\.base_layer)?\.bias")
 
 
 def _adapter_biases(model: nn.Module, config: dict, tensors: dict, wfile: Path) -> dict:
-    """bias="all" / "lora_only": the projections' biases PEFT trained and saved with the adapter
-    (``{ember module name: bias}``, popped from tensors); they replace the base's own, as in
-    PEFT. A model without biases (Llama, Mistral) saves none: a plain LoRA."""
-    mode = config.get("bias", "none")
-    if mode == "none":
-        return {}
-    cands, out = _candidates(model), {}
+    """The biases saved with the adapter (popped from tensors) that differ from the model's:
+    ``{parameter: bias}``. PEFT trains them with bias="all" / "lora_only" and with a
+    modules_to_save lm_head (Phi's lm_head.bias), and they replace the base's own; copies equal
+    to the base's (save_embedding_layers) change nothing. A model without biases (Llama) saves
+    none: a plain LoRA."""
+    mode, params, out = config.get("bias", "none"), _bias_params(model), {}
+    head_saved = "lm_head" in _saved_modules(config.get("modules_to_save") or [])[0]
     for key in [k for k in tensors if k.endswith(".bias")]:
         m = _BIAS_KEY.fullmatch(key)
-        name = ember_module_name(m[1]) if m else None
-        mod = cands.get(name) if name else None
-        b = getattr(mod.base if isinstance(mod, LoRALinear) else mod, "bias", None)
-        if not isinstance(b, torch.Tensor) or b.shape != tensors[key].shape:
-            raise EmberError(f"{wfile}: bias={mode!r}: the trained bias {key} "
-                             f"{tuple(tensors[key].shape)} fits no projection bias of this model; "
+        wrapped, p = params.get(m[1] if m else "", (None, None))
+        if p is None or p.shape != tensors[key].shape:
+            raise EmberError(f"{wfile}: bias={mode!r}: the adapter's bias {key} "
+                             f"{tuple(tensors[key].shape)} fits no bias of this model; "
                              f"{_MERGE_HINT}")
-        out[name] = tensors.pop(key)
+        t = tensors.pop(key)
+        if torch.equal(p.detach().cpu().float(), t.float()):
+            continue
+        if mode == "none" and not (head_saved and m[1] == "lm_head"):
+            raise EmberError(f"{wfile}: the adapter replaces the bias {key} with bias='none' "
+                             f"(new full weights saved with save_embedding_layers?); {_MERGE_HINT}")
+        out[p] = t
     return out
 
 
@@ -455,11 +341,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
 
     The weights file decides which modules get adapters; ranks come from the tensor shapes and
     are checked against ``r`` / ``rank_pattern``; alphas from ``lora_alpha`` / ``alpha_pattern``.
-    Modules already wrapped (e.g. resuming training) get their weights overwritten. Everything
-    else is frozen, as after ``apply_lora``.
+    Modules already wrapped (e.g. resuming training) get their weights overwritten; a model with
+    adapters on modules the file has none for is refused. Everything else is frozen, as after
+    ``apply_lora``.
     """
     adapter_dir = Path(adapter_dir)
     config, tensors = _read_adapter(adapter_dir)
+    config = {**LORA_DEFAULTS, **config}  # fields PEFT's LoraConfig fills in when left out
     where = adapter_dir / "adapter_config.json"
     if config.get("target_parameters"):  # LoRA on MoE experts (ember.models.peft_moe)
         tensors, config = split_expert_adapter(tensors, config, getattr(model, "cfg", None))
@@ -467,7 +355,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     use_dora = bool(config.get("use_dora"))
     if is_fused(getattr(model, "cfg", None)):
         tensors, config = split_adapter(tensors, config, model.cfg)
-    wfile = adapter_dir / "adapter_model.safetensors"
+    wfile = next(adapter_dir / n for n in ADAPTER_WEIGHTS if (adapter_dir / n).is_file())
     head = _adapter_head(model, config, tensors, wfile)
     full = _full_weights(model, config, tensors, wfile)
     biases = _adapter_biases(model, config, tensors, wfile)
@@ -542,6 +430,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             raise EmberError(f"{wfile}: {hf}: lora_magnitude_vector {tuple(mag.shape)} does not "
                              f"fit this model, expected ({out_f},)")
         plan[name] = (A, B, mag, r, float(_pattern_value(alpha_pat, hf, alpha0)))
+    stale = sorted(set(lora_modules(model)) - set(plan), key=_natural_key)
+    if stale:
+        raise EmberError(f"{wfile}: the model already has LoRA adapters on {stale[:3]} "
+                         f"({len(stale)} modules) that this adapter does not have, which would "
+                         "stay in place; load it onto a fresh base model (or merge_lora first)")
+    if ties and "embed" in plan:
+        _check_tied_head_scale(plan["embed"][3:], config, cfg, wfile)
     if not lora_modules(model):
         for p in model.parameters():
             p.requires_grad_(False)
@@ -550,7 +445,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             getattr(model, attr).weight.copy_(t)
     if full:
         model.peft_modules_to_save = {n for n, (_, a) in _FULL_WEIGHTS.items() if a in full}
-    if biases:
+    if biases and config["bias"] != "none":
         model.peft_bias = config["bias"]  # save_adapter writes them back in this mode
     for name, (A, B, mag, r, alpha) in plan.items():
         mod = model.get_submodule(name)
@@ -560,7 +455,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
                                  f"{mod.use_dora}); the file has rank {r} (use_dora={use_dora})")
             mod.alpha, mod.scale = alpha, alpha / (math.sqrt(r) if rslora else r)
         elif name == "embed":
-            mod = LoRAEmbedding(mod, r, alpha, dropout=dropout, use_rslora=rslora)
+            mod = LoRAEmbedding(mod, r, alpha, dropout=dropout, use_rslora=rslora,
+                                padding_idx=getattr(cfg, "pad_token_id", None))
             _set_module(model, name, mod)
         else:
             mod = LoRALinear(mod, r, alpha, dropout=dropout, use_rslora=rslora,
@@ -574,14 +470,32 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             if mag is not None:
                 mod.lora_magnitude.copy_(mag)
     with torch.no_grad():
-        for name, b in biases.items():
-            mod = model.get_submodule(name)
-            (mod.base if isinstance(mod, LoRALinear) else mod).bias.copy_(b)
+        for p, b in biases.items():
+            p.copy_(b)
     if head is not None:
         with torch.no_grad():
             model.score.weight.copy_(head)
         model.score.weight.requires_grad_(True)  # trains with the adapters (modules_to_save)
     return model
+
+
+def _scale(r: int, alpha: float, rslora: bool) -> float:
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
+def _check_tied_head_scale(embed_ra: tuple, config: dict, cfg, wfile: Path) -> None:
+    """PEFT's ensure_weight_tying head reuses the embedding's A and B but takes its scale from
+    its own name, ``lm_head``, in rank_pattern / alpha_pattern; Ember's one tied adapter has one
+    scale, so a pattern that sets the embedding apart from the head is refused."""
+    rslora, head = bool(config.get("use_rslora")), hf_module_name("lm_head", cfg)
+    r_h = _pattern_value(config.get("rank_pattern") or {}, head, config["r"])
+    a_h = _pattern_value(config.get("alpha_pattern") or {}, head, config["lora_alpha"])
+    emb, hd = _scale(*embed_ra, rslora), _scale(r_h, a_h, rslora)
+    if not math.isclose(emb, hd, rel_tol=1e-6):
+        raise EmberError(f"{wfile}: with ensure_weight_tying PEFT scales the tied lm_head's update "
+                         f"by {hd:g} (r={r_h}, alpha={a_h} for 'lm_head' in rank_pattern / "
+                         f"alpha_pattern) and the embedding's by {emb:g}; Ember's tied adapter "
+                         "has one scale, so this adapter is not supported")
 
 
 def _adapter_head(model: nn.Module, config: dict, tensors: dict, wfile: Path):

@@ -126,6 +126,7 @@ def expert_tensors(mods: dict, num_experts: int) -> tuple[dict, list, dict, dict
 
 _PARAM_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.mlp\.experts((?:\.base_layer)?)"
                         r"\.(lora_A|lora_B)(?:\.default)?\.weight")
+_LORA_A = re.compile(r"base_model\.model\.(.+)\.lora_A(?:\.default)?\.weight")
 _PARAMS = ("gate_up_proj", "down_proj")  # registration order: the first targeted is innermost
 
 
@@ -147,7 +148,7 @@ def split_expert_adapter(tensors: dict, config: dict, cfg) -> tuple[dict, dict]:
         raise EmberError(f"the adapter targets parameters {targets[:3]} (LoRA on mixture-of-"
                          "experts experts) but the model has no experts")
     out = {k: v for k, v in tensors.items() if not _PARAM_KEY.fullmatch(k)}
-    ranks, alphas = dict(config.get("rank_pattern") or {}), dict(config.get("alpha_pattern") or {})
+    ranks, alphas = {}, {}  # the split experts' own entries, ahead of the config's (first wins)
     found = {}
     for k, v in tensors.items():
         m = _PARAM_KEY.fullmatch(k)
@@ -184,5 +185,19 @@ def split_expert_adapter(tensors: dict, config: dict, cfg) -> tuple[dict, dict]:
                     out[f"base_model.model.{hf}.lora_A.weight"] = Ae.contiguous()
                     out[f"base_model.model.{hf}.lora_B.weight"] = b.contiguous()
                     ranks[re.escape(hf)], alphas[re.escape(hf)] = r, alpha
+    # Other targeted parameters (a router's "gate.weight": LoRA on a 2-D weight, as on a linear
+    # module): PEFT looks their rank and alpha up by the parameter's name, not the module's.
+    for key in out:
+        m = _LORA_A.fullmatch(key)
+        param = f"{m[1]}.weight" if m else None
+        if param and any(param == t or param.endswith("." + t) for t in targets):
+            ranks[re.escape(m[1])] = _pattern(config.get("rank_pattern"), param, config["r"])
+            alphas[re.escape(m[1])] = _pattern(config.get("alpha_pattern"), param,
+                                               config["lora_alpha"])
+    # PEFT's lookup takes the first pattern that matches: a config pattern meant for another module
+    # (Qwen2-MoE's shared_expert.gate_proj: "gate_proj") must not reach the split experts
+    ranks.update({k: v for k, v in (config.get("rank_pattern") or {}).items() if k not in ranks})
+    alphas.update({k: v for k, v in (config.get("alpha_pattern") or {}).items()
+                   if k not in alphas})
     config = {**config, "target_parameters": None, "rank_pattern": ranks, "alpha_pattern": alphas}
     return out, config

@@ -198,7 +198,10 @@ def save_prompt_adapter(model: nn.Module, out_dir: str | os.PathLike,
     if pe is None:
         raise EmberError("the model has no prompt tuning to save (apply_prompt_tuning first)")
     cfg = model.cfg
-    init = _PEFT_INIT[getattr(model, "prompt_tuning_init", "vocab")]
+    # PEFT refuses a TEXT config without prompt_tuning_init_text and tokenizer_name_or_path, and
+    # from_pretrained(is_trainable=True) re-runs that init with the tokenizer; the saved prompt
+    # replaces whatever the init made, so a text-initialised prompt is saved as RANDOM.
+    init = _PEFT_INIT[getattr(model, "prompt_tuning_init", "vocab")].replace("TEXT", "RANDOM")
     config = {
         "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True, "modules_to_save": None,
@@ -206,9 +209,7 @@ def save_prompt_adapter(model: nn.Module, out_dir: str | os.PathLike,
         "num_transformer_submodules": 1, "num_virtual_tokens": pe.num_virtual_tokens,
         "peft_type": "PROMPT_TUNING", "prompt_tuning_init": init,
         "prompt_tuning_init_text": None, "revision": None, "task_type": "CAUSAL_LM",
-        "token_dim": cfg.hidden_size, "tokenizer_kwargs": None,
-        # PEFT's config refuses TEXT without a tokenizer; a loaded adapter never re-inits.
-        "tokenizer_name_or_path": base_model_name_or_path if init == "TEXT" else None,
+        "token_dim": cfg.hidden_size, "tokenizer_kwargs": None, "tokenizer_name_or_path": None,
     }
     tensors = {"prompt_embeddings": pe.prompt.detach().float().to("cpu").contiguous()}
     return _write_adapter(out_dir, config, tensors)
@@ -222,7 +223,17 @@ def load_prompt_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.
         raise EmberError(f"{where}: peft_type is {config.get('peft_type')!r}, not PROMPT_TUNING")
     if config.get("num_transformer_submodules", 1) != 1:
         raise EmberError(f"{where}: num_transformer_submodules must be 1 (a decoder-only model)")
+    other = sorted(k for k in tensors if k != "prompt_embeddings")
+    if other:  # PEFT's modules_to_save (a SEQ_CLS head, a trained lm_head...): whole modules
+        raise EmberError(f"{where}: the adapter also replaces whole modules ({other[:3]}, "
+                         f"modules_to_save={config.get('modules_to_save')}, task_type="
+                         f"{config.get('task_type')!r}); Ember's prompt tuning holds the virtual "
+                         "tokens only (no classifier head or trained modules)")
     prompt = tensors.get("prompt_embeddings")
+    n = config.get("num_virtual_tokens")
+    if prompt is not None and n is not None and prompt.shape[0] != n:
+        raise EmberError(f"{where}: prompt_embeddings has {prompt.shape[0]} rows but "
+                         f"num_virtual_tokens is {n}")
     D = model.embed.weight.shape[1]
     if prompt is None or prompt.ndim != 2 or prompt.shape[1] != D:
         got = None if prompt is None else tuple(prompt.shape)

@@ -297,7 +297,7 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
                  for k in sd if k.endswith("lora_A.weight")}}),
      r"lora_magnitude_vector \(47,\) does not fit"),
     ("bias", lambda p: _edit(p, {"bias": "all"}, tensors=lambda sd: {
-        **sd, f"{Q0}.bias": torch.ones(48)}), "bias='all'.*fits no projection bias"),
+        **sd, f"{Q0}.bias": torch.ones(48)}), "bias='all'.*fits no bias of this model"),
     ("r_bool", lambda p: _edit(p, {"r": True}), "r must be a positive number"),
     ("pissa", lambda p: _edit(p, {"init_lora_weights": "pissa"}), "modified base model"),
     ("save", lambda p: _edit(p, {"modules_to_save": ["lm_head"]}), "modules_to_save"),

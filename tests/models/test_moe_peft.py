@@ -128,3 +128,35 @@ def test_expert_lora_peft_cannot_hold_is_refused(tmp_path, targets, needle):
     with pytest.raises(EmberError, match=needle):
         save_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_config_patterns_do_not_reach_split_experts(tmp_path):
+    """alpha_pattern {"gate_proj": 3} is for Qwen2-MoE's shared expert (PEFT never matches it
+    against experts.gate_up_proj); it also matched the per-expert gate_proj Ember splits the
+    experts into, ahead of their own entry: gate scaled by 3 / r instead of 6 / r (logits off
+    by ~0.7)."""
+    hf = _hf_model("qwen2_moe")
+    hf.save_pretrained(tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(hf, peft.LoraConfig(
+            r=2, lora_alpha=6, target_modules=["q_proj", "gate_proj"],
+            target_parameters=["mlp.experts.gate_up_proj"], alpha_pattern={"gate_proj": 3},
+            init_lora_weights=False))
+    _assert_loads_like_peft(pm, tmp_path / "m", tmp_path)
+
+
+def test_router_parameter_patterns_by_parameter_name(tmp_path):
+    """PEFT's LoRA on a router through target_parameters ("gate.weight", as its all-linear does
+    on Mixtral) looks rank and alpha up by the parameter's name: Ember looked them up by the
+    module's ("...mlp.gate"), refusing rank_pattern {"gate.weight": 3} and taking alpha 5 from
+    {"gate": 5}, a pattern PEFT never applies there."""
+    hf = _hf_model("mixtral")
+    hf.save_pretrained(tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(hf, peft.LoraConfig(
+            r=2, lora_alpha=6, target_modules=["q_proj"], target_parameters=["gate.weight"],
+            rank_pattern={"gate.weight": 3}, alpha_pattern={"gate": 5, "gate.weight": 16},
+            init_lora_weights=False))
+    _assert_loads_like_peft(pm, tmp_path / "m", tmp_path)

@@ -151,3 +151,44 @@ def test_generation_sees_the_virtual_tokens(hf_dir):
     assert generate_ids(model, prompts, max_new_tokens=6, drafts=[o[:3] for o in out]) == out
     base = load_hf_folder(hf_dir, torch.float32).eval()
     assert generate_ids(base, prompts, max_new_tokens=6) != out
+
+
+def test_peft_adapters_with_whole_modules_are_refused(hf_dir, tmp_path):
+    """PEFT's SEQ_CLS prompt tuning saves the classifier head beside the prompt, and
+    modules_to_save a trained lm_head: Ember loaded the prompt alone and dropped them
+    silently (other logits than PEFT's)."""
+    torch.manual_seed(0)
+    hf_cls = transformers.AutoModelForSequenceClassification.from_pretrained(
+        hf_dir, num_labels=3, pad_token_id=0)
+    cls_cfg = peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P)
+    peft.get_peft_model(hf_cls, cls_cfg).save_pretrained(tmp_path / "cls")
+    lm_cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
+                                     modules_to_save=["lm_head"])
+    peft.get_peft_model(_hf_model(hf_dir), lm_cfg).save_pretrained(tmp_path / "head")
+    for name, needle in (("cls", r"score\.weight"), ("head", r"lm_head\.weight")):
+        with pytest.raises(EmberError, match=f"replaces whole modules.*{needle}"):
+            load_prompt_adapter(load_hf_folder(hf_dir, torch.float32), tmp_path / name)
+    # a config that disagrees with its tensor (hand-edited or mixed files) is refused too
+    save_prompt_adapter(_tuned(hf_dir), tmp_path / "n")
+    path = tmp_path / "n" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_virtual_tokens": P + 1}))
+    with pytest.raises(EmberError, match=f"{P} rows but num_virtual_tokens is {P + 1}"):
+        load_prompt_adapter(load_hf_folder(hf_dir, torch.float32), tmp_path / "n")
+
+
+def test_text_initialised_prompt_loads_in_peft(hf_dir, tmp_path):
+    """A prompt initialised from text was saved as PEFT's TEXT without prompt_tuning_init_text
+    (and without a tokenizer when no base name was given): PeftModel.from_pretrained refused
+    it. Its saved embeddings are what count; PEFT now loads them."""
+
+    class Tok:
+        def encode(self, text, add_special_tokens=True):
+            return [7, 8]
+
+    model = apply_prompt_tuning(load_hf_folder(hf_dir, torch.float32).eval(), P, "text", "hi",
+                                Tok())
+    save_prompt_adapter(model, tmp_path / "a")
+    ids = _ids(3)
+    theirs = peft.PeftModel.from_pretrained(_hf_model(hf_dir), tmp_path / "a").eval()
+    with torch.no_grad():
+        assert _max_diff(_real_logits(model, ids), theirs(input_ids=ids).logits[:, P:]) <= TOL

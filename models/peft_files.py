@@ -1,0 +1,173 @@
+"""PEFT adapter folders on disk: ``adapter_config.json`` beside ``adapter_model.safetensors``
+(or a legacy ``adapter_model.bin``), read, checked and written for ``ember.models.peft_adapter``
+(LoRA) and ``ember.models.prompt_tuning``. The config rules live here: which LoraConfig fields
+Ember's LoRA represents, which change the math and are refused by name, PEFT's
+``rank_pattern`` / ``alpha_pattern`` lookup and the ``modules_to_save`` Ember can hold.
+Nothing here sees a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ember import EmberError
+
+# A SEQ_CLS adapter (PEFT's task_type for *ForSequenceClassification) carries the classifier head
+# whole: modules_to_save, saved under this key.
+HEAD_MODULES = ("classifier", "score")
+HEAD_KEY = "base_model.model.score.weight"
+_UNSUPPORTED = {  # PEFT fields ember cannot represent: (field, value meaning "off")
+    "fan_in_fan_out": False, "lora_bias": False,
+    "layer_replication": None, "target_parameters": None,
+    "trainable_token_indices": None, "use_qalora": False,
+    # LoRA variants whose forward is not x W^T + scale * x A^T B^T (PEFT 0.21 lora_variants)
+    "alora_invocation_tokens": None, "arrow_config": None, "use_bdlora": None,
+    "velora_config": None, "monteclora_config": None, "kasa_config": None,
+}
+_MERGEABLE = ("fan_in_fan_out", "lora_bias", "layer_replication",
+              "target_parameters", "trainable_token_indices", "use_qalora")
+# modules_to_save Ember can hold: PEFT saves the module's trained full weight under this key and
+# Ember writes it into the model's own module (the attribute), as PEFT's wrapper replaces it.
+_FULL_WEIGHTS = {"lm_head": ("base_model.model.lm_head.weight", "lm_head"),
+                 "embed_tokens": ("base_model.model.model.embed_tokens.weight", "embed")}
+# PEFT LoraConfig fields that do not change what a saved adapter computes (bookkeeping, training
+# options, inits that leave the base model as it is); any other field that is set is refused, so
+# an adapter from a newer PEFT with a new variant never loads with the wrong math.
+_KNOWN_FIELDS = frozenset("""
+    task_type peft_type auto_mapping peft_version base_model_name_or_path revision inference_mode
+    r target_modules exclude_modules lora_alpha lora_dropout bias use_rslora init_lora_weights
+    layers_to_transform layers_pattern rank_pattern alpha_pattern megatron_config megatron_core
+    loftq_config eva_config corda_config lora_ga_config qalora_group_size runtime_config
+    ensure_weight_tying modules_to_save use_dora
+""".split()) | set(_UNSUPPORTED)
+# LoraConfig's defaults for fields an adapter_config.json may leave out (older or hand-written
+# files): PEFT loads those with these values
+LORA_DEFAULTS = {"r": 8, "lora_alpha": 8}
+# inits that change the base weights too: the adapter alone is relative to a modified base
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_MERGE_HINT = ("merge it into the base with PEFT (PeftModel.merge_and_unload(), then "
+               "save_pretrained) and load the merged model")
+
+
+def _pattern_value(patterns: dict, hf_name: str, default):
+    for key, value in patterns.items():  # PEFT's get_pattern_key rule
+        if re.match(rf"(.*\.)?({key})$", hf_name):
+            return value
+    return default
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_adapter(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """A PEFT adapter folder: adapter_model.safetensors + adapter_config.json, each atomic."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "adapter_model.safetensors",
+                  lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic_write(out / "adapter_config.json",
+                  lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    return out
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # preferred first
+
+
+def _read_adapter_config(adapter_dir: Path) -> dict:
+    """An adapter folder's adapter_config.json (checked to be a JSON object, with a weights file
+    beside it that is not read here)."""
+    adapter_dir = Path(adapter_dir)
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not adapter_dir.is_dir():
+        raise EmberError(f"adapter directory {str(adapter_dir)!r} does not exist")
+    if not cfg_path.is_file():
+        # PEFT saves an adapter not named "default" in a subfolder of that name
+        subs = sorted(p.parent.name for p in adapter_dir.glob("*/adapter_config.json"))
+        hint = f"; PEFT saved adapter(s) {subs} in subfolders: pass one of them" if subs else ""
+        raise EmberError(f"{cfg_path}: missing; an adapter directory holds adapter_config.json "
+                         "and adapter_model.safetensors (as written by save_adapter or PEFT)"
+                         + hint)
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EmberError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise EmberError(f"{cfg_path}: expected a JSON object")
+    if not any((adapter_dir / n).is_file() for n in ADAPTER_WEIGHTS):
+        raise EmberError(f"{adapter_dir}: no adapter_model.safetensors (or adapter_model.bin)")
+    return config
+
+
+def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    config = _read_adapter_config(adapter_dir)
+    st, pt = (adapter_dir / n for n in ADAPTER_WEIGHTS)
+    try:
+        if st.is_file():
+            from safetensors.torch import load_file
+            return config, load_file(str(st))
+        return config, torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt/truncated files surface as many different exception types
+        raise EmberError(f"{st if st.is_file() else pt}: cannot read adapter weights "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise EmberError(f"{where}: peft_type is {config.get('peft_type')!r}; only LORA adapters "
+                         "can be loaded")
+    for key, off in _UNSUPPORTED.items():
+        v = config.get(key, off)
+        # A variant's sub-config turns it on even when empty (PEFT builds the dataclass from {}).
+        if v not in (off, None, [], False) and (v != {} or key not in _MERGEABLE):
+            hint = (_MERGE_HINT if key in _MERGEABLE else "a LoRA variant whose forward differs "
+                    "from plain LoRA; ember loads plain LoRA adapters only")
+            raise EmberError(f"{where}: {key}={v!r} is not supported by ember's LoRA: {hint}")
+    unknown = sorted(k for k, v in config.items()
+                     if k not in _KNOWN_FIELDS and v not in (None, False, [], {}, "", 0))
+    if unknown:
+        raise EmberError(f"{where}: field(s) {unknown} are unknown to ember's LoRA and may change "
+                         f"what the adapter computes; {_MERGE_HINT}")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise EmberError(f"{where}: init_lora_weights={init!r}: this adapter is relative to a "
+                         "modified base model; re-save it with PEFT's "
+                         "path_initial_model_for_weight_conversion to get a plain LoRA, or "
+                         f"{_MERGE_HINT}")
+    mts = config.get("modules_to_save") or []
+    if not isinstance(mts, list) or _saved_modules(mts)[1]:
+        raise EmberError(f"{where}: modules_to_save={mts!r} is not supported by ember's LoRA (only "
+                         f"{sorted(_FULL_WEIGHTS)}, and a classifier's head): {_MERGE_HINT}")
+    bias = config.get("bias", "none")
+    if bias not in ("none", "all", "lora_only"):
+        raise EmberError(f"{where}: bias={bias!r} is not a PEFT bias mode")
+    for key in ("r", "lora_alpha"):
+        v = config.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise EmberError(f"{where}: {key} must be a positive number, got {config.get(key)!r}")
+
+
+def _saved_modules(mts: list) -> tuple[list[str], list]:
+    """modules_to_save entries -> the ``_FULL_WEIGHTS`` modules they select (PEFT matches an entry
+    as a suffix of module names: "embed_tokens" and "model.embed_tokens" are one module), and the
+    entries that select none of them nor a classifier's head."""
+    names, bad = set(), []
+    for m in mts:
+        try:
+            hit = {n for n, (key, _) in _FULL_WEIGHTS.items()
+                   if re.fullmatch(rf"(.*\.)?{m}", key[len("base_model.model."):-len(".weight")])}
+        except (re.error, TypeError):
+            hit = set()
+        names |= hit
+        if not hit and m not in HEAD_MODULES:
+            bad.append(m)
+    return sorted(names), bad

@@ -1,0 +1,215 @@
+"""LoraConfig combinations and adapter files (peft 0.21 as the oracle) that Ember loaded wrongly,
+saved wrongly or refused without cause: each loads with PEFT's logits and, where Ember saves it
+back, loads in PEFT with the same logits; what Ember cannot hold is refused by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ember import EmberError
+from ember.models.heads import add_classification_head, classify
+from ember.models.loading import load_pretrained
+from ember.models.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
+from tests.models.test_interop_peft import VOCAB, _peft_adapter, _peft_logits, save_random_model
+from tests.models.test_peft_variants import _train
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+PAD = 5
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft_config_bases")
+    kinds = {"plain": {}, "tied": dict(tie_word_embeddings=True), "padded": dict(pad_token_id=PAD)}
+    out = {name: save_random_model(root / name, transformers.LlamaConfig, seed=i + 3, **kw)
+           for i, (name, kw) in enumerate(kinds.items())}
+    # Phi-1/2: biases on every projection, the LayerNorms and lm_head
+    phi = transformers.PhiForCausalLM(transformers.PhiConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, pad_token_id=None))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in phi.named_parameters():
+            p.copy_((1 if "layernorm.weight" in n else 0) + 0.1 * torch.randn(p.shape, generator=g))
+    phi.save_pretrained(root / "phi")
+    return {**out, "phi": root / "phi"}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """fp32 logits agree (relative to their size: a tied random embedding adapter makes them
+    large)."""
+    return (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+def _round_trip(base, tmp_path, **kw) -> None:
+    ids, ref = _peft_adapter(base, tmp_path / "peft", **kw)
+    model, _ = load_pretrained(base)
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert _close(model.eval()(ids), ref)
+    save_adapter(model, tmp_path / "ember")
+    assert _close(_peft_logits(base, tmp_path / "ember", ids), ref)
+
+
+def test_modules_to_save_also_in_target_modules(bases, tmp_path):
+    """PEFT trains a modules_to_save module whole and puts no adapter on it even when
+    target_modules names it too; Ember took the missing adapter for a broken file and refused."""
+    _round_trip(bases["plain"], tmp_path, target_modules=["q_proj", "embed_tokens"],
+                modules_to_save=["embed_tokens"])
+
+
+def test_tied_head_patterns_follow_peft(bases, tmp_path):
+    """ensure_weight_tying with rank/alpha patterns: PEFT scales the tied head by the patterns'
+    value for "lm_head". Set apart from the embedding's it was loaded with the embedding's scale
+    (logits off by ~100): refused now; set alike it loads, and Ember's save writes lm_head's
+    pattern too (without it PEFT gave the head r / lora_alpha)."""
+    _round_trip(bases["tied"], tmp_path / "same", target_modules=["q_proj", "embed_tokens"],
+                ensure_weight_tying=True, rank_pattern={"embed_tokens|lm_head": 2},
+                alpha_pattern={"embed_tokens|lm_head": 7})
+    _peft_adapter(bases["tied"], tmp_path / "apart", target_modules=["q_proj", "embed_tokens"],
+                  ensure_weight_tying=True, rank_pattern={"embed_tokens": 2},
+                  alpha_pattern={"embed_tokens": 7})
+    model, _ = load_pretrained(bases["tied"])
+    with pytest.raises(EmberError, match="tied lm_head's update by 2 .* embedding's by 3.5"):
+        load_adapter(model, tmp_path / "apart")
+
+
+def test_config_fields_left_out_take_peft_defaults(bases, tmp_path):
+    """An adapter_config.json without lora_alpha (older or hand-written files): PEFT's LoraConfig
+    fills in 8 (_peft_adapter's alpha); Ember refused the file ("lora_alpha must be a positive
+    number, got None")."""
+    ids, ref = _peft_adapter(bases["plain"], tmp_path / "a", target_modules=["q_proj"])
+    path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    del config["lora_alpha"]
+    path.write_text(json.dumps(config))
+    assert _close(_peft_logits(bases["plain"], tmp_path / "a", ids), ref)  # PEFT: the same
+    model, _ = load_pretrained(bases["plain"])
+    load_adapter(model, tmp_path / "a")
+    with torch.no_grad():
+        assert _close(model.eval()(ids), ref)
+
+
+def test_bin_adapter_loads_and_errors_name_it(bases, tmp_path):
+    """An adapter_model.bin-only folder (older PEFT, safe_serialization=False) loads with PEFT's
+    logits; an error about its tensors named adapter_model.safetensors, a file not there."""
+    ids, ref = _peft_adapter(bases["plain"], tmp_path / "st", target_modules=["v_proj"])
+    sd = load_file(tmp_path / "st" / "adapter_model.safetensors")
+    for name, tensors in (("ok", sd), ("bad", {**sd, "base_model.model.model.norm.weight": ref})):
+        (tmp_path / name).mkdir()
+        shutil.copy(tmp_path / "st" / "adapter_config.json", tmp_path / name)
+        torch.save(tensors, tmp_path / name / "adapter_model.bin")
+    model, _ = load_pretrained(bases["plain"])
+    load_adapter(model, tmp_path / "ok")
+    with torch.no_grad():
+        assert _close(model.eval()(ids), ref)
+    with pytest.raises(EmberError, match=r"adapter_model\.bin: 1 keys match no projection"):
+        load_adapter(load_pretrained(bases["plain"])[0], tmp_path / "bad")
+
+
+def test_loading_over_other_adapters_is_refused(bases, tmp_path):
+    """A second load_adapter whose file covers fewer modules than the model's adapters left the
+    first adapter's other modules in place: a silent mix of two adapters."""
+    _peft_adapter(bases["plain"], tmp_path / "qv", target_modules=["q_proj", "v_proj"])
+    ids, ref = _peft_adapter(bases["plain"], tmp_path / "q", target_modules=["q_proj"])
+    model, _ = load_pretrained(bases["plain"])
+    load_adapter(model, tmp_path / "qv")
+    with pytest.raises(EmberError, match=r"already has LoRA adapters on \['layers\.0\.attn\.v_"):
+        load_adapter(model, tmp_path / "q")
+    load_adapter(model, tmp_path / "qv")  # the same modules: overwritten (resuming)
+    fresh, _ = load_pretrained(bases["plain"])
+    load_adapter(fresh, tmp_path / "q")
+    with torch.no_grad():
+        assert _close(fresh.eval()(ids), ref)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(target_modules=["q_proj", "fc1"], bias="all"),
+    dict(target_modules=["q_proj", "lm_head"], bias="lora_only"),
+    dict(target_modules=["q_proj", "lm_head"]),
+    dict(target_modules=["dense"], modules_to_save=["lm_head"]),
+], ids=["bias_all", "head_lora_only", "head_lora", "head_saved"])
+def test_phi_biases_beyond_the_projections(bases, tmp_path, kw):
+    """Phi's LayerNorm and lm_head biases in PEFT's files: bias="all" trains and saves them all,
+    a LoRA on lm_head saves its unchanged base_layer.bias, modules_to_save lm_head its trained
+    one. Ember mapped projection biases only: each of these was refused."""
+    ids, ref = _peft_adapter(bases["phi"], tmp_path / "peft", edit_base=_train, **kw)
+    model, _ = load_pretrained(bases["phi"])
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert _close(model.eval()(ids), ref)
+    save_adapter(model, tmp_path / "ember")
+    assert _close(_peft_logits(bases["phi"], tmp_path / "ember", ids), ref)
+
+
+def _embedding_grads(model, ids, w):
+    (model(ids) * w).sum().backward()
+    return model.embed.lora_embedding_A.grad, model.embed.lora_embedding_B.grad
+
+
+def _peft_embedding_grads(base, adapter, ids, w):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(base)
+        pm = peft.PeftModel.from_pretrained(hf, adapter, is_trainable=True).train()
+    (pm(ids).logits * w).sum().backward()
+    emb = pm.base_model.model.model.embed_tokens
+    return emb.lora_embedding_A["default"].grad, emb.lora_embedding_B["default"].grad
+
+
+def test_embedding_lora_pad_column_gets_no_gradient(bases, tmp_path):
+    """transformers' embed_tokens has padding_idx = pad_token_id and PEFT's LoRA lookup keeps it:
+    the pad token's column of lora_embedding_A gets no gradient. Ember's did (pad ids inside a
+    sequence, e.g. pad = eos), so its embedding adapter trained apart from PEFT's."""
+    base = bases["padded"]
+    ids, _ = _peft_adapter(base, tmp_path / "peft", target_modules=["q_proj", "embed_tokens"])
+    ids[:, 3] = PAD
+    w = torch.randn(2, 12, VOCAB, generator=torch.Generator().manual_seed(1))
+    model, _ = load_pretrained(base)  # PEFT's adapter loaded: same gradients
+    load_adapter(model, tmp_path / "peft")
+    for mine, theirs in zip(_embedding_grads(model.train(), ids, w),
+                            _peft_embedding_grads(base, tmp_path / "peft", ids, w), strict=True):
+        assert _close(mine, theirs)
+    model, _ = load_pretrained(base)  # Ember's own adapter (apply_lora), saved: same in PEFT
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=("q", "embed_tokens")))
+    with torch.no_grad():
+        model.embed.lora_embedding_A.normal_()
+    save_adapter(model, tmp_path / "ember")
+    mine = _embedding_grads(model.train(), ids, w)
+    assert mine[0][:, PAD].abs().max() == 0
+    for a, b in zip(mine, _peft_embedding_grads(base, tmp_path / "ember", ids, w), strict=True):
+        assert _close(a, b)
+
+
+def test_classifier_head_takes_no_lora(bases, tmp_path):
+    """lora.targets ".*" on a classifier wrapped its score head too, which PEFT's format cannot
+    hold (SEQ_CLS saves the head whole): save_adapter failed after training. Patterns now pass
+    over the head (it trains whole), as PEFT's modules_to_save does; naming it is an error."""
+    model, _ = load_pretrained(bases["plain"])
+    add_classification_head(model, ("a", "b", "c"))
+    with pytest.raises(EmberError, match="classifier head 'score'"):
+        apply_lora(model, LoRAConfig(rank=2, alpha=4, targets=("q", "score")))
+    apply_lora(model, LoRAConfig(rank=2, alpha=4, targets=(".*",)))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in [*model.parameters()]:
+            if p.requires_grad or p is model.score.weight:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    save_adapter(model, tmp_path / "ember")
+    ids = torch.randint(1, VOCAB, (2, 12), generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+            bases["plain"], num_labels=3, pad_token_id=0)
+        pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ember").eval()
+    with torch.no_grad():
+        assert _close(classify(model.eval(), ids), pm(input_ids=ids).logits)
