@@ -129,7 +129,10 @@ class Tokenizer:
         message instead of closing its turn, for the model to continue it."""
         template = select_template(self.chat_template, self.chat_templates, chat_template,
                                    kwargs.get("tools"))
-        context = {name: getattr(self, name) for name in _SPECIALS}
+        # only the tokens the model has: a missing one is undefined (renders ""), as in
+        # transformers, not None (which would render as "None")
+        context = {name: getattr(self, name) for name in _SPECIALS
+                   if getattr(self, name) is not None}
         context.update(kwargs)
         context.setdefault("tools", None)
         context.setdefault("documents", None)
