@@ -35,3 +35,55 @@ def test_missing_special_tokens_are_undefined_as_in_transformers(bos, pad, unk):
         want = theirs.apply_chat_template(CHAT, add_generation_prompt=gen, tokenize=False)
         assert ours.apply_chat_template(CHAT, add_generation_prompt=gen) == want
         assert "None" not in want
+
+
+# Reads content parts, tool calls and a template variable, each of which may arrive as a rich
+# object: a dataclass, a pydantic model (the OpenAI SDK's messages), numpy / torch values.
+RICH_TEMPLATE = (
+    "{% for m in messages %}{{ m.role }}:{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for p in m.content %}[{{ p.type }}{% if p.text is defined %} {{ p.text }}{% endif %}]"
+    "{% endfor %}{% endif %}{% for c in m.tool_calls or [] %}<call {{ c.function.name }} "
+    "{{ c.function.arguments | tojson }}>{% endfor %}|{% endfor %}{{ extra | tojson }}"
+    "{% if flag %}[flag]{% endif %}")
+
+
+def test_rich_objects_in_inputs_render_as_in_transformers():
+    """Dataclass content parts and pydantic tool calls are read as dicts, numpy scalars as their
+    values, arrays and tensors (an image in a content part) become "<TypeName>" placeholders:
+    was "<Part>" / "<Call>" rendered in their place, and a ValueError from ``ndarray.item()``."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    pydantic = pytest.importorskip("pydantic")
+
+    @dataclasses.dataclass
+    class Part:
+        type: str
+        text: str
+
+    class Fn(pydantic.BaseModel):
+        name: str
+        arguments: dict
+
+    class Call(pydantic.BaseModel):
+        type: str = "function"
+        function: Fn
+
+    backend = tokenizer_from_gguf(tiny_tokenizer_md()).backend
+    ours = Tokenizer(backend, eos_token="<|im_end|>", chat_template=RICH_TEMPLATE)
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                                  chat_template=RICH_TEMPLATE)
+    chat = [{"role": "user", "content": [Part("text", "hi"),
+                                         {"type": "image", "image": np.zeros((2, 2))}]},
+            {"role": "assistant", "content": "ok",
+             "tool_calls": [Call(function=Fn(name="f", arguments={"x": 1}))]},
+            {"role": "user", "content": (Part("text", "a"), {"type": "text", "text": "b"})}]
+    for kw in (dict(extra=(1, 2.5)), dict(extra=np.float32(0.5), flag=np.bool_(False)),
+               dict(extra=torch.tensor([3, 4]), flag=np.bool_(True))):
+        want = theirs.apply_chat_template(chat, tokenize=False, **kw)
+        assert ours.apply_chat_template(chat, **kw) == want
+        assert ours.apply_chat_template(chat, continue_final_message=True, **kw) == (
+            theirs.apply_chat_template(chat, tokenize=False, continue_final_message=True, **kw))
+    assert "<call f" in want and "<ndarray>" not in want  # placeholders are never read
