@@ -141,6 +141,10 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                          f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
+    if not 0 <= pad_token_id < cfg.vocab_size:
+        # padding is masked, so any id does; one outside the embedding (a tokenizer's <pad>
+        # added after the model's vocabulary, a config's -1) would fail the lookup
+        pad_token_id = 0
     weight = model.embed.weight
     device = weight.device
     ids = torch.full((B, L), pad_token_id, dtype=torch.long)
