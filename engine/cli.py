@@ -103,8 +103,10 @@ def _generator(model, tok, a):
     if is_classifier(model):
         raise EmberError(f"{a.model} is a sequence classifier (labels {list(model.cfg.labels)}): "
                          "it has no LM head to generate with; score text with ember eval")
-    eos = sorted(getattr(tok, "eos_token_ids", None) or {tok.eos_token_id})
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    # a base model may define no eos at all: it then generates max_new_tokens tokens
+    eos = sorted(i for i in getattr(tok, "eos_token_ids", None) or {tok.eos_token_id}
+                 if i is not None)
+    pad = next((i for i in (tok.pad_token_id, *eos) if i is not None), 0)
 
     def run(ids: list[list[int]], stream: _Stream | None = None) -> list[list[int]]:
         return generate_ids(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,

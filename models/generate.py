@@ -94,7 +94,7 @@ def _idle_passes(model: Transformer, sync: Callable[[bool], bool]) -> None:
 def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, eos_token_ids: Iterable[int] = (),
-                 pad_token_id: int = 0,
+                 pad_token_id: int | None = 0,
                  should_stop: Callable[[int, list[int]], bool] | None = None,
                  drafts: Sequence[Sequence[int]] | None = None,
                  sync: Callable[[bool], bool] | None = None) -> list[list[int]]:
@@ -141,7 +141,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                          f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
-    if not 0 <= pad_token_id < cfg.vocab_size:
+    if pad_token_id is None or not 0 <= pad_token_id < cfg.vocab_size:
         # padding is masked, so any id does; one outside the embedding (a tokenizer's <pad>
         # added after the model's vocabulary, a config's -1) would fail the lookup
         pad_token_id = 0

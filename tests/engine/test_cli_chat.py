@@ -113,3 +113,36 @@ def test_config_prints_every_setting_explained(capsys, tmp_path):
     assert '# run_dir = (unset)  # None: runs/<name>' in text  # unset keys, commented out
     assert 'method = "lora"  # "lora" (adapters only) | "full"' in text  # the field's comment
     assert main(["config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_generate_with_a_model_that_has_no_eos(chat_model, capsys, tmp_path):
+    """A base model whose folder names no eos token anywhere (tokenizer config, generation and
+    model config): ember generate runs max_new_tokens tokens like transformers' generate (was a
+    TypeError from an eos id of None). Oracle: transformers on the same folder."""
+    import json
+    import shutil
+
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "no_eos"
+    shutil.copytree(chat_model, folder)
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "config.json"):
+        path = folder / name
+        if path.is_file():
+            cfg = json.loads(path.read_text())
+            for key in ("eos_token", "pad_token", "eos_token_id", "pad_token_id"):
+                cfg.pop(key, None)
+            path.write_text(json.dumps(cfg))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert hf_tok.eos_token is None and hf_tok.pad_token is None
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([hf_tok("red dog", add_special_tokens=True)["input_ids"]])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
+                      do_sample=False)[0, ids.shape[1]:]
+    assert len(out) == MAX_NEW
+    want = hf_tok.decode(out, skip_special_tokens=True)
+    got = _run(capsys, ["generate", str(folder), "--raw", "--prompt", "red dog",
+                        "--max-new-tokens", str(MAX_NEW)])
+    assert got == want + "\n"
