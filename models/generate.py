@@ -321,8 +321,9 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     ids = encode_prompts(tokenizer, list(prompts), chat)
     should_stop = None
     if stops:
-        # decode only a tail long enough to hold any stop string (a token is >= 1 character)
-        tail = max(map(len, stops)) + 4
+        # decode only a tail long enough to hold any stop string: a token is at least one byte
+        # (byte-level and byte-fallback vocabularies spell rare characters byte by byte)
+        tail = max(len(s.encode("utf-8")) for s in stops) + 4
 
         def should_stop(row: int, gen: list[int]) -> bool:
             text = tokenizer.decode(gen[-tail:], skip_special_tokens=True)
