@@ -182,6 +182,21 @@ def _set_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None
                         if t is not None and backend.token_to_id(t) is not None])
 
 
+def _added_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None,
+                   default: tuple[bool, bool]) -> tuple[bool, bool]:
+    """Whether ``encode(..., add_special_tokens=True)`` puts ``bos`` before the text and ``eos``
+    after it: tokenizer.json's post-processor decides, and a folder saved by transformers 5 has
+    no add_bos_token in its config (Llama 3's never had). ``default`` when no probe text shows."""
+    for probe in ("a", "Hello", "0", " "):
+        enc = backend.encode(probe, add_special_tokens=True)
+        text = [k for k, special in enumerate(enc.special_tokens_mask) if not special]
+        if text:
+            head, tail = enc.ids[:text[0]], enc.ids[text[-1] + 1:]
+            ids = [backend.token_to_id(t) if t is not None else None for t in (bos, eos)]
+            return ids[0] is not None and ids[0] in head, ids[1] is not None and ids[1] in tail
+    return default
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -251,6 +266,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if slow:  # tokenizer.json carries its post-processor; here it comes from the flags
         _set_bos_eos(backend, specials["bos_token"] if add_bos else None,
                      specials["eos_token"] if add_eos else None)
+    else:  # what the post-processor adds, as transformers 5 encodes (whatever the config says)
+        add_bos, add_eos = _added_bos_eos(backend, specials["bos_token"], specials["eos_token"],
+                                          (add_bos, add_eos))
     max_len = cfg.get("model_max_length")
     return Tokenizer(backend, **specials, chat_template=template, chat_templates=named,
                      add_bos_token=add_bos, add_eos_token=add_eos, extra_eos_token_ids=extra_eos,

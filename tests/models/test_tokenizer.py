@@ -396,3 +396,35 @@ def test_tools_given_as_python_functions_are_refused():
     tok = tokenizer_from_gguf(tiny_tokenizer_md())
     with pytest.raises(EmberError, match="tools must be JSON schemas"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=[get_weather])
+
+
+@pytest.mark.parametrize("adds", ["bos", "eos", "bos+eos", "none"])
+def test_bos_eos_flags_follow_the_post_processor(tmp_path, adds):
+    """transformers 5 writes no add_bos_token / add_eos_token into tokenizer_config.json (nor
+    has Llama 3's), and encodes with tokenizer.json's post-processor whatever the config says:
+    the flags follow what encoding adds (they read False, so a GGUF export wrote
+    add_bos_token = false and llama.cpp dropped the BOS the model needs)."""
+    from tokenizers import processors
+
+    from ember.models.gguf_tokenizer import tokenizer_metadata
+
+    transformers = pytest.importorskip("transformers")
+    backend = tokenizer_from_gguf(tiny_tokenizer_md()).backend
+    bos, eos = "<|im_start|>", "<|im_end|>"
+    single = {"bos": f"{bos} $A", "eos": f"$A {eos}", "bos+eos": f"{bos} $A {eos}",
+              "none": "$A"}[adds]
+    backend.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(bos, 1), (eos, 2)])
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos,
+                                              eos_token=eos)
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(  # (stale flags are ignored)
+        json.loads((tmp_path / "tokenizer_config.json").read_text())
+        | {"add_bos_token": adds == "none", "add_eos_token": adds == "none"}))
+    want = transformers.AutoTokenizer.from_pretrained(tmp_path)("he", add_special_tokens=True)[
+        "input_ids"]
+    ours = load_tokenizer(tmp_path)
+    assert ours.encode("he", add_special_tokens=True) == want
+    assert (ours.add_bos_token, ours.add_eos_token) == (want[0] == 1, want[-1] == 2)
+    md = tokenizer_metadata(ours, ours.vocab_size)
+    assert tokenizer_from_gguf(md).encode("he", add_special_tokens=True) == want
