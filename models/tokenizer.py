@@ -182,6 +182,22 @@ def _set_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None
                         if t is not None and backend.token_to_id(t) is not None])
 
 
+def _add_config_tokens(backend: tokenizers.Tokenizer, decoder: Any) -> None:
+    """Add the tokens of tokenizer_config.json's ``added_tokens_decoder`` that tokenizer.json
+    lacks (a config edited by hand or by another tool), in id order, as transformers 5 does;
+    the ones tokenizer.json has keep its flags."""
+    if not isinstance(decoder, dict):
+        return
+    entries = sorted((int(i), d) for i, d in decoder.items() if str(i).isdigit()
+                     and isinstance(d, dict) and isinstance(d.get("content"), str))
+    for _, d in entries:
+        if backend.token_to_id(d["content"]) is None:
+            flags = {k: bool(d[k]) for k in ("single_word", "lstrip", "rstrip", "normalized",
+                                             "special") if k in d}
+            token = AddedToken(d["content"], **flags)
+            (backend.add_special_tokens if token.special else backend.add_tokens)([token])
+
+
 def _added_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None,
                    default: tuple[bool, bool]) -> tuple[bool, bool]:
     """Whether ``encode(..., add_special_tokens=True)`` puts ``bos`` before the text and ``eos``
@@ -245,6 +261,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(tj))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise EmberError(f"cannot parse {tj}: {e}") from None
+        _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
     template, named = read_templates(cfg, folder)
     extra_eos: list[int] = []
     for name in ("generation_config.json", "config.json"):

@@ -428,3 +428,30 @@ def test_bos_eos_flags_follow_the_post_processor(tmp_path, adds):
     assert (ours.add_bos_token, ours.add_eos_token) == (want[0] == 1, want[-1] == 2)
     md = tokenizer_metadata(ours, ours.vocab_size)
     assert tokenizer_from_gguf(md).encode("he", add_special_tokens=True) == want
+
+
+def test_added_tokens_only_in_the_config_are_added_like_transformers(tmp_path):
+    """tokenizer_config.json's added_tokens_decoder may list tokens tokenizer.json lacks (a
+    config edited by hand or another tool): transformers 5 adds them, in id order, with their
+    flags (special, lstrip, rstrip); Ember split them into pieces."""
+    transformers = pytest.importorskip("transformers")
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    tok.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    n = tok.vocab_size
+    flags = {"normalized": False, "single_word": False}
+    cfg["added_tokens_decoder"] |= {
+        str(n + 1): {"content": "<tool>", "special": True, "lstrip": True, "rstrip": False,
+                     **flags},
+        str(n): {"content": "<think>", "special": False, "lstrip": False, "rstrip": True,
+                 **flags}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    assert ours.vocab_size == len(theirs) == n + 2
+    for text in ["he <think>  12 he <tool>he", "<|im_start|>he\t<tool>\n<think>\n12"]:
+        ids = ours.encode(text)
+        assert ids == theirs(text, add_special_tokens=False)["input_ids"]
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
+                ids, skip_special_tokens=skip)
