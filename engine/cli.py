@@ -111,7 +111,8 @@ def _generator(model, tok, a):
     def run(ids: list[list[int]], stream: _Stream | None = None) -> list[list[int]]:
         return generate_ids(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                             top_p=a.top_p, top_k=a.top_k, seed=a.seed, eos_token_ids=eos,
-                            pad_token_id=pad, should_stop=stream)
+                            pad_token_id=pad, should_stop=stream, min_p=a.min_p,
+                            repetition_penalty=a.repetition_penalty)
 
     return run
 
@@ -401,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+        p.add_argument("--min-p", type=float, default=0.0,
+                       help="drop tokens less likely than this times the best one (0 = off)")
+        p.add_argument("--repetition-penalty", type=float, default=1.0,
+                       help="transformers' repetition penalty on prompt and output (1 = off)")
         p.add_argument("--seed", type=int, default=None)
 
     p = sub.add_parser("generate", help="complete prompts")

@@ -146,3 +146,20 @@ def test_generate_with_a_model_that_has_no_eos(chat_model, capsys, tmp_path):
     got = _run(capsys, ["generate", str(folder), "--raw", "--prompt", "red dog",
                         "--max-new-tokens", str(MAX_NEW)])
     assert got == want + "\n"
+
+
+def test_min_p_and_repetition_penalty_flags(chat_model, capsys):
+    """--repetition-penalty reaches generation (the oracle: generate_ids with the penalty, on
+    the conversation rendered here); --min-p 1 keeps only the best token: greedy."""
+    model, tok = load_pretrained(chat_model, "float32", "cpu")
+    msgs = [{"role": "user", "content": "red dog"}]
+    ids = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+    want = tok.decode(generate_ids(model.eval(), [ids], max_new_tokens=MAX_NEW,
+                                   eos_token_ids=[tok.eos_token_id], repetition_penalty=3.0)[0])
+    assert want != _answer(chat_model, msgs)
+    out = _run(capsys, ["generate", str(chat_model), "--prompt", "red dog",
+                        "--repetition-penalty", "3", "--max-new-tokens", str(MAX_NEW)])
+    assert out == want + "\n"
+    out = _run(capsys, ["generate", str(chat_model), "--prompt", "red dog", "--temperature",
+                        "2", "--min-p", "1", "--seed", "1", "--max-new-tokens", str(MAX_NEW)])
+    assert out == _answer(chat_model, msgs) + "\n"
