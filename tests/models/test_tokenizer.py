@@ -455,3 +455,31 @@ def test_added_tokens_only_in_the_config_are_added_like_transformers(tmp_path):
         for skip in (False, True):
             assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
                 ids, skip_special_tokens=skip)
+
+
+def test_named_special_tokens_missing_from_added_tokens_are_matched_whole(tmp_path):
+    """A tokenizer.json whose vocabulary has the config's eos / extra special tokens but not as
+    added tokens: transformers 5 makes them special added tokens, so the chat template's
+    "<|im_end|>" is one token (the eos id) and is skipped when decoding; Ember cut it into
+    "<", "|", "im", ... pieces."""
+    transformers = pytest.importorskip("transformers")
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    tok.save_pretrained(tmp_path)
+    tj = json.loads((tmp_path / "tokenizer.json").read_text())
+    tj["added_tokens"] = [t for t in tj["added_tokens"] if t["content"] == "<|endoftext|>"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"] = {"0": cfg["added_tokens_decoder"]["0"]}
+    cfg.pop("bos_token")
+    cfg["extra_special_tokens"] = ["<|im_start|>"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "special_tokens_map.json").unlink()
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    text = "<|im_start|>he<|im_end|>\n<|endoftext|>12"
+    ids = ours.encode(text)
+    assert ids == theirs(text, add_special_tokens=False)["input_ids"]
+    assert ids[:3] == [1, ours.token_to_id("he"), 2] and ours.eos_token_id == 2
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
+            ids, skip_special_tokens=skip)
