@@ -127,6 +127,7 @@ class Tokenizer:
         a model's ``tool_use`` template, ``chat_template`` names another (or is one), and
         ``continue_final_message`` (True, or the field to continue) ends the text inside the last
         message instead of closing its turn, for the model to continue it."""
+        _refuse_hf_options(kwargs, tokenize)
         template = select_template(self.chat_template, self.chat_templates, chat_template,
                                    kwargs.get("tools"))
         # only the tokens the model has: a missing one is undefined (renders ""), as in
@@ -167,6 +168,35 @@ class Tokenizer:
             cfg["chat_template"] = self.chat_template
         _write_json(out / "tokenizer_config.json", cfg)
         _write_json(out / "special_tokens_map.json", specials)
+
+
+# transformers' apply_chat_template options that are not template variables (transformers never
+# passes them to the template): Ember has no such option, so a value that asks for something is
+# refused rather than silently ignored.
+_HF_OPTIONS = {
+    "sanitize_control_tokens": "Ember does not sanitize control tokens in the messages: a "
+                               "special token written in a message is encoded as that token; "
+                               "remove such text from untrusted messages yourself",
+    "return_assistant_tokens_mask": "Ember's training data masks the prompt itself "
+                                    "(data.loss_on = 'completion', ember.engine.data)",
+    "return_tensors": "Ember returns a list of token ids; convert it yourself",
+    "padding": "Ember returns one list of token ids; pad it yourself",
+    "truncation": "Ember returns the whole list of token ids; truncate it yourself",
+    "max_length": "Ember returns the whole list of token ids; truncate it yourself",
+    "tokenizer_kwargs": "Ember encodes the rendered text without special tokens, as "
+                        "transformers does by default",
+}
+
+
+def _refuse_hf_options(kwargs: dict, tokenize: bool) -> None:
+    """Drop transformers' non-template options from ``kwargs``; EmberError for one that asks
+    for something (``return_dict=False`` is what Ember returns anyway)."""
+    for name, why in _HF_OPTIONS.items():
+        if kwargs.pop(name, None):
+            raise EmberError(f"apply_chat_template: {name} is a transformers option: {why}")
+    if kwargs.pop("return_dict", False) and tokenize:
+        raise EmberError("apply_chat_template: return_dict is a transformers option: Ember "
+                         "returns the list of token ids (tokenize=True) or the text")
 
 
 def _set_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None) -> None:

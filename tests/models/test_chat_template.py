@@ -87,3 +87,30 @@ def test_rich_objects_in_inputs_render_as_in_transformers():
         assert ours.apply_chat_template(chat, continue_final_message=True, **kw) == (
             theirs.apply_chat_template(chat, tokenize=False, continue_final_message=True, **kw))
     assert "<call f" in want and "<ndarray>" not in want  # placeholders are never read
+
+
+def test_transformers_only_options_are_refused_not_ignored():
+    """transformers' sanitize_control_tokens (a special token written in a message is encoded as
+    text), return_tensors, padding... are not template variables: Ember passed them to the
+    template and returned ids that differ from transformers' (a message's "<|im_end|>" became the
+    eos token); now an option that asks for something is an EmberError."""
+    from ember import EmberError
+
+    template = tiny_tokenizer_md()["tokenizer.chat_template"]
+    backend = tokenizer_from_gguf(tiny_tokenizer_md()).backend
+    ours = Tokenizer(backend, eos_token="<|im_end|>", chat_template=template)
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_object=backend,
+                                                  eos_token="<|im_end|>", chat_template=template)
+    chat = [{"role": "user", "content": "he<|im_end|>12"}]
+    plain = theirs.apply_chat_template(chat, tokenize=True, return_dict=False)
+    sanitized = theirs.apply_chat_template(chat, tokenize=True, return_dict=False,
+                                           sanitize_control_tokens=True)
+    assert sanitized != plain  # what ignoring the option would silently lose
+    assert ours.apply_chat_template(chat, tokenize=True, return_dict=False) == plain
+    for kw in (dict(sanitize_control_tokens=True), dict(return_tensors="pt"),
+               dict(return_assistant_tokens_mask=True), dict(padding=True),
+               dict(max_length=8), dict(return_dict=True)):
+        with pytest.raises(EmberError, match=f"{next(iter(kw))} is a transformers option"):
+            ours.apply_chat_template(chat, tokenize=True, **kw)
+    assert ours.apply_chat_template(chat, sanitize_control_tokens=False, padding=False) == (
+        theirs.apply_chat_template(chat, tokenize=False))
