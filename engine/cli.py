@@ -103,13 +103,16 @@ def _generator(model, tok, a):
     if is_classifier(model):
         raise EmberError(f"{a.model} is a sequence classifier (labels {list(model.cfg.labels)}): "
                          "it has no LM head to generate with; score text with ember eval")
-    eos = sorted(getattr(tok, "eos_token_ids", None) or {tok.eos_token_id})
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    # a base model may define no eos at all: it then generates max_new_tokens tokens
+    eos = sorted(i for i in getattr(tok, "eos_token_ids", None) or {tok.eos_token_id}
+                 if i is not None)
+    pad = next((i for i in (tok.pad_token_id, *eos) if i is not None), 0)
 
     def run(ids: list[list[int]], stream: _Stream | None = None) -> list[list[int]]:
         return generate_ids(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                             top_p=a.top_p, top_k=a.top_k, seed=a.seed, eos_token_ids=eos,
-                            pad_token_id=pad, should_stop=stream)
+                            pad_token_id=pad, should_stop=stream, min_p=a.min_p,
+                            repetition_penalty=a.repetition_penalty)
 
     return run
 
@@ -399,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+        p.add_argument("--min-p", type=float, default=0.0,
+                       help="drop tokens less likely than this times the best one (0 = off)")
+        p.add_argument("--repetition-penalty", type=float, default=1.0,
+                       help="transformers' repetition penalty on prompt and output (1 = off)")
         p.add_argument("--seed", type=int, default=None)
 
     p = sub.add_parser("generate", help="complete prompts")

@@ -17,6 +17,7 @@ and a name can be asked for (``chat_template="rag"``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -26,6 +27,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ember import EmberError
@@ -127,7 +129,7 @@ def _tag_final_message(chat: list[dict], field: bool | str, template: str) -> st
     fields = [f for f in _REASONING if last.get(f) == final] if field in _REASONING else [field]
     if not any(f in template for f in fields):
         raise EmberError(f"continue_final_message={field!r}: the chat template never reads it")
-    if isinstance(final, list):  # content parts: continue the last text part
+    if isinstance(final, list | tuple):  # content parts: continue the last text part
         part = next((p for p in reversed(final) if isinstance(p, dict) and "text" in p), None)
         if part is None:
             raise EmberError("continue_final_message: the last message has no text to continue")
@@ -151,20 +153,27 @@ def _cut_at_tag(text: str, final: str) -> str:
 
 def _plain(value: Any) -> Any:
     """Rebuild template inputs from plain JSON types, so the sandbox never sees an object whose
-    methods it does not know are unsafe (transformers does the same)."""
+    methods it does not know are unsafe, as transformers' ``_plain_template_data`` does:
+    dataclasses and pydantic models (OpenAI SDK messages and tool calls) become dicts, numpy
+    scalars their values, and anything else (arrays, tensors, images in content parts) an inert
+    ``"<TypeName>"`` placeholder."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, bool):
-        return bool(value)
-    for base in (str, int, float):  # subclasses (enums, numpy scalars) carry extra methods
+    for base in (str, int, float):  # subclasses (enums) carry extra methods
         if isinstance(value, base):
             return base(value)
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, np.generic):  # np.bool_(False) must not become a truthy placeholder
         return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):  # pydantic
+        return _plain(value.model_dump())
     return f"<{type(value).__name__}>"
 
 

@@ -1,4 +1,5 @@
-"""Autoregressive generation with a KV cache: greedy, temperature, top-k and top-p sampling.
+"""Autoregressive generation with a KV cache: greedy, temperature, top-k, top-p and min-p sampling,
+repetition penalty (transformers' logits processors, in transformers' order).
 
 Batches are left-padded: every prompt ends at the same column, so each decode step appends one
 column for all rows. Padded keys are hidden with ``key_mask`` and positions count real tokens only
@@ -35,7 +36,8 @@ from ember.models.prompt_tuning import virtual_ids
 from ember.models.transformer import KVCache, Transformer
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                    min_p: float = 0.0, repetition_penalty: float = 1.0) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise EmberError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if temperature < 0:
@@ -44,14 +46,17 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k
         raise EmberError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise EmberError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 <= min_p <= 1:
+        raise EmberError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
+    if not repetition_penalty > 0:
+        raise EmberError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row from logits (B, V): argmax when temperature == 0, else a draw from
-    softmax(logits / temperature) restricted to the top-k and the top-p nucleus."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                top_k: int = 0, min_p: float = 0.0) -> torch.Tensor:
+    """Logits (B, V) divided by ``temperature`` (> 0), with the tokens outside the top-k, the
+    top-p nucleus and the min-p cut set to -inf, in that order: transformers' Temperature, TopK,
+    TopP and MinP logits warpers."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -63,7 +68,29 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
         drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
         drop[:, 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    if min_p > 0:  # drop tokens less likely than min_p times the best one (which always stays)
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True),
+                                    float("-inf"))
+    return logits
+
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float
+                        ) -> torch.Tensor:
+    """transformers' repetition penalty: the logits (B, V) of the tokens marked in ``seen``
+    (B, V) divided by ``penalty`` where positive, multiplied where negative."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                top_k: int = 0, generator: torch.Generator | None = None,
+                min_p: float = 0.0) -> torch.Tensor:
+    """Next token per row from logits (B, V): argmax when temperature == 0, else a draw from
+    softmax(logits / temperature) restricted to the top-k, the top-p nucleus and the min-p cut
+    (``warp_logits``)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(warp_logits(logits, temperature, top_p, top_k, min_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
@@ -94,12 +121,15 @@ def _idle_passes(model: Transformer, sync: Callable[[bool], bool]) -> None:
 def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, eos_token_ids: Iterable[int] = (),
-                 pad_token_id: int = 0,
+                 pad_token_id: int | None = 0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0,
                  should_stop: Callable[[int, list[int]], bool] | None = None,
                  drafts: Sequence[Sequence[int]] | None = None,
                  sync: Callable[[bool], bool] | None = None) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt. Returns the new ids per row, without the
     stop token. ``should_stop(row, ids_so_far)`` may end a row early (stop strings).
+    ``repetition_penalty`` (greedy and sampled) and ``min_p`` act as transformers' do: the
+    penalty on every token of the prompt and of the generation so far.
 
     ``drafts`` (greedy only): a guessed continuation per prompt, e.g. the reference answer when
     evaluating. It is verified the way speculative decoding verifies a draft model's tokens: fed
@@ -113,7 +143,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     flag across processes), and the passes end when it returns False. Until then a call whose
     rows have all finished, or that got no prompts at all, makes one-token passes whose output
     is dropped, so every process makes as many forward calls."""
-    _check_sampling(max_new_tokens, temperature, top_p, top_k)
+    _check_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
     prompts = [list(map(int, p)) for p in prompt_ids]
     if not prompts:
         if sync is not None and max_new_tokens > 0:
@@ -125,8 +155,9 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             raise EmberError(f"prompt {i} is empty: give at least one token (e.g. BOS)")
         _check_ids("prompt", i, p, cfg.vocab_size)
     if drafts is not None:
-        if temperature > 0:
-            raise EmberError("drafts are verified against greedy choices: use temperature = 0")
+        if temperature > 0 or repetition_penalty != 1:
+            raise EmberError("drafts are verified against plain greedy choices: use "
+                             "temperature = 0 and repetition_penalty = 1")
         drafts = [list(map(int, d)) for d in drafts]
         if len(drafts) != len(prompts):
             raise EmberError(f"{len(drafts)} drafts for {len(prompts)} prompts: give one per "
@@ -141,6 +172,10 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                          f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
+    if pad_token_id is None or not 0 <= pad_token_id < cfg.vocab_size:
+        # padding is masked, so any id does; one outside the embedding (a tokenizer's <pad>
+        # added after the model's vocabulary, a config's -1) would fail the lookup
+        pad_token_id = 0
     weight = model.embed.weight
     device = weight.device
     ids = torch.full((B, L), pad_token_id, dtype=torch.long)
@@ -162,6 +197,11 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     stop_ids = set(int(t) for t in eos_token_ids)
+    seen = None  # repetition penalty: the tokens of each batch row's prompt and output so far
+    if repetition_penalty != 1:
+        seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            seen[i, torch.tensor(p, device=device)] = True
 
     lr = cfg.longrope
     # LongRoPE: each row's table so far (None: not LongRoPE), and for phi3 the ids and positions
@@ -186,7 +226,10 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     while True:
         if hidden.shape[1] == 1:
             logits = model.logits(hidden[:, -1]).float()  # (b, V)
-            preds = sample_next(logits, temperature, top_p, top_k, generator)[:, None].tolist()
+            if seen is not None:
+                logits = penalize_repetition(logits, seen, repetition_penalty)
+            preds = sample_next(logits, temperature, top_p, top_k, generator,
+                                min_p)[:, None].tolist()
         else:  # a draft pass (greedy): a prediction after every fed token
             preds = _greedy_tokens(model, hidden).tolist()  # (b, T)
         first_slot = cache.length - hidden.shape[1]
@@ -200,6 +243,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                     alive[b] = False
                     break
                 out[r].append(t)
+                if seen is not None:
+                    seen[b, t] = True
                 if drafting[r]:
                     n = len(out[r])
                     drafting[r] = n < len(drafts[r]) and drafts[r][n - 1] == t
@@ -226,6 +271,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             idx = torch.tensor(keep, device=device)
             cache.select(idx)
             key_mask = key_mask.index_select(0, idx) if key_mask is not None else None
+            seen = seen.index_select(0, idx) if seen is not None else None
             if slots_in is not None:
                 slots_in = tuple(t.index_select(0, idx) for t in slots_in)
             long = None if long is None else [long[b] for b in keep]
@@ -301,7 +347,8 @@ def encode_prompts(tokenizer, prompts: Sequence, chat: bool = False) -> list[lis
 def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int | None = None, stop_strings: Sequence[str] | None = None,
-             chat: bool = False) -> list[str]:
+             chat: bool = False, min_p: float = 0.0, repetition_penalty: float = 1.0
+             ) -> list[str]:
     """Completions (list[str], one per prompt) for a prompt or a list of prompts.
 
     ``chat=True`` wraps each string as a user message and renders the model's chat template; a
@@ -317,8 +364,9 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     ids = encode_prompts(tokenizer, list(prompts), chat)
     should_stop = None
     if stops:
-        # decode only a tail long enough to hold any stop string (a token is >= 1 character)
-        tail = max(map(len, stops)) + 4
+        # decode only a tail long enough to hold any stop string: a token is at least one byte
+        # (byte-level and byte-fallback vocabularies spell rare characters byte by byte)
+        tail = max(len(s.encode("utf-8")) for s in stops) + 4
 
         def should_stop(row: int, gen: list[int]) -> bool:
             text = tokenizer.decode(gen[-tail:], skip_special_tokens=True)
@@ -327,7 +375,8 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     pad = tokenizer.pad_token_id
     gen = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, top_k=top_k, seed=seed, eos_token_ids=tokenizer.eos_token_ids,
-                       pad_token_id=pad if pad is not None else 0, should_stop=should_stop)
+                       pad_token_id=pad, should_stop=should_stop, min_p=min_p,
+                       repetition_penalty=repetition_penalty)
     texts = tokenizer.decode_batch(gen, skip_special_tokens=True)
     if stops:
         texts = [t[:min([t.find(s) for s in stops if s in t] or [len(t)])] for t in texts]

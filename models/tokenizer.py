@@ -127,9 +127,13 @@ class Tokenizer:
         a model's ``tool_use`` template, ``chat_template`` names another (or is one), and
         ``continue_final_message`` (True, or the field to continue) ends the text inside the last
         message instead of closing its turn, for the model to continue it."""
+        _refuse_hf_options(kwargs, tokenize)
         template = select_template(self.chat_template, self.chat_templates, chat_template,
                                    kwargs.get("tools"))
-        context = {name: getattr(self, name) for name in _SPECIALS}
+        # only the tokens the model has: a missing one is undefined (renders ""), as in
+        # transformers, not None (which would render as "None")
+        context = {name: getattr(self, name) for name in _SPECIALS
+                   if getattr(self, name) is not None}
         context.update(kwargs)
         context.setdefault("tools", None)
         context.setdefault("documents", None)
@@ -166,6 +170,35 @@ class Tokenizer:
         _write_json(out / "special_tokens_map.json", specials)
 
 
+# transformers' apply_chat_template options that are not template variables (transformers never
+# passes them to the template): Ember has no such option, so a value that asks for something is
+# refused rather than silently ignored.
+_HF_OPTIONS = {
+    "sanitize_control_tokens": "Ember does not sanitize control tokens in the messages: a "
+                               "special token written in a message is encoded as that token; "
+                               "remove such text from untrusted messages yourself",
+    "return_assistant_tokens_mask": "Ember's training data masks the prompt itself "
+                                    "(data.loss_on = 'completion', ember.engine.data)",
+    "return_tensors": "Ember returns a list of token ids; convert it yourself",
+    "padding": "Ember returns one list of token ids; pad it yourself",
+    "truncation": "Ember returns the whole list of token ids; truncate it yourself",
+    "max_length": "Ember returns the whole list of token ids; truncate it yourself",
+    "tokenizer_kwargs": "Ember encodes the rendered text without special tokens, as "
+                        "transformers does by default",
+}
+
+
+def _refuse_hf_options(kwargs: dict, tokenize: bool) -> None:
+    """Drop transformers' non-template options from ``kwargs``; EmberError for one that asks
+    for something (``return_dict=False`` is what Ember returns anyway)."""
+    for name, why in _HF_OPTIONS.items():
+        if kwargs.pop(name, None):
+            raise EmberError(f"apply_chat_template: {name} is a transformers option: {why}")
+    if kwargs.pop("return_dict", False) and tokenize:
+        raise EmberError("apply_chat_template: return_dict is a transformers option: Ember "
+                         "returns the list of token ids (tokenize=True) or the text")
+
+
 def _set_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None) -> None:
     """Make ``encode(..., add_special_tokens=True)`` add ``bos`` before and ``eos`` after the text
     (either may be None); a no-op when both are."""
@@ -177,6 +210,54 @@ def _set_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None
         single=single, pair=pair,
         special_tokens=[(t, backend.token_to_id(t)) for t in dict.fromkeys((bos, eos))
                         if t is not None and backend.token_to_id(t) is not None])
+
+
+def _add_config_tokens(backend: tokenizers.Tokenizer, decoder: Any) -> None:
+    """Add the tokens of tokenizer_config.json's ``added_tokens_decoder`` that tokenizer.json
+    lacks (a config edited by hand or by another tool), in id order, as transformers 5 does;
+    the ones tokenizer.json has keep its flags."""
+    if not isinstance(decoder, dict):
+        return
+    entries = sorted((int(i), d) for i, d in decoder.items() if str(i).isdigit()
+                     and isinstance(d, dict) and isinstance(d.get("content"), str))
+    for _, d in entries:
+        if backend.token_to_id(d["content"]) is None:
+            flags = {k: bool(d[k]) for k in ("single_word", "lstrip", "rstrip", "normalized",
+                                             "special") if k in d}
+            token = AddedToken(d["content"], **flags)
+            (backend.add_special_tokens if token.special else backend.add_tokens)([token])
+
+
+def _add_named_specials(backend: tokenizers.Tokenizer, cfg: dict, smap: dict) -> None:
+    """The special tokens the config names (bos, eos, ..., extra / additional special tokens) that
+    tokenizer.json has in its vocabulary but not as added tokens become special added tokens
+    (matched whole, skipped when decoding), as transformers 5 makes them; those it does not have
+    at all are reported by ``load_tokenizer`` (transformers would grow the vocabulary)."""
+    names = [cfg.get(n, smap.get(n)) for n in (*_SPECIALS, "sep_token", "cls_token",
+                                                 "mask_token")]
+    for source in (cfg, smap):
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            v = source.get(key) or []
+            names += list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else []
+    have = {t.content for t in backend.get_added_tokens_decoder().values()}
+    new = [t for t in dict.fromkeys(map(_token_str, names)) if t is not None and t not in have
+           and backend.token_to_id(t) is not None]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+
+
+def _added_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None,
+                   default: tuple[bool, bool]) -> tuple[bool, bool]:
+    """Whether ``encode(..., add_special_tokens=True)`` puts ``bos`` before the text and ``eos``
+    after it: tokenizer.json's post-processor decides, and a folder saved by transformers 5 has
+    no add_bos_token in its config (Llama 3's never had). ``default`` when no probe text shows."""
+    for probe in ("a", "Hello", "0", " "):
+        enc = backend.encode(probe, add_special_tokens=True)
+        text = [k for k, special in enumerate(enc.special_tokens_mask) if not special]
+        if text:
+            head, tail = enc.ids[:text[0]], enc.ids[text[-1] + 1:]
+            ids = [backend.token_to_id(t) if t is not None else None for t in (bos, eos)]
+            return ids[0] is not None and ids[0] in head, ids[1] is not None and ids[1] in tail
+    return default
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -227,6 +308,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(tj))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise EmberError(f"cannot parse {tj}: {e}") from None
+        _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
+        _add_named_specials(backend, cfg, smap)
     template, named = read_templates(cfg, folder)
     extra_eos: list[int] = []
     for name in ("generation_config.json", "config.json"):
@@ -248,6 +331,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if slow:  # tokenizer.json carries its post-processor; here it comes from the flags
         _set_bos_eos(backend, specials["bos_token"] if add_bos else None,
                      specials["eos_token"] if add_eos else None)
+    else:  # what the post-processor adds, as transformers 5 encodes (whatever the config says)
+        add_bos, add_eos = _added_bos_eos(backend, specials["bos_token"], specials["eos_token"],
+                                          (add_bos, add_eos))
     max_len = cfg.get("model_max_length")
     return Tokenizer(backend, **specials, chat_template=template, chat_templates=named,
                      add_bos_token=add_bos, add_eos_token=add_eos, extra_eos_token_ids=extra_eos,

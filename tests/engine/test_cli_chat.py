@@ -113,3 +113,53 @@ def test_config_prints_every_setting_explained(capsys, tmp_path):
     assert '# run_dir = (unset)  # None: runs/<name>' in text  # unset keys, commented out
     assert 'method = "lora"  # "lora" (adapters only) | "full"' in text  # the field's comment
     assert main(["config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_generate_with_a_model_that_has_no_eos(chat_model, capsys, tmp_path):
+    """A base model whose folder names no eos token anywhere (tokenizer config, generation and
+    model config): ember generate runs max_new_tokens tokens like transformers' generate (was a
+    TypeError from an eos id of None). Oracle: transformers on the same folder."""
+    import json
+    import shutil
+
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "no_eos"
+    shutil.copytree(chat_model, folder)
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "config.json"):
+        path = folder / name
+        if path.is_file():
+            cfg = json.loads(path.read_text())
+            for key in ("eos_token", "pad_token", "eos_token_id", "pad_token_id"):
+                cfg.pop(key, None)
+            path.write_text(json.dumps(cfg))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert hf_tok.eos_token is None and hf_tok.pad_token is None
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([hf_tok("red dog", add_special_tokens=True)["input_ids"]])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
+                      do_sample=False)[0, ids.shape[1]:]
+    assert len(out) == MAX_NEW
+    want = hf_tok.decode(out, skip_special_tokens=True)
+    got = _run(capsys, ["generate", str(folder), "--raw", "--prompt", "red dog",
+                        "--max-new-tokens", str(MAX_NEW)])
+    assert got == want + "\n"
+
+
+def test_min_p_and_repetition_penalty_flags(chat_model, capsys):
+    """--repetition-penalty reaches generation (the oracle: generate_ids with the penalty, on
+    the conversation rendered here); --min-p 1 keeps only the best token: greedy."""
+    model, tok = load_pretrained(chat_model, "float32", "cpu")
+    msgs = [{"role": "user", "content": "red dog"}]
+    ids = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+    want = tok.decode(generate_ids(model.eval(), [ids], max_new_tokens=MAX_NEW,
+                                   eos_token_ids=[tok.eos_token_id], repetition_penalty=3.0)[0])
+    assert want != _answer(chat_model, msgs)
+    out = _run(capsys, ["generate", str(chat_model), "--prompt", "red dog",
+                        "--repetition-penalty", "3", "--max-new-tokens", str(MAX_NEW)])
+    assert out == want + "\n"
+    out = _run(capsys, ["generate", str(chat_model), "--prompt", "red dog", "--temperature",
+                        "2", "--min-p", "1", "--seed", "1", "--max-new-tokens", str(MAX_NEW)])
+    assert out == _answer(chat_model, msgs) + "\n"

@@ -308,3 +308,41 @@ def test_a_conversation_ending_with_the_assistant_is_continued():
                                           continue_final_message=cont, tokenize=False)
         assert encode_prompts(tok, [conv]) == [theirs.encode(want, add_special_tokens=False)]
     assert tok.decode(encode_prompts(tok, [prefill])[0]).endswith("the 12")  # no turn after it
+
+
+def test_a_stop_string_spelled_byte_by_byte_stops_generation(monkeypatch):
+    """A stop string of rare characters spans one token per UTF-8 byte (byte-level and
+    byte-fallback vocabularies): generation stops at the token that completes it (it ran on to
+    max_new_tokens: the decoded tail was as many tokens as the string has characters, + 4)."""
+    import importlib
+
+    import tokenizers
+    from tokenizers import decoders, pre_tokenizers
+
+    from ember.models.tokenizer import Tokenizer
+
+    gen_mod = importlib.import_module("ember.models.generate")  # (the package exports generate)
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # one token per byte, no merges
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = Tokenizer(backend)
+    stop = "Ω𝟘ж"  # 3 characters, 8 bytes: 8 tokens
+    script = tok.encode("he " + stop + " and on and on and on")
+    fed = []
+
+    def scripted(model, prompts, *, should_stop, **kw):  # generation as the script says
+        out = []
+        for t in script:
+            out.append(t)
+            fed.append(t)
+            if should_stop(0, out):
+                break
+        return [out]
+
+    monkeypatch.setattr(gen_mod, "generate_ids", scripted)
+    text = gen_mod.generate(None, tok, ["he"], max_new_tokens=len(script), stop_strings=[stop])
+    assert text == ["he "]
+    assert tok.decode(fed) == "he " + stop  # stopped at the token that completed it

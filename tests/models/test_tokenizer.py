@@ -396,3 +396,90 @@ def test_tools_given_as_python_functions_are_refused():
     tok = tokenizer_from_gguf(tiny_tokenizer_md())
     with pytest.raises(EmberError, match="tools must be JSON schemas"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=[get_weather])
+
+
+@pytest.mark.parametrize("adds", ["bos", "eos", "bos+eos", "none"])
+def test_bos_eos_flags_follow_the_post_processor(tmp_path, adds):
+    """transformers 5 writes no add_bos_token / add_eos_token into tokenizer_config.json (nor
+    has Llama 3's), and encodes with tokenizer.json's post-processor whatever the config says:
+    the flags follow what encoding adds (they read False, so a GGUF export wrote
+    add_bos_token = false and llama.cpp dropped the BOS the model needs)."""
+    from tokenizers import processors
+
+    from ember.models.gguf_tokenizer import tokenizer_metadata
+
+    transformers = pytest.importorskip("transformers")
+    backend = tokenizer_from_gguf(tiny_tokenizer_md()).backend
+    bos, eos = "<|im_start|>", "<|im_end|>"
+    single = {"bos": f"{bos} $A", "eos": f"$A {eos}", "bos+eos": f"{bos} $A {eos}",
+              "none": "$A"}[adds]
+    backend.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(bos, 1), (eos, 2)])
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos,
+                                              eos_token=eos)
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(  # (stale flags are ignored)
+        json.loads((tmp_path / "tokenizer_config.json").read_text())
+        | {"add_bos_token": adds == "none", "add_eos_token": adds == "none"}))
+    want = transformers.AutoTokenizer.from_pretrained(tmp_path)("he", add_special_tokens=True)[
+        "input_ids"]
+    ours = load_tokenizer(tmp_path)
+    assert ours.encode("he", add_special_tokens=True) == want
+    assert (ours.add_bos_token, ours.add_eos_token) == (want[0] == 1, want[-1] == 2)
+    md = tokenizer_metadata(ours, ours.vocab_size)
+    assert tokenizer_from_gguf(md).encode("he", add_special_tokens=True) == want
+
+
+def test_added_tokens_only_in_the_config_are_added_like_transformers(tmp_path):
+    """tokenizer_config.json's added_tokens_decoder may list tokens tokenizer.json lacks (a
+    config edited by hand or another tool): transformers 5 adds them, in id order, with their
+    flags (special, lstrip, rstrip); Ember split them into pieces."""
+    transformers = pytest.importorskip("transformers")
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    tok.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    n = tok.vocab_size
+    flags = {"normalized": False, "single_word": False}
+    cfg["added_tokens_decoder"] |= {
+        str(n + 1): {"content": "<tool>", "special": True, "lstrip": True, "rstrip": False,
+                     **flags},
+        str(n): {"content": "<think>", "special": False, "lstrip": False, "rstrip": True,
+                 **flags}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    assert ours.vocab_size == len(theirs) == n + 2
+    for text in ["he <think>  12 he <tool>he", "<|im_start|>he\t<tool>\n<think>\n12"]:
+        ids = ours.encode(text)
+        assert ids == theirs(text, add_special_tokens=False)["input_ids"]
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
+                ids, skip_special_tokens=skip)
+
+
+def test_named_special_tokens_missing_from_added_tokens_are_matched_whole(tmp_path):
+    """A tokenizer.json whose vocabulary has the config's eos / extra special tokens but not as
+    added tokens: transformers 5 makes them special added tokens, so the chat template's
+    "<|im_end|>" is one token (the eos id) and is skipped when decoding; Ember cut it into
+    "<", "|", "im", ... pieces."""
+    transformers = pytest.importorskip("transformers")
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    tok.save_pretrained(tmp_path)
+    tj = json.loads((tmp_path / "tokenizer.json").read_text())
+    tj["added_tokens"] = [t for t in tj["added_tokens"] if t["content"] == "<|endoftext|>"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"] = {"0": cfg["added_tokens_decoder"]["0"]}
+    cfg.pop("bos_token")
+    cfg["extra_special_tokens"] = ["<|im_start|>"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "special_tokens_map.json").unlink()
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    text = "<|im_start|>he<|im_end|>\n<|endoftext|>12"
+    ids = ours.encode(text)
+    assert ids == theirs(text, add_special_tokens=False)["input_ids"]
+    assert ids[:3] == [1, ours.token_to_id("he"), 2] and ours.eos_token_id == 2
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
+            ids, skip_special_tokens=skip)

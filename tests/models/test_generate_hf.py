@@ -1,0 +1,100 @@
+"""Generation against transformers: greedy tokens of a left-padded batch with prompts of different
+lengths equal ``generate``'s for each prompt on a tiny random Llama (with a repetition penalty
+too), and the sampling filters equal transformers' logits processors on the same logits."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from ember.models.generate import generate_ids, penalize_repetition, warp_logits
+from ember.models.loading import load_hf_folder
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(transformers model, the same weights loaded by Ember)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False, bos_token_id=None,
+                                   eos_token_id=None, pad_token_id=None)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    for p in hf.parameters():  # spread logits: no near-ties between greedy choices
+        torch.nn.init.normal_(p, std=0.4)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(folder)
+    return hf, load_hf_folder(folder, torch.float32, "cpu").eval()
+
+
+def _hf_greedy(hf, prompt: list[int], n: int, **kw) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                      do_sample=False, pad_token_id=0, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [11], [20, 21, 22]]
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(pair):
+    return [_hf_greedy(pair[0], p, 6) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("pad", [0, VOCAB, -1])
+def test_left_padded_batch_equals_transformers_per_prompt(pair, hf_greedy, pad):
+    """Any pad id works, padding being masked: one outside the embedding (a tokenizer's <pad>
+    added after the model's vocabulary, a config's -1) was an IndexError from the lookup."""
+    got = generate_ids(pair[1], PROMPTS, max_new_tokens=6, pad_token_id=pad)
+    assert got == hf_greedy
+
+
+def test_repetition_penalty_equals_transformers_generate(pair):
+    """The penalty counts each row's own prompt (not its left padding) and output so far."""
+    hf, ours = pair
+    prompts = [*PROMPTS, [2, 37, 19]]  # the last: what the model repeats, already in the prompt
+    want = [_hf_greedy(hf, p, 8, repetition_penalty=1.8) for p in prompts]
+    assert want != [_hf_greedy(hf, p, 8) for p in prompts]  # the penalty changes the tokens
+    assert generate_ids(ours, prompts, max_new_tokens=8, repetition_penalty=1.8) == want
+    # rows that stop early leave the batch (the penalty's memory of each row goes with it)
+    stop = [_hf_greedy(hf, p, 8, repetition_penalty=1.8, eos_token_id=19) for p in prompts]
+    stop = [s[:-1] if s[-1:] == [19] else s for s in stop]
+    assert sum(len(s) < 8 for s in stop) >= 2
+    assert generate_ids(ours, prompts * 3, max_new_tokens=8, repetition_penalty=1.8,
+                        eos_token_ids=[19]) == stop * 3
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.7, top_k=5), dict(top_p=0.8),
+                                dict(min_p=0.05), dict(temperature=1.5, min_p=0.2),
+                                dict(temperature=0.5, top_k=12, top_p=0.9, min_p=0.1)])
+def test_sampling_filters_equal_transformers_warpers(kw):
+    from transformers.generation import logits_process as lp
+
+    logits = torch.randn(4, 301) * 3  # continuous: no ties at a cut
+    warpers = [lp.TemperatureLogitsWarper(kw.get("temperature", 1.0))]
+    if "top_k" in kw:
+        warpers.append(lp.TopKLogitsWarper(kw["top_k"]))
+    if "top_p" in kw:
+        warpers.append(lp.TopPLogitsWarper(kw["top_p"]))
+    if "min_p" in kw:
+        warpers.append(lp.MinPLogitsWarper(kw["min_p"]))
+    want = logits.clone()
+    for w in warpers:
+        want = w(None, want)
+    got = warp_logits(logits, **kw)
+    assert torch.equal(got.isinf(), want.isinf())
+    torch.testing.assert_close(got, want)
+    ids = torch.randint(0, 301, (4, 9))
+    seen = torch.zeros(4, 301, dtype=torch.bool).scatter_(1, ids, True)
+    torch.testing.assert_close(penalize_repetition(logits, seen, 1.3),
+                               lp.RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()))
