@@ -164,6 +164,14 @@ def test_strided_inputs_and_expanded_grad():
     assert_close_to_ref("out_strided_d", out, ref, ref)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_window_longer_than_every_sequence(causal):
+    # window + key index overflowed int32 in the block ranges: wrong out (non-causal) and dk.
+    _check(*_qkv(1, 9, 13, 2, 1, 16), causal=causal, window=2**31 - 1)
+    q, k, v, cu = _packed([5, 11], 2, 1, 16)
+    _check(q, k, v, cu_seqlens=cu, causal=causal, window=2**31 - 1)
+
+
 def test_lse_is_the_log_sum_exp_of_the_scores():
     q, k, v = _qkv(1, 37, 37, 2, 1, 64)
     scale = 0.125
