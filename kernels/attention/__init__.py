@@ -99,6 +99,8 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap):
             want == 3 and q.shape[0] != k.shape[0]):
         raise ValueError(f"flash_attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q "
                          f"{tuple(q.shape)}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"flash_attention: head_dim must be >= 1, got q {tuple(q.shape)}")
     if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
         raise ValueError(f"flash_attention: query heads ({q.shape[-2]}) must be a multiple of kv "
                          f"heads ({k.shape[-2]})")

@@ -203,6 +203,7 @@ def test_bad_inputs():
     _raises("multiple of kv heads", q[:, :, :3], k, v)
     _raises("multiple of kv heads \\(0\\)", q, k[:, :, :0], v[:, :, :0])  # was ZeroDivisionError
     _raises("dtypes differ", q, k.double(), v)
+    _raises("head_dim must be >= 1", q[..., :0], k[..., :0], v[..., :0])  # was ZeroDivisionError
     _raises("window must be an integer >= 1", q, k, v, window=0)
     _raises("window must be an integer >= 1", q, k, v, window=2.5)
     _raises("softcap must be > 0", q, k, v, softcap=0.0)
