@@ -235,8 +235,16 @@ def _check(op, x, lora_x, weights, As, Bs, biases, in_features=None):
                              "B is (out, r))")
         if b is not None and tuple(b.shape) != (wshape[0],):
             raise ValueError(f"{op}: bias {i} has shape {tuple(b.shape)}, expected ({wshape[0]},)")
-        if w.device != x.device:
-            raise ValueError(f"{op}: x on {x.device} but weight {i} on {w.device}")
+        for name, t in ((f"weight {i}", w), (f"A {i}", A), (f"B {i}", B), (f"bias {i}", b),
+                        ("lora_x", lora_x)):
+            if t is None:
+                continue
+            if t.device != x.device:
+                raise ValueError(f"{op}: x on {x.device} but {name} on {t.device}; move them to "
+                                 "one device")
+            if isinstance(t, torch.Tensor) and not t.is_floating_point():
+                raise ValueError(f"{op}: {name} has dtype {t.dtype}; LoRA weights, biases and "
+                                 "inputs must be floating point")
 
 
 def _split(weights):

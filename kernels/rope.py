@@ -78,9 +78,10 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, T, HQ, HK, half,
                        HK, stride_kh, stride_koh, c, s, half, d, dmask, BLOCK_HK)
 
 
-def _spec(dt: str, backward: bool, block_hq: int, block_hk: int, block_d: int) -> tuple:
-    sig = {"Q": f"*{dt}", "K": f"*{dt}", "QO": f"*{dt}", "KO": f"*{dt}", "COS": "*fp32",
-           "SIN": "*fp32", "T": "i32", "HQ": "i32", "HK": "i32", "half": "i32"}
+def _spec(dt: str, backward: bool, block_hq: int, block_hk: int, block_d: int,
+          cs: str = "fp32") -> tuple:
+    sig = {"Q": f"*{dt}", "K": f"*{dt}", "QO": f"*{dt}", "KO": f"*{dt}", "COS": f"*{cs}",
+           "SIN": f"*{cs}", "T": "i32", "HQ": "i32", "HK": "i32", "half": "i32"}
     for name in ("q", "k", "qo", "ko"):
         sig.update({f"stride_{name}b": "i64", f"stride_{name}t": "i32", f"stride_{name}h": "i32"})
     sig.update({"stride_cb": "i32", "stride_ct": "i32", "BACKWARD": "constexpr",
@@ -89,8 +90,10 @@ def _spec(dt: str, backward: bool, block_hq: int, block_hk: int, block_d: int) -
                                 "BLOCK_D": block_d})
 
 
-# _rope_rotate_heads is compiled through _rope_kernel, which calls it.
-COMPILE_SPECS = [_spec("fp32", False, 16, 16, 64), _spec("bf16", True, 32, 8, 64)]
+# _rope_rotate_heads is compiled through _rope_kernel, which calls it. The bf16 cos/sin are what
+# transformers' rotary embedding hands over (the HF backend).
+COMPILE_SPECS = [_spec("fp32", False, 16, 16, 64), _spec("bf16", True, 32, 8, 64),
+                 _spec("bf16", False, 32, 8, 64, cs="bf16")]
 
 
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,8 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap):
             want == 3 and q.shape[0] != k.shape[0]):
         raise ValueError(f"flash_attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q "
                          f"{tuple(q.shape)}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"flash_attention: head_dim must be >= 1, got q {tuple(q.shape)}")
     if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
         raise ValueError(f"flash_attention: query heads ({q.shape[-2]}) must be a multiple of kv "
                          f"heads ({k.shape[-2]})")
@@ -191,6 +193,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if q.numel() == 0 or k.shape[-3] == 0:
         return flash_attention_ref(q, k, v, causal=causal, softmax_scale=scale, window=window,
                                    softcap=softcap, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    # A window at least as long as the longest sequence hides no key (|i + S - T - j| < max(T,
+    # S)): dropped, which also keeps the kernels' int32 block ranges (key + window) from wrapping
+    # for huge "no window" values (2^31 - 1 gave wrong outputs and gradients).
+    if window is not None and window >= (max_seqlen if cu_seqlens is not None
+                                         else max(q.shape[1], k.shape[1])):
+        window = None
     # The kernels need unit stride on head_dim only (RoPE'd views of fused projections are fine).
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     _check_int32_offsets(q, k, v, cu_seqlens, max_seqlen)

@@ -27,7 +27,13 @@ from ember.kernels.attention._common import (
     _visible,
     device_fn,
 )
-from ember.kernels.attention._fwd import block_d, seqlen_bucket, softmax_consts
+from ember.kernels.attention._fwd import (
+    block_d,
+    fp32_spec,
+    head_dim_class,
+    seqlen_bucket,
+    softmax_consts,
+)
 
 
 @triton.jit
@@ -293,6 +299,13 @@ _DKDV_K = {d: triton.autotune(_configs(c, (16, 32)), key=_KEY)(_attn_bwd_dkdv_ke
            for d, c in _DKDV.items()}
 _DQ_K = {d: triton.autotune(_configs(c, (32, 16)), key=_KEY)(_attn_bwd_dq_kernel)
          for d, c in _DQ.items()}
+# fp32 inputs: one config per class that fits an A100's shared memory (see _fwd.FP32_FWD).
+FP32_DKDV = {64: (32, 64, 4, 2), 128: (32, 64, 4, 2), 256: (16, 32, 4, 1)}
+FP32_DQ = {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (32, 16, 4, 1)}
+_DKDV_FP32 = {d: triton.autotune(_configs([c], (16, 32)), key=_KEY)(_attn_bwd_dkdv_kernel)
+              for d, c in FP32_DKDV.items()}
+_DQ_FP32 = {d: triton.autotune(_configs([c], (32, 16)), key=_KEY)(_attn_bwd_dq_kernel)
+            for d, c in FP32_DQ.items()}
 
 
 def attn_bwd(do, q, k, v, out, lse, *, causal: bool, scale: float, window: int | None,
@@ -310,7 +323,8 @@ def attn_bwd(do, q, k, v, out, lse, *, causal: bool, scale: float, window: int |
         n_batch, T, S = q.shape[0], q.shape[1], k.shape[1]
     hq, hkv, d = q4.shape[2], k4.shape[2], q4.shape[3]
     bd = block_d(d)
-    dclass = 64 if bd <= 64 else 128 if bd <= 128 else 256
+    dclass = head_dim_class(bd)
+    fp32 = q.dtype == torch.float32
     qk_scale, cap2 = softmax_consts(scale, softcap)
     sb = (lambda t: 0) if varlen else (lambda t: t.stride(0))
     cu = cu_seqlens if varlen else torch.zeros(1, device=q.device, dtype=torch.int32)
@@ -332,7 +346,7 @@ def attn_bwd(do, q, k, v, out, lse, *, causal: bool, scale: float, window: int |
         dk4 = torch.empty_like(k4, memory_format=torch.contiguous_format)
         dv4 = torch.empty_like(v4, memory_format=torch.contiguous_format)
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), n_batch * hkv)
-        _DKDV_K[dclass][grid](
+        (_DKDV_FP32 if fp32 else _DKDV_K)[dclass][grid](
             q4, k4, v4, do4, lse, delta, dk4, dv4, cu,
             sb(q4), q4.stride(1), q4.stride(2), sb(k4), k4.stride(1), k4.stride(2),
             sb(v4), v4.stride(1), v4.stride(2), sb(do4), do4.stride(1), do4.stride(2),
@@ -343,7 +357,7 @@ def attn_bwd(do, q, k, v, out, lse, *, causal: bool, scale: float, window: int |
     if need_dq:
         dq4 = torch.empty_like(q4, memory_format=torch.contiguous_format)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), n_batch * hq)
-        _DQ_K[dclass][grid](
+        (_DQ_FP32 if fp32 else _DQ_K)[dclass][grid](
             q4, k4, v4, do4, lse, delta, dq4, cu,
             sb(q4), q4.stride(1), q4.stride(2), sb(k4), k4.stride(1), k4.stride(2),
             sb(v4), v4.stride(1), v4.stride(2), sb(do4), do4.stride(1), do4.stride(2),
@@ -388,10 +402,14 @@ def _dq_sig(dt):
     return sig | dict.fromkeys(_FLAGS, "constexpr")
 
 
-def _flags(d, causal, bm, bn, windowed=False, softcap=False, varlen=False):
+def _flags(d, causal, bm, bn, windowed=False, softcap=False, varlen=False, ieee=False):
     return {"HEAD_DIM": d, "BLOCK_D": block_d(d), "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal,
             "WINDOWED": windowed, "SOFTCAP": softcap, "VARLEN": varlen, "INTERPRET": False,
-            "IEEE": False}
+            "IEEE": ieee}
+
+
+def _fp32_flags(d, causal, bm, bn):
+    return _flags(d, causal, bm, bn, ieee=True)
 
 
 _PRE_SIG = _sig(("O", "DO", "DELTA"), "bf16",
@@ -399,8 +417,8 @@ _PRE_SIG = _sig(("O", "DO", "DELTA"), "bf16",
                  "stride_lb", "stride_lh", "T", "n_heads"), ()) | dict.fromkeys(
     ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "INTERPRET"), "constexpr")
 
-# See _fwd.COMPILE_SPECS: causal bf16 hd128 with the first tuning config, and a non-causal fp16
-# hd80 variant with every mask.
+# See _fwd.COMPILE_SPECS: causal bf16 hd128 with the first tuning config, a non-causal fp16
+# hd80 variant with every mask, and the fp32 configs at hd 256.
 COMPILE_SPECS = [
     (_attn_bwd_preprocess_kernel, _PRE_SIG,
      {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 64, "INTERPRET": False}),
@@ -412,4 +430,6 @@ COMPILE_SPECS = [
      {"num_warps": 8, "num_stages": 3}),
     (_attn_bwd_dq_kernel, _dq_sig("fp16"), _flags(80, False, 64, 64, True, True, True),
      {"num_warps": 4, "num_stages": 3}),
+    fp32_spec(_attn_bwd_dkdv_kernel, _dkdv_sig("fp32"), _fp32_flags, FP32_DKDV[256]),
+    fp32_spec(_attn_bwd_dq_kernel, _dq_sig("fp32"), _fp32_flags, FP32_DQ[256]),
 ]

@@ -155,6 +155,23 @@ _FWD = {
 }
 
 
+# fp32 inputs (IEEE products on tiles of twice the bytes) get one small config per head-dim class,
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) as above, for the forward here and for the backward's
+# dK/dV and dQ kernels (``_bwd.FP32_DKDV``, ``_bwd.FP32_DQ``). In fp32 every 16-bit config needs
+# more shared memory than an A100 has (163 KB) at head dim 128 and 256, e.g. 180 KB for
+# (64, 64, 4, 3) at hd 128, so fp32 launches failed with OutOfResources there; these need at most
+# 107 KB on sm_80 (the compile check holds every spec to the target's shared memory). fp32 is for
+# tests and small models, where one config also spares minutes of autotuning compiles.
+FP32_FWD = {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1)}
+_FWD_FP32 = {d: triton.autotune(_configs([c]), key=_KEY)(_attn_fwd_kernel)
+             for d, c in FP32_FWD.items()}
+
+
+def head_dim_class(bd: int) -> int:
+    """The key of the config tables for a padded head dim."""
+    return 64 if bd <= 64 else 128 if bd <= 128 else 256
+
+
 def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -191,7 +208,7 @@ def attn_fwd(q, k, v, *, causal: bool, scale: float, window: int | None, softcap
     lse = torch.empty((q4.shape[0], hq, t_total), device=q.device, dtype=torch.float32)
     qk_scale, cap2 = softmax_consts(scale, softcap)
     bd = block_d(d)
-    kernel = _FWD[64 if bd <= 64 else 128 if bd <= 128 else 256]
+    kernel = (_FWD_FP32 if q.dtype == torch.float32 else _FWD)[head_dim_class(bd)]
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), n_batch * hq)
     cu = cu_seqlens if varlen else torch.zeros(1, device=q.device, dtype=torch.int32)
     stride_b = (lambda t: 0) if varlen else (lambda t: t.stride(0))
@@ -224,17 +241,27 @@ def _spec_sig(dt: str) -> dict:
     return sig
 
 
-def _spec_consts(d, causal, windowed=False, softcap=False, varlen=False, bm=128, bn=64):
+def _spec_consts(d, causal, windowed=False, softcap=False, varlen=False, bm=128, bn=64,
+                 ieee=False):
     return {"HEAD_DIM": d, "BLOCK_D": block_d(d), "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal,
             "WINDOWED": windowed, "SOFTCAP": softcap, "VARLEN": varlen, "INTERPRET": False,
-            "IEEE": False}
+            "IEEE": ieee}
+
+
+def fp32_spec(kernel, sig, consts, cfg):
+    """A COMPILE_SPECS entry for an fp32 config (bm, bn, warps, stages) at head dim 256, the
+    class's largest, so the shared memory the compile check measures is the class's maximum."""
+    bm, bn, warps, stages = cfg
+    return (kernel, sig, consts(256, True, bm, bn), {"num_warps": warps, "num_stages": stages})
 
 
 # Kept short: every spec costs seconds of CI per GPU target. Together they cover causal and not,
-# bf16 and fp16, hd 128 and a padded head dim, and every optional mask path.
+# bf16, fp16 and fp32, hd 128, 256 and a padded head dim, and every optional mask path.
 COMPILE_SPECS = [
     (_attn_fwd_kernel, _spec_sig("bf16"), _spec_consts(128, True),
      {"num_warps": 8, "num_stages": 3}),
     (_attn_fwd_kernel, _spec_sig("fp16"), _spec_consts(80, False, True, True, True, 64, 64),
      {"num_warps": 4, "num_stages": 3}),
+    fp32_spec(_attn_fwd_kernel, _spec_sig("fp32"),
+              lambda d, c, bm, bn: _spec_consts(d, c, bm=bm, bn=bn, ieee=True), FP32_FWD[256]),
 ]

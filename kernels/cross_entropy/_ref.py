@@ -37,7 +37,8 @@ def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, labels:
         logits = softcap * torch.tanh(logits / softcap)
     valid = labels != ignore_index
     lse = torch.logsumexp(logits, -1)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+    # F.cross_entropy takes int64 targets only; int32 labels are part of the contract.
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(),
                            ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing).view(labels.shape)
     if z_loss:

@@ -164,6 +164,14 @@ def test_strided_inputs_and_expanded_grad():
     assert_close_to_ref("out_strided_d", out, ref, ref)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_window_longer_than_every_sequence(causal):
+    # window + key index overflowed int32 in the block ranges: wrong out (non-causal) and dk.
+    _check(*_qkv(1, 9, 13, 2, 1, 16), causal=causal, window=2**31 - 1)
+    q, k, v, cu = _packed([5, 11], 2, 1, 16)
+    _check(q, k, v, cu_seqlens=cu, causal=causal, window=2**31 - 1)
+
+
 def test_lse_is_the_log_sum_exp_of_the_scores():
     q, k, v = _qkv(1, 37, 37, 2, 1, 64)
     scale = 0.125
@@ -195,6 +203,7 @@ def test_bad_inputs():
     _raises("multiple of kv heads", q[:, :, :3], k, v)
     _raises("multiple of kv heads \\(0\\)", q, k[:, :, :0], v[:, :, :0])  # was ZeroDivisionError
     _raises("dtypes differ", q, k.double(), v)
+    _raises("head_dim must be >= 1", q[..., :0], k[..., :0], v[..., :0])  # was ZeroDivisionError
     _raises("window must be an integer >= 1", q, k, v, window=0)
     _raises("window must be an integer >= 1", q, k, v, window=2.5)
     _raises("softcap must be > 0", q, k, v, softcap=0.0)

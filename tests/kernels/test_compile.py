@@ -37,6 +37,9 @@ import pytest
 # PTX is also checked for how it loads memory (test_tensor_core_operands_load_in_vectors).
 ARCHS = ("sm80", "sm90", "sm90-aligned")
 TIMEOUT_S = 600  # all compiles together; a kernel compile takes seconds
+# Shared memory one block may use (CUDA's opt-in maximum): a kernel compiled past it fails with
+# OutOfResources at launch, which the compile alone does not report. A100 163 KB, H100 227 KB.
+SHARED_LIMIT = {80: 166912, 90: 232448}
 
 
 def _underlying(obj):
@@ -188,6 +191,12 @@ def compile_results(request):
 def test_compiles(module, kernel, arch, compile_results):
     res = compile_results[f"{module}::{kernel}::{arch}"]
     assert res["ok"], f"{module}.{kernel} failed to compile for {arch}:\n{res['error']}"
+    limit = SHARED_LIMIT[int(arch[2:4])]
+    for i, shared in enumerate(res["shared"]):
+        assert shared <= limit, (
+            f"{module}.{kernel} (COMPILE_SPECS entry {i} of this kernel) needs {shared} bytes of "
+            f"shared memory on {arch}, more than the GPU has ({limit}): it would fail with "
+            "OutOfResources at launch; use smaller tiles or fewer stages")
 
 
 @pytest.mark.parametrize("case", _ALIGNED, ids=[f"{m}::{k}" for m, k in _ALIGNED])
@@ -223,11 +232,12 @@ def _worker() -> None:
             mod = importlib.import_module(module)
             specs = [s for s in _specs(mod) if _underlying(s[0]).__name__ == kernel]
             assert specs, f"no COMPILE_SPECS entry for {kernel}"
-            ptx = []
+            ptx, shared = [], []
             for spec in specs:
                 k = compile_spec(spec, int(arch[2:4]), aligned=arch.endswith("-aligned"))
                 ptx.append((global_loads(k.asm["ptx"]), mma_kind(k.asm["ptx"])))
-            res = {"ok": True, "error": "", "ptx": ptx}
+                shared.append(k.metadata.shared)
+            res = {"ok": True, "error": "", "ptx": ptx, "shared": shared}
         except Exception as e:  # noqa: BLE001 - every failure is reported on its own test
             res = {"ok": False, "error": "".join(traceback.format_exception(e, limit=-6))[-6000:]}
         res.update(seconds=time.perf_counter() - t0, cpu_seconds=_cpu_seconds() - c0)

@@ -252,6 +252,16 @@ def test_return_lse_and_leading_dims(device, impl):
     assert_close_to_ref("loss", loss, want, want)
 
 
+@pytest.mark.parametrize("fn", [linear_cross_entropy_ref, linear_cross_entropy_chunked, _triton],
+                         ids=["ref", "chunked", "triton"])
+def test_int32_labels(fn):
+    # int32 labels are in the contract; the oracle crashed on them (F.cross_entropy needs int64).
+    h, w, b, y = _inputs(13, 24, 77, torch.float32, "cpu", bias=True)
+    want = F.cross_entropy(h @ w.T + b, y, ignore_index=-100, reduction="sum")
+    got = fn(h, w, y.int(), bias=b, reduction="sum")
+    assert_close_to_ref("loss", got, want, want)
+
+
 @pytest.mark.parametrize("impl", ["triton", "ref"])
 def test_empty_batch(device, impl):
     h, w, _, y = _inputs(0, 16, 40, torch.float32, device)

@@ -208,6 +208,24 @@ def test_bad_shapes_raise_clear_errors():
                  (torch.randn(32, 8),) * 2 + (torch.randn(64, 8),), 1.0, activation="relu")
 
 
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_adapter_on_another_device_or_not_float_is_refused(impl):
+    # An adapter on another device than x was not checked: a meta A or B gave no error at all
+    # (and a garbage output), a bias or lora_x a RuntimeError from inside a matmul.
+    x, w, A, B = torch.randn(4, 64), torch.randn(32, 64), torch.randn(8, 64), torch.randn(32, 8)
+    bad = {"A": A.to("meta"), "B": B.to("meta"), "bias": torch.randn(32, device="meta"),
+           "lora_x": x.to("meta")}
+    for name, t in bad.items():
+        args = {"A": A, "B": B, "bias": None, "lora_x": None, name: t}
+        with pytest.raises(ValueError, match=f"but {name}.* on meta"):
+            lora_linear(x, w, args["A"], args["B"], 1.0, args["bias"], lora_x=args["lora_x"],
+                        impl=impl)
+    with pytest.raises(ValueError, match="A 0 has dtype torch.int64"):
+        lora_linear(x, w, A.long(), B, 1.0, impl=impl)
+    with pytest.raises(ValueError, match="but B 2 on meta"):
+        lora_qkv(x, (w, w, w), (A, A, A), (B, B, B.to("meta")), 1.0, impl=impl)
+
+
 # ------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("base", ["nf4", "dense"])
