@@ -256,6 +256,40 @@ def test_early_stopping_ends_with_the_best_weights(tiny, tmp_path):
     assert not all(torch.equal(params[k], v) for k, v in last.items())
 
 
+def test_eval_and_export_of_an_early_stopped_run_without_final_use_the_best(tiny, tmp_path,
+                                                                            capsys):
+    """checkpoint.save_final = false: no final/, and the newest checkpoint (step 3) is past the
+    best evaluation (step 2). ``ember export`` / ``ember eval`` take the weights the run ends
+    with, the best's in best/ (they took the newest checkpoint's)."""
+    from ember.engine.cli import main
+    from ember.engine.runtime import build_model
+    from ember.models.lora import load_adapter
+
+    run = tmp_path / "es"
+    cfg = tiny_config(tiny, run, "max_steps=20", "optim.lr=1e-2", "eval.every_steps=2",
+                      'eval.early_stopping="val_loss"', "eval.patience=2", 'eval.mode="max"',
+                      "eval.metrics=[]", "checkpoint.every_steps=1", "checkpoint.save_final=false")
+    res = train(cfg, echo=quiet, progress=False)
+    assert res.stopped_early and res.steps == 4 and not (run / "final").exists()
+    assert dcp.find_latest(run / "checkpoints").path.name == "step_00000003"
+    best, newest = (checkpoint_weights(run, tmp_path, step=s) for s in (2, 3))
+    assert not all(torch.equal(best[k], newest[k]) for k in best)
+    assert main(["export", str(run), "--adapter", str(tmp_path / "adapter")]) == 0
+    loaded, _, _ = load_run_model(run, "cpu")
+    exported, _ = build_model(resolve(cfg), "cpu")  # the base with fresh adapters
+    load_adapter(exported, tmp_path / "adapter")
+    for model in (loaded, exported):
+        params = dict(model.named_parameters())
+        assert best and all(torch.equal(params[k], v) for k, v in best.items())
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", tiny["val"], "--metrics", "exact_match",
+                 "--max-new-tokens", "1"]) == 0
+    out = capsys.readouterr()
+    assert "step 2, the best val_loss" in out.err
+    val2 = next(r["val_loss"] for r in rows_of(run) if r["kind"] == "eval" and r["step"] == 2)
+    assert json.loads(out.out.strip().splitlines()[-1])["loss"] == pytest.approx(val2, rel=1e-5)
+
+
 @pytest.mark.parametrize("metric,no_val,no_test,every,match", [
     ("val_loss", True, False, 2, "needs validation data"),
     ("exact_match", True, True, 2, "has neither"),
