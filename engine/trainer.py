@@ -352,7 +352,7 @@ class Trainer:
         per_epoch = len(batches.plan(0))
         # Epochs decide: the last step takes only the micro-batches left (HF Trainer's partial
         # accumulation), so 1 epoch of 5 batches at grad_accum 4 is 5 batches, not 8.
-        micro_total = None if cfg.max_steps else max(1, math.ceil(cfg.epochs * per_epoch))
+        micro_total = None if cfg.max_steps else batches.batches_in(cfg.epochs)
         total = cfg.max_steps or math.ceil(micro_total / cfg.grad_accum)
         o = cfg.optim
         warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_ratio * total)

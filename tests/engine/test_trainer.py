@@ -171,6 +171,23 @@ def test_one_epoch_sees_each_example_once_with_grad_accum(tiny, tmp_path):
     assert rows[-1]["tokens"] == sum(len(e) for e in t.datasets.train)
 
 
+def test_epochs_see_each_example_once_per_epoch_when_epochs_differ_in_batches(tiny, tmp_path):
+    """Greedy packing of a shuffled order makes a different number of batches each epoch (here
+    3 then 2): epochs = 2 trains on exactly each epoch's batches (it took 2x the first epoch's
+    count: a batch of the third epoch too)."""
+    cfg = tiny_config(tiny, tmp_path / "r", f'data.train=["{tiny["small"]}"]', "epochs=2",
+                      'data.packing="greedy"', "data.seed=3", "data.max_seq_len=32",
+                      "data.tokens_per_batch=48", "eval.metrics=[]",
+                      "eval.val_loss=false", "checkpoint.save_final=false")
+    t = Trainer(cfg, echo=quiet, progress=False)
+    res = t.run()
+    pb = PackedBatches.from_config(t.datasets.train, t.cfg.data)
+    counts = [len(pb.plan(e)) for e in range(2)]
+    assert counts[0] != counts[1] and res.steps == sum(counts)  # the case, and grad_accum = 1
+    rows = [r for r in rows_of(tmp_path / "r") if r["kind"] == "train"]
+    assert rows[-1]["tokens"] == 2 * sum(len(e) for e in t.datasets.train)
+
+
 def test_resuming_a_finished_run_does_not_evaluate_again(tiny, tmp_path):
     """--resume on a run that completed: its final evaluation is logged already (was a second
     eval row for the last step in metrics.jsonl, a new evaluation's time)."""
