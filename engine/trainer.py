@@ -86,6 +86,7 @@ from ember.engine.runtime import (
     make_optimizer,
     memory_gib,
     resolve,
+    warmup_steps,
 )
 from ember.engine.stages import describe as describe_start
 from ember.engine.state import Progress, export_final, open_run, restore, save
@@ -355,7 +356,7 @@ class Trainer:
         micro_total = None if cfg.max_steps else batches.batches_in(cfg.epochs)
         total = cfg.max_steps or math.ceil(micro_total / cfg.grad_accum)
         o = cfg.optim
-        warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_ratio * total)
+        warmup = warmup_steps(o, total)
         opt = make_optimizer(model, o, self.device, embedding_lr=cfg.lora.embedding_lr
                              if cfg.method == "lora" else None)
         params = [p for g in opt.param_groups for p in g["params"]]

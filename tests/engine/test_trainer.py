@@ -333,6 +333,61 @@ def test_lr_schedule():
     assert lr_factor(9, 10, 2, "constant", 0.0) == 1.0
 
 
+HF_SCHEDULES = {"cosine": ("cosine_with_min_lr", 0.1), "linear": ("linear", 0.0),
+                "constant": ("constant_with_warmup", 0.0)}
+
+
+def _hf_factors(schedule: str, total: int, warmup: int) -> list[float]:
+    """transformers' lr multiplier of each optimizer step (0-based) of ``total``."""
+    from transformers import get_scheduler
+
+    name, min_ratio = HF_SCHEDULES[schedule]
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    kw = {"scheduler_specific_kwargs": {"min_lr_rate": min_ratio}} if min_ratio else {}
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total, **kw)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("schedule", list(HF_SCHEDULES))
+def test_lr_schedule_matches_transformers_after_warmup(schedule):
+    """After warmup every step's lr is transformers' (cosine with min_lr_rate, linear, constant),
+    and optim.warmup_ratio gives transformers' warmup steps, ceil(ratio * total) (was Python's
+    round: 0.05 of 10 steps no warmup, 0.25 of 10 steps 2). During warmup Ember's step k has
+    (k + 1) / warmup of the peak where transformers' has k / warmup (its first step at lr 0)."""
+    from ember.engine.config import OptimConfig
+    from ember.engine.runtime import warmup_steps
+
+    _, min_ratio = HF_SCHEDULES[schedule]
+    for total, ratio in [(10, 0.05), (10, 0.25), (50, 0.05), (37, 0.1), (7, 0.0), (100, 0.07)]:
+        warmup = warmup_steps(OptimConfig(warmup_ratio=ratio), total)
+        assert warmup == math.ceil(total * ratio - 1e-9), (total, ratio)  # TrainingArguments'
+        hf = _hf_factors(schedule, total, warmup)
+        ours = [lr_factor(k, total, warmup, schedule, min_ratio) for k in range(total)]
+        assert ours[warmup:] == pytest.approx(hf[warmup:], rel=1e-12, abs=1e-12)
+        assert ours[:warmup] == pytest.approx([(k + 1) / warmup for k in range(warmup)])
+    assert warmup_steps(OptimConfig(warmup_steps=4, warmup_ratio=0.5), 10) == 4
+
+
+def test_run_logs_the_scheduled_lr_of_every_step(tiny, tmp_path):
+    """The lr the trainer logs (and sets) at each step, warmup_ratio 0.25 of 10 steps: 3 warmup
+    steps, then transformers' cosine to 0.1 of the peak."""
+    cfg = tiny_config(tiny, tmp_path / "r", f'data.train=["{tiny["small"]}"]', "max_steps=10",
+                      "data.max_seq_len=32", "data.tokens_per_batch=32", "optim.lr=1e-3",
+                      "optim.warmup_ratio=0.25", "optim.min_lr_ratio=0.1", "eval.metrics=[]",
+                      "eval.val_loss=false", "checkpoint.save_final=false")
+    train(cfg, echo=quiet, progress=False)
+    lrs = [r["lr"] for r in rows_of(tmp_path / "r") if r["kind"] == "train"]
+    want = [1e-3 * f for f in _hf_factors("cosine", 10, 3)]
+    assert lrs[3:] == pytest.approx(want[3:], rel=1e-12)
+    assert lrs[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
+
+
 # --- losses ---------------------------------------------------------------------------------------
 
 def test_sft_loss_equals_full_logits_cross_entropy(tiny):
