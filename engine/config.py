@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+import math
 import re
 import types
 import typing
@@ -346,6 +347,8 @@ def _coerce(value, tp, key: str):
                 return _coerce(value, a, key)
             except EmberError as e:
                 errors.append(e)
+        if len(errors) == 1:  # "X | None": the one type's own reason (a non-finite number)
+            raise errors[0]
         raise EmberError(f"{key} must be {_type_name(tp)}, got {_value_name(value)}")
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
@@ -367,6 +370,8 @@ def _coerce(value, tp, key: str):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML's nan / inf: NaN weights or a run without end
+                raise EmberError(f"{key} must be a finite number, got {value}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

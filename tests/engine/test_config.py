@@ -73,6 +73,16 @@ def test_unknown_keys_are_named_with_the_valid_ones(item, key, valid):
     ('data.validation=""', "data.validation holds an empty file name"),  # was ".: is a dir"
     ('data.train=["a.jsonl", " "]', "data.train holds an empty file name"),
     ('eval.choices=""', "eval.choices is empty"),
+    # TOML's nan / inf: were taken (NaN weights after the first step, clipping to NaN, a run
+    # whose epochs never end, NaN embeddings)
+    ("optim.weight_decay=nan", "optim.weight_decay must be a finite number, got nan"),
+    ("optim.max_grad_norm=inf", "optim.max_grad_norm must be a finite number, got inf"),
+    ("optim.eps=nan", "optim.eps must be a finite number"),
+    ("epochs=inf", "epochs must be a finite number"),
+    ("neftune_noise_alpha=nan", "neftune_noise_alpha must be a finite number"),
+    ("lora.alpha=-inf", "lora.alpha must be a finite number"),
+    ("optim.lr=inf", "optim.lr must be a finite number"),
+    ("optim.betas=[0.9, nan]", r"optim.betas\[1\] must be a finite number"),
 ])
 def test_bad_values_are_clear_errors(item, match):
     with pytest.raises(EmberError, match=match):
