@@ -36,7 +36,7 @@ from ember.engine.data import DataConfig
 from ember.engine.distributed import DistConfig
 from ember.engine.guards import GuardConfig
 from ember.engine.kto import KTOConfig
-from ember.engine.objectives import OBJECTIVES, DistillConfig
+from ember.engine.objectives import OBJECTIVES, PREFERENCE_OBJECTIVES, DistillConfig
 from ember.engine.preference_objectives import DPOConfig, ORPOConfig, SimPOConfig
 from ember.models.lora import LoRAConfig
 from ember.models.prompt_tuning import PromptTuningConfig
@@ -274,6 +274,12 @@ class TrainConfig:
             raise EmberError(f"neftune_noise_alpha applies to instruction tuning (objective "
                              f"\"sft\" or \"distill\"), not {self.objective!r}: the noise would "
                              "also perturb the preference log-probabilities; remove it")
+        if self.objective in (*PREFERENCE_OBJECTIVES, "kto") and (
+                self.eval.early_stopping == "perplexity"):
+            raise EmberError(f"eval.early_stopping = \"perplexity\" does not apply to objective = "
+                             f"\"{self.objective}\": its val_loss is the {self.objective} loss, "
+                             "not a language-model loss, and has no perplexity; use \"val_loss\" "
+                             "or a metric of eval.metrics")
         object.__setattr__(self, "freeze", _as_tuple(self.freeze))
         if self.train_layers is not None:
             object.__setattr__(self, "train_layers", _as_tuple(self.train_layers))

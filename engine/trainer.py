@@ -488,8 +488,12 @@ class Trainer:
         ``step`` is given."""
         ev = self.cfg.eval
         name = ev.early_stopping
-        if name is None or name not in scores:
+        if name is None:
             return False
+        if name not in scores:  # it would never stop, nor keep the best weights
+            raise EmberError(f"eval.early_stopping = {name!r}: this run's evaluation has no such "
+                             f"score (it has {', '.join(sorted(scores)) or 'none'}); choose one "
+                             "of those")
         mode = ev.mode if ev.mode != "auto" else (
             "min" if name in LOWER_IS_BETTER else "max")
         value = scores[name]

@@ -157,3 +157,12 @@ def test_support_tickets_task(tmp_path):
     assert [json.loads(x) for x in paths["test"].read_text().splitlines()] == splits["test"]
     with pytest.raises(EmberError, match="unknown task"):
         generate_splits("nope", sizes)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo", "kto"])
+def test_early_stopping_on_perplexity_of_a_preference_run_is_refused(objective):
+    """A preference run's evaluation has no perplexity: early stopping on it never stopped and
+    never kept the best weights (silently)."""
+    with pytest.raises(EmberError, match=f'does not apply to objective = "{objective}"'):
+        load_config(None, [f'objective="{objective}"', 'eval.early_stopping="perplexity"'])
+    load_config(None, [f'objective="{objective}"', 'eval.early_stopping="val_loss"'])

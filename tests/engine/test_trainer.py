@@ -307,6 +307,19 @@ def test_eval_and_export_of_an_early_stopped_run_without_final_use_the_best(tiny
     assert json.loads(out.out.strip().splitlines()[-1])["loss"] == pytest.approx(val2, rel=1e-5)
 
 
+def test_early_stopping_on_a_score_the_evaluation_lacks_is_an_error(tiny, tmp_path, monkeypatch):
+    """An objective whose evaluation lacks the early-stopping score (here: no perplexity) stops
+    the run at its first evaluation with the scores it has (was: never stopped, no best kept)."""
+    from ember.engine.objectives import SFT
+
+    monkeypatch.setattr(SFT, "val_scores", lambda self, *a: {"val_loss": 1.0})
+    cfg = tiny_config(tiny, tmp_path / "es", "max_steps=2", "eval.every_steps=1",
+                      'eval.early_stopping="perplexity"', "eval.metrics=[]")
+    with pytest.raises(EmberError, match=r"'perplexity': this run's evaluation has no such score "
+                                         r"\(it has val_loss\)"):
+        train(cfg, echo=quiet, progress=False)
+
+
 @pytest.mark.parametrize("metric,no_val,no_test,every,match", [
     ("val_loss", True, False, 2, "needs validation data"),
     ("exact_match", True, True, 2, "has neither"),
