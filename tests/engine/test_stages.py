@@ -201,8 +201,8 @@ def test_start_errors(tiny, sft_lora, tmp_path):
     with pytest.raises(EmberError, match="model.init .* do not fit this model"):
         train(cfg(f'model.init="{adapter}"', "max_steps=1"), echo=quiet, progress=False)
     unfinished = tmp_path / "unfinished"
-    _stage(tiny, unfinished, "max_steps=2", "checkpoint.every_steps=1", "checkpoint.save_final=false",
-           "eval.val_loss=false")
+    _stage(tiny, unfinished, "max_steps=2", "checkpoint.every_steps=1",
+           "checkpoint.save_final=false", "eval.val_loss=false")
     # (was: "finish it with ember train --resume", which writes no final/ either)
     with pytest.raises(EmberError, match=r"has no final/adapter: it ran with checkpoint.save_final "
                                          r"= false; export its weights with `ember export .* "
