@@ -64,6 +64,7 @@ class Progress:
     best_step: int | None = None  # early stopping: the step of the best (weights in best/)
     best_scores: dict = field(default_factory=dict)  # early stopping: the best's scores
     before: dict = field(default_factory=dict)  # scores before fine-tuning
+    stopped: bool = False  # early stopping ended the run (a --resume of it has nothing to do)
 
 
 def open_run(cfg: TrainConfig, info: DistInfo, *, resume: bool, echo) -> Path | None:

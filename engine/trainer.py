@@ -389,10 +389,13 @@ class Trainer:
 
             bar = tqdm(total=total, initial=prog.step, unit="step", dynamic_ncols=True, leave=True)
         say = bar.write if bar is not None else self.echo
-        stopped, last_eval, scores = False, None, {}
-        if latest is not None and prog.step >= total:  # a finished run: its last evaluation
-            scores = broadcast_object(self.log.last_eval(prog.step), info)  # is logged already
-            last_eval = prog.step if scores else None
+        last_eval, scores = None, {}
+        # An early-stopped run stays stopped unless eval.early_stopping / patience now let it go on
+        stopped = prog.stopped and cfg.eval.early_stopping is not None and (
+            prog.bad_evals >= cfg.eval.patience)
+        if latest is not None and (prog.step >= total or stopped):  # a finished run: its last
+            scores = broadcast_object(self.log.last_eval(prog.step), info)  # evaluation is
+            last_eval = prog.step if scores else None  # logged already
         t_train = time.perf_counter()
         seconds0, step0 = prog.seconds, prog.step
         with GracefulStop(echo=say) as signals:
@@ -452,6 +455,7 @@ class Trainer:
         if last_eval != prog.step:
             scores = self.evaluate(prog.step)
             self._early_stop(scores, prog, prog.step)  # the last step may be the best
+        prog.stopped = stopped
         if stopped:
             self.echo(f"early stopping at step {prog.step}: no {cfg.eval.early_stopping} "
                       f"improvement in {cfg.eval.patience} evaluations")

@@ -273,6 +273,26 @@ def test_early_stopping_ends_with_the_best_weights(tiny, tmp_path):
     assert not all(torch.equal(params[k], v) for k, v in last.items())
 
 
+def test_resuming_an_early_stopped_run_does_not_train_on(tiny, tmp_path):
+    """--resume of a run early stopping ended (a job relaunched after it finished) leaves it as
+    it is (was: trained on past the stop, logged more steps and evaluations); raising
+    eval.patience lets it go on."""
+    cfg = tiny_config(tiny, tmp_path / "es", "max_steps=20", "optim.lr=1e-2",
+                      "eval.every_steps=2", 'eval.early_stopping="val_loss"', "eval.patience=2",
+                      'eval.mode="max"', "eval.metrics=[]")
+    first = train(cfg, echo=quiet, progress=False)
+    rows = rows_of(tmp_path / "es", timing=False)
+    assert first.stopped_early and first.steps == 4
+    again = train(cfg, resume=True, echo=quiet, progress=False)
+    assert rows_of(tmp_path / "es", timing=False) == rows
+    assert again.stopped_early and again.steps == 4 and again.after == first.after
+    more = train(tiny_config(tiny, tmp_path / "es", "max_steps=20", "optim.lr=1e-2",
+                             "eval.every_steps=2", 'eval.early_stopping="val_loss"',
+                             "eval.patience=3", 'eval.mode="max"', "eval.metrics=[]"),
+                 resume=True, echo=quiet, progress=False)
+    assert more.stopped_early and more.steps == 6
+
+
 def test_eval_and_export_of_an_early_stopped_run_without_final_use_the_best(tiny, tmp_path,
                                                                             capsys):
     """checkpoint.save_final = false: no final/, and the newest checkpoint (step 3) is past the
