@@ -146,9 +146,10 @@ class EvalConfig:
     val_loss: bool = True  # validation loss and perplexity
     max_val_batches: int | None = None
     # Task metrics by greedy generation on the test split (the validation split when there is
-    # no test split): the model completes each prompt, compared with its reference completion.
+    # no test split, or when early_stopping is one of these metrics: the best weights are not
+    # chosen on the test split): the model completes each prompt, compared with its reference.
     metrics: tuple[str, ...] = ("exact_match",)
-    split: str = "auto"  # "auto" (test, else validation) | "test" | "validation"
+    split: str = "auto"  # "auto" (see metrics) | "test" | "validation"
     max_examples: int | None = None
     max_new_tokens: int = 64
     batch_size: int = 64

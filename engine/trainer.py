@@ -261,7 +261,10 @@ class Trainer:
                              "eval.every_steps (e.g. 50)")
 
     def _gen_split(self):
-        ds, want = self.datasets, self.cfg.eval.split
+        ds, ev = self.datasets, self.cfg.eval
+        want = ev.split
+        if want == "auto" and ev.early_stopping in ev.metrics and ds.validation:
+            want = "validation"  # the best weights are chosen on it: not on the test split
         if want in ("auto", "test") and ds.test:
             return "test", ds.test
         if want == "test":

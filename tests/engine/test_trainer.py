@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -25,7 +26,14 @@ from ember.engine.preference_losses import dpo_loss
 from ember.engine.state import load_run_model
 from ember.engine.trainer import Trainer, lr_factor, resolve, train
 from ember.models.lora import LoRAConfig, apply_lora
-from tests.engine._tiny import checkpoint_weights, quiet, rows_of, tiny_config
+from tests.engine._tiny import (
+    checkpoint_weights,
+    quiet,
+    rows_of,
+    tiny_config,
+    tiny_rows,
+    write_jsonl,
+)
 
 
 def test_tiny_model_overfits(tiny, tmp_path):
@@ -271,6 +279,23 @@ def test_early_stopping_ends_with_the_best_weights(tiny, tmp_path):
     last = checkpoint_weights(tmp_path / "es", tmp_path, step=4)
     assert best and all(torch.equal(params[k], v) for k, v in best.items())
     assert not all(torch.equal(params[k], v) for k, v in last.items())
+
+
+def test_early_stopping_on_a_task_metric_chooses_on_validation_not_test(tiny, tmp_path):
+    """eval.split = "auto" measures the task metrics on the test split, except when early
+    stopping picks the best weights by one of them: then on the validation split (they were
+    chosen by their test score, which the run then reported as its result)."""
+    test = write_jsonl(tmp_path / "test3.jsonl", tiny_rows(3, seed=9))
+    said = []
+    for es in ((), ('eval.early_stopping="exact_match"',)):
+        said.clear()
+        cfg = tiny_config(tiny, tmp_path / f"r{len(es)}", "max_steps=2", "eval.every_steps=1",
+                          "eval.metrics=['exact_match']", "eval.max_new_tokens=2",
+                          f'data.test="{test}"', *es)
+        train(cfg, echo=said.append, progress=False)
+        after = next(m for m in said if m.startswith("after fine-tuning"))
+        want = "8 validation" if es else "3 test"
+        assert re.search(rf"\({want} examples, \d+ s\)$", after), after
 
 
 def test_resuming_an_early_stopped_run_does_not_train_on(tiny, tmp_path):
