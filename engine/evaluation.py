@@ -132,6 +132,17 @@ def validation_loss(model, examples: list[Example], tokens_per_batch: int, devic
     return total / tokens, int(tokens)
 
 
+def generation_examples(examples: list[Example]) -> list[Example]:
+    """The examples generation metrics score: those with a prompt and a reference answer;
+    EmberError when there are none."""
+    usable = [e for e in examples if e.prompt_len > 0 and e.reference is not None]
+    if not usable:
+        raise EmberError("generation metrics need prompt/completion or messages examples (a "
+                         "prompt and a reference answer); this split has none: set eval.metrics "
+                         "= [] or give such a file")
+    return usable
+
+
 def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
                     max_new_tokens: int = 64, batch_size: int = 64, autocast=contextlib.nullcontext,
                     max_examples: int | None = None, show: int = 0,
@@ -141,11 +152,7 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     length, ``distributed.eval_share``) in as many batches as the others, decoding in lock step
     (``generate_ids``' ``sync``: a sharded forward is a collective); the predictions are
     gathered and every rank scores all of them."""
-    usable = [e for e in examples if e.prompt_len > 0 and e.reference is not None]
-    if not usable:
-        raise EmberError("generation metrics need prompt/completion or messages examples (a "
-                         "prompt and a reference answer); this split has none: set eval.metrics "
-                         "= [] or give such a file")
+    usable = generation_examples(examples)
     if max_examples is not None:
         usable = usable[:max_examples]
     info = info or DistInfo()

@@ -240,8 +240,10 @@ class Trainer:
         """Early stopping on a metric no evaluation can produce would never stop, an eval.split
         that is missing fails the first evaluation: say so now."""
         ev, ds = self.cfg.eval, self.datasets
-        if ev.metrics:
-            self._gen_split()  # eval.split = "test" without a test split: now, not after training
+        if ev.metrics:  # eval.split = "test" without a test split, or a split the metrics
+            split = self._gen_split()  # cannot score: now, not after training
+            if split is not None:
+                self.objective.check_task_split(split[1])
         name = ev.early_stopping
         if name is None:
             return

@@ -298,6 +298,18 @@ def test_early_stopping_on_a_task_metric_chooses_on_validation_not_test(tiny, tm
         assert re.search(rf"\({want} examples, \d+ s\)$", after), after
 
 
+def test_task_metrics_on_a_split_they_cannot_score_fail_before_training(tiny, tmp_path):
+    """Generation metrics on plain-text lines (no prompt, no reference) with eval.before = false:
+    refused before the first step (was: after the whole run, before its checkpoint and export,
+    so the training was lost)."""
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "say red blue -> red"}] * 4)
+    cfg = tiny_config(tiny, tmp_path / "r", "max_steps=2", "eval.before=false",
+                      f'data.test="{text}"')
+    with pytest.raises(EmberError, match="generation metrics need prompt/completion"):
+        train(cfg, echo=quiet, progress=False)
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # no step was trained
+
+
 def test_resuming_an_early_stopped_run_does_not_train_on(tiny, tmp_path):
     """--resume of a run early stopping ended (a job relaunched after it finished) leaves it as
     it is (was: trained on past the stop, logged more steps and evaluations); raising
