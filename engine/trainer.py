@@ -243,7 +243,7 @@ class Trainer:
         if ev.metrics:  # eval.split = "test" without a test split, or a split the metrics
             split = self._gen_split()  # cannot score: now, not after training
             if split is not None:
-                self.objective.check_task_split(split[1])
+                self.objective.check_task_split(self.model, split[1], ev)
         name = ev.early_stopping
         if name is None:
             return

@@ -298,14 +298,19 @@ def test_early_stopping_on_a_task_metric_chooses_on_validation_not_test(tiny, tm
         assert re.search(rf"\({want} examples, \d+ s\)$", after), after
 
 
-def test_task_metrics_on_a_split_they_cannot_score_fail_before_training(tiny, tmp_path):
-    """Generation metrics on plain-text lines (no prompt, no reference) with eval.before = false:
-    refused before the first step (was: after the whole run, before its checkpoint and export,
-    so the training was lost)."""
-    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "say red blue -> red"}] * 4)
-    cfg = tiny_config(tiny, tmp_path / "r", "max_steps=2", "eval.before=false",
-                      f'data.test="{text}"')
-    with pytest.raises(EmberError, match="generation metrics need prompt/completion"):
+@pytest.mark.parametrize("text,sets,match", [
+    (True, (), "generation metrics need prompt/completion"),
+    (False, ("eval.max_new_tokens=250",), r"prompt of \d+ tokens \+ eval.max_new_tokens \(250\) "
+                                          "exceeds the model's context of 256")])
+def test_task_metrics_on_a_split_they_cannot_score_fail_before_training(tiny, tmp_path, text,
+                                                                        sets, match):
+    """Generation metrics on plain-text lines (no prompt, no reference), or prompts that leave
+    no room for eval.max_new_tokens, with eval.before = false: refused before the first step
+    (was: after the whole run, before its checkpoint and export, so the training was lost)."""
+    test = write_jsonl(tmp_path / "text.jsonl", [{"text": "say red blue -> red"}] * 4)
+    cfg = tiny_config(tiny, tmp_path / "r", "max_steps=2", "eval.before=false", *sets,
+                      *([f'data.test="{test}"'] if text else []))
+    with pytest.raises(EmberError, match=match):
         train(cfg, echo=quiet, progress=False)
     assert not (tmp_path / "r" / "metrics.jsonl").exists()  # no step was trained
 
