@@ -11,7 +11,9 @@ as transformers would), writes the trainable weights to ``<run_dir>/best/step_N/
 (``engine/dcp.py``; the newest only, any number of processes), so the best survives a stop and
 ``--resume``. At the end of the run the trainer evaluates the last step, writes its checkpoint
 (the exact state to continue from), then loads the best weights back before exporting
-``final/``; the scores it reports as "after" are the best evaluation's.
+``final/``; the scores it reports as "after" are the best evaluation's. A run without
+``final/`` (``checkpoint.save_final = false``, or stopped before its end) is evaluated and
+exported (``ember eval`` / ``ember export``) with these weights too (``state.run_weights``).
 """
 
 from __future__ import annotations

@@ -550,6 +550,9 @@ class Classification(SFT):
     def loss(self, model, batch, denom: int) -> torch.Tensor:
         return classification_loss(model, batch, denom)[0]
 
+    def check_task_split(self, model, examples: list[Example], ev) -> None:
+        pass  # every labelled example is scored
+
     def check_model(self, model, tokenizer) -> None:
         if not is_classifier(model):
             raise EmberError("internal error: a classification run without a head")

@@ -39,6 +39,10 @@ def _cmd_train(a) -> None:
     shutdown(together=True)  # (a no-op for one process)
 
 
+def _note(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
 def _is_run_dir(path: str) -> bool:
     return (Path(path) / "config.toml").is_file()
 
@@ -52,7 +56,7 @@ def _load(target: str, adapter: str | None, device: str | None, raw: bool = Fals
     if _is_run_dir(target):
         from ember.engine.state import load_run_model
 
-        model, tok, cfg = load_run_model(target, device)
+        model, tok, cfg = load_run_model(target, device, echo=_note)
         data_cfg = cfg.data
         if adapter is not None or raw:
             raise EmberError("--adapter / --raw are for a model; a run directory brings its own "
@@ -305,7 +309,7 @@ def _cmd_export(a) -> None:
                              f"{', '.join(GGUF_TYPES)} (llama.cpp's names, any case)")
 
     if _is_run_dir(a.run_dir):
-        model, tok, cfg = load_run_model(a.run_dir, "cpu")
+        model, tok, cfg = load_run_model(a.run_dir, "cpu", echo=_note)
     elif a.adapter:
         raise EmberError(f"{a.run_dir} is not a run directory (no config.toml)")
     else:  # a model (folder, .gguf, built-in name) converted as it is

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+import math
 import re
 import types
 import typing
@@ -35,7 +36,7 @@ from ember.engine.data import DataConfig
 from ember.engine.distributed import DistConfig
 from ember.engine.guards import GuardConfig
 from ember.engine.kto import KTOConfig
-from ember.engine.objectives import OBJECTIVES, DistillConfig
+from ember.engine.objectives import OBJECTIVES, PREFERENCE_OBJECTIVES, DistillConfig
 from ember.engine.preference_objectives import DPOConfig, ORPOConfig, SimPOConfig
 from ember.models.lora import LoRAConfig
 from ember.models.prompt_tuning import PromptTuningConfig
@@ -94,7 +95,9 @@ class OptimConfig:
     weight_decay: float = 0.0  # never applied to biases, norms or embeddings
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    warmup_steps: int | None = None  # None: warmup_ratio of the run
+    # Linear warmup: step k (0-based) at (k + 1) / warmup_steps of the peak lr, the peak at step
+    # warmup_steps - 1 (transformers: k / warmup_steps, its first step at lr 0).
+    warmup_steps: int | None = None  # None: warmup_ratio of the run, rounded up
     warmup_ratio: float = 0.05
     schedule: str = "cosine"  # "cosine" | "linear" | "constant" (after warmup)
     min_lr_ratio: float = 0.0  # cosine/linear decay to lr * min_lr_ratio
@@ -143,9 +146,10 @@ class EvalConfig:
     val_loss: bool = True  # validation loss and perplexity
     max_val_batches: int | None = None
     # Task metrics by greedy generation on the test split (the validation split when there is
-    # no test split): the model completes each prompt, compared with its reference completion.
+    # no test split, or when early_stopping is one of these metrics: the best weights are not
+    # chosen on the test split): the model completes each prompt, compared with its reference.
     metrics: tuple[str, ...] = ("exact_match",)
-    split: str = "auto"  # "auto" (test, else validation) | "test" | "validation"
+    split: str = "auto"  # "auto" (see metrics) | "test" | "validation"
     max_examples: int | None = None
     max_new_tokens: int = 64
     batch_size: int = 64
@@ -271,6 +275,12 @@ class TrainConfig:
             raise EmberError(f"neftune_noise_alpha applies to instruction tuning (objective "
                              f"\"sft\" or \"distill\"), not {self.objective!r}: the noise would "
                              "also perturb the preference log-probabilities; remove it")
+        if self.objective in (*PREFERENCE_OBJECTIVES, "kto") and (
+                self.eval.early_stopping == "perplexity"):
+            raise EmberError(f"eval.early_stopping = \"perplexity\" does not apply to objective = "
+                             f"\"{self.objective}\": its val_loss is the {self.objective} loss, "
+                             "not a language-model loss, and has no perplexity; use \"val_loss\" "
+                             "or a metric of eval.metrics")
         object.__setattr__(self, "freeze", _as_tuple(self.freeze))
         if self.train_layers is not None:
             object.__setattr__(self, "train_layers", _as_tuple(self.train_layers))
@@ -346,6 +356,8 @@ def _coerce(value, tp, key: str):
                 return _coerce(value, a, key)
             except EmberError as e:
                 errors.append(e)
+        if len(errors) == 1:  # "X | None": the one type's own reason (a non-finite number)
+            raise errors[0]
         raise EmberError(f"{key} must be {_type_name(tp)}, got {_value_name(value)}")
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
@@ -367,6 +379,8 @@ def _coerce(value, tp, key: str):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML's nan / inf: NaN weights or a run without end
+                raise EmberError(f"{key} must be a finite number, got {value}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

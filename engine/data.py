@@ -506,16 +506,25 @@ def load_examples(path: str | Path, cfg: DataConfig, tokenizer, make_reader=None
 
 def split_examples(examples: list[Example], fraction: float, seed: int):
     """(train, validation): ``round(n * fraction)`` examples (at least one) chosen by a seeded hash
-    of each line's content, so the split is the same across runs and across line reordering."""
+    of each line's content, so the split is the same across runs and across line reordering. The
+    examples of one line (a preference pair unpaired for KTO) go to the same side."""
     if fraction <= 0:
         return list(examples), []
     n_val = max(1, round(len(examples) * fraction))
-    if n_val >= len(examples):
+    lines: dict[str, list[int]] = {}  # source ("path:line") -> its examples
+    for i, e in enumerate(examples):
+        lines.setdefault(e.source, []).append(i)
+    rank = sorted(lines.values(), key=lambda idx: (
+        hashlib.blake2b(f"{seed}\0{examples[idx[0]].key}".encode(), digest_size=16).digest(),
+        idx[0]))
+    val: set[int] = set()
+    for idx in rank:
+        if len(val) >= n_val:
+            break
+        val.update(idx)
+    if len(val) >= len(examples):
         raise EmberError(f"data.val_fraction={fraction} leaves no training examples out of "
                          f"{len(examples)}; lower it or give a validation file")
-    rank = sorted(range(len(examples)), key=lambda i: (
-        hashlib.blake2b(f"{seed}\0{examples[i].key}".encode(), digest_size=16).digest(), i))
-    val = set(rank[:n_val])
     return ([e for i, e in enumerate(examples) if i not in val],
             [e for i, e in enumerate(examples) if i in val])
 

@@ -132,6 +132,28 @@ def validation_loss(model, examples: list[Example], tokens_per_batch: int, devic
     return total / tokens, int(tokens)
 
 
+def generation_examples(model, examples: list[Example], max_new_tokens: int,
+                        max_examples: int | None = None) -> list[Example]:
+    """The examples generation metrics score: those with a prompt and a reference answer, the
+    first ``max_examples``; EmberError when there are none, or when a prompt and
+    ``max_new_tokens`` do not fit the model's context."""
+    usable = [e for e in examples if e.prompt_len > 0 and e.reference is not None]
+    if not usable:
+        raise EmberError("generation metrics need prompt/completion or messages examples (a "
+                         "prompt and a reference answer); this split has none: set eval.metrics "
+                         "= [] or give such a file")
+    usable = usable[:max_examples]
+    model_cfg = getattr(model, "cfg", None)
+    longest = max(e.prompt_len for e in usable)
+    if model_cfg is not None and longest + max_new_tokens > model_cfg.max_position_embeddings:
+        # Checked here, on every rank, rather than by generate_ids on the rank holding the prompt
+        raise EmberError(f"an evaluation prompt of {longest} tokens + eval.max_new_tokens "
+                         f"({max_new_tokens}) exceeds the model's context of "
+                         f"{model_cfg.max_position_embeddings} tokens; lower "
+                         "eval.max_new_tokens or data.max_seq_len")
+    return usable
+
+
 def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
                     max_new_tokens: int = 64, batch_size: int = 64, autocast=contextlib.nullcontext,
                     max_examples: int | None = None, show: int = 0,
@@ -141,22 +163,8 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     length, ``distributed.eval_share``) in as many batches as the others, decoding in lock step
     (``generate_ids``' ``sync``: a sharded forward is a collective); the predictions are
     gathered and every rank scores all of them."""
-    usable = [e for e in examples if e.prompt_len > 0 and e.reference is not None]
-    if not usable:
-        raise EmberError("generation metrics need prompt/completion or messages examples (a "
-                         "prompt and a reference answer); this split has none: set eval.metrics "
-                         "= [] or give such a file")
-    if max_examples is not None:
-        usable = usable[:max_examples]
+    usable = generation_examples(model, examples, max_new_tokens, max_examples)
     info = info or DistInfo()
-    model_cfg = getattr(model, "cfg", None)
-    longest = max(e.prompt_len for e in usable)
-    if model_cfg is not None and longest + max_new_tokens > model_cfg.max_position_embeddings:
-        # Checked here, on every rank, rather than by generate_ids on the rank holding the prompt
-        raise EmberError(f"an evaluation prompt of {longest} tokens + eval.max_new_tokens "
-                         f"({max_new_tokens}) exceeds the model's context of "
-                         f"{model_cfg.max_position_embeddings} tokens; lower "
-                         "eval.max_new_tokens or data.max_seq_len")
     sync = None if not info.distributed else (lambda flag: any_rank(flag, info))
     t0 = time.perf_counter()
     eos = sorted(getattr(tokenizer, "eos_token_ids", None) or {tokenizer.eos_token_id})

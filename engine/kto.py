@@ -66,8 +66,8 @@ from ember.engine.data import (
     load_datasets,
     load_examples,
 )
-from ember.engine.distributed import DistInfo, all_reduce_sums
-from ember.engine.evaluation import eval_batches
+from ember.engine.distributed import DistInfo
+from ember.engine.evaluation import scored_batches
 from ember.engine.formats import parse_messages
 from ember.engine.losses import doc_logprobs
 from ember.engine.objectives import SFT
@@ -303,36 +303,24 @@ class KTO(Referenced, SFT):
         out["kl"] = max(self.kl if kl is None else kl, 0.0) if self.uses_kl else 0.0
         return out
 
-    @torch.no_grad()
     def val_scores(self, model, examples: list[Example], tokens_per_batch: int, device,
                    autocast, max_batches: int | None) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        kept, kl_sum, kl_n = [], 0.0, 0
-        try:  # each process its share of the batches (engine/evaluation.eval_batches)
-            for i, batch in eval_batches(examples, tokens_per_batch, max_batches, self.info):
-                kl_part = (0.0, 0)
-                if self.uses_kl:
-                    kl_part = self._kl_sums(model, [batch], device, autocast)
-                b = batch.to(device)
-                with autocast():
-                    ref = self.ref_logprobs(model, b).sums.float().cpu()
-                    pol = doc_logprobs(model, b).sums.float().cpu()
-                if i is not None:  # a batch only run along (i None) counts for nothing
-                    kept.append((pol, ref, batch.desirable))
-                    kl_sum, kl_n = kl_sum + kl_part[0], kl_n + kl_part[1]
-        finally:
-            model.train(was_training)
-        kl_sum, kl_n = all_reduce_sums([kl_sum, kl_n], self.info)
-        kl = kl_sum / max(kl_n, 1.0)
+        def score(batch) -> tuple:
+            kl_part = self._kl_sums(model, [batch], device, autocast) if self.uses_kl else (0, 0)
+            ref = self.ref_logprobs(model, batch).sums.float().cpu()
+            pol = doc_logprobs(model, batch).sums.float().cpu()
+            return kl_part, pol, ref, batch.desirable.cpu()
+
+        scored = scored_batches(model, examples, tokens_per_batch, device, score, autocast,
+                                max_batches, self.info)  # every batch's, in file order
+        kl_sum = sum(kl_part[0] for kl_part, *_ in scored)
+        kl = kl_sum / max(sum(kl_part[1] for kl_part, *_ in scored), 1.0)
         c = self.cfg
         sums = dict.fromkeys(("loss", "chosen_n", "rejected_n", "chosen_reward",
                               "rejected_reward", "chosen_logps", "rejected_logps"), 0.0)
-        for pol, ref, good in kept:
+        for _, pol, ref, good in scored:
             out = kto_loss(pol, ref, good, kl, c.beta, c.desirable_weight, c.undesirable_weight,
                            c.loss_type)
             for k, v in {"loss": float(out.losses.sum()), **self._sums(out, pol, good)}.items():
                 sums[k] += v
-        keys = sorted(sums)  # the same on every process
-        sums = dict(zip(keys, all_reduce_sums([sums[k] for k in keys], self.info), strict=True))
         return {f"val_{k}": v for k, v in self._finish(sums, kl).items()}

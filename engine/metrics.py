@@ -65,6 +65,17 @@ def _json(text: str):
         return None
 
 
+def _same(a, b) -> bool:
+    """JSON equality: a boolean is not a number (Python's ``True == 1``, ``False == 0.0``)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
 def json_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """The prediction parses as JSON and equals the reference's JSON (key order and spacing
     free)."""
@@ -74,7 +85,7 @@ def json_match(predictions: Sequence[str], references: Sequence[str]) -> float:
         ref = _json(r)
         if ref is None:
             raise EmberError(f"json_match: reference is not JSON: {r[:80]!r}")
-        hits += _json(p) == ref
+        hits += _same(_json(p), ref)
     return hits / len(references)
 
 
@@ -89,7 +100,7 @@ def field_accuracy(predictions: Sequence[str], references: Sequence[str]) -> flo
             raise EmberError(f"field_accuracy: reference is not a JSON object: {r[:80]!r}")
         pred = _json(p)
         if isinstance(pred, dict):
-            total += sum(k in pred and pred[k] == v for k, v in ref.items()) / len(ref)
+            total += sum(k in pred and _same(pred[k], v) for k, v in ref.items()) / len(ref)
     return total / len(references)
 
 

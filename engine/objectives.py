@@ -30,7 +30,12 @@ import torch
 from ember import EmberError
 from ember.engine.data import DataConfig, Datasets, Example, load_datasets
 from ember.engine.distributed import DistInfo, build_device, release, shard_frozen
-from ember.engine.evaluation import GenerationResult, generation_eval, validation_loss
+from ember.engine.evaluation import (
+    GenerationResult,
+    generation_eval,
+    generation_examples,
+    validation_loss,
+)
 from ember.engine.losses import distill_sft_loss, sft_loss
 from ember.engine.metrics import perplexity
 
@@ -97,6 +102,10 @@ class SFT:
                                max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
                                autocast=autocast, max_examples=ev.max_examples, show=ev.show,
                                info=self.info)
+
+    def check_task_split(self, model, examples: list[Example], ev) -> None:
+        """EmberError now, before training, when ``task_eval`` could not score ``examples``."""
+        generation_examples(model, examples, ev.max_new_tokens, ev.max_examples)
 
     def prepare(self, model, ds: Datasets, tokens_per_batch: int, device, autocast, echo) -> None:
         """Before the first step, with the model built and the data loaded (DPO / KTO precompute

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ember import EmberError
-from ember.engine.distributed import DistInfo, all_reduce_sums, build_device, release, shard_frozen
-from ember.engine.evaluation import eval_batches, eval_plan, scored_batches
+from ember.engine.distributed import DistInfo, build_device, release, shard_frozen
+from ember.engine.evaluation import eval_plan, scored_batches
 from ember.engine.losses import DocLogprobs, adapters_disabled, answer_counts, doc_logprobs
 from ember.engine.objectives import SFT
 from ember.engine.preference_losses import (
@@ -162,23 +162,17 @@ class _Pairs(SFT):
             out["loss"] += self.nll_weight * nll
         return {**out, "nll_loss": nll}
 
-    @torch.no_grad()
     def val_scores(self, model, examples: list[Example], tokens_per_batch: int, device,
                    autocast, max_batches: int | None) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
+        def score(batch) -> dict[str, float]:
+            pair_sum, _, part = self._batch(model, batch)
+            return {"loss": float(pair_sum), **part}
+
         sums: dict[str, float] = {}
-        try:  # each process its share of the batches (engine/evaluation.eval_batches)
-            for i, batch in eval_batches(examples, tokens_per_batch, max_batches, self.info):
-                with autocast():
-                    pair_sum, _, part = self._batch(model, batch.to(device))
-                counted = 0.0 if i is None else 1.0  # a batch only run along (i None) adds 0
-                for k, v in {"loss": float(pair_sum), **part}.items():
-                    sums[k] = sums.get(k, 0.0) + counted * v
-        finally:
-            model.train(was_training)
-        keys = sorted(sums)  # the same on every process: each runs at least one batch
-        sums = dict(zip(keys, all_reduce_sums([sums[k] for k in keys], self.info), strict=True))
+        for part in scored_batches(model, examples, tokens_per_batch, device, score, autocast,
+                                   max_batches, self.info):  # every batch's, in file order
+            for k, v in part.items():
+                sums[k] = sums.get(k, 0.0) + v
         return {f"val_{k}": v for k, v in self._finish(sums).items()}
 
 

@@ -91,6 +91,15 @@ def autocast_for(device: str, precision: str):
     return lambda: torch.autocast(kind, dtype=dtype)
 
 
+def warmup_steps(optim, total: int) -> int:
+    """``optim.warmup_steps``, else ``optim.warmup_ratio`` of ``total`` steps rounded up, as
+    transformers' ``TrainingArguments.get_warmup_steps`` (0.05 of 10 steps is 1 warmup step, of
+    50 steps 3); the product is rounded in decimal first (0.07 * 100 is 7.000000000000001)."""
+    if optim.warmup_steps is not None:
+        return optim.warmup_steps
+    return math.ceil(round(optim.warmup_ratio * total, 9))
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak lr for optimizer step ``step`` (0-based) of ``total``."""
     if step < warmup:

@@ -118,10 +118,18 @@ def find_start(init: str, model_name: str) -> Start:
         what = "model" if prev.method == "full" else "adapter"
         out = p / "final" / what
         if not out.is_dir():
+            fix = (
+                f"export its weights with `ember export {init} --adapter DIR` and give that "
+                "folder to model.init" if prev.method != "full" else
+                f"export its weights with `ember export {init} --merged DIR` and set "
+                "model.name to that folder"
+            )
             raise EmberError(
-                f"model.init {init!r}: the run has no final/{what} (it did not "
-                "finish, or ran with checkpoint.save_final = false); finish it with "
-                "`ember train " + init + " --resume`, or give another run"
+                f"model.init {init!r}: the run has no final/{what}: "
+                + (f"it ran with checkpoint.save_final = false; {fix}"
+                   if not prev.checkpoint.save_final else
+                   f"it did not finish; finish it with `ember train {init} --resume`, or "
+                   f"{fix}")
             )
         if prev.method == "full":
             return Start(init, "full", str(out))

@@ -27,6 +27,7 @@ import torch
 
 from ember import EmberError
 from ember.engine import dcp
+from ember.engine.best import best_root
 from ember.engine.classification import attach_head
 from ember.engine.config import TrainConfig, from_dict, parse_toml, to_dict, to_toml
 from ember.engine.data import PackedBatches
@@ -63,6 +64,7 @@ class Progress:
     best_step: int | None = None  # early stopping: the step of the best (weights in best/)
     best_scores: dict = field(default_factory=dict)  # early stopping: the best's scores
     before: dict = field(default_factory=dict)  # scores before fine-tuning
+    stopped: bool = False  # early stopping ended the run (a --resume of it has nothing to do)
 
 
 def open_run(cfg: TrainConfig, info: DistInfo, *, resume: bool, echo) -> Path | None:
@@ -176,9 +178,10 @@ def _unsharded(model_cfg, cfg: TrainConfig, state: dict) -> Transformer:
     return model
 
 
-def load_run_model(run_dir: str | Path, device: str | None = None):
+def load_run_model(run_dir: str | Path, device: str | None = None, echo=None):
     """(model with the run's trained weights, tokenizer, resolved config) from a run directory:
-    the final adapter / model if saved, else the newest checkpoint that verifies."""
+    the final adapter / model if saved, else the weights the run ends with (``run_weights``).
+    ``echo`` is told which checkpoint that is when there is no final export."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.toml"
     if not cfg_path.is_file():
@@ -202,10 +205,29 @@ def load_run_model(run_dir: str | Path, device: str | None = None):
         model, tok = load_base(cfg, base_of(cfg), cfg.model.dtype, device)
         load_prompt_adapter(model, final_adapter)
         return model, tok, cfg
+    path, why = run_weights(run_dir, cfg)
+    model, tok = build_model(cfg, device)  # LoRA / frozen parts as trained: the same keys
+    dcp.load_model_weights(path, model)
+    if echo is not None:
+        echo(f"{run_dir} has no final export: using {why}")
+    return model, tok, cfg
+
+
+def run_weights(run_dir: Path, cfg: TrainConfig) -> tuple[Path, str]:
+    """(checkpoint folder, what it is) of the weights a run without a final export ends with:
+    with ``eval.early_stopping`` the best evaluation's (``<run_dir>/best/``, as the trainer loads
+    them back before exporting ``final/``, also for a run stopped before its end: the best so
+    far), else the newest checkpoint that verifies."""
+    note = ""
+    if cfg.eval.early_stopping is not None:
+        best = dcp.find_latest(best_root(run_dir))
+        if best.path is not None:
+            step = int(best.path.name.removeprefix("step_"))
+            return best.path, (f"the weights of step {step}, the best "
+                               f"{cfg.eval.early_stopping} (eval.early_stopping), in {best.path}")
+        note = f" (no best weights for eval.early_stopping in {best_root(run_dir)})"
     latest = dcp.find_latest(dcp.checkpoint_root(run_dir))
     if latest.path is None:
         skipped = "".join(f"\n  {m}" for m in latest.skipped)
         raise EmberError(f"{run_dir} has no final weights and no usable checkpoint{skipped}")
-    model, tok = build_model(cfg, device)  # LoRA / frozen parts as trained: the same keys
-    dcp.load_model_weights(latest.path, model)
-    return model, tok, cfg
+    return latest.path, f"the newest checkpoint {latest.path}{note}"

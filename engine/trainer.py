@@ -86,6 +86,7 @@ from ember.engine.runtime import (
     make_optimizer,
     memory_gib,
     resolve,
+    warmup_steps,
 )
 from ember.engine.stages import describe as describe_start
 from ember.engine.state import Progress, export_final, open_run, restore, save
@@ -239,8 +240,10 @@ class Trainer:
         """Early stopping on a metric no evaluation can produce would never stop, an eval.split
         that is missing fails the first evaluation: say so now."""
         ev, ds = self.cfg.eval, self.datasets
-        if ev.metrics:
-            self._gen_split()  # eval.split = "test" without a test split: now, not after training
+        if ev.metrics:  # eval.split = "test" without a test split, or a split the metrics
+            split = self._gen_split()  # cannot score: now, not after training
+            if split is not None:
+                self.objective.check_task_split(self.model, split[1], ev)
         name = ev.early_stopping
         if name is None:
             return
@@ -260,7 +263,10 @@ class Trainer:
                              "eval.every_steps (e.g. 50)")
 
     def _gen_split(self):
-        ds, want = self.datasets, self.cfg.eval.split
+        ds, ev = self.datasets, self.cfg.eval
+        want = ev.split
+        if want == "auto" and ev.early_stopping in ev.metrics and ds.validation:
+            want = "validation"  # the best weights are chosen on it: not on the test split
         if want in ("auto", "test") and ds.test:
             return "test", ds.test
         if want == "test":
@@ -352,10 +358,10 @@ class Trainer:
         per_epoch = len(batches.plan(0))
         # Epochs decide: the last step takes only the micro-batches left (HF Trainer's partial
         # accumulation), so 1 epoch of 5 batches at grad_accum 4 is 5 batches, not 8.
-        micro_total = None if cfg.max_steps else max(1, math.ceil(cfg.epochs * per_epoch))
+        micro_total = None if cfg.max_steps else batches.batches_in(cfg.epochs)
         total = cfg.max_steps or math.ceil(micro_total / cfg.grad_accum)
         o = cfg.optim
-        warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_ratio * total)
+        warmup = warmup_steps(o, total)
         opt = make_optimizer(model, o, self.device, embedding_lr=cfg.lora.embedding_lr
                              if cfg.method == "lora" else None)
         params = [p for g in opt.param_groups for p in g["params"]]
@@ -388,10 +394,13 @@ class Trainer:
 
             bar = tqdm(total=total, initial=prog.step, unit="step", dynamic_ncols=True, leave=True)
         say = bar.write if bar is not None else self.echo
-        stopped, last_eval, scores = False, None, {}
-        if latest is not None and prog.step >= total:  # a finished run: its last evaluation
-            scores = broadcast_object(self.log.last_eval(prog.step), info)  # is logged already
-            last_eval = prog.step if scores else None
+        last_eval, scores = None, {}
+        # An early-stopped run stays stopped unless eval.early_stopping / patience now let it go on
+        stopped = prog.stopped and cfg.eval.early_stopping is not None and (
+            prog.bad_evals >= cfg.eval.patience)
+        if latest is not None and (prog.step >= total or stopped):  # a finished run: its last
+            scores = broadcast_object(self.log.last_eval(prog.step), info)  # evaluation is
+            last_eval = prog.step if scores else None  # logged already
         t_train = time.perf_counter()
         seconds0, step0 = prog.seconds, prog.step
         with GracefulStop(echo=say) as signals:
@@ -451,6 +460,7 @@ class Trainer:
         if last_eval != prog.step:
             scores = self.evaluate(prog.step)
             self._early_stop(scores, prog, prog.step)  # the last step may be the best
+        prog.stopped = stopped
         if stopped:
             self.echo(f"early stopping at step {prog.step}: no {cfg.eval.early_stopping} "
                       f"improvement in {cfg.eval.patience} evaluations")
@@ -487,8 +497,12 @@ class Trainer:
         ``step`` is given."""
         ev = self.cfg.eval
         name = ev.early_stopping
-        if name is None or name not in scores:
+        if name is None:
             return False
+        if name not in scores:  # it would never stop, nor keep the best weights
+            raise EmberError(f"eval.early_stopping = {name!r}: this run's evaluation has no such "
+                             f"score (it has {', '.join(sorted(scores)) or 'none'}); choose one "
+                             "of those")
         mode = ev.mode if ev.mode != "auto" else (
             "min" if name in LOWER_IS_BETTER else "max")
         value = scores[name]

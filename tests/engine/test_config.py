@@ -73,6 +73,16 @@ def test_unknown_keys_are_named_with_the_valid_ones(item, key, valid):
     ('data.validation=""', "data.validation holds an empty file name"),  # was ".: is a dir"
     ('data.train=["a.jsonl", " "]', "data.train holds an empty file name"),
     ('eval.choices=""', "eval.choices is empty"),
+    # TOML's nan / inf: were taken (NaN weights after the first step, clipping to NaN, a run
+    # whose epochs never end, NaN embeddings)
+    ("optim.weight_decay=nan", "optim.weight_decay must be a finite number, got nan"),
+    ("optim.max_grad_norm=inf", "optim.max_grad_norm must be a finite number, got inf"),
+    ("optim.eps=nan", "optim.eps must be a finite number"),
+    ("epochs=inf", "epochs must be a finite number"),
+    ("neftune_noise_alpha=nan", "neftune_noise_alpha must be a finite number"),
+    ("lora.alpha=-inf", "lora.alpha must be a finite number"),
+    ("optim.lr=inf", "optim.lr must be a finite number"),
+    ("optim.betas=[0.9, nan]", r"optim.betas\[1\] must be a finite number"),
 ])
 def test_bad_values_are_clear_errors(item, match):
     with pytest.raises(EmberError, match=match):
@@ -147,3 +157,12 @@ def test_support_tickets_task(tmp_path):
     assert [json.loads(x) for x in paths["test"].read_text().splitlines()] == splits["test"]
     with pytest.raises(EmberError, match="unknown task"):
         generate_splits("nope", sizes)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo", "kto"])
+def test_early_stopping_on_perplexity_of_a_preference_run_is_refused(objective):
+    """A preference run's evaluation has no perplexity: early stopping on it never stopped and
+    never kept the best weights (silently)."""
+    with pytest.raises(EmberError, match=f'does not apply to objective = "{objective}"'):
+        load_config(None, [f'objective="{objective}"', 'eval.early_stopping="perplexity"'])
+    load_config(None, [f'objective="{objective}"', 'eval.early_stopping="val_loss"'])

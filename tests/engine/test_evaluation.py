@@ -46,3 +46,16 @@ def test_generation_eval_equals_plain_greedy_generation():
         assert res.scores == want
         assert res.scores["exact_match"] == (
             sum(M.normalize(t) == M.normalize(r) for t, r in zip(texts, refs, strict=True)) / 6)
+
+
+def test_json_metrics_tell_booleans_from_numbers():
+    """A JSON true is not the number 1, nor false 0 (Python's True == 1 made these match); 1 and
+    1.0 are the same JSON number."""
+    refs = ['{"urgent": true, "n": 1}', '{"ok": false, "xs": [1, 2]}', '[true, 0]']
+    assert M.compute(["json_match"], ['{"urgent": 1, "n": 1}', '{"ok": 0.0, "xs": [1, 2]}',
+                                      '[1, false]'], refs) == {"json_match": 0.0}
+    assert M.compute(["json_match"], ['{"n": 1.0, "urgent": true}', '{"xs": [1, 2], "ok": false}',
+                                      '[true, 0.0]'], refs) == {"json_match": 1.0}
+    preds = ['{"urgent": 1, "n": 1}', '{"ok": false, "xs": [1, true]}', '[true, 0]']
+    scores = M.compute(["field_accuracy"], preds, refs[:2] + ['{"a": true}'])
+    assert scores == {"field_accuracy": (0.5 + 0.5 + 0.0) / 3}

@@ -319,6 +319,23 @@ def chat_tok(tiny, tmp_path_factory):
     return load_pretrained(str(model), "float32")[1]
 
 
+def test_val_fraction_keeps_both_halves_of_a_pair_on_one_side(prefs, chat_tok):
+    """A preference pair unpaired for KTO is two examples of one line: data.val_fraction puts
+    both in training or both in validation (each half went its own way: the same prompt and
+    answers trained on and validated on)."""
+    from ember.engine.data import load_datasets
+
+    cfg = DataConfig(train=(prefs,), val_fraction=0.5, seed=0)
+    ds = load_datasets(cfg, chat_tok, load_kto_examples)
+    lines = lambda split: {e.source for e in split}  # noqa: E731
+    n = sum(1 for line in open(prefs) if line.strip())
+    assert len(ds.train) + len(ds.validation) == 2 * n and ds.validation
+    assert lines(ds.train).isdisjoint(lines(ds.validation))
+    assert len(lines(ds.validation)) == round(n / 2)
+    for split in (ds.train, ds.validation):  # every line's chosen and rejected halves
+        assert sum(e.desirable for e in split) * 2 == len(split)
+
+
 def _msg(role, content):
     return {"role": role, "content": content}
 

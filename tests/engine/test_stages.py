@@ -201,9 +201,17 @@ def test_start_errors(tiny, sft_lora, tmp_path):
     with pytest.raises(EmberError, match="model.init .* do not fit this model"):
         train(cfg(f'model.init="{adapter}"', "max_steps=1"), echo=quiet, progress=False)
     unfinished = tmp_path / "unfinished"
-    _stage(tiny, unfinished, "max_steps=1", "checkpoint.save_final=false", "eval.val_loss=false")
-    with pytest.raises(EmberError, match="has no final/adapter"):
+    _stage(tiny, unfinished, "max_steps=2", "checkpoint.every_steps=1",
+           "checkpoint.save_final=false", "eval.val_loss=false")
+    # (was: "finish it with ember train --resume", which writes no final/ either)
+    with pytest.raises(EmberError, match=r"has no final/adapter: it ran with checkpoint.save_final "
+                                         r"= false; export its weights with `ember export .* "
+                                         r"--adapter DIR`"):
         cfg(f'model.init="{unfinished}"')
+    from ember.engine.cli import main
+
+    assert main(["export", str(unfinished), "--adapter", str(tmp_path / "exported")]) == 0
+    assert cfg(f'model.init="{tmp_path / "exported"}"').lora.rank == 4  # the advice works
 
 
 def test_resumed_dpo_stage_keeps_the_stage1_reference(tiny, sft_lora, prefs, tmp_path):

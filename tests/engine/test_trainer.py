@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -25,7 +26,14 @@ from ember.engine.preference_losses import dpo_loss
 from ember.engine.state import load_run_model
 from ember.engine.trainer import Trainer, lr_factor, resolve, train
 from ember.models.lora import LoRAConfig, apply_lora
-from tests.engine._tiny import checkpoint_weights, quiet, rows_of, tiny_config
+from tests.engine._tiny import (
+    checkpoint_weights,
+    quiet,
+    rows_of,
+    tiny_config,
+    tiny_rows,
+    write_jsonl,
+)
 
 
 def test_tiny_model_overfits(tiny, tmp_path):
@@ -171,6 +179,23 @@ def test_one_epoch_sees_each_example_once_with_grad_accum(tiny, tmp_path):
     assert rows[-1]["tokens"] == sum(len(e) for e in t.datasets.train)
 
 
+def test_epochs_see_each_example_once_per_epoch_when_epochs_differ_in_batches(tiny, tmp_path):
+    """Greedy packing of a shuffled order makes a different number of batches each epoch (here
+    3 then 2): epochs = 2 trains on exactly each epoch's batches (it took 2x the first epoch's
+    count: a batch of the third epoch too)."""
+    cfg = tiny_config(tiny, tmp_path / "r", f'data.train=["{tiny["small"]}"]', "epochs=2",
+                      'data.packing="greedy"', "data.seed=3", "data.max_seq_len=32",
+                      "data.tokens_per_batch=48", "eval.metrics=[]",
+                      "eval.val_loss=false", "checkpoint.save_final=false")
+    t = Trainer(cfg, echo=quiet, progress=False)
+    res = t.run()
+    pb = PackedBatches.from_config(t.datasets.train, t.cfg.data)
+    counts = [len(pb.plan(e)) for e in range(2)]
+    assert counts[0] != counts[1] and res.steps == sum(counts)  # the case, and grad_accum = 1
+    rows = [r for r in rows_of(tmp_path / "r") if r["kind"] == "train"]
+    assert rows[-1]["tokens"] == 2 * sum(len(e) for e in t.datasets.train)
+
+
 def test_resuming_a_finished_run_does_not_evaluate_again(tiny, tmp_path):
     """--resume on a run that completed: its final evaluation is logged already (was a second
     eval row for the last step in metrics.jsonl, a new evaluation's time)."""
@@ -256,6 +281,107 @@ def test_early_stopping_ends_with_the_best_weights(tiny, tmp_path):
     assert not all(torch.equal(params[k], v) for k, v in last.items())
 
 
+def test_early_stopping_on_a_task_metric_chooses_on_validation_not_test(tiny, tmp_path):
+    """eval.split = "auto" measures the task metrics on the test split, except when early
+    stopping picks the best weights by one of them: then on the validation split (they were
+    chosen by their test score, which the run then reported as its result)."""
+    test = write_jsonl(tmp_path / "test3.jsonl", tiny_rows(3, seed=9))
+    said = []
+    for es in ((), ('eval.early_stopping="exact_match"',)):
+        said.clear()
+        cfg = tiny_config(tiny, tmp_path / f"r{len(es)}", "max_steps=2", "eval.every_steps=1",
+                          "eval.metrics=['exact_match']", "eval.max_new_tokens=2",
+                          f'data.test="{test}"', *es)
+        train(cfg, echo=said.append, progress=False)
+        after = next(m for m in said if m.startswith("after fine-tuning"))
+        want = "8 validation" if es else "3 test"
+        assert re.search(rf"\({want} examples, \d+ s\)$", after), after
+
+
+@pytest.mark.parametrize("text,sets,match", [
+    (True, (), "generation metrics need prompt/completion"),
+    (False, ("eval.max_new_tokens=250",), r"prompt of \d+ tokens \+ eval.max_new_tokens \(250\) "
+                                          "exceeds the model's context of 256")])
+def test_task_metrics_on_a_split_they_cannot_score_fail_before_training(tiny, tmp_path, text,
+                                                                        sets, match):
+    """Generation metrics on plain-text lines (no prompt, no reference), or prompts that leave
+    no room for eval.max_new_tokens, with eval.before = false: refused before the first step
+    (was: after the whole run, before its checkpoint and export, so the training was lost)."""
+    test = write_jsonl(tmp_path / "text.jsonl", [{"text": "say red blue -> red"}] * 4)
+    cfg = tiny_config(tiny, tmp_path / "r", "max_steps=2", "eval.before=false", *sets,
+                      *([f'data.test="{test}"'] if text else []))
+    with pytest.raises(EmberError, match=match):
+        train(cfg, echo=quiet, progress=False)
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # no step was trained
+
+
+def test_resuming_an_early_stopped_run_does_not_train_on(tiny, tmp_path):
+    """--resume of a run early stopping ended (a job relaunched after it finished) leaves it as
+    it is (was: trained on past the stop, logged more steps and evaluations); raising
+    eval.patience lets it go on."""
+    cfg = tiny_config(tiny, tmp_path / "es", "max_steps=20", "optim.lr=1e-2",
+                      "eval.every_steps=2", 'eval.early_stopping="val_loss"', "eval.patience=2",
+                      'eval.mode="max"', "eval.metrics=[]")
+    first = train(cfg, echo=quiet, progress=False)
+    rows = rows_of(tmp_path / "es", timing=False)
+    assert first.stopped_early and first.steps == 4
+    again = train(cfg, resume=True, echo=quiet, progress=False)
+    assert rows_of(tmp_path / "es", timing=False) == rows
+    assert again.stopped_early and again.steps == 4 and again.after == first.after
+    more = train(tiny_config(tiny, tmp_path / "es", "max_steps=20", "optim.lr=1e-2",
+                             "eval.every_steps=2", 'eval.early_stopping="val_loss"',
+                             "eval.patience=3", 'eval.mode="max"', "eval.metrics=[]"),
+                 resume=True, echo=quiet, progress=False)
+    assert more.stopped_early and more.steps == 6
+
+
+def test_eval_and_export_of_an_early_stopped_run_without_final_use_the_best(tiny, tmp_path,
+                                                                            capsys):
+    """checkpoint.save_final = false: no final/, and the newest checkpoint (step 3) is past the
+    best evaluation (step 2). ``ember export`` / ``ember eval`` take the weights the run ends
+    with, the best's in best/ (they took the newest checkpoint's)."""
+    from ember.engine.cli import main
+    from ember.engine.runtime import build_model
+    from ember.models.lora import load_adapter
+
+    run = tmp_path / "es"
+    cfg = tiny_config(tiny, run, "max_steps=20", "optim.lr=1e-2", "eval.every_steps=2",
+                      'eval.early_stopping="val_loss"', "eval.patience=2", 'eval.mode="max"',
+                      "eval.metrics=[]", "checkpoint.every_steps=1", "checkpoint.save_final=false")
+    res = train(cfg, echo=quiet, progress=False)
+    assert res.stopped_early and res.steps == 4 and not (run / "final").exists()
+    assert dcp.find_latest(run / "checkpoints").path.name == "step_00000003"
+    best, newest = (checkpoint_weights(run, tmp_path, step=s) for s in (2, 3))
+    assert not all(torch.equal(best[k], newest[k]) for k in best)
+    assert main(["export", str(run), "--adapter", str(tmp_path / "adapter")]) == 0
+    loaded, _, _ = load_run_model(run, "cpu")
+    exported, _ = build_model(resolve(cfg), "cpu")  # the base with fresh adapters
+    load_adapter(exported, tmp_path / "adapter")
+    for model in (loaded, exported):
+        params = dict(model.named_parameters())
+        assert best and all(torch.equal(params[k], v) for k, v in best.items())
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", tiny["val"], "--metrics", "exact_match",
+                 "--max-new-tokens", "1"]) == 0
+    out = capsys.readouterr()
+    assert "step 2, the best val_loss" in out.err
+    val2 = next(r["val_loss"] for r in rows_of(run) if r["kind"] == "eval" and r["step"] == 2)
+    assert json.loads(out.out.strip().splitlines()[-1])["loss"] == pytest.approx(val2, rel=1e-5)
+
+
+def test_early_stopping_on_a_score_the_evaluation_lacks_is_an_error(tiny, tmp_path, monkeypatch):
+    """An objective whose evaluation lacks the early-stopping score (here: no perplexity) stops
+    the run at its first evaluation with the scores it has (was: never stopped, no best kept)."""
+    from ember.engine.objectives import SFT
+
+    monkeypatch.setattr(SFT, "val_scores", lambda self, *a: {"val_loss": 1.0})
+    cfg = tiny_config(tiny, tmp_path / "es", "max_steps=2", "eval.every_steps=1",
+                      'eval.early_stopping="perplexity"', "eval.metrics=[]")
+    with pytest.raises(EmberError, match=r"'perplexity': this run's evaluation has no such score "
+                                         r"\(it has val_loss\)"):
+        train(cfg, echo=quiet, progress=False)
+
+
 @pytest.mark.parametrize("metric,no_val,no_test,every,match", [
     ("val_loss", True, False, 2, "needs validation data"),
     ("exact_match", True, True, 2, "has neither"),
@@ -280,6 +406,61 @@ def test_lr_schedule():
     assert math.isclose(lr_factor(10, 10, 2, "cosine", 0.1), 0.1)
     assert math.isclose(lr_factor(6, 10, 2, "linear", 0.0), 0.5)
     assert lr_factor(9, 10, 2, "constant", 0.0) == 1.0
+
+
+HF_SCHEDULES = {"cosine": ("cosine_with_min_lr", 0.1), "linear": ("linear", 0.0),
+                "constant": ("constant_with_warmup", 0.0)}
+
+
+def _hf_factors(schedule: str, total: int, warmup: int) -> list[float]:
+    """transformers' lr multiplier of each optimizer step (0-based) of ``total``."""
+    from transformers import get_scheduler
+
+    name, min_ratio = HF_SCHEDULES[schedule]
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    kw = {"scheduler_specific_kwargs": {"min_lr_rate": min_ratio}} if min_ratio else {}
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total, **kw)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("schedule", list(HF_SCHEDULES))
+def test_lr_schedule_matches_transformers_after_warmup(schedule):
+    """After warmup every step's lr is transformers' (cosine with min_lr_rate, linear, constant),
+    and optim.warmup_ratio gives transformers' warmup steps, ceil(ratio * total) (was Python's
+    round: 0.05 of 10 steps no warmup, 0.25 of 10 steps 2). During warmup Ember's step k has
+    (k + 1) / warmup of the peak where transformers' has k / warmup (its first step at lr 0)."""
+    from ember.engine.config import OptimConfig
+    from ember.engine.runtime import warmup_steps
+
+    _, min_ratio = HF_SCHEDULES[schedule]
+    for total, ratio in [(10, 0.05), (10, 0.25), (50, 0.05), (37, 0.1), (7, 0.0), (100, 0.07)]:
+        warmup = warmup_steps(OptimConfig(warmup_ratio=ratio), total)
+        assert warmup == math.ceil(total * ratio - 1e-9), (total, ratio)  # TrainingArguments'
+        hf = _hf_factors(schedule, total, warmup)
+        ours = [lr_factor(k, total, warmup, schedule, min_ratio) for k in range(total)]
+        assert ours[warmup:] == pytest.approx(hf[warmup:], rel=1e-12, abs=1e-12)
+        assert ours[:warmup] == pytest.approx([(k + 1) / warmup for k in range(warmup)])
+    assert warmup_steps(OptimConfig(warmup_steps=4, warmup_ratio=0.5), 10) == 4
+
+
+def test_run_logs_the_scheduled_lr_of_every_step(tiny, tmp_path):
+    """The lr the trainer logs (and sets) at each step, warmup_ratio 0.25 of 10 steps: 3 warmup
+    steps, then transformers' cosine to 0.1 of the peak."""
+    cfg = tiny_config(tiny, tmp_path / "r", f'data.train=["{tiny["small"]}"]', "max_steps=10",
+                      "data.max_seq_len=32", "data.tokens_per_batch=32", "optim.lr=1e-3",
+                      "optim.warmup_ratio=0.25", "optim.min_lr_ratio=0.1", "eval.metrics=[]",
+                      "eval.val_loss=false", "checkpoint.save_final=false")
+    train(cfg, echo=quiet, progress=False)
+    lrs = [r["lr"] for r in rows_of(tmp_path / "r") if r["kind"] == "train"]
+    want = [1e-3 * f for f in _hf_factors("cosine", 10, 3)]
+    assert lrs[3:] == pytest.approx(want[3:], rel=1e-12)
+    assert lrs[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
 
 
 # --- losses ---------------------------------------------------------------------------------------
