@@ -46,7 +46,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ember.kernels import apply_rope, flash_attention, geglu, lora_mlp, lora_qkv, rms_norm, swiglu
-from ember.models.config import ModelConfig, rope_attention_factor, rope_inv_freq
+from ember.models.config import (
+    ModelConfig,
+    rope_attention_factor,
+    rope_dynamic_inv_freq,
+    rope_inv_freq,
+)
 from ember.models.lora import LoRALinear
 from ember.models.lora_embed import adapted_head_weight, head_lora, head_operands
 from ember.models.moe import MoE
@@ -390,6 +395,9 @@ class Transformer(nn.Module):
             inv_freq = torch.where(long_rope, self.inv_freq_long, inv_freq)  # (B, 1, rd/2)
         elif lr is not None and long_rope:
             inv_freq = self.inv_freq_long
+        rs = self.cfg.rope_scaling
+        if not local and rs is not None and rs.kind == "dynamic" and position_ids.numel():
+            inv_freq = rope_dynamic_inv_freq(self.cfg, position_ids.max() + 1, inv_freq)
         freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, rotary_dim/2)
         scale = 1.0 if local else rope_attention_factor(self.cfg)
         if scale != 1.0:  # YaRN scales cos/sin, so q.k by scale^2

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ember import EmberError
 from ember.models.loading import load_pretrained, read_config, save_pretrained
+from ember.models.transformer import KVCache
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
@@ -129,16 +130,37 @@ def test_yarn_rope_matches_transformers_and_exports(tmp_path, case):
     _assert_parity_and_export(model, folder, ids, tmp_path)
 
 
-def test_dynamic_ntk_rope_is_refused(tmp_path):
-    """dynamic NTK recomputes the frequencies from the sequence length: refused. (LongRoPE, which
-    picks one of two fixed tables, is supported: tests/models/test_longrope.py.)"""
-    folder = _save(tmp_path, "llama", rope_parameters={"rope_type": "linear", "factor": 2.0})
-    path = folder / "config.json"
-    raw = json.loads(path.read_text())
-    rope = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}
-    path.write_text(json.dumps({**raw, "rope_parameters": rope, "rope_scaling": None}))
-    with pytest.raises(EmberError, match="rope type 'dynamic' is not supported"):
-        load_pretrained(folder)
+DYNAMIC = {"rope_type": "dynamic", "rope_theta": 1000.0, "factor": 3.0}
+
+
+@pytest.mark.parametrize("case,cls,kw", [
+    ("llama", "LlamaConfig", dict(rope_parameters=DYNAMIC)),
+    ("qwen2_legacy_4x", "Qwen2Config", dict(rope_scaling={"type": "dynamic", "factor": 2.5})),
+    ("gemma2_windows", "Gemma2Config", dict(rope_parameters=DYNAMIC, head_dim=8,
+                                           sliding_window=6)),
+])
+def test_dynamic_ntk_rope_matches_transformers(tmp_path, case, cls, kw, one_thread):
+    """dynamic NTK (the RoPE base grows with a forward's length past max_position_embeddings)
+    used to be refused. Short and long forwards, the export, and decoding across the boundary
+    (KV-cached decoding), where every step grows the base again."""
+    folder = _save(tmp_path, case, cls, max_position_embeddings=16, **kw)
+    model, _ = load_pretrained(folder)
+    assert model.cfg.rope_scaling.kind == "dynamic"
+    with torch.no_grad():
+        short = _ids(12)
+        assert (model(short) - _hf_logits(folder, short)).abs().max().item() <= 1e-4
+    _assert_parity_and_export(model, folder, _ids(32), tmp_path)
+    ids = _ids(18)
+    with warnings.catch_warnings(), torch.no_grad():  # KV-cached decoding as generation does it
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        out = hf(ids[:, :15], use_cache=True)
+        cache = KVCache(model.cfg, 2, 18, "cpu", torch.float32)
+        model(ids[:, :15], cache=cache)
+        for t in range(15, 18):
+            out = hf(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            step = model(ids[:, t:t + 1], cache=cache)
+            assert (step - out.logits).abs().max().item() <= 1e-4, t
 
 
 PHI3 = dict(pad_token_id=None, bos_token_id=1, eos_token_id=2)
