@@ -88,6 +88,20 @@ def test_tied_config_with_a_stored_lm_head(tmp_path, same):
         assert (model(ids) - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
 
 
+def test_saved_rope_buffers_are_ignored_as_transformers_ignores_them(tmp_path):
+    """Conversions that saved RoPE's inv_freq, per layer or the model's one: transformers ignores
+    every ``rotary_emb.inv_freq`` key; Ember refused the model-level one as unexpected."""
+    folder = _save(tmp_path, "buffers", num_hidden_layers=2)
+    sd = load_file(folder / "model.safetensors")
+    junk = torch.ones(BASE["hidden_size"] // BASE["num_attention_heads"] // 2)
+    sd["model.rotary_emb.inv_freq"] = junk
+    sd["model.layers.1.self_attn.rotary_emb.inv_freq"] = junk.clone()
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    model, _ = load_pretrained(folder)
+    with torch.no_grad():
+        assert (model(_ids()) - _hf_logits(folder, _ids())).abs().max().item() <= 1e-4
+
+
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
 ROPE_CASES = {  # name -> (config class, kwargs); T=24 runs past original_max_position_embeddings
     "llama_yarn": (
