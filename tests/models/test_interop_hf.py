@@ -333,6 +333,24 @@ def test_a_hub_id_loads_from_the_local_hugging_face_cache(tmp_path, monkeypatch)
         resolve_model("tiny-org/absent")
 
 
+def test_a_cached_hub_snapshot_wins_over_the_builtin_alias_of_its_id(tmp_path, monkeypatch):
+    """"HuggingFaceTB/SmolLM2-135M-Instruct" is also an alias of the built-in Q4_1 GGUF; with the
+    repo's snapshot in the Hugging Face cache, its full-precision weights load (the alias won,
+    silently swapping in 4-bit weights)."""
+    from ember.models.hub import resolve_model
+
+    cache = tmp_path / "hf" / "hub"
+    repo = cache / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    (repo / "snapshots").mkdir(parents=True)
+    _save(tmp_path, "src").rename(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "ember"))  # where a GGUF import would go
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == repo / "snapshots" / commit
+
+
 def test_export_replaces_a_folder_with_named_chat_templates(tmp_path):
     """transformers 5 saves named chat templates in additional_chat_templates/: re-exporting over
     such a model folder was refused as holding foreign files."""
