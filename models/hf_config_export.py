@@ -65,8 +65,10 @@ def _check_exportable(cfg: ModelConfig) -> None:
         problems.append(f"qk_norm={cfg.qk_norm}")
     if cfg.mlp_bias and mt not in _MLP_BIAS:
         problems.append("mlp_bias=True")
-    if cfg.sliding_window is not None and mt == "llama":
+    if cfg.sliding_window is not None and mt in ("llama", "gemma"):
         problems.append(f"sliding_window={cfg.sliding_window}")
+    if cfg.attn_softcap is not None and mt == "gemma3_text":  # transformers reads, never applies it
+        problems.append(f"attn_softcap={cfg.attn_softcap}")
     bias = (cfg.attention_bias, cfg.attention_out_bias)
     allowed = {
         "llama": {(False, False), (True, True)},
