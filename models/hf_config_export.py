@@ -34,7 +34,8 @@ def _check_exportable(cfg: ModelConfig) -> None:
             f"{', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     # Phi-1/2's fields and the Llama variants' (SmolLM3, Granite, OLMo2): no other family has them
-    problems = phi_fields_of(cfg) + _var.variant_problems(cfg)
+    problems = [p for p in phi_fields_of(cfg) if not (  # Phi-3 has Phi's residual dropout
+        mt == "phi3" and p.startswith("resid_dropout="))] + _var.variant_problems(cfg)
     gemma, sandwich = mt in GEMMA, mt in _SANDWICH
     if gemma and cfg.activation != "gelu_tanh":
         problems.append(f"activation={cfg.activation!r}")
@@ -138,7 +139,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         out["sliding_window"] = cfg.sliding_window
     if mt == "phi3":
         out.update(
-            resid_pdrop=0.0,
+            resid_pdrop=cfg.resid_dropout,
             embd_pdrop=0.0,
             # transformers' Phi-3 reads LongRoPE's original context from here, not the rope dict
             original_max_position_embeddings=cfg.max_position_embeddings

@@ -213,13 +213,38 @@ def test_phi3_fused_projections_load_and_export(tmp_path, case, kw):
             assert (nf4(ids) - _hf_logits(tmp_path / out, ids)).abs().max().item() <= 1e-4
 
 
+def test_phi3_residual_dropout_acts_in_training_as_transformers(tmp_path, one_thread):
+    """Phi-3's resid_pdrop (transformers drops the attention and MLP outputs in training; its
+    embd_pdrop is never applied) used to be refused: eval forwards equal transformers', training
+    forwards draw the same masks, the export keeps it."""
+    folder = _save(tmp_path, "phi3", "Phi3Config", **PHI3, resid_pdrop=0.2, embd_pdrop=0.1)
+    ids = _ids()
+    model, _ = load_pretrained(folder)
+    assert model.cfg.resid_dropout == 0.2 and model.cfg.embed_dropout == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, attn_implementation="eager").train()
+    with torch.no_grad():
+        assert (model(ids) - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
+        model.train()
+        torch.manual_seed(0)
+        ours = model(ids)
+        torch.manual_seed(0)
+        assert (ours - hf(ids).logits).abs().max().item() <= 1e-4
+        assert (ours - model.eval()(ids)).abs().max().item() > 1e-2  # it did drop
+    save_pretrained(model, tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["resid_pdrop"] == 0.2
+    assert read_config(tmp_path / "export") == model.cfg
+
+
 @pytest.mark.parametrize(
     "change,needle",
     [
         ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 6}}, "longrope.*long_factor"),
         # 12 * 0.3 = 3.6: an odd rotary dim, which transformers would pad to 4 by accident
         ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.3}}, "partial"),
-        ({"resid_pdrop": 0.1}, "resid_pdrop"),
+        ({"resid_pdrop": 1.0}, "resid_pdrop must be in"),
         (
             {
                 "quantization_config": {
