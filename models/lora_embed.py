@@ -75,7 +75,9 @@ class LoRAEmbedding(nn.Module):
         x = self.base(ids)  # (B, T, D)
         if self.scale == 0.0:  # adapters off (losses.adapters_disabled)
             return x
-        after_a = F.embedding(ids, self.lora_embedding_A.t())  # (B, T, r)
+        # PEFT looks A up with the base's padding_idx: the pad row of A gets no gradient
+        after_a = F.embedding(ids, self.lora_embedding_A.t(),
+                              padding_idx=getattr(self.base, "padding_idx", None))  # (B, T, r)
         return (x + (after_a @ self.lora_embedding_B.t()) * self.scale).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:

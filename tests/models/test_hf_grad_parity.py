@@ -3,6 +3,8 @@ fp32, on tiny random checkpoints (the logits alone do not see what only a backwa
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,3 +55,34 @@ def test_the_pad_rows_gradient_is_transformers(tmp_path, cls, kw, one_thread):
     ids[1, -3:] = kw["pad_token_id"]
     diffs = _max_grad_diffs(folder, ids)
     assert max(diffs.values()) <= 1e-5, {k: v for k, v in diffs.items() if v > 1e-5}
+
+
+def test_a_lora_on_the_embedding_leaves_the_pad_row_as_peft_does(tmp_path, one_thread):
+    """PEFT's LoRA embedding looks its A up with the base's padding_idx too: the pad token's
+    lookups add nothing to A's pad row (Ember's adapter trained it)."""
+    peft = pytest.importorskip("peft")
+    from ember.models.lora import load_adapter
+
+    folder = _save(tmp_path, "base", pad_token_id=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(_hf_model(folder), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"],
+            init_lora_weights=False))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.mul_(0.2)
+        pm.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    ids[:, 4] = 5
+    _loss(pm(ids).logits, ids).backward()
+    model, _ = load_pretrained(folder)
+    load_adapter(model, tmp_path / "adapter")
+    _loss(model(ids), ids).backward()
+    theirs = {n.split(".")[-2]: p.grad for n, p in pm.named_parameters()
+              if "embed_tokens.lora" in n}
+    assert theirs["lora_embedding_A"][:, 5].abs().max() == 0
+    for name in ("lora_embedding_A", "lora_embedding_B"):
+        ours = getattr(model.embed, name).grad
+        assert (ours - theirs[name]).abs().max().item() <= 1e-5, name
