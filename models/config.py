@@ -20,9 +20,11 @@ class RopeScaling:
     ``beta_slow``, cos/sin multiplied by ``attention_factor``) or LongRoPE ("longrope", Phi-3.5 /
     Phi-4-mini: frequency ``i`` divided by ``short_factor[i]``, or by ``long_factor[i]`` in a
     forward whose largest position is >= ``original_max_position_embeddings``; cos/sin multiplied
-    by ``attention_factor``), as transformers computes them."""
+    by ``attention_factor``) or dynamic NTK ("dynamic": a forward whose largest position is >=
+    ``max_position_embeddings`` raises the RoPE base to fit it, ``rope_dynamic_inv_freq``), as
+    transformers computes them."""
 
-    kind: str = "llama3"  # "llama3" | "linear" | "yarn" | "longrope"
+    kind: str = "llama3"  # "llama3" | "linear" | "yarn" | "longrope" | "dynamic"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -155,6 +157,9 @@ class ModelConfig:
             raise ValueError(
                 f"partial_rotary_factor ({self.partial_rotary_factor}) must be in (0, 1] and "
                 f"give an even rotary dim int(head_dim * factor) >= 2; got {self.rotary_dim}")
+        if self.rope_scaling is not None and self.rope_scaling.kind == "dynamic" and (
+                self.rotary_dim < 4):
+            raise ValueError(f"dynamic NTK RoPE needs a rotary dim >= 4, got {self.rotary_dim}")
         if self.longrope is not None and len(self.longrope.short_factor) != self.rotary_dim // 2:
             raise ValueError(
                 f"longrope short_factor/long_factor must have rotary_dim / 2 = "
@@ -288,6 +293,8 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False, long: bool = False) -> 
         return inv
     if rs.kind == "linear":
         return inv / rs.factor
+    if rs.kind == "dynamic":  # the table up to max_position_embeddings; see rope_dynamic_inv_freq
+        return inv
     if rs.kind == "yarn":
         return _yarn_inv_freq(hd, cfg.rope_theta, rs)
     # llama3: keep high frequencies, divide low ones by factor, interpolate smoothly in between.
@@ -300,6 +307,21 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False, long: bool = False) -> 
     smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
     mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(mid, smoothed, scaled)
+
+
+def rope_dynamic_inv_freq(cfg: ModelConfig, seq_len: torch.Tensor, inv_freq: torch.Tensor
+                          ) -> torch.Tensor:
+    """Dynamic NTK (transformers' ``_compute_dynamic_ntk_parameters``): for a forward whose
+    largest position id + 1 (``seq_len``, a 0-dim integer tensor: no host sync) exceeds
+    ``max_position_embeddings`` L, the base becomes ``theta * (factor * seq_len / L - (factor -
+    1)) ** (d / (d - 2))``, computed in fp32 as transformers does; up to L, ``inv_freq`` (the
+    unscaled table). transformers keeps the largest table it has grown to until a forward
+    shorter than L; this is the table a fresh model (or a growing sequence: generation) uses."""
+    rs, L, d = cfg.rope_scaling, cfg.max_position_embeddings, cfg.rotary_dim
+    seq = torch.maximum(seq_len, torch.tensor(L, dtype=seq_len.dtype, device=seq_len.device))
+    base = cfg.rope_theta * ((rs.factor * seq / L) - (rs.factor - 1)) ** (d / (d - 2))
+    exponent = torch.arange(0, d, 2, dtype=torch.int64, device=seq.device).float() / d
+    return torch.where(seq_len > L, 1.0 / (base**exponent), inv_freq)
 
 
 def rope_attention_factor(cfg: ModelConfig) -> float:

@@ -244,8 +244,9 @@ def _fuse(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict:
     return out
 
 
-# HF keys some checkpoints carry that hold no weights (old Llama conversions saved RoPE buffers).
-_IGNORED_HF_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+# HF keys some checkpoints carry that hold no weights: RoPE buffers saved by old conversions, per
+# layer or the model's (transformers ignores any ``rotary_emb.inv_freq`` and recomputes RoPE).
+_IGNORED_HF_KEYS = re.compile(r"(?:.+\.)?rotary_emb\.inv_freq")
 
 
 def _compile(templates: Iterable[str]) -> list[tuple[re.Pattern, str]]:

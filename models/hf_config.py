@@ -350,11 +350,12 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
                     f"config.json: {key}={raw[key]!r} is not supported for model_type 'phi3' "
                     f"(only {json.dumps(noop)}: transformers' Phi-3 does not implement it)"
                 )
+    # Phi-3's residual dropout (on the attention and MLP outputs, in training forwards); its
+    # embd_pdrop is read and never applied by transformers' Phi-3, so it changes nothing here
+    resid = _get_float(raw, "resid_pdrop", 0.0)
     for key in ("resid_pdrop", "embd_pdrop"):
-        if _get_float(raw, key, 0.0) != 0.0:
-            raise EmberError(
-                f"config.json: {key} != 0 is not supported (Ember has no dropout there)"
-            )
+        if not 0.0 <= _get_float(raw, key, 0.0) < 1.0:
+            raise EmberError(f"config.json: {key} must be in [0, 1), got {raw[key]}")
     if _get_float(raw, "attention_dropout", 0.0) != 0.0:
         raise EmberError(
             "config.json: attention_dropout != 0 is not supported (Ember has no attention dropout)"
@@ -450,6 +451,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             eos_token_id=eos,
             pad_token_id=_pad_token_id(raw),
             torch_dtype=dtype or "float32",
+            resid_dropout=resid,
             labels=labels, problem_type=problem_type_from_hf(raw, labels),
             extra=extra,
             **fields,

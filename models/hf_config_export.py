@@ -34,7 +34,8 @@ def _check_exportable(cfg: ModelConfig) -> None:
             f"{', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     # Phi-1/2's fields and the Llama variants' (SmolLM3, Granite, OLMo2): no other family has them
-    problems = phi_fields_of(cfg) + _var.variant_problems(cfg)
+    problems = [p for p in phi_fields_of(cfg) if not (  # Phi-3 has Phi's residual dropout
+        mt == "phi3" and p.startswith("resid_dropout="))] + _var.variant_problems(cfg)
     gemma, sandwich = mt in GEMMA, mt in _SANDWICH
     if gemma and cfg.activation != "gelu_tanh":
         problems.append(f"activation={cfg.activation!r}")
@@ -65,8 +66,10 @@ def _check_exportable(cfg: ModelConfig) -> None:
         problems.append(f"qk_norm={cfg.qk_norm}")
     if cfg.mlp_bias and mt not in _MLP_BIAS:
         problems.append("mlp_bias=True")
-    if cfg.sliding_window is not None and mt == "llama":
+    if cfg.sliding_window is not None and mt in ("llama", "gemma"):
         problems.append(f"sliding_window={cfg.sliding_window}")
+    if cfg.attn_softcap is not None and mt == "gemma3_text":  # transformers reads, never applies it
+        problems.append(f"attn_softcap={cfg.attn_softcap}")
     bias = (cfg.attention_bias, cfg.attention_out_bias)
     allowed = {
         "llama": {(False, False), (True, True)},
@@ -136,7 +139,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         out["sliding_window"] = cfg.sliding_window
     if mt == "phi3":
         out.update(
-            resid_pdrop=0.0,
+            resid_pdrop=cfg.resid_dropout,
             embd_pdrop=0.0,
             # transformers' Phi-3 reads LongRoPE's original context from here, not the rope dict
             original_max_position_embeddings=cfg.max_position_embeddings

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 
 from ember import EmberError
 from ember.models.config import ModelConfig
+from ember.models.hf_llama_variants import variant_problems
 from ember.models.hf_rope import get_float
 
 ARCHITECTURE = "PhiForCausalLM"
@@ -169,6 +170,7 @@ def phi_to_hf(cfg: ModelConfig, dtype: str) -> dict:
     ).items() if getattr(cfg, k) != want]
     if cfg.head_dim != cfg.hidden_size // cfg.num_heads:
         problems.append(f"head_dim={cfg.head_dim}")
+    problems += variant_problems(cfg)  # NoPE layers, Granite's multipliers, OLMo2's norms
     if problems:
         raise EmberError("cannot export as Hugging Face model_type 'phi': it has no equivalent "
                          f"of {', '.join(problems)}")

@@ -1,7 +1,9 @@
 """RoPE in config.json <-> Ember's ``rope_theta`` / ``RopeScaling``, for ``ember.models.hf_config``.
 
-Types: default, linear, llama3, yarn and longrope, read from either ``rope_parameters``
-(transformers 5) or ``rope_scaling`` (4.x) with transformers 5's precedence. Dynamic NTK is refused.
+Types: default, linear, dynamic (NTK: the base grows with a forward's length past
+``max_position_embeddings``, ``ember.models.config.rope_dynamic_inv_freq``), llama3, yarn and
+longrope, read from either ``rope_parameters`` (transformers 5) or ``rope_scaling`` (4.x) with
+transformers 5's precedence.
 
 LongRoPE (Phi-3.5, Phi-4-mini; Phi-3's old names "su" and "yarn" mean it too): ``short_factor`` and
 ``long_factor`` must list rotary_dim / 2 numbers; ``original_max_position_embeddings`` is, for
@@ -28,6 +30,7 @@ from ember.models.config import ModelConfig, RopeScaling
 _ROPE_KEYS = {
     "default": frozenset(),
     "linear": frozenset({"factor"}),
+    "dynamic": frozenset({"factor"}),
     "llama3": frozenset(
         {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
     ),
@@ -141,8 +144,8 @@ def parse_rope(
     factor = get_float(rope, "factor", ..., where)
     if factor <= 0:
         raise EmberError(f"{where}: factor must be > 0, got {factor}")
-    if kind == "linear":
-        return theta, RopeScaling(kind="linear", factor=factor)
+    if kind in ("linear", "dynamic"):
+        return theta, RopeScaling(kind=kind, factor=factor)
     low, high = (
         get_float(rope, "low_freq_factor", ..., where),
         get_float(rope, "high_freq_factor", ..., where),
@@ -252,8 +255,8 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
     if cfg.partial_rotary_factor != 1.0:
         rope["partial_rotary_factor"] = cfg.partial_rotary_factor
     rs = cfg.rope_scaling
-    if rs is not None and rs.kind == "linear":
-        rope.update(rope_type="linear", factor=rs.factor)
+    if rs is not None and rs.kind in ("linear", "dynamic"):
+        rope.update(rope_type=rs.kind, factor=rs.factor)
     elif rs is not None and rs.kind == "yarn":
         rope.update(
             rope_type="yarn",

@@ -140,8 +140,10 @@ def is_gguf_file(path: str | os.PathLike) -> bool:
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
-    """An HF model folder for: a folder (returned as is), a ``.gguf`` file (imported to the cache)
-    or a built-in model name such as ``smollm2-135m-instruct`` (see ``list_models()``)."""
+    """An HF model folder for: a folder (returned as is), a ``.gguf`` file (imported to the cache),
+    a Hub id in the local Hugging Face cache, or a built-in model name such as
+    ``smollm2-135m-instruct`` (see ``list_models()``; a Hub id that is also a built-in alias
+    loads its cached snapshot when there is one, the built-in GGUF otherwise)."""
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return p
@@ -150,11 +152,12 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
             return import_cached(p)
         raise EmberError(f"{p} is a file but not a .gguf; give a model folder, a .gguf file or "
                          f"a built-in name ({', '.join(list_models())})")
-    if isinstance(name_or_path, str) and builtin_model(name_or_path) is not None:
-        return import_cached(builtin_gguf_path(name_or_path))
+    # A Hub id's own snapshot first: the built-in alias of the same id is a Q4_1 GGUF of it
     snapshot = hf_cache_snapshot(name_or_path) if isinstance(name_or_path, str) else None
     if snapshot is not None:
         return snapshot
+    if isinstance(name_or_path, str) and builtin_model(name_or_path) is not None:
+        return import_cached(builtin_gguf_path(name_or_path))
     raise EmberError(f"model {str(name_or_path)!r} not found: not a folder, not a .gguf file, "
                      f"not a built-in model ({', '.join(list_models())}) and not a Hugging Face "
                      "Hub id in the local Hugging Face cache; Ember downloads nothing, so pass a "

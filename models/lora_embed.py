@@ -82,7 +82,10 @@ class LoRAEmbedding(nn.Module):
         x = self.base(ids)  # (B, T, D)
         if self.scale == 0.0:  # adapters off (losses.adapters_disabled)
             return x
-        after_a = F.embedding(ids, self.lora_embedding_A.t(), self.padding_idx)  # (B, T, r)
+        # PEFT looks A up with the base's padding_idx: the pad row of A gets no gradient
+        pad = self.padding_idx if self.padding_idx is not None else getattr(
+            self.base, "padding_idx", None)
+        after_a = F.embedding(ids, self.lora_embedding_A.t(), pad)  # (B, T, r)
         return (x + (after_a @ self.lora_embedding_B.t()) * self.scale).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:

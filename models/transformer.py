@@ -46,7 +46,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ember.kernels import apply_rope, flash_attention, geglu, lora_mlp, lora_qkv, rms_norm, swiglu
-from ember.models.config import ModelConfig, rope_attention_factor, rope_inv_freq
+from ember.models.config import (
+    ModelConfig,
+    rope_attention_factor,
+    rope_dynamic_inv_freq,
+    rope_inv_freq,
+)
 from ember.models.lora import LoRALinear
 from ember.models.lora_embed import adapted_head_weight, head_lora, head_operands
 from ember.models.moe import MoE
@@ -283,7 +288,11 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # transformers builds every family's embedding with padding_idx=pad_token_id: looking up
+        # the pad token adds nothing to that row's gradient (a tied head still does)
+        pad = cfg.pad_token_id
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=pad if (
+            pad is not None and 0 <= pad < cfg.vocab_size) else None)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg, cfg.hidden_size)
         # A classifier (cfg.labels) has no LM head, as in HF's *ForSequenceClassification: its
@@ -386,6 +395,9 @@ class Transformer(nn.Module):
             inv_freq = torch.where(long_rope, self.inv_freq_long, inv_freq)  # (B, 1, rd/2)
         elif lr is not None and long_rope:
             inv_freq = self.inv_freq_long
+        rs = self.cfg.rope_scaling
+        if not local and rs is not None and rs.kind == "dynamic" and position_ids.numel():
+            inv_freq = rope_dynamic_inv_freq(self.cfg, position_ids.max() + 1, inv_freq)
         freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, rotary_dim/2)
         scale = 1.0 if local else rope_attention_factor(self.cfg)
         if scale != 1.0:  # YaRN scales cos/sin, so q.k by scale^2

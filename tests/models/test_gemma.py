@@ -237,6 +237,21 @@ def test_refusals(tmp_path):
             save_pretrained(Transformer(cfg.replace(**change)), tmp_path / "x")
 
 
+def test_export_refuses_what_transformers_gemma_would_drop(tmp_path):
+    """An attention softcap on Gemma 3 (transformers reads attn_logit_softcapping and never
+    applies it) or a window on Gemma 1 (no such field) used to be written without a word, so
+    transformers computed another model from the export."""
+    g3 = config_from_hf(json.loads((_save(tmp_path, "gemma3") / "config.json").read_text()))
+    with pytest.raises(EmberError, match="gemma3_text.*attn_softcap=3.0"):
+        save_pretrained(Transformer(g3.replace(attn_softcap=3.0)), tmp_path / "g3")
+    g1 = g3.replace(model_type="gemma", sandwich_norms=False, qk_norm=False, layer_types=None,
+                    query_pre_attn_scalar=None, final_softcap=None, rope_local_theta=None,
+                    rope_scaling=None)
+    save_pretrained(Transformer(g1.replace(sliding_window=None)), tmp_path / "g1")
+    with pytest.raises(EmberError, match="'gemma'.*sliding_window=5"):
+        save_pretrained(Transformer(g1), tmp_path / "g1_window")
+
+
 def test_accelerate_hf_takes_a_gemma2_checkpoint(tmp_path):
     """A Gemma 2 checkpoint as transformers loads it takes Ember's kernels (ember.models.
     hf_backend; its parity tests are in tests/models/test_hf_backend_families.py): same loss

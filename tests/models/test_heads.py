@@ -196,6 +196,24 @@ def test_head_gradients_match_transformers(tmp_path):
         assert err < 1e-4, (name, err)
 
 
+def test_a_new_heads_pad_token_gets_transformers_gradient(tmp_path):
+    """add_classification_head(pad_token_id=...) on a base without a pad token: transformers
+    builds the saved classifier's embedding with padding_idx = that id, so its lookups add no
+    gradient; Ember used to keep training the row (the embedding kept the base's padding)."""
+    cfg = ModelConfig(**{**BASE, "pad_token_id": None}, hidden_size=48)
+    model = Transformer(cfg).init_weights(std=0.1, seed=3)
+    add_classification_head(model, LABELS, pad_token_id=7, seed=0)
+    save_pretrained(model, tmp_path)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    docs = [[5, 7, 9, 7, 11], [7, 3, 8, 2, 4]]  # the pad id inside documents, never last
+    ids = torch.tensor(docs)
+    hf(input_ids=ids, labels=torch.tensor([2, 0])).loss.backward()
+    F.cross_entropy(_ember_logits(model, docs), torch.tensor([2, 0])).backward()
+    ref = hf.model.embed_tokens.weight.grad
+    assert ref[7].abs().max() == 0 and ref[5].abs().max() > 0
+    assert (model.embed.weight.grad - ref).abs().max() / ref.abs().max() < 1e-4
+
+
 def _causal_base(tmp_path):
     cfg = ModelConfig(**BASE, hidden_size=48)
     save_pretrained(Transformer(cfg).init_weights(std=0.1, seed=2), tmp_path / "base")

@@ -350,8 +350,7 @@ def test_bad_weights(tmp_path):
     [
         ({"model_type": "gpt2"}, "gpt2"),
         ({"architectures": ["LlamaForTokenClassification"]}, "LlamaForTokenClassification"),
-        ({"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}},
-         "dynamic"),
+        ({"rope_parameters": {"rope_type": "su", "factor": 4.0, "rope_theta": 1e4}}, "'su'"),
         (
             {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}},
             "low_freq_factor",

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ember import EmberError
 from ember.models.loading import load_pretrained, read_config, save_pretrained
+from ember.models.transformer import KVCache
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
@@ -87,6 +88,20 @@ def test_tied_config_with_a_stored_lm_head(tmp_path, same):
         assert (model(ids) - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
 
 
+def test_saved_rope_buffers_are_ignored_as_transformers_ignores_them(tmp_path):
+    """Conversions that saved RoPE's inv_freq, per layer or the model's one: transformers ignores
+    every ``rotary_emb.inv_freq`` key; Ember refused the model-level one as unexpected."""
+    folder = _save(tmp_path, "buffers", num_hidden_layers=2)
+    sd = load_file(folder / "model.safetensors")
+    junk = torch.ones(BASE["hidden_size"] // BASE["num_attention_heads"] // 2)
+    sd["model.rotary_emb.inv_freq"] = junk
+    sd["model.layers.1.self_attn.rotary_emb.inv_freq"] = junk.clone()
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    model, _ = load_pretrained(folder)
+    with torch.no_grad():
+        assert (model(_ids()) - _hf_logits(folder, _ids())).abs().max().item() <= 1e-4
+
+
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
 ROPE_CASES = {  # name -> (config class, kwargs); T=24 runs past original_max_position_embeddings
     "llama_yarn": (
@@ -129,16 +144,37 @@ def test_yarn_rope_matches_transformers_and_exports(tmp_path, case):
     _assert_parity_and_export(model, folder, ids, tmp_path)
 
 
-def test_dynamic_ntk_rope_is_refused(tmp_path):
-    """dynamic NTK recomputes the frequencies from the sequence length: refused. (LongRoPE, which
-    picks one of two fixed tables, is supported: tests/models/test_longrope.py.)"""
-    folder = _save(tmp_path, "llama", rope_parameters={"rope_type": "linear", "factor": 2.0})
-    path = folder / "config.json"
-    raw = json.loads(path.read_text())
-    rope = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}
-    path.write_text(json.dumps({**raw, "rope_parameters": rope, "rope_scaling": None}))
-    with pytest.raises(EmberError, match="rope type 'dynamic' is not supported"):
-        load_pretrained(folder)
+DYNAMIC = {"rope_type": "dynamic", "rope_theta": 1000.0, "factor": 3.0}
+
+
+@pytest.mark.parametrize("case,cls,kw", [
+    ("llama", "LlamaConfig", dict(rope_parameters=DYNAMIC)),
+    ("qwen2_legacy_4x", "Qwen2Config", dict(rope_scaling={"type": "dynamic", "factor": 2.5})),
+    ("gemma2_windows", "Gemma2Config", dict(rope_parameters=DYNAMIC, head_dim=8,
+                                           sliding_window=6)),
+])
+def test_dynamic_ntk_rope_matches_transformers(tmp_path, case, cls, kw, one_thread):
+    """dynamic NTK (the RoPE base grows with a forward's length past max_position_embeddings)
+    used to be refused. Short and long forwards, the export, and decoding across the boundary
+    (KV-cached decoding), where every step grows the base again."""
+    folder = _save(tmp_path, case, cls, max_position_embeddings=16, **kw)
+    model, _ = load_pretrained(folder)
+    assert model.cfg.rope_scaling.kind == "dynamic"
+    with torch.no_grad():
+        short = _ids(12)
+        assert (model(short) - _hf_logits(folder, short)).abs().max().item() <= 1e-4
+    _assert_parity_and_export(model, folder, _ids(32), tmp_path)
+    ids = _ids(18)
+    with warnings.catch_warnings(), torch.no_grad():  # KV-cached decoding as generation does it
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        out = hf(ids[:, :15], use_cache=True)
+        cache = KVCache(model.cfg, 2, 18, "cpu", torch.float32)
+        model(ids[:, :15], cache=cache)
+        for t in range(15, 18):
+            out = hf(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            step = model(ids[:, t:t + 1], cache=cache)
+            assert (step - out.logits).abs().max().item() <= 1e-4, t
 
 
 PHI3 = dict(pad_token_id=None, bos_token_id=1, eos_token_id=2)
@@ -177,13 +213,38 @@ def test_phi3_fused_projections_load_and_export(tmp_path, case, kw):
             assert (nf4(ids) - _hf_logits(tmp_path / out, ids)).abs().max().item() <= 1e-4
 
 
+def test_phi3_residual_dropout_acts_in_training_as_transformers(tmp_path, one_thread):
+    """Phi-3's resid_pdrop (transformers drops the attention and MLP outputs in training; its
+    embd_pdrop is never applied) used to be refused: eval forwards equal transformers', training
+    forwards draw the same masks, the export keeps it."""
+    folder = _save(tmp_path, "phi3", "Phi3Config", **PHI3, resid_pdrop=0.2, embd_pdrop=0.1)
+    ids = _ids()
+    model, _ = load_pretrained(folder)
+    assert model.cfg.resid_dropout == 0.2 and model.cfg.embed_dropout == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, attn_implementation="eager").train()
+    with torch.no_grad():
+        assert (model(ids) - _hf_logits(folder, ids)).abs().max().item() <= 1e-4
+        model.train()
+        torch.manual_seed(0)
+        ours = model(ids)
+        torch.manual_seed(0)
+        assert (ours - hf(ids).logits).abs().max().item() <= 1e-4
+        assert (ours - model.eval()(ids)).abs().max().item() > 1e-2  # it did drop
+    save_pretrained(model, tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["resid_pdrop"] == 0.2
+    assert read_config(tmp_path / "export") == model.cfg
+
+
 @pytest.mark.parametrize(
     "change,needle",
     [
         ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 6}}, "longrope.*long_factor"),
         # 12 * 0.3 = 3.6: an odd rotary dim, which transformers would pad to 4 by accident
         ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.3}}, "partial"),
-        ({"resid_pdrop": 0.1}, "resid_pdrop"),
+        ({"resid_pdrop": 1.0}, "resid_pdrop must be in"),
         (
             {
                 "quantization_config": {
@@ -295,6 +356,24 @@ def test_a_hub_id_loads_from_the_local_hugging_face_cache(tmp_path, monkeypatch)
         assert (model(ids) - _hf_logits(want, ids)).abs().max().item() <= 1e-4
     with pytest.raises(EmberError, match="not a Hugging Face Hub id in the local"):
         resolve_model("tiny-org/absent")
+
+
+def test_a_cached_hub_snapshot_wins_over_the_builtin_alias_of_its_id(tmp_path, monkeypatch):
+    """"HuggingFaceTB/SmolLM2-135M-Instruct" is also an alias of the built-in Q4_1 GGUF; with the
+    repo's snapshot in the Hugging Face cache, its full-precision weights load (the alias won,
+    silently swapping in 4-bit weights)."""
+    from ember.models.hub import resolve_model
+
+    cache = tmp_path / "hf" / "hub"
+    repo = cache / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    (repo / "snapshots").mkdir(parents=True)
+    _save(tmp_path, "src").rename(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "ember"))  # where a GGUF import would go
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == repo / "snapshots" / commit
 
 
 def test_export_replaces_a_folder_with_named_chat_templates(tmp_path):

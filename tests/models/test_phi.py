@@ -187,6 +187,18 @@ def test_export_of_other_families_refuses_phi_fields(folders):
         config_to_hf(model.cfg.replace(norm="rms"))
 
 
+@pytest.mark.parametrize("change", [
+    dict(nope_layers=(1,)), dict(residual_multiplier=0.5), dict(attention_multiplier=0.3),
+    dict(logits_scaling=2.0), dict(pre_norms=False)])
+def test_phi_export_refuses_fields_phi_cannot_express(folders, change):
+    """SmolLM3's NoPE layers, Granite's multipliers and OLMo2's missing pre-norms on a phi config
+    used to be dropped from the export without a word (the other families refused them)."""
+    model, _ = load_pretrained(folders["phi15_gqa"])
+    from ember.models.hf import config_to_hf
+    with pytest.raises(EmberError, match=f"model_type 'phi'.*{next(iter(change))}"):
+        config_to_hf(model.cfg.replace(**change))
+
+
 # --- LoRA, PEFT ------------------------------------------------------------------------------
 
 PHI_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
