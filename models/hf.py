@@ -1,12 +1,12 @@
 """Hugging Face <-> Ember state dicts, as pure functions: the key table and its transforms.
 
 State dicts are renamed through ``KEY_TABLE`` (with ``SANDWICH_KEYS`` first for Gemma 2/3, whose
-``post_attention_layernorm`` is the norm on the attention output); the one transform is Phi-3's
+``post_attention_layernorm`` is the norm on the attention output); the transforms are Phi-3's
 fused ``qkv_proj`` / ``gate_up_proj`` weights, split into Ember's projections on import and
 concatenated on export, and transformers 5's 3-D MoE expert stacks (``ember.models.hf_moe``
-``expert_parts``), split per expert on import. Tied checkpoints may or may not carry ``lm_head.weight``: it is accepted
-(shape-checked) and dropped on import, and never written on export, exactly as transformers saves
-tied models.
+``expert_parts``), split per expert on import. Tied checkpoints may or may not carry
+``lm_head.weight``: it is accepted (shape-checked) and dropped on import, and never written on
+export, exactly as transformers saves tied models.
 
 A bitsandbytes 4-bit weight is ``<key>`` (packed uint8) plus ``<key>.absmax`` etc.
 (``ember.models.nf4``); those entries are renamed with their weight, and ``to_hf_state_dict``
