@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 
 from ember import EmberError
 from ember.models.config import ModelConfig
-from ember.models.hf import fused_parts, hf_key_to_ember, map_hf_keys
+from ember.models.hf import expert_parts, fused_parts, hf_key_to_ember, map_hf_keys
 from ember.models.nf4 import (
     QS_SUFFIX,
     Linear4bit,
@@ -127,10 +127,16 @@ def iter_bnb_checkpoint(
     mapping = map_hf_keys(shapes, cfg, str(ckpt.folder))
     fused = fused_parts(shapes, cfg)  # Phi-3: one stored weight (NF4 or dense), several parts
     quantized = ckpt.quantized_weights()
+    experts = expert_parts(shapes, cfg, str(ckpt.folder))  # dense 3-D MoE expert stacks
+    if experts.keys() & quantized:
+        raise EmberError(f"{ckpt.folder}: 4-bit 3-D expert stacks ("
+                         f"{min(experts.keys() & quantized)}, ...) are not supported; "
+                         "bitsandbytes leaves transformers' experts dense")
     pending: dict[str, dict[str, torch.Tensor]] = {}  # a fused NF4 weight's entries so far
     for path in ckpt.files:
         keys = [k for k, p in ckpt.key_file.items()
-                if p == path and (split_bnb_key(k)[0] in mapping or split_bnb_key(k)[0] in fused)]
+                if p == path and (split_bnb_key(k)[0] in mapping or split_bnb_key(k)[0] in fused
+                                  or k in experts)]
         try:
             with open_weights(path) as f:
                 for key in keys:
@@ -138,7 +144,10 @@ def iter_bnb_checkpoint(
                     if key in quantized and t.dtype != torch.uint8:
                         t = t.contiguous().view(torch.uint8).reshape(-1, 1)
                     base = split_bnb_key(key)[0]
-                    if base not in fused:
+                    if key in experts:
+                        for part, e, a, b in experts[key]:
+                            yield part, t[e, a:b].clone()
+                    elif base not in fused:
                         yield key, t
                     elif base not in quantized:
                         for part, a, b in fused[base]:

@@ -315,8 +315,10 @@ def rope_dynamic_inv_freq(cfg: ModelConfig, seq_len: torch.Tensor, inv_freq: tor
     largest position id + 1 (``seq_len``, a 0-dim integer tensor: no host sync) exceeds
     ``max_position_embeddings`` L, the base becomes ``theta * (factor * seq_len / L - (factor -
     1)) ** (d / (d - 2))``, computed in fp32 as transformers does; up to L, ``inv_freq`` (the
-    unscaled table). transformers keeps the largest table it has grown to until a forward
-    shorter than L; this is the table a fresh model (or a growing sequence: generation) uses."""
+    unscaled table). One table per forward, so a packed batch uses its longest document's, as
+    transformers' packed forward (position_ids restarting per document) does. transformers
+    keeps the largest table it has grown to until a forward shorter than L; this is the table a
+    fresh model (or a growing sequence: generation) uses."""
     rs, L, d = cfg.rope_scaling, cfg.max_position_embeddings, cfg.rotary_dim
     seq = torch.maximum(seq_len, torch.tensor(L, dtype=seq_len.dtype, device=seq_len.device))
     base = cfg.rope_theta * ((rs.factor * seq / L) - (rs.factor - 1)) ** (d / (d - 2))

@@ -1,11 +1,12 @@
 """Hugging Face <-> Ember state dicts, as pure functions: the key table and its transforms.
 
 State dicts are renamed through ``KEY_TABLE`` (with ``SANDWICH_KEYS`` first for Gemma 2/3, whose
-``post_attention_layernorm`` is the norm on the attention output); the one transform is Phi-3's
+``post_attention_layernorm`` is the norm on the attention output); the transforms are Phi-3's
 fused ``qkv_proj`` / ``gate_up_proj`` weights, split into Ember's projections on import and
-concatenated on export. Tied checkpoints may or may not carry ``lm_head.weight``: it is accepted
-(shape-checked) and dropped on import, and never written on export, exactly as transformers saves
-tied models.
+concatenated on export, and transformers 5's 3-D MoE expert stacks (``ember.models.hf_moe``
+``expert_parts``), split per expert on import. Tied checkpoints may or may not carry
+``lm_head.weight``: it is accepted (shape-checked) and dropped on import, and never written on
+export, exactly as transformers saves tied models.
 
 A bitsandbytes 4-bit weight is ``<key>`` (packed uint8) plus ``<key>.absmax`` etc.
 (``ember.models.nf4``); those entries are renamed with their weight, and ``to_hf_state_dict``
@@ -40,6 +41,7 @@ from ember.models.hf_config import (
     quantization_config_from_hf,
 )
 from ember.models.hf_config_export import config_to_hf
+from ember.models.hf_moe import expert_parts
 from ember.models.hf_phi import KEYS as PHI_KEYS
 from ember.models.nf4 import (
     QS_SUFFIX,
@@ -62,6 +64,7 @@ __all__ = [
     "config_to_hf",
     "ember_key_to_hf",
     "expected_shapes",
+    "expert_parts",
     "from_hf_state_dict",
     "fused_groups",
     "fused_parts",
@@ -123,6 +126,8 @@ MOE_KEYS: dict[str, list[tuple[str, str]]] = {
     # Mixtral: w1 = gate, w3 = up, w2 = down
     "mixtral": [
         ("layers.{i}.mlp.gate.weight", "model.layers.{i}.block_sparse_moe.gate.weight"),
+        # the router as transformers 5 names it in memory (stacked-expert checkpoints: hf_moe)
+        ("layers.{i}.mlp.gate.weight", "model.layers.{i}.mlp.gate.weight"),
         *[(f"layers.{{i}}.mlp.experts.{{e}}.{p}.weight",
            f"model.layers.{{i}}.block_sparse_moe.experts.{{e}}.{w}.weight")
           for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))],
@@ -183,11 +188,14 @@ def fused_groups(cfg: ModelConfig) -> list[list[str]]:
 
 
 def _unfused_shapes(hf_shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, where: str):
-    """hf_shapes with each fused weight replaced by its parts (shape-checked)."""
-    fused = fused_parts(hf_shapes, cfg)
-    if not fused:
+    """hf_shapes with each fused weight (and 3-D expert stack) replaced by its parts
+    (shape-checked)."""
+    fused, experts = fused_parts(hf_shapes, cfg), expert_parts(hf_shapes, cfg, where)
+    if not fused and not experts:
         return hf_shapes
-    out = {k: v for k, v in hf_shapes.items() if k not in fused}
+    out = {k: v for k, v in hf_shapes.items() if k not in fused and k not in experts}
+    for key, parts in experts.items():
+        out.update({part: (b - a, hf_shapes[key][2]) for part, _, a, b in parts})
     for key, parts in fused.items():
         shape = tuple(hf_shapes[key])
         if len(shape) != 2 or shape[0] != parts[-1][2]:
@@ -201,11 +209,15 @@ def _unfused_shapes(hf_shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, 
 
 
 def split_fused(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """An HF state dict with Phi-3's fused weights split into per-projection HF keys."""
-    fused = fused_parts({k: tuple(v.shape) for k, v in sd.items()}, cfg)
-    out = {k: v for k, v in sd.items() if k not in fused}
+    """An HF state dict with Phi-3's fused weights split into per-projection HF keys, and 3-D
+    expert stacks (transformers 5's in-memory MoE layout) into per-expert ones."""
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    fused, experts = fused_parts(shapes, cfg), expert_parts(shapes, cfg, "state dict")
+    out = {k: v for k, v in sd.items() if k not in fused and k not in experts}
     for key, parts in fused.items():
         out.update({part: sd[key][a:b] for part, a, b in parts})
+    for key, parts in experts.items():
+        out.update({part: sd[key][e, a:b] for part, e, a, b in parts})
     return out
 
 

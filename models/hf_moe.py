@@ -7,12 +7,18 @@ defaults filled in, since they differ: Mixtral's RoPE base is 1e6 and it has no 
 default) plus the ``ModelConfig`` MoE fields; ``moe_to_hf`` turns the sibling's exported dict
 back. Fields read as transformers 5.23 reads them: Mixtral ``num_local_experts``; Qwen2-MoE
 ``num_experts``; Qwen3-MoE ``num_experts`` (4.x) or ``num_local_experts`` (what 5.x writes).
+Checkpoints that store a sparse layer's experts as transformers 5 holds them in memory (two 3-D
+tensors ``mlp.experts.gate_up_proj`` (E, 2F, D), gate rows first, and ``mlp.experts.down_proj``
+(E, D, F), e.g. saved from a state dict rather than by ``save_pretrained``; Mixtral's router then
+is ``mlp.gate``) load as transformers loads them: ``expert_parts`` names each expert's slices;
+export writes one key per expert and projection, as ``save_pretrained`` does.
 Refused: ``router_jitter_noise`` != 0 (training-time noise Ember does not draw), a Qwen-MoE
 sliding window (no released model uses it), ``qkv_bias`` false, and classifier architectures.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from ember import EmberError
@@ -187,4 +193,43 @@ def moe_to_hf(cfg: ModelConfig, out: dict) -> dict:
     if mt == "qwen2_moe":
         out.update(shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
                    qkv_bias=True)
+    return out
+
+
+_STACKED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+# per-expert HF names of (gate, up, down), as save_pretrained writes them
+_EXPERT_KEYS = {
+    "mixtral": ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3",
+                "block_sparse_moe.experts.{e}.w2"),
+    "qwen2_moe": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj",
+                  "mlp.experts.{e}.down_proj"),
+}
+_EXPERT_KEYS["qwen3_moe"] = _EXPERT_KEYS["qwen2_moe"]
+
+
+def expert_parts(hf_shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig,
+                 where: str = "checkpoint") -> dict[str, list[tuple[str, int, int, int]]]:
+    """``{stacked key: [(per-expert HF key, expert e, first row, end row)]}`` for the 3-D expert
+    stacks of sparse layers in ``hf_shapes`` (the part is ``stack[e, first:end]``); {} for dense
+    families. A stack of the wrong shape is an EmberError naming it."""
+    if cfg.model_type not in _EXPERT_KEYS:
+        return {}
+    out = {}
+    E, F, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    gate, up, down = (f"{{prefix}}.{k}.weight" for k in _EXPERT_KEYS[cfg.model_type])
+    for key, shape in hf_shapes.items():
+        m = _STACKED.fullmatch(key)
+        if m is None or not (int(m[1]) < cfg.num_layers and cfg.is_sparse(int(m[1]))):
+            continue  # not a stack, or one in a dense layer: map_hf_keys names it
+        prefix = f"model.layers.{m[1]}"
+        fused = m[2] == "gate_up_proj"
+        want = (E, 2 * F, D) if fused else (E, D, F)
+        if tuple(shape) != want:
+            raise EmberError(f"{where}: {key} has shape {tuple(shape)}, expected {want} for this "
+                             "config.json")
+        parts = []
+        for e in range(E):
+            names = [(gate, 0, F), (up, F, 2 * F)] if fused else [(down, 0, D)]
+            parts += [(t.format(prefix=prefix, e=e), e, a, b) for t, a, b in names]
+        out[key] = parts
     return out

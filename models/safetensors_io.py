@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from ember import EmberError
 from ember.models.config import ModelConfig
 from ember.models.deferred import materialize
-from ember.models.hf import fused_parts, map_hf_keys, split_multimodal_keys
+from ember.models.hf import expert_parts, fused_parts, map_hf_keys, split_multimodal_keys
 from ember.models.hf_config import config_from_hf
 from ember.models.nf4 import QS_SUFFIXES, is_quant_state_key, split_bnb_key
 
@@ -333,8 +333,10 @@ def iter_checkpoint(
     ckpt = ckpt if ckpt is not None else scan_checkpoint(folder)
     mapping = map_hf_keys(ckpt.shapes, cfg, str(ckpt.folder))
     fused = fused_parts(ckpt.shapes, cfg)  # Phi-3: one stored tensor, several Ember weights
+    experts = expert_parts(ckpt.shapes, cfg, str(ckpt.folder))  # 3-D MoE expert stacks
     for path in ckpt.files:
-        keys = [k for k, p in ckpt.key_file.items() if p == path and (k in mapping or k in fused)]
+        keys = [k for k, p in ckpt.key_file.items()
+                if p == path and (k in mapping or k in fused or k in experts)]
         try:
             with open_weights(path) as f:
                 for key in keys:
@@ -344,6 +346,9 @@ def iter_checkpoint(
                     if key in fused:
                         for part, a, b in fused[key]:
                             yield mapping[part], t[a:b].clone()
+                    elif key in experts:
+                        for part, e, a, b in experts[key]:
+                            yield mapping[part], t[e, a:b].clone()
                     else:
                         yield mapping[key], t
         except SafetensorError as e:

@@ -65,3 +65,24 @@ def test_nf4_moe_saves_what_transformers_loads(tmp_path):
     assert "model.layers.0.self_attn.q_proj.weight.absmax" in sd
     ids = _ids(96, 6)
     assert _diff(_logits(_hf(out), ids), _logits(model, ids)) <= TOL
+
+
+def test_a_bnb_checkpoint_with_3d_expert_stacks_loads(tmp_path):
+    """The dense experts of a 4-bit MoE checkpoint stored as transformers 5's 3-D stacks (as a
+    state dict holds them: mlp.experts.gate_up_proj / down_proj, the router as mlp.gate) load
+    with transformers' logits (the stacks were skipped, leaving the experts unloaded)."""
+    from safetensors.torch import save_file
+
+    folder, hf = _bnb_folder(tmp_path, _model("mixtral"), True)
+    sd = load_file(folder / "model.safetensors")
+    for i in range(BASE["num_hidden_layers"]):
+        p = f"model.layers.{i}.block_sparse_moe."
+        w = [[sd.pop(f"{p}experts.{e}.w{j}.weight") for j in (1, 3, 2)] for e in range(4)]
+        sd[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([w1, w3]) for w1, w3, _ in w])
+        sd[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack([w2 for *_, w2 in w])
+        sd[f"model.layers.{i}.mlp.gate.weight"] = sd.pop(f"{p}gate.weight")
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    model, _ = load_pretrained(folder)
+    ids = _ids(96, 5)
+    assert _diff(_logits(model, ids), _logits(hf, ids)) <= TOL

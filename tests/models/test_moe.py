@@ -120,6 +120,40 @@ def test_logits_gradients_and_round_trips(tmp_path, case):
         assert (again(ids).logits - ref).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe_step2", "qwen3_moe_norm_dense0"])
+def test_checkpoints_with_3d_expert_stacks_load_as_transformers_loads_them(tmp_path, case):
+    """A checkpoint saved from transformers 5's state dict holds each sparse layer's experts as
+    two 3-D stacks (gate_up_proj (E, 2F, D), down_proj (E, D, F); Mixtral's router as mlp.gate),
+    which transformers loads; Ember refused their keys. Export writes the per-expert keys that
+    save_pretrained writes."""
+    from safetensors.torch import save_file
+
+    from ember.models.hf import from_hf_state_dict
+
+    hf = _hf_model(case, seed=3)
+    folder = tmp_path / case
+    hf.save_pretrained(folder)
+    per_expert = load_file(folder / "model.safetensors")
+    stacked = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in stacked)
+    save_file(stacked, folder / "model.safetensors", metadata={"format": "pt"})
+    ids = _ids()
+    model, _ = load_pretrained(folder)
+    with torch.no_grad():
+        ours = model(ids)
+        assert (ours - hf(ids).logits).abs().max().item() <= 1e-4
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            again = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert (ours - again(ids).logits).abs().max().item() <= 1e-4  # transformers loads it
+    cfg = model.cfg
+    sd = from_hf_state_dict(stacked, cfg)
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    back = to_hf_state_dict(sd, cfg)
+    assert back.keys() == per_expert.keys()
+    assert all(torch.equal(back[k], per_expert[k]) for k in back)
+
+
 def test_config_fields(tmp_path):
     """The MoE fields as transformers reads them, including Qwen3-MoE's 4.x name num_experts."""
     _, folder = _save(tmp_path, "qwen2_moe_step2")
