@@ -64,7 +64,7 @@ def test_repetition_penalty_equals_transformers_generate(pair):
     hf, ours = pair
     prompts = [*PROMPTS, [2, 37, 19]]  # the last: what the model repeats, already in the prompt
     want = [_hf_greedy(hf, p, 8, repetition_penalty=1.8) for p in prompts]
-    assert want != [_hf_greedy(hf, p, 8) for p in prompts]  # the penalty changes the tokens
+    assert want[-1] != _hf_greedy(hf, prompts[-1], 8)  # the penalty changes the tokens
     assert generate_ids(ours, prompts, max_new_tokens=8, repetition_penalty=1.8) == want
     # rows that stop early leave the batch (the penalty's memory of each row goes with it)
     stop = [_hf_greedy(hf, p, 8, repetition_penalty=1.8, eos_token_id=19) for p in prompts]
