@@ -165,15 +165,19 @@ def _cmd_chat(a) -> None:
         if not text:
             continue
         turn = [*messages, {"role": "user", "content": text}]
+        stream = _Stream(tok)
         try:
             ids = render_chat(tok, data_cfg, [*system, *turn])
             if interactive:
                 print("assistant> ", end="", flush=True)
-            stream = _Stream(tok)
             answer = stream.finish(run([ids], stream)[0])
         except EmberError as e:  # e.g. the conversation outgrew the context: say so, keep going
             print(f"ember: error: {e} (/reset starts a new conversation)", file=sys.stderr)
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the conversation
+            print(flush=True)
+            print("ember: answer interrupted (Ctrl-D or /exit quits)", file=sys.stderr)
+            answer = stream.shown  # what was printed is what the conversation goes on from
         messages = [*turn, {"role": "assistant", "content": answer}]
 
 

@@ -62,11 +62,11 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token once the tokens ranked above it cover top_p; the best one always stays
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-        drop[:, 0] = False
+        # transformers' computation, so that ties at the cut keep the same tokens: from the
+        # least likely up, drop tokens while their mass is <= 1 - top_p; the best always stays
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        drop = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[:, -1] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     if min_p > 0:  # drop tokens less likely than min_p times the best one (which always stays)
         probs = torch.softmax(logits, dim=-1)

@@ -163,3 +163,34 @@ def test_min_p_and_repetition_penalty_flags(chat_model, capsys):
     out = _run(capsys, ["generate", str(chat_model), "--prompt", "red dog", "--temperature",
                         "2", "--min-p", "1", "--seed", "1", "--max-new-tokens", str(MAX_NEW)])
     assert out == _answer(chat_model, msgs) + "\n"
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(chat_model, capsys, monkeypatch):
+    """Ctrl-C while an answer streams ends that answer (kept as far as it was shown) and the
+    chat goes on (it ended the whole session, losing the conversation)."""
+    import importlib
+
+    gen_mod = importlib.import_module("ember.models.generate")
+    real = gen_mod.generate_ids
+    calls = []
+
+    def interrupted_once(model, prompts, **kw):
+        calls.append(prompts[0])
+        if len(calls) > 1:
+            return real(model, prompts, **kw)
+        stop = kw["should_stop"]
+        out = real(model, prompts, **{**kw, "should_stop": None, "max_new_tokens": 3})[0]
+        for n in range(1, len(out) + 1):
+            stop(0, out[:n])  # stream the first tokens...
+        raise KeyboardInterrupt  # ...then the user presses Ctrl-C
+
+    monkeypatch.setattr(gen_mod, "generate_ids", interrupted_once)
+    out = _run(capsys, ["chat", str(chat_model), "--max-new-tokens", str(MAX_NEW)],
+               "red dog\nand a cat?\n", monkeypatch)
+    a1, a2 = out.split("\n")[:2]
+    u1, u2 = {"role": "user", "content": "red dog"}, {"role": "user", "content": "and a cat?"}
+    _, tok = load_pretrained(chat_model, "float32", "cpu")
+    first = tok.decode(real(load_pretrained(chat_model, "float32", "cpu")[0].eval(), [calls[0]],
+                            max_new_tokens=3, eos_token_ids=[tok.eos_token_id])[0])
+    assert a1 == first.rstrip("\ufffd")  # the shown part of the interrupted answer
+    assert a2 == _answer(chat_model, [u1, {"role": "assistant", "content": a1}, u2])
