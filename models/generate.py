@@ -166,7 +166,9 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             _check_ids("draft", i, d, cfg.vocab_size)
     B, L = len(prompts), max(map(len, prompts))
     virtual = virtual_ids(model)  # prompt tuning: trained tokens in front of every prompt
-    if len(virtual) + L + max_new_tokens > cfg.max_position_embeddings:
+    # dynamic NTK RoPE grows its base to fit any length: its point is going past the context
+    dynamic = cfg.rope_scaling is not None and cfg.rope_scaling.kind == "dynamic"
+    if not dynamic and len(virtual) + L + max_new_tokens > cfg.max_position_embeddings:
         extra = f" + {len(virtual)} virtual tokens" if virtual else ""
         raise EmberError(f"prompt ({L} tokens){extra} + max_new_tokens ({max_new_tokens}) "
                          f"exceeds the model's context of {cfg.max_position_embeddings} tokens")

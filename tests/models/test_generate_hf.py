@@ -103,3 +103,25 @@ def test_sampling_filters_equal_transformers_warpers(kw, ties):
     seen = torch.zeros(16, 301, dtype=torch.bool).scatter_(1, ids, True)
     torch.testing.assert_close(penalize_repetition(logits, seen, 1.3),
                                lp.RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()))
+
+
+def test_dynamic_ntk_generates_past_the_context_as_transformers(tmp_path):
+    """Dynamic NTK RoPE exists to run past max_position_embeddings: generation there was refused
+    ('exceeds the model's context'); it now equals transformers' greedy generate, whose base grows
+    at every step past the context (prompt 10 + 14 new tokens, context 16)."""
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=16,
+                                   rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+                                   tie_word_embeddings=False, bos_token_id=None,
+                                   eos_token_id=None, pad_token_id=None)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path)
+        want = _hf_greedy(hf, list(range(3, 13)), 14)
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+    assert generate_ids(model, [list(range(3, 13))], max_new_tokens=14) == [want]
