@@ -349,7 +349,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     config, tensors = _read_adapter(adapter_dir)
     config = {**LORA_DEFAULTS, **config}  # fields PEFT's LoraConfig fills in when left out
     where = adapter_dir / "adapter_config.json"
-    if config.get("target_parameters"):  # LoRA on MoE experts (ember.models.peft_moe)
+    if config.get("target_parameters"):  # LoRA on parameters, MoE experts: ember.models.peft_moe
         tensors, config = split_expert_adapter(tensors, config, getattr(model, "cfg", None))
     _validate_config(config, where, tensors)
     use_dora = bool(config.get("use_dora"))

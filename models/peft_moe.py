@@ -144,9 +144,6 @@ def split_expert_adapter(tensors: dict, config: dict, cfg) -> tuple[dict, dict]:
     PEFT's A and split its B rows)."""
     targets = list(config.get("target_parameters") or [])
     num_experts = getattr(cfg, "num_experts", 0)
-    if not num_experts:
-        raise EmberError(f"the adapter targets parameters {targets[:3]} (LoRA on mixture-of-"
-                         "experts experts) but the model has no experts")
     out = {k: v for k, v in tensors.items() if not _PARAM_KEY.fullmatch(k)}
     ranks, alphas = {}, {}  # the split experts' own entries, ahead of the config's (first wins)
     found = {}
@@ -154,6 +151,9 @@ def split_expert_adapter(tensors: dict, config: dict, cfg) -> tuple[dict, dict]:
         m = _PARAM_KEY.fullmatch(k)
         if m:
             found[(int(m[1]), bool(m[2]), m[3])] = v
+    if found and not num_experts:
+        raise EmberError(f"the adapter targets parameters {targets[:3]} (LoRA on mixture-of-"
+                         "experts experts) but the model has no experts")
     for i in sorted({i for i, _, _ in found}):
         prefix = f"model.layers.{i}.mlp.experts"
         params = [p for p in _PARAMS
@@ -185,8 +185,9 @@ def split_expert_adapter(tensors: dict, config: dict, cfg) -> tuple[dict, dict]:
                     out[f"base_model.model.{hf}.lora_A.weight"] = Ae.contiguous()
                     out[f"base_model.model.{hf}.lora_B.weight"] = b.contiguous()
                     ranks[re.escape(hf)], alphas[re.escape(hf)] = r, alpha
-    # Other targeted parameters (a router's "gate.weight": LoRA on a 2-D weight, as on a linear
-    # module): PEFT looks their rank and alpha up by the parameter's name, not the module's.
+    # Other targeted parameters (a router's "gate.weight", a dense model's "q_proj.weight": LoRA
+    # on a 2-D weight, as on a linear module): PEFT looks their rank and alpha up by the
+    # parameter's name, not the module's.
     for key in out:
         m = _LORA_A.fullmatch(key)
         param = f"{m[1]}.weight" if m else None

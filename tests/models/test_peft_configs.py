@@ -213,3 +213,13 @@ def test_classifier_head_takes_no_lora(bases, tmp_path):
         pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ember").eval()
     with torch.no_grad():
         assert _close(classify(model.eval(), ids), pm(input_ids=ids).logits)
+
+
+def test_target_parameters_on_a_dense_model(bases, tmp_path):
+    """PEFT's target_parameters on a dense model's weights ("q_proj.weight": LoRA on the
+    parameter, the same math as on the module) were refused as "the model has no experts"; they
+    load with PEFT's logits, ranks and alphas looked up by the parameter's name as PEFT does."""
+    _round_trip(bases["plain"], tmp_path, target_modules=["v_proj"],
+                target_parameters=["q_proj.weight", "mlp.down_proj.weight"],
+                rank_pattern={"down_proj.weight": 3},
+                alpha_pattern={"q_proj.weight": 5, "down_proj": 7})
