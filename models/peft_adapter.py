@@ -88,6 +88,8 @@ from ember.models.peft_moe import (
     check_dense_mlps,
     expert_modules,
     expert_tensors,
+    router_modules,
+    router_tensors,
     split_expert_adapter,
 )
 
@@ -107,10 +109,11 @@ def check_peft_exportable(model: nn.Module) -> None:
     if not getattr(cfg, "num_experts", 0):
         return
     mods = lora_modules(model)
-    experts = expert_modules(mods)
+    experts, routers = expert_modules(mods), router_modules(mods, cfg)
     if experts:
         expert_tensors(experts, cfg.num_experts)
-    check_dense_mlps([n for n in mods if n not in experts], cfg)
+    router_tensors(routers)
+    check_dense_mlps([n for n in mods if n not in experts and n not in routers], cfg)
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
@@ -127,6 +130,12 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     experts = expert_modules(mods)  # MoE experts: PEFT's target_parameters (ember.models.peft_moe)
     expert_sd, expert_targets, expert_ranks, expert_alphas = expert_tensors(
         experts, cfg.num_experts) if experts else ({}, [], {}, {})
+    routers = router_modules(mods, cfg)  # target_parameters too: "...mlp.gate.weight"
+    router_sd, router_targets, router_ranks, router_alphas = router_tensors(routers)
+    expert_sd, expert_targets = {**expert_sd, **router_sd}, expert_targets + router_targets
+    expert_ranks = {**expert_ranks, **router_ranks}
+    expert_alphas = {**expert_alphas, **router_alphas}
+    experts = {**experts, **routers}
     mods = {n: m for n, m in mods.items() if n not in experts}
     check_dense_mlps(mods, cfg)
     hf = {n: hf_module_name(n, cfg) for n in mods}
