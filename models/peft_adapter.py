@@ -370,6 +370,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     biases = _adapter_biases(model, config, tensors, wfile)
     cands = _candidates(model)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    seen: dict[str, str] = {}
     unknown = []
     for key, t in tensors.items():
         if _saved_unchanged_embedding(model, key, t):
@@ -382,6 +383,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             continue
         kind = m[2].replace("embedding_", "") if m else "lora_magnitude"
         pairs.setdefault(name, {})[kind] = t
+        seen.setdefault(name, (m or mag)[1])  # the name PEFT matched rank/alpha patterns on
     vision = [k for k in unknown if _VISION.match(k.removeprefix("base_model.model."))]
     if vision:
         raise EmberError(f"{wfile}: the adapter changes the vision tower or projector of a "
@@ -429,7 +431,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         mod = cands[name]
         base = mod.base if isinstance(mod, (LoRALinear, LoRAEmbedding)) else mod
         in_f, out_f = base.weight.shape if name == "embed" else _features(base)
-        r = _pattern_value(rank_pat, hf, r0)
+        r = _pattern_value(rank_pat, seen.get(name, hf), r0)
         if A.ndim != 2 or B.ndim != 2 or A.shape != (r, in_f) or B.shape != (out_f, r):
             raise EmberError(f"{wfile}: {hf}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
                              f"do not fit this model, expected ({r}, {in_f}) / ({out_f}, {r}) "
@@ -438,7 +440,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         if mag is not None and tuple(mag.shape) != (out_f,):
             raise EmberError(f"{wfile}: {hf}: lora_magnitude_vector {tuple(mag.shape)} does not "
                              f"fit this model, expected ({out_f},)")
-        plan[name] = (A, B, mag, r, float(_pattern_value(alpha_pat, hf, alpha0)))
+        plan[name] = (A, B, mag, r, float(_pattern_value(alpha_pat, seen.get(name, hf), alpha0)))
     stale = sorted(set(lora_modules(model)) - set(plan), key=_natural_key)
     if stale:
         raise EmberError(f"{wfile}: the model already has LoRA adapters on {stale[:3]} "
