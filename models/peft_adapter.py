@@ -18,8 +18,10 @@ the names are those inside ``Gemma3ForConditionalGeneration``
 vision tower out); ``load_adapter`` reads both that and the 4.5x ``language_model.model.`` layout,
 and refuses adapters on the vision tower. Phi-3's fused projections:
 ``ember.models.lora_fused``. LoRA on ``embed_tokens`` / ``lm_head`` (``ember.models.lora_embed``;
-keys and tied-model rules in ``ember.models.peft_keys``). Mixture-of-experts experts: PEFT's
-``target_parameters`` on the fused expert tensors (``ember.models.peft_moe``). Both functions are
+keys and tied-model rules in ``ember.models.peft_keys``). PEFT's ``target_parameters``: on the
+fused expert tensors and routers of mixture-of-experts models, and on any 2-D weight (plain LoRA
+math; ``ember.models.peft_moe``). Rank/alpha patterns are matched against the module names in
+the file, the names PEFT saw. Both functions are
 also importable from ``ember.models.lora``. Reading, checking and writing the folder itself:
 ``ember.models.peft_files``.
 """
