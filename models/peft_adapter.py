@@ -18,8 +18,10 @@ the names are those inside ``Gemma3ForConditionalGeneration``
 vision tower out); ``load_adapter`` reads both that and the 4.5x ``language_model.model.`` layout,
 and refuses adapters on the vision tower. Phi-3's fused projections:
 ``ember.models.lora_fused``. LoRA on ``embed_tokens`` / ``lm_head`` (``ember.models.lora_embed``;
-keys and tied-model rules in ``ember.models.peft_keys``). Mixture-of-experts experts: PEFT's
-``target_parameters`` on the fused expert tensors (``ember.models.peft_moe``). Both functions are
+keys and tied-model rules in ``ember.models.peft_keys``). PEFT's ``target_parameters``: on the
+fused expert tensors and routers of mixture-of-experts models, and on any 2-D weight (plain LoRA
+math; ``ember.models.peft_moe``). Rank/alpha patterns are matched against the module names in
+the file, the names PEFT saw. Both functions are
 also importable from ``ember.models.lora``. Reading, checking and writing the folder itself:
 ``ember.models.peft_files``.
 """
@@ -88,6 +90,8 @@ from ember.models.peft_moe import (
     check_dense_mlps,
     expert_modules,
     expert_tensors,
+    router_modules,
+    router_tensors,
     split_expert_adapter,
 )
 
@@ -107,10 +111,11 @@ def check_peft_exportable(model: nn.Module) -> None:
     if not getattr(cfg, "num_experts", 0):
         return
     mods = lora_modules(model)
-    experts = expert_modules(mods)
+    experts, routers = expert_modules(mods), router_modules(mods, cfg)
     if experts:
         expert_tensors(experts, cfg.num_experts)
-    check_dense_mlps([n for n in mods if n not in experts], cfg)
+    router_tensors(routers)
+    check_dense_mlps([n for n in mods if n not in experts and n not in routers], cfg)
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
@@ -127,6 +132,12 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     experts = expert_modules(mods)  # MoE experts: PEFT's target_parameters (ember.models.peft_moe)
     expert_sd, expert_targets, expert_ranks, expert_alphas = expert_tensors(
         experts, cfg.num_experts) if experts else ({}, [], {}, {})
+    routers = router_modules(mods, cfg)  # target_parameters too: "...mlp.gate.weight"
+    router_sd, router_targets, router_ranks, router_alphas = router_tensors(routers)
+    expert_sd, expert_targets = {**expert_sd, **router_sd}, expert_targets + router_targets
+    expert_ranks = {**expert_ranks, **router_ranks}
+    expert_alphas = {**expert_alphas, **router_alphas}
+    experts = {**experts, **routers}
     mods = {n: m for n, m in mods.items() if n not in experts}
     check_dense_mlps(mods, cfg)
     hf = {n: hf_module_name(n, cfg) for n in mods}
@@ -349,7 +360,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     config, tensors = _read_adapter(adapter_dir)
     config = {**LORA_DEFAULTS, **config}  # fields PEFT's LoraConfig fills in when left out
     where = adapter_dir / "adapter_config.json"
-    if config.get("target_parameters"):  # LoRA on MoE experts (ember.models.peft_moe)
+    if config.get("target_parameters"):  # LoRA on parameters, MoE experts: ember.models.peft_moe
         tensors, config = split_expert_adapter(tensors, config, getattr(model, "cfg", None))
     _validate_config(config, where, tensors)
     use_dora = bool(config.get("use_dora"))
@@ -361,6 +372,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     biases = _adapter_biases(model, config, tensors, wfile)
     cands = _candidates(model)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    seen: dict[str, str] = {}
     unknown = []
     for key, t in tensors.items():
         if _saved_unchanged_embedding(model, key, t):
@@ -373,6 +385,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             continue
         kind = m[2].replace("embedding_", "") if m else "lora_magnitude"
         pairs.setdefault(name, {})[kind] = t
+        seen.setdefault(name, (m or mag)[1])  # the name PEFT matched rank/alpha patterns on
     vision = [k for k in unknown if _VISION.match(k.removeprefix("base_model.model."))]
     if vision:
         raise EmberError(f"{wfile}: the adapter changes the vision tower or projector of a "
@@ -420,7 +433,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         mod = cands[name]
         base = mod.base if isinstance(mod, (LoRALinear, LoRAEmbedding)) else mod
         in_f, out_f = base.weight.shape if name == "embed" else _features(base)
-        r = _pattern_value(rank_pat, hf, r0)
+        r = _pattern_value(rank_pat, seen.get(name, hf), r0)
         if A.ndim != 2 or B.ndim != 2 or A.shape != (r, in_f) or B.shape != (out_f, r):
             raise EmberError(f"{wfile}: {hf}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
                              f"do not fit this model, expected ({r}, {in_f}) / ({out_f}, {r}) "
@@ -429,7 +442,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         if mag is not None and tuple(mag.shape) != (out_f,):
             raise EmberError(f"{wfile}: {hf}: lora_magnitude_vector {tuple(mag.shape)} does not "
                              f"fit this model, expected ({out_f},)")
-        plan[name] = (A, B, mag, r, float(_pattern_value(alpha_pat, hf, alpha0)))
+        plan[name] = (A, B, mag, r, float(_pattern_value(alpha_pat, seen.get(name, hf), alpha0)))
     stale = sorted(set(lora_modules(model)) - set(plan), key=_natural_key)
     if stale:
         raise EmberError(f"{wfile}: the model already has LoRA adapters on {stale[:3]} "

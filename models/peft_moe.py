@@ -15,6 +15,10 @@ Ember adapts each expert's ``gate_proj`` and ``up_proj`` separately (two A matri
 every expert's gate and up (or neither) and every expert's down (or none) carry adapters of one
 rank and alpha, without dropout or DoRA (PEFT's ParamWrapper has neither); anything else is
 refused. Loading such an adapter back is refused too (Ember's own resume uses its checkpoints).
+
+Routers (``mlp.gate``, a 2-D ``weight`` used as ``x W^T``) are target parameters too
+(``...mlp.gate.weight``, as PEFT's all-linear makes them on Mixtral): plain LoRA math, loaded
+and saved as such; PEFT looks up their rank and alpha by the parameter's name.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from ember import EmberError
 
 EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)")
+ROUTER = re.compile(r"layers\.(\d+)\.mlp\.gate")
 
 
 # PEFT 0.21 on transformers 5 rewrites these families' adapter configs as if written for v4: any
@@ -36,13 +41,7 @@ _REWRITTEN = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w
 
 
 def check_dense_mlps(names, cfg) -> None:
-    """Refuse LoRA on a dense MLP of a family whose names PEFT retargets to the experts, and on
-    routers (transformers 5's are not ``nn.Linear``: PEFT cannot wrap them)."""
-    routers = sorted(n for n in names if n.endswith(".mlp.gate"))
-    if routers:
-        raise EmberError(f"PEFT export: LoRA on the routers {routers[:3]} cannot be written for "
-                         "PEFT on transformers 5 (its routers are not linear modules); drop them "
-                         "from lora.targets or merge the adapter (ember export --merged)")
+    """Refuse LoRA on a dense MLP of a family whose names PEFT retargets to the experts."""
     leaves = _REWRITTEN.get(getattr(cfg, "model_type", None), ())
     hit = sorted(n for n in names if n.split(".")[-1] in leaves + ("gate_proj", "up_proj",
                                                                     "down_proj")
@@ -57,6 +56,32 @@ def check_dense_mlps(names, cfg) -> None:
 def expert_modules(mods: dict) -> dict:
     """The LoRA modules of ``mods`` (Ember name -> module) that sit on experts."""
     return {n: m for n, m in mods.items() if EXPERT.fullmatch(n)}
+
+
+def router_modules(mods: dict, cfg) -> dict:
+    """The LoRA modules of ``mods`` on a mixture-of-experts model's routers (``mlp.gate``)."""
+    if not getattr(cfg, "num_experts", 0):
+        return {}
+    return {n: m for n, m in mods.items() if ROUTER.fullmatch(n)}
+
+
+def router_tensors(routers: dict) -> tuple[dict, list, dict, dict]:
+    """(PEFT tensors, target_parameters, rank_pattern, alpha_pattern) of router adapters. A
+    transformers 5 router is no ``nn.Linear`` but computes ``x W^T``: PEFT adapts its ``weight``
+    as a target parameter (as its all-linear does on Mixtral), the same math as Ember's LoRA on
+    it; patterns are keyed by the parameter's name."""
+    tensors, targets, ranks, alphas = {}, [], {}, {}
+    for n, m in routers.items():
+        if m.use_dora or (m.dropout is not None and m.dropout.p):
+            raise EmberError(f"PEFT export: LoRA on the router {n} with DoRA or dropout: PEFT's "
+                             "LoRA on parameters has neither; turn them off or drop the routers "
+                             "from lora.targets")
+        hf = f"model.layers.{ROUTER.fullmatch(n)[1]}.mlp.gate"
+        tensors[f"base_model.model.{hf}.lora_A.weight"] = m.lora_A.detach()
+        tensors[f"base_model.model.{hf}.lora_B.weight"] = m.lora_B.detach()
+        targets.append(f"{hf}.weight")
+        ranks[re.escape(f"{hf}.weight")], alphas[re.escape(f"{hf}.weight")] = m.rank, m.alpha
+    return tensors, targets, ranks, alphas
 
 
 def _check(group: dict, num_experts: int, what: str) -> tuple[int, float, bool]:
@@ -144,9 +169,6 @@ def split_expert_adapter(tensors: dict, config: dict, cfg) -> tuple[dict, dict]:
     PEFT's A and split its B rows)."""
     targets = list(config.get("target_parameters") or [])
     num_experts = getattr(cfg, "num_experts", 0)
-    if not num_experts:
-        raise EmberError(f"the adapter targets parameters {targets[:3]} (LoRA on mixture-of-"
-                         "experts experts) but the model has no experts")
     out = {k: v for k, v in tensors.items() if not _PARAM_KEY.fullmatch(k)}
     ranks, alphas = {}, {}  # the split experts' own entries, ahead of the config's (first wins)
     found = {}
@@ -154,6 +176,9 @@ def split_expert_adapter(tensors: dict, config: dict, cfg) -> tuple[dict, dict]:
         m = _PARAM_KEY.fullmatch(k)
         if m:
             found[(int(m[1]), bool(m[2]), m[3])] = v
+    if found and not num_experts:
+        raise EmberError(f"the adapter targets parameters {targets[:3]} (LoRA on mixture-of-"
+                         "experts experts) but the model has no experts")
     for i in sorted({i for i, _, _ in found}):
         prefix = f"model.layers.{i}.mlp.experts"
         params = [p for p in _PARAMS
@@ -185,8 +210,9 @@ def split_expert_adapter(tensors: dict, config: dict, cfg) -> tuple[dict, dict]:
                     out[f"base_model.model.{hf}.lora_A.weight"] = Ae.contiguous()
                     out[f"base_model.model.{hf}.lora_B.weight"] = b.contiguous()
                     ranks[re.escape(hf)], alphas[re.escape(hf)] = r, alpha
-    # Other targeted parameters (a router's "gate.weight": LoRA on a 2-D weight, as on a linear
-    # module): PEFT looks their rank and alpha up by the parameter's name, not the module's.
+    # Other targeted parameters (a router's "gate.weight", a dense model's "q_proj.weight": LoRA
+    # on a 2-D weight, as on a linear module): PEFT looks their rank and alpha up by the
+    # parameter's name, not the module's.
     for key in out:
         m = _LORA_A.fullmatch(key)
         param = f"{m[1]}.weight" if m else None

@@ -119,7 +119,6 @@ def test_peft_expert_adapter_loads_with_peft_logits(tmp_path, case, params):
     (("gate",), "gate and up"),
     # PEFT on transformers 5 would put a dense layer's down_proj adapter on the experts
     (("layers.0.mlp.down_proj",), "dense MLP"),
-    (("layers.1.mlp.gate",), "routers"),
 ])
 def test_expert_lora_peft_cannot_hold_is_refused(tmp_path, targets, needle):
     hf = _hf_model("qwen3_moe_norm_dense0" if "layers.0.mlp.down_proj" in targets else "mixtral")
@@ -160,3 +159,28 @@ def test_router_parameter_patterns_by_parameter_name(tmp_path):
             rank_pattern={"gate.weight": 3}, alpha_pattern={"gate": 5, "gate.weight": 16},
             init_lora_weights=False))
     _assert_loads_like_peft(pm, tmp_path / "m", tmp_path)
+
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
+def test_router_adapters_round_trip(tmp_path, case):
+    """PEFT's all-linear on Mixtral / Qwen3-MoE adapts the routers through target_parameters
+    ("gate.weight"); Ember loaded such an adapter but refused to save it (nor any LoRA on a
+    router: "PEFT cannot wrap them"), so it could not be trained on. It now saves as PEFT's
+    target_parameters and loads back in PEFT with PEFT's logits; with dropout it is refused."""
+    hf = _hf_model(case)
+    hf.save_pretrained(tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(hf, peft.LoraConfig(
+            r=2, lora_alpha=6, target_modules="all-linear", rank_pattern={"gate.weight": 3},
+            init_lora_weights=False))
+    _assert_loads_like_peft(pm, tmp_path / "m", tmp_path)
+    model = load_adapter(_load(tmp_path / "m"), tmp_path / "peft")
+    save_adapter(model, tmp_path / "ember")
+    ids = _ids()
+    want = _peft_logits(tmp_path / "m", tmp_path / "peft", ids)
+    assert (_peft_logits(tmp_path / "m", tmp_path / "ember", ids) - want).abs().max() <= 1e-4
+    ours = apply_lora(_load(tmp_path / "m"),
+                      LoRAConfig(rank=2, alpha=4, dropout=0.1, targets=("layers.1.mlp.gate",)))
+    with pytest.raises(EmberError, match="router layers.1.mlp.gate with DoRA or dropout"):
+        save_adapter(ours, tmp_path / "drop")

@@ -213,3 +213,34 @@ def test_classifier_head_takes_no_lora(bases, tmp_path):
         pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ember").eval()
     with torch.no_grad():
         assert _close(classify(model.eval(), ids), pm(input_ids=ids).logits)
+
+
+def test_target_parameters_on_a_dense_model(bases, tmp_path):
+    """PEFT's target_parameters on a dense model's weights ("q_proj.weight": LoRA on the
+    parameter, the same math as on the module) were refused as "the model has no experts"; they
+    load with PEFT's logits, ranks and alphas looked up by the parameter's name as PEFT does."""
+    _round_trip(bases["plain"], tmp_path, target_modules=["v_proj"],
+                target_parameters=["q_proj.weight", "mlp.down_proj.weight"],
+                rank_pattern={"down_proj.weight": 3},
+                alpha_pattern={"q_proj.weight": 5, "down_proj": 7})
+
+
+def test_patterns_match_the_names_peft_saw(bases, tmp_path):
+    """PEFT matches rank/alpha patterns against the module names of the model it wrapped: on a
+    bare LlamaModel (an embedding model's adapter) "layers.0.self_attn.q_proj", which the
+    anchored pattern below selects. Ember matched them against its own "model.layers.0..."
+    names, missing the pattern: that adapter got alpha 8 instead of 16."""
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModel.from_pretrained(bases["plain"]).eval()
+        pm = peft.get_peft_model(hf, peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+            alpha_pattern={r"^layers\.0\.self_attn\.q_proj": 16}))
+        pm.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        ref = pm.eval()(input_ids=ids).last_hidden_state
+    model, _ = load_pretrained(bases["plain"])
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert _close(model.eval().hidden_states(ids), ref)
