@@ -14,7 +14,8 @@ Ember adapts each expert's ``gate_proj`` and ``up_proj`` separately (two A matri
 (``rank_pattern`` / ``alpha_pattern`` on the parameter's name). A layer is exported only when
 every expert's gate and up (or neither) and every expert's down (or none) carry adapters of one
 rank and alpha, without dropout or DoRA (PEFT's ParamWrapper has neither); anything else is
-refused. Loading such an adapter back is refused too (Ember's own resume uses its checkpoints).
+refused. Such an adapter loads back as PEFT reads it: each expert's gate and up then carry the
+rank-2r adapter, with the same outputs (``test_expert_lora_exports_to_peft_target_parameters``).
 
 Routers (``mlp.gate``, a 2-D ``weight`` used as ``x W^T``) are target parameters too
 (``...mlp.gate.weight``, as PEFT's all-linear makes them on Mixtral): plain LoRA math, loaded
