@@ -221,6 +221,22 @@ class PackedBatches:
         """Example indices of every batch of ``epoch`` for this rank."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
+        bins = self._bins(epoch)
+        if self.world_size > 1:
+            bins = bins[: len(bins) - len(bins) % self.world_size][self.rank:: self.world_size]
+            if not bins:
+                raise EmberError(f"the data makes fewer batches than world_size "
+                                 f"({self.world_size}); lower tokens_per_batch or add data")
+        self._cache = (epoch, bins)
+        return bins
+
+    def left_out(self, epoch: int) -> int:
+        """Batches of ``epoch`` that no rank takes: the epoch is cut to a multiple of
+        ``world_size`` batches so that every rank makes as many steps."""
+        return len(self._bins(epoch)) % self.world_size
+
+    def _bins(self, epoch: int) -> list[list[int]]:
+        """Every batch of ``epoch``, all ranks together."""
         rng = random.Random(f"{self.seed}:{epoch}")  # str seeds hash stably across runs
         order = list(range(len(self.examples)))
         if self.mix:
@@ -243,12 +259,6 @@ class PackedBatches:
                 for b in bins:
                     b.sort()
                 bins.sort()
-        if self.world_size > 1:
-            bins = bins[: len(bins) - len(bins) % self.world_size][self.rank:: self.world_size]
-            if not bins:
-                raise EmberError(f"the data makes fewer batches than world_size "
-                                 f"({self.world_size}); lower tokens_per_batch or add data")
-        self._cache = (epoch, bins)
         return bins
 
     def __len__(self) -> int:

@@ -356,6 +356,11 @@ class Trainer:
                                self.autocast, self.echo)
         batches = rank_batches(self.datasets.train, cfg.data, info)
         per_epoch = len(batches.plan(0))
+        lost = batches.left_out(0)
+        if lost:
+            self.echo(f"note: {lost} of the {per_epoch * info.world_size + lost} batches of an "
+                      f"epoch are left out so that the {info.world_size} processes take as many "
+                      "each (other ones each epoch when data.order shuffles)")
         # Epochs decide: the last step takes only the micro-batches left (HF Trainer's partial
         # accumulation), so 1 epoch of 5 batches at grad_accum 4 is 5 batches, not 8.
         micro_total = None if cfg.max_steps else batches.batches_in(cfg.epochs)

@@ -23,6 +23,7 @@ from ember.engine.losses import (
     sft_loss,
 )
 from ember.engine.preference_losses import dpo_loss
+from ember.engine.runtime import make_optimizer
 from ember.engine.state import load_run_model
 from ember.engine.trainer import Trainer, lr_factor, resolve, train
 from ember.models.lora import LoRAConfig, apply_lora
@@ -208,13 +209,26 @@ def test_resuming_a_finished_run_does_not_evaluate_again(tiny, tmp_path):
 
 
 def test_full_finetuning_with_frozen_parts(tiny, tmp_path):
-    cfg = tiny_config(tiny, tmp_path / "full", 'method="full"', "max_steps=1",
+    from ember.models.loading import load_pretrained
+
+    cfg = tiny_config(tiny, tmp_path / "full", 'method="full"', "max_steps=2",
                       'freeze=["embed.*"]', "train_layers=[-1]", "eval.metrics=[]",
-                      "eval.val_loss=false", "checkpoint.save_final=false")
+                      "optim.weight_decay=0.5", "optim.lr=1e-2", "eval.val_loss=false",
+                      "checkpoint.save_final=false")
     t = Trainer(cfg, echo=quiet, progress=False)
     t.run()
     trainable = sorted(n for n, p in t.model.named_parameters() if p.requires_grad)
     assert trainable and all(n.startswith("layers.1.") for n in trainable)
+    base = dict(load_pretrained(tiny["model"], "float32")[0].named_parameters())
+    for n, p in t.model.named_parameters():  # frozen: bitwise the base; trained: moved
+        assert torch.equal(p, base[n]) != (n in trainable), n
+    # The optimizer holds the trainable parameters only; no decay on norms (OptimConfig's rule)
+    decay = {id(p): g["weight_decay"] for g in make_optimizer(t.model, t.cfg.optim, "cpu")
+             .param_groups for p in g["params"]}
+    named = dict(t.model.named_parameters())
+    assert sorted(n for n, p in named.items() if id(p) in decay) == trainable
+    assert {n: decay[id(named[n])] for n in trainable} == {
+        n: 0.0 if "norm" in n or n.endswith(".bias") else 0.5 for n in trainable}
     with pytest.raises(EmberError, match="matches no parameter"):
         Trainer(tiny_config(tiny, tmp_path / "f2", 'method="full"', 'freeze=["nope.*"]'),
                 echo=quiet, progress=False).run()
