@@ -331,6 +331,17 @@ def test_export_keeps_the_stop_ids_of_generation_config(tmp_path):
     assert read_config(out).eos_token_id == 2  # config.json as it was
 
 
+def _cache_snapshot(tmp_path, cache, repo_id: str):
+    """A tiny model saved as huggingface_hub caches repo_id's main revision; its snapshot folder."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snapshot.parent.mkdir(parents=True)
+    _save(tmp_path, "src").rename(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    return snapshot
+
+
 def test_a_hub_id_loads_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
     """"org/name" as transformers users write it: the snapshot already in the Hugging Face cache
     (as huggingface_hub finds it offline) loads; Ember said "not found". Nothing is fetched."""
@@ -338,12 +349,7 @@ def test_a_hub_id_loads_from_the_local_hugging_face_cache(tmp_path, monkeypatch)
 
     hub = pytest.importorskip("huggingface_hub")
     cache = tmp_path / "hf" / "hub"
-    repo = cache / "models--tiny-org--tiny-llama"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    (repo / "snapshots").mkdir(parents=True)
-    _save(tmp_path, "src").rename(repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    _cache_snapshot(tmp_path, cache, "tiny-org/tiny-llama")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     want = hub.snapshot_download("tiny-org/tiny-llama", local_files_only=True, cache_dir=cache)
@@ -365,15 +371,10 @@ def test_a_cached_hub_snapshot_wins_over_the_builtin_alias_of_its_id(tmp_path, m
     from ember.models.hub import resolve_model
 
     cache = tmp_path / "hf" / "hub"
-    repo = cache / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
-    commit = "89abcdef0123456789abcdef0123456789abcdef"
-    (repo / "snapshots").mkdir(parents=True)
-    _save(tmp_path, "src").rename(repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    snapshot = _cache_snapshot(tmp_path, cache, "HuggingFaceTB/SmolLM2-135M-Instruct")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "ember"))  # where a GGUF import would go
-    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == repo / "snapshots" / commit
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == snapshot
 
 
 def test_export_replaces_a_folder_with_named_chat_templates(tmp_path):
