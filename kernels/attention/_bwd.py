@@ -299,9 +299,9 @@ _DKDV_K = {d: triton.autotune(_configs(c, (16, 32)), key=_KEY)(_attn_bwd_dkdv_ke
            for d, c in _DKDV.items()}
 _DQ_K = {d: triton.autotune(_configs(c, (32, 16)), key=_KEY)(_attn_bwd_dq_kernel)
          for d, c in _DQ.items()}
-# fp32 inputs: one config per class that fits an A100's shared memory (see _fwd.FP32_FWD).
-FP32_DKDV = {64: (32, 64, 4, 2), 128: (32, 64, 4, 2), 256: (16, 32, 4, 1)}
-FP32_DQ = {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (32, 16, 4, 1)}
+# fp32 inputs: one config per class that fits every sm_80+ GPU's shared memory (_fwd.FP32_FWD).
+FP32_DKDV = {64: (32, 32, 4, 2), 128: (32, 32, 4, 2), 256: (16, 32, 4, 1)}
+FP32_DQ = {64: (32, 32, 4, 2), 128: (32, 32, 4, 2), 256: (32, 16, 4, 1)}
 _DKDV_FP32 = {d: triton.autotune(_configs([c], (16, 32)), key=_KEY)(_attn_bwd_dkdv_kernel)
               for d, c in FP32_DKDV.items()}
 _DQ_FP32 = {d: triton.autotune(_configs([c], (32, 16)), key=_KEY)(_attn_bwd_dq_kernel)
