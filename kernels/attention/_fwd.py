@@ -259,12 +259,16 @@ def fp32_spec(kernel, sig, consts, cfg):
 
 
 # Kept short: every spec costs seconds of CI per GPU target. Together they cover causal and not,
-# bf16, fp16 and fp32, hd 128, 256 and a padded head dim, and every optional mask path.
+# bf16, fp16 and fp32, hd 128, 256 and a padded head dim, every optional mask path, and causal with
+# a window and softcap (Gemma 2).
 COMPILE_SPECS = [
     (_attn_fwd_kernel, _spec_sig("bf16"), _spec_consts(128, True),
      {"num_warps": 8, "num_stages": 3}),
     (_attn_fwd_kernel, _spec_sig("fp16"), _spec_consts(80, False, True, True, True, 64, 64),
      {"num_warps": 4, "num_stages": 3}),
+    # Gemma 2: hd 256, causal sliding window with softcap, the first hd-256 tuning config.
+    (_attn_fwd_kernel, _spec_sig("bf16"), _spec_consts(256, True, True, True, False, 64, 64),
+     {"num_warps": 8, "num_stages": 2}),
     fp32_spec(_attn_fwd_kernel, _spec_sig("fp32"),
               lambda d, c, bm, bn: _spec_consts(d, c, bm=bm, bn=bn, ieee=True), FP32_FWD[256]),
 ]
