@@ -17,6 +17,12 @@ from __future__ import annotations
 
 import re
 
+# Shared memory per block of the consumer GPUs that build the same code as sm_80 (RTX 30xx sm_86,
+# RTX 40xx sm_89: 99 KB, against an A100's 163 KB). A spec whose options say
+# ``"shared_max": CONSUMER_SHARED`` is a kernel launched with that one config (not autotuned
+# among others that could fit), so the compile check holds its sm_80 build to this limit.
+CONSUMER_SHARED = 101376
+
 _LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s")
 _CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(\w+)")
 
@@ -46,10 +52,10 @@ def compile_spec(spec: tuple, arch: int, *, aligned: bool = False):
     from triton.compiler import ASTSource
 
     fn, signature, constexprs = spec[:3]
-    options = spec[3] if len(spec) == 4 else None
+    options = {k: v for k, v in (spec[3] if len(spec) == 4 else {}).items() if k != "shared_max"}
     src = ASTSource(fn=jit_function(fn), signature=dict(signature), constexprs=dict(constexprs),
                     attrs=aligned_attrs(signature) if aligned else None)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options or None)
 
 
 def global_loads(ptx: str) -> dict[int, int]:

@@ -11,6 +11,7 @@ Every public op takes ``impl=None | "triton" | "ref"``:
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -41,6 +42,16 @@ def use_triton(t: torch.Tensor, impl: str | None, op: str) -> bool:
             )
         return True
     return t.is_cuda
+
+
+def device_guard(t: torch.Tensor):
+    """Context making t's CUDA device the current one (a no-op for other devices). Triton
+    launches every kernel on the current device, so tensors on cuda:1 while cuda:0 is current
+    (a single-process run with device "cuda:1") failed with "Pointer argument cannot be accessed
+    from Triton". Public ops enter it around their Triton path, called as
+    ``_dispatch.device_guard`` (tests replace it to see that they do). Backward passes need none:
+    autograd runs them on a thread whose current device is the gradients' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def check_dtype(op: str, name: str, t: torch.Tensor, allowed=(torch.float32, torch.float16,

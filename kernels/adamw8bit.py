@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ember.kernels import _dispatch
 from ember.kernels._dispatch import check_dtype, use_triton
 
 BLOCKSIZE = 256
@@ -268,8 +269,9 @@ def adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor,
         if n >= 2**31 - BLOCKSIZE:
             raise ValueError(f"{op}: the Triton kernel takes < 2^31 values per tensor, got {n}; "
                              "use impl='ref'")
-        _adamw8bit_step(p, grad, state1, state2, absmax1, absmax2, step, lr, beta1, beta2, eps,
-                        weight_decay)
+        with _dispatch.device_guard(p):
+            _adamw8bit_step(p, grad, state1, state2, absmax1, absmax2, step, lr, beta1, beta2,
+                            eps, weight_decay)
     else:
         adamw8bit_step_ref(p, grad, state1, state2, absmax1, absmax2, step=step, lr=lr,
                            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ember.kernels import _dispatch
 from ember.kernels._dispatch import check_dtype, use_triton
 from ember.kernels.nf4 import NF4Weight, nf4_dequantize, nf4_mm
 from ember.kernels.swiglu import geglu, geglu_ref, glu_backward_, swiglu, swiglu_ref
@@ -259,7 +260,9 @@ def _rows(t):
 
 def _group(x, weights, As, Bs, scales, biases, lora_x):
     nf4s, dense = _split(weights)
-    outs = _LoRAGroup.apply(_rows(x), _rows(lora_x), (nf4s, scales), *dense, *biases, *As, *Bs)
+    with _dispatch.device_guard(x):
+        outs = _LoRAGroup.apply(_rows(x), _rows(lora_x), (nf4s, scales), *dense, *biases, *As,
+                                *Bs)
     return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
 
 
@@ -308,6 +311,7 @@ def lora_mlp(x: torch.Tensor, weights: Sequence, As: Sequence[torch.Tensor],
         return lora_mlp_ref(x, weights, As, Bs, scales, biases, lora_x=lora_x,
                             activation=activation)
     nf4s, dense = _split(weights)
-    out = _LoRAMLP.apply(_rows(x), _rows(lora_x), (nf4s, scales, activation, impl), *dense,
-                         *biases, *As, *Bs)
+    with _dispatch.device_guard(x):
+        out = _LoRAMLP.apply(_rows(x), _rows(lora_x), (nf4s, scales, activation, impl), *dense,
+                             *biases, *As, *Bs)
     return out.view(*x.shape[:-1], out.shape[-1])

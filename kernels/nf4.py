@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from ember.kernels import _dispatch
 from ember.kernels._dispatch import check_dtype, use_triton
 from ember.kernels.nf4_matmul import (
     _C,
@@ -344,7 +345,8 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     if w.numel() == 0:
         raise ValueError("nf4_quantize: cannot quantize an empty tensor")
     if use_triton(w, impl, "nf4_quantize"):
-        return _nf4_quantize(w.detach(), blocksize, double_quant)
+        with _dispatch.device_guard(w):
+            return _nf4_quantize(w.detach(), blocksize, double_quant)
     return nf4_quantize_ref(w.detach(), blocksize, double_quant)
 
 
@@ -362,7 +364,8 @@ def nf4_dequantize(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
         raise ValueError(f"nf4_dequantize: packed on {packed.device} but state on "
                          f"{state.absmax.device}; move both with NF4Weight.to(device)")
     if use_triton(packed, impl, "nf4_dequantize"):
-        return _nf4_dequantize(packed.contiguous(), state, dtype)
+        with _dispatch.device_guard(packed):
+            return _nf4_dequantize(packed.contiguous(), state, dtype)
     return nf4_dequantize_ref(packed, state, dtype)
 
 
@@ -383,5 +386,6 @@ def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
                              f"{tuple(bias.shape)} on {bias.device}")
     if not use_triton(x, impl, "nf4_linear"):
         return nf4_linear_ref(x, weight, bias)
-    y = _NF4Linear.apply(x.reshape(-1, x.shape[-1]), bias, weight)
+    with _dispatch.device_guard(x):
+        y = _NF4Linear.apply(x.reshape(-1, x.shape[-1]), bias, weight)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ember.kernels._codegen import CONSUMER_SHARED
 from ember.kernels._dispatch import interpreting
 
 
@@ -158,7 +159,8 @@ _C = None
 
 def _spec(path: str, xt: str, ot: str, dtype: torch.dtype, nested: bool, m: int = 16):
     cfg = _config(path, dtype, m)
-    opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+    # One fixed config per path: it must fit the smallest sm_80+ GPU (see CONSUMER_SHARED).
+    opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")} | {"shared_max": CONSUMER_SHARED}
     sig = _sig(X=xt, P="*i32", ABSMAX="*u8" if nested else "*fp32", ABSMAX2="*fp32",
                CODE="*fp32", CODE2="*fp32", BIAS=xt, OUT=ot, offset="fp32", M="i32", N="i32",
                KW="i32", stride_xm="i32", stride_os="i32", stride_om="i32", K_SPLIT="i32",

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from ember.kernels import _dispatch
 from ember.kernels._dispatch import check_dtype, use_triton
 
 _MAX_D = 65536
@@ -199,5 +200,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
             raise ValueError(f"rms_norm: the Triton kernel takes D <= {_MAX_D}, got "
                              f"{x.shape[-1]}; use impl='ref'")
         # The kernels index weight as a dense (D,) vector: a strided view (w[::2]) is copied.
-        return _RMSNorm.apply(x, weight.contiguous(), float(eps), float(offset))
+        with _dispatch.device_guard(x):
+            return _RMSNorm.apply(x, weight.contiguous(), float(eps), float(offset))
     return rms_norm_ref(x, weight, eps, offset)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from ember.kernels import _dispatch
 from ember.kernels._dispatch import check_dtype, use_triton
 
 
@@ -166,8 +167,9 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
             raise ValueError("apply_rope: the Triton path does not differentiate through cos/sin; "
                              "pass cos.detach(), sin.detach() or use impl='ref'")
         r = 2 * cos.shape[-1]
-        qr, kr = _Rope.apply(_last_contiguous(q[..., :r]), _last_contiguous(k[..., :r]),
-                             _last_contiguous(cos), _last_contiguous(sin))
+        with _dispatch.device_guard(q):
+            qr, kr = _Rope.apply(_last_contiguous(q[..., :r]), _last_contiguous(k[..., :r]),
+                                 _last_contiguous(cos), _last_contiguous(sin))
         if r == q.shape[-1]:
             return qr, kr
         return torch.cat([qr, q[..., r:]], dim=-1), torch.cat([kr, k[..., r:]], dim=-1)

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from ember.kernels import _dispatch
 from ember.kernels._dispatch import check_dtype, use_triton
 
 
@@ -181,7 +182,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, impl: str | None = None) -> 
     """silu(gate) * up, elementwise."""
     _check("swiglu", gate, up)
     if use_triton(gate, impl, "swiglu"):
-        return _GLU.apply(gate, up, False)
+        with _dispatch.device_guard(gate):
+            return _GLU.apply(gate, up, False)
     return swiglu_ref(gate, up)
 
 
@@ -189,7 +191,8 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, *, impl: str | None = None) -> t
     """gelu_tanh(gate) * up, elementwise."""
     _check("geglu", gate, up)
     if use_triton(gate, impl, "geglu"):
-        return _GLU.apply(gate, up, True)
+        with _dispatch.device_guard(gate):
+            return _GLU.apply(gate, up, True)
     return geglu_ref(gate, up)
 
 
@@ -211,9 +214,10 @@ def glu_backward_(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, gel
         m, n = g2.shape
         if g2.numel():
             block, num_warps = _launch_cfg(n)
-            _glu_bwd_kernel[(m, triton.cdiv(n, block))](
-                dy2, g2, u2, g2, u2, n, dy2.stride(0), g2.stride(0), u2.stride(0), g2.stride(0),
-                u2.stride(0), GELU=gelu, BLOCK=block, num_warps=num_warps)
+            with _dispatch.device_guard(gate):
+                _glu_bwd_kernel[(m, triton.cdiv(n, block))](
+                    dy2, g2, u2, g2, u2, n, dy2.stride(0), g2.stride(0), u2.stride(0),
+                    g2.stride(0), u2.stride(0), GELU=gelu, BLOCK=block, num_warps=num_warps)
         # Written through raw pointers: tell autograd, so a second use of a graph that saved
         # gate or up (backward with retain_graph) fails loudly instead of reading gradients.
         torch.autograd.graph.increment_version(gate)

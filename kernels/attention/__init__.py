@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ember.kernels import _dispatch
 from ember.kernels._dispatch import check_dtype, use_triton
 from ember.kernels.attention import _bwd, _fwd
 
@@ -205,7 +206,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if cu_seqlens is not None:
         # The kernels read cu_seqlens[b] as CU + b: a strided view (cu[::2]) must be compacted.
         cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
-    return _FlashAttention.apply(q, k, v, bool(causal), float(scale),
-                                 None if window is None else int(window),
-                                 None if softcap is None else float(softcap), cu_seqlens,
-                                 max_seqlen)
+    with _dispatch.device_guard(q):
+        return _FlashAttention.apply(q, k, v, bool(causal), float(scale),
+                                     None if window is None else int(window),
+                                     None if softcap is None else float(softcap), cu_seqlens,
+                                     max_seqlen)

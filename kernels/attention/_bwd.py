@@ -299,9 +299,9 @@ _DKDV_K = {d: triton.autotune(_configs(c, (16, 32)), key=_KEY)(_attn_bwd_dkdv_ke
            for d, c in _DKDV.items()}
 _DQ_K = {d: triton.autotune(_configs(c, (32, 16)), key=_KEY)(_attn_bwd_dq_kernel)
          for d, c in _DQ.items()}
-# fp32 inputs: one config per class that fits an A100's shared memory (see _fwd.FP32_FWD).
-FP32_DKDV = {64: (32, 64, 4, 2), 128: (32, 64, 4, 2), 256: (16, 32, 4, 1)}
-FP32_DQ = {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (32, 16, 4, 1)}
+# fp32 inputs: one config per class that fits every sm_80+ GPU's shared memory (_fwd.FP32_FWD).
+FP32_DKDV = {64: (32, 32, 4, 2), 128: (32, 32, 4, 2), 256: (16, 32, 4, 1)}
+FP32_DQ = {64: (32, 32, 4, 2), 128: (32, 32, 4, 2), 256: (32, 16, 4, 1)}
 _DKDV_FP32 = {d: triton.autotune(_configs([c], (16, 32)), key=_KEY)(_attn_bwd_dkdv_kernel)
               for d, c in FP32_DKDV.items()}
 _DQ_FP32 = {d: triton.autotune(_configs([c], (32, 16)), key=_KEY)(_attn_bwd_dq_kernel)
@@ -418,7 +418,8 @@ _PRE_SIG = _sig(("O", "DO", "DELTA"), "bf16",
     ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "INTERPRET"), "constexpr")
 
 # See _fwd.COMPILE_SPECS: causal bf16 hd128 with the first tuning config, a non-causal fp16
-# hd80 variant with every mask, and the fp32 configs at hd 256.
+# hd80 variant with every mask, Gemma 2's causal window + softcap at hd 256 with the first hd-256
+# configs, and the fp32 configs at hd 256.
 COMPILE_SPECS = [
     (_attn_bwd_preprocess_kernel, _PRE_SIG,
      {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 64, "INTERPRET": False}),
@@ -430,6 +431,10 @@ COMPILE_SPECS = [
      {"num_warps": 8, "num_stages": 3}),
     (_attn_bwd_dq_kernel, _dq_sig("fp16"), _flags(80, False, 64, 64, True, True, True),
      {"num_warps": 4, "num_stages": 3}),
+    (_attn_bwd_dkdv_kernel, _dkdv_sig("bf16"), _flags(256, True, 32, 64, True, True),
+     {"num_warps": 8, "num_stages": 2}),
+    (_attn_bwd_dq_kernel, _dq_sig("bf16"), _flags(256, True, 64, 32, True, True),
+     {"num_warps": 8, "num_stages": 2}),
     fp32_spec(_attn_bwd_dkdv_kernel, _dkdv_sig("fp32"), _fp32_flags, FP32_DKDV[256]),
     fp32_spec(_attn_bwd_dq_kernel, _dq_sig("fp32"), _fp32_flags, FP32_DQ[256]),
 ]

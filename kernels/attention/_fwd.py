@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ember.kernels._codegen import CONSUMER_SHARED
 from ember.kernels._dispatch import interpreting
 from ember.kernels.attention._common import (
     LOG2E,
@@ -159,9 +160,10 @@ _FWD = {
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) as above, for the forward here and for the backward's
 # dK/dV and dQ kernels (``_bwd.FP32_DKDV``, ``_bwd.FP32_DQ``). In fp32 every 16-bit config needs
 # more shared memory than an A100 has (163 KB) at head dim 128 and 256, e.g. 180 KB for
-# (64, 64, 4, 3) at hd 128, so fp32 launches failed with OutOfResources there; these need at most
-# 107 KB on sm_80 (the compile check holds every spec to the target's shared memory). fp32 is for
-# tests and small models, where one config also spares minutes of autotuning compiles.
+# (64, 64, 4, 3) at hd 128, so fp32 launches failed with OutOfResources there; these fit the 99 KB
+# of an RTX 30xx/40xx (sm_80 builds at the class's largest head dim: 74/70/70 KB at hd 128,
+# 70/100/98 KB at hd 256; the compile check holds the hd 256 ones to that). fp32 is for tests and
+# small models, where one config also spares minutes of autotuning compiles.
 FP32_FWD = {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1)}
 _FWD_FP32 = {d: triton.autotune(_configs([c]), key=_KEY)(_attn_fwd_kernel)
              for d, c in FP32_FWD.items()}
@@ -252,16 +254,21 @@ def fp32_spec(kernel, sig, consts, cfg):
     """A COMPILE_SPECS entry for an fp32 config (bm, bn, warps, stages) at head dim 256, the
     class's largest, so the shared memory the compile check measures is the class's maximum."""
     bm, bn, warps, stages = cfg
-    return (kernel, sig, consts(256, True, bm, bn), {"num_warps": warps, "num_stages": stages})
+    return (kernel, sig, consts(256, True, bm, bn),
+            {"num_warps": warps, "num_stages": stages, "shared_max": CONSUMER_SHARED})
 
 
 # Kept short: every spec costs seconds of CI per GPU target. Together they cover causal and not,
-# bf16, fp16 and fp32, hd 128, 256 and a padded head dim, and every optional mask path.
+# bf16, fp16 and fp32, hd 128, 256 and a padded head dim, every optional mask path, and causal with
+# a window and softcap (Gemma 2).
 COMPILE_SPECS = [
     (_attn_fwd_kernel, _spec_sig("bf16"), _spec_consts(128, True),
      {"num_warps": 8, "num_stages": 3}),
     (_attn_fwd_kernel, _spec_sig("fp16"), _spec_consts(80, False, True, True, True, 64, 64),
      {"num_warps": 4, "num_stages": 3}),
+    # Gemma 2: hd 256, causal sliding window with softcap, the first hd-256 tuning config.
+    (_attn_fwd_kernel, _spec_sig("bf16"), _spec_consts(256, True, True, True, False, 64, 64),
+     {"num_warps": 8, "num_stages": 2}),
     fp32_spec(_attn_fwd_kernel, _spec_sig("fp32"),
               lambda d, c, bm, bn: _spec_consts(d, c, bm=bm, bn=bn, ieee=True), FP32_FWD[256]),
 ]

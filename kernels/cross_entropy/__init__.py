@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import torch
 
+from ember.kernels import _dispatch
 from ember.kernels._dispatch import use_triton
 from ember.kernels.cross_entropy._common import make_options, validate
 from ember.kernels.cross_entropy._ref import (
@@ -87,9 +88,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if not triton_path or labels.numel() == 0:
         return _chunked(hidden, weight, labels, bias, o, return_lse)
     h2 = _unit_stride(hidden.reshape(-1, hidden.shape[-1]))
-    loss, lse = linear_cross_entropy_triton(h2, _unit_stride(weight),
-                                            None if bias is None else bias.contiguous(),
-                                            labels.reshape(-1).contiguous(), o)
+    with _dispatch.device_guard(hidden):
+        loss, lse = linear_cross_entropy_triton(h2, _unit_stride(weight),
+                                                None if bias is None else bias.contiguous(),
+                                                labels.reshape(-1).contiguous(), o)
     if o.reduction == "none":
         loss = loss.view(labels.shape)
     lse = lse.view(labels.shape)

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from ember.kernels._codegen import CONSUMER_SHARED
 from ember.kernels._dispatch import interpreting
 from ember.kernels.cross_entropy._common import Options, reduce_rows, row_grad, row_loss
 
@@ -262,9 +263,11 @@ def _dhidden_sig(t: str, acc: str) -> dict:
                              "BLOCK_D", "BLOCK_K"), "constexpr")}
 
 
-# One spec per kernel, every feature switched on, the bf16 tiles of the first autotune config.
+# One spec per kernel, every feature switched on, the bf16 tiles of the first autotune config; the
+# dhidden kernel (one fixed config) in bf16 and fp32.
 _TILE = {"EVEN_D": True, "INTERPRET": False, "IEEE": False, "BLOCK_N": 128, "BLOCK_V": 128,
          "BLOCK_D": 64}
+DHIDDEN_K = {False: 64, True: 32}  # the dhidden kernel's BLOCK_K: 16-bit inputs, fp32
 COMPILE_SPECS = [
     (_lce_fwd_kernel, _fwd_sig("bf16"),
      {"HAS_BIAS": True, "SOFTCAP": True, "SMOOTH": True, **_TILE},
@@ -278,8 +281,12 @@ COMPILE_SPECS = [
      {"HAS_BIAS": True, "SOFTCAP": True, **_TILE}, {"num_warps": 8, "num_stages": 4}),
     (_lce_dhidden_kernel, _dhidden_sig("bf16", "fp32"),
      {"FIRST": False, "LAST": True, "EVEN_K": False, "EVEN_D": False, "INTERPRET": False,
-      "IEEE": False,
-      "BLOCK_M": 128, "BLOCK_D": 128, "BLOCK_K": 64}, {"num_warps": 8, "num_stages": 3}),
+      "IEEE": False, "BLOCK_M": 128, "BLOCK_D": 128, "BLOCK_K": DHIDDEN_K[False]},
+     {"num_warps": 8, "num_stages": 3, "shared_max": CONSUMER_SHARED}),
+    (_lce_dhidden_kernel, _dhidden_sig("fp32", "fp32"),
+     {"FIRST": True, "LAST": False, "EVEN_K": True, "EVEN_D": True, "INTERPRET": False,
+      "IEEE": True, "BLOCK_M": 128, "BLOCK_D": 128, "BLOCK_K": DHIDDEN_K[True]},
+     {"num_warps": 8, "num_stages": 3, "shared_max": CONSUMER_SHARED}),
 ]
 
 
@@ -390,7 +397,10 @@ def _lce_bwd(h, w, b, y, lse, g, o: Options, need_h: bool, need_w: bool, need_b:
     interp = flags["INTERPRET"]
     bias = b if b is not None else h
     cap = o.softcap or 1.0
-    bm, bd, bk, warps, stages = (16, 64, 128, 4, 1) if interp else (128, 128, 64, 8, 3)
+    # fp32 takes half the K tile: 128 KB of shared memory otherwise, past the 99 KB of an RTX
+    # 30xx/40xx (OutOfResources there; the compile check holds this config to it).
+    bm, bd, bk, warps, stages = (16, 64, 128, 4, 1) if interp else (
+        128, 128, DHIDDEN_K[h.dtype == torch.float32], 8, 3)
     for v0 in range(0, v, vc):
         vlen = min(vc, v - v0)
         _tuned("dlogits", interp)[
