@@ -118,7 +118,9 @@ def spm_vocab_metadata(tok: Tokenizer, model: dict, vocab_size: int, arch: str |
         types[i] = (_BYTE if _BYTE_PIECE.fullmatch(t) else _UNKNOWN if t == unk else _NORMAL)
     for i, t in added.items():
         tokens[i] = t.content if t.special else t.content.replace(SPACE, " ")
-        types[i] = _CONTROL if t.special else _USER_DEFINED
+        # the unk piece stays UNKNOWN when the folder also lists it as a special added token
+        # (transformers 5 makes every named special token one; llama.cpp's converter types it 2)
+        types[i] = _UNKNOWN if t.content == unk else _CONTROL if t.special else _USER_DEFINED
     for i, t in enumerate(tokens):
         if t is None:
             tokens[i] = f"[PAD{i}]"
