@@ -522,16 +522,15 @@ def deferred_state_dict(g: GGUFFile, cfg: ModelConfig,
 
 
 def _check_shapes(sd: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> None:
-    from ember.models.transformer import Transformer
+    from ember.models.hf import expected_shapes
 
-    with torch.device("meta"):
-        want = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+    want = expected_shapes(cfg)
     missing = sorted(set(want) - set(sd))
     if missing:
         raise EmberError(f"{path}: tensors missing for {missing[:5]} (have {len(sd)} of "
                          f"{len(want)})")
     for k, shape in want.items():
-        if sd[k].shape != shape:
+        if tuple(sd[k].shape) != shape:
             raise EmberError(f"{path}: tensor for {k} has shape {tuple(sd[k].shape)}, the "
                              f"metadata implies {tuple(shape)}")
 
