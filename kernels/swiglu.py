@@ -16,9 +16,8 @@ sigmoid(g) = 1/(1+e) or e/(1+e) with e = exp(-|g|);  tanh(z) = sign(z) (1-e)/(1+
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
@@ -27,15 +26,16 @@ from ember.kernels import _dispatch
 from ember.kernels._dispatch import check_dtype, use_triton
 
 
+# The references use PyTorch's fused silu / tanh-gelu ops (the same functions in fp32): on CPU,
+# where the model runs these, autograd then keeps one activation tensor and makes three passes in
+# backward, where the written-out formulas kept three and made seven (a SwiGLU of SmolLM2's MLP,
+# forward + backward: 2.6 ms against 3.7 ms at 2 threads, measured).
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    g = gate.float()
-    return (g * torch.sigmoid(g) * up.float()).to(gate.dtype)
+    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
 def geglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    g = gate.float()
-    inner = math.sqrt(2.0 / math.pi) * (g + 0.044715 * g * g * g)
-    return (0.5 * g * (1.0 + torch.tanh(inner)) * up.float()).to(gate.dtype)
+    return (F.gelu(gate.float(), approximate="tanh") * up.float()).to(gate.dtype)
 
 
 @triton.jit

@@ -69,6 +69,25 @@ def test_only_up_needs_grad(poisoned):
     assert_close_to_ref("du", du, dur, dur)
 
 
+def test_references_are_the_formulas():
+    # The references use torch's fused silu / tanh-gelu: checked here against the written-out
+    # definitions in float64 (values, and gradients through autograd), at fp32 precision.
+    g = (torch.randn(4, 257, dtype=torch.float64) * 4).requires_grad_()
+    u = torch.randn(4, 257, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(4, 257, dtype=torch.float64)
+    c = (2.0 / torch.pi) ** 0.5
+    formulas = {swiglu_ref: lambda g, u: g * torch.sigmoid(g) * u,
+                geglu_ref: lambda g, u: 0.5 * g * (1 + torch.tanh(c * (g + 0.044715 * g**3))) * u}
+    for ref, formula in formulas.items():
+        want = formula(g, u)
+        want_g = torch.autograd.grad(want, (g, u), dy)
+        g32, u32 = g.detach().float().requires_grad_(), u.detach().float().requires_grad_()
+        got = ref(g32, u32)
+        got_g = torch.autograd.grad(got, (g32, u32), dy.float())
+        for o, w in zip((got, *got_g), (want, *want_g), strict=True):
+            torch.testing.assert_close(o.double(), w, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("op", [swiglu, geglu])
 def test_bad_inputs(op):
     g = torch.randn(4, 8)
