@@ -32,6 +32,20 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def hf_answer_loss(model, batch: dict) -> torch.Tensor:
+    """HF (+PEFT) with the output head on the labelled positions only, as a careful HF user would
+    write it: the decoder's last hidden states, then ``lm_head`` and cross-entropy on the tokens
+    whose (shifted) label is not -100. The same loss as ``model(**batch).loss`` (mean over the
+    labelled tokens, logits upcast to fp32 as transformers' ``ForCausalLMLoss``), without the
+    head's matmuls for prompt tokens."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = lm.model(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state
+    target = batch["labels"][:, 1:]
+    keep = target != -100
+    logits = lm.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), target[keep])
+
+
 def make_step(system: str, model, data: Data, autocast, lr: float):
     params = [p for p in model.parameters() if p.requires_grad]
     fused = {"fused": True} if params and params[0].is_cuda else {}
@@ -44,6 +58,8 @@ def make_step(system: str, model, data: Data, autocast, lr: float):
         with autocast():
             if system == "ember":
                 loss = sft_loss(model, ember_batch, ember_batch.num_loss_tokens)
+            elif system == "hf_answers":
+                loss = hf_answer_loss(model, hf_batch)
             else:
                 loss = model(**hf_batch).loss
         loss.backward()

@@ -50,12 +50,17 @@ SMOKE_WORKLOADS = {  # the GPU code paths in miniature, on CPU
     "qlora-tiny": Workload("qlora-tiny", "tiny", "qlora", 8, (32,), 64, True),
     "full-tiny": Workload("full-tiny", "tiny", "full", 0, (32,), 64, False),
 }
-SYSTEMS = ("ember", "hf", "hf_ember", "liger")
+SYSTEMS = ("ember", "hf", "hf_answers", "hf_ember", "liger")
+# hf_answers: HF with the head on labelled tokens only (``_train_measure.hf_answer_loss``); it
+# differs from "hf" only where the loss skips tokens (the CPU workload's prompts), so GPU runs
+# (loss on every token) leave it out unless --systems names it.
+GPU_DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s != "hf_answers")
 
 
 def label(system: str, method: str) -> str:
     hf = {"lora": "HF+PEFT", "qlora": "HF+PEFT+bnb", "full": "HF"}.get(method, "HF")
-    return {"ember": "Ember", "hf": hf, "hf_ember": f"{hf}+Ember kernels",
+    return {"ember": "Ember", "hf": hf, "hf_answers": f"{hf}, head on answers only",
+            "hf_ember": f"{hf}+Ember kernels",
             "liger": f"{hf}+Liger"}[system]
 
 

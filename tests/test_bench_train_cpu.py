@@ -1,6 +1,7 @@
 """bench/train.py's building blocks (the script itself runs in tests/test_bench_smoke.py): every
 system trains on the same (position, target) pairs, the FLOP formulas, and one loss computed the
-Ember way, the HF way and the HF + Ember-kernels way on identical weights."""
+Ember way, the HF way (head on every token, or on the answers only) and the HF + Ember-kernels
+way on identical weights."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def test_flop_formulas(bench):
     assert bench.model_flops(cfg, lora, data, 1000) == (4 * n + 6000) * 64 + attn
 
 
-def test_one_loss_three_ways(bench):
+def test_one_loss_four_ways(bench):
     transformers = pytest.importorskip("transformers")
     from ember.engine.losses import sft_loss
     from ember.models.hf import config_to_hf, to_hf_state_dict
@@ -74,6 +75,12 @@ def test_one_loss_three_ways(bench):
     want = sft_loss(ember, data.ember, data.ember.num_loss_tokens)
     got = hf(**data.hf).loss
     assert torch.allclose(got, want, rtol=1e-5, atol=0), (got, want)
+    # HF with the head on the answer tokens only: the same loss, and the same gradients.
+    answers = bench.hf_answer_loss(hf, data.hf)
+    assert torch.allclose(answers, want, rtol=1e-5, atol=0), (answers, want)
+    g_all = torch.autograd.grad(got, hf.model.layers[0].mlp.up_proj.weight)[0]
+    g_ans = torch.autograd.grad(answers, hf.model.layers[0].mlp.up_proj.weight)[0]
+    torch.testing.assert_close(g_ans, g_all, rtol=1e-4, atol=1e-7)
     bench.accelerate(hf)
     assert torch.allclose(hf(**data.hf).loss, want, rtol=1e-5, atol=0)
 
