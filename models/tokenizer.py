@@ -420,7 +420,7 @@ def _pre_tokenizer(md: dict[str, Any], source: str):
                                       for r in regexes), byte_level])
 
 
-_CONTROL, _USER_DEFINED = 3, 4
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
 
 
 def _byte_level_backend(md: dict[str, Any], tokens: list[str], types: list[int], source: str):
@@ -492,8 +492,10 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
         backend = spm_backend(md, source)
         vocab = backend.get_vocab()
     typed = list(zip(tokens, types, strict=True))
+    # the unknown piece too: llama.cpp matches it in text like a control token (and transformers'
+    # GGUF tokenizer makes it special), so "<unk>" is one token and skipped when decoding
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in typed
-                                if ty == _CONTROL and t in vocab])
+                                if ty in (_UNKNOWN, _CONTROL) and t in vocab])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in typed
                         if ty == _USER_DEFINED and t in vocab])
 

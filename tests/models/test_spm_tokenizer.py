@@ -155,3 +155,20 @@ def test_bad_metadata(sp_model):
         tokenizer_from_gguf(md)
     with pytest.raises(EmberError, match="tokenizer model 'bert' is not supported"):
         tokenizer_from_gguf({**_metadata(sp_model, "llama"), "tokenizer.ggml.model": "bert"})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_unknown_piece_in_text_is_one_special_token(sp_model, arch, tmp_path):
+    """The unknown piece (type 2) is matched whole in text and skipped when decoding, as
+    transformers' GGUF tokenizer (and llama.cpp) do (was: "<unk>" spelled out piece by piece)."""
+    path = _write(tmp_path / f"{arch}.gguf", _metadata(sp_model, arch))
+    with GGUFFile(path) as g:
+        ours = tokenizer_from_gguf(g.metadata)
+    theirs = _theirs(path)
+    for text in ["<unk>", "a <unk> b", "x<unk><s>y", "<unk"]:
+        ids = ours.encode(text, add_special_tokens=True)
+        assert ids == theirs(text)["input_ids"], (arch, text)
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
+                ids, skip_special_tokens=skip), (arch, text, skip)
+    assert 0 in ours.encode("a <unk> b") and 0 in ours.all_special_ids
