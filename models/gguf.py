@@ -6,7 +6,8 @@ specifics (norms stored as 1 + w, windows, softcaps, local RoPE base, fused qkv 
 values llama.cpp hard-codes instead of storing) are in ``ember.models.gguf_arch``. Mixture of
 experts (Mixtral as ``llama`` with ``expert_count``, ``qwen2moe``, ``qwen3moe``):
 ``ember.models.gguf_moe``. Refused with an error naming the key or tensor: other architectures,
-mmproj (``clip``) and multimodal files, per-layer head counts, partial rotary outside phi3.
+mmproj (``clip``) and multimodal files, head counts or sizes that differ between layers
+(one value repeated per layer is read as that value), partial rotary outside phi3.
 RoPE (linear, Llama 3.1 ``rope_freqs``, YaRN, Phi-3 LongRoPE ``rope_factors_long/short``) is read
 in ``ember.models.gguf_rope``.
 
@@ -421,8 +422,11 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         v = md.get(f"{arch}.{key}", default)
         if required and v is None:
             raise EmberError(f"{path}: metadata key {arch}.{key} is missing")
-        if isinstance(v, list):
-            raise EmberError(f"{path}: {arch}.{key} varies per layer ({v[:4]}...); not supported")
+        if isinstance(v, list):  # per-layer values (llama.cpp's arrays): one value for all
+            if not v or any(x != v[0] for x in v):
+                raise EmberError(f"{path}: {arch}.{key} varies per layer ({v[:8]}); models with "
+                                 "per-layer sizes are not supported")
+            v = v[0]
         return v
 
     hidden, heads = int(get("embedding_length", required=True)), int(
