@@ -503,6 +503,9 @@ def gguf_stop_ids(md: dict[str, Any]) -> list[int]:
     llama.cpp stops at too and the models' generation_config.json lists."""
     ids = [md.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
     template = md.get("tokenizer.chat_template") or ""
+    if not isinstance(template, str):
+        raise EmberError(f"GGUF metadata tokenizer.chat_template is {template!r}, not text; the "
+                         "file is corrupt: convert the model again")
     tokens = md.get("tokenizer.ggml.tokens") or []
     ids += [i for i, t in enumerate(tokens) if t in _TURN_ENDS and t in template]
     return list(dict.fromkeys(int(i) for i in ids if i is not None and 0 <= i < len(tokens)))
