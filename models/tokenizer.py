@@ -522,6 +522,11 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
     if "tokenizer.ggml.tokens" not in md:
         raise EmberError(f"{source}: GGUF metadata tokenizer.ggml.tokens is missing")
     tokens = list(md["tokenizer.ggml.tokens"])
+    if len(set(tokens)) != len(tokens):  # llama.cpp refuses such a file too
+        seen: set[str] = set()
+        twice = next(t for t in tokens if t in seen or seen.add(t))
+        raise EmberError(f"{source}: token {twice!r} appears twice in tokenizer.ggml.tokens; the "
+                         "file's vocabulary is corrupt: convert the model again")
     types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     if len(types) != len(tokens):
         raise EmberError(f"{source}: {len(types)} token types for {len(tokens)} tokens")

@@ -90,6 +90,9 @@ def test_missing_tensor_and_unknown_tensor(tmp_path):
     ({"llama.attention.head_count_kv": 2}, "no valid model: num_heads .3. must be a multiple"),
     ({"general.alignment": "x"}, "general.alignment 'x' is not a positive power of two"),
     ({"tokenizer.chat_template": 5}, "tokenizer.chat_template is 5, not text"),
+    # a token twice (llama.cpp asserts; was: a vocabulary one short, the first id decoding to "")
+    ({"tokenizer.ggml.tokens": tiny_tokenizer_md()["tokenizer.ggml.tokens"][:-1] + ["he"]},
+     "token 'he' appears twice in tokenizer.ggml.tokens"),
 ])
 def test_inconsistent_metadata_is_named(metadata, match, tmp_path):
     write_tiny_gguf(tmp_path / "m.gguf", metadata=metadata)
