@@ -261,8 +261,10 @@ def _llama_class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict
     its normalizer instead, which also prefixes text after a special token ("<s>[INST]") and text
     starting with a space; encoding follows transformers 5. Model types whose registered
     tokenizer transformers uses instead (Mistral, Phi-3: tokenizer.json as it is) are left as
-    they are, as are byte-level vocabularies (transformers reads them as written, too)."""
-    if str(cfg.get("tokenizer_class") or "").removesuffix("Fast") != "LlamaTokenizer":
+    they are, as are byte-level vocabularies (transformers reads them as written, too).
+    ``CodeLlamaTokenizer`` likewise, without ``legacy`` ("first" or "never")."""
+    cls = str(cfg.get("tokenizer_class") or "").removesuffix("Fast")
+    if cls not in ("LlamaTokenizer", "CodeLlamaTokenizer"):
         return
     spec = json.loads(backend.to_str())
     model = spec.get("model") or {}
@@ -277,9 +279,14 @@ def _llama_class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict
 
     prefix = cfg.get("add_prefix_space")
     prepend = ("never" if prefix is not None and not prefix
-               else "always" if cfg.get("legacy", False) else "first")
+               else "always" if cls == "LlamaTokenizer" and cfg.get("legacy", False)
+               else "first")
     backend.normalizer = None
     spm_pipeline(backend, style="llama", prepend=prepend)
+    if cls == "CodeLlamaTokenizer":  # its decoder drops a leading space even without a prefix
+        backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "),
+                                             decoders.ByteFallback(), decoders.Fuse(),
+                                             decoders.Strip(content=" ", left=1)])
 
 
 def _added_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None,

@@ -177,19 +177,21 @@ def test_unknown_piece_in_text_is_one_special_token(sp_model, arch, tmp_path):
 @pytest.mark.parametrize("model_type", [None, "llama", "mistral"])
 @pytest.mark.parametrize("flags", [{"legacy": False}, {"legacy": True}, {},
                                    {"add_prefix_space": False}])
-def test_llama_tokenizer_class_folder_encodes_like_transformers(sp_model, flags, model_type,
+@pytest.mark.parametrize("cls", ["LlamaTokenizer", "CodeLlamaTokenizer"])
+def test_llama_tokenizer_class_folder_encodes_like_transformers(sp_model, cls, flags, model_type,
                                                                 tmp_path):
     """A Llama-2-style folder (tokenizer.json prepending U+2581 in its normalizer, as Llama 2's
     and Phi-3's do) whose tokenizer_config.json names LlamaTokenizer: transformers 5 builds its
     own Metaspace from ``legacy`` / ``add_prefix_space`` (for model type llama; Mistral's loads
-    tokenizer.json as it is). Ember used tokenizer.json's normalizer, so text after a special
-    token ("<s>[INST]") and text starting with a space got another U+2581."""
+    tokenizer.json as it is; CodeLlamaTokenizer ignores ``legacy``). Ember used tokenizer.json's
+    normalizer, so text after a special token ("<s>[INST]") and text starting with a space got
+    another U+2581."""
     import json
 
     transformers = pytest.importorskip("transformers")
     tokenizer_from_gguf(_metadata(sp_model, "phi3")).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    cfg |= {"tokenizer_class": "LlamaTokenizer", **flags}
+    cfg |= {"tokenizer_class": cls, **flags}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     if model_type is not None:
         (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
