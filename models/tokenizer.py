@@ -23,6 +23,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 
 from ember import EmberError
 from ember.models.chat_template import read_templates, render, select_template
+from ember.models.tokenizer_classes import class_pipeline
 
 _SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -245,50 +246,6 @@ def _add_named_specials(backend: tokenizers.Tokenizer, cfg: dict, smap: dict) ->
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
 
 
-# config.json model types for which transformers 5 builds the tokenizer class the folder names
-# (no registered class, or one it does not prefer); other types (mistral, mixtral, phi3 ...)
-# load tokenizer.json as it is
-_HUB_CLASS_MODEL_TYPES = (None, "", "llama", "smollm3", "gemma", "gemma2", "gemma3",
-                          "gemma3_text")
-
-
-def _llama_class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> None:
-    """A folder whose tokenizer_config.json names ``LlamaTokenizer(Fast)`` over a SentencePiece-
-    style BPE (Llama 2, TinyLlama, Vicuna ...): transformers 5 keeps tokenizer.json's vocabulary,
-    merges, added tokens and post-processor but builds the rest itself, from the config's
-    ``add_prefix_space`` and ``legacy``: no normalizer, a ``Metaspace`` pre-tokenizer ("first"
-    prefix, "always" when legacy, "never" without prefix). Llama 2's tokenizer.json prepends in
-    its normalizer instead, which also prefixes text after a special token ("<s>[INST]") and text
-    starting with a space; encoding follows transformers 5. Model types whose registered
-    tokenizer transformers uses instead (Mistral, Phi-3: tokenizer.json as it is) are left as
-    they are, as are byte-level vocabularies (transformers reads them as written, too).
-    ``CodeLlamaTokenizer`` likewise, without ``legacy`` ("first" or "never")."""
-    cls = str(cfg.get("tokenizer_class") or "").removesuffix("Fast")
-    if cls not in ("LlamaTokenizer", "CodeLlamaTokenizer"):
-        return
-    spec = json.loads(backend.to_str())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or "ByteLevel" in json.dumps(
-            [spec.get("pre_tokenizer"), spec.get("decoder")]):
-        return
-    config = folder / "config.json"
-    model_type = _read_json(config).get("model_type") if config.is_file() else None
-    if model_type not in _HUB_CLASS_MODEL_TYPES:
-        return
-    from ember.models.spm import spm_pipeline
-
-    prefix = cfg.get("add_prefix_space")
-    prepend = ("never" if prefix is not None and not prefix
-               else "always" if cls == "LlamaTokenizer" and cfg.get("legacy", False)
-               else "first")
-    backend.normalizer = None
-    spm_pipeline(backend, style="llama", prepend=prepend)
-    if cls == "CodeLlamaTokenizer":  # its decoder drops a leading space even without a prefix
-        backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "),
-                                             decoders.ByteFallback(), decoders.Fuse(),
-                                             decoders.Strip(content=" ", left=1)])
-
-
 def _added_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None,
                    default: tuple[bool, bool]) -> tuple[bool, bool]:
     """Whether ``encode(..., add_special_tokens=True)`` puts ``bos`` before the text and ``eos``
@@ -354,7 +311,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             raise EmberError(f"cannot parse {tj}: {e}") from None
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
         _add_named_specials(backend, cfg, smap)
-        _llama_class_pipeline(backend, folder, cfg)
+        class_pipeline(backend, folder, cfg)
     template, named = read_templates(cfg, folder)
     extra_eos: list[int] = []
     for name in ("generation_config.json", "config.json"):
