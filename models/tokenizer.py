@@ -282,7 +282,9 @@ def _read_json(path: Path) -> dict:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer from a Hugging Face folder (ours or one written by transformers); a
     folder without tokenizer.json is built from its slow tokenizer's files (tokenizer.model or
-    vocab.json + merges.txt, see ``ember.models.slow_tokenizer``)."""
+    vocab.json + merges.txt, see ``ember.models.slow_tokenizer``). Where transformers 5 builds a
+    tokenizer class's own pipeline over tokenizer.json's vocabulary (LlamaTokenizer, Qwen2
+    folders), so does Ember (``ember.models.tokenizer_classes``)."""
     folder = Path(path)
     if folder.is_file() and folder.name == "tokenizer.json":
         folder = folder.parent
