@@ -6,7 +6,8 @@ specifics (norms stored as 1 + w, windows, softcaps, local RoPE base, fused qkv 
 values llama.cpp hard-codes instead of storing) are in ``ember.models.gguf_arch``. Mixture of
 experts (Mixtral as ``llama`` with ``expert_count``, ``qwen2moe``, ``qwen3moe``):
 ``ember.models.gguf_moe``. Refused with an error naming the key or tensor: other architectures,
-mmproj (``clip``) and multimodal files, per-layer head counts, partial rotary outside phi3.
+mmproj (``clip``) and multimodal files, head counts or sizes that differ between layers
+(one value repeated per layer is read as that value), partial rotary outside phi3.
 RoPE (linear, Llama 3.1 ``rope_freqs``, YaRN, Phi-3 LongRoPE ``rope_factors_long/short``) is read
 in ``ember.models.gguf_rope``.
 
@@ -189,6 +190,10 @@ class GGUFFile:
             raise EmberError(f"{self.path}: not a GGUF file (magic {bytes(self._mm[:4])!r})")
         self._pos = 4
         version = self._take("<I")
+        if version > 0xFFFF and struct.unpack(">I", struct.pack("<I", version))[0] in (2, 3):
+            raise EmberError(f"{self.path}: a big-endian GGUF file (written for s390x); Ember "
+                             "reads little-endian ones: convert it with the gguf package's "
+                             "command: gguf-convert-endian FILE little")
         if version in (1,) or version > 0xFFFF:
             raise EmberError(f"{self.path}: GGUF version {version} is not supported (v2/v3 "
                              "little-endian only; re-export with a current llama.cpp)")
@@ -203,9 +208,10 @@ class GGUFFile:
             name = self._str()
             dims = [self._take("<Q") for _ in range(self._take("<I"))]
             infos.append((name, dims, self._take("<I"), self._take("<Q")))
-        align = int(self.metadata.get("general.alignment", 32))
-        if align <= 0 or align & (align - 1):
-            raise EmberError(f"{self.path}: general.alignment {align} is not a power of two")
+        align = self.metadata.get("general.alignment", 32)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise EmberError(f"{self.path}: general.alignment {align!r} is not a positive "
+                             "power of two")
         data_start = -(-self._pos // align) * align
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, qtype, offset in infos:
@@ -421,12 +427,21 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         v = md.get(f"{arch}.{key}", default)
         if required and v is None:
             raise EmberError(f"{path}: metadata key {arch}.{key} is missing")
-        if isinstance(v, list):
-            raise EmberError(f"{path}: {arch}.{key} varies per layer ({v[:4]}...); not supported")
+        if isinstance(v, list):  # per-layer values (llama.cpp's arrays): one value for all
+            if not v or any(x != v[0] for x in v):
+                raise EmberError(f"{path}: {arch}.{key} varies per layer ({v[:8]}); models with "
+                                 "per-layer sizes are not supported")
+            v = v[0]
+        if key != "rope.scaling.type" and v is not None and not isinstance(v, int | float):
+            raise EmberError(f"{path}: {arch}.{key} is {v!r}, not a number; the file is "
+                             "corrupt: convert the model again")
         return v
 
     hidden, heads = int(get("embedding_length", required=True)), int(
         get("attention.head_count", required=True))
+    if hidden <= 0 or heads <= 0:
+        raise EmberError(f"{path}: {arch}.embedding_length {hidden} and "
+                         f"{arch}.attention.head_count {heads} must be positive")
     head_dim = int(get("attention.key_length") or hidden // heads)
     if "token_embd.weight" not in g.tensors:
         raise EmberError(f"{path}: tensor token_embd.weight is missing")
@@ -460,7 +475,12 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         fields.update(moe_fields(arch, get, path))
     elif arch in ("qwen2moe", "qwen3moe"):
         raise EmberError(f"{path}: {arch}.expert_count is missing")
-    return ModelConfig(**{**fields, **arch_fields(arch, md, get, fields)})
+    try:
+        return ModelConfig(**{**fields, **arch_fields(arch, md, get, fields)})
+    except EmberError:
+        raise
+    except ValueError as e:  # ModelConfig's own checks (heads a multiple of kv heads ...)
+        raise EmberError(f"{path}: the metadata describes no valid model: {e}") from None
 
 
 def _ember_names(g: GGUFFile) -> Iterator[tuple[str, str]]:
@@ -529,6 +549,11 @@ def _check_shapes(sd: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> 
     if missing:
         raise EmberError(f"{path}: tensors missing for {missing[:5]} (have {len(sd)} of "
                          f"{len(want)})")
+    extra = sorted(set(sd) - set(want))
+    if extra:  # llama.cpp refuses such a file too ("wrong number of tensors")
+        raise EmberError(f"{path}: tensors for {extra[:5]} ({len(extra)} in all) that the "
+                         f"metadata does not describe ({cfg.num_layers} blocks, block_count); "
+                         "the file is inconsistent: convert the model again")
     for k, shape in want.items():
         if tuple(sd[k].shape) != shape:
             raise EmberError(f"{path}: tensor for {k} has shape {tuple(sd[k].shape)}, the "

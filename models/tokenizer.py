@@ -23,6 +23,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 
 from ember import EmberError
 from ember.models.chat_template import read_templates, render, select_template
+from ember.models.tokenizer_classes import class_pipeline
 
 _SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -281,7 +282,9 @@ def _read_json(path: Path) -> dict:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer from a Hugging Face folder (ours or one written by transformers); a
     folder without tokenizer.json is built from its slow tokenizer's files (tokenizer.model or
-    vocab.json + merges.txt, see ``ember.models.slow_tokenizer``)."""
+    vocab.json + merges.txt, see ``ember.models.slow_tokenizer``). Where transformers 5 builds a
+    tokenizer class's own pipeline over tokenizer.json's vocabulary (LlamaTokenizer, Qwen2
+    folders), so does Ember (``ember.models.tokenizer_classes``)."""
     folder = Path(path)
     if folder.is_file() and folder.name == "tokenizer.json":
         folder = folder.parent
@@ -310,6 +313,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             raise EmberError(f"cannot parse {tj}: {e}") from None
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
         _add_named_specials(backend, cfg, smap)
+        class_pipeline(backend, folder, cfg)
     template, named = read_templates(cfg, folder)
     extra_eos: list[int] = []
     for name in ("generation_config.json", "config.json"):
@@ -420,7 +424,7 @@ def _pre_tokenizer(md: dict[str, Any], source: str):
                                       for r in regexes), byte_level])
 
 
-_CONTROL, _USER_DEFINED = 3, 4
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
 
 
 def _byte_level_backend(md: dict[str, Any], tokens: list[str], types: list[int], source: str):
@@ -465,6 +469,9 @@ def gguf_stop_ids(md: dict[str, Any]) -> list[int]:
     llama.cpp stops at too and the models' generation_config.json lists."""
     ids = [md.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
     template = md.get("tokenizer.chat_template") or ""
+    if not isinstance(template, str):
+        raise EmberError(f"GGUF metadata tokenizer.chat_template is {template!r}, not text; the "
+                         "file is corrupt: convert the model again")
     tokens = md.get("tokenizer.ggml.tokens") or []
     ids += [i for i, t in enumerate(tokens) if t in _TURN_ENDS and t in template]
     return list(dict.fromkeys(int(i) for i in ids if i is not None and 0 <= i < len(tokens)))
@@ -481,6 +488,11 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
     if "tokenizer.ggml.tokens" not in md:
         raise EmberError(f"{source}: GGUF metadata tokenizer.ggml.tokens is missing")
     tokens = list(md["tokenizer.ggml.tokens"])
+    if len(set(tokens)) != len(tokens):  # llama.cpp refuses such a file too
+        seen: set[str] = set()
+        twice = next(t for t in tokens if t in seen or seen.add(t))
+        raise EmberError(f"{source}: token {twice!r} appears twice in tokenizer.ggml.tokens; the "
+                         "file's vocabulary is corrupt: convert the model again")
     types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     if len(types) != len(tokens):
         raise EmberError(f"{source}: {len(types)} token types for {len(tokens)} tokens")
@@ -492,8 +504,10 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
         backend = spm_backend(md, source)
         vocab = backend.get_vocab()
     typed = list(zip(tokens, types, strict=True))
+    # the unknown piece too: llama.cpp matches it in text like a control token (and transformers'
+    # GGUF tokenizer makes it special), so "<unk>" is one token and skipped when decoding
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in typed
-                                if ty == _CONTROL and t in vocab])
+                                if ty in (_UNKNOWN, _CONTROL) and t in vocab])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in typed
                         if ty == _USER_DEFINED and t in vocab])
 

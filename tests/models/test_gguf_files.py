@@ -78,6 +78,43 @@ def test_missing_tensor_and_unknown_tensor(tmp_path):
         load_gguf(tmp_path / "a.gguf")
 
 
+@pytest.mark.parametrize("metadata,match", [
+    # more blocks in the tensor table than block_count (llama.cpp: "wrong number of tensors");
+    # was: loaded, the extra layers' tensors carried along unused
+    ({"llama.block_count": 1}, r"tensors for \['layers\.1\..*block_count"),
+    # metadata of the wrong type or value (was: ValueError / ZeroDivisionError / TypeError
+    # from deep inside)
+    ({"llama.context_length": "4k"}, "llama.context_length is '4k', not a number"),
+    ({"llama.attention.layer_norm_rms_epsilon": "x"}, "layer_norm_rms_epsilon is 'x', not a"),
+    ({"llama.attention.head_count": 0}, "head_count 0 must be positive"),
+    ({"llama.attention.head_count_kv": 2}, "no valid model: num_heads .3. must be a multiple"),
+    ({"general.alignment": "x"}, "general.alignment 'x' is not a positive power of two"),
+    ({"tokenizer.chat_template": 5}, "tokenizer.chat_template is 5, not text"),
+    # a token twice (llama.cpp asserts; was: a vocabulary one short, the first id decoding to "")
+    ({"tokenizer.ggml.tokens": tiny_tokenizer_md()["tokenizer.ggml.tokens"][:-1] + ["he"]},
+     "token 'he' appears twice in tokenizer.ggml.tokens"),
+])
+def test_inconsistent_metadata_is_named(metadata, match, tmp_path):
+    write_tiny_gguf(tmp_path / "m.gguf", metadata=metadata)
+    with pytest.raises(EmberError, match=match):
+        load_gguf(tmp_path / "m.gguf")
+
+
+def test_big_endian_file_is_named(tmp_path):
+    """gguf's writer can write big-endian files (s390x); was: "GGUF version 50331648 is not
+    supported"."""
+    from gguf import GGUFEndian, GGUFWriter
+
+    w = GGUFWriter(str(tmp_path / "be.gguf"), "llama", endianess=GGUFEndian.BIG)
+    w.add_tensor("token_embd.weight", np.ones((4, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(EmberError, match="big-endian GGUF.*gguf-convert-endian FILE little"):
+        load_gguf(tmp_path / "be.gguf")
+
+
 def test_unsupported_tokenizer_and_moe(tmp_path):
     write_tiny_gguf(tmp_path / "wpm.gguf", metadata={"tokenizer.ggml.model": "bert"})
     with pytest.raises(EmberError, match="tokenizer model 'bert' is not supported"):

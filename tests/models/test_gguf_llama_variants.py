@@ -179,3 +179,25 @@ def test_olmo2_gguf_matches_hf_and_exports_back(tmp_path):
     write_llama_variant_gguf(tmp_path / "w.gguf", hf, extra={"olmo2.attention.sliding_window": 4})
     with pytest.raises(EmberError, match="OLMo 3 file"):
         load_gguf(tmp_path / "w.gguf")
+
+
+def test_per_layer_head_count_arrays_of_one_value(tmp_path):
+    """llama.cpp reads ``attention.head_count`` / ``head_count_kv`` / ``feed_forward_length`` as
+    one value or one per layer; a file with the same value on every layer is the HF model
+    (was refused as "varies per layer"); sizes that really vary are refused, naming the key."""
+    hf = _hf("LlamaConfig", 3, 5)
+    keys = ("attention.head_count", "attention.head_count_kv", "feed_forward_length")
+    c = hf.config
+    per_layer = {f"llama.{k}": [v] * 3 for k, v in zip(keys, (
+        c.num_attention_heads, c.num_key_value_heads, c.intermediate_size), strict=True)}
+    write_llama_variant_gguf(tmp_path / "a.gguf", hf, drop=keys, extra=per_layer)
+    ids = torch.randint(3, VOCAB, (2, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf(ids).logits
+    cfg, sd, _ = load_gguf(tmp_path / "a.gguf")
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size) == (4, 2, 96)
+    assert (_ember(cfg, sd, ids)[0] - want).abs().max().item() <= 1e-4
+    varying = {**per_layer, "llama.attention.head_count_kv": [2, 1, 2]}
+    write_llama_variant_gguf(tmp_path / "v.gguf", hf, drop=keys, extra=varying)
+    with pytest.raises(EmberError, match=r"head_count_kv varies per layer \(\[2, 1, 2\]\)"):
+        load_gguf(tmp_path / "v.gguf")

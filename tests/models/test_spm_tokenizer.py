@@ -155,3 +155,53 @@ def test_bad_metadata(sp_model):
         tokenizer_from_gguf(md)
     with pytest.raises(EmberError, match="tokenizer model 'bert' is not supported"):
         tokenizer_from_gguf({**_metadata(sp_model, "llama"), "tokenizer.ggml.model": "bert"})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_unknown_piece_in_text_is_one_special_token(sp_model, arch, tmp_path):
+    """The unknown piece (type 2) is matched whole in text and skipped when decoding, as
+    transformers' GGUF tokenizer (and llama.cpp) do (was: "<unk>" spelled out piece by piece)."""
+    path = _write(tmp_path / f"{arch}.gguf", _metadata(sp_model, arch))
+    with GGUFFile(path) as g:
+        ours = tokenizer_from_gguf(g.metadata)
+    theirs = _theirs(path)
+    for text in ["<unk>", "a <unk> b", "x<unk><s>y", "<unk"]:
+        ids = ours.encode(text, add_special_tokens=True)
+        assert ids == theirs(text)["input_ids"], (arch, text)
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
+                ids, skip_special_tokens=skip), (arch, text, skip)
+    assert 0 in ours.encode("a <unk> b") and 0 in ours.all_special_ids
+
+
+@pytest.mark.parametrize("model_type", [None, "llama", "mistral"])
+@pytest.mark.parametrize("flags", [{"legacy": False}, {"legacy": True}, {},
+                                   {"add_prefix_space": False}])
+@pytest.mark.parametrize("cls", ["LlamaTokenizer", "CodeLlamaTokenizer"])
+def test_llama_tokenizer_class_folder_encodes_like_transformers(sp_model, cls, flags, model_type,
+                                                                tmp_path):
+    """A Llama-2-style folder (tokenizer.json prepending U+2581 in its normalizer, as Llama 2's
+    and Phi-3's do) whose tokenizer_config.json names LlamaTokenizer: transformers 5 builds its
+    own Metaspace from ``legacy`` / ``add_prefix_space`` (for model type llama; Mistral's loads
+    tokenizer.json as it is; CodeLlamaTokenizer ignores ``legacy``). Ember used tokenizer.json's
+    normalizer, so text after a special token ("<s>[INST]") and text starting with a space got
+    another U+2581."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    tokenizer_from_gguf(_metadata(sp_model, "phi3")).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg |= {"tokenizer_class": cls, **flags}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    if model_type is not None:
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with _offline():
+        theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    for text in [*TEXTS, *EXTRA, "<s>[INST] hi [/INST]", " a", "a</s> b", "</s>x"]:
+        for special in (False, True):
+            ids = ours.encode(text, add_special_tokens=special)
+            assert ids == theirs(text, add_special_tokens=special)["input_ids"], (text, special)
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
+                ids, skip_special_tokens=skip), (text, skip)

@@ -483,3 +483,24 @@ def test_named_special_tokens_missing_from_added_tokens_are_matched_whole(tmp_pa
     for skip in (False, True):
         assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
             ids, skip_special_tokens=skip)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", None])
+def test_qwen2_folder_from_gguf_reads_like_transformers(tmp_path, model_type):
+    """A qwen2 folder written by ``ember import-gguf`` has no NFC normalizer (GGUF has none);
+    transformers 5 reads every model type qwen2 folder with its Qwen2Tokenizer (NFC, Qwen2's
+    split), so Ember encoded decomposed accents differently from it on the same folder."""
+    transformers = pytest.importorskip("transformers")
+    from tests.models.test_gguf_pretokenizers import TRICKY, _trained
+
+    _, md = _trained("qwen2")
+    tokenizer_from_gguf(md).save_pretrained(tmp_path)
+    if model_type is not None:
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with _offline():
+        theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    for text in [*TRICKY, "cafe\u0301 na\u0308ive", "\u212b \u1e9b\u0323"]:
+        ids = ours.encode(text)
+        assert ids == theirs(text, add_special_tokens=False)["input_ids"], (model_type, text)
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)

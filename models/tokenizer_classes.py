@@ -1,0 +1,105 @@
+"""The tokenizer classes transformers 5 builds its own pipeline for, mirrored by ``load_tokenizer``.
+
+transformers 5 reads a folder's tokenizer.json as written (``TokenizersBackend``) unless the class
+it resolves for the folder defines its own pipeline: that class keeps tokenizer.json's
+vocabulary, merges, added tokens and post-processor and builds the normalizer, pre-tokenizer and
+decoder itself, from tokenizer_config.json's flags. The class is tokenizer_config.json's
+``tokenizer_class``, unless config.json's model type has a registered tokenizer that
+transformers prefers (``qwen2``: always ``Qwen2Tokenizer``) or a generic one (Mistral, Mixtral,
+Phi-3, Granite, OLMo2: tokenizer.json as written). Mirrored here, for the families Ember loads:
+
+- ``LlamaTokenizer`` over a SentencePiece-style BPE (Llama 2, TinyLlama, Vicuna): no normalizer,
+  a ``Metaspace`` pre-tokenizer from ``add_prefix_space`` and ``legacy`` ("first" prefix,
+  "always" when legacy, "never" without prefix). Llama 2's tokenizer.json prepends in its
+  normalizer instead, which also prefixes text after a special token ("<s>[INST]") and text that
+  starts with a space. A byte-level vocabulary named LlamaTokenizer (DeepSeek) is read as written.
+- ``CodeLlamaTokenizer``: the same without ``legacy``; its decoder always drops a leading space.
+- ``Qwen2Tokenizer``: NFC, Qwen2's split regex, byte-level. A qwen2 folder written from a GGUF
+  file (which has no normalizer, like llama.cpp) is read with NFC, as transformers reads it.
+
+Not mirrored: ``GPT2Tokenizer``, which transformers 5 rebuilds as GPT-2's regex alone, dropping
+e.g. SmolLM2's and StarCoder's digit split from their tokenizer.json (Ember keeps the model's own
+split), and ``GemmaTokenizer``, whose pipeline is the one Gemma's tokenizer.json already has.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import tokenizers
+from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+
+# config.json model type -> the tokenizer class transformers 5 registers for it: None (none: the
+# folder's class), "" (a generic backend: tokenizer.json as written) or a class name
+_REGISTERED = {
+    "llama": None, "smollm3": None, "mistral": "", "mixtral": "", "phi3": "", "granite": "",
+    "olmo2": "", "gemma": "GemmaTokenizer", "gemma2": "GemmaTokenizer",
+    "gemma3": "GemmaTokenizer", "gemma3_text": "GemmaTokenizer", "qwen2": "Qwen2Tokenizer",
+    "qwen3": "Qwen2Tokenizer", "qwen2_moe": "Qwen2Tokenizer", "qwen3_moe": "Qwen2Tokenizer",
+    "phi": "GPT2Tokenizer",
+}
+# model types whose registered class transformers uses whatever the folder names
+_REGISTERED_WINS = ("qwen2", "phi3")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def resolved_class(cfg: dict, model_type: str | None) -> str | None:
+    """The tokenizer class transformers 5 builds for a folder (tokenizer_config.json ``cfg``,
+    config.json's ``model_type``), without "Fast"; None when it reads tokenizer.json as written
+    or the model type is one Ember does not know."""
+    hub = str(cfg.get("tokenizer_class") or "").removesuffix("Fast") or None
+    if not model_type:
+        return hub
+    if model_type not in _REGISTERED:
+        return None
+    registered = _REGISTERED[model_type]
+    if registered is None or registered == hub:
+        return hub
+    if registered == "":
+        return None
+    return registered if model_type in _REGISTERED_WINS else hub
+
+
+def class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> None:
+    """Give ``backend`` (read from ``folder``'s tokenizer.json) the normalizer, pre-tokenizer and
+    decoder transformers 5 gives it, for the classes above; unchanged otherwise."""
+    config = folder / "config.json"
+    model_type = None
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            model_type = None
+    cls = resolved_class(cfg, model_type if isinstance(model_type, str) else None)
+    if cls not in ("LlamaTokenizer", "CodeLlamaTokenizer", "Qwen2Tokenizer"):
+        return
+    spec = json.loads(backend.to_str())
+    if (spec.get("model") or {}).get("type") != "BPE":
+        return
+    byte_level = "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    if cls == "Qwen2Tokenizer":
+        if not byte_level:
+            return
+        backend.normalizer = normalizers.NFC()
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=bool(cfg.get("add_prefix_space")),
+                                     use_regex=False)])
+        backend.decoder = decoders.ByteLevel()
+        return
+    if byte_level:
+        return
+    from ember.models.spm import spm_pipeline
+
+    prefix = cfg.get("add_prefix_space")
+    prepend = ("never" if prefix is not None and not prefix
+               else "always" if cls == "LlamaTokenizer" and cfg.get("legacy", False)
+               else "first")
+    backend.normalizer = None
+    spm_pipeline(backend, style="llama", prepend=prepend)
+    if cls == "CodeLlamaTokenizer":  # its decoder drops a leading space even without a prefix
+        backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "),
+                                             decoders.ByteFallback(), decoders.Fuse(),
+                                             decoders.Strip(content=" ", left=1)])
