@@ -48,6 +48,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tokenizers
+
 from ember import EmberError
 from ember.engine.datafiles import open_data, table_items
 from ember.engine.formats import (  # noqa: F401  (_get_str, _type_name: for other readers)
@@ -60,7 +62,7 @@ from ember.engine.formats import (  # noqa: F401  (_get_str, _type_name: for oth
     detect,
     parse,
 )
-from ember.engine.mixing import check_weights, describe, source_names
+from ember.engine.mixing import check_weights, describe, source_names, split_examples
 from ember.engine.packing import (
     IGNORE,
     Batch,
@@ -263,6 +265,26 @@ class _Encoder:
             pos = len(upto)
         return spans + [(pos, len(full), False)]
 
+    def _tokens(self, full: str, spans) -> tuple[list[int], list[list[int]]]:
+        """(ids, each assistant span's token indices): ``full`` tokenized whole as transformers
+        tokenizes a chat (span by span differs: SPM prepends "▁" after a special token, BPE merges
+        newlines across a turn's start); a token is a span's when its characters overlap it, as
+        in ``return_assistant_tokens_mask``. Without a tokenizers backend: span by span."""
+        backend = getattr(self.tok, "backend", None)
+        if not isinstance(backend, tokenizers.Tokenizer):
+            ids, turns = [], []
+            for s, e, assistant in spans:
+                toks = self._enc(full[s:e])
+                if assistant:
+                    turns.append(list(range(len(ids), len(ids) + len(toks))))
+                ids += toks
+            return ids, turns
+        enc = backend.encode(full, add_special_tokens=False)
+        turns = [[j for j, (a, b) in enumerate(enc.offsets)
+                  if (s < b and a < e) or (a == b and s <= a < e)]
+                 for s, e, assistant in spans if assistant]
+        return list(enc.ids), turns
+
     def _chat(self, messages, all_loss: bool):
         if not isinstance(messages, Chat):
             messages = Chat(messages)
@@ -275,19 +297,18 @@ class _Encoder:
         if not all_loss and len(spans) == 1:
             raise _Bad("no assistant", "no assistant message: nothing to learn with "
                                        "data.loss_on = 'completion'")
-        ids, mask, prompt_len, end = [], [], 0, None
-        for s, e, assistant in spans or [(0, len(full), False)]:
-            toks = self._enc(full[s:e])
-            flags = [assistant or all_loss] * len(toks)
-            if assistant:
-                prompt_len, end = len(ids), len(ids) + len(toks)
-                stop = next((j for j, t in enumerate(toks) if t in self.ends), None)
-                if not all_loss and stop is not None:
-                    # Template text after the end-of-turn token (a newline, Phi-3's final EOS)
-                    # is not the answer.
-                    flags[stop + 1:] = [False] * (len(toks) - stop - 1)
-            ids += toks
-            mask += flags
+        spans = spans or [(0, len(full), False)]
+        ids, turns = self._tokens(full, spans)
+        mask, prompt_len, end = [all_loss] * len(ids), 0, None
+        for toks in turns:  # the token indices of each assistant span
+            if not toks:
+                continue
+            prompt_len, end = toks[0], toks[-1] + 1
+            stop = next((j for j in toks if ids[j] in self.ends), None)
+            for j in toks:
+                # Template text after the end-of-turn token (a newline, Phi-3's final EOS) is
+                # not the answer.
+                mask[j] = all_loss or stop is None or j <= stop
         if self.cfg.add_eos and self.eos is not None and end is not None and not (
                 self.ends.intersection(ids[prompt_len:end])):
             ids.insert(end, self.eos)
@@ -502,31 +523,6 @@ def load_examples(path: str | Path, cfg: DataConfig, tokenizer, make_reader=None
                          "are bad or too long\n" + "\n".join(f"  {p}" for p in rep.problems)
                          + hint)
     return examples, rep
-
-
-def split_examples(examples: list[Example], fraction: float, seed: int):
-    """(train, validation): ``round(n * fraction)`` examples (at least one) chosen by a seeded hash
-    of each line's content, so the split is the same across runs and across line reordering. The
-    examples of one line (a preference pair unpaired for KTO) go to the same side."""
-    if fraction <= 0:
-        return list(examples), []
-    n_val = max(1, round(len(examples) * fraction))
-    lines: dict[str, list[int]] = {}  # source ("path:line") -> its examples
-    for i, e in enumerate(examples):
-        lines.setdefault(e.source, []).append(i)
-    rank = sorted(lines.values(), key=lambda idx: (
-        hashlib.blake2b(f"{seed}\0{examples[idx[0]].key}".encode(), digest_size=16).digest(),
-        idx[0]))
-    val: set[int] = set()
-    for idx in rank:
-        if len(val) >= n_val:
-            break
-        val.update(idx)
-    if len(val) >= len(examples):
-        raise EmberError(f"data.val_fraction={fraction} leaves no training examples out of "
-                         f"{len(examples)}; lower it or give a validation file")
-    return ([e for i, e in enumerate(examples) if i not in val],
-            [e for i, e in enumerate(examples) if i in val])
 
 
 @dataclass

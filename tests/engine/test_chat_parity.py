@@ -10,7 +10,7 @@ import json
 
 import pytest
 from tokenizers import Tokenizer as Backend
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from ember.engine.data import IGNORE, DataConfig, load_examples
 from ember.engine.formats import parse
@@ -306,3 +306,48 @@ def test_assistant_mask_matches_generation_blocks(tmp_path, backend):
         mask = [0] + [int(t != IGNORE) for t in ex.labels[:-1]]  # labels are pre-shifted
         assert mask == list(out["assistant_masks"])
         assert sum(mask) > 0
+
+
+# Phi-3's template with its assistant text marked for transformers' assistant mask.
+PHI3_GEN = ("{% for message in messages %}{% if message['role'] == 'assistant' %}"
+            "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] + '<|end|>' }}"
+            "{% endgeneration %}{{ '\n' }}{% else %}{{ '<|' + message['role'] + '|>\n' + "
+            "message['content'] + '<|end|>\n' }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}"
+            "{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def spm_backend():
+    """A Llama-2 / Mistral / Phi-3 style tokenizer.json: SentencePiece BPE whose normalizer
+    prepends "▁" to every piece of text between special tokens."""
+    tok = Backend(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    text = [m["content"] for m in [SYSTEM, *CHAT]] + ["[INST]", "[/INST]"]
+    tok.train_from_iterator(text * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", *SPECIALS], show_progress=False,
+        initial_alphabet=["\n"]))
+    return tok
+
+
+@pytest.mark.parametrize("name", ["phi3", "mistral", "phi3_gen"])
+def test_chat_is_tokenized_whole_as_transformers_does(tmp_path, spm_backend, name):
+    """A turn tokenized on its own gets a "▁" (a space) that the whole text has not: the ids
+    must be transformers' apply_chat_template(tokenize=True), and the mask its assistant mask."""
+    tpl, bos, eos, eot, _ = TEMPLATES["phi3" if name == "phi3_gen" else name]
+    tpl = PHI3_GEN if name == "phi3_gen" else tpl
+    ours = Tokenizer(spm_backend, bos_token=bos, eos_token=eos, chat_template=tpl,
+                     extra_eos_token_ids=[spm_backend.token_to_id(eot)])
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=spm_backend, bos_token=bos,
+                                              eos_token=eos, chat_template=tpl)
+    for messages in ([SYSTEM, *CHAT], CHAT[:2]):
+        out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                     return_assistant_tokens_mask=name == "phi3_gen")
+        (ex,), _ = _load(tmp_path, ours, [{"messages": messages}])
+        assert ex.input_ids == list(out["input_ids"])
+        if name == "phi3_gen":
+            mask = [0] + [int(t != IGNORE) for t in ex.labels[:-1]]
+            assert mask == list(out["assistant_masks"])
