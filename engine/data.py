@@ -223,9 +223,15 @@ class _Encoder:
             ids = self._with_eos(self._enc(rec, True))
             return ids, [True] * len(ids), 0, None
         if fmt in ("prompt_completion", "alpaca") and not self.chat:
+            # tokenized whole, as TRL tokenizes prompt + completion (apart, an SPM tokenizer
+            # would start the completion with a "▁")
             prompt = alpaca_prompt(rec) if fmt == "alpaca" else rec[0]
-            p, c = self._enc(prompt, True), self._with_eos(self._enc(rec[1]))
-            return p + c, [all_loss] * len(p) + [True] * len(c), len(p), rec[1]
+            full = prompt + rec[1]
+            ids, (toks,) = self._tokens(full, [(0, len(prompt), False),
+                                               (len(prompt), len(full), True)], special=True)
+            mask = [all_loss or j >= toks[0] for j in range(len(ids))]
+            ids = self._with_eos(ids)
+            return ids, mask + [True] * (len(ids) - len(mask)), toks[0], rec[1]
         if fmt in ("prompt_completion", "alpaca"):
             system = rec.system if fmt == "alpaca" else None
             rec = Chat([{"role": "user", "content": rec[0]},
@@ -265,7 +271,8 @@ class _Encoder:
             pos = len(upto)
         return spans + [(pos, len(full), False)]
 
-    def _tokens(self, full: str, spans) -> tuple[list[int], list[list[int]]]:
+    def _tokens(self, full: str, spans, special: bool = False
+                ) -> tuple[list[int], list[list[int]]]:
         """(ids, each assistant span's token indices): ``full`` tokenized whole as transformers
         tokenizes a chat (span by span differs: SPM prepends "▁" after a special token, BPE merges
         newlines across a turn's start); a token is a span's when its characters overlap it, as
@@ -274,14 +281,15 @@ class _Encoder:
         if not isinstance(backend, tokenizers.Tokenizer):
             ids, turns = [], []
             for s, e, assistant in spans:
-                toks = self._enc(full[s:e])
+                toks = self._enc(full[s:e], special and s == 0)
                 if assistant:
                     turns.append(list(range(len(ids), len(ids) + len(toks))))
                 ids += toks
             return ids, turns
-        enc = backend.encode(full, add_special_tokens=False)
-        turns = [[j for j, (a, b) in enumerate(enc.offsets)
-                  if (s < b and a < e) or (a == b and s <= a < e)]
+        enc = backend.encode(full, add_special_tokens=special)
+        pairs = list(enumerate(zip(enc.offsets, enc.sequence_ids, strict=True)))
+        turns = [[j for j, ((a, b), seq) in pairs  # seq None: a BOS the tokenizer adds
+                  if seq is not None and ((s < b and a < e) or (a == b and s <= a < e))]
                  for s, e, assistant in spans if assistant]
         return list(enc.ids), turns
 

@@ -351,3 +351,25 @@ def test_chat_is_tokenized_whole_as_transformers_does(tmp_path, spm_backend, nam
         if name == "phi3_gen":
             mask = [0] + [int(t != IGNORE) for t in ex.labels[:-1]]
             assert mask == list(out["assistant_masks"])
+
+
+@pytest.mark.parametrize("completion", [" Paris.", "Paris is the capital.", "\nRome"])
+def test_prompt_completion_is_tokenized_whole_as_trl_does(tmp_path, spm_backend, completion):
+    """Without a chat template, prompt + completion is one text (TRL's SFT tokenizes it whole
+    and trains from the end of the prompt's tokens on); encoded apart, an SPM completion gets a
+    leading "▁" that the model never sees at inference."""
+    from tokenizers import processors
+
+    backend = Backend.from_str(spm_backend.to_str())
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))])
+    ours = Tokenizer(backend, bos_token="<s>", eos_token="</s>")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                              eos_token="</s>")
+    prompt = "What is the capital of France? Answer:"
+    (ex,), _ = _load(tmp_path, ours, [{"prompt": prompt, "completion": completion}])
+    want = hf(prompt + completion)["input_ids"] + [hf.eos_token_id]
+    assert ex.input_ids == want
+    start = len(hf(prompt)["input_ids"])  # TRL's completion mask starts here
+    assert [t for t in ex.labels if t != IGNORE] == want[start:]
+    assert ex.labels[:start - 1] == [IGNORE] * (start - 1)
