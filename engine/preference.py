@@ -105,7 +105,7 @@ def encode_answer(enc, prompt: str | list[dict], answer: str | dict) -> tuple:
     """One document, prompt then answer: (ids, target mask, prompt_len, reference) from ``enc``
     (``ember.engine.data._Encoder``); a message prompt's earlier assistant turns are context."""
     if isinstance(prompt, str):
-        return enc.encode("prompt_completion", (prompt, answer))
+        return enc.encode("prompt_completion", (prompt, answer), apart=True)  # as TRL's DPO
     ids, mask, prompt_len, reference = enc.encode("messages", [*prompt, answer])
     if enc.cfg.loss_on != "all":  # earlier assistant turns are context, not the answer
         mask = [False] * prompt_len + mask[prompt_len:]
