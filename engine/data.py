@@ -200,6 +200,7 @@ class _Encoder:
         # Every id that ends a turn (e.g. Llama 3's <|eot_id|> besides <|end_of_text|>).
         self.ends = set(getattr(tokenizer, "eos_token_ids", None) or ()) | (
             {self.eos} if self.eos is not None else set())
+        self.specials = set(getattr(tokenizer, "all_special_ids", None) or ())
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self.chat = self.has_template if cfg.use_chat_template is None else cfg.use_chat_template
         if self.chat and not self.has_template:
@@ -297,6 +298,16 @@ class _Encoder:
                  for s, e, assistant in spans if assistant]
         return list(enc.ids), turns
 
+    def _stop(self, ids: list[int], toks: list[int]) -> int | None:
+        """An assistant turn's end-of-turn token (its index): the first eos / end-of-turn id, else
+        the last special token before only whitespace (<|im_end|> when eos is <|endoftext|>)."""
+        stop = next((j for j in toks if ids[j] in self.ends), None)
+        last = next((j for j in reversed(toks) if ids[j] in self.specials), None)
+        if stop is None and last is not None and not self.tok.decode(
+                ids[last + 1:toks[-1] + 1], skip_special_tokens=False).strip():
+            return last
+        return stop
+
     def _chat(self, messages, all_loss: bool):
         if not isinstance(messages, Chat):
             messages = Chat(messages)
@@ -311,18 +322,16 @@ class _Encoder:
                                        "data.loss_on = 'completion'")
         spans = spans or [(0, len(full), False)]
         ids, turns = self._tokens(full, spans)
-        mask, prompt_len, end = [all_loss] * len(ids), 0, None
+        mask, prompt_len, end, stop = [all_loss] * len(ids), 0, None, None
         for toks in turns:  # the token indices of each assistant span
             if not toks:
                 continue
-            prompt_len, end = toks[0], toks[-1] + 1
-            stop = next((j for j in toks if ids[j] in self.ends), None)
+            prompt_len, end, stop = toks[0], toks[-1] + 1, self._stop(ids, toks)
             for j in toks:
                 # Template text after the end-of-turn token (a newline, Phi-3's final EOS) is
                 # not the answer.
                 mask[j] = all_loss or stop is None or j <= stop
-        if self.cfg.add_eos and self.eos is not None and end is not None and not (
-                self.ends.intersection(ids[prompt_len:end])):
+        if self.cfg.add_eos and self.eos is not None and end is not None and stop is None:
             ids.insert(end, self.eos)
             mask.insert(end, True)
         reference = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None

@@ -373,3 +373,19 @@ def test_prompt_completion_is_tokenized_whole_as_trl_does(tmp_path, spm_backend,
     start = len(hf(prompt)["input_ids"])  # TRL's completion mask starts here
     assert [t for t in ex.labels if t != IGNORE] == want[start:]
     assert ex.labels[:start - 1] == [IGNORE] * (start - 1)
+
+
+@pytest.mark.parametrize("eos", ["<|endoftext|>", "<eos>"])
+def test_end_of_turn_that_is_not_eos_ends_the_answer(tmp_path, backend, eos):
+    """A tokenizer whose eos is not the template's end-of-turn token (Qwen2.5 base: eos
+    <|endoftext|>, ChatML turns; Gemma 1: eos <eos>, turns end <end_of_turn>): the answer still
+    ends at <|im_end|>, nothing is inserted, as transformers' assistant mask has it."""
+    ours = Tokenizer(backend, eos_token=eos, chat_template=CHATML_GEN)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos,
+                                              chat_template=CHATML_GEN)
+    for messages in ([SYSTEM, *CHAT], CHAT[:2]):
+        out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                     return_assistant_tokens_mask=True)
+        (ex,), _ = _load(tmp_path, ours, [{"messages": messages}])
+        assert ex.input_ids == list(out["input_ids"])
+        assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(out["assistant_masks"])
