@@ -16,8 +16,9 @@ What each input shape becomes:
         the JSON of one call ``{"name", "arguments"}`` or a list of them) is an assistant message
         calling those tools, and ``tools`` may be the JSON text of the schemas.
     OpenAI content parts ``"content": [{"type": "text", "text": ...}]``: the text parts joined
-        with newlines (as vLLM does for templates that take string content); any other part
-        (image_url, input_audio, file) is refused: Ember trains text-only models.
+        with newlines for a template that takes string content (as vLLM does), the parts as given
+        for one that loops over content (Gemma 3; ``models.chat_template.TextParts``); any other
+        part (image_url, input_audio, file) is refused: Ember trains text-only models.
     Tool use: ``tool_calls`` of an assistant message go to the template as given (transformers'
         shape, ``{"type": "function", "function": {"name", "arguments"}}``), except that
         ``arguments`` given as a JSON string (OpenAI's shape) is decoded to an object: templates
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import json
 from typing import NamedTuple
+
+from ember.models.chat_template import TextParts
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -224,7 +227,7 @@ def _content(c, where: str) -> str:
             raise _Bad("wrong type", f"{where}.content[{j}].text must be a string, got "
                                      f"{_type_name(part.get('text'))}")
         texts.append(part["text"])
-    return "\n".join(texts)
+    return TextParts(texts)
 
 
 def _tool_calls(calls, where: str) -> list:

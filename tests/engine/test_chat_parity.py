@@ -389,3 +389,49 @@ def test_end_of_turn_that_is_not_eos_ends_the_answer(tmp_path, backend, eos):
         (ex,), _ = _load(tmp_path, ours, [{"messages": messages}])
         assert ex.input_ids == list(out["input_ids"])
         assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(out["assistant_masks"])
+
+
+# Gemma 3's template as it ships: string content, or a loop over content parts.
+GEMMA3_PARTS = GEMMA3.replace("""    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- endif -%}""", """    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}""")
+
+
+def test_text_parts_go_to_a_template_that_loops_over_content(tmp_path, backend):
+    """OpenAI content parts: a template that loops over a message's content (Gemma 3) gets the
+    parts, as transformers passes them (was: their texts joined with newlines, so two parts
+    rendered "a\\nb" where transformers renders "ab"); a string-only template gets the joined
+    text (transformers would render the list's repr)."""
+    parts = [{"type": "text", "text": "Look at this."}, {"type": "text", "text": "  What is it?"}]
+    messages = [{"role": "user", "content": parts},
+                {"role": "assistant", "content": [{"type": "text", "text": "A cat."},
+                                                  {"type": "text", "text": "Grey."}]}]
+    assert GEMMA3_PARTS != GEMMA3
+    ours = Tokenizer(backend, bos_token="<bos>", eos_token="<eos>", chat_template=GEMMA3_PARTS,
+                     extra_eos_token_ids=[backend.token_to_id("<end_of_turn>")])
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>",
+                                              eos_token="<eos>", chat_template=GEMMA3_PARTS)
+    rec = parse({"messages": messages}, "messages")
+    for gen in (False, True):
+        want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        assert ours.apply_chat_template(rec, add_generation_prompt=gen) == want
+    (ex,), _ = _load(tmp_path, ours, [{"messages": messages}])
+    assert ex.input_ids == list(hf.apply_chat_template(messages, tokenize=True,
+                                                       return_dict=True)["input_ids"])
+    target = backend.decode([t for t in ex.labels if t != IGNORE], skip_special_tokens=False)
+    assert target == "A cat.Grey.<end_of_turn>"
+    ours, _ = _pair(backend, "qwen2.5")
+    text = ours.apply_chat_template(rec)
+    assert "Look at this.\n  What is it?" in text and "'type'" not in text
