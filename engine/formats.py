@@ -135,12 +135,11 @@ class Alpaca(NamedTuple):
 
 def _alpaca(obj: dict) -> Alpaca:
     instruction, output = _get_str(obj, "instruction"), _get_str(obj, "output")
-    extra = obj.get("input") or ""
-    if not isinstance(extra, str):
-        raise _Bad("wrong type", f"field 'input' must be a string, got {_type_name(extra)}")
-    system = obj.get("system") or None
-    if system is not None and not isinstance(system, str):
-        raise _Bad("wrong type", f"field 'system' must be a string, got {_type_name(system)}")
+    extra, system = obj.get("input"), obj.get("system")  # null: not given (0 or [] is an error)
+    for k, v in (("input", extra), ("system", system)):
+        if v is not None and not isinstance(v, str):
+            raise _Bad("wrong type", f"field {k!r} must be a string, got {_type_name(v)}")
+    extra, system = extra or "", system or None
     if not (instruction.strip() or extra.strip()):
         raise _Bad("empty prompt", "empty instruction and input")
     prompt = "\n\n".join(s for s in (instruction, extra) if s)
@@ -165,9 +164,9 @@ def _sharegpt(obj: dict) -> list:
                    + (" (empty)" if convs == [] else ""))
     out = []
     system = obj.get("system")
+    if system is not None and not isinstance(system, str):
+        raise _Bad("wrong type", f"field 'system' must be a string, got {_type_name(system)}")
     if system:
-        if not isinstance(system, str):
-            raise _Bad("wrong type", f"field 'system' must be a string, got {_type_name(system)}")
         out.append({"role": "system", "content": system})
     for i, m in enumerate(convs):
         if not isinstance(m, dict):
