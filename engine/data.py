@@ -42,7 +42,6 @@ Batching (``Example`` -> packed ``Batch``, ``PackedBatches``, ``pad_batch``) is 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from ember.engine.formats import (  # noqa: F401  (_get_str, _type_name: for oth
     _type_name,
     alpaca_prompt,
     detect,
+    json_object,
     parse,
 )
 from ember.engine.mixing import check_weights, describe, source_names, split_examples
@@ -198,7 +198,9 @@ class _Encoder:
         self.cfg, self.tok = cfg, tokenizer
         self.eos = getattr(tokenizer, "eos_token_id", None)
         # Every id that ends a turn (e.g. Llama 3's <|eot_id|> besides <|end_of_text|>).
-        self.ends = set(getattr(tokenizer, "eos_token_ids", None) or ()) | (
+        # (transformers' tokenizers answer eos_token_ids with the one eos id)
+        ends = getattr(tokenizer, "eos_token_ids", None)
+        self.ends = ({ends} if isinstance(ends, int) else set(ends or ())) | (
             {self.eos} if self.eos is not None else set())
         self.specials = set(getattr(tokenizer, "all_special_ids", None) or ())
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -282,8 +284,9 @@ class _Encoder:
         tokenizes a chat (span by span differs: SPM prepends "▁" after a special token, BPE merges
         newlines across a turn's start); a token is a span's when its characters overlap it, as
         in ``return_assistant_tokens_mask``. Without a tokenizers backend: span by span."""
-        backend = getattr(self.tok, "backend", None)
-        if not isinstance(backend, tokenizers.Tokenizer):
+        backend = next((b for b in (getattr(self.tok, k, None) for k in (
+            "backend", "backend_tokenizer")) if isinstance(b, tokenizers.Tokenizer)), None)
+        if backend is None:
             ids, turns = [], []
             for s, e, assistant in spans:
                 toks = self._enc(full[s:e], special and s == 0)
@@ -392,19 +395,6 @@ def _fit(ids, mask, prompt_len, cfg: DataConfig, bos):
     cut = n - m
     ids2, mask2 = ids[:keep_bos] + ids[keep_bos + cut:], mask[:keep_bos] + mask[keep_bos + cut:]
     return ids2, mask2, max(keep_bos, prompt_len - cut)
-
-
-def json_object(line: str) -> dict:
-    """The JSON object of one line; raises _Bad with the reason."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise _Bad("invalid JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
-    except RecursionError:
-        raise _Bad("invalid JSON", "invalid JSON: nested too deeply") from None
-    if not isinstance(obj, dict):
-        raise _Bad("wrong type", f"expected a JSON object, got {_type_name(obj)}")
-    return obj
 
 
 class _Reader:

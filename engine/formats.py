@@ -295,3 +295,16 @@ def parse_messages(msgs, field: str = "messages") -> list[dict]:
             msg["tool_calls"] = calls
         out.append(msg)
     return out
+
+
+def json_object(line: str) -> dict:
+    """The JSON object of one line; raises _Bad with the reason."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _Bad("invalid JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise _Bad("invalid JSON", "invalid JSON: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise _Bad("wrong type", f"expected a JSON object, got {_type_name(obj)}")
+    return obj

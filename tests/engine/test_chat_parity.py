@@ -351,6 +351,8 @@ def test_chat_is_tokenized_whole_as_transformers_does(tmp_path, spm_backend, nam
         if name == "phi3_gen":
             mask = [0] + [int(t != IGNORE) for t in ex.labels[:-1]]
             assert mask == list(out["assistant_masks"])
+        (ex_hf,), _ = _load(tmp_path, hf, [{"messages": messages}])  # transformers' as the tokenizer
+        assert ex_hf.input_ids == ex.input_ids
 
 
 @pytest.mark.parametrize("completion", [" Paris.", "Paris is the capital.", "\nRome"])
