@@ -273,7 +273,10 @@ def parse_messages(msgs, field: str = "messages") -> list[dict]:
         if role not in ROLES:
             raise _Bad("unknown role", f"unknown role {role!r} in {where} (expected "
                                        f"{', '.join(ROLES)})")
-        calls = _tool_calls(m["tool_calls"], where) if m.get("tool_calls") is not None else None
+        # null (and no calls, []) is what OpenAI / vLLM dumps write for a field not used: as
+        # transformers drops None keys, so a template sees none
+        calls = _tool_calls(m["tool_calls"], where) if m.get("tool_calls") not in (None, []) \
+            else None
         if calls and role != "assistant":
             raise _Bad("wrong type", f"{where} has tool_calls but role {role!r}: only assistant "
                                      "messages call tools")
@@ -286,7 +289,7 @@ def parse_messages(msgs, field: str = "messages") -> list[dict]:
             raise _Bad("empty completion", f"empty assistant message in {where}")
         msg = {"role": role, "content": content}
         for k in _MESSAGE_KEYS[1:]:
-            if k in m:
+            if m.get(k) is not None:
                 if not isinstance(m[k], str):
                     raise _Bad("wrong type", f"{where}.{k} must be a string, got "
                                              f"{_type_name(m[k])}")

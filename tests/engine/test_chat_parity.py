@@ -437,3 +437,19 @@ def test_text_parts_go_to_a_template_that_loops_over_content(tmp_path, backend):
     ours, _ = _pair(backend, "qwen2.5")
     text = ours.apply_chat_template(rec)
     assert "Look at this.\n  What is it?" in text and "'type'" not in text
+
+
+def test_null_fields_of_openai_dumps_render_as_transformers(tmp_path, backend):
+    """An OpenAI / vLLM response dumped as a message carries null for what it does not use
+    (name, tool_call_id, reasoning_content, refusal) and no calls as [] or null: transformers
+    drops None keys and the template reads [] as no calls (was: the line refused, 'tool_call_id
+    must be a string, got null' / 'tool_calls must be a non-empty array')."""
+    ours, hf = _pair(backend, "qwen2.5")
+    messages = [{"role": "user", "content": CHAT[0]["content"], "name": None,
+                 "tool_call_id": None},
+                {"role": "assistant", "content": CHAT[1]["content"], "refusal": None,
+                 "tool_calls": [], "reasoning_content": None, "function_call": None}]
+    want = hf.apply_chat_template(messages, tokenize=False)
+    assert ours.apply_chat_template(parse({"messages": messages}, "messages")) == want
+    (ex,), _ = _load(tmp_path, ours, [{"messages": messages}])
+    assert backend.decode(ex.input_ids, skip_special_tokens=False) == want
