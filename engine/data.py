@@ -236,9 +236,10 @@ class _Encoder:
             full = prompt + rec[1]
             ids, (toks,) = self._tokens(full, [(0, len(prompt), False),
                                                (len(prompt), len(full), True)], special=True)
-            mask = [all_loss or j >= toks[0] for j in range(len(ids))]
+            start = toks[0] if toks else len(ids)  # (a vocabulary may drop unknown text)
+            mask = [all_loss or j >= start for j in range(len(ids))]
             ids = self._with_eos(ids)
-            return ids, mask + [True] * (len(ids) - len(mask)), toks[0], rec[1]
+            return ids, mask + [True] * (len(ids) - len(mask)), start, rec[1]
         if fmt in ("prompt_completion", "alpaca"):
             system = rec.system if fmt == "alpaca" else None
             rec = Chat([{"role": "user", "content": rec[0]},

@@ -453,3 +453,17 @@ def test_null_fields_of_openai_dumps_render_as_transformers(tmp_path, backend):
     assert ours.apply_chat_template(parse({"messages": messages}, "messages")) == want
     (ex,), _ = _load(tmp_path, ours, [{"messages": messages}])
     assert backend.decode(ex.input_ids, skip_special_tokens=False) == want
+
+
+def test_completion_the_vocabulary_drops_still_trains_eos(tmp_path):
+    """A BPE without unk drops text it cannot spell; a completion made only of it has no tokens
+    of its own, so the line is the prompt's tokens and the EOS (no crash)."""
+    tok = Backend(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["hello world"] * 3, trainers.BpeTrainer(
+        vocab_size=50, special_tokens=["<eos>"], show_progress=False))
+    ours = Tokenizer(tok, eos_token="<eos>")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    (ex,), _ = _load(tmp_path, ours, [{"prompt": "hello", "completion": "ééé"}])
+    assert ex.input_ids == hf("helloééé")["input_ids"] + [hf.eos_token_id]
+    assert [t for t in ex.labels if t != IGNORE] == [hf.eos_token_id]
