@@ -125,17 +125,26 @@ def _json_array(path: Path, f: IO[bytes]) -> list[bytes] | None:
 
 def _data_field(path: Path, f: IO[bytes]) -> list[bytes] | None:
     """The items of a .json file that is one object holding them as ``{"data": [...], ...}``
-    (SQuAD's layout; ``datasets.load_dataset("json", field="data")``); None for JSON Lines."""
+    (SQuAD's layout; ``datasets.load_dataset("json", field="data")``); None for JSON Lines (told
+    by their first line, so a big one is not read whole here)."""
+    from ember.engine.formats import detect
+
+    def holder(obj) -> bool:
+        return isinstance(obj, dict) and isinstance(obj.get("data"), list) and detect(obj) is None
+
+    try:
+        first = json.loads(f.readline().decode("utf-8-sig"))
+    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError):
+        first = None  # an indented object, or a broken line (reported line by line)
+    f.seek(0)
+    if first is not None and not holder(first):
+        return None
     try:
         obj = json.loads(f.read().decode("utf-8-sig"))
     except (UnicodeDecodeError, RecursionError, json.JSONDecodeError):
-        obj = None  # JSON Lines (or broken): read line by line, which names the bad lines
+        obj = None
     f.seek(0)
-    from ember.engine.formats import detect
-
-    if not (isinstance(obj, dict) and isinstance(obj.get("data"), list) and detect(obj) is None):
-        return None  # one example (a line of JSON Lines), or no "data" array
-    return [_json_line(x, path, i) for i, x in enumerate(obj["data"])]
+    return [_json_line(x, path, i) for i, x in enumerate(obj["data"])] if holder(obj) else None
 
 
 def _csv_rows(path: Path, f: IO[bytes], delimiter: str) -> list[bytes]:
