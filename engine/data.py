@@ -324,17 +324,21 @@ class _Encoder:
         if not all_loss and len(spans) == 1:
             raise _Bad("no assistant", "no assistant message: nothing to learn with "
                                        "data.loss_on = 'completion'")
+        if not all_loss and all(m.get("weight") == 0 for m in messages
+                                if m["role"] == "assistant"):
+            raise _Bad("no assistant", "every assistant message has weight 0: nothing to learn")
         spans = spans or [(0, len(full), False)]
         ids, turns = self._tokens(full, spans)
         mask, prompt_len, end, stop = [all_loss] * len(ids), 0, None, None
-        for toks in turns:  # the token indices of each assistant span
-            if not toks:
+        weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
+        for toks, weight in zip(turns, weights if turns else [], strict=True):
+            if not toks:  # (toks: the token indices of one assistant span)
                 continue
             prompt_len, end, stop = toks[0], toks[-1] + 1, self._stop(ids, toks)
             for j in toks:
                 # Template text after the end-of-turn token (a newline, Phi-3's final EOS) is
-                # not the answer.
-                mask[j] = all_loss or stop is None or j <= stop
+                # not the answer; nor is a turn of weight 0.
+                mask[j] = all_loss or weight != 0 and (stop is None or j <= stop)
         if self.cfg.add_eos and self.eos is not None and end is not None and stop is None:
             ids.insert(end, self.eos)
             mask.insert(end, True)

@@ -24,6 +24,8 @@ What each input shape becomes:
         ``arguments`` given as a JSON string (OpenAI's shape) is decoded to an object: templates
         ``tojson`` the arguments, and a string would be trained as a quoted, escaped string.
         ``tools`` (a line's JSON schemas) are passed to the template as ``tools``.
+    OpenAI's ``"weight": 0`` on an assistant message: the turn is context, not trained (1: trained,
+        the default).
 Every problem raises ``_Bad(kind, why)``, which the reader reports as ``file:line: why``.
 """
 
@@ -296,6 +298,13 @@ def parse_messages(msgs, field: str = "messages") -> list[dict]:
                 msg[k] = m[k]
         if calls:
             msg["tool_calls"] = calls
+        weight = m.get("weight")  # OpenAI's fine-tuning format: 0 leaves the turn untrained
+        if weight is not None:
+            if role != "assistant" or isinstance(weight, bool) or weight not in (0, 1):
+                raise _Bad("wrong type", f"{where}.weight must be 0 or 1 on an assistant message "
+                                         f"(OpenAI's fine-tuning format), got {weight!r} on a "
+                                         f"{role} message")
+            msg["weight"] = int(weight)
         out.append(msg)
     return out
 

@@ -12,6 +12,7 @@ import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from ember import EmberError
 from ember.engine.data import IGNORE, DataConfig, load_examples
 from ember.engine.formats import parse
 from ember.models.tokenizer import Tokenizer
@@ -467,3 +468,33 @@ def test_completion_the_vocabulary_drops_still_trains_eos(tmp_path):
     (ex,), _ = _load(tmp_path, ours, [{"prompt": "hello", "completion": "ééé"}])
     assert ex.input_ids == hf("helloééé")["input_ids"] + [hf.eos_token_id]
     assert [t for t in ex.labels if t != IGNORE] == [hf.eos_token_id]
+
+
+# CHATML_GEN whose generation blocks honour OpenAI's per-message "weight" (0: not trained).
+CHATML_WEIGHT = CHATML_GEN.replace(
+    "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}",
+    "{% if m.get('weight', 1) %}{% generation %}{{ m['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}")
+
+
+def test_openai_weight_zero_leaves_an_assistant_turn_untrained(tmp_path, backend):
+    """OpenAI's fine-tuning format: "weight": 0 on an assistant message makes it context (was:
+    ignored, every assistant turn trained); the tokens are transformers' and the mask is its
+    assistant mask for a template that skips weight-0 turns."""
+    assert CHATML_WEIGHT != CHATML_GEN
+    ours = Tokenizer(backend, eos_token="<|im_end|>", chat_template=CHATML_GEN)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                              chat_template=CHATML_WEIGHT)
+    messages = [dict(m) for m in [SYSTEM, *CHAT]]
+    messages[2]["weight"], messages[4]["weight"] = 0, 1
+    out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                 return_assistant_tokens_mask=True)
+    (ex,), _ = _load(tmp_path, ours, [{"messages": messages}])
+    assert ex.input_ids == list(out["input_ids"])
+    assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(out["assistant_masks"])
+    messages[4]["weight"] = 0
+    with pytest.raises(EmberError, match="every assistant message has weight 0"):
+        _load(tmp_path, ours, [{"messages": messages}])
+    messages[4]["weight"] = 0.5
+    with pytest.raises(EmberError, match=r"messages\[4\].weight must be 0 or 1"):
+        _load(tmp_path, ours, [{"messages": messages}])
