@@ -364,9 +364,10 @@ def render_prompt(tokenizer, cfg: DataConfig, prompt: str, system: str | None = 
 
 def with_system_prompt(cfg: DataConfig, messages: Sequence[dict]) -> Chat:
     """``messages`` with ``data.system_prompt`` first, unless they start with their own system
-    message (or no system prompt is set); a :class:`Chat`'s tools are kept."""
+    (or developer) message, or no system prompt is set; a :class:`Chat`'s tools are kept."""
     msgs = Chat(messages, getattr(messages, "tools", None))
-    if cfg.system_prompt is not None and (not msgs or msgs[0]["role"] != "system"):
+    if cfg.system_prompt is not None and (not msgs or msgs[0]["role"] not in ("system",
+                                                                            "developer")):
         msgs.insert(0, {"role": "system", "content": cfg.system_prompt})
     return msgs
 

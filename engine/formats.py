@@ -36,7 +36,9 @@ from typing import NamedTuple
 
 from ember.models.chat_template import TextParts
 
-ROLES = ("system", "user", "assistant", "tool")
+# "developer": OpenAI's name for system instructions to its newer models; it goes to the template
+# as given, as transformers passes it (most templates render any role by its name).
+ROLES = ("system", "developer", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "tool": "tool", "observation": "tool"}
 # Alpaca's own prompt (Stanford alpaca train.py), used when the tokenizer has no chat template.

@@ -498,3 +498,15 @@ def test_openai_weight_zero_leaves_an_assistant_turn_untrained(tmp_path, backend
     messages[4]["weight"] = 0.5
     with pytest.raises(EmberError, match=r"messages\[4\].weight must be 0 or 1"):
         _load(tmp_path, ours, [{"messages": messages}])
+
+
+def test_developer_messages_render_as_transformers(tmp_path, backend):
+    """OpenAI's "developer" role (system instructions for its newer models) goes to the template
+    as transformers passes it (was: 'unknown role' for every such line)."""
+    ours, hf = _pair(backend, "chatml_gen", CHATML_GEN)
+    messages = [{"role": "developer", "content": "Answer in one line."}, *CHAT[:2]]
+    out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                 return_assistant_tokens_mask=True)
+    (ex,), _ = _load(tmp_path, ours, [{"messages": messages}], system_prompt="Be kind.")
+    assert ex.input_ids == list(out["input_ids"])  # its own instructions: no system prompt added
+    assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(out["assistant_masks"])
