@@ -222,7 +222,7 @@ class _Encoder:
 
     def encode(self, fmt: str, rec, apart: bool = False):
         """``apart``: a prompt/completion pair without a chat template is tokenized in two
-        (TRL's DPO and KTO do), else whole (TRL's SFT; apart, an SPM tokenizer would start the
+        (TRL's DPO does), else whole (TRL's SFT and KTO; apart, an SPM tokenizer would start the
         completion with a "▁")."""
         all_loss = self.cfg.loss_on == "all"
         if fmt == "text":

@@ -115,11 +115,14 @@ def parse_pair(obj: dict) -> Pair:
     return pair
 
 
-def encode_answer(enc, prompt: str | list[dict], answer: str | dict) -> tuple:
+def encode_answer(enc, prompt: str | list[dict], answer: str | dict, apart: bool = True
+                  ) -> tuple:
     """One document, prompt then answer: (ids, target mask, prompt_len, reference) from ``enc``
-    (``ember.engine.data._Encoder``); a message prompt's earlier assistant turns are context."""
+    (``ember.engine.data._Encoder``); a message prompt's earlier assistant turns are context.
+    ``apart``: string prompt and answer tokenized in two (TRL's DPO), else as one text (TRL's
+    KTO, when there is no chat template)."""
     if isinstance(prompt, str):
-        return enc.encode("prompt_completion", (prompt, answer), apart=True)  # as TRL's DPO
+        return enc.encode("prompt_completion", (prompt, answer), apart=apart)
     ids, mask, prompt_len, reference = enc.encode("messages", [*prompt, answer])
     if enc.cfg.loss_on != "all":  # earlier assistant turns are context, not the answer
         mask = [False] * prompt_len + mask[prompt_len:]

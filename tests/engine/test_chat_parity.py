@@ -510,3 +510,27 @@ def test_developer_messages_render_as_transformers(tmp_path, backend):
     (ex,), _ = _load(tmp_path, ours, [{"messages": messages}], system_prompt="Be kind.")
     assert ex.input_ids == list(out["input_ids"])  # its own instructions: no system prompt added
     assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(out["assistant_masks"])
+
+
+@pytest.mark.parametrize("completion", [" Paris.", "Paris is the capital."])
+def test_kto_completion_is_tokenized_whole_as_trl_does(tmp_path, spm_backend, completion):
+    """TRL's KTOTrainer tokenizes prompt + completion as one text and splits it at the prompt's
+    length (one token earlier when the boundary token merged); DPO's tokenizes them apart."""
+    from tokenizers import processors
+
+    from ember.engine.kto import load_kto_examples
+
+    backend = Backend.from_str(spm_backend.to_str())
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))])
+    ours = Tokenizer(backend, bos_token="<s>", eos_token="</s>")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                              eos_token="</s>")
+    prompt = "What is the capital of France? Answer:"
+    path = tmp_path / "k.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "completion": completion, "label": True}))
+    (ex,), _ = load_kto_examples(path, DataConfig(train=str(path), bad_lines="error"), ours)
+    p, full = hf(prompt)["input_ids"], hf(prompt + completion)["input_ids"]
+    start = len(p) - (full[:len(p)] != p)  # trl.KTOTrainer's response_token_ids_start_idx
+    assert ex.input_ids == full + [hf.eos_token_id]
+    assert [t for t in ex.labels if t != IGNORE] == full[start:] + [hf.eos_token_id]
