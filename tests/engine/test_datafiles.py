@@ -236,3 +236,20 @@ def test_json_object_with_a_data_array(tmp_path, tok):
     # one example per line that happens to have a "data" field stays JSON Lines
     path.write_text(json.dumps({"text": "Hello world", "data": [1]}) + "\n")
     assert load_examples(path, DataConfig(), tok)[1].format == "text"
+
+
+def test_parquet_messages_whose_keys_differ_by_row(tmp_path, tok):
+    """Arrow gives every message every key any message has (the schema is one struct), so a
+    dataset where one message has a "name" or "tool_call_id" stores null in all the others: the
+    rows read as their JSONL (was: each such row refused, "name must be a string, got null")."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"messages": [{"role": "user", "content": "Weather in Paris", "name": "maria"},
+                          {"role": "assistant", "content": "Hello world"}]}, *CHATS]
+    table = pa.Table.from_pylist(rows)
+    assert table.to_pylist()[1]["messages"][0]["name"] is None
+    pq.write_table(table, tmp_path / "d.parquet")
+    examples, rep = load_examples(tmp_path / "d.parquet", DataConfig(), tok)
+    assert rep.bad_lines == 0
+    _same(examples, _jsonl(tmp_path, rows, tok))
