@@ -42,11 +42,12 @@ Batching (``Example`` -> packed ``Batch``, ``PackedBatches``, ``pad_batch``) is 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tokenizers
 
 from ember import EmberError
 from ember.engine.datafiles import open_data, table_items
@@ -58,9 +59,10 @@ from ember.engine.formats import (  # noqa: F401  (_get_str, _type_name: for oth
     _type_name,
     alpaca_prompt,
     detect,
+    json_object,
     parse,
 )
-from ember.engine.mixing import check_weights, describe, source_names
+from ember.engine.mixing import check_weights, describe, source_names, split_examples
 from ember.engine.packing import (
     IGNORE,
     Batch,
@@ -196,8 +198,11 @@ class _Encoder:
         self.cfg, self.tok = cfg, tokenizer
         self.eos = getattr(tokenizer, "eos_token_id", None)
         # Every id that ends a turn (e.g. Llama 3's <|eot_id|> besides <|end_of_text|>).
-        self.ends = set(getattr(tokenizer, "eos_token_ids", None) or ()) | (
+        # (transformers' tokenizers answer eos_token_ids with the one eos id)
+        ends = getattr(tokenizer, "eos_token_ids", None)
+        self.ends = ({ends} if isinstance(ends, int) else set(ends or ())) | (
             {self.eos} if self.eos is not None else set())
+        self.specials = set(getattr(tokenizer, "all_special_ids", None) or ())
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self.chat = self.has_template if cfg.use_chat_template is None else cfg.use_chat_template
         if self.chat and not self.has_template:
@@ -215,15 +220,26 @@ class _Encoder:
             ids = ids + [self.eos]
         return ids
 
-    def encode(self, fmt: str, rec):
+    def encode(self, fmt: str, rec, apart: bool = False):
+        """``apart``: a prompt/completion pair without a chat template is tokenized in two
+        (TRL's DPO does), else whole (TRL's SFT and KTO; apart, an SPM tokenizer would start the
+        completion with a "▁")."""
         all_loss = self.cfg.loss_on == "all"
         if fmt == "text":
             ids = self._with_eos(self._enc(rec, True))
             return ids, [True] * len(ids), 0, None
         if fmt in ("prompt_completion", "alpaca") and not self.chat:
             prompt = alpaca_prompt(rec) if fmt == "alpaca" else rec[0]
-            p, c = self._enc(prompt, True), self._with_eos(self._enc(rec[1]))
-            return p + c, [all_loss] * len(p) + [True] * len(c), len(p), rec[1]
+            if apart:
+                p, c = self._enc(prompt, True), self._with_eos(self._enc(rec[1]))
+                return p + c, [all_loss] * len(p) + [True] * len(c), len(p), rec[1]
+            full = prompt + rec[1]
+            ids, (toks,) = self._tokens(full, [(0, len(prompt), False),
+                                               (len(prompt), len(full), True)], special=True)
+            start = toks[0] if toks else len(ids)  # (a vocabulary may drop unknown text)
+            mask = [all_loss or j >= start for j in range(len(ids))]
+            ids = self._with_eos(ids)
+            return ids, mask + [True] * (len(ids) - len(mask)), start, rec[1]
         if fmt in ("prompt_completion", "alpaca"):
             system = rec.system if fmt == "alpaca" else None
             rec = Chat([{"role": "user", "content": rec[0]},
@@ -263,6 +279,39 @@ class _Encoder:
             pos = len(upto)
         return spans + [(pos, len(full), False)]
 
+    def _tokens(self, full: str, spans, special: bool = False
+                ) -> tuple[list[int], list[list[int]]]:
+        """(ids, each assistant span's token indices): ``full`` tokenized whole as transformers
+        tokenizes a chat (span by span differs: SPM prepends "▁" after a special token, BPE merges
+        newlines across a turn's start); a token is a span's when its characters overlap it, as
+        in ``return_assistant_tokens_mask``. Without a tokenizers backend: span by span."""
+        backend = next((b for b in (getattr(self.tok, k, None) for k in (
+            "backend", "backend_tokenizer")) if isinstance(b, tokenizers.Tokenizer)), None)
+        if backend is None:
+            ids, turns = [], []
+            for s, e, assistant in spans:
+                toks = self._enc(full[s:e], special and s == 0)
+                if assistant:
+                    turns.append(list(range(len(ids), len(ids) + len(toks))))
+                ids += toks
+            return ids, turns
+        enc = backend.encode(full, add_special_tokens=special)
+        pairs = list(enumerate(zip(enc.offsets, enc.sequence_ids, strict=True)))
+        turns = [[j for j, ((a, b), seq) in pairs  # seq None: a BOS the tokenizer adds
+                  if seq is not None and ((s < b and a < e) or (a == b and s <= a < e))]
+                 for s, e, assistant in spans if assistant]
+        return list(enc.ids), turns
+
+    def _stop(self, ids: list[int], toks: list[int]) -> int | None:
+        """An assistant turn's end-of-turn token (its index): the first eos / end-of-turn id, else
+        the last special token before only whitespace (<|im_end|> when eos is <|endoftext|>)."""
+        stop = next((j for j in toks if ids[j] in self.ends), None)
+        last = next((j for j in reversed(toks) if ids[j] in self.specials), None)
+        if stop is None and last is not None and not self.tok.decode(
+                ids[last + 1:toks[-1] + 1], skip_special_tokens=False).strip():
+            return last
+        return stop
+
     def _chat(self, messages, all_loss: bool):
         if not isinstance(messages, Chat):
             messages = Chat(messages)
@@ -275,21 +324,22 @@ class _Encoder:
         if not all_loss and len(spans) == 1:
             raise _Bad("no assistant", "no assistant message: nothing to learn with "
                                        "data.loss_on = 'completion'")
-        ids, mask, prompt_len, end = [], [], 0, None
-        for s, e, assistant in spans or [(0, len(full), False)]:
-            toks = self._enc(full[s:e])
-            flags = [assistant or all_loss] * len(toks)
-            if assistant:
-                prompt_len, end = len(ids), len(ids) + len(toks)
-                stop = next((j for j, t in enumerate(toks) if t in self.ends), None)
-                if not all_loss and stop is not None:
-                    # Template text after the end-of-turn token (a newline, Phi-3's final EOS)
-                    # is not the answer.
-                    flags[stop + 1:] = [False] * (len(toks) - stop - 1)
-            ids += toks
-            mask += flags
-        if self.cfg.add_eos and self.eos is not None and end is not None and not (
-                self.ends.intersection(ids[prompt_len:end])):
+        if not all_loss and all(m.get("weight") == 0 for m in messages
+                                if m["role"] == "assistant"):
+            raise _Bad("no assistant", "every assistant message has weight 0: nothing to learn")
+        spans = spans or [(0, len(full), False)]
+        ids, turns = self._tokens(full, spans)
+        mask, prompt_len, end, stop = [all_loss] * len(ids), 0, None, None
+        weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
+        for toks, weight in zip(turns, weights if turns else [], strict=True):
+            if not toks:  # (toks: the token indices of one assistant span)
+                continue
+            prompt_len, end, stop = toks[0], toks[-1] + 1, self._stop(ids, toks)
+            for j in toks:
+                # Template text after the end-of-turn token (a newline, Phi-3's final EOS) is
+                # not the answer; nor is a turn of weight 0.
+                mask[j] = all_loss or weight != 0 and (stop is None or j <= stop)
+        if self.cfg.add_eos and self.eos is not None and end is not None and stop is None:
             ids.insert(end, self.eos)
             mask.insert(end, True)
         reference = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
@@ -314,9 +364,10 @@ def render_prompt(tokenizer, cfg: DataConfig, prompt: str, system: str | None = 
 
 def with_system_prompt(cfg: DataConfig, messages: Sequence[dict]) -> Chat:
     """``messages`` with ``data.system_prompt`` first, unless they start with their own system
-    message (or no system prompt is set); a :class:`Chat`'s tools are kept."""
+    (or developer) message, or no system prompt is set; a :class:`Chat`'s tools are kept."""
     msgs = Chat(messages, getattr(messages, "tools", None))
-    if cfg.system_prompt is not None and (not msgs or msgs[0]["role"] != "system"):
+    if cfg.system_prompt is not None and (not msgs or msgs[0]["role"] not in ("system",
+                                                                            "developer")):
         msgs.insert(0, {"role": "system", "content": cfg.system_prompt})
     return msgs
 
@@ -350,19 +401,6 @@ def _fit(ids, mask, prompt_len, cfg: DataConfig, bos):
     cut = n - m
     ids2, mask2 = ids[:keep_bos] + ids[keep_bos + cut:], mask[:keep_bos] + mask[keep_bos + cut:]
     return ids2, mask2, max(keep_bos, prompt_len - cut)
-
-
-def json_object(line: str) -> dict:
-    """The JSON object of one line; raises _Bad with the reason."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise _Bad("invalid JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
-    except RecursionError:
-        raise _Bad("invalid JSON", "invalid JSON: nested too deeply") from None
-    if not isinstance(obj, dict):
-        raise _Bad("wrong type", f"expected a JSON object, got {_type_name(obj)}")
-    return obj
 
 
 class _Reader:
@@ -502,31 +540,6 @@ def load_examples(path: str | Path, cfg: DataConfig, tokenizer, make_reader=None
                          "are bad or too long\n" + "\n".join(f"  {p}" for p in rep.problems)
                          + hint)
     return examples, rep
-
-
-def split_examples(examples: list[Example], fraction: float, seed: int):
-    """(train, validation): ``round(n * fraction)`` examples (at least one) chosen by a seeded hash
-    of each line's content, so the split is the same across runs and across line reordering. The
-    examples of one line (a preference pair unpaired for KTO) go to the same side."""
-    if fraction <= 0:
-        return list(examples), []
-    n_val = max(1, round(len(examples) * fraction))
-    lines: dict[str, list[int]] = {}  # source ("path:line") -> its examples
-    for i, e in enumerate(examples):
-        lines.setdefault(e.source, []).append(i)
-    rank = sorted(lines.values(), key=lambda idx: (
-        hashlib.blake2b(f"{seed}\0{examples[idx[0]].key}".encode(), digest_size=16).digest(),
-        idx[0]))
-    val: set[int] = set()
-    for idx in rank:
-        if len(val) >= n_val:
-            break
-        val.update(idx)
-    if len(val) >= len(examples):
-        raise EmberError(f"data.val_fraction={fraction} leaves no training examples out of "
-                         f"{len(examples)}; lower it or give a validation file")
-    return ([e for i, e in enumerate(examples) if i not in val],
-            [e for i, e in enumerate(examples) if i in val])
 
 
 @dataclass

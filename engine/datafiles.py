@@ -1,7 +1,8 @@
 """Dataset files other than plain JSONL, turned into the same JSON lines the readers parse
 (``ember.engine.data.read_lines``), so every format, check and message applies unchanged:
 
-- ``.json``: one JSON array of objects (a ``.json`` file of one object per line is JSONL);
+- ``.json``: one JSON array of objects, or one object ``{"data": [...]}`` holding them (a
+  ``.json`` file of one object per line is JSONL);
 - ``.csv`` / ``.tsv``: a header row naming the fields, one example per row (RFC 4180 quoting);
   a cell of a list field (``messages``, ``conversations``, ``tools``, ``choices``) that holds a
   JSON array is decoded, as exporting chat data to CSV writes it; so is a ``prompt``,
@@ -108,6 +109,8 @@ def _plain(value):
 def _json_array(path: Path, f: IO[bytes]) -> list[bytes] | None:
     head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     f.seek(0)
+    if head.startswith(b"{") and kind(path) == ".json":
+        return _data_field(path, f)
     if not head.startswith(b"["):
         return None
     try:
@@ -118,6 +121,30 @@ def _json_array(path: Path, f: IO[bytes]) -> list[bytes] | None:
         raise EmberError(f"{path}: invalid JSON: {e.msg} (line {e.lineno} column {e.colno}); a "
                          ".json dataset is one array of objects, or one object per line") from None
     return [_json_line(x, path, i) for i, x in enumerate(items)]
+
+
+def _data_field(path: Path, f: IO[bytes]) -> list[bytes] | None:
+    """The items of a .json file that is one object holding them as ``{"data": [...], ...}``
+    (SQuAD's layout; ``datasets.load_dataset("json", field="data")``); None for JSON Lines (told
+    by their first line, so a big one is not read whole here)."""
+    from ember.engine.formats import detect
+
+    def holder(obj) -> bool:
+        return isinstance(obj, dict) and isinstance(obj.get("data"), list) and detect(obj) is None
+
+    try:
+        first = json.loads(f.readline().decode("utf-8-sig"))
+    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError):
+        first = None  # an indented object, or a broken line (reported line by line)
+    f.seek(0)
+    if first is not None and not holder(first):
+        return None
+    try:
+        obj = json.loads(f.read().decode("utf-8-sig"))
+    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError):
+        obj = None
+    f.seek(0)
+    return [_json_line(x, path, i) for i, x in enumerate(obj["data"])] if holder(obj) else None
 
 
 def _csv_rows(path: Path, f: IO[bytes], delimiter: str) -> list[bytes]:

@@ -16,13 +16,16 @@ What each input shape becomes:
         the JSON of one call ``{"name", "arguments"}`` or a list of them) is an assistant message
         calling those tools, and ``tools`` may be the JSON text of the schemas.
     OpenAI content parts ``"content": [{"type": "text", "text": ...}]``: the text parts joined
-        with newlines (as vLLM does for templates that take string content); any other part
-        (image_url, input_audio, file) is refused: Ember trains text-only models.
+        with newlines for a template that takes string content (as vLLM does), the parts as given
+        for one that loops over content (Gemma 3; ``models.chat_template.TextParts``); any other
+        part (image_url, input_audio, file) is refused: Ember trains text-only models.
     Tool use: ``tool_calls`` of an assistant message go to the template as given (transformers'
         shape, ``{"type": "function", "function": {"name", "arguments"}}``), except that
         ``arguments`` given as a JSON string (OpenAI's shape) is decoded to an object: templates
         ``tojson`` the arguments, and a string would be trained as a quoted, escaped string.
         ``tools`` (a line's JSON schemas) are passed to the template as ``tools``.
+    OpenAI's ``"weight": 0`` on an assistant message: the turn is context, not trained (1: trained,
+        the default).
 Every problem raises ``_Bad(kind, why)``, which the reader reports as ``file:line: why``.
 """
 
@@ -31,7 +34,11 @@ from __future__ import annotations
 import json
 from typing import NamedTuple
 
-ROLES = ("system", "user", "assistant", "tool")
+from ember.models.chat_template import TextParts
+
+# "developer": OpenAI's name for system instructions to its newer models; it goes to the template
+# as given, as transformers passes it (most templates render any role by its name).
+ROLES = ("system", "developer", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "tool": "tool", "observation": "tool"}
 # Alpaca's own prompt (Stanford alpaca train.py), used when the tokenizer has no chat template.
@@ -132,12 +139,11 @@ class Alpaca(NamedTuple):
 
 def _alpaca(obj: dict) -> Alpaca:
     instruction, output = _get_str(obj, "instruction"), _get_str(obj, "output")
-    extra = obj.get("input") or ""
-    if not isinstance(extra, str):
-        raise _Bad("wrong type", f"field 'input' must be a string, got {_type_name(extra)}")
-    system = obj.get("system") or None
-    if system is not None and not isinstance(system, str):
-        raise _Bad("wrong type", f"field 'system' must be a string, got {_type_name(system)}")
+    extra, system = obj.get("input"), obj.get("system")  # null: not given (0 or [] is an error)
+    for k, v in (("input", extra), ("system", system)):
+        if v is not None and not isinstance(v, str):
+            raise _Bad("wrong type", f"field {k!r} must be a string, got {_type_name(v)}")
+    extra, system = extra or "", system or None
     if not (instruction.strip() or extra.strip()):
         raise _Bad("empty prompt", "empty instruction and input")
     prompt = "\n\n".join(s for s in (instruction, extra) if s)
@@ -162,9 +168,9 @@ def _sharegpt(obj: dict) -> list:
                    + (" (empty)" if convs == [] else ""))
     out = []
     system = obj.get("system")
+    if system is not None and not isinstance(system, str):
+        raise _Bad("wrong type", f"field 'system' must be a string, got {_type_name(system)}")
     if system:
-        if not isinstance(system, str):
-            raise _Bad("wrong type", f"field 'system' must be a string, got {_type_name(system)}")
         out.append({"role": "system", "content": system})
     for i, m in enumerate(convs):
         if not isinstance(m, dict):
@@ -224,7 +230,7 @@ def _content(c, where: str) -> str:
             raise _Bad("wrong type", f"{where}.content[{j}].text must be a string, got "
                                      f"{_type_name(part.get('text'))}")
         texts.append(part["text"])
-    return "\n".join(texts)
+    return TextParts(texts)
 
 
 def _tool_calls(calls, where: str) -> list:
@@ -271,7 +277,10 @@ def parse_messages(msgs, field: str = "messages") -> list[dict]:
         if role not in ROLES:
             raise _Bad("unknown role", f"unknown role {role!r} in {where} (expected "
                                        f"{', '.join(ROLES)})")
-        calls = _tool_calls(m["tool_calls"], where) if m.get("tool_calls") is not None else None
+        # null (and no calls, []) is what OpenAI / vLLM dumps write for a field not used: as
+        # transformers drops None keys, so a template sees none
+        calls = _tool_calls(m["tool_calls"], where) if m.get("tool_calls") not in (None, []) \
+            else None
         if calls and role != "assistant":
             raise _Bad("wrong type", f"{where} has tool_calls but role {role!r}: only assistant "
                                      "messages call tools")
@@ -284,12 +293,32 @@ def parse_messages(msgs, field: str = "messages") -> list[dict]:
             raise _Bad("empty completion", f"empty assistant message in {where}")
         msg = {"role": role, "content": content}
         for k in _MESSAGE_KEYS[1:]:
-            if k in m:
+            if m.get(k) is not None:
                 if not isinstance(m[k], str):
                     raise _Bad("wrong type", f"{where}.{k} must be a string, got "
                                              f"{_type_name(m[k])}")
                 msg[k] = m[k]
         if calls:
             msg["tool_calls"] = calls
+        weight = m.get("weight")  # OpenAI's fine-tuning format: 0 leaves the turn untrained
+        if weight is not None:
+            if role != "assistant" or isinstance(weight, bool) or weight not in (0, 1):
+                raise _Bad("wrong type", f"{where}.weight must be 0 or 1 on an assistant message "
+                                         f"(OpenAI's fine-tuning format), got {weight!r} on a "
+                                         f"{role} message")
+            msg["weight"] = int(weight)
         out.append(msg)
     return out
+
+
+def json_object(line: str) -> dict:
+    """The JSON object of one line; raises _Bad with the reason."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _Bad("invalid JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise _Bad("invalid JSON", "invalid JSON: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise _Bad("wrong type", f"expected a JSON object, got {_type_name(obj)}")
+    return obj

@@ -20,6 +20,7 @@ folders as it takes to tell the files apart). This costs one more pass over the 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from pathlib import Path
@@ -125,3 +126,28 @@ def per_source_scores(
         s = objective.val_scores(model, examples, tokens_per_batch, device, autocast, max_batches)
         scores.update({f"{k}/{name}": v for k, v in s.items() if k.startswith("val_")})
     return scores
+
+
+def split_examples(examples: list, fraction: float, seed: int):
+    """(train, validation): ``round(n * fraction)`` examples (at least one) chosen by a seeded hash
+    of each line's content, so the split is the same across runs and across line reordering. The
+    examples of one line (a preference pair unpaired for KTO) go to the same side."""
+    if fraction <= 0:
+        return list(examples), []
+    n_val = max(1, round(len(examples) * fraction))
+    lines: dict[str, list[int]] = {}  # source ("path:line") -> its examples
+    for i, e in enumerate(examples):
+        lines.setdefault(e.source, []).append(i)
+    rank = sorted(lines.values(), key=lambda idx: (
+        hashlib.blake2b(f"{seed}\0{examples[idx[0]].key}".encode(), digest_size=16).digest(),
+        idx[0]))
+    val: set[int] = set()
+    for idx in rank:
+        if len(val) >= n_val:
+            break
+        val.update(idx)
+    if len(val) >= len(examples):
+        raise EmberError(f"data.val_fraction={fraction} leaves no training examples out of "
+                         f"{len(examples)}; lower it or give a validation file")
+    return ([e for i, e in enumerate(examples) if i not in val],
+            [e for i, e in enumerate(examples) if i in val])

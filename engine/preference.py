@@ -1,15 +1,17 @@
 """Preference lines (``objective`` "dpo", "orpo", "simpo"): parsing and encoding one pair.
 
-Three shapes, as TRL's preference datasets have them:
+Four shapes, as TRL's preference datasets have them:
 
     {"prompt": "...", "chosen": "...", "rejected": "..."}               strings
+    {"chosen": "...", "rejected": "..."}            strings with an implicit prompt (Anthropic HH)
     {"prompt": [messages], "chosen": [messages], "rejected": [messages]}  explicit prompt
     {"chosen": [messages], "rejected": [messages]}                      implicit prompt
 
-Strings are rendered like a prompt/completion pair (``ember.engine.data``). Messages are rendered
-with the tokenizer's chat template: the shared prompt is ``prompt`` (explicit) or the longest
-common prefix of the two conversations (implicit), and after it ``chosen`` and ``rejected`` must
-each be exactly one assistant message. Log-probabilities (the labels) cover that final assistant
+Strings are rendered like a prompt/completion pair (``ember.engine.data``); an implicit prompt
+is their common start, as TRL's ``extract_prompt`` cuts it. Messages are rendered with the
+tokenizer's chat template: the shared prompt is ``prompt`` (explicit) or the longest common prefix
+of the two conversations (implicit), and after it ``chosen`` and ``rejected`` must each be
+exactly one assistant message. Log-probabilities (the labels) cover that final assistant
 response only (and its end-of-turn token); earlier assistant turns are part of the prompt. A pair
 whose conversations differ before their final assistant message is refused: its two answers
 would not answer the same prompt.
@@ -53,6 +55,17 @@ def _answer(msgs: list[dict], key: str, start: int) -> dict:
     return rest[0]
 
 
+def _common_start(chosen: str, rejected: str) -> int:
+    """TRL's ``extract_prompt`` on strings: where chosen and rejected first differ, one character
+    earlier when a space precedes it (the answer keeps its leading space); when one is the start
+    of the other, TRL's loop leaves the last common character to the answers."""
+    i = 0
+    for i in range(min(len(chosen), len(rejected))):
+        if chosen[i] != rejected[i]:
+            return i - 1 if i > 0 and chosen[i - 1] == " " else i
+    return i
+
+
 def parse_pair(obj: dict) -> Pair:
     """The pair of one preference line, validated; raises _Bad with the reason."""
     for key in ("chosen", "rejected"):
@@ -60,13 +73,14 @@ def parse_pair(obj: dict) -> Pair:
             raise _Bad("missing field", f"missing field {key!r} (keys present: {sorted(obj)})")
     chat = isinstance(obj["chosen"], list)
     if not chat:
-        if "prompt" not in obj:
-            raise _Bad(
-                "missing field",
-                "missing field 'prompt' (string chosen/rejected need "
-                "one; the implicit-prompt form takes message lists)",
-            )
-        prompt, chosen, rejected = (_get_str(obj, k) for k in ("prompt", "chosen", "rejected"))
+        chosen, rejected = _get_str(obj, "chosen"), _get_str(obj, "rejected")
+        prompt = _get_str(obj, "prompt") if "prompt" in obj else None
+        if prompt is None:  # the implicit prompt (Anthropic HH): as TRL's extract_prompt
+            n = _common_start(chosen, rejected)
+            if not chosen[:n].strip():
+                raise _Bad("missing field", "missing field 'prompt', and chosen and rejected "
+                                            "share no beginning to take as the prompt")
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
         for name, v in (("chosen", chosen), ("rejected", rejected)):
             if not v.strip():
                 raise _Bad("empty completion", f"empty {name} completion")
@@ -101,11 +115,14 @@ def parse_pair(obj: dict) -> Pair:
     return pair
 
 
-def encode_answer(enc, prompt: str | list[dict], answer: str | dict) -> tuple:
+def encode_answer(enc, prompt: str | list[dict], answer: str | dict, apart: bool = True
+                  ) -> tuple:
     """One document, prompt then answer: (ids, target mask, prompt_len, reference) from ``enc``
-    (``ember.engine.data._Encoder``); a message prompt's earlier assistant turns are context."""
+    (``ember.engine.data._Encoder``); a message prompt's earlier assistant turns are context.
+    ``apart``: string prompt and answer tokenized in two (TRL's DPO), else as one text (TRL's
+    KTO, when there is no chat template)."""
     if isinstance(prompt, str):
-        return enc.encode("prompt_completion", (prompt, answer))
+        return enc.encode("prompt_completion", (prompt, answer), apart=apart)
     ids, mask, prompt_len, reference = enc.encode("messages", [*prompt, answer])
     if enc.cfg.loss_on != "all":  # earlier assistant turns are context, not the answer
         mask = [False] * prompt_len + mask[prompt_len:]

@@ -7,7 +7,9 @@ HTML escaping, ``strftime_now``, ``{% generation %}`` blocks, special tokens as 
 inputs are prepared as transformers prepares them: keys whose value is None are left out of the
 messages (OpenAI's ``"tool_calls": null``), a message's reasoning under any of its names
 (``reasoning_content``, ``thinking``, ``reasoning``) is also given under the others, and
-``continue_final_message`` cuts the text at the end of the last message.
+``continue_final_message`` cuts the text at the end of the last message. Content given as
+OpenAI text parts (``TextParts``) is the parts for a template that loops over content, else
+their joined text.
 
 A model may ship several named templates (tokenizer_config.json's ``chat_template`` as a list of
 ``{"name", "template"}``, or ``chat_template.jinja`` plus ``additional_chat_templates/*.jinja``):
@@ -77,11 +79,40 @@ def select_template(default: str | None, named: Mapping[str, str], name: str | N
                      "or use a chat model")
 
 
+class TextParts(str):
+    """A message's content given as OpenAI text parts: their texts joined with newlines, which a
+    template that takes string content renders (vLLM's "string" format; transformers would render
+    the list's repr), and the parts themselves (``.parts``), which go to a template that loops
+    over content (Gemma 3, Llama 4, Mistral 3) as transformers passes them."""
+
+    parts: tuple[str, ...]
+
+    def __new__(cls, parts: Sequence[str]) -> TextParts:
+        text = super().__new__(cls, "\n".join(parts))
+        text.parts = tuple(parts)
+        return text
+
+    def __reduce__(self):  # copy and pickle rebuild it from its parts
+        return TextParts, (self.parts,)
+
+
+def _with_parts(messages: list, template: str) -> list:
+    """``messages`` with each TextParts content as its list of text parts when ``template``
+    loops over content."""
+    if not any(isinstance(m, dict) and isinstance(m.get("content"), TextParts) for m in messages
+               ) or not loops_over_content(template):
+        return messages
+    return [{**m, "content": [{"type": "text", "text": t} for t in m["content"].parts]}
+            if isinstance(m, dict) and isinstance(m.get("content"), TextParts) else m
+            for m in messages]
+
+
 def render(template: str, messages: Sequence[dict], context: dict, *,
            add_generation_prompt: bool = False,
            continue_final_message: bool | str = False) -> str:
     """The text ``template`` renders for ``messages`` and the variables in ``context``."""
-    messages = None if isinstance(messages, Mapping | str) else _plain(list(messages))
+    messages = None if isinstance(messages, Mapping | str) else _plain(
+        _with_parts(list(messages), template))
     if messages is None or not all(isinstance(m, dict) for m in messages):
         raise EmberError("apply_chat_template expects a list of {'role', 'content'} dicts")
     tools = context.get("tools")
@@ -177,8 +208,8 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-@lru_cache(maxsize=16)
-def _compile(template: str):
+@lru_cache(maxsize=1)
+def _env() -> ImmutableSandboxedEnvironment:
     class _Generation(jinja2.ext.Extension):
         """``{% generation %}...{% endgeneration %}`` marks assistant text for loss masks in
         transformers; here it renders its body unchanged."""
@@ -213,7 +244,35 @@ def _compile(template: str):
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.globals["namespace"] = _Namespace
+    return env
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str):
     try:
-        return env.from_string(template)
+        return _env().from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise EmberError(f"chat template does not parse: {e}") from None
+
+
+@lru_cache(maxsize=16)
+def loops_over_content(template: str) -> bool:
+    """Whether ``template`` loops over a message's content (``{% for part in
+    message['content'] %}``, directly or through a variable set to it), so takes content parts:
+    vLLM's test for the "openai" content format."""
+    try:
+        tree = _env().parse(template)
+    except jinja2.TemplateSyntaxError:
+        return False  # rendering says why
+
+    def content(node, names=frozenset()) -> bool:
+        while isinstance(node, jinja2.nodes.Filter | jinja2.nodes.Test) and node.node is not None:
+            node = node.node
+        return (isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Const)
+                and node.arg.value == "content"
+                or isinstance(node, jinja2.nodes.Getattr) and node.attr == "content"
+                or isinstance(node, jinja2.nodes.Name) and node.name in names)
+
+    names = frozenset(a.target.name for a in tree.find_all(jinja2.nodes.Assign)
+                      if isinstance(a.target, jinja2.nodes.Name) and content(a.node))
+    return any(content(f.iter, names) for f in tree.find_all(jinja2.nodes.For))

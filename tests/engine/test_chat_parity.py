@@ -10,8 +10,9 @@ import json
 
 import pytest
 from tokenizers import Tokenizer as Backend
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from ember import EmberError
 from ember.engine.data import IGNORE, DataConfig, load_examples
 from ember.engine.formats import parse
 from ember.models.tokenizer import Tokenizer
@@ -306,3 +307,230 @@ def test_assistant_mask_matches_generation_blocks(tmp_path, backend):
         mask = [0] + [int(t != IGNORE) for t in ex.labels[:-1]]  # labels are pre-shifted
         assert mask == list(out["assistant_masks"])
         assert sum(mask) > 0
+
+
+# Phi-3's template with its assistant text marked for transformers' assistant mask.
+PHI3_GEN = ("{% for message in messages %}{% if message['role'] == 'assistant' %}"
+            "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] + '<|end|>' }}"
+            "{% endgeneration %}{{ '\n' }}{% else %}{{ '<|' + message['role'] + '|>\n' + "
+            "message['content'] + '<|end|>\n' }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}"
+            "{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def spm_backend():
+    """A Llama-2 / Mistral / Phi-3 style tokenizer.json: SentencePiece BPE whose normalizer
+    prepends "▁" to every piece of text between special tokens."""
+    tok = Backend(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    text = [m["content"] for m in [SYSTEM, *CHAT]] + ["[INST]", "[/INST]"]
+    tok.train_from_iterator(text * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", *SPECIALS], show_progress=False,
+        initial_alphabet=["\n"]))
+    return tok
+
+
+@pytest.mark.parametrize("name", ["phi3", "mistral", "phi3_gen"])
+def test_chat_is_tokenized_whole_as_transformers_does(tmp_path, spm_backend, name):
+    """A turn tokenized on its own gets a "▁" (a space) that the whole text has not: the ids
+    must be transformers' apply_chat_template(tokenize=True), and the mask its assistant mask."""
+    tpl, bos, eos, eot, _ = TEMPLATES["phi3" if name == "phi3_gen" else name]
+    tpl = PHI3_GEN if name == "phi3_gen" else tpl
+    ours = Tokenizer(spm_backend, bos_token=bos, eos_token=eos, chat_template=tpl,
+                     extra_eos_token_ids=[spm_backend.token_to_id(eot)])
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=spm_backend, bos_token=bos,
+                                              eos_token=eos, chat_template=tpl)
+    for messages in ([SYSTEM, *CHAT], CHAT[:2]):
+        out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                     return_assistant_tokens_mask=name == "phi3_gen")
+        (ex,), _ = _load(tmp_path, ours, [{"messages": messages}])
+        assert ex.input_ids == list(out["input_ids"])
+        if name == "phi3_gen":
+            mask = [0] + [int(t != IGNORE) for t in ex.labels[:-1]]
+            assert mask == list(out["assistant_masks"])
+        (ex_hf,), _ = _load(tmp_path, hf, [{"messages": messages}])  # transformers' as the tokenizer
+        assert ex_hf.input_ids == ex.input_ids
+
+
+@pytest.mark.parametrize("completion", [" Paris.", "Paris is the capital.", "\nRome"])
+def test_prompt_completion_is_tokenized_whole_as_trl_does(tmp_path, spm_backend, completion):
+    """Without a chat template, prompt + completion is one text (TRL's SFT tokenizes it whole
+    and trains from the end of the prompt's tokens on); encoded apart, an SPM completion gets a
+    leading "▁" that the model never sees at inference."""
+    from tokenizers import processors
+
+    backend = Backend.from_str(spm_backend.to_str())
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))])
+    ours = Tokenizer(backend, bos_token="<s>", eos_token="</s>")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                              eos_token="</s>")
+    prompt = "What is the capital of France? Answer:"
+    (ex,), _ = _load(tmp_path, ours, [{"prompt": prompt, "completion": completion}])
+    want = hf(prompt + completion)["input_ids"] + [hf.eos_token_id]
+    assert ex.input_ids == want
+    start = len(hf(prompt)["input_ids"])  # TRL's completion mask starts here
+    assert [t for t in ex.labels if t != IGNORE] == want[start:]
+    assert ex.labels[:start - 1] == [IGNORE] * (start - 1)
+
+
+@pytest.mark.parametrize("eos", ["<|endoftext|>", "<eos>"])
+def test_end_of_turn_that_is_not_eos_ends_the_answer(tmp_path, backend, eos):
+    """A tokenizer whose eos is not the template's end-of-turn token (Qwen2.5 base: eos
+    <|endoftext|>, ChatML turns; Gemma 1: eos <eos>, turns end <end_of_turn>): the answer still
+    ends at <|im_end|>, nothing is inserted, as transformers' assistant mask has it."""
+    ours = Tokenizer(backend, eos_token=eos, chat_template=CHATML_GEN)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos,
+                                              chat_template=CHATML_GEN)
+    for messages in ([SYSTEM, *CHAT], CHAT[:2]):
+        out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                     return_assistant_tokens_mask=True)
+        (ex,), _ = _load(tmp_path, ours, [{"messages": messages}])
+        assert ex.input_ids == list(out["input_ids"])
+        assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(out["assistant_masks"])
+
+
+# Gemma 3's template as it ships: string content, or a loop over content parts.
+GEMMA3_PARTS = GEMMA3.replace("""    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- endif -%}""", """    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}""")
+
+
+def test_text_parts_go_to_a_template_that_loops_over_content(tmp_path, backend):
+    """OpenAI content parts: a template that loops over a message's content (Gemma 3) gets the
+    parts, as transformers passes them (was: their texts joined with newlines, so two parts
+    rendered "a\\nb" where transformers renders "ab"); a string-only template gets the joined
+    text (transformers would render the list's repr)."""
+    parts = [{"type": "text", "text": "Look at this."}, {"type": "text", "text": "  What is it?"}]
+    messages = [{"role": "user", "content": parts},
+                {"role": "assistant", "content": [{"type": "text", "text": "A cat."},
+                                                  {"type": "text", "text": "Grey."}]}]
+    assert GEMMA3_PARTS != GEMMA3
+    ours = Tokenizer(backend, bos_token="<bos>", eos_token="<eos>", chat_template=GEMMA3_PARTS,
+                     extra_eos_token_ids=[backend.token_to_id("<end_of_turn>")])
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>",
+                                              eos_token="<eos>", chat_template=GEMMA3_PARTS)
+    rec = parse({"messages": messages}, "messages")
+    for gen in (False, True):
+        want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        assert ours.apply_chat_template(rec, add_generation_prompt=gen) == want
+    (ex,), _ = _load(tmp_path, ours, [{"messages": messages}])
+    assert ex.input_ids == list(hf.apply_chat_template(messages, tokenize=True,
+                                                       return_dict=True)["input_ids"])
+    target = backend.decode([t for t in ex.labels if t != IGNORE], skip_special_tokens=False)
+    assert target == "A cat.Grey.<end_of_turn>"
+    ours, _ = _pair(backend, "qwen2.5")
+    text = ours.apply_chat_template(rec)
+    assert "Look at this.\n  What is it?" in text and "'type'" not in text
+
+
+def test_null_fields_of_openai_dumps_render_as_transformers(tmp_path, backend):
+    """An OpenAI / vLLM response dumped as a message carries null for what it does not use
+    (name, tool_call_id, reasoning_content, refusal) and no calls as [] or null: transformers
+    drops None keys and the template reads [] as no calls (was: the line refused, 'tool_call_id
+    must be a string, got null' / 'tool_calls must be a non-empty array')."""
+    ours, hf = _pair(backend, "qwen2.5")
+    messages = [{"role": "user", "content": CHAT[0]["content"], "name": None,
+                 "tool_call_id": None},
+                {"role": "assistant", "content": CHAT[1]["content"], "refusal": None,
+                 "tool_calls": [], "reasoning_content": None, "function_call": None}]
+    want = hf.apply_chat_template(messages, tokenize=False)
+    assert ours.apply_chat_template(parse({"messages": messages}, "messages")) == want
+    (ex,), _ = _load(tmp_path, ours, [{"messages": messages}])
+    assert backend.decode(ex.input_ids, skip_special_tokens=False) == want
+
+
+def test_completion_the_vocabulary_drops_still_trains_eos(tmp_path):
+    """A BPE without unk drops text it cannot spell; a completion made only of it has no tokens
+    of its own, so the line is the prompt's tokens and the EOS (no crash)."""
+    tok = Backend(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["hello world"] * 3, trainers.BpeTrainer(
+        vocab_size=50, special_tokens=["<eos>"], show_progress=False))
+    ours = Tokenizer(tok, eos_token="<eos>")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    (ex,), _ = _load(tmp_path, ours, [{"prompt": "hello", "completion": "ééé"}])
+    assert ex.input_ids == hf("helloééé")["input_ids"] + [hf.eos_token_id]
+    assert [t for t in ex.labels if t != IGNORE] == [hf.eos_token_id]
+
+
+# CHATML_GEN whose generation blocks honour OpenAI's per-message "weight" (0: not trained).
+CHATML_WEIGHT = CHATML_GEN.replace(
+    "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}",
+    "{% if m.get('weight', 1) %}{% generation %}{{ m['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}")
+
+
+def test_openai_weight_zero_leaves_an_assistant_turn_untrained(tmp_path, backend):
+    """OpenAI's fine-tuning format: "weight": 0 on an assistant message makes it context (was:
+    ignored, every assistant turn trained); the tokens are transformers' and the mask is its
+    assistant mask for a template that skips weight-0 turns."""
+    assert CHATML_WEIGHT != CHATML_GEN
+    ours = Tokenizer(backend, eos_token="<|im_end|>", chat_template=CHATML_GEN)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                              chat_template=CHATML_WEIGHT)
+    messages = [dict(m) for m in [SYSTEM, *CHAT]]
+    messages[2]["weight"], messages[4]["weight"] = 0, 1
+    out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                 return_assistant_tokens_mask=True)
+    (ex,), _ = _load(tmp_path, ours, [{"messages": messages}])
+    assert ex.input_ids == list(out["input_ids"])
+    assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(out["assistant_masks"])
+    messages[4]["weight"] = 0
+    with pytest.raises(EmberError, match="every assistant message has weight 0"):
+        _load(tmp_path, ours, [{"messages": messages}])
+    messages[4]["weight"] = 0.5
+    with pytest.raises(EmberError, match=r"messages\[4\].weight must be 0 or 1"):
+        _load(tmp_path, ours, [{"messages": messages}])
+
+
+def test_developer_messages_render_as_transformers(tmp_path, backend):
+    """OpenAI's "developer" role (system instructions for its newer models) goes to the template
+    as transformers passes it (was: 'unknown role' for every such line)."""
+    ours, hf = _pair(backend, "chatml_gen", CHATML_GEN)
+    messages = [{"role": "developer", "content": "Answer in one line."}, *CHAT[:2]]
+    out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                 return_assistant_tokens_mask=True)
+    (ex,), _ = _load(tmp_path, ours, [{"messages": messages}], system_prompt="Be kind.")
+    assert ex.input_ids == list(out["input_ids"])  # its own instructions: no system prompt added
+    assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(out["assistant_masks"])
+
+
+@pytest.mark.parametrize("completion", [" Paris.", "Paris is the capital."])
+def test_kto_completion_is_tokenized_whole_as_trl_does(tmp_path, spm_backend, completion):
+    """TRL's KTOTrainer tokenizes prompt + completion as one text and splits it at the prompt's
+    length (one token earlier when the boundary token merged); DPO's tokenizes them apart."""
+    from tokenizers import processors
+
+    from ember.engine.kto import load_kto_examples
+
+    backend = Backend.from_str(spm_backend.to_str())
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))])
+    ours = Tokenizer(backend, bos_token="<s>", eos_token="</s>")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                              eos_token="</s>")
+    prompt = "What is the capital of France? Answer:"
+    path = tmp_path / "k.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "completion": completion, "label": True}))
+    (ex,), _ = load_kto_examples(path, DataConfig(train=str(path), bad_lines="error"), ours)
+    p, full = hf(prompt)["input_ids"], hf(prompt + completion)["input_ids"]
+    start = len(p) - (full[:len(p)] != p)  # trl.KTOTrainer's response_token_ids_start_idx
+    assert ex.input_ids == full + [hf.eos_token_id]
+    assert [t for t in ex.labels if t != IGNORE] == full[start:] + [hf.eos_token_id]

@@ -219,3 +219,37 @@ def test_parquet_columns_json_has_no_type_for(tmp_path, tok):
                    tmp_path / "v.parquet")
     assert [e.value for e in load_values(tmp_path / "v.parquet", DataConfig(), tok)[0]] == [
         0.25, 3.0]
+
+
+def test_json_object_with_a_data_array(tmp_path, tok):
+    """A .json file that is one object holding its examples under "data" (SQuAD's layout, what
+    ``datasets.load_dataset("json", field="data")`` reads), indented or not: its items, named
+    file[index] (was: every line reported as invalid JSON, or a "keys present: ['data']" line)."""
+    ref = _jsonl(tmp_path, CHATS, tok)
+    for indent in (None, 2):
+        path = tmp_path / "d.json"
+        path.write_text(json.dumps({"version": "1.0", "data": CHATS}, indent=indent))
+        examples, rep = load_examples(path, DataConfig(), tok)
+        _same(examples, ref)
+        assert rep.format == "messages" and [e.source for e in examples] == [
+            f"{path}[{i}]" for i in range(2)]
+    # one example per line that happens to have a "data" field stays JSON Lines
+    path.write_text(json.dumps({"text": "Hello world", "data": [1]}) + "\n")
+    assert load_examples(path, DataConfig(), tok)[1].format == "text"
+
+
+def test_parquet_messages_whose_keys_differ_by_row(tmp_path, tok):
+    """Arrow gives every message every key any message has (the schema is one struct), so a
+    dataset where one message has a "name" or "tool_call_id" stores null in all the others: the
+    rows read as their JSONL (was: each such row refused, "name must be a string, got null")."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"messages": [{"role": "user", "content": "Weather in Paris", "name": "maria"},
+                          {"role": "assistant", "content": "Hello world"}]}, *CHATS]
+    table = pa.Table.from_pylist(rows)
+    assert table.to_pylist()[1]["messages"][0]["name"] is None
+    pq.write_table(table, tmp_path / "d.parquet")
+    examples, rep = load_examples(tmp_path / "d.parquet", DataConfig(), tok)
+    assert rep.bad_lines == 0
+    _same(examples, _jsonl(tmp_path, rows, tok))

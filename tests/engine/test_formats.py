@@ -159,6 +159,11 @@ BAD = [
     ({"instruction": "Translate", "input": 3, "output": "x"}, "field 'input' must be a string"),
     ({"instruction": "", "output": "x"}, "empty instruction and input"),
     ({"instruction": "Translate", "output": " "}, "empty output"),
+    # a falsy non-string was read as "not given" (input 0 dropped silently)
+    ({"instruction": "Add one", "input": 0, "output": "1"}, "field 'input' must be a string"),
+    ({"instruction": "Add one", "output": "1", "system": False}, "field 'system' must be a"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}],
+      "system": 0}, "field 'system' must be a string, got number"),
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]},
      "unknown speaker 'bot' in conversations[1] (expected system, human, user, gpt"),
     ({"conversations": [{"from": "human"}]}, "conversations[0] has no 'value'"),

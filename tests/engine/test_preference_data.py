@@ -243,3 +243,29 @@ def test_dpo_trains_on_chat_pairs(tiny, tmp_path):
     first = next(r for r in rows_of(tmp_path / "run") if r["kind"] == "train")
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert res.after["val_reward_accuracy"] == 1.0 and res.after["val_reward_margin"] > 0
+
+
+def _trl_extract_prompt(chosen, rejected):
+    """TRL's ``trl.data_utils._extract_prompt`` (TRL is not installed here), verbatim."""
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":  # remove space before the prompt
+                idx -= 1
+            break
+    return {"prompt": chosen[:idx], "chosen": chosen[idx:], "rejected": rejected[idx:]}
+
+
+@pytest.mark.parametrize("chosen, rejected", [
+    ("\n\nHuman: Is the sky blue?\n\nAssistant: Yes, on a clear day.",
+     "\n\nHuman: Is the sky blue?\n\nAssistant: No."),
+    ("Question: 2+2? Answer: 4", "Question: 2+2? Answer: 4, or 5"),  # one starts the other
+])
+def test_string_pairs_without_a_prompt_take_their_common_start(tmp_path, smol, chosen,
+                                                                 rejected):
+    """Anthropic HH's shape (no "prompt"): TRL's DPOTrainer takes the prompt out of the pair
+    (extract_prompt), so the line is the explicit pair it makes (was: a 'missing field' error
+    for every line)."""
+    want = _trl_extract_prompt(chosen, rejected)
+    (ex,), _ = _load(tmp_path, [{"chosen": chosen, "rejected": rejected}], smol)
+    (ref,), _ = _load(tmp_path, [want], smol, name="ref.jsonl")
+    assert (ex.input_ids, ex.labels, ex.parts) == (ref.input_ids, ref.labels, ref.parts)
