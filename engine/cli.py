@@ -110,13 +110,13 @@ def _generator(model, tok, a):
     """``run(prompt_ids, stream) -> new ids per prompt`` with the command line's sampling."""
     from ember.models.generate import generate_ids
     from ember.models.heads import is_classifier
+    from ember.models.tokenizer import stop_token_ids
 
     if is_classifier(model):
         raise EmberError(f"{a.model} is a sequence classifier (labels {list(model.cfg.labels)}): "
                          "it has no LM head to generate with; score text with ember eval")
     # a base model may define no eos at all: it then generates max_new_tokens tokens
-    eos = sorted(i for i in getattr(tok, "eos_token_ids", None) or {tok.eos_token_id}
-                 if i is not None)
+    eos = stop_token_ids(tok)
     pad = next((i for i in (tok.pad_token_id, *eos) if i is not None), 0)
 
     def run(ids: list[list[int]], stream: _Stream | None = None) -> list[list[int]]:

@@ -73,6 +73,7 @@ from ember.engine.packing import (
     collate,
     pad_batch,
 )
+from ember.models.tokenizer import stop_token_ids
 
 __all__ = [
     "FORMATS",
@@ -198,10 +199,7 @@ class _Encoder:
         self.cfg, self.tok = cfg, tokenizer
         self.eos = getattr(tokenizer, "eos_token_id", None)
         # Every id that ends a turn (e.g. Llama 3's <|eot_id|> besides <|end_of_text|>).
-        # (transformers' tokenizers answer eos_token_ids with the one eos id)
-        ends = getattr(tokenizer, "eos_token_ids", None)
-        self.ends = ({ends} if isinstance(ends, int) else set(ends or ())) | (
-            {self.eos} if self.eos is not None else set())
+        self.ends = set(stop_token_ids(tokenizer))
         self.specials = set(getattr(tokenizer, "all_special_ids", None) or ())
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self.chat = self.has_template if cfg.use_chat_template is None else cfg.use_chat_template

@@ -37,6 +37,7 @@ from ember.engine.distributed import (
 )
 from ember.engine.losses import sft_loss
 from ember.models.generate import generate_ids
+from ember.models.tokenizer import stop_token_ids
 
 PREFIX_DECIDABLE = {"exact_match"}
 
@@ -167,8 +168,8 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     info = info or DistInfo()
     sync = None if not info.distributed else (lambda flag: any_rank(flag, info))
     t0 = time.perf_counter()
-    eos = sorted(getattr(tokenizer, "eos_token_ids", None) or {tokenizer.eos_token_id})
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    eos = stop_token_ids(tokenizer)  # none: a base model without eos runs max_new_tokens
+    pad = next((i for i in (tokenizer.pad_token_id, *eos) if i is not None), 0)
     order = sorted(range(len(usable)), key=lambda i: usable[i].prompt_len)
     share = eval_share(len(order), info)  # the same length on every rank, so as many batches
     mine = [order[i] for i in share if i is not None]

@@ -380,7 +380,9 @@ def _stop_ids(cfg: ModelConfig, tokenizer) -> int | list[int] | None:
     Llama 3's ``<|eot_id|>``), which transformers' generate and a reload here would lose."""
     eos = cfg.eos_token_id
     ids = [eos] if isinstance(eos, int) else list(eos or [])
-    ids += sorted(set(getattr(tokenizer, "eos_token_ids", ())) - set(ids))
+    from ember.models.tokenizer import stop_token_ids
+
+    ids += sorted(set(stop_token_ids(tokenizer)) - set(ids)) if tokenizer is not None else []
     return None if not ids else ids[0] if len(ids) == 1 else ids
 
 

@@ -261,6 +261,17 @@ def _added_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | No
     return default
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """Every id that ends a generation or a turn, sorted: an Ember ``Tokenizer``'s
+    ``eos_token_ids`` (eos plus e.g. ``<|eot_id|>``) and ``eos_token_id``. Also takes a
+    transformers tokenizer, whose ``eos_token_ids`` (transformers 5) is the one eos id as an int
+    and None without an eos. Empty when the tokenizer defines no eos at all."""
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or ())
+    ids.append(getattr(tokenizer, "eos_token_id", None))
+    return sorted({int(i) for i in ids if i is not None})
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

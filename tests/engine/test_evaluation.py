@@ -3,6 +3,7 @@ generation scores, whether the model agrees with the references or not."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ember.engine import metrics as M
@@ -10,7 +11,7 @@ from ember.engine.evaluation import generation_eval
 from ember.engine.packing import IGNORE, Example
 from ember.models.config import ModelConfig
 from ember.models.generate import generate_ids
-from ember.models.tokenizer import tokenizer_from_gguf
+from ember.models.tokenizer import stop_token_ids, tokenizer_from_gguf
 from ember.models.transformer import Transformer
 from tests.models.test_gguf import tiny_tokenizer_md
 
@@ -59,3 +60,33 @@ def test_json_metrics_tell_booleans_from_numbers():
     preds = ['{"urgent": 1, "n": 1}', '{"ok": false, "xs": [1, true]}', '[true, 0]']
     scores = M.compute(["field_accuracy"], preds, refs[:2] + ['{"a": true}'])
     assert scores == {"field_accuracy": (0.5 + 0.5 + 0.0) / 3}
+
+
+def test_generation_eval_takes_a_transformers_tokenizer():
+    """transformers 5's tokenizers answer ``eos_token_ids`` with one int (Ember's with a set):
+    the same predictions and scores either way (it was a TypeError from ``sorted``)."""
+    transformers = pytest.importorskip("transformers")
+    ours = tokenizer_from_gguf(tiny_tokenizer_md())
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=ours.backend,
+                                              eos_token=ours.eos_token)
+    assert isinstance(hf.eos_token_ids, int)
+    assert stop_token_ids(hf) == stop_token_ids(ours) == sorted(ours.eos_token_ids)
+    vocab = len(tiny_tokenizer_md()["tokenizer.ggml.tokens"])
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=48, intermediate_size=80, num_layers=2,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=96)
+    model = Transformer(cfg).init_weights(std=0.5, seed=3)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 2, 7)]
+    examples = [Example(p + [7, 2], [IGNORE] * (len(p) - 1) + [7, 2, IGNORE], f"t:{i}", len(p),
+                        ours.decode([7], skip_special_tokens=True))
+                for i, p in enumerate(prompts)]
+    got = [generation_eval(model, t, examples, ["exact_match", "f1"], max_new_tokens=6,
+                           show=3)
+           for t in (ours, hf)]
+    assert got[0].scores == got[1].scores
+    assert len(got[0].samples) == 3
+    assert [s[1] for s in got[0].samples] == [s[1] for s in got[1].samples]
+    # no eos at all: generation runs max_new_tokens (was an IndexError picking the pad id)
+    bare = transformers.PreTrainedTokenizerFast(tokenizer_object=ours.backend)
+    assert stop_token_ids(bare) == []
+    generation_eval(model, bare, examples, ["exact_match"], max_new_tokens=3)
