@@ -25,9 +25,23 @@ from ember.models.hf_moe import MOE_FAMILIES, moe_check_exportable, moe_to_hf
 from ember.models.hf_phi import phi_fields_of, phi_to_hf, shape_to_hf
 from ember.models.hf_rope import LONGROPE_FAMILIES, legacy_rope_scaling, rope_to_hf
 
+# Families transformers has no *ForSequenceClassification for: a classifier of one has no
+# transformers class to load it into (as a merged folder or as a SEQ_CLS adapter's base).
+NO_CLASSIFIER = ("granite",)
+
+
+def check_classifier_exportable(cfg: ModelConfig, what: str = "export") -> None:
+    if cfg.labels is not None and cfg.model_type in NO_CLASSIFIER:
+        raise EmberError(
+            f"cannot {what} a {cfg.model_type} classifier: transformers has no "
+            f"{_classifier_architecture(cfg.model_type)} to load it into; keep it in Ember's "
+            "own checkpoints, or train the classifier on a family transformers has one for"
+        )
+
 
 def _check_exportable(cfg: ModelConfig) -> None:
     mt = cfg.model_type
+    check_classifier_exportable(cfg)
     if mt not in SUPPORTED_MODEL_TYPES:
         raise EmberError(
             f"cannot export model_type {mt!r} to Hugging Face (supported: "

@@ -357,3 +357,24 @@ def test_gemma3_text_classifier_from_transformers(tmp_path):
     config["architectures"] = ["Gemma3ForSequenceClassification"]  # Ember's earlier exports
     (tmp_path / "out" / "config.json").write_text(json.dumps(config))
     assert load_pretrained(tmp_path / "out")[0].cfg.labels == model.cfg.labels
+
+
+def test_classifier_of_a_family_transformers_has_no_classifier_for_is_refused(tmp_path):
+    """transformers has no GraniteForSequenceClassification (AutoModelForSequenceClassification
+    refuses a GraniteConfig): a Granite classifier's merged folder and SEQ_CLS adapter are refused
+    by name instead of written for a class that does not exist."""
+    config = transformers.GraniteConfig(
+        vocab_size=83, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=2, residual_multiplier=0.5)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        transformers.AutoModelForSequenceClassification.from_config(config)
+    model, _ = load_pretrained(tmp_path / "base")
+    add_classification_head(model, LABELS, seed=0)
+    with pytest.raises(EmberError, match="no GraniteForSequenceClassification"):
+        save_pretrained(model, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    apply_lora(model, LoRAConfig(rank=2, targets=("q",)))
+    with pytest.raises(EmberError, match="no GraniteForSequenceClassification"):
+        save_adapter(model, tmp_path / "adapter")
