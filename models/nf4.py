@@ -286,9 +286,14 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 ROUTERS = ("mlp.gate", "shared_expert_gate")
 
 
+# The output heads always stay dense too, as bitsandbytes leaves them in transformers: the LM head
+# and a classifier's ``score`` are read as dense matrices (logits, the fused loss, ``classify``).
+HEADS = ("lm_head", "score")
+
+
 def _linear_names(model: nn.Module, skip: Iterable[str]) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and
-            not _skipped(n, (*skip, *ROUTERS))]
+            n not in HEADS and not _skipped(n, (*skip, *ROUTERS))]
 
 
 def quantize_model_(model: nn.Module, skip: Iterable[str] = ("lm_head",), *,
