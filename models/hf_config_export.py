@@ -82,6 +82,9 @@ def _check_exportable(cfg: ModelConfig) -> None:
         problems.append("mlp_bias=True")
     if cfg.sliding_window is not None and mt in ("llama", "gemma"):
         problems.append(f"sliding_window={cfg.sliding_window}")
+    rs = cfg.rope_scaling
+    if mt == "gemma3_text" and rs is not None and rs.kind == "yarn" and not rs.truncate:
+        problems.append("YaRN truncate=False (transformers 5's Gemma 3 always truncates)")
     if cfg.attn_softcap is not None and mt == "gemma3_text":  # transformers reads, never applies it
         problems.append(f"attn_softcap={cfg.attn_softcap}")
     bias = (cfg.attention_bias, cfg.attention_out_bias)

@@ -4,13 +4,14 @@ export loads back with the same logits) or refused with an EmberError that names
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from ember import EmberError
-from ember.models.loading import load_pretrained
+from ember.models.loading import load_pretrained, save_pretrained
 from ember.models.transformer import Transformer
 from tests.models.test_interop_hf import PHI3, _assert_parity_and_export, _ids, _save
 
@@ -122,3 +123,29 @@ def test_early_llama_conversion_config_loads(tmp_path):
     model, _ = load_pretrained(folder)
     assert model.cfg.pad_token_id is None
     _assert_parity_and_export(model, folder, _ids(), tmp_path)
+
+
+def test_gemma3_yarn_truncate_false_is_ignored_as_transformers_does(tmp_path):
+    """transformers 5's YaRN reads ``truncate`` from the top level of rope_parameters, which for
+    Gemma 3 holds the per-layer-type dicts, so a full-attention YaRN with truncate=false still
+    truncates; Ember applied the flag and its logits differed from transformers' (by ~2 here)."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "truncate": False,
+            "original_max_position_embeddings": 16, "beta_fast": 7.3, "beta_slow": 1.7}
+    folder = _save(tmp_path, "gemma3_yarn", "Gemma3TextConfig", hidden_size=128,
+                   num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=5,
+                   layer_types=["sliding_attention", "full_attention"],
+                   rope_parameters={"full_attention": yarn,
+                                    "sliding_attention": {"rope_type": "default",
+                                                          "rope_theta": 1e4}})
+    with pytest.warns(UserWarning, match="truncate=false is ignored"):
+        model, _ = load_pretrained(folder)
+    assert model.cfg.rope_scaling.truncate
+    ids = _ids(40)
+    _assert_parity_and_export(model, folder, ids, tmp_path)
+    untruncated = Transformer(model.cfg.replace(
+        rope_scaling=dataclasses.replace(model.cfg.rope_scaling, truncate=False)))
+    untruncated.load_state_dict(model.state_dict())
+    with torch.no_grad():  # the flag matters on this config: applying it would show
+        assert (untruncated(ids) - model(ids)).abs().max().item() > 1e-2
+    with pytest.raises(EmberError, match="truncate=False"):
+        save_pretrained(untruncated, tmp_path / "untruncated")
