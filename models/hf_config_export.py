@@ -55,8 +55,9 @@ def _check_exportable(cfg: ModelConfig) -> None:
         problems.append(f"activation={cfg.activation!r}")
     names = ("layer_types", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
     for name in () if sandwich else names:
-        if name == "layer_types" and mt in ("qwen2", "qwen3", "smollm3") and cfg.sliding_window:
-            continue  # Qwen's own layer_types: the window on some layers only
+        if name == "layer_types" and mt in ("qwen2", "qwen3", "smollm3", "mistral",
+                                            "ministral") and cfg.sliding_window:
+            continue  # Qwen's / Ministral's own layer_types: the window on some layers only
         if getattr(cfg, name) is not None:
             problems.append(f"{name}={getattr(cfg, name)}")
     if cfg.sandwich_norms != (sandwich or mt == "olmo2"):
@@ -91,6 +92,7 @@ def _check_exportable(cfg: ModelConfig) -> None:
     allowed = {
         "llama": {(False, False), (True, True)},
         "mistral": {(False, False)},
+        "ministral": {(False, False)},
         "qwen2": {(True, False)},
         "qwen3": {(False, False), (True, True)},
         "phi3": {(False, False)},
@@ -152,8 +154,13 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         out["attention_bias"] = cfg.attention_bias
     if mt == "llama":
         out["mlp_bias"] = cfg.mlp_bias
-    if mt in ("mistral", "phi3"):
+    if mt in ("mistral", "ministral", "phi3"):
         out["sliding_window"] = cfg.sliding_window
+    if mt == "ministral" or (mt == "mistral" and cfg.layer_types is not None):
+        # a mistral config.json with layer_types is what transformers' AutoConfig loads as
+        # ministral, the class that reads it
+        out["layer_types"] = [("sliding_attention" if cfg.is_sliding(i) else "full_attention")
+                              for i in range(cfg.num_layers)]
     if mt == "phi3":
         out.update(
             resid_pdrop=cfg.resid_dropout,

@@ -149,3 +149,40 @@ def test_gemma3_yarn_truncate_false_is_ignored_as_transformers_does(tmp_path):
         assert (untruncated(ids) - model(ids)).abs().max().item() > 1e-2
     with pytest.raises(EmberError, match="truncate=False"):
         save_pretrained(untruncated, tmp_path / "untruncated")
+
+
+MINISTRAL_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
+
+
+@pytest.mark.parametrize("model_type", ["ministral", "mistral"])
+def test_ministral_windows_per_layer_load_and_export(tmp_path, model_type):
+    """Ministral (Mistral with the sliding window on the layers ``layer_types`` marks): model_type
+    "ministral", or "mistral" with layer_types, which transformers' AutoConfig loads as
+    ministral (Ministral-8B's config.json). Both were refused ('layer_types' not supported /
+    unknown model_type); now transformers' logits, and the export loads back alike."""
+    cls = "MinistralConfig" if model_type == "ministral" else "MistralConfig"
+    folder = _save(tmp_path, model_type, cls, num_hidden_layers=3, head_dim=12, sliding_window=5,
+                   layer_types=MINISTRAL_TYPES)
+    raw = json.loads((folder / "config.json").read_text())
+    assert (raw["model_type"], raw["layer_types"]) == (model_type, MINISTRAL_TYPES)
+    model, _ = load_pretrained(folder)
+    assert model.cfg.layer_types == tuple(MINISTRAL_TYPES) and model.cfg.sliding_window == 5
+    _assert_parity_and_export(model, folder, _ids(20), tmp_path)
+    out = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert (out["model_type"], out["layer_types"]) == (model_type, MINISTRAL_TYPES)
+    uniform = Transformer(model.cfg.replace(layer_types=None))  # the window on every layer
+    uniform.load_state_dict(model.state_dict())
+    with torch.no_grad():  # the per-layer window matters here: ignoring it would show
+        assert (uniform(_ids(20)) - model(_ids(20))).abs().max().item() > 1e-2
+
+
+def test_mixtral_layer_types_stays_refused(tmp_path):
+    """Mistral's layer_types is not Mixtral's: transformers' Mixtral has no per-layer windows."""
+    folder = _save(tmp_path, "mixtral", "MixtralConfig", num_local_experts=4,
+                   num_experts_per_tok=2, sliding_window=5)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                "layer_types": ["sliding_attention", "full_attention"]}))
+    with pytest.raises(EmberError, match=r"\['layer_types'\] are not supported for model_type "
+                                         "'mixtral'"):
+        load_pretrained(folder)
