@@ -219,14 +219,13 @@ def _parse_window(raw: Mapping, model_type: str, num_layers: int
             "sliding_attention" if window is not None and i >= first else "full_attention"
             for i in range(num_layers)
         ]
-    return _window_layers(types, window, num_layers, strict=True)
+    return _window_layers(types, window, num_layers)
 
 
-def _window_layers(types, window: int | None, num_layers: int, *, strict: bool = False
+def _window_layers(types, window: int | None, num_layers: int
                    ) -> tuple[int | None, tuple[str, ...] | None]:
-    """(window, per-layer types or None when every layer is alike) of a ``layer_types`` list.
-    Sliding layers without a window attend fully, as in transformers' Ministral; Qwen (``strict``)
-    refuses that combination."""
+    """(window, per-layer types or None when every layer is alike) of a ``layer_types`` list;
+    sliding layers without a window are refused (transformers fails to build their mask)."""
     if (
         not isinstance(types, list)
         or len(types) != num_layers
@@ -237,7 +236,7 @@ def _window_layers(types, window: int | None, num_layers: int, *, strict: bool =
             f"for each of the {num_layers} layers, got {types!r}"
         )
     sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
-    if not sliding or (window is None and not strict):
+    if not sliding:
         return None, None
     if window is None:
         raise EmberError(
