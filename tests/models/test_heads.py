@@ -361,8 +361,8 @@ def test_gemma3_text_classifier_from_transformers(tmp_path):
 
 def test_classifier_of_a_family_transformers_has_no_classifier_for_is_refused(tmp_path):
     """transformers has no GraniteForSequenceClassification (AutoModelForSequenceClassification
-    refuses a GraniteConfig): a Granite classifier's merged folder and SEQ_CLS adapter are refused
-    by name instead of written for a class that does not exist."""
+    refuses a GraniteConfig): a Granite classifier's merged folder was refused, but its SEQ_CLS
+    adapter was written, for a base no PEFT model can be built on; both are refused by name."""
     config = transformers.GraniteConfig(
         vocab_size=83, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
