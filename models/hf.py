@@ -415,7 +415,7 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[s
                     f"state dict: NF4 weight {k} has shape "
                     f"{_quant_state_shape(sd, base)}, expected {want[k]}"
                 )
-            out[ember_key_to_hf(base, cfg) + suffix] = v
+            out[_hf_name(base, cfg) + suffix] = v
             continue
         if suffix:
             raise EmberError(
@@ -423,8 +423,16 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[s
             )
         if tuple(v.shape) != want[k]:
             raise EmberError(f"state dict: {k} has shape {tuple(v.shape)}, expected {want[k]}")
-        out[ember_key_to_hf(k, cfg)] = v
+        out[_hf_name(k, cfg)] = v
     return _fuse(out, cfg)
+
+
+def _hf_name(key: str, cfg: ModelConfig) -> str:
+    hk = ember_key_to_hf(key, cfg)
+    if hk is None:  # a module the family's HF class has no weight for
+        raise EmberError(f"state dict: {key} has no Hugging Face name for model_type "
+                         f"{cfg.model_type!r}; this model cannot be exported to transformers")
+    return hk
 
 
 # --------------------------------------------------------------------------------------------------

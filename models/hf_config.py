@@ -1,10 +1,10 @@
 """Hugging Face ``config.json`` <-> Ember ``ModelConfig``, as pure functions on parsed dicts.
 
-Supported ``model_type``: llama (also SmolLM2), mistral, qwen2, qwen3, phi3 (its fused weights
-are split in ``ember.models.hf``), gemma (v1: ``norm_offset`` 1, GeGLU, scaled embeddings), gemma2
-and gemma3_text (also: sandwich norms, ``query_pre_attn_scalar``, per-layer sliding windows from
-``layer_types``, softcaps; Gemma 3: (1 + w) q/k norms, a local RoPE base). The multimodal ``gemma3``
-(Gemma3ForConditionalGeneration) loads as its ``gemma3_text`` language model, marked
+Supported ``model_type``: llama (also SmolLM2), mistral, ministral, qwen2, qwen3, phi3 (its fused
+weights are split in ``ember.models.hf``), gemma (v1: ``norm_offset`` 1, GeGLU, scaled embeddings),
+gemma2 and gemma3_text (also: sandwich norms, ``query_pre_attn_scalar``, per-layer sliding windows
+from ``layer_types``, softcaps; Gemma 3: (1 + w) q/k norms, a local RoPE base). The multimodal
+``gemma3`` (Gemma3ForConditionalGeneration) loads as its ``gemma3_text`` language model, marked
 ``extra["multimodal"] = "gemma3"`` so that export writes for the multimodal class
 (``ember.models.hf_gemma.multimodal_text_config``); other multimodal families are refused.
 Mixture of experts (mixtral, qwen2_moe, qwen3_moe): ``ember.models.hf_moe``; smollm3, granite,
@@ -25,7 +25,9 @@ an explicit list of harmless fields (bookkeeping, generation defaults); any othe
 that names it, so a checkpoint Ember would silently compute differently is never loaded.
 
 Qwen2/Qwen3 sliding window: transformers applies it to layers ``i >= max_window_layers`` (or per
-``layer_types``); a mixed stack becomes ``ModelConfig.layer_types``.
+``layer_types``); a mixed stack becomes ``ModelConfig.layer_types``. Ministral (Ministral-8B) is
+Mistral with the window on the layers ``layer_types`` marks: ``model_type`` "ministral", or
+"mistral" with a ``layer_types`` field, which transformers' AutoConfig reads as ministral.
 
 Quantized checkpoints: ``quantization_config`` is accepted for bitsandbytes 4-bit (NF4, FP4) and
 8-bit only (``quantization_config_from_hf`` validates it; GPTQ, AWQ... are refused naming the
@@ -55,13 +57,14 @@ from ember.models.hf_rope import parse_partial_rotary as _parse_partial_rotary
 from ember.models.hf_rope import parse_rope as _parse_rope
 from ember.models.nf4 import check_quantization_config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
-                         "gemma3_text", "phi", *MOE_FAMILIES, *_var.VARIANTS)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "phi3", "gemma",
+                         "gemma2", "gemma3_text", "phi", *MOE_FAMILIES, *_var.VARIANTS)
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 _SANDWICH = ("gemma2", "gemma3_text")  # Gemma 2/3: post-norms, softcaps, per-layer windows
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
+    "ministral": "MinistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
@@ -111,7 +114,8 @@ _COMMON_FIELDS = frozenset(
 _QWEN_WINDOW = "use_sliding_window sliding_window max_window_layers layer_types"
 _FAMILY_FIELDS = {
     "llama": frozenset({"attention_bias", "mlp_bias"}),
-    "mistral": frozenset({"sliding_window"}),
+    "mistral": frozenset({"sliding_window", "layer_types"}),
+    "ministral": frozenset({"sliding_window", "layer_types"}),
     "qwen2": frozenset(f"{_QWEN_WINDOW} use_mrope".split()),
     "qwen3": frozenset(f"{_QWEN_WINDOW} attention_bias".split()),
     "phi3": frozenset(
@@ -136,6 +140,9 @@ _QWEN = dict(max_position_embeddings=32768, num_key_value_heads=32, sliding_wind
 _DEFAULTS = {
     "llama": dict(**_IDS, max_position_embeddings=2048, num_key_value_heads=None),
     "mistral": dict(
+        **_IDS, max_position_embeddings=131072, num_key_value_heads=8, sliding_window=4096
+    ),
+    "ministral": dict(
         **_IDS, max_position_embeddings=131072, num_key_value_heads=8, sliding_window=4096
     ),
     "qwen2": _QWEN,
@@ -187,8 +194,13 @@ def _parse_window(raw: Mapping, model_type: str, num_layers: int
     window = _get_int(raw, "sliding_window", dflt.get("sliding_window"), nullable=True)
     if window == 0:
         raise EmberError("config.json: sliding_window must be >= 1 or null, got 0")
-    if model_type in ("mistral", "phi3"):
+    if model_type == "phi3":
         return window, None
+    if model_type in ("mistral", "ministral"):
+        # Ministral: the window on the layers layer_types marks (transformers' AutoConfig loads a
+        # mistral config.json with layer_types as ministral); without it, on every layer
+        types = raw.get("layer_types")
+        return (window, None) if types is None else _window_layers(types, window, num_layers)
     if model_type in ("llama", "gemma", *_var.VARIANTS):  # SmolLM3's: hf_llama_variants
         return None, None
     if model_type in _SANDWICH:
@@ -207,6 +219,13 @@ def _parse_window(raw: Mapping, model_type: str, num_layers: int
             "sliding_attention" if window is not None and i >= first else "full_attention"
             for i in range(num_layers)
         ]
+    return _window_layers(types, window, num_layers)
+
+
+def _window_layers(types, window: int | None, num_layers: int
+                   ) -> tuple[int | None, tuple[str, ...] | None]:
+    """(window, per-layer types or None when every layer is alike) of a ``layer_types`` list;
+    sliding layers without a window are refused (transformers fails to build their mask)."""
     if (
         not isinstance(types, list)
         or len(types) != num_layers

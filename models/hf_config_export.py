@@ -25,6 +25,20 @@ from ember.models.hf_moe import MOE_FAMILIES, moe_check_exportable, moe_to_hf
 from ember.models.hf_phi import phi_fields_of, phi_to_hf, shape_to_hf
 from ember.models.hf_rope import LONGROPE_FAMILIES, legacy_rope_scaling, rope_to_hf
 
+# Families transformers has no *ForSequenceClassification for: a classifier of one has no
+# transformers class to load it into, as a SEQ_CLS adapter's base (a merged folder: variant_problems
+# refuses it in config_to_hf).
+NO_CLASSIFIER = ("granite",)
+
+
+def check_classifier_exportable(cfg: ModelConfig, what: str = "export") -> None:
+    if cfg.labels is not None and cfg.model_type in NO_CLASSIFIER:
+        raise EmberError(
+            f"cannot {what} a {cfg.model_type} classifier: transformers has no "
+            f"{_classifier_architecture(cfg.model_type)} to load it into; keep it in Ember's "
+            "own checkpoints, or train the classifier on a family transformers has one for"
+        )
+
 
 def _check_exportable(cfg: ModelConfig) -> None:
     mt = cfg.model_type
@@ -41,8 +55,9 @@ def _check_exportable(cfg: ModelConfig) -> None:
         problems.append(f"activation={cfg.activation!r}")
     names = ("layer_types", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
     for name in () if sandwich else names:
-        if name == "layer_types" and mt in ("qwen2", "qwen3", "smollm3") and cfg.sliding_window:
-            continue  # Qwen's own layer_types: the window on some layers only
+        if name == "layer_types" and mt in ("qwen2", "qwen3", "smollm3", "mistral",
+                                            "ministral") and cfg.sliding_window:
+            continue  # Qwen's / Ministral's own layer_types: the window on some layers only
         if getattr(cfg, name) is not None:
             problems.append(f"{name}={getattr(cfg, name)}")
     if cfg.sandwich_norms != (sandwich or mt == "olmo2"):
@@ -68,12 +83,16 @@ def _check_exportable(cfg: ModelConfig) -> None:
         problems.append("mlp_bias=True")
     if cfg.sliding_window is not None and mt in ("llama", "gemma"):
         problems.append(f"sliding_window={cfg.sliding_window}")
+    rs = cfg.rope_scaling
+    if mt == "gemma3_text" and rs is not None and rs.kind == "yarn" and not rs.truncate:
+        problems.append("YaRN truncate=False (transformers 5's Gemma 3 always truncates)")
     if cfg.attn_softcap is not None and mt == "gemma3_text":  # transformers reads, never applies it
         problems.append(f"attn_softcap={cfg.attn_softcap}")
     bias = (cfg.attention_bias, cfg.attention_out_bias)
     allowed = {
         "llama": {(False, False), (True, True)},
         "mistral": {(False, False)},
+        "ministral": {(False, False)},
         "qwen2": {(True, False)},
         "qwen3": {(False, False), (True, True)},
         "phi3": {(False, False)},
@@ -135,8 +154,13 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         out["attention_bias"] = cfg.attention_bias
     if mt == "llama":
         out["mlp_bias"] = cfg.mlp_bias
-    if mt in ("mistral", "phi3"):
+    if mt in ("mistral", "ministral", "phi3"):
         out["sliding_window"] = cfg.sliding_window
+    if mt == "ministral" or (mt == "mistral" and cfg.layer_types is not None):
+        # a mistral config.json with layer_types is what transformers' AutoConfig loads as
+        # ministral, the class that reads it
+        out["layer_types"] = [("sliding_attention" if cfg.is_sliding(i) else "full_attention")
+                              for i in range(cfg.num_layers)]
     if mt == "phi3":
         out.update(
             resid_pdrop=cfg.resid_dropout,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 
 from ember import EmberError
 from ember.models.config import ModelConfig, RopeScaling
@@ -161,6 +162,15 @@ def parse_gemma3_rope(raw: Mapping, max_pos: int) -> tuple[float, RopeScaling | 
             f"config.json: RoPE scaling on Gemma 3's sliding-attention layers ({local}) is not "
             "supported (Ember scales the full-attention layers' RoPE only)"
         )
+    if rs is not None and rs.kind == "yarn" and not rs.truncate:
+        # transformers 5's YaRN reads truncate from the top level of rope_parameters, which for
+        # Gemma 3 holds the per-layer-type dicts: it always truncates (4.x honoured the flag)
+        warnings.warn(
+            "config.json: Gemma 3 YaRN truncate=false is ignored, as transformers 5 ignores it "
+            "(it truncates, reading the flag beside the per-layer-type dicts)",
+            stacklevel=2,
+        )
+        rs = replace(rs, truncate=True)
     return theta, rs, local_theta
 
 

@@ -84,6 +84,9 @@ def moe_base_config(raw: Mapping) -> tuple[dict, dict]:
     out.pop(experts_key, None)
     out.pop("num_experts_per_tok", None)
     if mt == "mixtral":
+        if "layer_types" in out:  # Mistral's field (Ministral's windows); Mixtral has none
+            raise EmberError("config.json: field(s) ['layer_types'] are not supported for "
+                             "model_type 'mixtral'; Ember cannot guarantee the same computation")
         fields.update(moe_intermediate_size=None, norm_topk_prob=True)
     else:
         if _bool(out, "use_sliding_window", False):

@@ -13,8 +13,9 @@ Dropout: ``resid_pdrop`` and ``embd_pdrop`` are applied in training forwards exa
 transformers applies them (phi-2 ships ``resid_pdrop=0.1``; eval and generation never drop);
 ``attention_dropout`` != 0 is refused as for every family (Ember's attention kernels have none).
 Refused with a message: RoPE scaling (no released Phi-1/2 uses it), ``head_dim`` other than
-hidden_size / heads (transformers' q/k LayerNorms assume it), classifier architectures
-(``PhiForSequenceClassification``). bitsandbytes NF4 checkpoints load as for every family.
+hidden_size / heads (transformers' q/k LayerNorms assume it). A classifier
+(``PhiForSequenceClassification``: ``score.weight``, no LM head) loads and exports as in every
+family (``ember.models.heads``). bitsandbytes NF4 checkpoints load as for every family.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from collections.abc import Mapping
 
 from ember import EmberError
 from ember.models.config import ModelConfig
+from ember.models.heads import labels_from_hf, labels_to_hf, problem_type_from_hf
 from ember.models.hf_llama_variants import variant_problems
 from ember.models.hf_rope import get_float
 
 ARCHITECTURE = "PhiForCausalLM"
+CLASSIFIER = "PhiForSequenceClassification"
 
 # config.json fields of PhiConfig (the generic bookkeeping ones are hf_config's harmless list)
 FIELDS = frozenset("""
@@ -53,6 +56,7 @@ KEYS: list[tuple[str, str]] = [
     ("norm.bias", "model.final_layernorm.bias"),
     ("lm_head.weight", "lm_head.weight"),
     ("head_bias", "lm_head.bias"),
+    ("score.weight", "score.weight"),  # PhiForSequenceClassification (ember.models.heads)
 ]
 
 # Ember's projection leaf names <-> transformers' Phi names (LoRA targets, PEFT module names)
@@ -99,9 +103,10 @@ def phi_config(raw: Mapping, harmless: frozenset, config_from_hf) -> ModelConfig
     ``attention_dropout``) are read by ``config_from_hf`` as for a Llama config, then the Phi
     fields are set."""
     archs = raw.get("architectures")
-    if archs is not None and archs != [ARCHITECTURE]:
+    if archs is not None and archs not in ([ARCHITECTURE], [CLASSIFIER]):
         raise EmberError(f"config.json: architectures {archs!r} is not supported for model_type "
-                         f"'phi'; only [{ARCHITECTURE!r}] (causal LM) is")
+                         f"'phi'; only [{ARCHITECTURE!r}] (causal LM) or [{CLASSIFIER!r}] is")
+    labels = labels_from_hf(raw, CLASSIFIER)
     unknown = sorted(set(raw) - FIELDS - harmless)
     if unknown:
         raise EmberError(f"config.json: field(s) {unknown} are not supported for model_type "
@@ -136,7 +141,8 @@ def phi_config(raw: Mapping, harmless: frozenset, config_from_hf) -> ModelConfig
         return cfg.replace(
             model_type="phi", norm="layernorm", parallel_block=True, gated_mlp=False,
             attention_bias=True, attention_out_bias=True, mlp_bias=True, lm_head_bias=True,
-            qk_norm=qk, partial_rotary_factor=partial, resid_dropout=resid, embed_dropout=embd)
+            qk_norm=qk, partial_rotary_factor=partial, resid_dropout=resid, embed_dropout=embd,
+            labels=labels, problem_type=problem_type_from_hf(raw, labels))
     except ValueError as e:
         raise EmberError(f"config.json: {e}") from None
 
@@ -166,7 +172,7 @@ def phi_to_hf(cfg: ModelConfig, dtype: str) -> dict:
         attention_out_bias=True, mlp_bias=True, lm_head_bias=True, sandwich_norms=False,
         sliding_window=None, layer_types=None, attn_softcap=None, final_softcap=None,
         embedding_scale=None, norm_offset=0.0, rope_scaling=None, rope_local_theta=None,
-        query_pre_attn_scalar=None, labels=None, num_experts=0,
+        query_pre_attn_scalar=None, num_experts=0,
     ).items() if getattr(cfg, k) != want]
     if cfg.head_dim != cfg.hidden_size // cfg.num_heads:
         problems.append(f"head_dim={cfg.head_dim}")
@@ -199,4 +205,6 @@ def phi_to_hf(cfg: ModelConfig, dtype: str) -> dict:
     }
     if "initializer_range" in cfg.extra:
         out["initializer_range"] = cfg.extra["initializer_range"]
+    if cfg.labels is not None:
+        out.update(architectures=[CLASSIFIER], **labels_to_hf(cfg.labels, cfg.problem_type))
     return out

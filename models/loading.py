@@ -390,6 +390,12 @@ def _write_folder(
     sd: dict, cfg: ModelConfig, tmp: Path, tokenizer, dtype: torch.dtype | None, limit: int,
     multimodal_base: Path | None = None, compute_dtype: torch.dtype | None = None,
 ) -> None:
+    if "embed.prompt" in sd:
+        raise EmberError(
+            "save_pretrained: the model has prompt tuning, whose virtual tokens are inputs, not "
+            "weights to save in a model folder; save them with save_prompt_adapter (a PEFT "
+            "adapter), or save the model before apply_prompt_tuning"
+        )
     if any(".lora_" in k or ".base." in k for k in sd):
         raise EmberError(
             "save_pretrained: the model has LoRA adapters; merge them first "

@@ -286,12 +286,18 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 ROUTERS = ("mlp.gate", "shared_expert_gate")
 
 
+# The output heads stay dense unless asked (``skip``), as bitsandbytes leaves them in transformers:
+# the LM head and a classifier's ``score`` are read as dense matrices (logits, the fused loss,
+# ``classify``).
+HEADS = ("lm_head", "score")
+
+
 def _linear_names(model: nn.Module, skip: Iterable[str]) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and
             not _skipped(n, (*skip, *ROUTERS))]
 
 
-def quantize_model_(model: nn.Module, skip: Iterable[str] = ("lm_head",), *,
+def quantize_model_(model: nn.Module, skip: Iterable[str] = HEADS, *,
                     blocksize: int = 64, double_quant: bool = True) -> list[str]:
     """Replace every ``nn.Linear`` (but ``skip``: leaf names, full names or globs) by a
     ``Linear4bit`` quantized on the weight's device, one layer at a time so that each dense
@@ -304,7 +310,7 @@ def quantize_model_(model: nn.Module, skip: Iterable[str] = ("lm_head",), *,
     return names
 
 
-def replace_linears_with_4bit_(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list[str]:
+def replace_linears_with_4bit_(model: nn.Module, skip: Iterable[str] = HEADS) -> list[str]:
     """For loading: swap ``nn.Linear`` layers (typically on the meta device) for empty
     ``Linear4bit`` ones, to be filled by ``assign_quantized_`` or ``load_state_dict``."""
     names = _linear_names(model, skip)
@@ -353,7 +359,7 @@ def _meta_left(model: nn.Module) -> list[str]:
 
 
 def load_quantized_(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *, device,
-                    compute_dtype: torch.dtype, skip: Iterable[str] = ("lm_head",),
+                    compute_dtype: torch.dtype, skip: Iterable[str] = HEADS,
                     blocksize: int = 64, double_quant: bool = True,
                     fused: Iterable[Sequence[str]] = ()) -> list[str]:
     """Quantize while loading. ``model`` is built on the meta device; ``tensors`` streams dense

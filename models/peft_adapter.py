@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from ember import EmberError
 from ember.models.hf import ember_key_to_hf
+from ember.models.hf_config_export import check_classifier_exportable
 from ember.models.lora import (
     EMBED_HEAD,
     HF_LINEAR_LEAVES,
@@ -126,6 +127,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         raise EmberError("the model has no LoRA adapters to save (apply_lora or load_adapter "
                          "first)")
     cfg = getattr(model, "cfg", None)
+    if getattr(model, "score", None) is not None and cfg is not None:
+        check_classifier_exportable(cfg, "save a PEFT adapter of")
     rslora = {m.use_rslora for m in mods.values()}
     drops = {m.dropout.p if m.dropout is not None else 0.0 for m in mods.values()}
     dora = {m.use_dora for m in mods.values()}

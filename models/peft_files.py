@@ -72,6 +72,8 @@ def _write_adapter(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> P
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EmberError(f"cannot write an adapter to {out}: it exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "adapter_model.safetensors",
                   lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))

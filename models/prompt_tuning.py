@@ -122,6 +122,11 @@ def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int, init: str = "
                              init_text=init_text)
     if prompt_embedding(model) is not None:
         raise EmberError("the model already has prompt tuning")
+    if getattr(model, "score", None) is not None:
+        # PEFT's SEQ_CLS prompt tuning pools the last position of the prompted inputs_embeds
+        # (pads included) and saves the head beside the prompt; Ember's classify does neither
+        raise EmberError("prompt tuning on a classifier (a model with a classification head) is "
+                         "not supported; use LoRA for classification")
     mcfg = getattr(model, "cfg", None)
     if getattr(mcfg, "model_type", None) == "granite" and mcfg.embedding_scale is not None:
         # transformers' Granite scales every inputs_embeds row (PEFT's prompt too), Gemma only
@@ -197,6 +202,9 @@ def save_prompt_adapter(model: nn.Module, out_dir: str | os.PathLike,
     pe = prompt_embedding(model)
     if pe is None:
         raise EmberError("the model has no prompt tuning to save (apply_prompt_tuning first)")
+    if getattr(model, "score", None) is not None:
+        raise EmberError("save_prompt_adapter: the model is a classifier, whose head a causal-LM "
+                         "prompt-tuning adapter cannot hold; use LoRA for classification")
     cfg = model.cfg
     # PEFT refuses a TEXT config without prompt_tuning_init_text and tokenizer_name_or_path, and
     # from_pretrained(is_trainable=True) re-runs that init with the tokenizer; the saved prompt

@@ -357,3 +357,54 @@ def test_gemma3_text_classifier_from_transformers(tmp_path):
     config["architectures"] = ["Gemma3ForSequenceClassification"]  # Ember's earlier exports
     (tmp_path / "out" / "config.json").write_text(json.dumps(config))
     assert load_pretrained(tmp_path / "out")[0].cfg.labels == model.cfg.labels
+
+
+def test_classifier_of_a_family_transformers_has_no_classifier_for_is_refused(tmp_path):
+    """transformers has no GraniteForSequenceClassification (AutoModelForSequenceClassification
+    refuses a GraniteConfig): a Granite classifier's merged folder was refused, but its SEQ_CLS
+    adapter was written, for a base no PEFT model can be built on; both are refused by name."""
+    config = transformers.GraniteConfig(
+        vocab_size=83, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=2, residual_multiplier=0.5)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        transformers.AutoModelForSequenceClassification.from_config(config)
+    model, _ = load_pretrained(tmp_path / "base")
+    add_classification_head(model, LABELS, seed=0)
+    with pytest.raises(EmberError, match="no GraniteForSequenceClassification"):
+        save_pretrained(model, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    apply_lora(model, LoRAConfig(rank=2, targets=("q",)))
+    with pytest.raises(EmberError, match="no GraniteForSequenceClassification"):
+        save_adapter(model, tmp_path / "adapter")
+
+
+def test_classifier_quantized_while_loading_keeps_its_head_dense_as_bitsandbytes(tmp_path):
+    """quantize="nf4" on a *ForSequenceClassification folder quantized the ``score`` head too
+    (classify then crashed: 'Linear4bit' object has no attribute 'weight'); transformers +
+    bitsandbytes leave it dense. Same class logits as transformers' 4-bit classifier, and the
+    export loads in transformers with the head dense."""
+    pytest.importorskip("bitsandbytes")
+    cfg = transformers.LlamaConfig(
+        vocab_size=83, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, num_labels=3)
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "hf")
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.float32)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "hf", quantization_config=bnb).eval()
+    model, _ = load_pretrained(tmp_path / "hf", quantize="nf4", double_quant=False)
+    assert type(model.score) is torch.nn.Linear
+    ids, mask = _padded()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        assert (_ember_logits(model) - ref).abs().max() < 1e-5
+    save_pretrained(model, tmp_path / "out")
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out["quantization_config"]["llm_int8_skip_modules"] == ["score"]
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids, attention_mask=mask).logits - ref).abs().max() < 1e-5

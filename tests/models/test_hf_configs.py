@@ -4,13 +4,14 @@ export loads back with the same logits) or refused with an EmberError that names
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from ember import EmberError
-from ember.models.loading import load_pretrained
+from ember.models.loading import load_pretrained, save_pretrained
 from ember.models.transformer import Transformer
 from tests.models.test_interop_hf import PHI3, _assert_parity_and_export, _ids, _save
 
@@ -122,3 +123,66 @@ def test_early_llama_conversion_config_loads(tmp_path):
     model, _ = load_pretrained(folder)
     assert model.cfg.pad_token_id is None
     _assert_parity_and_export(model, folder, _ids(), tmp_path)
+
+
+def test_gemma3_yarn_truncate_false_is_ignored_as_transformers_does(tmp_path):
+    """transformers 5's YaRN reads ``truncate`` from the top level of rope_parameters, which for
+    Gemma 3 holds the per-layer-type dicts, so a full-attention YaRN with truncate=false still
+    truncates; Ember applied the flag and its logits differed from transformers' (by ~2 here)."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "truncate": False,
+            "original_max_position_embeddings": 16, "beta_fast": 7.3, "beta_slow": 1.7}
+    folder = _save(tmp_path, "gemma3_yarn", "Gemma3TextConfig", hidden_size=128,
+                   num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=5,
+                   layer_types=["sliding_attention", "full_attention"],
+                   rope_parameters={"full_attention": yarn,
+                                    "sliding_attention": {"rope_type": "default",
+                                                          "rope_theta": 1e4}})
+    with pytest.warns(UserWarning, match="truncate=false is ignored"):
+        model, _ = load_pretrained(folder)
+    assert model.cfg.rope_scaling.truncate
+    ids = _ids(40)
+    _assert_parity_and_export(model, folder, ids, tmp_path)
+    untruncated = Transformer(model.cfg.replace(
+        rope_scaling=dataclasses.replace(model.cfg.rope_scaling, truncate=False)))
+    untruncated.load_state_dict(model.state_dict())
+    with torch.no_grad():  # the flag matters on this config: applying it would show
+        assert (untruncated(ids) - model(ids)).abs().max().item() > 1e-2
+    with pytest.raises(EmberError, match="truncate=False"):
+        save_pretrained(untruncated, tmp_path / "untruncated")
+
+
+MINISTRAL_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
+
+
+@pytest.mark.parametrize("model_type", ["ministral", "mistral"])
+def test_ministral_windows_per_layer_load_and_export(tmp_path, model_type):
+    """Ministral (Mistral with the sliding window on the layers ``layer_types`` marks): model_type
+    "ministral", or "mistral" with layer_types, which transformers' AutoConfig loads as
+    ministral (Ministral-8B's config.json). Both were refused ('layer_types' not supported /
+    unknown model_type); now transformers' logits, and the export loads back alike."""
+    cls = "MinistralConfig" if model_type == "ministral" else "MistralConfig"
+    folder = _save(tmp_path, model_type, cls, num_hidden_layers=3, head_dim=12, sliding_window=5,
+                   layer_types=MINISTRAL_TYPES)
+    raw = json.loads((folder / "config.json").read_text())
+    assert (raw["model_type"], raw["layer_types"]) == (model_type, MINISTRAL_TYPES)
+    model, _ = load_pretrained(folder)
+    assert model.cfg.layer_types == tuple(MINISTRAL_TYPES) and model.cfg.sliding_window == 5
+    _assert_parity_and_export(model, folder, _ids(20), tmp_path)
+    out = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert (out["model_type"], out["layer_types"]) == (model_type, MINISTRAL_TYPES)
+    uniform = Transformer(model.cfg.replace(layer_types=None))  # the window on every layer
+    uniform.load_state_dict(model.state_dict())
+    with torch.no_grad():  # the per-layer window matters here: ignoring it would show
+        assert (uniform(_ids(20)) - model(_ids(20))).abs().max().item() > 1e-2
+
+
+def test_mixtral_layer_types_stays_refused(tmp_path):
+    """Mistral's layer_types is not Mixtral's: transformers' Mixtral has no per-layer windows."""
+    folder = _save(tmp_path, "mixtral", "MixtralConfig", num_local_experts=4,
+                   num_experts_per_tok=2, sliding_window=5)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                "layer_types": ["sliding_attention", "full_attention"]}))
+    with pytest.raises(EmberError, match=r"\['layer_types'\] are not supported for model_type "
+                                         "'mixtral'"):
+        load_pretrained(folder)

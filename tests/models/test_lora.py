@@ -325,3 +325,18 @@ def test_bad_adapters_give_clear_errors(hf_dir, tmp_path, name, edit, match):
 def test_save_without_adapters_is_an_error(hf_dir, tmp_path):
     with pytest.raises(EmberError, match="no LoRA adapters"):
         save_adapter(_ember_model(hf_dir), tmp_path)
+
+
+def test_save_onto_a_file_is_a_clear_error(hf_dir, tmp_path):
+    """PEFT's save_pretrained refuses a path that is a file; save_adapter raised a bare
+    FileExistsError from mkdir."""
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="should be a directory, not a file"):
+        peft_model.save_pretrained(target)
+    model = apply_lora(_ember_model(hf_dir), LoRAConfig(rank=4, targets=("q",)))
+    with pytest.raises(EmberError, match="exists and is not a folder"):
+        save_adapter(model, target)
+    assert target.read_text() == "not a folder"

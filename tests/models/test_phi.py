@@ -165,7 +165,7 @@ def test_phi2_dropout_config_loads_and_drops_only_in_training(folders, tmp_path)
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "RoPE scaling"),
     (dict(head_dim=16), "head_dim=16 differs"),
     (dict(rms_norm_eps=1e-6), r"\['rms_norm_eps'\] are not supported for model_type 'phi'"),
-    (dict(architectures=["PhiForSequenceClassification"]), "only \\['PhiForCausalLM'\\]"),
+    (dict(architectures=["PhiForTokenClassification"]), "only \\['PhiForCausalLM'\\]"),
     (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported for phi "),  # said llama
     (dict(resid_pdrop=1.0), "resid_pdrop must be in"),
     (dict(qk_layernorm="yes"), "qk_layernorm must be true or false"),
@@ -176,6 +176,49 @@ def test_configs_ember_cannot_compute_are_refused(folders, change, needle):
     raw = json.loads((folders["phi2_like"] / "config.json").read_text())
     with pytest.raises(EmberError, match=needle):
         config_from_hf({**raw, **change})
+
+
+def test_classifier_exports_and_loads_as_transformers_phi_classifier(folders, tmp_path):
+    """A Phi classifier (add_classification_head + LoRA): its SEQ_CLS adapter, its merged folder
+    and a PhiForSequenceClassification folder transformers wrote all give transformers' class
+    logits. The merged export used to crash (AttributeError: score.weight had no Phi HF name) and
+    PhiForSequenceClassification folders were refused."""
+    from ember.models.heads import add_classification_head, classify
+    from ember.models.lora import merge_lora
+
+    ids = _ids(seed=3)
+    ids[1, 12:] = 0  # right padding (pad_token_id 0)
+    folder = _save(tmp_path / "base", seed=7, pad_token_id=0)
+    model, _ = load_pretrained(folder)
+    add_classification_head(model, ["neg", "pos", "mixed"], seed=0)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=("q", "fc1")))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
+    model.eval()
+    with torch.no_grad():
+        ours = classify(model, ids)
+    save_adapter(model, tmp_path / "adapter")
+    w = _quiet()
+    try:
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=3, attn_implementation="eager")
+        peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+        merge_lora(model)
+        save_pretrained(model, tmp_path / "merged")
+        merged = transformers.AutoModelForSequenceClassification.from_pretrained(
+            tmp_path / "merged", attn_implementation="eager").eval()
+    finally:
+        w.__exit__(None, None, None)
+    with torch.no_grad():
+        assert _err(ours, peft_model(ids).logits) <= 1e-5
+        assert _err(ours, merged(ids).logits) <= 1e-5
+    assert merged.config.id2label == {0: "neg", 1: "pos", 2: "mixed"}
+    reloaded, _ = load_pretrained(tmp_path / "merged")
+    assert reloaded.cfg == model.cfg
+    with torch.no_grad():
+        assert _err(classify(reloaded, ids), ours) <= 1e-5
 
 
 def test_export_of_other_families_refuses_phi_fields(folders):

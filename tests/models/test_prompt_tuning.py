@@ -192,3 +192,30 @@ def test_text_initialised_prompt_loads_in_peft(hf_dir, tmp_path):
     theirs = peft.PeftModel.from_pretrained(_hf_model(hf_dir), tmp_path / "a").eval()
     with torch.no_grad():
         assert _max_diff(_real_logits(model, ids), theirs(input_ids=ids).logits[:, P:]) <= TOL
+
+
+def test_prompt_tuning_a_classifier_is_refused_and_a_prompted_model_is_no_folder(hf_dir,
+                                                                                tmp_path):
+    """PEFT's SEQ_CLS prompt tuning saves the classifier head beside the prompt (its file holds
+    base_model.score.weight); Ember's prompt adapter is a causal-LM one, and save_prompt_adapter
+    wrote a classifier's adapter without its head (the trained head lost, silently).
+    save_pretrained of a prompt-tuned model said it had LoRA adapters."""
+    from safetensors.torch import load_file
+
+    from ember.models.heads import add_classification_head
+    from ember.models.loading import save_pretrained
+
+    hf_cls = transformers.AutoModelForSequenceClassification.from_pretrained(
+        hf_dir, num_labels=2, pad_token_id=0)
+    cls_cfg = peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P)
+    peft.get_peft_model(hf_cls, cls_cfg).save_pretrained(tmp_path / "peft")
+    assert "base_model.score.weight" in load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    classifier = add_classification_head(load_hf_folder(hf_dir, torch.float32), ["a", "b"])
+    with pytest.raises(EmberError, match="prompt tuning on a classifier"):
+        apply_prompt_tuning(classifier, P, "random")
+    tuned = _tuned(hf_dir)
+    with pytest.raises(EmberError, match="save_prompt_adapter"):
+        save_pretrained(tuned, tmp_path / "folder")
+    add_classification_head(tuned, ["a", "b"])  # a head added after the prompt
+    with pytest.raises(EmberError, match="is a classifier"):
+        save_prompt_adapter(tuned, tmp_path / "ember")
