@@ -1,18 +1,20 @@
 """Preference lines (``objective`` "dpo", "orpo", "simpo"): parsing and encoding one pair.
 
-Three shapes, as TRL's preference datasets have them:
+Four shapes, as TRL's preference datasets have them:
 
     {"prompt": "...", "chosen": "...", "rejected": "..."}               strings
+    {"chosen": "...", "rejected": "..."}                                implicit prompt (strings)
     {"prompt": [messages], "chosen": [messages], "rejected": [messages]}  explicit prompt
     {"chosen": [messages], "rejected": [messages]}                      implicit prompt
 
-Strings are rendered like a prompt/completion pair (``ember.engine.data``). Messages are rendered
-with the tokenizer's chat template: the shared prompt is ``prompt`` (explicit) or the longest
-common prefix of the two conversations (implicit), and after it ``chosen`` and ``rejected`` must
-each be exactly one assistant message. Log-probabilities (the labels) cover that final assistant
-response only (and its end-of-turn token); earlier assistant turns are part of the prompt. A pair
-whose conversations differ before their final assistant message is refused: its two answers
-would not answer the same prompt.
+Strings are rendered like a prompt/completion pair (``ember.engine.data``); without a prompt
+field the prompt is the two texts' common beginning (TRL's ``extract_prompt``). Messages are
+rendered with the tokenizer's chat template: the shared prompt is ``prompt`` (explicit) or the
+longest common prefix of the two conversations (implicit), and after it ``chosen`` and
+``rejected`` must each be exactly one assistant message. Log-probabilities (the labels) cover
+that final assistant response only (and its end-of-turn token); earlier assistant turns are part
+of the prompt. A pair whose conversations differ before their final assistant message is
+refused: its two answers would not answer the same prompt.
 """
 
 from __future__ import annotations
@@ -53,6 +55,28 @@ def _answer(msgs: list[dict], key: str, start: int) -> dict:
     return rest[0]
 
 
+def _implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of a string pair without a prompt field (Anthropic HH's
+    "\\n\\nHuman: ... \\n\\nAssistant: ..." texts), as TRL's ``extract_prompt``: the prompt is
+    the text up to the first character where the two differ, less a space just before it (the
+    answers keep their leading space); the answers are the rest of each."""
+    for name, v in (("chosen", chosen), ("rejected", rejected)):
+        if not v.strip():
+            raise _Bad("empty completion", f"empty {name} completion")
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):  # TRL's loop: one text a prefix of the
+        if chosen[idx] != rejected[idx]:  # other leaves idx at the last common index
+            if idx and chosen[idx - 1] == " ":
+                idx -= 1
+            break
+    if chosen == rejected:
+        raise _Bad("identical pair", "chosen and rejected are identical: no preference")
+    if not chosen[:idx].strip():
+        raise _Bad("missing field", "missing field 'prompt' (chosen and rejected share no "
+                                    "beginning to take as the prompt)")
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
 def parse_pair(obj: dict) -> Pair:
     """The pair of one preference line, validated; raises _Bad with the reason."""
     for key in ("chosen", "rejected"):
@@ -61,12 +85,11 @@ def parse_pair(obj: dict) -> Pair:
     chat = isinstance(obj["chosen"], list)
     if not chat:
         if "prompt" not in obj:
-            raise _Bad(
-                "missing field",
-                "missing field 'prompt' (string chosen/rejected need "
-                "one; the implicit-prompt form takes message lists)",
-            )
-        prompt, chosen, rejected = (_get_str(obj, k) for k in ("prompt", "chosen", "rejected"))
+            prompt, chosen, rejected = _implicit_prompt(_get_str(obj, "chosen"),
+                                                        _get_str(obj, "rejected"))
+        else:
+            prompt, chosen, rejected = (_get_str(obj, k) for k in ("prompt", "chosen",
+                                                                   "rejected"))
         for name, v in (("chosen", chosen), ("rejected", rejected)):
             if not v.strip():
                 raise _Bad("empty completion", f"empty {name} completion")
