@@ -3,18 +3,18 @@
 Four shapes, as TRL's preference datasets have them:
 
     {"prompt": "...", "chosen": "...", "rejected": "..."}               strings
-    {"chosen": "...", "rejected": "..."}            strings with an implicit prompt (Anthropic HH)
+    {"chosen": "...", "rejected": "..."}                                implicit prompt (strings)
     {"prompt": [messages], "chosen": [messages], "rejected": [messages]}  explicit prompt
     {"chosen": [messages], "rejected": [messages]}                      implicit prompt
 
-Strings are rendered like a prompt/completion pair (``ember.engine.data``); an implicit prompt
-is their common start, as TRL's ``extract_prompt`` cuts it. Messages are rendered with the
-tokenizer's chat template: the shared prompt is ``prompt`` (explicit) or the longest common prefix
-of the two conversations (implicit), and after it ``chosen`` and ``rejected`` must each be
-exactly one assistant message. Log-probabilities (the labels) cover that final assistant
-response only (and its end-of-turn token); earlier assistant turns are part of the prompt. A pair
-whose conversations differ before their final assistant message is refused: its two answers
-would not answer the same prompt.
+Strings are rendered like a prompt/completion pair (``ember.engine.data``); without a prompt
+field the prompt is the two texts' common beginning (TRL's ``extract_prompt``). Messages are
+rendered with the tokenizer's chat template: the shared prompt is ``prompt`` (explicit) or the
+longest common prefix of the two conversations (implicit), and after it ``chosen`` and
+``rejected`` must each be exactly one assistant message. Log-probabilities (the labels) cover
+that final assistant response only (and its end-of-turn token); earlier assistant turns are part
+of the prompt. A pair whose conversations differ before their final assistant message is
+refused: its two answers would not answer the same prompt.
 """
 
 from __future__ import annotations
@@ -55,15 +55,26 @@ def _answer(msgs: list[dict], key: str, start: int) -> dict:
     return rest[0]
 
 
-def _common_start(chosen: str, rejected: str) -> int:
-    """TRL's ``extract_prompt`` on strings: where chosen and rejected first differ, one character
-    earlier when a space precedes it (the answer keeps its leading space); when one is the start
-    of the other, TRL's loop leaves the last common character to the answers."""
-    i = 0
-    for i in range(min(len(chosen), len(rejected))):
-        if chosen[i] != rejected[i]:
-            return i - 1 if i > 0 and chosen[i - 1] == " " else i
-    return i
+def _implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of a string pair without a prompt field (Anthropic HH's
+    "\\n\\nHuman: ... \\n\\nAssistant: ..." texts), as TRL's ``extract_prompt``: the prompt is
+    the text up to the first character where the two differ, less a space just before it (the
+    answers keep their leading space); the answers are the rest of each."""
+    for name, v in (("chosen", chosen), ("rejected", rejected)):
+        if not v.strip():
+            raise _Bad("empty completion", f"empty {name} completion")
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):  # TRL's loop: one text a prefix of the
+        if chosen[idx] != rejected[idx]:  # other leaves idx at the last common index
+            if idx and chosen[idx - 1] == " ":
+                idx -= 1
+            break
+    if chosen == rejected:
+        raise _Bad("identical pair", "chosen and rejected are identical: no preference")
+    if not chosen[:idx].strip():
+        raise _Bad("missing field", "missing field 'prompt' (chosen and rejected share no "
+                                    "beginning to take as the prompt)")
+    return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
 def parse_pair(obj: dict) -> Pair:
@@ -73,14 +84,12 @@ def parse_pair(obj: dict) -> Pair:
             raise _Bad("missing field", f"missing field {key!r} (keys present: {sorted(obj)})")
     chat = isinstance(obj["chosen"], list)
     if not chat:
-        chosen, rejected = _get_str(obj, "chosen"), _get_str(obj, "rejected")
-        prompt = _get_str(obj, "prompt") if "prompt" in obj else None
-        if prompt is None:  # the implicit prompt (Anthropic HH): as TRL's extract_prompt
-            n = _common_start(chosen, rejected)
-            if not chosen[:n].strip():
-                raise _Bad("missing field", "missing field 'prompt', and chosen and rejected "
-                                            "share no beginning to take as the prompt")
-            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if "prompt" not in obj:
+            prompt, chosen, rejected = _implicit_prompt(_get_str(obj, "chosen"),
+                                                        _get_str(obj, "rejected"))
+        else:
+            prompt, chosen, rejected = (_get_str(obj, k) for k in ("prompt", "chosen",
+                                                                   "rejected"))
         for name, v in (("chosen", chosen), ("rejected", rejected)):
             if not v.strip():
                 raise _Bad("empty completion", f"empty {name} completion")

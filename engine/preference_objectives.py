@@ -114,8 +114,14 @@ class _Pairs(SFT):
 
     pairs = True
 
-    def __init__(self, info: DistInfo, nll_weight: float):
+    def __init__(self, cfg: TrainConfig, info: DistInfo, nll_weight: float):
         super().__init__(info)
+        if cfg.data.loss_on != "completion":
+            # "all" would put the prompt's tokens into every answer's log-probability: the
+            # per-token means (IPO, ORPO, SimPO), the NLL term and the rewards would all change
+            raise EmberError(f"objective = \"{self.name}\" scores the answers only (TRL's "
+                             "completion log-probabilities, the prompt excluded): set "
+                             "data.loss_on = \"completion\"")
         self.nll_weight = nll_weight
         self.step_tokens = 0.0  # chosen answer tokens of the step, all processes
 
@@ -264,7 +270,7 @@ class DPO(Referenced, _Pairs):
     name = "dpo"
 
     def __init__(self, cfg: TrainConfig, info: DistInfo):
-        super().__init__(info, cfg.dpo.sft_weight)
+        super().__init__(cfg, info, cfg.dpo.sft_weight)
         self.cfg = cfg.dpo
         self._init_reference(cfg, info, cfg.dpo.precompute_ref_log_probs)
 
@@ -282,7 +288,7 @@ class ORPO(_Pairs):
     name = "orpo"
 
     def __init__(self, cfg: TrainConfig, info: DistInfo):
-        super().__init__(info, 1.0)  # ORPO's NLL term always weighs 1
+        super().__init__(cfg, info, 1.0)  # ORPO's NLL term always weighs 1
         self.cfg = cfg.orpo
 
     def _pair_losses(self, model, batch):
@@ -298,7 +304,7 @@ class SimPO(_Pairs):
     name = "simpo"
 
     def __init__(self, cfg: TrainConfig, info: DistInfo):
-        super().__init__(info, cfg.simpo.sft_weight)
+        super().__init__(cfg, info, cfg.simpo.sft_weight)
         self.cfg = cfg.simpo
 
     def _pair_losses(self, model, batch):

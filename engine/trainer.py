@@ -75,7 +75,7 @@ from ember.engine.distributed import (
 from ember.engine.guards import GracefulStop, NonFiniteGuard, oom_guard, resume_command
 from ember.engine.metrics import LOWER_IS_BETTER
 from ember.engine.mixing import per_source_scores
-from ember.engine.neftune import add_neftune
+from ember.engine.neftune import add_model_neftune
 from ember.engine.objectives import make_objective
 from ember.engine.runlog import MetricsLog, format_scores
 from ember.engine.runtime import (
@@ -161,7 +161,7 @@ class Trainer:
                                                 offload=act.offload)
         set_mlp_chunks(model, act.mlp_chunk_tokens)
         if cfg.neftune_noise_alpha:
-            add_neftune(model.embed, cfg.neftune_noise_alpha)
+            add_model_neftune(model, cfg.neftune_noise_alpha)
         # Under torchrun only rank 0 read the weights: shard_model broadcasts them into the
         # shards.
         shard_model(model, info, mixed_precision=cfg.dist.mixed_precision,

@@ -110,7 +110,7 @@ def test_multi_turn_pair_learns_only_the_last_turn(tmp_path, smol):
 
 BAD = [
     ({"chosen": [_msg("user", "a"), _msg("assistant", "b")]}, "missing field 'rejected'"),
-    ({"chosen": "b", "rejected": "c"}, "missing field 'prompt'"),
+    ({"chosen": "b", "rejected": "c"}, "missing field 'prompt' .*share no beginning"),
     (
         {"prompt": "a", "chosen": [_msg("assistant", "b")], "rejected": [_msg("assistant", "c")]},
         "prompt, chosen and rejected must be all strings or all message arrays",
@@ -193,6 +193,33 @@ BAD = [
         r"empty assistant message in chosen\[0\]",
     ),
 ]
+
+
+# TRL 1.16's trl.data_utils.extract_prompt on these implicit-prompt string pairs (computed with
+# it): the prompt is the common beginning, less a space just before the first difference.
+IMPLICIT_STRINGS = [
+    ("\n\nHuman: Sky color?\n\nAssistant: It is blue.",
+     "\n\nHuman: Sky color?\n\nAssistant: It is green.",
+     ("\n\nHuman: Sky color?\n\nAssistant: It is", " blue.", " green.")),
+    ("Q: x A: yes", "Q: x A: yes, really", ("Q: x A: ye", "s", "s, really")),  # a prefix
+    ("Say  a", "Say  b", ("Say ", " a", " b")),
+]
+
+
+def test_implicit_prompt_string_pairs_split_as_trl(tmp_path, smol):
+    """Anthropic HH-style lines {"chosen": text, "rejected": text}: TRL's DPOTrainer takes the
+    common beginning as the prompt (``extract_prompt``); Ember used to refuse them ("missing
+    field 'prompt'"). The examples are those of the explicit lines TRL's split gives."""
+    implicit = [{"chosen": c, "rejected": r} for c, r, _ in IMPLICIT_STRINGS]
+    explicit = [dict(zip(("prompt", "chosen", "rejected"), want, strict=True))
+                for *_, want in IMPLICIT_STRINGS]
+    got, rep = _load(tmp_path, implicit, smol, "implicit.jsonl")
+    want, _ = _load(tmp_path, explicit, smol, "explicit.jsonl")
+    assert rep.bad_lines == 0 and len(got) == len(want) == 3
+    for g, w in zip(got, want, strict=True):
+        assert (g.input_ids, g.labels, g.parts) == (w.input_ids, w.labels, w.parts)
+    (_, labels), _ = _docs(got[0])
+    assert _target(smol, labels).startswith(" blue.")
 
 
 @pytest.mark.parametrize("row,why", BAD)

@@ -244,3 +244,18 @@ def test_reference_free_objectives_allow_prompt_tuning():
     for objective in ("orpo", "simpo"):
         assert load_config(None, [f'objective="{objective}"', 'method="prompt"']).method == "prompt"
     assert math.isclose(load_config(None, ['objective="simpo"']).simpo.beta, 2.0)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo"])
+def test_pair_objectives_refuse_loss_on_all(tiny, prefs, tmp_path, objective):
+    """TRL's preference trainers score the completion only. data.loss_on = "all" used to put the
+    prompt's tokens into every document's log-probability (a silently different IPO / ORPO /
+    SimPO mean, NLL term and rewards); it is refused, as KTO refuses it."""
+    _, tok = load_pretrained(tiny["model"], "float32")
+    examples, _ = load_examples(prefs, DataConfig(loss_on="all"), tok)
+    e = examples[0]
+    assert e.labels[0] != IGNORE  # the prompt's tokens would carry labels
+    cfg = tiny_config(tiny, tmp_path, f'objective="{objective}"', 'data.loss_on="all"')
+    with pytest.raises(EmberError, match=rf'objective = "{objective}" scores the answers only.*'
+                                         r'data\.loss_on = "completion"'):
+        make_objective(cfg, DistInfo())
