@@ -299,6 +299,13 @@ def continue_adapters(model, cfg: TrainConfig, tokenizer, start: Start) -> None:
     p = cfg.lora.dropout
     for m in mods.values():
         m.dropout = torch.nn.Dropout(p) if p > 0 else None
+    init = start.adapter_config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower() == "mica":
+        # PEFT's MiCA variant trains A only: B stays the base weight's minor singular vectors
+        for m in mods.values():
+            for name in ("lora_B", "lora_embedding_B"):
+                if hasattr(m, name):
+                    getattr(m, name).requires_grad_(False)
 
 
 def load_base(cfg: TrainConfig, name, dtype: str, device: str, **kw):

@@ -257,3 +257,36 @@ def test_adapters_swapped_is_the_snapshot_without_dropout():
         assert all(torch.equal(v, before[k]) for k, v in lora_state_dict(model).items())
     assert all(torch.equal(v, moved[k]) for k, v in lora_state_dict(model).items())
     assert all(m.dropout is not None for m in lora_modules(model).values())
+
+
+def test_continued_mica_adapter_trains_a_only_as_peft(tiny, tmp_path):
+    """PEFT's MiCA (init_lora_weights = "mica") freezes lora_B, the base weight's minor
+    singular vectors, and trains A alone; a MiCA adapter continued with model.init trained B
+    too (another adapter than PEFT's training gives)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                          init_lora_weights="mica", task_type="CAUSAL_LM")
+    pm = peft.get_peft_model(hf, cfg)
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_A" in n for n in trainable)  # PEFT: A only
+    with torch.no_grad():  # a trained A (MiCA starts at A = 0)
+        for n, p in pm.named_parameters():
+            if "lora_A" in n:
+                p.normal_(0, 0.05)
+    pm.save_pretrained(tmp_path / "mica")
+    run = tmp_path / "s2"
+    t, _ = _stage(tiny, run, "max_steps=2", "optim.lr=1e-2", f'model.init="{tmp_path / "mica"}"')
+    ours = {n for n, p in t.model.named_parameters() if p.requires_grad}
+    assert ours and all(n.endswith("lora_A") for n in ours), sorted(ours)
+    from safetensors.torch import load_file
+
+    before = load_file(tmp_path / "mica" / "adapter_model.safetensors")
+    after = load_file(run / "final" / "adapter" / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    for k in before:
+        if "lora_B" in k:
+            assert torch.equal(before[k], after[k]), k
+    assert any(not torch.equal(before[k], after[k]) for k in before if "lora_A" in k)
