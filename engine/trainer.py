@@ -424,7 +424,13 @@ class Trainer:
                 if not s.applied:
                     say(f"step {step}: loss {s.loss}, gradient norm {s.grad_norm}: skipped "
                         f"({guard.in_a_row} in a row, {guard.skipped} in total)")
-                if step % cfg.log_every == 0 or step == total or not s.applied:
+                evaluating = bool(cfg.eval.every_steps) and step % cfg.eval.every_steps == 0 and (
+                    step < total)
+                leave = step < total and (s.stop or (self.stop_after is not None
+                                                     and step >= self.stop_after))
+                # The step a run may end at (an evaluation that early-stops, a stop) is logged too
+                if (step % cfg.log_every == 0 or step == total or not s.applied or evaluating
+                        or leave):
                     self.log.write({"kind": "train", "step": step, "loss": s.loss, "lr": lr,
                                     "grad_norm": s.grad_norm, "tokens": prog.tokens,
                                     "loss_tokens": s.loss_tokens, "tokens_per_s": s.tokens / dt,
@@ -441,12 +447,10 @@ class Trainer:
                     spent = time.perf_counter() - t_train
                     eta = spent / (step - step0) * (total - step)
                     self.echo(f"step {step}/{total}: {status} | ETA {eta:.0f} s")
-                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total:
+                if evaluating:
                     scores, last_eval = self.evaluate(step), step
                     say(f"step {step}: {format_scores(scores)}")
                     stopped = self._early_stop(scores, prog, step)
-                leave = step < total and (s.stop or (self.stop_after is not None
-                                                     and step >= self.stop_after))
                 every = cfg.checkpoint.every_steps
                 if leave or (every and step % every == 0 and step < total and not stopped):
                     prog.seconds = seconds0 + time.perf_counter() - t_train
