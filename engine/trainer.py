@@ -55,7 +55,7 @@ import torch
 
 from ember import EmberError
 from ember.engine.activation import apply_activation_checkpointing, set_mlp_chunks
-from ember.engine.best import improved, restore_best, save_best
+from ember.engine.best import improved, prune_best, restore_best, save_best
 from ember.engine.choices import choice_metrics, load_choices, score_choices
 from ember.engine.config import TrainConfig
 from ember.engine.data import Datasets, PackedBatches
@@ -124,6 +124,7 @@ class Trainer:
         self.progress = sys.stderr.isatty() if progress is None else progress
         # Leave after this step with a checkpoint, as a preempted job would (resume continues).
         self.stop_after = stop_after
+        self.ckpt_best = None  # the best step the newest checkpoint records (best/ keeps it)
 
     # --- setup ---------------------------------------------------------------------------------
     def _datasets(self, cfg: TrainConfig, info: DistInfo, tokenizer) -> Datasets:
@@ -379,6 +380,9 @@ class Trainer:
         if latest is not None:
             prog = restore(latest, cfg, info, model, opt, **ckpt_state)
             self.echo(f"resumed from {latest} (step {prog.step} of {total})")
+        # best/: the weights of the best step the checkpoint records, none for a new run
+        self.ckpt_best = prog.best_step
+        prune_best(cfg.out_dir, {prog.best_step}, info)
         self.log.start(prog.step)
         per_step = "" if not info.distributed else f" per process, x{info.world_size} processes"
         self.echo(f"{total} steps ({per_epoch} batches of <= {cfg.data.tokens_per_batch} tokens "
@@ -454,7 +458,7 @@ class Trainer:
                 every = cfg.checkpoint.every_steps
                 if leave or (every and step % every == 0 and step < total and not stopped):
                     prog.seconds = seconds0 + time.perf_counter() - t_train
-                    path = save(cfg, info, model, opt, progress=prog, **ckpt_state)
+                    path = self._checkpoint(opt, prog, ckpt_state)
                 if leave:
                     if bar is not None:
                         bar.close()
@@ -478,7 +482,7 @@ class Trainer:
         for prompt, pred, ref in self.last_samples:
             self.echo(f"  prompt: {prompt!r}\n  output: {pred!r}\n  answer: {ref!r}")
         if cfg.checkpoint.save_final:
-            save(cfg, info, model, opt, progress=prog, **ckpt_state)
+            self._checkpoint(opt, prog, ckpt_state)
         if cfg.eval.early_stopping and prog.best_step not in (None, prog.step):
             if restore_best(cfg.out_dir, prog.best_step, model, info):
                 scores = prog.best_scores
@@ -496,6 +500,12 @@ class Trainer:
         self.echo(f"done in {time.perf_counter() - t_start:.0f} s")
         return RunResult(cfg.out_dir, prog.step, prog.before, scores, stopped,
                          time.perf_counter() - t_start)
+
+    def _checkpoint(self, opt, prog: Progress, ckpt_state: dict):
+        path = save(self.cfg, self.info, self.model, opt, progress=prog, **ckpt_state)
+        self.ckpt_best = prog.best_step  # the best weights a resume from it needs
+        prune_best(self.cfg.out_dir, {prog.best_step}, self.info)
+        return path
 
     def _stream(self, batches: PackedBatches):
         while True:
@@ -520,7 +530,7 @@ class Trainer:
         # min_delta, from the baseline before training.
         if step and improved(value, prog.best_scores.get(name), mode, 0.0):
             prog.best_step, prog.best_scores = step, dict(scores)
-            save_best(self.cfg.out_dir, step, self.model, self.info)
+            save_best(self.cfg.out_dir, step, self.model, self.info, self.ckpt_best)
         if improved(value, prog.best, mode, ev.min_delta):
             prog.best, prog.bad_evals = value, 0
             return False

@@ -4,8 +4,15 @@ stopping stay those of the trajectory a resumed run is on."""
 
 from __future__ import annotations
 
+import shutil
+
+import torch
+
+from ember.engine import dcp
+from ember.engine.best import best_root
+from ember.engine.state import load_run_model
 from ember.engine.trainer import train
-from tests.engine._tiny import quiet, rows_of, tiny_config
+from tests.engine._tiny import checkpoint_weights, quiet, rows_of, tiny_config
 
 
 def _train_steps(run) -> list[int]:
@@ -34,3 +41,45 @@ def test_the_step_a_stopped_run_ends_at_is_logged(tiny, tmp_path):
     assert _train_steps(tmp_path / "r") == [3]
     train(cfg, resume=True, echo=quiet, progress=False)
     assert _train_steps(tmp_path / "r") == [3, 5, 6]
+
+
+def _weights_equal(model, saved: dict) -> bool:
+    params = dict(model.named_parameters())
+    return bool(saved) and all(torch.equal(params[k], v) for k, v in saved.items())
+
+
+ES = ('eval.early_stopping="val_loss"', "eval.patience=10", "eval.metrics=[]", "optim.lr=1e-2",
+      "checkpoint.save_final=false")
+
+
+def test_resume_drops_the_best_weights_of_the_abandoned_steps(tiny, tmp_path):
+    """A run killed between keeping step 6's best weights and checkpointing step 6 resumes from
+    step 4's checkpoint; best/step_6 is of a trajectory that no longer exists. The resumed run
+    (evaluating every 5 steps now) keeps step 5 as its best and stops: its weights (`ember
+    eval` / `export` of a run without final/) were best/step_6's, the newest folder in best/."""
+    run = tmp_path / "r"
+    cfg = tiny_config(tiny, run, "max_steps=8", "eval.every_steps=2", "checkpoint.every_steps=2",
+                      *ES)
+    assert train(cfg, echo=quiet, progress=False, stop_after=6).steps == 6
+    assert dcp.step_dir(best_root(run), 6).is_dir()
+    shutil.rmtree(dcp.step_dir(dcp.checkpoint_root(run), 6))  # the kill
+    cfg5 = tiny_config(tiny, run, "max_steps=8", "eval.every_steps=5", "checkpoint.every_steps=2",
+                       *ES)
+    assert train(cfg5, resume=True, echo=quiet, progress=False, stop_after=5).steps == 5
+    model, _, _ = load_run_model(run, "cpu")
+    assert _weights_equal(model, checkpoint_weights(run, tmp_path, step=5))
+    assert [s for s, _ in dcp.list_checkpoints(best_root(run))] == [5]
+
+
+def test_a_new_run_does_not_end_with_an_earlier_runs_best_weights(tiny, tmp_path):
+    """A run that died before its first checkpoint leaves best/ behind; a new run in the same
+    directory (allowed: no checkpoints) ended, when stopped, with the dead run's best weights
+    (a later step than its own best)."""
+    run = tmp_path / "r"
+    dead = tiny_config(tiny, run, "max_steps=8", "eval.every_steps=2", *ES)
+    train(dead, echo=quiet, progress=False, stop_after=6)
+    shutil.rmtree(dcp.checkpoint_root(run))  # it died before checkpointing
+    new = tiny_config(tiny, run, "max_steps=8", "eval.every_steps=2", "seed=7", *ES)
+    assert train(new, echo=quiet, progress=False, stop_after=2).steps == 2
+    model, _, _ = load_run_model(run, "cpu")
+    assert _weights_equal(model, checkpoint_weights(run, tmp_path, step=2))
