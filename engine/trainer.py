@@ -455,6 +455,8 @@ class Trainer:
                     scores, last_eval = self.evaluate(step), step
                     say(f"step {step}: {format_scores(scores)}")
                     stopped = self._early_stop(scores, prog, step)
+                # A stop at the step early stopping ends at: its checkpoint says the run is over
+                prog.stopped = stopped
                 every = cfg.checkpoint.every_steps
                 if leave or (every and step % every == 0 and step < total and not stopped):
                     prog.seconds = seconds0 + time.perf_counter() - t_train

@@ -83,3 +83,21 @@ def test_a_new_run_does_not_end_with_an_earlier_runs_best_weights(tiny, tmp_path
     assert train(new, echo=quiet, progress=False, stop_after=2).steps == 2
     model, _, _ = load_run_model(run, "cpu")
     assert _weights_equal(model, checkpoint_weights(run, tmp_path, step=2))
+
+
+def test_a_stop_at_the_step_early_stopping_ends_at_resumes_as_finished(tiny, tmp_path):
+    """Early stopping ends the run at step 2 where a stop (preemption, stop_after) also came:
+    its checkpoint did not record the early stop, so --resume trained on past it (other rows,
+    other final weights than the run that was not stopped)."""
+    extra = ("max_steps=6", "optim.lr=1e-9", "eval.every_steps=2", "eval.patience=1",
+             'eval.early_stopping="val_loss"', "eval.min_delta=0.1", "eval.metrics=[]")
+    a = train(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
+    assert a.stopped_early and a.steps == 2
+    cfg_b = tiny_config(tiny, tmp_path / "b", *extra)
+    assert train(cfg_b, echo=quiet, progress=False, stop_after=2).steps == 2
+    b = train(cfg_b, resume=True, echo=quiet, progress=False)
+    assert b.stopped_early and b.steps == 2
+    assert rows_of(tmp_path / "a", timing=False) == rows_of(tmp_path / "b", timing=False)
+    wa = dict(load_run_model(tmp_path / "a", "cpu")[0].named_parameters())
+    wb = dict(load_run_model(tmp_path / "b", "cpu")[0].named_parameters())
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
