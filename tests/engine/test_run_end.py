@@ -101,3 +101,16 @@ def test_a_stop_at_the_step_early_stopping_ends_at_resumes_as_finished(tiny, tmp
     wa = dict(load_run_model(tmp_path / "a", "cpu")[0].named_parameters())
     wb = dict(load_run_model(tmp_path / "b", "cpu")[0].named_parameters())
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_negative_min_delta_is_refused(tiny, tmp_path):
+    """eval.min_delta = -1 counted any score within 1 of the best as an improvement (a run that
+    never early-stops); transformers' EarlyStoppingCallback compares |delta| > threshold, so a
+    negative threshold means 0 there. A clear error instead of either."""
+    import pytest
+
+    from ember import EmberError
+
+    with pytest.raises(EmberError, match="eval.min_delta must be >= 0"):
+        tiny_config(tiny, tmp_path / "r", 'eval.early_stopping="val_loss"', "eval.min_delta=-1",
+                    "eval.every_steps=1")
