@@ -186,6 +186,9 @@ class EvalConfig:
                                  f"set {off}")
         if self.show < 0:
             raise EmberError(f"eval.show must be >= 0, got {self.show}")
+        if self.min_delta < 0:  # would count worse scores as improvements: never stopping
+            raise EmberError(f"eval.min_delta must be >= 0 (the improvement that resets "
+                             f"eval.patience), got {self.min_delta}")
         if self.choices is not None and not self.choices.strip():
             raise EmberError("eval.choices is empty: give a multiple-choice file, or leave it out")
         if self.early_stopping is not None:
