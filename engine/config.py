@@ -95,8 +95,8 @@ class OptimConfig:
     weight_decay: float = 0.0  # never applied to biases, norms or embeddings
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    # Linear warmup: step k (0-based) at (k + 1) / warmup_steps of the peak lr, the peak at step
-    # warmup_steps - 1 (transformers: k / warmup_steps, its first step at lr 0).
+    # Linear warmup as transformers' get_scheduler: step k (0-based) at k / warmup_steps of the
+    # peak lr (the first step at lr 0), the peak at step warmup_steps.
     warmup_steps: int | None = None  # None: warmup_ratio of the run, rounded up
     warmup_ratio: float = 0.05
     schedule: str = "cosine"  # "cosine" | "linear" | "constant" (after warmup)

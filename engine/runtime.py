@@ -101,9 +101,12 @@ def warmup_steps(optim, total: int) -> int:
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based) of ``total``."""
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based) of ``total``: transformers'
+    ``get_scheduler`` (linear / cosine / cosine_with_min_lr / constant_with_warmup), whose linear
+    warmup gives step k ``k / warmup`` of the peak (the first step at lr 0, the peak at step
+    ``warmup``)."""
     if step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))

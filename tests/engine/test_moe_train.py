@@ -41,7 +41,7 @@ def moe_tiny(tiny, tmp_path_factory):
 
 def _run(moe_tiny, run_dir, *extra):
     cfg = resolve(tiny_config(moe_tiny, run_dir, "eval.metrics=[]", "eval.before=false",
-                              "eval.val_loss=false",
+                              "eval.val_loss=false", "optim.warmup_steps=0",  # step 1 trains
                               "checkpoint.save_final=false", *extra))
     t = Trainer(cfg, echo=quiet, progress=False)
     t.run()
