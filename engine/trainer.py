@@ -528,13 +528,18 @@ class Trainer:
             "min" if name in LOWER_IS_BETTER else "max")
         value = scores[name]
         # The weights kept: any improvement of an evaluation during training (transformers'
-        # best model; the base model before step 1 is not one to end with); patience: by
-        # min_delta, from the baseline before training.
+        # best model; the base model before step 1 is not one to end with). Patience as
+        # EarlyStoppingCallback: reset by an improvement of more than min_delta on the best so
+        # far (from the baseline before training), which moves on any improvement (the
+        # Trainer's best_metric), so slow steady gains below min_delta do stop the run.
         if step and improved(value, prog.best_scores.get(name), mode, 0.0):
             prog.best_step, prog.best_scores = step, dict(scores)
             save_best(self.cfg.out_dir, step, self.model, self.info, self.ckpt_best)
-        if improved(value, prog.best, mode, ev.min_delta):
-            prog.best, prog.bad_evals = value, 0
+        enough = improved(value, prog.best, mode, ev.min_delta)
+        if improved(value, prog.best, mode, 0.0):
+            prog.best = value
+        if enough:
+            prog.bad_evals = 0
             return False
         prog.bad_evals += 1
         return prog.bad_evals >= ev.patience

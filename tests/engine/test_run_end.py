@@ -114,3 +114,54 @@ def test_a_negative_min_delta_is_refused(tiny, tmp_path):
     with pytest.raises(EmberError, match="eval.min_delta must be >= 0"):
         tiny_config(tiny, tmp_path / "r", 'eval.early_stopping="val_loss"', "eval.min_delta=-1",
                     "eval.every_steps=1")
+
+
+def _hf_stops(values, patience, threshold, greater):
+    """transformers' EarlyStoppingCallback on these evaluations, the Trainer moving its
+    best_metric on any improvement after each (``Trainer._determine_best_metric``)."""
+    import operator
+
+    from transformers import (
+        EarlyStoppingCallback,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
+
+    args = TrainingArguments(output_dir="unused", metric_for_best_model="loss",
+                             greater_is_better=greater, load_best_model_at_end=True,
+                             eval_strategy="steps", save_strategy="steps", report_to=[])
+    cb, state, out = EarlyStoppingCallback(patience, threshold), TrainerState(), []
+    better = operator.gt if greater else operator.lt
+    for v in values:
+        control = TrainerControl()
+        cb.on_evaluate(args, state, control, metrics={"eval_loss": v})
+        out.append(control.should_training_stop)
+        if state.best_metric is None or better(v, state.best_metric):
+            state.best_metric = v
+    return out
+
+
+def test_patience_counts_as_transformers_early_stopping_callback(tiny, tmp_path, monkeypatch):
+    """Patience is reset by an improvement of more than min_delta on the best so far, and the
+    best moves on any improvement (transformers): steady gains smaller than min_delta stop the
+    run. Ember measured min_delta from the last score that had beaten it by min_delta, so
+    3.0, 2.6, 2.4, 2.3 with min_delta 0.5 never stopped (2.4 is 0.6 below 3.0)."""
+    import ember.engine.trainer as trainer_module
+    from ember.engine.state import Progress
+    from ember.engine.trainer import Trainer
+
+    monkeypatch.setattr(trainer_module, "save_best", lambda *a: None)
+    cases = [([3.0, 2.6, 2.4, 2.3, 2.2], 2, 0.5, "min"), ([3.0, 2.8, 2.7, 2.9], 2, 0.5, "min"),
+             ([3.0, 2.0, 2.1, 1.95, 1.9, 1.7], 2, 0.1, "min"),
+             ([0.1, 0.3, 0.35, 0.38, 0.5, 0.52], 2, 0.1, "max"),
+             ([0.5, 0.5, 0.6, 0.55, 0.58, 0.61, 0.9], 3, 0.02, "max")]
+    for values, patience, delta, mode in cases:
+        cfg = tiny_config(tiny, tmp_path / "r", 'eval.early_stopping="val_loss"',
+                          f"eval.patience={patience}", f"eval.min_delta={delta}",
+                          f'eval.mode="{mode}"', "eval.every_steps=1", "eval.metrics=[]")
+        t = Trainer(cfg, echo=quiet, progress=False)
+        t.cfg, t.info, t.model, prog = cfg, None, None, Progress()
+        ours = [t._early_stop({"val_loss": v}, prog, i) for i, v in enumerate(values)]
+        hf = _hf_stops(values, patience, delta, mode == "max")
+        assert ours == hf, (values, ours, hf)
