@@ -100,6 +100,22 @@ def warmup_steps(optim, total: int) -> int:
     return math.ceil(round(optim.warmup_ratio * total, 9))
 
 
+def epoch_step_sizes(batches, epochs: float, grad_accum: int) -> list[int]:
+    """The micro-batches of each optimizer step of ``epochs`` epochs of ``batches`` (this
+    rank's), as transformers' Trainer: a step never spans two epochs, each epoch ends with a
+    step of the micro-batches left (its partial accumulation), and a fraction of an epoch is
+    that fraction of its steps, rounded up (``ceil(epochs * steps per epoch)``); at least 1."""
+    sizes: list[int] = []
+    whole = int(epochs)
+    for e in range(whole + (epochs > whole)):
+        k = len(batches.plan(e))
+        steps = [grad_accum] * (k // grad_accum) + ([k % grad_accum] if k % grad_accum else [])
+        if e == whole:  # round(): 1.1 - 1 is 0.10000000000000009, not 0.1
+            steps = steps[:math.ceil(round((epochs - whole) * len(steps), 6))]
+        sizes += steps
+    return sizes or [1]
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak lr for optimizer step ``step`` (0-based) of ``total``: transformers'
     ``get_scheduler`` (linear / cosine / cosine_with_min_lr / constant_with_warmup), whose linear

@@ -82,6 +82,7 @@ from ember.engine.runtime import (
     autocast_for,
     build_model,
     cpu_has_bf16,  # noqa: F401 (bench/train.py imports it from here)
+    epoch_step_sizes,
     lr_factor,
     make_optimizer,
     memory_gib,
@@ -362,10 +363,12 @@ class Trainer:
             self.echo(f"note: {lost} of the {per_epoch * info.world_size + lost} batches of an "
                       f"epoch are left out so that the {info.world_size} processes take as many "
                       "each (other ones each epoch when data.order shuffles)")
-        # Epochs decide: the last step takes only the micro-batches left (HF Trainer's partial
-        # accumulation), so 1 epoch of 5 batches at grad_accum 4 is 5 batches, not 8.
-        micro_total = None if cfg.max_steps else batches.batches_in(cfg.epochs)
-        total = cfg.max_steps or math.ceil(micro_total / cfg.grad_accum)
+        # Epochs decide: each epoch's last step takes only the micro-batches left (HF Trainer's
+        # partial accumulation), so 2 epochs of 5 batches at grad_accum 4 are 4 steps of 4, 1,
+        # 4, 1 batches (not 3 steps, nor 8 batches an epoch).
+        step_sizes = None if cfg.max_steps else epoch_step_sizes(batches, cfg.epochs,
+                                                                 cfg.grad_accum)
+        total = cfg.max_steps or len(step_sizes)
         o = cfg.optim
         warmup = warmup_steps(o, total)
         opt = make_optimizer(model, o, self.device, embedding_lr=cfg.lora.embedding_lr
@@ -415,8 +418,7 @@ class Trainer:
         with GracefulStop(echo=say) as signals:
             while prog.step < total and not stopped:
                 t0 = time.perf_counter()
-                n = cfg.grad_accum if micro_total is None else min(
-                    cfg.grad_accum, micro_total - prog.step * cfg.grad_accum)
+                n = cfg.grad_accum if step_sizes is None else step_sizes[prog.step]
                 micro = [next(stream) for _ in range(n)]
                 lr = o.lr * lr_factor(prog.step, total, warmup, o.schedule, o.min_lr_ratio)
                 for g in opt.param_groups:

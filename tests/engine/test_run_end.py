@@ -165,3 +165,70 @@ def test_patience_counts_as_transformers_early_stopping_callback(tiny, tmp_path,
         ours = [t._early_stop({"val_loss": v}, prog, i) for i, v in enumerate(values)]
         hf = _hf_stops(values, patience, delta, mode == "max")
         assert ours == hf, (values, ours, hf)
+
+
+def _hf_step_sizes(n_batches: int, grad_accum: int, epochs: float, out) -> list[int]:
+    """The micro-batches of each optimizer step of transformers' Trainer (batch size 1)."""
+    import transformers
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    cfg = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1)
+    ids = torch.tensor([1, 2, 3])
+    data = [{"input_ids": ids, "labels": ids}] * n_batches
+    sizes, cur = [], [0]
+
+    class Count(TrainerCallback):
+        def on_substep_end(self, args, state, control, **kw):
+            cur[0] += 1
+
+        def on_step_end(self, args, state, control, **kw):
+            sizes.append(cur[0] + 1)
+            cur[0] = 0
+
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=1,
+                             gradient_accumulation_steps=grad_accum, num_train_epochs=epochs,
+                             report_to=[], save_strategy="no", use_cpu=True,
+                             logging_strategy="no", learning_rate=1e-9, disable_tqdm=True)
+    Trainer(model=transformers.LlamaForCausalLM(cfg), args=args, train_dataset=data,
+            callbacks=[Count()]).train()
+    return sizes
+
+
+def test_epoch_steps_are_transformers_trainers(tmp_path):
+    """When epochs decide, every epoch ends with a partial accumulation step and no step spans
+    two epochs, as transformers' Trainer: 2 epochs of 5 batches at grad_accum 4 are steps of
+    4, 1, 4, 1 batches (Ember took 4, 4, 2: 3 steps, a schedule of another length)."""
+    from ember.engine.runtime import epoch_step_sizes
+
+    class Plan:
+        def __init__(self, n):
+            self.n = n
+
+        def plan(self, epoch):
+            return [[0]] * self.n
+
+    for n, ga, epochs in [(5, 4, 2), (7, 4, 2), (5, 4, 1.5), (6, 3, 2), (3, 4, 3), (5, 2, 0.5)]:
+        want = _hf_step_sizes(n, ga, epochs, tmp_path / "hf")
+        assert epoch_step_sizes(Plan(n), epochs, ga) == want, (n, ga, epochs, want)
+
+
+def test_an_epoch_ends_with_its_own_partial_step(tiny, tmp_path):
+    """Through a run: 2 epochs (file order: the same batches each epoch), grad_accum 4 on a
+    number of batches that 4 does not divide: the epoch's last step ends exactly at the epoch's
+    tokens, and the run at twice that."""
+    from ember.engine.data import PackedBatches
+    from ember.engine.trainer import Trainer
+
+    cfg = tiny_config(tiny, tmp_path / "r", f'data.train=["{tiny["small"]}"]', "grad_accum=4",
+                      "epochs=2", 'data.order="file"', "data.max_seq_len=16",
+                      "data.tokens_per_batch=16", "eval.metrics=[]", "eval.val_loss=false",
+                      "checkpoint.save_final=false")
+    t = Trainer(cfg, echo=quiet, progress=False)
+    res = t.run()
+    n = len(PackedBatches.from_config(t.datasets.train, t.cfg.data).plan(0))
+    assert n % 4 and res.steps == 2 * -(-n // 4)
+    tokens = [r["tokens"] for r in rows_of(tmp_path / "r") if r["kind"] == "train"]
+    epoch = sum(len(e) for e in t.datasets.train)
+    assert tokens[res.steps // 2 - 1] == epoch and tokens[-1] == 2 * epoch
