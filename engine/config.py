@@ -92,7 +92,7 @@ class ModelSpec:
 class OptimConfig:
     name: str = "adamw"  # "adamw" (torch, fp32 states) | "adamw_8bit" (bnb's 8-bit states)
     lr: float | None = None  # None: 1e-3 with LoRA, 3e-2 prompt tuning, 2e-5 full fine-tuning
-    weight_decay: float = 0.0  # never applied to biases, norms or embeddings
+    weight_decay: float = 0.0  # never applied to biases or norms (as transformers' Trainer)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     # Linear warmup as transformers' get_scheduler: step k (0-based) at k / warmup_steps of the

@@ -192,9 +192,11 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
                                              (False, True))}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            # Norm gains, biases and embeddings are not shrunk towards 0.
+            # Norm gains and biases (the 1-D parameters) are not shrunk towards 0; matrices,
+            # embeddings included, and DoRA magnitudes are (transformers'
+            # get_decay_parameter_names: all but biases and norms).
             emb = embedding_lr is not None and name.split(".")[0] in ("embed", "lm_head")
-            parts[(p.ndim >= 2 and "embed" not in name, emb)].append(p)
+            parts[(p.ndim >= 2 or name.endswith("lora_magnitude"), emb)].append(p)
     if embedding_lr is not None and not (parts[(True, True)] or parts[(False, True)]):
         raise EmberError("lora.embedding_lr is set but no adapter is on the embedding or the head: "
                          "add embed_tokens / lm_head to lora.targets, or drop lora.embedding_lr")
