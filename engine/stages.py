@@ -302,6 +302,7 @@ def continue_adapters(model, cfg: TrainConfig, tokenizer, start: Start) -> None:
     init = start.adapter_config.get("init_lora_weights")
     if isinstance(init, str) and init.lower() == "mica":
         # PEFT's MiCA variant trains A only: B stays the base weight's minor singular vectors
+        model.peft_init_lora_weights = "mica"  # and the exported adapter says so (save_adapter)
         for m in mods.values():
             for name in ("lora_B", "lora_embedding_B"):
                 if hasattr(m, name):

@@ -290,3 +290,9 @@ def test_continued_mica_adapter_trains_a_only_as_peft(tiny, tmp_path):
         if "lora_B" in k:
             assert torch.equal(before[k], after[k]), k
     assert any(not torch.equal(before[k], after[k]) for k in before if "lora_A" in k)
+    # The exported adapter is still MiCA: PEFT continuing it keeps B frozen too (it said plain
+    # LoRA, whose B PEFT trains)
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    again = peft.PeftModel.from_pretrained(hf2, run / "final" / "adapter", is_trainable=True)
+    theirs = {n for n, p in again.named_parameters() if p.requires_grad}
+    assert theirs and all("lora_A" in n for n in theirs), sorted(theirs)
