@@ -8,21 +8,25 @@ way; ``eval.min_delta`` only decides what counts for ``patience``, as EarlyStopp
 threshold) among those during training (the one before training is the baseline for
 ``patience``, not weights to end with: a metric that never moves keeps the first evaluation's,
 as transformers would), writes the trainable weights to ``<run_dir>/best/step_N/``
-(``engine/dcp.py``; the newest only, any number of processes), so the best survives a stop and
-``--resume``. At the end of the run the trainer evaluates the last step, writes its checkpoint
-(the exact state to continue from), then loads the best weights back before exporting
-``final/``; the scores it reports as "after" are the best evaluation's. A run without
-``final/`` (``checkpoint.save_final = false``, or stopped before its end) is evaluated and
-exported (``ember eval`` / ``ember export``) with these weights too (``state.run_weights``).
+(``engine/dcp.py``, any number of processes), so the best survives a stop and ``--resume``.
+``best/`` holds the current best and the one the newest checkpoint records: a resume from that
+checkpoint drops the best weights of the steps after it (a trajectory being redone), a new run
+those of an earlier attempt in its directory. At the end of the run the trainer evaluates the
+last step, writes its checkpoint (the exact state to continue from), then loads the best
+weights back before exporting ``final/``; the scores it reports as "after" are the best
+evaluation's. A run without ``final/`` (``checkpoint.save_final = false``, or stopped before its
+end) is evaluated and exported (``ember eval`` / ``ember export``) with these weights too
+(``state.run_weights``).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 from ember.engine import dcp
-from ember.engine.distributed import DistInfo
+from ember.engine.distributed import DistInfo, barrier
 
 
 def best_root(run_dir: str | Path) -> Path:
@@ -40,9 +44,26 @@ def improved(value: float, best: float | None, mode: str, min_delta: float) -> b
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
-def save_best(run_dir: str | Path, step: int, model, info: DistInfo) -> Path:
-    """Keep ``model``'s trainable weights as the best so far (every rank must call it)."""
-    return dcp.save(best_root(run_dir), step, model=model, info=info, keep_last=1)
+def save_best(run_dir: str | Path, step: int, model, info: DistInfo,
+              keep: int | None = None) -> Path:
+    """Keep ``model``'s trainable weights as the best so far (every rank must call it); the
+    other best weights are dropped except ``keep``'s (the best step the newest checkpoint
+    records: a run resumed from it needs them)."""
+    path = dcp.save(best_root(run_dir), step, model=model, info=info)
+    prune_best(run_dir, {step, keep}, info)
+    return path
+
+
+def prune_best(run_dir: str | Path, keep: set, info: DistInfo) -> None:
+    """Drop every best-weights folder but those of the steps in ``keep`` (every rank must call
+    it): at the start of a run (a new run keeps none of an earlier attempt's, a resumed one the
+    best its checkpoint records, not those of the steps after the checkpoint, a trajectory
+    being redone), and after each checkpoint (the best it records is the one to keep)."""
+    if info.is_main:
+        for step, folder in dcp.list_checkpoints(best_root(run_dir)):
+            if step not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
+    barrier(info)
 
 
 def restore_best(run_dir: str | Path, step: int, model, info: DistInfo) -> bool:

@@ -92,11 +92,11 @@ class ModelSpec:
 class OptimConfig:
     name: str = "adamw"  # "adamw" (torch, fp32 states) | "adamw_8bit" (bnb's 8-bit states)
     lr: float | None = None  # None: 1e-3 with LoRA, 3e-2 prompt tuning, 2e-5 full fine-tuning
-    weight_decay: float = 0.0  # never applied to biases, norms or embeddings
+    weight_decay: float = 0.0  # never applied to biases or norms (as transformers' Trainer)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    # Linear warmup: step k (0-based) at (k + 1) / warmup_steps of the peak lr, the peak at step
-    # warmup_steps - 1 (transformers: k / warmup_steps, its first step at lr 0).
+    # Linear warmup as transformers' get_scheduler: step k (0-based) at k / warmup_steps of the
+    # peak lr (the first step at lr 0), the peak at step warmup_steps.
     warmup_steps: int | None = None  # None: warmup_ratio of the run, rounded up
     warmup_ratio: float = 0.05
     schedule: str = "cosine"  # "cosine" | "linear" | "constant" (after warmup)
@@ -186,6 +186,9 @@ class EvalConfig:
                                  f"set {off}")
         if self.show < 0:
             raise EmberError(f"eval.show must be >= 0, got {self.show}")
+        if self.min_delta < 0:  # would count worse scores as improvements: never stopping
+            raise EmberError(f"eval.min_delta must be >= 0 (the improvement that resets "
+                             f"eval.patience), got {self.min_delta}")
         if self.choices is not None and not self.choices.strip():
             raise EmberError("eval.choices is empty: give a multiple-choice file, or leave it out")
         if self.early_stopping is not None:

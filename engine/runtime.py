@@ -92,18 +92,38 @@ def autocast_for(device: str, precision: str):
 
 
 def warmup_steps(optim, total: int) -> int:
-    """``optim.warmup_steps``, else ``optim.warmup_ratio`` of ``total`` steps rounded up, as
-    transformers' ``TrainingArguments.get_warmup_steps`` (0.05 of 10 steps is 1 warmup step, of
-    50 steps 3); the product is rounded in decimal first (0.07 * 100 is 7.000000000000001)."""
+    """``optim.warmup_steps``, else ``optim.warmup_ratio`` of ``total`` steps rounded up, exactly
+    as transformers' ``TrainingArguments.get_warmup_steps`` (0.05 of 10 steps is 1 warmup step,
+    of 50 steps 3; its float product too: 0.07 * 100 is 7.000000000000001, 8 steps), so a run's
+    lr is the one transformers gives at every step."""
     if optim.warmup_steps is not None:
         return optim.warmup_steps
-    return math.ceil(round(optim.warmup_ratio * total, 9))
+    return math.ceil(total * optim.warmup_ratio)
+
+
+def epoch_step_sizes(batches, epochs: float, grad_accum: int) -> list[int]:
+    """The micro-batches of each optimizer step of ``epochs`` epochs of ``batches`` (this
+    rank's), as transformers' Trainer: a step never spans two epochs, each epoch ends with a
+    step of the micro-batches left (its partial accumulation), and a fraction of an epoch is
+    that fraction of its steps, rounded up (``ceil(epochs * steps per epoch)``); at least 1."""
+    sizes: list[int] = []
+    whole = int(epochs)
+    for e in range(whole + (epochs > whole)):
+        k = len(batches.plan(e))
+        steps = [grad_accum] * (k // grad_accum) + ([k % grad_accum] if k % grad_accum else [])
+        if e == whole:  # round(): 1.1 - 1 is 0.10000000000000009, not 0.1
+            steps = steps[:math.ceil(round((epochs - whole) * len(steps), 6))]
+        sizes += steps
+    return sizes or [1]
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based) of ``total``."""
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based) of ``total``: transformers'
+    ``get_scheduler`` (linear / cosine / cosine_with_min_lr / constant_with_warmup), whose linear
+    warmup gives step k ``k / warmup`` of the peak (the first step at lr 0, the peak at step
+    ``warmup``)."""
     if step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -173,9 +193,11 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
                                              (False, True))}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            # Norm gains, biases and embeddings are not shrunk towards 0.
+            # Norm gains and biases (the 1-D parameters) are not shrunk towards 0; matrices,
+            # embeddings included, and DoRA magnitudes are (transformers'
+            # get_decay_parameter_names: all but biases and norms).
             emb = embedding_lr is not None and name.split(".")[0] in ("embed", "lm_head")
-            parts[(p.ndim >= 2 and "embed" not in name, emb)].append(p)
+            parts[(p.ndim >= 2 or name.endswith("lora_magnitude"), emb)].append(p)
     if embedding_lr is not None and not (parts[(True, True)] or parts[(False, True)]):
         raise EmberError("lora.embedding_lr is set but no adapter is on the embedding or the head: "
                          "add embed_tokens / lm_head to lora.targets, or drop lora.embedding_lr")

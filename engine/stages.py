@@ -51,6 +51,7 @@ from ember.models.lora import (
     resolve_targets,
 )
 from ember.models.peft_adapter import _PEFT_KEY, _read_adapter_config
+from ember.models.peft_files import _FULL_WEIGHTS
 
 if TYPE_CHECKING:
     from ember.engine.config import TrainConfig
@@ -299,6 +300,29 @@ def continue_adapters(model, cfg: TrainConfig, tokenizer, start: Start) -> None:
     p = cfg.lora.dropout
     for m in mods.values():
         m.dropout = torch.nn.Dropout(p) if p > 0 else None
+    _train_saved_modules(model, mods, start.adapter_config.get("bias") or "none")
+    init = start.adapter_config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower() == "mica":
+        # PEFT's MiCA variant trains A only: B stays the base weight's minor singular vectors
+        model.peft_init_lora_weights = "mica"  # and the exported adapter says so (save_adapter)
+        for m in mods.values():
+            for name in ("lora_B", "lora_embedding_B"):
+                if hasattr(m, name):
+                    getattr(m, name).requires_grad_(False)
+
+
+def _train_saved_modules(model, mods: dict, mode: str) -> None:
+    """What PEFT trains of a continued adapter besides A and B (``is_trainable``): its
+    ``modules_to_save`` (a whole lm_head / embed_tokens) and, with ``bias = "all"``, every bias
+    (``"lora_only"``: those of the adapted modules), which the final adapter then holds."""
+    for name in getattr(model, "peft_modules_to_save", ()):
+        getattr(model, _FULL_WEIGHTS[name][1]).weight.requires_grad_(True)
+    if mode in ("all", "lora_only"):
+        model.peft_bias = mode  # save_adapter writes the trained biases
+    for n, p in model.named_parameters():
+        owner = n.rpartition(".base.")[0]
+        if n.endswith("bias") and (mode == "all" or (mode == "lora_only" and owner in mods)):
+            p.requires_grad_(True)
 
 
 def load_base(cfg: TrainConfig, name, dtype: str, device: str, **kw):
@@ -346,22 +370,35 @@ def continues_lora(cfg: TrainConfig) -> bool:
 # --- DPO's reference for a continued adapter -----------------------------------------------------
 
 
+# the snapshot's entry for what trains besides the adapters (PEFT's modules_to_save, biases)
+OTHERS = ""
+
+
 def adapter_snapshot(model) -> dict[str, dict[str, torch.Tensor]]:
-    """Frozen copies of every adapter's tensors (A, B, a DoRA magnitude): the starting adapter,
-    for the reference."""
-    return {
-        n: {k: p.detach().clone() for k, p in m.adapter_params().items()}
-        for n, m in lora_modules(model).items()
-    }
+    """Frozen copies of every adapter's tensors (A, B, a DoRA magnitude) and of the other
+    trained parameters (a continued adapter's modules_to_save and biases): the starting
+    adapter, for the reference."""
+    mods = lora_modules(model)
+    snap = {n: {k: p.detach().clone() for k, p in m.adapter_params().items()}
+            for n, m in mods.items()}
+    own = {id(p) for m in mods.values() for p in m.adapter_params().values()}
+    others = {n: p.detach().clone() for n, p in model.named_parameters()
+              if p.requires_grad and id(p) not in own}
+    if others:
+        snap[OTHERS] = others
+    return snap
 
 
 @contextlib.contextmanager
 def adapters_swapped(model, snapshot: dict):
-    """The model with the snapshot's adapter weights inside the block (no gradients, no LoRA
-    dropout: the reference is deterministic), its own weights back afterwards, bit for bit."""
+    """The model with the snapshot's adapter weights (and other trained parameters) inside the
+    block (no gradients, no LoRA dropout: the reference is deterministic), its own weights back
+    afterwards, bit for bit."""
     mods = lora_modules(model)
-    if set(mods) != set(snapshot):
+    if set(mods) != set(snapshot) - {OTHERS}:
         raise EmberError("the model's adapters are not those of the reference snapshot")
+    named = dict(model.named_parameters())
+    others = {n: named[n] for n in snapshot.get(OTHERS, {})}
     saved = {}
     with torch.no_grad():
         for n, m in mods.items():
@@ -370,6 +407,9 @@ def adapters_swapped(model, snapshot: dict):
             for k, p in params.items():
                 p.copy_(snapshot[n][k])
             m.dropout = None
+        kept = {n: p.detach().clone() for n, p in others.items()}
+        for n, p in others.items():
+            p.copy_(snapshot[OTHERS][n])
     try:
         yield model
     finally:
@@ -378,6 +418,8 @@ def adapters_swapped(model, snapshot: dict):
                 for k, p in m.adapter_params().items():
                     p.copy_(saved[n][0][k])
                 m.dropout = saved[n][1]
+            for n, p in others.items():
+                p.copy_(kept[n])
 
 
 def describe(cfg: TrainConfig) -> str:

@@ -146,7 +146,10 @@ def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | N
         state = gather_full_state_dict(model, trainable_only=lora)
         if not info.is_main:
             return None
+        init = getattr(model, "peft_init_lora_weights", None)  # a continued MiCA adapter
         model = _unsharded(model.cfg, cfg, state)
+        if init is not None:
+            model.peft_init_lora_weights = init
     final, base = cfg.out_dir / "final", base_of(cfg)
     if cfg.method == "prompt":  # one process (the trainer refuses FSDP)
         return save_prompt_adapter(model, final / "adapter", base_model_name_or_path=base)

@@ -55,7 +55,7 @@ import torch
 
 from ember import EmberError
 from ember.engine.activation import apply_activation_checkpointing, set_mlp_chunks
-from ember.engine.best import improved, restore_best, save_best
+from ember.engine.best import improved, prune_best, restore_best, save_best
 from ember.engine.choices import choice_metrics, load_choices, score_choices
 from ember.engine.config import TrainConfig
 from ember.engine.data import Datasets, PackedBatches
@@ -82,6 +82,7 @@ from ember.engine.runtime import (
     autocast_for,
     build_model,
     cpu_has_bf16,  # noqa: F401 (bench/train.py imports it from here)
+    epoch_step_sizes,
     lr_factor,
     make_optimizer,
     memory_gib,
@@ -124,6 +125,7 @@ class Trainer:
         self.progress = sys.stderr.isatty() if progress is None else progress
         # Leave after this step with a checkpoint, as a preempted job would (resume continues).
         self.stop_after = stop_after
+        self.ckpt_best = None  # the best step the newest checkpoint records (best/ keeps it)
 
     # --- setup ---------------------------------------------------------------------------------
     def _datasets(self, cfg: TrainConfig, info: DistInfo, tokenizer) -> Datasets:
@@ -361,10 +363,12 @@ class Trainer:
             self.echo(f"note: {lost} of the {per_epoch * info.world_size + lost} batches of an "
                       f"epoch are left out so that the {info.world_size} processes take as many "
                       "each (other ones each epoch when data.order shuffles)")
-        # Epochs decide: the last step takes only the micro-batches left (HF Trainer's partial
-        # accumulation), so 1 epoch of 5 batches at grad_accum 4 is 5 batches, not 8.
-        micro_total = None if cfg.max_steps else batches.batches_in(cfg.epochs)
-        total = cfg.max_steps or math.ceil(micro_total / cfg.grad_accum)
+        # Epochs decide: each epoch's last step takes only the micro-batches left (HF Trainer's
+        # partial accumulation), so 2 epochs of 5 batches at grad_accum 4 are 4 steps of 4, 1,
+        # 4, 1 batches (not 3 steps, nor 8 batches an epoch).
+        step_sizes = None if cfg.max_steps else epoch_step_sizes(batches, cfg.epochs,
+                                                                 cfg.grad_accum)
+        total = cfg.max_steps or len(step_sizes)
         o = cfg.optim
         warmup = warmup_steps(o, total)
         opt = make_optimizer(model, o, self.device, embedding_lr=cfg.lora.embedding_lr
@@ -379,6 +383,9 @@ class Trainer:
         if latest is not None:
             prog = restore(latest, cfg, info, model, opt, **ckpt_state)
             self.echo(f"resumed from {latest} (step {prog.step} of {total})")
+        # best/: the weights of the best step the checkpoint records, none for a new run
+        self.ckpt_best = prog.best_step
+        prune_best(cfg.out_dir, {prog.best_step}, info)
         self.log.start(prog.step)
         per_step = "" if not info.distributed else f" per process, x{info.world_size} processes"
         self.echo(f"{total} steps ({per_epoch} batches of <= {cfg.data.tokens_per_batch} tokens "
@@ -411,8 +418,7 @@ class Trainer:
         with GracefulStop(echo=say) as signals:
             while prog.step < total and not stopped:
                 t0 = time.perf_counter()
-                n = cfg.grad_accum if micro_total is None else min(
-                    cfg.grad_accum, micro_total - prog.step * cfg.grad_accum)
+                n = cfg.grad_accum if step_sizes is None else step_sizes[prog.step]
                 micro = [next(stream) for _ in range(n)]
                 lr = o.lr * lr_factor(prog.step, total, warmup, o.schedule, o.min_lr_ratio)
                 for g in opt.param_groups:
@@ -424,7 +430,13 @@ class Trainer:
                 if not s.applied:
                     say(f"step {step}: loss {s.loss}, gradient norm {s.grad_norm}: skipped "
                         f"({guard.in_a_row} in a row, {guard.skipped} in total)")
-                if step % cfg.log_every == 0 or step == total or not s.applied:
+                evaluating = bool(cfg.eval.every_steps) and step % cfg.eval.every_steps == 0 and (
+                    step < total)
+                leave = step < total and (s.stop or (self.stop_after is not None
+                                                     and step >= self.stop_after))
+                # The step a run may end at (an evaluation that early-stops, a stop) is logged too
+                if (step % cfg.log_every == 0 or step == total or not s.applied or evaluating
+                        or leave):
                     self.log.write({"kind": "train", "step": step, "loss": s.loss, "lr": lr,
                                     "grad_norm": s.grad_norm, "tokens": prog.tokens,
                                     "loss_tokens": s.loss_tokens, "tokens_per_s": s.tokens / dt,
@@ -441,16 +453,16 @@ class Trainer:
                     spent = time.perf_counter() - t_train
                     eta = spent / (step - step0) * (total - step)
                     self.echo(f"step {step}/{total}: {status} | ETA {eta:.0f} s")
-                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total:
+                if evaluating:
                     scores, last_eval = self.evaluate(step), step
                     say(f"step {step}: {format_scores(scores)}")
                     stopped = self._early_stop(scores, prog, step)
-                leave = step < total and (s.stop or (self.stop_after is not None
-                                                     and step >= self.stop_after))
+                # A stop at the step early stopping ends at: its checkpoint says the run is over
+                prog.stopped = stopped
                 every = cfg.checkpoint.every_steps
                 if leave or (every and step % every == 0 and step < total and not stopped):
                     prog.seconds = seconds0 + time.perf_counter() - t_train
-                    path = save(cfg, info, model, opt, progress=prog, **ckpt_state)
+                    path = self._checkpoint(opt, prog, ckpt_state)
                 if leave:
                     if bar is not None:
                         bar.close()
@@ -474,7 +486,7 @@ class Trainer:
         for prompt, pred, ref in self.last_samples:
             self.echo(f"  prompt: {prompt!r}\n  output: {pred!r}\n  answer: {ref!r}")
         if cfg.checkpoint.save_final:
-            save(cfg, info, model, opt, progress=prog, **ckpt_state)
+            self._checkpoint(opt, prog, ckpt_state)
         if cfg.eval.early_stopping and prog.best_step not in (None, prog.step):
             if restore_best(cfg.out_dir, prog.best_step, model, info):
                 scores = prog.best_scores
@@ -492,6 +504,12 @@ class Trainer:
         self.echo(f"done in {time.perf_counter() - t_start:.0f} s")
         return RunResult(cfg.out_dir, prog.step, prog.before, scores, stopped,
                          time.perf_counter() - t_start)
+
+    def _checkpoint(self, opt, prog: Progress, ckpt_state: dict):
+        path = save(self.cfg, self.info, self.model, opt, progress=prog, **ckpt_state)
+        self.ckpt_best = prog.best_step  # the best weights a resume from it needs
+        prune_best(self.cfg.out_dir, {prog.best_step}, self.info)
+        return path
 
     def _stream(self, batches: PackedBatches):
         while True:
@@ -512,13 +530,18 @@ class Trainer:
             "min" if name in LOWER_IS_BETTER else "max")
         value = scores[name]
         # The weights kept: any improvement of an evaluation during training (transformers'
-        # best model; the base model before step 1 is not one to end with); patience: by
-        # min_delta, from the baseline before training.
+        # best model; the base model before step 1 is not one to end with). Patience as
+        # EarlyStoppingCallback: reset by an improvement of more than min_delta on the best so
+        # far (from the baseline before training), which moves on any improvement (the
+        # Trainer's best_metric), so slow steady gains below min_delta do stop the run.
         if step and improved(value, prog.best_scores.get(name), mode, 0.0):
             prog.best_step, prog.best_scores = step, dict(scores)
-            save_best(self.cfg.out_dir, step, self.model, self.info)
-        if improved(value, prog.best, mode, ev.min_delta):
-            prog.best, prog.bad_evals = value, 0
+            save_best(self.cfg.out_dir, step, self.model, self.info, self.ckpt_best)
+        enough = improved(value, prog.best, mode, ev.min_delta)
+        if improved(value, prog.best, mode, 0.0):
+            prog.best = value
+        if enough:
+            prog.bad_evals = 0
             return False
         prog.bad_evals += 1
         return prog.bad_evals >= ev.patience

@@ -169,8 +169,12 @@ def classify(
         )
     pad = model.cfg.pad_token_id
     if cu_seqlens is None and pad is not None and input_ids.dim() == 2 and input_ids.shape[1] > 1:
-        starts_padded = input_ids[:, 0] == pad
-        if bool((starts_padded & (input_ids[:, 1:] != pad).any(1)).any()):
+        # Leading pads before a real token: left padding, except one pad id that is the BOS
+        # (a model padding with its BOS: a right-padded row starts with it, as in transformers).
+        is_pad = input_ids == pad
+        leading = is_pad.long().cumprod(1).sum(1)
+        bos_ok = int(model.cfg.bos_token_id == pad)
+        if bool(((leading > bos_ok) & (~is_pad).any(1)).any()):
             raise EmberError(
                 "classify: a row starts with pad tokens (left padding); the pooled last token "
                 "would attend to them. Pad on the right, or pack the rows (cu_seqlens)"

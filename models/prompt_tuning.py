@@ -50,9 +50,10 @@ class PromptTuningConfig:
         if self.init not in _PEFT_INIT:
             raise EmberError(f"prompt_tuning.init must be one of {', '.join(map(repr, _PEFT_INIT))}"
                              f", got {self.init!r}")
-        if self.num_virtual_tokens < 1:
-            raise EmberError("prompt_tuning.num_virtual_tokens must be >= 1, got "
-                             f"{self.num_virtual_tokens}")
+        n = self.num_virtual_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise EmberError("prompt_tuning.num_virtual_tokens must be a whole number >= 1 (the "
+                             f"virtual tokens put in front of every sequence), got {n!r}")
         if (self.init == "text") != bool(self.init_text):
             raise EmberError("prompt_tuning.init_text is the text of init = \"text\": give both or "
                              "neither")
@@ -239,6 +240,9 @@ def load_prompt_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.
                          "tokens only (no classifier head or trained modules)")
     prompt = tensors.get("prompt_embeddings")
     n = config.get("num_virtual_tokens")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise EmberError(f"{where}: num_virtual_tokens in adapter_config.json must be a whole "
+                         f"number >= 1, got {n!r}")
     if prompt is not None and n is not None and prompt.shape[0] != n:
         raise EmberError(f"{where}: prompt_embeddings has {prompt.shape[0]} rows but "
                          f"num_virtual_tokens is {n}")

@@ -79,8 +79,11 @@ def test_lora_on_attention_and_experts_trains_router_frozen(moe_tiny, tmp_path):
 def test_aux_coefficient(moe_tiny, tiny, tmp_path):
     """model.router_aux_loss_coef: 0 turns the loss off (no log row, other updates), a dense model
     refuses it."""
-    _, on = _run(moe_tiny, tmp_path / "on", "max_steps=2", "model.router_aux_loss_coef=5.0")
-    _, off = _run(moe_tiny, tmp_path / "off", "max_steps=2", "model.router_aux_loss_coef=0")
+    # no warmup: step 1 trains (a warmup's first lr is 0), so the aux loss changes step 2
+    _, on = _run(moe_tiny, tmp_path / "on", "max_steps=2", "model.router_aux_loss_coef=5.0",
+                 "optim.warmup_steps=0")
+    _, off = _run(moe_tiny, tmp_path / "off", "max_steps=2", "model.router_aux_loss_coef=0",
+                  "optim.warmup_steps=0")
     assert on[0]["loss"] == off[0]["loss"]  # the same weights see the same first batch
     assert on[1]["loss"] != off[1]["loss"]  # the aux gradient changed the first update
     assert "router_aux_loss" in on[0] and "router_aux_loss" not in off[0]
@@ -92,7 +95,8 @@ def test_aux_coefficient(moe_tiny, tiny, tmp_path):
 
 def test_qlora_quantizes_experts_not_routers(moe_tiny, tmp_path):
     t, rows = _run(moe_tiny, tmp_path / "q", "max_steps=3", "optim.lr=2e-2",
-                   'model.quantize="nf4"', "lora.targets=['up','down','q']")
+                   'model.quantize="nf4"', "lora.targets=['up','down','q']",
+                   "optim.warmup_steps=0")  # step 1 trains too
     mods = dict(t.model.named_modules())
     assert isinstance(mods["layers.0.mlp.experts.2.up_proj.base"], Linear4bit)
     assert isinstance(mods["layers.0.mlp.gate"], torch.nn.Linear)

@@ -32,7 +32,7 @@ from tests.engine.test_distributed import COMMON, _same_rows, continue_from, set
 def test_qlora_trains_reloads_and_exports_merged(tiny, tmp_path):
     run = tmp_path / "run"
     cfg = resolve(tiny_config(tiny, run, 'model.quantize="nf4"', "max_steps=16", "optim.lr=1e-2",
-                              "eval.metrics=[]"))
+                              "eval.metrics=[]", "optim.warmup_steps=0"))
     t = Trainer(cfg, echo=quiet, progress=False)
     t.run()
     quantized = [n for n, m in t.model.named_modules() if isinstance(m, Linear4bit)]
@@ -43,7 +43,8 @@ def test_qlora_trains_reloads_and_exports_merged(tiny, tmp_path):
     assert sum(losses[-3:]) < sum(losses[:3]) * 0.85, losses
     # the same run on the unquantized base: NF4 changes the weights a little, not the learning
     Trainer(resolve(tiny_config(tiny, tmp_path / "dense", "max_steps=16", "optim.lr=1e-2",
-                                "eval.metrics=[]")), echo=quiet, progress=False).run()
+                                "eval.metrics=[]", "optim.warmup_steps=0")),
+            echo=quiet, progress=False).run()
     dense = [r["loss"] for r in rows_of(tmp_path / "dense") if r["kind"] == "train"]
     assert losses != dense
     q, d = sum(losses[-8:]) / 8, sum(dense[-8:]) / 8

@@ -257,3 +257,113 @@ def test_adapters_swapped_is_the_snapshot_without_dropout():
         assert all(torch.equal(v, before[k]) for k, v in lora_state_dict(model).items())
     assert all(torch.equal(v, moved[k]) for k, v in lora_state_dict(model).items())
     assert all(m.dropout is not None for m in lora_modules(model).values())
+
+
+def test_adapters_swapped_restores_the_other_trained_parameters_too():
+    """A continued adapter with modules_to_save trains a whole embedding beside A and B: the
+    DPO / KTO reference (the starting adapter) must have the starting embedding too."""
+    from ember.engine.stages import adapter_snapshot, adapters_swapped
+    from tests.engine._tiny import CFG, make_model
+
+    model = make_model("lora").eval()
+    model.embed.weight.requires_grad_(True)  # as _train_saved_modules sets it
+    snap = adapter_snapshot(model)
+    ids = torch.randint(0, CFG.vocab_size, (1, 12))
+    with torch.no_grad():
+        want = model(ids)
+        model.embed.weight.add_(0.5)  # training moves it on
+    moved = model.embed.weight.detach().clone()
+    with torch.no_grad(), adapters_swapped(model, snap) as ref:
+        assert torch.equal(ref(ids), want)
+    assert torch.equal(model.embed.weight, moved)
+
+
+def test_continued_mica_adapter_trains_a_only_as_peft(tiny, tmp_path):
+    """PEFT's MiCA (init_lora_weights = "mica") freezes lora_B, the base weight's minor
+    singular vectors, and trains A alone; a MiCA adapter continued with model.init trained B
+    too (another adapter than PEFT's training gives)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                          init_lora_weights="mica", task_type="CAUSAL_LM")
+    pm = peft.get_peft_model(hf, cfg)
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_A" in n for n in trainable)  # PEFT: A only
+    with torch.no_grad():  # a trained A (MiCA starts at A = 0)
+        for n, p in pm.named_parameters():
+            if "lora_A" in n:
+                p.normal_(0, 0.05)
+    pm.save_pretrained(tmp_path / "mica")
+    run = tmp_path / "s2"
+    t, _ = _stage(tiny, run, "max_steps=2", "optim.lr=1e-2", f'model.init="{tmp_path / "mica"}"')
+    ours = {n for n, p in t.model.named_parameters() if p.requires_grad}
+    assert ours and all(n.endswith("lora_A") for n in ours), sorted(ours)
+    from safetensors.torch import load_file
+
+    before = load_file(tmp_path / "mica" / "adapter_model.safetensors")
+    after = load_file(run / "final" / "adapter" / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    for k in before:
+        if "lora_B" in k:
+            assert torch.equal(before[k], after[k]), k
+    assert any(not torch.equal(before[k], after[k]) for k in before if "lora_A" in k)
+    # The exported adapter is still MiCA: PEFT continuing it keeps B frozen too (it said plain
+    # LoRA, whose B PEFT trains)
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    again = peft.PeftModel.from_pretrained(hf2, run / "final" / "adapter", is_trainable=True)
+    theirs = {n for n, p in again.named_parameters() if p.requires_grad}
+    assert theirs and all("lora_A" in n for n in theirs), sorted(theirs)
+
+
+def _trained_besides_lora(names) -> set[str]:
+    """'<layer>.<module>.bias' / 'embed' of the trainable names that are not A / B (PEFT's or
+    Ember's names)."""
+    import re
+
+    out = set()
+    for n in names:
+        if "lora_" in n:
+            continue
+        m = re.search(r"layers\.(\d+)\.\w+\.(\w+_proj)\.", n)
+        out.add(f"{m[1]}.{m[2]}.bias" if m and n.endswith("bias") else
+                "embed" if "embed" in n else n)
+    return out
+
+
+@pytest.mark.parametrize("bias, saved", [("none", True), ("lora_only", False), ("all", False)])
+def test_continued_adapter_trains_what_peft_trains(tiny, tmp_path, bias, saved):
+    """A continued PEFT adapter trains what PeftModel.from_pretrained(is_trainable=True) does:
+    its modules_to_save (here the tied embedding) and, with bias = "all" / "lora_only", the
+    biases; Ember froze them all and trained A and B alone."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from ember.models import ModelConfig, Transformer
+    from ember.models.loading import load_pretrained, save_pretrained
+
+    base, tok = load_pretrained(tiny["model"], "float32")
+    folder = tmp_path / "qwen"  # q/k/v biases
+    cfg = ModelConfig(**{**base.cfg.__dict__, "model_type": "qwen2", "attention_bias": True})
+    save_pretrained(Transformer(cfg).init_weights(std=0.05, seed=1), folder, tok)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], bias=bias,
+                           task_type="CAUSAL_LM",
+                           **({"modules_to_save": ["lm_head"], "ensure_weight_tying": True}
+                              if saved else {}))
+    peft.get_peft_model(hf, lcfg).save_pretrained(tmp_path / "ad")
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf2, tmp_path / "ad", is_trainable=True)
+    want = _trained_besides_lora(n for n, p in theirs.named_parameters() if p.requires_grad)
+    assert want  # the case
+    run = tmp_path / "r"
+    t, _ = _stage(tiny, run, "max_steps=1", f'model.name="{folder}"',
+                  f'model.init="{tmp_path / "ad"}"')
+    ours = _trained_besides_lora(n for n, p in t.model.named_parameters() if p.requires_grad)
+    assert ours == want
+    # and the final adapter holds them: PEFT's logits are the trained model's
+    hf3 = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    final = peft.PeftModel.from_pretrained(hf3, run / "final" / "adapter").eval()
+    ids = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (final(input_ids=ids).logits - t.model.eval()(ids)).abs().max() < 1e-4

@@ -415,15 +415,15 @@ def test_early_stopping_without_its_data_is_refused(tiny, tmp_path, metric, no_v
 
 def test_lr_schedule():
     f = [lr_factor(s, 10, 2, "cosine", 0.1) for s in range(10)]
-    assert f[0] == 0.5 and f[1] == 1.0 and f[2] == 1.0
-    assert all(a >= b for a, b in zip(f[1:], f[2:], strict=False))
+    assert f[0] == 0.0 and f[1] == 0.5 and f[2] == 1.0
+    assert all(a >= b for a, b in zip(f[2:], f[3:], strict=False))
     assert math.isclose(lr_factor(10, 10, 2, "cosine", 0.1), 0.1)
     assert math.isclose(lr_factor(6, 10, 2, "linear", 0.0), 0.5)
     assert lr_factor(9, 10, 2, "constant", 0.0) == 1.0
 
 
-HF_SCHEDULES = {"cosine": ("cosine_with_min_lr", 0.1), "linear": ("linear", 0.0),
-                "constant": ("constant_with_warmup", 0.0)}
+HF_SCHEDULES = {"cosine": ("cosine_with_min_lr", 0.1), "cosine0": ("cosine", 0.0),
+                "linear": ("linear", 0.0), "constant": ("constant_with_warmup", 0.0)}
 
 
 def _hf_factors(schedule: str, total: int, warmup: int) -> list[float]:
@@ -444,28 +444,39 @@ def _hf_factors(schedule: str, total: int, warmup: int) -> list[float]:
 
 
 @pytest.mark.parametrize("schedule", list(HF_SCHEDULES))
-def test_lr_schedule_matches_transformers_after_warmup(schedule):
-    """After warmup every step's lr is transformers' (cosine with min_lr_rate, linear, constant),
-    and optim.warmup_ratio gives transformers' warmup steps, ceil(ratio * total) (was Python's
-    round: 0.05 of 10 steps no warmup, 0.25 of 10 steps 2). During warmup Ember's step k has
-    (k + 1) / warmup of the peak where transformers' has k / warmup (its first step at lr 0)."""
+def test_lr_schedule_matches_transformers(schedule):
+    """Every step's lr, warmup included, is transformers' get_scheduler's (cosine with
+    min_lr_rate, cosine, linear, constant_with_warmup): its warmup step k is k / warmup of the
+    peak, the first step at lr 0 (was (k + 1) / warmup, a step ahead of transformers all through
+    the warmup); optim.warmup_ratio gives transformers' warmup steps, ceil(ratio * total) (was
+    Python's round: 0.05 of 10 steps no warmup, 0.25 of 10 steps 2)."""
+    from transformers import TrainingArguments
+
     from ember.engine.config import OptimConfig
     from ember.engine.runtime import warmup_steps
 
+    ours_name = schedule.removesuffix("0")
     _, min_ratio = HF_SCHEDULES[schedule]
-    for total, ratio in [(10, 0.05), (10, 0.25), (50, 0.05), (37, 0.1), (7, 0.0), (100, 0.07)]:
+    for total, ratio in [(10, 0.05), (10, 0.25), (50, 0.05), (37, 0.1), (7, 0.0), (100, 0.07),
+                         (3, 0.9)]:
         warmup = warmup_steps(OptimConfig(warmup_ratio=ratio), total)
-        assert warmup == math.ceil(total * ratio - 1e-9), (total, ratio)  # TrainingArguments'
+        # transformers 5 takes a ratio as warmup_steps < 1; 0.07 * 100 is 7.000000000000001
+        # there, 8 warmup steps (Ember rounded the product in decimal first: 7)
+        hf_args = TrainingArguments(output_dir="unused", warmup_steps=ratio, report_to=[])
+        assert warmup == hf_args.get_warmup_steps(total), (total, ratio)
         hf = _hf_factors(schedule, total, warmup)
-        ours = [lr_factor(k, total, warmup, schedule, min_ratio) for k in range(total)]
-        assert ours[warmup:] == pytest.approx(hf[warmup:], rel=1e-12, abs=1e-12)
-        assert ours[:warmup] == pytest.approx([(k + 1) / warmup for k in range(warmup)])
+        ours = [lr_factor(k, total, warmup, ours_name, min_ratio) for k in range(total)]
+        assert ours == pytest.approx(hf, rel=1e-12, abs=1e-12), (total, warmup)
+    for total, warmup in [(5, 1), (6, 6), (4, 9), (12, 5)]:  # warmup steps: the whole run too
+        hf = _hf_factors(schedule, total, warmup)
+        ours = [lr_factor(k, total, warmup, ours_name, min_ratio) for k in range(total)]
+        assert ours == pytest.approx(hf, rel=1e-12, abs=1e-12), (total, warmup)
     assert warmup_steps(OptimConfig(warmup_steps=4, warmup_ratio=0.5), 10) == 4
 
 
 def test_run_logs_the_scheduled_lr_of_every_step(tiny, tmp_path):
     """The lr the trainer logs (and sets) at each step, warmup_ratio 0.25 of 10 steps: 3 warmup
-    steps, then transformers' cosine to 0.1 of the peak."""
+    steps from lr 0, then cosine to 0.1 of the peak, every step transformers'."""
     cfg = tiny_config(tiny, tmp_path / "r", f'data.train=["{tiny["small"]}"]', "max_steps=10",
                       "data.max_seq_len=32", "data.tokens_per_batch=32", "optim.lr=1e-3",
                       "optim.warmup_ratio=0.25", "optim.min_lr_ratio=0.1", "eval.metrics=[]",
@@ -473,8 +484,8 @@ def test_run_logs_the_scheduled_lr_of_every_step(tiny, tmp_path):
     train(cfg, echo=quiet, progress=False)
     lrs = [r["lr"] for r in rows_of(tmp_path / "r") if r["kind"] == "train"]
     want = [1e-3 * f for f in _hf_factors("cosine", 10, 3)]
-    assert lrs[3:] == pytest.approx(want[3:], rel=1e-12)
-    assert lrs[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
+    assert lrs == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert lrs[:4] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3])
 
 
 # --- losses ---------------------------------------------------------------------------------------

@@ -115,6 +115,31 @@ def test_logits_match_transformers_packed_vs_padded(case, tmp_path):
         classify(model, left)
 
 
+def test_pad_that_is_the_bos_right_padded_rows_match_transformers(tmp_path):
+    """A model padding with its BOS (pad_token_id == bos_token_id): right-padded rows start with
+    the pad id, and transformers pools them at the rightmost non-pad token as usual (Ember
+    refused them as left padding); a row left-padded before its BOS is still refused."""
+    bos = 1
+    cfg = ModelConfig(**{**BASE, **CASES["llama"], "pad_token_id": bos}, bos_token_id=bos,
+                      labels=LABELS)
+    model = Transformer(cfg).init_weights(std=0.1, seed=3).eval()
+    save_pretrained(model, tmp_path)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert hf.config.pad_token_id == hf.config.bos_token_id == bos
+    docs = [[bos, 5, 9, 17, 33], [bos, 12], [bos, 7, 19, 23, 6, 8, 2], [bos]]
+    T = max(map(len, docs))
+    ids = torch.tensor([d + [bos] * (T - len(d)) for d in docs])
+    mask = torch.tensor([[1] * len(d) + [0] * (T - len(d)) for d in docs])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        ours = classify(model, ids)
+    assert (ours - ref).abs().max() < 1e-5, (ours - ref).abs().max()
+    assert (ref[0] - ref[1]).abs().max() > 1e-3
+    left = torch.tensor([[bos, bos, bos, 12, 14], [bos, 5, 9, 17, 33]])
+    with pytest.raises(EmberError, match="left padding"):
+        classify(model, left)
+
+
 def test_hf_classifier_folder_round_trip(tmp_path):
     """transformers' LlamaForSequenceClassification -> Ember -> HF folder: identical tensors and
     label fields, same logits."""

@@ -219,3 +219,27 @@ def test_prompt_tuning_a_classifier_is_refused_and_a_prompted_model_is_no_folder
     add_classification_head(tuned, ["a", "b"])  # a head added after the prompt
     with pytest.raises(EmberError, match="is a classifier"):
         save_prompt_adapter(tuned, tmp_path / "ember")
+
+
+@pytest.mark.parametrize("bad", [2.5, 4.0, "4", 0])
+def test_num_virtual_tokens_must_be_a_whole_number(hf_dir, tmp_path, bad):
+    """PEFT cannot build a prompt of 2.5 (or "4", 0) virtual tokens (a deep TypeError or an
+    empty prompt); Ember took a float silently in PromptTuningConfig / apply_prompt_tuning and
+    failed later in torch. Both it and an adapter_config.json with such a count are clear
+    errors."""
+    from ember.models.prompt_tuning import PromptTuningConfig
+
+    hf = _hf_model(hf_dir)
+    if bad != 0:  # peft accepts 0 silently: no virtual tokens at all
+        with pytest.raises((TypeError, ValueError)):
+            cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=bad)
+            peft.get_peft_model(hf, cfg)
+    with pytest.raises(EmberError, match="num_virtual_tokens must be a whole number >= 1"):
+        PromptTuningConfig(num_virtual_tokens=bad)
+    with pytest.raises(EmberError, match="num_virtual_tokens must be a whole number >= 1"):
+        apply_prompt_tuning(load_hf_folder(hf_dir, torch.float32), bad, "random")
+    save_prompt_adapter(_tuned(hf_dir), tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_virtual_tokens": bad}))
+    with pytest.raises(EmberError, match="num_virtual_tokens in adapter_config.json must be"):
+        load_prompt_adapter(load_hf_folder(hf_dir, torch.float32), tmp_path / "a")

@@ -1,0 +1,254 @@
+"""Where a run ends and how it continues: the metrics row of the step a run stops at (early
+stopping, a stop to resume) is written whatever ``log_every``, and the ``best/`` weights of early
+stopping stay those of the trajectory a resumed run is on."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+
+from ember.engine import dcp
+from ember.engine.best import best_root
+from ember.engine.state import load_run_model
+from ember.engine.trainer import train
+from tests.engine._tiny import checkpoint_weights, quiet, rows_of, tiny_config
+
+
+def _train_steps(run) -> list[int]:
+    return [r["step"] for r in rows_of(run) if r["kind"] == "train"]
+
+
+def test_the_step_early_stopping_ends_at_is_logged_with_log_every(tiny, tmp_path):
+    """log_every = 5 and early stopping at step 4: the run's last step had an eval row but no
+    train row (only multiples of log_every and the last step of the full run were logged)."""
+    cfg = tiny_config(tiny, tmp_path / "es", "max_steps=20", "optim.lr=1e-9", "log_every=5",
+                      "eval.every_steps=2", 'eval.early_stopping="val_loss"', "eval.patience=2",
+                      "eval.min_delta=0.1", "eval.metrics=[]", "checkpoint.save_final=false")
+    res = train(cfg, echo=quiet, progress=False)
+    assert res.stopped_early and res.steps == 4
+    assert _train_steps(tmp_path / "es") == [2, 4]  # the steps evaluated, 4 where it stopped
+    evals = [r["step"] for r in rows_of(tmp_path / "es") if r["kind"] == "eval"]
+    assert evals[-1] == 4
+
+
+def test_the_step_a_stopped_run_ends_at_is_logged(tiny, tmp_path):
+    """A run stopped after step 3 (to --resume) with log_every = 5 lost step 3's row for good:
+    the resumed run starts at step 4."""
+    cfg = tiny_config(tiny, tmp_path / "r", "max_steps=6", "log_every=5", "eval.metrics=[]",
+                      "eval.val_loss=false", "checkpoint.save_final=false")
+    assert train(cfg, echo=quiet, progress=False, stop_after=3).steps == 3
+    assert _train_steps(tmp_path / "r") == [3]
+    train(cfg, resume=True, echo=quiet, progress=False)
+    assert _train_steps(tmp_path / "r") == [3, 5, 6]
+
+
+def _weights_equal(model, saved: dict) -> bool:
+    params = dict(model.named_parameters())
+    return bool(saved) and all(torch.equal(params[k], v) for k, v in saved.items())
+
+
+ES = ('eval.early_stopping="val_loss"', "eval.patience=10", "eval.metrics=[]", "optim.lr=1e-2",
+      "checkpoint.save_final=false")
+
+
+def test_resume_drops_the_best_weights_of_the_abandoned_steps(tiny, tmp_path):
+    """A run killed between keeping step 6's best weights and checkpointing step 6 resumes from
+    step 4's checkpoint; best/step_6 is of a trajectory that no longer exists. The resumed run
+    (evaluating every 5 steps now) keeps step 5 as its best and stops: its weights (`ember
+    eval` / `export` of a run without final/) were best/step_6's, the newest folder in best/."""
+    run = tmp_path / "r"
+    cfg = tiny_config(tiny, run, "max_steps=8", "eval.every_steps=2", "checkpoint.every_steps=2",
+                      *ES)
+    assert train(cfg, echo=quiet, progress=False, stop_after=6).steps == 6
+    assert dcp.step_dir(best_root(run), 6).is_dir()
+    shutil.rmtree(dcp.step_dir(dcp.checkpoint_root(run), 6))  # the kill
+    cfg5 = tiny_config(tiny, run, "max_steps=8", "eval.every_steps=5", "checkpoint.every_steps=2",
+                       *ES)
+    assert train(cfg5, resume=True, echo=quiet, progress=False, stop_after=5).steps == 5
+    model, _, _ = load_run_model(run, "cpu")
+    assert _weights_equal(model, checkpoint_weights(run, tmp_path, step=5))
+    assert [s for s, _ in dcp.list_checkpoints(best_root(run))] == [5]
+
+
+def test_a_new_run_does_not_end_with_an_earlier_runs_best_weights(tiny, tmp_path):
+    """A run that died before its first checkpoint leaves best/ behind; a new run in the same
+    directory (allowed: no checkpoints) ended, when stopped, with the dead run's best weights
+    (a later step than its own best)."""
+    run = tmp_path / "r"
+    dead = tiny_config(tiny, run, "max_steps=8", "eval.every_steps=2", *ES)
+    train(dead, echo=quiet, progress=False, stop_after=6)
+    shutil.rmtree(dcp.checkpoint_root(run))  # it died before checkpointing
+    new = tiny_config(tiny, run, "max_steps=8", "eval.every_steps=2", "seed=7", *ES)
+    assert train(new, echo=quiet, progress=False, stop_after=2).steps == 2
+    model, _, _ = load_run_model(run, "cpu")
+    assert _weights_equal(model, checkpoint_weights(run, tmp_path, step=2))
+
+
+def test_a_stop_at_the_step_early_stopping_ends_at_resumes_as_finished(tiny, tmp_path):
+    """Early stopping ends the run at step 2 where a stop (preemption, stop_after) also came:
+    its checkpoint did not record the early stop, so --resume trained on past it (other rows,
+    other final weights than the run that was not stopped)."""
+    extra = ("max_steps=6", "optim.lr=1e-9", "eval.every_steps=2", "eval.patience=1",
+             'eval.early_stopping="val_loss"', "eval.min_delta=0.1", "eval.metrics=[]")
+    a = train(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
+    assert a.stopped_early and a.steps == 2
+    cfg_b = tiny_config(tiny, tmp_path / "b", *extra)
+    assert train(cfg_b, echo=quiet, progress=False, stop_after=2).steps == 2
+    b = train(cfg_b, resume=True, echo=quiet, progress=False)
+    assert b.stopped_early and b.steps == 2
+    assert rows_of(tmp_path / "a", timing=False) == rows_of(tmp_path / "b", timing=False)
+    wa = dict(load_run_model(tmp_path / "a", "cpu")[0].named_parameters())
+    wb = dict(load_run_model(tmp_path / "b", "cpu")[0].named_parameters())
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_negative_min_delta_is_refused(tiny, tmp_path):
+    """eval.min_delta = -1 counted any score within 1 of the best as an improvement (a run that
+    never early-stops); transformers' EarlyStoppingCallback compares |delta| > threshold, so a
+    negative threshold means 0 there. A clear error instead of either."""
+    import pytest
+
+    from ember import EmberError
+
+    with pytest.raises(EmberError, match="eval.min_delta must be >= 0"):
+        tiny_config(tiny, tmp_path / "r", 'eval.early_stopping="val_loss"', "eval.min_delta=-1",
+                    "eval.every_steps=1")
+
+
+def _hf_stops(values, patience, threshold, greater):
+    """transformers' EarlyStoppingCallback on these evaluations, the Trainer moving its
+    best_metric on any improvement after each (``Trainer._determine_best_metric``)."""
+    import operator
+
+    from transformers import (
+        EarlyStoppingCallback,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
+
+    args = TrainingArguments(output_dir="unused", metric_for_best_model="loss",
+                             greater_is_better=greater, load_best_model_at_end=True,
+                             eval_strategy="steps", save_strategy="steps", report_to=[])
+    cb, state, out = EarlyStoppingCallback(patience, threshold), TrainerState(), []
+    better = operator.gt if greater else operator.lt
+    for v in values:
+        control = TrainerControl()
+        cb.on_evaluate(args, state, control, metrics={"eval_loss": v})
+        out.append(control.should_training_stop)
+        if state.best_metric is None or better(v, state.best_metric):
+            state.best_metric = v
+    return out
+
+
+def test_patience_counts_as_transformers_early_stopping_callback(tiny, tmp_path, monkeypatch):
+    """Patience is reset by an improvement of more than min_delta on the best so far, and the
+    best moves on any improvement (transformers): steady gains smaller than min_delta stop the
+    run. Ember measured min_delta from the last score that had beaten it by min_delta, so
+    3.0, 2.6, 2.4, 2.3 with min_delta 0.5 never stopped (2.4 is 0.6 below 3.0)."""
+    import ember.engine.trainer as trainer_module
+    from ember.engine.state import Progress
+    from ember.engine.trainer import Trainer
+
+    monkeypatch.setattr(trainer_module, "save_best", lambda *a: None)
+    cases = [([3.0, 2.6, 2.4, 2.3, 2.2], 2, 0.5, "min"), ([3.0, 2.8, 2.7, 2.9], 2, 0.5, "min"),
+             ([3.0, 2.0, 2.1, 1.95, 1.9, 1.7], 2, 0.1, "min"),
+             ([0.1, 0.3, 0.35, 0.38, 0.5, 0.52], 2, 0.1, "max"),
+             ([0.5, 0.5, 0.6, 0.55, 0.58, 0.61, 0.9], 3, 0.02, "max")]
+    for values, patience, delta, mode in cases:
+        cfg = tiny_config(tiny, tmp_path / "r", 'eval.early_stopping="val_loss"',
+                          f"eval.patience={patience}", f"eval.min_delta={delta}",
+                          f'eval.mode="{mode}"', "eval.every_steps=1", "eval.metrics=[]")
+        t = Trainer(cfg, echo=quiet, progress=False)
+        t.cfg, t.info, t.model, prog = cfg, None, None, Progress()
+        ours = [t._early_stop({"val_loss": v}, prog, i) for i, v in enumerate(values)]
+        hf = _hf_stops(values, patience, delta, mode == "max")
+        assert ours == hf, (values, ours, hf)
+
+
+def _hf_step_sizes(n_batches: int, grad_accum: int, epochs: float, out) -> list[int]:
+    """The micro-batches of each optimizer step of transformers' Trainer (batch size 1)."""
+    import transformers
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    cfg = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1)
+    ids = torch.tensor([1, 2, 3])
+    data = [{"input_ids": ids, "labels": ids}] * n_batches
+    sizes, cur = [], [0]
+
+    class Count(TrainerCallback):
+        def on_substep_end(self, args, state, control, **kw):
+            cur[0] += 1
+
+        def on_step_end(self, args, state, control, **kw):
+            sizes.append(cur[0] + 1)
+            cur[0] = 0
+
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=1,
+                             gradient_accumulation_steps=grad_accum, num_train_epochs=epochs,
+                             report_to=[], save_strategy="no", use_cpu=True,
+                             logging_strategy="no", learning_rate=1e-9, disable_tqdm=True)
+    Trainer(model=transformers.LlamaForCausalLM(cfg), args=args, train_dataset=data,
+            callbacks=[Count()]).train()
+    return sizes
+
+
+def test_epoch_steps_are_transformers_trainers(tmp_path):
+    """When epochs decide, every epoch ends with a partial accumulation step and no step spans
+    two epochs, as transformers' Trainer: 2 epochs of 5 batches at grad_accum 4 are steps of
+    4, 1, 4, 1 batches (Ember took 4, 4, 2: 3 steps, a schedule of another length)."""
+    from ember.engine.runtime import epoch_step_sizes
+
+    class Plan:
+        def __init__(self, n):
+            self.n = n
+
+        def plan(self, epoch):
+            return [[0]] * self.n
+
+    for n, ga, epochs in [(5, 4, 2), (7, 4, 2), (5, 4, 1.5), (6, 3, 2), (3, 4, 3), (5, 2, 0.5)]:
+        want = _hf_step_sizes(n, ga, epochs, tmp_path / "hf")
+        assert epoch_step_sizes(Plan(n), epochs, ga) == want, (n, ga, epochs, want)
+
+
+def test_an_epoch_ends_with_its_own_partial_step(tiny, tmp_path):
+    """Through a run: 2 epochs (file order: the same batches each epoch), grad_accum 4 on a
+    number of batches that 4 does not divide: the epoch's last step ends exactly at the epoch's
+    tokens, and the run at twice that."""
+    from ember.engine.data import PackedBatches
+    from ember.engine.trainer import Trainer
+
+    cfg = tiny_config(tiny, tmp_path / "r", f'data.train=["{tiny["small"]}"]', "grad_accum=4",
+                      "epochs=2", 'data.order="file"', "data.max_seq_len=16",
+                      "data.tokens_per_batch=16", "eval.metrics=[]", "eval.val_loss=false",
+                      "checkpoint.save_final=false")
+    t = Trainer(cfg, echo=quiet, progress=False)
+    res = t.run()
+    n = len(PackedBatches.from_config(t.datasets.train, t.cfg.data).plan(0))
+    assert n % 4 and res.steps == 2 * -(-n // 4)
+    tokens = [r["tokens"] for r in rows_of(tmp_path / "r") if r["kind"] == "train"]
+    epoch = sum(len(e) for e in t.datasets.train)
+    assert tokens[res.steps // 2 - 1] == epoch and tokens[-1] == 2 * epoch
+
+
+def test_resume_across_epochs_with_partial_steps_is_exact(tiny, tmp_path):
+    """2 shuffled epochs at grad_accum 3 on a number of batches 3 does not divide (each epoch
+    ends with a partial step), LoRA dropout, evaluations in between: stopped halfway and
+    resumed, the rows and final weights are those of the run not stopped."""
+    extra = (f'data.train=["{tiny["small"]}"]', "epochs=2", "grad_accum=3",
+             'data.packing="greedy"', "data.seed=3", "data.max_seq_len=16",
+             "data.tokens_per_batch=16", "lora.dropout=0.1", "eval.metrics=[]",
+             "eval.every_steps=2")
+    a = train(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
+    assert a.steps >= 4
+    cfg_b = tiny_config(tiny, tmp_path / "b", *extra)
+    stop = a.steps // 2
+    assert train(cfg_b, echo=quiet, progress=False, stop_after=stop).steps == stop
+    train(cfg_b, resume=True, echo=quiet, progress=False)
+    assert rows_of(tmp_path / "a", timing=False) == rows_of(tmp_path / "b", timing=False)
+    wa = dict(load_run_model(tmp_path / "a", "cpu")[0].named_parameters())
+    wb = dict(load_run_model(tmp_path / "b", "cpu")[0].named_parameters())
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
