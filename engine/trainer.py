@@ -369,6 +369,10 @@ class Trainer:
         step_sizes = None if cfg.max_steps else epoch_step_sizes(batches, cfg.epochs,
                                                                  cfg.grad_accum)
         total = cfg.max_steps or len(step_sizes)
+        if cfg.eval.early_stopping and cfg.eval.every_steps >= total:
+            self.echo(f"note: eval.every_steps = {cfg.eval.every_steps} >= the run's {total} "
+                      f"steps: no evaluation before the last step, so eval.early_stopping "
+                      f"({cfg.eval.early_stopping}) cannot stop this run; lower eval.every_steps")
         o = cfg.optim
         warmup = warmup_steps(o, total)
         opt = make_optimizer(model, o, self.device, embedding_lr=cfg.lora.embedding_lr

@@ -32,6 +32,22 @@ def test_the_step_early_stopping_ends_at_is_logged_with_log_every(tiny, tmp_path
     assert evals[-1] == 4
 
 
+def test_early_stopping_that_cannot_act_says_so(tiny, tmp_path):
+    """eval.every_steps >= the run's steps: no evaluation before the end, so early stopping never
+    acts; the run says so (it said nothing)."""
+    said = []
+    cfg = tiny_config(tiny, tmp_path / "n", "max_steps=3", "eval.every_steps=5",
+                      'eval.early_stopping="val_loss"', "eval.metrics=[]",
+                      "checkpoint.save_final=false")
+    train(cfg, echo=said.append, progress=False)
+    assert any("cannot stop this run" in str(m) for m in said), said
+    said.clear()
+    train(tiny_config(tiny, tmp_path / "m", "max_steps=6", "eval.every_steps=2",
+                      'eval.early_stopping="val_loss"', "eval.metrics=[]",
+                      "checkpoint.save_final=false"), echo=said.append, progress=False)
+    assert not any("cannot stop this run" in str(m) for m in said)
+
+
 def test_the_step_a_stopped_run_ends_at_is_logged(tiny, tmp_path):
     """A run stopped after step 3 (to --resume) with log_every = 5 lost step 3's row for good:
     the resumed run starts at step 4."""
