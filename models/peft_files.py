@@ -61,12 +61,6 @@ def _pattern_value(patterns: dict, hf_name: str, default):
     return default
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_adapter(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
     """A PEFT adapter folder: adapter_model.safetensors + adapter_config.json, each atomic."""
     from safetensors.torch import save_file
@@ -75,10 +69,24 @@ def _write_adapter(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> P
     if out.exists() and not out.is_dir():
         raise EmberError(f"cannot write an adapter to {out}: it exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "adapter_model.safetensors",
-                  lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(out / "adapter_config.json",
-                  lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    # Both files are written under temporary names first and then renamed one right after the
+    # other: a crash while writing (the weights take long) leaves the folder as it was, not new
+    # weights without their config (or beside an older adapter's config).
+    files = {"adapter_model.safetensors": lambda p: save_file(tensors, str(p),
+                                                              metadata={"format": "pt"}),
+             "adapter_config.json": lambda p: p.write_text(
+                 json.dumps(config, indent=2, sort_keys=True) + "\n")}
+    tmps = {}
+    try:
+        for name, write in files.items():
+            tmps[name] = out / (name + ".tmp")
+            write(tmps[name])
+    except BaseException:
+        for t in tmps.values():
+            t.unlink(missing_ok=True)
+        raise
+    for name, tmp in tmps.items():
+        os.replace(tmp, out / name)
     return out
 
 

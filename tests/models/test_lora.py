@@ -340,3 +340,27 @@ def test_save_onto_a_file_is_a_clear_error(hf_dir, tmp_path):
     with pytest.raises(EmberError, match="exists and is not a folder"):
         save_adapter(model, target)
     assert target.read_text() == "not a folder"
+
+
+def test_a_failed_save_leaves_the_adapter_folder_as_it_was(hf_dir, tmp_path, monkeypatch):
+    """save_adapter over an adapter that fails while writing (a crash, a full disk) must leave
+    the old adapter whole: it replaced the weights first, so the folder held new weights beside
+    the old adapter_config.json (or, for a first save, weights without a config)."""
+    import ember.models.peft_files as pf
+
+    out = tmp_path / "adapter"
+    old = apply_lora(_ember_model(hf_dir), LoRAConfig(rank=4, targets=("q",)))
+    save_adapter(old, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    new = apply_lora(_ember_model(hf_dir), LoRAConfig(rank=8, targets=("q", "v")))
+
+    def broken_dumps(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pf.json, "dumps", broken_dumps)
+    with pytest.raises(OSError, match="No space"):
+        save_adapter(new, out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert peft.PeftModel.from_pretrained(hf, out).peft_config["default"].r == 4
