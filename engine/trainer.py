@@ -91,6 +91,7 @@ from ember.engine.runtime import (
 )
 from ember.engine.stages import describe as describe_start
 from ember.engine.state import Progress, export_final, open_run, restore, save
+from ember.models.hf_config_export import check_classifier_exportable
 from ember.models.lora import lora_modules
 from ember.models.moe import collect_router_stats, load_balancing_loss
 
@@ -351,6 +352,11 @@ class Trainer:
         self.model = model = self._build(cfg, info)
         self.aux_coef = router_aux_coef(cfg, model)
         self.objective.check_model(model, self.tokenizer)
+        if cfg.checkpoint.save_final:  # now, not after training: final/ is the export
+            try:
+                check_classifier_exportable(model.cfg, "export (final/)")
+            except EmberError as e:
+                raise EmberError(f"{e} (or set checkpoint.save_final = false)") from None
         self.datasets = self._datasets(cfg, info, self.tokenizer)
         self._check_eval_data()
         self._check_context(model)

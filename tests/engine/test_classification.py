@@ -460,3 +460,26 @@ def test_macro_f1_counts_predicted_classes_as_sklearn(monkeypatch):
                                       "cpu")
     assert res.scores["macro_f1"] == pytest.approx(5 / 9) == res.scores["f1"]
     assert res.scores["accuracy"] == 0.75
+
+
+def test_a_classifier_transformers_cannot_load_is_refused_before_training(task, tmp_path):
+    """transformers has no GraniteForSequenceClassification: final/ (a SEQ_CLS adapter or a
+    merged folder) could not be written, and the run found out only after training."""
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    assert not hasattr(transformers, "GraniteForSequenceClassification")
+    folder = tmp_path / "granite"
+    shutil.copytree(task["model"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="granite", architectures=["GraniteForCausalLM"])
+    (folder / "config.json").write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    with pytest.raises(EmberError, match="GraniteForSequenceClassification.*save_final = false"):
+        Trainer(cls_config({**task, "model": str(folder)}, run, 'method="lora"',
+                           "max_steps=2"), echo=quiet, progress=False).run()
+    assert not list(run.glob("step_*"))
+    res = Trainer(cls_config({**task, "model": str(folder)}, tmp_path / "kept", 'method="lora"',
+                             "max_steps=1", "checkpoint.save_final=false"),
+                  echo=quiet, progress=False).run()
+    assert res.steps == 1
