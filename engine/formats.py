@@ -115,18 +115,26 @@ def parse(obj: dict, fmt: str):
         from ember.engine.preference import parse_pair
 
         return parse_pair(obj)
-    tools = obj.get("tools")
-    if fmt == "sharegpt" and isinstance(tools, str):  # LLaMA-Factory: the schemas as JSON text
-        tools = _json_value(tools, "field 'tools'") if tools.strip() else None
-    if tools is not None and not (isinstance(tools, list)
-                                  and all(isinstance(t, dict) for t in tools)):
-        raise _Bad("wrong type", f"field 'tools' must be an array of tool schemas (objects), got "
-                                 f"{_type_name(tools)}")
+    tools = parse_tools(obj, fmt == "sharegpt")
     msgs = _sharegpt(obj) if fmt == "sharegpt" else obj.get("messages")
     if "messages" not in obj and fmt == "messages":
         raise _Bad("missing field", f"missing field 'messages' (keys present: {sorted(obj)})")
     return Chat(parse_messages(msgs, "conversations" if fmt == "sharegpt" else "messages"),
                 tools or None)
+
+
+def parse_tools(obj: dict, json_text: bool = False) -> list[dict] | None:
+    """A line's ``tools`` (the JSON schemas of the tools its conversation may call), validated;
+    None when absent or empty. ``json_text``: the schemas may be one JSON string (LLaMA-Factory's
+    ShareGPT)."""
+    tools = obj.get("tools")
+    if json_text and isinstance(tools, str):
+        tools = _json_value(tools, "field 'tools'") if tools.strip() else None
+    if tools is not None and not (isinstance(tools, list)
+                                  and all(isinstance(t, dict) for t in tools)):
+        raise _Bad("wrong type", f"field 'tools' must be an array of tool schemas (objects), got "
+                                 f"{_type_name(tools)}")
+    return tools or None
 
 
 class Alpaca(NamedTuple):

@@ -14,14 +14,15 @@ longest common prefix of the two conversations (implicit), and after it ``chosen
 ``rejected`` must each be exactly one assistant message. Log-probabilities (the labels) cover
 that final assistant response only (and its end-of-turn token); earlier assistant turns are part
 of the prompt. A pair whose conversations differ before their final assistant message is
-refused: its two answers would not answer the same prompt.
+refused: its two answers would not answer the same prompt. A chat pair's ``tools`` (the JSON
+schemas of the tools it may call) go to the template with both documents, as TRL passes them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ember.engine.formats import _Bad, _get_str, _type_name, parse_messages
+from ember.engine.formats import Chat, _Bad, _get_str, _type_name, parse_messages, parse_tools
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Pair:
     prompt: str | list[dict]  # a string, or the shared messages
     chosen: str | dict  # a string, or one assistant message
     rejected: str | dict
+    tools: list[dict] | None = None  # a chat pair's tool schemas, for the template (as TRL)
 
     @property
     def reference(self) -> str:
@@ -83,7 +85,11 @@ def parse_pair(obj: dict) -> Pair:
         if key not in obj:
             raise _Bad("missing field", f"missing field {key!r} (keys present: {sorted(obj)})")
     chat = isinstance(obj["chosen"], list)
+    tools = parse_tools(obj)
     if not chat:
+        if tools is not None:
+            raise _Bad("wrong type", "field 'tools' needs chat pairs (message lists): a chat "
+                                     "template renders the tools; string pairs have none")
         if "prompt" not in obj:
             prompt, chosen, rejected = _implicit_prompt(_get_str(obj, "chosen"),
                                                         _get_str(obj, "rejected"))
@@ -121,18 +127,18 @@ def parse_pair(obj: dict) -> Pair:
             pair = Pair(chosen[:n], _answer(chosen, "chosen", n), _answer(rejected, "rejected", n))
     if pair.chosen == pair.rejected:
         raise _Bad("identical pair", "chosen and rejected are identical: no preference")
-    return pair
+    return replace(pair, tools=tools) if tools is not None else pair
 
 
-def encode_answer(enc, prompt: str | list[dict], answer: str | dict, apart: bool = True
-                  ) -> tuple:
+def encode_answer(enc, prompt: str | list[dict], answer: str | dict, apart: bool = True,
+                  tools: list[dict] | None = None) -> tuple:
     """One document, prompt then answer: (ids, target mask, prompt_len, reference) from ``enc``
     (``ember.engine.data._Encoder``); a message prompt's earlier assistant turns are context.
     ``apart``: string prompt and answer tokenized in two (TRL's DPO), else as one text (TRL's
     KTO, when there is no chat template)."""
     if isinstance(prompt, str):
         return enc.encode("prompt_completion", (prompt, answer), apart=apart)
-    ids, mask, prompt_len, reference = enc.encode("messages", [*prompt, answer])
+    ids, mask, prompt_len, reference = enc.encode("messages", Chat([*prompt, answer], tools))
     if enc.cfg.loss_on != "all":  # earlier assistant turns are context, not the answer
         mask = [False] * prompt_len + mask[prompt_len:]
     return ids, mask, prompt_len, reference
@@ -141,4 +147,5 @@ def encode_answer(enc, prompt: str | list[dict], answer: str | dict, apart: bool
 def encode_pair(enc, pair: Pair) -> list[tuple]:
     """Two documents, chosen then rejected: (ids, target mask, prompt_len, reference) each, from
     ``enc`` (``ember.engine.data._Encoder``)."""
-    return [encode_answer(enc, pair.prompt, a) for a in (pair.chosen, pair.rejected)]
+    return [encode_answer(enc, pair.prompt, a, tools=pair.tools)
+            for a in (pair.chosen, pair.rejected)]

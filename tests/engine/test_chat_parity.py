@@ -534,3 +534,25 @@ def test_kto_completion_is_tokenized_whole_as_trl_does(tmp_path, spm_backend, co
     start = len(p) - (full[:len(p)] != p)  # trl.KTOTrainer's response_token_ids_start_idx
     assert ex.input_ids == full + [hf.eos_token_id]
     assert [t for t in ex.labels if t != IGNORE] == full[start:] + [hf.eos_token_id]
+
+
+def test_preference_pairs_pass_their_tools_to_the_template(tmp_path, backend):
+    """TRL's DPO renders a conversational pair with the line's ``tools``; Ember dropped them (the
+    prompt the answers were scored after had no tool schemas). Each document is now transformers'
+    apply_chat_template(prompt + answer, tools=...), and a string pair with tools is refused."""
+    ours, hf = _pair(backend, "qwen2.5")
+    prompt = TOOL_CHAT[:3]
+    good, bad = TOOL_CHAT[3], {"role": "assistant", "content": "No idea."}
+    row = {"prompt": prompt, "chosen": [good], "rejected": [bad], "tools": TOOLS}
+    (ex,), _ = _load(tmp_path, ours, [row])
+    n = ex.parts[0]
+    for (ids, labels), answer in (((ex.input_ids[:n], ex.labels[:n]), good),
+                                  ((ex.input_ids[n:], ex.labels[n:]), bad)):
+        out = hf.apply_chat_template([*prompt, answer], tools=TOOLS, tokenize=True,
+                                     return_dict=True)
+        assert ids == out["input_ids"]
+        assert "get_weather" in hf.decode(ids[:ex.prompt_len])
+        target = hf.decode([t for t in labels if t != -100])
+        assert target.startswith(answer["content"]), target
+    with pytest.raises(EmberError, match="'tools' needs chat pairs"):
+        _load(tmp_path, ours, [{"prompt": "q", "chosen": "a", "rejected": "b", "tools": TOOLS}])
