@@ -125,13 +125,16 @@ class AdamW8bit(torch.optim.Optimizer):
             return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False,
                                       shape=p.shape, stride=p.stride())
 
+        def zeros(dtype: torch.dtype) -> torch.Tensor:
+            # Contiguous whatever p's strides (a transposed parameter): the 256-value blocks run
+            # over p's values in row-major order, as bnb's; zeros_like would copy the strides.
+            return like_p(torch.zeros(local.shape, dtype=dtype, device=local.device))
+
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         if p.numel() < self.min_8bit_size:
-            state["state1"] = like_p(torch.zeros_like(local, dtype=torch.float32))
-            state["state2"] = like_p(torch.zeros_like(local, dtype=torch.float32))
+            state["state1"], state["state2"] = zeros(torch.float32), zeros(torch.float32)
             return
-        state["state1"] = like_p(torch.zeros_like(local, dtype=torch.uint8))
-        state["state2"] = like_p(torch.zeros_like(local, dtype=torch.uint8))
+        state["state1"], state["state2"] = zeros(torch.uint8), zeros(torch.uint8)
         state["shards"] = torch.tensor(_shards(p))  # the block grid follows the shards
         if not sharded:
             nb = -(-p.numel() // BLOCKSIZE)
