@@ -284,11 +284,14 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 # the top-k choice turns their tiny logit gaps into discrete decisions that NF4's rounding flips,
 # and they hold a negligible share of the weights.
 ROUTERS = ("mlp.gate", "shared_expert_gate")
+# A classifier's head ``score`` trains whole with the adapters (PEFT's modules_to_save) and is the
+# model's last module, which transformers' bitsandbytes loading never quantizes either.
+ALWAYS_DENSE = (*ROUTERS, "score")
 
 
 def _linear_names(model: nn.Module, skip: Iterable[str]) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and
-            not _skipped(n, (*skip, *ROUTERS))]
+            not _skipped(n, (*skip, *ALWAYS_DENSE))]
 
 
 def quantize_model_(model: nn.Module, skip: Iterable[str] = ("lm_head",), *,

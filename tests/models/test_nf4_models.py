@@ -292,3 +292,33 @@ def test_flat_storage_holds_bnbs_bytes_as_one_parameter(double_quant, quant_type
     copy.load_state_dict(q.state_dict())
     assert torch.equal(copy.nf4_storage.view(torch.int16), raw)
     assert "flat storage" in repr(copy)
+
+
+def test_classifier_head_stays_dense_as_transformers_keeps_it(tmp_path):
+    """transformers' bitsandbytes loading keeps a *ForSequenceClassification head (``score``, the
+    last module) dense, and PEFT trains it whole: Ember quantized it, so its class logits
+    differed and ``score.weight`` (set trainable by the classification trainer) did not exist."""
+    transformers = pytest.importorskip("transformers")
+    from ember.models.heads import classify
+    from ember.models.loading import load_pretrained
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   num_labels=3, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
+    qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_compute_dtype=torch.float32)
+    hf = transformers.LlamaForSequenceClassification.from_pretrained(
+        tmp_path, quantization_config=qcfg, device_map="cpu")
+    with pytest.warns(UserWarning, match="tokenizer"):
+        model, _ = load_pretrained(tmp_path, quantize="nf4", double_quant=False)
+    dense = {n for n, m in hf.named_modules() if type(m) is nn.Linear}
+    assert dense == {"score"}
+    assert {n for n, m in model.named_modules() if type(m) is nn.Linear} == dense
+    assert torch.equal(model.score.weight, hf.score.weight)
+    ids = torch.randint(1, 96, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(classify(model, ids), hf(input_ids=ids).logits)
+    assert quantize_model_(model) == []  # already quantized; score still skipped
