@@ -322,3 +322,33 @@ def test_classifier_head_stays_dense_as_transformers_keeps_it(tmp_path):
     with torch.no_grad():
         assert torch.equal(classify(model, ids), hf(input_ids=ids).logits)
     assert quantize_model_(model) == []  # already quantized; score still skipped
+
+
+def test_non_finite_weight_names_its_tensor_while_quantizing(tmp_path):
+    """A NaN in a checkpoint's linear weight: transformers + bitsandbytes load it into NaN
+    logits without a word; Ember's quantize-while-loading (and quantize_model_) crashed with an
+    IndexError deep in the double quantization. Now: an error naming the tensor."""
+    transformers = pytest.importorskip("transformers")
+    from ember.models.loading import load_pretrained
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        hf.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    hf.save_pretrained(tmp_path)
+    qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=True,
+                                           bnb_4bit_compute_dtype=torch.float32)
+    hf_q = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=qcfg,
+                                                         device_map="cpu")
+    with torch.no_grad():
+        assert not torch.isfinite(hf_q(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+    with pytest.raises(EmberError, match=r"layers\.1\.mlp\.down_proj\.weight: .*inf or NaN"):
+        load_pretrained(tmp_path, quantize="nf4")
+    with pytest.warns(UserWarning, match="tokenizer"):
+        dense, _ = load_pretrained(tmp_path)
+    with pytest.raises(EmberError, match=r"layers\.1\.mlp\.down_proj\.weight: .*inf or NaN"):
+        quantize_model_(dense)
