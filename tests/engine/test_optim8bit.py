@@ -194,3 +194,21 @@ def test_non_contiguous_parameter_matches_bitsandbytes():
         assert torch.equal(ours, theirs)
         for key in ("state1", "state2", "absmax1", "absmax2"):
             assert torch.equal(a.state[ours][key], b.state[theirs][key]), key
+
+
+def test_state_of_other_parameters_is_refused_clearly():
+    """Resuming with other trainable parameters (LoRA rank or targets changed): a zip() error,
+    or a shape error deep inside the first step (torch's AdamW: a RuntimeError there too)."""
+    ps = [torch.nn.Parameter(torch.randn(70, 90)), torch.nn.Parameter(torch.randn(50))]
+    opt = AdamW8bit(ps)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    for other, needle in (([ps[0]], "holds 2 parameters, the model trains 1"),
+                          ([torch.nn.Parameter(torch.randn(70, 91)), ps[1]],
+                           r"6300 values for parameter 0, the model's has shape \(70, 91\)"),
+                          ([ps[0], torch.nn.Parameter(torch.randn(51))],
+                           r"50 values for parameter 1")):
+        with pytest.raises(EmberError, match=needle):
+            AdamW8bit(other).load_state_dict(saved)
