@@ -289,7 +289,9 @@ ROUTERS = ("mlp.gate", "shared_expert_gate")
 ALWAYS_DENSE = (*ROUTERS, "score")
 
 
-def _linear_names(model: nn.Module, skip: Iterable[str]) -> list[str]:
+def _linear_names(model: nn.Module, skip: Iterable[str] | str) -> list[str]:
+    if isinstance(skip, str):  # one pattern, not its characters
+        skip = (skip,)
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and
             not _skipped(n, (*skip, *ALWAYS_DENSE))]
 

@@ -352,3 +352,17 @@ def test_non_finite_weight_names_its_tensor_while_quantizing(tmp_path):
         dense, _ = load_pretrained(tmp_path)
     with pytest.raises(EmberError, match=r"layers\.1\.mlp\.down_proj\.weight: .*inf or NaN"):
         quantize_model_(dense)
+
+
+def test_skip_as_one_string_is_one_pattern(hf_pair):
+    """skip="lm_head" was iterated character by character, so nothing was skipped and the head
+    got quantized; transformers' bnb loading (the oracle) keeps lm_head dense."""
+    from ember.models.loading import load_pretrained
+
+    assert type(hf_pair["hf_model"].lm_head) is nn.Linear
+    with pytest.warns(UserWarning, match="tokenizer"):
+        model, _ = load_pretrained(hf_pair["dense_dir"])
+    names = quantize_model_(model, skip="lm_head")
+    assert "lm_head" not in names and type(model.lm_head) is nn.Linear
+    assert len(names) == 14  # 7 projections x 2 layers, as transformers' Linear4bit layers
+    assert len([m for m in hf_pair["hf_model"].modules() if type(m).__name__ == "Linear4bit"]) == 14
