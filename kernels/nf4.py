@@ -351,7 +351,8 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         raise ValueError(f"nf4_quantize: blocksize must be one of {BLOCKSIZES}, got {blocksize}")
     if w.numel() == 0:
         raise ValueError("nf4_quantize: cannot quantize an empty tensor")
-    if not torch.isfinite(w).all():
+    lo, hi = torch.aminmax(w.detach())  # NaN propagates; no n-element temporary
+    if not (torch.isfinite(lo) and torch.isfinite(hi)):
         raise ValueError(f"nf4_quantize: w of shape {tuple(w.shape)} holds inf or NaN values, "
                          "which have no 4-bit code (bitsandbytes silently writes garbage codes); "
                          "fix or re-export the weights before quantizing")
