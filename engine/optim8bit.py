@@ -98,6 +98,16 @@ class AdamW8bit(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        if len(saved) != len(params):
+            raise EmberError(f"this adamw_8bit optimizer state holds {len(saved)} parameters, the "
+                             f"model trains {len(params)}: resume with the trainable parameters "
+                             "(LoRA targets, freeze patterns) of the run that wrote it")
+        for n, (i, p) in enumerate(zip(saved, params, strict=True)):
+            s1 = state_dict["state"].get(i, {}).get("state1")
+            if s1 is not None and s1.numel() != p.numel():
+                raise EmberError(f"this adamw_8bit optimizer state has {s1.numel()} values for "
+                                 f"parameter {n}, the model's has shape {tuple(p.shape)}: resume "
+                                 "with the model (LoRA rank, targets) of the run that wrote it")
         for i, p in zip(saved, params, strict=True):
             shards = state_dict["state"].get(i, {}).get("shards")
             if shards is not None and int(shards) != _shards(p):
@@ -125,13 +135,16 @@ class AdamW8bit(torch.optim.Optimizer):
             return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False,
                                       shape=p.shape, stride=p.stride())
 
+        def zeros(dtype: torch.dtype) -> torch.Tensor:
+            # Contiguous whatever p's strides (a transposed parameter): the 256-value blocks run
+            # over p's values in row-major order, as bnb's; zeros_like would copy the strides.
+            return like_p(torch.zeros(local.shape, dtype=dtype, device=local.device))
+
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         if p.numel() < self.min_8bit_size:
-            state["state1"] = like_p(torch.zeros_like(local, dtype=torch.float32))
-            state["state2"] = like_p(torch.zeros_like(local, dtype=torch.float32))
+            state["state1"], state["state2"] = zeros(torch.float32), zeros(torch.float32)
             return
-        state["state1"] = like_p(torch.zeros_like(local, dtype=torch.uint8))
-        state["state2"] = like_p(torch.zeros_like(local, dtype=torch.uint8))
+        state["state1"], state["state2"] = zeros(torch.uint8), zeros(torch.uint8)
         state["shards"] = torch.tensor(_shards(p))  # the block grid follows the shards
         if not sharded:
             nb = -(-p.numel() // BLOCKSIZE)

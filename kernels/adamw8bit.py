@@ -103,7 +103,9 @@ def quantize_blockwise_ref(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor,
     inv = torch.where(am > 0, 1.0 / am, torch.zeros_like(am))
     s = (blocks * inv[:, None]).clamp(-1.0, 1.0)
     lut = _tables(x.device)[2 if signed else 3]
-    q = lut[((s + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int32)]
+    # A subnormal absmax has 1 / absmax = inf, so a zero there is NaN: bnb's C code gives it
+    # code 0 (its index conversion), never an out-of-range table read.
+    q = lut[((s + 1.0) * 0.5 * 65535.0 + 0.5).nan_to_num(0.0).to(torch.int32)]
     q = torch.where(am[:, None] > 0, q, torch.zeros_like(q))
     return q.reshape(-1)[:n].view(x.shape), am
 
@@ -158,6 +160,7 @@ def _requantize(x, LUT):
     s = tl.where(am[:, None] > 0, x * inv[:, None], 0.0)  # a block of zeros: codes 0
     s = tl.minimum(tl.maximum(s, -1.0), 1.0)
     t = ((s + 1.0) * 0.5) * 65535.0 + 0.5
+    t = tl.where(t == t, t, 0.0)  # NaN (a zero in a block of subnormal absmax): code 0, as bnb
     q = tl.load(LUT + t.to(tl.int32))
     return tl.where(am[:, None] > 0, q, 0).to(tl.uint8), am
 

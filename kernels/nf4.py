@@ -166,7 +166,9 @@ def _quantize_absmax(absmax: torch.Tensor):
     am2 = blocks.abs().amax(1)
     inv = torch.where(am2 > 0, 1.0 / am2, torch.zeros_like(am2))
     v = (blocks * inv[:, None]).clamp(-1.0, 1.0)
-    q = lut[((v + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int32)]
+    # A subnormal absmax2 has 1 / absmax2 = inf, so a zero there is NaN: bnb's C code gives it
+    # code 0 (its index conversion), never an out-of-range table read.
+    q = lut[((v + 1.0) * 0.5 * 65535.0 + 0.5).nan_to_num(0.0).to(torch.int32)]
     q = torch.where(am2[:, None] > 0, q, torch.zeros_like(q))
     return q.reshape(-1)[:nb].contiguous(), am2, offset.item(), dyn
 
@@ -175,6 +177,11 @@ def _make_state(absmax, w, blocksize, double_quant) -> NF4State:
     code = _tables(absmax.device)[0]
     if not double_quant:
         return NF4State(absmax, w.shape, w.dtype, blocksize, code)
+    if not torch.isfinite(absmax - absmax.mean()).all():
+        raise ValueError(f"nf4_quantize: weights this large (max |w| = {absmax.max().item():.3g}) "
+                         "overflow fp32 in double quantization (the mean of the block absmax; "
+                         "bitsandbytes silently returns NaN weights); quantize with "
+                         "double_quant=False (bnb_4bit_use_double_quant=False) or rescale them")
     q, am2, offset, dyn = _quantize_absmax(absmax)
     return NF4State(q, w.shape, w.dtype, blocksize, code, offset, am2, dyn)
 
@@ -344,6 +351,11 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         raise ValueError(f"nf4_quantize: blocksize must be one of {BLOCKSIZES}, got {blocksize}")
     if w.numel() == 0:
         raise ValueError("nf4_quantize: cannot quantize an empty tensor")
+    lo, hi = torch.aminmax(w.detach())  # NaN propagates; no n-element temporary
+    if not (torch.isfinite(lo) and torch.isfinite(hi)):
+        raise ValueError(f"nf4_quantize: w of shape {tuple(w.shape)} holds inf or NaN values, "
+                         "which have no 4-bit code (bitsandbytes silently writes garbage codes); "
+                         "fix or re-export the weights before quantizing")
     if use_triton(w, impl, "nf4_quantize"):
         with _dispatch.device_guard(w):
             return _nf4_quantize(w.detach(), blocksize, double_quant)

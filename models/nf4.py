@@ -284,15 +284,15 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 # the top-k choice turns their tiny logit gaps into discrete decisions that NF4's rounding flips,
 # and they hold a negligible share of the weights.
 ROUTERS = ("mlp.gate", "shared_expert_gate")
-
-
 # The output heads stay dense unless asked (``skip``), as bitsandbytes leaves them in transformers:
-# the LM head and a classifier's ``score`` are read as dense matrices (logits, the fused loss,
-# ``classify``).
+# the LM head and a classifier's ``score`` (which trains whole with the adapters, PEFT's
+# modules_to_save) are read as dense matrices (logits, the fused loss, ``classify``).
 HEADS = ("lm_head", "score")
 
 
-def _linear_names(model: nn.Module, skip: Iterable[str]) -> list[str]:
+def _linear_names(model: nn.Module, skip: Iterable[str] | str) -> list[str]:
+    if isinstance(skip, str):  # one pattern, not its characters
+        skip = (skip,)
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and
             not _skipped(n, (*skip, *ROUTERS))]
 
@@ -304,9 +304,12 @@ def quantize_model_(model: nn.Module, skip: Iterable[str] = HEADS, *,
     weight is freed before the next is quantized. Returns the replaced module names."""
     names = _linear_names(model, skip)
     for name in names:  # only names are held: each old layer dies when replaced
-        _set_module(model, name, Linear4bit.from_linear(model.get_submodule(name),
-                                                        blocksize=blocksize,
-                                                        double_quant=double_quant))
+        try:
+            q = Linear4bit.from_linear(model.get_submodule(name), blocksize=blocksize,
+                                       double_quant=double_quant)
+        except ValueError as e:  # e.g. inf / NaN weights: say which layer
+            raise EmberError(f"{name}.weight: {e}") from e
+        _set_module(model, name, q)
     return names
 
 
@@ -340,7 +343,10 @@ def assign_quantized_(model: nn.Module, name: str, tensor: torch.Tensor | NF4Wei
         return False
     if device is not None:
         tensor = tensor.to(device)
-    module.set_weight(tensor, blocksize=blocksize, double_quant=double_quant)
+    try:
+        module.set_weight(tensor, blocksize=blocksize, double_quant=double_quant)
+    except ValueError as e:  # e.g. inf / NaN weights: say which tensor of the checkpoint
+        raise EmberError(f"{name}: {e}") from e
     return True
 
 
@@ -400,8 +406,11 @@ def _quantize_stacked_(model: nn.Module, parts: list[tuple[str, torch.Tensor]], 
     if any(sum(cuts[:i]) * k % blocksize for i in range(1, len(cuts))):
         pieces = [t for _, t in parts]  # 4-bit blocks would straddle the parts: one by one
     else:
-        pieces = split_nf4_rows(NF4Weight.quantize(whole, blocksize, double_quant), cuts,
-                                parts[0][0])
+        try:
+            q = NF4Weight.quantize(whole, blocksize, double_quant)
+        except ValueError as e:  # e.g. inf / NaN weights: say which tensors
+            raise EmberError(f"{[k for k, _ in parts]}: {e}") from e
+        pieces = split_nf4_rows(q, cuts, parts[0][0])
     del whole
     for (key, _), piece in zip(parts, pieces, strict=True):
         assign_quantized_(model, key, piece, blocksize=blocksize, double_quant=double_quant)

@@ -176,3 +176,39 @@ def test_fsdp2_sharded_states_checkpoint_and_resume(tmp_path):
     for n in ("layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"):
         assert torch.equal(res["a"][n], res["ref"][n]), n  # same blocks: same numbers
     torch.testing.assert_close(res["a"]["odd"], res["ref"]["odd"], rtol=0, atol=1e-3)
+
+
+def test_non_contiguous_parameter_matches_bitsandbytes():
+    """A transposed parameter (strides not row-major): its states were created with its strides
+    and the kernel refused them (ValueError from every step); bnb blocks its values row-major."""
+    bnb = pytest.importorskip("bitsandbytes")
+    w = torch.randn(130, 64)
+    ours, theirs = torch.nn.Parameter(w.t()), torch.nn.Parameter(w.t().clone())
+    a = AdamW8bit([ours], lr=1e-3, betas=(0.8, 0.95), eps=1e-6, impl="ref")
+    b = bnb.optim.AdamW8bit([theirs], lr=1e-3, betas=(0.8, 0.95), eps=1e-6)
+    for t in range(1, 4):
+        g = _grad(ours, t, 0)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+        assert torch.equal(ours, theirs)
+        for key in ("state1", "state2", "absmax1", "absmax2"):
+            assert torch.equal(a.state[ours][key], b.state[theirs][key]), key
+
+
+def test_state_of_other_parameters_is_refused_clearly():
+    """Resuming with other trainable parameters (LoRA rank or targets changed): a zip() error,
+    or a shape error deep inside the first step (torch's AdamW: a RuntimeError there too)."""
+    ps = [torch.nn.Parameter(torch.randn(70, 90)), torch.nn.Parameter(torch.randn(50))]
+    opt = AdamW8bit(ps)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    for other, needle in (([ps[0]], "holds 2 parameters, the model trains 1"),
+                          ([torch.nn.Parameter(torch.randn(70, 91)), ps[1]],
+                           r"6300 values for parameter 0, the model's has shape \(70, 91\)"),
+                          ([ps[0], torch.nn.Parameter(torch.randn(51))],
+                           r"50 values for parameter 1")):
+        with pytest.raises(EmberError, match=needle):
+            AdamW8bit(other).load_state_dict(saved)

@@ -147,3 +147,37 @@ def test_errors_say_what_to_do():
     with pytest.raises(ValueError, match="step >= 1"):
         adamw8bit_step(p, p.clone(), s, s.clone(), torch.zeros(2), torch.zeros(2), step=0,
                        lr=1e-3)
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_zeros_in_a_block_of_subnormal_moments_match_bitsandbytes(impl):
+    """A moment block whose absmax is subnormal (a state decayed for ~800 steps without gradient)
+    has 1 / absmax = inf, so its exact zeros scale to NaN: bnb gives them code 0; we crashed
+    with an out-of-range table index (reference) or read past the table (Triton)."""
+    x = torch.zeros(2 * BLOCKSIZE + 5)
+    x[:3] = torch.tensor([2e-39, -3e-41, 1e-41])
+    x[BLOCKSIZE + 7] = -1e-40
+    code = F.create_dynamic_map(signed=True)
+    q_bnb, am_bnb = torch.ops.bitsandbytes.quantize_blockwise(x, code, BLOCKSIZE)
+    q, am = quantize_blockwise_ref(x, True)
+    assert torch.equal(am, am_bnb) and torch.equal(q, q_bnb)
+    # The whole step, from such a state, against bnb's AdamW8bit.
+    p0, n = torch.randn(4096), 4096
+    g = torch.zeros(n)
+    s1 = torch.full((n,), 127, dtype=torch.uint8)  # code 127 is 0.0
+    s1[::7] = 255
+    s2 = torch.zeros(n, dtype=torch.uint8)
+    a1, a2 = torch.full((n // BLOCKSIZE,), 2e-39), torch.zeros(n // BLOCKSIZE)
+    pb = torch.nn.Parameter(p0.clone())
+    opt = bnb.optim.AdamW8bit([pb], lr=1e-3)
+    pb.grad = g.clone()
+    opt.step()  # creates the state; then put ours in and step again
+    st = opt.state[pb]
+    for name, t in (("state1", s1), ("state2", s2), ("absmax1", a1), ("absmax2", a2)):
+        st[name].copy_(t)
+    pb.data.copy_(p0)
+    opt.step()
+    p = p0.clone()
+    adamw8bit_step(p, g, s1, s2, a1, a2, step=2, lr=1e-3, weight_decay=1e-2, impl=impl)
+    for a, b in ((p, pb.data), (s1, st["state1"]), (a1, st["absmax1"]), (s2, st["state2"])):
+        assert torch.equal(a, b)

@@ -201,3 +201,27 @@ def test_gpu_nf4_linear_bf16(m, n, k):
     x, b = x32.bfloat16(), b32.bfloat16()
     assert_close_to_ref("nf4_linear", nf4_linear(x, wq, b), nf4_linear_ref(x, wq, b),
                         nf4_linear_ref(x32, wq, b32))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_finite_and_overflowing_weights_raise_subnormal_match_bnb(impl):
+    """inf / NaN weights have no code (bnb writes garbage; we crashed with an IndexError deep in
+    the double quantization): a clear error. Finite weights near fp32's max overflow the double
+    quantization's absmax mean (bnb returns NaN weights): a clear error naming the way out, and
+    double_quant=False still matches bnb. Subnormal weights (1 / absmax2 = inf, zeros become
+    NaN) match bnb's nested codes instead of crashing."""
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        w = torch.randn(4, 64)
+        w[1, 3] = bad
+        with pytest.raises(ValueError, match="inf or NaN"):
+            nf4_quantize(w, 64, False, impl=impl)
+    huge = torch.randn(4, 64).clamp(-3, 3) * 1e38
+    pb, sb = _bnb(huge, True)
+    assert not torch.isfinite(bnbf.dequantize_4bit(pb, sb)).all()  # bnb's silent NaNs
+    with pytest.raises(ValueError, match="double_quant=False"):
+        nf4_quantize(huge, 64, True, impl=impl)
+    packed, state = nf4_quantize(huge, 64, False, impl=impl)
+    _assert_same_as_bnb(packed, state, *_bnb(huge, False))
+    tiny = torch.randn(8, 64) * 1e-40
+    packed, state = nf4_quantize(tiny, 64, True, impl=impl)
+    _assert_same_as_bnb(packed, state, *_bnb(tiny, True))

@@ -292,3 +292,77 @@ def test_flat_storage_holds_bnbs_bytes_as_one_parameter(double_quant, quant_type
     copy.load_state_dict(q.state_dict())
     assert torch.equal(copy.nf4_storage.view(torch.int16), raw)
     assert "flat storage" in repr(copy)
+
+
+def test_classifier_head_stays_dense_as_transformers_keeps_it(tmp_path):
+    """transformers' bitsandbytes loading keeps a *ForSequenceClassification head (``score``, the
+    last module) dense, and PEFT trains it whole: Ember quantized it, so its class logits
+    differed and ``score.weight`` (set trainable by the classification trainer) did not exist."""
+    transformers = pytest.importorskip("transformers")
+    from ember.models.heads import classify
+    from ember.models.loading import load_pretrained
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   num_labels=3, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
+    qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_compute_dtype=torch.float32)
+    hf = transformers.LlamaForSequenceClassification.from_pretrained(
+        tmp_path, quantization_config=qcfg, device_map="cpu")
+    with pytest.warns(UserWarning, match="tokenizer"):
+        model, _ = load_pretrained(tmp_path, quantize="nf4", double_quant=False)
+    dense = {n for n, m in hf.named_modules() if type(m) is nn.Linear}
+    assert dense == {"score"}
+    assert {n for n, m in model.named_modules() if type(m) is nn.Linear} == dense
+    assert torch.equal(model.score.weight, hf.score.weight)
+    ids = torch.randint(1, 96, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(classify(model, ids), hf(input_ids=ids).logits)
+    assert quantize_model_(model) == []  # already quantized; score still skipped
+
+
+def test_non_finite_weight_names_its_tensor_while_quantizing(tmp_path):
+    """A NaN in a checkpoint's linear weight: transformers + bitsandbytes load it into NaN
+    logits without a word; Ember's quantize-while-loading (and quantize_model_) crashed with an
+    IndexError deep in the double quantization. Now: an error naming the tensor."""
+    transformers = pytest.importorskip("transformers")
+    from ember.models.loading import load_pretrained
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        hf.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    hf.save_pretrained(tmp_path)
+    qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=True,
+                                           bnb_4bit_compute_dtype=torch.float32)
+    hf_q = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=qcfg,
+                                                         device_map="cpu")
+    with torch.no_grad():
+        assert not torch.isfinite(hf_q(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+    with pytest.raises(EmberError, match=r"layers\.1\.mlp\.down_proj\.weight: .*inf or NaN"):
+        load_pretrained(tmp_path, quantize="nf4")
+    with pytest.warns(UserWarning, match="tokenizer"):
+        dense, _ = load_pretrained(tmp_path)
+    with pytest.raises(EmberError, match=r"layers\.1\.mlp\.down_proj\.weight: .*inf or NaN"):
+        quantize_model_(dense)
+
+
+def test_skip_as_one_string_is_one_pattern(hf_pair):
+    """skip="lm_head" was iterated character by character, so nothing was skipped and the head
+    got quantized; transformers' bnb loading (the oracle) keeps lm_head dense."""
+    from ember.models.loading import load_pretrained
+
+    assert type(hf_pair["hf_model"].lm_head) is nn.Linear
+    with pytest.warns(UserWarning, match="tokenizer"):
+        model, _ = load_pretrained(hf_pair["dense_dir"])
+    names = quantize_model_(model, skip="lm_head")
+    assert "lm_head" not in names and type(model.lm_head) is nn.Linear
+    assert len(names) == 14  # 7 projections x 2 layers, as transformers' Linear4bit layers
+    assert len([m for m in hf_pair["hf_model"].modules() if type(m).__name__ == "Linear4bit"]) == 14
