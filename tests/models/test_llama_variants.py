@@ -426,7 +426,10 @@ def test_accelerate_hf(tmp_path, case, monkeypatch):
         got.loss.backward()
         mine = dict(model.named_parameters())
         for n, p in ref.named_parameters():
-            assert (mine[n].grad - p.grad).abs().max() <= 1e-5 * p.grad.abs().max(), n
+            # 2e-5 of the largest entry: fp32 rounding of other kernels' summation orders
+            # (attention, RMSNorm) through 4 layers reaches ~1.5e-5 on OLMo2's q_norm, whose
+            # gradients are ~1e-4 (seen when the SwiGLU reference moved to torch's silu)
+            assert (mine[n].grad - p.grad).abs().max() <= 2e-5 * p.grad.abs().max(), n
     with torch.no_grad():
         want = ref.eval()(ids, labels=labels)
         got = model.eval()(ids, labels=labels)
