@@ -356,11 +356,9 @@ def test_chat_is_tokenized_whole_as_transformers_does(tmp_path, spm_backend, nam
         assert ex_hf.input_ids == ex.input_ids
 
 
-@pytest.mark.parametrize("completion", [" Paris.", "Paris is the capital.", "\nRome"])
-def test_prompt_completion_is_tokenized_whole_as_trl_does(tmp_path, spm_backend, completion):
-    """Without a chat template, prompt + completion is one text (TRL's SFT tokenizes it whole
-    and trains from the end of the prompt's tokens on); encoded apart, an SPM completion gets a
-    leading "▁" that the model never sees at inference."""
+def _spm_with_bos(spm_backend):
+    """(ember Tokenizer, transformers tokenizer) of the SPM vocabulary with a BOS-adding
+    post-processor and no chat template."""
     from tokenizers import processors
 
     backend = Backend.from_str(spm_backend.to_str())
@@ -369,6 +367,15 @@ def test_prompt_completion_is_tokenized_whole_as_trl_does(tmp_path, spm_backend,
     ours = Tokenizer(backend, bos_token="<s>", eos_token="</s>")
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
                                               eos_token="</s>")
+    return ours, hf
+
+
+@pytest.mark.parametrize("completion", [" Paris.", "Paris is the capital.", "\nRome"])
+def test_prompt_completion_is_tokenized_whole_as_trl_does(tmp_path, spm_backend, completion):
+    """Without a chat template, prompt + completion is one text (TRL's SFT tokenizes it whole
+    and trains from the end of the prompt's tokens on); encoded apart, an SPM completion gets a
+    leading "▁" that the model never sees at inference."""
+    ours, hf = _spm_with_bos(spm_backend)
     prompt = "What is the capital of France? Answer:"
     (ex,), _ = _load(tmp_path, ours, [{"prompt": prompt, "completion": completion}])
     want = hf(prompt + completion)["input_ids"] + [hf.eos_token_id]
@@ -516,16 +523,9 @@ def test_developer_messages_render_as_transformers(tmp_path, backend):
 def test_kto_completion_is_tokenized_whole_as_trl_does(tmp_path, spm_backend, completion):
     """TRL's KTOTrainer tokenizes prompt + completion as one text and splits it at the prompt's
     length (one token earlier when the boundary token merged); DPO's tokenizes them apart."""
-    from tokenizers import processors
-
     from ember.engine.kto import load_kto_examples
 
-    backend = Backend.from_str(spm_backend.to_str())
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))])
-    ours = Tokenizer(backend, bos_token="<s>", eos_token="</s>")
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
-                                              eos_token="</s>")
+    ours, hf = _spm_with_bos(spm_backend)
     prompt = "What is the capital of France? Answer:"
     path = tmp_path / "k.jsonl"
     path.write_text(json.dumps({"prompt": prompt, "completion": completion, "label": True}))
