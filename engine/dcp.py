@@ -49,6 +49,7 @@ from ember.engine.distributed import (
     all_gather_objects,
     barrier,
     broadcast_object,
+    reshard_all,
 )
 
 MANIFEST = "manifest.json"
@@ -214,9 +215,15 @@ def _dcp_call(fn, state: dict, folder: Path):
 
 
 def _sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
+    """True for an FSDP model, its parameters back in their DTensor shards (``reshard_all``:
+    after an evaluation some or all of them are gathered plain tensors, which neither the
+    optimizer's state nor a checkpoint's names match)."""
+    from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        return False
+    reshard_all(model)
+    return True
 
 
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None):

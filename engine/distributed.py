@@ -250,6 +250,18 @@ def release(model: nn.Module) -> None:
         model.reshard()
 
 
+def reshard_all(model: nn.Module) -> None:
+    """Put every FSDP module of ``model`` back into its sharded state (local, not a collective; a
+    no-op without FSDP). A forward without backward (an evaluation) leaves the root, and with
+    ``dist.reshard_after_forward = false`` every block, holding gathered plain tensors in place of
+    the DTensor shards the optimizer holds: state-dict and checkpoint code needs the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def local_numel(model: nn.Module) -> int:
     """Parameter elements held by this process (its shards under FSDP)."""
     return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
@@ -431,6 +443,7 @@ def gather_full_state_dict(model: nn.Module, *, trainable_only: bool = False
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True,
                             ignore_frozen_params=trainable_only)
+    reshard_all(model)
     sd = get_model_state_dict(model, options=opts)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None

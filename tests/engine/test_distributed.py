@@ -155,10 +155,14 @@ def runs(tiny, tmp_path_factory):
                                                           *kinds[kind])))
     # LoRA -> activation checkpointing -> fully_shard, as STYLE.md orders them; the MLP in
     # token chunks nested in the blocks' recompute (FSDP unshards once per block, not per chunk).
+    # Blocks kept gathered after forward (dist.reshard_after_forward = false): an evaluation
+    # then leaves every parameter gathered, and the checkpoint after it (step 6, final) must
+    # still save the shards the optimizer holds (it crashed with a KeyError in DCP).
     out["full2"] = torchrun_train(str(write_config(tiny, tmp / "full2", *KINDS["full"])))
     out["lora2"] = torchrun_train(str(write_config(tiny, tmp / "lora2", *KINDS["lora"],
                                                    'activations.checkpointing="every_block"',
-                                                   "activations.mlp_chunk_tokens=24")))
+                                                   "activations.mlp_chunk_tokens=24",
+                                                   "dist.reshard_after_forward=false")))
     # 1 -> 2: the one-process run's checkpoint of step 2, continued by two processes.
     continue_from(tmp / "full1", tmp / "full12", 2)
     out["full12"] = torchrun_train(str(tmp / "full12"), "--resume",
