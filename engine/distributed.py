@@ -376,11 +376,16 @@ def restore_data_state(batches: PackedBatches, state: dict, batches_per_step: in
         raise EmberError(f"the checkpoint took {saved} packed batches per optimizer step "
                          f"(grad_accum x processes), this run takes {batches_per_step}; {hint} "
                          "to continue the same run")
-    done = int(state["batches_done"])
+    epoch, done = int(state["epoch"]), int(state["batches_done"])
+    if batches.world_size > 1 and done >= len(batches.plan(epoch)) * batches.world_size:
+        # The saved run had finished the epoch as far as this world size takes it (one process
+        # takes every batch, N processes a multiple of N of them): continue with the next one.
+        batches.epoch, batches.position = epoch + 1, 0
+        return
     if done % batches.world_size:
         raise EmberError(f"the checkpoint stopped after {done} batches of its epoch, which "
                          f"{batches.world_size} processes cannot split evenly")
-    batches.epoch, batches.position = int(state["epoch"]), done // batches.world_size
+    batches.epoch, batches.position = epoch, done // batches.world_size
 
 
 def all_reduce_sums(values: Sequence[float], info: DistInfo) -> list[float]:

@@ -341,6 +341,32 @@ def test_data_sharding_keeps_global_order():
         restore_data_state(other, state, 2)
 
 
+def test_resume_at_an_epoch_end_with_more_processes():
+    """One process with 2 batches per step over 7-batch epochs ends step 7 exactly at the end of
+    epoch 1 (14 batches); two processes take 6 batches of each epoch, so they continue that run
+    with epoch 2, the batches the one process takes next (this was refused: "stopped after 7
+    batches of its epoch, which 2 processes cannot split evenly"). Mid-epoch, an odd count is
+    still refused."""
+    examples = w.make_examples(21)
+    one = rank_batches(examples, w.DATA, DistInfo())
+    assert len(one.plan(0)) == len(one.plan(1)) == 7
+    stream = (b for _ in range(3) for b in one)  # what the trainer's stream does
+    for _ in range(14):
+        next(stream)
+    state = data_state(one, 2)
+    assert (state["epoch"], state["batches_done"]) == (1, 7)
+    want = [next(stream).input_ids for _ in range(6)]  # epoch 2's first 6 batches
+    ranks = [rank_batches(examples, w.DATA, DistInfo(rank=r, world_size=2)) for r in (0, 1)]
+    for r in ranks:
+        restore_data_state(r, state, 2)
+        assert (r.epoch, r.position) == (2, 0)
+    got = [b.input_ids for pair in zip(*(list(r) for r in ranks), strict=True) for b in pair]
+    assert len(got) == 6 and all(torch.equal(g, x) for g, x in zip(got, want, strict=True))
+    mid = {**state, "epoch": 1, "batches_done": 5}
+    with pytest.raises(EmberError, match="stopped after 5 batches of its epoch"):
+        restore_data_state(ranks[0], mid, 2)
+
+
 def test_single_process_helpers(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
