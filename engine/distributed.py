@@ -61,6 +61,7 @@ from ember.engine.data import DataConfig, Example, PackedBatches
 from ember.models.nf4 import Linear4bit
 
 MIXED_PRECISION = ("auto", "bf16", "none")
+MAX_TIMEOUT_MINUTES = 1e7
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,8 +79,11 @@ class DistConfig:
             raise EmberError(f"dist.mixed_precision must be one of "
                              f"{', '.join(map(repr, MIXED_PRECISION))}, got "
                              f"{self.mixed_precision!r}")
-        if not self.timeout_minutes > 0:
-            raise EmberError(f"dist.timeout_minutes must be > 0, got {self.timeout_minutes}")
+        if not 0 < self.timeout_minutes <= MAX_TIMEOUT_MINUTES:
+            # (past about 2e12 the process group's timedelta overflows: a deep OverflowError)
+            raise EmberError(f"dist.timeout_minutes must be > 0 and at most "
+                             f"{MAX_TIMEOUT_MINUTES:g} (about 19 years), got "
+                             f"{self.timeout_minutes}")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from ember.engine.cli import main
 from ember.engine.config import to_toml
 from ember.engine.data import collate
 from ember.engine.distributed import (
+    DistConfig,
     DistInfo,
     all_reduce_sums,
     any_rank,
@@ -382,6 +383,12 @@ def test_single_process_helpers(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(EmberError, match="WORLD_SIZE='two' is not an integer"):
         init_distributed("cpu")
+    # a timeout the process group cannot hold: refused by name, not an OverflowError under
+    # torchrun (timeout_minutes = 1e300 passed, then crashed in init_process_group)
+    assert DistConfig(timeout_minutes=1e7).timeout_minutes == 1e7
+    for bad in (0.0, -1.0, 1e300):
+        with pytest.raises(EmberError, match="dist.timeout_minutes must be > 0 and at most"):
+            DistConfig(timeout_minutes=bad)
 
 
 def test_flat_nf4_base_in_dcp_state_dicts():
