@@ -293,6 +293,23 @@ def test_resume_one_to_two_and_two_to_one(runs, capsys):
     assert "set grad_accum = 2 for 1 processes" in capsys.readouterr().err
 
 
+def test_resume_may_change_the_collective_timeout(runs, capsys):
+    """A run that failed on a collective timeout resumes with a longer dist.timeout_minutes (and
+    may trade memory for communication, dist.reshard_after_forward): neither changes a number,
+    so the run goes on as before (both were refused as "the config differs ... in dist");
+    dist.mixed_precision changes the numbers and is still refused."""
+    tmp, _ = runs
+    run = tmp / "full_timeout"
+    continue_from(tmp / "full1", run, 4)
+    capsys.readouterr()
+    assert main(["train", str(run), "--resume", *sets(
+        f'run_dir="{run}"', 'dist.mixed_precision="bf16"')]) == 2
+    assert "differs from the checkpoint's in dist" in capsys.readouterr().err
+    assert main(["train", str(run), "--resume", *sets(
+        f'run_dir="{run}"', "dist.timeout_minutes=120", "dist.reshard_after_forward=false")]) == 0
+    _same_rows(rows_of(run), rows_of(tmp / "full1"))
+
+
 @pytest.mark.slow
 def test_two_processes_resume_exactly(runs):
     """The usual case, a torchrun job continued by as many processes: the same log, bit for bit
