@@ -49,6 +49,7 @@ from ember.engine.distributed import (
     all_gather_objects,
     barrier,
     broadcast_object,
+    reshard_all,
 )
 
 MANIFEST = "manifest.json"
@@ -214,9 +215,15 @@ def _dcp_call(fn, state: dict, folder: Path):
 
 
 def _sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
+    """True for an FSDP model, its parameters back in their DTensor shards (``reshard_all``:
+    after an evaluation some or all of them are gathered plain tensors, which neither the
+    optimizer's state nor a checkpoint's names match)."""
+    from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        return False
+    reshard_all(model)
+    return True
 
 
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None):
@@ -381,6 +388,15 @@ def load(folder: str | os.PathLike, *, model: nn.Module,
     if why is not None:
         raise EmberError(f"cannot resume from {folder}: {why}")
     manifest = json.loads((folder / MANIFEST).read_text())
+    saved_world = manifest.get("world_size", 1)
+    if optimizer is not None and saved_world != info.world_size and _shard_bound(folder):
+        how = ("one process (without torchrun)" if saved_world == 1 else
+               f"{saved_world} processes (torchrun --nproc_per_node {saved_world})")
+        raise EmberError(
+            f"{folder} holds adamw_8bit optimizer states written by {saved_world} "
+            f"process{'es' if saved_world > 1 else ''}, whose 8-bit blocks follow that split of "
+            f"the parameters, and this run has {info.world_size}: resume with {how}, or start "
+            "a new run")
     state = _state_dicts(model, optimizer)
     _check_keys(folder, state["model"])
     try:
@@ -411,6 +427,15 @@ def load(folder: str | os.PathLike, *, model: nn.Module,
     cfg = folder / "config.toml"
     return Loaded(folder, manifest["step"], manifest.get("world_size", 1), extra,
                   cfg.read_text(encoding="utf-8") if cfg.exists() else None)
+
+
+def _shard_bound(folder: Path) -> bool:
+    """True when the checkpoint's optimizer state has blocks laid out per shard (AdamW8bit's
+    8-bit states record their ``shards``): it loads only at the world size that wrote it."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return any(k.startswith("optim.state.") and k.endswith(".shards") for k in keys)
 
 
 def _check_keys(folder: Path, model_sd: dict) -> None:

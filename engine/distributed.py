@@ -61,6 +61,7 @@ from ember.engine.data import DataConfig, Example, PackedBatches
 from ember.models.nf4 import Linear4bit
 
 MIXED_PRECISION = ("auto", "bf16", "none")
+MAX_TIMEOUT_MINUTES = 1e7
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,8 +79,11 @@ class DistConfig:
             raise EmberError(f"dist.mixed_precision must be one of "
                              f"{', '.join(map(repr, MIXED_PRECISION))}, got "
                              f"{self.mixed_precision!r}")
-        if not self.timeout_minutes > 0:
-            raise EmberError(f"dist.timeout_minutes must be > 0, got {self.timeout_minutes}")
+        if not 0 < self.timeout_minutes <= MAX_TIMEOUT_MINUTES:
+            # (past about 2e12 the process group's timedelta overflows: a deep OverflowError)
+            raise EmberError(f"dist.timeout_minutes must be > 0 and at most "
+                             f"{MAX_TIMEOUT_MINUTES:g} (about 19 years), got "
+                             f"{self.timeout_minutes}")
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,18 @@ def release(model: nn.Module) -> None:
         model.reshard()
 
 
+def reshard_all(model: nn.Module) -> None:
+    """Put every FSDP module of ``model`` back into its sharded state (local, not a collective; a
+    no-op without FSDP). A forward without backward (an evaluation) leaves the root, and with
+    ``dist.reshard_after_forward = false`` every block, holding gathered plain tensors in place of
+    the DTensor shards the optimizer holds: state-dict and checkpoint code needs the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def local_numel(model: nn.Module) -> int:
     """Parameter elements held by this process (its shards under FSDP)."""
     return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
@@ -364,11 +380,16 @@ def restore_data_state(batches: PackedBatches, state: dict, batches_per_step: in
         raise EmberError(f"the checkpoint took {saved} packed batches per optimizer step "
                          f"(grad_accum x processes), this run takes {batches_per_step}; {hint} "
                          "to continue the same run")
-    done = int(state["batches_done"])
+    epoch, done = int(state["epoch"]), int(state["batches_done"])
+    if batches.world_size > 1 and done >= len(batches.plan(epoch)) * batches.world_size:
+        # The saved run had finished the epoch as far as this world size takes it (one process
+        # takes every batch, N processes a multiple of N of them): continue with the next one.
+        batches.epoch, batches.position = epoch + 1, 0
+        return
     if done % batches.world_size:
         raise EmberError(f"the checkpoint stopped after {done} batches of its epoch, which "
                          f"{batches.world_size} processes cannot split evenly")
-    batches.epoch, batches.position = int(state["epoch"]), done // batches.world_size
+    batches.epoch, batches.position = epoch, done // batches.world_size
 
 
 def all_reduce_sums(values: Sequence[float], info: DistInfo) -> list[float]:
@@ -431,6 +452,7 @@ def gather_full_state_dict(model: nn.Module, *, trainable_only: bool = False
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True,
                             ignore_frozen_params=trainable_only)
+    reshard_all(model)
     sd = get_model_state_dict(model, options=opts)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None

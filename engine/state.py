@@ -103,6 +103,9 @@ def _check_same_run(path: Path, cfg: TrainConfig) -> None:
     except OSError:
         raise EmberError(f"{path} has no config.toml: not a checkpoint of an ember run") from None
     a, b = to_dict(from_dict(TrainConfig, parse_toml(text, str(where)))), to_dict(cfg)
+    for d in (a, b):  # how long collectives may wait, and FSDP's memory/communication trade
+        for key in ("timeout_minutes", "reshard_after_forward"):  # alter no number: may change
+            d.get("dist", {}).pop(key, None)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
     if diff:
         raise EmberError(f"cannot resume {cfg.out_dir}: the config differs from the checkpoint's "

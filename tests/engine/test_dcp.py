@@ -145,6 +145,36 @@ def test_wrong_model_is_refused(tmp_path):
     assert not (tmp_path / "step_00000002").exists()
 
 
+def test_8bit_states_resume_only_at_their_world_size(tmp_path):
+    """AdamW8bit's 8-bit blocks follow the shards, so its states load only at the world size that
+    wrote them: a checkpoint of another one is refused up front, saying what to do (a 2-process
+    one resumed by 1 process failed deep inside DCP with a CheckpointException and a hint about
+    LoRA settings). The weights alone still load (ember eval / export)."""
+    from ember.engine.optim8bit import AdamW8bit
+
+    def opt8(model):
+        return AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                         min_8bit_size=256)
+
+    model = w.make_model("full")
+    opt = opt8(model)
+    model(torch.randint(0, w.CFG.vocab_size, (1, 12))).float().logsumexp(-1).mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    path = dcp.save(tmp_path, 1, model=model, optimizer=opt)
+    fresh = w.make_model("full")
+    dcp.load(path, model=fresh, optimizer=opt8(fresh))  # the same world size: fine
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["world_size"] = 2  # as written by torchrun --nproc_per_node 2
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    fresh = w.make_model("full")
+    with pytest.raises(EmberError, match=r"adamw_8bit optimizer states written by 2 processes.*"
+                                         r"resume with 2 processes \(torchrun --nproc_per_node"):
+        dcp.load(path, model=fresh, optimizer=opt8(fresh))
+    assert dcp.load_model_weights(path, fresh) == 1
+    torch.testing.assert_close(_trainable(fresh), _trainable(model), rtol=0, atol=0)
+
+
 # --- through ember train: SIGTERM, SIGKILL, a corrupted checkpoint, exact resume ----------------
 
 KILL_STEPS = 30

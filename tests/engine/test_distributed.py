@@ -35,6 +35,7 @@ from ember.engine.cli import main
 from ember.engine.config import to_toml
 from ember.engine.data import collate
 from ember.engine.distributed import (
+    DistConfig,
     DistInfo,
     all_reduce_sums,
     any_rank,
@@ -156,10 +157,14 @@ def runs(tiny, tmp_path_factory):
                                                           *kinds[kind])))
     # LoRA -> activation checkpointing -> fully_shard, as STYLE.md orders them; the MLP in
     # token chunks nested in the blocks' recompute (FSDP unshards once per block, not per chunk).
+    # Blocks kept gathered after forward (dist.reshard_after_forward = false): an evaluation
+    # then leaves every parameter gathered, and the checkpoint after it (step 6, final) must
+    # still save the shards the optimizer holds (it crashed with a KeyError in DCP).
     out["full2"] = torchrun_train(str(write_config(tiny, tmp / "full2", *KINDS["full"])))
     out["lora2"] = torchrun_train(str(write_config(tiny, tmp / "lora2", *KINDS["lora"],
                                                    'activations.checkpointing="every_block"',
-                                                   "activations.mlp_chunk_tokens=24")))
+                                                   "activations.mlp_chunk_tokens=24",
+                                                   "dist.reshard_after_forward=false")))
     # 1 -> 2: the one-process run's checkpoint of step 2, continued by two processes.
     continue_from(tmp / "full1", tmp / "full12", 2)
     out["full12"] = torchrun_train(str(tmp / "full12"), "--resume",
@@ -289,6 +294,23 @@ def test_resume_one_to_two_and_two_to_one(runs, capsys):
     assert "set grad_accum = 2 for 1 processes" in capsys.readouterr().err
 
 
+def test_resume_may_change_the_collective_timeout(runs, capsys):
+    """A run that failed on a collective timeout resumes with a longer dist.timeout_minutes (and
+    may trade memory for communication, dist.reshard_after_forward): neither changes a number,
+    so the run goes on as before (both were refused as "the config differs ... in dist");
+    dist.mixed_precision changes the numbers and is still refused."""
+    tmp, _ = runs
+    run = tmp / "full_timeout"
+    continue_from(tmp / "full1", run, 4)
+    capsys.readouterr()
+    assert main(["train", str(run), "--resume", *sets(
+        f'run_dir="{run}"', 'dist.mixed_precision="bf16"')]) == 2
+    assert "differs from the checkpoint's in dist" in capsys.readouterr().err
+    assert main(["train", str(run), "--resume", *sets(
+        f'run_dir="{run}"', "dist.timeout_minutes=120", "dist.reshard_after_forward=false")]) == 0
+    _same_rows(rows_of(run), rows_of(tmp / "full1"))
+
+
 @pytest.mark.slow
 def test_two_processes_resume_exactly(runs):
     """The usual case, a torchrun job continued by as many processes: the same log, bit for bit
@@ -338,6 +360,32 @@ def test_data_sharding_keeps_global_order():
         restore_data_state(other, state, 2)
 
 
+def test_resume_at_an_epoch_end_with_more_processes():
+    """One process with 2 batches per step over 7-batch epochs ends step 7 exactly at the end of
+    epoch 1 (14 batches); two processes take 6 batches of each epoch, so they continue that run
+    with epoch 2, the batches the one process takes next (this was refused: "stopped after 7
+    batches of its epoch, which 2 processes cannot split evenly"). Mid-epoch, an odd count is
+    still refused."""
+    examples = w.make_examples(21)
+    one = rank_batches(examples, w.DATA, DistInfo())
+    assert len(one.plan(0)) == len(one.plan(1)) == 7
+    stream = (b for _ in range(3) for b in one)  # what the trainer's stream does
+    for _ in range(14):
+        next(stream)
+    state = data_state(one, 2)
+    assert (state["epoch"], state["batches_done"]) == (1, 7)
+    want = [next(stream).input_ids for _ in range(6)]  # epoch 2's first 6 batches
+    ranks = [rank_batches(examples, w.DATA, DistInfo(rank=r, world_size=2)) for r in (0, 1)]
+    for r in ranks:
+        restore_data_state(r, state, 2)
+        assert (r.epoch, r.position) == (2, 0)
+    got = [b.input_ids for pair in zip(*(list(r) for r in ranks), strict=True) for b in pair]
+    assert len(got) == 6 and all(torch.equal(g, x) for g, x in zip(got, want, strict=True))
+    mid = {**state, "epoch": 1, "batches_done": 5}
+    with pytest.raises(EmberError, match="stopped after 5 batches of its epoch"):
+        restore_data_state(ranks[0], mid, 2)
+
+
 def test_single_process_helpers(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
@@ -353,6 +401,12 @@ def test_single_process_helpers(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(EmberError, match="WORLD_SIZE='two' is not an integer"):
         init_distributed("cpu")
+    # a timeout the process group cannot hold: refused by name, not an OverflowError under
+    # torchrun (timeout_minutes = 1e300 passed, then crashed in init_process_group)
+    assert DistConfig(timeout_minutes=1e7).timeout_minutes == 1e7
+    for bad in (0.0, -1.0, 1e300):
+        with pytest.raises(EmberError, match="dist.timeout_minutes must be > 0 and at most"):
+            DistConfig(timeout_minutes=bad)
 
 
 def test_flat_nf4_base_in_dcp_state_dicts():
