@@ -218,19 +218,16 @@ class _Encoder:
             ids = ids + [self.eos]
         return ids
 
-    def encode(self, fmt: str, rec, apart: bool = False):
-        """``apart``: a prompt/completion pair without a chat template is tokenized in two
-        (TRL's DPO does), else whole (TRL's SFT and KTO; apart, an SPM tokenizer would start the
-        completion with a "▁")."""
+    def encode(self, fmt: str, rec):
+        """A prompt/completion pair without a chat template is tokenized as one text, as TRL's
+        SFT, DPO, KTO and reward trainers do (apart, an SPM tokenizer would start the completion
+        with a "▁"); the completion is the tokens its characters overlap."""
         all_loss = self.cfg.loss_on == "all"
         if fmt == "text":
             ids = self._with_eos(self._enc(rec, True))
             return ids, [True] * len(ids), 0, None
         if fmt in ("prompt_completion", "alpaca") and not self.chat:
             prompt = alpaca_prompt(rec) if fmt == "alpaca" else rec[0]
-            if apart:
-                p, c = self._enc(prompt, True), self._with_eos(self._enc(rec[1]))
-                return p + c, [all_loss] * len(p) + [True] * len(c), len(p), rec[1]
             full = prompt + rec[1]
             ids, (toks,) = self._tokens(full, [(0, len(prompt), False),
                                                (len(prompt), len(full), True)], special=True)

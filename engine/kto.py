@@ -154,7 +154,7 @@ class _KTOReader(_Reader):
         try:
             records = parse_unpaired(json_object(line))
             self.fmt = self.fmt or ("kto pairs" if len(records) == 2 else "kto")
-            docs = [encode_answer(self.enc, p, c, apart=False) for p, c, _ in records]  # as TRL
+            docs = [encode_answer(self.enc, p, c) for p, c, _ in records]  # as TRL
         except _Bad as e:
             self.bad(lineno, e.kind, e.why)
             return None

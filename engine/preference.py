@@ -130,14 +130,14 @@ def parse_pair(obj: dict) -> Pair:
     return replace(pair, tools=tools) if tools is not None else pair
 
 
-def encode_answer(enc, prompt: str | list[dict], answer: str | dict, apart: bool = True,
+def encode_answer(enc, prompt: str | list[dict], answer: str | dict,
                   tools: list[dict] | None = None) -> tuple:
     """One document, prompt then answer: (ids, target mask, prompt_len, reference) from ``enc``
-    (``ember.engine.data._Encoder``); a message prompt's earlier assistant turns are context.
-    ``apart``: string prompt and answer tokenized in two (TRL's DPO), else as one text (TRL's
-    KTO, when there is no chat template)."""
+    (``ember.engine.data._Encoder``); a message prompt's earlier assistant turns are context. A
+    string prompt and answer are tokenized as one text, as TRL 1.x's DPO, KTO and reward
+    trainers do (``prompt + chosen``, the answer where the tokens leave the prompt's)."""
     if isinstance(prompt, str):
-        return enc.encode("prompt_completion", (prompt, answer), apart=apart)
+        return enc.encode("prompt_completion", (prompt, answer))
     ids, mask, prompt_len, reference = enc.encode("messages", Chat([*prompt, answer], tools))
     if enc.cfg.loss_on != "all":  # earlier assistant turns are context, not the answer
         mask = [False] * prompt_len + mask[prompt_len:]

@@ -522,7 +522,7 @@ def test_developer_messages_render_as_transformers(tmp_path, backend):
 @pytest.mark.parametrize("completion", [" Paris.", "Paris is the capital."])
 def test_kto_completion_is_tokenized_whole_as_trl_does(tmp_path, spm_backend, completion):
     """TRL's KTOTrainer tokenizes prompt + completion as one text and splits it at the prompt's
-    length (one token earlier when the boundary token merged); DPO's tokenizes them apart."""
+    length (one token earlier when the boundary token merged)."""
     from ember.engine.kto import load_kto_examples
 
     ours, hf = _spm_with_bos(spm_backend)
@@ -556,3 +556,25 @@ def test_preference_pairs_pass_their_tools_to_the_template(tmp_path, backend):
         assert target.startswith(answer["content"]), target
     with pytest.raises(EmberError, match="'tools' needs chat pairs"):
         _load(tmp_path, ours, [{"prompt": "q", "chosen": "a", "rejected": "b", "tools": TOOLS}])
+
+
+@pytest.mark.parametrize("chosen,rejected", [(" Paris.", " Rome."), ("Paris is it.", "Rome")])
+def test_dpo_string_pairs_are_tokenized_as_trl_1_does(tmp_path, spm_backend, chosen, rejected):
+    """TRL 1.x's DPOTrainer (1.16, ``tokenize_fn``) appends the eos text to each answer,
+    tokenizes prompt and prompt + answer with the tokenizer's own special tokens, and starts the
+    answer where the two token lists diverge; Ember tokenized prompt and answer apart (TRL 0.x),
+    which gave an SPM answer a leading "▁" the model never sees at inference."""
+    ours, hf = _spm_with_bos(spm_backend)
+    prompt = "What is the capital of France? Answer:"
+    (ex,), _ = _load(tmp_path, ours, [{"prompt": prompt, "chosen": chosen,
+                                       "rejected": rejected}])
+    p = hf(text=prompt)["input_ids"]
+    docs = (ex.input_ids[:ex.parts[0]], ex.labels[:ex.parts[0]]), (
+        ex.input_ids[ex.parts[0]:], ex.labels[ex.parts[0]:])
+    for (ids, labels), answer in zip(docs, (chosen, rejected), strict=True):
+        full = hf(text=prompt + answer + hf.eos_token)["input_ids"]
+        # TRL's common_prefix_length
+        start = next((i for i, (a, b) in enumerate(zip(p, full, strict=False)) if a != b),
+                     len(p))
+        assert ids == full
+        assert [t for t in labels if t != IGNORE] == full[start:]
