@@ -13,7 +13,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import math
 import random
 from dataclasses import dataclass
 from itertools import accumulate
@@ -267,16 +266,6 @@ class PackedBatches:
 
     def total_batches(self, epochs: int) -> int:
         return sum(len(self.plan(e)) for e in range(epochs))
-
-    def batches_in(self, epochs: float) -> int:
-        """Batches (this rank's) of ``epochs`` epochs from the start: each whole epoch's own
-        count (greedy packing of a shuffled order, or ``mix``'s draws, change it a little from
-        epoch to epoch), then the started fraction of the next one, rounded up; at least 1."""
-        whole = int(epochs)
-        n = self.total_batches(whole)
-        if epochs > whole:  # round(): 1.1 - 1 is 0.10000000000000009, not 0.1
-            n += math.ceil(round((epochs - whole) * len(self.plan(whole)), 6))
-        return max(1, n)
 
     def __iter__(self):
         plan = self.plan(self.epoch)

@@ -399,11 +399,13 @@ def test_packing_is_deterministic_and_resumes_exactly(examples):
 
 @pytest.mark.parametrize("epochs,want", [(1.1, 11), (2.3, 23), (0.05, 1), (0.25, 3), (3, 30)])
 def test_fractional_epochs_round_up_to_whole_batches(epochs, want):
-    """Ten one-example batches an epoch: 1.1 epochs are 11 batches (1.1 * 10 is
+    """Ten one-example batches an epoch, one per step: 1.1 epochs are 11 batches (1.1 * 10 is
     11.000000000000002 in floating point: it made 12), 0.25 epochs 3 (2.5 rounded up)."""
+    from ember.engine.runtime import epoch_step_sizes
+
     examples = [Example(list(range(1, 11)), list(range(2, 11)) + [IGNORE], f"x:{i}", key=str(i))
                 for i in range(10)]
-    assert PackedBatches(examples, 10).batches_in(epochs) == want
+    assert sum(epoch_step_sizes(PackedBatches(examples, 10), epochs, 1)) == want
 
 
 def test_sharding_across_ranks(examples):
