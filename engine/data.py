@@ -201,6 +201,10 @@ class _Encoder:
         # Every id that ends a turn (e.g. Llama 3's <|eot_id|> besides <|end_of_text|>).
         self.ends = set(stop_token_ids(tokenizer))
         self.specials = set(getattr(tokenizer, "all_special_ids", None) or ())
+        # the tokenizers object whose offsets mask a text tokenized whole (Ember's tokenizer, or
+        # a transformers one's backend_tokenizer); None: span by span
+        self.backend = next((b for b in (getattr(tokenizer, k, None) for k in (
+            "backend", "backend_tokenizer")) if isinstance(b, tokenizers.Tokenizer)), None)
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self.chat = self.has_template if cfg.use_chat_template is None else cfg.use_chat_template
         if self.chat and not self.has_template:
@@ -280,9 +284,7 @@ class _Encoder:
         tokenizes a chat (span by span differs: SPM prepends "▁" after a special token, BPE merges
         newlines across a turn's start); a token is a span's when its characters overlap it, as
         in ``return_assistant_tokens_mask``. Without a tokenizers backend: span by span."""
-        backend = next((b for b in (getattr(self.tok, k, None) for k in (
-            "backend", "backend_tokenizer")) if isinstance(b, tokenizers.Tokenizer)), None)
-        if backend is None:
+        if self.backend is None:
             ids, turns = [], []
             for s, e, assistant in spans:
                 toks = self._enc(full[s:e], special and s == 0)
@@ -290,7 +292,7 @@ class _Encoder:
                     turns.append(list(range(len(ids), len(ids) + len(toks))))
                 ids += toks
             return ids, turns
-        enc = backend.encode(full, add_special_tokens=special)
+        enc = self.backend.encode(full, add_special_tokens=special)
         pairs = list(enumerate(zip(enc.offsets, enc.sequence_ids, strict=True)))
         turns = [[j for j, ((a, b), seq) in pairs  # seq None: a BOS the tokenizer adds
                   if seq is not None and ((s < b and a < e) or (a == b and s <= a < e))]
