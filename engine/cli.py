@@ -110,14 +110,12 @@ def _generator(model, tok, a):
     """``run(prompt_ids, stream) -> new ids per prompt`` with the command line's sampling."""
     from ember.models.generate import generate_ids
     from ember.models.heads import is_classifier
-    from ember.models.tokenizer import stop_token_ids
+    from ember.models.tokenizer import generation_ids
 
     if is_classifier(model):
         raise EmberError(f"{a.model} is a sequence classifier (labels {list(model.cfg.labels)}): "
                          "it has no LM head to generate with; score text with ember eval")
-    # a base model may define no eos at all: it then generates max_new_tokens tokens
-    eos = stop_token_ids(tok)
-    pad = next((i for i in (tok.pad_token_id, *eos) if i is not None), 0)
+    eos, pad = generation_ids(tok)
 
     def run(ids: list[list[int]], stream: _Stream | None = None) -> list[list[int]]:
         return generate_ids(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,

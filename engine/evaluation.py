@@ -37,7 +37,7 @@ from ember.engine.distributed import (
 )
 from ember.engine.losses import sft_loss
 from ember.models.generate import generate_ids
-from ember.models.tokenizer import stop_token_ids
+from ember.models.tokenizer import generation_ids
 
 PREFIX_DECIDABLE = {"exact_match"}
 
@@ -168,8 +168,7 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     info = info or DistInfo()
     sync = None if not info.distributed else (lambda flag: any_rank(flag, info))
     t0 = time.perf_counter()
-    eos = stop_token_ids(tokenizer)  # none: a base model without eos runs max_new_tokens
-    pad = next((i for i in (tokenizer.pad_token_id, *eos) if i is not None), 0)
+    eos, pad = generation_ids(tokenizer)
     order = sorted(range(len(usable)), key=lambda i: usable[i].prompt_len)
     share = eval_share(len(order), info)  # the same length on every rank, so as many batches
     mine = [order[i] for i in share if i is not None]

@@ -272,6 +272,15 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted({int(i) for i in ids if i is not None})
 
 
+def generation_ids(tokenizer) -> tuple[list[int], int]:
+    """(``stop_token_ids``, the id to pad prompts with for generation): the tokenizer's pad,
+    else its first stop id, else 0 (padding is masked, so any id does; a base model may define
+    neither, and then generates ``max_new_tokens`` tokens)."""
+    eos = stop_token_ids(tokenizer)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return eos, next((i for i in (pad, *eos) if i is not None), 0)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
