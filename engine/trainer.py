@@ -393,9 +393,7 @@ class Trainer:
         if latest is not None:
             prog = restore(latest, cfg, info, model, opt, **ckpt_state)
             self.echo(f"resumed from {latest} (step {prog.step} of {total})")
-        # best/: the weights of the best step the checkpoint records, none for a new run
-        self.ckpt_best = prog.best_step
-        prune_best(cfg.out_dir, {prog.best_step}, info)
+        self._keep_checkpointed_best(prog)  # none for a new run
         self.log.start(prog.step)
         per_step = "" if not info.distributed else f" per process, x{info.world_size} processes"
         self.echo(f"{total} steps ({per_epoch} batches of <= {cfg.data.tokens_per_batch} tokens "
@@ -517,9 +515,14 @@ class Trainer:
 
     def _checkpoint(self, opt, prog: Progress, ckpt_state: dict):
         path = save(self.cfg, self.info, self.model, opt, progress=prog, **ckpt_state)
-        self.ckpt_best = prog.best_step  # the best weights a resume from it needs
-        prune_best(self.cfg.out_dir, {prog.best_step}, self.info)
+        self._keep_checkpointed_best(prog)
         return path
+
+    def _keep_checkpointed_best(self, prog: Progress) -> None:
+        """best/ keeps only the best step the newest checkpoint (``prog``) records: the weights
+        a resume from it needs (each new best also keeps its own, ``save_best``)."""
+        self.ckpt_best = prog.best_step
+        prune_best(self.cfg.out_dir, {prog.best_step}, self.info)
 
     def _stream(self, batches: PackedBatches):
         while True:
