@@ -120,7 +120,7 @@ def parse(obj: dict, fmt: str):
     if "messages" not in obj and fmt == "messages":
         raise _Bad("missing field", f"missing field 'messages' (keys present: {sorted(obj)})")
     return Chat(parse_messages(msgs, "conversations" if fmt == "sharegpt" else "messages"),
-                tools or None)
+                tools)
 
 
 def parse_tools(obj: dict, json_text: bool = False) -> list[dict] | None:
