@@ -20,9 +20,8 @@ supplies the type constants and serves as the test oracle.
 Transforms applied to get back to Hugging Face / ember layout:
 - dequantize every tensor to fp32 (``ember.models.gguf_dequant``: vectorized torch ports of
   ggml's block formats; the rest through ``gguf.quants``), then cast to the requested dtype;
-  ``import_gguf`` does it one tensor at a time
-  as the HF folder's shards (1 GB) are written (``deferred_state_dict``), so importing an 8B file
-  takes a few GB of memory, not 32 GB;
+  ``import_gguf`` does it one tensor at a time as the HF folder's shards (1 GB) are written
+  (``deferred_state_dict``), so importing an 8B file takes a few GB of memory, not 32 GB;
 - undo llama.cpp's Q/K row permutation (``convert_hf_to_gguf.py`` reorders each head's rows from
   HF's rotate-half layout to interleaved pairs for llama-architecture files);
 - rename ``blk.N.attn_q`` ... to ``layers.N.attn.q_proj`` ...; a missing ``output`` means tied
