@@ -97,18 +97,21 @@ class Family:
     attn_softcap: bool = False  # Gemma 2 passes its attention's attn_logit_softcapping (3 does not)
     final_softcap: bool = False  # logits = c * tanh(logits / c), c = final_logit_softcapping
     logits_scaling: bool = False  # Granite: logits / config.logits_scaling
+    # Mistral, Phi-3: the attention reads config.sliding_window (no module attribute). Other
+    # families without the attribute have no window, whatever stray field their config carries.
+    config_window: bool = False
 
 
 _GEMMA2 = Family("hidden_activation", True, attn_softcap=True, final_softcap=True)
 FAMILIES = {
     "LlamaForCausalLM": Family(),
-    "MistralForCausalLM": Family(),
+    "MistralForCausalLM": Family(config_window=True),
     "Qwen2ForCausalLM": Family(),
     "Qwen3ForCausalLM": Family(),
     "GemmaForCausalLM": Family(gemma_norm=True),
     "Gemma2ForCausalLM": _GEMMA2,
     "Gemma3ForCausalLM": Family("hidden_activation", True, final_softcap=True),
-    "Phi3ForCausalLM": Family(),
+    "Phi3ForCausalLM": Family(config_window=True),
     # SmolLM3: NoPE layers (the module's use_rope); Granite: the multipliers stay in HF's layer
     # and model code, the softmax scale is the module's scaling; OLMo2: full-width q/k norms
     "SmolLM3ForCausalLM": Family(),
@@ -208,15 +211,16 @@ def _mlp_forward_for(act: Callable) -> Callable:
     return forward
 
 
-def _window(attn: nn.Module) -> int | None:
-    # Qwen2/3 store the per-layer window on the module (None on full-attention layers); Mistral
-    # reads it from the config; Llama has none.
+def _window(attn: nn.Module, config_window: bool) -> int | None:
+    # Qwen2/3, Gemma 2/3, SmolLM3 store the per-layer window on the module (None on full-attention
+    # layers); Mistral and Phi-3 read it from the config; Llama, Gemma, Granite, OLMo2 have none
+    # (a "sliding_window" left in their config.json is ignored by transformers, and so here).
     if hasattr(attn, "sliding_window"):
         return attn.sliding_window
-    return getattr(attn.config, "sliding_window", None)
+    return getattr(attn.config, "sliding_window", None) if config_window else None
 
 
-def _hf_attention(self, q, k, v, attention_mask, dropout, softcap, **kwargs):
+def _hf_attention(self, q, k, v, attention_mask, dropout, softcap, window, **kwargs):
     """HF's attention function for this config, in HF's (B, H, T, hd) layout -> (B, T, H, hd)."""
     impl = self.config._attn_implementation
     default = getattr(sys.modules[type(self).__module__], "eager_attention_forward", None)
@@ -229,7 +233,7 @@ def _hf_attention(self, q, k, v, attention_mask, dropout, softcap, **kwargs):
     if softcap is not None:  # only Gemma 2's attention functions are handed one
         kwargs["softcap"] = softcap
     out, _ = fn(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
-                dropout=dropout, scaling=self.scaling, sliding_window=_window(self), **kwargs)
+                dropout=dropout, scaling=self.scaling, sliding_window=window, **kwargs)
     return out  # HF's interfaces return (B, T, H, hd)
 
 
@@ -257,7 +261,8 @@ def _project_qkv(self, x: torch.Tensor, hd: int):
     return (t.view(B, T, -1, hd) for t in (q, k, v))
 
 
-def _attention_forward_for(rope: bool, flash: bool, softcap: bool) -> Callable:
+def _attention_forward_for(rope: bool, flash: bool, softcap: bool, config_window: bool
+                           ) -> Callable:
     @_mark("attention" if flash else "rope")
     def forward(self, hidden_states: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -288,7 +293,7 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool) -> Callable:
             k, v = kc.transpose(1, 2), vc.transpose(1, 2)  # (B, S, K, hd)
         dropout = self.attention_dropout if self.training else 0.0
         cap = self.attn_logit_softcapping if softcap else None
-        opts = dict(softmax_scale=self.scaling, window=_window(self), softcap=cap)
+        opts = dict(softmax_scale=self.scaling, window=_window(self, config_window), softcap=cap)
         out = None
         if flash and dropout == 0.0 and k.shape[1] == T and getattr(self, "is_causal", True):
             if (plan is not None and plan.cu_seqlens is not None
@@ -298,7 +303,8 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool) -> Callable:
             elif plan is not None or attention_mask is None:
                 out = flash_attention(q, k, v, causal=True, **opts)
         if out is None:
-            out = _hf_attention(self, q, k, v, attention_mask, dropout, cap, **kwargs)
+            out = _hf_attention(self, q, k, v, attention_mask, dropout, cap, opts["window"],
+                                **kwargs)
         out = self.o_proj(out.reshape(B, T, -1))
         return out, None
 
@@ -457,7 +463,7 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
                          "applies the window and its flash attention does not; set "
                          "use_sliding_window=true or mark those layers full_attention")
     act = _ACTIVATIONS.get(getattr(lm.config, fam.act_key, None))
-    attn_forward = _attention_forward_for(rope, attention, fam.attn_softcap)
+    attn_forward = _attention_forward_for(rope, attention, fam.attn_softcap, fam.config_window)
     norm, norm_eps = ((_gemma_rms_norm_forward, "eps") if fam.gemma_norm
                       else (_rms_norm_forward, "variance_epsilon"))
     for m in lm.modules():

@@ -173,6 +173,21 @@ def test_packed_varlen(flash_calls):
     assert flash_calls == ["dense"] * BASE["num_hidden_layers"]
 
 
+@pytest.mark.parametrize("cfg_name", ["LlamaConfig", "GemmaConfig", "GraniteConfig", "Olmo2Config"])
+def test_stray_config_window_ignored(cfg_name, flash_calls):
+    """A ``sliding_window`` left in the config of a family whose attention never reads it (as
+    many Llama-architecture config.json files carry) is ignored by transformers: no window
+    here either (was: the window applied, logits off by ~1 at T = 11 > 4)."""
+    cases = {"stray": (cfg_name, dict(hidden_size=48, head_dim=12, sliding_window=4))}
+    ref, model = _pair("stray", seed=23, attn="eager", cases=cases)
+    accelerate(model)
+    ids = _ids(2, 11, seed=10)
+    with torch.no_grad():
+        _close("loss", model(ids, labels=ids).loss, ref(ids, labels=ids).loss)
+        _close("logits", model.eval()(ids).logits, ref.eval()(ids).logits)
+    assert flash_calls == ["dense"] * 2 * BASE["num_hidden_layers"]
+
+
 def test_loss_options():
     ref, model = _pair("llama", seed=9)
     accelerate(model)
