@@ -46,7 +46,8 @@ What is swapped (each a keyword, all on by default):
 
   Everything else goes to HF's own attention function for the configured ``attn_implementation``,
   with HF's mask, window and softcap: decoding with a KV cache (queries != keys), custom 4-D or
-  per-layer-type mask dicts, attention dropout in training, and non-causal use (Gemma 3's
+  per-layer-type mask dicts, attention dropout in training, ``output_attentions`` (HF's weights
+  are returned; SDPA gives none, as unswapped), and non-causal use (Gemma 3's
   ``use_bidirectional_attention``). ``rope`` alone (``attention=False``) rotates with Ember and
   always calls HF's attention.
 - ``loss``: when ``labels`` are given (as in HF, ``shift_labels`` alone gives no loss) and
@@ -221,7 +222,8 @@ def _window(attn: nn.Module, config_window: bool) -> int | None:
 
 
 def _hf_attention(self, q, k, v, attention_mask, dropout, softcap, window, **kwargs):
-    """HF's attention function for this config, in HF's (B, H, T, hd) layout -> (B, T, H, hd)."""
+    """HF's attention function for this config, in HF's (B, H, T, hd) layout -> (B, T, H, hd),
+    and its attention weights (None where the function gives none)."""
     impl = self.config._attn_implementation
     default = getattr(sys.modules[type(self).__module__], "eager_attention_forward", None)
     if impl == "eager" or impl is None:
@@ -232,9 +234,8 @@ def _hf_attention(self, q, k, v, attention_mask, dropout, softcap, window, **kwa
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, default)
     if softcap is not None:  # only Gemma 2's attention functions are handed one
         kwargs["softcap"] = softcap
-    out, _ = fn(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
-                dropout=dropout, scaling=self.scaling, sliding_window=window, **kwargs)
-    return out  # HF's interfaces return (B, T, H, hd)
+    return fn(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
+              dropout=dropout, scaling=self.scaling, sliding_window=window, **kwargs)
 
 
 def _varlen_attention(q, k, v, plan: AttentionPlan, **opts):
@@ -294,19 +295,24 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool, config_window
         dropout = self.attention_dropout if self.training else 0.0
         cap = self.attn_logit_softcapping if softcap else None
         opts = dict(softmax_scale=self.scaling, window=_window(self, config_window), softcap=cap)
+        # output_attentions (read as transformers' capture_outputs reads it) needs the weights
+        # only HF's attention functions give (eager; SDPA gives none, as unswapped).
+        weights = kwargs.get("output_attentions", getattr(self.config, "output_attentions", False))
         out = None
-        if flash and dropout == 0.0 and k.shape[1] == T and getattr(self, "is_causal", True):
+        if (flash and not weights and dropout == 0.0 and k.shape[1] == T
+                and getattr(self, "is_causal", True)):
             if (plan is not None and plan.cu_seqlens is not None
                     and not (plan.packed and past_key_values is not None)):
                 if not (plan.gaps and opts["window"] is not None):
                     out = _varlen_attention(q, k, v, plan, **opts)
             elif plan is not None or attention_mask is None:
                 out = flash_attention(q, k, v, causal=True, **opts)
+        attn_weights = None
         if out is None:
-            out = _hf_attention(self, q, k, v, attention_mask, dropout, cap, opts["window"],
-                                **kwargs)
+            out, attn_weights = _hf_attention(self, q, k, v, attention_mask, dropout, cap,
+                                              opts["window"], **kwargs)
         out = self.o_proj(out.reshape(B, T, -1))
-        return out, None
+        return out, attn_weights
 
     return forward
 

@@ -188,6 +188,31 @@ def test_stray_config_window_ignored(cfg_name, flash_calls):
     assert flash_calls == ["dense"] * 2 * BASE["num_hidden_layers"]
 
 
+def test_output_attentions(flash_calls):
+    """output_attentions gives HF's eager weights per layer (was: an empty tuple, silently); with
+    SDPA, no weights, as unswapped. Hidden states come through too."""
+    ref, model = _pair("qwen3_qknorm", seed=25, attn="eager")
+    accelerate(model)
+    ids = _ids(2, 9, seed=11)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    kw = dict(attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    with torch.no_grad():
+        a, b = model.eval()(ids, **kw), ref.eval()(ids, **kw)
+    assert len(a.attentions) == len(b.attentions) == BASE["num_hidden_layers"]
+    for i, (x, y) in enumerate(zip(a.attentions, b.attentions, strict=True)):
+        _close(f"attentions[{i}]", x, y)
+    for i, (x, y) in enumerate(zip(a.hidden_states, b.hidden_states, strict=True)):
+        _close(f"hidden_states[{i}]", x[mask.bool()], y[mask.bool()])
+    assert flash_calls == []
+    ref.set_attn_implementation("sdpa")
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        a, b = model(ids, output_attentions=True), ref(ids, output_attentions=True)
+    assert a.attentions == b.attentions == ()  # SDPA gives no weights (HF warns)
+    _close("logits (sdpa)", a.logits, b.logits)
+
+
 def test_loss_options():
     ref, model = _pair("llama", seed=9)
     accelerate(model)
