@@ -39,8 +39,13 @@ What is swapped (each a keyword, all on by default):
   * a 2-D ``attention_mask`` with padding -> varlen: the real tokens of each row are gathered
     into one packed sequence (``cu_seqlens``), attended, and scattered back. Real tokens get
     exactly HF's causal-with-padding result; outputs at padding positions are 0 (HF's are
-    meaningless values that a -100 label ignores). Padding inside a row (not only at its ends)
-    in a layer with a sliding window goes to HF: HF's window counts the padding positions;
+    meaningless values that a -100 label ignores). When a label is predicted from a padding
+    position (a left-padded row's first real token, with labels = ids, padding -100), HF's loss
+    includes HF's output there: SDPA's is 0 too, but other implementations' (eager: the mean of
+    all values) are not, so there that forward runs HF's attention in every layer (the causal
+    LM's forward checks the labels, also with ``loss=False``). Padding inside a row (not only at
+    its ends) in a layer with a sliding window goes to HF: HF's window counts the padding
+    positions;
   * packed rows (no mask, ``position_ids`` restarting per document, no KV cache: the same rule HF
     uses to detect packing) -> varlen with one document per restart.
 
@@ -411,12 +416,43 @@ def _final_softcap(lm: nn.Module) -> float | None:
     return getattr(lm.config, "final_logit_softcapping", None)
 
 
-@_mark("loss")
-def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                       past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-                       logits_to_keep=0, **kwargs):
+def _labels_read_padding(attention_mask, labels, shift_labels, ignore_index: int) -> bool:
+    """A label predicted from a padding position (a left-padded row's first real token, when the
+    labels are the ids with only the padding masked): HF's loss includes HF's output there, a
+    fully masked query row, which Ember's varlen leaves 0. So does SDPA (torch >= 2.5), but
+    eager averages every value. One host sync."""
+    if labels is None or not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:
+        return False
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    if tuple(shift_labels.shape) != tuple(attention_mask.shape):
+        return False
+    pad = ~attention_mask.to(shift_labels.device).bool()
+    return bool(((shift_labels != ignore_index) & pad).any())
+
+
+def _causal_lm_forward_for(fused_loss: bool) -> Callable:
+    @_mark("loss" if fused_loss else "attention_plan")
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+                logits_to_keep=0, **kwargs):
+        planned = getattr(self.model.__dict__.get("forward"), "_ember_swap", None)
+        if (PLAN_KW not in kwargs and planned == "attention_plan"
+                and self.config._attn_implementation != "sdpa"
+                and _labels_read_padding(attention_mask, labels, kwargs.get("shift_labels"),
+                                         kwargs.get("ignore_index", -100))):
+            kwargs[PLAN_KW] = None  # every layer runs HF's attention with HF's mask
+        return _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids,
+                          past_key_values, inputs_embeds, labels, use_cache, logits_to_keep,
+                          **kwargs)
+
+    return forward
+
+
+def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_key_values,
+               inputs_embeds, labels, use_cache, logits_to_keep, **kwargs):
     shift_labels = kwargs.get("shift_labels")
-    if labels is None or not _plain_head(self.lm_head):
+    if not fused_loss or labels is None or not _plain_head(self.lm_head):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, past_key_values=past_key_values,
                                   inputs_embeds=inputs_embeds, labels=labels,
@@ -484,14 +520,15 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
             _bind(m, attn_forward)
     if attention:
         _bind(base, _model_forward)
-    if loss:
-        _bind(lm, _causal_lm_forward)
+    if loss or attention:  # attention alone: the causal LM only checks the labels (see above)
+        _bind(lm, _causal_lm_forward_for(loss))
     return model
 
 
 def swapped(model: nn.Module) -> dict[str, str]:
     """Module name (relative to ``model``) -> what its forward was swapped for ("rms_norm",
-    "mlp:swiglu", "attention", "rope", "attention_plan", "loss")."""
+    "mlp:swiglu", "attention", "rope", "attention_plan", "loss"; the causal LM's is
+    "attention_plan" with ``loss=False``: it only checks the labels against the padding)."""
     return {name: m.__dict__["forward"]._ember_swap for name, m in model.named_modules()
             if getattr(m.__dict__.get("forward"), "_ember_swap", False)}
 

@@ -131,9 +131,10 @@ def test_padding_varlen(attn, flash_calls):
     mask[0, 9:] = 0  # right padding
     mask[2, :5] = 0  # left padding
     labels = ids.masked_fill(mask == 0, -100)
-    # The first real token of a left-padded row has no context: with HF's shift it would be
-    # predicted from a padding position, whose output HF's eager and SDPA paths already disagree
-    # on (and Ember's is 0). A real pipeline never labels it.
+    # The first real token of a left-padded row has no context: with HF's shift it is predicted
+    # from a padding position, whose output HF's eager and SDPA paths already disagree on (and
+    # Ember's is 0). Unlabelled here, to test varlen (labelled: HF's attention runs, see
+    # test_left_padding_labels_read_padding).
     labels[2, 5] = -100
     kw = dict(attention_mask=mask, labels=labels)
     out_ref, out = ref(ids, **kw), model(ids, **kw)
@@ -146,6 +147,31 @@ def test_padding_varlen(attn, flash_calls):
         real = mask.bool()
         a, b = model.eval()(ids, attention_mask=mask).logits, ref.eval()(ids, attention_mask=mask)
         _close("logits (real tokens)", a[real], b.logits[real])
+
+
+@pytest.mark.parametrize("attn,swaps", [("sdpa", {}), ("eager", {}), ("eager", dict(loss=False))])
+def test_left_padding_labels_read_padding(attn, swaps, flash_calls):
+    """Labels = ids with only the padding masked (DataCollatorForLanguageModeling, left padding):
+    the first real token of a left-padded row is predicted from a padding position, and HF's
+    loss includes HF's output there. SDPA's is 0, as Ember's varlen gives; eager's is not, so
+    that forward runs HF's attention (was: Ember's 0 there, loss and gradients off by ~1e-2)."""
+    ref, model = _pair("qwen3_qknorm", seed=27, attn=attn)
+    accelerate(model, **swaps)
+    ids = _ids(3, 10, seed=12)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :1] = 0
+    kw = dict(attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    out_ref, out = ref(ids, **kw), model(ids, **kw)
+    _close("loss", out.loss, out_ref.loss)
+    out_ref.loss.backward()
+    out.loss.backward()
+    _check_grads(ref, model)
+    assert flash_calls == (["varlen"] * BASE["num_hidden_layers"] if attn == "sdpa" else [])
+    flash_calls.clear()
+    kw["labels"][1, 4] = kw["labels"][2, 1] = -100  # no label reads padding: varlen again
+    _close("loss (varlen)", model(ids, **kw).loss, ref(ids, **kw).loss)
+    assert flash_calls == ["varlen"] * BASE["num_hidden_layers"]
 
 
 def test_packed_varlen(flash_calls):
