@@ -64,10 +64,10 @@ What is swapped (each a keyword, all on by default):
   logits first (``softcap=c``), and eval logits are ``c * tanh(logits / c)`` as HF's. Under
   autocast the head runs in the autocast dtype, as HF's ``lm_head`` would. In training mode
   ``logits`` is None; in eval mode they are computed too. Differences: a batch whose labels are
-  all -100 gives loss 0 (HF: NaN). A LoRA/quantized ``lm_head`` or one with hooks keeps HF's loss
-  path. Gemma's ``sqrt(hidden)`` embedding scale stays in HF's model forward, as do Granite's
-  embedding and residual multipliers; Granite's ``logits_scaling`` divides the hidden states
-  before the fused loss (and the eval logits).
+  all -100 gives loss 0 (HF: NaN). A LoRA/quantized ``lm_head`` or one with hooks, or a custom
+  ``model.loss_function``, keeps HF's loss path. Gemma's ``sqrt(hidden)`` embedding scale stays
+  in HF's model forward, as do Granite's embedding and residual multipliers; Granite's
+  ``logits_scaling`` divides the hidden states before the fused loss (and the eval logits).
 
 The decision is made once per forward by the wrapper of the inner ``*Model`` from the 2-D
 ``attention_mask``, ``position_ids`` and cache (host syncs: one or two for a mask, one for
@@ -378,6 +378,17 @@ def _plain_head(head: nn.Module) -> bool:
             and not (head._forward_hooks or head._forward_pre_hooks))
 
 
+def _default_loss(lm: nn.Module) -> bool:
+    """No ``loss_function`` set on the instance (transformers' setter stores ``_loss_function``,
+    which HF's forward then calls on the logits), or transformers' own causal LM loss."""
+    fn = lm.__dict__.get("_loss_function")
+    if fn is None:
+        return True
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return fn is ForCausalLMLoss
+
+
 def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Tensor,
                    num_items_in_batch=None, ignore_index: int = -100,
                    softcap: float | None = None) -> torch.Tensor:
@@ -452,7 +463,8 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
 def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_key_values,
                inputs_embeds, labels, use_cache, logits_to_keep, **kwargs):
     shift_labels = kwargs.get("shift_labels")
-    if not fused_loss or labels is None or not _plain_head(self.lm_head):
+    if (not fused_loss or labels is None or not _plain_head(self.lm_head)
+            or not _default_loss(self)):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, past_key_values=past_key_values,
                                   inputs_embeds=inputs_embeds, labels=labels,

@@ -256,6 +256,26 @@ def test_loss_options():
         _close("logits", model(ids).logits, ref(ids).logits)
 
 
+def test_custom_loss_function_is_called():
+    """A loss set with transformers' ``model.loss_function = fn`` is what HF's forward computes
+    from the logits: the swap keeps HF's loss path for it (was: the fused cross-entropy,
+    silently ignoring it)."""
+    ref, model = _pair("llama", seed=29)
+    accelerate(model)
+
+    def smoothed(logits, labels, vocab_size, **kw):
+        y = F.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
+        return F.cross_entropy(logits.float().reshape(-1, vocab_size), y, label_smoothing=0.3)
+
+    ref.loss_function = model.loss_function = smoothed
+    ids = _ids(2, 10, seed=13)
+    out_ref, out = ref(ids, labels=ids), model(ids, labels=ids)
+    _close("loss", out.loss, out_ref.loss)
+    out_ref.loss.backward()
+    out.loss.backward()
+    _check_grads(ref, model)
+
+
 def test_generate_matches(flash_calls):
     ref, model = _pair("llama_tied_llama3", seed=11)
     accelerate(model)
