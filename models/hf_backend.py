@@ -41,11 +41,11 @@ What is swapped (each a keyword, all on by default):
     exactly HF's causal-with-padding result; outputs at padding positions are 0 (HF's are
     meaningless values that a -100 label ignores). When a label is predicted from a padding
     position (a left-padded row's first real token, with labels = ids, padding -100), HF's loss
-    includes HF's output there: SDPA's is 0 too, but other implementations' (eager: the mean of
-    all values) are not, so there that forward runs HF's attention in every layer (the causal
-    LM's forward checks the labels, also with ``loss=False``). Padding inside a row (not only at
-    its ends) in a layer with a sliding window goes to HF: HF's window counts the padding
-    positions;
+    includes HF's output there, so that forward runs HF's attention in every layer (the causal
+    LM's forward checks the labels, also with ``loss=False``); except with SDPA for padding
+    before a row's first real token: a fully masked query row, 0 in SDPA as in varlen. Padding
+    inside a row (not only at its ends) in a layer with a sliding window goes to HF: HF's window
+    counts the padding positions;
   * packed rows (no mask, ``position_ids`` restarting per document, no KV cache: the same rule HF
     uses to detect packing) -> varlen with one document per restart.
 
@@ -427,19 +427,24 @@ def _final_softcap(lm: nn.Module) -> float | None:
     return getattr(lm.config, "final_logit_softcapping", None)
 
 
-def _labels_read_padding(attention_mask, labels, shift_labels, ignore_index: int) -> bool:
-    """A label predicted from a padding position (a left-padded row's first real token, when the
-    labels are the ids with only the padding masked): HF's loss includes HF's output there, a
-    fully masked query row, which Ember's varlen leaves 0. So does SDPA (torch >= 2.5), but
-    eager averages every value. One host sync."""
+def _labels_read_padding(attention_mask, labels, shift_labels, ignore_index: int,
+                         sdpa: bool) -> bool:
+    """A label predicted from a padding position: HF's loss includes HF's output there, which
+    Ember's varlen leaves 0. Before a row's first real token (left padding, labels = ids with the
+    padding masked: its first real token) that is a fully masked query row, which SDPA also
+    gives as 0 (torch >= 2.5; eager averages every value); after one (right padding or a gap,
+    labels not masked there) HF attends to the real tokens before it. One host sync."""
     if labels is None or not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:
         return False
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     if tuple(shift_labels.shape) != tuple(attention_mask.shape):
         return False
-    pad = ~attention_mask.to(shift_labels.device).bool()
-    return bool(((shift_labels != ignore_index) & pad).any())
+    keep = attention_mask.to(shift_labels.device).bool()
+    read = (shift_labels != ignore_index) & ~keep
+    if sdpa:
+        read &= keep.cumsum(1) > 0
+    return bool(read.any())
 
 
 def _causal_lm_forward_for(fused_loss: bool) -> Callable:
@@ -449,9 +454,9 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
                 logits_to_keep=0, **kwargs):
         planned = getattr(self.model.__dict__.get("forward"), "_ember_swap", None)
         if (PLAN_KW not in kwargs and planned == "attention_plan"
-                and self.config._attn_implementation != "sdpa"
                 and _labels_read_padding(attention_mask, labels, kwargs.get("shift_labels"),
-                                         kwargs.get("ignore_index", -100))):
+                                         kwargs.get("ignore_index", -100),
+                                         self.config._attn_implementation == "sdpa")):
             kwargs[PLAN_KW] = None  # every layer runs HF's attention with HF's mask
         return _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids,
                           past_key_values, inputs_embeds, labels, use_cache, logits_to_keep,

@@ -134,7 +134,7 @@ def test_padding_varlen(attn, flash_calls):
     # The first real token of a left-padded row has no context: with HF's shift it is predicted
     # from a padding position, whose output HF's eager and SDPA paths already disagree on (and
     # Ember's is 0). Unlabelled here, to test varlen (labelled: HF's attention runs, see
-    # test_left_padding_labels_read_padding).
+    # test_labels_read_padding).
     labels[2, 5] = -100
     kw = dict(attention_mask=mask, labels=labels)
     out_ref, out = ref(ids, **kw), model(ids, **kw)
@@ -149,29 +149,40 @@ def test_padding_varlen(attn, flash_calls):
         _close("logits (real tokens)", a[real], b.logits[real])
 
 
-@pytest.mark.parametrize("attn,swaps", [("sdpa", {}), ("eager", {}), ("eager", dict(loss=False))])
-def test_left_padding_labels_read_padding(attn, swaps, flash_calls):
-    """Labels = ids with only the padding masked (DataCollatorForLanguageModeling, left padding):
-    the first real token of a left-padded row is predicted from a padding position, and HF's
-    loss includes HF's output there. SDPA's is 0, as Ember's varlen gives; eager's is not, so
-    that forward runs HF's attention (was: Ember's 0 there, loss and gradients off by ~1e-2)."""
+@pytest.mark.parametrize("attn,swaps,pad", [
+    ("sdpa", {}, "left"), ("eager", {}, "left"), ("eager", dict(loss=False), "left"),
+    ("sdpa", {}, "right"), ("sdpa", dict(loss=False), "gap")])
+def test_labels_read_padding(attn, swaps, pad, flash_calls):
+    """A label predicted from a padding position: HF's loss includes HF's output there. Left
+    padding with labels = ids, padding masked (DataCollatorForLanguageModeling): the first real
+    token is predicted from a fully masked row, 0 in SDPA as in varlen, not in eager. Right
+    padding with labels = ids unmasked, or a gap: HF attends to the real tokens before it. Those
+    forwards run HF's attention (was: Ember's 0 there, loss and gradients off by ~1e-2)."""
     ref, model = _pair("qwen3_qknorm", seed=27, attn=attn)
     accelerate(model, **swaps)
     ids = _ids(3, 10, seed=12)
     mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    mask[2, :1] = 0
-    kw = dict(attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    if pad == "left":
+        mask[1, :4] = mask[2, :1] = 0
+    elif pad == "right":
+        mask[1, 6:] = mask[2, 9:] = 0
+    else:
+        mask[1, 3:5] = 0
+    labels = ids if pad == "right" else ids.masked_fill(mask == 0, -100)
+    kw = dict(attention_mask=mask, labels=labels)
     out_ref, out = ref(ids, **kw), model(ids, **kw)
     _close("loss", out.loss, out_ref.loss)
     out_ref.loss.backward()
     out.loss.backward()
     _check_grads(ref, model)
-    assert flash_calls == (["varlen"] * BASE["num_hidden_layers"] if attn == "sdpa" else [])
+    varlen = ["varlen"] * BASE["num_hidden_layers"]
+    assert flash_calls == (varlen if (attn, pad) == ("sdpa", "left") else [])
     flash_calls.clear()
-    kw["labels"][1, 4] = kw["labels"][2, 1] = -100  # no label reads padding: varlen again
+    labels = labels.clone()
+    labels[:, 1:][mask[:, :-1] == 0] = -100  # no label reads padding: varlen again
+    kw["labels"] = labels
     _close("loss (varlen)", model(ids, **kw).loss, ref(ids, **kw).loss)
-    assert flash_calls == ["varlen"] * BASE["num_hidden_layers"]
+    assert flash_calls == varlen
 
 
 def test_packed_varlen(flash_calls):
