@@ -7,8 +7,10 @@ instance (bare, or inside a PEFT ``PeftModel``: the causal LM is found
 inside) and rebinds ``forward`` on *that instance's* modules only (``types.MethodType``); no
 transformers class, function or registry is touched, parameters stay where they are (state dicts,
 ``save_pretrained`` and PEFT adapters are unaffected), and ``restore(model)`` puts the original
-methods back. Multimodal classes (``Gemma3ForConditionalGeneration``) are refused: load the text
-model. What sets a family apart is read as its modeling file reads it (``FAMILIES``).
+methods back. A module under an ``accelerate`` dispatch hook (``device_map`` with offload or
+several devices) keeps its hook: the swap replaces the ``_old_forward`` the hook calls.
+Multimodal classes (``Gemma3ForConditionalGeneration``) are refused: load the text model. What
+sets a family apart is read as its modeling file reads it (``FAMILIES``).
 
 What is swapped (each a keyword, all on by default):
 
@@ -64,7 +66,8 @@ What is swapped (each a keyword, all on by default):
   logits first (``softcap=c``), and eval logits are ``c * tanh(logits / c)`` as HF's. Under
   autocast the head runs in the autocast dtype, as HF's ``lm_head`` would. In training mode
   ``logits`` is None; in eval mode they are computed too. Differences: a batch whose labels are
-  all -100 gives loss 0 (HF: NaN). A LoRA/quantized ``lm_head`` or one with hooks, or a custom
+  all -100 gives loss 0 (HF: NaN). A LoRA/quantized ``lm_head``, one with hooks (also
+  ``accelerate``'s dispatch hook: offloaded or on another device), or a custom
   ``model.loss_function``, keeps HF's loss path. Gemma's ``sqrt(hidden)`` embedding scale stays
   in HF's model forward, as do Granite's embedding and residual multipliers; Granite's
   ``logits_scaling`` divides the hidden states before the fused loss (and the eval logits).
@@ -190,8 +193,27 @@ def _mark(kind: str) -> Callable[[Callable], Callable]:
     return deco
 
 
+def _hooked(module: nn.Module) -> bool:
+    """An ``accelerate`` dispatch hook (``device_map`` with offload or several devices): its
+    ``forward`` moves inputs and loads offloaded weights around ``module._old_forward``."""
+    return "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__
+
+
 def _bind(module: nn.Module, fn: Callable) -> None:
-    module.forward = types.MethodType(fn, module)
+    method = types.MethodType(fn, module)
+    if _hooked(module):  # swap inside the hook, keeping what it called to restore it
+        module._ember_hooked_forward = module._old_forward
+        module._old_forward = method
+    else:
+        module.forward = method
+
+
+def _swap_kind(module: nn.Module) -> str | None:
+    for key in ("forward", "_old_forward"):
+        kind = getattr(module.__dict__.get(key), "_ember_swap", None)
+        if kind:
+            return kind
+    return None
 
 
 @_mark("rms_norm")
@@ -374,7 +396,7 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
 def _plain_head(head: nn.Module) -> bool:
     w = getattr(head, "weight", None)
     return (isinstance(head, nn.Linear) and type(w) in (nn.Parameter, torch.Tensor)
-            and w.is_floating_point() and w.device.type != "meta"
+            and w.is_floating_point() and w.device.type != "meta" and not _hooked(head)
             and not (head._forward_hooks or head._forward_pre_hooks))
 
 
@@ -452,7 +474,7 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
                 logits_to_keep=0, **kwargs):
-        planned = getattr(self.model.__dict__.get("forward"), "_ember_swap", None)
+        planned = _swap_kind(self.model)
         if (PLAN_KW not in kwargs and planned == "attention_plan"
                 and _labels_read_padding(attention_mask, labels, kwargs.get("shift_labels"),
                                          kwargs.get("ignore_index", -100),
@@ -546,13 +568,15 @@ def swapped(model: nn.Module) -> dict[str, str]:
     """Module name (relative to ``model``) -> what its forward was swapped for ("rms_norm",
     "mlp:swiglu", "attention", "rope", "attention_plan", "loss"; the causal LM's is
     "attention_plan" with ``loss=False``: it only checks the labels against the padding)."""
-    return {name: m.__dict__["forward"]._ember_swap for name, m in model.named_modules()
-            if getattr(m.__dict__.get("forward"), "_ember_swap", False)}
+    return {name: kind for name, m in model.named_modules() if (kind := _swap_kind(m))}
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undo ``accelerate``: every swapped module gets its class's forward back."""
+    """Undo ``accelerate``: every swapped module gets its class's forward back (inside an
+    ``accelerate`` dispatch hook: the forward the hook called before)."""
     for m in model.modules():
         if getattr(m.__dict__.get("forward"), "_ember_swap", False):
             del m.forward
+        if getattr(m.__dict__.get("_old_forward"), "_ember_swap", False):
+            m._old_forward = m.__dict__.pop("_ember_hooked_forward")
     return model

@@ -356,6 +356,32 @@ def test_instance_only_and_restore():
     _close("loss (HF loss path)", out.loss, ref(ids, labels=ids).loss)
 
 
+def test_dispatch_hooks_are_kept(tmp_path, flash_calls):
+    """A model loaded with a device_map that offloads carries accelerate's dispatch hooks, which
+    load the offloaded weights around ``module._old_forward``: the swap goes inside them (was:
+    it replaced them, "rms_norm: x is on cpu but weight on meta"), and restore() leaves them
+    working (was: it deleted them for good)."""
+    pytest.importorskip("accelerate")
+    ref, _ = _pair("llama", seed=31)
+    ref.save_pretrained(tmp_path / "m")
+    where = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+             "model.layers.1": "disk", "model.norm": "disk", "lm_head": "cpu"}
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "m", device_map=where, offload_folder=str(tmp_path / "offload"))
+    assert model.model.norm.weight.device.type == "meta" and hasattr(model.model.norm, "_hf_hook")
+    accelerate(model)
+    assert swapped(model)["model.norm"] == "rms_norm"
+    ids = _ids(2, 9, seed=14)
+    with torch.no_grad():
+        _close("logits", model(ids).logits, ref.eval()(ids).logits)
+        _close("loss", model(ids, labels=ids).loss, ref(ids, labels=ids).loss)
+    assert flash_calls == ["dense"] * 2 * BASE["num_hidden_layers"]
+    restore(model)
+    assert swapped(model) == {}
+    with torch.no_grad():
+        _close("logits (restored)", model(ids).logits, ref(ids).logits)
+
+
 def test_rope_only_uses_hf_attention(flash_calls):
     ref, model = _pair("mistral_window", seed=17)
     accelerate(model, attention=False)
