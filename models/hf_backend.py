@@ -208,11 +208,16 @@ def _bind(module: nn.Module, fn: Callable) -> None:
         module.forward = method
 
 
+def _ours(fn) -> bool:
+    # a method bound by _bind (a hook's wrapper copies the attribute: not ours)
+    return isinstance(fn, types.MethodType) and bool(getattr(fn.__func__, "_ember_swap", None))
+
+
 def _swap_kind(module: nn.Module) -> str | None:
     for key in ("forward", "_old_forward"):
-        kind = getattr(module.__dict__.get(key), "_ember_swap", None)
-        if kind:
-            return kind
+        fn = module.__dict__.get(key)
+        if _ours(fn):
+            return fn._ember_swap
     return None
 
 
@@ -575,8 +580,10 @@ def restore(model: nn.Module) -> nn.Module:
     """Undo ``accelerate``: every swapped module gets its class's forward back (inside an
     ``accelerate`` dispatch hook: the forward the hook called before)."""
     for m in model.modules():
-        if getattr(m.__dict__.get("forward"), "_ember_swap", False):
+        if _ours(m.__dict__.get("forward")):
             del m.forward
-        if getattr(m.__dict__.get("_old_forward"), "_ember_swap", False):
-            m._old_forward = m.__dict__.pop("_ember_hooked_forward")
+        if _ours(m.__dict__.get("_old_forward")):  # a hook around the swap, added before or after
+            saved = m.__dict__.get("_ember_hooked_forward")
+            m._old_forward = saved if saved is not None else types.MethodType(type(m).forward, m)
+        m.__dict__.pop("_ember_hooked_forward", None)
     return model

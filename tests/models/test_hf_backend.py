@@ -382,6 +382,34 @@ def test_dispatch_hooks_are_kept(tmp_path, flash_calls):
         _close("logits (restored)", model(ids).logits, ref(ids).logits)
 
 
+def test_hook_added_after_the_swap():
+    """accelerate's add_hook_to_module (dispatch_model) on an accelerated model wraps the swap;
+    restore() keeps that hook and puts the class's forward under it (was: KeyError, and the
+    hook was deleted)."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    calls = []
+
+    class Count(hooks.ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(type(module).__name__)
+            return args, kwargs
+
+    ref, model = _pair("llama", seed=33)
+    accelerate(model)
+    hooks.add_hook_to_module(model.model.norm, Count())
+    assert swapped(model)["model.norm"] == "rms_norm"
+    restore(model)
+    assert swapped(model) == {}
+    accelerate(model)  # and again, under the hook
+    ids = _ids(2, 9, seed=15)
+    with torch.no_grad():
+        _close("logits", model.eval()(ids).logits, ref.eval()(ids).logits)
+        restore(model)
+        _close("logits (restored)", model(ids).logits, ref(ids).logits)
+    assert calls == ["LlamaRMSNorm"] * 2
+    assert model.model.norm._old_forward.__func__ is type(model.model.norm).forward
+
+
 def test_rope_only_uses_hf_attention(flash_calls):
     ref, model = _pair("mistral_window", seed=17)
     accelerate(model, attention=False)
