@@ -130,6 +130,7 @@ _FAMILY_FIELDS = {
 }
 
 _MLP_BIAS = ("llama", "smollm3", "granite")
+_WINDOW_IGNORED = ("llama", "gemma", "granite", "olmo2")  # no window in transformers
 _QK_NORM = ("qwen3", "gemma3_text", "olmo2")
 _PHI3_NOOP_FIELDS = dict(full_attn_mod=1, interpolate_factor=1, lm_head_bias=False, mlp_bias=False)
 
@@ -332,6 +333,17 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             f"loading it as a standard {model_type} model",
             stacklevel=2,
         )
+    if model_type in _WINDOW_IGNORED and "sliding_window" in raw:
+        # transformers' attention for these families never reads it (Llama conversions of
+        # Mistral-style checkpoints carry one): ignored as transformers ignores it, never refused
+        if raw["sliding_window"] is not None:
+            warnings.warn(
+                f"config.json: sliding_window={raw['sliding_window']!r} is ignored: "
+                f"transformers' {model_type} attends over the whole sequence on every layer, "
+                "and so does Ember; use model_type 'mistral' for a windowed model",
+                stacklevel=2,
+            )
+        raw = {k: v for k, v in raw.items() if k != "sliding_window"}
     unknown = sorted(set(raw) - _HARMLESS_FIELDS - _COMMON_FIELDS - _FAMILY_FIELDS[model_type])
     if unknown:
         raise EmberError(

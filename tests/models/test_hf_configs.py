@@ -186,3 +186,22 @@ def test_mixtral_layer_types_stays_refused(tmp_path):
     with pytest.raises(EmberError, match=r"\['layer_types'\] are not supported for model_type "
                                          "'mixtral'"):
         load_pretrained(folder)
+
+
+@pytest.mark.parametrize("cls", ["LlamaConfig", "GemmaConfig", "GraniteConfig", "Olmo2Config"])
+@pytest.mark.parametrize("window", [None, 4])
+def test_sliding_window_families_without_one_ignore_it(tmp_path, cls, window):
+    """transformers' Llama/Gemma/Granite/OLMo2 attention never reads config.sliding_window (some
+    Llama conversions carry one, often null); it was refused as an unknown field. Ember now
+    computes what transformers computes (no window, checked at 20 tokens > 4), with a warning
+    when the value is not null."""
+    folder = _save(tmp_path, f"{cls}-{window}", cls)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "sliding_window": window}))
+    if window is None:
+        model, _ = load_pretrained(folder)
+    else:
+        with pytest.warns(UserWarning, match="sliding_window=4 is ignored"):
+            model, _ = load_pretrained(folder)
+    assert model.cfg.sliding_window is None
+    _assert_parity_and_export(model, folder, _ids(20), tmp_path)
