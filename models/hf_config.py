@@ -98,6 +98,7 @@ _HARMLESS_FIELDS = frozenset(
     encoder_no_repeat_ngram_size bad_words_ids num_return_sequences output_scores
     return_dict_in_generate forced_bos_token_id forced_eos_token_id remove_invalid_values
     exponential_decay_length_penalty suppress_tokens begin_suppress_tokens
+    _commit_hash _attn_implementation attn_implementation unsloth_version unsloth_fixed
 """.split()
 )
 

@@ -205,3 +205,16 @@ def test_sliding_window_families_without_one_ignore_it(tmp_path, cls, window):
             model, _ = load_pretrained(folder)
     assert model.cfg.sliding_window is None
     _assert_parity_and_export(model, folder, _ids(20), tmp_path)
+
+
+def test_bookkeeping_fields_of_other_tools_load(tmp_path):
+    """Unsloth's merged checkpoints carry unsloth_version (some unsloth_fixed), hub snapshots
+    _commit_hash, older transformers _attn_implementation: none changes the computation, and
+    each was refused as an unknown field."""
+    folder = _save(tmp_path, "unsloth", "LlamaConfig")
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "unsloth_version": "2025.3.19",
+                                "unsloth_fixed": True, "_commit_hash": "0" * 40,
+                                "_attn_implementation": "sdpa"}))
+    model, _ = load_pretrained(folder)
+    _assert_parity_and_export(model, folder, _ids(), tmp_path)
