@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
 from ember.kernels._dispatch import check_dtype, use_triton
-from ember.kernels.nf4 import NF4Weight, nf4_dequantize, nf4_mm
+from ember.kernels.nf4 import NF4Weight, as_nf4_weight, nf4_dequantize, nf4_mm
 from ember.kernels.swiglu import geglu, geglu_ref, glu_backward_, swiglu, swiglu_ref
 
 _ACTS = {"silu": (swiglu, swiglu_ref), "gelu_tanh": (geglu, geglu_ref)}
@@ -268,6 +268,7 @@ def _group(x, weights, As, Bs, scales, biases, lora_x):
 
 def lora_linear(x, weight, A, B, scale, bias=None, *, lora_x=None, impl=None):
     """y = x W^T + b + scale (lora_x A^T) B^T (see the module docstring)."""
+    weight = as_nf4_weight(weight)
     _check("lora_linear", x, lora_x, (weight,), (A,), (B,), (bias,))
     if use_triton(x, impl, "lora_linear"):
         return _group(x, (weight,), (A,), (B,), (float(scale),), (bias,), lora_x)[0]
@@ -280,6 +281,7 @@ def lora_qkv(x: torch.Tensor, weights: Sequence, As: Sequence[torch.Tensor],
     """(q, k, v) = three ``lora_linear`` of the same x, computed with one saved x, one u and one
     LoRA-A GEMM; ``scale`` is one float or one per projection."""
     biases = tuple(biases) if biases is not None else (None,) * 3
+    weights = tuple(as_nf4_weight(w) for w in weights)
     if not len(weights) == len(As) == len(Bs) == len(biases) == 3:
         raise ValueError("lora_qkv: weights, As, Bs (and biases) must each hold 3 entries "
                          "(q, k, v)")
@@ -297,6 +299,7 @@ def lora_mlp(x: torch.Tensor, weights: Sequence, As: Sequence[torch.Tensor],
     """down(act(gate(x), up(x))) with LoRA on each of (gate, up, down); act = SwiGLU ("silu") or
     GeGLU ("gelu_tanh"). ``lora_x`` is the dropped-out x for the gate/up adapters only."""
     biases = tuple(biases) if biases is not None else (None,) * 3
+    weights = tuple(as_nf4_weight(w) for w in weights)
     if not len(weights) == len(As) == len(Bs) == len(biases) == 3:
         raise ValueError("lora_mlp: weights, As, Bs (and biases) must each hold 3 entries "
                          "(gate, up, down)")
