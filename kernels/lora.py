@@ -44,6 +44,8 @@ def _dense(weight, dtype):
 
 
 def lora_linear_ref(x, weight, A, B, scale, bias=None, *, lora_x=None):
+    """The spec of ``lora_linear``: x (..., in) fp32/fp16/bf16 -> (..., out) in x.dtype, unfused,
+    plain autograd."""
     lx = x if lora_x is None else lora_x
     y = F.linear(x, _dense(weight, x.dtype), None if bias is None else bias.to(x.dtype))
     u = F.linear(lx, A.to(x.dtype))
@@ -56,12 +58,15 @@ def lora_linear_ref(x, weight, A, B, scale, bias=None, *, lora_x=None):
 
 
 def lora_qkv_ref(x, weights, As, Bs, scale, biases=None, *, lora_x=None):
+    """The spec of ``lora_qkv``: three ``lora_linear_ref`` of x (..., in) fp32/fp16/bf16, outputs
+    (..., out_i) in x.dtype."""
     scales, biases = _scales(scale, 3), biases or (None,) * 3
     return tuple(lora_linear_ref(x, w, A, B, s, b, lora_x=lora_x)
                  for w, A, B, s, b in zip(weights, As, Bs, scales, biases, strict=True))
 
 
 def lora_mlp_ref(x, weights, As, Bs, scale, biases=None, *, lora_x=None, activation="silu"):
+    """The spec of ``lora_mlp``: x (..., in) -> (..., out) in x.dtype, unfused, plain autograd."""
     s, b = _scales(scale, 3), biases or (None,) * 3
     g = lora_linear_ref(x, weights[0], As[0], Bs[0], s[0], b[0], lora_x=lora_x)
     u = lora_linear_ref(x, weights[1], As[1], Bs[1], s[1], b[1], lora_x=lora_x)
@@ -267,7 +272,12 @@ def _group(x, weights, As, Bs, scales, biases, lora_x):
 
 
 def lora_linear(x, weight, A, B, scale, bias=None, *, lora_x=None, impl=None):
-    """y = x W^T + b + scale (lora_x A^T) B^T (see the module docstring)."""
+    """y = x W^T + b + scale (lora_x A^T) B^T.
+
+    x (..., in) fp32/fp16/bf16; weight (out, in) a tensor, an ``NF4Weight`` or a bitsandbytes
+    ``Params4bit``; A (r, in), B (out, r) and bias (out,) or None in any float dtype (cast to
+    x.dtype); returns (..., out) in x.dtype. Gradients for x, A, B, bias and a dense weight that
+    requires one. See the module docstring."""
     weight = as_nf4_weight(weight)
     _check("lora_linear", x, lora_x, (weight,), (A,), (B,), (bias,))
     if use_triton(x, impl, "lora_linear"):
@@ -279,7 +289,9 @@ def lora_qkv(x: torch.Tensor, weights: Sequence, As: Sequence[torch.Tensor],
              Bs: Sequence[torch.Tensor], scale, biases: Sequence | None = None, *,
              lora_x: torch.Tensor | None = None, impl: str | None = None):
     """(q, k, v) = three ``lora_linear`` of the same x, computed with one saved x, one u and one
-    LoRA-A GEMM; ``scale`` is one float or one per projection."""
+    LoRA-A GEMM; ``scale`` is one float or one per projection. x (..., in) fp32/fp16/bf16;
+    weights[i] (out_i, in) (dense, NF4Weight or bnb Params4bit), As[i] (r_i, in), Bs[i]
+    (out_i, r_i), biases[i] (out_i,) or None; outputs (..., out_i) in x.dtype."""
     biases = tuple(biases) if biases is not None else (None,) * 3
     weights = tuple(as_nf4_weight(w) for w in weights)
     if not len(weights) == len(As) == len(Bs) == len(biases) == 3:
@@ -297,7 +309,9 @@ def lora_mlp(x: torch.Tensor, weights: Sequence, As: Sequence[torch.Tensor],
              lora_x: torch.Tensor | None = None, activation: str = "silu",
              impl: str | None = None) -> torch.Tensor:
     """down(act(gate(x), up(x))) with LoRA on each of (gate, up, down); act = SwiGLU ("silu") or
-    GeGLU ("gelu_tanh"). ``lora_x`` is the dropped-out x for the gate/up adapters only."""
+    GeGLU ("gelu_tanh"). ``lora_x`` is the dropped-out x for the gate/up adapters only.
+    x (..., in) fp32/fp16/bf16; gate/up weights (F, in), down (out, F) (dense, NF4Weight or bnb
+    Params4bit), As[i] (r_i, in_i), Bs[i] (out_i, r_i); returns (..., out) in x.dtype."""
     biases = tuple(biases) if biases is not None else (None,) * 3
     weights = tuple(as_nf4_weight(w) for w in weights)
     if not len(weights) == len(As) == len(Bs) == len(biases) == 3:

@@ -262,6 +262,8 @@ def _make_state(absmax, w, blocksize, double_quant) -> NF4State:
 
 
 def nf4_quantize_ref(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True):
+    """The spec of ``nf4_quantize``: w of any shape, fp32/fp16/bf16 -> (packed (ceil(n/2), 1)
+    uint8, NF4State)."""
     flat = w.reshape(-1).float()
     n = flat.numel()
     full = n - n % blocksize
@@ -286,6 +288,8 @@ def _absmax_ref(state: NF4State) -> torch.Tensor:
 
 
 def nf4_dequantize_ref(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None):
+    """The spec of ``nf4_dequantize``: packed (ceil(n/2), 1) uint8 + NF4State -> state.shape in
+    dtype (default state.dtype)."""
     n, bs = state.numel, state.blocksize
     b = packed.reshape(-1)
     q = torch.stack([b >> 4, b & 15], 1).reshape(-1)[:n].long()
@@ -295,6 +299,7 @@ def nf4_dequantize_ref(packed: torch.Tensor, state: NF4State, dtype: torch.dtype
 
 
 def nf4_linear_ref(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None):
+    """The spec of ``nf4_linear``: x (..., in) -> (..., out) in x.dtype, W dequantized densely."""
     w = nf4_dequantize_ref(weight.packed, weight.state, x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
@@ -420,7 +425,9 @@ class _NF4Linear(torch.autograd.Function):
 # -------------------------------------------------------------------------------------- public
 def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, *,
                  impl: str | None = None):
-    """Quantize ``w`` to NF4: returns (packed (ceil(n/2), 1) uint8, NF4State)."""
+    """Quantize ``w`` (any shape, fp32/fp16/bf16) to NF4 in blocks of ``blocksize`` (32..4096),
+    byte for byte as bitsandbytes' ``quantize_4bit(quant_type="nf4",
+    compress_statistics=double_quant)``: returns (packed (ceil(n/2), 1) uint8, NF4State)."""
     check_dtype("nf4_quantize", "w", w)
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"nf4_quantize: blocksize must be one of {BLOCKSIZES}, got {blocksize}")

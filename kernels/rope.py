@@ -39,6 +39,9 @@ def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spec of ``apply_rope``: q (B, T, H, D), k (B, T, K, D) fp32/fp16/bf16, cos/sin
+    (B or 1, T, R/2); math in fp32, outputs in q's / k's dtype. Plain autograd (also through
+    cos/sin)."""
     return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin)
 
 
@@ -146,7 +149,9 @@ class _Rope(torch.autograd.Function):
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, T, H, D) and k (B, T, K, D) by cos/sin (B or 1, T, R/2); returns (q', k').
-    R = D rotates every dim; an even R < D only the first R (partial rotary)."""
+    R = D rotates every dim; an even R < D only the first R (partial rotary). q, k fp32/fp16/bf16
+    (outputs in their dtypes, new contiguous tensors), cos/sin fp32 (fp16/bf16 upcast), any even
+    D; half-rotation layout (x1 = x[..., :R/2], x2 = x[..., R/2:R])."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[-1] % 2 or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"apply_rope: q, k must be (B, T, H, D) with the same even D; got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")

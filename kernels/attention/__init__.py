@@ -63,6 +63,8 @@ def _attend_ref(q, k, v, causal, scale, window, softcap):
 
 def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None, softcap=None,
                         cu_seqlens=None, max_seqlen=None):
+    """The spec of ``flash_attention`` (same arguments, shapes and dtypes): SDPA or an explicit
+    (T, S) mask per sequence, output in q.dtype. Plain autograd (double backward works)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if cu_seqlens is None:
         if softcap is None and window is None and q.shape[1] == k.shape[1]:
@@ -177,7 +179,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     softmax_scale: float | None = None, window: int | None = None,
                     softcap: float | None = None, cu_seqlens: torch.Tensor | None = None,
                     max_seqlen: int | None = None, impl: str | None = None) -> torch.Tensor:
-    """Attention per the module docstring; differentiable in q, k and v."""
+    """softmax(scale q k^T [softcap, causal / window masks]) v; differentiable in q, k and v.
+
+    Padded: q (B, T, Hq, D), k/v (B, S, Hkv, D) with Hq a multiple of Hkv (GQA/MQA); varlen:
+    q (total, Hq, D), k/v (total, Hkv, D) and ``cu_seqlens`` (n_docs + 1,) int32/int64 offsets.
+    fp16/bf16 (fp32 accepted); output shaped like q in q.dtype. ``window=W``: a query sees W keys
+    (itself included), as transformers' ``sliding_window``. See the module docstring."""
     max_seqlen = _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap)
     if not use_triton(q, impl, "flash_attention"):
         return flash_attention_ref(q, k, v, causal=causal, softmax_scale=softmax_scale,
