@@ -91,6 +91,22 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
     return torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
 
 
+def _as_int(max_seqlen) -> int:
+    """max_seqlen as a Python int >= 1. flash-attn users often pass a 0-d tensor (``lens.max()``):
+    the kernels took it as a pointer (a crash inside the launcher), and an int32 one wrapped
+    the int32-offset guard's arithmetic into a bogus refusal. One host read on CUDA."""
+    if isinstance(max_seqlen, torch.Tensor):
+        if max_seqlen.numel() != 1 or max_seqlen.is_floating_point():
+            raise ValueError(f"flash_attention: max_seqlen must be an int (or a one-element "
+                             f"integer tensor), got a {max_seqlen.dtype} tensor of shape "
+                             f"{tuple(max_seqlen.shape)}")
+        max_seqlen = max_seqlen.item()
+    if isinstance(max_seqlen, bool) or not float(max_seqlen).is_integer() or max_seqlen < 1:
+        raise ValueError(f"flash_attention: max_seqlen must be an integer >= 1 (the longest "
+                         f"document's length), got {max_seqlen!r}")
+    return int(max_seqlen)
+
+
 def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap):
     """Raises on bad input; returns max_seqlen (computed from cu_seqlens when not given)."""
     want = 3 if cu_seqlens is not None else 4
@@ -110,6 +126,9 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap):
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, "
                          f"{v.dtype})")
+    if not q.is_floating_point():
+        raise ValueError(f"flash_attention: q, k, v must be floating point (fp16/bf16/fp32), got "
+                         f"{q.dtype}")
     if window is not None and (window < 1 or window != int(window)):
         raise ValueError(f"flash_attention: window must be an integer >= 1, got {window}")
     if softcap is not None and softcap <= 0:
@@ -119,8 +138,8 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap):
             raise ValueError(f"flash_attention: cu_seqlens must be a 1-D integer tensor of "
                              f"n_docs + 1 offsets; got shape {tuple(cu_seqlens.shape)}, "
                              f"dtype {cu_seqlens.dtype}")
-        if max_seqlen is not None and max_seqlen < 1:
-            raise ValueError(f"flash_attention: max_seqlen must be >= 1, got {max_seqlen}")
+        if max_seqlen is not None:
+            max_seqlen = _as_int(max_seqlen)
         if not cu_seqlens.is_cuda or max_seqlen is None:
             # One host read; skipped on CUDA when max_seqlen is given, to keep the step sync-free.
             bounds = cu_seqlens.tolist()

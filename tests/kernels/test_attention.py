@@ -8,6 +8,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ember.kernels.attention import _attend_ref, _fwd, flash_attention, flash_attention_ref
 from tests.numerics import assert_close_to_ref, grads, poisoned_allocations
@@ -170,6 +171,28 @@ def test_window_longer_than_every_sequence(causal):
     _check(*_qkv(1, 9, 13, 2, 1, 16), causal=causal, window=2**31 - 1)
     q, k, v, cu = _packed([5, 11], 2, 1, 16)
     _check(q, k, v, cu_seqlens=cu, causal=causal, window=2**31 - 1)
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_max_seqlen_as_a_tensor_or_float(impl):
+    """flash-attn callers pass max_seqlen as ``lens.max()``, a 0-d tensor: the Triton path crashed
+    inside the launcher (int64) or refused with a bogus int32-overflow error (int32), and a float
+    8.0 failed with a TypeError. Oracle: SDPA per document in fp64 (GQA 2:1, causal)."""
+    q, k, v, cu = _packed([3, 8, 5], 4, 2, 16)
+    lens = cu[1:] - cu[:-1]
+    bounds = cu.tolist()
+    want = torch.cat([F.scaled_dot_product_attention(
+        *(t[a:b].double().transpose(0, 1) for t in (q, k, v)), is_causal=True,
+        enable_gqa=True).transpose(0, 1) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    for ms in (lens.max(), lens.max().long(), 8.0, 9, torch.tensor([8])):
+        out = flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=ms, impl=impl)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    for bad, match in ((7, "shorter than the longest"), (8.5, "integer >= 1"), (0, ">= 1"),
+                       (torch.tensor([8, 8]), "one-element"), (torch.tensor(8.0), "one-element")):
+        with pytest.raises(ValueError, match=match):
+            flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=bad, impl=impl)
+    with pytest.raises(ValueError, match="floating point"):
+        flash_attention(q.long(), k.long(), v.long(), impl=impl, cu_seqlens=cu)
 
 
 def test_lse_is_the_log_sum_exp_of_the_scores():
