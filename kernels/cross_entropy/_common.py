@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +25,17 @@ class Options:
 def make_options(op: str, ignore_index, reduction, label_smoothing, z_loss, softcap) -> Options:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    # Any integer F.cross_entropy takes: a NumPy integer, a 0-d integer tensor (not a bool).
+    index = None
+    if not isinstance(ignore_index, bool) and not (
+            isinstance(ignore_index, torch.Tensor) and ignore_index.dtype == torch.bool):
+        try:
+            index = operator.index(ignore_index)
+        except TypeError:
+            pass
+    if index is None:
         raise ValueError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+    ignore_index = index
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if not float(z_loss) >= 0.0:
