@@ -88,7 +88,11 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
             outs.append(flash_attention_ref(qd[None], kd[None], vd[None], causal=causal,
                                             softmax_scale=scale, window=window,
                                             softcap=softcap)[0])
-    return torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
+    if outs:
+        return torch.cat(outs, dim=0)
+    # No tokens: an empty output that is still part of the graph (a plain new_zeros made
+    # out.sum().backward() fail with "does not require grad"), as SDPA's is.
+    return q * 0.0 + (k.sum() + v.sum()) * 0.0
 
 
 def _as_int(max_seqlen) -> int:

@@ -195,6 +195,22 @@ def test_max_seqlen_as_a_tensor_or_float(impl):
         flash_attention(q.long(), k.long(), v.long(), impl=impl, cu_seqlens=cu)
 
 
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_varlen_without_tokens_is_differentiable(impl):
+    """A packed batch with no tokens: like SDPA on a zero-length sequence (the oracle), the empty
+    output is part of the graph and every gradient is an empty tensor; backward used to fail
+    ("element 0 of tensors does not require grad")."""
+    q, k, v = (torch.randn(0, h, 16, requires_grad=True) for h in (4, 2, 2))
+    ref = F.scaled_dot_product_attention(*(t[None].transpose(1, 2) for t in (q, k, v)),
+                                         is_causal=True, enable_gqa=True)
+    want = torch.autograd.grad(ref.sum(), (q, k, v))
+    for cu in (torch.tensor([0, 0]), torch.tensor([0, 0, 0], dtype=torch.int32)):
+        out = flash_attention(q, k, v, cu_seqlens=cu, impl=impl)
+        assert out.shape == q.shape and out.requires_grad
+        got = torch.autograd.grad(out.sum(), (q, k, v))
+        assert [g.shape for g in got] == [w.shape for w in want]
+
+
 def test_lse_is_the_log_sum_exp_of_the_scores():
     q, k, v = _qkv(1, 37, 37, 2, 1, 64)
     scale = 0.125
