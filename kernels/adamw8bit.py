@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ember.kernels import _dispatch
-from ember.kernels._dispatch import check_dtype, use_triton
+from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
 
 BLOCKSIZE = 256
 _LUT_SIZE = 65536
@@ -253,6 +253,8 @@ def adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor,
     absmax1/absmax2: fp32 (>= ceil(n/256),). Everything is updated in place; returns None. See
     the module docstring."""
     op = "adamw8bit_step"
+    check_tensors(op, p=p, grad=grad, state1=state1, state2=state2, absmax1=absmax1,
+                  absmax2=absmax2)
     check_dtype(op, "p", p)
     check_dtype(op, "grad", grad)
     n, nb = p.numel(), -(-p.numel() // BLOCKSIZE)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
-from ember.kernels._dispatch import check_dtype, use_triton
+from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
 from ember.kernels.nf4 import NF4Weight, as_nf4_weight, nf4_dequantize, nf4_mm
 from ember.kernels.swiglu import geglu, geglu_ref, glu_backward_, swiglu, swiglu_ref
 
@@ -225,7 +225,13 @@ def _scales(scale, n: int) -> tuple[float, ...]:
 
 
 def _check(op, x, lora_x, weights, As, Bs, biases, in_features=None):
+    check_tensors(op, x=x)
     check_dtype(op, "x", x)
+    for i, (w, A, B) in enumerate(zip(weights, As, Bs, strict=True)):
+        check_tensors(op, **{f"A {i}": A, f"B {i}": B})
+        if not isinstance(w, (torch.Tensor, NF4Weight)):
+            raise ValueError(f"{op}: weight {i} must be a tensor, an NF4Weight or a bitsandbytes "
+                             f"Params4bit, got {type(w).__name__}")
     k = x.shape[-1]
     if lora_x is not None and (lora_x.shape != x.shape or lora_x.dtype != x.dtype):
         raise ValueError(f"{op}: lora_x {tuple(lora_x.shape)} {lora_x.dtype} must match x "

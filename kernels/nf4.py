@@ -38,7 +38,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
-from ember.kernels._dispatch import check_dtype, use_triton
+from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
 from ember.kernels.nf4_matmul import (
     _C,
     SMALL_M,
@@ -428,6 +428,7 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     """Quantize ``w`` (any shape, fp32/fp16/bf16) to NF4 in blocks of ``blocksize`` (32..4096),
     byte for byte as bitsandbytes' ``quantize_4bit(quant_type="nf4",
     compress_statistics=double_quant)``: returns (packed (ceil(n/2), 1) uint8, NF4State)."""
+    check_tensors("nf4_quantize", w=w)
     check_dtype("nf4_quantize", "w", w)
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"nf4_quantize: blocksize must be one of {BLOCKSIZES}, got {blocksize}")
@@ -449,6 +450,7 @@ def nf4_dequantize(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     """The dense weight (state.shape) in ``dtype`` (fp32/fp16/bf16; default: the dtype it was
     quantized from) from packed (ceil(n/2), 1) uint8 codes and their state: an NF4State, or a
     bitsandbytes QuantState / ``as_dict()`` / ``as_dict(packed=True)``."""
+    check_tensors("nf4_dequantize", packed=packed)
     state = as_nf4_state(state)
     dtype = dtype or state.dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -468,8 +470,13 @@ def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
     """y = x W^T + b for x (..., in) fp32/fp16/bf16, an NF4 weight (out, in) (an ``NF4Weight`` or a
     bitsandbytes ``Params4bit``) and bias (out,) or None; output (..., out) in x.dtype; W itself
     gets no gradient."""
+    check_tensors("nf4_linear", x=x)
     check_dtype("nf4_linear", "x", x)
     weight = as_nf4_weight(weight)
+    if not isinstance(weight, NF4Weight):
+        raise ValueError(f"nf4_linear: weight must be an NF4Weight (NF4Weight.quantize(w)) or a "
+                         f"bitsandbytes Params4bit, got {type(weight).__name__}; use F.linear "
+                         "for a dense weight")
     if len(weight.shape) != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"nf4_linear: x {tuple(x.shape)} does not match weight "
                          f"{tuple(weight.shape)} (out, in)")

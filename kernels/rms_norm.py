@@ -24,7 +24,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
-from ember.kernels._dispatch import check_dtype, use_triton
+from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
 
 _MAX_D = 65536
 
@@ -192,6 +192,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
     x (..., D) fp32/fp16/bf16, weight (D,) fp32/fp16/bf16 (may differ from x's), eps > 0,
     offset 1.0 for Gemma's (1 + w). Statistics in fp32; returns x's shape and dtype; gradients
     for x and weight (in their own dtypes). See the module docstring."""
+    check_tensors("rms_norm", x=x, weight=weight)
     if weight.dim() != 1 or x.dim() == 0 or x.shape[-1] != weight.shape[0] or x.shape[-1] == 0:
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last "
                          f"dim (x shape {tuple(x.shape)}); weight must be (D,) with D > 0")

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
-from ember.kernels._dispatch import check_dtype, use_triton
+from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
 
 
 def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -172,6 +172,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     full-width tables (B or 1, T, D) (the halves repeated) are accepted too. q, k fp32/fp16/bf16
     (outputs in their dtypes, new contiguous tensors), cos/sin fp32 (fp16/bf16 upcast), any even
     D; half-rotation layout (x1 = x[..., :R/2], x2 = x[..., R/2:R])."""
+    check_tensors("apply_rope", q=q, k=k, cos=cos, sin=sin)
     if q.dim() != 4 or k.dim() != 4 or q.shape[-1] % 2 or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"apply_rope: q, k must be (B, T, H, D) with the same even D; got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
-from ember.kernels._dispatch import check_dtype, use_triton
+from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
 
 
 # The references use PyTorch's fused silu / tanh-gelu ops (the same functions in fp32): on CPU,
@@ -171,6 +171,7 @@ class _GLU(torch.autograd.Function):
 
 
 def _check(op: str, gate: torch.Tensor, up: torch.Tensor) -> None:
+    check_tensors(op, gate=gate, up=up)
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
         raise ValueError(f"{op}: gate {tuple(gate.shape)} {gate.dtype} {gate.device} and up "
                          f"{tuple(up.shape)} {up.dtype} {up.device} must have the same shape, "

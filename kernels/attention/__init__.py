@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
-from ember.kernels._dispatch import check_dtype, use_triton
+from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
 from ember.kernels.attention import _bwd, _fwd
 
 
@@ -113,6 +113,9 @@ def _as_int(max_seqlen) -> int:
 
 def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap):
     """Raises on bad input; returns max_seqlen (computed from cu_seqlens when not given)."""
+    check_tensors("flash_attention", q=q, k=k, v=v)
+    if cu_seqlens is not None:
+        check_tensors("flash_attention", cu_seqlens=cu_seqlens)
     want = 3 if cu_seqlens is not None else 4
     if q.dim() != want or k.dim() != want or v.dim() != want:
         layout = "(total, H, D) with cu_seqlens" if want == 3 else "(B, T, H, D)"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ember.kernels._dispatch import check_dtype
+from ember.kernels._dispatch import check_dtype, check_tensors
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -49,6 +49,9 @@ def make_options(op: str, ignore_index, reduction, label_smoothing, z_loss, soft
 def validate(op: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
              bias: torch.Tensor | None, ignore_index: int) -> None:
     """Shapes, dtypes, devices and label range; raises ValueError saying what to change."""
+    check_tensors(op, hidden=hidden, weight=weight, labels=labels)
+    if bias is not None:
+        check_tensors(op, bias=bias)
     check_dtype(op, "hidden", hidden)
     check_dtype(op, "weight", weight)
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
