@@ -21,9 +21,10 @@ the diagonal; window: blocks outside it); only blocks crossing a mask boundary e
 Limits: head_dim <= 256 (non-powers of two are padded to the next power of two inside the kernel);
 fp16/bf16 (fp32 is supported for tests, at IEEE fp32 matmul speed); inputs need a contiguous last
 dim (other strides are handled; a strided last dim is copied); offsets inside one sequence are
-int32, so (tokens - 1) x token stride of q, k, v and out must stay below 2^31 (refused
-otherwise). In varlen mode ``max_seqlen`` must be at least the longest document: when given on
-CUDA, ``cu_seqlens`` is trusted without a device sync.
+int32, so (tokens - 1) x token stride of q, k, v and out must stay below 2^31 (refused otherwise);
+at most 65535 sequences (documents) and 65535 heads per call (grid axes 2 and 1). In varlen mode
+``max_seqlen`` must be at least the longest document: when given on CUDA, ``cu_seqlens`` is trusted
+without a device sync.
 """
 
 from __future__ import annotations
@@ -233,6 +234,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if window is not None and window >= (max_seqlen if cu_seqlens is not None
                                          else max(q.shape[1], k.shape[1])):
         window = None
+    n_seq = cu_seqlens.numel() - 1 if cu_seqlens is not None else q.shape[0]
+    if max(n_seq, q.shape[-2]) > 65535:
+        raise ValueError(f"flash_attention: the Triton kernels take at most 65535 sequences "
+                         f"(documents) and 65535 heads per call (CUDA's grid limit), got {n_seq} "
+                         f"and {q.shape[-2]}; split the batch or use impl='ref'")
     # The kernels need unit stride on head_dim only (RoPE'd views of fused projections are fine).
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     _check_int32_offsets(q, k, v, cu_seqlens, max_seqlen)

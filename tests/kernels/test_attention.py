@@ -211,6 +211,36 @@ def test_varlen_without_tokens_is_differentiable(impl):
         assert [g.shape for g in got] == [w.shape for w in want]
 
 
+def test_launch_grids_stay_within_cuda_limits(monkeypatch):
+    """CUDA caps grid axes 1 and 2 at 65535 blocks (axis 0 at 2^31 - 1). Batch x heads on one
+    axis could not launch for 2048 sequences x 32 heads (65536): the kernels take heads on axis 1
+    and the batch on axis 2. Launches are recorded, not run (the interpreter has no limit)."""
+    from ember.kernels.attention import _bwd
+
+    grids = []
+
+    class Record:
+        def __getitem__(self, grid):
+            meta = {"BLOCK_M": 16, "BLOCK_N": 16}
+            return lambda *a, **k: grids.append(grid(meta) if callable(grid) else grid)
+
+    for mod, name in ((_fwd, "_FWD_FP32"), (_bwd, "_DKDV_FP32"), (_bwd, "_DQ_FP32")):
+        monkeypatch.setattr(mod, name, {d: Record() for d in getattr(mod, name)})
+    monkeypatch.setattr(_bwd, "_attn_bwd_preprocess_kernel", Record())
+    q, k = torch.randn(2048, 1, 32, 16), torch.randn(2048, 1, 32, 16)
+    opts = dict(causal=True, scale=0.25, window=None, softcap=None, cu_seqlens=None,
+                max_seqlen=None)
+    out, lse = _fwd.attn_fwd(q, k, k, **opts)
+    _bwd.attn_bwd(out, q, k, k, out, lse, **opts)
+    assert len(grids) == 4
+    for grid in grids:
+        assert len(grid) <= 3 and max(grid[1:]) <= 65535, grid
+        assert torch.tensor(grid).prod() >= 2048 * 32  # one program per (sequence, head) at least
+    many = torch.randn(65536, 1, 1, 16)  # past what axis 2 takes: refused before any launch
+    with pytest.raises(ValueError, match="at most 65535 sequences"):
+        flash_attention(many, many, many, impl="triton")
+
+
 def test_lse_is_the_log_sum_exp_of_the_scores():
     q, k, v = _qkv(1, 37, 37, 2, 1, 64)
     scale = 0.125
