@@ -54,6 +54,14 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def check_tensors(op: str, **tensors) -> None:
+    """Each named argument must be a torch.Tensor (None where the keyword says ``optional``): a
+    list, NumPy array or None used to fail deep inside with an AttributeError."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def check_dtype(op: str, name: str, t: torch.Tensor, allowed=(torch.float32, torch.float16,
                                                                torch.bfloat16)) -> None:
     if t.dtype not in allowed:

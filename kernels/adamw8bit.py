@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ember.kernels import _dispatch
-from ember.kernels._dispatch import check_dtype, use_triton
+from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
 
 BLOCKSIZE = 256
 _LUT_SIZE = 65536
@@ -124,6 +124,8 @@ def adamw8bit_step_ref(p: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor
                        state2: torch.Tensor, absmax1: torch.Tensor, absmax2: torch.Tensor, *,
                        step: int, lr: float, beta1: float = 0.9, beta2: float = 0.999,
                        eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    """The spec of ``adamw8bit_step`` (p, grad of one shape, fp32/fp16/bf16; uint8 states; fp32
+    absmax), in PyTorch; bnb's CPU result bit for bit."""
     nb = -(-p.numel() // BLOCKSIZE)
     m = dequantize_blockwise_ref(state1, absmax1, True).view(p.shape)
     v = dequantize_blockwise_ref(state2, absmax2, False).view(p.shape)
@@ -245,8 +247,14 @@ def adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor,
                    state2: torch.Tensor, absmax1: torch.Tensor, absmax2: torch.Tensor, *,
                    step: int, lr: float, beta1: float = 0.9, beta2: float = 0.999,
                    eps: float = 1e-8, weight_decay: float = 0.0, impl: str | None = None) -> None:
-    """One in-place AdamW step of p and its 8-bit state; see the module docstring."""
+    """One in-place AdamW step of p and its 8-bit state (bitsandbytes' ``AdamW8bit``).
+
+    p and grad: one shape, fp32/fp16/bf16, contiguous; state1/state2: uint8 with p's numel;
+    absmax1/absmax2: fp32 (>= ceil(n/256),). Everything is updated in place; returns None. See
+    the module docstring."""
     op = "adamw8bit_step"
+    check_tensors(op, p=p, grad=grad, state1=state1, state2=state2, absmax1=absmax1,
+                  absmax2=absmax2)
     check_dtype(op, "p", p)
     check_dtype(op, "grad", grad)
     n, nb = p.numel(), -(-p.numel() // BLOCKSIZE)

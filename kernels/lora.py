@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
-from ember.kernels._dispatch import check_dtype, use_triton
-from ember.kernels.nf4 import NF4Weight, nf4_dequantize, nf4_mm
+from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
+from ember.kernels.nf4 import NF4Weight, as_nf4_weight, nf4_dequantize, nf4_mm
 from ember.kernels.swiglu import geglu, geglu_ref, glu_backward_, swiglu, swiglu_ref
 
 _ACTS = {"silu": (swiglu, swiglu_ref), "gelu_tanh": (geglu, geglu_ref)}
@@ -44,6 +44,8 @@ def _dense(weight, dtype):
 
 
 def lora_linear_ref(x, weight, A, B, scale, bias=None, *, lora_x=None):
+    """The spec of ``lora_linear``: x (..., in) fp32/fp16/bf16 -> (..., out) in x.dtype, unfused,
+    plain autograd."""
     lx = x if lora_x is None else lora_x
     y = F.linear(x, _dense(weight, x.dtype), None if bias is None else bias.to(x.dtype))
     u = F.linear(lx, A.to(x.dtype))
@@ -56,12 +58,15 @@ def lora_linear_ref(x, weight, A, B, scale, bias=None, *, lora_x=None):
 
 
 def lora_qkv_ref(x, weights, As, Bs, scale, biases=None, *, lora_x=None):
+    """The spec of ``lora_qkv``: three ``lora_linear_ref`` of x (..., in) fp32/fp16/bf16, outputs
+    (..., out_i) in x.dtype."""
     scales, biases = _scales(scale, 3), biases or (None,) * 3
     return tuple(lora_linear_ref(x, w, A, B, s, b, lora_x=lora_x)
                  for w, A, B, s, b in zip(weights, As, Bs, scales, biases, strict=True))
 
 
 def lora_mlp_ref(x, weights, As, Bs, scale, biases=None, *, lora_x=None, activation="silu"):
+    """The spec of ``lora_mlp``: x (..., in) -> (..., out) in x.dtype, unfused, plain autograd."""
     s, b = _scales(scale, 3), biases or (None,) * 3
     g = lora_linear_ref(x, weights[0], As[0], Bs[0], s[0], b[0], lora_x=lora_x)
     u = lora_linear_ref(x, weights[1], As[1], Bs[1], s[1], b[1], lora_x=lora_x)
@@ -220,7 +225,13 @@ def _scales(scale, n: int) -> tuple[float, ...]:
 
 
 def _check(op, x, lora_x, weights, As, Bs, biases, in_features=None):
+    check_tensors(op, x=x)
     check_dtype(op, "x", x)
+    for i, (w, A, B) in enumerate(zip(weights, As, Bs, strict=True)):
+        check_tensors(op, **{f"A {i}": A, f"B {i}": B})
+        if not isinstance(w, (torch.Tensor, NF4Weight)):
+            raise ValueError(f"{op}: weight {i} must be a tensor, an NF4Weight or a bitsandbytes "
+                             f"Params4bit, got {type(w).__name__}")
     k = x.shape[-1]
     if lora_x is not None and (lora_x.shape != x.shape or lora_x.dtype != x.dtype):
         raise ValueError(f"{op}: lora_x {tuple(lora_x.shape)} {lora_x.dtype} must match x "
@@ -267,7 +278,13 @@ def _group(x, weights, As, Bs, scales, biases, lora_x):
 
 
 def lora_linear(x, weight, A, B, scale, bias=None, *, lora_x=None, impl=None):
-    """y = x W^T + b + scale (lora_x A^T) B^T (see the module docstring)."""
+    """y = x W^T + b + scale (lora_x A^T) B^T.
+
+    x (..., in) fp32/fp16/bf16; weight (out, in) a tensor, an ``NF4Weight`` or a bitsandbytes
+    ``Params4bit``; A (r, in), B (out, r) and bias (out,) or None in any float dtype (cast to
+    x.dtype); returns (..., out) in x.dtype. Gradients for x, A, B, bias and a dense weight that
+    requires one. See the module docstring."""
+    weight = as_nf4_weight(weight)
     _check("lora_linear", x, lora_x, (weight,), (A,), (B,), (bias,))
     if use_triton(x, impl, "lora_linear"):
         return _group(x, (weight,), (A,), (B,), (float(scale),), (bias,), lora_x)[0]
@@ -278,8 +295,11 @@ def lora_qkv(x: torch.Tensor, weights: Sequence, As: Sequence[torch.Tensor],
              Bs: Sequence[torch.Tensor], scale, biases: Sequence | None = None, *,
              lora_x: torch.Tensor | None = None, impl: str | None = None):
     """(q, k, v) = three ``lora_linear`` of the same x, computed with one saved x, one u and one
-    LoRA-A GEMM; ``scale`` is one float or one per projection."""
+    LoRA-A GEMM; ``scale`` is one float or one per projection. x (..., in) fp32/fp16/bf16;
+    weights[i] (out_i, in) (dense, NF4Weight or bnb Params4bit), As[i] (r_i, in), Bs[i]
+    (out_i, r_i), biases[i] (out_i,) or None; outputs (..., out_i) in x.dtype."""
     biases = tuple(biases) if biases is not None else (None,) * 3
+    weights = tuple(as_nf4_weight(w) for w in weights)
     if not len(weights) == len(As) == len(Bs) == len(biases) == 3:
         raise ValueError("lora_qkv: weights, As, Bs (and biases) must each hold 3 entries "
                          "(q, k, v)")
@@ -295,8 +315,11 @@ def lora_mlp(x: torch.Tensor, weights: Sequence, As: Sequence[torch.Tensor],
              lora_x: torch.Tensor | None = None, activation: str = "silu",
              impl: str | None = None) -> torch.Tensor:
     """down(act(gate(x), up(x))) with LoRA on each of (gate, up, down); act = SwiGLU ("silu") or
-    GeGLU ("gelu_tanh"). ``lora_x`` is the dropped-out x for the gate/up adapters only."""
+    GeGLU ("gelu_tanh"). ``lora_x`` is the dropped-out x for the gate/up adapters only.
+    x (..., in) fp32/fp16/bf16; gate/up weights (F, in), down (out, F) (dense, NF4Weight or bnb
+    Params4bit), As[i] (r_i, in_i), Bs[i] (out_i, r_i); returns (..., out) in x.dtype."""
     biases = tuple(biases) if biases is not None else (None,) * 3
+    weights = tuple(as_nf4_weight(w) for w in weights)
     if not len(weights) == len(As) == len(Bs) == len(biases) == 3:
         raise ValueError("lora_mlp: weights, As, Bs (and biases) must each hold 3 entries "
                          "(gate, up, down)")

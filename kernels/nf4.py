@@ -15,12 +15,14 @@ Dequantize: w = code[q] * absmax, one fp32 product rounded once (RNE) to the out
 
 Tensor contract: ``NF4State`` keeps absmax (fp32, or uint8 + nested fp32 absmax/code/offset), the
 original shape and dtype, blocksize and the 16-entry code; ``NF4Weight`` bundles packed + state and
-is what ``Linear4bit`` and ``lora_linear`` take. The Triton dequant reads 0.5 byte/param (+1 byte
-per 64) and writes bf16/fp16/fp32; the Triton quantizer does the 4-bit part, the (n/64-element)
-double quantization runs in torch on the same device. ``nf4_linear`` (y = x W^T + b) uses Triton
-dequant + cuBLAS, or for M <= 16 rows (decode/eval) a fused dequant+matmul kernel when it was
-timed faster for that shape (``ember.kernels.nf4_matmul``); its backward re-dequantizes W (never
-stored) and saves no tensor at all. Limits: 2D weights for the matmul.
+is what ``Linear4bit`` and ``lora_linear`` take. Where a state is expected, a bitsandbytes
+``QuantState`` (or its ``as_dict()`` / ``as_dict(packed=True)``) is read as one (``as_nf4_state``),
+and where a weight is, a bnb ``Params4bit`` (``as_nf4_weight``). The Triton dequant reads 0.5
+byte/param (+1 byte per 64) and writes bf16/fp16/fp32; the Triton quantizer does the 4-bit part, the
+(n/64-element) double quantization runs in torch on the same device. ``nf4_linear`` (y = x W^T + b)
+uses Triton dequant + cuBLAS, or for M <= 16 rows (decode/eval) a fused dequant+matmul kernel when
+it was timed faster for that shape (``ember.kernels.nf4_matmul``); its backward re-dequantizes W
+(never stored) and saves no tensor at all. Limits: 2D weights for the matmul.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
-from ember.kernels._dispatch import check_dtype, use_triton
+from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
 from ember.kernels.nf4_matmul import (
     _C,
     SMALL_M,
@@ -121,14 +123,80 @@ class NF4State:
         return json.dumps(d)
 
 
+_QS_PREFIX = "quant_state.bitsandbytes__"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def as_nf4_state(state, op: str = "nf4_dequantize") -> NF4State:
+    """``state`` as an ``NF4State``: an NF4State as is; a bitsandbytes ``QuantState`` (what
+    ``quantize_4bit`` returns, ``Params4bit.quant_state``) or its ``as_dict()`` /
+    ``as_dict(packed=True)`` read field by field (same tensors, no copy). Anything else, or a
+    quant type other than nf4/fp4, is a ValueError."""
+    if isinstance(state, NF4State):
+        return state
+    if isinstance(state, dict):
+        d = dict(state)
+        for key in [k for k in d if k.startswith(_QS_PREFIX)]:  # as_dict(packed=True)
+            d.update(json.loads(bytes(d.pop(key).reshape(-1).tolist()).decode("utf-8")))
+        nested = d.get("nested_offset") is not None
+        get = d.get
+        fields = (get("absmax"), get("shape"), get("dtype"), get("blocksize"), get("quant_map"),
+                  get("quant_type"), get("nested_offset"), get("nested_absmax"),
+                  get("nested_quant_map"), get("nested_blocksize", NESTED_BLOCKSIZE))
+    elif all(hasattr(state, a) for a in ("absmax", "shape", "dtype", "blocksize", "code",
+                                         "quant_type")):
+        nested = bool(getattr(state, "nested", False))
+        s2 = state.state2 if nested else None
+        fields = (state.absmax, state.shape, state.dtype, state.blocksize, state.code,
+                  state.quant_type, state.offset if nested else None,
+                  s2.absmax if nested else None, s2.code if nested else None,
+                  s2.blocksize if nested else NESTED_BLOCKSIZE)
+    else:
+        raise ValueError(f"{op}: state must be an NF4State (from nf4_quantize) or a bitsandbytes "
+                         f"QuantState or its as_dict(); got {type(state).__name__}")
+    absmax, shape, dtype, blocksize, code, qtype, offset, am2, code2, nbs = fields
+    dtype = _DTYPES.get(dtype.removeprefix("torch."), dtype) if isinstance(dtype, str) else dtype
+    if (qtype not in ("nf4", "fp4") or not torch.is_tensor(absmax) or not torch.is_tensor(code)
+            or shape is None or dtype not in _DTYPES.values() or blocksize is None
+            or (nested and not (torch.is_tensor(am2) and torch.is_tensor(code2)))):
+        raise ValueError(f"{op}: this bitsandbytes quant state is not a complete 4-bit nf4/fp4 "
+                         f"state (quant_type {qtype!r}, dtype {dtype}); quantize with "
+                         "quant_type='nf4' or pass an NF4State")
+    if torch.is_tensor(offset):
+        offset = offset.item()
+    return NF4State(absmax if nested else absmax.float(), torch.Size(shape), dtype,
+                    int(blocksize), code.float(), None if offset is None else float(offset),
+                    am2.float() if nested else None, code2.float() if nested else None,
+                    int(nbs), qtype)
+
+
+def _check_state(op: str, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
+    """packed as uint8 (bitsandbytes' other ``quant_storage`` dtypes hold the same bytes),
+    checked against the state's shape, block count and nesting; the kernels index absmax and the
+    packed bytes unchecked, so a mismatch would read past their ends."""
+    if packed.dtype != torch.uint8 and packed.numel() * packed.element_size() == (
+            state.numel + 1) // 2:
+        packed = packed.contiguous().view(torch.uint8)
+    if packed.dtype != torch.uint8 or packed.numel() != (state.numel + 1) // 2:
+        raise ValueError(f"{op}: packed must be uint8 with ceil({state.numel}/2) elements for "
+                         f"shape {tuple(state.shape)}, got {packed.dtype} {tuple(packed.shape)}")
+    blocks = -(-state.numel // state.blocksize)
+    nested_ok = not state.nested or (state.absmax.dtype == torch.uint8 and
+                                     state.nested_absmax.numel() * state.nested_blocksize >= blocks)
+    if state.absmax.numel() != blocks or not nested_ok:
+        raise ValueError(f"{op}: the state's absmax ({state.absmax.dtype}, "
+                         f"{state.absmax.numel()} values) does not fit a {tuple(state.shape)} "
+                         f"weight in blocks of {state.blocksize} ({blocks} blocks)")
+    return packed
+
+
 class NF4Weight:
-    """A quantized weight: ``packed`` (ceil(n/2), 1) uint8 + ``state``. Not a Parameter: frozen."""
+    """A quantized weight: ``packed`` (ceil(n/2), 1) uint8 + ``state`` (an NF4State, or a
+    bitsandbytes QuantState / its ``as_dict()``). Not a Parameter: frozen."""
 
     def __init__(self, packed: torch.Tensor, state: NF4State):
-        if packed.dtype != torch.uint8 or packed.numel() != (state.numel + 1) // 2:
-            raise ValueError(f"NF4Weight: packed must be uint8 with ceil({state.numel}/2) "
-                             f"elements, got {packed.dtype} with {packed.numel()}")
-        self.packed, self.state = packed, state
+        state = as_nf4_state(state, "NF4Weight")
+        self.packed, self.state = _check_state("NF4Weight", packed, state), state
 
     @classmethod
     def quantize(cls, w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, *,
@@ -152,6 +220,13 @@ class NF4Weight:
     def __repr__(self) -> str:
         return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, "
                 f"blocksize={self.blocksize}, nested={self.state.nested}, device={self.device})")
+
+
+def as_nf4_weight(weight):
+    """A bitsandbytes ``Params4bit`` (``Linear4bit.weight``: packed bytes carrying a
+    ``quant_state``) as an ``NF4Weight`` over the same tensors; anything else unchanged."""
+    qs = getattr(weight, "quant_state", None) if isinstance(weight, torch.Tensor) else None
+    return weight if qs is None else NF4Weight(weight.detach(), qs)
 
 
 # ----------------------------------------------------------------------------------- reference
@@ -187,6 +262,8 @@ def _make_state(absmax, w, blocksize, double_quant) -> NF4State:
 
 
 def nf4_quantize_ref(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True):
+    """The spec of ``nf4_quantize``: w of any shape, fp32/fp16/bf16 -> (packed (ceil(n/2), 1)
+    uint8, NF4State)."""
     flat = w.reshape(-1).float()
     n = flat.numel()
     full = n - n % blocksize
@@ -211,6 +288,8 @@ def _absmax_ref(state: NF4State) -> torch.Tensor:
 
 
 def nf4_dequantize_ref(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None):
+    """The spec of ``nf4_dequantize``: packed (ceil(n/2), 1) uint8 + NF4State -> state.shape in
+    dtype (default state.dtype)."""
     n, bs = state.numel, state.blocksize
     b = packed.reshape(-1)
     q = torch.stack([b >> 4, b & 15], 1).reshape(-1)[:n].long()
@@ -220,6 +299,7 @@ def nf4_dequantize_ref(packed: torch.Tensor, state: NF4State, dtype: torch.dtype
 
 
 def nf4_linear_ref(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None):
+    """The spec of ``nf4_linear``: x (..., in) -> (..., out) in x.dtype, W dequantized densely."""
     w = nf4_dequantize_ref(weight.packed, weight.state, x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
@@ -345,7 +425,10 @@ class _NF4Linear(torch.autograd.Function):
 # -------------------------------------------------------------------------------------- public
 def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, *,
                  impl: str | None = None):
-    """Quantize ``w`` to NF4: returns (packed (ceil(n/2), 1) uint8, NF4State)."""
+    """Quantize ``w`` (any shape, fp32/fp16/bf16) to NF4 in blocks of ``blocksize`` (32..4096),
+    byte for byte as bitsandbytes' ``quantize_4bit(quant_type="nf4",
+    compress_statistics=double_quant)``: returns (packed (ceil(n/2), 1) uint8, NF4State)."""
+    check_tensors("nf4_quantize", w=w)
     check_dtype("nf4_quantize", "w", w)
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"nf4_quantize: blocksize must be one of {BLOCKSIZES}, got {blocksize}")
@@ -364,14 +447,15 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
 
 def nf4_dequantize(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None, *,
                    impl: str | None = None) -> torch.Tensor:
-    """The dense weight (state.shape) in ``dtype`` (default: the dtype it was quantized from)."""
+    """The dense weight (state.shape) in ``dtype`` (fp32/fp16/bf16; default: the dtype it was
+    quantized from) from packed (ceil(n/2), 1) uint8 codes and their state: an NF4State, or a
+    bitsandbytes QuantState / ``as_dict()`` / ``as_dict(packed=True)``."""
+    check_tensors("nf4_dequantize", packed=packed)
+    state = as_nf4_state(state)
     dtype = dtype or state.dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"nf4_dequantize: dtype must be float32/float16/bfloat16, got {dtype}")
-    if packed.dtype != torch.uint8 or packed.numel() != (state.numel + 1) // 2:
-        raise ValueError(f"nf4_dequantize: packed must be uint8 with ceil({state.numel}/2) "
-                         f"elements for shape {tuple(state.shape)}, got {packed.dtype} "
-                         f"{tuple(packed.shape)}")
+    packed = _check_state("nf4_dequantize", packed, state)
     if state.absmax.device != packed.device:
         raise ValueError(f"nf4_dequantize: packed on {packed.device} but state on "
                          f"{state.absmax.device}; move both with NF4Weight.to(device)")
@@ -383,8 +467,16 @@ def nf4_dequantize(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
 
 def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None, *,
                impl: str | None = None) -> torch.Tensor:
-    """y = x W^T + b for an NF4 weight (out, in); output in x.dtype; W itself gets no gradient."""
+    """y = x W^T + b for x (..., in) fp32/fp16/bf16, an NF4 weight (out, in) (an ``NF4Weight`` or a
+    bitsandbytes ``Params4bit``) and bias (out,) or None; output (..., out) in x.dtype; W itself
+    gets no gradient."""
+    check_tensors("nf4_linear", x=x)
     check_dtype("nf4_linear", "x", x)
+    weight = as_nf4_weight(weight)
+    if not isinstance(weight, NF4Weight):
+        raise ValueError(f"nf4_linear: weight must be an NF4Weight (NF4Weight.quantize(w)) or a "
+                         f"bitsandbytes Params4bit, got {type(weight).__name__}; use F.linear "
+                         "for a dense weight")
     if len(weight.shape) != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"nf4_linear: x {tuple(x.shape)} does not match weight "
                          f"{tuple(weight.shape)} (out, in)")

@@ -24,13 +24,15 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
-from ember.kernels._dispatch import check_dtype, use_triton
+from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
 
 _MAX_D = 65536
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
                  offset: float = 0.0) -> torch.Tensor:
+    """The spec of ``rms_norm``: x (..., D) fp32/fp16/bf16, weight (D,) any float dtype; fp32
+    statistics; returns x's shape and dtype. Plain autograd (double backward works)."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (y * (offset + weight.float())).to(x.dtype)
@@ -185,7 +187,12 @@ class _RMSNorm(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0, *,
              impl: str | None = None) -> torch.Tensor:
-    """RMSNorm over the last dim of x with weight (D,); see the module docstring."""
+    """y = x / sqrt(mean(x^2) + eps) * (offset + weight) over the last dim.
+
+    x (..., D) fp32/fp16/bf16, weight (D,) fp32/fp16/bf16 (may differ from x's), eps > 0,
+    offset 1.0 for Gemma's (1 + w). Statistics in fp32; returns x's shape and dtype; gradients
+    for x and weight (in their own dtypes). See the module docstring."""
+    check_tensors("rms_norm", x=x, weight=weight)
     if weight.dim() != 1 or x.dim() == 0 or x.shape[-1] != weight.shape[0] or x.shape[-1] == 0:
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last "
                          f"dim (x shape {tuple(x.shape)}); weight must be (D,) with D > 0")

@@ -2,7 +2,10 @@
 
 For x (B, T, H, D) split in halves x1 = x[..., :D/2], x2 = x[..., D/2:]:
     out1 = x1 * cos - x2 * sin,   out2 = x2 * cos + x1 * sin
-cos/sin: (B or 1, T, D/2), fp32 (from ``rope_cos_sin``; fp16/bf16 are accepted and upcast).
+cos/sin: (B or 1, T, D/2), fp32 (from ``rope_cos_sin``; fp16/bf16 are accepted and upcast), or
+transformers' (B or 1, T, D) tables (``cat(freqs, freqs)``: equal halves, checked; the first half is
+used). A partial-rotary table in transformers' layout, (.., R) with R < D, cannot be told from ours
+and must be halved by the caller.
 Partial rotary (Phi-4-mini): cos/sin (B or 1, T, R/2) with an even R < D rotate x[..., :R] as
 above and pass x[..., R:] through unchanged. Output in x.dtype. q (B, T, H, D) and k (B, T, K, D)
 may differ in head count (GQA) and dtype.
@@ -25,7 +28,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
-from ember.kernels._dispatch import check_dtype, use_triton
+from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
 
 
 def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -39,6 +42,9 @@ def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spec of ``apply_rope``: q (B, T, H, D), k (B, T, K, D) fp32/fp16/bf16, cos/sin
+    (B or 1, T, R/2); math in fp32, outputs in q's / k's dtype. Plain autograd (also through
+    cos/sin)."""
     return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin)
 
 
@@ -143,16 +149,38 @@ class _Rope(torch.autograd.Function):
                 dk if ctx.needs_input_grad[1] else None, None, None)
 
 
+def _from_full_width(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' tables (``LlamaRotaryEmbedding``: (B, T, D), the D/2 frequencies repeated
+    twice) as ours (B, T, D/2): the first halves, after checking the halves are equal (a host read
+    on CPU, an asynchronous device assert on CUDA). A width of D cannot be ours (R/2 <= D/2)."""
+    d2 = cos.shape[-1] // 2
+    msg = ("apply_rope: cos/sin of width D must be transformers' layout, two equal halves "
+           "(cat(freqs, freqs)); pass (B or 1, T, R/2) tables otherwise")
+    for t in (cos, sin):
+        first, second = t[..., :d2], t[..., d2:]
+        if t.is_cuda:
+            torch._assert_async((first == second).all(), msg)
+        elif not torch.equal(first, second):
+            raise ValueError(msg)
+    return cos[..., :d2], sin[..., :d2]
+
+
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, T, H, D) and k (B, T, K, D) by cos/sin (B or 1, T, R/2); returns (q', k').
-    R = D rotates every dim; an even R < D only the first R (partial rotary)."""
+    R = D rotates every dim; an even R < D only the first R (partial rotary). transformers'
+    full-width tables (B or 1, T, D) (the halves repeated) are accepted too. q, k fp32/fp16/bf16
+    (outputs in their dtypes, new contiguous tensors), cos/sin fp32 (fp16/bf16 upcast), any even
+    D; half-rotation layout (x1 = x[..., :R/2], x2 = x[..., R/2:R])."""
+    check_tensors("apply_rope", q=q, k=k, cos=cos, sin=sin)
     if q.dim() != 4 or k.dim() != 4 or q.shape[-1] % 2 or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"apply_rope: q, k must be (B, T, H, D) with the same even D; got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
     if q.shape[:2] != k.shape[:2]:
         raise ValueError(f"apply_rope: q and k must share (B, T); got {tuple(q.shape)} and "
                          f"{tuple(k.shape)}")
+    if cos.dim() == 3 and cos.shape == sin.shape and cos.shape[-1] == q.shape[-1]:
+        cos, sin = _from_full_width(cos, sin)
     if (cos.dim() != 3 or cos.shape != sin.shape or not 0 < cos.shape[-1] <= q.shape[-1] // 2
             or cos.shape[1] != q.shape[1] or cos.shape[0] not in (1, q.shape[0])):
         raise ValueError(f"apply_rope: cos/sin must be (B or 1, T, R/2) = ({q.shape[0]} or 1, "

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
-from ember.kernels._dispatch import check_dtype, use_triton
+from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
 
 
 # The references use PyTorch's fused silu / tanh-gelu ops (the same functions in fp32): on CPU,
@@ -31,10 +31,12 @@ from ember.kernels._dispatch import check_dtype, use_triton
 # backward, where the written-out formulas kept three and made seven (a SwiGLU of SmolLM2's MLP,
 # forward + backward: 2.6 ms against 3.7 ms at 2 threads, measured).
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The spec of ``swiglu``: silu(gate) * up in fp32, in gate's (..., F) shape and dtype."""
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
 def geglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The spec of ``geglu``: gelu_tanh(gate) * up in fp32, in gate's (..., F) shape and dtype."""
     return (F.gelu(gate.float(), approximate="tanh") * up.float()).to(gate.dtype)
 
 
@@ -169,6 +171,7 @@ class _GLU(torch.autograd.Function):
 
 
 def _check(op: str, gate: torch.Tensor, up: torch.Tensor) -> None:
+    check_tensors(op, gate=gate, up=up)
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
         raise ValueError(f"{op}: gate {tuple(gate.shape)} {gate.dtype} {gate.device} and up "
                          f"{tuple(up.shape)} {up.dtype} {up.device} must have the same shape, "
@@ -179,7 +182,8 @@ def _check(op: str, gate: torch.Tensor, up: torch.Tensor) -> None:
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, impl: str | None = None) -> torch.Tensor:
-    """silu(gate) * up, elementwise."""
+    """silu(gate) * up, elementwise: gate and up (..., F) of one shape and dtype (fp32/fp16/bf16);
+    math in fp32, output (..., F) in that dtype; gradients for both."""
     _check("swiglu", gate, up)
     if use_triton(gate, impl, "swiglu"):
         with _dispatch.device_guard(gate):
@@ -188,7 +192,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, impl: str | None = None) -> 
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, *, impl: str | None = None) -> torch.Tensor:
-    """gelu_tanh(gate) * up, elementwise."""
+    """gelu_tanh(gate) * up, elementwise (tanh approximation, Gemma's): gate and up (..., F) of one
+    shape and dtype (fp32/fp16/bf16); math in fp32, output (..., F) in that dtype."""
     _check("geglu", gate, up)
     if use_triton(gate, impl, "geglu"):
         with _dispatch.device_guard(gate):

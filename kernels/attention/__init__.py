@@ -21,9 +21,10 @@ the diagonal; window: blocks outside it); only blocks crossing a mask boundary e
 Limits: head_dim <= 256 (non-powers of two are padded to the next power of two inside the kernel);
 fp16/bf16 (fp32 is supported for tests, at IEEE fp32 matmul speed); inputs need a contiguous last
 dim (other strides are handled; a strided last dim is copied); offsets inside one sequence are
-int32, so (tokens - 1) x token stride of q, k, v and out must stay below 2^31 (refused
-otherwise). In varlen mode ``max_seqlen`` must be at least the longest document: when given on
-CUDA, ``cu_seqlens`` is trusted without a device sync.
+int32, so (tokens - 1) x token stride of q, k, v and out must stay below 2^31 (refused otherwise);
+at most 65535 sequences (documents) and 65535 heads per call (grid axes 2 and 1). In varlen mode
+``max_seqlen`` must be at least the longest document: when given on CUDA, ``cu_seqlens`` is trusted
+without a device sync.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
-from ember.kernels._dispatch import check_dtype, use_triton
+from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
 from ember.kernels.attention import _bwd, _fwd
 
 
@@ -63,6 +64,8 @@ def _attend_ref(q, k, v, causal, scale, window, softcap):
 
 def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None, softcap=None,
                         cu_seqlens=None, max_seqlen=None):
+    """The spec of ``flash_attention`` (same arguments, shapes and dtypes): SDPA or an explicit
+    (T, S) mask per sequence, output in q.dtype. Plain autograd (double backward works)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if cu_seqlens is None:
         if softcap is None and window is None and q.shape[1] == k.shape[1]:
@@ -86,11 +89,34 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
             outs.append(flash_attention_ref(qd[None], kd[None], vd[None], causal=causal,
                                             softmax_scale=scale, window=window,
                                             softcap=softcap)[0])
-    return torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
+    if outs:
+        return torch.cat(outs, dim=0)
+    # No tokens: an empty output that is still part of the graph (a plain new_zeros made
+    # out.sum().backward() fail with "does not require grad"), as SDPA's is.
+    return q * 0.0 + (k.sum() + v.sum()) * 0.0
+
+
+def _as_int(max_seqlen) -> int:
+    """max_seqlen as a Python int >= 1. flash-attn users often pass a 0-d tensor (``lens.max()``):
+    the kernels took it as a pointer (a crash inside the launcher), and an int32 one wrapped
+    the int32-offset guard's arithmetic into a bogus refusal. One host read on CUDA."""
+    if isinstance(max_seqlen, torch.Tensor):
+        if max_seqlen.numel() != 1 or max_seqlen.is_floating_point():
+            raise ValueError(f"flash_attention: max_seqlen must be an int (or a one-element "
+                             f"integer tensor), got a {max_seqlen.dtype} tensor of shape "
+                             f"{tuple(max_seqlen.shape)}")
+        max_seqlen = max_seqlen.item()
+    if isinstance(max_seqlen, bool) or not float(max_seqlen).is_integer() or max_seqlen < 1:
+        raise ValueError(f"flash_attention: max_seqlen must be an integer >= 1 (the longest "
+                         f"document's length), got {max_seqlen!r}")
+    return int(max_seqlen)
 
 
 def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap):
     """Raises on bad input; returns max_seqlen (computed from cu_seqlens when not given)."""
+    check_tensors("flash_attention", q=q, k=k, v=v)
+    if cu_seqlens is not None:
+        check_tensors("flash_attention", cu_seqlens=cu_seqlens)
     want = 3 if cu_seqlens is not None else 4
     if q.dim() != want or k.dim() != want or v.dim() != want:
         layout = "(total, H, D) with cu_seqlens" if want == 3 else "(B, T, H, D)"
@@ -108,6 +134,9 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap):
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, "
                          f"{v.dtype})")
+    if not q.is_floating_point():
+        raise ValueError(f"flash_attention: q, k, v must be floating point (fp16/bf16/fp32), got "
+                         f"{q.dtype}")
     if window is not None and (window < 1 or window != int(window)):
         raise ValueError(f"flash_attention: window must be an integer >= 1, got {window}")
     if softcap is not None and softcap <= 0:
@@ -117,8 +146,8 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap):
             raise ValueError(f"flash_attention: cu_seqlens must be a 1-D integer tensor of "
                              f"n_docs + 1 offsets; got shape {tuple(cu_seqlens.shape)}, "
                              f"dtype {cu_seqlens.dtype}")
-        if max_seqlen is not None and max_seqlen < 1:
-            raise ValueError(f"flash_attention: max_seqlen must be >= 1, got {max_seqlen}")
+        if max_seqlen is not None:
+            max_seqlen = _as_int(max_seqlen)
         if not cu_seqlens.is_cuda or max_seqlen is None:
             # One host read; skipped on CUDA when max_seqlen is given, to keep the step sync-free.
             bounds = cu_seqlens.tolist()
@@ -177,7 +206,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     softmax_scale: float | None = None, window: int | None = None,
                     softcap: float | None = None, cu_seqlens: torch.Tensor | None = None,
                     max_seqlen: int | None = None, impl: str | None = None) -> torch.Tensor:
-    """Attention per the module docstring; differentiable in q, k and v."""
+    """softmax(scale q k^T [softcap, causal / window masks]) v; differentiable in q, k and v.
+
+    Padded: q (B, T, Hq, D), k/v (B, S, Hkv, D) with Hq a multiple of Hkv (GQA/MQA); varlen:
+    q (total, Hq, D), k/v (total, Hkv, D) and ``cu_seqlens`` (n_docs + 1,) int32/int64 offsets.
+    fp16/bf16 (fp32 accepted); output shaped like q in q.dtype. ``window=W``: a query sees W keys
+    (itself included), as transformers' ``sliding_window``. See the module docstring."""
     max_seqlen = _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap)
     if not use_triton(q, impl, "flash_attention"):
         return flash_attention_ref(q, k, v, causal=causal, softmax_scale=softmax_scale,
@@ -200,6 +234,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if window is not None and window >= (max_seqlen if cu_seqlens is not None
                                          else max(q.shape[1], k.shape[1])):
         window = None
+    n_seq = cu_seqlens.numel() - 1 if cu_seqlens is not None else q.shape[0]
+    if max(n_seq, q.shape[-2]) > 65535:
+        raise ValueError(f"flash_attention: the Triton kernels take at most 65535 sequences "
+                         f"(documents) and 65535 heads per call (CUDA's grid limit), got {n_seq} "
+                         f"and {q.shape[-2]}; split the batch or use impl='ref'")
     # The kernels need unit stride on head_dim only (RoPE'd views of fused projections are fine).
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     _check_int32_offsets(q, k, v, cu_seqlens, max_seqlen)

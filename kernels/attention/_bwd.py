@@ -43,9 +43,9 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, s
                                 BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
     # int64 rows: in varlen mode they run over every packed token, not one document.
     pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    # Heads on grid axis 1, batch (documents) on axis 2: B x H on one axis passed CUDA's 65535.
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
@@ -125,9 +125,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU,
                           SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, INTERPRET: tl.constexpr,
                           IEEE: tl.constexpr):
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // n_kv_heads
-    hk = pid_bh % n_kv_heads
+    # Heads on grid axis 1, batch (documents) on axis 2: B x H on one axis passed CUDA's 65535.
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     off = S - T
     start = b * 0
     if VARLEN:
@@ -223,9 +223,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU,
                         SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, INTERPRET: tl.constexpr,
                         IEEE: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    # Heads on grid axis 1, batch (documents) on axis 2: B x H on one axis passed CUDA's 65535.
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     hk = h // group
     off = S - T
     start = b * 0
@@ -336,7 +336,7 @@ def attn_bwd(do, q, k, v, out, lse, *, causal: bool, scale: float, window: int |
     delta = torch.empty_like(lse)
     rows = o4.shape[1]
     pre_block = 64
-    _attn_bwd_preprocess_kernel[(triton.cdiv(rows, pre_block), o4.shape[0] * hq)](
+    _attn_bwd_preprocess_kernel[(triton.cdiv(rows, pre_block), hq, o4.shape[0])](
         o4, do4, delta, o4.stride(0), o4.stride(1), o4.stride(2), do4.stride(0), do4.stride(1),
         do4.stride(2), lse.stride(0), lse.stride(1), rows, hq,
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=pre_block, INTERPRET=interpreting())
@@ -345,7 +345,7 @@ def attn_bwd(do, q, k, v, out, lse, *, causal: bool, scale: float, window: int |
     if need_dkdv:
         dk4 = torch.empty_like(k4, memory_format=torch.contiguous_format)
         dv4 = torch.empty_like(v4, memory_format=torch.contiguous_format)
-        grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), n_batch * hkv)
+        grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), hkv, n_batch)
         (_DKDV_FP32 if fp32 else _DKDV_K)[dclass][grid](
             q4, k4, v4, do4, lse, delta, dk4, dv4, cu,
             sb(q4), q4.stride(1), q4.stride(2), sb(k4), k4.stride(1), k4.stride(2),
@@ -356,7 +356,7 @@ def attn_bwd(do, q, k, v, out, lse, *, causal: bool, scale: float, window: int |
         dk, dv = (dk4[0], dv4[0]) if varlen else (dk4, dv4)
     if need_dq:
         dq4 = torch.empty_like(q4, memory_format=torch.contiguous_format)
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), n_batch * hq)
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), hq, n_batch)
         (_DQ_FP32 if fp32 else _DQ_K)[dclass][grid](
             q4, k4, v4, do4, lse, delta, dq4, cu,
             sb(q4), q4.stride(1), q4.stride(2), sb(k4), k4.stride(1), k4.stride(2),

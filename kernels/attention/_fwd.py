@@ -82,9 +82,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU,
                      IEEE: tl.constexpr):
     # Longest query blocks (causal: the last ones) first, so the tail of the grid is short work.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    # Heads on grid axis 1, batch (documents) on axis 2: B x H on one axis passed CUDA's 65535.
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     hk = h // group
     off = S - T
     start = b * 0
@@ -211,7 +211,7 @@ def attn_fwd(q, k, v, *, causal: bool, scale: float, window: int | None, softcap
     qk_scale, cap2 = softmax_consts(scale, softcap)
     bd = block_d(d)
     kernel = (_FWD_FP32 if q.dtype == torch.float32 else _FWD)[head_dim_class(bd)]
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), n_batch * hq)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), hq, n_batch)
     cu = cu_seqlens if varlen else torch.zeros(1, device=q.device, dtype=torch.int32)
     stride_b = (lambda t: 0) if varlen else (lambda t: t.stride(0))
     kernel[grid](

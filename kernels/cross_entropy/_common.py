@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 
-from ember.kernels._dispatch import check_dtype
+from ember.kernels._dispatch import check_dtype, check_tensors
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -24,8 +25,17 @@ class Options:
 def make_options(op: str, ignore_index, reduction, label_smoothing, z_loss, softcap) -> Options:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    # Any integer F.cross_entropy takes: a NumPy integer, a 0-d integer tensor (not a bool).
+    index = None
+    if not isinstance(ignore_index, bool) and not (
+            isinstance(ignore_index, torch.Tensor) and ignore_index.dtype == torch.bool):
+        try:
+            index = operator.index(ignore_index)
+        except TypeError:
+            pass
+    if index is None:
         raise ValueError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+    ignore_index = index
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if not float(z_loss) >= 0.0:
@@ -39,6 +49,9 @@ def make_options(op: str, ignore_index, reduction, label_smoothing, z_loss, soft
 def validate(op: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
              bias: torch.Tensor | None, ignore_index: int) -> None:
     """Shapes, dtypes, devices and label range; raises ValueError saying what to change."""
+    check_tensors(op, hidden=hidden, weight=weight, labels=labels)
+    if bias is not None:
+        check_tensors(op, bias=bias)
     check_dtype(op, "hidden", hidden)
     check_dtype(op, "weight", weight)
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:

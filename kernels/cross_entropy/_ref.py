@@ -31,7 +31,9 @@ def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, labels:
                              z_loss: float = 0.0, softcap: float | None = None,
                              return_lse: bool = False):
     """The spec: materializes the logits, ``F.cross_entropy`` on fp32 logits, z-loss and softcap
-    written out. Test oracle only; it holds (N, V) fp32 logits and their gradient."""
+    written out. hidden (..., D) and weight (V, D) fp32/fp16/bf16, labels (...) int64/int32; fp32
+    loss (scalar, or labels' shape for 'none') and lse. Test oracle only; it holds (N, V) fp32
+    logits and their gradient."""
     logits = F.linear(hidden, weight, bias).float()
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)

@@ -8,6 +8,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ember.kernels.attention import _attend_ref, _fwd, flash_attention, flash_attention_ref
 from tests.numerics import assert_close_to_ref, grads, poisoned_allocations
@@ -170,6 +171,74 @@ def test_window_longer_than_every_sequence(causal):
     _check(*_qkv(1, 9, 13, 2, 1, 16), causal=causal, window=2**31 - 1)
     q, k, v, cu = _packed([5, 11], 2, 1, 16)
     _check(q, k, v, cu_seqlens=cu, causal=causal, window=2**31 - 1)
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_max_seqlen_as_a_tensor_or_float(impl):
+    """flash-attn callers pass max_seqlen as ``lens.max()``, a 0-d tensor: the Triton path crashed
+    inside the launcher (int64) or refused with a bogus int32-overflow error (int32), and a float
+    8.0 failed with a TypeError. Oracle: SDPA per document in fp64 (GQA 2:1, causal)."""
+    q, k, v, cu = _packed([3, 8, 5], 4, 2, 16)
+    lens = cu[1:] - cu[:-1]
+    bounds = cu.tolist()
+    want = torch.cat([F.scaled_dot_product_attention(
+        *(t[a:b].double().transpose(0, 1) for t in (q, k, v)), is_causal=True,
+        enable_gqa=True).transpose(0, 1) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    for ms in (lens.max(), lens.max().long(), 8.0, 9, torch.tensor([8])):
+        out = flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=ms, impl=impl)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    for bad, match in ((7, "shorter than the longest"), (8.5, "integer >= 1"), (0, ">= 1"),
+                       (torch.tensor([8, 8]), "one-element"), (torch.tensor(8.0), "one-element")):
+        with pytest.raises(ValueError, match=match):
+            flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=bad, impl=impl)
+    with pytest.raises(ValueError, match="floating point"):
+        flash_attention(q.long(), k.long(), v.long(), impl=impl, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_varlen_without_tokens_is_differentiable(impl):
+    """A packed batch with no tokens: like SDPA on a zero-length sequence (the oracle), the empty
+    output is part of the graph and every gradient is an empty tensor; backward used to fail
+    ("element 0 of tensors does not require grad")."""
+    q, k, v = (torch.randn(0, h, 16, requires_grad=True) for h in (4, 2, 2))
+    ref = F.scaled_dot_product_attention(*(t[None].transpose(1, 2) for t in (q, k, v)),
+                                         is_causal=True, enable_gqa=True)
+    want = torch.autograd.grad(ref.sum(), (q, k, v))
+    for cu in (torch.tensor([0, 0]), torch.tensor([0, 0, 0], dtype=torch.int32)):
+        out = flash_attention(q, k, v, cu_seqlens=cu, impl=impl)
+        assert out.shape == q.shape and out.requires_grad
+        got = torch.autograd.grad(out.sum(), (q, k, v))
+        assert [g.shape for g in got] == [w.shape for w in want]
+
+
+def test_launch_grids_stay_within_cuda_limits(monkeypatch):
+    """CUDA caps grid axes 1 and 2 at 65535 blocks (axis 0 at 2^31 - 1). Batch x heads on one
+    axis could not launch for 2048 sequences x 32 heads (65536): the kernels take heads on axis 1
+    and the batch on axis 2. Launches are recorded, not run (the interpreter has no limit)."""
+    from ember.kernels.attention import _bwd
+
+    grids = []
+
+    class Record:
+        def __getitem__(self, grid):
+            meta = {"BLOCK_M": 16, "BLOCK_N": 16}
+            return lambda *a, **k: grids.append(grid(meta) if callable(grid) else grid)
+
+    for mod, name in ((_fwd, "_FWD_FP32"), (_bwd, "_DKDV_FP32"), (_bwd, "_DQ_FP32")):
+        monkeypatch.setattr(mod, name, {d: Record() for d in getattr(mod, name)})
+    monkeypatch.setattr(_bwd, "_attn_bwd_preprocess_kernel", Record())
+    q, k = torch.randn(2048, 1, 32, 16), torch.randn(2048, 1, 32, 16)
+    opts = dict(causal=True, scale=0.25, window=None, softcap=None, cu_seqlens=None,
+                max_seqlen=None)
+    out, lse = _fwd.attn_fwd(q, k, k, **opts)
+    _bwd.attn_bwd(out, q, k, k, out, lse, **opts)
+    assert len(grids) == 4
+    for grid in grids:
+        assert len(grid) <= 3 and max(grid[1:]) <= 65535, grid
+        assert torch.tensor(grid).prod() >= 2048 * 32  # one program per (sequence, head) at least
+    many = torch.randn(65536, 1, 1, 16)  # past what axis 2 takes: refused before any launch
+    with pytest.raises(ValueError, match="at most 65535 sequences"):
+        flash_attention(many, many, many, impl="triton")
 
 
 def test_lse_is_the_log_sum_exp_of_the_scores():

@@ -3,6 +3,7 @@ hidden @ weight.T), with the shared numerics rule, for the loss and every gradie
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -271,6 +272,21 @@ def test_empty_batch(device, impl):
     assert loss.item() == 0.0
     dh, dw = torch.autograd.grad(loss, [h, w])
     assert dh.shape == h.shape and torch.equal(dw, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_ignore_index_as_any_integer_like_f_cross_entropy(impl):
+    """F.cross_entropy takes ignore_index as a NumPy integer or a 0-d integer tensor; we refused
+    both ("ignore_index must be an int"). Oracle: F.cross_entropy on the full logits."""
+    h, w = torch.randn(6, 8), torch.randn(11, 8)
+    y = torch.tensor([1, 7, 7, 0, 10, 7])
+    for ign in (np.int64(7), torch.tensor(7), np.int32(7)):
+        want = F.cross_entropy(h @ w.T, y, ignore_index=ign)
+        got = linear_cross_entropy(h, w, y, ignore_index=ign, impl=impl)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for bad in (True, 7.0, torch.tensor(True), "7"):
+        with pytest.raises(ValueError, match="ignore_index must be an int"):
+            linear_cross_entropy(h, w, y, ignore_index=bad, impl=impl)
 
 
 @pytest.mark.parametrize("kwargs,match", [

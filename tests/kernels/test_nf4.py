@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ember.kernels.lora import lora_linear
 from ember.kernels.nf4 import (
     NF4State,
     NF4Weight,
@@ -225,3 +226,46 @@ def test_non_finite_and_overflowing_weights_raise_subnormal_match_bnb(impl):
     tiny = torch.randn(8, 64) * 1e-40
     packed, state = nf4_quantize(tiny, 64, True, impl=impl)
     _assert_same_as_bnb(packed, state, *_bnb(tiny, True))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_bnb_quant_state_is_accepted_where_a_state_is_expected(impl, double_quant):
+    """bnb's own QuantState, its as_dict() and as_dict(packed=True) (the form a checkpoint holds),
+    and bnb-packed bytes stored as bf16 (``quant_storage``) dequantize bit for bit like bnb; they
+    used to fail with an AttributeError ('QuantState' object has no attribute 'numel')."""
+    w = torch.randn(3, 5, 41).half()  # 3-D, odd numel, a partial last block
+    pb, sb = _bnb(w, double_quant)
+    ref = bnbf.dequantize_4bit(pb, sb)
+    for state in (sb, sb.as_dict(), sb.as_dict(packed=True)):
+        out = nf4_dequantize(pb, state, impl=impl)
+        assert out.dtype == torch.float16 and torch.equal(out, ref)
+        assert torch.equal(NF4Weight(pb, state).dequantize(impl=impl), ref)
+    p16, s16 = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                  compress_statistics=double_quant, quant_storage=torch.bfloat16)
+    assert torch.equal(nf4_dequantize(p16, s16, impl=impl), bnbf.dequantize_4bit(p16, s16))
+    with pytest.raises(ValueError, match="NF4State .* or a bitsandbytes QuantState"):
+        nf4_dequantize(pb, [sb.absmax, sb.code], impl=impl)
+    with pytest.raises(ValueError, match="absmax"):  # too few blocks: read past absmax's end
+        nf4_dequantize(pb, {**sb.as_dict(), "absmax": sb.absmax[:-1]}, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bnb_linear4bit_weight_works_in_nf4_linear_and_lora_linear(impl):
+    """A bnb ``Linear4bit.weight`` (Params4bit: packed bytes + quant_state) is an NF4 weight:
+    nf4_linear equals bnb's own Linear4bit forward, and lora_linear takes it as its base (it
+    used to be read as a dense (n/2, 1) tensor: 'x (2, 64) does not match weight (256, 1)')."""
+    bnb = pytest.importorskip("bitsandbytes")
+    lin = bnb.nn.Linear4bit(64, 8, bias=True, quant_type="nf4", compute_dtype=torch.float32)
+    lin.weight = bnb.nn.Params4bit(torch.randn(8, 64), requires_grad=False, quant_type="nf4")
+    lin = lin.to("cpu")
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        want = lin(x)
+    got = nf4_linear(x, lin.weight, lin.bias, impl=impl)
+    assert got.shape == want.shape
+    assert_close_to_ref("nf4_linear", got, want, want)
+    A, B = torch.randn(4, 64), torch.randn(8, 4)
+    want = want + 0.5 * (x @ A.t()) @ B.t()
+    assert_close_to_ref("lora_linear", lora_linear(x, lin.weight, A, B, 0.5, lin.bias, impl=impl),
+                        want, want)

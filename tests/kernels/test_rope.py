@@ -117,6 +117,37 @@ def test_bad_inputs():
         apply_rope(q, k, cos.requires_grad_(), sin, impl="triton")
 
 
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_transformers_full_width_cos_sin(impl):
+    """cos/sin straight from transformers' rotary embedding, (B, T, D) with repeated halves, give
+    transformers' apply_rotary_pos_emb (the oracle) and its gradients; they were refused ("cos/sin
+    must be (B or 1, T, R/2)"). A width-D table whose halves differ is not transformers' layout:
+    refused."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import (
+        LlamaRotaryEmbedding,
+        apply_rotary_pos_emb,
+    )
+
+    b, t, h, kh, d = 2, 7, 4, 2, 80
+    cfg = LlamaConfig(hidden_size=h * d, num_attention_heads=h, num_key_value_heads=kh,
+                      head_dim=d, rope_theta=500.0)
+    q, k = torch.randn(b, t, h, d, requires_grad=True), torch.randn(b, t, kh, d, requires_grad=True)
+    pos = torch.arange(t)[None] + torch.tensor([[0], [5]])
+    cos, sin = LlamaRotaryEmbedding(cfg)(q, pos)
+    assert cos.shape == (b, t, d)
+    qo, ko = apply_rope(q, k, cos, sin, impl=impl)
+    qh, kh_ = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    dq, dk = torch.randn_like(qo), torch.randn_like(ko)
+    got = (qo, ko, *grads((qo, ko), (q, k), (dq, dk)))
+    want = (qh.transpose(1, 2), kh_.transpose(1, 2),
+            *grads((qh.transpose(1, 2), kh_.transpose(1, 2)), (q, k), (dq, dk)))
+    for name, g, w in zip(("q", "k", "dq", "dk"), got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="two equal halves"):
+        apply_rope(q, k, torch.rand(b, t, d), sin, impl=impl)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("b,t,h,kh,d,cos_b,layout", [
