@@ -33,6 +33,7 @@ import torch
 
 from ember import EmberError
 from ember.models.prompt_tuning import virtual_ids
+from ember.models.tokenizer import generation_ids
 from ember.models.transformer import KVCache, Transformer
 
 
@@ -339,10 +340,10 @@ def encode_prompts(tokenizer, prompts: Sequence, chat: bool = False) -> list[lis
             out.append(tokenizer.encode(p, add_special_tokens=True))
         elif messages and messages[-1].get("role") == "assistant":
             out.append(tokenizer.apply_chat_template(messages, continue_final_message=True,
-                                                     tokenize=True))
-        else:
+                                                     tokenize=True, return_dict=False))
+        else:  # return_dict=False: transformers 5 returns a BatchEncoding by default
             out.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                     tokenize=True))
+                                                     tokenize=True, return_dict=False))
     return out
 
 
@@ -374,12 +375,13 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
             text = tokenizer.decode(gen[-tail:], skip_special_tokens=True)
             return any(s in text for s in stops)
 
-    pad = tokenizer.pad_token_id
+    # an Ember or a transformers tokenizer (whose eos_token_ids is one int or None)
+    eos, pad = generation_ids(tokenizer)
     gen = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, top_k=top_k, seed=seed, eos_token_ids=tokenizer.eos_token_ids,
+                       top_p=top_p, top_k=top_k, seed=seed, eos_token_ids=eos,
                        pad_token_id=pad, should_stop=should_stop, min_p=min_p,
                        repetition_penalty=repetition_penalty)
-    texts = tokenizer.decode_batch(gen, skip_special_tokens=True)
+    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
     if stops:
         texts = [t[:min([t.find(s) for s in stops if s in t] or [len(t)])] for t in texts]
     return texts

@@ -125,3 +125,44 @@ def test_dynamic_ntk_generates_past_the_context_as_transformers(tmp_path):
         want = _hf_greedy(hf, list(range(3, 13)), 14)
     model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
     assert generate_ids(model, [list(range(3, 13))], max_new_tokens=14) == [want]
+
+
+def test_generate_text_with_a_transformers_tokenizer_equals_transformers(tmp_path):
+    """``generate(model, tokenizer, ...)`` with a transformers tokenizer (chat template, stop at
+    its eos) gives transformers' completions; it was a TypeError (transformers 5's
+    ``eos_token_ids`` is one int) and the chat template's ids came back as a BatchEncoding."""
+    from ember.models.generate import generate
+    from ember.models.tokenizer import tokenizer_from_gguf
+    from tests.models.test_gguf import VOCAB as TOK_VOCAB
+    from tests.models.test_gguf import tiny_tokenizer_md
+
+    md = tiny_tokenizer_md()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer_from_gguf(md).backend, eos_token="<|im_end|>",
+        chat_template=md["tokenizer.chat_template"])
+    torch.manual_seed(2)
+    cfg = transformers.LlamaConfig(vocab_size=TOK_VOCAB, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=96,
+                                   tie_word_embeddings=False, bos_token_id=None,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=None)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    eos = tok.eos_token_id
+    with torch.no_grad():  # make eos likely after a few tokens, so some rows stop early
+        hf.lm_head.weight[eos] *= 1.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path)
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+    prompts = ["he 12", [{"role": "user", "content": "the"}],
+               [{"role": "system", "content": "12"}, {"role": "user", "content": "t he"}]]
+    want = []
+    for p in prompts:
+        ids = (tok.encode(p) if isinstance(p, str) else
+               tok.apply_chat_template(p, add_generation_prompt=True, return_dict=False))
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=int),
+                          max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        want.append(tok.decode(out[0, len(ids):], skip_special_tokens=True))
+    assert generate(model, tok, prompts, max_new_tokens=10) == want
