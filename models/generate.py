@@ -27,6 +27,9 @@ Two levels:
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -39,18 +42,51 @@ from ember.models.transformer import KVCache, Transformer
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                     min_p: float = 0.0, repetition_penalty: float = 1.0) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or (
+            max_new_tokens < 0):
         raise EmberError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+                    ("repetition_penalty", repetition_penalty)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
+            raise EmberError(f"{name} must be a number, got {v!r}")
     if temperature < 0:
         raise EmberError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise EmberError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise EmberError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise EmberError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
     if not 0 <= min_p <= 1:
         raise EmberError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
     if not repetition_penalty > 0:
         raise EmberError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+
+
+def _as_id_lists(what: str, seqs) -> list[list[int]]:
+    """``seqs`` (a list of token-id lists, or a 2-D tensor) as lists of ints; EmberError for a
+    flat list of ids or a non-integer id."""
+    if isinstance(seqs, (str, bytes)) or not isinstance(seqs, Iterable):
+        raise EmberError(f"{what} must be a list of token-id lists, got {type(seqs).__name__}")
+    out = []
+    for i, seq in enumerate(seqs):
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Iterable):
+            raise EmberError(f"{what} must be a list of token-id lists (one per prompt), got "
+                             f"{type(seq).__name__} {seq!r} at {i}: wrap a single prompt as "
+                             "[ids]")
+        try:
+            out.append([operator.index(t) for t in seq])
+        except TypeError:
+            bad = next(t for t in seq if not _is_index(t))
+            raise EmberError(f"{what} {i} has a token id that is not an integer: {bad!r}"
+                             ) from None
+    return out
+
+
+def _is_index(t) -> bool:
+    try:
+        operator.index(t)
+    except TypeError:
+        return False
+    return True
 
 
 def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
@@ -145,7 +181,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     rows have all finished, or that got no prompts at all, makes one-token passes whose output
     is dropped, so every process makes as many forward calls."""
     _check_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
-    prompts = [list(map(int, p)) for p in prompt_ids]
+    prompts = _as_id_lists("prompt", prompt_ids)
     if not prompts:
         if sync is not None and max_new_tokens > 0:
             _idle_passes(model, sync)
@@ -159,7 +195,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
         if temperature > 0 or repetition_penalty != 1:
             raise EmberError("drafts are verified against plain greedy choices: use "
                              "temperature = 0 and repetition_penalty = 1")
-        drafts = [list(map(int, d)) for d in drafts]
+        drafts = _as_id_lists("draft", drafts)
         if len(drafts) != len(prompts):
             raise EmberError(f"{len(drafts)} drafts for {len(prompts)} prompts: give one per "
                              "prompt (an empty list where there is no guess)")
@@ -199,7 +235,9 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    stop_ids = set(int(t) for t in eos_token_ids)
+    # one id (transformers' eos_token_id may be an int) or several
+    stop_ids = {operator.index(t) for t in (
+        [eos_token_ids] if _is_index(eos_token_ids) else eos_token_ids or ())}
     seen = None  # repetition penalty: the tokens of each batch row's prompt and output so far
     if repetition_penalty != 1:
         seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool, device=device)

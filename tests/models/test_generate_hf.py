@@ -166,3 +166,32 @@ def test_generate_text_with_a_transformers_tokenizer_equals_transformers(tmp_pat
                           max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=eos)
         want.append(tok.decode(out[0, len(ids):], skip_special_tokens=True))
     assert generate(model, tok, prompts, max_new_tokens=10) == want
+
+
+def test_bad_sampling_values_are_refused_like_transformers_and_one_eos_id_is_taken(pair):
+    """Values transformers' processors refuse (a NaN temperature, a fractional top_k) are an
+    EmberError naming the knob (they were a RuntimeError from torch.multinomial and a TypeError
+    from torch.topk); a flat list of ids or a non-integer id says how to give prompts (were a
+    TypeError, or 5.5 silently read as 5); one eos id as an int, like transformers'
+    ``eos_token_id``, stops generation as transformers does (was a TypeError)."""
+    from transformers.generation import logits_process as lp
+
+    from ember import EmberError
+
+    hf, ours = pair
+    with pytest.raises(ValueError):
+        lp.TemperatureLogitsWarper(float("nan"))
+    with pytest.raises(ValueError):
+        lp.TopKLogitsWarper(2.5)
+    for kw in (dict(temperature=float("nan")), dict(temperature=1.0, top_k=2.5)):
+        with pytest.raises(EmberError, match=list(kw)[-1]):
+            generate_ids(ours, [[5, 6]], max_new_tokens=3, **kw)
+    for prompts, msg in [([5, 6], "wrap a single prompt"), ([[5.5, 6]], "not an integer: 5.5"),
+                         ("5 6", "list of token-id lists")]:
+        with pytest.raises(EmberError, match=msg):
+            generate_ids(ours, prompts, max_new_tokens=3)
+    free = _hf_greedy(hf, PROMPTS[0], 8)
+    stop = free[3]
+    want = _hf_greedy(hf, PROMPTS[0], 8, eos_token_id=stop)
+    assert want[-1] == stop and len(want) < 8
+    assert generate_ids(ours, [PROMPTS[0]], max_new_tokens=8, eos_token_ids=stop) == [want[:-1]]
