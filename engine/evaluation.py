@@ -138,6 +138,9 @@ def generation_examples(model, examples: list[Example], max_new_tokens: int,
     """The examples generation metrics score: those with a prompt and a reference answer, the
     first ``max_examples``; EmberError when there are none, or when a prompt and
     ``max_new_tokens`` do not fit the model's context."""
+    if max_examples is not None and max_examples < 1:
+        raise EmberError(f"max_examples must be >= 1, got {max_examples}; to skip generation "
+                         "metrics give none (eval.metrics = [])")
     usable = [e for e in examples if e.prompt_len > 0 and e.reference is not None]
     if not usable:
         raise EmberError("generation metrics need prompt/completion or messages examples (a "
@@ -164,6 +167,8 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     length, ``distributed.eval_share``) in as many batches as the others, decoding in lock step
     (``generate_ids``' ``sync``: a sharded forward is a collective); the predictions are
     gathered and every rank scores all of them."""
+    if batch_size < 1:
+        raise EmberError(f"the generation batch size must be >= 1, got {batch_size}")
     usable = generation_examples(model, examples, max_new_tokens, max_examples)
     info = info or DistInfo()
     sync = None if not info.distributed else (lambda flag: any_rank(flag, info))

@@ -90,3 +90,58 @@ def test_generation_eval_takes_a_transformers_tokenizer():
     bare = transformers.PreTrainedTokenizerFast(tokenizer_object=ours.backend)
     assert stop_token_ids(bare) == []
     generation_eval(model, bare, examples, ["exact_match"], max_new_tokens=3)
+
+
+def test_generation_eval_predicts_what_transformers_generates_and_refuses_bad_sizes(tmp_path):
+    """The predictions are transformers' greedy completions (prompt removed, stop at eos, the
+    eos not in the text), batches of 2 that do not divide 5 examples, the first
+    ``max_examples`` of them; ``max_examples`` or ``batch_size`` < 1 is an EmberError (``ember
+    eval --max-examples 0`` was a ValueError from max() of nothing, ``--batch-size 0`` one from
+    range())."""
+    import warnings
+
+    from ember import EmberError
+    from ember.models.loading import load_hf_folder
+
+    transformers = pytest.importorskip("transformers")
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    vocab = len(tiny_tokenizer_md()["tokenizer.ggml.tokens"])
+    eos = tok.eos_token_id
+    torch.manual_seed(5)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False, bos_token_id=None,
+                                   eos_token_id=eos, pad_token_id=None)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    with torch.no_grad():
+        hf.lm_head.weight[eos] *= 1.5  # some rows end at eos
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path)
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 2, 7, 3, 4)]
+    want = []
+    for p in prompts:
+        out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=int),
+                          max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        want.append(tok.decode(out[0, len(p):].tolist(), skip_special_tokens=True))
+    assert any(w == "" or len(w) < 8 for w in want)
+    refs = [w if i % 2 else "not it" for i, w in enumerate(want)]
+    examples = [Example(p + [7, eos], [IGNORE] * (len(p) - 1) + [7, eos, IGNORE], f"t:{i}",
+                        len(p), r) for i, (p, r) in enumerate(zip(prompts, refs, strict=True))]
+    res = generation_eval(model, tok, examples, ["exact_match", "f1"], max_new_tokens=8,
+                          batch_size=2, show=5)
+    assert [s[1] for s in res.samples] == want
+    assert res.scores["exact_match"] == sum(M.normalize(w) == M.normalize(r)
+                                            for w, r in zip(want, refs, strict=True)) / 5
+    res = generation_eval(model, tok, examples, ["f1"], max_new_tokens=8, max_examples=3,
+                          show=5)
+    assert res.examples == 3 and [s[1] for s in res.samples] == want[:3]
+    for kw, msg in ((dict(max_examples=0), "max_examples must be >= 1"),
+                    (dict(batch_size=0), "batch size must be >= 1")):
+        with pytest.raises(EmberError, match=msg):
+            generation_eval(model, tok, examples, ["exact_match"], max_new_tokens=8, **kw)
