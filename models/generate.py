@@ -162,7 +162,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                  repetition_penalty: float = 1.0,
                  should_stop: Callable[[int, list[int]], bool] | None = None,
                  drafts: Sequence[Sequence[int]] | None = None,
-                 sync: Callable[[bool], bool] | None = None) -> list[list[int]]:
+                 sync: Callable[[bool], bool] | None = None,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt. Returns the new ids per row, without the
     stop token. ``should_stop(row, ids_so_far)`` may end a row early (stop strings).
     ``repetition_penalty`` (greedy and sampled) and ``min_p`` act as transformers' do: the
@@ -173,6 +174,13 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     in one pass after the tokens generated so far, and accepted for as long as it agrees with the
     model's own argmax, plus the model's next token. The output is exactly greedy decoding's; a
     right guess just costs one pass instead of one pass per token.
+
+    Sampling draws from ``generator`` when given, else from one seeded with ``seed``.
+
+    Dynamic NTK RoPE grows its base with the longest sequence of a forward, so in a batch a row
+    would see the others' lengths (transformers' batched generate does): when the batch may pass
+    the context, each row is generated alone, as transformers generates that one prompt (except
+    under ``sync``, whose passes must stay in lock step).
 
     ``sync`` (lock-step decoding, for a model whose forward is a collective, e.g. sharded across
     processes that each generate their own prompts): called after each pass with whether this
@@ -211,12 +219,27 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                          f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
+    weight = model.embed.weight
+    device = weight.device
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    # one id (transformers' eos_token_id may be an int) or several
+    stop_ids = {operator.index(t) for t in (
+        [eos_token_ids] if _is_index(eos_token_ids) else eos_token_ids or ())}
+    if dynamic and B > 1 and sync is None and (
+            len(virtual) + L + max_new_tokens > cfg.max_position_embeddings):
+        return [generate_ids(
+            model, [p], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, eos_token_ids=stop_ids, pad_token_id=pad_token_id, min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            should_stop=None if should_stop is None else (
+                lambda _, ids, i=i: should_stop(i, ids)),
+            drafts=None if drafts is None else [drafts[i]], generator=generator)[0]
+            for i, p in enumerate(prompts)]
     if pad_token_id is None or not 0 <= pad_token_id < cfg.vocab_size:
         # padding is masked, so any id does; one outside the embedding (a tokenizer's <pad>
         # added after the model's vocabulary, a config's -1) would fail the lookup
         pad_token_id = 0
-    weight = model.embed.weight
-    device = weight.device
     ids = torch.full((B, L), pad_token_id, dtype=torch.long)
     mask = torch.zeros((B, L), dtype=torch.bool)
     for i, p in enumerate(prompts):
@@ -232,12 +255,6 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     slots = ids.shape[1] + max_new_tokens + (max_new_tokens + 1 if drafts is not None else 0)
     key_mask = None if bool(mask.all()) else mask
     cache = KVCache(cfg, B, slots, device, weight.dtype)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    # one id (transformers' eos_token_id may be an int) or several
-    stop_ids = {operator.index(t) for t in (
-        [eos_token_ids] if _is_index(eos_token_ids) else eos_token_ids or ())}
     seen = None  # repetition penalty: the tokens of each batch row's prompt and output so far
     if repetition_penalty != 1:
         seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool, device=device)

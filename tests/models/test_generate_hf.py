@@ -125,6 +125,14 @@ def test_dynamic_ntk_generates_past_the_context_as_transformers(tmp_path):
         want = _hf_greedy(hf, list(range(3, 13)), 14)
     model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
     assert generate_ids(model, [list(range(3, 13))], max_new_tokens=14) == [want]
+    # A batch: each row as transformers generates its prompt alone. Batched, the longest row's
+    # length set every row's base (transformers' batched generate does too), so the short rows
+    # changed tokens as soon as the long one passed the context.
+    prompts = [list(range(3, 15)), [11], [20, 21, 22]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = [_hf_greedy(hf, p, 30) for p in prompts]
+    assert generate_ids(model, prompts, max_new_tokens=30) == want
 
 
 def test_generate_text_with_a_transformers_tokenizer_equals_transformers(tmp_path):
