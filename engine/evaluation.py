@@ -37,6 +37,7 @@ from ember.engine.distributed import (
 )
 from ember.engine.losses import sft_loss
 from ember.models.generate import generate_ids
+from ember.models.prompt_tuning import virtual_ids
 from ember.models.tokenizer import generation_ids
 
 PREFIX_DECIDABLE = {"exact_match"}
@@ -148,11 +149,14 @@ def generation_examples(model, examples: list[Example], max_new_tokens: int,
                          "= [] or give such a file")
     usable = usable[:max_examples]
     model_cfg = getattr(model, "cfg", None)
-    longest = max(e.prompt_len for e in usable)
-    if model_cfg is not None and longest + max_new_tokens > model_cfg.max_position_embeddings:
+    # prompt tuning's virtual tokens take context too; dynamic NTK RoPE has no limit to pass
+    longest = max(e.prompt_len for e in usable) + len(virtual_ids(model))
+    rs = getattr(model_cfg, "rope_scaling", None)
+    if model_cfg is not None and not (rs is not None and rs.kind == "dynamic") and (
+            longest + max_new_tokens > model_cfg.max_position_embeddings):
         # Checked here, on every rank, rather than by generate_ids on the rank holding the prompt
-        raise EmberError(f"an evaluation prompt of {longest} tokens + eval.max_new_tokens "
-                         f"({max_new_tokens}) exceeds the model's context of "
+        raise EmberError(f"an evaluation prompt of {longest} tokens (with any virtual tokens) + "
+                         f"eval.max_new_tokens ({max_new_tokens}) exceeds the model's context of "
                          f"{model_cfg.max_position_embeddings} tokens; lower "
                          "eval.max_new_tokens or data.max_seq_len")
     return usable

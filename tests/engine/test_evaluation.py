@@ -145,3 +145,43 @@ def test_generation_eval_predicts_what_transformers_generates_and_refuses_bad_si
                     (dict(batch_size=0), "batch size must be >= 1")):
         with pytest.raises(EmberError, match=msg):
             generation_eval(model, tok, examples, ["exact_match"], max_new_tokens=8, **kw)
+
+
+def test_generation_eval_of_a_dynamic_ntk_model_runs_past_the_context(tmp_path):
+    """Dynamic NTK RoPE generates past max_position_embeddings (generate_ids allows it, as
+    transformers does); generation metrics refused such prompts ('exceeds the model's
+    context'). The predictions are transformers' greedy completions (prompt 10-12 + 14 new
+    tokens, context 16)."""
+    import warnings
+
+    from ember.models.loading import load_hf_folder
+
+    transformers = pytest.importorskip("transformers")
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    vocab = len(tiny_tokenizer_md()["tokenizer.ggml.tokens"])
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=16,
+                                   rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+                                   tie_word_embeddings=False, bos_token_id=None,
+                                   eos_token_id=None, pad_token_id=None)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (10, 12)]
+    want = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path)
+        for p in prompts:
+            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=int),
+                              max_new_tokens=14, do_sample=False, pad_token_id=0)
+            want.append(tok.decode(out[0, len(p):].tolist(), skip_special_tokens=True))
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+    examples = [Example(p + [7], [IGNORE] * (len(p) - 1) + [7, IGNORE], f"t:{i}", len(p), w)
+                for i, (p, w) in enumerate(zip(prompts, want, strict=True))]
+    res = generation_eval(model, tok, examples, ["exact_match", "f1"], max_new_tokens=14,
+                          show=2)
+    assert [s[1] for s in res.samples] == want and res.scores["exact_match"] == 1.0
