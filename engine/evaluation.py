@@ -155,8 +155,8 @@ def generation_examples(model, examples: list[Example], max_new_tokens: int,
     if model_cfg is not None and not (rs is not None and rs.kind == "dynamic") and (
             longest + max_new_tokens > model_cfg.max_position_embeddings):
         # Checked here, on every rank, rather than by generate_ids on the rank holding the prompt
-        raise EmberError(f"an evaluation prompt of {longest} tokens (with any virtual tokens) + "
-                         f"eval.max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+        raise EmberError(f"an evaluation prompt of {longest} tokens + eval.max_new_tokens "
+                         f"({max_new_tokens}) exceeds the model's context of "
                          f"{model_cfg.max_position_embeddings} tokens; lower "
                          "eval.max_new_tokens or data.max_seq_len")
     return usable
