@@ -15,8 +15,8 @@ it from every token so far, so all keys use the long table from there on (``Phi3
 other rows recompute what they had). Other families (Llama, Qwen, Mistral with LongRoPE) keep the
 keys cached under the short table, as transformers does. The table is chosen per row, so a row in
 a batch still computes what it would alone (transformers' batched generate decides for the whole
-batch, from padded lengths). A draft pass never straddles the switch (its tail is cut at it), so
-drafting still gives exactly greedy decoding's tokens.
+batch, from padded lengths). A draft pass never straddles the switch (its tail is cut at it, and
+that row drafts no more), so drafting still gives exactly greedy decoding's tokens.
 
 Two levels:
 - ``generate_ids(model, prompt_ids, ...)``: token ids in, generated ids out (the stop token is not
@@ -344,7 +344,11 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             n = len(out[r])
             tail = drafts[r][n:max_new_tokens - 1] if drafting[r] else []
             if long is not None and not long[b]:  # a short pass feeds no draft past the switch
-                tail = tail[:max(0, lr.original_max_position_embeddings - 1 - next_pos[b])]
+                cut = max(0, lr.original_max_position_embeddings - 1 - next_pos[b])
+                if cut < len(tail):
+                    # ...and the row drafts no more: a draft fed in two passes would take more
+                    # cache slots than the one draft pass they hold (every row pays a pass's T)
+                    tail, drafting[r] = tail[:cut], False
             feeds.append([out[r][-1], *tail])
         T = max(map(len, feeds))
         inp = torch.full((len(rows), T), pad_token_id, dtype=torch.long)

@@ -203,3 +203,33 @@ def test_bad_sampling_values_are_refused_like_transformers_and_one_eos_id_is_tak
     want = _hf_greedy(hf, PROMPTS[0], 8, eos_token_id=stop)
     assert want[-1] == stop and len(want) < 8
     assert generate_ids(ours, [PROMPTS[0]], max_new_tokens=8, eos_token_ids=stop) == [want[:-1]]
+
+
+def test_drafts_across_the_longrope_switch_equal_transformers(tmp_path):
+    """Phi-3 LongRoPE (original context 16) with speculative drafts (right, wrong in the middle,
+    wrong at once) for prompts whose generation crosses the switch to the long table: the
+    tokens of transformers' greedy generate per prompt. A draft cut at the switch was fed again
+    after it, the batch paying both passes' width: 'KV cache full'."""
+    torch.manual_seed(0)
+    factors = dict(short_factor=[1.0 + 0.1 * i for i in range(4)],
+                   long_factor=[2.0 + 0.5 * i for i in range(4)])
+    cfg = transformers.Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=64,
+                                  original_max_position_embeddings=16,
+                                  rope_scaling={"type": "longrope", **factors},
+                                  tie_word_embeddings=False, bos_token_id=None,
+                                  eos_token_id=None, pad_token_id=None)
+    hf = transformers.Phi3ForCausalLM(cfg).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (9, 1, 4, 7, 2, 12)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path)
+        want = [_hf_greedy(hf, p, 20) for p in prompts]
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+    drafts = [w if i % 3 == 0 else [3, 4, 5] if i % 3 == 2 else
+              [*w[:5], (w[5] + 1) % VOCAB, *w[6:]] for i, w in enumerate(want)]
+    assert generate_ids(model, prompts, max_new_tokens=20, drafts=drafts) == want
