@@ -416,7 +416,8 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     ``chat=True`` wraps each string as a user message and renders the model's chat template; a
     prompt given as a list of message dicts always goes through the template. Generation stops at
     the tokenizer's ``eos_token_ids`` and, if given, right before the first stop string (which is
-    cut from the returned text)."""
+    cut from the returned text; a stop string that is a special token, e.g. ``<|im_end|>``, stops
+    generation there and is not in the text, special tokens being skipped)."""
     if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], dict)):
         prompts = [prompts]
@@ -431,8 +432,11 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
         tail = max(len(s.encode("utf-8")) for s in stops) + 4
 
         def should_stop(row: int, gen: list[int]) -> bool:
-            text = tokenizer.decode(gen[-tail:], skip_special_tokens=True)
-            return any(s in text for s in stops)
+            # with and without special tokens: a stop string may name one ("<|im_end|>", as
+            # transformers' stop_strings match token strings), hidden in the returned text
+            return any(s in text for skip in (True, False)
+                       for text in [tokenizer.decode(gen[-tail:], skip_special_tokens=skip)]
+                       for s in stops)
 
     # an Ember or a transformers tokenizer (whose eos_token_ids is one int or None)
     eos, pad = generation_ids(tokenizer)

@@ -135,18 +135,17 @@ def test_dynamic_ntk_generates_past_the_context_as_transformers(tmp_path):
     assert generate_ids(model, prompts, max_new_tokens=30) == want
 
 
-def test_generate_text_with_a_transformers_tokenizer_equals_transformers(tmp_path):
-    """``generate(model, tokenizer, ...)`` with a transformers tokenizer (chat template, stop at
-    its eos) gives transformers' completions; it was a TypeError (transformers 5's
-    ``eos_token_ids`` is one int) and the chat template's ids came back as a BatchEncoding."""
-    from ember.models.generate import generate
+def _with_tokenizer(folder, eos_token: str, boost: str):
+    """(transformers tokenizer over the tiny GGUF vocabulary, with its chat template; a tiny
+    transformers Llama over it, ``boost``'s logit scaled up so that some rows emit it early; the
+    same weights loaded by Ember)."""
     from ember.models.tokenizer import tokenizer_from_gguf
     from tests.models.test_gguf import VOCAB as TOK_VOCAB
     from tests.models.test_gguf import tiny_tokenizer_md
 
     md = tiny_tokenizer_md()
     tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer_from_gguf(md).backend, eos_token="<|im_end|>",
+        tokenizer_object=tokenizer_from_gguf(md).backend, eos_token=eos_token,
         chat_template=md["tokenizer.chat_template"])
     torch.manual_seed(2)
     cfg = transformers.LlamaConfig(vocab_size=TOK_VOCAB, hidden_size=32, intermediate_size=64,
@@ -157,23 +156,52 @@ def test_generate_text_with_a_transformers_tokenizer_equals_transformers(tmp_pat
     hf = transformers.LlamaForCausalLM(cfg).eval()
     for p in hf.parameters():
         torch.nn.init.normal_(p, std=0.4)
-    eos = tok.eos_token_id
-    with torch.no_grad():  # make eos likely after a few tokens, so some rows stop early
-        hf.lm_head.weight[eos] *= 1.5
+    with torch.no_grad():
+        hf.lm_head.weight[tok.convert_tokens_to_ids(boost)] *= 1.6
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf.save_pretrained(tmp_path)
-    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+        hf.save_pretrained(folder)
+    return tok, hf, load_hf_folder(folder, torch.float32, "cpu").eval()
+
+
+def _hf_text(hf, tok, prompt, n: int, **kw) -> str:
+    ids = (tok.encode(prompt) if isinstance(prompt, str) else
+           tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False))
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=int),
+                      max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.eos_token_id, **kw)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def test_generate_text_with_a_transformers_tokenizer_equals_transformers(tmp_path):
+    """``generate(model, tokenizer, ...)`` with a transformers tokenizer (chat template, stop at
+    its eos) gives transformers' completions; it was a TypeError (transformers 5's
+    ``eos_token_ids`` is one int) and the chat template's ids came back as a BatchEncoding."""
+    from ember.models.generate import generate
+
+    tok, hf, model = _with_tokenizer(tmp_path, "<|im_end|>", "<|im_end|>")
     prompts = ["he 12", [{"role": "user", "content": "the"}],
                [{"role": "system", "content": "12"}, {"role": "user", "content": "t he"}]]
-    want = []
-    for p in prompts:
-        ids = (tok.encode(p) if isinstance(p, str) else
-               tok.apply_chat_template(p, add_generation_prompt=True, return_dict=False))
-        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=int),
-                          max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=eos)
-        want.append(tok.decode(out[0, len(ids):], skip_special_tokens=True))
+    want = [_hf_text(hf, tok, p, 10) for p in prompts]
     assert generate(model, tok, prompts, max_new_tokens=10) == want
+
+
+def test_a_stop_string_naming_a_special_token_stops_as_transformers(tmp_path):
+    """``stop_strings=["<|im_end|>"]`` on a model whose eos is another token: transformers'
+    stop_strings match token strings, so generation ends at that special token (not in the
+    decoded text); Ember matched decoded text without special tokens, so it never stopped and
+    the row ran on to max_new_tokens. A plain stop string in the same call still cuts its row
+    (Ember returns the text before the stop; transformers keeps it) and leaves the others."""
+    from ember.models.generate import generate
+
+    tok, hf, model = _with_tokenizer(tmp_path, "<|endoftext|>", "<|im_end|>")
+    prompts = ["he 12", "the", "t he", "12 12", "h"]
+    for stops in (["<|im_end|>"], ["<|im_end|>", "5q"]):
+        want = [_hf_text(hf, tok, p, 12, stop_strings=stops, tokenizer=tok) for p in prompts]
+        plain = [_hf_text(hf, tok, p, 12) for p in prompts]
+        assert sum(w != f for w, f in zip(want, plain, strict=True)) >= len(stops)
+        want = [w[:min([w.find(s) for s in stops if s in w] or [len(w)])] for w in want]
+        assert generate(model, tok, prompts, max_new_tokens=12, stop_strings=stops) == want
 
 
 def test_bad_sampling_values_are_refused_like_transformers_and_one_eos_id_is_taken(pair):
