@@ -64,20 +64,26 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k
 def _as_id_lists(what: str, seqs) -> list[list[int]]:
     """``seqs`` (a list of token-id lists, or a 2-D tensor) as lists of ints; EmberError for a
     flat list of ids or a non-integer id."""
-    if isinstance(seqs, (str, bytes)) or not isinstance(seqs, Iterable):
+    def is_seq(x) -> bool:
+        return (not isinstance(x, (str, bytes)) and isinstance(x, Iterable)
+                and getattr(x, "ndim", 1) != 0)
+
+    if not is_seq(seqs):
         raise EmberError(f"{what} must be a list of token-id lists, got {type(seqs).__name__}")
     out = []
     for i, seq in enumerate(seqs):
-        if isinstance(seq, (str, bytes)) or not isinstance(seq, Iterable):
+        if not is_seq(seq):
             raise EmberError(f"{what} must be a list of token-id lists (one per prompt), got "
                              f"{type(seq).__name__} {seq!r} at {i}: wrap a single prompt as "
                              "[ids]")
-        try:
-            out.append([operator.index(t) for t in seq])
-        except TypeError:
-            bad = next(t for t in seq if not _is_index(t))
-            raise EmberError(f"{what} {i} has a token id that is not an integer: {bad!r}"
-                             ) from None
+        ids = []
+        for t in seq:
+            try:
+                ids.append(operator.index(t))
+            except TypeError:
+                raise EmberError(f"{what} {i} has a token id that is not an integer: {t!r}"
+                                 ) from None
+        out.append(ids)
     return out
 
 

@@ -223,7 +223,8 @@ def test_bad_sampling_values_are_refused_like_transformers_and_one_eos_id_is_tak
         with pytest.raises(EmberError, match=list(kw)[-1]):
             generate_ids(ours, [[5, 6]], max_new_tokens=3, **kw)
     for prompts, msg in [([5, 6], "wrap a single prompt"), ([[5.5, 6]], "not an integer: 5.5"),
-                         ("5 6", "list of token-id lists")]:
+                         ("5 6", "list of token-id lists"),
+                         (torch.tensor([5, 6]), "wrap a single prompt")]:
         with pytest.raises(EmberError, match=msg):
             generate_ids(ours, prompts, max_new_tokens=3)
     free = _hf_greedy(hf, PROMPTS[0], 8)
