@@ -139,6 +139,9 @@ def generation_examples(model, examples: list[Example], max_new_tokens: int,
     """The examples generation metrics score: those with a prompt and a reference answer, the
     first ``max_examples``; EmberError when there are none, or when a prompt and
     ``max_new_tokens`` do not fit the model's context."""
+    if max_new_tokens < 1:  # every prediction would be empty: a score of nothing
+        raise EmberError(f"generation metrics need max_new_tokens >= 1, got {max_new_tokens}; "
+                         "to skip them give none (eval.metrics = [])")
     if max_examples is not None and max_examples < 1:
         raise EmberError(f"max_examples must be >= 1, got {max_examples}; to skip generation "
                          "metrics give none (eval.metrics = [])")

@@ -97,7 +97,7 @@ def test_generation_eval_predicts_what_transformers_generates_and_refuses_bad_si
     eos not in the text), batches of 2 that do not divide 5 examples, the first
     ``max_examples`` of them; ``max_examples`` or ``batch_size`` < 1 is an EmberError (``ember
     eval --max-examples 0`` was a ValueError from max() of nothing, ``--batch-size 0`` one from
-    range())."""
+    range()), and so is ``max_new_tokens`` < 1 (every prediction empty, scored 0)."""
     import warnings
 
     from ember import EmberError
@@ -142,9 +142,10 @@ def test_generation_eval_predicts_what_transformers_generates_and_refuses_bad_si
                           show=5)
     assert res.examples == 3 and [s[1] for s in res.samples] == want[:3]
     for kw, msg in ((dict(max_examples=0), "max_examples must be >= 1"),
-                    (dict(batch_size=0), "batch size must be >= 1")):
+                    (dict(batch_size=0), "batch size must be >= 1"),
+                    (dict(max_new_tokens=0), "max_new_tokens >= 1")):
         with pytest.raises(EmberError, match=msg):
-            generation_eval(model, tok, examples, ["exact_match"], max_new_tokens=8, **kw)
+            generation_eval(model, tok, examples, ["exact_match"], **{"max_new_tokens": 8, **kw})
 
 
 def test_generation_eval_of_a_dynamic_ntk_model_runs_past_the_context(tmp_path):
