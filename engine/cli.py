@@ -195,6 +195,10 @@ def _cmd_eval(a) -> None:
     from ember.engine.metrics import perplexity
     from ember.engine.runtime import autocast_for
 
+    for name in ("max_examples", "batch_size", "max_new_tokens"):
+        v = getattr(a, name)
+        if v is not None and v < 1:  # a negative --max-examples silently dropped examples
+            raise EmberError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
     data = a.data or data_cfg.test or data_cfg.validation
     if isinstance(data, tuple):

@@ -186,3 +186,53 @@ def test_generation_eval_of_a_dynamic_ntk_model_runs_past_the_context(tmp_path):
     res = generation_eval(model, tok, examples, ["exact_match", "f1"], max_new_tokens=14,
                           show=2)
     assert [s[1] for s in res.samples] == want and res.scores["exact_match"] == 1.0
+
+
+def test_ember_eval_of_a_classifier_scores_the_first_examples_as_transformers(tmp_path, capsys):
+    """``ember eval`` of a transformers sequence classifier: accuracy and mean cross-entropy of
+    the first ``--max-examples`` lines are transformers' (its logits on each text); a negative
+    ``--max-examples`` is refused (``examples[:-1]`` silently dropped the last line)."""
+    import json
+    import warnings
+
+    from ember.engine.cli import main
+    from ember.models.tokenizer import Tokenizer
+    from tests.engine.test_formats import chat_backend
+
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer(chat_backend(), eos_token="<|im_end|>", pad_token="<pad>")
+    labels = ["neg", "pos", "neu"]
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32,
+                                   intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                                   id2label=dict(enumerate(labels)),
+                                   label2id={name: i for i, name in enumerate(labels)})
+    hf = transformers.LlamaForSequenceClassification(cfg).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    texts = ["red dog", "a blue cat", "the cat sat on a mat", "dog", "green red blue"]
+    gold = ["pos", "neg", "neu", "pos", "neg"]
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": g}) + "\n"
+                            for t, g in zip(texts, gold, strict=True)))
+    hits, losses = [], []
+    for t, g in zip(texts[:3], gold, strict=False):
+        with torch.no_grad():
+            logits = hf(torch.tensor([tok.encode(t, add_special_tokens=True)])).logits[0]
+        hits.append(labels[int(logits.argmax())] == g)
+        losses.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(
+            labels.index(g)))))
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "m"), "--data", str(data), "--max-examples", "3",
+                 "--device", "cpu"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["examples"] == 3 and got["accuracy"] == sum(hits) / 3
+    assert got["loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)
+    assert main(["eval", str(tmp_path / "m"), "--data", str(data), "--max-examples", "-1"]) == 2
+    assert "--max-examples must be >= 1, got -1" in capsys.readouterr().err
