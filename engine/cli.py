@@ -108,10 +108,13 @@ class _Stream:
 
 def _generator(model, tok, a):
     """``run(prompt_ids, stream) -> new ids per prompt`` with the command line's sampling."""
-    from ember.models.generate import generate_ids
+    from ember.models.generate import check_sampling, generate_ids
     from ember.models.heads import is_classifier
     from ember.models.tokenizer import generation_ids
 
+    # before the first message: ember chat reports a failed answer and reads the next line
+    check_sampling(a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.min_p,
+                   a.repetition_penalty)
     if is_classifier(model):
         raise EmberError(f"{a.model} is a sequence classifier (labels {list(model.cfg.labels)}): "
                          "it has no LM head to generate with; score text with ember eval")

@@ -40,8 +40,9 @@ from ember.models.tokenizer import generation_ids
 from ember.models.transformer import KVCache, Transformer
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                     min_p: float = 0.0, repetition_penalty: float = 1.0) -> None:
+    """EmberError naming the first invalid setting of ``generate_ids``' sampling knobs."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or (
             max_new_tokens < 0):
         raise EmberError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -194,7 +195,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     flag across processes), and the passes end when it returns False. Until then a call whose
     rows have all finished, or that got no prompts at all, makes one-token passes whose output
     is dropped, so every process makes as many forward calls."""
-    _check_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
+    check_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
     prompts = _as_id_lists("prompt", prompt_ids)
     if not prompts:
         if sync is not None and max_new_tokens > 0:
