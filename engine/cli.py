@@ -108,10 +108,13 @@ class _Stream:
 
 def _generator(model, tok, a):
     """``run(prompt_ids, stream) -> new ids per prompt`` with the command line's sampling."""
-    from ember.models.generate import generate_ids
+    from ember.models.generate import check_sampling, generate_ids
     from ember.models.heads import is_classifier
     from ember.models.tokenizer import generation_ids
 
+    # before the first message: ember chat reports a failed answer and reads the next line
+    check_sampling(a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.min_p,
+                   a.repetition_penalty)
     if is_classifier(model):
         raise EmberError(f"{a.model} is a sequence classifier (labels {list(model.cfg.labels)}): "
                          "it has no LM head to generate with; score text with ember eval")
@@ -195,6 +198,10 @@ def _cmd_eval(a) -> None:
     from ember.engine.metrics import perplexity
     from ember.engine.runtime import autocast_for
 
+    for name in ("max_examples", "batch_size", "max_new_tokens"):
+        v = getattr(a, name)
+        if v is not None and v < 1:  # a negative --max-examples silently dropped examples
+            raise EmberError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
     data = a.data or data_cfg.test or data_cfg.validation
     if isinstance(data, tuple):

@@ -37,6 +37,7 @@ from ember.engine.distributed import (
 )
 from ember.engine.losses import sft_loss
 from ember.models.generate import generate_ids
+from ember.models.prompt_tuning import virtual_ids
 from ember.models.tokenizer import generation_ids
 
 PREFIX_DECIDABLE = {"exact_match"}
@@ -138,6 +139,12 @@ def generation_examples(model, examples: list[Example], max_new_tokens: int,
     """The examples generation metrics score: those with a prompt and a reference answer, the
     first ``max_examples``; EmberError when there are none, or when a prompt and
     ``max_new_tokens`` do not fit the model's context."""
+    if max_new_tokens < 1:  # every prediction would be empty: a score of nothing
+        raise EmberError(f"generation metrics need max_new_tokens >= 1, got {max_new_tokens}; "
+                         "to skip them give none (eval.metrics = [])")
+    if max_examples is not None and max_examples < 1:
+        raise EmberError(f"max_examples must be >= 1, got {max_examples}; to skip generation "
+                         "metrics give none (eval.metrics = [])")
     usable = [e for e in examples if e.prompt_len > 0 and e.reference is not None]
     if not usable:
         raise EmberError("generation metrics need prompt/completion or messages examples (a "
@@ -145,8 +152,11 @@ def generation_examples(model, examples: list[Example], max_new_tokens: int,
                          "= [] or give such a file")
     usable = usable[:max_examples]
     model_cfg = getattr(model, "cfg", None)
-    longest = max(e.prompt_len for e in usable)
-    if model_cfg is not None and longest + max_new_tokens > model_cfg.max_position_embeddings:
+    # prompt tuning's virtual tokens take context too; dynamic NTK RoPE has no limit to pass
+    longest = max(e.prompt_len for e in usable) + len(virtual_ids(model))
+    rs = getattr(model_cfg, "rope_scaling", None)
+    if model_cfg is not None and not (rs is not None and rs.kind == "dynamic") and (
+            longest + max_new_tokens > model_cfg.max_position_embeddings):
         # Checked here, on every rank, rather than by generate_ids on the rank holding the prompt
         raise EmberError(f"an evaluation prompt of {longest} tokens + eval.max_new_tokens "
                          f"({max_new_tokens}) exceeds the model's context of "
@@ -164,6 +174,8 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     length, ``distributed.eval_share``) in as many batches as the others, decoding in lock step
     (``generate_ids``' ``sync``: a sharded forward is a collective); the predictions are
     gathered and every rank scores all of them."""
+    if batch_size < 1:
+        raise EmberError(f"the generation batch size must be >= 1, got {batch_size}")
     usable = generation_examples(model, examples, max_new_tokens, max_examples)
     info = info or DistInfo()
     sync = None if not info.distributed else (lambda flag: any_rank(flag, info))

@@ -15,8 +15,8 @@ it from every token so far, so all keys use the long table from there on (``Phi3
 other rows recompute what they had). Other families (Llama, Qwen, Mistral with LongRoPE) keep the
 keys cached under the short table, as transformers does. The table is chosen per row, so a row in
 a batch still computes what it would alone (transformers' batched generate decides for the whole
-batch, from padded lengths). A draft pass never straddles the switch (its tail is cut at it), so
-drafting still gives exactly greedy decoding's tokens.
+batch, from padded lengths). A draft pass never straddles the switch (its tail is cut at it, and
+that row drafts no more), so drafting still gives exactly greedy decoding's tokens.
 
 Two levels:
 - ``generate_ids(model, prompt_ids, ...)``: token ids in, generated ids out (the stop token is not
@@ -27,29 +27,73 @@ Two levels:
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from ember import EmberError
 from ember.models.prompt_tuning import virtual_ids
+from ember.models.tokenizer import generation_ids
 from ember.models.transformer import KVCache, Transformer
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                     min_p: float = 0.0, repetition_penalty: float = 1.0) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    """EmberError naming the first invalid setting of ``generate_ids``' sampling knobs."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or (
+            max_new_tokens < 0):
         raise EmberError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+                    ("repetition_penalty", repetition_penalty)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
+            raise EmberError(f"{name} must be a number, got {v!r}")
     if temperature < 0:
         raise EmberError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise EmberError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise EmberError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise EmberError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
     if not 0 <= min_p <= 1:
         raise EmberError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
     if not repetition_penalty > 0:
         raise EmberError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+
+
+def _as_id_lists(what: str, seqs) -> list[list[int]]:
+    """``seqs`` (a list of token-id lists, or a 2-D tensor) as lists of ints; EmberError for a
+    flat list of ids or a non-integer id."""
+    def is_seq(x) -> bool:
+        return (not isinstance(x, (str, bytes)) and isinstance(x, Iterable)
+                and getattr(x, "ndim", 1) != 0)
+
+    if not is_seq(seqs):
+        raise EmberError(f"{what} must be a list of token-id lists, got {type(seqs).__name__}")
+    out = []
+    for i, seq in enumerate(seqs):
+        if not is_seq(seq):
+            raise EmberError(f"{what} must be a list of token-id lists (one per prompt), got "
+                             f"{type(seq).__name__} {seq!r} at {i}: wrap a single prompt as "
+                             "[ids]")
+        ids = []
+        for t in seq:
+            try:
+                ids.append(operator.index(t))
+            except TypeError:
+                raise EmberError(f"{what} {i} has a token id that is not an integer: {t!r}"
+                                 ) from None
+        out.append(ids)
+    return out
+
+
+def _is_index(t) -> bool:
+    try:
+        operator.index(t)
+    except TypeError:
+        return False
+    return True
 
 
 def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
@@ -125,7 +169,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                  repetition_penalty: float = 1.0,
                  should_stop: Callable[[int, list[int]], bool] | None = None,
                  drafts: Sequence[Sequence[int]] | None = None,
-                 sync: Callable[[bool], bool] | None = None) -> list[list[int]]:
+                 sync: Callable[[bool], bool] | None = None,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt. Returns the new ids per row, without the
     stop token. ``should_stop(row, ids_so_far)`` may end a row early (stop strings).
     ``repetition_penalty`` (greedy and sampled) and ``min_p`` act as transformers' do: the
@@ -137,14 +182,21 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     model's own argmax, plus the model's next token. The output is exactly greedy decoding's; a
     right guess just costs one pass instead of one pass per token.
 
+    Sampling draws from ``generator`` when given, else from one seeded with ``seed``.
+
+    Dynamic NTK RoPE grows its base with the longest sequence of a forward, so in a batch a row
+    would see the others' lengths (transformers' batched generate does): when the batch may pass
+    the context, each row is generated alone, as transformers generates that one prompt (except
+    under ``sync``, whose passes must stay in lock step).
+
     ``sync`` (lock-step decoding, for a model whose forward is a collective, e.g. sharded across
     processes that each generate their own prompts): called after each pass with whether this
     call still has rows generating, it returns whether any process has (the caller reduces the
     flag across processes), and the passes end when it returns False. Until then a call whose
     rows have all finished, or that got no prompts at all, makes one-token passes whose output
     is dropped, so every process makes as many forward calls."""
-    _check_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
-    prompts = [list(map(int, p)) for p in prompt_ids]
+    check_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
+    prompts = _as_id_lists("prompt", prompt_ids)
     if not prompts:
         if sync is not None and max_new_tokens > 0:
             _idle_passes(model, sync)
@@ -158,7 +210,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
         if temperature > 0 or repetition_penalty != 1:
             raise EmberError("drafts are verified against plain greedy choices: use "
                              "temperature = 0 and repetition_penalty = 1")
-        drafts = [list(map(int, d)) for d in drafts]
+        drafts = _as_id_lists("draft", drafts)
         if len(drafts) != len(prompts):
             raise EmberError(f"{len(drafts)} drafts for {len(prompts)} prompts: give one per "
                              "prompt (an empty list where there is no guess)")
@@ -174,12 +226,27 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                          f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
+    weight = model.embed.weight
+    device = weight.device
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    # one id (transformers' eos_token_id may be an int) or several
+    stop_ids = {operator.index(t) for t in (
+        [eos_token_ids] if _is_index(eos_token_ids) else eos_token_ids or ())}
+    if dynamic and B > 1 and sync is None and (
+            len(virtual) + L + max_new_tokens > cfg.max_position_embeddings):
+        return [generate_ids(
+            model, [p], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, eos_token_ids=stop_ids, pad_token_id=pad_token_id, min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            should_stop=None if should_stop is None else (
+                lambda _, ids, i=i: should_stop(i, ids)),
+            drafts=None if drafts is None else [drafts[i]], generator=generator)[0]
+            for i, p in enumerate(prompts)]
     if pad_token_id is None or not 0 <= pad_token_id < cfg.vocab_size:
         # padding is masked, so any id does; one outside the embedding (a tokenizer's <pad>
         # added after the model's vocabulary, a config's -1) would fail the lookup
         pad_token_id = 0
-    weight = model.embed.weight
-    device = weight.device
     ids = torch.full((B, L), pad_token_id, dtype=torch.long)
     mask = torch.zeros((B, L), dtype=torch.bool)
     for i, p in enumerate(prompts):
@@ -195,10 +262,6 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     slots = ids.shape[1] + max_new_tokens + (max_new_tokens + 1 if drafts is not None else 0)
     key_mask = None if bool(mask.all()) else mask
     cache = KVCache(cfg, B, slots, device, weight.dtype)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    stop_ids = set(int(t) for t in eos_token_ids)
     seen = None  # repetition penalty: the tokens of each batch row's prompt and output so far
     if repetition_penalty != 1:
         seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool, device=device)
@@ -288,7 +351,11 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             n = len(out[r])
             tail = drafts[r][n:max_new_tokens - 1] if drafting[r] else []
             if long is not None and not long[b]:  # a short pass feeds no draft past the switch
-                tail = tail[:max(0, lr.original_max_position_embeddings - 1 - next_pos[b])]
+                cut = max(0, lr.original_max_position_embeddings - 1 - next_pos[b])
+                if cut < len(tail):
+                    # ...and the row drafts no more: a draft fed in two passes would take more
+                    # cache slots than the one draft pass they hold (every row pays a pass's T)
+                    tail, drafting[r] = tail[:cut], False
             feeds.append([out[r][-1], *tail])
         T = max(map(len, feeds))
         inp = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
@@ -339,10 +406,10 @@ def encode_prompts(tokenizer, prompts: Sequence, chat: bool = False) -> list[lis
             out.append(tokenizer.encode(p, add_special_tokens=True))
         elif messages and messages[-1].get("role") == "assistant":
             out.append(tokenizer.apply_chat_template(messages, continue_final_message=True,
-                                                     tokenize=True))
-        else:
+                                                     tokenize=True, return_dict=False))
+        else:  # return_dict=False: transformers 5 returns a BatchEncoding by default
             out.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                     tokenize=True))
+                                                     tokenize=True, return_dict=False))
     return out
 
 
@@ -356,7 +423,8 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     ``chat=True`` wraps each string as a user message and renders the model's chat template; a
     prompt given as a list of message dicts always goes through the template. Generation stops at
     the tokenizer's ``eos_token_ids`` and, if given, right before the first stop string (which is
-    cut from the returned text)."""
+    cut from the returned text; a stop string that is a special token, e.g. ``<|im_end|>``, stops
+    generation there and is not in the text, special tokens being skipped)."""
     if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], dict)):
         prompts = [prompts]
@@ -371,15 +439,19 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
         tail = max(len(s.encode("utf-8")) for s in stops) + 4
 
         def should_stop(row: int, gen: list[int]) -> bool:
-            text = tokenizer.decode(gen[-tail:], skip_special_tokens=True)
-            return any(s in text for s in stops)
+            # with and without special tokens: a stop string may name one ("<|im_end|>", as
+            # transformers' stop_strings match token strings), hidden in the returned text
+            return any(s in text for skip in (True, False)
+                       for text in [tokenizer.decode(gen[-tail:], skip_special_tokens=skip)]
+                       for s in stops)
 
-    pad = tokenizer.pad_token_id
+    # an Ember or a transformers tokenizer (whose eos_token_ids is one int or None)
+    eos, pad = generation_ids(tokenizer)
     gen = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, top_k=top_k, seed=seed, eos_token_ids=tokenizer.eos_token_ids,
+                       top_p=top_p, top_k=top_k, seed=seed, eos_token_ids=eos,
                        pad_token_id=pad, should_stop=should_stop, min_p=min_p,
                        repetition_penalty=repetition_penalty)
-    texts = tokenizer.decode_batch(gen, skip_special_tokens=True)
+    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
     if stops:
         texts = [t[:min([t.find(s) for s in stops if s in t] or [len(t)])] for t in texts]
     return texts

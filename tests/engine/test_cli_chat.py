@@ -194,3 +194,18 @@ def test_ctrl_c_stops_the_answer_not_the_chat(chat_model, capsys, monkeypatch):
                             max_new_tokens=3, eos_token_ids=[tok.eos_token_id])[0])
     assert a1 == first.rstrip("\ufffd")  # the shown part of the interrupted answer
     assert a2 == _answer(chat_model, [u1, {"role": "assistant", "content": a1}, u2])
+
+
+def test_chat_refuses_bad_sampling_before_the_first_message(chat_model, capsys, monkeypatch):
+    """A setting transformers' processors refuse (a negative temperature) ends ember chat at
+    once with the reason; it was reported as a failed answer for every message ('... /reset
+    starts a new conversation'), the chat reading on."""
+    lp = pytest.importorskip("transformers.generation.logits_process")
+    with pytest.raises(ValueError):
+        lp.TemperatureLogitsWarper(-1.0)
+    monkeypatch.setattr("sys.stdin", io.StringIO("red dog\nand a cat?\n"))
+    capsys.readouterr()
+    assert main(["chat", str(chat_model), "--temperature", "-1"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("temperature must be >= 0") == 1
+    assert "/reset" not in out.err

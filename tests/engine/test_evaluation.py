@@ -90,3 +90,149 @@ def test_generation_eval_takes_a_transformers_tokenizer():
     bare = transformers.PreTrainedTokenizerFast(tokenizer_object=ours.backend)
     assert stop_token_ids(bare) == []
     generation_eval(model, bare, examples, ["exact_match"], max_new_tokens=3)
+
+
+def test_generation_eval_predicts_what_transformers_generates_and_refuses_bad_sizes(tmp_path):
+    """The predictions are transformers' greedy completions (prompt removed, stop at eos, the
+    eos not in the text), batches of 2 that do not divide 5 examples, the first
+    ``max_examples`` of them; ``max_examples`` or ``batch_size`` < 1 is an EmberError (``ember
+    eval --max-examples 0`` was a ValueError from max() of nothing, ``--batch-size 0`` one from
+    range()), and so is ``max_new_tokens`` < 1 (every prediction empty, scored 0)."""
+    import warnings
+
+    from ember import EmberError
+    from ember.models.loading import load_hf_folder
+
+    transformers = pytest.importorskip("transformers")
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    vocab = len(tiny_tokenizer_md()["tokenizer.ggml.tokens"])
+    eos = tok.eos_token_id
+    torch.manual_seed(5)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False, bos_token_id=None,
+                                   eos_token_id=eos, pad_token_id=None)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    with torch.no_grad():
+        hf.lm_head.weight[eos] *= 1.5  # some rows end at eos
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path)
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 2, 7, 3, 4)]
+    want = []
+    for p in prompts:
+        out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=int),
+                          max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        want.append(tok.decode(out[0, len(p):].tolist(), skip_special_tokens=True))
+    assert any(w == "" or len(w) < 8 for w in want)
+    refs = [w if i % 2 else "not it" for i, w in enumerate(want)]
+    examples = [Example(p + [7, eos], [IGNORE] * (len(p) - 1) + [7, eos, IGNORE], f"t:{i}",
+                        len(p), r) for i, (p, r) in enumerate(zip(prompts, refs, strict=True))]
+    res = generation_eval(model, tok, examples, ["exact_match", "f1"], max_new_tokens=8,
+                          batch_size=2, show=5)
+    assert [s[1] for s in res.samples] == want
+    assert res.scores["exact_match"] == sum(M.normalize(w) == M.normalize(r)
+                                            for w, r in zip(want, refs, strict=True)) / 5
+    res = generation_eval(model, tok, examples, ["f1"], max_new_tokens=8, max_examples=3,
+                          show=5)
+    assert res.examples == 3 and [s[1] for s in res.samples] == want[:3]
+    for kw, msg in ((dict(max_examples=0), "max_examples must be >= 1"),
+                    (dict(batch_size=0), "batch size must be >= 1"),
+                    (dict(max_new_tokens=0), "max_new_tokens >= 1")):
+        with pytest.raises(EmberError, match=msg):
+            generation_eval(model, tok, examples, ["exact_match"], **{"max_new_tokens": 8, **kw})
+
+
+def test_generation_eval_of_a_dynamic_ntk_model_runs_past_the_context(tmp_path):
+    """Dynamic NTK RoPE generates past max_position_embeddings (generate_ids allows it, as
+    transformers does); generation metrics refused such prompts ('exceeds the model's
+    context'). The predictions are transformers' greedy completions (prompt 10-12 + 14 new
+    tokens, context 16)."""
+    import warnings
+
+    from ember.models.loading import load_hf_folder
+
+    transformers = pytest.importorskip("transformers")
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    vocab = len(tiny_tokenizer_md()["tokenizer.ggml.tokens"])
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=16,
+                                   rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+                                   tie_word_embeddings=False, bos_token_id=None,
+                                   eos_token_id=None, pad_token_id=None)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (10, 12)]
+    want = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path)
+        for p in prompts:
+            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=int),
+                              max_new_tokens=14, do_sample=False, pad_token_id=0)
+            want.append(tok.decode(out[0, len(p):].tolist(), skip_special_tokens=True))
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+    examples = [Example(p + [7], [IGNORE] * (len(p) - 1) + [7, IGNORE], f"t:{i}", len(p), w)
+                for i, (p, w) in enumerate(zip(prompts, want, strict=True))]
+    res = generation_eval(model, tok, examples, ["exact_match", "f1"], max_new_tokens=14,
+                          show=2)
+    assert [s[1] for s in res.samples] == want and res.scores["exact_match"] == 1.0
+
+
+def test_ember_eval_of_a_classifier_scores_the_first_examples_as_transformers(tmp_path, capsys):
+    """``ember eval`` of a transformers sequence classifier: accuracy and mean cross-entropy of
+    the first ``--max-examples`` lines are transformers' (its logits on each text); a negative
+    ``--max-examples`` is refused (``examples[:-1]`` silently dropped the last line)."""
+    import json
+    import warnings
+
+    from ember.engine.cli import main
+    from ember.models.tokenizer import Tokenizer
+    from tests.engine.test_formats import chat_backend
+
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer(chat_backend(), eos_token="<|im_end|>", pad_token="<pad>")
+    labels = ["neg", "pos", "neu"]
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32,
+                                   intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                                   id2label=dict(enumerate(labels)),
+                                   label2id={name: i for i, name in enumerate(labels)})
+    hf = transformers.LlamaForSequenceClassification(cfg).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    texts = ["red dog", "a blue cat", "the cat sat on a mat", "dog", "green red blue"]
+    gold = ["pos", "neg", "neu", "pos", "neg"]
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": g}) + "\n"
+                            for t, g in zip(texts, gold, strict=True)))
+    hits, losses = [], []
+    for t, g in zip(texts[:3], gold, strict=False):
+        with torch.no_grad():
+            logits = hf(torch.tensor([tok.encode(t, add_special_tokens=True)])).logits[0]
+        hits.append(labels[int(logits.argmax())] == g)
+        losses.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(
+            labels.index(g)))))
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "m"), "--data", str(data), "--max-examples", "3",
+                 "--device", "cpu"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["examples"] == 3 and got["accuracy"] == sum(hits) / 3
+    assert got["loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)
+    assert main(["eval", str(tmp_path / "m"), "--data", str(data), "--max-examples", "-1"]) == 2
+    assert "--max-examples must be >= 1, got -1" in capsys.readouterr().err

@@ -125,3 +125,140 @@ def test_dynamic_ntk_generates_past_the_context_as_transformers(tmp_path):
         want = _hf_greedy(hf, list(range(3, 13)), 14)
     model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
     assert generate_ids(model, [list(range(3, 13))], max_new_tokens=14) == [want]
+    # A batch: each row as transformers generates its prompt alone. Batched, the longest row's
+    # length set every row's base (transformers' batched generate does too), so the short rows
+    # changed tokens as soon as the long one passed the context.
+    prompts = [list(range(3, 15)), [11], [20, 21, 22]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = [_hf_greedy(hf, p, 30) for p in prompts]
+    assert generate_ids(model, prompts, max_new_tokens=30) == want
+
+
+def _with_tokenizer(folder, eos_token: str, boost: str):
+    """(transformers tokenizer over the tiny GGUF vocabulary, with its chat template; a tiny
+    transformers Llama over it, ``boost``'s logit scaled up so that some rows emit it early; the
+    same weights loaded by Ember)."""
+    from ember.models.tokenizer import tokenizer_from_gguf
+    from tests.models.test_gguf import VOCAB as TOK_VOCAB
+    from tests.models.test_gguf import tiny_tokenizer_md
+
+    md = tiny_tokenizer_md()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer_from_gguf(md).backend, eos_token=eos_token,
+        chat_template=md["tokenizer.chat_template"])
+    torch.manual_seed(2)
+    cfg = transformers.LlamaConfig(vocab_size=TOK_VOCAB, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=96,
+                                   tie_word_embeddings=False, bos_token_id=None,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=None)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    with torch.no_grad():
+        hf.lm_head.weight[tok.convert_tokens_to_ids(boost)] *= 1.6
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(folder)
+    return tok, hf, load_hf_folder(folder, torch.float32, "cpu").eval()
+
+
+def _hf_text(hf, tok, prompt, n: int, **kw) -> str:
+    ids = (tok.encode(prompt) if isinstance(prompt, str) else
+           tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False))
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=int),
+                      max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.eos_token_id, **kw)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def test_generate_text_with_a_transformers_tokenizer_equals_transformers(tmp_path):
+    """``generate(model, tokenizer, ...)`` with a transformers tokenizer (chat template, stop at
+    its eos) gives transformers' completions; it was a TypeError (transformers 5's
+    ``eos_token_ids`` is one int) and the chat template's ids came back as a BatchEncoding."""
+    from ember.models.generate import generate
+
+    tok, hf, model = _with_tokenizer(tmp_path, "<|im_end|>", "<|im_end|>")
+    prompts = ["he 12", [{"role": "user", "content": "the"}],
+               [{"role": "system", "content": "12"}, {"role": "user", "content": "t he"}]]
+    want = [_hf_text(hf, tok, p, 10) for p in prompts]
+    assert generate(model, tok, prompts, max_new_tokens=10) == want
+
+
+def test_a_stop_string_naming_a_special_token_stops_as_transformers(tmp_path):
+    """``stop_strings=["<|im_end|>"]`` on a model whose eos is another token: transformers'
+    stop_strings match token strings, so generation ends at that special token (not in the
+    decoded text); Ember matched decoded text without special tokens, so it never stopped and
+    the row ran on to max_new_tokens. A plain stop string in the same call still cuts its row
+    (Ember returns the text before the stop; transformers keeps it) and leaves the others."""
+    from ember.models.generate import generate
+
+    tok, hf, model = _with_tokenizer(tmp_path, "<|endoftext|>", "<|im_end|>")
+    prompts = ["he 12", "the", "t he", "12 12", "h"]
+    for stops in (["<|im_end|>"], ["<|im_end|>", "5q"]):
+        want = [_hf_text(hf, tok, p, 12, stop_strings=stops, tokenizer=tok) for p in prompts]
+        plain = [_hf_text(hf, tok, p, 12) for p in prompts]
+        assert sum(w != f for w, f in zip(want, plain, strict=True)) >= len(stops)
+        want = [w[:min([w.find(s) for s in stops if s in w] or [len(w)])] for w in want]
+        assert generate(model, tok, prompts, max_new_tokens=12, stop_strings=stops) == want
+
+
+def test_bad_sampling_values_are_refused_like_transformers_and_one_eos_id_is_taken(pair):
+    """Values transformers' processors refuse (a NaN temperature, a fractional top_k) are an
+    EmberError naming the knob (they were a RuntimeError from torch.multinomial and a TypeError
+    from torch.topk); a flat list of ids or a non-integer id says how to give prompts (were a
+    TypeError, or 5.5 silently read as 5); one eos id as an int, like transformers'
+    ``eos_token_id``, stops generation as transformers does (was a TypeError)."""
+    from transformers.generation import logits_process as lp
+
+    from ember import EmberError
+
+    hf, ours = pair
+    with pytest.raises(ValueError):
+        lp.TemperatureLogitsWarper(float("nan"))
+    with pytest.raises(ValueError):
+        lp.TopKLogitsWarper(2.5)
+    for kw in (dict(temperature=float("nan")), dict(temperature=1.0, top_k=2.5)):
+        with pytest.raises(EmberError, match=list(kw)[-1]):
+            generate_ids(ours, [[5, 6]], max_new_tokens=3, **kw)
+    for prompts, msg in [([5, 6], "wrap a single prompt"), ([[5.5, 6]], "not an integer: 5.5"),
+                         ("5 6", "list of token-id lists"),
+                         (torch.tensor([5, 6]), "wrap a single prompt")]:
+        with pytest.raises(EmberError, match=msg):
+            generate_ids(ours, prompts, max_new_tokens=3)
+    free = _hf_greedy(hf, PROMPTS[0], 8)
+    stop = free[3]
+    want = _hf_greedy(hf, PROMPTS[0], 8, eos_token_id=stop)
+    assert want[-1] == stop and len(want) < 8
+    assert generate_ids(ours, [PROMPTS[0]], max_new_tokens=8, eos_token_ids=stop) == [want[:-1]]
+
+
+def test_drafts_across_the_longrope_switch_equal_transformers(tmp_path):
+    """Phi-3 LongRoPE (original context 16) with speculative drafts (right, wrong in the middle,
+    wrong at once) for prompts whose generation crosses the switch to the long table: the
+    tokens of transformers' greedy generate per prompt. A draft cut at the switch was fed again
+    after it, the batch paying both passes' width: 'KV cache full'."""
+    torch.manual_seed(0)
+    factors = dict(short_factor=[1.0 + 0.1 * i for i in range(4)],
+                   long_factor=[2.0 + 0.5 * i for i in range(4)])
+    cfg = transformers.Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=64,
+                                  original_max_position_embeddings=16,
+                                  rope_scaling={"type": "longrope", **factors},
+                                  tie_word_embeddings=False, bos_token_id=None,
+                                  eos_token_id=None, pad_token_id=None)
+    hf = transformers.Phi3ForCausalLM(cfg).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (9, 1, 4, 7, 2, 12)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path)
+        want = [_hf_greedy(hf, p, 20) for p in prompts]
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+    drafts = [w if i % 3 == 0 else [3, 4, 5] if i % 3 == 2 else
+              [*w[:5], (w[5] + 1) % VOCAB, *w[6:]] for i, w in enumerate(want)]
+    assert generate_ids(model, prompts, max_new_tokens=20, drafts=drafts) == want
