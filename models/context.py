@@ -16,6 +16,8 @@ whose exports could not carry the scaling.
 
 from __future__ import annotations
 
+import math
+
 from ember import EmberError
 from ember.models.config import ModelConfig, RopeScaling
 from ember.models.hf_rope import yarn_mscale
@@ -29,8 +31,10 @@ def extended_config(cfg: ModelConfig, kind: str, factor: float) -> ModelConfig:
     if kind not in KINDS:
         raise EmberError(f"RoPE scaling {kind!r} is not supported for context extension; use one "
                          f"of {', '.join(KINDS)}")
-    if not factor > 1:
-        raise EmberError(f"the context extension factor must be > 1, got {factor}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
+            1 < factor < math.inf):
+        raise EmberError(f"the context extension factor must be > 1 (a finite number), "
+                         f"got {factor!r}")
     rs = cfg.rope_scaling
     if rs is not None:
         if rs.kind == kind and rs.factor == factor:

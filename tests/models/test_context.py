@@ -79,8 +79,9 @@ def test_refusals(tmp_path):
         model, _ = load_pretrained(tmp_path / "l3", "float32")
     with pytest.raises(EmberError, match="already scales RoPE \\(llama3"):
         extend_context(model, "yarn", 2.0)
-    with pytest.raises(EmberError, match="must be > 1"):
-        extend_context(model, "linear", 1.0)
+    for factor in (1.0, "2", float("inf"), float("nan"), True):  # "2": was a TypeError
+        with pytest.raises(EmberError, match="must be > 1"):
+            extend_context(model, "linear", factor)
     with pytest.raises(EmberError, match="use one of linear, yarn"):
         extend_context(model, "dynamic", 2.0)
 
