@@ -276,6 +276,13 @@ def _peft_targets(config: dict, hf_name: str) -> bool:
     return m is not None and int(m[1]) in layers
 
 
+def _same_as_loaded(p: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether loading saved tensor t into parameter p (PEFT's load_state_dict: cast to p's
+    dtype) leaves p as it is: an fp32 copy of the base saved by PEFT onto a base loaded in bf16
+    changes nothing (was: compared in fp32, so such adapters were refused)."""
+    return p.shape == t.shape and torch.equal(p.detach().cpu(), t.to(p.dtype))
+
+
 def _saved_unchanged_embedding(model: nn.Module, key: str, t: torch.Tensor) -> bool:
     """A full embedding / head weight PEFT saved (``save_embedding_layers``) equal to the model's:
     loading it (as PEFT does) changes nothing, so it can be skipped."""
@@ -286,8 +293,7 @@ def _saved_unchanged_embedding(model: nn.Module, key: str, t: torch.Tensor) -> b
     if mod is None and attr == "lm_head":
         mod = getattr(model, "embed", None)  # tied: the head is the embedding
     w = getattr(mod.base if isinstance(mod, LoRALinear) else mod, "weight", None)
-    return (isinstance(w, torch.Tensor) and w.shape == t.shape
-            and torch.equal(w.detach().cpu().float(), t.float()))
+    return isinstance(w, torch.Tensor) and _same_as_loaded(w, t)
 
 
 _BIAS_KEY = re.compile(r"base_model\.model\.(.+?)(?:\.base_layer)?\.bias")
@@ -309,7 +315,7 @@ def _adapter_biases(model: nn.Module, config: dict, tensors: dict, wfile: Path) 
                              f"{tuple(tensors[key].shape)} fits no bias of this model; "
                              f"{_MERGE_HINT}")
         t = tensors.pop(key)
-        if torch.equal(p.detach().cpu().float(), t.float()):
+        if _same_as_loaded(p, t):
             continue
         if mode == "none" and not (head_saved and m[1] == "lm_head"):
             raise EmberError(f"{wfile}: the adapter replaces the bias {key} with bias='none' "
