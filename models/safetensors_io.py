@@ -194,13 +194,13 @@ def _index_files(folder: Path, name: str = INDEX_FILE) -> list[Path]:
             f"{type(e).__name__}: {e})"
         ) from None
     files = []
-    for name in names:
-        if not isinstance(name, str) or Path(name).name != name:
+    for shard in names:
+        if not isinstance(shard, str) or Path(shard).name != shard:
             raise EmberError(
-                f"{index}: weight_map names file {name!r}, which is not a plain file "
+                f"{index}: weight_map names file {shard!r}, which is not a plain file "
                 "name in the folder"
             )
-        path = folder / name
+        path = folder / shard
         if not path.is_file():
             raise EmberError(
                 f"{path} not found (listed in {name}); the download is incomplete"
