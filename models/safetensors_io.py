@@ -127,7 +127,13 @@ def _parse_config(path: Path, raw) -> ModelConfig:
     try:
         return config_from_hf(raw)
     except EmberError as e:
-        raise EmberError(f"{path}: {str(e).removeprefix('config.json: ')}") from None
+        # A model that needs its repo's own code (transformers' trust_remote_code): say so.
+        remote = (isinstance(raw, dict) and isinstance(raw.get("auto_map"), dict)
+                  and "not supported" in str(e))
+        hint = ("; its auto_map names custom modeling code (transformers' trust_remote_code), "
+                "which Ember never runs: convert the model to a supported architecture"
+                if remote else "")
+        raise EmberError(f"{path}: {str(e).removeprefix('config.json: ')}{hint}") from None
 
 
 def read_config(folder: str | os.PathLike) -> ModelConfig:
