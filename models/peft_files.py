@@ -50,6 +50,11 @@ _KNOWN_FIELDS = frozenset("""
 LORA_DEFAULTS = {"r": 8, "lora_alpha": 8}
 # inits that change the base weights too: the adapter alone is relative to a modified base
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# PEFT types that change the inputs (virtual tokens, prefixes) or route between adapters: no
+# merged model holds them. The other kinds change weights, which merge_and_unload() folds in.
+_UNMERGEABLE_TYPES = frozenset("""
+    MULTITASK_PROMPT_TUNING P_TUNING PREFIX_TUNING CPT CARTRIDGE ADAPTION_PROMPT POLY XLORA
+""".split())
 _MERGE_HINT = ("merge it into the base with PEFT (PeftModel.merge_and_unload(), then "
                "save_pretrained) and load the merged model")
 
@@ -132,9 +137,15 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> None:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise EmberError(f"{where}: peft_type is {config.get('peft_type')!r}; only LORA adapters "
-                         "can be loaded")
+    kind = config.get("peft_type", "LORA")
+    if kind != "LORA":
+        hint = ("a prompt-tuning adapter: load it with ember.models.load_prompt_adapter"
+                if kind == "PROMPT_TUNING" else
+                "Ember loads LORA (and PROMPT_TUNING) adapters only, and this kind changes the "
+                "model's inputs or routing in a way no merged model holds"
+                if kind in _UNMERGEABLE_TYPES else
+                f"Ember loads LORA (and PROMPT_TUNING) adapters only; {_MERGE_HINT}")
+        raise EmberError(f"{where}: peft_type is {kind!r}; {hint}")
     for key, off in _UNSUPPORTED.items():
         v = config.get(key, off)
         # A variant's sub-config turns it on even when empty (PEFT builds the dataclass from {}).

@@ -167,6 +167,42 @@ def test_adapter_config_fields_that_change_the_math(bases, tmp_path, field, valu
             load_adapter(model, tmp_path / "ad")
 
 
+@pytest.mark.parametrize("kind", ["IA3", "LOHA", "PREFIX_TUNING", "PROMPT_TUNING"])
+def test_other_peft_types_are_refused_with_what_to_do(bases, tmp_path, kind):
+    """Adapters of other PEFT types are refused by name with the way out: the prompt-tuning
+    loader, or PEFT's merge for the kinds that change weights, which then loads with PEFT's
+    logits (nothing to merge for those that change the inputs)."""
+    configs = {
+        "IA3": lambda: peft.IA3Config(target_modules=["k_proj", "down_proj"],
+                                      feedforward_modules=["down_proj"], init_ia3_weights=False),
+        "LOHA": lambda: peft.LoHaConfig(r=2, target_modules=["q_proj"], init_weights=False),
+        "PREFIX_TUNING": lambda: peft.PrefixTuningConfig(num_virtual_tokens=3,
+                                                         task_type="CAUSAL_LM"),
+        "PROMPT_TUNING": lambda: peft.PromptTuningConfig(num_virtual_tokens=3,
+                                                         task_type="CAUSAL_LM"),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(bases["plain"]).eval()
+        pm = peft.get_peft_model(hf, configs[kind]())
+        pm.save_pretrained(tmp_path / "ad")
+    model, _ = load_pretrained(bases["plain"])
+    needle = {"PROMPT_TUNING": "load_prompt_adapter", "PREFIX_TUNING": "no merged model"}
+    with pytest.raises(EmberError, match=f"peft_type is '{kind}'.*"
+                                         f"{needle.get(kind, 'merge_and_unload')}"):
+        load_adapter(model, tmp_path / "ad")
+    if kind in needle:
+        return
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = pm.eval()(ids).logits
+        merged = pm.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    model, _ = load_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        assert (model.eval()(ids) - ref).abs().max().item() <= 1e-4
+
+
 def _peft_logits(base, adapter, ids):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
