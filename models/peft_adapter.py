@@ -74,6 +74,7 @@ from ember.models.peft_files import (  # noqa: F401  (re-exported)
     _saved_modules,
     _validate_config,
     _write_adapter,
+    check_field_types,
 )
 from ember.models.peft_keys import (  # noqa: F401  (re-exported)
     _EMBER_NAME,
@@ -371,6 +372,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     config, tensors = _read_adapter(adapter_dir)
     config = {**LORA_DEFAULTS, **config}  # fields PEFT's LoraConfig fills in when left out
     where = adapter_dir / "adapter_config.json"
+    check_field_types(config, where)
     if config.get("target_parameters"):  # LoRA on parameters, MoE experts: ember.models.peft_moe
         tensors, config = split_expert_adapter(tensors, config, getattr(model, "cfg", None))
     _validate_config(config, where, tensors)

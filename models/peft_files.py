@@ -136,7 +136,53 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
                          f"({type(e).__name__}: {e})") from None
 
 
+def _regex_error(pattern) -> str | None:
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as e:
+        return str(e)
+    return None
+
+
+def check_field_types(config: dict, where: Path) -> None:
+    """The LoraConfig fields whose type or value PEFT would fail on deep inside (an AttributeError,
+    a regex error, torch's), refused by name: a hand-edited or corrupt adapter_config.json."""
+    def bad(key: str, why: str):
+        return EmberError(f"{where}: {key}={config.get(key)!r} {why}; fix adapter_config.json "
+                          "(PEFT's LoraConfig cannot load it either)")
+
+    r = config.get("r")
+    if isinstance(r, float):
+        raise bad("r", "must be a whole number (a rank)")
+    for key in ("target_modules", "exclude_modules"):
+        v = config.get(key)
+        if isinstance(v, str) and _regex_error(v):
+            raise bad(key, f"is not a valid regular expression ({_regex_error(v)})")
+        if v is not None and not isinstance(v, str) and not (
+                isinstance(v, list | tuple | set) and all(isinstance(t, str) for t in v)):
+            raise bad(key, "must be a module name regex or a list of module names")
+    for key, whole in (("rank_pattern", True), ("alpha_pattern", False)):
+        v = config.get(key)
+        if not v:  # None, or empty: no pattern
+            continue
+        if not isinstance(v, dict):
+            raise bad(key, "must be an object mapping module-name regexes to numbers")
+        for pat, value in v.items():
+            if _regex_error(pat):
+                raise bad(key, f"has key {pat!r}, not a valid regular expression "
+                               f"({_regex_error(pat)})")
+            ok = (int,) if whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, ok) or value <= 0:
+                raise bad(key, f"maps {pat!r} to {value!r}, not a positive "
+                               f"{'whole ' if whole else ''}number")
+    drop = config.get("lora_dropout")
+    if drop is not None and (isinstance(drop, bool) or not isinstance(drop, int | float)
+                             or not 0 <= drop < 1):
+        raise bad("lora_dropout", "must be a probability in [0, 1)")
+
+
 def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> None:
+    check_field_types(config, where)
     kind = config.get("peft_type", "LORA")
     if kind != "LORA":
         hint = ("a prompt-tuning adapter: load it with ember.models.load_prompt_adapter"

@@ -244,3 +244,25 @@ def test_patterns_match_the_names_peft_saw(bases, tmp_path):
     load_adapter(model, tmp_path / "peft")
     with torch.no_grad():
         assert _close(model.eval().hidden_states(ids), ref)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("rank_pattern", "q_proj"), ("rank_pattern", {"[": 2}), ("rank_pattern", {"q_proj": 2.5}),
+    ("alpha_pattern", {"q_proj": None}), ("alpha_pattern", {"(": 1.0}), ("r", 4.0),
+    ("target_modules", 5), ("target_modules", ["q_proj", 3]), ("target_modules", "["),
+    ("exclude_modules", "["), ("lora_dropout", "x"), ("lora_dropout", 2.0),
+])
+def test_malformed_config_fields_are_refused_by_name(bases, tmp_path, field, value):
+    """adapter_config.json values PEFT itself fails on deep inside (AttributeError, re.error,
+    TypeError from torch): Ember names the field (was: the same deep errors)."""
+    _peft_adapter(bases["plain"], tmp_path / "ad", target_modules=["q_proj", "v_proj"])
+    path = tmp_path / "ad" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(bases["plain"])
+        with pytest.raises(Exception):  # noqa: B017  (PEFT's errors are of many kinds)
+            peft.PeftModel.from_pretrained(hf, tmp_path / "ad")
+    model, _ = load_pretrained(bases["plain"])
+    with pytest.raises(EmberError, match=f"{field}=.*fix adapter_config.json"):
+        load_adapter(model, tmp_path / "ad")
