@@ -187,10 +187,10 @@ def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> 
     if kind != "LORA":
         hint = ("a prompt-tuning adapter: load it with ember.models.load_prompt_adapter"
                 if kind == "PROMPT_TUNING" else
-                "Ember loads LORA (and PROMPT_TUNING) adapters only, and this kind changes the "
+                "Ember loads only LORA (and PROMPT_TUNING) adapters, and this kind changes the "
                 "model's inputs or routing in a way no merged model holds"
                 if kind in _UNMERGEABLE_TYPES else
-                f"Ember loads LORA (and PROMPT_TUNING) adapters only; {_MERGE_HINT}")
+                f"Ember loads only LORA (and PROMPT_TUNING) adapters; {_MERGE_HINT}")
         raise EmberError(f"{where}: peft_type is {kind!r}; {hint}")
     for key, off in _UNSUPPORTED.items():
         v = config.get(key, off)
