@@ -20,9 +20,10 @@ and refuses adapters on the vision tower. Phi-3's fused projections:
 ``ember.models.lora_fused``. LoRA on ``embed_tokens`` / ``lm_head`` (``ember.models.lora_embed``;
 keys and tied-model rules in ``ember.models.peft_keys``). PEFT's ``target_parameters``: on the
 fused expert tensors and routers of mixture-of-experts models, and on any 2-D weight (plain LoRA
-math; ``ember.models.peft_moe``). Rank/alpha patterns are matched against the module names in
-the file, the names PEFT saw. Both functions are
-also importable from ``ember.models.lora``. Reading, checking and writing the folder itself:
+math; ``ember.models.peft_moe``). PEFT's ``trainable_token_indices``: the new rows are written
+into the embedding / head (``ember.models.peft_tokens``). Rank/alpha patterns are matched
+against the module names in the file, the names PEFT saw. Both functions are also importable
+from ``ember.models.lora``. Reading, checking and writing the folder itself:
 ``ember.models.peft_files``.
 """
 
@@ -95,6 +96,11 @@ from ember.models.peft_moe import (
     router_modules,
     router_tensors,
     split_expert_adapter,
+)
+from ember.models.peft_tokens import (
+    apply_trainable_tokens,
+    load_trainable_tokens,
+    trainable_tokens_tensors,
 )
 
 
@@ -214,6 +220,10 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     }
     if expert_targets:
         config["target_parameters"] = expert_targets
+    indices, token_rows = trainable_tokens_tensors(model)
+    if indices is not None:
+        config["trainable_token_indices"] = indices
+        tensors.update(token_rows)
     if getattr(model, "score", None) is not None:
         # A classifier: PEFT's SEQ_CLS format, the whole head saved as modules_to_save.
         config.update(task_type="SEQ_CLS", modules_to_save=sorted({*mts, *HEAD_MODULES}))
@@ -382,6 +392,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     wfile = next(adapter_dir / n for n in ADAPTER_WEIGHTS if (adapter_dir / n).is_file())
     head = _adapter_head(model, config, tensors, wfile)
     full = _full_weights(model, config, tensors, wfile)
+    tokens = load_trainable_tokens(model, config, tensors, wfile)  # ember.models.peft_tokens
     biases = _adapter_biases(model, config, tensors, wfile)
     cands = _candidates(model)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -469,6 +480,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     with torch.no_grad():
         for attr, t in full.items():
             getattr(model, attr).weight.copy_(t)
+    apply_trainable_tokens(model, tokens)
     if full:
         model.peft_modules_to_save = {n for n, (_, a) in _FULL_WEIGHTS.items() if a in full}
     if biases and config["bias"] != "none":

@@ -24,13 +24,13 @@ HEAD_KEY = "base_model.model.score.weight"
 _UNSUPPORTED = {  # PEFT fields ember cannot represent: (field, value meaning "off")
     "fan_in_fan_out": False, "lora_bias": False,
     "layer_replication": None, "target_parameters": None,
-    "trainable_token_indices": None, "use_qalora": False,
+    "use_qalora": False,
     # LoRA variants whose forward is not x W^T + scale * x A^T B^T (PEFT 0.21 lora_variants)
     "alora_invocation_tokens": None, "arrow_config": None, "use_bdlora": None,
     "velora_config": None, "monteclora_config": None, "kasa_config": None,
 }
 _MERGEABLE = ("fan_in_fan_out", "lora_bias", "layer_replication",
-              "target_parameters", "trainable_token_indices", "use_qalora")
+              "target_parameters", "use_qalora")
 # modules_to_save Ember can hold: PEFT saves the module's trained full weight under this key and
 # Ember writes it into the model's own module (the attribute), as PEFT's wrapper replaces it.
 _FULL_WEIGHTS = {"lm_head": ("base_model.model.lm_head.weight", "lm_head"),
@@ -43,7 +43,7 @@ _KNOWN_FIELDS = frozenset("""
     r target_modules exclude_modules lora_alpha lora_dropout bias use_rslora init_lora_weights
     layers_to_transform layers_pattern rank_pattern alpha_pattern megatron_config megatron_core
     loftq_config eva_config corda_config lora_ga_config qalora_group_size runtime_config
-    ensure_weight_tying modules_to_save use_dora
+    ensure_weight_tying modules_to_save use_dora trainable_token_indices
 """.split()) | set(_UNSUPPORTED)
 # LoraConfig's defaults for fields an adapter_config.json may leave out (older or hand-written
 # files): PEFT loads those with these values
