@@ -296,11 +296,13 @@ def _same_as_loaded(p: torch.Tensor, t: torch.Tensor) -> bool:
 
 def _saved_unchanged_embedding(model: nn.Module, key: str, t: torch.Tensor) -> bool:
     """A full embedding / head weight PEFT saved (``save_embedding_layers``) equal to the model's:
-    loading it (as PEFT does) changes nothing, so it can be skipped."""
-    m = re.fullmatch(r"base_model\.model\.(model\.embed_tokens|lm_head)(?:\.base_layer)?\.weight",
-                     key)
-    attr = None if m is None else "embed" if m[1] != "lm_head" else "lm_head"
-    mod = getattr(model, attr, None) if attr else None
+    loading it (as PEFT does) changes nothing, so it can be skipped. Named as in any layout PEFT
+    saw (a multimodal Gemma 3's ``model.language_model.embed_tokens`` too)."""
+    m = re.fullmatch(r"base_model\.model\.(.+?)(?:\.base_layer)?\.weight", key)
+    attr = ember_module_name(m[1]) if m else None
+    if attr not in ("embed", "lm_head"):
+        return False
+    mod = getattr(model, attr, None)
     if mod is None and attr == "lm_head":
         mod = getattr(model, "embed", None)  # tied: the head is the embedding
     w = getattr(mod.base if isinstance(mod, LoRALinear) else mod, "weight", None)

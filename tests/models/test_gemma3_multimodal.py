@@ -186,6 +186,29 @@ def test_adapter_exports_for_the_multimodal_class_and_back(base, tmp_path):
         load_adapter(fresh, tmp_path / "vision")
 
 
+@pytest.mark.parametrize("targets,save_kw", [
+    (r".*language_model.*\.(q_proj|embed_tokens)", {}),  # PEFT saves the embedding it adapts
+    (r".*language_model.*\.q_proj", dict(save_embedding_layers=True)),
+])
+def test_peft_adapter_with_the_base_embedding_saved(base, tmp_path, targets, save_kw):
+    """PEFT saves the (unchanged) embedding it adapted, or every embedding with
+    save_embedding_layers, under the multimodal names (model.language_model.embed_tokens):
+    loads with PEFT's logits (was refused as a new embedding: only model.embed_tokens was
+    recognised)."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets)
+    torch.manual_seed(2)
+    theirs = peft.get_peft_model(_hf(base), cfg).eval()
+    theirs.save_pretrained(tmp_path / "peft", **save_kw)
+    assert any("language_model.embed_tokens" in k and "lora" not in k
+               for k in load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    model, _ = load_pretrained(base)
+    load_adapter(model, tmp_path / "peft")
+    ids = _ids()
+    with torch.no_grad():
+        assert _diff(model(ids), _text_logits(theirs, ids)) <= 1e-4
+
+
 def test_merged_export_is_the_whole_multimodal_folder(base, tmp_path):
     model, _ = load_pretrained(base)
     lora_with_random_b(model)
