@@ -18,14 +18,23 @@ import torch.nn as nn
 
 from ember import EmberError
 from ember.models.lora import LoRAEmbedding, LoRALinear, tied_lm
+from ember.models.peft_keys import ember_module_name, hf_module_name
 
-_MODULES = {"embed": "model.embed_tokens", "lm_head": "lm_head"}  # Ember attr -> HF module name
+_DELTA = re.compile(r"base_model\.model\.(.+)\.token_adapter\.trainable_tokens_delta")
 _HINT = ("merge it into the base with PEFT (PeftModel.merge_and_unload(), then save_pretrained) "
          "and load the merged model")
 
 
-def _delta_key(attr: str) -> str:
-    return f"base_model.model.{_MODULES[attr]}.token_adapter.trainable_tokens_delta"
+def _delta_key(model: nn.Module, attr: str) -> str:
+    """The key PEFT saves the rows under (a multimodal Gemma 3's names inside its class)."""
+    name = hf_module_name(attr, getattr(model, "cfg", None))
+    return f"base_model.model.{name}.token_adapter.trainable_tokens_delta"
+
+
+def _pop_delta(tensors: dict, attr: str) -> torch.Tensor | None:
+    """The rows saved for Ember module attr, under whichever layout's name PEFT saw."""
+    keys = [k for k in tensors if (m := _DELTA.fullmatch(k)) and ember_module_name(m[1]) == attr]
+    return tensors.pop(keys[0]) if keys else None
 
 
 def _attr(name: str) -> str | None:
@@ -66,23 +75,23 @@ def load_trainable_tokens(model: nn.Module, config: dict, tensors: dict,
             raise EmberError(f"{wfile}: trainable_token_indices on lm_head of a model with tied "
                              "embeddings: PEFT changes the head's rows but not the embedding's, "
                              f"which one shared matrix cannot hold; {_HINT}")
-        delta = tensors.pop(_delta_key(attr), None)
+        delta = _pop_delta(tensors, attr)
         w = _matrix(model, attr)
         if delta is None:
             raise EmberError(f"{wfile}: trainable_token_indices lists {name!r} but "
-                             f"{_delta_key(attr)} is missing")
+                             f"{_delta_key(model, attr)} is missing")
         if w is None:
             raise EmberError(f"{wfile}: trainable_token_indices on {name!r} needs a dense {attr} "
                              "(this one is quantized or absent); load the base without "
                              "quantizing it")
         if tuple(delta.shape) != (len(idx), w.shape[1]) or not all(
                 0 <= i < w.shape[0] for i in idx):
-            raise EmberError(f"{wfile}: {_delta_key(attr)} {tuple(delta.shape)} for token ids "
-                             f"{idx[:5]}... does not fit the model's {attr} {tuple(w.shape)}; is "
-                             "it an adapter for a different model?")
+            raise EmberError(f"{wfile}: the trainable tokens' rows {tuple(delta.shape)} for "
+                             f"token ids {idx[:5]}... do not fit the model's {attr} "
+                             f"{tuple(w.shape)}; is it an adapter for a different model?")
         out[attr] = (list(idx), delta)
     if tied and "embed" in out:  # PEFT's tied head shares the embedding's rows
-        head = tensors.pop(_delta_key("lm_head"), None)
+        head = _pop_delta(tensors, "lm_head")
         if head is not None and not torch.equal(head, out["embed"][1]):
             raise EmberError(f"{wfile}: the tied head's trainable tokens differ from the "
                              f"embedding's; {_HINT}")
@@ -106,8 +115,8 @@ def trainable_tokens_tensors(model: nn.Module) -> tuple[object, dict[str, torch.
     tokens = getattr(model, "peft_trainable_tokens", None)
     if not tokens:
         return None, {}
-    tensors = {_delta_key(a): _matrix(model, a).detach()[torch.tensor(idx)].cpu().contiguous()
-               for a, idx in tokens.items()}
+    tensors = {_delta_key(model, a): _matrix(model, a).detach()[torch.tensor(idx)].cpu()
+               .contiguous() for a, idx in tokens.items()}
     indices = (tokens["embed"] if list(tokens) == ["embed"]
-               else {_MODULES[a].rpartition(".")[2]: idx for a, idx in tokens.items()})
+               else {"embed_tokens" if a == "embed" else a: idx for a, idx in tokens.items()})
     return indices, tensors

@@ -209,6 +209,33 @@ def test_peft_adapter_with_the_base_embedding_saved(base, tmp_path, targets, sav
         assert _diff(model(ids), _text_logits(theirs, ids)) <= 1e-4
 
 
+def test_peft_trainable_tokens_under_the_multimodal_names(base, tmp_path):
+    """trainable_token_indices on the multimodal class: PEFT saves the rows under
+    model.language_model.embed_tokens; they load with PEFT's logits and save back so."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj",
+                          trainable_token_indices=[VOCAB - 1, 7])
+    theirs = peft.get_peft_model(_hf(base), cfg).eval()
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "trainable_tokens_delta" in n:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    theirs.save_pretrained(tmp_path / "peft")
+    model, _ = load_pretrained(base)
+    load_adapter(model, tmp_path / "peft")
+    ids = _ids()  # holds the image token VOCAB - 1 (as text)
+    with torch.no_grad():
+        ref = _text_logits(theirs, ids)
+        assert _diff(model(ids), ref) <= 1e-4
+    save_adapter(model, tmp_path / "ember")
+    assert "base_model.model.model.language_model.embed_tokens.token_adapter." \
+           "trainable_tokens_delta" in load_file(tmp_path / "ember" / "adapter_model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(_hf(base), tmp_path / "ember").eval()
+    assert _diff(_text_logits(back, ids), ref) <= 1e-4
+
+
 def test_merged_export_is_the_whole_multimodal_folder(base, tmp_path):
     model, _ = load_pretrained(base)
     lora_with_random_b(model)
