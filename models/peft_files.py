@@ -22,14 +22,14 @@ from ember import EmberError
 HEAD_MODULES = ("classifier", "score")
 HEAD_KEY = "base_model.model.score.weight"
 _UNSUPPORTED = {  # PEFT fields ember cannot represent: (field, value meaning "off")
-    "fan_in_fan_out": False, "lora_bias": False,
+    "lora_bias": False,
     "layer_replication": None, "target_parameters": None,
     "use_qalora": False,
     # LoRA variants whose forward is not x W^T + scale * x A^T B^T (PEFT 0.21 lora_variants)
     "alora_invocation_tokens": None, "arrow_config": None, "use_bdlora": None,
     "velora_config": None, "monteclora_config": None, "kasa_config": None,
 }
-_MERGEABLE = ("fan_in_fan_out", "lora_bias", "layer_replication",
+_MERGEABLE = ("lora_bias", "layer_replication",
               "target_parameters", "use_qalora")
 # modules_to_save Ember can hold: PEFT saves the module's trained full weight under this key and
 # Ember writes it into the model's own module (the attribute), as PEFT's wrapper replaces it.
@@ -43,7 +43,7 @@ _KNOWN_FIELDS = frozenset("""
     r target_modules exclude_modules lora_alpha lora_dropout bias use_rslora init_lora_weights
     layers_to_transform layers_pattern rank_pattern alpha_pattern megatron_config megatron_core
     loftq_config eva_config corda_config lora_ga_config qalora_group_size runtime_config
-    ensure_weight_tying modules_to_save use_dora trainable_token_indices
+    ensure_weight_tying modules_to_save use_dora trainable_token_indices fan_in_fan_out
 """.split()) | set(_UNSUPPORTED)
 # LoraConfig's defaults for fields an adapter_config.json may leave out (older or hand-written
 # files): PEFT loads those with these values
@@ -175,6 +175,11 @@ def check_field_types(config: dict, where: Path) -> None:
             if isinstance(value, bool) or not isinstance(value, ok) or value <= 0:
                 raise bad(key, f"maps {pat!r} to {value!r}, not a positive "
                                f"{'whole ' if whole else ''}number")
+    # fan_in_fan_out is for GPT-2's Conv1D weights: on the nn.Linear / nn.Embedding modules of
+    # every family Ember loads, PEFT warns and ignores it (the same LoRA); on target_parameters
+    # it raises.
+    if config.get("fan_in_fan_out") and config.get("target_parameters"):
+        raise bad("fan_in_fan_out", "does not work with target_parameters")
     drop = config.get("lora_dropout")
     if drop is not None and (isinstance(drop, bool) or not isinstance(drop, int | float)
                              or not 0 <= drop < 1):

@@ -203,6 +203,19 @@ def test_other_peft_types_are_refused_with_what_to_do(bases, tmp_path, kind):
         assert (model.eval()(ids) - ref).abs().max().item() <= 1e-4
 
 
+def test_fan_in_fan_out_on_linear_layers_is_ignored_as_peft_ignores_it(bases, tmp_path):
+    """fan_in_fan_out=True (for GPT-2's Conv1D) in an adapter for nn.Linear projections: PEFT
+    warns, sets it False and computes plain LoRA; Ember refused the adapter."""
+    ids, ref = _peft_adapter(bases["plain"], tmp_path / "ad", target_modules=["q_proj", "v_proj"])
+    path = tmp_path / "ad" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "fan_in_fan_out": True}))
+    assert (_peft_logits(bases["plain"], tmp_path / "ad", ids) - ref).abs().max().item() == 0
+    model, _ = load_pretrained(bases["plain"])
+    load_adapter(model, tmp_path / "ad")
+    with torch.no_grad():
+        assert (model.eval()(ids) - ref).abs().max().item() <= 1e-5
+
+
 def _peft_logits(base, adapter, ids):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
