@@ -76,6 +76,7 @@ from ember.models.peft_files import (  # noqa: F401  (re-exported)
     _validate_config,
     _write_adapter,
     check_field_types,
+    full_weights_view,
 )
 from ember.models.peft_keys import (  # noqa: F401  (re-exported)
     _EMBER_NAME,
@@ -194,16 +195,18 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
                            + [r"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\."
                               f"(?:{'|'.join(layers)})"] * bool(layers))
     mts = sorted(getattr(model, "peft_modules_to_save", ()))  # set by load_adapter
+    full_key = {n: f"base_model.model.{hf_module_name(a, cfg)}.weight"  # the names PEFT will see
+                for n, (_, a) in _FULL_WEIGHTS.items()}
     for name in mts:
-        key, attr = _FULL_WEIGHTS[name]
-        tensors[key] = getattr(model, attr).weight.detach().to("cpu").contiguous()
+        attr = _FULL_WEIGHTS[name][1]
+        tensors[full_key[name]] = getattr(model, attr).weight.detach().to("cpu").contiguous()
         if attr == "lm_head" and getattr(model, "head_bias", None) is not None:  # Phi's
             tensors["base_model.model.lm_head.bias"] = model.head_bias.detach().cpu().contiguous()
     tied = (bool(mts) and tied_lm(model)) or ties
     bias = getattr(model, "peft_bias", "none")  # set by load_adapter
     tensors.update(_bias_tensors(model, bias))
     if tied and mts:  # ensure_weight_tying: the one trained embedding, saved as the head too
-        tensors[_FULL_WEIGHTS["lm_head"][0]] = tensors[_FULL_WEIGHTS["embed_tokens"][0]].clone()
+        tensors[full_key["lm_head"]] = tensors[full_key["embed_tokens"]].clone()
     config = {
         "alpha_pattern": alpha_pattern, "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path, "bias": bias,
@@ -393,6 +396,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         tensors, config = split_adapter(tensors, config, model.cfg)
     wfile = next(adapter_dir / n for n in ADAPTER_WEIGHTS if (adapter_dir / n).is_file())
     head = _adapter_head(model, config, tensors, wfile)
+    tensors = full_weights_view(tensors)  # a multimodal Gemma 3's names for them too
     full = _full_weights(model, config, tensors, wfile)
     tokens = load_trainable_tokens(model, config, tensors, wfile)  # ember.models.peft_tokens
     biases = _adapter_biases(model, config, tensors, wfile)

@@ -35,6 +35,19 @@ _MERGEABLE = ("lora_bias", "layer_replication",
 # Ember writes it into the model's own module (the attribute), as PEFT's wrapper replaces it.
 _FULL_WEIGHTS = {"lm_head": ("base_model.model.lm_head.weight", "lm_head"),
                  "embed_tokens": ("base_model.model.model.embed_tokens.weight", "embed")}
+# Their names in the other layouts PEFT saves: a multimodal Gemma 3's language model inside
+# Gemma3ForConditionalGeneration (transformers 4.52+, and 4.5x's language_model.model.).
+_OTHER_LAYOUTS = {"lm_head": ("language_model.lm_head",),
+                  "embed_tokens": ("model.language_model.embed_tokens",
+                                   "language_model.model.embed_tokens")}
+
+
+def full_weights_view(tensors: dict) -> dict:
+    """tensors with the modules_to_save weights of the other layouts renamed to
+    ``_FULL_WEIGHTS``' keys."""
+    rename = {f"base_model.model.{o}.weight": key for n, (key, _) in _FULL_WEIGHTS.items()
+              for o in _OTHER_LAYOUTS[n]}
+    return {rename.get(k, k): t for k, t in tensors.items()}
 # PEFT LoraConfig fields that do not change what a saved adapter computes (bookkeeping, training
 # options, inits that leave the base model as it is); any other field that is set is refused, so
 # an adapter from a newer PEFT with a new variant never loads with the wrong math.
@@ -236,7 +249,8 @@ def _saved_modules(mts: list) -> tuple[list[str], list]:
     for m in mts:
         try:
             hit = {n for n, (key, _) in _FULL_WEIGHTS.items()
-                   if re.fullmatch(rf"(.*\.)?{m}", key[len("base_model.model."):-len(".weight")])}
+                   if any(re.fullmatch(rf"(.*\.)?{m}", name) for name in
+                          (key[len("base_model.model."):-len(".weight")], *_OTHER_LAYOUTS[n]))}
         except (re.error, TypeError):
             hit = set()
         names |= hit

@@ -236,6 +236,35 @@ def test_peft_trainable_tokens_under_the_multimodal_names(base, tmp_path):
     assert _diff(_text_logits(back, ids), ref) <= 1e-4
 
 
+def test_peft_modules_to_save_under_the_multimodal_names(base, tmp_path):
+    """modules_to_save=["embed_tokens"] with ensure_weight_tying on the multimodal class: PEFT
+    names the module model.language_model.embed_tokens; it loads with PEFT's logits and saves
+    back under that name (was refused: only model.embed_tokens was recognised)."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj",
+                          modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    theirs = peft.get_peft_model(_hf(base), cfg).eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    theirs.save_pretrained(tmp_path / "peft")
+    model, _ = load_pretrained(base)
+    load_adapter(model, tmp_path / "peft")
+    ids = _ids()
+    with torch.no_grad():
+        ref = _text_logits(theirs, ids)
+        assert _diff(model(ids), ref) <= 1e-4
+    save_adapter(model, tmp_path / "ember")
+    assert "base_model.model.model.language_model.embed_tokens.weight" in load_file(
+        tmp_path / "ember" / "adapter_model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(_hf(base), tmp_path / "ember").eval()
+    assert _diff(_text_logits(back, ids), ref) <= 1e-4
+
+
 def test_merged_export_is_the_whole_multimodal_folder(base, tmp_path):
     model, _ = load_pretrained(base)
     lora_with_random_b(model)
