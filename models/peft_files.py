@@ -195,8 +195,8 @@ def check_field_types(config: dict, where: Path) -> None:
         raise bad("fan_in_fan_out", "does not work with target_parameters")
     drop = config.get("lora_dropout")
     if drop is not None and (isinstance(drop, bool) or not isinstance(drop, int | float)
-                             or not 0 <= drop < 1):
-        raise bad("lora_dropout", "must be a probability in [0, 1)")
+                             or not 0 <= drop <= 1):
+        raise bad("lora_dropout", "must be a probability in [0, 1] (torch.nn.Dropout's)")
 
 
 def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> None:
