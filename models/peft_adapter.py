@@ -430,7 +430,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     if "lm_head" in pairs and "lm_head" not in cands:
         raise EmberError(f"{wfile}: the adapter has LoRA on lm_head but the model has no output "
                          "head (a classifier); load it onto a causal LM")
-    check_embed_head(pairs, use_dora=use_dora, where=str(wfile))
+    check_embed_head(pairs, use_dora=use_dora, where=str(wfile), hint=_MERGE_HINT)
     if unknown:
         raise EmberError(f"{wfile}: {len(unknown)} keys match no projection of this model, e.g. "
                          f"{unknown[:3]} (expected base_model.model.model.layers.N.self_attn."
