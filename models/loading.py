@@ -296,8 +296,14 @@ def load_pretrained(
     merges.txt: ``ember.models.slow_tokenizer``), or slow files Ember cannot read.
     ``quantize="nf4"`` stores the linear weights in NF4 while loading (``double_quant``: see
     ``load_hf_folder``). The model is in eval mode, as transformers' ``from_pretrained`` returns
-    it (Phi-2's residual dropout acts only after ``.train()``)."""
+    it (Phi-2's residual dropout acts only after ``.train()``).
+
+    A PEFT adapter folder (adapter_config.json, no config.json) loads as transformers'
+    ``from_pretrained`` loads it: its base (``base_model_name_or_path``) with the adapter applied
+    (``load_adapter`` / ``load_prompt_adapter``), the adapter folder's tokenizer if it has one."""
     folder = _resolve_path(path)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return _load_adapter_folder(folder, dtype, device, quantize, double_quant)
     model = load_hf_folder(folder, dtype, device, quantize=quantize, double_quant=double_quant)
     model.eval()
     from ember.models.slow_tokenizer import has_slow_tokenizer
@@ -320,6 +326,30 @@ def load_pretrained(
         )
         tokenizer = None
     return model, tokenizer
+
+
+def _load_adapter_folder(folder: Path, dtype, device, quantize, double_quant):
+    from ember.models.lora import load_adapter
+    from ember.models.peft_files import _read_adapter_config
+    from ember.models.prompt_tuning import is_prompt_adapter, load_prompt_adapter
+    from ember.models.tokenizer import load_tokenizer
+
+    base = _read_adapter_config(folder).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise EmberError(f"{folder} is a PEFT adapter without base_model_name_or_path in its "
+                         "adapter_config.json; load its base model, then apply the adapter "
+                         "with ember.models.load_adapter")
+    try:
+        model, tokenizer = load_pretrained(base, dtype, device, quantize=quantize,
+                                           double_quant=double_quant)
+    except EmberError as e:
+        raise EmberError(f"{folder} is a PEFT adapter for the base model {base!r}, which did not "
+                         f"load ({e}); load the base yourself and apply the adapter with "
+                         "ember.models.load_adapter") from None
+    (load_prompt_adapter if is_prompt_adapter(folder) else load_adapter)(model, folder)
+    if (folder / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(folder)
+    return model.eval(), tokenizer
 
 
 # --------------------------------------------------------------------------------------------------

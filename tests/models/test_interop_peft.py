@@ -216,6 +216,26 @@ def test_fan_in_fan_out_on_linear_layers_is_ignored_as_peft_ignores_it(bases, tm
         assert (model.eval()(ids) - ref).abs().max().item() <= 1e-5
 
 
+def test_an_adapter_folder_loads_as_transformers_loads_it(bases, tmp_path):
+    """transformers' from_pretrained(adapter folder) loads base_model_name_or_path with the
+    adapter applied; Ember's load_pretrained does the same (was: "config.json not found")."""
+    ids, ref = _peft_adapter(bases["plain"], tmp_path / "ad", target_modules="all-linear")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ad").eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - ref).abs().max().item() == 0
+    model, _ = load_pretrained(tmp_path / "ad")
+    assert lora_modules(model)
+    with torch.no_grad():
+        assert (model(ids) - ref).abs().max().item() <= 1e-5
+    path = tmp_path / "ad" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                "base_model_name_or_path": str(tmp_path / "gone")}))
+    with pytest.raises(EmberError, match="PEFT adapter for the base model .*gone"):
+        load_pretrained(tmp_path / "ad")
+
+
 def _peft_logits(base, adapter, ids):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
