@@ -298,12 +298,17 @@ def load_pretrained(
     ``load_hf_folder``). The model is in eval mode, as transformers' ``from_pretrained`` returns
     it (Phi-2's residual dropout acts only after ``.train()``).
 
-    A PEFT adapter folder (adapter_config.json, no config.json) loads as transformers'
-    ``from_pretrained`` loads it: its base (``base_model_name_or_path``) with the adapter applied
-    (``load_adapter`` / ``load_prompt_adapter``), the adapter folder's tokenizer if it has one."""
+    A folder with a PEFT adapter (adapter_config.json) loads as transformers' ``from_pretrained``
+    loads it (with or without a config.json beside it): its base (``base_model_name_or_path``)
+    with the adapter applied (``load_adapter`` / ``load_prompt_adapter``), the adapter folder's
+    tokenizer if it has one."""
     folder = _resolve_path(path)
-    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+    if (folder / "adapter_config.json").is_file():
         return _load_adapter_folder(folder, dtype, device, quantize, double_quant)
+    return _load_model_folder(folder, dtype, device, quantize, double_quant)
+
+
+def _load_model_folder(folder: Path, dtype, device, quantize, double_quant):
     model = load_hf_folder(folder, dtype, device, quantize=quantize, double_quant=double_quant)
     model.eval()
     from ember.models.slow_tokenizer import has_slow_tokenizer
@@ -316,13 +321,13 @@ def load_pretrained(
             tokenizer = load_tokenizer(folder)
         except EmberError as e:  # the weights stay usable with token ids, as without tokenizer
             warnings.warn(f"{e}: returning tokenizer=None (token ids in and out only)",
-                          stacklevel=2)
+                          stacklevel=3)
             tokenizer = None
     else:
         warnings.warn(
             f"{folder} has no tokenizer.json (nor tokenizer.model or vocab.json + merges.txt): "
             "returning tokenizer=None (token ids in and out only)",
-            stacklevel=2,
+            stacklevel=3,
         )
         tokenizer = None
     return model, tokenizer
@@ -339,9 +344,9 @@ def _load_adapter_folder(folder: Path, dtype, device, quantize, double_quant):
         raise EmberError(f"{folder} is a PEFT adapter without base_model_name_or_path in its "
                          "adapter_config.json; load its base model, then apply the adapter "
                          "with ember.models.load_adapter")
-    try:
-        model, tokenizer = load_pretrained(base, dtype, device, quantize=quantize,
-                                           double_quant=double_quant)
+    try:  # the base's own files only (transformers does not look for an adapter there again)
+        model, tokenizer = _load_model_folder(_resolve_path(base), dtype, device, quantize,
+                                              double_quant)
     except EmberError as e:
         raise EmberError(f"{folder} is a PEFT adapter for the base model {base!r}, which did not "
                          f"load ({e}); load the base yourself and apply the adapter with "

@@ -5,6 +5,7 @@ with an EmberError that names it."""
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import pytest
@@ -218,7 +219,8 @@ def test_fan_in_fan_out_on_linear_layers_is_ignored_as_peft_ignores_it(bases, tm
 
 def test_an_adapter_folder_loads_as_transformers_loads_it(bases, tmp_path):
     """transformers' from_pretrained(adapter folder) loads base_model_name_or_path with the
-    adapter applied; Ember's load_pretrained does the same (was: "config.json not found")."""
+    adapter applied, with or without a model's config.json and weights beside the adapter;
+    Ember's load_pretrained does the same (was: "config.json not found", or the model alone)."""
     ids, ref = _peft_adapter(bases["plain"], tmp_path / "ad", target_modules="all-linear")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -227,6 +229,13 @@ def test_an_adapter_folder_loads_as_transformers_loads_it(bases, tmp_path):
         assert (hf(ids).logits - ref).abs().max().item() == 0
     model, _ = load_pretrained(tmp_path / "ad")
     assert lora_modules(model)
+    with torch.no_grad():
+        assert (model(ids) - ref).abs().max().item() <= 1e-5
+    # beside a model folder's files too (both saved to one output folder): transformers applies
+    # the adapter all the same (Ember silently loaded the folder's model without it)
+    for f in bases["plain"].iterdir():
+        shutil.copy(f, tmp_path / "ad")
+    model, _ = load_pretrained(tmp_path / "ad")
     with torch.no_grad():
         assert (model(ids) - ref).abs().max().item() <= 1e-5
     path = tmp_path / "ad" / "adapter_config.json"
