@@ -296,8 +296,19 @@ def load_pretrained(
     merges.txt: ``ember.models.slow_tokenizer``), or slow files Ember cannot read.
     ``quantize="nf4"`` stores the linear weights in NF4 while loading (``double_quant``: see
     ``load_hf_folder``). The model is in eval mode, as transformers' ``from_pretrained`` returns
-    it (Phi-2's residual dropout acts only after ``.train()``)."""
+    it (Phi-2's residual dropout acts only after ``.train()``).
+
+    A folder with a PEFT adapter (adapter_config.json) loads as transformers' ``from_pretrained``
+    loads it (with or without a config.json beside it): its base (``base_model_name_or_path``)
+    with the adapter applied (``load_adapter`` / ``load_prompt_adapter``), the adapter folder's
+    tokenizer if it has one."""
     folder = _resolve_path(path)
+    if (folder / "adapter_config.json").is_file():
+        return _load_adapter_folder(folder, dtype, device, quantize, double_quant)
+    return _load_model_folder(folder, dtype, device, quantize, double_quant)
+
+
+def _load_model_folder(folder: Path, dtype, device, quantize, double_quant):
     model = load_hf_folder(folder, dtype, device, quantize=quantize, double_quant=double_quant)
     model.eval()
     from ember.models.slow_tokenizer import has_slow_tokenizer
@@ -310,16 +321,40 @@ def load_pretrained(
             tokenizer = load_tokenizer(folder)
         except EmberError as e:  # the weights stay usable with token ids, as without tokenizer
             warnings.warn(f"{e}: returning tokenizer=None (token ids in and out only)",
-                          stacklevel=2)
+                          stacklevel=3)
             tokenizer = None
     else:
         warnings.warn(
             f"{folder} has no tokenizer.json (nor tokenizer.model or vocab.json + merges.txt): "
             "returning tokenizer=None (token ids in and out only)",
-            stacklevel=2,
+            stacklevel=3,
         )
         tokenizer = None
     return model, tokenizer
+
+
+def _load_adapter_folder(folder: Path, dtype, device, quantize, double_quant):
+    from ember.models.lora import load_adapter
+    from ember.models.peft_files import _read_adapter_config
+    from ember.models.prompt_tuning import is_prompt_adapter, load_prompt_adapter
+    from ember.models.tokenizer import load_tokenizer
+
+    base = _read_adapter_config(folder).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise EmberError(f"{folder} is a PEFT adapter without base_model_name_or_path in its "
+                         "adapter_config.json; load its base model, then apply the adapter "
+                         "with ember.models.load_adapter")
+    try:  # the base's own files only (transformers does not look for an adapter there again)
+        model, tokenizer = _load_model_folder(_resolve_path(base), dtype, device, quantize,
+                                              double_quant)
+    except EmberError as e:
+        raise EmberError(f"{folder} is a PEFT adapter for the base model {base!r}, which did not "
+                         f"load ({e}); load the base yourself and apply the adapter with "
+                         "ember.models.load_adapter") from None
+    (load_prompt_adapter if is_prompt_adapter(folder) else load_adapter)(model, folder)
+    if (folder / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(folder)
+    return model.eval(), tokenizer
 
 
 # --------------------------------------------------------------------------------------------------

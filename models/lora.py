@@ -294,12 +294,13 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
 EMBED_HEAD = ("embed", "lm_head")  # Ember's names of the modules of ember.models.lora_embed
 
 
-def check_embed_head(names, *, use_dora: bool, where: str = "lora") -> None:
+def check_embed_head(names, *, use_dora: bool, where: str = "lora",
+                     hint: str = "drop them from the targets or turn DoRA off") -> None:
     """DoRA on the embedding or the output head is refused (PEFT's DoRA there is not in Ember)."""
     hit = [n for n in names if n in EMBED_HEAD]
     if hit and use_dora:
         raise EmberError(f"{where}: DoRA (use_dora) on {hit} (embed_tokens / lm_head) is not "
-                         "supported; drop them from the targets or turn DoRA off")
+                         f"supported; {hint}")
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:

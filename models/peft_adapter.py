@@ -20,9 +20,10 @@ and refuses adapters on the vision tower. Phi-3's fused projections:
 ``ember.models.lora_fused``. LoRA on ``embed_tokens`` / ``lm_head`` (``ember.models.lora_embed``;
 keys and tied-model rules in ``ember.models.peft_keys``). PEFT's ``target_parameters``: on the
 fused expert tensors and routers of mixture-of-experts models, and on any 2-D weight (plain LoRA
-math; ``ember.models.peft_moe``). Rank/alpha patterns are matched against the module names in
-the file, the names PEFT saw. Both functions are
-also importable from ``ember.models.lora``. Reading, checking and writing the folder itself:
+math; ``ember.models.peft_moe``). PEFT's ``trainable_token_indices``: the new rows are written
+into the embedding / head (``ember.models.peft_tokens``). Rank/alpha patterns are matched
+against the module names in the file, the names PEFT saw. Both functions are also importable
+from ``ember.models.lora``. Reading, checking and writing the folder itself:
 ``ember.models.peft_files``.
 """
 
@@ -74,6 +75,8 @@ from ember.models.peft_files import (  # noqa: F401  (re-exported)
     _saved_modules,
     _validate_config,
     _write_adapter,
+    check_field_types,
+    full_weights_view,
 )
 from ember.models.peft_keys import (  # noqa: F401  (re-exported)
     _EMBER_NAME,
@@ -94,6 +97,11 @@ from ember.models.peft_moe import (
     router_modules,
     router_tensors,
     split_expert_adapter,
+)
+from ember.models.peft_tokens import (
+    apply_trainable_tokens,
+    load_trainable_tokens,
+    trainable_tokens_tensors,
 )
 
 
@@ -187,16 +195,18 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
                            + [r"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\."
                               f"(?:{'|'.join(layers)})"] * bool(layers))
     mts = sorted(getattr(model, "peft_modules_to_save", ()))  # set by load_adapter
+    full_key = {n: f"base_model.model.{hf_module_name(a, cfg)}.weight"  # the names PEFT will see
+                for n, (_, a) in _FULL_WEIGHTS.items()}
     for name in mts:
-        key, attr = _FULL_WEIGHTS[name]
-        tensors[key] = getattr(model, attr).weight.detach().to("cpu").contiguous()
+        attr = _FULL_WEIGHTS[name][1]
+        tensors[full_key[name]] = getattr(model, attr).weight.detach().to("cpu").contiguous()
         if attr == "lm_head" and getattr(model, "head_bias", None) is not None:  # Phi's
             tensors["base_model.model.lm_head.bias"] = model.head_bias.detach().cpu().contiguous()
     tied = (bool(mts) and tied_lm(model)) or ties
     bias = getattr(model, "peft_bias", "none")  # set by load_adapter
     tensors.update(_bias_tensors(model, bias))
     if tied and mts:  # ensure_weight_tying: the one trained embedding, saved as the head too
-        tensors[_FULL_WEIGHTS["lm_head"][0]] = tensors[_FULL_WEIGHTS["embed_tokens"][0]].clone()
+        tensors[full_key["lm_head"]] = tensors[full_key["embed_tokens"]].clone()
     config = {
         "alpha_pattern": alpha_pattern, "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path, "bias": bias,
@@ -213,6 +223,10 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     }
     if expert_targets:
         config["target_parameters"] = expert_targets
+    indices, token_rows = trainable_tokens_tensors(model)
+    if indices is not None:
+        config["trainable_token_indices"] = indices
+        tensors.update(token_rows)
     if getattr(model, "score", None) is not None:
         # A classifier: PEFT's SEQ_CLS format, the whole head saved as modules_to_save.
         config.update(task_type="SEQ_CLS", modules_to_save=sorted({*mts, *HEAD_MODULES}))
@@ -276,18 +290,26 @@ def _peft_targets(config: dict, hf_name: str) -> bool:
     return m is not None and int(m[1]) in layers
 
 
+def _same_as_loaded(p: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether loading saved tensor t into parameter p (PEFT's load_state_dict: cast to p's
+    dtype) leaves p as it is: an fp32 copy of the base saved by PEFT onto a base loaded in bf16
+    changes nothing (was: compared in fp32, so such adapters were refused)."""
+    return p.shape == t.shape and torch.equal(p.detach().cpu(), t.to(p.dtype))
+
+
 def _saved_unchanged_embedding(model: nn.Module, key: str, t: torch.Tensor) -> bool:
     """A full embedding / head weight PEFT saved (``save_embedding_layers``) equal to the model's:
-    loading it (as PEFT does) changes nothing, so it can be skipped."""
-    m = re.fullmatch(r"base_model\.model\.(model\.embed_tokens|lm_head)(?:\.base_layer)?\.weight",
-                     key)
-    attr = None if m is None else "embed" if m[1] != "lm_head" else "lm_head"
-    mod = getattr(model, attr, None) if attr else None
+    loading it (as PEFT does) changes nothing, so it can be skipped. Named as in any layout PEFT
+    saw (a multimodal Gemma 3's ``model.language_model.embed_tokens`` too)."""
+    m = re.fullmatch(r"base_model\.model\.(.+?)(?:\.base_layer)?\.weight", key)
+    attr = ember_module_name(m[1]) if m else None
+    if attr not in ("embed", "lm_head"):
+        return False
+    mod = getattr(model, attr, None)
     if mod is None and attr == "lm_head":
         mod = getattr(model, "embed", None)  # tied: the head is the embedding
     w = getattr(mod.base if isinstance(mod, LoRALinear) else mod, "weight", None)
-    return (isinstance(w, torch.Tensor) and w.shape == t.shape
-            and torch.equal(w.detach().cpu().float(), t.float()))
+    return isinstance(w, torch.Tensor) and _same_as_loaded(w, t)
 
 
 _BIAS_KEY = re.compile(r"base_model\.model\.(.+?)(?:\.base_layer)?\.bias")
@@ -309,7 +331,7 @@ def _adapter_biases(model: nn.Module, config: dict, tensors: dict, wfile: Path) 
                              f"{tuple(tensors[key].shape)} fits no bias of this model; "
                              f"{_MERGE_HINT}")
         t = tensors.pop(key)
-        if torch.equal(p.detach().cpu().float(), t.float()):
+        if _same_as_loaded(p, t):
             continue
         if mode == "none" and not (head_saved and m[1] == "lm_head"):
             raise EmberError(f"{wfile}: the adapter replaces the bias {key} with bias='none' "
@@ -365,6 +387,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     config, tensors = _read_adapter(adapter_dir)
     config = {**LORA_DEFAULTS, **config}  # fields PEFT's LoraConfig fills in when left out
     where = adapter_dir / "adapter_config.json"
+    check_field_types(config, where)
     if config.get("target_parameters"):  # LoRA on parameters, MoE experts: ember.models.peft_moe
         tensors, config = split_expert_adapter(tensors, config, getattr(model, "cfg", None))
     _validate_config(config, where, tensors)
@@ -373,7 +396,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         tensors, config = split_adapter(tensors, config, model.cfg)
     wfile = next(adapter_dir / n for n in ADAPTER_WEIGHTS if (adapter_dir / n).is_file())
     head = _adapter_head(model, config, tensors, wfile)
+    tensors = full_weights_view(tensors)  # a multimodal Gemma 3's names for them too
     full = _full_weights(model, config, tensors, wfile)
+    tokens = load_trainable_tokens(model, config, tensors, wfile)  # ember.models.peft_tokens
     biases = _adapter_biases(model, config, tensors, wfile)
     cands = _candidates(model)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -405,7 +430,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     if "lm_head" in pairs and "lm_head" not in cands:
         raise EmberError(f"{wfile}: the adapter has LoRA on lm_head but the model has no output "
                          "head (a classifier); load it onto a causal LM")
-    check_embed_head(pairs, use_dora=use_dora, where=str(wfile))
+    check_embed_head(pairs, use_dora=use_dora, where=str(wfile), hint=_MERGE_HINT)
     if unknown:
         raise EmberError(f"{wfile}: {len(unknown)} keys match no projection of this model, e.g. "
                          f"{unknown[:3]} (expected base_model.model.model.layers.N.self_attn."
@@ -461,6 +486,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     with torch.no_grad():
         for attr, t in full.items():
             getattr(model, attr).weight.copy_(t)
+    apply_trainable_tokens(model, tokens)
     if full:
         model.peft_modules_to_save = {n for n, (_, a) in _FULL_WEIGHTS.items() if a in full}
     if biases and config["bias"] != "none":

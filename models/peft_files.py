@@ -22,19 +22,32 @@ from ember import EmberError
 HEAD_MODULES = ("classifier", "score")
 HEAD_KEY = "base_model.model.score.weight"
 _UNSUPPORTED = {  # PEFT fields ember cannot represent: (field, value meaning "off")
-    "fan_in_fan_out": False, "lora_bias": False,
+    "lora_bias": False,
     "layer_replication": None, "target_parameters": None,
-    "trainable_token_indices": None, "use_qalora": False,
+    "use_qalora": False,
     # LoRA variants whose forward is not x W^T + scale * x A^T B^T (PEFT 0.21 lora_variants)
     "alora_invocation_tokens": None, "arrow_config": None, "use_bdlora": None,
     "velora_config": None, "monteclora_config": None, "kasa_config": None,
 }
-_MERGEABLE = ("fan_in_fan_out", "lora_bias", "layer_replication",
-              "target_parameters", "trainable_token_indices", "use_qalora")
+_MERGEABLE = ("lora_bias", "layer_replication",
+              "target_parameters", "use_qalora")
 # modules_to_save Ember can hold: PEFT saves the module's trained full weight under this key and
 # Ember writes it into the model's own module (the attribute), as PEFT's wrapper replaces it.
 _FULL_WEIGHTS = {"lm_head": ("base_model.model.lm_head.weight", "lm_head"),
                  "embed_tokens": ("base_model.model.model.embed_tokens.weight", "embed")}
+# Their names in the other layouts PEFT saves: a multimodal Gemma 3's language model inside
+# Gemma3ForConditionalGeneration (transformers 4.52+, and 4.5x's language_model.model.).
+_OTHER_LAYOUTS = {"lm_head": ("language_model.lm_head",),
+                  "embed_tokens": ("model.language_model.embed_tokens",
+                                   "language_model.model.embed_tokens")}
+
+
+def full_weights_view(tensors: dict) -> dict:
+    """tensors with the modules_to_save weights of the other layouts renamed to
+    ``_FULL_WEIGHTS``' keys."""
+    rename = {f"base_model.model.{o}.weight": key for n, (key, _) in _FULL_WEIGHTS.items()
+              for o in _OTHER_LAYOUTS[n]}
+    return {rename.get(k, k): t for k, t in tensors.items()}
 # PEFT LoraConfig fields that do not change what a saved adapter computes (bookkeeping, training
 # options, inits that leave the base model as it is); any other field that is set is refused, so
 # an adapter from a newer PEFT with a new variant never loads with the wrong math.
@@ -43,13 +56,18 @@ _KNOWN_FIELDS = frozenset("""
     r target_modules exclude_modules lora_alpha lora_dropout bias use_rslora init_lora_weights
     layers_to_transform layers_pattern rank_pattern alpha_pattern megatron_config megatron_core
     loftq_config eva_config corda_config lora_ga_config qalora_group_size runtime_config
-    ensure_weight_tying modules_to_save use_dora
+    ensure_weight_tying modules_to_save use_dora trainable_token_indices fan_in_fan_out
 """.split()) | set(_UNSUPPORTED)
 # LoraConfig's defaults for fields an adapter_config.json may leave out (older or hand-written
 # files): PEFT loads those with these values
 LORA_DEFAULTS = {"r": 8, "lora_alpha": 8}
 # inits that change the base weights too: the adapter alone is relative to a modified base
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# PEFT types that change the inputs (virtual tokens, prefixes) or route between adapters: no
+# merged model holds them. The other kinds change weights, which merge_and_unload() folds in.
+_UNMERGEABLE_TYPES = frozenset("""
+    MULTITASK_PROMPT_TUNING P_TUNING PREFIX_TUNING CPT CARTRIDGE ADAPTION_PROMPT POLY XLORA
+""".split())
 _MERGE_HINT = ("merge it into the base with PEFT (PeftModel.merge_and_unload(), then "
                "save_pretrained) and load the merged model")
 
@@ -131,10 +149,67 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
                          f"({type(e).__name__}: {e})") from None
 
 
+def _regex_error(pattern) -> str | None:
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as e:
+        return str(e)
+    return None
+
+
+def check_field_types(config: dict, where: Path) -> None:
+    """The LoraConfig fields whose type or value PEFT would fail on deep inside (an AttributeError,
+    a regex error, torch's), refused by name: a hand-edited or corrupt adapter_config.json."""
+    def bad(key: str, why: str):
+        return EmberError(f"{where}: {key}={config.get(key)!r} {why}; fix adapter_config.json "
+                          "(PEFT's LoraConfig cannot load it either)")
+
+    r = config.get("r")
+    if isinstance(r, float):
+        raise bad("r", "must be a whole number (a rank)")
+    for key in ("target_modules", "exclude_modules"):
+        v = config.get(key)
+        if isinstance(v, str) and _regex_error(v):
+            raise bad(key, f"is not a valid regular expression ({_regex_error(v)})")
+        if v is not None and not isinstance(v, str) and not (
+                isinstance(v, list | tuple | set) and all(isinstance(t, str) for t in v)):
+            raise bad(key, "must be a module name regex or a list of module names")
+    for key, whole in (("rank_pattern", True), ("alpha_pattern", False)):
+        v = config.get(key)
+        if not v:  # None, or empty: no pattern
+            continue
+        if not isinstance(v, dict):
+            raise bad(key, "must be an object mapping module-name regexes to numbers")
+        for pat, value in v.items():
+            if _regex_error(pat):
+                raise bad(key, f"has key {pat!r}, not a valid regular expression "
+                               f"({_regex_error(pat)})")
+            ok = (int,) if whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, ok) or value <= 0:
+                raise bad(key, f"maps {pat!r} to {value!r}, not a positive "
+                               f"{'whole ' if whole else ''}number")
+    # fan_in_fan_out is for GPT-2's Conv1D weights: on the nn.Linear / nn.Embedding modules of
+    # every family Ember loads, PEFT warns and ignores it (the same LoRA); on target_parameters
+    # it raises.
+    if config.get("fan_in_fan_out") and config.get("target_parameters"):
+        raise bad("fan_in_fan_out", "does not work with target_parameters")
+    drop = config.get("lora_dropout")
+    if drop is not None and (isinstance(drop, bool) or not isinstance(drop, int | float)
+                             or not 0 <= drop <= 1):
+        raise bad("lora_dropout", "must be a probability in [0, 1] (torch.nn.Dropout's)")
+
+
 def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> None:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise EmberError(f"{where}: peft_type is {config.get('peft_type')!r}; only LORA adapters "
-                         "can be loaded")
+    check_field_types(config, where)
+    kind = config.get("peft_type", "LORA")
+    if kind != "LORA":
+        hint = ("a prompt-tuning adapter: load it with ember.models.load_prompt_adapter"
+                if kind == "PROMPT_TUNING" else
+                "Ember loads only LORA (and PROMPT_TUNING) adapters, and this kind changes the "
+                "model's inputs or routing in a way no merged model holds"
+                if kind in _UNMERGEABLE_TYPES else
+                f"Ember loads only LORA (and PROMPT_TUNING) adapters; {_MERGE_HINT}")
+        raise EmberError(f"{where}: peft_type is {kind!r}; {hint}")
     for key, off in _UNSUPPORTED.items():
         v = config.get(key, off)
         # A variant's sub-config turns it on even when empty (PEFT builds the dataclass from {}).
@@ -174,7 +249,8 @@ def _saved_modules(mts: list) -> tuple[list[str], list]:
     for m in mts:
         try:
             hit = {n for n, (key, _) in _FULL_WEIGHTS.items()
-                   if re.fullmatch(rf"(.*\.)?{m}", key[len("base_model.model."):-len(".weight")])}
+                   if any(re.fullmatch(rf"(.*\.)?{m}", name) for name in
+                          (key[len("base_model.model."):-len(".weight")], *_OTHER_LAYOUTS[n]))}
         except (re.error, TypeError):
             hit = set()
         names |= hit

@@ -127,7 +127,13 @@ def _parse_config(path: Path, raw) -> ModelConfig:
     try:
         return config_from_hf(raw)
     except EmberError as e:
-        raise EmberError(f"{path}: {str(e).removeprefix('config.json: ')}") from None
+        # A model that needs its repo's own code (transformers' trust_remote_code): say so.
+        remote = (isinstance(raw, dict) and isinstance(raw.get("auto_map"), dict)
+                  and "not supported" in str(e))
+        hint = ("; its auto_map names custom modeling code (transformers' trust_remote_code), "
+                "which Ember never runs: convert the model to a supported architecture"
+                if remote else "")
+        raise EmberError(f"{path}: {str(e).removeprefix('config.json: ')}{hint}") from None
 
 
 def read_config(folder: str | os.PathLike) -> ModelConfig:
@@ -194,13 +200,13 @@ def _index_files(folder: Path, name: str = INDEX_FILE) -> list[Path]:
             f"{type(e).__name__}: {e})"
         ) from None
     files = []
-    for name in names:
-        if not isinstance(name, str) or Path(name).name != name:
+    for shard in names:
+        if not isinstance(shard, str) or Path(shard).name != shard:
             raise EmberError(
-                f"{index}: weight_map names file {name!r}, which is not a plain file "
+                f"{index}: weight_map names file {shard!r}, which is not a plain file "
                 "name in the folder"
             )
-        path = folder / name
+        path = folder / shard
         if not path.is_file():
             raise EmberError(
                 f"{path} not found (listed in {name}); the download is incomplete"

@@ -301,6 +301,23 @@ def test_refused(bases, tmp_path):
         load_adapter(model, tmp_path / "a")
 
 
+def test_peft_dora_on_the_embedding_is_refused_with_the_way_out(bases, tmp_path):
+    """PEFT's DoRA on embed_tokens (not in Ember) is refused with PEFT's merge as the way out
+    (the hint said to change the targets, which a user holding the file cannot), and the merged
+    model loads with PEFT's logits."""
+    pm = _peft_dora(bases["plain"], tmp_path / "a", target_modules=["q_proj", "embed_tokens"])
+    model, _ = load_pretrained(bases["plain"], "float32")
+    with pytest.raises(EmberError, match="DoRA .* on \\['embed'\\].*merge_and_unload"):
+        load_adapter(model, tmp_path / "a")
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = pm(ids).logits
+        pm.merge_and_unload().save_pretrained(tmp_path / "merged")
+    merged, _ = load_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        assert (merged(ids) - ref).abs().max().item() <= 1e-4
+
+
 def test_ember_train_with_dora_learns(tiny, tmp_path):
     from ember.engine.runtime import build_model
     from ember.engine.trainer import resolve, train

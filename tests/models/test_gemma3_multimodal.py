@@ -186,6 +186,85 @@ def test_adapter_exports_for_the_multimodal_class_and_back(base, tmp_path):
         load_adapter(fresh, tmp_path / "vision")
 
 
+@pytest.mark.parametrize("targets,save_kw", [
+    (r".*language_model.*\.(q_proj|embed_tokens)", {}),  # PEFT saves the embedding it adapts
+    (r".*language_model.*\.q_proj", dict(save_embedding_layers=True)),
+])
+def test_peft_adapter_with_the_base_embedding_saved(base, tmp_path, targets, save_kw):
+    """PEFT saves the (unchanged) embedding it adapted, or every embedding with
+    save_embedding_layers, under the multimodal names (model.language_model.embed_tokens):
+    loads with PEFT's logits (was refused as a new embedding: only model.embed_tokens was
+    recognised)."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets)
+    torch.manual_seed(2)
+    theirs = peft.get_peft_model(_hf(base), cfg).eval()
+    theirs.save_pretrained(tmp_path / "peft", **save_kw)
+    assert any("language_model.embed_tokens" in k and "lora" not in k
+               for k in load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    model, _ = load_pretrained(base)
+    load_adapter(model, tmp_path / "peft")
+    ids = _ids()
+    with torch.no_grad():
+        assert _diff(model(ids), _text_logits(theirs, ids)) <= 1e-4
+
+
+def test_peft_trainable_tokens_under_the_multimodal_names(base, tmp_path):
+    """trainable_token_indices on the multimodal class: PEFT saves the rows under
+    model.language_model.embed_tokens; they load with PEFT's logits and save back so."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj",
+                          trainable_token_indices=[VOCAB - 1, 7])
+    theirs = peft.get_peft_model(_hf(base), cfg).eval()
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "trainable_tokens_delta" in n:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    theirs.save_pretrained(tmp_path / "peft")
+    model, _ = load_pretrained(base)
+    load_adapter(model, tmp_path / "peft")
+    ids = _ids()  # holds the image token VOCAB - 1 (as text)
+    with torch.no_grad():
+        ref = _text_logits(theirs, ids)
+        assert _diff(model(ids), ref) <= 1e-4
+    save_adapter(model, tmp_path / "ember")
+    assert "base_model.model.model.language_model.embed_tokens.token_adapter." \
+           "trainable_tokens_delta" in load_file(tmp_path / "ember" / "adapter_model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(_hf(base), tmp_path / "ember").eval()
+    assert _diff(_text_logits(back, ids), ref) <= 1e-4
+
+
+def test_peft_modules_to_save_under_the_multimodal_names(base, tmp_path):
+    """modules_to_save=["embed_tokens"] with ensure_weight_tying on the multimodal class: PEFT
+    names the module model.language_model.embed_tokens; it loads with PEFT's logits and saves
+    back under that name (was refused: only model.embed_tokens was recognised)."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj",
+                          modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    theirs = peft.get_peft_model(_hf(base), cfg).eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    theirs.save_pretrained(tmp_path / "peft")
+    model, _ = load_pretrained(base)
+    load_adapter(model, tmp_path / "peft")
+    ids = _ids()
+    with torch.no_grad():
+        ref = _text_logits(theirs, ids)
+        assert _diff(model(ids), ref) <= 1e-4
+    save_adapter(model, tmp_path / "ember")
+    assert "base_model.model.model.language_model.embed_tokens.weight" in load_file(
+        tmp_path / "ember" / "adapter_model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(_hf(base), tmp_path / "ember").eval()
+    assert _diff(_text_logits(back, ids), ref) <= 1e-4
+
+
 def test_merged_export_is_the_whole_multimodal_folder(base, tmp_path):
     model, _ = load_pretrained(base)
     lora_with_random_b(model)

@@ -389,3 +389,22 @@ def test_export_replaces_a_folder_with_named_chat_templates(tmp_path):
     (folder / "notes.txt").write_text("mine")
     with pytest.raises(EmberError, match="notes.txt"):
         save_pretrained(model, folder)
+
+
+def test_custom_code_of_an_unknown_model_type_is_refused_without_running_it(tmp_path):
+    """A model only its repo's code implements (auto_map, an unknown model_type): transformers
+    refuses it without trust_remote_code, Ember refuses it naming the custom code, and neither
+    runs the code."""
+    folder = _save(tmp_path, "custom")
+    path = folder / "config.json"
+    auto = {"AutoConfig": "configuration_frob.FrobConfig",
+            "AutoModelForCausalLM": "modeling_frob.FrobForCausalLM"}
+    path.write_text(json.dumps({**json.loads(path.read_text()), "auto_map": auto,
+                                "model_type": "frob", "architectures": ["FrobForCausalLM"]}))
+    for name in ("configuration_frob.py", "modeling_frob.py"):
+        (folder / name).write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    with pytest.raises(EmberError, match="model_type 'frob' is not supported.*custom modeling "
+                                         "code.*never runs"):
+        load_pretrained(folder)

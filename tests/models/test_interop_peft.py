@@ -5,6 +5,7 @@ with an EmberError that names it."""
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import pytest
@@ -165,6 +166,83 @@ def test_adapter_config_fields_that_change_the_math(bases, tmp_path, field, valu
     else:
         with pytest.raises(EmberError, match=needle):
             load_adapter(model, tmp_path / "ad")
+
+
+@pytest.mark.parametrize("kind", ["IA3", "LOHA", "PREFIX_TUNING", "PROMPT_TUNING"])
+def test_other_peft_types_are_refused_with_what_to_do(bases, tmp_path, kind):
+    """Adapters of other PEFT types are refused by name with the way out: the prompt-tuning
+    loader, or PEFT's merge for the kinds that change weights, which then loads with PEFT's
+    logits (nothing to merge for those that change the inputs)."""
+    configs = {
+        "IA3": lambda: peft.IA3Config(target_modules=["k_proj", "down_proj"],
+                                      feedforward_modules=["down_proj"], init_ia3_weights=False),
+        "LOHA": lambda: peft.LoHaConfig(r=2, target_modules=["q_proj"], init_weights=False),
+        "PREFIX_TUNING": lambda: peft.PrefixTuningConfig(num_virtual_tokens=3,
+                                                         task_type="CAUSAL_LM"),
+        "PROMPT_TUNING": lambda: peft.PromptTuningConfig(num_virtual_tokens=3,
+                                                         task_type="CAUSAL_LM"),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(bases["plain"]).eval()
+        pm = peft.get_peft_model(hf, configs[kind]())
+        pm.save_pretrained(tmp_path / "ad")
+    model, _ = load_pretrained(bases["plain"])
+    needle = {"PROMPT_TUNING": "load_prompt_adapter", "PREFIX_TUNING": "no merged model"}
+    with pytest.raises(EmberError, match=f"peft_type is '{kind}'.*"
+                                         f"{needle.get(kind, 'merge_and_unload')}"):
+        load_adapter(model, tmp_path / "ad")
+    if kind in needle:
+        return
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = pm.eval()(ids).logits
+        merged = pm.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    model, _ = load_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        assert (model.eval()(ids) - ref).abs().max().item() <= 1e-4
+
+
+def test_fan_in_fan_out_on_linear_layers_is_ignored_as_peft_ignores_it(bases, tmp_path):
+    """fan_in_fan_out=True (for GPT-2's Conv1D) in an adapter for nn.Linear projections: PEFT
+    warns, sets it False and computes plain LoRA; Ember refused the adapter."""
+    ids, ref = _peft_adapter(bases["plain"], tmp_path / "ad", target_modules=["q_proj", "v_proj"])
+    path = tmp_path / "ad" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "fan_in_fan_out": True}))
+    assert (_peft_logits(bases["plain"], tmp_path / "ad", ids) - ref).abs().max().item() == 0
+    model, _ = load_pretrained(bases["plain"])
+    load_adapter(model, tmp_path / "ad")
+    with torch.no_grad():
+        assert (model.eval()(ids) - ref).abs().max().item() <= 1e-5
+
+
+def test_an_adapter_folder_loads_as_transformers_loads_it(bases, tmp_path):
+    """transformers' from_pretrained(adapter folder) loads base_model_name_or_path with the
+    adapter applied, with or without a model's config.json and weights beside the adapter;
+    Ember's load_pretrained does the same (was: "config.json not found", or the model alone)."""
+    ids, ref = _peft_adapter(bases["plain"], tmp_path / "ad", target_modules="all-linear")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ad").eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - ref).abs().max().item() == 0
+    model, _ = load_pretrained(tmp_path / "ad")
+    assert lora_modules(model)
+    with torch.no_grad():
+        assert (model(ids) - ref).abs().max().item() <= 1e-5
+    # beside a model folder's files too (both saved to one output folder): transformers applies
+    # the adapter all the same (Ember silently loaded the folder's model without it)
+    for f in bases["plain"].iterdir():
+        shutil.copy(f, tmp_path / "ad")
+    model, _ = load_pretrained(tmp_path / "ad")
+    with torch.no_grad():
+        assert (model(ids) - ref).abs().max().item() <= 1e-5
+    path = tmp_path / "ad" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                "base_model_name_or_path": str(tmp_path / "gone")}))
+    with pytest.raises(EmberError, match="PEFT adapter for the base model .*gone"):
+        load_pretrained(tmp_path / "ad")
 
 
 def _peft_logits(base, adapter, ids):

@@ -316,3 +316,26 @@ def test_qlora_base_keeps_a_dense_head_and_embedding(bases, tmp_path):
     assert _err(_peft_logits(base_dir, tmp_path / "ad", ids), ours) <= 1e-4
     merge_lora(model)
     assert not lora_modules(model) and _err(_logits(model, ids), ours) <= 1e-4
+
+
+@pytest.mark.parametrize("targets,save_kw", [
+    (["q_proj", "embed_tokens", "lm_head"], None),  # PEFT saves the base layers' weights too
+    (["q_proj"], dict(save_embedding_layers=True)),
+])
+def test_adapter_with_saved_base_embeddings_onto_a_bf16_base(bases, tmp_path, targets, save_kw):
+    """PEFT saves the fp32 embedding / head it adapted; on a base loaded in bf16 it loads them
+    cast to bf16, which is the base's own weight: the adapter is PEFT's function (was refused
+    as new full weights: compared in fp32)."""
+    base = bases["llama"]
+    _peft_adapter(base, tmp_path / "ad", save_kw=save_kw, edit_base=_small_lora,
+                  target_modules=targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+        pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ad").eval()
+    model, _ = load_pretrained(base, dtype="bfloat16")
+    load_adapter(model, tmp_path / "ad")
+    assert model.embed.weight.dtype == torch.bfloat16
+    ids = _ids()
+    # the same weights in both, compared in fp32 so that bf16 rounding of the math is no factor
+    assert _err(_logits(model.float(), ids), _logits(pm.float(), ids).logits) <= 1e-5

@@ -67,6 +67,35 @@ def test_modules_to_save_also_in_target_modules(bases, tmp_path):
                 modules_to_save=["embed_tokens"])
 
 
+def _new_token_rows(model) -> None:
+    """PEFT starts trainable tokens as the base's own rows: give them new values (global RNG)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "trainable_tokens_delta" in n:
+                p.copy_(0.3 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("base,indices", [  # ids 15, 44 and 53 are in _peft_adapter's input
+    ("plain", [44, 15]), ("tied", [44, 15]),  # tied: PEFT's head sees the embedding's new rows
+    ("plain", {"embed_tokens": [53], "lm_head": [4, 7]}), ("plain", {"lm_head": [7, 2]}),
+])
+def test_trainable_token_indices(bases, tmp_path, base, indices):
+    """PEFT's trainable tokens (rows of the embedding / head trained whole beside the LoRA pairs)
+    load with PEFT's logits and save back as PEFT's (were refused)."""
+    _round_trip(bases[base], tmp_path, target_modules=["q_proj"], edit_base=_new_token_rows,
+                trainable_token_indices=indices)
+    assert json.loads((tmp_path / "ember" / "adapter_config.json").read_text())[
+        "trainable_token_indices"] == indices
+
+
+def test_trainable_tokens_on_a_tied_head_alone_are_refused(bases, tmp_path):
+    _peft_adapter(bases["tied"], tmp_path / "ad", target_modules=["q_proj"],
+                  edit_base=_new_token_rows, trainable_token_indices={"lm_head": [4]})
+    model, _ = load_pretrained(bases["tied"])
+    with pytest.raises(EmberError, match="trainable_token_indices on lm_head of a model with tied"):
+        load_adapter(model, tmp_path / "ad")
+
+
 def test_tied_head_patterns_follow_peft(bases, tmp_path):
     """ensure_weight_tying with rank/alpha patterns: PEFT scales the tied head by the patterns'
     value for "lm_head". Set apart from the embedding's it was loaded with the embedding's scale
@@ -244,3 +273,25 @@ def test_patterns_match_the_names_peft_saw(bases, tmp_path):
     load_adapter(model, tmp_path / "peft")
     with torch.no_grad():
         assert _close(model.eval().hidden_states(ids), ref)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("rank_pattern", "q_proj"), ("rank_pattern", {"[": 2}), ("rank_pattern", {"q_proj": 2.5}),
+    ("alpha_pattern", {"q_proj": None}), ("alpha_pattern", {"(": 1.0}), ("r", 4.0),
+    ("target_modules", 5), ("target_modules", ["q_proj", 3]), ("target_modules", "["),
+    ("exclude_modules", "["), ("lora_dropout", "x"), ("lora_dropout", 2.0),
+])
+def test_malformed_config_fields_are_refused_by_name(bases, tmp_path, field, value):
+    """adapter_config.json values PEFT itself fails on deep inside (AttributeError, re.error,
+    TypeError from torch): Ember names the field (was: the same deep errors)."""
+    _peft_adapter(bases["plain"], tmp_path / "ad", target_modules=["q_proj", "v_proj"])
+    path = tmp_path / "ad" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(bases["plain"])
+        with pytest.raises(Exception):  # noqa: B017  (PEFT's errors are of many kinds)
+            peft.PeftModel.from_pretrained(hf, tmp_path / "ad")
+    model, _ = load_pretrained(bases["plain"])
+    with pytest.raises(EmberError, match=f"{field}=.*fix adapter_config.json"):
+        load_adapter(model, tmp_path / "ad")
