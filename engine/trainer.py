@@ -57,7 +57,7 @@ from ember import EmberError
 from ember.engine.activation import apply_activation_checkpointing, set_mlp_chunks
 from ember.engine.best import improved, prune_best, restore_best, save_best
 from ember.engine.choices import choice_metrics, load_choices, score_choices
-from ember.engine.config import TrainConfig
+from ember.engine.config import TrainConfig, unused_settings
 from ember.engine.data import Datasets, PackedBatches
 from ember.engine.distributed import (
     DistInfo,
@@ -342,6 +342,9 @@ class Trainer:
         cfg = self.cfg = resolve(self.raw_cfg)
         info = self.info = init_distributed(cfg.device, cfg.dist.timeout_minutes)
         self.echo = rank0_echo(self.echo, info)
+        if not self.resume:  # a run directory's config.toml holds every key
+            for line in unused_settings(self.raw_cfg):
+                self.echo(f"note: {line}")
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         latest = open_run(cfg, info, resume=self.resume, echo=self.echo)

@@ -15,6 +15,7 @@ from ember.engine.config import (
     parse_toml,
     recipe_names,
     to_toml,
+    unused_settings,
 )
 from ember.engine.runtime import cpu_has_bf16, resolve
 
@@ -166,3 +167,29 @@ def test_early_stopping_on_perplexity_of_a_preference_run_is_refused(objective):
     with pytest.raises(EmberError, match=f'does not apply to objective = "{objective}"'):
         load_config(None, [f'objective="{objective}"', 'eval.early_stopping="perplexity"'])
     load_config(None, [f'objective="{objective}"', 'eval.early_stopping="val_loss"'])
+
+
+def test_settings_the_run_does_not_use_are_named():
+    """A table of another method / objective, or a knob whose switch is off, is reported (the
+    trainer prints each line as a note) instead of silently ignored; the quickstart and a
+    config with only what it uses report nothing, and neither does a config built in code."""
+    cfg = load_config(None, ["prompt_tuning.num_virtual_tokens=5", "dpo.beta=0.5",
+                             "kto.beta=0.2", "eval.patience=2", 'head.label_field="y"',
+                             "task.train=5", "activations.every_k=3"])
+    lines = unused_settings(cfg)
+    assert [ln.split(" ignored")[0] for ln in lines] == [
+        "prompt_tuning.num_virtual_tokens", "dpo.beta", "kto.beta", "head.label_field",
+        "eval.patience", "task.train", "activations.every_k"]
+    assert 'method is "lora"' in lines[0] and 'objective is "sft"' in lines[1]
+    used = load_config(None, ['method="prompt"', "prompt_tuning.num_virtual_tokens=5",
+                              'objective="simpo"', "simpo.beta=1.0", "eval.patience=2",
+                              'eval.early_stopping="val_loss"'])
+    assert unused_settings(used) == []
+    reward = load_config(None, ['head.type="reward"', "head.center_rewards_coefficient=0.1",
+                                'head.label_field="y"'])
+    assert unused_settings(reward) == []
+    lora_in_full = load_config(None, ['method="full"', "lora.rank=8",
+                                      'head.type="classification"', 'head.labels=["a", "b"]'])
+    assert [ln.split(" ignored")[0] for ln in unused_settings(lora_in_full)] == ["lora.rank"]
+    assert unused_settings(load_config(REPO / "examples" / "quickstart.toml")) == []
+    assert unused_settings(TrainConfig(method="full", lora=TrainConfig().lora)) == []
