@@ -117,6 +117,20 @@ class StepStats:
     extra: dict  # the objective's metrics (distillation's KD / SFT terms, DPO's rewards)
 
 
+def _num_weights(model) -> int:
+    """The model's parameter count, a 4-bit layer's weight counted as its (out, in) weights
+    (not as the bytes that pack them, nor left out when it is not a Parameter)."""
+    from ember.models.nf4 import Linear4bit
+
+    n = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            packed = getattr(m, "nf4_storage", None)
+            n += m.in_features * m.out_features - (
+                packed.numel() if isinstance(packed, torch.nn.Parameter) else 0)
+    return n
+
+
 class Trainer:
     """``Trainer(cfg).run()`` trains, evaluates and saves; see the module docstring."""
 
@@ -157,7 +171,7 @@ class Trainer:
             raise EmberError("prompt tuning runs in one process (its few thousand parameters "
                              "gain nothing from FSDP); start it without torchrun")
         model, self.tokenizer = build_model(cfg, build_device(info))
-        n_all = sum(p.numel() for p in model.parameters())
+        n_all = _num_weights(model)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         act = cfg.activations
         blocks = apply_activation_checkpointing(model, act.checkpointing, k=act.every_k,
