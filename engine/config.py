@@ -461,6 +461,10 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
     if cfg.eval.early_stopping is None:
         note("eval", given("eval", ("patience", "mode", "min_delta")),
              "they apply to early stopping: set eval.early_stopping to a metric")
+    if cfg.head.type is None and not cfg.eval.metrics:
+        note("eval", given("eval", ("max_new_tokens", "batch_size", "split", "max_examples",
+                                    "show")),
+             "they apply to the generation metrics of eval.metrics, and it is empty")
     if cfg.task.name is None:
         note("task", given("task", ("train", "validation", "test", "seed")),
              "they size the generated splits of a built-in task: set task.name")

@@ -191,5 +191,8 @@ def test_settings_the_run_does_not_use_are_named():
     lora_in_full = load_config(None, ['method="full"', "lora.rank=8",
                                       'head.type="classification"', 'head.labels=["a", "b"]'])
     assert [ln.split(" ignored")[0] for ln in unused_settings(lora_in_full)] == ["lora.rank"]
+    no_metrics = load_config(None, ["eval.metrics=[]", "eval.max_new_tokens=8"])
+    assert unused_settings(no_metrics)[0].startswith("eval.max_new_tokens ignored")
+    assert unused_settings(load_config(None, ["eval.max_new_tokens=8"])) == []
     assert unused_settings(load_config(REPO / "examples" / "quickstart.toml")) == []
     assert unused_settings(TrainConfig(method="full", lora=TrainConfig().lora)) == []
