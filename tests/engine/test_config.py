@@ -196,3 +196,18 @@ def test_settings_the_run_does_not_use_are_named():
     assert unused_settings(load_config(None, ["eval.max_new_tokens=8"])) == []
     assert unused_settings(load_config(REPO / "examples" / "quickstart.toml")) == []
     assert unused_settings(TrainConfig(method="full", lora=TrainConfig().lora)) == []
+
+
+@pytest.mark.parametrize("head, metric", [
+    ("classification", "accuracy"), ("classification", "macro_f1"), ("reward", "accuracy"),
+    ("reward", "margin"), ("regression", "mse"), ("regression", "pearson")])
+def test_early_stopping_on_a_head_default_metric(head, metric):
+    """A task head's default eval.metrics (README: "the default; early_stopping may use them")
+    can be stopped on without listing them (they were refused: "must be one of 'val_loss',
+    'perplexity', 'exact_match'"); a metric the head does not score is still refused."""
+    cfg = load_config(None, [f'head.type="{head}"', f'eval.early_stopping="{metric}"'])
+    assert cfg.eval.early_stopping == metric
+    with pytest.raises(EmberError, match="eval.early_stopping must be one of 'val_loss'"):
+        load_config(None, [f'head.type="{head}"', 'eval.early_stopping="exact_match"'])
+    with pytest.raises(EmberError, match="'perplexity', 'exact_match', got"):
+        load_config(None, [f'eval.early_stopping="{metric}"'])  # no head: generation metrics
