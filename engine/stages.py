@@ -267,6 +267,7 @@ def _resolve_prompt(cfg: TrainConfig, start: Start) -> TrainConfig:
     """A continued prompt keeps its number of virtual tokens (PEFT's ``num_virtual_tokens``):
     the resolved config records it; a config that sets another number is an error."""
     from ember.engine.config import given_keys
+    from ember.models.prompt_tuning import PromptTuningConfig
 
     n = start.adapter_config.get("num_virtual_tokens")
     where = start.adapter / "adapter_config.json"
@@ -274,8 +275,6 @@ def _resolve_prompt(cfg: TrainConfig, start: Start) -> TrainConfig:
         raise EmberError(f"model.init: {where}: num_virtual_tokens must be a whole number >= 1, "
                          f"got {n!r}")
     mine, given = cfg.prompt_tuning.num_virtual_tokens, given_keys(cfg.prompt_tuning)
-    from ember.models.prompt_tuning import PromptTuningConfig
-
     default = PromptTuningConfig().num_virtual_tokens
     chosen = ("num_virtual_tokens" in given) if given is not None else mine != default
     if chosen and mine != n:
