@@ -57,7 +57,8 @@ from ember import EmberError
 from ember.engine.activation import apply_activation_checkpointing, set_mlp_chunks
 from ember.engine.best import improved, prune_best, restore_best, save_best
 from ember.engine.choices import choice_metrics, load_choices, score_choices
-from ember.engine.config import TrainConfig, unused_settings
+from ember.engine.config import TrainConfig
+from ember.engine.config_doc import unused_settings
 from ember.engine.data import Datasets, PackedBatches
 from ember.engine.distributed import (
     DistInfo,

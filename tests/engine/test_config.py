@@ -15,8 +15,8 @@ from ember.engine.config import (
     parse_toml,
     recipe_names,
     to_toml,
-    unused_settings,
 )
+from ember.engine.config_doc import unused_settings
 from ember.engine.runtime import cpu_has_bf16, resolve
 
 REPO = Path(__file__).resolve().parents[2]
