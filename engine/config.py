@@ -41,6 +41,9 @@ from ember.engine.preference_objectives import DPOConfig, ORPOConfig, SimPOConfi
 from ember.models.lora import LoRAConfig
 from ember.models.prompt_tuning import PromptTuningConfig
 
+# eval.metrics by default: generation metrics; a task head replaces them by its own (resolve_head)
+DEFAULT_EVAL_METRICS = ("exact_match",)
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
@@ -148,7 +151,7 @@ class EvalConfig:
     # Task metrics by greedy generation on the test split (the validation split when there is
     # no test split, or when early_stopping is one of these metrics: the best weights are not
     # chosen on the test split): the model completes each prompt, compared with its reference.
-    metrics: tuple[str, ...] = ("exact_match",)
+    metrics: tuple[str, ...] = DEFAULT_EVAL_METRICS
     split: str = "auto"  # "auto" (see metrics) | "test" | "validation"
     max_examples: int | None = None
     max_new_tokens: int = 64
@@ -194,6 +197,8 @@ class EvalConfig:
         if self.early_stopping is not None:
             valid = ("val_loss", "perplexity", *self.metrics, *(
                 ("choice_accuracy", "choice_accuracy_norm") if self.choices else ()))
+            if self.metrics == DEFAULT_EVAL_METRICS:  # a task head's defaults replace them:
+                valid += ("accuracy", "macro_f1", *HEAD_SCORES)  # TrainConfig checks which
             _one_of("eval.early_stopping", self.early_stopping, valid)
 
 
@@ -298,6 +303,7 @@ class TrainConfig:
                              "4-bit base: set method = \"lora\", or drop quantize for full "
                              "fine-tuning")
         check_config(self)
+        self._check_early_stopping()
         if self.grad_accum < 1 or self.log_every < 1:
             raise EmberError("grad_accum and log_every must be >= 1")
         if self.threads is not None and self.threads < 1:
@@ -307,6 +313,25 @@ class TrainConfig:
             raise EmberError(f"max_steps must be >= 1, got {self.max_steps}")
         if not self.epochs > 0:
             raise EmberError(f"epochs must be > 0, got {self.epochs}")
+
+    def _check_early_stopping(self) -> None:
+        """``eval.early_stopping`` names a score of this run: with a task head and the default
+        eval.metrics, the head's default metrics (``resolve_head``), which EvalConfig cannot
+        know."""
+        ev, kind = self.eval, self.head.type
+        if ev.early_stopping is None or ev.metrics != DEFAULT_EVAL_METRICS:
+            return  # EvalConfig checked it against the metrics the config lists
+        if kind is None:
+            metrics = ev.metrics
+        elif kind == "classification":
+            from ember.engine.classification import DEFAULT_METRICS as metrics
+        else:
+            from ember.engine.reward import METRICS
+
+            metrics = METRICS[kind]
+        choices = ("choice_accuracy", "choice_accuracy_norm") if ev.choices else ()
+        valid = ("val_loss", *(() if kind else ("perplexity",)), *metrics, *choices)
+        _one_of("eval.early_stopping", ev.early_stopping, valid)
 
     @property
     def out_dir(self) -> Path:

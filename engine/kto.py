@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -170,6 +170,27 @@ class _KTOReader(_Reader):
         return out or None
 
 
+class _KTOTestReader(_KTOReader):
+    """The test split of a KTO run only gives generation metrics their prompts and references:
+    a file of KTO lines (its desirable completions are the references, as in training) or, like
+    any other run's test split, plain SFT lines (prompt/completion, messages, ...). The first
+    line decides which."""
+
+    plain: bool | None = None
+
+    def example(self, lineno: int, raw: bytes) -> list[Example] | Example | None:
+        if self.plain is None:
+            try:
+                obj = json_object(raw.decode("utf-8-sig"))
+            except (UnicodeDecodeError, _Bad):
+                obj = None
+            if isinstance(obj, dict):
+                self.plain = not {"label", "chosen", "rejected"} & obj.keys()
+        if self.plain:
+            return _Reader.example(self, lineno, raw)
+        return super().example(lineno, raw)
+
+
 def load_kto_examples(path: str | Path, cfg: DataConfig, tokenizer):
     """(examples, DataReport) of one KTO file; bad lines as ``data.load_examples``."""
     examples, rep = load_examples(path, cfg, tokenizer, lambda p: _KTOReader(p, cfg, tokenizer))
@@ -246,7 +267,15 @@ class KTO(Referenced, SFT):
         return batch.num_docs
 
     def load_datasets(self, cfg: DataConfig, tokenizer) -> Datasets:
-        return load_datasets(cfg, tokenizer, load_kto_examples)
+        ds = load_datasets(replace(cfg, test=None), tokenizer, load_kto_examples)
+        if cfg.test is not None:
+            ds.test, rep = load_examples(cfg.test, cfg, tokenizer,
+                                         lambda p: _KTOTestReader(p, cfg, tokenizer))
+            if rep.format in ("kto", "kto pairs"):
+                good = sum(bool(e.desirable) for e in ds.test)
+                rep.format += f": {good} desirable, {len(ds.test) - good} undesirable"
+            ds.reports.append(rep)
+        return ds
 
     def _kl_sums(self, model, batches: list[Batch], device, autocast) -> tuple[float, int]:
         """(sum of policy - reference log-probs, documents) of the batches' mismatched documents.

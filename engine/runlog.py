@@ -23,7 +23,7 @@ def format_scores(scores: dict) -> str:
         # Fractions (task metrics, DPO's reward accuracy) as percentages; losses, perplexity and
         # DPO rewards / margins (log-ratios, any sign) as numbers. Per-source names end "/<file>".
         name = k.split("/")[0].removeprefix("val_")
-        if name.endswith(("accuracy", "exact_match", "f1", "json_match")):
+        if name.endswith(("accuracy", "accuracy_norm", "exact_match", "f1", "json_match")):
             out.append(f"{k} {100 * v:.1f}%")
         elif name == "perplexity":
             out.append(f"{k} {v:.3f}")

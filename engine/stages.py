@@ -16,7 +16,8 @@ starts from, by the previous result's kind (rows) and this stage's ``method`` (c
 Continuing an adapter keeps its rank, alpha, rsLoRA and target modules: ``resolve_start`` writes
 them into the resolved config. A ``[lora]`` setting the config leaves out takes the adapter's
 value; one the config sets to another value is an error, even when it is the default (e.g.
-``rank = 16`` on a rank-8 adapter); ``lora.dropout``, a training setting, may change.
+``rank = 16`` on a rank-8 adapter); ``lora.dropout``, a training setting, may change. A
+continued prompt keeps its ``num_virtual_tokens`` the same way.
 
 DPO after an earlier stage: the reference is the stage's *starting* model, i.e. the previous
 stage's result (the usual practice: the SFT model). With full fine-tuning it is a frozen copy of
@@ -237,6 +238,8 @@ def resolve_start(cfg: TrainConfig) -> TrainConfig:
     if cfg.model.init is None:
         return cfg
     start = start_of(cfg)
+    if cfg.method == "prompt" and start.kind == "prompt":
+        return _resolve_prompt(cfg, start)
     if not (cfg.method == "lora" and start.kind == "lora"):
         return cfg
     from ember.engine.config import given_keys
@@ -258,6 +261,29 @@ def resolve_start(cfg: TrainConfig) -> TrainConfig:
             )
     keep = {f: getattr(cfg.lora if chosen(f) else have, f) for f in ("dropout", "targets")}
     return cfg.replace(lora=replace(have, **keep, init=cfg.lora.init))
+
+
+def _resolve_prompt(cfg: TrainConfig, start: Start) -> TrainConfig:
+    """A continued prompt keeps its number of virtual tokens (PEFT's ``num_virtual_tokens``):
+    the resolved config records it; a config that sets another number is an error."""
+    from ember.engine.config import given_keys
+    from ember.models.prompt_tuning import PromptTuningConfig
+
+    n = start.adapter_config.get("num_virtual_tokens")
+    where = start.adapter / "adapter_config.json"
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise EmberError(f"model.init: {where}: num_virtual_tokens must be a whole number >= 1, "
+                         f"got {n!r}")
+    mine, given = cfg.prompt_tuning.num_virtual_tokens, given_keys(cfg.prompt_tuning)
+    default = PromptTuningConfig().num_virtual_tokens
+    chosen = ("num_virtual_tokens" in given) if given is not None else mine != default
+    if chosen and mine != n:
+        raise EmberError(
+            f"prompt_tuning.num_virtual_tokens = {mine} conflicts with the prompt continued from "
+            f"model.init {start.source!r} ({n} virtual tokens); a continued prompt keeps its "
+            f"length: remove prompt_tuning.num_virtual_tokens from the config (or set it to {n})"
+        )
+    return cfg.replace(prompt_tuning=replace(cfg.prompt_tuning, num_virtual_tokens=n))
 
 
 # --- building the starting model -----------------------------------------------------------------

@@ -58,6 +58,7 @@ from ember.engine.activation import apply_activation_checkpointing, set_mlp_chun
 from ember.engine.best import improved, prune_best, restore_best, save_best
 from ember.engine.choices import choice_metrics, load_choices, score_choices
 from ember.engine.config import TrainConfig
+from ember.engine.config_doc import unused_settings
 from ember.engine.data import Datasets, PackedBatches
 from ember.engine.distributed import (
     DistInfo,
@@ -117,6 +118,20 @@ class StepStats:
     extra: dict  # the objective's metrics (distillation's KD / SFT terms, DPO's rewards)
 
 
+def _num_weights(model) -> int:
+    """The model's parameter count, a 4-bit layer's weight counted as its (out, in) weights
+    (not as the bytes that pack them, nor left out when it is not a Parameter)."""
+    from ember.models.nf4 import Linear4bit
+
+    n = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            packed = getattr(m, "nf4_storage", None)
+            n += m.in_features * m.out_features - (
+                packed.numel() if isinstance(packed, torch.nn.Parameter) else 0)
+    return n
+
+
 class Trainer:
     """``Trainer(cfg).run()`` trains, evaluates and saves; see the module docstring."""
 
@@ -157,7 +172,7 @@ class Trainer:
             raise EmberError("prompt tuning runs in one process (its few thousand parameters "
                              "gain nothing from FSDP); start it without torchrun")
         model, self.tokenizer = build_model(cfg, build_device(info))
-        n_all = sum(p.numel() for p in model.parameters())
+        n_all = _num_weights(model)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         act = cfg.activations
         blocks = apply_activation_checkpointing(model, act.checkpointing, k=act.every_k,
@@ -342,6 +357,9 @@ class Trainer:
         cfg = self.cfg = resolve(self.raw_cfg)
         info = self.info = init_distributed(cfg.device, cfg.dist.timeout_minutes)
         self.echo = rank0_echo(self.echo, info)
+        if not self.resume:  # a run directory's config.toml holds every key
+            for line in unused_settings(self.raw_cfg):
+                self.echo(f"note: {line}")
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         latest = open_run(cfg, info, resume=self.resume, echo=self.echo)

@@ -16,6 +16,7 @@ from ember.engine.config import (
     recipe_names,
     to_toml,
 )
+from ember.engine.config_doc import unused_settings
 from ember.engine.runtime import cpu_has_bf16, resolve
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,3 +167,47 @@ def test_early_stopping_on_perplexity_of_a_preference_run_is_refused(objective):
     with pytest.raises(EmberError, match=f'does not apply to objective = "{objective}"'):
         load_config(None, [f'objective="{objective}"', 'eval.early_stopping="perplexity"'])
     load_config(None, [f'objective="{objective}"', 'eval.early_stopping="val_loss"'])
+
+
+def test_settings_the_run_does_not_use_are_named():
+    """A table of another method / objective, or a knob whose switch is off, is reported (the
+    trainer prints each line as a note) instead of silently ignored; the quickstart and a
+    config with only what it uses report nothing, and neither does a config built in code."""
+    cfg = load_config(None, ["prompt_tuning.num_virtual_tokens=5", "dpo.beta=0.5",
+                             "kto.beta=0.2", "eval.patience=2", 'head.label_field="y"',
+                             "task.train=5", "activations.every_k=3"])
+    lines = unused_settings(cfg)
+    assert [ln.split(" ignored")[0] for ln in lines] == [
+        "prompt_tuning.num_virtual_tokens", "dpo.beta", "kto.beta", "head.label_field",
+        "eval.patience", "task.train", "activations.every_k"]
+    assert 'method is "lora"' in lines[0] and 'objective is "sft"' in lines[1]
+    used = load_config(None, ['method="prompt"', "prompt_tuning.num_virtual_tokens=5",
+                              'objective="simpo"', "simpo.beta=1.0", "eval.patience=2",
+                              'eval.early_stopping="val_loss"'])
+    assert unused_settings(used) == []
+    reward = load_config(None, ['head.type="reward"', "head.center_rewards_coefficient=0.1",
+                                'head.label_field="y"'])
+    assert unused_settings(reward) == []
+    lora_in_full = load_config(None, ['method="full"', "lora.rank=8",
+                                      'head.type="classification"', 'head.labels=["a", "b"]'])
+    assert [ln.split(" ignored")[0] for ln in unused_settings(lora_in_full)] == ["lora.rank"]
+    no_metrics = load_config(None, ["eval.metrics=[]", "eval.max_new_tokens=8"])
+    assert unused_settings(no_metrics)[0].startswith("eval.max_new_tokens ignored")
+    assert unused_settings(load_config(None, ["eval.max_new_tokens=8"])) == []
+    assert unused_settings(load_config(REPO / "examples" / "quickstart.toml")) == []
+    assert unused_settings(TrainConfig(method="full", lora=TrainConfig().lora)) == []
+
+
+@pytest.mark.parametrize("head, metric", [
+    ("classification", "accuracy"), ("classification", "macro_f1"), ("reward", "accuracy"),
+    ("reward", "margin"), ("regression", "mse"), ("regression", "pearson")])
+def test_early_stopping_on_a_head_default_metric(head, metric):
+    """A task head's default eval.metrics (README: "the default; early_stopping may use them")
+    can be stopped on without listing them (they were refused: "must be one of 'val_loss',
+    'perplexity', 'exact_match'"); a metric the head does not score is still refused."""
+    cfg = load_config(None, [f'head.type="{head}"', f'eval.early_stopping="{metric}"'])
+    assert cfg.eval.early_stopping == metric
+    with pytest.raises(EmberError, match="eval.early_stopping must be one of 'val_loss'"):
+        load_config(None, [f'head.type="{head}"', 'eval.early_stopping="exact_match"'])
+    with pytest.raises(EmberError, match="'perplexity', 'exact_match', got"):
+        load_config(None, [f'eval.early_stopping="{metric}"'])  # no head: generation metrics

@@ -425,3 +425,21 @@ def test_kto_lines_elsewhere_and_bad_configs(tiny, kto_file, tmp_path):
     for key in ("beta = 0.1  # ", "desirable_weight = 1.0  # ", "undesirable_weight = 1.0  # ",
                 'loss_type = "apo_zero_unpaired"  # '):
         assert f"\n{key}" in doc.split("\n[kto]")[1].split("\n\n")[0], key
+
+
+@pytest.mark.parametrize("kind", ["plain", "kto"])
+def test_kto_test_split_takes_sft_lines_or_kto_lines(tiny, kto_file, tmp_path, kind):
+    """The test split only feeds generation metrics: an SFT test file (prompt/completion) is read
+    as any run reads it (it was refused: "missing field 'label'"), a KTO file gives its
+    desirable completions as the references."""
+    test = tiny["test"] if kind == "plain" else kto_file
+    cfg = _cfg(tiny, kto_file, tmp_path / "run", "max_steps=1", 'eval.metrics=["exact_match"]',
+               "eval.before=false", "checkpoint.save_final=false")
+    cfg = cfg.replace(data=dataclasses.replace(cfg.data, test=test))
+    t = Trainer(cfg, echo=quiet, progress=False)
+    res = t.run()
+    assert "exact_match" in res.after
+    rows = [json.loads(line) for line in Path(test).read_text().splitlines()]
+    want = [r["completion"] for r in rows if r.get("label", True)]
+    got = [e.reference for e in t.datasets.test if e.reference is not None]
+    assert got == want

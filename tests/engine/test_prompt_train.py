@@ -83,3 +83,25 @@ def test_prompt_config_errors(tiny, tmp_path):
         tiny_config(tiny, tmp_path / "c", *PROMPT, 'prompt_tuning.init="zeros"')
     with pytest.raises(EmberError, match="unknown config key 'prompt_tuning.rank'"):
         tiny_config(tiny, tmp_path / "d", *PROMPT, "prompt_tuning.rank=3")
+
+
+def test_continued_peft_prompt_keeps_its_length(tiny, tmp_path):
+    """A prompt written by PEFT, continued with model.init: the stage keeps PEFT's
+    num_virtual_tokens (the resolved config says so, not the default 20), and a config that
+    sets another number is an error naming the key."""
+    import peft
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    pcfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)
+    peft.get_peft_model(hf, pcfg).save_pretrained(tmp_path / "peft_prompt")
+    n = peft.PeftConfig.from_pretrained(tmp_path / "peft_prompt").num_virtual_tokens
+    init = f'model.init="{tmp_path / "peft_prompt"}"'
+    cfg = resolve(tiny_config(tiny, tmp_path / "a", 'method="prompt"', init))
+    assert cfg.prompt_tuning.num_virtual_tokens == n == 5
+    with pytest.raises(EmberError, match="prompt_tuning.num_virtual_tokens = 7 conflicts"):
+        resolve(tiny_config(tiny, tmp_path / "b", *PROMPT[:1], init,
+                            "prompt_tuning.num_virtual_tokens=7"))
+    same = resolve(tiny_config(tiny, tmp_path / "c", *PROMPT[:1], init,
+                               "prompt_tuning.num_virtual_tokens=5"))
+    assert same.prompt_tuning.num_virtual_tokens == 5

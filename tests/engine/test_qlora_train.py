@@ -194,3 +194,21 @@ def test_qlora_under_torchrun_matches_one_process(tiny, tmp_path):
     ours = _logits(model.eval(), ids)
     assert _diff(ours, _logits(hf.eval(), ids)) <= TOL
     assert _diff(ours, _logits(_hf(base), ids)) > 100 * TOL  # the adapter matters
+
+
+def test_qlora_run_counts_the_4bit_weights(tiny):
+    """The run's parameter count of a 4-bit base is transformers' count of the same model (the
+    packed NF4 weight is not a Parameter, and in flat storage it is bytes, not weights)."""
+    import transformers
+
+    from ember.engine.trainer import _num_weights
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"])
+    want = hf.num_parameters()
+    model, _ = load_pretrained(tiny["model"], "float32", quantize="nf4")
+    assert any(isinstance(m, Linear4bit) for m in model.modules())
+    assert _num_weights(model) == want
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m.store_flat_()
+    assert _num_weights(model) == want

@@ -588,4 +588,6 @@ def test_format_scores_units():
                           "val_loss/math": 0.4, "macro_f1": 0.9})
     assert line == ("val_loss 1.2500, perplexity 3.490, exact_match 50.0%, val_reward_margin "
                     "0.1180, val_reward_accuracy 70.0%, val_loss/math 0.4000, macro_f1 90.0%")
+    assert format_scores({"choice_accuracy": 0.5, "choice_accuracy_norm": 0.25}) == (
+        "choice_accuracy 50.0%, choice_accuracy_norm 25.0%")
     assert format_scores({}).startswith("nothing evaluated")
