@@ -58,8 +58,8 @@ class _First(Exception):
     """Ends ``is_choice_file``'s read at the first record."""
 
 
-def is_choice_file(path: str | Path) -> bool:
-    """True when the file's first record has a ``choices`` field (the rest is not read)."""
+def first_record(path: str | Path) -> dict | None:
+    """The file's first JSON object (the rest is not read); None when it has none."""
     first: list[dict] = []
 
     class _Peek(_Reader):
@@ -75,7 +75,12 @@ def is_choice_file(path: str | Path) -> bool:
 
     with contextlib.suppress(_First):
         read_lines(path, lambda p: _Peek(p, DataConfig(use_chat_template=False), None))
-    return bool(first) and "choices" in first[0]
+    return first[0] if first else None
+
+
+def is_choice_file(path: str | Path) -> bool:
+    """True when the file's first record has a ``choices`` field (the rest is not read)."""
+    return "choices" in (first_record(path) or {})
 
 
 @dataclass(frozen=True)

@@ -274,9 +274,11 @@ def _cmd_eval(a) -> None:
 def _eval_preference_run(run_dir: str, model, tok, data: str, device: str, autocast, a
                          ) -> dict | None:
     """A DPO / ORPO / SimPO / KTO run's validation scores on ``data`` (its own line format and
-    metrics, against its reference, as its evaluations during training); None for other runs."""
+    metrics, against its reference, as its evaluations during training); None for other runs
+    and for a file of plain SFT lines (scored as any run's test split, as ``data.test`` takes)."""
     from dataclasses import replace
 
+    from ember.engine.choices import first_record
     from ember.engine.config import load_config
     from ember.engine.distributed import DistInfo
     from ember.engine.objectives import make_objective
@@ -285,6 +287,8 @@ def _eval_preference_run(run_dir: str, model, tok, data: str, device: str, autoc
     cfg = load_config(run_dir)
     if cfg.objective not in ("dpo", "orpo", "simpo", "kto"):
         return None
+    if not {"label", "chosen", "rejected"} & (first_record(data) or {}).keys():
+        return None  # plain SFT lines, as the run's data.test takes them: loss and metrics
     cfg = resolve(cfg.replace(device=device))
     if a.metrics:
         raise EmberError(f"{run_dir} is an objective = \"{cfg.objective}\" run: ember eval "

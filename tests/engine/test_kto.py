@@ -443,3 +443,24 @@ def test_kto_test_split_takes_sft_lines_or_kto_lines(tiny, kto_file, tmp_path, k
     want = [r["completion"] for r in rows if r.get("label", True)]
     got = [e.reference for e in t.datasets.test if e.reference is not None]
     assert got == want
+
+
+def test_ember_eval_on_a_kto_run_takes_sft_lines_as_the_test_split_does(
+        tiny, kto_file, tmp_path, capsys):
+    """``ember eval RUN --data`` reads a plain prompt/completion file as the run's ``data.test``
+    does (it was refused: "missing field 'label'"): loss, perplexity and generation metrics, the
+    references its completions; a KTO file still gives the run's validation scores."""
+    from ember.engine.cli import main
+
+    run = tmp_path / "run"
+    train(_cfg(tiny, kto_file, run, "max_steps=1", "eval.before=false"), echo=quiet,
+          progress=False)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", tiny["test"], "--max-new-tokens", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["examples"] == 8 and {"loss", "perplexity", "exact_match"} <= set(out)
+    assert main(["eval", str(run), "--data", tiny["test"], "--metrics", "f1",
+                 "--max-new-tokens", "2"]) == 0
+    assert "f1" in json.loads(capsys.readouterr().out)
+    assert main(["eval", str(run), "--data", kto_file]) == 0
+    assert "val_reward_margin" in json.loads(capsys.readouterr().out)
