@@ -164,16 +164,24 @@ class Distill(SFT):
 
     def check_model(self, model, tokenizer) -> None:
         v_s, v_t = model.cfg.vocab_size, self.teacher.cfg.vocab_size
-        same = v_s == v_t
-        if same and self.teacher_tok is not None:
-            vocab = getattr(getattr(tokenizer, "backend", None), "get_vocab", None)
-            t_vocab = getattr(getattr(self.teacher_tok, "backend", None), "get_vocab", None)
-            same = vocab is None or t_vocab is None or vocab() == t_vocab()
-        if not same:
+        vocab = getattr(getattr(tokenizer, "backend", None), "get_vocab", None)
+        t_vocab = getattr(getattr(self.teacher_tok, "backend", None), "get_vocab", None)
+        if vocab is not None and t_vocab is not None and vocab() != t_vocab():
             raise EmberError(f"distill.teacher {self.cfg.teacher!r} does not share the student's "
-                             f"vocabulary (vocab sizes {v_t} and {v_s}, or different tokens); "
-                             "distillation compares next-token distributions, so pick a teacher "
-                             "from the same model family (same tokenizer)")
+                             "vocabulary (its tokenizer has other tokens or ids); distillation "
+                             "compares next-token distributions token by token, so pick a "
+                             "teacher with the student's tokenizer")
+        if v_s != v_t:
+            tokens = len(vocab()) if vocab is not None else None
+            fits = (f"; all {tokens} of the tokenizer's tokens fit, so nothing is lost"
+                    if tokens is not None and tokens <= min(v_s, v_t) else "")
+            raise EmberError(
+                f"distill.teacher {self.cfg.teacher!r} does not share the student's "
+                f"vocabulary size: the teacher's embeddings have {v_t} rows, the student's "
+                f"{v_s} (a family pads them to different sizes, e.g. Qwen2.5-7B 152064 and "
+                "0.5B 151936); distillation compares the two next-token distributions row by "
+                f"row, so resize the larger model's embeddings to {min(v_s, v_t)} (transformers: "
+                f"model.resize_token_embeddings({min(v_s, v_t)}), then save_pretrained){fits}")
 
     def loss(self, model, batch, denom: int) -> torch.Tensor:
         c = self.cfg

@@ -237,3 +237,33 @@ def test_ember_eval_of_a_preference_run_scores_it_as_training_did(tiny, prefs, t
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     want = {k: v for k, v in last.items() if k.startswith("val_")}
     assert want and {k: got[k] for k in want} == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_teacher_with_a_padded_vocabulary_names_both_sizes_and_the_fix(tiny, tmp_path):
+    """A teacher of the same family whose embeddings are padded to another size (Qwen2.5-7B
+    152064 vs 0.5B 151936) is not "another family": the error names both sizes and the fix, and
+    the fix (transformers' ``resize_token_embeddings``) gives a teacher that distills."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from ember.models import Transformer
+    from ember.models.loading import save_pretrained
+
+    model, tok = load_pretrained(tiny["model"], "float32")
+    v = model.cfg.vocab_size
+    padded = tmp_path / "padded"
+    save_pretrained(Transformer(model.cfg.__class__(**{**vars(model.cfg), "vocab_size": v + 20}))
+                    .init_weights(seed=0), padded, tok)
+    with pytest.raises(EmberError, match=rf"{v + 20} rows, the student's {v} .*"
+                                         rf"resize_token_embeddings\({v}\).* nothing is lost"):
+        train(tiny_config(tiny, tmp_path / "a", 'objective="distill"',
+                          f'distill.teacher="{padded}"'), echo=quiet, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(padded)
+    hf.resize_token_embeddings(v)
+    hf.save_pretrained(tmp_path / "resized")
+    for f in padded.iterdir():
+        if "token" in f.name:
+            shutil.copy(f, tmp_path / "resized" / f.name)
+    train(tiny_config(tiny, tmp_path / "b", 'objective="distill"', "max_steps=1",
+                      f'distill.teacher="{tmp_path / "resized"}"'), echo=quiet, progress=False)
