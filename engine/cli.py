@@ -253,6 +253,7 @@ def _cmd_eval(a) -> None:
         return
     examples, report = load_examples(data, data_cfg, tok)
     print(report.summary(), file=sys.stderr)
+    examples = examples[:a.max_examples]  # loss and generation metrics on the same examples
     loss, _ = validation_loss(model, examples, max(data_cfg.tokens_per_batch,
                                                    max(len(e) for e in examples)), device,
                               autocast)
@@ -265,8 +266,7 @@ def _cmd_eval(a) -> None:
     metrics = metrics or ["exact_match"]
     if any(e.reference is not None for e in examples):
         res = generation_eval(model, tok, examples, metrics, max_new_tokens=a.max_new_tokens,
-                              batch_size=a.batch_size, autocast=autocast,
-                              max_examples=a.max_examples)
+                              batch_size=a.batch_size, autocast=autocast)
         scores.update(res.scores)
     print(json.dumps({"data": str(data), "examples": len(examples), **scores}))
 
@@ -304,7 +304,7 @@ def _eval_preference_run(run_dir: str, model, tok, data: str, device: str, autoc
     ds = obj.load_datasets(data_cfg, tok)
     obj.check_data(ds)
     print(ds.summary(), file=sys.stderr)
-    examples = ds.train
+    examples = ds.train[:a.max_examples]
     scores = obj.val_scores(model, examples, max(data_cfg.tokens_per_batch,
                                                  max(len(e) for e in examples)),
                             device, autocast, None)
@@ -453,8 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "json_match, field_accuracy (default: a run's "
                                      "eval.metrics, else exact_match; a classifier: "
                                      "accuracy,macro_f1)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="prompts completed at once for generation metrics (default 64)")
+    p.add_argument("--max-examples", type=int, default=None, metavar="N",
+                   help="score only the file's first N examples: loss, perplexity and "
+                        "generation metrics alike (as choice, classifier and preference-run "
+                        "scores)")
     p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("export", help="write a run's adapter (PEFT), merged model (HF) or GGUF "

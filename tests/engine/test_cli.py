@@ -164,3 +164,31 @@ def test_console_entry_point():
                          capture_output=True, text=True, cwd=Path(__file__).parent)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip() == "ember: error: config file nope.toml not found"
+
+
+def test_eval_max_examples_limits_loss_and_generation_alike(trained, capsys):
+    """--max-examples N scores the file's first N examples for every number it prints (the
+    loss covered the whole file while generation metrics took N): the loss equals transformers'
+    mean cross-entropy over those N examples' answer tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from ember.engine.data import DataConfig, load_examples
+    from ember.models.loading import load_pretrained
+
+    capsys.readouterr()
+    assert main(["eval", str(trained["model"]), "--data", trained["test"], "--raw",
+                 "--device", "cpu", "--max-examples", "2", "--max-new-tokens", "2"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    _, tok = load_pretrained(str(trained["model"]), "float32")
+    examples, _ = load_examples(trained["test"], DataConfig(use_chat_template=False), tok)
+    hf = AutoModelForCausalLM.from_pretrained(trained["model"]).eval()
+    total, count = 0.0, 0
+    for e in examples[:2]:
+        ids, labels = torch.tensor([e.input_ids]), torch.tensor([e.labels])
+        with torch.no_grad():
+            logits = hf(ids).logits[0]
+        total += float(torch.nn.functional.cross_entropy(logits, labels[0], ignore_index=-100,
+                                                         reduction="sum"))
+        count += int((labels != -100).sum())
+    assert row["loss"] == pytest.approx(total / count, rel=1e-4)
+    assert row["examples"] == 2 and "exact_match" in row

@@ -462,5 +462,6 @@ def test_ember_eval_on_a_kto_run_takes_sft_lines_as_the_test_split_does(
     assert main(["eval", str(run), "--data", tiny["test"], "--metrics", "f1",
                  "--max-new-tokens", "2"]) == 0
     assert "f1" in json.loads(capsys.readouterr().out)
-    assert main(["eval", str(run), "--data", kto_file]) == 0
-    assert "val_reward_margin" in json.loads(capsys.readouterr().out)
+    assert main(["eval", str(run), "--data", kto_file, "--max-examples", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "val_reward_margin" in out and out["examples"] == 3
