@@ -14,6 +14,64 @@ from ember.engine.config import TrainConfig, _toml_value, given_keys, to_dict
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
 
+# The meaning of the keys whose field has no comment of its own in the source (a class docstring
+# or a comment shared with the field above documents them there); test_config checks that every
+# key ``ember config`` prints has a meaning.
+MORE_DOCS = {
+    "": {"name": "the run's name (run_dir defaults to runs/<name>)",
+         "train_layers": "full fine-tuning: the decoder layers that train (None: all; negative "
+                         "indices count from the end)",
+         "epochs": "passes over data.train (fractions allowed) when max_steps is unset",
+         "seed": "initial weights (LoRA's A), dropout and other random draws of the run"},
+    "model": {"rope_factor": "the context extension factor of rope_scaling (> 1, e.g. 4.0 for "
+                             "4x the context)"},
+    "lora": {"rank": "r, the adapters' inner dimension",
+             "alpha": "scale: the update is (alpha / rank) * B A (alpha / sqrt(rank) with "
+                      "use_rslora)",
+             "dropout": "dropout on the adapters' input while training",
+             "targets": "the modules that get adapters: short names (q k v o gate up down), "
+                        "leaf names (q_proj), \"all-linear\", embed_tokens / lm_head, or glob / "
+                        "regex patterns on full module names",
+             "use_rslora": "rank-stabilized LoRA: scale alpha / sqrt(rank)",
+             "embedding_lr": "learning rate of the embed_tokens / lm_head adapters (Unsloth's "
+                             "embedding_learning_rate; None: optim.lr)"},
+    "prompt_tuning": {"num_virtual_tokens": "trainable input embeddings put in front of every "
+                                            "sequence",
+                      "init_text": "the text whose tokens' embeddings start the virtual tokens "
+                                   "(init = \"text\")"},
+    "distill": {"temperature": "softmax temperature of both distributions in the KD term (the "
+                               "term is scaled by temperature**2)"},
+    "simpo": {"label_smoothing": "> 0: conservative loss, the assumed fraction of flipped labels"},
+    "optim": {"betas": "AdamW's (beta1, beta2)", "eps": "AdamW's epsilon",
+              "warmup_ratio": "warmup as a fraction of the run's steps when warmup_steps is "
+                              "unset"},
+    "data": {"val_fraction": "the fraction of data.train held out as the validation split when "
+                             "data.validation is unset",
+             "test": "JSONL file of the test split: generation metrics, and the file ember "
+                     "eval RUN scores by default",
+             "format": "the line format: \"auto\" (from the fields) | \"text\" | "
+                       "\"prompt_completion\" | \"alpaca\" | \"messages\" | \"sharegpt\" | "
+                       "\"preference\"",
+             "max_seq_len": "tokens per example; longer ones follow data.truncation",
+             "seed": "the validation split's draw (val_fraction) and the per-epoch order",
+             "tokens_per_batch": "tokens per packed micro-batch",
+             "system_prompt": "a system message put before every conversation (needs a chat "
+                              "template)",
+             "add_eos": "end every example with the tokenizer's EOS token"},
+    "task": {"name": "a built-in generated dataset (ember.engine.tasks); None: none",
+             "train": "examples generated for the train split",
+             "validation": "examples generated for the validation split",
+             "test": "examples generated for the test split",
+             "seed": "the generator's seed"},
+    "eval": {"max_val_batches": "validation loss on the first N packed batches only (None: all)",
+             "max_examples": "generation metrics on the first N examples with a prompt and a "
+                             "reference only (None: all)",
+             "max_new_tokens": "the longest generated answer, in tokens",
+             "batch_size": "prompts completed at once for generation metrics",
+             "min_delta": "the improvement that counts (resets patience) for early stopping"},
+    "checkpoint": {"keep_last": "step checkpoints kept (older ones are deleted)"},
+}
+
 
 def field_comments(cls) -> dict[str, str]:
     """``{field: comment}`` from a dataclass's source: the comment lines right above a field and
@@ -37,8 +95,9 @@ def field_comments(cls) -> dict[str, str]:
     return out
 
 
-def _lines(obj, values: dict) -> list[str]:
-    notes = field_comments(type(obj))
+def _lines(obj, values: dict, section: str = "") -> list[str]:
+    notes = {k: v for k, v in field_comments(type(obj)).items() if v}
+    notes = {**MORE_DOCS.get(section, {}), **notes}
     out = []
     for f in dataclasses.fields(obj):
         k, v = f.name, values.get(f.name)
@@ -57,7 +116,7 @@ def annotated_toml(cfg) -> str:
     for f in dataclasses.fields(cfg):
         sub = getattr(cfg, f.name)
         if dataclasses.is_dataclass(sub):
-            lines += ["", f"[{f.name}]", *_lines(sub, d.get(f.name, {}))]
+            lines += ["", f"[{f.name}]", *_lines(sub, d.get(f.name, {}), f.name)]
     return "\n".join(lines) + "\n"
 
 

@@ -109,7 +109,7 @@ def test_config_prints_every_setting_explained(capsys, tmp_path):
     text = capsys.readouterr().out
     assert from_dict(TrainConfig, parse_toml(text, "out")) == load_config(
         "quickstart", ["lora.rank=8"])  # a valid config that loads back to the same settings
-    assert "\n[lora]\nrank = 8\n" in text
+    assert "\n[lora]\nrank = 8  # " in text
     assert '# run_dir = (unset)  # None: runs/<name>' in text  # unset keys, commented out
     assert 'method = "lora"  # "lora" (adapters only) | "full"' in text  # the field's comment
     assert main(["config", str(tmp_path / "missing.toml")]) == 2

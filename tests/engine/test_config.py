@@ -211,3 +211,36 @@ def test_early_stopping_on_a_head_default_metric(head, metric):
         load_config(None, [f'head.type="{head}"', 'eval.early_stopping="exact_match"'])
     with pytest.raises(EmberError, match="'perplexity', 'exact_match', got"):
         load_config(None, [f'eval.early_stopping="{metric}"'])  # no head: generation metrics
+
+
+def test_ember_config_lists_exactly_the_accepted_keys_each_explained():
+    """``ember config`` (annotated_toml) is the config's reference: every key a config accepts
+    is printed, with its meaning (keys with no source comment had none), and nothing else."""
+    import dataclasses
+    import re
+
+    from ember.engine.config import TrainConfig
+    from ember.engine.config_doc import MORE_DOCS, annotated_toml
+
+    cfg = load_config("quickstart")
+    text = annotated_toml(cfg)
+    printed, section = set(), ""
+    for line in text.splitlines():
+        if m := re.fullmatch(r"\[(\w+)\]", line):
+            section = m.group(1) + "."
+            continue
+        if not line:
+            continue
+        m = re.match(r"(?:# )?(\w+) = (.*?)  # (.+)$", line)
+        assert m and m.group(3).strip(), f"no meaning for: {line!r}"
+        printed.add(section + m.group(1))
+    accepted = set()
+    for f in dataclasses.fields(TrainConfig):
+        sub = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(sub):
+            accepted |= {f"{f.name}.{g.name}" for g in dataclasses.fields(sub)}
+        else:
+            accepted.add(f.name)
+    assert printed == accepted
+    for sec, keys in MORE_DOCS.items():  # no stale entries
+        assert {f"{sec}.{k}" if sec else k for k in keys} <= accepted
