@@ -452,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="comma-separated: exact_match, accuracy, f1, macro_f1, "
                                      "json_match, field_accuracy (default: a run's "
                                      "eval.metrics, else exact_match; a classifier: "
-                                     "accuracy,macro_f1)")
+                                     "accuracy,macro_f1; a reward head: accuracy,margin; a "
+                                     "regression head: mse,rmse,pearson)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="prompts completed at once for generation metrics (default 64)")
     p.add_argument("--max-examples", type=int, default=None, metavar="N",
