@@ -1,0 +1,56 @@
+"""The README tells the truth about the CLI and the config: every ``ember ...`` command line in
+its shell blocks parses with ``ember``'s own argument parser, every ``--set`` item and every TOML
+block is made of keys and values the config accepts (``load_config``, which names an unknown key),
+and every file the README points to under bench/results/ exists."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from ember.engine.cli import build_parser
+from ember.engine.config import TrainConfig, from_dict, load_config, parse_toml
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+
+
+def _ember_lines() -> list[list[str]]:
+    out = []
+    for block in _blocks("bash"):
+        for line in block.splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["ember"]:
+                out.append(words[1:])
+            elif "ember.engine.cli" in words:  # torchrun ... -m ember.engine.cli train ...
+                out.append(words[words.index("ember.engine.cli") + 1:])
+    return out
+
+
+def test_readme_has_commands_and_toml():
+    assert len(_ember_lines()) >= 20 and len(_blocks("toml")) >= 8
+
+
+@pytest.mark.parametrize("argv", _ember_lines(), ids=lambda a: " ".join(a)[:60])
+def test_readme_command_parses(argv):
+    build_parser().parse_args(argv)  # an unknown flag or subcommand exits (SystemExit 2)
+    sets = [argv[i + 1] for i, w in enumerate(argv) if w == "--set"]
+    if argv[0] == "train" and sets:
+        load_config("quickstart", sets)  # keys and values the config accepts
+
+
+@pytest.mark.parametrize("i", range(len(_blocks("toml"))))
+def test_readme_toml_block_is_a_valid_config(i):
+    from_dict(TrainConfig, parse_toml(_blocks("toml")[i], f"README toml block {i}"))
+
+
+def test_readme_result_files_exist():
+    root = README.parent
+    named = set(re.findall(r"bench/results/[\w.-]+\.(?:md|jsonl)", README.read_text()))
+    assert named and [p for p in sorted(named) if not (root / p).is_file()] == []
