@@ -54,3 +54,26 @@ def test_readme_result_files_exist():
     root = README.parent
     named = set(re.findall(r"bench/results/[\w.-]+\.(?:md|jsonl)", README.read_text()))
     assert named and [p for p in sorted(named) if not (root / p).is_file()] == []
+
+
+def test_readme_python_imports_and_named_apis_exist():
+    """The Python snippet's imports resolve (running it loads a real model: too slow here), and
+    the kernels the README lists are in ``ember.kernels`` with a ``*_ref`` and ``impl``."""
+    import inspect
+
+    import ember.kernels as kernels
+
+    for block in _blocks("python"):
+        for line in block.splitlines():
+            if line.startswith(("from ember", "import ember")):
+                exec(line, {})
+    text = README.read_text()
+    listed = re.search(r"\(`ember\.kernels`: (.*?);", text, re.S).group(1)
+    names = re.findall(r"`(\w+)`", listed)
+    assert len(names) >= 10
+    for name in names:
+        assert "impl" in inspect.signature(getattr(kernels, name)).parameters, name
+        assert hasattr(kernels, f"{name}_ref"), name
+    from ember.models.hf_backend import restore  # README: ember.models.hf_backend.restore
+
+    assert callable(restore)
