@@ -514,8 +514,13 @@ def load_source(source: str | Path) -> dict:
     if name in recipe_names():
         res = importlib.resources.files("ember.engine") / "recipes" / f"{name}.toml"
         return parse_toml(res.read_text(encoding="utf-8"), f"recipe {name!r}")
-    if p.suffix == ".toml" or "/" in name:
+    if p.is_dir():  # e.g. ember train RUN --resume on a folder that is not a run
+        raise EmberError(f"{name} is a folder without config.toml: not a run directory; give "
+                         "a run directory (runs/<name>), a config file or a recipe name")
+    if p.suffix == ".toml":
         raise EmberError(f"config file {name} not found")
+    if "/" in name:
+        raise EmberError(f"config file {name} not found (nor a run directory of that name)")
     raise EmberError(f"{name!r} is neither a config file nor a recipe; recipes: "
                      f"{', '.join(recipe_names())}")
 

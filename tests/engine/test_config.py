@@ -244,3 +244,11 @@ def test_ember_config_lists_exactly_the_accepted_keys_each_explained():
     assert printed == accepted
     for sec, keys in MORE_DOCS.items():  # no stale entries
         assert {f"{sec}.{k}" if sec else k for k in keys} <= accepted
+
+
+def test_a_folder_that_is_not_a_run_says_so(tmp_path):
+    """``ember train FOLDER --resume`` on a folder without config.toml named a "config file"."""
+    with pytest.raises(EmberError, match="folder without config.toml: not a run directory"):
+        load_config(str(tmp_path))
+    with pytest.raises(EmberError, match="not found .nor a run directory"):
+        load_config(str(tmp_path / "runs" / "quickstart"))
