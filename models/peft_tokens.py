@@ -109,6 +109,22 @@ def apply_trainable_tokens(model: nn.Module, tokens: dict) -> None:
     model.peft_trainable_tokens = {attr: idx for attr, (idx, _) in tokens.items()}
 
 
+def train_trainable_tokens(model: nn.Module) -> None:
+    """Train the loaded rows as PEFT's ``is_trainable`` does (its ``trainable_tokens_delta``):
+    the matrix takes gradients on those rows only, and ``make_optimizer`` decays those rows only
+    (``ember_trained_rows``); the other rows stay the base's."""
+    for attr, idx in (getattr(model, "peft_trainable_tokens", None) or {}).items():
+        w = _matrix(model, attr)
+        if getattr(w, "ember_trained_rows", None) is not None:
+            continue  # a tied head: the embedding's matrix, already set
+        rows = torch.tensor(sorted(set(idx)), device=w.device)
+        keep = torch.zeros(w.shape[0], 1, dtype=torch.bool, device=w.device)
+        keep[rows] = True
+        w.requires_grad_(True)
+        w.ember_trained_rows = rows
+        w.register_hook(lambda g, keep=keep: g * keep.to(g.device))
+
+
 def trainable_tokens_tensors(model: nn.Module) -> tuple[object, dict[str, torch.Tensor]]:
     """(``trainable_token_indices`` for adapter_config.json, the delta tensors) of a model that
     loaded them (None, {} otherwise)."""
