@@ -30,8 +30,8 @@ IDS[0, 3], IDS[1, 5] = 15, 44  # the trainable tokens are in the batch
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("continue_peft")
     return {name: save_random_model(root / name, transformers.LlamaConfig, seed=i + 11, **kw)
-            for i, (name, kw) in enumerate({"plain": {},
-                                            "tied": dict(tie_word_embeddings=True)}.items())}
+            for i, (name, kw) in enumerate({"plain": {}, "tied": dict(tie_word_embeddings=True),
+                                            "biased": dict(attention_bias=True)}.items())}
 
 
 def _loss(logits: torch.Tensor) -> torch.Tensor:
@@ -42,8 +42,12 @@ def _loss(logits: torch.Tensor) -> torch.Tensor:
 
 def _optimizer(params, kind: str):
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=0.5)
-    return torch.optim.AdamW(params, lr=0.05, weight_decay=0.3, foreach=True)
+        return torch.optim.SGD([p for _, p in params], lr=0.5)
+    # transformers' Trainer decays all but biases and norms (get_decay_parameter_names)
+    named = list(params)
+    groups = [{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": 0.3},
+              {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=0.05, foreach=True)
 
 
 def _peft_step(base, adapter, out, kind: str) -> None:
@@ -51,7 +55,7 @@ def _peft_step(base, adapter, out, kind: str) -> None:
         warnings.simplefilter("ignore")
         hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         pm = peft.PeftModel.from_pretrained(hf, adapter, is_trainable=True)
-        params = [p for p in pm.parameters() if p.requires_grad]
+        params = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
         opt = _optimizer(params, kind)
         _loss(pm(input_ids=IDS).logits).backward()
         opt.step()
@@ -63,7 +67,7 @@ def _ember_step(base, adapter, out, kind: str, bias: str = "none"):
     load_adapter(model, adapter)
     _train_saved_modules(model, lora_modules(model), bias)  # as continue_adapters
     if kind == "sgd":
-        opt = _optimizer([p for p in model.parameters() if p.requires_grad], kind)
+        opt = _optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], kind)
     else:  # the trainer's own AdamW groups
         opt = make_optimizer(model, OptimConfig(lr=0.05, weight_decay=0.3), "cpu")
     _loss(model.train()(IDS)).backward()
@@ -74,6 +78,8 @@ def _ember_step(base, adapter, out, kind: str, bias: str = "none"):
 
 def _assert_same_adapters(a, b) -> None:
     ta, tb = (load_file(f / "adapter_model.safetensors") for f in (a, b))
+    # PEFT's save_embedding_layers="auto" with LoRA on embed_tokens: a copy of the base's own
+    tb = {k: v for k, v in tb.items() if not k.endswith("embed_tokens.base_layer.weight")}
     assert ta.keys() == tb.keys()
     for k in ta:
         assert (ta[k] - tb[k]).abs().max() <= 1e-5 * max(1.0, tb[k].abs().max().item()), k
@@ -116,3 +122,44 @@ def test_continued_trainable_tokens_train_as_peft(bases, tmp_path, base, indices
     others = [i for i in range(VOCAB) if i not in rows]
     assert torch.equal(model.embed.weight.detach()[others],
                        hf.get_input_embeddings().weight.detach()[others])
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("base,kw", [
+    ("plain", dict(target_modules=["q_proj", "v_proj", "down_proj"],
+                   rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3.0})),
+    ("plain", dict(target_modules=["q_proj", "o_proj"], use_rslora=True)),
+    ("plain", dict(target_modules=["q_proj", "gate_proj"], use_dora=True)),
+    ("plain", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    ("plain", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
+    ("biased", dict(target_modules=["q_proj", "o_proj"], bias="lora_only")),
+    ("biased", dict(target_modules=["q_proj"], bias="all")),
+    ("plain", dict(target_modules=["q_proj", "embed_tokens"])),
+    ("tied", dict(target_modules=["q_proj", "embed_tokens"])),
+])
+def test_continued_adapter_steps_as_peft(bases, tmp_path, base, kw, kind):
+    """One step on a continued adapter is PEFT's step: the same tensors trained by the same
+    amounts, saved under PEFT's keys."""
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(bases[base], dtype=torch.float32)
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                     **kw))
+        if kw.get("bias", "none") != "none":
+            with torch.no_grad():
+                for n, p in pm.named_parameters():
+                    if n.endswith("bias"):
+                        p.add_(0.1)
+        pm.save_pretrained(tmp_path / "ad")
+    _peft_step(bases[base], tmp_path / "ad", tmp_path / "peft", kind)
+    model = _ember_step(bases[base], tmp_path / "ad", tmp_path / "ember", kind,
+                        kw.get("bias", "none"))
+    _assert_same_adapters(tmp_path / "ember", tmp_path / "peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(bases[base], dtype=torch.float32)
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ember").eval()
+    with torch.no_grad():
+        want = theirs(input_ids=IDS).logits
+        assert (model.eval()(IDS) - want).abs().max() <= 1e-5 * max(1.0, want.abs().max())
