@@ -136,6 +136,9 @@ def test_continued_trainable_tokens_train_as_peft(bases, tmp_path, base, indices
     ("biased", dict(target_modules=["q_proj"], bias="all")),
     ("plain", dict(target_modules=["q_proj", "embed_tokens"])),
     ("tied", dict(target_modules=["q_proj", "embed_tokens"])),
+    # a tied model: PEFT trains an untied copy of the listed module (Ember unties its head)
+    ("tied", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    ("tied", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
 ])
 def test_continued_adapter_steps_as_peft(bases, tmp_path, base, kw, kind):
     """One step on a continued adapter is PEFT's step: the same tensors trained by the same
