@@ -96,6 +96,7 @@ def _new_token_rows(model) -> None:
 @pytest.mark.parametrize("base,indices", [
     ("plain", [44, 15]), ("tied", [44, 15]),
     ("plain", {"embed_tokens": [15], "lm_head": [4, 44]}),
+    ("tied", {"lm_head": [4, 44]}),  # the head's rows alone: PEFT (and Ember) untie it
 ])
 def test_continued_trainable_tokens_train_as_peft(bases, tmp_path, base, indices, kind):
     """PEFT trains the trainable_token_indices rows of a continued adapter (its
@@ -118,7 +119,7 @@ def test_continued_trainable_tokens_train_as_peft(bases, tmp_path, base, indices
     assert any(not torch.equal(before[k], after[k]) for k in after if "trainable_tokens" in k)
     # every other row is still the base's own
     hf = transformers.AutoModelForCausalLM.from_pretrained(bases[base], dtype=torch.float32)
-    rows = indices if isinstance(indices, list) else indices["embed_tokens"]
+    rows = indices if isinstance(indices, list) else indices.get("embed_tokens", [])
     others = [i for i in range(VOCAB) if i not in rows]
     assert torch.equal(model.embed.weight.detach()[others],
                        hf.get_input_embeddings().weight.detach()[others])
