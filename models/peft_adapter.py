@@ -79,6 +79,7 @@ from ember.models.peft_files import (  # noqa: F401  (re-exported)
     check_field_types,
     full_weights,
     full_weights_view,
+    untie_head,
 )
 from ember.models.peft_keys import (  # noqa: F401  (re-exported)
     _EMBER_NAME,
@@ -394,6 +395,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         raise EmberError(f"{wfile}: the adapter replaces the embedding or output head ({heads[:3]}:"
                          " new full weights saved with save_embedding_layers, e.g. a resized or "
                          f"trained vocabulary), which ember's LoRA cannot hold; {_MERGE_HINT}")
+    if "lm_head" in pairs and tied_lm(model) and not config.get("ensure_weight_tying"):
+        # PEFT's own adapter on the head of a tied model: the head's update is not the
+        # embedding's, so the model's head is untied (a copy of the embedding) to hold both
+        untie_head(model)
+        cands = _candidates(model)
     ties = split_tied_head(pairs, config, tied_lm(model), wfile)
     if "lm_head" in pairs and "lm_head" not in cands:
         raise EmberError(f"{wfile}: the adapter has LoRA on lm_head but the model has no output "

@@ -78,8 +78,10 @@ def _ember_step(base, adapter, out, kind: str, bias: str = "none"):
 
 def _assert_same_adapters(a, b) -> None:
     ta, tb = (load_file(f / "adapter_model.safetensors") for f in (a, b))
-    # PEFT's save_embedding_layers="auto" with LoRA on embed_tokens: a copy of the base's own
-    tb = {k: v for k, v in tb.items() if not k.endswith("embed_tokens.base_layer.weight")}
+    # PEFT's save_embedding_layers="auto" with LoRA on embed_tokens (a tied lm_head): a copy of
+    # the base's own
+    tb = {k: v for k, v in tb.items()
+          if not k.endswith(("embed_tokens.base_layer.weight", "lm_head.base_layer.weight"))}
     assert ta.keys() == tb.keys()
     for k in ta:
         assert (ta[k] - tb[k]).abs().max() <= 1e-5 * max(1.0, tb[k].abs().max().item()), k
@@ -140,6 +142,7 @@ def test_continued_trainable_tokens_train_as_peft(bases, tmp_path, base, indices
     # a tied model: PEFT trains an untied copy of the listed module (Ember unties its head)
     ("tied", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
     ("tied", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
+    ("tied", dict(target_modules=["q_proj", "embed_tokens", "lm_head"])),  # two adapters
 ])
 def test_continued_adapter_steps_as_peft(bases, tmp_path, base, kw, kind):
     """One step on a continued adapter is PEFT's step: the same tensors trained by the same

@@ -70,3 +70,30 @@ def test_modules_to_save_untie_a_tied_model_as_peft(tied, tmp_path, mts):
     with torch.no_grad():
         assert _close(merged(input_ids=ids).logits, ref)
     assert ids.max() < VOCAB
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj", "embed_tokens", "lm_head"]])
+def test_lora_on_a_tied_head_without_weight_tying_unties(tied, tmp_path, targets):
+    """PEFT without ensure_weight_tying puts the head's own adapter on the shared matrix (and
+    the embedding's, if any, on the embedding alone): Ember unties the head to hold both (was
+    refused), with PEFT's logits, saved back as PEFT's and exported untied."""
+    torch.manual_seed(0)
+    ids, ref = _peft_adapter(tied, tmp_path / "peft", target_modules=targets)
+    model, tok = load_pretrained(tied)
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        ours = model.eval()(ids)
+    assert _close(ours, ref)
+    save_adapter(model, tmp_path / "ember")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tied, dtype=torch.float32)
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ember").eval()
+    with torch.no_grad():
+        assert _close(theirs(input_ids=ids).logits, ours)
+    merge_lora(model)
+    save_pretrained(model, tmp_path / "merged", tok)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
+                                                               dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert _close(merged(input_ids=ids).logits, ref)
