@@ -197,7 +197,9 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
             # embeddings included, and DoRA magnitudes are (transformers'
             # get_decay_parameter_names: all but biases and norms).
             emb = embedding_lr is not None and name.split(".")[0] in ("embed", "lm_head")
-            parts[(p.ndim >= 2 or name.endswith("lora_magnitude"), emb)].append(p)
+            # trainable_token_indices: only those rows train, so only they decay (rows_decay)
+            rows = getattr(p, "ember_trained_rows", None) is not None
+            parts[((p.ndim >= 2 or name.endswith("lora_magnitude")) and not rows, emb)].append(p)
     if embedding_lr is not None and not (parts[(True, True)] or parts[(False, True)]):
         raise EmberError("lora.embedding_lr is set but no adapter is on the embedding or the head: "
                          "add embed_tokens / lm_head to lora.targets, or drop lora.embedding_lr")
@@ -208,11 +210,30 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
     if cfg.name == "adamw_8bit":
         from ember.engine.optim8bit import AdamW8bit
 
-        return AdamW8bit(groups, **kw)
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kw)
-    except (RuntimeError, ValueError):  # fused kernel missing for this device/dtype
-        return torch.optim.AdamW(groups, foreach=True, **kw)
+        opt = AdamW8bit(groups, **kw)
+    else:
+        try:
+            opt = torch.optim.AdamW(groups, fused=True, **kw)
+        except (RuntimeError, ValueError):  # fused kernel missing for this device/dtype
+            opt = torch.optim.AdamW(groups, foreach=True, **kw)
+    if cfg.weight_decay > 0:
+        opt.register_step_pre_hook(_rows_decay(cfg.weight_decay))
+    return opt
+
+
+def _rows_decay(weight_decay: float):
+    """AdamW's decoupled decay (``p *= 1 - lr * wd`` before the update) on the trained rows
+    alone of a matrix trained by rows (PEFT's ``trainable_tokens_delta`` decays as a whole)."""
+
+    def hook(opt, args, kwargs) -> None:
+        with torch.no_grad():
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    rows = getattr(p, "ember_trained_rows", None)
+                    if rows is not None and p.grad is not None:
+                        p[rows] *= 1.0 - g["lr"] * weight_decay
+
+    return hook
 
 
 def memory_gib(device: str) -> float:

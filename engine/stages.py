@@ -53,6 +53,7 @@ from ember.models.lora import (
 )
 from ember.models.peft_adapter import _PEFT_KEY, _read_adapter_config
 from ember.models.peft_files import _FULL_WEIGHTS
+from ember.models.peft_tokens import train_trainable_tokens
 
 if TYPE_CHECKING:
     from ember.engine.config import TrainConfig
@@ -339,10 +340,12 @@ def continue_adapters(model, cfg: TrainConfig, tokenizer, start: Start) -> None:
 
 def _train_saved_modules(model, mods: dict, mode: str) -> None:
     """What PEFT trains of a continued adapter besides A and B (``is_trainable``): its
-    ``modules_to_save`` (a whole lm_head / embed_tokens) and, with ``bias = "all"``, every bias
-    (``"lora_only"``: those of the adapted modules), which the final adapter then holds."""
+    ``modules_to_save`` (a whole lm_head / embed_tokens), its ``trainable_token_indices`` rows
+    and, with ``bias = "all"``, every bias (``"lora_only"``: those of the adapted modules),
+    which the final adapter then holds."""
     for name in getattr(model, "peft_modules_to_save", ()):
         getattr(model, _FULL_WEIGHTS[name][1]).weight.requires_grad_(True)
+    train_trainable_tokens(model)  # trainable_token_indices: those rows only
     if mode in ("all", "lora_only"):
         model.peft_bias = mode  # save_adapter writes the trained biases
     for n, p in model.named_parameters():

@@ -7,8 +7,9 @@
 adapters written by either (per-module ranks/alphas via ``rank_pattern`` / ``alpha_pattern``;
 ``modules_to_save`` lm_head / embed_tokens of an untied model, or of a tied one saved with
 ``ensure_weight_tying``, overwrite the model's own weights and are written back by
-``save_adapter``; so do the biases that ``bias="all"`` / ``"lora_only"`` trained (Phi's LayerNorm
-and lm_head biases too) and a modules_to_save lm_head's bias; a
+``save_adapter``; without it a tied model's head is untied first, as PEFT's copies untie it;
+so do the biases that ``bias="all"`` / ``"lora_only"`` trained (Phi's LayerNorm and lm_head
+biases too) and a modules_to_save lm_head's bias; a
 classifier's head travels as PEFT's SEQ_CLS ``modules_to_save``; DoRA's ``use_dora`` with its
 ``lora_magnitude_vector`` per module). Fields
 that would change what an adapter computes (other LoRA variants, base-changing inits, unknown
@@ -76,7 +77,9 @@ from ember.models.peft_files import (  # noqa: F401  (re-exported)
     _validate_config,
     _write_adapter,
     check_field_types,
+    full_weights,
     full_weights_view,
+    untie_head,
 )
 from ember.models.peft_keys import (  # noqa: F401  (re-exported)
     _EMBER_NAME,
@@ -340,40 +343,6 @@ def _adapter_biases(model: nn.Module, config: dict, tensors: dict, wfile: Path) 
     return out
 
 
-def _full_weights(model: nn.Module, config: dict, tensors: dict, wfile: Path) -> dict:
-    """``{model attribute: weight}`` for modules_to_save (popped from tensors), checked."""
-    full = {}
-    names = _saved_modules(config.get("modules_to_save") or [])[0]
-    if names and tied_lm(model):
-        # PEFT trains a copy of the module, which unties head and embedding, unless
-        # ensure_weight_tying: then one trained copy serves both (saved under both keys).
-        saved = [tensors[k] for k, _ in _FULL_WEIGHTS.values() if k in tensors]
-        if not (config.get("ensure_weight_tying") and saved
-                and all(torch.equal(saved[0], t) for t in saved[1:])):
-            raise EmberError(f"{wfile}: modules_to_save={names} on a model with tied embeddings "
-                             f"without ensure_weight_tying (PEFT trains a separate copy: unties "
-                             f"them) is not supported; {_MERGE_HINT}")
-        tensors.setdefault(_FULL_WEIGHTS["embed_tokens"][0], saved[0])
-        tensors.pop(_FULL_WEIGHTS["lm_head"][0], None)
-        names = ["embed_tokens"]
-    for name in names:
-        key, attr = _FULL_WEIGHTS[name]
-        if key not in tensors:
-            raise EmberError(f"{wfile}: modules_to_save lists {name} but {key} is missing")
-        w = getattr(getattr(model, attr, None), "weight", None)
-        if attr == "lm_head" and getattr(model, "lm_head", None) is None:
-            raise EmberError(f"{wfile}: modules_to_save lists lm_head but the model has none "
-                             "(a classifier); load the adapter onto a causal LM")
-        if not isinstance(w, torch.Tensor):
-            raise EmberError(f"{wfile}: modules_to_save={name!r} needs a dense {attr} (this one "
-                             "is quantized); load the base without quantizing it")
-        if w.shape != tensors[key].shape:
-            raise EmberError(f"{wfile}: {key} has shape {tuple(tensors[key].shape)}, the model's "
-                             f"{attr} {tuple(w.shape)} (a resized vocabulary?); {_MERGE_HINT}")
-        full[attr] = tensors.pop(key)
-    return full
-
-
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     """Wrap the modules an adapter (ember's or PEFT's) targets and load its weights.
 
@@ -397,7 +366,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     wfile = next(adapter_dir / n for n in ADAPTER_WEIGHTS if (adapter_dir / n).is_file())
     head = _adapter_head(model, config, tensors, wfile)
     tensors = full_weights_view(tensors)  # a multimodal Gemma 3's names for them too
-    full = _full_weights(model, config, tensors, wfile)
+    full = full_weights(model, config, tensors, wfile)  # may untie a tied model's head
     tokens = load_trainable_tokens(model, config, tensors, wfile)  # ember.models.peft_tokens
     biases = _adapter_biases(model, config, tensors, wfile)
     cands = _candidates(model)
@@ -426,6 +395,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         raise EmberError(f"{wfile}: the adapter replaces the embedding or output head ({heads[:3]}:"
                          " new full weights saved with save_embedding_layers, e.g. a resized or "
                          f"trained vocabulary), which ember's LoRA cannot hold; {_MERGE_HINT}")
+    if "lm_head" in pairs and tied_lm(model) and not config.get("ensure_weight_tying"):
+        # PEFT's own adapter on the head of a tied model: the head's update is not the
+        # embedding's, so the model's head is untied (a copy of the embedding) to hold both
+        untie_head(model)
+        cands = _candidates(model)
     ties = split_tied_head(pairs, config, tied_lm(model), wfile)
     if "lm_head" in pairs and "lm_head" not in cands:
         raise EmberError(f"{wfile}: the adapter has LoRA on lm_head but the model has no output "

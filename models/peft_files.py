@@ -257,3 +257,61 @@ def _saved_modules(mts: list) -> tuple[list[str], list]:
         if not hit and m not in HEAD_MODULES:
             bad.append(m)
     return sorted(names), bad
+
+
+def full_weights(model, config: dict, tensors: dict, wfile: Path) -> dict:
+    """``{model attribute: weight}`` for modules_to_save (popped from tensors), checked. On a
+    model with tied embeddings PEFT trains a copy of each listed module, which unties them
+    (unless ensure_weight_tying: one trained copy serves both, saved under both keys): the
+    model's head is then untied here (``untie_head``), the module not listed keeping the base's
+    matrix, as in PEFT."""
+    from ember.models.lora import tied_lm
+
+    full = {}
+    names = _saved_modules(config.get("modules_to_save") or [])[0]
+    untie = False
+    if names and tied_lm(model):
+        saved = [tensors[k] for k, _ in _FULL_WEIGHTS.values() if k in tensors]
+        if config.get("ensure_weight_tying"):
+            if not (saved and all(torch.equal(saved[0], t) for t in saved[1:])):
+                raise EmberError(f"{wfile}: modules_to_save={names} with ensure_weight_tying "
+                                 "holds an embedding and a head that differ (or neither); "
+                                 f"{_MERGE_HINT}")
+            tensors.setdefault(_FULL_WEIGHTS["embed_tokens"][0], saved[0])
+            tensors.pop(_FULL_WEIGHTS["lm_head"][0], None)
+            names = ["embed_tokens"]
+        else:
+            untie = True
+    for name in names:
+        key, attr = _FULL_WEIGHTS[name]
+        if key not in tensors:
+            raise EmberError(f"{wfile}: modules_to_save lists {name} but {key} is missing")
+        owner = "embed" if untie else attr  # a tied model's head is its embedding until untied
+        w = getattr(getattr(model, owner, None), "weight", None)
+        if attr == "lm_head" and getattr(model, "lm_head", None) is None and not untie:
+            raise EmberError(f"{wfile}: modules_to_save lists lm_head but the model has none "
+                             "(a classifier); load the adapter onto a causal LM")
+        if not isinstance(w, torch.Tensor):
+            raise EmberError(f"{wfile}: modules_to_save={name!r} needs a dense {attr} (this one "
+                             "is quantized or adapted); load the base without quantizing it")
+        if w.shape != tensors[key].shape:
+            raise EmberError(f"{wfile}: {key} has shape {tuple(tensors[key].shape)}, the model's "
+                             f"{attr} {tuple(w.shape)} (a resized vocabulary?); {_MERGE_HINT}")
+        full[attr] = tensors.pop(key)
+    if untie:
+        untie_head(model)
+    return full
+
+
+def untie_head(model) -> None:
+    """Give a model with tied embeddings its own output head, a copy of the embedding (frozen),
+    and ``tie_word_embeddings = False`` in its config: what it exports is then untied too."""
+    import torch.nn as nn
+
+    w = model.embed.weight
+    head = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    head.weight.requires_grad_(False)
+    model.lm_head = head
+    model.cfg = model.cfg.replace(tie_word_embeddings=False)

@@ -101,7 +101,8 @@ def split_tied_head(pairs: dict, config: dict, tied: bool, wfile: Path) -> bool 
     adapter for a model with tied embeddings and removes the head's; returns whether the head
     sees the adapted embedding (PEFT's ``ensure_weight_tying``), None without an embedding
     adapter. PEFT without ``ensure_weight_tying`` puts a separate adapter on the shared matrix
-    for lm_head, which no single matrix (and no merge) can hold: refused."""
+    for lm_head, which no single matrix can hold: ``load_adapter`` unties such a model's head
+    first (``untie_head``), so here it is an ensure_weight_tying head that differs: refused."""
     if not tied:
         return None
     emb, head = pairs.get("embed"), pairs.pop("lm_head", None)

@@ -5,7 +5,8 @@ the indices) and its forward is the base matrix with those rows replaced, so Emb
 into the matrix itself (``load_trainable_tokens``) and ``save_adapter`` writes them back from it
 (``trainable_tokens_tensors``). A list of indices names the input embedding; a model with tied
 embeddings then sees the new rows in its head too, as PEFT ties the head's rows to them. New rows
-for the head alone of a tied model (one matrix, two different row sets) are refused.
+for the head alone of a tied model change the head but not the embedding in PEFT: the model's
+head is untied first (``untie_head``).
 """
 
 from __future__ import annotations
@@ -72,9 +73,14 @@ def load_trainable_tokens(model: nn.Module, config: dict, tensors: dict,
             raise EmberError(f"{wfile}: trainable_token_indices on {name!r}: Ember holds them on "
                              f"embed_tokens and lm_head only; {_HINT}")
         if attr == "lm_head" and tied:
-            raise EmberError(f"{wfile}: trainable_token_indices on lm_head of a model with tied "
-                             "embeddings: PEFT changes the head's rows but not the embedding's, "
-                             f"which one shared matrix cannot hold; {_HINT}")
+            if any(_attr(str(n)) == "embed" for n in spec):
+                raise EmberError(f"{wfile}: trainable_token_indices on both embed_tokens and "
+                                 f"lm_head of a model with tied embeddings; {_HINT}")
+            # PEFT changes the head's rows but not the embedding's: two matrices from now on
+            from ember.models.peft_files import untie_head
+
+            untie_head(model)
+            tied = False
         delta = _pop_delta(tensors, attr)
         w = _matrix(model, attr)
         if delta is None:
@@ -107,6 +113,22 @@ def apply_trainable_tokens(model: nn.Module, tokens: dict) -> None:
             w = _matrix(model, attr)
             w[torch.tensor(idx, device=w.device)] = delta.to(w.device, w.dtype)
     model.peft_trainable_tokens = {attr: idx for attr, (idx, _) in tokens.items()}
+
+
+def train_trainable_tokens(model: nn.Module) -> None:
+    """Train the loaded rows as PEFT's ``is_trainable`` does (its ``trainable_tokens_delta``):
+    the matrix takes gradients on those rows only, and ``make_optimizer`` decays those rows only
+    (``ember_trained_rows``); the other rows stay the base's."""
+    for attr, idx in (getattr(model, "peft_trainable_tokens", None) or {}).items():
+        w = _matrix(model, attr)
+        if getattr(w, "ember_trained_rows", None) is not None:
+            continue  # a tied head: the embedding's matrix, already set
+        rows = torch.tensor(sorted(set(idx)), device=w.device)
+        keep = torch.zeros(w.shape[0], 1, dtype=torch.bool, device=w.device)
+        keep[rows] = True
+        w.requires_grad_(True)
+        w.ember_trained_rows = rows
+        w.register_hook(lambda g, keep=keep: g * keep.to(g.device))
 
 
 def trainable_tokens_tensors(model: nn.Module) -> tuple[object, dict[str, torch.Tensor]]:

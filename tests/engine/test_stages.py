@@ -328,11 +328,12 @@ def _trained_besides_lora(names) -> set[str]:
             continue
         m = re.search(r"layers\.(\d+)\.\w+\.(\w+_proj)\.", n)
         out.add(f"{m[1]}.{m[2]}.bias" if m and n.endswith("bias") else
-                "embed" if "embed" in n else n)
+                "embed" if "embed" in n else "lm_head" if "lm_head" in n else n)
     return out
 
 
-@pytest.mark.parametrize("bias, saved", [("none", True), ("lora_only", False), ("all", False)])
+@pytest.mark.parametrize("bias, saved", [("none", True), ("lora_only", False), ("all", False),
+                                         ("none", "untied")])
 def test_continued_adapter_trains_what_peft_trains(tiny, tmp_path, bias, saved):
     """A continued PEFT adapter trains what PeftModel.from_pretrained(is_trainable=True) does:
     its modules_to_save (here the tied embedding) and, with bias = "all" / "lora_only", the
@@ -349,8 +350,8 @@ def test_continued_adapter_trains_what_peft_trains(tiny, tmp_path, bias, saved):
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], bias=bias,
                            task_type="CAUSAL_LM",
-                           **({"modules_to_save": ["lm_head"], "ensure_weight_tying": True}
-                              if saved else {}))
+                           **({"modules_to_save": ["lm_head"],
+                               "ensure_weight_tying": saved is True} if saved else {}))
     peft.get_peft_model(hf, lcfg).save_pretrained(tmp_path / "ad")
     hf2 = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     theirs = peft.PeftModel.from_pretrained(hf2, tmp_path / "ad", is_trainable=True)

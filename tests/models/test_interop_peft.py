@@ -105,24 +105,16 @@ def test_plain_lora_math_loads_with_peft_logits(bases, tmp_path, case, base, kw)
 @pytest.mark.parametrize(
     "case,base,kw,needle",
     [
-        (
-            "modules_to_save_tied",  # PEFT trains a copy of the head: unties it
-            "tied",
-            dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
-            "tied embeddings",
-        ),
+        # (modules_to_save on a tied model, which PEFT unties, now loads untied:
+        # tests/models/test_peft_tied_saved.py)
         (
             "modules_to_save_norm",
             "plain",
             dict(target_modules=["q_proj"], modules_to_save=["norm"]),
             "modules_to_save",
         ),
-        (
-            "lora_on_tied_head",  # its own adapter on the shared matrix (tests/models/
-            "tied",  # test_lora_embed_head.py: the LoRA on embed_tokens / lm_head that loads)
-            dict(target_modules=["q_proj", "lm_head"]),
-            "ensure_weight_tying",
-        ),
+        # (LoRA on the head of a tied model without ensure_weight_tying, its own adapter on
+        # the shared matrix, now loads untied: tests/models/test_peft_tied_saved.py)
         (
             "new_embeddings",
             "plain",

@@ -88,12 +88,13 @@ def test_trainable_token_indices(bases, tmp_path, base, indices):
         "trainable_token_indices"] == indices
 
 
-def test_trainable_tokens_on_a_tied_head_alone_are_refused(bases, tmp_path):
-    _peft_adapter(bases["tied"], tmp_path / "ad", target_modules=["q_proj"],
-                  edit_base=_new_token_rows, trainable_token_indices={"lm_head": [4]})
-    model, _ = load_pretrained(bases["tied"])
-    with pytest.raises(EmberError, match="trainable_token_indices on lm_head of a model with tied"):
-        load_adapter(model, tmp_path / "ad")
+def test_trainable_tokens_on_a_tied_head_alone_untie_it(bases, tmp_path):
+    """PEFT changes the tied head's rows but not the embedding's: Ember unties the head (was
+    refused), with PEFT's logits, and saves back what PEFT loads with the same logits."""
+    _round_trip(bases["tied"], tmp_path, target_modules=["q_proj"], edit_base=_new_token_rows,
+                trainable_token_indices={"lm_head": [4, 44]})
+    assert json.loads((tmp_path / "ember" / "adapter_config.json").read_text())[
+        "trainable_token_indices"] == {"lm_head": [4, 44]}
 
 
 def test_tied_head_patterns_follow_peft(bases, tmp_path):

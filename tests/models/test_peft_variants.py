@@ -79,12 +79,16 @@ def test_peft_variant_round_trips(bases, tmp_path, base, kw):
     assert (_peft_logits(bases[base], tmp_path / "ember", ids) - ref).abs().max().item() <= 1e-4
 
 
-def test_tied_modules_to_save_without_weight_tying_is_refused(bases, tmp_path):
-    _peft_adapter(bases["tied"], tmp_path / "peft", target_modules=["q_proj"],
-                  modules_to_save=["embed_tokens"], edit_base=_train)
+def test_tied_modules_to_save_without_weight_tying_unties(bases, tmp_path):
+    """PEFT trains a separate copy of the embedding, untying it from the head: Ember unties the
+    head too and gets PEFT's logits (was refused; more in test_peft_tied_saved.py)."""
+    ids, ref = _peft_adapter(bases["tied"], tmp_path / "peft", target_modules=["q_proj"],
+                             modules_to_save=["embed_tokens"], edit_base=_train)
     model, _ = load_pretrained(bases["tied"])
-    with pytest.raises(EmberError, match="tied embeddings without ensure_weight_tying"):
-        load_adapter(model, tmp_path / "peft")
+    load_adapter(model, tmp_path / "peft")
+    assert model.lm_head is not None and not model.cfg.tie_word_embeddings
+    with torch.no_grad():
+        assert (model.eval()(ids) - ref).abs().max().item() <= 1e-4
 
 
 def test_classifier_with_saved_embedding(bases, tmp_path):

@@ -1,0 +1,172 @@
+"""Continuing a PEFT adapter (``model.init``) trains what ``PeftModel.from_pretrained(...,
+is_trainable=True)`` trains, by the same step: one optimizer step in Ember on the continued
+adapter (``continue_adapters``' ``_train_saved_modules``, then ``make_optimizer`` or SGD)
+equals PEFT's step on the same batch, and the adapter Ember saves is the one PEFT's step gave."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ember.engine.config import OptimConfig
+from ember.engine.runtime import make_optimizer
+from ember.engine.stages import _train_saved_modules
+from ember.models.loading import load_pretrained
+from ember.models.lora import load_adapter, lora_modules, save_adapter
+from tests.models.test_interop_peft import VOCAB, save_random_model
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+IDS[0, 3], IDS[1, 5] = 15, 44  # the trainable tokens are in the batch
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("continue_peft")
+    return {name: save_random_model(root / name, transformers.LlamaConfig, seed=i + 11, **kw)
+            for i, (name, kw) in enumerate({"plain": {}, "tied": dict(tie_word_embeddings=True),
+                                            "biased": dict(attention_bias=True)}.items())}
+
+
+def _loss(logits: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy over every position (the same masking on both sides)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB),
+                                             IDS[:, 1:].reshape(-1))
+
+
+def _optimizer(params, kind: str):
+    if kind == "sgd":
+        return torch.optim.SGD([p for _, p in params], lr=0.5)
+    # transformers' Trainer decays all but biases and norms (get_decay_parameter_names)
+    named = list(params)
+    groups = [{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": 0.3},
+              {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=0.05, foreach=True)
+
+
+def _peft_step(base, adapter, out, kind: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        pm = peft.PeftModel.from_pretrained(hf, adapter, is_trainable=True)
+        params = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
+        opt = _optimizer(params, kind)
+        _loss(pm(input_ids=IDS).logits).backward()
+        opt.step()
+        pm.save_pretrained(out)
+
+
+def _ember_step(base, adapter, out, kind: str, bias: str = "none"):
+    model, _ = load_pretrained(base, "float32")
+    load_adapter(model, adapter)
+    _train_saved_modules(model, lora_modules(model), bias)  # as continue_adapters
+    if kind == "sgd":
+        opt = _optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], kind)
+    else:  # the trainer's own AdamW groups
+        opt = make_optimizer(model, OptimConfig(lr=0.05, weight_decay=0.3), "cpu")
+    _loss(model.train()(IDS)).backward()
+    opt.step()
+    save_adapter(model, out)
+    return model
+
+
+def _assert_same_adapters(a, b) -> None:
+    ta, tb = (load_file(f / "adapter_model.safetensors") for f in (a, b))
+    # PEFT's save_embedding_layers="auto" with LoRA on embed_tokens (a tied lm_head): a copy of
+    # the base's own
+    tb = {k: v for k, v in tb.items()
+          if not k.endswith(("embed_tokens.base_layer.weight", "lm_head.base_layer.weight"))}
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert (ta[k] - tb[k]).abs().max() <= 1e-5 * max(1.0, tb[k].abs().max().item()), k
+
+
+def _new_token_rows(model) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "trainable_tokens_delta" in n:
+                p.copy_(0.3 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("base,indices", [
+    ("plain", [44, 15]), ("tied", [44, 15]),
+    ("plain", {"embed_tokens": [15], "lm_head": [4, 44]}),
+    ("tied", {"lm_head": [4, 44]}),  # the head's rows alone: PEFT (and Ember) untie it
+])
+def test_continued_trainable_tokens_train_as_peft(bases, tmp_path, base, indices, kind):
+    """PEFT trains the trainable_token_indices rows of a continued adapter (its
+    trainable_tokens_delta) and no other row; Ember left them frozen (the saved rows came back
+    unchanged). AdamW with weight decay: the decay touches those rows only, as PEFT's."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(bases[base], dtype=torch.float32)
+        pm = peft.get_peft_model(hf, peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+            trainable_token_indices=indices))
+        _new_token_rows(pm.base_model.model)
+        pm.save_pretrained(tmp_path / "ad")
+    _peft_step(bases[base], tmp_path / "ad", tmp_path / "peft", kind)
+    model = _ember_step(bases[base], tmp_path / "ad", tmp_path / "ember", kind)
+    _assert_same_adapters(tmp_path / "ember", tmp_path / "peft")
+    before = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    after = load_file(tmp_path / "ember" / "adapter_model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in after if "trainable_tokens" in k)
+    # every other row is still the base's own
+    hf = transformers.AutoModelForCausalLM.from_pretrained(bases[base], dtype=torch.float32)
+    rows = indices if isinstance(indices, list) else indices.get("embed_tokens", [])
+    others = [i for i in range(VOCAB) if i not in rows]
+    assert torch.equal(model.embed.weight.detach()[others],
+                       hf.get_input_embeddings().weight.detach()[others])
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("base,kw", [
+    ("plain", dict(target_modules=["q_proj", "v_proj", "down_proj"],
+                   rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3.0})),
+    ("plain", dict(target_modules=["q_proj", "o_proj"], use_rslora=True)),
+    ("plain", dict(target_modules=["q_proj", "gate_proj"], use_dora=True)),
+    ("plain", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    ("plain", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
+    ("biased", dict(target_modules=["q_proj", "o_proj"], bias="lora_only")),
+    ("biased", dict(target_modules=["q_proj"], bias="all")),
+    ("plain", dict(target_modules=["q_proj", "embed_tokens"])),
+    ("tied", dict(target_modules=["q_proj", "embed_tokens"])),
+    # a tied model: PEFT trains an untied copy of the listed module (Ember unties its head)
+    ("tied", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    ("tied", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
+    ("tied", dict(target_modules=["q_proj", "embed_tokens", "lm_head"])),  # two adapters
+])
+def test_continued_adapter_steps_as_peft(bases, tmp_path, base, kw, kind):
+    """One step on a continued adapter is PEFT's step: the same tensors trained by the same
+    amounts, saved under PEFT's keys."""
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(bases[base], dtype=torch.float32)
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                     **kw))
+        if kw.get("bias", "none") != "none":
+            with torch.no_grad():
+                for n, p in pm.named_parameters():
+                    if n.endswith("bias"):
+                        p.add_(0.1)
+        pm.save_pretrained(tmp_path / "ad")
+    _peft_step(bases[base], tmp_path / "ad", tmp_path / "peft", kind)
+    model = _ember_step(bases[base], tmp_path / "ad", tmp_path / "ember", kind,
+                        kw.get("bias", "none"))
+    _assert_same_adapters(tmp_path / "ember", tmp_path / "peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(bases[base], dtype=torch.float32)
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ember").eval()
+    with torch.no_grad():
+        want = theirs(input_ids=IDS).logits
+        assert (model.eval()(IDS) - want).abs().max() <= 1e-5 * max(1.0, want.abs().max())

@@ -1,0 +1,99 @@
+"""PEFT's modules_to_save on a model with tied embeddings, without ensure_weight_tying (SmolLM2,
+Gemma, Qwen2.5-0.5B style, e.g. after adding tokens): PEFT trains a separate copy of each listed
+module, which unties head and embedding (the module not listed keeps the base's matrix). Ember
+unties the model's head the same way: PEFT's logits on load, PEFT loads what save_adapter writes
+with Ember's logits, and the merged model exports untied with transformers' logits (it was
+refused)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from ember.models.loading import load_pretrained, save_pretrained
+from ember.models.lora import load_adapter, merge_lora, save_adapter
+from tests.models.test_interop_peft import VOCAB, _peft_adapter, save_random_model
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    return save_random_model(tmp_path_factory.mktemp("tied_saved") / "tied",
+                             transformers.LlamaConfig, seed=5, tie_word_embeddings=True)
+
+
+def _train_copies(model) -> None:
+    """PEFT starts each copy as the base's matrix: give the copies (different) new values."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.3 * torch.randn_like(p))
+
+
+def _close(a, b) -> bool:
+    return (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("mts", [["lm_head"], ["embed_tokens"], ["embed_tokens", "lm_head"]])
+def test_modules_to_save_untie_a_tied_model_as_peft(tied, tmp_path, mts):
+    torch.manual_seed(0)
+    ids, ref = _peft_adapter(tied, tmp_path / "peft", target_modules=["q_proj"],
+                             modules_to_save=mts, edit_base=_train_copies)
+    model, tok = load_pretrained(tied)
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        ours = model.eval()(ids)
+    assert _close(ours, ref)
+    # save_adapter: PEFT loads it with Ember's logits, the same modules saved
+    save_adapter(model, tmp_path / "ember")
+    cfg = json.loads((tmp_path / "ember" / "adapter_config.json").read_text())
+    assert sorted(cfg["modules_to_save"]) == sorted(mts) and not cfg["ensure_weight_tying"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tied, dtype=torch.float32)
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ember").eval()
+    with torch.no_grad():
+        assert _close(theirs(input_ids=ids).logits, ours)
+    # the merged model exports untied: transformers' logits
+    merge_lora(model)
+    save_pretrained(model, tmp_path / "merged", tok)
+    assert not json.loads((tmp_path / "merged" / "config.json").read_text())[
+        "tie_word_embeddings"]
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
+                                                               dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert _close(merged(input_ids=ids).logits, ref)
+    assert ids.max() < VOCAB
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj", "embed_tokens", "lm_head"]])
+def test_lora_on_a_tied_head_without_weight_tying_unties(tied, tmp_path, targets):
+    """PEFT without ensure_weight_tying puts the head's own adapter on the shared matrix (and
+    the embedding's, if any, on the embedding alone): Ember unties the head to hold both (was
+    refused), with PEFT's logits, saved back as PEFT's and exported untied."""
+    torch.manual_seed(0)
+    ids, ref = _peft_adapter(tied, tmp_path / "peft", target_modules=targets)
+    model, tok = load_pretrained(tied)
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        ours = model.eval()(ids)
+    assert _close(ours, ref)
+    save_adapter(model, tmp_path / "ember")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tied, dtype=torch.float32)
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ember").eval()
+    with torch.no_grad():
+        assert _close(theirs(input_ids=ids).logits, ours)
+    merge_lora(model)
+    save_pretrained(model, tmp_path / "merged", tok)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
+                                                               dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert _close(merged(input_ids=ids).logits, ref)
