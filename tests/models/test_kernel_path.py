@@ -170,7 +170,8 @@ def test_adapters_loss_and_gradients_triton_equals_ref(tmp_path, monkeypatch, tr
                               lambda m: sft_loss(m, batch, batch.num_loss_tokens), expect)
 
 
-@pytest.mark.parametrize("family,mode", [("llama", "qlora"), ("gemma2", "full"),
+@pytest.mark.parametrize("family,mode", [("llama", "qlora"), ("qwen2_bias", "qlora"),
+                                         ("gemma2", "full"),
                                          ("phi3_partial_rotary", "qlora")])
 def test_cached_decode_logits_triton_equal_ref(tmp_path, monkeypatch, triton_ops, family, mode):
     """Prefill 7 tokens then decode 1, 3 (the NF4 gemv kernel's rows) and 6 (the fused one's)
