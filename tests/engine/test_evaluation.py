@@ -157,19 +157,12 @@ def test_generation_eval_of_a_dynamic_ntk_model_runs_past_the_context(tmp_path):
 
     from ember.models.loading import load_hf_folder
 
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from tests.models.test_generate_hf import dynamic_ntk_llama
+
     tok = tokenizer_from_gguf(tiny_tokenizer_md())
-    vocab = len(tiny_tokenizer_md()["tokenizer.ggml.tokens"])
-    torch.manual_seed(1)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=16,
-                                   rope_scaling={"rope_type": "dynamic", "factor": 2.0},
-                                   tie_word_embeddings=False, bos_token_id=None,
-                                   eos_token_id=None, pad_token_id=None)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    for p in hf.parameters():
-        torch.nn.init.normal_(p, std=0.4)
+    hf = dynamic_ntk_llama(len(tiny_tokenizer_md()["tokenizer.ggml.tokens"]))
+    vocab = hf.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (10, 12)]
     want = []

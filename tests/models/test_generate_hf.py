@@ -105,12 +105,12 @@ def test_sampling_filters_equal_transformers_warpers(kw, ties):
                                lp.RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()))
 
 
-def test_dynamic_ntk_generates_past_the_context_as_transformers(tmp_path):
-    """Dynamic NTK RoPE exists to run past max_position_embeddings: generation there was refused
-    ('exceeds the model's context'); it now equals transformers' greedy generate, whose base grows
-    at every step past the context (prompt 10 + 14 new tokens, context 16)."""
+
+def dynamic_ntk_llama(vocab: int):
+    """A tiny random transformers Llama with dynamic NTK RoPE and a 16-token context, weights
+    large enough (std 0.4) that greedy tokens depend on the RoPE base."""
     torch.manual_seed(1)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, max_position_embeddings=16,
                                    rope_scaling={"rope_type": "dynamic", "factor": 2.0},
@@ -119,6 +119,14 @@ def test_dynamic_ntk_generates_past_the_context_as_transformers(tmp_path):
     hf = transformers.LlamaForCausalLM(cfg).eval()
     for p in hf.parameters():
         torch.nn.init.normal_(p, std=0.4)
+    return hf
+
+
+def test_dynamic_ntk_generates_past_the_context_as_transformers(tmp_path):
+    """Dynamic NTK RoPE exists to run past max_position_embeddings: generation there was refused
+    ('exceeds the model's context'); it now equals transformers' greedy generate, whose base grows
+    at every step past the context (prompt 10 + 14 new tokens, context 16)."""
+    hf = dynamic_ntk_llama(VOCAB)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf.save_pretrained(tmp_path)

@@ -68,6 +68,15 @@ def _close(name, out, ref):
     assert_close_to_ref(name, out.detach(), ref.detach(), ref.detach())
 
 
+def _loss_and_grads_match(ref, model, ids, **kw):
+    """``model`` (swapped) gives ``ref``'s (unswapped) loss and every gradient on ``ids``."""
+    out_ref, out = ref(ids, **kw), model(ids, **kw)
+    _close("loss", out.loss, out_ref.loss)
+    out_ref.loss.backward()
+    out.loss.backward()
+    _check_grads(ref, model)
+
+
 def _check_grads(ref, model):
     named = dict(model.named_parameters())
     for name, p in ref.named_parameters():
@@ -137,11 +146,7 @@ def test_padding_varlen(attn, flash_calls):
     # test_labels_read_padding).
     labels[2, 5] = -100
     kw = dict(attention_mask=mask, labels=labels)
-    out_ref, out = ref(ids, **kw), model(ids, **kw)
-    _close("loss", out.loss, out_ref.loss)
-    out_ref.loss.backward()
-    out.loss.backward()
-    _check_grads(ref, model)
+    _loss_and_grads_match(ref, model, ids, **kw)
     assert flash_calls == ["varlen"] * BASE["num_hidden_layers"]
     with torch.no_grad():
         real = mask.bool()
@@ -170,11 +175,7 @@ def test_labels_read_padding(attn, swaps, pad, flash_calls):
         mask[1, 3:5] = 0
     labels = ids if pad == "right" else ids.masked_fill(mask == 0, -100)
     kw = dict(attention_mask=mask, labels=labels)
-    out_ref, out = ref(ids, **kw), model(ids, **kw)
-    _close("loss", out.loss, out_ref.loss)
-    out_ref.loss.backward()
-    out.loss.backward()
-    _check_grads(ref, model)
+    _loss_and_grads_match(ref, model, ids, **kw)
     varlen = ["varlen"] * BASE["num_hidden_layers"]
     assert flash_calls == (varlen if (attn, pad) == ("sdpa", "left") else [])
     flash_calls.clear()

@@ -28,6 +28,7 @@ from tests.models.test_hf_backend import (
     _curve_batches,
     _curves_match,
     _ids,
+    _loss_and_grads_match,
     _pair,
     _peft_parity,
     _triton_parity,
@@ -200,11 +201,7 @@ def test_gemma2_padding_varlen(calls):
     labels = ids.masked_fill(mask == 0, -100)
     labels[2, 6] = -100  # predicted from a padding position (see test_hf_backend)
     kw = dict(attention_mask=mask, labels=labels)
-    out_ref, out = ref(ids, **kw), model(ids, **kw)
-    _close("loss", out.loss, out_ref.loss)
-    out_ref.loss.backward()
-    out.loss.backward()
-    _check_grads(ref, model)
+    _loss_and_grads_match(ref, model, ids, **kw)
     assert calls["attn"] == _attn("varlen", "gemma2")
     with torch.no_grad():
         real = mask.bool()
@@ -224,11 +221,7 @@ def test_gemma2_padding_inside_rows(calls):
     labels = ids.masked_fill(mask == 0, -100)
     labels[0, 9] = -100  # predicted from a padding position
     kw = dict(attention_mask=mask, labels=labels)
-    out_ref, out = ref(ids, **kw), model(ids, **kw)
-    _close("loss", out.loss, out_ref.loss)
-    out_ref.loss.backward()
-    out.loss.backward()
-    _check_grads(ref, model)
+    _loss_and_grads_match(ref, model, ids, **kw)
     assert calls["attn"] == _attn("varlen", "gemma2")[1:]
 
 

@@ -40,6 +40,25 @@ def _close(a, b) -> bool:
     return (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
 
 
+def _peft_loads_it_and_merged_exports_untied(model, tok, tied, tmp_path, ids, ours, ref):
+    """PEFT loads the adapter Ember saved in ``tmp_path / "ember"`` with Ember's logits
+    ``ours``; the merged model exports untied and transformers gives the PEFT oracle's ``ref``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tied, dtype=torch.float32)
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ember").eval()
+    with torch.no_grad():
+        assert _close(theirs(input_ids=ids).logits, ours)
+    merge_lora(model)
+    save_pretrained(model, tmp_path / "merged", tok)
+    assert not json.loads((tmp_path / "merged" / "config.json").read_text())[
+        "tie_word_embeddings"]
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
+                                                               dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert _close(merged(input_ids=ids).logits, ref)
+
+
 @pytest.mark.parametrize("mts", [["lm_head"], ["embed_tokens"], ["embed_tokens", "lm_head"]])
 def test_modules_to_save_untie_a_tied_model_as_peft(tied, tmp_path, mts):
     torch.manual_seed(0)
@@ -54,21 +73,7 @@ def test_modules_to_save_untie_a_tied_model_as_peft(tied, tmp_path, mts):
     save_adapter(model, tmp_path / "ember")
     cfg = json.loads((tmp_path / "ember" / "adapter_config.json").read_text())
     assert sorted(cfg["modules_to_save"]) == sorted(mts) and not cfg["ensure_weight_tying"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tied, dtype=torch.float32)
-        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ember").eval()
-    with torch.no_grad():
-        assert _close(theirs(input_ids=ids).logits, ours)
-    # the merged model exports untied: transformers' logits
-    merge_lora(model)
-    save_pretrained(model, tmp_path / "merged", tok)
-    assert not json.loads((tmp_path / "merged" / "config.json").read_text())[
-        "tie_word_embeddings"]
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
-                                                               dtype=torch.float32).eval()
-    with torch.no_grad():
-        assert _close(merged(input_ids=ids).logits, ref)
+    _peft_loads_it_and_merged_exports_untied(model, tok, tied, tmp_path, ids, ours, ref)
     assert ids.max() < VOCAB
 
 
@@ -85,15 +90,4 @@ def test_lora_on_a_tied_head_without_weight_tying_unties(tied, tmp_path, targets
         ours = model.eval()(ids)
     assert _close(ours, ref)
     save_adapter(model, tmp_path / "ember")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tied, dtype=torch.float32)
-        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ember").eval()
-    with torch.no_grad():
-        assert _close(theirs(input_ids=ids).logits, ours)
-    merge_lora(model)
-    save_pretrained(model, tmp_path / "merged", tok)
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
-                                                               dtype=torch.float32).eval()
-    with torch.no_grad():
-        assert _close(merged(input_ids=ids).logits, ref)
+    _peft_loads_it_and_merged_exports_untied(model, tok, tied, tmp_path, ids, ours, ref)
