@@ -39,6 +39,8 @@ from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
 from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
+from ember.kernels.adamw8bit import BLOCKSIZE as _BLOCKWISE_8BIT
+from ember.kernels.adamw8bit import dynamic_map, quantize_blockwise_ref
 from ember.kernels.nf4_matmul import (
     _C,
     SMALL_M,
@@ -55,29 +57,17 @@ NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453
             0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
             0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-NESTED_BLOCKSIZE = 256
-
-
-def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map(True, 7, 8)``): 256 fp32."""
-    data: list[float] = []
-    for i in range(7):
-        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
-        means = (bounds[:-1] + bounds[1:]) / 2.0
-        data += ((10 ** (-6 + i)) * means).tolist() + (-(10 ** (-6 + i)) * means).tolist()
-    return torch.tensor(sorted(data + [0, 1.0]), dtype=torch.float32)
+# bnb's double quantization of absmax is its 8-bit blockwise dynamic quantization (signed map,
+# blocks of 256): the one its 8-bit optimizers use, ``adamw8bit.quantize_blockwise_ref``.
+NESTED_BLOCKSIZE = _BLOCKWISE_8BIT
 
 
 @functools.cache
 def _tables(device: torch.device):
-    """NF4 code, its 15 midpoints, the dynamic map and bnb's 65536-entry lookup table on device."""
+    """NF4 code, its 15 midpoints and the signed 8-bit dynamic map on device."""
     code = torch.tensor(NF4_CODE, dtype=torch.float32)
     bounds = (code[:-1] + code[1:]) / 2
-    dyn = dynamic_map()
-    mid = 0.5 * (dyn[:-1] + dyn[1:])
-    grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
-    lut = torch.searchsorted(mid, grid, side="left").to(torch.uint8)
-    return tuple(t.to(device) for t in (code, bounds, dyn, lut))
+    return tuple(t.to(device) for t in (code, bounds, dynamic_map(True)))
 
 
 @dataclass(frozen=True)
@@ -231,21 +221,11 @@ def as_nf4_weight(weight):
 
 # ----------------------------------------------------------------------------------- reference
 def _quantize_absmax(absmax: torch.Tensor):
-    """Double quantization (torch, any device): (uint8 codes, fp32 absmax2, offset)."""
+    """Double quantization (torch, any device): (uint8 codes, fp32 absmax2, offset, the map) of
+    absmax - its mean, by bnb's 8-bit blockwise rule."""
     offset = absmax.mean()
-    a = absmax - offset
-    _, _, dyn, lut = _tables(a.device)
-    nb = a.numel()
-    n2 = -(-nb // NESTED_BLOCKSIZE)
-    blocks = F.pad(a, (0, n2 * NESTED_BLOCKSIZE - nb)).view(n2, NESTED_BLOCKSIZE)
-    am2 = blocks.abs().amax(1)
-    inv = torch.where(am2 > 0, 1.0 / am2, torch.zeros_like(am2))
-    v = (blocks * inv[:, None]).clamp(-1.0, 1.0)
-    # A subnormal absmax2 has 1 / absmax2 = inf, so a zero there is NaN: bnb's C code gives it
-    # code 0 (its index conversion), never an out-of-range table read.
-    q = lut[((v + 1.0) * 0.5 * 65535.0 + 0.5).nan_to_num(0.0).to(torch.int32)]
-    q = torch.where(am2[:, None] > 0, q, torch.zeros_like(q))
-    return q.reshape(-1)[:nb].contiguous(), am2, offset.item(), dyn
+    q, am2 = quantize_blockwise_ref(absmax - offset, signed=True)
+    return q.contiguous(), am2, offset.item(), _tables(absmax.device)[2]
 
 
 def _make_state(absmax, w, blocksize, double_quant) -> NF4State:
@@ -267,7 +247,7 @@ def nf4_quantize_ref(w: torch.Tensor, blocksize: int = 64, double_quant: bool = 
     flat = w.reshape(-1).float()
     n = flat.numel()
     full = n - n % blocksize
-    code, bounds, _, _ = _tables(w.device)
+    code, bounds, _ = _tables(w.device)
     blocks = flat[:full].view(-1, blocksize)
     absmax = blocks.abs().amax(1)
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)
