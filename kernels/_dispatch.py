@@ -55,8 +55,8 @@ def device_guard(t: torch.Tensor):
 
 
 def check_tensors(op: str, **tensors) -> None:
-    """Each named argument must be a torch.Tensor (None where the keyword says ``optional``): a
-    list, NumPy array or None used to fail deep inside with an AttributeError."""
+    """Each named argument must be a torch.Tensor (callers check optional ones only when given):
+    a list, NumPy array or None used to fail deep inside with an AttributeError."""
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
