@@ -191,6 +191,7 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
     parts: dict[tuple[bool, bool], list] = {k: [] for k in
                                             ((True, False), (False, False), (True, True),
                                              (False, True))}
+    by_rows = False
     for name, p in model.named_parameters():
         if p.requires_grad:
             # Norm gains and biases (the 1-D parameters) are not shrunk towards 0; matrices,
@@ -199,6 +200,7 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
             emb = embedding_lr is not None and name.split(".")[0] in ("embed", "lm_head")
             # trainable_token_indices: only those rows train, so only they decay (rows_decay)
             rows = getattr(p, "ember_trained_rows", None) is not None
+            by_rows = by_rows or rows
             parts[((p.ndim >= 2 or name.endswith("lora_magnitude")) and not rows, emb)].append(p)
     if embedding_lr is not None and not (parts[(True, True)] or parts[(False, True)]):
         raise EmberError("lora.embedding_lr is set but no adapter is on the embedding or the head: "
@@ -216,7 +218,7 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
             opt = torch.optim.AdamW(groups, fused=True, **kw)
         except (RuntimeError, ValueError):  # fused kernel missing for this device/dtype
             opt = torch.optim.AdamW(groups, foreach=True, **kw)
-    if cfg.weight_decay > 0:
+    if cfg.weight_decay > 0 and by_rows:  # no per-step hook for runs without such a matrix
         opt.register_step_pre_hook(_rows_decay(cfg.weight_decay))
     return opt
 
