@@ -52,6 +52,7 @@ from ember.models.gguf import (
     permute_qk,
 )
 from ember.models.gguf_arch import ARCHITECTURES, GEMMA
+from ember.models.gguf_dequant import dequantize
 from ember.models.gguf_moe import (
     EXPORT_ARCH,
     F32_TENSORS,
@@ -185,6 +186,24 @@ def _encode(w: torch.Tensor, qtype: Q) -> np.ndarray:
         return w.to(torch.bfloat16).view(torch.uint8).numpy()
     # a 3-D expert stack is quantized row by row, as llama-quantize does each expert's matrix
     return quantize(w.reshape(-1, w.shape[-1]), qtype).reshape(*w.shape[:-1], -1).numpy()
+
+
+def _check_finite(name: str, w: torch.Tensor, qtype: Q, data: np.ndarray) -> None:
+    """Refuse a tensor whose GGUF form holds inf or NaN, as llama-quantize's
+    ``ggml_validate_row_data`` does (the converter would write it silently): a weight that is
+    not finite, or one too large for an fp16 value or block scale."""
+    if not bool(torch.isfinite(w).all()):
+        raise EmberError(f"save_gguf: tensor {name} has NaN or inf weights (a diverged "
+                         "training run?); nothing can run this model. Fix the weights first")
+    if qtype == Q.F32:
+        return
+    raw = torch.from_numpy(np.ascontiguousarray(data)).reshape(-1)
+    back = raw if qtype == Q.F16 else dequantize(raw.view(torch.uint8), qtype, (-1,))
+    if not bool(torch.isfinite(back).all()):
+        raise EmberError(f"save_gguf: tensor {name} has weights up to {w.abs().max().item():.3g}, "
+                         f"beyond what {qtype.name} can hold (its fp16 values or block scales "
+                         "stop at 65504): the file would hold inf. Export as bf16 or f32, or "
+                         "rescale the weights")
 
 
 def _tensor_types(dtype: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, arch: str
@@ -396,6 +415,7 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
                 _put(writer, k, v)
         for n, t in tensors.items():
             data = _encode(t, types[n])
+            _check_finite(n, t, types[n], data)
             writer.add_tensor(n, data, raw_dtype=types[n] if data.dtype == np.uint8 else None)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

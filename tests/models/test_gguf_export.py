@@ -206,6 +206,46 @@ def test_q8_0_rows_not_a_multiple_of_32_fall_back_to_f16(tmp_path):
     assert _field(GGUFReader(path), "general.file_type") == 7
 
 
+def _gguf_py_back(w: np.ndarray, qtype: Q) -> np.ndarray:
+    """What the converter (numpy's fp16 cast, ``gguf.quants``) would store for ``w``, read back."""
+    if qtype == Q.F16:
+        return w.astype(np.float16).astype(np.float32)
+    return quants.dequantize(quants.quantize(w, qtype), qtype)
+
+
+# (output type, ggml type of a 1-layer, 64-wide model's ffn_down, its largest weight)
+@pytest.mark.parametrize("dtype,qtype,big", [
+    ("f16", Q.F16, 7e4), ("q8_0", Q.Q8_0, 1e7), ("q4_0", Q.Q4_0, 1e6), ("q5_1", Q.Q5_1, -7e4),
+    ("q6_k", Q.Q8_0, 1e7), ("bf16", Q.BF16, float("nan")), ("f32", Q.F32, float("inf"))])
+def test_weights_the_type_cannot_hold_are_refused(dtype, qtype, big, tmp_path):
+    """gguf.quants (and numpy's fp16 cast) would store inf or NaN for these weights, a file
+    llama-quantize's row validation rejects; Ember refuses it, naming the tensor. A weight just
+    inside the range is written as gguf.quants writes it, finite."""
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_layers=1,
+                      num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    model = Transformer(cfg).init_weights(std=0.1, seed=0)
+    down = model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        down[3, 5] = big
+    assert not np.isfinite(_gguf_py_back(down.detach().numpy(), qtype)).all() or qtype in (
+        Q.BF16, Q.F32)  # the bf16 / f32 cases carry the NaN / inf themselves
+    with pytest.raises(EmberError, match=r"tensor blk\.0\.ffn_down\.weight has (weights up to"
+                                         r" .*beyond what|NaN or inf)"):
+        save_gguf(model, tok, tmp_path / "m.gguf", dtype=dtype)
+    assert not list(tmp_path.iterdir())
+    if qtype in (Q.BF16, Q.F32):
+        return
+    with torch.no_grad():
+        down[3, 5] = big / 2 if qtype == Q.F16 else big / 20
+    path = save_gguf(model, tok, tmp_path / "m.gguf", dtype=dtype)
+    t = next(t for t in GGUFReader(path).tensors if t.name == "blk.0.ffn_down.weight")
+    assert t.tensor_type == qtype
+    back = _gguf_py_back(down.detach().numpy(), qtype)
+    got = np.asarray(t.data) if qtype == Q.F16 else quants.dequantize(np.asarray(t.data), qtype)
+    assert np.isfinite(back).all() and np.array_equal(np.asarray(got, np.float32), back)
+
+
 def test_llama_sliding_window_is_dropped_with_a_warning(tmp_path):
     cfg = ModelConfig(model_type="mistral", vocab_size=VOCAB, hidden_size=32, intermediate_size=32,
                       num_layers=1, num_heads=2, num_kv_heads=1, sliding_window=8,
