@@ -21,7 +21,8 @@ Metadata: the ``<arch>.*`` keys the importer and llama.cpp read (``config_from_g
 Whatever GGUF cannot express is refused before anything is written: the metadata is read back
 with the importer's own ``config_from_gguf`` and every field that would come back different is
 named (a query_pre_attn_scalar llama.cpp hard-codes differently, a local RoPE base other than
-10000, partial rotary, YaRN / LongRoPE scaling ...). Refused too: classifier heads, prompt-tuning
+10000, a Gemma 2 / 3 layer pattern other than llama.cpp's fixed period, partial rotary,
+YaRN / LongRoPE scaling ...). Refused too: classifier heads, prompt-tuning
 models and LoRA adapters not merged (``merge_lora`` first). A 4-bit (NF4) model is dequantized.
 A llama-architecture sliding window (Mistral v0.1) is dropped with a warning: llama.cpp's llama
 graph has no window, and its converter drops it too.
@@ -284,7 +285,11 @@ def arch_metadata(cfg: ModelConfig) -> dict[str, Any]:
         period = {"gemma2": 2, "gemma3": 6}[arch]
         if cfg.sliding_window is not None and sliding != [
                 i % period < period - 1 for i in range(cfg.num_layers)]:
-            md["attention.sliding_window_pattern"] = sliding
+            # llama.cpp hard-codes the period and reads no pattern key (nor does transformers)
+            raise EmberError(f"save_gguf: llama.cpp's {arch} makes layer i full attention when "
+                             f"(i + 1) % {period} == 0, the others sliding; this model's "
+                             f"layer_types differ (sliding: {sliding}), which no {arch} GGUF key "
+                             "can say. Export the merged HF folder instead (ember export --merged)")
     return md
 
 
@@ -360,7 +365,7 @@ def _put(w: GGUFWriter, key: str, v: Any) -> None:
         w.add_float32(key, v)
     elif isinstance(v, str):
         w.add_string(key, v)
-    else:  # lists: strings, int32 (token types) or bools (per-layer window pattern)
+    else:  # lists: strings or int32 (token types)
         w.add_array(key, list(v))
 
 

@@ -358,6 +358,34 @@ def test_unexpressible_models_are_refused(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
+def test_gemma_layer_pattern_gguf_cannot_hold_is_refused(tmp_path):
+    """llama.cpp's gemma2 / gemma3 hard-code the sliding / full period (2 / 6) and read no
+    pattern key; transformers' GGUF loader neither: a file carrying one loads there with the
+    default pattern. So a Gemma 2 with another pattern is refused, not written with a key only
+    Ember would honour."""
+    from tests.models.test_gguf_families import DIMS as GEMMA_DIMS
+    from tests.models.test_gguf_families import _metadata, write_family_gguf
+
+    pattern = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    hf_cfg = transformers.Gemma2Config(**GEMMA_DIMS, num_hidden_layers=4, head_dim=32,
+                                       sliding_window=5, query_pre_attn_scalar=32,
+                                       layer_types=pattern)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    path = tmp_path / "key.gguf"
+    write_family_gguf(path, "gemma2", hf, {**_metadata("gemma2", hf_cfg),
+                                           "gemma2.attention.sliding_window_pattern": [
+                                               p == "sliding_attention" for p in pattern]})
+    with _offline():
+        theirs = transformers.AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
+    assert list(theirs.layer_types) == ["sliding_attention", "full_attention"] * 2 != pattern
+    model = _ember_from_hf(hf, tmp_path / "hf")
+    assert list(model.cfg.layer_types) == pattern
+    with pytest.raises(EmberError, match=r"full attention when \(i \+ 1\) % 2 == 0, .*"
+                                         r"layer_types differ"):
+        save_gguf(model, tokenizer_from_gguf(tiny_tokenizer_md()), tmp_path / "out" / "m.gguf")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
 # ---------------------------------------------------------------------------------------------
 # The real SmolLM2-135M-Instruct
 
