@@ -93,6 +93,13 @@ def gguf_arch(cfg: ModelConfig) -> str:
         raise EmberError("save_gguf: llama.cpp's phi2 architecture has no q/k LayerNorms "
                          "(qk_layernorm) and no tied output head; export the merged HF folder "
                          "instead (ember export --merged)")
+    if arch in ("gemma", "gemma2") and not cfg.tie_word_embeddings:
+        # llama.cpp reads token_embd as the output matrix and has no output.weight for these
+        # (its converter drops lm_head); transformers' GGUF loader leaves lm_head uninitialized
+        raise EmberError(f"save_gguf: llama.cpp's {arch} always uses the token embedding as the "
+                         "output matrix, and this model has a separate lm_head "
+                         "(tie_word_embeddings false); no GGUF file can hold it. Export the "
+                         "merged HF folder instead (ember export --merged)")
     return arch
 
 

@@ -386,6 +386,39 @@ def test_gemma_layer_pattern_gguf_cannot_hold_is_refused(tmp_path):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+def test_untied_gemma2_is_refused(tmp_path):
+    """gguf's tensor table has no output.weight for gemma / gemma2 (llama.cpp takes the output
+    matrix from token_embd; the converter drops lm_head), unlike gemma3; transformers' GGUF
+    loader does not read one either: from a file that has it, its lm_head comes back newly
+    initialized. A Gemma 2 with its own lm_head is refused instead of written into such a
+    file."""
+    from gguf import MODEL_ARCH, MODEL_TENSOR, MODEL_TENSORS
+
+    from tests.models.test_gguf_families import DIMS as GEMMA_DIMS
+    from tests.models.test_gguf_families import write_family_gguf
+
+    assert [MODEL_TENSOR.OUTPUT in MODEL_TENSORS[a] for a in (
+        MODEL_ARCH.GEMMA, MODEL_ARCH.GEMMA2, MODEL_ARCH.GEMMA3)] == [False, False, True]
+    hf_cfg = transformers.Gemma2Config(**GEMMA_DIMS, num_hidden_layers=2, head_dim=32,
+                                       sliding_window=5, query_pre_attn_scalar=32,
+                                       tie_word_embeddings=False)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    hf.config.tie_word_embeddings = True  # write_family_gguf then skips lm_head: added by hand
+    write_family_gguf(tmp_path / "g.gguf", "gemma2", hf,
+                      extra_tensors={"output.weight": hf.lm_head.weight.detach().numpy()})
+    hf.config.tie_word_embeddings = False
+    with _offline():
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, gguf_file="g.gguf", dtype=torch.float32, query_pre_attn_scalar=32)
+    assert not torch.equal(theirs.lm_head.weight, hf.lm_head.weight)
+    model = _ember_from_hf(hf, tmp_path / "hf")
+    assert not model.cfg.tie_word_embeddings
+    with pytest.raises(EmberError, match=r"gemma2 always uses the token embedding .* separate "
+                                         r"lm_head"):
+        save_gguf(model, tokenizer_from_gguf(tiny_tokenizer_md()), tmp_path / "out" / "m.gguf")
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # The real SmolLM2-135M-Instruct
 
