@@ -268,7 +268,8 @@ def _split(weights):
 
 
 def _rows(t):
-    return None if t is None else t.reshape(-1, t.shape[-1])
+    # Row count spelled out: reshape(-1, 0) cannot infer it (in_features = 0).
+    return None if t is None else t.reshape(t.shape[:-1].numel(), t.shape[-1])
 
 
 def _group(x, weights, As, Bs, scales, biases, lora_x):
