@@ -48,12 +48,18 @@ def test_fp16_input_fp32_weight(poisoned):
     _check((4, 29, 80), torch.float16, torch.float32, 1.0, "cpu")
 
 
-def test_bf16_within_interpreter_truncation(poisoned):
+@pytest.mark.parametrize("looped", [False, True])
+def test_bf16_within_interpreter_truncation(looped, monkeypatch, poisoned):
     """The interpreter truncates fp32->bf16 stores (no rounding), so compare against the bf16
     reference with a 1-ulp allowance; the real bf16 rule runs in test_gpu_dtype_matrix."""
-    x = torch.randn(4, 33, 96).bfloat16()
-    w = torch.randn(96).bfloat16()
-    dy = torch.randn(4, 33, 96).bfloat16()
+    d = 203 if looped else 96
+    if looped:  # the looped kernels, as in test_looped_path_for_wide_rows
+        mod = sys.modules["ember.kernels.rms_norm"]
+        monkeypatch.setattr(mod, "_MAX_D", 64)
+        monkeypatch.setattr(mod, "_LOOP_BLOCK_N", 32)
+    x = torch.randn(4, 33, d).bfloat16()
+    w = torch.randn(d).bfloat16()
+    dy = torch.randn(4, 33, d).bfloat16()
     out = _run(x, w, dy, 1e-6, 1.0, "triton")
     ref = _run(x, w, dy, 1e-6, 1.0, "ref")
     for name, o, r in zip(("y", "dx", "dw"), out, ref, strict=True):
