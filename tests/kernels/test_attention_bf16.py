@@ -23,7 +23,9 @@ from tests.kernels.test_attention import CASES, _check, _packed, _qkv
 
 @pytest.fixture
 def bf16_rounding(monkeypatch):
-    cast = interpreter.InterpreterBuilder.cast_impl
+    cast = getattr(interpreter.InterpreterBuilder, "cast_impl", None)
+    if cast is None or not hasattr(interpreter, "TensorHandle"):
+        pytest.skip("this triton's interpreter has no InterpreterBuilder.cast_impl to replace")
 
     def rounding_cast(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
