@@ -52,8 +52,10 @@ def lora_linear_ref(x, weight, A, B, scale, bias=None, *, lora_x=None):
     # y + scale * u B^T as one GEMM onto y (beta = 1, alpha = scale): the same values as the
     # written-out sum, without two more passes over the (tokens, out) output (about 10% of a
     # LoRA linear's forward + backward on a CPU, measured)
-    y2 = y.reshape(-1, y.shape[-1])
-    return torch.addmm(y2, u.reshape(-1, u.shape[-1]), B.to(x.dtype).t(), alpha=float(scale)
+    # Row count spelled out: reshape(-1, 0) cannot infer it (a rank-0 adapter, no outputs).
+    rows = y.shape[:-1].numel()
+    y2 = y.reshape(rows, y.shape[-1])
+    return torch.addmm(y2, u.reshape(rows, u.shape[-1]), B.to(x.dtype).t(), alpha=float(scale)
                        ).view(y.shape)
 
 
@@ -266,7 +268,8 @@ def _split(weights):
 
 
 def _rows(t):
-    return None if t is None else t.reshape(-1, t.shape[-1])
+    # Row count spelled out: reshape(-1, 0) cannot infer it (in_features = 0).
+    return None if t is None else t.reshape(t.shape[:-1].numel(), t.shape[-1])
 
 
 def _group(x, weights, As, Bs, scales, biases, lora_x):

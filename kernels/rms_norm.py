@@ -13,7 +13,13 @@ g = dy * (offset + w):
 
 dw is reduced in two stages so no program contends on one row: a fixed number of programs (about
 two per SM) each walk a contiguous slab of rows and write one fp32 partial row of dw, then the
-(programs, D) partials are summed. Limits: D <= 65536 (one row lives in one block).
+(programs, D) partials are summed.
+
+Rows wider than ``_MAX_D`` (65536) do not fit one block: they take the looped kernels, one row at
+a time per program, which walk the row in ``_LOOP_BLOCK_N`` chunks: forward sums the squares in a
+first pass and normalizes in a second; backward reduces mean(g * x_hat) in a first pass and
+writes dx in a second, adding dy * x_hat into the program's own fp32 partial row of dw (the same
+two-stage reduction). Any D works; the choice is automatic.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from torch.autograd.function import once_differentiable
 from ember.kernels import _dispatch
 from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
 
-_MAX_D = 65536
+_MAX_D = 65536  # widest row one block holds; wider rows take the looped kernels
+_LOOP_BLOCK_N = 4096  # chunk of a row the looped kernels handle per step
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
@@ -85,7 +92,76 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, M, N, rows_per_program,
     tl.store(DW_PARTIAL + pid * N + cols, tl.sum(dw, axis=0), mask=cmask)
 
 
+@triton.jit
+def _rms_norm_fwd_looped_kernel(X, W, Y, RSTD, N, stride_x, stride_y, eps, offset,
+                                BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    y_row = Y + row * stride_y
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        x = tl.load(x_row + cols, mask=cols < N, other=0.0).to(tl.float32)
+        acc += x * x
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        x = tl.load(x_row + cols, mask=cmask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+        tl.store(y_row + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=cmask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd_looped_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, M, N, rows_per_program,
+                                stride_dy, stride_x, stride_dx, offset, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    dw_row = DW_PARTIAL + pid * N  # this program's own partial row: zeroed by the launcher
+    first = pid * rows_per_program
+    for r in range(0, rows_per_program):
+        row = first + r
+        if row < M:
+            rstd = tl.load(RSTD + row)
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                cmask = cols < N
+                x = tl.load(X + row * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row * stride_dy + cols, mask=cmask, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+                acc += dy * w * x
+            c = tl.sum(acc, axis=0) * rstd / N
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                cmask = cols < N
+                x = tl.load(X + row * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row * stride_dy + cols, mask=cmask, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+                x_hat = x * rstd
+                dx = (dy * w - x_hat * c) * rstd
+                tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=cmask)
+                dw = tl.load(dw_row + cols, mask=cmask, other=0.0)
+                tl.store(dw_row + cols, dw + dy * x_hat, mask=cmask)
+
+
+_LOOPED_FWD_SIG = {"X": "*bf16", "W": "*fp32", "Y": "*bf16", "RSTD": "*fp32", "N": "i32",
+                   "stride_x": "i32", "stride_y": "i32", "eps": "fp32", "offset": "fp32",
+                   "BLOCK_N": "constexpr"}
+_LOOPED_BWD_SIG = {"DY": "*bf16", "X": "*bf16", "W": "*fp32", "RSTD": "*fp32", "DX": "*bf16",
+                   "DW_PARTIAL": "*fp32", "M": "i32", "N": "i32", "rows_per_program": "i32",
+                   "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32", "offset": "fp32",
+                   "BLOCK_N": "constexpr"}
+
 COMPILE_SPECS = [
+    (_rms_norm_fwd_looped_kernel, _LOOPED_FWD_SIG, {"BLOCK_N": 4096}, {"num_warps": 8}),
+    (_rms_norm_fwd_looped_kernel, {k: "*fp32" if v == "*bf16" else v
+                                   for k, v in _LOOPED_FWD_SIG.items()},
+     {"BLOCK_N": 4096}, {"num_warps": 8}),
+    (_rms_norm_bwd_looped_kernel, _LOOPED_BWD_SIG, {"BLOCK_N": 4096}, {"num_warps": 8}),
+    (_rms_norm_bwd_looped_kernel, {k: "*fp32" if v == "*bf16" else v
+                                   for k, v in _LOOPED_BWD_SIG.items()},
+     {"BLOCK_N": 4096}, {"num_warps": 8}),
     (_rms_norm_fwd_kernel,
      {"X": "*fp32", "W": "*fp32", "Y": "*fp32", "RSTD": "*fp32", "M": "i32", "N": "i32",
       "stride_x": "i32", "stride_y": "i32", "eps": "fp32", "offset": "fp32",
@@ -133,6 +209,11 @@ def _rms_norm_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: fl
     rstd = torch.empty(m, device=x2.device, dtype=torch.float32)
     if m == 0:
         return y, rstd
+    if n > _MAX_D:
+        _rms_norm_fwd_looped_kernel[(m,)](
+            x2, weight, y, rstd, n, x2.stride(0), y.stride(0), eps, offset,
+            BLOCK_N=_LOOP_BLOCK_N, num_warps=8)
+        return y, rstd
     block_m, block_n, num_warps = _blocks(n)
     _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
         x2, weight, y, rstd, m, n, x2.stride(0), y.stride(0), eps, offset,
@@ -154,6 +235,16 @@ def _rms_norm_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rst
     dx = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     if m == 0:
         return dx, torch.zeros_like(weight)
+    if n > _MAX_D:
+        programs = _num_partials(x2.device, m)
+        rows_per_program = triton.cdiv(m, programs)
+        programs = triton.cdiv(m, rows_per_program)
+        partial = torch.zeros((programs, n), device=x2.device, dtype=torch.float32)
+        _rms_norm_bwd_looped_kernel[(programs,)](
+            dy2, x2, weight, rstd, dx, partial, m, n, rows_per_program,
+            dy2.stride(0), x2.stride(0), dx.stride(0), offset,
+            BLOCK_N=_LOOP_BLOCK_N, num_warps=8)
+        return dx, partial.sum(0).to(weight.dtype)
     block_m, block_n, num_warps = _blocks(n)
     tiles = triton.cdiv(m, block_m)
     programs = _num_partials(x2.device, tiles)
@@ -203,9 +294,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
     if not eps > 0:
         raise ValueError(f"rms_norm: eps must be > 0, got {eps}")
     if use_triton(x, impl, "rms_norm"):
-        if x.shape[-1] > _MAX_D:
-            raise ValueError(f"rms_norm: the Triton kernel takes D <= {_MAX_D}, got "
-                             f"{x.shape[-1]}; use impl='ref'")
         # The kernels index weight as a dense (D,) vector: a strided view (w[::2]) is copied.
         with _dispatch.device_guard(x):
             return _RMSNorm.apply(x, weight.contiguous(), float(eps), float(offset))

@@ -119,7 +119,8 @@ COMPILE_SPECS = [
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as (M, F) with unit stride along F, copying only when no such view exists."""
-    t2 = t.reshape(-1, t.shape[-1])
+    # Row count spelled out: reshape(-1, 0) cannot infer it (F = 0).
+    t2 = t.reshape(t.shape[:-1].numel(), t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 

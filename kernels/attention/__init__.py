@@ -5,6 +5,12 @@ Contract:
   head h // (Hq // Hkv)); output (B, T, Hq, D) in q.dtype.
 - Varlen (packed) mode: ``cu_seqlens`` int32 (n_docs + 1,) cumulative lengths starting at 0;
   q (total, Hq, D), k/v (total, Hkv, D); token i of document d only attends within d.
+- Document-id mode: ``seq_idx`` int (B, T) with q (B, T, Hq, D), k/v (B, T, Hkv, D), or (total,)
+  with q (total, Hq, D): the index of the document each token belongs to (transformers'
+  ``DataCollatorWithFlattening(return_seq_idx=True)`` gives (1, total)). Each document is one
+  contiguous run of equal ids, non-decreasing within a row (a row start always starts a new
+  document); it is converted to ``cu_seqlens`` / ``max_seqlen`` with one host read of seq_idx
+  (pass ``cu_seqlens`` and ``max_seqlen`` instead for a sync-free step). Output shaped like q.
 - ``causal``: query i sees keys j <= i (positions counted inside each document; with S != T in
   padded mode the query block is aligned to the end of the keys, as flash-attn does).
 - ``window=W``: query i sees keys j with i - j < W (W keys including itself; HF's
@@ -62,10 +68,52 @@ def _attend_ref(q, k, v, causal, scale, window, softcap):
     return torch.matmul(p, vf).transpose(1, 2).to(q.dtype)
 
 
+def _from_seq_idx(q, k, v, seq_idx, cu_seqlens, max_seqlen):
+    """Per-token document ids -> (q, k, v) as (total, H, D), cu_seqlens (int32, on q's device),
+    max_seqlen (None when there are no tokens). One host read of seq_idx."""
+    check_tensors("flash_attention", q=q, k=k, v=v, seq_idx=seq_idx)
+    if cu_seqlens is not None or max_seqlen is not None:
+        raise ValueError("flash_attention: pass either seq_idx (per-token document ids) or "
+                         "cu_seqlens/max_seqlen, not both: seq_idx is converted to cu_seqlens and "
+                         "max_seqlen")
+    if seq_idx.dtype == torch.bool or seq_idx.is_floating_point() or seq_idx.is_complex():
+        raise ValueError(f"flash_attention: seq_idx must be an integer tensor of document ids, "
+                         f"got {seq_idx.dtype}")
+    if seq_idx.dim() not in (1, 2) or q.dim() != seq_idx.dim() + 2 or (
+            tuple(q.shape[:seq_idx.dim()]) != tuple(seq_idx.shape)) or (
+            tuple(k.shape[:seq_idx.dim()]) != tuple(seq_idx.shape)):
+        raise ValueError(f"flash_attention: seq_idx must be (B, T) with q (B, T, H, D) and k/v "
+                         f"(B, T, Hkv, D), or (total,) with q (total, H, D) and k/v "
+                         f"(total, Hkv, D); got seq_idx {tuple(seq_idx.shape)}, q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}")
+    ids = seq_idx.detach().to("cpu", torch.int64)  # the one host read
+    ids = ids.reshape(-1, ids.shape[-1]) if ids.numel() else ids.new_zeros(0, 1)
+    step = ids[:, 1:] - ids[:, :-1]
+    if (step < 0).any():
+        row, col = (step < 0).nonzero()[0].tolist()
+        raise ValueError(f"flash_attention: seq_idx must be non-decreasing within each row (each "
+                         f"document one contiguous run of equal ids); row {row} goes from "
+                         f"{ids[row, col].item()} to {ids[row, col + 1].item()} at position "
+                         f"{col + 1}. Reorder the tokens so each document is contiguous")
+    new_doc = torch.ones_like(ids, dtype=torch.bool)  # a row start is always a document start
+    new_doc[:, 1:] = step != 0
+    total = ids.numel()
+    starts = new_doc.reshape(-1).nonzero().reshape(-1)
+    cu = torch.cat([starts if total else starts.new_zeros(1), torch.tensor([total])])
+    longest = int((cu[1:] - cu[:-1]).max()) if total else 0
+    flat = [t.reshape(total, *t.shape[seq_idx.dim():]) for t in (q, k, v)]
+    return (*flat, cu.to(device=q.device, dtype=torch.int32), longest or None)
+
+
 def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None, softcap=None,
-                        cu_seqlens=None, max_seqlen=None):
+                        cu_seqlens=None, max_seqlen=None, seq_idx=None):
     """The spec of ``flash_attention`` (same arguments, shapes and dtypes): SDPA or an explicit
     (T, S) mask per sequence, output in q.dtype. Plain autograd (double backward works)."""
+    if seq_idx is not None:
+        qf, kf, vf, cu, longest = _from_seq_idx(q, k, v, seq_idx, cu_seqlens, max_seqlen)
+        return flash_attention_ref(qf, kf, vf, causal=causal, softmax_scale=softmax_scale,
+                                   window=window, softcap=softcap, cu_seqlens=cu,
+                                   max_seqlen=longest).reshape(q.shape)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if cu_seqlens is None:
         if softcap is None and window is None and q.shape[1] == k.shape[1]:
@@ -205,13 +253,22 @@ class _FlashAttention(torch.autograd.Function):
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     softmax_scale: float | None = None, window: int | None = None,
                     softcap: float | None = None, cu_seqlens: torch.Tensor | None = None,
-                    max_seqlen: int | None = None, impl: str | None = None) -> torch.Tensor:
+                    max_seqlen: int | None = None, seq_idx: torch.Tensor | None = None,
+                    impl: str | None = None) -> torch.Tensor:
     """softmax(scale q k^T [softcap, causal / window masks]) v; differentiable in q, k and v.
 
     Padded: q (B, T, Hq, D), k/v (B, S, Hkv, D) with Hq a multiple of Hkv (GQA/MQA); varlen:
     q (total, Hq, D), k/v (total, Hkv, D) and ``cu_seqlens`` (n_docs + 1,) int32/int64 offsets.
+    Or per-token document ids ``seq_idx`` (B, T) / (total,) (transformers' name, as
+    ``DataCollatorWithFlattening(return_seq_idx=True)`` gives it), non-decreasing within a row,
+    with q laid out as (B, T, Hq, D) / (total, Hq, D): converted to cu_seqlens with one host read.
     fp16/bf16 (fp32 accepted); output shaped like q in q.dtype. ``window=W``: a query sees W keys
     (itself included), as transformers' ``sliding_window``. See the module docstring."""
+    if seq_idx is not None:
+        qf, kf, vf, cu, longest = _from_seq_idx(q, k, v, seq_idx, cu_seqlens, max_seqlen)
+        return flash_attention(qf, kf, vf, causal=causal, softmax_scale=softmax_scale,
+                               window=window, softcap=softcap, cu_seqlens=cu, max_seqlen=longest,
+                               impl=impl).reshape(q.shape)
     max_seqlen = _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap)
     if not use_triton(q, impl, "flash_attention"):
         return flash_attention_ref(q, k, v, causal=causal, softmax_scale=softmax_scale,

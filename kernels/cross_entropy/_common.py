@@ -59,6 +59,9 @@ def validate(op: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
                          f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError(f"{op}: weight has an empty vocabulary (shape {tuple(weight.shape)})")
+    if weight.shape[1] == 0:
+        raise ValueError(f"{op}: hidden size D is 0 (hidden {tuple(hidden.shape)}, weight "
+                         f"{tuple(weight.shape)}); the head needs D >= 1")
     if hidden.dtype != weight.dtype:
         raise ValueError(f"{op}: hidden is {hidden.dtype} but weight is {weight.dtype}; cast "
                          "hidden to the head's dtype (or the head to the hidden dtype) first")

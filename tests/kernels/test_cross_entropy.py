@@ -298,6 +298,7 @@ def test_ignore_index_as_any_integer_like_f_cross_entropy(impl):
     ({"weight": torch.randn(5, 3)}, "weight"),
     ({"weight": torch.randn(5, 4).half()}, "cast hidden"),
     ({"bias": torch.randn(4)}, "bias"),
+    ({"hidden": torch.randn(2, 0), "weight": torch.randn(5, 0)}, "hidden size D is 0"),
     ({"reduction": "avg"}, "reduction"),
     ({"label_smoothing": 1.5}, "label_smoothing"),
     ({"softcap": 0.0}, "softcap"),

@@ -209,6 +209,30 @@ def test_bad_shapes_raise_clear_errors():
 
 
 @pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_rank_zero_adapter_is_the_base_linear(impl):
+    # The reference reshaped u with reshape(-1, 0), which cannot infer the row count: a rank-0
+    # adapter crashed with a RuntimeError on CPU while the Triton path returned the base linear.
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    w, b = torch.randn(32, 64), torch.randn(32)
+    y = lora_linear(x, w, torch.randn(0, 64), torch.randn(32, 0), 2.0, b, impl=impl)
+    want = torch.nn.functional.linear(x, w, b)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(grads(y, (x,), torch.ones_like(y))[0],
+                               grads(want, (x,), torch.ones_like(want))[0])
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_zero_in_features(impl):
+    # in_features = 0: the Triton path's reshape(-1, 0) could not infer the row count (a crash);
+    # torch's linear of an empty contraction is the bias.
+    x = torch.randn(3, 0, requires_grad=True)
+    w, A, B, b = torch.randn(5, 0), torch.randn(2, 0), torch.randn(5, 2), torch.randn(5)
+    y = lora_linear(x, w, A, B, 2.0, b, impl=impl)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b))
+    assert grads(y, (x,), torch.ones_like(y))[0].shape == x.shape
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
 def test_adapter_on_another_device_or_not_float_is_refused(impl):
     # An adapter on another device than x was not checked: a meta A or B gave no error at all
     # (and a garbage output), a bias or lora_x a RuntimeError from inside a matmul.

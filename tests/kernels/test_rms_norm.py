@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -46,12 +48,18 @@ def test_fp16_input_fp32_weight(poisoned):
     _check((4, 29, 80), torch.float16, torch.float32, 1.0, "cpu")
 
 
-def test_bf16_within_interpreter_truncation(poisoned):
+@pytest.mark.parametrize("looped", [False, True])
+def test_bf16_within_interpreter_truncation(looped, monkeypatch, poisoned):
     """The interpreter truncates fp32->bf16 stores (no rounding), so compare against the bf16
     reference with a 1-ulp allowance; the real bf16 rule runs in test_gpu_dtype_matrix."""
-    x = torch.randn(4, 33, 96).bfloat16()
-    w = torch.randn(96).bfloat16()
-    dy = torch.randn(4, 33, 96).bfloat16()
+    d = 203 if looped else 96
+    if looped:  # the looped kernels, as in test_looped_path_for_wide_rows
+        mod = sys.modules["ember.kernels.rms_norm"]
+        monkeypatch.setattr(mod, "_MAX_D", 64)
+        monkeypatch.setattr(mod, "_LOOP_BLOCK_N", 32)
+    x = torch.randn(4, 33, d).bfloat16()
+    w = torch.randn(d).bfloat16()
+    dy = torch.randn(4, 33, d).bfloat16()
     out = _run(x, w, dy, 1e-6, 1.0, "triton")
     ref = _run(x, w, dy, 1e-6, 1.0, "ref")
     for name, o, r in zip(("y", "dx", "dw"), out, ref, strict=True):
@@ -106,14 +114,38 @@ def test_bad_inputs():
         rms_norm(x, torch.ones(16), eps=0.0)
     with pytest.raises(ValueError, match="impl"):
         rms_norm(x, torch.ones(16), impl="cuda")
-    with pytest.raises(ValueError, match="D <= 65536"):
-        rms_norm(torch.randn(1, 65537), torch.ones(65537), impl="triton")
+
+
+@pytest.mark.parametrize("dtype,offset", [(torch.float32, 0.0), (torch.float32, 1.0),
+                                          (torch.float16, 1.0)])
+def test_looped_path_for_wide_rows(dtype, offset, monkeypatch, poisoned):
+    """Rows wider than one block (_MAX_D) take the looped kernels; the limits are lowered so a
+    small, non-power-of-2 D (and a row count that leaves a partial slab) walks several chunks."""
+    mod = sys.modules["ember.kernels.rms_norm"]  # the package re-exports the function
+
+    monkeypatch.setattr(mod, "_MAX_D", 64)
+    monkeypatch.setattr(mod, "_LOOP_BLOCK_N", 32)
+
+    def one_block(n):
+        raise AssertionError("the one-block kernels were chosen above _MAX_D")
+
+    monkeypatch.setattr(mod, "_blocks", one_block)
+    _check((7, 203), dtype, torch.float32, offset, "cpu")
+    # Strided rows (a slice of a wider buffer) are read in place by the looped kernels too.
+    _check((6, 65), dtype, dtype, offset, "cpu",
+           make_x=lambda x: torch.cat([x, torch.randn(6, 9).to(dtype)], 1)[:, :65])
+
+
+def test_row_wider_than_one_block(poisoned):
+    # D > 65536 used to raise "use impl='ref'" on the GPU: now the looped kernels take it.
+    _check((3, 70001), torch.float32, torch.float32, 1.0, "cpu")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,offset,wdtype", [
     ((2, 4096, 4096), 0.0, "x"), ((8192, 3584), 1.0, torch.float32),
-    ((2, 1024, 32, 128), 0.0, "x"), ((1000, 5120), 0.0, torch.float32)])
+    ((2, 1024, 32, 128), 0.0, "x"), ((1000, 5120), 0.0, torch.float32),
+    ((64, 131072 + 7), 1.0, torch.float32)])
 def test_gpu_dtype_matrix(dtype, shape, offset, wdtype, poisoned):
     _check(shape, dtype, dtype if wdtype == "x" else wdtype, offset, "cuda")

@@ -88,6 +88,20 @@ def test_references_are_the_formulas():
             torch.testing.assert_close(o.double(), w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_zero_width(impl):
+    # F = 0 (or no rows): the Triton path viewed gate as reshape(-1, 0), which cannot infer the
+    # row count, and crashed; torch's own silu(g) * u returns the empty result.
+    for shape in ((2, 3, 0), (0, 5)):
+        g = torch.randn(shape, requires_grad=True)
+        u = torch.randn(shape, requires_grad=True)
+        y = swiglu(g, u, impl=impl)
+        want = torch.nn.functional.silu(g) * u
+        assert y.shape == want.shape
+        dg, du = grads(y, (g, u), torch.ones_like(y))
+        assert dg.shape == g.shape and du.shape == u.shape
+
+
 @pytest.mark.parametrize("op", [swiglu, geglu])
 def test_bad_inputs(op):
     g = torch.randn(4, 8)
