@@ -6,6 +6,9 @@ Python code needs the ``llm`` CLI, so the package is located with ``importlib.ut
 never imported). A GGUF file is imported once into the cache (``$EMBER_CACHE``, default
 ``~/.cache/ember``) by ``ember.models.loading.gguf_folder``, keyed by the file's content hash, and
 reused afterwards. Concurrent processes serialize on a lock file so the import runs once.
+Another Ember version (another importer) imports the file afresh beside it; an import goes once
+no version has used it for a week (``GGUF_STALE_AFTER_S``), so versions sharing the cache never
+remove a folder the other is loading.
 
 A Hugging Face Hub id (``"HuggingFaceTB/SmolLM2-135M-Instruct"``) names the snapshot already in
 the Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
