@@ -186,7 +186,8 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
                    ) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters (``optim.name``: torch's, or ``AdamW8bit`` with
     bitsandbytes' 8-bit states). ``embedding_lr`` (``lora.embedding_lr``): the peak lr
-    of the adapters on the embedding and the head, kept in their groups as ``lr_ratio`` (the
+    of the adapters on the embedding and the head (LoRA, modules_to_save; not the rows of
+    trainable_token_indices, which take ``lr``), kept in their groups as ``lr_ratio`` (the
     trainer multiplies the scheduled lr by it)."""
     parts: dict[tuple[bool, bool], list] = {k: [] for k in
                                             ((True, False), (False, False), (True, True),
@@ -197,9 +198,12 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
             # Norm gains and biases (the 1-D parameters) are not shrunk towards 0; matrices,
             # embeddings included, and DoRA magnitudes are (transformers'
             # get_decay_parameter_names: all but biases and norms).
-            emb = embedding_lr is not None and name.split(".")[0] in ("embed", "lm_head")
-            # trainable_token_indices: only those rows train, so only they decay (rows_decay)
+            # trainable_token_indices: only those rows train, so only they decay (rows_decay);
+            # they train at the adapters' lr (PEFT's LoRA+ gives its embedding lr to LoRA
+            # embeddings only, Unsloth its embedding_learning_rate to modules_to_save)
             rows = getattr(p, "ember_trained_rows", None) is not None
+            emb = (embedding_lr is not None and not rows
+                   and name.split(".")[0] in ("embed", "lm_head"))
             by_rows = by_rows or rows
             parts[((p.ndim >= 2 or name.endswith("lora_magnitude")) and not rows, emb)].append(p)
     if embedding_lr is not None and not (parts[(True, True)] or parts[(False, True)]):
