@@ -140,3 +140,24 @@ def test_failed_load_leaves_a_tied_model_as_it_was(tied, tmp_path, kw, how):
         assert _close(model.eval()(ids), base(input_ids=ids).logits)
         load_adapter(model, tmp_path / "peft")
         assert _close(model.eval()(ids), ref)
+
+
+def test_failed_load_onto_wrapped_modules_writes_nothing(tied, tmp_path):
+    """A model whose q_proj already holds a rank-8 adapter refuses PEFT's rank-4 one; the check
+    ran after the trained embedding (modules_to_save) had been written over the model's."""
+    from ember import EmberError
+    from ember.models.lora import LoRAConfig, apply_lora
+
+    torch.manual_seed(0)
+    ids, _ = _peft_adapter(tied, tmp_path / "peft", target_modules=["q_proj"],
+                           modules_to_save=["embed_tokens"], edit_base=_train_copies)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tied, dtype=torch.float32).eval()
+    model, _ = load_pretrained(tied)
+    apply_lora(model, LoRAConfig(rank=8, alpha=16, targets=("q",)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(EmberError, match="already has a rank-8 adapter"):
+        load_adapter(model, tmp_path / "peft")
+    assert model.cfg.tie_word_embeddings and model.lm_head is None
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with torch.no_grad():  # B = 0: still the base model's logits
+        assert _close(model.eval()(ids), base(input_ids=ids).logits)
