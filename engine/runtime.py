@@ -216,6 +216,12 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
     if cfg.name == "adamw_8bit":
         from ember.engine.optim8bit import AdamW8bit
 
+        # embedding tables keep 32-bit states, as transformers' Trainer registers them with
+        # bnb (8-bit embedding states are unstable)
+        tables = {id(p) for p in _embedding_tables(model)}
+        groups = [g | {"params": ps} | ({"optim_bits": 32} if fp32 else {})
+                  for g in groups for fp32 in (False, True)
+                  for ps in [[p for p in g["params"] if (id(p) in tables) == fp32]] if ps]
         opt = AdamW8bit(groups, **kw)
     else:
         try:
@@ -225,6 +231,16 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
     if cfg.weight_decay > 0 and by_rows:  # no per-step hook for runs without such a matrix
         opt.register_step_pre_hook(_rows_decay(cfg.weight_decay))
     return opt
+
+
+def _embedding_tables(model) -> list[torch.nn.Parameter]:
+    """The parameters transformers holds in an ``nn.Embedding``: the token embedding and a
+    prompt-tuning prompt (PEFT's PromptEmbedding is one); not LoRA's A and B."""
+    from ember.models.prompt_tuning import PromptEmbedding
+
+    return [p for m in model.modules() for p in (
+        [m.weight] if isinstance(m, torch.nn.Embedding) else
+        [m.prompt] if isinstance(m, PromptEmbedding) else [])]
 
 
 def _rows_decay(weight_decay: float):
