@@ -6,8 +6,8 @@ plus one fp32 scale per 256 values for each (2.03 bytes per parameter instead of
 a smaller one (norm gains, biases, small adapters) keeps fp32 m and v updated by bnb's 32-bit
 rule (``adamw32_step_ref``), as bnb does, and so does any parameter of a group with
 ``"optim_bits": 32`` (bnb's override, which transformers' Trainer sets for embedding tables).
-The choice uses the full (global) size of a sharded
-parameter, so it does not depend on the world size.
+The choice uses the full (global) size of a sharded parameter, so it does not depend on the
+world size.
 
 State per parameter: ``step`` (fp32 scalar tensor, as torch's AdamW), then either ``state1`` /
 ``state2`` (uint8, the parameter's shape) and ``absmax1`` / ``absmax2`` (fp32 per-block scales),
