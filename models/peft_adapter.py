@@ -380,7 +380,8 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     config = {**LORA_DEFAULTS, **config}  # fields PEFT's LoraConfig fills in when left out
     where = adapter_dir / "adapter_config.json"
     check_field_types(config, where)
-    if config.get("target_parameters"):  # LoRA on parameters, MoE experts: ember.models.peft_moe
+    by_params = bool(config.get("target_parameters"))
+    if by_params:  # LoRA on parameters, MoE experts: ember.models.peft_moe
         tensors, config = split_expert_adapter(tensors, config, getattr(model, "cfg", None))
     _validate_config(config, where, tensors)
     use_dora = bool(config.get("use_dora"))
@@ -450,6 +451,15 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
         names = [hf_module_name(n, cfg) for n in missing[:3]]
         raise EmberError(f"{wfile}: adapter_config targets {len(missing)} modules with no "
                          f"weights in the file, e.g. {names}")
+    # and the converse: PEFT builds adapters from the config alone and drops other weights
+    extra = [hf_module_name(n, cfg) for n in pairs if config.get("target_modules")
+             and not by_params and _EMBER_NAME.fullmatch(n)
+             and not _peft_targets(config, fused_module_name(hf_module_name(n, cfg), cfg))]
+    if extra:
+        raise EmberError(f"{wfile}: the file has LoRA weights for {len(extra)} modules that "
+                         "adapter_config does not target (target_modules, layers_to_transform, "
+                         f"exclude_modules), e.g. {extra[:3]}; PEFT would drop them: fix the "
+                         "config or the file so they agree")
     r0, alpha0 = config["r"], config["lora_alpha"]
     rank_pat, alpha_pat = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     dropout, rslora = float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora"))

@@ -296,3 +296,21 @@ def test_malformed_config_fields_are_refused_by_name(bases, tmp_path, field, val
     model, _ = load_pretrained(bases["plain"])
     with pytest.raises(EmberError, match=f"{field}=.*fix adapter_config.json"):
         load_adapter(model, tmp_path / "ad")
+
+
+@pytest.mark.parametrize("edit", [dict(layers_to_transform=[0]), dict(target_modules=["q_proj"]),
+                                  dict(exclude_modules=["v_proj"])])
+def test_weights_the_config_does_not_target_are_refused(bases, tmp_path, edit):
+    """adapter_config narrowed after saving (layers_to_transform, target_modules,
+    exclude_modules): PEFT builds adapters from the config and drops the file's other weights,
+    so its logits differ from the whole file's; Ember applied every weight in the file, silently
+    not PEFT's model. It now names the weights the config does not target."""
+    ids, whole = _peft_adapter(bases["plain"], tmp_path / "ad", target_modules=["q_proj", "v_proj"])
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **edit}))
+    theirs = _peft_logits(bases["plain"], tmp_path / "ad", ids)
+    assert (theirs - whole).abs().max() > 1e-3  # PEFT dropped some of the weights
+    model, _ = load_pretrained(bases["plain"])
+    with pytest.raises(EmberError, match="does not target .*model.layers.1.self_attn.q_proj"
+                       if "layers_to_transform" in edit else "does not target .*v_proj"):
+        load_adapter(model, tmp_path / "ad")
