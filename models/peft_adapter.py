@@ -452,9 +452,10 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
         raise EmberError(f"{wfile}: adapter_config targets {len(missing)} modules with no "
                          f"weights in the file, e.g. {names}")
     # and the converse: PEFT builds adapters from the config alone and drops other weights
-    extra = [hf_module_name(n, cfg) for n in pairs if config.get("target_modules")
+    # (matched by the names in the file, those PEFT saw: a bare model's are "layers.0....")
+    extra = [seen[n] for n in pairs if config.get("target_modules")
              and not by_params and _EMBER_NAME.fullmatch(n)
-             and not _peft_targets(config, fused_module_name(hf_module_name(n, cfg), cfg))]
+             and not _peft_targets(config, fused_module_name(seen[n], cfg))]
     if extra:
         raise EmberError(f"{wfile}: the file has LoRA weights for {len(extra)} modules that "
                          "adapter_config does not target (target_modules, layers_to_transform, "

@@ -255,17 +255,19 @@ def test_target_parameters_on_a_dense_model(bases, tmp_path):
                 alpha_pattern={"q_proj.weight": 5, "down_proj": 7})
 
 
-def test_patterns_match_the_names_peft_saw(bases, tmp_path):
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], r"layers\.\d+\.self_attn\.[qv]_proj"])
+def test_patterns_match_the_names_peft_saw(bases, tmp_path, targets):
     """PEFT matches rank/alpha patterns against the module names of the model it wrapped: on a
     bare LlamaModel (an embedding model's adapter) "layers.0.self_attn.q_proj", which the
     anchored pattern below selects. Ember matched them against its own "model.layers.0..."
-    names, missing the pattern: that adapter got alpha 8 instead of 16."""
+    names, missing the pattern: that adapter got alpha 8 instead of 16. A regex target_modules
+    matches those names too (the check that every weight is targeted uses them)."""
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = transformers.AutoModel.from_pretrained(bases["plain"]).eval()
         pm = peft.get_peft_model(hf, peft.LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+            r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
             alpha_pattern={r"^layers\.0\.self_attn\.q_proj": 16}))
         pm.save_pretrained(tmp_path / "peft")
     with torch.no_grad():
