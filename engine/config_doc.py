@@ -34,7 +34,8 @@ MORE_DOCS = {
                         "regex patterns on full module names",
              "use_rslora": "rank-stabilized LoRA: scale alpha / sqrt(rank)",
              "embedding_lr": "learning rate of the embed_tokens / lm_head adapters (Unsloth's "
-                             "embedding_learning_rate; None: optim.lr)"},
+                             "embedding_learning_rate; None: optim.lr); a continued adapter's "
+                             "trainable_token_indices rows train at optim.lr"},
     "prompt_tuning": {"num_virtual_tokens": "trainable input embeddings put in front of every "
                                             "sequence",
                       "init_text": "the text whose tokens' embeddings start the virtual tokens "

@@ -4,8 +4,10 @@ rebuilt on ``ember.kernels.adamw8bit``, with the same numbers (see that module f
 Memory: a parameter with n >= ``min_8bit_size`` (4096) elements keeps m and v as one byte each
 plus one fp32 scale per 256 values for each (2.03 bytes per parameter instead of torch AdamW's 8);
 a smaller one (norm gains, biases, small adapters) keeps fp32 m and v updated by bnb's 32-bit
-rule (``adamw32_step_ref``), as bnb does. The choice uses the full (global) size of a sharded
-parameter, so it does not depend on the world size.
+rule (``adamw32_step_ref``), as bnb does, and so does any parameter of a group with
+``"optim_bits": 32`` (bnb's override, which transformers' Trainer sets for embedding tables).
+The choice uses the full (global) size of a sharded parameter, so it does not depend on the
+world size.
 
 State per parameter: ``step`` (fp32 scalar tensor, as torch's AdamW), then either ``state1`` /
 ``state2`` (uint8, the parameter's shape) and ``absmax1`` / ``absmax2`` (fp32 per-block scales),
@@ -123,7 +125,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 if key != "step" and torch.is_tensor(v):
                     self.state[p][key] = v.to(device=p.device)
 
-    def _init_state(self, p: torch.Tensor, state: dict) -> None:
+    def _init_state(self, p: torch.Tensor, state: dict, fp32: bool = False) -> None:
         from torch.distributed.tensor import DTensor
 
         local = _local(p)
@@ -141,7 +143,7 @@ class AdamW8bit(torch.optim.Optimizer):
             return like_p(torch.zeros(local.shape, dtype=dtype, device=local.device))
 
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        if p.numel() < self.min_8bit_size:
+        if fp32 or p.numel() < self.min_8bit_size:
             state["state1"], state["state2"] = zeros(torch.float32), zeros(torch.float32)
             return
         state["state1"], state["state2"] = zeros(torch.uint8), zeros(torch.uint8)
@@ -175,7 +177,7 @@ class AdamW8bit(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    self._init_state(p, state)
+                    self._init_state(p, state, group.get("optim_bits") == 32)
                 state["step"] += 1
                 step = int(state["step"].item())
                 lp, lg = _local(p), _local(p.grad)

@@ -186,7 +186,8 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
                    ) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters (``optim.name``: torch's, or ``AdamW8bit`` with
     bitsandbytes' 8-bit states). ``embedding_lr`` (``lora.embedding_lr``): the peak lr
-    of the adapters on the embedding and the head, kept in their groups as ``lr_ratio`` (the
+    of the adapters on the embedding and the head (LoRA, modules_to_save; not the rows of
+    trainable_token_indices, which take ``lr``), kept in their groups as ``lr_ratio`` (the
     trainer multiplies the scheduled lr by it)."""
     parts: dict[tuple[bool, bool], list] = {k: [] for k in
                                             ((True, False), (False, False), (True, True),
@@ -197,9 +198,12 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
             # Norm gains and biases (the 1-D parameters) are not shrunk towards 0; matrices,
             # embeddings included, and DoRA magnitudes are (transformers'
             # get_decay_parameter_names: all but biases and norms).
-            emb = embedding_lr is not None and name.split(".")[0] in ("embed", "lm_head")
-            # trainable_token_indices: only those rows train, so only they decay (rows_decay)
+            # trainable_token_indices: only those rows train, so only they decay (rows_decay);
+            # they train at the adapters' lr (PEFT's LoRA+ gives its embedding lr to LoRA
+            # embeddings only, Unsloth its embedding_learning_rate to modules_to_save)
             rows = getattr(p, "ember_trained_rows", None) is not None
+            emb = (embedding_lr is not None and not rows
+                   and name.split(".")[0] in ("embed", "lm_head"))
             by_rows = by_rows or rows
             parts[((p.ndim >= 2 or name.endswith("lora_magnitude")) and not rows, emb)].append(p)
     if embedding_lr is not None and not (parts[(True, True)] or parts[(False, True)]):
@@ -212,6 +216,12 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
     if cfg.name == "adamw_8bit":
         from ember.engine.optim8bit import AdamW8bit
 
+        # embedding tables keep 32-bit states, as transformers' Trainer registers them with
+        # bnb (8-bit embedding states are unstable)
+        tables = {id(p) for p in _embedding_tables(model)}
+        groups = [g | {"params": ps} | ({"optim_bits": 32} if fp32 else {})
+                  for g in groups for fp32 in (False, True)
+                  for ps in [[p for p in g["params"] if (id(p) in tables) == fp32]] if ps]
         opt = AdamW8bit(groups, **kw)
     else:
         try:
@@ -221,6 +231,16 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
     if cfg.weight_decay > 0 and by_rows:  # no per-step hook for runs without such a matrix
         opt.register_step_pre_hook(_rows_decay(cfg.weight_decay))
     return opt
+
+
+def _embedding_tables(model) -> list[torch.nn.Parameter]:
+    """The parameters transformers holds in an ``nn.Embedding``: the token embedding and a
+    prompt-tuning prompt (PEFT's PromptEmbedding is one); not LoRA's A and B."""
+    from ember.models.prompt_tuning import PromptEmbedding
+
+    return [p for m in model.modules() for p in (
+        [m.weight] if isinstance(m, torch.nn.Embedding) else
+        [m.prompt] if isinstance(m, PromptEmbedding) else [])]
 
 
 def _rows_decay(weight_decay: float):

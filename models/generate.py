@@ -52,8 +52,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k:
             raise EmberError(f"{name} must be a number, got {v!r}")
     if temperature < 0:
         raise EmberError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise EmberError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 <= top_p <= 1:  # 0 keeps only the most likely token, as transformers' TopP does
+        raise EmberError(f"top_p must be in [0, 1] (1 = off), got {top_p}")
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
         raise EmberError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
     if not 0 <= min_p <= 1:

@@ -6,11 +6,14 @@ Python code needs the ``llm`` CLI, so the package is located with ``importlib.ut
 never imported). A GGUF file is imported once into the cache (``$EMBER_CACHE``, default
 ``~/.cache/ember``) by ``ember.models.loading.gguf_folder``, keyed by the file's content hash, and
 reused afterwards. Concurrent processes serialize on a lock file so the import runs once.
+Another Ember version (another importer) imports the file afresh beside it; an import goes once
+no version has used it for a week (``GGUF_STALE_AFTER_S``), so versions sharing the cache never
+remove a folder the other is loading.
 
 A Hugging Face Hub id (``"HuggingFaceTB/SmolLM2-135M-Instruct"``) names the snapshot already in
 the Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
-``~/.cache/huggingface/hub``), as ``huggingface_hub.snapshot_download(id,
-local_files_only=True)`` finds it; it is never fetched.
+``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``), as
+``huggingface_hub.snapshot_download(id, local_files_only=True)`` finds it; it is never fetched.
 """
 
 from __future__ import annotations
@@ -169,9 +172,13 @@ def hf_cache_snapshot(repo_id: str) -> Path | None:
     Hugging Face cache, or None (see the module docstring)."""
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         return None
+    # huggingface_hub.constants: HF_HOME defaults to $XDG_CACHE_HOME/huggingface
+    home = os.environ.get("HF_HOME") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
     root = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or Path(
-        os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
-    repo = Path(root).expanduser() / f"models--{repo_id.replace('/', '--')}"
+        os.path.expandvars(Path(home).expanduser())) / "hub"
+    repo = Path(os.path.expandvars(Path(root).expanduser())) / (
+        f"models--{repo_id.replace('/', '--')}")
     ref = repo / "refs" / "main"
     if not ref.is_file():
         return None

@@ -30,6 +30,7 @@ names are importable from here too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -38,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 import warnings
 from collections import Counter
@@ -239,10 +241,17 @@ def importer_digest() -> str:
     return h.hexdigest()[:8]
 
 
+# An import of a .gguf file made by another Ember version (another importer_digest) is removed
+# only once no Ember has used it for this long: two versions (two venvs) may share the cache, and
+# a folder another process resolved a moment ago may still be loading there.
+GGUF_STALE_AFTER_S = 7 * 24 * 3600
+
+
 def gguf_folder(gguf_path: str | os.PathLike) -> Path:
     """The HF folder imported from a .gguf file (a split model's first file), cached by content
-    hash and importer version (imported once; imports of the same file by another version are
-    removed)."""
+    hash and importer version (imported once). Every use marks the folder used (its mtime);
+    imports of the same file by another Ember version unused for ``GGUF_STALE_AFTER_S`` are
+    removed, never one another version may be reading now."""
     from ember.models.gguf import import_gguf
 
     src = Path(gguf_path)
@@ -251,24 +260,42 @@ def gguf_folder(gguf_path: str | os.PathLike) -> Path:
     files = [p for p in split_paths(src) if p.is_file()]  # the reader names a missing one
     stem = f"{src.stem}-{_file_digest(*files)}"
     out = cache_root() / "gguf" / f"{stem}-{importer_digest()}"
-    if (out / "config.json").is_file():
-        return out
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        import_gguf(src, tmp)
+    if not (out / "config.json").is_file():
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / "config.json").is_file():  # not a concurrent import that won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            import_gguf(src, tmp)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if not (out / "config.json").is_file():  # not a concurrent import that won
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _mark_used(out)
     # The same file imported by another Ember version (or before versions were in the name).
     for stale in out.parent.glob(f"{glob.escape(stem)}*"):
         if stale != out and stale.is_dir() and (stale.name == stem
                                                 or stale.name.startswith(f"{stem}-")):
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove_if_unused(stale)
     return out
+
+
+def _mark_used(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache still serves its imports
+        os.utime(folder)
+
+
+def _remove_if_unused(folder: Path) -> None:
+    """Remove a cached import no Ember has used for ``GGUF_STALE_AFTER_S``: renamed first (one
+    atomic step, so nobody sees it half removed), then deleted."""
+    try:
+        if time.time() - folder.stat().st_mtime < GGUF_STALE_AFTER_S:
+            return
+        trash = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(folder, trash)
+    except OSError:  # gone already, or another process removes it
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _resolve_path(path: str | os.PathLike) -> Path:

@@ -66,7 +66,8 @@ class LoRAConfig:
     ``fc1`` / ``fc2`` (Ember's o_proj / up_proj / down_proj), ``embed_tokens`` / ``lm_head`` (see
     ``ember.models.lora_embed``), or glob / regex patterns on full module names
     (``layers.1[0-9].mlp.*``). ``embedding_lr``: the learning rate of the embedding's and head's
-    adapters (Unsloth's ``embedding_learning_rate``; None: ``optim.lr``)."""
+    adapters (Unsloth's ``embedding_learning_rate``; None: ``optim.lr``); the rows of a continued
+    adapter's ``trainable_token_indices`` train at ``optim.lr``, as PEFT's LoRA+ trains them."""
 
     rank: int = 16
     alpha: float = 32.0

@@ -351,13 +351,37 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     Modules already wrapped (e.g. resuming training) get their weights overwritten; a model with
     adapters on modules the file has none for is refused. Everything else is frozen, as after
     ``apply_lora``.
+
+    All or nothing: an adapter that fails its checks leaves the model as it was (a tied head
+    that the adapter would untie stays tied, no module stays wrapped).
     """
-    adapter_dir = Path(adapter_dir)
+    modules = [(m, dict(m.__dict__), dict(m._modules), dict(m._parameters), dict(m._buffers))
+               for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        return _load_adapter(model, Path(adapter_dir))
+    except BaseException:
+        # the checks all come before the first weight is written: undoing the changes of
+        # structure (untie_head, wrapped modules, config, flags) restores the model
+        for m, attrs, children, params, buffers in modules:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for now, saved in ((m._modules, children), (m._parameters, params),
+                               (m._buffers, buffers)):
+                now.clear()
+                now.update(saved)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        raise
+
+
+def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     config, tensors = _read_adapter(adapter_dir)
     config = {**LORA_DEFAULTS, **config}  # fields PEFT's LoraConfig fills in when left out
     where = adapter_dir / "adapter_config.json"
     check_field_types(config, where)
-    if config.get("target_parameters"):  # LoRA on parameters, MoE experts: ember.models.peft_moe
+    by_params = bool(config.get("target_parameters"))
+    if by_params:  # LoRA on parameters, MoE experts: ember.models.peft_moe
         tensors, config = split_expert_adapter(tensors, config, getattr(model, "cfg", None))
     _validate_config(config, where, tensors)
     use_dora = bool(config.get("use_dora"))
@@ -427,6 +451,16 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         names = [hf_module_name(n, cfg) for n in missing[:3]]
         raise EmberError(f"{wfile}: adapter_config targets {len(missing)} modules with no "
                          f"weights in the file, e.g. {names}")
+    # and the converse: PEFT builds adapters from the config alone and drops other weights
+    # (matched by the names in the file, those PEFT saw: a bare model's are "layers.0....")
+    extra = [seen[n] for n in pairs if config.get("target_modules")
+             and not by_params and _EMBER_NAME.fullmatch(n)
+             and not _peft_targets(config, fused_module_name(seen[n], cfg))]
+    if extra:
+        raise EmberError(f"{wfile}: the file has LoRA weights for {len(extra)} modules that "
+                         "adapter_config does not target (target_modules, layers_to_transform, "
+                         f"exclude_modules), e.g. {extra[:3]}; PEFT would drop them: fix the "
+                         "config or the file so they agree")
     r0, alpha0 = config["r"], config["lora_alpha"]
     rank_pat, alpha_pat = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     dropout, rslora = float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora"))
@@ -442,6 +476,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             raise EmberError(f"{wfile}: {hf}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
                              f"do not fit this model, expected ({r}, {in_f}) / ({out_f}, {r}) "
                              "(rank from adapter_config r/rank_pattern)")
+        if isinstance(mod, (LoRALinear, LoRAEmbedding)) and (
+                mod.rank != r or mod.use_dora != use_dora):
+            raise EmberError(f"{name} already has a rank-{mod.rank} adapter (use_dora="
+                             f"{mod.use_dora}); the file has rank {r} (use_dora={use_dora})")
         mag = pairs[name].get("lora_magnitude")
         if mag is not None and tuple(mag.shape) != (out_f,):
             raise EmberError(f"{wfile}: {hf}: lora_magnitude_vector {tuple(mag.shape)} does not "
@@ -468,9 +506,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     for name, (A, B, mag, r, alpha) in plan.items():
         mod = model.get_submodule(name)
         if isinstance(mod, (LoRALinear, LoRAEmbedding)):
-            if mod.rank != r or mod.use_dora != use_dora:
-                raise EmberError(f"{name} already has a rank-{mod.rank} adapter (use_dora="
-                                 f"{mod.use_dora}); the file has rank {r} (use_dora={use_dora})")
             mod.alpha, mod.scale = alpha, alpha / (math.sqrt(r) if rslora else r)
         elif name == "embed":
             mod = LoRAEmbedding(mod, r, alpha, dropout=dropout, use_rslora=rslora,

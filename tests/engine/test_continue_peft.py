@@ -170,3 +170,40 @@ def test_continued_adapter_steps_as_peft(bases, tmp_path, base, kw, kind):
     with torch.no_grad():
         want = theirs(input_ids=IDS).logits
         assert (model.eval()(IDS) - want).abs().max() <= 1e-5 * max(1.0, want.abs().max())
+
+
+def test_trainable_tokens_take_the_adapter_lr_not_embedding_lr(bases, tmp_path):
+    """lora.embedding_lr is the lr of the embedding's LoRA (PEFT's LoRA+ loraplus_lr_embedding,
+    Unsloth's embedding_learning_rate); trainable_token_indices rows (PEFT's
+    trainable_tokens_delta) train at the adapters' lr there. Ember gave the rows embedding_lr:
+    one AdamW step now equals PEFT's create_loraplus_optimizer step."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    torch.manual_seed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(bases["plain"],
+                                                               dtype=torch.float32)
+        pm = peft.get_peft_model(hf, peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"],
+            init_lora_weights=False, trainable_token_indices={"lm_head": [4, 44]}))
+        _new_token_rows(pm.base_model.model)
+        pm.save_pretrained(tmp_path / "ad")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(bases["plain"],
+                                                               dtype=torch.float32)
+        pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ad", is_trainable=True)
+        opt = create_loraplus_optimizer(pm, torch.optim.AdamW, lr=0.05, loraplus_lr_ratio=1.0,
+                                        loraplus_lr_embedding=0.4)
+        _loss(pm(input_ids=IDS).logits).backward()
+        opt.step()
+        pm.save_pretrained(tmp_path / "peft")
+    model, _ = load_pretrained(bases["plain"], "float32")
+    load_adapter(model, tmp_path / "ad")
+    _train_saved_modules(model, lora_modules(model), "none")
+    opt = make_optimizer(model, OptimConfig(lr=0.05), "cpu", embedding_lr=0.4)
+    for g in opt.param_groups:  # as the trainer sets the scheduled lr
+        g["lr"] = 0.05 * g.get("lr_ratio", 1.0)
+    _loss(model.train()(IDS)).backward()
+    opt.step()
+    save_adapter(model, tmp_path / "ember")
+    _assert_same_adapters(tmp_path / "ember", tmp_path / "peft")

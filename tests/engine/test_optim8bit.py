@@ -212,3 +212,45 @@ def test_state_of_other_parameters_is_refused_clearly():
                            r"50 values for parameter 1")):
         with pytest.raises(EmberError, match=needle):
             AdamW8bit(other).load_state_dict(saved)
+
+
+def test_embedding_tables_keep_fp32_states_as_transformers_trainer(tmp_path):
+    """transformers' Trainer with optim="adamw_bnb_8bit" keeps 32-bit bnb states for every
+    nn.Embedding (GlobalOptimManager override; 8-bit embedding states are unstable): Ember's
+    make_optimizer gave the (> 4096-value) embedding 8-bit states. Three steps with the same
+    gradients move every parameter as the Trainer's optimizer moves it."""
+    import warnings
+
+    bnb = pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    from ember.engine.runtime import make_optimizer
+    from ember.models.loading import load_hf_folder
+
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path / "m")
+        args = transformers.TrainingArguments(tmp_path / "out", optim="adamw_bnb_8bit",
+                                              learning_rate=1e-2, weight_decay=0.0,
+                                              report_to=[], use_cpu=True)
+        theirs = transformers.Trainer(model=hf, args=args).create_optimizer()
+    model = load_hf_folder(tmp_path / "m", torch.float32, "cpu")
+    ours = make_optimizer(model, OptimConfig(name="adamw_8bit", lr=1e-2), "cpu")
+    pairs = [(model.embed.weight, hf.model.embed_tokens.weight),  # 9600 values
+             (model.lm_head.weight, hf.lm_head.weight),  # nn.Linear: 8-bit in both
+             (model.layers[0].mlp.up_proj.weight, hf.model.layers[0].mlp.up_proj.weight)]
+    try:
+        for t in range(1, 4):
+            for i, (p, q) in enumerate(pairs):
+                p.grad = _grad(p, t, i)
+                q.grad = p.grad.clone()
+            ours.step()
+            theirs.step()
+            for p, q in pairs:
+                assert torch.allclose(p, q, rtol=0, atol=1e-7), (p - q).abs().max()
+    finally:
+        bnb.optim.GlobalOptimManager.get_instance().initialize()  # the Trainer's overrides

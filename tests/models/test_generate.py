@@ -265,7 +265,7 @@ def test_generate_text_stop_strings_and_chat(tiny):
 
 def test_bad_inputs(tiny):
     model, tok = tiny
-    for kw, msg in [(dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
+    for kw, msg in [(dict(temperature=-1.0), "temperature"), (dict(top_p=-0.1), "top_p"),
                     (dict(top_k=-2), "top_k"), (dict(max_new_tokens=-1), "max_new_tokens"),
                     (dict(max_new_tokens=200), "exceeds the model's context")]:
         with pytest.raises(EmberError, match=msg):

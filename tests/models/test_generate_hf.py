@@ -76,7 +76,8 @@ def test_repetition_penalty_equals_transformers_generate(pair):
 
 @pytest.mark.parametrize("kw", [dict(temperature=0.7, top_k=5), dict(top_p=0.8),
                                 dict(min_p=0.05), dict(temperature=1.5, min_p=0.2),
-                                dict(temperature=0.5, top_k=12, top_p=0.9, min_p=0.1)])
+                                dict(temperature=0.5, top_k=12, top_p=0.9, min_p=0.1),
+                                dict(top_p=0.0), dict(temperature=0.7, top_p=0.0)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_sampling_filters_equal_transformers_warpers(kw, ties):
     """Ties at a cut (bf16 logits have many) keep the same tokens as transformers (top-p kept a
@@ -103,6 +104,17 @@ def test_sampling_filters_equal_transformers_warpers(kw, ties):
     seen = torch.zeros(16, 301, dtype=torch.bool).scatter_(1, ids, True)
     torch.testing.assert_close(penalize_repetition(logits, seen, 1.3),
                                lp.RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()))
+
+
+def test_top_p_zero_samples_the_top_token_as_transformers(pair):
+    """top_p=0 was refused ('top_p must be in (0, 1]'); transformers' TopP keeps the most likely
+    token (min_tokens_to_keep=1), so sampling with top_p=0 is greedy decoding."""
+    hf, ours = pair
+    want = [hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                        max_new_tokens=5, do_sample=True, top_p=0.0, top_k=0,
+                        pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
+    assert generate_ids(ours, PROMPTS, max_new_tokens=5, temperature=1.0, top_p=0.0,
+                        seed=1) == want
 
 
 

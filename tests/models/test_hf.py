@@ -449,13 +449,58 @@ def test_gguf_path_imports_once_into_cache(tmp_path, monkeypatch):
     (first,) = cache.iterdir()
     assert first.name.startswith("m-")
     # An import cached under the old naming (no importer version), and another Ember version
-    # (its models/ source changed): the file is imported afresh and the stale imports go.
+    # (its models/ source changed): the file is imported afresh; the other imports go once
+    # unused for GGUF_STALE_AFTER_S (another version may be loading from them right now).
     legacy = cache / first.name.rsplit("-", 1)[0]
     shutil.copytree(first, legacy)
     monkeypatch.setattr(loading, "importer_digest", lambda: "0ther000")
     c = _load(gguf)
     assert len(calls) == 2 and c.cfg == a.cfg
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [legacy.name, first.name, legacy.name + "-0ther000"])
+    _age(first, legacy)
+    _load(gguf)
+    assert len(calls) == 2
     assert [p.name for p in cache.iterdir()] == [legacy.name + "-0ther000"]
+
+
+def _age(*folders) -> None:
+    import os
+    import time
+
+    old = time.time() - loading.GGUF_STALE_AFTER_S - 60
+    for f in folders:
+        os.utime(f, (old, old))
+
+
+def test_gguf_cache_two_versions_never_remove_a_folder_in_use(tmp_path, monkeypatch):
+    """Two Ember versions (two venvs) sharing the cache: the second one's import of a file
+    removed the first one's folder, which the first may be loading from at that moment.
+    transformers still loads the first version's folder (the same logits as the second's), and
+    the folder goes only once unused for GGUF_STALE_AFTER_S."""
+    import sys
+    import types
+
+    from ember.models.hub import resolve_model
+
+    _, folder = _make(tmp_path, "llama")
+    monkeypatch.setitem(sys.modules, "ember.models.gguf", types.SimpleNamespace(
+        import_gguf=lambda src, out: shutil.copytree(folder, out)))
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF fake")
+    monkeypatch.setattr(loading, "importer_digest", lambda: "aaaa0000")
+    old = resolve_model(gguf)  # version A resolved it and is about to load it
+    monkeypatch.setattr(loading, "importer_digest", lambda: "bbbb0000")
+    new = resolve_model(gguf)
+    assert old != new and old.is_dir() and new.is_dir()
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        want = transformers.AutoModelForCausalLM.from_pretrained(old).eval()(ids).logits
+        assert torch.allclose(_load(new)(ids), want, atol=1e-5)
+    _age(old)
+    assert resolve_model(gguf) == new and not old.exists()
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == [new.name]
 
 
 def test_tokenizer_travels_with_the_model(tmp_path):

@@ -364,6 +364,31 @@ def test_a_hub_id_loads_from_the_local_hugging_face_cache(tmp_path, monkeypatch)
         resolve_model("tiny-org/absent")
 
 
+@pytest.mark.parametrize("env", ["XDG_CACHE_HOME", "HF_HOME"])
+def test_hub_cache_location_as_huggingface_hub_finds_it(tmp_path, monkeypatch, env):
+    """Without HF_HUB_CACHE / HF_HOME, huggingface_hub caches under $XDG_CACHE_HOME/huggingface:
+    Ember looked in ~/.cache/huggingface and said "not found". The oracle is huggingface_hub
+    itself (a fresh process: it reads the variables at import)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("huggingface_hub")
+    from ember.models.hub import resolve_model
+
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv(env, str(tmp_path / "home"))
+    cache = tmp_path / "home" / ("huggingface/hub" if env == "XDG_CACHE_HOME" else "hub")
+    _cache_snapshot(tmp_path, cache, "tiny-org/xdg-llama")
+    want = subprocess.run(
+        [sys.executable, "-c", "import huggingface_hub as h; print(h.snapshot_download("
+         "'tiny-org/xdg-llama', local_files_only=True))"],
+        capture_output=True, text=True, check=True, env=dict(os.environ)).stdout.strip()
+    assert os.path.samefile(resolve_model("tiny-org/xdg-llama"), want)
+
+
 def test_a_cached_hub_snapshot_wins_over_the_builtin_alias_of_its_id(tmp_path, monkeypatch):
     """"HuggingFaceTB/SmolLM2-135M-Instruct" is also an alias of the built-in Q4_1 GGUF; with the
     repo's snapshot in the Hugging Face cache, its full-precision weights load (the alias won,

@@ -255,17 +255,19 @@ def test_target_parameters_on_a_dense_model(bases, tmp_path):
                 alpha_pattern={"q_proj.weight": 5, "down_proj": 7})
 
 
-def test_patterns_match_the_names_peft_saw(bases, tmp_path):
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], r"layers\.\d+\.self_attn\.[qv]_proj"])
+def test_patterns_match_the_names_peft_saw(bases, tmp_path, targets):
     """PEFT matches rank/alpha patterns against the module names of the model it wrapped: on a
     bare LlamaModel (an embedding model's adapter) "layers.0.self_attn.q_proj", which the
     anchored pattern below selects. Ember matched them against its own "model.layers.0..."
-    names, missing the pattern: that adapter got alpha 8 instead of 16."""
+    names, missing the pattern: that adapter got alpha 8 instead of 16. A regex target_modules
+    matches those names too (the check that every weight is targeted uses them)."""
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = transformers.AutoModel.from_pretrained(bases["plain"]).eval()
         pm = peft.get_peft_model(hf, peft.LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+            r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
             alpha_pattern={r"^layers\.0\.self_attn\.q_proj": 16}))
         pm.save_pretrained(tmp_path / "peft")
     with torch.no_grad():
@@ -295,4 +297,22 @@ def test_malformed_config_fields_are_refused_by_name(bases, tmp_path, field, val
             peft.PeftModel.from_pretrained(hf, tmp_path / "ad")
     model, _ = load_pretrained(bases["plain"])
     with pytest.raises(EmberError, match=f"{field}=.*fix adapter_config.json"):
+        load_adapter(model, tmp_path / "ad")
+
+
+@pytest.mark.parametrize("edit", [dict(layers_to_transform=[0]), dict(target_modules=["q_proj"]),
+                                  dict(exclude_modules=["v_proj"])])
+def test_weights_the_config_does_not_target_are_refused(bases, tmp_path, edit):
+    """adapter_config narrowed after saving (layers_to_transform, target_modules,
+    exclude_modules): PEFT builds adapters from the config and drops the file's other weights,
+    so its logits differ from the whole file's; Ember applied every weight in the file, silently
+    not PEFT's model. It now names the weights the config does not target."""
+    ids, whole = _peft_adapter(bases["plain"], tmp_path / "ad", target_modules=["q_proj", "v_proj"])
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **edit}))
+    theirs = _peft_logits(bases["plain"], tmp_path / "ad", ids)
+    assert (theirs - whole).abs().max() > 1e-3  # PEFT dropped some of the weights
+    model, _ = load_pretrained(bases["plain"])
+    with pytest.raises(EmberError, match="does not target .*model.layers.1.self_attn.q_proj"
+                       if "layers_to_transform" in edit else "does not target .*v_proj"):
         load_adapter(model, tmp_path / "ad")

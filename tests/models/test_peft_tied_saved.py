@@ -91,3 +91,73 @@ def test_lora_on_a_tied_head_without_weight_tying_unties(tied, tmp_path, targets
     assert _close(ours, ref)
     save_adapter(model, tmp_path / "ember")
     _peft_loads_it_and_merged_exports_untied(model, tok, tied, tmp_path, ids, ours, ref)
+
+
+def _corrupt(src, dst, how: str) -> None:
+    """A copy of the PEFT adapter in ``src`` that fails late in load_adapter: a LoRA B of the
+    wrong shape, or a key that matches no module of the model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    f = dst / "adapter_model.safetensors"
+    sd = load_file(f)
+    if how == "shape":
+        k = next(k for k in sorted(sd) if "q_proj.lora_B" in k)
+        sd[k] = torch.randn(sd[k].shape[0] + 1, sd[k].shape[1])
+    else:
+        sd["base_model.model.model.layers.0.self_attn.nope.lora_A.weight"] = torch.randn(4, 32)
+    save_file(sd, f)
+
+
+@pytest.mark.parametrize("how", ["shape", "key"])
+@pytest.mark.parametrize("kw", [dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+                                dict(target_modules=["q_proj", "lm_head"]),
+                                dict(target_modules=["q_proj"], trainable_token_indices={
+                                    "lm_head": [3, 7]})])
+def test_failed_load_leaves_a_tied_model_as_it_was(tied, tmp_path, kw, how):
+    """An adapter that unties a tied model's head (modules_to_save, LoRA or trainable tokens on
+    lm_head) and then fails (a wrong shape, an unknown key) left the model untied, with a copy
+    of the embedding as its head: the load is now all or nothing. The model keeps transformers'
+    base logits and then loads the good adapter with PEFT's logits."""
+    from ember import EmberError
+
+    torch.manual_seed(0)
+    ids, ref = _peft_adapter(tied, tmp_path / "peft", edit_base=_train_copies, **kw)
+    _corrupt(tmp_path / "peft", tmp_path / "bad", how)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tied, dtype=torch.float32).eval()
+    model, _ = load_pretrained(tied)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(EmberError):
+        load_adapter(model, tmp_path / "bad")
+    assert model.cfg.tie_word_embeddings and model.lm_head is None
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not [n for n, _ in model.named_modules() if "lora" in type(_).__name__.lower()]
+    with torch.no_grad():
+        assert _close(model.eval()(ids), base(input_ids=ids).logits)
+        load_adapter(model, tmp_path / "peft")
+        assert _close(model.eval()(ids), ref)
+
+
+def test_failed_load_onto_wrapped_modules_writes_nothing(tied, tmp_path):
+    """A model whose q_proj already holds a rank-8 adapter refuses PEFT's rank-4 one; the check
+    ran after the trained embedding (modules_to_save) had been written over the model's."""
+    from ember import EmberError
+    from ember.models.lora import LoRAConfig, apply_lora
+
+    torch.manual_seed(0)
+    ids, _ = _peft_adapter(tied, tmp_path / "peft", target_modules=["q_proj"],
+                           modules_to_save=["embed_tokens"], edit_base=_train_copies)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tied, dtype=torch.float32).eval()
+    model, _ = load_pretrained(tied)
+    apply_lora(model, LoRAConfig(rank=8, alpha=16, targets=("q",)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(EmberError, match="already has a rank-8 adapter"):
+        load_adapter(model, tmp_path / "peft")
+    assert model.cfg.tie_word_embeddings and model.lm_head is None
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with torch.no_grad():  # B = 0: still the base model's logits
+        assert _close(model.eval()(ids), base(input_ids=ids).logits)
