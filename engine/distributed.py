@@ -26,10 +26,12 @@ the whole model and host memory holds one copy, not one per rank.
 
 Semantics, so that N ranks reproduce one process:
 - Data: ``grad_accum`` is per rank; an optimizer step consumes ``grad_accum * world_size`` packed
-  batches. Rank r takes batches r, r + N, ... of the one-process order (``PackedBatches`` with
-  ``rank``/``world_size``), so step s covers exactly the batches a single process with
-  ``grad_accum * world_size`` would take at step s. (Each epoch is cut to a multiple of N
-  batches, dropping at most N - 1.)
+  batches. Every rank follows the one-process stream of batches (a ``PackedBatches`` of world
+  size 1: the same epochs, steps and data position as one process with ``grad_accum *
+  world_size``) and of each step's batches takes every N-th, starting at its rank
+  (``step_share``). No batch is dropped: where a step's batches do not divide by N (an epoch's
+  last, partial step; an epoch whose batch count does not divide by N) a rank with fewer makes
+  forward / backward passes that count for nothing, since a sharded forward is a collective.
 - Loss: every rank divides its summed token losses by the answer tokens of the whole global step
   (``all_reduce_sums`` before the forward), and gradients are *summed* across ranks (FSDP's
   default averaging is switched off), so the gradient is the token-weighted mean over all ranks'
@@ -348,6 +350,13 @@ def store_nf4_flat(model: nn.Module, info: DistInfo) -> int:
 def rank_batches(examples: list[Example], cfg: DataConfig, info: DistInfo) -> PackedBatches:
     """This rank's share of the packed batches, in the one-process global order."""
     return PackedBatches.from_config(examples, cfg, rank=info.rank, world_size=info.world_size)
+
+
+def step_share(window: list, info: DistInfo) -> tuple[list, int]:
+    """This rank's items of an optimizer step's ``window`` (its packed batches in the one-process
+    order): items r, r + N, ...; and the forward passes every rank makes, ``ceil(len / N)``
+    (rank 0's count: a rank with fewer adds passes that count for nothing)."""
+    return window[info.rank::info.world_size], len(window[::info.world_size])
 
 
 def _global_fingerprint(batches: PackedBatches) -> str:

@@ -311,6 +311,36 @@ def test_resume_may_change_the_collective_timeout(runs, capsys):
     _same_rows(rows_of(run), rows_of(tmp / "full1"))
 
 
+def test_fractional_epochs_on_batches_that_do_not_divide(tiny, tmp_path):
+    """epochs = 1.5 on 5 packed batches an epoch: two processes take every batch (the epoch's
+    last, odd one too: rank 1 makes a pass that adds nothing) and run the steps of one process
+    with twice their grad_accum: 3 + 2 steps of 2, 2, 1, 2, 2 batches, the same losses, token
+    counts and lr schedule (they cut the epoch to 4 batches and ran 2 + 1 steps); the
+    two-process checkpoint of step 2 then continues in one process as that run."""
+    cfg = ('method="full"', "optim.lr=3e-3", "eval.metrics=[]", "eval.every_steps=0",
+           "checkpoint.every_steps=2", "checkpoint.keep_last=5", "epochs=1.5",
+           "data.tokens_per_batch=128")
+
+    def config(name: str) -> Path:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(to_toml(tiny_config(tiny, tmp_path / name, *cfg)))
+        return path
+
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["train", str(config("one")), *sets("grad_accum=2")]) == 0
+    assert "5 steps (5 batches of <= 128 tokens per epoch" in printed.getvalue()
+    out = torchrun_train(str(config("two")))
+    assert "5 steps (5 batches" in out and "left out" not in out
+    one = rows_of(tmp_path / "one")
+    assert [r["step"] for r in one if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+    _same_rows(rows_of(tmp_path / "two"), one)
+    continue_from(tmp_path / "two", tmp_path / "two1", 2)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", str(tmp_path / "two1"), "--resume",
+                     *sets(f'run_dir="{tmp_path / "two1"}"', "grad_accum=2")]) == 0
+    _same_rows(rows_of(tmp_path / "two1"), one)
+
+
 @pytest.mark.slow
 def test_two_processes_resume_exactly(runs):
     """The usual case, a torchrun job continued by as many processes: the same log, bit for bit
