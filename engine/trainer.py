@@ -333,10 +333,10 @@ class Trainer:
                         aux_local += float(aux.detach()) * b.num_tokens / n_tok
                     (scaler.scale(loss) if scaler else loss).backward()
                 for b in pad:
-                    sums = dict(obj.sums)  # the objective's metric sums: as if never called
+                    sums = dict(obj.sums)  # its metric sums: unchanged, the same keys (reduced)
                     with self.autocast():
                         loss = obj.loss(self.model, b.to(self.device), n_w) * 0.0
-                    obj.sums = sums
+                    obj.sums = {k: sums.get(k, 0.0) for k in obj.sums}
                     (scaler.scale(loss) if scaler else loss).backward()
             if scaler:
                 scaler.unscale_(opt)
