@@ -374,16 +374,18 @@ def data_state(batches: PackedBatches, batches_per_step: int) -> dict:
             "batches_per_step": batches_per_step, "fingerprint": _global_fingerprint(batches)}
 
 
-def restore_data_state(batches: PackedBatches, state: dict, batches_per_step: int) -> None:
+def restore_data_state(batches: PackedBatches, state: dict, batches_per_step: int,
+                       processes: int | None = None) -> None:
     """Continue at the batch after ``state`` with this rank's ``batches`` (any world size, as
-    long as the global batches per optimizer step are unchanged)."""
+    long as the global batches per optimizer step are unchanged). ``processes``: the run's (the
+    trainer's ``batches`` are one process's on every rank), for the hint of a refusal."""
     if state.get("fingerprint") != _global_fingerprint(batches):
         raise EmberError("the dataset or batching settings differ from the checkpoint's, so the "
                          "run cannot resume at the same batch; resume with the same data and "
                          "data.* settings")
     saved = int(state["batches_per_step"])
     if saved != batches_per_step:
-        w = batches.world_size
+        w = processes or batches.world_size
         hint = (f"set grad_accum = {saved // w} for {w} processes" if saved % w == 0
                 else f"use a process count that divides {saved}")
         raise EmberError(f"the checkpoint took {saved} packed batches per optimizer step "

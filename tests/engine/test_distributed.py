@@ -73,14 +73,15 @@ def sets(*items: str) -> list[str]:
     return [a for item in items for a in ("--set", item)]
 
 
-def torchrun_train(*args: str) -> str:
-    """``torchrun --standalone --nproc_per_node 2 -m ember.engine.cli train ARGS``: its output."""
+def torchrun_train(*args: str, status: int = 0) -> str:
+    """``torchrun --standalone --nproc_per_node 2 -m ember.engine.cli train ARGS``: its output
+    (the launch must end with exit ``status``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", "-m", "ember.engine.cli", "train", *args],
                           capture_output=True, text=True, env=env, timeout=600)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
+    assert (proc.returncode == 0) == (status == 0), out[-6000:]
     return out
 
 
@@ -353,6 +354,11 @@ def test_fractional_epochs_on_batches_that_do_not_divide(tiny, tmp_path, kind):
     assert [r["step"] for r in one if r["kind"] == "train"] == [1, 2, 3, 4, 5]
     _same_rows(rows_of(tmp_path / "two"), one)
     if kind == "sft":
+        # another global batch is refused, with the grad_accum for this run's 2 processes
+        continue_from(tmp_path / "one", tmp_path / "one2", 2)
+        out = torchrun_train(str(tmp_path / "one2"), "--resume",
+                             *sets(f'run_dir="{tmp_path / "one2"}"', "grad_accum=2"), status=1)
+        assert "set grad_accum = 1 for 2 processes" in out, out[-3000:]
         continue_from(tmp_path / "two", tmp_path / "two1", 2)
         with contextlib.redirect_stdout(io.StringIO()):
             assert main(["train", str(tmp_path / "two1"), "--resume",
