@@ -26,10 +26,12 @@ the whole model and host memory holds one copy, not one per rank.
 
 Semantics, so that N ranks reproduce one process:
 - Data: ``grad_accum`` is per rank; an optimizer step consumes ``grad_accum * world_size`` packed
-  batches. Rank r takes batches r, r + N, ... of the one-process order (``PackedBatches`` with
-  ``rank``/``world_size``), so step s covers exactly the batches a single process with
-  ``grad_accum * world_size`` would take at step s. (Each epoch is cut to a multiple of N
-  batches, dropping at most N - 1.)
+  batches. Every rank follows the one-process stream of batches (a ``PackedBatches`` of world
+  size 1: the same epochs, steps and data position as one process with ``grad_accum *
+  world_size``) and of each step's batches takes every N-th, starting at its rank
+  (``step_share``). No batch is dropped: where a step's batches do not divide by N (an epoch's
+  last, partial step; an epoch whose batch count does not divide by N) a rank with fewer makes
+  forward / backward passes that count for nothing, since a sharded forward is a collective.
 - Loss: every rank divides its summed token losses by the answer tokens of the whole global step
   (``all_reduce_sums`` before the forward), and gradients are *summed* across ranks (FSDP's
   default averaging is switched off), so the gradient is the token-weighted mean over all ranks'
@@ -350,6 +352,13 @@ def rank_batches(examples: list[Example], cfg: DataConfig, info: DistInfo) -> Pa
     return PackedBatches.from_config(examples, cfg, rank=info.rank, world_size=info.world_size)
 
 
+def step_share(window: list, info: DistInfo) -> tuple[list, int]:
+    """This rank's items of an optimizer step's ``window`` (its packed batches in the one-process
+    order): items r, r + N, ...; and the forward passes every rank makes, ``ceil(len / N)``
+    (rank 0's count: a rank with fewer adds passes that count for nothing)."""
+    return window[info.rank::info.world_size], len(window[::info.world_size])
+
+
 def _global_fingerprint(batches: PackedBatches) -> str:
     # The fingerprint of the same data and batching seen by one process: equal across world
     # sizes (PackedBatches' own fingerprint includes rank and world size).
@@ -365,16 +374,18 @@ def data_state(batches: PackedBatches, batches_per_step: int) -> dict:
             "batches_per_step": batches_per_step, "fingerprint": _global_fingerprint(batches)}
 
 
-def restore_data_state(batches: PackedBatches, state: dict, batches_per_step: int) -> None:
+def restore_data_state(batches: PackedBatches, state: dict, batches_per_step: int,
+                       processes: int | None = None) -> None:
     """Continue at the batch after ``state`` with this rank's ``batches`` (any world size, as
-    long as the global batches per optimizer step are unchanged)."""
+    long as the global batches per optimizer step are unchanged). ``processes``: the run's (the
+    trainer's ``batches`` are one process's on every rank), for the hint of a refusal."""
     if state.get("fingerprint") != _global_fingerprint(batches):
         raise EmberError("the dataset or batching settings differ from the checkpoint's, so the "
                          "run cannot resume at the same batch; resume with the same data and "
                          "data.* settings")
     saved = int(state["batches_per_step"])
     if saved != batches_per_step:
-        w = batches.world_size
+        w = processes or batches.world_size
         hint = (f"set grad_accum = {saved // w} for {w} processes" if saved % w == 0
                 else f"use a process count that divides {saved}")
         raise EmberError(f"the checkpoint took {saved} packed batches per optimizer step "

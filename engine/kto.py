@@ -289,10 +289,12 @@ class KTO(Referenced, SFT):
                 total, n = total + float(diff.sum()), n + kl.num_docs
         return total, n
 
-    def begin_step(self, micro: list, reduce, model=None, device=None, autocast=None) -> None:
+    def begin_step(self, micro: list, reduce, model=None, device=None, autocast=None,
+                   pad: list = ()) -> None:
         self.kl = 0.0
         if self.uses_kl:
             total, n = self._kl_sums(model, micro, device, autocast)
+            self._kl_sums(model, pad, device, autocast)  # as many forwards as the other ranks
             total, n = reduce([total, float(n)])
             self.kl = total / max(n, 1.0)
 

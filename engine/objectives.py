@@ -125,10 +125,12 @@ class SFT:
                              "preference pairs")
 
     def begin_step(self, micro: list, reduce: Callable[[list[float]], list[float]], model=None,
-                   device=None, autocast=None) -> None:
+                   device=None, autocast=None, pad: list = ()) -> None:
         """Called with all of a step's micro-batches before their losses (``reduce``: sums a list
         of floats over the processes), for a loss normalized by a step-wide count (KTO: its KL
-        term, scored with ``model`` on ``device`` under ``autocast``)."""
+        term, scored with ``model`` on ``device`` under ``autocast``). ``pad``: batches this rank
+        makes passes on that count for nothing (``Trainer._step``); an objective that makes
+        forwards here makes them on those too."""
 
     def _add(self, **values: float) -> None:
         for k, v in values.items():

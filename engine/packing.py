@@ -268,12 +268,21 @@ class PackedBatches:
         return sum(len(self.plan(e)) for e in range(epochs))
 
     def __iter__(self):
+        for idx in self.indices():
+            yield self.collate(idx)
+
+    def indices(self):
+        """The example indices of each batch ``__iter__`` yields (the same position moves), for
+        a caller that collates only some of them (a rank's share of a step, ``step_share``)."""
         plan = self.plan(self.epoch)
         while self.position < len(plan):
             idx = plan[self.position]
             self.position += 1
-            yield collate([self.examples[i] for i in idx])
+            yield idx
         self.epoch, self.position = self.epoch + 1, 0
+
+    def collate(self, idx: list[int]):
+        return collate([self.examples[i] for i in idx])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "fingerprint": self.fingerprint}

@@ -129,7 +129,7 @@ class _Pairs(SFT):
         return batch.num_docs // 2
 
     def begin_step(self, micro: list, reduce: Callable[[list[float]], list[float]], model=None,
-                   device=None, autocast=None) -> None:
+                   device=None, autocast=None, pad: list = ()) -> None:
         if self.nll_weight:
             local = sum(float(answer_counts(b)[0::2].sum()) for b in micro)
             self.step_tokens = reduce([local])[0]

@@ -102,10 +102,12 @@ def warmup_steps(optim, total: int) -> int:
 
 
 def epoch_step_sizes(batches, epochs: float, grad_accum: int) -> list[int]:
-    """The micro-batches of each optimizer step of ``epochs`` epochs of ``batches`` (this
-    rank's), as transformers' Trainer: a step never spans two epochs, each epoch ends with a
-    step of the micro-batches left (its partial accumulation), and a fraction of an epoch is
-    that fraction of its steps, rounded up (``ceil(epochs * steps per epoch)``); at least 1."""
+    """The micro-batches of each optimizer step of ``epochs`` epochs of ``batches`` (one
+    process's; under torchrun all processes' together, ``grad_accum`` then grad_accum * N:
+    ``distributed.step_share`` deals them out), as transformers' Trainer: a step never spans
+    two epochs, each epoch ends with a step of the micro-batches left (its partial
+    accumulation), and a fraction of an epoch is that fraction of its steps, rounded up
+    (``ceil(epochs * steps per epoch)``); at least 1."""
     sizes: list[int] = []
     whole = int(epochs)
     for e in range(whole + (epochs > whole)):

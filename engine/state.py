@@ -133,7 +133,7 @@ def restore(path: Path, cfg: TrainConfig, info: DistInfo, model, optimizer, *,
     # find_latest has just verified the files at cfg.checkpoint.verify: sizes suffice here.
     loaded = dcp.load(path, model=model, optimizer=optimizer, info=info, level="size")
     extra = loaded.extra
-    restore_data_state(batches, extra["data"], cfg.grad_accum * info.world_size)
+    restore_data_state(batches, extra["data"], cfg.grad_accum * info.world_size, info.world_size)
     guard.load_state_dict(extra["guard"])
     if scaler is not None and extra.get("scaler"):
         scaler.load_state_dict(extra["scaler"])

@@ -70,8 +70,8 @@ from ember.engine.distributed import (
     init_distributed,
     local_numel,
     rank0_echo,
-    rank_batches,
     shard_model,
+    step_share,
 )
 from ember.engine.guards import GracefulStop, NonFiniteGuard, oom_guard, resume_command
 from ember.engine.metrics import LOWER_IS_BETTER
@@ -299,7 +299,9 @@ class Trainer:
 
     # --- one optimizer step --------------------------------------------------------------------
     def _step(self, micro: list, step: int, opt, params, scaler, guard: NonFiniteGuard,
-              signals: GracefulStop) -> StepStats:
+              signals: GracefulStop, pad: list = ()) -> StepStats:
+        """One optimizer step on this rank's ``micro``-batches; ``pad``: batches for passes that
+        count for nothing (a rank with fewer batches: a sharded forward is a collective)."""
         cfg, info = self.cfg, self.info
         obj = self.objective
         n_loss, n_tok, n_w = all_reduce_sums([sum(b.num_loss_tokens for b in micro),
@@ -309,13 +311,13 @@ class Trainer:
         act = cfg.activations
         coef = self.aux_coef
         aux_local = 0.0
-        with oom_guard(batch_tokens=max(b.num_tokens for b in micro),
-                       seq_len=max(b.max_seqlen for b in micro), device=self.device, step=step,
-                       method=cfg.method, checkpointing=act.checkpointing, offload=act.offload,
-                       mlp_chunk_tokens=act.mlp_chunk_tokens):
+        with oom_guard(batch_tokens=max(b.num_tokens for b in [*micro, *pad]),
+                       seq_len=max(b.max_seqlen for b in [*micro, *pad]), device=self.device,
+                       step=step, method=cfg.method, checkpointing=act.checkpointing,
+                       offload=act.offload, mlp_chunk_tokens=act.mlp_chunk_tokens):
             local = 0.0
             obj.begin_step(micro, lambda xs: all_reduce_sums(xs, info), model=self.model,
-                           device=self.device, autocast=self.autocast)
+                           device=self.device, autocast=self.autocast, pad=pad)
             if n_w > 0:
                 # Every rank runs every micro-batch (even one without answer tokens: it adds 0):
                 # a sharded forward / backward is a collective.
@@ -329,6 +331,12 @@ class Trainer:
                         # weighted by its share of the step's tokens; logged apart from the loss
                         loss = loss + coef * aux * (b.num_tokens / n_tok)
                         aux_local += float(aux.detach()) * b.num_tokens / n_tok
+                    (scaler.scale(loss) if scaler else loss).backward()
+                for b in pad:
+                    sums = dict(obj.sums)  # its metric sums: unchanged, the same keys (reduced)
+                    with self.autocast():
+                        loss = obj.loss(self.model, b.to(self.device), n_w) * 0.0
+                    obj.sums = {k: sums.get(k, 0.0) for k in obj.sums}
                     (scaler.scale(loss) if scaler else loss).backward()
             if scaler:
                 scaler.unscale_(opt)
@@ -380,18 +388,15 @@ class Trainer:
         self._check_context(model)
         self.objective.prepare(model, self.datasets, cfg.data.tokens_per_batch, self.device,
                                self.autocast, self.echo)
-        batches = rank_batches(self.datasets.train, cfg.data, info)
+        # Every rank follows one process's batches (steps, epochs, data position) and takes its
+        # share of each step's (step_share): the run of one process with grad_accum * N.
+        batches = PackedBatches.from_config(self.datasets.train, cfg.data)
         per_epoch = len(batches.plan(0))
-        lost = batches.left_out(0)
-        if lost:
-            self.echo(f"note: {lost} of the {per_epoch * info.world_size + lost} batches of an "
-                      f"epoch are left out so that the {info.world_size} processes take as many "
-                      "each (other ones each epoch when data.order shuffles)")
+        per_step = cfg.grad_accum * info.world_size
         # Epochs decide: each epoch's last step takes only the micro-batches left (HF Trainer's
         # partial accumulation), so 2 epochs of 5 batches at grad_accum 4 are 4 steps of 4, 1,
         # 4, 1 batches (not 3 steps, nor 8 batches an epoch).
-        step_sizes = None if cfg.max_steps else epoch_step_sizes(batches, cfg.epochs,
-                                                                 cfg.grad_accum)
+        step_sizes = None if cfg.max_steps else epoch_step_sizes(batches, cfg.epochs, per_step)
         total = cfg.max_steps or len(step_sizes)
         if cfg.eval.early_stopping and cfg.eval.every_steps >= total:
             self.echo(f"note: eval.every_steps = {cfg.eval.every_steps} >= the run's {total} "
@@ -413,9 +418,9 @@ class Trainer:
             self.echo(f"resumed from {latest} (step {prog.step} of {total})")
         self._keep_checkpointed_best(prog)  # none for a new run
         self.log.start(prog.step)
-        per_step = "" if not info.distributed else f" per process, x{info.world_size} processes"
+        ranks = "" if not info.distributed else f" per process, x{info.world_size} processes"
         self.echo(f"{total} steps ({per_epoch} batches of <= {cfg.data.tokens_per_batch} tokens "
-                  f"per epoch, grad_accum {cfg.grad_accum}{per_step}), lr {o.lr:g} "
+                  f"per epoch, grad_accum {cfg.grad_accum}{ranks}), lr {o.lr:g} "
                   f"{o.schedule}, warmup {warmup}")
 
         if prog.step == 0 and cfg.eval.before:
@@ -444,12 +449,16 @@ class Trainer:
         with GracefulStop(echo=say) as signals:
             while prog.step < total and not stopped:
                 t0 = time.perf_counter()
-                n = cfg.grad_accum if step_sizes is None else step_sizes[prog.step]
-                micro = [next(stream) for _ in range(n)]
+                n = per_step if step_sizes is None else step_sizes[prog.step]
+                window = [next(stream) for _ in range(n)]
+                mine, passes = step_share(window, info)
+                micro = [batches.collate(idx) for idx in mine]
+                # A rank with fewer of the step's batches: passes on a real batch that add 0
+                pad = [batches.collate(window[0])] * (passes - len(mine))
                 lr = o.lr * lr_factor(prog.step, total, warmup, o.schedule, o.min_lr_ratio)
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_ratio", 1.0)
-                s = self._step(micro, prog.step + 1, opt, params, scaler, guard, signals)
+                s = self._step(micro, prog.step + 1, opt, params, scaler, guard, signals, pad)
                 prog.step += 1
                 prog.tokens += s.tokens
                 step, dt = prog.step, time.perf_counter() - t0
@@ -544,7 +553,7 @@ class Trainer:
 
     def _stream(self, batches: PackedBatches):
         while True:
-            yield from batches
+            yield from batches.indices()
 
     def _early_stop(self, scores: dict, prog: Progress, step: int | None = None) -> bool:
         """Whether to stop; an improving evaluation's weights are kept (``engine/best.py``) when

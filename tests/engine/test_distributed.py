@@ -73,14 +73,15 @@ def sets(*items: str) -> list[str]:
     return [a for item in items for a in ("--set", item)]
 
 
-def torchrun_train(*args: str) -> str:
-    """``torchrun --standalone --nproc_per_node 2 -m ember.engine.cli train ARGS``: its output."""
+def torchrun_train(*args: str, status: int = 0) -> str:
+    """``torchrun --standalone --nproc_per_node 2 -m ember.engine.cli train ARGS``: its output
+    (the launch must end with exit ``status``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", "-m", "ember.engine.cli", "train", *args],
                           capture_output=True, text=True, env=env, timeout=600)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
+    assert (proc.returncode == 0) == (status == 0), out[-6000:]
     return out
 
 
@@ -309,6 +310,60 @@ def test_resume_may_change_the_collective_timeout(runs, capsys):
     assert main(["train", str(run), "--resume", *sets(
         f'run_dir="{run}"', "dist.timeout_minutes=120", "dist.reshard_after_forward=false")]) == 0
     _same_rows(rows_of(run), rows_of(tmp / "full1"))
+
+
+def kto_rows(n: int) -> list[dict]:
+    rng, rows = random.Random(5), []
+    for _ in range(n):
+        words = [rng.choice(w.WORDS) for _ in range(rng.randint(2, 6))]
+        wrong = rng.choice([x for x in w.WORDS if x != words[0]])
+        p = "say " + " ".join(words) + " ->"
+        rows += [{"prompt": p, "completion": " " + words[0], "label": True},
+                 {"prompt": p, "completion": " " + wrong, "label": rng.random() < 0.3}]
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["sft", "kto"])
+def test_fractional_epochs_on_batches_that_do_not_divide(tiny, tmp_path, kind):
+    """epochs = 1.5 on 5 packed batches an epoch: two processes take every batch (the epoch's
+    last, odd one too: rank 1 makes a pass that adds nothing) and run the steps of one process
+    with twice their grad_accum: 3 + 2 steps of 2, 2, 1, 2, 2 batches, the same losses, token
+    counts and lr schedule (they cut the epoch to 4 batches and ran 2 + 1 steps). KTO also makes
+    forwards for its KL term and reduces metric sums: rank 1's pass adds none (it hung gloo on
+    a collective of another size). The two-process checkpoint of step 2 then continues in one
+    process as that run."""
+    cfg = ('method="full"', "optim.lr=3e-3", "eval.metrics=[]", "eval.every_steps=0",
+           "checkpoint.every_steps=2", "checkpoint.keep_last=5", "epochs=1.5",
+           "data.tokens_per_batch=128")
+    if kind == "kto":
+        kto = write_jsonl(tmp_path / "kto.jsonl", kto_rows(21))
+        cfg = (*cfg, 'objective="kto"', f'data.train=["{kto}"]', f'data.validation="{kto}"',
+               "data.max_seq_len=32", "data.tokens_per_batch=72", "checkpoint.every_steps=0")
+
+    def config(name: str) -> Path:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(to_toml(tiny_config(tiny, tmp_path / name, *cfg)))
+        return path
+
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["train", str(config("one")), *sets("grad_accum=2")]) == 0
+    assert "5 steps (5 batches of <=" in printed.getvalue()
+    out = torchrun_train(str(config("two")))
+    assert "5 steps (5 batches" in out and "left out" not in out
+    one = rows_of(tmp_path / "one")
+    assert [r["step"] for r in one if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+    _same_rows(rows_of(tmp_path / "two"), one)
+    if kind == "sft":
+        # another global batch is refused, with the grad_accum for this run's 2 processes
+        continue_from(tmp_path / "one", tmp_path / "one2", 2)
+        out = torchrun_train(str(tmp_path / "one2"), "--resume",
+                             *sets(f'run_dir="{tmp_path / "one2"}"', "grad_accum=2"), status=1)
+        assert "set grad_accum = 1 for 2 processes" in out, out[-3000:]
+        continue_from(tmp_path / "two", tmp_path / "two1", 2)
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["train", str(tmp_path / "two1"), "--resume",
+                         *sets(f'run_dir="{tmp_path / "two1"}"', "grad_accum=2")]) == 0
+        _same_rows(rows_of(tmp_path / "two1"), one)
 
 
 @pytest.mark.slow
