@@ -17,12 +17,14 @@ blocks: ``ember.models.gguf_quants.tensor_types``), quantized byte for byte as l
 (``ember.models.gguf_quants``).
 
 Metadata: the ``<arch>.*`` keys the importer and llama.cpp read (``config_from_gguf``), a Llama
-3.1 rope scaling as the ``rope_freqs`` tensor, and the tokenizer (``ember.models.gguf_tokenizer``).
+3.1 rope scaling as the ``rope_freqs`` tensor, YaRN as the converter's ``rope.scaling.type`` /
+``factor`` / ``original_context_length``, and the tokenizer (``ember.models.gguf_tokenizer``).
 Whatever GGUF cannot express is refused before anything is written: the metadata is read back
 with the importer's own ``config_from_gguf`` and every field that would come back different is
 named (a query_pre_attn_scalar llama.cpp hard-codes differently, a local RoPE base other than
 10000, a Gemma 2 / 3 layer pattern other than llama.cpp's fixed period, partial rotary,
-YaRN / LongRoPE scaling ...). Refused too: classifier heads, prompt-tuning
+LongRoPE, a YaRN whose beta_fast / beta_slow / truncate / attention_factor are not llama.cpp's
+fixed ones ...). Refused too: classifier heads, prompt-tuning
 models and LoRA adapters not merged (``merge_lora`` first). A 4-bit (NF4) model is dequantized.
 A llama-architecture sliding window (Mistral v0.1) is dropped with a warning: llama.cpp's llama
 graph has no window, and its converter drops it too.
@@ -62,6 +64,7 @@ from ember.models.gguf_moe import (
     stack_expert,
 )
 from ember.models.gguf_quants import ALIASES, FILE_TYPES, quantize, tensor_types
+from ember.models.hf_rope import yarn_mscale
 
 # float output type -> (ggml type of matrices, general.file_type); quantized: FILE_TYPES
 DTYPES = {
@@ -238,14 +241,33 @@ def _tensor_types(dtype: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConf
 # Metadata
 
 
+def _check_yarn(rs, arch: str) -> None:
+    """llama.cpp's YaRN for these graphs: ramp dims floor / ceil'ed (transformers' truncate)
+    between beta_fast 32 and beta_slow 1, cos / sin times 0.1 ln(factor) + 1 (times the
+    ``rope.scaling.attn_factor`` key, which Ember's importer does not read for YaRN). Its
+    ``yarn_beta_*`` / ``yarn_attn_factor`` keys are read for a few other architectures only, so
+    anything else would be computed differently: refused, naming the field."""
+    default = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True,
+               "attention_factor": yarn_mscale(rs.factor)}
+    bad = [f"{k}={getattr(rs, k)!r} (llama.cpp: {v!r})" for k, v in default.items()
+           if not (getattr(rs, k) == v if isinstance(v, bool)
+                   else math.isclose(getattr(rs, k), v, rel_tol=1e-6))]
+    if bad:
+        raise EmberError(f"save_gguf: llama.cpp's {arch} YaRN has no key for this model's "
+                         f"{', '.join(bad)}; it would compute a different model. Export the "
+                         "merged HF folder instead (ember export --merged)")
+
+
 def arch_metadata(cfg: ModelConfig) -> dict[str, Any]:
     """``<arch>.*`` keys (without the prefix) for ``cfg``, as llama.cpp's converter writes them."""
     arch = gguf_arch(cfg)
     rs = cfg.rope_scaling
-    if rs is not None and rs.kind not in ("linear", "llama3"):
+    if rs is not None and rs.kind not in ("linear", "llama3", "yarn"):
         raise EmberError(f"save_gguf: rope scaling {rs.kind!r} cannot be written to GGUF "
-                         "(llama.cpp reads none, linear and Llama-3); export the merged HF "
-                         "folder instead (ember export --merged)")
+                         "(llama.cpp reads none, linear, YaRN and Llama-3); export the merged "
+                         "HF folder instead (ember export --merged)")
+    if rs is not None and rs.kind == "yarn":
+        _check_yarn(rs, arch)
     md: dict[str, Any] = {
         "context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
         "block_count": cfg.num_layers, "feed_forward_length": cfg.intermediate_size,
@@ -269,6 +291,9 @@ def arch_metadata(cfg: ModelConfig) -> dict[str, Any]:
         md.update(moe_metadata(cfg, arch))
     if rs is not None and rs.kind == "linear":
         md.update({"rope.scaling.type": "linear", "rope.scaling.factor": float(rs.factor)})
+    if rs is not None and rs.kind == "yarn":  # TextModel.set_gguf_parameters' three keys
+        md.update({"rope.scaling.type": "yarn", "rope.scaling.factor": float(rs.factor),
+                   "rope.scaling.original_context_length": rs.original_max_position_embeddings})
     if rs is not None and rs.kind == "llama3" and rs.original_max_position_embeddings != 8192:
         md["rope.scaling.original_context_length"] = rs.original_max_position_embeddings
     if arch == "phi3":

@@ -12,10 +12,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from gguf import GGUFReader, GGUFValueType
 
 from ember import EmberError
 from ember.models.gguf import import_gguf, load_gguf
-from tests.models.test_gguf import VOCAB, _offline
+from ember.models.gguf_export import save_gguf
+from ember.models.loading import load_pretrained
+from ember.models.tokenizer import tokenizer_from_gguf
+from tests.models.test_gguf import VOCAB, _offline, tiny_tokenizer_md
 from tests.models.test_gguf_families import DIMS, _diff, _ember, write_family_gguf
 
 transformers = pytest.importorskip("transformers")
@@ -117,7 +121,7 @@ def test_phi3_longrope_default_attention_factor_and_bad_files(tmp_path):
 
 
 def _qwen(arch: str, rope: dict):
-    cls = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}[arch]
+    cls = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "llama": "LlamaConfig"}[arch]
     cfg = getattr(transformers, cls)(**{**DIMS, "max_position_embeddings": 4 * ORIG},
                                      num_hidden_layers=2, head_dim=16, tie_word_embeddings=False,
                                      rope_parameters={"rope_theta": 10000.0, **rope})
@@ -183,3 +187,41 @@ def test_yarn_refusals(tmp_path):
         "rope_freqs.weight": np.ones(8), "rope_factors_long.weight": np.ones(8)})
     with pytest.raises(EmberError, match="both rope_freqs and rope_factors"):
         load_gguf(path)
+
+
+def _ember_from_hf(hf, folder):
+    hf.save_pretrained(folder)
+    with pytest.warns(UserWarning, match="no tokenizer.json"):
+        model, _ = load_pretrained(folder, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+def test_yarn_export_writes_the_converters_keys_and_matches_hf(arch, tmp_path):
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG}
+    hf = _qwen(arch, yarn)
+    path = save_gguf(_ember_from_hf(hf, tmp_path / "hf"), tokenizer_from_gguf(
+        tiny_tokenizer_md()), tmp_path / "y.gguf", dtype="f32")
+    reader = GGUFReader(path)
+    rope = {k: reader.fields[k] for k in reader.fields if k.startswith(f"{arch}.rope.scaling.")}
+    assert {k: f.contents() for k, f in rope.items()} == {  # convert_hf_to_gguf's, no more
+        f"{arch}.rope.scaling.type": "yarn", f"{arch}.rope.scaling.factor": 4.0,
+        f"{arch}.rope.scaling.original_context_length": ORIG}
+    assert rope[f"{arch}.rope.scaling.factor"].types == [GGUFValueType.FLOAT32]
+    assert rope[f"{arch}.rope.scaling.original_context_length"].types == [GGUFValueType.UINT32]
+    cfg, sd, _ = load_gguf(path)
+    ids = torch.randint(0, VOCAB, (2, 40))  # beyond the original context
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert _diff(_ember(cfg, sd, ids), ref) <= TOL
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"beta_fast": 16.0}, "beta_fast=16.0"), ({"beta_slow": 2.0}, "beta_slow=2.0"),
+    ({"attention_factor": 1.3}, "attention_factor=1.3"), ({"truncate": False}, "truncate=False")])
+def test_yarn_export_refuses_what_llama_cpp_cannot_read(extra, field, tmp_path):
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG, **extra}
+    model = _ember_from_hf(_qwen("qwen2", yarn), tmp_path / "hf")
+    with pytest.raises(EmberError, match=f"qwen2 YaRN has no key for this model's {field}"):
+        save_gguf(model, tokenizer_from_gguf(tiny_tokenizer_md()), tmp_path / "y.gguf")
+    assert not (tmp_path / "y.gguf").exists()
