@@ -27,7 +27,8 @@ LongRoPE, a YaRN whose beta_fast / beta_slow / truncate / attention_factor are n
 fixed ones ...). Refused too: classifier heads, prompt-tuning
 models and LoRA adapters not merged (``merge_lora`` first). A 4-bit (NF4) model is dequantized.
 A llama-architecture sliding window (Mistral v0.1) is dropped with a warning: llama.cpp's llama
-graph has no window, and its converter drops it too.
+graph has no window, and its converter drops it too. A Phi-3 window is written (as the converter
+does) with a warning: llama.cpp reads the key but disables Phi-3 sliding-window attention.
 """
 
 from __future__ import annotations
@@ -432,6 +433,13 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
                       "converter does for Mistral v0.1); outputs differ past the window",
                       stacklevel=2)
         cfg = cfg.replace(sliding_window=None)
+    if cfg.sliding_window is not None and arch == "phi3" and (
+            cfg.sliding_window < cfg.max_position_embeddings):
+        warnings.warn(f"save_gguf: the file keeps phi3.attention.sliding_window = "
+                      f"{cfg.sliding_window} (as llama.cpp's converter writes it; Ember and "
+                      "transformers read it), but llama.cpp disables Phi-3 sliding-window "
+                      "attention ('Phi SWA is currently disabled'): its outputs differ past the "
+                      "window", stacklevel=2)
     tensors = dict(gguf_tensors(_dense(model), cfg))
     md = {"general.architecture": arch,
           **{f"{arch}.{k}": v for k, v in arch_metadata(cfg).items()}}

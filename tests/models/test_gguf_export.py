@@ -256,6 +256,21 @@ def test_llama_sliding_window_is_dropped_with_a_warning(tmp_path):
     assert load_gguf(path)[0].sliding_window is None
 
 
+
+def test_phi3_sliding_window_is_kept_with_a_warning(tmp_path):
+    hf = _hf("phi3")  # sliding_window 5 < 256 positions
+    model = _ember_from_hf(hf, tmp_path / "hf")
+    with pytest.warns(UserWarning, match="llama.cpp disables Phi-3 sliding-window attention"):
+        path = save_gguf(model, tokenizer_from_gguf(tiny_tokenizer_md()), tmp_path / "p.gguf",
+                         dtype="f32")
+    assert _field(GGUFReader(path), "phi3.attention.sliding_window") == 5  # the converter's key
+    ids = torch.randint(0, VOCAB, (1, 12))
+    cfg, sd, _ = load_gguf(path)
+    back = Transformer(cfg).eval()
+    back.load_state_dict(sd)
+    assert _diff(_logits(back, ids), _logits(hf, ids)) < 1e-4  # Ember keeps transformers' window
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizers
 
