@@ -169,6 +169,21 @@ def test_yarn_gguf_matches_hf(arch, extra, tmp_path):
     assert _diff(_ember(cfg.replace(rope_scaling=None), sd, ids), ref) > 1e-2
 
 
+def test_yarn_gguf_attn_factor_key_scales_like_llama_cpp(tmp_path):
+    # llama.cpp: cos / sin times (0.1 ln(factor) + 1) * rope.scaling.attn_factor; the transformers
+    # config computing the same has attention_factor = that product
+    base = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG}
+    hf = _qwen("qwen2", {**base, "attention_factor": (0.1 * math.log(4.0) + 1) * 0.75})
+    path = tmp_path / "q.gguf"
+    write_family_gguf(path, "qwen2", hf, {**_qwen_metadata("qwen2", hf.config, base),
+                                          "qwen2.rope.scaling.attn_factor": 0.75})
+    cfg, sd, _ = load_gguf(path)
+    ids = torch.randint(0, VOCAB, (2, 40))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert _diff(_ember(cfg, sd, ids), ref) <= TOL
+
+
 def test_yarn_refusals(tmp_path):
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG}
     hf = _qwen("qwen2", yarn)
@@ -176,6 +191,9 @@ def test_yarn_refusals(tmp_path):
     md = _qwen_metadata("qwen2", hf.config, yarn)
     write_family_gguf(path, "qwen2", hf, {**md, "qwen2.rope.scaling.yarn_ext_factor": 0.5})
     with pytest.raises(EmberError, match="yarn_ext_factor=0.5"):
+        load_gguf(path)
+    write_family_gguf(path, "qwen2", hf, {**md, "qwen2.rope.scaling.attn_factor": -1.0})
+    with pytest.raises(EmberError, match="rope.scaling.attn_factor must be > 0, got -1.0"):
         load_gguf(path)
     write_family_gguf(path, "qwen2", hf, {**md, "qwen2.rope.scaling.yarn_log_multiplier": 0.1})
     with pytest.raises(EmberError, match="yarn_log_multiplier"):
