@@ -163,4 +163,10 @@ def rope_fields(g, arch: str, get: Callable, head_dim: int, context: int) -> dic
                          "supported in GGUF files (none, linear, yarn, longrope, llama3 "
                          "rope_freqs); import the original Hugging Face checkpoint, whose "
                          "config.json Ember reads")
+    scale, rs = get("rope.scaling.attn_factor"), out.get("rope_scaling")
+    if scale is not None and not math.isclose(scale, 1.0) and (
+            rs is None or rs.kind not in ("yarn", "longrope")):
+        raise EmberError(f"{path}: {arch}.rope.scaling.attn_factor={scale} (llama.cpp multiplies "
+                         "cos / sin by it) has no transformers equivalent without YaRN or "
+                         "LongRoPE scaling; import the original Hugging Face checkpoint instead")
     return out

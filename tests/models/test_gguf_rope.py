@@ -195,6 +195,12 @@ def test_yarn_refusals(tmp_path):
     write_family_gguf(path, "qwen2", hf, {**md, "qwen2.rope.scaling.attn_factor": -1.0})
     with pytest.raises(EmberError, match="rope.scaling.attn_factor must be > 0, got -1.0"):
         load_gguf(path)
+    plain = {k: v for k, v in md.items() if ".rope.scaling." not in k}
+    write_family_gguf(path, "qwen2", hf, {**plain, "qwen2.rope.scaling.attn_factor": 0.5})
+    with pytest.raises(EmberError, match="attn_factor=0.5 .llama.cpp multiplies cos / sin"):
+        load_gguf(path)
+    write_family_gguf(path, "qwen2", hf, {**plain, "qwen2.rope.scaling.attn_factor": 1.0})
+    assert load_gguf(path)[0].rope_scaling is None
     write_family_gguf(path, "qwen2", hf, {**md, "qwen2.rope.scaling.yarn_log_multiplier": 0.1})
     with pytest.raises(EmberError, match="yarn_log_multiplier"):
         load_gguf(path)
