@@ -27,8 +27,10 @@ LongRoPE, a YaRN whose beta_fast / beta_slow / truncate / attention_factor are n
 fixed ones ...). Refused too: classifier heads, prompt-tuning
 models and LoRA adapters not merged (``merge_lora`` first). A 4-bit (NF4) model is dequantized.
 A llama-architecture sliding window (Mistral v0.1) is dropped with a warning: llama.cpp's llama
-graph has no window, and its converter drops it too. A Phi-3 window is written (as the converter
-does) with a warning: llama.cpp reads the key but disables Phi-3 sliding-window attention.
+graph has no window, and its converter drops it too; a window no shorter than the context
+(Ministral) is dropped silently wherever GGUF has no window key. A Phi-3 window is written (as
+the converter does) with a warning: llama.cpp reads the key but disables Phi-3 sliding-window
+attention.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ from ember.models.gguf_moe import (
 )
 from ember.models.gguf_quants import ALIASES, FILE_TYPES, quantize, tensor_types
 from ember.models.hf_rope import yarn_mscale
+
+WINDOW_ARCHS = ("gemma2", "gemma3", "phi3")  # those whose GGUF keeps attention.sliding_window
 
 # float output type -> (ggml type of matrices, general.file_type); quantized: FILE_TYPES
 DTYPES = {
@@ -426,8 +430,12 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
     cfg = model.cfg
     arch = gguf_arch(cfg)
     out = Path(path)
-    if cfg.sliding_window is not None and arch == "llama" and (
-            cfg.sliding_window < cfg.max_position_embeddings):
+    if cfg.sliding_window is not None and arch not in WINDOW_ARCHS and (
+            cfg.sliding_window >= cfg.max_position_embeddings):
+        # a window no shorter than the context never binds (Ministral: 32768 of 32768); the
+        # converter writes no window key for these architectures either
+        cfg = cfg.replace(sliding_window=None)
+    if cfg.sliding_window is not None and arch == "llama":
         warnings.warn(f"save_gguf: the sliding window ({cfg.sliding_window}) is dropped: "
                       "llama.cpp's llama architecture attends to the whole context (as its own "
                       "converter does for Mistral v0.1); outputs differ past the window",

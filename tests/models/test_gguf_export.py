@@ -6,6 +6,8 @@ tokenizer metadata unchanged."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -255,6 +257,25 @@ def test_llama_sliding_window_is_dropped_with_a_warning(tmp_path):
                          tmp_path / "m.gguf")
     assert load_gguf(path)[0].sliding_window is None
 
+
+
+@pytest.mark.parametrize("cls,arch,kw", [
+    ("MistralConfig", "llama", dict(head_dim=32)),  # Ministral: window 32768 of 32768 positions
+    ("Qwen2Config", "qwen2", dict(use_sliding_window=True, max_window_layers=0))])
+def test_window_no_shorter_than_the_context_exports(cls, arch, kw, tmp_path):
+    hf = getattr(transformers, cls)(**DIMS, num_hidden_layers=2, sliding_window=256, **kw)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf).eval()
+    model = _ember_from_hf(hf, tmp_path / "hf")
+    assert model.cfg.sliding_window == 256 == model.cfg.max_position_embeddings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is lost: no warning
+        path = save_gguf(model, tokenizer_from_gguf(tiny_tokenizer_md()), tmp_path / "m.gguf",
+                         dtype="f32")
+    assert f"{arch}.attention.sliding_window" not in GGUFReader(path).fields  # as the converter
+    ids = torch.randint(0, VOCAB, (1, 12))
+    theirs = _transformers_gguf(path, "mistral" if arch == "llama" else arch, hf)
+    assert _diff(_logits(theirs, ids), _logits(hf, ids)) < 1e-4
 
 
 def test_phi3_sliding_window_is_kept_with_a_warning(tmp_path):
