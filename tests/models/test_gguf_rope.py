@@ -249,3 +249,27 @@ def test_yarn_export_refuses_what_llama_cpp_cannot_read(extra, field, tmp_path):
     with pytest.raises(EmberError, match=f"qwen2 YaRN has no key for this model's {field}"):
         save_gguf(model, tokenizer_from_gguf(tiny_tokenizer_md()), tmp_path / "y.gguf")
     assert not (tmp_path / "y.gguf").exists()
+
+
+def test_gemma3_sliding_rope_base_from_freq_base_swa(tmp_path):
+    # transformers 5's Gemma 3 keeps the sliding layers' base in rope_parameters; the converter
+    # writes it as rope.freq_base_swa
+    from tests.models.test_gguf_families import CASES, _metadata
+
+    _, cls, kw = CASES["gemma3"]
+    rope = {**kw["rope_parameters"], "sliding_attention": {"rope_type": "default",
+                                                           "rope_theta": 500.0}}
+    cfg = getattr(transformers, cls)(**{**DIMS, **kw, "rope_parameters": rope})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(3)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    _randomize_(hf)
+    path = tmp_path / "g3.gguf"
+    write_family_gguf(path, "gemma3", hf, {**_metadata("gemma3", cfg),
+                                           "gemma3.rope.freq_base_swa": 500.0})
+    ours, sd, _ = load_gguf(path)
+    assert ours.rope_local_theta == 500.0
+    ids = torch.randint(0, VOCAB, (1, 20))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert _diff(_ember(ours, sd, ids), ref) <= TOL
