@@ -169,19 +169,28 @@ def test_yarn_gguf_matches_hf(arch, extra, tmp_path):
     assert _diff(_ember(cfg.replace(rope_scaling=None), sd, ids), ref) > 1e-2
 
 
-def test_yarn_gguf_attn_factor_key_scales_like_llama_cpp(tmp_path):
-    # llama.cpp: cos / sin times (0.1 ln(factor) + 1) * rope.scaling.attn_factor; the transformers
-    # config computing the same has attention_factor = that product
-    base = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG}
-    hf = _qwen("qwen2", {**base, "attention_factor": (0.1 * math.log(4.0) + 1) * 0.75})
-    path = tmp_path / "q.gguf"
-    write_family_gguf(path, "qwen2", hf, {**_qwen_metadata("qwen2", hf.config, base),
-                                          "qwen2.rope.scaling.attn_factor": 0.75})
-    cfg, sd, _ = load_gguf(path)
+def test_olmo2_yarn_attn_factor_key_is_transformers_attention_factor(tmp_path):
+    # Olmo2Model.set_gguf_parameters writes rope_scaling's attention_factor as
+    # rope.scaling.attn_factor (no yarn_attn_factor)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG,
+            "attention_factor": 1.3}
+    cfg = transformers.Olmo2Config(**{**DIMS, "max_position_embeddings": 4 * ORIG},
+                                   num_hidden_layers=2, tie_word_embeddings=False,
+                                   rope_parameters={"rope_theta": 10000.0, **yarn})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(4)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    _randomize_(hf)
+    md = {k.replace("qwen2.", "olmo2."): v for k, v in _qwen_metadata("qwen2", cfg, yarn).items()
+          if "key_length" not in k and "value_length" not in k and "yarn_attn" not in k}
+    path = tmp_path / "o.gguf"
+    write_family_gguf(path, "olmo2", hf, {**md, "olmo2.rope.scaling.attn_factor": 1.3})
+    ours, sd, _ = load_gguf(path)
+    assert ours.rope_scaling.attention_factor == 1.3
     ids = torch.randint(0, VOCAB, (2, 40))
     with torch.no_grad():
         ref = hf(ids).logits
-    assert _diff(_ember(cfg, sd, ids), ref) <= TOL
+    assert _diff(_ember(ours, sd, ids), ref) <= TOL
 
 
 def test_yarn_refusals(tmp_path):
@@ -193,7 +202,7 @@ def test_yarn_refusals(tmp_path):
     with pytest.raises(EmberError, match="yarn_ext_factor=0.5"):
         load_gguf(path)
     write_family_gguf(path, "qwen2", hf, {**md, "qwen2.rope.scaling.attn_factor": -1.0})
-    with pytest.raises(EmberError, match="rope.scaling.attn_factor must be > 0, got -1.0"):
+    with pytest.raises(EmberError, match="YaRN attention factor must be > 0, got -1.0"):
         load_gguf(path)
     plain = {k: v for k, v in md.items() if ".rope.scaling." not in k}
     write_family_gguf(path, "qwen2", hf, {**plain, "qwen2.rope.scaling.attn_factor": 0.5})
