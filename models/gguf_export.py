@@ -18,14 +18,16 @@ blocks: ``ember.models.gguf_quants.tensor_types``), quantized byte for byte as l
 
 Metadata: the ``<arch>.*`` keys the importer and llama.cpp read (``config_from_gguf``), a Llama
 3.1 rope scaling as the ``rope_freqs`` tensor, YaRN as the converter's ``rope.scaling.type`` /
-``factor`` / ``original_context_length``, and the tokenizer (``ember.models.gguf_tokenizer``).
+``factor`` / ``original_context_length``, Phi-3 LongRoPE as ``rope_factors_long`` / ``_short``
+tensors with ``rope.scaling.attn_factor`` / ``original_context_length``, and the tokenizer
+(``ember.models.gguf_tokenizer``).
 Whatever GGUF cannot express is refused before anything is written: the metadata is read back
 with the importer's own ``config_from_gguf`` and every field that would come back different is
 named (a query_pre_attn_scalar llama.cpp hard-codes differently, a local RoPE base other than
 10000, a Gemma 2 / 3 layer pattern other than llama.cpp's fixed period, partial rotary,
-LongRoPE, a YaRN whose beta_fast / beta_slow / truncate / attention_factor are not llama.cpp's
-fixed ones ...). Refused too: classifier heads, prompt-tuning
-models and LoRA adapters not merged (``merge_lora`` first). A 4-bit (NF4) model is dequantized.
+LongRoPE outside phi3, a YaRN whose beta_fast / beta_slow / truncate / attention_factor are
+not llama.cpp's fixed ones ...). Refused too: classifier heads, prompt-tuning models and LoRA
+adapters not merged (``merge_lora`` first). A 4-bit (NF4) model is dequantized.
 A llama-architecture sliding window (Mistral v0.1) is dropped with a warning: llama.cpp's llama
 graph has no window, and its converter drops it too; a window no shorter than the context
 (Ministral) is dropped silently wherever GGUF has no window key. A Phi-3 window is written (as
@@ -67,6 +69,7 @@ from ember.models.gguf_moe import (
     stack_expert,
 )
 from ember.models.gguf_quants import ALIASES, FILE_TYPES, quantize, tensor_types
+from ember.models.gguf_rope import ROPE_TENSORS
 from ember.models.hf_rope import yarn_mscale
 
 WINDOW_ARCHS = ("gemma2", "gemma3", "phi3")  # those whose GGUF keeps attention.sliding_window
@@ -190,6 +193,10 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig
         raise EmberError(f"save_gguf: incomplete fused weights {sorted(fused or experts)[:3]}")
     if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "llama3":
         yield "rope_freqs.weight", _llama3_factors(cfg)
+    if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "longrope":
+        # Phi3MiniModel.generate_extra_tensors: one divisor per rotary frequency
+        yield "rope_factors_long.weight", torch.tensor(cfg.rope_scaling.long_factor)
+        yield "rope_factors_short.weight", torch.tensor(cfg.rope_scaling.short_factor)
 
 
 def _encode(w: torch.Tensor, qtype: Q) -> np.ndarray:
@@ -267,10 +274,11 @@ def arch_metadata(cfg: ModelConfig) -> dict[str, Any]:
     """``<arch>.*`` keys (without the prefix) for ``cfg``, as llama.cpp's converter writes them."""
     arch = gguf_arch(cfg)
     rs = cfg.rope_scaling
-    if rs is not None and rs.kind not in ("linear", "llama3", "yarn"):
-        raise EmberError(f"save_gguf: rope scaling {rs.kind!r} cannot be written to GGUF "
-                         "(llama.cpp reads none, linear, YaRN and Llama-3); export the merged "
-                         "HF folder instead (ember export --merged)")
+    if rs is not None and rs.kind not in ("linear", "llama3", "yarn") and not (
+            rs.kind == "longrope" and arch == "phi3"):
+        raise EmberError(f"save_gguf: rope scaling {rs.kind!r} cannot be written to a {arch} "
+                         "GGUF (llama.cpp reads none, linear, YaRN, Llama-3 and Phi-3's "
+                         "LongRoPE); export the merged HF folder instead (ember export --merged)")
     if rs is not None and rs.kind == "yarn":
         _check_yarn(rs, arch)
     md: dict[str, Any] = {
@@ -298,6 +306,9 @@ def arch_metadata(cfg: ModelConfig) -> dict[str, Any]:
         md.update({"rope.scaling.type": "linear", "rope.scaling.factor": float(rs.factor)})
     if rs is not None and rs.kind == "yarn":  # TextModel.set_gguf_parameters' three keys
         md.update({"rope.scaling.type": "yarn", "rope.scaling.factor": float(rs.factor),
+                   "rope.scaling.original_context_length": rs.original_max_position_embeddings})
+    if rs is not None and rs.kind == "longrope":  # Phi3MiniModel.set_gguf_parameters' keys
+        md.update({"rope.scaling.attn_factor": float(rs.attention_factor),
                    "rope.scaling.original_context_length": rs.original_max_position_embeddings})
     if rs is not None and rs.kind == "llama3" and rs.original_max_position_embeddings != 8192:
         md["rope.scaling.original_context_length"] = rs.original_max_position_embeddings
@@ -345,6 +356,8 @@ def _semantics(cfg: ModelConfig) -> dict[str, Any]:
     """The config fields that change the computation, in a form where equal means same model
     (floats at fp32 precision, per-layer windows and RoPE bases instead of their encodings)."""
     def f32(v):
+        if isinstance(v, tuple):  # LongRoPE factors
+            return tuple(map(f32, v))
         return float(np.float32(v)) if isinstance(v, float) else v
 
     out = {f.name: f32(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
@@ -452,8 +465,7 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
     md = {"general.architecture": arch,
           **{f"{arch}.{k}": v for k, v in arch_metadata(cfg).items()}}
     shapes = {n: tuple(t.shape) for n, t in tensors.items()}
-    check_expressible(cfg, md, shapes, {"rope_freqs.weight": tensors.get("rope_freqs.weight")},
-                      out)
+    check_expressible(cfg, md, shapes, {n: tensors.get(n) for n in ROPE_TENSORS}, out)
     md.update(tokenizer_metadata(tokenizer, cfg.vocab_size, arch))
     types, file_type = _tensor_types(dtype, shapes, cfg, arch)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as GGUFQuantizationType
 from gguf import GGUFReader, GGUFValueType
 
 from ember import EmberError
@@ -282,3 +283,26 @@ def test_gemma3_sliding_rope_base_from_freq_base_swa(tmp_path):
     with torch.no_grad():
         ref = hf(ids).logits
     assert _diff(_ember(ours, sd, ids), ref) <= TOL
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.75])
+def test_phi3_longrope_export_as_the_converter_and_matches_hf(partial, tmp_path):
+    hf, short, long, rot = _phi3(partial)
+    path = save_gguf(_ember_from_hf(hf, tmp_path / "hf"), tokenizer_from_gguf(
+        tiny_tokenizer_md()), tmp_path / "p.gguf", dtype="f32")
+    reader = GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    for name, want in (("rope_factors_long.weight", long), ("rope_factors_short.weight", short)):
+        assert tensors[name].tensor_type == GGUFQuantizationType.F32
+        np.testing.assert_array_equal(np.asarray(tensors[name].data), np.float32(want))
+    md = {k: f.contents() for k, f in reader.fields.items() if k.startswith("phi3.rope.")}
+    assert md == {"phi3.rope.freq_base": 10000.0, "phi3.rope.dimension_count": rot,
+                  "phi3.rope.scaling.original_context_length": ORIG,  # Phi3MiniModel's keys
+                  "phi3.rope.scaling.attn_factor": pytest.approx(
+                      math.sqrt(1 + math.log(4) / math.log(ORIG)), rel=1e-6)}
+    cfg, sd, _ = load_gguf(path)
+    for n in (13, 40):  # short factors, then long ones
+        ids = torch.randint(0, VOCAB, (2, n))
+        with torch.no_grad():
+            ref = hf(ids).logits
+        assert _diff(_ember(cfg, sd, ids), ref) <= TOL
