@@ -11,10 +11,12 @@ back into ``ModelConfig`` fields and Ember tensors:
   is 1/sqrt(head_dim) except for the 27B models (46-layer Gemma 2, 62-layer Gemma 3), whose
   ``query_pre_attn_scalar`` is hidden/heads; Gemma 2 alternates sliding / full layers (every 2nd
   full), softcaps 50 / 30 and a 4096 window unless the file gives them; Gemma 3 makes every 6th
-  layer full, its sliding layers use an unscaled RoPE of base 10000 (``rope.freq_base`` and any
-  linear scaling are the full layers'), no attention softcap, and no sliding layers at all when
-  the file has no ``attention.sliding_window``. ``<arch>.attention.sliding_window_pattern`` (a
-  period, or one bool per layer, true = sliding) overrides the pattern where present.
+  layer full, its sliding layers use an unscaled RoPE of base 10000 unless the file gives
+  ``rope.freq_base_swa`` (``rope.freq_base`` and any scaling are the full layers'; transformers
+  reads the sliding base, the llama.cpp builds seen hard-code 10000), no attention softcap, and
+  no sliding layers at all when the file has no ``attention.sliding_window``.
+  ``<arch>.attention.sliding_window_pattern`` (a period, or one bool per layer, true = sliding)
+  overrides the pattern where present.
 - Phi-3 (``phi3``): ``attn_qkv`` (q, k, v rows stacked) and ``ffn_up`` with 2 x ffn rows (gate,
   then up) are split with ``ember.models.hf``'s Phi-3 split; ``attention.sliding_window`` 0 means
   none (Phi-4). LongRoPE and partial rotary (Phi-3.5, Phi-4-mini) are read in
@@ -134,7 +136,9 @@ def arch_fields(arch: str, md: dict, get: Callable, base: dict) -> dict:
     else:
         window = int(get("attention.sliding_window") or 0) or None
         final = get("final_logit_softcapping")
-        out.update(final_softcap=float(final) if final else None, rope_local_theta=10000.0)
+        # the converter writes rope_parameters' sliding_attention base as rope.freq_base_swa
+        local = nice_float(get("rope.freq_base_swa") or 10000.0)
+        out.update(final_softcap=float(final) if final else None, rope_local_theta=local)
     scalar = hidden // heads if layers == _LAYERS_27B[arch] else base["head_dim"]
     out.update(sandwich_norms=True, sliding_window=window, query_pre_attn_scalar=float(scalar),
                layer_types=_layer_types(arch, md, layers, window))

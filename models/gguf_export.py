@@ -17,15 +17,22 @@ blocks: ``ember.models.gguf_quants.tensor_types``), quantized byte for byte as l
 (``ember.models.gguf_quants``).
 
 Metadata: the ``<arch>.*`` keys the importer and llama.cpp read (``config_from_gguf``), a Llama
-3.1 rope scaling as the ``rope_freqs`` tensor, and the tokenizer (``ember.models.gguf_tokenizer``).
+3.1 rope scaling as the ``rope_freqs`` tensor, YaRN as the converter's ``rope.scaling.type`` /
+``factor`` / ``original_context_length``, Phi-3 LongRoPE as ``rope_factors_long`` / ``_short``
+tensors with ``rope.scaling.attn_factor`` / ``original_context_length``, and the tokenizer
+(``ember.models.gguf_tokenizer``).
 Whatever GGUF cannot express is refused before anything is written: the metadata is read back
 with the importer's own ``config_from_gguf`` and every field that would come back different is
 named (a query_pre_attn_scalar llama.cpp hard-codes differently, a local RoPE base other than
 10000, a Gemma 2 / 3 layer pattern other than llama.cpp's fixed period, partial rotary,
-YaRN / LongRoPE scaling ...). Refused too: classifier heads, prompt-tuning
-models and LoRA adapters not merged (``merge_lora`` first). A 4-bit (NF4) model is dequantized.
+LongRoPE outside phi3, a YaRN whose beta_fast / beta_slow / truncate / attention_factor are
+not llama.cpp's fixed ones ...). Refused too: classifier heads, prompt-tuning models and LoRA
+adapters not merged (``merge_lora`` first). A 4-bit (NF4) model is dequantized.
 A llama-architecture sliding window (Mistral v0.1) is dropped with a warning: llama.cpp's llama
-graph has no window, and its converter drops it too.
+graph has no window, and its converter drops it too; a window no shorter than the context
+(Ministral) is dropped silently wherever GGUF has no window key. A Phi-3 window is written (as
+the converter does) with a warning: llama.cpp reads the key but disables Phi-3 sliding-window
+attention.
 """
 
 from __future__ import annotations
@@ -62,6 +69,10 @@ from ember.models.gguf_moe import (
     stack_expert,
 )
 from ember.models.gguf_quants import ALIASES, FILE_TYPES, quantize, tensor_types
+from ember.models.gguf_rope import ROPE_TENSORS
+from ember.models.hf_rope import yarn_mscale
+
+WINDOW_ARCHS = ("gemma2", "gemma3", "phi3")  # those whose GGUF keeps attention.sliding_window
 
 # float output type -> (ggml type of matrices, general.file_type); quantized: FILE_TYPES
 DTYPES = {
@@ -182,6 +193,10 @@ def gguf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig
         raise EmberError(f"save_gguf: incomplete fused weights {sorted(fused or experts)[:3]}")
     if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "llama3":
         yield "rope_freqs.weight", _llama3_factors(cfg)
+    if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "longrope":
+        # Phi3MiniModel.generate_extra_tensors: one divisor per rotary frequency
+        yield "rope_factors_long.weight", torch.tensor(cfg.rope_scaling.long_factor)
+        yield "rope_factors_short.weight", torch.tensor(cfg.rope_scaling.short_factor)
 
 
 def _encode(w: torch.Tensor, qtype: Q) -> np.ndarray:
@@ -238,14 +253,34 @@ def _tensor_types(dtype: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConf
 # Metadata
 
 
+def _check_yarn(rs, arch: str) -> None:
+    """llama.cpp's YaRN for these graphs: ramp dims floor / ceil'ed (transformers' truncate)
+    between beta_fast 32 and beta_slow 1, cos / sin times 0.1 ln(factor) + 1 (times the
+    ``rope.scaling.attn_factor`` key, which Ember's importer does not read for YaRN). Its
+    ``yarn_beta_*`` / ``yarn_attn_factor`` keys are read for a few other architectures only, so
+    anything else would be computed differently: refused, naming the field."""
+    default = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True,
+               "attention_factor": yarn_mscale(rs.factor)}
+    bad = [f"{k}={getattr(rs, k)!r} (llama.cpp: {v!r})" for k, v in default.items()
+           if not (getattr(rs, k) == v if isinstance(v, bool)
+                   else math.isclose(getattr(rs, k), v, rel_tol=1e-6))]
+    if bad:
+        raise EmberError(f"save_gguf: llama.cpp's {arch} YaRN has no key for this model's "
+                         f"{', '.join(bad)}; it would compute a different model. Export the "
+                         "merged HF folder instead (ember export --merged)")
+
+
 def arch_metadata(cfg: ModelConfig) -> dict[str, Any]:
     """``<arch>.*`` keys (without the prefix) for ``cfg``, as llama.cpp's converter writes them."""
     arch = gguf_arch(cfg)
     rs = cfg.rope_scaling
-    if rs is not None and rs.kind not in ("linear", "llama3"):
-        raise EmberError(f"save_gguf: rope scaling {rs.kind!r} cannot be written to GGUF "
-                         "(llama.cpp reads none, linear and Llama-3); export the merged HF "
-                         "folder instead (ember export --merged)")
+    if rs is not None and rs.kind not in ("linear", "llama3", "yarn") and not (
+            rs.kind == "longrope" and arch == "phi3"):
+        raise EmberError(f"save_gguf: rope scaling {rs.kind!r} cannot be written to a {arch} "
+                         "GGUF (llama.cpp reads none, linear, YaRN, Llama-3 and Phi-3's "
+                         "LongRoPE); export the merged HF folder instead (ember export --merged)")
+    if rs is not None and rs.kind == "yarn":
+        _check_yarn(rs, arch)
     md: dict[str, Any] = {
         "context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
         "block_count": cfg.num_layers, "feed_forward_length": cfg.intermediate_size,
@@ -269,6 +304,12 @@ def arch_metadata(cfg: ModelConfig) -> dict[str, Any]:
         md.update(moe_metadata(cfg, arch))
     if rs is not None and rs.kind == "linear":
         md.update({"rope.scaling.type": "linear", "rope.scaling.factor": float(rs.factor)})
+    if rs is not None and rs.kind == "yarn":  # TextModel.set_gguf_parameters' three keys
+        md.update({"rope.scaling.type": "yarn", "rope.scaling.factor": float(rs.factor),
+                   "rope.scaling.original_context_length": rs.original_max_position_embeddings})
+    if rs is not None and rs.kind == "longrope":  # Phi3MiniModel.set_gguf_parameters' keys
+        md.update({"rope.scaling.attn_factor": float(rs.attention_factor),
+                   "rope.scaling.original_context_length": rs.original_max_position_embeddings})
     if rs is not None and rs.kind == "llama3" and rs.original_max_position_embeddings != 8192:
         md["rope.scaling.original_context_length"] = rs.original_max_position_embeddings
     if arch == "phi3":
@@ -315,6 +356,8 @@ def _semantics(cfg: ModelConfig) -> dict[str, Any]:
     """The config fields that change the computation, in a form where equal means same model
     (floats at fp32 precision, per-layer windows and RoPE bases instead of their encodings)."""
     def f32(v):
+        if isinstance(v, tuple):  # LongRoPE factors
+            return tuple(map(f32, v))
         return float(np.float32(v)) if isinstance(v, float) else v
 
     out = {f.name: f32(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
@@ -400,19 +443,29 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
     cfg = model.cfg
     arch = gguf_arch(cfg)
     out = Path(path)
-    if cfg.sliding_window is not None and arch == "llama" and (
-            cfg.sliding_window < cfg.max_position_embeddings):
+    if cfg.sliding_window is not None and arch not in WINDOW_ARCHS and (
+            cfg.sliding_window >= cfg.max_position_embeddings):
+        # a window no shorter than the context never binds (Ministral: 32768 of 32768); the
+        # converter writes no window key for these architectures either
+        cfg = cfg.replace(sliding_window=None)
+    if cfg.sliding_window is not None and arch == "llama":
         warnings.warn(f"save_gguf: the sliding window ({cfg.sliding_window}) is dropped: "
                       "llama.cpp's llama architecture attends to the whole context (as its own "
                       "converter does for Mistral v0.1); outputs differ past the window",
                       stacklevel=2)
         cfg = cfg.replace(sliding_window=None)
+    if cfg.sliding_window is not None and arch == "phi3" and (
+            cfg.sliding_window < cfg.max_position_embeddings):
+        warnings.warn(f"save_gguf: the file keeps phi3.attention.sliding_window = "
+                      f"{cfg.sliding_window} (as llama.cpp's converter writes it; Ember and "
+                      "transformers read it), but llama.cpp disables Phi-3 sliding-window "
+                      "attention ('Phi SWA is currently disabled'): its outputs differ past the "
+                      "window", stacklevel=2)
     tensors = dict(gguf_tensors(_dense(model), cfg))
     md = {"general.architecture": arch,
           **{f"{arch}.{k}": v for k, v in arch_metadata(cfg).items()}}
     shapes = {n: tuple(t.shape) for n, t in tensors.items()}
-    check_expressible(cfg, md, shapes, {"rope_freqs.weight": tensors.get("rope_freqs.weight")},
-                      out)
+    check_expressible(cfg, md, shapes, {n: tensors.get(n) for n in ROPE_TENSORS}, out)
     md.update(tokenizer_metadata(tokenizer, cfg.vocab_size, arch))
     types, file_type = _tensor_types(dtype, shapes, cfg, arch)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,11 @@ original checkpoint:
   back to the standard low/high frequency factors.
 - YaRN (Qwen2.5 / Qwen3 long-context configs): ``rope.scaling.type = yarn``, ``factor``,
   ``original_context_length`` and, when the config had them, ``yarn_attn_factor`` (transformers'
-  ``attention_factor``), ``yarn_beta_fast`` / ``yarn_beta_slow``. An ``yarn_ext_factor`` other
-  than 1 or a ``yarn_log_multiplier`` (DeepSeek's mscale) has no transformers equivalent for these
-  families: refused.
+  ``attention_factor``; OLMo 2 / 3's converter writes it as ``rope.scaling.attn_factor``),
+  ``yarn_beta_fast`` / ``yarn_beta_slow``. A ``yarn_ext_factor`` other than 1 or a
+  ``yarn_log_multiplier`` (DeepSeek's mscale) has no transformers equivalent for these families:
+  refused; so has a ``rope.scaling.attn_factor`` other than 1 without YaRN or LongRoPE (llama.cpp
+  multiplies cos / sin by it).
 - LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini): tensors ``rope_factors_short`` /
   ``rope_factors_long`` (rotary_dim / 2 divisors each), ``rope.scaling.original_context_length``
   and ``rope.scaling.attn_factor``; the scaled context is ``context_length``. As transformers
@@ -81,6 +83,11 @@ def _yarn(get: Callable, arch: str, context: int, path: Path) -> RopeScaling:
         raise EmberError(f"{path}: {arch}.rope.scaling.yarn_log_multiplier (DeepSeek's YaRN "
                          "mscale) is not supported for this architecture")
     attn = get("rope.scaling.yarn_attn_factor")
+    if attn is None:  # OLMo 2 / 3's converter writes transformers' attention_factor here
+        attn = get("rope.scaling.attn_factor")
+    if attn is not None and not attn > 0:
+        raise EmberError(f"{path}: {arch}.rope.scaling YaRN attention factor must be > 0, got "
+                         f"{attn}")
     return RopeScaling(
         kind="yarn", factor=nice_float(factor),
         original_max_position_embeddings=int(get("rope.scaling.original_context_length")
@@ -156,4 +163,10 @@ def rope_fields(g, arch: str, get: Callable, head_dim: int, context: int) -> dic
                          "supported in GGUF files (none, linear, yarn, longrope, llama3 "
                          "rope_freqs); import the original Hugging Face checkpoint, whose "
                          "config.json Ember reads")
+    scale, rs = get("rope.scaling.attn_factor"), out.get("rope_scaling")
+    if scale is not None and not math.isclose(scale, 1.0) and (
+            rs is None or rs.kind not in ("yarn", "longrope")):
+        raise EmberError(f"{path}: {arch}.rope.scaling.attn_factor={scale} (llama.cpp multiplies "
+                         "cos / sin by it) has no transformers equivalent without YaRN or "
+                         "LongRoPE scaling; import the original Hugging Face checkpoint instead")
     return out

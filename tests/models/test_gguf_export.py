@@ -6,6 +6,8 @@ tokenizer metadata unchanged."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -256,6 +258,40 @@ def test_llama_sliding_window_is_dropped_with_a_warning(tmp_path):
     assert load_gguf(path)[0].sliding_window is None
 
 
+
+@pytest.mark.parametrize("cls,arch,kw", [
+    ("MistralConfig", "llama", dict(head_dim=32)),  # Ministral: window 32768 of 32768 positions
+    ("Qwen2Config", "qwen2", dict(use_sliding_window=True, max_window_layers=0))])
+def test_window_no_shorter_than_the_context_exports(cls, arch, kw, tmp_path):
+    hf = getattr(transformers, cls)(**DIMS, num_hidden_layers=2, sliding_window=256, **kw)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf).eval()
+    model = _ember_from_hf(hf, tmp_path / "hf")
+    assert model.cfg.sliding_window == 256 == model.cfg.max_position_embeddings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is lost: no warning
+        path = save_gguf(model, tokenizer_from_gguf(tiny_tokenizer_md()), tmp_path / "m.gguf",
+                         dtype="f32")
+    assert f"{arch}.attention.sliding_window" not in GGUFReader(path).fields  # as the converter
+    ids = torch.randint(0, VOCAB, (1, 12))
+    theirs = _transformers_gguf(path, "mistral" if arch == "llama" else arch, hf)
+    assert _diff(_logits(theirs, ids), _logits(hf, ids)) < 1e-4
+
+
+def test_phi3_sliding_window_is_kept_with_a_warning(tmp_path):
+    hf = _hf("phi3")  # sliding_window 5 < 256 positions
+    model = _ember_from_hf(hf, tmp_path / "hf")
+    with pytest.warns(UserWarning, match="llama.cpp disables Phi-3 sliding-window attention"):
+        path = save_gguf(model, tokenizer_from_gguf(tiny_tokenizer_md()), tmp_path / "p.gguf",
+                         dtype="f32")
+    assert _field(GGUFReader(path), "phi3.attention.sliding_window") == 5  # the converter's key
+    ids = torch.randint(0, VOCAB, (1, 12))
+    cfg, sd, _ = load_gguf(path)
+    back = Transformer(cfg).eval()
+    back.load_state_dict(sd)
+    assert _diff(_logits(back, ids), _logits(hf, ids)) < 1e-4  # Ember keeps transformers' window
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizers
 
@@ -344,8 +380,8 @@ def test_unexpressible_models_are_refused(tmp_path):
                          tie_word_embeddings=True)
     with pytest.raises(EmberError, match=r"softmax_scale: .* would be read as"):
         save_gguf(Transformer(gemma2), tok, tmp_path / "g.gguf")
-    yarn = ModelConfig(**base, rope_scaling=RopeScaling(kind="yarn", factor=4.0))
-    with pytest.raises(EmberError, match="rope scaling 'yarn' cannot be written"):
+    yarn = ModelConfig(**base, rope_scaling=RopeScaling(kind="yarn", factor=4.0))  # attn 1.0
+    with pytest.raises(EmberError, match="llama YaRN has no key for this model's attention_fac"):
         save_gguf(Transformer(yarn), tok, tmp_path / "y.gguf")
     with pytest.raises(EmberError, match="sequence classifier"):
         save_gguf(Transformer(ModelConfig(**base, labels=("a", "b"))), tok, tmp_path / "c.gguf")

@@ -12,10 +12,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as GGUFQuantizationType
+from gguf import GGUFReader, GGUFValueType
 
 from ember import EmberError
 from ember.models.gguf import import_gguf, load_gguf
-from tests.models.test_gguf import VOCAB, _offline
+from ember.models.gguf_export import save_gguf
+from ember.models.loading import load_pretrained
+from ember.models.tokenizer import tokenizer_from_gguf
+from tests.models.test_gguf import VOCAB, _offline, tiny_tokenizer_md
 from tests.models.test_gguf_families import DIMS, _diff, _ember, write_family_gguf
 
 transformers = pytest.importorskip("transformers")
@@ -117,7 +122,7 @@ def test_phi3_longrope_default_attention_factor_and_bad_files(tmp_path):
 
 
 def _qwen(arch: str, rope: dict):
-    cls = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}[arch]
+    cls = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "llama": "LlamaConfig"}[arch]
     cfg = getattr(transformers, cls)(**{**DIMS, "max_position_embeddings": 4 * ORIG},
                                      num_hidden_layers=2, head_dim=16, tie_word_embeddings=False,
                                      rope_parameters={"rope_theta": 10000.0, **rope})
@@ -165,6 +170,30 @@ def test_yarn_gguf_matches_hf(arch, extra, tmp_path):
     assert _diff(_ember(cfg.replace(rope_scaling=None), sd, ids), ref) > 1e-2
 
 
+def test_olmo2_yarn_attn_factor_key_is_transformers_attention_factor(tmp_path):
+    # Olmo2Model.set_gguf_parameters writes rope_scaling's attention_factor as
+    # rope.scaling.attn_factor (no yarn_attn_factor)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG,
+            "attention_factor": 1.3}
+    cfg = transformers.Olmo2Config(**{**DIMS, "max_position_embeddings": 4 * ORIG},
+                                   num_hidden_layers=2, tie_word_embeddings=False,
+                                   rope_parameters={"rope_theta": 10000.0, **yarn})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(4)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    _randomize_(hf)
+    md = {k.replace("qwen2.", "olmo2."): v for k, v in _qwen_metadata("qwen2", cfg, yarn).items()
+          if "key_length" not in k and "value_length" not in k and "yarn_attn" not in k}
+    path = tmp_path / "o.gguf"
+    write_family_gguf(path, "olmo2", hf, {**md, "olmo2.rope.scaling.attn_factor": 1.3})
+    ours, sd, _ = load_gguf(path)
+    assert ours.rope_scaling.attention_factor == 1.3
+    ids = torch.randint(0, VOCAB, (2, 40))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert _diff(_ember(ours, sd, ids), ref) <= TOL
+
+
 def test_yarn_refusals(tmp_path):
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG}
     hf = _qwen("qwen2", yarn)
@@ -173,6 +202,15 @@ def test_yarn_refusals(tmp_path):
     write_family_gguf(path, "qwen2", hf, {**md, "qwen2.rope.scaling.yarn_ext_factor": 0.5})
     with pytest.raises(EmberError, match="yarn_ext_factor=0.5"):
         load_gguf(path)
+    write_family_gguf(path, "qwen2", hf, {**md, "qwen2.rope.scaling.attn_factor": -1.0})
+    with pytest.raises(EmberError, match="YaRN attention factor must be > 0, got -1.0"):
+        load_gguf(path)
+    plain = {k: v for k, v in md.items() if ".rope.scaling." not in k}
+    write_family_gguf(path, "qwen2", hf, {**plain, "qwen2.rope.scaling.attn_factor": 0.5})
+    with pytest.raises(EmberError, match="attn_factor=0.5 .llama.cpp multiplies cos / sin"):
+        load_gguf(path)
+    write_family_gguf(path, "qwen2", hf, {**plain, "qwen2.rope.scaling.attn_factor": 1.0})
+    assert load_gguf(path)[0].rope_scaling is None
     write_family_gguf(path, "qwen2", hf, {**md, "qwen2.rope.scaling.yarn_log_multiplier": 0.1})
     with pytest.raises(EmberError, match="yarn_log_multiplier"):
         load_gguf(path)
@@ -183,3 +221,88 @@ def test_yarn_refusals(tmp_path):
         "rope_freqs.weight": np.ones(8), "rope_factors_long.weight": np.ones(8)})
     with pytest.raises(EmberError, match="both rope_freqs and rope_factors"):
         load_gguf(path)
+
+
+def _ember_from_hf(hf, folder):
+    hf.save_pretrained(folder)
+    with pytest.warns(UserWarning, match="no tokenizer.json"):
+        model, _ = load_pretrained(folder, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+def test_yarn_export_writes_the_converters_keys_and_matches_hf(arch, tmp_path):
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG}
+    hf = _qwen(arch, yarn)
+    path = save_gguf(_ember_from_hf(hf, tmp_path / "hf"), tokenizer_from_gguf(
+        tiny_tokenizer_md()), tmp_path / "y.gguf", dtype="f32")
+    reader = GGUFReader(path)
+    rope = {k: reader.fields[k] for k in reader.fields if k.startswith(f"{arch}.rope.scaling.")}
+    assert {k: f.contents() for k, f in rope.items()} == {  # convert_hf_to_gguf's, no more
+        f"{arch}.rope.scaling.type": "yarn", f"{arch}.rope.scaling.factor": 4.0,
+        f"{arch}.rope.scaling.original_context_length": ORIG}
+    assert rope[f"{arch}.rope.scaling.factor"].types == [GGUFValueType.FLOAT32]
+    assert rope[f"{arch}.rope.scaling.original_context_length"].types == [GGUFValueType.UINT32]
+    cfg, sd, _ = load_gguf(path)
+    ids = torch.randint(0, VOCAB, (2, 40))  # beyond the original context
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert _diff(_ember(cfg, sd, ids), ref) <= TOL
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"beta_fast": 16.0}, "beta_fast=16.0"), ({"beta_slow": 2.0}, "beta_slow=2.0"),
+    ({"attention_factor": 1.3}, "attention_factor=1.3"), ({"truncate": False}, "truncate=False")])
+def test_yarn_export_refuses_what_llama_cpp_cannot_read(extra, field, tmp_path):
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG, **extra}
+    model = _ember_from_hf(_qwen("qwen2", yarn), tmp_path / "hf")
+    with pytest.raises(EmberError, match=f"qwen2 YaRN has no key for this model's {field}"):
+        save_gguf(model, tokenizer_from_gguf(tiny_tokenizer_md()), tmp_path / "y.gguf")
+    assert not (tmp_path / "y.gguf").exists()
+
+
+def test_gemma3_sliding_rope_base_from_freq_base_swa(tmp_path):
+    # transformers 5's Gemma 3 keeps the sliding layers' base in rope_parameters; the converter
+    # writes it as rope.freq_base_swa
+    from tests.models.test_gguf_families import CASES, _metadata
+
+    _, cls, kw = CASES["gemma3"]
+    rope = {**kw["rope_parameters"], "sliding_attention": {"rope_type": "default",
+                                                           "rope_theta": 500.0}}
+    cfg = getattr(transformers, cls)(**{**DIMS, **kw, "rope_parameters": rope})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(3)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    _randomize_(hf)
+    path = tmp_path / "g3.gguf"
+    write_family_gguf(path, "gemma3", hf, {**_metadata("gemma3", cfg),
+                                           "gemma3.rope.freq_base_swa": 500.0})
+    ours, sd, _ = load_gguf(path)
+    assert ours.rope_local_theta == 500.0
+    ids = torch.randint(0, VOCAB, (1, 20))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert _diff(_ember(ours, sd, ids), ref) <= TOL
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.75])
+def test_phi3_longrope_export_as_the_converter_and_matches_hf(partial, tmp_path):
+    hf, short, long, rot = _phi3(partial)
+    path = save_gguf(_ember_from_hf(hf, tmp_path / "hf"), tokenizer_from_gguf(
+        tiny_tokenizer_md()), tmp_path / "p.gguf", dtype="f32")
+    reader = GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    for name, want in (("rope_factors_long.weight", long), ("rope_factors_short.weight", short)):
+        assert tensors[name].tensor_type == GGUFQuantizationType.F32
+        np.testing.assert_array_equal(np.asarray(tensors[name].data), np.float32(want))
+    md = {k: f.contents() for k, f in reader.fields.items() if k.startswith("phi3.rope.")}
+    assert md == {"phi3.rope.freq_base": 10000.0, "phi3.rope.dimension_count": rot,
+                  "phi3.rope.scaling.original_context_length": ORIG,  # Phi3MiniModel's keys
+                  "phi3.rope.scaling.attn_factor": pytest.approx(
+                      math.sqrt(1 + math.log(4) / math.log(ORIG)), rel=1e-6)}
+    cfg, sd, _ = load_gguf(path)
+    for n in (13, 40):  # short factors, then long ones
+        ids = torch.randint(0, VOCAB, (2, n))
+        with torch.no_grad():
+            ref = hf(ids).logits
+        assert _diff(_ember(cfg, sd, ids), ref) <= TOL
