@@ -218,3 +218,16 @@ def test_bookkeeping_fields_of_other_tools_load(tmp_path):
                                 "_attn_implementation": "sdpa"}))
     model, _ = load_pretrained(folder)
     _assert_parity_and_export(model, folder, _ids(), tmp_path)
+
+
+def test_smollm3_published_max_window_layers_loads(tmp_path):
+    """SmolLM3-3B's config.json carries max_window_layers (28), which transformers' SmolLM3
+    never reads; Ember refused the published checkpoint as an unknown field."""
+    folder = _save(tmp_path, "smollm3", "SmolLM3Config", num_hidden_layers=4,
+                   no_rope_layer_interval=4, use_sliding_window=False, sliding_window=None,
+                   pad_token_id=0)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "max_window_layers": 28}))
+    model, _ = load_pretrained(folder)
+    assert model.cfg.nope_layers == (3,)
+    _assert_parity_and_export(model, folder, _ids(20), tmp_path)
