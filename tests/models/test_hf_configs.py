@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -231,3 +232,24 @@ def test_smollm3_published_max_window_layers_loads(tmp_path):
     model, _ = load_pretrained(folder)
     assert model.cfg.nope_layers == (3,)
     _assert_parity_and_export(model, folder, _ids(20), tmp_path)
+
+
+@pytest.mark.parametrize("cls,key", [("LlamaConfig", "rope_theta"),
+                                     ("Gemma3TextConfig", "rope_local_base_freq")])
+@pytest.mark.parametrize("theta", [-1.0, 0.0])
+def test_a_rope_base_transformers_turns_into_nan_is_refused(tmp_path, cls, key, theta):
+    """rope_theta <= 0 (or Gemma 3's local base): transformers' frequencies base ** (-2i / d)
+    are NaN / inf, and so are its logits; Ember loaded the config and computed NaN too."""
+    kw = {"sliding_window": 5} if cls == "Gemma3TextConfig" else {}
+    folder = _save(tmp_path, "theta", cls, **kw)
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    raw.pop("rope_parameters", None)
+    path.write_text(json.dumps({**raw, key: theta}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert not hf(_ids(20)).logits.isfinite().all()
+    with pytest.raises(EmberError, match=f"rope_theta must be a positive finite number.*{theta}"):
+        load_pretrained(folder)
