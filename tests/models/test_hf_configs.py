@@ -253,3 +253,16 @@ def test_a_rope_base_transformers_turns_into_nan_is_refused(tmp_path, cls, key, 
         assert not hf(_ids(20)).logits.isfinite().all()
     with pytest.raises(EmberError, match=f"rope_theta must be a positive finite number.*{theta}"):
         load_pretrained(folder)
+
+
+@pytest.mark.parametrize("cls", ["Qwen2MoeConfig", "Qwen3MoeConfig"])
+def test_moe_mlp_only_layers_null_is_no_dense_layer(tmp_path, cls):
+    """mlp_only_layers: null is transformers' default ([]: every layer sparse); Ember refused
+    the config ("must be a list of layer indices")."""
+    folder = _save(tmp_path, cls, cls, num_experts=4, num_experts_per_tok=2,
+                   moe_intermediate_size=24, shared_expert_intermediate_size=32)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "mlp_only_layers": None}))
+    model, _ = load_pretrained(folder)
+    assert model.cfg.mlp_only_layers == ()
+    _assert_parity_and_export(model, folder, _ids(), tmp_path)
