@@ -266,3 +266,29 @@ def test_moe_mlp_only_layers_null_is_no_dense_layer(tmp_path, cls):
     model, _ = load_pretrained(folder)
     assert model.cfg.mlp_only_layers == ()
     _assert_parity_and_export(model, folder, _ids(), tmp_path)
+
+
+@pytest.mark.parametrize("cls", ["GemmaConfig", "Gemma2Config", "Phi3Config"])
+def test_an_omitted_pad_token_id_takes_transformers_class_default(tmp_path, cls):
+    """A config.json without pad_token_id: transformers' Gemma / Gemma 2 / Phi-3 default it (0,
+    32000) and build the embedding with that padding_idx, so looking the pad token up adds
+    nothing to its row's gradient. Ember read no pad token and trained that row."""
+    kw = dict(PHI3, vocab_size=32064) if cls == "Phi3Config" else {}
+    folder = _save(tmp_path, cls, cls, **kw)
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    del raw["pad_token_id"]
+    path.write_text(json.dumps(raw))
+    pad = getattr(transformers, cls)().pad_token_id
+    model, _ = load_pretrained(folder)
+    assert model.cfg.pad_token_id == pad is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    ids = _ids()
+    ids[:, ::3] = pad  # the pad token is looked up
+    w = torch.randn(*ids.shape, hf.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    (hf(ids).logits * w).sum().backward()
+    (model(ids) * w).sum().backward()
+    want = hf.model.embed_tokens.weight.grad
+    assert (model.embed.weight.grad - want).abs().max().item() <= 1e-4 * want.abs().max().item()
