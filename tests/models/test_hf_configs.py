@@ -292,3 +292,20 @@ def test_an_omitted_pad_token_id_takes_transformers_class_default(tmp_path, cls)
     (model(ids) * w).sum().backward()
     want = hf.model.embed_tokens.weight.grad
     assert (model.embed.weight.grad - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("cls", ["Gemma2Config", "Gemma3TextConfig"])
+def test_gemma_sliding_layers_without_a_window_are_refused(tmp_path, cls):
+    """sliding_window null with sliding layers (the default pattern): transformers' forward
+    fails building their mask; Ember computed full attention there and exported a folder
+    transformers cannot run."""
+    folder = _save(tmp_path, cls, cls, sliding_window=5)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "sliding_window": None}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(TypeError):
+        hf(_ids())
+    with pytest.raises(EmberError, match="sliding_window is null but layer_types"):
+        load_pretrained(folder)
