@@ -75,6 +75,9 @@ ARCHITECTURES = {
     **{mt: arch for mt, (_, _, arch) in MOE_FAMILIES.items()},
     **_var.ARCHITECTURES,
 }
+# transformers' config-class pad_token_id where it is not None (the variants': hf_llama_variants):
+# the embedding's padding_idx (that row's gradient stays zero) and the classifier's last token
+_PAD_DEFAULTS = {"gemma": 0, "gemma2": 0, "gemma3_text": 0, "phi3": 32000}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -325,6 +328,8 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
         )
     quantization_config_from_hf(raw)
     raw = _var.with_defaults(raw)  # SmolLM3 / Granite / OLMo2: RoPE base, pad token defaults
+    if "pad_token_id" not in raw and model_type in _PAD_DEFAULTS:
+        raw = {**raw, "pad_token_id": _PAD_DEFAULTS[model_type]}
     if "auto_map" in raw:
         # Official Phi-3 / older Qwen repos ship custom code next to a model_type transformers
         # implements natively; like transformers without trust_remote_code, the native model is

@@ -71,6 +71,10 @@ def gemma_fields(raw: Mapping, model_type: str, num_layers: int, max_pos: int,
         ]
     if not isinstance(types, list):
         raise EmberError(f"config.json: layer_types must be a list, got {types!r}")
+    if window is None and "sliding_attention" in types:
+        raise EmberError("config.json: sliding_window is null but layer_types (or the default "
+                         "pattern) has sliding-attention layers; transformers cannot build their "
+                         "mask: set sliding_window, or mark every layer full_attention")
     scalar = get_float(raw, "query_pre_attn_scalar", dflt["query_pre_attn_scalar"])
     if scalar <= 0:
         raise EmberError(f"config.json: query_pre_attn_scalar must be > 0, got {scalar}")

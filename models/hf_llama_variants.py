@@ -34,8 +34,10 @@ VARIANTS = tuple(ARCHITECTURES)
 _GRANITE_MULT = ("embedding_multiplier", "residual_multiplier", "attention_multiplier",
                  "logits_scaling")
 FIELDS = {
+    # max_window_layers: in SmolLM3-3B's published config.json (a Qwen2 leftover); transformers'
+    # SmolLM3 never reads it (its windows come from layer_types / no_rope_layers), nor does Ember
     "smollm3": frozenset("""attention_bias mlp_bias use_sliding_window sliding_window
-        no_rope_layers no_rope_layer_interval layer_types""".split()),
+        no_rope_layers no_rope_layer_interval layer_types max_window_layers""".split()),
     "granite": frozenset({"attention_bias", "mlp_bias", *_GRANITE_MULT}),
     "olmo2": frozenset({"attention_bias"}),
 }

@@ -93,7 +93,8 @@ def moe_base_config(raw: Mapping) -> tuple[dict, dict]:
             raise EmberError(f"config.json: use_sliding_window=true is not supported for {mt}")
         for key in _QWEN_WINDOW:
             out.pop(key, None)
-        only = out.pop("mlp_only_layers", [])
+        only = out.pop("mlp_only_layers", None)
+        only = [] if only is None else only  # null: transformers' default, no dense layers
         if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
             raise EmberError(f"config.json: mlp_only_layers must be a list of layer indices, "
                              f"got {only!r}")

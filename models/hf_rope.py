@@ -103,6 +103,9 @@ def parse_rope(
     theta = get_float(rope, "rope_theta", None, "config.json rope parameters")
     if theta is None:
         theta = get_float(raw, "rope_theta", 10000.0)
+    if not 0 < theta < math.inf:  # transformers computes NaN / inf frequencies from it
+        raise EmberError(f"config.json: rope_theta must be a positive finite number (RoPE's "
+                         f"base), got {theta}")
     kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
     rope.pop("type", None)
     rope.pop("rope_theta", None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -218,3 +219,93 @@ def test_bookkeeping_fields_of_other_tools_load(tmp_path):
                                 "_attn_implementation": "sdpa"}))
     model, _ = load_pretrained(folder)
     _assert_parity_and_export(model, folder, _ids(), tmp_path)
+
+
+def test_smollm3_published_max_window_layers_loads(tmp_path):
+    """SmolLM3-3B's config.json carries max_window_layers (28), which transformers' SmolLM3
+    never reads; Ember refused the published checkpoint as an unknown field."""
+    folder = _save(tmp_path, "smollm3", "SmolLM3Config", num_hidden_layers=4,
+                   no_rope_layer_interval=4, use_sliding_window=False, sliding_window=None,
+                   pad_token_id=0)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "max_window_layers": 28}))
+    model, _ = load_pretrained(folder)
+    assert model.cfg.nope_layers == (3,)
+    _assert_parity_and_export(model, folder, _ids(20), tmp_path)
+
+
+@pytest.mark.parametrize("cls,key", [("LlamaConfig", "rope_theta"),
+                                     ("Gemma3TextConfig", "rope_local_base_freq")])
+@pytest.mark.parametrize("theta", [-1.0, 0.0])
+def test_a_rope_base_transformers_turns_into_nan_is_refused(tmp_path, cls, key, theta):
+    """rope_theta <= 0 (or Gemma 3's local base): transformers' frequencies base ** (-2i / d)
+    are NaN / inf, and so are its logits; Ember loaded the config and computed NaN too."""
+    kw = {"sliding_window": 5} if cls == "Gemma3TextConfig" else {}
+    folder = _save(tmp_path, "theta", cls, **kw)
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    raw.pop("rope_parameters", None)
+    path.write_text(json.dumps({**raw, key: theta}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert not hf(_ids(20)).logits.isfinite().all()
+    with pytest.raises(EmberError, match=f"rope_theta must be a positive finite number.*{theta}"):
+        load_pretrained(folder)
+
+
+@pytest.mark.parametrize("cls", ["Qwen2MoeConfig", "Qwen3MoeConfig"])
+def test_moe_mlp_only_layers_null_is_no_dense_layer(tmp_path, cls):
+    """mlp_only_layers: null is transformers' default ([]: every layer sparse); Ember refused
+    the config ("must be a list of layer indices")."""
+    folder = _save(tmp_path, cls, cls, num_experts=4, num_experts_per_tok=2,
+                   moe_intermediate_size=24, shared_expert_intermediate_size=32)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "mlp_only_layers": None}))
+    model, _ = load_pretrained(folder)
+    assert model.cfg.mlp_only_layers == ()
+    _assert_parity_and_export(model, folder, _ids(), tmp_path)
+
+
+@pytest.mark.parametrize("cls", ["GemmaConfig", "Gemma2Config", "Phi3Config"])
+def test_an_omitted_pad_token_id_takes_transformers_class_default(tmp_path, cls):
+    """A config.json without pad_token_id: transformers' Gemma / Gemma 2 / Phi-3 default it (0,
+    32000) and build the embedding with that padding_idx, so looking the pad token up adds
+    nothing to its row's gradient. Ember read no pad token and trained that row."""
+    kw = dict(PHI3, vocab_size=32064) if cls == "Phi3Config" else {}
+    folder = _save(tmp_path, cls, cls, **kw)
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    del raw["pad_token_id"]
+    path.write_text(json.dumps(raw))
+    pad = getattr(transformers, cls)().pad_token_id
+    model, _ = load_pretrained(folder)
+    assert model.cfg.pad_token_id == pad is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    ids = _ids()
+    ids[:, ::3] = pad  # the pad token is looked up
+    w = torch.randn(*ids.shape, hf.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    (hf(ids).logits * w).sum().backward()
+    (model(ids) * w).sum().backward()
+    want = hf.model.embed_tokens.weight.grad
+    assert (model.embed.weight.grad - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("cls", ["Gemma2Config", "Gemma3TextConfig"])
+def test_gemma_sliding_layers_without_a_window_are_refused(tmp_path, cls):
+    """sliding_window null with sliding layers (the default pattern): transformers' forward
+    fails building their mask; Ember computed full attention there and exported a folder
+    transformers cannot run."""
+    folder = _save(tmp_path, cls, cls, sliding_window=5)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "sliding_window": None}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(TypeError):
+        hf(_ids())
+    with pytest.raises(EmberError, match="sliding_window is null but layer_types"):
+        load_pretrained(folder)
