@@ -126,9 +126,11 @@ class ModelConfig:
     gated_mlp: bool = True
     lm_head_bias: bool = False
     # Dropout in training forwards (transformers' resid_pdrop on the attention and MLP outputs,
-    # embd_pdrop on the embeddings); eval forwards and generation never drop.
+    # embd_pdrop on the embeddings, attention_dropout on the attention probabilities); eval
+    # forwards and generation never drop.
     resid_dropout: float = 0.0
     embed_dropout: float = 0.0
+    attention_dropout: float = 0.0
     extra: dict = field(default_factory=dict)  # HF fields kept verbatim for export (not used)
 
     def __post_init__(self) -> None:
@@ -139,7 +141,7 @@ class ModelConfig:
             raise ValueError(f"activation must be 'silu' or 'gelu_tanh', got {self.activation!r}")
         if self.norm not in ("rms", "layernorm"):
             raise ValueError(f"norm must be 'rms' or 'layernorm', got {self.norm!r}")
-        for name in ("resid_dropout", "embed_dropout"):
+        for name in ("resid_dropout", "embed_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.parallel_block and self.sandwich_norms:

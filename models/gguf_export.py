@@ -363,7 +363,8 @@ def _semantics(cfg: ModelConfig) -> dict[str, Any]:
     out = {f.name: f32(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     for k in ("model_type", "torch_dtype", "extra", "bos_token_id", "eos_token_id",
               "pad_token_id", "labels", "layer_types", "sliding_window", "query_pre_attn_scalar",
-              "rope_local_theta", "resid_dropout", "embed_dropout"):  # dropout: training only
+              "rope_local_theta", "resid_dropout", "embed_dropout",
+              "attention_dropout"):  # dropout: training only
         out.pop(k)
     rs = cfg.rope_scaling
     out["rope_scaling"] = None if rs is None else {

@@ -390,13 +390,12 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
     # Phi-3's residual dropout (on the attention and MLP outputs, in training forwards); its
     # embd_pdrop is read and never applied by transformers' Phi-3, so it changes nothing here
     resid = _get_float(raw, "resid_pdrop", 0.0)
-    for key in ("resid_pdrop", "embd_pdrop"):
+    for key in ("resid_pdrop", "embd_pdrop", "attention_dropout"):
         if not 0.0 <= _get_float(raw, key, 0.0) < 1.0:
             raise EmberError(f"config.json: {key} must be in [0, 1), got {raw[key]}")
-    if _get_float(raw, "attention_dropout", 0.0) != 0.0:
-        raise EmberError(
-            "config.json: attention_dropout != 0 is not supported (Ember has no attention dropout)"
-        )
+    # Dropout on the attention probabilities in training forwards (Granite 3 ships 0.1), as
+    # transformers' attention does (models/transformer.py: an explicit-mask path in training)
+    attn_drop = _get_float(raw, "attention_dropout", 0.0)
     if _get_bool(raw, "rope_interleaved", False):
         raise EmberError(
             "config.json: rope_interleaved=true is not supported (Ember uses the "
@@ -489,6 +488,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             pad_token_id=_pad_token_id(raw),
             torch_dtype=dtype or "float32",
             resid_dropout=resid,
+            attention_dropout=attn_drop,
             labels=labels, problem_type=problem_type_from_hf(raw, labels),
             extra=extra,
             **fields,

@@ -145,7 +145,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         "rope_scaling": legacy_scaling,
         "dtype": dtype,
         "torch_dtype": dtype,
-        "attention_dropout": 0.0,
+        "attention_dropout": cfg.attention_dropout,
         "use_cache": True,
     }
     if "initializer_range" in cfg.extra:  # absent: transformers' default, as it was read

@@ -11,7 +11,8 @@ the head (``lm_head.bias``: Ember's ``head_bias``), optional per-head q/k LayerN
 
 Dropout: ``resid_pdrop`` and ``embd_pdrop`` are applied in training forwards exactly where
 transformers applies them (phi-2 ships ``resid_pdrop=0.1``; eval and generation never drop);
-``attention_dropout`` != 0 is refused as for every family (Ember's attention kernels have none).
+``attention_dropout`` is applied to the attention probabilities in training forwards, as for every
+family.
 Refused with a message: RoPE scaling (no released Phi-1/2 uses it), ``head_dim`` other than
 hidden_size / heads (transformers' q/k LayerNorms assume it). A classifier
 (``PhiForSequenceClassification``: ``score.weight``, no LM head) loads and exports as in every
@@ -191,7 +192,7 @@ def phi_to_hf(cfg: ModelConfig, dtype: str) -> dict:
         "qk_layernorm": cfg.qk_norm,
         "resid_pdrop": cfg.resid_dropout,
         "embd_pdrop": cfg.embed_dropout,
-        "attention_dropout": 0.0,
+        "attention_dropout": cfg.attention_dropout,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
                             "partial_rotary_factor": cfg.partial_rotary_factor},
         "rope_theta": cfg.rope_theta,

@@ -167,12 +167,46 @@ class Attention(nn.Module):
                   softcap=cfg.attn_softcap)
         if key_mask is not None:
             out = _masked_attention(q, k, v, key_mask, cfg, self.window)
+        elif cfg.attention_dropout and self.training:
+            out = _dropout_attention(q, k, v, cfg, self.window, cu_seqlens)
         elif cu_seqlens is not None:
             out = flash_attention(q[0], k[0], v[0], cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                   **kw)[None]
         else:
             out = flash_attention(q, k, v, **kw)
         return self.o_proj(out.reshape(B, T, cfg.num_heads * cfg.head_dim))
+
+
+def _dropout_attention(q, k, v, cfg: ModelConfig, window: int | None, cu_seqlens=None):
+    """Causal attention with dropout on the probabilities (``cfg.attention_dropout``, training
+    forwards only), as transformers' attention applies it: q (B, T, H, hd), k/v (B, T, K, hd);
+    packed documents (B = 1, ``cu_seqlens``) never attend to each other. Ember's flash kernels
+    have no dropout, so this runs with an explicit (T, T) mask: PyTorch's SDPA on CUDA (its
+    memory-efficient kernel draws the dropout), else the eager math transformers' "eager"
+    attention does (same dropout draws for the same seed)."""
+    T = q.shape[1]
+    i = torch.arange(T, device=q.device)
+    keep = i[None, :] <= i[:, None]
+    if window is not None:
+        keep &= (i[:, None] - i[None, :]) < window
+    if cu_seqlens is not None:
+        doc = torch.searchsorted(cu_seqlens[1:].to(q.device), i, right=True)
+        keep &= doc[:, None] == doc[None, :]
+    p_drop = cfg.attention_dropout
+    scale = cfg.head_dim ** -0.5 if cfg.softmax_scale is None else cfg.softmax_scale
+    rep = cfg.num_heads // cfg.num_kv_heads
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+    kt, vt = kt.repeat_interleave(rep, 1), vt.repeat_interleave(rep, 1)
+    if q.is_cuda and cfg.attn_softcap is None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, dropout_p=p_drop,
+                                             scale=scale)
+        return out.transpose(1, 2)
+    s = (qt @ kt.transpose(-1, -2)) * scale
+    if cfg.attn_softcap is not None:
+        s = cfg.attn_softcap * torch.tanh(s / cfg.attn_softcap)
+    s = s.masked_fill(~keep, float("-inf"))
+    p = F.dropout(torch.softmax(s, -1, dtype=torch.float32).to(q.dtype), p_drop, True)
+    return (p @ vt).transpose(1, 2)
 
 
 def _masked_attention(q, k, v, key_mask, cfg: ModelConfig, window: int | None):

@@ -1,0 +1,103 @@
+"""``attention_dropout`` (Granite 3's published configs carry 0.1; any family may set it): dropout
+on the attention probabilities in training forwards, as transformers' attention applies it.
+
+The oracle is transformers' "eager" attention in training mode: with the same seed it draws the
+same dropout masks in the same order (one ``F.dropout`` per layer on the (B, H, T, S)
+probabilities), so the training-mode logits and gradients must match. Eval forwards never drop,
+and the field round-trips through Ember's export."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.models.loading import load_pretrained
+from tests.models.test_interop_hf import PHI3, _assert_parity_and_export, _ids, _save
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+GRANITE = dict(attention_multiplier=0.2, embedding_multiplier=3.0, residual_multiplier=0.5,
+               logits_scaling=2.0)
+
+
+def _hf_train(folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            folder, attn_implementation="eager").train()
+
+
+@pytest.mark.parametrize("cls,kw", [
+    ("GraniteConfig", GRANITE),
+    ("MistralConfig", dict(sliding_window=5)),  # the window and the dropout together
+    ("Gemma2Config", dict(sliding_window=5)),  # softcap + window + dropout
+    ("Phi3Config", PHI3),
+])
+def test_training_forward_drops_as_transformers_eager(tmp_path, cls, kw):
+    folder = _save(tmp_path, cls, cls, attention_dropout=0.25, **kw)
+    model, _ = load_pretrained(folder)
+    assert model.cfg.attention_dropout == 0.25
+    ids = _ids(12)
+    hf = _hf_train(folder)
+    model.train()
+    torch.manual_seed(7)
+    ref = hf(ids).logits
+    torch.manual_seed(7)
+    ours = model(ids)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    # gradients through the dropped probabilities
+    g = torch.randn_like(ref)
+    (ref * g).sum().backward()
+    (ours * g).sum().backward()
+    ho = hf.model.layers[0].self_attn.o_proj.weight.grad  # (Phi-3 has no separate q_proj)
+    assert (model.layers[0].attn.o_proj.weight.grad - ho).abs().max().item() <= 1e-4
+    hk = hf.model.embed_tokens.weight.grad  # through every layer's dropped probabilities
+    assert (model.embed.weight.grad - hk).abs().max().item() <= 1e-4
+    # a different draw gives a different answer: the dropout is really applied
+    torch.manual_seed(8)
+    assert (model(ids) - ref).abs().max().item() > 1e-2
+    # eval forwards never drop: equal to transformers' eval logits, and the export keeps it
+    model.eval()
+    _assert_parity_and_export(model, folder, ids, tmp_path)
+    out = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert out["attention_dropout"] == 0.25
+
+
+def test_packed_documents_drop_without_crossing(tmp_path):
+    """A packed batch (cu_seqlens, positions restarting per document) in training: dropout is
+    drawn, and a document's logits never depend on another document's tokens (same seed, same
+    draws: changing the first document leaves the second one's logits as they were)."""
+    folder = _save(tmp_path, "granite", "GraniteConfig", attention_dropout=0.3, **GRANITE)
+    model, _ = load_pretrained(folder)
+    model.train()
+    ids = _ids(10)[:1]
+    other = ids.clone()
+    other[0, :4] = (other[0, :4] + 1) % model.cfg.vocab_size
+    pos = torch.cat([torch.arange(4), torch.arange(6)])[None]
+    kw = dict(cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32), max_seqlen=6)
+
+    def run(x, seed):
+        torch.manual_seed(seed)
+        return model(x, pos, **kw)
+
+    a, b = run(ids, 3), run(other, 3)
+    assert (a[:, 4:] - b[:, 4:]).abs().max().item() == 0.0
+    assert (a[:, :4] - b[:, :4]).abs().max().item() > 1e-3
+    assert (run(ids, 4) - a).abs().max().item() > 1e-3  # another draw: really dropped
+    model.eval()
+    with torch.no_grad():  # eval: the packed run is the documents run alone
+        alone = torch.cat([model(ids[:, :4]), model(ids[:, 4:])], 1)
+        assert (model(ids, pos, **kw) - alone).abs().max().item() <= 1e-4
+
+
+def test_attention_dropout_out_of_range_is_refused(tmp_path):
+    folder = _save(tmp_path, "granite", "GraniteConfig", **GRANITE)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "attention_dropout": 1.0}))
+    with pytest.raises(EmberError, match=r"attention_dropout must be in \[0, 1\)"):
+        load_pretrained(folder)
