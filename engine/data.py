@@ -6,6 +6,8 @@ problems are named ``file:line`` or ``file[index]``; ``format="auto"`` picks the
 from its first example):
     {"text": "..."}                                     loss on every token
     {"prompt": "...", "completion": "..."}              loss on the completion (+ EOS)
+    {"prompt": [messages], "completion": [messages]}    TRL's conversational prompt-completion:
+        one conversation, loss on the completion's assistant turns (the prompt's are context)
     {"instruction": "...", "input": "...", "output": "..."}   Alpaca (optional "system"): a
         prompt/completion pair, the prompt being instruction and input joined by a blank line;
         without a chat template, Stanford Alpaca's "### Instruction: ... ### Response:" prompt
@@ -227,6 +229,8 @@ class _Encoder:
         SFT, DPO, KTO and reward trainers do (apart, an SPM tokenizer would start the completion
         with a "▁"); the completion is the tokens its characters overlap."""
         all_loss = self.cfg.loss_on == "all"
+        if isinstance(rec, Chat):  # TRL's conversational prompt-completion: a conversation
+            fmt = "messages" if fmt == "prompt_completion" else fmt
         if fmt == "text":
             ids = self._with_eos(self._enc(rec, True))
             return ids, [True] * len(ids), 0, None

@@ -2,7 +2,8 @@
 
 Records, as ``ember.engine.data`` encodes them:
     text                 str
-    prompt_completion    (prompt, completion)
+    prompt_completion    (prompt, completion); TRL's conversational form (both message arrays)
+                         a ``Chat`` whose prompt assistant messages have weight 0
     alpaca               ``Alpaca`` (prompt, completion, system, ...): ``instruction`` and ``input``
                          joined by a blank line, ``output`` the completion
     messages, sharegpt   ``Chat``: a list of messages (dicts with ``role`` and ``content``, plus
@@ -100,16 +101,16 @@ def parse(obj: dict, fmt: str):
             raise _Bad("empty text", "empty text")
         return text
     if fmt in ("prompt_completion", "alpaca"):
+        if fmt == "prompt_completion" and _kto_label(obj):
+            raise _Bad("kto line", "a KTO line (a completion labelled true/false): set "
+                                   "objective = \"kto\" to train on it")
+        if fmt == "prompt_completion" and isinstance(obj.get("prompt"), list):
+            return _chat_prompt_completion(obj)
         rec = _alpaca(obj) if fmt == "alpaca" else (_get_str(obj, "prompt"),
                                                      _get_str(obj, "completion"))
         if not rec[1].strip():
             raise _Bad("empty completion", "empty " + ("output" if fmt == "alpaca" else
                                                        "completion"))
-        label = obj.get("label")
-        if fmt == "prompt_completion" and (isinstance(label, bool) or isinstance(label, str)
-                                           and label.strip().lower() in ("true", "false")):
-            raise _Bad("kto line", "a KTO line (a completion labelled true/false): set "
-                                   "objective = \"kto\" to train on it")
         return rec
     if fmt == "preference":  # strings or chat messages: ember.engine.preference
         from ember.engine.preference import parse_pair
@@ -121,6 +122,28 @@ def parse(obj: dict, fmt: str):
         raise _Bad("missing field", f"missing field 'messages' (keys present: {sorted(obj)})")
     return Chat(parse_messages(msgs, "conversations" if fmt == "sharegpt" else "messages"),
                 tools)
+
+
+def _kto_label(obj: dict) -> bool:
+    label = obj.get("label")
+    return isinstance(label, bool) or isinstance(label, str) and label.strip().lower() in (
+        "true", "false")
+
+
+def _chat_prompt_completion(obj: dict) -> Chat:
+    """TRL's conversational prompt-completion line ``{"prompt": [messages], "completion":
+    [messages]}``: one conversation, prompt then completion, as TRL's SFT renders it; the loss is
+    on the completion's assistant messages only (the prompt's are context: weight 0)."""
+    if not isinstance(obj.get("completion"), list):
+        raise _Bad("wrong type", "prompt and completion must be both strings or both message "
+                                 f"arrays, got array and {_type_name(obj.get('completion'))}")
+    prompt = parse_messages(obj["prompt"], "prompt")
+    completion = parse_messages(obj["completion"], "completion")
+    if not any(m["role"] == "assistant" for m in completion):
+        raise _Bad("no assistant", "completion has no assistant message: nothing to learn "
+                                   f"(roles {[m['role'] for m in completion]})")
+    return Chat([{**m, "weight": 0} if m["role"] == "assistant" else m for m in prompt]
+                + completion, parse_tools(obj))
 
 
 def parse_tools(obj: dict, json_text: bool = False) -> list[dict] | None:

@@ -1,0 +1,96 @@
+"""TRL 1.16's dataset formats that the other data tests do not cover, checked against
+transformers' ``apply_chat_template`` and TRL's own masking rules (TRL is not installed here: its
+few lines are restated in the tests, as in test_chat_parity.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from ember import EmberError
+from ember.engine.data import IGNORE, DataConfig, load_examples
+from ember.models.tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+# ChatML with transformers' {% generation %} marks on what an assistant turn says (the shape of
+# TRL's *_training.jinja templates: the content and its end-of-turn token, not the newline).
+CHATML_GEN = ("{% for m in messages %}{% if m['role'] == 'assistant' %}"
+              "{{ '<|im_start|>assistant\n' }}{% generation %}{{ m['content'] + '<|im_end|>' }}"
+              "{% endgeneration %}{{ '\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\n' + "
+              "m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SYSTEM = {"role": "system", "content": "You are terse."}
+U1 = {"role": "user", "content": "What is the capital of France?"}
+A1 = {"role": "assistant", "content": "Paris is the capital of France."}
+U2 = {"role": "user", "content": "And of Italy?"}
+A2 = {"role": "assistant", "content": "Rome, of course."}
+
+
+@pytest.fixture(scope="module")
+def toks():
+    """(ember Tokenizer, transformers PreTrainedTokenizerFast) of one small byte-level BPE."""
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    text = [json.dumps([SYSTEM, U1, A1, U2, A2]), CHATML_GEN]
+    backend.train_from_iterator(text * 3, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    ours = Tokenizer(backend, eos_token="<|im_end|>", chat_template=CHATML_GEN)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                              chat_template=CHATML_GEN)
+    return ours, hf
+
+
+def _load(tmp_path, tok, rows, **kw):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_examples(path, DataConfig(train=str(path), bad_lines="error", **kw), tok)
+
+
+def _trl_sft_masks(hf, prompt, completion):
+    """TRL 1.16 SFT's tokenize_fn on a conversational prompt-completion line, with
+    assistant_only_loss: (input_ids, completion_mask AND assistant_masks)."""
+    prompt_ids = hf.apply_chat_template(prompt, tokenize=True, return_dict=True,
+                                        add_generation_prompt=True)["input_ids"]
+    out = hf.apply_chat_template(prompt + completion, tokenize=True, return_dict=True,
+                                 return_assistant_tokens_mask=True)
+    ids = list(out["input_ids"])
+    start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids, strict=False)) if a != b),
+                 len(prompt_ids))  # trl.data_utils.common_prefix_length
+    completion_mask = [0] * start + [1] * (len(ids) - start)
+    return ids, [c and a for c, a in zip(completion_mask, out["assistant_masks"], strict=True)]
+
+
+@pytest.mark.parametrize("prompt,completion", [
+    ([U1], [A1]),
+    ([SYSTEM, U1, A1, U2], [A2]),  # the prompt's assistant turn is context
+    ([U1], [A1, U2, A2]),  # every assistant turn of the completion is trained
+])
+def test_conversational_prompt_completion_is_trls(tmp_path, toks, prompt, completion):
+    """TRL's conversational prompt-completion SFT lines ({"prompt": [messages], "completion":
+    [messages]}) were refused ("field 'prompt' must be a string, got array"); they are the
+    conversation prompt + completion, trained where TRL trains with assistant_only_loss."""
+    ours, hf = toks
+    ids, mask = _trl_sft_masks(hf, prompt, completion)
+    assert sum(mask) > 0
+    for tok in (ours, hf):
+        (ex,), rep = _load(tmp_path, tok, [{"prompt": prompt, "completion": completion}])
+        assert rep.format == "prompt_completion"
+        assert ex.input_ids == ids
+        assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == mask  # labels pre-shifted
+
+
+@pytest.mark.parametrize("row,why", [
+    ({"prompt": [U1], "completion": "Paris."}, "both strings or both message arrays"),
+    ({"prompt": [U1], "completion": [U2]}, "completion has no assistant message"),
+    ({"prompt": [U1], "completion": []}, "field 'completion' must be a non-empty array"),
+    ({"prompt": [U1], "completion": [A1], "label": True}, 'objective = "kto"'),
+])
+def test_bad_conversational_prompt_completion_lines(tmp_path, toks, row, why):
+    with pytest.raises(EmberError, match=why):
+        _load(tmp_path, toks[0], [row])
