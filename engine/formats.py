@@ -25,6 +25,8 @@ What each input shape becomes:
         ``arguments`` given as a JSON string (OpenAI's shape) is decoded to an object: templates
         ``tojson`` the arguments, and a string would be trained as a quoted, escaped string.
         ``tools`` (a line's JSON schemas) are passed to the template as ``tools``.
+    TRL's vision lines (a non-empty ``images`` list, or an ``image``) are refused, as image
+        content parts are.
     OpenAI's ``"weight": 0`` on an assistant message: the turn is context, not trained (1: trained,
         the default).
 Every problem raises ``_Bad(kind, why)``, which the reader reports as ``file:line: why``.
@@ -95,6 +97,7 @@ def detect(obj: dict) -> str | None:
 
 def parse(obj: dict, fmt: str):
     """The record of one line in ``fmt``, validated; raises _Bad with the reason."""
+    check_no_images(obj)
     if fmt == "text":
         text = _get_str(obj, "text")
         if not text.strip():
@@ -122,6 +125,15 @@ def parse(obj: dict, fmt: str):
         raise _Bad("missing field", f"missing field 'messages' (keys present: {sorted(obj)})")
     return Chat(parse_messages(msgs, "conversations" if fmt == "sharegpt" else "messages"),
                 tools)
+
+
+def check_no_images(obj: dict) -> None:
+    """Refuse a vision line (TRL's ``"images"`` list or ``"image"``): trained without its images,
+    the text would speak of pictures the model never sees."""
+    for key in ("images", "image"):
+        if obj.get(key) not in (None, [], ""):
+            raise _Bad("not text", f"field {key!r} holds images: Ember trains text-only models, "
+                                   f"which cannot take them; drop the field (or the line)")
 
 
 def _kto_label(obj: dict) -> bool:

@@ -68,7 +68,7 @@ from ember.engine.data import (
 )
 from ember.engine.distributed import DistInfo
 from ember.engine.evaluation import scored_batches
-from ember.engine.formats import parse_messages
+from ember.engine.formats import check_no_images, parse_messages
 from ember.engine.losses import doc_logprobs
 from ember.engine.objectives import SFT
 from ember.engine.preference import encode_answer, parse_pair
@@ -112,6 +112,7 @@ class KTOConfig:
 
 def parse_unpaired(obj: dict) -> list[tuple]:
     """(prompt, completion, desirable) records of one line, validated; raises _Bad."""
+    check_no_images(obj)
     if "chosen" in obj or "rejected" in obj:
         if "label" in obj or "completion" in obj:
             raise _Bad("wrong shape", "a KTO line is either {prompt, completion, label} or a "

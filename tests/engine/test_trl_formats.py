@@ -94,3 +94,27 @@ def test_conversational_prompt_completion_is_trls(tmp_path, toks, prompt, comple
 def test_bad_conversational_prompt_completion_lines(tmp_path, toks, row, why):
     with pytest.raises(EmberError, match=why):
         _load(tmp_path, toks[0], [row])
+
+
+@pytest.mark.parametrize("row", [
+    {"messages": [U1, A1], "images": ["cat.png"]},
+    {"prompt": [U1], "completion": [A1], "image": "cat.png"},
+    {"prompt": [U1], "chosen": [A1], "rejected": [A2], "images": [{"path": "cat.png"}]},
+])
+def test_vision_lines_are_refused_not_trained_blind(tmp_path, toks, row):
+    """TRL's vision datasets carry their pictures in "images" (or "image"); Ember trained the text
+    alone, silently, on answers about images the model never saw."""
+    with pytest.raises(EmberError, match="field 'image.?' holds images"):
+        _load(tmp_path, toks[0], [row])
+    (ex,), _ = _load(tmp_path, toks[0], [{**row, "images": [], "image": None}])  # none: trained
+    assert ex.num_loss_tokens > 0
+
+
+def test_kto_vision_lines_are_refused(tmp_path, toks):
+    from ember.engine.kto import load_kto_examples
+
+    path = tmp_path / "k.jsonl"
+    path.write_text(json.dumps({"prompt": [U1], "completion": [A1], "label": True,
+                                "images": ["cat.png"]}))
+    with pytest.raises(EmberError, match="field 'images' holds images"):
+        load_kto_examples(path, DataConfig(train=str(path), bad_lines="error"), toks[0])
