@@ -24,7 +24,8 @@ What each input shape becomes:
         shape, ``{"type": "function", "function": {"name", "arguments"}}``), except that
         ``arguments`` given as a JSON string (OpenAI's shape) is decoded to an object: templates
         ``tojson`` the arguments, and a string would be trained as a quoted, escaped string.
-        ``tools`` (a line's JSON schemas) are passed to the template as ``tools``.
+        ``tools`` (a line's JSON schemas, or their JSON text as TRL reads it) are passed to the
+        template as ``tools``.
     TRL's vision lines (a non-empty ``images`` list, or an ``image``) are refused, as image
         content parts are.
     OpenAI's ``"weight": 0`` on an assistant message: the turn is context, not trained (1: trained,
@@ -119,7 +120,7 @@ def parse(obj: dict, fmt: str):
         from ember.engine.preference import parse_pair
 
         return parse_pair(obj)
-    tools = parse_tools(obj, fmt == "sharegpt")
+    tools = parse_tools(obj)
     msgs = _sharegpt(obj) if fmt == "sharegpt" else obj.get("messages")
     if "messages" not in obj and fmt == "messages":
         raise _Bad("missing field", f"missing field 'messages' (keys present: {sorted(obj)})")
@@ -158,12 +159,12 @@ def _chat_prompt_completion(obj: dict) -> Chat:
                 + completion, parse_tools(obj))
 
 
-def parse_tools(obj: dict, json_text: bool = False) -> list[dict] | None:
+def parse_tools(obj: dict) -> list[dict] | None:
     """A line's ``tools`` (the JSON schemas of the tools its conversation may call), validated;
-    None when absent or empty. ``json_text``: the schemas may be one JSON string (LLaMA-Factory's
-    ShareGPT)."""
+    None when absent or empty. The schemas may be one JSON string, in any format, as TRL's SFT and
+    DPO trainers decode them (Hugging Face datasets store them so; LLaMA-Factory's ShareGPT)."""
     tools = obj.get("tools")
-    if json_text and isinstance(tools, str):
+    if isinstance(tools, str):
         tools = _json_value(tools, "field 'tools'") if tools.strip() else None
     if tools is not None and not (isinstance(tools, list)
                                   and all(isinstance(t, dict) for t in tools)):

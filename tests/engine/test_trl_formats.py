@@ -118,3 +118,35 @@ def test_kto_vision_lines_are_refused(tmp_path, toks):
                                 "images": ["cat.png"]}))
     with pytest.raises(EmberError, match="field 'images' holds images"):
         load_kto_examples(path, DataConfig(train=str(path), bad_lines="error"), toks[0])
+
+
+TOOLS = [{"type": "function", "function": {"name": "capital", "description": "A capital",
+                                           "parameters": {"type": "object", "properties": {
+                                               "country": {"type": "string"}}}}}]
+CHATML_TOOLS = ("{% if tools %}{{ '<|im_start|>system\n' + (tools | tojson) + '<|im_end|>\n' }}"
+                "{% endif %}" + CHATML_GEN)
+
+
+@pytest.mark.parametrize("shape", ["messages", "prompt_completion", "preference"])
+def test_tools_as_json_text_render_as_trl(tmp_path, toks, shape):
+    """TRL's trainers json.loads a line's "tools" given as a string (how Hugging Face datasets
+    store schemas that differ by row); Ember refused it outside ShareGPT ("field 'tools' must be
+    an array of tool schemas"). The tokens are transformers' with the decoded schemas."""
+    from ember.models.tokenizer import Tokenizer as Ours
+
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[0].backend,
+                                              eos_token="<|im_end|>", chat_template=CHATML_TOOLS)
+    ours = Ours(toks[0].backend, eos_token="<|im_end|>", chat_template=CHATML_TOOLS)
+    row = {"messages": {"messages": [U1, A1]}, "prompt_completion": {"prompt": [U1],
+           "completion": [A1]}, "preference": {"prompt": [U1], "chosen": [A1],
+                                               "rejected": [A2]}}[shape]
+    want = hf.apply_chat_template([U1, A1], tools=TOOLS, tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    (ex,), _ = _load(tmp_path, ours, [{**row, "tools": json.dumps(TOOLS)}])
+    ids = ex.input_ids[:ex.parts[0]] if ex.parts else ex.input_ids
+    assert ids == list(want["input_ids"])
+    assert '"capital"' in hf.decode(ids)
+    labels = ex.labels[:len(ids)]
+    assert [0] + [int(t != IGNORE) for t in labels[:-1]] == list(want["assistant_masks"])
+    with pytest.raises(EmberError, match="field 'tools' must be JSON text here"):
+        _load(tmp_path, ours, [{**row, "tools": "[{not json"}])
