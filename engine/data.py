@@ -254,11 +254,13 @@ class _Encoder:
                              "has none (use prompt/completion lines instead)")
         return self._chat(with_system_prompt(self.cfg, rec), all_loss)
 
-    def _render(self, messages, gen: bool = False, tools: list | None = None) -> str:
+    def _render(self, messages, gen: bool = False, tools: list | None = None,
+                kwargs: dict | None = None) -> str:
+        """``kwargs``: the line's template variables (TRL's ``chat_template_kwargs``)."""
         try:
             return self.tok.apply_chat_template(messages, add_generation_prompt=gen,
-                                                tokenize=False, **({"tools": tools} if tools
-                                                                   else {}))
+                                                tokenize=False, **(kwargs or {}),
+                                                **({"tools": tools} if tools else {}))
         except Exception as e:  # jinja raise_exception() and template bugs: a per-line problem
             raise _Bad("chat template", f"the chat template rejected this conversation: "
                                         f"{type(e).__name__}: {e}") from None
@@ -271,8 +273,9 @@ class _Encoder:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            pre = self._render(messages[:i], True, messages.tools)
-            upto = self._render(messages[: i + 1], False, messages.tools)
+            pre = self._render(messages[:i], True, messages.tools, messages.template_kwargs)
+            upto = self._render(messages[: i + 1], False, messages.tools,
+                                messages.template_kwargs)
             eos = getattr(self.tok, "eos_token", None)
             if eos and not full.startswith(upto) and upto.endswith(eos):
                 upto = upto[: -len(eos)]  # Phi-3 ends a render with EOS, not each turn
@@ -316,7 +319,7 @@ class _Encoder:
     def _chat(self, messages, all_loss: bool):
         if not isinstance(messages, Chat):
             messages = Chat(messages)
-        full = self._render(messages, False, messages.tools)
+        full = self._render(messages, False, messages.tools, messages.template_kwargs)
         spans = self._spans(messages, full)
         if spans is None and not all_loss:
             raise _Bad("chat template", "the chat template does not render this conversation "
@@ -366,7 +369,8 @@ def render_prompt(tokenizer, cfg: DataConfig, prompt: str, system: str | None = 
 def with_system_prompt(cfg: DataConfig, messages: Sequence[dict]) -> Chat:
     """``messages`` with ``data.system_prompt`` first, unless they start with their own system
     (or developer) message, or no system prompt is set; a :class:`Chat`'s tools are kept."""
-    msgs = Chat(messages, getattr(messages, "tools", None))
+    msgs = Chat(messages, getattr(messages, "tools", None),
+                getattr(messages, "template_kwargs", None))
     if cfg.system_prompt is not None and (not msgs or msgs[0]["role"] not in ("system",
                                                                             "developer")):
         msgs.insert(0, {"role": "system", "content": cfg.system_prompt})

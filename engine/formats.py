@@ -67,11 +67,13 @@ class _Bad(Exception):
 
 
 class Chat(list):
-    """Messages, and the JSON schemas of the tools the conversation may call (or None)."""
+    """Messages, the JSON schemas of the tools the conversation may call (or None), and a line's
+    own template variables (TRL's ``chat_template_kwargs``, e.g. ``enable_thinking``; or None)."""
 
-    def __init__(self, messages=(), tools: list | None = None):
+    def __init__(self, messages=(), tools: list | None = None,
+                 template_kwargs: dict | None = None):
         super().__init__(messages)
-        self.tools = tools
+        self.tools, self.template_kwargs = tools, template_kwargs
 
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
@@ -125,7 +127,7 @@ def parse(obj: dict, fmt: str):
     if "messages" not in obj and fmt == "messages":
         raise _Bad("missing field", f"missing field 'messages' (keys present: {sorted(obj)})")
     return Chat(parse_messages(msgs, "conversations" if fmt == "sharegpt" else "messages"),
-                tools)
+                tools, parse_template_kwargs(obj))
 
 
 def check_no_images(obj: dict) -> None:
@@ -156,7 +158,7 @@ def _chat_prompt_completion(obj: dict) -> Chat:
         raise _Bad("no assistant", "completion has no assistant message: nothing to learn "
                                    f"(roles {[m['role'] for m in completion]})")
     return Chat([{**m, "weight": 0} if m["role"] == "assistant" else m for m in prompt]
-                + completion, parse_tools(obj))
+                + completion, parse_tools(obj), parse_template_kwargs(obj))
 
 
 def parse_tools(obj: dict) -> list[dict] | None:
@@ -171,6 +173,30 @@ def parse_tools(obj: dict) -> list[dict] | None:
         raise _Bad("wrong type", f"field 'tools' must be an array of tool schemas (objects), got "
                                  f"{_type_name(tools)}")
     return tools or None
+
+
+# apply_chat_template's own arguments, which a line's template variables cannot set
+_RENDER_ARGS = ("add_generation_prompt", "tokenize", "chat_template", "tools", "documents",
+                "continue_final_message", "return_dict", "return_assistant_tokens_mask",
+                "conversation", "messages", "padding", "truncation", "max_length",
+                "return_tensors", "tokenizer_kwargs")
+
+
+def parse_template_kwargs(obj: dict) -> dict | None:
+    """A line's ``chat_template_kwargs`` (variables for its chat template, as TRL passes them to
+    ``apply_chat_template``: ``{"enable_thinking": false}``), validated; None when absent."""
+    kw = obj.get("chat_template_kwargs")
+    if isinstance(kw, str):  # a CSV cell, or a dataset that stores it as JSON text
+        kw = _json_value(kw, "field 'chat_template_kwargs'") if kw.strip() else None
+    if kw is not None and not isinstance(kw, dict):
+        raise _Bad("wrong type", "field 'chat_template_kwargs' must be an object of template "
+                                 f"variables, got {_type_name(kw)}")
+    bad = sorted(set(kw or ()) & set(_RENDER_ARGS))
+    if bad:
+        raise _Bad("wrong type", f"field 'chat_template_kwargs' sets {bad}, which are "
+                                 "apply_chat_template's own arguments, not template variables "
+                                 "(give tools as the line's 'tools' field)")
+    return kw or None
 
 
 class Alpaca(NamedTuple):

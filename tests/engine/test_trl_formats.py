@@ -150,3 +150,38 @@ def test_tools_as_json_text_render_as_trl(tmp_path, toks, shape):
     assert [0] + [int(t != IGNORE) for t in labels[:-1]] == list(want["assistant_masks"])
     with pytest.raises(EmberError, match="field 'tools' must be JSON text here"):
         _load(tmp_path, ours, [{**row, "tools": "[{not json"}])
+
+
+# Qwen3's switch: with enable_thinking false, an empty think block opens each assistant turn.
+NO_THINK = ("{% if enable_thinking is defined and not enable_thinking %}"
+            "{{ '<think>\n\n</think>\n\n' }}{% endif %}")
+CHATML_THINK = CHATML_GEN.replace("{{ '<|im_start|>assistant\n' }}",
+                                  "{{ '<|im_start|>assistant\n' }}" + NO_THINK)
+
+
+@pytest.mark.parametrize("shape", ["messages", "prompt_completion", "preference"])
+def test_chat_template_kwargs_reach_the_template_as_trl(tmp_path, toks, shape):
+    """TRL passes a line's "chat_template_kwargs" (e.g. {"enable_thinking": false}) to
+    apply_chat_template; Ember ignored the field, silently rendering every line another way."""
+    from ember.models.tokenizer import Tokenizer as Ours
+
+    assert CHATML_THINK.count(NO_THINK) == 2
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[0].backend,
+                                              eos_token="<|im_end|>", chat_template=CHATML_THINK)
+    ours = Ours(toks[0].backend, eos_token="<|im_end|>", chat_template=CHATML_THINK)
+    row = {"messages": {"messages": [U1, A1]}, "prompt_completion": {"prompt": [U1],
+           "completion": [A1]}, "preference": {"prompt": [U1], "chosen": [A1],
+                                               "rejected": [A2]}}[shape]
+    kw = {"enable_thinking": False}
+    want = hf.apply_chat_template([U1, A1], tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True, **kw)
+    (ex,), _ = _load(tmp_path, ours, [{**row, "chat_template_kwargs": kw}])
+    ids = ex.input_ids[:ex.parts[0]] if ex.parts else ex.input_ids
+    assert ids == list(want["input_ids"])
+    assert "<think>" in hf.decode(ids)
+    labels = ex.labels[:len(ids)]
+    assert [0] + [int(t != IGNORE) for t in labels[:-1]] == list(want["assistant_masks"])
+    for bad, why in (([1], "must be an object of template variables, got array"),
+                     ({"tools": []}, r"sets \['tools'\], which are apply_chat_template's own")):
+        with pytest.raises(EmberError, match=why):
+            _load(tmp_path, ours, [{**row, "chat_template_kwargs": bad}])
