@@ -185,3 +185,31 @@ def test_chat_template_kwargs_reach_the_template_as_trl(tmp_path, toks, shape):
                      ({"tools": []}, r"sets \['tools'\], which are apply_chat_template's own")):
         with pytest.raises(EmberError, match=why):
             _load(tmp_path, ours, [{**row, "chat_template_kwargs": bad}])
+
+
+def test_kto_chat_lines_pass_tools_and_template_kwargs(tmp_path, toks):
+    """TRL's KTOTrainer renders a chat line with its "tools" (JSON text too) and
+    "chat_template_kwargs"; Ember's KTO reader dropped both."""
+    from ember.engine.kto import load_kto_examples
+    from ember.models.tokenizer import Tokenizer as Ours
+
+    tpl = CHATML_THINK.replace(CHATML_GEN[:10], CHATML_TOOLS[:CHATML_TOOLS.index(CHATML_GEN)]
+                               + CHATML_GEN[:10], 1)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[0].backend,
+                                              eos_token="<|im_end|>", chat_template=tpl)
+    ours = Ours(toks[0].backend, eos_token="<|im_end|>", chat_template=tpl)
+    kw = {"enable_thinking": False}
+    want = hf.apply_chat_template([U1, A1], tools=TOOLS, tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True, **kw)
+    assert "<think>" in hf.decode(want["input_ids"]) and '"capital"' in hf.decode(
+        want["input_ids"])
+    path = tmp_path / "k.jsonl"
+    cfg = DataConfig(train=str(path), bad_lines="error")
+    path.write_text(json.dumps({"prompt": [U1], "completion": [A1], "label": True,
+                                "tools": json.dumps(TOOLS), "chat_template_kwargs": kw}))
+    (ex,), _ = load_kto_examples(path, cfg, ours)
+    assert ex.input_ids == list(want["input_ids"])
+    assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(want["assistant_masks"])
+    path.write_text(json.dumps({"prompt": "q", "completion": "a", "label": True, "tools": TOOLS}))
+    with pytest.raises(EmberError, match="'tools' needs chat lines"):
+        load_kto_examples(path, cfg, ours)
