@@ -44,7 +44,6 @@ Batching (``Example`` -> packed ``Batch``, ``PackedBatches``, ``pad_batch``) is 
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ import tokenizers
 
 from ember import EmberError
 from ember.engine.datafiles import open_data, table_items
+from ember.engine.datareport import MAX_PROBLEMS, DataReport
 from ember.engine.formats import (  # noqa: F401  (_get_str, _type_name: for other readers)
     ROLES,
     Chat,
@@ -98,7 +98,6 @@ __all__ = [
 ]
 
 FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt", "preference")
-MAX_PROBLEMS = 5  # problems quoted verbatim in a report; the rest are counted by kind
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,43 +154,6 @@ class DataConfig:
         if self.tokens_per_batch < self.max_seq_len:
             raise EmberError(f"data.tokens_per_batch ({self.tokens_per_batch}) must be >= "
                              f"data.max_seq_len ({self.max_seq_len}) so every example fits a batch")
-
-
-@dataclass
-class DataReport:
-    path: str
-    format: str = "?"
-    lines: int = 0
-    examples: int = 0
-    blank_lines: int = 0
-    bad_lines: int = 0
-    truncated: int = 0
-    dropped_too_long: int = 0
-    tokens: int = 0
-    loss_tokens: int = 0
-    kinds: Counter = field(default_factory=Counter)  # problem kind -> count
-    problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS, "path:line: why"
-
-    def note(self, kind: str, message: str) -> None:
-        self.kinds[kind] += 1
-        if len(self.problems) < MAX_PROBLEMS:
-            self.problems.append(message)
-
-    def summary(self) -> str:
-        s = (f"{self.path}: {self.examples} examples ({self.format}), {self.tokens} tokens, "
-             f"{self.loss_tokens} with loss")
-        extra = [f"{n} {what}" for n, what in ((self.bad_lines, "bad lines skipped"),
-                                               (self.truncated, "truncated"),
-                                               (self.dropped_too_long, "dropped (too long)"))
-                 if n]
-        if extra:
-            s += "; " + ", ".join(extra)
-            s += "".join(f"\n  {p}" for p in self.problems)
-            more = sum(self.kinds.values()) - len(self.problems)
-            if more > 0:
-                kinds = ", ".join(f"{k}: {n}" for k, n in self.kinds.items())
-                s += f"\n  ... and {more} more ({kinds})"
-        return s
 
 
 class _Encoder:
@@ -273,17 +235,36 @@ class _Encoder:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            pre = self._render(messages[:i], True, messages.tools, messages.template_kwargs)
             upto = self._render(messages[: i + 1], False, messages.tools,
                                 messages.template_kwargs)
             eos = getattr(self.tok, "eos_token", None)
             if eos and not full.startswith(upto) and upto.endswith(eos):
                 upto = upto[: -len(eos)]  # Phi-3 ends a render with EOS, not each turn
+            pre = self._opening(messages, upto) if i == 0 else self._render(
+                messages[:i], True, messages.tools, messages.template_kwargs)
             if not (full.startswith(upto) and upto.startswith(pre) and len(pre) >= pos):
                 return None
             spans += [(pos, len(pre), False), (len(pre), len(upto), True)]
             pos = len(upto)
         return spans + [(pos, len(full), False)]
+
+    def _opening(self, messages, upto: str) -> str:
+        """What a template renders before a conversation's first message when that message is
+        the assistant's (a greeting): the generation prompt of no messages when it leads to
+        ``upto`` (transformers refuses to render none), else the text before the answer in a
+        render with a marker for its content (a default system prompt comes with the first
+        message in SmolLM2's and Qwen's templates)."""
+        try:
+            pre = self._render([], True, messages.tools, messages.template_kwargs)
+            if upto.startswith(pre):
+                return pre
+        except _Bad:
+            pass
+        marker = "\x00EmberAnswer\x00"
+        probe = self._render([{**messages[0], "content": marker}], False, messages.tools,
+                             messages.template_kwargs)
+        cut = probe.find(marker)
+        return probe[:cut] if cut > 0 and probe.count(marker) == 1 else probe + "\x00"
 
     def _tokens(self, full: str, spans, special: bool = False
                 ) -> tuple[list[int], list[list[int]]]:

@@ -213,3 +213,32 @@ def test_kto_chat_lines_pass_tools_and_template_kwargs(tmp_path, toks):
     path.write_text(json.dumps({"prompt": "q", "completion": "a", "label": True, "tools": TOOLS}))
     with pytest.raises(EmberError, match="'tools' needs chat lines"):
         load_kto_examples(path, cfg, ours)
+
+
+# SmolLM2's / Qwen2.5's shape: a default system prompt comes with the first message when that
+# is not a system message, so the generation prompt of no messages is not how a line opens.
+CHATML_DEFAULT_SYSTEM = CHATML_GEN.replace(
+    "{% for m in messages %}", "{% for m in messages %}{% if loop.first and m['role'] != "
+    "'system' %}{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}", 1)
+GREETING = {"role": "assistant", "content": "Hi! How can I help?"}
+
+
+@pytest.mark.parametrize("messages", [[GREETING, U1, A1], [GREETING]])
+def test_conversation_opened_by_the_assistant(tmp_path, toks, messages):
+    """A conversation whose first message is the assistant's (a greeting) was refused: with a
+    transformers tokenizer "Cannot apply chat template to an empty conversation", with Ember's
+    "does not render this conversation turn by turn" when the template adds a default system
+    prompt. Its tokens and mask are transformers' (assistant mask of the generation blocks)."""
+    from ember.models.tokenizer import Tokenizer as Ours
+
+    assert CHATML_DEFAULT_SYSTEM != CHATML_GEN
+    for tpl in (CHATML_GEN, CHATML_DEFAULT_SYSTEM):
+        hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[0].backend,
+                                                  eos_token="<|im_end|>", chat_template=tpl)
+        want = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)
+        for tok in (hf, Ours(toks[0].backend, eos_token="<|im_end|>", chat_template=tpl)):
+            (ex,), _ = _load(tmp_path, tok, [{"messages": messages}])
+            assert ex.input_ids == list(want["input_ids"])
+            assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(
+                want["assistant_masks"])
