@@ -189,7 +189,9 @@ class _Encoder:
     def encode(self, fmt: str, rec):
         """A prompt/completion pair without a chat template is tokenized as one text, as TRL's
         SFT, DPO, KTO and reward trainers do (apart, an SPM tokenizer would start the completion
-        with a "▁"); the completion is the tokens its characters overlap."""
+        with a "▁"); the completion starts where the prompt's own tokens and the whole text's
+        diverge (TRL 1.x's ``common_prefix_length``: a token that merges across the boundary, or
+        prompt tokens that the completion re-tokenizes, are trained)."""
         all_loss = self.cfg.loss_on == "all"
         if isinstance(rec, Chat):  # TRL's conversational prompt-completion: a conversation
             fmt = "messages" if fmt == "prompt_completion" else fmt
@@ -199,9 +201,12 @@ class _Encoder:
         if fmt in ("prompt_completion", "alpaca") and not self.chat:
             prompt = alpaca_prompt(rec) if fmt == "alpaca" else rec[0]
             full = prompt + rec[1]
-            ids, (toks,) = self._tokens(full, [(0, len(prompt), False),
+            ids, _ = self._tokens(full, [(0, len(prompt), False),
                                                (len(prompt), len(full), True)], special=True)
-            start = toks[0] if toks else len(ids)  # (a vocabulary may drop unknown text)
+            alone = (self.backend.encode(prompt, add_special_tokens=True).ids
+                     if self.backend is not None else self._enc(prompt, True))
+            start = next((j for j, (a, b) in enumerate(zip(alone, ids, strict=False)) if a != b),
+                         min(len(alone), len(ids)))
             mask = [all_loss or j >= start for j in range(len(ids))]
             ids = self._with_eos(ids)
             return ids, mask + [True] * (len(ids) - len(mask)), start, rec[1]

