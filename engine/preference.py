@@ -158,7 +158,14 @@ def encode_answer(enc, prompt: str | list[dict], answer: str | dict,
 
 def encode_pair(enc, pair: Pair) -> list[tuple]:
     """Two documents, chosen then rejected: (ids, target mask, prompt_len, reference) each, from
-    ``enc`` (``ember.engine.data._Encoder``)."""
-    return [encode_answer(enc, pair.prompt, a, tools=pair.tools,
+    ``enc`` (``ember.engine.data._Encoder``). A string pair's answers both start at the earlier
+    of the two points where its texts' tokens leave the prompt's, as TRL's DPO ``tokenize_fn``
+    takes the shorter common prefix for both."""
+    docs = [encode_answer(enc, pair.prompt, a, tools=pair.tools,
                           template_kwargs=pair.template_kwargs)
             for a in (pair.chosen, pair.rejected)]
+    if isinstance(pair.prompt, str) and not enc.chat and enc.cfg.loss_on != "all":
+        start = min(d[2] for d in docs)
+        docs = [(ids, [j >= start for j in range(len(ids))], start, ref)
+                for ids, _, _, ref in docs]
+    return docs

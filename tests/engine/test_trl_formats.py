@@ -288,3 +288,24 @@ def test_prompt_completion_split_mid_token_trains_what_trl_trains(tmp_path, smol
         start = max(_common_prefix_length(p, full), 1)  # token 0 is never a target
         assert ex.input_ids == full
         assert [t for t in ex.labels if t != IGNORE] == full[start:]
+
+
+def test_dpo_string_pair_answers_start_at_the_shorter_common_prefix(tmp_path, smol):
+    """TRL's DPO tokenize_fn: prompt_len = min(common_prefix_length(prompt, prompt + chosen),
+    common_prefix_length(prompt, prompt + rejected)), the same for both answers; Ember started
+    each answer at its own, so a rejected "n't" that re-tokenizes the prompt's " is" scored
+    " is" for the rejected answer only."""
+    prompt, chosen, rejected = "The sky is", " blue.", "n't blue."
+    for tok in smol:
+        (ex,), _ = _load(tmp_path, tok, [{"prompt": prompt, "chosen": chosen,
+                                          "rejected": rejected}], use_chat_template=False)
+        hf = smol[1]
+        p = hf(text=prompt)["input_ids"]
+        fulls = [hf(text=prompt + a + hf.eos_token)["input_ids"] for a in (chosen, rejected)]
+        start = min(_common_prefix_length(p, f) for f in fulls)
+        assert start < len(p)  # the case: the rejected answer re-tokenizes the prompt's end
+        n = ex.parts[0]
+        for (ids, labels), full in zip(((ex.input_ids[:n], ex.labels[:n]),
+                                        (ex.input_ids[n:], ex.labels[n:])), fulls, strict=True):
+            assert ids == full
+            assert [t for t in labels if t != IGNORE] == full[start:]
