@@ -6,6 +6,8 @@ Four shapes, as TRL's preference datasets have them:
     {"chosen": "...", "rejected": "..."}                                implicit prompt (strings)
     {"prompt": [messages], "chosen": [messages], "rejected": [messages]}  explicit prompt
     {"chosen": [messages], "rejected": [messages]}                      implicit prompt
+        (a string "prompt" beside them, as UltraFeedback-binarized has, is set aside: the
+        conversations hold it, and TRL's ``maybe_extract_prompt`` takes it from them)
 
 Strings are rendered like a prompt/completion pair (``ember.engine.data``); without a prompt
 field the prompt is the two texts' common beginning (TRL's ``extract_prompt``). Messages are
@@ -32,6 +34,8 @@ from ember.engine.formats import (
     parse_template_kwargs,
     parse_tools,
 )
+
+_FIELDS = ("prompt", "chosen", "rejected")
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,11 @@ def parse_pair(obj: dict) -> Pair:
                 raise _Bad("empty completion", f"empty {name} completion")
         pair = Pair(prompt, chosen, rejected)
     else:
-        kinds = {k: _type_name(obj[k]) for k in ("prompt", "chosen", "rejected") if k in obj}
+        # UltraFeedback-binarized's layout: a string prompt beside whole conversations, which
+        # hold it; TRL's maybe_extract_prompt then takes the prompt from the conversations
+        explicit = isinstance(obj.get("prompt"), list)
+        kinds = {k: _type_name(obj[k]) for k in ("prompt", "chosen", "rejected")
+                 if k in obj and (k != "prompt" or explicit)}
         if set(kinds.values()) != {"array"}:
             raise _Bad(
                 "wrong type",
@@ -120,7 +128,7 @@ def parse_pair(obj: dict) -> Pair:
                 f"message arrays, got {kinds}",
             )
         chosen, rejected = _messages(obj, "chosen"), _messages(obj, "rejected")
-        if "prompt" in obj:
+        if explicit:
             prompt = _messages(obj, "prompt")
             pair = Pair(prompt, _answer(chosen, "chosen", 0), _answer(rejected, "rejected", 0))
         else:
@@ -129,6 +137,11 @@ def parse_pair(obj: dict) -> Pair:
                 n += 1
             if chosen == rejected:
                 raise _Bad("identical pair", "chosen and rejected are identical: no preference")
+            if n == 0 and "prompt" in obj:  # a string prompt the conversations do not hold
+                raise _Bad("wrong type", "prompt, chosen and rejected must be all strings or all "
+                                         "message arrays (or a string prompt beside whole "
+                                         "conversations that start with it), got "
+                                         f"{ {k: _type_name(obj[k]) for k in _FIELDS} }")
             if n == 0:
                 raise _Bad(
                     "pair shape",

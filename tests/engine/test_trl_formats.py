@@ -309,3 +309,26 @@ def test_dpo_string_pair_answers_start_at_the_shorter_common_prefix(tmp_path, sm
                                         (ex.input_ids[n:], ex.labels[n:])), fulls, strict=True):
             assert ids == full
             assert [t for t in labels if t != IGNORE] == full[start:]
+
+
+def test_string_prompt_beside_conversations_is_set_aside_as_trl(tmp_path, toks):
+    """UltraFeedback-binarized's layout, {"prompt": "q", "chosen": [user q, assistant],
+    "rejected": [user q, assistant]}: TRL's maybe_extract_prompt sets the string prompt aside
+    and takes the prompt from the conversations; Ember refused the line ("must be all strings
+    or all message arrays"). Each document is transformers' render of the conversation, scored
+    on its final answer (its generation block)."""
+    ours, hf = toks
+    chosen, rejected = [SYSTEM, U1, A1], [SYSTEM, U1, A2]
+    row = {"prompt": U1["content"], "chosen": chosen, "rejected": rejected}
+    for tok in (ours, hf):
+        (ex,), _ = _load(tmp_path, tok, [row])
+        n = ex.parts[0]
+        for (ids, labels), conv in zip(((ex.input_ids[:n], ex.labels[:n]),
+                                        (ex.input_ids[n:], ex.labels[n:])), (chosen, rejected),
+                                       strict=True):
+            want = hf.apply_chat_template(conv, tokenize=True, return_dict=True,
+                                          return_assistant_tokens_mask=True)
+            assert ids == list(want["input_ids"])
+            assert [0] + [int(t != IGNORE) for t in labels[:-1]] == list(want["assistant_masks"])
+    with pytest.raises(EmberError, match="must be all strings or all message arrays"):
+        _load(tmp_path, ours, [{"prompt": "q", "chosen": [A1], "rejected": [A2]}])
