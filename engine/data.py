@@ -194,7 +194,7 @@ class _Encoder:
         prompt tokens that the completion re-tokenizes, are trained)."""
         all_loss = self.cfg.loss_on == "all"
         if isinstance(rec, Chat):  # TRL's conversational prompt-completion: a conversation
-            fmt = "messages" if fmt == "prompt_completion" else fmt
+            fmt = "message-array prompt/completion" if fmt == "prompt_completion" else fmt
         if fmt == "text":
             ids = self._with_eos(self._enc(rec, True))
             return ids, [True] * len(ids), 0, None
@@ -202,7 +202,7 @@ class _Encoder:
             prompt = alpaca_prompt(rec) if fmt == "alpaca" else rec[0]
             full = prompt + rec[1]
             ids, _ = self._tokens(full, [(0, len(prompt), False),
-                                               (len(prompt), len(full), True)], special=True)
+                                         (len(prompt), len(full), True)], special=True)
             alone = (self.backend.encode(prompt, add_special_tokens=True).ids
                      if self.backend is not None else self._enc(prompt, True))
             start = next((j for j, (a, b) in enumerate(zip(alone, ids, strict=False)) if a != b),
@@ -218,7 +218,7 @@ class _Encoder:
                 rec.insert(0, {"role": "system", "content": system})
         elif not self.has_template:
             raise EmberError(f"the {fmt} format needs a tokenizer with a chat template; this one "
-                             "has none (use prompt/completion lines instead)")
+                             "has none (use prompt/completion lines of strings instead)")
         return self._chat(with_system_prompt(self.cfg, rec), all_loss)
 
     def _render(self, messages, gen: bool = False, tools: list | None = None,

@@ -96,6 +96,13 @@ def test_bad_conversational_prompt_completion_lines(tmp_path, toks, row, why):
         _load(tmp_path, toks[0], [row])
 
 
+def test_conversational_prompt_completion_needs_a_chat_template(tmp_path, toks):
+    plain = Tokenizer(toks[0].backend, eos_token="<|im_end|>")
+    with pytest.raises(EmberError, match="message-array prompt/completion format needs a "
+                                         "tokenizer with a chat template"):
+        _load(tmp_path, plain, [{"prompt": [U1], "completion": [A1]}])
+
+
 @pytest.mark.parametrize("row", [
     {"messages": [U1, A1], "images": ["cat.png"]},
     {"prompt": [U1], "completion": [A1], "image": "cat.png"},
