@@ -6,6 +6,8 @@ problems are named ``file:line`` or ``file[index]``; ``format="auto"`` picks the
 from its first example):
     {"text": "..."}                                     loss on every token
     {"prompt": "...", "completion": "..."}              loss on the completion (+ EOS)
+    {"prompt": [messages], "completion": [messages]}    TRL's conversational prompt-completion:
+        one conversation, loss on the completion's assistant turns (the prompt's are context)
     {"instruction": "...", "input": "...", "output": "..."}   Alpaca (optional "system"): a
         prompt/completion pair, the prompt being instruction and input joined by a blank line;
         without a chat template, Stanford Alpaca's "### Instruction: ... ### Response:" prompt
@@ -42,7 +44,6 @@ Batching (``Example`` -> packed ``Batch``, ``PackedBatches``, ``pad_batch``) is 
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ import tokenizers
 
 from ember import EmberError
 from ember.engine.datafiles import open_data, table_items
+from ember.engine.datareport import MAX_PROBLEMS, DataReport
 from ember.engine.formats import (  # noqa: F401  (_get_str, _type_name: for other readers)
     ROLES,
     Chat,
@@ -96,7 +98,6 @@ __all__ = [
 ]
 
 FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt", "preference")
-MAX_PROBLEMS = 5  # problems quoted verbatim in a report; the rest are counted by kind
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,43 +156,6 @@ class DataConfig:
                              f"data.max_seq_len ({self.max_seq_len}) so every example fits a batch")
 
 
-@dataclass
-class DataReport:
-    path: str
-    format: str = "?"
-    lines: int = 0
-    examples: int = 0
-    blank_lines: int = 0
-    bad_lines: int = 0
-    truncated: int = 0
-    dropped_too_long: int = 0
-    tokens: int = 0
-    loss_tokens: int = 0
-    kinds: Counter = field(default_factory=Counter)  # problem kind -> count
-    problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS, "path:line: why"
-
-    def note(self, kind: str, message: str) -> None:
-        self.kinds[kind] += 1
-        if len(self.problems) < MAX_PROBLEMS:
-            self.problems.append(message)
-
-    def summary(self) -> str:
-        s = (f"{self.path}: {self.examples} examples ({self.format}), {self.tokens} tokens, "
-             f"{self.loss_tokens} with loss")
-        extra = [f"{n} {what}" for n, what in ((self.bad_lines, "bad lines skipped"),
-                                               (self.truncated, "truncated"),
-                                               (self.dropped_too_long, "dropped (too long)"))
-                 if n]
-        if extra:
-            s += "; " + ", ".join(extra)
-            s += "".join(f"\n  {p}" for p in self.problems)
-            more = sum(self.kinds.values()) - len(self.problems)
-            if more > 0:
-                kinds = ", ".join(f"{k}: {n}" for k, n in self.kinds.items())
-                s += f"\n  ... and {more} more ({kinds})"
-        return s
-
-
 class _Encoder:
     """Turns parsed records into (ids, target mask, prompt_len, reference)."""
 
@@ -225,17 +189,24 @@ class _Encoder:
     def encode(self, fmt: str, rec):
         """A prompt/completion pair without a chat template is tokenized as one text, as TRL's
         SFT, DPO, KTO and reward trainers do (apart, an SPM tokenizer would start the completion
-        with a "▁"); the completion is the tokens its characters overlap."""
+        with a "▁"); the completion starts where the prompt's own tokens and the whole text's
+        diverge (TRL 1.x's ``common_prefix_length``: a token that merges across the boundary, or
+        prompt tokens that the completion re-tokenizes, are trained)."""
         all_loss = self.cfg.loss_on == "all"
+        if isinstance(rec, Chat):  # TRL's conversational prompt-completion: a conversation
+            fmt = "message-array prompt/completion" if fmt == "prompt_completion" else fmt
         if fmt == "text":
             ids = self._with_eos(self._enc(rec, True))
             return ids, [True] * len(ids), 0, None
         if fmt in ("prompt_completion", "alpaca") and not self.chat:
             prompt = alpaca_prompt(rec) if fmt == "alpaca" else rec[0]
             full = prompt + rec[1]
-            ids, (toks,) = self._tokens(full, [(0, len(prompt), False),
-                                               (len(prompt), len(full), True)], special=True)
-            start = toks[0] if toks else len(ids)  # (a vocabulary may drop unknown text)
+            ids, _ = self._tokens(full, [(0, len(prompt), False),
+                                         (len(prompt), len(full), True)], special=True)
+            alone = (self.backend.encode(prompt, add_special_tokens=True).ids
+                     if self.backend is not None else self._enc(prompt, True))
+            start = next((j for j, (a, b) in enumerate(zip(alone, ids, strict=False)) if a != b),
+                         min(len(alone), len(ids)))
             mask = [all_loss or j >= start for j in range(len(ids))]
             ids = self._with_eos(ids)
             return ids, mask + [True] * (len(ids) - len(mask)), start, rec[1]
@@ -247,14 +218,16 @@ class _Encoder:
                 rec.insert(0, {"role": "system", "content": system})
         elif not self.has_template:
             raise EmberError(f"the {fmt} format needs a tokenizer with a chat template; this one "
-                             "has none (use prompt/completion lines instead)")
+                             "has none (use prompt/completion lines of strings instead)")
         return self._chat(with_system_prompt(self.cfg, rec), all_loss)
 
-    def _render(self, messages, gen: bool = False, tools: list | None = None) -> str:
+    def _render(self, messages, gen: bool = False, tools: list | None = None,
+                kwargs: dict | None = None) -> str:
+        """``kwargs``: the line's template variables (TRL's ``chat_template_kwargs``)."""
         try:
             return self.tok.apply_chat_template(messages, add_generation_prompt=gen,
-                                                tokenize=False, **({"tools": tools} if tools
-                                                                   else {}))
+                                                tokenize=False, **(kwargs or {}),
+                                                **({"tools": tools} if tools else {}))
         except Exception as e:  # jinja raise_exception() and template bugs: a per-line problem
             raise _Bad("chat template", f"the chat template rejected this conversation: "
                                         f"{type(e).__name__}: {e}") from None
@@ -267,16 +240,36 @@ class _Encoder:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            pre = self._render(messages[:i], True, messages.tools)
-            upto = self._render(messages[: i + 1], False, messages.tools)
+            upto = self._render(messages[: i + 1], False, messages.tools,
+                                messages.template_kwargs)
             eos = getattr(self.tok, "eos_token", None)
             if eos and not full.startswith(upto) and upto.endswith(eos):
                 upto = upto[: -len(eos)]  # Phi-3 ends a render with EOS, not each turn
+            pre = self._opening(messages, upto) if i == 0 else self._render(
+                messages[:i], True, messages.tools, messages.template_kwargs)
             if not (full.startswith(upto) and upto.startswith(pre) and len(pre) >= pos):
                 return None
             spans += [(pos, len(pre), False), (len(pre), len(upto), True)]
             pos = len(upto)
         return spans + [(pos, len(full), False)]
+
+    def _opening(self, messages, upto: str) -> str:
+        """What a template renders before a conversation's first message when that message is
+        the assistant's (a greeting): the generation prompt of no messages when it leads to
+        ``upto`` (transformers refuses to render none), else the text before the answer in a
+        render with a marker for its content (a default system prompt comes with the first
+        message in SmolLM2's and Qwen's templates)."""
+        try:
+            pre = self._render([], True, messages.tools, messages.template_kwargs)
+            if upto.startswith(pre):
+                return pre
+        except _Bad:
+            pass
+        marker = "\x00EmberAnswer\x00"
+        probe = self._render([{**messages[0], "content": marker}], False, messages.tools,
+                             messages.template_kwargs)
+        cut = probe.find(marker)
+        return probe[:cut] if cut > 0 and probe.count(marker) == 1 else probe + "\x00"
 
     def _tokens(self, full: str, spans, special: bool = False
                 ) -> tuple[list[int], list[list[int]]]:
@@ -312,7 +305,7 @@ class _Encoder:
     def _chat(self, messages, all_loss: bool):
         if not isinstance(messages, Chat):
             messages = Chat(messages)
-        full = self._render(messages, False, messages.tools)
+        full = self._render(messages, False, messages.tools, messages.template_kwargs)
         spans = self._spans(messages, full)
         if spans is None and not all_loss:
             raise _Bad("chat template", "the chat template does not render this conversation "
@@ -362,7 +355,8 @@ def render_prompt(tokenizer, cfg: DataConfig, prompt: str, system: str | None = 
 def with_system_prompt(cfg: DataConfig, messages: Sequence[dict]) -> Chat:
     """``messages`` with ``data.system_prompt`` first, unless they start with their own system
     (or developer) message, or no system prompt is set; a :class:`Chat`'s tools are kept."""
-    msgs = Chat(messages, getattr(messages, "tools", None))
+    msgs = Chat(messages, getattr(messages, "tools", None),
+                getattr(messages, "template_kwargs", None))
     if cfg.system_prompt is not None and (not msgs or msgs[0]["role"] not in ("system",
                                                                             "developer")):
         msgs.insert(0, {"role": "system", "content": cfg.system_prompt})

@@ -2,7 +2,8 @@
 
 Records, as ``ember.engine.data`` encodes them:
     text                 str
-    prompt_completion    (prompt, completion)
+    prompt_completion    (prompt, completion); TRL's conversational form (both message arrays)
+                         a ``Chat`` whose prompt assistant messages have weight 0
     alpaca               ``Alpaca`` (prompt, completion, system, ...): ``instruction`` and ``input``
                          joined by a blank line, ``output`` the completion
     messages, sharegpt   ``Chat``: a list of messages (dicts with ``role`` and ``content``, plus
@@ -23,7 +24,10 @@ What each input shape becomes:
         shape, ``{"type": "function", "function": {"name", "arguments"}}``), except that
         ``arguments`` given as a JSON string (OpenAI's shape) is decoded to an object: templates
         ``tojson`` the arguments, and a string would be trained as a quoted, escaped string.
-        ``tools`` (a line's JSON schemas) are passed to the template as ``tools``.
+        ``tools`` (a line's JSON schemas, or their JSON text as TRL reads it) are passed to the
+        template as ``tools``.
+    TRL's vision lines (a non-empty ``images`` list, or an ``image``) are refused, as image
+        content parts are.
     OpenAI's ``"weight": 0`` on an assistant message: the turn is context, not trained (1: trained,
         the default).
 Every problem raises ``_Bad(kind, why)``, which the reader reports as ``file:line: why``.
@@ -63,11 +67,13 @@ class _Bad(Exception):
 
 
 class Chat(list):
-    """Messages, and the JSON schemas of the tools the conversation may call (or None)."""
+    """Messages, the JSON schemas of the tools the conversation may call (or None), and a line's
+    own template variables (TRL's ``chat_template_kwargs``, e.g. ``enable_thinking``; or None)."""
 
-    def __init__(self, messages=(), tools: list | None = None):
+    def __init__(self, messages=(), tools: list | None = None,
+                 template_kwargs: dict | None = None):
         super().__init__(messages)
-        self.tools = tools
+        self.tools, self.template_kwargs = tools, template_kwargs
 
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
@@ -94,47 +100,103 @@ def detect(obj: dict) -> str | None:
 
 def parse(obj: dict, fmt: str):
     """The record of one line in ``fmt``, validated; raises _Bad with the reason."""
+    check_no_images(obj)
     if fmt == "text":
         text = _get_str(obj, "text")
         if not text.strip():
             raise _Bad("empty text", "empty text")
         return text
     if fmt in ("prompt_completion", "alpaca"):
+        if fmt == "prompt_completion" and _kto_label(obj):
+            raise _Bad("kto line", "a KTO line (a completion labelled true/false): set "
+                                   "objective = \"kto\" to train on it")
+        if fmt == "prompt_completion" and isinstance(obj.get("prompt"), list):
+            return _chat_prompt_completion(obj)
         rec = _alpaca(obj) if fmt == "alpaca" else (_get_str(obj, "prompt"),
                                                      _get_str(obj, "completion"))
         if not rec[1].strip():
             raise _Bad("empty completion", "empty " + ("output" if fmt == "alpaca" else
                                                        "completion"))
-        label = obj.get("label")
-        if fmt == "prompt_completion" and (isinstance(label, bool) or isinstance(label, str)
-                                           and label.strip().lower() in ("true", "false")):
-            raise _Bad("kto line", "a KTO line (a completion labelled true/false): set "
-                                   "objective = \"kto\" to train on it")
         return rec
     if fmt == "preference":  # strings or chat messages: ember.engine.preference
         from ember.engine.preference import parse_pair
 
         return parse_pair(obj)
-    tools = parse_tools(obj, fmt == "sharegpt")
+    tools = parse_tools(obj)
     msgs = _sharegpt(obj) if fmt == "sharegpt" else obj.get("messages")
     if "messages" not in obj and fmt == "messages":
         raise _Bad("missing field", f"missing field 'messages' (keys present: {sorted(obj)})")
     return Chat(parse_messages(msgs, "conversations" if fmt == "sharegpt" else "messages"),
-                tools)
+                tools, parse_template_kwargs(obj))
 
 
-def parse_tools(obj: dict, json_text: bool = False) -> list[dict] | None:
+def check_no_images(obj: dict) -> None:
+    """Refuse a vision line (TRL's ``"images"`` list or ``"image"``): trained without its images,
+    the text would speak of pictures the model never sees."""
+    for key in ("images", "image"):
+        if obj.get(key) not in (None, [], ""):
+            raise _Bad("not text", f"field {key!r} holds images: Ember trains text-only models, "
+                                   f"which cannot take them; drop the field (or the line)")
+
+
+def _kto_label(obj: dict) -> bool:
+    label = obj.get("label")
+    return isinstance(label, bool) or isinstance(label, str) and label.strip().lower() in (
+        "true", "false")
+
+
+def _chat_prompt_completion(obj: dict) -> Chat:
+    """TRL's conversational prompt-completion line ``{"prompt": [messages], "completion":
+    [messages]}``: one conversation, prompt then completion, as TRL's SFT renders it; the loss is
+    on the completion's assistant messages only (the prompt's are context: weight 0)."""
+    if not isinstance(obj.get("completion"), list):
+        raise _Bad("wrong type", "prompt and completion must be both strings or both message "
+                                 f"arrays, got array and {_type_name(obj.get('completion'))}")
+    prompt = parse_messages(obj["prompt"], "prompt")
+    completion = parse_messages(obj["completion"], "completion")
+    if not any(m["role"] == "assistant" for m in completion):
+        raise _Bad("no assistant", "completion has no assistant message: nothing to learn "
+                                   f"(roles {[m['role'] for m in completion]})")
+    return Chat([{**m, "weight": 0} if m["role"] == "assistant" else m for m in prompt]
+                + completion, parse_tools(obj), parse_template_kwargs(obj))
+
+
+def parse_tools(obj: dict) -> list[dict] | None:
     """A line's ``tools`` (the JSON schemas of the tools its conversation may call), validated;
-    None when absent or empty. ``json_text``: the schemas may be one JSON string (LLaMA-Factory's
-    ShareGPT)."""
+    None when absent or empty. The schemas may be one JSON string, in any format, as TRL's SFT and
+    DPO trainers decode them (Hugging Face datasets store them so; LLaMA-Factory's ShareGPT)."""
     tools = obj.get("tools")
-    if json_text and isinstance(tools, str):
+    if isinstance(tools, str):
         tools = _json_value(tools, "field 'tools'") if tools.strip() else None
     if tools is not None and not (isinstance(tools, list)
                                   and all(isinstance(t, dict) for t in tools)):
         raise _Bad("wrong type", f"field 'tools' must be an array of tool schemas (objects), got "
                                  f"{_type_name(tools)}")
     return tools or None
+
+
+# apply_chat_template's own arguments, which a line's template variables cannot set
+_RENDER_ARGS = ("add_generation_prompt", "tokenize", "chat_template", "tools", "documents",
+                "continue_final_message", "return_dict", "return_assistant_tokens_mask",
+                "conversation", "messages", "padding", "truncation", "max_length",
+                "return_tensors", "tokenizer_kwargs")
+
+
+def parse_template_kwargs(obj: dict) -> dict | None:
+    """A line's ``chat_template_kwargs`` (variables for its chat template, as TRL passes them to
+    ``apply_chat_template``: ``{"enable_thinking": false}``), validated; None when absent."""
+    kw = obj.get("chat_template_kwargs")
+    if isinstance(kw, str):  # a CSV cell, or a dataset that stores it as JSON text
+        kw = _json_value(kw, "field 'chat_template_kwargs'") if kw.strip() else None
+    if kw is not None and not isinstance(kw, dict):
+        raise _Bad("wrong type", "field 'chat_template_kwargs' must be an object of template "
+                                 f"variables, got {_type_name(kw)}")
+    bad = sorted(set(kw or ()) & set(_RENDER_ARGS))
+    if bad:
+        raise _Bad("wrong type", f"field 'chat_template_kwargs' sets {bad}, which are "
+                                 "apply_chat_template's own arguments, not template variables "
+                                 "(give tools as the line's 'tools' field)")
+    return kw or None
 
 
 class Alpaca(NamedTuple):

@@ -68,7 +68,12 @@ from ember.engine.data import (
 )
 from ember.engine.distributed import DistInfo
 from ember.engine.evaluation import scored_batches
-from ember.engine.formats import parse_messages
+from ember.engine.formats import (
+    check_no_images,
+    parse_messages,
+    parse_template_kwargs,
+    parse_tools,
+)
 from ember.engine.losses import doc_logprobs
 from ember.engine.objectives import SFT
 from ember.engine.preference import encode_answer, parse_pair
@@ -112,6 +117,11 @@ class KTOConfig:
 
 def parse_unpaired(obj: dict) -> list[tuple]:
     """(prompt, completion, desirable) records of one line, validated; raises _Bad."""
+    check_no_images(obj)
+    if isinstance(obj.get("prompt"), str) and {"tools", "chat_template_kwargs"} & obj.keys():
+        key = "tools" if "tools" in obj else "chat_template_kwargs"
+        raise _Bad("wrong type", f"field {key!r} needs chat lines (message lists): a chat "
+                                 "template renders it; string lines have none")
     if "chosen" in obj or "rejected" in obj:
         if "label" in obj or "completion" in obj:
             raise _Bad("wrong shape", "a KTO line is either {prompt, completion, label} or a "
@@ -152,9 +162,11 @@ class _KTOReader(_Reader):
         if line is None:
             return None
         try:
-            records = parse_unpaired(json_object(line))
+            obj = json_object(line)
+            records = parse_unpaired(obj)
             self.fmt = self.fmt or ("kto pairs" if len(records) == 2 else "kto")
-            docs = [encode_answer(self.enc, p, c) for p, c, _ in records]  # as TRL
+            extra = parse_tools(obj), parse_template_kwargs(obj)  # chat lines' (as TRL)
+            docs = [encode_answer(self.enc, p, c, *extra) for p, c, _ in records]
         except _Bad as e:
             self.bad(lineno, e.kind, e.why)
             return None

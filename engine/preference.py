@@ -6,6 +6,8 @@ Four shapes, as TRL's preference datasets have them:
     {"chosen": "...", "rejected": "..."}                                implicit prompt (strings)
     {"prompt": [messages], "chosen": [messages], "rejected": [messages]}  explicit prompt
     {"chosen": [messages], "rejected": [messages]}                      implicit prompt
+        (a string "prompt" beside them, as UltraFeedback-binarized has, is set aside: the
+        conversations hold it, and TRL's ``maybe_extract_prompt`` takes it from them)
 
 Strings are rendered like a prompt/completion pair (``ember.engine.data``); without a prompt
 field the prompt is the two texts' common beginning (TRL's ``extract_prompt``). Messages are
@@ -15,14 +17,25 @@ longest common prefix of the two conversations (implicit), and after it ``chosen
 that final assistant response only (and its end-of-turn token); earlier assistant turns are part
 of the prompt. A pair whose conversations differ before their final assistant message is
 refused: its two answers would not answer the same prompt. A chat pair's ``tools`` (the JSON
-schemas of the tools it may call) go to the template with both documents, as TRL passes them.
+schemas of the tools it may call) and ``chat_template_kwargs`` (template variables) go to the
+template with both documents, as TRL passes them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ember.engine.formats import Chat, _Bad, _get_str, _type_name, parse_messages, parse_tools
+from ember.engine.formats import (
+    Chat,
+    _Bad,
+    _get_str,
+    _type_name,
+    parse_messages,
+    parse_template_kwargs,
+    parse_tools,
+)
+
+_FIELDS = ("prompt", "chosen", "rejected")
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,7 @@ class Pair:
     chosen: str | dict  # a string, or one assistant message
     rejected: str | dict
     tools: list[dict] | None = None  # a chat pair's tool schemas, for the template (as TRL)
+    template_kwargs: dict | None = None  # a chat pair's chat_template_kwargs (as TRL)
 
     @property
     def reference(self) -> str:
@@ -85,11 +99,12 @@ def parse_pair(obj: dict) -> Pair:
         if key not in obj:
             raise _Bad("missing field", f"missing field {key!r} (keys present: {sorted(obj)})")
     chat = isinstance(obj["chosen"], list)
-    tools = parse_tools(obj)
+    tools, template_kwargs = parse_tools(obj), parse_template_kwargs(obj)
     if not chat:
-        if tools is not None:
-            raise _Bad("wrong type", "field 'tools' needs chat pairs (message lists): a chat "
-                                     "template renders the tools; string pairs have none")
+        if tools is not None or template_kwargs is not None:
+            key = "tools" if tools is not None else "chat_template_kwargs"
+            raise _Bad("wrong type", f"field {key!r} needs chat pairs (message lists): a chat "
+                                     "template renders it; string pairs have none")
         if "prompt" not in obj:
             prompt, chosen, rejected = _implicit_prompt(_get_str(obj, "chosen"),
                                                         _get_str(obj, "rejected"))
@@ -101,7 +116,11 @@ def parse_pair(obj: dict) -> Pair:
                 raise _Bad("empty completion", f"empty {name} completion")
         pair = Pair(prompt, chosen, rejected)
     else:
-        kinds = {k: _type_name(obj[k]) for k in ("prompt", "chosen", "rejected") if k in obj}
+        # UltraFeedback-binarized's layout: a string prompt beside whole conversations, which
+        # hold it; TRL's maybe_extract_prompt then takes the prompt from the conversations
+        explicit = isinstance(obj.get("prompt"), list)
+        kinds = {k: _type_name(obj[k]) for k in ("prompt", "chosen", "rejected")
+                 if k in obj and (k != "prompt" or explicit)}
         if set(kinds.values()) != {"array"}:
             raise _Bad(
                 "wrong type",
@@ -109,7 +128,7 @@ def parse_pair(obj: dict) -> Pair:
                 f"message arrays, got {kinds}",
             )
         chosen, rejected = _messages(obj, "chosen"), _messages(obj, "rejected")
-        if "prompt" in obj:
+        if explicit:
             prompt = _messages(obj, "prompt")
             pair = Pair(prompt, _answer(chosen, "chosen", 0), _answer(rejected, "rejected", 0))
         else:
@@ -118,6 +137,11 @@ def parse_pair(obj: dict) -> Pair:
                 n += 1
             if chosen == rejected:
                 raise _Bad("identical pair", "chosen and rejected are identical: no preference")
+            if n == 0 and "prompt" in obj:  # a string prompt the conversations do not hold
+                raise _Bad("wrong type", "prompt, chosen and rejected must be all strings or all "
+                                         "message arrays (or a string prompt beside whole "
+                                         "conversations that start with it), got "
+                                         f"{ {k: _type_name(obj[k]) for k in _FIELDS} }")
             if n == 0:
                 raise _Bad(
                     "pair shape",
@@ -127,18 +151,19 @@ def parse_pair(obj: dict) -> Pair:
             pair = Pair(chosen[:n], _answer(chosen, "chosen", n), _answer(rejected, "rejected", n))
     if pair.chosen == pair.rejected:
         raise _Bad("identical pair", "chosen and rejected are identical: no preference")
-    return replace(pair, tools=tools) if tools is not None else pair
+    return replace(pair, tools=tools, template_kwargs=template_kwargs)
 
 
 def encode_answer(enc, prompt: str | list[dict], answer: str | dict,
-                  tools: list[dict] | None = None) -> tuple:
+                  tools: list[dict] | None = None, template_kwargs: dict | None = None) -> tuple:
     """One document, prompt then answer: (ids, target mask, prompt_len, reference) from ``enc``
     (``ember.engine.data._Encoder``); a message prompt's earlier assistant turns are context. A
     string prompt and answer are tokenized as one text, as TRL 1.x's DPO, KTO and reward
     trainers do (``prompt + chosen``, the answer where the tokens leave the prompt's)."""
     if isinstance(prompt, str):
         return enc.encode("prompt_completion", (prompt, answer))
-    ids, mask, prompt_len, reference = enc.encode("messages", Chat([*prompt, answer], tools))
+    ids, mask, prompt_len, reference = enc.encode("messages", Chat([*prompt, answer], tools,
+                                                                   template_kwargs))
     if enc.cfg.loss_on != "all":  # earlier assistant turns are context, not the answer
         mask = [False] * prompt_len + mask[prompt_len:]
     return ids, mask, prompt_len, reference
@@ -146,6 +171,14 @@ def encode_answer(enc, prompt: str | list[dict], answer: str | dict,
 
 def encode_pair(enc, pair: Pair) -> list[tuple]:
     """Two documents, chosen then rejected: (ids, target mask, prompt_len, reference) each, from
-    ``enc`` (``ember.engine.data._Encoder``)."""
-    return [encode_answer(enc, pair.prompt, a, tools=pair.tools)
+    ``enc`` (``ember.engine.data._Encoder``). A string pair's answers both start at the earlier
+    of the two points where its texts' tokens leave the prompt's, as TRL's DPO ``tokenize_fn``
+    takes the shorter common prefix for both."""
+    docs = [encode_answer(enc, pair.prompt, a, tools=pair.tools,
+                          template_kwargs=pair.template_kwargs)
             for a in (pair.chosen, pair.rejected)]
+    if isinstance(pair.prompt, str) and not enc.chat and enc.cfg.loss_on != "all":
+        start = min(d[2] for d in docs)
+        docs = [(ids, [j >= start for j in range(len(ids))], start, ref)
+                for ids, _, _, ref in docs]
+    return docs
