@@ -94,7 +94,12 @@ def _get_str(obj: dict, key: str) -> str:
 
 
 def detect(obj: dict) -> str | None:
-    """The format of a line, from its keys; None when no format's keys are there."""
+    """The format of a line, from its keys; None when no format's keys are there. A line with
+    both "chosen" and "rejected" is a preference pair whatever else it holds (UltraFeedback-
+    binarized also carries "messages", the chosen conversation for SFT: data.format =
+    "messages" trains on that)."""
+    if "chosen" in obj and "rejected" in obj:
+        return "preference"
     return next((fmt for fmt, ks in _KEYS.items() if any(k in obj for k in ks)), None)
 
 

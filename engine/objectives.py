@@ -122,7 +122,8 @@ class SFT:
                                  + " line is not one")
             raise EmberError(f"{bad.source}: a preference line (chosen/rejected) in the {split} "
                              "data; set objective = \"dpo\", \"orpo\" or \"simpo\" to train on "
-                             "preference pairs")
+                             "preference pairs (or, for a file that also has the chosen "
+                             "conversation as \"messages\", data.format = \"messages\")")
 
     def begin_step(self, micro: list, reduce: Callable[[list[float]], list[float]], model=None,
                    device=None, autocast=None, pad: list = ()) -> None:
