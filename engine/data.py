@@ -372,7 +372,8 @@ def render_chat(tokenizer, cfg: DataConfig, messages: Sequence[dict]) -> list[in
         raise EmberError("a conversation needs a chat template; this model or run renders "
                          "prompts as plain text (use ember generate)")
     try:
-        return enc._enc(enc._render(with_system_prompt(cfg, messages), True))
+        msgs = with_system_prompt(cfg, messages)
+        return enc._enc(enc._render(msgs, True, msgs.tools, msgs.template_kwargs))
     except _Bad as e:
         raise EmberError(e.why) from None
 

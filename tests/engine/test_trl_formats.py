@@ -339,3 +339,43 @@ def test_string_prompt_beside_conversations_is_set_aside_as_trl(tmp_path, toks):
             assert [0] + [int(t != IGNORE) for t in labels[:-1]] == list(want["assistant_masks"])
     with pytest.raises(EmberError, match="must be all strings or all message arrays"):
         _load(tmp_path, ours, [{"prompt": "q", "chosen": [A1], "rejected": [A2]}])
+
+
+def test_ultrafeedback_binarized_lines_are_pairs_not_messages(tmp_path, toks):
+    """HuggingFaceH4/ultrafeedback_binarized's lines hold a string prompt, chosen / rejected
+    conversations *and* "messages" (the chosen conversation, for SFT) plus scores: they were
+    detected as "messages" lines, so objective = "dpo" refused the file ("this train line is
+    not one"). A line with both chosen and rejected is a pair (TRL's DPO reads those columns);
+    data.format = "messages" still trains on the messages column."""
+    ours, hf = toks
+    chosen, rejected = [U1, A1], [U1, A2]
+    row = {"prompt": U1["content"], "prompt_id": "x1", "chosen": chosen, "rejected": rejected,
+           "messages": chosen, "score_chosen": 8.0, "score_rejected": 3.0}
+    (ex,), _ = _load(tmp_path, ours, [row])
+    assert ex.parts  # a pair: prompt + chosen, then prompt + rejected
+    n = ex.parts[0]
+    for ids, conv in ((ex.input_ids[:n], chosen), (ex.input_ids[n:], rejected)):
+        assert ids == list(hf.apply_chat_template(conv, tokenize=True, return_dict=True)[
+            "input_ids"])
+    (sft,), _ = _load(tmp_path, ours, [row], format="messages")
+    assert not sft.parts
+    assert sft.input_ids == list(hf.apply_chat_template(chosen, tokenize=True,
+                                                        return_dict=True)["input_ids"])
+
+
+def test_chat_template_kwargs_reach_generation_prompts(toks):
+    """render_chat (evaluation and `ember chat` prompts) rendered a line's conversation without
+    its chat_template_kwargs, so a prompt built from a line with enable_thinking=false differed
+    from what training rendered; it now passes them, as transformers' apply_chat_template."""
+    from ember.engine.data import render_chat
+    from ember.engine.formats import Chat
+
+    ours, hf = toks
+    template = "{% if terse %}{{ 'TERSE ' }}{% endif %}" + CHATML_GEN
+    tok = Tokenizer(ours.backend, eos_token="<|im_end|>", chat_template=template)
+    ids = render_chat(tok, DataConfig(train="x"), Chat([U1], None, {"terse": True}))
+    hf.chat_template = template
+    want = hf.apply_chat_template([U1], tokenize=True, add_generation_prompt=True, terse=True,
+                                  return_dict=True)["input_ids"]
+    assert ids == list(want)
+    assert ids != render_chat(tok, DataConfig(train="x"), [U1])
