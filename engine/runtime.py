@@ -237,12 +237,15 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
 
 def _embedding_tables(model) -> list[torch.nn.Parameter]:
     """The parameters transformers holds in an ``nn.Embedding``: the token embedding and a
-    prompt-tuning prompt (PEFT's PromptEmbedding is one); not LoRA's A and B."""
+    prompt-tuning prompt (PEFT's PromptEmbedding is one); not LoRA's A and B, nor a table
+    trained by rows (trainable_token_indices: PEFT's trainable_tokens_delta is no nn.Embedding,
+    so the Trainer gives it 8-bit states)."""
     from ember.models.prompt_tuning import PromptEmbedding
 
     return [p for m in model.modules() for p in (
         [m.weight] if isinstance(m, torch.nn.Embedding) else
-        [m.prompt] if isinstance(m, PromptEmbedding) else [])]
+        [m.prompt] if isinstance(m, PromptEmbedding) else [])
+        if getattr(p, "ember_trained_rows", None) is None]
 
 
 def _rows_decay(weight_decay: float):
