@@ -97,7 +97,7 @@ def split_paths(path: str | Path) -> list[Path]:
 
 
 def cache_root() -> Path:
-    """Ember's cache folder: $EMBER_CACHE, else ~/.cache/ember (as ember.models.loading uses)."""
+    """Ember's cache folder: $EMBER_CACHE, else ~/.cache/ember (``ember.models.gguf_cache``'s)."""
     return Path(os.environ.get("EMBER_CACHE") or Path.home() / ".cache" / "ember").expanduser()
 
 
