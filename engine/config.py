@@ -93,7 +93,9 @@ class ModelSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    name: str = "adamw"  # "adamw" (torch, fp32 states) | "adamw_8bit" (bnb's 8-bit states)
+    # "adamw" (torch, fp32 states) | "adamw_8bit" (bnb's 8-bit states; nn.Embedding tables keep
+    # fp32 states, as transformers' Trainer registers them with bnb)
+    name: str = "adamw"
     lr: float | None = None  # None: 1e-3 with LoRA, 3e-2 prompt tuning, 2e-5 full fine-tuning
     weight_decay: float = 0.0  # never applied to biases or norms (as transformers' Trainer)
     betas: tuple[float, float] = (0.9, 0.999)

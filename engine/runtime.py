@@ -1,5 +1,6 @@
 """Decisions and objects a run is built from: "auto" settings resolved for this machine, autocast,
-the learning-rate schedule, the model (LoRA or full fine-tuning with frozen parts) and AdamW."""
+the learning-rate schedule, the model (LoRA or full fine-tuning with frozen parts), its weight
+count and MoE load-balancing coefficient, and AdamW."""
 
 from __future__ import annotations
 
@@ -237,12 +238,15 @@ def make_optimizer(model, cfg, device: str, embedding_lr: float | None = None
 
 def _embedding_tables(model) -> list[torch.nn.Parameter]:
     """The parameters transformers holds in an ``nn.Embedding``: the token embedding and a
-    prompt-tuning prompt (PEFT's PromptEmbedding is one); not LoRA's A and B."""
+    prompt-tuning prompt (PEFT's PromptEmbedding is one); not LoRA's A and B, nor a table
+    trained by rows (trainable_token_indices: PEFT's trainable_tokens_delta is no nn.Embedding,
+    so the Trainer gives it 8-bit states)."""
     from ember.models.prompt_tuning import PromptEmbedding
 
     return [p for m in model.modules() for p in (
         [m.weight] if isinstance(m, torch.nn.Embedding) else
-        [m.prompt] if isinstance(m, PromptEmbedding) else [])]
+        [m.prompt] if isinstance(m, PromptEmbedding) else [])
+        if getattr(p, "ember_trained_rows", None) is None]
 
 
 def _rows_decay(weight_decay: float):
@@ -264,3 +268,29 @@ def memory_gib(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def num_weights(model) -> int:
+    """The model's parameter count, a 4-bit layer's weight counted as its (out, in) weights
+    (not as the bytes that pack them, nor left out when it is not a Parameter)."""
+    from ember.models.nf4 import Linear4bit
+
+    n = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            packed = getattr(m, "nf4_storage", None)
+            n += m.in_features * m.out_features - (
+                packed.numel() if isinstance(packed, torch.nn.Parameter) else 0)
+    return n
+
+
+def router_aux_coef(cfg: TrainConfig, model) -> float:
+    """The weight of the MoE load-balancing loss: ``model.router_aux_loss_coef`` if set, else the
+    checkpoint's ``router_aux_loss_coef`` (transformers' 0.001 default); 0 for a dense model."""
+    if not model.cfg.num_experts:
+        if cfg.model.router_aux_loss_coef:
+            raise EmberError(f"model.router_aux_loss_coef is set but {cfg.model.name} is not a "
+                             "mixture-of-experts model; drop it")
+        return 0.0
+    c = cfg.model.router_aux_loss_coef
+    return model.cfg.router_aux_loss_coef if c is None else c

@@ -87,7 +87,9 @@ from ember.engine.runtime import (
     lr_factor,
     make_optimizer,
     memory_gib,
+    num_weights,
     resolve,
+    router_aux_coef,
     warmup_steps,
 )
 from ember.engine.stages import describe as describe_start
@@ -116,20 +118,6 @@ class StepStats:
     applied: bool  # False: a non-finite step, skipped
     stop: bool  # a process got SIGTERM / SIGINT
     extra: dict  # the objective's metrics (distillation's KD / SFT terms, DPO's rewards)
-
-
-def _num_weights(model) -> int:
-    """The model's parameter count, a 4-bit layer's weight counted as its (out, in) weights
-    (not as the bytes that pack them, nor left out when it is not a Parameter)."""
-    from ember.models.nf4 import Linear4bit
-
-    n = sum(p.numel() for p in model.parameters())
-    for m in model.modules():
-        if isinstance(m, Linear4bit):
-            packed = getattr(m, "nf4_storage", None)
-            n += m.in_features * m.out_features - (
-                packed.numel() if isinstance(packed, torch.nn.Parameter) else 0)
-    return n
 
 
 class Trainer:
@@ -172,7 +160,7 @@ class Trainer:
             raise EmberError("prompt tuning runs in one process (its few thousand parameters "
                              "gain nothing from FSDP); start it without torchrun")
         model, self.tokenizer = build_model(cfg, build_device(info))
-        n_all = _num_weights(model)
+        n_all = num_weights(model)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         act = cfg.activations
         blocks = apply_activation_checkpointing(model, act.checkpointing, k=act.every_k,
@@ -585,18 +573,6 @@ class Trainer:
             return False
         prog.bad_evals += 1
         return prog.bad_evals >= ev.patience
-
-
-def router_aux_coef(cfg: TrainConfig, model) -> float:
-    """The weight of the MoE load-balancing loss: ``model.router_aux_loss_coef`` if set, else the
-    checkpoint's ``router_aux_loss_coef`` (transformers' 0.001 default); 0 for a dense model."""
-    if not model.cfg.num_experts:
-        if cfg.model.router_aux_loss_coef:
-            raise EmberError(f"model.router_aux_loss_coef is set but {cfg.model.name} is not a "
-                             "mixture-of-experts model; drop it")
-        return 0.0
-    c = cfg.model.router_aux_loss_coef
-    return model.cfg.router_aux_loss_coef if c is None else c
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, echo=print, progress: bool | None = None,

@@ -216,7 +216,8 @@ def glu_backward_(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, gel
         raise ValueError(f"{op}: dy {tuple(dy.shape)} must match gate/up {tuple(gate.shape)}, "
                          "and gate/up need unit stride along the last dim")
     if use_triton(gate, impl, op):
-        g2, u2, dy2 = gate.view(-1, gate.shape[-1]), up.view(-1, up.shape[-1]), _rows(dy)
+        m = gate.shape[:-1].numel()  # spelled out: view(-1, 0) cannot infer it (F = 0)
+        g2, u2, dy2 = gate.view(m, gate.shape[-1]), up.view(m, up.shape[-1]), _rows(dy)
         m, n = g2.shape
         if g2.numel():
             block, num_warps = _launch_cfg(n)

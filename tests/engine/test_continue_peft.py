@@ -207,3 +207,48 @@ def test_trainable_tokens_take_the_adapter_lr_not_embedding_lr(bases, tmp_path):
     opt.step()
     save_adapter(model, tmp_path / "ember")
     _assert_same_adapters(tmp_path / "ember", tmp_path / "peft")
+
+
+def test_trainable_tokens_keep_8bit_states_as_transformers_trainer(tmp_path):
+    """transformers' Trainer (optim="adamw_bnb_8bit") keeps 32-bit bnb states for nn.Embedding
+    weights only; PEFT's trainable_tokens_delta is no nn.Embedding, so its rows get 8-bit states
+    (>= 4096 values). Ember gave the embedding's trained rows 32-bit states (the table is an
+    nn.Embedding): three steps now move the rows as the Trainer's optimizer moves the delta
+    (hidden 256: bnb's 256-value blocks are rows on both sides)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    rows = list(range(3, 99, 6))  # 16 rows x 256 = 4096 values: 8-bit in bnb
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB + 8, hidden_size=256, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                     trainable_token_indices=rows))
+        pm.save_pretrained(tmp_path / "ad")
+        args = transformers.TrainingArguments(tmp_path / "out", optim="adamw_bnb_8bit",
+                                              learning_rate=1e-2, weight_decay=0.0,
+                                              report_to=[], use_cpu=True)
+        theirs = transformers.Trainer(model=pm, args=args).create_optimizer()
+    delta = next(p for n, p in pm.named_parameters() if "trainable_tokens_delta" in n)
+    model, _ = load_pretrained(tmp_path / "m", "float32")
+    load_adapter(model, tmp_path / "ad")
+    _train_saved_modules(model, lora_modules(model), "none")
+    ours = make_optimizer(model, OptimConfig(name="adamw_8bit", lr=1e-2, weight_decay=0.0),
+                          "cpu")
+    w = model.embed.weight
+    assert torch.equal(w.detach()[rows], delta.detach())
+    try:
+        for t in range(3):
+            g = torch.randn(delta.shape, generator=torch.Generator().manual_seed(t))
+            delta.grad = g * 10.0 ** (t - 1)
+            w.grad = torch.zeros_like(w)
+            w.grad[rows] = delta.grad
+            theirs.step()
+            ours.step()
+            assert torch.allclose(w.detach()[rows], delta.detach(), rtol=0, atol=1e-7), (
+                (w.detach()[rows] - delta.detach()).abs().max())
+    finally:
+        bnb.optim.GlobalOptimManager.get_instance().initialize()  # the Trainer's overrides

@@ -201,14 +201,14 @@ def test_qlora_run_counts_the_4bit_weights(tiny):
     packed NF4 weight is not a Parameter, and in flat storage it is bytes, not weights)."""
     import transformers
 
-    from ember.engine.trainer import _num_weights
+    from ember.engine.runtime import num_weights
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"])
     want = hf.num_parameters()
     model, _ = load_pretrained(tiny["model"], "float32", quantize="nf4")
     assert any(isinstance(m, Linear4bit) for m in model.modules())
-    assert _num_weights(model) == want
+    assert num_weights(model) == want
     for m in model.modules():
         if isinstance(m, Linear4bit):
             m.store_flat_()
-    assert _num_weights(model) == want
+    assert num_weights(model) == want

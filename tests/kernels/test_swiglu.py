@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ember.kernels.swiglu import geglu, geglu_ref, swiglu, swiglu_ref
+from ember.kernels.swiglu import geglu, geglu_ref, glu_backward_, swiglu, swiglu_ref
 from tests.numerics import assert_close_to_ref, grads
 
 OPS = {"swiglu": swiglu, "geglu": geglu}
@@ -100,6 +100,23 @@ def test_zero_width(impl):
         assert y.shape == want.shape
         dg, du = grads(y, (g, u), torch.ones_like(y))
         assert dg.shape == g.shape and du.shape == u.shape
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_zero_width_in_place_backward(impl, gelu):
+    # glu_backward_ (lora_mlp's in-place backward) with F = 0 viewed gate as view(-1, 0) on the
+    # Triton path and crashed; torch's autograd of silu(g) * u / gelu(g) * u gives empty grads.
+    act = (lambda t: torch.nn.functional.gelu(t, approximate="tanh")) if gelu else (
+        torch.nn.functional.silu)
+    for shape in ((2, 3, 0), (0, 5)):
+        g = torch.randn(shape, requires_grad=True)
+        u = torch.randn(shape, requires_grad=True)
+        want = torch.autograd.grad(act(g) * u, (g, u), torch.ones(shape))
+        got = glu_backward_(torch.ones(shape), g.detach().clone(), u.detach().clone(),
+                            gelu=gelu, impl=impl)
+        assert [t.shape for t in got] == [t.shape for t in want]
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("op", [swiglu, geglu])

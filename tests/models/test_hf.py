@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ember import EmberError
-from ember.models import loading
+from ember.models import gguf_cache
 from ember.models.hf import config_from_hf, config_to_hf, from_hf_state_dict, to_hf_state_dict
 from ember.models.loading import iter_checkpoint, load_pretrained, save_pretrained
 
@@ -453,7 +453,7 @@ def test_gguf_path_imports_once_into_cache(tmp_path, monkeypatch):
     # unused for GGUF_STALE_AFTER_S (another version may be loading from them right now).
     legacy = cache / first.name.rsplit("-", 1)[0]
     shutil.copytree(first, legacy)
-    monkeypatch.setattr(loading, "importer_digest", lambda: "0ther000")
+    monkeypatch.setattr(gguf_cache, "importer_digest", lambda: "0ther000")
     c = _load(gguf)
     assert len(calls) == 2 and c.cfg == a.cfg
     assert sorted(p.name for p in cache.iterdir()) == sorted(
@@ -468,7 +468,7 @@ def _age(*folders) -> None:
     import os
     import time
 
-    old = time.time() - loading.GGUF_STALE_AFTER_S - 60
+    old = time.time() - gguf_cache.GGUF_STALE_AFTER_S - 60
     for f in folders:
         os.utime(f, (old, old))
 
@@ -489,9 +489,9 @@ def test_gguf_cache_two_versions_never_remove_a_folder_in_use(tmp_path, monkeypa
     monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF fake")
-    monkeypatch.setattr(loading, "importer_digest", lambda: "aaaa0000")
+    monkeypatch.setattr(gguf_cache, "importer_digest", lambda: "aaaa0000")
     old = resolve_model(gguf)  # version A resolved it and is about to load it
-    monkeypatch.setattr(loading, "importer_digest", lambda: "bbbb0000")
+    monkeypatch.setattr(gguf_cache, "importer_digest", lambda: "bbbb0000")
     new = resolve_model(gguf)
     assert old != new and old.is_dir() and new.is_dir()
     ids = torch.tensor([[1, 5, 9, 2]])

@@ -316,3 +316,18 @@ def test_weights_the_config_does_not_target_are_refused(bases, tmp_path, edit):
     with pytest.raises(EmberError, match="does not target .*model.layers.1.self_attn.q_proj"
                        if "layers_to_transform" in edit else "does not target .*v_proj"):
         load_adapter(model, tmp_path / "ad")
+
+
+def test_a_full_module_name_in_target_modules_ignores_layers_to_transform(bases, tmp_path):
+    """PEFT's check_target_module_exists: a module named in full in target_modules is targeted
+    whatever layers_to_transform says (the layer filter applies to suffix matches only). Ember
+    applied the filter to it too and refused the adapter's weights as untargeted."""
+    ids, ref = _peft_adapter(bases["plain"], tmp_path / "ad", layers_to_transform=[0],
+                             target_modules=["model.layers.1.self_attn.q_proj", "v_proj"])
+    saved = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert any("layers.1.self_attn.q_proj" in k for k in saved)  # PEFT adapted it
+    assert not any("layers.1.self_attn.v_proj" in k for k in saved)
+    model, _ = load_pretrained(bases["plain"])
+    load_adapter(model, tmp_path / "ad")
+    with torch.no_grad():
+        assert _close(model.eval()(ids), ref)
