@@ -397,3 +397,17 @@ def json_object(line: str) -> dict:
     if not isinstance(obj, dict):
         raise _Bad("wrong type", f"expected a JSON object, got {_type_name(obj)}")
     return obj
+
+
+def turn_end(full: str, start: int, upto: str, content) -> int | None:
+    """Where an assistant turn that starts at ``start`` in ``full`` ends: after the first
+    ``content`` there and the text that closes the turn in ``upto`` (the conversation rendered up
+    to that turn); None when that text is not there or another turn's close comes first."""
+    if not isinstance(content, str) or not content.strip() or content not in upto:
+        return None
+    close = upto[upto.rindex(content) + len(content):]
+    at = full.find(content, start)
+    if at < 0 or not close.strip() or close.strip() in full[start:at] or not full.startswith(
+            close, at + len(content)):
+        return None
+    return at + len(content) + len(close)
