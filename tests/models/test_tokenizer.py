@@ -504,3 +504,50 @@ def test_qwen2_folder_from_gguf_reads_like_transformers(tmp_path, model_type):
         ids = ours.encode(text)
         assert ids == theirs(text, add_special_tokens=False)["input_ids"], (model_type, text)
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_clean_up_tokenization_spaces_decodes_like_transformers(tmp_path, clean):
+    """tokenizer_config.json's clean_up_tokenization_spaces: transformers 5 removes the space
+    before punctuation and English contractions when decoding a non-BPE tokenizer (a Unigram
+    tokenizer.json) and ignores the flag for BPE; Ember ignored it always ("Hello , world ."
+    where transformers gives "Hello, world.")."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    transformers = pytest.importorskip("transformers")
+    backend = tokenizers.Tokenizer(models.Unigram())
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.train_from_iterator([*TEXTS, "Hello , world . don 't do n't ! why ?"] * 5,
+                                trainers.UnigramTrainer(vocab_size=150, unk_token="<unk>",
+                                                        special_tokens=["<unk>", "</s>"],
+                                                        show_progress=False))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "eos_token": "</s>",
+        "clean_up_tokenization_spaces": clean}))
+    ours = load_tokenizer(tmp_path)
+    ours.save_pretrained(tmp_path / "saved")
+    for folder in (tmp_path, tmp_path / "saved"):
+        theirs = transformers.AutoTokenizer.from_pretrained(folder)
+        texts = ["Hello , world . don 't do n't ! why ?</s>", *TEXTS]
+        batch = [theirs(t, add_special_tokens=False)["input_ids"] for t in texts]
+        for skip in (False, True):
+            want = theirs.batch_decode(batch, skip_special_tokens=skip)
+            assert [ours.decode(ids, skip_special_tokens=skip) for ids in batch] == want
+            assert ours.decode_batch(batch, skip_special_tokens=skip) == want
+    assert ("Hello, world." in want[0]) is clean
+
+
+def test_clean_up_tokenization_spaces_is_ignored_for_bpe_like_transformers(tmp_path):
+    """transformers 5 ignores clean_up_tokenization_spaces for BPE (Llama 3's config sets it):
+    the space before punctuation stays."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer_from_gguf(tiny_tokenizer_md()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        cfg | {"clean_up_tokenization_spaces": True}))
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    ids = theirs("he , 12 . he", add_special_tokens=False)["input_ids"]
+    assert ours.decode(ids) == theirs.decode(ids) == "he , 12 . he"
