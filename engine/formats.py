@@ -403,7 +403,12 @@ def turn_end(full: str, start: int, upto: str, content) -> int | None:
     """Where an assistant turn that starts at ``start`` in ``full`` ends: after the first
     ``content`` there and the text that closes the turn in ``upto`` (the conversation rendered up
     to that turn); None when that text is not there or another turn's close comes first."""
-    if not isinstance(content, str) or not content.strip() or content not in upto:
+    if not isinstance(content, str):
+        return None
+    if "</think>" in content and content not in full[start:]:
+        # Qwen3's and DeepSeek-R1's templates keep an earlier turn's answer after its reasoning
+        content = content.rsplit("</think>", 1)[-1].strip()
+    if not content.strip() or content not in upto:
         return None
     close = upto[upto.rindex(content) + len(content):]
     at = full.find(content, start)

@@ -390,18 +390,21 @@ QWEN3_GEN = (
     "{%- for m in messages %}{%- if m.role == 'assistant' %}{{- '<|im_start|>assistant\n' }}"
     "{%- generation %}{%- if loop.index0 > ns.last %}"
     "{{- '<think>\n' + (m.reasoning_content or '') + '\n</think>\n\n' }}{%- endif %}"
-    "{{- m.content + '<|im_end|>' }}{%- endgeneration %}{{- '\n' }}{%- else %}"
+    "{{- (m.content if loop.index0 > ns.last else m.content.split('</think>')[-1].lstrip())"
+    " + '<|im_end|>' }}{%- endgeneration %}{{- '\n' }}{%- else %}"
     "{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
 
 
 @pytest.mark.parametrize("messages", [
     [U1, A1, U2, A2], [SYSTEM, U1, A1, U2, A2],
-    [U1, {**A1, "reasoning_content": "Easy."}, U2, {**A2, "reasoning_content": "Also easy."}]])
+    [U1, {**A1, "reasoning_content": "Easy."}, U2, {**A2, "reasoning_content": "Also easy."}],
+    [U1, {**A1, "content": "<think>\nEasy.\n</think>\n\n" + A1["content"]}, U2, A2]])
 def test_turns_rendered_otherwise_later_are_masked_as_transformers_masks(tmp_path, toks,
                                                                           messages):
-    """Qwen3's template drops an earlier turn's think block once a later user message follows,
-    so that turn is not rendered as when it was last: multi-turn lines were refused ("does not
+    """Qwen3's template drops an earlier turn's think block once a later user message follows
+    (reasoning_content, or a think block written in the content), so that turn is not rendered
+    as when it was last: multi-turn lines were refused ("does not
     render this conversation turn by turn") with data.loss_on = 'completion'. Their tokens and
     mask are transformers' (assistant mask of the generation blocks)."""
     from ember.models.tokenizer import Tokenizer as Ours
