@@ -416,3 +416,16 @@ def turn_end(full: str, start: int, upto: str, content) -> int | None:
             close, at + len(content)):
         return None
     return at + len(content) + len(close)
+
+
+def turn_start(full: str, pos: int, pre: str, before) -> int | None:
+    """Where an assistant turn starts in ``full`` (at or after ``pos``): after the message
+    ``before`` it and the text that opens the turn in ``pre`` (the conversation up to that turn
+    rendered with the generation prompt); None when that text is not there."""
+    if not isinstance(before, str) or not before.strip() or before not in pre:
+        return None
+    opener = pre[pre.rindex(before) + len(before):]
+    at = full.find(before, pos)
+    if at < 0 or not opener.strip() or not full.startswith(opener, at + len(before)):
+        return None
+    return at + len(before) + len(opener)

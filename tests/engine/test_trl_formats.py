@@ -419,3 +419,34 @@ def test_turns_rendered_otherwise_later_are_masked_as_transformers_masks(tmp_pat
         assert ex.input_ids == list(want["input_ids"])
         assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(
             want["assistant_masks"])
+
+
+# Mistral v0.3's shape: the system message is written into the last user turn only.
+MISTRAL_V3_GEN = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    "{%- set msgs = messages[1:] %}{%- else %}{%- set msgs = messages %}{%- endif %}"
+    "{%- for m in msgs %}{%- if m['role'] == 'user' %}{%- if loop.last and system is defined %}"
+    "{{- '[INST] ' + system + '\n\n' + m['content'] + '[/INST]' }}{%- else %}"
+    "{{- '[INST] ' + m['content'] + '[/INST]' }}{%- endif %}{%- else %}{%- generation %}"
+    "{{- ' ' + m['content']|trim + eos_token }}{%- endgeneration %}{%- endif %}{%- endfor %}")
+
+
+@pytest.mark.parametrize("messages", [[SYSTEM, U1, A1, U2, A2], [SYSTEM, U1, A1, U2]])
+def test_system_message_in_the_last_user_turn_is_masked_as_transformers_masks(tmp_path, toks,
+                                                                               messages):
+    """Mistral v0.3's template writes the system message into the last user turn, so a turn
+    is not rendered as when it was last: lines with a system message were refused ("does not
+    render this conversation turn by turn") with data.loss_on = 'completion'. Their tokens and
+    mask are transformers' (assistant mask of the generation blocks)."""
+    from ember.models.tokenizer import Tokenizer as Ours
+
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[0].backend,
+                                              eos_token="<|im_end|>", chat_template=MISTRAL_V3_GEN)
+    want = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    assert "Paris" in hf.decode(want["input_ids"])
+    for tok in (hf, Ours(toks[0].backend, eos_token="<|im_end|>", chat_template=MISTRAL_V3_GEN)):
+        (ex,), _ = _load(tmp_path, tok, [{"messages": messages}])
+        assert ex.input_ids == list(want["input_ids"])
+        assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(
+            want["assistant_masks"])
