@@ -181,6 +181,7 @@ class Tokenizer:
             "added_tokens_decoder": added,
             "clean_up_tokenization_spaces": self._cleans_up(),
             "model_max_length": self.model_max_length or 1_000_000_000_000_000_019_884_624_838_656,
+            "split_special_tokens": self.backend.encode_special_tokens,
             **specials,
         }
         if self.chat_templates:  # several named ones: the list form, read by transformers 4 and 5
@@ -380,6 +381,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     else:  # what the post-processor adds, as transformers 5 encodes (whatever the config says)
         add_bos, add_eos = _added_bos_eos(backend, specials["bos_token"], specials["eos_token"],
                                           (add_bos, add_eos))
+    # transformers encodes special tokens written in the text as text when the config says so
+    backend.encode_special_tokens = bool(cfg.get("split_special_tokens"))
     max_len = cfg.get("model_max_length")
     return Tokenizer(backend, **specials, chat_template=template, chat_templates=named,
                      clean_up_tokenization_spaces=bool(cfg.get("clean_up_tokenization_spaces")),

@@ -551,3 +551,22 @@ def test_clean_up_tokenization_spaces_is_ignored_for_bpe_like_transformers(tmp_p
     theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(tmp_path)
     ids = theirs("he , 12 . he", add_special_tokens=False)["input_ids"]
     assert ours.decode(ids) == theirs.decode(ids) == "he , 12 . he"
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_split_special_tokens_encodes_like_transformers(tmp_path, split):
+    """tokenizer_config.json's split_special_tokens: transformers encodes a special token
+    written in the text as plain text when it is true; Ember matched it as the token."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer_from_gguf(tiny_tokenizer_md()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        cfg | {"split_special_tokens": split}))
+    ours = load_tokenizer(tmp_path)
+    ours.save_pretrained(tmp_path / "saved")
+    text = "<|im_start|>he<|im_end|>\n12"
+    for folder in (tmp_path, tmp_path / "saved"):
+        theirs = transformers.AutoTokenizer.from_pretrained(folder)
+        want = theirs(text, add_special_tokens=False)["input_ids"]
+        assert load_tokenizer(folder).encode(text) == want
+        assert (ours.token_to_id("<|im_start|>") in want) is not split
