@@ -109,6 +109,9 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False
                      ) -> list[list[int]]:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise EmberError("tokenizer.encode_batch expects a list of str (one text: use "
+                             f"encode), got {type(texts).__name__}")
         return [e.ids for e in self.backend.encode_batch(list(texts),
                                                          add_special_tokens=add_special_tokens)]
 

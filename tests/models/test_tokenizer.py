@@ -570,3 +570,16 @@ def test_split_special_tokens_encodes_like_transformers(tmp_path, split):
         want = theirs(text, add_special_tokens=False)["input_ids"]
         assert load_tokenizer(folder).encode(text) == want
         assert (ours.token_to_id("<|im_start|>") in want) is not split
+
+
+def test_encode_batch_refuses_a_single_text(ours):
+    """encode_batch("abc") encoded each character as a text of its own (a str is a sequence),
+    where transformers' batch encoding takes one str as one text; a non-str entry failed deep
+    in tokenizers."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=ours.backend)
+    texts = ["Hello world", "", "12345"]
+    assert ours.encode_batch(texts) == hf(texts, add_special_tokens=False)["input_ids"]
+    for bad in ("Hello", ["a", None], ("a", 1)):
+        with pytest.raises(EmberError, match="list of str"):
+            ours.encode_batch(bad)
