@@ -63,6 +63,8 @@ from ember.engine.formats import (  # noqa: F401  (_get_str, _type_name: for oth
     detect,
     json_object,
     parse,
+    turn_end,
+    turn_start,
 )
 from ember.engine.mixing import check_weights, describe, source_names, split_examples
 from ember.engine.packing import (
@@ -235,7 +237,10 @@ class _Encoder:
     def _spans(self, messages, full: str):
         """(start, end, is_assistant) character spans covering ``full``; None when the template
         does not render the conversation turn by turn. An assistant span is what rendering one
-        more message adds after the generation prompt, so templates may inject headers/dates."""
+        more message adds after the generation prompt, so templates may inject headers/dates; a
+        turn rendered otherwise once later messages follow (Qwen3 drops the think block of
+        earlier turns; Mistral v3 writes the system message in the last user turn) starts after
+        the message before it and ends after its own (``turn_start``, ``turn_end``)."""
         spans, pos = [], 0
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -247,10 +252,17 @@ class _Encoder:
                 upto = upto[: -len(eos)]  # Phi-3 ends a render with EOS, not each turn
             pre = self._opening(messages, upto) if i == 0 else self._render(
                 messages[:i], True, messages.tools, messages.template_kwargs)
-            if not (full.startswith(upto) and upto.startswith(pre) and len(pre) >= pos):
+            if full.startswith(upto) and upto.startswith(pre):
+                start, end = len(pre), len(upto)
+            else:  # the turn renders otherwise once later messages follow
+                start = len(pre) if full.startswith(pre) else turn_start(
+                    full, pos, pre, messages[i - 1].get("content") if i else None)
+                end = (None if start is None else len(upto) if full.startswith(upto)
+                       else turn_end(full, start, upto, m.get("content")))
+            if end is None or not pos <= start <= end:
                 return None
-            spans += [(pos, len(pre), False), (len(pre), len(upto), True)]
-            pos = len(upto)
+            spans += [(pos, start, False), (start, end, True)]
+            pos = end
         return spans + [(pos, len(full), False)]
 
     def _opening(self, messages, upto: str) -> str:

@@ -397,3 +397,35 @@ def json_object(line: str) -> dict:
     if not isinstance(obj, dict):
         raise _Bad("wrong type", f"expected a JSON object, got {_type_name(obj)}")
     return obj
+
+
+def turn_end(full: str, start: int, upto: str, content) -> int | None:
+    """Where an assistant turn that starts at ``start`` in ``full`` ends: after the first
+    ``content`` there and the text that closes the turn in ``upto`` (the conversation rendered up
+    to that turn); None when that text is not there or another turn's close comes first."""
+    if not isinstance(content, str):
+        return None
+    if "</think>" in content and content not in full[start:]:
+        # Qwen3's and DeepSeek-R1's templates keep an earlier turn's answer after its reasoning
+        content = content.rsplit("</think>", 1)[-1].strip()
+    if not content.strip() or content not in upto:
+        return None
+    close = upto[upto.rindex(content) + len(content):]
+    at = full.find(content, start)
+    if at < 0 or not close.strip() or close.strip() in full[start:at] or not full.startswith(
+            close, at + len(content)):
+        return None
+    return at + len(content) + len(close)
+
+
+def turn_start(full: str, pos: int, pre: str, before) -> int | None:
+    """Where an assistant turn starts in ``full`` (at or after ``pos``): after the message
+    ``before`` it and the text that opens the turn in ``pre`` (the conversation up to that turn
+    rendered with the generation prompt); None when that text is not there."""
+    if not isinstance(before, str) or not before.strip() or before not in pre:
+        return None
+    opener = pre[pre.rindex(before) + len(before):]
+    at = full.find(before, pos)
+    if at < 0 or not opener.strip() or not full.startswith(opener, at + len(before)):
+        return None
+    return at + len(before) + len(opener)

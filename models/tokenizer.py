@@ -42,8 +42,10 @@ class Tokenizer:
                  unk_token: str | None = None, chat_template: str | None = None,
                  add_bos_token: bool = False, add_eos_token: bool = False,
                  extra_eos_token_ids: Iterable[int] = (), model_max_length: int | None = None,
-                 chat_templates: dict[str, str] | None = None):
+                 chat_templates: dict[str, str] | None = None,
+                 clean_up_tokenization_spaces: bool = False):
         self.backend = backend
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token, self.unk_token = pad_token, unk_token
         self.chat_template = chat_template  # the default one
@@ -107,16 +109,38 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False
                      ) -> list[list[int]]:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise EmberError("tokenizer.encode_batch expects a list of str (one text: use "
+                             f"encode), got {type(texts).__name__}")
         return [e.ids for e in self.backend.encode_batch(list(texts),
                                                          add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """The text of ``ids`` as transformers 5 decodes it (tokenizer.json's decoder, then
+        tokenizer_config.json's ``clean_up_tokenization_spaces``, which transformers ignores for
+        BPE), except that special tokens are skipped unless ``skip_special_tokens=False``:
+        transformers keeps them by default. Ember's own callers pass the flag explicitly."""
+        return self._clean(self.backend.decode([int(i) for i in ids],
+                                               skip_special_tokens=skip_special_tokens))
 
     def decode_batch(self, batch: Sequence[Iterable[int]], skip_special_tokens: bool = True
                      ) -> list[str]:
-        return self.backend.decode_batch([[int(i) for i in ids] for ids in batch],
-                                         skip_special_tokens=skip_special_tokens)
+        return [self._clean(t) for t in self.backend.decode_batch(
+            [[int(i) for i in ids] for ids in batch], skip_special_tokens=skip_special_tokens)]
+
+    def _cleans_up(self) -> bool:
+        return self.clean_up_tokenization_spaces and type(self.backend.model).__name__ != "BPE"
+
+    def _clean(self, text: str) -> str:
+        """transformers' ``clean_up_tokenization`` (spaces before punctuation and English
+        contractions), applied as transformers 5 applies it: when the config asks, never for
+        BPE (where it would corrupt text)."""
+        if not self._cleans_up():
+            return text
+        for a, b in (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
+                " n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"):
+            text = text.replace(a, b)
+        return text
 
     # ---- chat ------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
@@ -157,8 +181,10 @@ class Tokenizer:
         cfg: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
-            "added_tokens_decoder": added, "clean_up_tokenization_spaces": False,
+            "added_tokens_decoder": added,
+            "clean_up_tokenization_spaces": self._cleans_up(),
             "model_max_length": self.model_max_length or 1_000_000_000_000_000_019_884_624_838_656,
+            "split_special_tokens": self.backend.encode_special_tokens,
             **specials,
         }
         if self.chat_templates:  # several named ones: the list form, read by transformers 4 and 5
@@ -358,8 +384,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     else:  # what the post-processor adds, as transformers 5 encodes (whatever the config says)
         add_bos, add_eos = _added_bos_eos(backend, specials["bos_token"], specials["eos_token"],
                                           (add_bos, add_eos))
+    # transformers encodes special tokens written in the text as text when the config says so
+    backend.encode_special_tokens = bool(cfg.get("split_special_tokens"))
     max_len = cfg.get("model_max_length")
     return Tokenizer(backend, **specials, chat_template=template, chat_templates=named,
+                     clean_up_tokenization_spaces=bool(cfg.get("clean_up_tokenization_spaces")),
                      add_bos_token=add_bos, add_eos_token=add_eos, extra_eos_token_ids=extra_eos,
                      model_max_length=int(max_len) if isinstance(max_len, int | float)
                      and max_len < 1e12 else None)

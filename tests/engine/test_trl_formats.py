@@ -379,3 +379,74 @@ def test_chat_template_kwargs_reach_generation_prompts(toks):
                                   return_dict=True)["input_ids"]
     assert ids == list(want)
     assert ids != render_chat(tok, DataConfig(train="x"), [U1])
+
+
+# Qwen3's shape: the turns after the last user message open with a think block, earlier ones
+# lose theirs, so a turn renders differently once later messages follow. {% generation %} marks
+# what a turn says, as TRL's qwen3_training.jinja does.
+QWEN3_GEN = (
+    "{%- set ns = namespace(last=messages|length - 1) %}{%- for m in messages %}"
+    "{%- if m.role == 'user' %}{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}{%- if m.role == 'assistant' %}{{- '<|im_start|>assistant\n' }}"
+    "{%- generation %}{%- if loop.index0 > ns.last %}"
+    "{{- '<think>\n' + (m.reasoning_content or '') + '\n</think>\n\n' }}{%- endif %}"
+    "{{- (m.content if loop.index0 > ns.last else m.content.split('</think>')[-1].lstrip())"
+    " + '<|im_end|>' }}{%- endgeneration %}{{- '\n' }}{%- else %}"
+    "{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+
+
+@pytest.mark.parametrize("messages", [
+    [U1, A1, U2, A2], [SYSTEM, U1, A1, U2, A2],
+    [U1, {**A1, "reasoning_content": "Easy."}, U2, {**A2, "reasoning_content": "Also easy."}],
+    [U1, {**A1, "content": "<think>\nEasy.\n</think>\n\n" + A1["content"]}, U2, A2]])
+def test_turns_rendered_otherwise_later_are_masked_as_transformers_masks(tmp_path, toks,
+                                                                          messages):
+    """Qwen3's template drops an earlier turn's think block once a later user message follows
+    (reasoning_content, or a think block written in the content), so that turn is not rendered
+    as when it was last: multi-turn lines were refused ("does not
+    render this conversation turn by turn") with data.loss_on = 'completion'. Their tokens and
+    mask are transformers' (assistant mask of the generation blocks)."""
+    from ember.models.tokenizer import Tokenizer as Ours
+
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[0].backend,
+                                              eos_token="<|im_end|>", chat_template=QWEN3_GEN)
+    want = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    assert "Paris" in hf.decode(want["input_ids"]) and "<think>" in hf.decode(want["input_ids"])
+    for tok in (hf, Ours(toks[0].backend, eos_token="<|im_end|>", chat_template=QWEN3_GEN)):
+        (ex,), _ = _load(tmp_path, tok, [{"messages": messages}])
+        assert ex.input_ids == list(want["input_ids"])
+        assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(
+            want["assistant_masks"])
+
+
+# Mistral v0.3's shape: the system message is written into the last user turn only.
+MISTRAL_V3_GEN = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    "{%- set msgs = messages[1:] %}{%- else %}{%- set msgs = messages %}{%- endif %}"
+    "{%- for m in msgs %}{%- if m['role'] == 'user' %}{%- if loop.last and system is defined %}"
+    "{{- '[INST] ' + system + '\n\n' + m['content'] + '[/INST]' }}{%- else %}"
+    "{{- '[INST] ' + m['content'] + '[/INST]' }}{%- endif %}{%- else %}{%- generation %}"
+    "{{- ' ' + m['content']|trim + eos_token }}{%- endgeneration %}{%- endif %}{%- endfor %}")
+
+
+@pytest.mark.parametrize("messages", [[SYSTEM, U1, A1, U2, A2], [SYSTEM, U1, A1, U2]])
+def test_system_message_in_the_last_user_turn_is_masked_as_transformers_masks(tmp_path, toks,
+                                                                               messages):
+    """Mistral v0.3's template writes the system message into the last user turn, so a turn
+    is not rendered as when it was last: lines with a system message were refused ("does not
+    render this conversation turn by turn") with data.loss_on = 'completion'. Their tokens and
+    mask are transformers' (assistant mask of the generation blocks)."""
+    from ember.models.tokenizer import Tokenizer as Ours
+
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[0].backend,
+                                              eos_token="<|im_end|>", chat_template=MISTRAL_V3_GEN)
+    want = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    assert "Paris" in hf.decode(want["input_ids"])
+    for tok in (hf, Ours(toks[0].backend, eos_token="<|im_end|>", chat_template=MISTRAL_V3_GEN)):
+        (ex,), _ = _load(tmp_path, tok, [{"messages": messages}])
+        assert ex.input_ids == list(want["input_ids"])
+        assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(
+            want["assistant_masks"])

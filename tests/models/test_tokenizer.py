@@ -504,3 +504,82 @@ def test_qwen2_folder_from_gguf_reads_like_transformers(tmp_path, model_type):
         ids = ours.encode(text)
         assert ids == theirs(text, add_special_tokens=False)["input_ids"], (model_type, text)
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_clean_up_tokenization_spaces_decodes_like_transformers(tmp_path, clean):
+    """tokenizer_config.json's clean_up_tokenization_spaces: transformers 5 removes the space
+    before punctuation and English contractions when decoding a non-BPE tokenizer (a Unigram
+    tokenizer.json) and ignores the flag for BPE; Ember ignored it always ("Hello , world ."
+    where transformers gives "Hello, world.")."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    transformers = pytest.importorskip("transformers")
+    backend = tokenizers.Tokenizer(models.Unigram())
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.train_from_iterator([*TEXTS, "Hello , world . don 't do n't ! why ?"] * 5,
+                                trainers.UnigramTrainer(vocab_size=150, unk_token="<unk>",
+                                                        special_tokens=["<unk>", "</s>"],
+                                                        show_progress=False))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "eos_token": "</s>",
+        "clean_up_tokenization_spaces": clean}))
+    ours = load_tokenizer(tmp_path)
+    ours.save_pretrained(tmp_path / "saved")
+    for folder in (tmp_path, tmp_path / "saved"):
+        theirs = transformers.AutoTokenizer.from_pretrained(folder)
+        texts = ["Hello , world . don 't do n't ! why ?</s>", *TEXTS]
+        batch = [theirs(t, add_special_tokens=False)["input_ids"] for t in texts]
+        for skip in (False, True):
+            want = theirs.batch_decode(batch, skip_special_tokens=skip)
+            assert [ours.decode(ids, skip_special_tokens=skip) for ids in batch] == want
+            assert ours.decode_batch(batch, skip_special_tokens=skip) == want
+    assert ("Hello, world." in want[0]) is clean
+
+
+def test_clean_up_tokenization_spaces_is_ignored_for_bpe_like_transformers(tmp_path):
+    """transformers 5 ignores clean_up_tokenization_spaces for BPE (Llama 3's config sets it):
+    the space before punctuation stays."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer_from_gguf(tiny_tokenizer_md()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        cfg | {"clean_up_tokenization_spaces": True}))
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    ids = theirs("he , 12 . he", add_special_tokens=False)["input_ids"]
+    assert ours.decode(ids) == theirs.decode(ids) == "he , 12 . he"
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_split_special_tokens_encodes_like_transformers(tmp_path, split):
+    """tokenizer_config.json's split_special_tokens: transformers encodes a special token
+    written in the text as plain text when it is true; Ember matched it as the token."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer_from_gguf(tiny_tokenizer_md()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        cfg | {"split_special_tokens": split}))
+    ours = load_tokenizer(tmp_path)
+    ours.save_pretrained(tmp_path / "saved")
+    text = "<|im_start|>he<|im_end|>\n12"
+    for folder in (tmp_path, tmp_path / "saved"):
+        theirs = transformers.AutoTokenizer.from_pretrained(folder)
+        want = theirs(text, add_special_tokens=False)["input_ids"]
+        assert load_tokenizer(folder).encode(text) == want
+        assert (ours.token_to_id("<|im_start|>") in want) is not split
+
+
+def test_encode_batch_refuses_a_single_text(ours):
+    """encode_batch("abc") encoded each character as a text of its own (a str is a sequence),
+    where transformers' batch encoding takes one str as one text; a non-str entry failed deep
+    in tokenizers."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=ours.backend)
+    texts = ["Hello world", "", "12345"]
+    assert ours.encode_batch(texts) == hf(texts, add_special_tokens=False)["input_ids"]
+    for bad in ("Hello", ["a", None], ("a", 1)):
+        with pytest.raises(EmberError, match="list of str"):
+            ours.encode_batch(bad)
