@@ -291,7 +291,15 @@ def _peft_targets(config: dict, hf_name: str) -> bool:
     if layers is None or layers == []:
         return True
     layers = [layers] if isinstance(layers, int) else layers
-    m = re.match(r".*?\.[^.]*\.(\d+)\.", hf_name)
+    # the first numbered segment (not an expert index after it), or the one after a
+    # layers_pattern (str or list of regexes) when one is set
+    patterns = config.get("layers_pattern") or []
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    m = None if patterns else re.match(r".*?\.[^.]*\.(\d+)\.", hf_name)
+    for pattern in patterns:
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", hf_name)
+        if m is not None:
+            break
     return m is not None and int(m[1]) in layers
 
 
