@@ -57,6 +57,7 @@ from ember.models.lora import (
     tied_lm,
 )
 from ember.models.lora_fused import (
+    GROUPS,
     fuse_adapter,
     fuse_magnitudes,
     fused_module_name,
@@ -277,12 +278,15 @@ def _peft_targets(config: dict, hf_name: str) -> bool:
     if any(re.match(rf"(^|.*\.){m}($|\..*)", hf_name) for m in config.get("modules_to_save") or []):
         return False
     targets = config.get("target_modules")
+    # PEFT expands the string "all-linear" (any case) to the model's linears but the head
+    if (targets.lower() == "all-linear" if isinstance(targets, str)
+            else bool(targets) and "all-linear" in targets):
+        return hf_name.split(".")[-1] in (*HF_LINEAR_LEAVES,
+                                          *(g.rpartition(".")[2] for g in GROUPS))
     if isinstance(targets, str):
         return re.fullmatch(targets, hf_name) is not None
     if not targets:
         return False
-    if targets == "all-linear" or "all-linear" in targets:
-        return hf_name.split(".")[-1] in HF_LINEAR_LEAVES
     if hf_name in targets:  # named in full: targeted whatever layers_to_transform says
         return True
     if not any(hf_name.endswith("." + t) for t in targets):
