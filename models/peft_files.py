@@ -185,6 +185,10 @@ def check_field_types(config: dict, where: Path) -> None:
         if config.get("layers_to_transform") is None:
             raise bad("layers_pattern", "is set without layers_to_transform (the layer indices "
                                         "it locates)")
+    for key in ("layers_to_transform", "layers_pattern"):
+        if isinstance(config.get("target_modules"), str) and config.get(key) is not None:
+            raise bad(key, "is set with a regex target_modules (PEFT's LoraConfig refuses it: "
+                           "the regex names the layers itself)")
     layers = config.get("layers_to_transform")
     if layers is not None and not (
             (isinstance(layers, int) and not isinstance(layers, bool)) or (isinstance(

@@ -357,3 +357,23 @@ def test_layers_pattern_finds_the_layer_index_as_peft_does(bases, tmp_path, patt
     load_adapter(model, tmp_path / "peft")
     with torch.no_grad():
         assert _close(model.eval().hidden_states(ids), ref)
+
+
+@pytest.mark.parametrize("target", ["all-linear", r".*\.q_proj"])
+@pytest.mark.parametrize("edit", [dict(layers_to_transform=[0]),
+                                  dict(layers_to_transform=[0], layers_pattern="layers")])
+def test_layer_filters_with_a_regex_target_are_refused_as_peft_does(bases, tmp_path, target,
+                                                                    edit):
+    """PEFT's LoraConfig refuses layers_to_transform / layers_pattern beside a string
+    target_modules (a regex, or "all-linear"); Ember loaded such a config, ignoring the filter."""
+    _peft_adapter(bases["plain"], tmp_path / "ad", target_modules=target)
+    path = tmp_path / "ad" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "target_modules": target, **edit}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(bases["plain"])
+        with pytest.raises(ValueError, match="cannot be used when `target_modules` is a str"):
+            peft.PeftModel.from_pretrained(hf, tmp_path / "ad")
+    model, _ = load_pretrained(bases["plain"])
+    with pytest.raises(EmberError, match="layers_.*is set with a regex target_modules"):
+        load_adapter(model, tmp_path / "ad")
