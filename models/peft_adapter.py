@@ -91,6 +91,7 @@ from ember.models.peft_keys import (  # noqa: F401  (re-exported)
     ember_module_name,
     hf_module_name,
     lora_keys,
+    seen_module_name,
     split_tied_head,
     tied_head_tensors,
 )
@@ -460,7 +461,8 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
                          f"{odd[:3]}")
     # Phi-3: PEFT matched target_modules against the fused qkv_proj / gate_up_proj names
     missing = [n for n in cands if n not in pairs and (_EMBER_NAME.fullmatch(n) or n == "embed")
-               and _peft_targets(config, fused_module_name(hf_module_name(n, cfg), cfg))]
+               and _peft_targets(config, fused_module_name(seen_module_name(n, seen, cfg),
+                                                           cfg))]
     if missing:
         names = [hf_module_name(n, cfg) for n in missing[:3]]
         raise EmberError(f"{wfile}: adapter_config targets {len(missing)} modules with no "

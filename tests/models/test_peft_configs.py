@@ -377,3 +377,25 @@ def test_layer_filters_with_a_regex_target_are_refused_as_peft_does(bases, tmp_p
     model, _ = load_pretrained(bases["plain"])
     with pytest.raises(EmberError, match="layers_.*is set with a regex target_modules"):
         load_adapter(model, tmp_path / "ad")
+
+
+def test_a_bare_models_adapter_excluding_by_anchored_regex_loads(bases, tmp_path):
+    """An adapter saved on a bare LlamaModel whose exclude_modules regex is anchored to the
+    names PEFT saw there ("layers.0..."): the modules it excluded have no weights, and Ember,
+    matching its own "model.layers.0..." names, took them for weights missing from the file."""
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModel.from_pretrained(bases["plain"]).eval()
+        pm = peft.get_peft_model(hf, peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
+            init_lora_weights=False, exclude_modules=r"^(layers\.0\..*|embed_tokens)"))
+        pm.save_pretrained(tmp_path / "peft")
+    saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert saved and all("layers.1." in k for k in saved)
+    with torch.no_grad():
+        ref = pm.eval()(input_ids=ids).last_hidden_state
+    model, _ = load_pretrained(bases["plain"])
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert _close(model.eval().hidden_states(ids), ref)
