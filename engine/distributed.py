@@ -59,7 +59,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ember import EmberError
-from ember.engine.data import DataConfig, Example, PackedBatches
+from ember.engine.data import PackedBatches
 from ember.models.nf4 import Linear4bit
 
 MIXED_PRECISION = ("auto", "bf16", "none")
@@ -347,11 +347,6 @@ def store_nf4_flat(model: nn.Module, info: DistInfo) -> int:
     return len(layout)
 
 
-def rank_batches(examples: list[Example], cfg: DataConfig, info: DistInfo) -> PackedBatches:
-    """This rank's share of the packed batches, in the one-process global order."""
-    return PackedBatches.from_config(examples, cfg, rank=info.rank, world_size=info.world_size)
-
-
 def step_share(window: list, info: DistInfo) -> tuple[list, int]:
     """This rank's items of an optimizer step's ``window`` (its packed batches in the one-process
     order): items r, r + N, ...; and the forward passes every rank makes, ``ceil(len / N)``
@@ -359,48 +354,31 @@ def step_share(window: list, info: DistInfo) -> tuple[list, int]:
     return window[info.rank::info.world_size], len(window[::info.world_size])
 
 
-def _global_fingerprint(batches: PackedBatches) -> str:
-    # The fingerprint of the same data and batching seen by one process: equal across world
-    # sizes (PackedBatches' own fingerprint includes rank and world size).
-    one = PackedBatches(batches.examples, batches.tokens_per_batch, seed=batches.seed,
-                        order=batches.order, packing=batches.packing, mix=batches.mix)
-    return one.fingerprint
-
-
 def data_state(batches: PackedBatches, batches_per_step: int) -> dict:
-    """The data position in world-size-independent terms, for checkpoints:
+    """The data position of the one-process stream every rank follows, for checkpoints:
     ``batches_per_step`` is the global number (grad_accum * world_size)."""
-    return {"epoch": batches.epoch, "batches_done": batches.position * batches.world_size,
-            "batches_per_step": batches_per_step, "fingerprint": _global_fingerprint(batches)}
+    return {"epoch": batches.epoch, "batches_done": batches.position,
+            "batches_per_step": batches_per_step, "fingerprint": batches.fingerprint}
 
 
 def restore_data_state(batches: PackedBatches, state: dict, batches_per_step: int,
                        processes: int | None = None) -> None:
-    """Continue at the batch after ``state`` with this rank's ``batches`` (any world size, as
-    long as the global batches per optimizer step are unchanged). ``processes``: the run's (the
-    trainer's ``batches`` are one process's on every rank), for the hint of a refusal."""
-    if state.get("fingerprint") != _global_fingerprint(batches):
+    """Continue the one-process stream ``batches`` at the batch after ``state`` (any world size,
+    as long as the global batches per optimizer step are unchanged). ``processes``: the run's,
+    for the hint of a refusal."""
+    if state.get("fingerprint") != batches.fingerprint:
         raise EmberError("the dataset or batching settings differ from the checkpoint's, so the "
                          "run cannot resume at the same batch; resume with the same data and "
                          "data.* settings")
     saved = int(state["batches_per_step"])
     if saved != batches_per_step:
-        w = processes or batches.world_size
+        w = processes or 1
         hint = (f"set grad_accum = {saved // w} for {w} processes" if saved % w == 0
                 else f"use a process count that divides {saved}")
         raise EmberError(f"the checkpoint took {saved} packed batches per optimizer step "
                          f"(grad_accum x processes), this run takes {batches_per_step}; {hint} "
                          "to continue the same run")
-    epoch, done = int(state["epoch"]), int(state["batches_done"])
-    if batches.world_size > 1 and done >= len(batches.plan(epoch)) * batches.world_size:
-        # The saved run had finished the epoch as far as this world size takes it (one process
-        # takes every batch, N processes a multiple of N of them): continue with the next one.
-        batches.epoch, batches.position = epoch + 1, 0
-        return
-    if done % batches.world_size:
-        raise EmberError(f"the checkpoint stopped after {done} batches of its epoch, which "
-                         f"{batches.world_size} processes cannot split evenly")
-    batches.epoch, batches.position = epoch, done // batches.world_size
+    batches.epoch, batches.position = int(state["epoch"]), int(state["batches_done"])
 
 
 def all_reduce_sums(values: Sequence[float], info: DistInfo) -> list[float]:

@@ -168,13 +168,13 @@ class PackedBatches:
 
     Iterating yields the rest of the current epoch, then moves to the next epoch, so after a
     ``load_state_dict`` the next batches are exactly those an uninterrupted run would have seen.
-    With ``world_size > 1`` each rank gets every ``world_size``-th batch (an epoch is cut to a
-    multiple of ``world_size`` batches so ranks stay in step).
+    Under torchrun every rank follows this one-process stream and takes its share of each
+    optimizer step's batches (``ember.engine.distributed.step_share``).
     """
 
     def __init__(self, examples: list[Example], tokens_per_batch: int, *, seed: int = 0,
-                 order: str = "shuffle", packing: str = "best_fit", rank: int = 0,
-                 world_size: int = 1, mix: tuple[float, ...] = ()):
+                 order: str = "shuffle", packing: str = "best_fit",
+                 mix: tuple[float, ...] = ()):
         _one_of("order", order, ("shuffle", "length", "file"))
         _one_of("packing", packing, ("best_fit", "greedy"))
         if not examples:
@@ -185,11 +185,8 @@ class PackedBatches:
             raise EmberError(f"tokens_per_batch ({tokens_per_batch}) is smaller than the longest "
                              f"example ({max(self.lengths)} tokens); raise it or lower "
                              "max_seq_len")
-        if not 0 <= rank < world_size:
-            raise EmberError(f"rank {rank} is not in [0, world_size={world_size})")
         self.tokens_per_batch, self.seed, self.order, self.packing = (
             tokens_per_batch, seed, order, packing)
-        self.rank, self.world_size = rank, world_size
         # data.mix: each epoch draws its examples from the sources (Example.group) by weight.
         self.mix = tuple(mix)
         self._members = None
@@ -203,8 +200,10 @@ class PackedBatches:
         self.epoch, self.position = 0, 0
         self._cache: tuple[int, list[list[int]]] | None = None
         h = hashlib.blake2b(digest_size=16)
-        h.update(json.dumps([self.lengths, tokens_per_batch, seed, order, packing, rank,
-                             world_size]).encode())
+        # (0, 1: the rank and world size batches were once split by; kept so that
+        # checkpoints still resume)
+        h.update(json.dumps([self.lengths, tokens_per_batch, seed, order, packing, 0,
+                             1]).encode())
         for e in examples:
             h.update(e.key.encode())
         if self.mix:  # (unmixed fingerprints stay as they were: old checkpoints still resume)
@@ -217,25 +216,14 @@ class PackedBatches:
                    packing=cfg.packing, mix=cfg.mix, **kw)
 
     def plan(self, epoch: int) -> list[list[int]]:
-        """Example indices of every batch of ``epoch`` for this rank."""
+        """Example indices of every batch of ``epoch``."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         bins = self._bins(epoch)
-        if self.world_size > 1:
-            bins = bins[: len(bins) - len(bins) % self.world_size][self.rank:: self.world_size]
-            if not bins:
-                raise EmberError(f"the data makes fewer batches than world_size "
-                                 f"({self.world_size}); lower tokens_per_batch or add data")
         self._cache = (epoch, bins)
         return bins
 
-    def left_out(self, epoch: int) -> int:
-        """Batches of ``epoch`` that no rank takes: the epoch is cut to a multiple of
-        ``world_size`` batches so that every rank makes as many steps."""
-        return len(self._bins(epoch)) % self.world_size
-
     def _bins(self, epoch: int) -> list[list[int]]:
-        """Every batch of ``epoch``, all ranks together."""
         rng = random.Random(f"{self.seed}:{epoch}")  # str seeds hash stably across runs
         order = list(range(len(self.examples)))
         if self.mix:

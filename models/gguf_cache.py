@@ -14,6 +14,8 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 
 from ember import EmberError
@@ -48,13 +50,13 @@ def importer_digest() -> str:
 GGUF_STALE_AFTER_S = 7 * 24 * 3600
 
 
-def gguf_folder(gguf_path: str | os.PathLike) -> Path:
+def gguf_folder(gguf_path: str | os.PathLike, *,
+                lock: Callable[[], ContextManager] = contextlib.nullcontext) -> Path:
     """The HF folder imported from a .gguf file (a split model's first file), cached by content
     hash and importer version (imported once). Every use marks the folder used (its mtime);
     imports of the same file by another Ember version unused for ``GGUF_STALE_AFTER_S`` are
-    removed, never one another version may be reading now."""
-    from ember.models.gguf import import_gguf
-
+    removed, never one another version may be reading now. ``lock()`` is held only to import:
+    a finished import is served without it (a read-only shared cache serves its imports)."""
     src = Path(gguf_path)
     if not src.is_file():
         raise EmberError(f"GGUF file {src} does not exist")
@@ -62,16 +64,9 @@ def gguf_folder(gguf_path: str | os.PathLike) -> Path:
     stem = f"{src.stem}-{_file_digest(*files)}"
     out = cache_root() / "gguf" / f"{stem}-{importer_digest()}"
     if not (out / "config.json").is_file():
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            import_gguf(src, tmp)
-            try:
-                os.rename(tmp, out)
-            except OSError:
-                if not (out / "config.json").is_file():  # not a concurrent import that won
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with lock():
+            if not (out / "config.json").is_file():  # not imported while we waited
+                _import(src, out)
     _mark_used(out)
     # The same file imported by another Ember version (or before versions were in the name).
     for stale in out.parent.glob(f"{glob.escape(stem)}*"):
@@ -79,6 +74,21 @@ def gguf_folder(gguf_path: str | os.PathLike) -> Path:
                                                 or stale.name.startswith(f"{stem}-")):
             _remove_if_unused(stale)
     return out
+
+
+def _import(src: Path, out: Path) -> None:
+    from ember.models.gguf import import_gguf
+
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        import_gguf(src, tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "config.json").is_file():  # not a concurrent import that won
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _mark_used(folder: Path) -> None:

@@ -18,6 +18,7 @@ the Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import os
@@ -127,8 +128,23 @@ def import_cached(gguf_path: str | os.PathLike) -> Path:
     if not src.is_file():
         raise EmberError(f"GGUF file {src} does not exist")
     tag = hashlib.sha256(str(src).encode()).hexdigest()[:16]
-    with _file_lock(cache_root() / "locks" / f"gguf-{tag}.lock"):
-        return gguf_folder(src)
+    return gguf_folder(src, lock=lambda: _import_lock(cache_root() / "locks" / f"gguf-{tag}.lock",
+                                                      src))
+
+
+@contextmanager
+def _import_lock(path: Path, src: Path):
+    """_file_lock, or an error that names the cache a first import of src cannot write."""
+    try:
+        with _file_lock(path):
+            yield
+    except OSError as e:
+        if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
+            raise
+        raise EmberError(
+            f"cannot import {src} into Ember's cache {cache_root()}: it is not writable "
+            f"({e.strerror}: {e.filename}) and holds no import of this file; set EMBER_CACHE to "
+            "a writable folder, or import it once where the cache is writable") from e
 
 
 def is_gguf_file(path: str | os.PathLike) -> bool:

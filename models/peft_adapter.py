@@ -57,6 +57,7 @@ from ember.models.lora import (
     tied_lm,
 )
 from ember.models.lora_fused import (
+    GROUPS,
     fuse_adapter,
     fuse_magnitudes,
     fused_module_name,
@@ -90,6 +91,7 @@ from ember.models.peft_keys import (  # noqa: F401  (re-exported)
     ember_module_name,
     hf_module_name,
     lora_keys,
+    seen_module_name,
     split_tied_head,
     tied_head_tensors,
 )
@@ -277,12 +279,15 @@ def _peft_targets(config: dict, hf_name: str) -> bool:
     if any(re.match(rf"(^|.*\.){m}($|\..*)", hf_name) for m in config.get("modules_to_save") or []):
         return False
     targets = config.get("target_modules")
+    # PEFT expands the string "all-linear" (any case) to the model's linears but the head
+    if (targets.lower() == "all-linear" if isinstance(targets, str)
+            else bool(targets) and "all-linear" in targets):
+        return hf_name.split(".")[-1] in (*HF_LINEAR_LEAVES,
+                                          *(g.rpartition(".")[2] for g in GROUPS))
     if isinstance(targets, str):
         return re.fullmatch(targets, hf_name) is not None
     if not targets:
         return False
-    if targets == "all-linear" or "all-linear" in targets:
-        return hf_name.split(".")[-1] in HF_LINEAR_LEAVES
     if hf_name in targets:  # named in full: targeted whatever layers_to_transform says
         return True
     if not any(hf_name.endswith("." + t) for t in targets):
@@ -291,7 +296,15 @@ def _peft_targets(config: dict, hf_name: str) -> bool:
     if layers is None or layers == []:
         return True
     layers = [layers] if isinstance(layers, int) else layers
-    m = re.match(r".*?\.[^.]*\.(\d+)\.", hf_name)
+    # the first numbered segment (not an expert index after it), or the one after a
+    # layers_pattern (str or list of regexes) when one is set
+    patterns = config.get("layers_pattern") or []
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    m = None if patterns else re.match(r".*?\.[^.]*\.(\d+)\.", hf_name)
+    for pattern in patterns:
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", hf_name)
+        if m is not None:
+            break
     return m is not None and int(m[1]) in layers
 
 
@@ -448,7 +461,8 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
                          f"{odd[:3]}")
     # Phi-3: PEFT matched target_modules against the fused qkv_proj / gate_up_proj names
     missing = [n for n in cands if n not in pairs and (_EMBER_NAME.fullmatch(n) or n == "embed")
-               and _peft_targets(config, fused_module_name(hf_module_name(n, cfg), cfg))]
+               and _peft_targets(config, fused_module_name(seen_module_name(n, seen, cfg),
+                                                           cfg))]
     if missing:
         names = [hf_module_name(n, cfg) for n in missing[:3]]
         raise EmberError(f"{wfile}: adapter_config targets {len(missing)} modules with no "

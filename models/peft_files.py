@@ -174,6 +174,27 @@ def check_field_types(config: dict, where: Path) -> None:
         if v is not None and not isinstance(v, str) and not (
                 isinstance(v, list | tuple | set) and all(isinstance(t, str) for t in v)):
             raise bad(key, "must be a module name regex or a list of module names")
+    pats = config.get("layers_pattern")
+    if pats:  # PEFT: a regex or a list of them, naming the module list before the layer index
+        listed = [pats] if isinstance(pats, str) else pats
+        if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+            raise bad("layers_pattern", "must be a regex or a list of regexes (e.g. \"layers\")")
+        if any(_regex_error(p) for p in listed):
+            raise bad("layers_pattern", "is not a valid regular expression "
+                                        f"({next(filter(None, map(_regex_error, listed)))})")
+        if config.get("layers_to_transform") is None:
+            raise bad("layers_pattern", "is set without layers_to_transform (the layer indices "
+                                        "it locates)")
+    for key in ("layers_to_transform", "layers_pattern"):
+        if isinstance(config.get("target_modules"), str) and config.get(key) is not None:
+            raise bad(key, "is set with a regex target_modules (PEFT's LoraConfig refuses it: "
+                           "the regex names the layers itself)")
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (
+            (isinstance(layers, int) and not isinstance(layers, bool)) or (isinstance(
+                layers, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                      for i in layers))):
+        raise bad("layers_to_transform", "must be a layer index or a list of layer indices")
     for key, whole in (("rank_pattern", True), ("alpha_pattern", False)):
         v = config.get(key)
         if not v:  # None, or empty: no pattern

@@ -81,6 +81,18 @@ def ember_module_name(hf_name: str) -> str | None:
     return f"layers.{m[1]}.{'attn' if m[2] == 'self_attn' else 'mlp'}.{leaf}"
 
 
+def seen_module_name(name: str, seen: dict[str, str], cfg=None) -> str:
+    """Ember module ``name`` as PEFT saw it when it saved the adapter whose file names
+    ``seen`` (Ember name -> name in the file): transformers' name, less the prefix the file's
+    names lack (a bare LlamaModel's adapter: ``layers.0.self_attn.q_proj``)."""
+    hf = hf_module_name(name, cfg)
+    for ours, theirs in seen.items():
+        ref = hf_module_name(ours, cfg) if _EMBER_NAME.fullmatch(ours) else None
+        if ref is not None and ref != theirs and ref.endswith("." + theirs):
+            return hf.removeprefix(ref[: -len(theirs)])
+    return hf
+
+
 def lora_keys(hf_name: str) -> tuple[str, str]:
     """PEFT's keys of a module's (A, B): ``lora_embedding_A`` (no ".weight") for the embedding."""
     base = f"base_model.model.{hf_name}"

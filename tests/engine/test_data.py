@@ -408,25 +408,9 @@ def test_fractional_epochs_round_up_to_whole_batches(epochs, want):
     assert sum(epoch_step_sizes(PackedBatches(examples, 10), epochs, 1)) == want
 
 
-def test_sharding_across_ranks(examples):
-    plans = [PackedBatches(examples, 300, rank=r, world_size=3).plan(0) for r in range(3)]
-    assert len({len(p) for p in plans}) == 1
-    flat = [i for p in plans for b in p for i in b]
-    assert len(flat) == len(set(flat))
+def test_tokens_per_batch_below_the_longest_example_is_refused(examples):
     with pytest.raises(EmberError, match="smaller than the longest"):
         PackedBatches(examples, 8)
-
-
-@pytest.mark.parametrize("world_size", [2, 3, 4, 5])
-def test_batches_left_out_by_sharding_are_counted(examples, world_size):
-    """What the ranks do not take of an epoch (the trainer reports it) is the one-process
-    epoch's batches past the last multiple of world_size."""
-    one = PackedBatches(examples, 300).plan(0)
-    ranks = [PackedBatches(examples, 300, rank=r, world_size=world_size) for r in range(world_size)]
-    taken = sorted(tuple(b) for r in ranks for b in r.plan(0))
-    assert ranks[0].left_out(0) == len(one) % world_size == len(one) - len(taken)
-    assert taken == sorted(tuple(b) for b in one[:len(taken)])
-    assert PackedBatches(examples, 300).left_out(0) == 0
 
 
 def test_packed_batch_equals_separate_sequences(examples):

@@ -33,7 +33,7 @@ from ember import EmberError
 from ember.engine import dcp
 from ember.engine.cli import main
 from ember.engine.config import to_toml
-from ember.engine.data import collate
+from ember.engine.data import PackedBatches, collate
 from ember.engine.distributed import (
     DistConfig,
     DistInfo,
@@ -43,9 +43,9 @@ from ember.engine.distributed import (
     eval_share,
     init_distributed,
     rank0_echo,
-    rank_batches,
     restore_data_state,
     shard_model,
+    step_share,
 )
 from ember.engine.evaluation import eval_batches
 from ember.models.nf4 import Linear4bit, quantize_model_
@@ -391,38 +391,38 @@ def test_bf16_mixed_precision_policy(runs, tiny):
     assert got != want
 
 
-def test_data_sharding_keeps_global_order():
+def test_step_share_deals_the_one_process_stream_out_and_resumes_anywhere():
+    """Every rank follows the one-process stream and of each step's batches takes every N-th
+    (step_share); a checkpoint after 3 steps of 2 global batches on 2 processes continues on 1
+    process (or any count with the same global batches per step) at batch 6."""
     examples = w.make_examples()
-    one = rank_batches(examples, w.DATA, DistInfo())
-    ranks = [rank_batches(examples, w.DATA, DistInfo(rank=r, world_size=2)) for r in (0, 1)]
-    plan = one.plan(0)
-    assert len(plan) % 2 == 0
-    assert ranks[0].plan(0) == plan[0::2] and ranks[1].plan(0) == plan[1::2]
-    # Three steps of 2 global batches on 2 ranks, then continue on 1 process.
-    for r in ranks:
-        it = iter(r)
-        for _ in range(3):
-            next(it)
-    state = data_state(ranks[0], 2)
-    assert state["batches_done"] == 6
+    stream = PackedBatches.from_config(examples, w.DATA)
+    plan = stream.plan(0)
+    it = stream.indices()
+    for _ in range(3):
+        window = [next(it), next(it)]
+        shares = [step_share(window, DistInfo(rank=r, world_size=2)) for r in (0, 1)]
+        assert shares == [([window[0]], 1), ([window[1]], 1)]
+    assert step_share(plan[:3], DistInfo(rank=1, world_size=2)) == ([plan[1]], 2)
+    state = data_state(stream, 2)
+    assert (state["epoch"], state["batches_done"]) == (0, 6)
+    one = PackedBatches.from_config(examples, w.DATA)
     restore_data_state(one, state, 2)
     assert (one.epoch, one.position) == (0, 6)
     assert torch.equal(next(iter(one)).input_ids, collate([examples[i] for i in plan[6]]).input_ids)
     with pytest.raises(EmberError, match="set grad_accum = 2 for 1 processes"):
         restore_data_state(one, state, 1)
-    other = rank_batches(w.make_examples(seed=5), w.DATA, DistInfo())
+    other = PackedBatches.from_config(w.make_examples(seed=5), w.DATA)
     with pytest.raises(EmberError, match="dataset or batching settings differ"):
         restore_data_state(other, state, 2)
 
 
-def test_resume_at_an_epoch_end_with_more_processes():
-    """One process with 2 batches per step over 7-batch epochs ends step 7 exactly at the end of
-    epoch 1 (14 batches); two processes take 6 batches of each epoch, so they continue that run
-    with epoch 2, the batches the one process takes next (this was refused: "stopped after 7
-    batches of its epoch, which 2 processes cannot split evenly"). Mid-epoch, an odd count is
-    still refused."""
+def test_resume_at_an_epoch_end_continues_with_the_next_epoch():
+    """A run with 2 batches per step over 7-batch epochs ends step 7 exactly at the end of
+    epoch 1 (14 batches): resumed (on any process count), the stream continues with epoch 2's
+    batches, those the uninterrupted run takes next."""
     examples = w.make_examples(21)
-    one = rank_batches(examples, w.DATA, DistInfo())
+    one = PackedBatches.from_config(examples, w.DATA)
     assert len(one.plan(0)) == len(one.plan(1)) == 7
     stream = (b for _ in range(3) for b in one)  # what the trainer's stream does
     for _ in range(14):
@@ -430,15 +430,10 @@ def test_resume_at_an_epoch_end_with_more_processes():
     state = data_state(one, 2)
     assert (state["epoch"], state["batches_done"]) == (1, 7)
     want = [next(stream).input_ids for _ in range(6)]  # epoch 2's first 6 batches
-    ranks = [rank_batches(examples, w.DATA, DistInfo(rank=r, world_size=2)) for r in (0, 1)]
-    for r in ranks:
-        restore_data_state(r, state, 2)
-        assert (r.epoch, r.position) == (2, 0)
-    got = [b.input_ids for pair in zip(*(list(r) for r in ranks), strict=True) for b in pair]
+    again = PackedBatches.from_config(examples, w.DATA)
+    restore_data_state(again, state, 2, processes=2)
+    got = [b.input_ids for _ in range(2) for b in again][:6]
     assert len(got) == 6 and all(torch.equal(g, x) for g, x in zip(got, want, strict=True))
-    mid = {**state, "epoch": 1, "batches_done": 5}
-    with pytest.raises(EmberError, match="stopped after 5 batches of its epoch"):
-        restore_data_state(ranks[0], mid, 2)
 
 
 def test_single_process_helpers(monkeypatch):

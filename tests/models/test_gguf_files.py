@@ -200,3 +200,47 @@ def test_a_gguf_file_without_the_suffix_loads(tmp_path, monkeypatch):
 
     assert cli(["import-gguf", str(blob), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("err", [PermissionError(13, "Permission denied"),
+                                 OSError(30, "Read-only file system")])
+def test_a_read_only_cache_serves_its_imports(tmp_path, monkeypatch, err):
+    """A shared cache the user cannot write (read-only, already imported): the existing import
+    is served without taking the lock (was: the lock file's open failed before the cache was
+    even looked at); a file it holds no import of is refused with what to do. Oracle: the
+    served folder loads in transformers with the tensors gguf's GGUFWriter wrote."""
+    import builtins
+
+    import transformers
+
+    from ember.models.hub import resolve_model
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EMBER_CACHE", str(cache))
+    src = tmp_path / "tiny.gguf"
+    expected = write_tiny_gguf(src)
+    folder = resolve_model(src)  # imported while the cache was writable
+    real_open, real_mkdir = builtins.open, type(cache).mkdir
+
+    def no_writes(path, *a, **kw):
+        if str(path).startswith(str(cache)):
+            err.filename = str(path)
+            raise err
+        return real_mkdir(path, *a, **kw)
+
+    def read_only(path, mode="r", *a, **kw):
+        if str(path).startswith(str(cache)) and set(mode) & set("wax+"):
+            err.filename = str(path)
+            raise err
+        return real_open(path, mode, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", read_only)
+    monkeypatch.setattr(type(cache), "mkdir", no_writes)
+    assert resolve_model(src) == folder
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert torch.equal(hf.model.layers[0].mlp.up_proj.weight.float(),
+                       expected["layers.0.mlp.up_proj.weight"].float())
+    other = tmp_path / "other.gguf"
+    write_tiny_gguf(other, hidden=64, heads=2)  # other content: no import of it
+    with pytest.raises(EmberError, match="not writable .* holds no import .* set EMBER_CACHE"):
+        resolve_model(other)

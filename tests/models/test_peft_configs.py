@@ -283,6 +283,8 @@ def test_patterns_match_the_names_peft_saw(bases, tmp_path, targets):
     ("alpha_pattern", {"q_proj": None}), ("alpha_pattern", {"(": 1.0}), ("r", 4.0),
     ("target_modules", 5), ("target_modules", ["q_proj", 3]), ("target_modules", "["),
     ("exclude_modules", "["), ("lora_dropout", "x"), ("lora_dropout", 2.0),
+    ("layers_pattern", 5), ("layers_pattern", "["), ("layers_pattern", "layers"),
+    ("layers_to_transform", "0"),
 ])
 def test_malformed_config_fields_are_refused_by_name(bases, tmp_path, field, value):
     """adapter_config.json values PEFT itself fails on deep inside (AttributeError, re.error,
@@ -331,3 +333,69 @@ def test_a_full_module_name_in_target_modules_ignores_layers_to_transform(bases,
     load_adapter(model, tmp_path / "ad")
     with torch.no_grad():
         assert _close(model.eval()(ids), ref)
+
+
+@pytest.mark.parametrize("pattern", ["layers", ["h", "layers"]])
+def test_layers_pattern_finds_the_layer_index_as_peft_does(bases, tmp_path, pattern):
+    """PEFT's check_target_module_exists finds the layer index of layers_to_transform after
+    layers_pattern (str or list) when one is set: on a bare LlamaModel (an embedding model's
+    adapter) "layers.0.self_attn.q_proj" has an index only that way. Ember ignored
+    layers_pattern, found no index and refused PEFT's weights as untargeted."""
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModel.from_pretrained(bases["plain"]).eval()
+        pm = peft.get_peft_model(hf, peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+            layers_to_transform=[1], layers_pattern=pattern))
+        pm.save_pretrained(tmp_path / "peft")
+    saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert saved and all("layers.1." in k for k in saved)  # PEFT adapted layer 1 only
+    with torch.no_grad():
+        ref = pm.eval()(input_ids=ids).last_hidden_state
+    model, _ = load_pretrained(bases["plain"])
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert _close(model.eval().hidden_states(ids), ref)
+
+
+@pytest.mark.parametrize("target", ["all-linear", r".*\.q_proj"])
+@pytest.mark.parametrize("edit", [dict(layers_to_transform=[0]),
+                                  dict(layers_to_transform=[0], layers_pattern="layers")])
+def test_layer_filters_with_a_regex_target_are_refused_as_peft_does(bases, tmp_path, target,
+                                                                    edit):
+    """PEFT's LoraConfig refuses layers_to_transform / layers_pattern beside a string
+    target_modules (a regex, or "all-linear"); Ember loaded such a config, ignoring the filter."""
+    _peft_adapter(bases["plain"], tmp_path / "ad", target_modules=target)
+    path = tmp_path / "ad" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "target_modules": target, **edit}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(bases["plain"])
+        with pytest.raises(ValueError, match="cannot be used when `target_modules` is a str"):
+            peft.PeftModel.from_pretrained(hf, tmp_path / "ad")
+    model, _ = load_pretrained(bases["plain"])
+    with pytest.raises(EmberError, match="layers_.*is set with a regex target_modules"):
+        load_adapter(model, tmp_path / "ad")
+
+
+def test_a_bare_models_adapter_excluding_by_anchored_regex_loads(bases, tmp_path):
+    """An adapter saved on a bare LlamaModel whose exclude_modules regex is anchored to the
+    names PEFT saw there ("layers.0..."): the modules it excluded have no weights, and Ember,
+    matching its own "model.layers.0..." names, took them for weights missing from the file."""
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModel.from_pretrained(bases["plain"]).eval()
+        pm = peft.get_peft_model(hf, peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
+            init_lora_weights=False, exclude_modules=r"^(layers\.0\..*|embed_tokens)"))
+        pm.save_pretrained(tmp_path / "peft")
+    saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert saved and all("layers.1." in k for k in saved)
+    with torch.no_grad():
+        ref = pm.eval()(input_ids=ids).last_hidden_state
+    model, _ = load_pretrained(bases["plain"])
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert _close(model.eval().hidden_states(ids), ref)

@@ -4,6 +4,7 @@ loads back in PEFT with the same logits (fp32, <= 1e-4)."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -125,3 +126,20 @@ def test_named_adapter_in_subfolder(bases, tmp_path):
     with pytest.raises(EmberError, match=r"adapter\(s\) \['mine'\] in subfolders"):
         load_adapter(model, tmp_path)
     load_adapter(model, tmp_path / "mine")
+
+
+@pytest.mark.parametrize("base,value", [("plain", "all-linear"), ("plain", "ALL-Linear"),
+                                        ("phi3", "all-linear")])
+def test_all_linear_written_in_the_config_loads(bases, tmp_path, base, value):
+    """adapter_config.json with target_modules "all-linear" (PEFT itself saves the list it
+    expands it to; a hand-written or another tool's config keeps the shorthand): PEFT expands it
+    on loading (any case; Phi-3's fused qkv_proj / gate_up_proj too), Ember matched the string
+    as a regex, targeted nothing and refused every weight as untargeted."""
+    ids, ref = _peft_adapter(bases[base], tmp_path / "ad", target_modules="all-linear")
+    path = tmp_path / "ad" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "target_modules": value}))
+    assert (_peft_logits(bases[base], tmp_path / "ad", ids) - ref).abs().max().item() <= 1e-5
+    model, _ = load_pretrained(bases[base])
+    load_adapter(model, tmp_path / "ad")
+    with torch.no_grad():
+        assert (model.eval()(ids) - ref).abs().max().item() <= 1e-4
