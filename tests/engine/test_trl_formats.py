@@ -396,6 +396,22 @@ QWEN3_GEN = (
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
 
 
+def _assert_masked_as_transformers(tmp_path, toks, template: str, messages) -> str:
+    """Ember's ids and loss mask of a {"messages"} line (read with transformers' tokenizer and
+    with Ember's) equal transformers' ids and assistant mask (its generation blocks); returns
+    transformers' rendered text."""
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[0].backend,
+                                              eos_token="<|im_end|>", chat_template=template)
+    want = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    for tok in (hf, Tokenizer(toks[0].backend, eos_token="<|im_end|>", chat_template=template)):
+        (ex,), _ = _load(tmp_path, tok, [{"messages": messages}])
+        assert ex.input_ids == list(want["input_ids"])
+        assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(
+            want["assistant_masks"])
+    return hf.decode(want["input_ids"])
+
+
 @pytest.mark.parametrize("messages", [
     [U1, A1, U2, A2], [SYSTEM, U1, A1, U2, A2],
     [U1, {**A1, "reasoning_content": "Easy."}, U2, {**A2, "reasoning_content": "Also easy."}],
@@ -407,18 +423,8 @@ def test_turns_rendered_otherwise_later_are_masked_as_transformers_masks(tmp_pat
     as when it was last: multi-turn lines were refused ("does not
     render this conversation turn by turn") with data.loss_on = 'completion'. Their tokens and
     mask are transformers' (assistant mask of the generation blocks)."""
-    from ember.models.tokenizer import Tokenizer as Ours
-
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[0].backend,
-                                              eos_token="<|im_end|>", chat_template=QWEN3_GEN)
-    want = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                  return_assistant_tokens_mask=True)
-    assert "Paris" in hf.decode(want["input_ids"]) and "<think>" in hf.decode(want["input_ids"])
-    for tok in (hf, Ours(toks[0].backend, eos_token="<|im_end|>", chat_template=QWEN3_GEN)):
-        (ex,), _ = _load(tmp_path, tok, [{"messages": messages}])
-        assert ex.input_ids == list(want["input_ids"])
-        assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(
-            want["assistant_masks"])
+    text = _assert_masked_as_transformers(tmp_path, toks, QWEN3_GEN, messages)
+    assert "Paris" in text and "<think>" in text
 
 
 # Mistral v0.3's shape: the system message is written into the last user turn only.
@@ -438,15 +444,4 @@ def test_system_message_in_the_last_user_turn_is_masked_as_transformers_masks(tm
     is not rendered as when it was last: lines with a system message were refused ("does not
     render this conversation turn by turn") with data.loss_on = 'completion'. Their tokens and
     mask are transformers' (assistant mask of the generation blocks)."""
-    from ember.models.tokenizer import Tokenizer as Ours
-
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[0].backend,
-                                              eos_token="<|im_end|>", chat_template=MISTRAL_V3_GEN)
-    want = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                  return_assistant_tokens_mask=True)
-    assert "Paris" in hf.decode(want["input_ids"])
-    for tok in (hf, Ours(toks[0].backend, eos_token="<|im_end|>", chat_template=MISTRAL_V3_GEN)):
-        (ex,), _ = _load(tmp_path, tok, [{"messages": messages}])
-        assert ex.input_ids == list(want["input_ids"])
-        assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(
-            want["assistant_masks"])
+    assert "Paris" in _assert_masked_as_transformers(tmp_path, toks, MISTRAL_V3_GEN, messages)

@@ -255,6 +255,27 @@ def test_target_parameters_on_a_dense_model(bases, tmp_path):
                 alpha_pattern={"q_proj.weight": 5, "down_proj": 7})
 
 
+def _peft_on_bare_model(bases, tmp_path, **lora):
+    """PEFT's LoRA (``lora``: LoraConfig fields, random B) on the bare LlamaModel of
+    ``bases["plain"]`` (an embedding model's adapter), saved to tmp_path / "peft": (ids, PEFT's
+    last hidden states on them)."""
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModel.from_pretrained(bases["plain"]).eval()
+        pm = peft.get_peft_model(hf, peft.LoraConfig(init_lora_weights=False, **lora))
+        pm.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        return ids, pm.eval()(input_ids=ids).last_hidden_state
+
+
+def _assert_loads_as_peft(bases, tmp_path, ids, ref):
+    model, _ = load_pretrained(bases["plain"])
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert _close(model.eval().hidden_states(ids), ref)
+
+
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], r"layers\.\d+\.self_attn\.[qv]_proj"])
 def test_patterns_match_the_names_peft_saw(bases, tmp_path, targets):
     """PEFT matches rank/alpha patterns against the module names of the model it wrapped: on a
@@ -262,20 +283,9 @@ def test_patterns_match_the_names_peft_saw(bases, tmp_path, targets):
     anchored pattern below selects. Ember matched them against its own "model.layers.0..."
     names, missing the pattern: that adapter got alpha 8 instead of 16. A regex target_modules
     matches those names too (the check that every weight is targeted uses them)."""
-    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = transformers.AutoModel.from_pretrained(bases["plain"]).eval()
-        pm = peft.get_peft_model(hf, peft.LoraConfig(
-            r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
-            alpha_pattern={r"^layers\.0\.self_attn\.q_proj": 16}))
-        pm.save_pretrained(tmp_path / "peft")
-    with torch.no_grad():
-        ref = pm.eval()(input_ids=ids).last_hidden_state
-    model, _ = load_pretrained(bases["plain"])
-    load_adapter(model, tmp_path / "peft")
-    with torch.no_grad():
-        assert _close(model.eval().hidden_states(ids), ref)
+    ids, ref = _peft_on_bare_model(bases, tmp_path, r=4, lora_alpha=8, target_modules=targets,
+                                   alpha_pattern={r"^layers\.0\.self_attn\.q_proj": 16})
+    _assert_loads_as_peft(bases, tmp_path, ids, ref)
 
 
 @pytest.mark.parametrize("field,value", [
@@ -341,22 +351,12 @@ def test_layers_pattern_finds_the_layer_index_as_peft_does(bases, tmp_path, patt
     layers_pattern (str or list) when one is set: on a bare LlamaModel (an embedding model's
     adapter) "layers.0.self_attn.q_proj" has an index only that way. Ember ignored
     layers_pattern, found no index and refused PEFT's weights as untargeted."""
-    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = transformers.AutoModel.from_pretrained(bases["plain"]).eval()
-        pm = peft.get_peft_model(hf, peft.LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-            layers_to_transform=[1], layers_pattern=pattern))
-        pm.save_pretrained(tmp_path / "peft")
+    ids, ref = _peft_on_bare_model(bases, tmp_path, r=4, lora_alpha=8,
+                                   target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                                   layers_pattern=pattern)
     saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     assert saved and all("layers.1." in k for k in saved)  # PEFT adapted layer 1 only
-    with torch.no_grad():
-        ref = pm.eval()(input_ids=ids).last_hidden_state
-    model, _ = load_pretrained(bases["plain"])
-    load_adapter(model, tmp_path / "peft")
-    with torch.no_grad():
-        assert _close(model.eval().hidden_states(ids), ref)
+    _assert_loads_as_peft(bases, tmp_path, ids, ref)
 
 
 @pytest.mark.parametrize("target", ["all-linear", r".*\.q_proj"])
@@ -383,19 +383,9 @@ def test_a_bare_models_adapter_excluding_by_anchored_regex_loads(bases, tmp_path
     """An adapter saved on a bare LlamaModel whose exclude_modules regex is anchored to the
     names PEFT saw there ("layers.0..."): the modules it excluded have no weights, and Ember,
     matching its own "model.layers.0..." names, took them for weights missing from the file."""
-    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = transformers.AutoModel.from_pretrained(bases["plain"]).eval()
-        pm = peft.get_peft_model(hf, peft.LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
-            init_lora_weights=False, exclude_modules=r"^(layers\.0\..*|embed_tokens)"))
-        pm.save_pretrained(tmp_path / "peft")
+    ids, ref = _peft_on_bare_model(bases, tmp_path, r=4, lora_alpha=8,
+                                   target_modules=["q_proj", "v_proj", "embed_tokens"],
+                                   exclude_modules=r"^(layers\.0\..*|embed_tokens)")
     saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     assert saved and all("layers.1." in k for k in saved)
-    with torch.no_grad():
-        ref = pm.eval()(input_ids=ids).last_hidden_state
-    model, _ = load_pretrained(bases["plain"])
-    load_adapter(model, tmp_path / "peft")
-    with torch.no_grad():
-        assert _close(model.eval().hidden_states(ids), ref)
+    _assert_loads_as_peft(bases, tmp_path, ids, ref)
