@@ -114,6 +114,17 @@ def _rms_norm_fwd_looped_kernel(X, W, Y, RSTD, N, stride_x, stride_y, eps, offse
 
 
 @triton.jit
+def _bwd_chunk(DY, X, W, row, start, N, stride_dy, stride_x, offset, BLOCK_N: tl.constexpr):
+    """Columns [start, start + BLOCK_N) of one row: (cols, mask, x, dy, w + offset), in fp32."""
+    cols = start + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * stride_dy + cols, mask=cmask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+    return cols, cmask, x, dy, w
+
+
+@triton.jit
 def _rms_norm_bwd_looped_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, M, N, rows_per_program,
                                 stride_dy, stride_x, stride_dx, offset, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -125,19 +136,13 @@ def _rms_norm_bwd_looped_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, M, N, rows_per_p
             rstd = tl.load(RSTD + row)
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for start in range(0, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N)
-                cmask = cols < N
-                x = tl.load(X + row * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dy + cols, mask=cmask, other=0.0).to(tl.float32)
-                w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+                cols, cmask, x, dy, w = _bwd_chunk(DY, X, W, row, start, N, stride_dy, stride_x,
+                                                   offset, BLOCK_N)
                 acc += dy * w * x
             c = tl.sum(acc, axis=0) * rstd / N
             for start in range(0, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N)
-                cmask = cols < N
-                x = tl.load(X + row * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dy + cols, mask=cmask, other=0.0).to(tl.float32)
-                w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+                cols, cmask, x, dy, w = _bwd_chunk(DY, X, W, row, start, N, stride_dy, stride_x,
+                                                   offset, BLOCK_N)
                 x_hat = x * rstd
                 dx = (dy * w - x_hat * c) * rstd
                 tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=cmask)
