@@ -68,8 +68,16 @@ class ModelSpec:
     # training loss (transformers' load_balancing_loss_func). None: the checkpoint's
     # router_aux_loss_coef; 0: off.
     router_aux_loss_coef: float | None = None
+    # Dropout on the attention probabilities in training (transformers' attention_dropout;
+    # Granite 3 ships 0.1). None: the checkpoint's; 0: off, and the flash kernels train (a
+    # nonzero value trains through an explicit-mask attention: slower, O(T^2) memory).
+    attention_dropout: float | None = None
 
     def __post_init__(self) -> None:
+        d = self.attention_dropout
+        if d is not None and (isinstance(d, bool) or not 0.0 <= d < 1.0):
+            raise EmberError(f"model.attention_dropout must be in [0, 1) (or left out for the "
+                             f"checkpoint's), got {d!r}")
         c = self.router_aux_loss_coef
         if c is not None and (isinstance(c, bool) or not c >= 0):
             raise EmberError(f"model.router_aux_loss_coef must be >= 0 (or left out), got {c!r}")

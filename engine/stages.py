@@ -356,13 +356,17 @@ def _train_saved_modules(model, mods: dict, mode: str) -> None:
 
 def load_base(cfg: TrainConfig, name, dtype: str, device: str, **kw):
     """``load_pretrained(name, ...)`` with the run's context extension (``model.rope_scaling``)
-    applied: every path that rebuilds a run's model goes through here."""
-    from ember.models.context import extend_context
+    and ``model.attention_dropout`` applied: every path that rebuilds a run's model goes through
+    here."""
+    from ember.models.context import extend_context, set_config_
     from ember.models.loading import load_pretrained
 
     model, tok = load_pretrained(name, dtype, device, **kw)
     if cfg.model.rope_scaling is not None:
         extend_context(model, cfg.model.rope_scaling, cfg.model.rope_factor)
+    drop = cfg.model.attention_dropout
+    if drop is not None and hasattr(model, "cfg") and drop != model.cfg.attention_dropout:
+        set_config_(model, model.cfg.replace(attention_dropout=drop))
     return model, tok
 
 

@@ -59,14 +59,19 @@ def extended_config(cfg: ModelConfig, kind: str, factor: float) -> ModelConfig:
     return cfg.replace(rope_scaling=scaling, max_position_embeddings=int(orig * factor))
 
 
-def extend_context(model, kind: str, factor: float):
-    """Apply ``extended_config`` to ``model`` (an Ember ``Transformer``) in place; returns it."""
+def set_config_(model, new: ModelConfig) -> None:
+    """Give ``model`` (an Ember ``Transformer``) and every module sharing its config ``new``."""
     old = model.cfg
-    new = extended_config(old, kind, factor)
-    if new is old:
-        return model
     for m in model.modules():  # the blocks hold the same config object
         if getattr(m, "cfg", None) is old:
             m.cfg = new
+
+
+def extend_context(model, kind: str, factor: float):
+    """Apply ``extended_config`` to ``model`` (an Ember ``Transformer``) in place; returns it."""
+    new = extended_config(model.cfg, kind, factor)
+    if new is model.cfg:
+        return model
+    set_config_(model, new)
     model.reset_rope_(model.inv_freq.device)
     return model

@@ -101,3 +101,31 @@ def test_attention_dropout_out_of_range_is_refused(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "attention_dropout": 1.0}))
     with pytest.raises(EmberError, match=r"attention_dropout must be in \[0, 1\)"):
         load_pretrained(folder)
+
+
+def test_run_setting_overrides_the_checkpoints_dropout(tmp_path):
+    """model.attention_dropout in a run's config: 0 turns Granite's 0.1 off (the flash kernels
+    train: a training forward is then deterministic and equals the eval forward); a value sets
+    it; out of range is refused by name. Every path that builds a run's model (engine/stages.py
+    load_base) applies it to the model and every block."""
+    from ember.engine.config import load_config
+    from ember.engine.stages import load_base
+
+    folder = _save(tmp_path, "granite", "GraniteConfig", attention_dropout=0.1, **GRANITE)
+    ids = _ids(12)
+    off, _ = load_base(load_config(None, [f"model.name={folder}", "model.attention_dropout=0"]),
+                       str(folder), "float32", "cpu")
+    assert off.cfg.attention_dropout == 0.0
+    assert all(layer.attn.cfg is off.cfg for layer in off.layers)
+    with torch.no_grad():
+        ref = off.eval()(ids)
+        torch.manual_seed(1)
+        assert (off.train()(ids) - ref).abs().max().item() <= 1e-6
+    on, _ = load_base(load_config(None, [f"model.name={folder}", "model.attention_dropout=0.3"]),
+                      str(folder), "float32", "cpu")
+    assert on.cfg.attention_dropout == 0.3 and on.layers[-1].attn.cfg.attention_dropout == 0.3
+    kept, _ = load_base(load_config(None, [f"model.name={folder}"]), str(folder), "float32",
+                        "cpu")
+    assert kept.cfg.attention_dropout == 0.1
+    with pytest.raises(EmberError, match=r"model.attention_dropout must be in \[0, 1\)"):
+        load_config(None, ["model.attention_dropout=1.5"])
