@@ -413,11 +413,34 @@ def encode_prompts(tokenizer, prompts: Sequence, chat: bool = False) -> list[lis
     return out
 
 
+# transformers' generate() options a user coming from it may pass, and what Ember does instead
+_HF_HINTS = {
+    "do_sample": "sampling is temperature > 0 (temperature = 0: greedy)",
+    "max_length": "give max_new_tokens (tokens after the prompt)",
+    "num_return_sequences": "repeat the prompt in the list, with temperature > 0",
+    "min_new_tokens": "not supported",
+    "no_repeat_ngram_size": "not supported (repetition_penalty is)",
+    "num_beams": "not supported: greedy or sampling only",
+    "eos_token_id": "generation stops at the tokenizer's eos_token_ids; use stop_strings for more",
+    "pad_token_id": "not needed: batches are left-padded internally",
+    "generation_config": "pass its fields as keywords (temperature, top_p, top_k, min_p, "
+                         "repetition_penalty, max_new_tokens)",
+}
+
+
+def unsupported_options(options: dict) -> str:
+    """The error for keywords ``generate`` does not take, with what to do for transformers'."""
+    lines = [f"{k}: {_HF_HINTS.get(k, 'not an option of ember generate')}" for k in options]
+    return ("generate() does not take " + ", ".join(map(repr, options)) + "\n  "
+            + "\n  ".join(lines) + "\n(its options: max_new_tokens, temperature, top_p, "
+            "top_k, min_p, repetition_penalty, seed, stop_strings, chat)")
+
+
 def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int | None = None, stop_strings: Sequence[str] | None = None,
-             chat: bool = False, min_p: float = 0.0, repetition_penalty: float = 1.0
-             ) -> list[str]:
+             chat: bool = False, min_p: float = 0.0, repetition_penalty: float = 1.0,
+             **hf_options) -> list[str]:
     """Completions (list[str], one per prompt) for a prompt or a list of prompts.
 
     ``chat=True`` wraps each string as a user message and renders the model's chat template; a
@@ -425,6 +448,8 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     the tokenizer's ``eos_token_ids`` and, if given, right before the first stop string (which is
     cut from the returned text; a stop string that is a special token, e.g. ``<|im_end|>``, stops
     generation there and is not in the text, special tokens being skipped)."""
+    if hf_options:
+        raise EmberError(unsupported_options(hf_options))
     if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], dict)):
         prompts = [prompts]
