@@ -16,10 +16,10 @@ from its first example):
         go to the chat template as transformers passes them
     {"conversations": [{"from": "human", "value": "..."}, ...]}   ShareGPT, read as messages
     {"prompt": "...", "chosen": "...", "rejected": "..."}     a preference pair (objective "dpo",
-        "orpo" or "simpo");
-        or TRL's chat form: "prompt", "chosen", "rejected" as message lists, or only "chosen" and
-        "rejected" as whole conversations (the shared prompt is their common prefix); see
-        ``ember.engine.preference``
+        "orpo" or "simpo"), or TRL's chat form: message lists, or only "chosen" and "rejected"
+        as whole conversations (the shared prompt is their common prefix); see
+        ``ember.engine.preference``. A line with both chosen and rejected is a pair whatever else
+        it holds (data.format = "messages" reads UltraFeedback's "messages" column instead)
 Line parsing and validation is in ``ember.engine.formats``.
 Prompt/completion pairs are rendered as a user/assistant chat with the tokenizer's chat template
 when it has one (``use_chat_template``), else concatenated as-is (put any separator in the prompt).
