@@ -339,7 +339,7 @@ class _ClassReader(_Reader):
             )
         else:
             rec = with_system_prompt(self.cfg, rec)
-            ids = enc._enc(enc._render(rec, False, rec.tools, rec.template_kwargs))
+            ids = enc._enc(enc._render(rec))
         return ids, label
 
     def example(self, lineno: int, raw: bytes) -> Example | None:

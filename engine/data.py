@@ -223,12 +223,15 @@ class _Encoder:
                              "has none (use prompt/completion lines of strings instead)")
         return self._chat(with_system_prompt(self.cfg, rec), all_loss)
 
-    def _render(self, messages, gen: bool = False, tools: list | None = None,
-                kwargs: dict | None = None) -> str:
-        """``kwargs``: the line's template variables (TRL's ``chat_template_kwargs``)."""
+    def _render(self, messages, gen: bool = False, line: Chat | None = None) -> str:
+        """``messages`` rendered with the tools and template variables (``chat_template_kwargs``)
+        of ``line``, the Chat they come from (None: ``messages`` itself)."""
+        line = messages if line is None else line
+        tools = getattr(line, "tools", None)
         try:
             return self.tok.apply_chat_template(messages, add_generation_prompt=gen,
-                                                tokenize=False, **(kwargs or {}),
+                                                tokenize=False,
+                                                **(getattr(line, "template_kwargs", None) or {}),
                                                 **({"tools": tools} if tools else {}))
         except Exception as e:  # jinja raise_exception() and template bugs: a per-line problem
             raise _Bad("chat template", f"the chat template rejected this conversation: "
@@ -245,13 +248,12 @@ class _Encoder:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            upto = self._render(messages[: i + 1], False, messages.tools,
-                                messages.template_kwargs)
+            upto = self._render(messages[: i + 1], False, messages)
             eos = getattr(self.tok, "eos_token", None)
             if eos and not full.startswith(upto) and upto.endswith(eos):
                 upto = upto[: -len(eos)]  # Phi-3 ends a render with EOS, not each turn
-            pre = self._opening(messages, upto) if i == 0 else self._render(
-                messages[:i], True, messages.tools, messages.template_kwargs)
+            pre = (self._opening(messages, upto) if i == 0
+                   else self._render(messages[:i], True, messages))
             if full.startswith(upto) and upto.startswith(pre):
                 start, end = len(pre), len(upto)
             else:  # the turn renders otherwise once later messages follow
@@ -272,14 +274,13 @@ class _Encoder:
         render with a marker for its content (a default system prompt comes with the first
         message in SmolLM2's and Qwen's templates)."""
         try:
-            pre = self._render([], True, messages.tools, messages.template_kwargs)
+            pre = self._render([], True, messages)
             if upto.startswith(pre):
                 return pre
         except _Bad:
             pass
         marker = "\x00EmberAnswer\x00"
-        probe = self._render([{**messages[0], "content": marker}], False, messages.tools,
-                             messages.template_kwargs)
+        probe = self._render([{**messages[0], "content": marker}], False, messages)
         cut = probe.find(marker)
         return probe[:cut] if cut > 0 and probe.count(marker) == 1 else probe + "\x00"
 
@@ -317,7 +318,7 @@ class _Encoder:
     def _chat(self, messages, all_loss: bool):
         if not isinstance(messages, Chat):
             messages = Chat(messages)
-        full = self._render(messages, False, messages.tools, messages.template_kwargs)
+        full = self._render(messages)
         spans = self._spans(messages, full)
         if spans is None and not all_loss:
             raise _Bad("chat template", "the chat template does not render this conversation "
@@ -384,8 +385,7 @@ def render_chat(tokenizer, cfg: DataConfig, messages: Sequence[dict]) -> list[in
         raise EmberError("a conversation needs a chat template; this model or run renders "
                          "prompts as plain text (use ember generate)")
     try:
-        msgs = with_system_prompt(cfg, messages)
-        return enc._enc(enc._render(msgs, True, msgs.tools, msgs.template_kwargs))
+        return enc._enc(enc._render(with_system_prompt(cfg, messages), True))
     except _Bad as e:
         raise EmberError(e.why) from None
 
