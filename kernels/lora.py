@@ -51,12 +51,9 @@ def lora_linear_ref(x, weight, A, B, scale, bias=None, *, lora_x=None):
     u = F.linear(lx, A.to(x.dtype))
     # y + scale * u B^T as one GEMM onto y (beta = 1, alpha = scale): the same values as the
     # written-out sum, without two more passes over the (tokens, out) output (about 10% of a
-    # LoRA linear's forward + backward on a CPU, measured)
-    # Row count spelled out: reshape(-1, 0) cannot infer it (a rank-0 adapter, no outputs).
-    rows = y.shape[:-1].numel()
-    y2 = y.reshape(rows, y.shape[-1])
-    return torch.addmm(y2, u.reshape(rows, u.shape[-1]), B.to(x.dtype).t(), alpha=float(scale)
-                       ).view(y.shape)
+    # LoRA linear's forward + backward on a CPU, measured); _rows: a rank-0 adapter or no
+    # outputs too
+    return torch.addmm(_rows(y), _rows(u), B.to(x.dtype).t(), alpha=float(scale)).view(y.shape)
 
 
 def lora_qkv_ref(x, weights, As, Bs, scale, biases=None, *, lora_x=None):
