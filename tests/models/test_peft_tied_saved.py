@@ -59,16 +59,24 @@ def _peft_loads_it_and_merged_exports_untied(model, tok, tied, tmp_path, ids, ou
         assert _close(merged(input_ids=ids).logits, ref)
 
 
-@pytest.mark.parametrize("mts", [["lm_head"], ["embed_tokens"], ["embed_tokens", "lm_head"]])
-def test_modules_to_save_untie_a_tied_model_as_peft(tied, tmp_path, mts):
+def _loads_peft_adapter(tied, tmp_path, **kw):
+    """PEFT's adapter (``_peft_adapter`` with ``kw``) on the tied model, saved to tmp_path /
+    "peft", loaded by Ember with PEFT's logits: (model, tokenizer, ids, Ember's logits, PEFT's)."""
     torch.manual_seed(0)
-    ids, ref = _peft_adapter(tied, tmp_path / "peft", target_modules=["q_proj"],
-                             modules_to_save=mts, edit_base=_train_copies)
+    ids, ref = _peft_adapter(tied, tmp_path / "peft", **kw)
     model, tok = load_pretrained(tied)
     load_adapter(model, tmp_path / "peft")
     with torch.no_grad():
         ours = model.eval()(ids)
     assert _close(ours, ref)
+    return model, tok, ids, ours, ref
+
+
+@pytest.mark.parametrize("mts", [["lm_head"], ["embed_tokens"], ["embed_tokens", "lm_head"]])
+def test_modules_to_save_untie_a_tied_model_as_peft(tied, tmp_path, mts):
+    model, tok, ids, ours, ref = _loads_peft_adapter(tied, tmp_path, target_modules=["q_proj"],
+                                                     modules_to_save=mts,
+                                                     edit_base=_train_copies)
     # save_adapter: PEFT loads it with Ember's logits, the same modules saved
     save_adapter(model, tmp_path / "ember")
     cfg = json.loads((tmp_path / "ember" / "adapter_config.json").read_text())
@@ -82,13 +90,7 @@ def test_lora_on_a_tied_head_without_weight_tying_unties(tied, tmp_path, targets
     """PEFT without ensure_weight_tying puts the head's own adapter on the shared matrix (and
     the embedding's, if any, on the embedding alone): Ember unties the head to hold both (was
     refused), with PEFT's logits, saved back as PEFT's and exported untied."""
-    torch.manual_seed(0)
-    ids, ref = _peft_adapter(tied, tmp_path / "peft", target_modules=targets)
-    model, tok = load_pretrained(tied)
-    load_adapter(model, tmp_path / "peft")
-    with torch.no_grad():
-        ours = model.eval()(ids)
-    assert _close(ours, ref)
+    model, tok, ids, ours, ref = _loads_peft_adapter(tied, tmp_path, target_modules=targets)
     save_adapter(model, tmp_path / "ember")
     _peft_loads_it_and_merged_exports_untied(model, tok, tied, tmp_path, ids, ours, ref)
 
