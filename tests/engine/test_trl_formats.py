@@ -236,19 +236,9 @@ def test_conversation_opened_by_the_assistant(tmp_path, toks, messages):
     transformers tokenizer "Cannot apply chat template to an empty conversation", with Ember's
     "does not render this conversation turn by turn" when the template adds a default system
     prompt. Its tokens and mask are transformers' (assistant mask of the generation blocks)."""
-    from ember.models.tokenizer import Tokenizer as Ours
-
     assert CHATML_DEFAULT_SYSTEM != CHATML_GEN
     for tpl in (CHATML_GEN, CHATML_DEFAULT_SYSTEM):
-        hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[0].backend,
-                                                  eos_token="<|im_end|>", chat_template=tpl)
-        want = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                      return_assistant_tokens_mask=True)
-        for tok in (hf, Ours(toks[0].backend, eos_token="<|im_end|>", chat_template=tpl)):
-            (ex,), _ = _load(tmp_path, tok, [{"messages": messages}])
-            assert ex.input_ids == list(want["input_ids"])
-            assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(
-                want["assistant_masks"])
+        _assert_masked_as_transformers(tmp_path, toks, tpl, messages)
 
 
 def _common_prefix_length(ids, other):
