@@ -52,6 +52,20 @@ def _load(tmp_path, tok, rows, **kw):
     return load_examples(path, DataConfig(train=str(path), bad_lines="error", **kw), tok)
 
 
+def _with_template(toks, template: str):
+    """(transformers' tokenizer, Ember's) of the fixture's vocabulary with another template."""
+    backend = toks[0].backend
+    return (transformers.PreTrainedTokenizerFast(tokenizer_object=backend,
+                                                 eos_token="<|im_end|>", chat_template=template),
+            Tokenizer(backend, eos_token="<|im_end|>", chat_template=template))
+
+
+# one chat exchange (U1 -> A1) in each line shape that takes tools and template variables
+SHAPE_ROWS = {"messages": {"messages": [U1, A1]},
+              "prompt_completion": {"prompt": [U1], "completion": [A1]},
+              "preference": {"prompt": [U1], "chosen": [A1], "rejected": [A2]}}
+
+
 def _trl_sft_masks(hf, prompt, completion):
     """TRL 1.16 SFT's tokenize_fn on a conversational prompt-completion line, with
     assistant_only_loss: (input_ids, completion_mask AND assistant_masks)."""
@@ -139,14 +153,8 @@ def test_tools_as_json_text_render_as_trl(tmp_path, toks, shape):
     """TRL's trainers json.loads a line's "tools" given as a string (how Hugging Face datasets
     store schemas that differ by row); Ember refused it outside ShareGPT ("field 'tools' must be
     an array of tool schemas"). The tokens are transformers' with the decoded schemas."""
-    from ember.models.tokenizer import Tokenizer as Ours
-
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[0].backend,
-                                              eos_token="<|im_end|>", chat_template=CHATML_TOOLS)
-    ours = Ours(toks[0].backend, eos_token="<|im_end|>", chat_template=CHATML_TOOLS)
-    row = {"messages": {"messages": [U1, A1]}, "prompt_completion": {"prompt": [U1],
-           "completion": [A1]}, "preference": {"prompt": [U1], "chosen": [A1],
-                                               "rejected": [A2]}}[shape]
+    hf, ours = _with_template(toks, CHATML_TOOLS)
+    row = SHAPE_ROWS[shape]
     want = hf.apply_chat_template([U1, A1], tools=TOOLS, tokenize=True, return_dict=True,
                                   return_assistant_tokens_mask=True)
     (ex,), _ = _load(tmp_path, ours, [{**row, "tools": json.dumps(TOOLS)}])
@@ -170,15 +178,9 @@ CHATML_THINK = CHATML_GEN.replace("{{ '<|im_start|>assistant\n' }}",
 def test_chat_template_kwargs_reach_the_template_as_trl(tmp_path, toks, shape):
     """TRL passes a line's "chat_template_kwargs" (e.g. {"enable_thinking": false}) to
     apply_chat_template; Ember ignored the field, silently rendering every line another way."""
-    from ember.models.tokenizer import Tokenizer as Ours
-
     assert CHATML_THINK.count(NO_THINK) == 2
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[0].backend,
-                                              eos_token="<|im_end|>", chat_template=CHATML_THINK)
-    ours = Ours(toks[0].backend, eos_token="<|im_end|>", chat_template=CHATML_THINK)
-    row = {"messages": {"messages": [U1, A1]}, "prompt_completion": {"prompt": [U1],
-           "completion": [A1]}, "preference": {"prompt": [U1], "chosen": [A1],
-                                               "rejected": [A2]}}[shape]
+    hf, ours = _with_template(toks, CHATML_THINK)
+    row = SHAPE_ROWS[shape]
     kw = {"enable_thinking": False}
     want = hf.apply_chat_template([U1, A1], tokenize=True, return_dict=True,
                                   return_assistant_tokens_mask=True, **kw)
@@ -198,13 +200,9 @@ def test_kto_chat_lines_pass_tools_and_template_kwargs(tmp_path, toks):
     """TRL's KTOTrainer renders a chat line with its "tools" (JSON text too) and
     "chat_template_kwargs"; Ember's KTO reader dropped both."""
     from ember.engine.kto import load_kto_examples
-    from ember.models.tokenizer import Tokenizer as Ours
-
     tpl = CHATML_THINK.replace(CHATML_GEN[:10], CHATML_TOOLS[:CHATML_TOOLS.index(CHATML_GEN)]
                                + CHATML_GEN[:10], 1)
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[0].backend,
-                                              eos_token="<|im_end|>", chat_template=tpl)
-    ours = Ours(toks[0].backend, eos_token="<|im_end|>", chat_template=tpl)
+    hf, ours = _with_template(toks, tpl)
     kw = {"enable_thinking": False}
     want = hf.apply_chat_template([U1, A1], tools=TOOLS, tokenize=True, return_dict=True,
                                   return_assistant_tokens_mask=True, **kw)
@@ -390,11 +388,10 @@ def _assert_masked_as_transformers(tmp_path, toks, template: str, messages) -> s
     """Ember's ids and loss mask of a {"messages"} line (read with transformers' tokenizer and
     with Ember's) equal transformers' ids and assistant mask (its generation blocks); returns
     transformers' rendered text."""
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[0].backend,
-                                              eos_token="<|im_end|>", chat_template=template)
+    hf, ours = _with_template(toks, template)
     want = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
                                   return_assistant_tokens_mask=True)
-    for tok in (hf, Tokenizer(toks[0].backend, eos_token="<|im_end|>", chat_template=template)):
+    for tok in (hf, ours):
         (ex,), _ = _load(tmp_path, tok, [{"messages": messages}])
         assert ex.input_ids == list(want["input_ids"])
         assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(
