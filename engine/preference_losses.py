@@ -8,8 +8,10 @@ the rewards TRL logs (``rewards/chosen``, ``rewards/rejected``; detached). ``s``
 DPO (``dpo_loss``; TRL ``DPOTrainer`` ``loss_type``), on the margin of the log-ratios to the
 reference ``h = (pi_c - ref_c) - (pi_r - ref_r)``; rewards ``beta * (pi - ref)``:
 
-    sigmoid  -(1 - e) log s(beta h) - e log s(-beta h)       Rafailov et al. 2023; e > 0: the
-                                                             conservative DPO of Mitchell 2023
+    sigmoid  -log s(beta h)                                  Rafailov et al. 2023 (TRL 1.x has
+                                                             no label smoothing here: e > 0, the
+                                                             conservative DPO of TRL 0.x, is
+                                                             refused rather than ignored)
     robust   (-(1 - e) log s(beta h) + e log s(-beta h)) / (1 - 2e)   Chowdhury et al. 2024: an
                                                              unbiased loss when a fraction e of
                                                              the labels is flipped (e in (0, .5))
@@ -17,8 +19,9 @@ reference ``h = (pi_c - ref_c) - (pi_r - ref_r)``; rewards ``beta * (pi - ref)``
     ipo      (h - 1 / (2 beta))^2                            Azar et al. 2023, eq. 17 (beta is
                                                              the paper's tau)
 
-IPO's log-probabilities are averaged per answer token, policy and reference alike (TRL divides
-both by the answer's token count for ``loss_type="ipo"``); the others are summed.
+IPO's log-ratios are averaged per answer token (TRL divides each answer's summed log-ratio by
+its token count for ``loss_type="ipo"``); the others are summed. The rewards are always those of
+the summed log-probs, IPO's too (TRL logs ``beta * (pi - ref)`` of the sums for every loss type).
 
 ORPO (``orpo_loss``; Hong et al. 2024, TRL ``ORPOTrainer``) on per-token *mean* log-probs ``a``:
 ``log_odds(a) = a - log(1 - exp(a))``, loss ``-beta log s(log_odds(a_c) - log_odds(a_r))`` (beta
@@ -67,9 +70,11 @@ def _smoothed(x: torch.Tensor, label_smoothing: float) -> torch.Tensor:
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.0,
-             loss_type: str = "sigmoid") -> PairLosses:
-    """DPO's per-pair losses and rewards (module docstring) from sequence log-probabilities
-    (for ``loss_type="ipo"``: averaged per answer token)."""
+             loss_type: str = "sigmoid", chosen_tokens: torch.Tensor | None = None,
+             rejected_tokens: torch.Tensor | None = None) -> PairLosses:
+    """DPO's per-pair losses and rewards (module docstring) from summed answer log-probabilities;
+    ``loss_type="ipo"`` also needs each answer's token count (``chosen_tokens``,
+    ``rejected_tokens``), by which it divides the log-ratios."""
     if not beta > 0:
         raise EmberError(f"dpo beta must be > 0, got {beta}")
     if loss_type not in DPO_LOSS_TYPES:
@@ -77,11 +82,19 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
                          f"got {loss_type!r}")
     if not 0 <= label_smoothing < 0.5:
         raise EmberError(f"dpo label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type != "robust":
+        raise EmberError(f"dpo label_smoothing applies to loss_type 'robust' only (as TRL 1.x), "
+                         f"not {loss_type!r}")
     chosen = policy_chosen - ref_chosen.detach()
     rejected = policy_rejected - ref_rejected.detach()
     h = chosen - rejected
+    if loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise EmberError("dpo loss_type 'ipo' needs chosen_tokens and rejected_tokens (the "
+                             "answers' token counts) to average the log-ratios per token")
+        h = chosen / chosen_tokens.clamp(min=1) - rejected / rejected_tokens.clamp(min=1)
     if loss_type == "sigmoid":
-        losses = _smoothed(beta * h, label_smoothing)
+        losses = -F.logsigmoid(beta * h)
     elif loss_type == "robust":
         e = label_smoothing
         losses = (-(1 - e) * F.logsigmoid(beta * h) + e * F.logsigmoid(-beta * h)) / (1 - 2 * e)

@@ -66,7 +66,8 @@ class DPOConfig:
     # "sigmoid" (DPO) | "robust" (needs label_smoothing) | "hinge" (SLiC) | "ipo" (per-token
     # mean log-probs); formulas in engine/preference_losses.py
     loss_type: str = "sigmoid"
-    # sigmoid: > 0 is conservative DPO; robust: the assumed fraction of flipped labels
+    # robust only: the assumed fraction of flipped labels (TRL 1.x's sigmoid has no label
+    # smoothing; the conservative DPO of TRL 0.x is refused rather than silently dropped)
     label_smoothing: float = 0.0
     sft_weight: float = 0.0  # RPO (TRL's rpo_alpha): + weight * NLL per chosen answer token
     # Score every pair with the reference once, before training (eval mode), instead of one
@@ -83,9 +84,10 @@ class DPOConfig:
             raise EmberError("dpo.loss_type = \"robust\" needs dpo.label_smoothing in (0, 0.5): "
                              "the fraction of preference labels assumed flipped (with 0 it is "
                              "plain sigmoid DPO)")
-        if self.loss_type in ("hinge", "ipo") and self.label_smoothing:
-            raise EmberError(f"dpo.label_smoothing applies to loss_type \"sigmoid\" and "
-                             f"\"robust\", not {self.loss_type!r}: drop it")
+        if self.loss_type != "robust" and self.label_smoothing:
+            raise EmberError(f"dpo.label_smoothing applies to loss_type \"robust\" only, not "
+                             f"{self.loss_type!r}: drop it (TRL 1.x ignores it there; the "
+                             "conservative DPO of TRL 0.x's sigmoid label smoothing is gone)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -278,9 +280,9 @@ class DPO(Referenced, _Pairs):
         ref_lp = self.ref_logprobs(model, batch)
         lp = doc_logprobs(model, batch)  # (2 * pairs,): chosen, rejected, chosen, ...
         c = self.cfg
-        pol, ref = (lp.means, ref_lp.means) if c.loss_type == "ipo" else (lp.sums, ref_lp.sums)
+        pol, ref, n = lp.sums, ref_lp.sums, lp.counts
         out = dpo_loss(pol[0::2], pol[1::2], ref[0::2], ref[1::2], c.beta, c.label_smoothing,
-                       c.loss_type)
+                       c.loss_type, chosen_tokens=n[0::2], rejected_tokens=n[1::2])
         return out, lp, {}
 
 

@@ -29,17 +29,24 @@ def _logsig(x):
     return -torch.log1p(torch.exp(-x))
 
 
-def trl_dpo(pc, pr, rc, rr, beta, ls, loss_type):
-    logits = (pc - pr) - (rc - rr)
+def trl_dpo(pc, pr, rc, rr, beta, ls, loss_type, nc=None, nr=None):
+    """TRL 1.16 ``DPOTrainer._compute_loss`` (reverse KL) on summed log-probs; ``nc``, ``nr``:
+    the answers' token counts (IPO divides the log-ratios by them). Label smoothing only enters
+    "robust"; the rewards are of the sums for every loss type."""
+    chosen_scores, rejected_scores = pc - rc, pr - rr
+    delta = chosen_scores - rejected_scores
     if loss_type == "sigmoid":
-        losses = -_logsig(beta * logits) * (1 - ls) - _logsig(-beta * logits) * ls
+        losses = -_logsig(beta * delta)
     elif loss_type == "robust":
-        losses = (-_logsig(beta * logits) * (1 - ls) + _logsig(-beta * logits) * ls) / (1 - 2 * ls)
+        clean = -(1 - ls) * _logsig(beta * delta)
+        flipped = -ls * _logsig(-beta * delta)
+        losses = (clean - flipped) / (1 - 2 * ls)
     elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * logits)
+        losses = torch.relu(1 - beta * delta)
     else:
-        losses = (logits - 1 / (2 * beta)) ** 2
-    return losses, beta * (pc - rc), beta * (pr - rr)
+        ipo_delta = chosen_scores / nc.clamp(min=1.0) - rejected_scores / nr.clamp(min=1.0)
+        losses = (ipo_delta - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen_scores, beta * rejected_scores
 
 
 def trl_orpo(ac, ar, beta):
@@ -55,38 +62,57 @@ def trl_simpo(ac, ar, beta, gamma, ls):
 
 def _random_pairs(pairs=9, seed=0):
     """TRL's layout: (2P, L) per-token log-probs and mask (chosen rows first), and per row the
-    summed and the per-token mean log-probability."""
+    summed log-probability, the per-token mean and the token count."""
     g = torch.Generator().manual_seed(seed)
     n = torch.randint(1, 20, (2 * pairs,), generator=g)
     mask = torch.arange(20)[None] < n[:, None]
     lp = -torch.rand(2 * pairs, 20, generator=g, dtype=torch.float64) * 2 * mask
     sums = lp.sum(-1)
-    return sums, sums / mask.sum(-1)
+    return sums, sums / mask.sum(-1), mask.sum(-1).double()
 
 
 def _split(x, pairs):
     return x[:pairs], x[pairs:]
 
 
-@pytest.mark.parametrize("loss_type,ls", [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.1),
-                                          ("robust", 0.4), ("hinge", 0.0), ("ipo", 0.0)])
+@pytest.mark.parametrize("loss_type,ls", [("sigmoid", 0.0), ("robust", 0.1), ("robust", 0.4),
+                                          ("hinge", 0.0), ("ipo", 0.0)])
 def test_dpo_loss_types_match_trl(loss_type, ls):
-    sums, means = _random_pairs()
-    ref_sums, ref_means = _random_pairs(seed=1)
-    x, r = (means, ref_means) if loss_type == "ipo" else (sums, ref_sums)
-    (pc, pr), (rc, rr) = _split(x, 9), _split(r, 9)
-    want = trl_dpo(pc, pr, rc, rr, 0.3, ls, loss_type)
-    pol = x.float().requires_grad_()
-    got = dpo_loss(pol[:9], pol[9:], r[:9].float(), r[9:].float(), 0.3, ls, loss_type)
+    """Loss, rewards and the gradient w.r.t. the policy's summed log-probs, against TRL 1.16's
+    formulas in float64. IPO's rewards are of the summed log-probs (TRL logs beta * the summed
+    log-ratio for every loss type; they were per-token means)."""
+    sums, _, counts = _random_pairs()
+    ref_sums, _, _ = _random_pairs(seed=1)
+    (rc, rr), (nc, nr) = _split(ref_sums, 9), _split(counts, 9)
+    want_pol = sums.clone().requires_grad_()
+    want = trl_dpo(want_pol[:9], want_pol[9:], rc, rr, 0.3, ls, loss_type, nc, nr)
+    want[0].mean().backward()
+    pol = sums.clone().requires_grad_()
+    got = dpo_loss(pol[:9], pol[9:], rc, rr, 0.3, ls, loss_type, chosen_tokens=nc,
+                   rejected_tokens=nr)
     for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12)
     got.losses.mean().backward()
-    assert torch.isfinite(pol.grad).all() and pol.grad.abs().sum() > 0
+    torch.testing.assert_close(pol.grad, want_pol.grad, rtol=1e-10, atol=1e-12)
+    assert pol.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+def test_dpo_label_smoothing_outside_robust_is_refused(loss_type):
+    """TRL 1.16 applies label_smoothing in "robust" only (its sigmoid is -log s(beta h), the
+    conservative DPO of TRL 0.x is gone): Ember used to apply it to sigmoid, a loss TRL never
+    computes. It is refused, in the config and in the pure loss, rather than ignored."""
+    with pytest.raises(EmberError, match=rf"dpo\.label_smoothing applies to loss_type "
+                                         rf"\"robust\" only, not '{loss_type}'"):
+        load_config(None, [f'dpo.loss_type="{loss_type}"', "dpo.label_smoothing=0.1"])
+    x = torch.zeros(3)
+    with pytest.raises(EmberError, match="label_smoothing applies to loss_type 'robust' only"):
+        dpo_loss(x, x, x, x, 0.1, 0.1, loss_type, chosen_tokens=x + 1, rejected_tokens=x + 1)
 
 
 @pytest.mark.parametrize("ls", [0.0, 0.25])
 def test_simpo_and_orpo_match_trl(ls):
-    _, means = _random_pairs(seed=2)
+    _, means, _ = _random_pairs(seed=2)
     ac, ar = _split(means, 9)
     a = means.float().requires_grad_()
     got = simpo_loss(a[:9], a[9:], beta=2.5, gamma=1.2, label_smoothing=ls)
@@ -156,8 +182,7 @@ def test_doc_logprobs_equal_each_document_alone(pref_batch):
 
 
 CASES = {
-    "dpo_sigmoid_rpo": ('objective="dpo"', "dpo.beta=0.5", "dpo.label_smoothing=0.1",
-                        "dpo.sft_weight=0.7"),
+    "dpo_sigmoid_rpo": ('objective="dpo"', "dpo.beta=0.5", "dpo.sft_weight=0.7"),
     "dpo_robust": ('objective="dpo"', 'dpo.loss_type="robust"', "dpo.label_smoothing=0.2"),
     "dpo_hinge": ('objective="dpo"', 'dpo.loss_type="hinge"', "dpo.beta=2.0"),
     "dpo_ipo": ('objective="dpo"', 'dpo.loss_type="ipo"', "dpo.beta=0.5"),
@@ -176,9 +201,8 @@ def _trl_step(cfg, policy, reference, examples):
     if cfg.objective == "dpo":
         c = cfg.dpo
         ref_sums, _ = _alone(reference, examples)
-        x, r = (means, ref_sums / counts) if c.loss_type == "ipo" else (sums, ref_sums)
-        losses, ch, rj = trl_dpo(x[:P], x[P:], r[:P], r[P:], c.beta, c.label_smoothing,
-                                 c.loss_type)
+        losses, ch, rj = trl_dpo(sums[:P], sums[P:], ref_sums[:P], ref_sums[P:], c.beta,
+                                 c.label_smoothing, c.loss_type, counts[:P], counts[P:])
         weight = c.sft_weight
     elif cfg.objective == "orpo":
         losses, ch, rj, _ = trl_orpo(means[:P], means[P:], cfg.orpo.beta)
@@ -225,7 +249,6 @@ def test_objective_matches_trl_on_a_batch(tiny, pref_batch, tmp_path, case):
     (['dpo.loss_type="robust"'], r"dpo\.loss_type = \"robust\" needs dpo\.label_smoothing"),
     (['dpo.loss_type="kto"'], r"dpo\.loss_type must be one of .*'ipo', got 'kto'"),
     (["dpo.beta=-0.1"], r"dpo\.beta must be > 0"),
-    (['dpo.loss_type="ipo"', "dpo.label_smoothing=0.1"], r"dpo\.label_smoothing applies to"),
     (["dpo.sft_weight=-1"], r"dpo\.sft_weight must be >= 0"),
     (["orpo.beta=0"], r"orpo\.beta must be > 0"),
     (["simpo.beta=-2"], r"simpo\.beta must be > 0"),
