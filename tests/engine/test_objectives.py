@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ember import EmberError
 from ember.engine.config import load_config
@@ -267,3 +268,54 @@ def test_teacher_with_a_padded_vocabulary_names_both_sizes_and_the_fix(tiny, tmp
             shutil.copy(f, tmp_path / "resized" / f.name)
     train(tiny_config(tiny, tmp_path / "b", 'objective="distill"', "max_steps=1",
                       f'distill.teacher="{tmp_path / "resized"}"'), echo=quiet, progress=False)
+
+
+def _trl_generalized_jsd(student_logits, teacher_logits, labels, beta, temperature):
+    """TRL 1.16 GKD's ``generalized_jsd_loss`` (reduction "batchmean": the mean over the tokens
+    whose label is not -100), restated (TRL is not installed here)."""
+    s = F.log_softmax(student_logits / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if beta == 0:
+        jsd = F.kl_div(s, t, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(t, s, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=s.dtype)
+        mix = torch.logsumexp(torch.stack([s + torch.log1p(-b), t + torch.log(b)]), dim=0)
+        jsd = (b * F.kl_div(mix, t, reduction="none", log_target=True)
+               + (1 - b) * F.kl_div(mix, s, reduction="none", log_target=True))
+    jsd = jsd[labels != -100]
+    return jsd.sum() / (labels != -100).sum().clamp(min=1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_distillation_kd_term_is_trls_forward_kl_times_t_squared(tiny, teacher, temperature):
+    """The KD term against TRL's GKD / DistillationTrainer loss with beta = 0 (forward KL
+    KL(teacher || student)), on the answer tokens of a packed batch, token mean: Ember's is
+    T^2 times TRL's (Hinton's scaling, which TRL does not apply), loss and gradient."""
+    from ember.engine.losses import distill_sft_loss
+
+    student, tok = load_pretrained(tiny["model"], "float32")
+    t_model, _ = load_pretrained(teacher, "float32")
+    examples = load_examples(tiny["small"], DataConfig(), tok)[0][:3]
+    batch = collate(examples)
+    loss, kd, _ = distill_sft_loss(student, t_model, batch, batch.num_loss_tokens, temperature,
+                                   alpha=1.0)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    s_rows, t_rows, labels = [], [], []
+    for e in examples:  # each document alone, full logits (TRL's padded batch, no packing)
+        ids = torch.tensor([e.input_ids])
+        s_rows.append(student(ids)[0])
+        with torch.no_grad():
+            t_rows.append(t_model(ids)[0])
+        labels.append(torch.tensor(e.labels))
+    want = temperature ** 2 * _trl_generalized_jsd(torch.cat(s_rows), torch.cat(t_rows),
+                                                   torch.cat(labels), 0.0, temperature)
+    want.backward()
+    torch.testing.assert_close(kd, want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+    for n, p in student.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
