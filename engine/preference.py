@@ -13,12 +13,13 @@ Strings are rendered like a prompt/completion pair (``ember.engine.data``); with
 field the prompt is the two texts' common beginning (TRL's ``extract_prompt``). Messages are
 rendered with the tokenizer's chat template: the shared prompt is ``prompt`` (explicit) or the
 longest common prefix of the two conversations (implicit), and after it ``chosen`` and
-``rejected`` must each be exactly one assistant message. Log-probabilities (the labels) cover
-that final assistant response only (and its end-of-turn token); earlier assistant turns are part
-of the prompt. A pair whose conversations differ before their final assistant message is
-refused: its two answers would not answer the same prompt. A chat pair's ``tools`` (the JSON
-schemas of the tools it may call) and ``chat_template_kwargs`` (template variables) go to the
-template with both documents, as TRL passes them.
+``rejected`` must each be exactly one assistant message. Log-probabilities (the labels) cover that
+final assistant response only, with what the template renders after it (its end-of-turn token and
+ChatML's newline, as TRL's DPO and KTO); earlier assistant turns are part of the prompt. A pair
+whose conversations differ before their final assistant message is refused: its two answers would
+not answer the same prompt. A chat pair's ``tools`` (the JSON schemas of the tools it may call) and
+``chat_template_kwargs`` (template variables) go to the template with both documents, as TRL passes
+them.
 """
 
 from __future__ import annotations
@@ -159,13 +160,19 @@ def encode_answer(enc, prompt: str | list[dict], answer: str | dict,
     """One document, prompt then answer: (ids, target mask, prompt_len, reference) from ``enc``
     (``ember.engine.data._Encoder``); a message prompt's earlier assistant turns are context. A
     string prompt and answer are tokenized as one text, as TRL 1.x's DPO, KTO and reward
-    trainers do (``prompt + chosen``, the answer where the tokens leave the prompt's)."""
+    trainers do (``prompt + chosen``, the answer where the tokens leave the prompt's). A
+    rendered chat's answer is every token after the prompt, the template's text after the
+    end-of-turn token included (ChatML's ``<|im_end|>\n``): TRL 1.x's DPO and KTO take the
+    completion as the whole render less the prompt's tokens, unlike SFT's assistant mask."""
     if isinstance(prompt, str):
-        return enc.encode("prompt_completion", (prompt, answer))
-    ids, mask, prompt_len, reference = enc.encode("messages", Chat([*prompt, answer], tools,
-                                                                   template_kwargs))
+        ids, mask, prompt_len, reference = enc.encode("prompt_completion", (prompt, answer))
+        if not enc.chat:
+            return ids, mask, prompt_len, reference
+    else:
+        ids, mask, prompt_len, reference = enc.encode("messages", Chat([*prompt, answer], tools,
+                                                                       template_kwargs))
     if enc.cfg.loss_on != "all":  # earlier assistant turns are context, not the answer
-        mask = [False] * prompt_len + mask[prompt_len:]
+        mask = [False] * prompt_len + [True] * (len(ids) - prompt_len)
     return ids, mask, prompt_len, reference
 
 

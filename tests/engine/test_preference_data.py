@@ -73,8 +73,8 @@ def test_chat_pairs_score_only_the_final_answer(tmp_path, smol):
         assert ex.input_ids == examples[0].input_ids and ex.labels == examples[0].labels
         assert ex.parts == examples[0].parts and ex.prompt_len == examples[0].prompt_len
     (c_ids, c_lab), (r_ids, r_lab) = _docs(examples[0])
-    assert _target(smol, c_lab) == '{"intent": "refund"}<|im_end|>'
-    assert _target(smol, r_lab) == '{"intent": "bug"}<|im_end|>'
+    assert _target(smol, c_lab) == '{"intent": "refund"}<|im_end|>\n'  # as TRL's DPO
+    assert _target(smol, r_lab) == '{"intent": "bug"}<|im_end|>\n'
     p = examples[0].prompt_len
     prompt = render_prompt(smol, DataConfig(), q)
     assert c_ids[:p] == r_ids[:p] == prompt
@@ -92,7 +92,7 @@ def test_multi_turn_pair_learns_only_the_last_turn(tmp_path, smol):
     row = {"chosen": [*head, _msg("assistant", "4")], "rejected": [*head, _msg("assistant", "5")]}
     (ex,), _ = _load(tmp_path, [row], smol)
     (c_ids, c_lab), (r_ids, r_lab) = _docs(ex)
-    assert _target(smol, c_lab) == "4<|im_end|>" and _target(smol, r_lab) == "5<|im_end|>"
+    assert _target(smol, c_lab) == "4<|im_end|>\n" and _target(smol, r_lab) == "5<|im_end|>\n"
     p = ex.prompt_len
     assert c_ids[:p] == r_ids[:p]
     text = smol.decode(c_ids[:p], skip_special_tokens=False)
@@ -296,3 +296,48 @@ def test_string_pairs_without_a_prompt_take_their_common_start(tmp_path, smol, c
     (ex,), _ = _load(tmp_path, [{"chosen": chosen, "rejected": rejected}], smol)
     (ref,), _ = _load(tmp_path, [want], smol, name="ref.jsonl")
     assert (ex.input_ids, ex.labels, ex.parts) == (ref.input_ids, ref.labels, ref.parts)
+
+
+def _trl_completion(hf, prompt, answer):
+    """TRL 1.16's DPO / KTO ``tokenize_fn`` on a conversational line (TRL is not installed
+    here; its lines restated): (prompt + answer ids, the completion: every token after the
+    common prefix of the prompt rendered with the generation prompt and the whole render)."""
+    def render(messages, **kw):
+        return list(hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                           **kw)["input_ids"])
+
+    prompt_ids, full = render(prompt, add_generation_prompt=True), render([*prompt, answer])
+    n = next((j for j, (a, b) in enumerate(zip(prompt_ids, full, strict=False)) if a != b),
+             min(len(prompt_ids), len(full)))
+    return full, full[n:]
+
+
+@pytest.mark.parametrize("prompt", [
+    [_msg("user", "2+2?")],
+    [_msg("system", "Be brief."), _msg("user", "hi"), _msg("assistant", "Hello!"),
+     _msg("user", "2+2?")],
+])
+def test_chat_answers_carry_the_template_tail_as_trl(tmp_path, smol, prompt):
+    """TRL's DPO and KTO train a chat answer's whole render after the prompt: with ChatML that
+    is ``answer<|im_end|>\\n``. Ember stopped at <|im_end|> (SFT's assistant mask), so the
+    newline's log-prob was missing from every chosen / rejected / KTO completion (a different
+    loss, rewards and KL than TRL's). Oracle: transformers' apply_chat_template with SmolLM2's
+    template and TRL's split."""
+    from ember.engine.kto import load_kto_examples
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=smol.backend,
+                                              eos_token=smol.eos_token,
+                                              chat_template=smol.chat_template)
+    good, bad = _msg("assistant", "4"), _msg("assistant", "five")
+    (ex,), _ = _load(tmp_path, [{"prompt": prompt, "chosen": [good], "rejected": [bad]}], smol)
+    kto, _ = load_kto_examples(
+        write_jsonl(tmp_path / "k.jsonl", [{"prompt": prompt, "completion": [a], "label": lab}
+                                           for a, lab in ((good, True), (bad, False))]),
+        DataConfig(max_seq_len=512, tokens_per_batch=1024), smol)
+    docs = [*_docs(ex), *((k.input_ids, k.labels) for k in kto)]
+    for (ids, labels), answer in zip(docs, (good, bad, good, bad), strict=True):
+        full, completion = _trl_completion(hf, prompt, answer)
+        assert ids == full
+        assert [t for t in labels if t != IGNORE] == completion
+        assert hf.decode(completion).endswith("<|im_end|>\n")

@@ -66,6 +66,17 @@ SHAPE_ROWS = {"messages": {"messages": [U1, A1]},
               "preference": {"prompt": [U1], "chosen": [A1], "rejected": [A2]}}
 
 
+def _loss_mask(want, shape: str) -> list[int]:
+    """Which tokens of transformers' render ``want`` TRL trains: SFT's assistant mask, but for
+    DPO / KTO lines (``shape`` "preference", "kto") every token from the answer's first to the
+    end (TRL's completion: the render less the prompt's tokens, ChatML's "\n" included)."""
+    mask = list(want["assistant_masks"])
+    if shape not in ("preference", "kto"):
+        return mask
+    start = mask.index(1)
+    return [0] * start + [1] * (len(mask) - start)
+
+
 def _trl_sft_masks(hf, prompt, completion):
     """TRL 1.16 SFT's tokenize_fn on a conversational prompt-completion line, with
     assistant_only_loss: (input_ids, completion_mask AND assistant_masks)."""
@@ -162,7 +173,7 @@ def test_tools_as_json_text_render_as_trl(tmp_path, toks, shape):
     assert ids == list(want["input_ids"])
     assert '"capital"' in hf.decode(ids)
     labels = ex.labels[:len(ids)]
-    assert [0] + [int(t != IGNORE) for t in labels[:-1]] == list(want["assistant_masks"])
+    assert [0] + [int(t != IGNORE) for t in labels[:-1]] == _loss_mask(want, shape)
     with pytest.raises(EmberError, match="field 'tools' must be JSON text here"):
         _load(tmp_path, ours, [{**row, "tools": "[{not json"}])
 
@@ -189,7 +200,7 @@ def test_chat_template_kwargs_reach_the_template_as_trl(tmp_path, toks, shape):
     assert ids == list(want["input_ids"])
     assert "<think>" in hf.decode(ids)
     labels = ex.labels[:len(ids)]
-    assert [0] + [int(t != IGNORE) for t in labels[:-1]] == list(want["assistant_masks"])
+    assert [0] + [int(t != IGNORE) for t in labels[:-1]] == _loss_mask(want, shape)
     for bad, why in (([1], "must be an object of template variables, got array"),
                      ({"tools": []}, r"sets \['tools'\], which are apply_chat_template's own")):
         with pytest.raises(EmberError, match=why):
@@ -214,7 +225,7 @@ def test_kto_chat_lines_pass_tools_and_template_kwargs(tmp_path, toks):
                                 "tools": json.dumps(TOOLS), "chat_template_kwargs": kw}))
     (ex,), _ = load_kto_examples(path, cfg, ours)
     assert ex.input_ids == list(want["input_ids"])
-    assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(want["assistant_masks"])
+    assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == _loss_mask(want, "kto")
     path.write_text(json.dumps({"prompt": "q", "completion": "a", "label": True, "tools": TOOLS}))
     with pytest.raises(EmberError, match="'tools' needs chat lines"):
         load_kto_examples(path, cfg, ours)
@@ -311,7 +322,7 @@ def test_string_prompt_beside_conversations_is_set_aside_as_trl(tmp_path, toks):
     "rejected": [user q, assistant]}: TRL's maybe_extract_prompt sets the string prompt aside
     and takes the prompt from the conversations; Ember refused the line ("must be all strings
     or all message arrays"). Each document is transformers' render of the conversation, scored
-    on its final answer (its generation block)."""
+    on its final answer (from its generation block to the end, as TRL's DPO)."""
     ours, hf = toks
     chosen, rejected = [SYSTEM, U1, A1], [SYSTEM, U1, A2]
     row = {"prompt": U1["content"], "chosen": chosen, "rejected": rejected}
@@ -324,7 +335,8 @@ def test_string_prompt_beside_conversations_is_set_aside_as_trl(tmp_path, toks):
             want = hf.apply_chat_template(conv, tokenize=True, return_dict=True,
                                           return_assistant_tokens_mask=True)
             assert ids == list(want["input_ids"])
-            assert [0] + [int(t != IGNORE) for t in labels[:-1]] == list(want["assistant_masks"])
+            assert [0] + [int(t != IGNORE) for t in labels[:-1]] == _loss_mask(want,
+                                                                                "preference")
     with pytest.raises(EmberError, match="must be all strings or all message arrays"):
         _load(tmp_path, ours, [{"prompt": "q", "chosen": [A1], "rejected": [A2]}])
 
