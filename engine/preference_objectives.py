@@ -15,7 +15,9 @@ accumulated step. An NLL term (ORPO's, DPO's / SimPO's ``sft_weight``: TRL's ``r
 ``cpo_alpha``) is the mean NLL per chosen answer token of the whole step, as TRL's token-mean
 cross-entropy over the chosen answers of its batch (``begin_step`` counts those tokens, summed
 over the processes). Metrics per step: ``reward_accuracy``, ``reward_margin``, ``chosen_reward``,
-``rejected_reward`` (TRL's rewards/*), ``nll_loss`` (the chosen answers' NLL per token), for ORPO
+``rejected_reward`` (TRL's rewards/*), ``chosen_logps``, ``rejected_logps`` (TRL's logps/*: the
+policy's answer log-probs averaged over the pairs; summed per answer for DPO, per answer token for
+ORPO and SimPO), ``nll_loss`` (the chosen answers' NLL per token), for ORPO
 also ``log_odds_ratio`` and ``log_odds_chosen``; ``val_*`` of each at evaluations.
 """
 
@@ -115,6 +117,7 @@ class _Pairs(SFT):
     """What the preference objectives share (see the module docstring)."""
 
     pairs = True
+    mean_logps = False  # the logps metrics per answer token (TRL's ORPO and CPO log those)
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, nll_weight: float):
         super().__init__(info)
@@ -144,7 +147,10 @@ class _Pairs(SFT):
         """(summed pair losses, summed NLL of the chosen answers, metric sums)."""
         out, lp, extra = self._pair_losses(model, batch)
         nll = -lp.sums[0::2].sum()
+        logps = (lp.means if self.mean_logps else lp.sums).detach()
         sums = {"pairs": out.chosen.numel(),
+                "chosen_logps": float(logps[0::2].sum()),
+                "rejected_logps": float(logps[1::2].sum()),
                 "reward_accuracy": float((out.chosen > out.rejected).sum()),
                 "reward_margin": float((out.chosen - out.rejected).sum()),
                 "chosen_reward": float(out.chosen.sum()),
@@ -288,6 +294,7 @@ class DPO(Referenced, _Pairs):
 
 class ORPO(_Pairs):
     name = "orpo"
+    mean_logps = True
 
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         super().__init__(cfg, info, 1.0)  # ORPO's NLL term always weighs 1
@@ -304,6 +311,7 @@ class ORPO(_Pairs):
 
 class SimPO(_Pairs):
     name = "simpo"
+    mean_logps = True
 
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         super().__init__(cfg, info, cfg.simpo.sft_weight)

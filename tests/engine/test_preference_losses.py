@@ -211,7 +211,9 @@ def _trl_step(cfg, policy, reference, examples):
         c = cfg.simpo
         losses, ch, rj = trl_simpo(means[:P], means[P:], c.beta, c.gamma, c.label_smoothing)
         weight = c.sft_weight
+    logps = sums if cfg.objective == "dpo" else means  # TRL's logps/*: ORPO, CPO average
     return losses.mean() + weight * nll, {
+        "chosen_logps": float(logps[:P].mean()), "rejected_logps": float(logps[P:].mean()),
         "reward_accuracy": float((ch > rj).double().mean()),
         "reward_margin": float((ch - rj).mean()), "chosen_reward": float(ch.mean()),
         "rejected_reward": float(rj.mean()), "nll_loss": float(nll)}
