@@ -27,7 +27,7 @@ ORPO (``orpo_loss``; Hong et al. 2024, TRL ``ORPOTrainer``) on per-token *mean* 
 ``log_odds(a) = a - log(1 - exp(a))``, loss ``-beta log s(log_odds(a_c) - log_odds(a_r))`` (beta
 is the paper's lambda) plus the chosen answers' NLL (added by the objective), rewards
 ``beta * a``. ``log(1 - exp(a))`` is ``log1mexp``: accurate for every a <= 0 and with finite
-gradients (TRL writes ``log1p(-exp(a))``, which loses accuracy near a = 0 and is -inf at 0).
+gradients (TRL 1.16 branches the same way but is -inf at a = 0; TRL 0.x wrote ``log1p(-exp(a))``).
 
 SimPO (``simpo_loss``; Meng et al. 2024, TRL ``CPOTrainer`` ``loss_type="simpo"``) on mean
 log-probs: ``x = beta (a_c - a_r) - gamma``, loss ``-(1 - e) log s(x) - e log s(-x)``, rewards

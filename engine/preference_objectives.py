@@ -11,7 +11,7 @@ documents side by side in one packed batch; the losses are in ``engine/preferenc
 
 ORPO and SimPO run one forward per micro-batch and build no reference (no frozen copy, no
 adapters-off forward). Each pair weighs 1: pair losses are averaged over the pairs of the whole
-accumulated step. An NLL term (ORPO's, DPO's / SimPO's ``sft_weight``: TRL's ``rpo_alpha`` /
+accumulated step. An NLL term (ORPO's, DPO's / SimPO's ``sft_weight``: TRL 1.x's ``sft`` loss /
 ``cpo_alpha``) is the mean NLL per chosen answer token of the whole step, as TRL's token-mean
 cross-entropy over the chosen answers of its batch (``begin_step`` counts those tokens, summed
 over the processes). Metrics per step: ``reward_accuracy``, ``reward_margin``, ``chosen_reward``,
@@ -71,7 +71,9 @@ class DPOConfig:
     # robust only: the assumed fraction of flipped labels (TRL 1.x's sigmoid has no label
     # smoothing; the conservative DPO of TRL 0.x is refused rather than silently dropped)
     label_smoothing: float = 0.0
-    sft_weight: float = 0.0  # RPO (TRL's rpo_alpha): + weight * NLL per chosen answer token
+    # RPO: + weight * NLL per chosen answer token (TRL 1.x: loss_type ["sigmoid", "sft"] with
+    # loss_weights [1, weight]; TRL 0.x's rpo_alpha)
+    sft_weight: float = 0.0
     # Score every pair with the reference once, before training (eval mode), instead of one
     # reference forward per micro-batch: fewer forwards from the second epoch on, and a full
     # fine-tune's frozen copy is freed for the run (TRL's precompute_ref_log_probs)
