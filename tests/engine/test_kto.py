@@ -72,15 +72,18 @@ def test_kto_loss_matches_trl(loss_type, raw_kl):
     labels = torch.rand(n, generator=g) < 0.6
     kl_ref = -torch.rand(n, generator=g, dtype=torch.float64) * 20
     kl_policy = kl_ref + raw_kl + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
-    want, metrics = trl_kto(policy, ref, labels, kl_policy, kl_ref, 0.7, 1.3, 0.6, loss_type)
+    trl_pol = policy.clone().requires_grad_()
+    want, metrics = trl_kto(trl_pol, ref, labels, kl_policy, kl_ref, 0.7, 1.3, 0.6, loss_type)
+    want.backward()
+    want = want.detach()
     pol = policy.float().requires_grad_()
     out = kto_loss(pol, ref.float(), labels, float((kl_policy - kl_ref).mean()), 0.7, 1.3, 0.6,
                    loss_type)
     torch.testing.assert_close(out.losses.mean().double(), want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.rewards.double(), 0.7 * (policy - ref), rtol=1e-5, atol=1e-5)
-    out.losses.sum().backward()
-    assert torch.isfinite(pol.grad).all() and (pol.grad != 0).all()
-    assert not out.rewards.requires_grad
+    out.losses.mean().backward()  # TRL's gradient (its KL estimate detached)
+    torch.testing.assert_close(pol.grad.double(), trl_pol.grad, rtol=1e-5, atol=1e-7)
+    assert (pol.grad != 0).all() and not out.rewards.requires_grad
 
 
 # --- a real batch ---------------------------------------------------------------------------------
