@@ -18,6 +18,8 @@ Multimodal Gemma 3 (``Gemma3ForConditionalGeneration``): its language model load
 tower and projector are left out (with a warning); ``save_pretrained(..., multimodal_base=folder)``
 writes the whole multimodal folder back, the vision weights copied from ``folder`` unchanged.
 
+generation_config.json: the source folder's (sampling defaults, stop ids) is kept by an export.
+
 dtype policy: ``load_pretrained(dtype=None)`` keeps the dtype the weights are stored in (a bf16
 checkpoint gives a bf16 model, on CPU too); ``save_pretrained(dtype=None)`` writes the model's
 current dtype, like transformers. RoPE frequencies are always computed in fp32.
@@ -77,6 +79,7 @@ from ember.models.safetensors_io import (
     open_weights,
     parse_size,
     read_config,
+    read_generation_config,
     scan_checkpoint,
     untie_if_head_differs,
 )
@@ -189,6 +192,8 @@ def load_hf_folder(
     cfg = cfg.replace(torch_dtype=_dtype_name(stored))
     with torch.device("meta"):
         model = Transformer(cfg)
+    # the source's generation_config.json (sampling defaults, stop ids), which an export keeps
+    model.hf_generation_config = read_generation_config(folder)
     device = torch.device(device)
     if device.type == "meta":  # the structure alone (FSDP: ranks > 0 get their shards later)
         # With quantize / a 4-bit checkpoint: the dense structure; under FSDP rank 0's NF4
@@ -367,9 +372,31 @@ def _stop_ids(cfg: ModelConfig, tokenizer) -> int | list[int] | None:
     return None if not ids else ids[0] if len(ids) == 1 else ids
 
 
+def _id_list(ids) -> list:
+    return [ids] if isinstance(ids, int) else list(ids) if isinstance(ids, list) else []
+
+
+def _generation_config(cfg: ModelConfig, tokenizer, source: dict | None) -> dict:
+    """generation_config.json to write: the source folder's (its sampling defaults:
+    ``do_sample``, ``temperature``, ``top_p``..., which transformers' generate uses and its
+    save_pretrained keeps) with the model's bos / eos / pad ids; its stop ids are kept as they
+    are when they include the model's (``_stop_ids``), joined to them otherwise."""
+    gen = {k: v for k, v in (source or {}).items() if k != "transformers_version"}
+    for key, ours in (("bos_token_id", cfg.bos_token_id), ("pad_token_id", cfg.pad_token_id)):
+        if ours is not None:
+            gen[key] = ours
+    gen.setdefault("bos_token_id", None)
+    ours, theirs = _id_list(_stop_ids(cfg, tokenizer)), _id_list(gen.get("eos_token_id"))
+    if not set(ours) <= set(theirs) or "eos_token_id" not in gen:
+        ids = ours + [i for i in theirs if i not in ours]
+        gen["eos_token_id"] = None if not ids else ids[0] if len(ids) == 1 else ids
+    return gen
+
+
 def _write_folder(
     sd: dict, cfg: ModelConfig, tmp: Path, tokenizer, dtype: torch.dtype | None, limit: int,
     multimodal_base: Path | None = None, compute_dtype: torch.dtype | None = None,
+    generation_config: dict | None = None,
 ) -> None:
     if "embed.prompt" in sd:
         raise EmberError(
@@ -403,10 +430,8 @@ def _write_folder(
     _write_json(tmp / "config.json", config)
     if multimodal_base is not None and config == _read_config_json(multimodal_base)[1]:
         shutil.copyfile(Path(multimodal_base) / "config.json", tmp / "config.json")  # as it was
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": _stop_ids(cfg, tokenizer)}
-    if cfg.pad_token_id is not None:
-        gen["pad_token_id"] = cfg.pad_token_id
-    _write_json(tmp / "generation_config.json", gen)
+    _write_json(tmp / "generation_config.json",
+                _generation_config(cfg, tokenizer, generation_config))
     for name in _MULTIMODAL_COPIED if multimodal_base is not None else ():
         if (Path(multimodal_base) / name).is_file():
             shutil.copyfile(Path(multimodal_base) / name, tmp / name)
@@ -473,6 +498,7 @@ def save_pretrained(
         max_shard_size=max_shard_size,
         multimodal_base=multimodal_base,
         compute_dtype=getattr(model, "bnb_compute_dtype", None),
+        generation_config=getattr(model, "hf_generation_config", None),
     )
 
 
@@ -486,11 +512,14 @@ def save_state_dict(
     max_shard_size: int | str = "5GB",
     multimodal_base: str | os.PathLike | None = None,
     compute_dtype: torch.dtype | None = None,
+    generation_config: dict | None = None,
 ) -> Path:
     """``save_pretrained`` for a full Ember state dict (e.g. gathered from a sharded model with
     ``torch.distributed.checkpoint.state_dict.get_model_state_dict(..., full_state_dict=True)``);
     bitsandbytes entries of NF4 layers are written in bnb's format, as by ``save_pretrained``
-    (``bnb_4bit_compute_dtype``: ``compute_dtype``, default the saved dtype)."""
+    (``bnb_4bit_compute_dtype``: ``compute_dtype``, default the saved dtype).
+    ``generation_config``: the source folder's generation_config.json, whose sampling defaults
+    the written one keeps (``save_pretrained`` passes the one the model was loaded with)."""
     target = resolve_dtype(dtype)
     limit = parse_size(max_shard_size)
     out = Path(out_dir)
@@ -508,7 +537,8 @@ def save_state_dict(
     tmp = out.parent / f".{out.name}.tmp-{tag}"
     tmp.mkdir()
     try:
-        _write_folder(sd, cfg, tmp, tokenizer, target, limit, multimodal_base, compute_dtype)
+        _write_folder(sd, cfg, tmp, tokenizer, target, limit, multimodal_base, compute_dtype,
+                      generation_config)
         if existing:
             old = out.parent / f".{out.name}.old-{tag}"
             os.rename(out, old)

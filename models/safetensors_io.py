@@ -141,6 +141,24 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
     return _parse_config(*_read_config_json(folder))
 
 
+def read_generation_config(folder: str | os.PathLike) -> dict | None:
+    """``folder/generation_config.json`` as a dict (its sampling defaults, stop ids...), or None
+    when there is none; an unreadable one is ignored with a warning, as transformers falls back
+    to the model config's defaults."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raw = e
+    if not isinstance(raw, dict):
+        warnings.warn(f"{path} is not a JSON object ({raw}); ignoring it: an export writes "
+                      "config.json's bos / eos ids alone", stacklevel=3)
+        return None
+    return raw
+
+
 @dataclass
 class CheckpointIndex:
     """Where every tensor of a safetensors checkpoint lives, from the file headers only."""

@@ -1,0 +1,56 @@
+"""Model folders exactly as the Hugging Face tools write and read them: what transformers'
+``save_pretrained`` writes loads here, and Ember's export carries every file transformers'
+``from_pretrained`` / ``generate`` read from the folder it was loaded from."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from ember.models.loading import load_pretrained, save_pretrained
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+BASE = dict(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _hf_model(**kw):
+    """A tiny random transformers Llama (seeded, every weight random)."""
+    config = transformers.LlamaConfig(**{**BASE, **kw})
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _hf_logits(folder, ids):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return hf(ids).logits
+
+
+def test_export_keeps_the_sampling_defaults_of_generation_config(tmp_path, one_thread):
+    """An instruct model's generation_config.json holds its sampling defaults (Llama 3 Instruct:
+    do_sample, temperature 0.6, top_p 0.9) and more stop ids than config.json; transformers'
+    save_pretrained writes it back as it is. Ember's export wrote bos / eos alone, so
+    transformers' generate on a fine-tuned export decoded greedily."""
+    hf = _hf_model(bos_token_id=1, eos_token_id=2)
+    gen = hf.generation_config
+    gen.do_sample, gen.temperature, gen.top_p, gen.top_k = True, 0.6, 0.9, 20
+    gen.eos_token_id, gen.max_new_tokens, gen.repetition_penalty = [2, 5], 77, 1.1
+    hf.save_pretrained(tmp_path / "src")
+    model, _ = load_pretrained(tmp_path / "src")
+    out = save_pretrained(model, tmp_path / "export")
+    want = transformers.GenerationConfig.from_pretrained(tmp_path / "src").to_diff_dict()
+    got = transformers.GenerationConfig.from_pretrained(out).to_diff_dict()
+    assert got == want
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 2
