@@ -63,7 +63,12 @@ from ember.models.hf import (
     split_multimodal_keys,
     to_hf_state_dict,
 )
-from ember.models.hf_config import DTYPES, quantization_config_from_hf
+from ember.models.hf_config import (
+    ARCHITECTURES,
+    DTYPES,
+    base_architecture,
+    quantization_config_from_hf,
+)
 from ember.models.hf_config_export import config_to_hf
 from ember.models.nf4 import is_quant_state_key, split_bnb_key
 from ember.models.safetensors_io import (
@@ -181,6 +186,7 @@ def load_hf_folder(
     int8 = is_int8_config(qc)  # LLM.int8: read as the dense model (ember.models.bnb_int8)
     prequantized = qc is not None and not int8
     ckpt = scan_checkpoint(folder, quantized=prequantized, int8=int8)
+    _check_base_model(path, raw, cfg, ckpt)
     dequant = None
     if int8:
         ckpt, dequant = int8_view(ckpt)
@@ -210,6 +216,21 @@ def load_hf_folder(
     else:
         _assign_(model, iter_checkpoint(folder, cfg, ckpt, dequant), device, target)
     return model
+
+
+def _check_base_model(path: Path, raw: dict, cfg: ModelConfig, ckpt: CheckpointIndex) -> None:
+    """architectures naming the headless base class (``["LlamaModel"]``) is read for a bare base
+    model's weights (``safetensors_io._base_model_view``) only: beside a causal LM's weights the
+    config.json does not describe the folder."""
+    archs = raw.get("architectures")
+    bare = any(k != s for k, s in ckpt.stored.items())
+    if archs == [base_architecture(cfg.model_type)] and not bare and not cfg.extra.get(
+            "multimodal"):
+        raise EmberError(
+            f"{path}: architectures {archs!r} is not supported with these weights: it names the "
+            f"headless base model, but the checkpoint holds a causal LM's model.* keys; set "
+            f"architectures to [{ARCHITECTURES[cfg.model_type]!r}]"
+        )
 
 
 def _load_nf4_(model: Transformer, tensors, device: torch.device, dtype: torch.dtype,

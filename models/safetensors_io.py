@@ -295,7 +295,28 @@ def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False,
             ) from None
     if not ckpt.key_file:
         raise EmberError(f"{folder}: the safetensors files hold no tensors")
-    return ckpt
+    return _base_model_view(ckpt)
+
+
+_HEADS = ("lm_head.", "score.")
+
+
+def _base_model_view(ckpt: CheckpointIndex) -> CheckpointIndex:
+    """A bare base model's checkpoint (``LlamaModel.save_pretrained``: ``embed_tokens.weight``,
+    ``layers.0...``, no ``model.`` prefix, no head) under the causal LM's names, as transformers'
+    ``from_pretrained`` adds the missing ``base_model_prefix``; any other checkpoint as it is."""
+    keys = ckpt.key_file
+    if "embed_tokens.weight" not in keys or any(k.startswith("model.") for k in keys):
+        return ckpt
+    name = {k: k if k.startswith(_HEADS) else f"model.{k}" for k in keys}
+    return CheckpointIndex(
+        folder=ckpt.folder,
+        files=ckpt.files,
+        key_file={name[k]: p for k, p in keys.items()},
+        shapes={name[k]: v for k, v in ckpt.shapes.items()},
+        dtypes={name[k]: v for k, v in ckpt.dtypes.items()},
+        stored={name[k]: ckpt.stored_key(k) for k in keys if name[k] != k},
+    )
 
 
 def language_model_view(ckpt: CheckpointIndex) -> CheckpointIndex:

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+from ember import EmberError
 from ember.models.loading import load_pretrained, save_pretrained
 
 transformers = pytest.importorskip("transformers")
@@ -54,3 +55,36 @@ def test_export_keeps_the_sampling_defaults_of_generation_config(tmp_path, one_t
     got = transformers.GenerationConfig.from_pretrained(out).to_diff_dict()
     assert got == want
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == 2
+
+
+@pytest.mark.parametrize("cls,kw", [
+    ("LlamaConfig", {}),
+    ("Qwen3Config", {"head_dim": 16}),
+    ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16}),
+], ids=["llama", "qwen3", "gemma3_text"])
+def test_a_bare_base_model_loads_as_transformers_loads_it(tmp_path, one_thread, cls, kw):
+    """``LlamaModel.save_pretrained`` writes ``embed_tokens.weight``... without the ``model.``
+    prefix and without lm_head (architectures ["LlamaModel"]); AutoModelForCausalLM adds the
+    prefix and ties the head. Ember refused the architectures name; untied, it names the
+    missing head (transformers would start from a random one)."""
+    config = getattr(transformers, cls)(**{**BASE, **kw}, tie_word_embeddings=True)
+    base = transformers.AutoModel.from_config(config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    base.save_pretrained(tmp_path / "bare")
+    assert not any(k.startswith("model.") for k in base.state_dict())
+    ids = torch.randint(0, BASE["vocab_size"], (2, 12), generator=g)
+    model, _ = load_pretrained(tmp_path / "bare")
+    with torch.no_grad():
+        ours = model(ids)
+    assert (ours - _hf_logits(tmp_path / "bare", ids)).abs().max().item() <= 1e-4
+    out = save_pretrained(model, tmp_path / "export")
+    assert (ours - _hf_logits(out, ids)).abs().max().item() <= 1e-4
+
+    raw = json.loads((tmp_path / "bare" / "config.json").read_text())
+    (tmp_path / "bare" / "config.json").write_text(json.dumps({**raw,
+                                                               "tie_word_embeddings": False}))
+    with pytest.raises(EmberError, match=r"missing key\(s\): lm_head.weight \(a base model"):
+        load_pretrained(tmp_path / "bare")
