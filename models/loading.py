@@ -497,7 +497,8 @@ def save_pretrained(
 
     The folder appears atomically: everything is written to a temporary sibling and renamed into
     place. An existing ``out_dir`` is replaced only if it holds nothing but model-folder files
-    (config, weights, tokenizer), so unrelated files are never deleted."""
+    (config, weights, tokenizer), so unrelated files are never deleted; saved without a
+    ``tokenizer``, its tokenizer files go too (with a warning naming them)."""
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     if not isinstance(model, Transformer):
         raise EmberError(
@@ -521,6 +522,21 @@ def save_pretrained(
         compute_dtype=getattr(model, "bnb_compute_dtype", None),
         generation_config=getattr(model, "hf_generation_config", None),
     )
+
+
+_WEIGHT_FILES = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
+
+
+def _warn_dropped_files(out: Path, existing: list[str], tmp: Path) -> None:
+    """Saving without a tokenizer over a model folder replaces the folder as a whole: say which
+    of its tokenizer (or processor) files go, which transformers' ``model.save_pretrained``
+    would have left there."""
+    dropped = [n for n in existing if not _WEIGHT_FILES.fullmatch(n) and not (tmp / n).exists()]
+    if dropped:
+        warnings.warn(
+            f"save_pretrained: {out} is replaced as a whole and its {', '.join(dropped[:5])} "
+            "are not in the new folder (no tokenizer was given); pass the tokenizer to write "
+            "it there", stacklevel=3)
 
 
 def save_state_dict(
@@ -560,6 +576,8 @@ def save_state_dict(
     try:
         _write_folder(sd, cfg, tmp, tokenizer, target, limit, multimodal_base, compute_dtype,
                       generation_config)
+        if tokenizer is None:
+            _warn_dropped_files(out, existing, tmp)
         if existing:
             old = out.parent / f".{out.name}.old-{tag}"
             os.rename(out, old)

@@ -88,3 +88,25 @@ def test_a_bare_base_model_loads_as_transformers_loads_it(tmp_path, one_thread, 
                                                                "tie_word_embeddings": False}))
     with pytest.raises(EmberError, match=r"missing key\(s\): lm_head.weight \(a base model"):
         load_pretrained(tmp_path / "bare")
+
+
+def test_saving_without_a_tokenizer_over_a_folder_names_the_tokenizer_files_it_drops(tmp_path):
+    """transformers' model.save_pretrained over a model folder leaves its tokenizer there;
+    Ember's save replaces the folder as a whole (tests/models/test_interop_hf.py) and dropped the
+    tokenizer silently: now a warning names the files and says to pass the tokenizer."""
+    from ember.models.tokenizer import tokenizer_from_gguf
+    from tests.models.test_gguf import tiny_tokenizer_md
+
+    hf = _hf_model()
+    for name in ("ember", "hf"):
+        hf.save_pretrained(tmp_path / name)
+        tokenizer_from_gguf(tiny_tokenizer_md()).save_pretrained(tmp_path / name)
+    hf.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()  # transformers keeps it
+    model, tok = load_pretrained(tmp_path / "ember")
+    with pytest.warns(UserWarning, match=r"tokenizer.json.*pass the tokenizer"):
+        save_pretrained(model, tmp_path / "ember")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with the tokenizer, nothing is dropped
+        save_pretrained(model, tmp_path / "ember", tok)
+    assert (tmp_path / "ember" / "tokenizer.json").is_file()
