@@ -351,7 +351,9 @@ def map_hf_keys(
                 raise EmberError(
                     f"{where}: {hk} has shape {tuple(shape)}, expected {want['embed.weight']}"
                 )
-            continue
+            if ember_key_to_hf("embed.weight", cfg) in hf_shapes:
+                continue
+            ek = "embed.weight"  # the head alone: transformers ties the embedding to it
         if ek not in want:
             unknown.append(hk)
             continue

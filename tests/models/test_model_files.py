@@ -110,3 +110,24 @@ def test_saving_without_a_tokenizer_over_a_folder_names_the_tokenizer_files_it_d
         warnings.simplefilter("error")  # with the tokenizer, nothing is dropped
         save_pretrained(model, tmp_path / "ember", tok)
     assert (tmp_path / "ember" / "tokenizer.json").is_file()
+
+
+def test_a_tied_checkpoint_holding_only_the_head_loads_as_transformers_ties_it(tmp_path):
+    """tie_word_embeddings=true with lm_head.weight stored and model.embed_tokens.weight not
+    (converters that keep the head's name for the shared matrix): transformers ties the
+    embedding to the head; Ember refused it as missing the embedding."""
+    from safetensors.torch import load_file, save_file
+
+    hf = _hf_model(tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path / "src")
+    path = tmp_path / "src" / "model.safetensors"
+    sd = load_file(path)
+    sd["lm_head.weight"] = sd.pop("model.embed_tokens.weight")
+    save_file(sd, path, metadata={"format": "pt"})
+    ids = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3))
+    model, _ = load_pretrained(tmp_path / "src")
+    with torch.no_grad():
+        ours = model(ids)
+        assert (ours - hf(ids).logits).abs().max().item() <= 1e-4
+    assert (ours - _hf_logits(tmp_path / "src", ids)).abs().max().item() <= 1e-4
+    assert (ours - _hf_logits(save_pretrained(model, tmp_path / "out"), ids)).abs().max() <= 1e-4
