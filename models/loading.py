@@ -223,8 +223,7 @@ def _check_base_model(path: Path, raw: dict, cfg: ModelConfig, ckpt: CheckpointI
     model's weights (``safetensors_io._base_model_view``) only: beside a causal LM's weights the
     config.json does not describe the folder."""
     archs = raw.get("architectures")
-    bare = any(k != s for k, s in ckpt.stored.items())
-    if archs == [base_architecture(cfg.model_type)] and not bare and not cfg.extra.get(
+    if archs == [base_architecture(cfg.model_type)] and not ckpt.base_model and not cfg.extra.get(
             "multimodal"):
         raise EmberError(
             f"{path}: architectures {archs!r} is not supported with these weights: it names the "

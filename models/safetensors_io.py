@@ -171,6 +171,8 @@ class CheckpointIndex:
     # the name in the file of a key named otherwise here (a multimodal checkpoint's language
     # model: ``language_model_view``); absent keys are stored under their own name
     stored: dict[str, str] = field(default_factory=dict)
+    # the weights of a bare base model (``LlamaModel``), stored without the ``model.`` prefix
+    base_model: bool = False
 
     def stored_key(self, key: str) -> str:
         return self.stored.get(key, key)
@@ -299,23 +301,39 @@ def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False,
 
 
 _HEADS = ("lm_head.", "score.")
+# Wrappers whose prefix a state dict saved through them carries on every key: torch.compile's
+# OptimizedModule, DistributedDataParallel / DataParallel.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
 def _base_model_view(ckpt: CheckpointIndex) -> CheckpointIndex:
-    """A bare base model's checkpoint (``LlamaModel.save_pretrained``: ``embed_tokens.weight``,
-    ``layers.0...``, no ``model.`` prefix, no head) under the causal LM's names, as transformers'
+    """The checkpoint under the causal LM's names: a wrapper's prefix on every key (a state dict
+    saved from a ``torch.compile``d or DDP model: ``_orig_mod.``, ``module.``) removed, with a
+    warning; a bare base model's (``LlamaModel.save_pretrained``: ``embed_tokens.weight``,
+    ``layers.0...``, no ``model.`` prefix, no head) given the ``model.`` prefix, as transformers'
     ``from_pretrained`` adds the missing ``base_model_prefix``; any other checkpoint as it is."""
-    keys = ckpt.key_file
-    if "embed_tokens.weight" not in keys or any(k.startswith("model.") for k in keys):
+    name = {k: k for k in ckpt.key_file}
+    for prefix in _WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in name.values()):
+            name = {k: v.removeprefix(prefix) for k, v in name.items()}
+            warnings.warn(
+                f"{ckpt.folder}: every tensor name starts with {prefix!r} (saved from a wrapped "
+                "model: torch.compile, DDP); loading them without it (transformers would not "
+                "find them and start from random weights)", stacklevel=4)
+    bare = "embed_tokens.weight" in name.values() and not any(
+        v.startswith("model.") for v in name.values())
+    if bare:
+        name = {k: v if v.startswith(_HEADS) else f"model.{v}" for k, v in name.items()}
+    if all(k == v for k, v in name.items()):
         return ckpt
-    name = {k: k if k.startswith(_HEADS) else f"model.{k}" for k in keys}
     return CheckpointIndex(
         folder=ckpt.folder,
         files=ckpt.files,
-        key_file={name[k]: p for k, p in keys.items()},
+        key_file={name[k]: p for k, p in ckpt.key_file.items()},
         shapes={name[k]: v for k, v in ckpt.shapes.items()},
         dtypes={name[k]: v for k, v in ckpt.dtypes.items()},
-        stored={name[k]: ckpt.stored_key(k) for k in keys if name[k] != k},
+        stored={name[k]: ckpt.stored_key(k) for k in ckpt.key_file if name[k] != k},
+        base_model=bare,
     )
 
 

@@ -131,3 +131,24 @@ def test_a_tied_checkpoint_holding_only_the_head_loads_as_transformers_ties_it(t
         assert (ours - hf(ids).logits).abs().max().item() <= 1e-4
     assert (ours - _hf_logits(tmp_path / "src", ids)).abs().max().item() <= 1e-4
     assert (ours - _hf_logits(save_pretrained(model, tmp_path / "out"), ids)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module."])
+def test_a_state_dict_saved_through_a_wrapper_loads_without_its_prefix(tmp_path, prefix):
+    """Weights saved from a torch.compile'd (``_orig_mod.``) or DDP (``module.``) model carry the
+    wrapper's prefix on every name; transformers finds none of them and starts from random
+    weights (its load report says so), Ember refused them as unexpected keys. They load as the
+    unwrapped model's, with a warning naming the prefix."""
+    from safetensors.torch import load_file, save_file
+
+    hf = _hf_model()
+    hf.save_pretrained(tmp_path / "src")
+    path = tmp_path / "src" / "model.safetensors"
+    ids = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(4))
+    want = _hf_logits(tmp_path / "src", ids)
+    save_file({prefix + k: v for k, v in load_file(path).items()}, path,
+              metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=f"starts with '{prefix}'"):
+        model, _ = load_pretrained(tmp_path / "src")
+    with torch.no_grad():
+        assert (model(ids) - want).abs().max().item() <= 1e-4
