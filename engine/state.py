@@ -141,7 +141,8 @@ def restore(path: Path, cfg: TrainConfig, info: DistInfo, model, optimizer, *,
 
 
 def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | None:
-    """The PEFT adapter (LoRA, prompt tuning) or HF model folder (full fine-tuning) in
+    """The PEFT adapter (LoRA, prompt tuning) or HF model folder (full fine-tuning, in the
+    dtype of the base checkpoint: a bf16 model trained in fp32 is written in bf16) in
     ``<run_dir>/final``, written by rank 0 (returned there; None elsewhere). Every rank must call
     it: a sharded model's weights are gathered to rank 0's CPU first."""
     lora = cfg.method == "lora"
@@ -158,7 +159,9 @@ def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | N
         return save_prompt_adapter(model, final / "adapter", base_model_name_or_path=base)
     if lora:
         return save_adapter(model, final / "adapter", base_model_name_or_path=base)
-    return save_pretrained(model, final / "model", tokenizer,
+    # In the dtype the base checkpoint is stored in (cfg.torch_dtype), as transformers 5 loads,
+    # trains and saves it: fp32 master weights of a bf16 model would double the folder.
+    return save_pretrained(model, final / "model", tokenizer, dtype=model.cfg.torch_dtype,
                            multimodal_base=multimodal_base(model, cfg))
 
 

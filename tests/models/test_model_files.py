@@ -152,3 +152,25 @@ def test_a_state_dict_saved_through_a_wrapper_loads_without_its_prefix(tmp_path,
         model, _ = load_pretrained(tmp_path / "src")
     with torch.no_grad():
         assert (model(ids) - want).abs().max().item() <= 1e-4
+
+
+def test_a_full_fine_tune_is_exported_in_the_dtype_of_its_base(tmp_path):
+    """A bf16 checkpoint trained with fp32 master weights (model.dtype "auto" on CPU, full
+    fine-tuning) was exported in fp32: a folder twice the size of its base, where transformers 5
+    loads, trains and saves that model in bf16."""
+    from safetensors import safe_open
+
+    from ember.engine.config import load_config
+    from ember.engine.distributed import DistInfo
+    from ember.engine.state import export_final
+
+    _hf_model().to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    model, _ = load_pretrained(tmp_path / "base", "float32")  # as the trainer loads it
+    cfg = load_config(None, [f'model.name="{tmp_path / "base"}"', f'run_dir="{tmp_path / "run"}"',
+                             'method="full"'])
+    out = export_final(model, cfg, None, DistInfo())
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    ids = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(_hf_logits(out, ids), _hf_logits(tmp_path / "base", ids))
