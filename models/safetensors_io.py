@@ -297,7 +297,8 @@ def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False,
             ) from None
     if not ckpt.key_file:
         raise EmberError(f"{folder}: the safetensors files hold no tensors")
-    return _base_model_view(ckpt)
+    # an 8-bit checkpoint's scales are looked up by stored name (bnb_int8): its keys stay as stored
+    return ckpt if int8 else _base_model_view(ckpt)
 
 
 _HEADS = ("lm_head.", "score.")
