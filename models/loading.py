@@ -21,8 +21,10 @@ writes the whole multimodal folder back, the vision weights copied from ``folder
 generation_config.json: the source folder's (sampling defaults, stop ids) is kept by an export.
 
 dtype policy: ``load_pretrained(dtype=None)`` keeps the dtype the weights are stored in (a bf16
-checkpoint gives a bf16 model, on CPU too); ``save_pretrained(dtype=None)`` writes the model's
-current dtype, like transformers. RoPE frequencies are always computed in fp32.
+checkpoint gives a bf16 model, on CPU too), ``dtype="auto"`` takes config.json's ``dtype`` as
+transformers' ``from_pretrained(dtype="auto")`` (its default in 5.x) does;
+``save_pretrained(dtype=None)`` writes the model's current dtype, like transformers. RoPE
+frequencies are always computed in fp32.
 
 This module is the orchestration (dtype policy, building the model, atomic folders);
 ``ember.models.safetensors_io`` reads and writes the files (config.json, safetensors headers,
@@ -194,7 +196,7 @@ def load_hf_folder(
         ckpt = language_model_view(ckpt)
     cfg = untie_if_head_differs(ckpt, cfg)
     stored = ckpt.stored_dtype()
-    target = resolve_dtype(dtype) or stored
+    target = _config_dtype(raw, stored) if dtype == "auto" else resolve_dtype(dtype) or stored
     cfg = cfg.replace(torch_dtype=_dtype_name(stored))
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -216,6 +218,17 @@ def load_hf_folder(
     else:
         _assign_(model, iter_checkpoint(folder, cfg, ckpt, dequant), device, target)
     return model
+
+
+def _config_dtype(raw: dict, stored: torch.dtype) -> torch.dtype:
+    """transformers' ``dtype="auto"``: config.json's ``dtype`` (``torch_dtype``), else the
+    dtype the weights are stored in."""
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    for section in (raw, text):
+        name = section.get("dtype") or section.get("torch_dtype")
+        if name in DTYPES:
+            return DTYPES[name]
+    return stored
 
 
 def _check_base_model(path: Path, raw: dict, cfg: ModelConfig, ckpt: CheckpointIndex) -> None:
@@ -262,7 +275,8 @@ def load_pretrained(
 ):
     """``(model, tokenizer)`` from an HF folder, a ``.gguf`` file or a built-in model name.
 
-    ``dtype=None`` keeps the stored dtype. ``tokenizer`` is None (with a warning) when the folder
+    ``dtype=None`` keeps the stored dtype, ``"auto"`` takes config.json's (as transformers).
+    ``tokenizer`` is None (with a warning) when the folder
     has neither tokenizer.json nor a slow tokenizer's files (tokenizer.model, vocab.json +
     merges.txt: ``ember.models.slow_tokenizer``), or slow files Ember cannot read.
     ``quantize="nf4"`` stores the linear weights in NF4 while loading (``double_quant``: see

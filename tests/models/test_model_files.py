@@ -174,3 +174,23 @@ def test_a_full_fine_tune_is_exported_in_the_dtype_of_its_base(tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     ids = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(5))
     assert torch.equal(_hf_logits(out, ids), _hf_logits(tmp_path / "base", ids))
+
+
+@pytest.mark.parametrize("config_dtype", ["bfloat16", None])
+def test_dtype_auto_loads_as_transformers_auto_loads(tmp_path, config_dtype):
+    """transformers 5's ``from_pretrained(dtype="auto")`` (its default) takes config.json's dtype,
+    else the stored one; Ember refused "auto" (its None keeps the stored dtype)."""
+    _hf_model().save_pretrained(tmp_path / "m")  # fp32 weights
+    path = tmp_path / "m" / "config.json"
+    raw = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("dtype",
+                                                                              "torch_dtype")}
+    path.write_text(json.dumps({**raw, "dtype": config_dtype} if config_dtype else raw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype="auto")
+    model, _ = load_pretrained(tmp_path / "m", dtype="auto")
+    assert model.embed.weight.dtype == hf.dtype == getattr(torch, config_dtype or "float32")
+    ids = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (model(ids).float() - hf(ids).logits.float()).abs().max().item() <= 0.05
+    assert load_pretrained(tmp_path / "m")[0].embed.weight.dtype == torch.float32  # None: stored
