@@ -151,9 +151,11 @@ def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | N
         if not info.is_main:
             return None
         init = getattr(model, "peft_init_lora_weights", None)  # a continued MiCA adapter
+        gen = getattr(model, "hf_generation_config", None)  # the base's, kept by the export
         model = _unsharded(model.cfg, cfg, state)
         if init is not None:
             model.peft_init_lora_weights = init
+        model.hf_generation_config = gen
     final, base = cfg.out_dir / "final", base_of(cfg)
     if cfg.method == "prompt":  # one process (the trainer refuses FSDP)
         return save_prompt_adapter(model, final / "adapter", base_model_name_or_path=base)

@@ -194,3 +194,24 @@ def test_dtype_auto_loads_as_transformers_auto_loads(tmp_path, config_dtype):
     with torch.no_grad():
         assert (model(ids).float() - hf(ids).logits.float()).abs().max().item() <= 0.05
     assert load_pretrained(tmp_path / "m")[0].embed.weight.dtype == torch.float32  # None: stored
+
+
+def test_a_sharded_run_exports_the_generation_config_of_its_base(tmp_path, monkeypatch):
+    """Under FSDP rank 0 rebuilds the model from the gathered weights before the export; the
+    rebuilt model had lost the base's generation_config.json (sampling defaults), which
+    transformers' generate then went without."""
+    from ember.engine import state as state_mod
+    from ember.engine.config import load_config
+    from ember.engine.distributed import DistInfo
+
+    hf = _hf_model(eos_token_id=2)
+    hf.generation_config.do_sample, hf.generation_config.temperature = True, 0.7
+    hf.save_pretrained(tmp_path / "base")
+    model, _ = load_pretrained(tmp_path / "base")
+    monkeypatch.setattr(state_mod, "gather_full_state_dict",
+                        lambda m, trainable_only: dict(m.state_dict()))  # one process stands in
+    cfg = load_config(None, [f'model.name="{tmp_path / "base"}"', f'run_dir="{tmp_path / "run"}"',
+                             'method="full"'])
+    out = state_mod.export_final(model, cfg, None, DistInfo(world_size=2))
+    want = transformers.GenerationConfig.from_pretrained(tmp_path / "base").to_diff_dict()
+    assert transformers.GenerationConfig.from_pretrained(out).to_diff_dict() == want
