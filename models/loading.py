@@ -573,6 +573,8 @@ def save_state_dict(
     target = resolve_dtype(dtype)
     limit = parse_size(max_shard_size)
     out = Path(out_dir)
+    if out.is_symlink() and out.is_dir():  # written where the link points, as transformers does
+        out = out.resolve()
     if out.exists() and not out.is_dir():
         raise EmberError(f"save_pretrained: {out} exists and is not a folder")
     existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []

@@ -215,3 +215,22 @@ def test_a_sharded_run_exports_the_generation_config_of_its_base(tmp_path, monke
     out = state_mod.export_final(model, cfg, None, DistInfo(world_size=2))
     want = transformers.GenerationConfig.from_pretrained(tmp_path / "base").to_diff_dict()
     assert transformers.GenerationConfig.from_pretrained(out).to_diff_dict() == want
+
+
+def test_saving_into_a_symlinked_folder_writes_where_it_points(tmp_path):
+    """out_dir a symlink to a folder (an output on another disk): transformers writes into the
+    folder it points to. Ember renamed the link away and put a new folder in its place, leaving
+    the target stale and a dangling '.out.old-*' link behind."""
+    hf = _hf_model()
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "disk")
+    hf.save_pretrained(tmp_path / "out")  # the oracle: through the link
+    assert (tmp_path / "disk" / "model.safetensors").is_file()
+    model, _ = load_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)
+    save_pretrained(model, tmp_path / "out")
+    assert (tmp_path / "out").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "disk", "out"]
+    reloaded, _ = load_pretrained(tmp_path / "disk")
+    assert torch.equal(reloaded.norm.weight, model.norm.weight)
