@@ -81,6 +81,7 @@ from ember.models.safetensors_io import (
     _read_config_json,
     _write_json,
     _write_shards,
+    generation_config_to_write,
     iter_checkpoint,
     language_model_view,
     open_weights,
@@ -394,39 +395,6 @@ def _with_multimodal_base(hf: dict, dtypes: dict, cfg: ModelConfig, base: Path,
     return out, config
 
 
-def _stop_ids(cfg: ModelConfig, tokenizer) -> int | list[int] | None:
-    """generation_config.json's eos_token_id: config.json's, then the other ids the tokenizer
-    stops at (the source folder's generation_config.json, e.g. Gemma's ``<end_of_turn>`` or
-    Llama 3's ``<|eot_id|>``), which transformers' generate and a reload here would lose."""
-    eos = cfg.eos_token_id
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    from ember.models.tokenizer import stop_token_ids
-
-    ids += sorted(set(stop_token_ids(tokenizer)) - set(ids)) if tokenizer is not None else []
-    return None if not ids else ids[0] if len(ids) == 1 else ids
-
-
-def _id_list(ids) -> list:
-    return [ids] if isinstance(ids, int) else list(ids) if isinstance(ids, list) else []
-
-
-def _generation_config(cfg: ModelConfig, tokenizer, source: dict | None) -> dict:
-    """generation_config.json to write: the source folder's (its sampling defaults:
-    ``do_sample``, ``temperature``, ``top_p``..., which transformers' generate uses and its
-    save_pretrained keeps) with the model's bos / eos / pad ids; its stop ids are kept as they
-    are when they include the model's (``_stop_ids``), joined to them otherwise."""
-    gen = {k: v for k, v in (source or {}).items() if k != "transformers_version"}
-    for key, ours in (("bos_token_id", cfg.bos_token_id), ("pad_token_id", cfg.pad_token_id)):
-        if ours is not None:
-            gen[key] = ours
-    gen.setdefault("bos_token_id", None)
-    ours, theirs = _id_list(_stop_ids(cfg, tokenizer)), _id_list(gen.get("eos_token_id"))
-    if not set(ours) <= set(theirs) or "eos_token_id" not in gen:
-        ids = ours + [i for i in theirs if i not in ours]
-        gen["eos_token_id"] = None if not ids else ids[0] if len(ids) == 1 else ids
-    return gen
-
-
 def _write_folder(
     sd: dict, cfg: ModelConfig, tmp: Path, tokenizer, dtype: torch.dtype | None, limit: int,
     multimodal_base: Path | None = None, compute_dtype: torch.dtype | None = None,
@@ -465,7 +433,7 @@ def _write_folder(
     if multimodal_base is not None and config == _read_config_json(multimodal_base)[1]:
         shutil.copyfile(Path(multimodal_base) / "config.json", tmp / "config.json")  # as it was
     _write_json(tmp / "generation_config.json",
-                _generation_config(cfg, tokenizer, generation_config))
+                generation_config_to_write(cfg, tokenizer, generation_config))
     for name in _MULTIMODAL_COPIED if multimodal_base is not None else ():
         if (Path(multimodal_base) / name).is_file():
             shutil.copyfile(Path(multimodal_base) / name, tmp / name)

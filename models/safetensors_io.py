@@ -1,5 +1,6 @@
-"""HF model folders on disk, below the model: ``config.json``, safetensors headers and shard
-indexes, the stream of tensors they hold, and sharded safetensors writing.
+"""HF model folders on disk, below the model: ``config.json`` and ``generation_config.json``,
+safetensors headers and shard indexes, the stream of tensors they hold, and sharded safetensors
+writing.
 
 ``scan_checkpoint`` reads only the file headers (``CheckpointIndex``: which file holds which
 tensor, its shape and dtype); ``iter_checkpoint`` then streams ``(ember_key, tensor)`` pairs one
@@ -157,6 +158,39 @@ def read_generation_config(folder: str | os.PathLike) -> dict | None:
                       "config.json's bos / eos ids alone", stacklevel=3)
         return None
     return raw
+
+
+def _stop_ids(cfg: ModelConfig, tokenizer) -> int | list[int] | None:
+    """generation_config.json's eos_token_id: config.json's, then the other ids the tokenizer
+    stops at (the source folder's generation_config.json, e.g. Gemma's ``<end_of_turn>`` or
+    Llama 3's ``<|eot_id|>``), which transformers' generate and a reload here would lose."""
+    eos = cfg.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    from ember.models.tokenizer import stop_token_ids
+
+    ids += sorted(set(stop_token_ids(tokenizer)) - set(ids)) if tokenizer is not None else []
+    return None if not ids else ids[0] if len(ids) == 1 else ids
+
+
+def _id_list(ids) -> list:
+    return [ids] if isinstance(ids, int) else list(ids) if isinstance(ids, list) else []
+
+
+def generation_config_to_write(cfg: ModelConfig, tokenizer, source: dict | None) -> dict:
+    """generation_config.json to write: the source folder's (its sampling defaults:
+    ``do_sample``, ``temperature``, ``top_p``..., which transformers' generate uses and its
+    save_pretrained keeps) with the model's bos / eos / pad ids; its stop ids are kept as they
+    are when they include the model's (``_stop_ids``), joined to them otherwise."""
+    gen = {k: v for k, v in (source or {}).items() if k != "transformers_version"}
+    for key, ours in (("bos_token_id", cfg.bos_token_id), ("pad_token_id", cfg.pad_token_id)):
+        if ours is not None:
+            gen[key] = ours
+    gen.setdefault("bos_token_id", None)
+    ours, theirs = _id_list(_stop_ids(cfg, tokenizer)), _id_list(gen.get("eos_token_id"))
+    if not set(ours) <= set(theirs) or "eos_token_id" not in gen:
+        ids = ours + [i for i in theirs if i not in ours]
+        gen["eos_token_id"] = None if not ids else ids[0] if len(ids) == 1 else ids
+    return gen
 
 
 @dataclass
