@@ -78,6 +78,8 @@ class _TorchFile:
             except RuntimeError:  # the pre-1.6 (non-zip) format cannot be memory-mapped
                 sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # the restricted unpickler's refusals, truncated files
+            if "Git LFS" in _why_unreadable(path):
+                raise EmberError(f"{path} is not readable: {_why_unreadable(path)}") from None
             raise EmberError(f"{path} is not a plain PyTorch tensor checkpoint "
                              f"(torch.load(weights_only=True) refused it: {type(e).__name__}: "
                              f"{str(e)[:200]}); convert it to safetensors with a tool you trust"
@@ -269,6 +271,19 @@ def _index_files(folder: Path, name: str = INDEX_FILE) -> list[Path]:
     return files
 
 
+def _why_unreadable(path: Path) -> str:
+    """What an unreadable weights file most likely is, and what to do about it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        head = b""
+    if head.startswith(b"version https://git-lfs"):
+        return ("it is a Git LFS pointer, not the weights (the repository was cloned without "
+                "git-lfs): run 'git lfs install && git lfs pull' in the folder")
+    return "it is truncated or corrupt: download or save it again"
+
+
 def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False,
                     int8: bool = False) -> CheckpointIndex:
     """Find the safetensors files of an HF folder and read their headers (no tensor data).
@@ -326,8 +341,7 @@ def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False,
                     ckpt.dtypes[key] = allowed[st_dtype]
         except (SafetensorError, OSError) as e:
             raise EmberError(
-                f"{path} is not a readable safetensors file ({e}); it is truncated or "
-                "corrupt: download or save it again"
+                f"{path} is not a readable safetensors file ({e}); {_why_unreadable(path)}"
             ) from None
     if not ckpt.key_file:
         raise EmberError(f"{folder}: the safetensors files hold no tensors")

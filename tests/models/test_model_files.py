@@ -234,3 +234,22 @@ def test_saving_into_a_symlinked_folder_writes_where_it_points(tmp_path):
         "disk", "out"]
     reloaded, _ = load_pretrained(tmp_path / "disk")
     assert torch.equal(reloaded.norm.weight, model.norm.weight)
+
+
+def test_a_git_lfs_pointer_in_place_of_the_weights_says_so(tmp_path):
+    """A model repository cloned without git-lfs holds pointer files where the weights go;
+    transformers and Ember both fail to read them ("header too large"), and Ember called the
+    file truncated or corrupt. The error now says what the file is and what to run."""
+    _hf_model().save_pretrained(tmp_path / "m", max_shard_size="50KB")
+    shard = sorted((tmp_path / "m").glob("model-*.safetensors"))[0]
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1\n"
+    shard.write_text(pointer)
+    with pytest.raises(Exception):  # noqa: B017 - transformers fails too, with another message
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    with pytest.raises(EmberError, match=f"{shard.name} .*Git LFS pointer.*git lfs pull"):
+        load_pretrained(tmp_path / "m")
+    for f in (tmp_path / "m").glob("model*"):
+        f.unlink()
+    (tmp_path / "m" / "pytorch_model.bin").write_text(pointer)
+    with pytest.raises(EmberError, match="pytorch_model.bin .*Git LFS pointer"):
+        load_pretrained(tmp_path / "m")
