@@ -366,9 +366,9 @@ def map_hf_keys(
         raise EmberError(f"{where}: unexpected key(s) for this config.json: {_listing(unknown)}")
     missing = set(want) - set(mapping.values())
     if missing:
-        head = (" (a base model saved without its head, e.g. LlamaModel.save_pretrained: "
-                "transformers would start from a random lm_head; save the *ForCausalLM model, "
-                "which has the trained one)" if missing == {"lm_head.weight"} else "")
+        head = (" (untied, the head is a weight of its own, which transformers would start "
+                "from random; a base model's save, e.g. LlamaModel.save_pretrained, has none: "
+                "save the *ForCausalLM model)" if missing == {"lm_head.weight"} else "")
         raise EmberError(
             f"{where}: missing key(s): {_listing(ember_key_to_hf(k, cfg) or k for k in missing)}"
             f"{head}"
