@@ -141,7 +141,8 @@ def restore(path: Path, cfg: TrainConfig, info: DistInfo, model, optimizer, *,
 
 
 def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | None:
-    """The PEFT adapter (LoRA, prompt tuning) or HF model folder (full fine-tuning) in
+    """The PEFT adapter (LoRA, prompt tuning) or HF model folder (full fine-tuning, in the
+    dtype of the base checkpoint: a bf16 model trained in fp32 is written in bf16) in
     ``<run_dir>/final``, written by rank 0 (returned there; None elsewhere). Every rank must call
     it: a sharded model's weights are gathered to rank 0's CPU first."""
     lora = cfg.method == "lora"
@@ -150,15 +151,19 @@ def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | N
         if not info.is_main:
             return None
         init = getattr(model, "peft_init_lora_weights", None)  # a continued MiCA adapter
+        gen = getattr(model, "hf_generation_config", None)  # the base's, kept by the export
         model = _unsharded(model.cfg, cfg, state)
         if init is not None:
             model.peft_init_lora_weights = init
+        model.hf_generation_config = gen
     final, base = cfg.out_dir / "final", base_of(cfg)
     if cfg.method == "prompt":  # one process (the trainer refuses FSDP)
         return save_prompt_adapter(model, final / "adapter", base_model_name_or_path=base)
     if lora:
         return save_adapter(model, final / "adapter", base_model_name_or_path=base)
-    return save_pretrained(model, final / "model", tokenizer,
+    # In the dtype the base checkpoint is stored in (cfg.torch_dtype), as transformers 5 loads,
+    # trains and saves it: fp32 master weights of a bf16 model would double the folder.
+    return save_pretrained(model, final / "model", tokenizer, dtype=model.cfg.torch_dtype,
                            multimodal_base=multimodal_base(model, cfg))
 
 

@@ -351,7 +351,9 @@ def map_hf_keys(
                 raise EmberError(
                     f"{where}: {hk} has shape {tuple(shape)}, expected {want['embed.weight']}"
                 )
-            continue
+            if ember_key_to_hf("embed.weight", cfg) in hf_shapes:
+                continue
+            ek = "embed.weight"  # the head alone: transformers ties the embedding to it
         if ek not in want:
             unknown.append(hk)
             continue
@@ -364,8 +366,12 @@ def map_hf_keys(
         raise EmberError(f"{where}: unexpected key(s) for this config.json: {_listing(unknown)}")
     missing = set(want) - set(mapping.values())
     if missing:
+        head = (" (untied, the head is a weight of its own, which transformers would start "
+                "from random; a base model's save, e.g. LlamaModel.save_pretrained, has none: "
+                "save the *ForCausalLM model)" if missing == {"lm_head.weight"} else "")
         raise EmberError(
             f"{where}: missing key(s): {_listing(ember_key_to_hf(k, cfg) or k for k in missing)}"
+            f"{head}"
         )
     return mapping
 

@@ -372,7 +372,10 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             "transformers' AutoModelForCausalLM does (export writes the standard name)",
             stacklevel=2,
         )
-    elif archs is not None and labels is None and archs != [ARCHITECTURES[model_type]]:
+    elif archs is not None and labels is None and archs not in (
+            [ARCHITECTURES[model_type]], [base_architecture(model_type)]):
+        # the base model (LlamaModel) loads as AutoModelForCausalLM loads it: tied to the
+        # embedding, or refused for its missing lm_head.weight (transformers: a random head)
         raise EmberError(
             f"config.json: architectures {archs!r} is not supported; expected "
             f"[{ARCHITECTURES[model_type]!r}] or [{classifier!r}]"
@@ -511,6 +514,13 @@ def _pad_token_id(raw: Mapping) -> int | None:
 # transformers' Gemma 3 text classifier; Gemma3ForSequenceClassification is the multimodal one's
 _CLASSIFIERS = {"gemma3_text": "Gemma3TextForSequenceClassification"}
 _OLD_CLASSIFIERS = {"gemma3_text": "Gemma3ForSequenceClassification"}
+_BASE_MODELS = {"gemma3_text": "Gemma3TextModel"}
+
+
+def base_architecture(model_type: str) -> str:
+    """transformers' headless base model class of a family (``LlamaModel``)."""
+    return _BASE_MODELS.get(model_type) or ARCHITECTURES[model_type].replace("ForCausalLM",
+                                                                             "Model")
 
 
 def _classifier_architecture(model_type: str) -> str:

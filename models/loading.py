@@ -18,9 +18,13 @@ Multimodal Gemma 3 (``Gemma3ForConditionalGeneration``): its language model load
 tower and projector are left out (with a warning); ``save_pretrained(..., multimodal_base=folder)``
 writes the whole multimodal folder back, the vision weights copied from ``folder`` unchanged.
 
+generation_config.json: the source folder's (sampling defaults, stop ids) is kept by an export.
+
 dtype policy: ``load_pretrained(dtype=None)`` keeps the dtype the weights are stored in (a bf16
-checkpoint gives a bf16 model, on CPU too); ``save_pretrained(dtype=None)`` writes the model's
-current dtype, like transformers. RoPE frequencies are always computed in fp32.
+checkpoint gives a bf16 model, on CPU too), ``dtype="auto"`` takes config.json's ``dtype`` as
+transformers' ``from_pretrained(dtype="auto")`` (its default in 5.x) does;
+``save_pretrained(dtype=None)`` writes the model's current dtype, like transformers. RoPE
+frequencies are always computed in fp32.
 
 This module is the orchestration (dtype policy, building the model, atomic folders);
 ``ember.models.safetensors_io`` reads and writes the files (config.json, safetensors headers,
@@ -61,7 +65,12 @@ from ember.models.hf import (
     split_multimodal_keys,
     to_hf_state_dict,
 )
-from ember.models.hf_config import DTYPES, quantization_config_from_hf
+from ember.models.hf_config import (
+    ARCHITECTURES,
+    DTYPES,
+    base_architecture,
+    quantization_config_from_hf,
+)
 from ember.models.hf_config_export import config_to_hf
 from ember.models.nf4 import is_quant_state_key, split_bnb_key
 from ember.models.safetensors_io import (
@@ -72,11 +81,13 @@ from ember.models.safetensors_io import (
     _read_config_json,
     _write_json,
     _write_shards,
+    generation_config_to_write,
     iter_checkpoint,
     language_model_view,
     open_weights,
     parse_size,
     read_config,
+    read_generation_config,
     scan_checkpoint,
     untie_if_head_differs,
 )
@@ -178,6 +189,7 @@ def load_hf_folder(
     int8 = is_int8_config(qc)  # LLM.int8: read as the dense model (ember.models.bnb_int8)
     prequantized = qc is not None and not int8
     ckpt = scan_checkpoint(folder, quantized=prequantized, int8=int8)
+    _check_base_model(path, raw, cfg, ckpt)
     dequant = None
     if int8:
         ckpt, dequant = int8_view(ckpt)
@@ -185,10 +197,12 @@ def load_hf_folder(
         ckpt = language_model_view(ckpt)
     cfg = untie_if_head_differs(ckpt, cfg)
     stored = ckpt.stored_dtype()
-    target = resolve_dtype(dtype) or stored
+    target = _config_dtype(raw, stored) if dtype == "auto" else resolve_dtype(dtype) or stored
     cfg = cfg.replace(torch_dtype=_dtype_name(stored))
     with torch.device("meta"):
         model = Transformer(cfg)
+    # the source's generation_config.json (sampling defaults, stop ids), which an export keeps
+    model.hf_generation_config = read_generation_config(folder)
     device = torch.device(device)
     if device.type == "meta":  # the structure alone (FSDP: ranks > 0 get their shards later)
         # With quantize / a 4-bit checkpoint: the dense structure; under FSDP rank 0's NF4
@@ -205,6 +219,31 @@ def load_hf_folder(
     else:
         _assign_(model, iter_checkpoint(folder, cfg, ckpt, dequant), device, target)
     return model
+
+
+def _config_dtype(raw: dict, stored: torch.dtype) -> torch.dtype:
+    """transformers' ``dtype="auto"``: config.json's ``dtype`` (``torch_dtype``), else the
+    dtype the weights are stored in."""
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    for section in (raw, text):
+        name = section.get("dtype") or section.get("torch_dtype")
+        if name in DTYPES:
+            return DTYPES[name]
+    return stored
+
+
+def _check_base_model(path: Path, raw: dict, cfg: ModelConfig, ckpt: CheckpointIndex) -> None:
+    """architectures naming the headless base class (``["LlamaModel"]``) is read for a bare base
+    model's weights (``safetensors_io._base_model_view``) only: beside a causal LM's weights the
+    config.json does not describe the folder."""
+    archs = raw.get("architectures")
+    if archs == [base_architecture(cfg.model_type)] and not ckpt.base_model and not cfg.extra.get(
+            "multimodal"):
+        raise EmberError(
+            f"{path}: architectures {archs!r} is not supported with these weights: it names the "
+            f"headless base model, but the checkpoint holds a causal LM's model.* keys; set "
+            f"architectures to [{ARCHITECTURES[cfg.model_type]!r}]"
+        )
 
 
 def _load_nf4_(model: Transformer, tensors, device: torch.device, dtype: torch.dtype,
@@ -237,7 +276,8 @@ def load_pretrained(
 ):
     """``(model, tokenizer)`` from an HF folder, a ``.gguf`` file or a built-in model name.
 
-    ``dtype=None`` keeps the stored dtype. ``tokenizer`` is None (with a warning) when the folder
+    ``dtype=None`` keeps the stored dtype, ``"auto"`` takes config.json's (as transformers).
+    ``tokenizer`` is None (with a warning) when the folder
     has neither tokenizer.json nor a slow tokenizer's files (tokenizer.model, vocab.json +
     merges.txt: ``ember.models.slow_tokenizer``), or slow files Ember cannot read.
     ``quantize="nf4"`` stores the linear weights in NF4 while loading (``double_quant``: see
@@ -355,21 +395,10 @@ def _with_multimodal_base(hf: dict, dtypes: dict, cfg: ModelConfig, base: Path,
     return out, config
 
 
-def _stop_ids(cfg: ModelConfig, tokenizer) -> int | list[int] | None:
-    """generation_config.json's eos_token_id: config.json's, then the other ids the tokenizer
-    stops at (the source folder's generation_config.json, e.g. Gemma's ``<end_of_turn>`` or
-    Llama 3's ``<|eot_id|>``), which transformers' generate and a reload here would lose."""
-    eos = cfg.eos_token_id
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    from ember.models.tokenizer import stop_token_ids
-
-    ids += sorted(set(stop_token_ids(tokenizer)) - set(ids)) if tokenizer is not None else []
-    return None if not ids else ids[0] if len(ids) == 1 else ids
-
-
 def _write_folder(
     sd: dict, cfg: ModelConfig, tmp: Path, tokenizer, dtype: torch.dtype | None, limit: int,
     multimodal_base: Path | None = None, compute_dtype: torch.dtype | None = None,
+    generation_config: dict | None = None,
 ) -> None:
     if "embed.prompt" in sd:
         raise EmberError(
@@ -403,10 +432,8 @@ def _write_folder(
     _write_json(tmp / "config.json", config)
     if multimodal_base is not None and config == _read_config_json(multimodal_base)[1]:
         shutil.copyfile(Path(multimodal_base) / "config.json", tmp / "config.json")  # as it was
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": _stop_ids(cfg, tokenizer)}
-    if cfg.pad_token_id is not None:
-        gen["pad_token_id"] = cfg.pad_token_id
-    _write_json(tmp / "generation_config.json", gen)
+    _write_json(tmp / "generation_config.json",
+                generation_config_to_write(cfg, tokenizer, generation_config))
     for name in _MULTIMODAL_COPIED if multimodal_base is not None else ():
         if (Path(multimodal_base) / name).is_file():
             shutil.copyfile(Path(multimodal_base) / name, tmp / name)
@@ -451,7 +478,8 @@ def save_pretrained(
 
     The folder appears atomically: everything is written to a temporary sibling and renamed into
     place. An existing ``out_dir`` is replaced only if it holds nothing but model-folder files
-    (config, weights, tokenizer), so unrelated files are never deleted."""
+    (config, weights, tokenizer), so unrelated files are never deleted; saved without a
+    ``tokenizer``, its tokenizer files go too (with a warning naming them)."""
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     if not isinstance(model, Transformer):
         raise EmberError(
@@ -473,7 +501,23 @@ def save_pretrained(
         max_shard_size=max_shard_size,
         multimodal_base=multimodal_base,
         compute_dtype=getattr(model, "bnb_compute_dtype", None),
+        generation_config=getattr(model, "hf_generation_config", None),
     )
+
+
+_WEIGHT_FILES = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
+
+
+def _warn_dropped_files(out: Path, existing: list[str], tmp: Path) -> None:
+    """Saving without a tokenizer over a model folder replaces the folder as a whole: say which
+    of its tokenizer (or processor) files go, which transformers' ``model.save_pretrained``
+    would have left there."""
+    dropped = [n for n in existing if not _WEIGHT_FILES.fullmatch(n) and not (tmp / n).exists()]
+    if dropped:
+        warnings.warn(
+            f"save_pretrained: {out} is replaced as a whole and its {', '.join(dropped[:5])} "
+            "are not in the new folder (no tokenizer was given); pass the tokenizer to write "
+            "it there", stacklevel=3)
 
 
 def save_state_dict(
@@ -486,14 +530,19 @@ def save_state_dict(
     max_shard_size: int | str = "5GB",
     multimodal_base: str | os.PathLike | None = None,
     compute_dtype: torch.dtype | None = None,
+    generation_config: dict | None = None,
 ) -> Path:
     """``save_pretrained`` for a full Ember state dict (e.g. gathered from a sharded model with
     ``torch.distributed.checkpoint.state_dict.get_model_state_dict(..., full_state_dict=True)``);
     bitsandbytes entries of NF4 layers are written in bnb's format, as by ``save_pretrained``
-    (``bnb_4bit_compute_dtype``: ``compute_dtype``, default the saved dtype)."""
+    (``bnb_4bit_compute_dtype``: ``compute_dtype``, default the saved dtype).
+    ``generation_config``: the source folder's generation_config.json, whose sampling defaults
+    the written one keeps (``save_pretrained`` passes the one the model was loaded with)."""
     target = resolve_dtype(dtype)
     limit = parse_size(max_shard_size)
     out = Path(out_dir)
+    if out.is_symlink() and out.is_dir():  # written where the link points, as transformers does
+        out = out.resolve()
     if out.exists() and not out.is_dir():
         raise EmberError(f"save_pretrained: {out} exists and is not a folder")
     existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
@@ -508,7 +557,10 @@ def save_state_dict(
     tmp = out.parent / f".{out.name}.tmp-{tag}"
     tmp.mkdir()
     try:
-        _write_folder(sd, cfg, tmp, tokenizer, target, limit, multimodal_base, compute_dtype)
+        _write_folder(sd, cfg, tmp, tokenizer, target, limit, multimodal_base, compute_dtype,
+                      generation_config)
+        if tokenizer is None:
+            _warn_dropped_files(out, existing, tmp)
         if existing:
             old = out.parent / f".{out.name}.old-{tag}"
             os.rename(out, old)

@@ -1,5 +1,6 @@
-"""HF model folders on disk, below the model: ``config.json``, safetensors headers and shard
-indexes, the stream of tensors they hold, and sharded safetensors writing.
+"""HF model folders on disk, below the model: ``config.json`` and ``generation_config.json``,
+safetensors headers and shard indexes, the stream of tensors they hold, and sharded safetensors
+writing.
 
 ``scan_checkpoint`` reads only the file headers (``CheckpointIndex``: which file holds which
 tensor, its shape and dtype); ``iter_checkpoint`` then streams ``(ember_key, tensor)`` pairs one
@@ -77,6 +78,8 @@ class _TorchFile:
             except RuntimeError:  # the pre-1.6 (non-zip) format cannot be memory-mapped
                 sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # the restricted unpickler's refusals, truncated files
+            if "Git LFS" in _why_unreadable(path):
+                raise EmberError(f"{path} is not readable: {_why_unreadable(path)}") from None
             raise EmberError(f"{path} is not a plain PyTorch tensor checkpoint "
                              f"(torch.load(weights_only=True) refused it: {type(e).__name__}: "
                              f"{str(e)[:200]}); convert it to safetensors with a tool you trust"
@@ -141,6 +144,57 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
     return _parse_config(*_read_config_json(folder))
 
 
+def read_generation_config(folder: str | os.PathLike) -> dict | None:
+    """``folder/generation_config.json`` as a dict (its sampling defaults, stop ids...), or None
+    when there is none; an unreadable one is ignored with a warning, as transformers falls back
+    to the model config's defaults."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raw = e
+    if not isinstance(raw, dict):
+        warnings.warn(f"{path} is not a JSON object ({raw}); ignoring it: an export writes "
+                      "config.json's bos / eos ids alone", stacklevel=3)
+        return None
+    return raw
+
+
+def _stop_ids(cfg: ModelConfig, tokenizer) -> int | list[int] | None:
+    """generation_config.json's eos_token_id: config.json's, then the other ids the tokenizer
+    stops at (the source folder's generation_config.json, e.g. Gemma's ``<end_of_turn>`` or
+    Llama 3's ``<|eot_id|>``), which transformers' generate and a reload here would lose."""
+    eos = cfg.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    from ember.models.tokenizer import stop_token_ids
+
+    ids += sorted(set(stop_token_ids(tokenizer)) - set(ids)) if tokenizer is not None else []
+    return None if not ids else ids[0] if len(ids) == 1 else ids
+
+
+def _id_list(ids) -> list:
+    return [ids] if isinstance(ids, int) else list(ids) if isinstance(ids, list) else []
+
+
+def generation_config_to_write(cfg: ModelConfig, tokenizer, source: dict | None) -> dict:
+    """generation_config.json to write: the source folder's (its sampling defaults:
+    ``do_sample``, ``temperature``, ``top_p``..., which transformers' generate uses and its
+    save_pretrained keeps) with the model's bos / eos / pad ids; its stop ids are kept as they
+    are when they include the model's (``_stop_ids``), joined to them otherwise."""
+    gen = {k: v for k, v in (source or {}).items() if k != "transformers_version"}
+    for key, ours in (("bos_token_id", cfg.bos_token_id), ("pad_token_id", cfg.pad_token_id)):
+        if ours is not None:
+            gen[key] = ours
+    gen.setdefault("bos_token_id", None)
+    ours, theirs = _id_list(_stop_ids(cfg, tokenizer)), _id_list(gen.get("eos_token_id"))
+    if not set(ours) <= set(theirs) or "eos_token_id" not in gen:
+        ids = ours + [i for i in theirs if i not in ours]
+        gen["eos_token_id"] = None if not ids else ids[0] if len(ids) == 1 else ids
+    return gen
+
+
 @dataclass
 class CheckpointIndex:
     """Where every tensor of a safetensors checkpoint lives, from the file headers only."""
@@ -153,6 +207,8 @@ class CheckpointIndex:
     # the name in the file of a key named otherwise here (a multimodal checkpoint's language
     # model: ``language_model_view``); absent keys are stored under their own name
     stored: dict[str, str] = field(default_factory=dict)
+    # the weights of a bare base model (``LlamaModel``), stored without the ``model.`` prefix
+    base_model: bool = False
 
     def stored_key(self, key: str) -> str:
         return self.stored.get(key, key)
@@ -215,6 +271,19 @@ def _index_files(folder: Path, name: str = INDEX_FILE) -> list[Path]:
     return files
 
 
+def _why_unreadable(path: Path) -> str:
+    """What an unreadable weights file most likely is, and what to do about it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        head = b""
+    if head.startswith(b"version https://git-lfs"):
+        return ("it is a Git LFS pointer, not the weights (the repository was cloned without "
+                "git-lfs): run 'git lfs install && git lfs pull' in the folder")
+    return "it is truncated or corrupt: download or save it again"
+
+
 def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False,
                     int8: bool = False) -> CheckpointIndex:
     """Find the safetensors files of an HF folder and read their headers (no tensor data).
@@ -272,12 +341,49 @@ def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False,
                     ckpt.dtypes[key] = allowed[st_dtype]
         except (SafetensorError, OSError) as e:
             raise EmberError(
-                f"{path} is not a readable safetensors file ({e}); it is truncated or "
-                "corrupt: download or save it again"
+                f"{path} is not a readable safetensors file ({e}); {_why_unreadable(path)}"
             ) from None
     if not ckpt.key_file:
         raise EmberError(f"{folder}: the safetensors files hold no tensors")
-    return ckpt
+    # an 8-bit checkpoint's scales are looked up by stored name (bnb_int8): its keys stay as stored
+    return ckpt if int8 else _base_model_view(ckpt)
+
+
+_HEADS = ("lm_head.", "score.")
+# Wrappers whose prefix a state dict saved through them carries on every key: torch.compile's
+# OptimizedModule, DistributedDataParallel / DataParallel.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def _base_model_view(ckpt: CheckpointIndex) -> CheckpointIndex:
+    """The checkpoint under the causal LM's names: a wrapper's prefix on every key (a state dict
+    saved from a ``torch.compile``d or DDP model: ``_orig_mod.``, ``module.``) removed, with a
+    warning; a bare base model's (``LlamaModel.save_pretrained``: ``embed_tokens.weight``,
+    ``layers.0...``, no ``model.`` prefix, no head) given the ``model.`` prefix, as transformers'
+    ``from_pretrained`` adds the missing ``base_model_prefix``; any other checkpoint as it is."""
+    name = {k: k for k in ckpt.key_file}
+    for prefix in _WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in name.values()):
+            name = {k: v.removeprefix(prefix) for k, v in name.items()}
+            warnings.warn(
+                f"{ckpt.folder}: every tensor name starts with {prefix!r} (saved from a wrapped "
+                "model: torch.compile, DDP); loading them without it (transformers would not "
+                "find them and start from random weights)", stacklevel=4)
+    bare = "embed_tokens.weight" in name.values() and not any(
+        v.startswith("model.") for v in name.values())
+    if bare:
+        name = {k: v if v.startswith(_HEADS) else f"model.{v}" for k, v in name.items()}
+    if all(k == v for k, v in name.items()):
+        return ckpt
+    return CheckpointIndex(
+        folder=ckpt.folder,
+        files=ckpt.files,
+        key_file={name[k]: p for k, p in ckpt.key_file.items()},
+        shapes={name[k]: v for k, v in ckpt.shapes.items()},
+        dtypes={name[k]: v for k, v in ckpt.dtypes.items()},
+        stored={name[k]: ckpt.stored_key(k) for k in ckpt.key_file if name[k] != k},
+        base_model=bare,
+    )
 
 
 def language_model_view(ckpt: CheckpointIndex) -> CheckpointIndex:
