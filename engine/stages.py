@@ -19,6 +19,10 @@ value; one the config sets to another value is an error, even when it is the def
 ``rank = 16`` on a rank-8 adapter); ``lora.dropout``, a training setting, may change. A
 continued prompt keeps its ``num_virtual_tokens`` the same way.
 
+Only weights carry over: each stage is a new run whose optimizer (AdamW's moments), learning-rate
+schedule (warmup included), data position and RNG start afresh, as a transformers ``Trainer``
+started on the previous stage's output does (``--resume`` is what continues one run exactly).
+
 DPO after an earlier stage: the reference is the stage's *starting* model, i.e. the previous
 stage's result (the usual practice: the SFT model). With full fine-tuning it is a frozen copy of
 the starting weights; with LoRA and no earlier adapter it is the model with adapters switched
