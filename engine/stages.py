@@ -189,6 +189,16 @@ def start_of(cfg: TrainConfig) -> Start:
             f"model.init {start.source!r} holds {held}, which a method = "
             f"{cfg.method!r} stage cannot start from: {fix}"
         )
+    c = start.adapter_config
+    if start.kind == "lora" and cfg.head.type is None and (
+            c.get("task_type") == "SEQ_CLS" or {"score", "classifier"} & set(
+                c.get("modules_to_save") or ())):
+        raise EmberError(
+            f"model.init {start.source!r} holds a sequence-classification adapter (its head "
+            "among the modules it saves): set head.type = \"classification\" (\"reward\" or "
+            "\"regression\" for a one-output head) to continue it; a language-model stage "
+            "starts from a language-model adapter or model"
+        )
     return start
 
 

@@ -516,3 +516,22 @@ def test_classifier_mixes_training_files_and_scores_validation_files_apart(task,
         with torch.no_grad():
             ref = F.cross_entropy(pm(**batch).logits, target)
         assert last[f"val_loss/{name}"] == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_a_language_model_stage_from_a_classifier_adapter_says_set_head_type(task, tiny,
+                                                                               tmp_path):
+    """A classifier run's adapter (PEFT reads it as a SEQ_CLS adapter) continued by a stage
+    without [head]: an error that names head.type, not one about loading the base as a
+    classifier through the Python API."""
+    peft = pytest.importorskip("peft")
+    Trainer(cls_config(task, tmp_path / "cls", "max_steps=1", "lora.rank=4", "eval.metrics=[]",
+                       "eval.before=false", "eval.val_loss=false"), echo=quiet,
+            progress=False).run()
+    adapter = tmp_path / "cls" / "final" / "adapter"
+    assert peft.PeftConfig.from_pretrained(adapter).task_type == "SEQ_CLS"
+    for init in (tmp_path / "cls", adapter):
+        for method in ("lora", "full"):
+            with pytest.raises(EmberError, match=r'set head.type = "classification"'):
+                resolve(load_config(None, [
+                    f'model.name="{task["model"]}"', f'model.init="{init}"',
+                    f'method="{method}"', f'data.train=["{tiny["train"]}"]', 'device="cpu"']))
