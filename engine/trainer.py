@@ -3,11 +3,12 @@ or full fine-tuning, in one process or under torchrun (FSDP2), with evaluation, 
 exact resume and guards.
 
 One optimizer step = ``grad_accum`` packed micro-batches of ``data.tokens_per_batch`` tokens per
-process. The loss of every micro-batch is divided by the answer tokens (preference objectives: the
-pairs, KTO the examples) of the whole step, all processes together (``losses.sft_loss``), so
-accumulation is token-weighted: 4 micro-batches of 1 example give the gradients of 1 batch of 4,
-and N processes give those of one process taking their N * grad_accum batches
-(``engine/distributed.py``).
+process (an epoch's last step: those left, as transformers' Trainer, with epochs or max_steps;
+``runtime.StepSizes``). The loss of every micro-batch is divided by the answer tokens
+(preference objectives: the pairs, KTO the examples) of the whole step, all processes together
+(``losses.sft_loss``), so accumulation is token-weighted: 4 micro-batches of 1 example give the
+gradients of 1 batch of 4, and N processes give those of one process taking their
+N * grad_accum batches (``engine/distributed.py``).
 
 Setup order (STYLE.md): join torchrun's process group (it picks each rank's device) -> build the
 model with LoRA / frozen parts -> activation checkpointing (``[activations]``) -> ``fully_shard``
