@@ -55,8 +55,8 @@ from ember.engine.data import (
     _Bad,
     _Reader,
     _type_name,
+    load_datasets,
     read_lines,
-    split_examples,
     with_system_prompt,
 )
 from ember.engine.datafiles import iter_items
@@ -405,23 +405,11 @@ def load_labelled_datasets(
     cfg: DataConfig, tokenizer, labels, field: str = "label", pad: int | None = None, load=None
 ) -> Datasets:
     """Train / validation / test of a head's files; ``load(path) -> (examples, report)``
-    (default: ``load_labelled``)."""
-    if not cfg.train:
-        raise EmberError("data.train is empty: give one or more JSONL files")
+    (default: ``load_labelled``). The splits are made as ``data.load_datasets`` makes them, so
+    several training files mix by ``data.mix`` and several validation files (or
+    ``data.val_fraction`` of several training files) are scored per source."""
     load_file = load or (lambda p: load_labelled(p, cfg, tokenizer, labels, field, pad))
-    reports = []
-
-    def load_one(path):
-        ex, rep = load_file(path)
-        reports.append(rep)
-        return ex
-
-    train = [e for p in cfg.train for e in load_one(p)]
-    if cfg.validation is not None:
-        val = load_one(cfg.validation)
-    else:
-        train, val = split_examples(train, cfg.val_fraction, cfg.seed)
-    return Datasets(train, val, None if cfg.test is None else load_one(cfg.test), reports)
+    return load_datasets(cfg, tokenizer, lambda path, _cfg, _tok: load_file(path))
 
 
 # --- loss and evaluation -------------------------------------------------------------------------

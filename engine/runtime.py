@@ -102,6 +102,13 @@ def warmup_steps(optim, total: int) -> int:
     return math.ceil(total * optim.warmup_ratio)
 
 
+def _epoch_steps(batches, epoch: int, grad_accum: int) -> list[int]:
+    """The micro-batches of each optimizer step of ``epoch``: whole steps, then one of the
+    micro-batches left (transformers' Trainer's partial accumulation)."""
+    k = len(batches.plan(epoch))
+    return [grad_accum] * (k // grad_accum) + ([k % grad_accum] if k % grad_accum else [])
+
+
 def epoch_step_sizes(batches, epochs: float, grad_accum: int) -> list[int]:
     """The micro-batches of each optimizer step of ``epochs`` epochs of ``batches`` (one
     process's; under torchrun all processes' together, ``grad_accum`` then grad_accum * N:
@@ -112,12 +119,40 @@ def epoch_step_sizes(batches, epochs: float, grad_accum: int) -> list[int]:
     sizes: list[int] = []
     whole = int(epochs)
     for e in range(whole + (epochs > whole)):
-        k = len(batches.plan(e))
-        steps = [grad_accum] * (k // grad_accum) + ([k % grad_accum] if k % grad_accum else [])
+        steps = _epoch_steps(batches, e, grad_accum)
         if e == whole:  # round(): 1.1 - 1 is 0.10000000000000009, not 0.1
             steps = steps[:math.ceil(round((epochs - whole) * len(steps), 6))]
         sizes += steps
     return sizes or [1]
+
+
+class StepSizes:
+    """``sizes[step]``: the micro-batches of optimizer step ``step`` (0-based); ``len``: the
+    run's steps. ``max_steps`` unset: ``epoch_step_sizes``. With ``max_steps`` the steps are
+    dealt out as transformers' Trainer does under ``max_steps`` too: epoch by epoch, each ending
+    with its partial step (no step spans two epochs), cut at ``max_steps``; an epoch is planned
+    when the run reaches it (a long run on a small file plans no epochs ahead)."""
+
+    def __init__(self, batches, grad_accum: int, *, epochs: float = 1.0,
+                 max_steps: int | None = None):
+        self.batches, self.grad_accum, self._next_epoch = batches, grad_accum, 0
+        if max_steps:
+            self._sizes: list[int] = []
+            self.total = max_steps
+        else:
+            self._sizes = epoch_step_sizes(batches, epochs, grad_accum)
+            self.total = len(self._sizes)
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, step: int) -> int:
+        if not 0 <= step < self.total:
+            raise IndexError(f"step {step} of a {self.total}-step run")
+        while step >= len(self._sizes):
+            self._sizes += _epoch_steps(self.batches, self._next_epoch, self.grad_accum)
+            self._next_epoch += 1
+        return self._sizes[step]
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:

@@ -19,6 +19,10 @@ value; one the config sets to another value is an error, even when it is the def
 ``rank = 16`` on a rank-8 adapter); ``lora.dropout``, a training setting, may change. A
 continued prompt keeps its ``num_virtual_tokens`` the same way.
 
+Only weights carry over: each stage is a new run whose optimizer (AdamW's moments), learning-rate
+schedule (warmup included), data position and RNG start afresh, as a transformers ``Trainer``
+started on the previous stage's output does (``--resume`` is what continues one run exactly).
+
 DPO after an earlier stage: the reference is the stage's *starting* model, i.e. the previous
 stage's result (the usual practice: the SFT model). With full fine-tuning it is a frozen copy of
 the starting weights; with LoRA and no earlier adapter it is the model with adapters switched
@@ -184,6 +188,16 @@ def start_of(cfg: TrainConfig) -> Start:
         raise EmberError(
             f"model.init {start.source!r} holds {held}, which a method = "
             f"{cfg.method!r} stage cannot start from: {fix}"
+        )
+    c = start.adapter_config
+    if start.kind == "lora" and cfg.head.type is None and (
+            c.get("task_type") == "SEQ_CLS" or {"score", "classifier"} & set(
+                c.get("modules_to_save") or ())):
+        raise EmberError(
+            f"model.init {start.source!r} holds a sequence-classification adapter (its head "
+            "among the modules it saves): set head.type = \"classification\" (\"reward\" or "
+            "\"regression\" for a one-output head) to continue it; a language-model stage "
+            "starts from a language-model adapter or model"
         )
     return start
 

@@ -3,11 +3,12 @@ or full fine-tuning, in one process or under torchrun (FSDP2), with evaluation, 
 exact resume and guards.
 
 One optimizer step = ``grad_accum`` packed micro-batches of ``data.tokens_per_batch`` tokens per
-process. The loss of every micro-batch is divided by the answer tokens (preference objectives: the
-pairs, KTO the examples) of the whole step, all processes together (``losses.sft_loss``), so
-accumulation is token-weighted: 4 micro-batches of 1 example give the gradients of 1 batch of 4,
-and N processes give those of one process taking their N * grad_accum batches
-(``engine/distributed.py``).
+process (an epoch's last step: those left, as transformers' Trainer, with epochs or max_steps;
+``runtime.StepSizes``). The loss of every micro-batch is divided by the answer tokens
+(preference objectives: the pairs, KTO the examples) of the whole step, all processes together
+(``losses.sft_loss``), so accumulation is token-weighted: 4 micro-batches of 1 example give the
+gradients of 1 batch of 4, and N processes give those of one process taking their
+N * grad_accum batches (``engine/distributed.py``).
 
 Setup order (STYLE.md): join torchrun's process group (it picks each rank's device) -> build the
 model with LoRA / frozen parts -> activation checkpointing (``[activations]``) -> ``fully_shard``
@@ -80,10 +81,10 @@ from ember.engine.neftune import add_model_neftune
 from ember.engine.objectives import make_objective
 from ember.engine.runlog import MetricsLog, format_scores
 from ember.engine.runtime import (
+    StepSizes,
     autocast_for,
     build_model,
     cpu_has_bf16,  # noqa: F401 (bench/train.py imports it from here)
-    epoch_step_sizes,
     lr_factor,
     make_optimizer,
     memory_gib,
@@ -381,11 +382,11 @@ class Trainer:
         batches = PackedBatches.from_config(self.datasets.train, cfg.data)
         per_epoch = len(batches.plan(0))
         per_step = cfg.grad_accum * info.world_size
-        # Epochs decide: each epoch's last step takes only the micro-batches left (HF Trainer's
-        # partial accumulation), so 2 epochs of 5 batches at grad_accum 4 are 4 steps of 4, 1,
-        # 4, 1 batches (not 3 steps, nor 8 batches an epoch).
-        step_sizes = None if cfg.max_steps else epoch_step_sizes(batches, cfg.epochs, per_step)
-        total = cfg.max_steps or len(step_sizes)
+        # Each epoch's last step takes only the micro-batches left (HF Trainer's partial
+        # accumulation, with epochs or max_steps), so 2 epochs of 5 batches at grad_accum 4 are
+        # 4 steps of 4, 1, 4, 1 batches (not 3 steps, nor 8 batches an epoch).
+        step_sizes = StepSizes(batches, per_step, epochs=cfg.epochs, max_steps=cfg.max_steps)
+        total = len(step_sizes)
         if cfg.eval.early_stopping and cfg.eval.every_steps >= total:
             self.echo(f"note: eval.every_steps = {cfg.eval.every_steps} >= the run's {total} "
                       f"steps: no evaluation before the last step, so eval.early_stopping "
@@ -437,7 +438,7 @@ class Trainer:
         with GracefulStop(echo=say) as signals:
             while prog.step < total and not stopped:
                 t0 = time.perf_counter()
-                n = per_step if step_sizes is None else step_sizes[prog.step]
+                n = step_sizes[prog.step]
                 window = [next(stream) for _ in range(n)]
                 mine, passes = step_share(window, info)
                 micro = [batches.collate(idx) for idx in mine]

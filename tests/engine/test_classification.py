@@ -24,6 +24,7 @@ from ember.engine.classification import (
 from ember.engine.cli import main as cli
 from ember.engine.config import load_config
 from ember.engine.data import DataConfig, collate
+from ember.engine.packing import PackedBatches
 from ember.engine.state import load_run_model
 from ember.engine.trainer import Trainer, resolve
 from ember.models.heads import add_classification_head, classify
@@ -483,3 +484,54 @@ def test_a_classifier_transformers_cannot_load_is_refused_before_training(task, 
                              "max_steps=1", "checkpoint.save_final=false"),
                   echo=quiet, progress=False).run()
     assert res.steps == 1
+
+
+def test_classifier_mixes_training_files_and_scores_validation_files_apart(task, tmp_path):
+    """data.mix and several validation files work for a classifier as for SFT (they failed: a
+    misleading "training source 1 has no examples", a TypeError): each epoch takes the weighted
+    shares of the training files, and val_loss/<file> is the mean cross-entropy transformers'
+    classifier (the run's PEFT adapter on the base) gives that file's examples."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    small = write_jsonl(tmp_path / "small.jsonl", animal_rows(6, 7))
+    other = write_jsonl(tmp_path / "other.jsonl", animal_rows(5, 8))
+    cfg = cls_config(task, tmp_path / "run", f'data.train=["{task["train"]}", "{small}"]',
+                     "data.mix=[3, 1]", f'data.validation=["{task["val"]}", "{other}"]',
+                     "max_steps=2", "lora.rank=4", "optim.lr=1e-2", "optim.warmup_steps=0",
+                     "eval.metrics=[]", "eval.before=false")
+    t = Trainer(cfg, echo=quiet, progress=False)
+    t.run()
+    epoch = [t.datasets.train[i].group for b in PackedBatches.from_config(
+        t.datasets.train, t.cfg.data).plan(0) for i in b]
+    assert [epoch.count(0), epoch.count(1)] == [197, 65]  # 3:1 of the 262 examples
+    last = [r for r in rows_of(tmp_path / "run") if r["kind"] == "eval"][-1]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(task["model"])
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(
+        task["model"], num_labels=2)
+    pm = peft.PeftModel.from_pretrained(base, tmp_path / "run" / "final" / "adapter").eval()
+    for name, path in (("val", task["val"]), ("other", other)):
+        rows = [json.loads(line) for line in open(path)]
+        batch = hf_tok([r["text"] for r in rows], return_tensors="pt", padding=True)
+        target = torch.tensor([("animal", "none").index(r["label"]) for r in rows])
+        with torch.no_grad():
+            ref = F.cross_entropy(pm(**batch).logits, target)
+        assert last[f"val_loss/{name}"] == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_a_language_model_stage_from_a_classifier_adapter_says_set_head_type(task, tiny,
+                                                                               tmp_path):
+    """A classifier run's adapter (PEFT reads it as a SEQ_CLS adapter) continued by a stage
+    without [head]: an error that names head.type, not one about loading the base as a
+    classifier through the Python API."""
+    peft = pytest.importorskip("peft")
+    Trainer(cls_config(task, tmp_path / "cls", "max_steps=1", "lora.rank=4", "eval.metrics=[]",
+                       "eval.before=false", "eval.val_loss=false"), echo=quiet,
+            progress=False).run()
+    adapter = tmp_path / "cls" / "final" / "adapter"
+    assert peft.PeftConfig.from_pretrained(adapter).task_type == "SEQ_CLS"
+    for init in (tmp_path / "cls", adapter):
+        for method in ("lora", "full"):
+            with pytest.raises(EmberError, match=r'set head.type = "classification"'):
+                resolve(load_config(None, [
+                    f'model.name="{task["model"]}"', f'model.init="{init}"',
+                    f'method="{method}"', f'data.train=["{tiny["train"]}"]', 'device="cpu"']))

@@ -183,7 +183,8 @@ def test_patience_counts_as_transformers_early_stopping_callback(tiny, tmp_path,
         assert ours == hf, (values, ours, hf)
 
 
-def _hf_step_sizes(n_batches: int, grad_accum: int, epochs: float, out) -> list[int]:
+def _hf_step_sizes(n_batches: int, grad_accum: int, epochs: float, out,
+                   max_steps: int = -1) -> list[int]:
     """The micro-batches of each optimizer step of transformers' Trainer (batch size 1)."""
     import transformers
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -205,11 +206,22 @@ def _hf_step_sizes(n_batches: int, grad_accum: int, epochs: float, out) -> list[
 
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=1,
                              gradient_accumulation_steps=grad_accum, num_train_epochs=epochs,
+                             max_steps=max_steps,
                              report_to=[], save_strategy="no", use_cpu=True,
                              logging_strategy="no", learning_rate=1e-9, disable_tqdm=True)
     Trainer(model=transformers.LlamaForCausalLM(cfg), args=args, train_dataset=data,
             callbacks=[Count()]).train()
     return sizes
+
+
+class _Plan:
+    """A stand-in for PackedBatches: ``n`` batches every epoch."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def plan(self, epoch):
+        return [[0]] * self.n
 
 
 def test_epoch_steps_are_transformers_trainers(tmp_path):
@@ -218,16 +230,9 @@ def test_epoch_steps_are_transformers_trainers(tmp_path):
     4, 1, 4, 1 batches (Ember took 4, 4, 2: 3 steps, a schedule of another length)."""
     from ember.engine.runtime import epoch_step_sizes
 
-    class Plan:
-        def __init__(self, n):
-            self.n = n
-
-        def plan(self, epoch):
-            return [[0]] * self.n
-
     for n, ga, epochs in [(5, 4, 2), (7, 4, 2), (5, 4, 1.5), (6, 3, 2), (3, 4, 3), (5, 2, 0.5)]:
         want = _hf_step_sizes(n, ga, epochs, tmp_path / "hf")
-        assert epoch_step_sizes(Plan(n), epochs, ga) == want, (n, ga, epochs, want)
+        assert epoch_step_sizes(_Plan(n), epochs, ga) == want, (n, ga, epochs, want)
 
 
 def test_an_epoch_ends_with_its_own_partial_step(tiny, tmp_path):
@@ -268,3 +273,28 @@ def test_resume_across_epochs_with_partial_steps_is_exact(tiny, tmp_path):
     wa = dict(load_run_model(tmp_path / "a", "cpu")[0].named_parameters())
     wb = dict(load_run_model(tmp_path / "b", "cpu")[0].named_parameters())
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_max_steps_steps_are_transformers_trainers(tmp_path):
+    """Under max_steps too no step spans two epochs: transformers' Trainer still ends every
+    epoch with its partial step, so 5 batches an epoch at grad_accum 4 for 5 steps are steps of
+    4, 1, 4, 1, 4 batches (Ember took 4 at every step, across the epochs)."""
+    from ember.engine.runtime import StepSizes
+
+    for n, ga, steps in [(5, 4, 5), (7, 4, 3), (6, 3, 4), (3, 4, 3), (1, 2, 2), (8, 4, 3)]:
+        want = _hf_step_sizes(n, ga, 1.0, tmp_path / "hf", max_steps=steps)
+        sizes = StepSizes(_Plan(n), ga, max_steps=steps)
+        assert len(sizes) == steps and [sizes[i] for i in range(steps)] == want, (n, ga, want)
+
+
+def test_max_steps_of_whole_epochs_is_the_epochs_run(tiny, tmp_path):
+    """A run of max_steps = the steps of 2 epochs (grad_accum 4 on a number of batches 4 does
+    not divide) is the 2-epoch run, step for step."""
+    extra = (f'data.train=["{tiny["small"]}"]', "grad_accum=4", "data.max_seq_len=16",
+             "data.tokens_per_batch=16", "eval.metrics=[]", "eval.val_loss=false",
+             "checkpoint.save_final=false", "threads=1")
+    a = train(tiny_config(tiny, tmp_path / "a", *extra, "epochs=2"), echo=quiet, progress=False)
+    train(tiny_config(tiny, tmp_path / "b", *extra, f"max_steps={a.steps}"), echo=quiet,
+          progress=False)
+    rows = [rows_of(tmp_path / r, timing=False) for r in ("a", "b")]
+    assert rows[0] == rows[1] and len(rows[0]) == a.steps
