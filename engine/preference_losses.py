@@ -8,10 +8,10 @@ the rewards TRL logs (``rewards/chosen``, ``rewards/rejected``; detached). ``s``
 DPO (``dpo_loss``; TRL ``DPOTrainer`` ``loss_type``), on the margin of the log-ratios to the
 reference ``h = (pi_c - ref_c) - (pi_r - ref_r)``; rewards ``beta * (pi - ref)``:
 
-    sigmoid  -log s(beta h)                                  Rafailov et al. 2023 (TRL 1.x has
-                                                             no label smoothing here: e > 0, the
-                                                             conservative DPO of TRL 0.x, is
-                                                             refused rather than ignored)
+    sigmoid  -(1 - e) log s(beta h) - e log s(-beta h)       Rafailov et al. 2023; e > 0: the
+                                                             conservative DPO of Mitchell 2023
+                                                             (TRL 0.x; TRL 1.x ignores e here,
+                                                             so e = 0 is TRL 1.x's loss)
     robust   (-(1 - e) log s(beta h) + e log s(-beta h)) / (1 - 2e)   Chowdhury et al. 2024: an
                                                              unbiased loss when a fraction e of
                                                              the labels is flipped (e in (0, .5))
@@ -82,8 +82,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
                          f"got {loss_type!r}")
     if not 0 <= label_smoothing < 0.5:
         raise EmberError(f"dpo label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and loss_type != "robust":
-        raise EmberError(f"dpo label_smoothing applies to loss_type 'robust' only (as TRL 1.x), "
+    if label_smoothing and loss_type not in ("sigmoid", "robust"):
+        raise EmberError(f"dpo label_smoothing applies to loss_type 'sigmoid' and 'robust', "
                          f"not {loss_type!r}")
     chosen = policy_chosen - ref_chosen.detach()
     rejected = policy_rejected - ref_rejected.detach()
@@ -94,7 +94,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
                              "answers' token counts) to average the log-ratios per token")
         h = chosen / chosen_tokens.clamp(min=1) - rejected / rejected_tokens.clamp(min=1)
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * h)
+        losses = _smoothed(beta * h, label_smoothing)
     elif loss_type == "robust":
         e = label_smoothing
         losses = (-(1 - e) * F.logsigmoid(beta * h) + e * F.logsigmoid(-beta * h)) / (1 - 2 * e)

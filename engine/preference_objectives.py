@@ -68,8 +68,8 @@ class DPOConfig:
     # "sigmoid" (DPO) | "robust" (needs label_smoothing) | "hinge" (SLiC) | "ipo" (per-token
     # mean log-probs); formulas in engine/preference_losses.py
     loss_type: str = "sigmoid"
-    # robust only: the assumed fraction of flipped labels (TRL 1.x's sigmoid has no label
-    # smoothing; the conservative DPO of TRL 0.x is refused rather than silently dropped)
+    # sigmoid: > 0 is conservative DPO (TRL 0.x; TRL 1.x ignores it there, so leave it at 0
+    # for TRL 1.x's loss); robust: the assumed fraction of flipped labels
     label_smoothing: float = 0.0
     # RPO: + weight * NLL per chosen answer token (TRL 1.x: loss_type ["sigmoid", "sft"] with
     # loss_weights [1, weight]; TRL 0.x's rpo_alpha)
@@ -88,10 +88,9 @@ class DPOConfig:
             raise EmberError("dpo.loss_type = \"robust\" needs dpo.label_smoothing in (0, 0.5): "
                              "the fraction of preference labels assumed flipped (with 0 it is "
                              "plain sigmoid DPO)")
-        if self.loss_type != "robust" and self.label_smoothing:
-            raise EmberError(f"dpo.label_smoothing applies to loss_type \"robust\" only, not "
-                             f"{self.loss_type!r}: drop it (TRL 1.x ignores it there; the "
-                             "conservative DPO of TRL 0.x's sigmoid label smoothing is gone)")
+        if self.loss_type in ("hinge", "ipo") and self.label_smoothing:
+            raise EmberError(f"dpo.label_smoothing applies to loss_type \"sigmoid\" and "
+                             f"\"robust\", not {self.loss_type!r}: drop it")
 
 
 @dataclass(frozen=True, kw_only=True)

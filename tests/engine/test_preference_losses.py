@@ -31,12 +31,14 @@ def _logsig(x):
 
 def trl_dpo(pc, pr, rc, rr, beta, ls, loss_type, nc=None, nr=None):
     """TRL 1.16 ``DPOTrainer._compute_loss`` (reverse KL) on summed log-probs; ``nc``, ``nr``:
-    the answers' token counts (IPO divides the log-ratios by them). Label smoothing only enters
-    "robust"; the rewards are of the sums for every loss type."""
+    the answers' token counts (IPO divides the log-ratios by them). TRL 1.16's label smoothing
+    enters "robust" (and "aot"); for "sigmoid" with ``ls`` > 0 this is TRL 0.x's conservative DPO
+    (1.16's "aot" term on the unsorted margin), which Ember keeps. The rewards are of the sums
+    for every loss type."""
     chosen_scores, rejected_scores = pc - rc, pr - rr
     delta = chosen_scores - rejected_scores
     if loss_type == "sigmoid":
-        losses = -_logsig(beta * delta)
+        losses = -_logsig(beta * delta) * (1 - ls) - _logsig(-beta * delta) * ls
     elif loss_type == "robust":
         clean = -(1 - ls) * _logsig(beta * delta)
         flipped = -ls * _logsig(-beta * delta)
@@ -75,7 +77,8 @@ def _split(x, pairs):
     return x[:pairs], x[pairs:]
 
 
-@pytest.mark.parametrize("loss_type,ls", [("sigmoid", 0.0), ("robust", 0.1), ("robust", 0.4),
+@pytest.mark.parametrize("loss_type,ls", [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.1),
+                                          ("robust", 0.4),
                                           ("hinge", 0.0), ("ipo", 0.0)])
 def test_dpo_loss_types_match_trl(loss_type, ls):
     """Loss, rewards and the gradient w.r.t. the policy's summed log-probs, against TRL 1.16's
@@ -97,16 +100,15 @@ def test_dpo_loss_types_match_trl(loss_type, ls):
     assert pol.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
-def test_dpo_label_smoothing_outside_robust_is_refused(loss_type):
-    """TRL 1.16 applies label_smoothing in "robust" only (its sigmoid is -log s(beta h), the
-    conservative DPO of TRL 0.x is gone): Ember used to apply it to sigmoid, a loss TRL never
-    computes. It is refused, in the config and in the pure loss, rather than ignored."""
+@pytest.mark.parametrize("loss_type", ["hinge", "ipo"])
+def test_dpo_label_smoothing_on_hinge_or_ipo_is_refused(loss_type):
+    """Label smoothing means something for "sigmoid" (conservative DPO) and "robust" only: it is
+    refused elsewhere, in the config and in the pure loss, rather than ignored."""
     with pytest.raises(EmberError, match=rf"dpo\.label_smoothing applies to loss_type "
-                                         rf"\"robust\" only, not '{loss_type}'"):
+                                         rf"\"sigmoid\" and \"robust\", not '{loss_type}'"):
         load_config(None, [f'dpo.loss_type="{loss_type}"', "dpo.label_smoothing=0.1"])
     x = torch.zeros(3)
-    with pytest.raises(EmberError, match="label_smoothing applies to loss_type 'robust' only"):
+    with pytest.raises(EmberError, match="label_smoothing applies to loss_type 'sigmoid' and"):
         dpo_loss(x, x, x, x, 0.1, 0.1, loss_type, chosen_tokens=x + 1, rejected_tokens=x + 1)
 
 
@@ -185,7 +187,8 @@ def test_doc_logprobs_equal_each_document_alone(pref_batch):
 
 
 CASES = {
-    "dpo_sigmoid_rpo": ('objective="dpo"', "dpo.beta=0.5", "dpo.sft_weight=0.7"),
+    "dpo_sigmoid_rpo": ('objective="dpo"', "dpo.beta=0.5", "dpo.label_smoothing=0.1",
+                        "dpo.sft_weight=0.7"),
     "dpo_robust": ('objective="dpo"', 'dpo.loss_type="robust"', "dpo.label_smoothing=0.2"),
     "dpo_hinge": ('objective="dpo"', 'dpo.loss_type="hinge"', "dpo.beta=2.0"),
     "dpo_ipo": ('objective="dpo"', 'dpo.loss_type="ipo"', "dpo.beta=0.5"),
