@@ -92,6 +92,13 @@ import torch.nn.functional as F
 
 from ember import EmberError
 from ember.kernels import apply_rope, flash_attention, geglu, linear_cross_entropy, rms_norm, swiglu
+from ember.models.hf_backend_io import (
+    default_loss,
+    hooked,
+    keep_slice,
+    labels_read_padding,
+    plain_head,
+)
 
 PLAN_KW = "ember_attention_plan"
 _ACTIVATIONS = {"silu": swiglu, "swish": swiglu, "gelu_pytorch_tanh": geglu}
@@ -193,15 +200,9 @@ def _mark(kind: str) -> Callable[[Callable], Callable]:
     return deco
 
 
-def _hooked(module: nn.Module) -> bool:
-    """An ``accelerate`` dispatch hook (``device_map`` with offload or several devices): its
-    ``forward`` moves inputs and loads offloaded weights around ``module._old_forward``."""
-    return "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__
-
-
 def _bind(module: nn.Module, fn: Callable) -> None:
     method = types.MethodType(fn, module)
-    if _hooked(module):  # swap inside the hook, keeping what it called to restore it
+    if hooked(module):  # swap inside the hook, keeping what it called to restore it
         module._ember_hooked_forward = module._old_forward
         module._old_forward = method
     else:
@@ -398,24 +399,6 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                               inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
 
 
-def _plain_head(head: nn.Module) -> bool:
-    w = getattr(head, "weight", None)
-    return (isinstance(head, nn.Linear) and type(w) in (nn.Parameter, torch.Tensor)
-            and w.is_floating_point() and w.device.type != "meta" and not _hooked(head)
-            and not (head._forward_hooks or head._forward_pre_hooks))
-
-
-def _default_loss(lm: nn.Module) -> bool:
-    """No ``loss_function`` set on the instance (transformers' setter stores ``_loss_function``,
-    which HF's forward then calls on the logits), or transformers' own causal LM loss."""
-    fn = lm.__dict__.get("_loss_function")
-    if fn is None:
-        return True
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    return fn is ForCausalLMLoss
-
-
 def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Tensor,
                    num_items_in_batch=None, ignore_index: int = -100,
                    softcap: float | None = None) -> torch.Tensor:
@@ -444,34 +427,10 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Te
     return loss
 
 
-def _keep(logits_to_keep):
-    return slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-
-
 def _final_softcap(lm: nn.Module) -> float | None:
     if not FAMILIES[_family(lm)].final_softcap:
         return None
     return getattr(lm.config, "final_logit_softcapping", None)
-
-
-def _labels_read_padding(attention_mask, labels, shift_labels, ignore_index: int,
-                         sdpa: bool) -> bool:
-    """A label predicted from a padding position: HF's loss includes HF's output there, which
-    Ember's varlen leaves 0. Before a row's first real token (left padding, labels = ids with the
-    padding masked: its first real token) that is a fully masked query row, which SDPA also
-    gives as 0 (torch >= 2.5; eager averages every value); after one (right padding or a gap,
-    labels not masked there) HF attends to the real tokens before it. One host sync."""
-    if labels is None or not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:
-        return False
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    if tuple(shift_labels.shape) != tuple(attention_mask.shape):
-        return False
-    keep = attention_mask.to(shift_labels.device).bool()
-    read = (shift_labels != ignore_index) & ~keep
-    if sdpa:
-        read &= keep.cumsum(1) > 0
-    return bool(read.any())
 
 
 def _causal_lm_forward_for(fused_loss: bool) -> Callable:
@@ -481,7 +440,7 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
                 logits_to_keep=0, **kwargs):
         planned = _swap_kind(self.model)
         if (PLAN_KW not in kwargs and planned == "attention_plan"
-                and _labels_read_padding(attention_mask, labels, kwargs.get("shift_labels"),
+                and labels_read_padding(attention_mask, labels, kwargs.get("shift_labels"),
                                          kwargs.get("ignore_index", -100),
                                          self.config._attn_implementation == "sdpa")):
             kwargs[PLAN_KW] = None  # every layer runs HF's attention with HF's mask
@@ -495,8 +454,8 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
 def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_key_values,
                inputs_embeds, labels, use_cache, logits_to_keep, **kwargs):
     shift_labels = kwargs.get("shift_labels")
-    if (not fused_loss or labels is None or not _plain_head(self.lm_head)
-            or not _default_loss(self)):
+    if (not fused_loss or labels is None or not plain_head(self.lm_head)
+            or not default_loss(self)):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, past_key_values=past_key_values,
                                   inputs_embeds=inputs_embeds, labels=labels,
@@ -519,7 +478,7 @@ def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_k
     loss = causal_lm_loss(hidden, self.lm_head, shift_labels, num_items, ignore_index, cap)
     logits = None
     if not self.training:
-        logits = self.lm_head(hidden[:, _keep(logits_to_keep)])
+        logits = self.lm_head(hidden[:, keep_slice(logits_to_keep)])
         if cap is not None:  # as HF: logits / c, tanh, * c
             logits = torch.tanh(logits / cap) * cap
     out = CausalLMOutputWithPast(loss=loss, logits=logits,

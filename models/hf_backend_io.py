@@ -1,0 +1,58 @@
+"""What ``ember.models.hf_backend``'s causal LM forward reads and returns as transformers does:
+which heads and losses the fused loss may replace, which labels read padding, and the outputs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def hooked(module: nn.Module) -> bool:
+    """An ``accelerate`` dispatch hook (``device_map`` with offload or several devices): its
+    ``forward`` moves inputs and loads offloaded weights around ``module._old_forward``."""
+    return "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__
+
+
+def plain_head(head: nn.Module) -> bool:
+    """A bare ``nn.Linear`` head the fused loss can read the weight of directly."""
+    w = getattr(head, "weight", None)
+    return (isinstance(head, nn.Linear) and type(w) in (nn.Parameter, torch.Tensor)
+            and w.is_floating_point() and w.device.type != "meta" and not hooked(head)
+            and not (head._forward_hooks or head._forward_pre_hooks))
+
+
+def default_loss(lm: nn.Module) -> bool:
+    """No ``loss_function`` set on the instance (transformers' setter stores ``_loss_function``,
+    which HF's forward then calls on the logits), or transformers' own causal LM loss."""
+    fn = lm.__dict__.get("_loss_function")
+    if fn is None:
+        return True
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return fn is ForCausalLMLoss
+
+
+def keep_slice(logits_to_keep):
+    """The positions HF keeps logits for (an int: the last n; 0: all; or an index tensor)."""
+    return slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+
+
+def labels_read_padding(attention_mask, labels, shift_labels, ignore_index: int,
+                         sdpa: bool) -> bool:
+    """A label predicted from a padding position: HF's loss includes HF's output there, which
+    Ember's varlen leaves 0. Before a row's first real token (left padding, labels = ids with the
+    padding masked: its first real token) that is a fully masked query row, which SDPA also
+    gives as 0 (torch >= 2.5; eager averages every value); after one (right padding or a gap,
+    labels not masked there) HF attends to the real tokens before it. One host sync."""
+    if labels is None or not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:
+        return False
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    if tuple(shift_labels.shape) != tuple(attention_mask.shape):
+        return False
+    keep = attention_mask.to(shift_labels.device).bool()
+    read = (shift_labels != ignore_index) & ~keep
+    if sdpa:
+        read &= keep.cumsum(1) > 0
+    return bool(read.any())
