@@ -71,6 +71,11 @@ What is swapped (each a keyword, all on by default):
   ``model.loss_function``, keeps HF's loss path. Gemma's ``sqrt(hidden)`` embedding scale stays
   in HF's model forward, as do Granite's embedding and residual multipliers; Granite's
   ``logits_scaling`` divides the hidden states before the fused loss (and the eval logits).
+  With ``return_dict=False`` the tuple keeps HF's layout, ``(loss, logits, ...)``, logits None in
+  training mode.
+
+A module whose inputs or weights are in a dtype Ember's kernels do not take (a model moved to
+float64 after the swap) runs the forward the swap replaced.
 
 The decision is made once per forward by the wrapper of the inner ``*Model`` from the 2-D
 ``attention_mask``, ``position_ids`` and cache (host syncs: one or two for a mask, one for
@@ -93,9 +98,11 @@ import torch.nn.functional as F
 from ember import EmberError
 from ember.kernels import apply_rope, flash_attention, geglu, linear_cross_entropy, rms_norm, swiglu
 from ember.models.hf_backend_io import (
+    as_tuple,
     default_loss,
     hooked,
     keep_slice,
+    kernel_dtypes,
     labels_read_padding,
     plain_head,
 )
@@ -222,20 +229,32 @@ def _swap_kind(module: nn.Module) -> str | None:
     return None
 
 
+def _replaced(module: nn.Module) -> Callable:
+    """The forward the swap replaced: under a dispatch hook the one it called, else the class's."""
+    saved = module.__dict__.get("_ember_hooked_forward")
+    return saved if saved is not None else types.MethodType(type(module).forward, module)
+
+
 @_mark("rms_norm")
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if not kernel_dtypes(hidden_states, self.weight):
+        return _replaced(self)(hidden_states)
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 @_mark("rms_norm")
 def _gemma_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     # HF: (x.float() * rsqrt(mean(x^2) + eps) * (1 + w.float())).type_as(x), rounded once.
+    if not kernel_dtypes(x, self.weight):
+        return _replaced(self)(x)
     return rms_norm(x, self.weight, self.eps, offset=1.0)
 
 
 def _mlp_forward_for(act: Callable) -> Callable:
     @_mark(f"mlp:{act.__name__}")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not kernel_dtypes(x):
+            return _replaced(self)(x)
         if hasattr(self, "gate_up_proj"):  # Phi-3: one projection, gate first (HF's chunk(2))
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
@@ -315,7 +334,7 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool, config_window
         cos, sin = position_embeddings
         if not getattr(self, "use_rope", True):  # SmolLM3's NoPE layers
             pass
-        elif rope:
+        elif rope and kernel_dtypes(q, k, cos):
             r = cos.shape[-1] // 2
             q, k = apply_rope(q, k, cos[..., :r], sin[..., :r])
         else:
@@ -332,7 +351,7 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool, config_window
         # only HF's attention functions give (eager; SDPA gives none, as unswapped).
         weights = kwargs.get("output_attentions", getattr(self.config, "output_attentions", False))
         out = None
-        if (flash and not weights and dropout == 0.0 and k.shape[1] == T
+        if (flash and kernel_dtypes(q) and not weights and dropout == 0.0 and k.shape[1] == T
                 and getattr(self, "is_causal", True)):
             if (plan is not None and plan.cu_seqlens is not None
                     and not (plan.packed and past_key_values is not None)):
@@ -485,7 +504,7 @@ def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_k
                                  past_key_values=outputs.past_key_values,
                                  hidden_states=outputs.hidden_states,
                                  attentions=outputs.attentions)
-    return out.to_tuple() if return_dict is False else out
+    return as_tuple(out) if return_dict is False else out
 
 
 # ------------------------------------------------------------------------------------- public

@@ -7,6 +7,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# What Ember's kernels take; other dtypes (a model moved to float64 after the swap) run HF's code.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def kernel_dtypes(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype in KERNEL_DTYPES for t in tensors)
+
 
 def hooked(module: nn.Module) -> bool:
     """An ``accelerate`` dispatch hook (``device_map`` with offload or several devices): its
@@ -18,7 +25,7 @@ def plain_head(head: nn.Module) -> bool:
     """A bare ``nn.Linear`` head the fused loss can read the weight of directly."""
     w = getattr(head, "weight", None)
     return (isinstance(head, nn.Linear) and type(w) in (nn.Parameter, torch.Tensor)
-            and w.is_floating_point() and w.device.type != "meta" and not hooked(head)
+            and w.dtype in KERNEL_DTYPES and w.device.type != "meta" and not hooked(head)
             and not (head._forward_hooks or head._forward_pre_hooks))
 
 
@@ -56,3 +63,11 @@ def labels_read_padding(attention_mask, labels, shift_labels, ignore_index: int,
     if sdpa:
         read &= keep.cumsum(1) > 0
     return bool(read.any())
+
+
+def as_tuple(out) -> tuple:
+    """``return_dict=False``: HF's tuple is ``(loss, logits, past_key_values, ...)``. Its
+    ``to_tuple()`` drops None fields, which would move the cache into logits' place when the fused
+    loss leaves logits None (training mode): the slot is kept, holding None."""
+    rest = tuple(v for k, v in out.items() if k not in ("loss", "logits"))
+    return (out.loss, out.logits, *rest)

@@ -1,0 +1,58 @@
+"""ember.models.hf_backend.accelerate driven the ways transformers users drive a model: output
+formats, dtype changes after the swap, ``transformers.Trainer``. The oracle is the same model
+without the swap (``_pair``'s twin), fp32 unless a test says otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.models.hf_backend import accelerate, swapped
+from tests.models.test_hf_backend import _close, _ids, _loss_and_grads_match, _pair
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here on one torch thread (tests/conftest.py: one_thread)."""
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_return_dict_false_keeps_hf_tuple_layout(use_cache):
+    """``return_dict=False`` in training mode: HF's tuple is (loss, logits[, cache]). The fused
+    loss builds no logits; the slot stays, holding None (was: ``to_tuple()`` dropped it, so
+    ``out[1]`` was the KV cache, or ``loss, logits = out`` failed)."""
+    ref, model = _pair("llama", seed=41)
+    accelerate(model)
+    ids = _ids(2, 9, seed=21)
+    kw = dict(labels=ids, return_dict=False, use_cache=use_cache)
+    a, b = ref(ids, **kw), model(ids, **kw)
+    assert isinstance(b, tuple) and len(b) == len(a) == 2 + use_cache
+    _close("loss", b[0], a[0])
+    assert b[1] is None and a[1].shape == (2, 9, ref.config.vocab_size)
+    assert [type(x) for x in b[2:]] == [type(x) for x in a[2:]]
+    with torch.no_grad():  # eval mode: the logits are there, as HF's
+        a, b = ref.eval()(ids, **kw), model.eval()(ids, **kw)
+    assert len(b) == len(a)
+    _close("logits (eval)", b[1], a[1])
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3_qknorm"])
+def test_float64_after_swap(case):
+    """``.to(torch.float64)`` (or ``.double()``, e.g. for gradcheck) after the swap: Ember's
+    kernels take fp32/fp16/bf16 only, so those modules run HF's code (was: ValueError "rms_norm:
+    x has dtype torch.float64" from inside the first norm)."""
+    ref, model = _pair(case, seed=43)
+    accelerate(model)
+    ref, model = ref.double(), model.to(torch.float64)
+    assert set(swapped(model).values()) >= {"rms_norm", "attention", "loss"}
+    ids = _ids(2, 9, seed=22)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    _loss_and_grads_match(ref, model, ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        a, b = model.eval()(ids), ref.eval()(ids)
+    assert a.logits.dtype == torch.float64
+    _close("logits", a.logits, b.logits)
