@@ -99,6 +99,7 @@ from ember import EmberError
 from ember.kernels import apply_rope, flash_attention, geglu, linear_cross_entropy, rms_norm, swiglu
 from ember.models.hf_backend_io import (
     as_tuple,
+    check_labels,
     default_loss,
     hooked,
     keep_slice,
@@ -491,6 +492,8 @@ def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_k
     hidden = outputs.last_hidden_state  # (B, T, D)
     if FAMILIES[_family(self)].logits_scaling:  # Granite: logits / s, as (hidden / s) W^T
         hidden = hidden / self.config.logits_scaling
+    check_labels(labels if shift_labels is None else shift_labels, hidden.shape[:2],
+                 "labels" if shift_labels is None else "shift_labels")
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     cap = _final_softcap(self)

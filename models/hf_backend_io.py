@@ -40,6 +40,15 @@ def default_loss(lm: nn.Module) -> bool:
     return fn is ForCausalLMLoss
 
 
+def check_labels(labels: torch.Tensor, tokens: tuple[int, int], name: str) -> None:
+    """One label per input token (B, T), as HF's loss needs: it flattens both and raises on a
+    count mismatch, where selecting the labelled rows would silently pair the wrong positions."""
+    if not torch.is_tensor(labels) or labels.numel() != tokens[0] * tokens[1]:
+        shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
+        raise ValueError(f"{name} has shape {shape} but the input has {tuple(tokens)} tokens: "
+                         f"give one label per input token (-100 where there is no loss)")
+
+
 def keep_slice(logits_to_keep):
     """The positions HF keeps logits for (an int: the last n; 0: all; or an index tensor)."""
     return slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -56,3 +56,22 @@ def test_float64_after_swap(case):
         a, b = model.eval()(ids), ref.eval()(ids)
     assert a.logits.dtype == torch.float64
     _close("logits", a.logits, b.logits)
+
+
+@pytest.mark.parametrize("key,shape", [("labels", (2, 7)), ("labels", (1, 10)),
+                                       ("labels", (2, 12)), ("shift_labels", (2, 9))])
+def test_labels_not_one_per_token_raise(key, shape):
+    """Labels that are not one per input token: HF's loss raises (a batch-size mismatch), and
+    so does the swap, naming the shapes (was: fewer labels gave a loss over the wrong
+    positions, silently; more gave an IndexError from index_select)."""
+    ref, model = _pair("llama", seed=45)
+    accelerate(model)
+    ids = _ids(2, 10, seed=23)
+    kw = {"labels": ids, key: _ids(*shape, seed=24)}
+    with pytest.raises(ValueError, match="batch_size"):
+        ref(ids, **kw)
+    with pytest.raises(ValueError, match=rf"{key} has shape \({shape[0]}, {shape[1]}\) but the "
+                                         r"input has \(2, 10\) tokens"):
+        model(ids, **kw)
+    flat = ids.reshape(-1)  # HF flattens: one label per token in another shape is accepted
+    _close("loss (flat labels)", model(ids, labels=flat).loss, ref(ids, labels=flat).loss)
