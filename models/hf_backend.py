@@ -109,6 +109,7 @@ from ember.models.hf_backend_io import (
 )
 
 PLAN_KW = "ember_attention_plan"
+_OFF = "_ember_off"  # restored while accelerate's mixed-precision wrapper still calls the swap
 _ACTIVATIONS = {"silu": swiglu, "swish": swiglu, "gelu_pytorch_tanh": geglu}
 
 
@@ -223,7 +224,10 @@ def _ours(fn) -> bool:
 
 
 def _swap_kind(module: nn.Module) -> str | None:
-    for key in ("forward", "_old_forward"):
+    if module.__dict__.get(_OFF):
+        return None
+    # _original_forward: accelerate's mixed-precision wrapper (Trainer with bf16/fp16) calls it
+    for key in ("forward", "_old_forward", "_original_forward"):
         fn = module.__dict__.get(key)
         if _ours(fn):
             return fn._ember_swap
@@ -458,6 +462,12 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
                 logits_to_keep=0, **kwargs):
+        if self.__dict__.get(_OFF):  # restore()d under accelerate's wrapper: HF's forward
+            return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids, past_key_values=past_key_values,
+                                      inputs_embeds=inputs_embeds, labels=labels,
+                                      use_cache=use_cache, logits_to_keep=logits_to_keep,
+                                      **kwargs)
         planned = _swap_kind(self.model)
         if (PLAN_KW not in kwargs and planned == "attention_plan"
                 and labels_read_padding(attention_mask, labels, kwargs.get("shift_labels"),
@@ -546,8 +556,23 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
     if attention:
         _bind(base, _model_forward)
     if loss or attention:  # attention alone: the causal LM only checks the labels (see above)
-        _bind(lm, _causal_lm_forward_for(loss))
+        _bind_causal_lm(lm, _causal_lm_forward_for(loss))
     return model
+
+
+def _bind_causal_lm(lm: nn.Module, fn: Callable) -> None:
+    wrapped = lm.__dict__.get("_original_forward")
+    if not _ours(wrapped) or _ours(lm.__dict__.get("forward")):
+        _bind(lm, fn)
+        return
+    # accelerate's mixed-precision wrapper (accelerator.prepare, Trainer with bf16/fp16) calls
+    # the forward swapped before it was prepared; rebinding would drop the wrapper's autocast.
+    if wrapped._ember_swap != fn._ember_swap:
+        raise EmberError(f"accelerate(): this model's forward was wrapped by accelerate's mixed "
+                         f"precision around an earlier swap ({wrapped._ember_swap}); call "
+                         f"accelerate() with the same loss= setting, or unwrap it first "
+                         "(accelerator.unwrap_model(model, keep_fp32_wrapper=False))")
+    lm.__dict__.pop(_OFF, None)
 
 
 def swapped(model: nn.Module) -> dict[str, str]:
@@ -559,10 +584,14 @@ def swapped(model: nn.Module) -> dict[str, str]:
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo ``accelerate``: every swapped module gets its class's forward back (inside an
-    ``accelerate`` dispatch hook: the forward the hook called before)."""
+    ``accelerate`` dispatch hook: the forward the hook called before; under its mixed-precision
+    wrapper, which calls the swapped forward, that forward is switched to HF's)."""
     for m in model.modules():
+        m.__dict__.pop(_OFF, None)
         if _ours(m.__dict__.get("forward")):
             del m.forward
+        elif _ours(m.__dict__.get("_original_forward")):  # accelerate's wrapper calls the swap
+            m.__dict__[_OFF] = True
         if _ours(m.__dict__.get("_old_forward")):  # a hook around the swap, added before or after
             saved = m.__dict__.get("_ember_hooked_forward")
             m._old_forward = saved if saved is not None else types.MethodType(type(m).forward, m)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ember.models.hf_backend import accelerate, swapped
+from ember.models.hf_backend import accelerate, restore, swapped
 from tests.models.test_hf_backend import _close, _ids, _loss_and_grads_match, _pair
 
 transformers = pytest.importorskip("transformers")
@@ -75,3 +75,31 @@ def test_labels_not_one_per_token_raise(key, shape):
         model(ids, **kw)
     flat = ids.reshape(-1)  # HF flattens: one label per token in another shape is accepted
     _close("loss (flat labels)", model(ids, labels=flat).loss, ref(ids, labels=flat).loss)
+
+
+def test_restore_under_mixed_precision_wrapper():
+    """accelerate's ``prepare`` with bf16 mixed precision (what ``Trainer(bf16=True)`` does)
+    wraps the swapped causal LM forward in autocast; ``swapped`` still reports it, ``restore``
+    makes the wrapper call HF's forward (was: the fused loss stayed, unreported), and
+    ``accelerate`` again switches it back on inside the wrapper (its autocast kept)."""
+    accelerate_lib = pytest.importorskip("accelerate")
+    ref, model = _pair("llama", seed=47)
+    accelerate(model)
+    kinds = swapped(model)
+    acc = accelerate_lib.Accelerator(cpu=True, mixed_precision="bf16")
+    ref, model = acc.prepare_model(ref), acc.prepare_model(model)
+    assert hasattr(model.forward.__func__, "__wrapped__")  # the wrapper, around the swap
+    assert swapped(model) == kinds
+    ids = _ids(2, 9, seed=25)
+    assert model(ids, labels=ids).logits is None  # Ember's fused loss (training mode)
+    restore(model)
+    assert swapped(model) == {}
+    a, b = ref(ids, labels=ids), model(ids, labels=ids)
+    assert b.logits is not None and b.logits.dtype == a.logits.dtype == torch.float32
+    assert torch.equal(a.loss, b.loss)  # the same HF code under the same autocast
+    accelerate(model)
+    assert swapped(model) == kinds
+    assert hasattr(model.forward.__func__, "__wrapped__")  # still accelerate's wrapper
+    out = model(ids, labels=ids)
+    assert out.logits is None
+    assert abs(out.loss.item() - a.loss.item()) < 2e-2 * a.loss.item()  # bf16 autocast both
