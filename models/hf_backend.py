@@ -98,7 +98,9 @@ import torch.nn.functional as F
 from ember import EmberError
 from ember.kernels import apply_rope, flash_attention, geglu, linear_cross_entropy, rms_norm, swiglu
 from ember.models.hf_backend_io import (
+    AttentionPlan,
     as_tuple,
+    attention_plan,
     check_labels,
     default_loss,
     hooked,
@@ -144,22 +146,6 @@ FAMILIES = {
     "Olmo2ForCausalLM": Family(),
 }
 SUPPORTED = tuple(FAMILIES)
-
-
-@dataclass
-class AttentionPlan:
-    """What one forward's attention layers run, decided once from the inputs HF's mask is built
-    from (so the 4-D mask HF still builds can be ignored). ``cu_seqlens`` None: dense causal
-    (with the layer's window). Otherwise varlen over the flattened (B*T) tokens, or over the
-    gathered real tokens when ``indices`` (positions in B*T) is set (padding)."""
-
-    cu_seqlens: torch.Tensor | None = None  # (n_seq + 1,) int32
-    max_seqlen: int | None = None
-    indices: torch.Tensor | None = None  # (n_real,) int64, padding only
-    packed: bool = False  # from position_ids: HF drops packing when a KV cache exists
-    # Padding inside a row (not only at its ends): HF's sliding window counts those positions,
-    # so layers with a window run HF's attention with its mask.
-    gaps: bool = False
 
 
 # ------------------------------------------------------------------------------ finding modules
@@ -374,41 +360,6 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool, config_window
     return forward
 
 
-def attention_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                   batch: int, seqlen: int, past_key_values=None) -> AttentionPlan | None:
-    """The plan for one forward; None when HF's attention must run with HF's mask (a KV cache
-    holding earlier tokens, a custom 4-D mask, a row without any real token). Host syncs: one
-    for a 2-D mask (two with padding), one for packed position_ids."""
-    if past_key_values is not None and past_key_values.get_seq_length() > 0:
-        return None
-    if attention_mask is not None:
-        if (not torch.is_tensor(attention_mask) or attention_mask.dim() != 2
-                or tuple(attention_mask.shape) != (batch, seqlen)):
-            return None  # per-layer-type dicts, custom 4-D masks, masks covering cached tokens
-        keep = attention_mask.bool()
-        lengths = keep.sum(1)
-        t = torch.arange(seqlen, device=keep.device)
-        span = torch.where(keep, t, -1).amax(1) - torch.where(keep, t, seqlen).amin(1) + 1
-        full, any_empty, gaps, longest = torch.stack([x.long() for x in (
-            keep.all(), (lengths == 0).any(), (span != lengths).any(), lengths.max())]).tolist()
-        if full:
-            return AttentionPlan()  # HF ignores an all-ones mask, and so does packing detection
-        if any_empty:
-            return None
-        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        return AttentionPlan(cu, longest, keep.reshape(-1).nonzero().squeeze(1), gaps=bool(gaps))
-    if position_ids is None or past_key_values is not None:
-        return AttentionPlan()
-    pos = position_ids.expand(batch, seqlen) if position_ids.shape[0] != batch else position_ids
-    starts = torch.ones(batch, seqlen, dtype=torch.bool, device=pos.device)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1  # HF's rule: a jump other than +1 starts a doc
-    first = starts.reshape(-1).nonzero().squeeze(1)
-    if first.numel() == batch:
-        return AttentionPlan()  # one document per row
-    cu = torch.cat([first, first.new_tensor([batch * seqlen])]).to(torch.int32)
-    return AttentionPlan(cu, int((cu[1:] - cu[:-1]).max()), None, packed=True)
-
-
 @_mark("attention_plan")
 def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                    past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
@@ -526,6 +477,8 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
     """Swap Ember's kernels into this transformers model instance (see the module docstring);
     returns the same ``model``. Calling it again re-applies the chosen swaps."""
     lm = find_causal_lm(model)
+    lm_forward = _causal_lm_forward_for(loss) if (loss or attention) else None
+    _check_wrapped(lm, lm_forward)  # before anything changes
     restore(lm)
     base = getattr(lm, "model", None)
     if base is None or not hasattr(base, "layers"):
@@ -555,24 +508,32 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
             _bind(m, attn_forward)
     if attention:
         _bind(base, _model_forward)
-    if loss or attention:  # attention alone: the causal LM only checks the labels (see above)
-        _bind_causal_lm(lm, _causal_lm_forward_for(loss))
+    if lm_forward is not None:  # attention alone: the causal LM only checks the labels
+        _bind_causal_lm(lm, lm_forward)
     return model
 
 
-def _bind_causal_lm(lm: nn.Module, fn: Callable) -> None:
+def _wrapped_swap(lm: nn.Module) -> Callable | None:
+    """The swapped forward that accelerate's mixed-precision wrapper (accelerator.prepare,
+    Trainer with bf16/fp16) calls, if any: rebinding would drop the wrapper's autocast."""
     wrapped = lm.__dict__.get("_original_forward")
-    if not _ours(wrapped) or _ours(lm.__dict__.get("forward")):
-        _bind(lm, fn)
-        return
-    # accelerate's mixed-precision wrapper (accelerator.prepare, Trainer with bf16/fp16) calls
-    # the forward swapped before it was prepared; rebinding would drop the wrapper's autocast.
-    if wrapped._ember_swap != fn._ember_swap:
+    return wrapped if _ours(wrapped) and not _ours(lm.__dict__.get("forward")) else None
+
+
+def _check_wrapped(lm: nn.Module, fn: Callable | None) -> None:
+    wrapped = _wrapped_swap(lm)
+    if wrapped is not None and fn is not None and wrapped._ember_swap != fn._ember_swap:
         raise EmberError(f"accelerate(): this model's forward was wrapped by accelerate's mixed "
                          f"precision around an earlier swap ({wrapped._ember_swap}); call "
                          f"accelerate() with the same loss= setting, or unwrap it first "
                          "(accelerator.unwrap_model(model, keep_fp32_wrapper=False))")
-    lm.__dict__.pop(_OFF, None)
+
+
+def _bind_causal_lm(lm: nn.Module, fn: Callable) -> None:
+    if _wrapped_swap(lm) is None:
+        _bind(lm, fn)
+    else:  # the wrapper calls the same swap: switch it back on
+        lm.__dict__.pop(_OFF, None)
 
 
 def swapped(model: nn.Module) -> dict[str, str]:

@@ -1,11 +1,66 @@
-"""What ``ember.models.hf_backend``'s causal LM forward reads and returns as transformers does:
-which heads and losses the fused loss may replace, which labels read padding, and the outputs."""
+"""What ``ember.models.hf_backend``'s forwards read and return as transformers does: the attention
+plan decided from the mask / position_ids, which heads and losses the fused loss may replace,
+which labels read padding, and the outputs."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+@dataclass
+class AttentionPlan:
+    """What one forward's attention layers run, decided once from the inputs HF's mask is built
+    from (so the 4-D mask HF still builds can be ignored). ``cu_seqlens`` None: dense causal
+    (with the layer's window). Otherwise varlen over the flattened (B*T) tokens, or over the
+    gathered real tokens when ``indices`` (positions in B*T) is set (padding)."""
+
+    cu_seqlens: torch.Tensor | None = None  # (n_seq + 1,) int32
+    max_seqlen: int | None = None
+    indices: torch.Tensor | None = None  # (n_real,) int64, padding only
+    packed: bool = False  # from position_ids: HF drops packing when a KV cache exists
+    # Padding inside a row (not only at its ends): HF's sliding window counts those positions,
+    # so layers with a window run HF's attention with its mask.
+    gaps: bool = False
+
+
+def attention_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                   batch: int, seqlen: int, past_key_values=None) -> AttentionPlan | None:
+    """The plan for one forward; None when HF's attention must run with HF's mask (a KV cache
+    holding earlier tokens, a custom 4-D mask, a row without any real token). Host syncs: one
+    for a 2-D mask (two with padding), one for packed position_ids."""
+    if past_key_values is not None and past_key_values.get_seq_length() > 0:
+        return None
+    if attention_mask is not None:
+        if (not torch.is_tensor(attention_mask) or attention_mask.dim() != 2
+                or tuple(attention_mask.shape) != (batch, seqlen)):
+            return None  # per-layer-type dicts, custom 4-D masks, masks covering cached tokens
+        keep = attention_mask.bool()
+        lengths = keep.sum(1)
+        t = torch.arange(seqlen, device=keep.device)
+        span = torch.where(keep, t, -1).amax(1) - torch.where(keep, t, seqlen).amin(1) + 1
+        full, any_empty, gaps, longest = torch.stack([x.long() for x in (
+            keep.all(), (lengths == 0).any(), (span != lengths).any(), lengths.max())]).tolist()
+        if full:
+            return AttentionPlan()  # HF ignores an all-ones mask, and so does packing detection
+        if any_empty:
+            return None
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        return AttentionPlan(cu, longest, keep.reshape(-1).nonzero().squeeze(1), gaps=bool(gaps))
+    if position_ids is None or past_key_values is not None:
+        return AttentionPlan()
+    pos = position_ids.expand(batch, seqlen) if position_ids.shape[0] != batch else position_ids
+    starts = torch.ones(batch, seqlen, dtype=torch.bool, device=pos.device)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1  # HF's rule: a jump other than +1 starts a doc
+    first = starts.reshape(-1).nonzero().squeeze(1)
+    if first.numel() == batch:
+        return AttentionPlan()  # one document per row
+    cu = torch.cat([first, first.new_tensor([batch * seqlen])]).to(torch.int32)
+    return AttentionPlan(cu, int((cu[1:] - cu[:-1]).max()), None, packed=True)
+
 
 # What Ember's kernels take; other dtypes (a model moved to float64 after the swap) run HF's code.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ember import EmberError
 from ember.models.hf_backend import accelerate, restore, swapped
 from tests.models.test_hf_backend import _close, _ids, _loss_and_grads_match, _pair
 
@@ -103,3 +104,6 @@ def test_restore_under_mixed_precision_wrapper():
     out = model(ids, labels=ids)
     assert out.logits is None
     assert abs(out.loss.item() - a.loss.item()) < 2e-2 * a.loss.item()  # bf16 autocast both
+    with pytest.raises(EmberError, match="wrapped by accelerate's mixed precision"):
+        accelerate(model, loss=False)  # another forward than the wrapper calls
+    assert swapped(model) == kinds  # refused before anything changed
