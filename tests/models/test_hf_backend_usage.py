@@ -107,3 +107,51 @@ def test_restore_under_mixed_precision_wrapper():
     with pytest.raises(EmberError, match="wrapped by accelerate's mixed precision"):
         accelerate(model, loss=False)  # another forward than the wrapper calls
     assert swapped(model) == kinds  # refused before anything changed
+
+
+def _trainer_run(model, tmp_path, collate, rows) -> tuple:
+    args = transformers.TrainingArguments(
+        str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        gradient_checkpointing=True, optim="sgd", learning_rate=0.5, logging_steps=1,
+        report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows,
+                                   data_collator=collate)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return trainer, losses, trainer.predict(rows[:3])  # eval loop, logits returned
+
+
+def test_trainer_journey(tmp_path):
+    """transformers.Trainer on a swapped model: gradient accumulation (num_items_in_batch),
+    gradient checkpointing, right padding, predict (eval loss and logits) and save_model give what
+    the unswapped twin gives; the saved folder is plain transformers (SGD, so that rounding-level
+    gradient differences stay rounding-level in the weights)."""
+    ref, model = _pair("qwen3_qknorm", seed=49, num_hidden_layers=1)
+    accelerate(model)
+    g = torch.Generator().manual_seed(26)
+    rows = [{"input_ids": torch.randint(3, 96, (12 - i % 4,), generator=g).tolist()}
+            for i in range(8)]
+
+    def collate(batch):
+        T = max(len(r["input_ids"]) for r in batch)
+        ids = torch.zeros(len(batch), T, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(batch):
+            ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            mask[i, :len(r["input_ids"])] = 1
+        return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+    (_, la, pa), (trainer, lb, pb) = (_trainer_run(m, tmp_path / n, collate, rows)
+                                      for m, n in ((ref, "ref"), (model, "ember")))
+    assert len(la) == 2 and la == pytest.approx(lb, rel=1e-5)
+    assert pa.metrics["test_loss"] == pytest.approx(pb.metrics["test_loss"], rel=1e-5)
+    for (name, p), q in zip(ref.named_parameters(), model.parameters(), strict=True):
+        _close(name, q, p)
+    labelled = pa.label_ids != -100  # predictions at padding positions are not HF's (documented)
+    _close("predicted logits", torch.from_numpy(pb.predictions[labelled]),
+           torch.from_numpy(pa.predictions[labelled]))
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert swapped(loaded) == {} and type(loaded) is type(ref)
+    for k, v in ref.state_dict().items():
+        _close(f"saved {k}", loaded.state_dict()[k], v)
