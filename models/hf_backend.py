@@ -71,6 +71,11 @@ What is swapped (each a keyword, all on by default):
   ``model.loss_function``, keeps HF's loss path. Gemma's ``sqrt(hidden)`` embedding scale stays
   in HF's model forward, as do Granite's embedding and residual multipliers; Granite's
   ``logits_scaling`` divides the hidden states before the fused loss (and the eval logits).
+  With ``return_dict=False`` the tuple keeps HF's layout, ``(loss, logits, ...)``, logits None in
+  training mode.
+
+A module whose inputs or weights are in a dtype Ember's kernels do not take (a model moved to
+float64 after the swap) runs the forward the swap replaced.
 
 The decision is made once per forward by the wrapper of the inner ``*Model`` from the 2-D
 ``attention_mask``, ``position_ids`` and cache (host syncs: one or two for a mask, one for
@@ -92,8 +97,21 @@ import torch.nn.functional as F
 
 from ember import EmberError
 from ember.kernels import apply_rope, flash_attention, geglu, linear_cross_entropy, rms_norm, swiglu
+from ember.models.hf_backend_io import (
+    AttentionPlan,
+    as_tuple,
+    attention_plan,
+    check_labels,
+    default_loss,
+    hooked,
+    keep_slice,
+    kernel_dtypes,
+    labels_read_padding,
+    plain_head,
+)
 
 PLAN_KW = "ember_attention_plan"
+_OFF = "_ember_off"  # restored while accelerate's mixed-precision wrapper still calls the swap
 _ACTIVATIONS = {"silu": swiglu, "swish": swiglu, "gelu_pytorch_tanh": geglu}
 
 
@@ -128,22 +146,6 @@ FAMILIES = {
     "Olmo2ForCausalLM": Family(),
 }
 SUPPORTED = tuple(FAMILIES)
-
-
-@dataclass
-class AttentionPlan:
-    """What one forward's attention layers run, decided once from the inputs HF's mask is built
-    from (so the 4-D mask HF still builds can be ignored). ``cu_seqlens`` None: dense causal
-    (with the layer's window). Otherwise varlen over the flattened (B*T) tokens, or over the
-    gathered real tokens when ``indices`` (positions in B*T) is set (padding)."""
-
-    cu_seqlens: torch.Tensor | None = None  # (n_seq + 1,) int32
-    max_seqlen: int | None = None
-    indices: torch.Tensor | None = None  # (n_real,) int64, padding only
-    packed: bool = False  # from position_ids: HF drops packing when a KV cache exists
-    # Padding inside a row (not only at its ends): HF's sliding window counts those positions,
-    # so layers with a window run HF's attention with its mask.
-    gaps: bool = False
 
 
 # ------------------------------------------------------------------------------ finding modules
@@ -193,15 +195,9 @@ def _mark(kind: str) -> Callable[[Callable], Callable]:
     return deco
 
 
-def _hooked(module: nn.Module) -> bool:
-    """An ``accelerate`` dispatch hook (``device_map`` with offload or several devices): its
-    ``forward`` moves inputs and loads offloaded weights around ``module._old_forward``."""
-    return "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__
-
-
 def _bind(module: nn.Module, fn: Callable) -> None:
     method = types.MethodType(fn, module)
-    if _hooked(module):  # swap inside the hook, keeping what it called to restore it
+    if hooked(module):  # swap inside the hook, keeping what it called to restore it
         module._ember_hooked_forward = module._old_forward
         module._old_forward = method
     else:
@@ -214,27 +210,42 @@ def _ours(fn) -> bool:
 
 
 def _swap_kind(module: nn.Module) -> str | None:
-    for key in ("forward", "_old_forward"):
+    if module.__dict__.get(_OFF):
+        return None
+    # _original_forward: accelerate's mixed-precision wrapper (Trainer with bf16/fp16) calls it
+    for key in ("forward", "_old_forward", "_original_forward"):
         fn = module.__dict__.get(key)
         if _ours(fn):
             return fn._ember_swap
     return None
 
 
+def _replaced(module: nn.Module) -> Callable:
+    """The forward the swap replaced: under a dispatch hook the one it called, else the class's."""
+    saved = module.__dict__.get("_ember_hooked_forward")
+    return saved if saved is not None else types.MethodType(type(module).forward, module)
+
+
 @_mark("rms_norm")
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if not kernel_dtypes(hidden_states, self.weight):
+        return _replaced(self)(hidden_states)
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 @_mark("rms_norm")
 def _gemma_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     # HF: (x.float() * rsqrt(mean(x^2) + eps) * (1 + w.float())).type_as(x), rounded once.
+    if not kernel_dtypes(x, self.weight):
+        return _replaced(self)(x)
     return rms_norm(x, self.weight, self.eps, offset=1.0)
 
 
 def _mlp_forward_for(act: Callable) -> Callable:
     @_mark(f"mlp:{act.__name__}")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not kernel_dtypes(x):
+            return _replaced(self)(x)
         if hasattr(self, "gate_up_proj"):  # Phi-3: one projection, gate first (HF's chunk(2))
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
@@ -314,7 +325,7 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool, config_window
         cos, sin = position_embeddings
         if not getattr(self, "use_rope", True):  # SmolLM3's NoPE layers
             pass
-        elif rope:
+        elif rope and kernel_dtypes(q, k, cos):
             r = cos.shape[-1] // 2
             q, k = apply_rope(q, k, cos[..., :r], sin[..., :r])
         else:
@@ -331,7 +342,7 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool, config_window
         # only HF's attention functions give (eager; SDPA gives none, as unswapped).
         weights = kwargs.get("output_attentions", getattr(self.config, "output_attentions", False))
         out = None
-        if (flash and not weights and dropout == 0.0 and k.shape[1] == T
+        if (flash and kernel_dtypes(q) and not weights and dropout == 0.0 and k.shape[1] == T
                 and getattr(self, "is_causal", True)):
             if (plan is not None and plan.cu_seqlens is not None
                     and not (plan.packed and past_key_values is not None)):
@@ -349,41 +360,6 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool, config_window
     return forward
 
 
-def attention_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                   batch: int, seqlen: int, past_key_values=None) -> AttentionPlan | None:
-    """The plan for one forward; None when HF's attention must run with HF's mask (a KV cache
-    holding earlier tokens, a custom 4-D mask, a row without any real token). Host syncs: one
-    for a 2-D mask (two with padding), one for packed position_ids."""
-    if past_key_values is not None and past_key_values.get_seq_length() > 0:
-        return None
-    if attention_mask is not None:
-        if (not torch.is_tensor(attention_mask) or attention_mask.dim() != 2
-                or tuple(attention_mask.shape) != (batch, seqlen)):
-            return None  # per-layer-type dicts, custom 4-D masks, masks covering cached tokens
-        keep = attention_mask.bool()
-        lengths = keep.sum(1)
-        t = torch.arange(seqlen, device=keep.device)
-        span = torch.where(keep, t, -1).amax(1) - torch.where(keep, t, seqlen).amin(1) + 1
-        full, any_empty, gaps, longest = torch.stack([x.long() for x in (
-            keep.all(), (lengths == 0).any(), (span != lengths).any(), lengths.max())]).tolist()
-        if full:
-            return AttentionPlan()  # HF ignores an all-ones mask, and so does packing detection
-        if any_empty:
-            return None
-        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        return AttentionPlan(cu, longest, keep.reshape(-1).nonzero().squeeze(1), gaps=bool(gaps))
-    if position_ids is None or past_key_values is not None:
-        return AttentionPlan()
-    pos = position_ids.expand(batch, seqlen) if position_ids.shape[0] != batch else position_ids
-    starts = torch.ones(batch, seqlen, dtype=torch.bool, device=pos.device)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1  # HF's rule: a jump other than +1 starts a doc
-    first = starts.reshape(-1).nonzero().squeeze(1)
-    if first.numel() == batch:
-        return AttentionPlan()  # one document per row
-    cu = torch.cat([first, first.new_tensor([batch * seqlen])]).to(torch.int32)
-    return AttentionPlan(cu, int((cu[1:] - cu[:-1]).max()), None, packed=True)
-
-
 @_mark("attention_plan")
 def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                    past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
@@ -396,24 +372,6 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
     return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids, past_key_values=past_key_values,
                               inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-
-
-def _plain_head(head: nn.Module) -> bool:
-    w = getattr(head, "weight", None)
-    return (isinstance(head, nn.Linear) and type(w) in (nn.Parameter, torch.Tensor)
-            and w.is_floating_point() and w.device.type != "meta" and not _hooked(head)
-            and not (head._forward_hooks or head._forward_pre_hooks))
-
-
-def _default_loss(lm: nn.Module) -> bool:
-    """No ``loss_function`` set on the instance (transformers' setter stores ``_loss_function``,
-    which HF's forward then calls on the logits), or transformers' own causal LM loss."""
-    fn = lm.__dict__.get("_loss_function")
-    if fn is None:
-        return True
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    return fn is ForCausalLMLoss
 
 
 def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Tensor,
@@ -444,34 +402,10 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Te
     return loss
 
 
-def _keep(logits_to_keep):
-    return slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-
-
 def _final_softcap(lm: nn.Module) -> float | None:
     if not FAMILIES[_family(lm)].final_softcap:
         return None
     return getattr(lm.config, "final_logit_softcapping", None)
-
-
-def _labels_read_padding(attention_mask, labels, shift_labels, ignore_index: int,
-                         sdpa: bool) -> bool:
-    """A label predicted from a padding position: HF's loss includes HF's output there, which
-    Ember's varlen leaves 0. Before a row's first real token (left padding, labels = ids with the
-    padding masked: its first real token) that is a fully masked query row, which SDPA also
-    gives as 0 (torch >= 2.5; eager averages every value); after one (right padding or a gap,
-    labels not masked there) HF attends to the real tokens before it. One host sync."""
-    if labels is None or not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:
-        return False
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    if tuple(shift_labels.shape) != tuple(attention_mask.shape):
-        return False
-    keep = attention_mask.to(shift_labels.device).bool()
-    read = (shift_labels != ignore_index) & ~keep
-    if sdpa:
-        read &= keep.cumsum(1) > 0
-    return bool(read.any())
 
 
 def _causal_lm_forward_for(fused_loss: bool) -> Callable:
@@ -479,9 +413,15 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
                 logits_to_keep=0, **kwargs):
+        if self.__dict__.get(_OFF):  # restore()d under accelerate's wrapper: HF's forward
+            return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids, past_key_values=past_key_values,
+                                      inputs_embeds=inputs_embeds, labels=labels,
+                                      use_cache=use_cache, logits_to_keep=logits_to_keep,
+                                      **kwargs)
         planned = _swap_kind(self.model)
         if (PLAN_KW not in kwargs and planned == "attention_plan"
-                and _labels_read_padding(attention_mask, labels, kwargs.get("shift_labels"),
+                and labels_read_padding(attention_mask, labels, kwargs.get("shift_labels"),
                                          kwargs.get("ignore_index", -100),
                                          self.config._attn_implementation == "sdpa")):
             kwargs[PLAN_KW] = None  # every layer runs HF's attention with HF's mask
@@ -495,8 +435,8 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
 def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_key_values,
                inputs_embeds, labels, use_cache, logits_to_keep, **kwargs):
     shift_labels = kwargs.get("shift_labels")
-    if (not fused_loss or labels is None or not _plain_head(self.lm_head)
-            or not _default_loss(self)):
+    if (not fused_loss or labels is None or not plain_head(self.lm_head)
+            or not default_loss(self)):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, past_key_values=past_key_values,
                                   inputs_embeds=inputs_embeds, labels=labels,
@@ -513,20 +453,22 @@ def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_k
     hidden = outputs.last_hidden_state  # (B, T, D)
     if FAMILIES[_family(self)].logits_scaling:  # Granite: logits / s, as (hidden / s) W^T
         hidden = hidden / self.config.logits_scaling
+    check_labels(labels if shift_labels is None else shift_labels, hidden.shape[:2],
+                 "labels" if shift_labels is None else "shift_labels")
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     cap = _final_softcap(self)
     loss = causal_lm_loss(hidden, self.lm_head, shift_labels, num_items, ignore_index, cap)
     logits = None
     if not self.training:
-        logits = self.lm_head(hidden[:, _keep(logits_to_keep)])
+        logits = self.lm_head(hidden[:, keep_slice(logits_to_keep)])
         if cap is not None:  # as HF: logits / c, tanh, * c
             logits = torch.tanh(logits / cap) * cap
     out = CausalLMOutputWithPast(loss=loss, logits=logits,
                                  past_key_values=outputs.past_key_values,
                                  hidden_states=outputs.hidden_states,
                                  attentions=outputs.attentions)
-    return out.to_tuple() if return_dict is False else out
+    return as_tuple(out) if return_dict is False else out
 
 
 # ------------------------------------------------------------------------------------- public
@@ -535,6 +477,8 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
     """Swap Ember's kernels into this transformers model instance (see the module docstring);
     returns the same ``model``. Calling it again re-applies the chosen swaps."""
     lm = find_causal_lm(model)
+    lm_forward = _causal_lm_forward_for(loss) if (loss or attention) else None
+    _check_wrapped(lm, lm_forward)  # before anything changes
     restore(lm)
     base = getattr(lm, "model", None)
     if base is None or not hasattr(base, "layers"):
@@ -564,9 +508,32 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
             _bind(m, attn_forward)
     if attention:
         _bind(base, _model_forward)
-    if loss or attention:  # attention alone: the causal LM only checks the labels (see above)
-        _bind(lm, _causal_lm_forward_for(loss))
+    if lm_forward is not None:  # attention alone: the causal LM only checks the labels
+        _bind_causal_lm(lm, lm_forward)
     return model
+
+
+def _wrapped_swap(lm: nn.Module) -> Callable | None:
+    """The swapped forward that accelerate's mixed-precision wrapper (accelerator.prepare,
+    Trainer with bf16/fp16) calls, if any: rebinding would drop the wrapper's autocast."""
+    wrapped = lm.__dict__.get("_original_forward")
+    return wrapped if _ours(wrapped) and not _ours(lm.__dict__.get("forward")) else None
+
+
+def _check_wrapped(lm: nn.Module, fn: Callable | None) -> None:
+    wrapped = _wrapped_swap(lm)
+    if wrapped is not None and fn is not None and wrapped._ember_swap != fn._ember_swap:
+        raise EmberError(f"accelerate(): this model's forward was wrapped by accelerate's mixed "
+                         f"precision around an earlier swap ({wrapped._ember_swap}); call "
+                         f"accelerate() with the same loss= setting, or unwrap it first "
+                         "(accelerator.unwrap_model(model, keep_fp32_wrapper=False))")
+
+
+def _bind_causal_lm(lm: nn.Module, fn: Callable) -> None:
+    if _wrapped_swap(lm) is None:
+        _bind(lm, fn)
+    else:  # the wrapper calls the same swap: switch it back on
+        lm.__dict__.pop(_OFF, None)
 
 
 def swapped(model: nn.Module) -> dict[str, str]:
@@ -578,10 +545,14 @@ def swapped(model: nn.Module) -> dict[str, str]:
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo ``accelerate``: every swapped module gets its class's forward back (inside an
-    ``accelerate`` dispatch hook: the forward the hook called before)."""
+    ``accelerate`` dispatch hook: the forward the hook called before; under its mixed-precision
+    wrapper, which calls the swapped forward, that forward is switched to HF's)."""
     for m in model.modules():
+        m.__dict__.pop(_OFF, None)
         if _ours(m.__dict__.get("forward")):
             del m.forward
+        elif _ours(m.__dict__.get("_original_forward")):  # accelerate's wrapper calls the swap
+            m.__dict__[_OFF] = True
         if _ours(m.__dict__.get("_old_forward")):  # a hook around the swap, added before or after
             saved = m.__dict__.get("_ember_hooked_forward")
             m._old_forward = saved if saved is not None else types.MethodType(type(m).forward, m)

@@ -1,0 +1,157 @@
+"""ember.models.hf_backend.accelerate driven the ways transformers users drive a model: output
+formats, dtype changes after the swap, ``transformers.Trainer``. The oracle is the same model
+without the swap (``_pair``'s twin), fp32 unless a test says otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.models.hf_backend import accelerate, restore, swapped
+from tests.models.test_hf_backend import _close, _ids, _loss_and_grads_match, _pair
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here on one torch thread (tests/conftest.py: one_thread)."""
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_return_dict_false_keeps_hf_tuple_layout(use_cache):
+    """``return_dict=False`` in training mode: HF's tuple is (loss, logits[, cache]). The fused
+    loss builds no logits; the slot stays, holding None (was: ``to_tuple()`` dropped it, so
+    ``out[1]`` was the KV cache, or ``loss, logits = out`` failed)."""
+    ref, model = _pair("llama", seed=41)
+    accelerate(model)
+    ids = _ids(2, 9, seed=21)
+    kw = dict(labels=ids, return_dict=False, use_cache=use_cache)
+    a, b = ref(ids, **kw), model(ids, **kw)
+    assert isinstance(b, tuple) and len(b) == len(a) == 2 + use_cache
+    _close("loss", b[0], a[0])
+    assert b[1] is None and a[1].shape == (2, 9, ref.config.vocab_size)
+    assert [type(x) for x in b[2:]] == [type(x) for x in a[2:]]
+    with torch.no_grad():  # eval mode: the logits are there, as HF's
+        a, b = ref.eval()(ids, **kw), model.eval()(ids, **kw)
+    assert len(b) == len(a)
+    _close("logits (eval)", b[1], a[1])
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3_qknorm"])
+def test_float64_after_swap(case):
+    """``.to(torch.float64)`` (or ``.double()``, e.g. for gradcheck) after the swap: Ember's
+    kernels take fp32/fp16/bf16 only, so those modules run HF's code (was: ValueError "rms_norm:
+    x has dtype torch.float64" from inside the first norm)."""
+    ref, model = _pair(case, seed=43)
+    accelerate(model)
+    ref, model = ref.double(), model.to(torch.float64)
+    assert set(swapped(model).values()) >= {"rms_norm", "attention", "loss"}
+    ids = _ids(2, 9, seed=22)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    _loss_and_grads_match(ref, model, ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        a, b = model.eval()(ids), ref.eval()(ids)
+    assert a.logits.dtype == torch.float64
+    _close("logits", a.logits, b.logits)
+
+
+@pytest.mark.parametrize("key,shape", [("labels", (2, 7)), ("labels", (1, 10)),
+                                       ("labels", (2, 12)), ("shift_labels", (2, 9))])
+def test_labels_not_one_per_token_raise(key, shape):
+    """Labels that are not one per input token: HF's loss raises (a batch-size mismatch), and
+    so does the swap, naming the shapes (was: fewer labels gave a loss over the wrong
+    positions, silently; more gave an IndexError from index_select)."""
+    ref, model = _pair("llama", seed=45)
+    accelerate(model)
+    ids = _ids(2, 10, seed=23)
+    kw = {"labels": ids, key: _ids(*shape, seed=24)}
+    with pytest.raises(ValueError, match="batch_size"):
+        ref(ids, **kw)
+    with pytest.raises(ValueError, match=rf"{key} has shape \({shape[0]}, {shape[1]}\) but the "
+                                         r"input has \(2, 10\) tokens"):
+        model(ids, **kw)
+    flat = ids.reshape(-1)  # HF flattens: one label per token in another shape is accepted
+    _close("loss (flat labels)", model(ids, labels=flat).loss, ref(ids, labels=flat).loss)
+
+
+def test_restore_under_mixed_precision_wrapper():
+    """accelerate's ``prepare`` with bf16 mixed precision (what ``Trainer(bf16=True)`` does)
+    wraps the swapped causal LM forward in autocast; ``swapped`` still reports it, ``restore``
+    makes the wrapper call HF's forward (was: the fused loss stayed, unreported), and
+    ``accelerate`` again switches it back on inside the wrapper (its autocast kept)."""
+    accelerate_lib = pytest.importorskip("accelerate")
+    ref, model = _pair("llama", seed=47)
+    accelerate(model)
+    kinds = swapped(model)
+    acc = accelerate_lib.Accelerator(cpu=True, mixed_precision="bf16")
+    ref, model = acc.prepare_model(ref), acc.prepare_model(model)
+    assert hasattr(model.forward.__func__, "__wrapped__")  # the wrapper, around the swap
+    assert swapped(model) == kinds
+    ids = _ids(2, 9, seed=25)
+    assert model(ids, labels=ids).logits is None  # Ember's fused loss (training mode)
+    restore(model)
+    assert swapped(model) == {}
+    a, b = ref(ids, labels=ids), model(ids, labels=ids)
+    assert b.logits is not None and b.logits.dtype == a.logits.dtype == torch.float32
+    assert torch.equal(a.loss, b.loss)  # the same HF code under the same autocast
+    accelerate(model)
+    assert swapped(model) == kinds
+    assert hasattr(model.forward.__func__, "__wrapped__")  # still accelerate's wrapper
+    out = model(ids, labels=ids)
+    assert out.logits is None
+    assert abs(out.loss.item() - a.loss.item()) < 2e-2 * a.loss.item()  # bf16 autocast both
+    with pytest.raises(EmberError, match="wrapped by accelerate's mixed precision"):
+        accelerate(model, loss=False)  # another forward than the wrapper calls
+    assert swapped(model) == kinds  # refused before anything changed
+
+
+def _trainer_run(model, tmp_path, collate, rows) -> tuple:
+    args = transformers.TrainingArguments(
+        str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        gradient_checkpointing=True, optim="sgd", learning_rate=0.5, logging_steps=1,
+        report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows,
+                                   data_collator=collate)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return trainer, losses, trainer.predict(rows[:3])  # eval loop, logits returned
+
+
+def test_trainer_journey(tmp_path):
+    """transformers.Trainer on a swapped model: gradient accumulation (num_items_in_batch),
+    gradient checkpointing, right padding, predict (eval loss and logits) and save_model give what
+    the unswapped twin gives; the saved folder is plain transformers (SGD, so that rounding-level
+    gradient differences stay rounding-level in the weights)."""
+    ref, model = _pair("qwen3_qknorm", seed=49, num_hidden_layers=1)
+    accelerate(model)
+    g = torch.Generator().manual_seed(26)
+    rows = [{"input_ids": torch.randint(3, 96, (12 - i % 4,), generator=g).tolist()}
+            for i in range(8)]
+
+    def collate(batch):
+        T = max(len(r["input_ids"]) for r in batch)
+        ids = torch.zeros(len(batch), T, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(batch):
+            ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            mask[i, :len(r["input_ids"])] = 1
+        return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+    (_, la, pa), (trainer, lb, pb) = (_trainer_run(m, tmp_path / n, collate, rows)
+                                      for m, n in ((ref, "ref"), (model, "ember")))
+    assert len(la) == 2 and la == pytest.approx(lb, rel=1e-5)
+    assert pa.metrics["test_loss"] == pytest.approx(pb.metrics["test_loss"], rel=1e-5)
+    for (name, p), q in zip(ref.named_parameters(), model.parameters(), strict=True):
+        _close(name, q, p)
+    labelled = pa.label_ids != -100  # predictions at padding positions are not HF's (documented)
+    _close("predicted logits", torch.from_numpy(pb.predictions[labelled]),
+           torch.from_numpy(pa.predictions[labelled]))
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert swapped(loaded) == {} and type(loaded) is type(ref)
+    for k, v in ref.state_dict().items():
+        _close(f"saved {k}", loaded.state_dict()[k], v)
