@@ -201,6 +201,21 @@ def moe_to_hf(cfg: ModelConfig, out: dict) -> dict:
 
 
 _STACKED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+_SHARED = re.compile(r"model\.layers\.\d+\.mlp\.shared_expert(?:_gate|\.(?:gate|up|down)_proj)"
+                     r"\.weight")
+
+
+def is_empty_shared_expert(key: str, shape: tuple[int, ...], cfg: ModelConfig) -> bool:
+    """Whether ``key`` is part of a Qwen2-MoE shared expert of width 0
+    (``shared_expert_intermediate_size: 0``): transformers still builds and saves one (its
+    projections (0, D) / (D, 0), its gate (1, D)), which adds exactly 0 to every token. Ember
+    builds none, so these keys are skipped on load."""
+    if (cfg.model_type != "qwen2_moe" or cfg.shared_expert_intermediate_size
+            or not _SHARED.fullmatch(key)):
+        return False
+    if key.endswith("shared_expert_gate.weight"):
+        return tuple(shape) == (1, cfg.hidden_size)
+    return 0 in tuple(shape)
 # per-expert HF names of (gate, up, down), as save_pretrained writes them
 _EXPERT_KEYS = {
     "mixtral": ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3",

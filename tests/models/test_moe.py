@@ -360,3 +360,30 @@ def test_greedy_generation_matches_transformers(tmp_path):
             want = hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False,
                                min_new_tokens=6, pad_token_id=0)[0, len(p):].tolist()
         assert g == want
+
+
+def test_qwen2_moe_without_shared_expert(tmp_path):
+    """shared_expert_intermediate_size=0: transformers still builds (and saves) a shared expert of
+    width 0 and its gate, which add nothing; Ember refused those keys ("unexpected key(s)"). It
+    loads with transformers' logits and gradients, and its export loads back in transformers."""
+    cls, kw = CASES["qwen2_moe"]
+    config = getattr(transformers, cls)(**{**BASE, **kw, "shared_expert_intermediate_size": 0})
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    randomize_(hf, 4)
+    hf.eval().save_pretrained(tmp_path / "hf")
+    model = _load(tmp_path / "hf")
+    assert not hasattr(model.layers[0].mlp, "shared_expert")
+    ids = _ids()
+    logits, ref = model(ids), hf(ids).logits
+    assert (logits - ref).abs().max().item() <= 1e-4
+    logits.square().sum().backward()
+    ref.square().sum().backward()
+    theirs = _hf_grads(hf, model.cfg)
+    for n, p in model.named_parameters():
+        assert (p.grad - theirs[n]).abs().max().item() <= 1e-4 * max(1.0, theirs[n].abs().max()), n
+    save_pretrained(model, tmp_path / "export")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        assert (again(ids).logits - ref).abs().max().item() <= 1e-4
