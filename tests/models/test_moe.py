@@ -264,8 +264,9 @@ _EXPERT = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj
            "down_proj": "down"}
 
 
-def _write_gguf(folder, path, arch: str, n_experts: int):
-    """The saved HF folder as llama.cpp's converter writes it (F32, Q/K permuted for llama)."""
+def _write_gguf(folder, path, arch: str, n_experts: int, omit: tuple = ()):
+    """The saved HF folder as llama.cpp's converter writes it (F32, Q/K permuted for llama),
+    without the ``<arch>.*`` keys in ``omit``."""
     import re
 
     import numpy as np
@@ -289,6 +290,7 @@ def _write_gguf(folder, path, arch: str, n_experts: int):
         md["expert_feed_forward_length"] = raw["moe_intermediate_size"]
     if raw.get("shared_expert_intermediate_size"):
         md["expert_shared_feed_forward_length"] = raw["shared_expert_intermediate_size"]
+    md = {k: v for k, v in md.items() if k not in omit}
     for k, v in {**{f"{arch}.{k}": v for k, v in md.items()}, **tiny_tokenizer_md()}.items():
         _put(w, k, v)
     stacks: dict = {}
@@ -387,3 +389,35 @@ def test_qwen2_moe_without_shared_expert(tmp_path):
         again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     with torch.no_grad():
         assert (again(ids).logits - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("case,arch", [("qwen2_moe", "qwen2moe"), ("qwen3_moe", "qwen3moe")])
+def test_gguf_without_expert_widths_takes_llama_cpp_fallbacks(tmp_path, case, arch):
+    """Qwen1.5-MoE files converted before ``expert_feed_forward_length`` /
+    ``expert_shared_feed_forward_length`` existed: llama.cpp reads experts n_ff / k wide and the
+    shared expert n_ff wide (Qwen1.5-MoE-A2.7B: 5632 / 4 = 1408, shared 5632). Ember took the
+    experts as n_ff wide and the shared expert as absent, refusing such files on their shapes."""
+    from ember.models.gguf import load_gguf
+    from ember.models.transformer import Transformer
+    from tests.models.test_gguf import VOCAB as GGUF_VOCAB
+
+    cls, kw = CASES[case]
+    kw = {**kw, "norm_topk_prob": case == "qwen3_moe", "intermediate_size": 48,
+          "moe_intermediate_size": 24}  # n_ff = 2 * 24, k = 2
+    if case == "qwen2_moe":
+        kw["shared_expert_intermediate_size"] = 48
+    config = getattr(transformers, cls)(**{**BASE, **kw, "vocab_size": GGUF_VOCAB})
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    randomize_(hf, 8)
+    hf.eval().save_pretrained(tmp_path / "hf")
+    _write_gguf(tmp_path / "hf", tmp_path / "m.gguf", arch, config.num_experts,
+                omit=("expert_feed_forward_length", "expert_shared_feed_forward_length"))
+    cfg, sd, _ = load_gguf(tmp_path / "m.gguf")
+    assert cfg.moe_intermediate_size == 24
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.reset_rope_("cpu")
+    ids = _ids().clamp(max=GGUF_VOCAB - 1)
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
