@@ -5,8 +5,9 @@ Each MoE family is its dense sibling plus expert fields: ``mixtral`` is ``mistra
 ``moe_base_config`` turns an MoE config.json into its sibling's (with the MoE family's
 defaults filled in, since they differ: Mixtral's RoPE base is 1e6 and it has no window by
 default) plus the ``ModelConfig`` MoE fields; ``moe_to_hf`` turns the sibling's exported dict
-back. Fields read as transformers 5.23 reads them: Mixtral ``num_local_experts``; Qwen2-MoE
-``num_experts``; Qwen3-MoE ``num_experts`` (4.x) or ``num_local_experts`` (what 5.x writes).
+back. Fields read as transformers 5.23 reads them: Mixtral ``num_local_experts`` (or its alias
+``num_experts``); Qwen2-MoE ``num_experts``; Qwen3-MoE ``num_experts`` (4.x) or
+``num_local_experts`` (what 5.x writes).
 Checkpoints that store a sparse layer's experts as transformers 5 holds them in memory (two 3-D
 tensors ``mlp.experts.gate_up_proj`` (E, 2F, D), gate rows first, and ``mlp.experts.down_proj``
 (E, D, F), e.g. saved from a state dict rather than by ``save_pretrained``; Mixtral's router then
@@ -72,10 +73,13 @@ def moe_base_config(raw: Mapping) -> tuple[dict, dict]:
     for key in _ROUTER:
         out.pop(key, None)
     experts_key = "num_local_experts" if mt == "mixtral" else "num_experts"
-    if mt == "qwen3_moe" and "num_local_experts" in out:  # transformers 5 writes this name
-        if "num_experts" in out and out["num_experts"] != out["num_local_experts"]:
+    # transformers' attribute_map makes the other name the same field (Qwen3-MoE: 5.x writes
+    # num_local_experts; Mixtral: num_experts is read as num_local_experts)
+    alias = {"mixtral": "num_experts", "qwen3_moe": "num_local_experts"}.get(mt)
+    if alias in out:
+        if experts_key in out and out[experts_key] != out[alias]:
             raise EmberError("config.json: num_experts and num_local_experts disagree")
-        out["num_experts"] = out.pop("num_local_experts")
+        out[experts_key] = out.pop(alias)
     fields = dict(
         num_experts=_int(out, experts_key, moe_d[experts_key]),
         num_experts_per_tok=_int(out, "num_experts_per_tok", moe_d["num_experts_per_tok"]),

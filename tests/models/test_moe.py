@@ -421,3 +421,24 @@ def test_gguf_without_expert_widths_takes_llama_cpp_fallbacks(tmp_path, case, ar
     ids = _ids().clamp(max=GGUF_VOCAB - 1)
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_mixtral_config_with_num_experts_alias(tmp_path):
+    """MixtralConfig's attribute_map reads ``num_experts`` as ``num_local_experts``: a config.json
+    that names it so loads in transformers; Ember refused the field ("not supported for
+    model_type 'mistral'")."""
+    hf, folder = _save(tmp_path, "mixtral")
+    raw = json.loads((folder / "config.json").read_text())
+    raw["num_experts"] = raw.pop("num_local_experts")
+    (folder / "config.json").write_text(json.dumps(raw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = _load(folder)
+    assert model.cfg.num_experts == theirs.config.num_local_experts == 4
+    ids = _ids()
+    with torch.no_grad():
+        assert (model(ids) - theirs(ids).logits).abs().max().item() <= 1e-4
+    (folder / "config.json").write_text(json.dumps({**raw, "num_local_experts": 8}))
+    with pytest.raises(EmberError, match="disagree"):
+        _load(folder)
