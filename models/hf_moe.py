@@ -204,6 +204,9 @@ def moe_to_hf(cfg: ModelConfig, out: dict) -> dict:
     return out
 
 
+# Ember modules of a sparse layer that transformers 5 + bitsandbytes keep dense (the experts'
+# 3-D parameters and the router are no nn.Linear): written dequantized in a 4-bit checkpoint
+DENSE_UNDER_BNB = re.compile(r"\.mlp\.(?:experts\.|gate$)")
 _STACKED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
 _SHARED = re.compile(r"model\.layers\.\d+\.mlp\.shared_expert(?:_gate|\.(?:gate|up|down)_proj)"
                      r"\.weight")
