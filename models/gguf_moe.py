@@ -4,7 +4,9 @@ writes them and its runtime reads them.
 
 Tensors per layer: ``ffn_gate_inp`` (the router, (E, D)), ``ffn_gate_exps`` / ``ffn_up_exps``
 (E, F, D) and ``ffn_down_exps`` (E, D, F), the experts stacked in expert order (split here into
-Ember's per-expert MLPs); Qwen2-MoE's shared expert ``ffn_{gate,up,down}_shexp`` and its gate
+Ember's per-expert MLPs; Mixtral files from before April 2024 hold one ``ffn_gate.E`` /
+``ffn_up.E`` / ``ffn_down.E`` tensor per expert instead, as llama.cpp still reads); Qwen2-MoE's
+shared expert ``ffn_{gate,up,down}_shexp`` and its gate
 ``ffn_gate_inp_shexp`` ((D,) or (1, D)). Metadata: ``expert_count``, ``expert_used_count``,
 ``expert_feed_forward_length`` (Qwen; Mixtral's experts are ``feed_forward_length`` wide),
 ``expert_shared_feed_forward_length`` (absent: llama.cpp's fallbacks, experts ``n_ff /
@@ -22,6 +24,7 @@ architecture (the converter writes no ``expert_weights_norm`` for them).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
 import torch
@@ -41,6 +44,18 @@ BLOCK_NAMES = {
     "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
     "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
 }
+
+
+# Mixtral files converted before April 2024 store each expert's projection alone
+# (``blk.N.ffn_gate.E.weight``, llama.cpp's LLM_TENSOR_FFN_GATE_EXP, still loaded there)
+_SPLIT_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
+_PER_EXPERT = re.compile(r"layers\.\d+\.mlp\.experts\.\d+\.(?:gate|up|down)_proj\.weight")
+
+
+def split_expert_name(gguf_name: str) -> str | None:
+    """``blk.3.ffn_up.5.weight`` -> ``layers.3.mlp.experts.5.up_proj.weight``; None otherwise."""
+    m = _SPLIT_EXPERT.fullmatch(gguf_name)
+    return None if m is None else f"layers.{m[1]}.mlp.experts.{m[3]}.{m[2]}_proj.weight"
 
 
 def moe_fields(arch: str, get: Callable, path) -> dict:
@@ -80,6 +95,8 @@ def expert_tensors(key: str, w: torch.Tensor, num_experts: int
         return iter([(key, w.reshape(1, -1))])
     if ".mlp.experts." not in key:
         return None
+    if w.ndim == 2 and _PER_EXPERT.fullmatch(key):  # an old Mixtral file's per-expert tensor
+        return iter([(key, w)])
     if w.ndim != 3 or w.shape[0] != num_experts:
         raise EmberError(f"stacked expert tensor for {key} has shape {tuple(w.shape)}, expected "
                          f"({num_experts}, rows, cols)")

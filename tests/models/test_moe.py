@@ -264,9 +264,10 @@ _EXPERT = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj
            "down_proj": "down"}
 
 
-def _write_gguf(folder, path, arch: str, n_experts: int, omit: tuple = ()):
+def _write_gguf(folder, path, arch: str, n_experts: int, omit: tuple = (), split: bool = False):
     """The saved HF folder as llama.cpp's converter writes it (F32, Q/K permuted for llama),
-    without the ``<arch>.*`` keys in ``omit``."""
+    without the ``<arch>.*`` keys in ``omit``; ``split``: each expert's projection alone
+    (``blk.N.ffn_gate.E.weight``), as converters before April 2024 wrote Mixtral."""
     import re
 
     import numpy as np
@@ -312,6 +313,10 @@ def _write_gguf(folder, path, arch: str, n_experts: int, omit: tuple = ()):
                 t = t.reshape(-1)  # a vector in llama.cpp's files
         w.add_tensor(name, t.numpy().astype(np.float32))
     for name, parts in stacks.items():
+        if split:
+            for e in range(n_experts):
+                w.add_tensor(name.replace("_exps.", f".{e}."), parts[e].numpy())
+            continue
         w.add_tensor(name, torch.stack([parts[e] for e in range(n_experts)]).numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -442,3 +447,28 @@ def test_mixtral_config_with_num_experts_alias(tmp_path):
     (folder / "config.json").write_text(json.dumps({**raw, "num_local_experts": 8}))
     with pytest.raises(EmberError, match="disagree"):
         _load(folder)
+
+
+def test_gguf_mixtral_with_split_experts(tmp_path):
+    """Mixtral GGUF files converted before April 2024 (e.g. the widely shared Mixtral-8x7B ones)
+    store each expert's projection as its own tensor, ``blk.N.ffn_gate.E.weight``, which
+    llama.cpp still merges on load; Ember refused them as unexpected tensors. They load to the
+    logits of the HF model they were converted from."""
+    from ember.models.gguf import load_gguf
+    from ember.models.transformer import Transformer
+    from tests.models.test_gguf import VOCAB as GGUF_VOCAB
+
+    cls, kw = CASES["mixtral"]
+    config = getattr(transformers, cls)(**{**BASE, **kw, "vocab_size": GGUF_VOCAB})
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    randomize_(hf, 9)
+    hf.eval().save_pretrained(tmp_path / "hf")
+    _write_gguf(tmp_path / "hf", tmp_path / "m.gguf", "llama", 4, split=True)
+    cfg, sd, _ = load_gguf(tmp_path / "m.gguf")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.reset_rope_("cpu")
+    ids = _ids().clamp(max=GGUF_VOCAB - 1)
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
