@@ -66,6 +66,16 @@ def router_modules(mods: dict, cfg) -> dict:
     return {n: m for n, m in mods.items() if ROUTER.fullmatch(n)}
 
 
+def is_linear_router(name: str, config: dict, cfg) -> bool:
+    """Whether Ember module ``name`` is a router that an ``all-linear`` adapter targets: on
+    transformers 4 routers were nn.Linear (PEFT's all-linear took them, and PEFT 0.21 still applies
+    such an adapter's router weights)."""
+    targets = config.get("target_modules")
+    all_linear = (targets.lower() == "all-linear" if isinstance(targets, str)
+                  else bool(targets) and "all-linear" in targets)
+    return all_linear and bool(router_modules({name: None}, cfg))
+
+
 def router_tensors(routers: dict) -> tuple[dict, list, dict, dict]:
     """(PEFT tensors, target_parameters, rank_pattern, alpha_pattern) of router adapters. A
     transformers 5 router is no ``nn.Linear`` but computes ``x W^T``: PEFT adapts its ``weight``
