@@ -224,3 +224,24 @@ def test_transformers_4_mixtral_adapter_loads_with_peft_logits(tmp_path, targets
         assert (_load(tmp_path / "m")(ids) - want).abs().max().item() > 1e-1  # it matters
     save_adapter(model, tmp_path / "ember")
     assert (_peft_logits(tmp_path / "m", tmp_path / "ember", ids) - want).abs().max() <= 1e-4
+
+
+def test_literal_all_linear_config_covers_the_shared_expert_gate(tmp_path):
+    """PEFT's all-linear on Qwen2-MoE adapts ``mlp.shared_expert_gate`` (an nn.Linear to one
+    output); an adapter_config that keeps the literal "all-linear" (PEFT applies it as such)
+    made Ember refuse those weights ("PEFT would drop them"); it loads with PEFT's logits."""
+    hf = _hf_model("qwen2_moe")
+    hf.save_pretrained(tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=6, target_modules="all-linear",
+                                                     init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "peft")
+    path = tmp_path / "peft" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "target_modules": "all-linear"}))
+    ids = _ids()
+    want = _peft_logits(tmp_path / "m", tmp_path / "peft", ids)
+    model = load_adapter(_load(tmp_path / "m"), tmp_path / "peft")
+    assert any(n.endswith("mlp.shared_expert_gate.lora_A") for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert (model(ids) - want).abs().max().item() <= 1e-4
