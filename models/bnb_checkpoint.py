@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -227,12 +228,12 @@ def _bnb_config(hf: dict, dense: list[str], cfg: ModelConfig, dtype: torch.dtype
     )
 
 
-def _with_nf4_weights(model: nn.Module, sd: dict, only: str | None = None) -> dict:
-    """sd with each Linear4bit's bnb entries (those whose name contains ``only``, if given)
+def _with_nf4_weights(model: nn.Module, sd: dict, only: re.Pattern | None = None) -> dict:
+    """sd with each Linear4bit's bnb entries (those whose module name ``only`` finds, if given)
     replaced by its NF4Weight, dequantized on write."""
     nf4 = {
         f"{n}.weight": m.quant_weight for n, m in model.named_modules()
-        if isinstance(m, Linear4bit) and (only is None or only in n)
+        if isinstance(m, Linear4bit) and (only is None or only.search(n))
     }
     out = {}
     for k, v in sd.items():

@@ -57,7 +57,7 @@ from ember.models.gguf_arch import (
     check_supported,
 )
 from ember.models.gguf_dequant import dequantize
-from ember.models.gguf_moe import moe_fields
+from ember.models.gguf_moe import moe_fields, split_expert_name
 from ember.models.gguf_rope import ROPE_TENSORS, nice_float, rope_fields
 from ember.models.hub import SPLIT_NAME, split_paths
 
@@ -270,7 +270,7 @@ def ember_name(gguf_name: str) -> str | None:
     parts = gguf_name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
         return f"layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}"
-    return None
+    return split_expert_name(gguf_name)
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:

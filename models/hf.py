@@ -41,7 +41,7 @@ from ember.models.hf_config import (
     quantization_config_from_hf,
 )
 from ember.models.hf_config_export import config_to_hf
-from ember.models.hf_moe import expert_parts
+from ember.models.hf_moe import expert_parts, is_empty_shared_expert
 from ember.models.hf_phi import KEYS as PHI_KEYS
 from ember.models.nf4 import (
     QS_SUFFIX,
@@ -344,6 +344,8 @@ def map_hf_keys(
         if ek is None:
             if not _IGNORED_HF_KEYS.fullmatch(hk):
                 unknown.append(hk)
+            continue
+        if is_empty_shared_expert(hk, shape, cfg):
             continue
         if ek == "lm_head.weight" and cfg.tie_word_embeddings:
             # Some tied checkpoints store the head anyway; the embedding is the weight used.

@@ -5,8 +5,9 @@ Each MoE family is its dense sibling plus expert fields: ``mixtral`` is ``mistra
 ``moe_base_config`` turns an MoE config.json into its sibling's (with the MoE family's
 defaults filled in, since they differ: Mixtral's RoPE base is 1e6 and it has no window by
 default) plus the ``ModelConfig`` MoE fields; ``moe_to_hf`` turns the sibling's exported dict
-back. Fields read as transformers 5.23 reads them: Mixtral ``num_local_experts``; Qwen2-MoE
-``num_experts``; Qwen3-MoE ``num_experts`` (4.x) or ``num_local_experts`` (what 5.x writes).
+back. Fields read as transformers 5.23 reads them: Mixtral ``num_local_experts`` (or its alias
+``num_experts``); Qwen2-MoE ``num_experts``; Qwen3-MoE ``num_experts`` (4.x) or
+``num_local_experts`` (what 5.x writes).
 Checkpoints that store a sparse layer's experts as transformers 5 holds them in memory (two 3-D
 tensors ``mlp.experts.gate_up_proj`` (E, 2F, D), gate rows first, and ``mlp.experts.down_proj``
 (E, D, F), e.g. saved from a state dict rather than by ``save_pretrained``; Mixtral's router then
@@ -72,10 +73,13 @@ def moe_base_config(raw: Mapping) -> tuple[dict, dict]:
     for key in _ROUTER:
         out.pop(key, None)
     experts_key = "num_local_experts" if mt == "mixtral" else "num_experts"
-    if mt == "qwen3_moe" and "num_local_experts" in out:  # transformers 5 writes this name
-        if "num_experts" in out and out["num_experts"] != out["num_local_experts"]:
+    # transformers' attribute_map makes the other name the same field (Qwen3-MoE: 5.x writes
+    # num_local_experts; Mixtral: num_experts is read as num_local_experts)
+    alias = {"mixtral": "num_experts", "qwen3_moe": "num_local_experts"}.get(mt)
+    if alias in out:
+        if experts_key in out and out[experts_key] != out[alias]:
             raise EmberError("config.json: num_experts and num_local_experts disagree")
-        out["num_experts"] = out.pop("num_local_experts")
+        out[experts_key] = out.pop(alias)
     fields = dict(
         num_experts=_int(out, experts_key, moe_d[experts_key]),
         num_experts_per_tok=_int(out, "num_experts_per_tok", moe_d["num_experts_per_tok"]),
@@ -200,7 +204,25 @@ def moe_to_hf(cfg: ModelConfig, out: dict) -> dict:
     return out
 
 
+# Ember modules of a sparse layer that transformers 5 + bitsandbytes keep dense (the experts'
+# 3-D parameters and the router are no nn.Linear): written dequantized in a 4-bit checkpoint
+DENSE_UNDER_BNB = re.compile(r"\.mlp\.(?:experts\.|gate$)")
 _STACKED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+_SHARED = re.compile(r"model\.layers\.\d+\.mlp\.shared_expert(?:_gate|\.(?:gate|up|down)_proj)"
+                     r"\.weight")
+
+
+def is_empty_shared_expert(key: str, shape: tuple[int, ...], cfg: ModelConfig) -> bool:
+    """Whether ``key`` is part of a Qwen2-MoE shared expert of width 0
+    (``shared_expert_intermediate_size: 0``): transformers still builds and saves one (its
+    projections (0, D) / (D, 0), its gate (1, D)), which adds exactly 0 to every token. Ember
+    builds none, so these keys are skipped on load."""
+    if (cfg.model_type != "qwen2_moe" or cfg.shared_expert_intermediate_size
+            or not _SHARED.fullmatch(key)):
+        return False
+    if key.endswith("shared_expert_gate.weight"):
+        return tuple(shape) == (1, cfg.hidden_size)
+    return 0 in tuple(shape)
 # per-expert HF names of (gate, up, down), as save_pretrained writes them
 _EXPERT_KEYS = {
     "mixtral": ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3",

@@ -72,6 +72,7 @@ from ember.models.hf_config import (
     quantization_config_from_hf,
 )
 from ember.models.hf_config_export import config_to_hf
+from ember.models.hf_moe import DENSE_UNDER_BNB
 from ember.models.nf4 import is_quant_state_key, split_bnb_key
 from ember.models.safetensors_io import (
     INDEX_FILE,
@@ -489,9 +490,10 @@ def save_pretrained(
     if dequantize:
         sd = _with_nf4_weights(model, sd)
     elif model.cfg.num_experts:
-        # transformers 5 holds MoE experts as 3-D parameters, which bitsandbytes leaves dense:
-        # its 4-bit MoE checkpoints store them so (was: NF4 experts it cannot load).
-        sd = _with_nf4_weights(model, sd, only=".experts.")
+        # transformers 5 holds MoE experts as 3-D parameters and routers as plain weights, which
+        # bitsandbytes leaves dense: its 4-bit MoE checkpoints store them so (was: NF4 experts,
+        # and a transformers 4 checkpoint's NF4 router, which it cannot load).
+        sd = _with_nf4_weights(model, sd, only=DENSE_UNDER_BNB)
     return save_state_dict(
         sd,
         model.cfg,

@@ -99,6 +99,7 @@ from ember.models.peft_moe import (
     check_dense_mlps,
     expert_modules,
     expert_tensors,
+    is_linear_router,
     router_modules,
     router_tensors,
     split_expert_adapter,
@@ -471,7 +472,8 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     # (matched by the names in the file, those PEFT saw: a bare model's are "layers.0....")
     extra = [seen[n] for n in pairs if config.get("target_modules")
              and not by_params and _EMBER_NAME.fullmatch(n)
-             and not _peft_targets(config, fused_module_name(seen[n], cfg))]
+             and not _peft_targets(config, fused_module_name(seen[n], cfg))
+             and not is_linear_router(n, config, cfg)]
     if extra:
         raise EmberError(f"{wfile}: the file has LoRA weights for {len(extra)} modules that "
                          "adapter_config does not target (target_modules, layers_to_transform, "

@@ -30,6 +30,11 @@ _HF_NAME = re.compile(_LM_PREFIX + r"layers\.(\d+)\.(self_attn|mlp)\.((?:shared_
 # one expert's projection (ember.models.peft_moe splits PEFT's stacked expert adapters into these)
 _EMBER_EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)")
 _HF_EXPERT = re.compile(_LM_PREFIX + r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)")
+# Mixtral as transformers 4 named it (PEFT adapters made there): the router and the experts'
+# w1 / w3 / w2 (gate / up / down) under block_sparse_moe
+_HF_MIXTRAL = re.compile(_LM_PREFIX + r"layers\.(\d+)\.block_sparse_moe\."
+                         r"(?:experts\.(\d+)\.(w[123])|gate)")
+_MIXTRAL_LEAVES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _HF_EMBED = re.compile(_LM_PREFIX + "embed_tokens")
 _HF_HEAD = re.compile(r"(?:language_model\.)?lm_head")
 _VISION = re.compile(r"(?:model\.)?(?:vision_tower|multi_modal_projector)\.")
@@ -74,6 +79,10 @@ def ember_module_name(hf_name: str) -> str | None:
     m = _HF_EXPERT.fullmatch(hf_name)
     if m is not None:
         return f"layers.{m[1]}.mlp.experts.{m[2]}.{m[3]}"
+    m = _HF_MIXTRAL.fullmatch(hf_name)
+    if m is not None:
+        return (f"layers.{m[1]}.mlp.experts.{m[2]}.{_MIXTRAL_LEAVES[m[3]]}" if m[2]
+                else f"layers.{m[1]}.mlp.gate")
     m = _HF_NAME.fullmatch(hf_name)
     if m is None:
         return None

@@ -33,6 +33,7 @@ from ember import EmberError
 
 EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)")
 ROUTER = re.compile(r"layers\.(\d+)\.mlp\.gate")
+_SHARED_GATE = re.compile(r"layers\.\d+\.mlp\.shared_expert_gate")
 
 
 # PEFT 0.21 on transformers 5 rewrites these families' adapter configs as if written for v4: any
@@ -64,6 +65,18 @@ def router_modules(mods: dict, cfg) -> dict:
     if not getattr(cfg, "num_experts", 0):
         return {}
     return {n: m for n, m in mods.items() if ROUTER.fullmatch(n)}
+
+
+def is_linear_router(name: str, config: dict, cfg) -> bool:
+    """Whether Ember module ``name`` is a router or a shared expert's gate that an ``all-linear``
+    adapter targets: PEFT's all-linear takes Qwen2-MoE's ``shared_expert_gate`` (an nn.Linear),
+    and on transformers 4 routers were nn.Linear too (PEFT 0.21 still applies such an adapter's
+    router weights)."""
+    targets = config.get("target_modules")
+    all_linear = (targets.lower() == "all-linear" if isinstance(targets, str)
+                  else bool(targets) and "all-linear" in targets)
+    return all_linear and (bool(router_modules({name: None}, cfg))
+                           or bool(_SHARED_GATE.fullmatch(name)))
 
 
 def router_tensors(routers: dict) -> tuple[dict, list, dict, dict]:

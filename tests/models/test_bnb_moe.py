@@ -86,3 +86,39 @@ def test_a_bnb_checkpoint_with_3d_expert_stacks_loads(tmp_path):
     model, _ = load_pretrained(folder)
     ids = _ids(96, 5)
     assert _diff(_logits(model, ids), _logits(hf, ids)) <= TOL
+
+
+def test_transformers_4_checkpoint_with_nf4_experts_and_router(tmp_path):
+    """transformers 4 held Mixtral's experts and router as nn.Linear, so its 4-bit checkpoints
+    store them NF4 too. Ember loads them with the dequantized weights' logits (bitsandbytes'
+    dequantize_4bit as the oracle), and its save_pretrained writes the experts and the router
+    dense, as transformers 5 loads them (was: the router stayed 4-bit, a (128, 1) uint8 tensor
+    that transformers refused as a size mismatch)."""
+    from safetensors.torch import save_file
+
+    folder, hf = _bnb_folder(tmp_path, _model("mixtral"), True)
+    sd = load_file(folder / "model.safetensors")
+    dense = {}
+    for k in [k for k in sd if ".block_sparse_moe." in k and k.endswith(".weight")]:
+        q, state = bnbf.quantize_4bit(sd[k], blocksize=64, quant_type="nf4",
+                                      compress_statistics=True)
+        sd[k], dense[k] = q, bnbf.dequantize_4bit(q, state)
+        sd.update({f"{k}.{name}": v for name, v in state.as_dict(packed=True).items()})
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    with torch.no_grad():  # the oracle: transformers' model with those dequantized weights
+        for i, layer in enumerate(hf.model.layers):
+            p = f"model.layers.{i}.block_sparse_moe."
+            layer.mlp.gate.weight.copy_(dense[f"{p}gate.weight"])
+            for e in range(4):
+                w1, w3, w2 = (dense[f"{p}experts.{e}.w{j}.weight"] for j in (1, 3, 2))
+                layer.mlp.experts.gate_up_proj[e].copy_(torch.cat([w1, w3]))
+                layer.mlp.experts.down_proj[e].copy_(w2)
+    model, _ = load_pretrained(folder)
+    assert isinstance(model.layers[0].mlp.gate, Linear4bit)
+    ids = _ids(96, 5)
+    assert _diff(_logits(model, ids), _logits(hf, ids)) <= TOL
+    out = save_pretrained(model, tmp_path / "ember")
+    saved = load_file(out / "model.safetensors")
+    assert saved["model.layers.0.block_sparse_moe.gate.weight"].dtype == torch.float32
+    assert "model.layers.0.self_attn.q_proj.weight.absmax" in saved  # attention stays 4-bit
+    assert _diff(_logits(_hf(out), ids), _logits(model, ids)) <= TOL

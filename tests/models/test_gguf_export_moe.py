@@ -157,6 +157,10 @@ def test_what_gguf_cannot_express_is_refused(tmp_path):
     _, model = _model(tmp_path, "qwen2_moe", mlp_only_layers=[0])
     with pytest.raises(EmberError, match=r"dense MLP layers \[0\]"):
         _export(model, tmp_path / "b.gguf")
+    # llama.cpp's qwen2moe always has a shared expert (read n_ff wide without its key)
+    _, model = _model(tmp_path, "qwen2_moe", shared_expert_intermediate_size=0)
+    with pytest.raises(EmberError, match="no shared expert"):
+        _export(model, tmp_path / "d.gguf")
     _, model = _model(tmp_path, "mixtral")
     with pytest.raises(EmberError, match="K-quant.*mixture-of-experts"):
         _export(model, tmp_path / "c.gguf", "q4_k_m")

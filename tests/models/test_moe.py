@@ -264,8 +264,10 @@ _EXPERT = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj
            "down_proj": "down"}
 
 
-def _write_gguf(folder, path, arch: str, n_experts: int):
-    """The saved HF folder as llama.cpp's converter writes it (F32, Q/K permuted for llama)."""
+def _write_gguf(folder, path, arch: str, n_experts: int, omit: tuple = (), split: bool = False):
+    """The saved HF folder as llama.cpp's converter writes it (F32, Q/K permuted for llama),
+    without the ``<arch>.*`` keys in ``omit``; ``split``: each expert's projection alone
+    (``blk.N.ffn_gate.E.weight``), as converters before April 2024 wrote Mixtral."""
     import re
 
     import numpy as np
@@ -289,6 +291,7 @@ def _write_gguf(folder, path, arch: str, n_experts: int):
         md["expert_feed_forward_length"] = raw["moe_intermediate_size"]
     if raw.get("shared_expert_intermediate_size"):
         md["expert_shared_feed_forward_length"] = raw["shared_expert_intermediate_size"]
+    md = {k: v for k, v in md.items() if k not in omit}
     for k, v in {**{f"{arch}.{k}": v for k, v in md.items()}, **tiny_tokenizer_md()}.items():
         _put(w, k, v)
     stacks: dict = {}
@@ -310,6 +313,10 @@ def _write_gguf(folder, path, arch: str, n_experts: int):
                 t = t.reshape(-1)  # a vector in llama.cpp's files
         w.add_tensor(name, t.numpy().astype(np.float32))
     for name, parts in stacks.items():
+        if split:
+            for e in range(n_experts):
+                w.add_tensor(name.replace("_exps.", f".{e}."), parts[e].numpy())
+            continue
         w.add_tensor(name, torch.stack([parts[e] for e in range(n_experts)]).numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -360,3 +367,108 @@ def test_greedy_generation_matches_transformers(tmp_path):
             want = hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False,
                                min_new_tokens=6, pad_token_id=0)[0, len(p):].tolist()
         assert g == want
+
+
+def test_qwen2_moe_without_shared_expert(tmp_path):
+    """shared_expert_intermediate_size=0: transformers still builds (and saves) a shared expert of
+    width 0 and its gate, which add nothing; Ember refused those keys ("unexpected key(s)"). It
+    loads with transformers' logits and gradients, and its export loads back in transformers."""
+    cls, kw = CASES["qwen2_moe"]
+    config = getattr(transformers, cls)(**{**BASE, **kw, "shared_expert_intermediate_size": 0})
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    randomize_(hf, 4)
+    hf.eval().save_pretrained(tmp_path / "hf")
+    model = _load(tmp_path / "hf")
+    assert not hasattr(model.layers[0].mlp, "shared_expert")
+    ids = _ids()
+    logits, ref = model(ids), hf(ids).logits
+    assert (logits - ref).abs().max().item() <= 1e-4
+    logits.square().sum().backward()
+    ref.square().sum().backward()
+    theirs = _hf_grads(hf, model.cfg)
+    for n, p in model.named_parameters():
+        assert (p.grad - theirs[n]).abs().max().item() <= 1e-4 * max(1.0, theirs[n].abs().max()), n
+    save_pretrained(model, tmp_path / "export")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        assert (again(ids).logits - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("case,arch", [("qwen2_moe", "qwen2moe"), ("qwen3_moe", "qwen3moe")])
+def test_gguf_without_expert_widths_takes_llama_cpp_fallbacks(tmp_path, case, arch):
+    """Qwen1.5-MoE files converted before ``expert_feed_forward_length`` /
+    ``expert_shared_feed_forward_length`` existed: llama.cpp reads experts n_ff / k wide and the
+    shared expert n_ff wide (Qwen1.5-MoE-A2.7B: 5632 / 4 = 1408, shared 5632). Ember took the
+    experts as n_ff wide and the shared expert as absent, refusing such files on their shapes."""
+    from ember.models.gguf import load_gguf
+    from ember.models.transformer import Transformer
+    from tests.models.test_gguf import VOCAB as GGUF_VOCAB
+
+    cls, kw = CASES[case]
+    kw = {**kw, "norm_topk_prob": case == "qwen3_moe", "intermediate_size": 48,
+          "moe_intermediate_size": 24}  # n_ff = 2 * 24, k = 2
+    if case == "qwen2_moe":
+        kw["shared_expert_intermediate_size"] = 48
+    config = getattr(transformers, cls)(**{**BASE, **kw, "vocab_size": GGUF_VOCAB})
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    randomize_(hf, 8)
+    hf.eval().save_pretrained(tmp_path / "hf")
+    _write_gguf(tmp_path / "hf", tmp_path / "m.gguf", arch, config.num_experts,
+                omit=("expert_feed_forward_length", "expert_shared_feed_forward_length"))
+    cfg, sd, _ = load_gguf(tmp_path / "m.gguf")
+    assert cfg.moe_intermediate_size == 24
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.reset_rope_("cpu")
+    ids = _ids().clamp(max=GGUF_VOCAB - 1)
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_mixtral_config_with_num_experts_alias(tmp_path):
+    """MixtralConfig's attribute_map reads ``num_experts`` as ``num_local_experts``: a config.json
+    that names it so loads in transformers; Ember refused the field ("not supported for
+    model_type 'mistral'")."""
+    hf, folder = _save(tmp_path, "mixtral")
+    raw = json.loads((folder / "config.json").read_text())
+    raw["num_experts"] = raw.pop("num_local_experts")
+    (folder / "config.json").write_text(json.dumps(raw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = _load(folder)
+    assert model.cfg.num_experts == theirs.config.num_local_experts == 4
+    ids = _ids()
+    with torch.no_grad():
+        assert (model(ids) - theirs(ids).logits).abs().max().item() <= 1e-4
+    (folder / "config.json").write_text(json.dumps({**raw, "num_local_experts": 8}))
+    with pytest.raises(EmberError, match="disagree"):
+        _load(folder)
+
+
+def test_gguf_mixtral_with_split_experts(tmp_path):
+    """Mixtral GGUF files converted before April 2024 (e.g. the widely shared Mixtral-8x7B ones)
+    store each expert's projection as its own tensor, ``blk.N.ffn_gate.E.weight``, which
+    llama.cpp still merges on load; Ember refused them as unexpected tensors. They load to the
+    logits of the HF model they were converted from."""
+    from ember.models.gguf import load_gguf
+    from ember.models.transformer import Transformer
+    from tests.models.test_gguf import VOCAB as GGUF_VOCAB
+
+    cls, kw = CASES["mixtral"]
+    config = getattr(transformers, cls)(**{**BASE, **kw, "vocab_size": GGUF_VOCAB})
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    randomize_(hf, 9)
+    hf.eval().save_pretrained(tmp_path / "hf")
+    _write_gguf(tmp_path / "hf", tmp_path / "m.gguf", "llama", 4, split=True)
+    cfg, sd, _ = load_gguf(tmp_path / "m.gguf")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.reset_rope_("cpu")
+    ids = _ids().clamp(max=GGUF_VOCAB - 1)
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4

@@ -184,3 +184,64 @@ def test_router_adapters_round_trip(tmp_path, case):
                       LoRAConfig(rank=2, alpha=4, dropout=0.1, targets=("layers.1.mlp.gate",)))
     with pytest.raises(EmberError, match="router layers.1.mlp.gate with DoRA or dropout"):
         save_adapter(ours, tmp_path / "drop")
+
+
+@pytest.mark.parametrize("targets", [["w1", "w2", "w3", "gate"], "all-linear"])
+def test_transformers_4_mixtral_adapter_loads_with_peft_logits(tmp_path, targets):
+    """A Mixtral adapter made on transformers 4 names the experts' modules
+    ``block_sparse_moe.experts.E.w1`` / ``w3`` / ``w2`` and the router ``block_sparse_moe.gate``
+    (then an nn.Linear: targeted by name or by all-linear, as in many Hub adapters); PEFT 0.21
+    converts it onto transformers 5's experts and router. Ember refused its keys ("match no
+    projection"), then its router under all-linear ("PEFT would drop them": it does not); it now
+    loads with PEFT's logits and saves back in PEFT 0.21's format."""
+    from safetensors.torch import save_file
+
+    hf = _hf_model("mixtral")
+    hf.save_pretrained(tmp_path / "m")
+    c, g, sd = hf.config, torch.Generator().manual_seed(0), {}
+    D, F = c.hidden_size, c.intermediate_size
+    for i in range(c.num_hidden_layers):
+        mods = {f"block_sparse_moe.experts.{e}.{n}": (F, D) if n == "w2" else (D, F)
+                for e in range(c.num_local_experts) for n in ("w1", "w2", "w3")}
+        mods["block_sparse_moe.gate"] = (D, c.num_local_experts)
+        if targets == "all-linear":
+            mods.update({f"self_attn.{n}_proj": tuple(reversed(p.shape)) for n in "qkvo"
+                         for p in [getattr(hf.model.layers[i].self_attn, f"{n}_proj").weight]})
+        for name, (fin, fout) in mods.items():
+            key = f"base_model.model.model.layers.{i}.{name}"
+            sd[f"{key}.lora_A.weight"] = 0.3 * torch.randn(2, fin, generator=g)
+            sd[f"{key}.lora_B.weight"] = 0.3 * torch.randn(fout, 2, generator=g)
+    (tmp_path / "v4").mkdir()
+    save_file(sd, tmp_path / "v4" / "adapter_model.safetensors")
+    (tmp_path / "v4" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4,
+         "target_modules": targets, "lora_dropout": 0.0, "bias": "none"}))
+    ids = _ids()
+    want = _peft_logits(tmp_path / "m", tmp_path / "v4", ids)
+    model = load_adapter(_load(tmp_path / "m"), tmp_path / "v4")
+    with torch.no_grad():
+        assert (model(ids) - want).abs().max().item() <= 1e-4
+        assert (_load(tmp_path / "m")(ids) - want).abs().max().item() > 1e-1  # it matters
+    save_adapter(model, tmp_path / "ember")
+    assert (_peft_logits(tmp_path / "m", tmp_path / "ember", ids) - want).abs().max() <= 1e-4
+
+
+def test_literal_all_linear_config_covers_the_shared_expert_gate(tmp_path):
+    """PEFT's all-linear on Qwen2-MoE adapts ``mlp.shared_expert_gate`` (an nn.Linear to one
+    output); an adapter_config that keeps the literal "all-linear" (PEFT applies it as such)
+    made Ember refuse those weights ("PEFT would drop them"); it loads with PEFT's logits."""
+    hf = _hf_model("qwen2_moe")
+    hf.save_pretrained(tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=6, target_modules="all-linear",
+                                                     init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "peft")
+    path = tmp_path / "peft" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "target_modules": "all-linear"}))
+    ids = _ids()
+    want = _peft_logits(tmp_path / "m", tmp_path / "peft", ids)
+    model = load_adapter(_load(tmp_path / "m"), tmp_path / "peft")
+    assert any(n.endswith("mlp.shared_expert_gate.lora_A") for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert (model(ids) - want).abs().max().item() <= 1e-4
