@@ -5,7 +5,8 @@ writes them and its runtime reads them.
 Tensors per layer: ``ffn_gate_inp`` (the router, (E, D)), ``ffn_gate_exps`` / ``ffn_up_exps``
 (E, F, D) and ``ffn_down_exps`` (E, D, F), the experts stacked in expert order (split here into
 Ember's per-expert MLPs; Mixtral files from before April 2024 hold one ``ffn_gate.E`` /
-``ffn_up.E`` / ``ffn_down.E`` tensor per expert instead, as llama.cpp still reads); Qwen2-MoE's
+``ffn_up.E`` / ``ffn_down.E`` tensor per expert instead, which llama.cpp's loader merged and
+llama.cpp-derived loaders still merge; read here the same way); Qwen2-MoE's
 shared expert ``ffn_{gate,up,down}_shexp`` and its gate
 ``ffn_gate_inp_shexp`` ((D,) or (1, D)). Metadata: ``expert_count``, ``expert_used_count``,
 ``expert_feed_forward_length`` (Qwen; Mixtral's experts are ``feed_forward_length`` wide),
