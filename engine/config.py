@@ -14,6 +14,7 @@ start of a run; the resolved config is what the run directory and every checkpoi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.resources
 import json
@@ -32,6 +33,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
 from ember import EmberError
 from ember.engine.activation import ActivationConfig
 from ember.engine.classification import HeadConfig, check_config
+from ember.engine.config_hints import WHERE, did_you_mean, not_a_config
 from ember.engine.data import DataConfig
 from ember.engine.distributed import DistConfig
 from ember.engine.guards import GuardConfig
@@ -438,11 +440,15 @@ def from_dict(cls, data: dict, prefix: str = ""):
         if key not in fields:
             where = f"[{prefix}]" if prefix else "the top level"
             valid = ", ".join(sorted(fields))
-            hint = ""
-            if prefix and key in {f.name for f in dataclasses.fields(TrainConfig)}:
+            top = {f.name for f in dataclasses.fields(TrainConfig)}
+            guess, hint = "", ""
+            if not (prefix and key in top):  # (a top-level key after a [table]: said below)
+                guess = did_you_mean(key, fields, _section_keys() if cls is TrainConfig else {})
+            if prefix and key in top:
                 hint = (f" ({key!r} is a top-level key: in TOML it must come before the first "
                         "[table], or a key after [" + prefix.split(".")[0] + "] belongs to it)")
-            raise EmberError(f"unknown config key {full!r}; valid keys in {where}: {valid}{hint}")
+            raise EmberError(f"unknown config key {full!r}{guess}; valid keys in {where}: "
+                             f"{valid}{hint}")
         kwargs[key] = _coerce(value, hints[key], full)
     try:
         obj = cls(**kwargs)
@@ -452,6 +458,12 @@ def from_dict(cls, data: dict, prefix: str = ""):
         raise EmberError(f"[{prefix or 'config'}]: {e}") from None
     object.__setattr__(obj, "_given", frozenset(kwargs))
     return obj
+
+
+def _section_keys() -> dict[str, set[str]]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: {g.name for g in dataclasses.fields(hints[f.name])}
+            for f in dataclasses.fields(TrainConfig) if _is_dataclass_type(hints[f.name])}
 
 
 def given_keys(cfg) -> frozenset[str] | None:
@@ -519,11 +531,18 @@ def load_source(source: str | Path) -> dict:
     if p.is_dir() and (p / "config.toml").is_file():  # a run directory: its resolved config
         p = p / "config.toml"
     if p.is_file():
+        kind = not_a_config(p)
+        if kind:  # ember train data.jsonl / model.gguf: what the file is, and where it goes
+            raise EmberError(f"{p} is {kind}, not a run config (TOML); name it in a config "
+                             f"file or a recipe: {WHERE[kind].format(p=p)}")
         return parse_toml(p.read_text(encoding="utf-8"), str(p))
     name = str(source)
     if name in recipe_names():
         res = importlib.resources.files("ember.engine") / "recipes" / f"{name}.toml"
         return parse_toml(res.read_text(encoding="utf-8"), f"recipe {name!r}")
+    if p.is_dir() and (p / "config.json").is_file():
+        raise EmberError(f"{name} is a model folder, not a run directory or config: train it "
+                         f"from a config file or a recipe with {WHERE['a model'].format(p=p)}")
     if p.is_dir():  # e.g. ember train RUN --resume on a folder that is not a run
         raise EmberError(f"{name} is a folder without config.toml: not a run directory; give "
                          "a run directory (runs/<name>), a config file or a recipe name")
@@ -550,7 +569,7 @@ def parse_override(item: str) -> tuple[list[str], object]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    data = json.loads(json.dumps(data))  # a deep copy of plain TOML data
+    data = copy.deepcopy(data)  # (TOML dates and times included: from_dict names such a value)
     for item in overrides:
         path, value = parse_override(item)
         node = data
