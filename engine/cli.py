@@ -54,12 +54,34 @@ def _is_run_dir(path: str) -> bool:
     return (Path(path) / "config.toml").is_file()
 
 
+def _check_device(device: str | None) -> None:
+    """--device: a name torch takes, on a machine that has it (was torch's RuntimeError or
+    "Torch not compiled with CUDA enabled" as a traceback; a run directory fell back to the
+    CPU without a word)."""
+    import re
+
+    import torch
+
+    if device is None:
+        return
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):
+        raise EmberError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise EmberError(f"--device {device}: CUDA is not available here (torch "
+                         f"{torch.__version__}); use --device cpu, or leave --device out")
+    index = int(device.partition(":")[2] or 0)
+    if device != "cpu" and index >= torch.cuda.device_count():
+        raise EmberError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
 def _load(target: str, adapter: str | None, device: str | None, raw: bool = False):
     """(model, tokenizer, DataConfig used to render prompts) for a run directory or a model."""
     import torch
 
     from ember.engine.data import DataConfig
 
+    _check_device(device)
     if _is_run_dir(target):
         from ember.engine.state import load_run_model
 
@@ -113,6 +135,8 @@ def _generator(model, tok, a):
     from ember.models.tokenizer import generation_ids
 
     # before the first message: ember chat reports a failed answer and reads the next line
+    if a.max_new_tokens < 1:  # 0 printed nothing (transformers' generate refuses it too)
+        raise EmberError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     check_sampling(a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.min_p,
                    a.repetition_penalty)
     if is_classifier(model):
@@ -327,6 +351,11 @@ def _cmd_export(a) -> None:
         if a.gguf_type.lower() not in GGUF_TYPES:
             raise EmberError(f"--gguf-type {a.gguf_type!r} is not one of "
                              f"{', '.join(GGUF_TYPES)} (llama.cpp's names, any case)")
+        if Path(a.gguf).is_dir():  # was an IsADirectoryError after the merge and quantization
+            raise EmberError(f"--gguf {a.gguf} is a folder; give the file to write, e.g. "
+                             f"{Path(a.gguf) / 'model.gguf'}")
+    if a.merged and Path(a.merged).exists() and not Path(a.merged).is_dir():
+        raise EmberError(f"--merged {a.merged} is a file; give the folder to write the model in")
 
     if _is_run_dir(a.run_dir):
         model, tok, cfg = load_run_model(a.run_dir, "cpu", echo=_note)
@@ -507,6 +536,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ember: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path the user gave: missing folder, no permission, disk full
+        if isinstance(e, (ConnectionError, TimeoutError)) or e.errno is None:
+            raise
+        print(f"ember: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0
 
 

@@ -192,3 +192,37 @@ def test_eval_max_examples_limits_loss_and_generation_alike(trained, capsys):
         count += int((labels != -100).sum())
     assert row["loss"] == pytest.approx(total / count, rel=1e-4)
     assert row["examples"] == 2 and "exact_match" in row
+
+
+def test_bad_output_paths_devices_and_lengths_are_one_clean_line(trained, tmp_path, capsys):
+    """Each was a traceback (IsADirectoryError after the whole merge, FileNotFoundError /
+    NotADirectoryError from the OS, torch's RuntimeError or "Torch not compiled with CUDA
+    enabled"), a silent CPU fallback (a run with --device cuda) or an empty answer (0 tokens,
+    which transformers' generate refuses)."""
+    from transformers import GenerationConfig
+
+    run, folder, file = str(trained["run"]), tmp_path / "folder", tmp_path / "file.txt"
+    folder.mkdir()
+    file.write_text("x")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationConfig(max_new_tokens=0)
+    with pytest.raises(RuntimeError):
+        torch.device("tpu")
+    cases = [
+        (["export", run, "--gguf", str(folder)], "is a folder; give the file to write"),
+        (["export", run, "--merged", str(file)], "is a file; give the folder"),
+        (["export", run, "--merged", str(file / "sub")], str(file)),
+        (["generate", run, "--prompt", "hi", "--max-new-tokens", "0"], "must be >= 1, got 0"),
+        (["generate", run, "--prompt", "hi", "--device", "tpu"], "--device must be cpu, cuda"),
+        (["eval", str(trained["model"]), "--device", "gpu"], "--device must be cpu, cuda"),
+    ]
+    if not torch.cuda.is_available():
+        cases += [(["generate", run, "--prompt", "hi", "--device", "cuda"],
+                   "CUDA is not available"),
+                  (["chat", str(trained["model"]), "--device", "cuda:0"],
+                   "CUDA is not available")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("ember: error: ") and message in err, (argv, err)
+    assert list(folder.iterdir()) == []
