@@ -33,7 +33,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
 from ember import EmberError
 from ember.engine.activation import ActivationConfig
 from ember.engine.classification import HeadConfig, check_config
-from ember.engine.config_hints import WHERE, did_you_mean, not_a_config
+from ember.engine.config_hints import WHERE, did_you_mean, not_a_config, takes_a_list
 from ember.engine.data import DataConfig
 from ember.engine.distributed import DistConfig
 from ember.engine.guards import GuardConfig
@@ -560,18 +560,24 @@ def parse_override(item: str) -> tuple[list[str], object]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise EmberError(f"--set expects key=value (e.g. lora.rank=8), got {item!r}")
-    raw = raw.strip()
+    return key.split("."), _toml_or_word(raw.strip())
+
+
+def _toml_or_word(raw: str):
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw
-    return key.split("."), value
+        return raw
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = copy.deepcopy(data)  # (TOML dates and times included: from_dict names such a value)
     for item in overrides:
         path, value = parse_override(item)
+        if isinstance(value, str) and "," in value and takes_a_list(TrainConfig, path) and (
+                item.partition("=")[2].strip()[:1] not in ('"', "'")):
+            # a bare a,b for a list key, as ember eval --metrics takes one: the list [a, b]
+            value = [_toml_or_word(v.strip()) for v in value.split(",") if v.strip()]
         node = data
         for part in path[:-1]:
             nxt = node.setdefault(part, {})

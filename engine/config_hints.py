@@ -1,9 +1,12 @@
-"""Hints in the errors of a run config: the key a misspelled one probably meant, and what a file
-given in place of a config is (``ember train data.jsonl``)."""
+"""Helpers of the config loader for a user's mistakes: the key a misspelled one probably meant,
+what a file given in place of a config is (``ember train data.jsonl``), and which keys take a list
+(``--set eval.metrics=exact_match,f1``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import typing
 from pathlib import Path
 
 # where a file that is not a config belongs in one ({p}: its path)
@@ -31,3 +34,14 @@ def not_a_config(p: Path) -> str | None:
     if suffixes and suffixes[-1] in (".gguf", ".safetensors", ".bin"):
         return "a model"
     return None
+
+
+def takes_a_list(cls, path: list[str]) -> bool:
+    """Whether the key at ``path`` of config dataclass ``cls`` takes a list (a tuple field, alone
+    or in a union)."""
+    for part in path[:-1]:
+        cls = typing.get_type_hints(cls).get(part)
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            return False
+    tp = typing.get_type_hints(cls).get(path[-1])
+    return any(typing.get_origin(t) is tuple for t in (tp, *typing.get_args(tp)))

@@ -82,3 +82,18 @@ def test_ember_config_output_trains_without_spurious_notes(tmp_path, capsys):
     assert unused_settings(load_config(run)) == []
     changed = unused_settings(load_config(path, ["dpo.beta=0.3", "eval.patience=4"]))
     assert [line.split(" ignored")[0] for line in changed] == ["dpo.beta", "eval.patience"]
+
+
+def test_a_bare_comma_list_sets_a_list_key():
+    """``--set eval.metrics=exact_match,f1`` (as ``ember eval --metrics`` takes them) was the one
+    string 'exact_match,f1' (an unknown metric, a missing file 'a.jsonl,b.jsonl', a LoRA target
+    matching nothing); it is the list, equal to the TOML list form. Keys that take one value, and
+    quoted values, keep their commas."""
+    sets = ["eval.metrics=exact_match,f1", "lora.targets=q, v", "optim.betas=0.8,0.95",
+            "data.train=a.jsonl,b.jsonl", "data.validation=c.jsonl,d.jsonl"]
+    toml = ['eval.metrics=["exact_match", "f1"]', 'lora.targets=["q", "v"]',
+            "optim.betas=[0.8, 0.95]", 'data.train=["a.jsonl", "b.jsonl"]',
+            'data.validation=["c.jsonl", "d.jsonl"]']
+    assert load_config(None, sets) == load_config(None, toml)
+    assert load_config(None, ["name=a,b"]).name == "a,b"
+    assert load_config(None, ["data.train='a,b.jsonl'"]).data.train == ("a,b.jsonl",)
