@@ -226,3 +226,18 @@ def test_bad_output_paths_devices_and_lengths_are_one_clean_line(trained, tmp_pa
         err = capsys.readouterr().err
         assert err.startswith("ember: error: ") and message in err, (argv, err)
     assert list(folder.iterdir()) == []
+
+
+def test_a_missing_data_file_is_named_before_the_model_loads(trained, tmp_path, capsys):
+    """Was found only after the model had loaded (a minute for a large one); every missing
+    file is named with its key."""
+    argv = ["train", str(trained["config"]), "--set", f"run_dir={tmp_path / 'run'}",
+            "--set", f"model.name={tmp_path / 'no-model'}",
+            "--set", f"data.train={trained['test']},{tmp_path / 'nope.jsonl'}",
+            "--set", f"data.test={tmp_path / 'gone.jsonl'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ember: error: data file not found: data.train = ")
+    assert "no-model" not in err
+    assert "nope.jsonl'; data.test = " in err and "gone.jsonl" in err
+    assert not (tmp_path / "run").exists()
