@@ -31,9 +31,9 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
     import tomli as tomllib
 
 from ember import EmberError
+from ember.engine import config_hints as ch
 from ember.engine.activation import ActivationConfig
 from ember.engine.classification import HeadConfig, check_config
-from ember.engine.config_hints import WHERE, did_you_mean, not_a_config, takes_a_list
 from ember.engine.data import DataConfig
 from ember.engine.distributed import DistConfig
 from ember.engine.guards import GuardConfig
@@ -443,7 +443,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
             top = {f.name for f in dataclasses.fields(TrainConfig)}
             guess, hint = "", ""
             if not (prefix and key in top):  # (a top-level key after a [table]: said below)
-                guess = did_you_mean(key, fields, _section_keys() if cls is TrainConfig else {})
+                sections = _section_keys() if cls is TrainConfig else {}
+                guess = ch.did_you_mean(key, fields, sections)
             if prefix and key in top:
                 hint = (f" ({key!r} is a top-level key: in TOML it must come before the first "
                         "[table], or a key after [" + prefix.split(".")[0] + "] belongs to it)")
@@ -531,18 +532,19 @@ def load_source(source: str | Path) -> dict:
     if p.is_dir() and (p / "config.toml").is_file():  # a run directory: its resolved config
         p = p / "config.toml"
     if p.is_file():
-        kind = not_a_config(p)
+        kind = ch.not_a_config(p)
         if kind:  # ember train data.jsonl / model.gguf: what the file is, and where it goes
             raise EmberError(f"{p} is {kind}, not a run config (TOML); name it in a config "
-                             f"file or a recipe: {WHERE[kind].format(p=p)}")
+                             f"file or a recipe: {ch.WHERE[kind].format(p=p)}")
         return parse_toml(p.read_text(encoding="utf-8"), str(p))
     name = str(source)
     if name in recipe_names():
         res = importlib.resources.files("ember.engine") / "recipes" / f"{name}.toml"
         return parse_toml(res.read_text(encoding="utf-8"), f"recipe {name!r}")
     if p.is_dir() and (p / "config.json").is_file():
+        where = ch.WHERE["a model"].format(p=p)
         raise EmberError(f"{name} is a model folder, not a run directory or config: train it "
-                         f"from a config file or a recipe with {WHERE['a model'].format(p=p)}")
+                         f"from a config file or a recipe with {where}")
     if p.is_dir():  # e.g. ember train RUN --resume on a folder that is not a run
         raise EmberError(f"{name} is a folder without config.toml: not a run directory; give "
                          "a run directory (runs/<name>), a config file or a recipe name")
@@ -574,7 +576,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = copy.deepcopy(data)  # (TOML dates and times included: from_dict names such a value)
     for item in overrides:
         path, value = parse_override(item)
-        if isinstance(value, str) and "," in value and takes_a_list(TrainConfig, path) and (
+        if isinstance(value, str) and "," in value and ch.takes_a_list(TrainConfig, path) and (
                 item.partition("=")[2].strip()[:1] not in ('"', "'")):
             # a bare a,b for a list key, as ember eval --metrics takes one: the list [a, b]
             value = [_toml_or_word(v.strip()) for v in value.split(",") if v.strip()]
@@ -584,8 +586,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(nxt, dict):
                 raise EmberError(f"--set {item}: {part!r} is a value, not a table")
             node = nxt
+        old = node.get(path[-1])
+        if isinstance(value, dict) and isinstance(old, dict):
+            value = ch.merged_tables(old, value)  # lora={rank=8}: the file's others stay
         node[path[-1]] = value
     return data
+
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | tuple = ()

@@ -1,6 +1,6 @@
 """Helpers of the config loader for a user's mistakes: the key a misspelled one probably meant,
 what a file given in place of a config is (``ember train data.jsonl``), and which keys take a list
-(``--set eval.metrics=exact_match,f1``)."""
+(``--set eval.metrics=exact_match,f1``); ``--set lora={rank=8}`` merges into the file's table."""
 
 from __future__ import annotations
 
@@ -45,3 +45,9 @@ def takes_a_list(cls, path: list[str]) -> bool:
             return False
     tp = typing.get_type_hints(cls).get(path[-1])
     return any(typing.get_origin(t) is tuple for t in (tp, *typing.get_args(tp)))
+
+
+def merged_tables(base: dict, new: dict) -> dict:
+    """``base`` with ``new``'s keys set (tables merged key by key, at every depth)."""
+    return {**base, **{k: merged_tables(base[k], v) if isinstance(v, dict) and isinstance(
+        base.get(k), dict) else v for k, v in new.items()}}

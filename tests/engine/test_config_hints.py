@@ -97,3 +97,16 @@ def test_a_bare_comma_list_sets_a_list_key():
     assert load_config(None, sets) == load_config(None, toml)
     assert load_config(None, ["name=a,b"]).name == "a,b"
     assert load_config(None, ["data.train='a,b.jsonl'"]).data.train == ("a,b.jsonl",)
+
+
+def test_an_inline_table_in_set_merges_into_the_files_table(tmp_path):
+    """``--set 'lora={rank=8}'`` replaced the file's whole [lora] table: its alpha and targets
+    went back to their defaults without a word. It is ``--set lora.rank=8`` now."""
+    path = tmp_path / "run.toml"
+    path.write_text('[lora]\nrank = 4\nalpha = 8\ntargets = ["q", "v"]\n'
+                    '[eval]\nmetrics = ["f1"]\nmax_new_tokens = 9\n')
+    inline = load_config(path, ["lora={rank=8}", 'eval={metrics=["exact_match"]}'])
+    dotted = load_config(path, ["lora.rank=8", 'eval.metrics=["exact_match"]'])
+    assert inline == dotted
+    lora = inline.lora
+    assert (lora.alpha, lora.targets, inline.eval.max_new_tokens) == (8, ("q", "v"), 9)
