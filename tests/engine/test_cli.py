@@ -241,3 +241,12 @@ def test_a_missing_data_file_is_named_before_the_model_loads(trained, tmp_path, 
     assert "no-model" not in err
     assert "nope.jsonl'; data.test = " in err and "gone.jsonl" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_with_other_settings_names_each_key_and_both_values(trained, capsys):
+    """Was "differs from the checkpoint's in lora, optim": the table, not which key or what."""
+    assert main(["train", str(trained["run"]), "--resume", "--set", "lora.rank=8",
+                 "--set", "optim.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "in lora.rank (4 in the checkpoint, now 8), optim.lr (0.005 in the checkpoint, " \
+           "now 0.5); resume with the same settings" in err
