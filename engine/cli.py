@@ -5,7 +5,7 @@
         (a DPO / ORPO / SimPO / KTO run: its validation scores on FILE, against its reference)
     ember generate RUN_DIR|MODEL --prompt TEXT [--prompt TEXT ...] [--adapter DIR] [--stream]
     ember chat RUN_DIR|MODEL [--system TEXT]      (one message per line on standard input)
-    ember export RUN_DIR (--adapter OUT | --merged OUT)
+    ember export RUN_DIR|MODEL (--adapter OUT | --merged OUT | --gguf OUT.gguf [--gguf-type T])
     ember import-gguf FILE.gguf OUT_DIR
     ember config [CONFIG|RECIPE|RUN_DIR] [--set key=value ...]   (every setting, explained)
     ember recipes | ember models
@@ -426,9 +426,12 @@ def _cmd_recipes(a) -> None:
 
 def _cmd_config(a) -> None:
     from ember.engine.config import load_config
-    from ember.engine.config_doc import annotated_toml
+    from ember.engine.config_doc import annotated_toml, unused_settings
 
-    print(annotated_toml(load_config(a.config, a.set or [])), end="")
+    cfg = load_config(a.config, a.set or [])
+    for line in unused_settings(cfg):  # the notes ember train would print, on stderr
+        _note(f"note: {line}")
+    print(annotated_toml(cfg), end="")
 
 
 def _cmd_models(a) -> None:

@@ -73,7 +73,9 @@ def test_ember_config_output_trains_without_spurious_notes(tmp_path, capsys):
     key changed from its default in such a table is still named."""
     assert main(["config", "quickstart", "--set", "lora.rank=8"]) == 0
     path = tmp_path / "my.toml"
-    path.write_text(capsys.readouterr().out)
+    out = capsys.readouterr()
+    path.write_text(out.out)
+    assert out.err == ""
     cfg = load_config(path)
     assert cfg == load_config("quickstart", ["lora.rank=8"])
     assert unused_settings(cfg) == []
@@ -82,6 +84,10 @@ def test_ember_config_output_trains_without_spurious_notes(tmp_path, capsys):
     assert unused_settings(load_config(run)) == []
     changed = unused_settings(load_config(path, ["dpo.beta=0.3", "eval.patience=4"]))
     assert [line.split(" ignored")[0] for line in changed] == ["dpo.beta", "eval.patience"]
+    assert main(["config", str(path), "--set", "dpo.beta=0.3"]) == 0  # the notes train prints
+    err = capsys.readouterr().err
+    assert err.startswith("note: dpo.beta ignored: it applies to objective")
+    assert err.count("\n") == 1
 
 
 def test_a_bare_comma_list_sets_a_list_key():
