@@ -4,6 +4,7 @@ file belongs, and ``ember config``'s own output trains without spurious notes.""
 from __future__ import annotations
 
 import datetime
+import json
 
 import pytest
 import tomllib
@@ -116,3 +117,17 @@ def test_an_inline_table_in_set_merges_into_the_files_table(tmp_path):
     assert inline == dotted
     lora = inline.lora
     assert (lora.alpha, lora.targets, inline.eval.max_new_tokens) == (8, ("q", "v"), 9)
+
+
+def test_a_string_with_any_character_round_trips_through_the_written_config():
+    """A DEL (U+007F) in a string was written raw: TOML forbids it, so the run's own
+    config.toml (and ``ember config``'s output) could not be read back (--resume failed with
+    "invalid TOML"). tomllib is the oracle."""
+    from ember.engine.config_doc import annotated_toml
+
+    text = 'a\x7fb "q" \\ ü \t\n\x01 end'
+    cfg = load_config(None, [f"data.system_prompt={json.dumps(text)}", f"name={json.dumps(text)}"])
+    assert cfg.data.system_prompt == cfg.name == text
+    for written in (to_toml(cfg), annotated_toml(cfg)):
+        data = tomllib.loads(written)
+        assert data["name"] == data["data"]["system_prompt"] == text
