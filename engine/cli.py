@@ -555,6 +555,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ember: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # ember config | head, or less quit early: the reader has enough
+        devnull = os.open(os.devnull, os.O_WRONLY)  # (and Python's flush at exit fails quietly)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
     except OSError as e:  # a path the user gave: missing folder, no permission, disk full
         if isinstance(e, (ConnectionError, TimeoutError)) or e.errno is None:
             raise

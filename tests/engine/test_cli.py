@@ -250,3 +250,12 @@ def test_a_resume_with_other_settings_names_each_key_and_both_values(trained, ca
     err = capsys.readouterr().err
     assert "in lora.rank (4 in the checkpoint, now 8), optim.lr (0.005 in the checkpoint, " \
            "now 0.5); resume with the same settings" in err
+
+
+def test_a_reader_that_stops_early_is_no_traceback():
+    """``ember config | head`` (or ``less`` quit early) printed a BrokenPipeError traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "ember.engine.cli", "config"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # before the command writes (its start takes far longer)
+    err = p.stderr.read()
+    assert p.wait() == 141 and err == ""
