@@ -361,6 +361,9 @@ def _cmd_export(a) -> None:
     from ember.models.nf4 import is_quantized
     from ember.models.prompt_tuning import prompt_embedding, save_prompt_adapter
 
+    if not a.gguf and a.gguf_type != "f16":  # was silently ignored
+        raise EmberError(f"--gguf-type {a.gguf_type} applies to --gguf OUT.gguf; --adapter and "
+                         "--merged write the weights as they are")
     if a.gguf:  # before loading the model: a typo costs nothing
         from ember.models.gguf_export import GGUF_TYPES
 
