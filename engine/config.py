@@ -248,8 +248,7 @@ class TrainConfig:
     # A task head instead of the LM head: [head] type = "classification"
     # (engine/classification.py), "reward" or "regression" (engine/reward.py)
     head: HeadConfig = field(default_factory=HeadConfig)
-    # Full fine-tuning only: glob patterns of parameter names kept frozen (e.g. "embed.*"), and
-    # the decoder layers that train (None: all; negative indices count from the end).
+    # full fine-tuning only: glob patterns of the parameter names kept frozen (e.g. "embed.*")
     freeze: tuple[str, ...] = ()
     train_layers: tuple[int, ...] | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
