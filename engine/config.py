@@ -14,6 +14,7 @@ start of a run; the resolved config is what the run directory and every checkpoi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.resources
 import json
@@ -30,6 +31,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
     import tomli as tomllib
 
 from ember import EmberError
+from ember.engine import config_hints as ch
 from ember.engine.activation import ActivationConfig
 from ember.engine.classification import HeadConfig, check_config
 from ember.engine.data import DataConfig
@@ -246,8 +248,7 @@ class TrainConfig:
     # A task head instead of the LM head: [head] type = "classification"
     # (engine/classification.py), "reward" or "regression" (engine/reward.py)
     head: HeadConfig = field(default_factory=HeadConfig)
-    # Full fine-tuning only: glob patterns of parameter names kept frozen (e.g. "embed.*"), and
-    # the decoder layers that train (None: all; negative indices count from the end).
+    # full fine-tuning only: glob patterns of the parameter names kept frozen (e.g. "embed.*")
     freeze: tuple[str, ...] = ()
     train_layers: tuple[int, ...] | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -438,11 +439,16 @@ def from_dict(cls, data: dict, prefix: str = ""):
         if key not in fields:
             where = f"[{prefix}]" if prefix else "the top level"
             valid = ", ".join(sorted(fields))
-            hint = ""
-            if prefix and key in {f.name for f in dataclasses.fields(TrainConfig)}:
+            top = {f.name for f in dataclasses.fields(TrainConfig)}
+            guess, hint = "", ""
+            if not (prefix and key in top):  # (a top-level key after a [table]: said below)
+                sections = _section_keys() if cls is TrainConfig else {}
+                guess = ch.did_you_mean(key, fields, sections)
+            if prefix and key in top:
                 hint = (f" ({key!r} is a top-level key: in TOML it must come before the first "
                         "[table], or a key after [" + prefix.split(".")[0] + "] belongs to it)")
-            raise EmberError(f"unknown config key {full!r}; valid keys in {where}: {valid}{hint}")
+            raise EmberError(f"unknown config key {full!r}{guess}; valid keys in {where}: "
+                             f"{valid}{hint}")
         kwargs[key] = _coerce(value, hints[key], full)
     try:
         obj = cls(**kwargs)
@@ -452,6 +458,12 @@ def from_dict(cls, data: dict, prefix: str = ""):
         raise EmberError(f"[{prefix or 'config'}]: {e}") from None
     object.__setattr__(obj, "_given", frozenset(kwargs))
     return obj
+
+
+def _section_keys() -> dict[str, set[str]]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: {g.name for g in dataclasses.fields(hints[f.name])}
+            for f in dataclasses.fields(TrainConfig) if _is_dataclass_type(hints[f.name])}
 
 
 def given_keys(cfg) -> frozenset[str] | None:
@@ -483,7 +495,8 @@ def _toml_value(v) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)  # JSON string escapes are valid TOML
+        # JSON string escapes are valid TOML; JSON leaves DEL raw, which TOML forbids
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
@@ -519,11 +532,19 @@ def load_source(source: str | Path) -> dict:
     if p.is_dir() and (p / "config.toml").is_file():  # a run directory: its resolved config
         p = p / "config.toml"
     if p.is_file():
+        kind = ch.not_a_config(p)
+        if kind:  # ember train data.jsonl / model.gguf: what the file is, and where it goes
+            raise EmberError(f"{p} is {kind}, not a run config (TOML); name it in a config "
+                             f"file or a recipe: {ch.WHERE[kind].format(p=p)}")
         return parse_toml(p.read_text(encoding="utf-8"), str(p))
     name = str(source)
     if name in recipe_names():
         res = importlib.resources.files("ember.engine") / "recipes" / f"{name}.toml"
         return parse_toml(res.read_text(encoding="utf-8"), f"recipe {name!r}")
+    if p.is_dir() and (p / "config.json").is_file():
+        where = ch.WHERE["a model"].format(p=p)
+        raise EmberError(f"{name} is a model folder, not a run directory or config: train it "
+                         f"from a config file or a recipe with {where}")
     if p.is_dir():  # e.g. ember train RUN --resume on a folder that is not a run
         raise EmberError(f"{name} is a folder without config.toml: not a run directory; give "
                          "a run directory (runs/<name>), a config file or a recipe name")
@@ -541,26 +562,36 @@ def parse_override(item: str) -> tuple[list[str], object]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise EmberError(f"--set expects key=value (e.g. lora.rank=8), got {item!r}")
-    raw = raw.strip()
+    return key.split("."), _toml_or_word(raw.strip())
+
+
+def _toml_or_word(raw: str):
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw
-    return key.split("."), value
+        return raw
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    data = json.loads(json.dumps(data))  # a deep copy of plain TOML data
+    data = copy.deepcopy(data)  # (TOML dates and times included: from_dict names such a value)
     for item in overrides:
         path, value = parse_override(item)
+        if isinstance(value, str) and "," in value and ch.takes_a_list(TrainConfig, path) and (
+                item.partition("=")[2].strip()[:1] not in ('"', "'")):
+            # a bare a,b for a list key, as ember eval --metrics takes one: the list [a, b]
+            value = [_toml_or_word(v.strip()) for v in value.split(",") if v.strip()]
         node = data
         for part in path[:-1]:
             nxt = node.setdefault(part, {})
             if not isinstance(nxt, dict):
                 raise EmberError(f"--set {item}: {part!r} is a value, not a table")
             node = nxt
+        old = node.get(path[-1])
+        if isinstance(value, dict) and isinstance(old, dict):
+            value = ch.merged_tables(old, value)  # lora={rank=8}: the file's others stay
         node[path[-1]] = value
     return data
+
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | tuple = ()

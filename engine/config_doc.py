@@ -125,15 +125,18 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
     """One line per setting the config file / ``--set`` items gave that this run does not use
     (a method's or objective's table next to another method or objective, early-stopping knobs
     without ``eval.early_stopping``, ...), so that nothing given is silently ignored. Empty for a
-    config built in code (``given_keys`` unknown)."""
+    config built in code (``given_keys`` unknown). A key at its default value is left out: it
+    changes nothing, and ``ember config``'s output (or a run's config.toml) gives every key."""
     top = given_keys(cfg)
     if top is None:
         return []
     out = []
 
     def given(section: str, keys=None) -> list[str]:
-        have = given_keys(getattr(cfg, section)) if section in top else None
-        return sorted(k for k in have or () if keys is None or k in keys)
+        sub = getattr(cfg, section)
+        have = given_keys(sub) if section in top else None
+        return sorted(k for k in have or () if (keys is None or k in keys)
+                      and getattr(sub, k) != getattr(type(sub)(), k))
 
     def note(section: str, keys: list[str], why: str) -> None:
         if keys:

@@ -107,7 +107,16 @@ def _check_same_run(path: Path, cfg: TrainConfig) -> None:
         for key in ("timeout_minutes", "reshard_after_forward"):  # alter no number: may change
             d.get("dist", {}).pop(key, None)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
-    if diff:
+    if diff:  # each differing key with both values: lora.rank (4 in the checkpoint, now 8)
+        keys = []
+        for k in diff:
+            old, new = a.get(k), b.get(k)
+            if isinstance(old, dict) and isinstance(new, dict):
+                keys += [(f"{k}.{kk}", old.get(kk), new.get(kk))
+                         for kk in sorted(set(old) | set(new)) if old.get(kk) != new.get(kk)]
+            else:
+                keys.append((k, old, new))
+        diff = [f"{k} ({o!r} in the checkpoint, now {n!r})" for k, o, n in keys]
         raise EmberError(f"cannot resume {cfg.out_dir}: the config differs from the checkpoint's "
                          f"in {', '.join(diff)}; resume with the same settings (only "
                          f"{', '.join(sorted(RESUMABLE_CHANGES))} may change)")

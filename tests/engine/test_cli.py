@@ -147,6 +147,7 @@ def test_import_gguf(tmp_path, capsys):
     (["export", "no-such-model", "--gguf", "x.gguf", "--gguf-type", "Q3_K_XL"],
      "--gguf-type 'Q3_K_XL' is not one of f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q4_k_s"),
     (["generate", "no-such-model", "--prompt", "hi"], "not found"),
+    (["export", ".", "--merged", "x", "--gguf-type", "q4_0"], "applies to --gguf OUT.gguf"),
 ])
 def test_user_errors_are_one_clean_line(argv, message, capsys):
     assert main(argv) == 2
@@ -192,3 +193,70 @@ def test_eval_max_examples_limits_loss_and_generation_alike(trained, capsys):
         count += int((labels != -100).sum())
     assert row["loss"] == pytest.approx(total / count, rel=1e-4)
     assert row["examples"] == 2 and "exact_match" in row
+
+
+def test_bad_output_paths_devices_and_lengths_are_one_clean_line(trained, tmp_path, capsys):
+    """Each was a traceback (IsADirectoryError after the whole merge, FileNotFoundError /
+    NotADirectoryError from the OS, torch's RuntimeError or "Torch not compiled with CUDA
+    enabled"), a silent CPU fallback (a run with --device cuda) or an empty answer (0 tokens,
+    which transformers' generate refuses)."""
+    from transformers import GenerationConfig
+
+    run, folder, file = str(trained["run"]), tmp_path / "folder", tmp_path / "file.txt"
+    folder.mkdir()
+    file.write_text("x")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationConfig(max_new_tokens=0)
+    with pytest.raises(RuntimeError):
+        torch.device("tpu")
+    cases = [
+        (["export", run, "--gguf", str(folder)], "is a folder; give the file to write"),
+        (["export", run, "--merged", str(file)], "is a file; give the folder"),
+        (["export", run, "--merged", str(file / "sub")], str(file)),
+        (["generate", run, "--prompt", "hi", "--max-new-tokens", "0"], "must be >= 1, got 0"),
+        (["generate", run, "--prompt", "hi", "--device", "tpu"], "--device must be cpu, cuda"),
+        (["eval", str(trained["model"]), "--device", "gpu"], "--device must be cpu, cuda"),
+    ]
+    if not torch.cuda.is_available():
+        cases += [(["generate", run, "--prompt", "hi", "--device", "cuda"],
+                   "CUDA is not available"),
+                  (["chat", str(trained["model"]), "--device", "cuda:0"],
+                   "CUDA is not available")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("ember: error: ") and message in err, (argv, err)
+    assert list(folder.iterdir()) == []
+
+
+def test_a_missing_data_file_is_named_before_the_model_loads(trained, tmp_path, capsys):
+    """Was found only after the model had loaded (a minute for a large one); every missing
+    file is named with its key."""
+    argv = ["train", str(trained["config"]), "--set", f"run_dir={tmp_path / 'run'}",
+            "--set", f"model.name={tmp_path / 'no-model'}",
+            "--set", f"data.train={trained['test']},{tmp_path / 'nope.jsonl'}",
+            "--set", f"data.test={tmp_path / 'gone.jsonl'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ember: error: data file not found: data.train = ")
+    assert "no-model" not in err
+    assert "nope.jsonl'; data.test = " in err and "gone.jsonl" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_with_other_settings_names_each_key_and_both_values(trained, capsys):
+    """Was "differs from the checkpoint's in lora, optim": the table, not which key or what."""
+    assert main(["train", str(trained["run"]), "--resume", "--set", "lora.rank=8",
+                 "--set", "optim.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "in lora.rank (4 in the checkpoint, now 8), optim.lr (0.005 in the checkpoint, " \
+           "now 0.5); resume with the same settings" in err
+
+
+def test_a_reader_that_stops_early_is_no_traceback():
+    """``ember config | head`` (or ``less`` quit early) printed a BrokenPipeError traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "ember.engine.cli", "config"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # before the command writes (its start takes far longer)
+    err = p.stderr.read()
+    assert p.wait() == 141 and err == ""

@@ -1,0 +1,133 @@
+"""A new user's config mistakes: each is one clear error that says what was meant or where the
+file belongs, and ``ember config``'s own output trains without spurious notes."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import pytest
+import tomllib
+
+from ember import EmberError
+from ember.engine.cli import main
+from ember.engine.config import load_config, to_toml
+from ember.engine.config_doc import unused_settings
+from ember.engine.runtime import resolve
+
+
+def test_a_toml_date_is_a_named_error_not_a_crash(tmp_path, capsys):
+    """An unquoted date is valid TOML (tomllib reads a datetime.date); it was a TypeError
+    traceback from the config's deep copy (json.dumps) instead of naming the key."""
+    path = tmp_path / "run.toml"
+    path.write_text('name = 2024-01-01\n[data]\ntrain = ["a.jsonl"]\n')
+    assert isinstance(tomllib.loads(path.read_text())["name"], datetime.date)
+    with pytest.raises(EmberError, match="name must be a string, got date"):
+        load_config(path)
+    assert main(["config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ember: error: name must be a string") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("item, guess", [
+    ("lora.rnak=8", "'rank'"),
+    ("data.trian=x.jsonl", "'train'"),
+    ("Lora.rank=8", "'lora'"),             # TOML keys are case-sensitive
+    ("lr=1e-3", "'optim.lr'"),             # a section's key at the top level
+    ("rank=8", "'lora.rank'"),
+    ("max_step=3", "'max_steps'"),
+    ("optim.warmup=3", "'warmup_steps' or 'warmup_ratio'"),
+])
+def test_a_misspelled_key_gets_a_suggestion(item, guess):
+    with pytest.raises(EmberError, match="unknown config key") as e:
+        load_config(None, [item])
+    assert f"(did you mean {guess}?)" in str(e.value)
+
+
+@pytest.mark.parametrize("item", ["optim.learning_rate=1e-3", "optim.max_steps=3"])
+def test_no_suggestion_when_nothing_is_close(item):
+    """Nothing close, or a top-level key after a table (explained by its own hint)."""
+    with pytest.raises(EmberError, match="unknown config key") as e:
+        load_config(None, [item])
+    assert "did you mean" not in str(e.value)
+
+
+def test_a_data_file_or_model_given_as_the_config_says_where_it_goes(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "hi"}\n')
+    with pytest.raises(EmberError, match=r"is a data file, not a run config .*data.train = "):
+        load_config(data)  # was "invalid TOML: Invalid statement (at line 1, column 1)"
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(EmberError, match=r"is a model, not a run config .*model.name = "):
+        load_config(gguf)
+    folder = tmp_path / "hf_model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(EmberError, match=r"is a model folder, not a run directory .*model.name"):
+        load_config(folder)  # was "a folder without config.toml"
+
+
+def test_ember_config_output_trains_without_spurious_notes(tmp_path, capsys):
+    """``ember config > my.toml`` then ``ember train my.toml``: the file gives every key (other
+    methods' and objectives' tables at their defaults), which printed ten "ignored" notes; a
+    key changed from its default in such a table is still named."""
+    assert main(["config", "quickstart", "--set", "lora.rank=8"]) == 0
+    path = tmp_path / "my.toml"
+    out = capsys.readouterr()
+    path.write_text(out.out)
+    assert out.err == ""
+    cfg = load_config(path)
+    assert cfg == load_config("quickstart", ["lora.rank=8"])
+    assert unused_settings(cfg) == []
+    run = tmp_path / "run_config.toml"  # a run's resolved config.toml, copied to start anew
+    run.write_text(to_toml(resolve(cfg)))
+    assert unused_settings(load_config(run)) == []
+    changed = unused_settings(load_config(path, ["dpo.beta=0.3", "eval.patience=4"]))
+    assert [line.split(" ignored")[0] for line in changed] == ["dpo.beta", "eval.patience"]
+    assert main(["config", str(path), "--set", "dpo.beta=0.3"]) == 0  # the notes train prints
+    err = capsys.readouterr().err
+    assert err.startswith("note: dpo.beta ignored: it applies to objective")
+    assert err.count("\n") == 1
+
+
+def test_a_bare_comma_list_sets_a_list_key():
+    """``--set eval.metrics=exact_match,f1`` (as ``ember eval --metrics`` takes them) was the one
+    string 'exact_match,f1' (an unknown metric, a missing file 'a.jsonl,b.jsonl', a LoRA target
+    matching nothing); it is the list, equal to the TOML list form. Keys that take one value, and
+    quoted values, keep their commas."""
+    sets = ["eval.metrics=exact_match,f1", "lora.targets=q, v", "optim.betas=0.8,0.95",
+            "data.train=a.jsonl,b.jsonl", "data.validation=c.jsonl,d.jsonl"]
+    toml = ['eval.metrics=["exact_match", "f1"]', 'lora.targets=["q", "v"]',
+            "optim.betas=[0.8, 0.95]", 'data.train=["a.jsonl", "b.jsonl"]',
+            'data.validation=["c.jsonl", "d.jsonl"]']
+    assert load_config(None, sets) == load_config(None, toml)
+    assert load_config(None, ["name=a,b"]).name == "a,b"
+    assert load_config(None, ["data.train='a,b.jsonl'"]).data.train == ("a,b.jsonl",)
+
+
+def test_an_inline_table_in_set_merges_into_the_files_table(tmp_path):
+    """``--set 'lora={rank=8}'`` replaced the file's whole [lora] table: its alpha and targets
+    went back to their defaults without a word. It is ``--set lora.rank=8`` now."""
+    path = tmp_path / "run.toml"
+    path.write_text('[lora]\nrank = 4\nalpha = 8\ntargets = ["q", "v"]\n'
+                    '[eval]\nmetrics = ["f1"]\nmax_new_tokens = 9\n')
+    inline = load_config(path, ["lora={rank=8}", 'eval={metrics=["exact_match"]}'])
+    dotted = load_config(path, ["lora.rank=8", 'eval.metrics=["exact_match"]'])
+    assert inline == dotted
+    lora = inline.lora
+    assert (lora.alpha, lora.targets, inline.eval.max_new_tokens) == (8, ("q", "v"), 9)
+
+
+def test_a_string_with_any_character_round_trips_through_the_written_config():
+    """A DEL (U+007F) in a string was written raw: TOML forbids it, so the run's own
+    config.toml (and ``ember config``'s output) could not be read back (--resume failed with
+    "invalid TOML"). tomllib is the oracle."""
+    from ember.engine.config_doc import annotated_toml
+
+    text = 'a\x7fb "q" \\ ü \t\n\x01 end'
+    cfg = load_config(None, [f"data.system_prompt={json.dumps(text)}", f"name={json.dumps(text)}"])
+    assert cfg.data.system_prompt == cfg.name == text
+    for written in (to_toml(cfg), annotated_toml(cfg)):
+        data = tomllib.loads(written)
+        assert data["name"] == data["data"]["system_prompt"] == text
