@@ -260,3 +260,29 @@ def test_a_reader_that_stops_early_is_no_traceback():
     p.stdout.close()  # before the command writes (its start takes far longer)
     err = p.stderr.read()
     assert p.wait() == 141 and err == ""
+
+
+def test_export_merged_keeps_the_dtype_of_a_bf16_base(tiny, tmp_path):
+    """A bf16 base trains in fp32 on the CPU; ``export --merged`` writes the merged model in
+    the base's bf16, as PEFT's merge_and_unload on the bf16 transformers model keeps it (was
+    fp32, twice the base's size). Oracle: transformers loads both folders as bfloat16."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from ember.models.loading import load_pretrained, save_pretrained
+
+    model, tok = load_pretrained(tiny["model"], "float32")
+    base = tmp_path / "base"
+    save_pretrained(model, base, tok, dtype=torch.bfloat16)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'model.name = "{base}"\nrun_dir = "{tmp_path / "run"}"\ndevice = "cpu"\n'
+                   f'precision = "fp32"\nmax_steps = 1\nplot = false\n'
+                   f'[data]\ntrain = ["{tiny["small"]}"]\nmax_seq_len = 64\n'
+                   f'[eval]\nshow = 0\n')
+    assert main(["train", str(cfg)]) == 0
+    out = tmp_path / "merged"
+    assert main(["export", str(tmp_path / "run"), "--merged", str(out)]) == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+    assert AutoModelForCausalLM.from_pretrained(base).dtype == torch.bfloat16
