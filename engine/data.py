@@ -110,7 +110,12 @@ class DataConfig:
     format: str = "auto"
     loss_on: str = "completion"  # "completion" (assistant turns) | "all"
     max_seq_len: int = 2048
-    truncation: str = "truncate_left"  # over-long: "truncate_left" | "truncate_right" | "drop"
+    # Over-long examples: "truncate_right" keeps the first max_seq_len tokens (TRL's
+    # truncation_mode "keep_start", its SFT / DPO / KTO default: a line whose answer is cut away
+    # entirely is dropped and counted); "truncate_left" keeps the end and the BOS (~ TRL's
+    # deprecated "keep_end"; a preference pair loses the same prompt tokens in both halves);
+    # "drop" drops them (TRL's reward trainer)
+    truncation: str = "truncate_left"
     bad_lines: str = "skip"  # "skip" (count and report) | "error"
     seed: int = 0
     order: str = "shuffle"  # per-epoch order: "shuffle" | "length" (short first) | "file"
@@ -187,15 +192,16 @@ def _labels(ids: list[int], mask: list[bool]) -> list[int]:
     return [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
 
 
-def _fit(ids, mask, prompt_len, cfg: DataConfig, bos):
-    """Apply the over-long policy; None when the example must be dropped."""
+def _fit(ids, mask, prompt_len, cfg: DataConfig, bos, cut: int = 0):
+    """Apply the over-long policy; None when the example must be dropped. ``cut``: the tokens
+    "truncate_left" takes at least from after the BOS (a pair's shared prompt cut alike)."""
     n, m = len(ids), cfg.max_seq_len
     if cfg.truncation == "drop":
         return None
     if cfg.truncation == "truncate_right":
         return ids[:m], mask[:m], min(prompt_len, m)
     keep_bos = bos is not None and ids[0] == bos
-    cut = n - m
+    cut = max(cut, n - m)
     ids2, mask2 = ids[:keep_bos] + ids[keep_bos + cut:], mask[:keep_bos] + mask[keep_bos + cut:]
     return ids2, mask2, max(keep_bos, prompt_len - cut)
 
@@ -260,9 +266,9 @@ class _Reader:
         except _Bad as e:
             self.bad(lineno, e.kind, e.why)
             return None
-        fitted = []
-        for d in docs:
-            fitted.append(self._fit(lineno, *d[:3]))
+        fitted, cuts = [], self._pair_cuts(docs)
+        for d, cut in zip(docs, cuts, strict=True):
+            fitted.append(self._fit(lineno, *d[:3], cut=cut))
             if fitted[-1] is None:  # a pair with a dropped half is dropped whole
                 return None
         key = hashlib.blake2b(line.strip().encode(), digest_size=16).hexdigest()
@@ -273,12 +279,28 @@ class _Reader:
         return Example([t for f in fitted for t in f[0]], [t for f in fitted for t in f[1]], where,
                        fitted[0][2], rec.reference, key, parts=tuple(len(f[0]) for f in fitted))
 
-    def _fit(self, lineno: int, ids, mask, prompt_len):
-        """(ids, labels, prompt_len) of one document after the over-long policy, or None."""
+    def _pair_cuts(self, docs) -> list[int]:
+        """Tokens that "truncate_left" cuts at least from each document of a pair: the same
+        prompt tokens from both, as many as the longer needs, so both answers keep one prompt
+        (TRL's deprecated ``keep_end`` cuts each sequence alone); an answer longer than the
+        limit with no prompt left also loses its beginning (its own cut, in ``_fit``)."""
+        m = self.cfg.max_seq_len
+        if len(docs) < 2 or self.cfg.truncation != "truncate_left" or all(
+                len(d[0]) <= m for d in docs):
+            return [0] * len(docs)
+        keep_bos = self.bos is not None and all(d[0][:1] == [self.bos] for d in docs)
+        prompt = min(d[2] for d in docs) - keep_bos  # the shared prompt's tokens after BOS
+        return [min(max(len(d[0]) for d in docs) - m, max(prompt, 0))] * len(docs)
+
+    def _fit(self, lineno: int, ids, mask, prompt_len, cut: int = 0):
+        """(ids, labels, prompt_len) of one document after the over-long policy, or None;
+        ``cut``: the pair's shared left cut (``_pair_cuts``)."""
         cfg, rep, where = self.cfg, self.report, self.where(lineno)
-        if len(ids) > cfg.max_seq_len:
-            n, fitted = len(ids), _fit(ids, mask, prompt_len, cfg, self.bos)
-            what = f"{where}: {n} tokens > max_seq_len {cfg.max_seq_len}"
+        if len(ids) > cfg.max_seq_len or cut:
+            n, fitted = len(ids), _fit(ids, mask, prompt_len, cfg, self.bos, cut)
+            what = (f"{where}: {n} tokens > max_seq_len {cfg.max_seq_len}" if n > cfg.max_seq_len
+                    else f"{where}: {n} tokens, the same {cut} prompt tokens cut as from the "
+                         "pair's other half")
             if fitted is None or not any(fitted[1][1:]):
                 rep.dropped_too_long += 1
                 rep.note("too long", f"{what} (dropped" + (

@@ -1,0 +1,120 @@
+"""Over-long lines against TRL 1.16's truncation (TRL is not installed here: its few lines are
+restated below, as in test_chat_parity.py): DPO's ``tokenize_fn`` + ``add_eos`` + collator cut
+(``truncation_mode="keep_start"``, the prompt-fills-``max_length`` filter) is Ember's
+``truncate_right``; Ember's ``truncate_left`` keeps a pair's prompt the same in both halves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from ember.engine.data import IGNORE, DataConfig, load_examples
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = ("The quick brown fox jumps over the lazy dog while seven tired wizards quietly "
+         "count their golden coins beside an old river").split()
+
+
+@pytest.fixture(scope="module")
+def hf():
+    """A transformers tokenizer (byte-level BPE) that adds BOS, as Llama's does."""
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator([" ".join(WORDS)] * 3, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                                eos_token="</s>")
+
+
+def _text(n: int, start: int = 0) -> str:
+    return " ".join(WORDS[(start + i) % len(WORDS)] for i in range(n))
+
+
+def _trl_dpo(tok, row, max_length):
+    """TRL 1.16 DPOTrainer on one string pair: (chosen, rejected) as (input_ids, completion
+    tokens) after ``DataCollatorForPreference``'s keep_start cut, or None when the trainer's
+    filter drops the pair (its prompt alone fills ``max_length``)."""
+    eos = tok.eos_token
+    row = {**row, **{k: row[k] if row[k].endswith(eos) else row[k] + eos
+                     for k in ("chosen", "rejected")}}  # add_eos
+    prompt_ids = tok(row["prompt"])["input_ids"]
+    full = [tok(row["prompt"] + row[k])["input_ids"] for k in ("chosen", "rejected")]
+
+    def common(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                    min(len(a), len(b)))
+
+    prompt_len = min(common(prompt_ids, f) for f in full)
+    if len(prompt_ids[:prompt_len]) >= max_length:  # the keep_start filter
+        return None
+    out = []
+    for f in full:
+        ids = (prompt_ids[:prompt_len] + f[prompt_len:])[:max_length]
+        mask = ([0] * prompt_len + [1] * (len(f) - prompt_len))[:max_length]
+        out.append((ids, [t for t, m in zip(ids, mask, strict=True) if m]))
+    return out
+
+
+def _ember(tmp_path, tok, rows, **kw):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw.setdefault("tokens_per_batch", 4 * kw["max_seq_len"])
+    return load_examples(path, DataConfig(use_chat_template=False, **kw), tok)
+
+
+def _halves(ex):
+    n = ex.parts[0]
+    docs = (ex.input_ids[:n], ex.labels[:n]), (ex.input_ids[n:], ex.labels[n:])
+    return [(ids, [t for t in labels if t != IGNORE]) for ids, labels in docs]
+
+
+ROWS = [{"prompt": _text(14) + " ", "chosen": _text(3, 5), "rejected": _text(9, 20)},
+        {"prompt": _text(6, 3) + " ", "chosen": _text(12, 1), "rejected": _text(2, 9)},
+        {"prompt": _text(30, 2) + " ", "chosen": _text(2), "rejected": _text(3, 7)}]
+
+
+@pytest.mark.parametrize("max_len", [20, 40, 60])
+def test_truncate_right_is_trl_dpo_keep_start(tmp_path, hf, max_len):
+    """Every kept pair's two sequences and trained tokens are TRL's; the pairs TRL's filter
+    drops (prompt >= max_length) are dropped and counted."""
+    want = [w for r in ROWS if (w := _trl_dpo(hf, r, max_len)) is not None]
+    assert want, "the case must keep some pair"
+    ex, rep = _ember(tmp_path, hf, ROWS, max_seq_len=max_len, truncation="truncate_right")
+    assert [_halves(e) for e in ex] == want
+    assert rep.dropped_too_long == len(ROWS) - len(want)
+
+
+def test_truncate_left_cuts_one_prompt_from_both_halves(tmp_path, hf):
+    """A pair whose longer half is over the limit: the same prompt tokens (after BOS) go from
+    both halves, so chosen and rejected answer one prompt; the answers are TRL's tokens whole."""
+    m = 50
+    for row in ROWS[:2]:
+        (c_ids, c_ans), (r_ids, r_ans) = _trl_dpo(hf, row, 10_000)
+        assert max(len(c_ids), len(r_ids)) > m >= min(len(c_ids), len(r_ids)) - 2
+        cut = max(len(c_ids), len(r_ids)) - m
+        (ex,), rep = _ember(tmp_path, hf, [row], max_seq_len=m, truncation="truncate_left")
+        (ec, ec_ans), (er, er_ans) = _halves(ex)
+        assert (ec_ans, er_ans) == (c_ans, r_ans)
+        assert ec == c_ids[:1] + c_ids[1 + cut:] and er == r_ids[:1] + r_ids[1 + cut:]
+        assert ec[:len(ec) - len(c_ans)] == er[:len(er) - len(r_ans)]  # one prompt
+        assert max(len(ec), len(er)) == m and rep.truncated >= 1
+
+
+def test_truncate_left_answer_longer_than_the_limit(tmp_path, hf):
+    """An answer that alone is over the limit: the whole prompt goes from both halves (no
+    prompt is kept in either) and that answer loses its beginning."""
+    row = {"prompt": _text(4) + " ", "chosen": _text(30, 3), "rejected": _text(3, 11)}
+    (c_ids, c_ans), (r_ids, r_ans) = _trl_dpo(hf, row, 10_000)
+    m = 24
+    (ex,), _ = _ember(tmp_path, hf, [row], max_seq_len=m, truncation="truncate_left")
+    (ec, _), (er, er_ans) = _halves(ex)
+    assert ec == c_ids[:1] + c_ids[-(m - 1):]
+    assert er == r_ids[:1] + r_ans and er_ans == r_ans
