@@ -118,3 +118,43 @@ def test_truncate_left_answer_longer_than_the_limit(tmp_path, hf):
     (ec, _), (er, er_ans) = _halves(ex)
     assert ec == c_ids[:1] + c_ids[-(m - 1):]
     assert er == r_ids[:1] + r_ans and er_ans == r_ans
+
+
+def _trl_sft(tok, row, max_length):
+    """TRL 1.16 SFTTrainer on one non-conversational line (``completion_only_loss`` on for
+    prompt-completion): (input_ids, trained tokens) after its keep_start cut, or None when its
+    fully-masked filter drops it. Its labels are unshifted: position 0's never counts."""
+    eos = tok.eos_token
+    if "text" in row:
+        text = row["text"] if row["text"].endswith(eos) else row["text"] + eos
+        ids = tok(text)["input_ids"]
+        mask = [1] * len(ids)
+    else:
+        completion = row["completion"] if row["completion"].endswith(eos) else (
+            row["completion"] + eos)
+        prompt_ids = tok(row["prompt"])["input_ids"]
+        ids = tok(row["prompt"] + completion)["input_ids"]
+        n = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids, strict=False)) if a != b),
+                 min(len(prompt_ids), len(ids)))
+        mask = [0] * n + [1] * (len(ids) - n)
+    ids, mask = ids[:max_length], mask[:max_length]
+    if not any(mask):
+        return None
+    return ids, [t for t, m in zip(ids[1:], mask[1:], strict=True) if m]
+
+
+SFT_ROWS = [{"prompt": _text(10) + " ", "completion": _text(6, 4)},
+            {"prompt": _text(3, 7) + " ", "completion": _text(2, 1)},
+            {"prompt": _text(25, 2) + " ", "completion": _text(4, 9)}]
+
+
+@pytest.mark.parametrize("max_len", [12, 33, 40])
+def test_sft_truncate_right_is_trl_keep_start(tmp_path, hf, max_len):
+    """Plain text and prompt-completion lines: EOS appended before the cut, the kept tokens and
+    the trained ones are TRL's; a line whose completion is cut away is dropped and counted."""
+    text_rows = [{"text": _text(20, 3)}, {"text": _text(3)}]
+    for rows in (text_rows, SFT_ROWS):
+        want = [w for r in rows if (w := _trl_sft(hf, r, max_len)) is not None]
+        ex, rep = _ember(tmp_path, hf, rows, max_seq_len=max_len, truncation="truncate_right")
+        assert [(e.input_ids, [t for t in e.labels if t != IGNORE]) for e in ex] == want
+        assert rep.dropped_too_long == len(rows) - len(want)
