@@ -212,7 +212,10 @@ class _Reader:
     def __init__(self, path: Path, cfg: DataConfig, tokenizer):
         self.path, self.cfg, self.report = path, cfg, DataReport(str(path))
         self.enc = _Encoder(cfg, tokenizer)
-        self.bos = getattr(tokenizer, "bos_token_id", None)
+        # the BOS that truncate_left keeps: only one the tokenizer itself puts first (SmolLM2's
+        # bos_token is <|im_start|>, which its chat renders open with but it never prepends)
+        bos = getattr(tokenizer, "bos_token_id", None)
+        self.bos = bos if bos is not None and self.enc._enc("a", True)[:1] == [bos] else None
         self.fmt = None if cfg.format == "auto" else cfg.format
         self.array = False  # a .json file holding an array: items are named path[index]
 

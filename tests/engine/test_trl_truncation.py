@@ -67,7 +67,8 @@ def _ember(tmp_path, tok, rows, **kw):
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     kw.setdefault("tokens_per_batch", 4 * kw["max_seq_len"])
-    return load_examples(path, DataConfig(use_chat_template=False, **kw), tok)
+    kw.setdefault("use_chat_template", False)
+    return load_examples(path, DataConfig(**kw), tok)
 
 
 def _halves(ex):
@@ -158,3 +159,34 @@ def test_sft_truncate_right_is_trl_keep_start(tmp_path, hf, max_len):
         ex, rep = _ember(tmp_path, hf, rows, max_seq_len=max_len, truncation="truncate_right")
         assert [(e.input_ids, [t for t in e.labels if t != IGNORE]) for e in ex] == want
         assert rep.dropped_too_long == len(rows) - len(want)
+
+
+# ChatML marking what an assistant turn says ({% generation %}: its content and <|im_end|>)
+CHATML_GEN = ("{% for m in messages %}{% if m['role'] == 'assistant' %}"
+              "{{ '<|im_start|>assistant\n' }}{% generation %}{{ m['content'] + '<|im_end|>' }}"
+              "{% endgeneration %}{{ '\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\n' + "
+              "m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_truncate_left_keeps_only_a_bos_the_tokenizer_adds(tmp_path, hf):
+    """SmolLM2's bos_token is <|im_start|>, which opens every chat render but which its tokenizer
+    never prepends: truncate_left keeps the end exactly as TRL's keep_end (no stray first
+    <|im_start|> before the cut); the trained tokens are TRL's assistant mask, cut alike."""
+    backend = Backend.from_str(hf.backend_tokenizer.to_str())  # the fixture's, left alone
+    backend.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    backend.post_processor = None
+    chatml = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        chat_template=CHATML_GEN)
+    msgs = [{"role": "user", "content": _text(20)}, {"role": "assistant", "content": _text(3)}]
+    got = chatml.apply_chat_template(msgs, tokenize=True, return_dict=True,
+                                     return_assistant_tokens_mask=True)
+    m = 24
+    ids, mask = got["input_ids"][-m:], got["assistant_masks"][-m:]
+    assert ids[0] != chatml.bos_token_id and len(got["input_ids"]) > m
+    (ex,), rep = _ember(tmp_path, chatml, [{"messages": msgs}], max_seq_len=m,
+                        truncation="truncate_left", use_chat_template=True)
+    assert ex.input_ids == ids and rep.truncated == 1
+    assert [t for t in ex.labels if t != IGNORE] == [t for t, k in zip(ids[1:], mask[1:],
+                                                                       strict=True) if k]
