@@ -190,3 +190,20 @@ def test_truncate_left_keeps_only_a_bos_the_tokenizer_adds(tmp_path, hf):
     assert ex.input_ids == ids and rep.truncated == 1
     assert [t for t in ex.labels if t != IGNORE] == [t for t, k in zip(ids[1:], mask[1:],
                                                                        strict=True) if k]
+
+
+@pytest.mark.parametrize("max_len", [20, 40])
+def test_kto_truncate_right_is_trl_kto(tmp_path, hf, max_len):
+    """KTO lines (TRL 1.16's KTOTrainer: completion + EOS, prompt by common prefix, cut at
+    max_length from the right, a prompt filling max_length dropped) - the same tokens."""
+    from ember.engine.kto import load_kto_examples
+
+    rows = [{**r, "label": k % 2 == 0} for k, r in enumerate(SFT_ROWS)]
+    want = [w for r in rows if (w := _trl_sft(hf, r, max_len)) is not None]
+    path = tmp_path / "k.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ex, rep = load_kto_examples(path, DataConfig(max_seq_len=max_len, tokens_per_batch=4 * max_len,
+                                                 truncation="truncate_right",
+                                                 use_chat_template=False), hf)
+    assert [(e.input_ids, [t for t in e.labels if t != IGNORE]) for e in ex] == want
+    assert rep.dropped_too_long == len(rows) - len(want) and want
