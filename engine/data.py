@@ -112,14 +112,18 @@ class DataConfig:
     max_seq_len: int = 2048
     # Over-long examples: "truncate_right" keeps the first max_seq_len tokens (TRL's
     # truncation_mode "keep_start", its SFT / DPO / KTO default: a line whose answer is cut away
-    # entirely is dropped and counted); "truncate_left" keeps the end and the BOS (~ TRL's
-    # deprecated "keep_end"; a preference pair loses the same prompt tokens in both halves);
-    # "drop" drops them (TRL's reward trainer)
+    # entirely is dropped and counted); "truncate_left" keeps the end, and a BOS the tokenizer
+    # prepends (~ TRL's deprecated "keep_end"; a preference pair loses the same prompt tokens
+    # in both halves); "drop" drops them (TRL's reward trainer)
     truncation: str = "truncate_left"
     bad_lines: str = "skip"  # "skip" (count and report) | "error"
     seed: int = 0
     order: str = "shuffle"  # per-epoch order: "shuffle" | "length" (short first) | "file"
-    packing: str = "best_fit"  # "best_fit" (length-sorted bins, fewer batches) | "greedy"
+    # Batches are padding-free packs of whole documents (positions restart per document):
+    # "best_fit" bins as TRL's packing_strategy "bfd" with max_length = tokens_per_batch, the
+    # documents being cut at max_seq_len first (data.truncation); "greedy" fills in order. TRL's
+    # "wrapped" (documents split across rows) and "bfd_split" are not offered.
+    packing: str = "best_fit"
     tokens_per_batch: int = 8192
     system_prompt: str | None = None
     use_chat_template: bool | None = None  # None: when the tokenizer has a template

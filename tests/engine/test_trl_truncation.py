@@ -207,3 +207,40 @@ def test_kto_truncate_right_is_trl_kto(tmp_path, hf, max_len):
                                                  use_chat_template=False), hf)
     assert [(e.input_ids, [t for t in e.labels if t != IGNORE]) for e in ex] == want
     assert rep.dropped_too_long == len(rows) - len(want) and want
+
+
+def _trl_bfd_fills(lengths: list[int], seq_length: int) -> list[int]:
+    """TRL 1.16's ``_pack_bfd`` binning restated (its segment tree is a search for the smallest
+    free space that fits; bins with that space are taken first in, first out): bin fills."""
+    from collections import defaultdict, deque
+
+    space_to_bin, bins = defaultdict(deque), []
+    for length in sorted(lengths, reverse=True):
+        fits = [s for s, q in space_to_bin.items() if q and s >= length]
+        if fits:
+            b = space_to_bin[min(fits)].popleft()
+        else:
+            b = {"length": 0}
+            bins.append(b)
+        b["length"] += length
+        if seq_length - b["length"] > 0:
+            space_to_bin[seq_length - b["length"]].append(b)
+    return sorted(b["length"] for b in bins)
+
+
+def test_best_fit_packing_fills_bins_as_trl_bfd():
+    """data.packing = "best_fit" bins documents as TRL's packing_strategy "bfd" with max_length
+    = tokens_per_batch (documents already cut at max_seq_len, so "bfd"'s own cut never acts):
+    the same number of bins, equally full."""
+    import random
+
+    from ember.engine.packing import _best_fit
+
+    rng = random.Random(0)
+    for cap in (16, 37, 100):
+        lengths = [rng.randint(1, cap) for _ in range(60)]
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        bins = _best_fit(order, lengths, cap)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        assert sorted(sum(lengths[i] for i in b) for b in bins) == _trl_bfd_fills(lengths, cap)
