@@ -169,16 +169,22 @@ CHATML_GEN = ("{% for m in messages %}{% if m['role'] == 'assistant' %}"
               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def test_truncate_left_keeps_only_a_bos_the_tokenizer_adds(tmp_path, hf):
-    """SmolLM2's bos_token is <|im_start|>, which opens every chat render but which its tokenizer
-    never prepends: truncate_left keeps the end exactly as TRL's keep_end (no stray first
-    <|im_start|> before the cut); the trained tokens are TRL's assistant mask, cut alike."""
+@pytest.fixture(scope="module")
+def chatml(hf):
+    """The fixture's vocabulary with ChatML specials and template, adding no BOS, its bos_token
+    <|im_start|> (as SmolLM2's)."""
     backend = Backend.from_str(hf.backend_tokenizer.to_str())  # the fixture's, left alone
     backend.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     backend.post_processor = None
-    chatml = transformers.PreTrainedTokenizerFast(
+    return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
         chat_template=CHATML_GEN)
+
+
+def test_truncate_left_keeps_only_a_bos_the_tokenizer_adds(tmp_path, chatml):
+    """SmolLM2's bos_token is <|im_start|>, which opens every chat render but which its tokenizer
+    never prepends: truncate_left keeps the end exactly as TRL's keep_end (no stray first
+    <|im_start|> before the cut); the trained tokens are TRL's assistant mask, cut alike."""
     msgs = [{"role": "user", "content": _text(20)}, {"role": "assistant", "content": _text(3)}]
     got = chatml.apply_chat_template(msgs, tokenize=True, return_dict=True,
                                      return_assistant_tokens_mask=True)
@@ -244,3 +250,32 @@ def test_best_fit_packing_fills_bins_as_trl_bfd():
         bins = _best_fit(order, lengths, cap)
         assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
         assert sorted(sum(lengths[i] for i in b) for b in bins) == _trl_bfd_fills(lengths, cap)
+
+
+@pytest.mark.parametrize("max_len", [40, 60, 90])
+def test_chat_pairs_truncate_right_is_trl_dpo_keep_start(tmp_path, chatml, max_len):
+    """Chat pairs: TRL's completion is the render less the generation prompt's tokens (the
+    template's "<|im_end|>\n" included), cut with the prompt at max_length; pairs whose prompt
+    fills it are dropped."""
+    rows, want = [], []
+    for k, n in enumerate((6, 12, 16)):
+        prompt = [{"role": "user", "content": _text(n, k)}]
+        row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": _text(4, 3)}],
+               "rejected": [{"role": "assistant", "content": _text(9, 11)}]}
+        rows.append(row)
+        prompt_ids = chatml.apply_chat_template(prompt, add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)["input_ids"]
+        if len(prompt_ids) >= max_len:
+            continue
+        pair = []
+        for key in ("chosen", "rejected"):
+            full = chatml.apply_chat_template(prompt + row[key], tokenize=True,
+                                              return_dict=True)["input_ids"]
+            assert full[:len(prompt_ids)] == prompt_ids
+            pair.append((full[:max_len], full[len(prompt_ids):max_len]))
+        want.append(pair)
+    assert want
+    ex, rep = _ember(tmp_path, chatml, rows, max_seq_len=max_len, truncation="truncate_right",
+                     use_chat_template=True)
+    assert [_halves(e) for e in ex] == want
+    assert rep.dropped_too_long == len(rows) - len(want)
