@@ -279,3 +279,20 @@ def test_chat_pairs_truncate_right_is_trl_dpo_keep_start(tmp_path, chatml, max_l
                      use_chat_template=True)
     assert [_halves(e) for e in ex] == want
     assert rep.dropped_too_long == len(rows) - len(want)
+
+
+def test_chat_pairs_truncate_left_keep_one_prompt(tmp_path, chatml):
+    """A chat pair over the limit (no BOS to keep): both renders lose the same first tokens,
+    as many as the longer needs; the answers are TRL's completion tokens whole."""
+    prompt = [{"role": "user", "content": _text(12)}]
+    row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": _text(2, 3)}],
+           "rejected": [{"role": "assistant", "content": _text(9, 11)}]}
+    n = len(chatml.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"])
+    full = [chatml.apply_chat_template(prompt + row[k], tokenize=True, return_dict=True)[
+        "input_ids"] for k in ("chosen", "rejected")]
+    m = max(map(len, full)) - n // 2
+    (ex,), _ = _ember(tmp_path, chatml, [row], max_seq_len=m, truncation="truncate_left",
+                      use_chat_template=True)
+    cut = max(map(len, full)) - m
+    assert _halves(ex) == [(f[cut:], f[n:]) for f in full]
