@@ -273,11 +273,14 @@ class _Reader:
         except _Bad as e:
             self.bad(lineno, e.kind, e.why)
             return None
-        fitted, cuts = [], self._pair_cuts(docs)
+        fitted, cuts, rep = [], self._pair_cuts(docs), self.report
+        truncated = rep.truncated  # counts lines: a pair's two cut halves are one
         for d, cut in zip(docs, cuts, strict=True):
             fitted.append(self._fit(lineno, *d[:3], cut=cut))
             if fitted[-1] is None:  # a pair with a dropped half is dropped whole
+                rep.truncated = truncated
                 return None
+        rep.truncated = truncated + (rep.truncated > truncated)
         key = hashlib.blake2b(line.strip().encode(), digest_size=16).hexdigest()
         if len(fitted) == 1:
             (ids, labels, prompt_len), = fitted

@@ -91,6 +91,10 @@ def test_truncate_right_is_trl_dpo_keep_start(tmp_path, hf, max_len):
     ex, rep = _ember(tmp_path, hf, ROWS, max_seq_len=max_len, truncation="truncate_right")
     assert [_halves(e) for e in ex] == want
     assert rep.dropped_too_long == len(ROWS) - len(want)
+    # the report counts lines: the kept pairs that TRL cuts (one half or both), each once
+    cut = sum(any(len(f) > max_len for f, _ in _trl_dpo(hf, r, 10_000)) for r in ROWS
+              if _trl_dpo(hf, r, max_len) is not None)
+    assert rep.truncated == cut and f"{cut} truncated" in rep.summary()
 
 
 def test_truncate_left_cuts_one_prompt_from_both_halves(tmp_path, hf):
