@@ -147,6 +147,14 @@ class DataConfig:
                 raise EmberError("data.validation is an empty list: give files or leave it out")
         _one_of("format", self.format, FORMATS)
         _one_of("loss_on", self.loss_on, ("completion", "all"))
+        whole = "Ember does not offer it (it packs whole documents): use "
+        for key, trl, ours in (("truncation", "keep_start", 'in Ember it is "truncate_right"'),
+                               ("truncation", "keep_end", 'in Ember it is "truncate_left"'),
+                               ("packing", "bfd", 'in Ember it is "best_fit"'),
+                               ("packing", "bfd_split", whole + '"best_fit"'),
+                               ("packing", "wrapped", whole + '"best_fit" or "greedy"')):
+            if getattr(self, key) == trl:
+                raise EmberError(f"data.{key} = {trl!r} is TRL's name; {ours}")
         _one_of("truncation", self.truncation, ("truncate_left", "truncate_right", "drop"))
         _one_of("bad_lines", self.bad_lines, ("skip", "error"))
         _one_of("order", self.order, ("shuffle", "length", "file"))

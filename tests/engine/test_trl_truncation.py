@@ -11,6 +11,7 @@ import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from ember import EmberError
 from ember.engine.data import IGNORE, DataConfig, load_examples
 
 transformers = pytest.importorskip("transformers")
@@ -300,3 +301,14 @@ def test_chat_pairs_truncate_left_keep_one_prompt(tmp_path, chatml):
                       use_chat_template=True)
     cut = max(map(len, full)) - m
     assert _halves(ex) == [(f[cut:], f[n:]) for f in full]
+
+
+def test_trl_mode_names_get_ember_names():
+    """TRL 1.16's truncation_mode and packing_strategy values (the choices SFTConfig and
+    DPOConfig list) are refused with Ember's name for each, or why it has none."""
+    for key, value, ours in (("truncation", "keep_start", "truncate_right"),
+                             ("truncation", "keep_end", "truncate_left"),
+                             ("packing", "bfd", "best_fit"), ("packing", "bfd_split", "best_fit"),
+                             ("packing", "wrapped", "greedy")):
+        with pytest.raises(EmberError, match=rf"data\.{key} = '{value}' is TRL's name.*{ours}"):
+            DataConfig(**{key: value})
