@@ -312,3 +312,26 @@ def test_trl_mode_names_get_ember_names():
                              ("packing", "wrapped", "greedy")):
         with pytest.raises(EmberError, match=rf"data\.{key} = '{value}' is TRL's name.*{ours}"):
             DataConfig(**{key: value})
+
+
+@pytest.mark.parametrize("max_len", [30, 70, 110])
+def test_chat_sft_truncate_right_is_trl_assistant_masks(tmp_path, chatml, max_len):
+    """Conversations (TRL's assistant_only_loss with a {% generation %} template, keep_start):
+    the kept tokens and the trained ones are TRL's assistant mask cut at max_length; a
+    conversation cut before its first answer is dropped (TRL's fully-masked filter)."""
+    rows = [{"messages": [{"role": "user", "content": _text(n)},
+                          {"role": "assistant", "content": _text(5, 4)},
+                          {"role": "user", "content": _text(3, 9)},
+                          {"role": "assistant", "content": _text(8, 13)}]} for n in (4, 30)]
+    want = []
+    for row in rows:
+        got = chatml.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True)
+        ids, mask = got["input_ids"][:max_len], got["assistant_masks"][:max_len]
+        if any(mask):
+            want.append((ids, [t for t, k in zip(ids[1:], mask[1:], strict=True) if k]))
+    assert want
+    ex, rep = _ember(tmp_path, chatml, rows, max_seq_len=max_len, truncation="truncate_right",
+                     use_chat_template=True)
+    assert [(e.input_ids, [t for t in e.labels if t != IGNORE]) for e in ex] == want
+    assert rep.dropped_too_long == len(rows) - len(want)
