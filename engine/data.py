@@ -20,7 +20,8 @@ from its first example):
         as whole conversations (the shared prompt is their common prefix); see
         ``ember.engine.preference``. A line with both chosen and rejected is a pair whatever else
         it holds (data.format = "messages" reads UltraFeedback's "messages" column instead)
-Line parsing and validation is in ``ember.engine.formats``.
+Line parsing and validation is in ``ember.engine.formats``; encoding a parsed line into tokens and
+its loss mask in ``ember.engine.encoder``.
 Prompt/completion pairs are rendered as a user/assistant chat with the tokenizer's chat template
 when it has one (``use_chat_template``), else concatenated as-is (put any separator in the prompt).
 An assistant turn's loss covers what the template renders for it up to its first end-of-turn
