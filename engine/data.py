@@ -225,10 +225,12 @@ class _Reader:
     def __init__(self, path: Path, cfg: DataConfig, tokenizer):
         self.path, self.cfg, self.report = path, cfg, DataReport(str(path))
         self.enc = _Encoder(cfg, tokenizer)
-        # the BOS that truncate_left keeps: only one the tokenizer itself puts first (SmolLM2's
-        # bos_token is <|im_start|>, which its chat renders open with but it never prepends)
+        # the BOS that truncate_left keeps: one the tokenizer itself puts first, or one a chat
+        # template writes once (Llama 3.1's {{ bos_token }}); not SmolLM2's bos_token
+        # <|im_start|>, which its tokenizer never prepends and which opens every turn
         bos = getattr(tokenizer, "bos_token_id", None)
         self.bos = bos if bos is not None and self.enc._enc("a", True)[:1] == [bos] else None
+        self._written_bos = bos if self.bos is None else None
         self.fmt = None if cfg.format == "auto" else cfg.format
         self.array = False  # a .json file holding an array: items are named path[index]
 
@@ -298,6 +300,13 @@ class _Reader:
         return Example([t for f in fitted for t in f[0]], [t for f in fitted for t in f[1]], where,
                        fitted[0][2], rec.reference, key, parts=tuple(len(f[0]) for f in fitted))
 
+    def _bos(self, ids) -> int | None:
+        """The BOS that opens ``ids`` and that truncate_left keeps there, or None."""
+        bos = self.bos if self.bos is not None else self._written_bos
+        if bos is None or ids[:1] != [bos] or (self.bos is None and bos in ids[1:]):
+            return None
+        return bos
+
     def _pair_cuts(self, docs) -> list[int]:
         """Tokens that "truncate_left" cuts at least from each document of a pair: the same
         prompt tokens from both, as many as the longer needs, so both answers keep one prompt
@@ -307,7 +316,7 @@ class _Reader:
         if len(docs) < 2 or self.cfg.truncation != "truncate_left" or all(
                 len(d[0]) <= m for d in docs):
             return [0] * len(docs)
-        keep_bos = self.bos is not None and all(d[0][:1] == [self.bos] for d in docs)
+        keep_bos = all(self._bos(d[0]) is not None for d in docs)
         prompt = min(d[2] for d in docs) - keep_bos  # the shared prompt's tokens after BOS
         return [min(max(len(d[0]) for d in docs) - m, max(prompt, 0))] * len(docs)
 
@@ -316,7 +325,7 @@ class _Reader:
         ``cut``: the pair's shared left cut (``_pair_cuts``)."""
         cfg, rep, where = self.cfg, self.report, self.where(lineno)
         if len(ids) > cfg.max_seq_len or cut:
-            n, fitted = len(ids), _fit(ids, mask, prompt_len, cfg, self.bos, cut)
+            n, fitted = len(ids), _fit(ids, mask, prompt_len, cfg, self._bos(ids), cut)
             what = (f"{where}: {n} tokens > max_seq_len {cfg.max_seq_len}" if n > cfg.max_seq_len
                     else f"{where}: {n} tokens, the same {cut} prompt tokens cut as from the "
                          "pair's other half")

@@ -335,3 +335,24 @@ def test_chat_sft_truncate_right_is_trl_assistant_masks(tmp_path, chatml, max_le
                      use_chat_template=True)
     assert [(e.input_ids, [t for t in e.labels if t != IGNORE]) for e in ex] == want
     assert rep.dropped_too_long == len(rows) - len(want)
+
+
+def test_truncate_left_keeps_a_bos_the_template_writes_once(tmp_path, hf):
+    """A template that writes the BOS itself (Llama 3.1's ``{{ bos_token }}``) for a tokenizer
+    that does not prepend one: truncate_left keeps that BOS and the end of transformers' render."""
+    backend = Backend.from_str(hf.backend_tokenizer.to_str())
+    backend.add_special_tokens(["<|begin_of_text|>", "<|im_start|>", "<|im_end|>"])
+    backend.post_processor = None
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|im_end|>",
+        chat_template="{{ bos_token }}" + CHATML_GEN)
+    msgs = [{"role": "user", "content": _text(20)}, {"role": "assistant", "content": _text(3)}]
+    got = tok.apply_chat_template(msgs, tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    full, mask, m = got["input_ids"], got["assistant_masks"], 24
+    assert full[0] == tok.bos_token_id and tok(_text(2))["input_ids"][0] != tok.bos_token_id
+    (ex,), _ = _ember(tmp_path, tok, [{"messages": msgs}], max_seq_len=m,
+                      truncation="truncate_left", use_chat_template=True)
+    assert ex.input_ids == full[:1] + full[-(m - 1):]
+    assert [t for t in ex.labels if t != IGNORE] == [
+        t for t, k in zip(full[-(m - 1):], mask[-(m - 1):], strict=True) if k]
