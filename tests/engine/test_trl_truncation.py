@@ -337,15 +337,20 @@ def test_chat_sft_truncate_right_is_trl_assistant_masks(tmp_path, chatml, max_le
     assert rep.dropped_too_long == len(rows) - len(want)
 
 
-def test_truncate_left_keeps_a_bos_the_template_writes_once(tmp_path, hf):
-    """A template that writes the BOS itself (Llama 3.1's ``{{ bos_token }}``) for a tokenizer
-    that does not prepend one: truncate_left keeps that BOS and the end of transformers' render."""
+def _template_bos(hf):
+    """The fixture's vocabulary, adding no BOS, with a template that writes one."""
     backend = Backend.from_str(hf.backend_tokenizer.to_str())
     backend.add_special_tokens(["<|begin_of_text|>", "<|im_start|>", "<|im_end|>"])
     backend.post_processor = None
-    tok = transformers.PreTrainedTokenizerFast(
+    return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|im_end|>",
         chat_template="{{ bos_token }}" + CHATML_GEN)
+
+
+def test_truncate_left_keeps_a_bos_the_template_writes_once(tmp_path, hf):
+    """A template that writes the BOS itself (Llama 3.1's ``{{ bos_token }}``) for a tokenizer
+    that does not prepend one: truncate_left keeps that BOS and the end of transformers' render."""
+    tok = _template_bos(hf)
     msgs = [{"role": "user", "content": _text(20)}, {"role": "assistant", "content": _text(3)}]
     got = tok.apply_chat_template(msgs, tokenize=True, return_dict=True,
                                   return_assistant_tokens_mask=True)
@@ -356,3 +361,41 @@ def test_truncate_left_keeps_a_bos_the_template_writes_once(tmp_path, hf):
     assert ex.input_ids == full[:1] + full[-(m - 1):]
     assert [t for t in ex.labels if t != IGNORE] == [
         t for t, k in zip(full[-(m - 1):], mask[-(m - 1):], strict=True) if k]
+
+
+def test_classification_truncate_left_keeps_bos_as_sft(tmp_path, chatml, hf):
+    """The classification reader cuts as the SFT one: a SmolLM2-style conversation keeps the end
+    of transformers' render (no stray first <|im_start|>), a template-written BOS is kept."""
+    from ember.engine.classification import load_labelled
+
+    msgs = [{"role": "user", "content": _text(20)}, {"role": "assistant", "content": _text(3)}]
+    path, m = tmp_path / "c.jsonl", 24
+    path.write_text(json.dumps({"messages": msgs, "label": "a"}) + "\n")
+    for tok, bos in ((chatml, 0), (_template_bos(hf), 1)):
+        full = tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+        (ex,), rep = load_labelled(path, DataConfig(max_seq_len=m, tokens_per_batch=4 * m),
+                                   tok, ["a", "b"])
+        assert ex.input_ids == full[:bos] + full[len(full) - m + bos:] and rep.truncated == 1
+
+
+def test_choice_questions_keep_a_template_written_bos(tmp_path, hf):
+    """A multiple-choice question cut from the left keeps the BOS its chat template writes (the
+    tokenizer prepends none), then the end of the context and the whole choice."""
+    from ember.engine.choices import load_choices
+
+    tok, m = _template_bos(hf), 24
+    row = {"question": _text(20), "choices": [_text(2, 3), _text(3, 7)], "answer": 0}
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    (ex,), _, rep = load_choices(path, DataConfig(max_seq_len=m, tokens_per_batch=4 * m), tok)
+    assert rep.truncated == 1
+    at = 0
+    for choice, n in zip(row["choices"], ex.parts, strict=True):
+        msgs = [{"role": "user", "content": row["question"]},
+                {"role": "assistant", "content": choice}]
+        full = tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+        doc = ex.input_ids[at:at + n]
+        assert doc[0] == tok.bos_token_id and len(doc) == m
+        rest = doc[1:]  # the context's end and the choice: a run of transformers' render
+        assert any(full[i:i + len(rest)] == rest for i in range(1, len(full)))
+        at += n
