@@ -155,7 +155,7 @@ class _ChoiceReader(_Reader):
         room = self.cfg.max_seq_len - len(cont)
         if len(ctx) + len(cont) <= self.cfg.max_seq_len:
             return ctx
-        keep_bos = int(bool(ctx) and self.bos is not None and ctx[0] == self.bos)
+        keep_bos = int(self._bos(ctx) is not None)  # ember.engine.data._Reader._bos
         if self.cfg.truncation == "drop" or room < keep_bos + 1:
             return None
         return ctx[:keep_bos] + ctx[len(ctx) - room + keep_bos:]

@@ -365,7 +365,7 @@ class _ClassReader(_Reader):
             if self.cfg.truncation == "truncate_right":
                 ids = strip_pad(ids[:m], self.pad) or ids[:1]
             else:
-                keep_bos = int(self.bos is not None and ids[0] == self.bos)
+                keep_bos = int(self._bos(ids) is not None)  # data._Reader._bos
                 ids = ids[:keep_bos] + ids[len(ids) - m + keep_bos :]
             rep.truncated += 1
             rep.note("too long", f"{what} ({self.cfg.truncation.replace('_', ' ')})")

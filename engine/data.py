@@ -20,7 +20,8 @@ from its first example):
         as whole conversations (the shared prompt is their common prefix); see
         ``ember.engine.preference``. A line with both chosen and rejected is a pair whatever else
         it holds (data.format = "messages" reads UltraFeedback's "messages" column instead)
-Line parsing and validation is in ``ember.engine.formats``.
+Line parsing and validation is in ``ember.engine.formats``; encoding a parsed line into tokens and
+its loss mask in ``ember.engine.encoder``.
 Prompt/completion pairs are rendered as a user/assistant chat with the tokenizer's chat template
 when it has one (``use_chat_template``), else concatenated as-is (put any separator in the prompt).
 An assistant turn's loss covers what the template renders for it up to its first end-of-turn
@@ -48,23 +49,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tokenizers
-
 from ember import EmberError
 from ember.engine.datafiles import open_data, table_items
 from ember.engine.datareport import MAX_PROBLEMS, DataReport
+from ember.engine.encoder import _Encoder, with_system_prompt  # noqa: F401  (for readers)
 from ember.engine.formats import (  # noqa: F401  (_get_str, _type_name: for other readers)
     ROLES,
     Chat,
     _Bad,
     _get_str,
     _type_name,
-    alpaca_prompt,
     detect,
     json_object,
     parse,
-    turn_end,
-    turn_start,
 )
 from ember.engine.mixing import check_weights, describe, source_names, split_examples
 from ember.engine.packing import (
@@ -77,7 +74,6 @@ from ember.engine.packing import (
     collate,
     pad_batch,
 )
-from ember.models.tokenizer import stop_token_ids
 
 __all__ = [
     "FORMATS",
@@ -115,11 +111,20 @@ class DataConfig:
     format: str = "auto"
     loss_on: str = "completion"  # "completion" (assistant turns) | "all"
     max_seq_len: int = 2048
-    truncation: str = "truncate_left"  # over-long: "truncate_left" | "truncate_right" | "drop"
+    # Over-long examples: "truncate_right" keeps the first max_seq_len tokens (TRL's
+    # truncation_mode "keep_start", its SFT / DPO / KTO default: a line whose answer is cut away
+    # entirely is dropped and counted); "truncate_left" keeps the end, and a BOS the tokenizer
+    # prepends (~ TRL's deprecated "keep_end"; a preference pair loses the same prompt tokens
+    # in both halves); "drop" drops them (TRL's reward trainer)
+    truncation: str = "truncate_left"
     bad_lines: str = "skip"  # "skip" (count and report) | "error"
     seed: int = 0
     order: str = "shuffle"  # per-epoch order: "shuffle" | "length" (short first) | "file"
-    packing: str = "best_fit"  # "best_fit" (length-sorted bins, fewer batches) | "greedy"
+    # Batches are padding-free packs of whole documents (positions restart per document):
+    # "best_fit" bins as TRL's packing_strategy "bfd" with max_length = tokens_per_batch, the
+    # documents being cut at max_seq_len first (data.truncation); "greedy" fills in order. TRL's
+    # "wrapped" (documents split across rows) and "bfd_split" are not offered.
+    packing: str = "best_fit"
     tokens_per_batch: int = 8192
     system_prompt: str | None = None
     use_chat_template: bool | None = None  # None: when the tokenizer has a template
@@ -143,6 +148,14 @@ class DataConfig:
                 raise EmberError("data.validation is an empty list: give files or leave it out")
         _one_of("format", self.format, FORMATS)
         _one_of("loss_on", self.loss_on, ("completion", "all"))
+        whole = "Ember does not offer it (it packs whole documents): use "
+        for key, trl, ours in (("truncation", "keep_start", 'in Ember it is "truncate_right"'),
+                               ("truncation", "keep_end", 'in Ember it is "truncate_left"'),
+                               ("packing", "bfd", 'in Ember it is "best_fit"'),
+                               ("packing", "bfd_split", whole + '"best_fit"'),
+                               ("packing", "wrapped", whole + '"best_fit" or "greedy"')):
+            if getattr(self, key) == trl:
+                raise EmberError(f"data.{key} = {trl!r} is TRL's name; {ours}")
         _one_of("truncation", self.truncation, ("truncate_left", "truncate_right", "drop"))
         _one_of("bad_lines", self.bad_lines, ("skip", "error"))
         _one_of("order", self.order, ("shuffle", "length", "file"))
@@ -156,197 +169,6 @@ class DataConfig:
         if self.tokens_per_batch < self.max_seq_len:
             raise EmberError(f"data.tokens_per_batch ({self.tokens_per_batch}) must be >= "
                              f"data.max_seq_len ({self.max_seq_len}) so every example fits a batch")
-
-
-class _Encoder:
-    """Turns parsed records into (ids, target mask, prompt_len, reference)."""
-
-    def __init__(self, cfg: DataConfig, tokenizer):
-        self.cfg, self.tok = cfg, tokenizer
-        self.eos = getattr(tokenizer, "eos_token_id", None)
-        # Every id that ends a turn (e.g. Llama 3's <|eot_id|> besides <|end_of_text|>).
-        self.ends = set(stop_token_ids(tokenizer))
-        self.specials = set(getattr(tokenizer, "all_special_ids", None) or ())
-        # the tokenizers object whose offsets mask a text tokenized whole (Ember's tokenizer, or
-        # a transformers one's backend_tokenizer); None: span by span
-        self.backend = next((b for b in (getattr(tokenizer, k, None) for k in (
-            "backend", "backend_tokenizer")) if isinstance(b, tokenizers.Tokenizer)), None)
-        self.has_template = bool(getattr(tokenizer, "chat_template", None))
-        self.chat = self.has_template if cfg.use_chat_template is None else cfg.use_chat_template
-        if self.chat and not self.has_template:
-            raise EmberError("data.use_chat_template is true but the tokenizer has no chat "
-                             "template; set data.use_chat_template = false")
-        if cfg.system_prompt is not None and not self.chat:
-            raise EmberError("data.system_prompt needs a chat template (data.use_chat_template); "
-                             "without one, put the instructions in each prompt")
-
-    def _enc(self, text: str, special: bool = False) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=special)) if text else []
-
-    def _with_eos(self, ids: list[int]) -> list[int]:
-        if self.cfg.add_eos and self.eos is not None and (not ids or ids[-1] != self.eos):
-            ids = ids + [self.eos]
-        return ids
-
-    def encode(self, fmt: str, rec):
-        """A prompt/completion pair without a chat template is tokenized as one text, as TRL's
-        SFT, DPO, KTO and reward trainers do (apart, an SPM tokenizer would start the completion
-        with a "▁"); the completion starts where the prompt's own tokens and the whole text's
-        diverge (TRL 1.x's ``common_prefix_length``: a token that merges across the boundary, or
-        prompt tokens that the completion re-tokenizes, are trained)."""
-        all_loss = self.cfg.loss_on == "all"
-        if isinstance(rec, Chat):  # TRL's conversational prompt-completion: a conversation
-            fmt = "message-array prompt/completion" if fmt == "prompt_completion" else fmt
-        if fmt == "text":
-            ids = self._with_eos(self._enc(rec, True))
-            return ids, [True] * len(ids), 0, None
-        if fmt in ("prompt_completion", "alpaca") and not self.chat:
-            prompt = alpaca_prompt(rec) if fmt == "alpaca" else rec[0]
-            full = prompt + rec[1]
-            ids, _ = self._tokens(full, [(0, len(prompt), False),
-                                         (len(prompt), len(full), True)], special=True)
-            alone = (self.backend.encode(prompt, add_special_tokens=True).ids
-                     if self.backend is not None else self._enc(prompt, True))
-            start = next((j for j, (a, b) in enumerate(zip(alone, ids, strict=False)) if a != b),
-                         min(len(alone), len(ids)))
-            mask = [all_loss or j >= start for j in range(len(ids))]
-            ids = self._with_eos(ids)
-            return ids, mask + [True] * (len(ids) - len(mask)), start, rec[1]
-        if fmt in ("prompt_completion", "alpaca"):
-            system = rec.system if fmt == "alpaca" else None
-            rec = Chat([{"role": "user", "content": rec[0]},
-                        {"role": "assistant", "content": rec[1]}])
-            if system is not None:  # the line's own system message wins over data.system_prompt
-                rec.insert(0, {"role": "system", "content": system})
-        elif not self.has_template:
-            raise EmberError(f"the {fmt} format needs a tokenizer with a chat template; this one "
-                             "has none (use prompt/completion lines of strings instead)")
-        return self._chat(with_system_prompt(self.cfg, rec), all_loss)
-
-    def _render(self, messages, gen: bool = False, line: Chat | None = None) -> str:
-        """``messages`` rendered with the tools and template variables (``chat_template_kwargs``)
-        of ``line``, the Chat they come from (None: ``messages`` itself)."""
-        line = messages if line is None else line
-        tools = getattr(line, "tools", None)
-        try:
-            return self.tok.apply_chat_template(messages, add_generation_prompt=gen,
-                                                tokenize=False,
-                                                **(getattr(line, "template_kwargs", None) or {}),
-                                                **({"tools": tools} if tools else {}))
-        except Exception as e:  # jinja raise_exception() and template bugs: a per-line problem
-            raise _Bad("chat template", f"the chat template rejected this conversation: "
-                                        f"{type(e).__name__}: {e}") from None
-
-    def _spans(self, messages, full: str):
-        """(start, end, is_assistant) character spans covering ``full``; None when the template
-        does not render the conversation turn by turn. An assistant span is what rendering one
-        more message adds after the generation prompt, so templates may inject headers/dates; a
-        turn rendered otherwise once later messages follow (Qwen3 drops the think block of
-        earlier turns; Mistral v3 writes the system message in the last user turn) starts after
-        the message before it and ends after its own (``turn_start``, ``turn_end``)."""
-        spans, pos = [], 0
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            upto = self._render(messages[: i + 1], False, messages)
-            eos = getattr(self.tok, "eos_token", None)
-            if eos and not full.startswith(upto) and upto.endswith(eos):
-                upto = upto[: -len(eos)]  # Phi-3 ends a render with EOS, not each turn
-            pre = (self._opening(messages, upto) if i == 0
-                   else self._render(messages[:i], True, messages))
-            if full.startswith(upto) and upto.startswith(pre):
-                start, end = len(pre), len(upto)
-            else:  # the turn renders otherwise once later messages follow
-                start = len(pre) if full.startswith(pre) else turn_start(
-                    full, pos, pre, messages[i - 1].get("content") if i else None)
-                end = (None if start is None else len(upto) if full.startswith(upto)
-                       else turn_end(full, start, upto, m.get("content")))
-            if end is None or not pos <= start <= end:
-                return None
-            spans += [(pos, start, False), (start, end, True)]
-            pos = end
-        return spans + [(pos, len(full), False)]
-
-    def _opening(self, messages, upto: str) -> str:
-        """What a template renders before a conversation's first message when that message is
-        the assistant's (a greeting): the generation prompt of no messages when it leads to
-        ``upto`` (transformers refuses to render none), else the text before the answer in a
-        render with a marker for its content (a default system prompt comes with the first
-        message in SmolLM2's and Qwen's templates)."""
-        try:
-            pre = self._render([], True, messages)
-            if upto.startswith(pre):
-                return pre
-        except _Bad:
-            pass
-        marker = "\x00EmberAnswer\x00"
-        probe = self._render([{**messages[0], "content": marker}], False, messages)
-        cut = probe.find(marker)
-        return probe[:cut] if cut > 0 and probe.count(marker) == 1 else probe + "\x00"
-
-    def _tokens(self, full: str, spans, special: bool = False
-                ) -> tuple[list[int], list[list[int]]]:
-        """(ids, each assistant span's token indices): ``full`` tokenized whole as transformers
-        tokenizes a chat (span by span differs: SPM prepends "▁" after a special token, BPE merges
-        newlines across a turn's start); a token is a span's when its characters overlap it, as
-        in ``return_assistant_tokens_mask``. Without a tokenizers backend: span by span."""
-        if self.backend is None:
-            ids, turns = [], []
-            for s, e, assistant in spans:
-                toks = self._enc(full[s:e], special and s == 0)
-                if assistant:
-                    turns.append(list(range(len(ids), len(ids) + len(toks))))
-                ids += toks
-            return ids, turns
-        enc = self.backend.encode(full, add_special_tokens=special)
-        pairs = list(enumerate(zip(enc.offsets, enc.sequence_ids, strict=True)))
-        turns = [[j for j, ((a, b), seq) in pairs  # seq None: a BOS the tokenizer adds
-                  if seq is not None and ((s < b and a < e) or (a == b and s <= a < e))]
-                 for s, e, assistant in spans if assistant]
-        return list(enc.ids), turns
-
-    def _stop(self, ids: list[int], toks: list[int]) -> int | None:
-        """An assistant turn's end-of-turn token (its index): the first eos / end-of-turn id, else
-        the last special token before only whitespace (<|im_end|> when eos is <|endoftext|>)."""
-        stop = next((j for j in toks if ids[j] in self.ends), None)
-        last = next((j for j in reversed(toks) if ids[j] in self.specials), None)
-        if stop is None and last is not None and not self.tok.decode(
-                ids[last + 1:toks[-1] + 1], skip_special_tokens=False).strip():
-            return last
-        return stop
-
-    def _chat(self, messages, all_loss: bool):
-        if not isinstance(messages, Chat):
-            messages = Chat(messages)
-        full = self._render(messages)
-        spans = self._spans(messages, full)
-        if spans is None and not all_loss:
-            raise _Bad("chat template", "the chat template does not render this conversation "
-                                        "turn by turn, so assistant tokens cannot be located; "
-                                        "use data.loss_on = 'all'")
-        if not all_loss and len(spans) == 1:
-            raise _Bad("no assistant", "no assistant message: nothing to learn with "
-                                       "data.loss_on = 'completion'")
-        if not all_loss and all(m.get("weight") == 0 for m in messages
-                                if m["role"] == "assistant"):
-            raise _Bad("no assistant", "every assistant message has weight 0: nothing to learn")
-        spans = spans or [(0, len(full), False)]
-        ids, turns = self._tokens(full, spans)
-        mask, prompt_len, end, stop = [all_loss] * len(ids), 0, None, None
-        weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
-        for toks, weight in zip(turns, weights if turns else [], strict=True):
-            if not toks:  # (toks: the token indices of one assistant span)
-                continue
-            prompt_len, end, stop = toks[0], toks[-1] + 1, self._stop(ids, toks)
-            for j in toks:
-                # Template text after the end-of-turn token (a newline, Phi-3's final EOS) is
-                # not the answer; nor is a turn of weight 0.
-                mask[j] = all_loss or weight != 0 and (stop is None or j <= stop)
-        if self.cfg.add_eos and self.eos is not None and end is not None and stop is None:
-            ids.insert(end, self.eos)
-            mask.insert(end, True)
-        reference = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
-        return ids, mask, prompt_len, reference
 
 
 def render_prompt(tokenizer, cfg: DataConfig, prompt: str, system: str | None = None
@@ -363,17 +185,6 @@ def render_prompt(tokenizer, cfg: DataConfig, prompt: str, system: str | None = 
     if system is not None:
         msgs.insert(0, {"role": "system", "content": system})
     return render_chat(tokenizer, cfg, msgs)
-
-
-def with_system_prompt(cfg: DataConfig, messages: Sequence[dict]) -> Chat:
-    """``messages`` with ``data.system_prompt`` first, unless they start with their own system
-    (or developer) message, or no system prompt is set; a :class:`Chat`'s tools are kept."""
-    msgs = Chat(messages, getattr(messages, "tools", None),
-                getattr(messages, "template_kwargs", None))
-    if cfg.system_prompt is not None and (not msgs or msgs[0]["role"] not in ("system",
-                                                                            "developer")):
-        msgs.insert(0, {"role": "system", "content": cfg.system_prompt})
-    return msgs
 
 
 def render_chat(tokenizer, cfg: DataConfig, messages: Sequence[dict]) -> list[int]:
@@ -394,15 +205,16 @@ def _labels(ids: list[int], mask: list[bool]) -> list[int]:
     return [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
 
 
-def _fit(ids, mask, prompt_len, cfg: DataConfig, bos):
-    """Apply the over-long policy; None when the example must be dropped."""
+def _fit(ids, mask, prompt_len, cfg: DataConfig, bos, cut: int = 0):
+    """Apply the over-long policy; None when the example must be dropped. ``cut``: the tokens
+    "truncate_left" takes at least from after the BOS (a pair's shared prompt cut alike)."""
     n, m = len(ids), cfg.max_seq_len
     if cfg.truncation == "drop":
         return None
     if cfg.truncation == "truncate_right":
         return ids[:m], mask[:m], min(prompt_len, m)
     keep_bos = bos is not None and ids[0] == bos
-    cut = n - m
+    cut = max(cut, n - m)
     ids2, mask2 = ids[:keep_bos] + ids[keep_bos + cut:], mask[:keep_bos] + mask[keep_bos + cut:]
     return ids2, mask2, max(keep_bos, prompt_len - cut)
 
@@ -413,7 +225,12 @@ class _Reader:
     def __init__(self, path: Path, cfg: DataConfig, tokenizer):
         self.path, self.cfg, self.report = path, cfg, DataReport(str(path))
         self.enc = _Encoder(cfg, tokenizer)
-        self.bos = getattr(tokenizer, "bos_token_id", None)
+        # the BOS that truncate_left keeps: one the tokenizer itself puts first, or one a chat
+        # template writes once (Llama 3.1's {{ bos_token }}); not SmolLM2's bos_token
+        # <|im_start|>, which its tokenizer never prepends and which opens every turn
+        bos = getattr(tokenizer, "bos_token_id", None)
+        self.bos = bos if bos is not None and self.enc._enc("a", True)[:1] == [bos] else None
+        self._written_bos = bos if self.bos is None else None
         self.fmt = None if cfg.format == "auto" else cfg.format
         self.array = False  # a .json file holding an array: items are named path[index]
 
@@ -467,11 +284,14 @@ class _Reader:
         except _Bad as e:
             self.bad(lineno, e.kind, e.why)
             return None
-        fitted = []
-        for d in docs:
-            fitted.append(self._fit(lineno, *d[:3]))
+        fitted, cuts, rep = [], self._pair_cuts(docs), self.report
+        truncated = rep.truncated  # counts lines: a pair's two cut halves are one
+        for d, cut in zip(docs, cuts, strict=True):
+            fitted.append(self._fit(lineno, *d[:3], cut=cut))
             if fitted[-1] is None:  # a pair with a dropped half is dropped whole
+                rep.truncated = truncated
                 return None
+        rep.truncated = truncated + (rep.truncated > truncated)
         key = hashlib.blake2b(line.strip().encode(), digest_size=16).hexdigest()
         if len(fitted) == 1:
             (ids, labels, prompt_len), = fitted
@@ -480,12 +300,35 @@ class _Reader:
         return Example([t for f in fitted for t in f[0]], [t for f in fitted for t in f[1]], where,
                        fitted[0][2], rec.reference, key, parts=tuple(len(f[0]) for f in fitted))
 
-    def _fit(self, lineno: int, ids, mask, prompt_len):
-        """(ids, labels, prompt_len) of one document after the over-long policy, or None."""
+    def _bos(self, ids) -> int | None:
+        """The BOS that opens ``ids`` and that truncate_left keeps there, or None."""
+        bos = self.bos if self.bos is not None else self._written_bos
+        if bos is None or ids[:1] != [bos] or (self.bos is None and bos in ids[1:]):
+            return None
+        return bos
+
+    def _pair_cuts(self, docs) -> list[int]:
+        """Tokens that "truncate_left" cuts at least from each document of a pair: the same
+        prompt tokens from both, as many as the longer needs, so both answers keep one prompt
+        (TRL's deprecated ``keep_end`` cuts each sequence alone); an answer longer than the
+        limit with no prompt left also loses its beginning (its own cut, in ``_fit``)."""
+        m = self.cfg.max_seq_len
+        if len(docs) < 2 or self.cfg.truncation != "truncate_left" or all(
+                len(d[0]) <= m for d in docs):
+            return [0] * len(docs)
+        keep_bos = all(self._bos(d[0]) is not None for d in docs)
+        prompt = min(d[2] for d in docs) - keep_bos  # the shared prompt's tokens after BOS
+        return [min(max(len(d[0]) for d in docs) - m, max(prompt, 0))] * len(docs)
+
+    def _fit(self, lineno: int, ids, mask, prompt_len, cut: int = 0):
+        """(ids, labels, prompt_len) of one document after the over-long policy, or None;
+        ``cut``: the pair's shared left cut (``_pair_cuts``)."""
         cfg, rep, where = self.cfg, self.report, self.where(lineno)
-        if len(ids) > cfg.max_seq_len:
-            n, fitted = len(ids), _fit(ids, mask, prompt_len, cfg, self.bos)
-            what = f"{where}: {n} tokens > max_seq_len {cfg.max_seq_len}"
+        if len(ids) > cfg.max_seq_len or cut:
+            n, fitted = len(ids), _fit(ids, mask, prompt_len, cfg, self._bos(ids), cut)
+            what = (f"{where}: {n} tokens > max_seq_len {cfg.max_seq_len}" if n > cfg.max_seq_len
+                    else f"{where}: {n} tokens, the same {cut} prompt tokens cut as from the "
+                         "pair's other half")
             if fitted is None or not any(fitted[1][1:]):
                 rep.dropped_too_long += 1
                 rep.note("too long", f"{what} (dropped" + (

@@ -158,7 +158,7 @@ def parse_pair(obj: dict) -> Pair:
 def encode_answer(enc, prompt: str | list[dict], answer: str | dict,
                   tools: list[dict] | None = None, template_kwargs: dict | None = None) -> tuple:
     """One document, prompt then answer: (ids, target mask, prompt_len, reference) from ``enc``
-    (``ember.engine.data._Encoder``); a message prompt's earlier assistant turns are context. A
+    (``ember.engine.encoder._Encoder``); a message prompt's earlier assistant turns are context. A
     string prompt and answer are tokenized as one text, as TRL 1.x's DPO, KTO and reward
     trainers do (``prompt + chosen``, the answer where the tokens leave the prompt's). A
     rendered chat's answer is every token after the prompt, the template's text after the
@@ -178,7 +178,7 @@ def encode_answer(enc, prompt: str | list[dict], answer: str | dict,
 
 def encode_pair(enc, pair: Pair) -> list[tuple]:
     """Two documents, chosen then rejected: (ids, target mask, prompt_len, reference) each, from
-    ``enc`` (``ember.engine.data._Encoder``). A string pair's answers both start at the earlier
+    ``enc`` (``ember.engine.encoder._Encoder``). A string pair's answers both start at the earlier
     of the two points where its texts' tokens leave the prompt's, as TRL's DPO ``tokenize_fn``
     takes the shorter common prefix for both."""
     docs = [encode_answer(enc, pair.prompt, a, tools=pair.tools,
