@@ -362,13 +362,17 @@ def _base_model_view(ckpt: CheckpointIndex) -> CheckpointIndex:
     ``layers.0...``, no ``model.`` prefix, no head) given the ``model.`` prefix, as transformers'
     ``from_pretrained`` adds the missing ``base_model_prefix``; any other checkpoint as it is."""
     name = {k: k for k in ckpt.key_file}
-    for prefix in _WRAPPER_PREFIXES:
-        if all(k.startswith(prefix) for k in name.values()):
-            name = {k: v.removeprefix(prefix) for k, v in name.items()}
-            warnings.warn(
-                f"{ckpt.folder}: every tensor name starts with {prefix!r} (saved from a wrapped "
-                "model: torch.compile, DDP); loading them without it (transformers would not "
-                "find them and start from random weights)", stacklevel=4)
+    stripped = ""
+    # wrappers nest in either order (nanoGPT's DDP(torch.compile(m)): module._orig_mod.)
+    while prefix := next((p for p in _WRAPPER_PREFIXES
+                          if all(v.startswith(p) for v in name.values())), None):
+        name = {k: v.removeprefix(prefix) for k, v in name.items()}
+        stripped += prefix
+    if stripped:
+        warnings.warn(
+            f"{ckpt.folder}: every tensor name starts with {stripped!r} (saved from a wrapped "
+            "model: torch.compile, DDP); loading them without it (transformers would not "
+            "find them and start from random weights)", stacklevel=4)
     bare = "embed_tokens.weight" in name.values() and not any(
         v.startswith("model.") for v in name.values())
     if bare:

@@ -133,12 +133,14 @@ def test_a_tied_checkpoint_holding_only_the_head_loads_as_transformers_ties_it(t
     assert (ours - _hf_logits(save_pretrained(model, tmp_path / "out"), ids)).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("prefix", ["_orig_mod.", "module."])
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "module._orig_mod.",
+                                    "_orig_mod.module."])
 def test_a_state_dict_saved_through_a_wrapper_loads_without_its_prefix(tmp_path, prefix):
     """Weights saved from a torch.compile'd (``_orig_mod.``) or DDP (``module.``) model carry the
     wrapper's prefix on every name; transformers finds none of them and starts from random
     weights (its load report says so), Ember refused them as unexpected keys. They load as the
-    unwrapped model's, with a warning naming the prefix."""
+    unwrapped model's, with a warning naming the prefix; nested wrappers too, in either order
+    (nanoGPT compiles, then wraps in DDP: ``module._orig_mod.``, which was refused)."""
     from safetensors.torch import load_file, save_file
 
     hf = _hf_model()
