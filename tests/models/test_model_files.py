@@ -178,6 +178,41 @@ def test_a_full_fine_tune_is_exported_in_the_dtype_of_its_base(tmp_path):
     assert torch.equal(_hf_logits(out, ids), _hf_logits(tmp_path / "base", ids))
 
 
+@pytest.mark.parametrize("stored,config_dtype", [(torch.float32, "bfloat16"),
+                                                 (torch.bfloat16, "float32")])
+def test_a_full_fine_tune_is_exported_in_the_dtype_transformers_saves(tmp_path, stored,
+                                                                      config_dtype):
+    """A checkpoint whose config.json names another dtype than its weights': transformers 5
+    loads it in config.json's (dtype="auto", its default), trains and saves it so; the export
+    took the stored dtype (fp32 weights under a bf16 config doubled the folder; bf16 weights
+    under a float32 config rounded a fine-tune transformers keeps in fp32 to bf16)."""
+    from safetensors import safe_open
+
+    from ember.engine.config import load_config
+    from ember.engine.distributed import DistInfo
+    from ember.engine.state import export_final
+
+    _hf_model().to(stored).save_pretrained(tmp_path / "base")
+    path = tmp_path / "base" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "dtype": config_dtype}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").save_pretrained(
+            tmp_path / "hf")
+
+    def dtypes(folder):
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+    model, _ = load_pretrained(tmp_path / "base", "float32")  # as the trainer loads it
+    cfg = load_config(None, [f'model.name="{tmp_path / "base"}"', f'run_dir="{tmp_path / "run"}"',
+                             'method="full"'])
+    out = export_final(model, cfg, None, DistInfo())
+    stored_name = {torch.float32: "F32", torch.bfloat16: "BF16"}[stored]
+    assert dtypes(out) == dtypes(tmp_path / "hf") != {stored_name}  # (the oracle differs)
+    assert json.loads((out / "config.json").read_text())["dtype"] == config_dtype
+
+
 @pytest.mark.parametrize("config_dtype", ["bfloat16", None])
 def test_dtype_auto_loads_as_transformers_auto_loads(tmp_path, config_dtype):
     """transformers 5's ``from_pretrained(dtype="auto")`` (its default) takes config.json's dtype,
