@@ -271,17 +271,24 @@ def _index_files(folder: Path, name: str = INDEX_FILE) -> list[Path]:
     return files
 
 
-def _why_unreadable(path: Path) -> str:
-    """What an unreadable weights file most likely is, and what to do about it."""
+def lfs_pointer(path: str | os.PathLike, what: str) -> str | None:
+    """If ``path`` is a Git LFS pointer file (a repository cloned without git-lfs), the reason
+    to give for it (``what`` it stands in for: "the weights", "the tokenizer"); else None."""
     try:
         with open(path, "rb") as f:
             head = f.read(64)
     except OSError:
-        head = b""
-    if head.startswith(b"version https://git-lfs"):
-        return ("it is a Git LFS pointer, not the weights (the repository was cloned without "
-                "git-lfs): run 'git lfs install && git lfs pull' in the folder")
-    return "it is truncated or corrupt: download or save it again"
+        return None
+    if not head.startswith(b"version https://git-lfs"):
+        return None
+    return (f"it is a Git LFS pointer, not {what} (the repository was cloned without "
+            "git-lfs): run 'git lfs install && git lfs pull' in the folder")
+
+
+def _why_unreadable(path: Path) -> str:
+    """What an unreadable weights file most likely is, and what to do about it."""
+    return (lfs_pointer(path, "the weights")
+            or "it is truncated or corrupt: download or save it again")
 
 
 def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False,

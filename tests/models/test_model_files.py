@@ -290,3 +290,24 @@ def test_a_git_lfs_pointer_in_place_of_the_weights_says_so(tmp_path):
     (tmp_path / "m" / "pytorch_model.bin").write_text(pointer)
     with pytest.raises(EmberError, match="pytorch_model.bin .*Git LFS pointer"):
         load_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer.model"])
+def test_a_git_lfs_pointer_in_place_of_the_tokenizer_says_so(tmp_path, name):
+    """tokenizer.json (Gemma's 33 MB, Llama 3's 9 MB) or tokenizer.model goes through Git LFS
+    on the Hub too: cloned without git-lfs (or after ``git lfs pull --include="*.safetensors"``)
+    it is a pointer that transformers' AutoTokenizer fails on (a JSON or protobuf error), and so
+    did Ember ("cannot parse ...: expected value at line 1 column 1"). The error now says what
+    the file is and what to run."""
+    from ember.models.tokenizer import load_tokenizer
+
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1\n"
+    (tmp_path / name).write_text(pointer)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer"}))
+    with warnings.catch_warnings(), pytest.raises(Exception):  # noqa: B017 - another message
+        warnings.simplefilter("ignore")
+        transformers.AutoTokenizer.from_pretrained(tmp_path)
+    with pytest.raises(EmberError, match=f"{name}: it is a Git LFS pointer, not the tokenizer.*"
+                                         "git lfs pull"):
+        load_tokenizer(tmp_path)
