@@ -465,3 +465,27 @@ def test_gguf_mixtral_with_split_experts(tmp_path):
     _write_gguf(tmp_path / "hf", tmp_path / "m.gguf", "llama", 4, split=True)
     cfg, sd, _ = load_gguf(tmp_path / "m.gguf")
     _assert_gguf_logits(cfg, sd, hf)
+
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_a_bare_moe_base_model_loads_as_transformers_loads_it(tmp_path, case):
+    """``Qwen2MoeModel.save_pretrained`` (architectures ["Qwen2MoeModel"], no ``model.`` prefix,
+    no head): AutoModelForCausalLM loads it tied, as it loads a dense family's base model, which
+    Ember reads; the MoE families refused the architectures name. Untied, the missing head is
+    named (transformers would start from a random one)."""
+    cls, kw = CASES[case]
+    config = getattr(transformers, cls)(**{**BASE, **kw, "tie_word_embeddings": True})
+    base = transformers.AutoModel.from_config(config)
+    randomize_(base, 11)
+    base.save_pretrained(tmp_path / "bare")
+    assert not any(k.startswith("model.") for k in base.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bare").eval()
+    ids = _ids()
+    with torch.no_grad():
+        assert (_load(tmp_path / "bare")(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    path = tmp_path / "bare" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tie_word_embeddings": False}))
+    with pytest.raises(EmberError, match=r"missing key\(s\): lm_head.weight \(untied"):
+        _load(tmp_path / "bare")
