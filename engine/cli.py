@@ -401,8 +401,9 @@ def _cmd_export(a) -> None:
         out = save_gguf(model, tok, a.gguf, dtype=a.gguf_type)
     else:
         # A QLoRA run's 4-bit base is dequantized: the merged model is a plain bf16 HF model.
-        # Otherwise it is written in the dtype its base checkpoint is stored in (a bf16 base
-        # trains in fp32 on a CPU; PEFT's merge_and_unload keeps the base's bf16).
+        # Otherwise it is written in its base checkpoint's dtype (config.json's, else the stored
+        # one: a bf16 base trains in fp32 on a CPU; PEFT's merge_and_unload keeps the base's
+        # dtype as transformers loaded it).
         nf4 = is_quantized(model)
         bf16 = torch.bfloat16 if nf4 else None
         if lora_modules(model):

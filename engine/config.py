@@ -50,8 +50,8 @@ DEFAULT_EVAL_METRICS = ("exact_match",)
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     name: str = "smollm2-135m-instruct"  # built-in name, HF folder or .gguf file
-    # Weights dtype. "auto": float32 (CPU, and full fine-tuning's master weights); bfloat16 for
-    # the frozen base of LoRA on CUDA (adapters always train in float32).
+    # Weights dtype. "auto": float32 (full fine-tuning's masters, any run at fp32 precision);
+    # bfloat16 for a frozen LoRA / prompt-tuning base at bf16 precision (CUDA or a bf16 CPU).
     dtype: str = "auto"
     # "nf4": QLoRA. The linear layers are quantized to NF4 (bitsandbytes-exact) while loading;
     # a checkpoint already in bitsandbytes 4-bit format loads as NF4 without this.

@@ -170,8 +170,9 @@ def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | N
         return save_prompt_adapter(model, final / "adapter", base_model_name_or_path=base)
     if lora:
         return save_adapter(model, final / "adapter", base_model_name_or_path=base)
-    # In the dtype the base checkpoint is stored in (cfg.torch_dtype), as transformers 5 loads,
-    # trains and saves it: fp32 master weights of a bf16 model would double the folder.
+    # In the base checkpoint's dtype (cfg.torch_dtype: config.json's, else the stored one), as
+    # transformers 5 loads, trains and saves it: fp32 master weights of a bf16 model would double
+    # the folder; a bf16 file whose config.json says float32 is trained and saved in fp32 there.
     return save_pretrained(model, final / "model", tokenizer, dtype=model.cfg.torch_dtype,
                            multimodal_base=multimodal_base(model, cfg))
 

@@ -85,7 +85,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    torch_dtype: str = "float32"  # dtype the checkpoint was stored in
+    # the checkpoint's dtype as transformers' dtype="auto" reads it: config.json's, else stored
+    torch_dtype: str = "float32"
     # A sequence classifier (HF *ForSequenceClassification): the class names in index order. The
     # model then has a ``score`` head (ember.models.heads) and no LM head. One name: a one-output
     # head (a reward model, or regression when problem_type = "regression").

@@ -63,9 +63,12 @@ def moe_base_config(raw: Mapping) -> tuple[dict, dict]:
     base, base_arch, arch = MOE_FAMILIES[mt]
     out, moe_d = dict(raw), _MOE_DEFAULTS[mt]
     archs = out.pop("architectures", None)
-    if archs is not None and archs != [arch]:
+    # the headless base model (Qwen2MoeModel.save_pretrained) loads as AutoModelForCausalLM
+    # loads it, as a dense family's (hf_config.base_architecture): tied, or its head missing
+    bare = arch.replace("ForCausalLM", "Model")
+    if archs is not None and archs not in ([arch], [bare]):
         raise EmberError(f"config.json: architectures {archs!r} is not supported for model_type "
-                         f"{mt!r}; only [{arch!r}] (causal LM) is")
+                         f"{mt!r}; only [{arch!r}] (causal LM) or [{bare!r}] (its base model) is")
     if _num(out, "router_jitter_noise", 0.0) != 0.0:
         raise EmberError("config.json: router_jitter_noise != 0 is not supported (Ember draws no "
                          "router noise); set it to 0")
@@ -129,7 +132,8 @@ def moe_base_config(raw: Mapping) -> tuple[dict, dict]:
         out.setdefault(key, value)
     out["model_type"] = base
     if archs is not None:
-        out["architectures"] = [base_arch]
+        out["architectures"] = [base_arch if archs == [arch] else
+                                base_arch.replace("ForCausalLM", "Model")]
     return out, fields
 
 

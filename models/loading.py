@@ -23,7 +23,9 @@ generation_config.json: the source folder's (sampling defaults, stop ids) is kep
 dtype policy: ``load_pretrained(dtype=None)`` keeps the dtype the weights are stored in (a bf16
 checkpoint gives a bf16 model, on CPU too), ``dtype="auto"`` takes config.json's ``dtype`` as
 transformers' ``from_pretrained(dtype="auto")`` (its default in 5.x) does;
-``save_pretrained(dtype=None)`` writes the model's current dtype, like transformers. RoPE
+``save_pretrained(dtype=None)`` writes the model's current dtype, like transformers; a loaded
+model's ``cfg.torch_dtype`` is that "auto" dtype, in which a full fine-tune or a merged adapter is
+exported (as transformers loads, trains and saves the model). RoPE
 frequencies are always computed in fp32.
 
 This module is the orchestration (dtype policy, building the model, atomic folders);
@@ -198,8 +200,11 @@ def load_hf_folder(
         ckpt = language_model_view(ckpt)
     cfg = untie_if_head_differs(ckpt, cfg)
     stored = ckpt.stored_dtype()
-    target = _config_dtype(raw, stored) if dtype == "auto" else resolve_dtype(dtype) or stored
-    cfg = cfg.replace(torch_dtype=_dtype_name(stored))
+    auto = _config_dtype(raw, stored)
+    target = auto if dtype == "auto" else resolve_dtype(dtype) or stored
+    # the dtype transformers 5 loads (its default dtype="auto"), trains and saves this model in,
+    # which a full fine-tune's or merged export is written in: config.json's, else the stored one
+    cfg = cfg.replace(torch_dtype=_dtype_name(auto))
     with torch.device("meta"):
         model = Transformer(cfg)
     # the source's generation_config.json (sampling defaults, stop ids), which an export keeps

@@ -271,17 +271,24 @@ def _index_files(folder: Path, name: str = INDEX_FILE) -> list[Path]:
     return files
 
 
-def _why_unreadable(path: Path) -> str:
-    """What an unreadable weights file most likely is, and what to do about it."""
+def lfs_pointer(path: str | os.PathLike, what: str) -> str | None:
+    """If ``path`` is a Git LFS pointer file (a repository cloned without git-lfs), the reason
+    to give for it (``what`` it stands in for: "the weights", "the tokenizer"); else None."""
     try:
         with open(path, "rb") as f:
             head = f.read(64)
     except OSError:
-        head = b""
-    if head.startswith(b"version https://git-lfs"):
-        return ("it is a Git LFS pointer, not the weights (the repository was cloned without "
-                "git-lfs): run 'git lfs install && git lfs pull' in the folder")
-    return "it is truncated or corrupt: download or save it again"
+        return None
+    if not head.startswith(b"version https://git-lfs"):
+        return None
+    return (f"it is a Git LFS pointer, not {what} (the repository was cloned without "
+            "git-lfs): run 'git lfs install && git lfs pull' in the folder")
+
+
+def _why_unreadable(path: Path) -> str:
+    """What an unreadable weights file most likely is, and what to do about it."""
+    return (lfs_pointer(path, "the weights")
+            or "it is truncated or corrupt: download or save it again")
 
 
 def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False,
@@ -362,13 +369,17 @@ def _base_model_view(ckpt: CheckpointIndex) -> CheckpointIndex:
     ``layers.0...``, no ``model.`` prefix, no head) given the ``model.`` prefix, as transformers'
     ``from_pretrained`` adds the missing ``base_model_prefix``; any other checkpoint as it is."""
     name = {k: k for k in ckpt.key_file}
-    for prefix in _WRAPPER_PREFIXES:
-        if all(k.startswith(prefix) for k in name.values()):
-            name = {k: v.removeprefix(prefix) for k, v in name.items()}
-            warnings.warn(
-                f"{ckpt.folder}: every tensor name starts with {prefix!r} (saved from a wrapped "
-                "model: torch.compile, DDP); loading them without it (transformers would not "
-                "find them and start from random weights)", stacklevel=4)
+    stripped = ""
+    # wrappers nest in either order (nanoGPT's DDP(torch.compile(m)): module._orig_mod.)
+    while prefix := next((p for p in _WRAPPER_PREFIXES
+                          if all(v.startswith(p) for v in name.values())), None):
+        name = {k: v.removeprefix(prefix) for k, v in name.items()}
+        stripped += prefix
+    if stripped:
+        warnings.warn(
+            f"{ckpt.folder}: every tensor name starts with {stripped!r} (saved from a wrapped "
+            "model: torch.compile, DDP); loading them without it (transformers would not "
+            "find them and start from random weights)", stacklevel=4)
     bare = "embed_tokens.weight" in name.values() and not any(
         v.startswith("model.") for v in name.values())
     if bare:

@@ -119,6 +119,11 @@ def read_spm_model(path: Path) -> SpmModel:
         buf = path.read_bytes()
     except OSError as e:
         raise EmberError(f"cannot read {path}: {e}") from None
+    from ember.models.safetensors_io import lfs_pointer
+
+    pointer = lfs_pointer(path, "the tokenizer")
+    if pointer:
+        raise EmberError(f"cannot read {path}: {pointer}")
     pieces, scores, types = [], [], []
     trainer: dict[str, Any] = {}
     for number, value in _fields(buf, source):

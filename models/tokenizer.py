@@ -356,7 +356,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         try:
             backend = tokenizers.Tokenizer.from_file(str(tj))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise EmberError(f"cannot parse {tj}: {e}") from None
+            from ember.models.safetensors_io import lfs_pointer
+
+            raise EmberError(f"cannot parse {tj}: {lfs_pointer(tj, 'the tokenizer') or e}"
+                             ) from None
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
         _add_named_specials(backend, cfg, smap)
         class_pipeline(backend, folder, cfg)

@@ -133,12 +133,14 @@ def test_a_tied_checkpoint_holding_only_the_head_loads_as_transformers_ties_it(t
     assert (ours - _hf_logits(save_pretrained(model, tmp_path / "out"), ids)).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("prefix", ["_orig_mod.", "module."])
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "module._orig_mod.",
+                                    "_orig_mod.module."])
 def test_a_state_dict_saved_through_a_wrapper_loads_without_its_prefix(tmp_path, prefix):
     """Weights saved from a torch.compile'd (``_orig_mod.``) or DDP (``module.``) model carry the
     wrapper's prefix on every name; transformers finds none of them and starts from random
     weights (its load report says so), Ember refused them as unexpected keys. They load as the
-    unwrapped model's, with a warning naming the prefix."""
+    unwrapped model's, with a warning naming the prefix; nested wrappers too, in either order
+    (nanoGPT compiles, then wraps in DDP: ``module._orig_mod.``, which was refused)."""
     from safetensors.torch import load_file, save_file
 
     hf = _hf_model()
@@ -174,6 +176,41 @@ def test_a_full_fine_tune_is_exported_in_the_dtype_of_its_base(tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     ids = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(5))
     assert torch.equal(_hf_logits(out, ids), _hf_logits(tmp_path / "base", ids))
+
+
+@pytest.mark.parametrize("stored,config_dtype", [(torch.float32, "bfloat16"),
+                                                 (torch.bfloat16, "float32")])
+def test_a_full_fine_tune_is_exported_in_the_dtype_transformers_saves(tmp_path, stored,
+                                                                      config_dtype):
+    """A checkpoint whose config.json names another dtype than its weights': transformers 5
+    loads it in config.json's (dtype="auto", its default), trains and saves it so; the export
+    took the stored dtype (fp32 weights under a bf16 config doubled the folder; bf16 weights
+    under a float32 config rounded a fine-tune transformers keeps in fp32 to bf16)."""
+    from safetensors import safe_open
+
+    from ember.engine.config import load_config
+    from ember.engine.distributed import DistInfo
+    from ember.engine.state import export_final
+
+    _hf_model().to(stored).save_pretrained(tmp_path / "base")
+    path = tmp_path / "base" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "dtype": config_dtype}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").save_pretrained(
+            tmp_path / "hf")
+
+    def dtypes(folder):
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+    model, _ = load_pretrained(tmp_path / "base", "float32")  # as the trainer loads it
+    cfg = load_config(None, [f'model.name="{tmp_path / "base"}"', f'run_dir="{tmp_path / "run"}"',
+                             'method="full"'])
+    out = export_final(model, cfg, None, DistInfo())
+    stored_name = {torch.float32: "F32", torch.bfloat16: "BF16"}[stored]
+    assert dtypes(out) == dtypes(tmp_path / "hf") != {stored_name}  # (the oracle differs)
+    assert json.loads((out / "config.json").read_text())["dtype"] == config_dtype
 
 
 @pytest.mark.parametrize("config_dtype", ["bfloat16", None])
@@ -253,3 +290,24 @@ def test_a_git_lfs_pointer_in_place_of_the_weights_says_so(tmp_path):
     (tmp_path / "m" / "pytorch_model.bin").write_text(pointer)
     with pytest.raises(EmberError, match="pytorch_model.bin .*Git LFS pointer"):
         load_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer.model"])
+def test_a_git_lfs_pointer_in_place_of_the_tokenizer_says_so(tmp_path, name):
+    """tokenizer.json (Gemma's 33 MB, Llama 3's 9 MB) or tokenizer.model goes through Git LFS
+    on the Hub too: cloned without git-lfs (or after ``git lfs pull --include="*.safetensors"``)
+    it is a pointer that transformers' AutoTokenizer fails on (a JSON or protobuf error), and so
+    did Ember ("cannot parse ...: expected value at line 1 column 1"). The error now says what
+    the file is and what to run."""
+    from ember.models.tokenizer import load_tokenizer
+
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1\n"
+    (tmp_path / name).write_text(pointer)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer"}))
+    with warnings.catch_warnings(), pytest.raises(Exception):  # noqa: B017 - another message
+        warnings.simplefilter("ignore")
+        transformers.AutoTokenizer.from_pretrained(tmp_path)
+    with pytest.raises(EmberError, match=f"{name}: it is a Git LFS pointer, not the tokenizer.*"
+                                         "git lfs pull"):
+        load_tokenizer(tmp_path)

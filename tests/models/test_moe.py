@@ -324,13 +324,26 @@ def _write_gguf(folder, path, arch: str, n_experts: int, omit: tuple = (), split
     w.close()
 
 
+def _assert_gguf_logits(cfg, sd: dict, hf) -> None:
+    """The model ``load_gguf`` read (``cfg``, ``sd``) gives transformers' logits of ``hf``."""
+    from ember.models.transformer import Transformer
+    from tests.models.test_gguf import VOCAB as GGUF_VOCAB
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.reset_rope_("cpu")
+    ids = _ids().clamp(max=GGUF_VOCAB - 1)
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("case,arch", [("mixtral", "llama"), ("qwen2_moe", "qwen2moe"),
                                        ("qwen3_moe", "qwen3moe")])
 def test_gguf_import_matches_transformers(tmp_path, case, arch):
     """A GGUF file written as llama.cpp's converter does loads to transformers' logits, and
     exports back to the HF family."""
     from ember.models.gguf import load_gguf
-    from ember.models.transformer import Transformer
     from tests.models.test_gguf import VOCAB as GGUF_VOCAB
 
     cls, kw = CASES[case]
@@ -344,13 +357,7 @@ def test_gguf_import_matches_transformers(tmp_path, case, arch):
                 if hasattr(config, "num_experts") else config.num_local_experts)
     cfg, sd, _ = load_gguf(tmp_path / "m.gguf")
     assert cfg.model_type == case and cfg.num_experts == (5 if case != "mixtral" else 4)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.reset_rope_("cpu")
-    ids = _ids().clamp(max=GGUF_VOCAB - 1)
-    with torch.no_grad():
-        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    _assert_gguf_logits(cfg, sd, hf)
     assert config_from_hf(config_to_hf(cfg)).num_experts == cfg.num_experts
 
 
@@ -403,7 +410,6 @@ def test_gguf_without_expert_widths_takes_llama_cpp_fallbacks(tmp_path, case, ar
     shared expert n_ff wide (Qwen1.5-MoE-A2.7B: 5632 / 4 = 1408, shared 5632). Ember took the
     experts as n_ff wide and the shared expert as absent, refusing such files on their shapes."""
     from ember.models.gguf import load_gguf
-    from ember.models.transformer import Transformer
     from tests.models.test_gguf import VOCAB as GGUF_VOCAB
 
     cls, kw = CASES[case]
@@ -419,13 +425,7 @@ def test_gguf_without_expert_widths_takes_llama_cpp_fallbacks(tmp_path, case, ar
                 omit=("expert_feed_forward_length", "expert_shared_feed_forward_length"))
     cfg, sd, _ = load_gguf(tmp_path / "m.gguf")
     assert cfg.moe_intermediate_size == 24
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.reset_rope_("cpu")
-    ids = _ids().clamp(max=GGUF_VOCAB - 1)
-    with torch.no_grad():
-        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    _assert_gguf_logits(cfg, sd, hf)
 
 
 def test_mixtral_config_with_num_experts_alias(tmp_path):
@@ -455,7 +455,6 @@ def test_gguf_mixtral_with_split_experts(tmp_path):
     llama.cpp still merges on load; Ember refused them as unexpected tensors. They load to the
     logits of the HF model they were converted from."""
     from ember.models.gguf import load_gguf
-    from ember.models.transformer import Transformer
     from tests.models.test_gguf import VOCAB as GGUF_VOCAB
 
     cls, kw = CASES["mixtral"]
@@ -465,10 +464,28 @@ def test_gguf_mixtral_with_split_experts(tmp_path):
     hf.eval().save_pretrained(tmp_path / "hf")
     _write_gguf(tmp_path / "hf", tmp_path / "m.gguf", "llama", 4, split=True)
     cfg, sd, _ = load_gguf(tmp_path / "m.gguf")
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.reset_rope_("cpu")
-    ids = _ids().clamp(max=GGUF_VOCAB - 1)
+    _assert_gguf_logits(cfg, sd, hf)
+
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_a_bare_moe_base_model_loads_as_transformers_loads_it(tmp_path, case):
+    """``Qwen2MoeModel.save_pretrained`` (architectures ["Qwen2MoeModel"], no ``model.`` prefix,
+    no head): AutoModelForCausalLM loads it tied, as it loads a dense family's base model, which
+    Ember reads; the MoE families refused the architectures name. Untied, the missing head is
+    named (transformers would start from a random one)."""
+    cls, kw = CASES[case]
+    config = getattr(transformers, cls)(**{**BASE, **kw, "tie_word_embeddings": True})
+    base = transformers.AutoModel.from_config(config)
+    randomize_(base, 11)
+    base.save_pretrained(tmp_path / "bare")
+    assert not any(k.startswith("model.") for k in base.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bare").eval()
+    ids = _ids()
     with torch.no_grad():
-        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+        assert (_load(tmp_path / "bare")(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    path = tmp_path / "bare" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tie_word_embeddings": False}))
+    with pytest.raises(EmberError, match=r"missing key\(s\): lm_head.weight \(untied"):
+        _load(tmp_path / "bare")
