@@ -11,7 +11,9 @@ from pathlib import Path
 
 # where a file that is not a config belongs in one ({p}: its path)
 WHERE = {"a data file": 'data.train = ["{p}"] (or --set data.train={p})',
-         "a model": 'model.name = "{p}" (or --set model.name={p})'}
+         "a model": 'model.name = "{p}" (or --set model.name={p})',
+         "a model's config.json": 'model.name = "{p.parent}" (the folder; or --set '
+                                  'model.name={p.parent})'}
 
 
 def did_you_mean(key: str, valid, sections: dict[str, set[str]]) -> str:
@@ -29,6 +31,8 @@ def not_a_config(p: Path) -> str | None:
     suffixes = [s.lower() for s in p.suffixes[-2:]]
     if suffixes and suffixes[-1] == ".gz":
         suffixes.pop()
+    if p.name in ("config.json", "adapter_config.json") and p.parent.is_dir():
+        return "a model's config.json"  # of a model folder or adapter: the folder is the model
     if suffixes and suffixes[-1] in (".jsonl", ".json", ".csv", ".tsv", ".parquet"):
         return "a data file"
     if suffixes and suffixes[-1] in (".gguf", ".safetensors", ".bin"):

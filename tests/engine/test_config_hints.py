@@ -66,6 +66,9 @@ def test_a_data_file_or_model_given_as_the_config_says_where_it_goes(tmp_path):
     (folder / "config.json").write_text("{}")
     with pytest.raises(EmberError, match=r"is a model folder, not a run directory .*model.name"):
         load_config(folder)  # was "a folder without config.toml"
+    with pytest.raises(EmberError, match=rf"is a model's config.json, not a run config .*"
+                                         rf"model.name = \"{folder}\" \(the folder"):
+        load_config(folder / "config.json")  # was "a data file"
 
 
 def test_ember_config_output_trains_without_spurious_notes(tmp_path, capsys):
