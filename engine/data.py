@@ -474,14 +474,15 @@ class _Reader:
                 return None
         key = hashlib.blake2b(line.strip().encode(), digest_size=16).hexdigest()
         if len(fitted) == 1:
-            (ids, labels, prompt_len), = fitted
-            return Example(ids, labels, where, prompt_len, docs[0][3], key)
+            (ids, labels, prompt_len, first), = fitted
+            return Example(ids, labels, where, prompt_len, docs[0][3], key, first_label=first)
         # A pair: the chosen document first; generation metrics use its prompt and completion.
         return Example([t for f in fitted for t in f[0]], [t for f in fitted for t in f[1]], where,
                        fitted[0][2], rec.reference, key, parts=tuple(len(f[0]) for f in fitted))
 
     def _fit(self, lineno: int, ids, mask, prompt_len):
-        """(ids, labels, prompt_len) of one document after the over-long policy, or None."""
+        """(ids, labels, prompt_len, first_label) of one document after the over-long policy, or
+        None."""
         cfg, rep, where = self.cfg, self.report, self.where(lineno)
         if len(ids) > cfg.max_seq_len:
             n, fitted = len(ids), _fit(ids, mask, prompt_len, cfg, self.bos)
@@ -498,7 +499,7 @@ class _Reader:
         if all(t == IGNORE for t in labels):
             self.bad(lineno, "no loss tokens", "nothing to learn from (a single token)")
             return None
-        return ids, labels, prompt_len
+        return ids, labels, prompt_len, ids[0] if mask[0] else IGNORE
 
 
 def read_lines(path: str | Path, make_reader) -> tuple[_Reader, list[Example]]:
