@@ -294,8 +294,8 @@ class _Reader:
         rep.truncated = truncated + (rep.truncated > truncated)
         key = hashlib.blake2b(line.strip().encode(), digest_size=16).hexdigest()
         if len(fitted) == 1:
-            (ids, labels, prompt_len), = fitted
-            return Example(ids, labels, where, prompt_len, docs[0][3], key)
+            (ids, labels, prompt_len, first), = fitted
+            return Example(ids, labels, where, prompt_len, docs[0][3], key, first_label=first)
         # A pair: the chosen document first; generation metrics use its prompt and completion.
         return Example([t for f in fitted for t in f[0]], [t for f in fitted for t in f[1]], where,
                        fitted[0][2], rec.reference, key, parts=tuple(len(f[0]) for f in fitted))
@@ -321,8 +321,8 @@ class _Reader:
         return [min(max(len(d[0]) for d in docs) - m, max(prompt, 0))] * len(docs)
 
     def _fit(self, lineno: int, ids, mask, prompt_len, cut: int = 0):
-        """(ids, labels, prompt_len) of one document after the over-long policy, or None;
-        ``cut``: the pair's shared left cut (``_pair_cuts``)."""
+        """(ids, labels, prompt_len, first_label) of one document after the over-long policy, or
+        None; ``cut``: the pair's shared left cut (``_pair_cuts``)."""
         cfg, rep, where = self.cfg, self.report, self.where(lineno)
         if len(ids) > cfg.max_seq_len or cut:
             n, fitted = len(ids), _fit(ids, mask, prompt_len, cfg, self._bos(ids), cut)
@@ -341,7 +341,7 @@ class _Reader:
         if all(t == IGNORE for t in labels):
             self.bad(lineno, "no loss tokens", "nothing to learn from (a single token)")
             return None
-        return ids, labels, prompt_len
+        return ids, labels, prompt_len, ids[0] if mask[0] else IGNORE
 
 
 def read_lines(path: str | Path, make_reader) -> tuple[_Reader, list[Example]]:

@@ -35,7 +35,7 @@ from ember.engine.distributed import (
     any_rank,
     eval_share,
 )
-from ember.engine.losses import sft_loss
+from ember.engine.losses import sft_loss, sft_loss_tokens
 from ember.models.generate import generate_ids
 from ember.models.prompt_tuning import virtual_ids
 from ember.models.tokenizer import generation_ids
@@ -121,11 +121,12 @@ def validation_loss(model, examples: list[Example], tokens_per_batch: int, devic
     try:
         for i, batch in eval_batches(examples, tokens_per_batch, max_batches, info,
                                      keep=lambda b: b.num_loss_tokens > 0):
+            n = sft_loss_tokens(model, batch)  # prompt tuning: token 0 of text lines too
             with autocast():
-                loss = sft_loss(model, batch.to(device), batch.num_loss_tokens)
+                loss = sft_loss(model, batch.to(device), n)
             if i is not None:
-                total += float(loss) * batch.num_loss_tokens
-                tokens += batch.num_loss_tokens
+                total += float(loss) * n
+                tokens += n
     finally:
         model.train(was_training)
     total, tokens = all_reduce_sums([total, tokens], info)

@@ -175,7 +175,7 @@ class _KTOReader(_Reader):
             fitted = self._fit(lineno, *doc[:3])
             if fitted is None:
                 continue
-            ids, labels, prompt_len = fitted
+            ids, labels, prompt_len, _ = fitted  # KTO refuses prompt tuning
             key = hashlib.blake2b(f"{line.strip()}\0{k}".encode(), digest_size=16).hexdigest()
             out.append(Example(ids, labels, self.where(lineno), prompt_len,
                                doc[3] if desirable else None, key, desirable=desirable))

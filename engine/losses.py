@@ -28,19 +28,26 @@ from torch.utils.checkpoint import checkpoint
 from ember import EmberError
 from ember.kernels import linear_cross_entropy
 from ember.models.lora import lora_modules
-from ember.models.prompt_tuning import prompt_packed
+from ember.models.prompt_tuning import num_virtual_tokens, prompt_packed
 
 IGNORE = -100
 
 
-def _hidden(model, batch) -> torch.Tensor:
+def _hidden(model, batch, first: torch.Tensor | None = None) -> torch.Tensor:
     """Final hidden states (T, D) of a packed batch (a prompt-tuned model's virtual tokens go in
-    front of every document; only the batch's own positions come back)."""
+    front of every document; only the batch's own positions come back). With ``first`` (the
+    indices of some documents), the hidden states of those documents' last virtual tokens
+    (which predict their token 0) follow: (T + len(first), D)."""
     ids, pos, cu, max_len, real = prompt_packed(model, batch.input_ids, batch.position_ids,
                                                 batch.cu_seqlens, batch.max_seqlen)
     h = model.hidden_states(ids, pos, cu_seqlens=cu, max_seqlen=max_len)  # (1, T', D)
     h = h.reshape(-1, h.shape[-1])
-    return h if real is None else h.index_select(0, real)
+    if real is None:
+        return h
+    if first is not None and first.numel():  # a document's prompt ends just before its token 0
+        starts = batch.cu_seqlens[:-1].to(real.device, torch.long).index_select(0, first)
+        real = torch.cat([real, real.index_select(0, starts) - 1])
+    return h.index_select(0, real)
 
 
 def _head(model, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,12 +84,36 @@ def _ce_sum(model, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                 reduction="sum", softcap=model.cfg.final_softcap)
 
 
+def _first_docs(model, batch) -> torch.Tensor | None:
+    """Documents whose token 0 is a loss term: a prompt-tuned model's last virtual token predicts
+    it where the line's loss covers token 0 (text lines), as PEFT's -100-prefixed labels do."""
+    if num_virtual_tokens(model) == 0 or not batch.num_first_labels:
+        return None
+    return (batch.first_labels != IGNORE).nonzero().squeeze(1)
+
+
+def sft_loss_tokens(model, batch) -> int:
+    """The loss terms ``sft_loss`` sums over ``batch``: its answer tokens, plus (prompt tuning)
+    the token 0 of each document whose loss covers it."""
+    return batch.num_loss_tokens + (batch.num_first_labels if num_virtual_tokens(model) else 0)
+
+
 def sft_loss(model, batch, num_loss_tokens: int) -> torch.Tensor:
-    """Summed cross-entropy over the batch's answer tokens / ``num_loss_tokens`` (fp32 scalar)."""
+    """Summed cross-entropy over the batch's answer tokens / ``num_loss_tokens`` (fp32 scalar);
+    a prompt-tuned model also scores token 0 of text documents (``sft_loss_tokens``)."""
     if num_loss_tokens < 1:
         raise EmberError("sft_loss: num_loss_tokens must be >= 1 (a batch with nothing to learn)")
-    idx, h = _answer_hidden(model, batch)
-    return _ce_sum(model, h, batch.labels.reshape(-1).index_select(0, idx)) / num_loss_tokens
+    first = _first_docs(model, batch)
+    if first is None:
+        idx, h = _answer_hidden(model, batch)
+        return _ce_sum(model, h, batch.labels.reshape(-1).index_select(0, idx)) / num_loss_tokens
+    idx = answer_positions(batch.labels)
+    T = batch.labels.numel()
+    h = _hidden(model, batch, first)  # (T + F, D)
+    rows = torch.cat([idx, T + torch.arange(first.numel(), device=idx.device)])
+    labels = torch.cat([batch.labels.reshape(-1).index_select(0, idx),
+                        batch.first_labels.index_select(0, first)])
+    return _ce_sum(model, h.index_select(0, rows), labels) / num_loss_tokens
 
 
 def kl_div_from_logits(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,

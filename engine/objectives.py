@@ -38,6 +38,7 @@ from ember.engine.evaluation import (
 )
 from ember.engine.losses import distill_sft_loss, sft_loss
 from ember.engine.metrics import perplexity
+from ember.models.prompt_tuning import num_virtual_tokens
 
 if TYPE_CHECKING:
     from ember.engine.config import TrainConfig
@@ -78,15 +79,16 @@ class SFT:
     def __init__(self, info: DistInfo | None = None):
         self.sums: dict[str, float] = {}
         self.info = info or DistInfo()  # the processes evaluation is shared by
+        self.prompt_tuned = False  # set by check_model: token 0 of text lines is a loss term
 
     def weight(self, batch) -> int:
-        return batch.num_loss_tokens
+        return batch.num_loss_tokens + (batch.num_first_labels if self.prompt_tuned else 0)
 
     def loss(self, model, batch, denom: int) -> torch.Tensor:
         return sft_loss(model, batch, denom)
 
     def check_model(self, model, tokenizer) -> None:
-        pass
+        self.prompt_tuned = num_virtual_tokens(model) > 0
 
     def frozen_models(self) -> dict[str, torch.nn.Module]:
         """The objective's own forward-only models by role (a teacher, a reference copy)."""

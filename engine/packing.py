@@ -51,6 +51,10 @@ class Example:
     # The reference model's summed answer log-prob of each document, when precomputed
     # (``[dpo]`` / ``[kto]`` ``precompute_ref_log_probs``: engine/preference_objectives.py)
     ref_logps: tuple[float, ...] | None = None
+    # Token 0's own label (its id where the line's loss covers it: text lines, loss_on = "all"),
+    # which no position of the example predicts; a prompt-tuned model's last virtual token does
+    # (PEFT puts -100 for the virtual tokens in front of labels that include token 0).
+    first_label: int = IGNORE
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -78,6 +82,12 @@ class Batch:
     values: torch.Tensor | None = None  # (examples,) float32: each example's ``value``
     desirable: torch.Tensor | None = None  # (num_docs,) bool: KTO's labels (engine/kto.py)
     ref_sums: torch.Tensor | None = None  # (num_docs,) float32: precomputed reference log-probs
+    first_labels: torch.Tensor | None = None  # (num_docs,) long: each document's ``first_label``
+
+    @property
+    def num_first_labels(self) -> int:
+        """Documents whose token 0 has a label (a prompt-tuned model's extra loss terms)."""
+        return 0 if self.first_labels is None else int((self.first_labels != IGNORE).sum())
 
     @property
     def num_tokens(self) -> int:
@@ -89,7 +99,8 @@ class Batch:
             self.max_seqlen, self.num_loss_tokens, self.num_docs,
             None if self.values is None else self.values.to(device, non_blocking=non_blocking),
             None if self.desirable is None else self.desirable.to(device),
-            None if self.ref_sums is None else self.ref_sums.to(device))
+            None if self.ref_sums is None else self.ref_sums.to(device),
+            None if self.first_labels is None else self.first_labels.to(device))
 
 
 def collate(examples: list[Example]) -> Batch:
@@ -103,11 +114,12 @@ def collate(examples: list[Example]) -> Batch:
     ref_sums = None  # only when every document has its reference log-prob (else computed live)
     if all(e.ref_logps is not None for e in examples):
         ref_sums = torch.tensor([x for e in examples for x in e.ref_logps], dtype=torch.float32)
+    first = [e.first_label if not e.parts else IGNORE for e in examples for _ in e.doc_lengths]
     return Batch(torch.tensor([ids]), torch.tensor([labels]), torch.tensor([pos]),
                  torch.tensor([0, *accumulate(lens)], dtype=torch.int32), max(lens),
                  sum(1 for t in labels if t != IGNORE), len(lens),
                  torch.tensor([e.value for e in examples], dtype=torch.float32), desirable,
-                 ref_sums)
+                 ref_sums, torch.tensor(first, dtype=torch.long))
 
 
 @dataclass

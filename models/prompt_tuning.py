@@ -230,8 +230,14 @@ def load_prompt_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.
     config, tensors = _read_adapter(where)
     if config.get("peft_type") != "PROMPT_TUNING":
         raise EmberError(f"{where}: peft_type is {config.get('peft_type')!r}, not PROMPT_TUNING")
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise EmberError(f"{where}: num_transformer_submodules must be 1 (a decoder-only model)")
+    # PEFT fills a null num_transformer_submodules in: 2 for SEQ_2_SEQ_LM, else 1
+    subs = config.get("num_transformer_submodules")
+    if subs is None:
+        subs = 2 if config.get("task_type") == "SEQ_2_SEQ_LM" else 1
+    if subs != 1:
+        raise EmberError(f"{where}: num_transformer_submodules is {subs} (task_type "
+                         f"{config.get('task_type')!r}: an encoder-decoder prompt); Ember's "
+                         "prompt tuning is for decoder-only models, with 1")
     other = sorted(k for k in tensors if k != "prompt_embeddings")
     if other:  # PEFT's modules_to_save (a SEQ_CLS head, a trained lm_head...): whole modules
         raise EmberError(f"{where}: the adapter also replaces whole modules ({other[:3]}, "
@@ -246,7 +252,11 @@ def load_prompt_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.
     if prompt is not None and n is not None and prompt.shape[0] != n:
         raise EmberError(f"{where}: prompt_embeddings has {prompt.shape[0]} rows but "
                          f"num_virtual_tokens is {n}")
-    D = model.embed.weight.shape[1]
+    D, dim = model.embed.weight.shape[1], config.get("token_dim")
+    if prompt is not None and prompt.ndim == 2 and dim is not None and dim != prompt.shape[1]:
+        raise EmberError(f"{where}: prompt_embeddings has {prompt.shape[1]} columns but token_dim "
+                         f"in adapter_config.json is {dim!r} (PEFT cannot load it either); fix "
+                         "the config or use the adapter's own files together")
     if prompt is None or prompt.ndim != 2 or prompt.shape[1] != D:
         got = None if prompt is None else tuple(prompt.shape)
         raise EmberError(f"{where}: prompt_embeddings must be (num_virtual_tokens, {D}) for this "

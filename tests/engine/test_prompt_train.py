@@ -11,12 +11,14 @@ import torch
 from ember import EmberError
 from ember.engine.cli import main as cli
 from ember.engine.data import DataConfig, collate, load_examples
-from ember.engine.losses import sequence_logprobs, sft_loss
+from ember.engine.evaluation import validation_loss
+from ember.engine.losses import IGNORE, sequence_logprobs, sft_loss, sft_loss_tokens
+from ember.engine.objectives import SFT
 from ember.engine.state import load_run_model
 from ember.engine.trainer import Trainer, resolve, train
 from ember.models.loading import load_pretrained
-from ember.models.prompt_tuning import apply_prompt_tuning
-from tests.engine._tiny import quiet, rows_of, tiny_config
+from ember.models.prompt_tuning import apply_prompt_tuning, save_prompt_adapter
+from tests.engine._tiny import quiet, rows_of, tiny_config, write_jsonl
 
 PROMPT = ('method="prompt"', "prompt_tuning.num_virtual_tokens=4")
 
@@ -105,3 +107,46 @@ def test_continued_peft_prompt_keeps_its_length(tiny, tmp_path):
     same = resolve(tiny_config(tiny, tmp_path / "c", *PROMPT[:1], init,
                                "prompt_tuning.num_virtual_tokens=5"))
     assert same.prompt_tuning.num_virtual_tokens == 5
+
+
+def test_text_loss_and_gradient_match_peft(tiny, tmp_path):
+    """PEFT puts -100 for the virtual tokens in front of the labels, so on text lines (labels =
+    input_ids) the last virtual token is trained to predict token 0; prompt/completion lines
+    leave token 0 unlabelled. Ember's packed loss, its token count and the prompt's gradient
+    equal PEFT's summed over the documents run alone."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, tok = load_pretrained(tiny["model"], "float32")
+    torch.manual_seed(0)
+    apply_prompt_tuning(model, 3, "random")
+    save_prompt_adapter(model, tmp_path / "pt")
+    cfg = DataConfig(max_seq_len=64)
+    text = load_examples(write_jsonl(tmp_path / "t.jsonl", [
+        {"text": "say red cat blue"}, {"text": "green dog ran"}]), cfg, tok)[0]
+    pc = load_examples(write_jsonl(tmp_path / "pc.jsonl", [
+        {"prompt": "say red cat ->", "completion": " red cat"}]), cfg, tok)[0]
+    hf = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    pm = PeftModel.from_pretrained(hf, str(tmp_path / "pt"))
+    pm.prompt_encoder["default"].embedding.weight.requires_grad_(True)
+    docs = [(e.input_ids, e.input_ids) for e in text]  # a causal-LM collator: labels = ids
+    docs += [(e.input_ids, [IGNORE, *e.labels[:-1]]) for e in pc]  # token 0 is prompt
+    n_peft = sum(sum(t != IGNORE for t in lab) for _, lab in docs)
+    total = 0.0
+    for ids, lab in docs:  # HF's mean loss times its terms: the summed loss
+        out = pm(input_ids=torch.tensor([ids]), labels=torch.tensor([lab]))
+        total = total + out.loss * sum(t != IGNORE for t in lab)
+    (total / n_peft).backward()
+
+    batch = collate([text[0], pc[0], text[1]])
+    n = sft_loss_tokens(model, batch)
+    obj = SFT()
+    obj.check_model(model, tok)
+    assert n == obj.weight(batch) == n_peft == batch.num_loss_tokens + 2
+    loss = sft_loss(model, batch, n)
+    loss.backward()
+    torch.testing.assert_close(loss, total.detach() / n_peft, rtol=1e-5, atol=1e-5)
+    grad = pm.prompt_encoder["default"].embedding.weight.grad
+    torch.testing.assert_close(model.embed.prompt.grad, grad, rtol=1e-4, atol=1e-6)
+    val, tokens = validation_loss(model, [*text, *pc], 512, "cpu")
+    assert tokens == n_peft and abs(val - float(loss)) < 1e-5

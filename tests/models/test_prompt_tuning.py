@@ -243,3 +243,29 @@ def test_num_virtual_tokens_must_be_a_whole_number(hf_dir, tmp_path, bad):
     path.write_text(json.dumps({**json.loads(path.read_text()), "num_virtual_tokens": bad}))
     with pytest.raises(EmberError, match="num_virtual_tokens in adapter_config.json must be"):
         load_prompt_adapter(load_hf_folder(hf_dir, torch.float32), tmp_path / "a")
+
+
+def test_adapter_config_fields_as_peft_reads_them(hf_dir, tmp_path):
+    """PEFT fills a null num_transformer_submodules in (1 for a causal LM) and loads the
+    adapter: Ember refused it. A token_dim that is not the tensor's width PEFT refuses (a
+    size mismatch): Ember loaded it silently. A SEQ_2_SEQ_LM prompt is refused by name."""
+    torch.manual_seed(0)
+    cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+    peft.get_peft_model(_hf_model(hf_dir), cfg).save_pretrained(tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "num_transformer_submodules": None}))
+    theirs = peft.PeftModel.from_pretrained(_hf_model(hf_dir), tmp_path / "a").eval()
+    model = load_prompt_adapter(load_hf_folder(hf_dir, torch.float32).eval(), tmp_path / "a")
+    ids = _ids(4)
+    with torch.no_grad():
+        assert _max_diff(_real_logits(model, ids), theirs(input_ids=ids).logits[:, P:]) <= TOL
+    path.write_text(json.dumps({**saved, "token_dim": 7}))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        peft.PeftModel.from_pretrained(_hf_model(hf_dir), tmp_path / "a")
+    with pytest.raises(EmberError, match="48 columns but token_dim in adapter_config.json is 7"):
+        load_prompt_adapter(load_hf_folder(hf_dir, torch.float32), tmp_path / "a")
+    path.write_text(json.dumps({**saved, "num_transformer_submodules": None,
+                                "task_type": "SEQ_2_SEQ_LM"}))
+    with pytest.raises(EmberError, match="num_transformer_submodules is 2"):
+        load_prompt_adapter(load_hf_folder(hf_dir, torch.float32), tmp_path / "a")
