@@ -34,7 +34,7 @@ def _cmd_train(a) -> None:
     cfg = load_config(a.config, a.set or [])
     _check_data_files(cfg)
     try:
-        train(cfg, resume=a.resume)
+        train(cfg, resume=a.resume, echo=_train_echo)
     except BaseException:
         shutdown()  # leave torchrun's process group at once: the other ranks may be stuck
         raise
@@ -64,6 +64,17 @@ def _check_data_files(cfg) -> None:
 
 def _note(msg: str) -> None:
     print(msg, file=sys.stderr)
+
+
+def _train_echo(msg: str = "") -> None:
+    """``print`` for a training run. A reader that stops early (``ember train ... | head``) must
+    not end the run (it stopped at the next line, without a checkpoint): the rest of the output
+    goes nowhere and training goes on (``metrics.jsonl`` keeps every row)."""
+    try:
+        print(msg, flush=True)  # flushed here, so a closed pipe shows now, not at a later flush
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def _is_run_dir(path: str) -> bool:

@@ -286,3 +286,21 @@ def test_export_merged_keeps_the_dtype_of_a_bf16_base(tiny, tmp_path):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
     assert AutoModelForCausalLM.from_pretrained(base).dtype == torch.bfloat16
+
+
+def test_a_reader_that_stops_early_does_not_end_training(tiny, tmp_path):
+    """``ember train c.toml | head``: the run stopped with a BrokenPipeError at the next line it
+    printed, without a checkpoint or final/; it now trains to the end, its output going nowhere."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'model.name = "{tiny["model"]}"\nrun_dir = "{tmp_path / "run"}"\n'
+                   f'device = "cpu"\nprecision = "fp32"\nmax_steps = 2\nplot = false\n'
+                   f'[data]\ntrain = ["{tiny["small"]}"]\nmax_seq_len = 64\n[eval]\nshow = 0\n')
+    p = subprocess.Popen([sys.executable, "-m", "ember.engine.cli", "train", str(cfg)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # before the run prints its first line
+    err = p.stderr.read()
+    assert p.wait() == 0, err
+    assert "Traceback" not in err
+    assert (tmp_path / "run" / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows if json.loads(r)["kind"] == "train"] == [1, 2]
