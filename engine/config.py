@@ -593,7 +593,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-
 def load_config(source: str | Path | None = None, overrides: list[str] | tuple = ()
                 ) -> TrainConfig:
     """TrainConfig from a TOML file or recipe name (None: all defaults) plus ``--set`` items."""
