@@ -73,8 +73,13 @@ def _train_echo(msg: str = "") -> None:
     try:
         print(msg, flush=True)  # flushed here, so a closed pipe shows now, not at a later flush
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    """Send the rest of stdout nowhere (the reader closed the pipe; Python's flush at exit then
+    fails quietly)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _is_run_dir(path: str) -> bool:
@@ -574,8 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ember: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # ember config | head, or less quit early: the reader has enough
-        devnull = os.open(os.devnull, os.O_WRONLY)  # (and Python's flush at exit fails quietly)
-        os.dup2(devnull, sys.stdout.fileno())
+        _stdout_to_devnull()
         return 141  # as a shell reports a process ended by SIGPIPE
     except OSError as e:  # a path the user gave: missing folder, no permission, disk full
         if isinstance(e, (ConnectionError, TimeoutError)) or e.errno is None:

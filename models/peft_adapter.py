@@ -99,6 +99,7 @@ from ember.models.peft_moe import (
     check_dense_mlps,
     expert_modules,
     expert_tensors,
+    is_all_linear,
     is_linear_router,
     router_modules,
     router_tensors,
@@ -281,8 +282,7 @@ def _peft_targets(config: dict, hf_name: str) -> bool:
         return False
     targets = config.get("target_modules")
     # PEFT expands the string "all-linear" (any case) to the model's linears but the head
-    if (targets.lower() == "all-linear" if isinstance(targets, str)
-            else bool(targets) and "all-linear" in targets):
+    if is_all_linear(targets):
         return hf_name.split(".")[-1] in (*HF_LINEAR_LEAVES,
                                           *(g.rpartition(".")[2] for g in GROUPS))
     if isinstance(targets, str):

@@ -67,16 +67,20 @@ def router_modules(mods: dict, cfg) -> dict:
     return {n: m for n, m in mods.items() if ROUTER.fullmatch(n)}
 
 
+def is_all_linear(targets) -> bool:
+    """Whether an adapter config's ``target_modules`` asks for "all-linear" (the string, any
+    case, or a list naming it)."""
+    return (targets.lower() == "all-linear" if isinstance(targets, str)
+            else bool(targets) and "all-linear" in targets)
+
+
 def is_linear_router(name: str, config: dict, cfg) -> bool:
     """Whether Ember module ``name`` is a router or a shared expert's gate that an ``all-linear``
     adapter targets: PEFT's all-linear takes Qwen2-MoE's ``shared_expert_gate`` (an nn.Linear),
     and on transformers 4 routers were nn.Linear too (PEFT 0.21 still applies such an adapter's
     router weights)."""
-    targets = config.get("target_modules")
-    all_linear = (targets.lower() == "all-linear" if isinstance(targets, str)
-                  else bool(targets) and "all-linear" in targets)
-    return all_linear and (bool(router_modules({name: None}, cfg))
-                           or bool(_SHARED_GATE.fullmatch(name)))
+    return is_all_linear(config.get("target_modules")) and (
+        bool(router_modules({name: None}, cfg)) or bool(_SHARED_GATE.fullmatch(name)))
 
 
 def router_tensors(routers: dict) -> tuple[dict, list, dict, dict]:
