@@ -37,7 +37,7 @@ from ember.engine.distributed import (
 )
 from ember.engine.losses import sft_loss, sft_loss_tokens
 from ember.models.generate import generate_ids
-from ember.models.prompt_tuning import virtual_ids
+from ember.models.prompt_tuning import num_virtual_tokens, virtual_ids
 from ember.models.tokenizer import generation_ids
 
 PREFIX_DECIDABLE = {"exact_match"}
@@ -118,10 +118,11 @@ def validation_loss(model, examples: list[Example], tokens_per_batch: int, devic
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
+    prompt_tuned = num_virtual_tokens(model) > 0  # token 0 of text lines is a loss term too
     try:
         for i, batch in eval_batches(examples, tokens_per_batch, max_batches, info,
                                      keep=lambda b: b.num_loss_tokens > 0):
-            n = sft_loss_tokens(model, batch)  # prompt tuning: token 0 of text lines too
+            n = sft_loss_tokens(batch, prompt_tuned)
             with autocast():
                 loss = sft_loss(model, batch.to(device), n)
             if i is not None:

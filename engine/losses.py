@@ -92,10 +92,10 @@ def _first_docs(model, batch) -> torch.Tensor | None:
     return (batch.first_labels != IGNORE).nonzero().squeeze(1)
 
 
-def sft_loss_tokens(model, batch) -> int:
-    """The loss terms ``sft_loss`` sums over ``batch``: its answer tokens, plus (prompt tuning)
-    the token 0 of each document whose loss covers it."""
-    return batch.num_loss_tokens + (batch.num_first_labels if num_virtual_tokens(model) else 0)
+def sft_loss_tokens(batch, prompt_tuned: bool) -> int:
+    """The loss terms ``sft_loss`` sums over ``batch``: its answer tokens, plus (a prompt-tuned
+    model: ``num_virtual_tokens(model) > 0``) the token 0 of each document whose loss covers it."""
+    return batch.num_loss_tokens + (batch.num_first_labels if prompt_tuned else 0)
 
 
 def sft_loss(model, batch, num_loss_tokens: int) -> torch.Tensor:

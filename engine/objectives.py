@@ -36,7 +36,7 @@ from ember.engine.evaluation import (
     generation_examples,
     validation_loss,
 )
-from ember.engine.losses import distill_sft_loss, sft_loss
+from ember.engine.losses import distill_sft_loss, sft_loss, sft_loss_tokens
 from ember.engine.metrics import perplexity
 from ember.models.prompt_tuning import num_virtual_tokens
 
@@ -82,7 +82,7 @@ class SFT:
         self.prompt_tuned = False  # set by check_model: token 0 of text lines is a loss term
 
     def weight(self, batch) -> int:
-        return batch.num_loss_tokens + (batch.num_first_labels if self.prompt_tuned else 0)
+        return sft_loss_tokens(batch, self.prompt_tuned)
 
     def loss(self, model, batch, denom: int) -> torch.Tensor:
         return sft_loss(model, batch, denom)

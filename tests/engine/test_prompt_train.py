@@ -17,7 +17,7 @@ from ember.engine.objectives import SFT
 from ember.engine.state import load_run_model
 from ember.engine.trainer import Trainer, resolve, train
 from ember.models.loading import load_pretrained
-from ember.models.prompt_tuning import apply_prompt_tuning, save_prompt_adapter
+from ember.models.prompt_tuning import apply_prompt_tuning, num_virtual_tokens, save_prompt_adapter
 from tests.engine._tiny import quiet, rows_of, tiny_config, write_jsonl
 
 PROMPT = ('method="prompt"', "prompt_tuning.num_virtual_tokens=4")
@@ -139,7 +139,7 @@ def test_text_loss_and_gradient_match_peft(tiny, tmp_path):
     (total / n_peft).backward()
 
     batch = collate([text[0], pc[0], text[1]])
-    n = sft_loss_tokens(model, batch)
+    n = sft_loss_tokens(batch, num_virtual_tokens(model) > 0)
     obj = SFT()
     obj.check_model(model, tok)
     assert n == obj.weight(batch) == n_peft == batch.num_loss_tokens + 2
