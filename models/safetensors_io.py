@@ -78,8 +78,9 @@ class _TorchFile:
             except RuntimeError:  # the pre-1.6 (non-zip) format cannot be memory-mapped
                 sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # the restricted unpickler's refusals, truncated files
-            if "Git LFS" in _why_unreadable(path):
-                raise EmberError(f"{path} is not readable: {_why_unreadable(path)}") from None
+            pointer = lfs_pointer(path, "the weights")
+            if pointer:
+                raise EmberError(f"{path} is not readable: {pointer}") from None
             raise EmberError(f"{path} is not a plain PyTorch tensor checkpoint "
                              f"(torch.load(weights_only=True) refused it: {type(e).__name__}: "
                              f"{str(e)[:200]}); convert it to safetensors with a tool you trust"
