@@ -89,11 +89,23 @@ def open_run(cfg: TrainConfig, info: DistInfo, *, resume: bool, echo) -> Path | 
             echo(f"resume: no checkpoint in {root}, starting from step 0")
         else:
             _check_same_run(latest, cfg)
+    if latest is None:  # starting at step 0 would write over a finished run's exported weights
+        kept = broadcast_object(_has_final(cfg.out_dir) if info.is_main else None, info)
+        if kept:
+            raise EmberError(f"{cfg.out_dir} holds a finished run's final/ output (and no "
+                             "checkpoint to continue from); a new run there would overwrite it: "
+                             "move final/ away, or start the new run with --set "
+                             "run_dir=<new folder>")
     if info.is_main:
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         (cfg.out_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
     barrier(info)
     return latest
+
+
+def _has_final(run_dir: Path) -> bool:
+    final = run_dir / "final"
+    return final.is_dir() and any(final.iterdir())
 
 
 def _check_same_run(path: Path, cfg: TrainConfig) -> None:

@@ -298,3 +298,25 @@ def test_max_steps_of_whole_epochs_is_the_epochs_run(tiny, tmp_path):
           progress=False)
     rows = [rows_of(tmp_path / r, timing=False) for r in ("a", "b")]
     assert rows[0] == rows[1] and len(rows[0]) == a.steps
+
+
+def test_a_new_run_never_writes_over_a_finished_runs_final_output(tiny, tmp_path):
+    """A finished run whose checkpoints were deleted to save space (final/ kept) was silently
+    overwritten by the next run into the same folder; now it is refused, also under --resume
+    (which found no checkpoint and started from step 0), and nothing in final/ changes."""
+    import pytest
+
+    from ember import EmberError
+
+    run = tmp_path / "r"
+    cfg = tiny_config(tiny, run, "max_steps=1", "eval.metrics=[]")
+    train(cfg, echo=quiet, progress=False)
+    shutil.rmtree(run / "checkpoints")
+    adapter = run / "final" / "adapter" / "adapter_model.safetensors"
+    before = adapter.read_bytes()
+    for resume in (False, True):
+        with pytest.raises(EmberError, match="final/ output"):
+            train(cfg, resume=resume, echo=quiet, progress=False)
+    assert adapter.read_bytes() == before
+    shutil.rmtree(run / "final")  # moved away: the folder is free again
+    assert train(cfg, echo=quiet, progress=False).steps == 1
