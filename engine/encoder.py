@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING
 import tokenizers
 
 from ember import EmberError
-from ember.engine.formats import Chat, _Bad, alpaca_prompt, turn_end, turn_start
+from ember.engine.formats import (
+    Chat,
+    _Bad,
+    alpaca_prompt,
+    shared_opening,
+    turn_end,
+    turn_start,
+    turn_tail_end,
+)
 from ember.models.tokenizer import stop_token_ids
 
 if TYPE_CHECKING:
@@ -116,6 +124,8 @@ class _Encoder:
                 upto = upto[: -len(eos)]  # Phi-3 ends a render with EOS, not each turn
             pre = (self._opening(messages, upto) if i == 0
                    else self._render(messages[:i], True, messages))
+            if i and not upto.startswith(pre):  # a prompt that opens more than turns render
+                pre = shared_opening(pre, upto, self._render(messages[:i], False, messages))
             if full.startswith(upto) and upto.startswith(pre):
                 start, end = len(pre), len(upto)
             else:  # the turn renders otherwise once later messages follow
@@ -123,6 +133,8 @@ class _Encoder:
                     full, pos, pre, messages[i - 1].get("content") if i else None)
                 end = (None if start is None else len(upto) if full.startswith(upto)
                        else turn_end(full, start, upto, m.get("content")))
+                if end is None and start is not None and upto.startswith(pre):
+                    end = turn_tail_end(full, start, upto[len(pre):])
             if end is None or not pos <= start <= end:
                 return None
             spans += [(pos, start, False), (start, end, True)]

@@ -418,6 +418,27 @@ def turn_end(full: str, start: int, upto: str, content) -> int | None:
     return at + len(content) + len(close)
 
 
+def turn_tail_end(full: str, start: int, body: str) -> int | None:
+    """Where an assistant turn that starts at ``start`` in ``full`` ends, when ``body`` (the turn
+    as rendered last) is the turn with text in front that the template drops once later
+    messages follow (Qwen3's empty think block before a tool call without content): after the
+    longest end of ``body`` that ``full`` has at ``start``; None when there is none."""
+    for k in range(len(body)):
+        if full.startswith(body[k:], start):
+            return start + len(body) - k if body[k:].strip() else None
+    return None
+
+
+def shared_opening(pre: str, upto: str, before: str) -> str:
+    """The generation prompt ``pre`` cut to what the turn rendered in ``upto`` shares with it,
+    when the prompt opens more than the training render writes (DeepSeek-R1's
+    ``<｜Assistant｜><think>\\n``, whose turns render ``<｜Assistant｜>answer``); ``pre`` itself
+    when they part before the prompt (``before``: the conversation rendered without one)."""
+    k = next((j for j, (a, b) in enumerate(zip(pre, upto, strict=False)) if a != b),
+             min(len(pre), len(upto)))
+    return pre[:k] if k > len(before) and pre.startswith(before) else pre
+
+
 def turn_start(full: str, pos: int, pre: str, before) -> int | None:
     """Where an assistant turn starts in ``full`` (at or after ``pos``): after the message
     ``before`` it and the text that opens the turn in ``pre`` (the conversation up to that turn
