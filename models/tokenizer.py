@@ -240,19 +240,19 @@ def _set_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None
 
 
 def _add_config_tokens(backend: tokenizers.Tokenizer, decoder: Any) -> None:
-    """Add the tokens of tokenizer_config.json's ``added_tokens_decoder`` that tokenizer.json
-    lacks (a config edited by hand or by another tool), in id order, as transformers 5 does;
-    the ones tokenizer.json has keep its flags."""
+    """tokenizer_config.json's ``added_tokens_decoder`` in id order, as transformers 5 adds it:
+    a token tokenizer.json lacks is added, one it has with other flags takes the config's."""
     if not isinstance(decoder, dict):
         return
     entries = sorted((int(i), d) for i, d in decoder.items() if str(i).isdigit()
                      and isinstance(d, dict) and isinstance(d.get("content"), str))
+    have = {repr(t) for t in backend.get_added_tokens_decoder().values()}
     for _, d in entries:
-        if backend.token_to_id(d["content"]) is None:
-            flags = {k: bool(d[k]) for k in ("single_word", "lstrip", "rstrip", "normalized",
-                                             "special") if k in d}
-            token = AddedToken(d["content"], **flags)
-            (backend.add_special_tokens if token.special else backend.add_tokens)([token])
+        flags = {k: bool(d[k]) for k in ("single_word", "lstrip", "rstrip", "normalized",
+                                         "special") if k in d}
+        token = AddedToken(d["content"], **flags)
+        if repr(token) not in have:
+            backend.add_tokens([token])
 
 
 def _add_named_specials(backend: tokenizers.Tokenizer, cfg: dict, smap: dict) -> None:
