@@ -232,10 +232,19 @@ def _env() -> ImmutableSandboxedEnvironment:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} not allowed")
+
     class _Namespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):  # namespace(self=...) works, as in jinja2
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                _check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
         def __setitem__(self, name, value):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} not allowed")
+            _check(name)
             super().__setitem__(name, value)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
