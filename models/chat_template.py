@@ -96,6 +96,42 @@ class TextParts(str):
         return TextParts, (self.parts,)
 
 
+class JSONArguments(dict):
+    """A tool call's arguments given as JSON text (OpenAI's shape): the decoded object, which a
+    template that ``tojson``s the arguments renders once (the text would come out quoted and
+    escaped), and the text itself (``.text``), which goes, as given, to a template that reads
+    arguments as text (Qwen3's ``arguments is string``, DeepSeek's ``+ arguments``)."""
+
+    text: str
+
+    def __init__(self, text: str):
+        super().__init__(json.loads(text))
+        self.text = text
+
+    def __reduce__(self):  # copy and pickle rebuild it from its text
+        return JSONArguments, (self.text,)
+
+
+def _with_argument_text(messages: list, template: str) -> list:
+    """``messages`` with each JSONArguments as its text when ``template`` takes text."""
+    def calls(m):
+        return m.get("tool_calls") if isinstance(m, dict) and isinstance(
+            m.get("tool_calls"), list) else []
+
+    def text(call):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), JSONArguments):
+            return call
+        return {**call, "function": {**fn, "arguments": fn["arguments"].text}}
+
+    if not any(isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(
+            c["function"].get("arguments"), JSONArguments) for m in messages for c in calls(m)
+               ) or not takes_argument_text(template):
+        return messages
+    return [{**m, "tool_calls": [text(c) for c in calls(m)]} if calls(m) else m
+            for m in messages]
+
+
 def _with_parts(messages: list, template: str) -> list:
     """``messages`` with each TextParts content as its list of text parts when ``template``
     loops over content."""
@@ -112,7 +148,7 @@ def render(template: str, messages: Sequence[dict], context: dict, *,
            continue_final_message: bool | str = False) -> str:
     """The text ``template`` renders for ``messages`` and the variables in ``context``."""
     messages = None if isinstance(messages, Mapping | str) else _plain(
-        _with_parts(list(messages), template))
+        _with_argument_text(_with_parts(list(messages), template), template))
     if messages is None or not all(isinstance(m, dict) for m in messages):
         raise EmberError("apply_chat_template expects a list of {'role', 'content'} dicts")
     tools = context.get("tools")
@@ -285,3 +321,23 @@ def loops_over_content(template: str) -> bool:
     names = frozenset(a.target.name for a in tree.find_all(jinja2.nodes.Assign)
                       if isinstance(a.target, jinja2.nodes.Name) and content(a.node))
     return any(content(f.iter, names) for f in tree.find_all(jinja2.nodes.For))
+
+
+@lru_cache(maxsize=16)
+def takes_argument_text(template: str) -> bool:
+    """Whether ``template`` reads a tool call's arguments as text: tests ``arguments is string``
+    (Qwen3) or joins them to text with ``+`` or ``~`` (DeepSeek V3 / R1)."""
+    try:
+        tree = _env().parse(template)
+    except jinja2.TemplateSyntaxError:
+        return False  # rendering says why
+
+    def arguments(node) -> bool:
+        return (isinstance(node, jinja2.nodes.Getattr) and node.attr == "arguments"
+                or isinstance(node, jinja2.nodes.Getitem)
+                and isinstance(node.arg, jinja2.nodes.Const) and node.arg.value == "arguments")
+
+    return any(t.name == "string" and arguments(t.node) for t in tree.find_all(jinja2.nodes.Test)
+               ) or any(arguments(n.left) or arguments(n.right)
+                        for n in tree.find_all(jinja2.nodes.Add)) or any(
+        arguments(x) for n in tree.find_all(jinja2.nodes.Concat) for x in n.nodes)

@@ -125,6 +125,9 @@ QWEN3_GEN = QWEN3_HEAD + "        {{- '<|im_start|>' + message.role + '\\n' }}\n
     .replace("{{- '<|im_end|>\\n' }}", "{{- '<|im_end|>' }}\n        {%- endgeneration %}\n        {{- '\\n' }}")
 ) + QWEN3_TAIL
 
+# DeepSeek-R1's template as it ships (DeepSeek V3's tool calls: arguments joined as text)
+DEEPSEEK_R1 = "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='', is_first_sp=true) %}{%- for message in messages %}{%- if message['role'] == 'system' %}{%- if ns.is_first_sp %}{% set ns.system_prompt = ns.system_prompt + message['content'] %}{% set ns.is_first_sp = false %}{%- else %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}{%- endif %}{%- endif %}{%- endfor %}{{ bos_token }}{{ ns.system_prompt }}{%- for message in messages %}{%- if message['role'] == 'user' %}{%- set ns.is_tool = false -%}{{'<｜User｜>' + message['content']}}{%- endif %}{%- if message['role'] == 'assistant' and 'tool_calls' in message %}{%- set ns.is_tool = false -%}{%- for tool in message['tool_calls'] %}{%- if not ns.is_first %}{%- if message['content'] is none %}{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\\n' + '```json' + '\\n' + tool['function']['arguments'] + '\\n' + '```' + '<｜tool▁call▁end｜>'}}{%- else %}{{'<｜Assistant｜>' + message['content'] + '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\\n' + '```json' + '\\n' + tool['function']['arguments'] + '\\n' + '```' + '<｜tool▁call▁end｜>'}}{%- endif %}{%- set ns.is_first = true -%}{%- else %}{{'\\n' + '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\\n' + '```json' + '\\n' + tool['function']['arguments'] + '\\n' + '```' + '<｜tool▁call▁end｜>'}}{%- endif %}{%- endfor %}{{'<｜tool▁calls▁end｜><｜end▁of▁sentence｜>'}}{%- endif %}{%- if message['role'] == 'assistant' and 'tool_calls' not in message %}{%- if ns.is_tool %}{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}{%- set ns.is_tool = false -%}{%- else %}{% set content = message['content'] %}{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}{%- if message['role'] == 'tool' %}{%- set ns.is_tool = true -%}{%- if ns.is_output_first %}{{'<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}{%- set ns.is_output_first = false %}{%- else %}{{'<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}{%- endif %}{%- endif %}{%- endfor -%}{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% endif %}{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜><think>\\n'}}{% endif %}"
+
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
             "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
 TOOLS = [{"type": "function", "function": {
@@ -177,3 +180,27 @@ def test_reasoning_templates_mask_as_generation_blocks(tmp_path, backend, name, 
         mask = [0] + [int(t != IGNORE) for t in ex.labels[:-1]]  # labels are pre-shifted
         assert mask == list(out["assistant_masks"])
         assert sum(mask) > 0
+
+
+@pytest.mark.parametrize("template", [QWEN3, DEEPSEEK_R1])
+def test_openai_argument_text_goes_to_templates_that_read_text(tmp_path, backend, template):
+    """OpenAI's tool-call arguments are JSON text. Ember decodes them for templates that
+    ``tojson`` the arguments, but Qwen3 writes a string as given and DeepSeek joins it with
+    ``+``: decoded, Qwen3's text was re-spaced and re-escaped, and DeepSeek refused every line
+    (a dict joined to a str). Such templates get the text, as transformers renders it."""
+    call = {"type": "function", "function": {"name": "get_weather",
+                                             "arguments": '{"city":"Z\\u00fcrich"}'}}
+    messages = [Q1, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": '{"temp": 21}'}, A2]
+    bos = "<｜begin▁of▁sentence｜>" if template == DEEPSEEK_R1 else None
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos,
+                                              eos_token="<|im_end|>", chat_template=template)
+    want = hf.apply_chat_template(messages, tools=TOOLS, tokenize=False)
+    assert '{"city":"Z\\u00fcrich"}' in want
+    ours = Tokenizer(backend, bos_token=bos, eos_token="<|im_end|>", chat_template=template)
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": messages, "tools": TOOLS}) + "\n")
+    (ex,), _ = load_examples(path, DataConfig(train=str(path), bad_lines="error"), ours)
+    assert ex.input_ids == hf.apply_chat_template(messages, tools=TOOLS, tokenize=True,
+                                                  return_dict=False)
+    assert backend.decode(ex.input_ids, skip_special_tokens=False) == want
