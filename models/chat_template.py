@@ -144,9 +144,11 @@ def _with_parts(messages: list, template: str) -> list:
 
 
 def render(template: str, messages: Sequence[dict], context: dict, *,
-           add_generation_prompt: bool = False,
-           continue_final_message: bool | str = False) -> str:
-    """The text ``template`` renders for ``messages`` and the variables in ``context``."""
+           add_generation_prompt: bool = False, continue_final_message: bool | str = False,
+           generation: list[tuple[int, int]] | None = None) -> str:
+    """The text ``template`` renders for ``messages`` and the variables in ``context``; the
+    (start, end) characters of each ``{% generation %}`` block are appended to ``generation``
+    when it is a list, found as transformers' ``return_assistant_tokens_mask`` finds them."""
     messages = None if isinstance(messages, Mapping | str) else _plain(
         _with_argument_text(_with_parts(list(messages), template), template))
     if messages is None or not all(isinstance(m, dict) for m in messages):
@@ -163,13 +165,56 @@ def render(template: str, messages: Sequence[dict], context: dict, *,
     if continue_final_message:
         final = _tag_final_message(chat, continue_final_message, template)
     try:
-        text = _compile(template).render(
-            messages=chat, add_generation_prompt=add_generation_prompt, **_plain(context))
+        text = _generate(_compile(template), generation, messages=chat,
+                         add_generation_prompt=add_generation_prompt, **_plain(context))
     except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
         # raise_exception() (a TemplateError with the template's text) and template bugs
         why = e if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: {e}"
         raise EmberError(f"chat template failed: {why}") from None
     return text if final is None else _cut_at_tag(text, final)
+
+
+# transformers' apply_chat_template options that are not template variables (transformers never
+# passes them to the template): Ember has no such option, so a value that asks for something is
+# refused rather than silently ignored.
+_HF_OPTIONS = {
+    "sanitize_control_tokens": "Ember does not sanitize control tokens in the messages: a "
+                               "special token written in a message is encoded as that token; "
+                               "remove such text from untrusted messages yourself",
+    "return_assistant_tokens_mask": "Ember's training data masks the prompt itself "
+                                    "(data.loss_on = 'completion', ember.engine.data)",
+    "return_tensors": "Ember returns a list of token ids; convert it yourself",
+    "padding": "Ember returns one list of token ids; pad it yourself",
+    "truncation": "Ember returns the whole list of token ids; truncate it yourself",
+    "max_length": "Ember returns the whole list of token ids; truncate it yourself",
+    "tokenizer_kwargs": "Ember encodes the rendered text without special tokens, as "
+                        "transformers does by default",
+}
+
+
+def refuse_hf_options(kwargs: dict, tokenize: bool) -> None:
+    """Drop transformers' non-template options from ``kwargs``; EmberError for one that asks
+    for something (``return_dict=False`` is what Ember returns anyway)."""
+    for name, why in _HF_OPTIONS.items():
+        if kwargs.pop(name, None):
+            raise EmberError(f"apply_chat_template: {name} is a transformers option: {why}")
+    if kwargs.pop("return_dict", False) and tokenize:
+        raise EmberError("apply_chat_template: return_dict is a transformers option: Ember "
+                         "returns the list of token ids (tokenize=True) or the text")
+
+
+def _generate(compiled, generation: list | None, **variables) -> str:
+    """``compiled`` rendered, tracking its generation blocks into ``generation`` (a list)."""
+    if generation is None:
+        return compiled.render(**variables)
+    tracker = compiled.environment.extensions[_Generation.identifier]
+    tracker.blocks, tracker.spans = [], generation
+    try:
+        for block in compiled.generate(**variables):
+            tracker.blocks.append(block)
+        return "".join(tracker.blocks)
+    finally:
+        tracker.blocks = tracker.spans = None
 
 
 def _alias_reasoning(chat: list[dict]) -> list[dict]:
@@ -244,23 +289,33 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+class _Generation(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` marks assistant text for loss masks, as in
+    transformers: it renders its body unchanged, and while ``blocks`` (the output so far) is a
+    list, appends the body's (start, end) characters to ``spans``."""
+
+    tags = {"generation"}
+
+    def __init__(self, environment):
+        super().__init__(environment)
+        self.blocks: list[str] | None = None
+        self.spans: list[tuple[int, int]] | None = None
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        text = caller()
+        if self.blocks is not None and self.spans is not None:
+            start = sum(map(len, self.blocks))
+            self.spans.append((start, start + len(text)))
+        return text
+
+
 @lru_cache(maxsize=1)
 def _env() -> ImmutableSandboxedEnvironment:
-    class _Generation(jinja2.ext.Extension):
-        """``{% generation %}...{% endgeneration %}`` marks assistant text for loss masks in
-        transformers; here it renders its body unchanged."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(
-                lineno)
-
-        def _body(self, caller):
-            return caller()
-
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
