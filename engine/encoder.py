@@ -42,6 +42,11 @@ class _Encoder:
         self.backend = next((b for b in (getattr(tokenizer, k, None) for k in (
             "backend", "backend_tokenizer")) if isinstance(b, tokenizers.Tokenizer)), None)
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        # whether a template of Ember's tokenizer marks {% generation %} blocks (else: no need
+        # to render each conversation again to find them)
+        self.marks = isinstance(tokenizer, Tokenizer) and any(
+            "endgeneration" in (t or "") for t in (tokenizer.chat_template,
+                                                   *tokenizer.chat_templates.values()))
         self.chat = self.has_template if cfg.use_chat_template is None else cfg.use_chat_template
         if self.chat and not self.has_template:
             raise EmberError("data.use_chat_template is true but the tokenizer has no chat "
@@ -150,7 +155,7 @@ class _Encoder:
         which transformers' ``return_assistant_tokens_mask`` (and TRL's assistant-only loss)
         train, whatever they leave out or take in (the end-of-turn token, a header); None when
         the template marks none or the tokenizer is not Ember's."""
-        if not isinstance(self.tok, Tokenizer):
+        if not self.marks:
             return None
         found: list[tuple[int, int]] = []
         if self._render(messages, blocks=found) != full or not found:
