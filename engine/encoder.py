@@ -14,8 +14,16 @@ from typing import TYPE_CHECKING
 import tokenizers
 
 from ember import EmberError
-from ember.engine.formats import Chat, _Bad, alpaca_prompt, turn_end, turn_start
-from ember.models.tokenizer import stop_token_ids
+from ember.engine.formats import (
+    Chat,
+    _Bad,
+    alpaca_prompt,
+    shared_opening,
+    turn_end,
+    turn_start,
+    turn_tail_end,
+)
+from ember.models.tokenizer import Tokenizer, stop_token_ids
 
 if TYPE_CHECKING:
     from ember.engine.data import DataConfig
@@ -34,6 +42,11 @@ class _Encoder:
         self.backend = next((b for b in (getattr(tokenizer, k, None) for k in (
             "backend", "backend_tokenizer")) if isinstance(b, tokenizers.Tokenizer)), None)
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        # whether a template of Ember's tokenizer marks {% generation %} blocks (else: no need
+        # to render each conversation again to find them)
+        self.marks = isinstance(tokenizer, Tokenizer) and any(
+            "endgeneration" in (t or "") for t in (tokenizer.chat_template,
+                                                   *tokenizer.chat_templates.values()))
         self.chat = self.has_template if cfg.use_chat_template is None else cfg.use_chat_template
         if self.chat and not self.has_template:
             raise EmberError("data.use_chat_template is true but the tokenizer has no chat "
@@ -85,16 +98,20 @@ class _Encoder:
                              "has none (use prompt/completion lines of strings instead)")
         return self._chat(with_system_prompt(self.cfg, rec), all_loss)
 
-    def _render(self, messages, gen: bool = False, line: Chat | None = None) -> str:
+    def _render(self, messages, gen: bool = False, line: Chat | None = None,
+                blocks: list | None = None) -> str:
         """``messages`` rendered with the tools and template variables (``chat_template_kwargs``)
-        of ``line``, the Chat they come from (None: ``messages`` itself)."""
+        of ``line``, the Chat they come from (None: ``messages`` itself); ``blocks`` (a list)
+        receives the template's ``{% generation %}`` spans (Ember's tokenizer only)."""
         line = messages if line is None else line
         tools = getattr(line, "tools", None)
         try:
             return self.tok.apply_chat_template(messages, add_generation_prompt=gen,
                                                 tokenize=False,
                                                 **(getattr(line, "template_kwargs", None) or {}),
-                                                **({"tools": tools} if tools else {}))
+                                                **({"tools": tools} if tools else {}),
+                                                **({"generation_spans": blocks}
+                                                   if blocks is not None else {}))
         except Exception as e:  # jinja raise_exception() and template bugs: a per-line problem
             raise _Bad("chat template", f"the chat template rejected this conversation: "
                                         f"{type(e).__name__}: {e}") from None
@@ -116,6 +133,8 @@ class _Encoder:
                 upto = upto[: -len(eos)]  # Phi-3 ends a render with EOS, not each turn
             pre = (self._opening(messages, upto) if i == 0
                    else self._render(messages[:i], True, messages))
+            if i and not upto.startswith(pre):  # a prompt that opens more than turns render
+                pre = shared_opening(pre, upto, self._render(messages[:i], False, messages))
             if full.startswith(upto) and upto.startswith(pre):
                 start, end = len(pre), len(upto)
             else:  # the turn renders otherwise once later messages follow
@@ -123,10 +142,29 @@ class _Encoder:
                     full, pos, pre, messages[i - 1].get("content") if i else None)
                 end = (None if start is None else len(upto) if full.startswith(upto)
                        else turn_end(full, start, upto, m.get("content")))
+                if end is None and start is not None and upto.startswith(pre):
+                    end = turn_tail_end(full, start, upto[len(pre):])
             if end is None or not pos <= start <= end:
                 return None
             spans += [(pos, start, False), (start, end, True)]
             pos = end
+        return spans + [(pos, len(full), False)]
+
+    def _generation(self, messages, full: str):
+        """The spans of ``full`` (as ``_spans``) that the template marks ``{% generation %}``,
+        which transformers' ``return_assistant_tokens_mask`` (and TRL's assistant-only loss)
+        train, whatever they leave out or take in (the end-of-turn token, a header); None when
+        the template marks none or the tokenizer is not Ember's."""
+        if not self.marks:
+            return None
+        found: list[tuple[int, int]] = []
+        if self._render(messages, blocks=found) != full or not found:
+            return None
+        spans, pos = [], 0
+        for s, e in sorted(found):
+            if s >= pos:  # (a block inside another is the other's)
+                spans += [(pos, s, False), (s, e, True)]
+                pos = e
         return spans + [(pos, len(full), False)]
 
     def _opening(self, messages, upto: str) -> str:
@@ -181,7 +219,8 @@ class _Encoder:
         if not isinstance(messages, Chat):
             messages = Chat(messages)
         full = self._render(messages)
-        spans = self._spans(messages, full)
+        marked = self._generation(messages, full)
+        spans = self._spans(messages, full) if marked is None else marked
         if spans is None and not all_loss:
             raise _Bad("chat template", "the chat template does not render this conversation "
                                         "turn by turn, so assistant tokens cannot be located; "
@@ -196,15 +235,24 @@ class _Encoder:
         ids, turns = self._tokens(full, spans)
         mask, prompt_len, end, stop = [all_loss] * len(ids), 0, None, None
         weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
+        if marked is not None and len(weights) != len(turns):  # blocks are not one per turn
+            if 0 in weights:
+                raise _Bad("chat template", "an assistant message has weight 0, but the chat "
+                                            "template's {% generation %} blocks are not one per "
+                                            "assistant message; drop the weights")
+            weights = [1] * len(turns)
         for toks, weight in zip(turns, weights if turns else [], strict=True):
             if not toks:  # (toks: the token indices of one assistant span)
                 continue
-            prompt_len, end, stop = toks[0], toks[-1] + 1, self._stop(ids, toks)
+            # a marked block is trained whole, as transformers' assistant mask has it
+            prompt_len, end = toks[0], toks[-1] + 1
+            stop = None if marked is not None else self._stop(ids, toks)
             for j in toks:
                 # Template text after the end-of-turn token (a newline, Phi-3's final EOS) is
                 # not the answer; nor is a turn of weight 0.
                 mask[j] = all_loss or weight != 0 and (stop is None or j <= stop)
-        if self.cfg.add_eos and self.eos is not None and end is not None and stop is None:
+        if (self.cfg.add_eos and self.eos is not None and end is not None and stop is None
+                and marked is None):
             ids.insert(end, self.eos)
             mask.insert(end, True)
         reference = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None

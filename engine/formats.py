@@ -23,7 +23,9 @@ What each input shape becomes:
     Tool use: ``tool_calls`` of an assistant message go to the template as given (transformers'
         shape, ``{"type": "function", "function": {"name", "arguments"}}``), except that
         ``arguments`` given as a JSON string (OpenAI's shape) is decoded to an object: templates
-        ``tojson`` the arguments, and a string would be trained as a quoted, escaped string.
+        ``tojson`` the arguments, and a string would be trained as a quoted, escaped string; a
+        template that reads them as text (Qwen3, DeepSeek) gets the string as given
+        (``models.chat_template.JSONArguments``).
         ``tools`` (a line's JSON schemas, or their JSON text as TRL reads it) are passed to the
         template as ``tools``.
     TRL's vision lines (a non-empty ``images`` list, or an ``image``) are refused, as image
@@ -38,7 +40,7 @@ from __future__ import annotations
 import json
 from typing import NamedTuple
 
-from ember.models.chat_template import TextParts
+from ember.models.chat_template import JSONArguments, TextParts
 
 # "developer": OpenAI's name for system instructions to its newer models; it goes to the template
 # as given, as transformers passes it (most templates render any role by its name).
@@ -322,7 +324,7 @@ def _tool_calls(calls, where: str) -> list:
         args = fn.get("arguments", {})
         if isinstance(args, str):  # OpenAI's shape: the arguments as a JSON text
             try:
-                args = json.loads(args)
+                args = JSONArguments(args)
             except json.JSONDecodeError as e:
                 raise _Bad("wrong type", f"{w}.function.arguments is a string that is not "
                                          f"JSON: {e.msg}") from None
@@ -416,6 +418,27 @@ def turn_end(full: str, start: int, upto: str, content) -> int | None:
             close, at + len(content)):
         return None
     return at + len(content) + len(close)
+
+
+def turn_tail_end(full: str, start: int, body: str) -> int | None:
+    """Where an assistant turn that starts at ``start`` in ``full`` ends, when ``body`` (the turn
+    as rendered last) is the turn with text in front that the template drops once later
+    messages follow (Qwen3's empty think block before a tool call without content): after the
+    longest end of ``body`` that ``full`` has at ``start``; None when there is none."""
+    for k in range(len(body)):
+        if full.startswith(body[k:], start):
+            return start + len(body) - k if body[k:].strip() else None
+    return None
+
+
+def shared_opening(pre: str, upto: str, before: str) -> str:
+    """The generation prompt ``pre`` cut to what the turn rendered in ``upto`` shares with it,
+    when the prompt opens more than the training render writes (DeepSeek-R1's
+    ``<｜Assistant｜><think>\\n``, whose turns render ``<｜Assistant｜>answer``); ``pre`` itself
+    when they part before the prompt (``before``: the conversation rendered without one)."""
+    k = next((j for j, (a, b) in enumerate(zip(pre, upto, strict=False)) if a != b),
+             min(len(pre), len(upto)))
+    return pre[:k] if k > len(before) and pre.startswith(before) else pre
 
 
 def turn_start(full: str, pos: int, pre: str, before) -> int | None:

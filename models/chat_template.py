@@ -96,6 +96,42 @@ class TextParts(str):
         return TextParts, (self.parts,)
 
 
+class JSONArguments(dict):
+    """A tool call's arguments given as JSON text (OpenAI's shape): the decoded object, which a
+    template that ``tojson``s the arguments renders once (the text would come out quoted and
+    escaped), and the text itself (``.text``), which goes, as given, to a template that reads
+    arguments as text (Qwen3's ``arguments is string``, DeepSeek's ``+ arguments``)."""
+
+    text: str
+
+    def __init__(self, text: str):
+        super().__init__(json.loads(text))
+        self.text = text
+
+    def __reduce__(self):  # copy and pickle rebuild it from its text
+        return JSONArguments, (self.text,)
+
+
+def _with_argument_text(messages: list, template: str) -> list:
+    """``messages`` with each JSONArguments as its text when ``template`` takes text."""
+    def calls(m):
+        return m.get("tool_calls") if isinstance(m, dict) and isinstance(
+            m.get("tool_calls"), list) else []
+
+    def text(call):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), JSONArguments):
+            return call
+        return {**call, "function": {**fn, "arguments": fn["arguments"].text}}
+
+    if not any(isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(
+            c["function"].get("arguments"), JSONArguments) for m in messages for c in calls(m)
+               ) or not takes_argument_text(template):
+        return messages
+    return [{**m, "tool_calls": [text(c) for c in calls(m)]} if calls(m) else m
+            for m in messages]
+
+
 def _with_parts(messages: list, template: str) -> list:
     """``messages`` with each TextParts content as its list of text parts when ``template``
     loops over content."""
@@ -108,11 +144,13 @@ def _with_parts(messages: list, template: str) -> list:
 
 
 def render(template: str, messages: Sequence[dict], context: dict, *,
-           add_generation_prompt: bool = False,
-           continue_final_message: bool | str = False) -> str:
-    """The text ``template`` renders for ``messages`` and the variables in ``context``."""
+           add_generation_prompt: bool = False, continue_final_message: bool | str = False,
+           generation: list[tuple[int, int]] | None = None) -> str:
+    """The text ``template`` renders for ``messages`` and the variables in ``context``; the
+    (start, end) characters of each ``{% generation %}`` block are appended to ``generation``
+    when it is a list, found as transformers' ``return_assistant_tokens_mask`` finds them."""
     messages = None if isinstance(messages, Mapping | str) else _plain(
-        _with_parts(list(messages), template))
+        _with_argument_text(_with_parts(list(messages), template), template))
     if messages is None or not all(isinstance(m, dict) for m in messages):
         raise EmberError("apply_chat_template expects a list of {'role', 'content'} dicts")
     tools = context.get("tools")
@@ -127,13 +165,56 @@ def render(template: str, messages: Sequence[dict], context: dict, *,
     if continue_final_message:
         final = _tag_final_message(chat, continue_final_message, template)
     try:
-        text = _compile(template).render(
-            messages=chat, add_generation_prompt=add_generation_prompt, **_plain(context))
+        text = _generate(_compile(template), generation, messages=chat,
+                         add_generation_prompt=add_generation_prompt, **_plain(context))
     except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
         # raise_exception() (a TemplateError with the template's text) and template bugs
         why = e if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: {e}"
         raise EmberError(f"chat template failed: {why}") from None
     return text if final is None else _cut_at_tag(text, final)
+
+
+# transformers' apply_chat_template options that are not template variables (transformers never
+# passes them to the template): Ember has no such option, so a value that asks for something is
+# refused rather than silently ignored.
+_HF_OPTIONS = {
+    "sanitize_control_tokens": "Ember does not sanitize control tokens in the messages: a "
+                               "special token written in a message is encoded as that token; "
+                               "remove such text from untrusted messages yourself",
+    "return_assistant_tokens_mask": "Ember's training data masks the prompt itself "
+                                    "(data.loss_on = 'completion', ember.engine.data)",
+    "return_tensors": "Ember returns a list of token ids; convert it yourself",
+    "padding": "Ember returns one list of token ids; pad it yourself",
+    "truncation": "Ember returns the whole list of token ids; truncate it yourself",
+    "max_length": "Ember returns the whole list of token ids; truncate it yourself",
+    "tokenizer_kwargs": "Ember encodes the rendered text without special tokens, as "
+                        "transformers does by default",
+}
+
+
+def refuse_hf_options(kwargs: dict, tokenize: bool) -> None:
+    """Drop transformers' non-template options from ``kwargs``; EmberError for one that asks
+    for something (``return_dict=False`` is what Ember returns anyway)."""
+    for name, why in _HF_OPTIONS.items():
+        if kwargs.pop(name, None):
+            raise EmberError(f"apply_chat_template: {name} is a transformers option: {why}")
+    if kwargs.pop("return_dict", False) and tokenize:
+        raise EmberError("apply_chat_template: return_dict is a transformers option: Ember "
+                         "returns the list of token ids (tokenize=True) or the text")
+
+
+def _generate(compiled, generation: list | None, **variables) -> str:
+    """``compiled`` rendered, tracking its generation blocks into ``generation`` (a list)."""
+    if generation is None:
+        return compiled.render(**variables)
+    tracker = compiled.environment.extensions[_Generation.identifier]
+    tracker.blocks, tracker.spans = [], generation
+    try:
+        for block in compiled.generate(**variables):
+            tracker.blocks.append(block)
+        return "".join(tracker.blocks)
+    finally:
+        tracker.blocks = tracker.spans = None
 
 
 def _alias_reasoning(chat: list[dict]) -> list[dict]:
@@ -208,23 +289,33 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+class _Generation(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` marks assistant text for loss masks, as in
+    transformers: it renders its body unchanged, and while ``blocks`` (the output so far) is a
+    list, appends the body's (start, end) characters to ``spans``."""
+
+    tags = {"generation"}
+
+    def __init__(self, environment):
+        super().__init__(environment)
+        self.blocks: list[str] | None = None
+        self.spans: list[tuple[int, int]] | None = None
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        text = caller()
+        if self.blocks is not None and self.spans is not None:
+            start = sum(map(len, self.blocks))
+            self.spans.append((start, start + len(text)))
+        return text
+
+
 @lru_cache(maxsize=1)
 def _env() -> ImmutableSandboxedEnvironment:
-    class _Generation(jinja2.ext.Extension):
-        """``{% generation %}...{% endgeneration %}`` marks assistant text for loss masks in
-        transformers; here it renders its body unchanged."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(
-                lineno)
-
-        def _body(self, caller):
-            return caller()
-
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
@@ -232,10 +323,19 @@ def _env() -> ImmutableSandboxedEnvironment:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} not allowed")
+
     class _Namespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):  # namespace(self=...) works, as in jinja2
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                _check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
         def __setitem__(self, name, value):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} not allowed")
+            _check(name)
             super().__setitem__(name, value)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
@@ -276,3 +376,23 @@ def loops_over_content(template: str) -> bool:
     names = frozenset(a.target.name for a in tree.find_all(jinja2.nodes.Assign)
                       if isinstance(a.target, jinja2.nodes.Name) and content(a.node))
     return any(content(f.iter, names) for f in tree.find_all(jinja2.nodes.For))
+
+
+@lru_cache(maxsize=16)
+def takes_argument_text(template: str) -> bool:
+    """Whether ``template`` reads a tool call's arguments as text: tests ``arguments is string``
+    (Qwen3) or joins them to text with ``+`` or ``~`` (DeepSeek V3 / R1)."""
+    try:
+        tree = _env().parse(template)
+    except jinja2.TemplateSyntaxError:
+        return False  # rendering says why
+
+    def arguments(node) -> bool:
+        return (isinstance(node, jinja2.nodes.Getattr) and node.attr == "arguments"
+                or isinstance(node, jinja2.nodes.Getitem)
+                and isinstance(node.arg, jinja2.nodes.Const) and node.arg.value == "arguments")
+
+    return any(t.name == "string" and arguments(t.node) for t in tree.find_all(jinja2.nodes.Test)
+               ) or any(arguments(n.left) or arguments(n.right)
+                        for n in tree.find_all(jinja2.nodes.Add)) or any(
+        arguments(x) for n in tree.find_all(jinja2.nodes.Concat) for x in n.nodes)

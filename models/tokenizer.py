@@ -22,7 +22,12 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from ember import EmberError
-from ember.models.chat_template import read_templates, render, select_template
+from ember.models.chat_template import (
+    read_templates,
+    refuse_hf_options,
+    render,
+    select_template,
+)
 from ember.models.tokenizer_classes import class_pipeline
 
 _SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -145,14 +150,17 @@ class Tokenizer:
     # ---- chat ------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
                             tokenize: bool = False, continue_final_message: bool | str = False,
-                            chat_template: str | None = None, **kwargs: Any) -> str | list[int]:
+                            chat_template: str | None = None,
+                            generation_spans: list[tuple[int, int]] | None = None,
+                            **kwargs: Any) -> str | list[int]:
         """Render ``messages`` ([{"role": ..., "content": ...}]) with the model's template; extra
         keyword arguments become template variables (e.g. ``tools``, ``enable_thinking``).
         Rendered as transformers 5 renders it (``ember.models.chat_template``): ``tools`` select
         a model's ``tool_use`` template, ``chat_template`` names another (or is one), and
         ``continue_final_message`` (True, or the field to continue) ends the text inside the last
-        message instead of closing its turn, for the model to continue it."""
-        _refuse_hf_options(kwargs, tokenize)
+        message instead of closing its turn, for the model to continue it. ``generation_spans``: a
+        list that receives the (start, end) characters of each ``{% generation %}`` block."""
+        refuse_hf_options(kwargs, tokenize)
         template = select_template(self.chat_template, self.chat_templates, chat_template,
                                    kwargs.get("tools"))
         # only the tokens the model has: a missing one is undefined (renders ""), as in
@@ -163,7 +171,8 @@ class Tokenizer:
         context.setdefault("tools", None)
         context.setdefault("documents", None)
         text = render(template, messages, context, add_generation_prompt=add_generation_prompt,
-                      continue_final_message=continue_final_message)
+                      continue_final_message=continue_final_message,
+                      generation=generation_spans)
         return self.encode(text) if tokenize else text
 
     # ---- persistence -----------------------------------------------------------------------------
@@ -197,35 +206,6 @@ class Tokenizer:
         _write_json(out / "special_tokens_map.json", specials)
 
 
-# transformers' apply_chat_template options that are not template variables (transformers never
-# passes them to the template): Ember has no such option, so a value that asks for something is
-# refused rather than silently ignored.
-_HF_OPTIONS = {
-    "sanitize_control_tokens": "Ember does not sanitize control tokens in the messages: a "
-                               "special token written in a message is encoded as that token; "
-                               "remove such text from untrusted messages yourself",
-    "return_assistant_tokens_mask": "Ember's training data masks the prompt itself "
-                                    "(data.loss_on = 'completion', ember.engine.data)",
-    "return_tensors": "Ember returns a list of token ids; convert it yourself",
-    "padding": "Ember returns one list of token ids; pad it yourself",
-    "truncation": "Ember returns the whole list of token ids; truncate it yourself",
-    "max_length": "Ember returns the whole list of token ids; truncate it yourself",
-    "tokenizer_kwargs": "Ember encodes the rendered text without special tokens, as "
-                        "transformers does by default",
-}
-
-
-def _refuse_hf_options(kwargs: dict, tokenize: bool) -> None:
-    """Drop transformers' non-template options from ``kwargs``; EmberError for one that asks
-    for something (``return_dict=False`` is what Ember returns anyway)."""
-    for name, why in _HF_OPTIONS.items():
-        if kwargs.pop(name, None):
-            raise EmberError(f"apply_chat_template: {name} is a transformers option: {why}")
-    if kwargs.pop("return_dict", False) and tokenize:
-        raise EmberError("apply_chat_template: return_dict is a transformers option: Ember "
-                         "returns the list of token ids (tokenize=True) or the text")
-
-
 def _set_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None) -> None:
     """Make ``encode(..., add_special_tokens=True)`` add ``bos`` before and ``eos`` after the text
     (either may be None); a no-op when both are."""
@@ -240,19 +220,19 @@ def _set_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None
 
 
 def _add_config_tokens(backend: tokenizers.Tokenizer, decoder: Any) -> None:
-    """Add the tokens of tokenizer_config.json's ``added_tokens_decoder`` that tokenizer.json
-    lacks (a config edited by hand or by another tool), in id order, as transformers 5 does;
-    the ones tokenizer.json has keep its flags."""
+    """tokenizer_config.json's ``added_tokens_decoder`` in id order, as transformers 5 adds it:
+    a token tokenizer.json lacks is added, one it has with other flags takes the config's."""
     if not isinstance(decoder, dict):
         return
     entries = sorted((int(i), d) for i, d in decoder.items() if str(i).isdigit()
                      and isinstance(d, dict) and isinstance(d.get("content"), str))
+    have = {repr(t) for t in backend.get_added_tokens_decoder().values()}
     for _, d in entries:
-        if backend.token_to_id(d["content"]) is None:
-            flags = {k: bool(d[k]) for k in ("single_word", "lstrip", "rstrip", "normalized",
-                                             "special") if k in d}
-            token = AddedToken(d["content"], **flags)
-            (backend.add_special_tokens if token.special else backend.add_tokens)([token])
+        flags = {k: bool(d[k]) for k in ("single_word", "lstrip", "rstrip", "normalized",
+                                         "special") if k in d}
+        token = AddedToken(d["content"], **flags)
+        if repr(token) not in have:
+            backend.add_tokens([token])
 
 
 def _add_named_specials(backend: tokenizers.Tokenizer, cfg: dict, smap: dict) -> None:

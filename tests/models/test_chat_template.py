@@ -114,3 +114,21 @@ def test_transformers_only_options_are_refused_not_ignored():
             ours.apply_chat_template(chat, tokenize=True, **kw)
     assert ours.apply_chat_template(chat, sanitize_control_tokens=False, padding=False) == (
         theirs.apply_chat_template(chat, tokenize=False))
+
+
+@pytest.mark.parametrize("template", [
+    "{% set ns = namespace(_seen=1) %}{{ ns._seen }}",
+    "{% set ns = namespace({'__class__': 1}) %}x",
+    "{% set ns = namespace() %}{% set ns._seen = 1 %}x"])
+def test_underscore_namespace_attributes_are_refused_as_in_transformers(template):
+    """transformers refuses a namespace attribute starting with "_" whether it is set later or
+    given to ``namespace(...)``; Ember refused only the first and rendered the second."""
+    from ember import EmberError
+
+    backend = tokenizer_from_gguf(tiny_tokenizer_md()).backend
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_object=backend,
+                                                  chat_template=template)
+    with pytest.raises(Exception, match="underscore-prefixed"):
+        theirs.apply_chat_template(CHAT, tokenize=False)
+    with pytest.raises(EmberError, match="namespace attribute '_"):
+        Tokenizer(backend, chat_template=template).apply_chat_template(CHAT)

@@ -1,0 +1,53 @@
+"""Added tokens whose flags (lstrip, rstrip, single_word, normalized, special) differ between
+tokenizer.json and tokenizer_config.json's ``added_tokens_decoder``: transformers 5 re-adds the
+config's, so they win. The oracle is ``AutoTokenizer`` on the same folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer as Backend
+
+from ember.models.tokenizer import load_tokenizer
+
+TEXTS = ["Hello <mask> world", "a <sep> b", "a<sep>b", "x  <tag>  y", "HI <Tag>",
+         "foo <sep>bar <sep> baz", "wx<tag>yz", "<mask><mask> <mask>"]
+NAMES = ("lstrip", "rstrip", "single_word", "normalized")
+
+
+def _folder(tmp_path, in_json: bool, in_config: bool):
+    """tokenizer.json whose added tokens have every flag ``in_json``; the config has them all
+    ``in_config`` and makes <sep> special (tokenizer.json has it as plain text)."""
+    tok = Backend(models.BPE())
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    flags = dict.fromkeys(NAMES, in_json)
+    tok.add_special_tokens([AddedToken("<mask>", special=True, **flags)])
+    tok.add_tokens([AddedToken(t, special=False, **flags) for t in ("<sep>", "<tag>")])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    decoder = {str(tok.token_to_id(t)): {"content": t, "special": t != "<tag>",
+                                         **dict.fromkeys(NAMES, in_config)}
+               for t in ("<mask>", "<sep>", "<tag>")}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "added_tokens_decoder": decoder}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("in_json, in_config", [(False, True), (True, False)])
+def test_config_flags_of_added_tokens_win_as_in_transformers(tmp_path, in_json, in_config):
+    transformers = pytest.importorskip("transformers")
+    folder = _folder(tmp_path, in_json, in_config)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    ours = load_tokenizer(folder)
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == theirs(text, add_special_tokens=False)["input_ids"], text
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
+                ids, skip_special_tokens=skip), text
