@@ -32,12 +32,14 @@ def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def macro_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """F1 averaged over the reference labels (a label task); a prediction outside the label set
-    counts as a miss for its reference's class."""
+    """Macro F1 of text labels (normalized, case-folded) as scikit-learn's
+    ``f1_score(average="macro")`` computes it: averaged over every label that is a reference or
+    a prediction, so a prediction outside the reference labels is a miss for its reference's
+    label and a label of F1 0 in the average (it was left out of the average)."""
     _check(predictions, references)
     preds = [normalize(p).casefold() for p in predictions]
     refs = [normalize(r).casefold() for r in references]
-    return _mean_f1(sorted(set(refs)), preds, refs)
+    return _mean_f1(sorted(set(refs) | set(preds)), preds, refs)
 
 
 def class_macro_f1(predictions: Sequence[int], references: Sequence[int]) -> float:
