@@ -295,9 +295,9 @@ def _cmd_eval(a) -> None:
         if scores is not None:
             print(json.dumps(scores))
             return
+    asked = [m.strip() for m in (a.metrics or "").split(",") if m.strip()]
     if is_choice_file(data):
-        asked = set((a.metrics or "").split(",")) - {""}
-        if asked - {"choice_accuracy", "choice_accuracy_norm"}:
+        if set(asked) - {"choice_accuracy", "choice_accuracy_norm"}:
             raise EmberError(f"{data} is a multiple-choice file: its metrics are choice_accuracy "
                              f"and choice_accuracy_norm (both reported), not {sorted(asked)}")
         examples, questions, report = load_choices(data, data_cfg, tok)
@@ -307,14 +307,24 @@ def _cmd_eval(a) -> None:
         print(json.dumps({"data": str(data), "examples": len(examples),
                           **choice_metrics(scores, questions)}))
         return
+    from ember.engine.metrics import METRICS
+
+    unknown = [m for m in asked if m not in METRICS]
+    if unknown:  # before the loss: it was found after it, or never on a file without answers
+        raise EmberError(f"unknown metric {unknown[0]!r}; --metrics takes {', '.join(METRICS)} "
+                         "(comma-separated)")
     examples, report = load_examples(data, data_cfg, tok)
     print(report.summary(), file=sys.stderr)
     examples = examples[:a.max_examples]  # loss and generation metrics on the same examples
+    if asked and not any(e.reference is not None for e in examples):
+        raise EmberError(f"--metrics {','.join(asked)}: {data} has no prompt/completion or "
+                         "messages examples (a prompt and a reference answer) to generate for; "
+                         "leave --metrics out for loss and perplexity only")
     loss, _ = validation_loss(model, examples, max(data_cfg.tokens_per_batch,
                                                    max(len(e) for e in examples)), device,
                               autocast)
     scores = {"loss": loss, "perplexity": perplexity(loss)}
-    metrics = [m for m in (a.metrics or "").split(",") if m]
+    metrics = asked
     if not metrics and _is_run_dir(a.model):  # the metrics the run was evaluated with
         from ember.engine.config import load_config
 
