@@ -530,8 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "multiple-choice accuracy on question/choices/answer lines")
     model_args(p, "to evaluate")
     p.add_argument("--data", help="JSONL examples (default: the run's test split)")
-    p.add_argument("--metrics", help="comma-separated: exact_match, accuracy, f1, macro_f1, "
-                                     "json_match, field_accuracy (default: a run's "
+    p.add_argument("--metrics", help="comma-separated: exact_match, accuracy, f1 (= macro_f1), "
+                                     "squad_exact_match, squad_f1, json_match, "
+                                     "field_accuracy (engine/metrics.py; default: a run's "
                                      "eval.metrics, else exact_match; a classifier: "
                                      "accuracy,macro_f1; a reward head: accuracy,margin; a "
                                      "regression head: mse,rmse,pearson)")

@@ -1,14 +1,29 @@
-"""Task metrics on generated text: exact match, accuracy, macro F1, JSON record/field matches.
+"""Task metrics on generated text: exact match, accuracy, macro F1, SQuAD's exact match and
+token F1, JSON record/field matches.
 
-Every metric takes predictions and references (lists of str) and returns a float in [0, 1].
-Text is compared after ``normalize`` (surrounding whitespace stripped, inner runs of whitespace
-collapsed), so a trailing newline or a leading space never decides a score.
+Every metric takes predictions and references (lists of str) and returns a float in [0, 1],
+the mean over examples except for the macro F1s:
+
+- ``exact_match``: the text equals the reference after ``normalize`` (surrounding whitespace
+  stripped, inner runs collapsed); case and punctuation count (HF evaluate's ``exact_match``
+  with whitespace normalized, not SQuAD's normalized one: that is ``squad_exact_match``).
+- ``accuracy``: as exact_match, case-folded (a label task's accuracy, sklearn's
+  ``accuracy_score`` of the normalized labels).
+- ``macro_f1`` (alias ``f1``): sklearn's ``f1_score(average="macro")`` of the normalized,
+  case-folded texts as labels. Not SQuAD's token F1: that is ``squad_f1``.
+- ``squad_exact_match`` / ``squad_f1``: the official SQuAD v1.1 script's exact match and
+  token-overlap F1 after its ``normalize_answer`` (lower case, ASCII punctuation removed,
+  articles a/an/the dropped, whitespace collapsed); an empty answer scores 0 in F1, as v1.1.
+- ``json_match`` / ``field_accuracy``: see their docstrings.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import string
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 from ember import EmberError
@@ -58,6 +73,39 @@ def _mean_f1(labels, preds, refs) -> float:
         fn = sum(p != label and r == label for p, r in zip(preds, refs, strict=True))
         scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
     return sum(scores) / len(scores)
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def squad_normalize(text: str) -> str:
+    """SQuAD v1.1's ``normalize_answer``: lower case, no ASCII punctuation, no articles, single
+    spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def squad_exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """SQuAD v1.1's exact match: equal after ``squad_normalize``."""
+    _check(predictions, references)
+    return sum(squad_normalize(p) == squad_normalize(r)
+               for p, r in zip(predictions, references, strict=True)) / len(references)
+
+
+def _token_f1(prediction: str, reference: str) -> float:
+    pred, ref = squad_normalize(prediction).split(), squad_normalize(reference).split()
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """SQuAD v1.1's F1: the mean over examples of the token-overlap F1 (bags of words after
+    ``squad_normalize``)."""
+    _check(predictions, references)
+    return sum(map(_token_f1, predictions, references)) / len(references)
 
 
 def _json(text: str):
@@ -111,6 +159,8 @@ METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
     "accuracy": accuracy,
     "f1": macro_f1,
     "macro_f1": macro_f1,
+    "squad_exact_match": squad_exact_match,
+    "squad_f1": squad_f1,
     "json_match": json_match,
     "field_accuracy": field_accuracy,
 }

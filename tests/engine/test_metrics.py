@@ -51,3 +51,69 @@ def test_macro_f1_is_sklearns_macro_f1(refs, preds):
     ints = {s: i for i, s in enumerate(sorted(set(refs) | set(preds)))}
     assert M.class_macro_f1([ints[p] for p in preds], [ints[r] for r in refs]) == pytest.approx(
         want, abs=1e-12)
+
+
+# The official SQuAD v1.1 evaluation script (evaluate-v1.1.py), verbatim but for names.
+def squad_normalize_answer(s):
+    import re
+    import string
+
+    def remove_articles(text):
+        return re.sub(r"\b(a|an|the)\b", " ", text)
+
+    def white_space_fix(text):
+        return " ".join(text.split())
+
+    def remove_punc(text):
+        exclude = set(string.punctuation)
+        return "".join(ch for ch in text if ch not in exclude)
+
+    def lower(text):
+        return text.lower()
+
+    return white_space_fix(remove_articles(remove_punc(lower(s))))
+
+
+def squad_f1_score(prediction, ground_truth):
+    from collections import Counter
+
+    prediction_tokens = squad_normalize_answer(prediction).split()
+    ground_truth_tokens = squad_normalize_answer(ground_truth).split()
+    common = Counter(prediction_tokens) & Counter(ground_truth_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0
+    precision = 1.0 * num_same / len(prediction_tokens)
+    recall = 1.0 * num_same / len(ground_truth_tokens)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def squad_exact_match_score(prediction, ground_truth):
+    return squad_normalize_answer(prediction) == squad_normalize_answer(ground_truth)
+
+
+SQUAD_PAIRS = [  # (prediction, reference)
+    ("The Eiffel Tower!", "eiffel tower"), ("  Paris\n", "paris."), ("an apple a day", "apple day"),
+    ("theater", "the ater"), ("", ""), ("   ", "Paris"), ("Paris", ""), ("1,000", "1000"),
+    ("3.14 meters", "3 14 meters"), ("Paris…", "Paris"), ("«Paris»", "Paris"),
+    ("the the cat cat", "cat"), ("cat dog dog", "dog cat mouse"), ("ÉCOLE", "école"),
+    ("New York-based", "new yorkbased"), ("A", "a"), ("Los Angeles, CA", "los angeles"),
+]
+
+
+def test_squad_metrics_are_the_official_v1_1_script():
+    """squad_exact_match and squad_f1 against the official SQuAD v1.1 script's functions, on
+    case, punctuation (ASCII only, as the script: '…' and '«»' stay), articles (whole words
+    only), numbers, empty and whitespace-only answers (F1 0, as v1.1), repeated tokens."""
+    preds, refs = zip(*SQUAD_PAIRS, strict=True)
+    want_em = sum(map(squad_exact_match_score, preds, refs)) / len(refs)
+    want_f1 = sum(map(squad_f1_score, preds, refs)) / len(refs)
+    got = M.compute(["squad_exact_match", "squad_f1"], preds, refs)
+    assert got == {"squad_exact_match": pytest.approx(want_em, abs=1e-12),
+                   "squad_f1": pytest.approx(want_f1, abs=1e-12)}
+    for p, r in SQUAD_PAIRS:  # example by example
+        assert M.squad_normalize(p) == squad_normalize_answer(p)
+        assert M.squad_f1([p], [r]) == pytest.approx(squad_f1_score(p, r), abs=1e-12), (p, r)
+        assert M.squad_exact_match([p], [r]) == float(squad_exact_match_score(p, r)), (p, r)
+    # the plain exact_match counts case and punctuation (whitespace only is normalized)
+    assert M.exact_match(["The Eiffel Tower!", " eiffel  tower "], ["eiffel tower"] * 2) == 0.5
