@@ -250,7 +250,7 @@ def _cmd_eval(a) -> None:
 
     from ember.engine.choices import choice_metrics, is_choice_file, load_choices, score_choices
     from ember.engine.data import load_examples
-    from ember.engine.evaluation import generation_eval, validation_loss
+    from ember.engine.evaluation import generation_eval, generation_examples, validation_loss
     from ember.engine.metrics import perplexity
     from ember.engine.runtime import autocast_for
 
@@ -320,17 +320,20 @@ def _cmd_eval(a) -> None:
         raise EmberError(f"--metrics {','.join(asked)}: {data} has no prompt/completion or "
                          "messages examples (a prompt and a reference answer) to generate for; "
                          "leave --metrics out for loss and perplexity only")
-    loss, _ = validation_loss(model, examples, max(data_cfg.tokens_per_batch,
-                                                   max(len(e) for e in examples)), device,
-                              autocast)
-    scores = {"loss": loss, "perplexity": perplexity(loss)}
     metrics = asked
     if not metrics and _is_run_dir(a.model):  # the metrics the run was evaluated with
         from ember.engine.config import load_config
 
         metrics = list(load_config(a.model).eval.metrics)
     metrics = metrics or ["exact_match"]
-    if any(e.reference is not None for e in examples):
+    generate = any(e.reference is not None for e in examples)
+    if generate:  # a prompt too long for --max-new-tokens: said before the loss pass, not after
+        generation_examples(model, examples, a.max_new_tokens)
+    loss, _ = validation_loss(model, examples, max(data_cfg.tokens_per_batch,
+                                                   max(len(e) for e in examples)), device,
+                              autocast)
+    scores = {"loss": loss, "perplexity": perplexity(loss)}
+    if generate:
         res = generation_eval(model, tok, examples, metrics, max_new_tokens=a.max_new_tokens,
                               batch_size=a.batch_size, autocast=autocast)
         scores.update(res.scores)

@@ -155,15 +155,17 @@ def generation_examples(model, examples: list[Example], max_new_tokens: int,
     usable = usable[:max_examples]
     model_cfg = getattr(model, "cfg", None)
     # prompt tuning's virtual tokens take context too; dynamic NTK RoPE has no limit to pass
-    longest = max(e.prompt_len for e in usable) + len(virtual_ids(model))
+    first_longest = max(usable, key=lambda e: e.prompt_len)
+    longest = first_longest.prompt_len + len(virtual_ids(model))
     rs = getattr(model_cfg, "rope_scaling", None)
     if model_cfg is not None and not (rs is not None and rs.kind == "dynamic") and (
             longest + max_new_tokens > model_cfg.max_position_embeddings):
         # Checked here, on every rank, rather than by generate_ids on the rank holding the prompt
-        raise EmberError(f"an evaluation prompt of {longest} tokens + eval.max_new_tokens "
-                         f"({max_new_tokens}) exceeds the model's context of "
+        raise EmberError(f"{first_longest.source}: an evaluation prompt of {longest} tokens + "
+                         f"eval.max_new_tokens ({max_new_tokens}) exceeds the model's context of "
                          f"{model_cfg.max_position_embeddings} tokens; lower "
-                         "eval.max_new_tokens or data.max_seq_len")
+                         "eval.max_new_tokens (ember eval: --max-new-tokens) or "
+                         "data.max_seq_len, or shorten that prompt")
     return usable
 
 

@@ -249,7 +249,8 @@ def test_eval_refuses_unknown_or_unusable_metrics_before_scoring(trained, tmp_pa
     """``--metrics bleu`` was found only after the whole loss pass (and never on a file of text
     lines: rc 0, the metric silently left out); ``--metrics exact_match`` on text lines (no
     reference to compare with) printed the loss without it; "exact_match, accuracy" (a space
-    after the comma) was an unknown metric ' accuracy'."""
+    after the comma) was an unknown metric ' accuracy'. A prompt too long for --max-new-tokens
+    is named by its line before the loss pass."""
     import ember.engine.evaluation as evaluation
 
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "red dog"}, {"text": "one two"}])
@@ -263,6 +264,14 @@ def test_eval_refuses_unknown_or_unusable_metrics_before_scoring(trained, tmp_pa
         assert err.startswith("ember: error: unknown metric 'bleu'; --metrics takes "), err
     assert main([*base, "--data", text, "--metrics", "exact_match"]) == 2
     assert "has no prompt/completion or messages examples" in capsys.readouterr().err
+    # a prompt with no room for --max-new-tokens: its line, before the loss (was after it)
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "say red ->", "completion": " red"},
+                                                 {"prompt": "red " * 300, "completion": " red"}])
+    assert main([*base, "--data", long]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"ember: error: {long}:2: an evaluation prompt of ") and (
+        "exceeds the model's context of 256 tokens; lower eval.max_new_tokens (ember eval: "
+        "--max-new-tokens)") in err, err
     monkeypatch.setattr(evaluation, "validation_loss", loss)
     assert main([*base, "--data", text]) == 0  # loss and perplexity only
     assert set(json.loads(capsys.readouterr().out)) == {"data", "examples", "loss", "perplexity"}
