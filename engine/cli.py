@@ -328,7 +328,7 @@ def _cmd_eval(a) -> None:
     metrics = metrics or ["exact_match"]
     generate = any(e.reference is not None for e in examples)
     if generate:  # a prompt too long for --max-new-tokens: said before the loss pass, not after
-        generation_examples(model, examples, a.max_new_tokens)
+        generation_examples(model, examples, a.max_new_tokens, metric_names=metrics)
     loss, _ = validation_loss(model, examples, max(data_cfg.tokens_per_batch,
                                                    max(len(e) for e in examples)), device,
                               autocast)

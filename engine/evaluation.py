@@ -137,10 +137,11 @@ def validation_loss(model, examples: list[Example], tokens_per_batch: int, devic
 
 
 def generation_examples(model, examples: list[Example], max_new_tokens: int,
-                        max_examples: int | None = None) -> list[Example]:
+                        max_examples: int | None = None, metric_names=()) -> list[Example]:
     """The examples generation metrics score: those with a prompt and a reference answer, the
-    first ``max_examples``; EmberError when there are none, or when a prompt and
-    ``max_new_tokens`` do not fit the model's context."""
+    first ``max_examples``; EmberError when there are none, when a prompt and
+    ``max_new_tokens`` do not fit the model's context, or when one of ``metric_names`` cannot
+    score a reference (json_match of a reference that is not JSON), naming its line."""
     if max_new_tokens < 1:  # every prediction would be empty: a score of nothing
         raise EmberError(f"generation metrics need max_new_tokens >= 1, got {max_new_tokens}; "
                          "to skip them give none (eval.metrics = [])")
@@ -153,6 +154,12 @@ def generation_examples(model, examples: list[Example], max_new_tokens: int,
                          "prompt and a reference answer); this split has none: set eval.metrics "
                          "= [] or give such a file")
     usable = usable[:max_examples]
+    M.check_names(metric_names)  # an unknown name: said now, not after generating
+    for e in usable:
+        for name in metric_names:
+            why = M.reference_error(name, e.reference)
+            if why is not None:
+                raise EmberError(f"{e.source}: {why}")
     model_cfg = getattr(model, "cfg", None)
     # prompt tuning's virtual tokens take context too; dynamic NTK RoPE has no limit to pass
     first_longest = max(usable, key=lambda e: e.prompt_len)
@@ -180,7 +187,7 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     gathered and every rank scores all of them."""
     if batch_size < 1:
         raise EmberError(f"the generation batch size must be >= 1, got {batch_size}")
-    usable = generation_examples(model, examples, max_new_tokens, max_examples)
+    usable = generation_examples(model, examples, max_new_tokens, max_examples, metric_names)
     info = info or DistInfo()
     sync = None if not info.distributed else (lambda flag: any_rank(flag, info))
     t0 = time.perf_counter()

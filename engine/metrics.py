@@ -126,16 +126,37 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def reference_error(name: str, reference: str) -> str | None:
+    """Why metric ``name`` cannot score ``reference`` (None: it can): json_match needs a JSON
+    reference, field_accuracy a JSON object with fields. Checked before generating
+    (``evaluation.generation_examples``), so a bad reference costs no generation or training."""
+    if name not in ("json_match", "field_accuracy"):
+        return None
+    ref = _json(reference)
+    if name == "json_match" and ref is None:
+        return (f"json_match needs JSON references, this one is not JSON: {reference[:80]!r}; "
+                "fix it, or score the file without json_match")
+    if name == "field_accuracy" and not (isinstance(ref, dict) and ref):
+        what = "an empty JSON object" if ref == {} else "not a JSON object"
+        return (f"field_accuracy scores the fields of JSON object references, this one is "
+                f"{what}: {reference[:80]!r}; fix it, or use json_match (any JSON value)")
+    return None
+
+
+def _checked_json(name: str, reference: str):
+    why = reference_error(name, reference)
+    if why is not None:
+        raise EmberError(why)
+    return _json(reference)
+
+
 def json_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """The prediction parses as JSON and equals the reference's JSON (key order and spacing
     free)."""
     _check(predictions, references)
     hits = 0
     for p, r in zip(predictions, references, strict=True):
-        ref = _json(r)
-        if ref is None:
-            raise EmberError(f"json_match: reference is not JSON: {r[:80]!r}")
-        hits += _same(_json(p), ref)
+        hits += _same(_json(p), _checked_json("json_match", r))
     return hits / len(references)
 
 
@@ -145,9 +166,7 @@ def field_accuracy(predictions: Sequence[str], references: Sequence[str]) -> flo
     _check(predictions, references)
     total = 0.0
     for p, r in zip(predictions, references, strict=True):
-        ref = _json(r)
-        if not isinstance(ref, dict) or not ref:
-            raise EmberError(f"field_accuracy: reference is not a JSON object: {r[:80]!r}")
+        ref = _checked_json("field_accuracy", r)
         pred = _json(p)
         if isinstance(pred, dict):
             total += sum(k in pred and _same(pred[k], v) for k, v in ref.items()) / len(ref)
@@ -172,11 +191,15 @@ HEAD_SCORES = ("margin", "mse", "rmse", "pearson")
 LOWER_IS_BETTER = ("val_loss", "perplexity", "mse", "rmse")  # early stopping's "auto" mode
 
 
-def compute(names: Sequence[str], predictions: Sequence[str], references: Sequence[str]
-            ) -> dict[str, float]:
+def check_names(names: Sequence[str]) -> None:
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise EmberError(f"unknown metric {unknown[0]!r}; known: {', '.join(METRICS)}")
+
+
+def compute(names: Sequence[str], predictions: Sequence[str], references: Sequence[str]
+            ) -> dict[str, float]:
+    check_names(names)
     return {n: METRICS[n](predictions, references) for n in names}
 
 

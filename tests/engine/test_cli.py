@@ -264,6 +264,9 @@ def test_eval_refuses_unknown_or_unusable_metrics_before_scoring(trained, tmp_pa
         assert err.startswith("ember: error: unknown metric 'bleu'; --metrics takes "), err
     assert main([*base, "--data", text, "--metrics", "exact_match"]) == 2
     assert "has no prompt/completion or messages examples" in capsys.readouterr().err
+    assert main([*base, "--data", trained["test"], "--metrics", "json_match"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(  # was after the loss and
+        f"ember: error: {trained['test']}:1: json_match needs JSON references")  # generation
     # a prompt with no room for --max-new-tokens: its line, before the loss (was after it)
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "say red ->", "completion": " red"},
                                                  {"prompt": "red " * 300, "completion": " red"}])

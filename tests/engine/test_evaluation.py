@@ -3,6 +3,8 @@ generation scores, whether the model agrees with the references or not."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -229,3 +231,30 @@ def test_ember_eval_of_a_classifier_scores_the_first_examples_as_transformers(tm
     assert got["loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)
     assert main(["eval", str(tmp_path / "m"), "--data", str(data), "--max-examples", "-1"]) == 2
     assert "--max-examples must be >= 1, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("metric", "completion", "why"), [
+    ("json_match", " red", "json_match needs JSON references, this one is not JSON: ' red'"),
+    ("field_accuracy", " [1, 2]", "field_accuracy scores the fields of JSON object references, "
+                                  "this one is not a JSON object"),
+    ("field_accuracy", " {}", "field_accuracy scores the fields of JSON object references, "
+                              "this one is an empty JSON object")])
+def test_references_a_metric_cannot_score_are_refused_before_training(tiny, tmp_path, metric,
+                                                                      completion, why):
+    """json_match of a reference that is not JSON (field_accuracy: not a JSON object with
+    fields) raised only when the predictions were scored: after the whole run with
+    eval.before = false (its checkpoint and export lost), after the loss pass and generation
+    in ember eval, and without the line. Now refused before the first step, naming the line;
+    an empty object was called "not a JSON object"."""
+    from ember import EmberError
+    from ember.engine.trainer import train
+    from tests.engine._tiny import quiet, tiny_config, write_jsonl
+
+    rows = [{"prompt": "say red ->", "completion": ' {"a": 1}'}] * 2 + [
+        {"prompt": "say blue ->", "completion": completion}]
+    test = write_jsonl(tmp_path / "test.jsonl", rows)
+    cfg = tiny_config(tiny, tmp_path / "r", "max_steps=2", "eval.before=false",
+                      f"eval.metrics=['exact_match', '{metric}']", f'data.test="{test}"')
+    with pytest.raises(EmberError, match="^" + re.escape(f"{test}:3: {why}")):
+        train(cfg, echo=quiet, progress=False)
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # no step was trained
