@@ -109,9 +109,12 @@ def squad_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def _json(text: str):
+    """The JSON value of ``text``, None when it is not JSON to Python's ``json``: a syntax error,
+    nesting past the recursion limit, or an integer of more digits than Python converts (a
+    ValueError, not a JSONDecodeError: a model that repeats a digit crashed the scoring)."""
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return None
 
 

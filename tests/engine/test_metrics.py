@@ -117,3 +117,22 @@ def test_squad_metrics_are_the_official_v1_1_script():
         assert M.squad_exact_match([p], [r]) == float(squad_exact_match_score(p, r)), (p, r)
     # the plain exact_match counts case and punctuation (whitespace only is normalized)
     assert M.exact_match(["The Eiffel Tower!", " eiffel  tower "], ["eiffel tower"] * 2) == 0.5
+
+
+def test_json_metrics_score_what_python_json_cannot_read_as_a_miss():
+    """A prediction Python's json.loads refuses is a miss, whatever the exception: a run of
+    digits longer than int conversion allows raised ValueError (not JSONDecodeError) out of
+    the scoring, as did one nested past the recursion limit before; a reference json.loads
+    refuses is not JSON."""
+    import json
+    import sys
+
+    huge = "7" * (sys.get_int_max_str_digits() + 1)
+    for text in (huge, '{"a": ' + huge + "}", "[" * 100_000):
+        with pytest.raises((ValueError, RecursionError)):
+            json.loads(text)  # the oracle refuses it
+    preds = [huge, '{"a": ' + huge + "}", "[" * 100_000, '{"a": 1}']
+    refs = ['{"a": 1}'] * 4
+    assert M.compute(["json_match", "field_accuracy"], preds, refs) == {
+        "json_match": 0.25, "field_accuracy": 0.25}
+    assert "not JSON" in M.reference_error("json_match", huge)
