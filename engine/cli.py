@@ -258,6 +258,8 @@ def _cmd_eval(a) -> None:
         v = getattr(a, name)
         if v is not None and v < 1:  # a negative --max-examples silently dropped examples
             raise EmberError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    asked = [m.strip() for m in (a.metrics or "").split(",") if m.strip()]
+    a.metrics = ",".join(asked) or None  # "accuracy, macro_f1" for every kind of model
     model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
     data = a.data or data_cfg.test or data_cfg.validation
     if isinstance(data, tuple):
@@ -295,7 +297,6 @@ def _cmd_eval(a) -> None:
         if scores is not None:
             print(json.dumps(scores))
             return
-    asked = [m.strip() for m in (a.metrics or "").split(",") if m.strip()]
     if is_choice_file(data):
         if set(asked) - {"choice_accuracy", "choice_accuracy_norm"}:
             raise EmberError(f"{data} is a multiple-choice file: its metrics are choice_accuracy "

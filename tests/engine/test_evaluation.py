@@ -231,6 +231,20 @@ def test_ember_eval_of_a_classifier_scores_the_first_examples_as_transformers(tm
     assert got["loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)
     assert main(["eval", str(tmp_path / "m"), "--data", str(data), "--max-examples", "-1"]) == 2
     assert "--max-examples must be >= 1, got -1" in capsys.readouterr().err
+    # "accuracy, macro_f1" (a space after the comma) was "--metrics [' macro_f1'] do not apply
+    # to a classifier"; macro F1 is sklearn's of transformers' argmax labels
+    from tests.engine.test_metrics import sklearn_macro_f1
+
+    assert main(["eval", str(tmp_path / "m"), "--data", str(data), "--max-examples", "3",
+                 "--device", "cpu", "--metrics", "accuracy, macro_f1"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    preds = []
+    for t in texts[:3]:
+        with torch.no_grad():
+            logits = hf(torch.tensor([tok.encode(t, add_special_tokens=True)])).logits[0]
+        preds.append(labels[int(logits.argmax())])
+    assert got["accuracy"] == sum(hits) / 3
+    assert got["macro_f1"] == pytest.approx(sklearn_macro_f1(gold[:3], preds), abs=1e-12)
 
 
 @pytest.mark.parametrize(("metric", "completion", "why"), [
