@@ -43,10 +43,24 @@ from ember.models.tokenizer import generation_ids
 PREFIX_DECIDABLE = {"exact_match"}
 
 
-def _diverged(text: str, ref_normalized: str) -> bool:
+def _cleans_up(tokenizer) -> bool:
+    """Whether decoding may delete spaces a shorter prefix's text ended with (transformers'
+    ``clean_up_tokenization``: "Hello ." -> "Hello."): an Ember tokenizer says, a transformers
+    one is taken at its ``clean_up_tokenization_spaces``."""
+    own = getattr(tokenizer, "_cleans_up", None)
+    if callable(own):
+        return bool(own())
+    return bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+
+
+def _diverged(text: str, ref_normalized: str, spaces_may_go: bool = False) -> bool:
     """True when no continuation of ``text`` can normalize to the reference: normalizing an
-    extension keeps ``normalize(text)`` as its prefix."""
+    extension keeps ``normalize(text)`` as its prefix. ``spaces_may_go``: the decoder's clean-up
+    may delete any space of ``text`` once more tokens follow (it only ever deletes spaces), so
+    only the text without spaces must be a prefix of the reference's."""
     text = text.rstrip("\ufffd")  # a multi-byte character still being decoded
+    if spaces_may_go:
+        return not "".join(ref_normalized.split()).startswith("".join(text.split()))
     norm = M.normalize(text)
     return not ref_normalized.startswith(norm) or (
         text[-1:].isspace() and len(norm) < len(ref_normalized)
@@ -198,6 +212,7 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     # Exact match is decided as soon as a row's text leaves its reference: stop that row there
     # (a base model that never says the answer costs a few decode steps, not max_new_tokens).
     decidable = set(metric_names) <= PREFIX_DECIDABLE
+    spaces_may_go = _cleans_up(tokenizer)
     preds: list[str] = [""] * len(usable)
     was_training = model.training
     model.eval()
@@ -213,7 +228,8 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
                 refs = [M.normalize(usable[i].reference) for i in idx]
 
                 def should_stop(row, ids, refs=refs):
-                    return _diverged(tokenizer.decode(ids, skip_special_tokens=True), refs[row])
+                    return _diverged(tokenizer.decode(ids, skip_special_tokens=True), refs[row],
+                                     spaces_may_go)
             with autocast():
                 out = generate_ids(model, prompts, max_new_tokens=max_new_tokens,
                                    eos_token_ids=eos, pad_token_id=pad, should_stop=should_stop,

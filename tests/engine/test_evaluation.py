@@ -272,3 +272,46 @@ def test_references_a_metric_cannot_score_are_refused_before_training(tiny, tmp_
     with pytest.raises(EmberError, match="^" + re.escape(f"{test}:3: {why}")):
         train(cfg, echo=quiet, progress=False)
     assert not (tmp_path / "r" / "metrics.jsonl").exists()  # no step was trained
+
+
+def test_exact_match_early_stop_survives_a_decoder_that_cleans_up_spaces():
+    """A tokenizer with clean_up_tokenization_spaces (a SentencePiece Unigram one here) decodes
+    "▁Hello ▁" as "Hello " but "▁Hello ▁ ." as "Hello." (transformers' clean-up deletes the
+    space): the row that left its reference at "Hello " was stopped there, scoring 0 where the
+    greedy answer "Hello." is the reference. The model is a bigram table (say -> ▁Hello -> ▁ ->
+    . -> eos), so greedy decoding is known; the reference text is transformers' decode."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from ember.models.tokenizer import Tokenizer
+
+    pieces = ["<unk>", "<eos>", "▁Hello", "▁", ".", "▁say", "▁world"]
+    backend = Backend(models.Unigram([(p, -float(i)) for i, p in enumerate(pieces)], unk_id=0))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    ours = Tokenizer(backend, eos_token="<eos>", clean_up_tokenization_spaces=True)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>",
+                                              clean_up_tokenization_spaces=True)
+    greedy = [2, 3, 4]
+    assert hf.decode(greedy[:2]) == "Hello " and hf.decode(greedy) == "Hello."
+    V, H = len(pieces), 8
+    cfg = ModelConfig(vocab_size=V, hidden_size=H, intermediate_size=8, num_layers=1,
+                      num_heads=2, num_kv_heads=1, max_position_embeddings=32,
+                      tie_word_embeddings=False)
+    model = Transformer(cfg).init_weights(std=0.02, seed=0).eval()
+    with torch.no_grad():  # no attention or MLP output: the next token depends on this one
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        model.embed.weight.copy_(torch.eye(V, H))
+        model.lm_head.weight.zero_()
+        for cur, nxt in ((5, 2), (2, 3), (3, 4), (4, 1)):
+            model.lm_head.weight[nxt, cur] = 5.0
+    assert generate_ids(model, [[5]], max_new_tokens=6, eos_token_ids=[1]) == [greedy]
+    refs = [hf.decode(greedy), hf.decode([2, 6])]  # "Hello." (the answer), "Hello world"
+    examples = [Example([5, *greedy, 1], [*greedy, 1, IGNORE], f"t:{i}", 1, r)
+                for i, r in enumerate(refs)]
+    for tok in (ours, hf):
+        res = generation_eval(model, tok, examples, ["exact_match"], max_new_tokens=6, show=2)
+        assert res.scores == {"exact_match": 0.5}, (tok, res.samples)
+        assert res.samples[0][1] == "Hello."
