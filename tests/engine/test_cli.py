@@ -113,7 +113,7 @@ def test_eval(trained, capsys):
 
 def test_eval_of_a_run_defaults_to_its_metrics(trained, tmp_path, capsys):
     """Without --metrics, ember eval RUN scores what the run was evaluated with (its
-    eval.metrics, none included), not always exact_match."""
+    eval.metrics), not always exact_match."""
     import re
     import shutil
 
@@ -126,12 +126,6 @@ def test_eval_of_a_run_defaults_to_its_metrics(trained, tmp_path, capsys):
     assert main(["eval", str(run), "--max-new-tokens", "4"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"accuracy", "f1"} <= set(row) and "exact_match" not in row
-    # a run evaluated with no task metrics (eval.metrics = []): loss and perplexity only (it
-    # generated for exact_match)
-    config.write_text(re.sub(r"(?m)^metrics = .*$", "metrics = []", text))
-    assert main(["eval", str(run), "--max-new-tokens", "4"]) == 0
-    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(row) == {"data", "examples", "loss", "perplexity"}
 
 
 def test_import_gguf(tmp_path, capsys):
