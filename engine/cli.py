@@ -250,7 +250,7 @@ def _cmd_eval(a) -> None:
 
     from ember.engine.choices import choice_metrics, is_choice_file, load_choices, score_choices
     from ember.engine.data import load_examples
-    from ember.engine.evaluation import generation_eval, validation_loss
+    from ember.engine.evaluation import generation_eval, generation_examples, validation_loss
     from ember.engine.metrics import perplexity
     from ember.engine.runtime import autocast_for
 
@@ -258,6 +258,8 @@ def _cmd_eval(a) -> None:
         v = getattr(a, name)
         if v is not None and v < 1:  # a negative --max-examples silently dropped examples
             raise EmberError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    asked = [m.strip() for m in (a.metrics or "").split(",") if m.strip()]
+    a.metrics = ",".join(asked) or None  # "accuracy, macro_f1" for every kind of model
     model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
     data = a.data or data_cfg.test or data_cfg.validation
     if isinstance(data, tuple):
@@ -296,8 +298,7 @@ def _cmd_eval(a) -> None:
             print(json.dumps(scores))
             return
     if is_choice_file(data):
-        asked = set((a.metrics or "").split(",")) - {""}
-        if asked - {"choice_accuracy", "choice_accuracy_norm"}:
+        if set(asked) - {"choice_accuracy", "choice_accuracy_norm"}:
             raise EmberError(f"{data} is a multiple-choice file: its metrics are choice_accuracy "
                              f"and choice_accuracy_norm (both reported), not {sorted(asked)}")
         examples, questions, report = load_choices(data, data_cfg, tok)
@@ -307,20 +308,33 @@ def _cmd_eval(a) -> None:
         print(json.dumps({"data": str(data), "examples": len(examples),
                           **choice_metrics(scores, questions)}))
         return
+    from ember.engine.metrics import METRICS
+
+    unknown = [m for m in asked if m not in METRICS]
+    if unknown:  # before the loss: it was found after it, or never on a file without answers
+        raise EmberError(f"unknown metric {unknown[0]!r}; --metrics takes {', '.join(METRICS)} "
+                         "(comma-separated)")
     examples, report = load_examples(data, data_cfg, tok)
     print(report.summary(), file=sys.stderr)
     examples = examples[:a.max_examples]  # loss and generation metrics on the same examples
-    loss, _ = validation_loss(model, examples, max(data_cfg.tokens_per_batch,
-                                                   max(len(e) for e in examples)), device,
-                              autocast)
-    scores = {"loss": loss, "perplexity": perplexity(loss)}
-    metrics = [m for m in (a.metrics or "").split(",") if m]
+    if asked and not any(e.reference is not None for e in examples):
+        raise EmberError(f"--metrics {','.join(asked)}: {data} has no prompt/completion or "
+                         "messages examples (a prompt and a reference answer) to generate for; "
+                         "leave --metrics out for loss and perplexity only")
+    metrics = asked
     if not metrics and _is_run_dir(a.model):  # the metrics the run was evaluated with
         from ember.engine.config import load_config
 
         metrics = list(load_config(a.model).eval.metrics)
     metrics = metrics or ["exact_match"]
-    if any(e.reference is not None for e in examples):
+    generate = any(e.reference is not None for e in examples)
+    if generate:  # a prompt too long for --max-new-tokens: said before the loss pass, not after
+        generation_examples(model, examples, a.max_new_tokens, metric_names=metrics)
+    loss, _ = validation_loss(model, examples, max(data_cfg.tokens_per_batch,
+                                                   max(len(e) for e in examples)), device,
+                              autocast)
+    scores = {"loss": loss, "perplexity": perplexity(loss)}
+    if generate:
         res = generation_eval(model, tok, examples, metrics, max_new_tokens=a.max_new_tokens,
                               batch_size=a.batch_size, autocast=autocast)
         scores.update(res.scores)
@@ -520,8 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "multiple-choice accuracy on question/choices/answer lines")
     model_args(p, "to evaluate")
     p.add_argument("--data", help="JSONL examples (default: the run's test split)")
-    p.add_argument("--metrics", help="comma-separated: exact_match, accuracy, f1, macro_f1, "
-                                     "json_match, field_accuracy (default: a run's "
+    p.add_argument("--metrics", help="comma-separated: exact_match, accuracy, f1 (= macro_f1), "
+                                     "squad_exact_match, squad_f1, json_match, "
+                                     "field_accuracy (engine/metrics.py; default: a run's "
                                      "eval.metrics, else exact_match; a classifier: "
                                      "accuracy,macro_f1; a reward head: accuracy,margin; a "
                                      "regression head: mse,rmse,pearson)")

@@ -163,6 +163,8 @@ class EvalConfig:
     # Task metrics by greedy generation on the test split (the validation split when there is
     # no test split, or when early_stopping is one of these metrics: the best weights are not
     # chosen on the test split): the model completes each prompt, compared with its reference.
+    # exact_match, accuracy, macro_f1 (= f1: sklearn's, texts as labels), squad_exact_match,
+    # squad_f1 (SQuAD v1.1's normalized EM and token F1), json_match, field_accuracy
     metrics: tuple[str, ...] = DEFAULT_EVAL_METRICS
     split: str = "auto"  # "auto" (see metrics) | "test" | "validation"
     max_examples: int | None = None

@@ -43,10 +43,24 @@ from ember.models.tokenizer import generation_ids
 PREFIX_DECIDABLE = {"exact_match"}
 
 
-def _diverged(text: str, ref_normalized: str) -> bool:
+def _cleans_up(tokenizer) -> bool:
+    """Whether decoding may delete spaces a shorter prefix's text ended with (transformers'
+    ``clean_up_tokenization``: "Hello ." -> "Hello."): an Ember tokenizer says, a transformers
+    one is taken at its ``clean_up_tokenization_spaces``."""
+    own = getattr(tokenizer, "_cleans_up", None)
+    if callable(own):
+        return bool(own())
+    return bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+
+
+def _diverged(text: str, ref_normalized: str, spaces_may_go: bool = False) -> bool:
     """True when no continuation of ``text`` can normalize to the reference: normalizing an
-    extension keeps ``normalize(text)`` as its prefix."""
+    extension keeps ``normalize(text)`` as its prefix. ``spaces_may_go``: the decoder's clean-up
+    may delete any space of ``text`` once more tokens follow (it only ever deletes spaces), so
+    only the text without spaces must be a prefix of the reference's."""
     text = text.rstrip("\ufffd")  # a multi-byte character still being decoded
+    if spaces_may_go:
+        return not "".join(ref_normalized.split()).startswith("".join(text.split()))
     norm = M.normalize(text)
     return not ref_normalized.startswith(norm) or (
         text[-1:].isspace() and len(norm) < len(ref_normalized)
@@ -137,10 +151,11 @@ def validation_loss(model, examples: list[Example], tokens_per_batch: int, devic
 
 
 def generation_examples(model, examples: list[Example], max_new_tokens: int,
-                        max_examples: int | None = None) -> list[Example]:
+                        max_examples: int | None = None, metric_names=()) -> list[Example]:
     """The examples generation metrics score: those with a prompt and a reference answer, the
-    first ``max_examples``; EmberError when there are none, or when a prompt and
-    ``max_new_tokens`` do not fit the model's context."""
+    first ``max_examples``; EmberError when there are none, when a prompt and
+    ``max_new_tokens`` do not fit the model's context, or when one of ``metric_names`` cannot
+    score a reference (json_match of a reference that is not JSON), naming its line."""
     if max_new_tokens < 1:  # every prediction would be empty: a score of nothing
         raise EmberError(f"generation metrics need max_new_tokens >= 1, got {max_new_tokens}; "
                          "to skip them give none (eval.metrics = [])")
@@ -153,17 +168,25 @@ def generation_examples(model, examples: list[Example], max_new_tokens: int,
                          "prompt and a reference answer); this split has none: set eval.metrics "
                          "= [] or give such a file")
     usable = usable[:max_examples]
+    M.check_names(metric_names)  # an unknown name: said now, not after generating
+    for e in usable:
+        for name in metric_names:
+            why = M.reference_error(name, e.reference)
+            if why is not None:
+                raise EmberError(f"{e.source}: {why}")
     model_cfg = getattr(model, "cfg", None)
     # prompt tuning's virtual tokens take context too; dynamic NTK RoPE has no limit to pass
-    longest = max(e.prompt_len for e in usable) + len(virtual_ids(model))
+    first_longest = max(usable, key=lambda e: e.prompt_len)
+    longest = first_longest.prompt_len + len(virtual_ids(model))
     rs = getattr(model_cfg, "rope_scaling", None)
     if model_cfg is not None and not (rs is not None and rs.kind == "dynamic") and (
             longest + max_new_tokens > model_cfg.max_position_embeddings):
         # Checked here, on every rank, rather than by generate_ids on the rank holding the prompt
-        raise EmberError(f"an evaluation prompt of {longest} tokens + eval.max_new_tokens "
-                         f"({max_new_tokens}) exceeds the model's context of "
+        raise EmberError(f"{first_longest.source}: an evaluation prompt of {longest} tokens + "
+                         f"eval.max_new_tokens ({max_new_tokens}) exceeds the model's context of "
                          f"{model_cfg.max_position_embeddings} tokens; lower "
-                         "eval.max_new_tokens or data.max_seq_len")
+                         "eval.max_new_tokens (ember eval: --max-new-tokens) or "
+                         "data.max_seq_len, or shorten that prompt")
     return usable
 
 
@@ -178,7 +201,7 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     gathered and every rank scores all of them."""
     if batch_size < 1:
         raise EmberError(f"the generation batch size must be >= 1, got {batch_size}")
-    usable = generation_examples(model, examples, max_new_tokens, max_examples)
+    usable = generation_examples(model, examples, max_new_tokens, max_examples, metric_names)
     info = info or DistInfo()
     sync = None if not info.distributed else (lambda flag: any_rank(flag, info))
     t0 = time.perf_counter()
@@ -189,6 +212,7 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     # Exact match is decided as soon as a row's text leaves its reference: stop that row there
     # (a base model that never says the answer costs a few decode steps, not max_new_tokens).
     decidable = set(metric_names) <= PREFIX_DECIDABLE
+    spaces_may_go = _cleans_up(tokenizer)
     preds: list[str] = [""] * len(usable)
     was_training = model.training
     model.eval()
@@ -204,7 +228,8 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
                 refs = [M.normalize(usable[i].reference) for i in idx]
 
                 def should_stop(row, ids, refs=refs):
-                    return _diverged(tokenizer.decode(ids, skip_special_tokens=True), refs[row])
+                    return _diverged(tokenizer.decode(ids, skip_special_tokens=True), refs[row],
+                                     spaces_may_go)
             with autocast():
                 out = generate_ids(model, prompts, max_new_tokens=max_new_tokens,
                                    eos_token_ids=eos, pad_token_id=pad, should_stop=should_stop,

@@ -1,14 +1,29 @@
-"""Task metrics on generated text: exact match, accuracy, macro F1, JSON record/field matches.
+"""Task metrics on generated text: exact match, accuracy, macro F1, SQuAD's exact match and
+token F1, JSON record/field matches.
 
-Every metric takes predictions and references (lists of str) and returns a float in [0, 1].
-Text is compared after ``normalize`` (surrounding whitespace stripped, inner runs of whitespace
-collapsed), so a trailing newline or a leading space never decides a score.
+Every metric takes predictions and references (lists of str) and returns a float in [0, 1],
+the mean over examples except for the macro F1s:
+
+- ``exact_match``: the text equals the reference after ``normalize`` (surrounding whitespace
+  stripped, inner runs collapsed); case and punctuation count (HF evaluate's ``exact_match``
+  with whitespace normalized, not SQuAD's normalized one: that is ``squad_exact_match``).
+- ``accuracy``: as exact_match, case-folded (a label task's accuracy, sklearn's
+  ``accuracy_score`` of the normalized labels).
+- ``macro_f1`` (alias ``f1``): sklearn's ``f1_score(average="macro")`` of the normalized,
+  case-folded texts as labels. Not SQuAD's token F1: that is ``squad_f1``.
+- ``squad_exact_match`` / ``squad_f1``: the official SQuAD v1.1 script's exact match and
+  token-overlap F1 after its ``normalize_answer`` (lower case, ASCII punctuation removed,
+  articles a/an/the dropped, whitespace collapsed); an empty answer scores 0 in F1, as v1.1.
+- ``json_match`` / ``field_accuracy``: see their docstrings.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import string
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 from ember import EmberError
@@ -32,12 +47,14 @@ def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def macro_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """F1 averaged over the reference labels (a label task); a prediction outside the label set
-    counts as a miss for its reference's class."""
+    """Macro F1 of text labels (normalized, case-folded) as scikit-learn's
+    ``f1_score(average="macro")`` computes it: averaged over every label that is a reference or
+    a prediction, so a prediction outside the reference labels is a miss for its reference's
+    label and a label of F1 0 in the average (it was left out of the average)."""
     _check(predictions, references)
     preds = [normalize(p).casefold() for p in predictions]
     refs = [normalize(r).casefold() for r in references]
-    return _mean_f1(sorted(set(refs)), preds, refs)
+    return _mean_f1(sorted(set(refs) | set(preds)), preds, refs)
 
 
 def class_macro_f1(predictions: Sequence[int], references: Sequence[int]) -> float:
@@ -58,10 +75,46 @@ def _mean_f1(labels, preds, refs) -> float:
     return sum(scores) / len(scores)
 
 
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def squad_normalize(text: str) -> str:
+    """SQuAD v1.1's ``normalize_answer``: lower case, no ASCII punctuation, no articles, single
+    spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def squad_exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """SQuAD v1.1's exact match: equal after ``squad_normalize``."""
+    _check(predictions, references)
+    return sum(squad_normalize(p) == squad_normalize(r)
+               for p, r in zip(predictions, references, strict=True)) / len(references)
+
+
+def _token_f1(prediction: str, reference: str) -> float:
+    pred, ref = squad_normalize(prediction).split(), squad_normalize(reference).split()
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """SQuAD v1.1's F1: the mean over examples of the token-overlap F1 (bags of words after
+    ``squad_normalize``)."""
+    _check(predictions, references)
+    return sum(map(_token_f1, predictions, references)) / len(references)
+
+
 def _json(text: str):
+    """The JSON value of ``text``, None when it is not JSON to Python's ``json``: a syntax error,
+    nesting past the recursion limit, or an integer of more digits than Python converts (a
+    ValueError, not a JSONDecodeError: a model that repeats a digit crashed the scoring)."""
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return None
 
 
@@ -76,16 +129,37 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def reference_error(name: str, reference: str) -> str | None:
+    """Why metric ``name`` cannot score ``reference`` (None: it can): json_match needs a JSON
+    reference, field_accuracy a JSON object with fields. Checked before generating
+    (``evaluation.generation_examples``), so a bad reference costs no generation or training."""
+    if name not in ("json_match", "field_accuracy"):
+        return None
+    ref = _json(reference)
+    if name == "json_match" and ref is None:
+        return (f"json_match needs JSON references, this one is not JSON: {reference[:80]!r}; "
+                "fix it, or score the file without json_match")
+    if name == "field_accuracy" and not (isinstance(ref, dict) and ref):
+        what = "an empty JSON object" if ref == {} else "not a JSON object"
+        return (f"field_accuracy scores the fields of JSON object references, this one is "
+                f"{what}: {reference[:80]!r}; fix it, or use json_match (any JSON value)")
+    return None
+
+
+def _checked_json(name: str, reference: str):
+    why = reference_error(name, reference)
+    if why is not None:
+        raise EmberError(why)
+    return _json(reference)
+
+
 def json_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """The prediction parses as JSON and equals the reference's JSON (key order and spacing
     free)."""
     _check(predictions, references)
     hits = 0
     for p, r in zip(predictions, references, strict=True):
-        ref = _json(r)
-        if ref is None:
-            raise EmberError(f"json_match: reference is not JSON: {r[:80]!r}")
-        hits += _same(_json(p), ref)
+        hits += _same(_json(p), _checked_json("json_match", r))
     return hits / len(references)
 
 
@@ -95,9 +169,7 @@ def field_accuracy(predictions: Sequence[str], references: Sequence[str]) -> flo
     _check(predictions, references)
     total = 0.0
     for p, r in zip(predictions, references, strict=True):
-        ref = _json(r)
-        if not isinstance(ref, dict) or not ref:
-            raise EmberError(f"field_accuracy: reference is not a JSON object: {r[:80]!r}")
+        ref = _checked_json("field_accuracy", r)
         pred = _json(p)
         if isinstance(pred, dict):
             total += sum(k in pred and _same(pred[k], v) for k, v in ref.items()) / len(ref)
@@ -109,6 +181,8 @@ METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
     "accuracy": accuracy,
     "f1": macro_f1,
     "macro_f1": macro_f1,
+    "squad_exact_match": squad_exact_match,
+    "squad_f1": squad_f1,
     "json_match": json_match,
     "field_accuracy": field_accuracy,
 }
@@ -120,11 +194,15 @@ HEAD_SCORES = ("margin", "mse", "rmse", "pearson")
 LOWER_IS_BETTER = ("val_loss", "perplexity", "mse", "rmse")  # early stopping's "auto" mode
 
 
-def compute(names: Sequence[str], predictions: Sequence[str], references: Sequence[str]
-            ) -> dict[str, float]:
+def check_names(names: Sequence[str]) -> None:
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise EmberError(f"unknown metric {unknown[0]!r}; known: {', '.join(METRICS)}")
+
+
+def compute(names: Sequence[str], predictions: Sequence[str], references: Sequence[str]
+            ) -> dict[str, float]:
+    check_names(names)
     return {n: METRICS[n](predictions, references) for n in names}
 
 

@@ -107,7 +107,7 @@ class SFT:
 
     def check_task_split(self, model, examples: list[Example], ev) -> None:
         """EmberError now, before training, when ``task_eval`` could not score ``examples``."""
-        generation_examples(model, examples, ev.max_new_tokens, ev.max_examples)
+        generation_examples(model, examples, ev.max_new_tokens, ev.max_examples, ev.metrics)
 
     def prepare(self, model, ds: Datasets, tokens_per_batch: int, device, autocast, echo) -> None:
         """Before the first step, with the model built and the data loaded (DPO / KTO precompute

@@ -223,7 +223,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     if not dynamic and len(virtual) + L + max_new_tokens > cfg.max_position_embeddings:
         extra = f" + {len(virtual)} virtual tokens" if virtual else ""
         raise EmberError(f"prompt ({L} tokens){extra} + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
+                         f"exceeds the model's context of {cfg.max_position_embeddings} tokens; "
+                         "lower max_new_tokens (--max-new-tokens) or shorten the prompt")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     weight = model.embed.weight

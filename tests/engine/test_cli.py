@@ -244,6 +244,45 @@ def test_a_missing_data_file_is_named_before_the_model_loads(trained, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_eval_refuses_unknown_or_unusable_metrics_before_scoring(trained, tmp_path, capsys,
+                                                                   monkeypatch):
+    """``--metrics bleu`` was found only after the whole loss pass (and never on a file of text
+    lines: rc 0, the metric silently left out); ``--metrics exact_match`` on text lines (no
+    reference to compare with) printed the loss without it; "exact_match, accuracy" (a space
+    after the comma) was an unknown metric ' accuracy'. A prompt too long for --max-new-tokens
+    is named by its line before the loss pass."""
+    import ember.engine.evaluation as evaluation
+
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "red dog"}, {"text": "one two"}])
+    base = ["eval", str(trained["model"]), "--raw", "--device", "cpu", "--max-new-tokens", "2"]
+    loss = evaluation.validation_loss
+    monkeypatch.setattr(evaluation, "validation_loss", lambda *a, **k: pytest.fail("scored"))
+    for data in (text, trained["test"]):
+        capsys.readouterr()
+        assert main([*base, "--data", data, "--metrics", "exact_match,bleu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ember: error: unknown metric 'bleu'; --metrics takes "), err
+    assert main([*base, "--data", text, "--metrics", "exact_match"]) == 2
+    assert "has no prompt/completion or messages examples" in capsys.readouterr().err
+    assert main([*base, "--data", trained["test"], "--metrics", "json_match"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(  # was after the loss and
+        f"ember: error: {trained['test']}:1: json_match needs JSON references")  # generation
+    # a prompt with no room for --max-new-tokens: its line, before the loss (was after it)
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "say red ->", "completion": " red"},
+                                                 {"prompt": "red " * 300, "completion": " red"}])
+    assert main([*base, "--data", long]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"ember: error: {long}:2: an evaluation prompt of ") and (
+        "exceeds the model's context of 256 tokens; lower eval.max_new_tokens (ember eval: "
+        "--max-new-tokens)") in err, err
+    monkeypatch.setattr(evaluation, "validation_loss", loss)
+    assert main([*base, "--data", text]) == 0  # loss and perplexity only
+    assert set(json.loads(capsys.readouterr().out)) == {"data", "examples", "loss", "perplexity"}
+    assert main([*base, "--data", trained["test"], "--metrics", "exact_match, accuracy",
+                 "--max-examples", "2"]) == 0
+    assert {"exact_match", "accuracy"} <= set(json.loads(capsys.readouterr().out))
+
+
 def test_a_resume_with_other_settings_names_each_key_and_both_values(trained, capsys):
     """Was "differs from the checkpoint's in lora, optim": the table, not which key or what."""
     assert main(["train", str(trained["run"]), "--resume", "--set", "lora.rank=8",

@@ -97,6 +97,11 @@ def test_render_chat_puts_the_run_system_prompt_first(chat_model):
 def test_errors_and_version(chat_model, capsys):
     assert main(["generate", str(chat_model), "--raw", "--prompt", "x", "--system", "s"]) == 2
     assert "system prompt needs a chat template" in capsys.readouterr().err
+    # a prompt with no room for --max-new-tokens says what to lower (it only said it exceeds)
+    assert main(["generate", str(chat_model), "--prompt", "x", "--max-new-tokens", "600"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "exceeds the model's context of 512 tokens; lower max_new_tokens (--max-new-tokens) or "
+        "shorten the prompt")
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ember {__version__}"

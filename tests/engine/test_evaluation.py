@@ -3,6 +3,8 @@ generation scores, whether the model agrees with the references or not."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -229,3 +231,87 @@ def test_ember_eval_of_a_classifier_scores_the_first_examples_as_transformers(tm
     assert got["loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)
     assert main(["eval", str(tmp_path / "m"), "--data", str(data), "--max-examples", "-1"]) == 2
     assert "--max-examples must be >= 1, got -1" in capsys.readouterr().err
+    # "accuracy, macro_f1" (a space after the comma) was "--metrics [' macro_f1'] do not apply
+    # to a classifier"; macro F1 is sklearn's of transformers' argmax labels
+    from tests.engine.test_metrics import sklearn_macro_f1
+
+    assert main(["eval", str(tmp_path / "m"), "--data", str(data), "--max-examples", "3",
+                 "--device", "cpu", "--metrics", "accuracy, macro_f1"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    preds = []
+    for t in texts[:3]:
+        with torch.no_grad():
+            logits = hf(torch.tensor([tok.encode(t, add_special_tokens=True)])).logits[0]
+        preds.append(labels[int(logits.argmax())])
+    assert got["accuracy"] == sum(hits) / 3
+    assert got["macro_f1"] == pytest.approx(sklearn_macro_f1(gold[:3], preds), abs=1e-12)
+
+
+@pytest.mark.parametrize(("metric", "completion", "why"), [
+    ("json_match", " red", "json_match needs JSON references, this one is not JSON: ' red'"),
+    ("field_accuracy", " [1, 2]", "field_accuracy scores the fields of JSON object references, "
+                                  "this one is not a JSON object"),
+    ("field_accuracy", " {}", "field_accuracy scores the fields of JSON object references, "
+                              "this one is an empty JSON object")])
+def test_references_a_metric_cannot_score_are_refused_before_training(tiny, tmp_path, metric,
+                                                                      completion, why):
+    """json_match of a reference that is not JSON (field_accuracy: not a JSON object with
+    fields) raised only when the predictions were scored: after the whole run with
+    eval.before = false (its checkpoint and export lost), after the loss pass and generation
+    in ember eval, and without the line. Now refused before the first step, naming the line;
+    an empty object was called "not a JSON object"."""
+    from ember import EmberError
+    from ember.engine.trainer import train
+    from tests.engine._tiny import quiet, tiny_config, write_jsonl
+
+    rows = [{"prompt": "say red ->", "completion": ' {"a": 1}'}] * 2 + [
+        {"prompt": "say blue ->", "completion": completion}]
+    test = write_jsonl(tmp_path / "test.jsonl", rows)
+    cfg = tiny_config(tiny, tmp_path / "r", "max_steps=2", "eval.before=false",
+                      f"eval.metrics=['exact_match', '{metric}']", f'data.test="{test}"')
+    with pytest.raises(EmberError, match="^" + re.escape(f"{test}:3: {why}")):
+        train(cfg, echo=quiet, progress=False)
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # no step was trained
+
+
+def test_exact_match_early_stop_survives_a_decoder_that_cleans_up_spaces():
+    """A tokenizer with clean_up_tokenization_spaces (a SentencePiece Unigram one here) decodes
+    "▁Hello ▁" as "Hello " but "▁Hello ▁ ." as "Hello." (transformers' clean-up deletes the
+    space): the row that left its reference at "Hello " was stopped there, scoring 0 where the
+    greedy answer "Hello." is the reference. The model is a bigram table (say -> ▁Hello -> ▁ ->
+    . -> eos), so greedy decoding is known; the reference text is transformers' decode."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from ember.models.tokenizer import Tokenizer
+
+    pieces = ["<unk>", "<eos>", "▁Hello", "▁", ".", "▁say", "▁world"]
+    backend = Backend(models.Unigram([(p, -float(i)) for i, p in enumerate(pieces)], unk_id=0))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    ours = Tokenizer(backend, eos_token="<eos>", clean_up_tokenization_spaces=True)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>",
+                                              clean_up_tokenization_spaces=True)
+    greedy = [2, 3, 4]
+    assert hf.decode(greedy[:2]) == "Hello " and hf.decode(greedy) == "Hello."
+    V, H = len(pieces), 8
+    cfg = ModelConfig(vocab_size=V, hidden_size=H, intermediate_size=8, num_layers=1,
+                      num_heads=2, num_kv_heads=1, max_position_embeddings=32,
+                      tie_word_embeddings=False)
+    model = Transformer(cfg).init_weights(std=0.02, seed=0).eval()
+    with torch.no_grad():  # no attention or MLP output: the next token depends on this one
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        model.embed.weight.copy_(torch.eye(V, H))
+        model.lm_head.weight.zero_()
+        for cur, nxt in ((5, 2), (2, 3), (3, 4), (4, 1)):
+            model.lm_head.weight[nxt, cur] = 5.0
+    assert generate_ids(model, [[5]], max_new_tokens=6, eos_token_ids=[1]) == [greedy]
+    refs = [hf.decode(greedy), hf.decode([2, 6])]  # "Hello." (the answer), "Hello world"
+    examples = [Example([5, *greedy, 1], [*greedy, 1, IGNORE], f"t:{i}", 1, r)
+                for i, r in enumerate(refs)]
+    for tok in (ours, hf):
+        res = generation_eval(model, tok, examples, ["exact_match"], max_new_tokens=6, show=2)
+        assert res.scores == {"exact_match": 0.5}, (tok, res.samples)
+        assert res.samples[0][1] == "Hello."
