@@ -16,7 +16,9 @@ other rows recompute what they had). Other families (Llama, Qwen, Mistral with L
 keys cached under the short table, as transformers does. The table is chosen per row, so a row in
 a batch still computes what it would alone (transformers' batched generate decides for the whole
 batch, from padded lengths). A draft pass never straddles the switch (its tail is cut at it, and
-that row drafts no more), so drafting still gives exactly greedy decoding's tokens.
+that row drafts no more), so drafting still gives exactly greedy decoding's tokens; nor does one
+pass ``max_position_embeddings`` under dynamic NTK RoPE, whose base grows with a forward's last
+position (one token per pass past it, as greedy decoding feeds them).
 
 Two levels:
 - ``generate_ids(model, prompt_ids, ...)``: token ids in, generated ids out (the stop token is not
@@ -351,8 +353,13 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                 continue
             n = len(out[r])
             tail = drafts[r][n:max_new_tokens - 1] if drafting[r] else []
-            if long is not None and not long[b]:  # a short pass feeds no draft past the switch
-                cut = max(0, lr.original_max_position_embeddings - 1 - next_pos[b])
+            # a pass feeds no draft past a RoPE switch: LongRoPE's short table's end, or the end
+            # of dynamic NTK's unscaled one (past it the base depends on a pass's last position,
+            # and greedy decoding feeds one position per pass)
+            switch_at = (lr.original_max_position_embeddings if long is not None and not long[b]
+                         else cfg.max_position_embeddings if dynamic else None)
+            if switch_at is not None:
+                cut = max(0, switch_at - 1 - next_pos[b])
                 if cut < len(tail):
                     # ...and the row drafts no more: a draft fed in two passes would take more
                     # cache slots than the one draft pass they hold (every row pays a pass's T)

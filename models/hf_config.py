@@ -461,7 +461,8 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
         fields["layer_types"] = layer_types
     fields.update(_var.variant_fields(raw, num_layers))
     if model_type in _SANDWICH:
-        fields.update(gemma_fields(raw, model_type, num_layers, max_pos, fields["sliding_window"]))
+        fields.update(gemma_fields(raw, model_type, num_layers, max_pos, fields["sliding_window"],
+                                   rotary_dim))
     gemma = model_type in GEMMA
     fields.setdefault("embedding_scale", _get_int(raw, "hidden_size") ** 0.5 if gemma else None)
     try:

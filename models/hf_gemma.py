@@ -47,11 +47,12 @@ def _opt_float(raw: Mapping, key: str, default: float | None) -> float | None:
 
 
 def gemma_fields(raw: Mapping, model_type: str, num_layers: int, max_pos: int,
-                 window: int | None) -> dict:
+                 window: int | None, rotary_dim: int | None = None) -> dict:
     """ModelConfig fields of Gemma 2 / Gemma 3 text: per-layer windows (``layer_types``, else
     transformers' default pattern: every ``window_period``-th layer global), softcaps, attention
     scale and (Gemma 3) the local RoPE base with the scaling on global layers only. ``window``:
-    the parsed ``sliding_window``."""
+    the parsed ``sliding_window``; ``rotary_dim``: the rotated width of a head (LongRoPE's factor
+    lists have rotary_dim / 2 entries)."""
     dflt = DEFAULTS[model_type]
     if "sliding_window_size" in raw and raw["sliding_window_size"] != window:
         raise EmberError(
@@ -102,7 +103,7 @@ def gemma_fields(raw: Mapping, model_type: str, num_layers: int, max_pos: int,
         out["attn_softcap"] = None
     if model_type == "gemma3_text":
         out["rope_theta"], out["rope_scaling"], out["rope_local_theta"] = parse_gemma3_rope(
-            raw, max_pos
+            raw, max_pos, rotary_dim
         )
     return out
 
@@ -128,7 +129,8 @@ def gemma_to_hf(cfg: ModelConfig, out: dict) -> None:
         out["rope_local_base_freq"] = out["rope_parameters"]["sliding_attention"]["rope_theta"]
 
 
-def parse_gemma3_rope(raw: Mapping, max_pos: int) -> tuple[float, RopeScaling | None, float]:
+def parse_gemma3_rope(raw: Mapping, max_pos: int, rotary_dim: int | None = None
+                      ) -> tuple[float, RopeScaling | None, float]:
     """Gemma 3 (``gemma3_text``): (global theta, global scaling, local theta), as transformers 5's
     ``Gemma3TextConfig.convert_rope_params_to_dict`` reads either ``rope_parameters`` per layer type
     or the legacy ``rope_theta`` / ``rope_scaling`` (global layers only) / ``rope_local_base_freq``.
@@ -159,8 +161,9 @@ def parse_gemma3_rope(raw: Mapping, max_pos: int) -> tuple[float, RopeScaling | 
         full.update(scaling)
     full.setdefault("rope_theta", get_float(raw, "rope_theta", 1_000_000.0))
     local.setdefault("rope_theta", get_float(raw, "rope_local_base_freq", 10_000.0))
-    theta, rs = parse_rope({"rope_parameters": full}, max_pos, "gemma3_text")
-    local_theta, local_rs = parse_rope({"rope_parameters": local}, max_pos, "gemma3_text")
+    theta, rs = parse_rope({"rope_parameters": full}, max_pos, "gemma3_text", rotary_dim)
+    local_theta, local_rs = parse_rope({"rope_parameters": local}, max_pos, "gemma3_text",
+                                       rotary_dim)
     if local_rs is not None:
         raise EmberError(
             f"config.json: RoPE scaling on Gemma 3's sliding-attention layers ({local}) is not "

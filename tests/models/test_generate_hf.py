@@ -282,3 +282,29 @@ def test_drafts_across_the_longrope_switch_equal_transformers(tmp_path):
     drafts = [w if i % 3 == 0 else [3, 4, 5] if i % 3 == 2 else
               [*w[:5], (w[5] + 1) % VOCAB, *w[6:]] for i, w in enumerate(want)]
     assert generate_ids(model, prompts, max_new_tokens=20, drafts=drafts) == want
+
+
+def test_drafts_past_the_dynamic_ntk_context_equal_transformers(tmp_path):
+    """Dynamic NTK RoPE (context 12, base 100: the growth moves the tokens) with speculative
+    drafts (right, wrong in the middle) whose generation passes the context: transformers' greedy
+    generate grows the base one position per step, so a draft pass past the context (one base
+    for all its tokens, from its last position) gave other tokens than greedy decoding."""
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=12,
+                                   rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                    "rope_theta": 100.0},
+                                   tie_word_embeddings=False, bos_token_id=None,
+                                   eos_token_id=None, pad_token_id=None)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22, 23]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path)
+        want = [_hf_greedy(hf, p, 12) for p in prompts]
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+    drafts = [want[0], [*want[1][:3], (want[1][3] + 1) % VOCAB, *want[1][4:]]]
+    assert generate_ids(model, prompts, max_new_tokens=12, drafts=drafts) == want

@@ -401,3 +401,36 @@ def test_export_rope_scaling_is_what_transformers_4_phi3_accepts(tmp_path):
     odd = config_to_hf(model.cfg.replace(rope_scaling=rs))
     assert odd["rope_scaling"]["attention_factor"] == 1.5
     assert config_from_hf(odd).longrope.attention_factor == 1.5
+
+
+@pytest.mark.parametrize("cls", ["Gemma2Config", "Gemma3TextConfig", "Olmo2Config",
+                                 "GraniteConfig", "SmolLM3Config"])
+def test_longrope_of_the_other_families_matches_transformers(tmp_path, cls):
+    """transformers 5 computes LongRoPE in every family's rotary embedding (Gemma 3: on its
+    full-attention layers); these were refused ('LongRoPE is not supported for model_type').
+    Logits on both tables, the export, and greedy generation across the switch."""
+    rope = _rope(1.0, True, original_max_position_embeddings=ORIG)
+    kw = dict(head_dim=HEAD_DIM, rope_parameters=rope)
+    if cls == "Gemma3TextConfig":  # per layer type: the sliding layers keep the default RoPE
+        kw.update(sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+                  rope_parameters={"full_attention": rope, "sliding_attention": dict(
+                      rope_type="default", rope_theta=100.0)})
+    elif cls == "Gemma2Config":
+        kw.update(sliding_window=6)
+    elif cls == "SmolLM3Config":
+        kw.update(no_rope_layer_interval=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(
+            **BASE, **kw))
+    randomize_(hf, 3)
+    hf.save_pretrained(tmp_path / "hf")
+    hf = _hf_load(tmp_path / "hf")
+    model, _ = load_pretrained(tmp_path / "hf")
+    assert model.cfg.longrope.original_max_position_embeddings == ORIG
+    for T in (12, 40):
+        assert _diff(model, hf, _ids(T)) <= 1e-4, T
+    save_pretrained(model, tmp_path / "export")
+    assert _diff(model, tmp_path / "export", _ids(40)) <= 1e-4
+    prompt = _ids(10, 1)[0].tolist()
+    assert generate_ids(model, [prompt], max_new_tokens=12) == [_hf_generate(hf, prompt, 12)]
