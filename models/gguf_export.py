@@ -241,10 +241,20 @@ def _tensor_types(dtype: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConf
             raise EmberError(f"save_gguf: --gguf-type {dtype} (a K-quant mix) is not supported "
                              "for mixture-of-experts models yet; use f32, f16, bf16, q8_0, "
                              "q4_0, q4_1, q5_0 or q5_1")
+        fallbacks: dict[str, Q] = {}
         types = tensor_types(shapes, dtype, arch=arch, n_layer=cfg.num_layers,
                              n_head=cfg.num_heads, n_head_kv=cfg.num_kv_heads,
-                             n_expert=cfg.num_experts)
+                             n_expert=cfg.num_experts, fallbacks=fallbacks)
         file_type = FILE_TYPES[ftype][1]
+        if fallbacks:  # announced, as llama-quantize and the converter's --outtype do
+            said = ", ".join(f"{n} ({shapes[n][-1]} per row: {fallbacks[n].name} -> "
+                             f"{types[n].name})" for n in list(fallbacks)[:4])
+            more = f" and {len(fallbacks) - 4} more" if len(fallbacks) > 4 else ""
+            warnings.warn(f"save_gguf: {len(fallbacks)} tensor(s) have rows that are not whole "
+                          f"blocks of their {dtype} type and use a fallback type, as llama.cpp "
+                          f"does (llama-quantize's fallback, else F16 as convert_hf_to_gguf.py "
+                          f"writes): {said}{more}; the file is larger than a pure {dtype} one",
+                          stacklevel=3)
     types.update({n: Q.F32 for n in types if n.endswith(F32_TENSORS)})
     return types, file_type
 
