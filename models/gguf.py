@@ -203,10 +203,18 @@ class GGUFFile:
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = self._str()
+            if key in self.metadata:  # llama.cpp and gguf.GGUFReader refuse such a file too
+                raise EmberError(f"{self.path}: metadata key {key!r} appears twice; the file "
+                                 "is corrupt (llama.cpp refuses it): convert the model again")
             self.metadata[key] = self._value(self._take("<I"))
-        infos = []
+        infos, names = [], set()
         for _ in range(n_tensors):
             name = self._str()
+            if name in names:
+                raise EmberError(f"{self.path}: tensor {name!r} appears twice in the tensor "
+                                 "table; the file is corrupt (llama.cpp refuses it): convert "
+                                 "the model again")
+            names.add(name)
             dims = [self._take("<Q") for _ in range(self._take("<I"))]
             infos.append((name, dims, self._take("<I"), self._take("<Q")))
         align = self.metadata.get("general.alignment", 32)

@@ -100,6 +100,29 @@ def test_inconsistent_metadata_is_named(metadata, match, tmp_path):
         load_gguf(tmp_path / "m.gguf")
 
 
+@pytest.mark.parametrize("old,new,match", [
+    (b"llama.context_lengtX", b"llama.context_length", "metadata key 'llama.context_length' "
+     "appears twice"),
+    (b"blk.1.ffn_up.weight", b"blk.0.ffn_up.weight", "tensor 'blk.0.ffn_up.weight' appears "
+     "twice"),
+])
+def test_a_key_or_tensor_twice_is_refused(old, new, match, tmp_path):
+    """A key or a tensor name twice (renamed in place, same length): gguf.GGUFReader and
+    llama.cpp refuse the file; was: the last one silently won (a context of 512, not the
+    first 256; for the tensor, an error naming layer 1's missing up_proj instead)."""
+    from gguf import GGUFReader
+
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, metadata={"llama.context_lengtX": 512})
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+    with pytest.raises((KeyError, ValueError), match="(?i)duplicate"):
+        GGUFReader(path)
+    with pytest.raises(EmberError, match=match):
+        load_gguf(path)
+
+
 def test_big_endian_file_is_named(tmp_path):
     """gguf's writer can write big-endian files (s390x); was: "GGUF version 50331648 is not
     supported"."""
