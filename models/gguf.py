@@ -195,9 +195,10 @@ class GGUFFile:
             raise EmberError(f"{self.path}: a big-endian GGUF file (written for s390x); Ember "
                              "reads little-endian ones: convert it with the gguf package's "
                              "command: gguf-convert-endian FILE little")
-        if version in (1,) or version > 0xFFFF:
+        if version not in (2, 3):  # v1: another layout; later ones: unknown (llama.cpp refuses)
             raise EmberError(f"{self.path}: GGUF version {version} is not supported (v2/v3 "
-                             "little-endian only; re-export with a current llama.cpp)")
+                             "little-endian only; re-export with a current llama.cpp, or "
+                             "update Ember for a newer format)")
         n_tensors, n_kv = self._take("<Q"), self._take("<Q")
         self.version = version
         self.metadata: dict[str, Any] = {}

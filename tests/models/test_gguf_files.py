@@ -123,6 +123,28 @@ def test_a_key_or_tensor_twice_is_refused(old, new, match, tmp_path):
         load_gguf(path)
 
 
+@pytest.mark.parametrize("version", [0, 1, 4])
+def test_other_format_versions_are_refused(version, tmp_path):
+    """Only v2 and v3 share the layout Ember parses; gguf.GGUFReader and llama.cpp refuse the
+    others. Was: a version 4 (or 0) file parsed as v3, silently."""
+    import struct
+
+    from gguf import GGUFReader
+
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path)
+    data = bytearray(path.read_bytes())
+    data[4:8] = struct.pack("<I", version)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"version {version}"):
+        GGUFReader(path)
+    with pytest.raises(EmberError, match=f"GGUF version {version} is not supported"):
+        load_gguf(path)
+    data[4:8] = struct.pack("<I", 2)  # v2 (llama.cpp still reads it): loads
+    path.write_bytes(bytes(data))
+    assert load_gguf(path)[0].num_layers == 2
+
+
 def test_big_endian_file_is_named(tmp_path):
     """gguf's writer can write big-endian files (s390x); was: "GGUF version 50331648 is not
     supported"."""
