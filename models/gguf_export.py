@@ -13,8 +13,8 @@ Output types: ``f32``, ``f16``, ``bf16`` (as the converter: 1-D tensors, i.e. no
 ``q5_0``, ``q5_1``, ``q4_k_s``, ``q4_k_m`` (alias ``q4_k``), ``q5_k_s``, ``q5_k_m`` (``q5_k``),
 ``q6_k`` (any case): each tensor gets the type llama-quantize would give it (Q6_K for the output
 matrix, more bits for some ``attn_v`` / ``ffn_down``, fallbacks for rows that are not whole
-blocks: ``ember.models.gguf_quants.tensor_types``), quantized byte for byte as llama.cpp does
-(``ember.models.gguf_quants``).
+blocks, named in a warning: ``ember.models.gguf_quants.tensor_types``), quantized byte for byte
+as llama.cpp does (``ember.models.gguf_quants``).
 
 Metadata: the ``<arch>.*`` keys the importer and llama.cpp read (``config_from_gguf``), a Llama
 3.1 rope scaling as the ``rope_freqs`` tensor, YaRN as the converter's ``rope.scaling.type`` /
