@@ -195,18 +195,27 @@ class GGUFFile:
             raise EmberError(f"{self.path}: a big-endian GGUF file (written for s390x); Ember "
                              "reads little-endian ones: convert it with the gguf package's "
                              "command: gguf-convert-endian FILE little")
-        if version in (1,) or version > 0xFFFF:
+        if version not in (2, 3):  # v1: another layout; later ones: unknown (llama.cpp refuses)
             raise EmberError(f"{self.path}: GGUF version {version} is not supported (v2/v3 "
-                             "little-endian only; re-export with a current llama.cpp)")
+                             "little-endian only; re-export with a current llama.cpp, or "
+                             "update Ember for a newer format)")
         n_tensors, n_kv = self._take("<Q"), self._take("<Q")
         self.version = version
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = self._str()
+            if key in self.metadata:  # llama.cpp and gguf.GGUFReader refuse such a file too
+                raise EmberError(f"{self.path}: metadata key {key!r} appears twice; the file "
+                                 "is corrupt (llama.cpp refuses it): convert the model again")
             self.metadata[key] = self._value(self._take("<I"))
-        infos = []
+        infos, names = [], set()
         for _ in range(n_tensors):
             name = self._str()
+            if name in names:
+                raise EmberError(f"{self.path}: tensor {name!r} appears twice in the tensor "
+                                 "table; the file is corrupt (llama.cpp refuses it): convert "
+                                 "the model again")
+            names.add(name)
             dims = [self._take("<Q") for _ in range(self._take("<I"))]
             infos.append((name, dims, self._take("<I"), self._take("<Q")))
         align = self.metadata.get("general.alignment", 32)

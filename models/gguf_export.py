@@ -13,8 +13,8 @@ Output types: ``f32``, ``f16``, ``bf16`` (as the converter: 1-D tensors, i.e. no
 ``q5_0``, ``q5_1``, ``q4_k_s``, ``q4_k_m`` (alias ``q4_k``), ``q5_k_s``, ``q5_k_m`` (``q5_k``),
 ``q6_k`` (any case): each tensor gets the type llama-quantize would give it (Q6_K for the output
 matrix, more bits for some ``attn_v`` / ``ffn_down``, fallbacks for rows that are not whole
-blocks: ``ember.models.gguf_quants.tensor_types``), quantized byte for byte as llama.cpp does
-(``ember.models.gguf_quants``).
+blocks, named in a warning: ``ember.models.gguf_quants.tensor_types``), quantized byte for byte
+as llama.cpp does (``ember.models.gguf_quants``).
 
 Metadata: the ``<arch>.*`` keys the importer and llama.cpp read (``config_from_gguf``), a Llama
 3.1 rope scaling as the ``rope_freqs`` tensor, YaRN as the converter's ``rope.scaling.type`` /
@@ -241,10 +241,20 @@ def _tensor_types(dtype: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConf
             raise EmberError(f"save_gguf: --gguf-type {dtype} (a K-quant mix) is not supported "
                              "for mixture-of-experts models yet; use f32, f16, bf16, q8_0, "
                              "q4_0, q4_1, q5_0 or q5_1")
+        fallbacks: dict[str, Q] = {}
         types = tensor_types(shapes, dtype, arch=arch, n_layer=cfg.num_layers,
                              n_head=cfg.num_heads, n_head_kv=cfg.num_kv_heads,
-                             n_expert=cfg.num_experts)
+                             n_expert=cfg.num_experts, fallbacks=fallbacks)
         file_type = FILE_TYPES[ftype][1]
+        if fallbacks:  # announced, as llama-quantize and the converter's --outtype do
+            said = ", ".join(f"{n} ({shapes[n][-1]} per row: {fallbacks[n].name} -> "
+                             f"{types[n].name})" for n in list(fallbacks)[:4])
+            more = f" and {len(fallbacks) - 4} more" if len(fallbacks) > 4 else ""
+            warnings.warn(f"save_gguf: {len(fallbacks)} tensor(s) have rows that are not whole "
+                          f"blocks of their {dtype} type and use a fallback type, as llama.cpp "
+                          f"does (llama-quantize's fallback, else F16 as convert_hf_to_gguf.py "
+                          f"writes): {said}{more}; the file is larger than a pure {dtype} one",
+                          stacklevel=3)
     types.update({n: Q.F32 for n in types if n.endswith(F32_TENSORS)})
     return types, file_type
 

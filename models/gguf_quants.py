@@ -422,7 +422,8 @@ def _mixed_type(name: str, ncols: int, ftype: str, ctx: dict) -> Q:
 
 
 def tensor_types(shapes: dict[str, tuple[int, ...]], ftype: str, *, arch: str, n_layer: int,
-                 n_head: int, n_head_kv: int, n_expert: int = 0) -> dict[str, Q]:
+                 n_head: int, n_head_kv: int, n_expert: int = 0,
+                 fallbacks: dict[str, Q] | None = None) -> dict[str, Q]:
     """The ggml type llama-quantize gives each tensor (GGUF name -> torch shape) for ``ftype``
     (a key of FILE_TYPES or ALIASES): 1-D tensors and norms stay F32; ``output.weight`` (or the
     tied ``token_embd.weight``) gets Q6_K (Q8_0 for Q8_0, or when its rows are not whole blocks);
@@ -431,7 +432,8 @@ def tensor_types(shapes: dict[str, tuple[int, ...]], ftype: str, *, arch: str, n
     1/8 of ``ffn_down``; an 80-layer Llama-2/3-70B-like model (GQA) or Qwen2-72B gets Q5_K for
     its Q4_K ``attn_v``. Rows not a multiple of the block: Q4_K -> Q5_0, Q5_K -> Q5_1,
     Q6_K -> Q8_0, and F16 if still not whole blocks. A model of ``n_expert`` 8 (Mixtral 8x7B)
-    gets Q8_0 for every ``attn_v`` and ``attn_k``."""
+    gets Q8_0 for every ``attn_v`` and ``attn_k``. ``fallbacks``, when given, receives the type
+    each fallen-back tensor would have had (name -> wanted type)."""
     ftype = ALIASES.get(ftype, ftype)
     ctx = {"tied": "output.weight" not in shapes, "n_layer": n_layer, "n_expert": n_expert,
            "n_attention_wv": sum(any(k in n for k in _ATTN_V) for n in shapes),
@@ -444,6 +446,8 @@ def tensor_types(shapes: dict[str, tuple[int, ...]], ftype: str, *, arch: str, n
             continue
         new = _mixed_type(name, shape[-1], ftype, ctx)
         if shape[-1] % BLOCKS[new][0]:
+            if fallbacks is not None:
+                fallbacks[name] = new
             new = _FALLBACK.get(new, new)
             if shape[-1] % BLOCKS[new][0]:
                 new = Q.F16

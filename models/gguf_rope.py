@@ -51,17 +51,41 @@ def nice_float(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def _llama3_rope(rope_freqs: torch.Tensor, head_dim: int, theta: float, orig: int,
+def _llama3_origs(rope_freqs: torch.Tensor, plain: torch.Tensor, low: float,
+                  high: float) -> list[int]:
+    """Original context lengths that could give ``rope_freqs`` with these low / high factors:
+    each divisor strictly between 1 and the factor pins it (the converter's smooth band), and
+    with none, any length between the bands' edges computes the same model (8192 if it fits)."""
+    factor, wavelen = float(rope_freqs.max()), 2 * math.pi / plain.double()
+    r = rope_freqs.double()
+    mid = (r > 1 + 1e-4) & (r < factor * (1 - 1e-4))
+    if bool(mid.any()):
+        smooth = (1 / r[mid] - 1 / factor) / (1 - 1 / factor)
+        return sorted({round(x) for x in (wavelen[mid] * (low + smooth * (high - low))).tolist()})
+    above = float((wavelen[r <= 1 + 1e-4] * high).max()) if bool((r <= 1 + 1e-4).any()) else 0.0
+    below = float((wavelen[r > 1 + 1e-4] * low).min()) if bool((r > 1 + 1e-4).any()) else math.inf
+    if above < 8192 < below:
+        return [8192]
+    return [math.floor(above) + 1] if math.floor(above) + 1 < below else []
+
+
+def _llama3_rope(rope_freqs: torch.Tensor, head_dim: int, theta: float, orig: int | None,
                  path: Path) -> RopeScaling:
     """Recover Llama-3.1 rope scaling from llama.cpp's ``rope_freqs`` factors (which the file
-    stores instead of the four parameters) by matching the standard low/high factors."""
+    stores instead of the four parameters) by matching the standard low/high factors. The
+    converter writes no ``rope.scaling.original_context_length`` for these; without it the
+    original context is the one the factors imply (8192 for every Llama 3.x)."""
     factor = float(rope_freqs.max())
     base = ModelConfig(vocab_size=1, hidden_size=head_dim, intermediate_size=1,
                        num_layers=1, num_heads=1, num_kv_heads=1, rope_theta=theta)
     plain = rope_inv_freq(base)
-    for low, high in [(1.0, 4.0), (1.0, 2.0), (2.0, 4.0)]:
-        rs = RopeScaling(kind="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
-                         original_max_position_embeddings=orig)
+    pairs = [(1.0, 4.0), (1.0, 2.0), (2.0, 4.0)]
+    tries = [(p, orig or 8192) for p in pairs]
+    if orig is None:  # then the lengths the factors imply
+        tries += [(p, o) for p in pairs for o in _llama3_origs(rope_freqs, plain, *p)]
+    for (low, high), o in tries:
+        rs = RopeScaling(kind="llama3", factor=factor, low_freq_factor=low,
+                         high_freq_factor=high, original_max_position_embeddings=o)
         ratio = plain / rope_inv_freq(base.replace(rope_scaling=rs))
         if torch.allclose(ratio, rope_freqs.float(), rtol=1e-3, atol=1e-4):
             return rs
@@ -147,7 +171,8 @@ def rope_fields(g, arch: str, get: Callable, head_dim: int, context: int) -> dic
     if has("rope_factors_long.weight") or has("rope_factors_short.weight") or kind == "longrope":
         out["rope_scaling"] = _longrope(g, get, arch, context, rotary_dim, path)
     elif has("rope_freqs.weight"):
-        orig = int(get("rope.scaling.original_context_length") or 8192)
+        orig = get("rope.scaling.original_context_length")
+        orig = int(orig) if orig else None
         out["rope_scaling"] = _llama3_rope(g.tensor("rope_freqs.weight"), rotary_dim,
                                            out["rope_theta"], orig, path)
     elif kind == "yarn":

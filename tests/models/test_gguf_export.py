@@ -200,12 +200,21 @@ def test_q8_0_rows_not_a_multiple_of_32_fall_back_to_f16(tmp_path):
     cfg = ModelConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_layers=1,
                       num_heads=3, num_kv_heads=1, tie_word_embeddings=True)
     model = Transformer(cfg).init_weights(std=0.1, seed=0)
-    path = save_gguf(model, tokenizer_from_gguf(tiny_tokenizer_md()), tmp_path / "m.gguf",
-                     dtype="q8_0")
+    # the oracle: gguf.quants cannot make Q8_0 of these rows; convert_hf_to_gguf.py then warns
+    # "falling back to F16" (and llama-quantize prints "using fallback quantization")
+    with pytest.raises(quants.QuantError):
+        quants.quantize(np.zeros((48, 48), np.float32), Q.Q8_0)
+    with pytest.warns(UserWarning, match=r"blk\.0\.attn_q\.weight \(48 per row: Q8_0 -> F16\)"):
+        path = save_gguf(model, tokenizer_from_gguf(tiny_tokenizer_md()), tmp_path / "m.gguf",
+                         dtype="q8_0")
     types = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
     assert types["blk.0.attn_q.weight"] == Q.F16  # rows of 48
     assert types["blk.0.ffn_down.weight"] == Q.Q8_0  # rows of 64
     assert _field(GGUFReader(path), "general.file_type") == 7
+    with warnings.catch_warnings():  # whole blocks everywhere: nothing to announce
+        warnings.simplefilter("error")
+        save_gguf(model, tokenizer_from_gguf(tiny_tokenizer_md()), tmp_path / "f.gguf",
+                  dtype="f16")
 
 
 def _gguf_py_back(w: np.ndarray, qtype: Q) -> np.ndarray:

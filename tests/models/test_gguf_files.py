@@ -100,6 +100,51 @@ def test_inconsistent_metadata_is_named(metadata, match, tmp_path):
         load_gguf(tmp_path / "m.gguf")
 
 
+@pytest.mark.parametrize("old,new,match", [
+    (b"llama.context_lengtX", b"llama.context_length", "metadata key 'llama.context_length' "
+     "appears twice"),
+    (b"blk.1.ffn_up.weight", b"blk.0.ffn_up.weight", "tensor 'blk.0.ffn_up.weight' appears "
+     "twice"),
+])
+def test_a_key_or_tensor_twice_is_refused(old, new, match, tmp_path):
+    """A key or a tensor name twice (renamed in place, same length): gguf.GGUFReader and
+    llama.cpp refuse the file; was: the last one silently won (a context of 512, not the
+    first 256; for the tensor, an error naming layer 1's missing up_proj instead)."""
+    from gguf import GGUFReader
+
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, metadata={"llama.context_lengtX": 512})
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+    with pytest.raises((KeyError, ValueError), match="(?i)duplicate"):
+        GGUFReader(path)
+    with pytest.raises(EmberError, match=match):
+        load_gguf(path)
+
+
+@pytest.mark.parametrize("version", [0, 1, 4])
+def test_other_format_versions_are_refused(version, tmp_path):
+    """Only v2 and v3 share the layout Ember parses; gguf.GGUFReader and llama.cpp refuse the
+    others. Was: a version 4 (or 0) file parsed as v3, silently."""
+    import struct
+
+    from gguf import GGUFReader
+
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path)
+    data = bytearray(path.read_bytes())
+    data[4:8] = struct.pack("<I", version)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"version {version}"):
+        GGUFReader(path)
+    with pytest.raises(EmberError, match=f"GGUF version {version} is not supported"):
+        load_gguf(path)
+    data[4:8] = struct.pack("<I", 2)  # v2 (llama.cpp still reads it): loads
+    path.write_bytes(bytes(data))
+    assert load_gguf(path)[0].num_layers == 2
+
+
 def test_big_endian_file_is_named(tmp_path):
     """gguf's writer can write big-endian files (s390x); was: "GGUF version 50331648 is not
     supported"."""

@@ -16,11 +16,12 @@ from gguf import GGMLQuantizationType as GGUFQuantizationType
 from gguf import GGUFReader, GGUFValueType
 
 from ember import EmberError
+from ember.models.config import rope_inv_freq
 from ember.models.gguf import import_gguf, load_gguf
 from ember.models.gguf_export import save_gguf
 from ember.models.loading import load_pretrained
 from ember.models.tokenizer import tokenizer_from_gguf
-from tests.models.test_gguf import VOCAB, _offline, tiny_tokenizer_md
+from tests.models.test_gguf import VOCAB, _offline, tiny_tokenizer_md, write_tiny_gguf
 from tests.models.test_gguf_families import DIMS, _diff, _ember, write_family_gguf
 
 transformers = pytest.importorskip("transformers")
@@ -306,3 +307,25 @@ def test_phi3_longrope_export_as_the_converter_and_matches_hf(partial, tmp_path)
         with torch.no_grad():
             ref = hf(ids).logits
         assert _diff(_ember(cfg, sd, ids), ref) <= TOL
+
+
+@pytest.mark.parametrize("orig,low,high", [(64, 1.0, 4.0), (128, 2.0, 4.0), (8192, 1.0, 4.0)])
+def test_llama3_rope_freqs_without_original_context_key(orig, low, high, tmp_path):
+    """convert_hf_to_gguf.py writes a Llama 3.1 rope scaling as the rope_freqs tensor only (no
+    rope.scaling.original_context_length): the original context is the one the divisors imply,
+    so the frequencies equal transformers' own llama3 RoPE for any original context."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": orig}
+    hf = transformers.LlamaConfig(hidden_size=128, num_attention_heads=2, rope_parameters=rope)
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    plain = 1.0 / 500000.0 ** (torch.arange(0, 64, 2).float() / 64)
+    factors = plain / theirs  # the tensor the converter writes: one divisor per frequency
+    assert factors.min() == 1.0 and factors.max() == 8.0
+    write_tiny_gguf(tmp_path / "l3.gguf", hidden=128, heads=2, kv_heads=1, rope_freqs=factors,
+                    metadata={"llama.rope.freq_base": 500000.0})
+    cfg, _, _ = load_gguf(tmp_path / "l3.gguf")
+    assert cfg.rope_scaling.kind == "llama3" and cfg.rope_scaling.factor == 8.0
+    torch.testing.assert_close(rope_inv_freq(cfg), theirs, rtol=1e-5, atol=0)
