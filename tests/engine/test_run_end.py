@@ -298,3 +298,19 @@ def test_max_steps_of_whole_epochs_is_the_epochs_run(tiny, tmp_path):
           progress=False)
     rows = [rows_of(tmp_path / r, timing=False) for r in ("a", "b")]
     assert rows[0] == rows[1] and len(rows[0]) == a.steps
+
+
+def test_resume_inside_a_log_every_window_logs_the_same_means(tiny, tmp_path):
+    """log_every = 3 logs the mean loss of 3 steps (transformers' logging_steps): a run resumed
+    from its step-2 checkpoint (a crash after it) logs at step 3 the mean of steps 1-3 as the run
+    that went on, not of step 3 alone (the window's sums are in the checkpoint)."""
+    extra = ("max_steps=6", "log_every=3", "checkpoint.every_steps=2", "checkpoint.keep_last=5",
+             "checkpoint.save_final=false", "eval.metrics=[]", "eval.val_loss=false",
+             "optim.lr=1e-2")
+    train(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(dcp.step_dir(dcp.checkpoint_root(tmp_path / "b"), 4))
+    train(tiny_config(tiny, tmp_path / "b", *extra), resume=True, echo=quiet, progress=False)
+    a, b = rows_of(tmp_path / "a", timing=False), rows_of(tmp_path / "b", timing=False)
+    assert [r["step"] for r in a if r["kind"] == "train"] == [3, 6]
+    assert a == b
