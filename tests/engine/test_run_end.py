@@ -4,6 +4,7 @@ stopping stay those of the trajectory a resumed run is on."""
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import torch
@@ -314,3 +315,14 @@ def test_resume_inside_a_log_every_window_logs_the_same_means(tiny, tmp_path):
     a, b = rows_of(tmp_path / "a", timing=False), rows_of(tmp_path / "b", timing=False)
     assert [r["step"] for r in a if r["kind"] == "train"] == [3, 6]
     assert a == b
+
+
+def test_a_fraction_of_an_epoch_rounds_as_transformers_trainer(tmp_path):
+    """transformers' Trainer runs ceil(epochs * steps per epoch) steps, the float product: 0.07
+    epochs of 100 steps are 8 steps (7.000000000000001), 1.1 epochs of 50 are 56; Ember rounded
+    the fraction in decimal first (7 and 55: another schedule length)."""
+    from ember.engine.runtime import epoch_step_sizes
+
+    want = _hf_step_sizes(100, 1, 0.07, tmp_path / "hf")
+    assert epoch_step_sizes(_Plan(100), 0.07, 1) == want == [1] * 8
+    assert len(epoch_step_sizes(_Plan(50), 1.1, 1)) == math.ceil(1.1 * 50) == 56
