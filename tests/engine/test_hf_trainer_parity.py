@@ -96,8 +96,9 @@ def test_full_finetuning_follows_transformers_trainer(tiny, tmp_path, monkeypatc
         "optim.weight_decay=0.1", "optim.warmup_steps=1", "optim.min_lr_ratio=0.1",
         "optim.max_grad_norm=1.0")
     sizes = [len(s) for s in steps]
-    assert sizes[-1] < 3 < len(sizes) + 2 and len({sum(int((b["labels"] != IGNORE).sum())
-                                                        for b in s) for s in steps}) > 1
+    assert len(sizes) >= 2 and sizes[-1] < 3  # the epoch ends with a partial step
+    tokens = [int((b["labels"] != IGNORE).sum()) for b in steps[0]]
+    assert len(set(tokens)) > 1, tokens  # micro-batches of different answer-token counts
     hf = _hf_trainer(_hf_model(tiny), cfg, steps, tmp_path / "hf", logging_steps=1)
     theirs = [h for h in hf.state.log_history if "loss" in h]
     assert [r["loss"] for r in rows] == pytest.approx([h["loss"] for h in theirs], rel=1e-5)
