@@ -109,9 +109,10 @@ def test_full_finetuning_follows_transformers_trainer(tiny, tmp_path, monkeypatc
     from safetensors.torch import load_file
 
     ours = load_file(str(tmp_path / "run" / "final" / "model" / "model.safetensors"))
+    # atol: far below a step's update (lr 2e-3; decay on a norm: 2e-4), above float noise
     for name, p in hf.model.state_dict().items():
         if name in ours:
-            torch.testing.assert_close(ours[name], p, rtol=0, atol=1e-6, msg=name)
+            torch.testing.assert_close(ours[name], p, rtol=0, atol=1e-5, msg=name)
 
 
 def test_logged_loss_is_the_mean_over_log_every_steps(tiny, tmp_path, monkeypatch):
@@ -153,4 +154,4 @@ def test_lora_follows_transformers_trainer_with_peft(tiny, tmp_path, monkeypatch
     want = get_peft_model_state_dict(model)
     assert sorted(ours) == sorted(want)
     for name, p in want.items():
-        torch.testing.assert_close(ours[name], p, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(ours[name], p, rtol=0, atol=1e-5, msg=name)
