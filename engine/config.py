@@ -271,7 +271,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" | "bf16" | "fp16" | "fp32" (autocast dtype)
     device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:N"
     threads: int | None = None  # CPU threads for torch (None: torch's default)
-    log_every: int = 1  # steps between metrics.jsonl rows
+    log_every: int = 1  # steps between metrics.jsonl rows (each: the mean loss of its steps)
     plot: bool = True  # loss/metric PNG at the end (needs matplotlib)
     tensorboard: bool = False  # also log to <run_dir>/tensorboard (needs the tensorboard package)
 

@@ -114,14 +114,15 @@ def epoch_step_sizes(batches, epochs: float, grad_accum: int) -> list[int]:
     process's; under torchrun all processes' together, ``grad_accum`` then grad_accum * N:
     ``distributed.step_share`` deals them out), as transformers' Trainer: a step never spans
     two epochs, each epoch ends with a step of the micro-batches left (its partial
-    accumulation), and a fraction of an epoch is that fraction of its steps, rounded up
-    (``ceil(epochs * steps per epoch)``); at least 1."""
+    accumulation), and a fraction of an epoch is that fraction of its steps, rounded up as
+    transformers rounds the run's steps, ``ceil(epochs * steps per epoch)`` in floats (1.1
+    epochs of 100 steps: 110.00000000000001, 111 steps; 0.07 of 100: 8); at least 1."""
     sizes: list[int] = []
     whole = int(epochs)
     for e in range(whole + (epochs > whole)):
         steps = _epoch_steps(batches, e, grad_accum)
-        if e == whole:  # round(): 1.1 - 1 is 0.10000000000000009, not 0.1
-            steps = steps[:math.ceil(round((epochs - whole) * len(steps), 6))]
+        if e == whole:  # not ceil((epochs - whole) * n): 1.1 - 1 is 0.10000000000000009
+            steps = steps[:math.ceil(epochs * len(steps)) - whole * len(steps)]
         sizes += steps
     return sizes or [1]
 

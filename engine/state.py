@@ -65,6 +65,9 @@ class Progress:
     best_scores: dict = field(default_factory=dict)  # early stopping: the best's scores
     before: dict = field(default_factory=dict)  # scores before fine-tuning
     stopped: bool = False  # early stopping ended the run (a --resume of it has nothing to do)
+    # The applied steps since the last train row of metrics.jsonl: {name: [sum, count]} of the
+    # loss and the objective's metrics, whose means the next row logs (``Trainer._log_means``)
+    log_window: dict = field(default_factory=dict)
 
 
 def open_run(cfg: TrainConfig, info: DistInfo, *, resume: bool, echo) -> Path | None:

@@ -18,7 +18,9 @@ per block, then the root (only with more than one process; ``[dist]``) -> the op
 Run directory (``cfg.out_dir``), written by rank 0::
 
     config.toml          the resolved config
-    metrics.jsonl        one JSON row per logged step ("kind": "train") and per evaluation ("eval")
+    metrics.jsonl        one JSON row per logged step ("kind": "train": the mean loss of the steps
+                         since the previous row, as transformers' logging_steps) and per
+                         evaluation ("eval")
     data/                the generated task splits (``[task]``)
     checkpoints/step_N/  sharded checkpoints (``engine/state.py`` on ``engine/dcp.py``)
     best/step_N/         eval.early_stopping: the best evaluation's weights, exported at the end
@@ -459,13 +461,21 @@ class Trainer:
                 leave = step < total and (s.stop or (self.stop_after is not None
                                                      and step >= self.stop_after))
                 # The step a run may end at (an evaluation that early-stops, a stop) is logged too
+                values = {"loss": s.loss, **s.extra}
+                if s.applied:
+                    window = prog.log_window
+                    for k, v in values.items():
+                        total_k, n_k = window.get(k, (0.0, 0))
+                        window[k] = [total_k + v, n_k + 1]
                 if (step % cfg.log_every == 0 or step == total or not s.applied or evaluating
                         or leave):
-                    self.log.write({"kind": "train", "step": step, "loss": s.loss, "lr": lr,
-                                    "grad_norm": s.grad_norm, "tokens": prog.tokens,
+                    if s.applied:
+                        values = self._log_means(prog)
+                    self.log.write({"kind": "train", "step": step, "loss": values["loss"],
+                                    "lr": lr, "grad_norm": s.grad_norm, "tokens": prog.tokens,
                                     "loss_tokens": s.loss_tokens, "tokens_per_s": s.tokens / dt,
                                     "seconds": seconds0 + time.perf_counter() - t_train,
-                                    **s.extra,
+                                    **values,
                                     **({} if s.applied else {"skipped": True})})
                 status = (f"loss {s.loss:.4f} | {s.tokens / dt:,.0f} tok/s | "
                           f"mem {memory_gib(self.device):.1f} GiB")
@@ -528,6 +538,15 @@ class Trainer:
         self.echo(f"done in {time.perf_counter() - t_start:.0f} s")
         return RunResult(cfg.out_dir, prog.step, prog.before, scores, stopped,
                          time.perf_counter() - t_start)
+
+    @staticmethod
+    def _log_means(prog: Progress) -> dict:
+        """The loss and metrics a train row logs: their means over the applied steps since the
+        previous row (transformers' Trainer logs the mean loss of its ``logging_steps``, TRL
+        its metrics' means), not the last step's alone; the window starts again."""
+        means = {k: total / n for k, (total, n) in prog.log_window.items()}
+        prog.log_window = {}
+        return means
 
     def _checkpoint(self, opt, prog: Progress, ckpt_state: dict):
         path = save(self.cfg, self.info, self.model, opt, progress=prog, **ckpt_state)

@@ -4,6 +4,7 @@ stopping stay those of the trajectory a resumed run is on."""
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import torch
@@ -320,3 +321,30 @@ def test_a_new_run_never_writes_over_a_finished_runs_final_output(tiny, tmp_path
     assert adapter.read_bytes() == before
     shutil.rmtree(run / "final")  # moved away: the folder is free again
     assert train(cfg, echo=quiet, progress=False).steps == 1
+
+
+def test_resume_inside_a_log_every_window_logs_the_same_means(tiny, tmp_path):
+    """log_every = 3 logs the mean loss of 3 steps (transformers' logging_steps): a run resumed
+    from its step-2 checkpoint (a crash after it) logs at step 3 the mean of steps 1-3 as the run
+    that went on, not of step 3 alone (the window's sums are in the checkpoint)."""
+    extra = ("max_steps=6", "log_every=3", "checkpoint.every_steps=2", "checkpoint.keep_last=5",
+             "checkpoint.save_final=false", "eval.metrics=[]", "eval.val_loss=false",
+             "optim.lr=1e-2")
+    train(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(dcp.step_dir(dcp.checkpoint_root(tmp_path / "b"), 4))
+    train(tiny_config(tiny, tmp_path / "b", *extra), resume=True, echo=quiet, progress=False)
+    a, b = rows_of(tmp_path / "a", timing=False), rows_of(tmp_path / "b", timing=False)
+    assert [r["step"] for r in a if r["kind"] == "train"] == [3, 6]
+    assert a == b
+
+
+def test_a_fraction_of_an_epoch_rounds_as_transformers_trainer(tmp_path):
+    """transformers' Trainer runs ceil(epochs * steps per epoch) steps, the float product: 0.07
+    epochs of 100 steps are 8 steps (7.000000000000001), 1.1 epochs of 50 are 56; Ember rounded
+    the fraction in decimal first (7 and 55: another schedule length)."""
+    from ember.engine.runtime import epoch_step_sizes
+
+    want = _hf_step_sizes(100, 1, 0.07, tmp_path / "hf")
+    assert epoch_step_sizes(_Plan(100), 0.07, 1) == want == [1] * 8
+    assert len(epoch_step_sizes(_Plan(50), 1.1, 1)) == math.ceil(1.1 * 50) == 56
