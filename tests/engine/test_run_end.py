@@ -7,8 +7,10 @@ from __future__ import annotations
 import math
 import shutil
 
+import pytest
 import torch
 
+from ember import EmberError
 from ember.engine import dcp
 from ember.engine.best import best_root
 from ember.engine.state import load_run_model
@@ -305,10 +307,6 @@ def test_a_new_run_never_writes_over_a_finished_runs_final_output(tiny, tmp_path
     """A finished run whose checkpoints were deleted to save space (final/ kept) was silently
     overwritten by the next run into the same folder; now it is refused, also under --resume
     (which found no checkpoint and started from step 0), and nothing in final/ changes."""
-    import pytest
-
-    from ember import EmberError
-
     run = tmp_path / "r"
     cfg = tiny_config(tiny, run, "max_steps=1", "eval.metrics=[]")
     train(cfg, echo=quiet, progress=False)
