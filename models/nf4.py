@@ -52,6 +52,25 @@ from ember.models.nf4_storage import STORAGE_DTYPE, NF4Layout, pack_nf4, unpack_
 
 
 # ---------------------------------------------------------------------------- NF4 row blocks
+def rows_straddle_blocks(rows: Sequence[int], k: int, blocksize: int) -> bool:
+    """True when cutting a (sum(rows), k) weight into ``rows`` falls inside a 4-bit block (a
+    width k times a part's rows not a multiple of blocksize: tiny or odd Phi-3 configs). Such a
+    part is no NF4 weight of its own: ``split_nf4_rows`` refuses it, and loaders keep it dense
+    (``dequantize_nf4_rows``), bnb's dequantized rows."""
+    at = 0
+    for r in rows[:-1]:
+        at += r
+        if at * k % blocksize:
+            return True
+    return False
+
+
+def dequantize_nf4_rows(w: NF4Weight, rows: Sequence[int]) -> list[torch.Tensor]:
+    """A 2D NF4 weight dequantized (in its own dtype, as bitsandbytes does) and cut into row
+    blocks: the dense parts of a fused weight whose cuts straddle 4-bit blocks."""
+    return [t.clone() for t in w.dequantize().split(list(rows))]
+
+
 def split_nf4_rows(w: NF4Weight, rows: Sequence[int], key: str) -> list[NF4Weight]:
     """A 2D NF4 weight cut into row blocks (Phi-3's fused qkv_proj / gate_up_proj), each part
     dequantizing to exactly the whole's rows. The cuts must fall between 4-bit blocks; a nested
@@ -374,7 +393,8 @@ def load_quantized_(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]
     quantized there, one at a time; every other tensor becomes a ``compute_dtype`` parameter.
     ``fused``: groups of weight keys the checkpoint stores stacked as one weight (Phi-3's
     qkv_proj / gate_up_proj), which bitsandbytes quantizes whole (one absmax mean for the double
-    quantization): each group is quantized stacked and cut (``split_nf4_rows``), bnb's bytes.
+    quantization): each group is quantized stacked and cut (``split_nf4_rows``), bnb's bytes
+    (cuts inside a 4-bit block: dense parts holding bnb's dequantized rows).
     Returns the quantized module names. Non-persistent buffers (RoPE) are the caller's."""
     names = replace_linears_with_4bit_(model, skip)
     group_of = {k: tuple(g) for g in fused for k in g}
@@ -395,25 +415,36 @@ def load_quantized_(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]
     if pending:
         raise EmberError(f"the checkpoint lacks part of the fused weights {sorted(pending)[:2]}")
     _check_loaded(model)
-    return names
+    return [n for n in names if isinstance(model.get_submodule(n), Linear4bit)]
 
 
 def _quantize_stacked_(model: nn.Module, parts: list[tuple[str, torch.Tensor]], blocksize: int,
                        double_quant: bool) -> None:
     whole = torch.cat([t for _, t in parts])
-    k = whole.shape[1]
-    cuts = [t.shape[0] for _, t in parts]
-    if any(sum(cuts[:i]) * k % blocksize for i in range(1, len(cuts))):
-        pieces = [t for _, t in parts]  # 4-bit blocks would straddle the parts: one by one
-    else:
-        try:
-            q = NF4Weight.quantize(whole, blocksize, double_quant)
-        except ValueError as e:  # e.g. inf / NaN weights: say which tensors
-            raise EmberError(f"{[k for k, _ in parts]}: {e}") from e
-        pieces = split_nf4_rows(q, cuts, parts[0][0])
+    rows = [t.shape[0] for _, t in parts]
+    try:
+        q = NF4Weight.quantize(whole, blocksize, double_quant)
+    except ValueError as e:  # e.g. inf / NaN weights: say which tensors
+        raise EmberError(f"{[k for k, _ in parts]}: {e}") from e
     del whole
-    for (key, _), piece in zip(parts, pieces, strict=True):
+    if rows_straddle_blocks(rows, q.shape[1], blocksize):
+        # No part is an NF4 weight of its own (bnb's blocks run across the cuts): dense parts
+        # holding bnb's dequantized rows, as the loader of transformers' checkpoint keeps them.
+        for (key, _), piece in zip(parts, dequantize_nf4_rows(q, rows), strict=True):
+            _dense_linear_(model, key.rpartition(".")[0], piece)
+        return
+    for (key, _), piece in zip(parts, split_nf4_rows(q, rows, parts[0][0]), strict=True):
         assign_quantized_(model, key, piece, blocksize=blocksize, double_quant=double_quant)
+
+
+def _dense_linear_(model: nn.Module, name: str, weight: torch.Tensor) -> None:
+    """Module ``name`` (a Linear4bit or nn.Linear) becomes an nn.Linear holding ``weight``
+    (frozen like the NF4 base it stands in for); its bias, loaded or not, is kept."""
+    old = model.get_submodule(name)
+    lin = nn.Linear(old.in_features, old.out_features, bias=False, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    lin.bias = old.bias
+    _set_module(model, name, lin)
 
 
 def load_bnb_quantized_(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *, device,
