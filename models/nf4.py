@@ -317,19 +317,52 @@ def _linear_names(model: nn.Module, skip: Iterable[str] | str) -> list[str]:
 
 
 def quantize_model_(model: nn.Module, skip: Iterable[str] = HEADS, *,
-                    blocksize: int = 64, double_quant: bool = True) -> list[str]:
+                    blocksize: int = 64, double_quant: bool = True,
+                    fused: Iterable[Sequence[str]] | None = None) -> list[str]:
     """Replace every ``nn.Linear`` (but ``skip``: leaf names, full names or globs) by a
     ``Linear4bit`` quantized on the weight's device, one layer at a time so that each dense
-    weight is freed before the next is quantized. Returns the replaced module names."""
+    weight is freed before the next is quantized. ``fused``: groups of weight keys that
+    bitsandbytes quantizes as one stacked weight (default: the model's own, Phi-3's q/k/v and
+    gate/up, ``ember.models.hf.fused_groups``), quantized together as ``load_quantized_`` does,
+    bnb's bytes. Returns the quantized module names."""
     names = _linear_names(model, skip)
+    if fused is None:
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None and getattr(cfg, "model_type", None) == "phi3":
+            from ember.models.hf import fused_groups  # hf imports this module
+
+            fused = fused_groups(cfg)
+    group_of = {}
+    for g in fused or ():
+        owners = [k.rpartition(".")[0] for k in g]
+        if all(o in names for o in owners):
+            group_of.update({o: tuple(g) for o in owners})
     for name in names:  # only names are held: each old layer dies when replaced
+        group = group_of.get(name)
+        if group is not None:
+            if name == group[0].rpartition(".")[0]:  # the whole group, at its first part
+                _quantize_group_(model, group, blocksize, double_quant)
+            continue
         try:
             q = Linear4bit.from_linear(model.get_submodule(name), blocksize=blocksize,
                                        double_quant=double_quant)
         except ValueError as e:  # e.g. inf / NaN weights: say which layer
             raise EmberError(f"{name}.weight: {e}") from e
         _set_module(model, name, q)
-    return names
+    return [n for n in names if isinstance(model.get_submodule(n), Linear4bit)]
+
+
+def _quantize_group_(model: nn.Module, keys: Sequence[str], blocksize: int,
+                     double_quant: bool) -> None:
+    parts = []
+    for key in keys:
+        name = key.rpartition(".")[0]
+        lin = model.get_submodule(name)
+        parts.append((key, lin.weight.detach()))
+        q = Linear4bit(lin.in_features, lin.out_features, bias=False)
+        q.bias = lin.bias
+        _set_module(model, name, q)
+    _quantize_stacked_(model, parts, blocksize, double_quant)
 
 
 def replace_linears_with_4bit_(model: nn.Module, skip: Iterable[str] = HEADS) -> list[str]:

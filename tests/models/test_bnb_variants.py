@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from ember.models.loading import load_pretrained, save_pretrained
 from ember.models.lora import LoRAConfig, apply_lora, lora_modules
+from ember.models.nf4 import quantize_model_
 from ember.models.peft_adapter import save_adapter
 from tests.models.test_qlora_integration import TOL, _diff, _hf, _logits, _randomized
 
@@ -125,9 +126,29 @@ def test_phi3_fused_weights_whose_cuts_fall_inside_4bit_blocks(tmp_path):
     assert _diff(_logits(model, ids), _logits(hf, ids)) <= TOL
     requant, _ = load_pretrained(tmp_path / "dense", quantize="nf4")
     assert torch.equal(_logits(requant, ids), _logits(model, ids))
+    quantize_model_(requant := load_pretrained(tmp_path / "dense")[0])
+    assert torch.equal(_logits(requant, ids), _logits(model, ids))
     out = save_pretrained(model, tmp_path / "ember")
     assert _diff(_logits(_hf(out), ids), _logits(hf, ids)) <= TOL
     _peft_matches(model, folder, tmp_path, ids)
+
+
+def test_phi3_quantize_model_quantizes_the_fused_weights_whole(tmp_path):
+    """quantize_model_ on a loaded Phi-3 quantizes q/k/v and gate/up stacked, as bitsandbytes
+    quantizes qkv_proj / gate_up_proj (was: one by one, each with its own double-quantization
+    offset: other weights than transformers', and a save that refused to fuse them)."""
+    cfg = transformers.Phi3Config(vocab_size=96, hidden_size=128, intermediate_size=128,
+                                  num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=4, max_position_embeddings=64,
+                                  pad_token_id=0)
+    folder, hf = _bnb_folder(tmp_path, _randomized(transformers.Phi3ForCausalLM(cfg), 11), True)
+    model, _ = load_pretrained(tmp_path / "dense")
+    assert len(quantize_model_(model)) == 7
+    ids = _ids(96, 6)
+    assert _diff(_logits(model, ids), _logits(hf, ids)) <= TOL
+    out = save_pretrained(model, tmp_path / "ember")
+    ours, theirs = load_file(out / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def _peft_matches(model, folder, tmp_path, ids):
