@@ -19,6 +19,7 @@ from ember.engine.classification import resolve_head, train_head
 from ember.engine.config import TrainConfig, from_dict, to_dict
 from ember.engine.stages import load_start, resolve_start
 from ember.models.lora import apply_lora
+from ember.models.nf4 import is_quantized
 from ember.models.peft_adapter import check_peft_exportable
 from ember.models.prompt_tuning import apply_prompt_tuning
 
@@ -213,6 +214,11 @@ def build_model(cfg: TrainConfig, device: str):
             apply_prompt_tuning(model, pt.num_virtual_tokens, pt.init, pt.init_text,
                                 tokenizer)
     else:
+        if is_quantized(model):  # transformers' Trainer refuses it too
+            raise EmberError(f"model {cfg.model.name!r} is a bitsandbytes 4-bit checkpoint: its "
+                             "NF4 layers are frozen, so method = \"full\" would train only the "
+                             "embeddings and norms; use method = \"lora\" (QLoRA), or the "
+                             "unquantized model")
         freeze_parameters(model, cfg.freeze, cfg.train_layers)
     if cfg.head.type is not None:
         train_head(model, cfg)

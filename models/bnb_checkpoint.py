@@ -31,10 +31,12 @@ from ember.models.nf4 import (
     _complete_bnb,
     bnb_quantization_config,
     check_quant_type,
+    dequantize_nf4_rows,
     is_quant_state_key,
     load_bnb_quantized_,
     nf4_to_bnb,
     quant_state_key,
+    rows_straddle_blocks,
     split_bnb_key,
     split_nf4_rows,
 )
@@ -120,7 +122,8 @@ def iter_bnb_checkpoint(
     only maps through its weight's. Keys and dense shapes are validated against cfg first;
     packed weights stored in another dtype (``bnb_4bit_quant_storage``) come as their uint8 bytes.
     Phi-3's fused qkv_proj / gate_up_proj come split into their parts' keys (``split_nf4_rows``:
-    the same dequantized rows, bit for bit).
+    the same dequantized rows, bit for bit; dense dequantized rows where a cut falls inside a
+    4-bit block, ``rows_straddle_blocks``).
     """
     cfg = cfg if cfg is not None else read_config(folder)
     ckpt = ckpt if ckpt is not None else scan_checkpoint(folder, quantized=True)
@@ -170,7 +173,14 @@ def _split_fused_nf4(pending: dict, key: str, t: torch.Tensor, parts: list) -> I
     if w is None:
         return
     del pending[base]
-    pieces = split_nf4_rows(w, [b - a for _, a, b in parts], base)
+    rows = [b - a for _, a, b in parts]
+    if len(w.shape) == 2 and rows_straddle_blocks(rows, w.shape[1], w.blocksize):
+        # bnb's 4-bit blocks run across the cuts: no part is an NF4 weight of its own, so the
+        # parts load dense, as bitsandbytes dequantizes them (the same logits as its model).
+        for (part, _, _), piece in zip(parts, dequantize_nf4_rows(w, rows), strict=True):
+            yield part, piece
+        return
+    pieces = split_nf4_rows(w, rows, base)
     for (part, _, _), piece in zip(parts, pieces, strict=True):
         yield from nf4_to_bnb(piece, part).items()
 

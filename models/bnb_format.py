@@ -197,6 +197,10 @@ def bnb_quantization_config(compute_dtype: torch.dtype = torch.bfloat16, *,
 def check_quantization_config(cfg: Mapping) -> None:
     """Reject quantization configs Ember cannot load, with a message that says why."""
     method = cfg.get("quant_method")
+    # transformers' AutoQuantizationConfig: load_in_4bit / load_in_8bit make it bitsandbytes (a
+    # config written before quant_method existed has only those).
+    if method is None and (cfg.get("load_in_4bit") or cfg.get("load_in_8bit")):
+        method = "bitsandbytes"
     if method != "bitsandbytes":
         raise EmberError(f"quantization_config.quant_method={method!r}: only bitsandbytes "
                          "checkpoints (4-bit NF4, 8-bit) load; use the unquantized model with "

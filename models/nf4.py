@@ -52,6 +52,25 @@ from ember.models.nf4_storage import STORAGE_DTYPE, NF4Layout, pack_nf4, unpack_
 
 
 # ---------------------------------------------------------------------------- NF4 row blocks
+def rows_straddle_blocks(rows: Sequence[int], k: int, blocksize: int) -> bool:
+    """True when cutting a (sum(rows), k) weight into ``rows`` falls inside a 4-bit block (a
+    width k times a part's rows not a multiple of blocksize: tiny or odd Phi-3 configs). Such a
+    part is no NF4 weight of its own: ``split_nf4_rows`` refuses it, and loaders keep it dense
+    (``dequantize_nf4_rows``), bnb's dequantized rows."""
+    at = 0
+    for r in rows[:-1]:
+        at += r
+        if at * k % blocksize:
+            return True
+    return False
+
+
+def dequantize_nf4_rows(w: NF4Weight, rows: Sequence[int]) -> list[torch.Tensor]:
+    """A 2D NF4 weight dequantized (in its own dtype, as bitsandbytes does) and cut into row
+    blocks: the dense parts of a fused weight whose cuts straddle 4-bit blocks."""
+    return [t.clone() for t in w.dequantize().split(list(rows))]
+
+
 def split_nf4_rows(w: NF4Weight, rows: Sequence[int], key: str) -> list[NF4Weight]:
     """A 2D NF4 weight cut into row blocks (Phi-3's fused qkv_proj / gate_up_proj), each part
     dequantizing to exactly the whole's rows. The cuts must fall between 4-bit blocks; a nested
@@ -298,19 +317,52 @@ def _linear_names(model: nn.Module, skip: Iterable[str] | str) -> list[str]:
 
 
 def quantize_model_(model: nn.Module, skip: Iterable[str] = HEADS, *,
-                    blocksize: int = 64, double_quant: bool = True) -> list[str]:
+                    blocksize: int = 64, double_quant: bool = True,
+                    fused: Iterable[Sequence[str]] | None = None) -> list[str]:
     """Replace every ``nn.Linear`` (but ``skip``: leaf names, full names or globs) by a
     ``Linear4bit`` quantized on the weight's device, one layer at a time so that each dense
-    weight is freed before the next is quantized. Returns the replaced module names."""
+    weight is freed before the next is quantized. ``fused``: groups of weight keys that
+    bitsandbytes quantizes as one stacked weight (default: the model's own, Phi-3's q/k/v and
+    gate/up, ``ember.models.hf.fused_groups``), quantized together as ``load_quantized_`` does,
+    bnb's bytes. Returns the quantized module names."""
     names = _linear_names(model, skip)
+    if fused is None:
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None and getattr(cfg, "model_type", None) == "phi3":
+            from ember.models.hf import fused_groups  # hf imports this module
+
+            fused = fused_groups(cfg)
+    group_of = {}
+    for g in fused or ():
+        owners = [k.rpartition(".")[0] for k in g]
+        if all(o in names for o in owners):
+            group_of.update({o: tuple(g) for o in owners})
     for name in names:  # only names are held: each old layer dies when replaced
+        group = group_of.get(name)
+        if group is not None:
+            if name == group[0].rpartition(".")[0]:  # the whole group, at its first part
+                _quantize_group_(model, group, blocksize, double_quant)
+            continue
         try:
             q = Linear4bit.from_linear(model.get_submodule(name), blocksize=blocksize,
                                        double_quant=double_quant)
         except ValueError as e:  # e.g. inf / NaN weights: say which layer
             raise EmberError(f"{name}.weight: {e}") from e
         _set_module(model, name, q)
-    return names
+    return [n for n in names if isinstance(model.get_submodule(n), Linear4bit)]
+
+
+def _quantize_group_(model: nn.Module, keys: Sequence[str], blocksize: int,
+                     double_quant: bool) -> None:
+    parts = []
+    for key in keys:
+        name = key.rpartition(".")[0]
+        lin = model.get_submodule(name)
+        parts.append((key, lin.weight.detach()))
+        q = Linear4bit(lin.in_features, lin.out_features, bias=False)
+        q.bias = lin.bias
+        _set_module(model, name, q)
+    _quantize_stacked_(model, parts, blocksize, double_quant)
 
 
 def replace_linears_with_4bit_(model: nn.Module, skip: Iterable[str] = HEADS) -> list[str]:
@@ -374,7 +426,8 @@ def load_quantized_(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]
     quantized there, one at a time; every other tensor becomes a ``compute_dtype`` parameter.
     ``fused``: groups of weight keys the checkpoint stores stacked as one weight (Phi-3's
     qkv_proj / gate_up_proj), which bitsandbytes quantizes whole (one absmax mean for the double
-    quantization): each group is quantized stacked and cut (``split_nf4_rows``), bnb's bytes.
+    quantization): each group is quantized stacked and cut (``split_nf4_rows``), bnb's bytes
+    (cuts inside a 4-bit block: dense parts holding bnb's dequantized rows).
     Returns the quantized module names. Non-persistent buffers (RoPE) are the caller's."""
     names = replace_linears_with_4bit_(model, skip)
     group_of = {k: tuple(g) for g in fused for k in g}
@@ -395,25 +448,36 @@ def load_quantized_(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]
     if pending:
         raise EmberError(f"the checkpoint lacks part of the fused weights {sorted(pending)[:2]}")
     _check_loaded(model)
-    return names
+    return [n for n in names if isinstance(model.get_submodule(n), Linear4bit)]
 
 
 def _quantize_stacked_(model: nn.Module, parts: list[tuple[str, torch.Tensor]], blocksize: int,
                        double_quant: bool) -> None:
     whole = torch.cat([t for _, t in parts])
-    k = whole.shape[1]
-    cuts = [t.shape[0] for _, t in parts]
-    if any(sum(cuts[:i]) * k % blocksize for i in range(1, len(cuts))):
-        pieces = [t for _, t in parts]  # 4-bit blocks would straddle the parts: one by one
-    else:
-        try:
-            q = NF4Weight.quantize(whole, blocksize, double_quant)
-        except ValueError as e:  # e.g. inf / NaN weights: say which tensors
-            raise EmberError(f"{[k for k, _ in parts]}: {e}") from e
-        pieces = split_nf4_rows(q, cuts, parts[0][0])
+    rows = [t.shape[0] for _, t in parts]
+    try:
+        q = NF4Weight.quantize(whole, blocksize, double_quant)
+    except ValueError as e:  # e.g. inf / NaN weights: say which tensors
+        raise EmberError(f"{[k for k, _ in parts]}: {e}") from e
     del whole
-    for (key, _), piece in zip(parts, pieces, strict=True):
+    if rows_straddle_blocks(rows, q.shape[1], blocksize):
+        # No part is an NF4 weight of its own (bnb's blocks run across the cuts): dense parts
+        # holding bnb's dequantized rows, as the loader of transformers' checkpoint keeps them.
+        for (key, _), piece in zip(parts, dequantize_nf4_rows(q, rows), strict=True):
+            _dense_linear_(model, key.rpartition(".")[0], piece)
+        return
+    for (key, _), piece in zip(parts, split_nf4_rows(q, rows, parts[0][0]), strict=True):
         assign_quantized_(model, key, piece, blocksize=blocksize, double_quant=double_quant)
+
+
+def _dense_linear_(model: nn.Module, name: str, weight: torch.Tensor) -> None:
+    """Module ``name`` (a Linear4bit or nn.Linear) becomes an nn.Linear holding ``weight``
+    (frozen like the NF4 base it stands in for); its bias, loaded or not, is kept."""
+    old = model.get_submodule(name)
+    lin = nn.Linear(old.in_features, old.out_features, bias=False, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    lin.bias = old.bias
+    _set_module(model, name, lin)
 
 
 def load_bnb_quantized_(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *, device,

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from ember import EmberError
 from ember.engine.cli import main as cli
+from ember.engine.runtime import build_model
 from ember.engine.state import load_run_model
 from ember.engine.trainer import Trainer, resolve
 from ember.models.loading import load_pretrained, save_pretrained
@@ -75,6 +76,34 @@ def test_quantize_config_errors(tiny, tmp_path):
         tiny_config(tiny, tmp_path / "b", 'model.quantize="nf4"', 'method="full"')
     with pytest.raises(EmberError, match="double_quant = false applies to QLoRA"):
         tiny_config(tiny, tmp_path / "c", "model.double_quant=false")
+
+
+def test_full_fine_tuning_of_a_bnb_4bit_checkpoint_is_refused(tiny, tmp_path):
+    """transformers' Trainer refuses to fine-tune a purely 4-bit model; Ember did not: method =
+    "full" on a bitsandbytes checkpoint trained only the embeddings and norms, silently (its NF4
+    layers are frozen). Now a clear error; LoRA on it (QLoRA) still builds."""
+    import shutil
+
+    import transformers
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    folder = tmp_path / "bnb"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            tiny["model"], device_map="cpu",
+            quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True))
+    hf.save_pretrained(folder)
+    for f in Path(tiny["model"]).glob("*token*"):
+        shutil.copy(f, folder)
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(hf)
+    bnb = {**tiny, "model": str(folder)}
+    with pytest.raises(EmberError, match="bitsandbytes 4-bit checkpoint.*method = \"lora\""):
+        build_model(resolve(tiny_config(bnb, tmp_path / "full", 'method="full"')), "cpu")
+    model, _ = build_model(resolve(tiny_config(bnb, tmp_path / "lora")), "cpu")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} and all(
+        "lora_" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
 # Trains under torchrun, each rank writes the NF4 bytes it holds and the digest of the gathered

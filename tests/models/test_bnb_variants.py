@@ -4,7 +4,8 @@ the oracles (CPU): variants the main QLoRA tests (test_qlora_integration.py) do 
 Phi-3 stores q/k/v and gate/up as one fused weight, which bnb quantizes as a whole: Ember cuts
 the NF4 weight into its parts (bit-identical rows) and stacks them back on export, byte for byte
 when the cuts fall between the nested absmax blocks (every real Phi-3 size), else with plain fp32
-absmax (the same dequantized weights)."""
+absmax (the same dequantized weights); where a cut falls inside a 4-bit block, the parts load
+dense (bnb's dequantized rows)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 
 from ember.models.loading import load_pretrained, save_pretrained
 from ember.models.lora import LoRAConfig, apply_lora, lora_modules
+from ember.models.nf4 import quantize_model_
 from ember.models.peft_adapter import save_adapter
 from tests.models.test_qlora_integration import TOL, _diff, _hf, _logits, _randomized
 
@@ -99,6 +101,54 @@ def test_phi3_quantize_while_loading_is_bnbs_quantization_of_the_fused_weights(t
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert _diff(_logits(_hf(out), ids), _logits(hf, ids)) <= TOL
+
+
+def test_phi3_fused_weights_whose_cuts_fall_inside_4bit_blocks(tmp_path):
+    """Widths not multiples of 64 (hidden 40: q ends at 1600 values, k at 2400; gate at 2800)
+    put the qkv / gate_up cuts inside bnb's 4-bit blocks, so no part is an NF4 weight of its own.
+    The parts load dense, holding bnb's dequantized rows: transformers' logits, from its
+    checkpoint and from quantize='nf4' alike, a save transformers loads back, QLoRA adapters PEFT
+    takes on its bnb model (were: the checkpoint refused; quantize='nf4' quantized each part
+    alone, weights other than bnb's)."""
+    cfg = transformers.Phi3Config(vocab_size=96, hidden_size=40, intermediate_size=70,
+                                  num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=64,
+                                  pad_token_id=0)
+    folder, hf = _bnb_folder(tmp_path, _randomized(transformers.Phi3ForCausalLM(cfg), 10), True)
+    model, _ = load_pretrained(folder)
+    attn, mlp, hf_layer = model.layers[0].attn, model.layers[0].mlp, hf.model.layers[0]
+    for parts, fused in (((attn.q_proj, attn.k_proj, attn.v_proj), hf_layer.self_attn.qkv_proj),
+                         ((mlp.gate_proj, mlp.up_proj), hf_layer.mlp.gate_up_proj)):
+        assert all(type(p) is torch.nn.Linear for p in parts)
+        assert torch.equal(torch.cat([p.weight for p in parts]),
+                           bnbf.dequantize_4bit(fused.weight.data, fused.weight.quant_state))
+    ids = _ids(96, 5)
+    assert _diff(_logits(model, ids), _logits(hf, ids)) <= TOL
+    requant, _ = load_pretrained(tmp_path / "dense", quantize="nf4")
+    assert torch.equal(_logits(requant, ids), _logits(model, ids))
+    quantize_model_(requant := load_pretrained(tmp_path / "dense")[0])
+    assert torch.equal(_logits(requant, ids), _logits(model, ids))
+    out = save_pretrained(model, tmp_path / "ember")
+    assert _diff(_logits(_hf(out), ids), _logits(hf, ids)) <= TOL
+    _peft_matches(model, folder, tmp_path, ids)
+
+
+def test_phi3_quantize_model_quantizes_the_fused_weights_whole(tmp_path):
+    """quantize_model_ on a loaded Phi-3 quantizes q/k/v and gate/up stacked, as bitsandbytes
+    quantizes qkv_proj / gate_up_proj (was: one by one, each with its own double-quantization
+    offset: other weights than transformers', and a save that refused to fuse them)."""
+    cfg = transformers.Phi3Config(vocab_size=96, hidden_size=128, intermediate_size=128,
+                                  num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=4, max_position_embeddings=64,
+                                  pad_token_id=0)
+    folder, hf = _bnb_folder(tmp_path, _randomized(transformers.Phi3ForCausalLM(cfg), 11), True)
+    model, _ = load_pretrained(tmp_path / "dense")
+    assert len(quantize_model_(model)) == 7
+    ids = _ids(96, 6)
+    assert _diff(_logits(model, ids), _logits(hf, ids)) <= TOL
+    out = save_pretrained(model, tmp_path / "ember")
+    ours, theirs = load_file(out / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def _peft_matches(model, folder, tmp_path, ids):

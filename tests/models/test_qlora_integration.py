@@ -243,6 +243,21 @@ def test_bad_bnb_checkpoints_name_the_problem(ckpts, tmp_path, edit, needle):
         load_pretrained(folder)
 
 
+def test_bnb_config_without_quant_method_loads_as_transformers_does(ckpts, tmp_path):
+    """A quantization_config with load_in_4bit but no quant_method (written before transformers
+    had one) is bitsandbytes to transformers' AutoQuantizationConfig: it loads (was: refused as
+    quant_method=None)."""
+    folder = _edited(ckpts, tmp_path, qc_change={"_load_in_4bit": None, "_load_in_8bit": None})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {k: v for k, v in config["quantization_config"].items()
+                                     if v is not None and k != "quant_method"}
+    (folder / "config.json").write_text(json.dumps(config))
+    ids = _ids(6)
+    theirs = _logits(_hf(folder), ids)
+    assert torch.equal(theirs, _logits(ckpts["hf_bnb"], ids))
+    assert _diff(_logits(load_pretrained(folder)[0], ids), theirs) <= TOL
+
+
 # ------------------------------------------------------------------------ QLoRA export to PEFT
 def test_qlora_adapter_loads_in_peft_on_the_dequantized_model(ckpts, tmp_path):
     peft = pytest.importorskip("peft")
