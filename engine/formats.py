@@ -324,10 +324,12 @@ def _tool_calls(calls, where: str) -> list:
         args = fn.get("arguments", {})
         if isinstance(args, str):  # OpenAI's shape: the arguments as a JSON text
             try:
-                args = JSONArguments(args)
+                decoded = json.loads(args)
             except json.JSONDecodeError as e:
                 raise _Bad("wrong type", f"{w}.function.arguments is a string that is not "
                                          f"JSON: {e.msg}") from None
+            # (a JSON array or number is refused below, not made a dict of its pairs)
+            args = JSONArguments(args) if isinstance(decoded, dict) else decoded
         if not isinstance(args, dict):
             raise _Bad("wrong type", f"{w}.function.arguments must be an object, got "
                                      f"{_type_name(args)}")

@@ -105,7 +105,10 @@ class JSONArguments(dict):
     text: str
 
     def __init__(self, text: str):
-        super().__init__(json.loads(text))
+        value = json.loads(text)
+        if not isinstance(value, dict):  # dict() would take a list of pairs as an object
+            raise ValueError(f"tool call arguments must be a JSON object, got {text[:40]!r}")
+        super().__init__(value)
         self.text = text
 
     def __reduce__(self):  # copy and pickle rebuild it from its text

@@ -182,6 +182,14 @@ BAD = [
     ({"messages": [{"role": "assistant", "tool_calls": [
         {"function": {"name": "f", "arguments": "{oops"}}]}]},
      "messages[0].tool_calls[0].function.arguments is a string that is not JSON"),
+    # JSON text of an array (of pairs) or a number: refused as the decoded value is, not made
+    # an object by dict() ({"city": "Paris"} from '[["city", "Paris"]]', a TypeError from '5')
+    ({"messages": [{"role": "assistant", "tool_calls": [
+        {"function": {"name": "f", "arguments": '[["city", "Paris"]]'}}]}]},
+     "messages[0].tool_calls[0].function.arguments must be an object, got array"),
+    ({"messages": [{"role": "assistant", "tool_calls": [
+        {"function": {"name": "f", "arguments": "5"}}]}]},
+     "messages[0].tool_calls[0].function.arguments must be an object, got"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": [
         {"function": {"name": "f", "arguments": {}}}]}]}, "only assistant messages call tools"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": {"f": 1}},
