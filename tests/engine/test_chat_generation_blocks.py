@@ -76,3 +76,25 @@ def test_generation_blocks_are_the_assistant_mask(tmp_path, backend, name):
         mask = [0] + [int(t != IGNORE) for t in ex.labels[:-1]]  # labels are pre-shifted
         assert mask == list(out["assistant_masks"])
         assert sum(mask) > 0
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_evaluation_prompt_is_the_generation_prompt(tmp_path, backend, name):
+    """Generation metrics prompt with the tokens before the last answer: transformers'
+    generation prompt for the messages before it, also when a block takes the header in (the
+    prompt ended before '<|im_start|>assistant\\n', so the model was asked to write it)."""
+    template = TEMPLATES[name]
+    eot = "<|eot_id|>" if name == "content only" else "<|im_end|>"
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eot,
+                                              bos_token="<|begin_of_text|>",
+                                              chat_template=template)
+    ours = Tokenizer(backend, eos_token=eot, bos_token="<|begin_of_text|>",
+                     chat_template=template)
+    for messages in (CHAT, CHAT[1:3]):
+        want = hf.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
+                                      return_dict=False)
+        path = tmp_path / "d.jsonl"
+        path.write_text(json.dumps({"messages": messages}) + "\n")
+        (ex,), _ = load_examples(path, DataConfig(train=str(path), bad_lines="error"), ours)
+        assert ex.input_ids[:ex.prompt_len] == list(want)
+        assert ex.reference == messages[-1]["content"]
