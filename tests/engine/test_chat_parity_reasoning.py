@@ -159,7 +159,7 @@ def backend():
      "<｜end▁of▁sentence｜>", [[SYSTEM, Q1, A2], [Q1, A1, Q2, A2]]),
     ("qwen3", QWEN3, QWEN3_GEN, None, "<|im_end|>",
      [[SYSTEM, Q1, A1, Q2, A2], TOOL_CHAT, [SYSTEM, *TOOL_CHAT]]),
-])
+], ids=["r1-distill", "qwen3"])
 def test_reasoning_templates_mask_as_generation_blocks(tmp_path, backend, name, template,
                                                         marked, bos, eos, chats):
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos,
@@ -182,7 +182,7 @@ def test_reasoning_templates_mask_as_generation_blocks(tmp_path, backend, name, 
         assert sum(mask) > 0
 
 
-@pytest.mark.parametrize("template", [QWEN3, DEEPSEEK_R1])
+@pytest.mark.parametrize("template", [QWEN3, DEEPSEEK_R1], ids=["qwen3", "deepseek-r1"])
 def test_openai_argument_text_goes_to_templates_that_read_text(tmp_path, backend, template):
     """OpenAI's tool-call arguments are JSON text. Ember decodes them for templates that
     ``tojson`` the arguments, but Qwen3 writes a string as given and DeepSeek joins it with
