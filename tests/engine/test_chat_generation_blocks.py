@@ -57,8 +57,8 @@ def backend():
     return tok
 
 
-@pytest.mark.parametrize("name", list(TEMPLATES))
-def test_generation_blocks_are_the_assistant_mask(tmp_path, backend, name):
+def _pair(backend, name: str):
+    """transformers' and Ember's tokenizer on ``backend`` with template ``name``."""
     template = TEMPLATES[name]
     eot = "<|eot_id|>" if name == "content only" else "<|im_end|>"
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eot,
@@ -66,6 +66,12 @@ def test_generation_blocks_are_the_assistant_mask(tmp_path, backend, name):
                                               chat_template=template)
     ours = Tokenizer(backend, eos_token=eot, bos_token="<|begin_of_text|>",
                      chat_template=template)
+    return hf, ours
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_generation_blocks_are_the_assistant_mask(tmp_path, backend, name):
+    hf, ours = _pair(backend, name)
     for messages in (CHAT, CHAT[1:3]):
         out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
                                      return_assistant_tokens_mask=True)
@@ -83,13 +89,7 @@ def test_evaluation_prompt_is_the_generation_prompt(tmp_path, backend, name):
     """Generation metrics prompt with the tokens before the last answer: transformers'
     generation prompt for the messages before it, also when a block takes the header in (the
     prompt ended before '<|im_start|>assistant\\n', so the model was asked to write it)."""
-    template = TEMPLATES[name]
-    eot = "<|eot_id|>" if name == "content only" else "<|im_end|>"
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eot,
-                                              bos_token="<|begin_of_text|>",
-                                              chat_template=template)
-    ours = Tokenizer(backend, eos_token=eot, bos_token="<|begin_of_text|>",
-                     chat_template=template)
+    hf, ours = _pair(backend, name)
     for messages in (CHAT, CHAT[1:3]):
         want = hf.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
                                       return_dict=False)
