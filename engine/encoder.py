@@ -168,8 +168,9 @@ class _Encoder:
         return spans + [(pos, len(full), False)]
 
     def _prompt_end(self, messages, full: str, ids: list[int], block_start: int) -> int:
-        """Where the last assistant turn's answer starts in ``ids`` (the prompt that evaluation
-        generates from ends there, after the generation prompt), found turn by turn as without
+        """Where the last assistant turn's answer starts in ``ids``: after the generation prompt,
+        where evaluation's prompt ends and DPO / KTO answers start (TRL's split), found turn by
+        turn as without
         blocks: a block that takes the turn's header in starts before it. ``block_start`` (the
         last block's first token) when the turns cannot be found."""
         spans = self._spans(messages, full)

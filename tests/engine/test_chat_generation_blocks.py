@@ -98,3 +98,23 @@ def test_evaluation_prompt_is_the_generation_prompt(tmp_path, backend, name):
         (ex,), _ = load_examples(path, DataConfig(train=str(path), bad_lines="error"), ours)
         assert ex.input_ids[:ex.prompt_len] == list(want)
         assert ex.reference == messages[-1]["content"]
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_preference_answers_start_after_the_generation_prompt(tmp_path, backend, name):
+    """A DPO pair's answer is the render less transformers' generation prompt for the prompt
+    messages, as TRL's DPO splits it, whatever the blocks mark (a block that took the header in
+    made '<|im_start|>assistant\\n' part of both answers)."""
+    hf, ours = _pair(backend, name)
+    prompt, chosen = CHAT[:-1], CHAT[-1]
+    rejected = {"role": "assistant", "content": "Paris."}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}))
+    (ex,), _ = load_examples(path, DataConfig(train=str(path), bad_lines="error"), ours)
+    opening = hf.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    n = ex.parts[0]
+    for answer, labels in ((chosen, ex.labels[:n]), (rejected, ex.labels[n:])):
+        full = hf.apply_chat_template([*prompt, answer], tokenize=False)
+        assert full.startswith(opening)
+        got = ours.decode([t for t in labels if t != IGNORE], skip_special_tokens=False)
+        assert got == full[len(opening):]
