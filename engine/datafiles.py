@@ -120,6 +120,10 @@ def _json_array(path: Path, f: IO[bytes]) -> list[bytes] | None:
     except json.JSONDecodeError as e:
         raise EmberError(f"{path}: invalid JSON: {e.msg} (line {e.lineno} column {e.colno}); a "
                          ".json dataset is one array of objects, or one object per line") from None
+    except ValueError as e:  # an integer past Python's digit limit
+        from ember.engine.formats import json_problem
+
+        raise EmberError(f"{path}: invalid JSON: {json_problem(e)}") from None
     return [_json_line(x, path, i) for i, x in enumerate(items)]
 
 
@@ -134,14 +138,14 @@ def _data_field(path: Path, f: IO[bytes]) -> list[bytes] | None:
 
     try:
         first = json.loads(f.readline().decode("utf-8-sig"))
-    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError):
+    except (UnicodeDecodeError, RecursionError, ValueError):
         first = None  # an indented object, or a broken line (reported line by line)
     f.seek(0)
     if first is not None and not holder(first):
         return None
     try:
         obj = json.loads(f.read().decode("utf-8-sig"))
-    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError):
+    except (UnicodeDecodeError, RecursionError, ValueError):
         obj = None
     f.seek(0)
     return [_json_line(x, path, i) for i, x in enumerate(obj["data"])] if holder(obj) else None
