@@ -188,9 +188,11 @@ def _csv_rows(path: Path, f: IO[bytes], delimiter: str) -> list[bytes]:
             if name in _LIST_FIELDS and cell.lstrip().startswith("["):
                 try:
                     value = json.loads(cell)
-                except json.JSONDecodeError as e:
+                except ValueError as e:  # (a number past Python's digit limit too)
+                    from ember.engine.formats import json_problem
+
                     raise EmberError(f"{path}[{i}]: field {name!r} looks like a JSON array but "
-                                     f"is not valid JSON ({e.msg})") from None
+                                     f"is not valid JSON ({json_problem(e)})") from None
             elif name in _CHAT_FIELDS and cell.lstrip().startswith("["):
                 value = _messages_or_text(cell)
             elif typed.get(j) is not None:
@@ -221,7 +223,7 @@ def _messages_or_text(cell: str):
     """A chat field's cell: its JSON array of message objects, or the text as it is."""
     try:
         value = json.loads(cell)
-    except json.JSONDecodeError:
+    except ValueError:  # (a number past Python's digit limit too)
         return cell
     return value if isinstance(value, list) and value and all(
         isinstance(m, dict) for m in value) else cell
