@@ -24,7 +24,7 @@ What each input shape becomes:
         shape, ``{"type": "function", "function": {"name", "arguments"}}``), except that
         ``arguments`` given as a JSON string (OpenAI's shape) is decoded to an object: templates
         ``tojson`` the arguments, and a string would be trained as a quoted, escaped string; a
-        template that reads them as text (Qwen3, DeepSeek) gets the string as given
+        template that reads them as text (Qwen3, DeepSeek, Mistral) gets the string as given
         (``models.chat_template.JSONArguments``).
         ``tools`` (a line's JSON schemas, or their JSON text as TRL reads it) are passed to the
         template as ``tools``.
