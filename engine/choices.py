@@ -49,7 +49,7 @@ from ember.engine.data import (
     read_lines,
     with_system_prompt,
 )
-from ember.engine.formats import _type_name
+from ember.engine.formats import _type_name, json_problem
 from ember.engine.losses import doc_logprobs
 from ember.engine.packing import Example, PackedBatches, collate
 
@@ -66,7 +66,7 @@ def first_record(path: str | Path) -> dict | None:
         def example(self, lineno, raw):
             line = self.text(lineno, raw)
             if line is not None:
-                with contextlib.suppress(json.JSONDecodeError):
+                with contextlib.suppress(ValueError):  # (an integer past the digit limit too)
                     obj = json.loads(line)
                     if isinstance(obj, dict):
                         first.append(obj)
@@ -99,6 +99,8 @@ class _ChoiceReader(_Reader):
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise _Bad("invalid JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
+        except ValueError as e:
+            raise _Bad("invalid JSON", f"invalid JSON: {json_problem(e)}") from None
         if not isinstance(obj, dict):
             raise _Bad("wrong type", f"expected a JSON object, got {_type_name(obj)}")
         missing = [k for k in ("choices", "answer") if k not in obj]

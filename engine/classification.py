@@ -172,7 +172,7 @@ def infer_labels(paths, field: str = "label") -> tuple[str, ...]:
         for raw in lines:
             try:
                 obj = json.loads(raw.decode("utf-8-sig"))
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            except (ValueError, RecursionError):  # (a number past json's digit limit too)
                 continue
             v = obj.get(field) if isinstance(obj, dict) else None
             if isinstance(v, str) and v:

@@ -58,7 +58,9 @@ MORE_DOCS = {
              "tokens_per_batch": "tokens per packed micro-batch",
              "system_prompt": "a system message put before every conversation (needs a chat "
                               "template)",
-             "add_eos": "end every example with the tokenizer's EOS token"},
+             "add_eos": "end every example with the tokenizer's EOS token (a chat answer: "
+                        "unless its turn ends with an end-of-turn token, or the template marks "
+                        "{% generation %} blocks, trained as marked)"},
     "task": {"name": "a built-in generated dataset (ember.engine.tasks); None: none",
              "train": "examples generated for the train split",
              "validation": "examples generated for the validation split",

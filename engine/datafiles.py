@@ -120,6 +120,10 @@ def _json_array(path: Path, f: IO[bytes]) -> list[bytes] | None:
     except json.JSONDecodeError as e:
         raise EmberError(f"{path}: invalid JSON: {e.msg} (line {e.lineno} column {e.colno}); a "
                          ".json dataset is one array of objects, or one object per line") from None
+    except ValueError as e:  # an integer past Python's digit limit
+        from ember.engine.formats import json_problem
+
+        raise EmberError(f"{path}: invalid JSON: {json_problem(e)}") from None
     return [_json_line(x, path, i) for i, x in enumerate(items)]
 
 
@@ -134,14 +138,14 @@ def _data_field(path: Path, f: IO[bytes]) -> list[bytes] | None:
 
     try:
         first = json.loads(f.readline().decode("utf-8-sig"))
-    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError):
+    except (UnicodeDecodeError, RecursionError, ValueError):
         first = None  # an indented object, or a broken line (reported line by line)
     f.seek(0)
     if first is not None and not holder(first):
         return None
     try:
         obj = json.loads(f.read().decode("utf-8-sig"))
-    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError):
+    except (UnicodeDecodeError, RecursionError, ValueError):
         obj = None
     f.seek(0)
     return [_json_line(x, path, i) for i, x in enumerate(obj["data"])] if holder(obj) else None
@@ -184,9 +188,11 @@ def _csv_rows(path: Path, f: IO[bytes], delimiter: str) -> list[bytes]:
             if name in _LIST_FIELDS and cell.lstrip().startswith("["):
                 try:
                     value = json.loads(cell)
-                except json.JSONDecodeError as e:
+                except ValueError as e:  # (a number past Python's digit limit too)
+                    from ember.engine.formats import json_problem
+
                     raise EmberError(f"{path}[{i}]: field {name!r} looks like a JSON array but "
-                                     f"is not valid JSON ({e.msg})") from None
+                                     f"is not valid JSON ({json_problem(e)})") from None
             elif name in _CHAT_FIELDS and cell.lstrip().startswith("["):
                 value = _messages_or_text(cell)
             elif typed.get(j) is not None:
@@ -217,7 +223,7 @@ def _messages_or_text(cell: str):
     """A chat field's cell: its JSON array of message objects, or the text as it is."""
     try:
         value = json.loads(cell)
-    except json.JSONDecodeError:
+    except ValueError:  # (a number past Python's digit limit too)
         return cell
     return value if isinstance(value, list) and value and all(
         isinstance(m, dict) for m in value) else cell

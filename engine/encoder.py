@@ -167,6 +167,19 @@ class _Encoder:
                 pos = e
         return spans + [(pos, len(full), False)]
 
+    def _prompt_end(self, messages, full: str, ids: list[int], block_start: int) -> int:
+        """Where the last assistant turn's answer starts in ``ids``: after the generation prompt,
+        where evaluation's prompt ends and DPO / KTO answers start (TRL's split), found turn by
+        turn as without
+        blocks: a block that takes the turn's header in starts before it. ``block_start`` (the
+        last block's first token) when the turns cannot be found."""
+        spans = self._spans(messages, full)
+        if spans is None:
+            return block_start
+        same, turns = self._tokens(full, spans)
+        last = next((t for t in reversed(turns) if t), None)
+        return last[0] if same == ids and last is not None else block_start
+
     def _opening(self, messages, upto: str) -> str:
         """What a template renders before a conversation's first message when that message is
         the assistant's (a greeting): the generation prompt of no messages when it leads to
@@ -251,6 +264,8 @@ class _Encoder:
                 # Template text after the end-of-turn token (a newline, Phi-3's final EOS) is
                 # not the answer; nor is a turn of weight 0.
                 mask[j] = all_loss or weight != 0 and (stop is None or j <= stop)
+        if marked is not None and prompt_len:  # evaluation's prompt: the generation prompt
+            prompt_len = self._prompt_end(messages, full, ids, prompt_len)
         if (self.cfg.add_eos and self.eos is not None and end is not None and stop is None
                 and marked is None):
             ids.insert(end, self.eos)

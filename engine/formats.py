@@ -24,7 +24,7 @@ What each input shape becomes:
         shape, ``{"type": "function", "function": {"name", "arguments"}}``), except that
         ``arguments`` given as a JSON string (OpenAI's shape) is decoded to an object: templates
         ``tojson`` the arguments, and a string would be trained as a quoted, escaped string; a
-        template that reads them as text (Qwen3, DeepSeek) gets the string as given
+        template that reads them as text (Qwen3, DeepSeek, Mistral) gets the string as given
         (``models.chat_template.JSONArguments``).
         ``tools`` (a line's JSON schemas, or their JSON text as TRL reads it) are passed to the
         template as ``tools``.
@@ -38,6 +38,7 @@ Every problem raises ``_Bad(kind, why)``, which the reader reports as ``file:lin
 from __future__ import annotations
 
 import json
+import sys
 from typing import NamedTuple
 
 from ember.models.chat_template import JSONArguments, TextParts
@@ -280,9 +281,18 @@ def _sharegpt(obj: dict) -> list:
 def _json_value(text: str, where: str):
     try:
         return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _Bad("wrong type", f"{where} must be JSON text here: {e.msg} at character "
-                                 f"{e.pos}") from None
+    except ValueError as e:  # a JSONDecodeError, or an integer past Python's digit limit
+        raise _Bad("wrong type", f"{where} must be JSON text here: {json_problem(e)}") from None
+
+
+def json_problem(e: ValueError) -> str:
+    """What Python's ``json.loads`` refused: a syntax error (where), or an integer of more digits
+    than Python converts (a plain ValueError, not a JSONDecodeError), which the data can give as
+    a string instead."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} at character {e.pos}"
+    return (f"a number of more than {sys.get_int_max_str_digits()} digits, more than Python's "
+            "json reads; write it as a string")
 
 
 def _content(c, where: str) -> str:
@@ -324,10 +334,12 @@ def _tool_calls(calls, where: str) -> list:
         args = fn.get("arguments", {})
         if isinstance(args, str):  # OpenAI's shape: the arguments as a JSON text
             try:
-                args = JSONArguments(args)
-            except json.JSONDecodeError as e:
+                decoded = json.loads(args)
+            except ValueError as e:
                 raise _Bad("wrong type", f"{w}.function.arguments is a string that is not "
-                                         f"JSON: {e.msg}") from None
+                                         f"JSON: {json_problem(e)}") from None
+            # (a JSON array or number is refused below, not made a dict of its pairs)
+            args = JSONArguments(args) if isinstance(decoded, dict) else decoded
         if not isinstance(args, dict):
             raise _Bad("wrong type", f"{w}.function.arguments must be an object, got "
                                      f"{_type_name(args)}")
@@ -394,6 +406,8 @@ def json_object(line: str) -> dict:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise _Bad("invalid JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except ValueError as e:
+        raise _Bad("invalid JSON", f"invalid JSON: {json_problem(e)}") from None
     except RecursionError:
         raise _Bad("invalid JSON", "invalid JSON: nested too deeply") from None
     if not isinstance(obj, dict):

@@ -105,7 +105,10 @@ class JSONArguments(dict):
     text: str
 
     def __init__(self, text: str):
-        super().__init__(json.loads(text))
+        value = json.loads(text)
+        if not isinstance(value, dict):  # dict() would take a list of pairs as an object
+            raise ValueError(f"tool call arguments must be a JSON object, got {text[:40]!r}")
+        super().__init__(value)
         self.text = text
 
     def __reduce__(self):  # copy and pickle rebuild it from its text
@@ -381,16 +384,24 @@ def loops_over_content(template: str) -> bool:
 @lru_cache(maxsize=16)
 def takes_argument_text(template: str) -> bool:
     """Whether ``template`` reads a tool call's arguments as text: tests ``arguments is string``
-    (Qwen3) or joins them to text with ``+`` or ``~`` (DeepSeek V3 / R1)."""
+    (Qwen3) or joins them to text with ``+`` or ``~`` (DeepSeek V3 / R1), directly or through a
+    variable set to them (Mistral's ``{% set arguments = tool_call.function.arguments %}{% if
+    arguments is not string %}``)."""
     try:
         tree = _env().parse(template)
     except jinja2.TemplateSyntaxError:
         return False  # rendering says why
 
-    def arguments(node) -> bool:
+    def read(node) -> bool:
         return (isinstance(node, jinja2.nodes.Getattr) and node.attr == "arguments"
                 or isinstance(node, jinja2.nodes.Getitem)
                 and isinstance(node.arg, jinja2.nodes.Const) and node.arg.value == "arguments")
+
+    names = frozenset(a.target.name for a in tree.find_all(jinja2.nodes.Assign)
+                      if isinstance(a.target, jinja2.nodes.Name) and read(a.node))
+
+    def arguments(node) -> bool:
+        return read(node) or isinstance(node, jinja2.nodes.Name) and node.name in names
 
     return any(t.name == "string" and arguments(t.node) for t in tree.find_all(jinja2.nodes.Test)
                ) or any(arguments(n.left) or arguments(n.right)

@@ -57,8 +57,8 @@ def backend():
     return tok
 
 
-@pytest.mark.parametrize("name", list(TEMPLATES))
-def test_generation_blocks_are_the_assistant_mask(tmp_path, backend, name):
+def _pair(backend, name: str):
+    """transformers' and Ember's tokenizer on ``backend`` with template ``name``."""
     template = TEMPLATES[name]
     eot = "<|eot_id|>" if name == "content only" else "<|im_end|>"
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eot,
@@ -66,6 +66,12 @@ def test_generation_blocks_are_the_assistant_mask(tmp_path, backend, name):
                                               chat_template=template)
     ours = Tokenizer(backend, eos_token=eot, bos_token="<|begin_of_text|>",
                      chat_template=template)
+    return hf, ours
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_generation_blocks_are_the_assistant_mask(tmp_path, backend, name):
+    hf, ours = _pair(backend, name)
     for messages in (CHAT, CHAT[1:3]):
         out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
                                      return_assistant_tokens_mask=True)
@@ -76,3 +82,39 @@ def test_generation_blocks_are_the_assistant_mask(tmp_path, backend, name):
         mask = [0] + [int(t != IGNORE) for t in ex.labels[:-1]]  # labels are pre-shifted
         assert mask == list(out["assistant_masks"])
         assert sum(mask) > 0
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_evaluation_prompt_is_the_generation_prompt(tmp_path, backend, name):
+    """Generation metrics prompt with the tokens before the last answer: transformers'
+    generation prompt for the messages before it, also when a block takes the header in (the
+    prompt ended before '<|im_start|>assistant\\n', so the model was asked to write it)."""
+    hf, ours = _pair(backend, name)
+    for messages in (CHAT, CHAT[1:3]):
+        want = hf.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
+                                      return_dict=False)
+        path = tmp_path / "d.jsonl"
+        path.write_text(json.dumps({"messages": messages}) + "\n")
+        (ex,), _ = load_examples(path, DataConfig(train=str(path), bad_lines="error"), ours)
+        assert ex.input_ids[:ex.prompt_len] == list(want)
+        assert ex.reference == messages[-1]["content"]
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_preference_answers_start_after_the_generation_prompt(tmp_path, backend, name):
+    """A DPO pair's answer is the render less transformers' generation prompt for the prompt
+    messages, as TRL's DPO splits it, whatever the blocks mark (a block that took the header in
+    made '<|im_start|>assistant\\n' part of both answers)."""
+    hf, ours = _pair(backend, name)
+    prompt, chosen = CHAT[:-1], CHAT[-1]
+    rejected = {"role": "assistant", "content": "Paris."}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}))
+    (ex,), _ = load_examples(path, DataConfig(train=str(path), bad_lines="error"), ours)
+    opening = hf.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    n = ex.parts[0]
+    for answer, labels in ((chosen, ex.labels[:n]), (rejected, ex.labels[n:])):
+        full = hf.apply_chat_template([*prompt, answer], tokenize=False)
+        assert full.startswith(opening)
+        got = ours.decode([t for t in labels if t != IGNORE], skip_special_tokens=False)
+        assert got == full[len(opening):]

@@ -133,6 +133,19 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+# The tool-call part of Mistral's templates (Mistral Small 3.x, Devstral, Magistral): the
+# arguments through a variable, a string as given, anything else tojson'd
+MISTRAL_TOOLS = (
+    "{{ bos_token }}{%- for message in messages %}{%- if message['role'] == 'user' %}"
+    "{{- '[INST]' + message['content'] + '[/INST]' }}{%- elif message['role'] == 'tool' %}"
+    "{{- '[TOOL_RESULTS]' + message['content'] + '[/TOOL_RESULTS]' }}"
+    "{%- elif message['role'] == 'assistant' and message.tool_calls %}"
+    "{%- for tool in message.tool_calls %}{%- set arguments = tool.function.arguments %}"
+    "{%- if arguments is not string %}{%- set arguments = arguments|tojson|safe %}"
+    "{%- elif arguments == '' %}{%- set arguments = '{}' %}{%- endif %}"
+    "{{- '[TOOL_CALLS]' + tool.function.name + '[ARGS]' + arguments }}{%- endfor %}"
+    "{{- eos_token }}{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}"
+    "{%- endif %}{%- endfor %}")
 SYSTEM = {"role": "system", "content": "You are terse."}
 Q1, Q2 = ({"role": "user", "content": c} for c in ("What is the capital of France?", "And Italy?"))
 A1 = {"role": "assistant", "content": "<think>\nIt is Paris.\n</think>\n\nParis."}
@@ -159,7 +172,7 @@ def backend():
      "<｜end▁of▁sentence｜>", [[SYSTEM, Q1, A2], [Q1, A1, Q2, A2]]),
     ("qwen3", QWEN3, QWEN3_GEN, None, "<|im_end|>",
      [[SYSTEM, Q1, A1, Q2, A2], TOOL_CHAT, [SYSTEM, *TOOL_CHAT]]),
-])
+], ids=["r1-distill", "qwen3"])
 def test_reasoning_templates_mask_as_generation_blocks(tmp_path, backend, name, template,
                                                         marked, bos, eos, chats):
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos,
@@ -182,12 +195,15 @@ def test_reasoning_templates_mask_as_generation_blocks(tmp_path, backend, name, 
         assert sum(mask) > 0
 
 
-@pytest.mark.parametrize("template", [QWEN3, DEEPSEEK_R1])
+@pytest.mark.parametrize("template", [QWEN3, DEEPSEEK_R1, MISTRAL_TOOLS],
+                         ids=["qwen3", "deepseek-r1", "mistral"])
 def test_openai_argument_text_goes_to_templates_that_read_text(tmp_path, backend, template):
     """OpenAI's tool-call arguments are JSON text. Ember decodes them for templates that
     ``tojson`` the arguments, but Qwen3 writes a string as given and DeepSeek joins it with
     ``+``: decoded, Qwen3's text was re-spaced and re-escaped, and DeepSeek refused every line
-    (a dict joined to a str). Such templates get the text, as transformers renders it."""
+    (a dict joined to a str); Mistral tests ``is not string`` on a variable set to them (Ember
+    missed it, and its tojson re-spaced the text). Such templates get the text, as transformers
+    renders it."""
     call = {"type": "function", "function": {"name": "get_weather",
                                              "arguments": '{"city":"Z\\u00fcrich"}'}}
     messages = [Q1, {"role": "assistant", "content": "", "tool_calls": [call]},

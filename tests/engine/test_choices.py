@@ -142,6 +142,27 @@ def test_bad_lines_say_what_is_wrong(base_tok, tmp_path, row, message):
     assert len(qs) == 1 and rep.bad_lines == 1
 
 
+def test_a_number_past_pythons_json_digit_limit_is_a_bad_line(base_tok, tmp_path):
+    """json.loads refuses an integer of more digits than Python converts with a plain ValueError
+    (the oracle below): a first line holding one crashed the file's sniffing (is_choice_file),
+    a later one the loading; now the first is not a choice record and the later a bad line."""
+    import sys
+
+    from ember.engine.choices import is_choice_file
+
+    big = "7" * (sys.get_int_max_str_digits() + 1)
+    bad = '{"question": "q", "choices": ["a", "b"], "answer": 0, "id": ' + big + "}"
+    with pytest.raises(ValueError):
+        json.loads(bad)
+    first, later = tmp_path / "first.jsonl", tmp_path / "later.jsonl"
+    first.write_text(bad + "\n")
+    later.write_text(json.dumps(ROWS[0]) + "\n" + bad + "\n")
+    assert not is_choice_file(first) and is_choice_file(later)
+    _, qs, rep = load_choices(later, DataConfig(use_chat_template=False), base_tok)
+    assert len(qs) == 1 and rep.bad_lines == 1
+    assert rep.problems[0].startswith(f"{later}:2: invalid JSON: a number of more than")
+
+
 def test_cli_refuses_generation_metrics_on_a_choice_file(base, tmp_path, capsys):
     path = write_jsonl(tmp_path / "mc.jsonl", ROWS[:1])
     assert main(["eval", str(base), "--raw", "--data", path, "--metrics", "exact_match"]) == 2

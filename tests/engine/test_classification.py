@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import sys
 
 import pytest
 import torch
@@ -247,8 +248,11 @@ def test_bad_labelled_lines_are_reported(task, tmp_path, tiny):
     with pytest.raises(EmberError, match="mix names and indices"):
         infer_labels([path])
     names = tmp_path / "names.jsonl"
+    # (a number of more digits than Python's json converts: a ValueError, not a JSONDecodeError)
+    big = '{"text": "a", "label": "z", "n": ' + "7" * (sys.get_int_max_str_digits() + 1) + "}"
     names.write_text(
         '{"text": "a", "label": "b"}\n{not json\n{"text": "a"}\n{"text": "c", "label": "a"}\n'
+        + big + "\n"
     )
     assert infer_labels([names]) == ("a", "b")  # sorted; bad lines are left to the reader
     ints = write_jsonl(tmp_path / "ints.jsonl", [{"text": "a", "label": i} for i in (2, 0, 1)])

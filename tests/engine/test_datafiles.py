@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import sys
 
 import pytest
 
@@ -120,6 +121,15 @@ def test_bad_tables(tmp_path, tok):
     (tmp_path / "m.csv").write_text('messages\n"[{""role"": ""user"""\n')
     with pytest.raises(EmberError, match=r"m\.csv\[0\]: field 'messages' looks like a JSON array"):
         load_examples(tmp_path / "m.csv", DataConfig(), tok)
+    # a number of more digits than Python's json converts (a ValueError, not a JSONDecodeError:
+    # it raised out of the CSV reader): the same error for a list field, text for a chat field
+    big = "7" * (sys.get_int_max_str_digits() + 1)
+    (tmp_path / "n.csv").write_text(f'messages\n"[{big}]"\n')
+    with pytest.raises(EmberError, match=r"n\.csv\[0\]: field 'messages' (.|\n)*digits"):
+        load_examples(tmp_path / "n.csv", DataConfig(), tok)
+    (tmp_path / "p.csv").write_text(f'prompt,completion\n"[{big}]",x\n')
+    (ex,), rep = load_examples(tmp_path / "p.csv", DataConfig(max_seq_len=8192), tok)
+    assert rep.bad_lines == 0 and f"[{big}]" in tok.decode(ex.input_ids)
     (tmp_path / "k.csv").write_text("question,answer\nHello world,Paris\n\n")
     with pytest.raises(EmberError, match=r"k\.csv\[0\]: no 'text', 'prompt'/'completion'"):
         load_examples(tmp_path / "k.csv", DataConfig(bad_lines="error"), tok)

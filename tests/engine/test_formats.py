@@ -182,6 +182,14 @@ BAD = [
     ({"messages": [{"role": "assistant", "tool_calls": [
         {"function": {"name": "f", "arguments": "{oops"}}]}]},
      "messages[0].tool_calls[0].function.arguments is a string that is not JSON"),
+    # JSON text of an array (of pairs) or a number: refused as the decoded value is, not made
+    # an object by dict() ({"city": "Paris"} from '[["city", "Paris"]]', a TypeError from '5')
+    ({"messages": [{"role": "assistant", "tool_calls": [
+        {"function": {"name": "f", "arguments": '[["city", "Paris"]]'}}]}]},
+     "messages[0].tool_calls[0].function.arguments must be an object, got array"),
+    ({"messages": [{"role": "assistant", "tool_calls": [
+        {"function": {"name": "f", "arguments": "5"}}]}]},
+     "messages[0].tool_calls[0].function.arguments must be an object, got"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": [
         {"function": {"name": "f", "arguments": {}}}]}]}, "only assistant messages call tools"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": {"f": 1}},
@@ -222,3 +230,41 @@ def test_json_arrays(tmp_path, tok):
     (tmp_path / "e.json").write_text("[]")
     with pytest.raises(EmberError, match="the file is empty"):
         load_examples(tmp_path / "e.json", DataConfig(), tok)
+
+
+def test_numbers_past_pythons_json_digit_limit_are_bad_lines(tmp_path, tok):
+    """Python's json refuses an integer of more digits than it converts with a ValueError that
+    is not a JSONDecodeError: it raised out of loading (a traceback, no file:line) from a line,
+    a tool call's arguments text, a ShareGPT function_call and a .json array; now the line is
+    reported as bad (the array's file named), saying to write the number as a string."""
+    import sys
+
+    big = "7" * (sys.get_int_max_str_digits() + 1)
+    with pytest.raises(ValueError):
+        json.loads(big)  # the oracle refuses it
+    call = json.dumps([{"type": "function", "function": {"name": "f",
+                                                         "arguments": '{"a": ' + big + "}"}}])
+    lines = {
+        "line": ('{"prompt": "Hello", "completion": " world"}',
+                 '{"prompt": "Hello", "completion": " world", "n": ' + big + "}"),
+        "arguments": ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
+                      '"content": "x"}]}',
+                      '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
+                      '"content": null, "tool_calls": ' + call + "}]}"),
+        "function_call": ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", '
+                          '"value": "x"}]}',
+                          '{"conversations": [{"from": "human", "value": "hi"}, {"from": '
+                          '"function_call", "value": ' + json.dumps(
+                              '{"name": "f", "arguments": {"a": ' + big + "}}") + "}]}"),
+    }
+    for name, (good, bad) in lines.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(f"{good}\n{bad}\n")
+        examples, rep = load_examples(path, DataConfig(train=str(path)), tok)
+        assert len(examples) == 1 and rep.bad_lines == 1, name
+        assert rep.problems[0].startswith(f"{path}:2: ") and "write it as a string" in (
+            rep.problems[0]), rep.problems[0]
+    array = tmp_path / "a.json"
+    array.write_text("[" + lines["line"][0] + ", " + lines["line"][1] + "]")
+    with pytest.raises(EmberError, match=f"{array}: invalid JSON: a number of more than"):
+        load_examples(array, DataConfig(train=str(array)), tok)
