@@ -96,9 +96,10 @@ def open_run(cfg: TrainConfig, info: DistInfo, *, resume: bool, echo) -> Path | 
         kept = broadcast_object(_has_final(cfg.out_dir) if info.is_main else None, info)
         if kept:
             raise EmberError(f"{cfg.out_dir} holds a finished run's final/ output (and no "
-                             "checkpoint to continue from); a new run there would overwrite it: "
-                             "move final/ away, or start the new run with --set "
-                             "run_dir=<new folder>")
+                             "checkpoint to continue from); a new run there would overwrite it "
+                             "(or, with checkpoint.save_final = false, leave it beside its own "
+                             "checkpoints as if it were its output): move final/ away, or start "
+                             "the new run with --set run_dir=<new folder>")
     if info.is_main:
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         (cfg.out_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
