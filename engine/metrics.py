@@ -19,6 +19,7 @@ the mean over examples except for the macro F1s:
 
 from __future__ import annotations
 
+import decimal
 import json
 import math
 import re
@@ -113,20 +114,32 @@ def _json(text: str):
     nesting past the recursion limit, or an integer of more digits than Python converts (a
     ValueError, not a JSONDecodeError: a model that repeats a digit crashed the scoring)."""
     try:
-        return json.loads(text)
+        # Fractions and exponents as exact decimals, so numbers compare by the value written
+        # (a float would round 12345678901234567890.0 away from the integer 12345678901234567890).
+        return json.loads(text, parse_float=decimal.Decimal)
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return None
 
 
 def _same(a, b) -> bool:
-    """JSON equality: a boolean is not a number (Python's ``True == 1``, ``False == 0.0``)."""
+    """JSON equality of two values ``_json`` read. Numbers are equal when the decimal numbers
+    written are (``1``, ``1.0``, ``1e0`` and ``10E-1`` match; so do ``12345678901234567890`` and
+    ``12345678901234567890.0``, which fp64 would not tell apart from ...168.0); ``NaN`` matches
+    ``NaN`` (the same JSON text; Python's ``nan != nan``), ``Infinity`` itself. A boolean is not
+    a number (Python's ``True == 1``, ``False == 0.0``)."""
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
+    if _is_nan(a) or _is_nan(b):
+        return _is_nan(a) and _is_nan(b)
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, list):
         return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
     return a == b
+
+
+def _is_nan(x) -> bool:
+    return isinstance(x, float | decimal.Decimal) and x != x
 
 
 def reference_error(name: str, reference: str) -> str | None:
@@ -155,7 +168,7 @@ def _checked_json(name: str, reference: str):
 
 def json_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """The prediction parses as JSON and equals the reference's JSON (key order and spacing
-    free)."""
+    free; numbers by value, see ``_same``)."""
     _check(predictions, references)
     hits = 0
     for p, r in zip(predictions, references, strict=True):
@@ -164,8 +177,8 @@ def json_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def field_accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean over records of the fraction of reference fields the prediction got right (an
-    unparsable prediction gets none)."""
+    """Mean over records of the fraction of reference fields the prediction got right (equal as
+    in ``json_match``; an unparsable prediction gets none)."""
     _check(predictions, references)
     total = 0.0
     for p, r in zip(predictions, references, strict=True):
