@@ -417,6 +417,23 @@ def _refuse_unexportable(model: torch.nn.Module) -> None:
                          "which merges")
 
 
+def _check_output_path(out: Path) -> None:
+    """Refuse a path the file cannot be written to before any work: a directory, a parent that
+    is a file, a folder without write permission (a missing parent folder is created)."""
+    if out.is_dir():
+        raise EmberError(f"save_gguf: {str(out)!r} is a directory; give the path of the .gguf "
+                         f"file to write, e.g. {str(out / 'model.gguf')!r}")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise EmberError(f"save_gguf: cannot write {str(out)!r}: {str(folder)!r} is a file, not "
+                         "a folder; choose another output path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EmberError(f"save_gguf: cannot write {str(out)!r}: no write permission in "
+                         f"{str(folder)!r}; choose a folder you can write to")
+
+
 def _put(w: GGUFWriter, key: str, v: Any) -> None:
     if isinstance(v, bool):
         w.add_bool(key, v)
@@ -449,11 +466,12 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
     if tokenizer is None:
         raise EmberError("save_gguf: a tokenizer is needed (llama.cpp reads the vocabulary from "
                          "the GGUF file)")
+    out = Path(path)
+    _check_output_path(out)
     model = getattr(model, "_orig_mod", model)
     _refuse_unexportable(model)
     cfg = model.cfg
     arch = gguf_arch(cfg)
-    out = Path(path)
     if cfg.sliding_window is not None and arch not in WINDOW_ARCHS and (
             cfg.sliding_window >= cfg.max_position_embeddings):
         # a window no shorter than the context never binds (Ministral: 32768 of 32768); the
