@@ -301,16 +301,9 @@ def test_families_without_partial_rotary_or_longrope_are_refused():
              "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}
     with pytest.raises(EmberError, match="model_type 'qwen2'"):
         config_from_hf(llama)
-    gemma = {**BASE, "model_type": "gemma", "rope_parameters": _rope()}
-    with pytest.raises(EmberError, match="LongRoPE is not supported for model_type 'gemma'"):
-        config_from_hf(gemma)
     cfg = _cfg(0.75)
     with pytest.raises(EmberError, match="partial_rotary_factor"):
         config_to_hf(cfg.replace(model_type="llama"))
-    gemma = cfg.replace(model_type="gemma", partial_rotary_factor=1.0, rope_scaling=(
-        dataclasses.replace(cfg.longrope, short_factor=[1.0] * 8, long_factor=[1.0] * 8)))
-    with pytest.raises(EmberError, match="LongRoPE"):
-        config_to_hf(gemma)
 
 
 def test_lora_gradients_match_peft(tmp_path):
@@ -403,7 +396,7 @@ def test_export_rope_scaling_is_what_transformers_4_phi3_accepts(tmp_path):
     assert config_from_hf(odd).longrope.attention_factor == 1.5
 
 
-@pytest.mark.parametrize("cls", ["Gemma2Config", "Gemma3TextConfig", "Olmo2Config",
+@pytest.mark.parametrize("cls", ["GemmaConfig", "Gemma2Config", "Gemma3TextConfig", "Olmo2Config",
                                  "GraniteConfig", "SmolLM3Config"])
 def test_longrope_of_the_other_families_matches_transformers(tmp_path, cls):
     """transformers 5 computes LongRoPE in every family's rotary embedding (Gemma 3: on its
