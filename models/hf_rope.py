@@ -44,7 +44,7 @@ _ROPE_KEYS = {
 }
 # transformers computes LongRoPE in the shared rotary embedding of these families (Gemma 3: on its
 # full-attention layers); MoE families count as their dense sibling (hf_moe)
-LONGROPE_FAMILIES = ("phi3", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+LONGROPE_FAMILIES = ("phi3", "phi", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
                      "gemma3_text", "olmo2", "granite", "smollm3")
 PHI3_ROPE_TYPES = ("default", "longrope")  # transformers' Phi3Config.validate_rope
 PHI3_ORIGINAL_MAX = 4096  # Phi3Config's class default for original_max_position_embeddings
@@ -61,7 +61,7 @@ def get_float(d: Mapping, key: str, default=..., where: str = "config.json") -> 
     return float(v)
 
 
-def _rope_dict(raw: Mapping) -> dict:
+def rope_dict(raw: Mapping) -> dict:
     """The rope parameters transformers 5 reads: a non-empty legacy ``rope_scaling`` wins over
     ``rope_parameters``."""
     scaling, params = raw.get("rope_scaling"), raw.get("rope_parameters")
@@ -74,7 +74,7 @@ def _rope_dict(raw: Mapping) -> dict:
 def parse_partial_rotary(raw: Mapping, model_type: str) -> float:
     """``partial_rotary_factor``: the rope dict's, else the top-level one, else 1 (transformers 5's
     precedence). Only phi3 applies it; elsewhere a value != 1 is refused."""
-    rope = _rope_dict(raw)
+    rope = rope_dict(raw)
     where = "config.json rope parameters"
     if rope.get("partial_rotary_factor") is None:
         rope, where = raw, "config.json"
@@ -96,7 +96,7 @@ def parse_rope(
     """RoPE theta and scaling, with transformers 5's precedence: a non-empty legacy ``rope_scaling``
     wins over ``rope_parameters``, and a top-level ``rope_theta`` fills in a missing theta.
     ``rotary_dim`` (LongRoPE's factor lists have rotary_dim / 2 entries) defaults to head_dim."""
-    rope = _rope_dict(raw)
+    rope = rope_dict(raw)
     if any(isinstance(v, dict) for v in rope.values()):
         raise EmberError(
             f"config.json: per-layer-type RoPE parameters ({sorted(rope)}) are not "
