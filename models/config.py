@@ -200,8 +200,9 @@ class ModelConfig:
         # Before any arithmetic on them: a zero or negative size would otherwise surface as a
         # ZeroDivisionError here or a shape error deep inside the model.
         sizes = ["vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"]
-        if self.head_dim is not None:
-            sizes.append("head_dim")
+        for name in ("head_dim", "sliding_window"):  # None: derived / no window
+            if getattr(self, name) is not None:
+                sizes.append(name)
         if not self.num_experts:  # a MoE config may leave the dense width unused
             sizes.append("intermediate_size")
         for name in sizes:
