@@ -172,3 +172,15 @@ def test_json_numbers_match_by_the_value_written(pred, ref, hit):
     assert same(value(pred), value(ref)) == hit
     assert M.json_match([pred], [ref]) == float(hit)
     assert M.field_accuracy(['{"x": ' + pred + "}"], ['{"x": ' + ref + "}"]) == float(hit)
+
+
+@pytest.mark.parametrize("name", sorted(M.METRICS))
+def test_text_metrics_refuse_non_strings_clearly(name):
+    """A number or None for a text used to raise AttributeError / TypeError from inside the
+    metric ('int' object has no attribute 'split')."""
+    text = '{"a": 1}'
+    with pytest.raises(M.EmberError, match="a reference is int 1"):
+        M.compute([name], [text], [1])
+    with pytest.raises(M.EmberError, match="a prediction is NoneType None"):
+        M.compute([name], [None], [text])
+    assert M.compute([name], [text], [text])[name] == 1.0
