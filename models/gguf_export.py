@@ -496,6 +496,9 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
         raise EmberError(f"save_gguf: dtype {dtype!r} is not one of {', '.join(GGUF_TYPES)} "
                          "(llama.cpp's names, any case)")
     dtype = dtype.lower()
+    if name is not None and not (isinstance(name, str) and name.strip()):
+        raise EmberError(f"save_gguf: name (general.name) must be a non-empty string or None "
+                         f"(the file's stem), got {name!r}")
     if tokenizer is None:
         raise EmberError("save_gguf: a tokenizer is needed (llama.cpp reads the vocabulary from "
                          "the GGUF file)")

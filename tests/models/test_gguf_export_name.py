@@ -73,3 +73,12 @@ def test_given_names_are_kept_with_a_warning_when_llama_cpp_differs(tmp_path):
     with pytest.warns(UserWarning, match="contains 'phi-3'/'phi3'"):
         path = save_gguf(_model("llama"), _tokenizer(False), tmp_path / "phi3-distill.gguf")
     assert _name(path) == "phi3-distill" and not _hf_strips(_tokenizer(False))
+
+
+@pytest.mark.parametrize("name", [123, b"x", "", "  "])
+def test_a_name_that_is_not_a_string_is_refused_up_front(name, tmp_path):
+    from ember import EmberError
+
+    with pytest.raises(EmberError, match="name .general.name. must be a non-empty string"):
+        save_gguf(_model("llama"), _tokenizer(False), tmp_path / "m.gguf", name=name)
+    assert not list(tmp_path.iterdir())
