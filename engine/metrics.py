@@ -19,6 +19,7 @@ the mean over examples except for the macro F1s:
 
 from __future__ import annotations
 
+import decimal
 import json
 import math
 import re
@@ -34,14 +35,14 @@ def normalize(text: str) -> str:
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-    _check(predictions, references)
+    _check_text(predictions, references)
     pairs = zip(predictions, references, strict=True)
     return sum(normalize(p) == normalize(r) for p, r in pairs) / len(references)
 
 
 def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Label accuracy: exact match of normalized, case-folded labels."""
-    _check(predictions, references)
+    _check_text(predictions, references)
     return sum(normalize(p).casefold() == normalize(r).casefold()
                for p, r in zip(predictions, references, strict=True)) / len(references)
 
@@ -51,7 +52,7 @@ def macro_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
     ``f1_score(average="macro")`` computes it: averaged over every label that is a reference or
     a prediction, so a prediction outside the reference labels is a miss for its reference's
     label and a label of F1 0 in the average (it was left out of the average)."""
-    _check(predictions, references)
+    _check_text(predictions, references)
     preds = [normalize(p).casefold() for p in predictions]
     refs = [normalize(r).casefold() for r in references]
     return _mean_f1(sorted(set(refs) | set(preds)), preds, refs)
@@ -87,7 +88,7 @@ def squad_normalize(text: str) -> str:
 
 def squad_exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """SQuAD v1.1's exact match: equal after ``squad_normalize``."""
-    _check(predictions, references)
+    _check_text(predictions, references)
     return sum(squad_normalize(p) == squad_normalize(r)
                for p, r in zip(predictions, references, strict=True)) / len(references)
 
@@ -104,7 +105,7 @@ def _token_f1(prediction: str, reference: str) -> float:
 def squad_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
     """SQuAD v1.1's F1: the mean over examples of the token-overlap F1 (bags of words after
     ``squad_normalize``)."""
-    _check(predictions, references)
+    _check_text(predictions, references)
     return sum(map(_token_f1, predictions, references)) / len(references)
 
 
@@ -113,20 +114,32 @@ def _json(text: str):
     nesting past the recursion limit, or an integer of more digits than Python converts (a
     ValueError, not a JSONDecodeError: a model that repeats a digit crashed the scoring)."""
     try:
-        return json.loads(text)
+        # Fractions and exponents as exact decimals, so numbers compare by the value written
+        # (a float would round 12345678901234567890.0 away from the integer 12345678901234567890).
+        return json.loads(text, parse_float=decimal.Decimal)
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return None
 
 
 def _same(a, b) -> bool:
-    """JSON equality: a boolean is not a number (Python's ``True == 1``, ``False == 0.0``)."""
+    """JSON equality of two values ``_json`` read. Numbers are equal when the decimal numbers
+    written are (``1``, ``1.0``, ``1e0`` and ``10E-1`` match; so do ``12345678901234567890`` and
+    ``12345678901234567890.0``, which fp64 would not tell apart from ...168.0); ``NaN`` matches
+    ``NaN`` (the same JSON text; Python's ``nan != nan``), ``Infinity`` itself. A boolean is not
+    a number (Python's ``True == 1``, ``False == 0.0``)."""
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
+    if _is_nan(a) or _is_nan(b):
+        return _is_nan(a) and _is_nan(b)
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, list):
         return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
     return a == b
+
+
+def _is_nan(x) -> bool:
+    return isinstance(x, float | decimal.Decimal) and x != x
 
 
 def reference_error(name: str, reference: str) -> str | None:
@@ -155,8 +168,8 @@ def _checked_json(name: str, reference: str):
 
 def json_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """The prediction parses as JSON and equals the reference's JSON (key order and spacing
-    free)."""
-    _check(predictions, references)
+    free; numbers by value, see ``_same``)."""
+    _check_text(predictions, references)
     hits = 0
     for p, r in zip(predictions, references, strict=True):
         hits += _same(_json(p), _checked_json("json_match", r))
@@ -164,9 +177,9 @@ def json_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def field_accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean over records of the fraction of reference fields the prediction got right (an
-    unparsable prediction gets none)."""
-    _check(predictions, references)
+    """Mean over records of the fraction of reference fields the prediction got right (equal as
+    in ``json_match``; an unparsable prediction gets none)."""
+    _check_text(predictions, references)
     total = 0.0
     for p, r in zip(predictions, references, strict=True):
         ref = _checked_json("field_accuracy", r)
@@ -211,7 +224,16 @@ def perplexity(mean_loss: float) -> float:
     return math.exp(mean_loss) if mean_loss < 700 else math.inf
 
 
-def _check(predictions: Sequence[str], references: Sequence[str]) -> None:
+def _check_text(predictions: Sequence[str], references: Sequence[str]) -> None:
+    _check(predictions, references)
+    for what, texts in (("prediction", predictions), ("reference", references)):
+        for t in texts:
+            if not isinstance(t, str):
+                raise EmberError(f"text metrics score strings; a {what} is {type(t).__name__} "
+                                 f"{t!r}: pass the texts (e.g. json.dumps(value) for JSON)")
+
+
+def _check(predictions: Sequence, references: Sequence) -> None:
     if len(predictions) != len(references):
         raise EmberError(f"{len(predictions)} predictions for {len(references)} references")
     if not references:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
+
+from ember import EmberError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,6 +138,7 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # HF fields kept verbatim for export (not used)
 
     def __post_init__(self) -> None:
+        self._check_sizes()
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")
@@ -191,6 +195,25 @@ class ModelConfig:
                 raise ValueError(f"layer_types must give one of {LAYER_TYPES} for each of the "
                                  f"{self.num_layers} layers, got {self.layer_types!r}")
             object.__setattr__(self, "layer_types", types)
+
+    def _check_sizes(self) -> None:
+        # Before any arithmetic on them: a zero or negative size would otherwise surface as a
+        # ZeroDivisionError here or a shape error deep inside the model.
+        sizes = ["vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"]
+        for name in ("head_dim", "sliding_window"):  # None: derived / no window
+            if getattr(self, name) is not None:
+                sizes.append(name)
+        if not self.num_experts:  # a MoE config may leave the dense width unused
+            sizes.append("intermediate_size")
+        for name in sizes:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise EmberError(f"ModelConfig.{name} must be a positive integer, got {v!r}: "
+                                 "check the model's config.json (or the value you passed)")
+        f = self.intermediate_size
+        if isinstance(f, bool) or not isinstance(f, numbers.Integral) or f < 0:
+            raise EmberError(f"ModelConfig.intermediate_size must be an integer >= 0, got "
+                             f"{self.intermediate_size!r}")
 
     def _check_moe(self) -> None:
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))

@@ -417,6 +417,54 @@ def _refuse_unexportable(model: torch.nn.Module) -> None:
                          "which merges")
 
 
+def _check_output_path(out: Path) -> None:
+    """Refuse a path the file cannot be written to before any work: a directory, a parent that
+    is a file, a folder without write permission (a missing parent folder is created)."""
+    if out.is_dir():
+        raise EmberError(f"save_gguf: {str(out)!r} is a directory; give the path of the .gguf "
+                         f"file to write, e.g. {str(out / 'model.gguf')!r}")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise EmberError(f"save_gguf: cannot write {str(out)!r}: {str(folder)!r} is a file, not "
+                         "a folder; choose another output path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EmberError(f"save_gguf: cannot write {str(out)!r}: no write permission in "
+                         f"{str(folder)!r}; choose a folder you can write to")
+
+
+# llama.cpp (llama-vocab.cpp) strips the whitespace after special tokens (LLAMA_TOKEN_ATTR_RSTRIP)
+# only in a file whose general.name, lower-cased, contains one of these: the tokenizer metadata
+# cannot say it. Its converter wrote the name "Phi3" for Phi-3 once; it now writes the repo's
+# name as a title ("Phi 3 Mini 4k Instruct"), which no longer matches.
+_LLAMA_CPP_RSTRIP_NAMES = ("phi-3", "phi3")
+
+
+def _gguf_general_name(out: Path, tokenizer, arch: str, name: str | None) -> str:
+    """``general.name``: ``name``, else the file's stem. A Phi-3 tokenizer that strips whitespace
+    after special tokens (Phi-3's tokenizer.json: rstrip on <|user|>, <|end|>, ...) tokenizes the
+    same in llama.cpp only under a Phi-3 name, so a default name gets " (Phi-3)" appended when the
+    stem lacks it; a given name is kept, with a warning when llama.cpp will tokenize otherwise."""
+    added = getattr(getattr(tokenizer, "backend", None), "get_added_tokens_decoder", dict)()
+    strips = any(t.rstrip and t.special for t in added.values())
+    chosen = name or out.stem
+    named = any(k in chosen.lower() for k in _LLAMA_CPP_RSTRIP_NAMES)
+    if arch == "phi3" and strips and not named:
+        if name is None:
+            return f"{chosen} (Phi-3)"
+        warnings.warn(f"save_gguf: general.name {name!r} does not contain 'phi-3' or 'phi3', "
+                      "so llama.cpp will keep the whitespace after special tokens that this "
+                      "tokenizer strips (Phi-3's rstrip): chat prompts tokenize differently; "
+                      "include 'Phi-3' in the name to match", stacklevel=3)
+    elif named and not strips:
+        warnings.warn(f"save_gguf: general.name {chosen!r} contains 'phi-3'/'phi3', so llama.cpp "
+                      "will strip the whitespace after special tokens, which this tokenizer keeps: "
+                      "prompts with special tokens tokenize differently; pass another name=",
+                      stacklevel=3)
+    return chosen
+
+
 def _put(w: GGUFWriter, key: str, v: Any) -> None:
     if isinstance(v, bool):
         w.add_bool(key, v)
@@ -438,7 +486,9 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
     ``dtype``: "f16" (default), "bf16", "f32" for the matrices (norms and biases are always
     F32), or a llama-quantize file type, any case: "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
     "q4_k_s", "q4_k_m" (= "q4_k"), "q5_k_s", "q5_k_m" (= "q5_k"), "q6_k".
-    ``name``: ``general.name`` (default: the file's stem). The file appears
+    ``name``: ``general.name`` (default: the file's stem; for a Phi-3 tokenizer that strips
+    whitespace after its special tokens, the stem + " (Phi-3)" unless it says Phi-3 already:
+    llama.cpp applies that stripping by name, see ``_gguf_general_name``). The file appears
     atomically (written to a temporary sibling, then renamed)."""
     from ember.models.gguf_tokenizer import tokenizer_metadata
 
@@ -446,14 +496,18 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
         raise EmberError(f"save_gguf: dtype {dtype!r} is not one of {', '.join(GGUF_TYPES)} "
                          "(llama.cpp's names, any case)")
     dtype = dtype.lower()
+    if name is not None and not (isinstance(name, str) and name.strip()):
+        raise EmberError(f"save_gguf: name (general.name) must be a non-empty string or None "
+                         f"(the file's stem), got {name!r}")
     if tokenizer is None:
         raise EmberError("save_gguf: a tokenizer is needed (llama.cpp reads the vocabulary from "
                          "the GGUF file)")
+    out = Path(path)
+    _check_output_path(out)
     model = getattr(model, "_orig_mod", model)
     _refuse_unexportable(model)
     cfg = model.cfg
     arch = gguf_arch(cfg)
-    out = Path(path)
     if cfg.sliding_window is not None and arch not in WINDOW_ARCHS and (
             cfg.sliding_window >= cfg.max_position_embeddings):
         # a window no shorter than the context never binds (Ministral: 32768 of 32768); the
@@ -479,11 +533,12 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
     check_expressible(cfg, md, shapes, {n: tensors.get(n) for n in ROPE_TENSORS}, out)
     md.update(tokenizer_metadata(tokenizer, cfg.vocab_size, arch))
     types, file_type = _tensor_types(dtype, shapes, cfg, arch)
+    general_name = _gguf_general_name(out, tokenizer, arch, name)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     writer = GGUFWriter(str(tmp), arch)
     try:
-        writer.add_name(name or out.stem)
+        writer.add_name(general_name)
         writer.add_file_type(int(file_type))
         writer.add_quantization_version(2)
         for k, v in md.items():

@@ -7,14 +7,17 @@ eps ``layer_norm_eps``), one ``input_layernorm`` per block feeding attention and
 (``fc1`` -> ``hidden_act`` -> ``fc2``: Ember's ``up_proj`` / ``down_proj``, ``gated_mlp=False``) and
 the head (``lm_head.bias``: Ember's ``head_bias``), optional per-head q/k LayerNorms
 (``qk_layernorm``), partial rotary (``partial_rotary_factor``, transformers' default 0.5; the
-``rope_parameters`` value wins over the top-level one, as in transformers 5).
+``rope_parameters`` value wins over the top-level one, as in transformers 5), any RoPE scaling
+``hf_rope`` reads (linear, dynamic, YaRN, LongRoPE, llama3; computed over the rotated width, as
+transformers' PhiRotaryEmbedding does) and ``head_dim`` other than hidden_size / heads.
 
 Dropout: ``resid_pdrop`` and ``embd_pdrop`` are applied in training forwards exactly where
 transformers applies them (phi-2 ships ``resid_pdrop=0.1``; eval and generation never drop);
 ``attention_dropout`` is applied to the attention probabilities in training forwards, as for every
 family.
-Refused with a message: RoPE scaling (no released Phi-1/2 uses it), ``head_dim`` other than
-hidden_size / heads (transformers' q/k LayerNorms assume it). A classifier
+Refused with a message: ``head_dim`` other than hidden_size / heads together with
+``qk_layernorm`` (transformers sizes the q/k LayerNorms hidden_size / heads and cannot run it).
+A classifier
 (``PhiForSequenceClassification``: ``score.weight``, no LM head) loads and exports as in every
 family (``ember.models.heads``). bitsandbytes NF4 checkpoints load as for every family.
 """
@@ -25,10 +28,16 @@ import warnings
 from collections.abc import Mapping
 
 from ember import EmberError
-from ember.models.config import ModelConfig
+from ember.models.config import ModelConfig, RopeScaling
 from ember.models.heads import labels_from_hf, labels_to_hf, problem_type_from_hf
 from ember.models.hf_llama_variants import variant_problems
-from ember.models.hf_rope import get_float
+from ember.models.hf_rope import (
+    get_float,
+    legacy_rope_scaling,
+    parse_rope,
+    rope_dict,
+    rope_to_hf,
+)
 
 ARCHITECTURE = "PhiForCausalLM"
 CLASSIFIER = "PhiForSequenceClassification"
@@ -72,31 +81,27 @@ def _fraction(raw: Mapping, key: str, default: float) -> float:
     return v
 
 
-def _rope(raw: Mapping) -> tuple[float, float]:
-    """(rope_theta, partial_rotary_factor) as transformers 5's PhiConfig reads them: the
-    ``rope_parameters`` dict, else the legacy top-level fields; partial rotary defaults to 0.5."""
-    params = raw.get("rope_parameters")
-    if params is not None and not isinstance(params, Mapping):
-        raise EmberError(f"config.json: rope_parameters must be an object, got {params!r}")
-    params = dict(params or {})
-    scaling = raw.get("rope_scaling")
-    kind = params.get("rope_type", params.get("type", "default"))
-    if scaling is not None or kind != "default":
-        raise EmberError(
-            "config.json: RoPE scaling (rope_scaling / rope_parameters rope_type "
-            f"{scaling or kind!r}) is not supported for model_type 'phi' (Ember implements "
-            "Phi-1/1.5/2's default RoPE); remove it or use rope_type 'default'"
-        )
-    unknown = sorted(set(params) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
-    if unknown:
-        raise EmberError(f"config.json: rope_parameters field(s) {unknown} are not supported "
-                         "for model_type 'phi'")
-    theta = get_float(params, "rope_theta", get_float(raw, "rope_theta", 10000.0))
-    partial = get_float(params, "partial_rotary_factor",
+def _rope(raw: Mapping) -> tuple[float, RopeScaling | None, float]:
+    """(rope_theta, scaling, partial_rotary_factor) as transformers 5's PhiConfig reads them: the
+    rope dict (a non-empty legacy ``rope_scaling`` wins over ``rope_parameters``) with any of the
+    shared RoPE types (``hf_rope.parse_rope``), over the partially rotated width; partial rotary
+    from the rope dict, else the top-level field, else 0.5."""
+    rope = rope_dict(raw)
+    partial = get_float(rope, "partial_rotary_factor",
                         get_float(raw, "partial_rotary_factor", 0.5))
     if not 0 < partial <= 1:
         raise EmberError(f"config.json: partial_rotary_factor must be in (0, 1], got {partial}")
-    return theta, partial
+    rope.pop("partial_rotary_factor", None)
+    heads, hidden = raw.get("num_attention_heads", 32), raw.get("hidden_size", 2048)
+    max_pos, hd = raw.get("max_position_embeddings", 2048), raw.get("head_dim")
+    for name, v in (("num_attention_heads", heads), ("hidden_size", hidden),
+                    ("max_position_embeddings", max_pos), ("head_dim", hd)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise EmberError(f"config.json: {name} must be a positive integer, got {v!r}")
+    rotary_dim = int((hd or hidden // heads) * partial)
+    theta, scaling = parse_rope({"rope_parameters": rope, "rope_theta": raw.get("rope_theta")},
+                                max_pos, "phi", rotary_dim)
+    return theta, scaling, partial
 
 
 def phi_config(raw: Mapping, harmless: frozenset, config_from_hf) -> ModelConfig:
@@ -112,18 +117,17 @@ def phi_config(raw: Mapping, harmless: frozenset, config_from_hf) -> ModelConfig
     if unknown:
         raise EmberError(f"config.json: field(s) {unknown} are not supported for model_type "
                          "'phi'; Ember cannot guarantee the same computation")
-    heads, hidden = raw.get("num_attention_heads"), raw.get("hidden_size")
-    if raw.get("head_dim") is not None and isinstance(heads, int) and isinstance(hidden, int) \
-            and heads > 0 and raw["head_dim"] != hidden // heads:
-        raise EmberError(
-            f"config.json: head_dim={raw['head_dim']} differs from hidden_size / "
-            f"num_attention_heads = {hidden // heads}, which transformers' Phi q/k LayerNorms "
-            "assume; remove head_dim"
-        )
     qk = raw.get("qk_layernorm", False)
     if not isinstance(qk, bool):
         raise EmberError(f"config.json: qk_layernorm must be true or false, got {qk!r}")
-    theta, partial = _rope(raw)
+    theta, scaling, partial = _rope(raw)
+    heads, hidden = raw.get("num_attention_heads", 32), raw.get("hidden_size", 2048)
+    if qk and raw.get("head_dim") is not None and raw["head_dim"] != hidden // heads:
+        raise EmberError(
+            f"config.json: head_dim={raw['head_dim']} differs from hidden_size / "
+            f"num_attention_heads = {hidden // heads}, which transformers' Phi q/k LayerNorms "
+            "(qk_layernorm) assume (it cannot run this config); remove head_dim"
+        )
     resid, embd = _fraction(raw, "resid_pdrop", 0.0), _fraction(raw, "embd_pdrop", 0.0)
     if "auto_map" in raw:  # as hf_config does for the other families, in phi's words
         warnings.warn("config.json: auto_map points at custom modeling code, which Ember never "
@@ -142,7 +146,8 @@ def phi_config(raw: Mapping, harmless: frozenset, config_from_hf) -> ModelConfig
         return cfg.replace(
             model_type="phi", norm="layernorm", parallel_block=True, gated_mlp=False,
             attention_bias=True, attention_out_bias=True, mlp_bias=True, lm_head_bias=True,
-            qk_norm=qk, partial_rotary_factor=partial, resid_dropout=resid, embed_dropout=embd,
+            qk_norm=qk, partial_rotary_factor=partial, rope_scaling=scaling,
+            resid_dropout=resid, embed_dropout=embd,
             labels=labels, problem_type=problem_type_from_hf(raw, labels))
     except ValueError as e:
         raise EmberError(f"config.json: {e}") from None
@@ -172,11 +177,12 @@ def phi_to_hf(cfg: ModelConfig, dtype: str) -> dict:
         norm="layernorm", parallel_block=True, gated_mlp=False, attention_bias=True,
         attention_out_bias=True, mlp_bias=True, lm_head_bias=True, sandwich_norms=False,
         sliding_window=None, layer_types=None, attn_softcap=None, final_softcap=None,
-        embedding_scale=None, norm_offset=0.0, rope_scaling=None, rope_local_theta=None,
+        embedding_scale=None, norm_offset=0.0, rope_local_theta=None,
         query_pre_attn_scalar=None, num_experts=0,
     ).items() if getattr(cfg, k) != want]
-    if cfg.head_dim != cfg.hidden_size // cfg.num_heads:
-        problems.append(f"head_dim={cfg.head_dim}")
+    own_head_dim = cfg.head_dim != cfg.hidden_size // cfg.num_heads
+    if own_head_dim and cfg.qk_norm:  # transformers' q/k LayerNorms are hidden / heads wide
+        problems.append(f"head_dim={cfg.head_dim} with q/k norms")
     problems += variant_problems(cfg)  # NoPE layers, Granite's multipliers, OLMo2's norms
     if problems:
         raise EmberError("cannot export as Hugging Face model_type 'phi': it has no equivalent "
@@ -193,10 +199,11 @@ def phi_to_hf(cfg: ModelConfig, dtype: str) -> dict:
         "resid_pdrop": cfg.resid_dropout,
         "embd_pdrop": cfg.embed_dropout,
         "attention_dropout": cfg.attention_dropout,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
-                            "partial_rotary_factor": cfg.partial_rotary_factor},
-        "rope_theta": cfg.rope_theta,
+        # always with partial_rotary_factor: phi's default is 0.5, not rope_to_hf's 1
+        "rope_parameters": {**rope_to_hf(cfg), "partial_rotary_factor": cfg.partial_rotary_factor},
+        "rope_theta": cfg.rope_theta,  # 4.x reads these two and rope_scaling
         "partial_rotary_factor": cfg.partial_rotary_factor,
+        "rope_scaling": legacy_rope_scaling(cfg),
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
@@ -204,6 +211,8 @@ def phi_to_hf(cfg: ModelConfig, dtype: str) -> dict:
         "torch_dtype": dtype,
         "use_cache": True,
     }
+    if own_head_dim:  # PhiConfig has no head_dim field: transformers reads it as an extra one
+        out["head_dim"] = cfg.head_dim
     if "initializer_range" in cfg.extra:
         out["initializer_range"] = cfg.extra["initializer_range"]
     if cfg.labels is not None:

@@ -14,14 +14,15 @@ sqrt(1 + ln(factor) / ln(original)) (1 when factor <= 1). Which table a forward 
 ``ember.models.transformer``.
 
 ``partial_rotary_factor`` (Phi-4-mini: 0.75; from the rope dict, else the top-level field) is read
-for phi3 only: transformers' other families we load ignore it with the default RoPE (and break
-with LongRoPE), so a value != 1 there is refused naming the family.
+for phi3 only (phi: ``hf_phi``): transformers' other families ignore it with the default RoPE (so
+does Ember, with a warning) and break with the scaled types (refused, naming the family).
 Per-layer-type parameters are refused here; Gemma 3's are read in ``ember.models.hf_gemma``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 
 from ember import EmberError
@@ -44,8 +45,8 @@ _ROPE_KEYS = {
 }
 # transformers computes LongRoPE in the shared rotary embedding of these families (Gemma 3: on its
 # full-attention layers); MoE families count as their dense sibling (hf_moe)
-LONGROPE_FAMILIES = ("phi3", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text",
-                     "olmo2", "granite", "smollm3")
+LONGROPE_FAMILIES = ("phi3", "phi", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                     "gemma3_text", "olmo2", "granite", "smollm3")
 PHI3_ROPE_TYPES = ("default", "longrope")  # transformers' Phi3Config.validate_rope
 PHI3_ORIGINAL_MAX = 4096  # Phi3Config's class default for original_max_position_embeddings
 
@@ -61,7 +62,7 @@ def get_float(d: Mapping, key: str, default=..., where: str = "config.json") -> 
     return float(v)
 
 
-def _rope_dict(raw: Mapping) -> dict:
+def rope_dict(raw: Mapping) -> dict:
     """The rope parameters transformers 5 reads: a non-empty legacy ``rope_scaling`` wins over
     ``rope_parameters``."""
     scaling, params = raw.get("rope_scaling"), raw.get("rope_parameters")
@@ -71,22 +72,32 @@ def _rope_dict(raw: Mapping) -> dict:
     return dict(scaling or params or {})
 
 
-def parse_partial_rotary(raw: Mapping, model_type: str) -> float:
+def parse_partial_rotary(raw: Mapping, model_type: str, warn: bool = True) -> float:
     """``partial_rotary_factor``: the rope dict's, else the top-level one, else 1 (transformers 5's
-    precedence). Only phi3 applies it; elsewhere a value != 1 is refused."""
-    rope = _rope_dict(raw)
+    precedence). Only phi3 applies it. The other families' default RoPE rotates the whole head
+    whatever it says (a value != 1 is ignored as transformers ignores it, with a warning); their
+    scaled RoPE types size the frequencies by it and then fail in transformers: refused."""
+    rope = rope_dict(raw)
+    kind = rope.get("rope_type") or rope.get("type") or "default"
     where = "config.json rope parameters"
     if rope.get("partial_rotary_factor") is None:
         rope, where = raw, "config.json"
     f = get_float(rope, "partial_rotary_factor", 1.0, where)
-    if f != 1.0 and model_type != "phi3":
-        raise EmberError(
-            f"{where}: partial_rotary_factor={f} is not supported for model_type "
-            f"{model_type!r}: transformers' {model_type} rotates the whole head with the default "
-            "RoPE (and fails with LongRoPE); only phi3 applies partial rotary embeddings"
-        )
     if not 0 < f <= 1:
         raise EmberError(f"{where}: partial_rotary_factor must be in (0, 1], got {f}")
+    if f != 1.0 and model_type != "phi3":
+        if kind != "default":
+            raise EmberError(
+                f"{where}: partial_rotary_factor={f} is not supported for model_type "
+                f"{model_type!r} with rope type {kind!r}: transformers' {model_type} sizes the "
+                f"{kind} frequencies by it but rotates the whole head, and fails; only phi3 "
+                "applies partial rotary embeddings. Remove partial_rotary_factor")
+        if warn:
+            warnings.warn(
+                f"{where}: partial_rotary_factor={f} is ignored for model_type {model_type!r}: "
+                "transformers' default RoPE rotates the whole head there (only phi3 applies "
+                "partial rotary embeddings); Ember does the same", stacklevel=4)
+        return 1.0
     return f
 
 
@@ -96,7 +107,7 @@ def parse_rope(
     """RoPE theta and scaling, with transformers 5's precedence: a non-empty legacy ``rope_scaling``
     wins over ``rope_parameters``, and a top-level ``rope_theta`` fills in a missing theta.
     ``rotary_dim`` (LongRoPE's factor lists have rotary_dim / 2 entries) defaults to head_dim."""
-    rope = _rope_dict(raw)
+    rope = rope_dict(raw)
     if any(isinstance(v, dict) for v in rope.values()):
         raise EmberError(
             f"config.json: per-layer-type RoPE parameters ({sorted(rope)}) are not "
@@ -114,7 +125,10 @@ def parse_rope(
     # transformers 5 writes partial_rotary_factor into rope_parameters (Phi-3): read by
     # parse_partial_rotary; refused here for the other families (Gemma 3's per-layer dicts)
     if model_type != "phi3":
-        parse_partial_rotary({"rope_parameters": rope}, model_type)
+        # hf_config already read (and warned about) a flat rope dict; Gemma 3's per-layer ones
+        # are read here only
+        parse_partial_rotary({"rope_parameters": {**rope, "rope_type": kind}}, model_type,
+                             warn=model_type == "gemma3_text")
     rope.pop("partial_rotary_factor", None)
     if model_type == "phi3" and kind in ("su", "yarn"):
         kind = "longrope"  # transformers reads Phi-3's old names as LongRoPE

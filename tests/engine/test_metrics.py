@@ -136,3 +136,51 @@ def test_json_metrics_score_what_python_json_cannot_read_as_a_miss():
     assert M.compute(["json_match", "field_accuracy"], preds, refs) == {
         "json_match": 0.25, "field_accuracy": 0.25}
     assert "not JSON" in M.reference_error("json_match", huge)
+
+
+@pytest.mark.parametrize("pred,ref,hit", [
+    ("NaN", "NaN", True),  # NaN != NaN in Python: was never a match
+    ('{"a": [NaN, 1]}', '{"a": [NaN, 1.0]}', True),
+    ("12345678901234567890.0", "12345678901234567890", True),  # fp64 rounds the float: was a miss
+    ("12345678901234567891", "12345678901234567890.0", False),
+    ("[1, 0.1, 10E-1]", "[1.0, 0.10, 1]", True),
+    ("Infinity", "Infinity", True),
+    ("1e400", "Infinity", False),  # a finite number, not infinity
+    ("0.1", "0.1000000000000000055511151231257827", False),  # float(...) equal, values not
+    ("true", "1", False),
+])
+def test_json_numbers_match_by_the_value_written(pred, ref, hit):
+    """The same JSON number written two ways matches, as the decimals Python's json reads with
+    ``parse_float=Decimal`` compare (and NaN matches NaN): the oracle is that reading."""
+    import json
+    from decimal import Decimal
+
+    def value(text):
+        return json.loads(text, parse_float=Decimal, parse_constant=Decimal)
+
+    def same(a, b):  # Decimal('NaN') != Decimal('NaN'): the written text is what matches
+        if isinstance(a, list):
+            return len(a) == len(b) and all(map(same, a, b))
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, Decimal) and a.is_nan():
+            return isinstance(b, Decimal) and b.is_nan()
+        if isinstance(a, bool) or isinstance(b, bool):  # JSON's true is not the number 1
+            return type(a) is type(b) and a == b
+        return a == b
+
+    assert same(value(pred), value(ref)) == hit
+    assert M.json_match([pred], [ref]) == float(hit)
+    assert M.field_accuracy(['{"x": ' + pred + "}"], ['{"x": ' + ref + "}"]) == float(hit)
+
+
+@pytest.mark.parametrize("name", sorted(M.METRICS))
+def test_text_metrics_refuse_non_strings_clearly(name):
+    """A number or None for a text used to raise AttributeError / TypeError from inside the
+    metric ('int' object has no attribute 'split')."""
+    text = '{"a": 1}'
+    with pytest.raises(M.EmberError, match="a reference is int 1"):
+        M.compute([name], [text], [1])
+    with pytest.raises(M.EmberError, match="a prediction is NoneType None"):
+        M.compute([name], [None], [text])
+    assert M.compute([name], [text], [text])[name] == 1.0

@@ -268,6 +268,40 @@ def test_llama_sliding_window_is_dropped_with_a_warning(tmp_path):
 
 
 
+@pytest.mark.parametrize("where", ["dir", "file_parent", "read_only"])
+def test_an_unwritable_output_path_is_refused_before_any_work(where, tmp_path, monkeypatch):
+    """save_gguf(model, tok, existing_dir) converted and encoded every tensor, then failed with a
+    raw IsADirectoryError; now each bad path is an EmberError before the first tensor."""
+    import os
+    from pathlib import Path
+
+    from ember.models import gguf_export
+
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1)
+    model, tok = Transformer(cfg), tokenizer_from_gguf(tiny_tokenizer_md())
+    path, needle = tmp_path, "is a directory"
+    if where == "file_parent":
+        (tmp_path / "f").write_text("x")
+        path, needle = tmp_path / "f" / "sub" / "m.gguf", "is a file, not a folder"
+    elif where == "read_only":
+        (tmp_path / "ro").mkdir(mode=0o500)
+        if os.geteuid() == 0:  # root writes anywhere: let access() answer as for a user
+            real = os.access
+            monkeypatch.setattr(os, "access", lambda p, m: real(p, m) and Path(p).name != "ro")
+        path, needle = tmp_path / "ro" / "m.gguf", "no write permission"
+
+    def work(*_):
+        raise AssertionError("save_gguf started converting before checking its output path")
+
+    monkeypatch.setattr(gguf_export, "_dense", work)
+    with pytest.raises(EmberError, match=needle):
+        save_gguf(model, tok, path)
+    monkeypatch.undo()
+    back = save_gguf(model, tok, tmp_path / "new" / "deeper" / "m.gguf")  # parents are created
+    assert GGUFReader(back).fields["general.name"] is not None
+
+
 @pytest.mark.parametrize("cls,arch,kw", [
     ("MistralConfig", "llama", dict(head_dim=32)),  # Ministral: window 32768 of 32768 positions
     ("Qwen2Config", "qwen2", dict(use_sliding_window=True, max_window_layers=0))])

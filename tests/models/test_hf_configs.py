@@ -309,3 +309,22 @@ def test_gemma_sliding_layers_without_a_window_are_refused(tmp_path, cls):
         hf(_ids())
     with pytest.raises(EmberError, match="sliding_window is null but layer_types"):
         load_pretrained(folder)
+
+
+_SIZES = dict(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2,
+              num_kv_heads=1)
+
+
+@pytest.mark.parametrize("name,value", [("num_kv_heads", 0), ("num_heads", 0), ("hidden_size", 0),
+                                        ("head_dim", 0), ("vocab_size", -1), ("num_layers", 0),
+                                        ("intermediate_size", 0), ("num_heads", 2.5),
+                                        ("sliding_window", 0)])
+def test_invalid_sizes_are_a_clear_error_not_zero_division(name, value):
+    """ModelConfig built directly with a zero / negative / fractional size used to raise a raw
+    ZeroDivisionError (num_kv_heads=0, num_heads=0) or build a model that fails later (a
+    sliding_window of 0 in the attention kernel's words, at the first forward)."""
+    from ember.models.config import ModelConfig
+
+    with pytest.raises(EmberError, match=f"ModelConfig.{name} must be a positive integer"):
+        ModelConfig(**{**_SIZES, name: value})
+

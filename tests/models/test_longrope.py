@@ -292,25 +292,38 @@ def test_malformed_longrope_is_refused_by_key(change, needle):
         config_from_hf(raw)
 
 
+@pytest.mark.parametrize("cls", ["LlamaConfig", "Qwen2Config"])
+def test_partial_rotary_of_other_families_default_rope_is_ignored_as_transformers_does(
+        tmp_path, cls):
+    """transformers' Llama / Qwen2 default RoPE rotates the whole head whatever
+    partial_rotary_factor says; Ember refused the config, now computes what transformers does."""
+    kw = dict(pad_token_id=None, eos_token_id=2, head_dim=HEAD_DIM)
+    hf, folder = _make(tmp_path, cls, 0.5, False, cls=cls, **kw)
+    with pytest.warns(UserWarning, match="partial_rotary_factor=0.5 is ignored"):
+        model, _ = load_pretrained(folder)
+    assert model.cfg.partial_rotary_factor == 1.0
+    assert _diff(model, hf, _ids(12)) <= 1e-4
+    save_pretrained(model, tmp_path / "export")
+    assert _diff(model, tmp_path / "export", _ids(12)) <= 1e-4
+
+
 def test_families_without_partial_rotary_or_longrope_are_refused():
-    llama = {**BASE, "model_type": "llama", "partial_rotary_factor": 0.5}
+    """With a scaled RoPE type transformers sizes the frequencies by the factor and fails."""
+    raw = {**BASE, "model_type": "llama", "partial_rotary_factor": 0.5,
+           "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    with pytest.raises(RuntimeError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
+            k: v for k, v in raw.items() if k != "model_type"}))(_ids(4))
     with pytest.raises(EmberError, match="partial_rotary_factor=0.5 is not supported for "
-                                         "model_type 'llama'"):
-        config_from_hf(llama)
-    llama = {**BASE, "model_type": "qwen2",
-             "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}
-    with pytest.raises(EmberError, match="model_type 'qwen2'"):
-        config_from_hf(llama)
-    gemma = {**BASE, "model_type": "gemma", "rope_parameters": _rope()}
-    with pytest.raises(EmberError, match="LongRoPE is not supported for model_type 'gemma'"):
-        config_from_hf(gemma)
+                                         "model_type 'llama' with rope type 'linear'"):
+        config_from_hf(raw)
+    qwen = {**BASE, "model_type": "qwen2", "rope_parameters": _rope(0.5)}
+    with pytest.raises(EmberError, match="model_type 'qwen2' with rope type 'longrope'"):
+        config_from_hf(qwen)
     cfg = _cfg(0.75)
     with pytest.raises(EmberError, match="partial_rotary_factor"):
         config_to_hf(cfg.replace(model_type="llama"))
-    gemma = cfg.replace(model_type="gemma", partial_rotary_factor=1.0, rope_scaling=(
-        dataclasses.replace(cfg.longrope, short_factor=[1.0] * 8, long_factor=[1.0] * 8)))
-    with pytest.raises(EmberError, match="LongRoPE"):
-        config_to_hf(gemma)
 
 
 def test_lora_gradients_match_peft(tmp_path):
@@ -403,7 +416,7 @@ def test_export_rope_scaling_is_what_transformers_4_phi3_accepts(tmp_path):
     assert config_from_hf(odd).longrope.attention_factor == 1.5
 
 
-@pytest.mark.parametrize("cls", ["Gemma2Config", "Gemma3TextConfig", "Olmo2Config",
+@pytest.mark.parametrize("cls", ["GemmaConfig", "Gemma2Config", "Gemma3TextConfig", "Olmo2Config",
                                  "GraniteConfig", "SmolLM3Config"])
 def test_longrope_of_the_other_families_matches_transformers(tmp_path, cls):
     """transformers 5 computes LongRoPE in every family's rotary embedding (Gemma 3: on its

@@ -162,8 +162,9 @@ def test_phi2_dropout_config_loads_and_drops_only_in_training(folders, tmp_path)
 
 @pytest.mark.parametrize("change,needle", [
     (dict(attention_dropout=1.0), r"attention_dropout must be in \[0, 1\)"),
-    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "RoPE scaling"),
-    (dict(head_dim=16), "head_dim=16 differs"),
+    (dict(rope_scaling={"rope_type": "su"}), "rope type 'su' is not supported"),  # phi3's name
+    # another head_dim loads (tests/models/test_phi_rope.py), not with q/k LayerNorms
+    (dict(head_dim=16, qk_layernorm=True), "head_dim=16 differs"),
     (dict(rms_norm_eps=1e-6), r"\['rms_norm_eps'\] are not supported for model_type 'phi'"),
     (dict(architectures=["PhiForTokenClassification"]), "only \\['PhiForCausalLM'\\]"),
     (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported for phi "),  # said llama

@@ -1,0 +1,140 @@
+"""Phi-1/1.5/2 (transformers' PhiForCausalLM) with RoPE scaling and an own ``head_dim``, against
+transformers 5 on tiny random models: every RoPE type transformers computes for phi (linear,
+dynamic NTK, YaRN, LongRoPE, Llama-3's), each over the partially rotated width, and
+head_dim != hidden / heads (without q/k LayerNorms, which transformers sizes hidden / heads).
+Logits (fp32, <= 1e-4) on both sides of the original context, the export (config.json that
+transformers reloads to the same logits), greedy generation with the KV cache across the
+switch, and a gradient. These configs were refused ("RoPE scaling ... is not supported for
+model_type 'phi'", "head_dim=... differs")."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.models.generate import generate_ids
+from ember.models.hf import config_from_hf
+from ember.models.loading import load_pretrained, read_config, save_pretrained
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+
+VOCAB, ORIG, MAX_POS = 96, 16, 32
+BASE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS,
+            bos_token_id=1, eos_token_id=2)
+
+
+def _longrope(n: int) -> dict:
+    return dict(rope_type="longrope", original_max_position_embeddings=ORIG,
+                short_factor=[round(1 + 0.15 * i, 3) for i in range(n)],
+                long_factor=[round(1.5 + 1.25 * i, 3) for i in range(n)])
+
+
+# name -> (partial_rotary_factor, head_dim or None, rope dict without theta / partial)
+CASES = {
+    "linear": (0.5, None, dict(rope_type="linear", factor=2.0)),
+    "dynamic": (0.4, None, dict(rope_type="dynamic", factor=2.0)),
+    "yarn": (0.5, None, dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=8)),
+    "longrope": (0.5, None, _longrope(3)),  # rotary dim int(12 * 0.5) = 6: 3 frequencies
+    "llama3": (1.0, None, dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0,
+                               high_freq_factor=4.0, original_max_position_embeddings=ORIG)),
+    "head_dim": (0.5, 20, dict(rope_type="default")),  # 4 heads of 20 on a 48-wide model
+    "head_dim_longrope": (0.4, 20, _longrope(4)),  # rotary dim 8
+}
+
+
+def _hf_model(tmp_path, case: str):
+    prf, hd, rope = CASES[case]
+    kw = {} if hd is None else dict(head_dim=hd)
+    config = transformers.PhiConfig(**BASE, **kw, rope_parameters=dict(
+        rope, rope_theta=100.0, partial_rotary_factor=prf))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.PhiForCausalLM(config)
+    g = torch.Generator().manual_seed(len(case))
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.2 * noise if "layernorm.weight" in n else 0.15 * noise)
+    hf.save_pretrained(tmp_path / "hf")
+    return _hf(tmp_path / "hf"), tmp_path / "hf"
+
+
+def _hf(folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            folder, attn_implementation="eager").eval()
+
+
+def _ids(T: int, B: int = 2) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(T))
+
+
+def _err(ours, hf, ids) -> float:
+    with torch.no_grad():
+        return (ours(ids) - hf(ids).logits).abs().max().item()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_phi_rope_scaling_and_head_dim_match_transformers(tmp_path, case):
+    """T = 12 (inside the original context), 20 (past it: LongRoPE's long table) and 40 (past
+    max_position_embeddings: dynamic NTK's grown base); then the export and generation."""
+    hf, folder = _hf_model(tmp_path, case)
+    model, _ = load_pretrained(folder)
+    prf, hd, rope = CASES[case]
+    assert model.cfg.partial_rotary_factor == prf and model.cfg.model_type == "phi"
+    assert model.cfg.head_dim == (hd or 12)
+    kind = rope["rope_type"]
+    assert (model.cfg.rope_scaling.kind if model.cfg.rope_scaling else "default") == kind
+    for T in (12, 20, 40):
+        assert _err(model, hf, _ids(T)) <= 1e-4, T
+    save_pretrained(model, tmp_path / "export")
+    assert read_config(tmp_path / "export") == model.cfg
+    raw = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert raw["rope_parameters"]["rope_type"] == kind
+    assert raw["rope_parameters"]["partial_rotary_factor"] == prf
+    assert _err(model, _hf(tmp_path / "export"), _ids(40)) <= 1e-4
+    # transformers 4.x's spelling of the export (rope_scaling + top-level fields) reads the same
+    legacy = {k: v for k, v in raw.items() if k != "rope_parameters"}
+    assert config_from_hf(legacy) == model.cfg
+    prompt = _ids(10, 1)[0].tolist()  # generation crosses ORIG (LongRoPE's cache rebuild)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=14, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, 10:].tolist()
+    assert generate_ids(model, [prompt], max_new_tokens=14, eos_token_ids=()) == [ref]
+
+
+def test_phi_longrope_gradient_matches_transformers(tmp_path):
+    hf, folder = _hf_model(tmp_path, "head_dim_longrope")
+    model, _ = load_pretrained(folder)
+    ids = _ids(20, 1)
+    loss_hf = hf(ids, labels=ids).loss
+    logits = model(ids)
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    assert abs(loss.item() - loss_hf.item()) <= 1e-5
+    loss.backward()
+    loss_hf.backward()
+    ours = model.layers[0].attn.q_proj.weight.grad
+    ref = hf.model.layers[0].self_attn.q_proj.weight.grad
+    assert (ours - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_phi_head_dim_with_qk_layernorm_stays_refused(tmp_path):
+    """transformers sizes Phi's q/k LayerNorms hidden / heads: with another head_dim it cannot
+    run the config, so Ember refuses it (loading and exporting)."""
+    raw = transformers.PhiConfig(**BASE, head_dim=20, qk_layernorm=True).to_dict()
+    with pytest.raises(RuntimeError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.PhiForCausalLM(transformers.PhiConfig.from_dict(raw))(_ids(4))
+    with pytest.raises(EmberError, match="head_dim=20 differs .* q/k LayerNorms"):
+        config_from_hf(raw)
+    cfg = config_from_hf({**raw, "qk_layernorm": False}).replace(qk_norm=True)
+    from ember.models.hf import config_to_hf
+    with pytest.raises(EmberError, match="head_dim=20 with q/k norms"):
+        config_to_hf(cfg)
