@@ -19,6 +19,8 @@ from ember import EmberError
 from ember.models.generate import generate_ids
 from ember.models.hf import config_from_hf
 from ember.models.loading import load_pretrained, read_config, save_pretrained
+from tests.models.test_longrope import _hf_load as _hf
+from tests.models.test_longrope import _ids
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
@@ -63,17 +65,6 @@ def _hf_model(tmp_path, case: str):
             p.copy_(1 + 0.2 * noise if "layernorm.weight" in n else 0.15 * noise)
     hf.save_pretrained(tmp_path / "hf")
     return _hf(tmp_path / "hf"), tmp_path / "hf"
-
-
-def _hf(folder):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            folder, attn_implementation="eager").eval()
-
-
-def _ids(T: int, B: int = 2) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(T))
 
 
 def _err(ours, hf, ids) -> float:
