@@ -10,8 +10,8 @@ folders carry the scaling in config.json, so transformers (and a later Ember loa
 as it was trained. A PEFT adapter has no place for it: load its base with the same
 ``rope_scaling`` (transformers: set ``config.rope_parameters`` before loading). A model that
 already has a RoPE scaling (Llama 3.1's "llama3", LongRoPE, a YaRN checkpoint) is refused: the
-two would not compose. So are Phi-3 (transformers' Phi-3 takes LongRoPE only) and Phi-1/2,
-whose exports could not carry the scaling.
+two would not compose. So is Phi-3 (transformers' Phi-3 takes LongRoPE only), and YaRN on a
+partially rotary model (Phi-1/2 take "linear", over their rotary width, as transformers does).
 """
 
 from __future__ import annotations
@@ -46,10 +46,6 @@ def extended_config(cfg: ModelConfig, kind: str, factor: float) -> ModelConfig:
         raise EmberError("context extension of Phi-3 is not supported: transformers' Phi-3 takes "
                          "no RoPE scaling but LongRoPE, so the model could not be exported; use "
                          "a Phi-3 checkpoint with LongRoPE (Phi-3.5-mini, Phi-4-mini)")
-    if cfg.model_type == "phi":
-        raise EmberError("context extension of Phi-1/1.5/2 is not supported: Ember reads and "
-                         "writes their config.json without RoPE scaling, so the model could not "
-                         "be exported")
     if cfg.partial_rotary_factor != 1.0 and kind == "yarn":
         raise EmberError("YaRN context extension on a partially rotary model is not supported; "
                          "use model.rope_scaling = \"linear\"")

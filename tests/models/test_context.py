@@ -35,7 +35,7 @@ def folder(tmp_path_factory):
 def _hf(folder, rope: dict | None, max_pos: int):
     config = transformers.AutoConfig.from_pretrained(folder)
     if rope is not None:
-        config.rope_parameters = {"rope_theta": config.rope_parameters["rope_theta"], **rope}
+        config.rope_parameters = {**config.rope_parameters, **rope}  # (Phi: partial_rotary_factor)
     config.max_position_embeddings = max_pos
     return transformers.AutoModelForCausalLM.from_pretrained(
         folder, config=config, attn_implementation="eager").eval()
@@ -116,11 +116,28 @@ def test_phi3_takes_longrope_only(tmp_path):
         config_from_hf({**raw, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
 
 
-def test_phi2_extension_is_refused_before_training(tmp_path):
-    """Phi-1/2 exports refuse RoPE scaling; a linear extension used to be accepted and fail only
-    at export, after the training run (and yarn's refusal suggested linear)."""
+@torch.no_grad()
+def test_phi2_linear_extension_matches_transformers(tmp_path):
+    """Phi-1/2 read and write RoPE scaling over their partial rotary width (it was refused, as
+    their config.json was read without it): a linear extension gives transformers' logits past
+    the original context and exports a config transformers loads; YaRN stays refused on a
+    partially rotary model."""
     config = transformers.PhiConfig(**{k: v for k, v in BASE.items() if k != "rms_norm_eps"},
                                     hidden_size=48)
-    model = _refuses_extension(tmp_path / "phi", "Phi-1/1.5/2", config)
-    with pytest.raises(EmberError, match="no equivalent of rope_scaling"):  # why: export refuses
-        config_to_hf(model.cfg.replace(rope_scaling=RopeScaling(kind="linear", factor=2.0)))
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    _randomize(hf, seed=12)
+    hf.save_pretrained(tmp_path / "phi")
+    with pytest.warns(UserWarning, match="tokenizer"):
+        model, _ = load_pretrained(tmp_path / "phi", "float32")
+    with pytest.raises(EmberError, match="YaRN context extension on a partially rotary"):
+        extend_context(model, "yarn", 2.0)
+    ids = torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(3))
+    plain = model(ids)
+    extend_context(model, "linear", 4.0)
+    want = _hf(tmp_path / "phi", {"rope_type": "linear", "factor": 4.0}, 256)(ids).logits
+    torch.testing.assert_close(model(ids), want, rtol=1e-4, atol=1e-4)
+    assert (plain - want).abs().max() > 1e-2  # the scaling matters at these positions
+    save_pretrained(model, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", attn_implementation="eager").eval()
+    torch.testing.assert_close(back(ids).logits, want, rtol=1e-4, atol=1e-4)
