@@ -160,7 +160,7 @@ def _as_int(max_seqlen) -> int:
     return int(max_seqlen)
 
 
-def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap):
+def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap, softmax_scale=None):
     """Raises on bad input; returns max_seqlen (computed from cu_seqlens when not given)."""
     check_tensors("flash_attention", q=q, k=k, v=v)
     if cu_seqlens is not None:
@@ -185,10 +185,18 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap):
     if not q.is_floating_point():
         raise ValueError(f"flash_attention: q, k, v must be floating point (fp16/bf16/fp32), got "
                          f"{q.dtype}")
-    if window is not None and (window < 1 or window != int(window)):
-        raise ValueError(f"flash_attention: window must be an integer >= 1, got {window}")
-    if softcap is not None and softcap <= 0:
-        raise ValueError(f"flash_attention: softcap must be > 0, got {softcap}")
+    # bool is an int (True was taken as window=1); inf crashed in int() with an OverflowError.
+    if window is not None and (isinstance(window, bool) or not math.isfinite(window)
+                               or window < 1 or window != int(window)):
+        raise ValueError(f"flash_attention: window must be an integer >= 1 (None for no window), "
+                         f"got {window!r}")
+    # NaN passed "<= 0" and inf gives inf * tanh(0) = NaN: both made every output NaN silently.
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"flash_attention: softcap must be > 0 and finite (Gemma 2 uses 50.0; "
+                         f"None for no softcap), got {softcap}")
+    if softmax_scale is not None and not math.isfinite(softmax_scale):
+        raise ValueError(f"flash_attention: softmax_scale must be finite (None for "
+                         f"1/sqrt(head_dim)), got {softmax_scale}")
     if cu_seqlens is not None:
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
             raise ValueError(f"flash_attention: cu_seqlens must be a 1-D integer tensor of "
@@ -269,7 +277,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         return flash_attention(qf, kf, vf, causal=causal, softmax_scale=softmax_scale,
                                window=window, softcap=softcap, cu_seqlens=cu, max_seqlen=longest,
                                impl=impl).reshape(q.shape)
-    max_seqlen = _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap)
+    max_seqlen = _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap, softmax_scale)
     if not use_triton(q, impl, "flash_attention"):
         return flash_attention_ref(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                    window=window, softcap=softcap, cu_seqlens=cu_seqlens,

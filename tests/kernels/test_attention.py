@@ -276,6 +276,12 @@ def test_bad_inputs():
     _raises("window must be an integer >= 1", q, k, v, window=0)
     _raises("window must be an integer >= 1", q, k, v, window=2.5)
     _raises("softcap must be > 0", q, k, v, softcap=0.0)
+    # These gave an OverflowError (inf), window=1 (True), or NaN outputs without a word.
+    _raises("window must be an integer >= 1", q, k, v, window=float("inf"))
+    _raises("window must be an integer >= 1", q, k, v, window=True)
+    _raises("softcap must be > 0 and finite", q, k, v, softcap=float("nan"))
+    _raises("softcap must be > 0 and finite", q, k, v, softcap=float("inf"))
+    _raises("softmax_scale must be finite", q, k, v, softmax_scale=float("nan"))
     _raises("supported: float32", q.double(), k.double(), v.double())
     big = torch.randn(1, 4, 1, 288)
     _raises("head_dim <= 256", big, big, big)
