@@ -24,6 +24,8 @@ two-stage reduction). Any D works; the choice is automatic.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -296,8 +298,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
     check_dtype("rms_norm", "weight", weight)
     if x.device != weight.device:
         raise ValueError(f"rms_norm: x is on {x.device} but weight on {weight.device}")
-    if not eps > 0:
-        raise ValueError(f"rms_norm: eps must be > 0, got {eps}")
+    if not 0 < eps < math.inf:  # eps=inf gave an all-zero output
+        raise ValueError(f"rms_norm: eps must be > 0 and finite, got {eps}")
     if use_triton(x, impl, "rms_norm"):
         # The kernels index weight as a dense (D,) vector: a strided view (w[::2]) is copied.
         with _dispatch.device_guard(x):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -38,10 +39,13 @@ def make_options(op: str, ignore_index, reduction, label_smoothing, z_loss, soft
     ignore_index = index
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not float(z_loss) >= 0.0:
-        raise ValueError(f"{op}: z_loss must be >= 0, got {z_loss}")
-    if softcap is not None and not float(softcap) > 0.0:
-        raise ValueError(f"{op}: softcap must be None or > 0 (Gemma 2 uses 30.0), got {softcap}")
+    # inf passed these checks: an inf z_loss made the loss inf, an inf softcap every logit
+    # inf * tanh(0) = NaN.
+    if not 0.0 <= float(z_loss) < math.inf:
+        raise ValueError(f"{op}: z_loss must be >= 0 and finite, got {z_loss}")
+    if softcap is not None and not 0.0 < float(softcap) < math.inf:
+        raise ValueError(f"{op}: softcap must be None or > 0 and finite (Gemma 2 uses 30.0), got "
+                         f"{softcap}")
     return Options(int(ignore_index), reduction, float(label_smoothing), float(z_loss),
                    None if softcap is None else float(softcap))
 

@@ -303,6 +303,8 @@ def test_ignore_index_as_any_integer_like_f_cross_entropy(impl):
     ({"label_smoothing": 1.5}, "label_smoothing"),
     ({"softcap": 0.0}, "softcap"),
     ({"z_loss": -1.0}, "z_loss"),
+    ({"softcap": float("inf")}, "softcap must be None or > 0 and finite"),  # was a NaN loss
+    ({"z_loss": float("inf")}, "z_loss must be >= 0 and finite"),  # was an inf loss
     ({"impl": "cuda"}, "impl"),
 ])
 def test_bad_input_errors(kwargs, match):

@@ -112,6 +112,8 @@ def test_bad_inputs():
         rms_norm(x.to(torch.int32), torch.ones(16))
     with pytest.raises(ValueError, match="eps"):
         rms_norm(x, torch.ones(16), eps=0.0)
+    with pytest.raises(ValueError, match="eps must be > 0 and finite"):  # was an all-zero output
+        rms_norm(x, torch.ones(16), eps=float("inf"))
     with pytest.raises(ValueError, match="impl"):
         rms_norm(x, torch.ones(16), impl="cuda")
 
