@@ -203,8 +203,12 @@ class PackedBatches:
         self.examples = examples
         self.lengths = [len(e) for e in examples]
         if max(self.lengths) > tokens_per_batch:
+            longest = examples[self.lengths.index(max(self.lengths))]
+            pair = (f": {' + '.join(map(str, longest.parts))} tokens, a pair's documents go in "
+                    "one batch together, so tokens_per_batch should be at least 2 x max_seq_len"
+                    if len(longest.parts) > 1 else "")
             raise EmberError(f"tokens_per_batch ({tokens_per_batch}) is smaller than the longest "
-                             f"example ({max(self.lengths)} tokens); raise it or lower "
+                             f"example ({max(self.lengths)} tokens{pair}); raise it or lower "
                              "max_seq_len")
         self.tokens_per_batch, self.seed, self.order, self.packing = (
             tokens_per_batch, seed, order, packing)
