@@ -271,33 +271,6 @@ def test_adapter_config_fields_as_peft_reads_them(hf_dir, tmp_path):
         load_prompt_adapter(load_hf_folder(hf_dir, torch.float32), tmp_path / "a")
 
 
-def test_packed_sft_loss_and_prompt_gradient_match_peft_per_document(hf_dir, tmp_path):
-    """A packed batch of text documents (loss on every token, token 0 included: PEFT's labels =
-    input_ids, -100 in front for the virtual tokens, so the last virtual token predicts token 0):
-    Ember's loss and prompt gradient == PEFT's summed per document alone, token-weighted."""
-    from ember.engine.losses import sft_loss, sft_loss_tokens
-    from ember.engine.packing import IGNORE, Example, collate
-
-    torch.manual_seed(0)
-    cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
-    peft_model = peft.get_peft_model(_hf_model(hf_dir), cfg).eval()
-    peft_model.save_pretrained(tmp_path / "a")
-    model = load_prompt_adapter(load_hf_folder(hf_dir, torch.float32).eval(), tmp_path / "a")
-    docs = [_ids(6, (1, n))[0].tolist() for n in (3, 9, 1, 6)]
-    batch = collate([Example(d, d[1:] + [IGNORE], f"t:{i}", first_label=d[0])
-                     for i, d in enumerate(docs)])
-    n = sft_loss_tokens(batch, prompt_tuned=True)
-    assert n == sum(len(d) for d in docs)
-    ours = sft_loss(model, batch, n)
-    ours.backward()
-    theirs = sum(peft_model(input_ids=torch.tensor([d]), labels=torch.tensor([d])).loss * len(d)
-                 for d in docs) / n
-    theirs.backward()
-    assert abs(ours.item() - theirs.item()) <= 1e-5
-    g_theirs = peft_model.prompt_encoder["default"].embedding.weight.grad
-    assert _max_diff(model.embed.prompt.grad, g_theirs) <= 1e-5
-
-
 def test_distillation_of_a_prompt_tuned_student_keeps_the_token_0_terms(hf_dir, tmp_path):
     """objective = "distill" with method = "prompt": at alpha = 0 the loss is the SFT loss PEFT
     gives (token 0 predicted by the last virtual token included), and the objective weighs the
