@@ -153,11 +153,23 @@ def distillation_loss(model, teacher, batch, num_loss_tokens: int, temperature: 
 def distill_sft_loss(model, teacher, batch, num_loss_tokens: int, temperature: float,
                      alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(``alpha * KD + (1 - alpha) * SFT``, KD, SFT), each summed over the batch's answer tokens /
-    ``num_loss_tokens``, from one student forward; ``alpha = 0`` gives ``sft_loss`` exactly."""
+    ``num_loss_tokens``, from one student forward; ``alpha = 0`` gives ``sft_loss`` exactly (a
+    prompt-tuned student's token 0 terms included: SFT only, the teacher has no prompt to predict
+    token 0 from)."""
     if num_loss_tokens < 1:
         raise EmberError("distillation: num_loss_tokens must be >= 1")
-    idx, h = _answer_hidden(model, batch)
-    sft = _ce_sum(model, h, batch.labels.reshape(-1).index_select(0, idx)) / num_loss_tokens
+    first = _first_docs(model, batch)
+    idx = answer_positions(batch.labels)
+    labels = batch.labels.reshape(-1).index_select(0, idx)
+    if first is None:
+        h_sft = _hidden(model, batch).index_select(0, idx)
+    else:
+        T = batch.labels.numel()
+        rows = torch.cat([idx, T + torch.arange(first.numel(), device=idx.device)])
+        h_sft = _hidden(model, batch, first).index_select(0, rows)  # (N + F, D)
+        labels = torch.cat([labels, batch.first_labels.index_select(0, first)])
+    h = h_sft[:idx.numel()]  # the answer tokens, which the teacher scores too
+    sft = _ce_sum(model, h_sft, labels) / num_loss_tokens
     with torch.no_grad():
         t_logits = teacher.logits(_hidden(teacher, batch).index_select(0, idx))
     kd = kl_div_from_logits(model.logits(h), t_logits, temperature) / num_loss_tokens

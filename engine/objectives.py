@@ -168,6 +168,7 @@ class Distill(SFT):
         return {"teacher": self.teacher}
 
     def check_model(self, model, tokenizer) -> None:
+        super().check_model(model, tokenizer)  # a prompt-tuned student's token 0 terms (weight)
         v_s, v_t = model.cfg.vocab_size, self.teacher.cfg.vocab_size
         vocab = getattr(getattr(tokenizer, "backend", None), "get_vocab", None)
         t_vocab = getattr(getattr(self.teacher_tok, "backend", None), "get_vocab", None)

@@ -133,15 +133,24 @@ class PaddedBatch:
 
 def pad_batch(examples: list[Example], pad_id: int, side: str = "right") -> PaddedBatch:
     """A (B, T) batch with padding, for callers that want the classic layout (HF comparisons,
-    left-padded generation)."""
+    left-padded generation). One row per document, in ``collate``'s order: a pair's chosen and
+    rejected (``Example.parts``) get a row each, so they never attend to each other."""
     _one_of("side", side, ("right", "left"))
-    T = max(len(e) for e in examples)
-    ids, labels, mask, pos = [], [], [], []
+    if not examples:
+        raise EmberError("pad_batch: no examples to batch")
+    docs = []  # (input_ids, labels) of each document
     for e in examples:
-        n, p = len(e), T - len(e)
-        cat = (lambda a, b: b + a) if side == "left" else (lambda a, b: a + b)
-        ids.append(cat(list(e.input_ids), [pad_id] * p))
-        labels.append(cat(list(e.labels), [IGNORE] * p))
+        start = 0
+        for n in e.doc_lengths:
+            docs.append((list(e.input_ids[start:start + n]), list(e.labels[start:start + n])))
+            start += n
+    T = max(len(d) for d, _ in docs)
+    ids, labels, mask, pos = [], [], [], []
+    cat = (lambda a, b: b + a) if side == "left" else (lambda a, b: a + b)
+    for d, lab in docs:
+        n, p = len(d), T - len(d)
+        ids.append(cat(d, [pad_id] * p))
+        labels.append(cat(lab, [IGNORE] * p))
         mask.append(cat([1] * n, [0] * p))
         pos.append(cat(list(range(n)), [0] * p))
     return PaddedBatch(torch.tensor(ids), torch.tensor(labels), torch.tensor(mask),
@@ -194,8 +203,12 @@ class PackedBatches:
         self.examples = examples
         self.lengths = [len(e) for e in examples]
         if max(self.lengths) > tokens_per_batch:
+            longest = examples[self.lengths.index(max(self.lengths))]
+            pair = (f": {' + '.join(map(str, longest.parts))} tokens, a pair's documents go in "
+                    "one batch together, so tokens_per_batch should be at least 2 x max_seq_len"
+                    if len(longest.parts) > 1 else "")
             raise EmberError(f"tokens_per_batch ({tokens_per_batch}) is smaller than the longest "
-                             f"example ({max(self.lengths)} tokens); raise it or lower "
+                             f"example ({max(self.lengths)} tokens{pair}); raise it or lower "
                              "max_seq_len")
         self.tokens_per_batch, self.seed, self.order, self.packing = (
             tokens_per_batch, seed, order, packing)

@@ -413,6 +413,15 @@ def test_tokens_per_batch_below_the_longest_example_is_refused(examples):
         PackedBatches(examples, 8)
 
 
+def test_a_pair_over_tokens_per_batch_is_refused_naming_both_documents():
+    """A preference pair's chosen and rejected are never split across batches: a pair longer
+    than tokens_per_batch (each half within max_seq_len) is refused, saying why."""
+    pair = Example(list(range(9)), [IGNORE] * 9, "p:1", parts=(5, 4))
+    with pytest.raises(EmberError, match=r"9 tokens: 5 \+ 4 tokens, a pair's documents go in one "
+                                         r"batch together.*2 x max_seq_len"):
+        PackedBatches([pair], 8)
+
+
 def test_packed_batch_equals_separate_sequences(examples):
     from ember.models.config import ModelConfig
     from ember.models.transformer import Transformer

@@ -269,3 +269,33 @@ def test_adapter_config_fields_as_peft_reads_them(hf_dir, tmp_path):
                                 "task_type": "SEQ_2_SEQ_LM"}))
     with pytest.raises(EmberError, match="num_transformer_submodules is 2"):
         load_prompt_adapter(load_hf_folder(hf_dir, torch.float32), tmp_path / "a")
+
+
+def test_distillation_of_a_prompt_tuned_student_keeps_the_token_0_terms(hf_dir, tmp_path):
+    """objective = "distill" with method = "prompt": at alpha = 0 the loss is the SFT loss PEFT
+    gives (token 0 predicted by the last virtual token included), and the objective weighs the
+    batch by those terms too. It dropped them (and weighed by the answer tokens only)."""
+    from ember.engine.losses import distill_sft_loss, sft_loss_tokens
+    from ember.engine.objectives import SFT, Distill
+    from ember.engine.packing import IGNORE, Example, collate
+
+    torch.manual_seed(0)
+    cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+    peft_model = peft.get_peft_model(_hf_model(hf_dir), cfg).eval()
+    peft_model.save_pretrained(tmp_path / "a")
+    model = load_prompt_adapter(load_hf_folder(hf_dir, torch.float32).eval(), tmp_path / "a")
+    teacher = load_hf_folder(hf_dir, torch.float32).eval()
+    docs = [_ids(7, (1, n))[0].tolist() for n in (4, 8)]
+    batch = collate([Example(d, d[1:] + [IGNORE], f"t:{i}", first_label=d[0])
+                     for i, d in enumerate(docs)])
+    objective = Distill.__new__(Distill)
+    SFT.__init__(objective)
+    objective.teacher, objective.teacher_tok = teacher, None
+    objective.check_model(model, None)
+    n = objective.weight(batch)
+    assert n == sft_loss_tokens(batch, prompt_tuned=True) == 12
+    with torch.no_grad():
+        loss, _, sft = distill_sft_loss(model, teacher, batch, n, 2.0, 0.0)
+        theirs = sum(peft_model(input_ids=torch.tensor([d]), labels=torch.tensor([d])).loss
+                     * len(d) for d in docs) / n
+    assert abs(loss.item() - theirs.item()) <= 1e-5 and abs(sft.item() - theirs.item()) <= 1e-5
