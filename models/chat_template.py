@@ -105,7 +105,9 @@ class JSONArguments(dict):
     text: str
 
     def __init__(self, text: str):
-        value = json.loads(text)
+        # "" (a call without arguments, as some OpenAI-style clients write it): no arguments;
+        # a template reading text gets "" as transformers gives it (Mistral's writes {})
+        value = json.loads(text) if text.strip() else {}
         if not isinstance(value, dict):  # dict() would take a list of pairs as an object
             raise ValueError(f"tool call arguments must be a JSON object, got {text[:40]!r}")
         super().__init__(value)
