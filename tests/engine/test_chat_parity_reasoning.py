@@ -243,3 +243,24 @@ def test_openai_empty_argument_text_renders_as_transformers(tmp_path, backend, t
     from ember.engine.formats import parse_messages
     args = parse_messages([messages[1]])[0]["tool_calls"][0]["function"]["arguments"]
     assert args == {} and args.text == ""
+
+
+def test_argument_text_goes_to_a_template_writing_a_non_mapping_as_given(backend):
+    """``{% if arguments is mapping %}{{ arguments|tojson }}{% else %}{{ arguments }}``: with
+    OpenAI's JSON text transformers writes the text as given (Ember wrote the decoded object
+    re-spaced); a template handling only a mapping (Qwen3-Coder's items()) still gets it."""
+    from ember.engine.formats import parse_messages
+    loop = ("{% for m in messages %}{% for c in m.tool_calls %}{% set a = c.function.arguments %}"
+            "{% if a is mapping %}BODY{% endif %}{% endfor %}{% endfor %}")
+    either = loop.replace("BODY", "{{ a|tojson }}{% else %}{{ a }}")
+    pairs = loop.replace("BODY", "{% for k, v in a.items() %}{{ k }}={{ v }}{% endfor %}")
+    call = {"type": "function", "function": {"name": "f", "arguments": '{"city":"Z\\u00fcrich"}'}}
+    messages = [{"role": "assistant", "content": "", "tool_calls": [call]}]
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                              chat_template=either)
+    ours = Tokenizer(backend, eos_token="<|im_end|>")
+    parsed = parse_messages(messages)
+    want = hf.apply_chat_template(messages, tokenize=False)
+    assert want == '{"city":"Z\\u00fcrich"}'
+    assert ours.apply_chat_template(parsed, chat_template=either) == want
+    assert ours.apply_chat_template(parsed, chat_template=pairs) == "city=Zürich"
