@@ -111,7 +111,10 @@ class _Encoder:
                                                 **(getattr(line, "template_kwargs", None) or {}),
                                                 **({"tools": tools} if tools else {}),
                                                 **({"generation_spans": blocks}
-                                                   if blocks is not None else {}))
+                                                   if blocks is not None else {}),
+                                                # _opening: no messages (refused in public)
+                                                **({"_empty_ok": True} if not messages and
+                                                   isinstance(self.tok, Tokenizer) else {}))
         except Exception as e:  # jinja raise_exception() and template bugs: a per-line problem
             raise _Bad("chat template", f"the chat template rejected this conversation: "
                                         f"{type(e).__name__}: {e}") from None

@@ -25,7 +25,10 @@ What each input shape becomes:
         ``arguments`` given as a JSON string (OpenAI's shape) is decoded to an object: templates
         ``tojson`` the arguments, and a string would be trained as a quoted, escaped string; a
         template that reads them as text (Qwen3, DeepSeek, Mistral) gets the string as given
-        (``models.chat_template.JSONArguments``).
+        (``models.chat_template.JSONArguments``); ``""`` is a call without arguments: ``{}``
+        decoded, ``""`` as text (Mistral's templates write ``{}`` for it). Which one a template
+        gets is decided by reading it (``takes_argument_text``), not per call: a template that
+        tests ``is mapping`` gets the decoded object where transformers passes the string.
         ``tools`` (a line's JSON schemas, or their JSON text as TRL reads it) are passed to the
         template as ``tools``.
     TRL's vision lines (a non-empty ``images`` list, or an ``image``) are refused, as image
@@ -334,7 +337,7 @@ def _tool_calls(calls, where: str) -> list:
         args = fn.get("arguments", {})
         if isinstance(args, str):  # OpenAI's shape: the arguments as a JSON text
             try:
-                decoded = json.loads(args)
+                decoded = json.loads(args) if args.strip() else {}  # "": no arguments
             except ValueError as e:
                 raise _Bad("wrong type", f"{w}.function.arguments is a string that is not "
                                          f"JSON: {json_problem(e)}") from None

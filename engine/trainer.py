@@ -471,6 +471,10 @@ class Trainer:
                         or leave):
                     if s.applied:
                         values = self._log_means(prog)
+                    elif prog.log_window:  # the applied steps before it: their own row first
+                        # (at the last applied one), else a run ending here never logged them
+                        self.log.write({"kind": "train", "step": step - guard.in_a_row,
+                                        **self._log_means(prog)})
                     self.log.write({"kind": "train", "step": step, "loss": values["loss"],
                                     "lr": lr, "grad_norm": s.grad_norm, "tokens": prog.tokens,
                                     "loss_tokens": s.loss_tokens, "tokens_per_s": s.tokens / dt,

@@ -105,7 +105,9 @@ class JSONArguments(dict):
     text: str
 
     def __init__(self, text: str):
-        value = json.loads(text)
+        # "" (a call without arguments, as some OpenAI-style clients write it): no arguments;
+        # a template reading text gets "" as transformers gives it (Mistral's writes {})
+        value = json.loads(text) if text.strip() else {}
         if not isinstance(value, dict):  # dict() would take a list of pairs as an object
             raise ValueError(f"tool call arguments must be a JSON object, got {text[:40]!r}")
         super().__init__(value)
@@ -386,7 +388,9 @@ def takes_argument_text(template: str) -> bool:
     """Whether ``template`` reads a tool call's arguments as text: tests ``arguments is string``
     (Qwen3) or joins them to text with ``+`` or ``~`` (DeepSeek V3 / R1), directly or through a
     variable set to them (Mistral's ``{% set arguments = tool_call.function.arguments %}{% if
-    arguments is not string %}``)."""
+    arguments is not string %}``), or writes them as given when they are not a mapping (``{% if
+    arguments is mapping %}...{% else %}{{ arguments }}``; a template handling only a mapping,
+    Qwen3-Coder's, gets the decoded object)."""
     try:
         tree = _env().parse(template)
     except jinja2.TemplateSyntaxError:
@@ -403,7 +407,12 @@ def takes_argument_text(template: str) -> bool:
     def arguments(node) -> bool:
         return read(node) or isinstance(node, jinja2.nodes.Name) and node.name in names
 
+    def writes_text(i) -> bool:  # {% if arguments is mapping %}...{% else %}{{ arguments }}
+        return isinstance(i.test, jinja2.nodes.Test) and i.test.name == "mapping" and arguments(
+            i.test.node) and any(arguments(x) for b in i.else_ for o in ([b] if isinstance(
+                b, jinja2.nodes.Output) else b.find_all(jinja2.nodes.Output)) for x in o.nodes)
+
     return any(t.name == "string" and arguments(t.node) for t in tree.find_all(jinja2.nodes.Test)
-               ) or any(arguments(n.left) or arguments(n.right)
-                        for n in tree.find_all(jinja2.nodes.Add)) or any(
+               ) or any(writes_text(i) for i in tree.find_all(jinja2.nodes.If)) or any(
+        arguments(n.left) or arguments(n.right) for n in tree.find_all(jinja2.nodes.Add)) or any(
         arguments(x) for n in tree.find_all(jinja2.nodes.Concat) for x in n.nodes)

@@ -48,8 +48,8 @@ FIELDS = frozenset("""
     num_key_value_heads head_dim resid_pdrop embd_pdrop attention_dropout hidden_act
     max_position_embeddings layer_norm_eps tie_word_embeddings rope_parameters rope_theta
     rope_scaling partial_rotary_factor qk_layernorm bos_token_id eos_token_id pad_token_id dtype
-    torch_dtype quantization_config
-""".split())
+    torch_dtype quantization_config original_max_position_embeddings
+""".split())  # the last: top level, never read by transformers' phi (hf_config._COMMON_FIELDS)
 
 # (ember key template, HF key template); "{i}" is a layer index.
 KEYS: list[tuple[str, str]] = [

@@ -160,6 +160,12 @@ class Tokenizer:
         ``continue_final_message`` (True, or the field to continue) ends the text inside the last
         message instead of closing its turn, for the model to continue it. ``generation_spans``: a
         list that receives the (start, end) characters of each ``{% generation %}`` block."""
+        # transformers refuses an empty conversation; Ember's encoder renders one (the generation
+        # prompt a greeting opens with) through the private ``_empty_ok``
+        if not kwargs.pop("_empty_ok", False) and isinstance(messages, list | tuple) and (
+                not messages):
+            raise ValueError("Cannot apply chat template to an empty conversation. Provide at "
+                             "least one message.")
         refuse_hf_options(kwargs, tokenize)
         template = select_template(self.chat_template, self.chat_templates, chat_template,
                                    kwargs.get("tools"))

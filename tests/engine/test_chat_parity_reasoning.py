@@ -220,3 +220,47 @@ def test_openai_argument_text_goes_to_templates_that_read_text(tmp_path, backend
     assert ex.input_ids == hf.apply_chat_template(messages, tools=TOOLS, tokenize=True,
                                                   return_dict=False)
     assert backend.decode(ex.input_ids, skip_special_tokens=False) == want
+
+
+@pytest.mark.parametrize("template", [QWEN3, DEEPSEEK_R1, MISTRAL_TOOLS],
+                         ids=["qwen3", "deepseek-r1", "mistral"])
+def test_openai_empty_argument_text_renders_as_transformers(tmp_path, backend, template):
+    """``"arguments": ""`` (a call without arguments) was refused as "not JSON"; transformers
+    passes the string ("" in Qwen3's and DeepSeek's, {} in Mistral's, which tests for it)."""
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    messages = [Q1, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": '{"temp": 21}'}, A2]
+    bos = "<｜begin▁of▁sentence｜>" if template == DEEPSEEK_R1 else None
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos,
+                                              eos_token="<|im_end|>", chat_template=template)
+    want = hf.apply_chat_template(messages, tools=TOOLS, tokenize=False)
+    ours = Tokenizer(backend, bos_token=bos, eos_token="<|im_end|>", chat_template=template)
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": messages, "tools": TOOLS}) + "\n")
+    (ex,), _ = load_examples(path, DataConfig(train=str(path), bad_lines="error"), ours)
+    assert backend.decode(ex.input_ids, skip_special_tokens=False) == want
+    # a template that only handles a mapping (Qwen3-Coder's items()) gets {} (no arguments)
+    from ember.engine.formats import parse_messages
+    args = parse_messages([messages[1]])[0]["tool_calls"][0]["function"]["arguments"]
+    assert args == {} and args.text == ""
+
+
+def test_argument_text_goes_to_a_template_writing_a_non_mapping_as_given(backend):
+    """``{% if arguments is mapping %}{{ arguments|tojson }}{% else %}{{ arguments }}``: with
+    OpenAI's JSON text transformers writes the text as given (Ember wrote the decoded object
+    re-spaced); a template handling only a mapping (Qwen3-Coder's items()) still gets it."""
+    from ember.engine.formats import parse_messages
+    loop = ("{% for m in messages %}{% for c in m.tool_calls %}{% set a = c.function.arguments %}"
+            "{% if a is mapping %}BODY{% endif %}{% endfor %}{% endfor %}")
+    either = loop.replace("BODY", "{{ a|tojson }}{% else %}{{ a }}")
+    pairs = loop.replace("BODY", "{% for k, v in a.items() %}{{ k }}={{ v }}{% endfor %}")
+    call = {"type": "function", "function": {"name": "f", "arguments": '{"city":"Z\\u00fcrich"}'}}
+    messages = [{"role": "assistant", "content": "", "tool_calls": [call]}]
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                              chat_template=either)
+    ours = Tokenizer(backend, eos_token="<|im_end|>")
+    parsed = parse_messages(messages)
+    want = hf.apply_chat_template(messages, tokenize=False)
+    assert want == '{"city":"Z\\u00fcrich"}'
+    assert ours.apply_chat_template(parsed, chat_template=either) == want
+    assert ours.apply_chat_template(parsed, chat_template=pairs) == "city=Zürich"

@@ -189,3 +189,24 @@ def test_resume_command():
     assert resume_command("r", world_size=8) == \
         "torchrun --standalone --nproc_per_node 8 -m ember.engine.cli train r --resume"
     assert "--nnodes 2" in resume_command("r", world_size=16, nnodes=2)
+
+
+def test_steps_before_a_skipped_one_keep_their_logged_mean(tiny, tmp_path):
+    """log_every = 3 and lr = 1e30: step 1 is applied, steps 2-3 are NaN (skipped) and the run
+    ends at 3. The mean of step 1's window was never logged (the skipped rows carry their own
+    non-finite loss and the window was dropped at the end); now a row at step 1 logs it, the
+    same loss that log_every = 1 logs there."""
+    rows = {}
+    for every in (1, 3):
+        run = tmp_path / f"every{every}"
+        config = tmp_path / f"every{every}.toml"
+        config.write_text(to_toml(tiny_config(
+            tiny, run, "optim.lr=1e30", "optim.warmup_steps=0", f"log_every={every}",
+            "guards.max_nonfinite_in_a_row=3", "max_steps=3", "checkpoint.save_final=false",
+            "eval.before=false", "eval.metrics=[]", "eval.val_loss=false")))
+        assert main(["train", str(config)]) == 0
+        rows[every] = [r for r in rows_of(run) if r["kind"] == "train"]
+    assert [(r["step"], r.get("skipped", False)) for r in rows[3]] == [(1, False), (2, True),
+                                                                       (3, True)]
+    assert math.isfinite(rows[3][0]["loss"]) and not math.isfinite(rows[3][1]["loss"])
+    assert rows[3][0]["loss"] == rows[1][0]["loss"]

@@ -132,3 +132,19 @@ def test_underscore_namespace_attributes_are_refused_as_in_transformers(template
         theirs.apply_chat_template(CHAT, tokenize=False)
     with pytest.raises(EmberError, match="namespace attribute '_"):
         Tokenizer(backend, chat_template=template).apply_chat_template(CHAT)
+
+
+def test_empty_conversation_is_refused_as_in_transformers():
+    """``apply_chat_template([])`` rendered a bare generation prompt; transformers raises
+    ValueError "Cannot apply chat template to an empty conversation" (Ember's encoder renders
+    none privately for a greeting's opening: tests/engine/test_chat_parity*)."""
+    backend = tokenizer_from_gguf(tiny_tokenizer_md()).backend
+    ours = Tokenizer(backend, eos_token="<|im_end|>", chat_template=SPECIALS_TEMPLATE)
+    theirs = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", chat_template=SPECIALS_TEMPLATE)
+    for empty in ([], ()):
+        with pytest.raises(ValueError, match="empty conversation") as want:
+            theirs.apply_chat_template(empty, add_generation_prompt=True, tokenize=False)
+        with pytest.raises(ValueError, match="empty conversation") as got:
+            ours.apply_chat_template(empty, add_generation_prompt=True)
+        assert str(got.value) == str(want.value)

@@ -129,3 +129,28 @@ def test_phi_head_dim_with_qk_layernorm_stays_refused(tmp_path):
     from ember.models.hf import config_to_hf
     with pytest.raises(EmberError, match="head_dim=20 with q/k norms"):
         config_to_hf(cfg)
+
+
+@pytest.mark.parametrize("family", ["phi", "llama", "qwen2", "gemma"])
+def test_top_level_original_max_position_embeddings_is_ignored_as_in_transformers(family):
+    """A top-level ``original_max_position_embeddings`` outside Phi-3 was refused as an unknown
+    field; transformers 5 never reads it there (its RoPE parameters are those without it, with
+    or without YaRN), so Ember reads the config as without it."""
+    raw = dict(BASE, model_type=family, rope_scaling=dict(rope_type="yarn", factor=4.0))
+    for rope in (None, raw["rope_scaling"]):
+        plain = {k: v for k, v in raw.items() if rope or k != "rope_scaling"}
+        extra = dict(plain, original_max_position_embeddings=ORIG // 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = [transformers.AutoConfig.for_model(**c).rope_parameters for c in (plain, extra)]
+        assert want[0] == want[1]
+        assert config_from_hf(extra) == config_from_hf(plain)
+
+
+def test_phi_yarn_with_top_level_original_context_matches_transformers(tmp_path):
+    hf, folder = _hf_model(tmp_path, "yarn")
+    raw = json.loads((folder / "config.json").read_text())
+    raw["original_max_position_embeddings"] = ORIG  # the rope's own value (8) is what counts
+    (folder / "config.json").write_text(json.dumps(raw))
+    model, _ = load_pretrained(folder)
+    assert _err(model, _hf(folder), _ids(20)) <= 1e-4

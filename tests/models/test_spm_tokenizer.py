@@ -205,3 +205,16 @@ def test_llama_tokenizer_class_folder_encodes_like_transformers(sp_model, cls, f
         for skip in (False, True):
             assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
                 ids, skip_special_tokens=skip), (text, skip)
+
+
+def test_phi3_named_file_keeps_spaces_after_specials_as_transformers(sp_model, tmp_path):
+    """llama.cpp gives special tokens RSTRIP when general.name says Phi-3 (a runtime rule, not in
+    the file); transformers' GGUF import does not, and Ember reads the file as transformers
+    does: the text after ``</s>`` or ``<|im_start|>`` keeps its spaces and new lines."""
+    md = _metadata(sp_model, "phi3", **{"general.name": "Phi-3-mini-4k-instruct"})
+    path = _write(tmp_path / "phi3.gguf", md)
+    with GGUFFile(path) as g:
+        ours = tokenizer_from_gguf(g.metadata)
+    theirs = _theirs(path)
+    for text in ("hi</s>  \n next", "<|im_start|> \nuser", "<s>\n\nx"):
+        assert ours.encode(text, add_special_tokens=True) == theirs(text)["input_ids"], text
