@@ -195,6 +195,18 @@ def test_reasoning_templates_mask_as_generation_blocks(tmp_path, backend, name, 
         assert sum(mask) > 0
 
 
+def _tool_line(tmp_path, backend, template, messages):
+    """(transformers' tokenizer, its rendering, Ember's example) of one tool-call line."""
+    bos = "<｜begin▁of▁sentence｜>" if template == DEEPSEEK_R1 else None
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos,
+                                              eos_token="<|im_end|>", chat_template=template)
+    ours = Tokenizer(backend, bos_token=bos, eos_token="<|im_end|>", chat_template=template)
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": messages, "tools": TOOLS}) + "\n")
+    (ex,), _ = load_examples(path, DataConfig(train=str(path), bad_lines="error"), ours)
+    return hf, hf.apply_chat_template(messages, tools=TOOLS, tokenize=False), ex
+
+
 @pytest.mark.parametrize("template", [QWEN3, DEEPSEEK_R1, MISTRAL_TOOLS],
                          ids=["qwen3", "deepseek-r1", "mistral"])
 def test_openai_argument_text_goes_to_templates_that_read_text(tmp_path, backend, template):
@@ -208,15 +220,8 @@ def test_openai_argument_text_goes_to_templates_that_read_text(tmp_path, backend
                                              "arguments": '{"city":"Z\\u00fcrich"}'}}
     messages = [Q1, {"role": "assistant", "content": "", "tool_calls": [call]},
                 {"role": "tool", "content": '{"temp": 21}'}, A2]
-    bos = "<｜begin▁of▁sentence｜>" if template == DEEPSEEK_R1 else None
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos,
-                                              eos_token="<|im_end|>", chat_template=template)
-    want = hf.apply_chat_template(messages, tools=TOOLS, tokenize=False)
+    hf, want, ex = _tool_line(tmp_path, backend, template, messages)
     assert '{"city":"Z\\u00fcrich"}' in want
-    ours = Tokenizer(backend, bos_token=bos, eos_token="<|im_end|>", chat_template=template)
-    path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"messages": messages, "tools": TOOLS}) + "\n")
-    (ex,), _ = load_examples(path, DataConfig(train=str(path), bad_lines="error"), ours)
     assert ex.input_ids == hf.apply_chat_template(messages, tools=TOOLS, tokenize=True,
                                                   return_dict=False)
     assert backend.decode(ex.input_ids, skip_special_tokens=False) == want
@@ -230,14 +235,7 @@ def test_openai_empty_argument_text_renders_as_transformers(tmp_path, backend, t
     call = {"type": "function", "function": {"name": "get_weather", "arguments": ""}}
     messages = [Q1, {"role": "assistant", "content": "", "tool_calls": [call]},
                 {"role": "tool", "content": '{"temp": 21}'}, A2]
-    bos = "<｜begin▁of▁sentence｜>" if template == DEEPSEEK_R1 else None
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos,
-                                              eos_token="<|im_end|>", chat_template=template)
-    want = hf.apply_chat_template(messages, tools=TOOLS, tokenize=False)
-    ours = Tokenizer(backend, bos_token=bos, eos_token="<|im_end|>", chat_template=template)
-    path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"messages": messages, "tools": TOOLS}) + "\n")
-    (ex,), _ = load_examples(path, DataConfig(train=str(path), bad_lines="error"), ours)
+    _, want, ex = _tool_line(tmp_path, backend, template, messages)
     assert backend.decode(ex.input_ids, skip_special_tokens=False) == want
     # a template that only handles a mapping (Qwen3-Coder's items()) gets {} (no arguments)
     from ember.engine.formats import parse_messages
