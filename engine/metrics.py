@@ -35,16 +35,20 @@ def normalize(text: str) -> str:
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-    _check_text(predictions, references)
-    pairs = zip(predictions, references, strict=True)
-    return sum(normalize(p) == normalize(r) for p, r in pairs) / len(references)
+    return _mean_equal(normalize, predictions, references)
 
 
 def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Label accuracy: exact match of normalized, case-folded labels."""
+    return _mean_equal(lambda t: normalize(t).casefold(), predictions, references)
+
+
+def _mean_equal(norm: Callable[[str], str], predictions: Sequence[str],
+                references: Sequence[str]) -> float:
+    """The fraction of predictions equal to their reference after ``norm``."""
     _check_text(predictions, references)
-    return sum(normalize(p).casefold() == normalize(r).casefold()
-               for p, r in zip(predictions, references, strict=True)) / len(references)
+    pairs = zip(predictions, references, strict=True)
+    return sum(norm(p) == norm(r) for p, r in pairs) / len(references)
 
 
 def macro_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -88,9 +92,7 @@ def squad_normalize(text: str) -> str:
 
 def squad_exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """SQuAD v1.1's exact match: equal after ``squad_normalize``."""
-    _check_text(predictions, references)
-    return sum(squad_normalize(p) == squad_normalize(r)
-               for p, r in zip(predictions, references, strict=True)) / len(references)
+    return _mean_equal(squad_normalize, predictions, references)
 
 
 def _token_f1(prediction: str, reference: str) -> float:
