@@ -69,12 +69,6 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
 
 
-def _answer_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions (N,), hidden states (N, D)) of the batch's answer tokens."""
-    idx = answer_positions(batch.labels)
-    return idx, _hidden(model, batch).index_select(0, idx)  # the head sees answer tokens only
-
-
 def _ce_sum(model, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if torch.is_autocast_enabled(h.device.type):
         # Full fine-tuning keeps an fp32 residual stream: run the head in the autocast dtype, as
@@ -103,17 +97,23 @@ def sft_loss(model, batch, num_loss_tokens: int) -> torch.Tensor:
     a prompt-tuned model also scores token 0 of text documents (``sft_loss_tokens``)."""
     if num_loss_tokens < 1:
         raise EmberError("sft_loss: num_loss_tokens must be >= 1 (a batch with nothing to learn)")
+    _, h, labels = _sft_terms(model, batch)
+    return _ce_sum(model, h, labels) / num_loss_tokens
+
+
+def _sft_terms(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(answer positions idx (N,), hidden states (N + F, D), labels (N + F,)) of the loss terms
+    ``sft_loss`` sums, from one forward: the N answer tokens first, then (a prompt-tuned model,
+    ``_first_docs``) the F documents' token 0 predicted by the last virtual token."""
     first = _first_docs(model, batch)
-    if first is None:
-        idx, h = _answer_hidden(model, batch)
-        return _ce_sum(model, h, batch.labels.reshape(-1).index_select(0, idx)) / num_loss_tokens
     idx = answer_positions(batch.labels)
+    labels = batch.labels.reshape(-1).index_select(0, idx)
+    if first is None:
+        return idx, _hidden(model, batch).index_select(0, idx), labels
     T = batch.labels.numel()
-    h = _hidden(model, batch, first)  # (T + F, D)
     rows = torch.cat([idx, T + torch.arange(first.numel(), device=idx.device)])
-    labels = torch.cat([batch.labels.reshape(-1).index_select(0, idx),
-                        batch.first_labels.index_select(0, first)])
-    return _ce_sum(model, h.index_select(0, rows), labels) / num_loss_tokens
+    h = _hidden(model, batch, first).index_select(0, rows)  # (T + F, D) -> (N + F, D)
+    return idx, h, torch.cat([labels, batch.first_labels.index_select(0, first)])
 
 
 def kl_div_from_logits(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
@@ -158,16 +158,7 @@ def distill_sft_loss(model, teacher, batch, num_loss_tokens: int, temperature: f
     token 0 from)."""
     if num_loss_tokens < 1:
         raise EmberError("distillation: num_loss_tokens must be >= 1")
-    first = _first_docs(model, batch)
-    idx = answer_positions(batch.labels)
-    labels = batch.labels.reshape(-1).index_select(0, idx)
-    if first is None:
-        h_sft = _hidden(model, batch).index_select(0, idx)
-    else:
-        T = batch.labels.numel()
-        rows = torch.cat([idx, T + torch.arange(first.numel(), device=idx.device)])
-        h_sft = _hidden(model, batch, first).index_select(0, rows)  # (N + F, D)
-        labels = torch.cat([labels, batch.first_labels.index_select(0, first)])
+    idx, h_sft, labels = _sft_terms(model, batch)
     h = h_sft[:idx.numel()]  # the answer tokens, which the teacher scores too
     sft = _ce_sum(model, h_sft, labels) / num_loss_tokens
     with torch.no_grad():
