@@ -299,7 +299,8 @@ def test_an_unwritable_output_path_is_refused_before_any_work(where, tmp_path, m
         save_gguf(model, tok, path)
     monkeypatch.undo()
     back = save_gguf(model, tok, tmp_path / "new" / "deeper" / "m.gguf")  # parents are created
-    assert GGUFReader(back).fields["general.name"] is not None
+    name = GGUFReader(back).fields["general.name"]
+    assert bytes(name.parts[name.data[0]]).decode() == "m"  # the file's stem, as written
 
 
 @pytest.mark.parametrize("cls,arch,kw", [
