@@ -75,12 +75,10 @@ def cmd_eval(a) -> None:
         print(json.dumps({"data": str(data), "examples": len(examples),
                           **choice_metrics(scores, questions)}))
         return
-    from ember.engine.metrics import METRICS
+    from ember.engine.metrics import check_names
 
-    unknown = [m for m in asked if m not in METRICS]
-    if unknown:  # before the loss: it was found after it, or never on a file without answers
-        raise EmberError(f"unknown metric {unknown[0]!r}; --metrics takes {', '.join(METRICS)} "
-                         "(comma-separated)")
+    # before the loss: it was found after it, or never on a file without answers
+    check_names(asked, "--metrics")
     examples, report = load_examples(data, data_cfg, tok)
     print(report.summary(), file=sys.stderr)
     examples = examples[:a.max_examples]  # loss and generation metrics on the same examples

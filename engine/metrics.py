@@ -209,10 +209,13 @@ HEAD_SCORES = ("margin", "mse", "rmse", "pearson")
 LOWER_IS_BETTER = ("val_loss", "perplexity", "mse", "rmse")  # early stopping's "auto" mode
 
 
-def check_names(names: Sequence[str]) -> None:
+def check_names(names: Sequence[str], option: str | None = None) -> None:
+    """Refuse an unknown metric name; ``option`` names the comma-separated CLI flag it came from."""
     unknown = [n for n in names if n not in METRICS]
     if unknown:
-        raise EmberError(f"unknown metric {unknown[0]!r}; known: {', '.join(METRICS)}")
+        known = (f"{option} takes {', '.join(METRICS)} (comma-separated)" if option
+                 else f"known: {', '.join(METRICS)}")
+        raise EmberError(f"unknown metric {unknown[0]!r}; {known}")
 
 
 def compute(names: Sequence[str], predictions: Sequence[str], references: Sequence[str]
