@@ -406,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="comma-separated: exact_match, accuracy, f1 (= macro_f1), "
                                      "squad_exact_match, squad_f1, json_match, "
                                      "field_accuracy (engine/metrics.py; default: a run's "
-                                     "eval.metrics, else exact_match; a classifier: "
+                                     "eval.metrics (none: loss and perplexity), else "
+                                     "exact_match; a classifier: "
                                      "accuracy,macro_f1; a reward head: accuracy,margin; a "
                                      "regression head: mse,rmse,pearson)")
     p.add_argument("--batch-size", type=int, default=64,

@@ -86,13 +86,12 @@ def cmd_eval(a) -> None:
         raise EmberError(f"--metrics {','.join(asked)}: {data} has no prompt/completion or "
                          "messages examples (a prompt and a reference answer) to generate for; "
                          "leave --metrics out for loss and perplexity only")
-    metrics = asked
-    if not metrics and _is_run_dir(a.model):  # the metrics the run was evaluated with
-        from ember.engine.config import load_config
+    metrics = asked or ["exact_match"]
+    if not asked and _is_run_dir(a.model):  # the metrics the run was evaluated with; a run
+        from ember.engine.config import load_config  # with eval.metrics = [] generated nothing
 
         metrics = list(load_config(a.model).eval.metrics)
-    metrics = metrics or ["exact_match"]
-    generate = any(e.reference is not None for e in examples)
+    generate = bool(metrics) and any(e.reference is not None for e in examples)
     if generate:  # a prompt too long for --max-new-tokens: said before the loss pass, not after
         generation_examples(model, examples, a.max_new_tokens, metric_names=metrics)
     loss, _ = validation_loss(model, examples, max(data_cfg.tokens_per_batch,

@@ -126,6 +126,11 @@ def test_eval_of_a_run_defaults_to_its_metrics(trained, tmp_path, capsys):
     assert main(["eval", str(run), "--max-new-tokens", "4"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"accuracy", "f1"} <= set(row) and "exact_match" not in row
+    # eval.metrics = [] (no generation metrics in training): loss and perplexity only, as there
+    config.write_text(text.replace('metrics = ["accuracy", "f1"]', "metrics = []"))
+    assert main(["eval", str(run), "--max-new-tokens", "4"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(row) == {"data", "examples", "loss", "perplexity"}, row
 
 
 def test_import_gguf(tmp_path, capsys):
