@@ -63,8 +63,11 @@ def _attend_ref(q, k, v, causal, scale, window, softcap):
         keep &= j <= i
     if window is not None:
         keep &= (i - j < window) if causal else ((i - j).abs() < window)
-    s = s.masked_fill(~keep, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no visible key give 0
+    # Rows with no visible key give 0 (a softmax over only -inf is NaN); a NaN in q or k stays
+    # NaN, as in the kernels and SDPA, so a broken step is seen and skipped, not trained on.
+    empty = ~keep.any(dim=-1, keepdim=True)  # (T, 1)
+    s = s.masked_fill(~keep, float("-inf")).masked_fill(empty, 0.0)
+    p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
     return torch.matmul(p, vf).transpose(1, 2).to(q.dtype)
 
 

@@ -251,6 +251,26 @@ def test_lse_is_the_log_sum_exp_of_the_scores():
     torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_nan_in_a_key_reaches_exactly_the_rows_that_see_it(impl):
+    """A NaN key (a broken step) makes NaN exactly the rows that attend to it, as SDPA's causal
+    path does (rows before it stay finite), so the trainer sees a non-finite loss and skips the
+    step; the reference with a window or softcap turned those rows into zeros (nan_to_num).
+    Other rows equal the fp64 reference on the clean keys."""
+    q, k, v = _qkv(1, 13, 13, 2, 1, 16)
+    i, j = torch.arange(13)[:, None], torch.arange(13)[None, :]
+    keep = (j <= i) & (i - j < 4)
+    want = _attend_ref(q.double(), k.double(), v.double(), True, 0.25, 4, 50.0).float()
+    k[0, 5] = float("nan")
+    sdpa = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                          is_causal=True, enable_gqa=True).transpose(1, 2)
+    assert sdpa[0, 5:].isnan().all() and not sdpa[0, :5].isnan().any()
+    out = flash_attention(q, k, v, causal=True, window=4, softcap=50.0, impl=impl)
+    sees = keep[:, 5]  # rows 5..8
+    assert out[0, sees].isnan().all()
+    torch.testing.assert_close(out[0, ~sees], want[0, ~sees], rtol=1e-4, atol=1e-4)
+
+
 def test_reference_fast_path_matches_explicit_masks():
     """The SDPA shortcut in flash_attention_ref agrees with the explicit-mask oracle."""
     q, k, v = _qkv(2, 29, 29, 4, 2, 16)
