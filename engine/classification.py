@@ -63,7 +63,7 @@ from ember.engine.datafiles import iter_items
 from ember.engine.distributed import DistInfo
 from ember.engine.evaluation import GenerationResult, scored_batches
 from ember.engine.objectives import SFT
-from ember.models.heads import add_classification_head, classify, is_classifier
+from ember.models.heads import add_classification_head, classify, is_classifier, name_pad_token
 from ember.models.loading import read_config
 
 if TYPE_CHECKING:
@@ -266,6 +266,7 @@ def attach_head(model, cfg: TrainConfig, tokenizer):
     )
     problem = "regression" if cfg.head.type == "regression" else None
     model.cfg = model.cfg.replace(problem_type=problem if len(labels) == 1 else None)
+    name_pad_token(tokenizer, model.cfg.pad_token_id)
     if cfg.method == "lora":  # a head trained on a frozen (low-precision) base stays fp32
         model.score.float()
     return model

@@ -13,7 +13,9 @@ HF interop: ``config.json`` gets ``architectures = [<Family>ForSequenceClassific
 (``labels_to_hf`` / ``labels_from_hf``); the weight is ``score.weight`` under the same name.
 A one-output head (one label, ``num_labels = 1``) is a reward model (``problem_type`` unset, as
 TRL's RewardTrainer saves it) or a regression head (``problem_type = "regression"``: transformers
-then computes MSE); ``ModelConfig.problem_type`` carries which.
+then computes MSE); ``ModelConfig.problem_type`` carries which. A tokenizer without a pad token
+gets the token of ``pad_token_id`` (``name_pad_token``), so the folder's tokenizer pads batches for
+transformers' classifier.
 """
 
 from __future__ import annotations
@@ -122,6 +124,19 @@ def add_classification_head(
     if getattr(model, "head_bias", None) is not None:
         model.head_bias = None  # the LM head's bias (Phi) goes with it
     return model
+
+
+def name_pad_token(tokenizer, pad: int | None) -> None:
+    """Give a tokenizer without a pad token the token of the classifier's ``pad_token_id`` (its
+    EOS, usually), as ``tokenizer.pad_token = tokenizer.eos_token`` does in a transformers script:
+    the folder the run saves and exports then pads a batch for transformers' classifier, which
+    pools around that id (a tokenizer written without one cannot pad: batches fail there)."""
+    backend = getattr(tokenizer, "backend", None)
+    if pad is None or backend is None or getattr(tokenizer, "pad_token", None) is not None:
+        return
+    token = backend.id_to_token(pad)
+    if token is not None:
+        tokenizer.pad_token = token
 
 
 def is_classifier(model) -> bool:
