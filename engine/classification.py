@@ -198,6 +198,8 @@ def infer_labels(paths, field: str = "label") -> tuple[str, ...]:
             f"the other {field!r} values ({kinds}) are neither class names (strings) nor "
             'indices (integers >= 0): write the classes as strings (e.g. "true" / "false"), '
             'or train numeric targets with head.type = "regression"'
+            + ("; each line has one class (multi-label classification is not supported)"
+               if "array" in others else "")
             if others
             else "check the field name (head.label_field) or list the names in [head] labels"
         )
