@@ -20,6 +20,7 @@ transformers' classifier.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -37,12 +38,21 @@ def labels_from_hf(raw: Mapping, architecture: str) -> tuple[str, ...] | None:
         return None
     problem = raw.get("problem_type")
     id2label = raw.get("id2label")
+    # transformers 5 writes id2label only (2 labels when neither is there)
     n = raw.get("num_labels", len(id2label) if isinstance(id2label, Mapping) else 2)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise EmberError(
             f"config.json: num_labels must be an integer >= 1 for a {architecture} (1: a reward "
             f"or regression head), got {n!r}"
         )
+    if isinstance(id2label, Mapping) and len(id2label) != n:
+        # transformers: num_labels wins and names the classes LABEL_i (with a warning)
+        warnings.warn(
+            f"config.json: num_labels {n} disagrees with id2label's {len(id2label)} names; "
+            "the class names are LABEL_0 .. (as transformers reads it)",
+            stacklevel=2,
+        )
+        id2label = None
     if problem not in ((None, "regression") if n == 1 else (None, PROBLEM_TYPE)):
         raise EmberError(
             f"config.json: problem_type {problem!r} with num_labels {n} is not supported; "

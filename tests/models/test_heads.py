@@ -5,6 +5,7 @@ PEFT SEQ_CLS adapters both ways, the pooling rule and clear errors."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -354,6 +355,28 @@ def test_bad_classifier_configs(tmp_path, edit, match):
     path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
     with pytest.raises(EmberError, match=match):
         load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("edit", [
+    {"num_labels": 3, "id2label": {"0": "a", "1": "b"}, "label2id": {"a": 0, "b": 1}},
+    {"num_labels": 3, "id2label": None, "label2id": None},
+])
+def test_num_labels_and_id2label_read_as_transformers_reads_them(tmp_path, edit):
+    """config.json's num_labels against its id2label, as transformers 5 reads them: num_labels
+    wins over an id2label of another length (the classes are then LABEL_i; Ember refused the
+    folder)."""
+    save_pretrained(_classifier("llama"), tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+        model, _ = load_pretrained(tmp_path)
+    assert model.cfg.labels == tuple(hf.config.id2label[i] for i in range(hf.config.num_labels))
+    ids, mask = _padded()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        assert (_ember_logits(model) - ref).abs().max() < 1e-5
 
 
 _MOE = {
