@@ -63,7 +63,7 @@ from ember.engine.datafiles import iter_items
 from ember.engine.distributed import DistInfo
 from ember.engine.evaluation import GenerationResult, scored_batches
 from ember.engine.objectives import SFT
-from ember.models.heads import add_classification_head, classify, is_classifier
+from ember.models.heads import add_classification_head, classify, is_classifier, name_pad_token
 from ember.models.loading import read_config
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ def infer_labels(paths, field: str = "label") -> tuple[str, ...]:
     """The sorted distinct labels of data files of any kind ``data.train`` reads (JSONL, JSON
     array, CSV/TSV, Parquet, gzipped; integers: ``"0" .. str(max)``). Lines that do not parse are
     left to the data loader to report."""
-    names, indices = set(), set()
+    names, indices, others = set(), set(), {}
     for path in paths:
         try:
             lines = list(iter_items(Path(path)))
@@ -179,6 +179,8 @@ def infer_labels(paths, field: str = "label") -> tuple[str, ...]:
                 names.add(v)
             elif isinstance(v, int) and not isinstance(v, bool) and v >= 0:
                 indices.add(v)
+            elif v is not None:  # left to the reader (a bad line); named if nothing else is
+                others[_type_name(v)] = others.get(_type_name(v), 0) + 1
     where = ", ".join(map(str, paths))
     if names and indices:
         raise EmberError(
@@ -191,10 +193,19 @@ def infer_labels(paths, field: str = "label") -> tuple[str, ...]:
         else tuple(str(i) for i in range(max(indices, default=-1) + 1))
     )
     if len(labels) < 2:
+        kinds = ", ".join(f"{n} {t}" for t, n in sorted(others.items()))
+        hint = (
+            f"the other {field!r} values ({kinds}) are neither class names (strings) nor "
+            'indices (integers >= 0): write the classes as strings (e.g. "true" / "false"), '
+            'or train numeric targets with head.type = "regression"'
+            + ("; each line has one class (multi-label classification is not supported)"
+               if "array" in others else "")
+            if others
+            else "check the field name (head.label_field) or list the names in [head] labels"
+        )
         raise EmberError(
             f"{where}: found {len(labels)} distinct {field!r} value(s) "
-            f"{list(labels)}; a classifier needs at least two: check the field name "
-            "(head.label_field) or list the names in [head] labels"
+            f"{list(labels)}; a classifier needs at least two: {hint}"
         )
     return labels
 
@@ -257,6 +268,7 @@ def attach_head(model, cfg: TrainConfig, tokenizer):
     )
     problem = "regression" if cfg.head.type == "regression" else None
     model.cfg = model.cfg.replace(problem_type=problem if len(labels) == 1 else None)
+    name_pad_token(tokenizer, model.cfg.pad_token_id)
     if cfg.method == "lora":  # a head trained on a frozen (low-precision) base stays fp32
         model.score.float()
     return model

@@ -13,11 +13,14 @@ HF interop: ``config.json`` gets ``architectures = [<Family>ForSequenceClassific
 (``labels_to_hf`` / ``labels_from_hf``); the weight is ``score.weight`` under the same name.
 A one-output head (one label, ``num_labels = 1``) is a reward model (``problem_type`` unset, as
 TRL's RewardTrainer saves it) or a regression head (``problem_type = "regression"``: transformers
-then computes MSE); ``ModelConfig.problem_type`` carries which.
+then computes MSE); ``ModelConfig.problem_type`` carries which. A tokenizer without a pad token
+gets the token of ``pad_token_id`` (``name_pad_token``), so the folder's tokenizer pads batches for
+transformers' classifier.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -35,12 +38,21 @@ def labels_from_hf(raw: Mapping, architecture: str) -> tuple[str, ...] | None:
         return None
     problem = raw.get("problem_type")
     id2label = raw.get("id2label")
+    # transformers 5 writes id2label only (2 labels when neither is there)
     n = raw.get("num_labels", len(id2label) if isinstance(id2label, Mapping) else 2)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise EmberError(
             f"config.json: num_labels must be an integer >= 1 for a {architecture} (1: a reward "
             f"or regression head), got {n!r}"
         )
+    if isinstance(id2label, Mapping) and len(id2label) != n:
+        # transformers: num_labels wins and names the classes LABEL_i (with a warning)
+        warnings.warn(
+            f"config.json: num_labels {n} disagrees with id2label's {len(id2label)} names; "
+            "the class names are LABEL_0 .. (as transformers reads it)",
+            stacklevel=2,
+        )
+        id2label = None
     if problem not in ((None, "regression") if n == 1 else (None, PROBLEM_TYPE)):
         raise EmberError(
             f"config.json: problem_type {problem!r} with num_labels {n} is not supported; "
@@ -122,6 +134,19 @@ def add_classification_head(
     if getattr(model, "head_bias", None) is not None:
         model.head_bias = None  # the LM head's bias (Phi) goes with it
     return model
+
+
+def name_pad_token(tokenizer, pad: int | None) -> None:
+    """Give a tokenizer without a pad token the token of the classifier's ``pad_token_id`` (its
+    EOS, usually), as ``tokenizer.pad_token = tokenizer.eos_token`` does in a transformers script:
+    the folder the run saves and exports then pads a batch for transformers' classifier, which
+    pools around that id (a tokenizer written without one cannot pad: batches fail there)."""
+    backend = getattr(tokenizer, "backend", None)
+    if pad is None or backend is None or getattr(tokenizer, "pad_token", None) is not None:
+        return
+    token = backend.id_to_token(pad)
+    if token is not None:
+        tokenizer.pad_token = token
 
 
 def is_classifier(model) -> bool:

@@ -14,7 +14,9 @@ tensors ``mlp.experts.gate_up_proj`` (E, 2F, D), gate rows first, and ``mlp.expe
 is ``mlp.gate``) load as transformers loads them: ``expert_parts`` names each expert's slices;
 export writes one key per expert and projection, as ``save_pretrained`` does.
 Refused: ``router_jitter_noise`` != 0 (training-time noise Ember does not draw), a Qwen-MoE
-sliding window (no released model uses it), ``qkv_bias`` false, and classifier architectures.
+sliding window (no released model uses it) and ``qkv_bias`` false. Sequence classifiers
+(``Qwen3MoeForSequenceClassification``) read and write as their dense sibling's
+(``ember.models.heads``) under the MoE family's classifier name.
 """
 
 from __future__ import annotations
@@ -66,9 +68,13 @@ def moe_base_config(raw: Mapping) -> tuple[dict, dict]:
     # the headless base model (Qwen2MoeModel.save_pretrained) loads as AutoModelForCausalLM
     # loads it, as a dense family's (hf_config.base_architecture): tied, or its head missing
     bare = arch.replace("ForCausalLM", "Model")
-    if archs is not None and archs not in ([arch], [bare]):
+    # the sequence classifier (Qwen3MoeForSequenceClassification) reads as its dense sibling's
+    # (labels, num_labels, problem_type: ember.models.heads), the experts as a causal LM's
+    classifier = arch.replace("ForCausalLM", "ForSequenceClassification")
+    if archs is not None and archs not in ([arch], [bare], [classifier]):
         raise EmberError(f"config.json: architectures {archs!r} is not supported for model_type "
-                         f"{mt!r}; only [{arch!r}] (causal LM) or [{bare!r}] (its base model) is")
+                         f"{mt!r}; only [{arch!r}] (causal LM), [{classifier!r}] (sequence "
+                         f"classifier) or [{bare!r}] (its base model) is")
     if _num(out, "router_jitter_noise", 0.0) != 0.0:
         raise EmberError("config.json: router_jitter_noise != 0 is not supported (Ember draws no "
                          "router noise); set it to 0")
@@ -132,8 +138,8 @@ def moe_base_config(raw: Mapping) -> tuple[dict, dict]:
         out.setdefault(key, value)
     out["model_type"] = base
     if archs is not None:
-        out["architectures"] = [base_arch if archs == [arch] else
-                                base_arch.replace("ForCausalLM", "Model")]
+        suffix = {arch: "ForCausalLM", bare: "Model", classifier: "ForSequenceClassification"}
+        out["architectures"] = [base_arch.replace("ForCausalLM", suffix[archs[0]])]
     return out, fields
 
 
@@ -178,8 +184,6 @@ def moe_check_exportable(cfg: ModelConfig) -> ModelConfig:
         problems.append("a shared expert")
     if mt != "mixtral" and cfg.sliding_window is not None:
         problems.append(f"sliding_window={cfg.sliding_window}")
-    if cfg.labels is not None:
-        problems.append("a classifier head")
     if problems:
         raise EmberError(f"cannot export as Hugging Face model_type {mt!r}: it has no "
                          f"equivalent of {', '.join(problems)}")
@@ -189,7 +193,10 @@ def moe_check_exportable(cfg: ModelConfig) -> ModelConfig:
 def moe_to_hf(cfg: ModelConfig, out: dict) -> dict:
     """Turn the dense sibling's exported config.json ``out`` into the MoE family's."""
     mt = cfg.model_type
-    out.update(model_type=mt, architectures=[MOE_FAMILIES[mt][2]],
+    arch = MOE_FAMILIES[mt][2]
+    if cfg.labels is not None:  # the sibling's classifier fields (labels_to_hf) stay
+        arch = arch.replace("ForCausalLM", "ForSequenceClassification")
+    out.update(model_type=mt, architectures=[arch],
                num_experts_per_tok=cfg.num_experts_per_tok,
                router_aux_loss_coef=cfg.router_aux_loss_coef, router_jitter_noise=0.0,
                output_router_logits=False)

@@ -539,3 +539,26 @@ def test_a_language_model_stage_from_a_classifier_adapter_says_set_head_type(tas
                 resolve(load_config(None, [
                     f'model.name="{task["model"]}"', f'model.init="{init}"',
                     f'method="{method}"', f'data.train=["{tiny["train"]}"]', 'device="cpu"']))
+
+
+@pytest.mark.parametrize("values", [[True, False, True], [1.0, 0.0, 1.0],
+                                    [[0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]])
+def test_labels_neither_names_nor_indices_are_named_in_the_error(tmp_path, values):
+    """transformers' loss takes bool or float labels as multi-label targets, never as class
+    indices (its problem_type inference): a multi-hot row trains multi-label there, one value
+    per row fails. Ember refuses them all, but said only "found 0 distinct 'label' values ...
+    check the field name" for a file whose every line has that field; the error now names what
+    the values are (and that multi-label is not supported)."""
+    from transformers import PretrainedConfig
+    from transformers.loss.loss_utils import ForSequenceClassificationLoss
+
+    hf_cfg = PretrainedConfig(num_labels=2)
+    multi = isinstance(values[0], list)
+    with contextlib.nullcontext() if multi else pytest.raises((ValueError, RuntimeError)):
+        ForSequenceClassificationLoss(torch.tensor(values), torch.randn(3, 2), hf_cfg)
+    assert hf_cfg.problem_type == "multi_label_classification"
+    path = write_jsonl(tmp_path / "x.jsonl", [{"text": "a", "label": v} for v in values])
+    kind = {bool: "boolean", float: "number", list: "array"}[type(values[0])]
+    with pytest.raises(EmberError, match=rf"'label' values \(3 {kind}\) are neither class names"
+                       + (".*multi-label classification is not supported" if multi else "")):
+        infer_labels([path])

@@ -5,6 +5,7 @@ PEFT SEQ_CLS adapters both ways, the pooling rule and clear errors."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -354,6 +355,68 @@ def test_bad_classifier_configs(tmp_path, edit, match):
     path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
     with pytest.raises(EmberError, match=match):
         load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("edit", [
+    {"num_labels": 3, "id2label": {"0": "a", "1": "b"}, "label2id": {"a": 0, "b": 1}},
+    {"num_labels": 3, "id2label": None, "label2id": None},
+])
+def test_num_labels_and_id2label_read_as_transformers_reads_them(tmp_path, edit):
+    """config.json's num_labels against its id2label, as transformers 5 reads them: num_labels
+    wins over an id2label of another length (the classes are then LABEL_i; Ember refused the
+    folder)."""
+    save_pretrained(_classifier("llama"), tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+        model, _ = load_pretrained(tmp_path)
+    assert model.cfg.labels == tuple(hf.config.id2label[i] for i in range(hf.config.num_labels))
+    ids, mask = _padded()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        assert (_ember_logits(model) - ref).abs().max() < 1e-5
+
+
+_MOE = {
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=5, moe_intermediate_size=24,
+                                          shared_expert_intermediate_size=40)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=5, moe_intermediate_size=24, head_dim=12)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_MOE))
+def test_moe_classifier_folder_round_trip_matches_transformers(tmp_path, case):
+    """transformers' Mixtral / Qwen2-MoE / Qwen3-MoE *ForSequenceClassification folders load
+    with their labels and logits, and export back to a folder transformers loads with no missing
+    or unexpected keys and the same logits (the MoE config reader refused the classifier)."""
+    cls, kw = _MOE[case]
+    cfg = getattr(transformers, cls)(
+        vocab_size=83, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, pad_token_id=PAD,
+        id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2}, **kw,
+    )
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForSequenceClassification.from_config(cfg).eval()
+    _randomize_(hf)
+    hf.save_pretrained(tmp_path / "hf")
+    model, _ = load_pretrained(tmp_path / "hf")
+    assert model.cfg.labels == ("a", "b", "c") and model.cfg.num_experts == cfg.num_experts
+    ids, mask = _padded()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        assert (_ember_logits(model.eval()) - ref).abs().max() < 1e-5
+    save_pretrained(model, tmp_path / "out")
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out["architectures"] == [type(hf).__name__] and out["model_type"] == case
+    assert out["id2label"] == {"0": "a", "1": "b", "2": "c"}
+    again, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "out", output_loading_info=True)
+    assert type(again) is type(hf) and not any(info.values()), info
+    with torch.no_grad():
+        assert torch.equal(again.eval()(input_ids=ids, attention_mask=mask).logits, ref)
 
 
 def test_gemma3_text_classifier_from_transformers(tmp_path):

@@ -215,7 +215,7 @@ def test_dispatch_computes_only_routed_tokens(tmp_path):
 
 @pytest.mark.parametrize("change,needle", [
     ({"router_jitter_noise": 0.1}, "router_jitter_noise"),
-    ({"architectures": ["MixtralForSequenceClassification"]}, "architectures"),
+    ({"architectures": ["MixtralForTokenClassification"]}, "architectures"),
     ({"num_local_experts": 0}, "no experts"),
     ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
     # a bnb config over dense weights (bnb MoE checkpoints load: tests/models/test_bnb_moe.py)
