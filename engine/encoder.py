@@ -109,7 +109,7 @@ class _Encoder:
             return self.tok.apply_chat_template(messages, add_generation_prompt=gen,
                                                 tokenize=False,
                                                 **(getattr(line, "template_kwargs", None) or {}),
-                                                **({"tools": tools} if tools else {}),
+                                                **({"tools": tools} if tools is not None else {}),
                                                 **({"generation_spans": blocks}
                                                    if blocks is not None else {}),
                                                 # _opening: no messages (refused in public)

@@ -174,8 +174,11 @@ def _chat_prompt_completion(obj: dict) -> Chat:
 
 def parse_tools(obj: dict) -> list[dict] | None:
     """A line's ``tools`` (the JSON schemas of the tools its conversation may call), validated;
-    None when absent or empty. The schemas may be one JSON string, in any format, as TRL's SFT and
-    DPO trainers decode them (Hugging Face datasets store them so; LLaMA-Factory's ShareGPT)."""
+    None when absent, null or an empty string. The schemas may be one JSON string, in any format,
+    as TRL's SFT and DPO trainers decode them (Hugging Face datasets store them so; LLaMA-Factory's
+    ShareGPT). An empty list stays one: transformers passes ``tools=[]`` to the template, which
+    Llama 3.x's and Mistral's templates render (``tools is not none``: a tool-use header with no
+    tools), so TRL trains those tokens for a dataset's rows without tools."""
     tools = obj.get("tools")
     if isinstance(tools, str):
         tools = _json_value(tools, "field 'tools'") if tools.strip() else None
@@ -183,7 +186,7 @@ def parse_tools(obj: dict) -> list[dict] | None:
                                   and all(isinstance(t, dict) for t in tools)):
         raise _Bad("wrong type", f"field 'tools' must be an array of tool schemas (objects), got "
                                  f"{_type_name(tools)}")
-    return tools or None
+    return tools
 
 
 # apply_chat_template's own arguments, which a line's template variables cannot set
