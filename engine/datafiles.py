@@ -15,6 +15,8 @@
 - ``.parquet`` (what Hugging Face datasets are stored as): rows as objects, list and struct
   columns as JSON arrays and objects; needs ``pyarrow`` (``pip install pyarrow``);
 - any of these, or JSONL, compressed with gzip (``.jsonl.gz``, ``.csv.gz`` ...).
+A folder or an Arrow file (Hugging Face ``datasets``' ``save_to_disk`` output, which needs
+``datasets`` to read) is refused with how to export it (``check_data_path``).
 Items of the non-JSONL kinds are named ``file[index]`` (0-based) in reports.
 """
 
@@ -51,8 +53,39 @@ def kind(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
+_DATA_SUFFIXES = (".jsonl", ".json", *TABLE_SUFFIXES)
+
+
+def _export(load: str) -> str:
+    return ("Ember reads JSONL, JSON, CSV/TSV and Parquet files: write it out with datasets, "
+            f"{load}.to_json(\"train.jsonl\") (or .to_parquet(...)), and give that file")
+
+
+def check_data_path(path: Path) -> None:
+    """EmberError for a path that is no data file Ember reads, saying what to give instead: a
+    folder (Hugging Face ``datasets``' ``save_to_disk`` output, a Hub snapshot of data files) or
+    an Arrow file (``save_to_disk``'s shards, the datasets cache)."""
+    if path.is_dir():
+        names = sorted(p.name for p in path.iterdir())
+        if ({"state.json", "dataset_dict.json"} & set(names)
+                or any(n.endswith(".arrow") for n in names)):
+            split = "" if "dataset_dict.json" not in names else "[\"train\"]"
+            raise EmberError(f"{path}: a Hugging Face datasets folder (save_to_disk's Arrow "
+                             "files), not a data file; "
+                             + _export(f"datasets.load_from_disk(FOLDER){split}"))
+        files = sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                       if p.is_file() and kind(p) in _DATA_SUFFIXES)
+        listed = f" (it holds {', '.join(files[:5])}{', ...' if len(files) > 5 else ''})"
+        raise EmberError(f"{path}: is a directory; give a data file{listed if files else ''}; "
+                         "data.train may list several")
+    if kind(path) == ".arrow":
+        raise EmberError(f"{path}: an Arrow file (Hugging Face datasets' save_to_disk or cache), "
+                         "not a data file; " + _export("datasets.Dataset.from_file(FILE)"))
+
+
 def open_data(path: Path) -> IO[bytes]:
     """The file's bytes, gunzipped when it is named ``*.gz``."""
+    check_data_path(path)
     if path.suffix.lower() == ".gz":
         with open(path, "rb") as f:
             if f.read(2) != b"\x1f\x8b":
