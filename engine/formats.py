@@ -121,6 +121,8 @@ def parse(obj: dict, fmt: str):
         if fmt == "prompt_completion" and _kto_label(obj):
             raise _Bad("kto line", "a KTO line (a completion labelled true/false): set "
                                    "objective = \"kto\" to train on it")
+        if fmt == "prompt_completion" and "completion" not in obj:
+            _not_prompt_completion(obj)
         if fmt == "prompt_completion" and isinstance(obj.get("prompt"), list):
             return _chat_prompt_completion(obj)
         rec = _alpaca(obj) if fmt == "alpaca" else (_get_str(obj, "prompt"),
@@ -139,6 +141,19 @@ def parse(obj: dict, fmt: str):
         raise _Bad("missing field", f"missing field 'messages' (keys present: {sorted(obj)})")
     return Chat(parse_messages(msgs, "conversations" if fmt == "sharegpt" else "messages"),
                 tools, parse_template_kwargs(obj))
+
+
+def _not_prompt_completion(obj: dict) -> None:
+    """Refuse TRL's dataset types that have a prompt but no completion, naming the type."""
+    if "completions" in obj and "labels" in obj:
+        raise _Bad("missing field", "missing field 'completion': a stepwise-supervision line "
+                                    "(TRL's PRM format: prompt, completions, labels), which "
+                                    "Ember does not train; give prompt/completion lines")
+    if isinstance(obj.get("prompt"), (str, list)) and not obj.keys() & {"chosen", "rejected",
+                                                                          "label"}:
+        raise _Bad("missing field", f"missing field 'completion' (keys present: {sorted(obj)}): "
+                                    "a prompt-only line (TRL's format for online methods such "
+                                    "as GRPO) has nothing to learn from")
 
 
 def check_no_images(obj: dict) -> None:

@@ -512,3 +512,19 @@ def test_null_tools_and_template_kwargs_columns_pass_on_string_lines(tmp_path, s
     path.write_text(json.dumps({**row, "tools": [{"type": "function"}]}) + "\n")
     with pytest.raises(EmberError, match="'tools' needs chat lines"):
         load_kto_examples(path, DataConfig(train=str(path), bad_lines="error"), ours)
+
+
+@pytest.mark.parametrize("row,why", [
+    ({"prompt": "The sky is"}, "a prompt-only line"),
+    ({"prompt": [U1]}, "a prompt-only line"),
+    ({"prompt": "Which number is larger, 9.8 or 9.11?",
+      "completions": ["The fractional part of 9.8 is 0.8.", "Hence, 9.11 > 9.8."],
+      "labels": [True, False]}, "a stepwise-supervision line"),
+])
+def test_trl_types_without_a_completion_are_named(tmp_path, toks, row, why):
+    """TRL's prompt-only (GRPO / online methods) and stepwise-supervision (PRM) dataset types, as
+    TRL's dataset-format docs write them, were reported as a bare "missing field 'completion'"
+    (a conversational prompt-only line: "got array and null"); the reason now names the type,
+    which Ember cannot train on."""
+    with pytest.raises(EmberError, match=f"missing field 'completion'.*{why}"):
+        _load(tmp_path, toks[0], [row])
