@@ -152,8 +152,9 @@ def _not_prompt_completion(obj: dict) -> None:
     if isinstance(obj.get("prompt"), (str, list)) and not obj.keys() & {"chosen", "rejected",
                                                                           "label"}:
         raise _Bad("missing field", f"missing field 'completion' (keys present: {sorted(obj)}): "
-                                    "a prompt-only line (TRL's format for online methods such "
-                                    "as GRPO) has nothing to learn from")
+                                    "name the answer field 'completion'; a prompt-only line "
+                                    "(TRL's format for online methods such as GRPO) has nothing "
+                                    "to learn from")
 
 
 def check_no_images(obj: dict) -> None:
