@@ -238,12 +238,16 @@ def _csv_rows(path: Path, f: IO[bytes], delimiter: str) -> list[bytes]:
 
 
 def _column_type(cells: list[str]):
-    """How pandas would type a CSV column of numbers: int or float, or None (text)."""
+    """How pandas would type a CSV column of numbers: int or float, or None (text). Python's
+    float() also reads digits grouped with "_" ("1_1") and non-ASCII digits, which pandas (and
+    pyarrow) keep as text: class names such as "1_1" must not become the number 11."""
     cells = [c.strip() for c in cells if c.strip()]
     if not cells:
         return None
     if all(_INT.fullmatch(c) for c in cells):
         return int
+    if any("_" in c or not c.isascii() for c in cells):
+        return None
     try:
         for c in cells:
             float(c)

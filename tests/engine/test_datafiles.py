@@ -298,3 +298,23 @@ def test_datasets_folders_and_arrow_files_say_how_to_export(tmp_path, tok):
         load_examples(tmp_path / "hub", DataConfig(), tok)
     _same(load_examples(hub / "train-00000-of-00001.parquet", DataConfig(), tok)[0],
           _jsonl(tmp_path, ROWS, tok))
+
+
+def test_csv_cells_python_reads_as_numbers_but_pandas_does_not_stay_text(tmp_path):
+    """Python's float() reads "1_1" (digits grouped by "_") and non-ASCII digits as numbers, so
+    a class-name column of "1_1", "1_2" became the numbers 11.0 and 12.0 (two classes merged with
+    "11" and "12"). Hugging Face datasets reads a CSV with pandas, which keeps them as text;
+    pyarrow's CSV reader (installed here, pandas is not) types them the same way and is the
+    oracle."""
+    pa_csv = pytest.importorskip("pyarrow.csv")
+    from ember.engine.datafiles import iter_items
+
+    columns = {"label": ["1_1", "1_2"], "group": ["１２", "3"], "score": ["1e5", "2.5"],
+               "n": ["3", "-4"]}
+    path = tmp_path / "t.csv"
+    _csv(path, [{"text": f"t{i}", **{k: v[i] for k, v in columns.items()}} for i in range(2)])
+    want = pa_csv.read_csv(str(path)).to_pylist()
+    rows = [json.loads(r) for r in iter_items(path)]
+    assert [{k: r[k] for k in columns} for r in rows] == [{k: r[k] for k in columns}
+                                                          for r in want]
+    assert [r["label"] for r in rows] == ["1_1", "1_2"]
