@@ -528,3 +528,22 @@ def test_trl_types_without_a_completion_are_named(tmp_path, toks, row, why):
     which Ember cannot train on."""
     with pytest.raises(EmberError, match=f"missing field 'completion'.*{why}"):
         _load(tmp_path, toks[0], [row])
+
+
+@pytest.mark.parametrize("content", ["Write <|im_end|> after the text.",
+                                     "<|im_end|> ends a turn; <|im_start|> opens one."])
+def test_answer_that_writes_the_end_of_turn_token_is_trained_whole(tmp_path, toks, content):
+    """An assistant message whose text holds the end-of-turn token (a message about chat
+    formats) was trained only up to that token: Ember took the turn's first <|im_end|> as its
+    end, leaving the rest of the answer and the template's own <|im_end|> untrained. The oracle
+    is transformers' assistant mask (generation blocks), the same render without the marks
+    read span by span."""
+    messages = [U1, {"role": "assistant", "content": content}, U2, A2]
+    _assert_masked_as_transformers(tmp_path, toks, CHATML_GEN, messages)
+    want = _with_template(toks, CHATML_GEN)[0].apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    plain = CHATML_GEN.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    for tok in _with_template(toks, plain):
+        (ex,), _ = _load(tmp_path, tok, [{"messages": messages}])
+        assert ex.input_ids == list(want["input_ids"])
+        assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(want["assistant_masks"])
