@@ -225,9 +225,13 @@ def _csv_rows(path: Path, f: IO[bytes], delimiter: str) -> list[bytes]:
                     from ember.engine.formats import json_problem
 
                     raise EmberError(f"{path}[{i}]: field {name!r} looks like a JSON array but "
-                                     f"is not valid JSON ({json_problem(e)})") from None
+                                     f"is not valid JSON ({json_problem(e)})"
+                                     + _REPR_HINT * _python_repr(cell)) from None
             elif name in _CHAT_FIELDS and cell.lstrip().startswith("["):
                 value = _messages_or_text(cell)
+                if value is cell and _python_repr(cell):
+                    raise EmberError(f"{path}[{i}]: field {name!r} holds messages written as a "
+                                     "Python repr, not JSON" + _REPR_HINT)
             elif typed.get(j) is not None:
                 if not cell.strip():
                     continue  # an empty cell of a number / boolean column: the field is missing
@@ -254,6 +258,17 @@ def _column_type(cells: list[str]):
     except ValueError:
         return None
     return float
+
+
+_REPR_HINT = ("; single-quoted dicts are what pandas' to_csv (and datasets' to_csv) write for "
+              "list columns: write the cells with json.dumps, or export to JSONL / Parquet")
+_REPR = re.compile(r"\[\s*\{\s*'(role|content|from|value)'\s*:")  # [{'role': ...
+
+
+def _python_repr(cell: str) -> bool:
+    """Whether a cell is a Python repr of messages (pandas' to_csv of a list column), which JSON
+    cannot read and which must not be trained as the text it spells."""
+    return _REPR.match(cell.lstrip()) is not None
 
 
 def _messages_or_text(cell: str):

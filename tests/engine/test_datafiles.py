@@ -318,3 +318,24 @@ def test_csv_cells_python_reads_as_numbers_but_pandas_does_not_stay_text(tmp_pat
     assert [{k: r[k] for k in columns} for r in rows] == [{k: r[k] for k in columns}
                                                           for r in want]
     assert [r["label"] for r in rows] == ["1_1", "1_2"]
+
+
+def test_messages_written_as_python_reprs_are_refused_not_trained_as_text(tmp_path, tok):
+    """A list column written to CSV without JSON-encoding it (pandas' and datasets' to_csv write
+    str() of the list, as Python's csv writer does here) holds "[{'role': 'user', ...}]". In a
+    chosen / rejected / prompt / completion column that text was trained as a string pair: the
+    model learned Python reprs. It is refused, saying how to write the cells; a completion of
+    text that starts with "[" still trains as text."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    rows = [{"chosen": msgs, "rejected": [msgs[0], {"role": "assistant", "content": "no"}]}]
+    _csv(tmp_path / "p.csv", rows, encode_lists=False)
+    assert "[{'role': 'user'" in (tmp_path / "p.csv").read_text()
+    with pytest.raises(EmberError, match=r"p\.csv\[0\]: field 'chosen' holds messages written as "
+                                         r"a Python repr.*json\.dumps"):
+        load_examples(tmp_path / "p.csv", DataConfig(), tok)
+    _csv(tmp_path / "m.csv", [{"messages": msgs}], encode_lists=False)
+    with pytest.raises(EmberError, match=r"field 'messages' looks like a JSON array.*to_csv"):
+        load_examples(tmp_path / "m.csv", DataConfig(), tok)
+    rows = [{"prompt": "Give a Python list of one dict", "completion": "[{'a': 1}]"}]
+    _csv(tmp_path / "c.csv", rows)
+    _same(load_examples(tmp_path / "c.csv", DataConfig(), tok)[0], _jsonl(tmp_path, rows, tok))
