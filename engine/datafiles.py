@@ -7,9 +7,11 @@
   a cell of a list field (``messages``, ``conversations``, ``tools``, ``choices``) that holds a
   JSON array is decoded, as exporting chat data to CSV writes it; so is a ``prompt``,
   ``completion``, ``chosen`` or ``rejected`` cell holding a JSON array of message objects (any
-  other such cell is text, "[" or not). Other columns are typed as pandas (Hugging Face
-  ``datasets``) reads a CSV: a column whose cells are all integers, or all numbers, holds
-  numbers (labels, margins, answer indices), an empty cell there is a missing field; the text
+  other such cell is text, "[" or not; one holding messages as a Python repr, "[{'role': ...",
+  as pandas' ``to_csv`` writes a list column, is refused). Other columns are typed as pandas
+  (Hugging Face ``datasets``) reads a CSV: a column whose cells are all integers, or all
+  numbers, holds numbers (labels, margins, answer indices), an empty cell there is a missing
+  field; the text
   fields (``text``, ``prompt``, ``question``, ...) stay strings, and so do true/false cells (a
   class name for a classifier; KTO's ``label`` reads "true" / "false" as its booleans);
 - ``.parquet`` (what Hugging Face datasets are stored as): rows as objects, list and struct
