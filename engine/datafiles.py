@@ -44,6 +44,9 @@ _CHAT_FIELDS = ("prompt", "completion", "chosen", "rejected")  # text, or an arr
 # Fields that are text whatever they look like ("42" stays the string "42").
 _TEXT_FIELDS = (*_CHAT_FIELDS, "text", "instruction", "input", "output", "system", "question")
 _INT = re.compile(r"[+-]?[0-9]+")
+# Cells that pandas (and pyarrow) read as a missing value in a column of numbers.
+_NA = frozenset(("#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                 "1.#QNAN", "N/A", "NA", "NULL", "NaN", "n/a", "nan", "null"))
 
 
 def kind(path: Path) -> str:
@@ -235,8 +238,8 @@ def _csv_rows(path: Path, f: IO[bytes], delimiter: str) -> list[bytes]:
                     raise EmberError(f"{path}[{i}]: field {name!r} holds messages written as a "
                                      "Python repr, not JSON" + _REPR_HINT)
             elif typed.get(j) is not None:
-                if not cell.strip():
-                    continue  # an empty cell of a number / boolean column: the field is missing
+                if not cell.strip() or cell.strip() in _NA:
+                    continue  # an empty or NA cell of a number column: the field is missing
                 value = typed[j](cell.strip())
             obj[name] = value
         out.append(_json_line(obj, path, i))
@@ -246,8 +249,9 @@ def _csv_rows(path: Path, f: IO[bytes], delimiter: str) -> list[bytes]:
 def _column_type(cells: list[str]):
     """How pandas would type a CSV column of numbers: int or float, or None (text). Python's
     float() also reads digits grouped with "_" ("1_1") and non-ASCII digits, which pandas (and
-    pyarrow) keep as text: class names such as "1_1" must not become the number 11."""
-    cells = [c.strip() for c in cells if c.strip()]
+    pyarrow) keep as text: class names such as "1_1" must not become the number 11. Their
+    missing-value cells ("NA", "null", "NaN", ...) are left out, as pandas reads them."""
+    cells = [c.strip() for c in cells if c.strip() and c.strip() not in _NA]
     if not cells:
         return None
     if all(_INT.fullmatch(c) for c in cells):

@@ -339,3 +339,23 @@ def test_messages_written_as_python_reprs_are_refused_not_trained_as_text(tmp_pa
     rows = [{"prompt": "Give a Python list of one dict", "completion": "[{'a': 1}]"}]
     _csv(tmp_path / "c.csv", rows)
     _same(load_examples(tmp_path / "c.csv", DataConfig(), tok)[0], _jsonl(tmp_path, rows, tok))
+
+
+def test_csv_missing_value_markers_in_number_columns(tmp_path):
+    """pandas (Hugging Face datasets' CSV reader) and pyarrow read "NA", "null", "NaN", "N/A" ...
+    in a column of numbers as missing values; Ember typed such a column as text, so its labels
+    became the strings "1", "3" (class names, not the numbers), and "nan" cells were NaN labels.
+    Oracle: pyarrow's CSV reader (pandas is not installed here): the same values, a missing
+    value being a missing field."""
+    pa_csv = pytest.importorskip("pyarrow.csv")
+    from ember.engine.datafiles import iter_items
+
+    columns = {"label": ["1", "NA", "3"], "score": ["0.5", "null", "nan"],
+               "margin": ["N/A", "2", "-1"]}
+    path = tmp_path / "t.csv"
+    _csv(path, [{"text": f"t{i}", **{k: v[i] for k, v in columns.items()}} for i in range(3)])
+    want = pa_csv.read_csv(str(path)).to_pylist()
+    rows = [json.loads(r) for r in iter_items(path)]
+    assert [{k: r.get(k) for k in columns} for r in rows] == [{k: r[k] for k in columns}
+                                                              for r in want]
+    assert rows[0]["label"] == 1 and "label" not in rows[1]
