@@ -186,6 +186,14 @@ def _data_field(path: Path, f: IO[bytes]) -> list[bytes] | None:
     except (UnicodeDecodeError, RecursionError, ValueError):
         obj = None
     f.seek(0)
+    if first is None and isinstance(obj, dict) and not holder(obj):
+        # one indented object: an example alone, or examples under another key than "data"
+        arrays = [k for k, v in obj.items() if isinstance(v, list) and v
+                  and all(isinstance(x, dict) for x in v)]
+        raise EmberError(f"{path}: one JSON object (keys {sorted(obj)[:8]}), not a dataset: a "
+                         ".json dataset is one array of objects, one object {\"data\": [...]} "
+                         "holding them, or one object per line (JSON Lines)"
+                         + (f"; rename its {arrays[0]!r} array to \"data\"" if arrays else ""))
     return [_json_line(x, path, i) for i, x in enumerate(obj["data"])] if holder(obj) else None
 
 

@@ -359,3 +359,16 @@ def test_csv_missing_value_markers_in_number_columns(tmp_path):
     assert [{k: r.get(k) for k in columns} for r in rows] == [{k: r[k] for k in columns}
                                                               for r in want]
     assert rows[0]["label"] == 1 and "label" not in rows[1]
+
+
+def test_indented_json_object_that_is_not_a_data_holder_says_why(tmp_path, tok):
+    """A .json file of one indented object (one example alone, or examples under another key
+    than "data") was read as JSON Lines: "invalid JSON: Expecting property name" at line 1. It
+    now says what a .json dataset is, and which array to rename."""
+    (tmp_path / "t.json").write_text(json.dumps({"version": 1, "train": ROWS}, indent=2))
+    with pytest.raises(EmberError, match=r"t\.json: one JSON object \(keys \['train', "
+                                         r"'version'\]\), not a dataset.*rename its 'train'"):
+        load_examples(tmp_path / "t.json", DataConfig(), tok)
+    (tmp_path / "e.json").write_text(json.dumps(ROWS[0], indent=2))
+    with pytest.raises(EmberError, match=r"e\.json: one JSON object .*JSON Lines\)$"):
+        load_examples(tmp_path / "e.json", DataConfig(), tok)
