@@ -351,8 +351,6 @@ def read_lines(path: str | Path, make_reader) -> tuple[_Reader, list[Example]]:
     path = Path(path)
     if not path.exists():
         raise EmberError(f"{path}: dataset file not found")
-    if path.is_dir():
-        raise EmberError(f"{path}: is a directory; give the JSONL file")
     reader, examples = make_reader(path), []
     with open_data(path) as f:
         items = table_items(path, f)

@@ -7,14 +7,18 @@
   a cell of a list field (``messages``, ``conversations``, ``tools``, ``choices``) that holds a
   JSON array is decoded, as exporting chat data to CSV writes it; so is a ``prompt``,
   ``completion``, ``chosen`` or ``rejected`` cell holding a JSON array of message objects (any
-  other such cell is text, "[" or not). Other columns are typed as pandas (Hugging Face
-  ``datasets``) reads a CSV: a column whose cells are all integers, or all numbers, holds
-  numbers (labels, margins, answer indices), an empty cell there is a missing field; the text
+  other such cell is text, "[" or not; one holding messages as a Python repr, "[{'role': ...",
+  as pandas' ``to_csv`` writes a list column, is refused). Other columns are typed as pandas
+  (Hugging Face ``datasets``) reads a CSV: a column whose cells are all integers, or all
+  numbers, holds numbers (labels, margins, answer indices), an empty cell there is a missing
+  field; the text
   fields (``text``, ``prompt``, ``question``, ...) stay strings, and so do true/false cells (a
   class name for a classifier; KTO's ``label`` reads "true" / "false" as its booleans);
 - ``.parquet`` (what Hugging Face datasets are stored as): rows as objects, list and struct
   columns as JSON arrays and objects; needs ``pyarrow`` (``pip install pyarrow``);
 - any of these, or JSONL, compressed with gzip (``.jsonl.gz``, ``.csv.gz`` ...).
+A folder or an Arrow file (Hugging Face ``datasets``' ``save_to_disk`` output, which needs
+``datasets`` to read) is refused with how to export it (``check_data_path``).
 Items of the non-JSONL kinds are named ``file[index]`` (0-based) in reports.
 """
 
@@ -40,6 +44,9 @@ _CHAT_FIELDS = ("prompt", "completion", "chosen", "rejected")  # text, or an arr
 # Fields that are text whatever they look like ("42" stays the string "42").
 _TEXT_FIELDS = (*_CHAT_FIELDS, "text", "instruction", "input", "output", "system", "question")
 _INT = re.compile(r"[+-]?[0-9]+")
+# Cells that pandas (and pyarrow) read as a missing value in a column of numbers.
+_NA = frozenset(("#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                 "1.#QNAN", "N/A", "NA", "NULL", "NaN", "n/a", "nan", "null"))
 
 
 def kind(path: Path) -> str:
@@ -51,8 +58,39 @@ def kind(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
+_DATA_SUFFIXES = (".jsonl", ".json", *TABLE_SUFFIXES)
+
+
+def _export(load: str) -> str:
+    return ("Ember reads JSONL, JSON, CSV/TSV and Parquet files: write it out with datasets, "
+            f"{load}.to_json(\"train.jsonl\") (or .to_parquet(...)), and give that file")
+
+
+def check_data_path(path: Path) -> None:
+    """EmberError for a path that is no data file Ember reads, saying what to give instead: a
+    folder (Hugging Face ``datasets``' ``save_to_disk`` output, a Hub snapshot of data files) or
+    an Arrow file (``save_to_disk``'s shards, the datasets cache)."""
+    if path.is_dir():
+        names = sorted(p.name for p in path.iterdir())
+        if ({"state.json", "dataset_dict.json"} & set(names)
+                or any(n.endswith(".arrow") for n in names)):
+            split = "" if "dataset_dict.json" not in names else "[\"train\"]"
+            raise EmberError(f"{path}: a Hugging Face datasets folder (save_to_disk's Arrow "
+                             "files), not a data file; "
+                             + _export(f"datasets.load_from_disk(FOLDER){split}"))
+        files = sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                       if p.is_file() and kind(p) in _DATA_SUFFIXES)
+        listed = f" (it holds {', '.join(files[:5])}{', ...' if len(files) > 5 else ''})"
+        raise EmberError(f"{path}: is a directory; give a data file{listed if files else ''}; "
+                         "data.train may list several")
+    if kind(path) == ".arrow":
+        raise EmberError(f"{path}: an Arrow file (Hugging Face datasets' save_to_disk or cache), "
+                         "not a data file; " + _export("datasets.Dataset.from_file(FILE)"))
+
+
 def open_data(path: Path) -> IO[bytes]:
     """The file's bytes, gunzipped when it is named ``*.gz``."""
+    check_data_path(path)
     if path.suffix.lower() == ".gz":
         with open(path, "rb") as f:
             if f.read(2) != b"\x1f\x8b":
@@ -148,6 +186,14 @@ def _data_field(path: Path, f: IO[bytes]) -> list[bytes] | None:
     except (UnicodeDecodeError, RecursionError, ValueError):
         obj = None
     f.seek(0)
+    if first is None and isinstance(obj, dict) and not holder(obj):
+        # one indented object: an example alone, or examples under another key than "data"
+        arrays = [k for k, v in obj.items() if isinstance(v, list) and v
+                  and all(isinstance(x, dict) for x in v)]
+        raise EmberError(f"{path}: one JSON object (keys {sorted(obj)[:8]}), not a dataset: a "
+                         ".json dataset is one array of objects, one object {\"data\": [...]} "
+                         "holding them, or one object per line (JSON Lines)"
+                         + (f"; rename its {arrays[0]!r} array to \"data\"" if arrays else ""))
     return [_json_line(x, path, i) for i, x in enumerate(obj["data"])] if holder(obj) else None
 
 
@@ -192,12 +238,16 @@ def _csv_rows(path: Path, f: IO[bytes], delimiter: str) -> list[bytes]:
                     from ember.engine.formats import json_problem
 
                     raise EmberError(f"{path}[{i}]: field {name!r} looks like a JSON array but "
-                                     f"is not valid JSON ({json_problem(e)})") from None
+                                     f"is not valid JSON ({json_problem(e)})"
+                                     + _REPR_HINT * _python_repr(cell)) from None
             elif name in _CHAT_FIELDS and cell.lstrip().startswith("["):
                 value = _messages_or_text(cell)
+                if value is cell and _python_repr(cell):
+                    raise EmberError(f"{path}[{i}]: field {name!r} holds messages written as a "
+                                     "Python repr, not JSON" + _REPR_HINT)
             elif typed.get(j) is not None:
-                if not cell.strip():
-                    continue  # an empty cell of a number / boolean column: the field is missing
+                if not cell.strip() or cell.strip() in _NA:
+                    continue  # an empty or NA cell of a number column: the field is missing
                 value = typed[j](cell.strip())
             obj[name] = value
         out.append(_json_line(obj, path, i))
@@ -205,18 +255,34 @@ def _csv_rows(path: Path, f: IO[bytes], delimiter: str) -> list[bytes]:
 
 
 def _column_type(cells: list[str]):
-    """How pandas would type a CSV column of numbers: int or float, or None (text)."""
-    cells = [c.strip() for c in cells if c.strip()]
+    """How pandas would type a CSV column of numbers: int or float, or None (text). Python's
+    float() also reads digits grouped with "_" ("1_1") and non-ASCII digits, which pandas (and
+    pyarrow) keep as text: class names such as "1_1" must not become the number 11. Their
+    missing-value cells ("NA", "null", "NaN", ...) are left out, as pandas reads them."""
+    cells = [c.strip() for c in cells if c.strip() and c.strip() not in _NA]
     if not cells:
         return None
     if all(_INT.fullmatch(c) for c in cells):
         return int
+    if any("_" in c or not c.isascii() for c in cells):
+        return None
     try:
         for c in cells:
             float(c)
     except ValueError:
         return None
     return float
+
+
+_REPR_HINT = ("; single-quoted dicts are what pandas' to_csv (and datasets' to_csv) write for "
+              "list columns: write the cells with json.dumps, or export to JSONL / Parquet")
+_REPR = re.compile(r"\[\s*\{\s*'(role|content|from|value)'\s*:")  # [{'role': ...
+
+
+def _python_repr(cell: str) -> bool:
+    """Whether a cell is a Python repr of messages (pandas' to_csv of a list column), which JSON
+    cannot read and which must not be trained as the text it spells."""
+    return _REPR.match(cell.lstrip()) is not None
 
 
 def _messages_or_text(cell: str):

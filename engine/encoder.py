@@ -109,7 +109,7 @@ class _Encoder:
             return self.tok.apply_chat_template(messages, add_generation_prompt=gen,
                                                 tokenize=False,
                                                 **(getattr(line, "template_kwargs", None) or {}),
-                                                **({"tools": tools} if tools else {}),
+                                                **({"tools": tools} if tools is not None else {}),
                                                 **({"generation_spans": blocks}
                                                    if blocks is not None else {}),
                                                 # _opening: no messages (refused in public)
@@ -221,6 +221,22 @@ class _Encoder:
                  for s, e, assistant in spans if assistant]
         return list(enc.ids), turns
 
+    def _after_content(self, full: str, toks: list[int], span: tuple[int, int], content
+                       ) -> list[int]:
+        """The tokens of ``toks`` (an assistant span's) from the end of the message's ``content``
+        on, where its end-of-turn token is looked for, when the content itself writes one (a
+        message about chat formats: "Write <|im_end|> after the text." must be trained whole, as
+        transformers' assistant mask trains it); ``toks`` otherwise."""
+        if self.backend is None or not isinstance(content, str) or not any(
+                t and t in content for t in map(self.backend.id_to_token, self.ends)):
+            return toks
+        at = full.find(content, *span)
+        if at < 0:
+            return toks
+        offsets = self.backend.encode(full, add_special_tokens=False).offsets
+        rest = [j for j in toks if offsets[j][0] >= at + len(content)]
+        return rest or toks
+
     def _stop(self, ids: list[int], toks: list[int]) -> int | None:
         """An assistant turn's end-of-turn token (its index): the first eos / end-of-turn id, else
         the last special token before only whitespace (<|im_end|> when eos is <|endoftext|>)."""
@@ -257,12 +273,15 @@ class _Encoder:
                                             "template's {% generation %} blocks are not one per "
                                             "assistant message; drop the weights")
             weights = [1] * len(turns)
-        for toks, weight in zip(turns, weights if turns else [], strict=True):
+        contents = [m.get("content") for m in messages if m["role"] == "assistant"]
+        answer_spans = [(s, e) for s, e, assistant in spans if assistant]
+        for k, (toks, weight) in enumerate(zip(turns, weights if turns else [], strict=True)):
             if not toks:  # (toks: the token indices of one assistant span)
                 continue
             # a marked block is trained whole, as transformers' assistant mask has it
             prompt_len, end = toks[0], toks[-1] + 1
-            stop = None if marked is not None else self._stop(ids, toks)
+            stop = None if marked is not None else self._stop(ids, self._after_content(
+                full, toks, answer_spans[k], contents[k]))
             for j in toks:
                 # Template text after the end-of-turn token (a newline, Phi-3's final EOS) is
                 # not the answer; nor is a turn of weight 0.

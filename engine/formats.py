@@ -121,6 +121,8 @@ def parse(obj: dict, fmt: str):
         if fmt == "prompt_completion" and _kto_label(obj):
             raise _Bad("kto line", "a KTO line (a completion labelled true/false): set "
                                    "objective = \"kto\" to train on it")
+        if fmt == "prompt_completion" and "completion" not in obj:
+            _not_prompt_completion(obj)
         if fmt == "prompt_completion" and isinstance(obj.get("prompt"), list):
             return _chat_prompt_completion(obj)
         rec = _alpaca(obj) if fmt == "alpaca" else (_get_str(obj, "prompt"),
@@ -139,6 +141,20 @@ def parse(obj: dict, fmt: str):
         raise _Bad("missing field", f"missing field 'messages' (keys present: {sorted(obj)})")
     return Chat(parse_messages(msgs, "conversations" if fmt == "sharegpt" else "messages"),
                 tools, parse_template_kwargs(obj))
+
+
+def _not_prompt_completion(obj: dict) -> None:
+    """Refuse TRL's dataset types that have a prompt but no completion, naming the type."""
+    if "completions" in obj and "labels" in obj:
+        raise _Bad("missing field", "missing field 'completion': a stepwise-supervision line "
+                                    "(TRL's PRM format: prompt, completions, labels), which "
+                                    "Ember does not train; give prompt/completion lines")
+    if isinstance(obj.get("prompt"), (str, list)) and not obj.keys() & {"chosen", "rejected",
+                                                                          "label"}:
+        raise _Bad("missing field", f"missing field 'completion' (keys present: {sorted(obj)}): "
+                                    "name the answer field 'completion'; a prompt-only line "
+                                    "(TRL's format for online methods such as GRPO) has nothing "
+                                    "to learn from")
 
 
 def check_no_images(obj: dict) -> None:
@@ -174,8 +190,11 @@ def _chat_prompt_completion(obj: dict) -> Chat:
 
 def parse_tools(obj: dict) -> list[dict] | None:
     """A line's ``tools`` (the JSON schemas of the tools its conversation may call), validated;
-    None when absent or empty. The schemas may be one JSON string, in any format, as TRL's SFT and
-    DPO trainers decode them (Hugging Face datasets store them so; LLaMA-Factory's ShareGPT)."""
+    None when absent, null or an empty string. The schemas may be one JSON string, in any format,
+    as TRL's SFT and DPO trainers decode them (Hugging Face datasets store them so; LLaMA-Factory's
+    ShareGPT). An empty list stays one: transformers passes ``tools=[]`` to the template, which
+    Llama 3.x's and Mistral's templates render (``tools is not none``: a tool-use header with no
+    tools), so TRL trains those tokens for a dataset's rows without tools."""
     tools = obj.get("tools")
     if isinstance(tools, str):
         tools = _json_value(tools, "field 'tools'") if tools.strip() else None
@@ -183,7 +202,7 @@ def parse_tools(obj: dict) -> list[dict] | None:
                                   and all(isinstance(t, dict) for t in tools)):
         raise _Bad("wrong type", f"field 'tools' must be an array of tool schemas (objects), got "
                                  f"{_type_name(tools)}")
-    return tools or None
+    return tools
 
 
 # apply_chat_template's own arguments, which a line's template variables cannot set

@@ -118,8 +118,9 @@ class KTOConfig:
 def parse_unpaired(obj: dict) -> list[tuple]:
     """(prompt, completion, desirable) records of one line, validated; raises _Bad."""
     check_no_images(obj)
-    if isinstance(obj.get("prompt"), str) and {"tools", "chat_template_kwargs"} & obj.keys():
-        key = "tools" if "tools" in obj else "chat_template_kwargs"
+    tools = parse_tools(obj)  # (a table's null or empty column is none)
+    if isinstance(obj.get("prompt"), str) and (tools or parse_template_kwargs(obj)):
+        key = "tools" if tools else "chat_template_kwargs"
         raise _Bad("wrong type", f"field {key!r} needs chat lines (message lists): a chat "
                                  "template renders it; string lines have none")
     if "chosen" in obj or "rejected" in obj:

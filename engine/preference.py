@@ -102,8 +102,8 @@ def parse_pair(obj: dict) -> Pair:
     chat = isinstance(obj["chosen"], list)
     tools, template_kwargs = parse_tools(obj), parse_template_kwargs(obj)
     if not chat:
-        if tools is not None or template_kwargs is not None:
-            key = "tools" if tools is not None else "chat_template_kwargs"
+        if tools or template_kwargs:  # (an empty or null column of a table is no tools)
+            key = "tools" if tools else "chat_template_kwargs"
             raise _Bad("wrong type", f"field {key!r} needs chat pairs (message lists): a chat "
                                      "template renders it; string pairs have none")
         if "prompt" not in obj:

@@ -263,3 +263,112 @@ def test_parquet_messages_whose_keys_differ_by_row(tmp_path, tok):
     examples, rep = load_examples(tmp_path / "d.parquet", DataConfig(), tok)
     assert rep.bad_lines == 0
     _same(examples, _jsonl(tmp_path, rows, tok))
+
+
+def test_datasets_folders_and_arrow_files_say_how_to_export(tmp_path, tok):
+    """Hugging Face ``datasets``' save_to_disk output (Arrow stream shards, written with pyarrow
+    as datasets writes them, beside state.json; a DatasetDict's dataset_dict.json over split
+    folders) was "is a directory; give the JSONL file", and a shard given as the file was
+    "not valid UTF-8" at line 1; a folder of Parquet files (a Hub snapshot) did not say which
+    files it holds. Each now says what it is and what to give instead."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.Table.from_pylist(ROWS)
+    split = tmp_path / "ds" / "train"
+    split.mkdir(parents=True)
+    with pa.OSFile(str(split / "data-00000-of-00001.arrow"), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    (split / "state.json").write_text(json.dumps(
+        {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": "train"}))
+    (split / "dataset_info.json").write_text("{}")
+    (tmp_path / "ds" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    for path, why in (
+            (split, r"a Hugging Face datasets folder .*load_from_disk\(FOLDER\)\.to_json"),
+            (tmp_path / "ds", r"datasets folder .*load_from_disk\(FOLDER\)\[\"train\"\]"),
+            (split / "data-00000-of-00001.arrow",
+             r"an Arrow file .*datasets\.Dataset\.from_file\(FILE\)\.to_json")):
+        with pytest.raises(EmberError, match=why):
+            load_examples(path, DataConfig(), tok)
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    pq.write_table(table, hub / "train-00000-of-00001.parquet")
+    with pytest.raises(EmberError, match=r"is a directory; give a data file \(it holds "
+                                         r"data/train-00000-of-00001\.parquet\)"):
+        load_examples(tmp_path / "hub", DataConfig(), tok)
+    _same(load_examples(hub / "train-00000-of-00001.parquet", DataConfig(), tok)[0],
+          _jsonl(tmp_path, ROWS, tok))
+
+
+def test_csv_cells_python_reads_as_numbers_but_pandas_does_not_stay_text(tmp_path):
+    """Python's float() reads "1_1" (digits grouped by "_") and non-ASCII digits as numbers, so
+    a class-name column of "1_1", "1_2" became the numbers 11.0 and 12.0 (two classes merged with
+    "11" and "12"). Hugging Face datasets reads a CSV with pandas, which keeps them as text;
+    pyarrow's CSV reader (installed here, pandas is not) types them the same way and is the
+    oracle."""
+    pa_csv = pytest.importorskip("pyarrow.csv")
+    from ember.engine.datafiles import iter_items
+
+    columns = {"label": ["1_1", "1_2"], "group": ["１２", "3"], "score": ["1e5", "2.5"],
+               "n": ["3", "-4"]}
+    path = tmp_path / "t.csv"
+    _csv(path, [{"text": f"t{i}", **{k: v[i] for k, v in columns.items()}} for i in range(2)])
+    want = pa_csv.read_csv(str(path)).to_pylist()
+    rows = [json.loads(r) for r in iter_items(path)]
+    assert [{k: r[k] for k in columns} for r in rows] == [{k: r[k] for k in columns}
+                                                          for r in want]
+    assert [r["label"] for r in rows] == ["1_1", "1_2"]
+
+
+def test_messages_written_as_python_reprs_are_refused_not_trained_as_text(tmp_path, tok):
+    """A list column written to CSV without JSON-encoding it (pandas' and datasets' to_csv write
+    str() of the list, as Python's csv writer does here) holds "[{'role': 'user', ...}]". In a
+    chosen / rejected / prompt / completion column that text was trained as a string pair: the
+    model learned Python reprs. It is refused, saying how to write the cells; a completion of
+    text that starts with "[" still trains as text."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    rows = [{"chosen": msgs, "rejected": [msgs[0], {"role": "assistant", "content": "no"}]}]
+    _csv(tmp_path / "p.csv", rows, encode_lists=False)
+    assert "[{'role': 'user'" in (tmp_path / "p.csv").read_text()
+    with pytest.raises(EmberError, match=r"p\.csv\[0\]: field 'chosen' holds messages written as "
+                                         r"a Python repr.*json\.dumps"):
+        load_examples(tmp_path / "p.csv", DataConfig(), tok)
+    _csv(tmp_path / "m.csv", [{"messages": msgs}], encode_lists=False)
+    with pytest.raises(EmberError, match=r"field 'messages' looks like a JSON array.*to_csv"):
+        load_examples(tmp_path / "m.csv", DataConfig(), tok)
+    rows = [{"prompt": "Give a Python list of one dict", "completion": "[{'a': 1}]"}]
+    _csv(tmp_path / "c.csv", rows)
+    _same(load_examples(tmp_path / "c.csv", DataConfig(), tok)[0], _jsonl(tmp_path, rows, tok))
+
+
+def test_csv_missing_value_markers_in_number_columns(tmp_path):
+    """pandas (Hugging Face datasets' CSV reader) and pyarrow read "NA", "null", "NaN", "N/A" ...
+    in a column of numbers as missing values; Ember typed such a column as text, so its labels
+    became the strings "1", "3" (class names, not the numbers), and "nan" cells were NaN labels.
+    Oracle: pyarrow's CSV reader (pandas is not installed here): the same values, a missing
+    value being a missing field."""
+    pa_csv = pytest.importorskip("pyarrow.csv")
+    from ember.engine.datafiles import iter_items
+
+    columns = {"label": ["1", "NA", "3"], "score": ["0.5", "null", "nan"],
+               "margin": ["N/A", "2", "-1"]}
+    path = tmp_path / "t.csv"
+    _csv(path, [{"text": f"t{i}", **{k: v[i] for k, v in columns.items()}} for i in range(3)])
+    want = pa_csv.read_csv(str(path)).to_pylist()
+    rows = [json.loads(r) for r in iter_items(path)]
+    assert [{k: r.get(k) for k in columns} for r in rows] == [{k: r[k] for k in columns}
+                                                              for r in want]
+    assert rows[0]["label"] == 1 and "label" not in rows[1]
+
+
+def test_indented_json_object_that_is_not_a_data_holder_says_why(tmp_path, tok):
+    """A .json file of one indented object (one example alone, or examples under another key
+    than "data") was read as JSON Lines: "invalid JSON: Expecting property name" at line 1. It
+    now says what a .json dataset is, and which array to rename."""
+    (tmp_path / "t.json").write_text(json.dumps({"version": 1, "train": ROWS}, indent=2))
+    with pytest.raises(EmberError, match=r"t\.json: one JSON object \(keys \['train', "
+                                         r"'version'\]\), not a dataset.*rename its 'train'"):
+        load_examples(tmp_path / "t.json", DataConfig(), tok)
+    (tmp_path / "e.json").write_text(json.dumps(ROWS[0], indent=2))
+    with pytest.raises(EmberError, match=r"e\.json: one JSON object .*JSON Lines\)$"):
+        load_examples(tmp_path / "e.json", DataConfig(), tok)

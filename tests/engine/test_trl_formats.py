@@ -444,3 +444,106 @@ def test_system_message_in_the_last_user_turn_is_masked_as_transformers_masks(tm
     render this conversation turn by turn") with data.loss_on = 'completion'. Their tokens and
     mask are transformers' (assistant mask of the generation blocks)."""
     assert "Paris" in _assert_masked_as_transformers(tmp_path, toks, MISTRAL_V3_GEN, messages)
+
+
+@pytest.fixture(scope="module")
+def llama31():
+    """(ember Tokenizer, transformers tokenizer) with Llama 3.1's chat template, which renders a
+    tool-use header whenever ``tools is not none``."""
+    from tests.engine.test_chat_parity import LLAMA31
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"]
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator([json.dumps([U1, A1, A2]), LLAMA31] * 3, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    names = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA31}
+    return (Tokenizer(backend, **names),
+            transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **names))
+
+
+@pytest.mark.parametrize("shape", ["messages", "prompt_completion", "preference"])
+@pytest.mark.parametrize("tools", [[], "[]"])
+def test_empty_tools_column_renders_as_trl(tmp_path, llama31, shape, tools):
+    """A dataset's rows without tools often hold an empty list ([] in Parquet / JSON, "[]" as
+    text): TRL passes it to apply_chat_template, and transformers gives the template tools=[],
+    which Llama 3.x (and Mistral) render as a tool-use header ("Environment: ipython", "You have
+    access to the following functions"). Ember dropped an empty list as if no tools were given,
+    so it trained other tokens than TRL on every such row."""
+    for tok in llama31:
+        hf = llama31[1]
+        want = hf.apply_chat_template([U1, A1], tools=[], tokenize=True,
+                                      return_dict=True)["input_ids"]
+        assert "Environment: ipython" in hf.decode(want)
+        (ex,), _ = _load(tmp_path, tok, [{**SHAPE_ROWS[shape], "tools": tools}])
+        ids = ex.input_ids[:ex.parts[0]] if ex.parts else ex.input_ids
+        assert ids == list(want)
+        target = hf.decode([t for t in ex.labels[:len(ids)] if t != IGNORE])
+        assert target.startswith(A1["content"] + "<|eot_id|>")
+
+
+def test_null_tools_and_template_kwargs_columns_pass_on_string_lines(tmp_path, smol):
+    """A table's string rows carry its tools / chat_template_kwargs columns as null or empty;
+    TRL ignores them on non-conversational rows. Ember's KTO reader refused every such line
+    ("field 'tools' needs chat lines") because the key was present, and an empty tools list
+    (kept since TRL renders it on chat rows) must not refuse a DPO string pair. Oracle: TRL's
+    KTO / DPO tokenization of a string line, tokenizer(prompt + completion + eos)."""
+    from ember.engine.kto import load_kto_examples
+
+    ours, hf = smol
+    row = {"prompt": "Question: 2+2?\nAnswer:", "completion": " 4", "label": True}
+    full = hf(text=row["prompt"] + row["completion"] + hf.eos_token)["input_ids"]
+    start = _common_prefix_length(hf(text=row["prompt"])["input_ids"], full)
+    path = tmp_path / "k.jsonl"
+    for extra in ({"tools": None, "chat_template_kwargs": None}, {"tools": [], "tools2": ""},
+                  {"tools": "", "chat_template_kwargs": {}}):
+        path.write_text(json.dumps({**row, **extra}) + "\n")
+        (ex,), _ = load_kto_examples(path, DataConfig(train=str(path), bad_lines="error",
+                                                      use_chat_template=False), ours)
+        assert ex.input_ids == full
+        assert [t for t in ex.labels if t != IGNORE] == full[start:]
+    pair = {"prompt": row["prompt"], "chosen": " 4", "rejected": " 5", "tools": [],
+            "chat_template_kwargs": None}  # DPO's string pairs too: TRL's prompt + answer + eos
+    (ex,), _ = _load(tmp_path, ours, [pair], use_chat_template=False)
+    assert ex.input_ids[:ex.parts[0]] == full
+    path.write_text(json.dumps({**row, "tools": [{"type": "function"}]}) + "\n")
+    with pytest.raises(EmberError, match="'tools' needs chat lines"):
+        load_kto_examples(path, DataConfig(train=str(path), bad_lines="error"), ours)
+
+
+@pytest.mark.parametrize("row,why", [
+    ({"prompt": "The sky is"}, "a prompt-only line"),
+    ({"prompt": [U1]}, "a prompt-only line"),
+    ({"prompt": "Which number is larger, 9.8 or 9.11?",
+      "completions": ["The fractional part of 9.8 is 0.8.", "Hence, 9.11 > 9.8."],
+      "labels": [True, False]}, "a stepwise-supervision line"),
+])
+def test_trl_types_without_a_completion_are_named(tmp_path, toks, row, why):
+    """TRL's prompt-only (GRPO / online methods) and stepwise-supervision (PRM) dataset types, as
+    TRL's dataset-format docs write them, were reported as a bare "missing field 'completion'"
+    (a conversational prompt-only line: "got array and null"); the reason now names the type,
+    which Ember cannot train on."""
+    with pytest.raises(EmberError, match=f"missing field 'completion'.*{why}"):
+        _load(tmp_path, toks[0], [row])
+
+
+@pytest.mark.parametrize("content", ["Write <|im_end|> after the text.",
+                                     "<|im_end|> ends a turn; <|im_start|> opens one."])
+def test_answer_that_writes_the_end_of_turn_token_is_trained_whole(tmp_path, toks, content):
+    """An assistant message whose text holds the end-of-turn token (a message about chat
+    formats) was trained only up to that token: Ember took the turn's first <|im_end|> as its
+    end, leaving the rest of the answer and the template's own <|im_end|> untrained. The oracle
+    is transformers' assistant mask (generation blocks), the same render without the marks
+    read span by span."""
+    messages = [U1, {"role": "assistant", "content": content}, U2, A2]
+    _assert_masked_as_transformers(tmp_path, toks, CHATML_GEN, messages)
+    want = _with_template(toks, CHATML_GEN)[0].apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    plain = CHATML_GEN.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    for tok in _with_template(toks, plain):
+        (ex,), _ = _load(tmp_path, tok, [{"messages": messages}])
+        assert ex.input_ids == list(want["input_ids"])
+        assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(want["assistant_masks"])
