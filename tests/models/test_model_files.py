@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,6 +272,32 @@ def test_saving_into_a_symlinked_folder_writes_where_it_points(tmp_path):
         "disk", "out"]
     reloaded, _ = load_pretrained(tmp_path / "disk")
     assert torch.equal(reloaded.norm.weight, model.norm.weight)
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_saving_into_the_working_folder_writes_there(tmp_path, monkeypatch, previous):
+    """out_dir "." (``ember export RUN --merged .``): transformers writes into the working folder.
+    Ember renamed "." away to swap in the new folder, an OSError (EBUSY); renaming the absolute
+    path would leave the process in a deleted folder."""
+    hf = _hf_model()
+    src = tmp_path / "src"
+    hf.save_pretrained(src)
+    model, _ = load_pretrained(src)
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)
+    work = tmp_path / "work"
+    work.mkdir()
+    if previous:  # a model folder from an earlier, sharded save: its shards go
+        hf.save_pretrained(work, max_shard_size="20KB")
+    monkeypatch.chdir(work)
+    save_pretrained(model, ".")
+    assert sorted(p.name for p in work.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "work"]
+    assert Path.cwd().samefile(work)
+    ids = torch.randint(0, BASE["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert (_hf_logits(work, ids) - model(ids)).abs().max().item() <= 1e-4
 
 
 def test_a_git_lfs_pointer_in_place_of_the_weights_says_so(tmp_path):
