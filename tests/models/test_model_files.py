@@ -300,6 +300,26 @@ def test_saving_into_the_working_folder_writes_there(tmp_path, monkeypatch, prev
         assert (_hf_logits(work, ids) - model(ids)).abs().max().item() <= 1e-4
 
 
+def test_a_shard_the_index_does_not_list_is_named(tmp_path):
+    """An index from another save that does not list one of the folder's shards: transformers
+    loads without that shard's tensors (reported missing, initialized at random). Ember refused
+    naming only the missing keys; the shard is what to look at."""
+    folder = tmp_path / "sharded"
+    _hf_model().save_pretrained(folder, max_shard_size="20KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != files[-1]}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, info = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, output_loading_info=True)
+    assert info["missing_keys"]
+    with pytest.raises(EmberError, match="missing key") as err:
+        load_pretrained(folder)
+    assert files[-1] in str(err.value)
+
+
 def test_a_git_lfs_pointer_in_place_of_the_weights_says_so(tmp_path):
     """A model repository cloned without git-lfs holds pointer files where the weights go;
     transformers and Ember both fail to read them ("header too large"), and Ember called the
