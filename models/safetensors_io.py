@@ -527,16 +527,22 @@ def parse_size(size: int | str) -> int:
 
 
 def _plan_shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
-    """Greedy shards in key order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[list[str]] = [[]]
+    """Greedy shards in key order, as huggingface_hub's ``split_torch_state_dict_into_shards``
+    (transformers' save_pretrained) cuts them: a tensor larger than the limit gets a shard of its
+    own, placed when it comes, while the shard being filled stays open for the next ones."""
+    shards: list[list[str]] = []
+    current: list[str] = []
     used = 0
     for key, n in sizes.items():
-        if shards[-1] and used + n > limit:
-            shards.append([])
-            used = 0
-        shards[-1].append(key)
+        if n > limit:
+            shards.append([key])
+            continue
+        if used + n > limit:
+            shards.append(current)
+            current, used = [], 0
+        current.append(key)
         used += n
-    return shards
+    return [*shards, current] if current or not shards else shards
 
 
 def _write_json(path: Path, obj) -> None:

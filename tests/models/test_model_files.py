@@ -320,6 +320,22 @@ def test_a_shard_the_index_does_not_list_is_named(tmp_path):
     assert files[-1] in str(err.value)
 
 
+@pytest.mark.parametrize("size", ["9KB", "10KB"])
+def test_shards_are_cut_as_transformers_cuts_them(tmp_path, size):
+    """max_shard_size below some tensors' sizes: transformers (huggingface_hub) gives each such
+    tensor a shard of its own and keeps filling the open shard with the smaller ones; Ember
+    closed the open shard at each large tensor, writing more, smaller shards (15 for 14)."""
+    hf = _hf_model()
+    hf.save_pretrained(tmp_path / "theirs", max_shard_size=size)
+    model, _ = load_pretrained(tmp_path / "theirs")
+    save_pretrained(model, tmp_path / "ours", max_shard_size=size)
+    theirs, ours = (json.loads((tmp_path / d / "model.safetensors.index.json").read_text())
+                    for d in ("theirs", "ours"))
+    assert len(set(ours["weight_map"].values())) == len(set(theirs["weight_map"].values()))
+    assert ours["metadata"] == theirs["metadata"]
+    assert sorted(ours["weight_map"]) == sorted(theirs["weight_map"])
+
+
 def test_a_git_lfs_pointer_in_place_of_the_weights_says_so(tmp_path):
     """A model repository cloned without git-lfs holds pointer files where the weights go;
     transformers and Ember both fail to read them ("header too large"), and Ember called the
