@@ -194,6 +194,12 @@ def _unfused_shapes(hf_shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, 
     if not fused and not experts:
         return hf_shapes
     out = {k: v for k, v in hf_shapes.items() if k not in fused and k not in experts}
+    for key, parts in [*experts.items(), *fused.items()]:
+        twice = next((p[0] for p in parts if p[0] in hf_shapes), None)
+        if twice is not None:
+            raise EmberError(f"{where}: {twice} is stored on its own and inside {key} (two key "
+                             "layouts mixed): which one is the weight is ambiguous; save the "
+                             "checkpoint again from the model it came from")
     for key, parts in experts.items():
         out.update({part: (b - a, hf_shapes[key][2]) for part, _, a, b in parts})
     for key, parts in fused.items():
@@ -338,7 +344,7 @@ def map_hf_keys(
     Raises EmberError naming unknown keys, missing keys, or a key with the wrong shape."""
     want = expected_shapes(cfg)
     hf_shapes = _unfused_shapes(hf_shapes, cfg, where)
-    mapping, unknown = {}, []
+    mapping, unknown, mapped = {}, [], {}
     for hk, shape in hf_shapes.items():
         ek = hf_key_to_ember(hk, cfg)
         if ek is None:
@@ -363,7 +369,11 @@ def map_hf_keys(
             raise EmberError(
                 f"{where}: {hk} has shape {tuple(shape)}, expected {want[ek]} for this config.json"
             )
-        mapping[hk] = ek
+        if ek in mapped:  # e.g. Mixtral's router as block_sparse_moe.gate and mlp.gate
+            raise EmberError(f"{where}: {mapped[ek]} and {hk} are the same weight stored twice "
+                             "under two names (key layouts mixed): which one is the weight is "
+                             "ambiguous; save the checkpoint again from the model it came from")
+        mapping[hk], mapped[ek] = ek, hk
     if unknown:
         raise EmberError(f"{where}: unexpected key(s) for this config.json: {_listing(unknown)}")
     missing = set(want) - set(mapping.values())

@@ -436,7 +436,7 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
         raw, max_pos, model_type, rotary_dim
     )
     dtype = raw.get("dtype") or raw.get("torch_dtype")
-    if dtype is not None and dtype not in DTYPES:
+    if dtype is not None and not (isinstance(dtype, str) and dtype in DTYPES):  # [..]: unhashable
         raise EmberError(
             f"config.json: dtype {dtype!r} is not supported (use one of {', '.join(DTYPES)})"
         )

@@ -527,6 +527,19 @@ def _warn_dropped_files(out: Path, existing: list[str], tmp: Path) -> None:
             "it there", stacklevel=3)
 
 
+def _replace_contents(out: Path, tmp: Path, existing: list[str], tag: str) -> None:
+    """Replace the files of the working folder by those of tmp. The folder itself stays: renaming
+    the process's working folder away (or replacing it) would leave the process in a deleted
+    folder, or fail (EBUSY on ".")."""
+    old = out.parent / f".{out.name}.old-{tag}"
+    old.mkdir()
+    for name in existing:
+        os.rename(out / name, old / name)
+    for p in tmp.iterdir():
+        os.rename(p, out / p.name)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_state_dict(
     sd: dict[str, torch.Tensor],
     cfg: ModelConfig,
@@ -547,7 +560,8 @@ def save_state_dict(
     the written one keeps (``save_pretrained`` passes the one the model was loaded with)."""
     target = resolve_dtype(dtype)
     limit = parse_size(max_shard_size)
-    out = Path(out_dir)
+    # absolute and normalized: "." or "run/.." have no name to put the temporary sibling beside
+    out = Path(os.path.abspath(out_dir))
     if out.is_symlink() and out.is_dir():  # written where the link points, as transformers does
         out = out.resolve()
     if out.exists() and not out.is_dir():
@@ -568,7 +582,9 @@ def save_state_dict(
                       generation_config)
         if tokenizer is None:
             _warn_dropped_files(out, existing, tmp)
-        if existing:
+        if out.is_dir() and out.samefile(Path.cwd()):
+            _replace_contents(out, tmp, existing, tag)
+        elif existing:
             old = out.parent / f".{out.name}.old-{tag}"
             os.rename(out, old)
             os.rename(tmp, out)

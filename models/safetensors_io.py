@@ -443,6 +443,19 @@ def untie_if_head_differs(ckpt: CheckpointIndex, cfg: ModelConfig) -> ModelConfi
     return cfg.replace(tie_word_embeddings=False)
 
 
+def _unlisted_hint(ckpt: CheckpointIndex) -> str:
+    """Why weights may be missing from a sharded checkpoint: safetensors files in the folder
+    that its index does not list (an index from another save), which transformers' loading
+    skips too."""
+    unlisted = sorted(p.name for p in ckpt.folder.glob("*.safetensors") if p not in ckpt.files)
+    if not unlisted or not (ckpt.folder / INDEX_FILE).is_file() or any(
+            p.suffix != ".safetensors" or p.name == SINGLE_FILE for p in ckpt.files):
+        return ""
+    return (f"; the folder also holds {', '.join(unlisted[:3])}, which "
+            f"{INDEX_FILE} does not list: an index from another save? Save the "
+            "checkpoint again, or fix its weight_map")
+
+
 def iter_checkpoint(
     folder: str | os.PathLike, cfg: ModelConfig | None = None, ckpt: CheckpointIndex | None = None,
     dequant: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
@@ -455,7 +468,10 @@ def iter_checkpoint(
     ``ember.models.bnb_int8``)."""
     cfg = cfg if cfg is not None else read_config(folder)
     ckpt = ckpt if ckpt is not None else scan_checkpoint(folder)
-    mapping = map_hf_keys(ckpt.shapes, cfg, str(ckpt.folder))
+    try:
+        mapping = map_hf_keys(ckpt.shapes, cfg, str(ckpt.folder))
+    except EmberError as e:
+        raise EmberError(f"{e}{_unlisted_hint(ckpt)}") from None
     fused = fused_parts(ckpt.shapes, cfg)  # Phi-3: one stored tensor, several Ember weights
     experts = expert_parts(ckpt.shapes, cfg, str(ckpt.folder))  # 3-D MoE expert stacks
     for path in ckpt.files:
@@ -511,16 +527,22 @@ def parse_size(size: int | str) -> int:
 
 
 def _plan_shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
-    """Greedy shards in key order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[list[str]] = [[]]
+    """Greedy shards in key order, as huggingface_hub's ``split_torch_state_dict_into_shards``
+    (transformers' save_pretrained) cuts them: a tensor larger than the limit gets a shard of its
+    own, placed when it comes, while the shard being filled stays open for the next ones."""
+    shards: list[list[str]] = []
+    current: list[str] = []
     used = 0
     for key, n in sizes.items():
-        if shards[-1] and used + n > limit:
-            shards.append([])
-            used = 0
-        shards[-1].append(key)
+        if n > limit:
+            shards.append([key])
+            continue
+        if used + n > limit:
+            shards.append(current)
+            current, used = [], 0
+        current.append(key)
         used += n
-    return shards
+    return [*shards, current] if current or not shards else shards
 
 
 def _write_json(path: Path, obj) -> None:

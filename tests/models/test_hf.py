@@ -372,6 +372,19 @@ def test_bad_configs(tmp_path, change, needle):
     assert needle in msg and "config.json" in msg
 
 
+@pytest.mark.parametrize("dtype", [["bfloat16"], ["float32", "bfloat16"]])
+def test_a_dtype_that_is_not_a_name_is_refused_by_name(tmp_path, dtype):
+    """config.json's dtype a list: transformers cannot load the folder (an IndexError from deep
+    inside); Ember raised a bare TypeError (unhashable) instead of naming the field."""
+    _, folder = _make(tmp_path, "llama")
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "dtype": dtype}))
+    with pytest.raises(Exception):  # noqa: B017 (the oracle: transformers fails too, any error)
+        transformers.AutoModelForCausalLM.from_pretrained(folder)
+    msg = _err(load_pretrained, folder)
+    assert "dtype" in msg and "config.json" in msg
+
+
 def test_qwen_window_semantics():
     base = {**BASE, "hidden_size": 48, "model_type": "qwen2"}
     assert config_from_hf({**base, "sliding_window": 8}).sliding_window is None  # not enabled

@@ -102,6 +102,46 @@ def test_saved_rope_buffers_are_ignored_as_transformers_ignores_them(tmp_path):
         assert (model(_ids()) - _hf_logits(folder, _ids())).abs().max().item() <= 1e-4
 
 
+def _moe_layouts_mixed(folder, fused: bool) -> str:
+    """Add a second copy, under the other key layout and with other values, of a weight the
+    checkpoint already holds; the stored key it duplicates."""
+    sd = load_file(folder / "model.safetensors")
+    if fused:  # a transformers 5 expert stack beside the per-expert keys of the same layer
+        n = sum(k.startswith("model.layers.0.mlp.experts.") and k.endswith(".down_proj.weight")
+                for k in sd)
+        one = sd["model.layers.0.mlp.experts.0.down_proj.weight"]
+        sd["model.layers.0.mlp.experts.down_proj"] = torch.randn(n, *one.shape) * 0.1
+        dup = "model.layers.0.mlp.experts.0.down_proj.weight"
+    else:  # Mixtral's router under its transformers 5 name beside the stored block_sparse_moe one
+        dup = "model.layers.0.block_sparse_moe.gate.weight"
+        sd["model.layers.0.mlp.gate.weight"] = torch.randn(sd[dup].shape) * 0.1
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    return dup
+
+
+@pytest.mark.parametrize("config_cls,kw,fused", [
+    ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), False),
+    ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), True),
+])
+def test_a_weight_stored_twice_under_two_layouts_is_refused(tmp_path, config_cls, kw, fused):
+    """A checkpoint holding one weight twice, under the old and the new key layout, with other
+    values: transformers keeps one of them without a word (Mixtral: no unexpected key) or fails
+    (Qwen3-MoE); Ember loaded whichever came last in the file, a silent wrong model."""
+    folder = _save(tmp_path, "mixed", config_cls, **kw)
+    dup = _moe_layouts_mixed(folder, fused)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, info = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, output_loading_info=True)
+        assert not info["unexpected_keys"]  # the other copy is dropped silently
+    except AttributeError:  # transformers 5.23's stacked-expert conversion of the mixed layer
+        assert fused
+    with pytest.raises(EmberError, match="stored") as err:
+        load_pretrained(folder)
+    assert dup in str(err.value)
+
+
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
 ROPE_CASES = {  # name -> (config class, kwargs); T=24 runs past original_max_position_embeddings
     "llama_yarn": (

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,6 +272,68 @@ def test_saving_into_a_symlinked_folder_writes_where_it_points(tmp_path):
         "disk", "out"]
     reloaded, _ = load_pretrained(tmp_path / "disk")
     assert torch.equal(reloaded.norm.weight, model.norm.weight)
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_saving_into_the_working_folder_writes_there(tmp_path, monkeypatch, previous):
+    """out_dir "." (``ember export RUN --merged .``): transformers writes into the working folder.
+    Ember renamed "." away to swap in the new folder, an OSError (EBUSY); renaming the absolute
+    path would leave the process in a deleted folder."""
+    hf = _hf_model()
+    src = tmp_path / "src"
+    hf.save_pretrained(src)
+    model, _ = load_pretrained(src)
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)
+    work = tmp_path / "work"
+    work.mkdir()
+    if previous:  # a model folder from an earlier, sharded save: its shards go
+        hf.save_pretrained(work, max_shard_size="20KB")
+    monkeypatch.chdir(work)
+    save_pretrained(model, ".")
+    assert sorted(p.name for p in work.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "work"]
+    assert Path.cwd().samefile(work)
+    ids = torch.randint(0, BASE["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert (_hf_logits(work, ids) - model(ids)).abs().max().item() <= 1e-4
+
+
+def test_a_shard_the_index_does_not_list_is_named(tmp_path):
+    """An index from another save that does not list one of the folder's shards: transformers
+    loads without that shard's tensors (reported missing, initialized at random). Ember refused
+    naming only the missing keys; the shard is what to look at."""
+    folder = tmp_path / "sharded"
+    _hf_model().save_pretrained(folder, max_shard_size="20KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != files[-1]}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, info = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, output_loading_info=True)
+    assert info["missing_keys"]
+    with pytest.raises(EmberError, match="missing key") as err:
+        load_pretrained(folder)
+    assert files[-1] in str(err.value)
+
+
+@pytest.mark.parametrize("size", ["9KB", "10KB"])
+def test_shards_are_cut_as_transformers_cuts_them(tmp_path, size):
+    """max_shard_size below some tensors' sizes: transformers (huggingface_hub) gives each such
+    tensor a shard of its own and keeps filling the open shard with the smaller ones; Ember
+    closed the open shard at each large tensor, writing more, smaller shards (15 for 14)."""
+    hf = _hf_model()
+    hf.save_pretrained(tmp_path / "theirs", max_shard_size=size)
+    model, _ = load_pretrained(tmp_path / "theirs")
+    save_pretrained(model, tmp_path / "ours", max_shard_size=size)
+    theirs, ours = (json.loads((tmp_path / d / "model.safetensors.index.json").read_text())
+                    for d in ("theirs", "ours"))
+    assert len(set(ours["weight_map"].values())) == len(set(theirs["weight_map"].values()))
+    assert ours["metadata"] == theirs["metadata"]
+    assert sorted(ours["weight_map"]) == sorted(theirs["weight_map"])
 
 
 def test_a_git_lfs_pointer_in_place_of_the_weights_says_so(tmp_path):
