@@ -252,3 +252,30 @@ def test_trainable_tokens_keep_8bit_states_as_transformers_trainer(tmp_path):
                 (w.detach()[rows] - delta.detach()).abs().max())
     finally:
         bnb.optim.GlobalOptimManager.get_instance().initialize()  # the Trainer's overrides
+
+
+@pytest.mark.parametrize("targets", [["qkv_proj", "o_proj"], "all-linear"])
+def test_phi3_fused_adapter_continues_with_peft_logits(tmp_path, targets):
+    """A PEFT adapter on Phi-3's fused qkv_proj / gate_up_proj as a run's model.init: the run
+    starts from PEFT's logits (resolve_start named the fused modules as [lora] targets, which
+    match none of Ember's per-projection modules: the run was refused)."""
+    from ember.engine.config import load_config
+    from ember.engine.stages import continue_adapters, resolve_start, start_of
+
+    base = save_random_model(tmp_path / "phi3", transformers.Phi3Config, seed=5,
+                             pad_token_id=None, eos_token_id=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                     init_lora_weights=False))
+        pm.save_pretrained(tmp_path / "ad")
+        with torch.no_grad():
+            want = pm.eval()(input_ids=IDS).logits
+    cfg = resolve_start(load_config(None, [f'model.name="{base}"', 'device="cpu"',
+                                           f'model.init="{tmp_path / "ad"}"',
+                                           f'run_dir="{tmp_path / "run"}"']))
+    model, _ = load_pretrained(base, "float32")
+    continue_adapters(model, cfg, None, start_of(cfg))
+    with torch.no_grad():
+        assert (model.eval()(IDS) - want).abs().max() <= 1e-5 * max(1.0, want.abs().max())
