@@ -271,7 +271,7 @@ def _saved_modules(mts: list) -> tuple[list[str], list]:
     for m in mts:
         try:
             hit = {n for n, (key, _) in _FULL_WEIGHTS.items()
-                   if any(name.endswith(m) or re.fullmatch(rf"(.*\.)?{m}", name) for name in
+                   if m and any(name.endswith(m) or re.fullmatch(rf"(.*\.)?{m}", name) for name in
                           (key[len("base_model.model."):-len(".weight")], *_OTHER_LAYOUTS[n]))}
         except (re.error, TypeError):
             hit = set()
