@@ -55,6 +55,7 @@ from ember.models.lora import (
     merge_lora,
     resolve_targets,
 )
+from ember.models.lora_fused import part_names
 from ember.models.peft_adapter import _PEFT_KEY, _read_adapter_config
 from ember.models.peft_files import _FULL_WEIGHTS
 from ember.models.peft_tokens import train_trainable_tokens
@@ -207,7 +208,9 @@ def start_of(cfg: TrainConfig) -> Start:
 
 def _adapter_modules(start: Start) -> list[str]:
     _, tensors = _read_adapter(start.adapter)
-    names = {ember_module_name(m[1]) for k in tensors if (m := _PEFT_KEY.fullmatch(k))}
+    # Phi-3's fused qkv_proj / gate_up_proj: load_adapter adapts their parts
+    names = {ember_module_name(p) for k in tensors if (m := _PEFT_KEY.fullmatch(k))
+             for p in part_names(m[1])}
     return sorted((n for n in names if n is not None), key=_natural_key)
 
 

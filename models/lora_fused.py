@@ -78,6 +78,14 @@ def split_adapter(tensors: dict, config: dict, cfg: ModelConfig) -> tuple[dict, 
     return out, config
 
 
+def part_names(hf_name: str) -> list[str]:
+    """A fused module's transformers name -> its parts', the modules Ember adapts
+    (``model.layers.0.self_attn.qkv_proj`` -> ``...q_proj``, ``...k_proj``, ``...v_proj``);
+    any other name: itself."""
+    f = _FUSED_NAME.fullmatch(hf_name)
+    return [hf_name] if f is None else [_part_name(f[1], f[2], p) for p in GROUPS[f[2]]]
+
+
 def fused_module_name(hf_name: str, cfg: ModelConfig | None) -> str:
     """A part's transformers name -> the module PEFT sees in a fused model
     (``model.layers.0.self_attn.q_proj`` -> ``model.layers.0.self_attn.qkv_proj``); other names

@@ -62,6 +62,7 @@ from ember.models.lora_fused import (
     fuse_magnitudes,
     fused_module_name,
     is_fused,
+    part_names,
     split_adapter,
 )
 from ember.models.peft_files import (  # noqa: F401  (re-exported)
@@ -401,7 +402,10 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
         tensors, config = split_expert_adapter(tensors, config, getattr(model, "cfg", None))
     _validate_config(config, where, tensors)
     use_dora = bool(config.get("use_dora"))
+    fused = []  # Phi-3's qkv_proj / gate_up_proj in the file: their parts share PEFT's one A
     if is_fused(getattr(model, "cfg", None)):
+        fused = sorted({m[1] for k in tensors if (m := _PEFT_KEY.fullmatch(k))
+                        and len(part_names(m[1])) > 1})
         tensors, config = split_adapter(tensors, config, model.cfg)
     wfile = next(adapter_dir / n for n in ADAPTER_WEIGHTS if (adapter_dir / n).is_file())
     head = _adapter_head(model, config, tensors, wfile)
@@ -540,6 +544,12 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
                 p.copy_(t)
             if mag is not None:
                 mod.lora_magnitude.copy_(mag)
+    for name in fused:
+        # one lora_A Parameter for the parts, as PEFT's fused module has one: its gradient is
+        # the sum of theirs and a continued adapter trains as PEFT's (and saves at rank r)
+        parts = [model.get_submodule(ember_module_name(p)) for p in part_names(name)]
+        for mod in parts[1:]:
+            mod.lora_A = parts[0].lora_A
     with torch.no_grad():
         for p, b in biases.items():
             p.copy_(b)

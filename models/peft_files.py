@@ -264,13 +264,14 @@ def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> 
 
 def _saved_modules(mts: list) -> tuple[list[str], list]:
     """modules_to_save entries -> the ``_FULL_WEIGHTS`` modules they select (PEFT matches an entry
-    as a suffix of module names: "embed_tokens" and "model.embed_tokens" are one module), and the
-    entries that select none of them nor a classifier's head."""
+    as a suffix of module names, str.endswith: "embed_tokens", "model.embed_tokens" and "tokens"
+    are one module, "head" is lm_head), and the entries that select none of them nor a
+    classifier's head."""
     names, bad = set(), []
     for m in mts:
         try:
             hit = {n for n, (key, _) in _FULL_WEIGHTS.items()
-                   if any(re.fullmatch(rf"(.*\.)?{m}", name) for name in
+                   if m and any(name.endswith(m) or re.fullmatch(rf"(.*\.)?{m}", name) for name in
                           (key[len("base_model.model."):-len(".weight")], *_OTHER_LAYOUTS[n]))}
         except (re.error, TypeError):
             hit = set()

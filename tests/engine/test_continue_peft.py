@@ -252,3 +252,59 @@ def test_trainable_tokens_keep_8bit_states_as_transformers_trainer(tmp_path):
                 (w.detach()[rows] - delta.detach()).abs().max())
     finally:
         bnb.optim.GlobalOptimManager.get_instance().initialize()  # the Trainer's overrides
+
+
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory):
+    return save_random_model(tmp_path_factory.mktemp("continue_phi3") / "phi3",
+                             transformers.Phi3Config, seed=5, pad_token_id=None, eos_token_id=2)
+
+
+def _phi3_adapter(base, out, targets) -> torch.Tensor:
+    """A PEFT adapter on Phi-3 (random A and B) saved to out; PEFT's logits."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                     init_lora_weights=False))
+        pm.save_pretrained(out)
+        with torch.no_grad():
+            return pm.eval()(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("targets", [["qkv_proj", "o_proj"], "all-linear"])
+def test_phi3_fused_adapter_continues_with_peft_logits(phi3, tmp_path, targets):
+    """A PEFT adapter on Phi-3's fused qkv_proj / gate_up_proj as a run's model.init: the run
+    starts from PEFT's logits (resolve_start named the fused modules as [lora] targets, which
+    match none of Ember's per-projection modules: the run was refused)."""
+    from ember.engine.config import load_config
+    from ember.engine.stages import continue_adapters, resolve_start, start_of
+
+    base = phi3
+    want = _phi3_adapter(base, tmp_path / "ad", targets)
+    cfg = resolve_start(load_config(None, [f'model.name="{base}"', 'device="cpu"',
+                                           f'model.init="{tmp_path / "ad"}"',
+                                           f'run_dir="{tmp_path / "run"}"']))
+    model, _ = load_pretrained(base, "float32")
+    continue_adapters(model, cfg, None, start_of(cfg))
+    with torch.no_grad():
+        assert (model.eval()(IDS) - want).abs().max() <= 1e-5 * max(1.0, want.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_phi3_fused_adapter_steps_as_peft(phi3, tmp_path, kind):
+    """PEFT's qkv_proj / gate_up_proj have one A each, shared by their parts: a step on the
+    continued adapter moves it by the sum of the parts' gradients, and the adapter saved is
+    PEFT's (rank r). Ember's parts had their own copies of A, each moved by its own gradient
+    (logits 0.85 off PEFT's after one SGD step, saved as a rank-3r adapter)."""
+    _phi3_adapter(phi3, tmp_path / "ad", ["qkv_proj", "gate_up_proj", "down_proj"])
+    _peft_step(phi3, tmp_path / "ad", tmp_path / "peft", kind)
+    model = _ember_step(phi3, tmp_path / "ad", tmp_path / "ember", kind)
+    _assert_same_adapters(tmp_path / "ember", tmp_path / "peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(phi3, dtype=torch.float32)
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    with torch.no_grad():
+        want = theirs(input_ids=IDS).logits
+        assert (model.eval()(IDS) - want).abs().max() <= 1e-5 * max(1.0, want.abs().max())

@@ -67,6 +67,22 @@ def test_modules_to_save_also_in_target_modules(bases, tmp_path):
                 modules_to_save=["embed_tokens"])
 
 
+def _train_saved_copies(model) -> None:
+    """New values for the trained copies of PEFT's modules_to_save (they start as the base's)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".modules_to_save." in n:
+                p.mul_(2)
+
+
+@pytest.mark.parametrize("mts", [["head"], ["_tokens"], ["model.embed_tokens", "lm_head"]])
+def test_modules_to_save_entries_match_as_suffixes_as_peft(bases, tmp_path, mts):
+    """PEFT selects modules_to_save by str.endswith on the module names ("head" is lm_head);
+    Ember matched whole name segments and refused "head" as unsupported."""
+    _round_trip(bases["plain"], tmp_path, target_modules=["q_proj"], modules_to_save=mts,
+                edit_base=_train_saved_copies)
+
+
 def _new_token_rows(model) -> None:
     """PEFT starts trainable tokens as the base's own rows: give them new values (global RNG)."""
     with torch.no_grad():
