@@ -206,6 +206,15 @@ def shard_model(model: nn.Module, info: DistInfo, *, mixed_precision: str = "aut
     if not isinstance(layers, nn.ModuleList):
         raise EmberError(f"shard_model needs a model with a `layers` ModuleList (an ember "
                          f"Transformer), got {type(model).__name__}")
+    # fully_shard swaps every parameter for a new DTensor Parameter: a matrix trained by rows
+    # (a continued adapter's trainable_token_indices) would lose the gradient hook that trains
+    # those rows alone, and train every row. Every rank decides alike (no rank left waiting).
+    rows = [n for n, p in model.named_parameters()
+            if getattr(p, "ember_trained_rows", None) is not None]
+    if any_rank(bool(rows), info):
+        raise EmberError("the adapter's trainable_token_indices (rows of embed_tokens / "
+                         "lm_head) cannot train under torchrun: FSDP2 would train every row of "
+                         "the matrix; continue this adapter in one process (without torchrun)")
     # Before fully_shard: ranks > 0 must hold rank 0's module structure (Linear4bit where rank
     # 0 has one) so that every rank registers the same parameters.
     store_nf4_flat(model, info)

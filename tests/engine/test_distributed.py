@@ -505,3 +505,28 @@ def test_ranks_above_zero_build_the_structure_only(tiny, monkeypatch):
     # QLoRA: the dense structure; rank 0's NF4 layers replace its linears in shard_model
     shell, _ = loading.load_pretrained(tiny["model"], "float32", "meta", quantize="nf4")
     assert shell.state_dict().keys() == skeleton.state_dict().keys()
+
+
+def test_trainable_tokens_of_a_continued_adapter_are_refused_under_torchrun(tiny, tmp_path):
+    """A PEFT adapter with trainable_token_indices (made by peft) continued under torchrun:
+    one process trains those rows alone (a gradient hook, test_continue_peft), but fully_shard
+    swaps the embedding for a DTensor Parameter without the hook, so two processes trained every
+    row of the embedding (a silent wrong answer): refused on every rank, saying what to do."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"],
+                                                               dtype=torch.float32)
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8,
+                                                     target_modules=["q_proj"],
+                                                     trainable_token_indices=[5, 9]))
+        pm.save_pretrained(tmp_path / "ad")
+    cfg = write_config(tiny, tmp_path / "two", f'model.init="{tmp_path / "ad"}"',
+                       "lora.targets=['q']", "max_steps=1", "eval.every_steps=0",
+                       "eval.before=false",
+                       "eval.metrics=[]", "checkpoint.every_steps=0")
+    out = torchrun_train(str(cfg), status=1)
+    assert "trainable_token_indices" in out and "without torchrun" in out, out[-3000:]
