@@ -37,6 +37,13 @@ Semantics, so that N ranks reproduce one process:
   default averaging is switched off), so the gradient is the token-weighted mean over all ranks'
   tokens, identical to one process. The logged loss is the all-reduced sum of the ranks' losses.
 - Clipping: ``clip_grad_norm`` computes the global norm over the shards.
+- Random draws during training (dropout masks, NEFTune's embedding noise) are the exception:
+  each rank draws from its own RNG (rank 0 seeded as one process, rank r with ``seed + r``), so
+  a run with either is reproducible and statistically the same, not equal to one process step
+  for step. (transformers' Trainer seeds every rank alike, so its ranks draw the same noise for
+  their different batches.)
+- Refused: a continued adapter's ``trainable_token_indices`` (a gradient hook trains those rows
+  alone, and ``fully_shard`` replaces the parameter it sits on; train it in one process).
 
 - Evaluation: each rank scores a disjoint share of the batches or examples (``eval_share``:
   every N-th, padded with calls that count for nothing, since a sharded forward is a collective);
