@@ -530,3 +530,47 @@ def test_trainable_tokens_of_a_continued_adapter_are_refused_under_torchrun(tiny
                        "eval.metrics=[]", "checkpoint.every_steps=0")
     out = torchrun_train(str(cfg), status=1)
     assert "trainable_token_indices" in out and "without torchrun" in out, out[-3000:]
+
+
+def test_dpo_on_a_continued_adapter_matches_one_process(tiny, tmp_path):
+    """DPO continuing a PEFT adapter (made by peft): the reference is the adapter as loaded,
+    swapped into the trained model for its forwards (stages.adapters_swapped). Under FSDP the
+    swap must write the shards: with dist.reshard_after_forward = false a forward leaves the
+    blocks gathered, and swapping back crashed (a DTensor copied into a plain tensor). The run
+    logs and exports what one process does."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"],
+                                                               dtype=torch.float32)
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                     init_lora_weights=False))
+        pm.save_pretrained(tmp_path / "ad")
+    rng = random.Random(5)
+    prefs = []
+    for _ in range(8):
+        words = [rng.choice(w.WORDS) for _ in range(rng.randint(2, 6))]
+        wrong = rng.choice([x for x in w.WORDS if x != words[0]])
+        prefs.append({"prompt": "say " + " ".join(words) + " ->", "chosen": " " + words[0],
+                      "rejected": " " + wrong})
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", prefs)
+    cfg = ('objective="dpo"', "dpo.beta=0.5", "optim.lr=1e-2", "optim.warmup_steps=0",
+           f'model.init="{tmp_path / "ad"}"', "lora.targets=['q_proj']", "max_steps=2",
+           f'data.train=["{prefs}"]', f'data.validation="{prefs}"', "data.tokens_per_batch=80",
+           "eval.every_steps=1", "eval.metrics=[]", "checkpoint.every_steps=0",
+           "dist.reshard_after_forward=false")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", str(write_config(tiny, tmp_path / "one", *cfg)),
+                     *sets("grad_accum=2")]) == 0
+    torchrun_train(str(write_config(tiny, tmp_path / "two", *cfg)))
+    one = rows_of(tmp_path / "one")
+    assert [r["step"] for r in one if r["kind"] == "eval"] == [0, 1, 2]
+    _same_rows(rows_of(tmp_path / "two"), one)
+    name = "final/adapter/adapter_model.safetensors"
+    a, b = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "two" / name))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
