@@ -574,3 +574,44 @@ def test_dpo_on_a_continued_adapter_matches_one_process(tiny, tmp_path):
     assert a.keys() == b.keys() and a
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_continued_adapter_with_modules_to_save_exports_as_one_process(tiny, tmp_path):
+    """A PEFT adapter (made by peft) with modules_to_save = ["lm_head"], continued under
+    torchrun: the export of two processes (a model rebuilt from the gathered weights) wrote no
+    lm_head and no modules_to_save (the trained head silently lost); now the adapter files and
+    configs are one process's, and PEFT loads the trained head."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"],
+                                                               dtype=torch.float32)
+        pm = peft.get_peft_model(hf, peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+            init_lora_weights=False))
+        pm.save_pretrained(tmp_path / "ad")
+    cfg = (f'model.init="{tmp_path / "ad"}"', "lora.targets=['q_proj', 'v_proj']",
+           "optim.lr=1e-2", "optim.warmup_steps=0", "max_steps=2", "eval.every_steps=0",
+           "eval.before=false", "eval.metrics=[]", "checkpoint.every_steps=0")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", str(write_config(tiny, tmp_path / "one", *cfg)),
+                     *sets("grad_accum=2")]) == 0
+    torchrun_train(str(write_config(tiny, tmp_path / "two", *cfg)))
+    _same_rows(rows_of(tmp_path / "two"), rows_of(tmp_path / "one"))
+    ad = [tmp_path / run / "final" / "adapter" for run in ("one", "two")]
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in ad)
+    assert "base_model.model.lm_head.weight" in a and a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+    configs = [json.loads((d / "adapter_config.json").read_text()) for d in ad]
+    assert configs[1]["modules_to_save"] == configs[0]["modules_to_save"] == ["lm_head"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"],
+                                                               dtype=torch.float32)
+        theirs = peft.PeftModel.from_pretrained(hf, ad[1])
+    head = theirs.base_model.model.lm_head.modules_to_save["default"].weight
+    torch.testing.assert_close(head, a["base_model.model.lm_head.weight"], rtol=0, atol=1e-5)
