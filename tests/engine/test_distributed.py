@@ -505,4 +505,3 @@ def test_ranks_above_zero_build_the_structure_only(tiny, monkeypatch):
     # QLoRA: the dense structure; rank 0's NF4 layers replace its linears in shard_model
     shell, _ = loading.load_pretrained(tiny["model"], "float32", "meta", quantize="nf4")
     assert shell.state_dict().keys() == skeleton.state_dict().keys()
-
