@@ -37,6 +37,13 @@ Semantics, so that N ranks reproduce one process:
   default averaging is switched off), so the gradient is the token-weighted mean over all ranks'
   tokens, identical to one process. The logged loss is the all-reduced sum of the ranks' losses.
 - Clipping: ``clip_grad_norm`` computes the global norm over the shards.
+- Random draws during training (dropout masks, NEFTune's embedding noise) are the exception:
+  each rank draws from its own RNG (rank 0 seeded as one process, rank r with ``seed + r``), so
+  a run with either is reproducible and statistically the same, not equal to one process step
+  for step. (transformers' Trainer seeds every rank alike, so its ranks draw the same noise for
+  their different batches.)
+- Refused: a continued adapter's ``trainable_token_indices`` (a gradient hook trains those rows
+  alone, and ``fully_shard`` replaces the parameter it sits on; train it in one process).
 
 - Evaluation: each rank scores a disjoint share of the batches or examples (``eval_share``:
   every N-th, padded with calls that count for nothing, since a sharded forward is a collective);
@@ -206,6 +213,15 @@ def shard_model(model: nn.Module, info: DistInfo, *, mixed_precision: str = "aut
     if not isinstance(layers, nn.ModuleList):
         raise EmberError(f"shard_model needs a model with a `layers` ModuleList (an ember "
                          f"Transformer), got {type(model).__name__}")
+    # fully_shard swaps every parameter for a new DTensor Parameter: a matrix trained by rows
+    # (a continued adapter's trainable_token_indices) would lose the gradient hook that trains
+    # those rows alone, and train every row. Every rank decides alike (no rank left waiting).
+    rows = [n for n, p in model.named_parameters()
+            if getattr(p, "ember_trained_rows", None) is not None]
+    if any_rank(bool(rows), info):
+        raise EmberError("the adapter's trainable_token_indices (rows of embed_tokens / "
+                         "lm_head) cannot train under torchrun: FSDP2 would train every row of "
+                         "the matrix; continue this adapter in one process (without torchrun)")
     # Before fully_shard: ranks > 0 must hold rank 0's module structure (Linear4bit where rank
     # 0 has one) so that every rank registers the same parameters.
     store_nf4_flat(model, info)

@@ -7,7 +7,9 @@ with T the sequence length of the row and D the hidden size; evaluation and gene
 clean embeddings. Ember applies it as transformers' ``neftune_noise_alpha`` does (a forward hook
 on the input embedding, active only while the module is in training mode, the same draw from the
 global RNG), so with packing T is the packed row's length, as in TRL with ``packing=True``.
-Config: ``neftune_noise_alpha`` (the paper and TRL use 5; 0 turns it off).
+Config: ``neftune_noise_alpha`` (the paper and TRL use 5; 0 turns it off). Under torchrun each
+rank draws from its own RNG stream (``engine/distributed.py``), so the noise, and with it the
+losses, differ from one process's run with ``grad_accum * N`` (statistically the same).
 
 Where the noise goes is transformers' embedding module's output. Gemma's (1, 2, 3) module
 multiplies by sqrt(hidden) itself (``GemmaTextScaledWordEmbedding``), so the noise is added after

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ember import EmberError
+from ember.engine.distributed import reshard_all
 from ember.models.hub import builtin_model
 from ember.models.lora import (
     SHORT_TARGETS,
@@ -447,6 +448,11 @@ def adapters_swapped(model, snapshot: dict):
     mods = lora_modules(model)
     if set(mods) != set(snapshot) - {OTHERS}:
         raise EmberError("the model's adapters are not those of the reference snapshot")
+    # Under FSDP the weights to swap are the shards (what every forward gathers from): a
+    # forward without backward leaves the root, and with dist.reshard_after_forward = false
+    # every block, holding gathered copies in their place (was: the swap back then failed,
+    # DTensor into a plain tensor). A no-op in one process.
+    reshard_all(model)
     named = dict(model.named_parameters())
     others = {n: named[n] for n in snapshot.get(OTHERS, {})}
     saved = {}
@@ -463,6 +469,7 @@ def adapters_swapped(model, snapshot: dict):
     try:
         yield model
     finally:
+        reshard_all(model)  # the reference forward left the root (at least) gathered
         with torch.no_grad():
             for n, m in mods.items():
                 for k, p in m.adapter_params().items():

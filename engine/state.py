@@ -175,12 +175,13 @@ def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | N
         state = gather_full_state_dict(model, trainable_only=lora)
         if not info.is_main:
             return None
-        init = getattr(model, "peft_init_lora_weights", None)  # a continued MiCA adapter
-        gen = getattr(model, "hf_generation_config", None)  # the base's, kept by the export
+        # What the export reads besides the weights: the base's generation config, and a
+        # continued PEFT adapter's settings (its modules_to_save, bias mode, MiCA init; was:
+        # only the last two kept, so a trained lm_head / embed_tokens left the adapter file).
+        kept = {k: v for k, v in vars(model).items() if k.startswith(("peft_", "hf_"))}
         model = _unsharded(model.cfg, cfg, state)
-        if init is not None:
-            model.peft_init_lora_weights = init
-        model.hf_generation_config = gen
+        for k, v in kept.items():
+            setattr(model, k, v)
     final, base = cfg.out_dir / "final", base_of(cfg)
     if cfg.method == "prompt":  # one process (the trainer refuses FSDP)
         return save_prompt_adapter(model, final / "adapter", base_model_name_or_path=base)
