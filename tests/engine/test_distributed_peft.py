@@ -35,6 +35,21 @@ def make_adapter(tiny, folder, **kw):
     return folder
 
 
+def test_an_embedding_adapter_loads_onto_a_meta_build(tiny, tmp_path):
+    """PEFT saves the base embedding with an adapter on embed_tokens; loading it compares that
+    copy with the model's own. A torchrun rank above 0 builds the model on "meta" (rank 0
+    broadcasts the weights later), where the comparison crashed ("Cannot copy out of meta
+    tensor"), so continuing such an adapter under torchrun failed on rank 1."""
+    from ember.models.loading import load_pretrained
+    from ember.models.peft_adapter import load_adapter
+
+    make_adapter(tiny, tmp_path / "ad", target_modules=["q_proj", "embed_tokens"])
+    real = load_adapter(load_pretrained(tiny["model"], "float32")[0], tmp_path / "ad")
+    meta = load_adapter(load_pretrained(tiny["model"], "float32", "meta")[0], tmp_path / "ad")
+    assert {k: v.shape for k, v in meta.state_dict().items()} == {
+        k: v.shape for k, v in real.state_dict().items()}
+
+
 def test_trainable_tokens_of_a_continued_adapter_are_refused_under_torchrun(tiny, tmp_path):
     """A PEFT adapter with trainable_token_indices (made by peft) continued under torchrun:
     one process trains those rows alone (a gradient hook, test_continue_peft), but fully_shard
