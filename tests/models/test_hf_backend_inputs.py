@@ -87,3 +87,20 @@ def test_generate_beams_and_static_cache(kw):
     gen = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, **kw)
     with torch.no_grad():
         assert torch.equal(model.eval().generate(ids, **gen), ref.eval().generate(ids, **gen))
+
+
+@pytest.mark.parametrize("use_cache", [False, None])
+def test_data_collator_with_flattening(use_cache, flash_calls):
+    """transformers' DataCollatorWithFlattening (with its flash-attention kwargs, which SDPA does
+    not read): packed rows are found from position_ids (varlen) when no KV cache exists. With the
+    config's use_cache, HF makes a cache and then does not detect packing (causal over the whole
+    row); the swap does what HF does in both cases."""
+    ref, model = _pair("llama", seed=61)
+    accelerate(model)
+    feats = [{"input_ids": _ids(1, n, seed=36 + n)[0].tolist()} for n in (4, 6, 3)]
+    batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(feats)
+    batch = {k: torch.as_tensor(v) if k in ("input_ids", "labels", "position_ids") else v
+             for k, v in batch.items()}
+    ids = batch.pop("input_ids")
+    _loss_and_grads_match(ref, model, ids, use_cache=use_cache, **batch)
+    assert flash_calls == ["varlen" if use_cache is False else "dense"] * 2
