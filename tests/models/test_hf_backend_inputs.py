@@ -1,0 +1,106 @@
+"""ember.models.hf_backend.accelerate fed the inputs HF users feed a causal LM beyond ``input_ids``
+and a 2-D mask: ``inputs_embeds``, explicit ``position_ids`` not starting at 0, a custom 4-D mask,
+``logits_to_keep``, and ``generate`` with beams, several returned sequences and a static cache.
+The oracle is the same transformers model without the swap (``_pair``'s twin), fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.models.hf_backend import accelerate
+from tests.models.test_hf_backend import _close, _ids, _loss_and_grads_match, _pair, flash_calls
+
+transformers = pytest.importorskip("transformers")
+
+__all__ = ["flash_calls"]  # the fixture, imported for the tests below
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here on one torch thread (tests/conftest.py: one_thread)."""
+
+
+def test_inputs_embeds(flash_calls):
+    """``inputs_embeds`` instead of ids (the plan reads its batch and length), padded rows."""
+    ref, model = _pair("qwen3_qknorm", seed=51)
+    accelerate(model)
+    ids = _ids(2, 11, seed=31)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    emb = ref.model.embed_tokens(ids).detach()
+    labels = ids.masked_fill(mask == 0, -100)
+    _loss_and_grads_match(ref, model, None, inputs_embeds=emb, attention_mask=mask,
+                          labels=labels)
+    assert flash_calls == ["varlen"] * 2
+    with torch.no_grad():
+        a, b = model.eval()(inputs_embeds=emb), ref.eval()(inputs_embeds=emb)
+    _close("logits", a.logits, b.logits)
+
+
+def test_position_ids_offset(flash_calls):
+    """position_ids given, starting at 5 (a continuation without a cache): one document per row,
+    dense attention, RoPE at those positions, as HF."""
+    ref, model = _pair("llama_tied_llama3", seed=53)
+    accelerate(model)
+    ids = _ids(2, 11, seed=32)
+    pos = torch.arange(5, 16).expand(2, -1)
+    _loss_and_grads_match(ref, model, ids, position_ids=pos, labels=ids, use_cache=False)
+    assert flash_calls == ["dense"] * 2
+    with torch.no_grad():
+        _close("logits", model.eval()(ids, position_ids=pos).logits,
+               ref.eval()(ids, position_ids=pos).logits)
+
+
+def test_custom_4d_mask(flash_calls):
+    """A 4-D boolean mask (two blocks attending only within themselves) is HF's to apply."""
+    ref, model = _pair("mistral_window", seed=55)
+    accelerate(model)
+    ids = _ids(2, 11, seed=33)
+    mask = torch.tril(torch.ones(11, 11, dtype=torch.bool))
+    mask[5:, :5] = False
+    mask = mask[None, None].expand(2, 1, 11, 11)
+    _loss_and_grads_match(ref, model, ids, attention_mask=mask, labels=ids)
+    assert flash_calls == []
+
+
+def test_logits_to_keep():
+    ref, model = _pair("llama", seed=57)
+    accelerate(model)
+    ids = _ids(2, 10, seed=34)
+    with torch.no_grad():
+        for keep in (3, torch.tensor([0, 4, 7])):
+            a, b = model.eval()(ids, logits_to_keep=keep), ref.eval()(ids, logits_to_keep=keep)
+            assert a.logits.shape == b.logits.shape
+            _close(f"logits (keep {keep})", a.logits, b.logits)
+
+
+@pytest.mark.parametrize("kw", [dict(num_beams=2, num_return_sequences=2),
+                                dict(cache_implementation="static")])
+def test_generate_beams_and_static_cache(kw):
+    """Left-padded prompts, a window that bites: the same tokens as unswapped."""
+    ref, model = _pair("mistral_window", seed=59)
+    accelerate(model)
+    ids = _ids(2, 9, seed=35)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    gen = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, **kw)
+    with torch.no_grad():
+        assert torch.equal(model.eval().generate(ids, **gen), ref.eval().generate(ids, **gen))
+
+
+@pytest.mark.parametrize("use_cache", [False, None])
+def test_data_collator_with_flattening(use_cache, flash_calls):
+    """transformers' DataCollatorWithFlattening (with its flash-attention kwargs, which SDPA does
+    not read): packed rows are found from position_ids (varlen) when no KV cache exists. With the
+    config's use_cache, HF makes a cache and then does not detect packing (causal over the whole
+    row); the swap does what HF does in both cases."""
+    ref, model = _pair("llama", seed=61)
+    accelerate(model)
+    feats = [{"input_ids": _ids(1, n, seed=36 + n)[0].tolist()} for n in (4, 6, 3)]
+    batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(feats)
+    batch = {k: torch.as_tensor(v) if k in ("input_ids", "labels", "position_ids") else v
+             for k, v in batch.items()}
+    ids = batch.pop("input_ids")
+    _loss_and_grads_match(ref, model, ids, use_cache=use_cache, **batch)
+    assert flash_calls == ["varlen" if use_cache is False else "dense"] * 2
