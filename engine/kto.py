@@ -9,9 +9,10 @@ Data lines (TRL's unpaired format), loss on the completion tokens only:
     {"prompt": ..., "chosen": ..., "rejected": ...}   a preference pair (any DPO shape), split
         into a desirable and an undesirable example as TRL's ``unpair_preference_dataset`` does
 
-A missing or non-boolean label, an empty prompt or completion, mixed string / message fields are
-bad lines (``file:line: reason``). Each example is one packed document carrying its label
-(``Example.desirable`` -> ``Batch.desirable``); generation metrics use the desirable ones.
+A missing label or one other than true / false (or 1 / 0, as TRL casts it), an empty prompt or
+completion, mixed string / message fields are bad lines (``file:line: reason``). Each example is
+one packed document carrying its label (``Example.desirable`` -> ``Batch.desirable``); generation
+metrics use the desirable ones.
 
 Loss (``preference_losses.kto_loss``): with summed completion log-probs ``r = pi - ref``,
 desirable ``w_d (1 - s(beta (r - z)))``, undesirable ``w_u (1 - s(beta (z - r)))``, rewards
@@ -137,9 +138,11 @@ def parse_unpaired(obj: dict) -> list[tuple]:
     label = obj["label"]
     if isinstance(label, str) and label.strip().lower() in ("true", "false"):
         label = label.strip().lower() == "true"  # a CSV cell
+    elif type(label) in (int, float) and label in (0, 1):
+        label = bool(label)  # 0/1, as TRL's collator casts it (an int column of pandas/datasets)
     if not isinstance(label, bool):
         raise _Bad("wrong type", f"field 'label' must be true (desirable) or false, got "
-                                 f"{_type_name(label)} {label!r}")
+                                 f"{_type_name(label)} {label!r} (1 / 0 read as true / false)")
     prompt, completion = obj["prompt"], obj["completion"]
     if isinstance(prompt, str) and isinstance(completion, str):
         if not prompt.strip():
