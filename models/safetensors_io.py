@@ -34,7 +34,7 @@ from ember import EmberError
 from ember.models.config import ModelConfig
 from ember.models.deferred import materialize
 from ember.models.hf import expert_parts, fused_parts, map_hf_keys, split_multimodal_keys
-from ember.models.hf_config import config_from_hf
+from ember.models.hf_config import ARCHITECTURES, _classifier_architecture, config_from_hf
 from ember.models.nf4 import QS_SUFFIXES, is_quant_state_key, split_bnb_key
 
 SINGLE_FILE = "model.safetensors"
@@ -122,9 +122,28 @@ def _read_config_json(folder: str | os.PathLike) -> tuple[Path, dict]:
         raise EmberError(f"{path} not found: a model folder needs config.json next to the "
                          f"weights{hint}")
     try:
-        return path, json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EmberError(f"{path} is not valid JSON ({e})") from None
+    if isinstance(raw, dict) and raw.get("architectures") is None and raw.get(
+            "model_type") in ARCHITECTURES and {"score.weight"} == _head_keys(Path(folder)):
+        # transformers' Auto classes never need architectures; the weights say it is a classifier
+        raw = {**raw, "architectures": [_classifier_architecture(raw["model_type"])]}
+    return path, raw
+
+
+def _head_keys(folder: Path) -> set[str]:
+    """Which of ``lm_head.weight`` / ``score.weight`` the safetensors weights hold (the index's
+    names, or the single file's header); nothing for a folder without them."""
+    try:
+        if (folder / SINGLE_FILE).is_file():
+            with safe_open(folder / SINGLE_FILE, framework="pt") as f:
+                names = set(f.keys())
+        else:
+            names = set(json.loads((folder / INDEX_FILE).read_text())["weight_map"])
+    except (OSError, ValueError, TypeError, KeyError, SafetensorError):
+        return set()  # loading the weights says what is wrong with them
+    return names & {"lm_head.weight", "score.weight"}
 
 
 def _parse_config(path: Path, raw) -> ModelConfig:
