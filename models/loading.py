@@ -81,18 +81,17 @@ from ember.models.safetensors_io import (
     _parse_config,
     _read_config_json,
     _write_json,
-    _write_shards,
     generation_config_to_write,
     iter_checkpoint,
     language_model_view,
     open_weights,
-    parse_size,
     read_config,
     read_generation_config,
     scan_checkpoint,
     untie_if_head_differs,
 )
 from ember.models.save_folder import write_folder_into
+from ember.models.shard_writer import _write_shards, parse_size
 from ember.models.transformer import Transformer
 
 __all__ = [

@@ -430,3 +430,31 @@ def test_saving_into_a_folder_holding_an_adapter_is_refused(tmp_path):
         save_pretrained(model, out)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+SHARD_FAMILIES = {
+    "llama": (transformers.LlamaConfig, {}, "AutoModelForCausalLM"),
+    "phi3_fused": (transformers.Phi3Config, {"pad_token_id": 0}, "AutoModelForCausalLM"),
+    "phi_biases": (transformers.PhiConfig, {}, "AutoModelForCausalLM"),
+    "gemma2": (transformers.Gemma2Config, {"head_dim": 12}, "AutoModelForCausalLM"),
+    "qwen3": (transformers.Qwen3Config, {"head_dim": 12}, "AutoModelForCausalLM"),
+    "classifier": (transformers.LlamaConfig, {"num_labels": 3, "pad_token_id": 0},
+                   "AutoModelForSequenceClassification"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SHARD_FAMILIES))
+def test_each_tensor_is_in_the_shard_transformers_puts_it_in(tmp_path, family):
+    """transformers fills shards in its state-dict order (per layer: attention, MLP, then the
+    norms; Phi-3's o_proj before qkv_proj; a weight before its bias); Ember wrote its own order
+    (norms first, fused tensors last), so the same model's index files differed."""
+    config_cls, extra, auto = SHARD_FAMILIES[family]
+    torch.manual_seed(0)
+    hf = getattr(transformers, auto).from_config(config_cls(**{**BASE, **extra}))
+    hf.save_pretrained(tmp_path / "theirs", max_shard_size="20KB")
+    model, _ = load_pretrained(tmp_path / "theirs")
+    save_pretrained(model, tmp_path / "ours", max_shard_size="20KB")
+    theirs, ours = (json.loads((tmp_path / d / "model.safetensors.index.json").read_text())
+                    for d in ("theirs", "ours"))
+    assert len(set(theirs["weight_map"].values())) > 3
+    assert ours["weight_map"] == theirs["weight_map"]
