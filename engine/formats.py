@@ -427,6 +427,12 @@ def json_object(line: str) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
+        if line.lstrip(" \t").startswith("\ufeff"):
+            # json.loads and pyarrow (datasets' JSON reader) refuse it too
+            raise _Bad("invalid JSON", "invalid JSON: the line starts with a UTF-8 byte-order "
+                                       "mark (BOM), as when files saved with one are joined "
+                                       "with `cat`; remove it (only a file's first line may "
+                                       "have one)") from None
         raise _Bad("invalid JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
     except ValueError as e:
         raise _Bad("invalid JSON", f"invalid JSON: {json_problem(e)}") from None

@@ -5,13 +5,14 @@ copy with full fine-tuning, the earlier stage after ``model.init``).
 Data lines (TRL's unpaired format), loss on the completion tokens only:
 
     {"prompt": "...", "completion": "...", "label": true}                       strings
-    {"prompt": [messages], "completion": [one assistant message], "label": false}   chat
+    {"prompt": [messages], "completion": [assistant message(s)], "label": false}    chat
     {"prompt": ..., "chosen": ..., "rejected": ...}   a preference pair (any DPO shape), split
         into a desirable and an undesirable example as TRL's ``unpair_preference_dataset`` does
 
-A missing or non-boolean label, an empty prompt or completion, mixed string / message fields are
-bad lines (``file:line: reason``). Each example is one packed document carrying its label
-(``Example.desirable`` -> ``Batch.desirable``); generation metrics use the desirable ones.
+A missing label or one other than true / false (or 1 / 0, as TRL casts it), an empty prompt or
+completion, mixed string / message fields are bad lines (``file:line: reason``). Each example is
+one packed document carrying its label (``Example.desirable`` -> ``Batch.desirable``); generation
+metrics use the desirable ones.
 
 Loss (``preference_losses.kto_loss``): with summed completion log-probs ``r = pi - ref``,
 desirable ``w_d (1 - s(beta (r - z)))``, undesirable ``w_u (1 - s(beta (z - r)))``, rewards
@@ -76,7 +77,7 @@ from ember.engine.formats import (
 )
 from ember.engine.losses import doc_logprobs
 from ember.engine.objectives import SFT
-from ember.engine.preference import encode_answer, parse_pair
+from ember.engine.preference import answer_messages, encode_answer, parse_pair
 from ember.engine.preference_losses import KTO_LOSS_TYPES, UnpairedLosses, kto_loss
 from ember.engine.preference_objectives import Referenced
 
@@ -137,9 +138,11 @@ def parse_unpaired(obj: dict) -> list[tuple]:
     label = obj["label"]
     if isinstance(label, str) and label.strip().lower() in ("true", "false"):
         label = label.strip().lower() == "true"  # a CSV cell
+    elif type(label) in (int, float) and label in (0, 1):
+        label = bool(label)  # 0/1, as TRL's collator casts it (an int column of pandas/datasets)
     if not isinstance(label, bool):
         raise _Bad("wrong type", f"field 'label' must be true (desirable) or false, got "
-                                 f"{_type_name(label)} {label!r}")
+                                 f"{_type_name(label)} {label!r} (1 / 0 read as true / false)")
     prompt, completion = obj["prompt"], obj["completion"]
     if isinstance(prompt, str) and isinstance(completion, str):
         if not prompt.strip():
@@ -149,10 +152,13 @@ def parse_unpaired(obj: dict) -> list[tuple]:
         return [(prompt, completion, label)]
     if isinstance(prompt, list) and isinstance(completion, list):
         msgs = parse_messages(completion, "completion")
-        if len(msgs) != 1 or msgs[0]["role"] != "assistant":
-            raise _Bad("wrong shape", f"completion must be exactly one assistant message, got "
-                                      f"roles {[m['role'] for m in msgs]}")
-        return [(parse_messages(prompt, "prompt"), msgs[0], label)]
+        try:  # one assistant message, or a tool call, its result, the answer (as TRL scores)
+            answer = answer_messages(msgs, "completion")
+        except _Bad:
+            raise _Bad("wrong shape", f"completion must be exactly one assistant message (or "
+                                      "assistant and tool messages ending with the answer), got "
+                                      f"roles {[m['role'] for m in msgs]}") from None
+        return [(parse_messages(prompt, "prompt"), answer, label)]
     raise _Bad("wrong type", f"prompt and completion must be both strings or both message "
                              f"arrays, got {_type_name(prompt)} and {_type_name(completion)}")
 

@@ -13,13 +13,14 @@ Strings are rendered like a prompt/completion pair (``ember.engine.data``); with
 field the prompt is the two texts' common beginning (TRL's ``extract_prompt``). Messages are
 rendered with the tokenizer's chat template: the shared prompt is ``prompt`` (explicit) or the
 longest common prefix of the two conversations (implicit), and after it ``chosen`` and
-``rejected`` must each be exactly one assistant message. Log-probabilities (the labels) cover that
-final assistant response only, with what the template renders after it (its end-of-turn token and
-ChatML's newline, as TRL's DPO and KTO); earlier assistant turns are part of the prompt. A pair
-whose conversations differ before their final assistant message is refused: its two answers would
-not answer the same prompt. A chat pair's ``tools`` (the JSON schemas of the tools it may call) and
-``chat_template_kwargs`` (template variables) go to the template with both documents, as TRL passes
-them.
+``rejected`` must each be one assistant message, or assistant and tool messages from an assistant
+turn to the final answer (a tool call, its result, the answer). Log-probabilities (the labels)
+cover everything after the prompt, with what the template renders after the answer (its
+end-of-turn token and ChatML's newline), tool results included, as TRL's DPO and KTO take the
+render of prompt + answer less the prompt's; earlier assistant turns are part of the prompt.
+Other shapes (a user turn after the prompt) are refused. A chat pair's ``tools`` (the JSON
+schemas of the tools it may call) and ``chat_template_kwargs`` (template variables) go to the
+template with both documents, as TRL passes them.
 """
 
 from __future__ import annotations
@@ -42,15 +43,17 @@ _FIELDS = ("prompt", "chosen", "rejected")
 @dataclass(frozen=True)
 class Pair:
     prompt: str | list[dict]  # a string, or the shared messages
-    chosen: str | dict  # a string, or one assistant message
-    rejected: str | dict
+    chosen: str | dict | tuple  # a string, one assistant message, or a tool-using tail
+    rejected: str | dict | tuple
     tools: list[dict] | None = None  # a chat pair's tool schemas, for the template (as TRL)
     template_kwargs: dict | None = None  # a chat pair's chat_template_kwargs (as TRL)
 
     @property
     def reference(self) -> str:
         """The chosen answer's text (generation metrics compare against it)."""
-        return self.chosen if isinstance(self.chosen, str) else self.chosen["content"]
+        if isinstance(self.chosen, str):
+            return self.chosen
+        return (self.chosen[-1] if isinstance(self.chosen, tuple) else self.chosen)["content"]
 
 
 def _messages(obj: dict, key: str) -> list[dict]:
@@ -58,18 +61,24 @@ def _messages(obj: dict, key: str) -> list[dict]:
     return parse_messages(obj[key], key)
 
 
-def _answer(msgs: list[dict], key: str, start: int) -> dict:
-    """The one assistant message of ``msgs[start:]`` (what follows the shared prompt)."""
+def answer_messages(msgs: list[dict], key: str, start: int = 0) -> dict | tuple[dict, ...]:
+    """What follows the shared prompt in ``msgs[start:]``: one assistant message, or (a tuple)
+    assistant and tool messages from an assistant turn to the final answer (a tool call, its
+    result, the answer), all of which TRL's DPO and KTO score as the completion."""
     rest = msgs[start:]
-    if len(rest) != 1 or rest[0]["role"] != "assistant":
-        roles = [m["role"] for m in rest]
-        raise _Bad(
-            "pair shape",
-            f"after the shared prompt ({start} messages) {key} must be "
-            f"exactly one assistant message, got {len(rest)} messages "
-            f"with roles {roles}",
-        )
-    return rest[0]
+    roles = [m["role"] for m in rest]
+    if roles == ["assistant"]:
+        return rest[0]
+    if len(rest) > 1 and roles[0] == roles[-1] == "assistant" and set(roles) <= {"assistant",
+                                                                               "tool"}:
+        return tuple(rest)
+    raise _Bad(
+        "pair shape",
+        f"after the shared prompt ({start} messages) {key} must be "
+        f"exactly one assistant message, got {len(rest)} messages "
+        f"with roles {roles} (or assistant and tool messages from an assistant turn to the "
+        "final answer: a tool call, its result, the answer)",
+    )
 
 
 def _implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -131,7 +140,8 @@ def parse_pair(obj: dict) -> Pair:
         chosen, rejected = _messages(obj, "chosen"), _messages(obj, "rejected")
         if explicit:
             prompt = _messages(obj, "prompt")
-            pair = Pair(prompt, _answer(chosen, "chosen", 0), _answer(rejected, "rejected", 0))
+            pair = Pair(prompt, answer_messages(chosen, "chosen"),
+                        answer_messages(rejected, "rejected"))
         else:
             n = 0
             while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
@@ -149,7 +159,8 @@ def parse_pair(obj: dict) -> Pair:
                     "chosen and rejected share no first message, so there "
                     "is no prompt; give the prompt as a 'prompt' field",
                 )
-            pair = Pair(chosen[:n], _answer(chosen, "chosen", n), _answer(rejected, "rejected", n))
+            pair = Pair(chosen[:n], answer_messages(chosen, "chosen", n),
+                        answer_messages(rejected, "rejected", n))
     if pair.chosen == pair.rejected:
         raise _Bad("identical pair", "chosen and rejected are identical: no preference")
     return replace(pair, tools=tools, template_kwargs=template_kwargs)
@@ -169,8 +180,15 @@ def encode_answer(enc, prompt: str | list[dict], answer: str | dict,
         if not enc.chat:
             return ids, mask, prompt_len, reference
     else:
-        ids, mask, prompt_len, reference = enc.encode("messages", Chat([*prompt, answer], tools,
+        tail = list(answer) if isinstance(answer, tuple) else [answer]
+        ids, mask, prompt_len, reference = enc.encode("messages", Chat([*prompt, *tail], tools,
                                                                        template_kwargs))
+        if len(tail) > 1:  # the answer starts at its first assistant turn (TRL: the prompt's
+            # render with the generation prompt); the tool results after it are scored too
+            first, _, start, _ = enc.encode("messages", Chat([*prompt, tail[0]], tools,
+                                                             template_kwargs))
+            prompt_len = next((j for j in range(min(start, len(ids))) if first[j] != ids[j]),
+                              min(start, len(ids)))
     if enc.cfg.loss_on != "all":  # earlier assistant turns are context, not the answer
         mask = [False] * prompt_len + [True] * (len(ids) - prompt_len)
     return ids, mask, prompt_len, reference

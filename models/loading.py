@@ -40,9 +40,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import re
 import shutil
-import uuid
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -83,17 +81,17 @@ from ember.models.safetensors_io import (
     _parse_config,
     _read_config_json,
     _write_json,
-    _write_shards,
     generation_config_to_write,
     iter_checkpoint,
     language_model_view,
     open_weights,
-    parse_size,
     read_config,
     read_generation_config,
     scan_checkpoint,
     untie_if_head_differs,
 )
+from ember.models.save_folder import write_folder_into
+from ember.models.shard_writer import _write_shards, parse_size
 from ember.models.transformer import Transformer
 
 __all__ = [
@@ -121,14 +119,6 @@ _DTYPE_ALIASES = {
     "float": "float32",
 }
 # What a model folder may contain; save_pretrained only replaces folders made of these.
-_MODEL_FOLDER_FILES = re.compile(
-    r"(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
-    r"model\.safetensors\.index\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|"
-    r"chat_template\.jinja|additional_chat_templates|vocab\.json|merges\.txt|"
-    r"preprocessor_config\.json|processor_config\.json|chat_template\.json)"
-)
-
-
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """None, a torch floating dtype, or a name ("bfloat16", "bf16", "float32", "fp16", ...)."""
     if dtype is None or dtype in DTYPES.values():
@@ -512,34 +502,6 @@ def save_pretrained(
     )
 
 
-_WEIGHT_FILES = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
-
-
-def _warn_dropped_files(out: Path, existing: list[str], tmp: Path) -> None:
-    """Saving without a tokenizer over a model folder replaces the folder as a whole: say which
-    of its tokenizer (or processor) files go, which transformers' ``model.save_pretrained``
-    would have left there."""
-    dropped = [n for n in existing if not _WEIGHT_FILES.fullmatch(n) and not (tmp / n).exists()]
-    if dropped:
-        warnings.warn(
-            f"save_pretrained: {out} is replaced as a whole and its {', '.join(dropped[:5])} "
-            "are not in the new folder (no tokenizer was given); pass the tokenizer to write "
-            "it there", stacklevel=3)
-
-
-def _replace_contents(out: Path, tmp: Path, existing: list[str], tag: str) -> None:
-    """Replace the files of the working folder by those of tmp. The folder itself stays: renaming
-    the process's working folder away (or replacing it) would leave the process in a deleted
-    folder, or fail (EBUSY on ".")."""
-    old = out.parent / f".{out.name}.old-{tag}"
-    old.mkdir()
-    for name in existing:
-        os.rename(out / name, old / name)
-    for p in tmp.iterdir():
-        os.rename(p, out / p.name)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_state_dict(
     sd: dict[str, torch.Tensor],
     cfg: ModelConfig,
@@ -560,37 +522,7 @@ def save_state_dict(
     the written one keeps (``save_pretrained`` passes the one the model was loaded with)."""
     target = resolve_dtype(dtype)
     limit = parse_size(max_shard_size)
-    # absolute and normalized: "." or "run/.." have no name to put the temporary sibling beside
-    out = Path(os.path.abspath(out_dir))
-    if out.is_symlink() and out.is_dir():  # written where the link points, as transformers does
-        out = out.resolve()
-    if out.exists() and not out.is_dir():
-        raise EmberError(f"save_pretrained: {out} exists and is not a folder")
-    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    foreign = [n for n in existing if not _MODEL_FOLDER_FILES.fullmatch(n)]
-    if foreign:
-        raise EmberError(
-            f"save_pretrained: {out} already holds files that are not part of a model "
-            f"folder ({', '.join(foreign[:5])}); choose a new or empty folder"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        _write_folder(sd, cfg, tmp, tokenizer, target, limit, multimodal_base, compute_dtype,
-                      generation_config)
-        if tokenizer is None:
-            _warn_dropped_files(out, existing, tmp)
-        if out.is_dir() and out.samefile(Path.cwd()):
-            _replace_contents(out, tmp, existing, tag)
-        elif existing:
-            old = out.parent / f".{out.name}.old-{tag}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)  # out is absent or an empty folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return write_folder_into(
+        out_dir, lambda tmp: _write_folder(sd, cfg, tmp, tokenizer, target, limit,
+                                           multimodal_base, compute_dtype, generation_config),
+        tokenizer is not None)

@@ -1,13 +1,11 @@
 """HF model folders on disk, below the model: ``config.json`` and ``generation_config.json``,
-safetensors headers and shard indexes, the stream of tensors they hold, and sharded safetensors
-writing.
+safetensors headers and shard indexes, the stream of tensors they hold (sharded writing:
+``ember.models.shard_writer``).
 
 ``scan_checkpoint`` reads only the file headers (``CheckpointIndex``: which file holds which
 tensor, its shape and dtype); ``iter_checkpoint`` then streams ``(ember_key, tensor)`` pairs one
-file at a time, as stored, after validating every key and shape against the config. Writing:
-``parse_size`` reads ``max_shard_size``; ``_write_shards`` cuts a state dict into
-``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` plus the index, one shard in host
-memory at a time. ``language_model_view`` shows a multimodal Gemma 3 checkpoint as its language
+file at a time, as stored, after validating every key and shape against the config.
+``language_model_view`` shows a multimodal Gemma 3 checkpoint as its language
 model. transformers' ``pytorch_model.bin`` (and its sharded index) is read through
 ``open_weights`` with ``torch.load(weights_only=True)``, PyTorch's restricted unpickler, which
 runs no code; other pickle files are refused. Orchestration (building the model, dtypes, atomic
@@ -19,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,13 +25,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ember import EmberError
 from ember.models.config import ModelConfig
-from ember.models.deferred import materialize
 from ember.models.hf import expert_parts, fused_parts, map_hf_keys, split_multimodal_keys
-from ember.models.hf_config import config_from_hf
+from ember.models.hf_config import ARCHITECTURES, _classifier_architecture, config_from_hf
 from ember.models.nf4 import QS_SUFFIXES, is_quant_state_key, split_bnb_key
 
 SINGLE_FILE = "model.safetensors"
@@ -122,9 +117,28 @@ def _read_config_json(folder: str | os.PathLike) -> tuple[Path, dict]:
         raise EmberError(f"{path} not found: a model folder needs config.json next to the "
                          f"weights{hint}")
     try:
-        return path, json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EmberError(f"{path} is not valid JSON ({e})") from None
+    if isinstance(raw, dict) and raw.get("architectures") is None and raw.get(
+            "model_type") in ARCHITECTURES and {"score.weight"} == _head_keys(Path(folder)):
+        # transformers' Auto classes never need architectures; the weights say it is a classifier
+        raw = {**raw, "architectures": [_classifier_architecture(raw["model_type"])]}
+    return path, raw
+
+
+def _head_keys(folder: Path) -> set[str]:
+    """Which of ``lm_head.weight`` / ``score.weight`` the safetensors weights hold (the index's
+    names, or the single file's header); nothing for a folder without them."""
+    try:
+        if (folder / SINGLE_FILE).is_file():
+            with safe_open(folder / SINGLE_FILE, framework="pt") as f:
+                names = set(f.keys())
+        else:
+            names = set(json.loads((folder / INDEX_FILE).read_text())["weight_map"])
+    except (OSError, ValueError, TypeError, KeyError, SafetensorError):
+        return set()  # loading the weights says what is wrong with them
+    return names & {"lm_head.weight", "score.weight"}
 
 
 def _parse_config(path: Path, raw) -> ModelConfig:
@@ -500,87 +514,5 @@ def iter_checkpoint(
 # --------------------------------------------------------------------------------------------------
 # Writing
 
-_SIZE_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like "5GB" (10^9) or "2GiB" (2^30), as transformers does."""
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise EmberError(
-            f"max_shard_size must be a positive int (bytes) or like '5GB' / '500MB' / "
-            f"'2GiB', got {size!r}"
-        )
-    return max(1, int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]))
-
-
-def _plan_shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
-    """Greedy shards in key order, as huggingface_hub's ``split_torch_state_dict_into_shards``
-    (transformers' save_pretrained) cuts them: a tensor larger than the limit gets a shard of its
-    own, placed when it comes, while the shard being filled stays open for the next ones."""
-    shards: list[list[str]] = []
-    current: list[str] = []
-    used = 0
-    for key, n in sizes.items():
-        if n > limit:
-            shards.append([key])
-            continue
-        if used + n > limit:
-            shards.append(current)
-            current, used = [], 0
-        current.append(key)
-        used += n
-    return [*shards, current] if current or not shards else shards
-
-
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _write_shards(tensors: dict, dtypes: dict[str, torch.dtype], folder: Path, limit: int) -> None:
-    """Write ``tensors`` (HF keys; each cast to ``dtypes[key]``; an ``NF4Weight`` or ``Deferred``
-    made then) to ``folder/model.safetensors``, or in shards of about ``limit`` bytes plus the
-    index."""
-    sizes = {k: v.numel() * dtypes[k].itemsize for k, v in tensors.items()}
-    shards = _plan_shards(sizes, limit)
-    names = (
-        [SINGLE_FILE]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    for name, keys in zip(names, shards, strict=True):
-        # Cast and copy one shard at a time so saving a GPU model needs one shard of host memory.
-        shard, seen = {}, set()
-        for k in keys:
-            t = materialize(tensors[k], dtypes[k])
-            # NF4 layers share one quant_map tensor; safetensors refuses aliased tensors.
-            ptr = t.untyped_storage().data_ptr()
-            shard[k] = t.clone() if ptr in seen else t
-            seen.add(ptr)
-        save_file(shard, folder / name, metadata={"format": "pt"})
-        del shard
-    if len(shards) > 1:
-        _write_json(
-            folder / INDEX_FILE,
-            {
-                "metadata": {
-                    "total_size": sum(sizes.values()),
-                    "total_parameters": sum(v.numel() for v in tensors.values()),
-                },
-                "weight_map": {
-                    k: name for name, keys in zip(names, shards, strict=True) for k in keys
-                },
-            },
-        )

@@ -372,3 +372,23 @@ def test_indented_json_object_that_is_not_a_data_holder_says_why(tmp_path, tok):
     (tmp_path / "e.json").write_text(json.dumps(ROWS[0], indent=2))
     with pytest.raises(EmberError, match=r"e\.json: one JSON object .*JSON Lines\)$"):
         load_examples(tmp_path / "e.json", DataConfig(), tok)
+
+
+def test_bom_on_a_later_line_says_files_were_joined(tmp_path, tok):
+    """Two files saved with a UTF-8 BOM joined with `cat`: the BOM that starts a later line is
+    refused as json.loads refuses it (it was "Unexpected UTF-8 BOM (decode using utf-8-sig)"),
+    saying what happened and what to do; the rows of either file alone read as without it."""
+    rows = ROWS[:2]
+    part = "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8-sig")
+    (tmp_path / "cat.jsonl").write_bytes(part + part)
+    later = part.splitlines()[0].decode("utf-8")  # the second file's first line, as read
+    with pytest.raises(json.JSONDecodeError, match="BOM"):
+        json.loads(later)  # the oracle refuses it too
+    with pytest.raises(EmberError, match=r"cat\.jsonl:3: invalid JSON: the line starts with a "
+                                         r"UTF-8 byte-order mark \(BOM\), as when files saved "
+                                         r"with one are joined with `cat`; remove it"):
+        load_examples(tmp_path / "cat.jsonl", DataConfig(bad_lines="error"), tok)
+    examples, rep = load_examples(tmp_path / "cat.jsonl", DataConfig(), tok)
+    assert rep.bad_lines == 1 and len(examples) == 3
+    (tmp_path / "one.jsonl").write_bytes(part)
+    _same(load_examples(tmp_path / "one.jsonl", DataConfig(), tok)[0], _jsonl(tmp_path, rows, tok))

@@ -372,11 +372,31 @@ def test_kto_lines_strings_chat_and_pairs(tmp_path, chat_tok):
     assert len({x.key for x in examples}) == 6
 
 
+def test_kto_labels_1_and_0_are_read_as_trl_casts_them(tmp_path, chat_tok):
+    """An int label column (pandas / ``datasets`` write 1 / 0) was refused ("must be true or
+    false"); TRL's KTO trainer casts the labels with ``torch.as_tensor(..., dtype=torch.bool)``."""
+    labels = [1, 0, 0, 1]
+    rows = [{"prompt": f"say {w} ->", "completion": f" {w}", "label": v}
+            for w, v in zip(WORDS, labels, strict=False)]
+    want = torch.as_tensor(labels, dtype=torch.bool).tolist()  # TRL's KTOTrainer cast
+    csv_path = tmp_path / "k.csv"
+    csv_path.write_text("prompt,completion,label\n"
+                        + "".join(f"{r['prompt']},{r['completion']},{r['label']}\n" for r in rows))
+    for path in (write_jsonl(tmp_path / "k.jsonl", rows), csv_path):
+        examples, rep = load_kto_examples(path, DataConfig(bad_lines="error"), chat_tok)
+        assert [e.desirable for e in examples] == want and rep.bad_lines == 0
+    bools = write_jsonl(tmp_path / "b.jsonl", [dict(r, label=bool(r["label"])) for r in rows])
+    assert [e.input_ids for e in load_kto_examples(bools, DataConfig(), chat_tok)[0]] == \
+        [e.input_ids for e in examples]
+
+
 BAD = [
     ({"prompt": "a", "completion": "b"}, "missing field 'label'"),
     ({"prompt": "a", "completion": "b", "label": "yes"},
      "field 'label' must be true \\(desirable\\) or false, got string 'yes'"),
-    ({"prompt": "a", "completion": "b", "label": 1}, "field 'label' must be true"),
+    ({"prompt": "a", "completion": "b", "label": 2},
+     r"field 'label' must be true \(desirable\) or false, got number 2 \(1 / 0 read as"),
+    ({"prompt": "a", "completion": "b", "label": 0.5}, "field 'label' must be true"),
     ({"prompt": "a", "completion": " ", "label": True}, "empty completion"),
     ({"prompt": "", "completion": "b", "label": True}, "empty prompt"),
     ({"completion": "b", "label": True}, "missing field 'prompt'"),

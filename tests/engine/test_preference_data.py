@@ -306,7 +306,8 @@ def _trl_completion(hf, prompt, answer):
         return list(hf.apply_chat_template(messages, tokenize=True, return_dict=True,
                                            **kw)["input_ids"])
 
-    prompt_ids, full = render(prompt, add_generation_prompt=True), render([*prompt, answer])
+    answer = answer if isinstance(answer, list) else [answer]  # (several: a tool-using answer)
+    prompt_ids, full = render(prompt, add_generation_prompt=True), render([*prompt, *answer])
     n = next((j for j, (a, b) in enumerate(zip(prompt_ids, full, strict=False)) if a != b),
              min(len(prompt_ids), len(full)))
     return full, full[n:]
@@ -341,3 +342,46 @@ def test_chat_answers_carry_the_template_tail_as_trl(tmp_path, smol, prompt):
         assert ids == full
         assert [t for t in labels if t != IGNORE] == completion
         assert hf.decode(completion).endswith("<|im_end|>\n")
+
+
+TOOL_TAIL = [
+    {"role": "assistant", "content": "",
+     "tool_calls": [{"type": "function",
+                     "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    _msg("tool", '{"temp": 21}'),
+    _msg("assistant", "It is 21 degrees."),
+]
+
+
+def test_tool_using_answers_are_scored_as_trl_scores_them(tmp_path, smol):
+    """chosen = a tool call, its result and the answer; rejected = one message. Such pairs were
+    refused ("must be exactly one assistant message"); TRL 1.16's DPO (and KTO) render prompt +
+    answer and score every token after the prompt's render, the tool result included. Oracle:
+    transformers' apply_chat_template with SmolLM2's template and TRL's split."""
+    from ember.engine.kto import load_kto_examples
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=smol.backend,
+                                              eos_token=smol.eos_token,
+                                              chat_template=smol.chat_template)
+    prompt = [_msg("system", "Use tools."), _msg("user", "Weather in Paris?")]
+    bad = [_msg("assistant", "It is sunny.")]
+    rows = [{"prompt": prompt, "chosen": TOOL_TAIL, "rejected": bad},  # explicit prompt
+            {"chosen": prompt + TOOL_TAIL, "rejected": prompt + bad},  # implicit
+            {"prompt": prompt, "chosen": bad, "rejected": TOOL_TAIL}]
+    examples, rep = _load(tmp_path, rows, smol, bad_lines="error")
+    kto, _ = load_kto_examples(
+        write_jsonl(tmp_path / "k.jsonl", [{"prompt": prompt, "completion": TOOL_TAIL,
+                                            "label": True}]),
+        DataConfig(max_seq_len=512, tokens_per_batch=1024, bad_lines="error"), smol)
+    want_tool, want_bad = (_trl_completion(hf, prompt, a) for a in (TOOL_TAIL, bad))
+    docs = [d for ex in examples for d in _docs(ex)] + [(kto[0].input_ids, kto[0].labels)]
+    for (ids, labels), (full, completion) in zip(
+            docs, [want_tool, want_bad] * 2 + [want_bad, want_tool, want_tool], strict=True):
+        assert ids == full
+        assert [t for t in labels if t != IGNORE] == completion
+    assert '{"temp": 21}' in hf.decode(want_tool[1])  # the tool result is scored, as TRL's
+    assert examples[0].reference == "It is 21 degrees."
+    with pytest.raises(EmberError, match=r"roles \['assistant', 'user'\] \(or assistant and tool"):
+        _load(tmp_path, [{"prompt": prompt, "chosen": [*bad, _msg("user", "ok?")],
+                          "rejected": bad}], smol, bad_lines="error")

@@ -496,3 +496,39 @@ def test_classifier_quantized_while_loading_keeps_its_head_dense_as_bitsandbytes
         tmp_path / "out").eval()
     with torch.no_grad():
         assert (reloaded(input_ids=ids, attention_mask=mask).logits - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_folder_without_architectures_loads_the_head_its_weights_hold(tmp_path, sharded):
+    """config.json without ``architectures`` (transformers' Auto classes never need it): a
+    classifier's ``score.weight`` was refused as an unexpected key; it loads as the classifier
+    AutoModelForSequenceClassification loads, a causal LM as AutoModelForCausalLM's."""
+    from ember.models.safetensors_io import read_config
+
+    kw = dict(vocab_size=83, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD)
+    shard = {"max_shard_size": "40KB"} if sharded else {}
+    torch.manual_seed(0)
+    cls = transformers.LlamaConfig(**kw, num_labels=3, id2label=dict(enumerate(LABELS)),
+                                   label2id={v: i for i, v in enumerate(LABELS)})
+    transformers.LlamaForSequenceClassification(cls).save_pretrained(tmp_path / "c", **shard)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).save_pretrained(
+        tmp_path / "l", **shard)
+    for name in ("c", "l"):
+        path = tmp_path / name / "config.json"
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
+                                    if k != "architectures"}))
+    assert (tmp_path / "c" / "model.safetensors.index.json").is_file() == sharded
+    ids, mask = _padded()
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "c").eval()
+    model, _ = load_pretrained(tmp_path / "c")
+    assert read_config(tmp_path / "c").labels == LABELS == model.cfg.labels
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        assert (_ember_logits(model) - ref).abs().max() < 1e-5
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "l").eval()
+    model, _ = load_pretrained(tmp_path / "l")
+    assert model.cfg.labels is None and model.lm_head is not None
+    with torch.no_grad():
+        ref = hf(input_ids=ids[:1, :7]).logits
+        assert (model(ids[:1, :7]) - ref).abs().max() < 1e-5

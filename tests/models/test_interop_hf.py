@@ -451,9 +451,9 @@ def test_export_replaces_a_folder_with_named_chat_templates(tmp_path):
     model, _ = load_pretrained(folder)
     save_pretrained(model, folder)
     assert not (folder / "additional_chat_templates").exists()  # replaced as a whole
-    (folder / "notes.txt").write_text("mine")
-    with pytest.raises(EmberError, match="notes.txt"):
-        save_pretrained(model, folder)
+    (folder / "notes.txt").write_text("mine")  # not a model's file: kept, as transformers does
+    save_pretrained(model, folder)
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "model.safetensors").is_file()
 
 
 def test_custom_code_of_an_unknown_model_type_is_refused_without_running_it(tmp_path):

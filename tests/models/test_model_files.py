@@ -374,3 +374,87 @@ def test_a_git_lfs_pointer_in_place_of_the_tokenizer_says_so(tmp_path, name):
     with pytest.raises(EmberError, match=f"{name}: it is a Git LFS pointer, not the tokenizer.*"
                                          "git lfs pull"):
         load_tokenizer(tmp_path)
+
+
+def _extras(folder: Path) -> None:
+    """The files ``hf download --local-dir`` and a Trainer checkpoint leave beside a model."""
+    (folder / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    (folder / ".cache" / "huggingface" / "download" / "config.json.metadata").write_text("sha")
+    (folder / "README.md").write_text("# my model\n")
+    (folder / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (folder / "training_args.bin").write_bytes(b"\x80\x04not read")
+    (folder / "trainer_state.json").write_text('{"global_step": 3}')
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_saving_into_a_folder_of_other_files_keeps_them_as_transformers_does(tmp_path, previous):
+    """A folder holding only non-model files (a README, ``hf download``'s .cache/, a Trainer
+    checkpoint's state) was refused ("choose a new or empty folder"); transformers writes the
+    model into it and keeps them. Ember does too, a previous (sharded) model's files replaced."""
+    hf = _hf_model()
+    model, _ = load_pretrained(hf.save_pretrained(tmp_path / "src") or tmp_path / "src")
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)
+    for name in ("ember", "hf"):
+        _extras(tmp_path / name)
+        if previous:
+            hf.save_pretrained(tmp_path / name, max_shard_size="20KB")
+    hf.save_pretrained(tmp_path / "hf")  # the oracle: which files transformers leaves
+    save_pretrained(model, tmp_path / "ember")
+    theirs, ours = _tree(tmp_path / "hf"), _tree(tmp_path / "ember")
+    kept = {k: v for k, v in theirs.items() if not k.startswith(("model", "config", "generation"))}
+    assert kept and {k: ours.get(k) for k in kept} == kept
+    # the same files, no stale shard left (transformers leaves the earlier save's index)
+    assert sorted(ours) == sorted(set(theirs) - {"model.safetensors.index.json"})
+    ids = torch.randint(0, BASE["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert (_hf_logits(tmp_path / "ember", ids) - model(ids)).abs().max().item() <= 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ember", "hf", "src"]
+
+
+def test_saving_into_a_folder_holding_an_adapter_is_refused(tmp_path):
+    """A PEFT adapter's files beside a full model would make the folder load as the adapter:
+    refused, nothing written or removed."""
+    model, _ = load_pretrained(_hf_model().save_pretrained(tmp_path / "src") or tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    (out / "README.md").write_text("mine")
+    with pytest.raises(EmberError, match=r"holds a PEFT adapter \(adapter_config\.json\).*choose "
+                                         r"another folder"):
+        save_pretrained(model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+SHARD_FAMILIES = {
+    "llama": (transformers.LlamaConfig, {}, "AutoModelForCausalLM"),
+    "phi3_fused": (transformers.Phi3Config, {"pad_token_id": 0}, "AutoModelForCausalLM"),
+    "phi_biases": (transformers.PhiConfig, {}, "AutoModelForCausalLM"),
+    "gemma2": (transformers.Gemma2Config, {"head_dim": 12}, "AutoModelForCausalLM"),
+    "qwen3": (transformers.Qwen3Config, {"head_dim": 12}, "AutoModelForCausalLM"),
+    "classifier": (transformers.LlamaConfig, {"num_labels": 3, "pad_token_id": 0},
+                   "AutoModelForSequenceClassification"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SHARD_FAMILIES))
+def test_each_tensor_is_in_the_shard_transformers_puts_it_in(tmp_path, family):
+    """transformers fills shards in its state-dict order (per layer: attention, MLP, then the
+    norms; Phi-3's o_proj before qkv_proj; a weight before its bias); Ember wrote its own order
+    (norms first, fused tensors last), so the same model's index files differed."""
+    config_cls, extra, auto = SHARD_FAMILIES[family]
+    torch.manual_seed(0)
+    hf = getattr(transformers, auto).from_config(config_cls(**{**BASE, **extra}))
+    hf.save_pretrained(tmp_path / "theirs", max_shard_size="20KB")
+    model, _ = load_pretrained(tmp_path / "theirs")
+    save_pretrained(model, tmp_path / "ours", max_shard_size="20KB")
+    theirs, ours = (json.loads((tmp_path / d / "model.safetensors.index.json").read_text())
+                    for d in ("theirs", "ours"))
+    assert len(set(theirs["weight_map"].values())) > 3
+    assert ours["weight_map"] == theirs["weight_map"]
