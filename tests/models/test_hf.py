@@ -420,20 +420,22 @@ def test_export_refuses_what_hf_cannot_express(tmp_path):
 def test_save_is_atomic(tmp_path, monkeypatch):
     _, folder = _make(tmp_path, "llama")
     model = _load(folder)
-    import ember.models.safetensors_io as safetensors_io
+    import ember.models.shard_writer as shard_writer
 
     def crash(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(safetensors_io, "save_file", crash)
+    monkeypatch.setattr(shard_writer, "save_file", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         save_pretrained(model, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]  # no half folder, no temp dir
-    monkeypatch.undo()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    assert "notes.txt" in _err(save_pretrained, model, tmp_path / "busy")
+    with pytest.raises(RuntimeError, match="disk full"):  # a failed save into a folder of
+        save_pretrained(model, tmp_path / "busy")  # other files leaves them as they were
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    monkeypatch.undo()
 
 
 def test_gguf_path_imports_once_into_cache(tmp_path, monkeypatch):
