@@ -3,10 +3,14 @@
 ``data.train = ["a.jsonl", "b.jsonl"]`` with ``data.mix = [0.7, 0.3]``: each epoch holds as
 many examples as all the files together (N), of which ``round(N * w_i / sum(w))`` come from file
 i (largest remainders, so they add up to N). A file with fewer examples than its share is
-upsampled (seen several times per epoch), one with more is downsampled. Each file is read as an
-endless stream of seeded shuffled passes, and every epoch takes the next share of that stream: a
-downsampled file shows all of its examples before repeating any, and an upsampled one shows
-each example the same number of times, to within one. The epoch's examples are then ordered and
+upsampled (seen several times per epoch), one with more is downsampled. A share of
+``q = m * n + r`` examples from a file of ``n`` holds each example ``m`` times plus ``r``
+distinct extras, the next ``r`` of an endless stream of seeded shuffled passes over the file
+(each pass starts with examples its epoch has not taken yet). So within every epoch an upsampled
+file shows each example the same number of times, to within one, and a downsampled one shows
+no example twice; over the epochs a downsampled file shows all of its examples before repeating
+any, and the counts of every file stay within one of each other. The epoch's examples are then
+ordered and
 packed as ``data.order`` / ``data.packing`` say. All of it is a function of (seed, epoch), so
 a resumed run sees exactly the batches an uninterrupted one would. Without ``data.mix`` the
 files are concatenated and every example is seen once per epoch.
@@ -62,14 +66,33 @@ def epoch_indices(
     ``members[i]``: the indices of source i's examples."""
     out = []
     for i, (idx, q) in enumerate(zip(members, quotas([len(m) for m in members], mix), strict=True)):
-        n, perms = len(idx), {}
-        for k in range(epoch * q, (epoch + 1) * q):  # source i's stream, its next q examples
-            p, j = divmod(k, n)
-            if p not in perms:
-                perm = list(range(n))
-                random.Random(f"{seed}:mix:{i}:{p}").shuffle(perm)
-                perms[p] = perm
-            out.append(idx[perms[p][j]])
+        m, r = divmod(q, len(idx))
+        out += idx * m
+        out += [idx[j] for j in _extras(len(idx), r, f"{seed}:mix:{i}", epoch)]
+    return out
+
+
+def _extras(n: int, r: int, seed: str, epoch: int) -> list[int]:
+    """Items ``[epoch * r, (epoch + 1) * r)`` (``r < n``) of a stream of shuffled passes over
+    ``range(n)``, all distinct: a pass whose start falls inside an epoch's window begins with
+    items that window has not taken from the end of the previous pass (was: a plain stream, so
+    such an epoch could show one example twice and skip another)."""
+    if r == 0:
+        return []
+    lo, hi = epoch * r, (epoch + 1) * r
+    out: list[int] = []
+    perm: list[int] = []
+    for p in range((hi - 1) // n + 1):  # each pass follows from the end of the one before
+        nxt = list(range(n))
+        random.Random(f"{seed}:{p}").shuffle(nxt)
+        t = p * n % r  # items its window took from the end of the previous pass
+        if p and t:
+            taken = set(perm[n - t:])
+            head = [x for x in nxt if x not in taken][: r - t]
+            first = set(head)
+            nxt = head + [x for x in nxt if x not in first]
+        perm = nxt
+        out += perm[max(lo - p * n, 0): max(min(hi - p * n, n), 0)]
     return out
 
 

@@ -58,6 +58,34 @@ def test_downsampled_file_shows_every_example_before_repeating():
     assert sorted(first) == list(range(30))
 
 
+
+@pytest.mark.parametrize("sizes,mix", [((3, 5), (0.5, 0.5)), ((13, 17), (0.37, 0.63)),
+                                       ((2, 9), (0.2, 0.8)), ((1, 1000), (1.0, 1.0))])
+def test_every_epoch_shows_each_example_equally_often(sizes, mix):
+    """Within each epoch (not only summed over epochs): an upsampled file's examples are seen
+    floor(q/n) or ceil(q/n) times, a downsampled file's at most once; over the epochs a
+    downsampled file shows all of its examples before repeating one."""
+    examples = _sources(sizes)
+    for seed in range(3):
+        batches = PackedBatches(examples, 40, seed=seed, mix=mix)
+        for epoch in range(6):
+            seen = Counter(i for b in batches.plan(epoch) for i in b)
+            for g, (n, q) in enumerate(zip(sizes, quotas(list(sizes), mix), strict=True)):
+                counts = [seen[i] for i, e in enumerate(examples) if e.group == g]
+                assert sum(counts) == q
+                assert set(counts) <= {q // n, -(-q // n)}, (seed, epoch, g, counts)
+        for g, n in enumerate(sizes):
+            if quotas(list(sizes), mix)[g] < n:  # the first n drawn are n distinct examples
+                firsts, k = set(), 0
+                for epoch in range(6):
+                    got = [i for b in batches.plan(epoch) for i in b if examples[i].group == g]
+                    if len(firsts) + len(got) > n:
+                        break
+                    firsts.update(got)
+                    k += len(got)
+                assert len(firsts) == k
+
+
 def test_mixing_is_deterministic_by_seed_and_resumes_exactly():
     examples = _sources((30, 10))
     a = PackedBatches(examples, 40, seed=1, mix=(0.7, 0.3))
