@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ember import EmberError
+from ember.engine.dcp import MANIFEST
 from ember.engine.distributed import reshard_all
 from ember.models.hub import builtin_model
 from ember.models.lora import (
@@ -120,6 +121,17 @@ def find_start(init: str, model_name: str) -> Start:
         raise EmberError(
             f"model.init {init!r} does not exist; give a previous run directory "
             "(runs/NAME) or a PEFT adapter folder (adapter_config.json)"
+        )
+    if p.is_dir() and any((p / f).is_file() for f in (MANIFEST, ".metadata", "extra.pt")):
+        # (was: taken for a run directory without final/, whose advice, `ember train CKPT
+        # --resume` or `ember export CKPT`, fails on a checkpoint folder)
+        run = p.parent.parent
+        raise EmberError(
+            f"model.init {init!r} is a training checkpoint, not a run directory: give the "
+            f"run directory {str(run)!r} to start from its final/ output (a run without one: "
+            f"`ember export {run} --adapter DIR`, or --merged DIR for method = \"full\", "
+            "writes the weights it ends with; give that folder to model.init, or a merged "
+            "model to model.name)"
         )
     if p.is_dir() and (p / "config.toml").is_file():
         prev = _run_config(p)

@@ -208,6 +208,13 @@ def test_start_errors(tiny, sft_lora, tmp_path):
                                          r"= false; export its weights with `ember export .* "
                                          r"--adapter DIR`"):
         cfg(f'model.init="{unfinished}"')
+    # A checkpoint folder holds a config.toml too (was: taken for an unfinished run, with advice
+    # that fails on it: `ember train CKPT --resume`, `ember export CKPT`)
+    ckpt = unfinished / "checkpoints" / "step_00000001"
+    assert (ckpt / "config.toml").is_file()
+    with pytest.raises(EmberError, match=r"is a training checkpoint, not a run directory: give the "
+                                         rf"run directory '{unfinished}'"):
+        cfg(f'model.init="{ckpt}"')
     from ember.engine.cli import main
 
     assert main(["export", str(unfinished), "--adapter", str(tmp_path / "exported")]) == 0
