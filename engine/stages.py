@@ -18,6 +18,8 @@ them into the resolved config. A ``[lora]`` setting the config leaves out takes 
 value; one the config sets to another value is an error, even when it is the default (e.g.
 ``rank = 16`` on a rank-8 adapter); ``lora.dropout``, a training setting, may change. A
 continued prompt keeps its ``num_virtual_tokens`` the same way.
+A LoRA or prompt run's context extension (``model.rope_scaling``,
+``rope_factor``) carries over the same way: its adapter applies to the base so scaled.
 
 Only weights carry over: each stage is a new run whose optimizer (AdamW's moments), learning-rate
 schedule (warmup included), data position and RNG start afresh, as a transformers ``Trainer``
@@ -77,6 +79,9 @@ class Start:
     base: str  # the weights to load: the adapter's base, or the previous full model's folder
     adapter: Path | None = None
     adapter_config: dict = field(default_factory=dict)
+    # the earlier run's context extension (model.rope_scaling, rope_factor), which its adapter
+    # was trained under and which no adapter file records
+    context: tuple[str, float] | None = None
 
 
 def _model_id(name: str) -> str | None:
@@ -155,7 +160,9 @@ def find_start(init: str, model_name: str) -> Start:
         if prev.method == "full":
             return Start(init, "full", str(out))
         config = _read_adapter_config(out)
-        return Start(init, prev.method, base_of(prev), out, config)
+        context = None if prev.model.rope_scaling is None else (
+            prev.model.rope_scaling, prev.model.rope_factor)
+        return Start(init, prev.method, base_of(prev), out, config, context)
     if p.is_dir() and (p / "adapter_config.json").is_file():
         config = _read_adapter_config(p)
         kind = _KINDS.get(config.get("peft_type"))
@@ -269,6 +276,7 @@ def resolve_start(cfg: TrainConfig) -> TrainConfig:
     if cfg.model.init is None:
         return cfg
     start = start_of(cfg)
+    cfg = _resolve_context(cfg, start)
     if cfg.method == "prompt" and start.kind == "prompt":
         return _resolve_prompt(cfg, start)
     if not (cfg.method == "lora" and start.kind == "lora"):
@@ -292,6 +300,28 @@ def resolve_start(cfg: TrainConfig) -> TrainConfig:
             )
     keep = {f: getattr(cfg.lora if chosen(f) else have, f) for f in ("dropout", "targets")}
     return cfg.replace(lora=replace(have, **keep, init=cfg.lora.init))
+
+
+def _resolve_context(cfg: TrainConfig, start: Start) -> TrainConfig:
+    """An adapter of a run with ``model.rope_scaling`` applies to its base with that scaling
+    (a full run's ``final/model`` carries it in config.json): the stage takes it when its config
+    leaves it out (was: the adapter continued or merged on the unscaled base, silently not the
+    earlier result), and a config that sets another one is an error."""
+    if start.context is None:
+        return cfg
+    mine = (cfg.model.rope_scaling, cfg.model.rope_factor)
+    if mine[0] is None:
+        kind, factor = start.context
+        return cfg.replace(model=replace(cfg.model, rope_scaling=kind, rope_factor=factor))
+    if mine != start.context:
+        kind, factor = start.context
+        raise EmberError(
+            f"model.rope_scaling = {mine[0]!r}, rope_factor = {mine[1]:g} conflicts with "
+            f"model.init {start.source!r}, whose adapter was trained with rope_scaling = "
+            f"{kind!r}, rope_factor = {factor:g}; remove them from the config (the stage "
+            "keeps that scaling) or set the same"
+        )
+    return cfg
 
 
 def _resolve_prompt(cfg: TrainConfig, start: Start) -> TrainConfig:

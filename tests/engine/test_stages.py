@@ -375,3 +375,31 @@ def test_continued_adapter_trains_what_peft_trains(tiny, tmp_path, bias, saved):
     ids = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (final(input_ids=ids).logits - t.model.eval()(ids)).abs().max() < 1e-4
+
+
+def test_adapter_stage_keeps_the_earlier_context_extension(tiny, tmp_path):
+    """A LoRA run with model.rope_scaling: the next stage starts from its adapter on the base
+    with that scaling (transformers + PEFT's model), though its config does not repeat it (was:
+    the unscaled base, silently not the earlier result); another scaling is an error."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ember.engine.stages import load_start
+
+    ext = ('model.rope_scaling="linear"', "model.rope_factor=2.0")
+    _stage(tiny, tmp_path / "a", "max_steps=2", "optim.lr=3e-2", "eval.val_loss=false", *ext)
+    cfg = resolve(tiny_config(tiny, tmp_path / "b", *FAST, f'model.init="{tmp_path / "a"}"'))
+    assert (cfg.model.rope_scaling, cfg.model.rope_factor) == ("linear", 2.0)
+    model, _, _ = load_start(cfg, "float32", "cpu")
+    hf_cfg = AutoConfig.from_pretrained(tiny["model"])
+    hf_cfg.rope_parameters = {**hf_cfg.rope_parameters, "rope_type": "linear", "factor": 2.0}
+    hf = AutoModelForCausalLM.from_pretrained(tiny["model"], config=hf_cfg, dtype=torch.float32)
+    ref = PeftModel.from_pretrained(hf, str(tmp_path / "a" / "final" / "adapter")).eval()
+    ids = torch.tensor([[5, 17, 33, 40, 2, 9, 100, 61, 7, 12, 90, 44]])
+    with torch.no_grad():
+        want, got = ref(ids).logits, model.eval()(ids)
+    torch.testing.assert_close(getattr(got, "logits", got), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(EmberError, match=r"model.rope_scaling = 'yarn', rope_factor = 2 "
+                                         r"conflicts .* rope_scaling = 'linear'"):
+        resolve(tiny_config(tiny, tmp_path / "c", f'model.init="{tmp_path / "a"}"',
+                            'model.rope_scaling="yarn"', "model.rope_factor=2.0"))
