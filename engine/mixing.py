@@ -50,8 +50,10 @@ def check_weights(mix: tuple[float, ...], files: int) -> None:
 def quotas(sizes: list[int], mix: tuple[float, ...]) -> list[int]:
     """Examples per epoch from each source: shares of ``sum(sizes)`` by ``mix``, rounded by
     largest remainder so they add up exactly."""
-    n, total = sum(sizes), sum(mix)
-    exact = [n * w / total for w in mix]
+    top = max(mix)  # weights relative to the largest: a sum of huge ones overflowed to inf
+    rel = [w / top for w in mix]
+    n, total = sum(sizes), sum(rel)
+    exact = [n * w / total for w in rel]
     out = [math.floor(x) for x in exact]
     by_remainder = sorted(range(len(mix)), key=lambda i: (-(exact[i] - out[i]), i))
     for i in by_remainder[: n - sum(out)]:

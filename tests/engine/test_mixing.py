@@ -86,6 +86,17 @@ def test_every_epoch_shows_each_example_equally_often(sizes, mix):
                 assert len(firsts) == k
 
 
+
+@pytest.mark.parametrize("scale", [1.0, 1e300, 1e-300])
+def test_only_the_weights_ratios_count(scale):
+    """data.mix weighs by w / sum(w), at any scale (was: huge weights summed to inf, a deep
+    "cannot convert float NaN to integer")."""
+    sizes, mix = [23, 17, 9], (0.7, 0.2, 0.1)
+    want = [round(sum(sizes) * w / sum(mix)) for w in mix]  # no ties here: plain rounding
+    assert quotas(sizes, tuple(w * scale for w in mix)) == want == [34, 10, 5]
+    assert quotas([10, 10], (1e308, 1e308)) == [10, 10]
+
+
 def test_mixing_is_deterministic_by_seed_and_resumes_exactly():
     examples = _sources((30, 10))
     a = PackedBatches(examples, 40, seed=1, mix=(0.7, 0.3))
