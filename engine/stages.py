@@ -16,10 +16,10 @@ starts from, by the previous result's kind (rows) and this stage's ``method`` (c
 Continuing an adapter keeps its rank, alpha, rsLoRA and target modules: ``resolve_start`` writes
 them into the resolved config. A ``[lora]`` setting the config leaves out takes the adapter's
 value; one the config sets to another value is an error, even when it is the default (e.g.
-``rank = 16`` on a rank-8 adapter); ``lora.dropout``, a training setting, may change. A
-continued prompt keeps its ``num_virtual_tokens`` the same way.
-A LoRA or prompt run's context extension (``model.rope_scaling``,
-``rope_factor``) carries over the same way: its adapter applies to the base so scaled.
+``rank = 16`` on a rank-8 adapter); ``lora.dropout`` and ``lora.embedding_lr``, training
+settings, may change. A continued prompt keeps its ``num_virtual_tokens`` the same way. A LoRA
+or prompt run's context extension (``model.rope_scaling``, ``rope_factor``) carries over the
+same way: its adapter applies to the base so scaled.
 
 Only weights carry over: each stage is a new run whose optimizer (AdamW's moments), learning-rate
 schedule (warmup included), data position and RNG start afresh, as a transformers ``Trainer``
@@ -299,7 +299,9 @@ def resolve_start(cfg: TrainConfig) -> TrainConfig:
                 f"{json.dumps(list(theirs) if isinstance(theirs, tuple) else theirs)})"
             )
     keep = {f: getattr(cfg.lora if chosen(f) else have, f) for f in ("dropout", "targets")}
-    return cfg.replace(lora=replace(have, **keep, init=cfg.lora.init))
+    # embedding_lr, a training setting no adapter file records, is the config's (was: dropped)
+    return cfg.replace(lora=replace(have, **keep, init=cfg.lora.init,
+                                    embedding_lr=cfg.lora.embedding_lr))
 
 
 def _resolve_context(cfg: TrainConfig, start: Start) -> TrainConfig:

@@ -403,3 +403,19 @@ def test_adapter_stage_keeps_the_earlier_context_extension(tiny, tmp_path):
                                          r"conflicts .* rope_scaling = 'linear'"):
         resolve(tiny_config(tiny, tmp_path / "c", f'model.init="{tmp_path / "a"}"',
                             'model.rope_scaling="yarn"', "model.rope_factor=2.0"))
+
+
+def test_continued_adapter_takes_the_configs_embedding_lr(tiny, tmp_path):
+    """lora.embedding_lr is a training setting, not the adapter's shape: a continued adapter
+    trains its embedding adapter at it (was: dropped, so at optim.lr). AdamW's first step moves
+    each weight by about lr: ~1e-2 for the q adapter, ~1e-9 for the embedding's."""
+    targets = 'lora.targets=["q", "embed_tokens"]'
+    _stage(tiny, tmp_path / "a", "max_steps=2", "optim.lr=1e-2", "eval.val_loss=false", targets)
+    _stage(tiny, tmp_path / "b", "max_steps=1", "optim.lr=1e-2", "eval.val_loss=false",
+           "lora.embedding_lr=1e-9", "optim.weight_decay=0", f'model.init="{tmp_path / "a"}"')
+    a = lora_state_dict(load_run_model(tmp_path / "a", "cpu")[0])
+    b = lora_state_dict(load_run_model(tmp_path / "b", "cpu")[0])
+    moved = {k: float((b[k] - a[k]).abs().max()) for k in a}
+    emb = [k for k in a if "embed" in k]
+    assert emb and all(moved[k] < 1e-7 for k in emb), moved
+    assert max(moved[k] for k in a if k not in emb) > 1e-3, moved
