@@ -111,7 +111,9 @@ def source_names(paths: list[str], what: str) -> list[str]:
         names = ["/".join(p[-k:]) for p in parts]
         if len(set(names)) == len(names):
             return names
-    twice = next((p for p in paths if paths.count(p) > 1), None)
+    # the same file however it is written (was: "a.jsonl" and "./a.jsonl" taken for two files)
+    where = [str(Path(p).expanduser().resolve()) for p in paths]
+    twice = next((p for p, w in zip(paths, where, strict=True) if where.count(w) > 1), None)
     if twice is None:  # names that differ only in their extensions
         return list(paths)
     raise EmberError(

@@ -148,6 +148,8 @@ def test_bad_sources_are_errors(tiny, tmp_path):
         DataConfig(train=("a",), validation=())
     with pytest.raises(EmberError, match="data.train lists .* twice"):
         source_names(["x/a.jsonl", "x/a.jsonl"], "data.train")
+    with pytest.raises(EmberError, match="data.train lists x/a.jsonl twice"):  # however written
+        source_names(["x/a.jsonl", "./x/a.jsonl"], "data.train")
     assert source_names(["d/math/val.jsonl", "d/chat/val.jsonl"], "v") == ["math/val", "chat/val"]
     assert source_names(["d/math.jsonl.gz", "d/chat.csv"], "t") == ["math", "chat"]
 
