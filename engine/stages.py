@@ -181,6 +181,11 @@ def find_start(init: str, model_name: str) -> Start:
             "start from its weights (model.init takes a run directory or an "
             "adapter folder)"
         )
+    if p.is_dir() and (p.parent / "config.toml").is_file():  # runs/NAME/final (or best/)
+        raise EmberError(
+            f"model.init {init!r} is a folder inside the run {str(p.parent)!r}, not a run "
+            f"directory: give the run directory {str(p.parent)!r} (its final/ output is used)"
+        )
     raise EmberError(
         f"model.init {init!r} is neither a run directory (config.toml) nor a PEFT "
         "adapter folder (adapter_config.json)"

@@ -177,6 +177,8 @@ def test_start_errors(tiny, sft_lora, tmp_path):
         cfg(f'model.init="{tmp_path / "nope"}"')
     with pytest.raises(EmberError, match="is a model folder: set model.name"):
         cfg(f'model.init="{tiny["model"]}"')
+    with pytest.raises(EmberError, match=r"is a folder inside the run .*: give the run directory"):
+        cfg(f'model.init="{sft_lora / "final"}"')
     with pytest.raises(EmberError, match="holds a LoRA adapter, which a method = 'prompt'"):
         cfg(f'model.init="{sft_lora}"', 'method="prompt"')
     # Another base model: named by the run, or by the adapter's config.
