@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from array import array
 from pathlib import Path
 
 from ember import EmberError
@@ -74,6 +75,12 @@ def epoch_indices(
     return out
 
 
+# (stream seed, n, r) -> (p, pass p): the last pass an epoch's window reached, from which the
+# next epoch's passes follow without rebuilding the chain from pass 0 (a cache: results are the
+# same without it)
+_LAST_PASS: dict[tuple[str, int, int], tuple[int, array]] = {}
+
+
 def _extras(n: int, r: int, seed: str, epoch: int) -> list[int]:
     """Items ``[epoch * r, (epoch + 1) * r)`` (``r < n``) of a stream of shuffled passes over
     ``range(n)``, all distinct: a pass whose start falls inside an epoch's window begins with
@@ -82,20 +89,39 @@ def _extras(n: int, r: int, seed: str, epoch: int) -> list[int]:
     if r == 0:
         return []
     lo, hi = epoch * r, (epoch + 1) * r
+    first, last = lo // n, (hi - 1) // n
+    period = r // math.gcd(n, r)  # a pass p with p * n % r == 0 starts a window: no chain
+    p, perm = first - first % period, None
+    key = (seed, n, r)
+    if key in _LAST_PASS and p <= _LAST_PASS[key][0] <= first:
+        p, perm = _LAST_PASS[key][0], list(_LAST_PASS[key][1])
+    else:
+        perm = _pass(None, p, n, r, seed)
     out: list[int] = []
-    perm: list[int] = []
-    for p in range((hi - 1) // n + 1):  # each pass follows from the end of the one before
-        nxt = list(range(n))
-        random.Random(f"{seed}:{p}").shuffle(nxt)
-        t = p * n % r  # items its window took from the end of the previous pass
-        if p and t:
-            taken = set(perm[n - t:])
-            head = [x for x in nxt if x not in taken][: r - t]
-            first = set(head)
-            nxt = head + [x for x in nxt if x not in first]
-        perm = nxt
+    while True:
         out += perm[max(lo - p * n, 0): max(min(hi - p * n, n), 0)]
+        if p == last:
+            break
+        p += 1
+        perm = _pass(perm, p, n, r, seed)
+    if len(_LAST_PASS) >= 64 and key not in _LAST_PASS:
+        del _LAST_PASS[next(iter(_LAST_PASS))]
+    _LAST_PASS[key] = (last, array("q", perm))
     return out
+
+
+def _pass(prev: list[int] | None, p: int, n: int, r: int, seed: str) -> list[int]:
+    """Pass ``p`` of the stream: a seeded shuffle, its first items moved so that none is among
+    the ``t`` items its window took from the end of pass ``p - 1`` (``prev``)."""
+    perm = list(range(n))
+    random.Random(f"{seed}:{p}").shuffle(perm)
+    t = p * n % r  # items its window took from the end of the previous pass
+    if t:
+        taken = set(prev[n - t:])
+        head = [x for x in perm if x not in taken][: r - t]
+        first = set(head)
+        perm = head + [x for x in perm if x not in first]
+    return perm
 
 
 def source_names(paths: list[str], what: str) -> list[str]:
