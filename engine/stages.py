@@ -280,6 +280,11 @@ def resolve_start(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the [lora] settings of the adapter it continues (``resolve`` calls it)."""
     if cfg.model.init is None:
         return cfg
+    if Path(cfg.model.init).resolve() == Path(cfg.out_dir).resolve():
+        raise EmberError(
+            f"model.init {cfg.model.init!r} is this run's own run_dir: a stage writes a new run; "
+            "give it another run_dir (to continue that run itself: --resume, without model.init)"
+        )
     start = start_of(cfg)
     cfg = _resolve_context(cfg, start)
     if cfg.method == "prompt" and start.kind == "prompt":

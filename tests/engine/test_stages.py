@@ -179,6 +179,8 @@ def test_start_errors(tiny, sft_lora, tmp_path):
         cfg(f'model.init="{tiny["model"]}"')
     with pytest.raises(EmberError, match=r"is a folder inside the run .*: give the run directory"):
         cfg(f'model.init="{sft_lora / "final"}"')
+    with pytest.raises(EmberError, match="is this run's own run_dir: .* another run_dir"):
+        resolve(tiny_config(tiny, sft_lora, f'model.init="{sft_lora}"'))
     with pytest.raises(EmberError, match="holds a LoRA adapter, which a method = 'prompt'"):
         cfg(f'model.init="{sft_lora}"', 'method="prompt"')
     # Another base model: named by the run, or by the adapter's config.
