@@ -150,6 +150,13 @@ class TaskConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from ember.engine.tasks import task_names
+
+        if self.name is not None and self.name not in task_names():
+            # (was: found only after the model loaded, in an error without the key)
+            raise EmberError(f"task.name = {self.name!r} is not a built-in task; use one of "
+                             f"{', '.join(map(repr, task_names()))}, or leave task out and give "
+                             "data.train")
         if self.train < 1 or self.validation < 0 or self.test < 0:
             raise EmberError(f"task.train must be >= 1 and task.validation, task.test >= 0, got "
                              f"{self.train}, {self.validation}, {self.test}")

@@ -3,10 +3,14 @@
 ``data.train = ["a.jsonl", "b.jsonl"]`` with ``data.mix = [0.7, 0.3]``: each epoch holds as
 many examples as all the files together (N), of which ``round(N * w_i / sum(w))`` come from file
 i (largest remainders, so they add up to N). A file with fewer examples than its share is
-upsampled (seen several times per epoch), one with more is downsampled. Each file is read as an
-endless stream of seeded shuffled passes, and every epoch takes the next share of that stream: a
-downsampled file shows all of its examples before repeating any, and an upsampled one shows
-each example the same number of times, to within one. The epoch's examples are then ordered and
+upsampled (seen several times per epoch), one with more is downsampled. A share of
+``q = m * n + r`` examples from a file of ``n`` holds each example ``m`` times plus ``r``
+distinct extras, the next ``r`` of an endless stream of seeded shuffled passes over the file
+(each pass starts with examples its epoch has not taken yet). So within every epoch an upsampled
+file shows each example the same number of times, to within one, and a downsampled one shows
+no example twice; over the epochs a downsampled file shows all of its examples before repeating
+any, and the counts of every file stay within one of each other. The epoch's examples are then
+ordered and
 packed as ``data.order`` / ``data.packing`` say. All of it is a function of (seed, epoch), so
 a resumed run sees exactly the batches an uninterrupted one would. Without ``data.mix`` the
 files are concatenated and every example is seen once per epoch.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from array import array
 from pathlib import Path
 
 from ember import EmberError
@@ -46,8 +51,10 @@ def check_weights(mix: tuple[float, ...], files: int) -> None:
 def quotas(sizes: list[int], mix: tuple[float, ...]) -> list[int]:
     """Examples per epoch from each source: shares of ``sum(sizes)`` by ``mix``, rounded by
     largest remainder so they add up exactly."""
-    n, total = sum(sizes), sum(mix)
-    exact = [n * w / total for w in mix]
+    top = max(mix)  # weights relative to the largest: a sum of huge ones overflowed to inf
+    rel = [w / top for w in mix]
+    n, total = sum(sizes), sum(rel)
+    exact = [n * w / total for w in rel]
     out = [math.floor(x) for x in exact]
     by_remainder = sorted(range(len(mix)), key=lambda i: (-(exact[i] - out[i]), i))
     for i in by_remainder[: n - sum(out)]:
@@ -62,15 +69,59 @@ def epoch_indices(
     ``members[i]``: the indices of source i's examples."""
     out = []
     for i, (idx, q) in enumerate(zip(members, quotas([len(m) for m in members], mix), strict=True)):
-        n, perms = len(idx), {}
-        for k in range(epoch * q, (epoch + 1) * q):  # source i's stream, its next q examples
-            p, j = divmod(k, n)
-            if p not in perms:
-                perm = list(range(n))
-                random.Random(f"{seed}:mix:{i}:{p}").shuffle(perm)
-                perms[p] = perm
-            out.append(idx[perms[p][j]])
+        m, r = divmod(q, len(idx))
+        out += idx * m
+        out += [idx[j] for j in _extras(len(idx), r, f"{seed}:mix:{i}", epoch)]
     return out
+
+
+# (stream seed, n, r) -> (p, pass p): the last pass an epoch's window reached, from which the
+# next epoch's passes follow without rebuilding the chain from pass 0 (a cache: results are the
+# same without it)
+_LAST_PASS: dict[tuple[str, int, int], tuple[int, array]] = {}
+
+
+def _extras(n: int, r: int, seed: str, epoch: int) -> list[int]:
+    """Items ``[epoch * r, (epoch + 1) * r)`` (``r < n``) of a stream of shuffled passes over
+    ``range(n)``, all distinct: a pass whose start falls inside an epoch's window begins with
+    items that window has not taken from the end of the previous pass (was: a plain stream, so
+    such an epoch could show one example twice and skip another)."""
+    if r == 0:
+        return []
+    lo, hi = epoch * r, (epoch + 1) * r
+    first, last = lo // n, (hi - 1) // n
+    period = r // math.gcd(n, r)  # a pass p with p * n % r == 0 starts a window: no chain
+    p, perm = first - first % period, None
+    key = (seed, n, r)
+    if key in _LAST_PASS and p <= _LAST_PASS[key][0] <= first:
+        p, perm = _LAST_PASS[key][0], list(_LAST_PASS[key][1])
+    else:
+        perm = _pass(None, p, n, r, seed)
+    out: list[int] = []
+    while True:
+        out += perm[max(lo - p * n, 0): max(min(hi - p * n, n), 0)]
+        if p == last:
+            break
+        p += 1
+        perm = _pass(perm, p, n, r, seed)
+    if len(_LAST_PASS) >= 64 and key not in _LAST_PASS:
+        del _LAST_PASS[next(iter(_LAST_PASS))]
+    _LAST_PASS[key] = (last, array("q", perm))
+    return out
+
+
+def _pass(prev: list[int] | None, p: int, n: int, r: int, seed: str) -> list[int]:
+    """Pass ``p`` of the stream: a seeded shuffle, its first items moved so that none is among
+    the ``t`` items its window took from the end of pass ``p - 1`` (``prev``)."""
+    perm = list(range(n))
+    random.Random(f"{seed}:{p}").shuffle(perm)
+    t = p * n % r  # items its window took from the end of the previous pass
+    if t:
+        taken = set(prev[n - t:])
+        head = [x for x in perm if x not in taken][: r - t]
+        first = set(head)
+        perm = head + [x for x in perm if x not in first]
+    return perm
 
 
 def source_names(paths: list[str], what: str) -> list[str]:
@@ -86,7 +137,9 @@ def source_names(paths: list[str], what: str) -> list[str]:
         names = ["/".join(p[-k:]) for p in parts]
         if len(set(names)) == len(names):
             return names
-    twice = next((p for p in paths if paths.count(p) > 1), None)
+    # the same file however it is written (was: "a.jsonl" and "./a.jsonl" taken for two files)
+    where = [str(Path(p).expanduser().resolve()) for p in paths]
+    twice = next((p for p, w in zip(paths, where, strict=True) if where.count(w) > 1), None)
     if twice is None:  # names that differ only in their extensions
         return list(paths)
     raise EmberError(

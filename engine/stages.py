@@ -16,8 +16,10 @@ starts from, by the previous result's kind (rows) and this stage's ``method`` (c
 Continuing an adapter keeps its rank, alpha, rsLoRA and target modules: ``resolve_start`` writes
 them into the resolved config. A ``[lora]`` setting the config leaves out takes the adapter's
 value; one the config sets to another value is an error, even when it is the default (e.g.
-``rank = 16`` on a rank-8 adapter); ``lora.dropout``, a training setting, may change. A
-continued prompt keeps its ``num_virtual_tokens`` the same way.
+``rank = 16`` on a rank-8 adapter); ``lora.dropout`` and ``lora.embedding_lr``, training
+settings, may change. A continued prompt keeps its ``num_virtual_tokens`` the same way. A LoRA
+or prompt run's context extension (``model.rope_scaling``, ``rope_factor``) carries over the
+same way: its adapter applies to the base so scaled.
 
 Only weights carry over: each stage is a new run whose optimizer (AdamW's moments), learning-rate
 schedule (warmup included), data position and RNG start afresh, as a transformers ``Trainer``
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ember import EmberError
+from ember.engine.dcp import MANIFEST
 from ember.engine.distributed import reshard_all
 from ember.models.hub import builtin_model
 from ember.models.lora import (
@@ -76,6 +79,9 @@ class Start:
     base: str  # the weights to load: the adapter's base, or the previous full model's folder
     adapter: Path | None = None
     adapter_config: dict = field(default_factory=dict)
+    # the earlier run's context extension (model.rope_scaling, rope_factor), which its adapter
+    # was trained under and which no adapter file records
+    context: tuple[str, float] | None = None
 
 
 def _model_id(name: str) -> str | None:
@@ -121,6 +127,17 @@ def find_start(init: str, model_name: str) -> Start:
             f"model.init {init!r} does not exist; give a previous run directory "
             "(runs/NAME) or a PEFT adapter folder (adapter_config.json)"
         )
+    if p.is_dir() and any((p / f).is_file() for f in (MANIFEST, ".metadata", "extra.pt")):
+        # (was: taken for a run directory without final/, whose advice, `ember train CKPT
+        # --resume` or `ember export CKPT`, fails on a checkpoint folder)
+        run = p.parent.parent
+        raise EmberError(
+            f"model.init {init!r} is a training checkpoint, not a run directory: give the "
+            f"run directory {str(run)!r} to start from its final/ output (a run without one: "
+            f"`ember export {run} --adapter DIR`, or --merged DIR for method = \"full\", "
+            "writes the weights it ends with; give that folder to model.init, or a merged "
+            "model to model.name)"
+        )
     if p.is_dir() and (p / "config.toml").is_file():
         prev = _run_config(p)
         _check_base(init, prev.model.name, model_name)
@@ -143,7 +160,9 @@ def find_start(init: str, model_name: str) -> Start:
         if prev.method == "full":
             return Start(init, "full", str(out))
         config = _read_adapter_config(out)
-        return Start(init, prev.method, base_of(prev), out, config)
+        context = None if prev.model.rope_scaling is None else (
+            prev.model.rope_scaling, prev.model.rope_factor)
+        return Start(init, prev.method, base_of(prev), out, config, context)
     if p.is_dir() and (p / "adapter_config.json").is_file():
         config = _read_adapter_config(p)
         kind = _KINDS.get(config.get("peft_type"))
@@ -161,6 +180,11 @@ def find_start(init: str, model_name: str) -> Start:
             f"model.init {init!r} is a model folder: set model.name = {init!r} to "
             "start from its weights (model.init takes a run directory or an "
             "adapter folder)"
+        )
+    if p.is_dir() and (p.parent / "config.toml").is_file():  # runs/NAME/final (or best/)
+        raise EmberError(
+            f"model.init {init!r} is a folder inside the run {str(p.parent)!r}, not a run "
+            f"directory: give the run directory {str(p.parent)!r} (its final/ output is used)"
         )
     raise EmberError(
         f"model.init {init!r} is neither a run directory (config.toml) nor a PEFT "
@@ -256,7 +280,13 @@ def resolve_start(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the [lora] settings of the adapter it continues (``resolve`` calls it)."""
     if cfg.model.init is None:
         return cfg
+    if Path(cfg.model.init).resolve() == Path(cfg.out_dir).resolve():
+        raise EmberError(
+            f"model.init {cfg.model.init!r} is this run's own run_dir: a stage writes a new run; "
+            "give it another run_dir (to continue that run itself: --resume, without model.init)"
+        )
     start = start_of(cfg)
+    cfg = _resolve_context(cfg, start)
     if cfg.method == "prompt" and start.kind == "prompt":
         return _resolve_prompt(cfg, start)
     if not (cfg.method == "lora" and start.kind == "lora"):
@@ -279,7 +309,31 @@ def resolve_start(cfg: TrainConfig) -> TrainConfig:
                 f"{json.dumps(list(theirs) if isinstance(theirs, tuple) else theirs)})"
             )
     keep = {f: getattr(cfg.lora if chosen(f) else have, f) for f in ("dropout", "targets")}
-    return cfg.replace(lora=replace(have, **keep, init=cfg.lora.init))
+    # embedding_lr, a training setting no adapter file records, is the config's (was: dropped)
+    return cfg.replace(lora=replace(have, **keep, init=cfg.lora.init,
+                                    embedding_lr=cfg.lora.embedding_lr))
+
+
+def _resolve_context(cfg: TrainConfig, start: Start) -> TrainConfig:
+    """An adapter of a run with ``model.rope_scaling`` applies to its base with that scaling
+    (a full run's ``final/model`` carries it in config.json): the stage takes it when its config
+    leaves it out (was: the adapter continued or merged on the unscaled base, silently not the
+    earlier result), and a config that sets another one is an error."""
+    if start.context is None:
+        return cfg
+    mine = (cfg.model.rope_scaling, cfg.model.rope_factor)
+    if mine[0] is None:
+        kind, factor = start.context
+        return cfg.replace(model=replace(cfg.model, rope_scaling=kind, rope_factor=factor))
+    if mine != start.context:
+        kind, factor = start.context
+        raise EmberError(
+            f"model.rope_scaling = {mine[0]!r}, rope_factor = {mine[1]:g} conflicts with "
+            f"model.init {start.source!r}, whose adapter was trained with rope_scaling = "
+            f"{kind!r}, rope_factor = {factor:g}; remove them from the config (the stage "
+            "keeps that scaling) or set the same"
+        )
+    return cfg
 
 
 def _resolve_prompt(cfg: TrainConfig, start: Start) -> TrainConfig:

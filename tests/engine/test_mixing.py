@@ -58,6 +58,45 @@ def test_downsampled_file_shows_every_example_before_repeating():
     assert sorted(first) == list(range(30))
 
 
+
+@pytest.mark.parametrize("sizes,mix", [((3, 5), (0.5, 0.5)), ((13, 17), (0.37, 0.63)),
+                                       ((2, 9), (0.2, 0.8)), ((1, 1000), (1.0, 1.0))])
+def test_every_epoch_shows_each_example_equally_often(sizes, mix):
+    """Within each epoch (not only summed over epochs): an upsampled file's examples are seen
+    floor(q/n) or ceil(q/n) times, a downsampled file's at most once; over the epochs a
+    downsampled file shows all of its examples before repeating one."""
+    examples = _sources(sizes)
+    for seed in range(3):
+        batches = PackedBatches(examples, 40, seed=seed, mix=mix)
+        for epoch in range(6):
+            seen = Counter(i for b in batches.plan(epoch) for i in b)
+            for g, (n, q) in enumerate(zip(sizes, quotas(list(sizes), mix), strict=True)):
+                counts = [seen[i] for i, e in enumerate(examples) if e.group == g]
+                assert sum(counts) == q
+                assert set(counts) <= {q // n, -(-q // n)}, (seed, epoch, g, counts)
+        for g, n in enumerate(sizes):
+            if quotas(list(sizes), mix)[g] < n:  # the first n drawn are n distinct examples
+                firsts, k = set(), 0
+                for epoch in range(6):
+                    got = [i for b in batches.plan(epoch) for i in b if examples[i].group == g]
+                    if len(firsts) + len(got) > n:
+                        break
+                    firsts.update(got)
+                    k += len(got)
+                assert len(firsts) == k
+
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e300, 1e-300])
+def test_only_the_weights_ratios_count(scale):
+    """data.mix weighs by w / sum(w), at any scale (was: huge weights summed to inf, a deep
+    "cannot convert float NaN to integer")."""
+    sizes, mix = [23, 17, 9], (0.7, 0.2, 0.1)
+    want = [round(sum(sizes) * w / sum(mix)) for w in mix]  # no ties here: plain rounding
+    assert quotas(sizes, tuple(w * scale for w in mix)) == want == [34, 10, 5]
+    assert quotas([10, 10], (1e308, 1e308)) == [10, 10]
+
+
 def test_mixing_is_deterministic_by_seed_and_resumes_exactly():
     examples = _sources((30, 10))
     a = PackedBatches(examples, 40, seed=1, mix=(0.7, 0.3))
@@ -109,6 +148,8 @@ def test_bad_sources_are_errors(tiny, tmp_path):
         DataConfig(train=("a",), validation=())
     with pytest.raises(EmberError, match="data.train lists .* twice"):
         source_names(["x/a.jsonl", "x/a.jsonl"], "data.train")
+    with pytest.raises(EmberError, match="data.train lists x/a.jsonl twice"):  # however written
+        source_names(["x/a.jsonl", "./x/a.jsonl"], "data.train")
     assert source_names(["d/math/val.jsonl", "d/chat/val.jsonl"], "v") == ["math/val", "chat/val"]
     assert source_names(["d/math.jsonl.gz", "d/chat.csv"], "t") == ["math", "chat"]
 

@@ -177,6 +177,10 @@ def test_start_errors(tiny, sft_lora, tmp_path):
         cfg(f'model.init="{tmp_path / "nope"}"')
     with pytest.raises(EmberError, match="is a model folder: set model.name"):
         cfg(f'model.init="{tiny["model"]}"')
+    with pytest.raises(EmberError, match=r"is a folder inside the run .*: give the run directory"):
+        cfg(f'model.init="{sft_lora / "final"}"')
+    with pytest.raises(EmberError, match="is this run's own run_dir: .* another run_dir"):
+        resolve(tiny_config(tiny, sft_lora, f'model.init="{sft_lora}"'))
     with pytest.raises(EmberError, match="holds a LoRA adapter, which a method = 'prompt'"):
         cfg(f'model.init="{sft_lora}"', 'method="prompt"')
     # Another base model: named by the run, or by the adapter's config.
@@ -208,6 +212,13 @@ def test_start_errors(tiny, sft_lora, tmp_path):
                                          r"= false; export its weights with `ember export .* "
                                          r"--adapter DIR`"):
         cfg(f'model.init="{unfinished}"')
+    # A checkpoint folder holds a config.toml too (was: taken for an unfinished run, with advice
+    # that fails on it: `ember train CKPT --resume`, `ember export CKPT`)
+    ckpt = unfinished / "checkpoints" / "step_00000001"
+    assert (ckpt / "config.toml").is_file()
+    with pytest.raises(EmberError, match=r"is a training checkpoint, not a run directory: give the "
+                                         rf"run directory '{unfinished}'"):
+        cfg(f'model.init="{ckpt}"')
     from ember.engine.cli import main
 
     assert main(["export", str(unfinished), "--adapter", str(tmp_path / "exported")]) == 0
@@ -368,3 +379,47 @@ def test_continued_adapter_trains_what_peft_trains(tiny, tmp_path, bias, saved):
     ids = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (final(input_ids=ids).logits - t.model.eval()(ids)).abs().max() < 1e-4
+
+
+def test_adapter_stage_keeps_the_earlier_context_extension(tiny, tmp_path):
+    """A LoRA run with model.rope_scaling: the next stage starts from its adapter on the base
+    with that scaling (transformers + PEFT's model), though its config does not repeat it (was:
+    the unscaled base, silently not the earlier result); another scaling is an error."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ember.engine.stages import load_start
+
+    ext = ('model.rope_scaling="linear"', "model.rope_factor=2.0")
+    _stage(tiny, tmp_path / "a", "max_steps=2", "optim.lr=3e-2", "eval.val_loss=false", *ext)
+    cfg = resolve(tiny_config(tiny, tmp_path / "b", *FAST, f'model.init="{tmp_path / "a"}"'))
+    assert (cfg.model.rope_scaling, cfg.model.rope_factor) == ("linear", 2.0)
+    model, _, _ = load_start(cfg, "float32", "cpu")
+    hf_cfg = AutoConfig.from_pretrained(tiny["model"])
+    hf_cfg.rope_parameters = {**hf_cfg.rope_parameters, "rope_type": "linear", "factor": 2.0}
+    hf = AutoModelForCausalLM.from_pretrained(tiny["model"], config=hf_cfg, dtype=torch.float32)
+    ref = PeftModel.from_pretrained(hf, str(tmp_path / "a" / "final" / "adapter")).eval()
+    ids = torch.tensor([[5, 17, 33, 40, 2, 9, 100, 61, 7, 12, 90, 44]])
+    with torch.no_grad():
+        want, got = ref(ids).logits, model.eval()(ids)
+    torch.testing.assert_close(getattr(got, "logits", got), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(EmberError, match=r"model.rope_scaling = 'yarn', rope_factor = 2 "
+                                         r"conflicts .* rope_scaling = 'linear'"):
+        resolve(tiny_config(tiny, tmp_path / "c", f'model.init="{tmp_path / "a"}"',
+                            'model.rope_scaling="yarn"', "model.rope_factor=2.0"))
+
+
+def test_continued_adapter_takes_the_configs_embedding_lr(tiny, tmp_path):
+    """lora.embedding_lr is a training setting, not the adapter's shape: a continued adapter
+    trains its embedding adapter at it (was: dropped, so at optim.lr). AdamW's first step moves
+    each weight by about lr: ~1e-2 for the q adapter, ~1e-9 for the embedding's."""
+    targets = 'lora.targets=["q", "embed_tokens"]'
+    _stage(tiny, tmp_path / "a", "max_steps=2", "optim.lr=1e-2", "eval.val_loss=false", targets)
+    _stage(tiny, tmp_path / "b", "max_steps=1", "optim.lr=1e-2", "eval.val_loss=false",
+           "lora.embedding_lr=1e-9", "optim.weight_decay=0", f'model.init="{tmp_path / "a"}"')
+    a = lora_state_dict(load_run_model(tmp_path / "a", "cpu")[0])
+    b = lora_state_dict(load_run_model(tmp_path / "b", "cpu")[0])
+    moved = {k: float((b[k] - a[k]).abs().max()) for k in a}
+    emb = [k for k in a if "embed" in k]
+    assert emb and all(moved[k] < 1e-7 for k in emb), moved
+    assert max(moved[k] for k in a if k not in emb) > 1e-3, moved

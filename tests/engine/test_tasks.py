@@ -66,3 +66,12 @@ def test_write_splits_and_errors(tmp_path):
         generate_splits("nope", {"train": 1})
     with pytest.raises(EmberError, match="task.test must be >= 0"):
         generate_splits("support-tickets", {"test": -1})
+
+
+def test_unknown_task_name_is_a_config_error():
+    from ember.engine.config import load_config
+
+    with pytest.raises(EmberError, match=r"task.name = 'support-ticket' is not a built-in task; "
+                                         r"use one of 'support-tickets'"):
+        load_config(None, ['model.name="x"', 'task.name="support-ticket"'])
+    assert load_config(None, ['model.name="x"', 'task.name="support-tickets"']).task.train == 2000
