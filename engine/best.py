@@ -34,14 +34,17 @@ def best_root(run_dir: str | Path) -> Path:
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
-    """``value`` beats ``best`` by more than ``min_delta`` (``mode``: "min" or "max"). A NaN
-    score (pearson of constant predictions) never improves, and a NaN best is beaten by any
+    """``value`` beats ``best`` by more than ``min_delta`` (``mode``: "min" or "max"), tested as
+    EarlyStoppingCallback does (better, and ``|value - best| > threshold``: ``value < best -
+    min_delta`` rounds otherwise, 1.72 after 1.77 by 0.05 is an improvement there, not here). A
+    NaN score (pearson of constant predictions) never improves, and a NaN best is beaten by any
     number (else no later evaluation could ever beat it)."""
     if math.isnan(value):
         return False
     if best is None or math.isnan(best):
         return True
-    return value < best - min_delta if mode == "min" else value > best + min_delta
+    better = value < best if mode == "min" else value > best
+    return better and abs(value - best) > min_delta
 
 
 def save_best(run_dir: str | Path, step: int, model, info: DistInfo,

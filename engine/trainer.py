@@ -589,8 +589,13 @@ class Trainer:
         if step and improved(value, prog.best_scores.get(name), mode, 0.0):
             prog.best_step, prog.best_scores = step, dict(scores)
             save_best(self.cfg.out_dir, step, self.model, self.info, self.ckpt_best)
-        enough = improved(value, prog.best, mode, ev.min_delta)
-        if improved(value, prog.best, mode, 0.0):
+        # The first evaluation has no best to beat: it resets patience even if NaN, and a NaN
+        # one leaves the best at the worst value (EarlyStoppingCallback, _determine_best_metric)
+        first = prog.best is None
+        enough = first or improved(value, prog.best, mode, ev.min_delta)
+        if first and math.isnan(value):
+            prog.best = math.inf if mode == "min" else -math.inf
+        elif improved(value, prog.best, mode, 0.0):
             prog.best = value
         if enough:
             prog.bad_evals = 0
