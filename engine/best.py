@@ -27,10 +27,36 @@ from pathlib import Path
 
 from ember.engine import dcp
 from ember.engine.distributed import DistInfo, barrier
+from ember.engine.metrics import LOWER_IS_BETTER
 
 
 def best_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "best"
+
+
+def stop_mode(ev) -> str:
+    """``eval.mode`` resolved for ``eval.early_stopping`` (``ev``: an EvalConfig): "min" or
+    "max"."""
+    if ev.mode != "auto":
+        return ev.mode
+    return "min" if ev.early_stopping in LOWER_IS_BETTER else "max"
+
+
+def restart_best(prog, before, now) -> str | None:
+    """A resume whose ``eval.early_stopping`` (or mode) differs from the checkpoint's
+    (``before``, ``now``: EvalConfigs): the checkpoint's best and patience count are another
+    score's (a val_loss of 2.1 compared with perplexities: no improvement ever, so a run
+    stopped at the first evaluation after resuming), so they start again (as on the first
+    evaluation of a run, or a resume that turns early stopping on); returns the note to show."""
+    if now.early_stopping is None or before.early_stopping is None:
+        return None
+    old, new = (before.early_stopping, stop_mode(before)), (now.early_stopping, stop_mode(now))
+    if old == new:
+        return None
+    prog.best, prog.bad_evals, prog.best_step, prog.best_scores = None, 0, None, {}
+    prog.stopped = False
+    return (f"note: eval.early_stopping is now {new[0]} ({new[1]}), the checkpoint's was "
+            f"{old[0]} ({old[1]}): its best and patience count start again at step {prog.step}")
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:

@@ -212,6 +212,27 @@ def test_patience_edge_cases_count_as_transformers(tiny, tmp_path, monkeypatch):
         assert ours == hf, (values, ours, hf)
 
 
+def test_resume_with_another_early_stopping_score_starts_its_count_again(tiny, tmp_path):
+    """A run early-stopping on val_loss, resumed on perplexity (eval may change on resume): the
+    checkpoint's best was a val_loss (~4.9) that no perplexity (~130) beats, so the resumed run
+    stopped at its first evaluation while perplexity was improving. Now its patience counts as
+    transformers' EarlyStoppingCallback on the evaluations after the resume."""
+    base = ("max_steps=6", "eval.every_steps=2", "checkpoint.every_steps=2", "eval.patience=1",
+            "eval.metrics=[]", "optim.lr=1e-2", "checkpoint.save_final=false",
+            "eval.before=false")
+    run = tmp_path / "r"
+    train(tiny_config(tiny, run, *base, 'eval.early_stopping="val_loss"'), echo=quiet,
+          progress=False, stop_after=2)
+    said = []
+    res = train(tiny_config(tiny, run, *base, 'eval.early_stopping="perplexity"'), resume=True,
+                echo=said.append, progress=False)
+    assert any("start again at step 2" in line for line in said), said
+    after = [r["perplexity"] for r in rows_of(run) if r["kind"] == "eval" and r["step"] > 2]
+    hf = _hf_stops(after, 1, 0.0, greater=False)
+    stop = hf.index(True) if True in hf else len(after) - 1
+    assert (res.steps, res.stopped_early) == (4 + 2 * stop, True in hf), (after, hf)
+
+
 def _hf_step_sizes(n_batches: int, grad_accum: int, epochs: float, out,
                    max_steps: int = -1) -> list[int]:
     """The micro-batches of each optimizer step of transformers' Trainer (batch size 1)."""
