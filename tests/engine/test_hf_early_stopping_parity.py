@@ -29,14 +29,20 @@ def _merged(parts: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def _ember(tiny, run_dir, monkeypatch, *sets):
-    steps = []
-    step = trainer_mod.Trainer._step
+    steps, built = [], {}
+    step, build = trainer_mod.Trainer._step, trainer_mod.Trainer._build
 
     def spy_step(self, micro, *a, **k):
         steps.append([_padded(b) for b in micro])
         return step(self, micro, *a, **k)
 
+    def spy_build(self, cfg, info):
+        model = build(self, cfg, info)
+        built.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        return model
+
     monkeypatch.setattr(trainer_mod.Trainer, "_step", spy_step)
+    monkeypatch.setattr(trainer_mod.Trainer, "_build", spy_build)
     cfg = tiny_config(tiny, run_dir, f'data.train=["{tiny["small"]}"]', 'data.order="file"',
                       "data.max_seq_len=32", "data.tokens_per_batch=32", "eval.metrics=[]",
                       "eval.before=false", 'method="full"', 'optim.schedule="constant"',
@@ -46,10 +52,26 @@ def _ember(tiny, run_dir, monkeypatch, *sets):
     val = t.datasets.validation
     parts = [_padded(collate([val[i] for i in idx]))
              for idx in eval_plan(val, cfg.data.tokens_per_batch)]
-    return t.cfg, res, steps, _merged(parts)
+    return t.cfg, res, steps, _merged(parts), built
 
 
-def _hf(tiny, cfg, steps, val, out, patience, threshold):
+def _peft_model(tiny, initial):
+    """peft's LoRA r=4 on q/v with Ember's initial A (B is 0 in both)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_hf_model(tiny), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                layer, proj = name.split("layers.")[1].split(".")[0], name.split(".")[-4]
+                ab = name.split(".")[-3].removeprefix("lora_")
+                p.copy_(next(v for k, v in initial.items() if k.startswith(f"layers.{layer}.")
+                             and f".{proj}." in k and k.endswith(f"lora_{ab}")))
+    return model
+
+
+def _hf(tiny, cfg, steps, val, out, patience, threshold, model=None):
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
     ev = cfg.eval
@@ -64,8 +86,8 @@ def _hf(tiny, cfg, steps, val, out, patience, threshold):
         eval_strategy="steps", eval_steps=ev.every_steps, save_strategy="steps",
         save_steps=ev.every_steps, save_total_limit=1, load_best_model_at_end=True,
         metric_for_best_model="loss", greater_is_better=False)
-    hf = Trainer(_hf_model(tiny), args, train_dataset=items, eval_dataset=[val],
-                 data_collator=lambda xs: xs[0],
+    hf = Trainer(model if model is not None else _hf_model(tiny), args, train_dataset=items,
+                 eval_dataset=[val], data_collator=lambda xs: xs[0],
                  callbacks=[EarlyStoppingCallback(patience, threshold)])
     hf.train()
     return hf
@@ -75,10 +97,12 @@ def _check(tiny, tmp_path, monkeypatch, patience, threshold, *sets):
     es = ('eval.early_stopping="val_loss"', f"eval.patience={patience}",
           f"eval.min_delta={threshold}")
     # The whole run's micro-batches (transformers must be able to go on where Ember stops)
-    cfg, _, steps, val = _ember(tiny, tmp_path / "all", monkeypatch, *sets)
+    cfg, _, steps, val, built = _ember(tiny, tmp_path / "all", monkeypatch, *sets)
     monkeypatch.undo()
-    _, res, _, _ = _ember(tiny, tmp_path / "run", monkeypatch, *sets, *es)
-    hf = _hf(tiny, cfg, steps, val, tmp_path / "hf", patience, threshold)
+    _, res, _, _, _ = _ember(tiny, tmp_path / "run", monkeypatch, *sets, *es)
+    lora = cfg.method == "lora"
+    hf = _hf(tiny, cfg, steps, val, tmp_path / "hf", patience, threshold,
+             _peft_model(tiny, built) if lora else None)
     ours = [(r["step"], r["val_loss"]) for r in rows_of(tmp_path / "run") if r["kind"] == "eval"]
     theirs = [(h["step"], h["eval_loss"]) for h in hf.state.log_history if "eval_loss" in h]
     assert [s for s, _ in ours] == [s for s, _ in theirs], (ours, theirs)
@@ -89,11 +113,21 @@ def _check(tiny, tmp_path, monkeypatch, patience, threshold, *sets):
     assert best == hf.state.best_global_step
     from safetensors.torch import load_file
 
-    final = load_file(str(tmp_path / "run" / "final" / "model" / "model.safetensors"))
-    # atol: 1% of one step's update (lr 2e-2), far above the float noise of a few steps
-    for name, p in hf.model.state_dict().items():
+    final_dir = tmp_path / "run" / "final"
+    if lora:
+        from peft import get_peft_model_state_dict
+
+        final = load_file(str(final_dir / "adapter" / "adapter_model.safetensors"))
+        want = get_peft_model_state_dict(hf.model)
+        assert sorted(final) == sorted(want)
+    else:
+        final = load_file(str(final_dir / "model" / "model.safetensors"))
+        want = hf.model.state_dict()
+    # atol: 1% of one step's update (lr), above the float noise of a few steps
+    atol = 0.01 * cfg.optim.lr
+    for name, p in want.items():
         if name in final:
-            torch.testing.assert_close(final[name], p, rtol=0, atol=2e-4, msg=name)
+            torch.testing.assert_close(final[name], p, rtol=0, atol=atol, msg=name)
     return ours, res
 
 
@@ -112,3 +146,12 @@ def test_the_last_step_is_evaluated_and_may_be_best_as_transformers(tiny, tmp_pa
     ours, res = _check(tiny, tmp_path, monkeypatch, 2, 0.01, "max_steps=7", "optim.lr=5e-3",
                        "eval.every_steps=3")
     assert not res.stopped_early and [s for s, _ in ours] == [3, 6, 7]
+
+
+def test_lora_early_stop_ends_with_the_best_adapter_as_transformers_with_peft(tiny, tmp_path,
+                                                                             monkeypatch):
+    """LoRA: the adapter in final/ is the best evaluation's (step 8 of 10), as peft's model that
+    the Trainer loads back at the end."""
+    ours, res = _check(tiny, tmp_path, monkeypatch, 1, 0.0, "max_steps=10", "optim.lr=2e-1",
+                       "eval.every_steps=2", 'method="lora"', 'lora.targets=["q","v"]')
+    assert res.steps == 10 and min(ours, key=lambda r: r[1])[0] == 8  # restored at the end
