@@ -48,15 +48,19 @@ def restart_best(prog, before, now) -> str | None:
     score's (a val_loss of 2.1 compared with perplexities: no improvement ever, so a run
     stopped at the first evaluation after resuming), so they start again (as on the first
     evaluation of a run, or a resume that turns early stopping on); returns the note to show."""
-    if now.early_stopping is None or before.early_stopping is None:
+    if now.early_stopping is None:
         return None
-    old, new = (before.early_stopping, stop_mode(before)), (now.early_stopping, stop_mode(now))
-    if old == new:
+    new = (now.early_stopping, stop_mode(now))
+    old = None if before.early_stopping is None else (before.early_stopping, stop_mode(before))
+    # A checkpoint without early stopping may still hold the best of an earlier one (on, off,
+    # then on again): none of the evaluations since counted
+    if old == new or (old is None and prog.best is None and prog.best_step is None):
         return None
     prog.best, prog.bad_evals, prog.best_step, prog.best_scores = None, 0, None, {}
     prog.stopped = False
+    was = "none" if old is None else f"{old[0]} ({old[1]})"
     return (f"note: eval.early_stopping is now {new[0]} ({new[1]}), the checkpoint's was "
-            f"{old[0]} ({old[1]}): its best and patience count start again at step {prog.step}")
+            f"{was}: its best and patience count start again at step {prog.step}")
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:

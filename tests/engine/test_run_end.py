@@ -233,6 +233,31 @@ def test_resume_with_another_early_stopping_score_starts_its_count_again(tiny, t
     assert (res.steps, res.stopped_early) == (4 + 2 * stop, True in hf), (after, hf)
 
 
+def test_early_stopping_turned_off_then_on_again_starts_its_count_again(tiny, tmp_path,
+                                                                          monkeypatch):
+    """A checkpoint of a run resumed without early stopping still holds the best val_loss of
+    the run before it; turned on again (on perplexity) the count started from that val_loss.
+    After the resume it counts as a fresh EarlyStoppingCallback on the evaluations."""
+    import ember.engine.trainer as trainer_module
+    from ember.engine.best import restart_best
+    from ember.engine.config import EvalConfig
+    from ember.engine.state import Progress
+    from ember.engine.trainer import Trainer
+
+    monkeypatch.setattr(trainer_module, "save_best", lambda *a: None)
+    cfg = tiny_config(tiny, tmp_path / "r", 'eval.early_stopping="perplexity"',
+                      "eval.patience=1", "eval.every_steps=1", "eval.metrics=[]")
+    t = Trainer(cfg, echo=quiet, progress=False)
+    t.cfg, t.info, t.model = cfg, None, None
+    prog = Progress(step=4, best=4.9, bad_evals=0, best_step=2, best_scores={"val_loss": 4.9})
+    note = restart_best(prog, EvalConfig(metrics=()), cfg.eval)
+    values = [130.0, 120.0, 125.0]
+    ours = [t._early_stop({"perplexity": v}, prog, 5 + i) for i, v in enumerate(values)]
+    assert ours == _hf_stops(values, 1, 0.0, greater=False)
+    assert "the checkpoint's was none" in note
+    assert restart_best(Progress(), EvalConfig(metrics=()), cfg.eval) is None  # nothing held
+
+
 def _hf_step_sizes(n_batches: int, grad_accum: int, epochs: float, out,
                    max_steps: int = -1) -> list[int]:
     """The micro-batches of each optimizer step of transformers' Trainer (batch size 1)."""
