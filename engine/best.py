@@ -27,21 +27,54 @@ from pathlib import Path
 
 from ember.engine import dcp
 from ember.engine.distributed import DistInfo, barrier
+from ember.engine.metrics import LOWER_IS_BETTER
 
 
 def best_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "best"
 
 
+def stop_mode(ev) -> str:
+    """``eval.mode`` resolved for ``eval.early_stopping`` (``ev``: an EvalConfig): "min" or
+    "max"."""
+    if ev.mode != "auto":
+        return ev.mode
+    return "min" if ev.early_stopping in LOWER_IS_BETTER else "max"
+
+
+def restart_best(prog, before, now) -> str | None:
+    """A resume whose ``eval.early_stopping`` (or mode) differs from the checkpoint's
+    (``before``, ``now``: EvalConfigs): the checkpoint's best and patience count are another
+    score's (a val_loss of 2.1 compared with perplexities: no improvement ever, so a run
+    stopped at the first evaluation after resuming), so they start again (as on the first
+    evaluation of a run, or a resume that turns early stopping on); returns the note to show."""
+    if now.early_stopping is None:
+        return None
+    new = (now.early_stopping, stop_mode(now))
+    old = None if before.early_stopping is None else (before.early_stopping, stop_mode(before))
+    # A checkpoint without early stopping may still hold the best of an earlier one (on, off,
+    # then on again): none of the evaluations since counted
+    if old == new or (old is None and prog.best is None and prog.best_step is None):
+        return None
+    prog.best, prog.bad_evals, prog.best_step, prog.best_scores = None, 0, None, {}
+    prog.stopped = False
+    was = "none" if old is None else f"{old[0]} ({old[1]})"
+    return (f"note: eval.early_stopping is now {new[0]} ({new[1]}), the checkpoint's was "
+            f"{was}: its best and patience count start again at step {prog.step}")
+
+
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
-    """``value`` beats ``best`` by more than ``min_delta`` (``mode``: "min" or "max"). A NaN
-    score (pearson of constant predictions) never improves, and a NaN best is beaten by any
+    """``value`` beats ``best`` by more than ``min_delta`` (``mode``: "min" or "max"), tested as
+    EarlyStoppingCallback does (better, and ``|value - best| > threshold``: ``value < best -
+    min_delta`` rounds otherwise, 1.72 after 1.77 by 0.05 is an improvement there, not here). A
+    NaN score (pearson of constant predictions) never improves, and a NaN best is beaten by any
     number (else no later evaluation could ever beat it)."""
     if math.isnan(value):
         return False
     if best is None or math.isnan(best):
         return True
-    return value < best - min_delta if mode == "min" else value > best + min_delta
+    better = value < best if mode == "min" else value > best
+    return better and abs(value - best) > min_delta
 
 
 def save_best(run_dir: str | Path, step: int, model, info: DistInfo,

@@ -112,13 +112,18 @@ def _has_final(run_dir: Path) -> bool:
     return final.is_dir() and any(final.iterdir())
 
 
-def _check_same_run(path: Path, cfg: TrainConfig) -> None:
+def checkpoint_config(path: Path) -> TrainConfig:
+    """The config a checkpoint was written with."""
     where = path / "config.toml"
     try:
         text = where.read_text(encoding="utf-8")
     except OSError:
         raise EmberError(f"{path} has no config.toml: not a checkpoint of an ember run") from None
-    a, b = to_dict(from_dict(TrainConfig, parse_toml(text, str(where)))), to_dict(cfg)
+    return from_dict(TrainConfig, parse_toml(text, str(where)))
+
+
+def _check_same_run(path: Path, cfg: TrainConfig) -> None:
+    a, b = to_dict(checkpoint_config(path)), to_dict(cfg)
     for d in (a, b):  # how long collectives may wait, and FSDP's memory/communication trade
         for key in ("timeout_minutes", "reshard_after_forward"):  # alter no number: may change
             d.get("dist", {}).pop(key, None)

@@ -58,7 +58,7 @@ import torch
 
 from ember import EmberError
 from ember.engine.activation import apply_activation_checkpointing, set_mlp_chunks
-from ember.engine.best import improved, prune_best, restore_best, save_best
+from ember.engine.best import improved, prune_best, restart_best, restore_best, save_best, stop_mode
 from ember.engine.choices import choice_metrics, load_choices, score_choices
 from ember.engine.config import TrainConfig
 from ember.engine.config_doc import unused_settings
@@ -77,7 +77,6 @@ from ember.engine.distributed import (
     step_share,
 )
 from ember.engine.guards import GracefulStop, NonFiniteGuard, oom_guard, resume_command
-from ember.engine.metrics import LOWER_IS_BETTER
 from ember.engine.mixing import per_source_scores
 from ember.engine.neftune import add_model_neftune
 from ember.engine.objectives import make_objective
@@ -96,7 +95,7 @@ from ember.engine.runtime import (
     warmup_steps,
 )
 from ember.engine.stages import describe as describe_start
-from ember.engine.state import Progress, export_final, open_run, restore, save
+from ember.engine.state import Progress, checkpoint_config, export_final, open_run, restore, save
 from ember.models.hf_config_export import check_classifier_exportable
 from ember.models.lora import lora_modules
 from ember.models.moe import collect_router_stats, load_balancing_loss
@@ -407,6 +406,9 @@ class Trainer:
         if latest is not None:
             prog = restore(latest, cfg, info, model, opt, **ckpt_state)
             self.echo(f"resumed from {latest} (step {prog.step} of {total})")
+            note = restart_best(prog, checkpoint_config(latest).eval, cfg.eval)
+            if note:
+                self.echo(note)
         self._keep_checkpointed_best(prog)  # none for a new run
         self.log.start(prog.step)
         ranks = "" if not info.distributed else f" per process, x{info.world_size} processes"
@@ -578,8 +580,7 @@ class Trainer:
             raise EmberError(f"eval.early_stopping = {name!r}: this run's evaluation has no such "
                              f"score (it has {', '.join(sorted(scores)) or 'none'}); choose one "
                              "of those")
-        mode = ev.mode if ev.mode != "auto" else (
-            "min" if name in LOWER_IS_BETTER else "max")
+        mode = stop_mode(ev)
         value = scores[name]
         # The weights kept: any improvement of an evaluation during training (transformers'
         # best model; the base model before step 1 is not one to end with). Patience as
@@ -589,8 +590,13 @@ class Trainer:
         if step and improved(value, prog.best_scores.get(name), mode, 0.0):
             prog.best_step, prog.best_scores = step, dict(scores)
             save_best(self.cfg.out_dir, step, self.model, self.info, self.ckpt_best)
-        enough = improved(value, prog.best, mode, ev.min_delta)
-        if improved(value, prog.best, mode, 0.0):
+        # The first evaluation has no best to beat: it resets patience even if NaN, and a NaN
+        # one leaves the best at the worst value (EarlyStoppingCallback, _determine_best_metric)
+        first = prog.best is None
+        enough = first or improved(value, prog.best, mode, ev.min_delta)
+        if first and math.isnan(value):
+            prog.best = math.inf if mode == "min" else -math.inf
+        elif improved(value, prog.best, mode, 0.0):
             prog.best = value
         if enough:
             prog.bad_evals = 0

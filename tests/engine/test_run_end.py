@@ -137,11 +137,12 @@ def test_a_negative_min_delta_is_refused(tiny, tmp_path):
 
 def _hf_stops(values, patience, threshold, greater):
     """transformers' EarlyStoppingCallback on these evaluations, the Trainer moving its
-    best_metric on any improvement after each (``Trainer._determine_best_metric``)."""
-    import operator
+    best_metric after each (its own ``Trainer._determine_best_metric``)."""
+    from types import SimpleNamespace
 
     from transformers import (
         EarlyStoppingCallback,
+        Trainer,
         TrainerControl,
         TrainerState,
         TrainingArguments,
@@ -151,13 +152,12 @@ def _hf_stops(values, patience, threshold, greater):
                              greater_is_better=greater, load_best_model_at_end=True,
                              eval_strategy="steps", save_strategy="steps", report_to=[])
     cb, state, out = EarlyStoppingCallback(patience, threshold), TrainerState(), []
-    better = operator.gt if greater else operator.lt
     for v in values:
         control = TrainerControl()
         cb.on_evaluate(args, state, control, metrics={"eval_loss": v})
         out.append(control.should_training_stop)
-        if state.best_metric is None or better(v, state.best_metric):
-            state.best_metric = v
+        Trainer._determine_best_metric(SimpleNamespace(args=args, state=state),
+                                       {"eval_loss": v}, None)
     return out
 
 
@@ -184,6 +184,78 @@ def test_patience_counts_as_transformers_early_stopping_callback(tiny, tmp_path,
         ours = [t._early_stop({"val_loss": v}, prog, i) for i, v in enumerate(values)]
         hf = _hf_stops(values, patience, delta, mode == "max")
         assert ours == hf, (values, ours, hf)
+
+
+def test_patience_edge_cases_count_as_transformers(tiny, tmp_path, monkeypatch):
+    """An improvement of exactly min_delta in decimal (1.77 then 1.72, min_delta 0.05) is one
+    for transformers (|1.72 - 1.77| > 0.05 in floats) and was none for Ember (1.72 < 1.77 -
+    0.05 is false), which stopped a run transformers continues; and a first evaluation that is
+    NaN resets patience there (nothing to beat yet) but counted as a bad one here."""
+    import ember.engine.trainer as trainer_module
+    from ember.engine.state import Progress
+    from ember.engine.trainer import Trainer
+
+    monkeypatch.setattr(trainer_module, "save_best", lambda *a: None)
+    nan = float("nan")
+    cases = [([1.77, 1.72, 1.7], 1, 0.05, "min"), ([4.1, 4.3, 4.35], 1, 0.2, "max"),
+             ([2.0, 1.9, 1.8, 1.7, 1.6], 1, 0.1, "min"), ([0.5, 0.8, 1.1, 1.2], 1, 0.3, "max"),
+             ([nan, nan, 2.0, 2.5], 2, 0.0, "min"), ([nan, 0.4, nan, nan], 2, 0.0, "max"),
+             ([nan, 3.0, 2.9, nan], 2, 0.05, "min")]
+    for values, patience, delta, mode in cases:
+        cfg = tiny_config(tiny, tmp_path / "r", 'eval.early_stopping="val_loss"',
+                          f"eval.patience={patience}", f"eval.min_delta={delta}",
+                          f'eval.mode="{mode}"', "eval.every_steps=1", "eval.metrics=[]")
+        t = Trainer(cfg, echo=quiet, progress=False)
+        t.cfg, t.info, t.model, prog = cfg, None, None, Progress()
+        ours = [t._early_stop({"val_loss": v}, prog, i) for i, v in enumerate(values)]
+        hf = _hf_stops(values, patience, delta, mode == "max")
+        assert ours == hf, (values, ours, hf)
+
+
+def test_resume_with_another_early_stopping_score_starts_its_count_again(tiny, tmp_path):
+    """A run early-stopping on val_loss, resumed on perplexity (eval may change on resume): the
+    checkpoint's best was a val_loss (~4.9) that no perplexity (~130) beats, so the resumed run
+    stopped at its first evaluation while perplexity was improving. Now its patience counts as
+    transformers' EarlyStoppingCallback on the evaluations after the resume."""
+    base = ("max_steps=6", "eval.every_steps=2", "checkpoint.every_steps=2", "eval.patience=1",
+            "eval.metrics=[]", "optim.lr=1e-2", "checkpoint.save_final=false",
+            "eval.before=false")
+    run = tmp_path / "r"
+    train(tiny_config(tiny, run, *base, 'eval.early_stopping="val_loss"'), echo=quiet,
+          progress=False, stop_after=2)
+    said = []
+    res = train(tiny_config(tiny, run, *base, 'eval.early_stopping="perplexity"'), resume=True,
+                echo=said.append, progress=False)
+    assert any("start again at step 2" in line for line in said), said
+    after = [r["perplexity"] for r in rows_of(run) if r["kind"] == "eval" and r["step"] > 2]
+    hf = _hf_stops(after, 1, 0.0, greater=False)
+    stop = hf.index(True) if True in hf else len(after) - 1
+    assert (res.steps, res.stopped_early) == (4 + 2 * stop, True in hf), (after, hf)
+
+
+def test_early_stopping_turned_off_then_on_again_starts_its_count_again(tiny, tmp_path,
+                                                                          monkeypatch):
+    """A checkpoint of a run resumed without early stopping still holds the best val_loss of
+    the run before it; turned on again (on perplexity) the count started from that val_loss.
+    After the resume it counts as a fresh EarlyStoppingCallback on the evaluations."""
+    import ember.engine.trainer as trainer_module
+    from ember.engine.best import restart_best
+    from ember.engine.config import EvalConfig
+    from ember.engine.state import Progress
+    from ember.engine.trainer import Trainer
+
+    monkeypatch.setattr(trainer_module, "save_best", lambda *a: None)
+    cfg = tiny_config(tiny, tmp_path / "r", 'eval.early_stopping="perplexity"',
+                      "eval.patience=1", "eval.every_steps=1", "eval.metrics=[]")
+    t = Trainer(cfg, echo=quiet, progress=False)
+    t.cfg, t.info, t.model = cfg, None, None
+    prog = Progress(step=4, best=4.9, bad_evals=0, best_step=2, best_scores={"val_loss": 4.9})
+    note = restart_best(prog, EvalConfig(metrics=()), cfg.eval)
+    values = [130.0, 120.0, 125.0]
+    ours = [t._early_stop({"perplexity": v}, prog, 5 + i) for i, v in enumerate(values)]
+    assert ours == _hf_stops(values, 1, 0.0, greater=False)
+    assert "the checkpoint's was none" in note
+    assert restart_best(Progress(), EvalConfig(metrics=()), cfg.eval) is None  # nothing held
 
 
 def _hf_step_sizes(n_batches: int, grad_accum: int, epochs: float, out,
