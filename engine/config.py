@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.resources
 import json
 import math
 import re
@@ -25,15 +24,17 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
-    import tomli as tomllib
-
 from ember import EmberError
 from ember.engine import config_hints as ch
 from ember.engine.activation import ActivationConfig
 from ember.engine.classification import HeadConfig, check_config
+from ember.engine.config_source import (  # noqa: F401  (re-exported: their old home)
+    _toml_or_word,
+    load_source,
+    parse_override,
+    parse_toml,
+    recipe_names,
+)
 from ember.engine.data import DataConfig
 from ember.engine.distributed import DistConfig
 from ember.engine.guards import GuardConfig
@@ -521,65 +522,7 @@ def to_toml(cfg) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --- loading -------------------------------------------------------------------------------------
-
-def recipe_names() -> list[str]:
-    root = importlib.resources.files("ember.engine") / "recipes"
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
-
-
-def parse_toml(text: str, where: str) -> dict:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise EmberError(f"{where}: invalid TOML: {e}") from None
-
-
-def load_source(source: str | Path) -> dict:
-    """The dict of a TOML file, a run directory's config, or a packaged recipe given by name."""
-    p = Path(source)
-    if p.is_dir() and (p / "config.toml").is_file():  # a run directory: its resolved config
-        p = p / "config.toml"
-    if p.is_file():
-        kind = ch.not_a_config(p)
-        if kind:  # ember train data.jsonl / model.gguf: what the file is, and where it goes
-            raise EmberError(f"{p} is {kind}, not a run config (TOML); name it in a config "
-                             f"file or a recipe: {ch.WHERE[kind].format(p=p)}")
-        return parse_toml(p.read_text(encoding="utf-8"), str(p))
-    name = str(source)
-    if name in recipe_names():
-        res = importlib.resources.files("ember.engine") / "recipes" / f"{name}.toml"
-        return parse_toml(res.read_text(encoding="utf-8"), f"recipe {name!r}")
-    if p.is_dir() and (p / "config.json").is_file():
-        where = ch.WHERE["a model"].format(p=p)
-        raise EmberError(f"{name} is a model folder, not a run directory or config: train it "
-                         f"from a config file or a recipe with {where}")
-    if p.is_dir():  # e.g. ember train RUN --resume on a folder that is not a run
-        raise EmberError(f"{name} is a folder without config.toml: not a run directory; give "
-                         "a run directory (runs/<name>), a config file or a recipe name")
-    if p.suffix == ".toml":
-        raise EmberError(f"config file {name} not found")
-    if "/" in name:
-        raise EmberError(f"config file {name} not found (nor a run directory of that name)")
-    raise EmberError(f"{name!r} is neither a config file nor a recipe; recipes: "
-                     f"{', '.join(recipe_names())}")
-
-
-def parse_override(item: str) -> tuple[list[str], object]:
-    """``"a.b=value"`` -> (["a", "b"], value parsed as TOML; a bare word stays a string)."""
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise EmberError(f"--set expects key=value (e.g. lora.rank=8), got {item!r}")
-    return key.split("."), _toml_or_word(raw.strip())
-
-
-def _toml_or_word(raw: str):
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
+# --- loading (the dict from a file, run directory or recipe: config_source) ---------------------
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = copy.deepcopy(data)  # (TOML dates and times included: from_dict names such a value)
