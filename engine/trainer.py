@@ -59,7 +59,7 @@ import torch
 from ember import EmberError
 from ember.engine.activation import apply_activation_checkpointing, set_mlp_chunks
 from ember.engine.best import improved, prune_best, restart_best, restore_best, save_best, stop_mode
-from ember.engine.choices import choice_metrics, load_choices, score_choices
+from ember.engine.choices import load_choices
 from ember.engine.config import TrainConfig
 from ember.engine.config_doc import unused_settings
 from ember.engine.data import Datasets, PackedBatches
@@ -77,7 +77,6 @@ from ember.engine.distributed import (
     step_share,
 )
 from ember.engine.guards import GracefulStop, NonFiniteGuard, oom_guard, resume_command
-from ember.engine.mixing import per_source_scores
 from ember.engine.neftune import add_model_neftune
 from ember.engine.objectives import make_objective
 from ember.engine.runlog import MetricsLog, format_scores
@@ -96,6 +95,7 @@ from ember.engine.runtime import (
 )
 from ember.engine.stages import describe as describe_start
 from ember.engine.state import Progress, checkpoint_config, export_final, open_run, restore, save
+from ember.engine.trainer_eval import EvalMixin
 from ember.models.hf_config_export import check_classifier_exportable
 from ember.models.lora import lora_modules
 from ember.models.moe import collect_router_stats, load_balancing_loss
@@ -122,7 +122,7 @@ class StepStats:
     extra: dict  # the objective's metrics (distillation's KD / SFT terms, DPO's rewards)
 
 
-class Trainer:
+class Trainer(EvalMixin):
     """``Trainer(cfg).run()`` trains, evaluates and saves; see the module docstring."""
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, echo=print,
@@ -205,33 +205,7 @@ class Trainer:
                       "the full-precision base is the faster choice")
         return model
 
-    # --- evaluation ----------------------------------------------------------------------------
-    def evaluate(self, step: int) -> dict:
-        cfg, ds = self.cfg, self.datasets
-        scores: dict[str, float] = {}
-        if cfg.eval.val_loss and ds.validation:
-            scores.update(self.objective.val_scores(
-                self.model, ds.validation, cfg.data.tokens_per_batch, self.device, self.autocast,
-                cfg.eval.max_val_batches))
-            scores.update(per_source_scores(  # data.validation per source: val_loss/<name>
-                self.objective, ds.val_sources, self.model, cfg.data.tokens_per_batch,
-                self.device, self.autocast, cfg.eval.max_val_batches))
-        if self.choice_set is not None:  # every rank scores every question (lock-step forwards)
-            examples, questions = self.choice_set
-            scores.update(choice_metrics(score_choices(
-                self.model, examples, cfg.data.tokens_per_batch, self.device, self.autocast),
-                questions))
-        split = self._gen_split()
-        if cfg.eval.metrics and split is not None:
-            res = self.objective.task_eval(self.model, self.tokenizer, split[1], cfg.eval,
-                                           self.autocast)
-            scores.update(res.scores)
-            self.last_samples, self.last_gen = res.samples, (split[0], res.examples, res.seconds)
-        scores = broadcast_object(scores, self.info)  # early stopping decides alike everywhere
-        if scores:
-            self.log.write({"kind": "eval", "step": step, **scores})
-        return scores
-
+    # --- the training data's lengths (evaluation: EvalMixin, engine/trainer_eval.py) ----------
     def _check_context(self, model) -> None:
         """Documents longer than the model's context train positions it has never seen: say so
         (model.rope_scaling extends the context)."""
@@ -243,49 +217,6 @@ class Trainer:
                       f"({limit} tokens; the longest has {longest}): set model.rope_scaling = "
                       f"\"yarn\" and model.rope_factor = {math.ceil(longest / limit)} to extend "
                       "it, or lower data.max_seq_len")
-
-    def _check_eval_data(self) -> None:
-        """Early stopping on a metric no evaluation can produce would never stop, an eval.split
-        that is missing fails the first evaluation: say so now."""
-        ev, ds = self.cfg.eval, self.datasets
-        if ev.metrics:  # eval.split = "test" without a test split, or a split the metrics
-            split = self._gen_split()  # cannot score: now, not after training
-            if split is not None:
-                self.objective.check_task_split(self.model, split[1], ev)
-        name = ev.early_stopping
-        if name is None:
-            return
-        if name in ("val_loss", "perplexity"):
-            if not (ev.val_loss and ds.validation):
-                raise EmberError(f"eval.early_stopping = {name!r} needs validation data and "
-                                 "eval.val_loss = true: set data.validation (a file) or "
-                                 "data.val_fraction")
-        elif name.startswith("choice_"):
-            pass  # eval.choices is its own data
-        elif self._gen_split() is None:
-            raise EmberError(f"eval.early_stopping = {name!r} is measured on the test or "
-                             "validation split and this run has neither: set data.test, "
-                             "data.validation or data.val_fraction")
-        if not ev.every_steps:
-            raise EmberError("eval.early_stopping needs evaluations during the run: set "
-                             "eval.every_steps (e.g. 50)")
-
-    def _gen_split(self):
-        ds, ev = self.datasets, self.cfg.eval
-        want = ev.split
-        if want == "auto" and ev.early_stopping in ev.metrics and ds.validation:
-            want = "validation"  # the best weights are chosen on it: not on the test split
-        if want in ("auto", "test") and ds.test:
-            return "test", ds.test
-        if want == "test":
-            raise EmberError("eval.split = \"test\" but there is no test split (data.test)")
-        return ("validation", ds.validation) if ds.validation else None
-
-    def _gen_note(self) -> str:
-        if self.last_gen is None:
-            return ""
-        split, n, sec = self.last_gen
-        return f" ({n} {split} examples, {sec:.0f} s)"
 
     # --- one optimizer step --------------------------------------------------------------------
     def _step(self, micro: list, step: int, opt, params, scaler, guard: NonFiniteGuard,
