@@ -37,7 +37,9 @@ forward (``adapters_swapped``). So a continued adapter stays one adapter on the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,7 +49,15 @@ import torch
 from ember import EmberError
 from ember.engine.dcp import MANIFEST
 from ember.engine.distributed import reshard_all
-from ember.models.hub import builtin_model
+from ember.models.gguf_cache import _file_digest
+from ember.models.hub import (
+    builtin_gguf_path,
+    builtin_model,
+    cache_root,
+    hf_cache_snapshot,
+    is_gguf_file,
+    split_paths,
+)
 from ember.models.lora import (
     SHORT_TARGETS,
     LoRAConfig,
@@ -84,13 +94,37 @@ class Start:
     context: tuple[str, float] | None = None
 
 
+_IMPORT_NAME = re.compile(r".+-([0-9a-f]{16})(?:-[0-9a-f]{8})?")  # gguf_cache's folder names
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_id(path: str, size: int, mtime_ns: int) -> str:
+    return f"gguf:{_file_digest(*(p for p in split_paths(path) if p.is_file()))}"
+
+
 def _model_id(name: str) -> str | None:
-    """A comparable identity for a model name (built-in name or alias, folder, .gguf file);
-    None when it names nothing on this machine (e.g. a hub id in an adapter config)."""
+    """A comparable identity for a model name: the weights it loads (``hub.resolve_model``), so
+    that a built-in name or alias, its installed GGUF file and that file's import in Ember's cache
+    are one model (a GGUF by its content digest, as the cache names its imports; a folder by its
+    resolved path). None when it names nothing on this machine (e.g. a hub id in an adapter
+    config)."""
     b = builtin_model(name)
     if b is not None:
-        return f"builtin:{b.name}"
-    p = Path(name)
+        snapshot = hf_cache_snapshot(name)  # resolve_model loads a cached Hub snapshot first
+        if snapshot is not None:
+            return str(snapshot.resolve())
+        try:
+            name = str(builtin_gguf_path(b.name))
+        except EmberError:  # its package is not installed: only its names are known
+            return f"builtin:{b.name}"
+    p = Path(name).expanduser()
+    if p.is_file() and is_gguf_file(p):
+        st = p.stat()
+        return _gguf_id(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    gguf_cache = (cache_root() / "gguf").resolve()
+    m = _IMPORT_NAME.fullmatch(p.name)
+    if m is not None and p.resolve().parent == gguf_cache:  # a GGUF's import (or its old name)
+        return f"gguf:{m[1]}"
     return str(p.resolve()) if p.exists() else None
 
 
