@@ -408,6 +408,8 @@ def load_datasets(cfg: DataConfig, tokenizer, load_file=load_examples) -> Datase
     one file (``engine/kto.py`` passes its own reader)."""
     if not cfg.train:
         raise EmberError("data.train is empty: give one or more JSONL files")
+    if len(cfg.train) > 1:  # a file listed twice: refused (was: silently seen twice an epoch,
+        source_names(list(cfg.train), "data.train")  # unless data.mix / val_fraction refused it)
     reports = []
 
     def load(path):

@@ -13,7 +13,9 @@ any, and the counts of every file stay within one of each other. The epoch's exa
 ordered and
 packed as ``data.order`` / ``data.packing`` say. All of it is a function of (seed, epoch), so
 a resumed run sees exactly the batches an uninterrupted one would. Without ``data.mix`` the
-files are concatenated and every example is seen once per epoch.
+files are concatenated and every example is seen once per epoch. A file listed twice in
+``data.train`` is an error, with or without ``data.mix`` (weigh it up to upsample it), and so is a
+weight whose share of an epoch rounds to 0 examples (that file would never be trained on).
 
 Per-source validation: ``data.validation`` may be a list of files, and ``data.val_fraction``
 carved out of several training files keeps each example's file; either way the evaluation logs
@@ -142,10 +144,10 @@ def source_names(paths: list[str], what: str) -> list[str]:
     twice = next((p for p, w in zip(paths, where, strict=True) if where.count(w) > 1), None)
     if twice is None:  # names that differ only in their extensions
         return list(paths)
-    raise EmberError(
-        f"{what} lists {twice} twice; give each file once (with data.mix, weigh "
-        "a training file up instead of repeating it)"
-    )
+    upsample = (" (to show a file's examples more often on purpose, weigh it up with data.mix, "
+                "one weight per file: data.mix = [2, 1] gives the first twice the share of the "
+                "second)") if what == "data.train" else ""
+    raise EmberError(f"{what} lists {twice} twice; give each file once{upsample}")
 
 
 def describe(sizes: list[int], mix: tuple[float, ...], names: list[str]) -> str:
@@ -155,10 +157,22 @@ def describe(sizes: list[int], mix: tuple[float, ...], names: list[str]) -> str:
             f"data.mix: training file {names[sizes.index(0)]} has no training "
             "examples left (after data.val_fraction)"
         )
-    lines = [f"mixing {len(sizes)} training sources, {sum(sizes)} examples per epoch:"]
-    for name, n, q in zip(names, sizes, quotas(sizes, mix), strict=True):
+    n_all, shares = sum(sizes), quotas(sizes, mix)
+    if 0 in shares:  # (was: "0 per epoch" in the summary, and the file never trained on)
+        i = shares.index(0)
+        top = max(mix)  # n_all * w / sum(w) >= 1: one example (relative weights: no inf)
+        least = top * (sum(w / top for w in mix) - mix[i] / top) / (n_all - 1)
+        step = 10.0 ** (math.floor(math.log10(least)) - 2)
+        least = math.ceil(least / step * (1 - 1e-12)) * step  # 3 digits, rounded up
+        raise EmberError(
+            f"data.mix[{i}] = {mix[i]:g} gives training file {names[i]} 0 of the {n_all} "
+            f"examples of an epoch (its share rounds to 0): it would never be trained on; give "
+            f"it a weight of at least {least:.3g}, or leave it out of data.train"
+        )
+    lines = [f"mixing {len(sizes)} training sources, {n_all} examples per epoch:"]
+    for name, n, q in zip(names, sizes, shares, strict=True):
         lines.append(
-            f"  {name}: {q} per epoch ({q / sum(sizes):.0%}) from {n} examples ({q / n:.2f}x)"
+            f"  {name}: {q} per epoch ({q / n_all:.0%}) from {n} examples ({q / n:.2f}x)"
         )
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -152,6 +153,38 @@ def test_bad_sources_are_errors(tiny, tmp_path):
         source_names(["x/a.jsonl", "./x/a.jsonl"], "data.train")
     assert source_names(["d/math/val.jsonl", "d/chat/val.jsonl"], "v") == ["math/val", "chat/val"]
     assert source_names(["d/math.jsonl.gz", "d/chat.csv"], "t") == ["math", "chat"]
+
+
+def _stub_files(sizes: dict):
+    """load_datasets' ``load_file``: ``sizes[name]`` examples for a file of that name."""
+    return lambda path, cfg, tok: (make_examples(sizes[Path(path).name], seed=len(path)), None)
+
+
+def test_a_train_file_listed_twice_is_refused_without_mix_too(tmp_path):
+    """(was: data.train = ["a", "a"] silently showed a's examples twice an epoch, while with
+    data.mix or data.val_fraction the same list was refused as a duplicate)"""
+    load = _stub_files({"a.jsonl": 6, "b.jsonl": 4})
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
+    assert len(load_datasets(DataConfig(train=(a, b)), None, load).train) == 10
+    for train_ in ((a, a), (a, b, f"{tmp_path}/./a.jsonl")):
+        with pytest.raises(EmberError, match=r"data.train lists .*a.jsonl twice; give each file "
+                                             r"once \(to show .* on purpose, weigh it up with "
+                                             r"data.mix"):
+            load_datasets(DataConfig(train=train_), None, load)
+    # the way the message gives: a weighed up, 2/3 of each epoch
+    ds = load_datasets(DataConfig(train=(a, b), mix=(2.0, 1.0)), None, load)
+    assert "a: 7 per epoch (70%) from 6 examples" in ds.mixing
+
+
+def test_a_mix_weight_that_rounds_to_no_examples_is_refused(tmp_path):
+    """(was: the summary said "b: 0 per epoch" and b was never trained on)"""
+    load = _stub_files({"a.jsonl": 30, "b.jsonl": 10})
+    files = (str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"))
+    with pytest.raises(EmberError, match=r"data.mix\[1\] = 0.01 gives training file b 0 of the "
+                                         r"40 examples of an epoch .* at least 0.0257"):
+        load_datasets(DataConfig(train=files, mix=(1.0, 0.01)), None, load)
+    ds = load_datasets(DataConfig(train=files, mix=(1.0, 0.0257)), None, load)  # the advice
+    assert "b: 1 per epoch" in ds.mixing
 
 
 @pytest.fixture(scope="module")
