@@ -69,7 +69,8 @@ class ModelSpec:
     rope_factor: float | None = None
     # Mixture-of-experts models: the weight of the router load-balancing loss added to the
     # training loss (transformers' load_balancing_loss_func). None: the checkpoint's
-    # router_aux_loss_coef; 0: off.
+    # router_aux_loss_coef for a language model (transformers adds it only with
+    # output_router_logits: 0 trains as it does by default), 0 for a classifier ([head]); 0: off.
     router_aux_loss_coef: float | None = None
     # Dropout on the attention probabilities in training (transformers' attention_dropout;
     # Granite 3 ships 0.1). None: the checkpoint's; 0: off, and the flash kernels train (a

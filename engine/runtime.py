@@ -328,11 +328,15 @@ def num_weights(model) -> int:
 
 def router_aux_coef(cfg: TrainConfig, model) -> float:
     """The weight of the MoE load-balancing loss: ``model.router_aux_loss_coef`` if set, else the
-    checkpoint's ``router_aux_loss_coef`` (transformers' 0.001 default); 0 for a dense model."""
+    checkpoint's ``router_aux_loss_coef`` (transformers' 0.001 default) for a language model and 0
+    for a classifier (``[head]``: transformers' MoE ``*ForSequenceClassification`` never adds
+    it); 0 for a dense model."""
     if not model.cfg.num_experts:
         if cfg.model.router_aux_loss_coef:
             raise EmberError(f"model.router_aux_loss_coef is set but {cfg.model.name} is not a "
                              "mixture-of-experts model; drop it")
         return 0.0
     c = cfg.model.router_aux_loss_coef
+    if c is None and cfg.head.type is not None:  # (was: the checkpoint's, unlike transformers)
+        return 0.0
     return model.cfg.router_aux_loss_coef if c is None else c

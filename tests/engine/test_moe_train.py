@@ -154,3 +154,45 @@ def test_fsdp_two_processes_match_one(tiny, tmp_path):
     one, two = rows_of(tmp_path / "one"), rows_of(tmp_path / "two")
     assert [r for r in one if r["kind"] == "train"][0]["router_aux_loss"] > 0
     _same_rows([r for r in two if r["kind"] == "train"], [r for r in one if r["kind"] == "train"])
+
+
+def test_a_moe_classifier_trains_without_the_aux_loss_as_transformers(tiny, tmp_path):
+    """transformers' MoE ``*ForSequenceClassification`` never adds the load-balancing loss (not
+    even with ``output_router_logits``); an Ember classifier run adds it only when
+    ``model.router_aux_loss_coef`` is set (was: the checkpoint's coefficient, silently)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForSequenceClassification
+
+    from tests.engine._tiny import write_jsonl
+    from tests.engine.test_classification import animal_rows, cls_config
+
+    _, tok = load_pretrained(tiny["model"])
+    hf_cfg = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=16, num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=32, max_position_embeddings=256,
+                            output_router_logits=True, router_aux_loss_coef=0.5, num_labels=2,
+                            id2label={0: "none", 1: "animal"}, label2id={"none": 0, "animal": 1},
+                            pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    hf = Qwen3MoeForSequenceClassification(hf_cfg).eval()
+    ids = torch.randint(3, len(tok), (2, 9), generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1])
+    out = hf(ids, labels=labels)
+    ce = torch.nn.functional.cross_entropy(out.logits, labels)
+    assert abs(out.loss.item() - ce.item()) <= 1e-6  # the oracle: no aux term
+    folder = tmp_path / "hf"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    task = {"model": str(folder), **{s: write_jsonl(tmp_path / f"{s}.jsonl", animal_rows(16, i))
+                                      for i, s in enumerate(("train", "val", "test"))}}
+    extra = ("max_steps=1", "eval.before=false", "eval.val_loss=false", "eval.metrics=[]",
+             "checkpoint.save_final=false")
+    t = Trainer(resolve(cls_config(task, tmp_path / "run", *extra)), echo=quiet, progress=False)
+    t.run()
+    assert t.aux_coef == 0.0
+    rows = [r for r in rows_of(tmp_path / "run") if r["kind"] == "train"]
+    assert rows and all("router_aux_loss" not in r for r in rows)
+    on = cls_config(task, tmp_path / "on", *extra, "model.router_aux_loss_coef=0.5")
+    t = Trainer(resolve(on), echo=quiet, progress=False)
+    t.run()
+    assert [r for r in rows_of(tmp_path / "on") if r["kind"] == "train"][0]["router_aux_loss"] > 0
