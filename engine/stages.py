@@ -130,9 +130,11 @@ def _model_id(name: str) -> str | None:
 
 def same_base(a: str, b: str) -> bool | None:
     """True / False when it can be told whether ``a`` and ``b`` are the same model, else None."""
-    if a == b or a.strip().lower() == b.strip().lower():
+    if a == b:
         return True
     ia, ib = _model_id(a), _model_id(b)
+    if ia is None and ib is None:  # two Hub ids, say: the Hub's names ignore case
+        return True if a.strip().lower() == b.strip().lower() else None
     return None if ia is None or ib is None else ia == ib
 
 

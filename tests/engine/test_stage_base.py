@@ -58,3 +58,16 @@ def test_a_builtin_name_and_its_gguf_file_are_one_base(tmp_path):
     assert find_start(str(adapter), str(gguf)).kind == "lora"
     with pytest.raises(EmberError, match="was trained on the base model"):
         find_start(str(adapter), str(other))
+
+
+def test_folders_whose_names_differ_in_case_are_two_bases(tmp_path):
+    """(was: compared case-insensitively, so /m/ModelA and /m/modela, two models on a
+    case-sensitive file system, passed for one base)"""
+    upper, lower = tmp_path / "ModelA", tmp_path / "modela"
+    upper.mkdir()
+    lower.mkdir()
+    if upper.samefile(lower):
+        pytest.skip("a case-insensitive file system")
+    assert same_base(str(upper), str(lower)) is False
+    assert same_base("Org/Model", "org/model") is True  # Hub ids (nothing here): case-insensitive
+    assert same_base("org/model", "org/other") is None
