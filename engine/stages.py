@@ -49,7 +49,7 @@ import torch
 from ember import EmberError
 from ember.engine.dcp import MANIFEST
 from ember.engine.distributed import reshard_all
-from ember.models.gguf_cache import _file_digest
+from ember.models.gguf_cache import file_digest
 from ember.models.hub import (
     builtin_gguf_path,
     builtin_model,
@@ -99,7 +99,7 @@ _IMPORT_NAME = re.compile(r".+-([0-9a-f]{16})(?:-[0-9a-f]{8})?")  # gguf_cache's
 
 @functools.lru_cache(maxsize=16)
 def _gguf_id(path: str, size: int, mtime_ns: int) -> str:
-    return f"gguf:{_file_digest(*(p for p in split_paths(path) if p.is_file()))}"
+    return f"gguf:{file_digest(*(p for p in split_paths(path) if p.is_file()))}"
 
 
 def _model_id(name: str) -> str | None:

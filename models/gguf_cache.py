@@ -21,10 +21,12 @@ from pathlib import Path
 from ember import EmberError
 from ember.models.hub import cache_root, split_paths
 
-__all__ = ["GGUF_STALE_AFTER_S", "gguf_folder", "importer_digest"]
+__all__ = ["GGUF_STALE_AFTER_S", "file_digest", "gguf_folder", "importer_digest"]
 
 
-def _file_digest(*paths: Path) -> str:
+def file_digest(*paths: Path) -> str:
+    """The first 16 hex digits of the sha256 of the files' bytes, in order: names an import in
+    the cache, and tells whether two names are one model (``engine.stages.same_base``)."""
     h = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:
@@ -61,7 +63,7 @@ def gguf_folder(gguf_path: str | os.PathLike, *,
     if not src.is_file():
         raise EmberError(f"GGUF file {src} does not exist")
     files = [p for p in split_paths(src) if p.is_file()]  # the reader names a missing one
-    stem = f"{src.stem}-{_file_digest(*files)}"
+    stem = f"{src.stem}-{file_digest(*files)}"
     out = cache_root() / "gguf" / f"{stem}-{importer_digest()}"
     if not (out / "config.json").is_file():
         with lock():
