@@ -234,8 +234,8 @@ class _Encoder:
         if at < 0:
             return toks
         offsets = self.backend.encode(full, add_special_tokens=False).offsets
-        rest = [j for j in toks if offsets[j][0] >= at + len(content)]
-        return rest or toks
+        # none when the template writes nothing after the content (no end-of-turn to find)
+        return [j for j in toks if offsets[j][0] >= at + len(content)]
 
     def _stop(self, ids: list[int], toks: list[int]) -> int | None:
         """An assistant turn's end-of-turn token (its index): the first eos / end-of-turn id, else

@@ -134,20 +134,21 @@ def source_names(paths: list[str], what: str) -> list[str]:
         p = p.with_suffix("") if p.suffix.lower() == ".gz" else p
         return p.with_suffix("")
 
+    # the same file however it is written (was: "a.jsonl" and "./a.jsonl", or "a.jsonl" and
+    # its absolute path, taken for two files)
+    where = [str(Path(p).expanduser().resolve()) for p in paths]
+    twice = next((p for p, w in zip(paths, where, strict=True) if where.count(w) > 1), None)
+    if twice is not None:
+        upsample = (" (to show a file's examples more often on purpose, weigh it up with "
+                    "data.mix, one weight per file: data.mix = [2, 1] gives the first twice the "
+                    "share of the second)") if what == "data.train" else ""
+        raise EmberError(f"{what} lists {twice} twice; give each file once{upsample}")
     parts = [stem(Path(p)).parts for p in paths]
     for k in range(1, max(len(p) for p in parts) + 1):
         names = ["/".join(p[-k:]) for p in parts]
         if len(set(names)) == len(names):
             return names
-    # the same file however it is written (was: "a.jsonl" and "./a.jsonl" taken for two files)
-    where = [str(Path(p).expanduser().resolve()) for p in paths]
-    twice = next((p for p, w in zip(paths, where, strict=True) if where.count(w) > 1), None)
-    if twice is None:  # names that differ only in their extensions
-        return list(paths)
-    upsample = (" (to show a file's examples more often on purpose, weigh it up with data.mix, "
-                "one weight per file: data.mix = [2, 1] gives the first twice the share of the "
-                "second)") if what == "data.train" else ""
-    raise EmberError(f"{what} lists {twice} twice; give each file once{upsample}")
+    return list(paths)  # names that differ only in their extensions
 
 
 def describe(sizes: list[int], mix: tuple[float, ...], names: list[str]) -> str:

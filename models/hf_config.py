@@ -310,6 +310,9 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
     if not isinstance(raw, Mapping):
         raise EmberError(f"config.json must hold a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):  # (unhashable: TypeError)
+        raise EmberError(f"config.json: model_type must be the family's name, a string such as "
+                         f"\"llama\", got {model_type!r}; fix config.json")
     if model_type in MULTIMODAL:
         # Gemma3ForConditionalGeneration: its language model, trained text-only; the marker tells
         # export to write PEFT names / merged folders for the multimodal class.

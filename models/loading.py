@@ -472,10 +472,13 @@ def save_pretrained(
     base's config.json (and generation / image processor configs). Without it, the language
     model alone is written as a text-only ``Gemma3ForCausalLM`` folder.
 
-    The folder appears atomically: everything is written to a temporary sibling and renamed into
-    place. An existing ``out_dir`` is replaced only if it holds nothing but model-folder files
-    (config, weights, tokenizer), so unrelated files are never deleted; saved without a
-    ``tokenizer``, its tokenizer files go too (with a warning naming them)."""
+    Everything is written to a temporary sibling first, so a failed save changes nothing
+    (``ember.models.save_folder``). An existing ``out_dir`` of model-folder files only (config,
+    weights, tokenizer) is replaced as a whole by a rename; saved without a ``tokenizer``, its
+    tokenizer files go too (with a warning naming them). One that also holds other files
+    (README.md, ``.cache/``, a Trainer checkpoint's state) keeps them and has its model files
+    replaced around them, as transformers writes into such a folder; one holding a PEFT adapter's
+    files is refused."""
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     if not isinstance(model, Transformer):
         raise EmberError(

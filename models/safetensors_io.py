@@ -120,8 +120,9 @@ def _read_config_json(folder: str | os.PathLike) -> tuple[Path, dict]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EmberError(f"{path} is not valid JSON ({e})") from None
-    if isinstance(raw, dict) and raw.get("architectures") is None and raw.get(
-            "model_type") in ARCHITECTURES and {"score.weight"} == _head_keys(Path(folder)):
+    if isinstance(raw, dict) and raw.get("architectures") is None and isinstance(
+            raw.get("model_type"), str) and raw["model_type"] in ARCHITECTURES and {
+            "score.weight"} == _head_keys(Path(folder)):
         # transformers' Auto classes never need architectures; the weights say it is a classifier
         raw = {**raw, "architectures": [_classifier_architecture(raw["model_type"])]}
     return path, raw

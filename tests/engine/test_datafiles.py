@@ -392,3 +392,17 @@ def test_bom_on_a_later_line_says_files_were_joined(tmp_path, tok):
     assert rep.bad_lines == 1 and len(examples) == 3
     (tmp_path / "one.jsonl").write_bytes(part)
     _same(load_examples(tmp_path / "one.jsonl", DataConfig(), tok)[0], _jsonl(tmp_path, rows, tok))
+
+
+def test_a_folder_given_as_data_names_its_data_files_without_walking_the_tree(tmp_path, tok):
+    """A folder given as data.train names some data files in it (a Hub snapshot's
+    data/train.parquet), looking three levels deep and not in hidden folders: the message walked
+    the whole tree (seconds for /usr, longer for a home or repository folder given by mistake)
+    and listed .git / .cache files as data."""
+    for name in (".git/objects/x.json", ".cache/hub/y.jsonl", "data/train.jsonl",
+                 "a/b/c/deep.jsonl"):
+        (tmp_path / "repo" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "repo" / name).write_text("{}\n")
+    with pytest.raises(EmberError, match=r"repo: is a directory; give a data file \(it holds "
+                                         r"data/train\.jsonl\); data\.train may list several"):
+        load_examples(tmp_path / "repo", DataConfig(), tok)

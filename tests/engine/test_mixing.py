@@ -151,6 +151,8 @@ def test_bad_sources_are_errors(tiny, tmp_path):
         source_names(["x/a.jsonl", "x/a.jsonl"], "data.train")
     with pytest.raises(EmberError, match="data.train lists x/a.jsonl twice"):  # however written
         source_names(["x/a.jsonl", "./x/a.jsonl"], "data.train")
+    with pytest.raises(EmberError, match="data.train lists x/a.jsonl twice"):  # names differ
+        source_names(["x/a.jsonl", str(Path("x/a.jsonl").resolve())], "data.train")
     assert source_names(["d/math/val.jsonl", "d/chat/val.jsonl"], "v") == ["math/val", "chat/val"]
     assert source_names(["d/math.jsonl.gz", "d/chat.csv"], "t") == ["math", "chat"]
 

@@ -135,6 +135,23 @@ def test_a_negative_min_delta_is_refused(tiny, tmp_path):
                     "eval.every_steps=1")
 
 
+def _stops_as_transformers(tiny, tmp_path, cases):
+    """Ember's stop decisions on each case's evaluations (values, patience, min_delta, mode)
+    equal transformers' (``_hf_stops``)."""
+    from ember.engine.state import Progress
+    from ember.engine.trainer import Trainer
+
+    for values, patience, delta, mode in cases:
+        cfg = tiny_config(tiny, tmp_path / "r", 'eval.early_stopping="val_loss"',
+                          f"eval.patience={patience}", f"eval.min_delta={delta}",
+                          f'eval.mode="{mode}"', "eval.every_steps=1", "eval.metrics=[]")
+        t = Trainer(cfg, echo=quiet, progress=False)
+        t.cfg, t.info, t.model, prog = cfg, None, None, Progress()
+        ours = [t._early_stop({"val_loss": v}, prog, i) for i, v in enumerate(values)]
+        hf = _hf_stops(values, patience, delta, mode == "max")
+        assert ours == hf, (values, ours, hf)
+
+
 def _hf_stops(values, patience, threshold, greater):
     """transformers' EarlyStoppingCallback on these evaluations, the Trainer moving its
     best_metric after each (its own ``Trainer._determine_best_metric``)."""
@@ -167,23 +184,13 @@ def test_patience_counts_as_transformers_early_stopping_callback(tiny, tmp_path,
     run. Ember measured min_delta from the last score that had beaten it by min_delta, so
     3.0, 2.6, 2.4, 2.3 with min_delta 0.5 never stopped (2.4 is 0.6 below 3.0)."""
     import ember.engine.trainer as trainer_module
-    from ember.engine.state import Progress
-    from ember.engine.trainer import Trainer
 
     monkeypatch.setattr(trainer_module, "save_best", lambda *a: None)
     cases = [([3.0, 2.6, 2.4, 2.3, 2.2], 2, 0.5, "min"), ([3.0, 2.8, 2.7, 2.9], 2, 0.5, "min"),
              ([3.0, 2.0, 2.1, 1.95, 1.9, 1.7], 2, 0.1, "min"),
              ([0.1, 0.3, 0.35, 0.38, 0.5, 0.52], 2, 0.1, "max"),
              ([0.5, 0.5, 0.6, 0.55, 0.58, 0.61, 0.9], 3, 0.02, "max")]
-    for values, patience, delta, mode in cases:
-        cfg = tiny_config(tiny, tmp_path / "r", 'eval.early_stopping="val_loss"',
-                          f"eval.patience={patience}", f"eval.min_delta={delta}",
-                          f'eval.mode="{mode}"', "eval.every_steps=1", "eval.metrics=[]")
-        t = Trainer(cfg, echo=quiet, progress=False)
-        t.cfg, t.info, t.model, prog = cfg, None, None, Progress()
-        ours = [t._early_stop({"val_loss": v}, prog, i) for i, v in enumerate(values)]
-        hf = _hf_stops(values, patience, delta, mode == "max")
-        assert ours == hf, (values, ours, hf)
+    _stops_as_transformers(tiny, tmp_path, cases)
 
 
 def test_patience_edge_cases_count_as_transformers(tiny, tmp_path, monkeypatch):
@@ -192,8 +199,6 @@ def test_patience_edge_cases_count_as_transformers(tiny, tmp_path, monkeypatch):
     0.05 is false), which stopped a run transformers continues; and a first evaluation that is
     NaN resets patience there (nothing to beat yet) but counted as a bad one here."""
     import ember.engine.trainer as trainer_module
-    from ember.engine.state import Progress
-    from ember.engine.trainer import Trainer
 
     monkeypatch.setattr(trainer_module, "save_best", lambda *a: None)
     nan = float("nan")
@@ -201,15 +206,7 @@ def test_patience_edge_cases_count_as_transformers(tiny, tmp_path, monkeypatch):
              ([2.0, 1.9, 1.8, 1.7, 1.6], 1, 0.1, "min"), ([0.5, 0.8, 1.1, 1.2], 1, 0.3, "max"),
              ([nan, nan, 2.0, 2.5], 2, 0.0, "min"), ([nan, 0.4, nan, nan], 2, 0.0, "max"),
              ([nan, 3.0, 2.9, nan], 2, 0.05, "min")]
-    for values, patience, delta, mode in cases:
-        cfg = tiny_config(tiny, tmp_path / "r", 'eval.early_stopping="val_loss"',
-                          f"eval.patience={patience}", f"eval.min_delta={delta}",
-                          f'eval.mode="{mode}"', "eval.every_steps=1", "eval.metrics=[]")
-        t = Trainer(cfg, echo=quiet, progress=False)
-        t.cfg, t.info, t.model, prog = cfg, None, None, Progress()
-        ours = [t._early_stop({"val_loss": v}, prog, i) for i, v in enumerate(values)]
-        hf = _hf_stops(values, patience, delta, mode == "max")
-        assert ours == hf, (values, ours, hf)
+    _stops_as_transformers(tiny, tmp_path, cases)
 
 
 def test_resume_with_another_early_stopping_score_starts_its_count_again(tiny, tmp_path):

@@ -547,3 +547,26 @@ def test_answer_that_writes_the_end_of_turn_token_is_trained_whole(tmp_path, tok
         (ex,), _ = _load(tmp_path, tok, [{"messages": messages}])
         assert ex.input_ids == list(want["input_ids"])
         assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(want["assistant_masks"])
+
+
+def test_last_answer_that_writes_the_end_of_turn_token_with_no_end_after_it(tmp_path, toks):
+    """A template that renders nothing after the last answer's text (no end-of-turn token
+    there): an answer writing <|im_end|> itself was still cut at that token (the end was looked
+    for in the whole turn when none followed the text), 10 of its 18 tokens trained, and no EOS
+    appended. Oracle: transformers' assistant mask of the same template's generation blocks."""
+    marked = ("{% for m in messages %}{% if m['role'] == 'assistant' %}"
+              "{{ '<|im_start|>assistant\n' }}{% generation %}{{ m['content'] }}"
+              "{% if not loop.last %}{{ '<|im_end|>' }}{% endif %}{% endgeneration %}"
+              "{% if not loop.last %}{{ '\n' }}{% endif %}{% else %}{{ '<|im_start|>' + "
+              "m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    messages = [U1, {"role": "assistant", "content": "Write <|im_end|> after the text."}]
+    want = _with_template(toks, marked)[0].apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    plain = marked.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    for tok in _with_template(toks, plain):
+        (ex,), _ = _load(tmp_path, tok, [{"messages": messages}], add_eos=False)
+        assert ex.input_ids == list(want["input_ids"])
+        assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(want["assistant_masks"])
+        (ex,), _ = _load(tmp_path, tok, [{"messages": messages}])  # add_eos: the EOS after it
+        assert ex.input_ids == [*want["input_ids"], tok.eos_token_id]

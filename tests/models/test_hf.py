@@ -385,6 +385,23 @@ def test_a_dtype_that_is_not_a_name_is_refused_by_name(tmp_path, dtype):
     assert "dtype" in msg and "config.json" in msg
 
 
+@pytest.mark.parametrize("architectures", [True, False])
+def test_a_model_type_that_is_not_a_name_is_refused_by_name(tmp_path, architectures):
+    """config.json's model_type a list (with or without architectures, whose absence makes the
+    loader look for a classifier's score.weight): transformers cannot load the folder
+    (unhashable); Ember raised a bare TypeError from deep inside instead of naming the field."""
+    _, folder = _make(tmp_path, "llama")
+    raw = json.loads((folder / "config.json").read_text())
+    raw = {**raw, "model_type": ["llama"]}
+    if not architectures:
+        del raw["architectures"]
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(Exception):  # noqa: B017 (the oracle: transformers fails too, any error)
+        transformers.AutoModelForCausalLM.from_pretrained(folder)
+    msg = _err(load_pretrained, folder)
+    assert "model_type" in msg and "config.json" in msg
+
+
 def test_qwen_window_semantics():
     base = {**BASE, "hidden_size": 48, "model_type": "qwen2"}
     assert config_from_hf({**base, "sliding_window": 8}).sliding_window is None  # not enabled
