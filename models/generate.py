@@ -466,6 +466,7 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     stops = [s for s in (stop_strings or []) if s]
     ids = encode_prompts(tokenizer, list(prompts), chat)
     should_stop = None
+    spanned: set[int] = set()  # rows stopped by a stop string begun in the prompt
     if stops:
         # decode only a tail long enough to hold any stop string: a token is at least one byte
         # (byte-level and byte-fallback vocabularies spell rare characters byte by byte)
@@ -473,10 +474,20 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
 
         def should_stop(row: int, gen: list[int]) -> bool:
             # with and without special tokens: a stop string may name one ("<|im_end|>", as
-            # transformers' stop_strings match token strings), hidden in the returned text
-            return any(s in text for skip in (True, False)
-                       for text in [tokenizer.decode(gen[-tail:], skip_special_tokens=skip)]
-                       for s in stops)
+            # transformers' stop_strings match token strings), hidden in the returned text. The
+            # prompt's last tokens come first, as transformers matches the whole sequence's end:
+            # a stop string may begin in the prompt, but must end in the generated tokens.
+            head = ids[row][len(ids[row]) - max(0, tail - len(gen)):] if len(gen) < tail else []
+            for skip in (True, False):
+                before = len(tokenizer.decode(head, skip_special_tokens=skip)) if head else 0
+                text = tokenizer.decode(head + gen[-tail:], skip_special_tokens=skip)
+                for s in stops:
+                    at = text.find(s, max(0, before - len(s) + 1))
+                    if at >= 0:
+                        if at < before:
+                            spanned.add(row)
+                        return True
+            return False
 
     # an Ember or a transformers tokenizer (whose eos_token_ids is one int or None)
     eos, pad = generation_ids(tokenizer)
@@ -486,5 +497,7 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
                        repetition_penalty=repetition_penalty)
     texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
     if stops:
-        texts = [t[:min([t.find(s) for s in stops if s in t] or [len(t)])] for t in texts]
+        # a stop string begun in the prompt leaves nothing before it in the completion
+        texts = ["" if i in spanned else t[:min([t.find(s) for s in stops if s in t] or [len(t)])]
+                 for i, t in enumerate(texts)]
     return texts

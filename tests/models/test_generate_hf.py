@@ -224,6 +224,30 @@ def test_a_stop_string_naming_a_special_token_stops_as_transformers(tmp_path):
         assert generate(model, tok, prompts, max_new_tokens=12, stop_strings=stops) == want
 
 
+def test_a_stop_string_begun_in_the_prompt_stops_as_transformers(tmp_path):
+    """A stop string whose start is the prompt's end and whose end is in the generated tokens
+    stops generation in transformers (``StopStringCriteria`` matches the end of the whole
+    sequence); Ember matched the generated text alone, so it never stopped and returned the
+    whole completion. Ember returns the text before the stop string: here nothing. A stop string
+    wholly inside a prompt does not stop its row, in transformers nor in Ember."""
+    from ember.models.generate import generate
+
+    tok, hf, model = _with_tokenizer(tmp_path, "<|im_end|>", "<|im_end|>")
+    prompts = ["he 12", "the", "t he"]
+    plain = [_hf_text(hf, tok, p, 10) for p in prompts]
+    assert all(len(t) >= 2 for t in plain)
+    for row in (0, 2):
+        stops = [prompts[row][-2:] + plain[row][:2]]
+        want = [_hf_text(hf, tok, p, 10, stop_strings=stops, tokenizer=tok) for p in prompts]
+        assert want[row] != plain[row]  # transformers stopped early
+        expect = []
+        for p, w in zip(prompts, want, strict=True):  # the text before the stop string
+            at = min([(p + w).find(s) for s in stops if s in p + w] or [len(p + w)])
+            expect.append(w[:max(0, at - len(p))])
+        assert expect[row] == ""
+        assert generate(model, tok, prompts, max_new_tokens=10, stop_strings=stops) == expect
+
+
 def test_bad_sampling_values_are_refused_like_transformers_and_one_eos_id_is_taken(pair):
     """Values transformers' processors refuse (a NaN temperature, a fractional top_k) are an
     EmberError naming the knob (they were a RuntimeError from torch.multinomial and a TypeError
