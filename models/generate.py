@@ -429,7 +429,8 @@ _HF_HINTS = {
     "min_new_tokens": "not supported",
     "no_repeat_ngram_size": "not supported (repetition_penalty is)",
     "num_beams": "not supported: greedy or sampling only",
-    "eos_token_id": "generation stops at the tokenizer's eos_token_ids; use stop_strings for more",
+    "eos_token_id": "generation stops at the tokenizer's eos_token_ids and the model's "
+                    "generation_config.json ones; use stop_strings for more",
     "pad_token_id": "not needed: batches are left-padded internally",
     "generation_config": "pass its fields as keywords (temperature, top_p, top_k, min_p, "
                          "repetition_penalty, max_new_tokens)",
@@ -444,6 +445,15 @@ def unsupported_options(options: dict) -> str:
             "top_k, min_p, repetition_penalty, seed, stop_strings, chat)")
 
 
+def _config_stop_ids(model: Transformer) -> list[int]:
+    """``eos_token_id`` (one id or a list) of the generation_config.json the model was loaded
+    with; [] without one."""
+    gen = getattr(model, "hf_generation_config", None)
+    eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
+    ids = [eos] if _is_index(eos) else eos if isinstance(eos, list) else []
+    return [operator.index(i) for i in ids if _is_index(i) and not isinstance(i, bool)]
+
+
 def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int | None = None, stop_strings: Sequence[str] | None = None,
@@ -453,9 +463,11 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
 
     ``chat=True`` wraps each string as a user message and renders the model's chat template; a
     prompt given as a list of message dicts always goes through the template. Generation stops at
-    the tokenizer's ``eos_token_ids`` and, if given, right before the first stop string (which is
-    cut from the returned text; a stop string that is a special token, e.g. ``<|im_end|>``, stops
-    generation there and is not in the text, special tokens being skipped)."""
+    the tokenizer's ``eos_token_ids``, at the ``eos_token_id`` list of the generation_config.json
+    the model was loaded with (as transformers' generate) and, if given, right before the first
+    stop string (cut from the returned text, with any part of it begun in the prompt; a stop
+    string that is a special token, e.g. ``<|im_end|>``, stops generation there and is not in
+    the text, special tokens being skipped)."""
     if hf_options:
         raise EmberError(unsupported_options(hf_options))
     if isinstance(prompts, str) or (
@@ -489,8 +501,11 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
                         return True
             return False
 
-    # an Ember or a transformers tokenizer (whose eos_token_ids is one int or None)
+    # an Ember or a transformers tokenizer (whose eos_token_ids is one int or None), and the
+    # stop ids of the model folder's generation_config.json, which transformers' generate stops
+    # at (Llama 3's [<|end_of_text|>, <|eom_id|>, <|eot_id|>]; its tokenizer's eos is one of them)
     eos, pad = generation_ids(tokenizer)
+    eos = sorted(set(eos) | set(_config_stop_ids(model)))
     gen = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, top_k=top_k, seed=seed, eos_token_ids=eos,
                        pad_token_id=pad, should_stop=should_stop, min_p=min_p,

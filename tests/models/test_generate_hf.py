@@ -184,6 +184,14 @@ def _with_tokenizer(folder, eos_token: str, boost: str):
     return tok, hf, load_hf_folder(folder, torch.float32, "cpu").eval()
 
 
+def _hf_ids(hf, tok, prompt: str, n: int) -> list[int]:
+    """transformers' greedy new ids for a plain prompt, its generation_config's stop ids on."""
+    ids = tok.encode(prompt)
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=int),
+                      max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
+    return out[0, len(ids):].tolist()
+
+
 def _hf_text(hf, tok, prompt, n: int, **kw) -> str:
     ids = (tok.encode(prompt) if isinstance(prompt, str) else
            tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False))
@@ -246,6 +254,35 @@ def test_a_stop_string_begun_in_the_prompt_stops_as_transformers(tmp_path):
             expect.append(w[:max(0, at - len(p))])
         assert expect[row] == ""
         assert generate(model, tok, prompts, max_new_tokens=10, stop_strings=stops) == expect
+
+
+def test_generate_stops_at_the_generation_config_stop_ids_as_transformers(tmp_path):
+    """generation_config.json lists several stop ids (Llama 3: [128001, 128008, 128009]) and
+    the transformers tokenizer's eos is one of them: transformers' generate stops at each;
+    ``generate(model, transformers_tokenizer, ...)`` stopped only at the tokenizer's eos and ran
+    on to max_new_tokens. (Ember leaves the stop token out of the text; transformers keeps a
+    non-special one.)"""
+    import json
+
+    from ember.models.generate import generate
+
+    tok, hf, _ = _with_tokenizer(tmp_path, "<|im_end|>", "<|im_end|>")
+    prompts = ["he 12", "the", "t he"]
+    plain = [_hf_ids(hf, tok, p, 10) for p in prompts]
+    stop = plain[0][3]  # a token the first row emits mid-way
+    assert stop != tok.eos_token_id
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    gen["eos_token_id"] = [tok.eos_token_id, stop]
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    want = [_hf_ids(hf, tok, p, 10) for p in prompts]
+    assert want[0][-1] == stop and len(want[0]) < len(plain[0])
+    want = [tok.decode(w[:-1] if w[-1] in (stop, tok.eos_token_id) else w,
+                       skip_special_tokens=True) for w in want]
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+    assert generate(model, tok, prompts, max_new_tokens=10) == want
 
 
 def test_bad_sampling_values_are_refused_like_transformers_and_one_eos_id_is_taken(pair):
