@@ -10,7 +10,8 @@
   other such cell is text, "[" or not; one holding messages as a Python repr, "[{'role': ...",
   as pandas' ``to_csv`` writes a list column, is refused). Other columns are typed as pandas
   (Hugging Face ``datasets``) reads a CSV: a column whose cells are all integers, or all
-  numbers, holds numbers (labels, margins, answer indices), an empty cell there is a missing
+  numbers, holds numbers (labels, margins, answer indices), an empty cell there, or one of
+  pandas' default missing-value markers ("NA", "null", "NaN", "None", "<NA>", ...), is a missing
   field; the text
   fields (``text``, ``prompt``, ``question``, ...) stay strings, and so do true/false cells (a
   class name for a classifier; KTO's ``label`` reads "true" / "false" as its booleans);
@@ -45,9 +46,11 @@ _CHAT_FIELDS = ("prompt", "completion", "chosen", "rejected")  # text, or an arr
 # Fields that are text whatever they look like ("42" stays the string "42").
 _TEXT_FIELDS = (*_CHAT_FIELDS, "text", "instruction", "input", "output", "system", "question")
 _INT = re.compile(r"[+-]?[0-9]+")
-# Cells that pandas (and pyarrow) read as a missing value in a column of numbers.
+# Cells that pandas (read_csv's default na_values, pandas' STR_NA_VALUES: what Hugging Face
+# datasets reads a CSV with) reads as a missing value in a column of numbers; pyarrow's defaults
+# are the same less "None" and "<NA>".
 _NA = frozenset(("#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
-                 "1.#QNAN", "N/A", "NA", "NULL", "NaN", "n/a", "nan", "null"))
+                 "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"))
 
 
 def kind(path: Path) -> str:

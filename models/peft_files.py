@@ -250,9 +250,15 @@ def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> 
                          "path_initial_model_for_weight_conversion to get a plain LoRA, or "
                          f"{_MERGE_HINT}")
     mts = config.get("modules_to_save") or []
-    if not isinstance(mts, list) or _saved_modules(mts)[1]:
+    if not isinstance(mts, list) or [m for m in _saved_modules(mts)[1]
+                                     if tensors is None or _holds_weights(m, tensors)]:
         raise EmberError(f"{where}: modules_to_save={mts!r} is not supported by ember's LoRA (only "
                          f"{sorted(_FULL_WEIGHTS)}, and a classifier's head): {_MERGE_HINT}")
+    excluded = _excluded_pairs(mts, tensors or {})
+    if excluded:
+        raise EmberError(f"{where}: modules_to_save={mts!r} keeps LoRA off {excluded[0]} (PEFT "
+                         "reads each entry as a regex there), yet the file holds a LoRA pair for "
+                         "it: PEFT does not load this adapter either; fix modules_to_save")
     bias = config.get("bias", "none")
     if bias not in ("none", "all", "lora_only"):
         raise EmberError(f"{where}: bias={bias!r} is not a PEFT bias mode")
@@ -263,22 +269,54 @@ def _validate_config(config: dict, where: Path, tensors: dict | None = None) -> 
 
 
 def _saved_modules(mts: list) -> tuple[list[str], list]:
-    """modules_to_save entries -> the ``_FULL_WEIGHTS`` modules they select (PEFT matches an entry
-    as a suffix of module names, str.endswith: "embed_tokens", "model.embed_tokens" and "tokens"
-    are one module, "head" is lm_head), and the entries that select none of them nor a
-    classifier's head."""
+    """modules_to_save entries -> the ``_FULL_WEIGHTS`` modules they select (PEFT 0.21's
+    _set_trainable matches an entry as a suffix of module names, str.endswith, never as a regex:
+    "embed_tokens", "model.embed_tokens" and "tokens" are one module, "head" is lm_head, ".*"
+    none), and the entries that select none of them nor a classifier's head."""
     names, bad = set(), []
     for m in mts:
-        try:
-            hit = {n for n, (key, _) in _FULL_WEIGHTS.items()
-                   if m and any(name.endswith(m) or re.fullmatch(rf"(.*\.)?{m}", name) for name in
-                          (key[len("base_model.model."):-len(".weight")], *_OTHER_LAYOUTS[n]))}
-        except (re.error, TypeError):
-            hit = set()
+        hit = {n for n, (key, _) in _FULL_WEIGHTS.items()
+               if isinstance(m, str) and m and any(name.endswith(m) for name in
+                      (key[len("base_model.model."):-len(".weight")], *_OTHER_LAYOUTS[n]))}
         names |= hit
         if not hit and m not in HEAD_MODULES:
             bad.append(m)
     return sorted(names), bad
+
+
+def _holds_weights(entry: str, tensors: dict) -> bool:
+    """Whether the file holds a weight of a module the modules_to_save entry selects (a module
+    whose name ends with it, or one inside such a module). An entry that selects nothing in
+    PEFT (".*": PEFT does not read entries as regexes here) or only modules without weights
+    ("rotary_emb") saves nothing and leaves PEFT's model as it was: PEFT loads it, so does
+    Ember."""
+    if not isinstance(entry, str) or not entry:
+        return True
+    for key in tensors:
+        parts = key.removeprefix("base_model.model.").split(".")[:-1]
+        if any(p.startswith(("lora_", "trainable_tokens_")) for p in parts):
+            continue
+        if any(".".join(parts[:i]).endswith(entry) for i in range(1, len(parts) + 1)):
+            return True
+    return False
+
+
+def _excluded_pairs(mts: list, tensors: dict) -> list[str]:
+    r"""Modules with a LoRA pair in the file that PEFT keeps LoRA off: it excludes a module whose
+    name matches an entry as the regex ``(^|.*\.)<entry>($|\..*)`` (check_target_module_exists),
+    so a file saved with such pairs loads in PEFT with them unused, or not at all."""
+    mods = sorted({k.removeprefix("base_model.model.").split(".lora_")[0]
+                   for k in tensors if ".lora_" in k})
+    out = []
+    for mod in mods:
+        for m in mts:
+            try:
+                if isinstance(m, str) and re.match(rf"(^|.*\.){m}($|\..*)", mod):
+                    out.append(mod)
+                    break
+            except re.error:
+                continue
+    return out
 
 
 def full_weights(model, config: dict, tensors: dict, wfile: Path) -> dict:

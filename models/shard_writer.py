@@ -67,14 +67,51 @@ _LEAF_RANK = {n: i for i, n in enumerate(("q_proj", "k_proj", "v_proj", "o_proj"
                                           "gate_up_proj", "down_proj"))}
 
 
+_EXPERT_KEY = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+
+
+def _natural_key(key: str) -> list[tuple]:
+    """transformers' ``dot_natural_key``: the dotted parts, numbers (also a part's trailing
+    digits) compared as numbers."""
+    parts = []
+    for part in key.split("."):
+        text = part.rstrip("0123456789")
+        parts.append((0, int(part)) if part.isdigit() else
+                     (1, text, int(part[len(text):])) if text != part else (1, part))
+    return parts
+
+
+def _moe_rank(key: str) -> tuple:
+    """transformers 5's order for a MoE checkpoint (revert_weight_conversion): its in-memory
+    names (Mixtral's block_sparse_moe is mlp, each layer's experts two stacks, down_proj and
+    gate_up_proj) sorted by ``_natural_key``, a stack written as all its experts' gate (w1),
+    then all their up (w3) weights."""
+    key = key.replace(".block_sparse_moe.", ".mlp.")
+    m = _EXPERT_KEY.fullmatch(key)
+    if m is None:
+        return (_natural_key(key), 0, 0)
+    stack = "down_proj" if m[3] in ("down_proj", "w2") else "gate_up_proj"
+    return (_natural_key(f"{m[1]}.{stack}"), m[3] in ("up_proj", "w3"), int(m[2]))
+
+
+def _storage_unit(key: str) -> str:
+    """What huggingface_hub places as one tensor: transformers 5 saves a MoE layer's experts as
+    views of its in-memory stacks (one per projection: down, gate, up) and the hub places the
+    tensors of one storage together, sized as the whole storage, in the shard of the first."""
+    m = _EXPERT_KEY.fullmatch(key)
+    return f"{m[1]}.*.{m[3]}" if m else key
+
+
 def _hf_order(tensors: dict) -> list[str]:
     """A text model's keys in transformers' state-dict order (its modules' order), in which
     huggingface_hub fills the shards: the embedding, each layer's attention, MLP, then norms,
-    the final norm, the head. Other checkpoints (multimodal) keep Ember's order."""
+    the final norm, the head; a MoE model's as ``_moe_rank``. Other checkpoints (multimodal)
+    keep Ember's order."""
     keys = list(tensors)
-    if not all(k.startswith(("model.", "lm_head.", "score.")) for k in keys) or any(
-            ".experts." in k for k in keys):
-        return keys  # (transformers 5 converts MoE experts on saving, in an order of its own)
+    if not all(k.startswith(("model.", "lm_head.", "score.")) for k in keys):
+        return keys
+    if any(_EXPERT_KEY.fullmatch(k) for k in keys):
+        return sorted(keys, key=_moe_rank)
 
     def rank(i_key):
         i, k = i_key
@@ -94,7 +131,11 @@ def _write_shards(tensors: dict, dtypes: dict[str, torch.dtype], folder: Path, l
     made then) to ``folder/model.safetensors``, or in shards of about ``limit`` bytes plus the
     index."""
     sizes = {k: tensors[k].numel() * dtypes[k].itemsize for k in _hf_order(tensors)}
-    shards = _plan_shards(sizes, limit)
+    units: dict[str, list[str]] = {}
+    for k in sizes:
+        units.setdefault(_storage_unit(k), []).append(k)
+    shards = [[k for u in shard for k in units[u]] for shard in
+              _plan_shards({u: sum(sizes[k] for k in ks) for u, ks in units.items()}, limit)]
     names = (
         [SINGLE_FILE]
         if len(shards) == 1

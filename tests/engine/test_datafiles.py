@@ -361,6 +361,30 @@ def test_csv_missing_value_markers_in_number_columns(tmp_path):
     assert rows[0]["label"] == 1 and "label" not in rows[1]
 
 
+# pandas' read_csv default na_values (pandas/_libs/parsers.pyx STR_NA_VALUES, pandas 2.x), less ""
+PANDAS_NA = ["-1.#IND", "1.#QNAN", "1.#IND", "-1.#QNAN", "#N/A N/A", "#N/A", "N/A", "n/a", "NA",
+             "<NA>", "#NA", "NULL", "null", "NaN", "-NaN", "nan", "-nan", "None"]
+
+
+def test_csv_none_and_pd_na_cells_of_number_columns_are_missing_as_in_pandas(tmp_path):
+    """pandas (datasets' CSV reader) also reads "None" and "<NA>" (what to_csv writes for a
+    missing value of a nullable column) as missing values; Ember took a column holding them for
+    text, so its labels became the strings "1", "3". Oracle: pyarrow's CSV reader with pandas'
+    default na_values (pandas is not installed here)."""
+    pa_csv = pytest.importorskip("pyarrow.csv")
+    from ember.engine.datafiles import iter_items
+
+    columns = {"label": ["1", "None", "3"], "score": ["0.5", "<NA>", "2"]}
+    path = tmp_path / "t.csv"
+    _csv(path, [{"text": f"t{i}", **{k: v[i] for k, v in columns.items()}} for i in range(3)])
+    opts = pa_csv.ConvertOptions(null_values=PANDAS_NA, strings_can_be_null=False)
+    want = pa_csv.read_csv(str(path), convert_options=opts).to_pylist()
+    rows = [json.loads(r) for r in iter_items(path)]
+    assert [{k: r.get(k) for k in columns} for r in rows] == [{k: r[k] for k in columns}
+                                                              for r in want]
+    assert rows[0]["label"] == 1 and "label" not in rows[1] and "score" not in rows[1]
+
+
 def test_indented_json_object_that_is_not_a_data_holder_says_why(tmp_path, tok):
     """A .json file of one indented object (one example alone, or examples under another key
     than "data") was read as JSON Lines: "invalid JSON: Expecting property name" at line 1. It

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ember.engine import trainer as trainer_mod
 from ember.engine.data import collate
 from ember.engine.evaluation import eval_plan
-from tests.engine._tiny import quiet, rows_of, tiny_config
-from tests.engine.test_hf_trainer_parity import IGNORE, _hf_model, _padded
+from tests.engine._tiny import rows_of
+from tests.engine.test_hf_trainer_parity import IGNORE, _hf_model, _padded, _spied_run
 
 
 def _merged(parts: list[dict]) -> dict[str, torch.Tensor]:
@@ -29,30 +28,13 @@ def _merged(parts: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def _ember(tiny, run_dir, monkeypatch, *sets):
-    steps, built = [], {}
-    step, build = trainer_mod.Trainer._step, trainer_mod.Trainer._build
-
-    def spy_step(self, micro, *a, **k):
-        steps.append([_padded(b) for b in micro])
-        return step(self, micro, *a, **k)
-
-    def spy_build(self, cfg, info):
-        model = build(self, cfg, info)
-        built.update({n: p.detach().clone() for n, p in model.named_parameters()})
-        return model
-
-    monkeypatch.setattr(trainer_mod.Trainer, "_step", spy_step)
-    monkeypatch.setattr(trainer_mod.Trainer, "_build", spy_build)
-    cfg = tiny_config(tiny, run_dir, f'data.train=["{tiny["small"]}"]', 'data.order="file"',
-                      "data.max_seq_len=32", "data.tokens_per_batch=32", "eval.metrics=[]",
-                      "eval.before=false", 'method="full"', 'optim.schedule="constant"',
-                      "optim.warmup_steps=0", "optim.weight_decay=0.0", *sets)
-    t = trainer_mod.Trainer(cfg, echo=quiet, progress=False)
-    res = t.run()
+    t, res, steps, built = _spied_run(
+        tiny, run_dir, monkeypatch, 'method="full"', 'optim.schedule="constant"',
+        "optim.warmup_steps=0", "optim.weight_decay=0.0", *sets)
     val = t.datasets.validation
     parts = [_padded(collate([val[i] for i in idx]))
-             for idx in eval_plan(val, cfg.data.tokens_per_batch)]
-    return t.cfg, res, steps, _merged(parts), built
+             for idx in eval_plan(val, t.cfg.data.tokens_per_batch)]
+    return t.cfg, res, steps, _merged(parts), built["initial"]
 
 
 def _peft_model(tiny, initial):

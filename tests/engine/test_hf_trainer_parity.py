@@ -31,9 +31,11 @@ def _padded(batch) -> dict[str, torch.Tensor]:
     return {"input_ids": x, "attention_mask": mask, "labels": y}
 
 
-def _ember_run(tiny, run_dir, monkeypatch, *sets: str):
-    """Ember's run: (its config, the micro-batches of each step, its train rows, the model as
-    built before step 1)."""
+def _spied_run(tiny, run_dir, monkeypatch, *sets: str):
+    """Ember's run on the tiny model, one data file in file order, 32-token micro-batches (one
+    shared helper for the parity tests): (the trainer, its result, the micro-batches of each
+    step as transformers takes them, {"initial": the parameters as built before step 1,
+    "model": the model})."""
     steps, built = [], {}
     step, build = trainer_mod.Trainer._step, trainer_mod.Trainer._build
 
@@ -51,11 +53,18 @@ def _ember_run(tiny, run_dir, monkeypatch, *sets: str):
     monkeypatch.setattr(trainer_mod.Trainer, "_build", spy_build)
     cfg = tiny_config(tiny, run_dir, f'data.train=["{tiny["small"]}"]', 'data.order="file"',
                       "data.max_seq_len=32", "data.tokens_per_batch=32", "eval.metrics=[]",
-                      "eval.val_loss=false", "eval.before=false", *sets)
-    res = trainer_mod.Trainer(cfg, echo=quiet, progress=False)
-    res.run()
+                      "eval.before=false", *sets)
+    t = trainer_mod.Trainer(cfg, echo=quiet, progress=False)
+    res = t.run()
+    return t, res, steps, built
+
+
+def _ember_run(tiny, run_dir, monkeypatch, *sets: str):
+    """Ember's run: (its config, the micro-batches of each step, its train rows, the model as
+    built before step 1)."""
+    t, _, steps, built = _spied_run(tiny, run_dir, monkeypatch, "eval.val_loss=false", *sets)
     rows = [r for r in rows_of(run_dir) if r["kind"] == "train"]
-    return res.cfg, steps, rows, built
+    return t.cfg, steps, rows, built
 
 
 def _hf_trainer(model, cfg, steps, out, **args):

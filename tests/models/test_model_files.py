@@ -432,12 +432,19 @@ def test_saving_into_a_folder_holding_an_adapter_is_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
+MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16}
 SHARD_FAMILIES = {
     "llama": (transformers.LlamaConfig, {}, "AutoModelForCausalLM"),
     "phi3_fused": (transformers.Phi3Config, {"pad_token_id": 0}, "AutoModelForCausalLM"),
     "phi_biases": (transformers.PhiConfig, {}, "AutoModelForCausalLM"),
     "gemma2": (transformers.Gemma2Config, {"head_dim": 12}, "AutoModelForCausalLM"),
     "qwen3": (transformers.Qwen3Config, {"head_dim": 12}, "AutoModelForCausalLM"),
+    # transformers 5 sorts a MoE state dict by name and writes each stack expert by expert
+    "qwen3_moe": (transformers.Qwen3MoeConfig, {"head_dim": 12, **MOE}, "AutoModelForCausalLM"),
+    "qwen2_moe_shared": (transformers.Qwen2MoeConfig,
+                         {**MOE, "shared_expert_intermediate_size": 24}, "AutoModelForCausalLM"),
+    "mixtral": (transformers.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2},
+                "AutoModelForCausalLM"),
     "classifier": (transformers.LlamaConfig, {"num_labels": 3, "pad_token_id": 0},
                    "AutoModelForSequenceClassification"),
 }
@@ -447,7 +454,9 @@ SHARD_FAMILIES = {
 def test_each_tensor_is_in_the_shard_transformers_puts_it_in(tmp_path, family):
     """transformers fills shards in its state-dict order (per layer: attention, MLP, then the
     norms; Phi-3's o_proj before qkv_proj; a weight before its bias); Ember wrote its own order
-    (norms first, fused tensors last), so the same model's index files differed."""
+    (norms first, fused tensors last), so the same model's index files differed. MoE: transformers
+    sorts the names and places each expert stack's views as one tensor (Ember: 14 shards for
+    12)."""
     config_cls, extra, auto = SHARD_FAMILIES[family]
     torch.manual_seed(0)
     hf = getattr(transformers, auto).from_config(config_cls(**{**BASE, **extra}))

@@ -83,6 +83,33 @@ def test_modules_to_save_entries_match_as_suffixes_as_peft(bases, tmp_path, mts)
                 edit_base=_train_saved_copies)
 
 
+@pytest.mark.parametrize("mts", [["lm_.*"], ["rotary_emb"], ["embed_tokens", "lm_.*"]])
+def test_modules_to_save_entries_that_save_nothing_load_as_peft(bases, tmp_path, mts):
+    """PEFT's _set_trainable selects modules_to_save by str.endswith, never as a regex: "lm_.*"
+    selects nothing, "rotary_emb" a module without weights, and PEFT loads the file. Ember read
+    "lm_.*" as a regex too (took lm_head for trained and refused the file for lacking it) and
+    refused "rotary_emb" as unsupported."""
+    edit = _train_saved_copies if "embed_tokens" in mts else None
+    _round_trip(bases["plain"], tmp_path, target_modules=["q_proj"], modules_to_save=mts,
+                edit_base=edit)
+
+
+def test_modules_to_save_regex_that_excludes_the_lora_pairs_is_refused(bases, tmp_path):
+    """PEFT also reads each entry as a regex to keep LoRA off the modules it names: with ".*"
+    it puts LoRA nowhere and refuses the file; Ember refuses it by name too (never loads the
+    pairs, nor takes ".*" for embed_tokens and lm_head)."""
+    _peft_adapter(bases["plain"], tmp_path / "peft", target_modules=["q_proj"])
+    cfg_file = tmp_path / "peft" / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "modules_to_save": [".*"]}))
+    ids = torch.zeros(1, 3, dtype=torch.long) + 7
+    with pytest.raises(Exception, match="excluded"):
+        _peft_logits(bases["plain"], tmp_path / "peft", ids)
+    model, _ = load_pretrained(bases["plain"])
+    with pytest.raises(EmberError, match=r"modules_to_save=\['\.\*'\] keeps LoRA off"):
+        load_adapter(model, tmp_path / "peft")
+
+
 def _new_token_rows(model) -> None:
     """PEFT starts trainable tokens as the base's own rows: give them new values (global RNG)."""
     with torch.no_grad():
