@@ -33,6 +33,17 @@ def tiny_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def word_prefs(rng, n: int) -> list[dict]:
+    """n DPO lines "say w1 w2 ... ->": chosen the first word, rejected another (from rng)."""
+    prefs = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 6))]
+        wrong = rng.choice([x for x in WORDS if x != words[0]])
+        prefs.append({"prompt": "say " + " ".join(words) + " ->", "chosen": " " + words[0],
+                      "rejected": " " + wrong})
+    return prefs
+
+
 def make_tiny_model(folder: Path, seed: int = 0) -> Path:
     """An HF folder with a random 2-layer Llama and a small byte-level BPE tokenizer."""
     from tokenizers import Tokenizer as Backend

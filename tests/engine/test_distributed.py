@@ -102,12 +102,7 @@ def short_runs(tiny, tmp: Path) -> dict[str, tuple[str, ...]]:
     distillation run validates per source (val_loss/val, val_loss/test)."""
     teacher = make_tiny_model(tmp / "teacher", seed=1)
     rng = random.Random(5)
-    prefs = []
-    for _ in range(16):
-        words = [rng.choice(w.WORDS) for _ in range(rng.randint(2, 6))]
-        wrong = rng.choice([x for x in w.WORDS if x != words[0]])
-        prefs.append({"prompt": "say " + " ".join(words) + " ->", "chosen": " " + words[0],
-                      "rejected": " " + wrong})
+    prefs = w.word_prefs(rng, 16)
     prefs = write_jsonl(tmp / "prefs.jsonl", prefs)
     kto = []  # KTO lines, a third of the wrong completions labelled desirable
     for _ in range(48):

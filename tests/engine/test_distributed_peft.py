@@ -72,12 +72,7 @@ def test_dpo_on_a_continued_adapter_matches_one_process(tiny, tmp_path):
     logs and exports what one process does."""
     make_adapter(tiny, tmp_path / "ad", target_modules=["q_proj"], init_lora_weights=False)
     rng = random.Random(5)
-    prefs = []
-    for _ in range(8):
-        words = [rng.choice(w.WORDS) for _ in range(rng.randint(2, 6))]
-        wrong = rng.choice([x for x in w.WORDS if x != words[0]])
-        prefs.append({"prompt": "say " + " ".join(words) + " ->", "chosen": " " + words[0],
-                      "rejected": " " + wrong})
+    prefs = w.word_prefs(rng, 8)
     prefs = write_jsonl(tmp_path / "prefs.jsonl", prefs)
     cfg = ('objective="dpo"', "dpo.beta=0.5", "optim.lr=1e-2", "optim.warmup_steps=0",
            f'model.init="{tmp_path / "ad"}"', "lora.targets=['q_proj']", "max_steps=2",
