@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,11 +48,10 @@ import torch
 from ember import EmberError
 from ember.engine.dcp import MANIFEST
 from ember.engine.distributed import reshard_all
-from ember.models.gguf_cache import file_digest
+from ember.models.gguf_cache import file_digest, imported_digest
 from ember.models.hub import (
     builtin_gguf_path,
     builtin_model,
-    cache_root,
     hf_cache_snapshot,
     is_gguf_file,
     split_paths,
@@ -94,9 +92,6 @@ class Start:
     context: tuple[str, float] | None = None
 
 
-_IMPORT_NAME = re.compile(r".+-([0-9a-f]{16})(?:-[0-9a-f]{8})?")  # gguf_cache's folder names
-
-
 @functools.lru_cache(maxsize=16)
 def _gguf_id(path: str, size: int, mtime_ns: int) -> str:
     return f"gguf:{file_digest(*(p for p in split_paths(path) if p.is_file()))}"
@@ -121,10 +116,9 @@ def _model_id(name: str) -> str | None:
     if p.is_file() and is_gguf_file(p):
         st = p.stat()
         return _gguf_id(str(p.resolve()), st.st_size, st.st_mtime_ns)
-    gguf_cache = (cache_root() / "gguf").resolve()
-    m = _IMPORT_NAME.fullmatch(p.name)
-    if m is not None and p.resolve().parent == gguf_cache:  # a GGUF's import (or its old name)
-        return f"gguf:{m[1]}"
+    digest = imported_digest(p)  # a GGUF's import in the cache (or its old name)
+    if digest is not None:
+        return f"gguf:{digest}"
     return str(p.resolve()) if p.exists() else None
 
 

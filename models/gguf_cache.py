@@ -11,6 +11,7 @@ import functools
 import glob
 import hashlib
 import os
+import re
 import shutil
 import time
 import uuid
@@ -21,7 +22,8 @@ from pathlib import Path
 from ember import EmberError
 from ember.models.hub import cache_root, split_paths
 
-__all__ = ["GGUF_STALE_AFTER_S", "file_digest", "gguf_folder", "importer_digest"]
+__all__ = ["GGUF_STALE_AFTER_S", "file_digest", "gguf_folder", "importer_digest",
+           "imported_digest"]
 
 
 def file_digest(*paths: Path) -> str:
@@ -76,6 +78,21 @@ def gguf_folder(gguf_path: str | os.PathLike, *,
                                                 or stale.name.startswith(f"{stem}-")):
             _remove_if_unused(stale)
     return out
+
+
+# gguf_folder's names: "{stem}-{file_digest}-{importer_digest}" (before versions were in the
+# name: "{stem}-{file_digest}")
+_IMPORT_NAME = re.compile(r".+-([0-9a-f]{16})(?:-[0-9a-f]{8})?")
+
+
+def imported_digest(folder: str | os.PathLike) -> str | None:
+    """The ``file_digest`` of the .gguf file a folder of the cache was imported from (named in
+    it by ``gguf_folder``, so it is known after the file is gone); None for any other folder."""
+    p = Path(folder).expanduser()
+    m = _IMPORT_NAME.fullmatch(p.name)
+    if m is None or p.resolve().parent != (cache_root() / "gguf").resolve():
+        return None
+    return m[1]
 
 
 def _import(src: Path, out: Path) -> None:
