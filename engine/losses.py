@@ -193,18 +193,54 @@ def answer_counts(batch) -> torch.Tensor:
     return torch.bincount(doc, minlength=batch.cu_seqlens.numel() - 1)
 
 
+def prompt_positions(batch, docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions (M,), the token each predicts (M,)) of the prompt tokens of the documents
+    ``docs`` ((num_docs,) bool) of a packed batch: every position without a label that has a
+    next token in its own document. With the answer positions they are all of a document's
+    next-token predictions (its length - 1)."""
+    ids = batch.input_ids.reshape(-1)
+    pos = torch.arange(ids.numel(), device=ids.device)
+    ends = batch.cu_seqlens[1:].to(ids.device, torch.long)
+    doc = torch.bucketize(pos, ends, right=True)
+    keep = ((batch.labels.reshape(-1) == IGNORE) & docs.to(ids.device)[doc]
+            & (pos + 1 < ends[doc]))
+    idx = keep.nonzero().squeeze(1)
+    return idx, ids.index_select(0, idx + 1)
+
+
 def doc_logprobs(model, batch) -> DocLogprobs:
     """Each document's summed answer log-probability and answer token count, from one forward
     whose head runs on the answer tokens only."""
+    return _doc_logprobs(model, batch, None)[0]
+
+
+def doc_logprobs_prompt_nll(model, batch, prompt_docs: torch.Tensor
+                            ) -> tuple[DocLogprobs, torch.Tensor, int]:
+    """``doc_logprobs`` and, from the same forward, the summed cross-entropy of the prompt
+    tokens of the documents ``prompt_docs`` ((num_docs,) bool; ``prompt_positions``) and their
+    count: ORPO's NLL covers the chosen document whole, prompt included, as TRL's
+    ``ORPOTrainer`` computes it."""
+    return _doc_logprobs(model, batch, prompt_docs)
+
+
+def _doc_logprobs(model, batch, prompt_docs: torch.Tensor | None
+                  ) -> tuple[DocLogprobs, torch.Tensor | None, int]:
     idx, doc = _answer_docs(batch)
-    h = _hidden(model, batch).index_select(0, idx)
     labels = batch.labels.reshape(-1).index_select(0, idx)
+    rows = idx
+    if prompt_docs is not None:
+        extra, extra_labels = prompt_positions(batch, prompt_docs)
+        rows, labels = torch.cat([idx, extra]), torch.cat([labels, extra_labels])
+    h = _hidden(model, batch).index_select(0, rows)
     token_lp = -linear_cross_entropy(*_head(model, h), labels, bias=_head_bias(model, h),
-                                     reduction="none", softcap=model.cfg.final_softcap)  # (N,)
+                                     reduction="none", softcap=model.cfg.final_softcap)  # (N+M,)
     n_docs = batch.cu_seqlens.numel() - 1
-    sums = token_lp.new_zeros(n_docs).index_add(0, doc, token_lp)
+    answer_lp = token_lp[:idx.numel()]
+    sums = answer_lp.new_zeros(n_docs).index_add(0, doc, answer_lp)
     counts = torch.bincount(doc, minlength=n_docs).to(sums.dtype)
-    return DocLogprobs(sums, counts)
+    if prompt_docs is None:
+        return DocLogprobs(sums, counts), None, 0
+    return DocLogprobs(sums, counts), -token_lp[idx.numel():].sum(), rows.numel() - idx.numel()
 
 
 def sequence_logprobs(model, batch) -> torch.Tensor:

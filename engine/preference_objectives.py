@@ -14,10 +14,13 @@ adapters-off forward). Each pair weighs 1: pair losses are averaged over the pai
 accumulated step. An NLL term (ORPO's, DPO's / SimPO's ``sft_weight``: TRL 1.x's ``sft`` loss /
 ``cpo_alpha``) is the mean NLL per chosen answer token of the whole step, as TRL's token-mean
 cross-entropy over the chosen answers of its batch (``begin_step`` counts those tokens, summed
-over the processes). Metrics per step: ``reward_accuracy``, ``reward_margin``, ``chosen_reward``,
+over the processes); ORPO's covers each chosen document whole, its prompt's tokens too (every
+next-token prediction in it), as TRL's ``ORPOTrainer`` computes it ("computed over the full
+prompt and response"), where CPO / SimPO and DPO take the answers only. Metrics per step:
+``reward_accuracy``, ``reward_margin``, ``chosen_reward``,
 ``rejected_reward`` (TRL's rewards/*), ``chosen_logps``, ``rejected_logps`` (TRL's logps/*: the
 policy's answer log-probs averaged over the pairs; summed per answer for DPO, per answer token for
-ORPO and SimPO), ``nll_loss`` (the chosen answers' NLL per token), for ORPO
+ORPO and SimPO), ``nll_loss`` (the NLL term's value per token), for ORPO
 also ``log_odds_ratio`` and ``log_odds_chosen``; ``val_*`` of each at evaluations.
 """
 
@@ -36,7 +39,14 @@ import torch.nn.functional as F
 from ember import EmberError
 from ember.engine.distributed import DistInfo, build_device, release, shard_frozen
 from ember.engine.evaluation import eval_plan, scored_batches
-from ember.engine.losses import DocLogprobs, adapters_disabled, answer_counts, doc_logprobs
+from ember.engine.losses import (
+    DocLogprobs,
+    adapters_disabled,
+    answer_counts,
+    doc_logprobs,
+    doc_logprobs_prompt_nll,
+    prompt_positions,
+)
 from ember.engine.objectives import SFT
 from ember.engine.preference_losses import (
     DPO_LOSS_TYPES,
@@ -119,6 +129,7 @@ class _Pairs(SFT):
 
     pairs = True
     mean_logps = False  # the logps metrics per answer token (TRL's ORPO and CPO log those)
+    prompt_nll = False  # the NLL term covers the chosen prompts' tokens too (TRL's ORPO)
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, nll_weight: float):
         super().__init__(info)
@@ -129,7 +140,8 @@ class _Pairs(SFT):
                              "completion log-probabilities, the prompt excluded): set "
                              "data.loss_on = \"completion\"")
         self.nll_weight = nll_weight
-        self.step_tokens = 0.0  # chosen answer tokens of the step, all processes
+        self.step_tokens = 0.0  # the NLL term's tokens of the step (_nll_tokens), all processes
+        self._prompt_nll, self._prompt_tokens = None, 0  # set by _logprobs for _batch
 
     def weight(self, batch) -> int:
         return batch.num_docs // 2
@@ -137,17 +149,39 @@ class _Pairs(SFT):
     def begin_step(self, micro: list, reduce: Callable[[list[float]], list[float]], model=None,
                    device=None, autocast=None, pad: list = ()) -> None:
         if self.nll_weight:
-            local = sum(float(answer_counts(b)[0::2].sum()) for b in micro)
+            local = sum(self._nll_tokens(b) for b in micro)
             self.step_tokens = reduce([local])[0]
+
+    def _nll_tokens(self, batch) -> float:
+        """The tokens the NLL term sums over in ``batch``: the chosen answers' (and with
+        ``prompt_nll`` the chosen prompts')."""
+        n = float(answer_counts(batch)[0::2].sum())
+        if self.prompt_nll:
+            n += prompt_positions(batch, _chosen_docs(batch))[0].numel()
+        return n
 
     def _pair_losses(self, model, batch) -> tuple[PairLosses, DocLogprobs, dict[str, float]]:
         """(the pair losses, the policy's log-probs of the batch, extra metric sums)."""
         raise NotImplementedError
 
+    def _logprobs(self, model, batch) -> DocLogprobs:
+        """The policy's ``doc_logprobs`` of the batch; with ``prompt_nll`` the chosen prompts'
+        summed cross-entropy and token count from the same forward are kept for ``_batch``."""
+        if not self.prompt_nll:
+            return doc_logprobs(model, batch)
+        lp, self._prompt_nll, self._prompt_tokens = doc_logprobs_prompt_nll(
+            model, batch, _chosen_docs(batch))
+        return lp
+
     def _batch(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """(summed pair losses, summed NLL of the chosen answers, metric sums)."""
+        """(summed pair losses, summed NLL of the chosen answers (and with ``prompt_nll`` of
+        their prompts), metric sums)."""
         out, lp, extra = self._pair_losses(model, batch)
         nll = -lp.sums[0::2].sum()
+        tokens = float(lp.counts[0::2].sum())
+        if self.prompt_nll:
+            nll, tokens = nll + self._prompt_nll, tokens + self._prompt_tokens
+            self._prompt_nll = None
         logps = (lp.means if self.mean_logps else lp.sums).detach()
         sums = {"pairs": out.chosen.numel(),
                 "chosen_logps": float(logps[0::2].sum()),
@@ -156,7 +190,7 @@ class _Pairs(SFT):
                 "reward_margin": float((out.chosen - out.rejected).sum()),
                 "chosen_reward": float(out.chosen.sum()),
                 "rejected_reward": float(out.rejected.sum()),
-                "nll_sum": float(nll.detach()), "chosen_tokens": float(lp.counts[0::2].sum()),
+                "nll_sum": float(nll.detach()), "chosen_tokens": tokens,
                 **extra}
         return out.losses.sum(), nll, sums
 
@@ -189,6 +223,12 @@ class _Pairs(SFT):
             for k, v in part.items():
                 sums[k] = sums.get(k, 0.0) + v
         return {f"val_{k}": v for k, v in self._finish(sums).items()}
+
+
+def _chosen_docs(batch) -> torch.Tensor:
+    """(num_docs,) bool: the chosen documents of a batch of pairs (chosen, rejected, ...)."""
+    n = batch.cu_seqlens.numel() - 1
+    return torch.arange(n) % 2 == 0
 
 
 class Referenced:
@@ -296,13 +336,14 @@ class DPO(Referenced, _Pairs):
 class ORPO(_Pairs):
     name = "orpo"
     mean_logps = True
+    prompt_nll = True
 
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         super().__init__(cfg, info, 1.0)  # ORPO's NLL term always weighs 1
         self.cfg = cfg.orpo
 
     def _pair_losses(self, model, batch):
-        lp = doc_logprobs(model, batch)
+        lp = self._logprobs(model, batch)
         a = lp.means
         out = orpo_loss(a[0::2], a[1::2], self.cfg.beta)
         log_odds = orpo_log_odds(a[0::2].detach(), a[1::2].detach())

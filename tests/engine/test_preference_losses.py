@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ember import EmberError
 from ember.engine.config import load_config
@@ -198,12 +199,31 @@ CASES = {
 }
 
 
+def trl_orpo_nll(model, examples):
+    """TRL 1.16 ``ORPOTrainer.concatenated_forward``'s ``chosen_nll_loss``
+    (trl/experimental/orpo/orpo_trainer.py: "orpo chosen nll loss is computed over the full
+    prompt and response"): labels are the chosen rows' input_ids (padding -100), shifted, one
+    token-mean cross-entropy over the rows of the batch."""
+    rows = [e.input_ids[:e.parts[0]] for e in examples]
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    # each row alone (right padding: the real tokens never see it), zero logits after it
+    logits = torch.stack([F.pad(model(torch.tensor([r]))[0], (0, 0, 0, T - len(r)))
+                          for r in rows]).double()
+    labels = torch.where(mask == 1, ids, -100)
+    logits, labels = logits[..., :-1, :].contiguous(), labels[..., 1:].contiguous()
+    return torch.nn.CrossEntropyLoss()(logits.view(-1, logits.shape[-1]), labels.view(-1))
+
+
 def _trl_step(cfg, policy, reference, examples):
     """TRL's loss and metrics of one batch of these pairs, from each document's full logits."""
     P = len(examples)
     sums, counts = _alone(policy, examples)
     means = sums / counts
     nll = -sums[:P].sum() / counts[:P].sum()  # cross-entropy over the chosen answers' tokens
+    if cfg.objective == "orpo":  # TRL's ORPO: over the chosen prompt and answer
+        nll = trl_orpo_nll(policy, examples)
     if cfg.objective == "dpo":
         c = cfg.dpo
         ref_sums, _ = _alone(reference, examples)
@@ -251,6 +271,39 @@ def test_objective_matches_trl_on_a_batch(tiny, pref_batch, tmp_path, case):
     total.backward()
     grads = [p.grad for n, p in model.named_parameters() if n.endswith("lora_B")]
     assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_orpo_nll_covers_the_chosen_prompt_as_trl(tiny, pref_batch, tmp_path):
+    """ORPO's NLL term is TRL 1.16's ``chosen_nll_loss``: the token-mean cross-entropy of the
+    chosen documents whole, prompt tokens included (was: the chosen answers' tokens only, as CPO
+    takes them), in the loss, its gradient and the ``nll_loss`` metric, for a step split into
+    micro-batches too."""
+    base, examples = pref_batch
+    assert all(e.labels[1] == IGNORE for e in examples)  # prompts of several tokens
+    cfg = tiny_config(tiny, tmp_path, 'objective="orpo"', "orpo.beta=0.3")
+    obj = make_objective(cfg, DistInfo())
+    model, _ = load_pretrained(tiny["model"], "float32")
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.2)
+    obj.check_model(model, None)
+    B = [p for n, p in model.named_parameters() if n.endswith("lora_B")]
+    sums, counts = _alone(model, examples)  # TRL's loss = nll - mean(beta * log s(log odds))
+    P, means = len(examples), sums / counts
+    nll = trl_orpo_nll(model, examples)
+    want = trl_orpo(means[:P], means[P:], 0.3)[0].mean() + nll
+    want_grads = torch.autograd.grad(want, B)
+    micro = [collate(examples[:2]), collate(examples[2:])]
+    obj.begin_step(micro, lambda xs: xs)
+    got = sum(obj.loss(model, b, P) for b in micro)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    metrics = obj.step_metrics(lambda xs: xs)
+    assert metrics["nll_loss"] == pytest.approx(float(nll.detach()), rel=1e-5)
+    for g, w in zip(torch.autograd.grad(got, B), want_grads, strict=True):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("sets,match", [
