@@ -163,6 +163,13 @@ class Distill(SFT):
         super().__init__(info)
         self.cfg = cfg.distill
         self.teacher, self.teacher_tok = _frozen_model(self.cfg.teacher, cfg.precision, info)
+        if self.teacher.cfg.labels is not None:
+            # a tied classifier would otherwise "distill" through its input embeddings
+            raise EmberError(f"distill.teacher {self.cfg.teacher!r} is a sequence classifier "
+                             f"({len(self.teacher.cfg.labels)} label(s): a reward or "
+                             "classification model, transformers' *ForSequenceClassification) "
+                             "with no next-token distribution to distill from; pick a causal "
+                             "language model (*ForCausalLM) as the teacher")
 
     def frozen_models(self) -> dict[str, torch.nn.Module]:
         return {"teacher": self.teacher}

@@ -8,6 +8,7 @@ test_trainer.py and test_preference_losses.py."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,3 +320,32 @@ def test_distillation_kd_term_is_trls_forward_kl_times_t_squared(tiny, teacher, 
     for n, p in student.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sequence_classifier_teacher_is_refused(tiny, tmp_path, tied):
+    """A reward / classification model (transformers' LlamaForSequenceClassification) as the
+    teacher has no next-token distribution: refused up front, naming the fix. Was: a bare
+    ValueError from the head at the first step (untied), or, with tied embeddings (Qwen2.5-0.5B's
+    layout, which its reward models keep), a run that silently distilled from the classifier's
+    input embeddings used as a head."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    model, _ = load_pretrained(tiny["model"], "float32")
+    c = model.cfg
+    hf_cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                         intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers,
+                         num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+                         num_labels=1, pad_token_id=c.pad_token_id, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(hf_cfg).save_pretrained(tmp_path / "rm")
+    for f in Path(tiny["model"]).iterdir():
+        if "token" in f.name:
+            shutil.copy(f, tmp_path / "rm" / f.name)
+    with pytest.raises(EmberError, match=r"is a sequence classifier .*pick a causal language "
+                                         r"model \(\*ForCausalLM\) as the teacher"):
+        train(tiny_config(tiny, tmp_path / "run", 'objective="distill"', "max_steps=1",
+                          f'distill.teacher="{tmp_path / "rm"}"', "eval.metrics=[]"),
+              echo=quiet, progress=False)
