@@ -50,6 +50,9 @@ OBJECTIVES = ("sft", "distill", *PREFERENCE_OBJECTIVES, "kto")  # kto: engine/kt
 @dataclass(frozen=True, kw_only=True)
 class DistillConfig:
     teacher: str | None = None  # built-in name, HF folder or .gguf file (like model.name)
+    # Divides both logits; the KL is scaled by T^2 (Hinton et al.). TRL's DistillationTrainer:
+    # the same division without T^2; its GKDTrainer's loss: T = 1 whatever its (sampling)
+    # temperature
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the KD term; the SFT term gets 1 - alpha
 
