@@ -349,3 +349,18 @@ def test_sequence_classifier_teacher_is_refused(tiny, tmp_path, tied):
         train(tiny_config(tiny, tmp_path / "run", 'objective="distill"', "max_steps=1",
                           f'distill.teacher="{tmp_path / "rm"}"', "eval.metrics=[]"),
               echo=quiet, progress=False)
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_a_teacher_without_the_distill_objective_is_refused(tiny, teacher, tmp_path, objective):
+    """A [distill] table whose run forgot objective = "distill" trained without the teacher,
+    silently (plain SFT / DPO); it is refused before anything loads, naming the fix."""
+    from ember.engine.distributed import DistInfo
+    from ember.engine.objectives import make_objective
+
+    cfg = tiny_config(tiny, tmp_path, f'objective="{objective}"', f'distill.teacher="{teacher}"')
+    with pytest.raises(EmberError, match=rf"distill\.teacher is set .* objective = '{objective}'"
+                                         r", which has no teacher: set objective = \"distill\""):
+        make_objective(cfg, DistInfo())
+    with pytest.raises(EmberError, match=r"distill\.teacher is set"):
+        train(cfg, echo=quiet, progress=False)
