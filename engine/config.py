@@ -103,6 +103,17 @@ class ModelSpec:
                              "model.quantize = \"nf4\" too, or drop double_quant")
 
 
+# transformers' lr_scheduler_type names that Ember's schedules give (the same lr at every step)
+HF_SCHEDULE_NAMES = {
+    "cosine_with_min_lr": "schedule = \"cosine\" with optim.min_lr_ratio = its min_lr_rate "
+                          "(or min_lr / lr)",
+    "constant_with_warmup": "schedule = \"constant\" (warmup: optim.warmup_steps or "
+                            "optim.warmup_ratio)",
+    "polynomial": "power 1 is schedule = \"linear\" with optim.min_lr_ratio = lr_end / lr "
+                  "(other powers are not supported)",
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     # "adamw" (torch, fp32 states) | "adamw_8bit" (bnb's 8-bit states; nn.Embedding tables keep
@@ -122,7 +133,14 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _one_of("optim.name", self.name, ("adamw", "adamw_8bit"))
+        if self.schedule in HF_SCHEDULE_NAMES:
+            raise EmberError(f"optim.schedule = {self.schedule!r} is transformers' "
+                             f"lr_scheduler_type; in Ember: {HF_SCHEDULE_NAMES[self.schedule]}")
         _one_of("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        if self.schedule == "constant" and self.min_lr_ratio:
+            raise EmberError(f"optim.min_lr_ratio = {self.min_lr_ratio} sets where a cosine / "
+                             "linear decay ends, and schedule = \"constant\" never decays: drop "
+                             "min_lr_ratio, or choose schedule = \"cosine\" or \"linear\"")
         if self.lr is not None and not self.lr > 0:
             raise EmberError(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:

@@ -1,0 +1,67 @@
+"""Ember's lr schedules by transformers' names: each name of ``get_scheduler`` that an Ember
+schedule gives is refused with the Ember setting that gives it, and that setting's lr is
+transformers' at every step (the oracle); a setting a schedule ignores is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.engine.config import HF_SCHEDULE_NAMES, OptimConfig
+from ember.engine.runtime import lr_factor
+
+
+def _hf_factors(name: str, total: int, warmup: int, **kw) -> list[float]:
+    """transformers' lr multiplier of each optimizer step (0-based) of ``total``."""
+    from transformers import get_scheduler
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total,
+                          scheduler_specific_kwargs=kw)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+# transformers' name and kwargs (peak lr 1), Ember's (schedule, min_lr_ratio)
+CASES = [("polynomial", dict(power=1.0, lr_end=0.1), ("linear", 0.1)),
+         ("polynomial", dict(power=1.0, lr_end=0.0), ("linear", 0.0)),
+         ("cosine_with_min_lr", dict(min_lr_rate=0.2), ("cosine", 0.2)),
+         ("cosine_with_min_lr", dict(min_lr=0.3), ("cosine", 0.3)),
+         ("constant_with_warmup", {}, ("constant", 0.0))]
+
+
+@pytest.mark.parametrize("name,kw,ours", CASES)
+def test_the_named_equivalent_is_transformers_schedule(name, kw, ours):
+    """The setting the refusal names gives transformers' lr at every step (linear decay to
+    lr * min_lr_ratio is transformers' polynomial schedule of power 1 to lr_end)."""
+    schedule, min_ratio = ours
+    assert schedule in HF_SCHEDULE_NAMES[name] and (not min_ratio
+                                                    or "min_lr_ratio" in HF_SCHEDULE_NAMES[name])
+    for total, warmup in [(10, 2), (7, 0), (37, 4), (3, 1), (12, 11)]:
+        hf = _hf_factors(name, total, warmup, **kw)
+        got = [lr_factor(k, total, warmup, schedule, min_ratio) for k in range(total)]
+        assert got == pytest.approx(hf, rel=1e-12, abs=1e-12), (total, warmup)
+
+
+@pytest.mark.parametrize("name", sorted(HF_SCHEDULE_NAMES))
+def test_transformers_names_are_refused_with_the_ember_setting(name):
+    """transformers' name given as optim.schedule (a config ported from TrainingArguments)
+    was refused with the list of Ember's names only; now the message says which Ember setting
+    gives that schedule."""
+    with pytest.raises(EmberError, match=f"'{name}' is transformers' lr_scheduler_type; in "
+                                         "Ember: .*schedule = "):
+        OptimConfig(schedule=name)
+
+
+def test_min_lr_ratio_with_a_constant_schedule_is_refused():
+    """schedule "constant" never decays: a min_lr_ratio given with it was silently ignored."""
+    with pytest.raises(EmberError, match="never decays: drop min_lr_ratio"):
+        OptimConfig(schedule="constant", min_lr_ratio=0.1)
+    OptimConfig(schedule="constant")
+    OptimConfig(schedule="linear", min_lr_ratio=0.1)
