@@ -65,3 +65,30 @@ def test_min_lr_ratio_with_a_constant_schedule_is_refused():
         OptimConfig(schedule="constant", min_lr_ratio=0.1)
     OptimConfig(schedule="constant")
     OptimConfig(schedule="linear", min_lr_ratio=0.1)
+
+
+@pytest.mark.parametrize("name,ours", [("adamw_torch", "adamw"), ("adamw_torch_fused", "adamw"),
+                                       ("adamw_bnb_8bit", "adamw_8bit"),
+                                       ("paged_adamw_8bit", "adamw_8bit")])
+def test_transformers_optim_names_are_refused_with_the_ember_name(name, ours):
+    """TrainingArguments' optim (a name transformers takes) given as optim.name: refused with
+    Ember's name of the same update (was: the list of Ember's names only)."""
+    from transformers.training_args import OptimizerNames
+
+    assert name in {o.value for o in OptimizerNames}
+    with pytest.raises(EmberError, match=f"'{name}' is transformers' optim; in Ember: "
+                                         f"optim.name = '{ours}'"):
+        OptimConfig(name=name)
+    OptimConfig(name=ours)
+
+
+@pytest.mark.parametrize("key,value", [("weight_decay", -0.1), ("weight_decay", float("nan")),
+                                       ("weight_decay", float("inf")), ("eps", 0.0),
+                                       ("eps", float("nan")), ("max_grad_norm", -1.0),
+                                       ("max_grad_norm", float("nan"))])
+def test_bad_optimizer_numbers_are_named(key, value):
+    """Each bad value is refused naming its key and value; NaN passed the old checks (a NaN
+    weight decay or clipping norm turned every weight NaN at the first step)."""
+    with pytest.raises(EmberError, match=rf"optim\.{key} must be a finite number .*got"):
+        OptimConfig(**{key: value})
+    OptimConfig(max_grad_norm=float("inf"))  # no clipping, as 0
