@@ -1,6 +1,7 @@
-"""Ember's lr schedules by transformers' names: each name of ``get_scheduler`` that an Ember
-schedule gives is refused with the Ember setting that gives it, and that setting's lr is
-transformers' at every step (the oracle); a setting a schedule ignores is refused."""
+"""Optimizer and schedule settings against transformers: each name of ``get_scheduler`` /
+TrainingArguments' ``optim`` that Ember gives is refused with the Ember setting that gives it,
+and that setting's lr is transformers' at every step (the oracle); a setting a schedule ignores,
+and bad numbers, are refused; a warmup as long as the run is said."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 from ember import EmberError
 from ember.engine.config import HF_SCHEDULE_NAMES, OptimConfig
 from ember.engine.runtime import lr_factor
+from ember.engine.trainer import train
+from tests.engine._tiny import rows_of, tiny_config
 
 
 def _hf_factors(name: str, total: int, warmup: int, **kw) -> list[float]:
@@ -92,3 +95,18 @@ def test_bad_optimizer_numbers_are_named(key, value):
     with pytest.raises(EmberError, match=rf"optim\.{key} must be a finite number .*got"):
         OptimConfig(**{key: value})
     OptimConfig(max_grad_norm=float("inf"))  # no clipping, as 0
+
+
+def test_a_warmup_as_long_as_the_run_is_said(tiny, tmp_path):
+    """max_steps = 1 with the default warmup_ratio (0.05: 1 warmup step, rounded up as
+    transformers does): the step is at lr 0, as transformers' schedule gives it, so the run
+    trains nothing; it said nothing."""
+    said = []
+    train(tiny_config(tiny, tmp_path / "r", f'data.train=["{tiny["small"]}"]', "max_steps=1",
+                      'method="full"', "eval.metrics=[]", "eval.before=false",
+                      "eval.val_loss=false", "checkpoint.save_final=false"),
+          echo=said.append, progress=False)
+    assert [r["lr"] for r in rows_of(tmp_path / "r") if r["kind"] == "train"] == [0.0]
+    assert _hf_factors("cosine", 1, 1) == [0.0]
+    notes = [m for m in said if "covers the whole" in m]
+    assert len(notes) == 1 and "nothing trains" in notes[0], said
