@@ -143,10 +143,6 @@ class OptimConfig:
             raise EmberError(f"optim.schedule = {self.schedule!r} is transformers' "
                              f"lr_scheduler_type; in Ember: {HF_SCHEDULE_NAMES[self.schedule]}")
         _one_of("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
-        if self.schedule == "constant" and self.min_lr_ratio:
-            raise EmberError(f"optim.min_lr_ratio = {self.min_lr_ratio} sets where a cosine / "
-                             "linear decay ends, and schedule = \"constant\" never decays: drop "
-                             "min_lr_ratio, or choose schedule = \"cosine\" or \"linear\"")
         if self.lr is not None and not self.lr > 0:
             raise EmberError(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:

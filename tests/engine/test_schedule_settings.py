@@ -1,7 +1,7 @@
 """Optimizer and schedule settings against transformers: each name of ``get_scheduler`` /
 TrainingArguments' ``optim`` that Ember gives is refused with the Ember setting that gives it,
-and that setting's lr is transformers' at every step (the oracle); a setting a schedule ignores,
-and bad numbers, are refused; a warmup as long as the run is said."""
+and that setting's lr is transformers' at every step (the oracle); bad numbers are refused; a
+setting a schedule ignores, and a warmup as long as the run, are said."""
 
 from __future__ import annotations
 
@@ -62,12 +62,19 @@ def test_transformers_names_are_refused_with_the_ember_setting(name):
         OptimConfig(schedule=name)
 
 
-def test_min_lr_ratio_with_a_constant_schedule_is_refused():
-    """schedule "constant" never decays: a min_lr_ratio given with it was silently ignored."""
-    with pytest.raises(EmberError, match="never decays: drop min_lr_ratio"):
-        OptimConfig(schedule="constant", min_lr_ratio=0.1)
-    OptimConfig(schedule="constant")
-    OptimConfig(schedule="linear", min_lr_ratio=0.1)
+def test_min_lr_ratio_with_a_constant_schedule_is_said():
+    """schedule "constant" never decays: a min_lr_ratio given with it was silently ignored; the
+    run now says so (``unused_settings``, as for other ignored keys)."""
+    from ember.engine.config import load_config
+    from ember.engine.config_doc import unused_settings
+
+    notes = unused_settings(load_config(None, ['optim.schedule="constant"',
+                                               "optim.min_lr_ratio=0.1"]))
+    assert notes == ['optim.min_lr_ratio ignored: it sets where a "cosine" / "linear" decay '
+                     'ends, and optim.schedule = "constant" never decays']
+    assert unused_settings(load_config(None, ['optim.schedule="linear"',
+                                              "optim.min_lr_ratio=0.1"])) == []
+    assert unused_settings(load_config(None, ['optim.schedule="constant"'])) == []
 
 
 @pytest.mark.parametrize("name,ours", [("adamw_torch", "adamw"), ("adamw_torch_fused", "adamw"),
