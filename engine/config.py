@@ -103,6 +103,20 @@ class ModelSpec:
                              "model.quantize = \"nf4\" too, or drop double_quant")
 
 
+# transformers' optim names of the same AdamW update (bnb's paging only moves the states)
+HF_OPTIM_NAMES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw",
+                  "adamw_bnb_8bit": "adamw_8bit", "paged_adamw_8bit": "adamw_8bit"}
+# transformers' lr_scheduler_type names that Ember's schedules give (the same lr at every step)
+HF_SCHEDULE_NAMES = {
+    "cosine_with_min_lr": "schedule = \"cosine\" with optim.min_lr_ratio = its min_lr_rate "
+                          "(or min_lr / lr)",
+    "constant_with_warmup": "schedule = \"constant\" (warmup: optim.warmup_steps or "
+                            "optim.warmup_ratio)",
+    "polynomial": "power 1 is schedule = \"linear\" with optim.min_lr_ratio = lr_end / lr "
+                  "(other powers are not supported)",
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     # "adamw" (torch, fp32 states) | "adamw_8bit" (bnb's 8-bit states; nn.Embedding tables keep
@@ -121,7 +135,13 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # 0: no clipping
 
     def __post_init__(self) -> None:
+        if self.name in HF_OPTIM_NAMES:
+            raise EmberError(f"optim.name = {self.name!r} is transformers' optim; in Ember: "
+                             f"optim.name = {HF_OPTIM_NAMES[self.name]!r}")
         _one_of("optim.name", self.name, ("adamw", "adamw_8bit"))
+        if self.schedule in HF_SCHEDULE_NAMES:
+            raise EmberError(f"optim.schedule = {self.schedule!r} is transformers' "
+                             f"lr_scheduler_type; in Ember: {HF_SCHEDULE_NAMES[self.schedule]}")
         _one_of("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
         if self.lr is not None and not self.lr > 0:
             raise EmberError(f"optim.lr must be > 0, got {self.lr}")
@@ -132,9 +152,12 @@ class OptimConfig:
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise EmberError(f"optim.warmup_steps must be >= 0 (or left out for warmup_ratio), "
                              f"got {self.warmup_steps}")
-        if self.max_grad_norm < 0 or self.weight_decay < 0 or self.eps <= 0:
-            raise EmberError("optim.max_grad_norm and optim.weight_decay must be >= 0, optim.eps "
-                             "> 0")
+        for key, need in (("max_grad_norm", ">= 0 (0: no clipping)"), ("weight_decay", ">= 0"),
+                          ("eps", "> 0")):
+            v = getattr(self, key)  # NaN fails both comparisons
+            bad = not (v > 0 if key == "eps" else v >= 0) or math.isinf(v)
+            if bad and not (key == "max_grad_norm" and v == math.inf):  # inf: no clipping
+                raise EmberError(f"optim.{key} must be a finite number {need}, got {v!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise EmberError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
 

@@ -168,6 +168,10 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
     if cfg.task.name is None:
         note("task", given("task", ("train", "validation", "test", "seed")),
              "they size the generated splits of a built-in task: set task.name")
+    if cfg.optim.schedule == "constant":
+        note("optim", given("optim", ("min_lr_ratio",)),
+             'it sets where a "cosine" / "linear" decay ends, and optim.schedule = "constant" '
+             "never decays")
     if cfg.activations.checkpointing != "every_k":
         note("activations", given("activations", ("every_k",)),
              'it applies to activations.checkpointing = "every_k"')

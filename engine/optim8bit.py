@@ -7,7 +7,11 @@ a smaller one (norm gains, biases, small adapters) keeps fp32 m and v updated by
 rule (``adamw32_step_ref``), as bnb does, and so does any parameter of a group with
 ``"optim_bits": 32`` (bnb's override, which transformers' Trainer sets for embedding tables).
 The choice uses the full (global) size of a sharded parameter, so it does not depend on the
-world size.
+world size. A matrix trained by rows (``ember_trained_rows``: a continued adapter's
+trainable_token_indices) is stepped on those rows alone, gathered in the adapter's index order:
+PEFT's ``trainable_tokens_delta`` (rows x D), the parameter transformers' Trainer hands bnb. Its
+size decides 8 or 32 bits (2 new tokens of a 576-wide model: 1152 values, fp32 states) and its
+rows make the 256-value blocks, whatever the table's size.
 
 State per parameter: ``step`` (fp32 scalar tensor, as torch's AdamW), then either ``state1`` /
 ``state2`` (uint8, the parameter's shape) and ``absmax1`` / ``absmax2`` (fp32 per-block scales),
@@ -72,6 +76,13 @@ def _shard_layout(p) -> tuple[int, int]:
     return -(-rows * per_row // BLOCKSIZE), shards
 
 
+def _stepped_numel(p) -> int:
+    """The values the optimizer steps (and keeps states for) of parameter ``p``: a matrix
+    trained by rows, those rows."""
+    rows = getattr(p, "ember_trained_rows", None)
+    return p.numel() if rows is None else len(rows) * (p.numel() // max(1, p.shape[0]))
+
+
 def _shards(p) -> int:
     from torch.distributed.tensor import DTensor
 
@@ -106,7 +117,7 @@ class AdamW8bit(torch.optim.Optimizer):
                              "(LoRA targets, freeze patterns) of the run that wrote it")
         for n, (i, p) in enumerate(zip(saved, params, strict=True)):
             s1 = state_dict["state"].get(i, {}).get("state1")
-            if s1 is not None and s1.numel() != p.numel():
+            if s1 is not None and s1.numel() != _stepped_numel(p):
                 raise EmberError(f"this adamw_8bit optimizer state has {s1.numel()} values for "
                                  f"parameter {n}, the model's has shape {tuple(p.shape)}: resume "
                                  "with the model (LoRA rank, targets) of the run that wrote it")
@@ -176,11 +187,15 @@ class AdamW8bit(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
+                rows = getattr(p, "ember_trained_rows", None)
+                lp, lg = _local(p), _local(p.grad)
+                if rows is not None:  # PEFT's trainable_tokens_delta: the rows alone
+                    lp, lg = lp[rows], lg[rows]
                 if not state:
-                    self._init_state(p, state, group.get("optim_bits") == 32)
+                    self._init_state(p if rows is None else lp, state,
+                                     group.get("optim_bits") == 32)
                 state["step"] += 1
                 step = int(state["step"].item())
-                lp, lg = _local(p), _local(p.grad)
                 work = lp if lp.is_contiguous() else lp.contiguous()
                 s1, s2 = _local(state["state1"]), _local(state["state2"])
                 if "absmax1" in state:
@@ -188,7 +203,9 @@ class AdamW8bit(torch.optim.Optimizer):
                                    _local(state["absmax2"]), step=step, impl=self.impl, **kw)
                 else:
                     adamw32_step_ref(work, lg, s1, s2, step=step, **kw)
-                if work is not lp:
+                if rows is not None:
+                    p.data[rows] = work
+                elif work is not lp:
                     lp.copy_(work)
         return loss
 

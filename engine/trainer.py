@@ -325,6 +325,11 @@ class Trainer(EvalMixin):
                       f"({cfg.eval.early_stopping}) cannot stop this run; lower eval.every_steps")
         o = cfg.optim
         warmup = warmup_steps(o, total)
+        if warmup >= total:  # transformers' schedule too: its first warmup step is at lr 0
+            self.echo(f"note: the warmup ({warmup} steps) covers the whole {total}-step run: the "
+                      f"lr rises from 0 and never reaches optim.lr = {o.lr:g}"
+                      + (" (the one step is at lr 0: nothing trains)" if total == 1 else "")
+                      + "; lower optim.warmup_steps / optim.warmup_ratio, or train more steps")
         opt = make_optimizer(model, o, self.device, embedding_lr=cfg.lora.embedding_lr
                              if cfg.method == "lora" else None)
         params = [p for g in opt.param_groups for p in g["params"]]

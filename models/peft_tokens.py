@@ -123,7 +123,8 @@ def train_trainable_tokens(model: nn.Module) -> None:
         w = _matrix(model, attr)
         if getattr(w, "ember_trained_rows", None) is not None:
             continue  # a tied head: the embedding's matrix, already set
-        rows = torch.tensor(sorted(set(idx)), device=w.device)
+        # In the adapter's order: PEFT's delta rows, as adamw_8bit steps them (its blocks)
+        rows = torch.tensor(list(dict.fromkeys(idx)), device=w.device)
         keep = torch.zeros(w.shape[0], 1, dtype=torch.bool, device=w.device)
         keep[rows] = True
         w.requires_grad_(True)

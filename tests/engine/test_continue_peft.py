@@ -209,15 +209,21 @@ def test_trainable_tokens_take_the_adapter_lr_not_embedding_lr(bases, tmp_path):
     _assert_same_adapters(tmp_path / "ember", tmp_path / "peft")
 
 
-def test_trainable_tokens_keep_8bit_states_as_transformers_trainer(tmp_path):
+@pytest.mark.parametrize("rows,hidden", [
+    (list(range(3, 99, 6)), 256),  # 16 rows x 256 = 4096 values: 8-bit, a block per row
+    ([44, 3], 64),  # 128 values (< 4096): bnb's 32-bit states
+    (list(range(97, 1, -2)), 96),  # 48 x 96: 8-bit, blocks across rows, indices not sorted
+])
+def test_trainable_tokens_keep_8bit_states_as_transformers_trainer(tmp_path, rows, hidden):
     """transformers' Trainer (optim="adamw_bnb_8bit") keeps 32-bit bnb states for nn.Embedding
     weights only; PEFT's trainable_tokens_delta is no nn.Embedding, so its rows get 8-bit states
     (>= 4096 values). Ember gave the embedding's trained rows 32-bit states (the table is an
-    nn.Embedding): three steps now move the rows as the Trainer's optimizer moves the delta
-    (hidden 256: bnb's 256-value blocks are rows on both sides)."""
+    nn.Embedding): three steps now move the rows as the Trainer's optimizer moves the delta.
+    The delta (rows x D, in the indices' order) is what bnb steps: its size picks 8 or 32 bits
+    and its values make the 256-value blocks; Ember stepped the whole table (8-bit states for
+    2 new tokens, blocks of the table's rows: 4e-4 off the Trainer's rows after 2 steps)."""
     bnb = pytest.importorskip("bitsandbytes")
-    rows = list(range(3, 99, 6))  # 16 rows x 256 = 4096 values: 8-bit in bnb
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB + 8, hidden_size=256, intermediate_size=64,
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB + 8, hidden_size=hidden, intermediate_size=64,
                                    num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=2, tie_word_embeddings=False)
     torch.manual_seed(3)

@@ -254,3 +254,66 @@ def test_embedding_tables_keep_fp32_states_as_transformers_trainer(tmp_path):
                 assert torch.allclose(p, q, rtol=0, atol=1e-7), (p - q).abs().max()
     finally:
         bnb.optim.GlobalOptimManager.get_instance().initialize()  # the Trainer's overrides
+
+
+@pytest.mark.slow  # three tiny training runs: ~18 s on a loaded 2-core machine
+def test_rows_trained_states_resume_exactly(tiny, tmp_path, one_thread):
+    """A continued PEFT adapter's trainable_token_indices: the 8-bit optimizer keeps states for
+    those rows alone (PEFT's trainable_tokens_delta, as bnb steps it); they are checkpointed and
+    a stopped run resumes to the uninterrupted run's losses and weights."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"])
+        peft.get_peft_model(hf, peft.LoraConfig(
+            r=4, target_modules=["q_proj"], trainable_token_indices=[40, 5, 7])
+        ).save_pretrained(tmp_path / "ad")
+    extra = (f'model.init="{tmp_path / "ad"}"', 'optim.name="adamw_8bit"',
+             "optim.weight_decay=0.1", "optim.warmup_steps=0", "max_steps=2",
+             "checkpoint.every_steps=1", "eval.before=false", "eval.metrics=[]",
+             "eval.val_loss=false")
+    train(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
+    cfg_b = tiny_config(tiny, tmp_path / "b", *extra)
+    assert train(cfg_b, echo=quiet, progress=False, stop_after=1).steps == 1
+    train(cfg_b, resume=True, echo=quiet, progress=False)
+    assert rows_of(tmp_path / "a", timing=False) == rows_of(tmp_path / "b", timing=False)
+    wa = checkpoint_weights(tmp_path / "a", tmp_path)
+    wb = checkpoint_weights(tmp_path / "b", tmp_path)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_rows_trained_state_dict_round_trip():
+    """The rows' states (rows x D, not the table's shape) survive a state_dict round trip; a
+    state for other rows is refused."""
+    def table():
+        w = torch.nn.Parameter(torch.randn(50, 96, generator=torch.Generator().manual_seed(0)))
+        w.ember_trained_rows = torch.arange(49, 1, -1)
+        return w
+
+    def grad(t):
+        g = torch.zeros(50, 96)
+        g[2:] = torch.randn(48, 96, generator=torch.Generator().manual_seed(t))
+        return g
+
+    a, b = table(), table()
+    oa, ob = AdamW8bit([a], lr=1e-2), AdamW8bit([b], lr=1e-2)
+    for t in range(2):
+        a.grad, b.grad = grad(t), grad(t)
+        oa.step()
+        ob.step()
+    saved = copy.deepcopy(oa.state_dict())
+    assert saved["state"][0]["state1"].shape == (48, 96)
+    oa = AdamW8bit([a], lr=1e-2)
+    oa.load_state_dict(saved)
+    for t in range(2, 4):
+        a.grad, b.grad = grad(t), grad(t)
+        oa.step()
+        ob.step()
+    assert torch.equal(a, b) and torch.equal(a[:2], table()[:2])  # untrained rows unchanged
+    other = table()
+    other.ember_trained_rows = torch.tensor([1, 2])
+    with pytest.raises(EmberError, match="4608 values"):
+        AdamW8bit([other]).load_state_dict(saved)
