@@ -56,7 +56,7 @@ from ember.models.gguf_arch import (
     arch_tensors,
     check_supported,
 )
-from ember.models.gguf_dequant import dequantize
+from ember.models.gguf_dequant import dequantize, unsupported_reason
 from ember.models.gguf_moe import moe_fields, split_expert_name
 from ember.models.gguf_rope import ROPE_TENSORS, nice_float, rope_fields
 from ember.models.hub import SPLIT_NAME, split_paths
@@ -250,7 +250,10 @@ class GGUFFile:
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor dequantized to fp32, in torch shape."""
         t = self.tensors[name]
-        return dequantize(self.raw(name), t.qtype, t.shape)
+        try:
+            return dequantize(self.raw(name), t.qtype, t.shape)
+        except EmberError as e:
+            raise EmberError(f"{self.path}: tensor {name!r}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -368,6 +371,10 @@ def _ember_names(g: GGUFFile) -> Iterator[tuple[str, str]]:
     if unknown:
         raise EmberError(f"{g.path}: unexpected tensors {unknown[:5]} for a "
                          f"{g.metadata['general.architecture']} model; not supported")
+    for name, t in g.tensors.items():  # before any work: a type found late wastes minutes
+        why = unsupported_reason(t.qtype)
+        if why is not None:
+            raise EmberError(f"{g.path}: tensor {name!r}: {why}")
     for name in g.tensors:
         key = ember_name(name)
         if key is not None:
