@@ -161,9 +161,30 @@ class GGUFFile:
         end = self._pos + n
         if end > len(self._mm):
             raise struct.error(f"string of {n} bytes runs past the end of the file")
-        s = self._mm[self._pos:end].decode("utf-8")
+        s = self._mm[self._pos:end].decode("utf-8", self._errors)
         self._pos = end
         return s
+
+    def _text_value(self, key: str, vtype: int) -> Any:
+        """``_value``; a string that is not UTF-8 (llama.cpp keeps the bytes, gguf.GGUFReader
+        and transformers fail) is refused in the tokenizer's keys, whose text must match, and
+        elsewhere (names, descriptions, tags) read with U+FFFD in place of the bad bytes."""
+        start = self._pos
+        try:
+            return self._value(vtype)
+        except UnicodeDecodeError as e:
+            if key.startswith("tokenizer."):
+                raise EmberError(f"{self.path}: metadata key {key!r} holds bytes that are not "
+                                 f"UTF-8 text ({e.reason} at {e.object[e.start:e.end]!r}); the "
+                                 "vocabulary cannot be read: convert the model again from its "
+                                 "Hugging Face tokenizer") from None
+        warnings.warn(f"{self.path}: metadata key {key!r} holds bytes that are not UTF-8; read "
+                      "with U+FFFD in their place", stacklevel=4)
+        self._pos, self._errors = start, "replace"
+        try:
+            return self._value(vtype)
+        finally:
+            self._errors = "strict"
 
     def _value(self, vtype: int) -> Any:
         if vtype in _SCALARS:
@@ -186,7 +207,7 @@ class GGUFFile:
         raise struct.error(f"unknown metadata value type {vtype}")
 
     def _parse(self) -> None:
-        self._pos = 0
+        self._pos, self._errors = 0, "strict"
         if self._mm[:4] != b"GGUF":
             raise EmberError(f"{self.path}: not a GGUF file (magic {bytes(self._mm[:4])!r})")
         self._pos = 4
@@ -207,7 +228,7 @@ class GGUFFile:
             if key in self.metadata:  # llama.cpp and gguf.GGUFReader refuse such a file too
                 raise EmberError(f"{self.path}: metadata key {key!r} appears twice; the file "
                                  "is corrupt (llama.cpp refuses it): convert the model again")
-            self.metadata[key] = self._value(self._take("<I"))
+            self.metadata[key] = self._text_value(key, self._take("<I"))
         infos, names = [], set()
         for _ in range(n_tensors):
             name = self._str()

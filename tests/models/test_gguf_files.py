@@ -289,3 +289,46 @@ def test_a_read_only_cache_serves_its_imports(tmp_path, monkeypatch, err):
     write_tiny_gguf(other, hidden=64, heads=2)  # other content: no import of it
     with pytest.raises(EmberError, match="not writable .* holds no import .* set EMBER_CACHE"):
         resolve_model(other)
+
+
+def test_text_that_is_not_utf8(tmp_path, monkeypatch):
+    """llama.cpp keeps metadata strings as bytes; gguf.GGUFReader (and transformers through it)
+    fail on bytes that are not UTF-8. A name, description or tag with such bytes loads, read as
+    the reader's bytes with U+FFFD in place of the bad ones, with a warning (was: the whole
+    file refused as 'truncated or corrupt'); in the vocabulary it is refused naming the key."""
+    from gguf import GGUFReader, GGUFValueType
+
+    name, tags = b"caf\xe9 model", [b"ok", b"\xff\xfe tag"]
+    real = test_gguf._put
+
+    def put(w, key, v):
+        if key == "general.name":
+            w.add_key_value(key, name, GGUFValueType.STRING)
+            w.add_key_value("general.tags", tags, GGUFValueType.ARRAY,
+                            sub_type=GGUFValueType.STRING)
+        else:
+            real(w, key, v)
+
+    monkeypatch.setattr(test_gguf, "_put", put)
+    path = tmp_path / "latin1.gguf"
+    expected = write_tiny_gguf(path, metadata={"general.name": "x"})
+    field = GGUFReader(path).fields["general.name"]
+    raw = bytes(field.parts[field.data[0]])
+    assert raw == name
+    with pytest.raises(UnicodeDecodeError):
+        field.contents()
+    with pytest.warns(UserWarning, match="'general.(name|tags)' holds bytes that are not UTF-8"):
+        cfg, sd, tok = load_gguf(path)
+    assert all(torch.equal(sd[k], expected[k]) for k in expected) and tok is not None
+    with pytest.warns(UserWarning, match="not UTF-8"), GGUFFile(path) as g:
+        assert g.metadata["general.name"] == raw.decode("utf-8", "replace") == "caf\ufffd model"
+        assert g.metadata["general.tags"] == [t.decode("utf-8", "replace") for t in tags]
+
+    md = tiny_tokenizer_md()
+    bad = [t.encode() for t in md["tokenizer.ggml.tokens"][:-1]] + [b"\xe2\x82"]
+    monkeypatch.setattr(test_gguf, "_put", real)
+    monkeypatch.setattr(test_gguf, "tiny_tokenizer_md",
+                        lambda pre=None: {**md, "tokenizer.ggml.tokens": bad})
+    write_tiny_gguf(tmp_path / "badvocab.gguf")
+    with pytest.raises(EmberError, match="'tokenizer.ggml.tokens' holds bytes that are not UTF-8"):
+        load_gguf(tmp_path / "badvocab.gguf")
