@@ -332,3 +332,31 @@ def test_text_that_is_not_utf8(tmp_path, monkeypatch):
     write_tiny_gguf(tmp_path / "badvocab.gguf")
     with pytest.raises(EmberError, match="'tokenizer.ggml.tokens' holds bytes that are not UTF-8"):
         load_gguf(tmp_path / "badvocab.gguf")
+
+
+@pytest.mark.parametrize("align", [8, 64, 4096])
+def test_other_alignments(align, tmp_path, monkeypatch):
+    """general.alignment other than 32 (gguf's add_custom_alignment): the tensors start where
+    gguf.GGUFReader finds them and load to the written weights."""
+    from gguf import GGUFReader
+
+    real = test_gguf._put
+
+    def put(w, key, v):
+        if key == "general.alignment":
+            w.add_custom_alignment(v)
+        else:
+            real(w, key, v)
+
+    monkeypatch.setattr(test_gguf, "_put", put)
+    path = tmp_path / "a.gguf"
+    expected = write_tiny_gguf(path, metadata={"general.alignment": align})
+    r = GGUFReader(path)
+    assert r.alignment == align
+    with GGUFFile(path) as g:
+        assert g.metadata["general.alignment"] == align
+        for t in r.tensors:
+            offset = g.tensors[t.name].offset
+            assert offset == t.data_offset and offset % align == 0
+    _, sd, _ = load_gguf(path)
+    assert all(torch.equal(sd[k], expected[k]) for k in expected)
