@@ -331,6 +331,11 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         if required and v is None:
             raise EmberError(f"{path}: metadata key {arch}.{key} is missing")
         if isinstance(v, list):  # per-layer values (llama.cpp's arrays): one value for all
+            layers = md.get(f"{arch}.block_count")
+            if isinstance(layers, int) and len(v) != layers:  # llama.cpp: "wrong array length"
+                raise EmberError(f"{path}: {arch}.{key} holds {len(v)} per-layer values for "
+                                 f"{layers} layers ({arch}.block_count); the file is corrupt: "
+                                 "convert the model again")
             if not v or any(x != v[0] for x in v):
                 raise EmberError(f"{path}: {arch}.{key} varies per layer ({v[:8]}); models with "
                                  "per-layer sizes are not supported")
