@@ -357,9 +357,15 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     context = int(get("context_length", 4096))
     rope = rope_fields(g, arch, get, head_dim, context)
 
-    def tok_id(key):
+    n_tokens = len(md.get("tokenizer.ggml.tokens") or ()) or vocab
+
+    def tok_id(key):  # llama.cpp keeps its default for an id outside the vocabulary, and warns
         v = md.get(f"tokenizer.ggml.{key}")
-        return int(v) if v is not None else None
+        if v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n_tokens):
+            return v
+        warnings.warn(f"{path}: tokenizer.ggml.{key} = {v!r} is not a token id (the vocabulary "
+                      f"has {n_tokens}); ignored, as llama.cpp ignores it", stacklevel=5)
+        return None
 
     from ember.models.tokenizer import gguf_stop_ids
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ember import EmberError
-from ember.models.gguf import GGUFFile, load_gguf
+from ember.models.gguf import GGUFFile, import_gguf, load_gguf
+from ember.models.transformer import Transformer
 from tests.models import test_gguf
 from tests.models.test_gguf import tiny_tokenizer_md, write_tiny_gguf
 
@@ -360,3 +361,33 @@ def test_other_alignments(align, tmp_path, monkeypatch):
             assert offset == t.data_offset and offset % align == 0
     _, sd, _ = load_gguf(path)
     assert all(torch.equal(sd[k], expected[k]) for k in expected)
+
+
+def test_special_token_ids_outside_the_vocabulary_are_ignored(tmp_path):
+    """llama.cpp ignores a special token id past the vocabulary ("bad special token ..., using
+    default id"); Ember's tokenizer did too, but the config kept it (pad_token_id 4294967295),
+    so the ``import_gguf`` folder failed in transformers ("Padding_idx must be within
+    num_embeddings"). transformers' own GGUF loader fails on such a file."""
+    from tests.models.test_gguf import _offline, transformers_gguf_model
+
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, metadata={"tokenizer.ggml.padding_token_id": 2**32 - 1,
+                                    "tokenizer.ggml.bos_token_id": 500})
+    with pytest.raises(AssertionError, match="Padding_idx"):
+        transformers_gguf_model(tmp_path, path.name)
+    with pytest.warns(UserWarning, match="(padding_token_id = 4294967295|bos_token_id = 500) is "
+                                         "not a token id"):
+        cfg, sd, tok = load_gguf(path)
+    assert (cfg.bos_token_id, cfg.pad_token_id, cfg.eos_token_id) == (None, None, 2)
+    assert tok.bos_token_id is None
+    with pytest.warns(UserWarning, match="is not a token id"):
+        folder = import_gguf(path, tmp_path / "hf")
+    with _offline():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert (hf.config.bos_token_id, hf.config.pad_token_id) == (None, None)
+    model = Transformer(cfg).eval()
+    model.load_state_dict(sd)
+    ids = torch.randint(0, cfg.vocab_size, (1, 7))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
