@@ -7,7 +7,10 @@ values llama.cpp hard-codes instead of storing) are in ``ember.models.gguf_arch`
 experts (Mixtral as ``llama`` with ``expert_count``, ``qwen2moe``, ``qwen3moe``):
 ``ember.models.gguf_moe``. Refused with an error naming the key or tensor: other architectures,
 mmproj (``clip``) and multimodal files, head counts or sizes that differ between layers
-(one value repeated per layer is read as that value), partial rotary outside phi3.
+(one value repeated per layer, ``block_count`` times, is read as that value), partial rotary
+outside phi3, tensor types no dequantizer here or in ``gguf.quants`` knows (Q8_K, I32 ...:
+before any tensor is read). As llama.cpp, a special token id past the vocabulary is ignored
+(with a warning) and text that is not UTF-8 is read outside ``tokenizer.*`` (with U+FFFD).
 RoPE (linear, Llama 3.1 ``rope_freqs``, YaRN, Phi-3 LongRoPE ``rope_factors_long/short``) is read
 in ``ember.models.gguf_rope``.
 
