@@ -26,6 +26,7 @@ def _random_blocks(qt: Q, n_blocks: int, rng: np.random.Generator) -> np.ndarray
     return rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NaN scales, both sides
 @pytest.mark.parametrize("qt", list(GGML_QUANT_SIZES), ids=lambda q: q.name)
 def test_every_type_dequantizes_as_gguf_quants_or_is_refused(qt):
     rng = np.random.default_rng()
@@ -36,8 +37,7 @@ def test_every_type_dequantizes_as_gguf_quants_or_is_refused(qt):
         raw = rng.standard_normal((rows, per_row)).view(np.uint8)
     shape = (rows, block * per_row)
     try:
-        with np.errstate(all="ignore"):  # NaN scales times zero codes
-            ref = quants.dequantize(raw, qt)
+        ref = quants.dequantize(raw, qt)
     except NotImplementedError:
         ref = None
     if qt == Q.F64:  # gguf.quants has no F64; the file's doubles, cast as every other type
