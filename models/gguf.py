@@ -422,7 +422,15 @@ def _converted(g: GGUFFile, cfg: ModelConfig, name: str, key: str,
     shapes only): unpermuted, then split / offset per architecture."""
     arch = g.metadata["general.architecture"]
     if ARCHITECTURES[arch][1] and (".attn_q." in name or ".attn_k." in name):
-        w = unpermute_qk(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
+        q = ".attn_q." in name
+        heads = cfg.num_heads if q else cfg.num_kv_heads
+        if w.shape[0] != heads * cfg.head_dim:  # the permutation works per head
+            key = f"{arch}.attention.head_count{'' if q else '_kv'}"
+            raise EmberError(f"{g.path}: tensor {name!r} has {w.shape[0]} rows, but {key} "
+                             f"{g.metadata.get(key)} and head_dim {cfg.head_dim} imply "
+                             f"{heads * cfg.head_dim}; the file is inconsistent: convert the "
+                             "model again")
+        w = unpermute_qk(w, heads)
     yield from arch_tensors(arch, name, key, w, cfg)
 
 

@@ -89,6 +89,12 @@ def test_missing_tensor_and_unknown_tensor(tmp_path):
     ({"llama.attention.layer_norm_rms_epsilon": "x"}, "layer_norm_rms_epsilon is 'x', not a"),
     ({"llama.attention.head_count": 0}, "head_count 0 must be positive"),
     ({"llama.attention.head_count_kv": 2}, "no valid model: num_heads .3. must be a multiple"),
+    # K rows of one head for 3 (0: read as head_count) (was: RuntimeError from the Q/K
+    # un-permutation's reshape; transformers' GGUF loader fails the same way)
+    ({"llama.attention.head_count_kv": 3}, r"tensor 'blk\.0\.attn_k\.weight' has 32 rows, but "
+     r"llama\.attention\.head_count_kv 3 and head_dim 32 imply 96"),
+    ({"llama.attention.head_count_kv": 0}, r"attn_k\.weight' has 32 rows, but llama\.attention"
+     r"\.head_count_kv 0 and head_dim 32 imply 96"),
     ({"general.alignment": "x"}, "general.alignment 'x' is not a positive power of two"),
     ({"tokenizer.chat_template": 5}, "tokenizer.chat_template is 5, not text"),
     # a token twice (llama.cpp asserts; was: a vocabulary one short, the first id decoding to "")
