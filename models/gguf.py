@@ -431,7 +431,10 @@ def _converted(g: GGUFFile, cfg: ModelConfig, name: str, key: str,
                              f"{heads * cfg.head_dim}; the file is inconsistent: convert the "
                              "model again")
         w = unpermute_qk(w, heads)
-    yield from arch_tensors(arch, name, key, w, cfg)
+    try:
+        yield from arch_tensors(arch, name, key, w, cfg)
+    except EmberError as e:
+        raise EmberError(f"{g.path}: {e}") from None
 
 
 def iter_state_dict(g: GGUFFile, cfg: ModelConfig,
