@@ -97,3 +97,44 @@ def test_a_type_gguf_cannot_dequantize_is_refused_up_front_naming_the_tensor(qt,
     assert calls == [] and not (tmp_path / "out").exists()
     with ember_gguf.GGUFFile(path) as g, pytest.raises(EmberError, match=want):
         g.tensor("blk.0.ffn_gate.weight")
+
+
+def test_iq_and_tq_tensors_in_a_model_load_as_transformers_loads_them(tmp_path, monkeypatch):
+    """Tensors of types only gguf.quants' numpy code dequantizes (IQ4_NL, TQ2_0, IQ4_XS: random
+    blocks with finite scales), in a file that mixes them with other types per kind, load
+    exactly and give transformers' GGUF logits."""
+    from tests.models.test_gguf import transformers_gguf_model
+    from tests.models.test_gguf_families import _ember
+
+    scale_at = {Q.IQ4_NL: 0, Q.IQ4_XS: 0, Q.TQ2_0: -2}  # the fp16 scale's byte offset
+
+    def quantize(arr, q):  # random blocks, each row's a function of the row (so the Q/K row
+        if q not in scale_at:  # permutation commutes with it, as with a real quantizer)
+            return quants.quantize(arr, q)
+        block, size = GGML_QUANT_SIZES[q]
+        rows = []
+        for row in arr:
+            rng = np.random.default_rng(list(row.view(np.uint32)[:8]))
+            raw = rng.integers(0, 256, (len(row) // block, size), dtype=np.uint8)
+            if q == Q.IQ4_XS:  # scales_h / scales_l: 6-bit sub-block scales, kept small
+                raw[:, 2:8] = 0
+            d = (rng.uniform(0.5, 1.0, len(raw)) * 2e-3).astype(np.float16)
+            at = scale_at[q] % size
+            raw[:, at:at + 2] = d[:, None].view(np.uint8)
+            rows.append(raw.reshape(-1))
+        return np.stack(rows)
+
+    monkeypatch.setattr(test_gguf, "quants", types.SimpleNamespace(
+        quantize=quantize, dequantize=quants.dequantize))
+    for kind, qt in {"attn_q": Q.IQ4_NL, "ffn_up": Q.TQ2_0, "ffn_gate": Q.IQ4_XS}.items():
+        monkeypatch.setitem(test_gguf.TINY_TYPES, kind, qt)
+    path = tmp_path / "iq.gguf"
+    expected = write_tiny_gguf(path, hidden=256, heads=4, kv_heads=2)
+    cfg, sd, _ = load_gguf(path)
+    assert all(torch.isfinite(v).all() for v in sd.values())
+    for k in expected:
+        assert torch.equal(sd[k], expected[k]), k
+    ids = torch.randint(0, cfg.vocab_size, (1, 9))
+    with torch.no_grad():
+        theirs = transformers_gguf_model(tmp_path, path.name)(ids).logits
+    assert (_ember(cfg, sd, ids) - theirs).abs().max().item() <= 1e-4
