@@ -7,7 +7,10 @@ values llama.cpp hard-codes instead of storing) are in ``ember.models.gguf_arch`
 experts (Mixtral as ``llama`` with ``expert_count``, ``qwen2moe``, ``qwen3moe``):
 ``ember.models.gguf_moe``. Refused with an error naming the key or tensor: other architectures,
 mmproj (``clip``) and multimodal files, head counts or sizes that differ between layers
-(one value repeated per layer is read as that value), partial rotary outside phi3.
+(one value repeated per layer, ``block_count`` times, is read as that value), partial rotary
+outside phi3, tensor types no dequantizer here or in ``gguf.quants`` knows (Q8_K, I32 ...:
+before any tensor is read). As llama.cpp, a special token id past the vocabulary is ignored
+(with a warning) and text that is not UTF-8 is read outside ``tokenizer.*`` (with U+FFFD).
 RoPE (linear, Llama 3.1 ``rope_freqs``, YaRN, Phi-3 LongRoPE ``rope_factors_long/short``) is read
 in ``ember.models.gguf_rope``.
 
@@ -56,7 +59,7 @@ from ember.models.gguf_arch import (
     arch_tensors,
     check_supported,
 )
-from ember.models.gguf_dequant import dequantize
+from ember.models.gguf_dequant import dequantize, unsupported_reason
 from ember.models.gguf_moe import moe_fields, split_expert_name
 from ember.models.gguf_rope import ROPE_TENSORS, nice_float, rope_fields
 from ember.models.hub import SPLIT_NAME, split_paths
@@ -161,9 +164,30 @@ class GGUFFile:
         end = self._pos + n
         if end > len(self._mm):
             raise struct.error(f"string of {n} bytes runs past the end of the file")
-        s = self._mm[self._pos:end].decode("utf-8")
+        s = self._mm[self._pos:end].decode("utf-8", self._errors)
         self._pos = end
         return s
+
+    def _text_value(self, key: str, vtype: int) -> Any:
+        """``_value``; a string that is not UTF-8 (llama.cpp keeps the bytes, gguf.GGUFReader
+        and transformers fail) is refused in the tokenizer's keys, whose text must match, and
+        elsewhere (names, descriptions, tags) read with U+FFFD in place of the bad bytes."""
+        start = self._pos
+        try:
+            return self._value(vtype)
+        except UnicodeDecodeError as e:
+            if key.startswith("tokenizer."):
+                raise EmberError(f"{self.path}: metadata key {key!r} holds bytes that are not "
+                                 f"UTF-8 text ({e.reason} at {e.object[e.start:e.end]!r}); the "
+                                 "vocabulary cannot be read: convert the model again from its "
+                                 "Hugging Face tokenizer") from None
+        warnings.warn(f"{self.path}: metadata key {key!r} holds bytes that are not UTF-8; read "
+                      "with U+FFFD in their place", stacklevel=4)
+        self._pos, self._errors = start, "replace"
+        try:
+            return self._value(vtype)
+        finally:
+            self._errors = "strict"
 
     def _value(self, vtype: int) -> Any:
         if vtype in _SCALARS:
@@ -186,7 +210,7 @@ class GGUFFile:
         raise struct.error(f"unknown metadata value type {vtype}")
 
     def _parse(self) -> None:
-        self._pos = 0
+        self._pos, self._errors = 0, "strict"
         if self._mm[:4] != b"GGUF":
             raise EmberError(f"{self.path}: not a GGUF file (magic {bytes(self._mm[:4])!r})")
         self._pos = 4
@@ -207,7 +231,7 @@ class GGUFFile:
             if key in self.metadata:  # llama.cpp and gguf.GGUFReader refuse such a file too
                 raise EmberError(f"{self.path}: metadata key {key!r} appears twice; the file "
                                  "is corrupt (llama.cpp refuses it): convert the model again")
-            self.metadata[key] = self._value(self._take("<I"))
+            self.metadata[key] = self._text_value(key, self._take("<I"))
         infos, names = [], set()
         for _ in range(n_tensors):
             name = self._str()
@@ -250,7 +274,10 @@ class GGUFFile:
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor dequantized to fp32, in torch shape."""
         t = self.tensors[name]
-        return dequantize(self.raw(name), t.qtype, t.shape)
+        try:
+            return dequantize(self.raw(name), t.qtype, t.shape)
+        except EmberError as e:
+            raise EmberError(f"{self.path}: tensor {name!r}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -307,6 +334,11 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         if required and v is None:
             raise EmberError(f"{path}: metadata key {arch}.{key} is missing")
         if isinstance(v, list):  # per-layer values (llama.cpp's arrays): one value for all
+            layers = md.get(f"{arch}.block_count")
+            if isinstance(layers, int) and len(v) != layers:  # llama.cpp: "wrong array length"
+                raise EmberError(f"{path}: {arch}.{key} holds {len(v)} per-layer values for "
+                                 f"{layers} layers ({arch}.block_count); the file is corrupt: "
+                                 "convert the model again")
             if not v or any(x != v[0] for x in v):
                 raise EmberError(f"{path}: {arch}.{key} varies per layer ({v[:8]}); models with "
                                  "per-layer sizes are not supported")
@@ -328,9 +360,15 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     context = int(get("context_length", 4096))
     rope = rope_fields(g, arch, get, head_dim, context)
 
-    def tok_id(key):
+    n_tokens = len(md.get("tokenizer.ggml.tokens") or ()) or vocab
+
+    def tok_id(key):  # llama.cpp keeps its default for an id outside the vocabulary, and warns
         v = md.get(f"tokenizer.ggml.{key}")
-        return int(v) if v is not None else None
+        if v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n_tokens):
+            return v
+        warnings.warn(f"{path}: tokenizer.ggml.{key} = {v!r} is not a token id (the vocabulary "
+                      f"has {n_tokens}); ignored, as llama.cpp ignores it", stacklevel=5)
+        return None
 
     from ember.models.tokenizer import gguf_stop_ids
 
@@ -368,6 +406,10 @@ def _ember_names(g: GGUFFile) -> Iterator[tuple[str, str]]:
     if unknown:
         raise EmberError(f"{g.path}: unexpected tensors {unknown[:5]} for a "
                          f"{g.metadata['general.architecture']} model; not supported")
+    for name, t in g.tensors.items():  # before any work: a type found late wastes minutes
+        why = unsupported_reason(t.qtype)
+        if why is not None:
+            raise EmberError(f"{g.path}: tensor {name!r}: {why}")
     for name in g.tensors:
         key = ember_name(name)
         if key is not None:
@@ -380,8 +422,19 @@ def _converted(g: GGUFFile, cfg: ModelConfig, name: str, key: str,
     shapes only): unpermuted, then split / offset per architecture."""
     arch = g.metadata["general.architecture"]
     if ARCHITECTURES[arch][1] and (".attn_q." in name or ".attn_k." in name):
-        w = unpermute_qk(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
-    yield from arch_tensors(arch, name, key, w, cfg)
+        q = ".attn_q." in name
+        heads = cfg.num_heads if q else cfg.num_kv_heads
+        if w.shape[0] != heads * cfg.head_dim:  # the permutation works per head
+            key = f"{arch}.attention.head_count{'' if q else '_kv'}"
+            raise EmberError(f"{g.path}: tensor {name!r} has {w.shape[0]} rows, but {key} "
+                             f"{g.metadata.get(key)} and head_dim {cfg.head_dim} imply "
+                             f"{heads * cfg.head_dim}; the file is inconsistent: convert the "
+                             "model again")
+        w = unpermute_qk(w, heads)
+    try:
+        yield from arch_tensors(arch, name, key, w, cfg)
+    except EmberError as e:
+        raise EmberError(f"{g.path}: {e}") from None
 
 
 def iter_state_dict(g: GGUFFile, cfg: ModelConfig,

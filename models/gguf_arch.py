@@ -182,6 +182,12 @@ def arch_tensors(arch: str, name: str, key: str, w: torch.Tensor,
             key.endswith(".mlp.up_proj.weight") and w.shape[0] == 2 * cfg.intermediate_size)):
         from ember.models.hf import hf_key_to_ember, split_fused
 
+        if "qkv" in key and w.shape[0] != (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim:
+            raise EmberError(f"{name} has {w.shape[0]} rows, but phi3.attention.head_count "
+                             f"{cfg.num_heads} + 2 x head_count_kv {cfg.num_kv_heads} heads of "
+                             f"{cfg.head_dim} imply "
+                             f"{(cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim}; the file "
+                             "is inconsistent: convert the model again")
         layer = key.split(".")[1]
         hf_key = (f"model.layers.{layer}.self_attn.qkv_proj.weight" if "qkv" in key
                   else f"model.layers.{layer}.mlp.gate_up_proj.weight")

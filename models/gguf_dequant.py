@@ -123,9 +123,27 @@ _DEQUANT = {Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: 
 _PLAIN = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16, Q.F64: torch.float64}
 
 
+def unsupported_reason(qtype: int) -> str | None:
+    """Why tensors of ggml type ``qtype`` cannot be dequantized here, or None if they can."""
+    from gguf import quants
+
+    qt = Q(qtype)
+    numpy_types = getattr(quants, "_type_traits", None)  # gguf's numpy dequantizers
+    if qt in _PLAIN or qt in _DEQUANT or numpy_types is None or qt in numpy_types:
+        return None
+    if qt.name[0] == "I" and qt.name[1:].isdigit():
+        return (f"GGUF tensor type {qt.name} holds integers, not weights (llama.cpp converts "
+                "no such tensor to floats either); this is not a model file Ember can load")
+    return (f"GGUF tensor type {qt.name} cannot be dequantized by this gguf package; "
+            "re-quantize the model (Q8_0, Q4_K_M, Q6_K ...)")
+
+
 def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Raw GGUF tensor bytes (uint8, 1-D) -> fp32 tensor of ``shape`` (torch order)."""
     qt = Q(qtype)
+    why = unsupported_reason(qt)
+    if why is not None:
+        raise EmberError(why)
     if qt in _PLAIN:
         return raw.view(_PLAIN[qt]).float().reshape(shape)
     block, type_size = GGML_QUANT_SIZES[qt]

@@ -285,3 +285,23 @@ def test_refused_files(tmp_path):
     write_tiny_gguf(tmp_path / "g4.gguf", arch="gemma4")
     with pytest.raises(EmberError, match="architecture 'gemma4' is not supported"):
         load_gguf(tmp_path / "g4.gguf")
+
+
+@pytest.mark.parametrize("kv", [1, 4])
+def test_phi3_fused_qkv_that_the_head_counts_do_not_describe_is_refused(kv, tmp_path):
+    """attn_qkv rows != (head_count + 2 head_count_kv) x head_dim: transformers' GGUF loader
+    refuses the file (its fused qkv_proj has another size); was: with head_count_kv 1 the rows
+    past q, k, v were dropped and a wrong model loaded, with 4 a 0-row v_proj."""
+    hf = _hf_model("phi3")  # 4 heads, 2 kv heads of 16: 128 rows
+    path = tmp_path / "p.gguf"
+    md = {**_metadata("phi3", hf.config), "phi3.attention.head_count_kv": kv}
+    write_family_gguf(path, "phi3", hf, md)
+    with _offline(), pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name)
+    want = (4 + 2 * kv) * 16
+    with pytest.raises(EmberError, match=rf"p\.gguf: blk\.0\.attn_qkv\.weight has 128 rows, but "
+                                         rf"phi3\.attention\.head_count 4 \+ 2 x head_count_kv "
+                                         rf"{kv} heads of 16 imply {want}"):
+        load_gguf(path)
+    with pytest.raises(EmberError, match="attn_qkv.weight has 128 rows"):
+        import_gguf(path, tmp_path / "hf")

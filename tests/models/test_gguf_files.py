@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ember import EmberError
-from ember.models.gguf import GGUFFile, load_gguf
+from ember.models.gguf import GGUFFile, import_gguf, load_gguf
+from ember.models.transformer import Transformer
 from tests.models import test_gguf
 from tests.models.test_gguf import tiny_tokenizer_md, write_tiny_gguf
 
@@ -88,6 +89,12 @@ def test_missing_tensor_and_unknown_tensor(tmp_path):
     ({"llama.attention.layer_norm_rms_epsilon": "x"}, "layer_norm_rms_epsilon is 'x', not a"),
     ({"llama.attention.head_count": 0}, "head_count 0 must be positive"),
     ({"llama.attention.head_count_kv": 2}, "no valid model: num_heads .3. must be a multiple"),
+    # K rows of one head for 3 (0: read as head_count) (was: RuntimeError from the Q/K
+    # un-permutation's reshape; transformers' GGUF loader fails the same way)
+    ({"llama.attention.head_count_kv": 3}, r"tensor 'blk\.0\.attn_k\.weight' has 32 rows, but "
+     r"llama\.attention\.head_count_kv 3 and head_dim 32 imply 96"),
+    ({"llama.attention.head_count_kv": 0}, r"attn_k\.weight' has 32 rows, but llama\.attention"
+     r"\.head_count_kv 0 and head_dim 32 imply 96"),
     ({"general.alignment": "x"}, "general.alignment 'x' is not a positive power of two"),
     ({"tokenizer.chat_template": 5}, "tokenizer.chat_template is 5, not text"),
     # a token twice (llama.cpp asserts; was: a vocabulary one short, the first id decoding to "")
@@ -289,3 +296,104 @@ def test_a_read_only_cache_serves_its_imports(tmp_path, monkeypatch, err):
     write_tiny_gguf(other, hidden=64, heads=2)  # other content: no import of it
     with pytest.raises(EmberError, match="not writable .* holds no import .* set EMBER_CACHE"):
         resolve_model(other)
+
+
+def test_text_that_is_not_utf8(tmp_path, monkeypatch):
+    """llama.cpp keeps metadata strings as bytes; gguf.GGUFReader (and transformers through it)
+    fail on bytes that are not UTF-8. A name, description or tag with such bytes loads, read as
+    the reader's bytes with U+FFFD in place of the bad ones, with a warning (was: the whole
+    file refused as 'truncated or corrupt'); in the vocabulary it is refused naming the key."""
+    from gguf import GGUFReader, GGUFValueType
+
+    name, tags = b"caf\xe9 model", [b"ok", b"\xff\xfe tag"]
+    real = test_gguf._put
+
+    def put(w, key, v):
+        if key == "general.name":
+            w.add_key_value(key, name, GGUFValueType.STRING)
+            w.add_key_value("general.tags", tags, GGUFValueType.ARRAY,
+                            sub_type=GGUFValueType.STRING)
+        else:
+            real(w, key, v)
+
+    monkeypatch.setattr(test_gguf, "_put", put)
+    path = tmp_path / "latin1.gguf"
+    expected = write_tiny_gguf(path, metadata={"general.name": "x"})
+    field = GGUFReader(path).fields["general.name"]
+    raw = bytes(field.parts[field.data[0]])
+    assert raw == name
+    with pytest.raises(UnicodeDecodeError):
+        field.contents()
+    with pytest.warns(UserWarning, match="'general.(name|tags)' holds bytes that are not UTF-8"):
+        cfg, sd, tok = load_gguf(path)
+    assert all(torch.equal(sd[k], expected[k]) for k in expected) and tok is not None
+    with pytest.warns(UserWarning, match="not UTF-8"), GGUFFile(path) as g:
+        assert g.metadata["general.name"] == raw.decode("utf-8", "replace") == "caf\ufffd model"
+        assert g.metadata["general.tags"] == [t.decode("utf-8", "replace") for t in tags]
+
+    md = tiny_tokenizer_md()
+    bad = [t.encode() for t in md["tokenizer.ggml.tokens"][:-1]] + [b"\xe2\x82"]
+    monkeypatch.setattr(test_gguf, "_put", real)
+    monkeypatch.setattr(test_gguf, "tiny_tokenizer_md",
+                        lambda pre=None: {**md, "tokenizer.ggml.tokens": bad})
+    write_tiny_gguf(tmp_path / "badvocab.gguf")
+    with pytest.raises(EmberError, match="'tokenizer.ggml.tokens' holds bytes that are not UTF-8"):
+        load_gguf(tmp_path / "badvocab.gguf")
+
+
+@pytest.mark.parametrize("align", [8, 64, 4096])
+def test_other_alignments(align, tmp_path, monkeypatch):
+    """general.alignment other than 32 (gguf's add_custom_alignment): the tensors start where
+    gguf.GGUFReader finds them and load to the written weights."""
+    from gguf import GGUFReader
+
+    real = test_gguf._put
+
+    def put(w, key, v):
+        if key == "general.alignment":
+            w.add_custom_alignment(v)
+        else:
+            real(w, key, v)
+
+    monkeypatch.setattr(test_gguf, "_put", put)
+    path = tmp_path / "a.gguf"
+    expected = write_tiny_gguf(path, metadata={"general.alignment": align})
+    r = GGUFReader(path)
+    assert r.alignment == align
+    with GGUFFile(path) as g:
+        assert g.metadata["general.alignment"] == align
+        for t in r.tensors:
+            offset = g.tensors[t.name].offset
+            assert offset == t.data_offset and offset % align == 0
+    _, sd, _ = load_gguf(path)
+    assert all(torch.equal(sd[k], expected[k]) for k in expected)
+
+
+def test_special_token_ids_outside_the_vocabulary_are_ignored(tmp_path):
+    """llama.cpp ignores a special token id past the vocabulary ("bad special token ..., using
+    default id"); Ember's tokenizer did too, but the config kept it (pad_token_id 4294967295),
+    so the ``import_gguf`` folder failed in transformers ("Padding_idx must be within
+    num_embeddings"). transformers' own GGUF loader fails on such a file."""
+    from tests.models.test_gguf import _offline, transformers_gguf_model
+
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, metadata={"tokenizer.ggml.padding_token_id": 2**32 - 1,
+                                    "tokenizer.ggml.bos_token_id": 500})
+    with pytest.raises(AssertionError, match="Padding_idx"):
+        transformers_gguf_model(tmp_path, path.name)
+    with pytest.warns(UserWarning, match="(padding_token_id = 4294967295|bos_token_id = 500) is "
+                                         "not a token id"):
+        cfg, sd, tok = load_gguf(path)
+    assert (cfg.bos_token_id, cfg.pad_token_id, cfg.eos_token_id) == (None, None, 2)
+    assert tok.bos_token_id is None
+    with pytest.warns(UserWarning, match="is not a token id"):
+        folder = import_gguf(path, tmp_path / "hf")
+    with _offline():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert (hf.config.bos_token_id, hf.config.pad_token_id) == (None, None)
+    model = Transformer(cfg).eval()
+    model.load_state_dict(sd)
+    ids = torch.randint(0, cfg.vocab_size, (1, 7))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4

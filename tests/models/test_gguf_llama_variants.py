@@ -201,3 +201,10 @@ def test_per_layer_head_count_arrays_of_one_value(tmp_path):
     write_llama_variant_gguf(tmp_path / "v.gguf", hf, drop=keys, extra=varying)
     with pytest.raises(EmberError, match=r"head_count_kv varies per layer \(\[2, 1, 2\]\)"):
         load_gguf(tmp_path / "v.gguf")
+    # one value per layer means block_count values: llama.cpp refuses another length ("key
+    # llama.feed_forward_length has wrong array length; expected 3, got 2"); was: read as 96
+    short = {**per_layer, "llama.feed_forward_length": [c.intermediate_size] * 2}
+    write_llama_variant_gguf(tmp_path / "s.gguf", hf, drop=keys, extra=short)
+    with pytest.raises(EmberError, match=r"feed_forward_length holds 2 per-layer values for 3 "
+                                         r"layers \(llama.block_count\)"):
+        load_gguf(tmp_path / "s.gguf")
