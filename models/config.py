@@ -146,6 +146,10 @@ class ModelConfig:
             raise ValueError(f"activation must be 'silu' or 'gelu_tanh', got {self.activation!r}")
         if self.norm not in ("rms", "layernorm"):
             raise ValueError(f"norm must be 'rms' or 'layernorm', got {self.norm!r}")
+        if self.norm == "rms" and not 0 < self.rms_norm_eps < math.inf:
+            # the kernels' and the reference's rule (rms_norm refuses it at the first forward)
+            raise ValueError(f"rms_norm_eps must be > 0 and finite, got {self.rms_norm_eps!r}: "
+                             "set it in the model's config (1e-5 or 1e-6 are usual)")
         for name in ("resid_dropout", "embed_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")

@@ -100,6 +100,8 @@ def test_missing_tensor_and_unknown_tensor(tmp_path):
     # a token twice (llama.cpp asserts; was: a vocabulary one short, the first id decoding to "")
     ({"tokenizer.ggml.tokens": tiny_tokenizer_md()["tokenizer.ggml.tokens"][:-1] + ["he"]},
      "token 'he' appears twice in tokenizer.ggml.tokens"),
+    # was a load that failed at the first forward, in rms_norm
+    ({"llama.attention.layer_norm_rms_epsilon": 0.0}, "rms_norm_eps must be > 0 and finite"),
 ])
 def test_inconsistent_metadata_is_named(metadata, match, tmp_path):
     write_tiny_gguf(tmp_path / "m.gguf", metadata=metadata)

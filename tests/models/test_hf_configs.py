@@ -328,3 +328,14 @@ def test_invalid_sizes_are_a_clear_error_not_zero_division(name, value):
     with pytest.raises(EmberError, match=f"ModelConfig.{name} must be a positive integer"):
         ModelConfig(**{**_SIZES, name: value})
 
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-6, float("inf"), float("nan")])
+def test_an_rms_norm_eps_the_norm_refuses_is_named_when_the_config_loads(eps):
+    """rms_norm_eps 0 (or negative, inf, NaN): the model built and then failed at its first
+    forward, inside rms_norm; a layernorm model (Phi) takes eps 0 as torch's LayerNorm does."""
+    from ember.models.config import ModelConfig
+
+    with pytest.raises(ValueError, match="rms_norm_eps must be > 0 and finite"):
+        ModelConfig(**_SIZES, rms_norm_eps=eps)
+    ModelConfig(**_SIZES, rms_norm_eps=0.0, norm="layernorm")
