@@ -376,8 +376,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     # transformers encodes special tokens written in the text as text when the config says so
     backend.encode_special_tokens = bool(cfg.get("split_special_tokens"))
     max_len = cfg.get("model_max_length")
+    # transformers 5 builds every slow tokenizer Ember reads as a BPE, whose decoding it never
+    # cleans up; Ember's Unigram for a unigram tokenizer.model must not either
+    clean_up = bool(cfg.get("clean_up_tokenization_spaces")) and not slow
     return Tokenizer(backend, **specials, chat_template=template, chat_templates=named,
-                     clean_up_tokenization_spaces=bool(cfg.get("clean_up_tokenization_spaces")),
+                     clean_up_tokenization_spaces=clean_up,
                      add_bos_token=add_bos, add_eos_token=add_eos, extra_eos_token_ids=extra_eos,
                      model_max_length=int(max_len) if isinstance(max_len, int | float)
                      and max_len < 1e12 else None)

@@ -272,6 +272,23 @@ def test_unigram_matches_sentencepiece(trained, tmp_path, byte_fallback):
     _assert_same_ids(ours, _theirs(tmp_path / "out"))
 
 
+def test_unigram_clean_up_flag_does_not_change_decoding(trained, tmp_path):
+    """``clean_up_tokenization_spaces: true`` with a unigram tokenizer.model: transformers builds
+    a BPE and never cleans up its decoding (nor does SentencePiece); Ember's Unigram removed the
+    spaces before punctuation ("Hello , world ." decoded as "Hello, world.")."""
+    _, models, _ = trained
+    folder = _folder(tmp_path, "uni", {"tokenizer_class": "LlamaTokenizer",
+                                       "clean_up_tokenization_spaces": True},
+                     model=models["unigram"])
+    ours, theirs = load_tokenizer(folder), _theirs(folder)
+    sp = spm.SentencePieceProcessor(model_file=models["unigram"])
+    texts = ["Hello , world . it 's done !", "a ? b , c n't"]
+    ids = [sp.encode(t) for t in texts]
+    assert ours.decode_batch(ids) == theirs.batch_decode(ids) == sp.decode(ids) == texts
+    ours.save_pretrained(tmp_path / "out")  # and the export does not turn it on
+    assert _theirs(tmp_path / "out").batch_decode(ids) == texts
+
+
 def test_no_byte_fallback_keeps_unknown_characters(trained, tmp_path):
     """A model trained without byte fallback: SentencePiece writes the unknown piece for a
     character it cannot spell (transformers 5.x drops the character: Ember follows SentencePiece),
