@@ -28,7 +28,7 @@ from ember.models.chat_template import (
     render,
     select_template,
 )
-from ember.models.tokenizer_classes import class_pipeline
+from ember.models.tokenizer_classes import class_pipeline, special_tokens_config
 
 _SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -325,6 +325,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         folder / "tokenizer_config.json").is_file() else {}
     smap = _read_json(folder / "special_tokens_map.json") if (
         folder / "special_tokens_map.json").is_file() else {}
+    cfg, smap = special_tokens_config(cfg, smap, folder), {}
     specials = {n: _token_str(cfg.get(n, smap.get(n))) for n in _SPECIALS}
     slow = not tj.is_file()
     if slow:

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+
+from ember import EmberError
 
 # config.json model type -> the tokenizer class transformers 5 registers for it: None (none: the
 # folder's class), "" (a generic backend: tokenizer.json as written) or a class name
@@ -60,6 +63,28 @@ def resolved_class(cfg: dict, model_type: str | None) -> str | None:
     if registered == "":
         return None
     return registered if model_type in _REGISTERED_WINS else hub
+
+
+def special_tokens_config(cfg: Any, smap: Any, folder: Path) -> dict:
+    """tokenizer_config.json ``cfg`` with special_tokens_map.json ``smap`` read in as transformers
+    5 reads it: ignored when ``cfg`` has ``added_tokens_decoder`` (any folder saved since
+    transformers 4.34), else its special tokens override the config's (the legacy files)."""
+    for name, value in (("tokenizer_config.json", cfg), ("special_tokens_map.json", smap)):
+        if not isinstance(value, dict):
+            raise EmberError(f"{folder / name}: expected a JSON object, got "
+                             f"{type(value).__name__}; the tokenizer files are corrupt")
+    if "added_tokens_decoder" in cfg:
+        return cfg
+    merged = dict(cfg)
+    for key, value in smap.items():
+        if not key.endswith(("_token", "_tokens")):
+            continue
+        if key == "extra_special_tokens" and isinstance(value, list):  # merged into the config's
+            have = merged.get(key)
+            have = list(have) if isinstance(have, list) else []
+            value = have + [t for t in value if t not in have]
+        merged[key] = value
+    return merged
 
 
 def class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> None:
