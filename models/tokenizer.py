@@ -369,6 +369,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             specials[name] = None
     add_bos, add_eos = bool(cfg.get("add_bos_token", False)), bool(cfg.get("add_eos_token", False))
     if slow:  # tokenizer.json carries its post-processor; here it comes from the flags
+        # (without the token, the flag is off, as transformers turns it off)
+        add_bos, add_eos = add_bos and bool(specials["bos_token"]), add_eos and bool(
+            specials["eos_token"])
         _set_bos_eos(backend, specials["bos_token"] if add_bos else None,
                      specials["eos_token"] if add_eos else None)
     else:  # what the post-processor adds, as transformers 5 encodes (whatever the config says)

@@ -289,6 +289,22 @@ def test_unigram_clean_up_flag_does_not_change_decoding(trained, tmp_path):
     assert _theirs(tmp_path / "out").batch_decode(ids) == texts
 
 
+def test_add_bos_without_a_bos_token_is_off(trained, tmp_path):
+    """``add_bos_token: true`` with ``bos_token: null`` (or ``add_eos_token`` without eos):
+    transformers turns the flag off; Ember kept it on, so its exports (tokenizer_config.json,
+    GGUF ``add_bos_token``) promised a BOS the tokenizer has not."""
+    _, models, _ = trained
+    folder = _folder(tmp_path, "nobos", {"tokenizer_class": "LlamaTokenizer", "bos_token": None,
+                                         "eos_token": None, "add_bos_token": True,
+                                         "add_eos_token": True}, model=models["llama"])
+    ours, theirs = load_tokenizer(folder), _theirs(folder)
+    assert (ours.bos_token, ours.eos_token) == (theirs.bos_token, theirs.eos_token) == (None,
+                                                                                       None)
+    assert (ours.add_bos_token, ours.add_eos_token) == (theirs.add_bos_token,
+                                                        theirs.add_eos_token) == (False, False)
+    _assert_same_ids(ours, theirs, ["Hello world", "<s>a</s>"])
+
+
 def test_no_byte_fallback_keeps_unknown_characters(trained, tmp_path):
     """A model trained without byte fallback: SentencePiece writes the unknown piece for a
     character it cannot spell (transformers 5.x drops the character: Ember follows SentencePiece),
