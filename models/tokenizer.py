@@ -28,7 +28,11 @@ from ember.models.chat_template import (
     render,
     select_template,
 )
-from ember.models.tokenizer_classes import class_pipeline, special_tokens_config
+from ember.models.tokenizer_classes import (
+    class_pipeline,
+    other_special_tokens,
+    special_tokens_config,
+)
 
 _SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -367,6 +371,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             warnings.warn(f"{folder}: {name} {tok!r} is not in {where}; ignoring it",
                           stacklevel=2)
             specials[name] = None
+    missing = [t for t in other_special_tokens(cfg) if backend.token_to_id(t) is None]
+    if missing:
+        warnings.warn(f"{folder}: special tokens {missing} are not in "
+                      f"{'the slow tokenizer' if slow else 'tokenizer.json'}; Ember encodes them "
+                      "as plain text (transformers adds them as new tokens, with ids past the "
+                      "vocabulary)", stacklevel=2)
     add_bos, add_eos = bool(cfg.get("add_bos_token", False)), bool(cfg.get("add_eos_token", False))
     if slow:  # tokenizer.json carries its post-processor; here it comes from the flags
         # (without the token, the flag is off, as transformers turns it off)

@@ -87,6 +87,17 @@ def special_tokens_config(cfg: Any, smap: Any, folder: Path) -> dict:
     return merged
 
 
+def other_special_tokens(cfg: dict) -> list[str]:
+    """The special tokens ``cfg`` names besides bos, eos, unk and pad: sep, cls and mask, and the
+    lists (transformers 5 also writes a {name: token} dict) of additional / extra ones."""
+    names = [cfg.get(k) for k in ("sep_token", "cls_token", "mask_token")]
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        v = cfg.get(key) or []
+        names += list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else []
+    names = [v.get("content") if isinstance(v, dict) else v for v in names]
+    return list(dict.fromkeys(v for v in names if isinstance(v, str)))
+
+
 def class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> None:
     """Give ``backend`` (read from ``folder``'s tokenizer.json) the normalizer, pre-tokenizer and
     decoder transformers 5 gives it, for the classes above; unchanged otherwise."""

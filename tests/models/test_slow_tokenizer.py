@@ -305,6 +305,22 @@ def test_add_bos_without_a_bos_token_is_off(trained, tmp_path):
     _assert_same_ids(ours, theirs, ["Hello world", "<s>a</s>"])
 
 
+def test_extra_special_token_missing_from_the_vocabulary_warns(trained, tmp_path):
+    """An additional special token the vocabulary lacks: transformers adds it as a new token
+    (an id past the vocabulary); Ember keeps the model's vocabulary and said nothing while
+    encoding the token as plain text. Tokens the vocabulary has stay silent and special."""
+    _, models, _ = trained
+    folder = _folder(tmp_path, "extra", {"tokenizer_class": "LlamaTokenizer",
+                                         "additional_special_tokens": ["<extra>", "<|im_end|>"]},
+                     model=models["llama"])
+    theirs = _theirs(folder)
+    assert len(theirs) == 601 and theirs.convert_tokens_to_ids("<extra>") == 600
+    with pytest.warns(UserWarning, match=r"\['<extra>'\] are not in the slow tokenizer"):
+        ours = load_tokenizer(folder)
+    assert ours.vocab_size == 600 and ours.token_to_id("<extra>") is None
+    _assert_same_ids(ours, theirs, ["a<|im_end|>b", "Hello world"])
+
+
 def test_no_byte_fallback_keeps_unknown_characters(trained, tmp_path):
     """A model trained without byte fallback: SentencePiece writes the unknown piece for a
     character it cannot spell (transformers 5.x drops the character: Ember follows SentencePiece),
