@@ -56,6 +56,20 @@ def has_slow_tokenizer(folder: Path) -> bool:
         (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
 
 
+def no_tokenizer_error(folder: Path) -> EmberError:
+    """The error for a folder with no tokenizer Ember reads, naming the tokenizer files it has
+    (T5's spiece.model, Mistral's tekken.json, a WordPiece vocab.txt...)."""
+    found = sorted(f.name for f in folder.glob("*") if f.is_file() and (
+        f.suffix == ".model" or f.name.startswith("tokenizer.model") or f.name in (
+            "vocab.json", "merges.txt", "vocab.txt", "tekken.json")))
+    where = "" if not found else (
+        f"; it has {', '.join(found)}, which Ember does not read as a tokenizer: convert the "
+        "folder once with transformers (AutoTokenizer.from_pretrained(folder)"
+        ".save_pretrained(folder)), which writes a tokenizer.json")
+    return EmberError(f"no tokenizer.json in {folder} (nor a slow tokenizer's tokenizer.model or "
+                      f"vocab.json + merges.txt){where}")
+
+
 # ------------------------------------------------------------------------------------------
 # SentencePiece ModelProto (sentencepiece_model.proto), only the fields used here
 

@@ -333,11 +333,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     specials = {n: _token_str(cfg.get(n, smap.get(n))) for n in _SPECIALS}
     slow = not tj.is_file()
     if slow:
-        from ember.models.slow_tokenizer import has_slow_tokenizer, slow_backend
+        from ember.models.slow_tokenizer import has_slow_tokenizer, no_tokenizer_error, slow_backend
 
         if not has_slow_tokenizer(folder):
-            raise EmberError(f"no tokenizer.json in {folder} (nor a slow tokenizer's "
-                             "tokenizer.model or vocab.json + merges.txt)")
+            raise no_tokenizer_error(folder)
         model_cfg = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
         model_type = model_cfg.get("model_type") if isinstance(model_cfg, dict) else None
         backend, defaults = slow_backend(folder, cfg, smap, str(model_type or ""))

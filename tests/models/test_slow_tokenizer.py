@@ -387,6 +387,19 @@ def test_refusals(trained, tmp_path):
         load_tokenizer(tmp_path / "gemma_no_model")
 
 
+def test_t5_style_spiece_model_is_named_in_the_refusal(trained, tmp_path):
+    """A T5-style folder keeps its SentencePiece model as spiece.model (transformers'
+    T5Tokenizer reads it); Ember refuses it, naming the file and the conversion, instead of
+    saying the folder has no tokenizer.model."""
+    _, models, _ = trained
+    folder = _folder(tmp_path, "t5", {"tokenizer_class": "T5Tokenizer", "extra_ids": 2})
+    shutil.copy(models["unigram"], folder / "spiece.model")
+    assert len(_theirs(folder)("Hello world")["input_ids"]) > 1
+    with pytest.raises(EmberError, match=r"it has spiece.model, which Ember does not read.*"
+                                         r"save_pretrained"):
+        load_tokenizer(folder)
+
+
 def test_load_pretrained_slow_only_folder(trained, tmp_path):
     """A Llama model folder with tokenizer.model + tokenizer_config.json + special_tokens_map.json
     (no tokenizer.json) loads with its tokenizer, and the export gains a tokenizer.json that
