@@ -26,6 +26,7 @@ Which class: tokenizer_config.json's ``tokenizer_class``, else config.json's ``m
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,11 @@ def read_spm_model(path: Path) -> SpmModel:
     pointer = lfs_pointer(path, "the tokenizer")
     if pointer:
         raise EmberError(f"cannot read {path}: {pointer}")
+    if re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+", buf[:buf.find(b"\n")] if b"\n" in buf else b""):
+        raise EmberError(f"{path} is a tiktoken vocabulary (Llama 3's original format), not a "
+                         "SentencePiece model; Ember reads it from a tokenizer.json: convert the "
+                         "folder once with transformers (AutoTokenizer.from_pretrained(folder)"
+                         ".save_pretrained(folder))")
     pieces, scores, types = [], [], []
     trainer: dict[str, Any] = {}
     for number, value in _fields(buf, source):

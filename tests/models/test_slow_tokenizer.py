@@ -400,6 +400,21 @@ def test_t5_style_spiece_model_is_named_in_the_refusal(trained, tmp_path):
         load_tokenizer(folder)
 
 
+def test_tiktoken_tokenizer_model_is_named_in_the_refusal(tmp_path):
+    """Llama 3's original tokenizer.model is a tiktoken vocabulary (base64 bytes and a rank per
+    line), which SentencePiece cannot load and transformers reads as tiktoken; Ember said
+    "corrupt protobuf"."""
+    import base64
+
+    folder = _folder(tmp_path, "tiktoken", {"tokenizer_class": "LlamaTokenizer"})
+    (folder / "tokenizer.model").write_bytes(b"".join(
+        base64.b64encode(bytes([i])) + b" %d\n" % i for i in range(256)))
+    with pytest.raises(Exception):  # noqa: B017 (protobuf's DecodeError, whatever it is named)
+        spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    with pytest.raises(EmberError, match="is a tiktoken vocabulary.*save_pretrained"):
+        load_tokenizer(folder)
+
+
 def test_load_pretrained_slow_only_folder(trained, tmp_path):
     """A Llama model folder with tokenizer.model + tokenizer_config.json + special_tokens_map.json
     (no tokenizer.json) loads with its tokenizer, and the export gains a tokenizer.json that
