@@ -38,6 +38,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from ember import EmberError
 from ember.models.spm import recovered_merges, spm_bpe, spm_pipeline
 from ember.models.tokenizer import _QWEN2 as _QWEN2_SPLIT  # the GGUF "qwen2" split, the same regex
+from ember.models.tokenizer_classes import named_special_tokens
 
 _SPM_CLASSES = ("LlamaTokenizer", "GemmaTokenizer")
 _BPE_CLASSES = ("GPT2Tokenizer", "Qwen2Tokenizer")
@@ -274,12 +275,6 @@ def _tokenizer_class(folder: Path, cfg: dict, model_type: str) -> str:
     return "Qwen2Tokenizer" if model_type.startswith("qwen") else "GPT2Tokenizer"
 
 
-def _content(v: Any) -> str | None:
-    """A special token as tokenizer_config.json writes it: a str or an AddedToken dict."""
-    v = v.get("content") if isinstance(v, dict) else v
-    return v if isinstance(v, str) else None
-
-
 def _added_token(d: dict, content: str) -> AddedToken:
     flags = {k: bool(d[k]) for k in ("single_word", "lstrip", "rstrip", "normalized", "special")
              if k in d}
@@ -300,8 +295,12 @@ def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
     else:
         backend = _bpe_backend(folder, cls, cfg)
     defaults = {k: v for k, v in _DEFAULTS[cls].items() if k not in cfg and k not in smap}
-    named = {_content(v) for k, v in {**smap, **cfg, **defaults}.items()
-             if k in ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")} - {None}
+    every = {**smap, **cfg, **defaults}
+    specials = named_special_tokens(every)
+    # the tokens of added_tokens.json that are special: transformers 5 counts the named and the
+    # extra ones there, not (its 4.x name) additional_special_tokens
+    named = {t.content for t in named_special_tokens(
+        {k: v for k, v in every.items() if k != "additional_special_tokens"})}
 
     # (id, token) pairs the folder pins: added_tokens_decoder, else the legacy added_tokens.json
     pinned: list[tuple[int, AddedToken]] = []
@@ -332,17 +331,9 @@ def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
             raise EmberError(f"{folder}: added token {tok.content!r} should have id {i} but the "
                              f"vocabulary gives it {backend.token_to_id(tok.content)}; the "
                              "tokenizer files disagree")
-    extra = []  # lists of tokens (transformers 5 also writes {name: token} extras)
-    for source in (cfg, smap):
-        for key in ("additional_special_tokens", "extra_special_tokens"):
-            v = source.get(key) or []
-            extra += list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else []
-    specials = [t for t in (*sorted(named), *map(_content, extra)) if t is not None]
-    decoder_tokens = backend.get_added_tokens_decoder().values()
-    have = {t.content for t in decoder_tokens}
+    have = {t.content for t in backend.get_added_tokens_decoder().values()}
     # named special tokens not yet added become special (matched whole, skipped when decoding),
     # if the vocabulary has them; load_tokenizer reports those it has not
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t in dict.fromkeys(specials)
-                                if t not in have and backend.token_to_id(t) is not None])
+    backend.add_special_tokens([t for t in specials if t.content not in have
+                                and backend.token_to_id(t.content) is not None])
     return backend, defaults

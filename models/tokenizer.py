@@ -30,6 +30,7 @@ from ember.models.chat_template import (
 )
 from ember.models.tokenizer_classes import (
     class_pipeline,
+    named_special_tokens,
     other_special_tokens,
     special_tokens_config,
 )
@@ -245,21 +246,14 @@ def _add_config_tokens(backend: tokenizers.Tokenizer, decoder: Any) -> None:
             backend.add_tokens([token])
 
 
-def _add_named_specials(backend: tokenizers.Tokenizer, cfg: dict, smap: dict) -> None:
+def _add_named_specials(backend: tokenizers.Tokenizer, cfg: dict) -> None:
     """The special tokens the config names (bos, eos, ..., extra / additional special tokens) that
     tokenizer.json has in its vocabulary but not as added tokens become special added tokens
     (matched whole, skipped when decoding), as transformers 5 makes them; those it does not have
     at all are reported by ``load_tokenizer`` (transformers would grow the vocabulary)."""
-    names = [cfg.get(n, smap.get(n)) for n in (*_SPECIALS, "sep_token", "cls_token",
-                                                 "mask_token")]
-    for source in (cfg, smap):
-        for key in ("additional_special_tokens", "extra_special_tokens"):
-            v = source.get(key) or []
-            names += list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else []
     have = {t.content for t in backend.get_added_tokens_decoder().values()}
-    new = [t for t in dict.fromkeys(map(_token_str, names)) if t is not None and t not in have
-           and backend.token_to_id(t) is not None]
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+    backend.add_special_tokens([t for t in named_special_tokens(cfg) if t.content not in have
+                                and backend.token_to_id(t.content) is not None])
 
 
 def _added_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None,
@@ -351,7 +345,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             raise EmberError(f"cannot parse {tj}: {lfs_pointer(tj, 'the tokenizer') or e}"
                              ) from None
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
-        _add_named_specials(backend, cfg, smap)
+        _add_named_specials(backend, cfg)
         class_pipeline(backend, folder, cfg)
     template, named = read_templates(cfg, folder)
     extra_eos: list[int] = []

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 
 from ember import EmberError
 
@@ -87,15 +87,42 @@ def special_tokens_config(cfg: Any, smap: Any, folder: Path) -> dict:
     return merged
 
 
-def other_special_tokens(cfg: dict) -> list[str]:
-    """The special tokens ``cfg`` names besides bos, eos, unk and pad: sep, cls and mask, and the
-    lists (transformers 5 also writes a {name: token} dict) of additional / extra ones."""
-    names = [cfg.get(k) for k in ("sep_token", "cls_token", "mask_token")]
+_NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+          "mask_token")
+
+
+def named_special_tokens(cfg: dict) -> list[AddedToken]:
+    """Every special token ``cfg`` names: bos, eos, unk, sep, pad, cls, mask, then the lists
+    (transformers 5 also writes a {name: token} dict) of additional / extra ones, as transformers
+    5 adds those not yet added: special, with the flags of one written as a dict ({"content",
+    "lstrip", "rstrip", ...}: Llama 2's and GPT-2's "__type": "AddedToken"), not normalized
+    otherwise."""
+    values = [cfg.get(k) for k in _NAMED]
     for key in ("additional_special_tokens", "extra_special_tokens"):
         v = cfg.get(key) or []
-        names += list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else []
-    names = [v.get("content") if isinstance(v, dict) else v for v in names]
-    return list(dict.fromkeys(v for v in names if isinstance(v, str)))
+        values += list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else []
+    # transformers skips a token equal to one listed before (an AddedToken to an AddedToken of
+    # the same text, a str to the same str), then adds them in order: the last of a text wins
+    out: dict[str, AddedToken] = {}
+    seen = set()
+    for v in values:
+        d = v if isinstance(v, dict) else {"content": v}
+        if not isinstance(d.get("content"), str) or (isinstance(v, dict), d["content"]) in seen:
+            continue
+        seen.add((isinstance(v, dict), d["content"]))
+        flags = {k: bool(d[k]) for k in ("single_word", "lstrip", "rstrip", "normalized")
+                 if k in d}
+        out.pop(d["content"], None)
+        out[d["content"]] = AddedToken(d["content"], special=True,
+                                       **{"normalized": False, **flags})
+    return list(out.values())
+
+
+def other_special_tokens(cfg: dict) -> list[str]:
+    """The special tokens ``cfg`` names besides bos, eos, unk and pad."""
+    main = [cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+    main = [v.get("content") if isinstance(v, dict) else v for v in main]
+    return [t.content for t in named_special_tokens(cfg) if t.content not in main]
 
 
 def class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> None:

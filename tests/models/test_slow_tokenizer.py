@@ -208,6 +208,32 @@ def test_legacy_added_tokens_json(trained, tmp_path):
     assert load_tokenizer(folder).eos_token_id == n + 1
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_named_special_tokens_with_flags_and_sep(trained, tmp_path, fast):
+    """Named special tokens as transformers 5 adds them: written as a dict, with its flags
+    (``lstrip`` / ``rstrip`` eat the spaces around "<|endoftext|>"), and sep / cls tokens too
+    (skipped when decoding). Ember added them flagless and left sep and cls out."""
+    _, _, bpe = trained
+    folder = _folder(tmp_path, "flags", {"tokenizer_class": "GPT2Tokenizer"}, bpe=bpe)
+    eot = {"content": "<|endoftext|>", "lstrip": True, "rstrip": True, "normalized": False,
+           "single_word": False}
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": eot, "sep_token": "hello",
+         "cls_token": {"content": "the", "rstrip": True}}))
+    if fast:  # the same from a tokenizer.json that lacks them as added tokens
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(
+            str(folder / "vocab.json"), str(folder / "merges.txt")))
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        tok.save(str(folder / "tokenizer.json"))
+    strings = STRINGS + ["a <|endoftext|> b", "a  <|endoftext|>\n b", "say hello there",
+                         "the  end", "xthe y"]
+    ours, theirs = load_tokenizer(folder), _theirs(folder)
+    _assert_same_ids(ours, theirs, strings)
+    ids = theirs(strings)["input_ids"]
+    assert ours.decode_batch(ids) == theirs.batch_decode(ids, skip_special_tokens=True)
+
+
 def test_class_from_model_type(trained, tmp_path):
     """No tokenizer_class: config.json's model_type picks Qwen2's or Gemma's convention, else
     GPT-2's / Llama's (transformers 5.x builds a generic backend without the prefix space there;
