@@ -198,7 +198,17 @@ def _spm_backend(folder: Path, cls: str, cfg: dict) -> tokenizers.Tokenizer:
     if sp.model_type == _UNIGRAM:  # SentencePiece's own algorithm, not transformers 5.x's BPE
         if unk is None:
             raise EmberError(f"{path}: unk_id {sp.unk_id} is not a piece; the file is corrupt")
-        backend = tokenizers.Tokenizer(models.Unigram(list(zip(sp.pieces, sp.scores, strict=True)),
+        # SentencePiece spells text with normal and user-defined pieces only: a byte piece
+        # ("<0x41>"), an unused, control or unknown one never matches the text that writes it
+        # (tokenizers' Unigram would take "<0x41>" for the byte "A"), so they score below any
+        # spelling (byte fallback and the unknown piece do not use their scores). Not below an
+        # unknown character, which tokenizers scores under every piece: "<0x38>" still takes
+        # the byte piece in a model without the character "8"
+        normal = [x for x, t in zip(sp.scores, sp.types, strict=True) if t == 1] or [0.0]
+        never = (min(normal) - 10) * (max(map(len, sp.pieces)) + 1) - 1e4
+        scores = [x if t in (1, _USER_DEFINED) else never
+                  for x, t in zip(sp.scores, sp.types, strict=True)]
+        backend = tokenizers.Tokenizer(models.Unigram(list(zip(sp.pieces, scores, strict=True)),
                                                       unk_id=sp.unk_id,
                                                       byte_fallback=sp.byte_fallback))
         spm_pipeline(backend, style=style, prepend=prepend)

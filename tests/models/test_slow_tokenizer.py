@@ -298,6 +298,26 @@ def test_unigram_matches_sentencepiece(trained, tmp_path, byte_fallback):
     _assert_same_ids(ours, _theirs(tmp_path / "out"))
 
 
+def test_unigram_never_spells_text_with_byte_or_control_pieces(trained, tmp_path):
+    """SentencePiece matches text with normal and user-defined pieces only: "<0x41>" written in
+    the text is its characters, not the byte piece of "A" (which Ember's Unigram chose, so the
+    text decoded as "A"); with ``split_special_tokens``, "<s>" and "<unk>" are characters too."""
+    _, models, _ = trained
+    sp = spm.SentencePieceProcessor(model_file=models["unigram"])
+    # (of characters the model has: "<0x38>" where the model lacks "8", as this one does,
+    # still takes the byte piece, below which tokenizers scores an unknown character)
+    texts = ["<0x41>", "a<0x41>b <0x0A>", "x<0xE2><0x9A><0x93>y", "<s>x</s>", "<unk>",
+             "hello \u2603 <|im_start|>"]
+    for split in (False, True):
+        folder = _folder(tmp_path, f"uni{split}", {"tokenizer_class": "LlamaTokenizer",
+                                                   "split_special_tokens": split},
+                         model=models["unigram"])
+        ours = load_tokenizer(folder)
+        plain = texts if split else texts[:3]
+        assert ours.encode_batch(plain) == sp.encode(plain), split
+        assert ours.decode_batch(ours.encode_batch(plain)) == plain
+
+
 def test_unigram_clean_up_flag_does_not_change_decoding(trained, tmp_path):
     """``clean_up_tokenization_spaces: true`` with a unigram tokenizer.model: transformers builds
     a BPE and never cleans up its decoding (nor does SentencePiece); Ember's Unigram removed the
