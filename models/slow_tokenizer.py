@@ -274,12 +274,14 @@ def _tokenizer_class(folder: Path, cfg: dict, model_type: str) -> str:
     cls = cfg.get("tokenizer_class")
     if isinstance(cls, str):
         base = cls.removesuffix("Fast")
+        if base == "CodeGenTokenizer":  # Phi-1.5 / Phi-2: GPT-2's pipeline in transformers 5
+            return "GPT2Tokenizer"
         if base in _SPM_CLASSES + _BPE_CLASSES:
             return base
         raise EmberError(f"{folder}: tokenizer_class {cls!r} with no tokenizer.json; Ember builds "
-                         f"{', '.join(_SPM_CLASSES + _BPE_CLASSES)} from their slow files. Convert "
-                         "the folder once with transformers (AutoTokenizer.from_pretrained(folder)"
-                         ".save_pretrained(folder))")
+                         f"{', '.join(_SPM_CLASSES + _BPE_CLASSES)}, CodeGenTokenizer from "
+                         "their slow files. Convert the folder once with transformers "
+                         "(AutoTokenizer.from_pretrained(folder).save_pretrained(folder))")
     if (folder / "tokenizer.model").is_file():
         return "GemmaTokenizer" if model_type.startswith("gemma") else "LlamaTokenizer"
     return "Qwen2Tokenizer" if model_type.startswith("qwen") else "GPT2Tokenizer"

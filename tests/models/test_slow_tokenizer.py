@@ -126,6 +126,9 @@ CASES = {
     "gpt2": ("bpe", {"tokenizer_class": "GPT2Tokenizer"}),
     "gpt2_prefix_bos": ("bpe", {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": True,
                                 "add_bos_token": True, "extra_special_tokens": ["hello"]}),
+    # Phi-1.5 / Phi-2: CodeGenTokenizer, whitespace runs added as normalized plain tokens
+    "codegen": ("bpe", {"tokenizer_class": "CodeGenTokenizer", "eos_token": "<|endoftext|>",
+                        "clean_up_tokenization_spaces": True}),
     "qwen2": ("bpe", {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None,
                       "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "errors": "replace",
                       "chat_template": CHAT}),
@@ -147,6 +150,13 @@ def _case_folder(trained, tmp_path, name: str):
             **_added(["<|endoftext|>", "<|user|>", "<|end|>", "<tool>"], 600,
                      special=lambda t: t != "<tool>")}
         cfg["added_tokens_decoder"]["602"]["rstrip"] = True
+    if name == "codegen":
+        cfg["added_tokens_decoder"] = {
+            **_added(["<|endoftext|>"], 0),
+            **{str(bpe.get_vocab_size() + i): {"content": " " * n, "lstrip": False,
+                                               "normalized": True, "rstrip": False,
+                                               "single_word": False, "special": False}
+               for i, n in enumerate((4, 3, 2))}}
     if model == "bpe":
         return _folder(tmp_path, name, cfg, bpe=bpe)
     return _folder(tmp_path, name, cfg, model=models[model])
