@@ -250,6 +250,9 @@ def _bpe_backend(folder: Path, cls: str, cfg: dict) -> tokenizers.Tokenizer:
         if len(pair) != 2 or any(p not in vocab for p in pair):
             raise EmberError(f"{merges_file}:{n}: {line!r} is not a merge of two tokens of "
                              "vocab.json")
+        if pair[0] + pair[1] not in vocab:  # (tokenizers panics on it)
+            raise EmberError(f"{merges_file}:{n}: {line!r} merges into {pair[0] + pair[1]!r}, "
+                             "which vocab.json lacks; the tokenizer files do not belong together")
         merges.append(pair)
     prefix = bool(cfg.get("add_prefix_space") or False)
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None,

@@ -471,6 +471,19 @@ def test_tiktoken_tokenizer_model_is_named_in_the_refusal(tmp_path):
         load_tokenizer(folder)
 
 
+def test_merge_into_a_token_vocab_json_lacks_is_a_clear_error(tmp_path):
+    """merges.txt with a merge whose result vocab.json lacks (files from two tokenizers):
+    transformers (tokenizers) panics while loading; Ember names the line."""
+    folder = _folder(tmp_path, "bad", {"tokenizer_class": "GPT2Tokenizer"})
+    (folder / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "c": 2}))
+    (folder / "merges.txt").write_text("#version: 0.2\na b\n")
+    with pytest.raises(BaseException, match="out of range"):  # pyo3's PanicException
+        _theirs(folder)
+    with pytest.raises(EmberError, match=r"merges.txt:1: 'a b' merges into 'ab', which "
+                                         r"vocab.json lacks"):
+        load_tokenizer(folder)
+
+
 def test_load_pretrained_slow_only_folder(trained, tmp_path):
     """A Llama model folder with tokenizer.model + tokenizer_config.json + special_tokens_map.json
     (no tokenizer.json) loads with its tokenizer, and the export gains a tokenizer.json that
