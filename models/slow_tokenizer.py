@@ -237,9 +237,15 @@ def _bpe_backend(folder: Path, cls: str, cfg: dict) -> tokenizers.Tokenizer:
         lines = merges_file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EmberError(f"cannot read the slow tokenizer in {folder}: {e}") from None
-    if not isinstance(vocab, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
-        raise EmberError(f"{vocab_file}: expected a JSON object of token -> id")
+    if not isinstance(vocab, dict) or not vocab or not all(
+            isinstance(k, str) and type(v) is int and 0 <= v < 2**32 for k, v in vocab.items()):
+        raise EmberError(f"{vocab_file}: expected a JSON object of token -> id (ids from 0)")
+    seen: dict[int, str] = {}
+    for t, i in vocab.items():
+        if i in seen:
+            raise EmberError(f"{vocab_file}: {seen[i]!r} and {t!r} have the same id {i}; the "
+                             "file is corrupt")
+        seen[i] = t
     if lines and lines[0].startswith("#version"):
         lines = lines[1:]
     merges = []

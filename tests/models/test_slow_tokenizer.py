@@ -484,6 +484,23 @@ def test_merge_into_a_token_vocab_json_lacks_is_a_clear_error(tmp_path):
         load_tokenizer(folder)
 
 
+@pytest.mark.parametrize("vocab, error", [
+    ({"a": 0, "b": 0, "ab": 1}, "'a' and 'b' have the same id 0"),
+    ({"a": -1, "b": 1}, "expected a JSON object of token -> id"),
+    ({}, "expected a JSON object of token -> id")])
+def test_bad_vocab_json_is_a_clear_error(tmp_path, vocab, error):
+    """vocab.json with a repeated or negative id, or no token: transformers fails deep in
+    tokenizers (a TypeError for the negative id) or loads a tokenizer that cannot be right (an id
+    decoding as either of two tokens); Ember says what is wrong."""
+    folder = _folder(tmp_path, "bad", {"tokenizer_class": "GPT2Tokenizer"})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\na b\n" if "ab" in vocab else "")
+    if error.startswith("'a'"):  # transformers loads it: id 0 decodes as one of the two
+        assert _theirs(folder).decode([0, 0]) in ("aa", "bb")
+    with pytest.raises(EmberError, match=error):
+        load_tokenizer(folder)
+
+
 def test_load_pretrained_slow_only_folder(trained, tmp_path):
     """A Llama model folder with tokenizer.model + tokenizer_config.json + special_tokens_map.json
     (no tokenizer.json) loads with its tokenizer, and the export gains a tokenizer.json that
