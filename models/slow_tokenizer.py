@@ -38,7 +38,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from ember import EmberError
 from ember.models.spm import recovered_merges, spm_bpe, spm_pipeline
 from ember.models.tokenizer import _QWEN2 as _QWEN2_SPLIT  # the GGUF "qwen2" split, the same regex
-from ember.models.tokenizer_classes import named_special_tokens
+from ember.models.tokenizer_classes import named_special_tokens, resolved_class
 
 _SPM_CLASSES = ("LlamaTokenizer", "GemmaTokenizer")
 _BPE_CLASSES = ("GPT2Tokenizer", "Qwen2Tokenizer")
@@ -285,7 +285,10 @@ def _tokenizer_class(folder: Path, cfg: dict, model_type: str) -> str:
         base = cls.removesuffix("Fast")
         if base == "CodeGenTokenizer":  # Phi-1.5 / Phi-2: GPT-2's pipeline in transformers 5
             return "GPT2Tokenizer"
-        if base in _SPM_CLASSES + _BPE_CLASSES:
+        if base in _BPE_CLASSES:  # a qwen2 model's is Qwen2Tokenizer, whatever the folder says
+            registered = resolved_class(cfg, model_type)
+            return registered if registered in _BPE_CLASSES else base
+        if base in _SPM_CLASSES:
             return base
         raise EmberError(f"{folder}: tokenizer_class {cls!r} with no tokenizer.json; Ember builds "
                          f"{', '.join(_SPM_CLASSES + _BPE_CLASSES)}, CodeGenTokenizer from "

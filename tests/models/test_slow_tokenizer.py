@@ -262,6 +262,19 @@ def test_class_from_model_type(trained, tmp_path):
         ["Hello world", "a  b"])
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_qwen2_model_type_overrides_a_gpt2_tokenizer_class(trained, tmp_path, model_type):
+    """tokenizer_class GPT2Tokenizer in a qwen2 model's folder: transformers 5 builds
+    Qwen2Tokenizer (NFC, Qwen2's split, no bos) for model type qwen2 whatever the folder says
+    (and trusts the folder for qwen3); Ember split like GPT-2."""
+    _, _, bpe = trained
+    folder = _folder(tmp_path, model_type, {"tokenizer_class": "GPT2Tokenizer"}, bpe=bpe)
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    assert type(_theirs(folder)).__name__ == ("Qwen2Tokenizer" if model_type == "qwen2"
+                                              else "GPT2Tokenizer")
+    _assert_like_transformers(folder)
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma", "qwen2"])
 def test_saved_tokenizer_json_loads_in_transformers(trained, tmp_path, name):
     ours = load_tokenizer(_case_folder(trained, tmp_path, name))
