@@ -15,12 +15,13 @@
   char models are refused.
   One deliberate difference: a BPE model trained without byte fallback maps a character it
   cannot spell to the unknown piece, as SentencePiece does (transformers 5.x silently drops it).
-- ``vocab.json`` + ``merges.txt``: byte-level BPE, split like ``GPT2Tokenizer`` (GPT-2's regex) or
-  ``Qwen2Tokenizer`` (its own regex after NFC).
+- ``vocab.json`` + ``merges.txt``: byte-level BPE, split like ``GPT2Tokenizer`` (GPT-2's regex;
+  ``CodeGenTokenizer`` too) or ``Qwen2Tokenizer`` (its own regex after NFC).
 
 Added tokens come from tokenizer_config.json's ``added_tokens_decoder`` (else the legacy
 ``added_tokens.json``) and the named special tokens; each must land on the id the folder says.
-Which class: tokenizer_config.json's ``tokenizer_class``, else config.json's ``model_type``.
+Which class: tokenizer_config.json's ``tokenizer_class`` (but a qwen2 model's byte-level files are
+``Qwen2Tokenizer``, as transformers 5 resolves them), else config.json's ``model_type``.
 """
 
 from __future__ import annotations

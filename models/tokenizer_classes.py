@@ -20,6 +20,9 @@ Phi-3, Granite, OLMo2: tokenizer.json as written). Mirrored here, for the famili
 Not mirrored: ``GPT2Tokenizer``, which transformers 5 rebuilds as GPT-2's regex alone, dropping
 e.g. SmolLM2's and StarCoder's digit split from their tokenizer.json (Ember keeps the model's own
 split), and ``GemmaTokenizer``, whose pipeline is the one Gemma's tokenizer.json already has.
+
+Also how transformers 5 reads the special tokens of any folder: special_tokens_map.json
+(``special_tokens_config``) and the named tokens it adds (``named_special_tokens``).
 """
 
 from __future__ import annotations
