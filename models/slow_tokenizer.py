@@ -15,17 +15,19 @@
   char models are refused.
   One deliberate difference: a BPE model trained without byte fallback maps a character it
   cannot spell to the unknown piece, as SentencePiece does (transformers 5.x silently drops it).
-- ``vocab.json`` + ``merges.txt``: byte-level BPE, split like ``GPT2Tokenizer`` (GPT-2's regex) or
-  ``Qwen2Tokenizer`` (its own regex after NFC).
+- ``vocab.json`` + ``merges.txt``: byte-level BPE, split like ``GPT2Tokenizer`` (GPT-2's regex;
+  ``CodeGenTokenizer`` too) or ``Qwen2Tokenizer`` (its own regex after NFC).
 
 Added tokens come from tokenizer_config.json's ``added_tokens_decoder`` (else the legacy
 ``added_tokens.json``) and the named special tokens; each must land on the id the folder says.
-Which class: tokenizer_config.json's ``tokenizer_class``, else config.json's ``model_type``.
+Which class: tokenizer_config.json's ``tokenizer_class`` (but a qwen2 model's byte-level files are
+``Qwen2Tokenizer``, as transformers 5 resolves them), else config.json's ``model_type``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from ember import EmberError
 from ember.models.spm import recovered_merges, spm_bpe, spm_pipeline
 from ember.models.tokenizer import _QWEN2 as _QWEN2_SPLIT  # the GGUF "qwen2" split, the same regex
+from ember.models.tokenizer_classes import named_special_tokens, resolved_class
 
 _SPM_CLASSES = ("LlamaTokenizer", "GemmaTokenizer")
 _BPE_CLASSES = ("GPT2Tokenizer", "Qwen2Tokenizer")
@@ -54,6 +57,20 @@ def has_slow_tokenizer(folder: Path) -> bool:
     """Whether ``folder`` holds a slow tokenizer's files (and so ``load_tokenizer`` can try)."""
     return (folder / "tokenizer.model").is_file() or (
         (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+
+
+def no_tokenizer_error(folder: Path) -> EmberError:
+    """The error for a folder with no tokenizer Ember reads, naming the tokenizer files it has
+    (T5's spiece.model, Mistral's tekken.json, a WordPiece vocab.txt...)."""
+    found = sorted(f.name for f in folder.glob("*") if f.is_file() and (
+        f.suffix == ".model" or f.name.startswith("tokenizer.model") or f.name in (
+            "vocab.json", "merges.txt", "vocab.txt", "tekken.json")))
+    where = "" if not found else (
+        f"; it has {', '.join(found)}, which Ember does not read as a tokenizer: convert the "
+        "folder once with transformers (AutoTokenizer.from_pretrained(folder)"
+        ".save_pretrained(folder)), which writes a tokenizer.json")
+    return EmberError(f"no tokenizer.json in {folder} (nor a slow tokenizer's tokenizer.model or "
+                      f"vocab.json + merges.txt){where}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -124,6 +141,11 @@ def read_spm_model(path: Path) -> SpmModel:
     pointer = lfs_pointer(path, "the tokenizer")
     if pointer:
         raise EmberError(f"cannot read {path}: {pointer}")
+    if re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+", buf[:buf.find(b"\n")] if b"\n" in buf else b""):
+        raise EmberError(f"{path} is a tiktoken vocabulary (Llama 3's original format), not a "
+                         "SentencePiece model; Ember reads it from a tokenizer.json: convert the "
+                         "folder once with transformers (AutoTokenizer.from_pretrained(folder)"
+                         ".save_pretrained(folder))")
     pieces, scores, types = [], [], []
     trainer: dict[str, Any] = {}
     for number, value in _fields(buf, source):
@@ -177,7 +199,17 @@ def _spm_backend(folder: Path, cls: str, cfg: dict) -> tokenizers.Tokenizer:
     if sp.model_type == _UNIGRAM:  # SentencePiece's own algorithm, not transformers 5.x's BPE
         if unk is None:
             raise EmberError(f"{path}: unk_id {sp.unk_id} is not a piece; the file is corrupt")
-        backend = tokenizers.Tokenizer(models.Unigram(list(zip(sp.pieces, sp.scores, strict=True)),
+        # SentencePiece spells text with normal and user-defined pieces only: a byte piece
+        # ("<0x41>"), an unused, control or unknown one never matches the text that writes it
+        # (tokenizers' Unigram would take "<0x41>" for the byte "A"), so they score below any
+        # spelling (byte fallback and the unknown piece do not use their scores). Not below an
+        # unknown character, which tokenizers scores under every piece: "<0x38>" still takes
+        # the byte piece in a model without the character "8"
+        normal = [x for x, t in zip(sp.scores, sp.types, strict=True) if t == 1] or [0.0]
+        never = (min(normal) - 10) * (max(map(len, sp.pieces)) + 1) - 1e4
+        scores = [x if t in (1, _USER_DEFINED) else never
+                  for x, t in zip(sp.scores, sp.types, strict=True)]
+        backend = tokenizers.Tokenizer(models.Unigram(list(zip(sp.pieces, scores, strict=True)),
                                                       unk_id=sp.unk_id,
                                                       byte_fallback=sp.byte_fallback))
         spm_pipeline(backend, style=style, prepend=prepend)
@@ -206,9 +238,15 @@ def _bpe_backend(folder: Path, cls: str, cfg: dict) -> tokenizers.Tokenizer:
         lines = merges_file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EmberError(f"cannot read the slow tokenizer in {folder}: {e}") from None
-    if not isinstance(vocab, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
-        raise EmberError(f"{vocab_file}: expected a JSON object of token -> id")
+    if not isinstance(vocab, dict) or not vocab or not all(
+            isinstance(k, str) and type(v) is int and 0 <= v < 2**32 for k, v in vocab.items()):
+        raise EmberError(f"{vocab_file}: expected a JSON object of token -> id (ids from 0)")
+    seen: dict[int, str] = {}
+    for t, i in vocab.items():
+        if i in seen:
+            raise EmberError(f"{vocab_file}: {seen[i]!r} and {t!r} have the same id {i}; the "
+                             "file is corrupt")
+        seen[i] = t
     if lines and lines[0].startswith("#version"):
         lines = lines[1:]
     merges = []
@@ -219,6 +257,9 @@ def _bpe_backend(folder: Path, cls: str, cfg: dict) -> tokenizers.Tokenizer:
         if len(pair) != 2 or any(p not in vocab for p in pair):
             raise EmberError(f"{merges_file}:{n}: {line!r} is not a merge of two tokens of "
                              "vocab.json")
+        if pair[0] + pair[1] not in vocab:  # (tokenizers panics on it)
+            raise EmberError(f"{merges_file}:{n}: {line!r} merges into {pair[0] + pair[1]!r}, "
+                             "which vocab.json lacks; the tokenizer files do not belong together")
         merges.append(pair)
     prefix = bool(cfg.get("add_prefix_space") or False)
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None,
@@ -243,21 +284,20 @@ def _tokenizer_class(folder: Path, cfg: dict, model_type: str) -> str:
     cls = cfg.get("tokenizer_class")
     if isinstance(cls, str):
         base = cls.removesuffix("Fast")
-        if base in _SPM_CLASSES + _BPE_CLASSES:
+        if base == "CodeGenTokenizer":  # Phi-1.5 / Phi-2: GPT-2's pipeline in transformers 5
+            return "GPT2Tokenizer"
+        if base in _BPE_CLASSES:  # a qwen2 model's is Qwen2Tokenizer, whatever the folder says
+            registered = resolved_class(cfg, model_type)
+            return registered if registered in _BPE_CLASSES else base
+        if base in _SPM_CLASSES:
             return base
         raise EmberError(f"{folder}: tokenizer_class {cls!r} with no tokenizer.json; Ember builds "
-                         f"{', '.join(_SPM_CLASSES + _BPE_CLASSES)} from their slow files. Convert "
-                         "the folder once with transformers (AutoTokenizer.from_pretrained(folder)"
-                         ".save_pretrained(folder))")
+                         f"{', '.join(_SPM_CLASSES + _BPE_CLASSES)}, CodeGenTokenizer from "
+                         "their slow files. Convert the folder once with transformers "
+                         "(AutoTokenizer.from_pretrained(folder).save_pretrained(folder))")
     if (folder / "tokenizer.model").is_file():
         return "GemmaTokenizer" if model_type.startswith("gemma") else "LlamaTokenizer"
     return "Qwen2Tokenizer" if model_type.startswith("qwen") else "GPT2Tokenizer"
-
-
-def _content(v: Any) -> str | None:
-    """A special token as tokenizer_config.json writes it: a str or an AddedToken dict."""
-    v = v.get("content") if isinstance(v, dict) else v
-    return v if isinstance(v, str) else None
 
 
 def _added_token(d: dict, content: str) -> AddedToken:
@@ -280,8 +320,12 @@ def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
     else:
         backend = _bpe_backend(folder, cls, cfg)
     defaults = {k: v for k, v in _DEFAULTS[cls].items() if k not in cfg and k not in smap}
-    named = {_content(v) for k, v in {**smap, **cfg, **defaults}.items()
-             if k in ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")} - {None}
+    every = {**smap, **cfg, **defaults}
+    specials = named_special_tokens(every)
+    # the tokens of added_tokens.json that are special: transformers 5 counts the named and the
+    # extra ones there, not (its 4.x name) additional_special_tokens
+    named = {t.content for t in named_special_tokens(
+        {k: v for k, v in every.items() if k != "additional_special_tokens"})}
 
     # (id, token) pairs the folder pins: added_tokens_decoder, else the legacy added_tokens.json
     pinned: list[tuple[int, AddedToken]] = []
@@ -312,17 +356,9 @@ def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
             raise EmberError(f"{folder}: added token {tok.content!r} should have id {i} but the "
                              f"vocabulary gives it {backend.token_to_id(tok.content)}; the "
                              "tokenizer files disagree")
-    extra = []  # lists of tokens (transformers 5 also writes {name: token} extras)
-    for source in (cfg, smap):
-        for key in ("additional_special_tokens", "extra_special_tokens"):
-            v = source.get(key) or []
-            extra += list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else []
-    specials = [t for t in (*sorted(named), *map(_content, extra)) if t is not None]
-    decoder_tokens = backend.get_added_tokens_decoder().values()
-    have = {t.content for t in decoder_tokens}
+    have = {t.content for t in backend.get_added_tokens_decoder().values()}
     # named special tokens not yet added become special (matched whole, skipped when decoding),
     # if the vocabulary has them; load_tokenizer reports those it has not
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t in dict.fromkeys(specials)
-                                if t not in have and backend.token_to_id(t) is not None])
+    backend.add_special_tokens([t for t in specials if t.content not in have
+                                and backend.token_to_id(t.content) is not None])
     return backend, defaults

@@ -28,7 +28,12 @@ from ember.models.chat_template import (
     render,
     select_template,
 )
-from ember.models.tokenizer_classes import class_pipeline
+from ember.models.tokenizer_classes import (
+    class_pipeline,
+    named_special_tokens,
+    other_special_tokens,
+    special_tokens_config,
+)
 
 _SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -241,21 +246,14 @@ def _add_config_tokens(backend: tokenizers.Tokenizer, decoder: Any) -> None:
             backend.add_tokens([token])
 
 
-def _add_named_specials(backend: tokenizers.Tokenizer, cfg: dict, smap: dict) -> None:
+def _add_named_specials(backend: tokenizers.Tokenizer, cfg: dict) -> None:
     """The special tokens the config names (bos, eos, ..., extra / additional special tokens) that
     tokenizer.json has in its vocabulary but not as added tokens become special added tokens
     (matched whole, skipped when decoding), as transformers 5 makes them; those it does not have
     at all are reported by ``load_tokenizer`` (transformers would grow the vocabulary)."""
-    names = [cfg.get(n, smap.get(n)) for n in (*_SPECIALS, "sep_token", "cls_token",
-                                                 "mask_token")]
-    for source in (cfg, smap):
-        for key in ("additional_special_tokens", "extra_special_tokens"):
-            v = source.get(key) or []
-            names += list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else []
     have = {t.content for t in backend.get_added_tokens_decoder().values()}
-    new = [t for t in dict.fromkeys(map(_token_str, names)) if t is not None and t not in have
-           and backend.token_to_id(t) is not None]
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+    backend.add_special_tokens([t for t in named_special_tokens(cfg) if t.content not in have
+                                and backend.token_to_id(t.content) is not None])
 
 
 def _added_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None,
@@ -325,14 +323,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         folder / "tokenizer_config.json").is_file() else {}
     smap = _read_json(folder / "special_tokens_map.json") if (
         folder / "special_tokens_map.json").is_file() else {}
+    cfg, smap = special_tokens_config(cfg, smap, folder), {}
     specials = {n: _token_str(cfg.get(n, smap.get(n))) for n in _SPECIALS}
     slow = not tj.is_file()
     if slow:
-        from ember.models.slow_tokenizer import has_slow_tokenizer, slow_backend
+        from ember.models.slow_tokenizer import has_slow_tokenizer, no_tokenizer_error, slow_backend
 
         if not has_slow_tokenizer(folder):
-            raise EmberError(f"no tokenizer.json in {folder} (nor a slow tokenizer's "
-                             "tokenizer.model or vocab.json + merges.txt)")
+            raise no_tokenizer_error(folder)
         model_cfg = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
         model_type = model_cfg.get("model_type") if isinstance(model_cfg, dict) else None
         backend, defaults = slow_backend(folder, cfg, smap, str(model_type or ""))
@@ -347,7 +345,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             raise EmberError(f"cannot parse {tj}: {lfs_pointer(tj, 'the tokenizer') or e}"
                              ) from None
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
-        _add_named_specials(backend, cfg, smap)
+        _add_named_specials(backend, cfg)
         class_pipeline(backend, folder, cfg)
     template, named = read_templates(cfg, folder)
     extra_eos: list[int] = []
@@ -366,8 +364,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             warnings.warn(f"{folder}: {name} {tok!r} is not in {where}; ignoring it",
                           stacklevel=2)
             specials[name] = None
+    missing = [t for t in other_special_tokens(cfg) if backend.token_to_id(t) is None]
+    if missing:
+        warnings.warn(f"{folder}: special tokens {missing} are not in "
+                      f"{'the slow tokenizer' if slow else 'tokenizer.json'}; Ember encodes them "
+                      "as plain text (transformers adds them as new tokens, with ids past the "
+                      "vocabulary)", stacklevel=2)
     add_bos, add_eos = bool(cfg.get("add_bos_token", False)), bool(cfg.get("add_eos_token", False))
     if slow:  # tokenizer.json carries its post-processor; here it comes from the flags
+        # (without the token, the flag is off, as transformers turns it off)
+        add_bos, add_eos = add_bos and bool(specials["bos_token"]), add_eos and bool(
+            specials["eos_token"])
         _set_bos_eos(backend, specials["bos_token"] if add_bos else None,
                      specials["eos_token"] if add_eos else None)
     else:  # what the post-processor adds, as transformers 5 encodes (whatever the config says)
@@ -376,8 +383,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     # transformers encodes special tokens written in the text as text when the config says so
     backend.encode_special_tokens = bool(cfg.get("split_special_tokens"))
     max_len = cfg.get("model_max_length")
+    # transformers 5 builds every slow tokenizer Ember reads as a BPE, whose decoding it never
+    # cleans up; Ember's Unigram for a unigram tokenizer.model must not either
+    clean_up = bool(cfg.get("clean_up_tokenization_spaces")) and not slow
     return Tokenizer(backend, **specials, chat_template=template, chat_templates=named,
-                     clean_up_tokenization_spaces=bool(cfg.get("clean_up_tokenization_spaces")),
+                     clean_up_tokenization_spaces=clean_up,
                      add_bos_token=add_bos, add_eos_token=add_eos, extra_eos_token_ids=extra_eos,
                      model_max_length=int(max_len) if isinstance(max_len, int | float)
                      and max_len < 1e12 else None)

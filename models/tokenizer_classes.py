@@ -20,15 +20,21 @@ Phi-3, Granite, OLMo2: tokenizer.json as written). Mirrored here, for the famili
 Not mirrored: ``GPT2Tokenizer``, which transformers 5 rebuilds as GPT-2's regex alone, dropping
 e.g. SmolLM2's and StarCoder's digit split from their tokenizer.json (Ember keeps the model's own
 split), and ``GemmaTokenizer``, whose pipeline is the one Gemma's tokenizer.json already has.
+
+Also how transformers 5 reads the special tokens of any folder: special_tokens_map.json
+(``special_tokens_config``) and the named tokens it adds (``named_special_tokens``).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import tokenizers
-from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+
+from ember import EmberError
 
 # config.json model type -> the tokenizer class transformers 5 registers for it: None (none: the
 # folder's class), "" (a generic backend: tokenizer.json as written) or a class name
@@ -60,6 +66,66 @@ def resolved_class(cfg: dict, model_type: str | None) -> str | None:
     if registered == "":
         return None
     return registered if model_type in _REGISTERED_WINS else hub
+
+
+def special_tokens_config(cfg: Any, smap: Any, folder: Path) -> dict:
+    """tokenizer_config.json ``cfg`` with special_tokens_map.json ``smap`` read in as transformers
+    5 reads it: ignored when ``cfg`` has ``added_tokens_decoder`` (any folder saved since
+    transformers 4.34), else its special tokens override the config's (the legacy files)."""
+    for name, value in (("tokenizer_config.json", cfg), ("special_tokens_map.json", smap)):
+        if not isinstance(value, dict):
+            raise EmberError(f"{folder / name}: expected a JSON object, got "
+                             f"{type(value).__name__}; the tokenizer files are corrupt")
+    if "added_tokens_decoder" in cfg:
+        return cfg
+    merged = dict(cfg)
+    for key, value in smap.items():
+        if not key.endswith(("_token", "_tokens")):
+            continue
+        if key == "extra_special_tokens" and isinstance(value, list):  # merged into the config's
+            have = merged.get(key)
+            have = list(have) if isinstance(have, list) else []
+            value = have + [t for t in value if t not in have]
+        merged[key] = value
+    return merged
+
+
+_NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+          "mask_token")
+
+
+def named_special_tokens(cfg: dict) -> list[AddedToken]:
+    """Every special token ``cfg`` names: bos, eos, unk, sep, pad, cls, mask, then the lists
+    (transformers 5 also writes a {name: token} dict) of additional / extra ones, as transformers
+    5 adds those not yet added: special, with the flags of one written as a dict ({"content",
+    "lstrip", "rstrip", ...}: Llama 2's and GPT-2's "__type": "AddedToken"), not normalized
+    otherwise."""
+    values = [cfg.get(k) for k in _NAMED]
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        v = cfg.get(key) or []
+        values += list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else []
+    # transformers skips a token equal to one listed before (an AddedToken to an AddedToken of
+    # the same text, a str to the same str), then adds them in order: the last of a text wins
+    out: dict[str, AddedToken] = {}
+    seen = set()
+    for v in values:
+        d = v if isinstance(v, dict) else {"content": v}
+        if not isinstance(d.get("content"), str) or (isinstance(v, dict), d["content"]) in seen:
+            continue
+        seen.add((isinstance(v, dict), d["content"]))
+        flags = {k: bool(d[k]) for k in ("single_word", "lstrip", "rstrip", "normalized")
+                 if k in d}
+        out.pop(d["content"], None)
+        out[d["content"]] = AddedToken(d["content"], special=True,
+                                       **{"normalized": False, **flags})
+    return list(out.values())
+
+
+def other_special_tokens(cfg: dict) -> list[str]:
+    """The special tokens ``cfg`` names besides bos, eos, unk and pad."""
+    main = [cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+    main = [v.get("content") if isinstance(v, dict) else v for v in main]
+    return [t.content for t in named_special_tokens(cfg) if t.content not in main]
 
 
 def class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> None:

@@ -126,6 +126,9 @@ CASES = {
     "gpt2": ("bpe", {"tokenizer_class": "GPT2Tokenizer"}),
     "gpt2_prefix_bos": ("bpe", {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": True,
                                 "add_bos_token": True, "extra_special_tokens": ["hello"]}),
+    # Phi-1.5 / Phi-2: CodeGenTokenizer, whitespace runs added as normalized plain tokens
+    "codegen": ("bpe", {"tokenizer_class": "CodeGenTokenizer", "eos_token": "<|endoftext|>",
+                        "clean_up_tokenization_spaces": True}),
     "qwen2": ("bpe", {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None,
                       "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "errors": "replace",
                       "chat_template": CHAT}),
@@ -147,6 +150,13 @@ def _case_folder(trained, tmp_path, name: str):
             **_added(["<|endoftext|>", "<|user|>", "<|end|>", "<tool>"], 600,
                      special=lambda t: t != "<tool>")}
         cfg["added_tokens_decoder"]["602"]["rstrip"] = True
+    if name == "codegen":
+        cfg["added_tokens_decoder"] = {
+            **_added(["<|endoftext|>"], 0),
+            **{str(bpe.get_vocab_size() + i): {"content": " " * n, "lstrip": False,
+                                               "normalized": True, "rstrip": False,
+                                               "single_word": False, "special": False}
+               for i, n in enumerate((4, 3, 2))}}
     if model == "bpe":
         return _folder(tmp_path, name, cfg, bpe=bpe)
     return _folder(tmp_path, name, cfg, model=models[model])
@@ -208,6 +218,32 @@ def test_legacy_added_tokens_json(trained, tmp_path):
     assert load_tokenizer(folder).eos_token_id == n + 1
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_named_special_tokens_with_flags_and_sep(trained, tmp_path, fast):
+    """Named special tokens as transformers 5 adds them: written as a dict, with its flags
+    (``lstrip`` / ``rstrip`` eat the spaces around "<|endoftext|>"), and sep / cls tokens too
+    (skipped when decoding). Ember added them flagless and left sep and cls out."""
+    _, _, bpe = trained
+    folder = _folder(tmp_path, "flags", {"tokenizer_class": "GPT2Tokenizer"}, bpe=bpe)
+    eot = {"content": "<|endoftext|>", "lstrip": True, "rstrip": True, "normalized": False,
+           "single_word": False}
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": eot, "sep_token": "hello",
+         "cls_token": {"content": "the", "rstrip": True}}))
+    if fast:  # the same from a tokenizer.json that lacks them as added tokens
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(
+            str(folder / "vocab.json"), str(folder / "merges.txt")))
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        tok.save(str(folder / "tokenizer.json"))
+    strings = STRINGS + ["a <|endoftext|> b", "a  <|endoftext|>\n b", "say hello there",
+                         "the  end", "xthe y"]
+    ours, theirs = load_tokenizer(folder), _theirs(folder)
+    _assert_same_ids(ours, theirs, strings)
+    ids = theirs(strings)["input_ids"]
+    assert ours.decode_batch(ids) == theirs.batch_decode(ids, skip_special_tokens=True)
+
+
 def test_class_from_model_type(trained, tmp_path):
     """No tokenizer_class: config.json's model_type picks Qwen2's or Gemma's convention, else
     GPT-2's / Llama's (transformers 5.x builds a generic backend without the prefix space there;
@@ -224,6 +260,19 @@ def test_class_from_model_type(trained, tmp_path):
     sp = spm.SentencePieceProcessor(model_file=models["llama"])
     assert load_tokenizer(folder).encode_batch(["Hello world", "a  b"]) == sp.encode(
         ["Hello world", "a  b"])
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_qwen2_model_type_overrides_a_gpt2_tokenizer_class(trained, tmp_path, model_type):
+    """tokenizer_class GPT2Tokenizer in a qwen2 model's folder: transformers 5 builds
+    Qwen2Tokenizer (NFC, Qwen2's split, no bos) for model type qwen2 whatever the folder says
+    (and trusts the folder for qwen3); Ember split like GPT-2."""
+    _, _, bpe = trained
+    folder = _folder(tmp_path, model_type, {"tokenizer_class": "GPT2Tokenizer"}, bpe=bpe)
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    assert type(_theirs(folder)).__name__ == ("Qwen2Tokenizer" if model_type == "qwen2"
+                                              else "GPT2Tokenizer")
+    _assert_like_transformers(folder)
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma", "qwen2"])
@@ -270,6 +319,75 @@ def test_unigram_matches_sentencepiece(trained, tmp_path, byte_fallback):
     assert ours.encode("a<|im_start|>b") == sp.encode("a<|im_start|>b")
     ours.save_pretrained(tmp_path / "out")  # exported: transformers reads the Unigram as is
     _assert_same_ids(ours, _theirs(tmp_path / "out"))
+
+
+def test_unigram_never_spells_text_with_byte_or_control_pieces(trained, tmp_path):
+    """SentencePiece matches text with normal and user-defined pieces only: "<0x41>" written in
+    the text is its characters, not the byte piece of "A" (which Ember's Unigram chose, so the
+    text decoded as "A"); with ``split_special_tokens``, "<s>" and "<unk>" are characters too."""
+    _, models, _ = trained
+    sp = spm.SentencePieceProcessor(model_file=models["unigram"])
+    # (of characters the model has: "<0x38>" where the model lacks "8", as this one does,
+    # still takes the byte piece, below which tokenizers scores an unknown character)
+    texts = ["<0x41>", "a<0x41>b <0x0A>", "x<0xE2><0x9A><0x93>y", "<s>x</s>", "<unk>",
+             "hello \u2603 <|im_start|>"]
+    for split in (False, True):
+        folder = _folder(tmp_path, f"uni{split}", {"tokenizer_class": "LlamaTokenizer",
+                                                   "split_special_tokens": split},
+                         model=models["unigram"])
+        ours = load_tokenizer(folder)
+        plain = texts if split else texts[:3]
+        assert ours.encode_batch(plain) == sp.encode(plain), split
+        assert ours.decode_batch(ours.encode_batch(plain)) == plain
+
+
+def test_unigram_clean_up_flag_does_not_change_decoding(trained, tmp_path):
+    """``clean_up_tokenization_spaces: true`` with a unigram tokenizer.model: transformers builds
+    a BPE and never cleans up its decoding (nor does SentencePiece); Ember's Unigram removed the
+    spaces before punctuation ("Hello , world ." decoded as "Hello, world.")."""
+    _, models, _ = trained
+    folder = _folder(tmp_path, "uni", {"tokenizer_class": "LlamaTokenizer",
+                                       "clean_up_tokenization_spaces": True},
+                     model=models["unigram"])
+    ours, theirs = load_tokenizer(folder), _theirs(folder)
+    sp = spm.SentencePieceProcessor(model_file=models["unigram"])
+    texts = ["Hello , world . it 's done !", "a ? b , c n't"]
+    ids = [sp.encode(t) for t in texts]
+    assert ours.decode_batch(ids) == theirs.batch_decode(ids) == sp.decode(ids) == texts
+    ours.save_pretrained(tmp_path / "out")  # and the export does not turn it on
+    assert _theirs(tmp_path / "out").batch_decode(ids) == texts
+
+
+def test_add_bos_without_a_bos_token_is_off(trained, tmp_path):
+    """``add_bos_token: true`` with ``bos_token: null`` (or ``add_eos_token`` without eos):
+    transformers turns the flag off; Ember kept it on, so its exports (tokenizer_config.json,
+    GGUF ``add_bos_token``) promised a BOS the tokenizer has not."""
+    _, models, _ = trained
+    folder = _folder(tmp_path, "nobos", {"tokenizer_class": "LlamaTokenizer", "bos_token": None,
+                                         "eos_token": None, "add_bos_token": True,
+                                         "add_eos_token": True}, model=models["llama"])
+    ours, theirs = load_tokenizer(folder), _theirs(folder)
+    assert (ours.bos_token, ours.eos_token) == (theirs.bos_token, theirs.eos_token) == (None,
+                                                                                       None)
+    assert (ours.add_bos_token, ours.add_eos_token) == (theirs.add_bos_token,
+                                                        theirs.add_eos_token) == (False, False)
+    _assert_same_ids(ours, theirs, ["Hello world", "<s>a</s>"])
+
+
+def test_extra_special_token_missing_from_the_vocabulary_warns(trained, tmp_path):
+    """An additional special token the vocabulary lacks: transformers adds it as a new token
+    (an id past the vocabulary); Ember keeps the model's vocabulary and said nothing while
+    encoding the token as plain text. Tokens the vocabulary has stay silent and special."""
+    _, models, _ = trained
+    folder = _folder(tmp_path, "extra", {"tokenizer_class": "LlamaTokenizer",
+                                         "additional_special_tokens": ["<extra>", "<|im_end|>"]},
+                     model=models["llama"])
+    theirs = _theirs(folder)
+    assert len(theirs) == 601 and theirs.convert_tokens_to_ids("<extra>") == 600
+    with pytest.warns(UserWarning, match=r"\['<extra>'\] are not in the slow tokenizer"):
+        ours = load_tokenizer(folder)
+    assert ours.vocab_size == 600 and ours.token_to_id("<extra>") is None
+    _assert_same_ids(ours, theirs, ["a<|im_end|>b", "Hello world"])
 
 
 def test_no_byte_fallback_keeps_unknown_characters(trained, tmp_path):
@@ -336,6 +454,64 @@ def test_refusals(trained, tmp_path):
     bpe.model.save(str(tmp_path / "gemma_no_model"))
     with pytest.raises(EmberError, match="GemmaTokenizer needs tokenizer.model"):
         load_tokenizer(tmp_path / "gemma_no_model")
+
+
+def test_t5_style_spiece_model_is_named_in_the_refusal(trained, tmp_path):
+    """A T5-style folder keeps its SentencePiece model as spiece.model (transformers'
+    T5Tokenizer reads it); Ember refuses it, naming the file and the conversion, instead of
+    saying the folder has no tokenizer.model."""
+    _, models, _ = trained
+    folder = _folder(tmp_path, "t5", {"tokenizer_class": "T5Tokenizer", "extra_ids": 2})
+    shutil.copy(models["unigram"], folder / "spiece.model")
+    assert len(_theirs(folder)("Hello world")["input_ids"]) > 1
+    with pytest.raises(EmberError, match=r"it has spiece.model, which Ember does not read.*"
+                                         r"save_pretrained"):
+        load_tokenizer(folder)
+
+
+def test_tiktoken_tokenizer_model_is_named_in_the_refusal(tmp_path):
+    """Llama 3's original tokenizer.model is a tiktoken vocabulary (base64 bytes and a rank per
+    line), which SentencePiece cannot load and transformers reads as tiktoken; Ember said
+    "corrupt protobuf"."""
+    import base64
+
+    folder = _folder(tmp_path, "tiktoken", {"tokenizer_class": "LlamaTokenizer"})
+    (folder / "tokenizer.model").write_bytes(b"".join(
+        base64.b64encode(bytes([i])) + b" %d\n" % i for i in range(256)))
+    with pytest.raises(Exception):  # noqa: B017 (protobuf's DecodeError, whatever it is named)
+        spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    with pytest.raises(EmberError, match="is a tiktoken vocabulary.*save_pretrained"):
+        load_tokenizer(folder)
+
+
+def test_merge_into_a_token_vocab_json_lacks_is_a_clear_error(tmp_path):
+    """merges.txt with a merge whose result vocab.json lacks (files from two tokenizers):
+    transformers (tokenizers) panics while loading; Ember names the line."""
+    folder = _folder(tmp_path, "bad", {"tokenizer_class": "GPT2Tokenizer"})
+    (folder / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "c": 2}))
+    (folder / "merges.txt").write_text("#version: 0.2\na b\n")
+    with pytest.raises(BaseException, match="out of range"):  # pyo3's PanicException
+        _theirs(folder)
+    with pytest.raises(EmberError, match=r"merges.txt:1: 'a b' merges into 'ab', which "
+                                         r"vocab.json lacks"):
+        load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("vocab, error", [
+    ({"a": 0, "b": 0, "ab": 1}, "'a' and 'b' have the same id 0"),
+    ({"a": -1, "b": 1}, "expected a JSON object of token -> id"),
+    ({}, "expected a JSON object of token -> id")])
+def test_bad_vocab_json_is_a_clear_error(tmp_path, vocab, error):
+    """vocab.json with a repeated or negative id, or no token: transformers fails deep in
+    tokenizers (a TypeError for the negative id) or loads a tokenizer that cannot be right (an id
+    decoding as either of two tokens); Ember says what is wrong."""
+    folder = _folder(tmp_path, "bad", {"tokenizer_class": "GPT2Tokenizer"})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\na b\n" if "ab" in vocab else "")
+    if error.startswith("'a'"):  # transformers loads it: id 0 decodes as one of the two
+        assert _theirs(folder).decode([0, 0]) in ("aa", "bb")
+    with pytest.raises(EmberError, match=error):
+        load_tokenizer(folder)
 
 
 def test_load_pretrained_slow_only_folder(trained, tmp_path):

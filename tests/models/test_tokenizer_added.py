@@ -51,3 +51,36 @@ def test_config_flags_of_added_tokens_win_as_in_transformers(tmp_path, in_json, 
         for skip in (False, True):
             assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
                 ids, skip_special_tokens=skip), text
+
+
+@pytest.mark.parametrize("with_decoder", [False, True])
+def test_special_tokens_map_read_as_transformers_reads_it(tmp_path, with_decoder):
+    """special_tokens_map.json overrides tokenizer_config.json's special tokens in a legacy folder
+    (no ``added_tokens_decoder``) and is ignored in a newer one, as transformers 5 reads it
+    (Ember read the config first and the map only for tokens the config lacks)."""
+    transformers = pytest.importorskip("transformers")
+    folder = _folder(tmp_path, False, False)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    if not with_decoder:
+        del cfg["added_tokens_decoder"]
+    cfg["eos_token"] = "<mask>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"eos_token": "</s>", "pad_token": {"content": "<s>"}}))
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    ours = load_tokenizer(folder)
+    assert (theirs.eos_token, theirs.pad_token) == (("<mask>", None) if with_decoder
+                                                    else ("</s>", "<s>"))
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+        assert getattr(ours, f"{name}_id") == getattr(theirs, f"{name}_id") or (
+            name == "pad_token"), name  # (Ember's pad falls back to eos)
+
+
+def test_tokenizer_files_that_are_not_json_objects(tmp_path):
+    from ember import EmberError
+
+    folder = _folder(tmp_path, False, False)
+    (folder / "special_tokens_map.json").write_text('["</s>"]')
+    with pytest.raises(EmberError, match=r"special_tokens_map.json: expected a JSON object"):
+        load_tokenizer(folder)
