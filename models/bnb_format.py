@@ -161,11 +161,12 @@ def load_bnb_4bit_state(state_dict: Mapping[str, torch.Tensor],
     the weight keys are the dense names (``model.layers.0.self_attn.q_proj.weight``)."""
     if quantization_config is not None:
         check_quantization_config(quantization_config)
-    if any(v.dtype == torch.int8 for v in state_dict.values()):
+    bases = {split_bnb_key(k)[0] for k in state_dict if is_quant_state_key(k)}
+    # int8 is also a bnb_4bit_quant_storage dtype of packed 4-bit weights
+    if any(v.dtype == torch.int8 and k not in bases for k, v in state_dict.items()):
         raise EmberError("an 8-bit (LLM.int8) state dict, not a 4-bit one: load its folder with "
                          "load_pretrained, which dequantizes it")
     quantized, rest = {}, {}
-    bases = {split_bnb_key(k)[0] for k in state_dict if is_quant_state_key(k)}
     for key, value in state_dict.items():
         base, _ = split_bnb_key(key)
         if base not in bases:

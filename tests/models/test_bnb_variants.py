@@ -27,13 +27,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 
 
 def _bnb_folder(root, model, double_quant: bool, auto: str = "AutoModelForCausalLM",
-                quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32):
+                quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32,
+                storage: str = "uint8"):
     """model saved dense, then as transformers writes it after a 4-bit NF4 (or FP4) load."""
     dense, q = root / "dense", root / "bnb"
     model.save_pretrained(dense)
     qcfg = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+        bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = getattr(transformers, auto).from_pretrained(
@@ -255,3 +257,30 @@ def test_save_keeps_the_checkpoints_compute_dtype(tmp_path):
     assert qc[0]["bnb_4bit_compute_dtype"] == "bfloat16" and qc[1] == qc[0]
     ids = _ids(96, 7)
     assert torch.equal(_logits(_hf(out), ids), _logits(hf, ids))
+
+
+@pytest.mark.parametrize("storage", ["int8", "float64", "bfloat16"])
+def test_every_quant_storage_dtype_transformers_takes_loads(tmp_path, storage):
+    """bnb_4bit_quant_storage packs the 4-bit bytes into int8 / float64 too (transformers'
+    BitsAndBytesConfig takes them): they load as bnb's weights, with transformers' logits (were:
+    refused, "dtype I8; only F32, F16 and BF16 weights are supported"; load_bnb_4bit_state took
+    int8 storage for an LLM.int8 state dict)."""
+    from ember.models.nf4 import load_bnb_4bit_state
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    folder, hf = _bnb_folder(tmp_path, _randomized(transformers.LlamaForCausalLM(cfg), 12), True,
+                             storage=storage)
+    sd = load_file(folder / "model.safetensors")
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert sd[key].dtype == getattr(torch, storage)
+    hf_up = hf.model.layers[0].mlp.up_proj.weight
+    theirs = bnbf.dequantize_4bit(hf_up.data, hf_up.quant_state)
+    assert torch.equal(load_bnb_4bit_state(sd)[0][key].dequantize(), theirs)
+    model, _ = load_pretrained(folder)
+    assert torch.equal(model.layers[0].mlp.up_proj.quant_weight.dequantize(), theirs)
+    ids = _ids(96, 8)
+    assert _diff(_logits(model, ids), _logits(hf, ids)) <= TOL
+    assert _diff(_logits(_hf(save_pretrained(model, tmp_path / "ember")), ids),
+                 _logits(hf, ids)) <= TOL

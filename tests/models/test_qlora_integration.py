@@ -234,6 +234,9 @@ def _edited(ckpts, tmp_path, qc_change=None, weights=None, config_change=None):
     (dict(weights=lambda sd: _edit_json(sd, nested_offset=None)),
      "double-quantized but its quant state has no nested_offset"),
     (dict(weights=lambda sd: _edit_json(sd, dtype=None)), "the quant state lacks dtype"),
+    # int8 / float64 are only for packed 4-bit weights (bnb_4bit_quant_storage)
+    (dict(weights=lambda sd: sd.update({"model.norm.weight": sd["model.norm.weight"].double()})),
+     "tensor model.norm.weight has dtype F64"),
     (dict(weights=lambda sd: sd.update({_Q + ".quant_map": sd[_Q + ".quant_map"][:15]})),
      "q_proj.weight.quant_map is float32 with 15 values"),
 ])
