@@ -28,14 +28,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 
 def _bnb_folder(root, model, double_quant: bool, auto: str = "AutoModelForCausalLM",
                 quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32,
-                storage: str = "uint8"):
+                storage: str = "uint8", skip: list[str] | None = None):
     """model saved dense, then as transformers writes it after a 4-bit NF4 (or FP4) load."""
     dense, q = root / "dense", root / "bnb"
     model.save_pretrained(dense)
     qcfg = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=storage)
+        bnb_4bit_quant_storage=storage, llm_int8_skip_modules=skip)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = getattr(transformers, auto).from_pretrained(
@@ -205,6 +205,35 @@ def test_classifier_bnb_checkpoint_saves_with_its_score_head_dense(tmp_path):
     out = save_pretrained(ours, tmp_path / "ember")
     saved, theirs = load_file(out / "model.safetensors"), load_file(folder / "model.safetensors")
     assert saved.keys() == theirs.keys() and all(torch.equal(saved[k], theirs[k]) for k in saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = transformers.AutoModelForSequenceClassification.from_pretrained(
+            out, device_map="cpu").eval()
+    with torch.no_grad():
+        assert _diff(back(ids).logits, logits) <= TOL
+
+
+def test_classifier_bnb_checkpoint_with_a_4bit_score_head(tmp_path):
+    """llm_int8_skip_modules without "score" makes transformers quantize the classifier head too:
+    Ember loads it dequantized (bnb's weights), with transformers' logits (was: score stayed a
+    Linear4bit and classify() failed, "'Linear4bit' object has no attribute 'weight'")."""
+    from ember.models.heads import classify
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    model = _randomized(transformers.LlamaForSequenceClassification(cfg), 13)
+    folder, hf = _bnb_folder(tmp_path, model, True, "AutoModelForSequenceClassification",
+                             skip=["down_proj"])
+    assert "score.weight.absmax" in load_file(folder / "model.safetensors")
+    ours, _ = load_pretrained(folder)
+    score = hf.score.weight
+    assert torch.equal(ours.score.weight, bnbf.dequantize_4bit(score.data, score.quant_state))
+    ids = _ids(96, 9).clamp(min=1)
+    with torch.no_grad():
+        logits = classify(ours, ids)
+        assert _diff(logits, hf(ids).logits) <= TOL
+    out = save_pretrained(ours, tmp_path / "ember")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         back = transformers.AutoModelForSequenceClassification.from_pretrained(
