@@ -386,10 +386,14 @@ def _check_storage_dtypes(ckpt: CheckpointIndex) -> None:
     names = {v: k for k, v in _STORAGE_DTYPES.items()}
     for key, dtype in ckpt.dtypes.items():
         if dtype in names and key not in quantized:
+            scb = key.removesuffix("weight") + "SCB"
+            hint = (" (an 8-bit LLM.int8 weight, with its {scb}: the config.json's "
+                    "quantization_config says 4-bit; fix it to the load_in_8bit one the model "
+                    "was saved with)" if scb in ckpt.key_file and dtype == torch.int8 else
+                    " (and any dtype for a packed 4-bit weight, as bnb_4bit_quant_storage)")
             raise EmberError(
                 f"{ckpt.key_file[key]}: tensor {key} has dtype {names[dtype]}; only F32, F16 and "
-                "BF16 weights are supported (and any dtype for a packed 4-bit weight, as "
-                "bnb_4bit_quant_storage)"
+                f"BF16 weights are supported{hint.format(scb=scb)}"
             )
 
 
