@@ -240,6 +240,13 @@ def test_classifier_bnb_checkpoint_with_a_4bit_score_head(tmp_path):
             out, device_map="cpu").eval()
     with torch.no_grad():
         assert _diff(back(ids).logits, logits) <= TOL
+    # the same quantization in memory: quantize_model_ with that skip list keeps a 4-bit score,
+    # which classify() reads dequantized (was: AttributeError, Linear4bit has no weight)
+    requant, _ = load_pretrained(tmp_path / "dense")
+    quantize_model_(requant, skip=["down_proj"])
+    assert type(requant.score) is not torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(classify(requant, ids), logits)
 
 
 @pytest.mark.parametrize("double_quant", [False, True])

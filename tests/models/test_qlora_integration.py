@@ -150,6 +150,9 @@ def test_quantized_output_head_round_trips_through_transformers(ckpts, tmp_path)
     assert torch.equal(back.lm_head.weight, model.lm_head.quant_weight.dequantize())
     ids = _ids(5)
     assert _diff(_logits(back, ids), _logits(hf, ids)) <= TOL
+    # the in-memory model with its 4-bit head computes too, the same logits (was: AttributeError
+    # 'output_weight', the head read as a dense matrix)
+    assert torch.equal(_logits(model, ids), _logits(back, ids))
 
 
 def test_dequantized_save_is_a_plain_model(ckpts, tmp_path):
