@@ -158,8 +158,16 @@ def rename_bnb_keys(state_dict: Mapping[str, torch.Tensor],
 def load_bnb_4bit_state(state_dict: Mapping[str, torch.Tensor],
                         quantization_config: Mapping | None = None, device=None):
     """Split a pre-quantized bitsandbytes state dict into ``({weight key: NF4Weight}, rest)``;
-    the weight keys are the dense names (``model.layers.0.self_attn.q_proj.weight``)."""
+    the weight keys are the dense names (``model.layers.0.self_attn.q_proj.weight``).
+    ``quantization_config``: config.json's, or transformers' ``BitsAndBytesConfig`` (a model's
+    ``config.quantization_config``)."""
     if quantization_config is not None:
+        if not isinstance(quantization_config, Mapping) and hasattr(quantization_config,
+                                                                    "to_dict"):
+            quantization_config = quantization_config.to_dict()
+        if not isinstance(quantization_config, Mapping):
+            raise EmberError(f"quantization_config must be a dict or a transformers "
+                             f"BitsAndBytesConfig, got {type(quantization_config).__name__}")
         check_quantization_config(quantization_config)
     bases = {split_bnb_key(k)[0] for k in state_dict if is_quant_state_key(k)}
     # int8 is also a bnb_4bit_quant_storage dtype of packed 4-bit weights
