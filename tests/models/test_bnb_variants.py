@@ -320,3 +320,29 @@ def test_every_quant_storage_dtype_transformers_takes_loads(tmp_path, storage):
     assert _diff(_logits(model, ids), _logits(hf, ids)) <= TOL
     assert _diff(_logits(_hf(save_pretrained(model, tmp_path / "ember")), ids),
                  _logits(hf, ids)) <= TOL
+
+
+def test_qlora_on_a_4bit_output_head_is_pefts(tmp_path):
+    """quantize_model_(skip=()) keeps lm_head 4-bit (transformers' llm_int8_skip_modules=[]); a
+    LoRA on it computes over the dequantized head, as PEFT's LoRA on bnb's Linear4bit head (was:
+    AttributeError, Linear4bit has no weight)."""
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    folder, _ = _bnb_folder(tmp_path, _randomized(transformers.LlamaForCausalLM(cfg), 14), True,
+                            skip=[])
+    model, _ = load_pretrained(tmp_path / "dense")
+    quantize_model_(model, skip=())
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "lm_head")))
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(0.05 * torch.randn(m.lora_B.shape, generator=g))
+    adapter = save_adapter(model, tmp_path / "adapter")
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(_hf(folder), adapter).eval()
+    assert type(theirs.base_model.model.lm_head.base_layer) is not torch.nn.Linear  # bnb 4-bit
+    ids = _ids(96, 10)
+    assert _diff(_logits(model, ids), _logits(theirs, ids)) <= TOL
