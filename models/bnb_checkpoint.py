@@ -202,14 +202,18 @@ def _load_bnb_(
     tensors = iter_bnb_checkpoint(folder, model.cfg, ckpt)
     load_bnb_quantized_(model, tensors, device=device, compute_dtype=dtype,
                         rename=lambda key: hf_key_to_ember(key, model.cfg))
-    head = model.lm_head
-    if isinstance(head, Linear4bit):
-        # logits() and the fused loss read the head as a dense (V, D) matrix.
-        model.lm_head = nn.Linear(
-            head.in_features, head.out_features, bias=False, device=device, dtype=dtype
-        )
-        with torch.no_grad():
-            model.lm_head.weight.copy_(head.quant_weight.dequantize(dtype))
+    for name in ("lm_head", "score"):
+        head = getattr(model, name)
+        if isinstance(head, Linear4bit):
+            # logits(), the fused loss and classify() read a head as a dense (V, D) matrix (a
+            # classifier's score is 4-bit when llm_int8_skip_modules does not list it).
+            dense = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
+                              device=device, dtype=dtype)
+            with torch.no_grad():
+                dense.weight.copy_(head.quant_weight.dequantize(dtype))
+                if head.bias is not None:
+                    dense.bias.copy_(head.bias)
+            setattr(model, name, dense)
     model.reset_rope_(device)
 
 

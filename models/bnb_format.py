@@ -158,14 +158,23 @@ def rename_bnb_keys(state_dict: Mapping[str, torch.Tensor],
 def load_bnb_4bit_state(state_dict: Mapping[str, torch.Tensor],
                         quantization_config: Mapping | None = None, device=None):
     """Split a pre-quantized bitsandbytes state dict into ``({weight key: NF4Weight}, rest)``;
-    the weight keys are the dense names (``model.layers.0.self_attn.q_proj.weight``)."""
+    the weight keys are the dense names (``model.layers.0.self_attn.q_proj.weight``).
+    ``quantization_config``: config.json's, or transformers' ``BitsAndBytesConfig`` (a model's
+    ``config.quantization_config``)."""
     if quantization_config is not None:
+        if not isinstance(quantization_config, Mapping) and hasattr(quantization_config,
+                                                                    "to_dict"):
+            quantization_config = quantization_config.to_dict()
+        if not isinstance(quantization_config, Mapping):
+            raise EmberError(f"quantization_config must be a dict or a transformers "
+                             f"BitsAndBytesConfig, got {type(quantization_config).__name__}")
         check_quantization_config(quantization_config)
-    if any(v.dtype == torch.int8 for v in state_dict.values()):
+    bases = {split_bnb_key(k)[0] for k in state_dict if is_quant_state_key(k)}
+    # int8 is also a bnb_4bit_quant_storage dtype of packed 4-bit weights
+    if any(v.dtype == torch.int8 and k not in bases for k, v in state_dict.items()):
         raise EmberError("an 8-bit (LLM.int8) state dict, not a 4-bit one: load its folder with "
                          "load_pretrained, which dequantizes it")
     quantized, rest = {}, {}
-    bases = {split_bnb_key(k)[0] for k in state_dict if is_quant_state_key(k)}
     for key, value in state_dict.items():
         base, _ = split_bnb_key(key)
         if base not in bases:

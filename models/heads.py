@@ -209,7 +209,8 @@ def classify(
     )  # (B, T, D)
     pos = last_token_positions(input_ids, model.cfg.pad_token_id, cu_seqlens)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos)  # (N, D): the head sees N rows
-    w = model.score.weight
+    nf4 = getattr(model.score, "quant_weight", None)  # a 4-bit head (quantize_model_(skip=()))
+    w = model.score.weight if nf4 is None else nf4.dequantize(hidden.dtype)
     if h.dtype != w.dtype and not torch.is_autocast_enabled(h.device.type):
         h = h.to(w.dtype)  # an fp32 head on a bf16 base (LoRA), outside autocast
     return nn.functional.linear(h, w)

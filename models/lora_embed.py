@@ -108,8 +108,9 @@ def head_lora(lm_head: nn.Module | None, embed: nn.Module):
     an adapted ``lm_head`` (a ``LoRALinear``: ``base``, ``lora_A``...), or a tied head through an
     embedding adapter with ``ties_head``."""
     if lm_head is not None and hasattr(lm_head, "lora_A"):
-        return (lm_head.base.weight, lm_head.lora_A, lm_head.lora_B, lm_head.scale,
-                lm_head.dropout)
+        nf4 = getattr(lm_head.base, "quant_weight", None)  # a 4-bit head (quantize_model_)
+        w = lm_head.base.weight if nf4 is None else nf4.dequantize(embed.weight.dtype)
+        return (w, lm_head.lora_A, lm_head.lora_B, lm_head.scale, lm_head.dropout)
     if lm_head is None and isinstance(embed, LoRAEmbedding) and embed.ties_head:
         return (embed.weight, embed.lora_embedding_B.t(), embed.lora_embedding_A.t(),
                 embed.scale, embed.dropout)

@@ -317,6 +317,8 @@ def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False,
     allowed = {**_ST_DTYPES, "U8": torch.uint8} if quantized or int8 else _ST_DTYPES
     if int8:
         allowed = {**allowed, "I8": torch.int8}
+    if quantized:  # packed 4-bit bytes in transformers' other bnb_4bit_quant_storage dtypes
+        allowed = {**allowed, **_STORAGE_DTYPES}
     folder = Path(folder)
     if (folder / SINGLE_FILE).is_file():
         files = [folder / SINGLE_FILE]
@@ -368,8 +370,31 @@ def scan_checkpoint(folder: str | os.PathLike, *, quantized: bool = False,
             ) from None
     if not ckpt.key_file:
         raise EmberError(f"{folder}: the safetensors files hold no tensors")
+    if quantized:
+        _check_storage_dtypes(ckpt)
     # an 8-bit checkpoint's scales are looked up by stored name (bnb_int8): its keys stay as stored
     return ckpt if int8 else _base_model_view(ckpt)
+
+
+# bnb_4bit_quant_storage's dtypes beyond uint8 / F32 / F16 / BF16 (transformers' BitsAndBytesConfig
+# takes int8 and float64 too): only a packed 4-bit weight may be stored in them.
+_STORAGE_DTYPES = {"I8": torch.int8, "F64": torch.float64}
+
+
+def _check_storage_dtypes(ckpt: CheckpointIndex) -> None:
+    quantized = ckpt.quantized_weights()
+    names = {v: k for k, v in _STORAGE_DTYPES.items()}
+    for key, dtype in ckpt.dtypes.items():
+        if dtype in names and key not in quantized:
+            scb = key.removesuffix("weight") + "SCB"
+            hint = (" (an 8-bit LLM.int8 weight, with its {scb}: the config.json's "
+                    "quantization_config says 4-bit; fix it to the load_in_8bit one the model "
+                    "was saved with)" if scb in ckpt.key_file and dtype == torch.int8 else
+                    " (and any dtype for a packed 4-bit weight, as bnb_4bit_quant_storage)")
+            raise EmberError(
+                f"{ckpt.key_file[key]}: tensor {key} has dtype {names[dtype]}; only F32, F16 and "
+                f"BF16 weights are supported{hint.format(scb=scb)}"
+            )
 
 
 _HEADS = ("lm_head.", "score.")

@@ -381,7 +381,10 @@ class Transformer(nn.Module):
         lora = head_lora(self.lm_head, self.embed)
         if lora is not None:
             return adapted_head_weight(lora)
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+        if self.lm_head is None:
+            return self.embed.weight
+        nf4 = getattr(self.lm_head, "quant_weight", None)  # a 4-bit head (quantize_model_(skip=()))
+        return self.lm_head.weight if nf4 is None else nf4.dequantize(self.embed.weight.dtype)
 
     @property
     def output_bias(self) -> torch.Tensor | None:

@@ -139,3 +139,19 @@ def test_int8_weights_in_a_gpu_tile_layout_are_refused(int8_folder, tmp_path):
     with pytest.raises(EmberError, match="up_proj.weight_format is 'col_turing'; only int8 "
                                          "weights in bitsandbytes' 'row' format load"):
         load_pretrained(bad, "float32")
+
+
+def test_an_int8_checkpoint_whose_config_says_4bit_is_refused_by_name(int8_folder, tmp_path):
+    """int8 is also a bnb_4bit_quant_storage dtype, so a 4-bit config reads int8 tensors: an
+    LLM.int8 weight (with its SCB) under a load_in_4bit quantization_config is named as such."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(int8_folder / "int8", bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["quantization_config"].update(load_in_8bit=False, _load_in_8bit=False,
+                                         load_in_4bit=True, _load_in_4bit=True)
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EmberError, match=r"has dtype I8.*an 8-bit LLM.int8 weight, with its "
+                                         r"model\.layers\.\d\..*\.SCB.*load_in_8bit"):
+        load_pretrained(bad, "float32")

@@ -28,13 +28,18 @@ def _model(family: str) -> nn.Module:
     if family == "mixtral":
         cfg = transformers.MixtralConfig(**BASE, num_local_experts=4, num_experts_per_tok=2)
         return _randomized(transformers.MixtralForCausalLM(cfg), 11)
+    if family == "qwen3_moe":  # layer 0 a dense MLP (mlp_only_layers): bnb quantizes it
+        cfg = transformers.Qwen3MoeConfig(**BASE, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=32, head_dim=16,
+                                          mlp_only_layers=[0])
+        return _randomized(transformers.Qwen3MoeForCausalLM(cfg), 13)
     cfg = transformers.Qwen2MoeConfig(**BASE, num_experts=4, num_experts_per_tok=2,
                                       moe_intermediate_size=32,
                                       shared_expert_intermediate_size=48)
     return _randomized(transformers.Qwen2MoeForCausalLM(cfg), 12)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_transformers_moe_checkpoint_loads_and_saves_back(tmp_path, family):
     folder, hf = _bnb_folder(tmp_path, _model(family), True)
     model, _ = load_pretrained(folder)

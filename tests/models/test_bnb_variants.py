@@ -27,13 +27,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 
 
 def _bnb_folder(root, model, double_quant: bool, auto: str = "AutoModelForCausalLM",
-                quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32):
+                quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32,
+                storage: str = "uint8", skip: list[str] | None = None):
     """model saved dense, then as transformers writes it after a 4-bit NF4 (or FP4) load."""
     dense, q = root / "dense", root / "bnb"
     model.save_pretrained(dense)
     qcfg = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+        bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage, llm_int8_skip_modules=skip)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = getattr(transformers, auto).from_pretrained(
@@ -211,6 +213,42 @@ def test_classifier_bnb_checkpoint_saves_with_its_score_head_dense(tmp_path):
         assert _diff(back(ids).logits, logits) <= TOL
 
 
+def test_classifier_bnb_checkpoint_with_a_4bit_score_head(tmp_path):
+    """llm_int8_skip_modules without "score" makes transformers quantize the classifier head too:
+    Ember loads it dequantized (bnb's weights), with transformers' logits (was: score stayed a
+    Linear4bit and classify() failed, "'Linear4bit' object has no attribute 'weight'")."""
+    from ember.models.heads import classify
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    model = _randomized(transformers.LlamaForSequenceClassification(cfg), 13)
+    folder, hf = _bnb_folder(tmp_path, model, True, "AutoModelForSequenceClassification",
+                             skip=["down_proj"])
+    assert "score.weight.absmax" in load_file(folder / "model.safetensors")
+    ours, _ = load_pretrained(folder)
+    score = hf.score.weight
+    assert torch.equal(ours.score.weight, bnbf.dequantize_4bit(score.data, score.quant_state))
+    ids = _ids(96, 9).clamp(min=1)
+    with torch.no_grad():
+        logits = classify(ours, ids)
+        assert _diff(logits, hf(ids).logits) <= TOL
+    out = save_pretrained(ours, tmp_path / "ember")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = transformers.AutoModelForSequenceClassification.from_pretrained(
+            out, device_map="cpu").eval()
+    with torch.no_grad():
+        assert _diff(back(ids).logits, logits) <= TOL
+    # the same quantization in memory: quantize_model_ with that skip list keeps a 4-bit score,
+    # which classify() reads dequantized (was: AttributeError, Linear4bit has no weight)
+    requant, _ = load_pretrained(tmp_path / "dense")
+    quantize_model_(requant, skip=["down_proj"])
+    assert type(requant.score) is not torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(classify(requant, ids), logits)
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_fp4_checkpoint_loads_bit_exact_and_saves_transformers_bytes(tmp_path, double_quant):
     """bnb_4bit_quant_type="fp4" (BitsAndBytesConfig(load_in_4bit=True)'s default) is NF4's
@@ -255,3 +293,56 @@ def test_save_keeps_the_checkpoints_compute_dtype(tmp_path):
     assert qc[0]["bnb_4bit_compute_dtype"] == "bfloat16" and qc[1] == qc[0]
     ids = _ids(96, 7)
     assert torch.equal(_logits(_hf(out), ids), _logits(hf, ids))
+
+
+@pytest.mark.parametrize("storage", ["int8", "float64", "bfloat16"])
+def test_every_quant_storage_dtype_transformers_takes_loads(tmp_path, storage):
+    """bnb_4bit_quant_storage packs the 4-bit bytes into int8 / float64 too (transformers'
+    BitsAndBytesConfig takes them): they load as bnb's weights, with transformers' logits (were:
+    refused, "dtype I8; only F32, F16 and BF16 weights are supported"; load_bnb_4bit_state took
+    int8 storage for an LLM.int8 state dict)."""
+    from ember.models.nf4 import load_bnb_4bit_state
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    folder, hf = _bnb_folder(tmp_path, _randomized(transformers.LlamaForCausalLM(cfg), 12), True,
+                             storage=storage)
+    sd = load_file(folder / "model.safetensors")
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert sd[key].dtype == getattr(torch, storage)
+    hf_up = hf.model.layers[0].mlp.up_proj.weight
+    theirs = bnbf.dequantize_4bit(hf_up.data, hf_up.quant_state)
+    assert torch.equal(load_bnb_4bit_state(sd)[0][key].dequantize(), theirs)
+    model, _ = load_pretrained(folder)
+    assert torch.equal(model.layers[0].mlp.up_proj.quant_weight.dequantize(), theirs)
+    ids = _ids(96, 8)
+    assert _diff(_logits(model, ids), _logits(hf, ids)) <= TOL
+    assert _diff(_logits(_hf(save_pretrained(model, tmp_path / "ember")), ids),
+                 _logits(hf, ids)) <= TOL
+
+
+def test_qlora_on_a_4bit_output_head_is_pefts(tmp_path):
+    """quantize_model_(skip=()) keeps lm_head 4-bit (transformers' llm_int8_skip_modules=[]); a
+    LoRA on it computes over the dequantized head, as PEFT's LoRA on bnb's Linear4bit head (was:
+    AttributeError, Linear4bit has no weight)."""
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    folder, _ = _bnb_folder(tmp_path, _randomized(transformers.LlamaForCausalLM(cfg), 14), True,
+                            skip=[])
+    model, _ = load_pretrained(tmp_path / "dense")
+    quantize_model_(model, skip=())
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "lm_head")))
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(0.05 * torch.randn(m.lora_B.shape, generator=g))
+    adapter = save_adapter(model, tmp_path / "adapter")
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(_hf(folder), adapter).eval()
+    assert type(theirs.base_model.model.lm_head.base_layer) is not torch.nn.Linear  # bnb 4-bit
+    ids = _ids(96, 10)
+    assert _diff(_logits(model, ids), _logits(theirs, ids)) <= TOL

@@ -80,6 +80,18 @@ def test_checkpoint_loads_and_equals_our_quantization_byte_for_byte(hf_pair):
         assert tuple(w.shape) == tuple(dense[key].shape) and w.dtype == dense[key].dtype
 
 
+def test_in_memory_state_dict_with_transformers_quantization_config(hf_pair):
+    """A bnb model's own state dict and ``config.quantization_config`` (a transformers
+    BitsAndBytesConfig, not a dict) load as bnb's weights (was: AttributeError, no .get)."""
+    hf = hf_pair["hf_model"]
+    quantized, _ = load_bnb_4bit_state(hf.state_dict(), hf.config.quantization_config)
+    layer = hf.model.layers[1].mlp.up_proj
+    assert torch.equal(quantized["model.layers.1.mlp.up_proj.weight"].dequantize(),
+                       bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+    with pytest.raises(EmberError, match="quantization_config must be a dict"):
+        load_bnb_4bit_state(hf.state_dict(), "nf4")
+
+
 def test_loaded_weights_and_layers_match_bnb_linear4bit(hf_pair):
     model = hf_pair["hf_model"]
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):

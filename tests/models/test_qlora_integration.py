@@ -150,6 +150,9 @@ def test_quantized_output_head_round_trips_through_transformers(ckpts, tmp_path)
     assert torch.equal(back.lm_head.weight, model.lm_head.quant_weight.dequantize())
     ids = _ids(5)
     assert _diff(_logits(back, ids), _logits(hf, ids)) <= TOL
+    # the in-memory model with its 4-bit head computes too, the same logits (was: AttributeError
+    # 'output_weight', the head read as a dense matrix)
+    assert torch.equal(_logits(model, ids), _logits(back, ids))
 
 
 def test_dequantized_save_is_a_plain_model(ckpts, tmp_path):
@@ -234,6 +237,9 @@ def _edited(ckpts, tmp_path, qc_change=None, weights=None, config_change=None):
     (dict(weights=lambda sd: _edit_json(sd, nested_offset=None)),
      "double-quantized but its quant state has no nested_offset"),
     (dict(weights=lambda sd: _edit_json(sd, dtype=None)), "the quant state lacks dtype"),
+    # int8 / float64 are only for packed 4-bit weights (bnb_4bit_quant_storage)
+    (dict(weights=lambda sd: sd.update({"model.norm.weight": sd["model.norm.weight"].double()})),
+     "tensor model.norm.weight has dtype F64"),
     (dict(weights=lambda sd: sd.update({_Q + ".quant_map": sd[_Q + ".quant_map"][:15]})),
      "q_proj.weight.quant_map is float32 with 15 values"),
 ])
