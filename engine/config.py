@@ -34,6 +34,7 @@ from ember.engine.config_source import (  # noqa: F401  (re-exported: their old 
     parse_override,
     parse_toml,
     recipe_names,
+    run_folder,
 )
 from ember.engine.data import DataConfig
 from ember.engine.distributed import DistConfig
@@ -548,6 +549,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_config(source: str | Path | None = None, overrides: list[str] | tuple = ()
                 ) -> TrainConfig:
-    """TrainConfig from a TOML file or recipe name (None: all defaults) plus ``--set`` items."""
+    """TrainConfig from a TOML file, run directory or recipe name (None: all defaults) plus
+    ``--set`` items. A run directory's run is that folder, wherever the command runs and wherever
+    the folder moved (unless ``--set`` gives run_dir or name: a new run from its settings)."""
     data = load_source(source) if source is not None else {}
+    folder = run_folder(source) if source is not None else None
+    if folder is not None and not {parse_override(o)[0][0] for o in overrides} & {"name",
+                                                                                  "run_dir"}:
+        # (was runs/<name> of the current folder: ember train RUN --resume from elsewhere
+        # started a new run there from step 0)
+        data["run_dir"] = str(folder)
     return from_dict(TrainConfig, apply_overrides(data, list(overrides)))

@@ -31,6 +31,12 @@ def parse_toml(text: str, where: str) -> dict:
         raise EmberError(f"{where}: invalid TOML: {e}") from None
 
 
+def run_folder(source: str | Path) -> Path | None:
+    """``source`` as a run directory (a folder with ``config.toml``), else None."""
+    p = Path(source)
+    return p if p.is_dir() and (p / "config.toml").is_file() else None
+
+
 def load_source(source: str | Path) -> dict:
     """The dict of a TOML file, a run directory's config, or a packaged recipe given by name."""
     p = Path(source)

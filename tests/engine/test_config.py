@@ -252,3 +252,20 @@ def test_a_folder_that_is_not_a_run_says_so(tmp_path):
         load_config(str(tmp_path))
     with pytest.raises(EmberError, match="not found .nor a run directory"):
         load_config(str(tmp_path / "runs" / "quickstart"))
+
+
+def test_a_run_directory_is_its_own_run_dir_from_any_folder(tmp_path, monkeypatch):
+    """``ember train RUN --resume`` (cli docstring: RUN_DIR) from another folder took the run
+    directory as runs/<name> of the current folder: a new run from step 0 there, silently."""
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(to_toml(load_config(None, ["name=a"])))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "config.toml").write_text(to_toml(load_config(None, ["run_dir=old/place"])))
+    monkeypatch.chdir(tmp_path / "runs")
+    assert load_config(run).out_dir == run
+    assert load_config(str(moved), ["max_steps=9"]).out_dir == moved  # a moved run directory
+    # --set name / run_dir: a new run from the directory's settings
+    assert load_config(run, ["name=b"]).out_dir == Path("runs/b")
+    assert load_config(run, ["run_dir=c"]).out_dir == Path("c")
