@@ -286,6 +286,15 @@ class TrainConfig:
     tensorboard: bool = False  # also log to <run_dir>/tensorboard (needs the tensorboard package)
 
     def __post_init__(self) -> None:
+        # (an empty name was the run directory runs/ itself, an empty run_dir the current
+        # folder: the run's files written among the others)
+        parts = self.name.replace("\\", "/").split("/")
+        if self.name.strip() != self.name or not set(parts).isdisjoint(("", ".", "..")):
+            raise EmberError(f"name must be a folder name for runs/<name>, got {self.name!r}; "
+                             "give run_dir for a run directory elsewhere")
+        if self.run_dir is not None and not self.run_dir.strip():
+            raise EmberError("run_dir is empty: give the run's folder (e.g. runs/my-run), or "
+                             "leave it out for runs/<name>")
         _one_of("method", self.method, ("lora", "full", "prompt"))
         _one_of("precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):

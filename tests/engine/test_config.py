@@ -84,6 +84,13 @@ def test_unknown_keys_are_named_with_the_valid_ones(item, key, valid):
     ("lora.alpha=-inf", "lora.alpha must be a finite number"),
     ("optim.lr=inf", "optim.lr must be a finite number"),
     ("optim.betas=[0.9, nan]", r"optim.betas\[1\] must be a finite number"),
+    # were taken: the run directory runs/ itself (name ""), runs/.. = the current folder, or
+    # the current folder (run_dir ""): the run's files written among the others
+    ("name=", "name must be a folder name for runs/<name>, got ''; give run_dir"),
+    ('name=".."', "name must be a folder name"),
+    ('name="runs/../x"', "name must be a folder name"),
+    ('name="/tmp/x"', "name must be a folder name"),
+    ('run_dir=" "', "run_dir is empty"),
 ])
 def test_bad_values_are_clear_errors(item, match):
     with pytest.raises(EmberError, match=match):
