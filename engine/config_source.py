@@ -28,7 +28,26 @@ def parse_toml(text: str, where: str) -> dict:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise EmberError(f"{where}: invalid TOML: {e}") from None
+        start = text.lstrip()[:3]
+        hint = (" (this looks like YAML: ember configs are TOML, key = value lines under "
+                "[section] headers; ember config prints one)" if where.endswith((".yaml", ".yml"))
+                or start == "---" else " (this looks like JSON: ember configs are TOML, key = "
+                "value lines under [section] headers; ember config prints one)"
+                if start[:1] == "{" else "")
+        raise EmberError(f"{where}: invalid TOML: {e}{hint}") from None
+
+
+def _config_text(p: Path) -> str:
+    """A config file's text: UTF-8 as TOML requires, a byte order mark (Windows editors write
+    one) skipped; other encodings are a named error (was a UnicodeDecodeError traceback)."""
+    raw = p.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise EmberError(f"{p} is UTF-16 text; TOML files are UTF-8: save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise EmberError(f"{p} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                         "TOML files are UTF-8: save it as UTF-8") from None
 
 
 def run_folder(source: str | Path) -> Path | None:
@@ -47,7 +66,7 @@ def load_source(source: str | Path) -> dict:
         if kind:  # ember train data.jsonl / model.gguf: what the file is, and where it goes
             raise EmberError(f"{p} is {kind}, not a run config (TOML); name it in a config "
                              f"file or a recipe: {ch.WHERE[kind].format(p=p)}")
-        return parse_toml(p.read_text(encoding="utf-8"), str(p))
+        return parse_toml(_config_text(p), str(p))
     name = str(source)
     if name in recipe_names():
         res = importlib.resources.files("ember.engine") / "recipes" / f"{name}.toml"

@@ -11,7 +11,7 @@ import tomllib
 
 from ember import EmberError
 from ember.engine.cli import main
-from ember.engine.config import load_config, to_toml
+from ember.engine.config import TrainConfig, from_dict, load_config, to_toml
 from ember.engine.config_doc import unused_settings
 from ember.engine.runtime import resolve
 
@@ -134,3 +134,27 @@ def test_a_string_with_any_character_round_trips_through_the_written_config():
     for written in (to_toml(cfg), annotated_toml(cfg)):
         data = tomllib.loads(written)
         assert data["name"] == data["data"]["system_prompt"] == text
+
+
+def test_a_config_saved_in_another_encoding_or_format_says_so(tmp_path, capsys):
+    """A UTF-16 or Latin-1 file (Windows editors, PowerShell's >) was a UnicodeDecodeError
+    traceback; a UTF-8 byte order mark (Notepad) is skipped, the rest read as tomllib reads it;
+    YAML or JSON written by mistake is named as such."""
+    text = 'max_steps = 3\n[lora]\nrank = 2\n[data]\nsystem_prompt = "été"\n'
+    expect = from_dict(TrainConfig, tomllib.loads(text))
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_config(bom) == expect and expect.data.system_prompt == "été"
+    cases = {"u16.toml": (text.encode("utf-16"), "u16.toml is UTF-16 text; TOML files are UTF-8"),
+             "latin1.toml": (text.encode("latin-1"), r"latin1.toml is not UTF-8 text \(byte "
+                             f"{text.index('é')}: b'.xe9'\\); TOML files are UTF-8"),
+             "c.yaml": (b"max_steps: 3\n", "line 1, column 10.*this looks like YAML"),
+             "j.toml": (b'{"max_steps": 3}\n', "invalid TOML: .*at line 1.*this looks like JSON")}
+    for name, (data, match) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(EmberError, match=match):
+            load_config(tmp_path / name)
+    capsys.readouterr()
+    assert main(["config", str(tmp_path / "u16.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ember: error: ") and len(err.splitlines()) == 1
