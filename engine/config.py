@@ -35,6 +35,7 @@ from ember.engine.config_source import (  # noqa: F401  (re-exported: their old 
     parse_toml,
     recipe_names,
     run_folder,
+    toml_error,
 )
 from ember.engine.data import DataConfig
 from ember.engine.distributed import DistConfig
@@ -436,6 +437,9 @@ def _coerce(value, tp, key: str):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -2**63 <= value < 2**63:  # TOML's integers are 64-bit (tomllib takes any):
+                raise EmberError(f"{key} = {value} is out of range: TOML integers are 64-bit "
+                                 "(-2**63 to 2**63 - 1)")  # (seed: torch's overflow traceback)
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -539,8 +543,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = copy.deepcopy(data)  # (TOML dates and times included: from_dict names such a value)
     for item in overrides:
         path, value = parse_override(item)
+        raw = item.partition("=")[2].strip()
+        if isinstance(value, str) and raw.startswith(("[", "{")):  # not TOML (else no str)
+            if not (raw.endswith("]") and ch.takes_a_list(TrainConfig, path)):
+                raise EmberError(f"--set {item}: not a TOML value ({toml_error(raw)}); quote "
+                                 "the strings in it, e.g. --set 'lora.targets=[\"q\", \"v\"]' or "
+                                 "--set 'lora={rank=8, alpha=16}'")
+            value = raw[1:-1].strip()  # [q, v]: bare words in brackets, as q,v (was "[q", "v]")
         if isinstance(value, str) and "," in value and ch.takes_a_list(TrainConfig, path) and (
-                item.partition("=")[2].strip()[:1] not in ('"', "'")):
+                raw[:1] not in ('"', "'")):
             # a bare a,b for a list key, as ember eval --metrics takes one: the list [a, b]
             value = [_toml_or_word(v.strip()) for v in value.split(",") if v.strip()]
         node = data

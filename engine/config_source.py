@@ -100,3 +100,12 @@ def _toml_or_word(raw: str):
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
+
+
+def toml_error(raw: str) -> str:
+    """tomllib's reason why ``raw`` is not a TOML value ("" if it is one)."""
+    try:
+        tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError as e:
+        return str(e).split(" (at line")[0]
+    return ""

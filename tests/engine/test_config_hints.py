@@ -8,6 +8,7 @@ import json
 
 import pytest
 import tomllib
+import torch
 
 from ember import EmberError
 from ember.engine.cli import main
@@ -107,6 +108,34 @@ def test_a_bare_comma_list_sets_a_list_key():
     assert load_config(None, sets) == load_config(None, toml)
     assert load_config(None, ["name=a,b"]).name == "a,b"
     assert load_config(None, ["data.train='a,b.jsonl'"]).data.train == ("a,b.jsonl",)
+
+
+def test_bare_words_in_brackets_set_a_list_key_other_broken_toml_is_named():
+    """``--set lora.targets=[q,v]`` (bare words: not TOML) was the targets '[q' and 'v]'; it is
+    the list TOML's quoted form gives. A broken array or inline table for any other key was taken
+    as that text: it is an error with tomllib's reason."""
+    bare = ["lora.targets=[q, v]", "eval.metrics=[exact_match,f1]", "data.train=[a.jsonl]"]
+    toml = [k + "=" + json.dumps(tomllib.loads(f"v = {v}")["v"]) for k, v in (
+        ("lora.targets", '["q", "v"]'), ("eval.metrics", '["exact_match", "f1"]'),
+        ("data.train", '["a.jsonl"]'))]
+    assert load_config(None, bare) == load_config(None, toml)
+    for item in ("lora={rank=8", "lora={rank=eight}", "name=[draft", "optim.betas=[0.9, 0.95"):
+        with pytest.raises(EmberError, match=r"not a TOML value \((Unclosed|Invalid) .*quote"):
+            load_config(None, [item])
+
+
+def test_an_integer_beyond_toml_s_64_bits_is_refused():
+    """TOML integers are 64-bit, tomllib reads any; seed = 2**64 was a traceback from torch at
+    the start of the run (torch.manual_seed takes 64 bits)."""
+    big = 2**64
+    assert tomllib.loads(f"seed = {big}")["seed"] == big
+    with pytest.raises(ValueError, match="Overflow"):
+        torch.manual_seed(big)
+    for item in (f"seed={big}", f"max_steps={2**63}", f"seed={-2**63 - 1}"):
+        with pytest.raises(EmberError, match="is out of range: TOML integers are 64-bit"):
+            load_config(None, [item])
+    assert load_config(None, [f"seed={2**63 - 1}"]).seed == 2**63 - 1
+    assert load_config(None, [f"seed={-2**63}"]).seed == -2**63
 
 
 def test_an_inline_table_in_set_merges_into_the_files_table(tmp_path):
