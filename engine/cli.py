@@ -170,6 +170,8 @@ def _generator(model, tok, a):
         raise EmberError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     check_sampling(a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.min_p,
                    a.repetition_penalty)
+    if a.seed is not None and not -2**63 <= a.seed < 2**64:  # was torch's overflow traceback
+        raise EmberError(f"--seed must be a 64-bit integer (torch.Generator's seed), got {a.seed}")
     if is_classifier(model):
         raise EmberError(f"{a.model} is a sequence classifier (labels {list(model.cfg.labels)}): "
                          "it has no LM head to generate with; score text with ember eval")
