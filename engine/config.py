@@ -467,7 +467,10 @@ def from_dict(cls, data: dict, prefix: str = ""):
             top = {f.name for f in dataclasses.fields(TrainConfig)}
             guess, hint = "", ""
             if not (prefix and key in top):  # (a top-level key after a [table]: said below)
-                sections = _section_keys() if cls is TrainConfig else {}
+                # a key of another table: [lora] lr -> optim.lr (was no suggestion)
+                sections = {name: keys for name, keys in _section_keys().items()
+                            if name != prefix} if cls is TrainConfig or (
+                    prefix and "." not in prefix) else {}
                 guess = ch.did_you_mean(key, fields, sections)
             if prefix and key in top:
                 hint = (f" ({key!r} is a top-level key: in TOML it must come before the first "
@@ -544,7 +547,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides:
         path, value = parse_override(item)
         raw = item.partition("=")[2].strip()
-        if isinstance(value, str) and raw.startswith(("[", "{")):  # not TOML (else no str)
+        if isinstance(value, str) and raw.startswith(("[", "{")) and ch.key_type(
+                TrainConfig, path) is not None:  # not TOML (else no str); an unknown key: below
             if not (raw.endswith("]") and ch.takes_a_list(TrainConfig, path)):
                 raise EmberError(f"--set {item}: not a TOML value ({toml_error(raw)}); quote "
                                  "the strings in it, e.g. --set 'lora.targets=[\"q\", \"v\"]' or "

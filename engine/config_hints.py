@@ -40,14 +40,19 @@ def not_a_config(p: Path) -> str | None:
     return None
 
 
-def takes_a_list(cls, path: list[str]) -> bool:
-    """Whether the key at ``path`` of config dataclass ``cls`` takes a list (a tuple field, alone
-    or in a union)."""
+def key_type(cls, path: list[str]):
+    """The type of the key at ``path`` of config dataclass ``cls`` (None: no such key)."""
     for part in path[:-1]:
         cls = typing.get_type_hints(cls).get(part)
         if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-            return False
-    tp = typing.get_type_hints(cls).get(path[-1])
+            return None
+    return typing.get_type_hints(cls).get(path[-1])
+
+
+def takes_a_list(cls, path: list[str]) -> bool:
+    """Whether the key at ``path`` of config dataclass ``cls`` takes a list (a tuple field, alone
+    or in a union)."""
+    tp = key_type(cls, path)
     return any(typing.get_origin(t) is tuple for t in (tp, *typing.get_args(tp)))
 
 

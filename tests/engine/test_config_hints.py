@@ -38,6 +38,9 @@ def test_a_toml_date_is_a_named_error_not_a_crash(tmp_path, capsys):
     ("rank=8", "'lora.rank'"),
     ("max_step=3", "'max_steps'"),
     ("optim.warmup=3", "'warmup_steps' or 'warmup_ratio'"),
+    ("lora.lr=1e-3", "'optim.lr'"),        # another table's key (was no suggestion)
+    ("optim.rank=8", "'lora.rank'"),
+    ("data.metrics=[f1]", "'eval.metrics'"),  # (bare words in brackets: not a TOML error)
 ])
 def test_a_misspelled_key_gets_a_suggestion(item, guess):
     with pytest.raises(EmberError, match="unknown config key") as e:
