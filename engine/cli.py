@@ -359,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a TOML config, a recipe or a run directory")
     p.add_argument("config", help="CONFIG.toml, a recipe name (ember recipes) or a RUN_DIR")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set lora.rank=8 (repeatable)")
+                   help="override a config value, e.g. --set lora.rank=8; VALUE is TOML (a "
+                        "bare word is a string, a,b a list); repeatable, a later --set of the "
+                        "same key wins")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.set_defaults(fn=_cmd_train)
 
@@ -447,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "each key with its meaning) as TOML")
     p.add_argument("config", nargs="?", default="quickstart",
                    help="CONFIG.toml, a recipe name or a RUN_DIR (default: quickstart)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a value, as ember train --set (a later one of a key wins)")
     p.set_defaults(fn=_cmd_config)
 
     sub.add_parser("recipes", help="list the built-in recipes").set_defaults(fn=_cmd_recipes)

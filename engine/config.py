@@ -5,7 +5,9 @@ A run is ``TrainConfig``; each TOML table is one section (``[model]``, ``[lora]`
 ``[activations]``, ``[dist]``, ``[guards]``, ``[distill]``, ``[dpo]``, ``[orpo]``, ``[simpo]``,
 ``[kto]``, ``[head]``),
 top-level keys are ``TrainConfig`` fields.
-``--set a.b=value`` overrides parse ``value`` as a TOML value (a bare word is a string). Unknown
+``--set a.b=value`` overrides parse ``value`` as a TOML value (a bare word is a string; a,b or
+[a, b] of bare words for a key that takes a list), applied in order (a later one of a key wins,
+an inline table merges into the table: ``--set lora={rank=8}`` keeps the file's alpha). Unknown
 keys and wrong types are ``EmberError``s that name the key and list the valid ones.
 
 ``"auto"`` fields (device, precision, model.dtype, optim.lr) are decided by ``resolve()`` at the

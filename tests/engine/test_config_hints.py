@@ -190,3 +190,12 @@ def test_a_config_saved_in_another_encoding_or_format_says_so(tmp_path, capsys):
     assert main(["config", str(tmp_path / "u16.toml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ember: error: ") and len(err.splitlines()) == 1
+
+
+def test_a_later_set_of_a_key_wins_as_the_help_says(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "a later --set of the same key wins" in " ".join(capsys.readouterr().out.split())
+    cfg = load_config(None, ["lora.rank=4", "lora.rank=8", "lora={alpha=2, dropout=0.1}",
+                             "lora.alpha=3", "lora={dropout=0.2}"])
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (8, 3, 0.2)
