@@ -321,8 +321,11 @@ def _cmd_import_gguf(a) -> None:
     from ember.models.loading import resolve_dtype
 
     src = Path(a.file)
+    if not src.exists():  # (was "is not a .gguf file" for a typo in the name)
+        raise EmberError(f"{src} not found")
     if not is_gguf_file(src):
-        raise EmberError(f"{src} is not a .gguf file")
+        what = "a folder" if src.is_dir() else "not a .gguf file (no GGUF magic)"
+        raise EmberError(f"{src} is {what}; import-gguf converts one .gguf file")
     print(f"wrote {import_gguf(src, a.out_dir, resolve_dtype(a.dtype))}")
 
 

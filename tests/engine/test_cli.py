@@ -153,6 +153,8 @@ def test_import_gguf(tmp_path, capsys):
      "--gguf-type 'Q3_K_XL' is not one of f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q4_k_s"),
     (["generate", "no-such-model", "--prompt", "hi"], "not found"),
     (["export", ".", "--merged", "x", "--gguf-type", "q4_0"], "applies to --gguf OUT.gguf"),
+    (["import-gguf", "missing.gguf", "out"], "error: missing.gguf not found\n"),  # was "not a
+    (["import-gguf", ".", "out"], ". is a folder; import-gguf converts one .gguf file"),  # .gguf"
 ])
 def test_user_errors_are_one_clean_line(argv, message, capsys):
     assert main(argv) == 2
