@@ -251,6 +251,19 @@ def test_a_missing_data_file_is_named_before_the_model_loads(trained, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_no_training_data_is_named_before_the_model_loads(tmp_path, capsys):
+    """An empty config (or one without data.train or task.name) loaded the model first, wrote
+    the run directory, then said data.train is empty."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert main(["train", str(empty), "--set", f"model.name={tmp_path / 'no-model'}",
+                 "--set", f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ember: error: data.train is empty: give one or more JSONL files")
+    assert "task.name = one of 'support-tickets'" in err and len(err.splitlines()) == 1
+    assert "no-model" not in err and not (tmp_path / "run").exists()
+
+
 def test_eval_refuses_unknown_or_unusable_metrics_before_scoring(trained, tmp_path, capsys,
                                                                    monkeypatch):
     """``--metrics bleu`` was found only after the whole loss pass (and never on a file of text
