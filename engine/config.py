@@ -453,7 +453,9 @@ def _coerce(value, tp, key: str):
             return value
     elif tp is typing.Any or tp is object:
         return value
-    raise EmberError(f"{key} must be {_type_name(tp)}, got {_value_name(value)}")
+    raise EmberError(f"{key} must be {_type_name(tp)}, got {_value_name(value)}"
+                     f"{ch.fix_hint(value, tp, key)}")
+
 
 
 def from_dict(cls, data: dict, prefix: str = ""):

@@ -1,13 +1,20 @@
 """Helpers of the config loader for a user's mistakes: the key a misspelled one probably meant,
 what a file given in place of a config is (``ember train data.jsonl``), and which keys take a list
-(``--set eval.metrics=exact_match,f1``); ``--set lora={rank=8}`` merges into the file's table."""
+(``--set eval.metrics=exact_match,f1``); ``--set lora={rank=8}`` merges into the file's table; how
+to write a value of the wrong type that plainly means one (``max_steps = 10.0``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 # where a file that is not a config belongs in one ({p}: its path)
 WHERE = {"a data file": 'data.train = ["{p}"] (or --set data.train={p})',
@@ -60,3 +67,28 @@ def merged_tables(base: dict, new: dict) -> dict:
     """``base`` with ``new``'s keys set (tables merged key by key, at every depth)."""
     return {**base, **{k: merged_tables(base[k], v) if isinstance(v, dict) and isinstance(
         base.get(k), dict) else v for k, v in new.items()}}
+
+
+def fix_hint(value, tp, key: str) -> str:
+    """How to write ``value`` as a ``tp`` when it plainly means one (10.0 for an integer, "10"
+    quoted for a number, "true" quoted for a boolean); empty otherwise."""
+    lhs = "" if key.endswith("]") else f"{key} = "  # (a list item: the value alone)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return f" (write {lhs}{int(value)}: an integer has no decimal point)"
+    if tp in (int, float) and isinstance(value, str):
+        number = _toml_number(value.strip())
+        if isinstance(number, (int, float)) and not isinstance(number, bool) and (
+                math.isfinite(number) and (tp is float or isinstance(number, int))):
+            return f" (write {lhs}{value.strip()} without quotes: a number)"
+    if tp is bool and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return f" (write {lhs}{value.strip().lower()}, lowercase and without quotes)"
+    if tp is bool and isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return f" (write {lhs}{'true' if value else 'false'})"
+    return ""
+
+
+def _toml_number(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return None

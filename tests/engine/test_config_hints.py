@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 
 import pytest
 import tomllib
@@ -199,3 +200,25 @@ def test_a_later_set_of_a_key_wins_as_the_help_says(capsys):
     cfg = load_config(None, ["lora.rank=4", "lora.rank=8", "lora={alpha=2, dropout=0.1}",
                              "lora.alpha=3", "lora={dropout=0.2}"])
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (8, 3, 0.2)
+
+
+@pytest.mark.parametrize("text, meant", [
+    ("max_steps = 10.0", 10), ('max_steps = "10"', 10), ('plot = "True"', True),
+    ("plot = 0", False), ('[optim]\nlr = "1e-4"', 1e-4), ("[eval]\nbefore = 1", True)])
+def test_a_value_of_the_wrong_type_that_plainly_means_one_says_how_to_write_it(tmp_path, text,
+                                                                                meant):
+    """``max_steps = 10.0``, a quoted number, a quoted or capitalised boolean: the error said
+    what was wrong but not what to write; the line it suggests is TOML (tomllib) that loads."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text + "\n")
+    with pytest.raises(EmberError, match=r"must be .*, got .* \(write ") as e:
+        load_config(bad)
+    line = re.search(r"\(write (.+?)(:| without|,|\))", str(e.value)).group(1)
+    good = tmp_path / "good.toml"
+    good.write_text(line + "\n")
+    section, _, name = line.split(" = ")[0].rpartition(".")
+    want = tomllib.loads(line)
+    cfg = load_config(good)
+    if section:
+        cfg, want = getattr(cfg, section), want[section]
+    assert getattr(cfg, name) == want[name] == meant
