@@ -366,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train from a TOML config, a recipe or a run directory")
-    p.add_argument("config", help="CONFIG.toml, a recipe name (ember recipes) or a RUN_DIR")
+    p.add_argument("config", help="CONFIG.toml, a recipe name (ember recipes) or a RUN_DIR "
+                                  "(the run continued there); relative paths in a config are "
+                                  "taken from the current folder, not the file's")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set lora.rank=8; VALUE is TOML (a "
                         "bare word is a string, a,b a list); repeatable, a later --set of the "

@@ -8,7 +8,10 @@ top-level keys are ``TrainConfig`` fields.
 ``--set a.b=value`` overrides parse ``value`` as a TOML value (a bare word is a string; a,b or
 [a, b] of bare words for a key that takes a list), applied in order (a later one of a key wins,
 an inline table merges into the table: ``--set lora={rank=8}`` keeps the file's alpha). Unknown
-keys and wrong types are ``EmberError``s that name the key and list the valid ones.
+keys and wrong types are ``EmberError``s that name the key and list the valid ones. Relative
+paths (model.name, model.init, run_dir, data files, eval.choices, distill.teacher) are taken from
+the current folder, as ``ember train`` says of a missing data file; a run directory given as the
+source is that run's run_dir.
 
 ``"auto"`` fields (device, precision, model.dtype, optim.lr) are decided by ``resolve()`` at the
 start of a run; the resolved config is what the run directory and every checkpoint record.
