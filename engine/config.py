@@ -427,7 +427,10 @@ def _coerce(value, tp, key: str):
         raise EmberError(f"{key} must be {_type_name(tp)}, got {_value_name(value)}")
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
-            raise EmberError(f"{key} must be a table ([{key}]), got {_value_name(value)}")
+            names = {f.name for f in dataclasses.fields(tp)} & {"name", "type"}
+            hint = f" (did you mean {key}.{names.pop()}?)" if names and isinstance(
+                value, str) else ""  # model = "x": model.name; head = "...": head.type
+            raise EmberError(f"{key} must be a table ([{key}]), got {_value_name(value)}{hint}")
         return from_dict(tp, value, key)
     if origin is tuple:
         items = value if isinstance(value, list) else [value]

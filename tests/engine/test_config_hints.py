@@ -222,3 +222,17 @@ def test_a_value_of_the_wrong_type_that_plainly_means_one_says_how_to_write_it(t
     if section:
         cfg, want = getattr(cfg, section), want[section]
     assert getattr(cfg, name) == want[name] == meant
+
+
+@pytest.mark.parametrize("text, meant", [('model = "m"', "model.name"),
+                                         ('optim = "adamw_8bit"', "optim.name"),
+                                         ('head = "classification"', "head.type")])
+def test_a_table_given_as_its_name_suggests_the_key(tmp_path, text, meant):
+    """``model = "my-model"`` said only that model must be a table."""
+    path = tmp_path / "c.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(EmberError, match=rf"must be a table .*\(did you mean {meant}\?\)"):
+        load_config(path)
+    value = tomllib.loads(text)[meant.split(".")[0]]
+    section, name = meant.split(".")
+    assert getattr(getattr(load_config(None, [f"{meant}={value}"]), section), name) == value
