@@ -591,6 +591,10 @@ def load_config(source: str | Path | None = None, overrides: list[str] | tuple =
     if folder is not None and not {parse_override(o)[0][0] for o in overrides} & {"name",
                                                                                   "run_dir"}:
         # (was runs/<name> of the current folder: ember train RUN --resume from elsewhere
-        # started a new run there from step 0)
-        data["run_dir"] = str(folder)
+        # started a new run there from step 0); kept as written where it is this folder
+        name, run_dir = data.get("name", "run"), data.get("run_dir")
+        if isinstance(name, str) and isinstance(run_dir, (str, type(None))):
+            where = Path(run_dir if run_dir is not None else Path("runs") / name)
+            if not (where.is_dir() and where.resolve() == folder.resolve()):
+                data["run_dir"] = str(folder)
     return from_dict(TrainConfig, apply_overrides(data, list(overrides)))

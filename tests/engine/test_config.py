@@ -276,3 +276,5 @@ def test_a_run_directory_is_its_own_run_dir_from_any_folder(tmp_path, monkeypatc
     # --set name / run_dir: a new run from the directory's settings
     assert load_config(run, ["name=b"]).out_dir == Path("runs/b")
     assert load_config(run, ["run_dir=c"]).out_dir == Path("c")
+    monkeypatch.chdir(tmp_path)  # where the run started: its config as written
+    assert load_config(run).run_dir is None and load_config(run).out_dir == Path("runs/a")
