@@ -264,6 +264,35 @@ def test_no_training_data_is_named_before_the_model_loads(tmp_path, capsys):
     assert "no-model" not in err and not (tmp_path / "run").exists()
 
 
+def test_a_task_run_checks_the_files_it_does_not_generate_before_the_model_loads(
+        tmp_path, capsys, monkeypatch):
+    """With [task] no file was checked: a missing eval.choices, or a task run continued from
+    another folder (its recorded split paths relative to where it started), were found after
+    the model loaded."""
+    no_model = f"model.name={tmp_path / 'no-model'}"
+    cfg = tmp_path / "task.toml"
+    cfg.write_text('[task]\nname = "support-tickets"\n')
+    assert main(["train", str(cfg), "--set", no_model, "--set", "eval.choices=nope.jsonl",
+                 "--set", f"run_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"ember: error: data file not found: eval.choices = 'nope.jsonl' (a relative "
+                   f"path is taken from the current folder, {Path.cwd()})\n")
+    run = tmp_path / "runs" / "t"  # started in tmp_path: its resolved config, as written
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(f'name = "t"\n[model]\nname = "{tmp_path / "no-model"}"\n'
+                                     '[task]\nname = "support-tickets"\n[data]\n'
+                                     'train = ["runs/t/data/train.jsonl"]\n')
+    (run / "data").mkdir()
+    (run / "data" / "train.jsonl").write_text("")
+    monkeypatch.chdir(run)
+    assert main(["train", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ember: error: data file not found: data.train = "
+                          "'runs/t/data/train.jsonl'") and "no-model" not in err
+    assert err.rstrip().endswith("a [task] run records its generated files' paths as seen from "
+                                 "the folder it started in: continue it from there")
+
+
 def test_eval_refuses_unknown_or_unusable_metrics_before_scoring(trained, tmp_path, capsys,
                                                                    monkeypatch):
     """``--metrics bleu`` was found only after the whole loss pass (and never on a file of text
