@@ -84,6 +84,9 @@ def fix_hint(value, tp, key: str) -> str:
         return f" (write {lhs}{value.strip().lower()}, lowercase and without quotes)"
     if tp is bool and isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
         return f" (write {lhs}{'true' if value else 'false'})"
+    if tp is str and isinstance(value, int) and not isinstance(value, bool):
+        tail = "" if key.endswith("]") else f"; --set '{key}=\"{value}\"'"
+        return f' (write {lhs}"{value}", in quotes: a string{tail})'
     return ""
 
 

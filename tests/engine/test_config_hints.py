@@ -204,7 +204,8 @@ def test_a_later_set_of_a_key_wins_as_the_help_says(capsys):
 
 @pytest.mark.parametrize("text, meant", [
     ("max_steps = 10.0", 10), ('max_steps = "10"', 10), ('plot = "True"', True),
-    ("plot = 0", False), ('[optim]\nlr = "1e-4"', 1e-4), ("[eval]\nbefore = 1", True)])
+    ("plot = 0", False), ('[optim]\nlr = "1e-4"', 1e-4), ("[eval]\nbefore = 1", True),
+    ("name = 2024", "2024"), ("[model]\nname = 7", "7")])
 def test_a_value_of_the_wrong_type_that_plainly_means_one_says_how_to_write_it(tmp_path, text,
                                                                                 meant):
     """``max_steps = 10.0``, a quoted number, a quoted or capitalised boolean: the error said
@@ -222,6 +223,9 @@ def test_a_value_of_the_wrong_type_that_plainly_means_one_says_how_to_write_it(t
     if section:
         cfg, want = getattr(cfg, section), want[section]
     assert getattr(cfg, name) == want[name] == meant
+    if "--set '" in str(e.value):  # the --set form it gives for a string
+        item = str(e.value).split("--set '")[1].split("'")[0]
+        assert load_config(None, [item]) == load_config(good)
 
 
 @pytest.mark.parametrize("text, meant", [('model = "m"', "model.name"),
