@@ -133,6 +133,26 @@ def test_eval_of_a_run_defaults_to_its_metrics(trained, tmp_path, capsys):
     assert set(row) == {"data", "examples", "loss", "perplexity"}, row
 
 
+def test_eval_of_a_run_from_another_folder_names_its_split_and_the_way_out(trained, tmp_path,
+                                                                           capsys, monkeypatch):
+    """A run's data.test recorded relative to the folder it started in, ember eval RUN from
+    elsewhere: was the bare "test.jsonl: dataset file not found"."""
+    import shutil
+
+    run = shutil.copytree(trained["run"], tmp_path / "run")
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace(f'test = "{trained["test"]}"',
+                                                 'test = "test.jsonl"'))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--max-new-tokens", "4"]) == 2
+    assert capsys.readouterr().err == (
+        f"ember: error: the run's data.test 'test.jsonl' not found (a relative path is taken "
+        f"from the current folder, {tmp_path}: run ember eval from the folder the run started "
+        "in, or give the file with --data FILE.jsonl)\n")
+    assert main(["eval", str(run), "--max-new-tokens", "4", "--data", trained["test"]]) == 0
+
+
 def test_import_gguf(tmp_path, capsys):
     from ember.models.loading import load_pretrained
     from tests.models.test_gguf import write_tiny_gguf
