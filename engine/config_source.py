@@ -61,7 +61,7 @@ def load_source(source: str | Path) -> dict:
     p = Path(source)
     if p.is_dir() and (p / "config.toml").is_file():  # a run directory: its resolved config
         p = p / "config.toml"
-    if p.is_file():
+    if p.exists() and not p.is_dir():  # a file, or a pipe: ember train <(...), /dev/stdin
         kind = ch.not_a_config(p)
         if kind:  # ember train data.jsonl / model.gguf: what the file is, and where it goes
             raise EmberError(f"{p} is {kind}, not a run config (TOML); name it in a config "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from ember import EmberError
 from ember.engine.config import (
@@ -278,3 +279,21 @@ def test_a_run_directory_is_its_own_run_dir_from_any_folder(tmp_path, monkeypatc
     assert load_config(run, ["run_dir=c"]).out_dir == Path("c")
     monkeypatch.chdir(tmp_path)  # where the run started: its config as written
     assert load_config(run).run_dir is None and load_config(run).out_dir == Path("runs/a")
+
+
+def test_a_config_from_a_pipe_is_read(tmp_path):
+    """``ember train <(...)`` / ``/dev/stdin``: a named pipe exists but is no regular file; it was
+    "config file /dev/fd/63 not found"."""
+    import os
+    import threading
+
+    text = 'max_steps = 7\n[lora]\nrank = 2\n'
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=(text,), daemon=True)
+    writer.start()
+    try:
+        cfg = load_config(str(fifo))
+    finally:
+        writer.join(timeout=5)
+    assert cfg == from_dict(TrainConfig, tomllib.loads(text))
