@@ -79,7 +79,9 @@ def load_source(source: str | Path) -> dict:
         raise EmberError(f"{name} is a folder without config.toml: not a run directory; give "
                          "a run directory (runs/<name>), a config file or a recipe name")
     if p.suffix == ".toml":
-        raise EmberError(f"config file {name} not found")
+        recipe = (f" (the recipe is named without .toml: {p.stem})" if p.parent == Path(".")
+                  and p.stem in recipe_names() else "")
+        raise EmberError(f"config file {name} not found{recipe}")
     if "/" in name:
         raise EmberError(f"config file {name} not found (nor a run directory of that name)")
     raise EmberError(f"{name!r} is neither a config file nor a recipe; recipes: "

@@ -240,3 +240,13 @@ def test_a_table_given_as_its_name_suggests_the_key(tmp_path, text, meant):
     value = tomllib.loads(text)[meant.split(".")[0]]
     section, name = meant.split(".")
     assert getattr(getattr(load_config(None, [f"{meant}={value}"]), section), name) == value
+
+
+def test_a_recipe_named_with_toml_says_its_name(tmp_path, monkeypatch):
+    """``ember train quickstart.toml`` outside the repository said only "not found"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EmberError, match=r"^config file quickstart.toml not found \(the recipe "
+                                         r"is named without .toml: quickstart\)$"):
+        load_config("quickstart.toml")
+    with pytest.raises(EmberError, match=r"^config file other.toml not found$"):
+        load_config("other.toml")
