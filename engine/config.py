@@ -35,6 +35,7 @@ from ember.engine.activation import ActivationConfig
 from ember.engine.classification import HeadConfig, check_config
 from ember.engine.config_source import (  # noqa: F401  (re-exported: their old home)
     _toml_or_word,
+    in_place,
     load_source,
     parse_override,
     parse_toml,
@@ -99,6 +100,9 @@ class ModelSpec:
             _one_of("model.rope_scaling", self.rope_scaling, ("linear", "yarn"))
             if not self.rope_factor > 1:
                 raise EmberError(f"model.rope_factor must be > 1, got {self.rope_factor}")
+        if not self.name.strip():  # (was the current folder, loaded as the model)
+            raise EmberError("model.name is empty: give a built-in name, an HF model folder or "
+                             "a .gguf file")
         if self.init is not None and not self.init.strip():
             raise EmberError("model.init is empty: give a previous run directory or a PEFT "
                              "adapter folder, or leave it out")
@@ -312,7 +316,7 @@ class TrainConfig:
                              "not supported (the reference would be the model with its initial "
                              "prompt): use method = \"lora\" or \"full\", or the reference-free "
                              "objective = \"orpo\" or \"simpo\"")
-        if self.objective == "distill" and self.distill.teacher is None:
+        if self.objective == "distill" and not (self.distill.teacher or "").strip():
             raise EmberError("objective = \"distill\" needs distill.teacher: a model name, HF "
                              "folder or .gguf file sharing the student's tokenizer")
         if self.neftune_noise_alpha < 0:
@@ -587,14 +591,6 @@ def load_config(source: str | Path | None = None, overrides: list[str] | tuple =
     ``--set`` items. A run directory's run is that folder, wherever the command runs and wherever
     the folder moved (unless ``--set`` gives run_dir or name: a new run from its settings)."""
     data = load_source(source) if source is not None else {}
-    folder = run_folder(source) if source is not None else None
-    if folder is not None and not {parse_override(o)[0][0] for o in overrides} & {"name",
-                                                                                  "run_dir"}:
-        # (was runs/<name> of the current folder: ember train RUN --resume from elsewhere
-        # started a new run there from step 0); kept as written where it is this folder
-        name, run_dir = data.get("name", "run"), data.get("run_dir")
-        if isinstance(name, str) and isinstance(run_dir, (str, type(None))):
-            where = Path(run_dir if run_dir is not None else Path("runs") / name)
-            if not (where.is_dir() and where.resolve() == folder.resolve()):
-                data["run_dir"] = str(folder)
+    if source is not None:
+        in_place(data, run_folder(source), overrides)
     return from_dict(TrainConfig, apply_overrides(data, list(overrides)))

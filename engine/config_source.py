@@ -56,6 +56,20 @@ def run_folder(source: str | Path) -> Path | None:
     return p if p.is_dir() and (p / "config.toml").is_file() else None
 
 
+def in_place(data: dict, folder: Path | None, overrides) -> None:
+    """A run directory's config (``data``, from ``folder``) continues in that folder: its
+    run_dir is set to it unless runs/<name> or its run_dir already is it, or ``--set`` items
+    give name or run_dir (a new run from its settings). Was runs/<name> of the current folder:
+    ``ember train RUN --resume`` from elsewhere started a new run there from step 0."""
+    if folder is None or {parse_override(o)[0][0] for o in overrides} & {"name", "run_dir"}:
+        return
+    name, run_dir = data.get("name", "run"), data.get("run_dir")
+    if isinstance(name, str) and isinstance(run_dir, (str, type(None))):
+        where = Path(run_dir if run_dir is not None else Path("runs") / name)
+        if not (where.is_dir() and where.resolve() == folder.resolve()):
+            data["run_dir"] = str(folder)
+
+
 def load_source(source: str | Path) -> dict:
     """The dict of a TOML file, a run directory's config, or a packaged recipe given by name."""
     p = Path(source)

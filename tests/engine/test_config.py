@@ -92,6 +92,8 @@ def test_unknown_keys_are_named_with_the_valid_ones(item, key, valid):
     ('name="runs/../x"', "name must be a folder name"),
     ('name="/tmp/x"', "name must be a folder name"),
     ('run_dir=" "', "run_dir is empty"),
+    # the current folder, loaded as the model (or its files named in a confusing error)
+    ("model.name=", "model.name is empty: give a built-in name, an HF model folder or a .gguf"),
 ])
 def test_bad_values_are_clear_errors(item, match):
     with pytest.raises(EmberError, match=match):
@@ -297,3 +299,9 @@ def test_a_config_from_a_pipe_is_read(tmp_path):
     finally:
         writer.join(timeout=5)
     assert cfg == from_dict(TrainConfig, tomllib.loads(text))
+
+
+def test_an_empty_teacher_is_no_teacher():
+    """distill.teacher = "" was taken: the current folder loaded as the teacher."""
+    with pytest.raises(EmberError, match='objective = "distill" needs distill.teacher'):
+        load_config(None, ["objective=distill", 'distill.teacher=" "'])
