@@ -100,6 +100,7 @@ class ModelSpec:
             _one_of("model.rope_scaling", self.rope_scaling, ("linear", "yarn"))
             if not self.rope_factor > 1:
                 raise EmberError(f"model.rope_factor must be > 1, got {self.rope_factor}")
+        ch.check_dtype("model.dtype", self.dtype)  # (was found as the model loaded)
         if not self.name.strip():  # (was the current folder, loaded as the model)
             raise EmberError("model.name is empty: give a built-in name, an HF model folder or "
                              "a .gguf file")

@@ -95,3 +95,18 @@ def _toml_number(text: str):
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return None
+
+
+def check_dtype(key: str, dtype: str) -> None:
+    """``"auto"`` or a weights dtype the model loader takes (``resolve_dtype``), else an error
+    naming ``key``."""
+    from ember import EmberError
+    from ember.models.loading import resolve_dtype
+
+    if dtype == "auto":
+        return
+    try:
+        resolve_dtype(dtype)
+    except EmberError:
+        raise EmberError(f'{key} must be "auto", "float32", "bfloat16" or "float16" (or fp32, '
+                         f"bf16, fp16), got {dtype!r}") from None

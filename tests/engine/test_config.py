@@ -305,3 +305,17 @@ def test_an_empty_teacher_is_no_teacher():
     """distill.teacher = "" was taken: the current folder loaded as the teacher."""
     with pytest.raises(EmberError, match='objective = "distill" needs distill.teacher'):
         load_config(None, ["objective=distill", 'distill.teacher=" "'])
+
+
+@pytest.mark.parametrize("dtype", ["", "fp8", "float64", "int8", "bfloat"])
+def test_a_model_dtype_the_loader_refuses_is_refused_in_the_config(dtype):
+    """model.dtype was checked only when the model loaded (after the run directory was made);
+    the config takes exactly what the loader (resolve_dtype, torch's names) takes."""
+    from ember.models.loading import resolve_dtype
+
+    with pytest.raises(EmberError):
+        resolve_dtype(dtype)
+    with pytest.raises(EmberError, match=r'model.dtype must be "auto", "float32"'):
+        load_config(None, [f'model.dtype="{dtype}"'])
+    for ok in ("auto", "bf16", "float16", "fp32", "torch.bfloat16"):
+        assert load_config(None, [f"model.dtype={ok}"]).model.dtype == ok
