@@ -562,13 +562,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides:
         path, value = parse_override(item)
         raw = item.partition("=")[2].strip()
-        if isinstance(value, str) and raw.startswith(("[", "{")) and ch.key_type(
-                TrainConfig, path) is not None:  # not TOML (else no str); an unknown key: below
-            if not (raw.endswith("]") and ch.takes_a_list(TrainConfig, path)):
+        if isinstance(value, str) and raw.startswith(("[", "{")):  # not TOML (else no str)
+            if _is_dataclass_type(ch.key_type(TrainConfig, path)):  # a broken inline table
                 raise EmberError(f"--set {item}: not a TOML value ({toml_error(raw)}); quote "
-                                 "the strings in it, e.g. --set 'lora.targets=[\"q\", \"v\"]' or "
-                                 "--set 'lora={rank=8, alpha=16}'")
-            value = raw[1:-1].strip()  # [q, v]: bare words in brackets, as q,v (was "[q", "v]")
+                                 "the strings in it, e.g. --set 'lora={rank=8, init=\"gaussian\"}'")
+            if raw.startswith("[") and raw.endswith("]") and ch.takes_a_list(TrainConfig, path):
+                value = raw[1:-1].strip()  # [q, v]: bare words, as q,v (was "[q", "v]")
         if isinstance(value, str) and "," in value and ch.takes_a_list(TrainConfig, path) and (
                 raw[:1] not in ('"', "'")):
             # a bare a,b for a list key, as ember eval --metrics takes one: the list [a, b]

@@ -116,16 +116,21 @@ def test_a_bare_comma_list_sets_a_list_key():
 
 def test_bare_words_in_brackets_set_a_list_key_other_broken_toml_is_named():
     """``--set lora.targets=[q,v]`` (bare words: not TOML) was the targets '[q' and 'v]'; it is
-    the list TOML's quoted form gives. A broken array or inline table for any other key was taken
-    as that text: it is an error with tomllib's reason."""
+    the list TOML's quoted form gives. A broken inline table for a table key was taken as that
+    text: it is an error with tomllib's reason. Other text that starts with a bracket stays the
+    bare word it is (a regex target, a system prompt)."""
     bare = ["lora.targets=[q, v]", "eval.metrics=[exact_match,f1]", "data.train=[a.jsonl]"]
     toml = [k + "=" + json.dumps(tomllib.loads(f"v = {v}")["v"]) for k, v in (
         ("lora.targets", '["q", "v"]'), ("eval.metrics", '["exact_match", "f1"]'),
         ("data.train", '["a.jsonl"]'))]
     assert load_config(None, bare) == load_config(None, toml)
-    for item in ("lora={rank=8", "lora={rank=eight}", "name=[draft", "optim.betas=[0.9, 0.95"):
+    for item in ("lora={rank=8", "lora={rank=eight}", "model={name=m"):
         with pytest.raises(EmberError, match=r"not a TOML value \((Unclosed|Invalid) .*quote"):
             load_config(None, [item])
+    cfg = load_config(None, ["lora.targets=[qk]_proj,v", "data.system_prompt=[INST] be brief",
+                             "name=[draft"])
+    assert cfg.lora.targets == ("[qk]_proj", "v") and cfg.name == "[draft"
+    assert cfg.data.system_prompt == "[INST] be brief"
 
 
 def test_an_integer_beyond_toml_s_64_bits_is_refused():
