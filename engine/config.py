@@ -6,9 +6,9 @@ A run is ``TrainConfig``; each TOML table is one section (``[model]``, ``[lora]`
 ``[kto]``, ``[head]``),
 top-level keys are ``TrainConfig`` fields.
 ``--set a.b=value`` overrides parse ``value`` as a TOML value (a bare word is a string; a,b or
-[a, b] of bare words for a key that takes a list), applied in order (a later one of a key wins,
-an inline table merges into the table: ``--set lora={rank=8}`` keeps the file's alpha). Unknown
-keys and wrong types are ``EmberError``s that name the key and list the valid ones. Relative
+[a, b] of bare words for a key that takes a list, nothing an empty one), applied in order (a
+later one of a key wins, an inline table merges: ``--set lora={rank=8}`` keeps the file's alpha).
+Unknown keys and wrong types are ``EmberError``s that name the key and list the valid ones. Relative
 paths (model.name, model.init, run_dir, data files, eval.choices, distill.teacher) are taken from
 the current folder, as ``ember train`` says of a missing data file; a run directory given as the
 source is that run's run_dir.
@@ -568,6 +568,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                                  "the strings in it, e.g. --set 'lora={rank=8, init=\"gaussian\"}'")
             if raw.startswith("[") and raw.endswith("]") and ch.takes_a_list(TrainConfig, path):
                 value = raw[1:-1].strip()  # [q, v]: bare words, as q,v (was "[q", "v]")
+        if not raw and ch.takes_a_list(TrainConfig, path):  # eval.metrics= : none, as [] (was
+            value = []  # the one name "", refused as an unknown metric)
         if isinstance(value, str) and "," in value and ch.takes_a_list(TrainConfig, path) and (
                 raw[:1] not in ('"', "'")):
             # a bare a,b for a list key, as ember eval --metrics takes one: the list [a, b]

@@ -111,6 +111,10 @@ def test_a_bare_comma_list_sets_a_list_key():
             'data.validation=["c.jsonl", "d.jsonl"]']
     assert load_config(None, sets) == load_config(None, toml)
     assert load_config(None, ["name=a,b"]).name == "a,b"
+    # nothing: the empty list (was the one name "", an unknown metric)
+    assert tomllib.loads("v = []")["v"] == []
+    empty = ["eval.metrics=", "freeze=", "data.train="]
+    assert load_config(None, empty) == load_config(None, [k + "[]" for k in empty])
     assert load_config(None, ["data.train='a,b.jsonl'"]).data.train == ("a,b.jsonl",)
 
 
