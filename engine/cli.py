@@ -290,10 +290,14 @@ def _cmd_export(a) -> None:
         raise EmberError(f"--merged {a.merged} is a file; give the folder to write the model in")
 
     if _is_run_dir(a.run_dir):
+        from ember.engine.config import load_config
+
+        _check_export_target(a, load_config(a.run_dir))  # before loading: a mistake costs nothing
         model, tok, cfg = load_run_model(a.run_dir, "cpu", echo=_note)
     elif a.adapter:
         raise EmberError(f"{a.run_dir} is not a run directory (no config.toml)")
     else:  # a model (folder, .gguf, built-in name) converted as it is
+        _check_export_target(a, None)
         (model, tok), cfg = load_pretrained(a.run_dir), None
     if prompt_embedding(model) is not None:
         if not a.adapter:
@@ -325,6 +329,22 @@ def _cmd_export(a) -> None:
                               dequantize=nf4,
                               multimodal_base=multimodal_base(model, cfg) if cfg else None)
     print(f"wrote {out}")
+
+
+def _check_export_target(a, cfg) -> None:
+    """OUT is not what the export reads: the run directory, the run's base model (was written
+    over with the merged weights: the run then loaded its adapter onto them) or the model
+    exported (its weights replaced while they are read)."""
+    flag, out = next((f, v) for f, v in (("--adapter", a.adapter), ("--merged", a.merged),
+                                         ("--gguf", a.gguf)) if v)
+    sources = [("the model exported" if cfg is None else "the run directory", a.run_dir)]
+    if cfg is not None:
+        sources.append(("the run's base model (model.name)", cfg.model.name))
+    target = Path(out).resolve()
+    for what, src in sources:
+        if Path(src).exists() and Path(src).resolve() == target:
+            raise EmberError(f"{flag} {out} is {what}: writing there would replace what the "
+                             "export reads; give another folder or file")
 
 
 def _cmd_import_gguf(a) -> None:

@@ -313,6 +313,28 @@ def test_a_task_run_checks_the_files_it_does_not_generate_before_the_model_loads
                                  "the folder it started in: continue it from there")
 
 
+def test_export_never_writes_over_what_it_reads(tmp_path, capsys):
+    """``ember export RUN --merged BASE`` wrote the merged weights over the run's base model (the
+    run then loaded its adapter onto merged weights: silently wrong); ``export MODEL --merged
+    MODEL`` and OUT = the run directory wrote where the export reads."""
+    base = make_tiny_model(tmp_path / "base")
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(f'name = "r"\nrun_dir = "{run}"\n[model]\nname = "{base}"\n')
+    cases = [(["export", str(run), "--merged", str(base)], "the run's base model (model.name)"),
+             (["export", str(run), "--adapter", str(run)], "the run directory"),
+             (["export", str(base), "--merged", str(base) + "/"], "the model exported")]
+    for argv, what in cases:
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ember: error: {argv[2]} {argv[3]} is {what}: writing there "
+                              "would replace what the export reads")
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml"]
+
+
 def test_eval_refuses_unknown_or_unusable_metrics_before_scoring(trained, tmp_path, capsys,
                                                                    monkeypatch):
     """``--metrics bleu`` was found only after the whole loss pass (and never on a file of text
