@@ -19,7 +19,6 @@ start of a run; the resolved config is what the run directory and every checkpoi
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from ember import EmberError
 from ember.engine import config_hints as ch
+from ember.engine import config_source as cs
 from ember.engine.activation import ActivationConfig
 from ember.engine.classification import HeadConfig, check_config
 from ember.engine.config_source import (  # noqa: F401  (re-exported: their old home)
@@ -41,7 +41,6 @@ from ember.engine.config_source import (  # noqa: F401  (re-exported: their old 
     parse_toml,
     recipe_names,
     run_folder,
-    toml_error,
 )
 from ember.engine.data import DataConfig
 from ember.engine.distributed import DistConfig
@@ -468,7 +467,6 @@ def _coerce(value, tp, key: str):
                      f"{ch.fix_hint(value, tp, key)}")
 
 
-
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass ``cls`` from a TOML-like dict; unknown keys are an error naming them."""
     hints = typing.get_type_hints(cls)
@@ -558,33 +556,8 @@ def to_toml(cfg) -> str:
 # --- loading (the dict from a file, run directory or recipe: config_source) ---------------------
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    data = copy.deepcopy(data)  # (TOML dates and times included: from_dict names such a value)
-    for item in overrides:
-        path, value = parse_override(item)
-        raw = item.partition("=")[2].strip()
-        if isinstance(value, str) and raw.startswith(("[", "{")):  # not TOML (else no str)
-            if _is_dataclass_type(ch.key_type(TrainConfig, path)):  # a broken inline table
-                raise EmberError(f"--set {item}: not a TOML value ({toml_error(raw)}); quote "
-                                 "the strings in it, e.g. --set 'lora={rank=8, init=\"gaussian\"}'")
-            if raw.startswith("[") and raw.endswith("]") and ch.takes_a_list(TrainConfig, path):
-                value = raw[1:-1].strip()  # [q, v]: bare words, as q,v (was "[q", "v]")
-        if not raw and ch.takes_a_list(TrainConfig, path):  # eval.metrics= : none, as [] (was
-            value = []  # the one name "", refused as an unknown metric)
-        if isinstance(value, str) and "," in value and ch.takes_a_list(TrainConfig, path) and (
-                raw[:1] not in ('"', "'")):
-            # a bare a,b for a list key, as ember eval --metrics takes one: the list [a, b]
-            value = [_toml_or_word(v.strip()) for v in value.split(",") if v.strip()]
-        node = data
-        for part in path[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise EmberError(f"--set {item}: {part!r} is a value, not a table")
-            node = nxt
-        old = node.get(path[-1])
-        if isinstance(value, dict) and isinstance(old, dict):
-            value = ch.merged_tables(old, value)  # lora={rank=8}: the file's others stay
-        node[path[-1]] = value
-    return data
+    """``data`` with the ``--set`` items applied (``config_source.apply_overrides``)."""
+    return cs.apply_overrides(data, overrides, TrainConfig)
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | tuple = ()

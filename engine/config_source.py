@@ -1,12 +1,14 @@
 """Where a run's config dict comes from: a TOML file, a run directory's ``config.toml``, a packaged
 recipe given by name, and ``--set key=value`` items parsed as TOML values.
 
-Knows nothing of ``TrainConfig``: ``ember.engine.config`` turns the dict into one (``from_dict``)
-and re-exports these names.
+Knows nothing of ``TrainConfig`` (``apply_overrides`` is given the class): ``ember.engine.config``
+turns the dict into one (``from_dict``) and re-exports these names.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib.resources
 from pathlib import Path
 
@@ -125,3 +127,36 @@ def toml_error(raw: str) -> str:
     except tomllib.TOMLDecodeError as e:
         return str(e).split(" (at line")[0]
     return ""
+
+
+def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
+    """``data`` (a config dict) with the ``--set`` items applied in order, each value typed by
+    the key's field in config dataclass ``cls``."""
+    data = copy.deepcopy(data)  # (TOML dates and times included: from_dict names such a value)
+    for item in overrides:
+        path, value = parse_override(item)
+        raw = item.partition("=")[2].strip()
+        if isinstance(value, str) and raw.startswith(("[", "{")):  # not TOML (else no str)
+            tp = ch.key_type(cls, path)
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a broken inline table
+                raise EmberError(f"--set {item}: not a TOML value ({toml_error(raw)}); quote "
+                                 "the strings in it, e.g. --set 'lora={rank=8, init=\"gaussian\"}'")
+            if raw.startswith("[") and raw.endswith("]") and ch.takes_a_list(cls, path):
+                value = raw[1:-1].strip()  # [q, v]: bare words, as q,v (was "[q", "v]")
+        if not raw and ch.takes_a_list(cls, path):  # eval.metrics= : none, as [] (was
+            value = []  # the one name "", refused as an unknown metric)
+        if isinstance(value, str) and "," in value and ch.takes_a_list(cls, path) and (
+                raw[:1] not in ('"', "'")):
+            # a bare a,b for a list key, as ember eval --metrics takes one: the list [a, b]
+            value = [_toml_or_word(v.strip()) for v in value.split(",") if v.strip()]
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise EmberError(f"--set {item}: {part!r} is a value, not a table")
+            node = nxt
+        old = node.get(path[-1])
+        if isinstance(value, dict) and isinstance(old, dict):
+            value = ch.merged_tables(old, value)  # lora={rank=8}: the file's others stay
+        node[path[-1]] = value
+    return data
