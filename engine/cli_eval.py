@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from ember import EmberError
 
@@ -34,6 +35,11 @@ def cmd_eval(a) -> None:
                          "one with --data FILE.jsonl")
     if data is None:
         raise EmberError("give the examples to score with --data FILE.jsonl")
+    if not a.data and not Path(data).exists():  # the run's own split, recorded as it was given
+        key = "data.test" if data_cfg.test else "data.validation"
+        raise EmberError(f"the run's {key} {data!r} not found (a relative path is taken from the "
+                         f"current folder, {Path.cwd()}: run ember eval from the folder the run "
+                         "started in, or give the file with --data FILE.jsonl)")
     from ember.models.heads import is_classifier
 
     if is_classifier(model):

@@ -5,8 +5,13 @@ A run is ``TrainConfig``; each TOML table is one section (``[model]``, ``[lora]`
 ``[activations]``, ``[dist]``, ``[guards]``, ``[distill]``, ``[dpo]``, ``[orpo]``, ``[simpo]``,
 ``[kto]``, ``[head]``),
 top-level keys are ``TrainConfig`` fields.
-``--set a.b=value`` overrides parse ``value`` as a TOML value (a bare word is a string). Unknown
-keys and wrong types are ``EmberError``s that name the key and list the valid ones.
+``--set a.b=value`` overrides parse ``value`` as a TOML value (a bare word is a string; a,b or
+[a, b] of bare words for a key that takes a list, nothing an empty one), applied in order (a
+later one of a key wins, an inline table merges: ``--set lora={rank=8}`` keeps the file's alpha).
+Unknown keys and wrong types are ``EmberError``s that name the key and list the valid ones. Relative
+paths (model.name, model.init, run_dir, data files, eval.choices, distill.teacher) are taken from
+the current folder, as ``ember train`` says of a missing data file; a run directory given as the
+source is that run's run_dir.
 
 ``"auto"`` fields (device, precision, model.dtype, optim.lr) are decided by ``resolve()`` at the
 start of a run; the resolved config is what the run directory and every checkpoint record.
@@ -14,7 +19,6 @@ start of a run; the resolved config is what the run directory and every checkpoi
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -26,14 +30,17 @@ from pathlib import Path
 
 from ember import EmberError
 from ember.engine import config_hints as ch
+from ember.engine import config_source as cs
 from ember.engine.activation import ActivationConfig
 from ember.engine.classification import HeadConfig, check_config
 from ember.engine.config_source import (  # noqa: F401  (re-exported: their old home)
     _toml_or_word,
+    in_place,
     load_source,
     parse_override,
     parse_toml,
     recipe_names,
+    run_folder,
 )
 from ember.engine.data import DataConfig
 from ember.engine.distributed import DistConfig
@@ -92,6 +99,10 @@ class ModelSpec:
             _one_of("model.rope_scaling", self.rope_scaling, ("linear", "yarn"))
             if not self.rope_factor > 1:
                 raise EmberError(f"model.rope_factor must be > 1, got {self.rope_factor}")
+        ch.check_dtype("model.dtype", self.dtype)  # (was found as the model loaded)
+        if not self.name.strip():  # (was the current folder, loaded as the model)
+            raise EmberError("model.name is empty: give a built-in name, an HF model folder or "
+                             "a .gguf file")
         if self.init is not None and not self.init.strip():
             raise EmberError("model.init is empty: give a previous run directory or a PEFT "
                              "adapter folder, or leave it out")
@@ -308,6 +319,15 @@ class TrainConfig:
     tensorboard: bool = False  # also log to <run_dir>/tensorboard (needs the tensorboard package)
 
     def __post_init__(self) -> None:
+        # (an empty name was the run directory runs/ itself, an empty run_dir the current
+        # folder: the run's files written among the others)
+        parts = self.name.replace("\\", "/").split("/")
+        if self.name.strip() != self.name or not set(parts).isdisjoint(("", ".", "..")):
+            raise EmberError(f"name must be a folder name for runs/<name>, got {self.name!r}; "
+                             "give run_dir for a run directory elsewhere")
+        if self.run_dir is not None and not self.run_dir.strip():
+            raise EmberError("run_dir is empty: give the run's folder (e.g. runs/my-run), or "
+                             "leave it out for runs/<name>")
         _one_of("method", self.method, ("lora", "full", "prompt"))
         _one_of("precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
@@ -319,7 +339,7 @@ class TrainConfig:
                              "not supported (the reference would be the model with its initial "
                              "prompt): use method = \"lora\" or \"full\", or the reference-free "
                              "objective = \"orpo\" or \"simpo\"")
-        if self.objective == "distill" and self.distill.teacher is None:
+        if self.objective == "distill" and not (self.distill.teacher or "").strip():
             raise EmberError("objective = \"distill\" needs distill.teacher: a model name, HF "
                              "folder or .gguf file sharing the student's tokenizer")
         if self.neftune_noise_alpha < 0:
@@ -434,7 +454,10 @@ def _coerce(value, tp, key: str):
         raise EmberError(f"{key} must be {_type_name(tp)}, got {_value_name(value)}")
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
-            raise EmberError(f"{key} must be a table ([{key}]), got {_value_name(value)}")
+            names = {f.name for f in dataclasses.fields(tp)} & {"name", "type"}
+            hint = f" (did you mean {key}.{names.pop()}?)" if names and isinstance(
+                value, str) else ""  # model = "x": model.name; head = "...": head.type
+            raise EmberError(f"{key} must be a table ([{key}]), got {_value_name(value)}{hint}")
         return from_dict(tp, value, key)
     if origin is tuple:
         items = value if isinstance(value, list) else [value]
@@ -449,6 +472,9 @@ def _coerce(value, tp, key: str):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -2**63 <= value < 2**63:  # TOML's integers are 64-bit (tomllib takes any):
+                raise EmberError(f"{key} = {value} is out of range: TOML integers are 64-bit "
+                                 "(-2**63 to 2**63 - 1)")  # (seed: torch's overflow traceback)
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -460,7 +486,8 @@ def _coerce(value, tp, key: str):
             return value
     elif tp is typing.Any or tp is object:
         return value
-    raise EmberError(f"{key} must be {_type_name(tp)}, got {_value_name(value)}")
+    raise EmberError(f"{key} must be {_type_name(tp)}, got {_value_name(value)}"
+                     f"{ch.fix_hint(value, tp, key)}")
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
@@ -476,7 +503,10 @@ def from_dict(cls, data: dict, prefix: str = ""):
             top = {f.name for f in dataclasses.fields(TrainConfig)}
             guess, hint = "", ""
             if not (prefix and key in top):  # (a top-level key after a [table]: said below)
-                sections = _section_keys() if cls is TrainConfig else {}
+                # a key of another table: [lora] lr -> optim.lr (was no suggestion)
+                sections = {name: keys for name, keys in _section_keys().items()
+                            if name != prefix} if cls is TrainConfig or (
+                    prefix and "." not in prefix) else {}
                 guess = ch.did_you_mean(key, fields, sections)
             if prefix and key in top:
                 hint = (f" ({key!r} is a top-level key: in TOML it must come before the first "
@@ -549,28 +579,16 @@ def to_toml(cfg) -> str:
 # --- loading (the dict from a file, run directory or recipe: config_source) ---------------------
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    data = copy.deepcopy(data)  # (TOML dates and times included: from_dict names such a value)
-    for item in overrides:
-        path, value = parse_override(item)
-        if isinstance(value, str) and "," in value and ch.takes_a_list(TrainConfig, path) and (
-                item.partition("=")[2].strip()[:1] not in ('"', "'")):
-            # a bare a,b for a list key, as ember eval --metrics takes one: the list [a, b]
-            value = [_toml_or_word(v.strip()) for v in value.split(",") if v.strip()]
-        node = data
-        for part in path[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise EmberError(f"--set {item}: {part!r} is a value, not a table")
-            node = nxt
-        old = node.get(path[-1])
-        if isinstance(value, dict) and isinstance(old, dict):
-            value = ch.merged_tables(old, value)  # lora={rank=8}: the file's others stay
-        node[path[-1]] = value
-    return data
+    """``data`` with the ``--set`` items applied (``config_source.apply_overrides``)."""
+    return cs.apply_overrides(data, overrides, TrainConfig)
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | tuple = ()
                 ) -> TrainConfig:
-    """TrainConfig from a TOML file or recipe name (None: all defaults) plus ``--set`` items."""
+    """TrainConfig from a TOML file, run directory or recipe name (None: all defaults) plus
+    ``--set`` items. A run directory's run is that folder, wherever the command runs and wherever
+    the folder moved (unless ``--set`` gives run_dir or name: a new run from its settings)."""
     data = load_source(source) if source is not None else {}
+    if source is not None:
+        in_place(data, run_folder(source), overrides)
     return from_dict(TrainConfig, apply_overrides(data, list(overrides)))

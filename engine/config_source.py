@@ -1,12 +1,14 @@
 """Where a run's config dict comes from: a TOML file, a run directory's ``config.toml``, a packaged
 recipe given by name, and ``--set key=value`` items parsed as TOML values.
 
-Knows nothing of ``TrainConfig``: ``ember.engine.config`` turns the dict into one (``from_dict``)
-and re-exports these names.
+Knows nothing of ``TrainConfig`` (``apply_overrides`` is given the class): ``ember.engine.config``
+turns the dict into one (``from_dict``) and re-exports these names.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib.resources
 from pathlib import Path
 
@@ -28,7 +30,46 @@ def parse_toml(text: str, where: str) -> dict:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise EmberError(f"{where}: invalid TOML: {e}") from None
+        start = text.lstrip()[:3]
+        hint = (" (this looks like YAML: ember configs are TOML, key = value lines under "
+                "[section] headers; ember config prints one)" if where.endswith((".yaml", ".yml"))
+                or start == "---" else " (this looks like JSON: ember configs are TOML, key = "
+                "value lines under [section] headers; ember config prints one)"
+                if start[:1] == "{" else "")
+        raise EmberError(f"{where}: invalid TOML: {e}{hint}") from None
+
+
+def _config_text(p: Path) -> str:
+    """A config file's text: UTF-8 as TOML requires, a byte order mark (Windows editors write
+    one) skipped; other encodings are a named error (was a UnicodeDecodeError traceback)."""
+    raw = p.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise EmberError(f"{p} is UTF-16 text; TOML files are UTF-8: save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise EmberError(f"{p} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                         "TOML files are UTF-8: save it as UTF-8") from None
+
+
+def run_folder(source: str | Path) -> Path | None:
+    """``source`` as a run directory (a folder with ``config.toml``), else None."""
+    p = Path(source)
+    return p if p.is_dir() and (p / "config.toml").is_file() else None
+
+
+def in_place(data: dict, folder: Path | None, overrides) -> None:
+    """A run directory's config (``data``, from ``folder``) continues in that folder: its
+    run_dir is set to it unless runs/<name> or its run_dir already is it, or ``--set`` items
+    give name or run_dir (a new run from its settings). Was runs/<name> of the current folder:
+    ``ember train RUN --resume`` from elsewhere started a new run there from step 0."""
+    if folder is None or {parse_override(o)[0][0] for o in overrides} & {"name", "run_dir"}:
+        return
+    name, run_dir = data.get("name", "run"), data.get("run_dir")
+    if isinstance(name, str) and isinstance(run_dir, (str, type(None))):
+        where = Path(run_dir if run_dir is not None else Path("runs") / name)
+        if not (where.is_dir() and where.resolve() == folder.resolve()):
+            data["run_dir"] = str(folder)
 
 
 def load_source(source: str | Path) -> dict:
@@ -36,12 +77,12 @@ def load_source(source: str | Path) -> dict:
     p = Path(source)
     if p.is_dir() and (p / "config.toml").is_file():  # a run directory: its resolved config
         p = p / "config.toml"
-    if p.is_file():
+    if p.exists() and not p.is_dir():  # a file, or a pipe: ember train <(...), /dev/stdin
         kind = ch.not_a_config(p)
         if kind:  # ember train data.jsonl / model.gguf: what the file is, and where it goes
             raise EmberError(f"{p} is {kind}, not a run config (TOML); name it in a config "
                              f"file or a recipe: {ch.WHERE[kind].format(p=p)}")
-        return parse_toml(p.read_text(encoding="utf-8"), str(p))
+        return parse_toml(_config_text(p), str(p))
     name = str(source)
     if name in recipe_names():
         res = importlib.resources.files("ember.engine") / "recipes" / f"{name}.toml"
@@ -54,7 +95,9 @@ def load_source(source: str | Path) -> dict:
         raise EmberError(f"{name} is a folder without config.toml: not a run directory; give "
                          "a run directory (runs/<name>), a config file or a recipe name")
     if p.suffix == ".toml":
-        raise EmberError(f"config file {name} not found")
+        recipe = (f" (the recipe is named without .toml: {p.stem})" if p.parent == Path(".")
+                  and p.stem in recipe_names() else "")
+        raise EmberError(f"config file {name} not found{recipe}")
     if "/" in name:
         raise EmberError(f"config file {name} not found (nor a run directory of that name)")
     raise EmberError(f"{name!r} is neither a config file nor a recipe; recipes: "
@@ -75,3 +118,45 @@ def _toml_or_word(raw: str):
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
+
+
+def toml_error(raw: str) -> str:
+    """tomllib's reason why ``raw`` is not a TOML value ("" if it is one)."""
+    try:
+        tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError as e:
+        return str(e).split(" (at line")[0]
+    return ""
+
+
+def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
+    """``data`` (a config dict) with the ``--set`` items applied in order, each value typed by
+    the key's field in config dataclass ``cls``."""
+    data = copy.deepcopy(data)  # (TOML dates and times included: from_dict names such a value)
+    for item in overrides:
+        path, value = parse_override(item)
+        raw = item.partition("=")[2].strip()
+        if isinstance(value, str) and raw.startswith(("[", "{")):  # not TOML (else no str)
+            tp = ch.key_type(cls, path)
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a broken inline table
+                raise EmberError(f"--set {item}: not a TOML value ({toml_error(raw)}); quote "
+                                 "the strings in it, e.g. --set 'lora={rank=8, init=\"gaussian\"}'")
+            if raw.startswith("[") and raw.endswith("]") and ch.takes_a_list(cls, path):
+                value = raw[1:-1].strip()  # [q, v]: bare words, as q,v (was "[q", "v]")
+        if not raw and ch.takes_a_list(cls, path):  # eval.metrics= : none, as [] (was
+            value = []  # the one name "", refused as an unknown metric)
+        if isinstance(value, str) and "," in value and ch.takes_a_list(cls, path) and (
+                raw[:1] not in ('"', "'")):
+            # a bare a,b for a list key, as ember eval --metrics takes one: the list [a, b]
+            value = [_toml_or_word(v.strip()) for v in value.split(",") if v.strip()]
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise EmberError(f"--set {item}: {part!r} is a value, not a table")
+            node = nxt
+        old = node.get(path[-1])
+        if isinstance(value, dict) and isinstance(old, dict):
+            value = ch.merged_tables(old, value)  # lora={rank=8}: the file's others stay
+        node[path[-1]] = value
+    return data

@@ -133,6 +133,26 @@ def test_eval_of_a_run_defaults_to_its_metrics(trained, tmp_path, capsys):
     assert set(row) == {"data", "examples", "loss", "perplexity"}, row
 
 
+def test_eval_of_a_run_from_another_folder_names_its_split_and_the_way_out(trained, tmp_path,
+                                                                           capsys, monkeypatch):
+    """A run's data.test recorded relative to the folder it started in, ember eval RUN from
+    elsewhere: was the bare "test.jsonl: dataset file not found"."""
+    import shutil
+
+    run = shutil.copytree(trained["run"], tmp_path / "run")
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace(f'test = "{trained["test"]}"',
+                                                 'test = "test.jsonl"'))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--max-new-tokens", "4"]) == 2
+    assert capsys.readouterr().err == (
+        f"ember: error: the run's data.test 'test.jsonl' not found (a relative path is taken "
+        f"from the current folder, {tmp_path}: run ember eval from the folder the run started "
+        "in, or give the file with --data FILE.jsonl)\n")
+    assert main(["eval", str(run), "--max-new-tokens", "4", "--data", trained["test"]]) == 0
+
+
 def test_import_gguf(tmp_path, capsys):
     from ember.models.loading import load_pretrained
     from tests.models.test_gguf import write_tiny_gguf
@@ -153,6 +173,8 @@ def test_import_gguf(tmp_path, capsys):
      "--gguf-type 'Q3_K_XL' is not one of f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q4_k_s"),
     (["generate", "no-such-model", "--prompt", "hi"], "not found"),
     (["export", ".", "--merged", "x", "--gguf-type", "q4_0"], "applies to --gguf OUT.gguf"),
+    (["import-gguf", "missing.gguf", "out"], "error: missing.gguf not found\n"),  # was "not a
+    (["import-gguf", ".", "out"], ". is a folder; import-gguf converts one .gguf file"),  # .gguf"
 ])
 def test_user_errors_are_one_clean_line(argv, message, capsys):
     assert main(argv) == 2
@@ -247,6 +269,70 @@ def test_a_missing_data_file_is_named_before_the_model_loads(trained, tmp_path, 
     assert "no-model" not in err
     assert "nope.jsonl'; data.test = " in err and "gone.jsonl" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_no_training_data_is_named_before_the_model_loads(tmp_path, capsys):
+    """An empty config (or one without data.train or task.name) loaded the model first, wrote
+    the run directory, then said data.train is empty."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert main(["train", str(empty), "--set", f"model.name={tmp_path / 'no-model'}",
+                 "--set", f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ember: error: data.train is empty: give one or more JSONL files")
+    assert "task.name = one of 'support-tickets'" in err and len(err.splitlines()) == 1
+    assert "no-model" not in err and not (tmp_path / "run").exists()
+
+
+def test_a_task_run_checks_the_files_it_does_not_generate_before_the_model_loads(
+        tmp_path, capsys, monkeypatch):
+    """With [task] no file was checked: a missing eval.choices, or a task run continued from
+    another folder (its recorded split paths relative to where it started), were found after
+    the model loaded."""
+    no_model = f"model.name={tmp_path / 'no-model'}"
+    cfg = tmp_path / "task.toml"
+    cfg.write_text('[task]\nname = "support-tickets"\n')
+    assert main(["train", str(cfg), "--set", no_model, "--set", "eval.choices=nope.jsonl",
+                 "--set", f"run_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"ember: error: data file not found: eval.choices = 'nope.jsonl' (a relative "
+                   f"path is taken from the current folder, {Path.cwd()})\n")
+    run = tmp_path / "runs" / "t"  # started in tmp_path: its resolved config, as written
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(f'name = "t"\n[model]\nname = "{tmp_path / "no-model"}"\n'
+                                     '[task]\nname = "support-tickets"\n[data]\n'
+                                     'train = ["runs/t/data/train.jsonl"]\n')
+    (run / "data").mkdir()
+    (run / "data" / "train.jsonl").write_text("")
+    monkeypatch.chdir(run)
+    assert main(["train", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ember: error: data file not found: data.train = "
+                          "'runs/t/data/train.jsonl'") and "no-model" not in err
+    assert err.rstrip().endswith("a [task] run records its generated files' paths as seen from "
+                                 "the folder it started in: continue it from there")
+
+
+def test_export_never_writes_over_what_it_reads(tmp_path, capsys):
+    """``ember export RUN --merged BASE`` wrote the merged weights over the run's base model (the
+    run then loaded its adapter onto merged weights: silently wrong); ``export MODEL --merged
+    MODEL`` and OUT = the run directory wrote where the export reads."""
+    base = make_tiny_model(tmp_path / "base")
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(f'name = "r"\nrun_dir = "{run}"\n[model]\nname = "{base}"\n')
+    cases = [(["export", str(run), "--merged", str(base)], "the run's base model (model.name)"),
+             (["export", str(run), "--adapter", str(run)], "the run directory"),
+             (["export", str(base), "--merged", str(base) + "/"], "the model exported")]
+    for argv, what in cases:
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ember: error: {argv[2]} {argv[3]} is {what}: writing there "
+                              "would replace what the export reads")
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml"]
 
 
 def test_eval_refuses_unknown_or_unusable_metrics_before_scoring(trained, tmp_path, capsys,

@@ -214,3 +214,22 @@ def test_chat_refuses_bad_sampling_before_the_first_message(chat_model, capsys, 
     out = capsys.readouterr()
     assert out.out == "" and out.err.count("temperature must be >= 0") == 1
     assert "/reset" not in out.err
+
+
+def test_a_seed_beyond_64_bits_is_one_clean_line(chat_model, capsys):
+    """--seed 2**64 was torch's 'Overflow when unpacking long long' traceback out of ember
+    generate; every seed torch.Generator takes (the oracle) still works."""
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="Overflow"):
+        torch.Generator().manual_seed(2**64)
+    argv = ["generate", str(chat_model), "--prompt", "x", "--max-new-tokens", "2",
+            "--temperature", "1"]
+    for seed in (2**64, -2**63 - 1):
+        capsys.readouterr()
+        assert main([*argv, "--seed", str(seed)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"ember: error: --seed must be a 64-bit integer (torch.Generator's " \
+                      f"seed), got {seed}\n"
+    for seed in (2**64 - 1, -2**63):
+        torch.Generator().manual_seed(seed)
+        assert main([*argv, "--seed", str(seed)]) == 0

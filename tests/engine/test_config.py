@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from ember import EmberError
 from ember.engine.config import (
@@ -84,6 +85,15 @@ def test_unknown_keys_are_named_with_the_valid_ones(item, key, valid):
     ("lora.alpha=-inf", "lora.alpha must be a finite number"),
     ("optim.lr=inf", "optim.lr must be a finite number"),
     ("optim.betas=[0.9, nan]", r"optim.betas\[1\] must be a finite number"),
+    # were taken: the run directory runs/ itself (name ""), runs/.. = the current folder, or
+    # the current folder (run_dir ""): the run's files written among the others
+    ("name=", "name must be a folder name for runs/<name>, got ''; give run_dir"),
+    ('name=".."', "name must be a folder name"),
+    ('name="runs/../x"', "name must be a folder name"),
+    ('name="/tmp/x"', "name must be a folder name"),
+    ('run_dir=" "', "run_dir is empty"),
+    # the current folder, loaded as the model (or its files named in a confusing error)
+    ("model.name=", "model.name is empty: give a built-in name, an HF model folder or a .gguf"),
 ])
 def test_bad_values_are_clear_errors(item, match):
     with pytest.raises(EmberError, match=match):
@@ -252,3 +262,60 @@ def test_a_folder_that_is_not_a_run_says_so(tmp_path):
         load_config(str(tmp_path))
     with pytest.raises(EmberError, match="not found .nor a run directory"):
         load_config(str(tmp_path / "runs" / "quickstart"))
+
+
+def test_a_run_directory_is_its_own_run_dir_from_any_folder(tmp_path, monkeypatch):
+    """``ember train RUN --resume`` (cli docstring: RUN_DIR) from another folder took the run
+    directory as runs/<name> of the current folder: a new run from step 0 there, silently."""
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(to_toml(load_config(None, ["name=a"])))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "config.toml").write_text(to_toml(load_config(None, ["run_dir=old/place"])))
+    monkeypatch.chdir(tmp_path / "runs")
+    assert load_config(run).out_dir == run
+    assert load_config(str(moved), ["max_steps=9"]).out_dir == moved  # a moved run directory
+    # --set name / run_dir: a new run from the directory's settings
+    assert load_config(run, ["name=b"]).out_dir == Path("runs/b")
+    assert load_config(run, ["run_dir=c"]).out_dir == Path("c")
+    monkeypatch.chdir(tmp_path)  # where the run started: its config as written
+    assert load_config(run).run_dir is None and load_config(run).out_dir == Path("runs/a")
+
+
+def test_a_config_from_a_pipe_is_read(tmp_path):
+    """``ember train <(...)`` / ``/dev/stdin``: a named pipe exists but is no regular file; it was
+    "config file /dev/fd/63 not found"."""
+    import os
+    import threading
+
+    text = 'max_steps = 7\n[lora]\nrank = 2\n'
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=(text,), daemon=True)
+    writer.start()
+    try:
+        cfg = load_config(str(fifo))
+    finally:
+        writer.join(timeout=5)
+    assert cfg == from_dict(TrainConfig, tomllib.loads(text))
+
+
+def test_an_empty_teacher_is_no_teacher():
+    """distill.teacher = "" was taken: the current folder loaded as the teacher."""
+    with pytest.raises(EmberError, match='objective = "distill" needs distill.teacher'):
+        load_config(None, ["objective=distill", 'distill.teacher=" "'])
+
+
+@pytest.mark.parametrize("dtype", ["", "fp8", "float64", "int8", "bfloat"])
+def test_a_model_dtype_the_loader_refuses_is_refused_in_the_config(dtype):
+    """model.dtype was checked only when the model loaded (after the run directory was made);
+    the config takes exactly what the loader (resolve_dtype, torch's names) takes."""
+    from ember.models.loading import resolve_dtype
+
+    with pytest.raises(EmberError):
+        resolve_dtype(dtype)
+    with pytest.raises(EmberError, match=r'model.dtype must be "auto", "float32"'):
+        load_config(None, [f'model.dtype="{dtype}"'])
+    for ok in ("auto", "bf16", "float16", "fp32", "torch.bfloat16"):
+        assert load_config(None, [f"model.dtype={ok}"]).model.dtype == ok
