@@ -180,3 +180,20 @@ tokens_per_batch = 128
     losses = [r["loss"] for r in rows if r["kind"] == "train"]
     assert len(losses) == steps and all(0 < loss < 20 for loss in losses)
     return run
+
+
+def hf_lr_factors(name: str, total: int, warmup: int, **kw) -> list[float]:
+    """transformers' ``get_scheduler(name, ...)`` lr multiplier of each optimizer step (0-based)
+    of ``total``; ``kw``: its ``scheduler_specific_kwargs``."""
+    from transformers import get_scheduler
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total,
+                          scheduler_specific_kwargs=kw)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out

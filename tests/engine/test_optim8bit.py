@@ -129,17 +129,23 @@ def test_trains_like_fp32_adamw(tiny, tmp_path, one_thread):
     assert ref != q8  # the 8-bit optimizer was used
 
 
-def test_stop_resume_equals_uninterrupted_run(tiny, tmp_path, one_thread):
-    extra = (*FULL, 'optim.name="adamw_8bit"', "optim.weight_decay=0.1", "max_steps=8",
-             "checkpoint.every_steps=4")
+def _stop_resume_equals_uninterrupted(tiny, tmp_path, extra, stop: int) -> None:
+    """Run ``a`` straight through; run ``b`` stopped after ``stop`` steps and resumed: the same
+    rows and final weights, exactly."""
     train(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
     cfg_b = tiny_config(tiny, tmp_path / "b", *extra)
-    assert train(cfg_b, echo=quiet, progress=False, stop_after=4).steps == 4
+    assert train(cfg_b, echo=quiet, progress=False, stop_after=stop).steps == stop
     train(cfg_b, resume=True, echo=quiet, progress=False)
     assert rows_of(tmp_path / "a", timing=False) == rows_of(tmp_path / "b", timing=False)
     wa = checkpoint_weights(tmp_path / "a", tmp_path)
     wb = checkpoint_weights(tmp_path / "b", tmp_path)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_stop_resume_equals_uninterrupted_run(tiny, tmp_path, one_thread):
+    extra = (*FULL, 'optim.name="adamw_8bit"', "optim.weight_decay=0.1", "max_steps=8",
+             "checkpoint.every_steps=4")
+    _stop_resume_equals_uninterrupted(tiny, tmp_path, extra, 4)
 
 
 @pytest.mark.slow  # two subprocesses: ~25 s on a loaded 2-core machine
@@ -275,14 +281,7 @@ def test_rows_trained_states_resume_exactly(tiny, tmp_path, one_thread):
              "optim.weight_decay=0.1", "optim.warmup_steps=0", "max_steps=2",
              "checkpoint.every_steps=1", "eval.before=false", "eval.metrics=[]",
              "eval.val_loss=false")
-    train(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
-    cfg_b = tiny_config(tiny, tmp_path / "b", *extra)
-    assert train(cfg_b, echo=quiet, progress=False, stop_after=1).steps == 1
-    train(cfg_b, resume=True, echo=quiet, progress=False)
-    assert rows_of(tmp_path / "a", timing=False) == rows_of(tmp_path / "b", timing=False)
-    wa = checkpoint_weights(tmp_path / "a", tmp_path)
-    wb = checkpoint_weights(tmp_path / "b", tmp_path)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    _stop_resume_equals_uninterrupted(tiny, tmp_path, extra, 1)
 
 
 def test_rows_trained_state_dict_round_trip():

@@ -6,30 +6,12 @@ setting a schedule ignores, and a warmup as long as the run, are said."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ember import EmberError
 from ember.engine.config import HF_SCHEDULE_NAMES, OptimConfig
 from ember.engine.runtime import lr_factor
 from ember.engine.trainer import train
-from tests.engine._tiny import rows_of, tiny_config
-
-
-def _hf_factors(name: str, total: int, warmup: int, **kw) -> list[float]:
-    """transformers' lr multiplier of each optimizer step (0-based) of ``total``."""
-    from transformers import get_scheduler
-
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=1.0)
-    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total,
-                          scheduler_specific_kwargs=kw)
-    out = []
-    for _ in range(total):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return out
-
+from tests.engine._tiny import hf_lr_factors, rows_of, tiny_config
 
 # transformers' name and kwargs (peak lr 1), Ember's (schedule, min_lr_ratio)
 CASES = [("polynomial", dict(power=1.0, lr_end=0.1), ("linear", 0.1)),
@@ -47,7 +29,7 @@ def test_the_named_equivalent_is_transformers_schedule(name, kw, ours):
     assert schedule in HF_SCHEDULE_NAMES[name] and (not min_ratio
                                                     or "min_lr_ratio" in HF_SCHEDULE_NAMES[name])
     for total, warmup in [(10, 2), (7, 0), (37, 4), (3, 1), (12, 11)]:
-        hf = _hf_factors(name, total, warmup, **kw)
+        hf = hf_lr_factors(name, total, warmup, **kw)
         got = [lr_factor(k, total, warmup, schedule, min_ratio) for k in range(total)]
         assert got == pytest.approx(hf, rel=1e-12, abs=1e-12), (total, warmup)
 
@@ -114,6 +96,6 @@ def test_a_warmup_as_long_as_the_run_is_said(tiny, tmp_path):
                       "eval.val_loss=false", "checkpoint.save_final=false"),
           echo=said.append, progress=False)
     assert [r["lr"] for r in rows_of(tmp_path / "r") if r["kind"] == "train"] == [0.0]
-    assert _hf_factors("cosine", 1, 1) == [0.0]
+    assert hf_lr_factors("cosine", 1, 1) == [0.0]
     notes = [m for m in said if "covers the whole" in m]
     assert len(notes) == 1 and "nothing trains" in notes[0], said

@@ -29,6 +29,7 @@ from ember.engine.trainer import Trainer, lr_factor, resolve, train
 from ember.models.lora import LoRAConfig, apply_lora
 from tests.engine._tiny import (
     checkpoint_weights,
+    hf_lr_factors,
     quiet,
     rows_of,
     tiny_config,
@@ -428,19 +429,8 @@ HF_SCHEDULES = {"cosine": ("cosine_with_min_lr", 0.1), "cosine0": ("cosine", 0.0
 
 def _hf_factors(schedule: str, total: int, warmup: int) -> list[float]:
     """transformers' lr multiplier of each optimizer step (0-based) of ``total``."""
-    from transformers import get_scheduler
-
     name, min_ratio = HF_SCHEDULES[schedule]
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=1.0)
-    kw = {"scheduler_specific_kwargs": {"min_lr_rate": min_ratio}} if min_ratio else {}
-    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total, **kw)
-    out = []
-    for _ in range(total):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return out
+    return hf_lr_factors(name, total, warmup, **({"min_lr_rate": min_ratio} if min_ratio else {}))
 
 
 @pytest.mark.parametrize("schedule", list(HF_SCHEDULES))

@@ -187,6 +187,16 @@ def test_gemma_sandwich_norm_bnb_checkpoint(tmp_path, family):
     _peft_matches(model, folder, tmp_path, ids)
 
 
+def _reloads_with_logits(out, ids, logits) -> None:
+    """transformers loads the classifier Ember saved in ``out`` with these logits."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = transformers.AutoModelForSequenceClassification.from_pretrained(
+            out, device_map="cpu").eval()
+    with torch.no_grad():
+        assert _diff(back(ids).logits, logits) <= TOL
+
+
 def test_classifier_bnb_checkpoint_saves_with_its_score_head_dense(tmp_path):
     """A *ForSequenceClassification keeps ``score`` dense: Ember's quantization_config must say so
     (it listed only projections and lm_head, so transformers expected a 4-bit score)."""
@@ -205,12 +215,7 @@ def test_classifier_bnb_checkpoint_saves_with_its_score_head_dense(tmp_path):
     out = save_pretrained(ours, tmp_path / "ember")
     saved, theirs = load_file(out / "model.safetensors"), load_file(folder / "model.safetensors")
     assert saved.keys() == theirs.keys() and all(torch.equal(saved[k], theirs[k]) for k in saved)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = transformers.AutoModelForSequenceClassification.from_pretrained(
-            out, device_map="cpu").eval()
-    with torch.no_grad():
-        assert _diff(back(ids).logits, logits) <= TOL
+    _reloads_with_logits(out, ids, logits)
 
 
 def test_classifier_bnb_checkpoint_with_a_4bit_score_head(tmp_path):
@@ -234,12 +239,7 @@ def test_classifier_bnb_checkpoint_with_a_4bit_score_head(tmp_path):
         logits = classify(ours, ids)
         assert _diff(logits, hf(ids).logits) <= TOL
     out = save_pretrained(ours, tmp_path / "ember")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = transformers.AutoModelForSequenceClassification.from_pretrained(
-            out, device_map="cpu").eval()
-    with torch.no_grad():
-        assert _diff(back(ids).logits, logits) <= TOL
+    _reloads_with_logits(out, ids, logits)
     # the same quantization in memory: quantize_model_ with that skip list keeps a 4-bit score,
     # which classify() reads dequantized (was: AttributeError, Linear4bit has no weight)
     requant, _ = load_pretrained(tmp_path / "dense")
