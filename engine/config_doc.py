@@ -40,8 +40,6 @@ MORE_DOCS = {
                                             "sequence",
                       "init_text": "the text whose tokens' embeddings start the virtual tokens "
                                    "(init = \"text\")"},
-    "distill": {"temperature": "softmax temperature of both distributions in the KD term (the "
-                               "term is scaled by temperature**2)"},
     "simpo": {"label_smoothing": "> 0: conservative loss, the assumed fraction of flipped labels"},
     "optim": {"betas": "AdamW's (beta1, beta2)", "eps": "AdamW's epsilon",
               "warmup_ratio": "warmup as a fraction of the run's steps when warmup_steps is "

@@ -74,7 +74,9 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = ALL_LINEAR
     use_rslora: bool = False
-    init: str = "kaiming"  # "kaiming" (PEFT's default) | "gaussian"; B is zero either way
+    # "kaiming" (PEFT's default) | "gaussian": A's draw, B is zero either way (an embed_tokens
+    # adapter: PEFT's A zero, B standard normal, whatever init says)
+    init: str = "kaiming"
     use_dora: bool = False  # DoRA: a trained magnitude per output row (see the module docstring)
     embedding_lr: float | None = None
 

@@ -77,3 +77,14 @@ def test_readme_python_imports_and_named_apis_exist():
     from ember.models.hf_backend import restore  # README: ember.models.hf_backend.restore
 
     assert callable(restore)
+
+
+def test_readme_chat_commands_target_a_chat_model():
+    """``ember chat X`` and ``ember generate X --system ...`` need a chat template: shown on
+    runs/quickstart, which trains plain-text prompts (``data.use_chat_template = false``), both
+    failed with "needs a chat template"."""
+    quickstart = load_config("quickstart")
+    for argv in _ember_lines():
+        if argv[0] == "chat" or (argv[0] == "generate" and "--system" in argv):
+            if argv[1].startswith("runs/quickstart"):
+                assert quickstart.data.use_chat_template is not False, argv
