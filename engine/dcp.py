@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ember import EmberError
+from ember.engine.dcp_safe import safe_unpickling
 from ember.engine.distributed import (
     DistInfo,
     all_gather_objects,
@@ -211,7 +212,8 @@ def _dcp_call(fn, state: dict, folder: Path):
         # One process: DCP works without a process group, but warns that it assumes so.
         warnings.filterwarnings("ignore", message=".*assuming the intent is to.*single process")
         no_dist = not (dist.is_available() and dist.is_initialized())
-        return fn(state, checkpoint_id=str(folder), no_dist=no_dist)
+        with safe_unpickling():  # a crafted folder runs no code (engine/dcp_safe.py)
+            return fn(state, checkpoint_id=str(folder), no_dist=no_dist)
 
 
 def _sharded(model: nn.Module) -> bool:
@@ -402,6 +404,10 @@ def load(folder: str | os.PathLike, *, model: nn.Module,
     try:
         _dcp_call(dcp.load, state, folder)
     except (RuntimeError, ValueError, dcp.CheckpointException) as e:
+        for failure in getattr(e, "failures", {}).values():  # a refusal of engine/dcp_safe.py
+            failure = failure[0] if isinstance(failure, tuple) else failure  # (exc, trace)
+            if isinstance(failure, EmberError):
+                raise EmberError(f"cannot resume from {folder}: {failure}") from None
         raise EmberError(f"cannot load {folder} into this model/optimizer ({type(e).__name__}: "
                          f"{str(e)[:500]}); resume with the same model, method and LoRA "
                          "settings") from None
@@ -434,15 +440,17 @@ def _shard_bound(folder: Path) -> bool:
     8-bit states record their ``shards``): it loads only at the world size that wrote it."""
     import torch.distributed.checkpoint as dcp
 
-    keys = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    with safe_unpickling():
+        keys = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     return any(k.startswith("optim.state.") and k.endswith(".shards") for k in keys)
 
 
 def _check_keys(folder: Path, model_sd: dict) -> None:
     import torch.distributed.checkpoint as dcp
 
-    saved = {k[len("model."):] for k in dcp.FileSystemReader(str(folder)).read_metadata()
-             .state_dict_metadata if k.startswith("model.")}
+    with safe_unpickling():
+        metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    saved = {k[len("model."):] for k in metadata.state_dict_metadata if k.startswith("model.")}
     want = set(model_sd)
     if saved != want:
         extra, missing = sorted(saved - want), sorted(want - saved)
