@@ -128,7 +128,7 @@ def shared_lora_input(cfg: ModelConfig, mods, x: torch.Tensor) -> torch.Tensor |
     if cfg.model_type != "phi3":
         return None
     drops = [m.dropout for m in mods if isinstance(m, LoRALinear) and m.training
-             and m.dropout is not None]
+             and m.dropout is not None and m.scale != 0.0]
     if not drops or len({d.p for d in drops}) != 1:
         return None
     return drops[0](x)

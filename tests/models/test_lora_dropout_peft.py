@@ -73,3 +73,36 @@ def test_training_forward_draws_peft_masks(bases, tmp_path, base, dora, fused):
     # the dropout is really drawn: another seed gives other logits
     torch.manual_seed(8)
     assert (model(ids) - ref).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("base", ["phi3", "llama"])
+def test_adapters_disabled_draw_no_lora_masks(bases, tmp_path, base):
+    """A training forward with the adapters off (DPO's reference, ``adapters_disabled``) is the
+    base alone and draws no LoRA dropout masks, as PEFT's ``disable_adapter``: the global RNG
+    ends where PEFT's does, so the policy's next masks are PEFT's too."""
+    from ember.engine.losses import adapters_disabled
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(bases[base],
+                                                               attn_implementation="eager")
+        pm = peft.get_peft_model(hf, peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False,
+            target_modules="all-linear"))
+        pm.save_pretrained(tmp_path / "ad")
+    model, _ = load_pretrained(bases[base])
+    load_adapter(model, tmp_path / "ad")
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    pm.train()
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(7)
+        with pm.disable_adapter():
+            ref = pm(ids).logits
+        ref_next = pm(ids).logits  # the adapters back on: masks drawn after the reference's
+        torch.manual_seed(7)
+        with adapters_disabled(model):
+            got = model(ids)
+        got_next = model(ids)
+    assert (got - ref).abs().max().item() <= 1e-4
+    assert (got_next - ref_next).abs().max().item() <= 1e-4
