@@ -129,3 +129,14 @@ def test_run_setting_overrides_the_checkpoints_dropout(tmp_path):
     assert kept.cfg.attention_dropout == 0.1
     with pytest.raises(EmberError, match=r"model.attention_dropout must be in \[0, 1\)"):
         load_config(None, ["model.attention_dropout=1.5"])
+
+
+def test_residual_dropout_with_sandwich_norms_is_refused(tmp_path):
+    """Gemma 2/3 and OLMo2 blocks (sandwich norms) have no residual dropout in transformers, and
+    Ember's would silently skip one: a config asking for it is refused, saying what to set."""
+    folder = _save(tmp_path, "gemma2", "Gemma2Config", attention_dropout=0.25)
+    model, _ = load_pretrained(folder)
+    assert model.cfg.sandwich_norms
+    with pytest.raises(ValueError, match=r"resid_dropout \(0.1\) is not applied with "
+                                         r"sandwich_norms.*set resid_dropout=0"):
+        model.cfg.replace(resid_dropout=0.1)
