@@ -201,19 +201,21 @@ class Attention(nn.Module):
 
 def _dropout_attention(q, k, v, cfg: ModelConfig, window: int | None, cu_seqlens=None):
     """Causal attention with dropout on the probabilities (``cfg.attention_dropout``, training
-    forwards only), as transformers' attention applies it: q (B, T, H, hd), k/v (B, T, K, hd);
-    packed documents (B = 1, ``cu_seqlens``) never attend to each other. Ember's flash kernels
-    have no dropout, so this runs with an explicit (T, T) mask: PyTorch's SDPA on CUDA (its
-    memory-efficient kernel draws the dropout), else the eager math transformers' "eager"
+    forwards only), as transformers' attention applies it: q (B, T, H, hd), k/v (B, S, K, hd),
+    S >= T (S > T: a KV cache's earlier keys first, the queries are the last T positions);
+    packed documents (B = 1, ``cu_seqlens``, S = T) never attend to each other. Ember's flash
+    kernels have no dropout, so this runs with an explicit (T, S) mask: PyTorch's SDPA on CUDA
+    (its memory-efficient kernel draws the dropout), else the eager math transformers' "eager"
     attention does (same dropout draws for the same seed)."""
-    T = q.shape[1]
-    i = torch.arange(T, device=q.device)
-    keep = i[None, :] <= i[:, None]
+    T, S = q.shape[1], k.shape[1]
+    i = torch.arange(T, device=q.device)[:, None] + (S - T)  # the queries' key positions
+    j = torch.arange(S, device=q.device)[None, :]
+    keep = j <= i
     if window is not None:
-        keep &= (i[:, None] - i[None, :]) < window
+        keep &= (i - j) < window
     if cu_seqlens is not None:
-        doc = torch.searchsorted(cu_seqlens[1:].to(q.device), i, right=True)
-        keep &= doc[:, None] == doc[None, :]
+        doc = torch.searchsorted(cu_seqlens[1:].to(q.device), j[0], right=True)
+        keep &= doc[None, :] == doc[:, None]
     p_drop = cfg.attention_dropout
     scale = cfg.head_dim ** -0.5 if cfg.softmax_scale is None else cfg.softmax_scale
     rep = cfg.num_heads // cfg.num_kv_heads

@@ -68,6 +68,32 @@ def test_training_forward_drops_as_transformers_eager(tmp_path, cls, kw):
     assert out["attention_dropout"] == 0.25
 
 
+
+@pytest.mark.parametrize("cls,kw", [("GraniteConfig", GRANITE), ("Qwen2Config", {})])
+def test_training_forward_with_a_kv_cache_drops_as_transformers(tmp_path, cls, kw):
+    """A training-mode forward of new tokens after cached ones (queries T < keys S): the causal
+    mask is offset by the cache, as transformers' eager attention builds it (was: a (T, T) mask
+    against (T, S) scores, a RuntimeError). Not with a sliding window: transformers' cache then
+    keeps fewer keys, so its dropout draws another shape."""
+    from ember.models.transformer import KVCache
+
+    folder = _save(tmp_path, cls, cls, attention_dropout=0.25, **kw)
+    model, _ = load_pretrained(folder)
+    hf = _hf_train(folder)
+    model.train()
+    ids = _ids(9)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        past = transformers.DynamicCache(config=hf.config)
+        hf(ids[:, :5], past_key_values=past, use_cache=True)
+        ref = hf(ids[:, 5:], past_key_values=past, use_cache=True).logits
+        torch.manual_seed(7)
+        cache = KVCache(model.cfg, ids.shape[0], 16, ids.device, torch.float32)
+        model(ids[:, :5], cache=cache)
+        ours = model(ids[:, 5:], cache=cache)
+    assert ours.shape == ref.shape == (ids.shape[0], 4, ref.shape[-1])
+    assert (ours - ref).abs().max().item() <= 1e-4
+
 def test_packed_documents_drop_without_crossing(tmp_path):
     """A packed batch (cu_seqlens, positions restarting per document) in training: dropout is
     drawn, and a document's logits never depend on another document's tokens (same seed, same
