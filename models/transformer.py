@@ -188,7 +188,8 @@ class Attention(nn.Module):
         kw = dict(causal=True, softmax_scale=cfg.softmax_scale, window=self.window,
                   softcap=cfg.attn_softcap)
         if key_mask is not None:
-            out = _masked_attention(q, k, v, key_mask, cfg, self.window)
+            drop = cfg.attention_dropout if self.training else 0.0
+            out = _masked_attention(q, k, v, key_mask, cfg, self.window, drop)
         elif cfg.attention_dropout and self.training:
             out = _dropout_attention(q, k, v, cfg, self.window, cu_seqlens)
         elif cu_seqlens is not None:
@@ -233,11 +234,14 @@ def _dropout_attention(q, k, v, cfg: ModelConfig, window: int | None, cu_seqlens
     return (p @ vt).transpose(1, 2)
 
 
-def _masked_attention(q, k, v, key_mask, cfg: ModelConfig, window: int | None):
+def _masked_attention(q, k, v, key_mask, cfg: ModelConfig, window: int | None,
+                      dropout: float = 0.0):
     """Attention with a per-key padding mask (left-padded batched generation). q (B, T, H, hd),
     k/v (B, S, K, hd), key_mask (B, S) bool, True = real token. Masked slots can sit between
     real ones (prompt tuning's virtual tokens come before the padding; rejected draft tokens
-    leave holes), so a sliding window counts real tokens (positions), not slots."""
+    leave holes), so a sliding window counts real tokens (positions), not slots. ``dropout``:
+    on the probabilities (a training forward's ``attention_dropout``), as transformers' eager
+    attention drops them."""
     T, S = q.shape[1], k.shape[1]
     i = torch.arange(T, device=q.device)[:, None] + (S - T)
     j = torch.arange(S, device=q.device)[None, :]
@@ -254,6 +258,8 @@ def _masked_attention(q, k, v, key_mask, cfg: ModelConfig, window: int | None):
         s = cfg.attn_softcap * torch.tanh(s / cfg.attn_softcap)
     s = s.masked_fill(~keep[:, None], float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
+    if dropout:
+        p = F.dropout(p, dropout, True)
     return (p @ vf).transpose(1, 2).to(q.dtype)
 
 

@@ -94,6 +94,29 @@ def test_training_forward_with_a_kv_cache_drops_as_transformers(tmp_path, cls, k
     assert ours.shape == ref.shape == (ids.shape[0], 4, ref.shape[-1])
     assert (ours - ref).abs().max().item() <= 1e-4
 
+
+@pytest.mark.parametrize("cls,kw", [("GraniteConfig", GRANITE), ("Qwen2Config", {})])
+def test_left_padded_training_forward_drops_as_transformers(tmp_path, cls, kw):
+    """A training forward of a left-padded batch (``key_mask``, transformers' attention_mask)
+    drops the probabilities too (was: the padded path never dropped, silently)."""
+    folder = _save(tmp_path, cls, cls, attention_dropout=0.25, **kw)
+    model, _ = load_pretrained(folder)
+    hf = _hf_train(folder)
+    model.train()
+    ids = _ids(7)
+    mask = torch.ones(ids.shape, dtype=torch.long)
+    mask[0, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    real = mask.bool()
+    with torch.no_grad():
+        torch.manual_seed(7)
+        ref = hf(ids, attention_mask=mask, position_ids=pos).logits
+        torch.manual_seed(7)
+        ours = model(ids, pos, key_mask=real)
+        assert (ours - ref)[real].abs().max().item() <= 1e-4
+        torch.manual_seed(8)  # the dropout is really drawn
+        assert (model(ids, pos, key_mask=real) - ref)[real].abs().max().item() > 1e-2
+
 def test_packed_documents_drop_without_crossing(tmp_path):
     """A packed batch (cu_seqlens, positions restarting per document) in training: dropout is
     drawn, and a document's logits never depend on another document's tokens (same seed, same
