@@ -31,7 +31,10 @@ result is the same computation (only the matmul blocking differs). At Llama-3-8B
 keeps ~90 of a block's ~136 KB per token, which dominates what a checkpointed block re-creates
 in backward at long context; the price is one more MLP forward per chunk in backward. With
 ``checkpointing`` as well, the chunks nest inside the block's recompute. Sequences of at most
-``C`` tokens run as before.
+``C`` tokens run as before. Dropout inside the branch (LoRA dropout on the MLP projections) is
+drawn chunk by chunk, gate/up/down per chunk instead of each over all tokens: the same
+distribution, but other masks than an unchunked run from the same seed (each chunk's recompute
+replays its own masks exactly).
 """
 
 from __future__ import annotations

@@ -155,6 +155,12 @@ class ModelConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.parallel_block and self.sandwich_norms:
             raise ValueError("parallel_block and sandwich_norms cannot be combined")
+        if self.sandwich_norms and self.resid_dropout:
+            # no transformers family has both (Gemma 2/3, OLMo2 drop nothing there): the blocks
+            # would ignore it
+            raise ValueError(f"resid_dropout ({self.resid_dropout}) is not applied with "
+                             "sandwich_norms (Gemma 2/3, OLMo2 blocks have no residual dropout): "
+                             "set resid_dropout=0")
         if not self.gated_mlp and self.num_experts:
             raise ValueError("mixture-of-experts layers have gated experts (gated_mlp=True)")
         if self.head_dim is None:

@@ -177,8 +177,13 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             return torch.linalg.norm(self._adapted_weight(), dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lora_x = self.dropout(x) if self.dropout is not None and self.training else None
+    def forward(self, x: torch.Tensor, lora_x: torch.Tensor | None = None) -> torch.Tensor:
+        """``lora_x``: the adapter's input already dropped out by the caller (Phi-3's q/k/v and
+        gate/up share one mask, as PEFT's LoRA on the fused projection draws); None: this
+        module draws its own (in training, with dropout)."""
+        # scale 0 (adapters off) draws no mask, as PEFT's disable_adapter runs the base alone
+        if lora_x is None and self.dropout is not None and self.training and self.scale != 0.0:
+            lora_x = self.dropout(x)
         w, A, B, bias = _base_weight(self.base), self.lora_A, self.lora_B, self.base.bias
         # scale 0 is "adapters off" (losses.adapters_disabled): the base, as PEFT's
         # disable_adapter, for DoRA too

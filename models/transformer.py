@@ -10,7 +10,9 @@ LoRA (``ember.models.lora``) wraps projections in place. When q, k and v (or gat
 carry adapters and no dropout is drawn, the block calls the fused ``ember.kernels.lora_qkv`` /
 ``lora_mlp`` once instead of the modules one by one (same math, fewer saved activations);
 ``Transformer.set_fused_lora(False)`` turns that off. Module hooks on the wrapped projections do
-not run on the fused path.
+not run on the fused path. Phi-3 (transformers' fused ``qkv_proj`` / ``gate_up_proj``): PEFT's
+LoRA dropout draws one mask for q, k and v and one for gate and up (``shared_lora_input``), so
+its q/k/v keep the fused call with that one dropped input.
 
 RoPE: ``cfg.rotary_dim`` leading dims of each head are rotated, the rest pass through (partial
 rotary, Phi-4-mini). LongRoPE (Phi-3.5 / Phi-4-mini) has two frequency tables; as in transformers,
@@ -108,12 +110,28 @@ class KVCache:
         self.v = [t if t is None else t.index_select(0, rows) for t in self.v]
 
 
-def _fusable(mods) -> bool:
+def _fusable(mods, shared_dropout: bool = False) -> bool:
     """LoRA on every projection of a fused block and no dropout drawn in this call: PEFT draws one
-    dropout mask per projection, which one shared LoRA input cannot reproduce. DoRA's rowwise
-    rescale is not in the fused kernels: DoRA modules run one by one."""
+    dropout mask per projection, which one shared LoRA input cannot reproduce (``shared_dropout``:
+    the caller drew the one mask PEFT shares, Phi-3's q/k/v). DoRA's rowwise rescale is not in
+    the fused kernels: DoRA modules run one by one."""
     return all(isinstance(m, LoRALinear) and not m.use_dora
-               and (m.dropout is None or not m.training) for m in mods)
+               and (shared_dropout or m.dropout is None or not m.training) for m in mods)
+
+
+def shared_lora_input(cfg: ModelConfig, mods, x: torch.Tensor) -> torch.Tensor | None:
+    """Phi-3's checkpoints fuse q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``: PEFT's
+    LoRA on a fused projection drops out its input once, one mask for every part (Ember keeps
+    the parts apart, ``ember.models.lora_fused``). In a training forward with LoRA dropout on
+    such a group, that one ``dropout(x)``, drawn where PEFT draws it; None otherwise (each
+    module draws its own mask, as PEFT's per-projection LoRA does)."""
+    if cfg.model_type != "phi3":
+        return None
+    drops = [m.dropout for m in mods if isinstance(m, LoRALinear) and m.training
+             and m.dropout is not None and m.scale != 0.0]
+    if not drops or len({d.p for d in drops}) != 1:
+        return None
+    return drops[0](x)
 
 
 def _lora_args(mods):
@@ -148,8 +166,12 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         qkv = (self.q_proj, self.k_proj, self.v_proj)
-        if self.fuse_lora and _fusable(qkv):
-            q, k, v = lora_qkv(x, *_lora_args(qkv))
+        lora_x = shared_lora_input(cfg, qkv, x)  # Phi-3: one mask for q, k and v
+        if self.fuse_lora and (_fusable(qkv) or lora_x is not None and _fusable(qkv, True)):
+            q, k, v = lora_qkv(x, *_lora_args(qkv), lora_x=lora_x)
+        elif lora_x is not None:
+            q, k, v = (proj(x, lora_x) if isinstance(proj, LoRALinear) else proj(x)
+                       for proj in qkv)
         else:
             q, k, v = (proj(x) for proj in qkv)
         if cfg.qk_norm and cfg.qk_norm_full:
@@ -166,7 +188,8 @@ class Attention(nn.Module):
         kw = dict(causal=True, softmax_scale=cfg.softmax_scale, window=self.window,
                   softcap=cfg.attn_softcap)
         if key_mask is not None:
-            out = _masked_attention(q, k, v, key_mask, cfg, self.window)
+            drop = cfg.attention_dropout if self.training else 0.0
+            out = _masked_attention(q, k, v, key_mask, cfg, self.window, drop)
         elif cfg.attention_dropout and self.training:
             out = _dropout_attention(q, k, v, cfg, self.window, cu_seqlens)
         elif cu_seqlens is not None:
@@ -179,19 +202,21 @@ class Attention(nn.Module):
 
 def _dropout_attention(q, k, v, cfg: ModelConfig, window: int | None, cu_seqlens=None):
     """Causal attention with dropout on the probabilities (``cfg.attention_dropout``, training
-    forwards only), as transformers' attention applies it: q (B, T, H, hd), k/v (B, T, K, hd);
-    packed documents (B = 1, ``cu_seqlens``) never attend to each other. Ember's flash kernels
-    have no dropout, so this runs with an explicit (T, T) mask: PyTorch's SDPA on CUDA (its
-    memory-efficient kernel draws the dropout), else the eager math transformers' "eager"
+    forwards only), as transformers' attention applies it: q (B, T, H, hd), k/v (B, S, K, hd),
+    S >= T (S > T: a KV cache's earlier keys first, the queries are the last T positions);
+    packed documents (B = 1, ``cu_seqlens``, S = T) never attend to each other. Ember's flash
+    kernels have no dropout, so this runs with an explicit (T, S) mask: PyTorch's SDPA on CUDA
+    (its memory-efficient kernel draws the dropout), else the eager math transformers' "eager"
     attention does (same dropout draws for the same seed)."""
-    T = q.shape[1]
-    i = torch.arange(T, device=q.device)
-    keep = i[None, :] <= i[:, None]
+    T, S = q.shape[1], k.shape[1]
+    i = torch.arange(T, device=q.device)[:, None] + (S - T)  # the queries' key positions
+    j = torch.arange(S, device=q.device)[None, :]
+    keep = j <= i
     if window is not None:
-        keep &= (i[:, None] - i[None, :]) < window
+        keep &= (i - j) < window
     if cu_seqlens is not None:
-        doc = torch.searchsorted(cu_seqlens[1:].to(q.device), i, right=True)
-        keep &= doc[:, None] == doc[None, :]
+        doc = torch.searchsorted(cu_seqlens[1:].to(q.device), j[0], right=True)
+        keep &= doc[None, :] == doc[:, None]
     p_drop = cfg.attention_dropout
     scale = cfg.head_dim ** -0.5 if cfg.softmax_scale is None else cfg.softmax_scale
     rep = cfg.num_heads // cfg.num_kv_heads
@@ -209,11 +234,14 @@ def _dropout_attention(q, k, v, cfg: ModelConfig, window: int | None, cu_seqlens
     return (p @ vt).transpose(1, 2)
 
 
-def _masked_attention(q, k, v, key_mask, cfg: ModelConfig, window: int | None):
+def _masked_attention(q, k, v, key_mask, cfg: ModelConfig, window: int | None,
+                      dropout: float = 0.0):
     """Attention with a per-key padding mask (left-padded batched generation). q (B, T, H, hd),
     k/v (B, S, K, hd), key_mask (B, S) bool, True = real token. Masked slots can sit between
     real ones (prompt tuning's virtual tokens come before the padding; rejected draft tokens
-    leave holes), so a sliding window counts real tokens (positions), not slots."""
+    leave holes), so a sliding window counts real tokens (positions), not slots. ``dropout``:
+    on the probabilities (a training forward's ``attention_dropout``), as transformers' eager
+    attention drops them."""
     T, S = q.shape[1], k.shape[1]
     i = torch.arange(T, device=q.device)[:, None] + (S - T)
     j = torch.arange(S, device=q.device)[None, :]
@@ -230,6 +258,8 @@ def _masked_attention(q, k, v, key_mask, cfg: ModelConfig, window: int | None):
         s = cfg.attn_softcap * torch.tanh(s / cfg.attn_softcap)
     s = s.masked_fill(~keep[:, None], float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
+    if dropout:
+        p = F.dropout(p, dropout, True)
     return (p @ vf).transpose(1, 2).to(q.dtype)
 
 
@@ -243,15 +273,19 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
         self.act = swiglu if cfg.activation == "silu" else geglu
-        self.activation = cfg.activation
+        self.activation, self.cfg = cfg.activation, cfg
         # With LoRA on gate, up and down: one fused call (ember.kernels.lora_mlp) that keeps the
         # gate/up outputs but not act(gate, up); False runs the modules one by one.
         self.fuse_lora = True
 
     def forward(self, x):
         mods = (self.gate_proj, self.up_proj, self.down_proj)
+        lora_x = shared_lora_input(self.cfg, mods[:2], x)  # Phi-3: one mask for gate and up
         if self.fuse_lora and _fusable(mods):
             return lora_mlp(x, *_lora_args(mods), activation=self.activation)
+        if lora_x is not None:
+            gate, up = (m(x, lora_x) if isinstance(m, LoRALinear) else m(x) for m in mods[:2])
+            return self.down_proj(self.act(gate, up))
         return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 

@@ -68,6 +68,55 @@ def test_training_forward_drops_as_transformers_eager(tmp_path, cls, kw):
     assert out["attention_dropout"] == 0.25
 
 
+
+@pytest.mark.parametrize("cls,kw", [("GraniteConfig", GRANITE), ("Qwen2Config", {})])
+def test_training_forward_with_a_kv_cache_drops_as_transformers(tmp_path, cls, kw):
+    """A training-mode forward of new tokens after cached ones (queries T < keys S): the causal
+    mask is offset by the cache, as transformers' eager attention builds it (was: a (T, T) mask
+    against (T, S) scores, a RuntimeError). Not with a sliding window: transformers' cache then
+    keeps fewer keys, so its dropout draws another shape."""
+    from ember.models.transformer import KVCache
+
+    folder = _save(tmp_path, cls, cls, attention_dropout=0.25, **kw)
+    model, _ = load_pretrained(folder)
+    hf = _hf_train(folder)
+    model.train()
+    ids = _ids(9)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        past = transformers.DynamicCache(config=hf.config)
+        hf(ids[:, :5], past_key_values=past, use_cache=True)
+        ref = hf(ids[:, 5:], past_key_values=past, use_cache=True).logits
+        torch.manual_seed(7)
+        cache = KVCache(model.cfg, ids.shape[0], 16, ids.device, torch.float32)
+        model(ids[:, :5], cache=cache)
+        ours = model(ids[:, 5:], cache=cache)
+    assert ours.shape == ref.shape == (ids.shape[0], 4, ref.shape[-1])
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("cls,kw", [("GraniteConfig", GRANITE), ("Qwen2Config", {})])
+def test_left_padded_training_forward_drops_as_transformers(tmp_path, cls, kw):
+    """A training forward of a left-padded batch (``key_mask``, transformers' attention_mask)
+    drops the probabilities too (was: the padded path never dropped, silently)."""
+    folder = _save(tmp_path, cls, cls, attention_dropout=0.25, **kw)
+    model, _ = load_pretrained(folder)
+    hf = _hf_train(folder)
+    model.train()
+    ids = _ids(7)
+    mask = torch.ones(ids.shape, dtype=torch.long)
+    mask[0, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    real = mask.bool()
+    with torch.no_grad():
+        torch.manual_seed(7)
+        ref = hf(ids, attention_mask=mask, position_ids=pos).logits
+        torch.manual_seed(7)
+        ours = model(ids, pos, key_mask=real)
+        assert (ours - ref)[real].abs().max().item() <= 1e-4
+        torch.manual_seed(8)  # the dropout is really drawn
+        assert (model(ids, pos, key_mask=real) - ref)[real].abs().max().item() > 1e-2
+
 def test_packed_documents_drop_without_crossing(tmp_path):
     """A packed batch (cu_seqlens, positions restarting per document) in training: dropout is
     drawn, and a document's logits never depend on another document's tokens (same seed, same
@@ -129,3 +178,14 @@ def test_run_setting_overrides_the_checkpoints_dropout(tmp_path):
     assert kept.cfg.attention_dropout == 0.1
     with pytest.raises(EmberError, match=r"model.attention_dropout must be in \[0, 1\)"):
         load_config(None, ["model.attention_dropout=1.5"])
+
+
+def test_residual_dropout_with_sandwich_norms_is_refused(tmp_path):
+    """Gemma 2/3 and OLMo2 blocks (sandwich norms) have no residual dropout in transformers, and
+    Ember's would silently skip one: a config asking for it is refused, saying what to set."""
+    folder = _save(tmp_path, "gemma2", "Gemma2Config", attention_dropout=0.25)
+    model, _ = load_pretrained(folder)
+    assert model.cfg.sandwich_norms
+    with pytest.raises(ValueError, match=r"resid_dropout \(0.1\) is not applied with "
+                                         r"sandwich_norms.*set resid_dropout=0"):
+        model.cfg.replace(resid_dropout=0.1)
