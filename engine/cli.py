@@ -23,6 +23,9 @@ from pathlib import Path
 from ember import EmberError
 
 EXIT_USER_ERROR = 2
+# generate / chat / eval of a model; ember eval of a run takes its [eval] settings instead
+DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_EVAL_BATCH_SIZE = 64
 
 
 def _cmd_train(a) -> None:
@@ -178,6 +181,8 @@ def _generator(model, tok, a):
     from ember.models.tokenizer import generation_ids
 
     # before the first message: ember chat reports a failed answer and reads the next line
+    if a.max_new_tokens is None:
+        a.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     if a.max_new_tokens < 1:  # 0 printed nothing (transformers' generate refuses it too)
         raise EmberError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     check_sampling(a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.min_p,
@@ -407,8 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"a run directory, or a model (built-in name, HF folder, .gguf) {what}")
         p.add_argument("--adapter", help="a PEFT adapter folder (LoRA or prompt tuning) to "
                                          "load onto MODEL")
-        p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
-        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+        p.add_argument("--max-new-tokens", type=int, default=None,
+                       help=f"tokens generated at most per answer (default "
+                            f"{DEFAULT_MAX_NEW_TOKENS}; ember eval of a run: its "
+                            "eval.max_new_tokens)")
         if not raw:
             return
         p.add_argument("--raw", action="store_true",
@@ -419,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--system", help="system prompt (chat templates; replaces the run's "
                                         "data.system_prompt)")
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--top-p", type=float, default=1.0,
+                       help="keep the most likely tokens holding this much probability (1 = off)")
         p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
         p.add_argument("--min-p", type=float, default=0.0,
                        help="drop tokens less likely than this times the best one (0 = off)")
@@ -440,10 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_args(p)
     p.set_defaults(fn=_cmd_chat)
 
-    p = sub.add_parser("eval", help="loss, perplexity and generation metrics on a JSONL file; "
+    p = sub.add_parser("eval", help="loss, perplexity and generation metrics on a data file; "
                                     "multiple-choice accuracy on question/choices/answer lines")
     model_args(p, "to evaluate")
-    p.add_argument("--data", help="JSONL examples (default: the run's test split)")
+    p.add_argument("--data", help="examples: .jsonl, .json, .csv/.tsv, .parquet, or one of "
+                                  "those .gz (default: the run's test split)")
     p.add_argument("--metrics", help="comma-separated: exact_match, accuracy, f1 (= macro_f1), "
                                      "squad_exact_match, squad_f1, json_match, "
                                      "field_accuracy (engine/metrics.py; default: a run's "
@@ -451,8 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "exact_match; a classifier: "
                                      "accuracy,macro_f1; a reward head: accuracy,margin; a "
                                      "regression head: mse,rmse,pearson)")
-    p.add_argument("--batch-size", type=int, default=64,
-                   help="prompts completed at once for generation metrics (default 64)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"prompts completed at once for generation metrics (default "
+                        f"{DEFAULT_EVAL_BATCH_SIZE}; a run: its eval.batch_size)")
     p.add_argument("--max-examples", type=int, default=None, metavar="N",
                    help="score only the file's first N examples: loss, perplexity and "
                         "generation metrics alike (as choice, classifier and preference-run "

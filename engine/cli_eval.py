@@ -29,6 +29,7 @@ def cmd_eval(a) -> None:
     asked = [m.strip() for m in (a.metrics or "").split(",") if m.strip()]
     a.metrics = ",".join(asked) or None  # "accuracy, macro_f1" for every kind of model
     model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
+    _generation_defaults(a)
     data = a.data or data_cfg.test or data_cfg.validation
     if isinstance(data, tuple):
         raise EmberError(f"the run has {len(data)} validation files and no test file; choose "
@@ -109,6 +110,23 @@ def cmd_eval(a) -> None:
                               batch_size=a.batch_size, autocast=autocast)
         scores.update(res.scores)
     print(json.dumps({"data": str(data), "examples": len(examples), **scores}))
+
+
+def _generation_defaults(a) -> None:
+    """--max-new-tokens / --batch-size not given: a run's own eval.max_new_tokens /
+    eval.batch_size (``ember eval RUN`` generates as the run's evaluations did), else the
+    command's defaults."""
+    from ember.engine.cli import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, _is_run_dir
+
+    run_eval = None
+    if _is_run_dir(a.model) and (a.max_new_tokens is None or a.batch_size is None):
+        from ember.engine.config import load_config
+
+        run_eval = load_config(a.model).eval
+    if a.max_new_tokens is None:
+        a.max_new_tokens = run_eval.max_new_tokens if run_eval else DEFAULT_MAX_NEW_TOKENS
+    if a.batch_size is None:
+        a.batch_size = run_eval.batch_size if run_eval else DEFAULT_EVAL_BATCH_SIZE
 
 
 def eval_preference_run(run_dir: str, model, tok, data: str, device: str, autocast, a

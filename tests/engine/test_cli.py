@@ -133,6 +133,36 @@ def test_eval_of_a_run_defaults_to_its_metrics(trained, tmp_path, capsys):
     assert set(row) == {"data", "examples", "loss", "perplexity"}, row
 
 
+def test_eval_of_a_run_generates_as_its_evaluations_did(trained, tmp_path, capsys,
+                                                        monkeypatch):
+    """Without --max-new-tokens / --batch-size, ember eval RUN generates with the run's
+    eval.max_new_tokens and eval.batch_size (was: 128 and 64 whatever the run used, so its
+    scores could differ from the run's own final evaluation); a model, or the flags, as given."""
+    import re
+    import shutil
+
+    import ember.engine.evaluation as evaluation
+
+    run = shutil.copytree(trained["run"], tmp_path / "run")
+    config = run / "config.toml"
+    text, n = re.subn(r"(?m)^batch_size = .*$", "batch_size = 5", config.read_text())
+    assert n == 1 and "max_new_tokens = 4\n" in text
+    config.write_text(text)
+    seen = []
+    real = evaluation.generation_eval
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["max_new_tokens"], kwargs["batch_size"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generation_eval", spy)
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    assert main(["eval", str(run), "--max-new-tokens", "3", "--batch-size", "2"]) == 0
+    assert main(["eval", str(trained["model"]), "--raw", "--data", str(trained["test"])]) == 0
+    assert seen == [(4, 5), (3, 2), (128, 64)]
+
+
 def test_eval_of_a_run_from_another_folder_names_its_split_and_the_way_out(trained, tmp_path,
                                                                            capsys, monkeypatch):
     """A run's data.test recorded relative to the folder it started in, ember eval RUN from
