@@ -224,19 +224,21 @@ def _unsharded(model_cfg, cfg: TrainConfig, state: dict) -> Transformer:
     return model
 
 
-def check_models(cfg: TrainConfig, run_dir: str | Path | None = None) -> None:
+def check_models(cfg: TrainConfig, run_dir: str | Path | None = None, *,
+                 teacher: bool = True) -> None:
     """The models a config names (model.name, model.init, distill.teacher) are found from the
     current folder, else an error naming the key, before a run directory is written (a missing
     distill.teacher was "model 'nope' not found" after it). ``run_dir``: the config is that run
     directory's; one started before local paths were recorded absolute
-    (``runtime.absolute_paths``) holds them relative to its first folder."""
+    (``runtime.absolute_paths``) holds them relative to its first folder. ``teacher=False``:
+    the run's model is loaded, not trained (no teacher needed)."""
     from ember.engine.objectives import check_teacher
     from ember.models.hub import builtin_model, hf_cache_snapshot, list_models
 
     if run_dir is None:
         check_teacher(cfg)
     for key, v in (("model.name", cfg.model.name), ("model.init", cfg.model.init),
-                   ("distill.teacher", cfg.distill.teacher)):
+                   ("distill.teacher", cfg.distill.teacher if teacher else None)):
         if v is None or Path(v).expanduser().exists():
             continue
         if key != "model.init" and (builtin_model(v) or hf_cache_snapshot(v)):
@@ -263,11 +265,12 @@ def load_run_model(run_dir: str | Path, device: str | None = None, echo=None):
     if not cfg_path.is_file():
         raise EmberError(f"{run_dir} is not a run directory (no config.toml)")
     cfg = from_dict(TrainConfig, parse_toml(cfg_path.read_text(encoding="utf-8"), str(cfg_path)))
-    check_models(cfg, run_dir)
     device = device or cfg.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         device = "cpu"
     final_adapter, final_model = run_dir / "final" / "adapter", run_dir / "final" / "model"
+    if not (cfg.method == "full" and final_model.is_dir()):  # (which needs no base)
+        check_models(cfg, run_dir, teacher=False)
     if cfg.method == "full" and final_model.is_dir():
         model, tok = load_base(cfg, final_model, cfg.model.dtype, device)
         attach_head(model, cfg, tok)  # saved as an HF classifier: check it is this run's

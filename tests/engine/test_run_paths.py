@@ -138,3 +138,35 @@ def test_a_missing_teacher_or_model_is_named_before_the_run_directory_is_written
                               "Hub id in the local Hugging Face cache (Ember downloads nothing); "
                               f"a relative path is taken from the current folder, {tmp_path}"), err
         assert not (tmp_path / "run").exists()
+
+
+def test_a_run_loads_without_its_teacher_and_a_full_run_without_its_base(tmp_path):
+    """Loading a run's model needs its base (a LoRA run) and nothing else: a distillation run
+    whose teacher is gone, or a full run (final/model) whose base is gone, still loads; the
+    adapter on its base gives peft's logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ember.engine.state import load_run_model
+
+    base = make_tiny_model(tmp_path / "model")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora_run, full_run = tmp_path / "lora_run", tmp_path / "full_run"
+    peft_model.save_pretrained(lora_run / "final" / "adapter")
+    (lora_run / "config.toml").write_text(
+        f'name = "d"\nobjective = "distill"\n[model]\nname = "{base}"\n[lora]\nrank = 4\n'
+        f'alpha = 8\ntargets = ["q_proj", "v_proj"]\n[distill]\nteacher = "{tmp_path / "gone"}"\n')
+    shutil.copytree(base, full_run / "final" / "model")
+    (full_run / "config.toml").write_text(
+        f'name = "f"\nmethod = "full"\n[model]\nname = "{tmp_path / "gone"}"\n')
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    model, _, _ = load_run_model(lora_run, "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).float(), peft_model(ids).logits, atol=1e-4,
+                                   rtol=1e-4)
+    model, _, _ = load_run_model(full_run, "cpu")
+    want = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).float(), want(ids).logits, atol=1e-4, rtol=1e-4)
