@@ -66,9 +66,9 @@ def _check_data_files(cfg) -> None:
     given = [("data.train", f) for f in cfg.data.train]
     given += [("data.validation", f) for f in ((val,) if isinstance(val, str) else val or ())]
     given += [("data.test", cfg.data.test), ("eval.choices", cfg.eval.choices)]
-    generated = cfg.out_dir / "data"
+    generated = os.path.abspath(cfg.out_dir / "data")
     gone = [(key, f) for key, f in given if f is not None and not (
-        task and Path(f).parent == generated) and not Path(f).exists()]
+        task and os.path.abspath(Path(f).parent) == generated) and not Path(f).exists()]
     if gone:
         missing = [f"{key} = {f!r}" for key, f in gone]
         where = ("; a [task] run records its generated files' paths as seen from the folder it "

@@ -100,7 +100,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                                         "lr": DEFAULT_LR[cfg.method]})
     data = cfg.data
     if cfg.task.name is not None:
-        folder = cfg.out_dir / "data"
+        folder = Path(os.path.abspath(cfg.out_dir / "data"))  # read from any folder later
         changes = {}
         if not data.train:
             changes["train"] = [str(folder / "train.jsonl")]

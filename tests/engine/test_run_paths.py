@@ -170,3 +170,24 @@ def test_a_run_loads_without_its_teacher_and_a_full_run_without_its_base(tmp_pat
     want = AutoModelForCausalLM.from_pretrained(base)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).float(), want(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_task_run_is_evaluated_from_another_folder(tmp_path, monkeypatch, capsys):
+    """A [task] run's generated splits were recorded as runs/<name>/data/... of the folder it
+    started in: ember eval ../work/runs/t from elsewhere said its data.test was not found."""
+    work = tmp_path / "work"
+    make_tiny_model(work / "model")
+    monkeypatch.chdir(work)
+    sets = ["model.name=model", "name=t", "task.name=support-tickets", "task.train=8",
+            "task.validation=0", "task.test=3", "max_steps=1", "device=cpu", "plot=false",
+            "data.max_seq_len=64", "data.tokens_per_batch=128", "eval.metrics=[]",
+            "lora.rank=4", "lora.alpha=8"]
+    assert main(["train", "quickstart", *[x for s in sets for x in ("--set", s)]]) == 0
+    recorded = load_config(work / "runs" / "t").data
+    assert (recorded.train, recorded.test) == ((str(work / "runs/t/data/train.jsonl"),),
+                                               str(work / "runs/t/data/test.jsonl"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["eval", "../work/runs/t"]) == 0
+    assert "loss" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
