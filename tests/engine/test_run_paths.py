@@ -191,3 +191,22 @@ def test_a_task_run_is_evaluated_from_another_folder(tmp_path, monkeypatch, caps
     capsys.readouterr()
     assert main(["eval", "../work/runs/t"]) == 0
     assert "loss" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_a_checkpoint_with_relative_paths_resumes_from_the_folder_it_started_in(tmp_path,
+                                                                              monkeypatch):
+    """A checkpoint written before paths were recorded absolute (model.name = "model") equals
+    the resolved config of its run (model.name absolute) from the folder it started in."""
+    from ember.engine.config import to_toml
+    from ember.engine.runtime import absolute_paths
+    from ember.engine.state import _check_same_run
+
+    make_tiny_model(tmp_path / "model")
+    write_jsonl(tmp_path / "train.jsonl", tiny_rows(4))
+    monkeypatch.chdir(tmp_path)
+    old = load_config(None, ["model.name=model", "data.train=[train.jsonl]"])
+    (tmp_path / "step_1").mkdir()
+    (tmp_path / "step_1" / "config.toml").write_text(to_toml(old))
+    now = absolute_paths(old)
+    assert now.model.name == str(tmp_path / "model")
+    _check_same_run(tmp_path / "step_1", now)
