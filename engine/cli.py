@@ -30,11 +30,16 @@ DEFAULT_EVAL_BATCH_SIZE = 64
 
 def _cmd_train(a) -> None:
     from ember.engine.config import load_config
+    from ember.engine.config_source import run_folder
     from ember.engine.distributed import shutdown
     from ember.engine.trainer import train
 
     cfg = load_config(a.config, a.set or [])
     _check_data_files(cfg)
+    if run_folder(a.config) is not None:  # its recorded models, named with their key
+        from ember.engine.state import check_models
+
+        check_models(cfg, a.config)
     try:
         train(cfg, resume=a.resume, echo=_train_echo)
     except BaseException:
@@ -64,9 +69,9 @@ def _check_data_files(cfg) -> None:
     given = [("data.train", f) for f in cfg.data.train]
     given += [("data.validation", f) for f in ((val,) if isinstance(val, str) else val or ())]
     given += [("data.test", cfg.data.test), ("eval.choices", cfg.eval.choices)]
-    generated = cfg.out_dir / "data"
+    generated = os.path.abspath(cfg.out_dir / "data")
     gone = [(key, f) for key, f in given if f is not None and not (
-        task and Path(f).parent == generated) and not Path(f).exists()]
+        task and os.path.abspath(Path(f).parent) == generated) and not Path(f).exists()]
     if gone:
         missing = [f"{key} = {f!r}" for key, f in gone]
         where = ("; a [task] run records its generated files' paths as seen from the folder it "
@@ -399,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a TOML config, a recipe or a run directory")
     p.add_argument("config", help="CONFIG.toml, a recipe name (ember recipes) or a RUN_DIR "
                                   "(the run continued there); relative paths in a config are "
-                                  "taken from the current folder, not the file's")
+                                  "taken from the current folder, not the file's (the run "
+                                  "records them absolute)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set lora.rank=8; VALUE is TOML (a "
                         "bare word is a string, a,b a list); repeatable, a later --set of the "

@@ -10,8 +10,9 @@ top-level keys are ``TrainConfig`` fields.
 later one of a key wins, an inline table merges: ``--set lora={rank=8}`` keeps the file's alpha).
 Unknown keys and wrong types are ``EmberError``s that name the key and list the valid ones. Relative
 paths (model.name, model.init, run_dir, data files, eval.choices, distill.teacher) are taken from
-the current folder, as ``ember train`` says of a missing data file; a run directory given as the
-source is that run's run_dir.
+the current folder, as ``ember train`` says of a missing data file; the run directory records
+those found there absolute (``runtime.absolute_paths``: a name stays a name), so a run is used from
+any folder; a run directory given as the source is that run's run_dir.
 
 ``"auto"`` fields (device, precision, model.dtype, optim.lr) are decided by ``resolve()`` at the
 start of a run; the resolved config is what the run directory and every checkpoint record.

@@ -208,14 +208,19 @@ class Distill(SFT):
         return loss
 
 
-def make_objective(cfg: TrainConfig, info: DistInfo) -> SFT:
-    """The objective of a resolved config (loads the teacher / reference model when needed,
-    sharded across the processes of ``info``)."""
+def check_teacher(cfg: TrainConfig) -> None:
+    """A [distill] table without the objective would train without its teacher, silently: an
+    error (``state.open_run`` checks it before the run directory is written)."""
     if cfg.distill.teacher is not None and cfg.objective != "distill":
-        # a [distill] table without the objective would train without its teacher, silently
         raise EmberError(f"distill.teacher is set ({cfg.distill.teacher!r}) but objective = "
                          f"{cfg.objective!r}, which has no teacher: set objective = \"distill\" "
                          "to distill from it, or drop distill.teacher")
+
+
+def make_objective(cfg: TrainConfig, info: DistInfo) -> SFT:
+    """The objective of a resolved config (loads the teacher / reference model when needed,
+    sharded across the processes of ``info``)."""
+    check_teacher(cfg)
     if cfg.head.type == "classification":
         from ember.engine.classification import Classification
 

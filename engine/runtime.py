@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import os
 import re
 import resource
 from dataclasses import replace
@@ -40,8 +41,41 @@ def cpu_has_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+# The path keys a run reads back later (ember generate / eval / export RUN, train RUN --resume)
+PATH_KEYS = ("model.name", "model.init", "distill.teacher", "data.train", "data.validation",
+             "data.test", "eval.choices")
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with each relative path of ``PATH_KEYS`` that exists in the current folder made
+    absolute, as the run directory records it: a run's later commands read the same files from
+    any folder (``model.name = "model"`` was "model 'model' not found" from another folder). A
+    built-in or Hub name (no such file or folder here) stays a name, as ``resolve_model`` reads
+    a folder of that name first."""
+    def fix(v):
+        if isinstance(v, str) and v and not os.path.isabs(v) and Path(v).expanduser().exists():
+            return os.path.abspath(Path(v).expanduser())
+        return [fix(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    d = to_dict(cfg)
+    changes = {}
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        old = d.get(section, {}).get(name)
+        new = fix(old)
+        if new != (list(old) if isinstance(old, tuple) else old):
+            changes.setdefault(section, {})[name] = new
+    if not changes:
+        return cfg
+    return cfg.replace(**{s: replace(getattr(cfg, s), **{k: tuple(v) if isinstance(v, list)
+                                                         else v for k, v in c.items()})
+                          for s, c in changes.items()})
+
+
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Decide every "auto" field (device, precision, model dtype, lr, task data paths)."""
+    """Decide every "auto" field (device, precision, model dtype, lr, task data paths); local
+    paths become absolute (``absolute_paths``)."""
+    cfg = absolute_paths(cfg)
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,7 +100,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                                         "lr": DEFAULT_LR[cfg.method]})
     data = cfg.data
     if cfg.task.name is not None:
-        folder = cfg.out_dir / "data"
+        folder = Path(os.path.abspath(cfg.out_dir / "data"))  # read from any folder later
         changes = {}
         if not data.train:
             changes["train"] = [str(folder / "train.jsonl")]

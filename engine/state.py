@@ -40,7 +40,7 @@ from ember.engine.distributed import (
     restore_data_state,
 )
 from ember.engine.guards import NonFiniteGuard
-from ember.engine.runtime import build_model
+from ember.engine.runtime import absolute_paths, build_model
 from ember.engine.stages import base_of, load_base
 from ember.models.loading import save_pretrained
 from ember.models.lora import apply_lora, load_adapter, save_adapter
@@ -73,6 +73,7 @@ class Progress:
 def open_run(cfg: TrainConfig, info: DistInfo, *, resume: bool, echo) -> Path | None:
     """Check the run directory and write the resolved config; returns the checkpoint to resume
     from (None: start at step 0). Every rank must call it."""
+    check_models(cfg)  # before the run directory is written
     root = dcp.checkpoint_root(cfg.out_dir)
     latest = None
     if not resume:
@@ -123,7 +124,9 @@ def checkpoint_config(path: Path) -> TrainConfig:
 
 
 def _check_same_run(path: Path, cfg: TrainConfig) -> None:
-    a, b = to_dict(checkpoint_config(path)), to_dict(cfg)
+    # A checkpoint written before local paths were recorded absolute: its relative ones as seen
+    # from here (the folder it started in, where they were found), like cfg's (``resolve``)
+    a, b = to_dict(absolute_paths(checkpoint_config(path))), to_dict(cfg)
     for d in (a, b):  # how long collectives may wait, and FSDP's memory/communication trade
         for key in ("timeout_minutes", "reshard_after_forward"):  # alter no number: may change
             d.get("dist", {}).pop(key, None)
@@ -221,6 +224,38 @@ def _unsharded(model_cfg, cfg: TrainConfig, state: dict) -> Transformer:
     return model
 
 
+def check_models(cfg: TrainConfig, run_dir: str | Path | None = None, *,
+                 teacher: bool = True) -> None:
+    """The models a config names (model.name, model.init, distill.teacher) are found from the
+    current folder, else an error naming the key, before a run directory is written (a missing
+    distill.teacher was "model 'nope' not found" after it). ``run_dir``: the config is that run
+    directory's; one started before local paths were recorded absolute
+    (``runtime.absolute_paths``) holds them relative to its first folder. ``teacher=False``:
+    the run's model is loaded, not trained (no teacher needed)."""
+    from ember.engine.objectives import check_teacher
+    from ember.models.hub import builtin_model, hf_cache_snapshot, list_models
+
+    if run_dir is None:
+        check_teacher(cfg)
+    for key, v in (("model.name", cfg.model.name), ("model.init", cfg.model.init),
+                   ("distill.teacher", cfg.distill.teacher if teacher else None)):
+        if v is None or Path(v).expanduser().exists():
+            continue
+        if key != "model.init" and (builtin_model(v) or hf_cache_snapshot(v)):
+            continue
+        if run_dir is None:
+            what = "a folder" if key == "model.init" else (
+                f"a folder, a .gguf file, a built-in model ({', '.join(list_models())}) or a "
+                "Hugging Face Hub id in the local Hugging Face cache (Ember downloads nothing)")
+            raise EmberError(f"{key} {v!r} not found: give {what}; a relative path is taken "
+                             f"from the current folder, {Path.cwd()}")
+        where = (f"a relative path is taken from the current folder, {Path.cwd()}; run the "
+                 "command from the folder the run started in, or " if not Path(v).is_absolute()
+                 else "it was moved or deleted; ")
+        raise EmberError(f"the run's {key} {v!r} ({Path(run_dir) / 'config.toml'}) not found: "
+                         f"{where}set {key} there to the model's absolute path")
+
+
 def load_run_model(run_dir: str | Path, device: str | None = None, echo=None):
     """(model with the run's trained weights, tokenizer, resolved config) from a run directory:
     the final adapter / model if saved, else the weights the run ends with (``run_weights``).
@@ -234,6 +269,8 @@ def load_run_model(run_dir: str | Path, device: str | None = None, echo=None):
     if device.startswith("cuda") and not torch.cuda.is_available():
         device = "cpu"
     final_adapter, final_model = run_dir / "final" / "adapter", run_dir / "final" / "model"
+    if not (cfg.method == "full" and final_model.is_dir()):  # (which needs no base)
+        check_models(cfg, run_dir, teacher=False)
     if cfg.method == "full" and final_model.is_dir():
         model, tok = load_base(cfg, final_model, cfg.model.dtype, device)
         attach_head(model, cfg, tok)  # saved as an HF classifier: check it is this run's

@@ -33,6 +33,7 @@ from ember.models.tokenizer_classes import (
     named_special_tokens,
     other_special_tokens,
     special_tokens_config,
+    template_tokens,
 )
 
 _SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -53,8 +54,11 @@ class Tokenizer:
                  add_bos_token: bool = False, add_eos_token: bool = False,
                  extra_eos_token_ids: Iterable[int] = (), model_max_length: int | None = None,
                  chat_templates: dict[str, str] | None = None,
-                 clean_up_tokenization_spaces: bool = False):
+                 clean_up_tokenization_spaces: bool = False,
+                 template_tokens: dict[str, str] | None = None):
         self.backend = backend
+        # sep, cls, mask and model-specific tokens: chat template variables, as in transformers
+        self.template_tokens = dict(template_tokens or {})
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token, self.unk_token = pad_token, unk_token
@@ -176,8 +180,8 @@ class Tokenizer:
                                    kwargs.get("tools"))
         # only the tokens the model has: a missing one is undefined (renders ""), as in
         # transformers, not None (which would render as "None")
-        context = {name: getattr(self, name) for name in _SPECIALS
-                   if getattr(self, name) is not None}
+        context = {**self.template_tokens, **{name: getattr(self, name) for name in _SPECIALS
+                                              if getattr(self, name) is not None}}
         context.update(kwargs)
         context.setdefault("tools", None)
         context.setdefault("documents", None)
@@ -205,7 +209,7 @@ class Tokenizer:
             "clean_up_tokenization_spaces": self._cleans_up(),
             "model_max_length": self.model_max_length or 1_000_000_000_000_000_019_884_624_838_656,
             "split_special_tokens": self.backend.encode_special_tokens,
-            **specials,
+            **self.template_tokens, **specials,
         }
         if self.chat_templates:  # several named ones: the list form, read by transformers 4 and 5
             named = {"default": self.chat_template, **self.chat_templates}
@@ -387,7 +391,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     # cleans up; Ember's Unigram for a unigram tokenizer.model must not either
     clean_up = bool(cfg.get("clean_up_tokenization_spaces")) and not slow
     return Tokenizer(backend, **specials, chat_template=template, chat_templates=named,
-                     clean_up_tokenization_spaces=clean_up,
+                     clean_up_tokenization_spaces=clean_up, template_tokens=template_tokens(cfg),
                      add_bos_token=add_bos, add_eos_token=add_eos, extra_eos_token_ids=extra_eos,
                      model_max_length=int(max_len) if isinstance(max_len, int | float)
                      and max_len < 1e12 else None)

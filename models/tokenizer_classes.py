@@ -128,6 +128,22 @@ def other_special_tokens(cfg: dict) -> list[str]:
     return [t.content for t in named_special_tokens(cfg) if t.content not in main]
 
 
+def template_tokens(cfg: dict) -> dict[str, str]:
+    """The special tokens besides bos, eos, unk and pad that transformers 5 passes to a chat
+    template as variables (``{**tokenizer.special_tokens_map, **kwargs}``): sep, cls and mask,
+    then the model-specific ones (``extra_special_tokens`` given as a {name: token} dict, and any
+    other top-level ``*_token`` string of the config, e.g. ``image_token``)."""
+    out = {}
+    extra = cfg.get("extra_special_tokens")
+    named = {k: cfg.get(k) for k in _NAMED[3:] if k != "pad_token"}
+    auto = {k: v for k, v in cfg.items() if k.endswith("_token") and k not in _NAMED}
+    for key, v in {**named, **auto, **(extra if isinstance(extra, dict) else {})}.items():
+        v = v.get("content") if isinstance(v, dict) else v
+        if isinstance(v, str):
+            out[key] = v
+    return out
+
+
 def class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> None:
     """Give ``backend`` (read from ``folder``'s tokenizer.json) the normalizer, pre-tokenizer and
     decoder transformers 5 gives it, for the classes above; unchanged otherwise."""

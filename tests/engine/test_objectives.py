@@ -364,3 +364,4 @@ def test_a_teacher_without_the_distill_objective_is_refused(tiny, teacher, tmp_p
         make_objective(cfg, DistInfo())
     with pytest.raises(EmberError, match=r"distill\.teacher is set"):
         train(cfg, echo=quiet, progress=False)
+    assert not (tmp_path / "config.toml").exists()  # refused before the run directory is written

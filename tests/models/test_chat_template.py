@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ember.models.tokenizer import Tokenizer, tokenizer_from_gguf
@@ -148,3 +150,46 @@ def test_empty_conversation_is_refused_as_in_transformers():
         with pytest.raises(ValueError, match="empty conversation") as got:
             ours.apply_chat_template(empty, add_generation_prompt=True)
         assert str(got.value) == str(want.value)
+
+
+# Prints every special token transformers 5 passes to a template, defined or not
+ALL_SPECIALS_TEMPLATE = (
+    "bos={{ bos_token }}|eos={{ eos_token }}|unk={{ unk_token }}|pad={{ pad_token }}|"
+    "sep={{ sep_token }}|cls={{ cls_token }}|mask={{ mask_token }}|image={{ image_token }}|"
+    "boi={{ boi_token }}|eoi={{ eoi_token }}|audio={{ audio_token is defined }}|"
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+
+@pytest.mark.parametrize("extra", ["dict", "top-level", "none"])
+def test_every_special_token_is_a_template_variable_as_in_transformers(tmp_path, extra):
+    """transformers 5 renders a chat template with ``{**special_tokens_map, **kwargs}``: sep,
+    cls and mask tokens (a BERT-style or ModernBERT tokenizer), and the model-specific ones
+    (Gemma 3's ``extra_special_tokens`` {"image_token": ...}, or a top-level ``image_token``)
+    too; Ember passed bos, eos, unk and pad only (the others rendered "")."""
+    from transformers import AutoTokenizer
+
+    from ember.models.tokenizer import load_tokenizer
+
+    backend = tokenizer_from_gguf(tiny_tokenizer_md()).backend
+    backend.add_special_tokens(["[SEP]", "[CLS]", "[MASK]", "<img>", "<boi>", "<eoi>"])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>",
+           "eos_token": "<|im_end|>", "sep_token": "[SEP]", "cls_token": "[CLS]",
+           "mask_token": {"content": "[MASK]", "lstrip": True, "__type": "AddedToken"},
+           "add_bos_token": False, "chat_template": ALL_SPECIALS_TEMPLATE}
+    model_specific = {"image_token": "<img>", "boi_token": "<boi>", "eoi_token": "<eoi>"}
+    if extra == "dict":
+        cfg["extra_special_tokens"] = model_specific
+    elif extra == "top-level":
+        cfg.update(model_specific)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    want = theirs.apply_chat_template(CHAT, tokenize=False)
+    assert "sep=[SEP]|cls=[CLS]|mask=[MASK]" in want  # (the oracle passes them)
+    assert ("image=<img>|boi=<boi>|eoi=<eoi>|audio=False" in want) == (extra != "none")
+    ours = load_tokenizer(tmp_path)
+    assert ours.apply_chat_template(CHAT) == want
+    ours.save_pretrained(tmp_path / "saved")  # kept by a save, for both readers
+    assert load_tokenizer(tmp_path / "saved").apply_chat_template(CHAT) == want
+    assert AutoTokenizer.from_pretrained(tmp_path / "saved").apply_chat_template(
+        CHAT, tokenize=False) == want
