@@ -74,8 +74,8 @@ def _check_data_files(cfg) -> None:
         task and os.path.abspath(Path(f).parent) == generated) and not Path(f).exists()]
     if gone:
         missing = [f"{key} = {f!r}" for key, f in gone]
-        where = ("; a [task] run records its generated files' paths as seen from the folder it "
-                 "started in: continue it from there") if task and any(
+        where = ("; a [task] run of an older Ember recorded its generated files' paths "
+                 "relative to the folder it started in: continue it from there") if task and any(
             Path(f).parent.name == "data" and key.startswith("data.") for key, f in gone) else ""
         raise EmberError(f"data file not found: {'; '.join(missing)} (a relative path is taken "
                          f"from the current folder, {Path.cwd()}){where}")

@@ -339,8 +339,9 @@ def test_a_task_run_checks_the_files_it_does_not_generate_before_the_model_loads
     err = capsys.readouterr().err
     assert err.startswith("ember: error: data file not found: data.train = "
                           "'runs/t/data/train.jsonl'") and "no-model" not in err
-    assert err.rstrip().endswith("a [task] run records its generated files' paths as seen from "
-                                 "the folder it started in: continue it from there")
+    assert err.rstrip().endswith("a [task] run of an older Ember recorded its generated files' "
+                                 "paths relative to the folder it started in: continue it from "
+                                 "there")
 
 
 def test_export_never_writes_over_what_it_reads(tmp_path, capsys):
