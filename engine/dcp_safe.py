@@ -49,10 +49,12 @@ class MetadataUnpickler(pickle.Unpickler):
             import collections
 
             return collections.OrderedDict
-        if module.startswith("torch.distributed.checkpoint"):
+        if module.startswith("torch.distributed.checkpoint") and "." not in name:
+            # (a dotted name walks attributes: "torch.x.SomeDataclass" reached any dataclass)
             obj = super().find_class(module, name)
-            if isinstance(obj, type) and (dataclasses.is_dataclass(obj)
-                                          or issubclass(obj, enum.Enum)):
+            if isinstance(obj, type) and obj.__module__.startswith(
+                    "torch.distributed.checkpoint") and (dataclasses.is_dataclass(obj)
+                                                         or issubclass(obj, enum.Enum)):
                 return obj
         raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata record")
 

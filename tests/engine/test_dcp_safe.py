@@ -115,3 +115,28 @@ def test_the_patch_is_undone_on_error():
         assert torch.load is not real
         raise RuntimeError
     assert torch.load is real
+
+
+def _dotted_global(module: str, name: str) -> bytes:
+    """A protocol-4 pickle calling ``module``'s attribute path ``name`` with no arguments."""
+    def text(s: str) -> bytes:
+        return pickle.SHORT_BINUNICODE + bytes([len(s)]) + s.encode()
+
+    return (b"\x80\x04" + text(module) + pickle.MEMOIZE + text(name) + pickle.MEMOIZE
+            + pickle.STACK_GLOBAL + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.STOP)
+
+
+def test_a_dotted_name_reaches_no_record_outside_dcp(tmp_path):
+    """A protocol-4 global's name is an attribute path: from a DCP module, "torch.x.Y" walked to
+    any dataclass of any module (FSDP's MixedPrecisionPolicy here, built by plain pickle, the
+    oracle) and constructed it. Only DCP's own records are named."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    crafted = _dotted_global("torch.distributed.checkpoint.metadata",
+                             "torch.distributed.fsdp.MixedPrecisionPolicy")
+    assert isinstance(pickle.loads(crafted), MixedPrecisionPolicy)  # what torch's reader does
+    folder, _, _ = _saved(tmp_path)
+    _rewrite(folder, ".metadata", crafted)
+    fresh, fresh_opt = _fresh()
+    with pytest.raises(EmberError, match="is not a checkpoint metadata record"):
+        dcp.load(folder, model=fresh, optimizer=fresh_opt)
