@@ -20,6 +20,7 @@ processes as long as ``grad_accum * processes`` (packed batches per optimizer st
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from ember.engine.distributed import (
     restore_data_state,
 )
 from ember.engine.guards import NonFiniteGuard
-from ember.engine.runtime import absolute_paths, build_model
+from ember.engine.runtime import PATH_KEYS, absolute_paths, build_model
 from ember.engine.stages import base_of, load_base
 from ember.models.loading import save_pretrained
 from ember.models.lora import apply_lora, load_adapter, save_adapter
@@ -92,7 +93,8 @@ def open_run(cfg: TrainConfig, info: DistInfo, *, resume: bool, echo) -> Path | 
         if latest is None:
             echo(f"resume: no checkpoint in {root}, starting from step 0")
         else:
-            _check_same_run(latest, cfg)
+            for note in _check_same_run(latest, cfg):
+                echo(f"resume: {note}")
     if latest is None:  # starting at step 0 would write over a finished run's exported weights
         kept = broadcast_object(_has_final(cfg.out_dir) if info.is_main else None, info)
         if kept:
@@ -123,10 +125,35 @@ def checkpoint_config(path: Path) -> TrainConfig:
     return from_dict(TrainConfig, parse_toml(text, str(where)))
 
 
-def _check_same_run(path: Path, cfg: TrainConfig) -> None:
+def _relocated(old, new) -> bool:
+    """``old`` (a checkpoint's local path, or a list of them) and ``new`` name the same files:
+    the same file or folder (symlinks included), or ``old``, recorded absolute, is gone and
+    ``new`` of the same name exists (the folder the run started in was moved or renamed, as
+    a run recording relative paths resumed after)."""
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(map(_relocated, old, new))
+    if not (isinstance(old, str) and isinstance(new, str) and os.path.isabs(old)):
+        return False
+    o, n = Path(old), Path(new).expanduser()
+    if o.exists() and n.exists():
+        return os.path.samefile(o, n)
+    return not o.exists() and n.exists() and o.name == n.name
+
+
+def _check_same_run(path: Path, cfg: TrainConfig) -> list[str]:
+    """EmberError unless ``cfg`` continues the run of checkpoint ``path``; returns notes on the
+    local paths found elsewhere since (a moved project folder)."""
     # A checkpoint written before local paths were recorded absolute: its relative ones as seen
     # from here (the folder it started in, where they were found), like cfg's (``resolve``)
     a, b = to_dict(absolute_paths(checkpoint_config(path))), to_dict(cfg)
+    notes = []
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        old, new = a.get(section, {}).get(name), b.get(section, {}).get(name)
+        if old != new and _relocated(old, new):
+            a[section][name] = new
+            notes.append(f"{key} was {old!r}, now {new!r} (the same name where the run is "
+                         "resumed from)")
     for d in (a, b):  # how long collectives may wait, and FSDP's memory/communication trade
         for key in ("timeout_minutes", "reshard_after_forward"):  # alter no number: may change
             d.get("dist", {}).pop(key, None)
@@ -144,6 +171,7 @@ def _check_same_run(path: Path, cfg: TrainConfig) -> None:
         raise EmberError(f"cannot resume {cfg.out_dir}: the config differs from the checkpoint's "
                          f"in {', '.join(diff)}; resume with the same settings (only "
                          f"{', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+    return notes
 
 
 def save(cfg: TrainConfig, info: DistInfo, model, optimizer, *, progress: Progress,

@@ -9,8 +9,10 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
+from ember import EmberError
 from ember.engine.cli import main
 from ember.engine.config import load_config
 from tests.engine._tiny import make_tiny_model, tiny_rows, write_jsonl
@@ -210,3 +212,53 @@ def test_a_checkpoint_with_relative_paths_resumes_from_the_folder_it_started_in(
     now = absolute_paths(old)
     assert now.model.name == str(tmp_path / "model")
     _check_same_run(tmp_path / "step_1", now)
+
+
+def test_a_run_resumes_after_its_folder_moved(tmp_path, monkeypatch, capsys):
+    """Runs record their local paths absolute: a project folder moved (or renamed, or mounted
+    elsewhere) after a checkpoint was "the config differs from the checkpoint's in model.name,
+    data.train" on ember train run.toml --resume from the new place, where the relative paths
+    of older runs resumed. A path recorded absolute that is gone, named alike where the run
+    resumes, is the same file; the resumed run's adapter on the moved base gives transformers +
+    peft's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ember.engine.state import load_run_model
+
+    work = _relative_run(tmp_path)
+    monkeypatch.chdir(work)
+    assert main(["train", "run.toml"]) == 0
+    monkeypatch.chdir(tmp_path)
+    moved = work.rename(tmp_path / "moved")
+    monkeypatch.chdir(moved)
+    capsys.readouterr()
+    assert main(["train", "run.toml", "--resume", "--set", "max_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert f"resume: model.name was '{work / 'model'}', now '{moved / 'model'}'" in out
+    assert "resumed from runs/x/checkpoints/step_00000001" in out
+    assert load_config(moved / "runs" / "x").model.name == str(moved / "model")
+
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    base = AutoModelForCausalLM.from_pretrained(moved / "model", dtype=torch.float32)
+    want = PeftModel.from_pretrained(base, moved / "runs" / "x" / "final" / "adapter")
+    model, _, _ = load_run_model(moved / "runs" / "x", "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).float(), want(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_changed_path_is_still_refused_on_resume(tmp_path, monkeypatch):
+    """Another existing file, or a name in place of a gone path, is not a moved one."""
+    from ember.engine.config import to_toml
+    from ember.engine.state import _check_same_run
+
+    make_tiny_model(tmp_path / "model")
+    make_tiny_model(tmp_path / "other" / "model")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "step_1").mkdir()
+    (tmp_path / "step_1" / "config.toml").write_text(to_toml(load_config(
+        None, [f"model.name={tmp_path / 'model'}", "data.train=[/gone/train.jsonl]"])))
+    for sets in ([f"model.name={tmp_path / 'other' / 'model'}", "data.train=[/gone/train.jsonl]"],
+                 ["model.name=smollm2-135m-instruct", "data.train=[/gone/train.jsonl]"]):
+        with pytest.raises(EmberError, match="differs from the checkpoint's in model.name"):
+            _check_same_run(tmp_path / "step_1", load_config(None, sets))
