@@ -192,7 +192,7 @@ def find_start(init: str, model_name: str) -> Start:
         config = _read_adapter_config(out)
         context = None if prev.model.rope_scaling is None else (
             prev.model.rope_scaling, prev.model.rope_factor)
-        return Start(init, prev.method, base_of(prev), out, config, context)
+        return Start(init, prev.method, _moved_base(init, prev, model_name), out, config, context)
     if p.is_dir() and (p / "adapter_config.json").is_file():
         config = _read_adapter_config(p)
         kind = _KINDS.get(config.get("peft_type"))
@@ -220,6 +220,20 @@ def find_start(init: str, model_name: str) -> Start:
         f"model.init {init!r} is neither a run directory (config.toml) nor a PEFT "
         "adapter folder (adapter_config.json)"
     )
+
+
+def _moved_base(init: str, prev: TrainConfig, model_name: str) -> str:
+    """``base_of(prev)``; when the earlier run's base was its model.name, recorded absolute and
+    gone since (the project folder moved, say), this stage's model.name of the same name: the
+    base (``_check_base``), where it is now."""
+    base = base_of(prev)
+    if prev.model.init is None and Path(base).is_absolute() and not Path(base).exists():
+        if Path(base).name != Path(model_name).expanduser().name:
+            raise EmberError(
+                f"model.init {init!r} was trained on the base model {base!r}, which is gone; "
+                "set model.name to that model where it is now")
+        return model_name
+    return base
 
 
 def base_of(cfg: TrainConfig) -> str:

@@ -6,6 +6,7 @@ Ember) names the key, its config and the way out."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -262,3 +263,35 @@ def test_a_changed_path_is_still_refused_on_resume(tmp_path, monkeypatch):
                  ["model.name=smollm2-135m-instruct", "data.train=[/gone/train.jsonl]"]):
         with pytest.raises(EmberError, match="differs from the checkpoint's in model.name"):
             _check_same_run(tmp_path / "step_1", load_config(None, sets))
+
+
+def test_a_stage_starts_from_an_earlier_run_after_the_folder_moved(tmp_path, monkeypatch,
+                                                                   capsys):
+    """A LoRA run recorded its base absolute; the project folder moved, a next stage (model.init
+    = that run) loaded the gone base: "model '.../work/model' not found", naming no key. The
+    stage's model.name (the same base, where it is now) is loaded; the stage's adapter on it
+    gives transformers + peft's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ember.engine.state import load_run_model
+
+    work = _relative_run(tmp_path)
+    monkeypatch.chdir(work)
+    assert main(["train", "run.toml"]) == 0
+    monkeypatch.chdir(tmp_path)
+    moved = work.rename(tmp_path / "moved")
+    monkeypatch.chdir(moved)
+    assert main(["train", "run.toml", "--set", "name=y", "--set", "model.init=runs/x"]) == 0
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    base = AutoModelForCausalLM.from_pretrained(moved / "model", dtype=torch.float32)
+    want = PeftModel.from_pretrained(base, moved / "runs" / "y" / "final" / "adapter")
+    model, _, _ = load_run_model(moved / "runs" / "y", "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).float(), want(ids).logits, atol=1e-4, rtol=1e-4)
+    make_tiny_model(moved / "other")
+    capsys.readouterr()
+    assert main(["train", "run.toml", "--set", "name=z", "--set", "model.init=runs/x",
+                 "--set", "model.name=other"]) == 2
+    assert re.search(r"was trained on the base model .*work/model', which is gone; set "
+                     r"model.name to that model where it is now", capsys.readouterr().err)
