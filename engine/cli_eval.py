@@ -152,7 +152,7 @@ def eval_preference_run(run_dir: str, model, tok, data: str, device: str, autoca
         raise EmberError(f"{run_dir} is an objective = \"{cfg.objective}\" run: ember eval "
                          "reports its validation scores (reward accuracy, margins, ...); drop "
                          "--metrics")
-    obj = make_objective(cfg, DistInfo())
+    obj = make_objective(cfg, DistInfo(), trained=True)
     if getattr(obj, "snapshot", False):  # a continued adapter: the reference is it as loaded
         start, _ = build_model(cfg, device)
         obj.check_model(start, tok)

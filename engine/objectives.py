@@ -217,10 +217,13 @@ def check_teacher(cfg: TrainConfig) -> None:
                          "to distill from it, or drop distill.teacher")
 
 
-def make_objective(cfg: TrainConfig, info: DistInfo) -> SFT:
+def make_objective(cfg: TrainConfig, info: DistInfo, *, trained: bool = False) -> SFT:
     """The objective of a resolved config (loads the teacher / reference model when needed,
-    sharded across the processes of ``info``)."""
-    check_teacher(cfg)
+    sharded across the processes of ``info``). ``trained``: the config of a run that trained
+    already (resumed from a checkpoint, evaluated), which an older Ember ran with a stray
+    distill.teacher (``check_teacher``): it continues as it ran."""
+    if not trained:
+        check_teacher(cfg)
     if cfg.head.type == "classification":
         from ember.engine.classification import Classification
 

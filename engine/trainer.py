@@ -295,7 +295,7 @@ class Trainer(EvalMixin):
         self.log = MetricsLog(cfg.out_dir, main=info.is_main, tensorboard=cfg.tensorboard)
         self.device, self.autocast = info.device, autocast_for(info.device, cfg.precision)
         # Before _build seeds the run: loading a teacher / reference leaves the RNG as SFT's.
-        self.objective = make_objective(cfg, info)
+        self.objective = make_objective(cfg, info, trained=latest is not None)
         self.model = model = self._build(cfg, info)
         self.aux_coef = router_aux_coef(cfg, model)
         self.objective.check_model(model, self.tokenizer)

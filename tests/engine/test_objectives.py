@@ -365,3 +365,42 @@ def test_a_teacher_without_the_distill_objective_is_refused(tiny, teacher, tmp_p
     with pytest.raises(EmberError, match=r"distill\.teacher is set"):
         train(cfg, echo=quiet, progress=False)
     assert not (tmp_path / "config.toml").exists()  # refused before the run directory is written
+
+
+def test_a_run_an_older_ember_ran_with_a_stray_teacher_resumes(tiny, teacher, tmp_path):
+    """An older Ember trained a [distill] teacher without objective = "distill" as plain SFT:
+    its runs resume (and their checkpoints' config must not change) as they ran; a new run is
+    refused (above). The resumed run's adapter gives transformers + peft's logits."""
+    import hashlib
+    import json
+    from dataclasses import replace
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ember.engine import dcp
+    from ember.engine.config import to_toml
+    from ember.engine.state import load_run_model
+
+    run = tmp_path / "run"
+    cfg = tiny_config(tiny, run, "max_steps=1", "eval.metrics=[]", "checkpoint.every_steps=1")
+    train(cfg, echo=quiet, progress=False)
+    for where in (run, *(run / "checkpoints").iterdir()):  # as the older Ember recorded it
+        data = to_toml(load_config(where / "config.toml", [f'distill.teacher="{teacher}"'])
+                       ).encode()
+        (where / "config.toml").write_bytes(data)
+        if (where / dcp.MANIFEST).exists():  # (the checkpoint vouches for its files)
+            manifest = json.loads((where / dcp.MANIFEST).read_text())
+            manifest["files"]["config.toml"] = {"bytes": len(data),
+                                                "sha256": hashlib.sha256(data).hexdigest()}
+            (where / dcp.MANIFEST).write_text(json.dumps(manifest))
+    old = cfg.replace(distill=replace(cfg.distill, teacher=teacher), max_steps=2)
+    train(old, resume=True, echo=quiet, progress=False)
+    assert [r["step"] for r in _train_rows(run)] == [1, 2]
+    assert "teacher" in to_toml(load_config(run))  # (the run's config as it was)
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    want = PeftModel.from_pretrained(base, run / "final" / "adapter")
+    model, _, _ = load_run_model(run, "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).float(), want(ids).logits, atol=1e-4, rtol=1e-4)
