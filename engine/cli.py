@@ -70,6 +70,10 @@ def _check_data_files(cfg) -> None:
     given += [("data.validation", f) for f in ((val,) if isinstance(val, str) else val or ())]
     given += [("data.test", cfg.data.test), ("eval.choices", cfg.eval.choices)]
     generated = os.path.abspath(cfg.out_dir / "data")
+    if task:  # a run directory moved since it generated them: its own files (resolve)
+        from ember.engine.runtime import moved_task_file
+
+        given = [(key, f if f is None else moved_task_file(f, cfg.out_dir)) for key, f in given]
     gone = [(key, f) for key, f in given if f is not None and not (
         task and os.path.abspath(Path(f).parent) == generated) and not Path(f).exists()]
     if gone:

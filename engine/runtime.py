@@ -72,6 +72,17 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
                           for s, c in changes.items()})
 
 
+def moved_task_file(path: str, out_dir: Path) -> str:
+    """A [task] run's generated data file ``path`` as recorded (``<run_dir>/data/NAME``,
+    absolute), or, when it is gone and the run directory ``out_dir`` holds NAME in its data/
+    folder (the run directory moved), that file."""
+    p = Path(path)
+    here = Path(os.path.abspath(out_dir)) / "data" / p.name
+    if p.is_absolute() and p.parent.name == "data" and not p.exists() and here.is_file():
+        return str(here)
+    return path
+
+
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Decide every "auto" field (device, precision, model dtype, lr, task data paths); local
     paths become absolute (``absolute_paths``)."""
@@ -108,6 +119,13 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             changes["validation"] = str(folder / "validation.jsonl")
         if data.test is None and cfg.task.test > 0:
             changes["test"] = str(folder / "test.jsonl")
+        for key in ("train", "validation", "test"):  # generated in a run directory moved since
+            v = changes.get(key, getattr(data, key))
+            many = isinstance(v, (list, tuple))
+            moved = [moved_task_file(f, cfg.out_dir) for f in v] if many else (
+                moved_task_file(v, cfg.out_dir) if v else v)
+            if moved != (list(v) if many else v):
+                changes[key] = moved
         data = from_dict(type(data), {**to_dict(data), **changes})
     cfg = cfg.replace(device=device, precision=precision, model=model, optim=optim, data=data)
     # A continued LoRA adapter's rank, alpha and targets; a classifier's labels and metrics.

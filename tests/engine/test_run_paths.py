@@ -295,3 +295,38 @@ def test_a_stage_starts_from_an_earlier_run_after_the_folder_moved(tmp_path, mon
                  "--set", "model.name=other"]) == 2
     assert re.search(r"was trained on the base model .*work/model', which is gone; set "
                      r"model.name to that model where it is now", capsys.readouterr().err)
+
+
+def test_a_task_run_resumes_after_its_folder_moved(tmp_path, monkeypatch, capsys):
+    """A [task] run's generated splits live in its run directory, recorded absolute: the folder
+    moved, ember train runs/t --resume said "data file not found" for the run's own files. They
+    are read where the run directory is now; its adapter gives transformers + peft's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ember.engine.state import load_run_model
+
+    work = tmp_path / "work"
+    make_tiny_model(work / "model")
+    monkeypatch.chdir(work)
+    sets = ["model.name=model", "name=t", "task.name=support-tickets", "task.train=8",
+            "task.validation=0", "task.test=3", "max_steps=1", "device=cpu", "plot=false",
+            "data.max_seq_len=64", "data.tokens_per_batch=128", "eval.metrics=[]",
+            "lora.rank=4", "lora.alpha=8", "checkpoint.every_steps=1"]
+    assert main(["train", "quickstart", *[x for s in sets for x in ("--set", s)]]) == 0
+    monkeypatch.chdir(tmp_path)
+    moved = work.rename(tmp_path / "moved")
+    monkeypatch.chdir(moved)
+    capsys.readouterr()
+    assert main(["train", "runs/t", "--resume", "--set", "max_steps=2",
+                 "--set", "model.name=model"]) == 0
+    out = capsys.readouterr().out
+    assert f"now '{moved / 'runs/t/data/test.jsonl'}'" in out
+    assert "resumed from runs/t/checkpoints/step_00000001" in out
+    assert load_config(moved / "runs" / "t").data.train == (str(moved / "runs/t/data/train.jsonl"),)
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    base = AutoModelForCausalLM.from_pretrained(moved / "model", dtype=torch.float32)
+    want = PeftModel.from_pretrained(base, moved / "runs" / "t" / "final" / "adapter")
+    model, _, _ = load_run_model(moved / "runs" / "t", "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).float(), want(ids).logits, atol=1e-4, rtol=1e-4)
