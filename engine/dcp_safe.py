@@ -24,6 +24,7 @@ import enum
 import io
 import pathlib
 import pickle
+import threading
 import types
 
 import torch
@@ -81,6 +82,9 @@ def _loads(data: bytes) -> object:
     return _load_metadata(io.BytesIO(data))
 
 
+_PATCHING = threading.RLock()
+
+
 @contextlib.contextmanager
 def safe_unpickling():
     """Within the block, DCP reads ``.metadata`` and its items as described in the module
@@ -90,7 +94,6 @@ def safe_unpickling():
     shim = types.SimpleNamespace(**{k: getattr(pickle, k) for k in dir(pickle)
                                     if not k.startswith("__")})
     shim.load, shim.loads = _load_metadata, _loads
-    real_pickle, real_load = getattr(fs, "pickle", pickle), torch.load
 
     def weights_only_load(*args, **kwargs):
         kwargs["weights_only"] = True
@@ -101,8 +104,10 @@ def safe_unpickling():
                              f"({str(e).splitlines()[0]}); it may be corrupt or crafted: resume "
                              "from another checkpoint") from None
 
-    fs.pickle, torch.load = shim, weights_only_load
-    try:
-        yield
-    finally:
-        fs.pickle, torch.load = real_pickle, real_load
+    with _PATCHING:  # one block at a time: two threads' patches never interleave
+        real_pickle, real_load = getattr(fs, "pickle", pickle), torch.load
+        fs.pickle, torch.load = shim, weights_only_load
+        try:
+            yield
+        finally:
+            fs.pickle, torch.load = real_pickle, real_load

@@ -140,3 +140,31 @@ def test_a_dotted_name_reaches_no_record_outside_dcp(tmp_path):
     fresh, fresh_opt = _fresh()
     with pytest.raises(EmberError, match="is not a checkpoint metadata record"):
         dcp.load(folder, model=fresh, optimizer=fresh_opt)
+
+
+def test_blocks_in_two_threads_leave_torch_load_as_it_was():
+    """A enters, B enters, A leaves, B leaves: without the lock B restored A's restricted
+    torch.load for good; with it B waits for A to leave."""
+    import threading
+
+    real = torch.load
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def a():
+        with safe_unpickling():
+            a_in.set()
+            b_in.wait(0.5)  # the lock keeps B out: times out
+        a_out.set()
+
+    def b():
+        a_in.wait(5)
+        with safe_unpickling():
+            b_in.set()
+            a_out.wait(5)
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.load is real
