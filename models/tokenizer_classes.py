@@ -121,6 +121,16 @@ def named_special_tokens(cfg: dict) -> list[AddedToken]:
     return list(out.values())
 
 
+def extra_special_tokens(cfg: dict) -> list[str]:
+    """The extra special tokens transformers 5 keeps (its ``extra_special_tokens`` attribute, saved
+    back by ``save_pretrained``): the ``extra_special_tokens`` list, else the legacy
+    ``additional_special_tokens`` one."""
+    v = cfg.get("extra_special_tokens") if "extra_special_tokens" in cfg else cfg.get(
+        "additional_special_tokens")
+    v = [t.get("content") if isinstance(t, dict) else t for t in v] if isinstance(v, list) else []
+    return list(dict.fromkeys(t for t in v if isinstance(t, str)))
+
+
 def other_special_tokens(cfg: dict) -> list[str]:
     """The special tokens ``cfg`` names besides bos, eos, unk and pad."""
     main = [cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]

@@ -1,0 +1,59 @@
+"""Special tokens that only transformers' bookkeeping holds (its ``extra_special_tokens`` list, a
+slow class's default mask token): they survive ``save_pretrained`` and reach chat templates. The
+oracle is ``AutoTokenizer`` on the same folder."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from ember.models.tokenizer import load_tokenizer
+from tests.models.test_slow_tokenizer import _case_folder, trained  # noqa: F401 (fixture)
+
+transformers = pytest.importorskip("transformers")
+
+
+def _theirs(folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoTokenizer.from_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("key", ["additional_special_tokens", "extra_special_tokens"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_save_pretrained_keeps_the_extra_special_tokens(trained, tmp_path, key, fast):  # noqa: F811
+    """Ember's saved folder dropped the extra special tokens: transformers read it back without
+    them (``extra_special_tokens`` and ``all_special_tokens`` shorter than the original's)."""
+    folder = _case_folder(trained, tmp_path, "qwen2")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg[key] = ["<|im_start|>", "<|im_end|>"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    if fast:  # the same folder as transformers converts it, with a tokenizer.json
+        _theirs(folder).save_pretrained(str(tmp_path / "fast"))
+        folder = tmp_path / "fast"
+    want = _theirs(folder)
+    load_tokenizer(folder).save_pretrained(tmp_path / "ours")
+    got = _theirs(tmp_path / "ours")
+    assert [str(t) for t in got.extra_special_tokens] == [str(t) for t in
+                                                          want.extra_special_tokens]
+    assert got.all_special_tokens == want.all_special_tokens
+    assert load_tokenizer(tmp_path / "ours").extra_special_tokens == ["<|im_start|>",
+                                                                      "<|im_end|>"]
+
+
+def test_slow_gemma_default_mask_token_is_a_template_variable(trained, tmp_path):  # noqa: F811
+    """GemmaTokenizer's own mask token (the folder does not name it) is in transformers'
+    special_tokens_map, so a chat template sees it; Ember rendered it as undefined ("")."""
+    folder = _case_folder(trained, tmp_path, "gemma")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{{ bos_token }}[{{ mask_token }}]{{ messages[0]['content'] }}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    chat = [{"role": "user", "content": "hi"}]
+    want = _theirs(folder).apply_chat_template(chat, tokenize=False)
+    assert "<mask>" in want
+    ours = load_tokenizer(folder)
+    assert ours.apply_chat_template(chat) == want
+    ours.save_pretrained(tmp_path / "ours")
+    assert _theirs(tmp_path / "ours").special_tokens_map == _theirs(folder).special_tokens_map
