@@ -29,6 +29,7 @@ from ember.models.chat_template import (
     select_template,
 )
 from ember.models.tokenizer_classes import (
+    add_named_specials,
     class_pipeline,
     extra_special_tokens,
     named_special_tokens,
@@ -256,16 +257,6 @@ def _add_config_tokens(backend: tokenizers.Tokenizer, decoder: Any) -> None:
             backend.add_tokens([token])
 
 
-def _add_named_specials(backend: tokenizers.Tokenizer, cfg: dict) -> None:
-    """The special tokens the config names (bos, eos, ..., extra / additional special tokens) that
-    tokenizer.json has in its vocabulary but not as added tokens become special added tokens
-    (matched whole, skipped when decoding), as transformers 5 makes them; those it does not have
-    at all are reported by ``load_tokenizer`` (transformers would grow the vocabulary)."""
-    have = {t.content for t in backend.get_added_tokens_decoder().values()}
-    backend.add_special_tokens([t for t in named_special_tokens(cfg) if t.content not in have
-                                and backend.token_to_id(t.content) is not None])
-
-
 def _added_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None,
                    default: tuple[bool, bool]) -> tuple[bool, bool]:
     """Whether ``encode(..., add_special_tokens=True)`` puts ``bos`` before the text and ``eos``
@@ -356,7 +347,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             raise EmberError(f"cannot parse {tj}: {lfs_pointer(tj, 'the tokenizer') or e}"
                              ) from None
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
-        _add_named_specials(backend, cfg)
+        add_named_specials(backend, named_special_tokens(cfg))
         class_pipeline(backend, folder, cfg)
     template, named = read_templates(cfg, folder)
     extra_eos: list[int] = []

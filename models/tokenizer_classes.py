@@ -101,6 +101,9 @@ def named_special_tokens(cfg: dict) -> list[AddedToken]:
     "lstrip", "rstrip", ...}: Llama 2's and GPT-2's "__type": "AddedToken"), not normalized
     otherwise."""
     values = [cfg.get(k) for k in _NAMED]
+    # model-specific tokens: any other top-level "*_token" string (image_token ...), special too
+    values += [v for k, v in cfg.items() if k.endswith("_token") and k not in _NAMED
+               and isinstance(v, str | dict)]
     for key in ("additional_special_tokens", "extra_special_tokens"):
         v = cfg.get(key) or []
         values += list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else []
@@ -129,6 +132,25 @@ def extra_special_tokens(cfg: dict) -> list[str]:
         "additional_special_tokens")
     v = [t.get("content") if isinstance(t, dict) else t for t in v] if isinstance(v, list) else []
     return list(dict.fromkeys(t for t in v if isinstance(t, str)))
+
+
+def add_named_specials(backend: tokenizers.Tokenizer, tokens: list[AddedToken],
+                       promote: bool = True) -> None:
+    """Make ``tokens`` (``named_special_tokens``) special in ``backend``, as transformers 5 re-adds
+    them after loading: those the vocabulary has but not as added tokens are added; an added
+    token that is not special (added_tokens_decoder's "special": false) becomes special, its
+    other flags kept (``promote``; transformers 5 does not for a legacy added_tokens.json's
+    tokens). Those the vocabulary lacks are left out (``load_tokenizer`` warns)."""
+    have = {t.content: t for t in backend.get_added_tokens_decoder().values()}
+    new = []
+    for t in tokens:
+        old = have.get(t.content)
+        if old is None and backend.token_to_id(t.content) is not None:
+            new.append(t)
+        elif old is not None and not old.special and promote:
+            new.append(AddedToken(old.content, single_word=old.single_word, lstrip=old.lstrip,
+                                  rstrip=old.rstrip, normalized=old.normalized, special=True))
+    backend.add_special_tokens(new)
 
 
 def other_special_tokens(cfg: dict) -> list[str]:

@@ -57,3 +57,30 @@ def test_slow_gemma_default_mask_token_is_a_template_variable(trained, tmp_path)
     assert ours.apply_chat_template(chat) == want
     ours.save_pretrained(tmp_path / "ours")
     assert _theirs(tmp_path / "ours").special_tokens_map == _theirs(folder).special_tokens_map
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_named_tokens_added_as_not_special_become_special(trained, tmp_path, fast):  # noqa: F811
+    """transformers 5 re-adds every named, extra and model-specific (``image_token``...) token as
+    special after loading: one that added_tokens_decoder has with "special": false becomes
+    special, and a model-specific one in the vocabulary is matched whole. Ember left them plain
+    (decoded with skip_special_tokens, split by the model)."""
+    folder = _case_folder(trained, tmp_path, "qwen2")  # "<tool>": an added token, not special
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    if fast:  # tokenizer.json written by transformers, then the config edited
+        _theirs(folder).save_pretrained(str(tmp_path / "fast"))
+        folder = tmp_path / "fast"
+        cfg = {**json.loads((folder / "tokenizer_config.json").read_text()),
+               "added_tokens_decoder": cfg["added_tokens_decoder"]}
+    cfg.update(eos_token="<tool>", image_token="hello")
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    texts = ["a <tool> b", "<tool>hello there", "say hello, hello!", "hellos"]
+    ours, theirs = load_tokenizer(folder), _theirs(folder)
+    assert theirs.backend_tokenizer.get_added_tokens_decoder()[
+        theirs.convert_tokens_to_ids("<tool>")].special  # the case this test is about
+    for text in texts:
+        ids = theirs.encode(text, add_special_tokens=False)
+        assert ours.encode(text) == ids, text
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
+                ids, skip_special_tokens=skip), (text, skip)
