@@ -79,9 +79,15 @@ def special_tokens_config(cfg: Any, smap: Any, folder: Path) -> dict:
     if "added_tokens_decoder" in cfg:
         return cfg
     merged = dict(cfg)
+    if "additional_special_tokens" in merged and "extra_special_tokens" not in merged:
+        # transformers 5 renames the config's list as it reads it: extra, so special in a legacy
+        # added_tokens.json (special_tokens_map.json's is merged in later, under its old name)
+        merged["extra_special_tokens"] = merged.pop("additional_special_tokens")
     for key, value in smap.items():
         if not key.endswith(("_token", "_tokens")):
             continue
+        if key == "additional_special_tokens" and "extra_special_tokens" in merged:
+            continue  # transformers 5 keeps the extra list and ignores this one
         if key == "extra_special_tokens" and isinstance(value, list):  # merged into the config's
             have = merged.get(key)
             have = list(have) if isinstance(have, list) else []

@@ -10,7 +10,7 @@ import warnings
 import pytest
 
 from ember.models.tokenizer import load_tokenizer
-from tests.models.test_slow_tokenizer import _case_folder, trained  # noqa: F401 (fixture)
+from tests.models.test_slow_tokenizer import _case_folder, _folder, trained  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
 
@@ -84,3 +84,27 @@ def test_named_tokens_added_as_not_special_become_special(trained, tmp_path, fas
         for skip in (False, True):
             assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
                 ids, skip_special_tokens=skip), (text, skip)
+
+
+@pytest.mark.parametrize("in_map", [False, True])
+def test_legacy_config_additional_special_tokens_are_special(trained, tmp_path, in_map):  # noqa: F811
+    """A legacy folder (added_tokens.json, no added_tokens_decoder): transformers 5 reads
+    tokenizer_config.json's additional_special_tokens as its extra list (its added tokens are
+    special) and ignores special_tokens_map.json's list then. Ember made the config's plain and
+    took the map's."""
+    _, _, bpe = trained
+    n = bpe.get_vocab_size()
+    folder = _folder(tmp_path, "legacy", {"tokenizer_class": "GPT2Tokenizer",
+                                          "eos_token": "<|im_end|>",
+                                          "additional_special_tokens": ["<|im_start|>"]}, bpe=bpe)
+    (folder / "added_tokens.json").write_text(json.dumps(
+        {"<|im_start|>": n, "<|im_end|>": n + 1, "extra word": n + 2}))
+    if in_map:
+        (folder / "special_tokens_map.json").write_text(json.dumps(
+            {"eos_token": "<|im_end|>", "additional_special_tokens": ["extra word"]}))
+    ours, theirs = load_tokenizer(folder), _theirs(folder)
+    for text in ["<|im_start|>user extra word<|im_end|>", "a extra word b <|im_start|>"]:
+        ids = theirs.encode(text, add_special_tokens=False)
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+    assert ours.extra_special_tokens == [str(t) for t in theirs.extra_special_tokens]
