@@ -42,6 +42,7 @@ from ember.models.tokenizer import _QWEN2 as _QWEN2_SPLIT  # the GGUF "qwen2" sp
 from ember.models.tokenizer_classes import (
     add_named_specials,
     named_special_tokens,
+    promoted_tokens,
     resolved_class,
 )
 
@@ -362,5 +363,6 @@ def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
                              "tokenizer files disagree")
     # named special tokens become special (matched whole, skipped when decoding), if the
     # vocabulary has them; load_tokenizer reports those it has not
-    add_named_specials(backend, specials, promote=isinstance(decoder, dict))
+    add_named_specials(backend, specials,
+                       promoted_tokens(every, cls) if isinstance(decoder, dict) else set())
     return backend, defaults

@@ -32,8 +32,10 @@ from ember.models.tokenizer_classes import (
     add_named_specials,
     class_pipeline,
     extra_special_tokens,
+    folder_class,
     named_special_tokens,
     other_special_tokens,
+    promoted_tokens,
     special_tokens_config,
     template_tokens,
 )
@@ -347,7 +349,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             raise EmberError(f"cannot parse {tj}: {lfs_pointer(tj, 'the tokenizer') or e}"
                              ) from None
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
-        add_named_specials(backend, named_special_tokens(cfg))
+        add_named_specials(backend, named_special_tokens(cfg),
+                           promoted_tokens(cfg, folder_class(folder, cfg)))
         class_pipeline(backend, folder, cfg)
     template, named = read_templates(cfg, folder)
     extra_eos: list[int] = []

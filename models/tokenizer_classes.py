@@ -140,20 +140,32 @@ def extra_special_tokens(cfg: dict) -> list[str]:
     return list(dict.fromkeys(t for t in v if isinstance(t, str)))
 
 
+def promoted_tokens(cfg: dict, cls: str | None) -> set[str]:
+    """The special tokens that transformers 5 makes special even where the folder adds them as
+    not special: the named and model-specific ones; the extra lists' too for Qwen2Tokenizer
+    (which rebuilds its backend), not for the other classes."""
+    if cls == "Qwen2Tokenizer":
+        return {t.content for t in named_special_tokens(cfg)}
+    return {t.content for t in named_special_tokens({
+        k: v for k, v in cfg.items()
+        if k not in ("additional_special_tokens", "extra_special_tokens") or isinstance(v, dict)})}
+
+
 def add_named_specials(backend: tokenizers.Tokenizer, tokens: list[AddedToken],
-                       promote: bool = True) -> None:
-    """Make ``tokens`` (``named_special_tokens``) special in ``backend``, as transformers 5 re-adds
-    them after loading: those the vocabulary has but not as added tokens are added; an added
-    token that is not special (added_tokens_decoder's "special": false) becomes special, its
-    other flags kept (``promote``; transformers 5 does not for a legacy added_tokens.json's
-    tokens). Those the vocabulary lacks are left out (``load_tokenizer`` warns)."""
+                       promote: set[str] | frozenset[str] = frozenset()) -> None:
+    """Make ``tokens`` (``named_special_tokens``) special in ``backend``, as transformers 5 makes
+    them: those the vocabulary has but not as added tokens are added; an added token in
+    ``promote`` (``promoted_tokens``) that is not special (added_tokens_decoder's "special":
+    false) becomes special, its other flags kept (transformers 5 does not for a legacy
+    added_tokens.json's tokens). Those the vocabulary lacks are left out (``load_tokenizer``
+    warns)."""
     have = {t.content: t for t in backend.get_added_tokens_decoder().values()}
     new = []
     for t in tokens:
         old = have.get(t.content)
         if old is None and backend.token_to_id(t.content) is not None:
             new.append(t)
-        elif old is not None and not old.special and promote:
+        elif old is not None and not old.special and t.content in promote:
             new.append(AddedToken(old.content, single_word=old.single_word, lstrip=old.lstrip,
                                   rstrip=old.rstrip, normalized=old.normalized, special=True))
     backend.add_special_tokens(new)
@@ -182,9 +194,8 @@ def template_tokens(cfg: dict) -> dict[str, str]:
     return out
 
 
-def class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> None:
-    """Give ``backend`` (read from ``folder``'s tokenizer.json) the normalizer, pre-tokenizer and
-    decoder transformers 5 gives it, for the classes above; unchanged otherwise."""
+def folder_class(folder: Path, cfg: dict) -> str | None:
+    """``resolved_class`` for ``folder``, with config.json's model type."""
     config = folder / "config.json"
     model_type = None
     if config.is_file():
@@ -192,7 +203,13 @@ def class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> No
             model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             model_type = None
-    cls = resolved_class(cfg, model_type if isinstance(model_type, str) else None)
+    return resolved_class(cfg, model_type if isinstance(model_type, str) else None)
+
+
+def class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> None:
+    """Give ``backend`` (read from ``folder``'s tokenizer.json) the normalizer, pre-tokenizer and
+    decoder transformers 5 gives it, for the classes above; unchanged otherwise."""
+    cls = folder_class(folder, cfg)
     if cls not in ("LlamaTokenizer", "CodeLlamaTokenizer", "Qwen2Tokenizer"):
         return
     spec = json.loads(backend.to_str())

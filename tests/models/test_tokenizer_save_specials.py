@@ -59,8 +59,10 @@ def test_slow_gemma_default_mask_token_is_a_template_variable(trained, tmp_path)
     assert _theirs(tmp_path / "ours").special_tokens_map == _theirs(folder).special_tokens_map
 
 
+@pytest.mark.parametrize("named", ["eos_token", "additional_special_tokens"])
 @pytest.mark.parametrize("fast", [False, True])
-def test_named_tokens_added_as_not_special_become_special(trained, tmp_path, fast):  # noqa: F811
+def test_named_tokens_added_as_not_special_become_special(trained, tmp_path, fast,  # noqa: F811
+                                                          named):
     """transformers 5 re-adds every named, extra and model-specific (``image_token``...) token as
     special after loading: one that added_tokens_decoder has with "special": false becomes
     special, and a model-specific one in the vocabulary is matched whole. Ember left them plain
@@ -72,7 +74,8 @@ def test_named_tokens_added_as_not_special_become_special(trained, tmp_path, fas
         folder = tmp_path / "fast"
         cfg = {**json.loads((folder / "tokenizer_config.json").read_text()),
                "added_tokens_decoder": cfg["added_tokens_decoder"]}
-    cfg.update(eos_token="<tool>", image_token="hello")
+    cfg.update({named: "<tool>" if named == "eos_token" else ["<|im_start|>", "<tool>"],
+                "image_token": "hello"})  # (a Qwen2Tokenizer's extra list too)
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     texts = ["a <tool> b", "<tool>hello there", "say hello, hello!", "hellos"]
     ours, theirs = load_tokenizer(folder), _theirs(folder)
@@ -108,3 +111,17 @@ def test_legacy_config_additional_special_tokens_are_special(trained, tmp_path, 
         assert ours.encode(text) == ids, text
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
     assert ours.extra_special_tokens == [str(t) for t in theirs.extra_special_tokens]
+
+
+def test_extra_tokens_added_as_not_special_stay_plain_outside_qwen2(trained, tmp_path):  # noqa: F811
+    """The extra list is not made special by a Llama (or generic) tokenizer: transformers' own
+    save of a SentencePiece folder lists the user-defined "<|im_start|>" as extra, not special,
+    and keeps it when decoding with skip_special_tokens."""
+    _theirs(_case_folder(trained, tmp_path, "llama")).save_pretrained(str(tmp_path / "fast"))
+    folder = tmp_path / "fast"
+    assert "<|im_start|>" in json.loads((folder / "tokenizer_config.json").read_text())[
+        "extra_special_tokens"]
+    ours, theirs = load_tokenizer(folder), _theirs(folder)
+    ids = theirs.encode("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)
+    assert ours.encode("<|im_start|>user\nhi<|im_end|>") == ids
+    assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
