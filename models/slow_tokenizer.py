@@ -39,7 +39,12 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from ember import EmberError
 from ember.models.spm import recovered_merges, spm_bpe, spm_pipeline
 from ember.models.tokenizer import _QWEN2 as _QWEN2_SPLIT  # the GGUF "qwen2" split, the same regex
-from ember.models.tokenizer_classes import named_special_tokens, resolved_class
+from ember.models.tokenizer_classes import (
+    add_named_specials,
+    named_special_tokens,
+    promoted_tokens,
+    resolved_class,
+)
 
 _SPM_CLASSES = ("LlamaTokenizer", "GemmaTokenizer")
 _BPE_CLASSES = ("GPT2Tokenizer", "Qwen2Tokenizer")
@@ -356,9 +361,8 @@ def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
             raise EmberError(f"{folder}: added token {tok.content!r} should have id {i} but the "
                              f"vocabulary gives it {backend.token_to_id(tok.content)}; the "
                              "tokenizer files disagree")
-    have = {t.content for t in backend.get_added_tokens_decoder().values()}
-    # named special tokens not yet added become special (matched whole, skipped when decoding),
-    # if the vocabulary has them; load_tokenizer reports those it has not
-    backend.add_special_tokens([t for t in specials if t.content not in have
-                                and backend.token_to_id(t.content) is not None])
+    # named special tokens become special (matched whole, skipped when decoding), if the
+    # vocabulary has them; load_tokenizer reports those it has not
+    add_named_specials(backend, specials,
+                       promoted_tokens(every, cls) if isinstance(decoder, dict) else set())
     return backend, defaults

@@ -29,9 +29,13 @@ from ember.models.chat_template import (
     select_template,
 )
 from ember.models.tokenizer_classes import (
+    add_named_specials,
     class_pipeline,
+    extra_special_tokens,
+    folder_class,
     named_special_tokens,
     other_special_tokens,
+    promoted_tokens,
     special_tokens_config,
     template_tokens,
 )
@@ -55,8 +59,11 @@ class Tokenizer:
                  extra_eos_token_ids: Iterable[int] = (), model_max_length: int | None = None,
                  chat_templates: dict[str, str] | None = None,
                  clean_up_tokenization_spaces: bool = False,
-                 template_tokens: dict[str, str] | None = None):
+                 template_tokens: dict[str, str] | None = None,
+                 extra_special_tokens: Iterable[str] = ()):
         self.backend = backend
+        # additional special tokens, saved back so that transformers lists them again
+        self.extra_special_tokens = list(extra_special_tokens)
         # sep, cls, mask and model-specific tokens: chat template variables, as in transformers
         self.template_tokens = dict(template_tokens or {})
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
@@ -211,6 +218,8 @@ class Tokenizer:
             "split_special_tokens": self.backend.encode_special_tokens,
             **self.template_tokens, **specials,
         }
+        if self.extra_special_tokens:  # the name transformers 4 and 5 both read as a list
+            cfg["additional_special_tokens"] = self.extra_special_tokens
         if self.chat_templates:  # several named ones: the list form, read by transformers 4 and 5
             named = {"default": self.chat_template, **self.chat_templates}
             cfg["chat_template"] = [{"name": n, "template": t} for n, t in named.items()
@@ -248,16 +257,6 @@ def _add_config_tokens(backend: tokenizers.Tokenizer, decoder: Any) -> None:
         token = AddedToken(d["content"], **flags)
         if repr(token) not in have:
             backend.add_tokens([token])
-
-
-def _add_named_specials(backend: tokenizers.Tokenizer, cfg: dict) -> None:
-    """The special tokens the config names (bos, eos, ..., extra / additional special tokens) that
-    tokenizer.json has in its vocabulary but not as added tokens become special added tokens
-    (matched whole, skipped when decoding), as transformers 5 makes them; those it does not have
-    at all are reported by ``load_tokenizer`` (transformers would grow the vocabulary)."""
-    have = {t.content for t in backend.get_added_tokens_decoder().values()}
-    backend.add_special_tokens([t for t in named_special_tokens(cfg) if t.content not in have
-                                and backend.token_to_id(t.content) is not None])
 
 
 def _added_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None,
@@ -330,6 +329,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     cfg, smap = special_tokens_config(cfg, smap, folder), {}
     specials = {n: _token_str(cfg.get(n, smap.get(n))) for n in _SPECIALS}
     slow = not tj.is_file()
+    defaults: dict[str, str] = {}  # the slow class's own special tokens (Gemma's mask)
     if slow:
         from ember.models.slow_tokenizer import has_slow_tokenizer, no_tokenizer_error, slow_backend
 
@@ -349,7 +349,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             raise EmberError(f"cannot parse {tj}: {lfs_pointer(tj, 'the tokenizer') or e}"
                              ) from None
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
-        _add_named_specials(backend, cfg)
+        add_named_specials(backend, named_special_tokens(cfg),
+                           promoted_tokens(cfg, folder_class(folder, cfg)))
         class_pipeline(backend, folder, cfg)
     template, named = read_templates(cfg, folder)
     extra_eos: list[int] = []
@@ -391,7 +392,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     # cleans up; Ember's Unigram for a unigram tokenizer.model must not either
     clean_up = bool(cfg.get("clean_up_tokenization_spaces")) and not slow
     return Tokenizer(backend, **specials, chat_template=template, chat_templates=named,
-                     clean_up_tokenization_spaces=clean_up, template_tokens=template_tokens(cfg),
+                     clean_up_tokenization_spaces=clean_up, template_tokens=template_tokens(
+                         {**{k: v for k, v in defaults.items() if backend.token_to_id(v)
+                             is not None}, **cfg}),
+                     extra_special_tokens=[t for t in extra_special_tokens(cfg)
+                                           if backend.token_to_id(t) is not None],
                      add_bos_token=add_bos, add_eos_token=add_eos, extra_eos_token_ids=extra_eos,
                      model_max_length=int(max_len) if isinstance(max_len, int | float)
                      and max_len < 1e12 else None)

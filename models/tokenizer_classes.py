@@ -79,9 +79,15 @@ def special_tokens_config(cfg: Any, smap: Any, folder: Path) -> dict:
     if "added_tokens_decoder" in cfg:
         return cfg
     merged = dict(cfg)
+    if "additional_special_tokens" in merged and "extra_special_tokens" not in merged:
+        # transformers 5 renames the config's list as it reads it: extra, so special in a legacy
+        # added_tokens.json (special_tokens_map.json's is merged in later, under its old name)
+        merged["extra_special_tokens"] = merged.pop("additional_special_tokens")
     for key, value in smap.items():
         if not key.endswith(("_token", "_tokens")):
             continue
+        if key == "additional_special_tokens" and "extra_special_tokens" in merged:
+            continue  # transformers 5 keeps the extra list and ignores this one
         if key == "extra_special_tokens" and isinstance(value, list):  # merged into the config's
             have = merged.get(key)
             have = list(have) if isinstance(have, list) else []
@@ -101,6 +107,9 @@ def named_special_tokens(cfg: dict) -> list[AddedToken]:
     "lstrip", "rstrip", ...}: Llama 2's and GPT-2's "__type": "AddedToken"), not normalized
     otherwise."""
     values = [cfg.get(k) for k in _NAMED]
+    # model-specific tokens: any other top-level "*_token" string (image_token ...), special too
+    values += [v for k, v in cfg.items() if k.endswith("_token") and k not in _NAMED
+               and isinstance(v, str | dict)]
     for key in ("additional_special_tokens", "extra_special_tokens"):
         v = cfg.get(key) or []
         values += list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else []
@@ -119,6 +128,47 @@ def named_special_tokens(cfg: dict) -> list[AddedToken]:
         out[d["content"]] = AddedToken(d["content"], special=True,
                                        **{"normalized": False, **flags})
     return list(out.values())
+
+
+def extra_special_tokens(cfg: dict) -> list[str]:
+    """The extra special tokens transformers 5 keeps (its ``extra_special_tokens`` attribute, saved
+    back by ``save_pretrained``): the ``extra_special_tokens`` list, else the legacy
+    ``additional_special_tokens`` one."""
+    v = cfg.get("extra_special_tokens") if "extra_special_tokens" in cfg else cfg.get(
+        "additional_special_tokens")
+    v = [t.get("content") if isinstance(t, dict) else t for t in v] if isinstance(v, list) else []
+    return list(dict.fromkeys(t for t in v if isinstance(t, str)))
+
+
+def promoted_tokens(cfg: dict, cls: str | None) -> set[str]:
+    """The special tokens that transformers 5 makes special even where the folder adds them as
+    not special: the named and model-specific ones; the extra lists' too for Qwen2Tokenizer
+    (which rebuilds its backend), not for the other classes."""
+    if cls == "Qwen2Tokenizer":
+        return {t.content for t in named_special_tokens(cfg)}
+    return {t.content for t in named_special_tokens({
+        k: v for k, v in cfg.items()
+        if k not in ("additional_special_tokens", "extra_special_tokens") or isinstance(v, dict)})}
+
+
+def add_named_specials(backend: tokenizers.Tokenizer, tokens: list[AddedToken],
+                       promote: set[str] | frozenset[str] = frozenset()) -> None:
+    """Make ``tokens`` (``named_special_tokens``) special in ``backend``, as transformers 5 makes
+    them: those the vocabulary has but not as added tokens are added; an added token in
+    ``promote`` (``promoted_tokens``) that is not special (added_tokens_decoder's "special":
+    false) becomes special, its other flags kept (transformers 5 does not for a legacy
+    added_tokens.json's tokens). Those the vocabulary lacks are left out (``load_tokenizer``
+    warns)."""
+    have = {t.content: t for t in backend.get_added_tokens_decoder().values()}
+    new = []
+    for t in tokens:
+        old = have.get(t.content)
+        if old is None and backend.token_to_id(t.content) is not None:
+            new.append(t)
+        elif old is not None and not old.special and t.content in promote:
+            new.append(AddedToken(old.content, single_word=old.single_word, lstrip=old.lstrip,
+                                  rstrip=old.rstrip, normalized=old.normalized, special=True))
+    backend.add_special_tokens(new)
 
 
 def other_special_tokens(cfg: dict) -> list[str]:
@@ -144,9 +194,8 @@ def template_tokens(cfg: dict) -> dict[str, str]:
     return out
 
 
-def class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> None:
-    """Give ``backend`` (read from ``folder``'s tokenizer.json) the normalizer, pre-tokenizer and
-    decoder transformers 5 gives it, for the classes above; unchanged otherwise."""
+def folder_class(folder: Path, cfg: dict) -> str | None:
+    """``resolved_class`` for ``folder``, with config.json's model type."""
     config = folder / "config.json"
     model_type = None
     if config.is_file():
@@ -154,7 +203,13 @@ def class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> No
             model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             model_type = None
-    cls = resolved_class(cfg, model_type if isinstance(model_type, str) else None)
+    return resolved_class(cfg, model_type if isinstance(model_type, str) else None)
+
+
+def class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> None:
+    """Give ``backend`` (read from ``folder``'s tokenizer.json) the normalizer, pre-tokenizer and
+    decoder transformers 5 gives it, for the classes above; unchanged otherwise."""
+    cls = folder_class(folder, cfg)
     if cls not in ("LlamaTokenizer", "CodeLlamaTokenizer", "Qwen2Tokenizer"):
         return
     spec = json.loads(backend.to_str())
