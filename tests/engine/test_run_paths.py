@@ -175,17 +175,24 @@ def test_a_run_loads_without_its_teacher_and_a_full_run_without_its_base(tmp_pat
         torch.testing.assert_close(model(ids).float(), want(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_a_task_run_is_evaluated_from_another_folder(tmp_path, monkeypatch, capsys):
-    """A [task] run's generated splits were recorded as runs/<name>/data/... of the folder it
-    started in: ember eval ../work/runs/t from elsewhere said its data.test was not found."""
+def _tiny_task_run(tmp_path, monkeypatch, *extra: str):
+    """A 1-step LoRA [task] run "t" started in tmp_path/work on its model folder "model" (the
+    current folder left there): returns tmp_path/work."""
     work = tmp_path / "work"
     make_tiny_model(work / "model")
     monkeypatch.chdir(work)
     sets = ["model.name=model", "name=t", "task.name=support-tickets", "task.train=8",
             "task.validation=0", "task.test=3", "max_steps=1", "device=cpu", "plot=false",
             "data.max_seq_len=64", "data.tokens_per_batch=128", "eval.metrics=[]",
-            "lora.rank=4", "lora.alpha=8"]
+            "lora.rank=4", "lora.alpha=8", *extra]
     assert main(["train", "quickstart", *[x for s in sets for x in ("--set", s)]]) == 0
+    return work
+
+
+def test_a_task_run_is_evaluated_from_another_folder(tmp_path, monkeypatch, capsys):
+    """A [task] run's generated splits were recorded as runs/<name>/data/... of the folder it
+    started in: ember eval ../work/runs/t from elsewhere said its data.test was not found."""
+    work = _tiny_task_run(tmp_path, monkeypatch)
     recorded = load_config(work / "runs" / "t").data
     assert (recorded.train, recorded.test) == ((str(work / "runs/t/data/train.jsonl"),),
                                                str(work / "runs/t/data/test.jsonl"))
@@ -215,6 +222,33 @@ def test_a_checkpoint_with_relative_paths_resumes_from_the_folder_it_started_in(
     _check_same_run(tmp_path / "step_1", now)
 
 
+def _trained_then_moved(tmp_path, monkeypatch):
+    """_relative_run trained (1 step, a checkpoint) in tmp_path/work, the folder then moved to
+    tmp_path/moved (the current folder): (work, moved)."""
+    work = _relative_run(tmp_path)
+    monkeypatch.chdir(work)
+    assert main(["train", "run.toml"]) == 0
+    monkeypatch.chdir(tmp_path)
+    moved = work.rename(tmp_path / "moved")
+    monkeypatch.chdir(moved)
+    return work, moved
+
+
+def _is_pefts(base_dir, run) -> None:
+    """The LoRA run's model gives transformers + peft's logits of its adapter on base_dir."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ember.engine.state import load_run_model
+
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    want = PeftModel.from_pretrained(base, run / "final" / "adapter")
+    model, _, _ = load_run_model(run, "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).float(), want(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_a_run_resumes_after_its_folder_moved(tmp_path, monkeypatch, capsys):
     """Runs record their local paths absolute: a project folder moved (or renamed, or mounted
     elsewhere) after a checkpoint was "the config differs from the checkpoint's in model.name,
@@ -222,17 +256,9 @@ def test_a_run_resumes_after_its_folder_moved(tmp_path, monkeypatch, capsys):
     of older runs resumed. A path recorded absolute that is gone, named alike where the run
     resumes, is the same file; the resumed run's adapter on the moved base gives transformers +
     peft's logits."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    from ember.engine.state import load_run_model
 
-    work = _relative_run(tmp_path)
-    monkeypatch.chdir(work)
-    assert main(["train", "run.toml"]) == 0
-    monkeypatch.chdir(tmp_path)
-    moved = work.rename(tmp_path / "moved")
-    monkeypatch.chdir(moved)
+    work, moved = _trained_then_moved(tmp_path, monkeypatch)
     capsys.readouterr()
     assert main(["train", "run.toml", "--resume", "--set", "max_steps=2"]) == 0
     out = capsys.readouterr().out
@@ -240,12 +266,7 @@ def test_a_run_resumes_after_its_folder_moved(tmp_path, monkeypatch, capsys):
     assert "resumed from runs/x/checkpoints/step_00000001" in out
     assert load_config(moved / "runs" / "x").model.name == str(moved / "model")
 
-    ids = torch.tensor([[1, 5, 9, 14, 3]])
-    base = AutoModelForCausalLM.from_pretrained(moved / "model", dtype=torch.float32)
-    want = PeftModel.from_pretrained(base, moved / "runs" / "x" / "final" / "adapter")
-    model, _, _ = load_run_model(moved / "runs" / "x", "cpu")
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).float(), want(ids).logits, atol=1e-4, rtol=1e-4)
+    _is_pefts(moved / "model", moved / "runs" / "x")
 
 
 def test_a_changed_path_is_still_refused_on_resume(tmp_path, monkeypatch):
@@ -271,24 +292,11 @@ def test_a_stage_starts_from_an_earlier_run_after_the_folder_moved(tmp_path, mon
     = that run) loaded the gone base: "model '.../work/model' not found", naming no key. The
     stage's model.name (the same base, where it is now) is loaded; the stage's adapter on it
     gives transformers + peft's logits."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    from ember.engine.state import load_run_model
 
-    work = _relative_run(tmp_path)
-    monkeypatch.chdir(work)
-    assert main(["train", "run.toml"]) == 0
-    monkeypatch.chdir(tmp_path)
-    moved = work.rename(tmp_path / "moved")
-    monkeypatch.chdir(moved)
+    work, moved = _trained_then_moved(tmp_path, monkeypatch)
     assert main(["train", "run.toml", "--set", "name=y", "--set", "model.init=runs/x"]) == 0
-    ids = torch.tensor([[1, 5, 9, 14, 3]])
-    base = AutoModelForCausalLM.from_pretrained(moved / "model", dtype=torch.float32)
-    want = PeftModel.from_pretrained(base, moved / "runs" / "y" / "final" / "adapter")
-    model, _, _ = load_run_model(moved / "runs" / "y", "cpu")
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).float(), want(ids).logits, atol=1e-4, rtol=1e-4)
+    _is_pefts(moved / "model", moved / "runs" / "y")
     make_tiny_model(moved / "other")
     capsys.readouterr()
     assert main(["train", "run.toml", "--set", "name=z", "--set", "model.init=runs/x",
@@ -306,14 +314,7 @@ def test_a_task_run_resumes_after_its_folder_moved(tmp_path, monkeypatch, capsys
 
     from ember.engine.state import load_run_model
 
-    work = tmp_path / "work"
-    make_tiny_model(work / "model")
-    monkeypatch.chdir(work)
-    sets = ["model.name=model", "name=t", "task.name=support-tickets", "task.train=8",
-            "task.validation=0", "task.test=3", "max_steps=1", "device=cpu", "plot=false",
-            "data.max_seq_len=64", "data.tokens_per_batch=128", "eval.metrics=[]",
-            "lora.rank=4", "lora.alpha=8", "checkpoint.every_steps=1"]
-    assert main(["train", "quickstart", *[x for s in sets for x in ("--set", s)]]) == 0
+    work = _tiny_task_run(tmp_path, monkeypatch, "checkpoint.every_steps=1")
     monkeypatch.chdir(tmp_path)
     moved = work.rename(tmp_path / "moved")
     monkeypatch.chdir(moved)
