@@ -74,7 +74,7 @@ class Progress:
 def open_run(cfg: TrainConfig, info: DistInfo, *, resume: bool, echo) -> Path | None:
     """Check the run directory and write the resolved config; returns the checkpoint to resume
     from (None: start at step 0). Every rank must call it."""
-    check_models(cfg, stray_teacher=False)  # before the run directory is written
+    check_models(cfg)  # before the run directory is written
     root = dcp.checkpoint_root(cfg.out_dir)
     latest = None
     if not resume:
@@ -95,11 +95,13 @@ def open_run(cfg: TrainConfig, info: DistInfo, *, resume: bool, echo) -> Path | 
         else:
             for note in _check_same_run(latest, cfg):
                 echo(f"resume: {note}")
-    if latest is None:  # (a checkpoint's run continues as it ran: an older Ember allowed one)
+    if latest is None:
+        # a distill.teacher without the distill objective (a checkpoint's run continues as it
+        # ran: an older Ember allowed one)
         from ember.engine.objectives import check_teacher
 
         check_teacher(cfg)
-    if latest is None:  # starting at step 0 would write over a finished run's exported weights
+        # starting at step 0 would write over a finished run's exported weights
         kept = broadcast_object(_has_final(cfg.out_dir) if info.is_main else None, info)
         if kept:
             raise EmberError(f"{cfg.out_dir} holds a finished run's final/ output (and no "
@@ -257,19 +259,15 @@ def _unsharded(model_cfg, cfg: TrainConfig, state: dict) -> Transformer:
 
 
 def check_models(cfg: TrainConfig, run_dir: str | Path | None = None, *,
-                 teacher: bool = True, stray_teacher: bool = True) -> None:
+                 teacher: bool = True) -> None:
     """The models a config names (model.name, model.init, distill.teacher) are found from the
     current folder, else an error naming the key, before a run directory is written (a missing
     distill.teacher was "model 'nope' not found" after it). ``run_dir``: the config is that run
     directory's; one started before local paths were recorded absolute
     (``runtime.absolute_paths``) holds them relative to its first folder. ``teacher=False``:
-    the run's model is loaded, not trained (no teacher needed). ``stray_teacher``: a
-    distill.teacher without the distill objective is an error (``objectives.check_teacher``)."""
-    from ember.engine.objectives import check_teacher
+    the run's model is loaded, not trained (no teacher needed)."""
     from ember.models.hub import builtin_model, hf_cache_snapshot, list_models
 
-    if run_dir is None and stray_teacher:
-        check_teacher(cfg)
     for key, v in (("model.name", cfg.model.name), ("model.init", cfg.model.init),
                    ("distill.teacher", cfg.distill.teacher if teacher else None)):
         if v is None or Path(v).expanduser().exists():
