@@ -185,7 +185,7 @@ class _Stream:
 
 def _generator(model, tok, a):
     """``run(prompt_ids, stream) -> new ids per prompt`` with the command line's sampling."""
-    from ember.models.generate import check_sampling, generate_ids
+    from ember.models.generate import check_sampling, generate_ids, sampling_defaults
     from ember.models.heads import is_classifier
     from ember.models.tokenizer import generation_ids
 
@@ -194,8 +194,10 @@ def _generator(model, tok, a):
         a.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     if a.max_new_tokens < 1:  # 0 printed nothing (transformers' generate refuses it too)
         raise EmberError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-    check_sampling(a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.min_p,
-                   a.repetition_penalty)
+    # knobs not given: the model's generation_config.json's, else transformers' defaults
+    knobs = sampling_defaults(model, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+                              repetition_penalty=a.repetition_penalty)
+    check_sampling(a.max_new_tokens, a.temperature, **knobs)
     if a.seed is not None and not -2**63 <= a.seed < 2**64:  # was torch's overflow traceback
         raise EmberError(f"--seed must be a 64-bit integer (torch.Generator's seed), got {a.seed}")
     if is_classifier(model):
@@ -205,9 +207,8 @@ def _generator(model, tok, a):
 
     def run(ids: list[list[int]], stream: _Stream | None = None) -> list[list[int]]:
         return generate_ids(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                            top_p=a.top_p, top_k=a.top_k, seed=a.seed, eos_token_ids=eos,
-                            pad_token_id=pad, should_stop=stream, min_p=a.min_p,
-                            repetition_penalty=a.repetition_penalty)
+                            seed=a.seed, eos_token_ids=eos, pad_token_id=pad, should_stop=stream,
+                            **knobs)
 
     return run
 
@@ -436,14 +437,23 @@ def build_parser() -> argparse.ArgumentParser:
     def sampling_args(p):
         p.add_argument("--system", help="system prompt (chat templates; replaces the run's "
                                         "data.system_prompt)")
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        p.add_argument("--top-p", type=float, default=1.0,
-                       help="keep the most likely tokens holding this much probability (1 = off)")
-        p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
-        p.add_argument("--min-p", type=float, default=0.0,
-                       help="drop tokens less likely than this times the best one (0 = off)")
-        p.add_argument("--repetition-penalty", type=float, default=1.0,
-                       help="transformers' repetition penalty on prompt and output (1 = off)")
+        p.add_argument("--temperature", type=float, default=0.0,
+                       help="0 = greedy (the default: generation_config.json's do_sample and "
+                            "temperature, which transformers' generate() samples with, are "
+                            "not used)")
+        # not given: the model folder's generation_config.json, else transformers' default
+        p.add_argument("--top-p", type=float, default=None,
+                       help="keep the most likely tokens holding this much probability (1 = off;"
+                            " default: the model's generation_config.json, else 1)")
+        p.add_argument("--top-k", type=int, default=None,
+                       help="0 = no top-k cut (default: the model's generation_config.json, "
+                            "else 50, as transformers' generate())")
+        p.add_argument("--min-p", type=float, default=None,
+                       help="drop tokens less likely than this times the best one (0 = off; "
+                            "default: the model's generation_config.json, else 0)")
+        p.add_argument("--repetition-penalty", type=float, default=None,
+                       help="transformers' repetition penalty on prompt and output, greedy too "
+                            "(1 = off; default: the model's generation_config.json, else 1)")
         p.add_argument("--seed", type=int, default=None)
 
     p = sub.add_parser("generate", help="complete prompts")

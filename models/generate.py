@@ -445,6 +445,31 @@ def unsupported_options(options: dict) -> str:
             "top_k, min_p, repetition_penalty, seed, stop_strings, chat)")
 
 
+# transformers 5's defaults (GenerationConfig._get_default_generation_params) for the knobs a
+# model's generation_config.json may set: top_k is 50 when sampling, not off
+HF_SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def sampling_defaults(model: Transformer, **given) -> dict:
+    """The knobs of ``HF_SAMPLING_DEFAULTS`` as transformers' ``generate()`` takes those not
+    passed: ``given`` where not None, else the generation_config.json the model was loaded with
+    (Qwen2.5-Instruct's top_k 20, top_p 0.8, repetition_penalty 1.05, which transformers applies
+    to greedy decoding too), else transformers' default. Its do_sample / temperature are not
+    taken: Ember is greedy unless a temperature > 0 is given."""
+    gen = getattr(model, "hf_generation_config", None)
+    gen = gen if isinstance(gen, dict) else {}
+    out = {}
+    for name, default in HF_SAMPLING_DEFAULTS.items():
+        v = given.get(name)
+        if v is None:
+            v = gen.get(name)
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and not (
+                name == "top_k" and not isinstance(v, numbers.Integral))
+            v = v if ok else default
+        out[name] = v
+    return out
+
+
 def _config_stop_ids(model: Transformer) -> list[int]:
     """``eos_token_id`` (one id or a list) of the generation_config.json the model was loaded
     with; [] without one."""
@@ -455,9 +480,10 @@ def _config_stop_ids(model: Transformer) -> list[int]:
 
 
 def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
-             max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0, seed: int | None = None, stop_strings: Sequence[str] | None = None,
-             chat: bool = False, min_p: float = 0.0, repetition_penalty: float = 1.0,
+             max_new_tokens: int = 256, temperature: float = 0.0, top_p: float | None = None,
+             top_k: int | None = None, seed: int | None = None,
+             stop_strings: Sequence[str] | None = None, chat: bool = False,
+             min_p: float | None = None, repetition_penalty: float | None = None,
              **hf_options) -> list[str]:
     """Completions (list[str], one per prompt) for a prompt or a list of prompts.
 
@@ -467,9 +493,16 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     the model was loaded with (as transformers' generate) and, if given, right before the first
     stop string (cut from the returned text, with any part of it begun in the prompt; a stop
     string that is a special token, e.g. ``<|im_end|>``, stops generation there and is not in
-    the text, special tokens being skipped)."""
+    the text, special tokens being skipped).
+
+    ``top_p``, ``top_k``, ``min_p`` and ``repetition_penalty`` left None are the model's
+    generation_config.json's, else transformers' defaults (``sampling_defaults``: top_k 50 when
+    sampling), as transformers' ``generate()`` takes them; sampling itself is only ever asked
+    for with ``temperature`` > 0 (the file's do_sample and temperature are not used)."""
     if hf_options:
         raise EmberError(unsupported_options(hf_options))
+    knobs = sampling_defaults(model, top_p=top_p, top_k=top_k, min_p=min_p,
+                              repetition_penalty=repetition_penalty)
     if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], dict)):
         prompts = [prompts]
@@ -507,9 +540,8 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     eos, pad = generation_ids(tokenizer)
     eos = sorted(set(eos) | set(_config_stop_ids(model)))
     gen = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, top_k=top_k, seed=seed, eos_token_ids=eos,
-                       pad_token_id=pad, should_stop=should_stop, min_p=min_p,
-                       repetition_penalty=repetition_penalty)
+                       seed=seed, eos_token_ids=eos, pad_token_id=pad,
+                       should_stop=should_stop, **knobs)
     texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
     if stops:
         # a stop string begun in the prompt leaves nothing before it in the completion

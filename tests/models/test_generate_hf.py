@@ -369,3 +369,45 @@ def test_drafts_past_the_dynamic_ntk_context_equal_transformers(tmp_path):
     model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
     drafts = [want[0], [*want[1][:3], (want[1][3] + 1) % VOCAB, *want[1][4:]]]
     assert generate_ids(model, prompts, max_new_tokens=12, drafts=drafts) == want
+
+
+def test_knobs_not_given_are_the_generation_config_s_as_in_transformers(tmp_path, capsys):
+    """transformers' ``generate()`` takes the knobs it is not given from the folder's
+    generation_config.json (Qwen2.5-Instruct's repetition_penalty 1.05 applies to greedy
+    decoding too), else its defaults (top_k 50 when sampling). Ember's ``generate()`` and
+    ``ember generate`` ran greedy without the file's penalty and sampled with no top-k cut."""
+    import json
+
+    from ember.engine.cli import main
+    from ember.models.generate import generate
+
+    tok, _, _ = _with_tokenizer(tmp_path, "<|im_end|>", "<|im_end|>")
+    tok.save_pretrained(tmp_path)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {**gen, "do_sample": False, "repetition_penalty": 1.8}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+    prompt = "he 12 the"
+    ids = torch.tensor([tok.encode(prompt)])
+
+    def hf_new(**kw) -> str:
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                          pad_token_id=tok.eos_token_id, **kw)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    want = hf_new()  # no knobs: greedy with the file's penalty
+    assert want != hf_new(repetition_penalty=1.0)
+    assert generate(model, tok, prompt, max_new_tokens=8) == [want]
+    assert main(["generate", str(tmp_path), "--raw", "--prompt", prompt, "--device", "cpu",
+                 "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+
+    # sampling, no top_k given: transformers' 50 (the file sets none); the same seeded draws
+    for seed in range(3):
+        torch.manual_seed(seed)
+        want = hf_new(do_sample=True, temperature=3.0, repetition_penalty=1.0)
+        assert generate(model, tok, prompt, max_new_tokens=8, temperature=3.0, seed=seed,
+                        repetition_penalty=1.0) == [want]
