@@ -233,3 +233,70 @@ def test_a_seed_beyond_64_bits_is_one_clean_line(chat_model, capsys):
     for seed in (2**64 - 1, -2**63):
         torch.Generator().manual_seed(seed)
         assert main([*argv, "--seed", str(seed)]) == 0
+
+
+def test_multi_turn_chat_equals_transformers_on_the_llama_3_1_template(tmp_path, capsys,
+                                                                        monkeypatch):
+    """ember chat (piped lines, --system, /reset) against transformers: each turn's prompt is
+    ``apply_chat_template`` of the history with the earlier answers as decoded, and each answer
+    is transformers' greedy ``generate`` continuation (stopping at generation_config.json's
+    eos list) decoded without special tokens."""
+    import importlib
+    import warnings
+
+    import torch
+    import transformers
+
+    from ember.models.generate import generate_ids as real_generate_ids
+    from tests.engine.test_chat_parity import LLAMA31
+    from tests.engine.test_formats import chat_backend
+
+    backend = chat_backend()
+    backend.add_special_tokens(["<|begin_of_text|>", "<|start_header_id|>",
+                                "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"])
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+        chat_template=LLAMA31)
+    stops = hf_tok.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"])
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=hf_tok.bos_token_id, eos_token_id=stops)).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path)
+    hf_tok.save_pretrained(tmp_path)
+
+    lines = ["red dog", "and a cat?", "/reset", "a blue cat"]
+    system = [{"role": "system", "content": "Answer in one word."}]
+    history, prompts, answers = [], [], []
+    for line in lines:
+        if line == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        ids = hf_tok.apply_chat_template(system + history, add_generation_prompt=True,
+                                         return_dict=False)
+        t = torch.tensor([ids])
+        new = hf.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=MAX_NEW,
+                          do_sample=False)[0, len(ids):]
+        answers.append(hf_tok.decode(new, skip_special_tokens=True))
+        prompts.append(ids)
+        history.append({"role": "assistant", "content": answers[-1]})
+
+    fed = []
+
+    def spy(model, ids, **kw):
+        fed.append(list(ids[0]))
+        return real_generate_ids(model, ids, **kw)
+
+    # (ember.models.generate is also the name of the function the package exports)
+    monkeypatch.setattr(importlib.import_module("ember.models.generate"), "generate_ids", spy)
+    out = _run(capsys, ["chat", str(tmp_path), "--system", system[0]["content"], "--device",
+                        "cpu", "--max-new-tokens", str(MAX_NEW)], "\n".join(lines) + "\n",
+               monkeypatch)
+    assert fed == prompts
+    assert out == "".join(a + "\n" for a in answers)
