@@ -183,6 +183,19 @@ class _Stream:
         return text
 
 
+def _check_text(text: str, what: str) -> str:
+    """``text`` (a command-line argument or a line of standard input, read with Python's
+    surrogateescape), or EmberError when it holds bytes that are not UTF-8: the tokenizer
+    refuses the lone surrogates they decode to with a bare TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EmberError(f"{what} is not valid UTF-8 text (byte "
+                         f"{text[e.start].encode('utf-8', 'surrogateescape')!r} at character "
+                         f"{e.start}); write it in UTF-8") from None
+    return text
+
+
 def _generator(model, tok, a):
     """``run(prompt_ids, stream) -> new ids per prompt`` with the command line's sampling."""
     from ember.models.generate import check_sampling, generate_ids, sampling_defaults
@@ -216,6 +229,10 @@ def _generator(model, tok, a):
 def _cmd_generate(a) -> None:
     from ember.engine.data import render_prompt
 
+    for i, p in enumerate(a.prompt):  # before loading the model
+        _check_text(p, f"--prompt {i + 1}")
+    if a.system is not None:
+        _check_text(a.system, "--system")
     model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
     run = _generator(model, tok, a)
     ids = [render_prompt(tok, data_cfg, p, a.system) for p in a.prompt]
@@ -235,6 +252,8 @@ def _cmd_generate(a) -> None:
 def _cmd_chat(a) -> None:
     from ember.engine.data import render_chat
 
+    if a.system is not None:
+        _check_text(a.system, "--system")
     model, tok, data_cfg = _load(a.model, a.adapter, a.device)
     run = _generator(model, tok, a)
     system = [{"role": "system", "content": a.system}] if a.system is not None else []
@@ -255,6 +274,11 @@ def _cmd_chat(a) -> None:
             messages.clear()
             continue
         if not text:
+            continue
+        try:
+            _check_text(text, "this message")
+        except EmberError as e:  # undecodable bytes on standard input: the chat goes on
+            print(f"ember: error: {e}", file=sys.stderr)
             continue
         turn = [*messages, {"role": "user", "content": text}]
         stream = _Stream(tok)

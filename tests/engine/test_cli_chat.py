@@ -300,3 +300,25 @@ def test_multi_turn_chat_equals_transformers_on_the_llama_3_1_template(tmp_path,
                monkeypatch)
     assert fed == prompts
     assert out == "".join(a + "\n" for a in answers)
+
+
+def test_bytes_that_are_not_utf8_are_one_clear_error(chat_model, capsys, monkeypatch):
+    """A line of standard input (or a --prompt) with bytes that are not UTF-8 reaches Python as
+    lone surrogates (surrogateescape), which the tokenizer refuses with a bare TypeError
+    (transformers' tokenizer too: checked): the chat died with a traceback. Now that line is one
+    error and the chat goes on as if it had not been typed."""
+    import transformers
+
+    bad = b"\xff\xfe dog".decode("utf-8", "surrogateescape")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(chat_model)
+    with pytest.raises(TypeError):
+        hf_tok.apply_chat_template([{"role": "user", "content": bad}], tokenize=True)
+    out = _run(capsys, ["chat", str(chat_model), "--max-new-tokens", str(MAX_NEW)],
+               f"red dog\n{bad}\nand a cat?\n", monkeypatch)
+    a1, a2 = out.split("\n")[:2]
+    u1, u2 = {"role": "user", "content": "red dog"}, {"role": "user", "content": "and a cat?"}
+    assert out.count("\n") == 2 and a1 == _answer(chat_model, [u1])
+    assert a2 == _answer(chat_model, [u1, {"role": "assistant", "content": a1}, u2])
+    assert main(["generate", str(chat_model), "--prompt", "ok", "--prompt", bad]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt 2 is not valid UTF-8" in err and "Traceback" not in err
