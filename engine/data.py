@@ -180,7 +180,8 @@ def render_prompt(tokenizer, cfg: DataConfig, prompt: str, system: str | None = 
         if system is not None:
             raise EmberError("a system prompt needs a chat template; this model or run renders "
                              "prompts as plain text: put the instructions in the prompt")
-        return enc._enc(prompt, True)
+        # "" too: its BOS where the tokenizer adds one, as transformers encodes it
+        return list(tokenizer.encode(prompt, add_special_tokens=True))
     msgs = [{"role": "user", "content": prompt}]
     if system is not None:
         msgs.insert(0, {"role": "system", "content": system})

@@ -322,3 +322,31 @@ def test_bytes_that_are_not_utf8_are_one_clear_error(chat_model, capsys, monkeyp
     assert main(["generate", str(chat_model), "--prompt", "ok", "--prompt", bad]) == 2
     err = capsys.readouterr().err
     assert "--prompt 2 is not valid UTF-8" in err and "Traceback" not in err
+
+
+def test_an_empty_raw_prompt_generates_from_the_tokenizer_s_bos_as_transformers(tmp_path,
+                                                                                 capsys):
+    """``--raw --prompt ""`` with a tokenizer whose post-processor adds BOS: transformers
+    encodes "" as [BOS] and generates from it (a base model's unconditional samples); Ember
+    encoded nothing and refused the prompt as empty."""
+    import torch
+    from tokenizers import processors
+
+    transformers = pytest.importorskip("transformers")
+    backend = chat_backend()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))])
+    tok = Tokenizer(backend, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=64,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    save_pretrained(Transformer(cfg).init_weights(std=0.3, seed=0), tmp_path, tok)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([hf_tok("")["input_ids"]])
+    assert ids.tolist() == [[hf_tok.bos_token_id]]
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
+                      do_sample=False)[0, 1:]
+    got = _run(capsys, ["generate", str(tmp_path), "--raw", "--prompt", "", "--device", "cpu",
+                        "--max-new-tokens", str(MAX_NEW)])
+    assert got == hf_tok.decode(out, skip_special_tokens=True) + "\n"
