@@ -465,6 +465,11 @@ def sampling_defaults(model: Transformer, **given) -> dict:
             v = gen.get(name)
             ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and not (
                 name == "top_k" and not isinstance(v, numbers.Integral))
+            if ok:  # a value out of range (top_p 1.5) is off, as transformers skips it
+                try:
+                    check_sampling(0, 0.0, **{**HF_SAMPLING_DEFAULTS, name: v})
+                except EmberError:
+                    ok = False
             v = v if ok else default
         out[name] = v
     return out

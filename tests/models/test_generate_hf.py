@@ -411,3 +411,15 @@ def test_knobs_not_given_are_the_generation_config_s_as_in_transformers(tmp_path
         want = hf_new(do_sample=True, temperature=3.0, repetition_penalty=1.0)
         assert generate(model, tok, prompt, max_new_tokens=8, temperature=3.0, seed=seed,
                         repetition_penalty=1.0) == [want]
+
+    # a value out of range in the file (top_p 1.5): transformers leaves that filter off and
+    # generates; Ember too (it refused the run, the file's value failing its checks)
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {**gen, "do_sample": True, "top_p": 1.5}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+    torch.manual_seed(0)
+    want = hf_new(temperature=3.0)
+    assert generate(model, tok, prompt, max_new_tokens=8, temperature=3.0, seed=0) == [want]
