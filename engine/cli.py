@@ -198,7 +198,12 @@ def _check_text(text: str, what: str) -> str:
 
 def _generator(model, tok, a):
     """``run(prompt_ids, stream) -> new ids per prompt`` with the command line's sampling."""
-    from ember.models.generate import check_sampling, generate_ids, sampling_defaults
+    from ember.models.generate import (
+        check_sampling,
+        generate_ids,
+        sampling_defaults,
+        unapplied_settings,
+    )
     from ember.models.heads import is_classifier
     from ember.models.tokenizer import generation_ids
 
@@ -211,6 +216,11 @@ def _generator(model, tok, a):
     knobs = sampling_defaults(model, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                               repetition_penalty=a.repetition_penalty)
     check_sampling(a.max_new_tokens, a.temperature, **knobs)
+    unapplied = unapplied_settings(model)
+    if unapplied:  # stated, not silently ignored: transformers' generate() applies them
+        _note(f"ember: note: the model's generation_config.json sets {', '.join(unapplied)}, "
+              "which Ember's generation does not apply (transformers' generate() does): "
+              "answers may differ from transformers' there")
     if a.seed is not None and not -2**63 <= a.seed < 2**64:  # was torch's overflow traceback
         raise EmberError(f"--seed must be a 64-bit integer (torch.Generator's seed), got {a.seed}")
     if is_classifier(model):

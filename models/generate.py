@@ -475,6 +475,25 @@ def sampling_defaults(model: Transformer, **given) -> dict:
     return out
 
 
+# generation_config.json settings that change transformers' generate() output and that Ember
+# does not apply, with the value that leaves each off
+_UNAPPLIED = {"no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None,
+              "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+              "forced_bos_token_id": None, "forced_eos_token_id": None, "typical_p": 1.0,
+              "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1, "sequence_bias": None}
+
+
+def unapplied_settings(model: Transformer) -> list[str]:
+    """The settings of the model's generation_config.json that transformers' ``generate()``
+    applies and Ember does not (``no_repeat_ngram_size``, ``min_new_tokens``, beams...), as
+    ``name=value``: Ember's output may differ from transformers' there, so the CLI says so."""
+    gen = getattr(model, "hf_generation_config", None)
+    if not isinstance(gen, dict):
+        return []
+    return [f"{k}={gen[k]!r}" for k, off in _UNAPPLIED.items()
+            if gen.get(k, off) not in (off, None) and gen.get(k) != []]
+
+
 def _config_stop_ids(model: Transformer) -> list[int]:
     """``eos_token_id`` (one id or a list) of the generation_config.json the model was loaded
     with; [] without one."""

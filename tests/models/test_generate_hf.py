@@ -423,3 +423,33 @@ def test_knobs_not_given_are_the_generation_config_s_as_in_transformers(tmp_path
     torch.manual_seed(0)
     want = hf_new(temperature=3.0)
     assert generate(model, tok, prompt, max_new_tokens=8, temperature=3.0, seed=0) == [want]
+
+
+def test_generation_config_settings_ember_does_not_apply_are_stated(tmp_path, capsys):
+    """A generation_config.json setting that changes transformers' greedy output and that
+    Ember has no such processor for (no_repeat_ngram_size) is named on stderr by ember
+    generate, not silently ignored; a folder without one gets no note."""
+    import json
+
+    from ember.engine.cli import main
+
+    tok, _, _ = _with_tokenizer(tmp_path, "<|im_end|>", "<|im_end|>")
+    tok.save_pretrained(tmp_path)
+    argv = ["generate", str(tmp_path), "--raw", "--prompt", "he", "--device", "cpu",
+            "--max-new-tokens", "12"]
+    assert main(argv) == 0
+    plain = capsys.readouterr()
+    assert "note" not in plain.err
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {**gen, "no_repeat_ngram_size": 1}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([tok.encode("he")])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                      pad_token_id=tok.eos_token_id)
+    new = out[0, ids.shape[1]:]
+    assert tok.decode(new, skip_special_tokens=True) + "\n" != plain.out  # it matters
+    assert main(argv) == 0
+    assert "sets no_repeat_ngram_size=1, which Ember" in capsys.readouterr().err
