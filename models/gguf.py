@@ -322,6 +322,17 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
+def _head_dim_from_q(g: GGUFFile, heads: int) -> int | None:
+    """The head size the first query projection implies (its rows / heads), for files without
+    ``attention.key_length`` (converters before it existed) whose heads are not hidden / heads
+    (Mistral Nemo's 128 for 5120 / 32): what transformers reads there (from
+    ``rope.dimension_count``) and what the weights hold. None without a separate q tensor."""
+    q = g.tensors.get("blk.0.attn_q.weight")
+    if q is None or len(q.shape) != 2 or q.shape[0] % heads:
+        return None
+    return q.shape[0] // heads
+
+
 def config_from_gguf(g: GGUFFile) -> ModelConfig:
     """Rebuild the ModelConfig from ``<arch>.*`` metadata and the tensor table."""
     md, path = g.metadata, g.path
@@ -353,7 +364,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     if hidden <= 0 or heads <= 0:
         raise EmberError(f"{path}: {arch}.embedding_length {hidden} and "
                          f"{arch}.attention.head_count {heads} must be positive")
-    head_dim = int(get("attention.key_length") or hidden // heads)
+    head_dim = int(get("attention.key_length") or _head_dim_from_q(g, heads) or hidden // heads)
     if "token_embd.weight" not in g.tensors:
         raise EmberError(f"{path}: tensor token_embd.weight is missing")
     vocab = g.tensors["token_embd.weight"].shape[0]
