@@ -16,7 +16,7 @@ from gguf import GGUFReader, quants
 
 from ember import EmberError
 from ember.models.config import ModelConfig, RopeScaling
-from ember.models.gguf import GGUFFile, load_gguf
+from ember.models.gguf import GGUFFile, ember_name, load_gguf
 from ember.models.gguf_export import save_gguf
 from ember.models.gguf_quants import quantize_q8_0
 from ember.models.gguf_tokenizer import PROBE
@@ -183,6 +183,17 @@ def test_lossy_types_transformers_dequantizes_what_ember_does(dtype, tmp_path):
         w = model.state_dict()["layers.1.mlp.up_proj.weight"].numpy()
         np.testing.assert_array_equal(raw.reshape(-1), quants.quantize(w, Q.Q8_0).reshape(-1))
     cfg_back, sd_back, _ = load_gguf(path)
+    # every tensor is what gguf.quants makes of the weight, bytes and dequantized values alike
+    # (qwen2: no Q/K permutation), so the bound below only measures the type's own rounding
+    sd = model.state_dict()
+    for t in reader.tensors:
+        key = ember_name(t.name)
+        w = sd[key].numpy()
+        want = w if t.tensor_type == Q.F32 else quants.quantize(w, t.tensor_type)
+        np.testing.assert_array_equal(np.asarray(t.data).view(np.uint8).reshape(-1),
+                                      want.view(np.uint8).reshape(-1), err_msg=t.name)
+        np.testing.assert_array_equal(sd_back[key].numpy(), w if t.tensor_type == Q.F32 else
+                                      quants.dequantize(want, t.tensor_type), err_msg=t.name)
     back = Transformer(cfg_back).eval()
     back.load_state_dict(sd_back)
     ids = torch.randint(0, VOCAB, (2, 13))
