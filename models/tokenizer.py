@@ -550,6 +550,9 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
     if "tokenizer.ggml.tokens" not in md:
         raise EmberError(f"{source}: GGUF metadata tokenizer.ggml.tokens is missing")
     tokens = list(md["tokenizer.ggml.tokens"])
+    if tokens.count("") > 1:  # llama.cpp names empty tokens "[EMPTY_<id>]" (one stays "")
+        tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+        md = {**md, "tokenizer.ggml.tokens": tokens}
     if len(set(tokens)) != len(tokens):  # llama.cpp refuses such a file too
         seen: set[str] = set()
         twice = next(t for t in tokens if t in seen or seen.add(t))

@@ -151,10 +151,7 @@ def test_every_split_transformers_reads_gives_its_ids(tmp_path):
     """Each ``tokenizer.ggml.pre`` transformers' GGUF loader has a split for (Qwen 3.5, Jina v5,
     F2LLM v2, Kanana 2, Talkie too) gives transformers' ids: a file written with GGUFWriter,
     read by both."""
-    from gguf import GGUFWriter
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-    from tests.models.test_gguf import _offline, _put
 
     _, md = _trained("gpt-2")
     md["tokenizer.ggml.add_bos_token"] = False
@@ -163,17 +160,41 @@ def test_every_split_transformers_reads_gives_its_ids(tmp_path):
     for pre, split in GGUF_PRE_TOKENIZER_SPLITS.items():
         names.setdefault(split, []).append(pre)
     for group in names.values():
-        path = tmp_path / f"{group[0]}.gguf"
-        w = GGUFWriter(str(path), "llama")
-        for k, v in {**md, "tokenizer.ggml.pre": group[0]}.items():
-            _put(w, k, v)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        with _offline():
-            theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+        theirs = _transformers_read(tmp_path / f"{group[0]}.gguf",
+                                    {**md, "tokenizer.ggml.pre": group[0]})
         want = [theirs.encode(text, add_special_tokens=False) for text in texts]
         for pre in group:
             ours = tokenizer_from_gguf({**md, "tokenizer.ggml.pre": pre})
             assert [ours.encode(text) for text in texts] == want, pre
+
+
+def _transformers_read(path, md: dict):
+    """The tokenizer transformers' GGUF loader makes of a file holding the metadata ``md``."""
+    from gguf import GGUFWriter
+
+    from tests.models.test_gguf import _offline, _put
+
+    w = GGUFWriter(str(path), "llama")
+    for k, v in md.items():
+        _put(w, k, v)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with _offline():
+        return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_empty_tokens_load_as_in_llama_cpp_and_transformers(tmp_path):
+    """Several empty strings in tokenizer.ggml.tokens (vocabulary holes some converters leave):
+    llama.cpp names each "[EMPTY_<id>]" and loads the file, so does transformers (was refused
+    as a duplicate token); text tokenizes as transformers tokenizes it."""
+    _, md = _trained("qwen2")
+    n = len(md["tokenizer.ggml.tokens"])
+    md["tokenizer.ggml.tokens"] = [*md["tokenizer.ggml.tokens"], "", ""]
+    md["tokenizer.ggml.token_type"] = [*md["tokenizer.ggml.token_type"], 1, 1]
+    theirs = _transformers_read(tmp_path / "e.gguf", md)
+    ours = tokenizer_from_gguf(md)
+    assert ours.vocab_size == n + 2 and ours.id_to_token(n + 1) == f"[EMPTY_{n + 1}]"
+    for text in TRICKY:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
