@@ -517,8 +517,10 @@ def test_untied_gemma2_is_refused(tmp_path):
 # KL(fp32 || exported) per token and top-1 agreement on the prompt below, measured: q8_0 KL mean
 # 1.8e-3, max 8.8e-3, agreement 1.0; q4_k_m (SmolLM2's rows of 576 are not whole super-blocks:
 # Q5_0 there, Q4_K / Q6_K for ffn_down, Q8_0 for the tied embedding) mean 0.074, max 0.17,
-# agreement 0.92. The "fp32" model is the shipped Q4_1 GGUF dequantized, so q4_1 is exact.
-SMOL_BOUNDS = {"q8_0": (1e-2, 5e-2, 0.9), "q4_k_m": (0.15, 0.4, 0.8)}
+# agreement 0.92. The "fp32" model is the shipped Q4_1 GGUF dequantized, so q4_1 is exact. The
+# quantizers are llama.cpp's bit for bit (test_gguf_quants), so these numbers are fixed: KL bounds
+# at 2x them (were 5x); agreement one token (of 12) below.
+SMOL_BOUNDS = {"q8_0": (4e-3, 2e-2, 0.9), "q4_k_m": (0.15, 0.35, 0.8)}
 
 
 @pytest.mark.slow
