@@ -322,6 +322,34 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
+def _head_dim_from_q(g: GGUFFile, heads: int) -> int | None:
+    """The head size the first query projection implies (its rows / heads), for files without
+    ``attention.key_length`` (converters before it existed) whose heads are not hidden / heads
+    (Mistral Nemo's 128 for 5120 / 32): what transformers reads there (from
+    ``rope.dimension_count``) and what the weights hold. None without a separate q tensor."""
+    q = g.tensors.get("blk.0.attn_q.weight")
+    if q is None or len(q.shape) != 2 or q.shape[0] % heads:
+        return None
+    return q.shape[0] // heads
+
+
+# transformers' config class defaults, which its GGUF loader keeps for a file without the key
+_HF_RMS_EPS = {"phi3": 1e-5, "olmo2": 1e-5}
+
+
+def _rms_eps(get, arch: str, model_type: str, path: Path) -> float:
+    """``attention.layer_norm_rms_epsilon``; missing (llama.cpp refuses such a file), the
+    transformers default of the family, with a warning."""
+    eps = get("attention.layer_norm_rms_epsilon")
+    if eps is not None or arch == "phi2":  # (phi2: LayerNorms, eps read in arch_fields)
+        return nice_float(eps or 1e-5)
+    eps = _HF_RMS_EPS.get(model_type, 1e-6)
+    warnings.warn(f"{path}: {arch}.attention.layer_norm_rms_epsilon is missing (llama.cpp "
+                  f"refuses such a file); using {eps}, transformers' default for {model_type}",
+                  stacklevel=4)
+    return eps
+
+
 def config_from_gguf(g: GGUFFile) -> ModelConfig:
     """Rebuild the ModelConfig from ``<arch>.*`` metadata and the tensor table."""
     md, path = g.metadata, g.path
@@ -353,7 +381,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     if hidden <= 0 or heads <= 0:
         raise EmberError(f"{path}: {arch}.embedding_length {hidden} and "
                          f"{arch}.attention.head_count {heads} must be positive")
-    head_dim = int(get("attention.key_length") or hidden // heads)
+    head_dim = int(get("attention.key_length") or _head_dim_from_q(g, heads) or hidden // heads)
     if "token_embd.weight" not in g.tensors:
         raise EmberError(f"{path}: tensor token_embd.weight is missing")
     vocab = g.tensors["token_embd.weight"].shape[0]
@@ -379,7 +407,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         intermediate_size=int(get("feed_forward_length", required=True)),
         num_layers=int(get("block_count", required=True)), num_heads=heads,
         num_kv_heads=int(get("attention.head_count_kv") or heads), head_dim=head_dim,
-        rms_norm_eps=nice_float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rms_norm_eps=_rms_eps(get, arch, model_type, path),
         **rope, max_position_embeddings=context,
         tie_word_embeddings=not has("output.weight"),
         attention_bias=has("blk.0.attn_q.bias"), attention_out_bias=has("blk.0.attn_output.bias"),

@@ -159,7 +159,7 @@ def rope_fields(g, arch: str, get: Callable, head_dim: int, context: int) -> dic
         if arch not in ("phi3", "phi2") or not 0 < rotary_dim < head_dim or int(
                 head_dim * partial) != rotary_dim:
             raise EmberError(f"{path}: partial rotary embeddings ({arch}.rope.dimension_count="
-                             f"{rot} < head_dim {head_dim}) are only supported for phi3 / phi2 "
+                             f"{rot}, head_dim {head_dim}) are only supported for phi3 / phi2 "
                              "files; use the original Hugging Face checkpoint")
         out["partial_rotary_factor"] = partial
     kind = get("rope.scaling.type", "none")

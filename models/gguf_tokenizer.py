@@ -39,7 +39,7 @@ _CONTROL, _USER_DEFINED, _NORMAL, _UNUSED = 3, 4, 1, 5
 # a text that tells the known splits apart: contractions, digit runs, letters and marks of
 # several scripts, punctuation runs, newlines, tabs and runs of spaces, code
 PROBE = ("Hello World! I'm  it's THE   end... 3 33 333 3333 1234567 ₂ ⅷ\n\n\t\t x\r\n"
-         "ÀÉÎ éàü ÿ naïve Ωμέγα Привет мир 你好世界 こんにちは 안녕하세요 🦙🚀 ︵ 𝟘\n"
+         "ÀÉÎ éàü ÿ naïve nai\u0308ve Ωμέγα Привет мир 你好世界 こんにちは 안녕하세요 🦙🚀 ︵ 𝟘\n"
          "def f(x):\n    return x**2 // 3 # ok?!\n  '''s 'LL 'Ve\n ```js\nconst a = [1,2];```"
          " ١٢٣ ๑๒๓ 1st2nd 3rd-4th")
 # preferred name per split (what convert_hf_to_gguf.py writes for the best-known model of each),

@@ -433,17 +433,22 @@ _GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo
 _TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
            r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
            r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen 3.5: Qwen2's, with combining marks kept in words and out of punctuation runs
+_QWEN35 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+           r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _SEED_CODER = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+")
 # DeepSeek Coder (Llama architecture): several regexes, each splitting the previous one's pieces
 _DEEPSEEK_CODER = ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}")
 _GPT2, _DIGITS = "gpt2", "digits"  # GPT-2's regex; the same after splitting every digit alone
 _LLAMA3_PRES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
-                "lfm2")
+                "lfm2", "jina-v5-nano")
 _PRE_SPLITS = {
     **dict.fromkeys((*_LLAMA3_PRES, "dbrx", "smaug-bpe"), _LLAMA3),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "megrez", "stablelm2"), _QWEN2),
-    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), _GPT4O),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2"),
+                     _QWEN2),
+    "qwen35": _QWEN35,
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O),
     "tekken": _TEKKEN, "seed-coder": _SEED_CODER, "deepseek-coder": _DEEPSEEK_CODER,
     **dict.fromkeys(("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling",
                      "gigachat", "a.x-4.0", "mellum", "exaone4", "jina-es", "jina-de",
@@ -545,6 +550,9 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
     if "tokenizer.ggml.tokens" not in md:
         raise EmberError(f"{source}: GGUF metadata tokenizer.ggml.tokens is missing")
     tokens = list(md["tokenizer.ggml.tokens"])
+    if tokens.count("") > 1:  # llama.cpp names empty tokens "[EMPTY_<id>]" (one stays "")
+        tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+        md = {**md, "tokenizer.ggml.tokens": tokens}
     if len(set(tokens)) != len(tokens):  # llama.cpp refuses such a file too
         seen: set[str] = set()
         twice = next(t for t in tokens if t in seen or seen.add(t))

@@ -305,3 +305,21 @@ def test_phi3_fused_qkv_that_the_head_counts_do_not_describe_is_refused(kv, tmp_
         load_gguf(path)
     with pytest.raises(EmberError, match="attn_qkv.weight has 128 rows"):
         import_gguf(path, tmp_path / "hf")
+
+
+@pytest.mark.parametrize("case", ["phi3", "gemma2"])
+def test_a_file_without_the_norm_epsilon_gets_transformers_default(case, tmp_path):
+    """No ``attention.layer_norm_rms_epsilon`` (llama.cpp refuses the file): the epsilon
+    transformers' GGUF loader gives the model (its class default: 1e-5 for Phi-3, 1e-6 for
+    Gemma 2; was 1e-5 for all), with a warning."""
+    hf = _hf_model(case)
+    arch = CASES[case][0]
+    md = {k: v for k, v in _metadata(arch, hf.config).items()
+          if k != f"{arch}.attention.layer_norm_rms_epsilon"}
+    path = tmp_path / "m.gguf"
+    write_family_gguf(path, case, hf, md)
+    with pytest.warns(UserWarning, match="layer_norm_rms_epsilon is missing"):
+        cfg, _, _ = load_gguf(path)
+    with _offline():
+        theirs = transformers.AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
+    assert cfg.rms_norm_eps == theirs.rms_norm_eps == {"phi3": 1e-5, "gemma2": 1e-6}[case]

@@ -18,7 +18,7 @@ from ember import EmberError
 from ember.models.gguf import load_gguf, permute_qk
 from ember.models.gguf_export import save_gguf
 from ember.models.transformer import Transformer
-from tests.models.test_gguf import VOCAB, _put, tiny_tokenizer_md
+from tests.models.test_gguf import VOCAB, _offline, _put, tiny_tokenizer_md
 
 transformers = pytest.importorskip("transformers")
 
@@ -208,3 +208,23 @@ def test_per_layer_head_count_arrays_of_one_value(tmp_path):
     with pytest.raises(EmberError, match=r"feed_forward_length holds 2 per-layer values for 3 "
                                          r"layers \(llama.block_count\)"):
         load_gguf(tmp_path / "s.gguf")
+
+
+def test_head_size_without_key_length_comes_from_the_weights(tmp_path):
+    """A Llama file without ``attention.key_length`` (converters before it) whose heads are not
+    hidden / heads (Mistral Nemo: 128, not 5120 / 32): the head size the q weight and
+    ``rope.dimension_count`` give, as transformers' GGUF loader reads it (was refused as
+    "partial rotary")."""
+    hf = _hf("LlamaConfig", 2, 6, head_dim=32)  # hidden 64 / 4 heads would be 16
+    write_llama_variant_gguf(tmp_path / "m.gguf", hf, drop=("rope.dimension_count",),
+                             extra={"llama.rope.dimension_count": 32})
+    cfg, sd, _ = load_gguf(tmp_path / "m.gguf")
+    assert cfg.head_dim == 32
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(4))
+    ours = _ember(cfg, sd, ids)[0]
+    with torch.no_grad(), _offline():
+        want = hf(ids).logits
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()(ids).logits
+    assert (ours - want).abs().max().item() <= 1e-4
+    assert (ours - theirs).abs().max().item() <= 1e-4

@@ -10,6 +10,7 @@ import random
 
 import pytest
 import tokenizers
+import transformers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
 from ember import EmberError
@@ -21,6 +22,8 @@ _CONTRACTIONS = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2 = LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+QWEN35 = QWEN2.replace(r"?\p{L}+", r"?[\p{L}\p{M}]+").replace(r"[^\s\p{L}\p{N}]+",
+                                                             r"[^\s\p{L}\p{M}\p{N}]+")
 UPPER, LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
 TEKKEN = (rf"[^\r\n\p{{L}}\p{{N}}]?{UPPER}*{LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{UPPER}+{LOWER}*"
           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -54,6 +57,7 @@ CASES = {
     "llama-bpe": (lambda: _split(LLAMA3), True),
     "tekken": (lambda: _split(TEKKEN), True),
     "qwen2": (lambda: _split(QWEN2), False),
+    "qwen35": (lambda: _split(QWEN35), False),
     "gpt-4o": (lambda: _split(GPT4O), False),
     "seed-coder": (lambda: _split(SEED_CODER), False),
     "gpt-2": (_gpt2, False),
@@ -141,3 +145,56 @@ def test_missing_pre_warns_and_unknown_pre_is_refused():
     for pre in ("deepseek-llm", "bloom", "chameleon"):
         with pytest.raises(EmberError, match=f"pre-tokenizer '{pre}'.*not supported"):
             tokenizer_from_gguf({**md, "tokenizer.ggml.pre": pre})
+
+
+def test_every_split_transformers_reads_gives_its_ids(tmp_path):
+    """Each ``tokenizer.ggml.pre`` transformers' GGUF loader has a split for (Qwen 3.5, Jina v5,
+    F2LLM v2, Kanana 2, Talkie too) gives transformers' ids: a file written with GGUFWriter,
+    read by both."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    _, md = _trained("gpt-2")
+    md["tokenizer.ggml.add_bos_token"] = False
+    texts = TRICKY + _random_texts(30, 5)
+    names: dict[str, list[str]] = {}  # transformers reads each split alike: one file per split
+    for pre, split in GGUF_PRE_TOKENIZER_SPLITS.items():
+        names.setdefault(split, []).append(pre)
+    for group in names.values():
+        theirs = _transformers_read(tmp_path / f"{group[0]}.gguf",
+                                    {**md, "tokenizer.ggml.pre": group[0]})
+        want = [theirs.encode(text, add_special_tokens=False) for text in texts]
+        for pre in group:
+            ours = tokenizer_from_gguf({**md, "tokenizer.ggml.pre": pre})
+            assert [ours.encode(text) for text in texts] == want, pre
+
+
+def _transformers_read(path, md: dict):
+    """The tokenizer transformers' GGUF loader makes of a file holding the metadata ``md``."""
+    from gguf import GGUFWriter
+
+    from tests.models.test_gguf import _offline, _put
+
+    w = GGUFWriter(str(path), "llama")
+    for k, v in md.items():
+        _put(w, k, v)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with _offline():
+        return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_empty_tokens_load_as_in_llama_cpp_and_transformers(tmp_path):
+    """Several empty strings in tokenizer.ggml.tokens (vocabulary holes some converters leave):
+    llama.cpp names each "[EMPTY_<id>]" and loads the file, so does transformers (was refused
+    as a duplicate token); text tokenizes as transformers tokenizes it."""
+    _, md = _trained("qwen2")
+    n = len(md["tokenizer.ggml.tokens"])
+    md["tokenizer.ggml.tokens"] = [*md["tokenizer.ggml.tokens"], "", ""]
+    md["tokenizer.ggml.token_type"] = [*md["tokenizer.ggml.token_type"], 1, 1]
+    theirs = _transformers_read(tmp_path / "e.gguf", md)
+    ours = tokenizer_from_gguf(md)
+    assert ours.vocab_size == n + 2 and ours.id_to_token(n + 1) == f"[EMPTY_{n + 1}]"
+    for text in TRICKY:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
