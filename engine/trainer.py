@@ -249,9 +249,10 @@ class Trainer(EvalMixin):
                     aux = load_balancing_loss(stats, self.model.cfg.num_experts) if coef else None
                     if aux is not None:
                         # MoE load balancing: one loss per micro-batch (its forwards together),
-                        # weighted by its share of the step's tokens; logged apart from the loss
-                        loss = loss + coef * aux * (b.num_tokens / n_tok)
-                        aux_local += float(aux.detach()) * b.num_tokens / n_tok
+                        # added whole as transformers' Trainer adds it (the step's aux term is
+                        # the sum over its micro-batches and processes); logged apart
+                        loss = loss + coef * aux
+                        aux_local += float(aux.detach())
                     (scaler.scale(loss) if scaler else loss).backward()
                 for b in pad:
                     sums = dict(obj.sums)  # its metric sums: unchanged, the same keys (reduced)
