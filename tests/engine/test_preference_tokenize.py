@@ -211,3 +211,39 @@ def test_each_preference_objective_loads_pairs_with_its_trl_rule(tiny, tmp_path,
     want = _ember_docs(tmp_path, ours, row, chat, rule)
     assert (ex.input_ids[:n], ex.labels[:n]) == tuple(want[0])
     assert (ex.input_ids[n:], ex.labels[n:]) == tuple(want[1])
+
+
+KTO_ROWS = {
+    "string": ({"prompt": "Question: 2+2?\nAnswer:", "completion": " 4", "label": True}, False),
+    "string_merging": ({"prompt": "a\n\n\n", "completion": "b  c", "label": False}, False),
+    "chat": ({"prompt": [U1], "completion": [A1], "label": True}, True),
+}
+
+
+@pytest.mark.parametrize("case", list(KTO_ROWS))
+def test_kto_lines_are_tokenized_as_trls_kto_trainer(tmp_path, toks, case):
+    """KTOTrainer._prepare_dataset (trl/trainer/kto_trainer.py): an EOS text after a string
+    completion, the tokenizer's own special tokens, the completion from common_prefix_length."""
+    from ember.engine.kto import load_kto_examples
+
+    ours, hf = toks
+    row, chat = KTO_ROWS[case]
+    if chat:
+        def ids(msgs, gen=False):
+            return hf.apply_chat_template(msgs, tokenize=True, return_dict=True,
+                                          add_generation_prompt=gen)["input_ids"]
+
+        p, full = ids(row["prompt"], True), ids(row["prompt"] + row["completion"])
+    else:
+        eos = hf.eos_token
+        completion = row["completion"] + ("" if row["completion"].endswith(eos) else eos)
+        p, full = hf(text=row["prompt"])["input_ids"], hf(text=row["prompt"] + completion)[
+            "input_ids"]
+    n = next((i for i, (a, b) in enumerate(zip(p, full, strict=False)) if a != b),
+             min(len(p), len(full)))
+    path = tmp_path / "k.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    (ex,), _ = load_kto_examples(path, DataConfig(train=str(path), bad_lines="error",
+                                                  use_chat_template=chat), ours)
+    assert ex.input_ids == full, (hf.decode(ex.input_ids), hf.decode(full))
+    assert _targets(ex.labels) == full[max(n, 1):]
