@@ -247,3 +247,23 @@ def test_kto_lines_are_tokenized_as_trls_kto_trainer(tmp_path, toks, case):
                                                   use_chat_template=chat), ours)
     assert ex.input_ids == full, (hf.decode(ex.input_ids), hf.decode(full))
     assert _targets(ex.labels) == full[max(n, 1):]
+
+
+def test_kto_pair_lines_unpair_as_trl(tmp_path, toks):
+    """A preference line under KTO: TRL unpairs it (unpair_preference_dataset) and tokenizes each
+    answer alone, its own common prefix with the prompt (not DPO's shorter of the two)."""
+    from ember.engine.kto import load_kto_examples
+
+    ours, hf = toks
+    row = ROWS["string_merging"][0]
+    path = tmp_path / "k.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    got, _ = load_kto_examples(path, DataConfig(train=str(path), bad_lines="error",
+                                                use_chat_template=False), ours)
+    p = hf(text=row["prompt"])["input_ids"]
+    for ex, key in zip(got, ("chosen", "rejected"), strict=True):
+        full = hf(text=row["prompt"] + row[key] + hf.eos_token)["input_ids"]
+        n = next((i for i, (a, b) in enumerate(zip(p, full, strict=False)) if a != b),
+                 min(len(p), len(full)))
+        assert ex.input_ids == full
+        assert _targets(ex.labels) == full[max(n, 1):]
