@@ -93,6 +93,8 @@ def special_tokens_config(cfg: Any, smap: Any, folder: Path) -> dict:
             # dict is model-specific tokens: this list is the extra one then)
         if key == "extra_special_tokens" and isinstance(value, list):  # merged into the config's
             have = merged.get(key)
+            if isinstance(have, dict):  # the config's model-specific tokens: kept, as top-level
+                merged.update(have)  # "*_token" keys (transformers: model_specific_special_tokens)
             have = list(have) if isinstance(have, list) else []
             value = have + [t for t in value if t not in have]
         merged[key] = value
