@@ -267,3 +267,21 @@ def test_kto_pair_lines_unpair_as_trl(tmp_path, toks):
                  min(len(p), len(full)))
         assert ex.input_ids == full
         assert _targets(ex.labels) == full[max(n, 1):]
+
+
+def test_orpo_and_simpo_pass_a_chat_pairs_tools_to_the_template(tmp_path):
+    """Ember's rule where it differs from TRL: ORPO / SimPO render a chat pair with its "tools"
+    (TRL's experimental ORPO / CPO trainers call maybe_apply_chat_template without them); the
+    rest is tokenize_row's rule."""
+    from tests.engine.test_trl_formats import CHATML_TOOLS, TOOLS
+
+    ours, hf = _llama3(tmp_path / "tok", "<|eot_id|>")
+    hf.chat_template = ours.chat_template = CHATML_TOOLS
+    row = {"prompt": [U1], "chosen": [A1], "rejected": [A2], "tools": TOOLS}
+    prompt = hf.apply_chat_template([U1], tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    whole = [hf.apply_chat_template([U1, a], tools=TOOLS, tokenize=False) for a in (A1, A2)]
+    assert all(w.startswith(prompt) for w in whole) and '"capital"' in prompt
+    want = _trl_cpo_docs(hf, prompt, *(w[len(prompt):] for w in whole))
+    got = _ember_docs(tmp_path, ours, row, True, "cpo")
+    assert [d[0] for d in got] == [d[0] for d in want]
+    assert [_targets(d[1]) for d in got] == [_targets(d[1]) for d in want]
