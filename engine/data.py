@@ -223,8 +223,9 @@ def _fit(ids, mask, prompt_len, cfg: DataConfig, bos, cut: int = 0):
 class _Reader:
     """One file's state: its format (fixed by the first recognizable line) and its report."""
 
-    def __init__(self, path: Path, cfg: DataConfig, tokenizer):
+    def __init__(self, path: Path, cfg: DataConfig, tokenizer, pairs: str = "dpo"):
         self.path, self.cfg, self.report = path, cfg, DataReport(str(path))
+        self.pairs = pairs  # preference pairs' tokenization rule (preference.encode_pair)
         self.enc = _Encoder(cfg, tokenizer)
         # the BOS that truncate_left keeps: one the tokenizer itself puts first, or one a chat
         # template writes once (Llama 3.1's {{ bos_token }}); not SmolLM2's bos_token
@@ -279,7 +280,7 @@ class _Reader:
             if self.fmt == "preference":
                 from ember.engine.preference import encode_pair
 
-                docs = encode_pair(self.enc, rec)
+                docs = encode_pair(self.enc, rec, self.pairs)
             else:
                 docs = [self.enc.encode(self.fmt, rec)]
         except _Bad as e:
@@ -365,11 +366,13 @@ def read_lines(path: str | Path, make_reader) -> tuple[_Reader, list[Example]]:
     return reader, examples
 
 
-def load_examples(path: str | Path, cfg: DataConfig, tokenizer, make_reader=None
-                  ) -> tuple[list[Example], DataReport]:
+def load_examples(path: str | Path, cfg: DataConfig, tokenizer, make_reader=None, *,
+                  pairs: str = "dpo") -> tuple[list[Example], DataReport]:
     """Read one JSONL file. Bad lines are skipped and reported, or raise (``cfg.bad_lines``).
-    ``make_reader(path)``: another line reader (``engine/kto.py``'s)."""
-    reader, examples = read_lines(path, make_reader or (lambda p: _Reader(p, cfg, tokenizer)))
+    ``make_reader(path)``: another line reader (``engine/kto.py``'s); ``pairs``: how preference
+    pairs are tokenized ("dpo" or "cpo": ``ember.engine.preference.encode_pair``)."""
+    reader, examples = read_lines(path, make_reader or (lambda p: _Reader(p, cfg, tokenizer,
+                                                                          pairs)))
     rep = reader.report
     rep.format = reader.fmt or cfg.format
     rep.examples = len(examples)

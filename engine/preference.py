@@ -20,13 +20,16 @@ end-of-turn token and ChatML's newline), tool results included, as TRL's DPO and
 render of prompt + answer less the prompt's; earlier assistant turns are part of the prompt.
 Other shapes (a user turn after the prompt) are refused. A chat pair's ``tools`` (the JSON
 schemas of the tools it may call) and ``chat_template_kwargs`` (template variables) go to the
-template with both documents, as TRL passes them.
+template with both documents, as TRL passes them. That is TRL's DPO rule (objective "dpo");
+"orpo" and "simpo" tokenize as TRL's ORPO and CPO trainers (``encode_pair``'s rule "cpo": a BOS
+first and an EOS after each answer, the template's tail included).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ember.engine.encoder import with_system_prompt
 from ember.engine.formats import (
     Chat,
     _Bad,
@@ -194,11 +197,14 @@ def encode_answer(enc, prompt: str | list[dict], answer: str | dict,
     return ids, mask, prompt_len, reference
 
 
-def encode_pair(enc, pair: Pair) -> list[tuple]:
+def encode_pair(enc, pair: Pair, rule: str = "dpo") -> list[tuple]:
     """Two documents, chosen then rejected: (ids, target mask, prompt_len, reference) each, from
-    ``enc`` (``ember.engine.encoder._Encoder``). A string pair's answers both start at the earlier
-    of the two points where its texts' tokens leave the prompt's, as TRL's DPO ``tokenize_fn``
-    takes the shorter common prefix for both."""
+    ``enc`` (``ember.engine.encoder._Encoder``). ``rule`` "dpo" (objective "dpo": TRL 1.x's DPO
+    ``tokenize_fn``): a string pair's answers both start at the earlier of the two points where
+    its texts' tokens leave the prompt's, as TRL takes the shorter common prefix for both;
+    "cpo" (objectives "orpo" and "simpo"): TRL's ORPO / CPO ``tokenize_row`` (``_encode_cpo``)."""
+    if rule == "cpo":
+        return _encode_cpo(enc, pair)
     docs = [encode_answer(enc, pair.prompt, a, tools=pair.tools,
                           template_kwargs=pair.template_kwargs)
             for a in (pair.chosen, pair.rejected)]
@@ -206,4 +212,53 @@ def encode_pair(enc, pair: Pair) -> list[tuple]:
         start = min(d[2] for d in docs)
         docs = [(ids, [j >= start for j in range(len(ids))], start, ref)
                 for ids, _, _, ref in docs]
+    return docs
+
+
+def _cpo_texts(enc, pair: Pair) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) texts as TRL's ORPO and CPO trainers see them: a string pair's
+    own (no chat template), else ``maybe_apply_chat_template``'s: the prompt rendered with the
+    generation prompt, cut to what it shares with both whole renders, and each answer the rest
+    of its render."""
+    if isinstance(pair.prompt, str) and not enc.chat:
+        return pair.prompt, pair.chosen, pair.rejected
+    if isinstance(pair.prompt, str):  # a string pair under a chat template: one user turn
+        prompt = [{"role": "user", "content": pair.prompt}]
+        answers = [[{"role": "assistant", "content": a}] for a in (pair.chosen, pair.rejected)]
+    else:
+        prompt = list(pair.prompt)
+        answers = [list(a) if isinstance(a, tuple) else [a] for a in (pair.chosen, pair.rejected)]
+    chat = Chat(prompt, pair.tools, pair.template_kwargs)
+    head = with_system_prompt(enc.cfg, chat)
+    text = enc._render(head, True, line=chat)
+    whole = [enc._render(Chat([*head, *a]), line=chat) for a in answers]
+    for w in whole:  # (DeepSeek-R1's generation prompt is not in the whole render)
+        text = text[:next((i for i, (x, y) in enumerate(zip(text, w, strict=False)) if x != y),
+                          min(len(text), len(w)))]
+    return text, whole[0][len(text):], whole[1][len(text):]
+
+
+def _encode_cpo(enc, pair: Pair) -> list[tuple]:
+    """TRL 1.x's ORPO and CPO (SimPO) ``tokenize_row`` (trl/experimental/{orpo,cpo}): the texts
+    (``_cpo_texts``) tokenized without special tokens, each answer from the end of the prompt's
+    tokens, one token earlier where the last prompt token merges with the answer
+    (``build_tokenized_answer``); then the tokenizer's BOS put first where the prompt does not
+    start with it (``add_bos_token_if_needed``: SmolLM2's <|im_start|> before a plain-text
+    prompt too) and its EOS after an answer that does not end with it
+    (``add_eos_token_if_needed``: after a ChatML answer's "<|im_end|>\n" too). Each answer's
+    labels start after its own prompt."""
+    prompt, *answers = _cpo_texts(enc, pair)
+    bos = getattr(enc.tok, "bos_token_id", None)
+    alone = enc._enc(prompt)
+    docs = []
+    for answer in answers:
+        ids = enc._enc(prompt + answer)
+        start = len(alone) - (ids[:len(alone)] != alone)
+        if bos is not None and (start == 0 or ids[0] != bos):
+            ids, start = [bos, *ids], start + 1
+        if enc.cfg.add_eos and enc.eos is not None and (len(ids) == start or ids[-1] != enc.eos):
+            ids = [*ids, enc.eos]
+        if len(ids) <= start:
+            raise _Bad("empty completion", "an answer renders to no tokens after the prompt")
+        docs.append((ids, [j >= start for j in range(len(ids))], start, answer))
     return docs

@@ -31,12 +31,14 @@ import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ember import EmberError
+from ember.engine.data import load_datasets, load_examples
 from ember.engine.distributed import DistInfo, build_device, release, shard_frozen
 from ember.engine.evaluation import eval_plan, scored_batches
 from ember.engine.losses import (
@@ -60,7 +62,7 @@ from ember.engine.stages import adapter_snapshot, adapters_swapped, continues_lo
 
 if TYPE_CHECKING:
     from ember.engine.config import TrainConfig
-    from ember.engine.data import Datasets, Example
+    from ember.engine.data import DataConfig, Datasets, Example
 
 
 def _check(section: str, beta: float, label_smoothing: float, sft_weight: float) -> None:
@@ -130,6 +132,7 @@ class _Pairs(SFT):
     pairs = True
     mean_logps = False  # the logps metrics per answer token (TRL's ORPO and CPO log those)
     prompt_nll = False  # the NLL term covers the chosen prompts' tokens too (TRL's ORPO)
+    pair_rule = "dpo"  # how pairs are tokenized (ember.engine.preference.encode_pair)
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, nll_weight: float):
         super().__init__(info)
@@ -145,6 +148,9 @@ class _Pairs(SFT):
 
     def weight(self, batch) -> int:
         return batch.num_docs // 2
+
+    def load_datasets(self, cfg: DataConfig, tokenizer) -> Datasets:
+        return load_datasets(cfg, tokenizer, partial(load_examples, pairs=self.pair_rule))
 
     def begin_step(self, micro: list, reduce: Callable[[list[float]], list[float]], model=None,
                    device=None, autocast=None, pad: list = ()) -> None:
@@ -337,6 +343,7 @@ class ORPO(_Pairs):
     name = "orpo"
     mean_logps = True
     prompt_nll = True
+    pair_rule = "cpo"  # TRL's ORPOTrainer tokenizes as its CPOTrainer
 
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         super().__init__(cfg, info, 1.0)  # ORPO's NLL term always weighs 1
@@ -354,6 +361,7 @@ class ORPO(_Pairs):
 class SimPO(_Pairs):
     name = "simpo"
     mean_logps = True
+    pair_rule = "cpo"  # TRL's SimPO is its CPOTrainer's loss_type "simpo"
 
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         super().__init__(cfg, info, cfg.simpo.sft_weight)

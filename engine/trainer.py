@@ -225,9 +225,10 @@ class Trainer(EvalMixin):
         count for nothing (a rank with fewer batches: a sharded forward is a collective)."""
         cfg, info = self.cfg, self.info
         obj = self.objective
-        n_loss, n_tok, n_w = all_reduce_sums([sum(b.num_loss_tokens for b in micro),
-                                              sum(b.num_tokens for b in micro),
-                                              sum(obj.weight(b) for b in micro)], info)
+        n_loss, n_tok, n_w, n_micro = all_reduce_sums([sum(b.num_loss_tokens for b in micro),
+                                                       sum(b.num_tokens for b in micro),
+                                                       sum(obj.weight(b) for b in micro),
+                                                       len(micro)], info)
         n_loss, n_w = int(n_loss), int(n_w)
         act = cfg.activations
         coef = self.aux_coef
@@ -249,9 +250,10 @@ class Trainer(EvalMixin):
                     aux = load_balancing_loss(stats, self.model.cfg.num_experts) if coef else None
                     if aux is not None:
                         # MoE load balancing: one loss per micro-batch (its forwards together),
-                        # weighted by its share of the step's tokens; logged apart from the loss
-                        loss = loss + coef * aux * (b.num_tokens / n_tok)
-                        aux_local += float(aux.detach()) * b.num_tokens / n_tok
+                        # the step's term the mean over its micro-batches (all processes), as TRL's
+                        # SFT / DPO / KTO trainers average it; logged apart from the loss
+                        loss = loss + coef * aux / n_micro
+                        aux_local += float(aux.detach()) / n_micro
                     (scaler.scale(loss) if scaler else loss).backward()
                 for b in pad:
                     sums = dict(obj.sums)  # its metric sums: unchanged, the same keys (reduced)

@@ -29,6 +29,7 @@ from ember.models.chat_template import (
     select_template,
 )
 from ember.models.tokenizer_classes import (
+    MAIN_SPECIALS,
     add_named_specials,
     class_pipeline,
     extra_special_tokens,
@@ -39,8 +40,6 @@ from ember.models.tokenizer_classes import (
     special_tokens_config,
     template_tokens,
 )
-
-_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 class Tokenizer:
@@ -73,7 +72,7 @@ class Tokenizer:
         self.chat_templates = dict(chat_templates or {})  # other named ones ("tool_use", "rag")
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
         self.model_max_length = model_max_length
-        for name in _SPECIALS:
+        for name in MAIN_SPECIALS:
             tok = getattr(self, name)
             if tok is not None and backend.token_to_id(tok) is None:
                 raise EmberError(f"tokenizer: {name} {tok!r} is not in the vocabulary")
@@ -187,7 +186,7 @@ class Tokenizer:
                                    kwargs.get("tools"))
         # only the tokens the model has: a missing one is undefined (renders ""), as in
         # transformers, not None (which would render as "None")
-        context = {**self.template_tokens, **{name: getattr(self, name) for name in _SPECIALS
+        context = {**self.template_tokens, **{name: getattr(self, name) for name in MAIN_SPECIALS
                                               if getattr(self, name) is not None}}
         context.update(kwargs)
         context.setdefault("tools", None)
@@ -208,7 +207,7 @@ class Tokenizer:
             str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
                      "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}
             for i, t in sorted(self.backend.get_added_tokens_decoder().items())}
-        specials = {n: getattr(self, n) for n in _SPECIALS if getattr(self, n) is not None}
+        specials = {n: getattr(self, n) for n in MAIN_SPECIALS if getattr(self, n) is not None}
         cfg: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
@@ -327,7 +326,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     smap = _read_json(folder / "special_tokens_map.json") if (
         folder / "special_tokens_map.json").is_file() else {}
     cfg, smap = special_tokens_config(cfg, smap, folder), {}
-    specials = {n: _token_str(cfg.get(n, smap.get(n))) for n in _SPECIALS}
+    specials = {n: _token_str(cfg.get(n, smap.get(n))) for n in MAIN_SPECIALS}
     slow = not tj.is_file()
     defaults: dict[str, str] = {}  # the slow class's own special tokens (Gemma's mask)
     if slow:

@@ -79,23 +79,31 @@ def special_tokens_config(cfg: Any, smap: Any, folder: Path) -> dict:
     if "added_tokens_decoder" in cfg:
         return cfg
     merged = dict(cfg)
-    if "additional_special_tokens" in merged and "extra_special_tokens" not in merged:
-        # transformers 5 renames the config's list as it reads it: extra, so special in a legacy
-        # added_tokens.json (special_tokens_map.json's is merged in later, under its old name)
+    if "additional_special_tokens" in merged and not merged.get("extra_special_tokens"):
+        # transformers 5 renames the config's list as it reads it, in place of an empty extra
+        # one: extra, so special in a legacy added_tokens.json (special_tokens_map.json's is
+        # merged in later, under its old name)
         merged["extra_special_tokens"] = merged.pop("additional_special_tokens")
     for key, value in smap.items():
         if not key.endswith(("_token", "_tokens")):
             continue
-        if key == "additional_special_tokens" and "extra_special_tokens" in merged:
-            continue  # transformers 5 keeps the extra list and ignores this one
+        if key == "additional_special_tokens" and not isinstance(
+                merged.get("extra_special_tokens", {}), dict):
+            continue  # transformers 5 keeps the extra list and ignores this one (a {name: token}
+            # dict is model-specific tokens: this list is the extra one then)
         if key == "extra_special_tokens" and isinstance(value, list):  # merged into the config's
             have = merged.get(key)
+            if isinstance(have, dict):  # the config's model-specific tokens: kept, as top-level
+                merged.update(have)  # "*_token" keys (transformers: model_specific_special_tokens)
             have = list(have) if isinstance(have, list) else []
             value = have + [t for t in value if t not in have]
         merged[key] = value
     return merged
 
 
+# The special tokens Ember's Tokenizer keeps as attributes (ember.models.tokenizer), and every
+# one transformers names, in its order
+MAIN_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
           "mask_token")
 
@@ -110,9 +118,9 @@ def named_special_tokens(cfg: dict) -> list[AddedToken]:
     # model-specific tokens: any other top-level "*_token" string (image_token ...), special too
     values += [v for k, v in cfg.items() if k.endswith("_token") and k not in _NAMED
                and isinstance(v, str | dict)]
-    for key in ("additional_special_tokens", "extra_special_tokens"):
-        v = cfg.get(key) or []
-        values += list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else []
+    extra = cfg.get("extra_special_tokens")
+    values += list(extra.values()) if isinstance(extra, dict) else []
+    values += _extra_list(cfg)
     # transformers skips a token equal to one listed before (an AddedToken to an AddedToken of
     # the same text, a str to the same str), then adds them in order: the last of a text wins
     out: dict[str, AddedToken] = {}
@@ -130,13 +138,21 @@ def named_special_tokens(cfg: dict) -> list[AddedToken]:
     return list(out.values())
 
 
+def _extra_list(cfg: dict) -> list:
+    """The one list of extra special tokens transformers 5 reads (``from_pretrained``): the
+    ``extra_special_tokens`` list where it is one and not empty, else the legacy
+    ``additional_special_tokens`` one (also beside an ``extra_special_tokens`` {name: token}
+    dict); the other list is ignored, its tokens not special."""
+    v = cfg.get("extra_special_tokens")
+    if not (isinstance(v, list) and v) and "additional_special_tokens" in cfg:
+        v = cfg["additional_special_tokens"]
+    return v if isinstance(v, list) else []
+
+
 def extra_special_tokens(cfg: dict) -> list[str]:
     """The extra special tokens transformers 5 keeps (its ``extra_special_tokens`` attribute, saved
-    back by ``save_pretrained``): the ``extra_special_tokens`` list, else the legacy
-    ``additional_special_tokens`` one."""
-    v = cfg.get("extra_special_tokens") if "extra_special_tokens" in cfg else cfg.get(
-        "additional_special_tokens")
-    v = [t.get("content") if isinstance(t, dict) else t for t in v] if isinstance(v, list) else []
+    back by ``save_pretrained``): ``_extra_list``'s."""
+    v = [t.get("content") if isinstance(t, dict) else t for t in _extra_list(cfg)]
     return list(dict.fromkeys(t for t in v if isinstance(t, str)))
 
 
@@ -173,7 +189,7 @@ def add_named_specials(backend: tokenizers.Tokenizer, tokens: list[AddedToken],
 
 def other_special_tokens(cfg: dict) -> list[str]:
     """The special tokens ``cfg`` names besides bos, eos, unk and pad."""
-    main = [cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+    main = [cfg.get(k) for k in MAIN_SPECIALS]
     main = [v.get("content") if isinstance(v, dict) else v for v in main]
     return [t.content for t in named_special_tokens(cfg) if t.content not in main]
 

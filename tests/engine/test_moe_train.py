@@ -196,3 +196,44 @@ def test_a_moe_classifier_trains_without_the_aux_loss_as_transformers(tiny, tmp_
     t = Trainer(resolve(on), echo=quiet, progress=False)
     t.run()
     assert [r for r in rows_of(tmp_path / "on") if r["kind"] == "train"][0]["router_aux_loss"] > 0
+
+
+def test_aux_loss_under_gradient_accumulation_is_the_mean_over_micro_batches(moe_tiny, tmp_path,
+                                                                             monkeypatch):
+    """A step's load-balancing term is the unweighted mean of its micro-batches' aux losses, as
+    TRL 1.16 averages it (trl/trainer/sft_trainer.py ``compute_loss``: ``loss + coef * aux /
+    current_gradient_accumulation_steps``; its DPO and KTO divide the whole loss by them). Ember
+    weighted each micro-batch by its share of the step's tokens (gradient norm 7.7210 here, TRL
+    7.7304). The oracle: transformers' Trainer (Qwen3-MoE with ``output_router_logits``), which
+    adds ``coef * aux`` to each micro-batch's loss whole, run with ``coef / 3`` for grad_accum 3
+    (TRL's rule; the plain Trainer's own sum is 3x that). Same micro-batches of different sizes:
+    the step's gradient norm, logged loss and weights are TRL's."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.engine.test_hf_trainer_parity import IGNORE, _ember_run, _hf_trainer
+
+    coef = 5.0
+    cfg, steps, rows, _ = _ember_run(moe_tiny, tmp_path / "run", monkeypatch, 'method="full"',
+                                     "grad_accum=3", "max_steps=1", "optim.lr=1e-3",
+                                     "optim.warmup_steps=0", "optim.max_grad_norm=0",
+                                     "optim.eps=1e-3",  # (no Adam sign noise on tiny gradients)
+                                     f"model.router_aux_loss_coef={coef}")
+    assert len(steps[0]) == 3
+    sizes = [int((b["attention_mask"]).sum()) for b in steps[0]]
+    assert len(set(sizes)) > 1, sizes  # micro-batches of different token counts
+    assert all(int((b["labels"] != IGNORE).sum()) for b in steps[0])
+    model = AutoModelForCausalLM.from_pretrained(moe_tiny["model"], dtype=torch.float32,
+                                                 output_router_logits=True,
+                                                 router_aux_loss_coef=coef / 3)
+    hf = _hf_trainer(model, cfg, steps, tmp_path / "hf", logging_steps=1)
+    (theirs,) = [h for h in hf.state.log_history if "loss" in h]
+    assert rows[0]["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)
+    # the Trainer logs the aux term inside its loss; Ember logs it (the mean) apart
+    assert rows[0]["loss"] + coef * rows[0]["router_aux_loss"] == pytest.approx(theirs["loss"],
+                                                                                rel=1e-5)
+    # Ember's result read by transformers (its 3-D expert stacks too); atol: far below the
+    # step's update (lr 1e-3), above float noise
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "model",
+                                                dtype=torch.float32).state_dict()
+    for name, p in hf.model.state_dict().items():
+        torch.testing.assert_close(ours[name], p, rtol=0, atol=1e-5, msg=name)

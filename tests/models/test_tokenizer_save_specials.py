@@ -125,3 +125,52 @@ def test_extra_tokens_added_as_not_special_stay_plain_outside_qwen2(trained, tmp
     ids = theirs.encode("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)
     assert ours.encode("<|im_start|>user\nhi<|im_end|>") == ids
     assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("extra,additional,smap", [
+    (["world"], ["hello"], None),  # both lists: the extra one, "hello" not special
+    ([], ["hello"], None),  # an empty extra list: the additional one
+    (None, ["hello"], None),
+    ({"image_token": "world"}, ["hello"], None),  # model-specific tokens beside the list
+    ({"image_token": "world"}, None, {"additional_special_tokens": ["there"]}),  # legacy: the
+    # map's list is the extra one; beside the map's extra list, the config's dict is kept
+    ({"image_token": "world"}, None, {"extra_special_tokens": ["there"]}),
+    ([], None, {"additional_special_tokens": ["there"]}),  # an empty extra list hides the map's
+])
+def test_config_with_both_extra_and_additional_lists_reads_as_transformers(tmp_path, extra,
+                                                                           additional, smap):
+    """tokenizer_config.json with both ``extra_special_tokens`` and ``additional_special_tokens``:
+    transformers 5.23 keeps one list (the extra one if a non-empty list, else the additional one)
+    and leaves the other's tokens plain. Ember made both lists special (decoded "hello" away with
+    skip_special_tokens) and ignored the additional list beside an empty or dict extra one (and
+    a legacy map's extra list dropped the config's model-specific dict)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(["hello world there", "hello", "world", "there"] * 5,
+                                trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                    show_progress=False))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>",
+           "extra_special_tokens": extra,
+           "chat_template": "{{ image_token }}|{{ messages[0].content }}"}
+    if additional is not None:
+        cfg["additional_special_tokens"] = additional
+    if smap is None:  # a folder saved since transformers 4.34
+        cfg["added_tokens_decoder"] = {"0": {"content": "<eos>", "special": True}}
+    else:
+        (tmp_path / "special_tokens_map.json").write_text(json.dumps(smap))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ours, theirs = load_tokenizer(tmp_path), _theirs(tmp_path)
+    assert ours.extra_special_tokens == [str(t) for t in theirs.extra_special_tokens]
+    text = "hello world there, hello"
+    ids = theirs.encode(text, add_special_tokens=False)
+    assert ours.encode(text) == ids
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
+            ids, skip_special_tokens=skip), skip
+    chat = [{"role": "user", "content": "hi"}]  # a model-specific token is a template variable
+    assert ours.apply_chat_template(chat) == theirs.apply_chat_template(chat, tokenize=False)
