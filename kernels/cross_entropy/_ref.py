@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ember.kernels._dispatch import autocast_dtype, cast_floats, no_autocast
 from ember.kernels.cross_entropy._common import (
     Options,
     make_options,
@@ -266,8 +267,11 @@ def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, lab
     (fused softmax/gradient elementwise work on GPU; one compile per chunk shape)."""
     op = "linear_cross_entropy_chunked"
     o = make_options(op, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    hidden, weight, bias = cast_floats(autocast_dtype(hidden), hidden, weight, bias)
     validate(op, hidden, weight, labels, bias, o.ignore_index)
-    return _chunked(hidden, weight, labels, bias, o, return_lse, chunk_rows, chunk_vocab, compiled)
+    with no_autocast(hidden):
+        return _chunked(hidden, weight, labels, bias, o, return_lse, chunk_rows, chunk_vocab,
+                        compiled)
 
 
 def _chunked(hidden, weight, labels, bias, o: Options, return_lse: bool, chunk_rows=None,

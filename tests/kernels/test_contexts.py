@@ -1,0 +1,146 @@
+"""ember.kernels called inside torch's contexts, as other tools call them: ``torch.autocast``.
+
+The oracle is the op's own math in plain torch (``F.linear``, SDPA, ``F.cross_entropy`` on
+materialized logits, bitsandbytes' dequantization) run in the same context: under autocast the
+result must come out in the dtype torch gives, with gradients reaching fp32 leaves in fp32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ember.kernels import (
+    flash_attention,
+    linear_cross_entropy,
+    lora_linear,
+    lora_mlp,
+    lora_qkv,
+    nf4_linear,
+)
+from ember.kernels.nf4 import NF4Weight
+
+IMPLS = ("ref", "triton")
+BF16 = torch.bfloat16
+
+
+def _leaves(*shapes):
+    return [torch.randn(*s, requires_grad=True) for s in shapes]
+
+
+def _run(fn, leaves, *, backward_inside=False):
+    """fn() under CPU bf16 autocast; returns the output and the leaves' gradients."""
+    for t in leaves:
+        t.grad = None
+    with torch.autocast("cpu", dtype=BF16):
+        out = fn()
+        if backward_inside:
+            out.float().pow(2).sum().backward()
+    if not backward_inside:
+        out.float().pow(2).sum().backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _assert_matches(got, want, leaves, rel):
+    (out, grads), (ref, ref_grads) = got, want
+    assert out.dtype == ref.dtype, f"output dtype {out.dtype}, torch gives {ref.dtype}"
+    assert out.shape == ref.shape
+    scale = ref.float().abs().max().item()
+    assert (out.float() - ref.float()).abs().max().item() <= rel * scale
+    for i, (g, r, leaf) in enumerate(zip(grads, ref_grads, leaves, strict=True)):
+        assert g is not None and g.dtype == leaf.dtype == torch.float32, f"grad {i}: {g}"
+        assert (g - r).abs().max().item() <= rel * r.abs().max().item(), f"grad {i}"
+
+
+@pytest.mark.parametrize("backward_inside", [False, True])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lora_under_autocast_matches_torch(impl, backward_inside):
+    """fp32 leaves (x, base weight, A, B, bias) under CPU bf16 autocast: torch's F.linear gives a
+    bf16 output and fp32 gradients. The fused Triton path crashed ('self and mat2 must have the
+    same dtype, but got BFloat16 and Float'): its autograd.Function saw fp32 inputs and mixed
+    them with the bf16 products autocast made inside it."""
+    torch.manual_seed(0)
+    leaves = x, w, a, b, bias = _leaves((2, 3, 32), (24, 32), (4, 32), (24, 4), (24,))
+
+    def oracle():
+        return F.linear(x, w, bias) + 0.5 * F.linear(F.linear(x, a), b)
+
+    want = _run(oracle, leaves)
+    got = _run(lambda: lora_linear(x, w, a, b, 0.5, bias, impl=impl), leaves,
+               backward_inside=backward_inside)
+    _assert_matches(got, want, leaves, 3e-2)
+    qkv = _run(lambda: lora_qkv(x, [w] * 3, [a] * 3, [b] * 3, 0.5, [bias] * 3, impl=impl)[1],
+               leaves, backward_inside=backward_inside)
+    _assert_matches(qkv, want, leaves, 3e-2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lora_mlp_under_autocast_matches_torch(impl):
+    torch.manual_seed(0)
+    leaves = x, wg, wu, wd, ag, au, ad, bg, bu, bd = _leaves(
+        (5, 16), (24, 16), (24, 16), (16, 24), (2, 16), (2, 16), (2, 24), (24, 2), (24, 2),
+        (16, 2))
+
+    def lin(t, w, a, b):
+        return F.linear(t, w) + 2.0 * F.linear(F.linear(t, a), b)
+
+    def oracle():
+        h = F.silu(lin(x, wg, ag, bg).float()) * lin(x, wu, au, bu).float()
+        return lin(h.to(BF16), wd, ad, bd)
+
+    want = _run(oracle, leaves)
+    got = _run(lambda: lora_mlp(x, [wg, wu, wd], [ag, au, ad], [bg, bu, bd], 2.0, impl=impl),
+               leaves)
+    _assert_matches(got, want, leaves, 3e-2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nf4_linear_under_autocast_matches_bitsandbytes(impl):
+    """Under autocast the output is bf16 whichever matmul path runs; the fused small-M kernels
+    (taken for K a multiple of the blocksize) answered in fp32 where the dequant path gave bf16."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    packed, state = bnbf.quantize_4bit(torch.randn(24, 128), blocksize=64, quant_type="nf4")
+    dense = bnbf.dequantize_4bit(packed, state)
+    leaves = x, bias = _leaves((3, 128), (24,))
+    want = _run(lambda: F.linear(x, dense, bias), leaves)
+    got = _run(lambda: nf4_linear(x, NF4Weight(packed, state), bias, impl=impl), leaves)
+    _assert_matches(got, want, leaves, 3e-2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_flash_attention_under_autocast_matches_sdpa(impl):
+    """SDPA under autocast answers in bf16; the Triton path answered in fp32."""
+    torch.manual_seed(0)
+    leaves = q, k, v = _leaves((1, 6, 2, 16), (1, 6, 2, 16), (1, 6, 2, 16))
+
+    def oracle():
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                              v.transpose(1, 2), is_causal=True).transpose(1, 2)
+
+    want = _run(oracle, leaves)
+    got = _run(lambda: flash_attention(q, k, v, impl=impl), leaves)
+    _assert_matches(got, want, leaves, 5e-2)
+
+
+@pytest.mark.parametrize("impl,rel", [("ref", 1e-5), ("triton", 3e-2)])
+def test_linear_cross_entropy_under_autocast_matches_torch(impl, rel):
+    """The oracle: F.cross_entropy of F.linear's bf16 logits. The chunked path (CPU default)
+    recomputed its logits in fp32 in backward (autocast is off there) against a forward lse of
+    bf16 logits: gradients 1% off the oracle where the same math gives them exactly. A bf16
+    hidden with an fp32 head (F.linear casts both) was refused as a dtype mismatch."""
+    torch.manual_seed(0)
+    leaves = h, w = _leaves((5, 16), (300, 16))
+    labels = torch.randint(0, 300, (5,))
+    want = _run(lambda: F.cross_entropy(F.linear(h, w), labels), leaves)
+    got = _run(lambda: linear_cross_entropy(h, w, labels, impl=impl), leaves)
+    _assert_matches(got, want, leaves, rel)
+    frozen = w.detach()  # a frozen head takes another chunked path (dhidden built in forward)
+    want = _run(lambda: F.cross_entropy(F.linear(h, frozen), labels), [h])
+    got = _run(lambda: linear_cross_entropy(h, frozen, labels, impl=impl), [h])
+    _assert_matches(got, want, [h], 3e-2)  # its dhidden is fp32 until one final rounding
+    hb = torch.randn(5, 16).to(BF16).requires_grad_()
+    want = _run(lambda: F.cross_entropy(F.linear(hb, w), labels), [w])
+    got = _run(lambda: linear_cross_entropy(hb, w, labels, impl=impl), [w])
+    _assert_matches(got, want, [w], 3e-2)  # dweight rounded to bf16 by both, not identically
