@@ -239,9 +239,10 @@ def _finish_dhidden(acc, smooth_sum, s, lse, tgt, w, y, valid, o: Options, vocab
     if eps:
         acc.sub_(smooth_sum, alpha=eps / vocab)
     c_y = 1.0 - (tgt / o.softcap) ** 2 if o.softcap is not None else torch.ones_like(tgt)
-    rows = valid.nonzero().squeeze(1)
-    label_rows = w.index_select(0, y[rows]).float() * (c_y[rows] * -(1.0 - eps))[:, None]
-    acc.index_add_(0, rows, label_rows)
+    # Every row's label row of W (an ignored row's clamped label is zeroed just after): no
+    # nonzero(), whose data-dependent size crashed torch.compile(fullgraph=True) inside dynamo.
+    label_rows = w.index_select(0, y.clamp(0, w.shape[0] - 1)).float()
+    acc.add_(label_rows.mul_((c_y * -(1.0 - eps))[:, None]))
     acc.mul_(valid[:, None])
 
 

@@ -144,3 +144,46 @@ def test_linear_cross_entropy_under_autocast_matches_torch(impl, rel):
     want = _run(lambda: F.cross_entropy(F.linear(hb, w), labels), [w])
     got = _run(lambda: linear_cross_entropy(hb, w, labels, impl=impl), [w])
     _assert_matches(got, want, [w], 3e-2)  # dweight rounded to bf16 by both, not identically
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_infers_shapes_on_meta_and_fake_tensors(reduction):
+    """Shape inference, as F.cross_entropy does it: the CPU label-range check read the labels on
+    the host ('Tensor.item() cannot be called on meta tensors', DataDependentOutputException
+    under FakeTensorMode)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for ctx in (torch.device("meta"), FakeTensorMode()):
+        with ctx:
+            h, w = torch.randn(2, 3, 16), torch.randn(50, 16)
+            labels = torch.zeros(2, 3, dtype=torch.long)
+            want = F.cross_entropy(F.linear(h, w).transpose(1, 2), labels, reduction=reduction)
+            loss, lse = linear_cross_entropy(h, w, labels, reduction=reduction, return_lse=True)
+        assert loss.shape == want.shape and loss.dtype == torch.float32
+        assert lse.shape == labels.shape
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_linear_cross_entropy_compiles_with_fullgraph(frozen_head):
+    """torch.compile(fullgraph=True) of a loss function, as a compiled training step holds it:
+    the label check was a graph break (an error under fullgraph), and the frozen-head path's
+    nonzero() crashed inside dynamo (PendingUnbackedSymbolNotFound). A bad label still fails."""
+    torch.manual_seed(0)
+    h = torch.randn(6, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=not frozen_head)
+    labels = torch.randint(0, 50, (6,))
+    labels[2] = -100
+    F.cross_entropy(F.linear(h, w), labels).backward()
+    want = [t.grad for t in (h, w) if t.requires_grad]
+    h.grad = w.grad = None
+    torch._dynamo.reset()
+    step = torch.compile(lambda y: linear_cross_entropy(h, w, y), backend="aot_eager",
+                         fullgraph=True)
+    loss = step(labels)
+    loss.backward()
+    assert torch.allclose(loss, F.cross_entropy(F.linear(h, w), labels), atol=1e-5)
+    for g, r in zip([t.grad for t in (h, w) if t.requires_grad], want, strict=True):
+        assert torch.allclose(g, r, atol=1e-5)
+    labels[0] = 50
+    with pytest.raises(RuntimeError, match="outside"):
+        step(labels)
