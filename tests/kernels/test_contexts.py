@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.kernels import (
+    adamw8bit_step,
     flash_attention,
     linear_cross_entropy,
     lora_linear,
@@ -187,3 +188,28 @@ def test_linear_cross_entropy_compiles_with_fullgraph(frozen_head):
     labels[0] = 50
     with pytest.raises(RuntimeError, match="outside"):
         step(labels)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_adamw8bit_step_is_an_in_place_update_autograd_sees(impl):
+    """Like torch.optim.AdamW's step: a graph that saved p (backward with retain_graph, then a
+    step, then backward again) fails loudly; the Triton kernel wrote p through raw pointers and
+    the second backward silently used the stepped values. Outside no_grad both paths refuse
+    (the reference failed deep inside with a leaf in-place error, the Triton path went on)."""
+    torch.manual_seed(0)
+    tp = torch.nn.Parameter(torch.randn(300))
+    tloss = (tp * tp).sum()
+    tp.grad = torch.randn(300)
+    torch.optim.AdamW([tp], lr=1e-2).step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        tloss.backward()
+    p = torch.nn.Parameter(torch.randn(300))
+    loss = (p * p).sum()
+    states = (torch.zeros(300, dtype=torch.uint8), torch.zeros(300, dtype=torch.uint8),
+              torch.zeros(2), torch.zeros(2))
+    with torch.no_grad():
+        adamw8bit_step(p, torch.randn(300), *states, step=1, lr=1e-2, impl=impl)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with pytest.raises(ValueError, match="torch.no_grad"):
+        adamw8bit_step(p, torch.randn(300), *states, step=2, lr=1e-2, impl=impl)
