@@ -15,6 +15,7 @@ import contextlib
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 _IMPLS = (None, "triton", "ref")
 _AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
@@ -101,3 +102,11 @@ def cast_floats(dtype: torch.dtype | None, *tensors):
         return tensors
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FROM else t
                  for t in tensors)
+
+
+def no_host_values(t: torch.Tensor) -> bool:
+    """t has no values to read on the host: a meta or fake tensor (shape inference, as
+    ``FakeTensorMode`` and ``torch.compile`` run an op), or one being traced by dynamo, where a
+    host read is a graph break (an error under ``fullgraph=True``). Input checks on values then
+    use ``torch._assert_async``, as they do on CUDA."""
+    return torch.compiler.is_compiling() or t.is_meta or is_fake(t)

@@ -8,9 +8,8 @@ import operator
 from dataclasses import dataclass
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
-from ember.kernels._dispatch import check_dtype, check_tensors
+from ember.kernels._dispatch import check_dtype, check_tensors, no_host_values
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -49,13 +48,6 @@ def make_options(op: str, ignore_index, reduction, label_smoothing, z_loss, soft
                          f"{softcap}")
     return Options(int(ignore_index), reduction, float(label_smoothing), float(z_loss),
                    None if softcap is None else float(softcap))
-
-
-def _symbolic(t: torch.Tensor) -> bool:
-    """t has no values to read on the host: a meta or fake tensor (shape inference, as
-    ``FakeTensorMode`` or ``torch.compile`` run the op), or one being traced by dynamo, where a
-    host read is a graph break (an error under ``fullgraph=True``)."""
-    return torch.compiler.is_compiling() or t.is_meta or is_fake(t)
 
 
 def validate(op: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -99,7 +91,7 @@ def validate(op: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
     msg = (f"{op}: a label is outside [0, {v}) and is not ignore_index ({ignore_index}); fix the "
            "labels or pass the right ignore_index")
-    if labels.is_cuda or _symbolic(labels):
+    if labels.is_cuda or no_host_values(labels):
         torch._assert_async(~bad.any(), msg)
     elif labels.numel() and bool(bad.any()):
         raise ValueError(f"{msg} (first bad label: {labels[bad].flatten()[0].item()})")

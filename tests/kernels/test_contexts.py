@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ember.kernels import (
     adamw8bit_step,
+    apply_rope,
     flash_attention,
     linear_cross_entropy,
     lora_linear,
@@ -213,3 +214,27 @@ def test_adamw8bit_step_is_an_in_place_update_autograd_sees(impl):
         loss.backward()
     with pytest.raises(ValueError, match="torch.no_grad"):
         adamw8bit_step(p, torch.randn(300), *states, step=2, lr=1e-2, impl=impl)
+
+
+def test_apply_rope_with_transformers_tables_compiles_with_fullgraph():
+    """transformers' (B, T, D) rotary tables, as an HF model under torch.compile(fullgraph=True)
+    passes them: the check that their halves are equal read them on the host ('Data dependent
+    operator' under fullgraph). Oracle: transformers' apply_rotary_pos_emb."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import (
+        LlamaRotaryEmbedding,
+        apply_rotary_pos_emb,
+    )
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 2, 16)
+    cos, sin = LlamaRotaryEmbedding(cfg)(q, torch.arange(5)[None].expand(2, 5))
+    want = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    torch._dynamo.reset()
+    step = torch.compile(apply_rope, backend="aot_eager", fullgraph=True)
+    for got, ref in zip(step(q, k, cos, sin), want, strict=True):
+        assert torch.allclose(got, ref.transpose(1, 2), atol=1e-5)
+    with torch.device("meta"):
+        q2, k2 = apply_rope(q.to("meta"), k.to("meta"), cos.to("meta"), sin.to("meta"))
+    assert q2.shape == q.shape and k2.shape == k.shape
