@@ -186,7 +186,17 @@ class _LoRAMLP(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        x2, lx2, u1, g, up, u2, *tensors = ctx.saved_tensors
+        try:
+            x2, lx2, u1, g, up, u2, *tensors = ctx.saved_tensors
+        except RuntimeError as e:  # autograd's version check names no cause a caller can act on
+            if "modified by an inplace operation" not in str(e):
+                raise
+            raise RuntimeError(
+                "lora_mlp: a second backward through the same graph (retain_graph=True) is not "
+                "supported by the fused path, whose first backward overwrites its saved "
+                "activations with their gradients (or an input was modified in place after the "
+                "forward); use impl='ref', activation checkpointing, or run the forward again"
+            ) from e
         nf4s, scales, activation, impl = ctx.meta
         ws, bs, As, Bs = _unpack(3, nf4s, tensors)
         need = ctx.needs_input_grad[3:]

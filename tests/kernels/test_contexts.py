@@ -238,3 +238,35 @@ def test_apply_rope_with_transformers_tables_compiles_with_fullgraph():
     with torch.device("meta"):
         q2, k2 = apply_rope(q.to("meta"), k.to("meta"), cos.to("meta"), sin.to("meta"))
     assert q2.shape == q.shape and k2.shape == k.shape
+
+
+def test_lora_mlp_second_backward_says_why_or_matches_torch():
+    """backward(retain_graph=True) twice: the fused path overwrites its saved activations, so the
+    second backward must fail saying so (it failed with autograd's bare 'modified by an inplace
+    operation ... is at version 2'); under activation checkpointing it recomputes them and must
+    give torch's gradients both times. Oracle: the same MLP in plain torch."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    x, wg, wu, wd, ag, au, ad, bg, bu, bd = _leaves(
+        (3, 16), (12, 16), (12, 16), (16, 12), (2, 16), (2, 16), (2, 12), (12, 2), (12, 2),
+        (16, 2))
+
+    def lin(t, w, a, b):
+        return F.linear(t, w) + 2.0 * F.linear(F.linear(t, a), b)
+
+    want = lin(F.silu(lin(x, wg, ag, bg)) * lin(x, wu, au, bu), wd, ad, bd).pow(2).sum()
+    (want_gx,) = torch.autograd.grad(want, x)
+
+    def fused():
+        return lora_mlp(x, [wg, wu, wd], [ag, au, ad], [bg, bu, bd], 2.0, impl="triton")
+
+    loss = fused().pow(2).sum()
+    (gx,) = torch.autograd.grad(loss, x, retain_graph=True)
+    assert torch.allclose(gx, want_gx, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        torch.autograd.grad(loss, x)
+    loss = checkpoint(lambda: fused().pow(2).sum(), use_reentrant=False)
+    for _ in range(2):
+        (gx,) = torch.autograd.grad(loss, x, retain_graph=True)
+        assert torch.allclose(gx, want_gx, rtol=1e-4, atol=1e-4)
