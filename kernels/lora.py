@@ -192,10 +192,11 @@ class _LoRAMLP(torch.autograd.Function):
             if "modified by an inplace operation" not in str(e):
                 raise
             raise RuntimeError(
-                "lora_mlp: a second backward through the same graph (retain_graph=True) is not "
-                "supported by the fused path, whose first backward overwrites its saved "
-                "activations with their gradients (or an input was modified in place after the "
-                "forward); use impl='ref', activation checkpointing, or run the forward again"
+                "lora_mlp: a tensor saved for backward was modified by an inplace operation: "
+                "a second backward through the same graph (retain_graph=True) is not supported "
+                "by the fused path, whose first backward overwrites its saved activations with "
+                "their gradients (or an input was changed in place after the forward); use "
+                "impl='ref', activation checkpointing, or run the forward again"
             ) from e
         nf4s, scales, activation, impl = ctx.meta
         ws, bs, As, Bs = _unpack(3, nf4s, tensors)
