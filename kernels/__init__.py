@@ -4,6 +4,11 @@ Every op takes ``impl=None | "triton" | "ref"`` (see ``ember.kernels._dispatch``
 tensors, the reference on CPU. Each op ``<op>`` has its reference ``<op>_ref`` beside it.
 The hand-written backwards are first-order: differentiating one of their gradients again
 (``create_graph=True``) raises; the ``*_ref`` functions are plain autograd and support it.
+Under ``torch.autocast`` the matmul ops (``lora_*``, ``nf4_linear``, ``flash_attention``,
+``linear_cross_entropy``) take their floating inputs in autocast's dtype, as ``F.linear`` and SDPA
+do, and return what those return; the elementwise ops and ``rms_norm`` keep their inputs' dtypes.
+``torch.func`` transforms (grad, vmap) work on the ``*_ref`` functions only: the autograd.Functions
+(the Triton paths and the chunked cross-entropy) refuse them.
 """
 
 from ember.kernels.adamw8bit import adamw8bit_step, adamw8bit_step_ref

@@ -15,8 +15,10 @@ import contextlib
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 _IMPLS = (None, "triton", "ref")
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def interpreting() -> bool:
@@ -67,3 +69,44 @@ def check_dtype(op: str, name: str, t: torch.Tensor, allowed=(torch.float32, tor
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise ValueError(f"{op}: {name} has dtype {t.dtype}; supported: {names}")
+
+
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs matmuls in on t's device, or None when it is off there.
+
+    The hand-written autograd.Functions are opaque to autocast: under ``torch.autocast("cpu",
+    torch.bfloat16)`` fp32 inputs reached them as fp32, so the LoRA Functions mixed bf16 and fp32
+    operands and crashed, flash attention answered in fp32 where SDPA answers in bf16, and the
+    chunked cross-entropy recomputed its logits in fp32 in backward (autocast is off there) against
+    a forward lse of bf16 logits. Ops built on matmuls cast their floating inputs to this dtype, as
+    autocast casts ``F.linear`` / SDPA inputs, and run with autocast off (``no_autocast``)."""
+    if not isinstance(t, torch.Tensor):  # the op's own checks report it
+        return None
+    dev = t.device.type
+    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def no_autocast(t: torch.Tensor):
+    """Context turning autocast off on t's device (a no-op where autocast does not exist)."""
+    if not torch.amp.is_autocast_available(t.device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def cast_floats(dtype: torch.dtype | None, *tensors):
+    """tensors with each fp32/fp16/bf16 tensor cast to dtype (others, and None, unchanged, as
+    autocast leaves fp64 alone); all unchanged when dtype is None."""
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FROM else t
+                 for t in tensors)
+
+
+def no_host_values(t: torch.Tensor) -> bool:
+    """t has no values to read on the host: a meta or fake tensor (shape inference, as
+    ``FakeTensorMode`` and ``torch.compile`` run an op), or one being traced by dynamo, where a
+    host read is a graph break (an error under ``fullgraph=True``). Input checks on values then
+    use ``torch._assert_async``, as they do on CUDA."""
+    return torch.compiler.is_compiling() or t.is_meta or is_fake(t)

@@ -276,6 +276,9 @@ def adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor,
                          f"step={step} lr={lr} eps={eps} weight_decay={weight_decay}")
     if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
         raise ValueError(f"{op}: betas must be in [0, 1), got ({beta1}, {beta2})")
+    if torch.is_grad_enabled() and p.requires_grad:  # the reference failed deep in p.copy_
+        raise ValueError(f"{op}: p requires grad and grad mode is on; call the step under "
+                         "torch.no_grad(), as torch.optim optimizers do")
     if use_triton(p, impl, op):
         if n >= 2**31 - BLOCKSIZE:
             raise ValueError(f"{op}: the Triton kernel takes < 2^31 values per tensor, got {n}; "
@@ -283,6 +286,9 @@ def adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor,
         with _dispatch.device_guard(p):
             _adamw8bit_step(p, grad, state1, state2, absmax1, absmax2, step, lr, beta1, beta2,
                             eps, weight_decay)
+        # Written through raw pointers: tell autograd, as torch's in-place ops do, so a graph
+        # that saved p (a retained one) fails loudly in backward instead of reading the new p.
+        torch.autograd.graph.increment_version([p, state1, state2, absmax1, absmax2])
     else:
         adamw8bit_step_ref(p, grad, state1, state2, absmax1, absmax2, step=step, lr=lr,
                            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)

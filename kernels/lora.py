@@ -186,7 +186,18 @@ class _LoRAMLP(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        x2, lx2, u1, g, up, u2, *tensors = ctx.saved_tensors
+        try:
+            x2, lx2, u1, g, up, u2, *tensors = ctx.saved_tensors
+        except RuntimeError as e:  # autograd's version check names no cause a caller can act on
+            if "modified by an inplace operation" not in str(e):
+                raise
+            raise RuntimeError(
+                "lora_mlp: a tensor saved for backward was modified by an inplace operation: "
+                "a second backward through the same graph (retain_graph=True) is not supported "
+                "by the fused path, whose first backward overwrites its saved activations with "
+                "their gradients (or an input was changed in place after the forward); use "
+                "impl='ref', activation checkpointing, or run the forward again"
+            ) from e
         nf4s, scales, activation, impl = ctx.meta
         ws, bs, As, Bs = _unpack(3, nf4s, tensors)
         need = ctx.needs_input_grad[3:]
@@ -269,9 +280,19 @@ def _rows(t):
     return None if t is None else t.reshape(t.shape[:-1].numel(), t.shape[-1])
 
 
+def _autocast(x, lora_x, weights, As, Bs, biases):
+    """Under torch.autocast every floating input in autocast's dtype, as ``lora_linear_ref``'s
+    ``F.linear`` / ``addmm`` see them (the Functions below run with autocast off)."""
+    g = len(weights)
+    cast = _dispatch.autocast_dtype(x)
+    x, lora_x, *rest = _dispatch.cast_floats(cast, x, lora_x, *weights, *As, *Bs, *biases)
+    return x, lora_x, *(tuple(rest[i * g:(i + 1) * g]) for i in range(4))
+
+
 def _group(x, weights, As, Bs, scales, biases, lora_x):
+    x, lora_x, weights, As, Bs, biases = _autocast(x, lora_x, weights, As, Bs, biases)
     nf4s, dense = _split(weights)
-    with _dispatch.device_guard(x):
+    with _dispatch.no_autocast(x), _dispatch.device_guard(x):
         outs = _LoRAGroup.apply(_rows(x), _rows(lora_x), (nf4s, scales), *dense, *biases, *As,
                                 *Bs)
     return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
@@ -333,8 +354,9 @@ def lora_mlp(x: torch.Tensor, weights: Sequence, As: Sequence[torch.Tensor],
     if not use_triton(x, impl, "lora_mlp"):
         return lora_mlp_ref(x, weights, As, Bs, scales, biases, lora_x=lora_x,
                             activation=activation)
+    x, lora_x, weights, As, Bs, biases = _autocast(x, lora_x, weights, As, Bs, biases)
     nf4s, dense = _split(weights)
-    with _dispatch.device_guard(x):
+    with _dispatch.no_autocast(x), _dispatch.device_guard(x):
         out = _LoRAMLP.apply(_rows(x), _rows(lora_x), (nf4s, scales, activation, impl), *dense,
                              *biases, *As, *Bs)
     return out.view(*x.shape[:-1], out.shape[-1])

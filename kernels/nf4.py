@@ -470,6 +470,9 @@ def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
                              f"{tuple(bias.shape)} on {bias.device}")
     if not use_triton(x, impl, "nf4_linear"):
         return nf4_linear_ref(x, weight, bias)
-    with _dispatch.device_guard(x):
+    # Under torch.autocast x and bias in its dtype, as nf4_linear_ref's F.linear sees them (the
+    # fused small-M kernels otherwise answered in fp32 where the dequant path gave bf16).
+    x, bias = _dispatch.cast_floats(_dispatch.autocast_dtype(x), x, bias)
+    with _dispatch.no_autocast(x), _dispatch.device_guard(x):
         y = _NF4Linear.apply(x.reshape(-1, x.shape[-1]), bias, weight)
     return y.view(*x.shape[:-1], weight.shape[0])

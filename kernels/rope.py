@@ -152,13 +152,14 @@ class _Rope(torch.autograd.Function):
 def _from_full_width(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' tables (``LlamaRotaryEmbedding``: (B, T, D), the D/2 frequencies repeated
     twice) as ours (B, T, D/2): the first halves, after checking the halves are equal (a host read
-    on CPU, an asynchronous device assert on CUDA). A width of D cannot be ours (R/2 <= D/2)."""
+    on CPU, an asynchronous assert on CUDA, on meta/fake tensors and under torch.compile). A
+    width of D cannot be ours (R/2 <= D/2)."""
     d2 = cos.shape[-1] // 2
     msg = ("apply_rope: cos/sin of width D must be transformers' layout, two equal halves "
            "(cat(freqs, freqs)); pass (B or 1, T, R/2) tables otherwise")
     for t in (cos, sin):
         first, second = t[..., :d2], t[..., d2:]
-        if t.is_cuda:
+        if t.is_cuda or _dispatch.no_host_values(t):
             torch._assert_async((first == second).all(), msg)
         elif not torch.equal(first, second):
             raise ValueError(msg)

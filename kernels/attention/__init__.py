@@ -307,13 +307,15 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         raise ValueError(f"flash_attention: the Triton kernels take at most 65535 sequences "
                          f"(documents) and 65535 heads per call (CUDA's grid limit), got {n_seq} "
                          f"and {q.shape[-2]}; split the batch or use impl='ref'")
+    # Under torch.autocast q, k, v in its dtype, as SDPA (the reference) takes them.
+    q, k, v = _dispatch.cast_floats(_dispatch.autocast_dtype(q), q, k, v)
     # The kernels need unit stride on head_dim only (RoPE'd views of fused projections are fine).
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     _check_int32_offsets(q, k, v, cu_seqlens, max_seqlen)
     if cu_seqlens is not None:
         # The kernels read cu_seqlens[b] as CU + b: a strided view (cu[::2]) must be compacted.
         cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
-    with _dispatch.device_guard(q):
+    with _dispatch.no_autocast(q), _dispatch.device_guard(q):
         return _FlashAttention.apply(q, k, v, bool(causal), float(scale),
                                      None if window is None else int(window),
                                      None if softcap is None else float(softcap), cu_seqlens,

@@ -55,7 +55,7 @@ from __future__ import annotations
 import torch
 
 from ember.kernels import _dispatch
-from ember.kernels._dispatch import use_triton
+from ember.kernels._dispatch import autocast_dtype, cast_floats, no_autocast, use_triton
 from ember.kernels.cross_entropy._common import make_options, validate
 from ember.kernels.cross_entropy._ref import (
     _chunked,
@@ -83,12 +83,16 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     token (not differentiable). See the module docstring for the math, options and memory."""
     op = "linear_cross_entropy"
     o = make_options(op, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    # Under torch.autocast hidden, weight and bias in its dtype, as the reference's F.linear
+    # takes them; both paths then run with autocast off (see _dispatch.autocast_dtype).
+    hidden, weight, bias = cast_floats(autocast_dtype(hidden), hidden, weight, bias)
     validate(op, hidden, weight, labels, bias, o.ignore_index)
     triton_path = use_triton(hidden, impl, op)
     if not triton_path or labels.numel() == 0:
-        return _chunked(hidden, weight, labels, bias, o, return_lse)
+        with no_autocast(hidden):
+            return _chunked(hidden, weight, labels, bias, o, return_lse)
     h2 = _unit_stride(hidden.reshape(-1, hidden.shape[-1]))
-    with _dispatch.device_guard(hidden):
+    with no_autocast(hidden), _dispatch.device_guard(hidden):
         loss, lse = linear_cross_entropy_triton(h2, _unit_stride(weight),
                                                 None if bias is None else bias.contiguous(),
                                                 labels.reshape(-1).contiguous(), o)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ember.kernels._dispatch import check_dtype, check_tensors
+from ember.kernels._dispatch import check_dtype, check_tensors, no_host_values
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -91,7 +91,7 @@ def validate(op: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
     msg = (f"{op}: a label is outside [0, {v}) and is not ignore_index ({ignore_index}); fix the "
            "labels or pass the right ignore_index")
-    if labels.is_cuda:
+    if labels.is_cuda or no_host_values(labels):
         torch._assert_async(~bad.any(), msg)
     elif labels.numel() and bool(bad.any()):
         raise ValueError(f"{msg} (first bad label: {labels[bad].flatten()[0].item()})")

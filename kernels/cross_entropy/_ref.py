@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ember.kernels._dispatch import autocast_dtype, cast_floats, no_autocast
 from ember.kernels.cross_entropy._common import (
     Options,
     make_options,
@@ -238,9 +239,10 @@ def _finish_dhidden(acc, smooth_sum, s, lse, tgt, w, y, valid, o: Options, vocab
     if eps:
         acc.sub_(smooth_sum, alpha=eps / vocab)
     c_y = 1.0 - (tgt / o.softcap) ** 2 if o.softcap is not None else torch.ones_like(tgt)
-    rows = valid.nonzero().squeeze(1)
-    label_rows = w.index_select(0, y[rows]).float() * (c_y[rows] * -(1.0 - eps))[:, None]
-    acc.index_add_(0, rows, label_rows)
+    # Every row's label row of W (an ignored row's clamped label is zeroed just after): no
+    # nonzero(), whose data-dependent size crashed torch.compile(fullgraph=True) inside dynamo.
+    label_rows = w.index_select(0, y.clamp(0, w.shape[0] - 1)).float()
+    acc.add_(label_rows.mul_((c_y * -(1.0 - eps))[:, None]))
     acc.mul_(valid[:, None])
 
 
@@ -266,8 +268,11 @@ def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, lab
     (fused softmax/gradient elementwise work on GPU; one compile per chunk shape)."""
     op = "linear_cross_entropy_chunked"
     o = make_options(op, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    hidden, weight, bias = cast_floats(autocast_dtype(hidden), hidden, weight, bias)
     validate(op, hidden, weight, labels, bias, o.ignore_index)
-    return _chunked(hidden, weight, labels, bias, o, return_lse, chunk_rows, chunk_vocab, compiled)
+    with no_autocast(hidden):
+        return _chunked(hidden, weight, labels, bias, o, return_lse, chunk_rows, chunk_vocab,
+                        compiled)
 
 
 def _chunked(hidden, weight, labels, bias, o: Options, return_lse: bool, chunk_rows=None,
