@@ -8,7 +8,11 @@ inside) and rebinds ``forward`` on *that instance's* modules only (``types.Metho
 transformers class, function or registry is touched, parameters stay where they are (state dicts,
 ``save_pretrained`` and PEFT adapters are unaffected), and ``restore(model)`` puts the original
 methods back. A module under an ``accelerate`` dispatch hook (``device_map`` with offload or
-several devices) keeps its hook: the swap replaces the ``_old_forward`` the hook calls.
+several devices) keeps its hook: the swap replaces the ``_old_forward`` the hook calls. A wrapper
+set on the causal LM instance after the swap (accelerate's mixed precision, TRL's
+``add_fused_lm_head``, which DPOTrainer and SFTTrainer add) keeps calling it: ``swapped`` reports
+it, ``restore`` switches it to HF's forward; a causal LM already wrapped so before the swap is
+refused (the swap would drop the wrapper): swap first, then hand the model to the trainer.
 Multimodal classes (``Gemma3ForConditionalGeneration``) are refused: load the text model. What
 sets a family apart is read as its modeling file reads it (``FAMILIES``).
 
@@ -111,7 +115,10 @@ from ember.models.hf_backend_io import (
 )
 
 PLAN_KW = "ember_attention_plan"
-_OFF = "_ember_off"  # restored while accelerate's mixed-precision wrapper still calls the swap
+_OFF = "_ember_off"  # restored while a wrapper (accelerate's mixed precision, TRL's) calls the swap
+# The causal LM's swapped forward as bound, found under a wrapper set on the instance after the swap
+# that keeps calling it (TRL's add_fused_lm_head holds it in a closure)
+_BOUND = "_ember_bound"
 _ACTIVATIONS = {"silu": swiglu, "swish": swiglu, "gelu_pytorch_tanh": geglu}
 
 
@@ -217,7 +224,20 @@ def _swap_kind(module: nn.Module) -> str | None:
         fn = module.__dict__.get(key)
         if _ours(fn):
             return fn._ember_swap
-    return None
+    under = _under_wrapper(module)
+    return None if under is None else under._ember_swap
+
+
+def _foreign_forward(module: nn.Module) -> bool:
+    """A forward set on the instance by someone else (not a swap, not a dispatch hook)."""
+    return ("forward" in module.__dict__ and not _ours(module.__dict__["forward"])
+            and not hooked(module))
+
+
+def _under_wrapper(module: nn.Module) -> Callable | None:
+    """The swap bound on ``module`` that a forward set on the instance after it calls."""
+    bound = module.__dict__.get(_BOUND)
+    return bound if _ours(bound) and _foreign_forward(module) else None
 
 
 def _replaced(module: nn.Module) -> Callable:
@@ -413,7 +433,7 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
                 logits_to_keep=0, **kwargs):
-        if self.__dict__.get(_OFF):  # restore()d under accelerate's wrapper: HF's forward
+        if self.__dict__.get(_OFF):  # restore()d under a wrapper: HF's forward
             return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                       position_ids=position_ids, past_key_values=past_key_values,
                                       inputs_embeds=inputs_embeds, labels=labels,
@@ -514,24 +534,36 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
 
 
 def _wrapped_swap(lm: nn.Module) -> Callable | None:
-    """The swapped forward that accelerate's mixed-precision wrapper (accelerator.prepare,
-    Trainer with bf16/fp16) calls, if any: rebinding would drop the wrapper's autocast."""
+    """The swapped forward that a wrapper set on the instance after the swap calls, if any:
+    accelerate's mixed precision (accelerator.prepare, Trainer with bf16/fp16), TRL's
+    ``add_fused_lm_head`` (DPOTrainer, SFTTrainer). Rebinding would drop the wrapper."""
     wrapped = lm.__dict__.get("_original_forward")
-    return wrapped if _ours(wrapped) and not _ours(lm.__dict__.get("forward")) else None
+    if _ours(wrapped) and not _ours(lm.__dict__.get("forward")):
+        return wrapped
+    return _under_wrapper(lm)
 
 
 def _check_wrapped(lm: nn.Module, fn: Callable | None) -> None:
     wrapped = _wrapped_swap(lm)
+    if wrapped is None and fn is not None and _foreign_forward(lm):
+        raise EmberError(f"accelerate(): this {type(lm).__name__}'s forward was replaced on the "
+                         "instance by another wrapper (e.g. TRL's add_fused_lm_head, which its "
+                         "trainers add, or accelerate's mixed-precision prepare); swapping would "
+                         "drop that wrapper. Call accelerate() on the model before handing it to "
+                         "the trainer or to accelerator.prepare")
     if wrapped is not None and fn is not None and wrapped._ember_swap != fn._ember_swap:
         raise EmberError(f"accelerate(): this model's forward was wrapped by accelerate's mixed "
-                         f"precision around an earlier swap ({wrapped._ember_swap}); call "
-                         f"accelerate() with the same loss= setting, or unwrap it first "
-                         "(accelerator.unwrap_model(model, keep_fp32_wrapper=False))")
+                         f"precision (or TRL's add_fused_lm_head) around an earlier swap "
+                         f"({wrapped._ember_swap}); call accelerate() with the same loss= "
+                         "setting, or unwrap it first (accelerator.unwrap_model(model, "
+                         "keep_fp32_wrapper=False))")
 
 
 def _bind_causal_lm(lm: nn.Module, fn: Callable) -> None:
     if _wrapped_swap(lm) is None:
         _bind(lm, fn)
+        if not hooked(lm):
+            lm.__dict__[_BOUND] = lm.__dict__["forward"]
     else:  # the wrapper calls the same swap: switch it back on
         lm.__dict__.pop(_OFF, None)
 
@@ -545,14 +577,17 @@ def swapped(model: nn.Module) -> dict[str, str]:
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo ``accelerate``: every swapped module gets its class's forward back (inside an
-    ``accelerate`` dispatch hook: the forward the hook called before; under its mixed-precision
-    wrapper, which calls the swapped forward, that forward is switched to HF's)."""
+    ``accelerate`` dispatch hook: the forward the hook called before; under a wrapper set on the
+    instance after the swap that calls the swapped forward - accelerate's mixed precision, TRL's
+    ``add_fused_lm_head`` -, that forward is switched to HF's)."""
     for m in model.modules():
         m.__dict__.pop(_OFF, None)
         if _ours(m.__dict__.get("forward")):
             del m.forward
-        elif _ours(m.__dict__.get("_original_forward")):  # accelerate's wrapper calls the swap
+        if _wrapped_swap(m) is not None:  # a wrapper set after the swap calls it
             m.__dict__[_OFF] = True
+        else:
+            m.__dict__.pop(_BOUND, None)
         if _ours(m.__dict__.get("_old_forward")):  # a hook around the swap, added before or after
             saved = m.__dict__.get("_ember_hooked_forward")
             m._old_forward = saved if saved is not None else types.MethodType(type(m).forward, m)

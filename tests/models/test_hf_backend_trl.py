@@ -1,0 +1,161 @@
+"""ember.models.hf_backend.accelerate driven as TRL's trainers drive a model (TRL itself is not
+installed: the few lines of TRL each test runs are re-created here, quoting the TRL 1.16 file and
+function). The oracle is the same transformers model without the swap (``_pair``'s twin), fp32,
+driven identically."""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ember import EmberError
+from ember.models.hf_backend import accelerate, restore, swapped
+from tests.models.test_hf_backend import _check_grads, _close, _ids, _pair
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here on one torch thread (tests/conftest.py: one_thread)."""
+
+
+def add_fused_lm_head(model) -> None:
+    """trl/trainer/utils.py ``add_fused_lm_head`` (what DPOTrainer and SFTTrainer call on the
+    causal LM, inside PEFT): ``model.forward`` is replaced on the instance by a wrapper that keeps
+    the forward it found (a closure) for ``fused_lm_head=False`` and otherwise runs the backbone
+    (``self.base_model``) and the head on the labelled positions only, returning per-token
+    log-probabilities (``_ChunkedLogProbFunction`` at temperature 1, no softcap, in one chunk)."""
+    original_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def _fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
+                       num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            if labels is not None:
+                kwargs["labels"] = labels
+            return original_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = labels[:, 1:]
+        mask = labels != -100
+        head = self.get_output_embeddings()
+        logits = F.linear(hidden[mask], head.weight, head.bias)
+        lp = logits.log_softmax(-1).gather(-1, labels[mask][:, None]).squeeze(1)
+        log_probs = lp.new_zeros(mask.shape).masked_scatter(mask, lp)
+        loss = -log_probs.sum() / mask.sum().clamp(min=1)
+        return types.SimpleNamespace(loss=loss, log_probs=log_probs)
+
+    model.forward = types.MethodType(_fused_forward, model)
+
+
+def _preference_batch():
+    """trl/trainer/dpo_trainer.py ``DataCollatorForPreference.torch_call``: [prompt + chosen] rows
+    then [prompt + rejected] rows, right-padded; completion_mask 1 on the completion tokens."""
+    g = torch.Generator().manual_seed(71)
+    prompts, chosen, rejected = ([torch.randint(3, 96, (n,), generator=g).tolist() for n in lens]
+                                 for lens in ((4, 6), (5, 3), (2, 6)))
+    rows = [(p + c, [0] * len(p) + [1] * len(c)) for p, c in zip(prompts, chosen, strict=True)]
+    rows += [(p + r, [0] * len(p) + [1] * len(r)) for p, r in zip(prompts, rejected, strict=True)]
+    T = max(len(ids) for ids, _ in rows)
+    ids, attn, comp = (torch.zeros(len(rows), T, dtype=torch.long) for _ in range(3))
+    for i, (x, c) in enumerate(rows):
+        ids[i, :len(x)], attn[i, :len(x)], comp[i, :len(c)] = torch.tensor(x), 1, torch.tensor(c)
+    return ids, attn, comp
+
+
+def _dpo_loss(p_model, ids, attn, comp, beta: float = 0.1):
+    """trl/trainer/dpo_trainer.py ``_compute_loss`` (sigmoid loss, no ld_alpha): per-sequence
+    logps of the policy with grad, the reference's from the same PEFT model with the adapter
+    disabled (``use_adapter(model, None)``) under no_grad."""
+    labels = ids.masked_fill(comp == 0, -100)
+    kw = dict(input_ids=ids, attention_mask=attn, use_cache=False)
+    logps = p_model(**kw, labels=labels, fused_lm_head=True).log_probs.sum(1)
+    with torch.no_grad(), p_model.disable_adapter():
+        ref_logps = p_model(**kw, labels=labels, fused_lm_head=True).log_probs.sum(1)
+    chosen, rejected = logps.chunk(2)
+    ref_chosen, ref_rejected = ref_logps.chunk(2)
+    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin).mean(), logps, ref_logps
+
+
+def _lora(model):
+    torch.manual_seed(0)
+    p = peft.get_peft_model(model, peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
+        init_lora_weights="gaussian"))
+    with torch.no_grad():  # non-zero B: policy and reference differ
+        for name, w in p.named_parameters():
+            if "lora_B" in name:
+                w.copy_(0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(
+                    len(name))))
+    return p
+
+
+def test_dpo_with_trl_fused_head():
+    """DPO as TRL's DPOTrainer runs it on a PEFT model: the model swapped first (accelerate_hf,
+    then the trainer), TRL's fused head added on the causal LM inside PEFT, chosen and rejected
+    concatenated and right-padded, the reference from the same model with the adapter disabled:
+    the per-sequence logps, the DPO loss and the LoRA gradients are the unswapped twin's."""
+    ref, model = _pair("qwen3_qknorm", seed=73)
+    accelerate(model)
+    p_ref, p_model = _lora(ref), _lora(model)
+    for p in (p_ref, p_model):
+        add_fused_lm_head(p.get_base_model())
+    assert swapped(p_model)["base_model.model"] == "loss"  # the swap, under TRL's wrapper
+    ids, attn, comp = _preference_batch()
+    (la, lpa, rpa), (lb, lpb, rpb) = (_dpo_loss(p, ids, attn, comp) for p in (p_ref, p_model))
+    _close("policy logps", lpb, lpa)
+    _close("reference logps", rpb, rpa)
+    _close("dpo loss", lb, la)
+    la.backward()
+    lb.backward()
+    _check_grads(p_ref, p_model)
+    assert any("lora_A" in n and w.grad is not None for n, w in p_model.named_parameters())
+    with torch.no_grad():  # fused_lm_head=False: the forward TRL found, the swap (SFT metrics)
+        labels = ids.masked_fill(attn == 0, -100)
+        _close("sft loss", p_model(ids, attention_mask=attn, labels=labels).loss,
+               p_ref(ids, attention_mask=attn, labels=labels).loss)
+
+
+def test_trl_wrapper_after_the_swap_restore_and_again():
+    """TRL's wrapper keeps calling the swapped forward it found: ``swapped`` reports it,
+    ``restore`` switches it to HF's (was: reported nothing, and the fused loss still ran:
+    no logits in training mode), and ``accelerate`` again switches it back on, TRL's wrapper
+    kept (was: replaced, so ``fused_lm_head=True`` was silently ignored)."""
+    ref, model = _pair("llama", seed=75)
+    accelerate(model)
+    kinds = swapped(model)
+    add_fused_lm_head(model)
+    add_fused_lm_head(ref)
+    assert swapped(model) == kinds
+    ids = _ids(2, 9, seed=76)
+    assert model(ids, labels=ids).logits is None  # Ember's fused loss (training mode)
+    restore(model)
+    assert swapped(model) == {}
+    a, b = ref(ids, labels=ids), model(ids, labels=ids)
+    assert b.logits is not None and torch.equal(a.loss, b.loss)  # HF's forward, exactly
+    accelerate(model)
+    assert swapped(model) == kinds
+    assert model(ids, labels=ids).logits is None
+    a, b = (m(ids, labels=ids, fused_lm_head=True) for m in (ref, model))
+    _close("fused log_probs", b.log_probs, a.log_probs)
+
+
+def test_swap_after_trl_wrapper_refused():
+    """A causal LM whose forward TRL (or accelerate's mixed precision) already replaced on the
+    instance: the swap would drop that wrapper (was: dropped, and TRL's ``fused_lm_head=True``
+    was silently ignored by HF's forward, then ``.log_probs`` failed in TRL); refused, saying to
+    swap first, before anything changed."""
+    _, model = _pair("llama", seed=77)
+    add_fused_lm_head(model)
+    with pytest.raises(EmberError, match="before handing it to the trainer"):
+        accelerate(model)
+    assert swapped(model) == {}
+    accelerate(model, loss=False, attention=False)  # the causal LM's forward is not touched
+    assert "" not in swapped(model) and "rms_norm" in swapped(model).values()
