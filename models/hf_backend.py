@@ -66,17 +66,18 @@ What is swapped (each a keyword, all on by default):
   on the final hidden states of the labelled positions only: the (B, T, V) logits are never built.
   Semantics are HF's ``ForCausalLMLoss``: labels shifted left by one (or ``shift_labels``),
   ``ignore_index`` (-100) skipped, mean over labelled tokens, or sum / ``num_items_in_batch`` when
-  that is passed (gradient accumulation); Gemma 2/3's ``final_logit_softcapping`` c caps the
-  logits first (``softcap=c``), and eval logits are ``c * tanh(logits / c)`` as HF's. Under
-  autocast the head runs in the autocast dtype, as HF's ``lm_head`` would. In training mode
-  ``logits`` is None; in eval mode they are computed too. Differences: a batch whose labels are
-  all -100 gives loss 0 (HF: NaN). A LoRA/quantized ``lm_head``, one with hooks (also
-  ``accelerate``'s dispatch hook: offloaded or on another device), or a custom
-  ``model.loss_function``, keeps HF's loss path. Gemma's ``sqrt(hidden)`` embedding scale stays
-  in HF's model forward, as do Granite's embedding and residual multipliers; Granite's
-  ``logits_scaling`` divides the hidden states before the fused loss (and the eval logits).
-  With ``return_dict=False`` the tuple keeps HF's layout, ``(loss, logits, ...)``, logits None in
-  training mode.
+  that is passed (gradient accumulation); with ``logits_to_keep`` over the kept positions only,
+  one label per kept position, as HF (an index tensor with labels: HF's loss path); Gemma 2/3's
+  ``final_logit_softcapping`` c caps the logits first (``softcap=c``), and eval logits are
+  ``c * tanh(logits / c)`` as HF's. Under autocast the head runs in the autocast dtype, as HF's
+  ``lm_head`` would. In training mode ``logits`` is None; in eval mode they are computed too.
+  Differences: a batch whose labels are all -100 gives loss 0 (HF: NaN). A LoRA/quantized
+  ``lm_head``, one with hooks (also ``accelerate``'s dispatch hook: offloaded or on another
+  device), or a custom ``model.loss_function``, keeps HF's loss path. Gemma's ``sqrt(hidden)``
+  embedding scale stays in HF's model forward, as do Granite's embedding and residual multipliers;
+  Granite's ``logits_scaling`` divides the hidden states before the fused loss (and the eval
+  logits). With ``return_dict=False`` the tuple keeps HF's layout, ``(loss, logits, ...)``, logits
+  None in training mode.
 
 A module whose inputs or weights are in a dtype Ember's kernels do not take (a model moved to
 float64 after the swap) runs the forward the swap replaced.
@@ -109,6 +110,7 @@ from ember.models.hf_backend_io import (
     default_loss,
     hooked,
     keep_slice,
+    kept_shift_labels,
     kernel_dtypes,
     labels_read_padding,
     plain_head,
@@ -440,9 +442,15 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
                                       use_cache=use_cache, logits_to_keep=logits_to_keep,
                                       **kwargs)
         planned = _swap_kind(self.model)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        ignore_index = kwargs.get("ignore_index", -100)
+        shift_labels = kwargs.get("shift_labels")
+        kept = None if ref is None else kept_shift_labels(
+            labels, shift_labels, logits_to_keep, tuple(ref.shape[:2]), ignore_index)
+        if kept is not None:  # logits_to_keep: the kept positions' labels
+            shift_labels = kept
         if (PLAN_KW not in kwargs and planned == "attention_plan"
-                and labels_read_padding(attention_mask, labels, kwargs.get("shift_labels"),
-                                         kwargs.get("ignore_index", -100),
+                and labels_read_padding(attention_mask, labels, shift_labels, ignore_index,
                                          self.config._attn_implementation == "sdpa")):
             kwargs[PLAN_KW] = None  # every layer runs HF's attention with HF's mask
         return _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids,
@@ -456,7 +464,7 @@ def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_k
                inputs_embeds, labels, use_cache, logits_to_keep, **kwargs):
     shift_labels = kwargs.get("shift_labels")
     if (not fused_loss or labels is None or not plain_head(self.lm_head)
-            or not default_loss(self)):
+            or not default_loss(self) or torch.is_tensor(logits_to_keep)):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, past_key_values=past_key_values,
                                   inputs_embeds=inputs_embeds, labels=labels,
@@ -473,6 +481,10 @@ def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_k
     hidden = outputs.last_hidden_state  # (B, T, D)
     if FAMILIES[_family(self)].logits_scaling:  # Granite: logits / s, as (hidden / s) W^T
         hidden = hidden / self.config.logits_scaling
+    kept = kept_shift_labels(labels, shift_labels, logits_to_keep, tuple(hidden.shape[:2]),
+                             ignore_index, strict=True)
+    if kept is not None:  # HF's loss over the kept positions only
+        shift_labels = kept
     check_labels(labels if shift_labels is None else shift_labels, hidden.shape[:2],
                  "labels" if shift_labels is None else "shift_labels")
     if shift_labels is None:

@@ -109,6 +109,35 @@ def keep_slice(logits_to_keep):
     return slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
 
 
+def kept_shift_labels(labels, shift_labels, logits_to_keep, tokens: tuple[int, int],
+                      ignore_index: int, strict: bool = False) -> torch.Tensor | None:
+    """``labels`` with ``logits_to_keep``: HF computes the logits of the kept positions only and
+    its loss on them, the labels (or ``shift_labels``) one per kept position, shifted among them.
+    Those as pre-shifted labels over all (B, T) positions, ``ignore_index`` elsewhere; None when
+    every position is kept, no labels are given, or (``strict`` False) their count is not one per
+    kept position (``strict``: a ``ValueError``, where HF's loss raises on the count)."""
+    if labels is None or (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        return None
+    B, T = tokens
+    pos = torch.arange(T)[keep_slice(logits_to_keep)]
+    if pos.numel() == T and torch.equal(pos, torch.arange(T)):
+        return None
+    name = "labels" if shift_labels is None else "shift_labels"
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    if not torch.is_tensor(shift_labels) or shift_labels.numel() != B * pos.numel():
+        if not strict:
+            return None
+        shape = (tuple(shift_labels.shape) if torch.is_tensor(shift_labels)
+                 else type(shift_labels).__name__)
+        raise ValueError(f"{name} has shape {shape} but logits_to_keep keeps {(B, pos.numel())} "
+                         "positions, and transformers computes the loss on the kept logits only: "
+                         "give one label per kept position, or logits_to_keep=0")
+    full = shift_labels.new_full((B, T), ignore_index)
+    full[:, pos.to(full.device)] = shift_labels.reshape(B, -1)
+    return full
+
+
 def labels_read_padding(attention_mask, labels, shift_labels, ignore_index: int,
                          sdpa: bool) -> bool:
     """A label predicted from a padding position: HF's loss includes HF's output there, which
