@@ -14,10 +14,12 @@ import torch.nn.functional as F
 
 from ember import EmberError
 from ember.models.hf_backend import accelerate, restore, swapped
-from tests.models.test_hf_backend import _check_grads, _close, _ids, _pair
+from tests.models.test_hf_backend import _check_grads, _close, _ids, _pair, flash_calls
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+
+__all__ = ["flash_calls"]  # the fixture, imported for the tests below
 
 
 @pytest.fixture(autouse=True)
@@ -159,3 +161,82 @@ def test_swap_after_trl_wrapper_refused():
     assert swapped(model) == {}
     accelerate(model, loss=False, attention=False)  # the causal LM's forward is not touched
     assert "" not in swapped(model) and "rms_norm" in swapped(model).values()
+
+
+def _padding_free_batch():
+    """trl/trainer/sft_trainer.py ``DataCollatorForLanguageModeling.torch_call`` with
+    ``padding_free=True`` and ``pad_to_multiple_of=8``: the examples flattened into one row, no
+    attention mask, position_ids restarting per example (0 on the padding), labels -100 on each
+    example's first token, the padding and (``completion_only_loss``) the prompts; and the
+    ``cu_seq_lens_*`` / ``max_length_*`` / ``seq_idx`` keys it adds."""
+    g = torch.Generator().manual_seed(79)
+    lens, prompts = (5, 7, 3), (2, 3, 1)
+    ids = torch.cat([torch.randint(3, 96, (n,), generator=g) for n in lens] + [
+        torch.zeros(1, dtype=torch.long)])[None]  # 15 tokens + 1 of padding
+    pos = torch.cat([torch.arange(n) for n in lens] + [torch.zeros(1, dtype=torch.long)])[None]
+    labels = ids.clone()
+    start = 0
+    for n, p in zip(lens, prompts, strict=True):
+        labels[0, start:start + p] = -100  # completion_mask 0 on the prompt
+        start += n
+    labels[0, start:] = -100
+    labels[pos == 0] = -100
+    starts = (pos[0] == 0).nonzero().flatten()
+    cu = torch.cat([starts, torch.tensor([pos.size(1)])]).to(torch.int32)
+    longest = int(cu.diff().max())
+    seq_idx = torch.repeat_interleave(torch.arange(cu.numel() - 1, dtype=torch.int32), cu.diff())
+    return dict(input_ids=ids, position_ids=pos, labels=labels, cu_seq_lens_q=cu,
+                cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest,
+                seq_idx=seq_idx[None])
+
+
+def test_sft_padding_free_completion_only(flash_calls):
+    """SFT as TRL's SFTTrainer.compute_loss runs it: the padding-free collator's batch through
+    TRL's fused head (``use_cache=False``), loss = -sum(log_probs) / num_items_in_batch: the
+    loss and every gradient are the unswapped twin's (each example attends to itself only)."""
+    ref, model = _pair("llama", seed=81)
+    accelerate(model)
+    for m in (ref, model):
+        add_fused_lm_head(m)
+    batch = _padding_free_batch()
+    losses = []
+    for m in (ref, model):
+        out = m(**batch, use_cache=False, fused_lm_head=True)
+        losses.append(-out.log_probs.sum() / torch.tensor(9))  # num_items_in_batch: 9 tokens
+        losses[-1].backward()
+    _close("loss", losses[1], losses[0])
+    _check_grads(ref, model)
+    assert flash_calls == ["varlen"] * 2  # one document per restart
+    whole = {k: v for k, v in batch.items() if k in ("input_ids", "labels")}
+    with torch.no_grad():  # the same row without position_ids: one causal document, as HF
+        _close("loss (unpacked)", model(**whole, use_cache=False).loss,
+               ref(**whole, use_cache=False).loss)
+
+
+def test_distillation_teacher_in_inference_mode():
+    """A distillation loop (as TRL's GKD / a plain KD loop): the teacher swapped, eval, its
+    logits under inference_mode; the student swapped, training mode, no labels (its logits
+    divided by the temperature), a forward KL; the loss and the student's gradients are the
+    unswapped pair's. With labels in training mode the fused loss builds no logits (documented):
+    a loop that needs the student's logits calls it without labels."""
+    s_ref, s_model = _pair("qwen3_qknorm", seed=83)
+    t_ref, t_model = _pair("qwen3_qknorm", seed=84, num_hidden_layers=3)
+    accelerate(s_model)
+    accelerate(t_model)
+    ids = _ids(2, 11, seed=85)
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    keep = mask.bool()
+    temperature = 2.0
+    losses = []
+    for student, teacher in ((s_ref, t_ref), (s_model, t_model)):
+        with torch.inference_mode():
+            t_logits = teacher.eval()(ids, attention_mask=mask).logits
+        s_logits = student(ids, attention_mask=mask).logits
+        kl = F.kl_div((s_logits[keep] / temperature).log_softmax(-1),
+                      (t_logits[keep].clone() / temperature).log_softmax(-1),
+                      log_target=True, reduction="batchmean") * temperature ** 2
+        kl.backward()
+        losses.append(kl)
+    _close("kd loss", losses[1], losses[0])
+    _check_grads(s_ref, s_model)
