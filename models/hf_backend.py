@@ -91,6 +91,7 @@ without a plan (the inner model's forward bypassed) uses Ember only when HF's ma
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 from collections.abc import Callable
@@ -231,9 +232,12 @@ def _swap_kind(module: nn.Module) -> str | None:
 
 
 def _foreign_forward(module: nn.Module) -> bool:
-    """A forward set on the instance by someone else (not a swap, not a dispatch hook)."""
-    return ("forward" in module.__dict__ and not _ours(module.__dict__["forward"])
-            and not hooked(module))
+    """A forward set on the instance by someone else: not a swap, not a dispatch hook, not the
+    class's own forward bound there (what accelerate's unwrap_model leaves)."""
+    fn = module.__dict__.get("forward")
+    cls = type(module).forward  # unwrap_model binds the innermost function of its decorators
+    return (fn is not None and not _ours(fn) and not hooked(module)
+            and getattr(fn, "__func__", None) not in (cls, inspect.unwrap(cls)))
 
 
 def _under_wrapper(module: nn.Module) -> Callable | None:

@@ -109,6 +109,27 @@ def test_restore_under_mixed_precision_wrapper():
     assert swapped(model) == kinds  # refused before anything changed
 
 
+def test_swap_after_mixed_precision_wrapper_refused():
+    """A model that accelerate's ``prepare`` already wrapped in bf16 autocast, then swapped: the
+    swap would replace the wrapper's forward, dropping its autocast (was: dropped silently, an
+    fp32 run); refused, saying to swap first. Unwrapped (``keep_fp32_wrapper=False``: the class's
+    forward bound on the instance), it swaps."""
+    accelerate_lib = pytest.importorskip("accelerate")
+    ref, model = _pair("llama", seed=87)
+    acc = accelerate_lib.Accelerator(cpu=True, mixed_precision="bf16")
+    model = acc.prepare_model(model)
+    with pytest.raises(EmberError, match="swap.* would drop that wrapper"):
+        accelerate(model)
+    assert swapped(model) == {}
+    model = acc.unwrap_model(model, keep_fp32_wrapper=False)
+    accelerate(model)
+    assert swapped(model)[""] == "loss"
+    ids = _ids(2, 9, seed=27)
+    out = model(ids, labels=ids)
+    assert out.logits is None
+    _close("loss (fp32 again)", out.loss, ref(ids, labels=ids).loss)
+
+
 def _trainer_run(model, tmp_path, collate, rows) -> tuple:
     args = transformers.TrainingArguments(
         str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
