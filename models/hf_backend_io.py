@@ -119,8 +119,10 @@ def kept_shift_labels(labels, shift_labels, logits_to_keep, tokens: tuple[int, i
     if labels is None or (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         return None
     B, T = tokens
-    pos = torch.arange(T)[keep_slice(logits_to_keep)]
-    if pos.numel() == T and torch.equal(pos, torch.arange(T)):
+    dev = logits_to_keep.device if torch.is_tensor(logits_to_keep) else labels.device
+    every = torch.arange(T, device=dev)
+    pos = every[keep_slice(logits_to_keep)]
+    if pos.numel() == T and torch.equal(pos, every):
         return None
     name = "labels" if shift_labels is None else "shift_labels"
     if shift_labels is None:
