@@ -125,6 +125,38 @@ def test_dpo_with_trl_fused_head():
                p_ref(ids, attention_mask=attn, labels=labels).loss)
 
 
+def test_dpo_separate_reference_and_checkpointing():
+    """DPO with a separate reference model (both swapped, TRL's head on each, the reference in
+    eval under no_grad) and gradient checkpointing on the policy, which TRL's
+    ``disable_gradient_checkpointing`` (trl/models/utils.py) turns off around the reference
+    forward and back on: the logps, the loss and every policy gradient are the unswapped pair's."""
+    pairs = [_pair("llama", seed=s) for s in (89, 90)]  # (policy, reference) x (hf, swapped)
+    for hf, ours in pairs:
+        accelerate(ours)
+        for m in (hf, ours):
+            add_fused_lm_head(m)
+    ids, attn, comp = _preference_batch()
+    labels = ids.masked_fill(comp == 0, -100)
+    kw = dict(input_ids=ids, attention_mask=attn, use_cache=False, labels=labels,
+              fused_lm_head=True)
+    results = []
+    for policy, reference in ((pairs[0][0], pairs[1][0]), (pairs[0][1], pairs[1][1])):
+        policy.gradient_checkpointing_enable()
+        reference.eval()
+        logps = policy(**kw).log_probs.sum(1)
+        with torch.no_grad():
+            policy.gradient_checkpointing_disable()
+            ref_logps = reference(**kw).log_probs.sum(1)
+            policy.gradient_checkpointing_enable()
+        margin = (logps - ref_logps).view(2, -1)
+        loss = -F.logsigmoid(0.1 * (margin[0] - margin[1])).mean()
+        loss.backward()
+        results.append((logps, ref_logps, loss))
+    for name, a, b in zip(("policy logps", "reference logps", "loss"), *results, strict=True):
+        _close(name, b, a)
+    _check_grads(*pairs[0])
+
+
 def test_trl_wrapper_after_the_swap_restore_and_again():
     """TRL's wrapper keeps calling the swapped forward it found: ``swapped`` reports it,
     ``restore`` switches it to HF's (was: reported nothing, and the fused loss still ran:
