@@ -130,6 +130,30 @@ def test_swap_after_mixed_precision_wrapper_refused():
     _close("loss (fp32 again)", out.loss, ref(ids, labels=ids).loss)
 
 
+@pytest.mark.parametrize("case", ["llama", "llama_tied_llama3"])
+def test_resize_token_embeddings_after_swap(case):
+    """``resize_token_embeddings`` (new tokens added to the tokenizer) after the swap: the fused
+    loss reads the new head (a new module) every call, so the new tokens' labels and logits are
+    the resized twin's; tied heads stay tied (``tie_weights``)."""
+    ref, model = _pair(case, seed=91)
+    accelerate(model)
+    for m in (ref, model):
+        m.resize_token_embeddings(110, mean_resizing=False)
+        m.tie_weights()
+        with torch.no_grad():  # the same new rows in both
+            g = torch.Generator().manual_seed(92)
+            m.get_output_embeddings().weight[96:] = 0.5 * torch.randn(14, 48, generator=g)
+            m.get_input_embeddings().weight[96:] = 0.5 * torch.randn(14, 48, generator=g)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == ("tied" in case)
+    ids = _ids(2, 9, seed=28)
+    ids[:, 3:6] = torch.tensor([100, 105, 109])
+    _loss_and_grads_match(ref, model, ids, labels=ids)
+    with torch.no_grad():
+        a, b = ref.eval()(ids), model.eval()(ids)
+    assert b.logits.shape == (2, 9, 110)
+    _close("logits", b.logits, a.logits)
+
+
 def _trainer_run(model, tmp_path, collate, rows) -> tuple:
     args = transformers.TrainingArguments(
         str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
