@@ -119,10 +119,12 @@ def kept_shift_labels(labels, shift_labels, logits_to_keep, tokens: tuple[int, i
     if labels is None or (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         return None
     B, T = tokens
+    if isinstance(logits_to_keep, int) and logits_to_keep >= T:
+        return None
     dev = logits_to_keep.device if torch.is_tensor(logits_to_keep) else labels.device
     every = torch.arange(T, device=dev)
     pos = every[keep_slice(logits_to_keep)]
-    if pos.numel() == T and torch.equal(pos, every):
+    if pos.numel() == T and torch.equal(pos, every):  # an index tensor keeping every position
         return None
     name = "labels" if shift_labels is None else "shift_labels"
     if shift_labels is None:
