@@ -154,6 +154,33 @@ def test_resize_token_embeddings_after_swap(case):
     _close("logits", b.logits, a.logits)
 
 
+def test_prepare_model_for_kbit_training_then_swap_then_lora():
+    """PEFT's QLoRA recipe on an fp32 model: ``prepare_model_for_kbit_training`` (on a model
+    not quantized it enables no checkpointing: its kbit steps, input embeddings requiring grad and
+    reentrant gradient checkpointing, are called here), the swap, then LoRA: the loss and the
+    LoRA gradients are the unswapped twin's (the plan replayed by the checkpointed layers)."""
+    peft = pytest.importorskip("peft")
+    pair = _pair("qwen3_qknorm", seed=93)
+    ids = _ids(2, 11, seed=29)
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    models = []
+    for i, m in enumerate(pair):
+        m = peft.prepare_model_for_kbit_training(m)
+        m.enable_input_require_grads()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        if i:
+            accelerate(m)
+        torch.manual_seed(0)
+        models.append(peft.get_peft_model(m, peft.LoraConfig(
+            r=4, target_modules=["k_proj", "o_proj", "up_proj"], lora_dropout=0.0,
+            init_lora_weights="gaussian")))
+    assert pair[1].is_gradient_checkpointing and swapped(models[1])["base_model.model"] == "loss"
+    _loss_and_grads_match(*models, ids, attention_mask=mask,
+                          labels=ids.masked_fill(mask == 0, -100))
+    assert any("lora_A" in n and p.grad is not None for n, p in models[1].named_parameters())
+
+
 def _trainer_run(model, tmp_path, collate, rows) -> tuple:
     args = transformers.TrainingArguments(
         str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
