@@ -86,7 +86,10 @@ The decision is made once per forward by the wrapper of the inner ``*Model`` fro
 ``attention_mask``, ``position_ids`` and cache (host syncs: one or two for a mask, one for
 position_ids), and handed to every attention layer as a keyword argument
 (``ember_attention_plan``), so gradient checkpointing replays it. An attention layer called
-without a plan (the inner model's forward bypassed) uses Ember only when HF's mask is None.
+without a plan (the inner model's forward bypassed) uses Ember only when HF's mask is None. The
+inner model called directly (TRL's fused LM head, a head of the user's: no labels seen) with
+eager attention and left padding runs HF's attention: its output at a fully masked row (the
+position predicting a row's first real token) is the mean of the values, which varlen leaves 0.
 """
 
 from __future__ import annotations
@@ -118,6 +121,10 @@ from ember.models.hf_backend_io import (
 )
 
 PLAN_KW = "ember_attention_plan"
+# Set by the causal LM's swapped forward, which checks the labels against the padding: the inner
+# model called without it (TRL's fused head, any head of the user's) cannot know which padding
+# outputs are read.
+LABELS_CHECKED_KW = "ember_labels_checked"
 _OFF = "_ember_off"  # restored while a wrapper (accelerate's mixed precision, TRL's) calls the swap
 # The causal LM's swapped forward as bound, found under a wrapper set on the instance after the swap
 # that keeps calling it (TRL's add_fused_lm_head holds it in a closure)
@@ -390,10 +397,15 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool, config_window
 def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                    past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
     ref = input_ids if input_ids is not None else inputs_embeds
+    checked = kwargs.pop(LABELS_CHECKED_KW, False)
     if ref is not None and PLAN_KW not in kwargs:
         plan = attention_plan(attention_mask, position_ids, ref.shape[0], ref.shape[1],
                            past_key_values)
-        if plan is not None:
+        # Called directly (no labels seen) with eager attention and left padding: the outputs at
+        # the fully masked rows are HF's only from HF's attention, and a head may read them (a
+        # row's first real token labelled)
+        if plan is not None and not (plan.leading and not checked
+                                     and self.config._attn_implementation == "eager"):
             kwargs[PLAN_KW] = plan
     return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids, past_key_values=past_key_values,
@@ -457,6 +469,8 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
                 and labels_read_padding(attention_mask, labels, shift_labels, ignore_index,
                                          self.config._attn_implementation == "sdpa")):
             kwargs[PLAN_KW] = None  # every layer runs HF's attention with HF's mask
+        elif planned == "attention_plan":
+            kwargs[LABELS_CHECKED_KW] = True
         return _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids,
                           past_key_values, inputs_embeds, labels, use_cache, logits_to_keep,
                           **kwargs)

@@ -25,6 +25,9 @@ class AttentionPlan:
     # Padding inside a row (not only at its ends): HF's sliding window counts those positions,
     # so layers with a window run HF's attention with its mask.
     gaps: bool = False
+    # Padding before a row's first real token (left padding): a fully masked query row, which
+    # HF's eager attention fills with the mean of the values (varlen and SDPA: 0).
+    leading: bool = False
 
 
 def attention_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
@@ -42,14 +45,16 @@ def attention_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tens
         lengths = keep.sum(1)
         t = torch.arange(seqlen, device=keep.device)
         span = torch.where(keep, t, -1).amax(1) - torch.where(keep, t, seqlen).amin(1) + 1
-        full, any_empty, gaps, longest = torch.stack([x.long() for x in (
-            keep.all(), (lengths == 0).any(), (span != lengths).any(), lengths.max())]).tolist()
+        full, any_empty, gaps, longest, leading = torch.stack([x.long() for x in (
+            keep.all(), (lengths == 0).any(), (span != lengths).any(), lengths.max(),
+            (~keep[:, 0]).any())]).tolist()
         if full:
             return AttentionPlan()  # HF ignores an all-ones mask, and so does packing detection
         if any_empty:
             return None
         cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        return AttentionPlan(cu, longest, keep.reshape(-1).nonzero().squeeze(1), gaps=bool(gaps))
+        return AttentionPlan(cu, longest, keep.reshape(-1).nonzero().squeeze(1), gaps=bool(gaps),
+                             leading=bool(leading))
     if position_ids is None or past_key_values is not None:
         return AttentionPlan()
     pos = position_ids.expand(batch, seqlen) if position_ids.shape[0] != batch else position_ids

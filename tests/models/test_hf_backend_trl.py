@@ -272,3 +272,33 @@ def test_distillation_teacher_in_inference_mode():
         losses.append(kl)
     _close("kd loss", losses[1], losses[0])
     _check_grads(s_ref, s_model)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_fused_head_left_padding(attn, flash_calls):
+    """TRL's fused head calls the inner model without the labels, so the swap cannot see that a
+    row's first real token is labelled, predicted from the last padding position before it: a
+    fully masked query row, HF's eager attention's mean of the values there (SDPA and varlen: 0).
+    With eager attention and left padding the inner model called directly runs HF's attention
+    (was: varlen, a log-prob off by ~0.5 at those tokens); through the causal LM, which sees the
+    labels, and with SDPA, varlen as before."""
+    ref, model = _pair("llama", seed=95, attn=attn)
+    accelerate(model)
+    for m in (ref, model):
+        add_fused_lm_head(m)
+    ids = _ids(2, 10, seed=96)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    kw = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    a, b = (m(**kw, fused_lm_head=True).log_probs for m in (ref, model))
+    _close("log_probs", b, a)
+    a.sum().backward()
+    b.sum().backward()
+    _check_grads(ref, model)
+    assert flash_calls == ([] if attn == "eager" else ["varlen"] * 2)
+    flash_calls.clear()
+    _close("loss (causal LM)", model(**kw).loss, ref(**kw).loss)  # labels seen: HF's rule
+    with torch.no_grad():  # the causal LM without labels: no padding output is read
+        model.eval()(ids, attention_mask=mask)
+    assert flash_calls == (["varlen"] * 2 if attn == "eager" else ["varlen"] * 4)
