@@ -8,7 +8,11 @@ inside) and rebinds ``forward`` on *that instance's* modules only (``types.Metho
 transformers class, function or registry is touched, parameters stay where they are (state dicts,
 ``save_pretrained`` and PEFT adapters are unaffected), and ``restore(model)`` puts the original
 methods back. A module under an ``accelerate`` dispatch hook (``device_map`` with offload or
-several devices) keeps its hook: the swap replaces the ``_old_forward`` the hook calls.
+several devices) keeps its hook: the swap replaces the ``_old_forward`` the hook calls. A wrapper
+set on the causal LM instance after the swap (accelerate's mixed precision, TRL's
+``add_fused_lm_head``, which DPOTrainer and SFTTrainer add) keeps calling it: ``swapped`` reports
+it, ``restore`` switches it to HF's forward; a causal LM already wrapped so before the swap is
+refused (the swap would drop the wrapper): swap first, then hand the model to the trainer.
 Multimodal classes (``Gemma3ForConditionalGeneration``) are refused: load the text model. What
 sets a family apart is read as its modeling file reads it (``FAMILIES``).
 
@@ -62,17 +66,18 @@ What is swapped (each a keyword, all on by default):
   on the final hidden states of the labelled positions only: the (B, T, V) logits are never built.
   Semantics are HF's ``ForCausalLMLoss``: labels shifted left by one (or ``shift_labels``),
   ``ignore_index`` (-100) skipped, mean over labelled tokens, or sum / ``num_items_in_batch`` when
-  that is passed (gradient accumulation); Gemma 2/3's ``final_logit_softcapping`` c caps the
-  logits first (``softcap=c``), and eval logits are ``c * tanh(logits / c)`` as HF's. Under
-  autocast the head runs in the autocast dtype, as HF's ``lm_head`` would. In training mode
-  ``logits`` is None; in eval mode they are computed too. Differences: a batch whose labels are
-  all -100 gives loss 0 (HF: NaN). A LoRA/quantized ``lm_head``, one with hooks (also
-  ``accelerate``'s dispatch hook: offloaded or on another device), or a custom
-  ``model.loss_function``, keeps HF's loss path. Gemma's ``sqrt(hidden)`` embedding scale stays
-  in HF's model forward, as do Granite's embedding and residual multipliers; Granite's
-  ``logits_scaling`` divides the hidden states before the fused loss (and the eval logits).
-  With ``return_dict=False`` the tuple keeps HF's layout, ``(loss, logits, ...)``, logits None in
-  training mode.
+  that is passed (gradient accumulation); with ``logits_to_keep`` over the kept positions only,
+  one label per kept position, as HF (an index tensor with labels: HF's loss path); Gemma 2/3's
+  ``final_logit_softcapping`` c caps the logits first (``softcap=c``), and eval logits are
+  ``c * tanh(logits / c)`` as HF's. Under autocast the head runs in the autocast dtype, as HF's
+  ``lm_head`` would. In training mode ``logits`` is None; in eval mode they are computed too.
+  Differences: a batch whose labels are all -100 gives loss 0 (HF: NaN). A LoRA/quantized
+  ``lm_head``, one with hooks (also ``accelerate``'s dispatch hook: offloaded or on another
+  device), or a custom ``model.loss_function``, keeps HF's loss path. Gemma's ``sqrt(hidden)``
+  embedding scale stays in HF's model forward, as do Granite's embedding and residual multipliers;
+  Granite's ``logits_scaling`` divides the hidden states before the fused loss (and the eval
+  logits). With ``return_dict=False`` the tuple keeps HF's layout, ``(loss, logits, ...)``, logits
+  None in training mode.
 
 A module whose inputs or weights are in a dtype Ember's kernels do not take (a model moved to
 float64 after the swap) runs the forward the swap replaced.
@@ -81,11 +86,15 @@ The decision is made once per forward by the wrapper of the inner ``*Model`` fro
 ``attention_mask``, ``position_ids`` and cache (host syncs: one or two for a mask, one for
 position_ids), and handed to every attention layer as a keyword argument
 (``ember_attention_plan``), so gradient checkpointing replays it. An attention layer called
-without a plan (the inner model's forward bypassed) uses Ember only when HF's mask is None.
+without a plan (the inner model's forward bypassed) uses Ember only when HF's mask is None. The
+inner model called directly (TRL's fused LM head, a head of the user's: no labels seen) with
+eager attention and left padding runs HF's attention: its output at a fully masked row (the
+position predicting a row's first real token) is the mean of the values, which varlen leaves 0.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 from collections.abc import Callable
@@ -105,13 +114,21 @@ from ember.models.hf_backend_io import (
     default_loss,
     hooked,
     keep_slice,
+    kept_shift_labels,
     kernel_dtypes,
     labels_read_padding,
     plain_head,
 )
 
 PLAN_KW = "ember_attention_plan"
-_OFF = "_ember_off"  # restored while accelerate's mixed-precision wrapper still calls the swap
+# Set by the causal LM's swapped forward, which checks the labels against the padding: the inner
+# model called without it (TRL's fused head, any head of the user's) cannot know which padding
+# outputs are read.
+LABELS_CHECKED_KW = "ember_labels_checked"
+_OFF = "_ember_off"  # restored while a wrapper (accelerate's mixed precision, TRL's) calls the swap
+# The causal LM's swapped forward as bound, found under a wrapper set on the instance after the swap
+# that keeps calling it (TRL's add_fused_lm_head holds it in a closure)
+_BOUND = "_ember_bound"
 _ACTIVATIONS = {"silu": swiglu, "swish": swiglu, "gelu_pytorch_tanh": geglu}
 
 
@@ -217,7 +234,23 @@ def _swap_kind(module: nn.Module) -> str | None:
         fn = module.__dict__.get(key)
         if _ours(fn):
             return fn._ember_swap
-    return None
+    under = _under_wrapper(module)
+    return None if under is None else under._ember_swap
+
+
+def _foreign_forward(module: nn.Module) -> bool:
+    """A forward set on the instance by someone else: not a swap, not a dispatch hook, not the
+    class's own forward bound there (what accelerate's unwrap_model leaves)."""
+    fn = module.__dict__.get("forward")
+    cls = type(module).forward  # unwrap_model binds the innermost function of its decorators
+    return (fn is not None and not _ours(fn) and not hooked(module)
+            and getattr(fn, "__func__", None) not in (cls, inspect.unwrap(cls)))
+
+
+def _under_wrapper(module: nn.Module) -> Callable | None:
+    """The swap bound on ``module`` that a forward set on the instance after it calls."""
+    bound = module.__dict__.get(_BOUND)
+    return bound if _ours(bound) and _foreign_forward(module) else None
 
 
 def _replaced(module: nn.Module) -> Callable:
@@ -364,10 +397,15 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool, config_window
 def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                    past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
     ref = input_ids if input_ids is not None else inputs_embeds
+    checked = kwargs.pop(LABELS_CHECKED_KW, False)
     if ref is not None and PLAN_KW not in kwargs:
         plan = attention_plan(attention_mask, position_ids, ref.shape[0], ref.shape[1],
                            past_key_values)
-        if plan is not None:
+        # Called directly (no labels seen) with eager attention and left padding: the outputs at
+        # the fully masked rows are HF's only from HF's attention, and a head may read them (a
+        # row's first real token labelled)
+        if plan is not None and not (plan.leading and not checked
+                                     and self.config._attn_implementation == "eager"):
             kwargs[PLAN_KW] = plan
     return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids, past_key_values=past_key_values,
@@ -413,18 +451,26 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
                 logits_to_keep=0, **kwargs):
-        if self.__dict__.get(_OFF):  # restore()d under accelerate's wrapper: HF's forward
+        if self.__dict__.get(_OFF):  # restore()d under a wrapper: HF's forward
             return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                       position_ids=position_ids, past_key_values=past_key_values,
                                       inputs_embeds=inputs_embeds, labels=labels,
                                       use_cache=use_cache, logits_to_keep=logits_to_keep,
                                       **kwargs)
         planned = _swap_kind(self.model)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        ignore_index = kwargs.get("ignore_index", -100)
+        shift_labels = kwargs.get("shift_labels")
+        kept = None if ref is None else kept_shift_labels(
+            labels, shift_labels, logits_to_keep, tuple(ref.shape[:2]), ignore_index)
+        if kept is not None:  # logits_to_keep: the kept positions' labels
+            shift_labels = kept
         if (PLAN_KW not in kwargs and planned == "attention_plan"
-                and labels_read_padding(attention_mask, labels, kwargs.get("shift_labels"),
-                                         kwargs.get("ignore_index", -100),
+                and labels_read_padding(attention_mask, labels, shift_labels, ignore_index,
                                          self.config._attn_implementation == "sdpa")):
             kwargs[PLAN_KW] = None  # every layer runs HF's attention with HF's mask
+        elif planned == "attention_plan":
+            kwargs[LABELS_CHECKED_KW] = True
         return _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids,
                           past_key_values, inputs_embeds, labels, use_cache, logits_to_keep,
                           **kwargs)
@@ -436,7 +482,7 @@ def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_k
                inputs_embeds, labels, use_cache, logits_to_keep, **kwargs):
     shift_labels = kwargs.get("shift_labels")
     if (not fused_loss or labels is None or not plain_head(self.lm_head)
-            or not default_loss(self)):
+            or not default_loss(self) or torch.is_tensor(logits_to_keep)):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, past_key_values=past_key_values,
                                   inputs_embeds=inputs_embeds, labels=labels,
@@ -453,6 +499,10 @@ def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_k
     hidden = outputs.last_hidden_state  # (B, T, D)
     if FAMILIES[_family(self)].logits_scaling:  # Granite: logits / s, as (hidden / s) W^T
         hidden = hidden / self.config.logits_scaling
+    kept = kept_shift_labels(labels, shift_labels, logits_to_keep, tuple(hidden.shape[:2]),
+                             ignore_index, strict=True)
+    if kept is not None:  # HF's loss over the kept positions only
+        shift_labels = kept
     check_labels(labels if shift_labels is None else shift_labels, hidden.shape[:2],
                  "labels" if shift_labels is None else "shift_labels")
     if shift_labels is None:
@@ -514,24 +564,36 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
 
 
 def _wrapped_swap(lm: nn.Module) -> Callable | None:
-    """The swapped forward that accelerate's mixed-precision wrapper (accelerator.prepare,
-    Trainer with bf16/fp16) calls, if any: rebinding would drop the wrapper's autocast."""
+    """The swapped forward that a wrapper set on the instance after the swap calls, if any:
+    accelerate's mixed precision (accelerator.prepare, Trainer with bf16/fp16), TRL's
+    ``add_fused_lm_head`` (DPOTrainer, SFTTrainer). Rebinding would drop the wrapper."""
     wrapped = lm.__dict__.get("_original_forward")
-    return wrapped if _ours(wrapped) and not _ours(lm.__dict__.get("forward")) else None
+    if _ours(wrapped) and not _ours(lm.__dict__.get("forward")):
+        return wrapped
+    return _under_wrapper(lm)
 
 
 def _check_wrapped(lm: nn.Module, fn: Callable | None) -> None:
     wrapped = _wrapped_swap(lm)
+    if wrapped is None and fn is not None and _foreign_forward(lm):
+        raise EmberError(f"accelerate(): this {type(lm).__name__}'s forward was replaced on the "
+                         "instance by another wrapper (e.g. TRL's add_fused_lm_head, which its "
+                         "trainers add, or accelerate's mixed-precision prepare); swapping would "
+                         "drop that wrapper. Call accelerate() on the model before handing it to "
+                         "the trainer or to accelerator.prepare")
     if wrapped is not None and fn is not None and wrapped._ember_swap != fn._ember_swap:
         raise EmberError(f"accelerate(): this model's forward was wrapped by accelerate's mixed "
-                         f"precision around an earlier swap ({wrapped._ember_swap}); call "
-                         f"accelerate() with the same loss= setting, or unwrap it first "
-                         "(accelerator.unwrap_model(model, keep_fp32_wrapper=False))")
+                         f"precision (or TRL's add_fused_lm_head) around an earlier swap "
+                         f"({wrapped._ember_swap}); call accelerate() with the same loss= "
+                         "setting, or unwrap it first (accelerator.unwrap_model(model, "
+                         "keep_fp32_wrapper=False))")
 
 
 def _bind_causal_lm(lm: nn.Module, fn: Callable) -> None:
     if _wrapped_swap(lm) is None:
         _bind(lm, fn)
+        if not hooked(lm):
+            lm.__dict__[_BOUND] = lm.__dict__["forward"]
     else:  # the wrapper calls the same swap: switch it back on
         lm.__dict__.pop(_OFF, None)
 
@@ -545,14 +607,17 @@ def swapped(model: nn.Module) -> dict[str, str]:
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo ``accelerate``: every swapped module gets its class's forward back (inside an
-    ``accelerate`` dispatch hook: the forward the hook called before; under its mixed-precision
-    wrapper, which calls the swapped forward, that forward is switched to HF's)."""
+    ``accelerate`` dispatch hook: the forward the hook called before; under a wrapper set on the
+    instance after the swap that calls the swapped forward - accelerate's mixed precision, TRL's
+    ``add_fused_lm_head`` -, that forward is switched to HF's)."""
     for m in model.modules():
         m.__dict__.pop(_OFF, None)
         if _ours(m.__dict__.get("forward")):
             del m.forward
-        elif _ours(m.__dict__.get("_original_forward")):  # accelerate's wrapper calls the swap
+        if _wrapped_swap(m) is not None:  # a wrapper set after the swap calls it
             m.__dict__[_OFF] = True
+        else:
+            m.__dict__.pop(_BOUND, None)
         if _ours(m.__dict__.get("_old_forward")):  # a hook around the swap, added before or after
             saved = m.__dict__.get("_ember_hooked_forward")
             m._old_forward = saved if saved is not None else types.MethodType(type(m).forward, m)

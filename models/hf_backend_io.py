@@ -25,6 +25,9 @@ class AttentionPlan:
     # Padding inside a row (not only at its ends): HF's sliding window counts those positions,
     # so layers with a window run HF's attention with its mask.
     gaps: bool = False
+    # Padding before a row's first real token (left padding): a fully masked query row, which
+    # HF's eager attention fills with the mean of the values (varlen and SDPA: 0).
+    leading: bool = False
 
 
 def attention_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
@@ -42,14 +45,16 @@ def attention_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tens
         lengths = keep.sum(1)
         t = torch.arange(seqlen, device=keep.device)
         span = torch.where(keep, t, -1).amax(1) - torch.where(keep, t, seqlen).amin(1) + 1
-        full, any_empty, gaps, longest = torch.stack([x.long() for x in (
-            keep.all(), (lengths == 0).any(), (span != lengths).any(), lengths.max())]).tolist()
+        full, any_empty, gaps, longest, leading = torch.stack([x.long() for x in (
+            keep.all(), (lengths == 0).any(), (span != lengths).any(), lengths.max(),
+            (~keep[:, 0]).any())]).tolist()
         if full:
             return AttentionPlan()  # HF ignores an all-ones mask, and so does packing detection
         if any_empty:
             return None
         cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        return AttentionPlan(cu, longest, keep.reshape(-1).nonzero().squeeze(1), gaps=bool(gaps))
+        return AttentionPlan(cu, longest, keep.reshape(-1).nonzero().squeeze(1), gaps=bool(gaps),
+                             leading=bool(leading))
     if position_ids is None or past_key_values is not None:
         return AttentionPlan()
     pos = position_ids.expand(batch, seqlen) if position_ids.shape[0] != batch else position_ids
@@ -107,6 +112,39 @@ def check_labels(labels: torch.Tensor, tokens: tuple[int, int], name: str) -> No
 def keep_slice(logits_to_keep):
     """The positions HF keeps logits for (an int: the last n; 0: all; or an index tensor)."""
     return slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+
+
+def kept_shift_labels(labels, shift_labels, logits_to_keep, tokens: tuple[int, int],
+                      ignore_index: int, strict: bool = False) -> torch.Tensor | None:
+    """``labels`` with ``logits_to_keep``: HF computes the logits of the kept positions only and
+    its loss on them, the labels (or ``shift_labels``) one per kept position, shifted among them.
+    Those as pre-shifted labels over all (B, T) positions, ``ignore_index`` elsewhere; None when
+    every position is kept, no labels are given, or (``strict`` False) their count is not one per
+    kept position (``strict``: a ``ValueError``, where HF's loss raises on the count)."""
+    if labels is None or (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        return None
+    B, T = tokens
+    if isinstance(logits_to_keep, int) and logits_to_keep >= T:
+        return None
+    dev = logits_to_keep.device if torch.is_tensor(logits_to_keep) else labels.device
+    every = torch.arange(T, device=dev)
+    pos = every[keep_slice(logits_to_keep)]
+    if pos.numel() == T and torch.equal(pos, every):  # an index tensor keeping every position
+        return None
+    name = "labels" if shift_labels is None else "shift_labels"
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    if not torch.is_tensor(shift_labels) or shift_labels.numel() != B * pos.numel():
+        if not strict:
+            return None
+        shape = (tuple(shift_labels.shape) if torch.is_tensor(shift_labels)
+                 else type(shift_labels).__name__)
+        raise ValueError(f"{name} has shape {shape} but logits_to_keep keeps {(B, pos.numel())} "
+                         "positions, and transformers computes the loss on the kept logits only: "
+                         "give one label per kept position, or logits_to_keep=0")
+    full = shift_labels.new_full((B, T), ignore_index)
+    full[:, pos.to(full.device)] = shift_labels.reshape(B, -1)
+    return full
 
 
 def labels_read_padding(attention_mask, labels, shift_labels, ignore_index: int,

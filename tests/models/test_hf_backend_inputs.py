@@ -75,6 +75,36 @@ def test_logits_to_keep():
             _close(f"logits (keep {keep})", a.logits, b.logits)
 
 
+@pytest.mark.parametrize("keep", [4, torch.tensor([1, 5, 6, 9])])
+def test_logits_to_keep_with_labels(keep):
+    """``logits_to_keep`` with labels: HF computes the logits of the kept positions and its loss
+    on them, one label per kept position, shifted among them; the fused loss does the same
+    (was: it ignored logits_to_keep, a loss over every position where HF scores the kept ones
+    only, refused one label per kept position, and accepted one per token where HF raises)."""
+    ref, model = _pair("qwen3_qknorm", seed=63)
+    accelerate(model)
+    ids = _ids(2, 10, seed=37)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding: the kept positions read the row's real tokens only
+    kept = _ids(2, 4, seed=38)
+    kept[0, 1] = -100
+    for shifted in (False, True):  # labels, or shift_labels (HF then reads labels only as a flag)
+        kw = dict(attention_mask=mask, logits_to_keep=keep, labels=ids if shifted else kept)
+        if shifted:
+            kw["shift_labels"] = kept
+        _loss_and_grads_match(ref, model, ids, **kw)
+        with torch.no_grad():
+            a, b = ref.eval()(ids, **kw), model.eval()(ids, **kw)
+        _close("loss (eval)", b.loss, a.loss)
+        _close("logits (eval)", b.logits, a.logits)
+        ref.train(), model.train()
+    with pytest.raises(ValueError, match="batch_size"):
+        ref(ids, labels=ids, logits_to_keep=keep)
+    with pytest.raises(ValueError, match=r"labels has shape \(2, 10\) but logits_to_keep keeps "
+                                         r"\(2, 4\) positions"):
+        model(ids, labels=ids, logits_to_keep=4)
+
+
 @pytest.mark.parametrize("kw", [dict(num_beams=2, num_return_sequences=2),
                                 dict(cache_implementation="static")])
 def test_generate_beams_and_static_cache(kw):

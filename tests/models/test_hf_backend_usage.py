@@ -109,6 +109,78 @@ def test_restore_under_mixed_precision_wrapper():
     assert swapped(model) == kinds  # refused before anything changed
 
 
+def test_swap_after_mixed_precision_wrapper_refused():
+    """A model that accelerate's ``prepare`` already wrapped in bf16 autocast, then swapped: the
+    swap would replace the wrapper's forward, dropping its autocast (was: dropped silently, an
+    fp32 run); refused, saying to swap first. Unwrapped (``keep_fp32_wrapper=False``: the class's
+    forward bound on the instance), it swaps."""
+    accelerate_lib = pytest.importorskip("accelerate")
+    ref, model = _pair("llama", seed=87)
+    acc = accelerate_lib.Accelerator(cpu=True, mixed_precision="bf16")
+    model = acc.prepare_model(model)
+    with pytest.raises(EmberError, match="swap.* would drop that wrapper"):
+        accelerate(model)
+    assert swapped(model) == {}
+    model = acc.unwrap_model(model, keep_fp32_wrapper=False)
+    accelerate(model)
+    assert swapped(model)[""] == "loss"
+    ids = _ids(2, 9, seed=27)
+    out = model(ids, labels=ids)
+    assert out.logits is None
+    _close("loss (fp32 again)", out.loss, ref(ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("case", ["llama", "llama_tied_llama3"])
+def test_resize_token_embeddings_after_swap(case):
+    """``resize_token_embeddings`` (new tokens added to the tokenizer) after the swap: the fused
+    loss reads the new head (a new module) every call, so the new tokens' labels and logits are
+    the resized twin's; tied heads stay tied (``tie_weights``)."""
+    ref, model = _pair(case, seed=91)
+    accelerate(model)
+    for m in (ref, model):
+        m.resize_token_embeddings(110, mean_resizing=False)
+        m.tie_weights()
+        with torch.no_grad():  # the same new rows in both
+            g = torch.Generator().manual_seed(92)
+            m.get_output_embeddings().weight[96:] = 0.5 * torch.randn(14, 48, generator=g)
+            m.get_input_embeddings().weight[96:] = 0.5 * torch.randn(14, 48, generator=g)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == ("tied" in case)
+    ids = _ids(2, 9, seed=28)
+    ids[:, 3:6] = torch.tensor([100, 105, 109])
+    _loss_and_grads_match(ref, model, ids, labels=ids)
+    with torch.no_grad():
+        a, b = ref.eval()(ids), model.eval()(ids)
+    assert b.logits.shape == (2, 9, 110)
+    _close("logits", b.logits, a.logits)
+
+
+def test_prepare_model_for_kbit_training_then_swap_then_lora():
+    """PEFT's QLoRA recipe on an fp32 model: ``prepare_model_for_kbit_training`` (on a model
+    not quantized it enables no checkpointing: its kbit steps, input embeddings requiring grad and
+    reentrant gradient checkpointing, are called here), the swap, then LoRA: the loss and the
+    LoRA gradients are the unswapped twin's (the plan replayed by the checkpointed layers)."""
+    peft = pytest.importorskip("peft")
+    pair = _pair("qwen3_qknorm", seed=93)
+    ids = _ids(2, 11, seed=29)
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    models = []
+    for i, m in enumerate(pair):
+        m = peft.prepare_model_for_kbit_training(m)
+        m.enable_input_require_grads()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        if i:
+            accelerate(m)
+        torch.manual_seed(0)
+        models.append(peft.get_peft_model(m, peft.LoraConfig(
+            r=4, target_modules=["k_proj", "o_proj", "up_proj"], lora_dropout=0.0,
+            init_lora_weights="gaussian")))
+    assert pair[1].is_gradient_checkpointing and swapped(models[1])["base_model.model"] == "loss"
+    _loss_and_grads_match(*models, ids, attention_mask=mask,
+                          labels=ids.masked_fill(mask == 0, -100))
+    assert any("lora_A" in n and p.grad is not None for n, p in models[1].named_parameters())
+
+
 def _trainer_run(model, tmp_path, collate, rows) -> tuple:
     args = transformers.TrainingArguments(
         str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
