@@ -315,3 +315,51 @@ def test_exact_match_early_stop_survives_a_decoder_that_cleans_up_spaces():
         res = generation_eval(model, tok, examples, ["exact_match"], max_new_tokens=6, show=2)
         assert res.scores == {"exact_match": 0.5}, (tok, res.samples)
         assert res.samples[0][1] == "Hello."
+
+
+def test_generation_eval_applies_the_generation_config_repetition_penalty(tmp_path):
+    """transformers' ``generate(do_sample=False)`` applies the folder's generation_config.json
+    ``repetition_penalty`` (Qwen2.5-Instruct's 1.05) to greedy decoding; evaluation decoded
+    without it. The references are the unpenalized completions, so the reference draft, were it
+    still verified against plain greedy choices, would give those instead."""
+    import json
+    import warnings
+
+    from ember.models.loading import load_hf_folder
+
+    transformers = pytest.importorskip("transformers")
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    vocab = len(tiny_tokenizer_md()["tokenizer.ggml.tokens"])
+    torch.manual_seed(6)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False, bos_token_id=None,
+                                   eos_token_id=None, pad_token_id=None)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {**gen, "repetition_penalty": 1.8}))
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 3, 6)]
+
+    def hf_greedy(p, penalty):
+        out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=int),
+                          max_new_tokens=8, do_sample=False, repetition_penalty=penalty,
+                          pad_token_id=0)
+        return out[0, len(p):].tolist()
+
+    plain = [hf_greedy(p, 1.0) for p in prompts]
+    want = [tok.decode(hf_greedy(p, 1.8), skip_special_tokens=True) for p in prompts]
+    refs = [tok.decode(a, skip_special_tokens=True) for a in plain]
+    assert want != refs
+    examples = [Example(p + a, [IGNORE] * (len(p) - 1) + a + [IGNORE], f"t:{i}", len(p), r)
+                for i, (p, a, r) in enumerate(zip(prompts, plain, refs, strict=True))]
+    res = generation_eval(model, tok, examples, ["f1"], max_new_tokens=8, batch_size=2, show=3)
+    assert [s[1] for s in res.samples] == want
