@@ -346,7 +346,7 @@ class Trainer(EvalMixin):
             if note:
                 self.echo(note)
         self._keep_checkpointed_best(prog)  # none for a new run
-        self.log.start(prog.step)
+        self.log.start(prog.step, drop_stop_row=bool(prog.log_window))
         ranks = "" if not info.distributed else f" per process, x{info.world_size} processes"
         self.echo(f"{total} steps ({per_epoch} batches of <= {cfg.data.tokens_per_batch} tokens "
                   f"per epoch, grad_accum {cfg.grad_accum}{ranks}), lr {o.lr:g} "
@@ -405,10 +405,11 @@ class Trainer(EvalMixin):
                     for k, v in values.items():
                         total_k, n_k = window.get(k, (0.0, 0))
                         window[k] = [total_k + v, n_k + 1]
-                if (step % cfg.log_every == 0 or step == total or not s.applied or evaluating
-                        or leave):
-                    if s.applied:
-                        values = self._log_means(prog)
+                regular = (step % cfg.log_every == 0 or step == total or not s.applied
+                           or evaluating)
+                if regular or leave:
+                    if s.applied:  # a stop's row between two log_every rows keeps the window
+                        values = self._log_means(prog, keep=not regular)  # (for the resume)
                     elif prog.log_window:  # the applied steps before it: their own row first
                         # (at the last applied one), else a run ending here never logged them
                         self.log.write({"kind": "train", "step": step - guard.in_a_row,
@@ -482,12 +483,14 @@ class Trainer(EvalMixin):
                          time.perf_counter() - t_start)
 
     @staticmethod
-    def _log_means(prog: Progress) -> dict:
+    def _log_means(prog: Progress, keep: bool = False) -> dict:
         """The loss and metrics a train row logs: their means over the applied steps since the
         previous row (transformers' Trainer logs the mean loss of its ``logging_steps``, TRL
-        its metrics' means), not the last step's alone; the window starts again."""
+        its metrics' means), not the last step's alone; the window starts again (``keep``: not,
+        a stop's row: the resumed run logs the whole window where an uninterrupted one does)."""
         means = {k: total / n for k, (total, n) in prog.log_window.items()}
-        prog.log_window = {}
+        if not keep:
+            prog.log_window = {}
         return means
 
     def _checkpoint(self, opt, prog: Progress, ckpt_state: dict):

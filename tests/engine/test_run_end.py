@@ -53,13 +53,22 @@ def test_early_stopping_that_cannot_act_says_so(tiny, tmp_path):
 
 def test_the_step_a_stopped_run_ends_at_is_logged(tiny, tmp_path):
     """A run stopped after step 3 (to --resume) with log_every = 5 lost step 3's row for good:
-    the resumed run starts at step 4."""
-    cfg = tiny_config(tiny, tmp_path / "r", "max_steps=6", "log_every=5", "eval.metrics=[]",
-                      "eval.val_loss=false", "checkpoint.save_final=false")
+    the resumed run starts at step 4. That row (the mean of steps 1-3) stands in for the step-5
+    row until the resume, which logs the step-5 row of the uninterrupted run (the mean of steps
+    1-5; was: of steps 4-5, beside the step-3 row), in TensorBoard too."""
+    from tests.engine.test_trainer import _tensorboard
+
+    extra = ("max_steps=6", "log_every=5", "eval.metrics=[]", "eval.val_loss=false",
+             "checkpoint.save_final=false", "tensorboard=true")
+    train(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
+    cfg = tiny_config(tiny, tmp_path / "r", *extra)
     assert train(cfg, echo=quiet, progress=False, stop_after=3).steps == 3
     assert _train_steps(tmp_path / "r") == [3]
     train(cfg, resume=True, echo=quiet, progress=False)
-    assert _train_steps(tmp_path / "r") == [3, 5, 6]
+    assert _train_steps(tmp_path / "r") == _train_steps(tmp_path / "a") == [5, 6]
+    assert rows_of(tmp_path / "r", timing=False) == rows_of(tmp_path / "a", timing=False)
+    tb_a, tb_r = _tensorboard(tmp_path / "a"), _tensorboard(tmp_path / "r")
+    assert tb_r["train/loss"] == tb_a["train/loss"] and len(tb_a["train/loss"]) == 2
 
 
 def _weights_equal(model, saved: dict) -> bool:
