@@ -85,6 +85,7 @@ from ember.engine.runtime import (
     autocast_for,
     build_model,
     cpu_has_bf16,  # noqa: F401 (bench/train.py imports it from here)
+    length_note,
     lr_factor,
     make_optimizer,
     memory_gib,
@@ -342,9 +343,13 @@ class Trainer(EvalMixin):
         if latest is not None:
             prog = restore(latest, cfg, info, model, opt, **ckpt_state)
             self.echo(f"resumed from {latest} (step {prog.step} of {total})")
-            note = restart_best(prog, checkpoint_config(latest).eval, cfg.eval)
-            if note:
-                self.echo(note)
+            was = checkpoint_config(latest)
+            old_total = len(StepSizes(batches, per_step, epochs=was.epochs,
+                                      max_steps=was.max_steps))
+            for note in (restart_best(prog, was.eval, cfg.eval),
+                         length_note(prog.step, old_total, total)):
+                if note:
+                    self.echo(note)
         self._keep_checkpointed_best(prog)  # none for a new run
         self.log.start(prog.step, drop_stop_row=bool(prog.log_window))
         ranks = "" if not info.distributed else f" per process, x{info.world_size} processes"
