@@ -95,7 +95,15 @@ from ember.engine.runtime import (
     warmup_steps,
 )
 from ember.engine.stages import describe as describe_start
-from ember.engine.state import Progress, checkpoint_config, export_final, open_run, restore, save
+from ember.engine.state import (
+    Progress,
+    base_fingerprint,
+    checkpoint_config,
+    export_final,
+    open_run,
+    restore,
+    save,
+)
 from ember.engine.trainer_eval import EvalMixin
 from ember.models.hf_config_export import check_classifier_exportable
 from ember.models.lora import lora_modules
@@ -163,6 +171,8 @@ class Trainer(EvalMixin):
             raise EmberError("prompt tuning runs in one process (its few thousand parameters "
                              "gain nothing from FSDP); start it without torchrun")
         model, self.tokenizer = build_model(cfg, build_device(info))
+        # what the checkpoints do not hold (resumed onto other base weights: refused)
+        self.base_print = broadcast_object(base_fingerprint(model) if info.is_main else None, info)
         n_all = num_weights(model)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         act = cfg.activations
@@ -337,7 +347,7 @@ class Trainer(EvalMixin):
         scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         guard = NonFiniteGuard(cfg.guards.max_nonfinite_in_a_row)
         self.last_samples, self.last_gen = [], None
-        ckpt_state = dict(batches=batches, guard=guard, scaler=scaler)
+        ckpt_state = dict(batches=batches, guard=guard, scaler=scaler, base=self.base_print)
 
         prog = Progress()
         if latest is not None:
