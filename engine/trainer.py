@@ -354,8 +354,8 @@ class Trainer(EvalMixin):
             prog = restore(latest, cfg, info, model, opt, **ckpt_state)
             self.echo(f"resumed from {latest} (step {prog.step} of {total})")
             was = checkpoint_config(latest)
-            old_total = len(StepSizes(batches, per_step, epochs=was.epochs,
-                                      max_steps=was.max_steps))
+            old_total = total if (was.epochs, was.max_steps) == (cfg.epochs, cfg.max_steps) else (
+                len(StepSizes(batches, per_step, epochs=was.epochs, max_steps=was.max_steps)))
             for note in (restart_best(prog, was.eval, cfg.eval),
                          length_note(prog.step, old_total, total)):
                 if note:
