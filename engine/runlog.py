@@ -57,22 +57,27 @@ class MetricsLog:
                     self._tb.add_scalar(f"{row['kind']}/{k}", v, row["step"])
             self._tb.flush()
 
-    def start(self, step: int) -> None:
+    def start(self, step: int, *, drop_stop_row: bool = False) -> None:
         """A fresh run (``step`` 0) starts an empty log; a resumed one keeps rows up to ``step``
-        (TensorBoard: events after ``step`` are purged)."""
+        (TensorBoard: events after ``step`` are purged). ``drop_stop_row``: the train row at
+        ``step`` is a stop's, written between two ``log_every`` rows (the mean of its window so
+        far, which the checkpoint still holds): dropped too, as the resumed run logs that
+        window's row where the uninterrupted run does."""
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             tb_dir = self.run_dir / "tensorboard"
             if step == 0 and tb_dir.exists():
                 shutil.rmtree(tb_dir)
-            self._tb = SummaryWriter(str(tb_dir), purge_step=step + 1 if step else None)
+            purge = step + (not drop_stop_row)  # (a stop row's step has no other events)
+            self._tb = SummaryWriter(str(tb_dir), purge_step=purge if step else None)
         if not self.main or not self.path.exists():
             return
         if step == 0:
             self.path.unlink()
             return
-        keep = [json.dumps(r) for r in self.rows() if r["step"] <= step]
+        keep = [json.dumps(r) for r in self.rows() if r["step"] < step or (
+            r["step"] == step and not (drop_stop_row and r["kind"] == "train"))]
         self.path.write_text("".join(r + "\n" for r in keep))
 
     def close(self) -> None:

@@ -209,6 +209,22 @@ class StepSizes:
         return self._sizes[step]
 
 
+def length_note(step: int, old: int, new: int) -> str | None:
+    """A resume at ``step`` whose run length (max_steps / epochs: ``new`` steps) differs from
+    the checkpoint's (``old``): the note that says what happens (None: the same length). The
+    lr schedule and a warmup_ratio's warmup are of the new length from the resume on, as in
+    transformers' Trainer resumed with another max_steps (its scheduler is rebuilt for it)."""
+    if old == new:
+        return None
+    if step >= new:
+        return (f"note: the checkpoint is at step {step}, at or past this run's {new} steps "
+                f"(max_steps / epochs now, {old} steps in the checkpoint): nothing is left to "
+                f"train, the run ends at step {step}")
+    return (f"note: this run is {new} steps long (max_steps / epochs), the checkpoint's was "
+            f"{old}: from step {step + 1} on the lr follows the {new}-step schedule (its warmup "
+            "too, with a warmup_ratio), as transformers' Trainer resumed with another max_steps")
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak lr for optimizer step ``step`` (0-based) of ``total``: transformers'
     ``get_scheduler`` (linear / cosine / cosine_with_min_lr / constant_with_warmup), whose linear

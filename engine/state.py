@@ -20,6 +20,7 @@ processes as long as ``grad_accum * processes`` (packed batches per optimizer st
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,12 +181,33 @@ def _check_same_run(path: Path, cfg: TrainConfig) -> list[str]:
     return notes
 
 
+def base_fingerprint(model) -> str:
+    """A fingerprint of the weights a run does not train and so does not checkpoint (the base
+    under LoRA / prompt tuning, frozen layers, a QLoRA base's packed 4-bit entries), rebuilt from
+    the model folder at a resume: the exact bytes of up to 4096 evenly strided values of each.
+    Call it on the built model before activation checkpointing and sharding (names as built)."""
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in model.state_dict().items():
+        if name in trained or not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            continue
+        flat = t.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 4096)][:4096].contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save(cfg: TrainConfig, info: DistInfo, model, optimizer, *, progress: Progress,
-         batches: PackedBatches, guard: NonFiniteGuard, scaler=None) -> Path:
-    """Checkpoint the run after ``progress.step`` (every rank; gradients must be cleared)."""
+         batches: PackedBatches, guard: NonFiniteGuard, scaler=None,
+         base: str | None = None) -> Path:
+    """Checkpoint the run after ``progress.step`` (every rank; gradients must be cleared);
+    ``base``: the model's ``base_fingerprint``."""
     extra = {"progress": dataclasses.asdict(progress),
              "data": data_state(batches, cfg.grad_accum * info.world_size),
              "guard": guard.state_dict()}
+    if base is not None:
+        extra["base"] = base
     if scaler is not None:
         extra["scaler"] = scaler.state_dict()
     return dcp.save(dcp.checkpoint_root(cfg.out_dir), progress.step, model=model,
@@ -194,12 +216,22 @@ def save(cfg: TrainConfig, info: DistInfo, model, optimizer, *, progress: Progre
 
 
 def restore(path: Path, cfg: TrainConfig, info: DistInfo, model, optimizer, *,
-            batches: PackedBatches, guard: NonFiniteGuard, scaler=None) -> Progress:
+            batches: PackedBatches, guard: NonFiniteGuard, scaler=None,
+            base: str | None = None) -> Progress:
     """Load a checkpoint into the built (and sharded) model, the optimizer, this rank's RNG,
-    the data position, the guard and the scaler; returns the run's progress."""
+    the data position, the guard and the scaler; returns the run's progress. ``base``: the
+    model's ``base_fingerprint``, refused unless the checkpoint's (where it has one) is the same:
+    its run trained on other frozen weights (the model folder replaced or retrained since)."""
     # find_latest has just verified the files at cfg.checkpoint.verify: sizes suffice here.
     loaded = dcp.load(path, model=model, optimizer=optimizer, info=info, level="size")
     extra = loaded.extra
+    if base is not None and extra.get("base", base) != base:
+        init = f", model.init {cfg.model.init!r}" if cfg.model.init else ""
+        raise EmberError(f"cannot resume {cfg.out_dir}: the weights it does not train (the base "
+                         f"model, model.name {cfg.model.name!r}{init}) differ from those its "
+                         f"checkpoint {path.name} was trained on: the model's files were "
+                         "replaced or retrained since. Resume with the model the run started "
+                         "from, or start a new run with --set run_dir=<new folder>")
     restore_data_state(batches, extra["data"], cfg.grad_accum * info.world_size, info.world_size)
     guard.load_state_dict(extra["guard"])
     if scaler is not None and extra.get("scaler"):

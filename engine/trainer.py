@@ -85,6 +85,7 @@ from ember.engine.runtime import (
     autocast_for,
     build_model,
     cpu_has_bf16,  # noqa: F401 (bench/train.py imports it from here)
+    length_note,
     lr_factor,
     make_optimizer,
     memory_gib,
@@ -94,7 +95,15 @@ from ember.engine.runtime import (
     warmup_steps,
 )
 from ember.engine.stages import describe as describe_start
-from ember.engine.state import Progress, checkpoint_config, export_final, open_run, restore, save
+from ember.engine.state import (
+    Progress,
+    base_fingerprint,
+    checkpoint_config,
+    export_final,
+    open_run,
+    restore,
+    save,
+)
 from ember.engine.trainer_eval import EvalMixin
 from ember.models.hf_config_export import check_classifier_exportable
 from ember.models.lora import lora_modules
@@ -162,6 +171,8 @@ class Trainer(EvalMixin):
             raise EmberError("prompt tuning runs in one process (its few thousand parameters "
                              "gain nothing from FSDP); start it without torchrun")
         model, self.tokenizer = build_model(cfg, build_device(info))
+        # what the checkpoints do not hold (resumed onto other base weights: refused)
+        self.base_print = broadcast_object(base_fingerprint(model) if info.is_main else None, info)
         n_all = num_weights(model)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         act = cfg.activations
@@ -338,17 +349,21 @@ class Trainer(EvalMixin):
         scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         guard = NonFiniteGuard(cfg.guards.max_nonfinite_in_a_row)
         self.last_samples, self.last_gen = [], None
-        ckpt_state = dict(batches=batches, guard=guard, scaler=scaler)
+        ckpt_state = dict(batches=batches, guard=guard, scaler=scaler, base=self.base_print)
 
         prog = Progress()
         if latest is not None:
             prog = restore(latest, cfg, info, model, opt, **ckpt_state)
             self.echo(f"resumed from {latest} (step {prog.step} of {total})")
-            note = restart_best(prog, checkpoint_config(latest).eval, cfg.eval)
-            if note:
-                self.echo(note)
+            was = checkpoint_config(latest)
+            old_total = total if (was.epochs, was.max_steps) == (cfg.epochs, cfg.max_steps) else (
+                len(StepSizes(batches, per_step, epochs=was.epochs, max_steps=was.max_steps)))
+            for note in (restart_best(prog, was.eval, cfg.eval),
+                         length_note(prog.step, old_total, total)):
+                if note:
+                    self.echo(note)
         self._keep_checkpointed_best(prog)  # none for a new run
-        self.log.start(prog.step)
+        self.log.start(prog.step, drop_stop_row=bool(prog.log_window))
         ranks = "" if not info.distributed else f" per process, x{info.world_size} processes"
         self.echo(f"{total} steps ({per_epoch} batches of <= {cfg.data.tokens_per_batch} tokens "
                   f"per epoch, grad_accum {cfg.grad_accum}{ranks}), lr {o.lr:g} "
@@ -407,10 +422,11 @@ class Trainer(EvalMixin):
                     for k, v in values.items():
                         total_k, n_k = window.get(k, (0.0, 0))
                         window[k] = [total_k + v, n_k + 1]
-                if (step % cfg.log_every == 0 or step == total or not s.applied or evaluating
-                        or leave):
-                    if s.applied:
-                        values = self._log_means(prog)
+                regular = (step % cfg.log_every == 0 or step == total or not s.applied
+                           or evaluating)
+                if regular or leave:
+                    if s.applied:  # a stop's row between two log_every rows keeps the window
+                        values = self._log_means(prog, keep=not regular)  # (for the resume)
                     elif prog.log_window:  # the applied steps before it: their own row first
                         # (at the last applied one), else a run ending here never logged them
                         self.log.write({"kind": "train", "step": step - guard.in_a_row,
@@ -484,12 +500,14 @@ class Trainer(EvalMixin):
                          time.perf_counter() - t_start)
 
     @staticmethod
-    def _log_means(prog: Progress) -> dict:
+    def _log_means(prog: Progress, keep: bool = False) -> dict:
         """The loss and metrics a train row logs: their means over the applied steps since the
         previous row (transformers' Trainer logs the mean loss of its ``logging_steps``, TRL
-        its metrics' means), not the last step's alone; the window starts again."""
+        its metrics' means), not the last step's alone; the window starts again (``keep``: not,
+        a stop's row: the resumed run logs the whole window where an uninterrupted one does)."""
         means = {k: total / n for k, (total, n) in prog.log_window.items()}
-        prog.log_window = {}
+        if not keep:
+            prog.log_window = {}
         return means
 
     def _checkpoint(self, opt, prog: Progress, ckpt_state: dict):

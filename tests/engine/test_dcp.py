@@ -250,3 +250,29 @@ def _config(tiny, run: Path, extra) -> Path:
     path = run.parent / f"{run.name}.toml"
     path.write_text(to_toml(tiny_config(tiny, run, *extra)))
     return path
+
+
+def test_a_resume_onto_other_base_weights_is_refused(tiny, tmp_path):
+    """A LoRA checkpoint holds the adapters only: a resume reads the base again from model.name.
+    Base weights changed since (one tensor of the folder rewritten by safetensors) resumed
+    silently onto them, another run than the one checkpointed; refused, naming model.name. The
+    same weights written again (other file bytes: safetensors' own metadata) resume."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ember.engine.trainer import train
+
+    model = shutil.copytree(tiny["model"], tmp_path / "model")
+    cfg = tiny_config(dict(tiny, model=str(model)), tmp_path / "r", "max_steps=3",
+                      "eval.metrics=[]", "eval.val_loss=false")
+    assert train(cfg, echo=w.quiet, progress=False, stop_after=1).steps == 1
+    file = model / "model.safetensors"
+    weights = load_file(file)
+    key = next(k for k in weights if "layers.1." in k and "q_proj" in k)
+    save_file({**weights, key: weights[key] * 1.01}, file, metadata={"format": "pt"})
+    with pytest.raises(EmberError, match="differ from those its checkpoint.*model.name|model.name"
+                       ".*differ from those its checkpoint"):
+        train(cfg, resume=True, echo=w.quiet, progress=False)
+    save_file(weights, file, metadata={"format": "pt", "note": "rewritten"})
+    assert train(cfg, resume=True, echo=w.quiet, progress=False).steps == 3

@@ -15,7 +15,7 @@ from ember.engine import dcp
 from ember.engine.best import best_root
 from ember.engine.state import load_run_model
 from ember.engine.trainer import train
-from tests.engine._tiny import checkpoint_weights, quiet, rows_of, tiny_config
+from tests.engine._tiny import checkpoint_weights, hf_lr_factors, quiet, rows_of, tiny_config
 
 
 def _train_steps(run) -> list[int]:
@@ -53,13 +53,22 @@ def test_early_stopping_that_cannot_act_says_so(tiny, tmp_path):
 
 def test_the_step_a_stopped_run_ends_at_is_logged(tiny, tmp_path):
     """A run stopped after step 3 (to --resume) with log_every = 5 lost step 3's row for good:
-    the resumed run starts at step 4."""
-    cfg = tiny_config(tiny, tmp_path / "r", "max_steps=6", "log_every=5", "eval.metrics=[]",
-                      "eval.val_loss=false", "checkpoint.save_final=false")
+    the resumed run starts at step 4. That row (the mean of steps 1-3) stands in for the step-5
+    row until the resume, which logs the step-5 row of the uninterrupted run (the mean of steps
+    1-5; was: of steps 4-5, beside the step-3 row), in TensorBoard too."""
+    from tests.engine.test_trainer import _tensorboard
+
+    extra = ("max_steps=6", "log_every=5", "eval.metrics=[]", "eval.val_loss=false",
+             "checkpoint.save_final=false", "tensorboard=true")
+    train(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
+    cfg = tiny_config(tiny, tmp_path / "r", *extra)
     assert train(cfg, echo=quiet, progress=False, stop_after=3).steps == 3
     assert _train_steps(tmp_path / "r") == [3]
     train(cfg, resume=True, echo=quiet, progress=False)
-    assert _train_steps(tmp_path / "r") == [3, 5, 6]
+    assert _train_steps(tmp_path / "r") == _train_steps(tmp_path / "a") == [5, 6]
+    assert rows_of(tmp_path / "r", timing=False) == rows_of(tmp_path / "a", timing=False)
+    tb_a, tb_r = _tensorboard(tmp_path / "a"), _tensorboard(tmp_path / "r")
+    assert tb_r["train/loss"] == tb_a["train/loss"] and len(tb_a["train/loss"]) == 2
 
 
 def _weights_equal(model, saved: dict) -> bool:
@@ -345,6 +354,29 @@ def test_resume_across_epochs_with_partial_steps_is_exact(tiny, tmp_path):
     wa = dict(load_run_model(tmp_path / "a", "cpu")[0].named_parameters())
     wb = dict(load_run_model(tmp_path / "b", "cpu")[0].named_parameters())
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_resume_with_another_max_steps_says_so_and_schedules_as_transformers(tiny, tmp_path):
+    """A 4-step run (cosine, warmup_ratio 0.25: 1 warmup step) stopped after step 3 and resumed
+    with max_steps = 8 takes from step 4 on the lrs of transformers' get_scheduler for 8 steps
+    (2 warmup steps), as its Trainer resumed with another max_steps, and says so (was: without a
+    word); resumed again with max_steps = 2 it has nothing to train and says that."""
+    run = tmp_path / "r"
+    extra = ("optim.lr=1e-3", 'optim.schedule="cosine"', "optim.warmup_ratio=0.25",
+             "eval.metrics=[]", "eval.val_loss=false", "checkpoint.save_final=false")
+    assert train(tiny_config(tiny, run, "max_steps=4", *extra), echo=quiet, progress=False,
+                 stop_after=3).steps == 3
+    out = []
+    train(tiny_config(tiny, run, "max_steps=8", *extra), resume=True, echo=out.append,
+          progress=False)
+    lrs = [r["lr"] for r in rows_of(run) if r["kind"] == "train"]
+    old, new = hf_lr_factors("cosine", 4, 1), hf_lr_factors("cosine", 8, 2)
+    assert lrs == pytest.approx([1e-3 * f for f in old[:3] + new[3:]], rel=1e-12, abs=0)
+    assert [n for n in out if "8 steps long" in n and "was 4" in n]
+    out = []
+    res = train(tiny_config(tiny, run, "max_steps=2", *extra), resume=True, echo=out.append,
+                progress=False)
+    assert res.steps == 3 and [n for n in out if "nothing is left to train" in n]
 
 
 def test_max_steps_steps_are_transformers_trainers(tmp_path):
