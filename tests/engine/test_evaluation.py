@@ -94,6 +94,21 @@ def test_generation_eval_takes_a_transformers_tokenizer():
     generation_eval(model, bare, examples, ["exact_match"], max_new_tokens=3)
 
 
+def _tiny_hf_llama(vocab: int, seed: int, eos: int | None):
+    """A tiny transformers Llama with spread logits (no near-ties between greedy choices)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False, bos_token_id=None,
+                                   eos_token_id=eos, pad_token_id=None)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    return hf
+
+
 def test_generation_eval_predicts_what_transformers_generates_and_refuses_bad_sizes(tmp_path):
     """The predictions are transformers' greedy completions (prompt removed, stop at eos, the
     eos not in the text), batches of 2 that do not divide 5 examples, the first
@@ -105,19 +120,10 @@ def test_generation_eval_predicts_what_transformers_generates_and_refuses_bad_si
     from ember import EmberError
     from ember.models.loading import load_hf_folder
 
-    transformers = pytest.importorskip("transformers")
     tok = tokenizer_from_gguf(tiny_tokenizer_md())
     vocab = len(tiny_tokenizer_md()["tokenizer.ggml.tokens"])
     eos = tok.eos_token_id
-    torch.manual_seed(5)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False, bos_token_id=None,
-                                   eos_token_id=eos, pad_token_id=None)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    for p in hf.parameters():
-        torch.nn.init.normal_(p, std=0.4)
+    hf = _tiny_hf_llama(vocab, 5, eos)
     with torch.no_grad():
         hf.lm_head.weight[eos] *= 1.5  # some rows end at eos
     with warnings.catch_warnings():
@@ -327,18 +333,9 @@ def test_generation_eval_applies_the_generation_config_repetition_penalty(tmp_pa
 
     from ember.models.loading import load_hf_folder
 
-    transformers = pytest.importorskip("transformers")
     tok = tokenizer_from_gguf(tiny_tokenizer_md())
     vocab = len(tiny_tokenizer_md()["tokenizer.ggml.tokens"])
-    torch.manual_seed(6)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False, bos_token_id=None,
-                                   eos_token_id=None, pad_token_id=None)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    for p in hf.parameters():
-        torch.nn.init.normal_(p, std=0.4)
+    hf = _tiny_hf_llama(vocab, 6, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf.save_pretrained(tmp_path)
