@@ -59,6 +59,16 @@ def test_a_full_finetune_resumed_onto_another_reference_is_refused(tiny, prefs, 
                           r"reference \(.*model\.name .*\) differs from the one its checkpoint")
 
 
+def test_a_lora_reference_is_the_base_fingerprinted_already(tiny, prefs, tmp_path):
+    """With LoRA the reference is the base under switched-off adapters: the base fingerprint
+    (state.base_fingerprint) refuses a resume onto other base weights, naming model.name."""
+    model = shutil.copytree(tiny["model"], tmp_path / "model")
+    cfg = tiny_config(dict(tiny, model=str(model), train=prefs, val=prefs, test=prefs),
+                      tmp_path / "r", 'objective="dpo"', "data.tokens_per_batch=96", *FAST)
+    _refused_then_resumes(cfg, model / "model.safetensors", "layers.1.self_attn.q_proj",
+                          r"model\.name .*\) differ from those its checkpoint")
+
+
 def test_a_checkpoint_without_fingerprints_still_resumes(tiny, prefs, tmp_path, monkeypatch):
     """A checkpoint an older Ember wrote (no ``frozen`` entry) resumes, whatever the files."""
     from ember.engine.objectives import SFT
