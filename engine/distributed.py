@@ -389,7 +389,8 @@ def restore_data_state(batches: PackedBatches, state: dict, batches_per_step: in
     saved = int(state["batches_per_step"])
     if saved != batches_per_step:
         w = processes or 1
-        hint = (f"set grad_accum = {saved // w} for {w} processes" if saved % w == 0
+        procs = "1 process" if w == 1 else f"{w} processes"
+        hint = (f"set grad_accum = {saved // w} for {procs}" if saved % w == 0
                 else f"use a process count that divides {saved}")
         raise EmberError(f"the checkpoint took {saved} packed batches per optimizer step "
                          f"(grad_accum x processes), this run takes {batches_per_step}; {hint} "

@@ -63,14 +63,28 @@ class DistillConfig:
             raise EmberError(f"distill.alpha must be in [0, 1], got {self.alpha}")
 
 
-def _frozen_model(name: str, precision: str, info: DistInfo):
+def _frozen_model(name: str, precision: str, info: DistInfo, prints: dict[str, str],
+                  role: str):
     """A model for forwards only: eval mode, no gradients, weights in the autocast dtype; under
-    torchrun sharded across the processes (``distributed.shard_frozen``)."""
+    torchrun sharded across the processes (``distributed.shard_frozen``); its fingerprint in
+    ``prints[role]`` (``record_fingerprint``)."""
     from ember.models.loading import load_pretrained
 
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
     model, tokenizer = load_pretrained(name, dtype, build_device(info))
+    record_fingerprint(prints, role, model.requires_grad_(False), info)
     return shard_frozen(model, info), tokenizer
+
+
+def record_fingerprint(prints: dict[str, str], role: str, model, info: DistInfo) -> None:
+    """``prints[role]``: ``state.base_fingerprint`` of a frozen model an objective reads from
+    its files at every start (a checkpoint does not hold it: a resume onto other files is
+    refused, ``state.restore``). Rank 0 only, on the weights as read, before ``shard_frozen``
+    (the other ranks hold none; the trainer broadcasts rank 0's)."""
+    if info.is_main:
+        from ember.engine.state import base_fingerprint  # (state imports this module)
+
+        prints[role] = base_fingerprint(model)
 
 
 class SFT:
@@ -83,6 +97,7 @@ class SFT:
         self.sums: dict[str, float] = {}
         self.info = info or DistInfo()  # the processes evaluation is shared by
         self.prompt_tuned = False  # set by check_model: token 0 of text lines is a loss term
+        self.prints: dict[str, str] = {}  # record_fingerprint's, by role (rank 0)
 
     def weight(self, batch) -> int:
         return sft_loss_tokens(batch, self.prompt_tuned)
@@ -96,6 +111,13 @@ class SFT:
     def frozen_models(self) -> dict[str, torch.nn.Module]:
         """The objective's own forward-only models by role (a teacher, a reference copy)."""
         return {}
+
+    def fingerprints(self, model) -> dict[str, str]:
+        """Rank 0, on the built ``model`` before sharding: fingerprints by role of what the
+        objective reads from files at every start and the checkpoints do not hold (its frozen
+        models; a continued adapter as loaded, DPO's / KTO's reference), for ``state.save`` /
+        ``state.restore``."""
+        return dict(self.prints)
 
     def load_datasets(self, cfg: DataConfig, tokenizer) -> Datasets:
         return load_datasets(cfg, tokenizer)
@@ -165,7 +187,8 @@ class Distill(SFT):
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         super().__init__(info)
         self.cfg = cfg.distill
-        self.teacher, self.teacher_tok = _frozen_model(self.cfg.teacher, cfg.precision, info)
+        self.teacher, self.teacher_tok = _frozen_model(self.cfg.teacher, cfg.precision, info,
+                                                         self.prints, "teacher")
         if self.teacher.cfg.labels is not None:
             # a tied classifier would otherwise "distill" through its input embeddings
             raise EmberError(f"distill.teacher {self.cfg.teacher!r} is a sequence classifier "

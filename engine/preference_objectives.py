@@ -49,7 +49,7 @@ from ember.engine.losses import (
     doc_logprobs_prompt_nll,
     prompt_positions,
 )
-from ember.engine.objectives import SFT
+from ember.engine.objectives import SFT, record_fingerprint
 from ember.engine.preference_losses import (
     DPO_LOSS_TYPES,
     PairLosses,
@@ -247,10 +247,20 @@ class Referenced:
         self.precompute, self.released = precompute, False
         self.snapshot = continues_lora(cfg)  # a continued adapter: a frozen copy of it
         if cfg.method == "full":  # no adapters to switch off: a frozen copy is the reference
-            self.ref_model = shard_frozen(frozen_start(cfg, build_device(info)), info)
+            ref = frozen_start(cfg, build_device(info))
+            record_fingerprint(self.prints, "reference", ref, info)
+            self.ref_model = shard_frozen(ref, info)
 
     def frozen_models(self) -> dict[str, torch.nn.Module]:
         return {} if self.ref_model is None else {"reference": self.ref_model}
+
+    def fingerprints(self, model) -> dict[str, str]:
+        prints = super().fingerprints(model)
+        if self.snapshot:  # the adapter as loaded from model.init (trained: not in the base's)
+            from ember.engine.state import base_fingerprint  # (state imports objectives)
+
+            prints["reference adapter"] = base_fingerprint(model, trained=True)
+        return prints
 
     def check_model(self, model, tokenizer) -> None:
         if self.snapshot:  # the built model holds the adapter as loaded (before any resume)

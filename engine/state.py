@@ -181,15 +181,19 @@ def _check_same_run(path: Path, cfg: TrainConfig) -> list[str]:
     return notes
 
 
-def base_fingerprint(model) -> str:
+def base_fingerprint(model, *, trained: bool = False) -> str:
     """A fingerprint of the weights a run does not train and so does not checkpoint (the base
     under LoRA / prompt tuning, frozen layers, a QLoRA base's packed 4-bit entries), rebuilt from
     the model folder at a resume: the exact bytes of up to 4096 evenly strided values of each.
-    Call it on the built model before activation checkpointing and sharding (names as built)."""
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    Call it on the built model before activation checkpointing and sharding (names as built).
+    ``trained``: of the trained parameters instead (a continued adapter as loaded: DPO's
+    reference). An objective's frozen models (a teacher, a reference copy) have no trained ones:
+    the default covers them whole."""
+    grads = {n for n, p in model.named_parameters() if p.requires_grad}
     h = hashlib.blake2b(digest_size=16)
     for name, t in model.state_dict().items():
-        if name in trained or not isinstance(t, torch.Tensor) or t.device.type == "meta":
+        if ((name in grads) != trained or not isinstance(t, torch.Tensor)
+                or t.device.type == "meta"):
             continue
         flat = t.detach().reshape(-1)
         sample = flat[::max(1, flat.numel() // 4096)][:4096].contiguous().cpu()
@@ -200,14 +204,17 @@ def base_fingerprint(model) -> str:
 
 def save(cfg: TrainConfig, info: DistInfo, model, optimizer, *, progress: Progress,
          batches: PackedBatches, guard: NonFiniteGuard, scaler=None,
-         base: str | None = None) -> Path:
+         base: str | None = None, frozen: dict[str, str] | None = None) -> Path:
     """Checkpoint the run after ``progress.step`` (every rank; gradients must be cleared);
-    ``base``: the model's ``base_fingerprint``."""
+    ``base``: the model's ``base_fingerprint``; ``frozen``: the objective's (``fingerprints``:
+    its teacher's, its reference's) by role."""
     extra = {"progress": dataclasses.asdict(progress),
              "data": data_state(batches, cfg.grad_accum * info.world_size),
              "guard": guard.state_dict()}
     if base is not None:
         extra["base"] = base
+    if frozen:
+        extra["frozen"] = dict(frozen)
     if scaler is not None:
         extra["scaler"] = scaler.state_dict()
     return dcp.save(dcp.checkpoint_root(cfg.out_dir), progress.step, model=model,
@@ -217,11 +224,13 @@ def save(cfg: TrainConfig, info: DistInfo, model, optimizer, *, progress: Progre
 
 def restore(path: Path, cfg: TrainConfig, info: DistInfo, model, optimizer, *,
             batches: PackedBatches, guard: NonFiniteGuard, scaler=None,
-            base: str | None = None) -> Progress:
+            base: str | None = None, frozen: dict[str, str] | None = None) -> Progress:
     """Load a checkpoint into the built (and sharded) model, the optimizer, this rank's RNG,
     the data position, the guard and the scaler; returns the run's progress. ``base``: the
     model's ``base_fingerprint``, refused unless the checkpoint's (where it has one) is the same:
-    its run trained on other frozen weights (the model folder replaced or retrained since)."""
+    its run trained on other frozen weights (the model folder replaced or retrained since).
+    ``frozen``: the objective's fingerprints by role, refused alike (an older checkpoint has
+    none: it resumes)."""
     # find_latest has just verified the files at cfg.checkpoint.verify: sizes suffice here.
     loaded = dcp.load(path, model=model, optimizer=optimizer, info=info, level="size")
     extra = loaded.extra
@@ -232,11 +241,31 @@ def restore(path: Path, cfg: TrainConfig, info: DistInfo, model, optimizer, *,
                          f"checkpoint {path.name} was trained on: the model's files were "
                          "replaced or retrained since. Resume with the model the run started "
                          "from, or start a new run with --set run_dir=<new folder>")
+    was = extra.get("frozen") or {}
+    for role in sorted(frozen or {}):
+        if was.get(role, frozen[role]) != frozen[role]:
+            what = _frozen_setting(role, cfg)
+            raise EmberError(f"cannot resume {cfg.out_dir}: {what} differs from the one its "
+                             f"checkpoint {path.name} was trained with: its files were replaced "
+                             f"or retrained since. Resume with the files the run started with, "
+                             "or start a new run with --set run_dir=<new folder>")
     restore_data_state(batches, extra["data"], cfg.grad_accum * info.world_size, info.world_size)
     guard.load_state_dict(extra["guard"])
     if scaler is not None and extra.get("scaler"):
         scaler.load_state_dict(extra["scaler"])
     return Progress(**extra["progress"])
+
+
+def _frozen_setting(role: str, cfg: TrainConfig) -> str:
+    """The frozen model of an objective's ``fingerprints`` role, named by its setting."""
+    if role == "teacher":
+        return f"the teacher (distill.teacher {cfg.distill.teacher!r})"
+    if role == "reference adapter":
+        return (f"the {cfg.objective} reference (the starting adapter, model.init "
+                f"{cfg.model.init!r})")
+    init = f", model.init {cfg.model.init!r}" if cfg.model.init else ""
+    return (f"the {cfg.objective} reference (a frozen copy of the starting model, model.name "
+            f"{cfg.model.name!r}{init})")
 
 
 def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | None:

@@ -171,8 +171,11 @@ class Trainer(EvalMixin):
             raise EmberError("prompt tuning runs in one process (its few thousand parameters "
                              "gain nothing from FSDP); start it without torchrun")
         model, self.tokenizer = build_model(cfg, build_device(info))
-        # what the checkpoints do not hold (resumed onto other base weights: refused)
-        self.base_print = broadcast_object(base_fingerprint(model) if info.is_main else None, info)
+        # what the checkpoints do not hold (resumed onto other base weights, another teacher or
+        # reference: refused); one broadcast of rank 0's, the only rank holding the weights
+        self.base_print, self.frozen_prints = broadcast_object(
+            (base_fingerprint(model), self.objective.fingerprints(model)) if info.is_main
+            else (None, None), info)
         n_all = num_weights(model)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         act = cfg.activations
@@ -349,7 +352,8 @@ class Trainer(EvalMixin):
         scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         guard = NonFiniteGuard(cfg.guards.max_nonfinite_in_a_row)
         self.last_samples, self.last_gen = [], None
-        ckpt_state = dict(batches=batches, guard=guard, scaler=scaler, base=self.base_print)
+        ckpt_state = dict(batches=batches, guard=guard, scaler=scaler, base=self.base_print,
+                          frozen=self.frozen_prints)
 
         prog = Progress()
         if latest is not None:

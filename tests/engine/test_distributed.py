@@ -287,7 +287,7 @@ def test_resume_one_to_two_and_two_to_one(runs, capsys):
     continue_from(tmp / "full2", run, 4)
     capsys.readouterr()
     assert main(["train", str(run), "--resume", *sets(f'run_dir="{run}"')]) == 2
-    assert "set grad_accum = 2 for 1 processes" in capsys.readouterr().err
+    assert "set grad_accum = 2 for 1 process to continue" in capsys.readouterr().err
 
 
 def test_resume_may_change_the_collective_timeout(runs, capsys):
@@ -353,7 +353,7 @@ def test_fractional_epochs_on_batches_that_do_not_divide(tiny, tmp_path, kind):
         continue_from(tmp_path / "one", tmp_path / "one2", 2)
         out = torchrun_train(str(tmp_path / "one2"), "--resume",
                              *sets(f'run_dir="{tmp_path / "one2"}"', "grad_accum=2"), status=1)
-        assert "set grad_accum = 1 for 2 processes" in out, out[-3000:]
+        assert "set grad_accum = 1 for 2 processes to continue" in out, out[-3000:]
         continue_from(tmp_path / "two", tmp_path / "two1", 2)
         with contextlib.redirect_stdout(io.StringIO()):
             assert main(["train", str(tmp_path / "two1"), "--resume",
@@ -405,7 +405,7 @@ def test_step_share_deals_the_one_process_stream_out_and_resumes_anywhere():
     restore_data_state(one, state, 2)
     assert (one.epoch, one.position) == (0, 6)
     assert torch.equal(next(iter(one)).input_ids, collate([examples[i] for i in plan[6]]).input_ids)
-    with pytest.raises(EmberError, match="set grad_accum = 2 for 1 processes"):
+    with pytest.raises(EmberError, match="set grad_accum = 2 for 1 process to continue"):
         restore_data_state(one, state, 1)
     other = PackedBatches.from_config(w.make_examples(seed=5), w.DATA)
     with pytest.raises(EmberError, match="dataset or batching settings differ"):
