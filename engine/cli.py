@@ -198,6 +198,8 @@ def _check_text(text: str, what: str) -> str:
 
 def _generator(model, tok, a):
     """``run(prompt_ids, stream) -> new ids per prompt`` with the command line's sampling."""
+    import torch
+
     from ember.models.generate import (
         check_sampling,
         generate_ids,
@@ -227,11 +229,20 @@ def _generator(model, tok, a):
         raise EmberError(f"{a.model} is a sequence classifier (labels {list(model.cfg.labels)}): "
                          "it has no LM head to generate with; score text with ember eval")
     eos, pad = generation_ids(tok)
+    device = model.embed.weight.device
 
-    def run(ids: list[list[int]], stream: _Stream | None = None) -> list[list[int]]:
+    def run(ids: list[list[int]], stream: _Stream | None = None, first: int = 0
+            ) -> list[list[int]]:
+        # --seed S: prompt ``first + i`` samples from its own generator, seeded S + first + i,
+        # so its text does not depend on the prompts beside it (--stream generates one at a
+        # time) and is what --seed S+i gives that prompt alone
+        gens = None if a.seed is None else [
+            torch.Generator(device=device).manual_seed(
+                a.seed if first + i == 0 else (a.seed + first + i) % 2**64)
+            for i in range(len(ids))]
         return generate_ids(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                            seed=a.seed, eos_token_ids=eos, pad_token_id=pad, should_stop=stream,
-                            **knobs)
+                            generators=gens, eos_token_ids=eos, pad_token_id=pad,
+                            should_stop=stream, **knobs)
 
     return run
 
@@ -251,7 +262,7 @@ def _cmd_generate(a) -> None:
             if len(ids) > 1:
                 print(f"--- {i}")
             stream = _Stream(tok)
-            stream.finish(run([p], stream)[0])
+            stream.finish(run([p], stream, first=i)[0])
         return
     for i, gen in enumerate(run(ids)):
         if len(ids) > 1:
@@ -488,7 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repetition-penalty", type=float, default=None,
                        help="transformers' repetition penalty on prompt and output, greedy too "
                             "(1 = off; default: the model's generation_config.json, else 1)")
-        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--seed", type=int, default=None,
+                       help="sampling seed: the Nth prompt (from 0) samples from its own "
+                            "generator seeded SEED+N, so its text is the same with or without "
+                            "--stream and beside any other prompts (ember chat: each answer "
+                            "seeded SEED)")
 
     p = sub.add_parser("generate", help="complete prompts")
     model_args(p, "to generate with")
