@@ -5,6 +5,7 @@
         (a DPO / ORPO / SimPO / KTO run: its validation scores on FILE, against its reference)
     ember generate RUN_DIR|MODEL --prompt TEXT [--prompt TEXT ...] [--adapter DIR] [--stream]
     ember chat RUN_DIR|MODEL [--system TEXT]      (one message per line on standard input)
+        (generate / chat: --template-kwargs JSON, the chat template's variables)
     ember export RUN_DIR|MODEL (--adapter OUT | --merged OUT | --gguf OUT.gguf [--gguf-type T])
     ember import-gguf FILE.gguf OUT_DIR
     ember config [CONFIG|RECIPE|RUN_DIR] [--set key=value ...]   (every setting, explained)
@@ -196,6 +197,37 @@ def _check_text(text: str, what: str) -> str:
     return text
 
 
+def _template_kwargs(text: str | None) -> dict | None:
+    """--template-kwargs: a JSON object of chat template variables (``{"enable_thinking":
+    false}``, ``tools``: an array of tool schemas), given to the template as transformers'
+    ``apply_chat_template(**kwargs)`` gives them; None when not given."""
+    import json
+
+    from ember.engine.formats import _RENDER_ARGS, _type_name
+
+    if text is None:
+        return None
+    example = """e.g. --template-kwargs '{"enable_thinking": false}'"""
+    try:
+        kw = json.loads(_check_text(text, "--template-kwargs"))
+    except json.JSONDecodeError as e:
+        raise EmberError(f"--template-kwargs is not valid JSON ({e}): give a JSON object of "
+                         f"template variables, {example}") from None
+    if not isinstance(kw, dict):
+        raise EmberError(f"--template-kwargs must be a JSON object of template variables, got "
+                         f"{_type_name(kw)} {text!r}; {example}")
+    tools = kw.get("tools")
+    if tools is not None and not (isinstance(tools, list)
+                                  and all(isinstance(t, dict) for t in tools)):
+        raise EmberError(f"--template-kwargs: 'tools' must be an array of tool schemas "
+                         f"(objects), got {_type_name(tools)} {json.dumps(tools)}")
+    bad = sorted(set(kw) & set(_RENDER_ARGS) - {"tools", "documents"})
+    if bad:
+        raise EmberError(f"--template-kwargs sets {bad}: those are apply_chat_template's own "
+                         "arguments, which ember sets itself, not template variables")
+    return kw
+
+
 def _generator(model, tok, a):
     """``run(prompt_ids, stream) -> new ids per prompt`` with the command line's sampling."""
     import torch
@@ -254,9 +286,10 @@ def _cmd_generate(a) -> None:
         _check_text(p, f"--prompt {i + 1}")
     if a.system is not None:
         _check_text(a.system, "--system")
+    kw = _template_kwargs(a.template_kwargs)
     model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
     run = _generator(model, tok, a)
-    ids = [render_prompt(tok, data_cfg, p, a.system) for p in a.prompt]
+    ids = [render_prompt(tok, data_cfg, p, a.system, kw) for p in a.prompt]
     if a.stream:
         for i, p in enumerate(ids):  # one prompt at a time, each printed as it is generated
             if len(ids) > 1:
@@ -272,14 +305,18 @@ def _cmd_generate(a) -> None:
 
 def _cmd_chat(a) -> None:
     from ember.engine.data import render_chat
+    from ember.engine.formats import Chat
 
     if a.system is not None:
         _check_text(a.system, "--system")
+    kw = _template_kwargs(a.template_kwargs)
     model, tok, data_cfg = _load(a.model, a.adapter, a.device)
     run = _generator(model, tok, a)
     system = [{"role": "system", "content": a.system}] if a.system is not None else []
     messages: list[dict] = []
-    render_chat(tok, data_cfg, [*system, {"role": "user", "content": "hi"}])  # fails early
+    # fails early
+    render_chat(tok, data_cfg, Chat([*system, {"role": "user", "content": "hi"}],
+                                    template_kwargs=kw))
     interactive = sys.stdin.isatty()
     if interactive:
         print("ember chat: /reset starts over, /exit (or Ctrl-D) quits", file=sys.stderr)
@@ -304,7 +341,7 @@ def _cmd_chat(a) -> None:
         turn = [*messages, {"role": "user", "content": text}]
         stream = _Stream(tok)
         try:
-            ids = render_chat(tok, data_cfg, [*system, *turn])
+            ids = render_chat(tok, data_cfg, Chat([*system, *turn], template_kwargs=kw))
             if interactive:
                 print("assistant> ", end="", flush=True)
             answer = stream.finish(run([ids], stream)[0])
@@ -499,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repetition-penalty", type=float, default=None,
                        help="transformers' repetition penalty on prompt and output, greedy too "
                             "(1 = off; default: the model's generation_config.json, else 1)")
+        p.add_argument("--template-kwargs", metavar="JSON",
+                       help="variables for the chat template, a JSON object, as transformers' "
+                            "apply_chat_template(**kwargs) takes them: e.g. "
+                            "'{\"enable_thinking\": false}' (Qwen3), '{\"tools\": [...]}' "
+                            "(tool schemas); chat templates only")
         p.add_argument("--seed", type=int, default=None,
                        help="sampling seed: the Nth prompt (from 0) samples from its own "
                             "generator seeded SEED+N, so its text is the same with or without "

@@ -1,0 +1,127 @@
+"""ember generate / ember chat --template-kwargs: chat template variables (Qwen3's
+``enable_thinking``, ``tools``) reach the template as transformers' ``apply_chat_template(**kw)``
+passes them. The oracle is transformers' ``AutoTokenizer`` with Qwen3's template as it ships, on
+a tiny random Qwen3 folder: the ids Ember feeds each turn equal transformers' rendering."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import warnings
+
+import pytest
+import torch
+
+from ember.engine.cli import main
+from tests.engine.test_chat_parity_reasoning import (
+    QWEN3,
+    TOOLS,
+    backend,  # noqa: F401  (a fixture)
+)
+
+transformers = pytest.importorskip("transformers")
+
+MAX_NEW = 4
+NO_THINK = {"enable_thinking": False}
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory, backend):  # noqa: F811
+    folder = tmp_path_factory.mktemp("qwen3")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                               pad_token="<|endoftext|>", chat_template=QWEN3)
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def _spy(monkeypatch):
+    """(prompt ids, generated ids) of each generate_ids call the command makes."""
+    mod = importlib.import_module("ember.models.generate")
+    real, calls = mod.generate_ids, []
+
+    def spy(model, ids, **kw):
+        out = real(model, ids, **kw)
+        calls.extend(zip([list(p) for p in ids], out, strict=True))
+        return out
+
+    monkeypatch.setattr(mod, "generate_ids", spy)
+    return calls
+
+
+def _main(capsys, argv) -> str:
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def test_generate_passes_template_variables_as_transformers(qwen3, capsys, monkeypatch):
+    folder, hf = qwen3
+    calls = _spy(monkeypatch)
+    base = ["generate", str(folder), "--device", "cpu", "--max-new-tokens", str(MAX_NEW),
+            "--prompt", "What is the capital of France?", "--prompt", "And Italy?"]
+    system = [{"role": "system", "content": "Answer briefly."}]
+    for kw in (NO_THINK, {"enable_thinking": True}, {"tools": TOOLS, **NO_THINK}):
+        calls.clear()
+        _main(capsys, [*base, "--system", system[0]["content"], "--template-kwargs",
+                       json.dumps(kw)])
+        want = [hf.apply_chat_template([*system, {"role": "user", "content": p}], **kw,
+                                       add_generation_prompt=True, return_dict=False)
+                for p in ("What is the capital of France?", "And Italy?")]
+        assert [p for p, _ in calls] == want
+        # the variable made a difference
+        empty_think = hf.decode(want[0]).endswith("assistant\n<think>\n\n</think>\n\n")
+        assert empty_think == (kw["enable_thinking"] is False)
+
+
+def test_chat_passes_template_variables_every_turn(qwen3, capsys, monkeypatch):
+    folder, hf = qwen3
+    calls = _spy(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\nAnd Italy?\n"))
+    out = _main(capsys, ["chat", str(folder), "--device", "cpu", "--max-new-tokens",
+                         str(MAX_NEW), "--template-kwargs", json.dumps(NO_THINK)])
+    history = []
+    for (fed, gen), line in zip(calls, ("What is the capital of France?", "And Italy?"),
+                                strict=True):
+        history.append({"role": "user", "content": line})
+        assert fed == hf.apply_chat_template(history, enable_thinking=False,
+                                             add_generation_prompt=True, return_dict=False)
+        history.append({"role": "assistant", "content": hf.decode(gen, skip_special_tokens=True)})
+    assert out == "".join(m["content"] + "\n" for m in history[1::2])
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{enable_thinking: false}", "--template-kwargs is not valid JSON"),
+    ("[1]", "--template-kwargs must be a JSON object of template variables, got array"),
+    ("false", "must be a JSON object of template variables, got boolean"),
+    ('{"tools": {"name": "f"}}', "'tools' must be an array of tool schemas (objects), got obj"),
+    ('{"add_generation_prompt": false}', "sets ['add_generation_prompt']: those are "
+                                         "apply_chat_template's own arguments"),
+])
+def test_bad_template_kwargs_are_one_clear_line(qwen3, capsys, value, message):
+    folder, _ = qwen3
+    for cmd in ("generate", "chat"):
+        argv = [cmd, str(folder / "not-loaded"), "--template-kwargs", value]
+        capsys.readouterr()
+        assert main([*argv, "--prompt", "hi"] if cmd == "generate" else argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_template_variables_need_a_chat_template(qwen3, capsys):
+    folder, _ = qwen3
+    capsys.readouterr()
+    assert main(["generate", str(folder), "--device", "cpu", "--raw", "--prompt", "hi",
+                 "--template-kwargs", json.dumps(NO_THINK)]) == 2
+    assert "template variables need a chat template" in capsys.readouterr().err
+    # an empty object is no variable: fine without a template
+    assert main(["generate", str(folder), "--device", "cpu", "--raw", "--prompt", "hi",
+                 "--max-new-tokens", "1", "--template-kwargs", "{}"]) == 0
