@@ -1,0 +1,205 @@
+"""``ember generate`` and ``ember chat``: prompts and conversations rendered as training
+rendered them (chat template variables from ``--template-kwargs``), completed with the command
+line's sampling, streamed or printed (split out of ``ember.engine.cli``)."""
+
+from __future__ import annotations
+
+import sys
+
+from ember import EmberError
+from ember.engine.cli import DEFAULT_MAX_NEW_TOKENS, _load, _note
+
+
+class _Stream:
+    """Prints a row's text as its tokens arrive (``generate_ids``' ``should_stop`` hook): the
+    whole prefix is decoded each time, and a tail that may be an incomplete UTF-8 character
+    (decoded as U+FFFD) waits for the next token."""
+
+    def __init__(self, tok):
+        self.tok, self.shown = tok, ""
+
+    def __call__(self, row: int, ids: list[int]) -> bool:
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and text.startswith(self.shown):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+        return False
+
+    def finish(self, ids: list[int]) -> str:
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        print(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text, flush=True)
+        self.shown = ""
+        return text
+
+
+def _check_text(text: str, what: str) -> str:
+    """``text`` (a command-line argument or a line of standard input, read with Python's
+    surrogateescape), or EmberError when it holds bytes that are not UTF-8: the tokenizer
+    refuses the lone surrogates they decode to with a bare TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EmberError(f"{what} is not valid UTF-8 text (byte "
+                         f"{text[e.start].encode('utf-8', 'surrogateescape')!r} at character "
+                         f"{e.start}); write it in UTF-8") from None
+    return text
+
+
+def _template_kwargs(text: str | None) -> dict | None:
+    """--template-kwargs: a JSON object of chat template variables (``{"enable_thinking":
+    false}``, ``tools``: an array of tool schemas), given to the template as transformers'
+    ``apply_chat_template(**kwargs)`` gives them; None when not given."""
+    import json
+
+    from ember.engine.formats import _RENDER_ARGS, _type_name
+
+    if text is None:
+        return None
+    example = """e.g. --template-kwargs '{"enable_thinking": false}'"""
+    try:
+        kw = json.loads(_check_text(text, "--template-kwargs"))
+    except json.JSONDecodeError as e:
+        raise EmberError(f"--template-kwargs is not valid JSON ({e}): give a JSON object of "
+                         f"template variables, {example}") from None
+    if not isinstance(kw, dict):
+        raise EmberError(f"--template-kwargs must be a JSON object of template variables, got "
+                         f"{_type_name(kw)} {text!r}; {example}")
+    tools = kw.get("tools")
+    if tools is not None and not (isinstance(tools, list)
+                                  and all(isinstance(t, dict) for t in tools)):
+        raise EmberError(f"--template-kwargs: 'tools' must be an array of tool schemas "
+                         f"(objects), got {_type_name(tools)} {json.dumps(tools)}")
+    bad = sorted(set(kw) & set(_RENDER_ARGS) - {"tools", "documents"})
+    if bad:
+        raise EmberError(f"--template-kwargs sets {bad}: those are apply_chat_template's own "
+                         "arguments, which ember sets itself, not template variables")
+    return kw
+
+
+def _generator(model, tok, a):
+    """``run(prompt_ids, stream) -> new ids per prompt`` with the command line's sampling."""
+    import torch
+
+    from ember.models.generate import (
+        check_sampling,
+        generate_ids,
+        sampling_defaults,
+        unapplied_settings,
+    )
+    from ember.models.heads import is_classifier
+    from ember.models.tokenizer import generation_ids
+
+    # before the first message: ember chat reports a failed answer and reads the next line
+    if a.max_new_tokens is None:
+        a.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    if a.max_new_tokens < 1:  # 0 printed nothing (transformers' generate refuses it too)
+        raise EmberError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    # knobs not given: the model's generation_config.json's, else transformers' defaults
+    knobs = sampling_defaults(model, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+                              repetition_penalty=a.repetition_penalty)
+    check_sampling(a.max_new_tokens, a.temperature, **knobs)
+    unapplied = unapplied_settings(model)
+    if unapplied:  # stated, not silently ignored: transformers' generate() applies them
+        _note(f"ember: note: the model's generation_config.json sets {', '.join(unapplied)}, "
+              "which Ember's generation does not apply (transformers' generate() does): "
+              "answers may differ from transformers' there")
+    if a.seed is not None and not -2**63 <= a.seed < 2**64:  # was torch's overflow traceback
+        raise EmberError(f"--seed must be a 64-bit integer (torch.Generator's seed), got {a.seed}")
+    if is_classifier(model):
+        raise EmberError(f"{a.model} is a sequence classifier (labels {list(model.cfg.labels)}): "
+                         "it has no LM head to generate with; score text with ember eval")
+    eos, pad = generation_ids(tok)
+    device = model.embed.weight.device
+
+    def run(ids: list[list[int]], stream: _Stream | None = None, first: int = 0
+            ) -> list[list[int]]:
+        # --seed S: prompt ``first + i`` samples from its own generator, seeded S + first + i,
+        # so its text does not depend on the prompts beside it (--stream generates one at a
+        # time) and is what --seed S+i gives that prompt alone
+        gens = None if a.seed is None else [
+            torch.Generator(device=device).manual_seed(
+                a.seed if first + i == 0 else (a.seed + first + i) % 2**64)
+            for i in range(len(ids))]
+        return generate_ids(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                            generators=gens, eos_token_ids=eos, pad_token_id=pad,
+                            should_stop=stream, **knobs)
+
+    return run
+
+
+def cmd_generate(a) -> None:
+    """``ember generate`` (arguments ``a`` from ``ember.engine.cli.build_parser``)."""
+    from ember.engine.data import render_prompt
+
+    for i, p in enumerate(a.prompt):  # before loading the model
+        _check_text(p, f"--prompt {i + 1}")
+    if a.system is not None:
+        _check_text(a.system, "--system")
+    kw = _template_kwargs(a.template_kwargs)
+    model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
+    run = _generator(model, tok, a)
+    ids = [render_prompt(tok, data_cfg, p, a.system, kw) for p in a.prompt]
+    if a.stream:
+        for i, p in enumerate(ids):  # one prompt at a time, each printed as it is generated
+            if len(ids) > 1:
+                print(f"--- {i}")
+            stream = _Stream(tok)
+            stream.finish(run([p], stream, first=i)[0])
+        return
+    for i, gen in enumerate(run(ids)):
+        if len(ids) > 1:
+            print(f"--- {i}")
+        print(tok.decode(gen, skip_special_tokens=True))
+
+
+def cmd_chat(a) -> None:
+    """``ember chat``: one message per line on standard input, answers streamed."""
+    from ember.engine.data import render_chat
+    from ember.engine.formats import Chat
+
+    if a.system is not None:
+        _check_text(a.system, "--system")
+    kw = _template_kwargs(a.template_kwargs)
+    model, tok, data_cfg = _load(a.model, a.adapter, a.device)
+    run = _generator(model, tok, a)
+    system = [{"role": "system", "content": a.system}] if a.system is not None else []
+    messages: list[dict] = []
+    # fails early
+    render_chat(tok, data_cfg, Chat([*system, {"role": "user", "content": "hi"}],
+                                    template_kwargs=kw))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("ember chat: /reset starts over, /exit (or Ctrl-D) quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages.clear()
+            continue
+        if not text:
+            continue
+        try:
+            _check_text(text, "this message")
+        except EmberError as e:  # undecodable bytes on standard input: the chat goes on
+            print(f"ember: error: {e}", file=sys.stderr)
+            continue
+        turn = [*messages, {"role": "user", "content": text}]
+        stream = _Stream(tok)
+        try:
+            ids = render_chat(tok, data_cfg, Chat([*system, *turn], template_kwargs=kw))
+            if interactive:
+                print("assistant> ", end="", flush=True)
+            answer = stream.finish(run([ids], stream)[0])
+        except EmberError as e:  # e.g. the conversation outgrew the context: say so, keep going
+            print(f"ember: error: {e} (/reset starts a new conversation)", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the conversation
+            print(flush=True)
+            print("ember: answer interrupted (Ctrl-D or /exit quits)", file=sys.stderr)
+            answer = stream.shown  # what was printed is what the conversation goes on from
+        messages = [*turn, {"role": "assistant", "content": answer}]
