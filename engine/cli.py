@@ -3,7 +3,8 @@
     ember train CONFIG.toml|RECIPE|RUN_DIR [--set key=value ...] [--resume]
     ember eval RUN_DIR|MODEL [--data FILE] [--adapter DIR] [--metrics exact_match,...]
         (a DPO / ORPO / SimPO / KTO run: its validation scores on FILE, against its reference)
-    ember generate RUN_DIR|MODEL --prompt TEXT [--prompt TEXT ...] [--adapter DIR] [--stream]
+    ember generate RUN_DIR|MODEL (--prompt TEXT [--prompt TEXT ...] | --prompts FILE.jsonl)
+        [--adapter DIR] [--stream]
     ember chat RUN_DIR|MODEL [--system TEXT]      (one message per line on standard input)
         (generate / chat: --template-kwargs JSON, the chat template's variables)
     ember export RUN_DIR|MODEL (--adapter OUT | --merged OUT | --gguf OUT.gguf [--gguf-type T])
@@ -368,7 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="complete prompts")
     model_args(p, "to generate with")
-    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts", metavar="FILE",
+                   help="prompts from a file: JSONL lines (or .json / .csv / .parquet rows, as "
+                        "ember eval --data reads them) with 'prompt' (text, or messages) or "
+                        "'messages' (the conversation to answer), and optionally 'tools' and "
+                        "'chat_template_kwargs' (winning over --template-kwargs); other "
+                        "fields are not used")
     sampling_args(p)
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.set_defaults(fn=_cmd_generate)

@@ -34,14 +34,18 @@ class _Stream:
 
 def _check_text(text: str, what: str) -> str:
     """``text`` (a command-line argument or a line of standard input, read with Python's
-    surrogateescape), or EmberError when it holds bytes that are not UTF-8: the tokenizer
-    refuses the lone surrogates they decode to with a bare TypeError."""
+    surrogateescape; a JSON string), or EmberError when it holds bytes that are not UTF-8 or a
+    JSON escape of a lone surrogate: the tokenizer refuses those with a bare TypeError."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise EmberError(f"{what} is not valid UTF-8 text (byte "
-                         f"{text[e.start].encode('utf-8', 'surrogateescape')!r} at character "
-                         f"{e.start}); write it in UTF-8") from None
+        c = text[e.start]
+        if "\udc80" <= c <= "\udcff":  # an undecodable byte, as surrogateescape keeps it
+            raise EmberError(f"{what} is not valid UTF-8 text (byte "
+                             f"{c.encode('utf-8', 'surrogateescape')!r} at character "
+                             f"{e.start}); write it in UTF-8") from None
+        raise EmberError(f"{what} holds a lone surrogate U+{ord(c):04X} (a JSON "
+                         f"\\u{ord(c):04x} escape without its pair), which is not text") from None
     return text
 
 
@@ -58,6 +62,7 @@ def _template_kwargs(text: str | None) -> dict | None:
     example = """e.g. --template-kwargs '{"enable_thinking": false}'"""
     try:
         kw = json.loads(_check_text(text, "--template-kwargs"))
+        _check_text(json.dumps(kw, ensure_ascii=False), "--template-kwargs")
     except json.JSONDecodeError as e:
         raise EmberError(f"--template-kwargs is not valid JSON ({e}): give a JSON object of "
                          f"template variables, {example}") from None
@@ -127,18 +132,89 @@ def _generator(model, tok, a):
     return run
 
 
+def _file_prompts(path: str) -> list[tuple[str | list[dict], dict]]:
+    """--prompts FILE: (the prompt text, or the conversation to answer, and the line's template
+    variables: its ``tools`` and ``chat_template_kwargs``) per example. Lines (or rows of a
+    .json / .csv / .parquet file, as ``ember eval --data`` reads them) hold ``prompt`` (a string,
+    or a list of messages) or ``messages``; other fields (a completion) are not used."""
+    import json
+    from pathlib import Path
+
+    from ember.engine.datafiles import check_data_path, iter_items
+    from ember.engine.formats import (
+        _Bad,
+        json_object,
+        parse_messages,
+        parse_template_kwargs,
+        parse_tools,
+    )
+
+    file = Path(path)
+    if not file.exists():
+        raise EmberError(f"--prompts {path} not found (a relative path is taken from the "
+                         f"current folder, {Path.cwd()})")
+    check_data_path(file)
+    out = []
+    for n, raw in enumerate(iter_items(file), 1):
+        try:
+            try:
+                line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            except UnicodeDecodeError as e:
+                raise _Bad("not UTF-8", f"not UTF-8 text (byte {raw[e.start:e.start + 1]!r} "
+                                        f"at {e.start}); write the file in UTF-8") from None
+            if not line.strip():
+                continue
+            obj = json_object(line)
+            _check_text(json.dumps(obj, ensure_ascii=False), "the line")
+            key = next((k for k in ("messages", "prompt") if k in obj), None)
+            if key is None:
+                raise _Bad("missing field", f"no 'prompt' or 'messages' field (keys present: "
+                                            f"{sorted(obj)})")
+            value = obj[key]
+            if key == "prompt" and isinstance(value, str):
+                prompt = _check_text(value, "its prompt")
+            else:
+                prompt = parse_messages(value, key)
+                if prompt[-1]["role"] == "assistant":
+                    raise _Bad("wrong type", f"field {key!r} ends with an assistant message: "
+                                             "give the conversation up to the turn to answer")
+            tools = parse_tools(obj)
+            kw = {**(parse_template_kwargs(obj) or {}),
+                  **({"tools": tools} if tools is not None else {})}
+        except (_Bad, EmberError) as e:
+            raise EmberError(f"--prompts {path} line {n}: {getattr(e, 'why', e)}") from None
+        out.append((prompt, kw))
+    if not out:
+        raise EmberError(f"--prompts {path} holds no prompts: give one JSON object per line, "
+                         """e.g. {"prompt": "..."} or {"messages": [...]}""")
+    return out
+
+
+def _render(tok, data_cfg, prompt: str | list[dict], system: str | None, kw: dict | None):
+    """The ids of one prompt (a text or a conversation to answer) with ``--system`` (a
+    conversation's own system message wins) and template variables ``kw``."""
+    from ember.engine.data import render_chat, render_prompt
+    from ember.engine.formats import Chat
+
+    if isinstance(prompt, str):
+        return render_prompt(tok, data_cfg, prompt, system, kw or None)
+    head = [] if system is None or prompt[0]["role"] in ("system", "developer") else [
+        {"role": "system", "content": system}]
+    return render_chat(tok, data_cfg, Chat([*head, *prompt], template_kwargs=kw or None))
+
+
 def cmd_generate(a) -> None:
     """``ember generate`` (arguments ``a`` from ``ember.engine.cli.build_parser``)."""
-    from ember.engine.data import render_prompt
-
-    for i, p in enumerate(a.prompt):  # before loading the model
+    for i, p in enumerate(a.prompt or ()):  # before loading the model
         _check_text(p, f"--prompt {i + 1}")
     if a.system is not None:
         _check_text(a.system, "--system")
-    kw = _template_kwargs(a.template_kwargs)
+    kw = _template_kwargs(a.template_kwargs) or {}
+    # a line's own template variables win over --template-kwargs
+    prompts = [(p, {}) for p in a.prompt] if a.prompt else _file_prompts(a.prompts)
     model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
     run = _generator(model, tok, a)
-    ids = [render_prompt(tok, data_cfg, p, a.system, kw) for p in a.prompt]
+    ids = [_render(tok, data_cfg, p, a.system, {**kw, **line}) for p, line in prompts]
     if a.stream:
         for i, p in enumerate(ids):  # one prompt at a time, each printed as it is generated
             if len(ids) > 1:

@@ -103,6 +103,7 @@ def test_chat_passes_template_variables_every_turn(qwen3, capsys, monkeypatch):
     ("[1]", "--template-kwargs must be a JSON object of template variables, got array"),
     ("false", "must be a JSON object of template variables, got boolean"),
     ('{"tools": {"name": "f"}}', "'tools' must be an array of tool schemas (objects), got obj"),
+    ('{"x": "\\udfff"}', "--template-kwargs holds a lone surrogate U+DFFF"),
     ('{"add_generation_prompt": false}', "sets ['add_generation_prompt']: those are "
                                          "apply_chat_template's own arguments"),
 ])
@@ -125,3 +126,53 @@ def test_template_variables_need_a_chat_template(qwen3, capsys):
     # an empty object is no variable: fine without a template
     assert main(["generate", str(folder), "--device", "cpu", "--raw", "--prompt", "hi",
                  "--max-new-tokens", "1", "--template-kwargs", "{}"]) == 0
+
+
+def test_generate_prompts_from_a_file_as_transformers_renders_them(qwen3, tmp_path, capsys,
+                                                                     monkeypatch):
+    """--prompts FILE: a line's prompt text, its conversation (``messages``, or ``prompt`` as
+    messages), its tools and chat_template_kwargs (over --template-kwargs) as transformers'
+    apply_chat_template renders them; --system where the conversation has none."""
+    folder, hf = qwen3
+    q = {"role": "user", "content": "What is the capital of France?"}
+    chat = [q, {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Italy?"}]
+    own = {"role": "system", "content": "Be terse."}
+    lines = [{"prompt": "And Italy?", "completion": "Rome."},
+             {"messages": chat, "chat_template_kwargs": {"enable_thinking": True}},
+             {"prompt": [own, q], "tools": TOOLS}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    calls = _spy(monkeypatch)
+    system = {"role": "system", "content": "Answer briefly."}
+    out = _main(capsys, ["generate", str(folder), "--device", "cpu", "--max-new-tokens",
+                         str(MAX_NEW), "--prompts", str(path), "--system", system["content"],
+                         "--template-kwargs", json.dumps(NO_THINK)])
+    want = [hf.apply_chat_template(m, add_generation_prompt=True, return_dict=False, **kw)
+            for m, kw in (([system, {"role": "user", "content": "And Italy?"}], NO_THINK),
+                          ([system, *chat], {"enable_thinking": True}),
+                          ([own, q], {"tools": TOOLS, **NO_THINK}))]
+    assert [p for p, _ in calls] == want
+    assert out == "".join(f"--- {i}\n{hf.decode(g, skip_special_tokens=True)}\n"
+                          for i, (_, g) in enumerate(calls))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"prompt": "hi"}\n{"question": "hi"}\n', "line 2: no 'prompt' or 'messages' field"),
+    ('{"prompt": "hi"\n', "line 1: invalid JSON"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]}',
+     "line 1: field 'messages' ends with an assistant message"),
+    ('{"prompt": "hi", "chat_template_kwargs": [1]}', "line 1: field 'chat_template_kwargs' "
+                                                       "must be an object"),
+    ('{"messages": [{"role": "user", "content": "\\ud800"}]}',
+     "line 1: the line holds a lone surrogate U+D800"),  # was the tokenizer's bare TypeError
+    ("\n", "holds no prompts"),
+    (None, "not found"),
+])
+def test_bad_prompt_files_are_one_clear_line(tmp_path, capsys, text, message):
+    path = tmp_path / "p.jsonl"
+    if text is not None:
+        path.write_text(text)
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "not-loaded"), "--prompts", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
