@@ -132,11 +132,12 @@ def _generator(model, tok, a):
     return run
 
 
-def _file_prompts(path: str) -> list[tuple[str | list[dict], dict]]:
-    """--prompts FILE: (the prompt text, or the conversation to answer, and the line's template
-    variables: its ``tools`` and ``chat_template_kwargs``) per example. Lines (or rows of a
-    .json / .csv / .parquet file, as ``ember eval --data`` reads them) hold ``prompt`` (a string,
-    or a list of messages) or ``messages``; other fields (a completion) are not used."""
+def _file_prompts(path: str) -> list[tuple[str | list[dict], dict, str]]:
+    """--prompts FILE: (the prompt text, or the conversation to answer, the line's template
+    variables: its ``tools`` and ``chat_template_kwargs``, and where it is) per example. Lines
+    (or rows of a .json / .csv / .parquet file, as ``ember eval --data`` reads them) hold
+    ``prompt`` (a string, or a list of messages) or ``messages``; other fields (a completion)
+    are not used."""
     import json
     from pathlib import Path
 
@@ -183,7 +184,7 @@ def _file_prompts(path: str) -> list[tuple[str | list[dict], dict]]:
                   **({"tools": tools} if tools is not None else {})}
         except (_Bad, EmberError) as e:
             raise EmberError(f"--prompts {path} line {n}: {getattr(e, 'why', e)}") from None
-        out.append((prompt, kw))
+        out.append((prompt, kw, f"--prompts {path} line {n}: "))
     if not out:
         raise EmberError(f"--prompts {path} holds no prompts: give one JSON object per line, "
                          """e.g. {"prompt": "..."} or {"messages": [...]}""")
@@ -211,10 +212,15 @@ def cmd_generate(a) -> None:
         _check_text(a.system, "--system")
     kw = _template_kwargs(a.template_kwargs) or {}
     # a line's own template variables win over --template-kwargs
-    prompts = [(p, {}) for p in a.prompt] if a.prompt else _file_prompts(a.prompts)
+    prompts = [(p, {}, "") for p in a.prompt] if a.prompt else _file_prompts(a.prompts)
     model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
     run = _generator(model, tok, a)
-    ids = [_render(tok, data_cfg, p, a.system, {**kw, **line}) for p, line in prompts]
+    ids = []
+    for p, line, where in prompts:
+        try:
+            ids.append(_render(tok, data_cfg, p, a.system, {**kw, **line}))
+        except EmberError as e:  # (the template refused the line's conversation)
+            raise EmberError(f"{where}{e}") from None
     if a.stream:
         for i, p in enumerate(ids):  # one prompt at a time, each printed as it is generated
             if len(ids) > 1:

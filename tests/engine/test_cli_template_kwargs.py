@@ -176,3 +176,14 @@ def test_bad_prompt_files_are_one_clear_line(tmp_path, capsys, text, message):
     assert main(["generate", str(tmp_path / "not-loaded"), "--prompts", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def test_a_prompt_file_line_the_template_cannot_render_is_named(qwen3, tmp_path, capsys):
+    folder, _ = qwen3
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "hi"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    capsys.readouterr()
+    assert main(["generate", str(folder), "--device", "cpu", "--raw", "--prompts",
+                 str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--prompts {path} line 2: a conversation needs a chat template" in err
