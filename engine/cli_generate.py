@@ -63,8 +63,9 @@ def _template_kwargs(text: str | None) -> dict | None:
     try:
         kw = json.loads(_check_text(text, "--template-kwargs"))
         _check_text(json.dumps(kw, ensure_ascii=False), "--template-kwargs")
-    except json.JSONDecodeError as e:
-        raise EmberError(f"--template-kwargs is not valid JSON ({e}): give a JSON object of "
+    except (ValueError, RecursionError) as e:  # (a number past 4300 digits, deep nesting)
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise EmberError(f"--template-kwargs is not valid JSON ({why}): give a JSON object of "
                          f"template variables, {example}") from None
     if not isinstance(kw, dict):
         raise EmberError(f"--template-kwargs must be a JSON object of template variables, got "

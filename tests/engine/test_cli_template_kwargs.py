@@ -100,6 +100,7 @@ def test_chat_passes_template_variables_every_turn(qwen3, capsys, monkeypatch):
 
 @pytest.mark.parametrize("value, message", [
     ("{enable_thinking: false}", "--template-kwargs is not valid JSON"),
+    ('{"n": ' + "1" * 5000 + "}", "--template-kwargs is not valid JSON (Exceeds the limit"),
     ("[1]", "--template-kwargs must be a JSON object of template variables, got array"),
     ("false", "must be a JSON object of template variables, got boolean"),
     ('{"tools": {"name": "f"}}', "'tools' must be an array of tool schemas (objects), got obj"),
