@@ -3,8 +3,10 @@
     ember train CONFIG.toml|RECIPE|RUN_DIR [--set key=value ...] [--resume]
     ember eval RUN_DIR|MODEL [--data FILE] [--adapter DIR] [--metrics exact_match,...]
         (a DPO / ORPO / SimPO / KTO run: its validation scores on FILE, against its reference)
-    ember generate RUN_DIR|MODEL --prompt TEXT [--prompt TEXT ...] [--adapter DIR] [--stream]
+    ember generate RUN_DIR|MODEL (--prompt TEXT [--prompt TEXT ...] | --prompts FILE.jsonl)
+        [--adapter DIR] [--stream]
     ember chat RUN_DIR|MODEL [--system TEXT]      (one message per line on standard input)
+        (generate / chat: --template-kwargs JSON, the chat template's variables)
     ember export RUN_DIR|MODEL (--adapter OUT | --merged OUT | --gguf OUT.gguf [--gguf-type T])
     ember import-gguf FILE.gguf OUT_DIR
     ember config [CONFIG|RECIPE|RUN_DIR] [--set key=value ...]   (every setting, explained)
@@ -161,150 +163,16 @@ def _load(target: str, adapter: str | None, device: str | None, raw: bool = Fals
     return model, tok, data_cfg
 
 
-class _Stream:
-    """Prints a row's text as its tokens arrive (``generate_ids``' ``should_stop`` hook): the
-    whole prefix is decoded each time, and a tail that may be an incomplete UTF-8 character
-    (decoded as U+FFFD) waits for the next token."""
-
-    def __init__(self, tok):
-        self.tok, self.shown = tok, ""
-
-    def __call__(self, row: int, ids: list[int]) -> bool:
-        text = self.tok.decode(ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and text.startswith(self.shown):
-            print(text[len(self.shown):], end="", flush=True)
-            self.shown = text
-        return False
-
-    def finish(self, ids: list[int]) -> str:
-        text = self.tok.decode(ids, skip_special_tokens=True)
-        print(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text, flush=True)
-        self.shown = ""
-        return text
-
-
-def _check_text(text: str, what: str) -> str:
-    """``text`` (a command-line argument or a line of standard input, read with Python's
-    surrogateescape), or EmberError when it holds bytes that are not UTF-8: the tokenizer
-    refuses the lone surrogates they decode to with a bare TypeError."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise EmberError(f"{what} is not valid UTF-8 text (byte "
-                         f"{text[e.start].encode('utf-8', 'surrogateescape')!r} at character "
-                         f"{e.start}); write it in UTF-8") from None
-    return text
-
-
-def _generator(model, tok, a):
-    """``run(prompt_ids, stream) -> new ids per prompt`` with the command line's sampling."""
-    from ember.models.generate import (
-        check_sampling,
-        generate_ids,
-        sampling_defaults,
-        unapplied_settings,
-    )
-    from ember.models.heads import is_classifier
-    from ember.models.tokenizer import generation_ids
-
-    # before the first message: ember chat reports a failed answer and reads the next line
-    if a.max_new_tokens is None:
-        a.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-    if a.max_new_tokens < 1:  # 0 printed nothing (transformers' generate refuses it too)
-        raise EmberError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-    # knobs not given: the model's generation_config.json's, else transformers' defaults
-    knobs = sampling_defaults(model, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-                              repetition_penalty=a.repetition_penalty)
-    check_sampling(a.max_new_tokens, a.temperature, **knobs)
-    unapplied = unapplied_settings(model)
-    if unapplied:  # stated, not silently ignored: transformers' generate() applies them
-        _note(f"ember: note: the model's generation_config.json sets {', '.join(unapplied)}, "
-              "which Ember's generation does not apply (transformers' generate() does): "
-              "answers may differ from transformers' there")
-    if a.seed is not None and not -2**63 <= a.seed < 2**64:  # was torch's overflow traceback
-        raise EmberError(f"--seed must be a 64-bit integer (torch.Generator's seed), got {a.seed}")
-    if is_classifier(model):
-        raise EmberError(f"{a.model} is a sequence classifier (labels {list(model.cfg.labels)}): "
-                         "it has no LM head to generate with; score text with ember eval")
-    eos, pad = generation_ids(tok)
-
-    def run(ids: list[list[int]], stream: _Stream | None = None) -> list[list[int]]:
-        return generate_ids(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                            seed=a.seed, eos_token_ids=eos, pad_token_id=pad, should_stop=stream,
-                            **knobs)
-
-    return run
-
-
 def _cmd_generate(a) -> None:
-    from ember.engine.data import render_prompt
+    from ember.engine.cli_generate import cmd_generate
 
-    for i, p in enumerate(a.prompt):  # before loading the model
-        _check_text(p, f"--prompt {i + 1}")
-    if a.system is not None:
-        _check_text(a.system, "--system")
-    model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
-    run = _generator(model, tok, a)
-    ids = [render_prompt(tok, data_cfg, p, a.system) for p in a.prompt]
-    if a.stream:
-        for i, p in enumerate(ids):  # one prompt at a time, each printed as it is generated
-            if len(ids) > 1:
-                print(f"--- {i}")
-            stream = _Stream(tok)
-            stream.finish(run([p], stream)[0])
-        return
-    for i, gen in enumerate(run(ids)):
-        if len(ids) > 1:
-            print(f"--- {i}")
-        print(tok.decode(gen, skip_special_tokens=True))
+    cmd_generate(a)
 
 
 def _cmd_chat(a) -> None:
-    from ember.engine.data import render_chat
+    from ember.engine.cli_generate import cmd_chat
 
-    if a.system is not None:
-        _check_text(a.system, "--system")
-    model, tok, data_cfg = _load(a.model, a.adapter, a.device)
-    run = _generator(model, tok, a)
-    system = [{"role": "system", "content": a.system}] if a.system is not None else []
-    messages: list[dict] = []
-    render_chat(tok, data_cfg, [*system, {"role": "user", "content": "hi"}])  # fails early
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("ember chat: /reset starts over, /exit (or Ctrl-D) quits", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> " if interactive else "")
-        except EOFError:
-            break
-        text = line.strip()
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            messages.clear()
-            continue
-        if not text:
-            continue
-        try:
-            _check_text(text, "this message")
-        except EmberError as e:  # undecodable bytes on standard input: the chat goes on
-            print(f"ember: error: {e}", file=sys.stderr)
-            continue
-        turn = [*messages, {"role": "user", "content": text}]
-        stream = _Stream(tok)
-        try:
-            ids = render_chat(tok, data_cfg, [*system, *turn])
-            if interactive:
-                print("assistant> ", end="", flush=True)
-            answer = stream.finish(run([ids], stream)[0])
-        except EmberError as e:  # e.g. the conversation outgrew the context: say so, keep going
-            print(f"ember: error: {e} (/reset starts a new conversation)", file=sys.stderr)
-            continue
-        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the conversation
-            print(flush=True)
-            print("ember: answer interrupted (Ctrl-D or /exit quits)", file=sys.stderr)
-            answer = stream.shown  # what was printed is what the conversation goes on from
-        messages = [*turn, {"role": "assistant", "content": answer}]
+    cmd_chat(a)
 
 
 def _cmd_eval(a) -> None:
@@ -488,11 +356,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repetition-penalty", type=float, default=None,
                        help="transformers' repetition penalty on prompt and output, greedy too "
                             "(1 = off; default: the model's generation_config.json, else 1)")
-        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--template-kwargs", metavar="JSON",
+                       help="variables for the chat template, a JSON object, as transformers' "
+                            "apply_chat_template(**kwargs) takes them: e.g. "
+                            "'{\"enable_thinking\": false}' (Qwen3), '{\"tools\": [...]}' "
+                            "(tool schemas); chat templates only")
+        p.add_argument("--seed", type=int, default=None,
+                       help="sampling seed: the Nth prompt (from 0) samples from its own "
+                            "generator seeded SEED+N, so its text is the same with or without "
+                            "--stream and beside any other prompts (ember chat: each answer "
+                            "seeded SEED)")
 
     p = sub.add_parser("generate", help="complete prompts")
     model_args(p, "to generate with")
-    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts", metavar="FILE",
+                   help="prompts from a file: JSONL lines (or .json / .csv / .parquet rows, as "
+                        "ember eval --data reads them) with 'prompt' (text, or messages) or "
+                        "'messages' (the conversation to answer), and optionally 'tools' and "
+                        "'chat_template_kwargs' (winning over --template-kwargs); other "
+                        "fields are not used")
     sampling_args(p)
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.set_defaults(fn=_cmd_generate)

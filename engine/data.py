@@ -171,18 +171,22 @@ class DataConfig:
                              f"data.max_seq_len ({self.max_seq_len}) so every example fits a batch")
 
 
-def render_prompt(tokenizer, cfg: DataConfig, prompt: str, system: str | None = None
-                  ) -> list[int]:
+def render_prompt(tokenizer, cfg: DataConfig, prompt: str, system: str | None = None,
+                  template_kwargs: dict | None = None) -> list[int]:
     """Token ids for generating a completion of ``prompt`` exactly as training rendered it.
-    ``system`` replaces ``data.system_prompt`` (chat templates only)."""
+    ``system`` replaces ``data.system_prompt``; ``template_kwargs`` are variables for the chat
+    template (as ``apply_chat_template(**kwargs)``; chat templates only)."""
     enc = _Encoder(cfg, tokenizer)
     if not enc.chat:
         if system is not None:
             raise EmberError("a system prompt needs a chat template; this model or run renders "
                              "prompts as plain text: put the instructions in the prompt")
+        if template_kwargs:
+            raise EmberError("template variables need a chat template; this model or run "
+                             "renders prompts as plain text (leave them out)")
         # "" too: its BOS where the tokenizer adds one, as transformers encodes it
         return list(tokenizer.encode(prompt, add_special_tokens=True))
-    msgs = [{"role": "user", "content": prompt}]
+    msgs = Chat([{"role": "user", "content": prompt}], template_kwargs=template_kwargs)
     if system is not None:
         msgs.insert(0, {"role": "system", "content": system})
     return render_chat(tokenizer, cfg, msgs)
@@ -191,7 +195,8 @@ def render_prompt(tokenizer, cfg: DataConfig, prompt: str, system: str | None = 
 def render_chat(tokenizer, cfg: DataConfig, messages: Sequence[dict]) -> list[int]:
     """Token ids for generating the next assistant turn of a conversation (``role``/``content``
     dicts, oldest first) rendered as training rendered conversations: ``data.system_prompt``
-    goes first unless the conversation starts with its own system message."""
+    goes first unless the conversation starts with its own system message. A :class:`Chat`'s
+    ``template_kwargs`` go to the template as variables."""
     enc = _Encoder(cfg, tokenizer)
     if not enc.chat:
         raise EmberError("a conversation needs a chat template; this model or run renders "

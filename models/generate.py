@@ -172,7 +172,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                  should_stop: Callable[[int, list[int]], bool] | None = None,
                  drafts: Sequence[Sequence[int]] | None = None,
                  sync: Callable[[bool], bool] | None = None,
-                 generator: torch.Generator | None = None) -> list[list[int]]:
+                 generator: torch.Generator | None = None,
+                 generators: Sequence[torch.Generator] | None = None) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt. Returns the new ids per row, without the
     stop token. ``should_stop(row, ids_so_far)`` may end a row early (stop strings).
     ``repetition_penalty`` (greedy and sampled) and ``min_p`` act as transformers' do: the
@@ -184,7 +185,11 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     model's own argmax, plus the model's next token. The output is exactly greedy decoding's; a
     right guess just costs one pass instead of one pass per token.
 
-    Sampling draws from ``generator`` when given, else from one seeded with ``seed``.
+    Sampling draws from ``generator`` when given, else from one seeded with ``seed``: one
+    generator for the whole batch, so a row's tokens depend on the other prompts with it (as
+    transformers' batched ``generate`` with a seed). ``generators`` (one per prompt, instead):
+    each row draws from its own alone, so a prompt samples the same tokens in any batch as it
+    does alone with that generator (``ember generate`` with and without ``--stream``).
 
     Dynamic NTK RoPE grows its base with the longest sequence of a forward, so in a batch a row
     would see the others' lengths (transformers' batched generate does): when the batch may pass
@@ -199,6 +204,10 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     is dropped, so every process makes as many forward calls."""
     check_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
     prompts = _as_id_lists("prompt", prompt_ids)
+    if generators is not None and (generator is not None or seed is not None
+                                   or len(generators) != len(prompts)):
+        raise EmberError(f"generators: give one per prompt ({len(generators)} for "
+                         f"{len(prompts)} prompts), without generator or seed")
     if not prompts:
         if sync is not None and max_new_tokens > 0:
             _idle_passes(model, sync)
@@ -244,7 +253,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             repetition_penalty=repetition_penalty,
             should_stop=None if should_stop is None else (
                 lambda _, ids, i=i: should_stop(i, ids)),
-            drafts=None if drafts is None else [drafts[i]], generator=generator)[0]
+            drafts=None if drafts is None else [drafts[i]], generator=generator,
+            generators=None if generators is None else [generators[i]])[0]
             for i, p in enumerate(prompts)]
     if pad_token_id is None or not 0 <= pad_token_id < cfg.vocab_size:
         # padding is masked, so any id does; one outside the embedding (a tokenizer's <pad>
@@ -296,8 +306,12 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             logits = model.logits(hidden[:, -1]).float()  # (b, V)
             if seen is not None:
                 logits = penalize_repetition(logits, seen, repetition_penalty)
-            preds = sample_next(logits, temperature, top_p, top_k, generator,
-                                min_p)[:, None].tolist()
+            if generators is not None and temperature > 0:  # each row from its own generator
+                preds = torch.cat([sample_next(logits[b:b + 1], temperature, top_p, top_k,
+                                               generators[r], min_p) for b, r in enumerate(rows)])
+            else:
+                preds = sample_next(logits, temperature, top_p, top_k, generator, min_p)
+            preds = preds[:, None].tolist()
         else:  # a draft pass (greedy): a prediction after every fed token
             preds = _greedy_tokens(model, hidden).tolist()  # (b, T)
         first_slot = cache.length - hidden.shape[1]
@@ -522,7 +536,11 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     ``top_p``, ``top_k``, ``min_p`` and ``repetition_penalty`` left None are the model's
     generation_config.json's, else transformers' defaults (``sampling_defaults``: top_k 50 when
     sampling), as transformers' ``generate()`` takes them; sampling itself is only ever asked
-    for with ``temperature`` > 0 (the file's do_sample and temperature are not used)."""
+    for with ``temperature`` > 0 (the file's do_sample and temperature are not used).
+
+    Several prompts sample together from one generator seeded with ``seed`` (as transformers'
+    batched ``generate``): a prompt's text depends on the prompts beside it (``ember generate``
+    seeds one generator per prompt instead, ``generate_ids(..., generators=...)``)."""
     if hf_options:
         raise EmberError(unsupported_options(hf_options))
     knobs = sampling_defaults(model, top_p=top_p, top_k=top_k, min_p=min_p,

@@ -350,3 +350,23 @@ def test_an_empty_raw_prompt_generates_from_the_tokenizer_s_bos_as_transformers(
     got = _run(capsys, ["generate", str(tmp_path), "--raw", "--prompt", "", "--device", "cpu",
                         "--max-new-tokens", str(MAX_NEW)])
     assert got == hf_tok.decode(out, skip_special_tokens=True) + "\n"
+
+
+def test_a_seed_samples_the_same_text_with_and_without_stream(chat_model, capsys):
+    """--seed with --temperature: the batch path sampled all prompts from one generator while
+    --stream sampled each alone from a fresh one, so the same seed printed other text. Each
+    prompt now has its own generator (seed + its index), whatever is generated beside it."""
+    prompts = ["red dog", "a blue cat", "and a cat?"]
+    args = ["generate", str(chat_model), "--temperature", "1", "--top-k", "0",
+            "--max-new-tokens", str(MAX_NEW)]
+    for p in prompts:
+        args += ["--prompt", p]
+    plain = _run(capsys, [*args, "--seed", "1"])
+    streamed = _run(capsys, [*args, "--seed", "1", "--stream"])
+    assert streamed == plain
+    for i, p in enumerate(prompts):  # prompt i alone, as --seed 1+i samples it
+        alone = _run(capsys, ["generate", str(chat_model), "--prompt", p, "--temperature", "1",
+                              "--top-k", "0", "--seed", str(1 + i), "--max-new-tokens",
+                              str(MAX_NEW)])
+        assert f"--- {i}\n{alone}" in plain
+    assert plain != _run(capsys, [*args, "--seed", "2"])

@@ -230,6 +230,28 @@ def test_sampling_is_seeded_and_knobs_reduce_to_greedy(tiny):
                         seed=3) == greedy
 
 
+def test_generators_per_prompt_sample_as_each_prompt_alone(tiny):
+    """``generators``: each row draws from its own, so a prompt's tokens are what it samples
+    alone (with EOS ending one row early too); the wrong count, or with a seed, is refused."""
+    model, _ = tiny
+    prompts = _rand_prompts([3, 5, 2])
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    kw = dict(max_new_tokens=6, temperature=1.5, top_k=0)
+    alone = [generate_ids(model, [p], generators=gens([10 + i]), **kw)[0]
+             for i, p in enumerate(prompts)]
+    assert generate_ids(model, prompts, generators=gens([10, 11, 12]), **kw) == alone
+    stop = alone[1][2]  # row 1 ends early; the others still sample as alone
+    cut = [a[:a.index(stop)] if stop in a else a for a in alone]
+    assert generate_ids(model, prompts, generators=gens([10, 11, 12]), eos_token_ids=[stop],
+                        **kw) == cut
+    for bad in (dict(generators=gens([1])), dict(generators=gens([1, 2, 3]), seed=1)):
+        with pytest.raises(EmberError, match="one per prompt"):
+            generate_ids(model, prompts, **kw, **bad)
+
+
 def test_top_p_and_top_k_keep_the_right_tokens():
     probs = torch.tensor([0.05, 0.5, 0.3, 0.15])
     logits = probs.log().expand(4000, 4).contiguous()

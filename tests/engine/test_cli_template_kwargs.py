@@ -1,0 +1,190 @@
+"""ember generate / ember chat --template-kwargs: chat template variables (Qwen3's
+``enable_thinking``, ``tools``) reach the template as transformers' ``apply_chat_template(**kw)``
+passes them. The oracle is transformers' ``AutoTokenizer`` with Qwen3's template as it ships, on
+a tiny random Qwen3 folder: the ids Ember feeds each turn equal transformers' rendering."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import warnings
+
+import pytest
+import torch
+
+from ember.engine.cli import main
+from tests.engine.test_chat_parity_reasoning import (
+    QWEN3,
+    TOOLS,
+    backend,  # noqa: F401  (a fixture)
+)
+
+transformers = pytest.importorskip("transformers")
+
+MAX_NEW = 4
+NO_THINK = {"enable_thinking": False}
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory, backend):  # noqa: F811
+    folder = tmp_path_factory.mktemp("qwen3")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                               pad_token="<|endoftext|>", chat_template=QWEN3)
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def _spy(monkeypatch):
+    """(prompt ids, generated ids) of each generate_ids call the command makes."""
+    mod = importlib.import_module("ember.models.generate")
+    real, calls = mod.generate_ids, []
+
+    def spy(model, ids, **kw):
+        out = real(model, ids, **kw)
+        calls.extend(zip([list(p) for p in ids], out, strict=True))
+        return out
+
+    monkeypatch.setattr(mod, "generate_ids", spy)
+    return calls
+
+
+def _main(capsys, argv) -> str:
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def test_generate_passes_template_variables_as_transformers(qwen3, capsys, monkeypatch):
+    folder, hf = qwen3
+    calls = _spy(monkeypatch)
+    base = ["generate", str(folder), "--device", "cpu", "--max-new-tokens", str(MAX_NEW),
+            "--prompt", "What is the capital of France?", "--prompt", "And Italy?"]
+    system = [{"role": "system", "content": "Answer briefly."}]
+    for kw in (NO_THINK, {"enable_thinking": True}, {"tools": TOOLS, **NO_THINK}):
+        calls.clear()
+        _main(capsys, [*base, "--system", system[0]["content"], "--template-kwargs",
+                       json.dumps(kw)])
+        want = [hf.apply_chat_template([*system, {"role": "user", "content": p}], **kw,
+                                       add_generation_prompt=True, return_dict=False)
+                for p in ("What is the capital of France?", "And Italy?")]
+        assert [p for p, _ in calls] == want
+        # the variable made a difference
+        empty_think = hf.decode(want[0]).endswith("assistant\n<think>\n\n</think>\n\n")
+        assert empty_think == (kw["enable_thinking"] is False)
+
+
+def test_chat_passes_template_variables_every_turn(qwen3, capsys, monkeypatch):
+    folder, hf = qwen3
+    calls = _spy(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\nAnd Italy?\n"))
+    out = _main(capsys, ["chat", str(folder), "--device", "cpu", "--max-new-tokens",
+                         str(MAX_NEW), "--template-kwargs", json.dumps(NO_THINK)])
+    history = []
+    for (fed, gen), line in zip(calls, ("What is the capital of France?", "And Italy?"),
+                                strict=True):
+        history.append({"role": "user", "content": line})
+        assert fed == hf.apply_chat_template(history, enable_thinking=False,
+                                             add_generation_prompt=True, return_dict=False)
+        history.append({"role": "assistant", "content": hf.decode(gen, skip_special_tokens=True)})
+    assert out == "".join(m["content"] + "\n" for m in history[1::2])
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{enable_thinking: false}", "--template-kwargs is not valid JSON"),
+    ('{"n": ' + "1" * 5000 + "}", "--template-kwargs is not valid JSON (Exceeds the limit"),
+    ("[1]", "--template-kwargs must be a JSON object of template variables, got array"),
+    ("false", "must be a JSON object of template variables, got boolean"),
+    ('{"tools": {"name": "f"}}', "'tools' must be an array of tool schemas (objects), got obj"),
+    ('{"x": "\\udfff"}', "--template-kwargs holds a lone surrogate U+DFFF"),
+    ('{"add_generation_prompt": false}', "sets ['add_generation_prompt']: those are "
+                                         "apply_chat_template's own arguments"),
+])
+def test_bad_template_kwargs_are_one_clear_line(qwen3, capsys, value, message):
+    folder, _ = qwen3
+    for cmd in ("generate", "chat"):
+        argv = [cmd, str(folder / "not-loaded"), "--template-kwargs", value]
+        capsys.readouterr()
+        assert main([*argv, "--prompt", "hi"] if cmd == "generate" else argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_template_variables_need_a_chat_template(qwen3, capsys):
+    folder, _ = qwen3
+    capsys.readouterr()
+    assert main(["generate", str(folder), "--device", "cpu", "--raw", "--prompt", "hi",
+                 "--template-kwargs", json.dumps(NO_THINK)]) == 2
+    assert "template variables need a chat template" in capsys.readouterr().err
+    # an empty object is no variable: fine without a template
+    assert main(["generate", str(folder), "--device", "cpu", "--raw", "--prompt", "hi",
+                 "--max-new-tokens", "1", "--template-kwargs", "{}"]) == 0
+
+
+def test_generate_prompts_from_a_file_as_transformers_renders_them(qwen3, tmp_path, capsys,
+                                                                     monkeypatch):
+    """--prompts FILE: a line's prompt text, its conversation (``messages``, or ``prompt`` as
+    messages), its tools and chat_template_kwargs (over --template-kwargs) as transformers'
+    apply_chat_template renders them; --system where the conversation has none."""
+    folder, hf = qwen3
+    q = {"role": "user", "content": "What is the capital of France?"}
+    chat = [q, {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Italy?"}]
+    own = {"role": "system", "content": "Be terse."}
+    lines = [{"prompt": "And Italy?", "completion": "Rome."},
+             {"messages": chat, "chat_template_kwargs": {"enable_thinking": True}},
+             {"prompt": [own, q], "tools": TOOLS}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    calls = _spy(monkeypatch)
+    system = {"role": "system", "content": "Answer briefly."}
+    out = _main(capsys, ["generate", str(folder), "--device", "cpu", "--max-new-tokens",
+                         str(MAX_NEW), "--prompts", str(path), "--system", system["content"],
+                         "--template-kwargs", json.dumps(NO_THINK)])
+    want = [hf.apply_chat_template(m, add_generation_prompt=True, return_dict=False, **kw)
+            for m, kw in (([system, {"role": "user", "content": "And Italy?"}], NO_THINK),
+                          ([system, *chat], {"enable_thinking": True}),
+                          ([own, q], {"tools": TOOLS, **NO_THINK}))]
+    assert [p for p, _ in calls] == want
+    assert out == "".join(f"--- {i}\n{hf.decode(g, skip_special_tokens=True)}\n"
+                          for i, (_, g) in enumerate(calls))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"prompt": "hi"}\n{"question": "hi"}\n', "line 2: no 'prompt' or 'messages' field"),
+    ('{"prompt": "hi"\n', "line 1: invalid JSON"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]}',
+     "line 1: field 'messages' ends with an assistant message"),
+    ('{"prompt": "hi", "chat_template_kwargs": [1]}', "line 1: field 'chat_template_kwargs' "
+                                                       "must be an object"),
+    ('{"messages": [{"role": "user", "content": "\\ud800"}]}',
+     "line 1: the line holds a lone surrogate U+D800"),  # was the tokenizer's bare TypeError
+    ("\n", "holds no prompts"),
+    (None, "not found"),
+])
+def test_bad_prompt_files_are_one_clear_line(tmp_path, capsys, text, message):
+    path = tmp_path / "p.jsonl"
+    if text is not None:
+        path.write_text(text)
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "not-loaded"), "--prompts", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_a_prompt_file_line_the_template_cannot_render_is_named(qwen3, tmp_path, capsys):
+    folder, _ = qwen3
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "hi"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    capsys.readouterr()
+    assert main(["generate", str(folder), "--device", "cpu", "--raw", "--prompts",
+                 str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--prompts {path} line 2: a conversation needs a chat template" in err
