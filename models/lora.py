@@ -118,9 +118,12 @@ def _base_weight(base: nn.Module):
 
 
 def dense_base_weight(base: nn.Module) -> torch.Tensor:
-    """A projection's weight in fp32, detached (an NF4 base dequantized)."""
+    """A projection's weight in fp32, detached. An NF4 base is dequantized in the dtype it was
+    quantized from, then widened: bitsandbytes' ``dequantize_4bit``, which PEFT's merge and DoRA
+    norm on a 4-bit base add the adapter to (a bf16 base: the bf16-rounded weight the 4-bit
+    forward computes with, not the unrounded fp32 product)."""
     w = _base_weight(base)
-    return w.detach().float() if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
+    return w.detach().float() if isinstance(w, torch.Tensor) else w.dequantize().float()
 
 
 class LoRALinear(nn.Module):
