@@ -49,6 +49,7 @@ from ember import EmberError
 from ember.kernels import lora_linear
 from ember.models.hf_phi import EMBER_LEAVES as PHI_LEAVES
 from ember.models.lora_embed import LoRAEmbedding
+from ember.models.peft_files import untie_head
 
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
 _LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -366,14 +367,17 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     modules back; biases are unchanged.
 
     An ``nn.Linear`` base keeps its dtype (unless ``dtype``); an NF4 base is dequantized into a new
-    ``nn.Linear`` in ``dtype`` (default fp32). The result has the original state-dict names.
+    ``nn.Linear`` in ``dtype`` (default fp32). The result has the original state-dict names (plus
+    ``lm_head`` on a tied model whose embedding alone was adapted: it is untied).
     """
     mods = lora_modules(model)
     embed = mods.get("embed")
     if isinstance(embed, LoRAEmbedding) and not embed.ties_head and tied_lm(model):
-        raise EmberError("merge_lora: the adapter changes the embedding of a tied model but not "
-                         "its head (PEFT without ensure_weight_tying); one merged matrix cannot "
-                         "hold both: keep the adapter unmerged")
+        # The adapter changes the embedding of a tied model but not its head (PEFT without
+        # ensure_weight_tying): the head becomes its own copy of the base matrix, and the model
+        # exports untied with the adapted model's logits (PEFT's merge adds the update to the
+        # one shared matrix, which changes the head too).
+        untie_head(model)
     for name, m in mods.items():
         merged = m.merged_weight(dtype)
         base = m.base

@@ -125,3 +125,30 @@ def test_qlora_merged_export_is_bnb_dequantized_base_plus_peft_update(tmp_path, 
             assert torch.equal(ours[key], want.to(torch.bfloat16)), key
             merged += 1
     assert merged == 4
+
+
+def test_tied_model_with_its_embedding_adapted_alone_exports_untied(tmp_path):
+    """PEFT without ensure_weight_tying, embed_tokens targeted on a tied model: the adapted model
+    embeds with the update and keeps the base matrix as its head. PEFT's merge adds the update to
+    the one shared matrix (the head changes too: its merged logits are not the adapter's); Ember
+    writes the model untied, the embedding PEFT's merged one bit for bit, the head the base's, and
+    transformers loads it with PEFT's (unmerged) logits (was refused)."""
+    base = _base(tmp_path / "base", torch.float32, tie_word_embeddings=True)
+    adapter = _adapter(base, tmp_path / "adapter", target_modules=["q_proj", "embed_tokens"])
+    out = _export(base, adapter, tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(base)
+        pm = peft.PeftModel.from_pretrained(hf, adapter).eval()
+        with torch.no_grad():
+            ref = pm(ids).logits
+        embed = pm.merge_and_unload().model.embed_tokens.weight.detach()
+        ours = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    with torch.no_grad():
+        got = ours(ids).logits
+    assert (got - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+    saved, stored = load_file(out / "model.safetensors"), load_file(base / "model.safetensors")
+    assert torch.equal(saved["model.embed_tokens.weight"], embed)
+    assert torch.equal(saved["lm_head.weight"], stored["model.embed_tokens.weight"])
