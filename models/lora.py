@@ -208,11 +208,16 @@ class LoRALinear(nn.Module):
         update = self.lora_B.detach().float() @ self.lora_A.detach().float()
         return dense_base_weight(self.base) + self.scale * update
 
-    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def merged_weight(self, dtype: torch.dtype | None = None, *,
+                      round_update: bool = False) -> torch.Tensor:
         """W + scale * B @ A (DoRA: rescaled rowwise to ``m``), computed in fp32, returned in
-        ``dtype`` (default: the base's)."""
+        ``dtype`` (default: the base's). ``round_update``: the fp32 update is rounded to ``dtype``
+        before it is added, as PEFT's merge of ``target_parameters`` (MoE experts) rounds it."""
         w = _base_weight(self.base)
         dtype = dtype or (w.dtype if isinstance(w, torch.Tensor) else torch.float32)
+        if round_update and not self.use_dora:
+            update = self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+            return (dense_base_weight(self.base) + update.to(dtype).float()).to(dtype)
         merged = self._adapted_weight()
         if self.use_dora:
             norm = torch.linalg.norm(merged, dim=1)
@@ -379,12 +384,15 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         # one shared matrix, which changes the head too).
         untie_head(model)
     for name, m in mods.items():
-        merged = m.merged_weight(dtype)
         base = m.base
         if isinstance(m, LoRAEmbedding):
+            merged = m.merged_weight(dtype)
             base.weight = nn.Parameter(merged, requires_grad=False)
             _set_module(model, name, base)
             continue
+        # a MoE expert's adapter is PEFT's target_parameters (ParamWrapper), whose merge rounds
+        # the update to the weight's dtype first
+        merged = m.merged_weight(dtype, round_update=".experts." in f".{name}.")
         if isinstance(base, nn.Linear) and merged.dtype == base.weight.dtype:
             with torch.no_grad():
                 base.weight.copy_(merged)
