@@ -186,7 +186,7 @@ def _cmd_export(a) -> None:
 
     from ember.engine.stages import base_of
     from ember.engine.state import load_run_model, multimodal_base
-    from ember.models.loading import load_pretrained, save_pretrained
+    from ember.models.loading import load_pretrained, resolve_dtype, save_pretrained
     from ember.models.lora import lora_modules, merge_lora, save_adapter
     from ember.models.nf4 import is_quantized
     from ember.models.prompt_tuning import prompt_embedding, save_prompt_adapter
@@ -238,11 +238,12 @@ def _cmd_export(a) -> None:
         # Otherwise it is written in its base checkpoint's dtype (config.json's, else the stored
         # one: a bf16 base trains in fp32 on a CPU; PEFT's merge_and_unload keeps the base's
         # dtype as transformers loaded it).
+        # Merged in the dtype written: PEFT's embedding merge rounds its update to it first.
         nf4 = is_quantized(model)
-        bf16 = torch.bfloat16 if nf4 else None
+        dtype = torch.bfloat16 if nf4 else resolve_dtype(model.cfg.torch_dtype)
         if lora_modules(model):
-            merge_lora(model, bf16)
-        out = save_pretrained(model, a.merged, tok, dtype=bf16 if nf4 else model.cfg.torch_dtype,
+            merge_lora(model, dtype)
+        out = save_pretrained(model, a.merged, tok, dtype=dtype,
                               dequantize=nf4,
                               multimodal_base=multimodal_base(model, cfg) if cfg else None)
     print(f"wrote {out}")

@@ -49,6 +49,7 @@ from ember import EmberError
 from ember.kernels import lora_linear
 from ember.models.hf_phi import EMBER_LEAVES as PHI_LEAVES
 from ember.models.lora_embed import LoRAEmbedding
+from ember.models.peft_files import untie_head
 
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
 _LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -118,9 +119,12 @@ def _base_weight(base: nn.Module):
 
 
 def dense_base_weight(base: nn.Module) -> torch.Tensor:
-    """A projection's weight in fp32, detached (an NF4 base dequantized)."""
+    """A projection's weight in fp32, detached. An NF4 base is dequantized in the dtype it was
+    quantized from, then widened: bitsandbytes' ``dequantize_4bit``, which PEFT's merge and DoRA
+    norm on a 4-bit base add the adapter to (a bf16 base: the bf16-rounded weight the 4-bit
+    forward computes with, not the unrounded fp32 product)."""
     w = _base_weight(base)
-    return w.detach().float() if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
+    return w.detach().float() if isinstance(w, torch.Tensor) else w.dequantize().float()
 
 
 class LoRALinear(nn.Module):
@@ -204,11 +208,16 @@ class LoRALinear(nn.Module):
         update = self.lora_B.detach().float() @ self.lora_A.detach().float()
         return dense_base_weight(self.base) + self.scale * update
 
-    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def merged_weight(self, dtype: torch.dtype | None = None, *,
+                      round_update: bool = False) -> torch.Tensor:
         """W + scale * B @ A (DoRA: rescaled rowwise to ``m``), computed in fp32, returned in
-        ``dtype`` (default: the base's)."""
+        ``dtype`` (default: the base's). ``round_update``: the fp32 update is rounded to ``dtype``
+        before it is added, as PEFT's merge of ``target_parameters`` (MoE experts) rounds it."""
         w = _base_weight(self.base)
         dtype = dtype or (w.dtype if isinstance(w, torch.Tensor) else torch.float32)
+        if round_update and not self.use_dora:
+            update = self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+            return (dense_base_weight(self.base) + update.to(dtype).float()).to(dtype)
         merged = self._adapted_weight()
         if self.use_dora:
             norm = torch.linalg.norm(merged, dim=1)
@@ -363,21 +372,27 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     modules back; biases are unchanged.
 
     An ``nn.Linear`` base keeps its dtype (unless ``dtype``); an NF4 base is dequantized into a new
-    ``nn.Linear`` in ``dtype`` (default fp32). The result has the original state-dict names.
+    ``nn.Linear`` in ``dtype`` (default fp32). The result has the original state-dict names (plus
+    ``lm_head`` on a tied model whose embedding alone was adapted: it is untied).
     """
     mods = lora_modules(model)
     embed = mods.get("embed")
     if isinstance(embed, LoRAEmbedding) and not embed.ties_head and tied_lm(model):
-        raise EmberError("merge_lora: the adapter changes the embedding of a tied model but not "
-                         "its head (PEFT without ensure_weight_tying); one merged matrix cannot "
-                         "hold both: keep the adapter unmerged")
+        # The adapter changes the embedding of a tied model but not its head (PEFT without
+        # ensure_weight_tying): the head becomes its own copy of the base matrix, and the model
+        # exports untied with the adapted model's logits (PEFT's merge adds the update to the
+        # one shared matrix, which changes the head too).
+        untie_head(model)
     for name, m in mods.items():
-        merged = m.merged_weight(dtype)
         base = m.base
         if isinstance(m, LoRAEmbedding):
+            merged = m.merged_weight(dtype)
             base.weight = nn.Parameter(merged, requires_grad=False)
             _set_module(model, name, base)
             continue
+        # a MoE expert's adapter is PEFT's target_parameters (ParamWrapper), whose merge rounds
+        # the update to the weight's dtype first
+        merged = m.merged_weight(dtype, round_update=".experts." in f".{name}.")
         if isinstance(base, nn.Linear) and merged.dtype == base.weight.dtype:
             with torch.no_grad():
                 base.weight.copy_(merged)

@@ -94,9 +94,12 @@ class LoRAEmbedding(nn.Module):
         return self.scale * (B @ A).t()
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """E + scale * (B A)^T, computed in fp32, returned in ``dtype`` (default: the base's)."""
+        """E + scale * (B A)^T in ``dtype`` (default: the base's), as PEFT's ``Embedding.merge``
+        rounds it: the fp32 update is cast to ``dtype`` first, then added (bf16 / fp16: one
+        rounding more than a linear layer's merge, which adds the fp32 update)."""
         w = self.base.weight
-        return (w.detach().float() + self.delta_weight()).to(dtype or w.dtype)
+        dtype = dtype or w.dtype
+        return (w.detach().float() + self.delta_weight().to(dtype).float()).to(dtype)
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}"

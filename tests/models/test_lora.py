@@ -226,13 +226,15 @@ def test_merge_then_export_is_a_plain_hf_model(hf_dir, tmp_path):
 
 class _Linear4bitLike(nn.Module):
     """The interface LoRALinear relies on in an NF4 base (models/nf4.Linear4bit): quant_weight,
-    bias, in/out_features; with a real NF4 weight."""
+    bias, in/out_features; with a real NF4 weight, quantized from fp32 (the merge adds the update
+    to the weight dequantized in the dtype it was quantized from, as bitsandbytes' dequantize_4bit
+    and PEFT: a bf16-quantized base is tested against them in test_merge_parity.py)."""
 
     def __init__(self, lin: nn.Linear):
         super().__init__()
         from ember.kernels.nf4 import NF4Weight
 
-        self.quant_weight = NF4Weight.quantize(lin.weight.detach().to(torch.bfloat16))
+        self.quant_weight = NF4Weight.quantize(lin.weight.detach())
         self.bias = lin.bias
         self.in_features, self.out_features = lin.in_features, lin.out_features
 
