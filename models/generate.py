@@ -29,39 +29,22 @@ Two levels:
 
 from __future__ import annotations
 
-import math
-import numbers
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from ember import EmberError
+from ember.models.generation_config import (  # noqa: F401  (generate's API, re-exported)
+    HF_SAMPLING_DEFAULTS,
+    check_sampling,
+    sampling_defaults,
+    unapplied_settings,
+    unsupported_options,
+)
 from ember.models.prompt_tuning import virtual_ids
 from ember.models.tokenizer import generation_ids
 from ember.models.transformer import KVCache, Transformer
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                    min_p: float = 0.0, repetition_penalty: float = 1.0) -> None:
-    """EmberError naming the first invalid setting of ``generate_ids``' sampling knobs."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or (
-            max_new_tokens < 0):
-        raise EmberError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
-                    ("repetition_penalty", repetition_penalty)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
-            raise EmberError(f"{name} must be a number, got {v!r}")
-    if temperature < 0:
-        raise EmberError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 <= top_p <= 1:  # 0 keeps only the most likely token, as transformers' TopP does
-        raise EmberError(f"top_p must be in [0, 1] (1 = off), got {top_p}")
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
-        raise EmberError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-    if not 0 <= min_p <= 1:
-        raise EmberError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
-    if not repetition_penalty > 0:
-        raise EmberError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
 
 
 def _as_id_lists(what: str, seqs) -> list[list[int]]:
@@ -416,11 +399,18 @@ def _as_messages(prompt, chat: bool) -> list[dict] | None:
                      f"dicts), got {type(prompt).__name__}")
 
 
-def encode_prompts(tokenizer, prompts: Sequence, chat: bool = False) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: Sequence, chat: bool = False,
+                   template_kwargs: Mapping | None = None) -> list[list[int]]:
     """Token ids per prompt: conversations (and plain strings when ``chat``) go through the chat
     template with the generation prompt, or, when the last message is the assistant's (a
     prefilled answer), ending inside it to be continued (transformers' text-generation pipeline
-    does the same); plain text gets the tokenizer's own special tokens."""
+    does the same); plain text gets the tokenizer's own special tokens. ``template_kwargs``:
+    template variables (``enable_thinking``, ``tools``), as ``apply_chat_template(**kwargs)``."""
+    if not isinstance(template_kwargs, Mapping | None) or set(template_kwargs or ()) & {
+            "add_generation_prompt", "continue_final_message", "tokenize", "return_dict"}:
+        raise EmberError(f"template_kwargs must be a dict of chat template variables (e.g. "
+                         f"{{'enable_thinking': False}}), got {template_kwargs!r}")
+    kw = dict(template_kwargs or {})
     out = []
     for p in prompts:
         messages = _as_messages(p, chat)
@@ -428,84 +418,11 @@ def encode_prompts(tokenizer, prompts: Sequence, chat: bool = False) -> list[lis
             out.append(tokenizer.encode(p, add_special_tokens=True))
         elif messages and messages[-1].get("role") == "assistant":
             out.append(tokenizer.apply_chat_template(messages, continue_final_message=True,
-                                                     tokenize=True, return_dict=False))
+                                                     tokenize=True, return_dict=False, **kw))
         else:  # return_dict=False: transformers 5 returns a BatchEncoding by default
             out.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                     tokenize=True, return_dict=False))
+                                                     tokenize=True, return_dict=False, **kw))
     return out
-
-
-# transformers' generate() options a user coming from it may pass, and what Ember does instead
-_HF_HINTS = {
-    "do_sample": "sampling is temperature > 0 (temperature = 0: greedy)",
-    "max_length": "give max_new_tokens (tokens after the prompt)",
-    "num_return_sequences": "repeat the prompt in the list, with temperature > 0",
-    "min_new_tokens": "not supported",
-    "no_repeat_ngram_size": "not supported (repetition_penalty is)",
-    "num_beams": "not supported: greedy or sampling only",
-    "eos_token_id": "generation stops at the tokenizer's eos_token_ids and the model's "
-                    "generation_config.json ones; use stop_strings for more",
-    "pad_token_id": "not needed: batches are left-padded internally",
-    "generation_config": "pass its fields as keywords (temperature, top_p, top_k, min_p, "
-                         "repetition_penalty, max_new_tokens)",
-}
-
-
-def unsupported_options(options: dict) -> str:
-    """The error for keywords ``generate`` does not take, with what to do for transformers'."""
-    lines = [f"{k}: {_HF_HINTS.get(k, 'not an option of ember generate')}" for k in options]
-    return ("generate() does not take " + ", ".join(map(repr, options)) + "\n  "
-            + "\n  ".join(lines) + "\n(its options: max_new_tokens, temperature, top_p, "
-            "top_k, min_p, repetition_penalty, seed, stop_strings, chat)")
-
-
-# transformers 5's defaults (GenerationConfig._get_default_generation_params) for the knobs a
-# model's generation_config.json may set: top_k is 50 when sampling, not off
-HF_SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
-
-
-def sampling_defaults(model: Transformer, **given) -> dict:
-    """The knobs of ``HF_SAMPLING_DEFAULTS`` as transformers' ``generate()`` takes those not
-    passed: ``given`` where not None, else the generation_config.json the model was loaded with
-    (Qwen2.5-Instruct's top_k 20, top_p 0.8, repetition_penalty 1.05, which transformers applies
-    to greedy decoding too), else transformers' default. Its do_sample / temperature are not
-    taken: Ember is greedy unless a temperature > 0 is given."""
-    gen = getattr(model, "hf_generation_config", None)
-    gen = gen if isinstance(gen, dict) else {}
-    out = {}
-    for name, default in HF_SAMPLING_DEFAULTS.items():
-        v = given.get(name)
-        if v is None:
-            v = gen.get(name)
-            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and not (
-                name == "top_k" and not isinstance(v, numbers.Integral))
-            if ok:  # a value out of range (top_p 1.5) is off, as transformers skips it
-                try:
-                    check_sampling(0, 0.0, **{**HF_SAMPLING_DEFAULTS, name: v})
-                except EmberError:
-                    ok = False
-            v = v if ok else default
-        out[name] = v
-    return out
-
-
-# generation_config.json settings that change transformers' generate() output and that Ember
-# does not apply, with the value that leaves each off
-_UNAPPLIED = {"no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None,
-              "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-              "forced_bos_token_id": None, "forced_eos_token_id": None, "typical_p": 1.0,
-              "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1, "sequence_bias": None}
-
-
-def unapplied_settings(model: Transformer) -> list[str]:
-    """The settings of the model's generation_config.json that transformers' ``generate()``
-    applies and Ember does not (``no_repeat_ngram_size``, ``min_new_tokens``, beams...), as
-    ``name=value``: Ember's output may differ from transformers' there, so the CLI says so."""
-    gen = getattr(model, "hf_generation_config", None)
-    if not isinstance(gen, dict):
-        return []
-    return [f"{k}={gen[k]!r}" for k, off in _UNAPPLIED.items()
-            if gen.get(k, off) not in (off, None) and gen.get(k) != []]
 
 
 def _config_stop_ids(model: Transformer) -> list[int]:
@@ -522,11 +439,13 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
              top_k: int | None = None, seed: int | None = None,
              stop_strings: Sequence[str] | None = None, chat: bool = False,
              min_p: float | None = None, repetition_penalty: float | None = None,
-             **hf_options) -> list[str]:
+             template_kwargs: Mapping | None = None, **hf_options) -> list[str]:
     """Completions (list[str], one per prompt) for a prompt or a list of prompts.
 
     ``chat=True`` wraps each string as a user message and renders the model's chat template; a
-    prompt given as a list of message dicts always goes through the template. Generation stops at
+    prompt given as a list of message dicts always goes through the template, with
+    ``template_kwargs`` as its variables (``{"enable_thinking": False}``, ``tools``), as
+    transformers' ``apply_chat_template(**kwargs)`` passes them. Generation stops at
     the tokenizer's ``eos_token_ids``, at the ``eos_token_id`` list of the generation_config.json
     the model was loaded with (as transformers' generate) and, if given, right before the first
     stop string (cut from the returned text, with any part of it begun in the prompt; a stop
@@ -551,7 +470,7 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     if isinstance(stop_strings, str):
         raise EmberError("stop_strings must be a list of strings, not a single str")
     stops = [s for s in (stop_strings or []) if s]
-    ids = encode_prompts(tokenizer, list(prompts), chat)
+    ids = encode_prompts(tokenizer, list(prompts), chat, template_kwargs)
     should_stop = None
     spanned: set[int] = set()  # rows stopped by a stop string begun in the prompt
     if stops:

@@ -188,3 +188,29 @@ def test_a_prompt_file_line_the_template_cannot_render_is_named(qwen3, tmp_path,
                  str(path)]) == 2
     err = capsys.readouterr().err
     assert f"--prompts {path} line 2: a conversation needs a chat template" in err
+
+
+def test_python_generate_passes_template_variables_as_transformers(qwen3, monkeypatch):
+    """``ember.models.generate(..., template_kwargs=...)``: the same variables for Python
+    callers (it had no way to turn Qwen3's thinking off); a keyword that is one of
+    ``apply_chat_template``'s own, or a non-dict, is a clear error."""
+    from ember import EmberError
+    from ember.models import load_pretrained
+    from ember.models.generate import generate
+
+    folder, hf = qwen3
+    model, tok = load_pretrained(str(folder), device="cpu")
+    calls = _spy(monkeypatch)
+    system = [{"role": "system", "content": "Answer briefly."}]
+    for kw in (NO_THINK, {"tools": TOOLS, **NO_THINK}):
+        calls.clear()
+        generate(model, tok, [[*system, {"role": "user", "content": "Hi?"}]],
+                 max_new_tokens=MAX_NEW, template_kwargs=kw)
+        want = hf.apply_chat_template([*system, {"role": "user", "content": "Hi?"}], **kw,
+                                      add_generation_prompt=True, return_dict=False)
+        assert [p for p, _ in calls] == [want]
+    assert want != hf.apply_chat_template([*system, {"role": "user", "content": "Hi?"}],
+                                          add_generation_prompt=True, return_dict=False)
+    for bad in ({"add_generation_prompt": False}, "enable_thinking=False"):
+        with pytest.raises(EmberError, match="template_kwargs must be a dict"):
+            generate(model, tok, "Hi?", chat=True, max_new_tokens=1, template_kwargs=bad)

@@ -1,0 +1,110 @@
+"""transformers' generation settings as Ember reads them: the sampling knobs' checks, the values
+a model's generation_config.json gives those not passed (as transformers' ``generate()`` takes
+them), the settings of that file Ember does not apply, and the hints for transformers' options
+that ``generate()`` does not take."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import TYPE_CHECKING
+
+from ember import EmberError
+
+if TYPE_CHECKING:
+    from ember.models.transformer import Transformer
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                    min_p: float = 0.0, repetition_penalty: float = 1.0) -> None:
+    """EmberError naming the first invalid setting of ``generate_ids``' sampling knobs."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or (
+            max_new_tokens < 0):
+        raise EmberError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+                    ("repetition_penalty", repetition_penalty)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
+            raise EmberError(f"{name} must be a number, got {v!r}")
+    if temperature < 0:
+        raise EmberError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= top_p <= 1:  # 0 keeps only the most likely token, as transformers' TopP does
+        raise EmberError(f"top_p must be in [0, 1] (1 = off), got {top_p}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise EmberError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if not 0 <= min_p <= 1:
+        raise EmberError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
+    if not repetition_penalty > 0:
+        raise EmberError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+
+
+# transformers' generate() options a user coming from it may pass, and what Ember does instead
+_HF_HINTS = {
+    "do_sample": "sampling is temperature > 0 (temperature = 0: greedy)",
+    "max_length": "give max_new_tokens (tokens after the prompt)",
+    "num_return_sequences": "repeat the prompt in the list, with temperature > 0",
+    "min_new_tokens": "not supported",
+    "no_repeat_ngram_size": "not supported (repetition_penalty is)",
+    "num_beams": "not supported: greedy or sampling only",
+    "eos_token_id": "generation stops at the tokenizer's eos_token_ids and the model's "
+                    "generation_config.json ones; use stop_strings for more",
+    "pad_token_id": "not needed: batches are left-padded internally",
+    "generation_config": "pass its fields as keywords (temperature, top_p, top_k, min_p, "
+                         "repetition_penalty, max_new_tokens)",
+}
+
+
+def unsupported_options(options: dict) -> str:
+    """The error for keywords ``generate`` does not take, with what to do for transformers'."""
+    lines = [f"{k}: {_HF_HINTS.get(k, 'not an option of ember generate')}" for k in options]
+    return ("generate() does not take " + ", ".join(map(repr, options)) + "\n  "
+            + "\n  ".join(lines) + "\n(its options: max_new_tokens, temperature, top_p, "
+            "top_k, min_p, repetition_penalty, seed, stop_strings, chat, template_kwargs)")
+
+
+# transformers 5's defaults (GenerationConfig._get_default_generation_params) for the knobs a
+# model's generation_config.json may set: top_k is 50 when sampling, not off
+HF_SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def sampling_defaults(model: Transformer, **given) -> dict:
+    """The knobs of ``HF_SAMPLING_DEFAULTS`` as transformers' ``generate()`` takes those not
+    passed: ``given`` where not None, else the generation_config.json the model was loaded with
+    (Qwen2.5-Instruct's top_k 20, top_p 0.8, repetition_penalty 1.05, which transformers applies
+    to greedy decoding too), else transformers' default. Its do_sample / temperature are not
+    taken: Ember is greedy unless a temperature > 0 is given."""
+    gen = getattr(model, "hf_generation_config", None)
+    gen = gen if isinstance(gen, dict) else {}
+    out = {}
+    for name, default in HF_SAMPLING_DEFAULTS.items():
+        v = given.get(name)
+        if v is None:
+            v = gen.get(name)
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and not (
+                name == "top_k" and not isinstance(v, numbers.Integral))
+            if ok:  # a value out of range (top_p 1.5) is off, as transformers skips it
+                try:
+                    check_sampling(0, 0.0, **{**HF_SAMPLING_DEFAULTS, name: v})
+                except EmberError:
+                    ok = False
+            v = v if ok else default
+        out[name] = v
+    return out
+
+
+# generation_config.json settings that change transformers' generate() output and that Ember
+# does not apply, with the value that leaves each off
+_UNAPPLIED = {"no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None,
+              "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+              "forced_bos_token_id": None, "forced_eos_token_id": None, "typical_p": 1.0,
+              "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1, "sequence_bias": None}
+
+
+def unapplied_settings(model: Transformer) -> list[str]:
+    """The settings of the model's generation_config.json that transformers' ``generate()``
+    applies and Ember does not (``no_repeat_ngram_size``, ``min_new_tokens``, beams...), as
+    ``name=value``: Ember's output may differ from transformers' there, so the CLI says so."""
+    gen = getattr(model, "hf_generation_config", None)
+    if not isinstance(gen, dict):
+        return []
+    return [f"{k}={gen[k]!r}" for k, off in _UNAPPLIED.items()
+            if gen.get(k, off) not in (off, None) and gen.get(k) != []]
