@@ -49,6 +49,7 @@ from ember import EmberError
 from ember.kernels import lora_linear
 from ember.models.hf_phi import EMBER_LEAVES as PHI_LEAVES
 from ember.models.lora_embed import LoRAEmbedding
+from ember.models.lora_init import base_changing_init, changes_base, check_init
 from ember.models.peft_files import untie_head
 
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
@@ -75,8 +76,9 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = ALL_LINEAR
     use_rslora: bool = False
-    # "kaiming" (PEFT's default) | "gaussian": A's draw, B is zero either way (an embed_tokens
-    # adapter: PEFT's A zero, B standard normal, whatever init says)
+    # "kaiming" (PEFT's default) | "gaussian": A's draw, B zero | "pissa" | "pissa_niter_K" |
+    # "olora": A, B from the base weight's SVD / QR, the base becomes the residual (exported as a
+    # rank-2r plain LoRA on the original base); an embed_tokens adapter: A zero, B normal always
     init: str = "kaiming"
     use_dora: bool = False  # DoRA: a trained magnitude per output row (see the module docstring)
     embedding_lr: float | None = None
@@ -92,8 +94,7 @@ class LoRAConfig:
             raise EmberError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.use_dora, bool):
             raise EmberError(f"lora.use_dora must be true or false, got {self.use_dora!r}")
-        if self.init not in ("kaiming", "gaussian"):
-            raise EmberError(f"lora.init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        check_init(self.init)
         if self.embedding_lr is not None and (isinstance(self.embedding_lr, bool)
                                               or not self.embedding_lr > 0):
             raise EmberError(f"lora.embedding_lr must be > 0 (or left out), got "
@@ -161,15 +162,35 @@ class LoRALinear(nn.Module):
 
     def reset_lora(self, init: str = "kaiming") -> None:
         """A random, B zero (and a DoRA magnitude ``||W||``): the wrapped model computes exactly
-        what the base did."""
+        what the base did. PiSSA / OLoRA (``ember.models.lora_init``): A and B from the base
+        weight, which becomes the residual ``W - scale * B A`` (a weight on the meta device is
+        left as it is: its real values are loaded later)."""
         with torch.no_grad():
-            if init == "kaiming":
+            if changes_base(init):
+                self._init_from_base(init)
+            elif init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             else:
                 nn.init.normal_(self.lora_A, std=1.0 / self.rank)
-            self.lora_B.zero_()
+            if not changes_base(init):
+                self.lora_B.zero_()
             if self.lora_magnitude is not None:
                 self.lora_magnitude.copy_(self.weight_norm())
+
+    def _init_from_base(self, init: str) -> None:
+        if hasattr(self.base, "quant_weight"):
+            # PEFT's pissa_init refuses a 4-bit base too (its QPiSSA: init on the dense model,
+            # then quantize the residual)
+            raise EmberError(f"lora.init {init!r} on a 4-bit (NF4) base is not supported: the "
+                             "residual would have to be re-quantized; train the unquantized "
+                             "model, or use lora.init = 'kaiming' with model.quantize")
+        w = self.base.weight
+        if w.device.type == "meta":
+            return
+        A, B, residual = base_changing_init(w, self.rank, self.scale, init)
+        self.lora_A.copy_(A)
+        self.lora_B.copy_(B)
+        self.base.weight = nn.Parameter(residual, requires_grad=False)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The trained tensors by attribute name: lora_A, lora_B (and lora_magnitude)."""
@@ -328,6 +349,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
                          "from a fresh base model")
     names = resolve_targets(model, cfg.targets)
     check_embed_head(names, use_dora=cfg.use_dora, where="lora.targets")
+    if changes_base(cfg.init):
+        check_base_changing(model, cfg.init)
     for p in model.parameters():
         p.requires_grad_(False)
     pad = getattr(getattr(model, "cfg", None), "pad_token_id", None)  # transformers' padding_idx
@@ -340,7 +363,27 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
             mod = LoRALinear(base, cfg.rank, cfg.alpha, dropout=cfg.dropout,
                              use_rslora=cfg.use_rslora, init=cfg.init, use_dora=cfg.use_dora)
         _set_module(model, name, mod)
+    if changes_base(cfg.init):
+        # The starting adapters, for the export as a plain LoRA on the original base
+        # (ember.models.lora_init); a model attribute named peft_* travels to an FSDP export.
+        model.peft_base_init = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone())
+                                for n, m in lora_modules(model).items()
+                                if isinstance(m, LoRALinear)}
     return model
+
+
+def check_base_changing(model: nn.Module, init: str) -> None:
+    """EmberError for the models a PiSSA / OLoRA init is not built for."""
+    cfg = getattr(model, "cfg", None)
+    why = None
+    if getattr(cfg, "model_type", None) == "phi3":
+        why = ("PEFT decomposes Phi-3's fused qkv_proj / gate_up_proj, Ember's projections are "
+               "separate, so the starting adapters would differ from PEFT's")
+    elif getattr(cfg, "num_experts", 0):
+        why = "the experts' and routers' adapters (PEFT's target_parameters) have no such init"
+    if why is not None:
+        raise EmberError(f"lora.init {init!r} is not supported on this model: {why}; use "
+                         "lora.init = 'kaiming'")
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -376,6 +419,7 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     ``lm_head`` on a tied model whose embedding alone was adapted: it is untied).
     """
     mods = lora_modules(model)
+    model.__dict__.pop("peft_base_init", None)  # merged: the residual + B A is W + dW
     embed = mods.get("embed")
     if isinstance(embed, LoRAEmbedding) and not embed.ties_head and tied_lm(model):
         # The adapter changes the embedding of a tied model but not its head (PEFT without

@@ -64,6 +64,7 @@ from ember.models.lora_fused import (
     part_names,
     split_adapter,
 )
+from ember.models.lora_init import converted_adapter
 from ember.models.peft_bias import (
     _adapter_biases,
     _bias_tensors,
@@ -170,6 +171,10 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     use_dora = dora.pop()
     entries = {hf[n]: tuple(p.detach() for p in m.adapter_params().values())[:2]
                + (m.rank, m.alpha) for n, m in mods.items()}
+    base_init = getattr(model, "peft_base_init", None)
+    if base_init is not None:  # PiSSA / OLoRA: a rank-2r plain LoRA on the original base
+        entries = {hf[n]: converted_adapter(*entries[hf[n]][:2], base_init.get(n), m.rank,
+                                            m.alpha, m.use_rslora) for n, m in mods.items()}
     fused = is_fused(getattr(model, "cfg", None))
     mags = {hf[n]: m.lora_magnitude.detach() for n, m in mods.items()} if use_dora else {}
     if fused:  # Phi-3: PEFT sees qkv_proj / gate_up_proj
