@@ -59,6 +59,7 @@ from ember.engine.preference_losses import (
     simpo_loss,
 )
 from ember.engine.stages import adapter_snapshot, adapters_swapped, continues_lora, frozen_start
+from ember.models.lora_init import changes_base
 
 if TYPE_CHECKING:
     from ember.engine.config import TrainConfig
@@ -245,7 +246,10 @@ class Referenced:
     def _init_reference(self, cfg: TrainConfig, info: DistInfo, precompute: bool) -> None:
         self.ref_model, self.ref_adapters = None, None
         self.precompute, self.released = precompute, False
-        self.snapshot = continues_lora(cfg)  # a continued adapter: a frozen copy of it
+        # a continued adapter: a frozen copy of it; so for PiSSA / OLoRA's starting adapters
+        # (with them off the model is the residual base, not the starting model)
+        self.snapshot = continues_lora(cfg) or (cfg.method == "lora"
+                                                and changes_base(cfg.lora.init))
         if cfg.method == "full":  # no adapters to switch off: a frozen copy is the reference
             ref = frozen_start(cfg, build_device(info))
             record_fingerprint(self.prints, "reference", ref, info)

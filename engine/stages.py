@@ -68,6 +68,7 @@ from ember.models.lora import (
     resolve_targets,
 )
 from ember.models.lora_fused import part_names
+from ember.models.lora_init import changes_base
 from ember.models.peft_adapter import _PEFT_KEY, _read_adapter_config
 from ember.models.peft_files import _FULL_WEIGHTS
 from ember.models.peft_tokens import train_trainable_tokens
@@ -335,6 +336,12 @@ def resolve_start(cfg: TrainConfig) -> TrainConfig:
         return _resolve_prompt(cfg, start)
     if not (cfg.method == "lora" and start.kind == "lora"):
         return cfg
+    if changes_base(cfg.lora.init):  # was: ignored, the continued adapter trained as it was
+        raise EmberError(
+            f"lora.init = {cfg.lora.init!r} starts new adapters from the base weights; the "
+            f"adapter continued from model.init {start.source!r} keeps its own: remove lora.init "
+            "from the config"
+        )
     from ember.engine.config import given_keys
 
     have, default, given = _adapter_lora(start), LoRAConfig(), given_keys(cfg.lora)

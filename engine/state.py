@@ -378,7 +378,11 @@ def load_run_model(run_dir: str | Path, device: str | None = None, echo=None):
         load_prompt_adapter(model, final_adapter)
         return model, tok, cfg
     path, why = run_weights(run_dir, cfg)
-    model, tok = build_model(cfg, device)  # LoRA / frozen parts as trained: the same keys
+    with torch.random.fork_rng(devices=[]):
+        # seeded as the trainer builds: lora.init = "pissa_niter_K"'s residual base is a random
+        # draw the checkpoint does not hold (was: another draw, under the trained adapters)
+        torch.manual_seed(cfg.seed)
+        model, tok = build_model(cfg, device)  # LoRA / frozen parts as trained: the same keys
     dcp.load_model_weights(path, model)
     if echo is not None:
         echo(f"{run_dir} has no final export: using {why}")
