@@ -25,6 +25,7 @@ from ember.models.lora import (
 )
 from ember.models.lora_init import base_changing_init
 from ember.models.nf4 import quantize_model_
+from ember.models.transformer import Transformer
 from tests.models.test_interop_peft import VOCAB, save_random_model
 
 peft = pytest.importorskip("peft")
@@ -226,3 +227,21 @@ def test_refusals(bases, tmp_path):
     model, _ = load_pretrained(phi3)
     with pytest.raises(EmberError, match="fused qkv_proj"):
         apply_lora(model, LoRAConfig(rank=4, targets=("q_proj",), init="pissa"))
+
+
+def test_fsdp_export_model_on_meta(bases, tmp_path):
+    """state._unsharded builds the export model on the meta device and applies lora there: no
+    decomposition of meta weights; the starting adapters come from the trained model's
+    peft_base_init (carried as a peft_* attribute)."""
+    trained = _ember(bases["plain"], init="olora", alpha=8)
+    _train(trained)
+    with torch.device("meta"):
+        model = Transformer(trained.cfg)
+        apply_lora(model, LoRAConfig(rank=4, targets=tuple(TARGETS), init="olora", alpha=8))
+    model.load_state_dict({k: v for k, v in trained.state_dict().items() if "lora_" in k},
+                          strict=False, assign=True)
+    model.peft_base_init = trained.peft_base_init
+    save_adapter(model, tmp_path / "meta")
+    save_adapter(trained, tmp_path / "live")
+    a, b = (load_file(tmp_path / d / ADAPTER) for d in ("meta", "live"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
