@@ -46,6 +46,7 @@ from ember.engine.runtime import PATH_KEYS, absolute_paths, build_model
 from ember.engine.stages import base_of, load_base
 from ember.models.loading import save_pretrained
 from ember.models.lora import apply_lora, load_adapter, save_adapter
+from ember.models.lora_init import changes_base
 from ember.models.prompt_tuning import load_prompt_adapter, save_prompt_adapter
 from ember.models.transformer import Transformer
 
@@ -236,11 +237,16 @@ def restore(path: Path, cfg: TrainConfig, info: DistInfo, model, optimizer, *,
     extra = loaded.extra
     if base is not None and extra.get("base", base) != base:
         init = f", model.init {cfg.model.init!r}" if cfg.model.init else ""
+        # PiSSA / OLoRA: the frozen base is a residual recomputed from the model at the resume
+        svd = (f", or, with lora.init {cfg.lora.init!r}, the residual base recomputed from them "
+               "came out otherwise (another machine, device or LAPACK / cuSOLVER build "
+               "decomposes differently)") if cfg.method == "lora" and changes_base(
+                   cfg.lora.init) else ""
         raise EmberError(f"cannot resume {cfg.out_dir}: the weights it does not train (the base "
                          f"model, model.name {cfg.model.name!r}{init}) differ from those its "
                          f"checkpoint {path.name} was trained on: the model's files were "
-                         "replaced or retrained since. Resume with the model the run started "
-                         "from, or start a new run with --set run_dir=<new folder>")
+                         f"replaced or retrained since{svd}. Resume with the model the run "
+                         "started from, or start a new run with --set run_dir=<new folder>")
     was = extra.get("frozen") or {}
     for role in sorted(frozen or {}):
         if was.get(role, frozen[role]) != frozen[role]:

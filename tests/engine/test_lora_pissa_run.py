@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 FAST = ("eval.metrics=[]", "optim.warmup_steps=0", 'optim.schedule="constant"')
 
 
-def test_pissa_dpo_run_resumes_and_exports(tiny, prefs, tmp_path):
+def test_pissa_dpo_run_resumes_and_exports(tiny, prefs, tmp_path, monkeypatch):
     """pissa_niter_K: its randomized SVD draws from the run's seed, at the resume too."""
     extra = ('objective="dpo"', f'data.train=["{prefs}"]', f'data.validation="{prefs}"',
              "max_steps=2", "checkpoint.every_steps=1", "eval.every_steps=1",
@@ -37,6 +37,11 @@ def test_pissa_dpo_run_resumes_and_exports(tiny, prefs, tmp_path):
     train(cfg_b, echo=quiet, progress=False, stop_after=1)
     train(cfg_b, resume=True, echo=quiet, progress=False)
     assert rows_of(tmp_path / "a", timing=False) == rows_of(tmp_path / "b", timing=False)
+    # a residual that came out otherwise at a resume (another machine): refused, saying why
+    monkeypatch.setattr("ember.engine.trainer.base_fingerprint", lambda *a, **k: "other")
+    with pytest.raises(EmberError, match="lora.init 'pissa_niter_2', the residual base"):
+        train(cfg_b.replace(max_steps=3), resume=True, echo=quiet, progress=False)
+    monkeypatch.undo()
 
     ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
     with torch.no_grad():
