@@ -350,7 +350,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     names = resolve_targets(model, cfg.targets)
     check_embed_head(names, use_dora=cfg.use_dora, where="lora.targets")
     if changes_base(cfg.init):
-        check_base_changing(model, cfg.init)
+        check_base_changing(model, cfg.init, names)
     for p in model.parameters():
         p.requires_grad_(False)
     pad = getattr(getattr(model, "cfg", None), "pad_token_id", None)  # transformers' padding_idx
@@ -372,18 +372,22 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     return model
 
 
-def check_base_changing(model: nn.Module, init: str) -> None:
-    """EmberError for the models a PiSSA / OLoRA init is not built for."""
+def check_base_changing(model: nn.Module, init: str, names: list[str]) -> None:
+    """EmberError for the models and targets a PiSSA / OLoRA init is not built for."""
+    from ember.models.peft_moe import EXPERT, ROUTER
+
     cfg = getattr(model, "cfg", None)
     why = None
     if getattr(cfg, "model_type", None) == "phi3":
-        why = ("PEFT decomposes Phi-3's fused qkv_proj / gate_up_proj, Ember's projections are "
-               "separate, so the starting adapters would differ from PEFT's")
-    elif getattr(cfg, "num_experts", 0):
-        why = "the experts' and routers' adapters (PEFT's target_parameters) have no such init"
+        why = ("on Phi-3: PEFT decomposes the fused qkv_proj / gate_up_proj, Ember's projections "
+               "are separate, so the starting adapters would differ from PEFT's")
+    elif getattr(cfg, "num_experts", 0) and any(EXPERT.fullmatch(n) or ROUTER.fullmatch(n)
+                                                for n in names):
+        why = ("on the experts and routers: their adapters are PEFT's target_parameters, "
+               "decomposed per fused expert tensor there; target the attention only")
     if why is not None:
-        raise EmberError(f"lora.init {init!r} is not supported on this model: {why}; use "
-                         "lora.init = 'kaiming'")
+        raise EmberError(f"lora.init {init!r} is not supported {why} (or use lora.init = "
+                         "'kaiming')")
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -225,7 +225,7 @@ def test_refusals(bases, tmp_path):
     phi3 = save_random_model(tmp_path / "phi3", transformers.Phi3Config, seed=1,
                              pad_token_id=None, eos_token_id=2)
     model, _ = load_pretrained(phi3)
-    with pytest.raises(EmberError, match="fused qkv_proj"):
+    with pytest.raises(EmberError, match="on Phi-3: PEFT decomposes the fused qkv_proj"):
         apply_lora(model, LoRAConfig(rank=4, targets=("q_proj",), init="pissa"))
 
 
@@ -245,3 +245,23 @@ def test_fsdp_export_model_on_meta(bases, tmp_path):
     save_adapter(trained, tmp_path / "live")
     a, b = (load_file(tmp_path / d / ADAPTER) for d in ("meta", "live"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_moe_attention_only(tmp_path):
+    """On a mixture-of-experts model PiSSA adapts the attention (PEFT's logits after export) and
+    is refused on the experts (PEFT's target_parameters)."""
+    from tests.models.test_moe import _hf_model, _ids, _load
+
+    _hf_model("mixtral").save_pretrained(tmp_path / "m")
+    with pytest.raises(EmberError, match="not supported on the experts"):
+        apply_lora(_load(tmp_path / "m"), LoRAConfig(rank=2, targets=("up",), init="pissa"))
+    model = apply_lora(_load(tmp_path / "m"), LoRAConfig(rank=2, targets=("q", "o"), init="pissa"))
+    _train(model.eval())
+    save_adapter(model, tmp_path / "ad")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+        pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ad").eval()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, model(ids), rtol=0, atol=1e-4)
