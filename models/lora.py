@@ -365,8 +365,12 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         _set_module(model, name, mod)
     if changes_base(cfg.init):
         # The starting adapters, for the export as a plain LoRA on the original base
-        # (ember.models.lora_init); a model attribute named peft_* travels to an FSDP export.
-        model.peft_base_init = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone())
+        # (ember.models.lora_init), kept in host memory; a model attribute named peft_* travels
+        # to an FSDP export.
+        def host(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().clone() if t.is_meta else t.detach().to("cpu", copy=True)
+
+        model.peft_base_init = {n: (host(m.lora_A), host(m.lora_B))
                                 for n, m in lora_modules(model).items()
                                 if isinstance(m, LoRALinear)}
     return model
