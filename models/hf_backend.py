@@ -94,7 +94,6 @@ position predicting a row's first real token) is the mean of the values, which v
 
 from __future__ import annotations
 
-import inspect
 import sys
 import types
 from collections.abc import Callable
@@ -119,16 +118,20 @@ from ember.models.hf_backend_io import (
     labels_read_padding,
     plain_head,
 )
+from ember.models.hf_wrappers import (
+    _BOUND,
+    _OFF,
+    _check_wrapped,
+    _ours,
+    _under_wrapper,
+    _wrapped_swap,
+)
 
 PLAN_KW = "ember_attention_plan"
 # Set by the causal LM's swapped forward, which checks the labels against the padding: the inner
 # model called without it (TRL's fused head, any head of the user's) cannot know which padding
 # outputs are read.
 LABELS_CHECKED_KW = "ember_labels_checked"
-_OFF = "_ember_off"  # restored while a wrapper (accelerate's mixed precision, TRL's) calls the swap
-# The causal LM's swapped forward as bound, found under a wrapper set on the instance after the swap
-# that keeps calling it (TRL's add_fused_lm_head holds it in a closure)
-_BOUND = "_ember_bound"
 _ACTIVATIONS = {"silu": swiglu, "swish": swiglu, "gelu_pytorch_tanh": geglu}
 
 
@@ -221,11 +224,6 @@ def _bind(module: nn.Module, fn: Callable) -> None:
         module.forward = method
 
 
-def _ours(fn) -> bool:
-    # a method bound by _bind (a hook's wrapper copies the attribute: not ours)
-    return isinstance(fn, types.MethodType) and bool(getattr(fn.__func__, "_ember_swap", None))
-
-
 def _swap_kind(module: nn.Module) -> str | None:
     if module.__dict__.get(_OFF):
         return None
@@ -236,21 +234,6 @@ def _swap_kind(module: nn.Module) -> str | None:
             return fn._ember_swap
     under = _under_wrapper(module)
     return None if under is None else under._ember_swap
-
-
-def _foreign_forward(module: nn.Module) -> bool:
-    """A forward set on the instance by someone else: not a swap, not a dispatch hook, not the
-    class's own forward bound there (what accelerate's unwrap_model leaves)."""
-    fn = module.__dict__.get("forward")
-    cls = type(module).forward  # unwrap_model binds the innermost function of its decorators
-    return (fn is not None and not _ours(fn) and not hooked(module)
-            and getattr(fn, "__func__", None) not in (cls, inspect.unwrap(cls)))
-
-
-def _under_wrapper(module: nn.Module) -> Callable | None:
-    """The swap bound on ``module`` that a forward set on the instance after it calls."""
-    bound = module.__dict__.get(_BOUND)
-    return bound if _ours(bound) and _foreign_forward(module) else None
 
 
 def _replaced(module: nn.Module) -> Callable:
@@ -561,32 +544,6 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
     if lm_forward is not None:  # attention alone: the causal LM only checks the labels
         _bind_causal_lm(lm, lm_forward)
     return model
-
-
-def _wrapped_swap(lm: nn.Module) -> Callable | None:
-    """The swapped forward that a wrapper set on the instance after the swap calls, if any:
-    accelerate's mixed precision (accelerator.prepare, Trainer with bf16/fp16), TRL's
-    ``add_fused_lm_head`` (DPOTrainer, SFTTrainer). Rebinding would drop the wrapper."""
-    wrapped = lm.__dict__.get("_original_forward")
-    if _ours(wrapped) and not _ours(lm.__dict__.get("forward")):
-        return wrapped
-    return _under_wrapper(lm)
-
-
-def _check_wrapped(lm: nn.Module, fn: Callable | None) -> None:
-    wrapped = _wrapped_swap(lm)
-    if wrapped is None and fn is not None and _foreign_forward(lm):
-        raise EmberError(f"accelerate(): this {type(lm).__name__}'s forward was replaced on the "
-                         "instance by another wrapper (e.g. TRL's add_fused_lm_head, which its "
-                         "trainers add, or accelerate's mixed-precision prepare); swapping would "
-                         "drop that wrapper. Call accelerate() on the model before handing it to "
-                         "the trainer or to accelerator.prepare")
-    if wrapped is not None and fn is not None and wrapped._ember_swap != fn._ember_swap:
-        raise EmberError(f"accelerate(): this model's forward was wrapped by accelerate's mixed "
-                         f"precision (or TRL's add_fused_lm_head) around an earlier swap "
-                         f"({wrapped._ember_swap}); call accelerate() with the same loss= "
-                         "setting, or unwrap it first (accelerator.unwrap_model(model, "
-                         "keep_fp32_wrapper=False))")
 
 
 def _bind_causal_lm(lm: nn.Module, fn: Callable) -> None:
