@@ -117,6 +117,8 @@ from ember.models.hf_backend_io import (
     kernel_dtypes,
     labels_read_padding,
     plain_head,
+    take_cache,
+    with_cache,
 )
 from ember.models.hf_wrappers import (
     _BOUND,
@@ -328,6 +330,7 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool, config_window
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
         plan = kwargs.pop(PLAN_KW, None)
+        cache = take_cache(kwargs, past_key_values)
         B, T, _ = hidden_states.shape
         q, k, v = _project_qkv(self, hidden_states, self.head_dim)
         if hasattr(self, "q_norm") and self.q_norm.weight.numel() != self.head_dim:
@@ -348,8 +351,8 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool, config_window
             hf_rope = sys.modules[type(self).__module__].apply_rotary_pos_emb
             qt, kt = hf_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             q, k = qt.transpose(1, 2), kt.transpose(1, 2)
-        if past_key_values is not None:
-            kc, vc = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+        if cache is not None:
+            kc, vc = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
             k, v = kc.transpose(1, 2), vc.transpose(1, 2)  # (B, S, K, hd)
         dropout = self.attention_dropout if self.training else 0.0
         cap = self.attn_logit_softcapping if softcap else None
@@ -361,7 +364,7 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool, config_window
         if (flash and kernel_dtypes(q) and not weights and dropout == 0.0 and k.shape[1] == T
                 and getattr(self, "is_causal", True)):
             if (plan is not None and plan.cu_seqlens is not None
-                    and not (plan.packed and past_key_values is not None)):
+                    and not (plan.packed and cache is not None)):
                 if not (plan.gaps and opts["window"] is not None):
                     out = _varlen_attention(q, k, v, plan, **opts)
             elif plan is not None or attention_mask is None:
@@ -381,9 +384,9 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                    past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
     ref = input_ids if input_ids is not None else inputs_embeds
     checked = kwargs.pop(LABELS_CHECKED_KW, False)
+    cache = take_cache(kwargs, past_key_values)
     if ref is not None and PLAN_KW not in kwargs:
-        plan = attention_plan(attention_mask, position_ids, ref.shape[0], ref.shape[1],
-                           past_key_values)
+        plan = attention_plan(attention_mask, position_ids, ref.shape[0], ref.shape[1], cache)
         # Called directly (no labels seen) with eager attention and left padding: the outputs at
         # the fully masked rows are HF's only from HF's attention, and a head may read them (a
         # row's first real token labelled)
@@ -391,8 +394,8 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                                      and self.config._attn_implementation == "eager"):
             kwargs[PLAN_KW] = plan
     return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids, past_key_values=past_key_values,
-                              inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                              position_ids=position_ids, inputs_embeds=inputs_embeds,
+                              use_cache=use_cache, **with_cache(self, kwargs, cache))
 
 
 def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Tensor,
@@ -434,10 +437,12 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
                 logits_to_keep=0, **kwargs):
+        # the cache under the name this transformers' forwards take it by
+        with_cache(self, kwargs, take_cache(kwargs, past_key_values))
         if self.__dict__.get(_OFF):  # restore()d under a wrapper: HF's forward
             return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                                      position_ids=position_ids, past_key_values=past_key_values,
-                                      inputs_embeds=inputs_embeds, labels=labels,
+                                      position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                      labels=labels,
                                       use_cache=use_cache, logits_to_keep=logits_to_keep,
                                       **kwargs)
         planned = _swap_kind(self.model)
@@ -455,20 +460,19 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
         elif planned == "attention_plan":
             kwargs[LABELS_CHECKED_KW] = True
         return _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids,
-                          past_key_values, inputs_embeds, labels, use_cache, logits_to_keep,
-                          **kwargs)
+                          inputs_embeds, labels, use_cache, logits_to_keep, **kwargs)
 
     return forward
 
 
-def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_key_values,
-               inputs_embeds, labels, use_cache, logits_to_keep, **kwargs):
+def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, inputs_embeds, labels,
+               use_cache, logits_to_keep, **kwargs):
     shift_labels = kwargs.get("shift_labels")
     if (not fused_loss or labels is None or not plain_head(self.lm_head)
             or not default_loss(self) or torch.is_tensor(logits_to_keep)):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=past_key_values,
-                                  inputs_embeds=inputs_embeds, labels=labels,
+                                  position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                  labels=labels,
                                   use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -477,8 +481,8 @@ def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_k
     num_items = kwargs.pop("num_items_in_batch", None)
     ignore_index = kwargs.pop("ignore_index", -100)
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past_key_values,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                         position_ids=position_ids, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, **kwargs)
     hidden = outputs.last_hidden_state  # (B, T, D)
     if FAMILIES[_family(self)].logits_scaling:  # Granite: logits / s, as (hidden / s) W^T
         hidden = hidden / self.config.logits_scaling
@@ -497,8 +501,9 @@ def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_k
         logits = self.lm_head(hidden[:, keep_slice(logits_to_keep)])
         if cap is not None:  # as HF: logits / c, tanh, * c
             logits = torch.tanh(logits / cap) * cap
-    out = CausalLMOutputWithPast(loss=loss, logits=logits,
-                                 past_key_values=outputs.past_key_values,
+    # transformers 5.24 names the output's cache field ``cache`` (past_key_values before)
+    name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    out = CausalLMOutputWithPast(loss=loss, logits=logits, **{name: getattr(outputs, name)},
                                  hidden_states=outputs.hidden_states,
                                  attentions=outputs.attentions)
     return as_tuple(out) if return_dict is False else out

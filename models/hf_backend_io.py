@@ -4,6 +4,8 @@ which labels read padding, and the outputs."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +67,26 @@ def attention_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tens
         return AttentionPlan()  # one document per row
     cu = torch.cat([first, first.new_tensor([batch * seqlen])]).to(torch.int32)
     return AttentionPlan(cu, int((cu[1:] - cu[:-1]).max()), None, packed=True)
+
+
+def take_cache(kwargs: dict, given=None):
+    """The KV cache a forward was handed, popped from ``kwargs`` under either name: transformers
+    5.24 renamed ``past_key_values`` to ``cache`` (its layers pass ``cache=``; the old name is
+    still accepted, renamed with a warning), older versions take ``past_key_values`` only."""
+    new, old = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+    return given if given is not None else new if new is not None else old
+
+
+@functools.cache
+def _cache_name(forward) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def with_cache(module: nn.Module, kwargs: dict, cache) -> dict:
+    """``kwargs`` with ``cache`` (if any) under the name ``module``'s class forward takes it by."""
+    if cache is not None:
+        kwargs[_cache_name(type(module).forward)] = cache
+    return kwargs
 
 
 # What Ember's kernels take; other dtypes (a model moved to float64 after the swap) run HF's code.

@@ -134,3 +134,26 @@ def test_data_collator_with_flattening(use_cache, flash_calls):
     ids = batch.pop("input_ids")
     _loss_and_grads_match(ref, model, ids, use_cache=use_cache, **batch)
     assert flash_calls == ["varlen" if use_cache is False else "dense"] * 2
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_kv_cache_decoding_by_either_name(name, flash_calls):
+    """A prefill then decoding steps with a cache the caller passes: transformers 5.24 calls it
+    ``cache`` (its layers pass it so; ``past_key_values`` still accepted, renamed with a warning),
+    older ones ``past_key_values``. The swapped layers must update it and attend to it, as HF."""
+    import inspect
+
+    if name not in inspect.signature(type(_pair("llama")[0]).forward).parameters and (
+            name == "cache"):
+        pytest.skip("this transformers has no cache= keyword")
+    ref, model = _pair("qwen3_qknorm", seed=61)
+    accelerate(model)
+    ids = _ids(2, 11, seed=36)
+    caches = {m: transformers.DynamicCache() for m in (ref, model)}
+    with torch.no_grad():
+        for lo, hi in ((0, 7), (7, 8), (8, 11)):  # prefill, one token, then three at once
+            a, b = (m.eval()(ids[:, lo:hi], **{name: caches[m]}, use_cache=True)
+                    for m in (model, ref))
+            _close(f"logits [{lo}:{hi}]", a.logits, b.logits)
+    assert caches[model].get_seq_length() == caches[ref].get_seq_length() == 11
+    assert flash_calls == ["dense"] * 2  # the prefill; the later steps read the cache: HF's
