@@ -70,7 +70,10 @@ What is swapped (each a keyword, all on by default):
   one label per kept position, as HF (an index tensor with labels: HF's loss path); Gemma 2/3's
   ``final_logit_softcapping`` c caps the logits first (``softcap=c``), and eval logits are
   ``c * tanh(logits / c)`` as HF's. Under autocast the head runs in the autocast dtype, as HF's
-  ``lm_head`` would. In training mode ``logits`` is None; in eval mode they are computed too.
+  ``lm_head`` would. In eval mode the logits are computed too; in training mode only when read
+  (``out.logits``, ``out["logits"]``, ``to_tuple()``: a distillation loop adds a loss on them to
+  ``out.loss``), from the saved final hidden states under the forward's grad mode and autocast;
+  after accelerate's fp32 output conversion (mixed precision) they are read as float32, as HF's.
   Differences: a batch whose labels are all -100 gives loss 0 (HF: NaN). A LoRA/quantized
   ``lm_head``, one with hooks (also ``accelerate``'s dispatch hook: offloaded or on another
   device), or a custom ``model.loss_function``, keeps HF's loss path. Gemma's ``sqrt(hidden)``
@@ -94,6 +97,7 @@ position predicting a row's first real token) is the mean of the values, which v
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from collections.abc import Callable
@@ -107,6 +111,7 @@ from ember import EmberError
 from ember.kernels import apply_rope, flash_attention, geglu, linear_cross_entropy, rms_norm, swiglu
 from ember.models.hf_backend_io import (
     AttentionPlan,
+    LazyLogits,
     as_tuple,
     attention_plan,
     check_labels,
@@ -116,6 +121,7 @@ from ember.models.hf_backend_io import (
     kept_shift_labels,
     kernel_dtypes,
     labels_read_padding,
+    lazy_logits_output,
     plain_head,
     take_cache,
     with_cache,
@@ -426,6 +432,21 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Te
     return loss
 
 
+def _head_logits(head: nn.Module, hidden: torch.Tensor, cap: float | None) -> torch.Tensor:
+    logits = head(hidden)
+    if cap is not None:  # as HF: logits / c, tanh, * c
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _deferred_logits(head, hidden, cap, grad: bool, autocast: torch.dtype | None):
+    # as the forward would have built them: its grad mode and autocast dtype
+    dev = hidden.device.type
+    with (torch.set_grad_enabled(grad),
+          torch.autocast(dev, dtype=autocast, enabled=autocast is not None)):
+        return _head_logits(head, hidden, cap)
+
+
 def _final_softcap(lm: nn.Module) -> float | None:
     if not FAMILIES[_family(lm)].final_softcap:
         return None
@@ -496,16 +517,23 @@ def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, inputs
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     cap = _final_softcap(self)
     loss = causal_lm_loss(hidden, self.lm_head, shift_labels, num_items, ignore_index, cap)
-    logits = None
+    kept_hidden = hidden[:, keep_slice(logits_to_keep)]
+    output = CausalLMOutputWithPast
     if not self.training:
-        logits = self.lm_head(hidden[:, keep_slice(logits_to_keep)])
-        if cap is not None:  # as HF: logits / c, tanh, * c
-            logits = torch.tanh(logits / cap) * cap
+        logits = _head_logits(self.lm_head, kept_hidden, cap)
+    elif return_dict is False:  # a tuple cannot defer them (documented: None)
+        logits = None
+    else:  # training: built only if read (a distillation loop reads them, with the loss)
+        dev = kept_hidden.device.type
+        autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        logits = LazyLogits(functools.partial(_deferred_logits, self.lm_head, kept_hidden, cap,
+                                              torch.is_grad_enabled(), autocast),
+                            autocast or self.lm_head.weight.dtype)
+        output = lazy_logits_output()
     # transformers 5.24 names the output's cache field ``cache`` (past_key_values before)
     name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-    out = CausalLMOutputWithPast(loss=loss, logits=logits, **{name: getattr(outputs, name)},
-                                 hidden_states=outputs.hidden_states,
-                                 attentions=outputs.attentions)
+    out = output(loss=loss, logits=logits, **{name: getattr(outputs, name)},
+                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     return as_tuple(out) if return_dict is False else out
 
 
