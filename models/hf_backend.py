@@ -470,9 +470,14 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
         ref = input_ids if input_ids is not None else inputs_embeds
         ignore_index = kwargs.get("ignore_index", -100)
         shift_labels = kwargs.get("shift_labels")
+        fused = (fused_loss and labels is not None and plain_head(self.lm_head)
+                 and default_loss(self) and not torch.is_tensor(logits_to_keep))
+        # logits_to_keep: the kept positions' labels (the fused loss: one per kept position or
+        # a ValueError, as HF's loss raises on the count)
         kept = None if ref is None else kept_shift_labels(
-            labels, shift_labels, logits_to_keep, tuple(ref.shape[:2]), ignore_index)
-        if kept is not None:  # logits_to_keep: the kept positions' labels
+            labels, shift_labels, logits_to_keep, tuple(ref.shape[:2]), ignore_index,
+            strict=fused)
+        if kept is not None:
             shift_labels = kept
         if (PLAN_KW not in kwargs and planned == "attention_plan"
                 and labels_read_padding(attention_mask, labels, shift_labels, ignore_index,
@@ -480,17 +485,16 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
             kwargs[PLAN_KW] = None  # every layer runs HF's attention with HF's mask
         elif planned == "attention_plan":
             kwargs[LABELS_CHECKED_KW] = True
-        return _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids,
+        return _causal_lm(self, fused, kept, input_ids, attention_mask, position_ids,
                           inputs_embeds, labels, use_cache, logits_to_keep, **kwargs)
 
     return forward
 
 
-def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, inputs_embeds, labels,
+def _causal_lm(self, fused, kept, input_ids, attention_mask, position_ids, inputs_embeds, labels,
                use_cache, logits_to_keep, **kwargs):
-    shift_labels = kwargs.get("shift_labels")
-    if (not fused_loss or labels is None or not plain_head(self.lm_head)
-            or not default_loss(self) or torch.is_tensor(logits_to_keep)):
+    shift_labels = kwargs.get("shift_labels") if kept is None else kept
+    if not fused:
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, inputs_embeds=inputs_embeds,
                                   labels=labels,
@@ -507,10 +511,6 @@ def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, inputs
     hidden = outputs.last_hidden_state  # (B, T, D)
     if FAMILIES[_family(self)].logits_scaling:  # Granite: logits / s, as (hidden / s) W^T
         hidden = hidden / self.config.logits_scaling
-    kept = kept_shift_labels(labels, shift_labels, logits_to_keep, tuple(hidden.shape[:2]),
-                             ignore_index, strict=True)
-    if kept is not None:  # HF's loss over the kept positions only
-        shift_labels = kept
     check_labels(labels if shift_labels is None else shift_labels, hidden.shape[:2],
                  "labels" if shift_labels is None else "shift_labels")
     if shift_labels is None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ember.models import hf_backend
 from ember.models.hf_backend import accelerate
+from ember.models.hf_backend_io import kept_shift_labels
 from tests.models.test_hf_backend import _close, _ids, _loss_and_grads_match, _pair, flash_calls
 
 transformers = pytest.importorskip("transformers")
@@ -19,6 +21,14 @@ __all__ = ["flash_calls"]  # the fixture, imported for the tests below
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Every test here on one torch thread (tests/conftest.py: one_thread)."""
+
+
+def counting(calls: list, fn):
+    def wrapper(*args, **kw):
+        calls.append(fn.__name__)
+        return fn(*args, **kw)
+
+    return wrapper
 
 
 def test_inputs_embeds(flash_calls):
@@ -76,7 +86,7 @@ def test_logits_to_keep():
 
 
 @pytest.mark.parametrize("keep", [4, torch.tensor([1, 5, 6, 9])])
-def test_logits_to_keep_with_labels(keep):
+def test_logits_to_keep_with_labels(keep, monkeypatch):
     """``logits_to_keep`` with labels: HF computes the logits of the kept positions and its loss
     on them, one label per kept position, shifted among them; the fused loss does the same
     (was: it ignored logits_to_keep, a loss over every position where HF scores the kept ones
@@ -92,7 +102,10 @@ def test_logits_to_keep_with_labels(keep):
         kw = dict(attention_mask=mask, logits_to_keep=keep, labels=ids if shifted else kept)
         if shifted:
             kw["shift_labels"] = kept
+        calls = []
+        monkeypatch.setattr(hf_backend, "kept_shift_labels", counting(calls, kept_shift_labels))
         _loss_and_grads_match(ref, model, ids, **kw)
+        assert len(calls) == 1  # once per forward (was: twice, before and after the model)
         with torch.no_grad():
             a, b = ref.eval()(ids, **kw), model.eval()(ids, **kw)
         _close("loss (eval)", b.loss, a.loss)
