@@ -108,10 +108,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ember import EmberError
-from ember.kernels import apply_rope, flash_attention, geglu, linear_cross_entropy, rms_norm, swiglu
+from ember.kernels import apply_rope, flash_attention, geglu, rms_norm, swiglu
 from ember.models.hf_backend_io import (
     AttentionPlan,
-    LazyLogits,
     as_tuple,
     attention_plan,
     check_labels,
@@ -121,10 +120,16 @@ from ember.models.hf_backend_io import (
     kept_shift_labels,
     kernel_dtypes,
     labels_read_padding,
-    lazy_logits_output,
     plain_head,
     take_cache,
     with_cache,
+)
+from ember.models.hf_backend_loss import (
+    LazyLogits,
+    causal_lm_loss,
+    deferred_logits,
+    head_logits,
+    lazy_logits_output,
 )
 from ember.models.hf_wrappers import (
     _BOUND,
@@ -404,49 +409,6 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                               use_cache=use_cache, **with_cache(self, kwargs, cache))
 
 
-def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Tensor,
-                   num_items_in_batch=None, ignore_index: int = -100,
-                   softcap: float | None = None) -> torch.Tensor:
-    """HF's ``ForCausalLMLoss`` from hidden states (B, T, D) and pre-shifted labels (B, T),
-    through the fused linear cross-entropy on the labelled rows only; ``softcap`` caps the
-    logits first (Gemma 2/3's ``final_logit_softcapping``)."""
-    y = shift_labels.to(hidden.device).reshape(-1)
-    idx = (y != ignore_index).nonzero().squeeze(1)
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (N, D) labelled rows
-    y = y.index_select(0, idx)
-    w, b = head.weight, head.bias
-    dev = h.device.type
-    if torch.is_autocast_enabled(dev):  # HF's lm_head would run in the autocast dtype
-        dt = torch.get_autocast_dtype(dev)
-    else:
-        dt = w.dtype
-    h, w = h.to(dt), w.to(dt)
-    b = None if b is None else b.to(dt)
-    reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = linear_cross_entropy(h, w, y, bias=b, ignore_index=ignore_index, reduction=reduction,
-                                softcap=softcap)
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
-
-
-def _head_logits(head: nn.Module, hidden: torch.Tensor, cap: float | None) -> torch.Tensor:
-    logits = head(hidden)
-    if cap is not None:  # as HF: logits / c, tanh, * c
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def _deferred_logits(head, hidden, cap, grad: bool, autocast: torch.dtype | None):
-    # as the forward would have built them: its grad mode and autocast dtype
-    dev = hidden.device.type
-    with (torch.set_grad_enabled(grad),
-          torch.autocast(dev, dtype=autocast, enabled=autocast is not None)):
-        return _head_logits(head, hidden, cap)
-
-
 def _final_softcap(lm: nn.Module) -> float | None:
     if not FAMILIES[_family(lm)].final_softcap:
         return None
@@ -520,13 +482,13 @@ def _causal_lm(self, fused, kept, input_ids, attention_mask, position_ids, input
     kept_hidden = hidden[:, keep_slice(logits_to_keep)]
     output = CausalLMOutputWithPast
     if not self.training:
-        logits = _head_logits(self.lm_head, kept_hidden, cap)
+        logits = head_logits(self.lm_head, kept_hidden, cap)
     elif return_dict is False:  # a tuple cannot defer them (documented: None)
         logits = None
     else:  # training: built only if read (a distillation loop reads them, with the loss)
         dev = kept_hidden.device.type
         autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        logits = LazyLogits(functools.partial(_deferred_logits, self.lm_head, kept_hidden, cap,
+        logits = LazyLogits(functools.partial(deferred_logits, self.lm_head, kept_hidden, cap,
                                               torch.is_grad_enabled(), autocast),
                             autocast or self.lm_head.weight.dtype)
         output = lazy_logits_output()

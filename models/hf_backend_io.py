@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -188,44 +187,6 @@ def labels_read_padding(attention_mask, labels, shift_labels, ignore_index: int,
     if sdpa:
         read &= keep.cumsum(1) > 0
     return bool(read.any())
-
-
-class LazyLogits:
-    """The logits of a fused-loss forward in training mode, computed when first read: held in
-    the output's ``logits`` slot (a plain object, so wrappers that rebuild the output carry it
-    over). ``dtype`` and ``float()`` are what accelerate's fp32 output conversion (mixed
-    precision, ``Trainer`` with bf16/fp16) tests and calls on a half-precision tensor: the logits
-    read after it are float32, as HF's are."""
-
-    __slots__ = ("compute", "dtype")
-
-    def __init__(self, compute: Callable[[], torch.Tensor], dtype: torch.dtype):
-        self.compute, self.dtype = compute, dtype
-
-    def float(self) -> LazyLogits:
-        return LazyLogits(lambda: self.compute().float(), torch.float32)
-
-
-@functools.cache
-def lazy_logits_output() -> type:
-    """``CausalLMOutputWithPast`` whose ``logits`` are computed on first read (as an attribute,
-    ``out["logits"]`` or ``to_tuple()``) when they hold a ``LazyLogits``; transformers is imported
-    on first use, as everywhere in the HF backend."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    @dataclass
-    class CausalLMOutputWithLazyLogits(CausalLMOutputWithPast):
-        def __getattribute__(self, name: str):
-            value = super().__getattribute__(name)
-            if name == "logits" and isinstance(value, LazyLogits):
-                value = value.compute()
-                self["logits"] = value  # ModelOutput's __setitem__ sets the attribute too
-            return value
-
-        def __getitem__(self, key):
-            return self.logits if key == "logits" else super().__getitem__(key)
-
-    return CausalLMOutputWithLazyLogits
 
 
 def as_tuple(out) -> tuple:

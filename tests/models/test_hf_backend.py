@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ember import EmberError
 from ember.models import hf_backend
 from ember.models.hf_backend import accelerate, find_causal_lm, restore, swapped
-from ember.models.hf_backend_io import LazyLogits
+from ember.models.hf_backend_loss import LazyLogits
 from tests.numerics import assert_close_to_ref
 
 transformers = pytest.importorskip("transformers")
