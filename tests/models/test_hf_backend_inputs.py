@@ -170,3 +170,27 @@ def test_kv_cache_decoding_by_either_name(name, flash_calls):
             _close(f"logits [{lo}:{hi}]", a.logits, b.logits)
     assert caches[model].get_seq_length() == caches[ref].get_seq_length() == 11
     assert flash_calls == ["dense"] * 2  # the prefill; the later steps read the cache: HF's
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_left_padding_every_loss_entry_point(attn):
+    """Left padding through every way a user or TRL hands labels to a causal LM: labels -100 on
+    the padding, labels on it too (the first real token predicted from a fully masked row),
+    ``num_items_in_batch``, ``shift_labels`` (transformers 5; read over padding),
+    ``logits_to_keep`` with one label per kept position, and the backbone called directly:
+    loss and gradients, or hidden states, equal the unswapped model's."""
+    ref, model = _pair("llama", seed=65, attn=attn)
+    accelerate(model)
+    ids = _ids(3, 10, seed=39)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = mask[2, :6] = 0
+    masked = ids.masked_fill(mask == 0, -100)
+    shift = torch.nn.functional.pad(ids, (0, 1), value=-100)[:, 1:].contiguous()
+    for kw in (dict(labels=masked), dict(labels=ids), dict(labels=masked, shift_labels=shift),
+               dict(labels=masked, num_items_in_batch=torch.tensor(11)),
+               dict(labels=masked[:, -4:].contiguous(), logits_to_keep=4)):
+        ref.zero_grad(), model.zero_grad()
+        _loss_and_grads_match(ref, model, ids, attention_mask=mask, **kw)
+    with torch.no_grad():
+        a, b = (m.model(ids, attention_mask=mask).last_hidden_state for m in (model, ref))
+    _close("backbone hidden states", a, b)
