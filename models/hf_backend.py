@@ -113,6 +113,7 @@ from ember.models.hf_backend_io import (
     AttentionPlan,
     as_tuple,
     attention_plan,
+    cache_name,
     check_labels,
     default_loss,
     hooked,
@@ -229,6 +230,7 @@ def _mark(kind: str) -> Callable[[Callable], Callable]:
 
 
 def _bind(module: nn.Module, fn: Callable) -> None:
+    cache_name(type(module))  # looked up now, not inside a torch.compile trace of the forward
     method = types.MethodType(fn, module)
     if hooked(module):  # swap inside the hook, keeping what it called to restore it
         module._ember_hooked_forward = module._old_forward
@@ -536,6 +538,8 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
             _bind(m, attn_forward)
     if attention:
         _bind(base, _model_forward)
+    if loss:
+        lazy_logits_output()  # the output class, built now rather than in a compile trace
     if lm_forward is not None:  # attention alone: the causal LM only checks the labels
         _bind_causal_lm(lm, lm_forward)
     return model

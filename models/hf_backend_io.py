@@ -4,7 +4,6 @@ which labels read padding, and the outputs."""
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
 
@@ -77,15 +76,22 @@ def take_cache(kwargs: dict, given=None):
     return given if given is not None else new if new is not None else old
 
 
-@functools.cache
-def _cache_name(forward) -> str:
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+_CACHE_NAMES: dict[type, str] = {}  # filled when accelerate() binds (not in a compile trace)
+
+
+def cache_name(cls: type) -> str:
+    """The name ``cls.forward`` takes the KV cache by."""
+    name = _CACHE_NAMES.get(cls)
+    if name is None:
+        params = inspect.signature(cls.forward).parameters
+        name = _CACHE_NAMES[cls] = "cache" if "cache" in params else "past_key_values"
+    return name
 
 
 def with_cache(module: nn.Module, kwargs: dict, cache) -> dict:
     """``kwargs`` with ``cache`` (if any) under the name ``module``'s class forward takes it by."""
     if cache is not None:
-        kwargs[_cache_name(type(module).forward)] = cache
+        kwargs[cache_name(type(module))] = cache
     return kwargs
 
 

@@ -4,7 +4,6 @@ logits themselves, built in training mode only when read (``LazyLogits``)."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,11 +72,19 @@ class LazyLogits:
         return LazyLogits(lambda: self.compute().float(), torch.float32)
 
 
-@functools.cache
+_OUTPUT: list[type] = []  # built once, by accelerate() (not inside a torch.compile trace)
+
+
 def lazy_logits_output() -> type:
     """``CausalLMOutputWithPast`` whose ``logits`` are computed on first read (as an attribute,
     ``out["logits"]`` or ``to_tuple()``) when they hold a ``LazyLogits``; transformers is imported
     on first use, as everywhere in the HF backend."""
+    if not _OUTPUT:
+        _OUTPUT.append(_lazy_logits_output())
+    return _OUTPUT[0]
+
+
+def _lazy_logits_output() -> type:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     @dataclass
