@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ember import EmberError
 from ember.kernels import linear_cross_entropy
 
 
@@ -48,7 +49,22 @@ def head_logits(head: nn.Module, hidden: torch.Tensor, cap: float | None) -> tor
     return logits
 
 
-def deferred_logits(head, hidden, cap, grad: bool, autocast: torch.dtype | None):
+def head_version(head: nn.Module) -> tuple:
+    """What changes when an optimizer updates ``head`` in place (torch's fused optimizers do not
+    bump the version counters: not seen) or its weight is replaced."""
+    return tuple((p, p._version) for p in (head.weight, head.bias) if p is not None)
+
+
+def deferred_logits(head, hidden, cap, grad: bool, autocast: torch.dtype | None,
+                    version: tuple):
+    # lm_head(hidden) now would use the weight after the update, not the forward's (HF's)
+    now = head_version(head)
+    if len(now) != len(version) or any(a is not b or u != v for (a, u), (b, v) in
+                                         zip(now, version, strict=True)):
+        raise EmberError("these logits were deferred by Ember's fused loss (training mode, "
+                         "labels given) and lm_head's weight changed since the forward (an "
+                         "optimizer step): read out.logits before the optimizer step, or "
+                         "accelerate(model, loss=False) to have them built in every forward")
     # as the forward would have built them: its grad mode and autocast dtype
     dev = hidden.device.type
     with (torch.set_grad_enabled(grad),

@@ -349,3 +349,20 @@ def test_distillation_logits_with_labels_in_training(case):
     _close("kd", losses[1][0], losses[0][0])
     _close("loss", losses[1][1], losses[0][1])
     _check_grads(s_ref, s_model)
+
+
+def test_deferred_logits_read_after_optimizer_step_raise():
+    """The deferred logits come from the head's weight when read; read after an optimizer step
+    changed it, they would not be the forward's (HF's are): a clear error, not other values.
+    Read before the step, they are the forward's."""
+    ref, model = _pair("llama", seed=91)
+    accelerate(model)
+    ids = _ids(2, 9, seed=92)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    early = model(ids, labels=ids)
+    _close("logits", early.logits, ref(ids, labels=ids).logits)
+    late = model(ids, labels=ids)
+    late.loss.backward()
+    opt.step()
+    with pytest.raises(EmberError, match="read out.logits before the optimizer step"):
+        _ = late.logits
