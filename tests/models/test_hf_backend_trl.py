@@ -318,11 +318,10 @@ def test_distillation_logits_with_labels_in_training(case):
     gradients. The fused loss computes the logits only when they are read (was: None, a
     TypeError in the loop), also through accelerate's fp32 output conversion (Trainer with
     bf16/fp16 rebuilds the output), and as HF's to_tuple() and ``out["logits"]``."""
-    from accelerate.utils import convert_to_fp32
-
     from tests.models.test_hf_backend import CASES
     from tests.models.test_hf_backend_families import CASES as FAMILY_CASES
 
+    convert_to_fp32 = pytest.importorskip("accelerate.utils").convert_to_fp32
     cases = {**CASES, **FAMILY_CASES}
     s_ref, s_model = _pair(case, seed=87, cases=cases, attn="eager" if "gemma" in case else "sdpa")
     accelerate(s_model)
