@@ -70,7 +70,12 @@ What is swapped (each a keyword, all on by default):
   one label per kept position, as HF (an index tensor with labels: HF's loss path); Gemma 2/3's
   ``final_logit_softcapping`` c caps the logits first (``softcap=c``), and eval logits are
   ``c * tanh(logits / c)`` as HF's. Under autocast the head runs in the autocast dtype, as HF's
-  ``lm_head`` would. In training mode ``logits`` is None; in eval mode they are computed too.
+  ``lm_head`` would. In eval mode the logits are computed too; in training mode only when read
+  (``out.logits``, ``out["logits"]``, ``to_tuple()``: a distillation loop adds a loss on them to
+  ``out.loss``), from the saved final hidden states under the forward's grad mode and autocast;
+  after accelerate's fp32 output conversion (mixed precision) they are read as float32, as HF's.
+  Read after an optimizer step changed ``lm_head`` in place they would not be the forward's: an
+  ``EmberError`` (torch's fused optimizers leave no trace of the step: read them before it).
   Differences: a batch whose labels are all -100 gives loss 0 (HF: NaN). A LoRA/quantized
   ``lm_head``, one with hooks (also ``accelerate``'s dispatch hook: offloaded or on another
   device), or a custom ``model.loss_function``, keeps HF's loss path. Gemma's ``sqrt(hidden)``
@@ -94,7 +99,7 @@ position predicting a row's first real token) is the mean of the values, which v
 
 from __future__ import annotations
 
-import inspect
+import functools
 import sys
 import types
 from collections.abc import Callable
@@ -105,11 +110,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ember import EmberError
-from ember.kernels import apply_rope, flash_attention, geglu, linear_cross_entropy, rms_norm, swiglu
+from ember.kernels import apply_rope, flash_attention, geglu, rms_norm, swiglu
 from ember.models.hf_backend_io import (
     AttentionPlan,
     as_tuple,
     attention_plan,
+    cache_name,
     check_labels,
     default_loss,
     hooked,
@@ -118,6 +124,24 @@ from ember.models.hf_backend_io import (
     kernel_dtypes,
     labels_read_padding,
     plain_head,
+    take_cache,
+    with_cache,
+)
+from ember.models.hf_backend_loss import (
+    LazyLogits,
+    causal_lm_loss,
+    deferred_logits,
+    head_logits,
+    head_version,
+    lazy_logits_output,
+)
+from ember.models.hf_wrappers import (
+    _BOUND,
+    _OFF,
+    _check_wrapped,
+    _ours,
+    _under_wrapper,
+    _wrapped_swap,
 )
 
 PLAN_KW = "ember_attention_plan"
@@ -125,10 +149,6 @@ PLAN_KW = "ember_attention_plan"
 # model called without it (TRL's fused head, any head of the user's) cannot know which padding
 # outputs are read.
 LABELS_CHECKED_KW = "ember_labels_checked"
-_OFF = "_ember_off"  # restored while a wrapper (accelerate's mixed precision, TRL's) calls the swap
-# The causal LM's swapped forward as bound, found under a wrapper set on the instance after the swap
-# that keeps calling it (TRL's add_fused_lm_head holds it in a closure)
-_BOUND = "_ember_bound"
 _ACTIVATIONS = {"silu": swiglu, "swish": swiglu, "gelu_pytorch_tanh": geglu}
 
 
@@ -213,17 +233,13 @@ def _mark(kind: str) -> Callable[[Callable], Callable]:
 
 
 def _bind(module: nn.Module, fn: Callable) -> None:
+    cache_name(type(module))  # looked up now, not inside a torch.compile trace of the forward
     method = types.MethodType(fn, module)
     if hooked(module):  # swap inside the hook, keeping what it called to restore it
         module._ember_hooked_forward = module._old_forward
         module._old_forward = method
     else:
         module.forward = method
-
-
-def _ours(fn) -> bool:
-    # a method bound by _bind (a hook's wrapper copies the attribute: not ours)
-    return isinstance(fn, types.MethodType) and bool(getattr(fn.__func__, "_ember_swap", None))
 
 
 def _swap_kind(module: nn.Module) -> str | None:
@@ -236,21 +252,6 @@ def _swap_kind(module: nn.Module) -> str | None:
             return fn._ember_swap
     under = _under_wrapper(module)
     return None if under is None else under._ember_swap
-
-
-def _foreign_forward(module: nn.Module) -> bool:
-    """A forward set on the instance by someone else: not a swap, not a dispatch hook, not the
-    class's own forward bound there (what accelerate's unwrap_model leaves)."""
-    fn = module.__dict__.get("forward")
-    cls = type(module).forward  # unwrap_model binds the innermost function of its decorators
-    return (fn is not None and not _ours(fn) and not hooked(module)
-            and getattr(fn, "__func__", None) not in (cls, inspect.unwrap(cls)))
-
-
-def _under_wrapper(module: nn.Module) -> Callable | None:
-    """The swap bound on ``module`` that a forward set on the instance after it calls."""
-    bound = module.__dict__.get(_BOUND)
-    return bound if _ours(bound) and _foreign_forward(module) else None
 
 
 def _replaced(module: nn.Module) -> Callable:
@@ -345,6 +346,7 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool, config_window
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
         plan = kwargs.pop(PLAN_KW, None)
+        cache = take_cache(kwargs, past_key_values)
         B, T, _ = hidden_states.shape
         q, k, v = _project_qkv(self, hidden_states, self.head_dim)
         if hasattr(self, "q_norm") and self.q_norm.weight.numel() != self.head_dim:
@@ -365,8 +367,8 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool, config_window
             hf_rope = sys.modules[type(self).__module__].apply_rotary_pos_emb
             qt, kt = hf_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             q, k = qt.transpose(1, 2), kt.transpose(1, 2)
-        if past_key_values is not None:
-            kc, vc = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+        if cache is not None:
+            kc, vc = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
             k, v = kc.transpose(1, 2), vc.transpose(1, 2)  # (B, S, K, hd)
         dropout = self.attention_dropout if self.training else 0.0
         cap = self.attn_logit_softcapping if softcap else None
@@ -378,7 +380,7 @@ def _attention_forward_for(rope: bool, flash: bool, softcap: bool, config_window
         if (flash and kernel_dtypes(q) and not weights and dropout == 0.0 and k.shape[1] == T
                 and getattr(self, "is_causal", True)):
             if (plan is not None and plan.cu_seqlens is not None
-                    and not (plan.packed and past_key_values is not None)):
+                    and not (plan.packed and cache is not None)):
                 if not (plan.gaps and opts["window"] is not None):
                     out = _varlen_attention(q, k, v, plan, **opts)
             elif plan is not None or attention_mask is None:
@@ -398,9 +400,9 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                    past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
     ref = input_ids if input_ids is not None else inputs_embeds
     checked = kwargs.pop(LABELS_CHECKED_KW, False)
+    cache = take_cache(kwargs, past_key_values)
     if ref is not None and PLAN_KW not in kwargs:
-        plan = attention_plan(attention_mask, position_ids, ref.shape[0], ref.shape[1],
-                           past_key_values)
+        plan = attention_plan(attention_mask, position_ids, ref.shape[0], ref.shape[1], cache)
         # Called directly (no labels seen) with eager attention and left padding: the outputs at
         # the fully masked rows are HF's only from HF's attention, and a head may read them (a
         # row's first real token labelled)
@@ -408,36 +410,8 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                                      and self.config._attn_implementation == "eager"):
             kwargs[PLAN_KW] = plan
     return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids, past_key_values=past_key_values,
-                              inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-
-
-def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Tensor,
-                   num_items_in_batch=None, ignore_index: int = -100,
-                   softcap: float | None = None) -> torch.Tensor:
-    """HF's ``ForCausalLMLoss`` from hidden states (B, T, D) and pre-shifted labels (B, T),
-    through the fused linear cross-entropy on the labelled rows only; ``softcap`` caps the
-    logits first (Gemma 2/3's ``final_logit_softcapping``)."""
-    y = shift_labels.to(hidden.device).reshape(-1)
-    idx = (y != ignore_index).nonzero().squeeze(1)
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (N, D) labelled rows
-    y = y.index_select(0, idx)
-    w, b = head.weight, head.bias
-    dev = h.device.type
-    if torch.is_autocast_enabled(dev):  # HF's lm_head would run in the autocast dtype
-        dt = torch.get_autocast_dtype(dev)
-    else:
-        dt = w.dtype
-    h, w = h.to(dt), w.to(dt)
-    b = None if b is None else b.to(dt)
-    reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = linear_cross_entropy(h, w, y, bias=b, ignore_index=ignore_index, reduction=reduction,
-                                softcap=softcap)
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
+                              position_ids=position_ids, inputs_embeds=inputs_embeds,
+                              use_cache=use_cache, **with_cache(self, kwargs, cache))
 
 
 def _final_softcap(lm: nn.Module) -> float | None:
@@ -451,19 +425,26 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
                 logits_to_keep=0, **kwargs):
+        # the cache under the name this transformers' forwards take it by
+        with_cache(self, kwargs, take_cache(kwargs, past_key_values))
         if self.__dict__.get(_OFF):  # restore()d under a wrapper: HF's forward
             return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                                      position_ids=position_ids, past_key_values=past_key_values,
-                                      inputs_embeds=inputs_embeds, labels=labels,
+                                      position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                      labels=labels,
                                       use_cache=use_cache, logits_to_keep=logits_to_keep,
                                       **kwargs)
         planned = _swap_kind(self.model)
         ref = input_ids if input_ids is not None else inputs_embeds
         ignore_index = kwargs.get("ignore_index", -100)
         shift_labels = kwargs.get("shift_labels")
+        fused = (fused_loss and labels is not None and plain_head(self.lm_head)
+                 and default_loss(self) and not torch.is_tensor(logits_to_keep))
+        # logits_to_keep: the kept positions' labels (the fused loss: one per kept position or
+        # a ValueError, as HF's loss raises on the count)
         kept = None if ref is None else kept_shift_labels(
-            labels, shift_labels, logits_to_keep, tuple(ref.shape[:2]), ignore_index)
-        if kept is not None:  # logits_to_keep: the kept positions' labels
+            labels, shift_labels, logits_to_keep, tuple(ref.shape[:2]), ignore_index,
+            strict=fused)
+        if kept is not None:
             shift_labels = kept
         if (PLAN_KW not in kwargs and planned == "attention_plan"
                 and labels_read_padding(attention_mask, labels, shift_labels, ignore_index,
@@ -471,21 +452,19 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
             kwargs[PLAN_KW] = None  # every layer runs HF's attention with HF's mask
         elif planned == "attention_plan":
             kwargs[LABELS_CHECKED_KW] = True
-        return _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids,
-                          past_key_values, inputs_embeds, labels, use_cache, logits_to_keep,
-                          **kwargs)
+        return _causal_lm(self, fused, kept, input_ids, attention_mask, position_ids,
+                          inputs_embeds, labels, use_cache, logits_to_keep, **kwargs)
 
     return forward
 
 
-def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_key_values,
-               inputs_embeds, labels, use_cache, logits_to_keep, **kwargs):
-    shift_labels = kwargs.get("shift_labels")
-    if (not fused_loss or labels is None or not plain_head(self.lm_head)
-            or not default_loss(self) or torch.is_tensor(logits_to_keep)):
+def _causal_lm(self, fused, kept, input_ids, attention_mask, position_ids, inputs_embeds, labels,
+               use_cache, logits_to_keep, **kwargs):
+    shift_labels = kwargs.get("shift_labels") if kept is None else kept
+    if not fused:
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=past_key_values,
-                                  inputs_embeds=inputs_embeds, labels=labels,
+                                  position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                  labels=labels,
                                   use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -494,30 +473,35 @@ def _causal_lm(self, fused_loss, input_ids, attention_mask, position_ids, past_k
     num_items = kwargs.pop("num_items_in_batch", None)
     ignore_index = kwargs.pop("ignore_index", -100)
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past_key_values,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                         position_ids=position_ids, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, **kwargs)
     hidden = outputs.last_hidden_state  # (B, T, D)
     if FAMILIES[_family(self)].logits_scaling:  # Granite: logits / s, as (hidden / s) W^T
         hidden = hidden / self.config.logits_scaling
-    kept = kept_shift_labels(labels, shift_labels, logits_to_keep, tuple(hidden.shape[:2]),
-                             ignore_index, strict=True)
-    if kept is not None:  # HF's loss over the kept positions only
-        shift_labels = kept
     check_labels(labels if shift_labels is None else shift_labels, hidden.shape[:2],
                  "labels" if shift_labels is None else "shift_labels")
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     cap = _final_softcap(self)
     loss = causal_lm_loss(hidden, self.lm_head, shift_labels, num_items, ignore_index, cap)
-    logits = None
+    kept_hidden = hidden[:, keep_slice(logits_to_keep)]
+    output = CausalLMOutputWithPast
     if not self.training:
-        logits = self.lm_head(hidden[:, keep_slice(logits_to_keep)])
-        if cap is not None:  # as HF: logits / c, tanh, * c
-            logits = torch.tanh(logits / cap) * cap
-    out = CausalLMOutputWithPast(loss=loss, logits=logits,
-                                 past_key_values=outputs.past_key_values,
-                                 hidden_states=outputs.hidden_states,
-                                 attentions=outputs.attentions)
+        logits = head_logits(self.lm_head, kept_hidden, cap)
+    elif return_dict is False:  # a tuple cannot defer them (documented: None)
+        logits = None
+    else:  # training: built only if read (a distillation loop reads them, with the loss)
+        dev = kept_hidden.device.type
+        autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        logits = LazyLogits(functools.partial(deferred_logits, self.lm_head, kept_hidden, cap,
+                                              torch.is_grad_enabled(), autocast,
+                                              head_version(self.lm_head)),
+                            autocast or self.lm_head.weight.dtype)
+        output = lazy_logits_output()
+    # transformers 5.24 names the output's cache field ``cache`` (past_key_values before)
+    name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    out = output(loss=loss, logits=logits, **{name: getattr(outputs, name)},
+                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     return as_tuple(out) if return_dict is False else out
 
 
@@ -558,35 +542,11 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
             _bind(m, attn_forward)
     if attention:
         _bind(base, _model_forward)
+    if loss:
+        lazy_logits_output()  # the output class, built now rather than in a compile trace
     if lm_forward is not None:  # attention alone: the causal LM only checks the labels
         _bind_causal_lm(lm, lm_forward)
     return model
-
-
-def _wrapped_swap(lm: nn.Module) -> Callable | None:
-    """The swapped forward that a wrapper set on the instance after the swap calls, if any:
-    accelerate's mixed precision (accelerator.prepare, Trainer with bf16/fp16), TRL's
-    ``add_fused_lm_head`` (DPOTrainer, SFTTrainer). Rebinding would drop the wrapper."""
-    wrapped = lm.__dict__.get("_original_forward")
-    if _ours(wrapped) and not _ours(lm.__dict__.get("forward")):
-        return wrapped
-    return _under_wrapper(lm)
-
-
-def _check_wrapped(lm: nn.Module, fn: Callable | None) -> None:
-    wrapped = _wrapped_swap(lm)
-    if wrapped is None and fn is not None and _foreign_forward(lm):
-        raise EmberError(f"accelerate(): this {type(lm).__name__}'s forward was replaced on the "
-                         "instance by another wrapper (e.g. TRL's add_fused_lm_head, which its "
-                         "trainers add, or accelerate's mixed-precision prepare); swapping would "
-                         "drop that wrapper. Call accelerate() on the model before handing it to "
-                         "the trainer or to accelerator.prepare")
-    if wrapped is not None and fn is not None and wrapped._ember_swap != fn._ember_swap:
-        raise EmberError(f"accelerate(): this model's forward was wrapped by accelerate's mixed "
-                         f"precision (or TRL's add_fused_lm_head) around an earlier swap "
-                         f"({wrapped._ember_swap}); call accelerate() with the same loss= "
-                         "setting, or unwrap it first (accelerator.unwrap_model(model, "
-                         "keep_fp32_wrapper=False))")
 
 
 def _bind_causal_lm(lm: nn.Module, fn: Callable) -> None:

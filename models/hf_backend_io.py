@@ -4,6 +4,7 @@ which labels read padding, and the outputs."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,33 @@ def attention_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tens
         return AttentionPlan()  # one document per row
     cu = torch.cat([first, first.new_tensor([batch * seqlen])]).to(torch.int32)
     return AttentionPlan(cu, int((cu[1:] - cu[:-1]).max()), None, packed=True)
+
+
+def take_cache(kwargs: dict, given=None):
+    """The KV cache a forward was handed, popped from ``kwargs`` under either name: transformers
+    5.24 renamed ``past_key_values`` to ``cache`` (its layers pass ``cache=``; the old name is
+    still accepted, renamed with a warning), older versions take ``past_key_values`` only."""
+    new, old = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+    return given if given is not None else new if new is not None else old
+
+
+_CACHE_NAMES: dict[type, str] = {}  # filled when accelerate() binds (not in a compile trace)
+
+
+def cache_name(cls: type) -> str:
+    """The name ``cls.forward`` takes the KV cache by."""
+    name = _CACHE_NAMES.get(cls)
+    if name is None:
+        params = inspect.signature(cls.forward).parameters
+        name = _CACHE_NAMES[cls] = "cache" if "cache" in params else "past_key_values"
+    return name
+
+
+def with_cache(module: nn.Module, kwargs: dict, cache) -> dict:
+    """``kwargs`` with ``cache`` (if any) under the name ``module``'s class forward takes it by."""
+    if cache is not None:
+        kwargs[cache_name(type(module))] = cache
+    return kwargs
 
 
 # What Ember's kernels take; other dtypes (a model moved to float64 after the swap) run HF's code.

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ember import EmberError
-from ember.models import hf_backend
+from ember.models import hf_backend, hf_backend_loss
 from ember.models.hf_backend import accelerate, restore, swapped
 from tests.models.test_hf_backend import (
     VOCAB,
@@ -27,6 +27,7 @@ from tests.models.test_hf_backend import (
     _close,
     _curve_batches,
     _curves_match,
+    _deferred,
     _ids,
     _loss_and_grads_match,
     _pair,
@@ -106,8 +107,9 @@ def calls(monkeypatch):
                            kw.get("window"), kw.get("softcap"), kw.get("softmax_scale")))
     monkeypatch.setattr(hf_backend, "flash_attention",
                         counting("attn", hf_backend.flash_attention, attn))
-    for name in ("rms_norm", "apply_rope", "linear_cross_entropy"):
-        monkeypatch.setattr(hf_backend, name, counting(name, getattr(hf_backend, name)))
+    for mod, name in ((hf_backend, "rms_norm"), (hf_backend, "apply_rope"),
+                      (hf_backend_loss, "linear_cross_entropy")):
+        monkeypatch.setattr(mod, name, counting(name, getattr(mod, name)))
     for key, fn in list(hf_backend._ACTIVATIONS.items()):
         monkeypatch.setitem(hf_backend._ACTIVATIONS, key, counting(fn.__name__, fn))
     return seen
@@ -125,7 +127,7 @@ def test_forward_backward_parity(case, calls):
     labels = ids.clone()
     labels[0, :4] = -100
     out_ref, out = ref(ids, labels=labels), model(ids, labels=labels)
-    assert out.logits is None
+    assert _deferred(out)
     _close("loss", out.loss, out_ref.loss)
     out_ref.loss.backward()
     out.loss.backward()
@@ -149,7 +151,7 @@ def test_forward_backward_parity(case, calls):
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
-DROPS = {  # feature -> (case, kernel in hf_backend, keyword the broken swap sets to None)
+DROPS = {  # feature -> (case, kernel in hf_backend(_loss), keyword the broken swap sets to None)
     "attention softcap": ("gemma2", "flash_attention", "softcap"),
     "gemma2 window": ("gemma2", "flash_attention", "window"),
     "gemma3 window": ("gemma3", "flash_attention", "window"),
@@ -162,8 +164,9 @@ DROPS = {  # feature -> (case, kernel in hf_backend, keyword the broken swap set
 def test_dropped_feature_is_caught(feature, monkeypatch):
     """A swap that loses the feature fails the parity check above: the configs make it bite."""
     case, kernel, kw_name = DROPS[feature]
-    real = getattr(hf_backend, kernel)
-    monkeypatch.setattr(hf_backend, kernel, lambda *a, **kw: real(*a, **{**kw, kw_name: None}))
+    mod = hf_backend_loss if kernel == "linear_cross_entropy" else hf_backend
+    real = getattr(mod, kernel)
+    monkeypatch.setattr(mod, kernel, lambda *a, **kw: real(*a, **{**kw, kw_name: None}))
     ref, model = _fam(case, seed=len(case))
     accelerate(model)
     ids = _ids(2, T, seed=1)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ember.models import hf_backend
 from ember.models.hf_backend import accelerate
+from ember.models.hf_backend_io import kept_shift_labels
 from tests.models.test_hf_backend import _close, _ids, _loss_and_grads_match, _pair, flash_calls
 
 transformers = pytest.importorskip("transformers")
@@ -19,6 +21,14 @@ __all__ = ["flash_calls"]  # the fixture, imported for the tests below
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Every test here on one torch thread (tests/conftest.py: one_thread)."""
+
+
+def counting(calls: list, fn):
+    def wrapper(*args, **kw):
+        calls.append(fn.__name__)
+        return fn(*args, **kw)
+
+    return wrapper
 
 
 def test_inputs_embeds(flash_calls):
@@ -76,7 +86,7 @@ def test_logits_to_keep():
 
 
 @pytest.mark.parametrize("keep", [4, torch.tensor([1, 5, 6, 9])])
-def test_logits_to_keep_with_labels(keep):
+def test_logits_to_keep_with_labels(keep, monkeypatch):
     """``logits_to_keep`` with labels: HF computes the logits of the kept positions and its loss
     on them, one label per kept position, shifted among them; the fused loss does the same
     (was: it ignored logits_to_keep, a loss over every position where HF scores the kept ones
@@ -92,7 +102,10 @@ def test_logits_to_keep_with_labels(keep):
         kw = dict(attention_mask=mask, logits_to_keep=keep, labels=ids if shifted else kept)
         if shifted:
             kw["shift_labels"] = kept
+        calls = []
+        monkeypatch.setattr(hf_backend, "kept_shift_labels", counting(calls, kept_shift_labels))
         _loss_and_grads_match(ref, model, ids, **kw)
+        assert len(calls) == 1  # once per forward (was: twice, before and after the model)
         with torch.no_grad():
             a, b = ref.eval()(ids, **kw), model.eval()(ids, **kw)
         _close("loss (eval)", b.loss, a.loss)
@@ -134,3 +147,50 @@ def test_data_collator_with_flattening(use_cache, flash_calls):
     ids = batch.pop("input_ids")
     _loss_and_grads_match(ref, model, ids, use_cache=use_cache, **batch)
     assert flash_calls == ["varlen" if use_cache is False else "dense"] * 2
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_kv_cache_decoding_by_either_name(name, flash_calls):
+    """A prefill then decoding steps with a cache the caller passes: transformers 5.24 calls it
+    ``cache`` (its layers pass it so; ``past_key_values`` still accepted, renamed with a warning),
+    older ones ``past_key_values``. The swapped layers must update it and attend to it, as HF."""
+    import inspect
+
+    if name not in inspect.signature(type(_pair("llama")[0]).forward).parameters and (
+            name == "cache"):
+        pytest.skip("this transformers has no cache= keyword")
+    ref, model = _pair("qwen3_qknorm", seed=61)
+    accelerate(model)
+    ids = _ids(2, 11, seed=36)
+    caches = {m: transformers.DynamicCache() for m in (ref, model)}
+    with torch.no_grad():
+        for lo, hi in ((0, 7), (7, 8), (8, 11)):  # prefill, one token, then three at once
+            a, b = (m.eval()(ids[:, lo:hi], **{name: caches[m]}, use_cache=True)
+                    for m in (model, ref))
+            _close(f"logits [{lo}:{hi}]", a.logits, b.logits)
+    assert caches[model].get_seq_length() == caches[ref].get_seq_length() == 11
+    assert flash_calls == ["dense"] * 2  # the prefill; the later steps read the cache: HF's
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_left_padding_every_loss_entry_point(attn):
+    """Left padding through every way a user or TRL hands labels to a causal LM: labels -100 on
+    the padding, labels on it too (the first real token predicted from a fully masked row),
+    ``num_items_in_batch``, ``shift_labels`` (transformers 5; read over padding),
+    ``logits_to_keep`` with one label per kept position, and the backbone called directly:
+    loss and gradients, or hidden states, equal the unswapped model's."""
+    ref, model = _pair("llama", seed=65, attn=attn)
+    accelerate(model)
+    ids = _ids(3, 10, seed=39)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = mask[2, :6] = 0
+    masked = ids.masked_fill(mask == 0, -100)
+    shift = torch.nn.functional.pad(ids, (0, 1), value=-100)[:, 1:].contiguous()
+    for kw in (dict(labels=masked), dict(labels=ids), dict(labels=masked, shift_labels=shift),
+               dict(labels=masked, num_items_in_batch=torch.tensor(11)),
+               dict(labels=masked[:, -4:].contiguous(), logits_to_keep=4)):
+        ref.zero_grad(), model.zero_grad()
+        _loss_and_grads_match(ref, model, ids, attention_mask=mask, **kw)
+    with torch.no_grad():
+        a, b = (m.model(ids, attention_mask=mask).last_hidden_state for m in (model, ref))
+    _close("backbone hidden states", a, b)

@@ -14,7 +14,14 @@ import torch.nn.functional as F
 
 from ember import EmberError
 from ember.models.hf_backend import accelerate, restore, swapped
-from tests.models.test_hf_backend import _check_grads, _close, _ids, _pair, flash_calls
+from tests.models.test_hf_backend import (
+    _check_grads,
+    _close,
+    _deferred,
+    _ids,
+    _pair,
+    flash_calls,
+)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -169,14 +176,14 @@ def test_trl_wrapper_after_the_swap_restore_and_again():
     add_fused_lm_head(ref)
     assert swapped(model) == kinds
     ids = _ids(2, 9, seed=76)
-    assert model(ids, labels=ids).logits is None  # Ember's fused loss (training mode)
+    assert _deferred(model(ids, labels=ids))  # Ember's fused loss (training mode)
     restore(model)
     assert swapped(model) == {}
     a, b = ref(ids, labels=ids), model(ids, labels=ids)
     assert b.logits is not None and torch.equal(a.loss, b.loss)  # HF's forward, exactly
     accelerate(model)
     assert swapped(model) == kinds
-    assert model(ids, labels=ids).logits is None
+    assert _deferred(model(ids, labels=ids))
     a, b = (m(ids, labels=ids, fused_lm_head=True) for m in (ref, model))
     _close("fused log_probs", b.log_probs, a.log_probs)
 
@@ -249,7 +256,7 @@ def test_distillation_teacher_in_inference_mode():
     """A distillation loop (as TRL's GKD / a plain KD loop): the teacher swapped, eval, its
     logits under inference_mode; the student swapped, training mode, no labels (its logits
     divided by the temperature), a forward KL; the loss and the student's gradients are the
-    unswapped pair's. With labels in training mode the fused loss builds no logits (documented):
+    unswapped pair's. (With labels, see test_distillation_logits_with_labels_in_training.)
     a loop that needs the student's logits calls it without labels."""
     s_ref, s_model = _pair("qwen3_qknorm", seed=83)
     t_ref, t_model = _pair("qwen3_qknorm", seed=84, num_hidden_layers=3)
@@ -302,3 +309,59 @@ def test_fused_head_left_padding(attn, flash_calls):
     with torch.no_grad():  # the causal LM without labels: no padding output is read
         model.eval()(ids, attention_mask=mask)
     assert flash_calls == (["varlen"] * 2 if attn == "eager" else ["varlen"] * 4)
+
+
+@pytest.mark.parametrize("case", ["qwen3_qknorm", "gemma2"])
+def test_distillation_logits_with_labels_in_training(case):
+    """A KD loop that passes labels in training mode and reads ``out.logits`` too (transformers
+    returns both): ``kd(out.logits, teacher) + out.loss`` gives the unswapped pair's loss and
+    gradients. The fused loss computes the logits only when they are read (was: None, a
+    TypeError in the loop), also through accelerate's fp32 output conversion (Trainer with
+    bf16/fp16 rebuilds the output), and as HF's to_tuple() and ``out["logits"]``."""
+    from tests.models.test_hf_backend import CASES
+    from tests.models.test_hf_backend_families import CASES as FAMILY_CASES
+
+    convert_to_fp32 = pytest.importorskip("accelerate.utils").convert_to_fp32
+    cases = {**CASES, **FAMILY_CASES}
+    s_ref, s_model = _pair(case, seed=87, cases=cases, attn="eager" if "gemma" in case else "sdpa")
+    accelerate(s_model)
+    ids = _ids(2, 11, seed=88)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    t_logits = torch.randn(2, 11, s_ref.config.vocab_size, generator=torch.Generator()
+                           .manual_seed(89))
+    losses, reads = [], [lambda o: o.logits, lambda o: o["logits"], lambda o: o.to_tuple()[1],
+                         lambda o: convert_to_fp32(o).logits]
+    for student in (s_ref, s_model):
+        student.train()
+        out = student(ids, labels=labels)
+        assert {"loss", "logits"} <= set(out.keys())
+        assert _deferred(out) == (student is s_model)  # the fused loss, logits not built yet
+        kl = F.kl_div(out.logits.log_softmax(-1), t_logits.log_softmax(-1), log_target=True,
+                      reduction="batchmean")
+        (kl + out.loss).backward()
+        losses.append((kl, out.loss))
+        if student is s_model:
+            for read in reads:  # every way to read them: the same values
+                out = student(ids, labels=labels)
+                _close("logits", read(out), read(s_ref(ids, labels=labels)))
+    _close("kd", losses[1][0], losses[0][0])
+    _close("loss", losses[1][1], losses[0][1])
+    _check_grads(s_ref, s_model)
+
+
+def test_deferred_logits_read_after_optimizer_step_raise():
+    """The deferred logits come from the head's weight when read; read after an optimizer step
+    changed it, they would not be the forward's (HF's are): a clear error, not other values.
+    Read before the step, they are the forward's."""
+    ref, model = _pair("llama", seed=91)
+    accelerate(model)
+    ids = _ids(2, 9, seed=92)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    early = model(ids, labels=ids)
+    _close("logits", early.logits, ref(ids, labels=ids).logits)
+    late = model(ids, labels=ids)
+    late.loss.backward()
+    opt.step()
+    with pytest.raises(EmberError, match="read out.logits before the optimizer step"):
+        _ = late.logits

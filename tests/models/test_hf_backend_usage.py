@@ -9,7 +9,7 @@ import torch
 
 from ember import EmberError
 from ember.models.hf_backend import accelerate, restore, swapped
-from tests.models.test_hf_backend import _close, _ids, _loss_and_grads_match, _pair
+from tests.models.test_hf_backend import _close, _deferred, _ids, _loss_and_grads_match, _pair
 
 transformers = pytest.importorskip("transformers")
 
@@ -92,7 +92,7 @@ def test_restore_under_mixed_precision_wrapper():
     assert hasattr(model.forward.__func__, "__wrapped__")  # the wrapper, around the swap
     assert swapped(model) == kinds
     ids = _ids(2, 9, seed=25)
-    assert model(ids, labels=ids).logits is None  # Ember's fused loss (training mode)
+    assert _deferred(model(ids, labels=ids))  # Ember's fused loss (training mode)
     restore(model)
     assert swapped(model) == {}
     a, b = ref(ids, labels=ids), model(ids, labels=ids)
@@ -102,8 +102,11 @@ def test_restore_under_mixed_precision_wrapper():
     assert swapped(model) == kinds
     assert hasattr(model.forward.__func__, "__wrapped__")  # still accelerate's wrapper
     out = model(ids, labels=ids)
-    assert out.logits is None
+    assert _deferred(out)
     assert abs(out.loss.item() - a.loss.item()) < 2e-2 * a.loss.item()  # bf16 autocast both
+    # read after the wrapper's fp32 conversion: float32 as HF's, the bf16 head's values
+    assert out.logits.dtype == torch.float32
+    assert (out.logits - a.logits).abs().max() < 5e-2 * a.logits.abs().max()
     with pytest.raises(EmberError, match="wrapped by accelerate's mixed precision"):
         accelerate(model, loss=False)  # another forward than the wrapper calls
     assert swapped(model) == kinds  # refused before anything changed
@@ -126,7 +129,7 @@ def test_swap_after_mixed_precision_wrapper_refused():
     assert swapped(model)[""] == "loss"
     ids = _ids(2, 9, seed=27)
     out = model(ids, labels=ids)
-    assert out.logits is None
+    assert _deferred(out)
     _close("loss (fp32 again)", out.loss, ref(ids, labels=ids).loss)
 
 

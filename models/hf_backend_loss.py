@@ -1,0 +1,118 @@
+"""The fused loss of ``ember.models.hf_backend``'s causal LM forward: HF's ``ForCausalLMLoss``
+from the final hidden states through ``linear_cross_entropy`` (the logits never built), and the
+logits themselves, built in training mode only when read (``LazyLogits``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ember import EmberError
+from ember.kernels import linear_cross_entropy
+
+
+def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Tensor,
+                   num_items_in_batch=None, ignore_index: int = -100,
+                   softcap: float | None = None) -> torch.Tensor:
+    """HF's ``ForCausalLMLoss`` from hidden states (B, T, D) and pre-shifted labels (B, T),
+    through the fused linear cross-entropy on the labelled rows only; ``softcap`` caps the
+    logits first (Gemma 2/3's ``final_logit_softcapping``)."""
+    y = shift_labels.to(hidden.device).reshape(-1)
+    idx = (y != ignore_index).nonzero().squeeze(1)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (N, D) labelled rows
+    y = y.index_select(0, idx)
+    w, b = head.weight, head.bias
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):  # HF's lm_head would run in the autocast dtype
+        dt = torch.get_autocast_dtype(dev)
+    else:
+        dt = w.dtype
+    h, w = h.to(dt), w.to(dt)
+    b = None if b is None else b.to(dt)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = linear_cross_entropy(h, w, y, bias=b, ignore_index=ignore_index, reduction=reduction,
+                                softcap=softcap)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
+
+
+def head_logits(head: nn.Module, hidden: torch.Tensor, cap: float | None) -> torch.Tensor:
+    logits = head(hidden)
+    if cap is not None:  # as HF: logits / c, tanh, * c
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def head_version(head: nn.Module) -> tuple:
+    """What changes when an optimizer updates ``head`` in place (torch's fused optimizers do not
+    bump the version counters: not seen) or its weight is replaced."""
+    return tuple((p, p._version) for p in (head.weight, head.bias) if p is not None)
+
+
+def deferred_logits(head, hidden, cap, grad: bool, autocast: torch.dtype | None,
+                    version: tuple):
+    # lm_head(hidden) now would use the weight after the update, not the forward's (HF's)
+    now = head_version(head)
+    if len(now) != len(version) or any(a is not b or u != v for (a, u), (b, v) in
+                                         zip(now, version, strict=True)):
+        raise EmberError("these logits were deferred by Ember's fused loss (training mode, "
+                         "labels given) and lm_head's weight changed since the forward (an "
+                         "optimizer step): read out.logits before the optimizer step, or "
+                         "accelerate(model, loss=False) to have them built in every forward")
+    # as the forward would have built them: its grad mode and autocast dtype
+    dev = hidden.device.type
+    with (torch.set_grad_enabled(grad),
+          torch.autocast(dev, dtype=autocast, enabled=autocast is not None)):
+        return head_logits(head, hidden, cap)
+
+
+class LazyLogits:
+    """The logits of a fused-loss forward in training mode, computed when first read: held in
+    the output's ``logits`` slot (a plain object, so wrappers that rebuild the output carry it
+    over). ``dtype`` and ``float()`` are what accelerate's fp32 output conversion (mixed
+    precision, ``Trainer`` with bf16/fp16) tests and calls on a half-precision tensor: the logits
+    read after it are float32, as HF's are."""
+
+    __slots__ = ("compute", "dtype")
+
+    def __init__(self, compute: Callable[[], torch.Tensor], dtype: torch.dtype):
+        self.compute, self.dtype = compute, dtype
+
+    def float(self) -> LazyLogits:
+        return LazyLogits(lambda: self.compute().float(), torch.float32)
+
+
+_OUTPUT: list[type] = []  # built once, by accelerate() (not inside a torch.compile trace)
+
+
+def lazy_logits_output() -> type:
+    """``CausalLMOutputWithPast`` whose ``logits`` are computed on first read (as an attribute,
+    ``out["logits"]`` or ``to_tuple()``) when they hold a ``LazyLogits``; transformers is imported
+    on first use, as everywhere in the HF backend."""
+    if not _OUTPUT:
+        _OUTPUT.append(_lazy_logits_output())
+    return _OUTPUT[0]
+
+
+def _lazy_logits_output() -> type:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    @dataclass
+    class CausalLMOutputWithLazyLogits(CausalLMOutputWithPast):
+        def __getattribute__(self, name: str):
+            value = super().__getattribute__(name)
+            if name == "logits" and isinstance(value, LazyLogits):
+                value = value.compute()
+                self["logits"] = value  # ModelOutput's __setitem__ sets the attribute too
+            return value
+
+        def __getitem__(self, key):
+            return self.logits if key == "logits" else super().__getitem__(key)
+
+    return CausalLMOutputWithLazyLogits
