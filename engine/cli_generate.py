@@ -311,12 +311,15 @@ def cmd_chat(a) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         print("ember chat: /reset starts over, /exit (or Ctrl-D) quits", file=sys.stderr)
+    first = True
     while True:
         try:
             line = input("you> " if interactive else "")
         except EOFError:
             break
-        text = line.strip()
+        # a file saved with a UTF-8 BOM piped in: the BOM is no part of the first message
+        text = (line.removeprefix("\ufeff") if first else line).strip()
+        first = False
         if text in ("/exit", "/quit"):
             break
         if text == "/reset":
