@@ -231,6 +231,8 @@ def _check_renderable(prompts, tok, data_cfg, raw: bool) -> None:
     """A conversation in ``prompts`` (``_file_prompts``') with --raw or a model that renders plain
     text is refused, naming its line, saying what to do (was render_chat's "(use ember
     generate)", the command in use). With --raw: before the model loads (``tok`` None)."""
+    if all(isinstance(p, str) for p, _, _ in prompts):
+        return
     if raw:
         why = ("a conversation, which --raw cannot render (--raw gives the model plain text, "
                "without its chat template): drop --raw to render it with the chat template, or ")
@@ -269,7 +271,17 @@ def cmd_generate(a) -> None:
     kw = _template_kwargs(a.template_kwargs) or {}
     # a line's own template variables win over --template-kwargs
     prompts = [(p, {}, "") for p in a.prompt] if a.prompt else _file_prompts(a.prompts)
-    if a.raw:
+    if a.raw:  # before loading the model (was after: "this model or run renders plain text")
+        plain = "a chat template, which --raw leaves out (it gives the model plain text)"
+        if a.system is not None:
+            raise EmberError(f"--system: a system prompt needs {plain}: drop --raw, or put the "
+                             "instructions in the prompt")
+        for where, variables in [("--template-kwargs: ", kw),
+                                 *((f"{where}its tools / chat_template_kwargs: ", line)
+                                   for _, line, where in prompts)]:
+            if variables:
+                raise EmberError(f"{where}template variables need {plain}: drop --raw, or "
+                                 "leave them out")
         _check_renderable(prompts, None, None, raw=True)
     model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
     _check_renderable(prompts, tok, data_cfg, raw=False)

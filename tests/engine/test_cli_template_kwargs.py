@@ -211,6 +211,21 @@ def test_a_conversation_with_raw_or_without_a_template_says_what_to_do(tiny, tmp
                           "has no chat template"), err
     assert err.endswith('write the line as plain text, {"prompt": "..."}\n'), err
     assert err.count("\n") == 1
+    # --system / template variables with --raw: the same, before loading (was, after loading:
+    # "this model or run renders prompts as plain text")
+    for extra, what in ((["--system", "s"], "--system: a system prompt needs"),
+                        (["--template-kwargs", '{"x": 1}'], "--template-kwargs: template "
+                                                            "variables need")):
+        assert main(["generate", str(tmp_path / "not-loaded"), "--raw", "--prompt", "hi",
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ember: error: {what} a chat template, which --raw leaves out "
+                              "(it gives the model plain text): drop --raw, or "), err
+    path.write_text(json.dumps({"prompt": "hi", "chat_template_kwargs": NO_THINK}) + "\n")
+    assert main(["generate", str(tmp_path / "not-loaded"), "--raw", "--prompts", str(path)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"ember: error: --prompts {path} line 1: its tools / chat_template_kwargs: template "
+        "variables need a chat template, which --raw leaves out")
 
 
 def test_a_prompt_file_saved_with_a_bom_and_crlf_reads_as_plain(qwen3, tmp_path, capsys,
