@@ -234,13 +234,15 @@ def _cmd_export(a) -> None:
             merge_lora(model, torch.float32 if is_quantized(model) else None)
         out = save_gguf(model, tok, a.gguf, dtype=a.gguf_type)
     else:
-        # A QLoRA run's 4-bit base is dequantized: the merged model is a plain bf16 HF model.
-        # Otherwise it is written in its base checkpoint's dtype (config.json's, else the stored
-        # one: a bf16 base trains in fp32 on a CPU; PEFT's merge_and_unload keeps the base's
-        # dtype as transformers loaded it).
-        # Merged in the dtype written: PEFT's embedding merge rounds its update to it first.
+        # Written in its base checkpoint's dtype (config.json's, else the stored one: a bf16
+        # base trains in fp32 on a CPU; PEFT's merge_and_unload keeps the base's dtype as
+        # transformers loaded it). A QLoRA run's 4-bit base is dequantized into it, as PEFT's
+        # Linear4bit.merge adds the update to bnb's dequantize_4bit in the dtype the base was
+        # loaded in (was bf16 whatever the base: an fp32 / fp16 base and its embedding's update
+        # rounded to bf16). Merged in the dtype written: PEFT's embedding merge rounds its
+        # update to it first.
         nf4 = is_quantized(model)
-        dtype = torch.bfloat16 if nf4 else resolve_dtype(model.cfg.torch_dtype)
+        dtype = resolve_dtype(model.cfg.torch_dtype)
         if lora_modules(model):
             merge_lora(model, dtype)
         out = save_pretrained(model, a.merged, tok, dtype=dtype,

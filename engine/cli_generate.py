@@ -145,7 +145,6 @@ def _file_prompts(path: str) -> list[tuple[str | list[dict], dict, str]]:
     from ember.engine.datafiles import check_data_path, iter_items
     from ember.engine.formats import (
         _Bad,
-        json_object,
         parse_messages,
         parse_template_kwargs,
         parse_tools,
@@ -160,13 +159,15 @@ def _file_prompts(path: str) -> list[tuple[str | list[dict], dict, str]]:
     for n, raw in enumerate(iter_items(file), 1):
         try:
             try:
-                line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+                # a first line's BOM (Notepad, PowerShell) as ember train's data reader takes it
+                line = (raw.decode("utf-8-sig" if n == 1 else "utf-8") if isinstance(raw, bytes)
+                        else raw)
             except UnicodeDecodeError as e:
                 raise _Bad("not UTF-8", f"not UTF-8 text (byte {raw[e.start:e.start + 1]!r} "
                                         f"at {e.start}); write the file in UTF-8") from None
             if not line.strip():
                 continue
-            obj = json_object(line)
+            obj = _prompt_object(line)
             _check_text(json.dumps(obj, ensure_ascii=False), "the line")
             key = next((k for k in ("messages", "prompt") if k in obj), None)
             if key is None:
@@ -192,6 +193,62 @@ def _file_prompts(path: str) -> list[tuple[str | list[dict], dict, str]]:
     return out
 
 
+_LINE = 'one JSON object per line, {"prompt": "..."} or {"messages": [...]}'
+_CHAT_LINE = 'write the conversation as one line, {"messages": [{"role": "user", ...}, ...]}'
+_TEXT_LINE = 'write the line as plain text, {"prompt": "..."}'
+
+
+def _is_message(value) -> bool:
+    return isinstance(value, dict) and "role" in value and not {"prompt", "messages"} & set(value)
+
+
+def _prompt_object(line: str) -> dict:
+    """``formats.json_object(line)`` for a --prompts line; a chat message, a bare list of them
+    or plain text refused saying how a line is written."""
+    import json
+
+    from ember.engine.formats import _Bad, json_object
+
+    try:
+        obj = json_object(line)
+    except _Bad as e:
+        try:
+            value = json.loads(line)
+        except (ValueError, RecursionError):
+            value = None
+        if isinstance(value, list) and value and all(_is_message(m) for m in value):
+            raise _Bad(e.kind, f"a bare list of chat messages: {_CHAT_LINE}") from None
+        if e.kind == "invalid JSON" and not line.lstrip(" \t\ufeff").startswith(("{", "[")):
+            raise _Bad(e.kind, f"{e.why}; a --prompts file holds {_LINE} (plain text: "
+                               "--prompt TEXT)") from None
+        raise
+    if _is_message(obj):  # (also each item of a one-line list, read as a JSON array)
+        raise _Bad("wrong type", f"a chat message, not a prompt: {_CHAT_LINE}")
+    return obj
+
+
+def _check_renderable(prompts, tok, data_cfg, raw: bool) -> None:
+    """A conversation in ``prompts`` (``_file_prompts``') with --raw or a model that renders plain
+    text is refused, naming its line, saying what to do (was render_chat's "(use ember
+    generate)", the command in use). With --raw: before the model loads (``tok`` None)."""
+    if all(isinstance(p, str) for p, _, _ in prompts):
+        return
+    if raw:
+        why = ("a conversation, which --raw cannot render (--raw gives the model plain text, "
+               "without its chat template): drop --raw to render it with the chat template, or ")
+    else:
+        from ember.engine.encoder import _Encoder
+
+        if _Encoder(data_cfg, tok).chat:
+            return
+        why = ("a conversation needs a chat template, and this model renders prompts as plain "
+               "text (its tokenizer has no chat template, or its run set data.use_chat_template "
+               "= false): ")
+    for p, _, where in prompts:
+        if not isinstance(p, str):
+            raise EmberError(f"{where}{why}{_TEXT_LINE}")
+
+
 def _render(tok, data_cfg, prompt: str | list[dict], system: str | None, kw: dict | None):
     """The ids of one prompt (a text or a conversation to answer) with ``--system`` (a
     conversation's own system message wins) and template variables ``kw``."""
@@ -214,7 +271,20 @@ def cmd_generate(a) -> None:
     kw = _template_kwargs(a.template_kwargs) or {}
     # a line's own template variables win over --template-kwargs
     prompts = [(p, {}, "") for p in a.prompt] if a.prompt else _file_prompts(a.prompts)
+    if a.raw:  # before loading the model (was after: "this model or run renders plain text")
+        plain = "a chat template, which --raw leaves out (it gives the model plain text)"
+        if a.system is not None:
+            raise EmberError(f"--system: a system prompt needs {plain}: drop --raw, or put the "
+                             "instructions in the prompt")
+        for where, variables in [("--template-kwargs: ", kw),
+                                 *((f"{where}its tools / chat_template_kwargs: ", line)
+                                   for _, line, where in prompts)]:
+            if variables:
+                raise EmberError(f"{where}template variables need {plain}: drop --raw, or "
+                                 "leave them out")
+        _check_renderable(prompts, None, None, raw=True)
     model, tok, data_cfg = _load(a.model, a.adapter, a.device, a.raw)
+    _check_renderable(prompts, tok, data_cfg, raw=False)
     run = _generator(model, tok, a)
     ids = []
     for p, line, where in prompts:
@@ -253,12 +323,15 @@ def cmd_chat(a) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         print("ember chat: /reset starts over, /exit (or Ctrl-D) quits", file=sys.stderr)
+    first = True
     while True:
         try:
             line = input("you> " if interactive else "")
         except EOFError:
             break
-        text = line.strip()
+        # a file saved with a UTF-8 BOM piped in: the BOM is no part of the first message
+        text = (line.removeprefix("\ufeff") if first else line).strip()
+        first = False
         if text in ("/exit", "/quit"):
             break
         if text == "/reset":

@@ -175,6 +175,10 @@ def _json_array(path: Path, f: IO[bytes]) -> list[bytes] | None:
     except (UnicodeDecodeError, RecursionError) as e:
         raise EmberError(f"{path}: not a readable JSON array ({e})") from None
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and e.colno == 1:  # a JSON value per line, the first an array
+            raise EmberError(f"{path}: line {e.lineno} starts another JSON value: JSON Lines hold "
+                             "one object per line (a list of chat messages is written "
+                             '{"messages": [...]})') from None
         raise EmberError(f"{path}: invalid JSON: {e.msg} (line {e.lineno} column {e.colno}); a "
                          ".json dataset is one array of objects, or one object per line") from None
     except ValueError as e:  # an integer past Python's digit limit

@@ -235,6 +235,23 @@ def restore(path: Path, cfg: TrainConfig, info: DistInfo, model, optimizer, *,
     # find_latest has just verified the files at cfg.checkpoint.verify: sizes suffice here.
     loaded = dcp.load(path, model=model, optimizer=optimizer, info=info, level="size")
     extra = loaded.extra
+    check_fingerprints(path, cfg, extra, base=base, frozen=frozen)
+    restore_data_state(batches, extra["data"], cfg.grad_accum * info.world_size, info.world_size)
+    guard.load_state_dict(extra["guard"])
+    if scaler is not None and extra.get("scaler"):
+        scaler.load_state_dict(extra["scaler"])
+    return Progress(**extra["progress"])
+
+
+def check_fingerprints(path: Path, cfg: TrainConfig, extra: dict | None = None, *,
+                       base: str | None = None, frozen: dict[str, str] | None = None) -> None:
+    """EmberError unless the weights a resume rebuilds from files (``base``: the model's
+    ``base_fingerprint``; ``frozen``: the objective's by role) are those checkpoint ``path``
+    was trained on (``extra``: its extra state, read from it when None). The trainer calls it
+    right after building the model, before the data and DPO's / KTO's reference precompute
+    (minutes of forwards on a real model, then refused by ``restore``)."""
+    if extra is None:
+        extra = torch.load(Path(path) / "extra.pt", weights_only=True)
     if base is not None and extra.get("base", base) != base:
         init = f", model.init {cfg.model.init!r}" if cfg.model.init else ""
         # PiSSA / OLoRA: the frozen base is a residual recomputed from the model at the resume
@@ -255,11 +272,6 @@ def restore(path: Path, cfg: TrainConfig, info: DistInfo, model, optimizer, *,
                              f"checkpoint {path.name} was trained with: its files were replaced "
                              f"or retrained since. Resume with the files the run started with, "
                              "or start a new run with --set run_dir=<new folder>")
-    restore_data_state(batches, extra["data"], cfg.grad_accum * info.world_size, info.world_size)
-    guard.load_state_dict(extra["guard"])
-    if scaler is not None and extra.get("scaler"):
-        scaler.load_state_dict(extra["scaler"])
-    return Progress(**extra["progress"])
 
 
 def _frozen_setting(role: str, cfg: TrainConfig) -> str:

@@ -98,6 +98,7 @@ from ember.engine.stages import describe as describe_start
 from ember.engine.state import (
     Progress,
     base_fingerprint,
+    check_fingerprints,
     checkpoint_config,
     export_final,
     open_run,
@@ -313,6 +314,8 @@ class Trainer(EvalMixin):
         # Before _build seeds the run: loading a teacher / reference leaves the RNG as SFT's.
         self.objective = make_objective(cfg, info, trained=latest is not None)
         self.model = model = self._build(cfg, info)
+        if latest is not None:  # before the data and a reference precompute (minutes): refused
+            check_fingerprints(latest, cfg, base=self.base_print, frozen=self.frozen_prints)
         self.aux_coef = router_aux_coef(cfg, model)
         self.objective.check_model(model, self.tokenizer)
         if cfg.checkpoint.save_final:  # now, not after training: final/ is the export

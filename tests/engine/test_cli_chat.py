@@ -82,6 +82,14 @@ def test_chat_keeps_the_conversation(chat_model, capsys, monkeypatch):
     assert a3 == a1  # /reset forgot the first exchange
 
 
+def test_chat_reads_a_bom_and_crlf_input_as_plain(chat_model, capsys, monkeypatch):
+    """Standard input from a file saved with a UTF-8 BOM and CRLF line ends: the BOM is not
+    part of the first message (was: "\\ufeff/exit" answered as a message, not a command)."""
+    argv = ["chat", str(chat_model), "--max-new-tokens", str(MAX_NEW)]
+    plain = _run(capsys, argv, "red dog\n/exit\n", monkeypatch)
+    assert _run(capsys, argv, "\ufeffred dog\r\n/exit\r\n", monkeypatch) == plain
+    assert _run(capsys, argv, "\ufeff/exit\r\nred dog\r\n", monkeypatch) == ""
+
 def test_render_chat_puts_the_run_system_prompt_first(chat_model):
     _, tok = load_pretrained(chat_model, "float32", "cpu")
     cfg = DataConfig(system_prompt="S")

@@ -168,6 +168,18 @@ def test_generate_prompts_from_a_file_as_transformers_renders_them(qwen3, tmp_pa
      "line 1: the line holds a lone surrogate U+D800"),  # was the tokenizer's bare TypeError
     ("\n", "holds no prompts"),
     (None, "not found"),
+    # plain text, a bare messages list, one message per line: say how a line is written (were
+    # "invalid JSON: Expecting value", "no 'prompt' or 'messages' field (keys present: ['content',
+    # 'role'])" and "a .json dataset is one array of objects" for a .jsonl file)
+    ("What is 2+2?\n", "line 1: invalid JSON: Expecting value (column 1); a --prompts file holds "
+                        'one JSON object per line, {"prompt": "..."} or {"messages": [...]} (plain '
+                        "text: --prompt TEXT)"),
+    ('[{"role": "user", "content": "hi"}]\n', "line 1: a chat message, not a prompt: write the "
+                                              'conversation as one line, {"messages": [{"role": '),
+    ('[{"role": "user", "content": "hi"}]\n[{"role": "user", "content": "yo"}]\n',
+     'line 2 starts another JSON value: JSON Lines hold one object per line (a list of chat '
+     'messages is written {"messages": [...]})'),
+    ('{"role": "user", "content": "hi"}\n', "line 1: a chat message, not a prompt"),
 ])
 def test_bad_prompt_files_are_one_clear_line(tmp_path, capsys, text, message):
     path = tmp_path / "p.jsonl"
@@ -179,15 +191,58 @@ def test_bad_prompt_files_are_one_clear_line(tmp_path, capsys, text, message):
     assert message in err and err.count("\n") == 1, err
 
 
-def test_a_prompt_file_line_the_template_cannot_render_is_named(qwen3, tmp_path, capsys):
-    folder, _ = qwen3
+def test_a_conversation_with_raw_or_without_a_template_says_what_to_do(tiny, tmp_path, capsys):
+    """--raw with a conversation line is refused before the model loads, saying to drop --raw
+    (was, after loading: "this model or run renders prompts as plain text (use ember
+    generate)", the command in use); a model without a chat template says to give plain text."""
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "hi"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
     capsys.readouterr()
-    assert main(["generate", str(folder), "--device", "cpu", "--raw", "--prompts",
-                 str(path)]) == 2
+    assert main(["generate", str(tmp_path / "not-loaded"), "--raw", "--prompts", str(path)]) == 2
     err = capsys.readouterr().err
-    assert f"--prompts {path} line 2: a conversation needs a chat template" in err
+    assert err == (f"ember: error: --prompts {path} line 2: a conversation, which --raw cannot "
+                   "render (--raw gives the model plain text, without its chat template): drop "
+                   '--raw to render it with the chat template, or write the line as plain text, '
+                   '{"prompt": "..."}\n')
+    assert main(["generate", tiny["model"], "--device", "cpu", "--prompts", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ember: error: --prompts {path} line 2: a conversation needs a chat "
+                          "template, and this model renders prompts as plain text (its tokenizer "
+                          "has no chat template"), err
+    assert err.endswith('write the line as plain text, {"prompt": "..."}\n'), err
+    assert err.count("\n") == 1
+    # --system / template variables with --raw: the same, before loading (was, after loading:
+    # "this model or run renders prompts as plain text")
+    for extra, what in ((["--system", "s"], "--system: a system prompt needs"),
+                        (["--template-kwargs", '{"x": 1}'], "--template-kwargs: template "
+                                                            "variables need")):
+        assert main(["generate", str(tmp_path / "not-loaded"), "--raw", "--prompt", "hi",
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ember: error: {what} a chat template, which --raw leaves out "
+                              "(it gives the model plain text): drop --raw, or "), err
+    path.write_text(json.dumps({"prompt": "hi", "chat_template_kwargs": NO_THINK}) + "\n")
+    assert main(["generate", str(tmp_path / "not-loaded"), "--raw", "--prompts", str(path)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"ember: error: --prompts {path} line 1: its tools / chat_template_kwargs: template "
+        "variables need a chat template, which --raw leaves out")
+
+
+def test_a_prompt_file_saved_with_a_bom_and_crlf_reads_as_plain(qwen3, tmp_path, capsys,
+                                                                monkeypatch):
+    """A first line with a UTF-8 BOM (Notepad, PowerShell's Out-File) and CRLF line ends read
+    as ember train reads data files (was refused: "the line starts with a UTF-8 byte-order mark
+    ... only a file's first line may have one", on the first line)."""
+    folder, _ = qwen3
+    lines = ['{"prompt": "What is the capital of France?"}', '{"prompt": "And Italy?"}']
+    plain, bom = tmp_path / "plain.jsonl", tmp_path / "bom.jsonl"
+    plain.write_text("\n".join(lines) + "\n")
+    bom.write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode())
+    calls = _spy(monkeypatch)
+    argv = ["generate", str(folder), "--device", "cpu", "--max-new-tokens", "1", "--prompts"]
+    out = _main(capsys, [*argv, str(plain)])
+    assert _main(capsys, [*argv, str(bom)]) == out
+    assert len(calls) == 4 and calls[:2] == calls[2:]
 
 
 def test_python_generate_passes_template_variables_as_transformers(qwen3, monkeypatch):

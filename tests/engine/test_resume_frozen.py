@@ -96,3 +96,33 @@ def test_a_continued_adapter_resumed_onto_another_reference_is_refused(tiny, pre
                       *FAST)
     _refused_then_resumes(cfg, sft / "final" / "adapter" / "adapter_model.safetensors", "lora_B",
                           r"reference \(.*model\.init .*\) differs from the one its checkpoint")
+
+
+@pytest.mark.parametrize("objective,method,match", [
+    ("dpo", "full", r"reference \(.*model\.name .*\) differs from the one its checkpoint"),
+    ("kto", "lora", r"model\.name .*\) differ from those its checkpoint"),
+])
+def test_a_changed_reference_is_refused_before_the_precompute(tiny, prefs, tmp_path,
+                                                               monkeypatch, objective, method,
+                                                               match):
+    """precompute_ref_log_probs scores every document with the reference before the first
+    step: a resume onto changed files is refused before that pass and before the data is read
+    (was: after it, minutes of a real model's forwards spent on a run then refused)."""
+    from ember.engine import preference_objectives, trainer
+
+    model = shutil.copytree(tiny["model"], tmp_path / "model")
+    cfg = tiny_config(dict(tiny, model=str(model), train=prefs, val=prefs, test=prefs),
+                      tmp_path / "r", f'method="{method}"', f'objective="{objective}"',
+                      f"{objective}.precompute_ref_log_probs=true", "data.max_seq_len=32",
+                      "data.tokens_per_batch=96", "optim.lr=1e-3", *FAST)
+    assert train(cfg, echo=quiet, progress=False, stop_after=1).steps == 1
+    _changed(model / "model.safetensors", "layers.1.self_attn.q_proj")
+    spent = []
+    real_score, real_data = preference_objectives.attach_ref_logps, trainer.Trainer._datasets
+    monkeypatch.setattr(preference_objectives, "attach_ref_logps",
+                        lambda *a, **k: spent.append("precompute") or real_score(*a, **k))
+    monkeypatch.setattr(trainer.Trainer, "_datasets",
+                        lambda *a, **k: spent.append("data") or real_data(*a, **k))
+    with pytest.raises(EmberError, match=match):
+        train(cfg, resume=True, echo=quiet, progress=False)
+    assert spent == []

@@ -359,14 +359,12 @@ def test_training_and_export_through_the_cli(tmp_path, method):
     ids = torch.tensor([[5, 9, 17, 33, 2, 70, 11, 40, 8, 3, 19]])
     with torch.no_grad():
         ours = model(ids).float()
-    # QLoRA: the merged language model is written in bf16 (its NF4 base dequantized; config.json
-    # says so), rounded once: computed in fp32, logits agree to that precision (as
-    # tests/engine/test_qlora_train.py)
-    tol = 0.02 * ours.abs().max().item() if method == "qlora" else 1e-4
+    # QLoRA: the merged language model is written in the base's dtype, fp32 here (its NF4 base
+    # dequantized into it; config.json says so), as tests/engine/test_qlora_train.py
     merged = _hf(tmp_path / "merged", dtype=torch.float32)
-    assert _diff(ours, _text_logits(merged, ids).float()) <= tol
+    assert _diff(ours, _text_logits(merged, ids).float()) <= 1e-4
     if method == "qlora":
-        assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+        assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "float32"
     if method == "lora":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
