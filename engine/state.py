@@ -47,7 +47,11 @@ from ember.engine.stages import base_of, load_base
 from ember.models.loading import save_pretrained
 from ember.models.lora import apply_lora, load_adapter, save_adapter
 from ember.models.lora_init import changes_base
-from ember.models.prompt_tuning import load_prompt_adapter, save_prompt_adapter
+from ember.models.prompt_tuning import (
+    PromptEmbedding,
+    load_prompt_adapter,
+    save_prompt_adapter,
+)
 from ember.models.transformer import Transformer
 
 # Settings a resumed run may change: they do not alter the trajectory up to the checkpoint (a
@@ -293,18 +297,20 @@ def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | N
     it: a sharded model's weights are gathered to rank 0's CPU first."""
     lora = cfg.method == "lora"
     if info.distributed:
-        state = gather_full_state_dict(model, trainable_only=lora)
+        state = gather_full_state_dict(model, trainable_only=cfg.method in ("lora", "prompt"))
         if not info.is_main:
             return None
         # What the export reads besides the weights: the base's generation config, and a
         # continued PEFT adapter's settings (its modules_to_save, bias mode, MiCA init; was:
         # only the last two kept, so a trained lm_head / embed_tokens left the adapter file).
-        kept = {k: v for k, v in vars(model).items() if k.startswith(("peft_", "hf_"))}
+        # (prompt tuning: its init's name, which the adapter config records)
+        kept = {k: v for k, v in vars(model).items()
+                if k.startswith(("peft_", "hf_", "prompt_tuning_"))}
         model = _unsharded(model.cfg, cfg, state)
         for k, v in kept.items():
             setattr(model, k, v)
     final, base = cfg.out_dir / "final", base_of(cfg)
-    if cfg.method == "prompt":  # one process (the trainer refuses FSDP)
+    if cfg.method == "prompt":
         return save_prompt_adapter(model, final / "adapter", base_model_name_or_path=base)
     if lora:
         return save_adapter(model, final / "adapter", base_model_name_or_path=base)
@@ -328,12 +334,15 @@ def multimodal_base(model, cfg: TrainConfig) -> Path | None:
 
 def _unsharded(model_cfg, cfg: TrainConfig, state: dict) -> Transformer:
     """A plain model holding ``state`` (a gathered state dict), built on the meta device so that
-    no weights are allocated twice; with LoRA only the adapters are real (all an export needs)."""
+    no weights are allocated twice; with LoRA or prompt tuning only the adapters / virtual tokens
+    are real (all an export needs)."""
     with torch.device("meta"):
         model = Transformer(model_cfg)
         if cfg.method == "lora":
             apply_lora(model, cfg.lora)
-    model.load_state_dict(state, strict=cfg.method != "lora", assign=True)
+        elif cfg.method == "prompt":
+            model.embed = PromptEmbedding(model.embed, torch.empty(state["embed.prompt"].shape))
+    model.load_state_dict(state, strict=cfg.method not in ("lora", "prompt"), assign=True)
     return model
 
 

@@ -168,9 +168,6 @@ class Trainer(EvalMixin):
         """Model -> LoRA / freezing -> activation checkpointing -> FSDP2 (STYLE.md's order)."""
         torch.manual_seed(cfg.seed)  # the same initial weights (LoRA's A) on every rank
         random.seed(cfg.seed)
-        if cfg.method == "prompt" and info.distributed:
-            raise EmberError("prompt tuning runs in one process (its few thousand parameters "
-                             "gain nothing from FSDP); start it without torchrun")
         model, self.tokenizer = build_model(cfg, build_device(info))
         # what the checkpoints do not hold (resumed onto other base weights, another teacher or
         # reference: refused); one broadcast of rank 0's, the only rank holding the weights

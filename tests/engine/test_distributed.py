@@ -3,8 +3,8 @@ losses as one process on the same global batch (full fine-tuning and LoRA, withi
 same evaluation (shared out across the ranks: validation batches, generated completions) and
 exported weights, checkpoints continued by another number of processes (2 -> 1 and 1 -> 2);
 short distillation, DPO (full: a frozen reference copy) and classifier runs, the teacher and the
-reference sharded too; then the pieces below the trainer (data and evaluation sharding, helpers,
-refusals).
+reference sharded too; prompt tuning on mixed data with multiple-choice scores and early
+stopping; then the pieces below the trainer (data and evaluation sharding, helpers, refusals).
 
 One process with grad_accum = 2 and two with grad_accum = 1 take the same 2 packed batches per
 optimizer step (6 batches per epoch: no epoch is cut for 2 ranks). One-process runs go through
@@ -95,7 +95,7 @@ def continue_from(src: Path, dst: Path, step: int) -> None:
 
 
 def short_runs(tiny, tmp: Path) -> dict[str, tuple[str, ...]]:
-    """Distillation (LoRA student) and DPO (full fine-tuning: a frozen reference copy): both
+    """Distillation (DoRA student) and DPO (full fine-tuning: a frozen reference copy): both
     keep a second model that FSDP shards too; and a classifier, whose evaluation is shared out
     by batches like the validation loss. Shorter runs on smaller batches: the validation sets
     then make an odd number of batches (ranks with one batch fewer make a dummy call), and the
@@ -112,12 +112,20 @@ def short_runs(tiny, tmp: Path) -> dict[str, tuple[str, ...]]:
         kto += [{"prompt": p, "completion": " " + words[0], "label": True},
                 {"prompt": p, "completion": " " + wrong, "label": rng.random() < 0.3}]
     kto = write_jsonl(tmp / "kto.jsonl", kto)
+    # multiple-choice questions "say w1 w2 ... ->", the first word among 3 choices
+    choices = []
+    for q in w.word_prefs(rng, 7):
+        options = [q["chosen"], q["rejected"], *(" " + x for x in rng.sample(w.WORDS, 1))]
+        choices.append({"question": q["prompt"], "choices": options, "answer": 0})
+    choices = write_jsonl(tmp / "choices.jsonl", choices)
+    extra_train = write_jsonl(tmp / "extra.jsonl", w.tiny_rows(13, seed=7))
     labelled = {s: write_jsonl(tmp / f"{s}.jsonl", animal_rows(n, seed))
                 for s, n, seed in (("train", 64, 1), ("val", 21, 2), ("test", 21, 3))}
     # no warmup: a warmup's first lr is 0, and KTO's loss at the reference is a constant
     short = ("max_steps=3", "eval.every_steps=0", "eval.metrics=[]", "checkpoint.every_steps=0",
              "checkpoint.save_final=false", "optim.warmup_steps=0")
     return {"distill": (*short, 'objective="distill"', f'distill.teacher="{teacher}"',
+                        "lora.use_dora=true",
                         "data.max_seq_len=32", "data.tokens_per_batch=48", "optim.lr=1e-2",
                         f'data.validation=["{tiny["val"]}", "{tiny["test"]}"]'),
             # sft_weight: RPO's NLL term, a token mean over the step's chosen answers on all
@@ -132,6 +140,15 @@ def short_runs(tiny, tmp: Path) -> dict[str, tuple[str, ...]]:
                     f'data.train=["{kto}"]', f'data.validation="{kto}"', f'data.test="{kto}"',
                     "data.max_seq_len=32",
                     "data.tokens_per_batch=80"),
+            # prompt tuning (the frozen base sharded, the virtual tokens on the root) on two
+            # files mixed 0.7 / 0.3, shortest first; multiple-choice scores; early stopping (all
+            # ranks stop together at step 4) ending with step 2's weights: "max" makes the
+            # falling val_loss of step 4 the worse one
+            "mix": ('method="prompt"', "optim.lr=3e-2", "data.mix=[0.7, 0.3]",
+                    f'data.train=["{tiny["train"]}", "{extra_train}"]', 'data.order="length"',
+                    f'eval.choices="{choices}"', "eval.metrics=[]", "eval.every_steps=2",
+                    "eval.before=false", 'eval.early_stopping="val_loss"', 'eval.mode="max"',
+                    "eval.patience=1"),
             "classify": (*short, 'head.type="classification"', "eval.metrics=['accuracy']",
                          f'data.train=["{labelled["train"]}"]',
                          f'data.validation="{labelled["val"]}"',
@@ -148,7 +165,7 @@ def runs(tiny, tmp_path_factory):
             assert main(["train", str(write_config(tiny, tmp / f"{kind}1", *extra)),
                          *sets("grad_accum=2")]) == 0
         out[f"{kind}1"] = printed.getvalue()
-    for kind in ("distill", "dpo", "kto", "classify"):
+    for kind in ("distill", "dpo", "kto", "classify", "mix"):
         out[f"{kind}2"] = torchrun_train(str(write_config(tiny, tmp / f"{kind}2",
                                                           *kinds[kind])))
     # LoRA -> activation checkpointing -> fully_shard, as STYLE.md orders them; the MLP in
@@ -229,6 +246,28 @@ def test_classifier_evaluation_is_shared_out(runs):
     one = rows_of(tmp / "classify1")
     assert [r["step"] for r in one if "accuracy" in r and "val_loss" in r] == [0, 3]
     _same_rows(rows_of(tmp / "classify2"), one)
+
+
+def test_prompt_tuning_mixing_choices_and_early_stopping(runs):
+    """Prompt tuning under torchrun (refused before; its export then failed on the gathered
+    state dict's keys, embed.prompt vs embed.weight): two processes on mixed, length-ordered data
+    log what one process logs (choice scores included), stop early at the same step and export
+    the same PEFT adapter, the best step's virtual tokens."""
+    tmp, out = runs
+    one = rows_of(tmp / "mix1")
+    assert [(r["kind"], r["step"]) for r in one] == [
+        ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4), ("eval", 4)]
+    assert "choice_accuracy" in one[2]
+    _same_rows(rows_of(tmp / "mix2"), one)
+    for n in (1, 2):
+        assert "early stopping at step 4" in out[f"mix{n}"]
+        assert "restored the weights of step 2" in out[f"mix{n}"]
+    adapter = [tmp / f"mix{n}" / "final" / "adapter" for n in (1, 2)]
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in adapter)
+    assert a.keys() == b.keys() == {"prompt_embeddings"}
+    torch.testing.assert_close(b["prompt_embeddings"], a["prompt_embeddings"], rtol=0, atol=1e-5)
+    configs = [json.loads((d / "adapter_config.json").read_text()) for d in adapter]
+    assert configs[1] == configs[0] and configs[0]["peft_type"] == "PROMPT_TUNING"
 
 
 def test_evaluation_batches_are_shared_out():
