@@ -312,7 +312,9 @@ class TrainConfig:
     max_steps: int | None = None  # None: epochs decide
     epochs: float = 1.0
     seed: int = 0
-    precision: str = "auto"  # "auto" | "bf16" | "fp16" | "fp32" (autocast dtype)
+    # "auto" | "bf16" | "fp16" | "fp32" (autocast dtype). "auto": bf16 on CUDA with bf16 and on a
+    # CPU with native bf16 (AVX512-BF16 / AMX; EMBER_CPU_BF16=0/1 overrides), else fp32
+    precision: str = "auto"
     device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:N"
     threads: int | None = None  # CPU threads for torch (None: torch's default)
     log_every: int = 1  # steps between metrics.jsonl rows (each: the mean loss of its steps)

@@ -6,6 +6,10 @@ import shutil
 
 if not os.path.exists("/dev/nvidia0") and shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# "auto" precision on a CPU with native bf16 (AVX512-BF16, AMX) picks bf16; the suite's tolerances
+# are for fp32 runs, so it runs as on any other CPU (subprocesses inherit it); tests of the bf16
+# path set precision = "bf16" themselves
+os.environ.setdefault("EMBER_CPU_BF16", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -319,3 +319,17 @@ def test_a_model_dtype_the_loader_refuses_is_refused_in_the_config(dtype):
         load_config(None, [f'model.dtype="{dtype}"'])
     for ok in ("auto", "bf16", "float16", "fp32", "torch.bfloat16"):
         assert load_config(None, [f"model.dtype={ok}"]).model.dtype == ok
+
+
+def test_cpu_bf16_detection_can_be_forced(monkeypatch, tmp_path):
+    """EMBER_CPU_BF16 decides "auto" precision on CPU (the suite sets 0: fp32 tolerances hold on
+    a CPU with native bf16 too); anything but 0 / 1 is an error, not a silent default."""
+    monkeypatch.setenv("EMBER_CPU_BF16", "1")
+    cfg = resolve(load_config(None, ['device="cpu"', 'method="lora"', f'run_dir="{tmp_path}"']))
+    assert cfg.precision == "bf16" and cfg.model.dtype == "bfloat16"
+    monkeypatch.setenv("EMBER_CPU_BF16", "0")
+    cfg = resolve(load_config(None, ['device="cpu"', 'method="lora"', f'run_dir="{tmp_path}"']))
+    assert cfg.precision == "fp32" and cfg.model.dtype == "float32"
+    monkeypatch.setenv("EMBER_CPU_BF16", "yes")
+    with pytest.raises(EmberError, match="EMBER_CPU_BF16 must be 0 or 1"):
+        cpu_has_bf16()
