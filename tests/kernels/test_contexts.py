@@ -270,3 +270,24 @@ def test_lora_mlp_second_backward_says_why_or_matches_torch():
     for _ in range(2):
         (gx,) = torch.autograd.grad(loss, x, retain_graph=True)
         assert torch.allclose(gx, want_gx, rtol=1e-4, atol=1e-4)
+
+
+def test_nf4_quantize_compiles_with_fullgraph():
+    """nf4_quantize(double_quant=False) under torch.compile(fullgraph=True), as a compiled
+    init/load step would call it: the inf/NaN check read w on the host ("Data-dependent
+    branching" under fullgraph). Oracle: bitsandbytes' quantize_4bit, byte for byte; a NaN
+    weight still fails. (double_quant=True keeps one host read: NF4State.offset is a float.)"""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from ember.kernels import nf4_quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 40)  # 1920 values: 30 blocks of 64
+    pb, sb = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    torch._dynamo.reset()
+    step = torch.compile(lambda w: nf4_quantize(w, 64, False, impl="ref"), backend="aot_eager",
+                         fullgraph=True)
+    packed, state = step(w)
+    assert torch.equal(packed, pb) and torch.equal(state.absmax, sb.absmax)
+    w[3, 5] = float("nan")
+    with pytest.raises(RuntimeError, match="inf or NaN"):
+        step(w)
