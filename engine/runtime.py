@@ -383,7 +383,8 @@ def _rows_decay(weight_decay: float):
 
 def memory_gib(device: str) -> float:
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
+        # The run's device: without one torch reads the current device, cuda:0 for "cuda:1".
+        return torch.cuda.max_memory_allocated(torch.device(device)) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 

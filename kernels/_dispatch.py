@@ -83,16 +83,30 @@ def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     if not isinstance(t, torch.Tensor):  # the op's own checks report it
         return None
     dev = t.device.type
-    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
+    if not _autocast_available(dev) or not torch.is_autocast_enabled(dev):
         return None
     return torch.get_autocast_dtype(dev)
 
 
 def no_autocast(t: torch.Tensor):
     """Context turning autocast off on t's device (a no-op where autocast does not exist)."""
-    if not torch.amp.is_autocast_available(t.device.type):
+    if not _autocast_available(t.device.type):
         return contextlib.nullcontext()
     return torch.autocast(t.device.type, enabled=False)
+
+
+# Device types a compiled graph runs on that have autocast (torch.amp.is_autocast_available).
+_COMPILED_AUTOCAST = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def _autocast_available(device_type: str) -> bool:
+    """torch.amp.is_autocast_available, except while dynamo traces: torch 2.11's dynamo (the GPU
+    machine's) cannot trace it ("function marked as skipped"), which made every public op fail
+    under torch.compile(fullgraph=True) there; 2.13's can. While tracing, the device types that
+    have autocast in both versions answer True (meta and the rest: False, as torch says)."""
+    if torch.compiler.is_compiling():
+        return device_type in _COMPILED_AUTOCAST
+    return torch.amp.is_autocast_available(device_type)
 
 
 def cast_floats(dtype: torch.dtype | None, *tensors):

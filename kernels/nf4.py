@@ -62,12 +62,17 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = _BLOCKWISE_8BIT
 
 
+# Built once here: dynamo ignores functools.cache and traces _tables' body, where building the
+# map (a float tensor's tolist()) is unsupported, so nf4_quantize failed under fullgraph.
+_DYNAMIC_SIGNED = dynamic_map(True)
+
+
 @functools.cache
 def _tables(device: torch.device):
     """NF4 code, its 15 midpoints and the signed 8-bit dynamic map on device."""
     code = torch.tensor(NF4_CODE, dtype=torch.float32)
     bounds = (code[:-1] + code[1:]) / 2
-    return tuple(t.to(device) for t in (code, bounds, dynamic_map(True)))
+    return tuple(t.to(device) for t in (code, bounds, _DYNAMIC_SIGNED))
 
 
 @dataclass(frozen=True)
@@ -415,10 +420,14 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     if w.numel() == 0:
         raise ValueError("nf4_quantize: cannot quantize an empty tensor")
     lo, hi = torch.aminmax(w.detach())  # NaN propagates; no n-element temporary
-    if not (torch.isfinite(lo) and torch.isfinite(hi)):
-        raise ValueError(f"nf4_quantize: w of shape {tuple(w.shape)} holds inf or NaN values, "
-                         "which have no 4-bit code (bitsandbytes silently writes garbage codes); "
-                         "fix or re-export the weights before quantizing")
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    msg = (f"nf4_quantize: w of shape {tuple(w.shape)} holds inf or NaN values, which have no "
+           "4-bit code (bitsandbytes silently writes garbage codes); fix or re-export the weights "
+           "before quantizing")
+    if _dispatch.no_host_values(w):  # torch.compile / fake tensors: a host read breaks the graph
+        torch._assert_async(finite, msg)
+    elif not finite:
+        raise ValueError(msg)
     if use_triton(w, impl, "nf4_quantize"):
         with _dispatch.device_guard(w):
             return _nf4_quantize(w.detach(), blocksize, double_quant)

@@ -312,6 +312,11 @@ def choose(x2: torch.Tensor, weight, run: Callable[[str], torch.Tensor], *,
         timer = _cuda_ms
     key = _key(x2, weight)
     if key not in _CHOICE:
+        if torch.compiler.is_compiling():
+            # Timing with CUDA events inside traced code is a graph break (an error under
+            # fullgraph) and would time fake tensors: the untimed default until an eager call
+            # has timed this shape.
+            return "gemv" if "gemv" in paths else "fused"
         try:
             times = {p: timer(functools.partial(run, p)) for p in paths}
         except torch.OutOfMemoryError:  # no room to time: the path that always works

@@ -30,7 +30,10 @@ dim (other strides are handled; a strided last dim is copied); offsets inside on
 int32, so (tokens - 1) x token stride of q, k, v and out must stay below 2^31 (refused otherwise);
 at most 65535 sequences (documents) and 65535 heads per call (grid axes 2 and 1). In varlen mode
 ``max_seqlen`` must be at least the longest document: when given on CUDA, ``cu_seqlens`` is trusted
-without a device sync.
+without a device sync. Under torch.compile (and on fake/meta tensors) ``cu_seqlens`` is never read
+on the host: it is checked with a device-side assert, the reference attends under a block-diagonal
+mask (O(total^2); eager keeps the per-document split), and the Triton path needs ``max_seqlen``.
+``seq_idx`` always takes one host read (pass ``cu_seqlens`` and ``max_seqlen`` to compile).
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
 from ember.kernels.attention import _bwd, _fwd
 
 
-def _attend_ref(q, k, v, causal, scale, window, softcap):
-    """q (B, T, Hq, D), k/v (B, S, Hkv, D) -> (B, T, Hq, D); fp32 math with an explicit mask."""
+def _attend_ref(q, k, v, causal, scale, window, softcap, keep=None):
+    """q (B, T, Hq, D), k/v (B, S, Hkv, D) -> (B, T, Hq, D); fp32 math with an explicit mask
+    (``keep``: a given (T, S) mask instead of the causal/window one)."""
     T, S, hq, hkv = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     if hq != hkv:
@@ -56,19 +60,39 @@ def _attend_ref(q, k, v, causal, scale, window, softcap):
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, H, T, S)
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
-    i = torch.arange(T, device=q.device)[:, None] + (S - T)
-    j = torch.arange(S, device=q.device)[None, :]
-    keep = torch.ones(T, S, dtype=torch.bool, device=q.device)
-    if causal:
-        keep &= j <= i
-    if window is not None:
-        keep &= (i - j < window) if causal else ((i - j).abs() < window)
+    if keep is None:
+        keep = _mask(T, S, q.device, causal, window)
     # Rows with no visible key give 0 (a softmax over only -inf is NaN); a NaN in q or k stays
     # NaN, as in the kernels and SDPA, so a broken step is seen and skipped, not trained on.
     empty = ~keep.any(dim=-1, keepdim=True)  # (T, 1)
     s = s.masked_fill(~keep, float("-inf")).masked_fill(empty, 0.0)
     p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
     return torch.matmul(p, vf).transpose(1, 2).to(q.dtype)
+
+
+def _mask(T, S, device, causal, window, doc=None):
+    """(T, S) bool visibility; ``doc``: per-token document ids (T == S), tokens see their own."""
+    i = torch.arange(T, device=device)[:, None] + (S - T)
+    j = torch.arange(S, device=device)[None, :]
+    keep = torch.ones(T, S, dtype=torch.bool, device=device)
+    if causal:
+        keep &= j <= i
+    if window is not None:
+        keep &= (i - j < window) if causal else ((i - j).abs() < window)
+    if doc is not None:
+        keep &= doc[:, None] == doc[None, :]
+    return keep
+
+
+def _packed_ref(q, k, v, cu_seqlens, causal, scale, window, softcap):
+    """Varlen attention without reading cu_seqlens on the host (torch.compile, fake tensors):
+    all tokens as one sequence under a block-diagonal mask. O(total^2) scores, so eager runs
+    keep the per-document split."""
+    total = q.shape[0]
+    pos = torch.arange(total, device=q.device)
+    doc = torch.searchsorted(cu_seqlens[1:].to(q.device, torch.int64), pos, right=True)
+    keep = _mask(total, total, q.device, causal, window, doc)
+    return _attend_ref(q[None], k[None], v[None], causal, scale, window, softcap, keep)[0]
 
 
 def _from_seq_idx(q, k, v, seq_idx, cu_seqlens, max_seqlen):
@@ -126,6 +150,8 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
                 scale=scale, enable_gqa=q.shape[2] != k.shape[2])
             return out.transpose(1, 2)
         return _attend_ref(q, k, v, causal, scale, window, softcap)
+    if _dispatch.no_host_values(cu_seqlens):
+        return _packed_ref(q, k, v, cu_seqlens, causal, scale, window, softcap)
     outs = []
     bounds = cu_seqlens.tolist()
     if bounds[0] == 0 and bounds[-1] == q.shape[0]:
@@ -207,6 +233,17 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap, softmax_scale=No
                              f"dtype {cu_seqlens.dtype}")
         if max_seqlen is not None:
             max_seqlen = _as_int(max_seqlen)
+        if _dispatch.no_host_values(cu_seqlens):
+            # torch.compile / fake tensors: a host read breaks the graph; checked on the device.
+            cu = cu_seqlens.to(torch.int64)
+            lens = cu[1:] - cu[:-1]
+            ok = (cu[0] == 0) & (cu[-1] == q.shape[0]) & (lens >= 0).all()
+            if max_seqlen is not None:
+                ok &= lens.max() <= max_seqlen
+            torch._assert_async(ok, f"flash_attention: cu_seqlens must start at 0, never "
+                                f"decrease and end at total={q.shape[0]}, with no document "
+                                f"longer than max_seqlen={max_seqlen}")
+            return max_seqlen
         if not cu_seqlens.is_cuda or max_seqlen is None:
             # One host read; skipped on CUDA when max_seqlen is given, to keep the step sync-free.
             bounds = cu_seqlens.tolist()
@@ -286,6 +323,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                                    window=window, softcap=softcap, cu_seqlens=cu_seqlens,
                                    max_seqlen=max_seqlen)
     check_dtype("flash_attention", "q", q)
+    if cu_seqlens is not None and max_seqlen is None:  # not read from cu_seqlens: see _validate
+        raise ValueError("flash_attention: under torch.compile (or on fake/meta tensors) the "
+                         "Triton kernels need max_seqlen with cu_seqlens (their grid size, "
+                         "which cu_seqlens gives only through a host sync); pass max_seqlen")
     if q.shape[-1] > 256:
         raise ValueError(f"flash_attention: the Triton kernel supports head_dim <= 256, got "
                          f"{q.shape[-1]}; use impl='ref'")

@@ -146,14 +146,15 @@ def _configs(pairs):
 
 _KEY = ["HEAD_DIM", "CAUSAL", "WINDOWED", "SOFTCAP", "VARLEN", "seqlen_bucket"]
 # One autotuner per head-dim class: the shared-memory budget differs too much for one list.
-_FWD = {
-    64: triton.autotune(_configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]),
-                        key=_KEY)(_attn_fwd_kernel),
-    128: triton.autotune(_configs([(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]),
-                         key=_KEY)(_attn_fwd_kernel),
-    256: triton.autotune(_configs([(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)]),
-                         key=_KEY)(_attn_fwd_kernel),
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); named so that tests can run each of them in the
+# interpreter (tests/kernels/test_autotune_configs.py), which otherwise only runs _configs' one.
+FWD_CONFIGS = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    256: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
 }
+_FWD = {d: triton.autotune(_configs(c), key=_KEY)(_attn_fwd_kernel)
+        for d, c in FWD_CONFIGS.items()}
 
 
 # fp32 inputs (IEEE products on tiles of twice the bytes) get one small config per head-dim class,

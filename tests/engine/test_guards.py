@@ -210,3 +210,19 @@ def test_steps_before_a_skipped_one_keep_their_logged_mean(tiny, tmp_path):
                                                                        (3, True)]
     assert math.isfinite(rows[3][0]["loss"]) and not math.isfinite(rows[3][1]["loss"])
     assert rows[3][0]["loss"] == rows[1][0]["loss"]
+
+
+def test_step_log_memory_is_the_training_devices(monkeypatch):
+    """The step log's "mem" on a run with device = "cuda:1" (one process, cuda:0 current: only
+    torchrun sets the device) read torch.cuda.max_memory_allocated() with no device, i.e. the
+    current device's peak, not the run's (about 0 GiB). Oracle: torch.cuda's device=None means
+    the current device, as oom_message already accounts for."""
+    from ember.engine.runtime import memory_gib
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated",
+                        lambda device=None: asked.append(device) or 3 * 2**30)
+    assert memory_gib("cuda:1") == 3.0
+    assert memory_gib("cuda") == 3.0
+    assert [torch.device(d) if d is not None else None for d in asked] == [
+        torch.device("cuda:1"), torch.device("cuda")]

@@ -270,3 +270,70 @@ def test_lora_mlp_second_backward_says_why_or_matches_torch():
     for _ in range(2):
         (gx,) = torch.autograd.grad(loss, x, retain_graph=True)
         assert torch.allclose(gx, want_gx, rtol=1e-4, atol=1e-4)
+
+
+def test_nf4_quantize_compiles_with_fullgraph():
+    """nf4_quantize(double_quant=False) under torch.compile(fullgraph=True), as a compiled
+    init/load step would call it: the inf/NaN check read w on the host ("Data-dependent
+    branching" under fullgraph). Oracle: bitsandbytes' quantize_4bit, byte for byte; a NaN
+    weight still fails. (double_quant=True keeps one host read: NF4State.offset is a float.)"""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from ember.kernels import nf4_quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 40)  # 1920 values: 30 blocks of 64
+    pb, sb = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    torch._dynamo.reset()
+    step = torch.compile(lambda w: nf4_quantize(w, 64, False, impl="ref"), backend="aot_eager",
+                         fullgraph=True)
+    packed, state = step(w)
+    assert torch.equal(packed, pb) and torch.equal(state.absmax, sb.absmax)
+    w[3, 5] = float("nan")
+    with pytest.raises(RuntimeError, match="inf or NaN"):
+        step(w)
+
+
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=False, window=3, softcap=2.0)],
+                         ids=["causal", "window_softcap"])
+def test_varlen_flash_attention_compiles_with_fullgraph(kw):
+    """Packed documents (cu_seqlens) under torch.compile(fullgraph=True), as a compiled training
+    step on packed batches holds them: the cu_seqlens check and the reference's per-document
+    split read cu_seqlens on the host ("Could not guard on data-dependent expression"). Same
+    output and gradients as eager, which stays the per-document split; bad offsets still fail.
+    Oracle: SDPA on each document alone."""
+    torch.manual_seed(0)
+    lens = [4, 0, 7, 1]
+    q, k, v = _leaves((12, 4, 8), (12, 2, 8), (12, 2, 8))
+    cu = torch.tensor([0, 4, 4, 11, 12], dtype=torch.int32)
+    torch._dynamo.reset()
+    step = torch.compile(lambda q, k, v, cu: flash_attention(q, k, v, cu_seqlens=cu, **kw),
+                         backend="aot_eager", fullgraph=True)
+    out = step(q, k, v, cu)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    want = flash_attention(q, k, v, cu_seqlens=cu, **kw)
+    assert torch.allclose(out, want, atol=1e-5)
+    want_grads = torch.autograd.grad(want, (q, k, v), torch.ones_like(want))
+    for g, r in zip(grads, want_grads, strict=True):
+        assert torch.allclose(g, r, atol=1e-5)
+    if not kw.get("softcap"):
+        doc = q[4:11].detach()[None].transpose(1, 2)
+        kd, vd = (t[4:11].detach()[None].transpose(1, 2) for t in (k, v))
+        sdpa = F.scaled_dot_product_attention(doc, kd, vd, is_causal=True, enable_gqa=True)
+        assert torch.allclose(out[4:11], sdpa[0].transpose(0, 1), atol=1e-5)
+    assert sum(lens) == q.shape[0]
+    with pytest.raises(RuntimeError, match="cu_seqlens"):
+        step(q, k, v, torch.tensor([0, 4, 3, 11, 12], dtype=torch.int32))
+
+
+def test_varlen_flash_attention_on_fake_tensors_asks_for_max_seqlen():
+    """Shape inference (FakeTensorMode, as torch.compile runs an op) of a packed call: the
+    reference path needs no host read now; the Triton path needs max_seqlen (its grid size) and
+    says so, where it failed reading cu_seqlens (or, past that, with a TypeError on None)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k, v = torch.randn(12, 4, 8), torch.randn(12, 2, 8), torch.randn(12, 2, 8)
+        cu = torch.tensor([0, 4, 12], dtype=torch.int32)
+        assert flash_attention(q, k, v, cu_seqlens=cu, impl="ref").shape == q.shape
+        with pytest.raises(ValueError, match="pass max_seqlen"):
+            flash_attention(q, k, v, cu_seqlens=cu, impl="triton")

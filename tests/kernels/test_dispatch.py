@@ -106,3 +106,32 @@ def test_gpu_ops_on_the_second_gpu(op):
     torch.cuda.set_device(0)
     _ops("cuda:1")[op]()
     torch.cuda.synchronize(1)
+
+
+def test_autocast_checks_trace_where_dynamo_cannot_call_is_autocast_available(monkeypatch):
+    """torch 2.11's dynamo (the GPU machine's) cannot trace torch.amp.is_autocast_available
+    ("Attempted to call function marked as skipped"; 2.13's can), and every public op asks it
+    (autocast_dtype, no_autocast): under torch.compile(fullgraph=True) each op failed there, e.g.
+    test_contexts.py's compiled linear_cross_entropy. Simulated here with a replacement dynamo
+    cannot trace either; the op must still compile, with autocast honoured."""
+    import torch.nn.functional as F
+
+    from ember.kernels import linear_cross_entropy
+
+    real = torch.amp.is_autocast_available
+
+    def untraceable(device_type):
+        torch._dynamo.graph_break()
+        return real(device_type)
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
+    h, w = torch.randn(6, 16), torch.randn(50, 16)
+    y = torch.randint(0, 50, (6,))
+    torch._dynamo.reset()
+    step = torch.compile(lambda h: linear_cross_entropy(h, w, y), backend="aot_eager",
+                         fullgraph=True)
+    assert torch.allclose(step(h), F.cross_entropy(h @ w.t(), y), atol=1e-5)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = step(h)
+        want = F.cross_entropy(F.linear(h, w), y)
+    assert torch.allclose(got, want, atol=1e-6)

@@ -159,3 +159,28 @@ def test_gpu_fused_paths_bf16(path, m, n, k):
     x, b = x32.bfloat16(), b32.bfloat16()
     assert_close_to_ref(f"nf4_{path}", fused_mm(x, wq, b, path), fused_mm_ref(x, wq, b),
                         fused_mm_ref(x32, wq, b32))
+
+
+def test_choice_is_not_timed_while_compiling(monkeypatch):
+    """A compiled decode step (nf4_linear on <= 16 CUDA rows) timed the paths with CUDA events
+    and a synchronize inside the traced code: a graph break (an error under fullgraph=True),
+    timing fake tensors. While dynamo traces, the remembered choice is used, else the untimed
+    default (gemv where it applies)."""
+    monkeypatch.setattr(nf4_matmul, "_CHOICE", {})
+    monkeypatch.delenv("EMBER_NF4_MATMUL", raising=False)
+    wq, x, _ = _case(2, 16, 128, bias=False)
+    speed = {"dequant": 1.0, "fused": 2.0, "gemv": 3.0}
+
+    def timer(fn):
+        if torch.compiler.is_compiling():
+            torch._dynamo.graph_break()  # as torch.cuda.Event / synchronize are
+        return speed[fn.args[0]]
+
+    def step(x):  # the path's name length stands in for the path (dynamo returns tensors)
+        return x * len(choose(x, wq, lambda p: None, timer=timer))
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(step, backend="eager", fullgraph=True)(x), x * 4)  # gemv
+    assert choose(x, wq, lambda p: None, timer=timer) == "dequant"  # timed eagerly
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(step, backend="eager", fullgraph=True)(x), x * 7)
