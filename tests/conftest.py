@@ -14,6 +14,22 @@ os.environ.setdefault("EMBER_CPU_BF16", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+_BNB_REPLACED: list[str] = []
+
+
+def pytest_configure(config):
+    from tests.bnb_cpu import install
+
+    _BNB_REPLACED[:] = install()  # before any test imports bitsandbytes' ops
+
+
+def pytest_report_header(config):
+    if _BNB_REPLACED:
+        return [f"bitsandbytes: native CPU {', '.join(_BNB_REPLACED)} disagree with bitsandbytes' "
+                "reference kernels on this host; the oracle tests use the reference "
+                "(tests/bnb_cpu.py)"]
+    return []
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
