@@ -379,14 +379,14 @@ def load_run_model(run_dir: str | Path, device: str | None = None, echo=None):
         model, tok = load_base(cfg, base_of(cfg), cfg.model.dtype, device,
                                quantize=cfg.model.quantize, double_quant=cfg.model.double_quant)
         _check_base(cfg, device, final_adapter, read_base_file(run_dir / "final"),
-                    weights_fingerprint(model), echo)
+                    weights_fingerprint(model), echo, _rounds(cfg, residual=False))
         attach_head(model, cfg, tok)  # the adapter brings the trained head (modules_to_save)
         load_adapter(model, final_adapter)
         return model, tok, cfg
     if cfg.method == "prompt" and final_adapter.is_dir():
         model, tok = load_base(cfg, base_of(cfg), cfg.model.dtype, device)
         _check_base(cfg, device, final_adapter, read_base_file(run_dir / "final"),
-                    weights_fingerprint(model), echo)
+                    weights_fingerprint(model), echo, None)
         load_prompt_adapter(model, final_adapter)
         return model, tok, cfg
     path, why = run_weights(run_dir, cfg)
@@ -400,9 +400,10 @@ def load_run_model(run_dir: str | Path, device: str | None = None, echo=None):
         # PiSSA / OLoRA: the base is a residual whose decomposition may differ in its last bits
         # on another device: the files it is computed from are what must be the same
         _check_base(cfg, device, path, recorded["base_files"],
-                    getattr(model, "ember_base_print", None), echo)
+                    getattr(model, "ember_base_print", None), echo, _rounds(cfg, residual=False))
     else:
-        _check_base(cfg, device, path, recorded.get("base"), base_fingerprint(model), echo)
+        _check_base(cfg, device, path, recorded.get("base"), base_fingerprint(model), echo,
+                    _rounds(cfg, residual=True))
     dcp.load_model_weights(path, model)
     if echo is not None:
         echo(f"{run_dir} has no final export: using {why}")
@@ -420,23 +421,32 @@ def _recorded_prints(path: Path, run_dir: Path) -> dict:
     return {}
 
 
+def _rounds(cfg: TrainConfig, *, residual: bool) -> str | None:
+    """What of the fingerprinted base is computed on the device (its last bits may differ on
+    another): a 4-bit base's quantization, with ``residual`` PiSSA / OLoRA's residual; None."""
+    if cfg.model.quantize:
+        return "4-bit"
+    if residual and cfg.method == "lora" and changes_base(cfg.lora.init):
+        return "residual"
+    return None
+
+
 def _check_base(cfg: TrainConfig, device: str, source: Path, recorded: str | None,
-                now: str | None, echo) -> None:
+                now: str | None, echo, rounds: str | None) -> None:
     """EmberError unless the base just loaded (fingerprint ``now``) is the one the trained
     weights in ``source`` were trained on (``recorded``; None: a run written before it was
-    recorded, loaded as before). A 4-bit base quantized on another device type than the run's,
-    or a PiSSA residual recomputed on one, may differ in its last bits: only a warning then."""
+    recorded, loaded as before). ``rounds`` (``_rounds``): computed on another device type than
+    the run's, it may differ in its last bits: only a warning then."""
     if recorded is None or now is None or recorded == now:
         return
     name = base_of(cfg)
     what = (f"the base model {name} (model.name{', via model.init' if cfg.model.init else ''} "
             f"in the run's config.toml) differs from the one {source} was trained on")
-    trained_on = torch.device(cfg.device).type
-    if torch.device(device).type != trained_on and (cfg.model.quantize or (
-            cfg.method == "lora" and changes_base(cfg.lora.init))):
-        note = (f"warning: {what}, or only seems to: the run computed its "
-                f"{'4-bit' if cfg.model.quantize else 'residual'} base on {trained_on}, this "
-                f"on {device}, whose rounding may differ; load on {trained_on} to check")
+    trained_on = cfg.device.split(":")[0]
+    if rounds is not None and device.split(":")[0] != trained_on:
+        note = (f"warning: {what}, or only seems to: the run computed its {rounds} base on "
+                f"{trained_on}, this on {device}, whose rounding may differ; load on "
+                f"{trained_on} to check")
         if echo is None:
             warnings.warn(note, stacklevel=3)
         else:

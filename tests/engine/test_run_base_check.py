@@ -75,6 +75,18 @@ def test_a_pissa_checkpoint_is_checked_by_the_files_its_residual_comes_from(
     with monkeypatch.context() as m:
         m.setattr("ember.engine.state.base_fingerprint", lambda *a, **k: "another residual")
         load_run_model(run, "cpu")
-    _changed(model / "model.safetensors")
+    restore = _changed(model / "model.safetensors")
     with pytest.raises(EmberError, match=rf"base model {model}.*differs from the one"):
+        load_run_model(run, "cpu")
+    # trained on a GPU: the files' fingerprint is the same on any device, still refused
+    toml = run / "config.toml"
+    toml.write_text(toml.read_text().replace('device = "cpu"', 'device = "cuda"'))
+    assert 'device = "cuda"' in toml.read_text()
+    with pytest.raises(EmberError, match=rf"base model {model}.*differs from the one"):
+        load_run_model(run, "cpu")
+    restore()
+    # a checkpoint with only the residual's fingerprint (as before base_files): it may round
+    # otherwise on a CPU, so a warning
+    monkeypatch.setattr("ember.engine.state._recorded_prints", lambda *a: {"base": "cuda's"})
+    with pytest.warns(UserWarning, match="or only seems to: the run computed its residual base"):
         load_run_model(run, "cpu")
