@@ -90,3 +90,27 @@ def test_a_pissa_checkpoint_is_checked_by_the_files_its_residual_comes_from(
     monkeypatch.setattr("ember.engine.state._recorded_prints", lambda *a: {"base": "cuda's"})
     with pytest.warns(UserWarning, match="or only seems to: the run computed its residual base"):
         load_run_model(run, "cpu")
+
+
+def test_best_weights_are_checked_by_the_runs_checkpoint(tiny, tmp_path):
+    """eval.early_stopping without a final export: the best evaluation's weights (best/, which
+    record no fingerprint) are checked against the run's newest checkpoint's."""
+    model = shutil.copytree(tiny["model"], tmp_path / "model")
+    run = tmp_path / "r"
+    train(
+        tiny_config(
+            dict(tiny, model=str(model)),
+            run,
+            *FAST,
+            "checkpoint.save_final=false",
+            "eval.val_loss=true",
+            'eval.early_stopping="val_loss"',
+            "eval.every_steps=1",
+        ),
+        echo=quiet,
+        progress=False,
+    )
+    load_run_model(run, "cpu")
+    _changed(model / "model.safetensors")
+    with pytest.raises(EmberError, match=r"differs from the one .*best/step_0*\d was trained"):
+        load_run_model(run, "cpu")
