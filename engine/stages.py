@@ -48,6 +48,7 @@ import torch
 from ember import EmberError
 from ember.engine.dcp import MANIFEST
 from ember.engine.distributed import reshard_all
+from ember.engine.fingerprint import weights_fingerprint
 from ember.models.gguf_cache import file_digest, imported_digest
 from ember.models.hub import (
     builtin_gguf_path,
@@ -502,6 +503,7 @@ def load_start(cfg: TrainConfig, dtype: str, device: str):
     base = cfg.model.name if start is None else start.base
     model, tok = load_base(cfg, base, dtype, device, quantize=cfg.model.quantize,
                            double_quant=cfg.model.double_quant)
+    model.ember_base_print = weights_fingerprint(model)  # as loaded: what final/base.json holds
     # [head]: before LoRA / freezing, and before a continued adapter, which may carry the head.
     attach_head(model, cfg, tok)
     if start is None:

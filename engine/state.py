@@ -20,8 +20,8 @@ processes as long as ``grad_accum * processes`` (packed batches per optimizer st
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from ember.engine.distributed import (
     gather_full_state_dict,
     restore_data_state,
 )
+from ember.engine.fingerprint import read_base_file, weights_fingerprint, write_base_file
 from ember.engine.guards import NonFiniteGuard
 from ember.engine.runtime import PATH_KEYS, absolute_paths, build_model
 from ember.engine.stages import base_of, load_base
@@ -195,24 +196,17 @@ def base_fingerprint(model, *, trained: bool = False) -> str:
     reference). An objective's frozen models (a teacher, a reference copy) have no trained ones:
     the default covers them whole."""
     grads = {n for n, p in model.named_parameters() if p.requires_grad}
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in model.state_dict().items():
-        if ((name in grads) != trained or not isinstance(t, torch.Tensor)
-                or t.device.type == "meta"):
-            continue
-        flat = t.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // 4096)][:4096].contiguous().cpu()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(sample.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return weights_fingerprint(model, lambda name: (name in grads) == trained)
 
 
 def save(cfg: TrainConfig, info: DistInfo, model, optimizer, *, progress: Progress,
          batches: PackedBatches, guard: NonFiniteGuard, scaler=None,
-         base: str | None = None, frozen: dict[str, str] | None = None) -> Path:
+         base: str | None = None, frozen: dict[str, str] | None = None,
+         base_files: str | None = None) -> Path:
     """Checkpoint the run after ``progress.step`` (every rank; gradients must be cleared);
     ``base``: the model's ``base_fingerprint``; ``frozen``: the objective's (``fingerprints``:
-    its teacher's, its reference's) by role."""
+    its teacher's, its reference's) by role; ``base_files``: the ``weights_fingerprint`` of the
+    base as loaded (``load_run_model`` checks a PiSSA run's by it)."""
     extra = {"progress": dataclasses.asdict(progress),
              "data": data_state(batches, cfg.grad_accum * info.world_size),
              "guard": guard.state_dict()}
@@ -220,6 +214,8 @@ def save(cfg: TrainConfig, info: DistInfo, model, optimizer, *, progress: Progre
         extra["base"] = base
     if frozen:
         extra["frozen"] = dict(frozen)
+    if base_files is not None:
+        extra["base_files"] = base_files
     if scaler is not None:
         extra["scaler"] = scaler.state_dict()
     return dcp.save(dcp.checkpoint_root(cfg.out_dir), progress.step, model=model,
@@ -229,13 +225,14 @@ def save(cfg: TrainConfig, info: DistInfo, model, optimizer, *, progress: Progre
 
 def restore(path: Path, cfg: TrainConfig, info: DistInfo, model, optimizer, *,
             batches: PackedBatches, guard: NonFiniteGuard, scaler=None,
-            base: str | None = None, frozen: dict[str, str] | None = None) -> Progress:
+            base: str | None = None, frozen: dict[str, str] | None = None,
+            base_files: str | None = None) -> Progress:
     """Load a checkpoint into the built (and sharded) model, the optimizer, this rank's RNG,
     the data position, the guard and the scaler; returns the run's progress. ``base``: the
     model's ``base_fingerprint``, refused unless the checkpoint's (where it has one) is the same:
     its run trained on other frozen weights (the model folder replaced or retrained since).
     ``frozen``: the objective's fingerprints by role, refused alike (an older checkpoint has
-    none: it resumes)."""
+    none: it resumes). ``base_files`` is for ``load_run_model`` (``save``): ``base`` covers it."""
     # find_latest has just verified the files at cfg.checkpoint.verify: sizes suffice here.
     loaded = dcp.load(path, model=model, optimizer=optimizer, info=info, level="size")
     extra = loaded.extra
@@ -295,7 +292,7 @@ def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | N
     dtype of the base checkpoint: a bf16 model trained in fp32 is written in bf16) in
     ``<run_dir>/final``, written by rank 0 (returned there; None elsewhere). Every rank must call
     it: a sharded model's weights are gathered to rank 0's CPU first."""
-    lora = cfg.method == "lora"
+    base_print = getattr(model, "ember_base_print", None)  # (stages.load_start; rank 0's)
     if info.distributed:
         state = gather_full_state_dict(model, trainable_only=cfg.method in ("lora", "prompt"))
         if not info.is_main:
@@ -310,10 +307,14 @@ def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | N
         for k, v in kept.items():
             setattr(model, k, v)
     final, base = cfg.out_dir / "final", base_of(cfg)
-    if cfg.method == "prompt":
-        return save_prompt_adapter(model, final / "adapter", base_model_name_or_path=base)
-    if lora:
-        return save_adapter(model, final / "adapter", base_model_name_or_path=base)
+    if cfg.method in ("prompt", "lora"):
+        if cfg.method == "prompt":
+            out = save_prompt_adapter(model, final / "adapter", base_model_name_or_path=base)
+        else:
+            out = save_adapter(model, final / "adapter", base_model_name_or_path=base)
+        if base_print is not None:  # the base it applies to, checked by load_run_model
+            write_base_file(final, base, base_print)
+        return out
     # In the base checkpoint's dtype (cfg.torch_dtype: config.json's, else the stored one), as
     # transformers 5 loads, trains and saves it: fp32 master weights of a bf16 model would double
     # the folder; a bf16 file whose config.json says float32 is trained and saved in fp32 there.
@@ -397,11 +398,15 @@ def load_run_model(run_dir: str | Path, device: str | None = None, echo=None):
     if cfg.method == "lora" and final_adapter.is_dir():
         model, tok = load_base(cfg, base_of(cfg), cfg.model.dtype, device,
                                quantize=cfg.model.quantize, double_quant=cfg.model.double_quant)
+        _check_base(cfg, device, final_adapter, read_base_file(run_dir / "final"),
+                    weights_fingerprint(model), echo, _rounds(cfg, residual=False))
         attach_head(model, cfg, tok)  # the adapter brings the trained head (modules_to_save)
         load_adapter(model, final_adapter)
         return model, tok, cfg
     if cfg.method == "prompt" and final_adapter.is_dir():
         model, tok = load_base(cfg, base_of(cfg), cfg.model.dtype, device)
+        _check_base(cfg, device, final_adapter, read_base_file(run_dir / "final"),
+                    weights_fingerprint(model), echo, None)
         load_prompt_adapter(model, final_adapter)
         return model, tok, cfg
     path, why = run_weights(run_dir, cfg)
@@ -410,10 +415,67 @@ def load_run_model(run_dir: str | Path, device: str | None = None, echo=None):
         # draw the checkpoint does not hold (was: another draw, under the trained adapters)
         torch.manual_seed(cfg.seed)
         model, tok = build_model(cfg, device)  # LoRA / frozen parts as trained: the same keys
+    recorded = _recorded_prints(path, run_dir)
+    if cfg.method == "lora" and changes_base(cfg.lora.init) and "base_files" in recorded:
+        # PiSSA / OLoRA: the base is a residual whose decomposition may differ in its last bits
+        # on another device: the files it is computed from are what must be the same
+        _check_base(cfg, device, path, recorded["base_files"],
+                    getattr(model, "ember_base_print", None), echo, _rounds(cfg, residual=False))
+    else:
+        _check_base(cfg, device, path, recorded.get("base"), base_fingerprint(model), echo,
+                    _rounds(cfg, residual=True))
     dcp.load_model_weights(path, model)
     if echo is not None:
         echo(f"{run_dir} has no final export: using {why}")
     return model, tok, cfg
+
+
+def _recorded_prints(path: Path, run_dir: Path) -> dict:
+    """The base fingerprints checkpoint ``path`` records; for best/ weights (which record none),
+    those of the run's newest checkpoint (a run resumes only onto the same base)."""
+    keys = ("base", "base_files")
+    for where in (path, dcp.find_latest(dcp.checkpoint_root(run_dir), level="size").path):
+        extra = {} if where is None else torch.load(where / "extra.pt", weights_only=True)
+        if any(k in extra for k in keys):
+            return {k: extra[k] for k in keys if k in extra}
+    return {}
+
+
+def _rounds(cfg: TrainConfig, *, residual: bool) -> str | None:
+    """What of the fingerprinted base is computed on the device (its last bits may differ on
+    another): a 4-bit base's quantization, with ``residual`` PiSSA / OLoRA's residual; None."""
+    if cfg.model.quantize:
+        return "4-bit"
+    if residual and cfg.method == "lora" and changes_base(cfg.lora.init):
+        return "residual"
+    return None
+
+
+def _check_base(cfg: TrainConfig, device: str, source: Path, recorded: str | None,
+                now: str | None, echo, rounds: str | None) -> None:
+    """EmberError unless the base just loaded (fingerprint ``now``) is the one the trained
+    weights in ``source`` were trained on (``recorded``; None: a run written before it was
+    recorded, loaded as before). ``rounds`` (``_rounds``): computed on another device type than
+    the run's, it may differ in its last bits: only a warning then."""
+    if recorded is None or now is None or recorded == now:
+        return
+    name = base_of(cfg)
+    what = (f"the base model {name} (model.name{', via model.init' if cfg.model.init else ''} "
+            f"in the run's config.toml) differs from the one {source} was trained on")
+    trained_on = cfg.device.split(":")[0]
+    if rounds is not None and device.split(":")[0] != trained_on:
+        note = (f"warning: {what}, or only seems to: the run computed its {rounds} base on "
+                f"{trained_on}, this on {device}, whose rounding may differ; load on "
+                f"{trained_on} to check")
+        if echo is None:
+            warnings.warn(note, stacklevel=3)
+        else:
+            echo(note)
+        return
+    raise EmberError(f"{what}: its files were replaced, edited or re-quantized since the run "
+                     "(the trained weights over another base make another model). Point "
+                     "model.name there at the model the run was trained on, or train again on "
+                     "this one")
 
 
 def run_weights(run_dir: Path, cfg: TrainConfig) -> tuple[Path, str]:

@@ -171,9 +171,10 @@ class Trainer(EvalMixin):
         model, self.tokenizer = build_model(cfg, build_device(info))
         # what the checkpoints do not hold (resumed onto other base weights, another teacher or
         # reference: refused); one broadcast of rank 0's, the only rank holding the weights
-        self.base_print, self.frozen_prints = broadcast_object(
-            (base_fingerprint(model), self.objective.fingerprints(model)) if info.is_main
-            else (None, None), info)
+        self.base_print, self.frozen_prints, self.base_files = broadcast_object(
+            (base_fingerprint(model), self.objective.fingerprints(model),
+             getattr(model, "ember_base_print", None)) if info.is_main
+            else (None, None, None), info)
         n_all = num_weights(model)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         act = cfg.activations
@@ -353,7 +354,7 @@ class Trainer(EvalMixin):
         guard = NonFiniteGuard(cfg.guards.max_nonfinite_in_a_row)
         self.last_samples, self.last_gen = [], None
         ckpt_state = dict(batches=batches, guard=guard, scaler=scaler, base=self.base_print,
-                          frozen=self.frozen_prints)
+                          frozen=self.frozen_prints, base_files=self.base_files)
 
         prog = Progress()
         if latest is not None:

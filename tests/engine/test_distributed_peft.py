@@ -113,6 +113,8 @@ def test_continued_adapter_with_modules_to_save_exports_as_one_process(tiny, tmp
     assert "base_model.model.lm_head.weight" in a and a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+    # the base it was trained on (rank 0's fingerprint, taken before sharding)
+    assert (ad[1].parent / "base.json").read_text() == (ad[0].parent / "base.json").read_text()
     configs = [json.loads((d / "adapter_config.json").read_text()) for d in ad]
     assert configs[1]["modules_to_save"] == configs[0]["modules_to_save"] == ["lm_head"]
     with warnings.catch_warnings():
