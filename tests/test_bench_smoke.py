@@ -14,10 +14,13 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))
 TIMEOUT_S = 240
+LONGEST = ("train.py", "lora.py")
 
 
 def _run(name: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+    # Two benches run at once: one torch thread each on a 2-core machine (with a pool of 2
+    # threads each, the spinning OpenMP threads of both processes fight for the cores).
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1", OMP_NUM_THREADS="1")
     env.pop("EMBER_BENCH_MD_DIR", None)
     try:
         return subprocess.run([sys.executable, str(BENCH / name), "--smoke"], cwd=BENCH.parent,
@@ -31,6 +34,9 @@ def _run(name: str) -> subprocess.CompletedProcess:
 def smoke_runs(request):
     selected = sorted({item.callspec.params["script"] for item in request.session.items
                        if getattr(item, "originalname", None) == "test_bench_smoke"})
+    # The longest first: train.py (SmolLM2-135M, most of the fixture's time) then runs beside the
+    # others instead of alone after them.
+    selected.sort(key=lambda name: name not in LONGEST)
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(zip(selected, pool.map(_run, selected), strict=True))
 

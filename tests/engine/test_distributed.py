@@ -20,7 +20,6 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +29,6 @@ import torch
 from safetensors.torch import load_file
 
 from ember import EmberError
-from ember.engine import dcp
 from ember.engine.cli import main
 from ember.engine.config import to_toml
 from ember.engine.data import PackedBatches, collate
@@ -51,6 +49,7 @@ from ember.engine.evaluation import eval_batches
 from ember.models.nf4 import Linear4bit, quantize_model_
 from tests.engine import _tiny as w
 from tests.engine._tiny import make_tiny_model, rows_of, tiny_config, write_jsonl
+from tests.engine._torchrun_many import continue_from, split_output
 from tests.engine.test_classification import animal_rows
 
 STEPS = 6
@@ -85,13 +84,19 @@ def torchrun_train(*args: str, status: int = 0) -> str:
     return out
 
 
-def continue_from(src: Path, dst: Path, step: int) -> None:
-    """``dst``: a copy of run ``src`` as if it had stopped after ``step`` (a checkpoint there)."""
-    shutil.copytree(src, dst)
-    for s, folder in dcp.list_checkpoints(dst / "checkpoints"):
-        if s > step:
-            shutil.rmtree(folder)
-    shutil.rmtree(dst / "final")
+def torchrun_many(tmp: Path, plan: list[dict]) -> dict[str, str]:
+    """The runs of ``plan`` (``{"name", "args", "continue_from"}``, see _torchrun_many) in one
+    ``torchrun --nproc_per_node 2`` launch, which must end well: each run's output by name."""
+    (tmp / "plan.json").write_text(json.dumps(plan, default=str))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "-m", "tests.engine._torchrun_many",
+                           str(tmp / "plan.json")],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    names = [run["name"] for run in plan]
+    outs, errs = split_output(proc.stdout, names), split_output(proc.stderr, names)
+    return {name: outs[name] + errs[name] for name in names}
 
 
 def short_runs(tiny, tmp: Path) -> dict[str, tuple[str, ...]]:
@@ -156,7 +161,7 @@ def short_runs(tiny, tmp: Path) -> dict[str, tuple[str, ...]]:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny, tmp_path_factory):
+def runs(tiny, tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("dist")
     out = {}
     kinds = {**KINDS, **short_runs(tiny, tmp)}
@@ -165,23 +170,36 @@ def runs(tiny, tmp_path_factory):
             assert main(["train", str(write_config(tiny, tmp / f"{kind}1", *extra)),
                          *sets("grad_accum=2")]) == 0
         out[f"{kind}1"] = printed.getvalue()
-    for kind in ("distill", "dpo", "kto", "classify", "mix"):
-        out[f"{kind}2"] = torchrun_train(str(write_config(tiny, tmp / f"{kind}2",
-                                                          *kinds[kind])))
+    # The two-process runs share one torchrun launch (process startup dominates on CPU).
+    plan = [{"name": f"{kind}2", "args": [str(write_config(tiny, tmp / f"{kind}2",
+                                                            *kinds[kind]))]}
+            for kind in ("distill", "dpo", "kto", "classify", "mix")]
     # LoRA -> activation checkpointing -> fully_shard, as STYLE.md orders them; the MLP in
     # token chunks nested in the blocks' recompute (FSDP unshards once per block, not per chunk).
     # Blocks kept gathered after forward (dist.reshard_after_forward = false): an evaluation
     # then leaves every parameter gathered, and the checkpoint after it (step 6, final) must
     # still save the shards the optimizer holds (it crashed with a KeyError in DCP).
-    out["full2"] = torchrun_train(str(write_config(tiny, tmp / "full2", *KINDS["full"])))
-    out["lora2"] = torchrun_train(str(write_config(tiny, tmp / "lora2", *KINDS["lora"],
-                                                   'activations.checkpointing="every_block"',
-                                                   "activations.mlp_chunk_tokens=24",
-                                                   "dist.reshard_after_forward=false")))
+    plan.append({"name": "full2", "args": [str(write_config(tiny, tmp / "full2",
+                                                             *KINDS["full"]))]})
+    plan.append({"name": "lora2", "args": [str(write_config(
+        tiny, tmp / "lora2", *KINDS["lora"], 'activations.checkpointing="every_block"',
+        "activations.mlp_chunk_tokens=24", "dist.reshard_after_forward=false"))]})
     # 1 -> 2: the one-process run's checkpoint of step 2, continued by two processes.
     continue_from(tmp / "full1", tmp / "full12", 2)
-    out["full12"] = torchrun_train(str(tmp / "full12"), "--resume",
-                                   *sets(f'run_dir="{tmp / "full12"}"', "grad_accum=1"))
+    plan.append({"name": "full12", "args": [str(tmp / "full12"), "--resume",
+                                            *sets(f'run_dir="{tmp / "full12"}"', "grad_accum=1")]})
+    # the slow tests' runs, when they are selected: 2 -> 2 (lora2 continued in this launch)
+    # and the bf16 policy
+    chosen = {getattr(item, "originalname", None) for item in request.session.items}
+    if "test_two_processes_resume_exactly" in chosen:
+        plan.append({"name": "lora22", "continue_from": [tmp / "lora2", tmp / "lora22", 2],
+                     "args": [str(tmp / "lora22"), "--resume",
+                              *sets(f'run_dir="{tmp / "lora22"}"')]})
+    if "test_bf16_mixed_precision_policy" in chosen:
+        plan.append({"name": "bf16", "args": [str(write_config(
+            tiny, tmp / "bf16", *KINDS["lora"], "eval.metrics=[]",
+            'dist.mixed_precision="bf16"', 'model.dtype="bfloat16"'))]})
+    out.update(torchrun_many(tmp, plan))
     return tmp, out
 
 
@@ -357,8 +375,38 @@ def kto_rows(n: int) -> list[dict]:
     return rows
 
 
+@pytest.fixture(scope="module")
+def fractional(tiny, tmp_path_factory, request):
+    """test_fractional_epochs_on_batches_that_do_not_divide's runs of each selected kind: one
+    process (its output), then the two-process runs, all in one launch."""
+    tmp = tmp_path_factory.mktemp("fractional")
+    chosen = [item.callspec.params["kind"] for item in request.session.items
+              if getattr(item, "originalname", None) == FRACTIONAL_TEST]
+    printed, plan = {}, []
+    for kind in dict.fromkeys(chosen):
+        folder = tmp / kind
+        folder.mkdir()
+        cfg = ('method="full"', "optim.lr=3e-3", "eval.metrics=[]", "eval.every_steps=0",
+               "checkpoint.every_steps=2", "checkpoint.keep_last=5", "epochs=1.5",
+               "data.tokens_per_batch=128")
+        if kind == "kto":
+            kto = write_jsonl(folder / "kto.jsonl", kto_rows(21))
+            cfg = (*cfg, 'objective="kto"', f'data.train=["{kto}"]', f'data.validation="{kto}"',
+                   "data.max_seq_len=32", "data.tokens_per_batch=72", "checkpoint.every_steps=0")
+        for name in ("one", "two"):
+            (folder / f"{name}.toml").write_text(to_toml(tiny_config(tiny, folder / name, *cfg)))
+        with contextlib.redirect_stdout(io.StringIO()) as one:
+            assert main(["train", str(folder / "one.toml"), *sets("grad_accum=2")]) == 0
+        printed[kind] = one.getvalue()
+        plan.append({"name": kind, "args": [str(folder / "two.toml")]})
+    return tmp, printed, torchrun_many(tmp, plan) if plan else {}
+
+
+FRACTIONAL_TEST = "test_fractional_epochs_on_batches_that_do_not_divide"
+
+
 @pytest.mark.parametrize("kind", ["sft", "kto"])
-def test_fractional_epochs_on_batches_that_do_not_divide(tiny, tmp_path, kind):
+def test_fractional_epochs_on_batches_that_do_not_divide(fractional, kind):
     """epochs = 1.5 on 5 packed batches an epoch: two processes take every batch (the epoch's
     last, odd one too: rank 1 makes a pass that adds nothing) and run the steps of one process
     with twice their grad_accum: 3 + 2 steps of 2, 2, 1, 2, 2 batches, the same losses, token
@@ -366,23 +414,10 @@ def test_fractional_epochs_on_batches_that_do_not_divide(tiny, tmp_path, kind):
     forwards for its KL term and reduces metric sums: rank 1's pass adds none (it hung gloo on
     a collective of another size). The two-process checkpoint of step 2 then continues in one
     process as that run."""
-    cfg = ('method="full"', "optim.lr=3e-3", "eval.metrics=[]", "eval.every_steps=0",
-           "checkpoint.every_steps=2", "checkpoint.keep_last=5", "epochs=1.5",
-           "data.tokens_per_batch=128")
-    if kind == "kto":
-        kto = write_jsonl(tmp_path / "kto.jsonl", kto_rows(21))
-        cfg = (*cfg, 'objective="kto"', f'data.train=["{kto}"]', f'data.validation="{kto}"',
-               "data.max_seq_len=32", "data.tokens_per_batch=72", "checkpoint.every_steps=0")
-
-    def config(name: str) -> Path:
-        path = tmp_path / f"{name}.toml"
-        path.write_text(to_toml(tiny_config(tiny, tmp_path / name, *cfg)))
-        return path
-
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
-        assert main(["train", str(config("one")), *sets("grad_accum=2")]) == 0
-    assert "5 steps (5 batches of <=" in printed.getvalue()
-    out = torchrun_train(str(config("two")))
+    tmp, printed, out = fractional
+    tmp_path = tmp / kind
+    assert "5 steps (5 batches of <=" in printed[kind]
+    out = out[kind]
     assert "5 steps (5 batches" in out and "left out" not in out
     one = rows_of(tmp_path / "one")
     assert [r["step"] for r in one if r["kind"] == "train"] == [1, 2, 3, 4, 5]
@@ -404,19 +439,16 @@ def test_fractional_epochs_on_batches_that_do_not_divide(tiny, tmp_path, kind):
 def test_two_processes_resume_exactly(runs):
     """The usual case, a torchrun job continued by as many processes: the same log, bit for bit
     (each rank gets its own RNG states back)."""
-    tmp, _ = runs
-    continue_from(tmp / "lora2", tmp / "lora22", 2)
-    torchrun_train(str(tmp / "lora22"), "--resume", *sets(f'run_dir="{tmp / "lora22"}"'))
+    tmp, out = runs  # continued in the fixture's launch
+    assert f"resumed from {tmp / 'lora22' / 'checkpoints' / 'step_00000002'}" in out["lora22"]
     assert rows_of(tmp / "lora22", timing=False) == rows_of(tmp / "lora2", timing=False)
 
 
 @pytest.mark.slow
-def test_bf16_mixed_precision_policy(runs, tiny):
+def test_bf16_mixed_precision_policy(runs):
     """The GPU policy (bf16 compute, fp32 reduction and master shards) on a bf16 base with fp32
     adapters: close to the fp32 run, not equal."""
-    tmp, _ = runs
-    torchrun_train(str(write_config(tiny, tmp / "bf16", *KINDS["lora"], "eval.metrics=[]",
-                                    'dist.mixed_precision="bf16"', 'model.dtype="bfloat16"')))
+    tmp, _ = runs  # trained in the fixture's launch
     got = [r["loss"] for r in rows_of(tmp / "bf16") if r["kind"] == "train"]
     want = [r["loss"] for r in rows_of(tmp / "lora1") if r["kind"] == "train"]
     assert abs(got[0] - want[0]) < 1e-2 * want[0], (got, want)  # only bf16 rounding so far
