@@ -24,6 +24,13 @@ def _reference_kernels():
     )
     from bitsandbytes.backends.utils import _get_4bit_code
 
+    # bitsandbytes wraps them in torch.compile (an inductor build per new shape: seconds each);
+    # the eager functions compute the same
+    _dequantize_4bit_compute = getattr(_dequantize_4bit_compute, "__wrapped__",
+                                       _dequantize_4bit_compute)
+    _dequantize_blockwise_compute = getattr(_dequantize_blockwise_compute, "__wrapped__",
+                                            _dequantize_blockwise_compute)
+
     def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
         A = A if A.dtype == torch.uint8 else A.view(torch.uint8)
         code = _get_4bit_code(quant_type, A.device)
