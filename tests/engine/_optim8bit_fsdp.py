@@ -1,18 +1,17 @@
-"""One rank of test_optim8bit's FSDP2 check (run as ``python -m`` with torchrun's variables):
-AdamW8bit on sharded parameters, unsharded and sharded runs side by side, and a DCP checkpoint
-written after step 2 and resumed into a fresh model and optimizer. Rank 0 saves the results to
-the file named by argv[1]."""
+"""One rank of test_optim8bit's FSDP2 check (``main``, a ``call`` of the shared torchrun launch,
+tests/engine/_shared_launch.py): AdamW8bit on sharded parameters, unsharded and sharded runs side
+by side, and a DCP checkpoint written after step 2 and resumed into a fresh model and optimizer.
+Rank 0 saves the results to the file ``out``."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ember.engine import dcp
-from ember.engine.distributed import init_distributed, shard_model, shutdown
+from ember.engine import dcp, distributed
+from ember.engine.distributed import init_distributed, shard_model
 from ember.engine.optim8bit import AdamW8bit
 
 
@@ -52,7 +51,8 @@ def make_opt(model) -> AdamW8bit:
     return AdamW8bit(model.parameters(), lr=1e-2, weight_decay=0.1)
 
 
-def main(out: Path) -> None:
+def main(out: str) -> None:
+    out = Path(out)
     info = init_distributed("cpu")
     ref = build()
     steps(ref, make_opt(ref), range(1, 5))
@@ -72,8 +72,5 @@ def main(out: Path) -> None:
     if info.rank == 0:
         torch.save({"ref": {n: p.detach() for n, p in ref.named_parameters()}, **full,
                     "kinds": kinds}, out)
-    shutdown(together=True)
-
-
-if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    # (looked up at the call: the shared launch keeps the group up for its next runs)
+    distributed.shutdown(together=True)

@@ -1,12 +1,15 @@
 """Several ``ember train`` runs in one torchrun launch (run as ``python -m
 tests.engine._torchrun_many PLAN.json`` under torchrun). On CPU a tiny run's launch is mostly
 process startup (torchrun's agent and each rank import torch; ~30 s a launch on a loaded 2-core
-machine), so test_distributed's two-process runs share one launch.
+machine), so test_distributed's two-process runs share one launch, and so do the other
+tests' (tests/engine/_shared_launch.py).
 
-PLAN.json: a list of ``{"name", "args", "continue_from"}``. Each run goes through
-``ember.engine.cli.main(["train", *args])`` as in its own launch, except that the process group
-stays up between runs: a finished run's ``shutdown(together=True)`` only collects and waits for
-every rank (the last run leaves the group and ends the process the CLI's own way).
+PLAN.json: a list of ``{"name", "args", "continue_from", "call"}``. Each run goes through
+``ember.engine.cli.main(["train", *args])`` as in its own launch (or, with ``call`` =
+``"module:function"``, through ``function(*args)``: a test's own rank script that trains and
+writes what it checks), except that the process group stays up between runs: a finished run's
+``shutdown(together=True)`` only collects and waits for every rank (the last run leaves the
+group and ends the process the CLI's own way).
 ``continue_from`` = ``[src, dst, step]``: before the run, rank 0 copies run ``src`` as if it had
 stopped after ``step`` (a run of the same launch may be continued). Rank 0 prints ``MARK name``
 on stdout and stderr before each run; a run that fails ends the launch with its exit code."""
@@ -14,6 +17,7 @@ on stdout and stderr before each run; a run that fails ends the launch with its 
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import shutil
@@ -77,6 +81,18 @@ def _main(plan_path: str) -> int:
             for stream in (sys.stdout, sys.stderr):
                 stream.flush()
                 print(f"\n{MARK} {run['name']}", file=stream, flush=True)
+        if run.get("call"):
+            module, _, name = run["call"].partition(":")
+            try:
+                getattr(importlib.import_module(module), name)(*run["args"])
+            except BaseException:
+                real_shutdown()  # leave the group at once, as the CLI does after a failed run
+                raise
+            if distributed.shutdown(together=True):  # the last run: end as the CLI does
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
+            continue
         status = main(["train", *run["args"]])
         if status != 0:
             return status

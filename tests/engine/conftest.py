@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from tests.engine._shared_launch import MAKERS, plan_key, run_shared
 from tests.engine._tiny import WORDS, make_tiny_model, tiny_rows, write_jsonl
 
 
@@ -33,3 +34,23 @@ def prefs(tmp_path_factory):
         rows.append({"prompt": "say " + " ".join(words) + " ->", "chosen": " " + words[0],
                      "rejected": " " + wrong})
     return write_jsonl(tmp_path_factory.mktemp("prefs") / "prefs.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def shared_launch(tiny, tmp_path_factory, request):
+    """The two-process runs of every selected ``@shares_launch`` test, in one torchrun launch
+    (tests/engine/_shared_launch.py)."""
+    keys = []
+    for item in request.session.items:
+        fn = getattr(item, "function", None)
+        key = fn is not None and plan_key(fn.__module__, fn.__name__)
+        if key in MAKERS and key not in keys:
+            keys.append(key)
+    return run_shared(tiny, tmp_path_factory.mktemp("shared_launch"), keys)
+
+
+@pytest.fixture
+def launched(shared_launch, request):
+    """This test's (folder, {run name: its output}) from the shared torchrun launch."""
+    fn = request.node.function
+    return shared_launch[plan_key(fn.__module__, fn.__name__)]

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from ember.engine.cli import main
 from tests.engine import _tiny as w
+from tests.engine._shared_launch import shares_launch
 from tests.engine._tiny import rows_of, write_jsonl
 from tests.engine.test_distributed import _same_rows, sets, torchrun_train, write_config
 
@@ -64,25 +65,32 @@ def test_trainable_tokens_of_a_continued_adapter_are_refused_under_torchrun(tiny
     assert "trainable_token_indices" in out and "without torchrun" in out, out[-3000:]
 
 
-def test_dpo_on_a_continued_adapter_matches_one_process(tiny, tmp_path):
+def _dpo_cfg(folder) -> tuple[str, ...]:
+    return ('objective="dpo"', "dpo.beta=0.5", "optim.lr=1e-2", "optim.warmup_steps=0",
+            f'model.init="{folder / "ad"}"', "lora.targets=['q_proj']", "max_steps=2",
+            f'data.train=["{folder / "prefs.jsonl"}"]',
+            f'data.validation="{folder / "prefs.jsonl"}"',
+            "data.tokens_per_batch=80", "eval.every_steps=1", "eval.metrics=[]",
+            "checkpoint.every_steps=0", "dist.reshard_after_forward=false")
+
+
+def _dpo_plan(tiny, folder) -> list[dict]:
+    make_adapter(tiny, folder / "ad", target_modules=["q_proj"], init_lora_weights=False)
+    write_jsonl(folder / "prefs.jsonl", w.word_prefs(random.Random(5), 8))
+    return [{"name": "two", "args": [str(write_config(tiny, folder / "two", *_dpo_cfg(folder)))]}]
+
+
+@shares_launch(_dpo_plan)  # the two-process run
+def test_dpo_on_a_continued_adapter_matches_one_process(tiny, launched):
     """DPO continuing a PEFT adapter (made by peft): the reference is the adapter as loaded,
     swapped into the trained model for its forwards (stages.adapters_swapped). Under FSDP the
     swap must write the shards: with dist.reshard_after_forward = false a forward leaves the
     blocks gathered, and swapping back crashed (a DTensor copied into a plain tensor). The run
     logs and exports what one process does."""
-    make_adapter(tiny, tmp_path / "ad", target_modules=["q_proj"], init_lora_weights=False)
-    rng = random.Random(5)
-    prefs = w.word_prefs(rng, 8)
-    prefs = write_jsonl(tmp_path / "prefs.jsonl", prefs)
-    cfg = ('objective="dpo"', "dpo.beta=0.5", "optim.lr=1e-2", "optim.warmup_steps=0",
-           f'model.init="{tmp_path / "ad"}"', "lora.targets=['q_proj']", "max_steps=2",
-           f'data.train=["{prefs}"]', f'data.validation="{prefs}"', "data.tokens_per_batch=80",
-           "eval.every_steps=1", "eval.metrics=[]", "checkpoint.every_steps=0",
-           "dist.reshard_after_forward=false")
+    tmp_path, _ = launched
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["train", str(write_config(tiny, tmp_path / "one", *cfg)),
+        assert main(["train", str(write_config(tiny, tmp_path / "one", *_dpo_cfg(tmp_path))),
                      *sets("grad_accum=2")]) == 0
-    torchrun_train(str(write_config(tiny, tmp_path / "two", *cfg)))
     one = rows_of(tmp_path / "one")
     assert [r["step"] for r in one if r["kind"] == "eval"] == [0, 1, 2]
     _same_rows(rows_of(tmp_path / "two"), one)
@@ -93,20 +101,28 @@ def test_dpo_on_a_continued_adapter_matches_one_process(tiny, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
 
 
-def test_continued_adapter_with_modules_to_save_exports_as_one_process(tiny, tmp_path):
+def _save_cfg(folder) -> tuple[str, ...]:
+    return (f'model.init="{folder / "ad"}"', "lora.targets=['q_proj', 'v_proj']",
+            "optim.lr=1e-2", "optim.warmup_steps=0", "max_steps=2", "eval.every_steps=0",
+            "eval.before=false", "eval.metrics=[]", "checkpoint.every_steps=0")
+
+
+def _save_plan(tiny, folder) -> list[dict]:
+    make_adapter(tiny, folder / "ad", target_modules=["q_proj", "v_proj"],
+                 modules_to_save=["lm_head"], init_lora_weights=False)
+    return [{"name": "two", "args": [str(write_config(tiny, folder / "two", *_save_cfg(folder)))]}]
+
+
+@shares_launch(_save_plan)  # the two-process run
+def test_continued_adapter_with_modules_to_save_exports_as_one_process(tiny, launched):
     """A PEFT adapter (made by peft) with modules_to_save = ["lm_head"], continued under
     torchrun: the export of two processes (a model rebuilt from the gathered weights) wrote no
     lm_head and no modules_to_save (the trained head silently lost); now the adapter files and
     configs are one process's, and PEFT loads the trained head."""
-    make_adapter(tiny, tmp_path / "ad", target_modules=["q_proj", "v_proj"],
-                 modules_to_save=["lm_head"], init_lora_weights=False)
-    cfg = (f'model.init="{tmp_path / "ad"}"', "lora.targets=['q_proj', 'v_proj']",
-           "optim.lr=1e-2", "optim.warmup_steps=0", "max_steps=2", "eval.every_steps=0",
-           "eval.before=false", "eval.metrics=[]", "checkpoint.every_steps=0")
+    tmp_path, _ = launched
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["train", str(write_config(tiny, tmp_path / "one", *cfg)),
+        assert main(["train", str(write_config(tiny, tmp_path / "one", *_save_cfg(tmp_path))),
                      *sets("grad_accum=2")]) == 0
-    torchrun_train(str(write_config(tiny, tmp_path / "two", *cfg)))
     _same_rows(rows_of(tmp_path / "two"), rows_of(tmp_path / "one"))
     ad = [tmp_path / run / "final" / "adapter" for run in ("one", "two")]
     a, b = (load_file(str(d / "adapter_model.safetensors")) for d in ad)

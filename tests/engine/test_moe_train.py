@@ -16,6 +16,7 @@ from ember.models import ModelConfig, Transformer
 from ember.models.loading import load_pretrained, save_pretrained
 from ember.models.moe import MoE, collect_router_stats, load_balancing_loss
 from ember.models.nf4 import Linear4bit
+from tests.engine._shared_launch import shares_launch
 from tests.engine._tiny import quiet, rows_of, tiny_config
 
 
@@ -133,24 +134,32 @@ def test_mlp_chunks_and_checkpointing_give_the_same_loss_and_gradients(moe_tiny)
     assert any(isinstance(m, MoE) for m in model.modules())
 
 
+_FSDP_EXTRA = ('method="full"', "optim.lr=3e-3", "eval.metrics=[]", "eval.before=false",
+               "eval.val_loss=false", "checkpoint.save_final=false", "max_steps=3",
+               "data.tokens_per_batch=40", "data.max_seq_len=40")
+
+
+def _fsdp_plan(tiny, folder) -> list[dict]:
+    from ember.engine.config import to_toml
+
+    moe_tiny = {**tiny, "model": _moe_model(tiny, folder / "model", experts=16, k=1)}
+    cfg = folder / "two.toml"
+    cfg.write_text(to_toml(tiny_config(moe_tiny, folder / "two", "eval.metrics=[]",
+                                       "eval.before=false", "eval.val_loss=false", *_FSDP_EXTRA)))
+    return [{"name": "two", "args": [str(cfg)]}]
+
+
 @pytest.mark.slow
-def test_fsdp_two_processes_match_one(tiny, tmp_path):
+@shares_launch(_fsdp_plan)  # the two-process run
+def test_fsdp_two_processes_match_one(tiny, launched):
     """Full fine-tuning under torchrun (FSDP2 per block) of 16 experts, top 1, on small batches:
     experts idle on one rank and busy on the other still reduce together, and 2 processes log
     what 1 process with grad_accum 2 logs (losses and the load-balancing loss)."""
-    from ember.engine.config import to_toml
-    from tests.engine.test_distributed import _same_rows, torchrun_train
+    from tests.engine.test_distributed import _same_rows
 
-    moe_tiny = {**tiny, "model": _moe_model(tiny, tmp_path / "model", experts=16, k=1)}
-
-    extra = ('method="full"', "optim.lr=3e-3", "eval.metrics=[]", "eval.before=false",
-             "eval.val_loss=false", "checkpoint.save_final=false", "max_steps=3",
-             "data.tokens_per_batch=40", "data.max_seq_len=40")
-    _run(moe_tiny, tmp_path / "one", *extra, "grad_accum=2")
-    cfg = tmp_path / "two.toml"
-    cfg.write_text(to_toml(tiny_config(moe_tiny, tmp_path / "two", "eval.metrics=[]",
-                                       "eval.before=false", "eval.val_loss=false", *extra)))
-    torchrun_train(str(cfg))
+    tmp_path, _ = launched
+    moe_tiny = {**tiny, "model": str(tmp_path / "model")}
+    _run(moe_tiny, tmp_path / "one", *_FSDP_EXTRA, "grad_accum=2")
     one, two = rows_of(tmp_path / "one"), rows_of(tmp_path / "two")
     assert [r for r in one if r["kind"] == "train"][0]["router_aux_loss"] > 0
     _same_rows([r for r in two if r["kind"] == "train"], [r for r in one if r["kind"] == "train"])

@@ -2,7 +2,6 @@
 per parameter, a state_dict round trip, and training / resuming through the real trainer."""
 
 import copy
-import os
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from ember import EmberError
 from ember.engine.config import OptimConfig
 from ember.engine.optim8bit import AdamW8bit
 from ember.engine.trainer import train
+from tests.engine._shared_launch import shares_launch
 from tests.engine._tiny import checkpoint_weights, quiet, rows_of, tiny_config
 
 
@@ -148,30 +148,19 @@ def test_stop_resume_equals_uninterrupted_run(tiny, tmp_path, one_thread):
     _stop_resume_equals_uninterrupted(tiny, tmp_path, extra, 4)
 
 
-@pytest.mark.slow  # two subprocesses: ~25 s on a loaded 2-core machine
-def test_fsdp2_sharded_states_checkpoint_and_resume(tmp_path):
+def _fsdp_plan(tiny, folder) -> list[dict]:
+    return [{"name": "fsdp", "call": "tests.engine._optim8bit_fsdp:main",
+             "args": [str(folder / "result.pt")]}]
+
+
+@pytest.mark.slow  # its two processes in the shared torchrun launch
+@shares_launch(_fsdp_plan)
+def test_fsdp2_sharded_states_checkpoint_and_resume(launched):
     """Two gloo processes (tests/engine/_optim8bit_fsdp.py): states are DTensors laid out like
     the shards; weights whose shards hold whole 256-blocks are updated bit for bit as unsharded
     (blocks are counted per shard: another split only moves block edges, here within 1e-3 after
     4 steps); DCP save at step 2 + resume == uninterrupted, bit for bit."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "result.pt"
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.engine._optim8bit_fsdp",
-                                       str(out)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    out = launched[0] / "result.pt"
     res = torch.load(out)
     assert res["kinds"]["layers.0.weight"] == ["absmax1:DTensor", "absmax2:DTensor",
                                                 "shards:Tensor", "state1:DTensor",

@@ -8,10 +8,6 @@ exports and resumes as one process does."""
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -28,6 +24,7 @@ from ember.models.loading import load_pretrained, save_pretrained
 from ember.models.nf4 import Linear4bit, nf4_to_bnb
 from ember.models.nf4_storage import unpack_nf4
 from ember.models.peft_files import untie_head
+from tests.engine._shared_launch import shares_launch
 from tests.engine._tiny import quiet, rows_of, tiny_config
 from tests.engine.test_distributed import COMMON, _same_rows, continue_from, sets, write_config
 
@@ -164,29 +161,31 @@ def test_full_fine_tuning_of_a_bnb_4bit_checkpoint_is_refused(tiny, tmp_path):
         "lora_" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
-# Trains under torchrun, each rank writes the NF4 bytes it holds and the digest of the gathered
-# NF4 base, then the run's checkpoint of step 2 is continued by two processes (2 -> 2).
-_RANK_SCRIPT = textwrap.dedent("""
-    import sys
-    from pathlib import Path
+def _rank_run(config: str, folder: str) -> None:
+    """Run on each torchrun rank (the shared launch): trains, then writes the NF4 bytes this rank
+    holds and the digest of the gathered NF4 base."""
     import torch.distributed as dist
-    from ember.engine.config import load_config
-    from ember.engine.trainer import Trainer
-    from tests.engine.test_distributed import continue_from
-    from tests.engine.test_qlora_train import _nf4_state
 
-    t = Trainer(load_config(sys.argv[1], []), progress=False)
+    from ember.engine.config import load_config
+
+    t = Trainer(load_config(config, []), progress=False)
     t.run()
     held, digest = _nf4_state(t.model)
-    with open(f"{sys.argv[2]}/rank{dist.get_rank()}.txt", "w") as f:
-        f.write(f"{held} {digest}")
-    run = Path(sys.argv[3])
-    if dist.get_rank() == 0:
-        continue_from(t.cfg.out_dir, run, 2)
-    dist.barrier()
-    Trainer(load_config(str(run), [f'run_dir="{run}"']), resume=True, progress=False).run()
-    dist.destroy_process_group()
-""")
+    (Path(folder) / f"rank{dist.get_rank()}.txt").write_text(f"{held} {digest}")
+
+
+_EXTRA = ('model.quantize="nf4"', "optim.lr=1e-2", "eval.metrics=[]")
+
+
+def _torchrun_plan(tiny, folder) -> list[dict]:
+    """Trains under torchrun (_rank_run), then the run's checkpoint of step 2 is continued by two
+    processes (2 -> 2)."""
+    cfg2 = write_config(tiny, folder / "q2", *_EXTRA)  # the same COMMON settings, grad_accum 1
+    run = folder / "q22"
+    return [{"name": "q2", "call": "tests.engine.test_qlora_train:_rank_run",
+             "args": [str(cfg2), str(folder)]},
+            {"name": "q22", "continue_from": [str(folder / "q2"), str(run), 2],
+             "args": [str(run), "--resume", *sets(f'run_dir="{run}"')]}]
 
 
 def _nf4_state(model) -> tuple[int, str]:
@@ -214,27 +213,16 @@ def _nf4_state(model) -> tuple[int, str]:
     return held, f"{n} {h.hexdigest()}"
 
 
-def test_qlora_under_torchrun_matches_one_process(tiny, tmp_path):
+@shares_launch(_torchrun_plan)  # the two-process runs
+def test_qlora_under_torchrun_matches_one_process(tiny, launched):
     """Data-parallel QLoRA (FSDP-QLoRA): 2 processes with grad_accum 1 log the losses of 1
     process with grad_accum 2 while each holds half of the NF4 base, whose gathered bytes are
     those one process quantizes; the adapter (loaded by peft too), the merged export and a
     2 -> 1 and a 2 -> 2 resume from the 2-process checkpoint agree with one process."""
-    extra = ('model.quantize="nf4"', "optim.lr=1e-2", "eval.metrics=[]")
-    one = Trainer(resolve(tiny_config(tiny, tmp_path / "q1", *COMMON, *extra, "grad_accum=2")),
+    tmp_path, _ = launched
+    one = Trainer(resolve(tiny_config(tiny, tmp_path / "q1", *COMMON, *_EXTRA, "grad_accum=2")),
                   echo=quiet, progress=False)
     one.run()
-    cfg2 = write_config(tiny, tmp_path / "q2", *extra)  # the same COMMON settings, grad_accum 1
-    script = tmp_path / "rank_script.py"
-    script.write_text(_RANK_SCRIPT)
-    # The rank script imports _nf4_state from this file: the repository root on its path
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", str(script), str(cfg2), str(tmp_path),
-                           str(tmp_path / "q22")],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     total, digest = _nf4_state(one.model)
     held = []
     for r in (0, 1):
@@ -265,7 +253,7 @@ def test_qlora_under_torchrun_matches_one_process(tiny, tmp_path):
     continue_from(tmp_path / "q2", run, 2)
     assert cli(["train", str(run), "--resume", *sets(f'run_dir="{run}"', "grad_accum=2")]) == 0
     _same_rows(rows_of(run), want)
-    # 2 -> 2 (in the torchrun launch above): the same log, bit for bit
+    # 2 -> 2 (in the shared torchrun launch): the same log, bit for bit
     assert rows_of(tmp_path / "q22", timing=False) == rows_of(tmp_path / "q2", timing=False)
     # the sharded run's adapter in peft, on the dequantized 4-bit base: the run's own logits
     peft = pytest.importorskip("peft")

@@ -26,6 +26,7 @@ from ember.engine.state import load_run_model
 from ember.engine.trainer import Trainer, resolve
 from ember.models.heads import add_classification_head
 from ember.models.loading import load_pretrained, save_pretrained
+from tests.engine._shared_launch import shares_launch
 from tests.engine._tiny import quiet, rows_of, write_jsonl
 
 ANIMALS, OTHER = ["cat", "dog", "fish"], ["red", "green", "blue", "one", "two", "three", "sun"]
@@ -67,7 +68,10 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def task(tiny, tmp_path_factory):
-    root = tmp_path_factory.mktemp("reward")
+    return make_task(tiny, tmp_path_factory.mktemp("reward"))
+
+
+def make_task(tiny, root) -> dict:
     out = {"model": tiny["model"]}
     for s, n, seed in (("train", 96, 1), ("val", 48, 2)):
         out[s] = write_jsonl(root / f"{s}.jsonl", pair_rows(n, seed))
@@ -415,19 +419,28 @@ def test_qlora_reward_head_builds_and_trains(task):
     assert "score.weight" in trained and any("lora_A" in n for n in trained)
 
 
-@pytest.mark.slow  # one torchrun launch: ~30 s on a loaded 2-core machine
-def test_two_processes_match_one(task, tmp_path):
-    from ember.engine.config import to_toml
-    from tests.engine.test_distributed import _same_rows, torchrun_train
+_TWO_EXTRA = ('method="full"', "max_steps=4", "optim.lr=3e-3", "data.tokens_per_batch=96",
+              "eval.every_steps=2", "checkpoint.save_final=false")
 
-    extra = ('method="full"', "max_steps=4", "optim.lr=3e-3", "data.tokens_per_batch=96",
-             "eval.every_steps=2", "checkpoint.save_final=false")
+
+def _two_plan(tiny, folder) -> list[dict]:
+    from ember.engine.config import to_toml
+
+    task = make_task(tiny, folder)
     for name, accum in (("one", 2), ("two", 1)):
-        path = tmp_path / f"{name}.toml"
-        path.write_text(to_toml(head_config(task, tmp_path / name, "reward", *extra,
+        path = folder / f"{name}.toml"
+        path.write_text(to_toml(head_config(task, folder / name, "reward", *_TWO_EXTRA,
                                             f"grad_accum={accum}")))
+    return [{"name": "two", "args": [str(folder / "two.toml")]}]
+
+
+@pytest.mark.slow  # its two-process run in the shared torchrun launch
+@shares_launch(_two_plan)
+def test_two_processes_match_one(launched):
+    from tests.engine.test_distributed import _same_rows
+
+    tmp_path, _ = launched
     assert cli(["train", str(tmp_path / "one.toml")]) == 0
-    torchrun_train(str(tmp_path / "two.toml"))
     one = rows_of(tmp_path / "one")
     assert len({r["loss"] for r in one if r["kind"] == "train"}) == 4
     assert [r["step"] for r in one if r["kind"] == "eval"] == [0, 2, 4]
