@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -428,6 +429,46 @@ def load_run_model(run_dir: str | Path, device: str | None = None, echo=None):
     if echo is not None:
         echo(f"{run_dir} has no final export: using {why}")
     return model, tok, cfg
+
+
+def export_final_adapter(run_dir: str | Path, cfg: TrainConfig, out: str | Path) -> Path | None:
+    """Copy a finished LoRA / prompt-tuning run's ``final/adapter`` (PEFT's files, as
+    ``save_adapter`` wrote them; PiSSA / OLoRA's already converted to a plain LoRA) to ``out``,
+    without its base (was: loaded onto it, so a run moved without its base could not be
+    exported; the files written were these, byte for byte). The files are checked first: a
+    readable adapter of the run's kind. None when the run has no such final adapter (its weights
+    are in a checkpoint, which needs the base to load)."""
+    from ember.models.peft_files import _read_adapter, check_field_types
+
+    folder = Path(run_dir) / "final" / "adapter"
+    names = ("adapter_config.json", "adapter_model.safetensors")
+    if cfg.method not in ("lora", "prompt") or not all((folder / n).is_file() for n in names):
+        return None
+    config, _ = _read_adapter(folder)
+    kind = {"lora": "LORA", "prompt": "PROMPT_TUNING"}[cfg.method]
+    if config.get("peft_type") != kind:
+        raise EmberError(f"{folder}: peft_type is {config.get('peft_type')!r}, but the run "
+                         f"trained method = {cfg.method!r} ({kind}): final/adapter is not "
+                         "this run's")
+    if kind == "LORA":
+        check_field_types(config, folder / names[0])
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EmberError(f"cannot write an adapter to {out}: it exists and is not a folder")
+    if out.resolve() == folder.resolve():
+        return out  # the files are there already
+    out.mkdir(parents=True, exist_ok=True)
+    tmps = {n: out / (n + ".tmp") for n in names}
+    try:  # as _write_adapter: never new weights beside an older adapter's config
+        for n, tmp in tmps.items():
+            shutil.copyfile(folder / n, tmp)
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for n, tmp in tmps.items():
+        os.replace(tmp, out / n)
+    return out
 
 
 def _recorded_prints(path: Path, run_dir: Path) -> dict:
