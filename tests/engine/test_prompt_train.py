@@ -10,6 +10,7 @@ import torch
 
 from ember import EmberError
 from ember.engine.cli import main as cli
+from ember.engine.config_doc import unused_settings
 from ember.engine.data import DataConfig, collate, load_examples
 from ember.engine.evaluation import validation_loss
 from ember.engine.losses import IGNORE, sequence_logprobs, sft_loss, sft_loss_tokens
@@ -112,6 +113,13 @@ def test_continued_peft_prompt_keeps_its_length(tiny, tmp_path):
     same = resolve(tiny_config(tiny, tmp_path / "c", *PROMPT[:1], init,
                                "prompt_tuning.num_virtual_tokens=5"))
     assert same.prompt_tuning.num_virtual_tokens == 5
+    # the prompt's init (and length) are the adapter's: given ones are noted as ignored
+    given = tiny_config(tiny, tmp_path / "c", *PROMPT[:1], init, 'prompt_tuning.init="text"',
+                        "prompt_tuning.num_virtual_tokens=5", 'prompt_tuning.init_text="say"')
+    assert [ln for ln in unused_settings(given) if ln.startswith("prompt")] == [
+        "prompt_tuning.init, prompt_tuning.init_text, prompt_tuning.num_virtual_tokens ignored: "
+        "the prompt continued from model.init keeps its own length and weights (they apply to a "
+        "new prompt)"]
 
 
 def test_text_loss_and_gradient_match_peft(tiny, tmp_path):

@@ -225,6 +225,23 @@ def test_start_errors(tiny, sft_lora, tmp_path):
     assert cfg(f'model.init="{tmp_path / "exported"}"').lora.rank == 4  # the advice works
 
 
+def test_continued_adapter_notes_the_lora_settings_it_ignores(tiny, sft_lora, tmp_path):
+    """A continued adapter keeps its own rank, alpha, targets, rsLoRA, DoRA and weights: the
+    [lora] keys that set them (lora.init = "gaussian": a draw never made, the weights are
+    loaded) are noted as ignored, as ember train notes every setting a run does not use (was:
+    silently dropped); training settings (dropout) are not. A new adapter on the same base uses
+    them all."""
+    from ember.engine.config_doc import unused_settings
+
+    lora = ('lora.init="gaussian"', 'lora.targets=["q", "v"]', "lora.dropout=0.1")
+    cfg = tiny_config(tiny, tmp_path / "x", f'model.init="{sft_lora}"', *lora)
+    assert unused_settings(cfg) == [
+        "lora.alpha, lora.init, lora.rank, lora.targets ignored: the LoRA adapter continued from "
+        "model.init keeps its own shape and weights (they apply to a new adapter)"]
+    assert unused_settings(tiny_config(tiny, tmp_path / "y", *lora)) == []
+    assert (resolve(cfg).lora.rank, resolve(cfg).lora.dropout) == (4, 0.1)
+
+
 def test_resumed_dpo_stage_keeps_the_stage1_reference(tiny, sft_lora, prefs, tmp_path):
     """The reference is the adapter as loaded from model.init, not the checkpoint's: a DPO stage
     stopped and resumed logs what an uninterrupted one does."""
