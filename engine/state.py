@@ -20,6 +20,7 @@ processes as long as ``grad_accum * processes`` (packed batches per optimizer st
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import warnings
@@ -42,7 +43,12 @@ from ember.engine.distributed import (
     gather_full_state_dict,
     restore_data_state,
 )
-from ember.engine.fingerprint import read_base_file, weights_fingerprint, write_base_file
+from ember.engine.fingerprint import (
+    BASE_FILE,
+    read_base_file,
+    weights_fingerprint,
+    write_base_file,
+)
 from ember.engine.guards import NonFiniteGuard
 from ember.engine.runtime import PATH_KEYS, absolute_paths, build_model
 from ember.engine.stages import base_of, load_base
@@ -390,6 +396,8 @@ def load_run_model(run_dir: str | Path, device: str | None = None, echo=None):
     if device.startswith("cuda") and not torch.cuda.is_available():
         device = "cpu"
     final_adapter, final_model = run_dir / "final" / "adapter", run_dir / "final" / "model"
+    if cfg.method in ("lora", "prompt") and final_adapter.is_dir():
+        cfg = _without_gone_init(cfg, run_dir)
     if not (cfg.method == "full" and final_model.is_dir()):  # (which needs no base)
         check_models(cfg, run_dir, teacher=False)
     if cfg.method == "full" and final_model.is_dir():
@@ -429,6 +437,23 @@ def load_run_model(run_dir: str | Path, device: str | None = None, echo=None):
     if echo is not None:
         echo(f"{run_dir} has no final export: using {why}")
     return model, tok, cfg
+
+
+def _without_gone_init(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """A finished adapter stage whose earlier adapter (model.init) is gone since: ``cfg``
+    without it when final/base.json records model.name as the base, since final/adapter then
+    holds the whole adapter on it (was: "the run's model.init ... not found", though nothing of
+    it is needed). An earlier full model, the base of the adapter, is still needed."""
+    init = cfg.model.init
+    if init is None or Path(init).expanduser().exists():
+        return cfg
+    try:
+        recorded = json.loads((run_dir / "final" / BASE_FILE).read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return cfg
+    if recorded != cfg.model.name:
+        return cfg
+    return cfg.replace(model=dataclasses.replace(cfg.model, init=None))
 
 
 def export_final_adapter(run_dir: str | Path, cfg: TrainConfig, out: str | Path) -> Path | None:

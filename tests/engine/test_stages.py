@@ -242,6 +242,31 @@ def test_continued_adapter_notes_the_lora_settings_it_ignores(tiny, sft_lora, tm
     assert (resolve(cfg).lora.rank, resolve(cfg).lora.dropout) == (4, 0.1)
 
 
+def test_a_finished_stage_loads_without_the_adapter_it_started_from(tiny, sft_lora, tmp_path):
+    """A LoRA stage continued from an adapter holds the whole adapter in final/adapter, on
+    model.name: deleting the earlier adapter (model.init) afterwards loses nothing (was: export
+    --merged, eval and generate failed with "the run's model.init ... not found: set model.init
+    there to the model's absolute path"). Oracle: transformers + PEFT on final/adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    earlier = tmp_path / "earlier"
+    shutil.copytree(sft_lora / "final" / "adapter", earlier)
+    run = tmp_path / "s2"
+    _stage(tiny, run, "max_steps=1", f'model.init="{earlier}"')
+    shutil.rmtree(earlier)
+    assert cli(["export", str(run), "--merged", str(tmp_path / "merged")]) == 0
+    model, _, _ = load_run_model(run, "cpu")
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, str(run / "final" / "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    ids = torch.tensor([[5, 9, 17, 33, 2, 70]])
+    with torch.no_grad():
+        want = peft(ids).logits
+        torch.testing.assert_close(model.eval()(ids), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(merged(ids).logits, want, rtol=1e-4, atol=1e-5)
+
+
 def test_resumed_dpo_stage_keeps_the_stage1_reference(tiny, sft_lora, prefs, tmp_path):
     """The reference is the adapter as loaded from model.init, not the checkpoint's: a DPO stage
     stopped and resumed logs what an uninterrupted one does."""
