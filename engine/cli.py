@@ -185,7 +185,7 @@ def _cmd_export(a) -> None:
     import torch
 
     from ember.engine.stages import base_of
-    from ember.engine.state import load_run_model, multimodal_base
+    from ember.engine.state import export_final_adapter, load_run_model, multimodal_base
     from ember.models.loading import load_pretrained, resolve_dtype, save_pretrained
     from ember.models.lora import lora_modules, merge_lora, save_adapter
     from ember.models.nf4 import is_quantized
@@ -209,7 +209,11 @@ def _cmd_export(a) -> None:
     if _is_run_dir(a.run_dir):
         from ember.engine.config import load_config
 
-        _check_export_target(a, load_config(a.run_dir))  # before loading: a mistake costs nothing
+        cfg = load_config(a.run_dir)
+        _check_export_target(a, cfg)  # before loading: a mistake costs nothing
+        if a.adapter and (out := export_final_adapter(a.run_dir, cfg, a.adapter)) is not None:
+            print(f"wrote {out}")  # final/adapter's files: no base needed
+            return
         model, tok, cfg = load_run_model(a.run_dir, "cpu", echo=_note)
     elif a.adapter:
         raise EmberError(f"{a.run_dir} is not a run directory (no config.toml)")

@@ -10,6 +10,7 @@ import dataclasses
 import inspect
 import re
 
+from ember import EmberError
 from ember.engine.config import TrainConfig, _toml_value, given_keys, to_dict
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
@@ -148,6 +149,15 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
         if cfg.method != method:
             note(section, given(section), f'they apply to method = "{method}", this run\'s '
                  f'method is "{cfg.method}"')
+    continued = _continued(cfg)
+    if continued == "lora":  # (a value the adapter contradicts is resolve_start's error)
+        note("lora", given("lora", ("rank", "alpha", "targets", "use_rslora", "use_dora", "init")),
+             "the LoRA adapter continued from model.init keeps its own shape and weights (they "
+             "apply to a new adapter)")
+    elif continued == "prompt":
+        note("prompt_tuning", given("prompt_tuning", ("num_virtual_tokens", "init", "init_text")),
+             "the prompt continued from model.init keeps its own length and weights (they apply "
+             "to a new prompt)")
     for section in ("distill", "dpo", "orpo", "simpo", "kto"):
         if cfg.objective != section:
             note(section, given(section), f'they apply to objective = "{section}", this run\'s '
@@ -174,3 +184,22 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
         note("activations", given("activations", ("every_k",)),
              'it applies to activations.checkpointing = "every_k"')
     return out
+
+
+
+def _continued(cfg: TrainConfig) -> str | None:
+    """"lora" / "prompt" when the run continues an adapter of its method from ``model.init``
+    (whose own config then decides its shape and its weights are loaded), else None; None too
+    when model.init is unusable (the run's error says why)."""
+    from ember.engine.stages import find_start
+    from ember.models.lora_init import changes_base
+
+    if cfg.model.init is None or cfg.method not in ("lora", "prompt"):
+        return None
+    if cfg.method == "lora" and changes_base(cfg.lora.init):  # an error for a continued adapter
+        return None
+    try:
+        kind = find_start(cfg.model.init, cfg.model.name).kind
+    except EmberError:
+        return None
+    return kind if kind == cfg.method else None

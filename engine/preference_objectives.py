@@ -58,7 +58,8 @@ from ember.engine.preference_losses import (
     orpo_loss,
     simpo_loss,
 )
-from ember.engine.stages import adapter_snapshot, adapters_swapped, continues_lora, frozen_start
+from ember.engine.stage_reference import adapter_snapshot, adapters_swapped
+from ember.engine.stages import continues_lora, frozen_start
 from ember.models.lora_init import changes_base
 
 if TYPE_CHECKING:

@@ -30,13 +30,12 @@ stage's result (the usual practice: the SFT model). With full fine-tuning it is 
 the starting weights; with LoRA and no earlier adapter it is the model with adapters switched
 off (the base, or the previous full model); with a continued LoRA adapter the reference is the
 adapter as loaded, kept as a frozen copy of its (small) weights and swapped in for the reference
-forward (``adapters_swapped``). So a continued adapter stays one adapter on the original base:
-``final/adapter`` of every stage applies to ``model.name`` directly.
+forward (``engine/stage_reference.py``). So a continued adapter stays one adapter on the original
+base: ``final/adapter`` of every stage applies to ``model.name`` directly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 from dataclasses import dataclass, field, replace
@@ -47,8 +46,12 @@ import torch
 
 from ember import EmberError
 from ember.engine.dcp import MANIFEST
-from ember.engine.distributed import reshard_all
 from ember.engine.fingerprint import weights_fingerprint
+from ember.engine.stage_reference import (  # noqa: F401 (importable from here, as before)
+    OTHERS,
+    adapter_snapshot,
+    adapters_swapped,
+)
 from ember.models.gguf_cache import file_digest, imported_digest
 from ember.models.hub import (
     builtin_gguf_path,
@@ -523,67 +526,6 @@ def frozen_start(cfg: TrainConfig, device: str):
 def continues_lora(cfg: TrainConfig) -> bool:
     """True when the run trains an adapter loaded from ``model.init``."""
     return cfg.model.init is not None and cfg.method == "lora" and start_of(cfg).kind == "lora"
-
-
-# --- DPO's reference for a continued adapter -----------------------------------------------------
-
-
-# the snapshot's entry for what trains besides the adapters (PEFT's modules_to_save, biases)
-OTHERS = ""
-
-
-def adapter_snapshot(model) -> dict[str, dict[str, torch.Tensor]]:
-    """Frozen copies of every adapter's tensors (A, B, a DoRA magnitude) and of the other
-    trained parameters (a continued adapter's modules_to_save and biases): the starting
-    adapter, for the reference."""
-    mods = lora_modules(model)
-    snap = {n: {k: p.detach().clone() for k, p in m.adapter_params().items()}
-            for n, m in mods.items()}
-    own = {id(p) for m in mods.values() for p in m.adapter_params().values()}
-    others = {n: p.detach().clone() for n, p in model.named_parameters()
-              if p.requires_grad and id(p) not in own}
-    if others:
-        snap[OTHERS] = others
-    return snap
-
-
-@contextlib.contextmanager
-def adapters_swapped(model, snapshot: dict):
-    """The model with the snapshot's adapter weights (and other trained parameters) inside the
-    block (no gradients, no LoRA dropout: the reference is deterministic), its own weights back
-    afterwards, bit for bit."""
-    mods = lora_modules(model)
-    if set(mods) != set(snapshot) - {OTHERS}:
-        raise EmberError("the model's adapters are not those of the reference snapshot")
-    # Under FSDP the weights to swap are the shards (what every forward gathers from): a
-    # forward without backward leaves the root, and with dist.reshard_after_forward = false
-    # every block, holding gathered copies in their place (was: the swap back then failed,
-    # DTensor into a plain tensor). A no-op in one process.
-    reshard_all(model)
-    named = dict(model.named_parameters())
-    others = {n: named[n] for n in snapshot.get(OTHERS, {})}
-    saved = {}
-    with torch.no_grad():
-        for n, m in mods.items():
-            params = m.adapter_params()
-            saved[n] = ({k: p.detach().clone() for k, p in params.items()}, m.dropout)
-            for k, p in params.items():
-                p.copy_(snapshot[n][k])
-            m.dropout = None
-        kept = {n: p.detach().clone() for n, p in others.items()}
-        for n, p in others.items():
-            p.copy_(snapshot[OTHERS][n])
-    try:
-        yield model
-    finally:
-        reshard_all(model)  # the reference forward left the root (at least) gathered
-        with torch.no_grad():
-            for n, m in mods.items():
-                for k, p in m.adapter_params().items():
-                    p.copy_(saved[n][0][k])
-                m.dropout = saved[n][1]
-            for n, p in others.items():
-                p.copy_(kept[n])
 
 
 def describe(cfg: TrainConfig) -> str:

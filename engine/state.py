@@ -20,7 +20,9 @@ processes as long as ``grad_accum * processes`` (packed batches per optimizer st
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +43,12 @@ from ember.engine.distributed import (
     gather_full_state_dict,
     restore_data_state,
 )
-from ember.engine.fingerprint import read_base_file, weights_fingerprint, write_base_file
+from ember.engine.fingerprint import (
+    BASE_FILE,
+    read_base_file,
+    weights_fingerprint,
+    write_base_file,
+)
 from ember.engine.guards import NonFiniteGuard
 from ember.engine.runtime import PATH_KEYS, absolute_paths, build_model
 from ember.engine.stages import base_of, load_base
@@ -389,6 +396,8 @@ def load_run_model(run_dir: str | Path, device: str | None = None, echo=None):
     if device.startswith("cuda") and not torch.cuda.is_available():
         device = "cpu"
     final_adapter, final_model = run_dir / "final" / "adapter", run_dir / "final" / "model"
+    if cfg.method in ("lora", "prompt") and final_adapter.is_dir():
+        cfg = _without_gone_init(cfg, run_dir)
     if not (cfg.method == "full" and final_model.is_dir()):  # (which needs no base)
         check_models(cfg, run_dir, teacher=False)
     if cfg.method == "full" and final_model.is_dir():
@@ -428,6 +437,63 @@ def load_run_model(run_dir: str | Path, device: str | None = None, echo=None):
     if echo is not None:
         echo(f"{run_dir} has no final export: using {why}")
     return model, tok, cfg
+
+
+def _without_gone_init(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """A finished adapter stage whose earlier adapter (model.init) is gone since: ``cfg``
+    without it when final/base.json records model.name as the base, since final/adapter then
+    holds the whole adapter on it (was: "the run's model.init ... not found", though nothing of
+    it is needed). An earlier full model, the base of the adapter, is still needed."""
+    init = cfg.model.init
+    if init is None or Path(init).expanduser().exists():
+        return cfg
+    try:
+        recorded = json.loads((run_dir / "final" / BASE_FILE).read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return cfg
+    if recorded != cfg.model.name:
+        return cfg
+    return cfg.replace(model=dataclasses.replace(cfg.model, init=None))
+
+
+def export_final_adapter(run_dir: str | Path, cfg: TrainConfig, out: str | Path) -> Path | None:
+    """Copy a finished LoRA / prompt-tuning run's ``final/adapter`` (PEFT's files, as
+    ``save_adapter`` wrote them; PiSSA / OLoRA's already converted to a plain LoRA) to ``out``,
+    without its base (was: loaded onto it, so a run moved without its base could not be
+    exported; the files written were these, byte for byte). The files are checked first: a
+    readable adapter of the run's kind. None when the run has no such final adapter (its weights
+    are in a checkpoint, which needs the base to load)."""
+    from ember.models.peft_files import _read_adapter, check_field_types
+
+    folder = Path(run_dir) / "final" / "adapter"
+    names = ("adapter_config.json", "adapter_model.safetensors")
+    if cfg.method not in ("lora", "prompt") or not all((folder / n).is_file() for n in names):
+        return None
+    config, _ = _read_adapter(folder)
+    kind = {"lora": "LORA", "prompt": "PROMPT_TUNING"}[cfg.method]
+    if config.get("peft_type") != kind:
+        raise EmberError(f"{folder}: peft_type is {config.get('peft_type')!r}, but the run "
+                         f"trained method = {cfg.method!r} ({kind}): final/adapter is not "
+                         "this run's")
+    if kind == "LORA":
+        check_field_types(config, folder / names[0])
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EmberError(f"cannot write an adapter to {out}: it exists and is not a folder")
+    if out.resolve() == folder.resolve():
+        return out  # the files are there already
+    out.mkdir(parents=True, exist_ok=True)
+    tmps = {n: out / (n + ".tmp") for n in names}
+    try:  # as _write_adapter: never new weights beside an older adapter's config
+        for n, tmp in tmps.items():
+            shutil.copyfile(folder / n, tmp)
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for n, tmp in tmps.items():
+        os.replace(tmp, out / n)
+    return out
 
 
 def _recorded_prints(path: Path, run_dir: Path) -> dict:

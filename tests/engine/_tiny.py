@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -197,3 +198,12 @@ def hf_lr_factors(name: str, total: int, warmup: int, **kw) -> list[float]:
         opt.step()
         sched.step()
     return out
+
+
+def moved_without_base(run: Path, base: Path, to: Path) -> Path:
+    """A copy of ``run`` whose base model is not on this machine (config.toml's model.name gone),
+    as after moving the run directory to another machine."""
+    shutil.copytree(run, to)
+    config = to / "config.toml"
+    config.write_text(config.read_text().replace(str(base), str(to.parent / "no-base")))
+    return to

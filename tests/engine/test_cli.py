@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ember.engine.cli import main
-from tests.engine._tiny import make_tiny_model, tiny_rows, write_jsonl
+from tests.engine._tiny import make_tiny_model, moved_without_base, tiny_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -465,3 +465,36 @@ def test_a_reader_that_stops_early_does_not_end_training(tiny, tmp_path):
     assert (tmp_path / "run" / "final" / "adapter" / "adapter_model.safetensors").is_file()
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows if json.loads(r)["kind"] == "train"] == [1, 2]
+
+
+def test_export_adapter_of_a_moved_run_needs_no_base(trained, tmp_path, capsys):
+    """``export RUN --adapter`` of a finished LoRA run writes final/adapter's files as they are
+    (PEFT's format already; was: it loaded the base, and failed with "model.name not found" on a
+    run moved without it, though the adapter needs nothing else). --merged still needs the base,
+    and final/adapter is still checked (a truncated weights file is refused by name)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ember.engine.state import load_run_model
+
+    run = trained["run"]
+    moved = moved_without_base(run, trained["model"], tmp_path / "moved")
+    assert main(["export", str(run), "--adapter", str(tmp_path / "here")]) == 0
+    assert main(["export", str(moved), "--adapter", str(tmp_path / "there")]) == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "there" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
+    capsys.readouterr()
+    assert main(["export", str(moved), "--merged", str(tmp_path / "m")]) == 2
+    assert "model.name" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    # the oracle: PEFT applies the exported adapter to the base as the run does
+    model, _, _ = load_run_model(run, "cpu")
+    base = AutoModelForCausalLM.from_pretrained(trained["model"], torch_dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, str(tmp_path / "there")).eval()
+    ids = torch.tensor([[5, 9, 17, 33, 2, 70]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft(ids).logits, model(ids), rtol=1e-4, atol=1e-5)
+    weights = moved / "final" / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["export", str(moved), "--adapter", str(tmp_path / "bad")]) == 2
+    assert "cannot read adapter weights" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -10,6 +10,7 @@ import torch
 
 from ember import EmberError
 from ember.engine.cli import main as cli
+from ember.engine.config_doc import unused_settings
 from ember.engine.data import DataConfig, collate, load_examples
 from ember.engine.evaluation import validation_loss
 from ember.engine.losses import IGNORE, sequence_logprobs, sft_loss, sft_loss_tokens
@@ -18,7 +19,7 @@ from ember.engine.state import load_run_model
 from ember.engine.trainer import Trainer, resolve, train
 from ember.models.loading import load_pretrained
 from ember.models.prompt_tuning import apply_prompt_tuning, num_virtual_tokens, save_prompt_adapter
-from tests.engine._tiny import quiet, rows_of, tiny_config, write_jsonl
+from tests.engine._tiny import moved_without_base, quiet, rows_of, tiny_config, write_jsonl
 
 PROMPT = ('method="prompt"', "prompt_tuning.num_virtual_tokens=4")
 
@@ -47,6 +48,11 @@ def test_prompt_tuning_trains_only_the_prompt(tiny, tmp_path, capsys):
         assert torch.equal(model.eval()(ids), t.model.eval()(ids))
     assert cli(["export", str(run), "--adapter", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    # moved to a machine without the base: the adapter exports all the same, byte for byte
+    moved = moved_without_base(run, tiny["model"], tmp_path / "moved")
+    assert cli(["export", str(moved), "--adapter", str(tmp_path / "there")]) == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "there" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
     assert cli(["export", str(run), "--merged", str(tmp_path / "m")]) == 2
     assert "not weights to merge" in capsys.readouterr().err
     assert cli(["generate", tiny["model"], "--adapter", str(tmp_path / "out"), "--prompt",
@@ -107,6 +113,13 @@ def test_continued_peft_prompt_keeps_its_length(tiny, tmp_path):
     same = resolve(tiny_config(tiny, tmp_path / "c", *PROMPT[:1], init,
                                "prompt_tuning.num_virtual_tokens=5"))
     assert same.prompt_tuning.num_virtual_tokens == 5
+    # the prompt's init (and length) are the adapter's: given ones are noted as ignored
+    given = tiny_config(tiny, tmp_path / "c", *PROMPT[:1], init, 'prompt_tuning.init="text"',
+                        "prompt_tuning.num_virtual_tokens=5", 'prompt_tuning.init_text="say"')
+    assert [ln for ln in unused_settings(given) if ln.startswith("prompt")] == [
+        "prompt_tuning.init, prompt_tuning.init_text, prompt_tuning.num_virtual_tokens ignored: "
+        "the prompt continued from model.init keeps its own length and weights (they apply to a "
+        "new prompt)"]
 
 
 def test_text_loss_and_gradient_match_peft(tiny, tmp_path):

@@ -225,6 +225,48 @@ def test_start_errors(tiny, sft_lora, tmp_path):
     assert cfg(f'model.init="{tmp_path / "exported"}"').lora.rank == 4  # the advice works
 
 
+def test_continued_adapter_notes_the_lora_settings_it_ignores(tiny, sft_lora, tmp_path):
+    """A continued adapter keeps its own rank, alpha, targets, rsLoRA, DoRA and weights: the
+    [lora] keys that set them (lora.init = "gaussian": a draw never made, the weights are
+    loaded) are noted as ignored, as ember train notes every setting a run does not use (was:
+    silently dropped); training settings (dropout) are not. A new adapter on the same base uses
+    them all."""
+    from ember.engine.config_doc import unused_settings
+
+    lora = ('lora.init="gaussian"', 'lora.targets=["q", "v"]', "lora.dropout=0.1")
+    cfg = tiny_config(tiny, tmp_path / "x", f'model.init="{sft_lora}"', *lora)
+    assert unused_settings(cfg) == [
+        "lora.alpha, lora.init, lora.rank, lora.targets ignored: the LoRA adapter continued from "
+        "model.init keeps its own shape and weights (they apply to a new adapter)"]
+    assert unused_settings(tiny_config(tiny, tmp_path / "y", *lora)) == []
+    assert (resolve(cfg).lora.rank, resolve(cfg).lora.dropout) == (4, 0.1)
+
+
+def test_a_finished_stage_loads_without_the_adapter_it_started_from(tiny, sft_lora, tmp_path):
+    """A LoRA stage continued from an adapter holds the whole adapter in final/adapter, on
+    model.name: deleting the earlier adapter (model.init) afterwards loses nothing (was: export
+    --merged, eval and generate failed with "the run's model.init ... not found: set model.init
+    there to the model's absolute path"). Oracle: transformers + PEFT on final/adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    earlier = tmp_path / "earlier"
+    shutil.copytree(sft_lora / "final" / "adapter", earlier)
+    run = tmp_path / "s2"
+    _stage(tiny, run, "max_steps=1", f'model.init="{earlier}"')
+    shutil.rmtree(earlier)
+    assert cli(["export", str(run), "--merged", str(tmp_path / "merged")]) == 0
+    model, _, _ = load_run_model(run, "cpu")
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, str(run / "final" / "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    ids = torch.tensor([[5, 9, 17, 33, 2, 70]])
+    with torch.no_grad():
+        want = peft(ids).logits
+        torch.testing.assert_close(model.eval()(ids), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(merged(ids).logits, want, rtol=1e-4, atol=1e-5)
+
+
 def test_resumed_dpo_stage_keeps_the_stage1_reference(tiny, sft_lora, prefs, tmp_path):
     """The reference is the adapter as loaded from model.init, not the checkpoint's: a DPO stage
     stopped and resumed logs what an uninterrupted one does."""
