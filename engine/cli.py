@@ -184,6 +184,7 @@ def _cmd_eval(a) -> None:
 def _cmd_export(a) -> None:
     import torch
 
+    from ember.engine.fingerprint import stale_final
     from ember.engine.stages import base_of
     from ember.engine.state import export_final_adapter, load_run_model, multimodal_base
     from ember.models.loading import load_pretrained, resolve_dtype, save_pretrained
@@ -212,6 +213,8 @@ def _cmd_export(a) -> None:
         cfg = load_config(a.run_dir)
         _check_export_target(a, cfg)  # before loading: a mistake costs nothing
         if a.adapter and (out := export_final_adapter(a.run_dir, cfg, a.adapter)) is not None:
+            if note := stale_final(Path(a.run_dir)):
+                _note(note)
             print(f"wrote {out}")  # final/adapter's files: no base needed
             return
         model, tok, cfg = load_run_model(a.run_dir, "cpu", echo=_note)

@@ -51,3 +51,35 @@ def read_base_file(final: Path) -> str | None:
         return json.loads((final / BASE_FILE).read_text()).get("fingerprint")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+RUN_END_FILE = "run_end.json"  # in <run_dir>/final: the step of the run's end it was exported at
+
+
+def write_run_end(final: Path, step: int) -> None:
+    """``final/run_end.json``: the step the run ended at when ``final/`` was written (with
+    early stopping the weights are the best step's; this is the run's last step)."""
+    (final / RUN_END_FILE).write_text(json.dumps({"step": int(step)}) + "\n")
+
+
+def stale_final(run_dir: Path) -> str | None:
+    """A note when ``final/`` predates the run's newest checkpoint: a ``--resume`` that trained
+    further (a larger max_steps) stopped before its own export, so final/ holds the older end's
+    weights. None otherwise, and for a run written before ``run_end.json``."""
+    from ember.engine import dcp
+
+    try:
+        step = int(json.loads((run_dir / "final" / RUN_END_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    latest = dcp.find_latest(dcp.checkpoint_root(run_dir)).path
+    if latest is None or not latest.name.removeprefix("step_").isdigit():
+        return None
+    newest = int(latest.name.removeprefix("step_"))
+    if newest <= step:
+        return None
+    return (f"note: {run_dir / 'final'} holds the weights of the run's end at step {step}, but "
+            f"its checkpoint of step {newest} is newer (a --resume that stopped before its "
+            "end?); "
+            f"using final/. Finish the run (ember train {run_dir} --resume) to export step "
+            f"{newest}'s and later weights, or delete final/ to use the checkpoint's")

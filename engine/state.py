@@ -46,8 +46,10 @@ from ember.engine.distributed import (
 from ember.engine.fingerprint import (
     BASE_FILE,
     read_base_file,
+    stale_final,
     weights_fingerprint,
     write_base_file,
+    write_run_end,
 )
 from ember.engine.guards import NonFiniteGuard
 from ember.engine.runtime import PATH_KEYS, absolute_paths, build_model
@@ -294,11 +296,13 @@ def _frozen_setting(role: str, cfg: TrainConfig) -> str:
             f"{cfg.model.name!r}{init})")
 
 
-def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | None:
+def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo,
+                 step: int | None = None) -> Path | None:
     """The PEFT adapter (LoRA, prompt tuning) or HF model folder (full fine-tuning, in the
     dtype of the base checkpoint: a bf16 model trained in fp32 is written in bf16) in
     ``<run_dir>/final``, written by rank 0 (returned there; None elsewhere). Every rank must call
-    it: a sharded model's weights are gathered to rank 0's CPU first."""
+    it: a sharded model's weights are gathered to rank 0's CPU first. ``step``: the run's last
+    step, recorded in ``final/run_end.json`` (``fingerprint.stale_final``)."""
     base_print = getattr(model, "ember_base_print", None)  # (stages.load_start; rank 0's)
     if info.distributed:
         state = gather_full_state_dict(model, trainable_only=cfg.method in ("lora", "prompt"))
@@ -321,12 +325,16 @@ def export_final(model, cfg: TrainConfig, tokenizer, info: DistInfo) -> Path | N
             out = save_adapter(model, final / "adapter", base_model_name_or_path=base)
         if base_print is not None:  # the base it applies to, checked by load_run_model
             write_base_file(final, base, base_print)
-        return out
-    # In the base checkpoint's dtype (cfg.torch_dtype: config.json's, else the stored one), as
-    # transformers 5 loads, trains and saves it: fp32 master weights of a bf16 model would double
-    # the folder; a bf16 file whose config.json says float32 is trained and saved in fp32 there.
-    return save_pretrained(model, final / "model", tokenizer, dtype=model.cfg.torch_dtype,
-                           multimodal_base=multimodal_base(model, cfg))
+    else:
+        # In the base checkpoint's dtype (cfg.torch_dtype: config.json's, else the stored one),
+        # as transformers 5 loads, trains and saves it: fp32 master weights of a bf16 model
+        # would double the folder; a bf16 file whose config.json says float32 is trained and
+        # saved in fp32 there.
+        out = save_pretrained(model, final / "model", tokenizer, dtype=model.cfg.torch_dtype,
+                              multimodal_base=multimodal_base(model, cfg))
+    if step is not None:
+        write_run_end(final, step)
+    return out
 
 
 def multimodal_base(model, cfg: TrainConfig) -> Path | None:
@@ -396,6 +404,8 @@ def load_run_model(run_dir: str | Path, device: str | None = None, echo=None):
     if device.startswith("cuda") and not torch.cuda.is_available():
         device = "cpu"
     final_adapter, final_model = run_dir / "final" / "adapter", run_dir / "final" / "model"
+    if (final_adapter.is_dir() or final_model.is_dir()) and (note := stale_final(run_dir)):
+        (echo or (lambda m: warnings.warn(m, stacklevel=3)))(note)
     if cfg.method in ("lora", "prompt") and final_adapter.is_dir():
         cfg = _without_gone_init(cfg, run_dir)
     if not (cfg.method == "full" and final_model.is_dir()):  # (which needs no base)

@@ -495,7 +495,7 @@ class Trainer(EvalMixin):
                 self.echo(f"warning: the best weights (step {prog.best_step}) are gone from "
                           f"{cfg.out_dir / 'best'}; keeping the last step's")
         if cfg.checkpoint.save_final:
-            out = export_final(model, cfg, self.tokenizer, info)
+            out = export_final(model, cfg, self.tokenizer, info, step=prog.step)
             self.echo(f"saved {out}")
         if cfg.plot:
             self.log.plot(self.echo)

@@ -447,3 +447,34 @@ def test_a_fraction_of_an_epoch_rounds_as_transformers_trainer(tmp_path):
     want = _hf_step_sizes(100, 1, 0.07, tmp_path / "hf")
     assert epoch_step_sizes(_Plan(100), 0.07, 1) == want == [1] * 8
     assert len(epoch_step_sizes(_Plan(50), 1.1, 1)) == math.ceil(1.1 * 50) == 56
+
+
+def test_a_final_export_older_than_the_newest_checkpoint_is_noted(tiny, tmp_path, monkeypatch):
+    """A finished run (final/ at step 2) resumed with a larger max_steps that stops before its
+    own export: eval / export / generate used the step-2 final/ without a word while a step-4
+    checkpoint existed. final/run_end.json records the end final/ was written at; a newer
+    checkpoint is noted (final/ is still what loads); a completed resume brings it up to date."""
+    from ember.engine import trainer as trainer_mod
+    from ember.engine.config import load_config
+    from ember.engine.fingerprint import stale_final
+
+    run = tmp_path / "run"
+    cfg = tiny_config(tiny, run, "max_steps=2", "checkpoint.every_steps=1", "eval.metrics=[]")
+    train(cfg, echo=quiet, progress=False)
+    assert stale_final(run) is None
+    real_export = trainer_mod.export_final
+
+    def no_export(*args, **kwargs):
+        raise KeyboardInterrupt  # the resume stops before its export
+
+    monkeypatch.setattr(trainer_mod, "export_final", no_export)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(run, ["max_steps=4"]), resume=True, echo=quiet, progress=False)
+    said = []
+    load_run_model(run, "cpu", echo=said.append)
+    assert any("step 2" in m and "step 4 is newer" in m and "--resume" in m for m in said), said
+    with pytest.warns(UserWarning, match="newer"):
+        load_run_model(run, "cpu")
+    monkeypatch.setattr(trainer_mod, "export_final", real_export)
+    train(load_config(run, ["max_steps=4"]), resume=True, echo=quiet, progress=False)
+    assert stale_final(run) is None
