@@ -325,7 +325,8 @@ class Trainer(EvalMixin):
         self._check_eval_data()
         self._check_context(model)
         self.objective.prepare(model, self.datasets, cfg.data.tokens_per_batch, self.device,
-                               self.autocast, self.echo)
+                               self.autocast, self.echo,
+                               prints={"base": self.base_print, **self.frozen_prints})
         # Every rank follows one process's batches (steps, epochs, data position) and takes its
         # share of each step's (step_share): the run of one process with grad_accum * N.
         batches = PackedBatches.from_config(self.datasets.train, cfg.data)
