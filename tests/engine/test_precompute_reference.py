@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ember import EmberError
 from ember.engine import preference_objectives
 from ember.engine.distributed import DistInfo
 from ember.engine.reference_cache import cache_key, load_cached
@@ -147,12 +148,13 @@ def test_precomputed_reference_resumes_exactly(tiny, prefs, tmp_path, monkeypatc
     """The resume loads the values the stopped run saved (no precompute pass) and logs what an
     uninterrupted run does; an edited validation line (a resume may change it) recomputes that
     split only, and so would another data.max_seq_len (a new run in the same directory)."""
-    val = tmp_path / "val.jsonl"
+    val, trn = tmp_path / "val.jsonl", tmp_path / "train.jsonl"
     val.write_text(Path(prefs).read_text())
+    trn.write_text(Path(prefs).read_text())
     extra = ("max_steps=4", "checkpoint.every_steps=2", "dpo.precompute_ref_log_probs=true")
     train(_cfg(tiny, prefs, tmp_path / "a", "dpo", *extra), echo=quiet, progress=False)
     calls = _count_precomputes(monkeypatch)
-    cfg_b = _cfg(tiny, prefs, tmp_path / "b", "dpo", *extra, f'data.validation="{val}"')
+    cfg_b = _cfg(tiny, trn, tmp_path / "b", "dpo", *extra, f'data.validation="{val}"')
     train(cfg_b, echo=quiet, progress=False, stop_after=2)
     assert calls == [12, 12]  # the training and the validation pairs
     said = []
@@ -186,3 +188,10 @@ def test_precomputed_reference_resumes_exactly(tiny, prefs, tmp_path, monkeypatc
     ds = t.datasets
     assert list(ds.validation[3].ref_logps) == pytest.approx(
         _oracle_sums(tiny["model"], ds.validation[3]), abs=2e-5)
+
+    # an edited training line: the resume is refused (another batch order), before the
+    # precompute rather than after it
+    trn.write_text(val.read_text())
+    with pytest.raises(EmberError, match="dataset or batching settings differ"):
+        train(cfg_b, resume=True, echo=quiet, progress=False)
+    assert calls == [12, 12, 12]
