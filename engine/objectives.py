@@ -134,9 +134,11 @@ class SFT:
         """EmberError now, before training, when ``task_eval`` could not score ``examples``."""
         generation_examples(model, examples, ev.max_new_tokens, ev.max_examples, ev.metrics)
 
-    def prepare(self, model, ds: Datasets, tokens_per_batch: int, device, autocast, echo) -> None:
+    def prepare(self, model, ds: Datasets, tokens_per_batch: int, device, autocast, echo, *,
+                prints: dict[str, str] | None = None) -> None:
         """Before the first step, with the model built and the data loaded (DPO / KTO precompute
-        their reference log-probs here)."""
+        their reference log-probs here; ``prints``: the weight fingerprints a checkpoint records,
+        keying the values they keep for a resume)."""
 
     def check_data(self, ds: Datasets) -> None:
         for split, examples in (("train", ds.train), ("validation", ds.validation)):

@@ -58,6 +58,7 @@ from ember.engine.preference_losses import (
     orpo_loss,
     simpo_loss,
 )
+from ember.engine.reference_cache import cache_key, cache_path, load_cached, save_cached
 from ember.engine.stage_reference import adapter_snapshot, adapters_swapped
 from ember.engine.stages import continues_lora, frozen_start
 from ember.models.lora_init import changes_base
@@ -247,6 +248,14 @@ class Referenced:
     def _init_reference(self, cfg: TrainConfig, info: DistInfo, precompute: bool) -> None:
         self.ref_model, self.ref_adapters = None, None
         self.precompute, self.released = precompute, False
+        # where and under which settings a precompute is kept for a resume (reference_cache)
+        m = cfg.model
+        self.cache_dir = cfg.out_dir
+        self.cache_settings = {
+            "objective": cfg.objective, "method": cfg.method, "precision": cfg.precision,
+            "model.dtype": m.dtype, "model.quantize": m.quantize,
+            "model.double_quant": m.double_quant, "model.rope_scaling": m.rope_scaling,
+            "model.rope_factor": m.rope_factor, "dist.mixed_precision": cfg.dist.mixed_precision}
         # a continued adapter: a frozen copy of it; so for PiSSA / OLoRA's starting adapters
         # (with them off the model is the residual base, not the starting model)
         self.snapshot = continues_lora(cfg) or (cfg.method == "lora"
@@ -282,27 +291,45 @@ class Referenced:
         """Whether batches that carry no precomputed log-probs are scored during training."""
         return False
 
-    def prepare(self, model, ds: Datasets, tokens_per_batch: int, device, autocast, echo) -> None:
+    def prepare(self, model, ds: Datasets, tokens_per_batch: int, device, autocast, echo, *,
+                prints: dict[str, str] | None = None) -> None:
         """``precompute_ref_log_probs``: one pass of the reference (eval mode, no gradients) over
         the training and validation examples before the first step, each document's summed answer
         log-prob kept on its example (``Example.ref_logps``, carried into ``Batch.ref_sums``), so
         the steps and evaluations run no reference forward; a full fine-tune's frozen copy is then
-        released unless live scoring still needs it (KTO's mismatched KL documents)."""
+        released unless live scoring still needs it (KTO's mismatched KL documents). With
+        ``prints`` (the reference's weight fingerprints by role) the values are saved in the run
+        directory and a resume under the same key loads them (``engine/reference_cache.py``)."""
         if not self.precompute:
             return
-        t0, n = time.perf_counter(), 0
-        splits = [ds.train, ds.validation, *ds.val_sources.values()]
-        for examples in splits:
+        t0 = time.perf_counter()
+        splits = {"train": ds.train, "validation": ds.validation,
+                  **{f"validation/{k}": v for k, v in ds.val_sources.items()}}
+        key = None if prints is None else cache_key(splits, prints, self.cache_settings)
+        loaded = 0
+        if key is not None:
+            loaded, why = load_cached(self.cache_dir, splits, key, self.info)
+            if why:
+                echo(f"{self.name}: saved reference log-probs do not apply ({why}): computing "
+                     "them again")
+        n = 0
+        for examples in splits.values():
             todo = [e for e in examples if e.ref_logps is None]
             if todo:
                 n += attach_ref_logps(todo, lambda b: self.ref_logprobs(model, b), model,
                                       tokens_per_batch, device, autocast, self.info)
+        if n and key is not None:
+            save_cached(self.cache_dir, splits, key, self.info)
+        done = [f"{n} documents precomputed"] if n or not loaded else []
+        if loaded:
+            done.append(f"{loaded} {'' if done else 'documents '}loaded from "
+                        f"{cache_path(self.cache_dir)}")
         note = ""
         if self.ref_model is not None and not self.needs_live_reference():
             self.ref_model, self.released = None, True
             gc.collect()
             note = "; the frozen reference copy is released"
-        echo(f"{self.name}: reference log-probs of {n} documents precomputed in "
+        echo(f"{self.name}: reference log-probs of {' and '.join(done)} in "
              f"{time.perf_counter() - t0:.1f} s{note}")
 
     def ref_logprobs(self, model, batch) -> DocLogprobs:

@@ -253,6 +253,14 @@ def restore(path: Path, cfg: TrainConfig, info: DistInfo, model, optimizer, *,
     return Progress(**extra["progress"])
 
 
+def check_data(path: Path, batches: PackedBatches, batches_per_step: int, processes: int) -> None:
+    """EmberError when checkpoint ``path``'s run trained on other data or batching: the
+    refusal ``restore`` would give, before DPO's / KTO's reference precompute rather than after
+    it (minutes of forwards on a real model)."""
+    extra = torch.load(Path(path) / "extra.pt", weights_only=True)
+    restore_data_state(batches, extra["data"], batches_per_step, processes)
+
+
 def check_fingerprints(path: Path, cfg: TrainConfig, extra: dict | None = None, *,
                        base: str | None = None, frozen: dict[str, str] | None = None) -> None:
     """EmberError unless the weights a resume rebuilds from files (``base``: the model's

@@ -98,6 +98,7 @@ from ember.engine.stages import describe as describe_start
 from ember.engine.state import (
     Progress,
     base_fingerprint,
+    check_data,
     check_fingerprints,
     checkpoint_config,
     export_final,
@@ -324,13 +325,16 @@ class Trainer(EvalMixin):
         self.datasets = self._datasets(cfg, info, self.tokenizer)
         self._check_eval_data()
         self._check_context(model)
-        self.objective.prepare(model, self.datasets, cfg.data.tokens_per_batch, self.device,
-                               self.autocast, self.echo)
         # Every rank follows one process's batches (steps, epochs, data position) and takes its
         # share of each step's (step_share): the run of one process with grad_accum * N.
         batches = PackedBatches.from_config(self.datasets.train, cfg.data)
         per_epoch = len(batches.plan(0))
         per_step = cfg.grad_accum * info.world_size
+        if latest is not None:  # other training data: refused before a precompute (minutes)
+            check_data(latest, batches, per_step, info.world_size)
+        self.objective.prepare(model, self.datasets, cfg.data.tokens_per_batch, self.device,
+                               self.autocast, self.echo,
+                               prints={"base": self.base_print, **self.frozen_prints})
         # Each epoch's last step takes only the micro-batches left (HF Trainer's partial
         # accumulation, with epochs or max_steps), so 2 epochs of 5 batches at grad_accum 4 are
         # 4 steps of 4, 1, 4, 1 batches (not 3 steps, nor 8 batches an epoch).

@@ -35,7 +35,7 @@ def continue_from(src: Path, dst: Path, step: int) -> None:
     for s, folder in dcp.list_checkpoints(dst / "checkpoints"):
         if s > step:
             shutil.rmtree(folder)
-    shutil.rmtree(dst / "final")
+    shutil.rmtree(dst / "final", ignore_errors=True)  # (none with checkpoint.save_final = false)
 
 
 def split_output(text: str, names: list[str]) -> dict[str, str]:

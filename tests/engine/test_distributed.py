@@ -184,6 +184,10 @@ def runs(tiny, tmp_path_factory, request):
     plan.append({"name": "lora2", "args": [str(write_config(
         tiny, tmp / "lora2", *KINDS["lora"], 'activations.checkpointing="every_block"',
         "activations.mlp_chunk_tokens=24", "dist.reshard_after_forward=false"))]})
+    # DPO's run again in a copy of its directory (no checkpoint: from step 0): the reference
+    # log-probs the two processes saved are read by rank 0 and broadcast, not scored again
+    plan.append({"name": "dpo22", "continue_from": [tmp / "dpo2", tmp / "dpo22", 0],
+                 "args": [str(tmp / "dpo22"), "--resume", *sets(f'run_dir="{tmp / "dpo22"}"')]})
     # 1 -> 2: the one-process run's checkpoint of step 2, continued by two processes.
     continue_from(tmp / "full1", tmp / "full12", 2)
     plan.append({"name": "full12", "args": [str(tmp / "full12"), "--resume",
@@ -253,6 +257,9 @@ def test_teacher_and_reference_are_sharded(runs, kind):
     if kind == "dpo":
         assert re.search(r"dpo: reference log-probs of 64 documents precomputed .* the frozen "
                          r"reference copy is released", out["dpo2"]), out["dpo2"][-3000:]
+        assert re.search(r"dpo: reference log-probs of 64 documents loaded from .*/dpo22/"
+                         r"reference/logps.safetensors", out["dpo22"]), out["dpo22"][-3000:]
+        _same_rows(rows_of(tmp / "dpo22"), one)
     role = "teacher" if kind == "distill" else "reference"
     m = re.search(rf"{kind} {role}: [\d.]+M params, frozen, sharded: (\d+)% of it on rank 0",
                   out[f"{kind}2"])

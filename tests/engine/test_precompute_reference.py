@@ -4,15 +4,21 @@ document's summed answer log-prob under the starting model computed here from fu
 document at a time; training then runs no reference forward (DPO, KTO without its KL term) and
 logs the curve a run scoring the reference live does; a full fine-tune's frozen copy is released
 unless KTO's KL documents still need it; a stopped and resumed run logs what an uninterrupted one
-does."""
+does, loading the values saved in the run directory instead of scoring the data again, unless the
+tokenized data or the reference changed (engine/reference_cache.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
+from ember import EmberError
+from ember.engine import preference_objectives
+from ember.engine.distributed import DistInfo
+from ember.engine.reference_cache import cache_key, load_cached
 from ember.engine.trainer import Trainer, train
 from ember.models import Transformer
 from ember.models.loading import load_pretrained
@@ -46,6 +52,19 @@ def _count_training_forwards(monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(Transformer, "hidden_states", record)
     return seen
+
+
+def _count_precomputes(monkeypatch) -> list[int]:
+    """The examples of each reference precompute pass (one per split scored)."""
+    calls = []
+    real = preference_objectives.attach_ref_logps
+
+    def counted(examples, *a, **k):
+        calls.append(len(examples))
+        return real(examples, *a, **k)
+
+    monkeypatch.setattr(preference_objectives, "attach_ref_logps", counted)
+    return calls
 
 
 def _oracle_sums(model_dir, example) -> list[float]:
@@ -100,25 +119,79 @@ def test_dpo_full_finetuning_releases_the_frozen_copy(tiny, prefs, tmp_path):
 
 
 @pytest.mark.parametrize("loss_type,keeps_copy", [("kto", True), ("apo_zero_unpaired", False)])
-def test_kto_precomputed_reference(tiny, prefs, tmp_path, loss_type, keeps_copy):
+def test_kto_precomputed_reference(tiny, prefs, tmp_path, monkeypatch, loss_type, keeps_copy):
     """KTO's examples use the precomputed values; its KL documents (other prompts' completions,
-    new each batch) are still scored live, so a full fine-tune keeps its frozen copy for them."""
+    new each batch) are still scored live, so a full fine-tune keeps its frozen copy for them. A
+    rerun in the same run directory loads the saved values (keyed by the frozen copy's
+    fingerprint)."""
     extra = ('method="full"', "optim.lr=1e-3", "max_steps=3", f'kto.loss_type="{loss_type}"')
     train(_cfg(tiny, prefs, tmp_path / "live", "kto", *extra), echo=quiet, progress=False)
-    t = Trainer(_cfg(tiny, prefs, tmp_path / "pre", "kto", *extra,
-                     "kto.precompute_ref_log_probs=true"), echo=quiet, progress=False)
+    cfg = _cfg(tiny, prefs, tmp_path / "pre", "kto", *extra, "kto.precompute_ref_log_probs=true")
+    t = Trainer(cfg, echo=quiet, progress=False)
     t.run()
     assert bool(t.objective.frozen_models()) == keeps_copy
     assert all(e.ref_logps is not None and len(e.ref_logps) == 1 for e in t.datasets.train)
     e = t.datasets.train[1]
     assert list(e.ref_logps) == pytest.approx(_oracle_sums(tiny["model"], e), abs=2e-5)
     assert _losses(tmp_path / "pre") == pytest.approx(_losses(tmp_path / "live"), **LIVE_TOL)
+    if keeps_copy:  # (one of the two suffices)
+        calls = _count_precomputes(monkeypatch)
+        # (no checkpoint: the resume starts again from step 0, with the saved values)
+        again = Trainer(cfg, resume=True, echo=quiet, progress=False)
+        again.run()
+        assert calls == []
+        assert [e.ref_logps for e in again.datasets.train] == [
+            e.ref_logps for e in t.datasets.train]
 
 
-def test_precomputed_reference_resumes_exactly(tiny, prefs, tmp_path):
+def test_precomputed_reference_resumes_exactly(tiny, prefs, tmp_path, monkeypatch):
+    """The resume loads the values the stopped run saved (no precompute pass) and logs what an
+    uninterrupted run does; an edited validation line (a resume may change it) recomputes that
+    split only, and so would another data.max_seq_len (a new run in the same directory)."""
+    val, trn = tmp_path / "val.jsonl", tmp_path / "train.jsonl"
+    val.write_text(Path(prefs).read_text())
+    trn.write_text(Path(prefs).read_text())
     extra = ("max_steps=4", "checkpoint.every_steps=2", "dpo.precompute_ref_log_probs=true")
     train(_cfg(tiny, prefs, tmp_path / "a", "dpo", *extra), echo=quiet, progress=False)
-    cfg_b = _cfg(tiny, prefs, tmp_path / "b", "dpo", *extra)
+    calls = _count_precomputes(monkeypatch)
+    cfg_b = _cfg(tiny, trn, tmp_path / "b", "dpo", *extra, f'data.validation="{val}"')
     train(cfg_b, echo=quiet, progress=False, stop_after=2)
-    train(cfg_b, resume=True, echo=quiet, progress=False)
+    assert calls == [12, 12]  # the training and the validation pairs
+    said = []
+    t = Trainer(cfg_b, resume=True, echo=said.append, progress=False)
+    t.run()
+    assert calls == [12, 12], "the resume ran the reference precompute again"
+    assert any("reference log-probs of 48 documents loaded from" in s for s in said), said
     assert rows_of(tmp_path / "a", timing=False) == rows_of(tmp_path / "b", timing=False)
+
+    prints = {"base": t.base_print, **t.frozen_prints}
+    longest = max(n for e in t.datasets.train for n in e.doc_lengths)
+    for max_len, applies in ((32, True), (longest - 1, False)):
+        ds = t.objective.load_datasets(dataclasses.replace(t.cfg.data, max_seq_len=max_len),
+                                       t.tokenizer)
+        splits = {"train": ds.train, "validation": ds.validation}
+        n, why = load_cached(t.cfg.out_dir, splits,
+                             cache_key(splits, prints, t.objective.cache_settings), DistInfo())
+        assert (n == 48) == applies and ("train examples differ" in why) != applies, why
+        if applies:
+            assert [e.ref_logps for e in ds.train] == [e.ref_logps for e in t.datasets.train]
+
+    lines = val.read_text().splitlines()
+    lines[3] = lines[3].replace("say ", "say please ")
+    val.write_text("\n".join(lines) + "\n")
+    said.clear()
+    t = Trainer(cfg_b, resume=True, echo=said.append, progress=False)
+    t.run()
+    assert calls == [12, 12, 12]  # the validation pairs only
+    assert any("do not apply (the validation examples differ" in s for s in said), said
+    assert any("of 24 documents precomputed and 24 loaded from" in s for s in said), said
+    ds = t.datasets
+    assert list(ds.validation[3].ref_logps) == pytest.approx(
+        _oracle_sums(tiny["model"], ds.validation[3]), abs=2e-5)
+
+    # an edited training line: the resume is refused (another batch order), before the
+    # precompute rather than after it
+    trn.write_text(val.read_text())
+    with pytest.raises(EmberError, match="dataset or batching settings differ"):
+        train(cfg_b, resume=True, echo=quiet, progress=False)
+    assert calls == [12, 12, 12]
