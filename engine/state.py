@@ -481,7 +481,7 @@ def export_final_adapter(run_dir: str | Path, cfg: TrainConfig, out: str | Path)
     exported; the files written were these, byte for byte). The files are checked first: a
     readable adapter of the run's kind. None when the run has no such final adapter (its weights
     are in a checkpoint, which needs the base to load)."""
-    from ember.models.peft_files import _read_adapter, check_field_types
+    from ember.models.peft_files import _read_adapter, check_field_types, write_adapter_files
 
     folder = Path(run_dir) / "final" / "adapter"
     names = ("adapter_config.json", "adapter_model.safetensors")
@@ -495,23 +495,10 @@ def export_final_adapter(run_dir: str | Path, cfg: TrainConfig, out: str | Path)
                          "this run's")
     if kind == "LORA":
         check_field_types(config, folder / names[0])
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise EmberError(f"cannot write an adapter to {out}: it exists and is not a folder")
-    if out.resolve() == folder.resolve():
-        return out  # the files are there already
-    out.mkdir(parents=True, exist_ok=True)
-    tmps = {n: out / (n + ".tmp") for n in names}
-    try:  # as _write_adapter: never new weights beside an older adapter's config
-        for n, tmp in tmps.items():
-            shutil.copyfile(folder / n, tmp)
-    except BaseException:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    for n, tmp in tmps.items():
-        os.replace(tmp, out / n)
-    return out
+    if Path(out).resolve() == folder.resolve():
+        return Path(out)  # the files are there already
+    return write_adapter_files(out, {n: lambda p, n=n: shutil.copyfile(folder / n, p)
+                                     for n in names})
 
 
 def _recorded_prints(path: Path, run_dir: Path) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -83,17 +84,22 @@ def _write_adapter(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> P
     """A PEFT adapter folder: adapter_model.safetensors + adapter_config.json, each atomic."""
     from safetensors.torch import save_file
 
+    return write_adapter_files(out_dir, {
+        "adapter_model.safetensors": lambda p: save_file(tensors, str(p),
+                                                         metadata={"format": "pt"}),
+        "adapter_config.json": lambda p: p.write_text(
+            json.dumps(config, indent=2, sort_keys=True) + "\n")})
+
+
+def write_adapter_files(out_dir, files: dict[str, Callable[[Path], object]]) -> Path:
+    """Writes an adapter folder's files (``files``: name -> a writer of that file's path). Each
+    is written under a temporary name first and then all are renamed one right after the
+    other: a crash while writing (the weights take long) leaves the folder as it was, not new
+    weights without their config (or beside an older adapter's config)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise EmberError(f"cannot write an adapter to {out}: it exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    # Both files are written under temporary names first and then renamed one right after the
-    # other: a crash while writing (the weights take long) leaves the folder as it was, not new
-    # weights without their config (or beside an older adapter's config).
-    files = {"adapter_model.safetensors": lambda p: save_file(tensors, str(p),
-                                                              metadata={"format": "pt"}),
-             "adapter_config.json": lambda p: p.write_text(
-                 json.dumps(config, indent=2, sort_keys=True) + "\n")}
     tmps = {}
     try:
         for name, write in files.items():
