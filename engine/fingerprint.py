@@ -45,10 +45,11 @@ def write_base_file(final: Path, model_name: str, fingerprint: str) -> None:
     )
 
 
-def read_base_file(final: Path) -> str | None:
-    """The fingerprint ``final/base.json`` records (None: a run written before it)."""
+def read_base_file(final: Path, field: str = "fingerprint") -> str | None:
+    """What ``final/base.json`` records under ``field`` ("fingerprint", or "model": the base's
+    name); None for a run written before it."""
     try:
-        return json.loads((final / BASE_FILE).read_text()).get("fingerprint")
+        return json.loads((final / BASE_FILE).read_text()).get(field)
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -72,8 +73,8 @@ def stale_final(run_dir: Path) -> str | None:
         step = int(json.loads((run_dir / "final" / RUN_END_FILE).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    latest = dcp.find_latest(dcp.checkpoint_root(run_dir)).path
-    if latest is None or not latest.name.removeprefix("step_").isdigit():
+    latest = dcp.find_latest(dcp.checkpoint_root(run_dir)).path  # (a step_<N> folder)
+    if latest is None:
         return None
     newest = int(latest.name.removeprefix("step_"))
     if newest <= step:

@@ -20,7 +20,6 @@ processes as long as ``grad_accum * processes`` (packed batches per optimizer st
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import warnings
@@ -44,7 +43,6 @@ from ember.engine.distributed import (
     restore_data_state,
 )
 from ember.engine.fingerprint import (
-    BASE_FILE,
     read_base_file,
     stale_final,
     weights_fingerprint,
@@ -413,7 +411,7 @@ def load_run_model(run_dir: str | Path, device: str | None = None, echo=None):
         device = "cpu"
     final_adapter, final_model = run_dir / "final" / "adapter", run_dir / "final" / "model"
     if (final_adapter.is_dir() or final_model.is_dir()) and (note := stale_final(run_dir)):
-        (echo or (lambda m: warnings.warn(m, stacklevel=3)))(note)
+        _tell(echo, note, 2)
     if cfg.method in ("lora", "prompt") and final_adapter.is_dir():
         cfg = _without_gone_init(cfg, run_dir)
     if not (cfg.method == "full" and final_model.is_dir()):  # (which needs no base)
@@ -465,11 +463,7 @@ def _without_gone_init(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     init = cfg.model.init
     if init is None or Path(init).expanduser().exists():
         return cfg
-    try:
-        recorded = json.loads((run_dir / "final" / BASE_FILE).read_text()).get("model")
-    except (OSError, ValueError, AttributeError):
-        return cfg
-    if recorded != cfg.model.name:
+    if read_base_file(run_dir / "final", "model") != cfg.model.name:
         return cfg
     return cfg.replace(model=dataclasses.replace(cfg.model, init=None))
 
@@ -499,6 +493,15 @@ def export_final_adapter(run_dir: str | Path, cfg: TrainConfig, out: str | Path)
         return Path(out)  # the files are there already
     return write_adapter_files(out, {n: lambda p, n=n: shutil.copyfile(folder / n, p)
                                      for n in names})
+
+
+def _tell(echo, note: str, stacklevel: int) -> None:
+    """A note for ``load_run_model``'s caller: to ``echo``, else a warning (a Python caller;
+    ``stacklevel``: the frames up to it, counted from the function calling this)."""
+    if echo is None:
+        warnings.warn(note, stacklevel=stacklevel + 1)
+    else:
+        echo(note)
 
 
 def _recorded_prints(path: Path, run_dir: Path) -> dict:
@@ -538,10 +541,7 @@ def _check_base(cfg: TrainConfig, device: str, source: Path, recorded: str | Non
         note = (f"warning: {what}, or only seems to: the run computed its {rounds} base on "
                 f"{trained_on}, this on {device}, whose rounding may differ; load on "
                 f"{trained_on} to check")
-        if echo is None:
-            warnings.warn(note, stacklevel=3)
-        else:
-            echo(note)
+        _tell(echo, note, 3)
         return
     raise EmberError(f"{what}: its files were replaced, edited or re-quantized since the run "
                      "(the trained weights over another base make another model). Point "
