@@ -30,15 +30,19 @@ def _changed(file):
     return lambda: save_file(weights, file, metadata={"format": "pt", "note": "rewritten"})
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt"])
-def test_a_run_over_a_changed_base_is_refused(tiny, tmp_path, method):
+def _trained_on_a_copy(tiny, tmp_path, *sets):
+    """(the model folder, the run directory) of a run trained on a copy of the tiny model,
+    which the test then changes."""
     model = shutil.copytree(tiny["model"], tmp_path / "model")
     run = tmp_path / "r"
-    train(
-        tiny_config(dict(tiny, model=str(model)), run, f'method="{method}"', *FAST),
-        echo=quiet,
-        progress=False,
-    )
+    train(tiny_config(dict(tiny, model=str(model)), run, *FAST, *sets), echo=quiet,
+          progress=False)
+    return model, run
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_a_run_over_a_changed_base_is_refused(tiny, tmp_path, method):
+    model, run = _trained_on_a_copy(tiny, tmp_path, f'method="{method}"')
     assert json.loads((run / "final" / "base.json").read_text())["model"] == str(model)
     load_run_model(run, "cpu")
     restore = _changed(model / "model.safetensors")
@@ -58,20 +62,8 @@ def test_a_pissa_checkpoint_is_checked_by_the_files_its_residual_comes_from(
 ):
     """The residual base recomputed on another device may differ in its last bits (its resume
     fingerprint then too): the base files are the same, so the run loads; other files do not."""
-    model = shutil.copytree(tiny["model"], tmp_path / "model")
-    run = tmp_path / "r"
-    train(
-        tiny_config(
-            dict(tiny, model=str(model)),
-            run,
-            'lora.init="pissa"',
-            "checkpoint.save_final=false",
-            'lora.targets=["q"]',
-            *FAST,
-        ),
-        echo=quiet,
-        progress=False,
-    )
+    model, run = _trained_on_a_copy(tiny, tmp_path, 'lora.init="pissa"',
+                                    "checkpoint.save_final=false", 'lora.targets=["q"]')
     with monkeypatch.context() as m:
         m.setattr("ember.engine.state.base_fingerprint", lambda *a, **k: "another residual")
         load_run_model(run, "cpu")
@@ -95,21 +87,9 @@ def test_a_pissa_checkpoint_is_checked_by_the_files_its_residual_comes_from(
 def test_best_weights_are_checked_by_the_runs_checkpoint(tiny, tmp_path):
     """eval.early_stopping without a final export: the best evaluation's weights (best/, which
     record no fingerprint) are checked against the run's newest checkpoint's."""
-    model = shutil.copytree(tiny["model"], tmp_path / "model")
-    run = tmp_path / "r"
-    train(
-        tiny_config(
-            dict(tiny, model=str(model)),
-            run,
-            *FAST,
-            "checkpoint.save_final=false",
-            "eval.val_loss=true",
-            'eval.early_stopping="val_loss"',
-            "eval.every_steps=1",
-        ),
-        echo=quiet,
-        progress=False,
-    )
+    model, run = _trained_on_a_copy(tiny, tmp_path, "checkpoint.save_final=false",
+                                    "eval.val_loss=true", 'eval.early_stopping="val_loss"',
+                                    "eval.every_steps=1")
     load_run_model(run, "cpu")
     _changed(model / "model.safetensors")
     with pytest.raises(EmberError, match=r"differs from the one .*best/step_0*\d was trained"):
