@@ -185,6 +185,7 @@ def _cmd_export(a) -> None:
     import torch
 
     from ember.engine.fingerprint import stale_final
+    from ember.engine.merged_base import widen_frozen_base_
     from ember.engine.stages import base_of
     from ember.engine.state import export_final_adapter, load_run_model, multimodal_base
     from ember.models.loading import load_pretrained, resolve_dtype, save_pretrained
@@ -236,7 +237,10 @@ def _cmd_export(a) -> None:
     elif a.gguf:
         from ember.models.gguf_export import save_gguf
 
-        # merged in fp32 (a QLoRA base dequantized into it): the GGUF type is the only rounding
+        # merged in fp32 (a QLoRA base dequantized into it) or the base checkpoint's dtype (a
+        # bf16 run's fp32 base: its fp32 weights): the GGUF type is the only rounding
+        if cfg is not None:
+            widen_frozen_base_(model, cfg, resolve_dtype(model.cfg.torch_dtype))
         if lora_modules(model):
             merge_lora(model, torch.float32 if is_quantized(model) else None)
         out = save_gguf(model, tok, a.gguf, dtype=a.gguf_type)
@@ -247,9 +251,13 @@ def _cmd_export(a) -> None:
         # Linear4bit.merge adds the update to bnb's dequantize_4bit in the dtype the base was
         # loaded in (was bf16 whatever the base: an fp32 / fp16 base and its embedding's update
         # rounded to bf16). Merged in the dtype written: PEFT's embedding merge rounds its
-        # update to it first.
+        # update to it first. A run whose base trained in a narrower dtype (precision = "bf16"
+        # over an fp32 base) merges into the checkpoint's own weights, as PEFT on transformers'
+        # fp32 model (was: the bf16-rounded ones, written as fp32).
         nf4 = is_quantized(model)
         dtype = resolve_dtype(model.cfg.torch_dtype)
+        if cfg is not None:  # a bf16 run over an fp32 base: merged into the fp32 weights
+            widen_frozen_base_(model, cfg, dtype)
         if lora_modules(model):
             merge_lora(model, dtype)
         out = save_pretrained(model, a.merged, tok, dtype=dtype,

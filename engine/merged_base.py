@@ -1,0 +1,60 @@
+"""The base weights a LoRA run's merged export starts from.
+
+A LoRA run at bf16 / fp16 precision loads its frozen base in that dtype (``model.dtype = "auto"``)
+to save memory, while the base checkpoint may be fp32. ``ember export --merged`` writes the
+checkpoint's dtype, so the merge must start from the checkpoint's own values: PEFT's
+``merge_and_unload`` on the base as transformers loads it adds the fp32 update to the fp32
+weight; Ember's run model holds the bf16-rounded weight (4.9e-4 off on a 0.1-scale weight,
+every projection and the embedding, though only the adapter was trained).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ember.engine.config import TrainConfig
+from ember.engine.stages import base_of, load_base
+from ember.models.loading import resolve_dtype
+from ember.models.lora import lora_modules
+from ember.models.lora_init import changes_base
+from ember.models.nf4 import is_quantized
+
+
+def widen_frozen_base_(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype | None) -> bool:
+    """Replace the frozen base tensors of a LoRA run's ``model`` (loaded in ``cfg.model.dtype``)
+    by the base checkpoint's values in ``dtype``, the dtype the export writes. A tensor is
+    replaced only where the checkpoint's value, rounded to the run's dtype, is the run's value
+    bit for bit: a trained one (a classifier head, ``modules_to_save``) is left as trained.
+    Returns whether anything was loaded. Not for an NF4 base (the 4-bit weights are the base, as
+    PEFT merges into bitsandbytes' dequantized ones) nor a PiSSA / OLoRA residual base (computed
+    from the rounded weights the run loaded)."""
+    run_dtype = resolve_dtype(cfg.model.dtype)
+    if (
+        cfg.method != "lora"
+        or dtype is None
+        or run_dtype in (None, dtype)
+        or not lora_modules(model)
+        or is_quantized(model)
+        or changes_base(cfg.lora.init)
+    ):
+        return False
+    device = next(model.parameters()).device
+    # loaded in the written dtype (a second copy of the base, its tensors moved into the model)
+    orig = load_base(cfg, base_of(cfg), str(dtype).removeprefix("torch."), str(device))[0]
+    theirs = orig.state_dict()
+    wrapped = {f"{n}.base.": f"{n}." for n in lora_modules(model)}
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():
+            pre = next((w for w in wrapped if name.startswith(w)), None)
+            key = name if pre is None else wrapped[pre] + name[len(pre) :]
+            src = theirs.get(key)
+            if (
+                src is None
+                or src.shape != t.shape
+                or t.dtype != run_dtype
+                or not torch.equal(src.to(run_dtype), t)
+            ):
+                continue
+            t.data = src
+    return True
