@@ -17,7 +17,6 @@ from ember.engine.config import TrainConfig
 from ember.engine.stages import base_of, load_base
 from ember.models.loading import resolve_dtype
 from ember.models.lora import lora_modules
-from ember.models.lora_init import changes_base
 from ember.models.nf4 import is_quantized
 
 
@@ -27,8 +26,9 @@ def widen_frozen_base_(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype | 
     replaced only where the checkpoint's value, rounded to the run's dtype, is the run's value
     bit for bit: a trained one (a classifier head, ``modules_to_save``) is left as trained.
     Returns whether anything was loaded. Not for an NF4 base (the 4-bit weights are the base, as
-    PEFT merges into bitsandbytes' dequantized ones) nor a PiSSA / OLoRA residual base (computed
-    from the rounded weights the run loaded)."""
+    PEFT merges into bitsandbytes' dequantized ones). A PiSSA / OLoRA run's residual base (a run
+    without its final adapter, rebuilt from a checkpoint) differs from the checkpoint's weights
+    where it was adapted: those modules keep it (their merge stays in the run's rounding)."""
     run_dtype = resolve_dtype(cfg.model.dtype)
     if (
         cfg.method != "lora"
@@ -36,7 +36,6 @@ def widen_frozen_base_(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype | 
         or run_dtype in (None, dtype)
         or not lora_modules(model)
         or is_quantized(model)
-        or changes_base(cfg.lora.init)
     ):
         return False
     device = next(model.parameters()).device

@@ -18,15 +18,16 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(scope="module")
-def bf16_run(tiny, tmp_path_factory):
+@pytest.fixture(scope="module", params=["kaiming", "pissa"])
+def bf16_run(request, tiny, tmp_path_factory):
+    """lora.init = "pissa": the final adapter is the plain rank-2r LoRA on the original base."""
     root = tmp_path_factory.mktemp("bf16run")
     cfg = root / "c.toml"
     cfg.write_text(
         f'model.name = "{tiny["model"]}"\nrun_dir = "{root / "run"}"\n'
         f'device = "cpu"\nprecision = "bf16"\nmax_steps = 1\nplot = false\n'
         f'[optim]\nlr = 5e-3\n[data]\ntrain = ["{tiny["small"]}"]\n'
-        f"max_seq_len = 64\n[eval]\nshow = 0\n"
+        f'max_seq_len = 64\n[eval]\nshow = 0\n[lora]\ninit = "{request.param}"\n'
     )
     assert main(["train", str(cfg)]) == 0
     assert 'dtype = "bfloat16"' in (root / "run" / "config.toml").read_text()
@@ -40,7 +41,12 @@ def bf16_run(tiny, tmp_path_factory):
     for f in Path(tiny["model"]).iterdir():  # the tokenizer, which --gguf needs
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
             shutil.copy(f, root / "peft_merged")
-    return {"run": root / "run", "theirs": merged.state_dict(), "peft": root / "peft_merged"}
+    return {
+        "init": request.param,
+        "run": root / "run",
+        "theirs": merged.state_dict(),
+        "peft": root / "peft_merged",
+    }
 
 
 def test_merged_export_merges_into_the_fp32_base_weights(bf16_run, tmp_path):
