@@ -10,13 +10,16 @@ every projection and the embedding, though only the adapter was trained).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
 from ember.engine.config import TrainConfig
 from ember.engine.stages import base_of, load_base
 from ember.models.loading import resolve_dtype
-from ember.models.lora import lora_modules
+from ember.models.lora import LoRALinear, lora_modules
+from ember.models.lora_init import converted_adapter
 from ember.models.nf4 import is_quantized
 
 
@@ -26,9 +29,7 @@ def widen_frozen_base_(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype | 
     replaced only where the checkpoint's value, rounded to the run's dtype, is the run's value
     bit for bit: a trained one (a classifier head, ``modules_to_save``) is left as trained.
     Returns whether anything was loaded. Not for an NF4 base (the 4-bit weights are the base, as
-    PEFT merges into bitsandbytes' dequantized ones). A PiSSA / OLoRA run's residual base (a run
-    without its final adapter, rebuilt from a checkpoint) differs from the checkpoint's weights
-    where it was adapted: those modules keep it (their merge stays in the run's rounding)."""
+    PEFT merges into bitsandbytes' dequantized ones)."""
     run_dtype = resolve_dtype(cfg.model.dtype)
     if (
         cfg.method != "lora"
@@ -42,6 +43,7 @@ def widen_frozen_base_(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype | 
     # loaded in the written dtype (a second copy of the base, its tensors moved into the model)
     orig = load_base(cfg, base_of(cfg), str(dtype).removeprefix("torch."), str(device))[0]
     theirs = orig.state_dict()
+    _unresidual_(model, theirs)
     wrapped = {f"{n}.base.": f"{n}." for n in lora_modules(model)}
     with torch.no_grad():
         for name, t in model.state_dict(keep_vars=True).items():
@@ -57,3 +59,29 @@ def widen_frozen_base_(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype | 
                 continue
             t.data = src
     return True
+
+
+def _unresidual_(model: nn.Module, theirs: dict[str, torch.Tensor]) -> None:
+    """A PiSSA / OLoRA run rebuilt from a checkpoint (no final adapter) holds a residual base
+    ``W - scale * B0 A0`` computed from the run's rounded W: each such module gets the original
+    weight and the rank-2r adapter relative to it (``converted_adapter``), the very adapter its
+    final export holds, so the merge is the final adapter's (was: the bf16 residual + B A, 7e-4
+    off PEFT's merge)."""
+    base_init = model.__dict__.pop("peft_base_init", None)
+    if base_init is None:
+        return
+    with torch.no_grad():
+        for n, m in lora_modules(model).items():
+            if not isinstance(m, LoRALinear) or n not in base_init:
+                continue
+            A, B, m.rank, m.alpha = converted_adapter(
+                m.lora_A.detach(),
+                m.lora_B.detach(),
+                base_init[n],
+                m.rank,
+                m.alpha,
+                m.use_rslora,
+            )
+            m.lora_A, m.lora_B = nn.Parameter(A, False), nn.Parameter(B, False)
+            m.scale = m.alpha / (math.sqrt(m.rank) if m.use_rslora else m.rank)
+            m.base.weight.data = theirs[f"{n}.weight"]

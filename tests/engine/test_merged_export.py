@@ -28,6 +28,7 @@ def bf16_run(request, tiny, tmp_path_factory):
         f'device = "cpu"\nprecision = "bf16"\nmax_steps = 1\nplot = false\n'
         f'[optim]\nlr = 5e-3\n[data]\ntrain = ["{tiny["small"]}"]\n'
         f'max_seq_len = 64\n[eval]\nshow = 0\n[lora]\ninit = "{request.param}"\n'
+        "[checkpoint]\nevery_steps = 1\n"
     )
     assert main(["train", str(cfg)]) == 0
     assert 'dtype = "bfloat16"' in (root / "run" / "config.toml").read_text()
@@ -57,6 +58,17 @@ def test_merged_export_merges_into_the_fp32_base_weights(bf16_run, tmp_path):
     assert main(["export", str(bf16_run["run"]), "--merged", str(out)]) == 0
     ours, theirs = load_file(out / "model.safetensors"), bf16_run["theirs"]
     assert ours.keys() <= theirs.keys()
+    assert [k for k, v in ours.items() if not torch.equal(v, theirs[k])] == []
+
+
+def test_merged_export_of_a_run_without_its_final_adapter(bf16_run, tmp_path):
+    """The same run rebuilt from its last checkpoint (final/ gone: a run stopped early) merges
+    the same (was, with PiSSA: the run's bf16 residual base plus B A, 7e-4 off)."""
+    run = tmp_path / "run"
+    shutil.copytree(bf16_run["run"], run, ignore=shutil.ignore_patterns("final"))
+    out = tmp_path / "merged"
+    assert main(["export", str(run), "--merged", str(out)]) == 0
+    ours, theirs = load_file(out / "model.safetensors"), bf16_run["theirs"]
     assert [k for k, v in ours.items() if not torch.equal(v, theirs[k])] == []
 
 
