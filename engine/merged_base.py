@@ -34,7 +34,8 @@ def widen_frozen_base_(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype | 
     if (
         cfg.method != "lora"
         or dtype is None
-        or run_dtype in (None, dtype)
+        # an fp32 run holds a 16-bit base exactly
+        or run_dtype in (None, dtype, torch.float32)
         or not lora_modules(model)
         or is_quantized(model)
     ):
