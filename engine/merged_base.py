@@ -17,7 +17,6 @@ import torch.nn as nn
 
 from ember.engine.config import TrainConfig
 from ember.engine.stages import base_of, load_base
-from ember.models.loading import resolve_dtype
 from ember.models.lora import LoRALinear, lora_modules
 from ember.models.lora_init import converted_adapter
 from ember.models.nf4 import is_quantized
@@ -30,15 +29,12 @@ def widen_frozen_base_(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype | 
     bit for bit: a trained one (a classifier head, ``modules_to_save``) is left as trained.
     Returns whether anything was loaded. Not for an NF4 base (the 4-bit weights are the base, as
     PEFT merges into bitsandbytes' dequantized ones)."""
-    run_dtype = resolve_dtype(cfg.model.dtype)
-    if (
-        cfg.method != "lora"
-        or dtype is None
-        # an fp32 run holds a 16-bit base exactly
-        or run_dtype in (None, dtype, torch.float32)
-        or not lora_modules(model)
-        or is_quantized(model)
-    ):
+    mods = lora_modules(model)
+    if cfg.method != "lora" or dtype is None or not mods or is_quantized(model):
+        return False
+    # the dtype the run loaded its base in (model.dtype, "auto" in an unresolved config)
+    run_dtype = next(iter(mods.values())).base.weight.dtype
+    if run_dtype in (dtype, torch.float32):  # an fp32 run holds a 16-bit base exactly
         return False
     device = next(model.parameters()).device
     # loaded in the written dtype (a second copy of the base, its tensors moved into the model)
