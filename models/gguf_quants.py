@@ -363,7 +363,7 @@ def quantize(w: torch.Tensor, qtype: Q) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------
 # llama-quantize's file types: the type of each tensor (llama.cpp src/llama-quant.cpp,
-# llama_tensor_get_type_impl and tensor_type_fallback, for the types below, no imatrix, no MoE)
+# llama_tensor_get_type_impl and tensor_type_fallback, for the types below, no imatrix)
 
 # name as llama-quantize spells it, lowercased -> (default ggml type, general.file_type)
 _F = LlamaFileType
@@ -418,6 +418,8 @@ def _mixed_type(name: str, ncols: int, ftype: str, ctx: dict) -> Q:
             new = Q.Q6_K
         elif ftype == "q4_k_s" and i < n // 8:
             new = Q.Q5_K
+    elif "attn_output.weight" in name and ctx["n_expert"] == 8 and ftype in ("q4_k_s", "q4_k_m"):
+        new = Q.Q5_K
     return new
 
 
@@ -432,8 +434,9 @@ def tensor_types(shapes: dict[str, tuple[int, ...]], ftype: str, *, arch: str, n
     1/8 of ``ffn_down``; an 80-layer Llama-2/3-70B-like model (GQA) or Qwen2-72B gets Q5_K for
     its Q4_K ``attn_v``. Rows not a multiple of the block: Q4_K -> Q5_0, Q5_K -> Q5_1,
     Q6_K -> Q8_0, and F16 if still not whole blocks. A model of ``n_expert`` 8 (Mixtral 8x7B)
-    gets Q8_0 for every ``attn_v`` and ``attn_k``. ``fallbacks``, when given, receives the type
-    each fallen-back tensor would have had (name -> wanted type)."""
+    gets Q8_0 for every ``attn_v`` and ``attn_k``, and Q5_K for ``attn_output`` in Q4_K_S /
+    Q4_K_M. ``fallbacks``, when given, receives the type each fallen-back tensor would have had
+    (name -> wanted type)."""
     ftype = ALIASES.get(ftype, ftype)
     ctx = {"tied": "output.weight" not in shapes, "n_layer": n_layer, "n_expert": n_expert,
            "n_attention_wv": sum(any(k in n for k in _ATTN_V) for n in shapes),

@@ -192,12 +192,15 @@ def test_k_quant_mix_types_bytes_and_transformers(tmp_path):
 @pytest.mark.parametrize("dtype,rest", [("q4_0", Q.Q4_0), ("q4_k_m", Q.Q5_0)])
 def test_eight_experts_get_q8_0_attention_k_and_v(dtype, rest, tmp_path):
     """llama_tensor_get_type: an 8-expert model (Mixtral 8x7B) keeps attn_k / attn_v at Q8_0
-    (Q4_K_M too); the rest (Q4_K_M: Q4_K, whose 64-wide rows fall back to Q5_0) as the type."""
+    (Q4_K_M too) and, for Q4_K_S / Q4_K_M, gives attn_output Q5_K (here falling back to Q5_1:
+    rows of 64; was Q4_K's fallback Q5_0); the rest (Q4_K_M: Q4_K, whose 64-wide rows fall
+    back to Q5_0) as the type."""
     _, model = _model(tmp_path, "mixtral", num_local_experts=8)
     types = {t.name: t.tensor_type for t in GGUFReader(_export(model, tmp_path / "m.gguf",
                                                                dtype)).tensors}
     assert types["blk.1.attn_k.weight"] == types["blk.1.attn_v.weight"] == Q.Q8_0
     assert types["blk.1.attn_q.weight"] == types["blk.1.ffn_up_exps.weight"] == rest
+    assert types["blk.1.attn_output.weight"] == (Q.Q5_1 if dtype == "q4_k_m" else rest)
     # output: Q6_K, but 64-wide rows are not whole 256-blocks: Q8_0
     assert types["output.weight"] == Q.Q8_0 and types["blk.1.ffn_gate_inp.weight"] == Q.F32
 
