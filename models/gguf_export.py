@@ -10,11 +10,12 @@ experts stacked into 3-D tensors, quantized row by row as llama-quantize does).
 
 Output types: ``f32``, ``f16``, ``bf16`` (as the converter: 1-D tensors, i.e. norms, biases,
 ``rope_freqs``, stay F32), and llama-quantize's file types ``q8_0``, ``q4_0``, ``q4_1``,
-``q5_0``, ``q5_1``, ``q4_k_s``, ``q4_k_m`` (alias ``q4_k``), ``q5_k_s``, ``q5_k_m`` (``q5_k``),
-``q6_k`` (any case): each tensor gets the type llama-quantize would give it (Q6_K for the output
-matrix, more bits for some ``attn_v`` / ``ffn_down``, fallbacks for rows that are not whole
-blocks, named in a warning: ``ember.models.gguf_quants.tensor_types``), quantized byte for byte
-as llama.cpp does (``ember.models.gguf_quants``).
+``q5_0``, ``q5_1``, ``q2_k``, ``q3_k_s``, ``q3_k_m`` (alias ``q3_k``), ``q3_k_l``, ``q4_k_s``,
+``q4_k_m`` (``q4_k``), ``q5_k_s``, ``q5_k_m`` (``q5_k``), ``q6_k`` (any case): each tensor
+gets the type llama-quantize would give it (Q6_K for the output matrix, more bits for some
+``attn_v`` / ``ffn_down``, fallbacks for rows that are not whole blocks, named in a warning:
+``ember.models.gguf_quants.tensor_types``), quantized byte for byte as llama.cpp does
+(``ember.models.gguf_quants``).
 
 Metadata: the ``<arch>.*`` keys the importer and llama.cpp read (``config_from_gguf``), a Llama
 3.1 rope scaling as the ``rope_freqs`` tensor, YaRN as the converter's ``rope.scaling.type`` /
@@ -479,7 +480,8 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
 
     ``dtype``: "f16" (default), "bf16", "f32" for the matrices (norms and biases are always
     F32), or a llama-quantize file type, any case: "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
-    "q4_k_s", "q4_k_m" (= "q4_k"), "q5_k_s", "q5_k_m" (= "q5_k"), "q6_k".
+    "q2_k", "q3_k_s", "q3_k_m" (= "q3_k"), "q3_k_l", "q4_k_s", "q4_k_m" (= "q4_k"), "q5_k_s",
+    "q5_k_m" (= "q5_k"), "q6_k".
     ``name``: ``general.name`` (default: the file's stem; for a Phi-3 tokenizer that strips
     whitespace after its special tokens, the stem + " (Phi-3)" unless it says Phi-3 already:
     llama.cpp applies that stripping by name, see ``_gguf_general_name``). The file appears
