@@ -102,6 +102,10 @@ def test_missing_tensor_and_unknown_tensor(tmp_path):
      "token 'he' appears twice in tokenizer.ggml.tokens"),
     # was a load that failed at the first forward, in rms_norm
     ({"llama.attention.layer_norm_rms_epsilon": 0.0}, "rms_norm_eps must be > 0 and finite"),
+    # RoPE bases of 0 / negative / NaN (inf or NaN frequencies): were loads whose forward gave
+    # finite logits 0.47 away from the same weights with the default base
+    *[({"llama.rope.freq_base": b}, rf"llama\.rope\.freq_base is {b}, not a positive")
+      for b in (0.0, -5.0, float("nan"))],
 ])
 def test_inconsistent_metadata_is_named(metadata, match, tmp_path):
     write_tiny_gguf(tmp_path / "m.gguf", metadata=metadata)
