@@ -9,8 +9,9 @@ experts (Mixtral as ``llama`` with ``expert_count``, ``qwen2moe``, ``qwen3moe``)
 mmproj (``clip``) and multimodal files, head counts or sizes that differ between layers
 (one value repeated per layer, ``block_count`` times, is read as that value), partial rotary
 outside phi3, tensor types no dequantizer here or in ``gguf.quants`` knows (Q8_K, I32 ...:
-before any tensor is read). As llama.cpp, a special token id past the vocabulary is ignored
-(with a warning) and text that is not UTF-8 is read outside ``tokenizer.*`` (with U+FFFD).
+before any tensor is read), ``tokenizer.*`` values of a type llama.cpp refuses. As llama.cpp,
+a special token id past the vocabulary is ignored (with a warning) and text that is not UTF-8
+is read outside ``tokenizer.*`` (with U+FFFD).
 RoPE (linear, Llama 3.1 ``rope_freqs``, YaRN, Phi-3 LongRoPE ``rope_factors_long/short``) is read
 in ``ember.models.gguf_rope``.
 
@@ -350,11 +351,44 @@ def _rms_eps(get, arch: str, model_type: str, path: Path) -> float:
     return eps
 
 
+# tokenizer keys -> the values llama.cpp (llama-vocab.cpp) accepts; it refuses another GGUF
+# type ("invalid gguf type for ...", "key ... has wrong type"); a list: one per element
+_KINDS = {"text": str, "an integer": int, "a number": int | float, "a bool": bool}
+_TOKENIZER_KEYS = {
+    "model": "text", "pre": "text", "tokens": ["text"], "merges": ["text"],
+    "token_type": ["an integer"], "scores": ["a number"],
+    **{f"{k}_token_id": "an integer" for k in ("bos", "eos", "eot", "eom", "unknown",
+                                              "seperator", "padding", "mask")},
+    **{f"add_{k}": "a bool" for k in ("bos_token", "eos_token", "space_prefix")},
+}
+
+
+def check_tokenizer_types(md: dict, path: Path) -> None:
+    """EmberError naming the first ``tokenizer.*`` key whose value is not what llama.cpp reads
+    (ints for the tokens, a string token id ...), before anything indexes with it."""
+    def fits(x, kind):  # (a bool is an int to Python, never a number here)
+        return isinstance(x, _KINDS[kind]) and (kind == "a bool") == isinstance(x, bool)
+
+    keys = {**{f"tokenizer.ggml.{k}": v for k, v in _TOKENIZER_KEYS.items()},
+            "tokenizer.chat_templates": ["text"]}
+    for key, kind in ((k, v) for k, v in keys.items() if md.get(k) is not None):
+        v, one = md[key], kind[0] if isinstance(kind, list) else kind
+        if kind == one and not fits(v, one) or kind != one and not isinstance(v, list):
+            said = f"is {v!r} ({type(v).__name__}), not {'a list of ' * (kind != one)}{one}"
+        elif kind != one and (bad := [x for x in v if not fits(x, one)]):
+            said = f"holds {bad[0]!r} ({type(bad[0]).__name__}) where each value is {one}"
+        else:
+            continue
+        raise EmberError(f"{path}: metadata key {key} {said}; the file is corrupt (llama.cpp "
+                         "refuses it too): convert the model again")
+
+
 def config_from_gguf(g: GGUFFile) -> ModelConfig:
     """Rebuild the ModelConfig from ``<arch>.*`` metadata and the tensor table."""
     md, path = g.metadata, g.path
     arch = md.get("general.architecture")
     check_supported(arch, md, g.tensors, path)
+    check_tokenizer_types(md, path)
     model_type, _ = ARCHITECTURES[arch]
 
     def get(key, default=None, required=False):

@@ -37,6 +37,7 @@ back into ``ModelConfig`` fields and Ember tensors:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,12 @@ def arch_fields(arch: str, md: dict, get: Callable, base: dict) -> dict:
         window = int(get("attention.sliding_window") or 0) or None
         final = get("final_logit_softcapping")
         # the converter writes rope_parameters' sliding_attention base as rope.freq_base_swa
-        local = nice_float(get("rope.freq_base_swa") or 10000.0)
+        local = get("rope.freq_base_swa")
+        local = 10000.0 if local is None else local
+        if not (math.isfinite(local) and local > 0):  # frequencies base**(-2i/d): inf / NaN
+            raise EmberError(f"gemma3.rope.freq_base_swa is {local}, not a positive number; "
+                             "the file is corrupt: convert the model again")
+        local = nice_float(local)
         out.update(final_softcap=float(final) if final else None, rope_local_theta=local)
     scalar = hidden // heads if layers == _LAYERS_27B[arch] else base["head_dim"]
     out.update(sandwich_norms=True, sliding_window=window, query_pre_attn_scalar=float(scalar),

@@ -6,15 +6,16 @@ SmolLM2; Q/K rows permuted from HF's rotate-half layout to llama.cpp's interleav
 ``qwen2`` (biases), ``qwen3`` (q/k norms), ``gemma`` / ``gemma2`` / ``gemma3`` (every norm weight
 stored as 1 + w; windows, softcaps), ``phi3`` (``attn_qkv`` = q;k;v and ``ffn_up`` = gate;up),
 and mixture-of-experts Mixtral (``llama``), ``qwen2moe``, ``qwen3moe`` (``ember.models.gguf_moe``:
-experts stacked into 3-D tensors; no K-quant mixes yet).
+experts stacked into 3-D tensors, quantized row by row as llama-quantize does).
 
 Output types: ``f32``, ``f16``, ``bf16`` (as the converter: 1-D tensors, i.e. norms, biases,
 ``rope_freqs``, stay F32), and llama-quantize's file types ``q8_0``, ``q4_0``, ``q4_1``,
-``q5_0``, ``q5_1``, ``q4_k_s``, ``q4_k_m`` (alias ``q4_k``), ``q5_k_s``, ``q5_k_m`` (``q5_k``),
-``q6_k`` (any case): each tensor gets the type llama-quantize would give it (Q6_K for the output
-matrix, more bits for some ``attn_v`` / ``ffn_down``, fallbacks for rows that are not whole
-blocks, named in a warning: ``ember.models.gguf_quants.tensor_types``), quantized byte for byte
-as llama.cpp does (``ember.models.gguf_quants``).
+``q5_0``, ``q5_1``, ``q2_k``, ``q3_k_s``, ``q3_k_m`` (alias ``q3_k``), ``q3_k_l``, ``q4_k_s``,
+``q4_k_m`` (``q4_k``), ``q5_k_s``, ``q5_k_m`` (``q5_k``), ``q6_k`` (any case): each tensor
+gets the type llama-quantize would give it (Q6_K for the output matrix, more bits for some
+``attn_v`` / ``ffn_down``, fallbacks for rows that are not whole blocks, named in a warning:
+``ember.models.gguf_quants.tensor_types``), quantized byte for byte as llama.cpp does
+(``ember.models.gguf_quants``).
 
 Metadata: the ``<arch>.*`` keys the importer and llama.cpp read (``config_from_gguf``), a Llama
 3.1 rope scaling as the ``rope_freqs`` tensor, YaRN as the converter's ``rope.scaling.type`` /
@@ -90,8 +91,6 @@ _GGUF_TOP = {v: k for k, v in _TOP_NAMES.items()}
 # Phi-3's fused tensors and the Ember projections stacked in them, in row order
 _PHI3_FUSED = {"attn_qkv": ("q_proj", "k_proj", "v_proj"), "ffn_up": ("gate_proj", "up_proj")}
 _PHI3_PARTS = {p: fused for fused, parts in _PHI3_FUSED.items() for p in parts}
-# quantized types a mixture-of-experts model may be exported as (llama-quantize's legacy mixes)
-_MOE_QTYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
 
 
 def gguf_arch(cfg: ModelConfig) -> str:
@@ -237,10 +236,6 @@ def _tensor_types(dtype: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConf
         types = {n: Q.F32 if len(s) < 2 else qtype for n, s in shapes.items()}
     else:
         ftype = ALIASES.get(dtype, dtype)
-        if cfg.num_experts and FILE_TYPES[ftype][0] not in _MOE_QTYPES:
-            raise EmberError(f"save_gguf: --gguf-type {dtype} (a K-quant mix) is not supported "
-                             "for mixture-of-experts models yet; use f32, f16, bf16, q8_0, "
-                             "q4_0, q4_1, q5_0 or q5_1")
         fallbacks: dict[str, Q] = {}
         types = tensor_types(shapes, dtype, arch=arch, n_layer=cfg.num_layers,
                              n_head=cfg.num_heads, n_head_kv=cfg.num_kv_heads,
@@ -485,7 +480,8 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
 
     ``dtype``: "f16" (default), "bf16", "f32" for the matrices (norms and biases are always
     F32), or a llama-quantize file type, any case: "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
-    "q4_k_s", "q4_k_m" (= "q4_k"), "q5_k_s", "q5_k_m" (= "q5_k"), "q6_k".
+    "q2_k", "q3_k_s", "q3_k_m" (= "q3_k"), "q3_k_l", "q4_k_s", "q4_k_m" (= "q4_k"), "q5_k_s",
+    "q5_k_m" (= "q5_k"), "q6_k".
     ``name``: ``general.name`` (default: the file's stem; for a Phi-3 tokenizer that strips
     whitespace after its special tokens, the stem + " (Phi-3)" unless it says Phi-3 already:
     llama.cpp applies that stripping by name, see ``_gguf_general_name``). The file appears

@@ -9,8 +9,11 @@ i + 16 share a byte), for the 5-bit types 4 bytes of high bits in between. One d
 ``gguf.quants``, where we follow llama.cpp: an all-zero block whose first value is -0.0 gets a
 -0.0 / +0.0 scale (or min) as ggml's loops leave it, not the sign numpy's argmax picks.
 
-K-quants, per super-block of 256, transcribed from ggml-quants.c's ``quantize_row_q{4,5,6}_K_ref``
-(what ``llama-quantize`` runs without an importance matrix): Q4_K / Q5_K cut it into 8 sub-blocks
+K-quants, per super-block of 256, transcribed from ggml-quants.c's ``quantize_row_q{2..6}_K_ref``
+(what ``llama-quantize`` runs without an importance matrix): Q2_K fits 16 sub-blocks of 16 with
+``make_qkx2_quants`` (weights |x|, absolute errors, 16 trial scales) and 4-bit scales and mins;
+Q3_K fits 16 sub-blocks of 16 with ``make_q3_quants`` (codes improved one at a time, up to 5
+rounds) and 6-bit signed scales; Q4_K / Q5_K cut it into 8 sub-blocks
 of 32, each fitted by ``make_qkx2_quants`` (a weighted least-squares search over 21 / 16 trial
 scales of a scale and a min), then the 8 scales and mins are themselves quantized to 6 bits
 against fp16 super-scales; Q6_K uses 16 sub-blocks of 16 with ``make_qx_quants`` (19 trial
@@ -39,7 +42,8 @@ from ember import EmberError
 QK_K = 256
 # ggml type -> (elements per block, bytes per block)
 BLOCKS = {Q.Q4_0: (32, 18), Q.Q4_1: (32, 20), Q.Q5_0: (32, 22), Q.Q5_1: (32, 24),
-          Q.Q8_0: (32, 34), Q.Q4_K: (QK_K, 144), Q.Q5_K: (QK_K, 176), Q.Q6_K: (QK_K, 210)}
+          Q.Q8_0: (32, 34), Q.Q2_K: (QK_K, 84), Q.Q3_K: (QK_K, 110), Q.Q4_K: (QK_K, 144),
+          Q.Q5_K: (QK_K, 176), Q.Q6_K: (QK_K, 210)}
 _CHUNK = 1 << 22  # elements quantized at once: bounds the temporaries of the K-quant searches
 
 
@@ -174,9 +178,10 @@ def _codes(v: torch.Tensor, lo: int, hi: int, bound: torch.Tensor) -> torch.Tens
 
 
 def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
-               nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml's make_qkx2_quants (use_mad false) on every row of x (n, k) with weights w: codes
-    L (n, k) in 0..nmax, scale (n,) and the_min (n,) such that x ~ scale * L - the_min."""
+               nstep: int, mad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's make_qkx2_quants on every row of x (n, k) with weights w: codes L (n, k) in
+    0..nmax, scale (n,) and the_min (n,) such that x ~ scale * L - the_min; ``mad`` (use_mad,
+    Q2_K): errors weighted by |diff| instead of diff**2."""
     xt, wt = x.T.contiguous(), w.T.contiguous()  # (k, n): the sums run over dim 0, in C's order
     lo = x.amin(1)
     mx = x.amax(1)
@@ -197,7 +202,7 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     scale = _div(1.0, iscale)
     L = codes(iscale, mn)
     diff = scale * L + mn - xt
-    best = _seqsum(wt * (diff * diff))
+    best = _seqsum(wt * (diff.abs() if mad else diff * diff))
     best_is, best_shift = iscale, mn  # L is recomputed from these at the end
     stacked = torch.empty(xt.shape[0], 3, xt.shape[1])  # (k, 3, n): 3 sums in one loop
     for step in range(nstep + 1):
@@ -216,7 +221,7 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
         this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
         this_min = torch.where(pos, zero, this_min)
         diff = (laux * this_scale).add_(this_min).sub_(xt)
-        err = _seqsum(diff.mul_(diff).mul_(wt))
+        err = _seqsum((diff.abs_() if mad else diff.mul_(diff)).mul_(wt))
         better = (D > 0) & (err < best)
         best_is = torch.where(better, iscale, best_is)
         best_shift = torch.where(better, mn, best_shift)
@@ -342,14 +347,101 @@ def _q6_k(x: torch.Tensor) -> torch.Tensor:
     return torch.where(zero[:, None], torch.zeros_like(out), out)
 
 
-_K_QUANTS = {Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k}
+def _pack2(L: torch.Tensor) -> torch.Tensor:
+    """(nb, 256) 2-bit codes -> (nb, 64) bytes: per half of 128, byte l holds codes l, l + 32,
+    l + 64 and l + 96 from the low bits up."""
+    q = L.reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _q2_k(x: torch.Tensor) -> torch.Tensor:
+    """quantize_row_q2_K_ref: 16 sub-blocks of 16 fitted by make_qkx2_quants (weights |x|,
+    absolute errors), 4-bit scales and mins against fp16 d / dmin, codes 0..3."""
+    nb = x.shape[0]
+    sub = x.reshape(-1, 16)
+    L, scales, mins = _make_qkx2(sub, sub.abs(), 3, -0.5, 0.1, 15, mad=True)
+    scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
+    max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
+    max_scale = torch.where(max_scale > 0, max_scale, 0.0)  # C starts both at +0.0: a -0.0
+    max_min = torch.where(max_min > 0, max_min, 0.0)  # min (all x > 0) leaves dmin +0.0
+    ls = torch.where(max_scale > 0, _nearest_int(_div(15.0, max_scale) * scales), 0) & 0xFF
+    lm = torch.where(max_min > 0, _nearest_int(_div(15.0, max_min) * mins), 0)
+    sc = (ls | (lm << 4)) & 0xFF  # y.scales[j] |= l << 4, kept to a byte
+    d16, dmin16 = (max_scale / 15).half(), (max_min / 15).half()
+    d = (d16.float() * (sc & 0xF).float()).reshape(-1, 1)
+    dm = (dmin16.float() * (sc >> 4).float()).reshape(-1, 1)
+    requant = _nearest_int((sub + dm) / d).clamp(0, 3).float()
+    L = torch.where(d == 0, L, requant).to(torch.uint8).reshape(nb, QK_K)
+    return torch.cat([sc.to(torch.uint8), _pack2(L), d16.view(torch.uint8).reshape(nb, 2),
+                      dmin16.view(torch.uint8).reshape(nb, 2)], 1)
+
+
+def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_q3_quants with do_rmse on every row of x (n, k): codes by -nmax / (the value
+    of largest magnitude), then up to 5 rounds of changing one code at a time where that
+    raises sum(w x l)**2 / sum(w l**2) (w = x**2), each row stopping at its first round
+    without a change. Codes L (n, k) in 0..2*nmax-1 (0 for an all-zero row) and the scale."""
+    xt = x.T.contiguous()  # (k, n): the loops run over dim 0 in C's order, over all rows at once
+    mx = torch.gather(x, 1, x.abs().argmax(1, keepdim=True))[:, 0]
+    zero = x.abs().amax(1) < 1e-15  # GROUP_MAX_EPS
+    iscale = torch.where(zero, 0.0, _div(float(-nmax), torch.where(zero, 1.0, mx)))
+    L = _nearest_int(iscale * xt).clamp(-nmax, nmax - 1).float()
+    w = xt * xt
+    wx = w * xt
+    sumlx, suml2 = _seqsum(wx * L), _seqsum(w * L * L)
+    live = ~zero
+    for _ in range(5):
+        changed = torch.zeros_like(live)
+        for i in range(xt.shape[0]):
+            slx0 = sumlx - wx[i] * L[i]
+            sl2 = suml2 - w[i] * L[i] * L[i]
+            new = _nearest_int(xt[i] * sl2 / torch.where(slx0 > 0, slx0, 1.0))
+            new = new.clamp(-nmax, nmax - 1).float()
+            slx = slx0 + wx[i] * new
+            sl2 = sl2 + w[i] * new * new
+            take = live & (slx0 > 0) & (new != L[i]) & (sl2 > 0) & (
+                slx * slx * suml2 > sumlx * sumlx * sl2)
+            L[i] = torch.where(take, new, L[i])
+            sumlx, suml2 = torch.where(take, slx, sumlx), torch.where(take, sl2, suml2)
+            changed |= take
+        live &= changed
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1.0), 0.0)
+    return torch.where(zero, 0.0, L + nmax).T, torch.where(zero, 0.0, scale)
+
+
+def _q3_k(x: torch.Tensor) -> torch.Tensor:
+    """quantize_row_q3_K_ref: 16 sub-blocks of 16 fitted by make_q3_quants, 6-bit signed
+    scales against an fp16 d, codes -4..3 stored as 2 low bits plus a high-bit mask."""
+    nb = x.shape[0]
+    sub = x.reshape(-1, 16)
+    L, scales = _make_q3(sub, 4)
+    scales = scales.reshape(nb, 16)
+    max_scale = torch.gather(scales, 1, scales.abs().argmax(1, keepdim=True))
+    live = max_scale != 0
+    iscale = _div(-32.0, torch.where(live, max_scale, 1.0))
+    ls = torch.where(live, _nearest_int(iscale * scales).clamp(-32, 31) + 32, 0)  # 0..63
+    lo, hi = ls & 0xF, ls >> 4
+    packed = torch.cat([lo[:, :8] | (lo[:, 8:] << 4),
+                        (hi.reshape(nb, 4, 4) << (2 * torch.arange(4))[None, :, None]).sum(1)], 1)
+    d16 = torch.where(live, _div(1.0, iscale), 0.0).half()
+    sc = torch.where(live, ls - 32, -32)  # what C decodes back from the packed bytes
+    d = (d16.float() * sc.float()).reshape(-1, 1)
+    requant = (_nearest_int(sub / d).clamp(-4, 3) + 4).float()
+    L = torch.where(d == 0, L, requant).to(torch.uint8).reshape(nb, QK_K)
+    high = (L >> 2).reshape(nb, 8, 32)  # code j's high bit: hmask[j % 32], bit j // 32
+    hmask = (high << torch.arange(8, dtype=torch.uint8)[None, :, None]).sum(1, dtype=torch.uint8)
+    return torch.cat([hmask, _pack2(L & 3), packed.to(torch.uint8),
+                      d16.view(torch.uint8).reshape(nb, 2)], 1)
+
+
+_K_QUANTS = {Q.Q2_K: _q2_k, Q.Q3_K: _q3_k, Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k}
 _LEGACY = {Q.Q4_0: quantize_q4_0, Q.Q4_1: quantize_q4_1, Q.Q5_0: quantize_q5_0,
            Q.Q5_1: quantize_q5_1, Q.Q8_0: quantize_q8_0}
 
 
 def quantize(w: torch.Tensor, qtype: Q) -> torch.Tensor:
     """``w`` (rows, cols), cols a multiple of the type's block -> uint8 (rows, row bytes) in
-    ggml's layout for ``qtype`` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)."""
+    ggml's layout for ``qtype`` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K .. Q6_K)."""
     if qtype in _LEGACY:
         return _LEGACY[qtype](w)
     if qtype not in _K_QUANTS:
@@ -363,7 +455,7 @@ def quantize(w: torch.Tensor, qtype: Q) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------
 # llama-quantize's file types: the type of each tensor (llama.cpp src/llama-quant.cpp,
-# llama_tensor_get_type_impl and tensor_type_fallback, for the types below, no imatrix, no MoE)
+# llama_tensor_get_type_impl and tensor_type_fallback, for the types below, no imatrix)
 
 # name as llama-quantize spells it, lowercased -> (default ggml type, general.file_type)
 _F = LlamaFileType
@@ -373,11 +465,15 @@ FILE_TYPES = {
     "q8_0": (Q.Q8_0, _F.MOSTLY_Q8_0),
     "q4_k_s": (Q.Q4_K, _F.MOSTLY_Q4_K_S), "q4_k_m": (Q.Q4_K, _F.MOSTLY_Q4_K_M),
     "q5_k_s": (Q.Q5_K, _F.MOSTLY_Q5_K_S), "q5_k_m": (Q.Q5_K, _F.MOSTLY_Q5_K_M),
-    "q6_k": (Q.Q6_K, _F.MOSTLY_Q6_K),
+    "q6_k": (Q.Q6_K, _F.MOSTLY_Q6_K), "q2_k": (Q.Q2_K, _F.MOSTLY_Q2_K),
+    "q3_k_s": (Q.Q3_K, _F.MOSTLY_Q3_K_S), "q3_k_m": (Q.Q3_K, _F.MOSTLY_Q3_K_M),
+    "q3_k_l": (Q.Q3_K, _F.MOSTLY_Q3_K_L),
 }
-ALIASES = {"q4_k": "q4_k_m", "q5_k": "q5_k_m"}  # as llama-quantize's own list has them
+ALIASES = {"q4_k": "q4_k_m", "q5_k": "q5_k_m", "q3_k": "q3_k_m"}  # llama-quantize's own aliases
 # what a type falls back to for rows that are not whole blocks (then F16)
-_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+# 8-expert models' attn_output: Q5_K for these file types
+_MOE8_ATTN_OUT = ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m")
 _ATTN_V = ("attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight")  # category_is_attn_v
 
 
@@ -402,11 +498,17 @@ def _mixed_type(name: str, ncols: int, ftype: str, ctx: dict) -> Q:
         return new
     if any(k in name for k in _ATTN_V):
         i, n = _layer(name), ctx["n_attention_wv"]
-        if ftype in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n):
+        if ftype == "q2_k":
+            new = Q.Q4_K if ctx["n_gqa"] >= 4 else Q.Q3_K
+        elif ftype == "q3_k_m":
+            new = Q.Q5_K if i < 2 else Q.Q4_K
+        elif ftype == "q3_k_l":
+            new = Q.Q5_K
+        elif ftype in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n):
             new = Q.Q6_K
         elif ftype == "q4_k_s" and i < 4:
             new = Q.Q5_K
-        if ctx["is_70b"] and new == Q.Q4_K:
+        if ctx["is_70b"] and new in (Q.Q3_K, Q.Q4_K):
             new = Q.Q5_K
         if ctx["n_expert"] == 8:  # "for the 8-expert model, bumping this to Q8_0 trades ~128MB"
             new = Q.Q8_0
@@ -414,10 +516,21 @@ def _mixed_type(name: str, ncols: int, ftype: str, ctx: dict) -> Q:
         new = Q.Q8_0
     elif "ffn_down" in name:
         i, n = _layer(name), ctx["n_layer"]
-        if ftype in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n):
+        if ftype == "q2_k":
+            new = Q.Q3_K
+        elif ftype == "q3_k_m":
+            new = Q.Q5_K if i < n // 16 else Q.Q4_K
+        elif ftype == "q3_k_l":
+            new = Q.Q5_K
+        elif ftype in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n):
             new = Q.Q6_K
         elif ftype == "q4_k_s" and i < n // 8:
             new = Q.Q5_K
+    elif "attn_output.weight" in name:
+        if ctx["n_expert"] == 8:
+            new = Q.Q5_K if ftype in _MOE8_ATTN_OUT else new
+        else:
+            new = {"q2_k": Q.Q3_K, "q3_k_m": Q.Q4_K, "q3_k_l": Q.Q5_K}.get(ftype, new)
     return new
 
 
@@ -430,12 +543,17 @@ def tensor_types(shapes: dict[str, tuple[int, ...]], ftype: str, *, arch: str, n
     for Q4_K_M / Q5_K_M, ``attn_v`` (``attn_qkv``) and ``ffn_down`` of the layers
     ``use_more_bits`` picks get Q6_K; Q4_K_S gives Q5_K to the first 4 ``attn_v`` and the first
     1/8 of ``ffn_down``; an 80-layer Llama-2/3-70B-like model (GQA) or Qwen2-72B gets Q5_K for
-    its Q4_K ``attn_v``. Rows not a multiple of the block: Q4_K -> Q5_0, Q5_K -> Q5_1,
-    Q6_K -> Q8_0, and F16 if still not whole blocks. A model of ``n_expert`` 8 (Mixtral 8x7B)
-    gets Q8_0 for every ``attn_v`` and ``attn_k``. ``fallbacks``, when given, receives the type
-    each fallen-back tensor would have had (name -> wanted type)."""
+    its Q3_K / Q4_K ``attn_v``. Q2_K: ``attn_v`` Q4_K with GQA >= 4 (else Q3_K), ``ffn_down``
+    and ``attn_output`` Q3_K; Q3_K_M: the first 2 ``attn_v`` and first 1/16 of ``ffn_down``
+    Q5_K, the others and ``attn_output`` Q4_K; Q3_K_L: these three Q5_K. Rows not a multiple of
+    the block: Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and F16 if still
+    not whole blocks. A model of ``n_expert`` 8 (Mixtral 8x7B) gets Q8_0 for every ``attn_v``
+    and ``attn_k``, and Q5_K for ``attn_output`` in Q2_K, Q3_K_S / M and Q4_K_S / M.
+    ``fallbacks``, when given, receives the type each fallen-back tensor would have had (name ->
+    wanted type)."""
     ftype = ALIASES.get(ftype, ftype)
     ctx = {"tied": "output.weight" not in shapes, "n_layer": n_layer, "n_expert": n_expert,
+           "n_gqa": n_head // max(n_head_kv, 1),
            "n_attention_wv": sum(any(k in n for k in _ATTN_V) for n in shapes),
            "is_70b": n_layer == 80 and (arch == "qwen2" or (arch == "llama"
                                                             and n_head != n_head_kv))}

@@ -151,7 +151,11 @@ def rope_fields(g, arch: str, get: Callable, head_dim: int, context: int) -> dic
     """``rope_theta``, ``rope_scaling`` and ``partial_rotary_factor`` of the parsed file ``g``;
     ``get(key)`` reads ``<arch>.<key>``."""
     path = g.path
-    out: dict = {"rope_theta": nice_float(get("rope.freq_base", 10000.0))}
+    theta = get("rope.freq_base", 10000.0)
+    if not (math.isfinite(theta) and theta > 0):  # frequencies base**(-2i/d): inf / NaN
+        raise EmberError(f"{path}: {arch}.rope.freq_base is {theta}, not a positive number; "
+                         "the file is corrupt: convert the model again")
+    out: dict = {"rope_theta": nice_float(theta)}
     rot = get("rope.dimension_count")
     rotary_dim = head_dim if rot is None else int(rot)
     if rotary_dim != head_dim:

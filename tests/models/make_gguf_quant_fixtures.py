@@ -30,8 +30,8 @@ from tests.models.gguf_quant_cases import CASES, FIXTURES, REAL
 
 # (elements, bytes) per block; ggml_type ids of ggml.h
 TYPES = {"Q4_0": (32, 18, 2), "Q4_1": (32, 20, 3), "Q5_0": (32, 22, 6), "Q5_1": (32, 24, 7),
-         "Q8_0": (32, 34, 8), "Q4_K": (256, 144, 12), "Q5_K": (256, 176, 13),
-         "Q6_K": (256, 210, 14)}
+         "Q8_0": (32, 34, 8), "Q2_K": (256, 84, 10), "Q3_K": (256, 110, 11),
+         "Q4_K": (256, 144, 12), "Q5_K": (256, 176, 13), "Q6_K": (256, 210, 14)}
 STUB = """
 #include <stdio.h>
 #include <stdlib.h>

@@ -139,13 +139,73 @@ def test_types_and_row_wise_quantization(dtype, want, tmp_path):
     assert 0 < err <= {"f16": 0.02, "bf16": 0.1, "q8_0": 0.1}.get(dtype, 1.0)
 
 
-def test_eight_experts_get_q8_0_attention_k_and_v(tmp_path):
-    """llama_tensor_get_type: an 8-expert model (Mixtral 8x7B) keeps attn_k / attn_v at Q8_0."""
+@pytest.mark.filterwarnings("ignore:.*not whole blocks")
+def test_k_quant_mix_types_bytes_and_transformers(tmp_path):
+    """A llama-quantize K-quant file type (Q4_K_M) of a Qwen2-MoE (hidden 256: whole 256-blocks
+    for the rows of gate / up; down's rows of 32 fall back): the per-tensor types of
+    llama-quant.cpp's llama_tensor_get_type_impl (every tensor whose name holds ffn_down,
+    experts and shared expert alike, gets Q6_K, here its fallback Q8_0, in the layers
+    use_more_bits picks: the layer parsed from the name, n_layer = block_count; attn_v
+    likewise; output Q6_K; router F32), each expert of a stack quantized row by row as
+    llama-quantize does, and transformers' GGUF loader dequantizing the file to Ember's
+    re-import's logits. Was: refused."""
+    from ember.models.gguf_quants import quantize
+
+    _, model = _model(tmp_path, "qwen2_moe", hidden_size=256, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32, num_experts=2)
+    path = _export(model, tmp_path / "m.gguf", "q4_k_m")
+    reader = GGUFReader(path)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert reader.fields["general.file_type"].contents() == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    # use_more_bits(i, 2): the last layer only; Q4_K / Q6_K of 32-wide rows: Q5_0 / Q8_0
+    for i, (v, down) in enumerate([(Q.Q4_K, Q.Q5_0), (Q.Q6_K, Q.Q8_0)]):
+        assert types[f"blk.{i}.attn_v.weight"] == v, i
+        assert types[f"blk.{i}.ffn_down_exps.weight"] == types[
+            f"blk.{i}.ffn_down_shexp.weight"] == down, i
+        for name in ("attn_q", "attn_k", "attn_output", "ffn_gate_exps", "ffn_up_exps",
+                     "ffn_gate_shexp", "ffn_up_shexp"):
+            assert types[f"blk.{i}.{name}.weight"] == Q.Q4_K, (i, name)
+        for name in ("ffn_gate_inp", "ffn_gate_inp_shexp", "attn_norm", "ffn_norm"):
+            assert types[f"blk.{i}.{name}.weight"] == Q.F32, (i, name)
+    assert types["output.weight"] == Q.Q6_K and types["token_embd.weight"] == Q.Q4_K
+    sd = model.state_dict()
+    stack = torch.stack([sd[f"layers.1.mlp.experts.{e}.up_proj.weight"] for e in range(2)])
+    raw = next(t for t in reader.tensors if t.name == "blk.1.ffn_up_exps.weight").data
+    assert np.asarray(raw).tobytes() == quantize(stack.reshape(-1, 256), Q.Q4_K).numpy().tobytes()
+    back = _reimport(path)
+    ids = _ids()
+    ours = _logits(back, ids)
+    with _offline():
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, gguf_file=path.name, dtype=torch.float32,
+            **{k: getattr(model.cfg, k) for k in ("moe_intermediate_size",
+                                                  "shared_expert_intermediate_size",
+                                                  "norm_topk_prob")}).eval()
+    err = (ours - _logits(theirs, ids)).abs().max().item()
+    print(f"q4_k_m: re-import vs transformers GGUF max |logit diff| {err:.2e}")
+    assert err <= 1e-4
+    # the weights came back within each type's error (relative rms on random weights: Q4_K
+    # 0.07); logits are no measure here, a flipped expert choice moves them a lot
+    got = back.state_dict()
+    for key, bound in (("layers.0.mlp.experts.1.gate_proj.weight", 0.1),
+                       ("layers.1.mlp.experts.1.down_proj.weight", 0.01)):
+        rel = ((got[key] - sd[key]).pow(2).mean() / sd[key].pow(2).mean()).sqrt().item()
+        assert 0 < rel <= bound, (key, rel)
+
+
+@pytest.mark.filterwarnings("ignore:.*not whole blocks")
+@pytest.mark.parametrize("dtype,rest", [("q4_0", Q.Q4_0), ("q4_k_m", Q.Q5_0)])
+def test_eight_experts_get_q8_0_attention_k_and_v(dtype, rest, tmp_path):
+    """llama_tensor_get_type: an 8-expert model (Mixtral 8x7B) keeps attn_k / attn_v at Q8_0
+    (Q4_K_M too) and, for Q4_K_S / Q4_K_M, gives attn_output Q5_K (here falling back to Q5_1:
+    rows of 64; was Q4_K's fallback Q5_0); the rest (Q4_K_M: Q4_K, whose 64-wide rows fall
+    back to Q5_0) as the type."""
     _, model = _model(tmp_path, "mixtral", num_local_experts=8)
     types = {t.name: t.tensor_type for t in GGUFReader(_export(model, tmp_path / "m.gguf",
-                                                               "q4_0")).tensors}
+                                                               dtype)).tensors}
     assert types["blk.1.attn_k.weight"] == types["blk.1.attn_v.weight"] == Q.Q8_0
-    assert types["blk.1.attn_q.weight"] == types["blk.1.ffn_up_exps.weight"] == Q.Q4_0
+    assert types["blk.1.attn_q.weight"] == types["blk.1.ffn_up_exps.weight"] == rest
+    assert types["blk.1.attn_output.weight"] == (Q.Q5_1 if dtype == "q4_k_m" else rest)
     # output: Q6_K, but 64-wide rows are not whole 256-blocks: Q8_0
     assert types["output.weight"] == Q.Q8_0 and types["blk.1.ffn_gate_inp.weight"] == Q.F32
 
@@ -161,7 +221,4 @@ def test_what_gguf_cannot_express_is_refused(tmp_path):
     _, model = _model(tmp_path, "qwen2_moe", shared_expert_intermediate_size=0)
     with pytest.raises(EmberError, match="no shared expert"):
         _export(model, tmp_path / "d.gguf")
-    _, model = _model(tmp_path, "mixtral")
-    with pytest.raises(EmberError, match="K-quant.*mixture-of-experts"):
-        _export(model, tmp_path / "c.gguf", "q4_k_m")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))

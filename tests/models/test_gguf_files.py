@@ -102,10 +102,40 @@ def test_missing_tensor_and_unknown_tensor(tmp_path):
      "token 'he' appears twice in tokenizer.ggml.tokens"),
     # was a load that failed at the first forward, in rms_norm
     ({"llama.attention.layer_norm_rms_epsilon": 0.0}, "rms_norm_eps must be > 0 and finite"),
+    # RoPE bases of 0 / negative / NaN (inf or NaN frequencies): were loads whose forward gave
+    # finite logits 0.47 away from the same weights with the default base
+    *[({"llama.rope.freq_base": b}, rf"llama\.rope\.freq_base is {b}, not a positive")
+      for b in (0.0, -5.0, float("nan"))],
 ])
 def test_inconsistent_metadata_is_named(metadata, match, tmp_path):
     write_tiny_gguf(tmp_path / "m.gguf", metadata=metadata)
     with pytest.raises(EmberError, match=match):
+        load_gguf(tmp_path / "m.gguf")
+
+
+_TOKENS = tiny_tokenizer_md()["tokenizer.ggml.tokens"]
+
+
+@pytest.mark.parametrize("metadata,match", [
+    ({"tokenizer.ggml.tokens": list(range(len(_TOKENS)))}, r"tokens holds 0 \(int\)"),
+    ({"tokenizer.ggml.merges": [1, 2, 3]}, r"merges holds 1 \(int\)"),
+    ({"tokenizer.ggml.token_type": ["1"] * len(_TOKENS)}, r"token_type holds '1' \(str\)"),
+    ({"tokenizer.ggml.scores": ["0"] * len(_TOKENS)}, r"scores holds '0' \(str\)"),
+    ({"tokenizer.ggml.bos_token_id": "1"}, r"bos_token_id is '1' \(str\)"),
+    ({"tokenizer.ggml.eos_token_id": "2"}, r"eos_token_id is '2' \(str\)"),
+    ({"tokenizer.ggml.eot_token_id": "x"}, r"eot_token_id is 'x' \(str\)"),
+    ({"tokenizer.ggml.padding_token_id": 2.0}, r"padding_token_id is 2\.0 \(float\)"),
+    ({"tokenizer.ggml.add_bos_token": "no"}, r"add_bos_token is 'no' \(str\)"),
+    ({"tokenizer.chat_templates": 5}, r"chat_templates is 5 \(int\)"),
+])
+def test_tokenizer_keys_of_the_wrong_type_are_refused(metadata, match, tmp_path):
+    """llama.cpp (llama-vocab.cpp) refuses a file whose tokenizer keys hold another GGUF type
+    ("invalid gguf type for tokenizer.ggml.tokens", "key ... has wrong type"). Was: TypeError /
+    AttributeError tracebacks from deep inside (ints for tokens or merges, a string token id),
+    or a silent load: add_bos_token "no" read as true, string token types as normal tokens."""
+    write_tiny_gguf(tmp_path / "m.gguf", metadata=metadata)
+    with pytest.raises(EmberError, match=rf"m\.gguf: metadata key tokenizer\.\S*{match}.*"
+                                         "convert the model again"):
         load_gguf(tmp_path / "m.gguf")
 
 

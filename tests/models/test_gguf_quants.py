@@ -40,7 +40,7 @@ from tests.models.test_gguf import VOCAB, tiny_tokenizer_md
 
 FIX = json.loads(Path(__file__).with_name(FIXTURES).read_text())
 LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 ALL = (*LEGACY, *K_QUANTS)
 
 
@@ -112,7 +112,7 @@ def test_real_weights_match_llama_cpp(smollm2_weights, qtype):
 # max relative rms error of a dequantized normal tensor: a b-bit uniform code over a 32-sample
 # block (range ~4.5 sigma) errs by step / sqrt(12) ~ 4.5 / (2**b - 1) / 3.5, with margin
 REL_RMS = {"Q4_0": 0.12, "Q4_1": 0.1, "Q5_0": 0.06, "Q5_1": 0.05, "Q8_0": 0.006,
-           "Q4_K": 0.1, "Q5_K": 0.05, "Q6_K": 0.025}
+           "Q2_K": 0.33, "Q3_K": 0.18, "Q4_K": 0.1, "Q5_K": 0.05, "Q6_K": 0.025}
 
 
 @pytest.mark.parametrize("qtype", ALL)
@@ -189,6 +189,62 @@ def test_tensor_types_follow_llama_quantize():
     assert list(t.values()) == [Q.Q4_K, Q.Q6_K]
 
 
+def test_q2_k_and_q3_k_file_types_follow_llama_quantize(tmp_path):
+    """llama-quant.cpp's rules for Q2_K and Q3_K_S / M / L (no imatrix; Q2_K_S needs one and is
+    not offered): Q2_K raises attn_v to Q4_K with GQA >= 4 (else Q3_K), ffn_down and attn_output
+    to Q3_K; Q3_K_M gives the first 2 attn_v and the first n/16 ffn_down Q5_K, the rest Q4_K,
+    attn_output Q4_K; Q3_K_L Q5_K to all three; output Q6_K; a 70B's attn_v at least Q5_K; an
+    8-expert model's attn_v Q8_0 and attn_output Q5_K (not for Q3_K_L); rows that are not whole
+    256-blocks fall back to Q4_0. A file of each reads back as gguf.quants dequantizes it."""
+    kw = dict(arch="llama", n_head=32, n_head_kv=8)
+    shapes = _llama_shapes(32, 4096, 14336, False)
+    rest = ("attn_q", "attn_k", "ffn_gate", "ffn_up")
+    t = tensor_types(shapes, "q2_k", n_layer=32, **kw)
+    assert (t["output.weight"], t["token_embd.weight"]) == (Q.Q6_K, Q.Q2_K)
+    for i in (0, 31):
+        assert [t[f"blk.{i}.{p}.weight"] for p in ("attn_v", "ffn_down", "attn_output")] == [
+            Q.Q4_K, Q.Q3_K, Q.Q3_K]
+        assert {t[f"blk.{i}.{p}.weight"] for p in rest} == {Q.Q2_K}
+    t = tensor_types(shapes, "q2_k", n_layer=32, arch="llama", n_head=32, n_head_kv=32)
+    assert t["blk.5.attn_v.weight"] == Q.Q3_K  # no GQA
+    t = tensor_types(shapes, "q3_k_s", n_layer=32, **kw)
+    assert set(t.values()) == {Q.Q3_K, Q.Q6_K, Q.F32} and t["output.weight"] == Q.Q6_K
+    t = tensor_types(shapes, "q3_k_m", n_layer=32, **kw)
+    assert [t[f"blk.{i}.attn_v.weight"] for i in (1, 2)] == [Q.Q5_K, Q.Q4_K]
+    assert [t[f"blk.{i}.ffn_down.weight"] for i in (1, 2)] == [Q.Q5_K, Q.Q4_K]  # 32 / 16
+    assert (t["blk.9.attn_output.weight"], t["blk.9.attn_q.weight"]) == (Q.Q4_K, Q.Q3_K)
+    assert tensor_types(shapes, "q3_k", n_layer=32, **kw) == t
+    t = tensor_types(shapes, "q3_k_l", n_layer=32, **kw)
+    assert {t[f"blk.7.{p}.weight"] for p in ("attn_v", "ffn_down", "attn_output")} == {Q.Q5_K}
+    assert {t[f"blk.7.{p}.weight"] for p in rest} == {Q.Q3_K}
+    t = tensor_types(_llama_shapes(80, 512, 1024, False), "q3_k_s", n_layer=80, **kw)
+    assert {t[f"blk.{i}.attn_v.weight"] for i in range(80)} == {Q.Q5_K}  # 70B: Q3_K -> Q5_K
+    moe = {"blk.0.attn_v.weight": (512, 4096), "blk.0.attn_output.weight": (4096, 4096)}
+    for ftype, out in (("q3_k_m", Q.Q5_K), ("q3_k_l", Q.Q3_K), ("q2_k", Q.Q5_K)):
+        t = tensor_types(moe, ftype, n_layer=32, n_expert=8, **kw)
+        assert list(t.values()) == [Q.Q8_0, out], ftype
+    t = tensor_types(_llama_shapes(30, 576, 1536, True), "q3_k_m", n_layer=30, **kw)
+    assert (t["blk.0.attn_q.weight"], t["blk.9.ffn_down.weight"]) == (Q.Q4_0, Q.Q4_K)
+
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=32, num_layers=1,
+                      num_heads=4, num_kv_heads=1, tie_word_embeddings=False)
+    model = Transformer(cfg).init_weights(std=0.05, seed=0)
+    sd = model.state_dict()
+    for dtype, file_type, q_type in (("Q2_K", 10, Q.Q2_K), ("Q3_K_M", 12, Q.Q3_K)):
+        with pytest.warns(UserWarning, match="ffn_down.weight .32 per row"):  # -> Q4_0
+            path = save_gguf(model, tokenizer_from_gguf(tiny_tokenizer_md()),
+                             tmp_path / "m.gguf", dtype=dtype)
+        reader = GGUFReader(path)
+        assert reader.fields["general.file_type"].contents() == file_type
+        raw = next(t for t in reader.tensors if t.name == "blk.0.ffn_gate.weight")
+        assert raw.tensor_type == q_type
+        data = np.asarray(raw.data).reshape(32, -1)
+        key = "layers.0.mlp.gate_proj.weight"
+        np.testing.assert_array_equal(data, quantize(sd[key], q_type).numpy())
+        _, back, _ = load_gguf(path)
+        assert torch.equal(back[key], torch.from_numpy(quants.dequantize(data, q_type))), dtype
+
+
 def test_q4_k_m_file_reads_back_through_gguf_ember_and_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     from tests.models.test_gguf_export import _ember_from_hf, _logits, _transformers_gguf
@@ -246,7 +302,8 @@ def test_type_names(tmp_path):
     assert types["token_embd.weight"] == Q.Q8_0  # the tied output: Q6_K wanted, rows of 64
     with pytest.raises(EmberError, match=r"dtype 'Q4_K_L' is not one of f32, f16, bf16, q4_0, "
                                          r"q4_1, q5_0, q5_1, q8_0, q4_k_s, q4_k_m, q5_k_s, "
-                                         r"q5_k_m, q6_k, q4_k, q5_k \(llama.cpp's names"):
+                                         r"q5_k_m, q6_k, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k, "
+                                         r"q5_k, q3_k \(llama.cpp's names"):
         save_gguf(Transformer(cfg), tok, tmp_path / "b.gguf", dtype="Q4_K_L")
 
 

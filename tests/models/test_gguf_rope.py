@@ -284,6 +284,13 @@ def test_gemma3_sliding_rope_base_from_freq_base_swa(tmp_path):
     with torch.no_grad():
         ref = hf(ids).logits
     assert _diff(_ember(ours, sd, ids), ref) <= TOL
+    # 0 (was read as the 10000 default) or NaN (was NaN frequencies): a corrupt file
+    for bad in (0.0, float("nan")):
+        write_family_gguf(path, "gemma3", hf, {**_metadata("gemma3", cfg),
+                                               "gemma3.rope.freq_base_swa": bad})
+        with pytest.raises(EmberError, match=f"gemma3.rope.freq_base_swa is {bad}, "
+                                             "not a positive number"):
+            load_gguf(path)
 
 
 @pytest.mark.parametrize("partial", [1.0, 0.75])
