@@ -256,8 +256,11 @@ def _masked_attention(q, k, v, key_mask, cfg: ModelConfig, window: int | None,
     s = s / cfg.head_dim ** 0.5 if cfg.softmax_scale is None else s * cfg.softmax_scale
     if cfg.attn_softcap is not None:
         s = cfg.attn_softcap * torch.tanh(s / cfg.attn_softcap)
-    s = s.masked_fill(~keep[:, None], float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
+    # Rows with no visible key give 0 (a softmax over only -inf is NaN); a NaN in q or k stays
+    # NaN (was nan_to_num: a diverged weight gave finite logits), as in flash_attention.
+    empty = ~keep.any(-1)[:, None, :, None]  # (B, 1, T, 1)
+    s = s.masked_fill(~keep[:, None], float("-inf")).masked_fill(empty, 0.0)
+    p = torch.softmax(s, -1).masked_fill(empty, 0.0)
     if dropout:
         p = F.dropout(p, dropout, True)
     return (p @ vf).transpose(1, 2).to(q.dtype)

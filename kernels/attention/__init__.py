@@ -145,10 +145,14 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
     if cu_seqlens is None:
         if softcap is None and window is None and q.shape[1] == k.shape[1]:
             # Fast path: SDPA handles GQA and causal on CPU without an explicit (T, S) mask.
+            qt = q.transpose(1, 2)
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                qt, k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
                 scale=scale, enable_gqa=q.shape[2] != k.shape[2])
-            return out.transpose(1, 2)
+            # torch's CPU flash kernel gives a finite row for a query with a NaN/inf (the math
+            # backend, the explicit-mask path and the kernels give NaN): carry it over, so a
+            # broken step is seen (and skipped) instead of trained on.
+            return (out + qt.sum(-1, keepdim=True) * 0).transpose(1, 2)
         return _attend_ref(q, k, v, causal, scale, window, softcap)
     if _dispatch.no_host_values(cu_seqlens):
         return _packed_ref(q, k, v, cu_seqlens, causal, scale, window, softcap)

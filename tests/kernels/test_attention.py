@@ -271,6 +271,22 @@ def test_nan_in_a_key_reaches_exactly_the_rows_that_see_it(impl):
     torch.testing.assert_close(out[0, ~sees], want[0, ~sees], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+@pytest.mark.parametrize("window", [None, 4])
+def test_nan_in_a_query_makes_its_own_row_nan(impl, window):
+    """A NaN query row gives a NaN output row (SDPA's math backend does; torch's CPU flash
+    kernel gives a finite row, which hid a diverged q_proj from the trainer's guard in the
+    reference's SDPA shortcut), the other rows unchanged."""
+    q, k, v = _qkv(1, 13, 13, 4, 2, 16)
+    want = flash_attention_ref(q, k, v, causal=True, window=window)
+    q[0, 6, 1, 3] = float("nan")
+    out = flash_attention(q, k, v, causal=True, window=window, impl=impl)
+    assert out[0, 6, 1].isnan().all()
+    rest = torch.ones(13, 4, dtype=torch.bool)
+    rest[6, 1] = False
+    torch.testing.assert_close(out[0][rest], want[0][rest], rtol=1e-4, atol=1e-4)
+
+
 def test_reference_fast_path_matches_explicit_masks():
     """The SDPA shortcut in flash_attention_ref agrees with the explicit-mask oracle."""
     q, k, v = _qkv(2, 29, 29, 4, 2, 16)

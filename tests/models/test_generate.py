@@ -387,3 +387,23 @@ def test_transformers_generate_options_get_a_clear_error(tiny):
     # every option the message lists is one generate() takes
     listed = msg.rsplit("its options: ", 1)[1].rstrip(")").split(", ")
     assert set(listed) <= set(inspect.signature(generate).parameters)
+
+
+def test_masked_attention_keeps_a_nan_and_zeroes_only_rows_without_keys():
+    """The per-key-mask attention (left padding, holes) gives 0 for a row that sees no key and
+    NaN for a NaN query: it used nan_to_num, so a diverged weight gave finite logits."""
+    from ember.models.config import ModelConfig
+    from ember.models.transformer import _masked_attention
+
+    cfg = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 5, h, 16, generator=g) for h in (2, 1, 1))
+    key_mask = torch.tensor([[False, False, True, True, True], [True] * 5])
+    clean = _masked_attention(q, k, v, key_mask, cfg, None)
+    assert (clean[0, :2] == 0).all() and clean.isfinite().all()
+    q[1, 3, 0, 0] = float("nan")
+    out = _masked_attention(q, k, v, key_mask, cfg, None)
+    assert out[1, 3, 0].isnan().all()
+    out[1, 3, 0] = clean[1, 3, 0]
+    torch.testing.assert_close(out, clean)
