@@ -90,6 +90,9 @@ def trained(tmp_path_factory):
         "unigram": _train_spm(d, "unigram", model_type="unigram", vocab_size=400,
                               user_defined_symbols=["<|im_start|>"]),
         "char": _train_spm(d, "char", model_type="char", vocab_size=200, byte_fallback=False),
+        # NFKC charsmap, extra spaces removed (SentencePiece's defaults), no dummy prefix
+        "nfkc": _train_spm(d, "nfkc", normalization_rule_name="nmt_nfkc",
+                           remove_extra_whitespaces=True, add_dummy_prefix=False),
     }
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
     # Qwen2's split, so that merges of punctuation with newlines exist (GPT-2's never makes them)
@@ -260,6 +263,39 @@ def test_class_from_model_type(trained, tmp_path):
     sp = spm.SentencePieceProcessor(model_file=models["llama"])
     assert load_tokenizer(folder).encode_batch(["Hello world", "a  b"]) == sp.encode(
         ["Hello world", "a  b"])
+
+
+@pytest.mark.parametrize("name, model_type", [
+    ("llama_legacy_eos", "mistral"), ("llama", "mistral"), ("llama_no_prefix", "mixtral"),
+    ("phi3_like", "phi3"), ("llama", "granite")])
+def test_generic_model_types_follow_the_sentencepiece_spec(trained, tmp_path, name, model_type):
+    """A Mistral / Phi-3 folder with only tokenizer.model: transformers 5 builds its generic
+    backend (TokenizersBackend) from the model's normalizer spec whatever class the folder names:
+    a prefix before every segment and a second one before leading spaces with ``legacy`` (the
+    default), before the text's start even when a special token opens it, user-defined pieces
+    split off, ``add_prefix_space`` ignored. Ember built LlamaTokenizer's pipeline (e.g. " Hi"
+    was [▁Hi], transformers [▁, ▁Hi]; "<|im_start|>x": no "▁" first)."""
+    folder = _case_folder(trained, tmp_path, name)
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    assert type(_theirs(folder)).__name__ == "TokenizersBackend"
+    _assert_like_transformers(folder)
+
+
+@pytest.mark.parametrize("model", ["unigram", "nfkc", "nobytes"])
+def test_generic_backend_other_sentencepiece_models(trained, tmp_path, model):
+    """The generic backend of a unigram model, of one with a normalization charsmap and extra
+    whitespace removal and no dummy prefix, of one without byte fallback: transformers' ids and
+    text, and SentencePiece's ids (``legacy`` by default) where no special token is written."""
+    _, models, _ = trained
+    folder = _folder(tmp_path, model, {"tokenizer_class": "LlamaTokenizer"}, model=models[model])
+    (folder / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    ours, theirs = load_tokenizer(folder), _theirs(folder)
+    _assert_same_ids(ours, theirs)
+    ids = theirs(STRINGS)["input_ids"]
+    assert ours.decode_batch(ids, skip_special_tokens=False) == theirs.batch_decode(ids)
+    plain = [s for s in STRINGS if "<" not in s]
+    sp = spm.SentencePieceProcessor(model_file=models[model])
+    assert ours.encode_batch(plain) == sp.encode(plain)
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
