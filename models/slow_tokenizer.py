@@ -25,7 +25,8 @@
 Added tokens come from tokenizer_config.json's ``added_tokens_decoder`` (else the legacy
 ``added_tokens.json``) and the named special tokens; each must land on the id the folder says.
 Which class: tokenizer_config.json's ``tokenizer_class`` (but a qwen2 model's byte-level files are
-``Qwen2Tokenizer``, as transformers 5 resolves them), else config.json's ``model_type``.
+``Qwen2Tokenizer``, as transformers 5 resolves them), else config.json's ``model_type`` (a
+tokenizer.model without either: the generic backend, as transformers 5 builds it).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ from ember.models.tokenizer_classes import (
 
 _SPM_CLASSES = ("LlamaTokenizer", "GemmaTokenizer")
 # transformers 5's generic backend, which it builds for a tokenizer.model of these model types
-# whatever class the folder names (their registered tokenizer is TokenizersBackend)
+# whatever class the folder names (their registered tokenizer is TokenizersBackend), and for a
+# folder that names no class (Gemma's excepted)
 _GENERIC, _GENERIC_TYPES = "TokenizersBackend", ("mistral", "mixtral", "phi3", "granite", "olmo2")
 _BPE_CLASSES = ("GPT2Tokenizer", "Qwen2Tokenizer")
 # The special tokens each class assumes when the folder names none (transformers' defaults).
@@ -378,8 +380,8 @@ def _tokenizer_class(folder: Path, cfg: dict, model_type: str) -> str:
                          f"{', '.join(_SPM_CLASSES + _BPE_CLASSES)}, CodeGenTokenizer from "
                          "their slow files. Convert the folder once with transformers "
                          "(AutoTokenizer.from_pretrained(folder).save_pretrained(folder))")
-    if (folder / "tokenizer.model").is_file():
-        return "GemmaTokenizer" if model_type.startswith("gemma") else "LlamaTokenizer"
+    if (folder / "tokenizer.model").is_file():  # (transformers 5: Llama's and no model type too)
+        return "GemmaTokenizer" if model_type.startswith("gemma") else _GENERIC
     return "Qwen2Tokenizer" if model_type.startswith("qwen") else "GPT2Tokenizer"
 
 
