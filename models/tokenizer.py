@@ -363,6 +363,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
             raise EmberError(f"cannot parse {tj}: {lfs_pointer(tj, 'the tokenizer') or e}"
                              ) from None
+        dropout = getattr(backend.model, "dropout", None)
+        if dropout:  # random merges on every encode: a training-time knob, not the model's ids
+            warnings.warn(f"{tj}: BPE dropout {dropout} is ignored: Ember tokenizes without it, "
+                          "as at inference (transformers would drop merges at random on every "
+                          "encode)", stacklevel=2)
+            backend.model.dropout = None
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
         add_named_specials(backend, named_special_tokens(cfg),
                            promoted_tokens(cfg, folder_class(folder, cfg)))

@@ -153,3 +153,22 @@ def test_deepseek_llm_tokenizer_json_named_llama_tokenizer(tmp_path):
                                                         "add_bos_token": True, "legacy": True})
     assert ours.encode("x", add_special_tokens=True)[0] == 0
 
+
+def test_bpe_dropout_is_ignored_with_a_warning(tmp_path):
+    """A tokenizer.json saved with BPE dropout (a training-time regularizer): transformers and
+    the tokenizers library drop merges at random on every encode, so the same text got other
+    ids each call (the loss mask, packing and cached reference log-probs assume one
+    tokenization). Ember encodes without dropout, as at inference, and says so."""
+    tok = _trained("bytelevel")
+    spec = json.loads(tok.to_str())
+    spec["model"]["dropout"] = 0.5
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.warns(UserWarning, match="dropout 0.5.*ignor"):
+        ours = load_tokenizer(tmp_path)
+    text = "Hello world, the quick brown fox jumps over the lazy dog 12345"
+    assert len({tuple(ours.encode(text)) for _ in range(20)}) == 1
+    assert ours.encode(text) == tok.encode(text).ids
+    ours.save_pretrained(tmp_path / "out")  # and the saved copy encodes the same way
+    assert json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]["dropout"] in (
+        None, 0.0)
