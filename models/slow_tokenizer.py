@@ -2,10 +2,10 @@
 
 - ``tokenizer.model``: a SentencePiece ModelProto, read by the small protobuf reader below (no
   sentencepiece or protobuf at run time). For model types whose registered tokenizer is
-  transformers 5's generic ``TokenizersBackend`` (config.json's mistral, mixtral, phi3, granite,
-  olmo2), whatever class the folder names, the backend it builds from the model's own normalizer
-  spec (``_generic_spm_backend``: SentencePiece's ids with ``legacy``, its default). Otherwise
-  BPE models become the backend transformers (5.x) builds
+  transformers 5's generic ``TokenizersBackend`` (config.json's mistral, ministral, mixtral,
+  phi3, granite, olmo2), whatever class the folder names, the backend it builds from the model's
+  own normalizer spec (``_generic_spm_backend``: SentencePiece's ids with ``legacy``, its
+  default). Otherwise BPE models become the backend transformers (5.x) builds
   for ``LlamaTokenizer`` (Llama 2, TinyLlama, Vicuna...) or ``GemmaTokenizer``: the
   pieces in file order, merges recovered from that order (``ember.models.spm.recovered_merges``),
   byte fallback, control pieces as special added tokens, user-defined pieces as plain added
@@ -45,6 +45,7 @@ from ember import EmberError
 from ember.models.spm import SPACE, recovered_merges, spm_bpe, spm_pipeline
 from ember.models.tokenizer import _QWEN2 as _QWEN2_SPLIT  # the GGUF "qwen2" split, the same regex
 from ember.models.tokenizer_classes import (
+    _REGISTERED,
     add_named_specials,
     named_special_tokens,
     promoted_tokens,
@@ -55,7 +56,8 @@ _SPM_CLASSES = ("LlamaTokenizer", "GemmaTokenizer")
 # transformers 5's generic backend, which it builds for a tokenizer.model of these model types
 # whatever class the folder names (their registered tokenizer is TokenizersBackend), and for a
 # folder that names no class (Gemma's excepted)
-_GENERIC, _GENERIC_TYPES = "TokenizersBackend", ("mistral", "mixtral", "phi3", "granite", "olmo2")
+_GENERIC = "TokenizersBackend"
+_GENERIC_TYPES = tuple(t for t, cls in _REGISTERED.items() if cls == "")
 _BPE_CLASSES = ("GPT2Tokenizer", "Qwen2Tokenizer")
 # The special tokens each class assumes when the folder names none (transformers' defaults).
 _DEFAULTS = {

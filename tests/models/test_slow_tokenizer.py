@@ -272,7 +272,7 @@ def test_class_from_model_type(trained, tmp_path):
 
 @pytest.mark.parametrize("name, model_type", [
     ("llama_legacy_eos", "mistral"), ("llama", "mistral"), ("llama_no_prefix", "mixtral"),
-    ("phi3_like", "phi3"), ("llama", "granite")])
+    ("phi3_like", "phi3"), ("llama", "granite"), ("llama_legacy_eos", "ministral")])
 def test_generic_model_types_follow_the_sentencepiece_spec(trained, tmp_path, name, model_type):
     """A Mistral / Phi-3 folder with only tokenizer.model: transformers 5 builds its generic
     backend (TokenizersBackend) from the model's normalizer spec whatever class the folder names:
