@@ -387,6 +387,11 @@ def _tokenizer_class(folder: Path, cfg: dict, model_type: str) -> str:
     return "Qwen2Tokenizer" if model_type.startswith("qwen") else "GPT2Tokenizer"
 
 
+def builds_generic(folder: Path, cfg: dict, model_type: str = "") -> bool:
+    """Whether ``slow_backend`` builds transformers 5's generic backend for ``folder``."""
+    return _tokenizer_class(folder, cfg, model_type) == _GENERIC
+
+
 def _added_token(d: dict, content: str) -> AddedToken:
     flags = {k: bool(d[k]) for k in ("single_word", "lstrip", "rstrip", "normalized", "special")
              if k in d}

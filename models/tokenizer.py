@@ -345,8 +345,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     specials = {n: _token_str(cfg.get(n, smap.get(n))) for n in MAIN_SPECIALS}
     slow = not tj.is_file()
     defaults: dict[str, str] = {}  # the slow class's own special tokens (Gemma's mask)
+    model_type = None  # config.json's, read for slow tokenizers only
     if slow:
-        from ember.models.slow_tokenizer import has_slow_tokenizer, no_tokenizer_error, slow_backend
+        from ember.models.slow_tokenizer import (
+            builds_generic,
+            has_slow_tokenizer,
+            no_tokenizer_error,
+            slow_backend,
+        )
 
         if not has_slow_tokenizer(folder):
             raise no_tokenizer_error(folder)
@@ -409,9 +415,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     # transformers encodes special tokens written in the text as text when the config says so
     backend.encode_special_tokens = bool(cfg.get("split_special_tokens"))
     max_len = cfg.get("model_max_length")
-    # transformers 5 builds every slow tokenizer Ember reads as a BPE, whose decoding it never
-    # cleans up; Ember's Unigram for a unigram tokenizer.model must not either
-    clean_up = bool(cfg.get("clean_up_tokenization_spaces")) and not slow
+    # transformers 5 builds LlamaTokenizer / GemmaTokenizer as a BPE, whose decoding it never
+    # cleans up; Ember's Unigram for a unigram tokenizer.model must not either. Its generic
+    # backend keeps a unigram model a Unigram, which it cleans up (as a tokenizer.json's)
+    clean_up = bool(cfg.get("clean_up_tokenization_spaces")) and (not slow or builds_generic(
+        folder, cfg, str(model_type or "")))
     return Tokenizer(backend, **specials, chat_template=template, chat_templates=named,
                      clean_up_tokenization_spaces=clean_up, template_tokens=template_tokens(
                          {**{k: v for k, v in defaults.items() if backend.token_to_id(v)

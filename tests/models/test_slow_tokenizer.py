@@ -303,6 +303,21 @@ def test_generic_backend_other_sentencepiece_models(trained, tmp_path, model):
     assert ours.encode_batch(plain) == sp.encode(plain)
 
 
+def test_generic_unigram_cleans_up_decoding_like_transformers(trained, tmp_path):
+    """clean_up_tokenization_spaces on a unigram tokenizer.model in a Mistral folder: the generic
+    backend is a Unigram, whose decoding transformers 5 cleans up ("Hello , world ." -> "Hello,
+    world."); Ember did not (only LlamaTokenizer's BPE of such a file is never cleaned up)."""
+    _, models, _ = trained
+    folder = _folder(tmp_path, "uni", {"tokenizer_class": "LlamaTokenizer",
+                                       "clean_up_tokenization_spaces": True},
+                     model=models["unigram"])
+    (folder / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    ours, theirs = load_tokenizer(folder), _theirs(folder)
+    ids = theirs([*STRINGS, "Hello , world . it 's done !"])["input_ids"]
+    assert ours.decode_batch(ids, skip_special_tokens=False) == theirs.batch_decode(ids)
+    assert ours.decode(ids[-1]) == "Hello, world. it's done!"
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
 def test_qwen2_model_type_overrides_a_gpt2_tokenizer_class(trained, tmp_path, model_type):
     """tokenizer_class GPT2Tokenizer in a qwen2 model's folder: transformers 5 builds
