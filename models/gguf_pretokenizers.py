@@ -89,6 +89,14 @@ _DEEPSEEK_LLM = (
     "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
     r"\p{N}",
 )
+# DeepSeek V3 / R1 (and the Qwen3-architecture DeepSeek-R1-0528-Qwen3-8B): up to three digits,
+# kana and CJK runs, then words that one ASCII punctuation mark may open
+_DEEPSEEK_V3 = (
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+"""
+    r"|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+)
 _GPT2, _DIGITS = "gpt2", "digits"  # GPT-2's regex; the same after splitting every digit alone
 _LLAMA3_PRES = (
     "llama3",
@@ -112,6 +120,7 @@ _PRE_SPLITS = {
     "seed-coder": _SEED_CODER,
     "deepseek-coder": _DEEPSEEK_CODER,
     "deepseek-llm": _DEEPSEEK_LLM,
+    "deepseek-v3": _DEEPSEEK_V3,
     **dict.fromkeys(
         (
             "gpt2",

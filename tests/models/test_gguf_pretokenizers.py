@@ -80,6 +80,20 @@ def _deepseek_llm():
                                                              use_regex=False)])
 
 
+# DeepSeek V3 / R1's tokenizer.json (also the Qwen3-architecture DeepSeek-R1-0528-Qwen3-8B): up to
+# three digits, kana and CJK runs, then words that a punctuation mark may open
+DEEPSEEK_V3 = (r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+"""
+               r"|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _deepseek_v3():
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in (
+        r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+", DEEPSEEK_V3)]
+    return pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                      use_regex=False)])
+
+
 # tokenizer.ggml.pre -> (pre-tokenizer of the model's tokenizer.json, its BPE "ignore_merges")
 CASES = {
     "llama-bpe": (lambda: _split(LLAMA3), True),
@@ -91,6 +105,7 @@ CASES = {
     "gpt-2": (_gpt2, False),
     "deepseek-coder": (_deepseek_coder, False),
     "deepseek-llm": (_deepseek_llm, False),
+    "deepseek-v3": (_deepseek_v3, False),
     "smollm": (lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                 _gpt2()]), False),
 }
@@ -171,7 +186,7 @@ def test_missing_pre_warns_and_unknown_pre_is_refused():
         tok = tokenizer_from_gguf(md)
     assert tok.encode("it's 2024") == tokenizer_from_gguf(
         {**md, "tokenizer.ggml.pre": "gpt-2"}).encode("it's 2024")
-    for pre in ("deepseek-v3", "bloom", "chameleon"):
+    for pre in ("kimi-k2", "bloom", "chameleon"):
         with pytest.raises(EmberError, match=f"pre-tokenizer '{pre}'.*not supported"):
             tokenizer_from_gguf({**md, "tokenizer.ggml.pre": pre})
 
