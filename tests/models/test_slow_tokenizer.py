@@ -303,6 +303,25 @@ def test_generic_backend_other_sentencepiece_models(trained, tmp_path, model):
     assert ours.encode_batch(plain) == sp.encode(plain)
 
 
+def test_generic_backend_exports_user_defined_pieces_to_gguf(trained, tmp_path):
+    """The generic backend splits user-defined pieces off in its pre-tokenizer instead of adding
+    them as tokens; a GGUF export must still type them user-defined, as llama.cpp's converter
+    types them from tokenizer.model (they were written as normal pieces: llama.cpp and Ember's
+    reader spelled "<|im_start|>" out of 10 pieces)."""
+    from ember.models.gguf_tokenizer import tokenizer_metadata
+    from ember.models.tokenizer import tokenizer_from_gguf
+
+    folder = _case_folder(trained, tmp_path, "llama")
+    (folder / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    tok = load_tokenizer(folder)
+    md = tokenizer_metadata(tok, tok.vocab_size, "llama")
+    i = tok.token_to_id("<|im_start|>")
+    assert md["tokenizer.ggml.token_type"][i] == 4 and md["tokenizer.ggml.tokens"][i] == (
+        "<|im_start|>")
+    back = tokenizer_from_gguf({"general.architecture": "llama", **md})
+    assert back.encode("<|im_start|>user")[0] == i and i in back.encode("hi<|im_start|>x")
+
+
 def test_generic_unigram_cleans_up_decoding_like_transformers(trained, tmp_path):
     """clean_up_tokenization_spaces on a unigram tokenizer.model in a Mistral folder: the generic
     backend is a Unigram, whose decoding transformers 5 cleans up ("Hello , world ." -> "Hello,
