@@ -22,10 +22,37 @@ from tests.models.test_gguf_pretokenizers import GPT4O, LLAMA3, QWEN2, TRICKY, _
 
 SPECIALS = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 _rng = random.Random(3)
-_PIECES = ["Hello", " world", "'s", "'LL", " 12345", "٣", "日本", "🤖", "e\u0301", "\r\n", "\t",
-           "   ", "<s>", "</s>", "<|im_end|>", "[MASK]", "x", " ", ",", "ﬁ", "Ｆ", "ǅ"]
-TEXTS = list(dict.fromkeys(TRICKY[:40] + ["", " ", "  x", "x  ", "hello[MASK]world"] + [
-    "".join(_rng.choices(_PIECES, k=_rng.randint(1, 6))) for _ in range(60)]))
+_PIECES = [
+    "Hello",
+    " world",
+    "'s",
+    "'LL",
+    " 12345",
+    "٣",
+    "日本",
+    "🤖",
+    "e\u0301",
+    "\r\n",
+    "\t",
+    "   ",
+    "<s>",
+    "</s>",
+    "<|im_end|>",
+    "[MASK]",
+    "x",
+    " ",
+    ",",
+    "ﬁ",
+    "Ｆ",
+    "ǅ",
+]
+TEXTS = list(
+    dict.fromkeys(
+        TRICKY[:40]
+        + ["", " ", "  x", "x  ", "hello[MASK]world"]
+        + ["".join(_rng.choices(_PIECES, k=_rng.randint(1, 6))) for _ in range(60)]
+    )
+)
 CORPUS = TRICKY * 2 + TEXTS * 2
 
 
@@ -39,10 +66,13 @@ def _split(regex):
 
 # name -> (pre-tokenizer, byte-level vocabulary?)
 PRES = {
-    "bytelevel": (_bl, True), "bytelevel_prefix": (lambda: _bl(prefix=True), True),
+    "bytelevel": (_bl, True),
+    "bytelevel_prefix": (lambda: _bl(prefix=True), True),
     "bytelevel_noregex": (lambda: _bl(regex=False), True),
-    "llama3": (lambda: _split(LLAMA3), True), "qwen2": (lambda: _split(QWEN2), True),
-    "gpt4o": (lambda: _split(GPT4O), True), "deepseek_llm": (_deepseek_llm, True),
+    "llama3": (lambda: _split(LLAMA3), True),
+    "qwen2": (lambda: _split(QWEN2), True),
+    "gpt4o": (lambda: _split(GPT4O), True),
+    "deepseek_llm": (_deepseek_llm, True),
     "digits": (lambda: pre.Sequence([pre.Digits(individual_digits=True), _bl()]), True),
     "punctuation": (lambda: pre.Sequence([pre.WhitespaceSplit(), pre.Punctuation()]), False),
     "metaspace_first": (lambda: pre.Metaspace(prepend_scheme="first"), False),
@@ -59,9 +89,16 @@ def _trained(name: str, normalizer=None, **bpe) -> Tokenizer:
     if normalizer is not None:
         tok.normalizer = normalizer
     prefix = {k: v for k, v in bpe.items() if k == "continuing_subword_prefix"}
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=500, special_tokens=SPECIALS, show_progress=False,
-        initial_alphabet=pre.ByteLevel.alphabet() if byte_level else [], **prefix))
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=500,
+            special_tokens=SPECIALS,
+            show_progress=False,
+            initial_alphabet=pre.ByteLevel.alphabet() if byte_level else [],
+            **prefix,
+        ),
+    )
     if byte_level:
         tok.decoder = decoders.ByteLevel()
     elif name.startswith("metaspace"):
@@ -71,17 +108,27 @@ def _trained(name: str, normalizer=None, **bpe) -> Tokenizer:
 
 def _assert_like_transformers(tok: Tokenizer, tmp_path, cfg: dict | None = None):
     tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", **(cfg or {})}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                **(cfg or {}),
+            }
+        )
+    )
     ours, theirs = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
     for special in (False, True):
         assert ours.encode_batch(TEXTS, add_special_tokens=special) == [
-            theirs.encode(t, add_special_tokens=special) for t in TEXTS], special
+            theirs.encode(t, add_special_tokens=special) for t in TEXTS
+        ], special
     ids = [theirs.encode(t, add_special_tokens=True) for t in TEXTS]
     for skip in (False, True):
         assert ours.decode_batch(ids, skip_special_tokens=skip) == theirs.batch_decode(
-            ids, skip_special_tokens=skip), skip
+            ids, skip_special_tokens=skip
+        ), skip
     return ours, theirs
 
 
@@ -95,19 +142,30 @@ def test_pre_tokenizers_encode_and_decode_like_transformers(name, tmp_path):
         assert back == TEXTS
 
 
-@pytest.mark.parametrize("name, normalizer", [
-    ("bytelevel", norms.NFC()), ("bytelevel", norms.NFKC()), ("bytelevel", norms.Lowercase()),
-    ("punctuation", norms.Strip()),
-    ("bytelevel", norms.Sequence([norms.NFKC(), norms.Replace("``", '"'), norms.Lowercase()])),
-    ("metaspace_never", norms.Sequence([norms.Prepend("▁"), norms.Replace(" ", "▁")]))])
+@pytest.mark.parametrize(
+    "name, normalizer",
+    [
+        ("bytelevel", norms.NFC()),
+        ("bytelevel", norms.NFKC()),
+        ("bytelevel", norms.Lowercase()),
+        ("punctuation", norms.Strip()),
+        ("bytelevel", norms.Sequence([norms.NFKC(), norms.Replace("``", '"'), norms.Lowercase()])),
+        ("metaspace_never", norms.Sequence([norms.Prepend("▁"), norms.Replace(" ", "▁")])),
+    ],
+)
 def test_normalizers_like_transformers(name, normalizer, tmp_path):
     _assert_like_transformers(_trained(name, normalizer), tmp_path)
 
 
-@pytest.mark.parametrize("name, bpe", [
-    ("metaspace_first", {"byte_fallback": True}), ("punctuation", {"unk_token": "<unk>"}),
-    ("llama3", {"ignore_merges": True}),
-    ("punctuation", {"continuing_subword_prefix": "##", "unk_token": "<unk>"})])
+@pytest.mark.parametrize(
+    "name, bpe",
+    [
+        ("metaspace_first", {"byte_fallback": True}),
+        ("punctuation", {"unk_token": "<unk>"}),
+        ("llama3", {"ignore_merges": True}),
+        ("punctuation", {"continuing_subword_prefix": "##", "unk_token": "<unk>"}),
+    ],
+)
 def test_bpe_options_like_transformers(name, bpe, tmp_path):
     tok = _trained(name, **bpe)
     if "continuing_subword_prefix" in bpe:
@@ -115,10 +173,17 @@ def test_bpe_options_like_transformers(name, bpe, tmp_path):
     _assert_like_transformers(tok, tmp_path)
 
 
-@pytest.mark.parametrize("processor", [
-    post.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> $B </s>",
-                            special_tokens=[("<s>", 0), ("</s>", 1)]),
-    post.ByteLevel(trim_offsets=True)])
+@pytest.mark.parametrize(
+    "processor",
+    [
+        post.TemplateProcessing(
+            single="<s> $A </s>",
+            pair="<s> $A </s> $B </s>",
+            special_tokens=[("<s>", 0), ("</s>", 1)],
+        ),
+        post.ByteLevel(trim_offsets=True),
+    ],
+)
 @pytest.mark.parametrize("flags", [{}, {"add_bos_token": True, "add_eos_token": False}])
 def test_post_processors_and_config_flags_like_transformers(processor, flags, tmp_path):
     """(ids only: transformers' add_bos_token is the config's flag, Ember's says what encoding
@@ -128,13 +193,23 @@ def test_post_processors_and_config_flags_like_transformers(processor, flags, tm
     _assert_like_transformers(tok, tmp_path, flags)
 
 
-@pytest.mark.parametrize("flags", [{"lstrip": True}, {"rstrip": True}, {"single_word": True},
-                                   {"normalized": True}, {"lstrip": True, "rstrip": True}])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"lstrip": True},
+        {"rstrip": True},
+        {"single_word": True},
+        {"normalized": True},
+        {"lstrip": True, "rstrip": True},
+    ],
+)
 @pytest.mark.parametrize("special", [True, False])
 def test_added_token_flags_like_transformers(flags, special, tmp_path):
     tok = _trained("bytelevel", norms.Lowercase())
-    added = [AddedToken("[MASK]", special=special, **flags),
-             AddedToken("Hello", special=special, **flags)]
+    added = [
+        AddedToken("[MASK]", special=special, **flags),
+        AddedToken("Hello", special=special, **flags),
+    ]
     if special:
         tok.add_special_tokens(added)
     else:
@@ -146,11 +221,15 @@ def test_deepseek_llm_tokenizer_json_named_llama_tokenizer(tmp_path):
     """DeepSeek LLM's folder says LlamaTokenizerFast over a byte-level tokenizer.json: read as
     written (transformers 5 too: its TokenizersBackend, not LlamaTokenizer's Metaspace)."""
     tok = _trained("deepseek_llm")
-    tok.post_processor = post.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                 special_tokens=[("<s>", 0)])
+    tok.post_processor = post.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
+    )
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    ours, _ = _assert_like_transformers(tok, tmp_path, {"tokenizer_class": "LlamaTokenizerFast",
-                                                        "add_bos_token": True, "legacy": True})
+    ours, _ = _assert_like_transformers(
+        tok,
+        tmp_path,
+        {"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": True, "legacy": True},
+    )
     assert ours.encode("x", add_special_tokens=True)[0] == 0
 
 
@@ -171,4 +250,6 @@ def test_bpe_dropout_is_ignored_with_a_warning(tmp_path):
     assert ours.encode(text) == tok.encode(text).ids
     ours.save_pretrained(tmp_path / "out")  # and the saved copy encodes the same way
     assert json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]["dropout"] in (
-        None, 0.0)
+        None,
+        0.0,
+    )
