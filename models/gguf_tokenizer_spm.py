@@ -39,6 +39,7 @@ former); transformers ignores ``add_space_prefix`` (it always prepends, and neve
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -93,6 +94,26 @@ def _first_ranks(merges: list) -> dict[str, int]:
     return rank
 
 
+def _isolated_pieces(tok: Tokenizer, vocab: dict[str, int]) -> set[str]:
+    """The pieces a pre-tokenizer ``Split`` isolates whole: the user-defined pieces of
+    transformers' generic SentencePiece backend, which splits them off instead of adding them as
+    tokens (``ember.models.slow_tokenizer``); llama.cpp matches them in the raw text when typed
+    user-defined, as its converter types them from tokenizer.model."""
+    spec = json.loads(tok.backend.to_str()).get("pre_tokenizer") or {}
+    steps = spec.get("pretokenizers", []) if spec.get("type") == "Sequence" else [spec]
+    out: set[str] = set()
+    for step in steps:
+        pattern = (step.get("pattern") or {}).get("Regex")
+        if step.get("type") != "Split" or step.get("behavior") != "Isolated" or not pattern:
+            continue
+        try:  # an alternation of escaped pieces; other regexes (Oniguruma's \p{..}) are skipped
+            regex = re.compile(pattern)
+        except re.error:
+            continue
+        out |= {t for t in vocab if regex.fullmatch(t)}
+    return out
+
+
 def spm_vocab_metadata(tok: Tokenizer, model: dict, vocab_size: int, arch: str | None
                        ) -> dict[str, Any]:
     """The vocabulary part of the metadata (tokens, scores, types, add_space_prefix) of an SPM-style
@@ -113,9 +134,11 @@ def spm_vocab_metadata(tok: Tokenizer, model: dict, vocab_size: int, arch: str |
     tokens: list[str | None] = [None] * n
     types = [_UNUSED] * n
     unk = model.get("unk_token")
+    user = _isolated_pieces(tok, vocab)
     for t, i in vocab.items():
-        tokens[i] = t
-        types[i] = (_BYTE if _BYTE_PIECE.fullmatch(t) else _UNKNOWN if t == unk else _NORMAL)
+        tokens[i] = t  # (a user-defined piece too: the converter copies tokenizer.model's)
+        types[i] = (_BYTE if _BYTE_PIECE.fullmatch(t) else _UNKNOWN if t == unk else
+                    _USER_DEFINED if t in user else _NORMAL)
     for i, t in added.items():
         tokens[i] = t.content if t.special else t.content.replace(SPACE, " ")
         # the unk piece stays UNKNOWN when the folder also lists it as a special added token

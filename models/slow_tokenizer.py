@@ -1,8 +1,12 @@
 """Tokenizers of Hugging Face folders that have no tokenizer.json, only a "slow" tokenizer's files.
 
 - ``tokenizer.model``: a SentencePiece ModelProto, read by the small protobuf reader below (no
-  sentencepiece or protobuf at run time). BPE models become the backend transformers (5.x) builds
-  for ``LlamaTokenizer`` (Llama 2, Mistral v0.1-v0.3, Phi-3, Vicuna...) or ``GemmaTokenizer``: the
+  sentencepiece or protobuf at run time). For model types whose registered tokenizer is
+  transformers 5's generic ``TokenizersBackend`` (config.json's mistral, ministral, mixtral,
+  phi3, granite, olmo2), whatever class the folder names, the backend it builds from the model's
+  own normalizer spec (``_generic_spm_backend``: SentencePiece's ids with ``legacy``, its
+  default). Otherwise BPE models become the backend transformers (5.x) builds
+  for ``LlamaTokenizer`` (Llama 2, TinyLlama, Vicuna...) or ``GemmaTokenizer``: the
   pieces in file order, merges recovered from that order (``ember.models.spm.recovered_merges``),
   byte fallback, control pieces as special added tokens, user-defined pieces as plain added
   tokens. Llama: ``Metaspace`` with a prefix space once (``legacy: false``, the default), before
@@ -21,7 +25,8 @@
 Added tokens come from tokenizer_config.json's ``added_tokens_decoder`` (else the legacy
 ``added_tokens.json``) and the named special tokens; each must land on the id the folder says.
 Which class: tokenizer_config.json's ``tokenizer_class`` (but a qwen2 model's byte-level files are
-``Qwen2Tokenizer``, as transformers 5 resolves them), else config.json's ``model_type``.
+``Qwen2Tokenizer``, as transformers 5 resolves them), else config.json's ``model_type`` (a
+tokenizer.model without either: the generic backend, as transformers 5 builds it).
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from ember import EmberError
-from ember.models.spm import recovered_merges, spm_bpe, spm_pipeline
+from ember.models.spm import SPACE, recovered_merges, spm_bpe, spm_pipeline
 from ember.models.tokenizer import _QWEN2 as _QWEN2_SPLIT  # the GGUF "qwen2" split, the same regex
 from ember.models.tokenizer_classes import (
+    _REGISTERED,
     add_named_specials,
     named_special_tokens,
     promoted_tokens,
@@ -47,10 +53,16 @@ from ember.models.tokenizer_classes import (
 )
 
 _SPM_CLASSES = ("LlamaTokenizer", "GemmaTokenizer")
+# transformers 5's generic backend, which it builds for a tokenizer.model of these model types
+# whatever class the folder names (their registered tokenizer is TokenizersBackend), and for a
+# folder that names no class (Gemma's excepted)
+_GENERIC = "TokenizersBackend"
+_GENERIC_TYPES = tuple(t for t, cls in _REGISTERED.items() if cls == "")
 _BPE_CLASSES = ("GPT2Tokenizer", "Qwen2Tokenizer")
 # The special tokens each class assumes when the folder names none (transformers' defaults).
 _DEFAULTS = {
     "LlamaTokenizer": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"},
+    _GENERIC: {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"},
     "GemmaTokenizer": {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>",
                        "pad_token": "<pad>", "mask_token": "<mask>"},
     "GPT2Tokenizer": dict.fromkeys(("unk_token", "bos_token", "eos_token"), "<|endoftext|>"),
@@ -84,6 +96,7 @@ def no_tokenizer_error(folder: Path) -> EmberError:
 _UNIGRAM, _BPE = 1, 2
 _MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
 _CONTROL, _USER_DEFINED = 3, 4
+_NORMALIZER_FLAGS = {3: "add_dummy_prefix", 4: "remove_extra_whitespaces", 5: "escape_whitespaces"}
 
 
 @dataclass(frozen=True)
@@ -94,7 +107,12 @@ class SpmModel:
     model_type: int = _UNIGRAM
     byte_fallback: bool = False
     unk_id: int = 0
+    unk_piece: str = "<unk>"
+    # the normalizer spec (protobuf defaults); only transformers' generic backend uses it
     add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = True
+    escape_whitespaces: bool = True
+    precompiled_charsmap: bytes = b""
 
 
 def _fields(buf: bytes, source: str):
@@ -174,10 +192,14 @@ def read_spm_model(path: Path) -> SpmModel:
                     trainer["byte_fallback"] = bool(v)
                 elif n == 40 and isinstance(v, int):
                     trainer["unk_id"] = _int32(v)
+                elif n == 45 and isinstance(v, bytes):
+                    trainer["unk_piece"] = v.decode("utf-8", errors="replace")
         elif number == 3 and isinstance(value, bytes):  # NormalizerSpec
             for n, v in _fields(value, source):
-                if n == 3 and isinstance(v, int):
-                    trainer["add_dummy_prefix"] = bool(v)
+                if n == 2 and isinstance(v, bytes):
+                    trainer["precompiled_charsmap"] = v
+                elif n in _NORMALIZER_FLAGS and isinstance(v, int):
+                    trainer[_NORMALIZER_FLAGS[n]] = bool(v)
     if not pieces:
         raise EmberError(f"{source}: no pieces: not a SentencePiece model (or an empty one)")
     return SpmModel(pieces, scores, types, **trainer)
@@ -194,6 +216,8 @@ def _spm_backend(folder: Path, cls: str, cfg: dict) -> tokenizers.Tokenizer:
                          "a model that ships a tokenizer.json")
     if len(set(sp.pieces)) != len(sp.pieces):
         raise EmberError(f"{path}: the same piece appears twice; the file is corrupt")
+    if cls == _GENERIC:
+        return _generic_spm_backend(sp, cfg)
     unk = sp.pieces[sp.unk_id] if 0 <= sp.unk_id < len(sp.pieces) else None
     if cls == "GemmaTokenizer":
         style, prepend = "gemma", "never"
@@ -225,6 +249,62 @@ def _spm_backend(folder: Path, cls: str, cfg: dict) -> tokenizers.Tokenizer:
     added = [AddedToken(p, special=t == _CONTROL, normalized=False)
              for p, t in zip(sp.pieces, sp.types, strict=True) if t in (_CONTROL, _USER_DEFINED)]
     backend.add_tokens(added)
+    return backend
+
+
+def _generic_spm_backend(sp: SpmModel, cfg: dict) -> tokenizers.Tokenizer:
+    """transformers 5's ``TokenizersBackend`` for a tokenizer.model (Mistral, Phi-3 folders without
+    tokenizer.json: ``SpmConverter.build_tokenizer_from_spm_proto``), which follows the model's
+    own normalizer spec as SentencePiece does: the charsmap, extra-whitespace removal, spaces
+    escaped, a dummy prefix before every text segment (``legacy``, the default: also before text
+    that starts with a space) or the first one only (``legacy: false``); user-defined pieces split
+    off whole, not added tokens; BPE merges of normal pieces ranked by score."""
+    legacy = bool(cfg.get("legacy", True))
+    pieces = list(sp.pieces)
+    renames = {int(i): d["content"] for i, d in (cfg.get("added_tokens_decoder") or {}).items()
+               if str(i).isdigit() and isinstance(d, dict) and isinstance(d.get("content"), str)}
+    kept = {t for i, t in enumerate(pieces) if i not in renames}
+    pieces = [renames[i] if i in renames and renames[i] not in kept else t
+              for i, t in enumerate(pieces)]
+    user = [t for t, k in zip(pieces, sp.types, strict=True) if k == _USER_DEFINED]
+    if sp.model_type == _UNIGRAM:
+        model = models.Unigram(list(zip(pieces, sp.scores, strict=True)), unk_id=sp.unk_id,
+                               byte_fallback=sp.byte_fallback)
+    else:
+        normal = {t: (x, i) for i, (t, x, k) in enumerate(zip(pieces, sp.scores, sp.types,
+                                                              strict=True)) if k == 1}
+        ranked = sorted((-score, i, t[:j], t[j:]) for t, (score, i) in normal.items()
+                        for j in range(1, len(t)) if t[:j] in normal and t[j:] in normal)
+        model = models.BPE(vocab={t: i for i, t in enumerate(pieces)},
+                           merges=[(a, b) for _, _, a, b in ranked], unk_token=sp.unk_piece,
+                           fuse_unk=True, byte_fallback=sp.byte_fallback, dropout=None,
+                           ignore_merges=bool(user))
+    backend = tokenizers.Tokenizer(model)
+    steps = [normalizers.Precompiled(sp.precompiled_charsmap)] if sp.precompiled_charsmap else []
+    if sp.remove_extra_whitespaces:  # spaces only, as SentencePiece
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""),
+                  normalizers.Replace(Regex(" {2,}"), " ")]
+    if sp.escape_whitespaces:
+        steps.append(normalizers.Replace(" ", SPACE))
+    if sp.add_dummy_prefix and legacy:  # Metaspace skips the prefix where "▁" starts the text
+        steps.append(normalizers.Replace(Regex(f"\\A{SPACE}"), SPACE * 2))
+    backend.normalizer = normalizers.Sequence(steps)
+    split = [pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always" if legacy
+                                      else "first", split=False)] if sp.add_dummy_prefix else []
+    if user:
+        split.append(pre_tokenizers.Split(Regex("|".join(
+            re.escape(t) for t in sorted(user, key=len, reverse=True))), behavior="isolated"))
+    if split:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(split)
+    decode = [decoders.Replace(SPACE, " ")] + ([decoders.ByteFallback()] if sp.byte_fallback
+                                               else [])
+    if sp.add_dummy_prefix:
+        decode += [decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    elif sp.byte_fallback:
+        decode.append(decoders.Fuse())
+    backend.decoder = decoders.Sequence(decode)
+    backend.add_tokens([AddedToken(t, special=True, normalized=False)
+                        for t, k in zip(pieces, sp.types, strict=True) if k == _CONTROL])
     return backend
 
 
@@ -286,6 +366,8 @@ def _bpe_backend(folder: Path, cls: str, cfg: dict) -> tokenizers.Tokenizer:
 
 
 def _tokenizer_class(folder: Path, cfg: dict, model_type: str) -> str:
+    if model_type in _GENERIC_TYPES and (folder / "tokenizer.model").is_file():
+        return _GENERIC
     cls = cfg.get("tokenizer_class")
     if isinstance(cls, str):
         base = cls.removesuffix("Fast")
@@ -300,9 +382,14 @@ def _tokenizer_class(folder: Path, cfg: dict, model_type: str) -> str:
                          f"{', '.join(_SPM_CLASSES + _BPE_CLASSES)}, CodeGenTokenizer from "
                          "their slow files. Convert the folder once with transformers "
                          "(AutoTokenizer.from_pretrained(folder).save_pretrained(folder))")
-    if (folder / "tokenizer.model").is_file():
-        return "GemmaTokenizer" if model_type.startswith("gemma") else "LlamaTokenizer"
+    if (folder / "tokenizer.model").is_file():  # (transformers 5: Llama's and no model type too)
+        return "GemmaTokenizer" if model_type.startswith("gemma") else _GENERIC
     return "Qwen2Tokenizer" if model_type.startswith("qwen") else "GPT2Tokenizer"
+
+
+def builds_generic(folder: Path, cfg: dict, model_type: str = "") -> bool:
+    """Whether ``slow_backend`` builds transformers 5's generic backend for ``folder``."""
+    return _tokenizer_class(folder, cfg, model_type) == _GENERIC
 
 
 def _added_token(d: dict, content: str) -> AddedToken:
@@ -318,7 +405,7 @@ def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
     names none (those the vocabulary lacks are left out: transformers would add them as new
     tokens)."""
     cls = _tokenizer_class(folder, cfg, model_type)
-    if cls in _SPM_CLASSES:
+    if cls in (*_SPM_CLASSES, _GENERIC):
         if not (folder / "tokenizer.model").is_file():
             raise EmberError(f"{folder}: {cls} needs tokenizer.model, which is missing")
         backend = _spm_backend(folder, cls, cfg)
@@ -341,6 +428,9 @@ def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
                     i).isdigit():
                 raise EmberError(f"{folder}/tokenizer_config.json: added_tokens_decoder entry "
                                  f"{i!r} needs an id as key and a 'content' string")
+            # the generic backend matches them in the raw text, so that each segment between
+            # them gets its own prefix (transformers: normalized False where the model prefixes)
+            d = {**d, "normalized": False} if cls == _GENERIC else d
             pinned.append((int(i), _added_token(d, d["content"])))
     elif (folder / "added_tokens.json").is_file():
         try:

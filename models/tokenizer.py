@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, models, processors
 
 from ember import EmberError
 from ember.models.chat_template import (
@@ -27,6 +27,22 @@ from ember.models.chat_template import (
     refuse_hf_options,
     render,
     select_template,
+)
+from ember.models.gguf_pretokenizers import (  # noqa: F401  (importable here, as before)
+    _DEEPSEEK_CODER,
+    _DIGITS,
+    _GPT2,
+    _GPT4O,
+    _LLAMA3,
+    _LLAMA3_PRES,
+    _PRE_SPLITS,
+    _QWEN2,
+    _QWEN35,
+    _SEED_CODER,
+    _TEKKEN,
+    _WHOLE_WORDS,
+    _bytes_to_unicode,
+    _pre_tokenizer,
 )
 from ember.models.tokenizer_classes import (
     MAIN_SPECIALS,
@@ -329,8 +345,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     specials = {n: _token_str(cfg.get(n, smap.get(n))) for n in MAIN_SPECIALS}
     slow = not tj.is_file()
     defaults: dict[str, str] = {}  # the slow class's own special tokens (Gemma's mask)
+    model_type = None  # config.json's, read for slow tokenizers only
     if slow:
-        from ember.models.slow_tokenizer import has_slow_tokenizer, no_tokenizer_error, slow_backend
+        from ember.models.slow_tokenizer import (
+            builds_generic,
+            has_slow_tokenizer,
+            no_tokenizer_error,
+            slow_backend,
+        )
 
         if not has_slow_tokenizer(folder):
             raise no_tokenizer_error(folder)
@@ -347,6 +369,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
             raise EmberError(f"cannot parse {tj}: {lfs_pointer(tj, 'the tokenizer') or e}"
                              ) from None
+        dropout = getattr(backend.model, "dropout", None)
+        if dropout:  # random merges on every encode: a training-time knob, not the model's ids
+            warnings.warn(f"{tj}: BPE dropout {dropout} is ignored: Ember tokenizes without it, "
+                          "as at inference (transformers would drop merges at random on every "
+                          "encode)", stacklevel=2)
+            backend.model.dropout = None
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
         add_named_specials(backend, named_special_tokens(cfg),
                            promoted_tokens(cfg, folder_class(folder, cfg)))
@@ -387,9 +415,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     # transformers encodes special tokens written in the text as text when the config says so
     backend.encode_special_tokens = bool(cfg.get("split_special_tokens"))
     max_len = cfg.get("model_max_length")
-    # transformers 5 builds every slow tokenizer Ember reads as a BPE, whose decoding it never
-    # cleans up; Ember's Unigram for a unigram tokenizer.model must not either
-    clean_up = bool(cfg.get("clean_up_tokenization_spaces")) and not slow
+    # transformers 5 builds LlamaTokenizer / GemmaTokenizer as a BPE, whose decoding it never
+    # cleans up; Ember's Unigram for a unigram tokenizer.model must not either. Its generic
+    # backend keeps a unigram model a Unigram, which it cleans up (as a tokenizer.json's)
+    clean_up = bool(cfg.get("clean_up_tokenization_spaces")) and (not slow or builds_generic(
+        folder, cfg, str(model_type or "")))
     return Tokenizer(backend, **specials, chat_template=template, chat_templates=named,
                      clean_up_tokenization_spaces=clean_up, template_tokens=template_tokens(
                          {**{k: v for k, v in defaults.items() if backend.token_to_id(v)
@@ -402,87 +432,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 # ------------------------------------------------------------------------------------------
-# GGUF
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-# llama.cpp's split regexes per tokenizer.ggml.pre (llama-vocab.cpp, as the models' own
-# tokenizer.json writes them); applied before byte mapping.
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-          r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
-          r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}"
-          r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-           r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# Qwen 3.5: Qwen2's, with combining marks kept in words and out of punctuation runs
-_QWEN35 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
-           r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SEED_CODER = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-               r"| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+")
-# DeepSeek Coder (Llama architecture): several regexes, each splitting the previous one's pieces
-_DEEPSEEK_CODER = ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}")
-_GPT2, _DIGITS = "gpt2", "digits"  # GPT-2's regex; the same after splitting every digit alone
-_LLAMA3_PRES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
-                "lfm2", "jina-v5-nano")
-_PRE_SPLITS = {
-    **dict.fromkeys((*_LLAMA3_PRES, "dbrx", "smaug-bpe"), _LLAMA3),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2"),
-                     _QWEN2),
-    "qwen35": _QWEN35,
-    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O),
-    "tekken": _TEKKEN, "seed-coder": _SEED_CODER, "deepseek-coder": _DEEPSEEK_CODER,
-    **dict.fromkeys(("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling",
-                     "gigachat", "a.x-4.0", "mellum", "exaone4", "jina-es", "jina-de",
-                     "jina-v2-es", "jina-v2-de"), _GPT2),
-    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
-                     "minerva-7b"), _DIGITS),
-}
-# llama.cpp keeps a pre-token the vocabulary has whole instead of merging it (tokenizer.json's
-# "ignore_merges") and adds BOS unless the file says otherwise, for these types only.
-_WHOLE_WORDS = frozenset((*_LLAMA3_PRES, "tekken"))
-
-
-def _pre_tokenizer(md: dict[str, Any], source: str):
-    pre = md.get("tokenizer.ggml.pre")
-    if pre is None or pre == "default":
-        # llama.cpp's fallback for such files is a different split, and warns the same way
-        warnings.warn(f"{source}: tokenizer.ggml.pre is {pre!r}: the file does not say how its "
-                      "vocabulary splits text; splitting like GPT-2 (as transformers does), which "
-                      "may differ from the model's own tokenizer. Re-convert the model with a "
-                      "current llama.cpp to be sure", stacklevel=3)
-        pre = "gpt2"
-    split = _PRE_SPLITS.get(pre)
-    if split is None:
-        raise EmberError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported "
-                         f"(tokenizer.ggml.pre; known: {', '.join(sorted(_PRE_SPLITS))}); import "
-                         "the original Hugging Face model, whose tokenizer.json says how to split")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in (
-        _GPT2, _DIGITS))
-    if split == _GPT2:
-        return byte_level
-    if split == _DIGITS:
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    regexes = (split,) if isinstance(split, str) else split
-    return pre_tokenizers.Sequence([*(pre_tokenizers.Split(Regex(r), behavior="isolated")
-                                      for r in regexes), byte_level])
+# GGUF (the pre-tokenizer tables live in ember.models.gguf_pretokenizers)
 
 
 _UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4

@@ -5,8 +5,9 @@ it resolves for the folder defines its own pipeline: that class keeps tokenizer.
 vocabulary, merges, added tokens and post-processor and builds the normalizer, pre-tokenizer and
 decoder itself, from tokenizer_config.json's flags. The class is tokenizer_config.json's
 ``tokenizer_class``, unless config.json's model type has a registered tokenizer that
-transformers prefers (``qwen2``: always ``Qwen2Tokenizer``) or a generic one (Mistral, Mixtral,
-Phi-3, Granite, OLMo2: tokenizer.json as written). Mirrored here, for the families Ember loads:
+transformers prefers (``qwen2``: always ``Qwen2Tokenizer``) or a generic one (Mistral, Ministral,
+Mixtral, Phi-3, Granite, OLMo2: tokenizer.json as written). Mirrored here, for the families Ember
+loads:
 
 - ``LlamaTokenizer`` over a SentencePiece-style BPE (Llama 2, TinyLlama, Vicuna): no normalizer,
   a ``Metaspace`` pre-tokenizer from ``add_prefix_space`` and ``legacy`` ("first" prefix,
@@ -39,8 +40,8 @@ from ember import EmberError
 # config.json model type -> the tokenizer class transformers 5 registers for it: None (none: the
 # folder's class), "" (a generic backend: tokenizer.json as written) or a class name
 _REGISTERED = {
-    "llama": None, "smollm3": None, "mistral": "", "mixtral": "", "phi3": "", "granite": "",
-    "olmo2": "", "gemma": "GemmaTokenizer", "gemma2": "GemmaTokenizer",
+    "llama": None, "smollm3": None, "mistral": "", "ministral": "", "mixtral": "", "phi3": "",
+    "granite": "", "olmo2": "", "gemma": "GemmaTokenizer", "gemma2": "GemmaTokenizer",
     "gemma3": "GemmaTokenizer", "gemma3_text": "GemmaTokenizer", "qwen2": "Qwen2Tokenizer",
     "qwen3": "Qwen2Tokenizer", "qwen2_moe": "Qwen2Tokenizer", "qwen3_moe": "Qwen2Tokenizer",
     "phi": "GPT2Tokenizer",
