@@ -75,7 +75,9 @@ What is swapped (each a keyword, all on by default):
   ``out.loss``), from the saved final hidden states under the forward's grad mode and autocast;
   after accelerate's fp32 output conversion (mixed precision) they are read as float32, as HF's.
   Read after an optimizer step changed ``lm_head`` in place they would not be the forward's: an
-  ``EmberError`` (torch's fused optimizers leave no trace of the step: read them before it).
+  ``EmberError`` (any ``torch.optim.Optimizer`` that holds the head with a gradient, fused and
+  bitsandbytes' 8-bit ones included, seen through torch's step pre-hook while deferred logits
+  are alive; other in-place updates through the version counter): read them before the step.
   Differences: a batch whose labels are all -100 gives loss 0 (HF: NaN). A LoRA/quantized
   ``lm_head``, one with hooks (also ``accelerate``'s dispatch hook: offloaded or on another
   device), or a custom ``model.loss_function``, keeps HF's loss path. Gemma's ``sqrt(hidden)``
@@ -128,11 +130,11 @@ from ember.models.hf_backend_io import (
     with_cache,
 )
 from ember.models.hf_backend_loss import (
+    HeadAtForward,
     LazyLogits,
     causal_lm_loss,
     deferred_logits,
     head_logits,
-    head_version,
     lazy_logits_output,
 )
 from ember.models.hf_wrappers import (
@@ -495,7 +497,7 @@ def _causal_lm(self, fused, kept, input_ids, attention_mask, position_ids, input
         autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         logits = LazyLogits(functools.partial(deferred_logits, self.lm_head, kept_hidden, cap,
                                               torch.is_grad_enabled(), autocast,
-                                              head_version(self.lm_head)),
+                                              HeadAtForward(self.lm_head)),
                             autocast or self.lm_head.weight.dtype)
         output = lazy_logits_output()
     # transformers 5.24 names the output's cache field ``cache`` (past_key_values before)

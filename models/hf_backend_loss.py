@@ -4,11 +4,14 @@ logits themselves, built in training mode only when read (``LazyLogits``)."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
 from ember import EmberError
 from ember.kernels import linear_cross_entropy
@@ -49,18 +52,61 @@ def head_logits(head: nn.Module, hidden: torch.Tensor, cap: float | None) -> tor
     return logits
 
 
-def head_version(head: nn.Module) -> tuple:
-    """What changes when an optimizer updates ``head`` in place (torch's fused optimizers do not
-    bump the version counters: not seen) or its weight is replaced."""
-    return tuple((p, p._version) for p in (head.weight, head.bias) if p is not None)
+class HeadAtForward:
+    """``lm_head``'s parameters as a deferred forward used them: changed since when an optimizer
+    that holds one of them (with a gradient) has stepped, or an in-place update bumped a version
+    counter, or the weight was replaced. torch's fused optimizers (``fused=True``) and
+    bitsandbytes' 8-bit ones update in place without bumping the version: every optimizer step
+    is seen through torch's global step pre-hook, registered only while some deferred logits are
+    alive (weakly held) and removed with the last."""
+
+    __slots__ = ("params", "versions", "stepped", "__weakref__")
+
+    def __init__(self, head: nn.Module):
+        self.params = tuple(p for p in (head.weight, head.bias) if p is not None)
+        self.versions = tuple(p._version for p in self.params)
+        self.stepped = False
+        _track(self)
+
+    def changed(self, head: nn.Module) -> bool:
+        now = tuple(p for p in (head.weight, head.bias) if p is not None)
+        return (self.stepped or len(now) != len(self.params)
+                or any(a is not b or a._version != v
+                       for a, b, v in zip(now, self.params, self.versions, strict=True)))
+
+
+_ALIVE: dict[int, weakref.ref] = {}  # id -> HeadAtForward of the deferred logits still alive
+_STEP_HOOK: list[RemovableHandle] = []  # torch's global optimizer step pre-hook, while any
+
+
+def _track(state: HeadAtForward) -> None:
+    key = id(state)
+    _ALIVE[key] = weakref.ref(state, lambda _, key=key: _forget(key))
+    if not _STEP_HOOK:
+        _STEP_HOOK.append(register_optimizer_step_pre_hook(_before_step))
+
+
+def _forget(key: int) -> None:
+    _ALIVE.pop(key, None)
+    if not _ALIVE and _STEP_HOOK:
+        _STEP_HOOK.pop().remove()
+
+
+def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    held = None
+    for ref in list(_ALIVE.values()):
+        state = ref()
+        if state is None or state.stepped or all(p.grad is None for p in state.params):
+            continue  # torch's and bitsandbytes' optimizers skip parameters without a gradient
+        if held is None:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        state.stepped = any(id(p) in held and p.grad is not None for p in state.params)
 
 
 def deferred_logits(head, hidden, cap, grad: bool, autocast: torch.dtype | None,
-                    version: tuple):
+                    at_forward: HeadAtForward):
     # lm_head(hidden) now would use the weight after the update, not the forward's (HF's)
-    now = head_version(head)
-    if len(now) != len(version) or any(a is not b or u != v for (a, u), (b, v) in
-                                         zip(now, version, strict=True)):
+    if at_forward.changed(head):
         raise EmberError("these logits were deferred by Ember's fused loss (training mode, "
                          "labels given) and lm_head's weight changed since the forward (an "
                          "optimizer step): read out.logits before the optimizer step, or "
