@@ -83,8 +83,9 @@ What is swapped (each a keyword, all on by default):
   device), or a custom ``model.loss_function``, keeps HF's loss path. Gemma's ``sqrt(hidden)``
   embedding scale stays in HF's model forward, as do Granite's embedding and residual multipliers;
   Granite's ``logits_scaling`` divides the hidden states before the fused loss (and the eval
-  logits). With ``return_dict=False`` the tuple keeps HF's layout, ``(loss, logits, ...)``, logits
-  None in training mode.
+  logits). With ``return_dict=False`` the tuple keeps HF's layout, ``(loss, logits, ...)``; a
+  tuple cannot defer the logits, so in training mode they are built in the forward (the loss
+  stays fused; the (B, T, V) logits cost what HF's do).
 
 A module whose inputs or weights are in a dtype Ember's kernels do not take (a model moved to
 float64 after the swap) runs the forward the swap replaced.
@@ -488,10 +489,8 @@ def _causal_lm(self, fused, kept, input_ids, attention_mask, position_ids, input
     loss = causal_lm_loss(hidden, self.lm_head, shift_labels, num_items, ignore_index, cap)
     kept_hidden = hidden[:, keep_slice(logits_to_keep)]
     output = CausalLMOutputWithPast
-    if not self.training:
+    if not self.training or return_dict is False:  # a tuple cannot defer them: HF's tensor
         logits = head_logits(self.lm_head, kept_hidden, cap)
-    elif return_dict is False:  # a tuple cannot defer them (documented: None)
-        logits = None
     else:  # training: built only if read (a distillation loop reads them, with the loss)
         dev = kept_hidden.device.type
         autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None

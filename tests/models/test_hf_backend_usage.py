@@ -9,7 +9,14 @@ import torch
 
 from ember import EmberError
 from ember.models.hf_backend import accelerate, restore, swapped
-from tests.models.test_hf_backend import _close, _deferred, _ids, _loss_and_grads_match, _pair
+from tests.models.test_hf_backend import (
+    _check_grads,
+    _close,
+    _deferred,
+    _ids,
+    _loss_and_grads_match,
+    _pair,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,9 +28,11 @@ def _one_thread(one_thread):
 
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_return_dict_false_keeps_hf_tuple_layout(use_cache):
-    """``return_dict=False`` in training mode: HF's tuple is (loss, logits[, cache]). The fused
-    loss builds no logits; the slot stays, holding None (was: ``to_tuple()`` dropped it, so
-    ``out[1]`` was the KV cache, or ``loss, logits = out`` failed)."""
+    """``return_dict=False`` in training mode: HF's tuple is (loss, logits[, cache]) with real
+    logits; a tuple cannot defer them, so the fused loss builds them in the forward (was: the
+    slot held None, a TypeError in a loop that adds a loss on them), under the forward's grad
+    mode: a loss on them backpropagates as through HF's. (``config.return_dict = False``:
+    transformers 5's own causal LM forward fails, reading a tuple's ``last_hidden_state``.)"""
     ref, model = _pair("llama", seed=41)
     accelerate(model)
     ids = _ids(2, 9, seed=21)
@@ -31,11 +40,14 @@ def test_return_dict_false_keeps_hf_tuple_layout(use_cache):
     a, b = ref(ids, **kw), model(ids, **kw)
     assert isinstance(b, tuple) and len(b) == len(a) == 2 + use_cache
     _close("loss", b[0], a[0])
-    assert b[1] is None and a[1].shape == (2, 9, ref.config.vocab_size)
+    _close("logits", b[1], a[1])
     assert [type(x) for x in b[2:]] == [type(x) for x in a[2:]]
+    (a[0] + a[1].logsumexp(-1).mean()).backward()
+    (b[0] + b[1].logsumexp(-1).mean()).backward()
+    _check_grads(ref, model)
     with torch.no_grad():  # eval mode: the logits are there, as HF's
         a, b = ref.eval()(ids, **kw), model.eval()(ids, **kw)
-    assert len(b) == len(a)
+    assert isinstance(b, tuple) and len(b) == len(a)
     _close("logits (eval)", b[1], a[1])
 
 
