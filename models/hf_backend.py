@@ -76,8 +76,12 @@ What is swapped (each a keyword, all on by default):
   after accelerate's fp32 output conversion (mixed precision) they are read as float32, as HF's.
   Read after an optimizer step changed ``lm_head`` in place they would not be the forward's: an
   ``EmberError`` (any ``torch.optim.Optimizer`` that holds the head with a gradient, fused and
-  bitsandbytes' 8-bit ones included, seen through torch's step pre-hook while deferred logits
-  are alive; other in-place updates through the version counter): read them before the step.
+  bitsandbytes' 8-bit ones included, bumps its version counter first: torch's step pre-hook,
+  while a swapped model is alive; other in-place updates bump it themselves): read them before
+  the step.
+  Under ``torch.compile`` (``fullgraph=True`` too, as transformers' own model) every row goes to
+  the fused loss, the unlabelled ones ignored by the kernel (selecting the labelled rows is a
+  data-dependent shape), and the deferred logits are kept as in eager mode.
   Differences: a batch whose labels are all -100 gives loss 0 (HF: NaN). A LoRA/quantized
   ``lm_head``, one with hooks (also ``accelerate``'s dispatch hook: offloaded or on another
   device), or a custom ``model.loss_function``, keeps HF's loss path. Gemma's ``sqrt(hidden)``
@@ -131,12 +135,14 @@ from ember.models.hf_backend_io import (
     with_cache,
 )
 from ember.models.hf_backend_loss import (
-    HeadAtForward,
     LazyLogits,
     causal_lm_loss,
     deferred_logits,
     head_logits,
+    head_version,
     lazy_logits_output,
+    unwatch_steps,
+    watch_steps,
 )
 from ember.models.hf_wrappers import (
     _BOUND,
@@ -496,7 +502,7 @@ def _causal_lm(self, fused, kept, input_ids, attention_mask, position_ids, input
         autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         logits = LazyLogits(functools.partial(deferred_logits, self.lm_head, kept_hidden, cap,
                                               torch.is_grad_enabled(), autocast,
-                                              HeadAtForward(self.lm_head)),
+                                              head_version(self.lm_head)),
                             autocast or self.lm_head.weight.dtype)
         output = lazy_logits_output()
     # transformers 5.24 names the output's cache field ``cache`` (past_key_values before)
@@ -545,6 +551,7 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
         _bind(base, _model_forward)
     if loss:
         lazy_logits_output()  # the output class, built now rather than in a compile trace
+        watch_steps(lm)
     if lm_forward is not None:  # attention alone: the causal LM only checks the labels
         _bind_causal_lm(lm, lm_forward)
     return model
@@ -572,6 +579,7 @@ def restore(model: nn.Module) -> nn.Module:
     instance after the swap that calls the swapped forward - accelerate's mixed precision, TRL's
     ``add_fused_lm_head`` -, that forward is switched to HF's)."""
     for m in model.modules():
+        unwatch_steps(m)
         m.__dict__.pop(_OFF, None)
         if _ours(m.__dict__.get("forward")):
             del m.forward

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -24,9 +23,10 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Te
     through the fused linear cross-entropy on the labelled rows only; ``softcap`` caps the
     logits first (Gemma 2/3's ``final_logit_softcapping``)."""
     y = shift_labels.to(hidden.device).reshape(-1)
-    idx = (y != ignore_index).nonzero().squeeze(1)
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (N, D) labelled rows
-    y = y.index_select(0, idx)
+    h = hidden.reshape(-1, hidden.shape[-1])  # (B*T, D)
+    if not torch.compiler.is_compiling():  # a data-dependent shape breaks a fullgraph trace
+        idx = (y != ignore_index).nonzero().squeeze(1)
+        h, y = h.index_select(0, idx), y.index_select(0, idx)  # (N, D) labelled rows
     w, b = head.weight, head.bias
     dev = h.device.type
     if torch.is_autocast_enabled(dev):  # HF's lm_head would run in the autocast dtype
@@ -52,61 +52,56 @@ def head_logits(head: nn.Module, hidden: torch.Tensor, cap: float | None) -> tor
     return logits
 
 
-class HeadAtForward:
-    """``lm_head``'s parameters as a deferred forward used them: changed since when an optimizer
-    that holds one of them (with a gradient) has stepped, or an in-place update bumped a version
-    counter, or the weight was replaced. torch's fused optimizers (``fused=True``) and
-    bitsandbytes' 8-bit ones update in place without bumping the version: every optimizer step
-    is seen through torch's global step pre-hook, registered only while some deferred logits are
-    alive (weakly held) and removed with the last."""
-
-    __slots__ = ("params", "versions", "stepped", "__weakref__")
-
-    def __init__(self, head: nn.Module):
-        self.params = tuple(p for p in (head.weight, head.bias) if p is not None)
-        self.versions = tuple(p._version for p in self.params)
-        self.stepped = False
-        _track(self)
-
-    def changed(self, head: nn.Module) -> bool:
-        now = tuple(p for p in (head.weight, head.bias) if p is not None)
-        return (self.stepped or len(now) != len(self.params)
-                or any(a is not b or a._version != v
-                       for a, b, v in zip(now, self.params, self.versions, strict=True)))
+def head_version(head: nn.Module) -> tuple:
+    """What changes when an optimizer updates ``head`` in place (torch's fused optimizers and
+    bitsandbytes' 8-bit ones do not bump the version counters themselves: ``watch_steps`` does)
+    or its weight is replaced."""
+    return tuple((p, p._version) for p in (head.weight, head.bias) if p is not None)
 
 
-_ALIVE: dict[int, weakref.ref] = {}  # id -> HeadAtForward of the deferred logits still alive
-_STEP_HOOK: list[RemovableHandle] = []  # torch's global optimizer step pre-hook, while any
+# The causal LMs swapped with the fused loss (id -> weak reference), and torch's global optimizer
+# step pre-hook, registered while there is one.
+_WATCHED: dict[int, weakref.ref] = {}
+_STEP_HOOK: list[RemovableHandle] = []
 
 
-def _track(state: HeadAtForward) -> None:
-    key = id(state)
-    _ALIVE[key] = weakref.ref(state, lambda _, key=key: _forget(key))
+def watch_steps(lm: nn.Module) -> None:
+    """Every optimizer step that updates ``lm.lm_head`` bumps its parameters' version counters
+    first, as torch's non-fused optimizers' in-place ops do: torch's fused optimizers
+    (``fused=True``) and bitsandbytes' 8-bit ones leave them as they were, so deferred logits read
+    after such a step would silently come from the new head. Seen through torch's global step
+    pre-hook (any ``torch.optim.Optimizer``), registered while a watched model is alive (weakly
+    held) and removed with the last; ``unwatch_steps`` (``restore``) ends it sooner."""
+    key = id(lm)
+    _WATCHED[key] = weakref.ref(lm, lambda _, key=key: unwatch_steps(key))
     if not _STEP_HOOK:
         _STEP_HOOK.append(register_optimizer_step_pre_hook(_before_step))
 
 
-def _forget(key: int) -> None:
-    _ALIVE.pop(key, None)
-    if not _ALIVE and _STEP_HOOK:
+def unwatch_steps(lm: nn.Module | int) -> None:
+    _WATCHED.pop(lm if isinstance(lm, int) else id(lm), None)
+    if not _WATCHED and _STEP_HOOK:
         _STEP_HOOK.pop().remove()
 
 
 def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    held = None
-    for ref in list(_ALIVE.values()):
-        state = ref()
-        if state is None or state.stepped or all(p.grad is None for p in state.params):
-            continue  # torch's and bitsandbytes' optimizers skip parameters without a gradient
-        if held is None:
-            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        state.stepped = any(id(p) in held and p.grad is not None for p in state.params)
+    # torch's and bitsandbytes' optimizers skip parameters without a gradient (a frozen head)
+    heads = [p for ref in list(_WATCHED.values()) if (lm := ref()) is not None
+             and isinstance(head := getattr(lm, "lm_head", None), nn.Module)
+             for p in (getattr(head, "weight", None), getattr(head, "bias", None))
+             if isinstance(p, torch.Tensor) and p.grad is not None]
+    if heads:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if stepped := [p for p in heads if id(p) in held]:
+            torch.autograd.graph.increment_version(stepped)
 
 
 def deferred_logits(head, hidden, cap, grad: bool, autocast: torch.dtype | None,
-                    at_forward: HeadAtForward):
+                    version: tuple):
     # lm_head(hidden) now would use the weight after the update, not the forward's (HF's)
-    if at_forward.changed(head):
+    now = head_version(head)
+    if len(now) != len(version) or any(a is not b or u != v for (a, u), (b, v) in
+                                         zip(now, version, strict=True)):
         raise EmberError("these logits were deferred by Ember's fused loss (training mode, "
                          "labels given) and lm_head's weight changed since the forward (an "
                          "optimizer step): read out.logits before the optimizer step, or "
@@ -149,14 +144,21 @@ def lazy_logits_output() -> type:
 def _lazy_logits_output() -> type:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    @dataclass
+    # Not a dataclass of its own: ``logits`` stays the parent's field; the property (a data
+    # descriptor, so it wins over the instance's __dict__ where the field's value is kept) is
+    # what torch.compile(fullgraph=True) traces, where a custom __getattribute__ breaks the graph.
     class CausalLMOutputWithLazyLogits(CausalLMOutputWithPast):
-        def __getattribute__(self, name: str):
-            value = super().__getattribute__(name)
-            if name == "logits" and isinstance(value, LazyLogits):
+        @property
+        def logits(self):
+            value = self.__dict__.get("logits")
+            if isinstance(value, LazyLogits):
                 value = value.compute()
                 self["logits"] = value  # ModelOutput's __setitem__ sets the attribute too
             return value
+
+        @logits.setter
+        def logits(self, value) -> None:
+            self.__dict__["logits"] = value
 
         def __getitem__(self, key):
             return self.logits if key == "logits" else super().__getitem__(key)

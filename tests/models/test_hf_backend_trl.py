@@ -387,7 +387,7 @@ def test_deferred_logits_read_after_optimizer_step_raise(kind):
 def test_deferred_logits_after_step_that_leaves_the_head():
     """An optimizer step that does not update the head (it holds other parameters, or the head
     is frozen: no grad, as under LoRA with ``model.parameters()`` handed to the optimizer) leaves
-    the deferred logits the forward's; no step hook stays once no deferred logits are left."""
+    the deferred logits the forward's; ``restore`` stops watching the optimizer steps."""
     from ember.models import hf_backend_loss
 
     ids = _ids(2, 9, seed=94)
@@ -402,5 +402,6 @@ def test_deferred_logits_after_step_that_leaves_the_head():
         out.loss.backward()
         opt.step()
         _close("logits", out.logits, ref(ids, labels=ids).logits)
-    del out
-    assert not hf_backend_loss._STEP_HOOK
+    assert id(model) in hf_backend_loss._WATCHED
+    restore(model)
+    assert id(model) not in hf_backend_loss._WATCHED

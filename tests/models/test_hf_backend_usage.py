@@ -242,3 +242,34 @@ def test_trainer_journey(tmp_path):
     assert swapped(loaded) == {} and type(loaded) is type(ref)
     for k, v in ref.state_dict().items():
         _close(f"saved {k}", loaded.state_dict()[k], v)
+
+
+def test_compile_fullgraph_training_forward():
+    """``torch.compile(model, fullgraph=True)`` of a training forward with labels: transformers'
+    own model compiles in one graph (checked alike), and so does the swap (was: an error at the
+    labelled rows' ``nonzero``, a data-dependent shape, then at the lazy output class's
+    ``__getattribute__``). Loss, gradients and the deferred logits are the twin's; an optimizer
+    step leaves the graph as it was (no recompile) and still makes a late read of the logits
+    raise."""
+    dynamo = pytest.importorskip("torch._dynamo")
+    ref, model = _pair("llama", seed=51)
+    accelerate(model)
+    ids = _ids(2, 9, seed=52)
+    labels = ids.masked_fill(torch.arange(9) < 3, -100)
+    dynamo.reset()
+    b = torch.compile(model, fullgraph=True, backend="eager")  # dynamo's graph capture alone
+    out_ref, out = ref(ids, labels=labels), b(ids, labels=labels)
+    assert _deferred(out)
+    _close("loss", out.loss, out_ref.loss)
+    _close("logits", out.logits, out_ref.logits)
+    out_ref.loss.backward()
+    out.loss.backward()
+    _check_grads(ref, model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    late = b(ids, labels=labels)
+    opt.step()
+    graphs = dynamo.utils.counters["stats"]["unique_graphs"]
+    with pytest.raises(EmberError, match="before the optimizer step"):
+        _ = late.logits
+    assert b(ids, labels=labels).logits.shape == (2, 9, ref.config.vocab_size)
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == graphs
