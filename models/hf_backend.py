@@ -71,8 +71,9 @@ What is swapped (each a keyword, all on by default):
   ``final_logit_softcapping`` c caps the logits first (``softcap=c``), and eval logits are
   ``c * tanh(logits / c)`` as HF's. Under autocast the head runs in the autocast dtype, as HF's
   ``lm_head`` would. In eval mode the logits are computed too; in training mode only when read
-  (``out.logits``, ``out["logits"]``, ``to_tuple()``: a distillation loop adds a loss on them to
-  ``out.loss``), from the saved final hidden states under the forward's grad mode and autocast;
+  (``out.logits``, ``out["logits"]``, ``out.get("logits")``, ``to_tuple()``: a distillation loop
+  adds a loss on them to ``out.loss``; ``values()`` and ``items()`` hold the lazy object), from
+  the saved final hidden states under the forward's grad mode and autocast;
   after accelerate's fp32 output conversion (mixed precision) they are read as float32, as HF's.
   Read after an optimizer step changed ``lm_head`` in place they would not be the forward's: an
   ``EmberError`` (any ``torch.optim.Optimizer`` that holds the head with a gradient, fused and

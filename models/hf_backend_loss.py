@@ -134,8 +134,8 @@ _OUTPUT: list[type] = []  # built once, by accelerate() (not inside a torch.comp
 
 def lazy_logits_output() -> type:
     """``CausalLMOutputWithPast`` whose ``logits`` are computed on first read (as an attribute,
-    ``out["logits"]`` or ``to_tuple()``) when they hold a ``LazyLogits``; transformers is imported
-    on first use, as everywhere in the HF backend."""
+    ``out["logits"]``, ``out.get("logits")`` or ``to_tuple()``) when they hold a ``LazyLogits``;
+    transformers is imported on first use, as everywhere in the HF backend."""
     if not _OUTPUT:
         _OUTPUT.append(_lazy_logits_output())
     return _OUTPUT[0]
@@ -162,5 +162,9 @@ def _lazy_logits_output() -> type:
 
         def __getitem__(self, key):
             return self.logits if key == "logits" else super().__getitem__(key)
+
+        def get(self, key, default=None):
+            # values() and items() keep the lazy object: accelerate's fp32 conversion walks them
+            return self.logits if key == "logits" and key in self else super().get(key, default)
 
     return CausalLMOutputWithLazyLogits

@@ -317,7 +317,8 @@ def test_distillation_logits_with_labels_in_training(case):
     returns both): ``kd(out.logits, teacher) + out.loss`` gives the unswapped pair's loss and
     gradients. The fused loss computes the logits only when they are read (was: None, a
     TypeError in the loop), also through accelerate's fp32 output conversion (Trainer with
-    bf16/fp16 rebuilds the output), and as HF's to_tuple() and ``out["logits"]``."""
+    bf16/fp16 rebuilds the output), and as HF's to_tuple(), ``out["logits"]`` and
+    ``out.get("logits")`` (was: the LazyLogits object itself)."""
     from tests.models.test_hf_backend import CASES
     from tests.models.test_hf_backend_families import CASES as FAMILY_CASES
 
@@ -331,7 +332,7 @@ def test_distillation_logits_with_labels_in_training(case):
     t_logits = torch.randn(2, 11, s_ref.config.vocab_size, generator=torch.Generator()
                            .manual_seed(89))
     losses, reads = [], [lambda o: o.logits, lambda o: o["logits"], lambda o: o.to_tuple()[1],
-                         lambda o: convert_to_fp32(o).logits]
+                         lambda o: o.get("logits"), lambda o: convert_to_fp32(o).logits]
     for student in (s_ref, s_model):
         student.train()
         out = student(ids, labels=labels)
