@@ -501,6 +501,8 @@ def _causal_lm(self, fused, kept, input_ids, attention_mask, position_ids, input
     else:  # training: built only if read (a distillation loop reads them, with the loss)
         dev = kept_hidden.device.type
         autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        if not torch.compiler.is_compiling():  # a deep copy of a swapped model: not watched yet
+            watch_steps(self)
         logits = LazyLogits(functools.partial(deferred_logits, self.lm_head, kept_hidden, cap,
                                               torch.is_grad_enabled(), autocast,
                                               head_version(self.lm_head)),

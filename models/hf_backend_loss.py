@@ -71,8 +71,11 @@ def watch_steps(lm: nn.Module) -> None:
     (``fused=True``) and bitsandbytes' 8-bit ones leave them as they were, so deferred logits read
     after such a step would silently come from the new head. Seen through torch's global step
     pre-hook (any ``torch.optim.Optimizer``), registered while a watched model is alive (weakly
-    held) and removed with the last; ``unwatch_steps`` (``restore``) ends it sooner."""
+    held) and removed with the last; ``unwatch_steps`` (``restore``) ends it sooner. Called by
+    ``accelerate`` and by every eager deferring forward (a deep copy of a swapped model)."""
     key = id(lm)
+    if key in _WATCHED and _WATCHED[key]() is lm:
+        return
     _WATCHED[key] = weakref.ref(lm, lambda _, key=key: unwatch_steps(key))
     if not _STEP_HOOK:
         _STEP_HOOK.append(register_optimizer_step_pre_hook(_before_step))

@@ -5,6 +5,7 @@ driven identically."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import types
 
@@ -379,6 +380,23 @@ def test_deferred_logits_read_after_optimizer_step_raise(kind):
     early = model(ids, labels=ids)
     _close("logits", early.logits, ref(ids, labels=ids).logits)
     late = model(ids, labels=ids)
+    late.loss.backward()
+    opt.step()
+    with pytest.raises(EmberError, match="read out.logits before the optimizer step"):
+        _ = late.logits
+
+
+def test_deferred_logits_of_a_copied_model_after_fused_step_raise():
+    """A deep copy of a swapped model (TRL's ``create_reference_model``, an EMA copy) carries the
+    swapped forwards; its optimizer steps are watched too (was: only the model given to
+    ``accelerate`` was, so the copy's logits read after a fused AdamW step were the new
+    head's)."""
+    _, model = _pair("llama", seed=95)
+    copied = copy.deepcopy(accelerate(model))
+    ids = _ids(2, 9, seed=96)
+    opt = torch.optim.AdamW(copied.parameters(), lr=0.5, fused=True)
+    late = copied(ids, labels=ids)
+    assert _deferred(late)
     late.loss.backward()
     opt.step()
     with pytest.raises(EmberError, match="read out.logits before the optimizer step"):
