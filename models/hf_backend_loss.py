@@ -87,6 +87,7 @@ def unwatch_steps(lm: nn.Module | int) -> None:
         _STEP_HOOK.pop().remove()
 
 
+@torch.compiler.disable  # run as is in a compiled optimizer step (which breaks the graph there)
 def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     # torch's and bitsandbytes' optimizers skip parameters without a gradient (a frozen head)
     heads = [p for ref in list(_WATCHED.values()) if (lm := ref()) is not None

@@ -386,6 +386,26 @@ def test_deferred_logits_read_after_optimizer_step_raise(kind):
         _ = late.logits
 
 
+def test_compiled_optimizer_step_with_a_swapped_model():
+    """``torch.compile(opt.step)`` (PyTorch's compiled-optimizer recipe) while a swapped model is
+    alive: the step pre-hook runs as is (was, with the hook traced: dynamo called the model from
+    the hook's weak reference, a ValueError from inside transformers), and a late read of the
+    deferred logits raises after the compiled step too (a fused step, run outside the graph by
+    torch, bumps no version itself)."""
+    _, model = _pair("llama", seed=97)
+    accelerate(model)
+    ids = _ids(2, 9, seed=98)
+    # fused only: torch 2.13 then fails to compile a foreach AdamW step in the same process
+    # ("Expected scalars to be on CPU, got meta"; a bare nn.Linear does it, no swap involved)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    step = torch.compile(opt.step, backend="eager")
+    late = model(ids, labels=ids)
+    late.loss.backward()
+    step()
+    with pytest.raises(EmberError, match="read out.logits before the optimizer step"):
+        _ = late.logits
+
+
 def test_deferred_logits_of_a_copied_model_after_fused_step_raise():
     """A deep copy of a swapped model (TRL's ``create_reference_model``, an EMA copy) carries the
     swapped forwards; its optimizer steps are watched too (was: only the model given to
