@@ -78,7 +78,9 @@ def watch_steps(lm: nn.Module) -> None:
         return
     _WATCHED[key] = weakref.ref(lm, lambda _, key=key: unwatch_steps(key))
     if not _STEP_HOOK:
-        _STEP_HOOK.append(register_optimizer_step_pre_hook(_before_step))
+        # run as is in a compiled optimizer step (torch's step wrapper breaks the graph there);
+        # wrapped here, not at import: torch.compiler.disable imports dynamo (seconds)
+        _STEP_HOOK.append(register_optimizer_step_pre_hook(torch.compiler.disable(_before_step)))
 
 
 def unwatch_steps(lm: nn.Module | int) -> None:
@@ -87,7 +89,6 @@ def unwatch_steps(lm: nn.Module | int) -> None:
         _STEP_HOOK.pop().remove()
 
 
-@torch.compiler.disable  # run as is in a compiled optimizer step (which breaks the graph there)
 def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     # torch's and bitsandbytes' optimizers skip parameters without a gradient (a frozen head)
     heads = [p for ref in list(_WATCHED.values()) if (lm := ref()) is not None
