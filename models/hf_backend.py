@@ -82,7 +82,9 @@ What is swapped (each a keyword, all on by default):
   the step.
   Under ``torch.compile`` (``fullgraph=True`` too, as transformers' own model) every row goes to
   the fused loss, the unlabelled ones ignored by the kernel (selecting the labelled rows is a
-  data-dependent shape), and the deferred logits are kept as in eager mode.
+  data-dependent shape), and the deferred logits are kept as in eager mode; no attention plan is
+  made (host syncs): each layer runs Ember's attention where HF's mask is None, else HF's
+  attention with HF's mask (padding, packed rows: HF's own compiled result).
   Differences: a batch whose labels are all -100 gives loss 0 (HF: NaN). A LoRA/quantized
   ``lm_head``, one with hooks (also ``accelerate``'s dispatch hook: offloaded or on another
   device), or a custom ``model.loss_function``, keeps HF's loss path. Gemma's ``sqrt(hidden)``
@@ -411,7 +413,9 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
     ref = input_ids if input_ids is not None else inputs_embeds
     checked = kwargs.pop(LABELS_CHECKED_KW, False)
     cache = take_cache(kwargs, past_key_values)
-    if ref is not None and PLAN_KW not in kwargs:
+    # Under torch.compile no plan (its host syncs are data-dependent: a fullgraph trace fails):
+    # each layer uses Ember's attention where HF's mask is None, else HF's with HF's mask
+    if ref is not None and PLAN_KW not in kwargs and not torch.compiler.is_compiling():
         plan = attention_plan(attention_mask, position_ids, ref.shape[0], ref.shape[1], cache)
         # Called directly (no labels seen) with eager attention and left padding: the outputs at
         # the fully masked rows are HF's only from HF's attention, and a head may read them (a
@@ -457,6 +461,7 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
         if kept is not None:
             shift_labels = kept
         if (PLAN_KW not in kwargs and planned == "attention_plan"
+                and not torch.compiler.is_compiling()  # no plan there: see _model_forward
                 and labels_read_padding(attention_mask, labels, shift_labels, ignore_index,
                                          self.config._attn_implementation == "sdpa")):
             kwargs[PLAN_KW] = None  # every layer runs HF's attention with HF's mask

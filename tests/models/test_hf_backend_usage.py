@@ -244,32 +244,44 @@ def test_trainer_journey(tmp_path):
         _close(f"saved {k}", loaded.state_dict()[k], v)
 
 
-def test_compile_fullgraph_training_forward():
+@pytest.mark.parametrize("inputs", ["dense", "padding", "packed"])
+def test_compile_fullgraph_training_forward(inputs):
     """``torch.compile(model, fullgraph=True)`` of a training forward with labels: transformers'
-    own model compiles in one graph (checked alike), and so does the swap (was: an error at the
-    labelled rows' ``nonzero``, a data-dependent shape, then at the lazy output class's
-    ``__getattribute__``). Loss, gradients and the deferred logits are the twin's; an optimizer
-    step leaves the graph as it was (no recompile) and still makes a late read of the logits
-    raise."""
+    own model compiles in one graph (checked alike, also with padding and packed rows), and so
+    does the swap (was: an error at the labelled rows' ``nonzero``, a data-dependent shape, then
+    at the lazy output class's ``__getattribute__``; with a padding mask or packed position_ids
+    at the attention plan's host syncs: under compile each layer takes Ember's attention where
+    HF's mask is None, else HF's). Loss, gradients and the deferred logits are the twin's; an
+    optimizer step leaves the graph as it was (no recompile) and still makes a late read of the
+    logits raise."""
     dynamo = pytest.importorskip("torch._dynamo")
     ref, model = _pair("llama", seed=51)
     accelerate(model)
     ids = _ids(2, 9, seed=52)
     labels = ids.masked_fill(torch.arange(9) < 3, -100)
+    kw = dict(labels=labels)
+    if inputs == "padding":
+        kw["attention_mask"] = (torch.arange(9) < torch.tensor([[9], [6]])).long()
+        kw["labels"] = labels.masked_fill(kw["attention_mask"] == 0, -100)
+    elif inputs == "packed":
+        kw["position_ids"] = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4]).expand(2, 9)
     dynamo.reset()
     b = torch.compile(model, fullgraph=True, backend="eager")  # dynamo's graph capture alone
-    out_ref, out = ref(ids, labels=labels), b(ids, labels=labels)
+    out_ref, out = ref(ids, **kw), b(ids, **kw)
     assert _deferred(out)
     _close("loss", out.loss, out_ref.loss)
-    _close("logits", out.logits, out_ref.logits)
+    keep = (kw["labels"] != -100).unsqueeze(-1)  # HF's outputs at padding are not (documented)
+    _close("logits", out.logits * keep, out_ref.logits * keep)
     out_ref.loss.backward()
     out.loss.backward()
     _check_grads(ref, model)
+    if inputs != "dense":
+        return
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
-    late = b(ids, labels=labels)
+    late = b(ids, **kw)
     opt.step()
     graphs = dynamo.utils.counters["stats"]["unique_graphs"]
     with pytest.raises(EmberError, match="before the optimizer step"):
         _ = late.logits
-    assert b(ids, labels=labels).logits.shape == (2, 9, ref.config.vocab_size)
+    assert b(ids, **kw).logits.shape == (2, 9, ref.config.vocab_size)
     assert dynamo.utils.counters["stats"]["unique_graphs"] == graphs
