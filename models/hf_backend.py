@@ -73,18 +73,15 @@ What is swapped (each a keyword, all on by default):
   ``lm_head`` would. In eval mode the logits are computed too; in training mode only when read
   (``out.logits``, ``out["logits"]``, ``out.get("logits")``, ``to_tuple()``: a distillation loop
   adds a loss on them to ``out.loss``; ``values()`` and ``items()`` hold the lazy object), from
-  the saved final hidden states under the forward's grad mode and autocast;
-  after accelerate's fp32 output conversion (mixed precision) they are read as float32, as HF's.
-  Read after an optimizer step changed ``lm_head`` in place they would not be the forward's: an
-  ``EmberError`` (any ``torch.optim.Optimizer`` that holds the head with a gradient, fused and
-  bitsandbytes' 8-bit ones included, bumps its version counter first: torch's step pre-hook,
-  while a swapped model is alive; other in-place updates bump it themselves): read them before
-  the step.
-  Under ``torch.compile`` (``fullgraph=True`` too, as transformers' own model) every row goes to
-  the fused loss, the unlabelled ones ignored by the kernel (selecting the labelled rows is a
-  data-dependent shape), and the deferred logits are kept as in eager mode; no attention plan is
-  made (host syncs): each layer runs Ember's attention where HF's mask is None, else HF's
-  attention with HF's mask (padding, packed rows: HF's own compiled result).
+  the saved final hidden states under the forward's grad mode and autocast; after accelerate's
+  fp32 output conversion (mixed precision) they are read as float32, as HF's. Read after an
+  optimizer step changed ``lm_head`` they would not be the forward's: an ``EmberError`` (a step
+  of any ``torch.optim.Optimizer`` holding the head with a gradient, fused and 8-bit ones too,
+  bumps its version counter: torch's step pre-hook). Under ``torch.compile`` (``fullgraph=True``
+  too, as transformers' own model) every row goes to the fused loss, the unlabelled ones ignored
+  by the kernel (selecting them is a data-dependent shape), the logits stay deferred, and no
+  attention plan is made (host syncs): each layer runs Ember's attention where HF's mask is
+  None, else HF's attention with HF's mask (padding, packed rows: HF's compiled result).
   Differences: a batch whose labels are all -100 gives loss 0 (HF: NaN). A LoRA/quantized
   ``lm_head``, one with hooks (also ``accelerate``'s dispatch hook: offloaded or on another
   device), or a custom ``model.loss_function``, keeps HF's loss path. Gemma's ``sqrt(hidden)``
