@@ -60,7 +60,7 @@ def head_version(head: nn.Module) -> tuple:
 
 
 # The causal LMs swapped with the fused loss (id -> weak reference), and torch's global optimizer
-# step pre-hook, registered while there is one.
+# step pre-hook.
 _WATCHED: dict[int, weakref.ref] = {}
 _STEP_HOOK: list[RemovableHandle] = []
 
@@ -70,21 +70,24 @@ def watch_steps(lm: nn.Module) -> None:
     first, as torch's non-fused optimizers' in-place ops do: torch's fused optimizers
     (``fused=True``) and bitsandbytes' 8-bit ones leave them as they were, so deferred logits read
     after such a step would silently come from the new head. Seen through torch's global step
-    pre-hook (any ``torch.optim.Optimizer``), registered while a watched model is alive (weakly
-    held) and removed with the last; ``unwatch_steps`` (``restore``) ends it sooner. Called by
-    ``accelerate`` and by every eager deferring forward (a deep copy of a swapped model)."""
+    pre-hook (any ``torch.optim.Optimizer``), registered with the first watched model (weakly
+    held; the hook does nothing once all are collected) and removed by ``unwatch_steps``
+    (``restore``) of the last. Called by ``accelerate`` and by every eager deferring forward (a
+    deep copy of a swapped model)."""
     key = id(lm)
     if key in _WATCHED and _WATCHED[key]() is lm:
         return
-    _WATCHED[key] = weakref.ref(lm, lambda _, key=key: unwatch_steps(key))
+    # A model collected only leaves the table: the garbage collector may run inside an optimizer
+    # step, while torch iterates its hook dict (removing the hook there would raise)
+    _WATCHED[key] = weakref.ref(lm, lambda _, key=key: _WATCHED.pop(key, None))
     if not _STEP_HOOK:
         # run as is in a compiled optimizer step (torch's step wrapper breaks the graph there);
         # wrapped here, not at import: torch.compiler.disable imports dynamo (seconds)
         _STEP_HOOK.append(register_optimizer_step_pre_hook(torch.compiler.disable(_before_step)))
 
 
-def unwatch_steps(lm: nn.Module | int) -> None:
-    _WATCHED.pop(lm if isinstance(lm, int) else id(lm), None)
+def unwatch_steps(lm: nn.Module) -> None:
+    _WATCHED.pop(id(lm), None)
     if not _WATCHED and _STEP_HOOK:
         _STEP_HOOK.pop().remove()
 

@@ -423,6 +423,33 @@ def test_deferred_logits_of_a_copied_model_after_fused_step_raise():
         _ = late.logits
 
 
+def test_swapped_model_collected_during_an_optimizer_step():
+    """The last watched model freed by the garbage collector while torch iterates its global
+    step hooks (the collector runs at any allocation): the step goes on (was: the collector's
+    weakref callback removed Ember's hook from that dict, "OrderedDict mutated during
+    iteration")."""
+    import gc
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from ember.models import hf_backend_loss
+
+    gc.collect()
+    while hf_backend_loss._STEP_HOOK:  # Ember's hook registered after the collecting one
+        hf_backend_loss._STEP_HOOK.pop().remove()
+    handle = register_optimizer_step_pre_hook(lambda *args: gc.collect() and None)
+    try:
+        _, model = _pair("llama", seed=99)
+        accelerate(model)
+        model.__dict__["_cycle"] = model  # only the collector frees it
+        del model
+        p = torch.nn.Parameter(torch.randn(3))
+        p.grad = torch.randn(3)
+        torch.optim.SGD([p], lr=0.1).step()
+    finally:
+        handle.remove()
+
+
 def test_deferred_logits_after_step_that_leaves_the_head():
     """An optimizer step that does not update the head (it holds other parameters, or the head
     is frozen: no grad, as under LoRA with ``model.parameters()`` handed to the optimizer) leaves
