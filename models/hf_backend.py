@@ -71,18 +71,25 @@ What is swapped (each a keyword, all on by default):
   ``final_logit_softcapping`` c caps the logits first (``softcap=c``), and eval logits are
   ``c * tanh(logits / c)`` as HF's. Under autocast the head runs in the autocast dtype, as HF's
   ``lm_head`` would. In eval mode the logits are computed too; in training mode only when read
-  (``out.logits``, ``out["logits"]``, ``to_tuple()``: a distillation loop adds a loss on them to
-  ``out.loss``), from the saved final hidden states under the forward's grad mode and autocast;
-  after accelerate's fp32 output conversion (mixed precision) they are read as float32, as HF's.
-  Read after an optimizer step changed ``lm_head`` in place they would not be the forward's: an
-  ``EmberError`` (torch's fused optimizers leave no trace of the step: read them before it).
+  (``out.logits``, ``out["logits"]``, ``out.get("logits")``, ``to_tuple()``: a distillation loop
+  adds a loss on them to ``out.loss``; ``values()`` and ``items()`` hold the lazy object), from
+  the saved final hidden states under the forward's grad mode and autocast; after accelerate's
+  fp32 output conversion (mixed precision) they are read as float32, as HF's. Read after an
+  optimizer step changed ``lm_head`` they would not be the forward's: an ``EmberError`` (a step
+  of any ``torch.optim.Optimizer`` holding the head with a gradient, fused and 8-bit ones too,
+  bumps its version counter: torch's step pre-hook). Under ``torch.compile`` (``fullgraph=True``
+  too, as transformers' own model) every row goes to the fused loss, the unlabelled ones ignored
+  by the kernel (selecting them is a data-dependent shape), the logits stay deferred, and no
+  attention plan is made (host syncs): each layer runs Ember's attention where HF's mask is
+  None, else HF's attention with HF's mask (padding, packed rows: HF's compiled result).
   Differences: a batch whose labels are all -100 gives loss 0 (HF: NaN). A LoRA/quantized
   ``lm_head``, one with hooks (also ``accelerate``'s dispatch hook: offloaded or on another
   device), or a custom ``model.loss_function``, keeps HF's loss path. Gemma's ``sqrt(hidden)``
   embedding scale stays in HF's model forward, as do Granite's embedding and residual multipliers;
   Granite's ``logits_scaling`` divides the hidden states before the fused loss (and the eval
-  logits). With ``return_dict=False`` the tuple keeps HF's layout, ``(loss, logits, ...)``, logits
-  None in training mode.
+  logits). With ``return_dict=False`` the tuple keeps HF's layout, ``(loss, logits, ...)``; a
+  tuple cannot defer the logits, so in training mode they are built in the forward (the loss
+  stays fused; the (B, T, V) logits cost what HF's do).
 
 A module whose inputs or weights are in a dtype Ember's kernels do not take (a model moved to
 float64 after the swap) runs the forward the swap replaced.
@@ -134,6 +141,8 @@ from ember.models.hf_backend_loss import (
     head_logits,
     head_version,
     lazy_logits_output,
+    unwatch_steps,
+    watch_steps,
 )
 from ember.models.hf_wrappers import (
     _BOUND,
@@ -401,7 +410,9 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
     ref = input_ids if input_ids is not None else inputs_embeds
     checked = kwargs.pop(LABELS_CHECKED_KW, False)
     cache = take_cache(kwargs, past_key_values)
-    if ref is not None and PLAN_KW not in kwargs:
+    # Under torch.compile no plan (its host syncs are data-dependent: a fullgraph trace fails):
+    # each layer uses Ember's attention where HF's mask is None, else HF's with HF's mask
+    if ref is not None and PLAN_KW not in kwargs and not torch.compiler.is_compiling():
         plan = attention_plan(attention_mask, position_ids, ref.shape[0], ref.shape[1], cache)
         # Called directly (no labels seen) with eager attention and left padding: the outputs at
         # the fully masked rows are HF's only from HF's attention, and a head may read them (a
@@ -447,6 +458,7 @@ def _causal_lm_forward_for(fused_loss: bool) -> Callable:
         if kept is not None:
             shift_labels = kept
         if (PLAN_KW not in kwargs and planned == "attention_plan"
+                and not torch.compiler.is_compiling()  # no plan there: see _model_forward
                 and labels_read_padding(attention_mask, labels, shift_labels, ignore_index,
                                          self.config._attn_implementation == "sdpa")):
             kwargs[PLAN_KW] = None  # every layer runs HF's attention with HF's mask
@@ -486,13 +498,13 @@ def _causal_lm(self, fused, kept, input_ids, attention_mask, position_ids, input
     loss = causal_lm_loss(hidden, self.lm_head, shift_labels, num_items, ignore_index, cap)
     kept_hidden = hidden[:, keep_slice(logits_to_keep)]
     output = CausalLMOutputWithPast
-    if not self.training:
+    if not self.training or return_dict is False:  # a tuple cannot defer them: HF's tensor
         logits = head_logits(self.lm_head, kept_hidden, cap)
-    elif return_dict is False:  # a tuple cannot defer them (documented: None)
-        logits = None
     else:  # training: built only if read (a distillation loop reads them, with the loss)
         dev = kept_hidden.device.type
         autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        if not torch.compiler.is_compiling():  # a deep copy of a swapped model: not watched yet
+            watch_steps(self)
         logits = LazyLogits(functools.partial(deferred_logits, self.lm_head, kept_hidden, cap,
                                               torch.is_grad_enabled(), autocast,
                                               head_version(self.lm_head)),
@@ -544,6 +556,7 @@ def accelerate(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, ml
         _bind(base, _model_forward)
     if loss:
         lazy_logits_output()  # the output class, built now rather than in a compile trace
+        watch_steps(lm)
     if lm_forward is not None:  # attention alone: the causal LM only checks the labels
         _bind_causal_lm(lm, lm_forward)
     return model
@@ -571,6 +584,7 @@ def restore(model: nn.Module) -> nn.Module:
     instance after the swap that calls the swapped forward - accelerate's mixed precision, TRL's
     ``add_fused_lm_head`` -, that forward is switched to HF's)."""
     for m in model.modules():
+        unwatch_steps(m)
         m.__dict__.pop(_OFF, None)
         if _ours(m.__dict__.get("forward")):
             del m.forward

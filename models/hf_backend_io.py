@@ -197,7 +197,7 @@ def labels_read_padding(attention_mask, labels, shift_labels, ignore_index: int,
 
 def as_tuple(out) -> tuple:
     """``return_dict=False``: HF's tuple is ``(loss, logits, past_key_values, ...)``. Its
-    ``to_tuple()`` drops None fields, which would move the cache into logits' place when the fused
-    loss leaves logits None (training mode): the slot is kept, holding None."""
+    ``to_tuple()`` drops None fields, which would move a later field into an empty slot: the
+    loss and logits slots are kept whatever they hold."""
     rest = tuple(v for k, v in out.items() if k not in ("loss", "logits"))
     return (out.loss, out.logits, *rest)

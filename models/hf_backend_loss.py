@@ -4,11 +4,13 @@ logits themselves, built in training mode only when read (``LazyLogits``)."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
 from ember import EmberError
 from ember.kernels import linear_cross_entropy
@@ -21,9 +23,10 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, shift_labels: torch.Te
     through the fused linear cross-entropy on the labelled rows only; ``softcap`` caps the
     logits first (Gemma 2/3's ``final_logit_softcapping``)."""
     y = shift_labels.to(hidden.device).reshape(-1)
-    idx = (y != ignore_index).nonzero().squeeze(1)
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (N, D) labelled rows
-    y = y.index_select(0, idx)
+    h = hidden.reshape(-1, hidden.shape[-1])  # (B*T, D)
+    if not torch.compiler.is_compiling():  # a data-dependent shape breaks a fullgraph trace
+        idx = (y != ignore_index).nonzero().squeeze(1)
+        h, y = h.index_select(0, idx), y.index_select(0, idx)  # (N, D) labelled rows
     w, b = head.weight, head.bias
     dev = h.device.type
     if torch.is_autocast_enabled(dev):  # HF's lm_head would run in the autocast dtype
@@ -50,9 +53,55 @@ def head_logits(head: nn.Module, hidden: torch.Tensor, cap: float | None) -> tor
 
 
 def head_version(head: nn.Module) -> tuple:
-    """What changes when an optimizer updates ``head`` in place (torch's fused optimizers do not
-    bump the version counters: not seen) or its weight is replaced."""
+    """What changes when an optimizer updates ``head`` in place (torch's fused optimizers and
+    bitsandbytes' 8-bit ones do not bump the version counters themselves: ``watch_steps`` does)
+    or its weight is replaced."""
     return tuple((p, p._version) for p in (head.weight, head.bias) if p is not None)
+
+
+# The causal LMs swapped with the fused loss (id -> weak reference), and torch's global optimizer
+# step pre-hook.
+_WATCHED: dict[int, weakref.ref] = {}
+_STEP_HOOK: list[RemovableHandle] = []
+
+
+def watch_steps(lm: nn.Module) -> None:
+    """Every optimizer step that updates ``lm.lm_head`` bumps its parameters' version counters
+    first, as torch's non-fused optimizers' in-place ops do: torch's fused optimizers
+    (``fused=True``) and bitsandbytes' 8-bit ones leave them as they were, so deferred logits read
+    after such a step would silently come from the new head. Seen through torch's global step
+    pre-hook (any ``torch.optim.Optimizer``), registered with the first watched model (weakly
+    held; the hook does nothing once all are collected) and removed by ``unwatch_steps``
+    (``restore``) of the last. Called by ``accelerate`` and by every eager deferring forward (a
+    deep copy of a swapped model)."""
+    key = id(lm)
+    if key in _WATCHED and _WATCHED[key]() is lm:
+        return
+    # A model collected only leaves the table: the garbage collector may run inside an optimizer
+    # step, while torch iterates its hook dict (removing the hook there would raise)
+    _WATCHED[key] = weakref.ref(lm, lambda _, key=key: _WATCHED.pop(key, None))
+    if not _STEP_HOOK:
+        # run as is in a compiled optimizer step (torch's step wrapper breaks the graph there);
+        # wrapped here, not at import: torch.compiler.disable imports dynamo (seconds)
+        _STEP_HOOK.append(register_optimizer_step_pre_hook(torch.compiler.disable(_before_step)))
+
+
+def unwatch_steps(lm: nn.Module) -> None:
+    _WATCHED.pop(id(lm), None)
+    if not _WATCHED and _STEP_HOOK:
+        _STEP_HOOK.pop().remove()
+
+
+def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    # torch's and bitsandbytes' optimizers skip parameters without a gradient (a frozen head)
+    heads = [p for ref in list(_WATCHED.values()) if (lm := ref()) is not None
+             and isinstance(head := getattr(lm, "lm_head", None), nn.Module)
+             for p in (getattr(head, "weight", None), getattr(head, "bias", None))
+             if isinstance(p, torch.Tensor) and p.grad is not None]
+    if heads:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if stepped := [p for p in heads if id(p) in held]:
+            torch.autograd.graph.increment_version(stepped)
 
 
 def deferred_logits(head, hidden, cap, grad: bool, autocast: torch.dtype | None,
@@ -93,8 +142,8 @@ _OUTPUT: list[type] = []  # built once, by accelerate() (not inside a torch.comp
 
 def lazy_logits_output() -> type:
     """``CausalLMOutputWithPast`` whose ``logits`` are computed on first read (as an attribute,
-    ``out["logits"]`` or ``to_tuple()``) when they hold a ``LazyLogits``; transformers is imported
-    on first use, as everywhere in the HF backend."""
+    ``out["logits"]``, ``out.get("logits")`` or ``to_tuple()``) when they hold a ``LazyLogits``;
+    transformers is imported on first use, as everywhere in the HF backend."""
     if not _OUTPUT:
         _OUTPUT.append(_lazy_logits_output())
     return _OUTPUT[0]
@@ -103,16 +152,27 @@ def lazy_logits_output() -> type:
 def _lazy_logits_output() -> type:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    @dataclass
+    # Not a dataclass of its own: ``logits`` stays the parent's field; the property (a data
+    # descriptor, so it wins over the instance's __dict__ where the field's value is kept) is
+    # what torch.compile(fullgraph=True) traces, where a custom __getattribute__ breaks the graph.
     class CausalLMOutputWithLazyLogits(CausalLMOutputWithPast):
-        def __getattribute__(self, name: str):
-            value = super().__getattribute__(name)
-            if name == "logits" and isinstance(value, LazyLogits):
+        @property
+        def logits(self):
+            value = self.__dict__.get("logits")
+            if isinstance(value, LazyLogits):
                 value = value.compute()
                 self["logits"] = value  # ModelOutput's __setitem__ sets the attribute too
             return value
 
+        @logits.setter
+        def logits(self, value) -> None:
+            self.__dict__["logits"] = value
+
         def __getitem__(self, key):
             return self.logits if key == "logits" else super().__getitem__(key)
+
+        def get(self, key, default=None):
+            # values() and items() keep the lazy object: accelerate's fp32 conversion walks them
+            return self.logits if key == "logits" and key in self else super().get(key, default)
 
     return CausalLMOutputWithLazyLogits

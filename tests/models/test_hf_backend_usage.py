@@ -9,7 +9,14 @@ import torch
 
 from ember import EmberError
 from ember.models.hf_backend import accelerate, restore, swapped
-from tests.models.test_hf_backend import _close, _deferred, _ids, _loss_and_grads_match, _pair
+from tests.models.test_hf_backend import (
+    _check_grads,
+    _close,
+    _deferred,
+    _ids,
+    _loss_and_grads_match,
+    _pair,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,9 +28,11 @@ def _one_thread(one_thread):
 
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_return_dict_false_keeps_hf_tuple_layout(use_cache):
-    """``return_dict=False`` in training mode: HF's tuple is (loss, logits[, cache]). The fused
-    loss builds no logits; the slot stays, holding None (was: ``to_tuple()`` dropped it, so
-    ``out[1]`` was the KV cache, or ``loss, logits = out`` failed)."""
+    """``return_dict=False`` in training mode: HF's tuple is (loss, logits[, cache]) with real
+    logits; a tuple cannot defer them, so the fused loss builds them in the forward (was: the
+    slot held None, a TypeError in a loop that adds a loss on them), under the forward's grad
+    mode: a loss on them backpropagates as through HF's. (``config.return_dict = False``:
+    transformers 5's own causal LM forward fails, reading a tuple's ``last_hidden_state``.)"""
     ref, model = _pair("llama", seed=41)
     accelerate(model)
     ids = _ids(2, 9, seed=21)
@@ -31,11 +40,14 @@ def test_return_dict_false_keeps_hf_tuple_layout(use_cache):
     a, b = ref(ids, **kw), model(ids, **kw)
     assert isinstance(b, tuple) and len(b) == len(a) == 2 + use_cache
     _close("loss", b[0], a[0])
-    assert b[1] is None and a[1].shape == (2, 9, ref.config.vocab_size)
+    _close("logits", b[1], a[1])
     assert [type(x) for x in b[2:]] == [type(x) for x in a[2:]]
+    (a[0] + a[1].logsumexp(-1).mean()).backward()
+    (b[0] + b[1].logsumexp(-1).mean()).backward()
+    _check_grads(ref, model)
     with torch.no_grad():  # eval mode: the logits are there, as HF's
         a, b = ref.eval()(ids, **kw), model.eval()(ids, **kw)
-    assert len(b) == len(a)
+    assert isinstance(b, tuple) and len(b) == len(a)
     _close("logits (eval)", b[1], a[1])
 
 
@@ -230,3 +242,46 @@ def test_trainer_journey(tmp_path):
     assert swapped(loaded) == {} and type(loaded) is type(ref)
     for k, v in ref.state_dict().items():
         _close(f"saved {k}", loaded.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("inputs", ["dense", "padding", "packed"])
+def test_compile_fullgraph_training_forward(inputs):
+    """``torch.compile(model, fullgraph=True)`` of a training forward with labels: transformers'
+    own model compiles in one graph (checked alike, also with padding and packed rows), and so
+    does the swap (was: an error at the labelled rows' ``nonzero``, a data-dependent shape, then
+    at the lazy output class's ``__getattribute__``; with a padding mask or packed position_ids
+    at the attention plan's host syncs: under compile each layer takes Ember's attention where
+    HF's mask is None, else HF's). Loss, gradients and the deferred logits are the twin's; an
+    optimizer step leaves the graph as it was (no recompile) and still makes a late read of the
+    logits raise."""
+    dynamo = pytest.importorskip("torch._dynamo")
+    ref, model = _pair("llama", seed=51)
+    accelerate(model)
+    ids = _ids(2, 9, seed=52)
+    labels = ids.masked_fill(torch.arange(9) < 3, -100)
+    kw = dict(labels=labels)
+    if inputs == "padding":
+        kw["attention_mask"] = (torch.arange(9) < torch.tensor([[9], [6]])).long()
+        kw["labels"] = labels.masked_fill(kw["attention_mask"] == 0, -100)
+    elif inputs == "packed":
+        kw["position_ids"] = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4]).expand(2, 9)
+    dynamo.reset()
+    b = torch.compile(model, fullgraph=True, backend="eager")  # dynamo's graph capture alone
+    out_ref, out = ref(ids, **kw), b(ids, **kw)
+    assert _deferred(out)
+    _close("loss", out.loss, out_ref.loss)
+    keep = (kw["labels"] != -100).unsqueeze(-1)  # HF's outputs at padding are not (documented)
+    _close("logits", out.logits * keep, out_ref.logits * keep)
+    out_ref.loss.backward()
+    out.loss.backward()
+    _check_grads(ref, model)
+    if inputs != "dense":
+        return
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    late = b(ids, **kw)
+    opt.step()
+    graphs = dynamo.utils.counters["stats"]["unique_graphs"]
+    with pytest.raises(EmberError, match="before the optimizer step"):
+        _ = late.logits
+    assert b(ids, **kw).logits.shape == (2, 9, ref.config.vocab_size)
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == graphs
