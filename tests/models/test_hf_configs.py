@@ -339,3 +339,29 @@ def test_an_rms_norm_eps_the_norm_refuses_is_named_when_the_config_loads(eps):
     with pytest.raises(ValueError, match="rms_norm_eps must be > 0 and finite"):
         ModelConfig(**_SIZES, rms_norm_eps=eps)
     ModelConfig(**_SIZES, rms_norm_eps=0.0, norm="layernorm")
+
+
+_YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+_LLAMA3 = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 4.0, "low_freq_factor": 1.0,
+           "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize("cls,rope", [
+    ("LlamaConfig", _YARN),
+    ("Qwen3Config", {**_YARN, "original_max_position_embeddings": 32}),
+    ("MistralConfig", {**_LLAMA3, "original_max_position_embeddings": 32}),
+])
+def test_a_top_level_original_context_overrides_the_rope_dict_s_as_in_transformers(
+        tmp_path, cls, rope):
+    """transformers 5.24 builds every family's RoPE from a flat llama3 / yarn / longrope dict
+    whose original_max_position_embeddings is the config's top-level field when config.json
+    has one (``standardize_rope_params``, run again as the model is built), over the dict's
+    own value. Ember read the top-level field for phi3 only and took the dict's (else
+    max_position_embeddings, 64): logits differed from transformers' by 0.5-2."""
+    folder = _save(tmp_path, cls, cls, rope_parameters=rope)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                "original_max_position_embeddings": 8}))
+    model, _ = load_pretrained(folder)
+    assert model.cfg.rope_scaling.original_max_position_embeddings == 8
+    _assert_parity_and_export(model, folder, _ids(20), tmp_path)
