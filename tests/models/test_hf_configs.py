@@ -365,3 +365,26 @@ def test_a_top_level_original_context_overrides_the_rope_dict_s_as_in_transforme
     model, _ = load_pretrained(folder)
     assert model.cfg.rope_scaling.original_max_position_embeddings == 8
     _assert_parity_and_export(model, folder, _ids(20), tmp_path)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                         "original_max_position_embeddings": 8}},
+    # a legacy rope_scaling replaces rope_parameters whole, its rope_theta included
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 5e3},
+     "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+])
+def test_mixtral_rope_dict_without_a_base_takes_mixtral_s_default(tmp_path, rope):
+    """transformers fills a rope dict's missing rope_theta from the config class's default,
+    1e6 for Mixtral; Ember took Mixtral's default only when config.json had no rope_parameters
+    at all, else Llama's 1e4: logits differed by 1.7."""
+    # head_dim: transformers' Mixtral YaRN fails without one
+    folder = _save(tmp_path, "mixtral", "MixtralConfig", num_local_experts=4,
+                   num_experts_per_tok=2, head_dim=16)
+    path = folder / "config.json"
+    raw = {k: v for k, v in json.loads(path.read_text()).items()
+           if k not in ("rope_theta", "rope_parameters")}
+    path.write_text(json.dumps({**raw, **rope}))
+    model, _ = load_pretrained(folder)
+    assert model.cfg.rope_theta == 1e6
+    _assert_parity_and_export(model, folder, _ids(20), tmp_path)
