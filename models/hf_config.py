@@ -113,9 +113,9 @@ _COMMON_FIELDS = frozenset(
     pad_token_id rope_theta rope_scaling rope_parameters dtype torch_dtype hidden_act
     attention_dropout rope_interleaved partial_rotary_factor quantization_config
 """.split()
-) | {"original_max_position_embeddings"}  # top level: read by Phi-3 alone (transformers 5 puts
-# max_position_embeddings, or rope_parameters' own value, into the other families' YaRN/Llama-3
-# RoPE and ignores it; a rope_parameters value is read as before)
+) | {"original_max_position_embeddings"}  # top level: the original context of a flat llama3 /
+# yarn / longrope dict, over the dict's own (transformers 5.24; hf_rope.parse_rope), ignored with
+# the other RoPE types and Gemma 3's per-layer dicts
 
 _QWEN_WINDOW = "use_sliding_window sliding_window max_window_layers layer_types"
 _FAMILY_FIELDS = {

@@ -133,8 +133,8 @@ def moe_base_config(raw: Mapping) -> tuple[dict, dict]:
         raise EmberError(f"config.json: {mt} with no experts (num_experts=0 or "
                          "decoder_sparse_step=0); load it as a dense model instead")
     for key, value in _DEFAULTS[mt].items():
-        if key == "rope_theta" and ("rope_parameters" in out or "rope_theta" in out):
-            continue
+        # rope_theta too when there is a rope dict: transformers fills the dict's missing base
+        # with it (Mixtral's 1e6), and a base in the dict still goes first (hf_rope.parse_rope)
         out.setdefault(key, value)
     out["model_type"] = base
     if archs is not None:

@@ -49,7 +49,7 @@ FIELDS = frozenset("""
     max_position_embeddings layer_norm_eps tie_word_embeddings rope_parameters rope_theta
     rope_scaling partial_rotary_factor qk_layernorm bos_token_id eos_token_id pad_token_id dtype
     torch_dtype quantization_config original_max_position_embeddings
-""".split())  # the last: top level, never read by transformers' phi (hf_config._COMMON_FIELDS)
+""".split())  # the last: top level, over a yarn / llama3 / longrope dict's (hf_rope.parse_rope)
 
 # (ember key template, HF key template); "{i}" is a layer index.
 KEYS: list[tuple[str, str]] = [
@@ -99,8 +99,9 @@ def _rope(raw: Mapping) -> tuple[float, RopeScaling | None, float]:
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             raise EmberError(f"config.json: {name} must be a positive integer, got {v!r}")
     rotary_dim = int((hd or hidden // heads) * partial)
-    theta, scaling = parse_rope({"rope_parameters": rope, "rope_theta": raw.get("rope_theta")},
-                                max_pos, "phi", rotary_dim)
+    # a top-level original_max_position_embeddings goes over the rope dict's (parse_rope)
+    top = {k: raw[k] for k in ("rope_theta", "original_max_position_embeddings") if k in raw}
+    theta, scaling = parse_rope({"rope_parameters": rope, **top}, max_pos, "phi", rotary_dim)
     return theta, scaling, partial
 
 

@@ -8,7 +8,9 @@ transformers 5's precedence.
 LongRoPE (Phi-3.5, Phi-4-mini; Phi-3's old names "su" and "yarn" mean it too): ``short_factor`` and
 ``long_factor`` must list rotary_dim / 2 numbers; ``original_max_position_embeddings`` is, for
 phi3, the top-level field (default 4096, which transformers' Phi-3 puts above the rope dict's),
-otherwise the rope dict's (default ``max_position_embeddings``); ``factor`` defaults to
+otherwise the top-level field if config.json has one, else the rope dict's (default
+``max_position_embeddings``), as for llama3 and yarn (transformers 5.24's
+``standardize_rope_params`` on a flat rope dict); ``factor`` defaults to
 max_position_embeddings / original and only sets the default ``attention_factor``
 sqrt(1 + ln(factor) / ln(original)) (1 when factor <= 1). Which table a forward uses is decided in
 ``ember.models.transformer``.
@@ -144,6 +146,11 @@ def parse_rope(
         raise EmberError(f"config.json: unsupported field(s) {unknown} for rope type {kind!r}")
     if kind == "default":
         return theta, None
+    if kind in ("llama3", "yarn") and "original_max_position_embeddings" in raw:
+        # transformers 5.24 re-standardizes a flat rope dict as the model is built, putting a
+        # top-level original_max_position_embeddings over the dict's (``standardize_rope_params``;
+        # longrope: below, as for phi3)
+        rope["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
     where = f"config.json {kind} rope scaling"
     if kind == "yarn":
         return theta, _parse_yarn(rope, max_pos, where)
@@ -157,8 +164,8 @@ def parse_rope(
             heads = raw.get("num_attention_heads")
             hd = raw.get("head_dim") or (raw.get("hidden_size", 0) // heads if heads else 0)
             rotary_dim = int(hd)
-        orig = raw.get("original_max_position_embeddings", PHI3_ORIGINAL_MAX) if (
-            model_type == "phi3") else rope.get("original_max_position_embeddings", max_pos)
+        key = "original_max_position_embeddings"
+        orig = raw.get(key, PHI3_ORIGINAL_MAX if model_type == "phi3" else rope.get(key, max_pos))
         return theta, _parse_longrope(rope, max_pos, orig, rotary_dim, where)
     factor = get_float(rope, "factor", ..., where)
     if factor <= 0:

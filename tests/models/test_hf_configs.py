@@ -339,3 +339,52 @@ def test_an_rms_norm_eps_the_norm_refuses_is_named_when_the_config_loads(eps):
     with pytest.raises(ValueError, match="rms_norm_eps must be > 0 and finite"):
         ModelConfig(**_SIZES, rms_norm_eps=eps)
     ModelConfig(**_SIZES, rms_norm_eps=0.0, norm="layernorm")
+
+
+_YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+_LLAMA3 = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 4.0, "low_freq_factor": 1.0,
+           "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize("cls,rope", [
+    ("LlamaConfig", _YARN),
+    ("Qwen3Config", {**_YARN, "original_max_position_embeddings": 32}),
+    ("MistralConfig", {**_LLAMA3, "original_max_position_embeddings": 32}),
+])
+def test_a_top_level_original_context_overrides_the_rope_dict_s_as_in_transformers(
+        tmp_path, cls, rope):
+    """transformers 5.24 builds every family's RoPE from a flat llama3 / yarn / longrope dict
+    whose original_max_position_embeddings is the config's top-level field when config.json
+    has one (``standardize_rope_params``, run again as the model is built), over the dict's
+    own value. Ember read the top-level field for phi3 only and took the dict's (else
+    max_position_embeddings, 64): logits differed from transformers' by 0.5-2."""
+    folder = _save(tmp_path, cls, cls, rope_parameters=rope)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                "original_max_position_embeddings": 8}))
+    model, _ = load_pretrained(folder)
+    assert model.cfg.rope_scaling.original_max_position_embeddings == 8
+    _assert_parity_and_export(model, folder, _ids(20), tmp_path)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                         "original_max_position_embeddings": 8}},
+    # a legacy rope_scaling replaces rope_parameters whole, its rope_theta included
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 5e3},
+     "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+])
+def test_mixtral_rope_dict_without_a_base_takes_mixtral_s_default(tmp_path, rope):
+    """transformers fills a rope dict's missing rope_theta from the config class's default,
+    1e6 for Mixtral; Ember took Mixtral's default only when config.json had no rope_parameters
+    at all, else Llama's 1e4: logits differed by 1.7."""
+    # head_dim: transformers' Mixtral YaRN fails without one
+    folder = _save(tmp_path, "mixtral", "MixtralConfig", num_local_experts=4,
+                   num_experts_per_tok=2, head_dim=16)
+    path = folder / "config.json"
+    raw = {k: v for k, v in json.loads(path.read_text()).items()
+           if k not in ("rope_theta", "rope_parameters")}
+    path.write_text(json.dumps({**raw, **rope}))
+    model, _ = load_pretrained(folder)
+    assert model.cfg.rope_theta == 1e6
+    _assert_parity_and_export(model, folder, _ids(20), tmp_path)

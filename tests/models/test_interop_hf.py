@@ -473,3 +473,40 @@ def test_custom_code_of_an_unknown_model_type_is_refused_without_running_it(tmp_
     with pytest.raises(EmberError, match="model_type 'frob' is not supported.*custom modeling "
                                          "code.*never runs"):
         load_pretrained(folder)
+
+
+_TYPES = ["sliding_attention", "full_attention"]
+GENERATION_CASES = {  # families whose KV-cache decoding had no transformers generate() oracle
+    "mistral_window": ("MistralConfig", dict(sliding_window=5)),
+    "ministral_types_hd": ("MinistralConfig", dict(head_dim=16, sliding_window=5,
+                                                   layer_types=_TYPES)),
+    "qwen2_mixed_sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=5,
+                                                max_window_layers=1)),
+    "qwen3_window_hd": ("Qwen3Config", dict(head_dim=16, use_sliding_window=True,
+                                            sliding_window=5, max_window_layers=0)),
+    "gemma_mqa": ("GemmaConfig", dict(head_dim=16, num_key_value_heads=1)),
+    "phi3_window": ("Phi3Config", dict(**PHI3, sliding_window=5)),
+}
+
+
+@pytest.mark.parametrize("case", list(GENERATION_CASES))
+def test_greedy_generation_matches_transformers_generate(tmp_path, case, one_thread):
+    """A left-padded batch of prompts of different lengths, decoded with the KV cache for 12
+    tokens, past the sliding window (5) where the family has one: each row's tokens are those
+    of transformers' ``generate(do_sample=False)`` on that prompt alone."""
+    from ember.models.generate import generate_ids
+
+    cls, kw = GENERATION_CASES[case]
+    folder = _save(tmp_path, case, cls, **kw)
+    model, _ = load_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, attn_implementation="eager").eval()
+    prompts = [_ids(n)[0, :n].tolist() for n in (9, 3, 13)]
+    out = generate_ids(model, prompts, max_new_tokens=12)
+    for prompt, new in zip(prompts, out, strict=True):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+        assert new == want.tolist()

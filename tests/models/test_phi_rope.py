@@ -9,6 +9,7 @@ model_type 'phi'", "head_dim=... differs")."""
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -132,25 +133,36 @@ def test_phi_head_dim_with_qk_layernorm_stays_refused(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["phi", "llama", "qwen2", "gemma"])
-def test_top_level_original_max_position_embeddings_is_ignored_as_in_transformers(family):
-    """A top-level ``original_max_position_embeddings`` outside Phi-3 was refused as an unknown
-    field; transformers 5 never reads it there (its RoPE parameters are those without it, with
-    or without YaRN), so Ember reads the config as without it."""
+def test_top_level_original_max_position_embeddings_is_read_as_transformers_builds_the_model(
+        family):
+    """A top-level ``original_max_position_embeddings`` outside Phi-3: transformers 5.24's
+    config keeps the rope dict's value (or max_position_embeddings), but building the model
+    standardizes the rope dict again and puts the top-level value over it, and the RoPE is
+    computed from that. Ember used to read the config as without the field (the config object
+    was its oracle), so its YaRN differed from the model's."""
     raw = dict(BASE, model_type=family, rope_scaling=dict(rope_type="yarn", factor=4.0))
     for rope in (None, raw["rope_scaling"]):
         plain = {k: v for k, v in raw.items() if rope or k != "rope_scaling"}
         extra = dict(plain, original_max_position_embeddings=ORIG // 2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            want = [transformers.AutoConfig.for_model(**c).rope_parameters for c in (plain, extra)]
-        assert want[0] == want[1]
-        assert config_from_hf(extra) == config_from_hf(plain)
+            hf = transformers.AutoModelForCausalLM.from_config(  # (it edits the rope dict)
+                transformers.AutoConfig.for_model(**copy.deepcopy(extra)))
+        want = hf.config.rope_parameters
+        cfg = config_from_hf(extra)
+        if rope is None:
+            assert want["rope_type"] == "default" and cfg == config_from_hf(plain)
+        else:
+            assert want["original_max_position_embeddings"] == ORIG // 2
+            assert cfg.rope_scaling.original_max_position_embeddings == ORIG // 2
 
 
 def test_phi_yarn_with_top_level_original_context_matches_transformers(tmp_path):
     hf, folder = _hf_model(tmp_path, "yarn")
     raw = json.loads((folder / "config.json").read_text())
-    raw["original_max_position_embeddings"] = ORIG  # the rope's own value (8) is what counts
+    # over the rope dict's 8 (transformers 5.24); 64 moves YaRN's correction range here, 16 not
+    raw["original_max_position_embeddings"] = 64
     (folder / "config.json").write_text(json.dumps(raw))
     model, _ = load_pretrained(folder)
+    assert model.cfg.rope_scaling.original_max_position_embeddings == 64
     assert _err(model, _hf(folder), _ids(20)) <= 1e-4
