@@ -143,3 +143,38 @@ def test_all_linear_written_in_the_config_loads(bases, tmp_path, base, value):
     load_adapter(model, tmp_path / "ad")
     with torch.no_grad():
         assert (model.eval()(ids) - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "base,saved,ok",
+    [("plain", ["q_proj", "v_proj"], True), ("plain", ["k_proj"], False),
+     ("phi3", ["o_proj"], False)],
+)
+@pytest.mark.parametrize("how", ["left_out", "null"])
+def test_config_without_target_modules_takes_peft_defaults(bases, tmp_path, base, saved, ok, how):
+    """adapter_config.json without target_modules (or null: older or hand-written files): PEFT
+    targets its defaults for the model type (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+    q_proj / v_proj on Llama), building fresh adapters there and dropping the file's other
+    weights; for a type it has no defaults for (Phi-3) it refuses the config. Ember loaded the
+    file's weights whatever they were: on Llama with a k_proj adapter logits 2.3 away from
+    PEFT's. Now the defaults are the targets (the weights must match them) and a type without
+    defaults is refused, both naming target_modules."""
+    ids, ref = _peft_adapter(bases[base], tmp_path / "ad", target_modules=saved)
+    path = tmp_path / "ad" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if how == "null":
+        config["target_modules"] = None
+    else:
+        del config["target_modules"]
+    path.write_text(json.dumps(config))
+    model, _ = load_pretrained(bases[base])
+    if ok:
+        assert (_peft_logits(bases[base], tmp_path / "ad", ids) - ref).abs().max().item() <= 1e-4
+        load_adapter(model, tmp_path / "ad")
+        with torch.no_grad():
+            assert (model.eval()(ids) - ref).abs().max().item() <= 1e-4
+        return
+    needle = ("no target_modules.*PEFT then targets .*'q_proj', 'v_proj'" if base == "plain"
+              else "no target_modules.*PEFT has no default targets for model_type 'phi3'")
+    with pytest.raises(EmberError, match=needle):
+        load_adapter(model, tmp_path / "ad")
