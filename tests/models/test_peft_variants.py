@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 
+SAVE_EMB = dict(save_embedding_layers=True)
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -66,9 +67,22 @@ def _train(model):
         # trained base biases saved with the adapter: were refused, now replace the base's
         ("biased", dict(target_modules=["q_proj", "up_proj"], bias="all")),
         ("biased", dict(target_modules=["k_proj", "down_proj"], bias="lora_only")),
+        # save_embedding_layers=True beside trainable tokens / modules_to_save: PEFT also saves
+        # its wrappers' copies of the base (token_adapter.base_layer, original_module) and of the
+        # trained module (modules_to_save.weight), which it ignores or which change nothing on
+        # loading; Ember refused them as "new full weights"
+        ("plain", dict(target_modules=["q_proj"], trainable_token_indices=[3, 7],
+                       save_kw=SAVE_EMB)),
+        ("tied", dict(target_modules=["q_proj"], trainable_token_indices=[3], save_kw=SAVE_EMB)),
+        ("plain", dict(target_modules=["q_proj"], modules_to_save=["lm_head"], save_kw=SAVE_EMB)),
+        ("tied", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                      save_kw=SAVE_EMB)),
+        ("tied", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                      ensure_weight_tying=True, save_kw=SAVE_EMB)),
     ],
     ids=["phi3_llama_targets", "phi3_part_patterns", "mts_dotted", "tied_embed", "tied_head",
-         "bias_all", "bias_lora_only"],
+         "bias_all", "bias_lora_only", "tokens_saved_emb", "tied_tokens_saved_emb",
+         "mts_head_saved_emb", "tied_mts_saved_emb", "tied_mts_ewt_saved_emb"],
 )
 def test_peft_variant_round_trips(bases, tmp_path, base, kw):
     ids, ref = _peft_adapter(bases[base], tmp_path / "peft", edit_base=_train, **kw)
