@@ -73,7 +73,7 @@ from ember.models.lora import (
 )
 from ember.models.lora_fused import part_names
 from ember.models.lora_init import changes_base
-from ember.models.peft_adapter import _PEFT_KEY, _read_adapter_config
+from ember.models.peft_adapter import _PEFT_KEY, LORA_DEFAULTS, _read_adapter_config
 from ember.models.peft_files import _FULL_WEIGHTS
 from ember.models.peft_tokens import train_trainable_tokens
 
@@ -289,7 +289,9 @@ def _adapter_modules(start: Start) -> list[str]:
 
 
 def _adapter_lora(start: Start) -> LoRAConfig:
-    c, where = start.adapter_config, start.adapter / "adapter_config.json"
+    # r / lora_alpha left out: PEFT's LoraConfig defaults, as load_adapter takes them
+    c = {**LORA_DEFAULTS, **start.adapter_config}
+    where = start.adapter / "adapter_config.json"
     if c.get("rank_pattern") or c.get("alpha_pattern"):
         raise EmberError(
             f"model.init: {where} has per-module ranks or alphas (rank_pattern / "
