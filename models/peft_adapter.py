@@ -385,7 +385,7 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     if "lm_head" in pairs and "lm_head" not in cands:
         raise EmberError(f"{wfile}: the adapter has LoRA on lm_head but the model has no output "
                          "head (a classifier); load it onto a causal LM")
-    check_embed_head(pairs, use_dora=use_dora, where=str(wfile), hint=_MERGE_HINT)
+    check_embed_head(pairs, use_dora=use_dora, where=str(wfile), hint=_MERGE_HINT, tied=bool(ties))
     if unknown:
         raise EmberError(f"{wfile}: {len(unknown)} keys match no projection of this model, e.g. "
                          f"{unknown[:3]} (expected base_model.model.model.layers.N.self_attn."
@@ -468,7 +468,7 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
             mod.alpha, mod.scale = alpha, alpha / (math.sqrt(r) if rslora else r)
         elif name == "embed":
             mod = LoRAEmbedding(mod, r, alpha, dropout=dropout, use_rslora=rslora,
-                                padding_idx=getattr(cfg, "pad_token_id", None))
+                                padding_idx=getattr(cfg, "pad_token_id", None), use_dora=use_dora)
             _set_module(model, name, mod)
         else:
             mod = LoRALinear(mod, r, alpha, dropout=dropout, use_rslora=rslora,

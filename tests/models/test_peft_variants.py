@@ -13,7 +13,7 @@ import torch
 from ember import EmberError
 from ember.models.heads import add_classification_head, classify
 from ember.models.loading import load_pretrained
-from ember.models.lora import load_adapter, save_adapter
+from ember.models.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 from tests.models.test_interop_peft import VOCAB, _peft_adapter, _peft_logits, save_random_model
 
 transformers = pytest.importorskip("transformers")
@@ -192,3 +192,55 @@ def test_config_without_target_modules_takes_peft_defaults(bases, tmp_path, base
               else "no target_modules.*PEFT has no default targets for model_type 'phi3'")
     with pytest.raises(EmberError, match=needle):
         load_adapter(model, tmp_path / "ad")
+
+
+def _scale_magnitudes(model):
+    """Move DoRA's magnitudes away from the norms they start at, as training would."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_magnitude" in n:
+                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("base", ["plain", "tied", "bf16"])
+def test_dora_on_the_embedding_both_ways_and_merged(bases, tmp_path, base):
+    """DoRA on embed_tokens (PEFT's DoraEmbeddingLayer: a magnitude per hidden dim, the norms
+    over the vocabulary) was refused by name; it loads with PEFT's logits, saves back to the
+    same logits, and merges to PEFT's merge_and_unload bit for bit (a bf16 base too). On a tied
+    model without ensure_weight_tying the head keeps the base matrix, as in PEFT."""
+    folder = bases["plain" if base == "bf16" else base]
+    if base == "bf16":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            transformers.AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+        folder = tmp_path / "bf16"
+    ids, ref = _peft_adapter(folder, tmp_path / "peft", edit_base=_scale_magnitudes,
+                             target_modules=["embed_tokens", "q_proj"], use_dora=True)
+    model, _ = load_pretrained(folder)
+    load_adapter(model, tmp_path / "peft")
+    save_adapter(model, tmp_path / "ember")
+    if base != "bf16":  # (PEFT's forward runs in bf16 there, Ember's in fp32)
+        with torch.no_grad():
+            assert (model.eval()(ids) - ref).abs().max().item() <= 1e-4
+        assert (_peft_logits(folder, tmp_path / "ember", ids) - ref).abs().max().item() <= 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        want = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").merge_and_unload()
+    merge_lora(model, want.dtype)
+    assert torch.equal(model.embed.weight, want.model.embed_tokens.weight)
+    assert torch.equal(model.layers[1].attn.q_proj.weight,
+                       want.model.layers[1].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("kw", [dict(target_modules=["lm_head"]),
+                                dict(target_modules=["embed_tokens"], ensure_weight_tying=True)])
+def test_dora_on_the_head_is_refused_by_name(bases, tmp_path, kw):
+    _peft_adapter(bases["tied"], tmp_path / "peft", use_dora=True, **kw)
+    model, _ = load_pretrained(bases["tied"])
+    with pytest.raises(EmberError, match=r"DoRA \(use_dora\) on \['(lm_head|embed)'\]"):
+        load_adapter(model, tmp_path / "peft")
+    with pytest.raises(EmberError, match="DoRA"):
+        apply_lora(model, LoRAConfig(rank=2, alpha=4, use_dora=True, targets=("embed_tokens",)))
