@@ -526,8 +526,16 @@ def _check_tied_head_scale(embed_ra: tuple, config: dict, cfg, wfile: Path) -> N
 
 def _adapter_head(model: nn.Module, config: dict, tensors: dict, wfile: Path):
     """The classifier head weight of a SEQ_CLS adapter (removed from ``tensors``), or None."""
-    head = tensors.pop(HEAD_KEY, None)
     score = getattr(model, "score", None)
+    task = config.get("task_type")
+    if task in ("TOKEN_CLS", "QUESTION_ANS") and any(
+            k.startswith(("base_model.model.score.", "base_model.model.classifier.",
+                          "base_model.model.qa_outputs.")) for k in tensors):
+        raise EmberError(f"{wfile}: task_type {task!r}: the adapter's head labels every token "
+                         "(or answer span), where Ember's classification head scores the whole "
+                         "sequence (SEQ_CLS); Ember loads LoRA adapters of causal LMs and "
+                         "sequence classifiers only")
+    head = tensors.pop(HEAD_KEY, None)
     if head is None and config.get("task_type") == "SEQ_CLS" and score is not None:
         raise EmberError(f"{wfile}: a SEQ_CLS adapter without {HEAD_KEY}; its classifier head "
                          "was not saved (modules_to_save)")

@@ -244,3 +244,22 @@ def test_dora_on_the_head_is_refused_by_name(bases, tmp_path, kw):
         load_adapter(model, tmp_path / "peft")
     with pytest.raises(EmberError, match="DoRA"):
         apply_lora(model, LoRAConfig(rank=2, alpha=4, use_dora=True, targets=("embed_tokens",)))
+
+
+def test_token_classification_adapter_is_refused_by_task_type(bases, tmp_path):
+    """A TOKEN_CLS adapter (PEFT on *ForTokenClassification: its score head, with a bias, labels
+    every token) was refused for its head's bias ("bias='none' ... fits no bias") or, on a
+    causal LM, with the advice to load the base as a sequence classifier: now by task_type."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForTokenClassification.from_pretrained(bases["plain"],
+                                                                          num_labels=3)
+        peft.get_peft_model(hf, peft.LoraConfig(task_type="TOKEN_CLS", r=2,
+                                                target_modules=["q_proj"])).save_pretrained(
+            tmp_path / "tok")
+    for head in (True, False):
+        model, _ = load_pretrained(bases["plain"])
+        if head:
+            add_classification_head(model, ("a", "b", "c"))
+        with pytest.raises(EmberError, match="task_type 'TOKEN_CLS'.* every token"):
+            load_adapter(model, tmp_path / "tok")
