@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,7 +74,7 @@ from ember.models.lora import (
 )
 from ember.models.lora_fused import part_names
 from ember.models.lora_init import changes_base
-from ember.models.peft_adapter import _PEFT_KEY, _read_adapter_config
+from ember.models.peft_adapter import _PEFT_KEY, LORA_DEFAULTS, _read_adapter_config
 from ember.models.peft_files import _FULL_WEIGHTS
 from ember.models.peft_tokens import train_trainable_tokens
 
@@ -288,9 +289,19 @@ def _adapter_modules(start: Start) -> list[str]:
     return sorted((n for n in names if n is not None), key=_natural_key)
 
 
+_EXPERT_LEAVES = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
 def _adapter_lora(start: Start) -> LoRAConfig:
-    c, where = start.adapter_config, start.adapter / "adapter_config.json"
-    if c.get("rank_pattern") or c.get("alpha_pattern"):
+    # r / lora_alpha left out: PEFT's LoraConfig defaults, as load_adapter takes them
+    c = {**LORA_DEFAULTS, **start.adapter_config}
+    where = start.adapter / "adapter_config.json"
+    # Ember's own adapter on MoE experts: PEFT's fused gate_up_proj at rank 2r (alpha 2a) in the
+    # patterns, which load_adapter splits back into rank-r gate and up adapters; whether the
+    # loaded modules share one rank and alpha is checked once they are (continue_adapters)
+    params = set(c.get("target_parameters") or [])
+    if any(k.replace("\\", "") not in params
+           for f in ("rank_pattern", "alpha_pattern") for k in c.get(f) or {}):
         raise EmberError(
             f"model.init: {where} has per-module ranks or alphas (rank_pattern / "
             "alpha_pattern), which a [lora] config cannot express; continue an "
@@ -308,6 +319,11 @@ def _adapter_lora(start: Start) -> LoRAConfig:
         targets = tuple(sorted(targets))  # PEFT semantics: every module with these names
     else:
         targets = tuple(_adapter_modules(start))  # exactly the modules the file holds
+    if params and isinstance(targets, tuple) and set(targets) <= leaves:
+        # the experts' fused parameters, as Ember's leaf names (gate_up_proj: gate and up)
+        experts = [_EXPERT_LEAVES.get(p.rpartition(".experts.")[2]) for p in params]
+        if all(experts):
+            targets = tuple(sorted({*targets, *(leaf for e in experts for leaf in e)}))
     r, alpha = c.get("r"), c.get("lora_alpha")
     if not isinstance(r, int) or not isinstance(alpha, (int, float)):
         raise EmberError(f"model.init: {where}: r and lora_alpha must be numbers")
@@ -445,6 +461,15 @@ def continue_adapters(model, cfg: TrainConfig, tokenizer, start: Start) -> None:
         merge_lora(model)
         return
     mods = lora_modules(model)
+    odd = sorted(n for n, m in mods.items() if m.rank != cfg.lora.rank
+                 or not math.isclose(m.scale, _scale(cfg.lora), rel_tol=1e-6))
+    if odd:
+        raise EmberError(
+            f"model.init {start.source!r}: the adapter has per-module ranks or alphas (e.g. "
+            f"{odd[0]}: rank {mods[odd[0]].rank}, alpha {mods[odd[0]].alpha:g}; adapter_config "
+            f"r = {cfg.lora.rank}, lora_alpha = {cfg.lora.alpha:g}), which a [lora] config "
+            "cannot express; continue an adapter with one rank and alpha"
+        )
     if sorted(mods, key=_natural_key) != resolve_targets(model, cfg.lora.targets):
         raise EmberError(
             f"lora.targets {list(cfg.lora.targets)} select other modules than the "
@@ -463,6 +488,10 @@ def continue_adapters(model, cfg: TrainConfig, tokenizer, start: Start) -> None:
             for name in ("lora_B", "lora_embedding_B"):
                 if hasattr(m, name):
                     getattr(m, name).requires_grad_(False)
+
+
+def _scale(lora: LoRAConfig) -> float:
+    return lora.alpha / (math.sqrt(lora.rank) if lora.use_rslora else lora.rank)
 
 
 def _train_saved_modules(model, mods: dict, mode: str) -> None:

@@ -333,12 +333,15 @@ EMBED_HEAD = ("embed", "lm_head")  # Ember's names of the modules of ember.model
 
 
 def check_embed_head(names, *, use_dora: bool, where: str = "lora",
-                     hint: str = "drop them from the targets or turn DoRA off") -> None:
-    """DoRA on the embedding or the output head is refused (PEFT's DoRA there is not in Ember)."""
-    hit = [n for n in names if n in EMBED_HEAD]
+                     hint: str = "drop them from the targets or turn DoRA off",
+                     tied: bool = False) -> None:
+    """DoRA on the output head, or on the embedding of a tied model whose head it adapts too
+    (``tied``: PEFT's ensure_weight_tying), is refused (PEFT's DoRA there is not in Ember);
+    DoRA on the embedding alone is ``LoRAEmbedding``'s."""
+    hit = [n for n in names if n == "lm_head" or (n == "embed" and tied)]
     if hit and use_dora:
-        raise EmberError(f"{where}: DoRA (use_dora) on {hit} (embed_tokens / lm_head) is not "
-                         f"supported; {hint}")
+        raise EmberError(f"{where}: DoRA (use_dora) on {hit} (lm_head, or embed_tokens tied to "
+                         f"the head) is not supported; {hint}")
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
@@ -348,7 +351,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         raise EmberError("the model already has LoRA adapters; merge_lora() it first or start "
                          "from a fresh base model")
     names = resolve_targets(model, cfg.targets)
-    check_embed_head(names, use_dora=cfg.use_dora, where="lora.targets")
+    check_embed_head(names, use_dora=cfg.use_dora, where="lora.targets", tied=tied_lm(model))
     if changes_base(cfg.init):
         check_base_changing(model, cfg.init, names)
     for p in model.parameters():
@@ -358,7 +361,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         base = model.get_submodule(name)
         if name == "embed":
             mod = LoRAEmbedding(base, cfg.rank, cfg.alpha, use_rslora=cfg.use_rslora,
-                                dropout=cfg.dropout, ties_head=tied_lm(model), padding_idx=pad)
+                                dropout=cfg.dropout, ties_head=tied_lm(model), padding_idx=pad,
+                                use_dora=cfg.use_dora)
         else:
             mod = LoRALinear(base, cfg.rank, cfg.alpha, dropout=cfg.dropout,
                              use_rslora=cfg.use_rslora, init=cfg.init, use_dora=cfg.use_dora)

@@ -6,6 +6,9 @@ normal, and PEFT never applies its dropout to an embedding. The lookup of A keep
 ``padding_idx`` (transformers': ``pad_token_id``), so the pad token's column of A trains only
 through a tied head, as in PEFT. A model's embedding scale (Gemma's
 sqrt(D)) multiplies the sum, as PEFT scales the adapter output by the embedding's scale.
+DoRA (PEFT's ``DoraEmbeddingLayer``): a magnitude ``m`` per hidden dim, ``out = g * (E[x] +
+scale * A^T[x] B^T)`` with ``g = m / ||E + scale * (B A)^T||`` (norms over the vocabulary, a
+constant for autograd); merged, ``E' = g * (E + scale * (B A)^T)``. Not on a tied head.
 
 Head (PEFT's ``lora.Linear`` on ``lm_head``): ``logits = h W^T + scale * (dropout(h) A^T) B^T``,
 A (r, D), B (V, r). Ember's head is not a module call: the fused cross-entropy takes ``(h, W)``.
@@ -39,7 +42,7 @@ class LoRAEmbedding(nn.Module):
 
     def __init__(self, base: nn.Embedding, rank: int, alpha: float, *, use_rslora: bool = False,
                  dropout: float = 0.0, ties_head: bool = False, padding_idx: int | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 use_dora: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
         V, D = base.weight.shape
         # transformers builds embed_tokens with padding_idx = pad_token_id, and PEFT's lookup of
@@ -56,7 +59,10 @@ class LoRAEmbedding(nn.Module):
         # used only on the tied head's branch (PEFT's Embedding has no dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.ties_head = ties_head
-        self.use_dora = False
+        self.use_dora = use_dora
+        self.lora_magnitude = None
+        if use_dora:  # one per hidden dim (PEFT's DoraEmbeddingLayer); reset_lora sets it
+            self.lora_magnitude = nn.Parameter(torch.empty(D, device=device, dtype=dtype))
         self.reset_lora()
 
     @property
@@ -73,10 +79,18 @@ class LoRAEmbedding(nn.Module):
         with torch.no_grad():
             self.lora_embedding_A.zero_()
             nn.init.normal_(self.lora_embedding_B)
+            if self.lora_magnitude is not None:
+                self.lora_magnitude.copy_(self.weight_norm())
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
-        return {"lora_embedding_A": self.lora_embedding_A,
-                "lora_embedding_B": self.lora_embedding_B}
+        names = ("lora_embedding_A", "lora_embedding_B") + ("lora_magnitude",) * self.use_dora
+        return {k: getattr(self, k) for k in names}
+
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's norm: ``||E + scale * (B A)^T||`` per hidden dim, over the vocabulary (D,), fp32,
+        outside autograd (PEFT's DoraEmbeddingLayer, fan_in_fan_out)."""
+        with torch.no_grad():
+            return torch.linalg.norm(self.base.weight.float() + self.delta_weight(), dim=0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.base(ids)  # (B, T, D)
@@ -86,7 +100,10 @@ class LoRAEmbedding(nn.Module):
         pad = self.padding_idx if self.padding_idx is not None else getattr(
             self.base, "padding_idx", None)
         after_a = F.embedding(ids, self.lora_embedding_A.t(), pad)  # (B, T, r)
-        return (x + (after_a @ self.lora_embedding_B.t()) * self.scale).to(x.dtype)
+        y = x + (after_a @ self.lora_embedding_B.t()) * self.scale
+        if self.use_dora:  # each hidden dim rescaled: m / ||E + dE|| (a constant for autograd)
+            y = y * (self.lora_magnitude / self.weight_norm())
+        return y.to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * (B A)^T`` (V, D) in fp32, detached."""
@@ -99,11 +116,17 @@ class LoRAEmbedding(nn.Module):
         rounding more than a linear layer's merge, which adds the fp32 update)."""
         w = self.base.weight
         dtype = dtype or w.dtype
+        if self.use_dora:
+            # PEFT's DoraEmbeddingVariant.merge: (m / ||E + dE||) * (E + dE), all in fp32 (its dE
+            # stays fp32 there), rounded once
+            merged = w.detach().float() + self.delta_weight()
+            g = self.lora_magnitude.detach().float() / torch.linalg.norm(merged, dim=0)
+            return (g * merged).to(dtype)
         return (w.detach().float() + self.delta_weight().to(dtype).float()).to(dtype)
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}"
-                + (", ties_head" if self.ties_head else ""))
+                + (", ties_head" if self.ties_head else "") + (", dora" if self.use_dora else ""))
 
 
 def head_lora(lm_head: nn.Module | None, embed: nn.Module):

@@ -84,6 +84,7 @@ from ember.models.peft_files import (  # noqa: F401  (re-exported)
     _validate_config,
     _write_adapter,
     check_field_types,
+    default_targets,
     full_weights,
     full_weights_view,
     untie_head,
@@ -332,6 +333,11 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     if by_params:  # LoRA on parameters, MoE experts: ember.models.peft_moe
         tensors, config = split_expert_adapter(tensors, config, getattr(model, "cfg", None))
     _validate_config(config, where, tensors)
+    cfg = getattr(model, "cfg", None)
+    defaulted = None  # PEFT fills in target_modules by model type: the file must match them
+    if config.get("target_modules") is None and not by_params and cfg is not None:
+        defaulted = getattr(cfg, "extra", {}).get("multimodal") or cfg.model_type
+        config["target_modules"] = default_targets(defaulted, where)
     use_dora = bool(config.get("use_dora"))
     fused = []  # Phi-3's qkv_proj / gate_up_proj in the file: their parts share PEFT's one A
     if is_fused(getattr(model, "cfg", None)):
@@ -379,7 +385,7 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     if "lm_head" in pairs and "lm_head" not in cands:
         raise EmberError(f"{wfile}: the adapter has LoRA on lm_head but the model has no output "
                          "head (a classifier); load it onto a causal LM")
-    check_embed_head(pairs, use_dora=use_dora, where=str(wfile), hint=_MERGE_HINT)
+    check_embed_head(pairs, use_dora=use_dora, where=str(wfile), hint=_MERGE_HINT, tied=bool(ties))
     if unknown:
         raise EmberError(f"{wfile}: {len(unknown)} keys match no projection of this model, e.g. "
                          f"{unknown[:3]} (expected base_model.model.model.layers.N.self_attn."
@@ -402,7 +408,7 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     if missing:
         names = [hf_module_name(n, cfg) for n in missing[:3]]
         raise EmberError(f"{wfile}: adapter_config targets {len(missing)} modules with no "
-                         f"weights in the file, e.g. {names}")
+                         f"weights in the file, e.g. {names}" + _defaulted_note(config, defaulted))
     # and the converse: PEFT builds adapters from the config alone and drops other weights
     # (matched by the names in the file, those PEFT saw: a bare model's are "layers.0....")
     extra = [seen[n] for n in pairs if config.get("target_modules")
@@ -413,7 +419,7 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
         raise EmberError(f"{wfile}: the file has LoRA weights for {len(extra)} modules that "
                          "adapter_config does not target (target_modules, layers_to_transform, "
                          f"exclude_modules), e.g. {extra[:3]}; PEFT would drop them: fix the "
-                         "config or the file so they agree")
+                         "config or the file so they agree" + _defaulted_note(config, defaulted))
     r0, alpha0 = config["r"], config["lora_alpha"]
     rank_pat, alpha_pat = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     dropout, rslora = float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora"))
@@ -462,7 +468,7 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
             mod.alpha, mod.scale = alpha, alpha / (math.sqrt(r) if rslora else r)
         elif name == "embed":
             mod = LoRAEmbedding(mod, r, alpha, dropout=dropout, use_rslora=rslora,
-                                padding_idx=getattr(cfg, "pad_token_id", None))
+                                padding_idx=getattr(cfg, "pad_token_id", None), use_dora=use_dora)
             _set_module(model, name, mod)
         else:
             mod = LoRALinear(mod, r, alpha, dropout=dropout, use_rslora=rslora,
@@ -491,6 +497,14 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     return model
 
 
+def _defaulted_note(config: dict, model_type: str | None) -> str:
+    if model_type is None:
+        return ""
+    return (f" (adapter_config has no target_modules: PEFT then targets {config['target_modules']}"
+            f", its defaults for model_type {model_type!r}; add the target_modules the adapter "
+            "was trained with)")
+
+
 def _scale(r: int, alpha: float, rslora: bool) -> float:
     return alpha / (math.sqrt(r) if rslora else r)
 
@@ -512,8 +526,16 @@ def _check_tied_head_scale(embed_ra: tuple, config: dict, cfg, wfile: Path) -> N
 
 def _adapter_head(model: nn.Module, config: dict, tensors: dict, wfile: Path):
     """The classifier head weight of a SEQ_CLS adapter (removed from ``tensors``), or None."""
-    head = tensors.pop(HEAD_KEY, None)
     score = getattr(model, "score", None)
+    task = config.get("task_type")
+    if task in ("TOKEN_CLS", "QUESTION_ANS") and any(
+            k.startswith(("base_model.model.score.", "base_model.model.classifier.",
+                          "base_model.model.qa_outputs.")) for k in tensors):
+        raise EmberError(f"{wfile}: task_type {task!r}: the adapter's head labels every token "
+                         "(or answer span), where Ember's classification head scores the whole "
+                         "sequence (SEQ_CLS); Ember loads LoRA adapters of causal LMs and "
+                         "sequence classifiers only")
+    head = tensors.pop(HEAD_KEY, None)
     if head is None and config.get("task_type") == "SEQ_CLS" and score is not None:
         raise EmberError(f"{wfile}: a SEQ_CLS adapter without {HEAD_KEY}; its classifier head "
                          "was not saved (modules_to_save)")

@@ -56,11 +56,25 @@ def _same_as_loaded(p: torch.Tensor, t: torch.Tensor) -> bool:
     return p.shape == t.shape and torch.equal(p.detach().cpu(), t.to(p.dtype))
 
 
+# save_embedding_layers beside PEFT's wrappers of the embedding / head saves their insides too:
+# the base inside a LoRA, trainable-tokens or modules_to_save wrapper (which PEFT loads back
+# into the base module), and the trained modules_to_save copy under the name it has in memory
+# (".modules_to_save.weight", which names no parameter on loading: PEFT ignores it; the copy it
+# loads is the one saved as "<module>.weight")
+_SAVED_BASE = re.compile(r"base_model\.model\.(.+?)"
+                         r"(?:\.base_layer|\.token_adapter\.base_layer|\.original_module)?\.weight")
+_IGNORED_COPY = re.compile(r"base_model\.model\.(.+?)\.modules_to_save\.weight")
+
+
 def _saved_unchanged_embedding(model: nn.Module, key: str, t: torch.Tensor) -> bool:
     """A full embedding / head weight PEFT saved (``save_embedding_layers``) equal to the model's:
-    loading it (as PEFT does) changes nothing, so it can be skipped. Named as in any layout PEFT
-    saw (a multimodal Gemma 3's ``model.language_model.embed_tokens`` too)."""
-    m = re.fullmatch(r"base_model\.model\.(.+?)(?:\.base_layer)?\.weight", key)
+    loading it (as PEFT does) changes nothing, so it can be skipped; or a copy PEFT ignores on
+    loading. Named as in any layout PEFT saw (a multimodal Gemma 3's
+    ``model.language_model.embed_tokens`` too)."""
+    ignored = _IGNORED_COPY.fullmatch(key)
+    if ignored and ember_module_name(ignored[1]) in ("embed", "lm_head"):
+        return True
+    m = _SAVED_BASE.fullmatch(key)
     attr = ember_module_name(m[1]) if m else None
     if attr not in ("embed", "lm_head"):
         return False

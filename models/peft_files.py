@@ -62,6 +62,26 @@ _KNOWN_FIELDS = frozenset("""
 # LoraConfig's defaults for fields an adapter_config.json may leave out (older or hand-written
 # files): PEFT loads those with these values
 LORA_DEFAULTS = {"r": 8, "lora_alpha": 8}
+# PEFT 0.21's targets for a config without target_modules (None or left out), by the model_type
+# PEFT sees (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, the types Ember loads); a type
+# not listed has none and PEFT refuses the config
+PEFT_DEFAULT_TARGETS = {
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
+                     "gemma3_text"), ["q_proj", "v_proj"]),
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+}
+
+
+def default_targets(model_type: str, where: Path) -> list[str]:
+    """The target_modules PEFT uses for an adapter config that names none (and no
+    target_parameters) on a model of ``model_type``; refused by name where PEFT has none."""
+    targets = PEFT_DEFAULT_TARGETS.get(model_type)
+    if targets is None:
+        raise EmberError(f"{where}: no target_modules, and PEFT has no default targets for "
+                         f"model_type {model_type!r} (its LoraConfig refuses this config); add "
+                         "target_modules naming the modules the adapter's weights are for, "
+                         'e.g. ["q_proj", "v_proj"]')
+    return list(targets)
 # inits that change the base weights too: the adapter alone is relative to a modified base
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # PEFT types that change the inputs (virtual tokens, prefixes) or route between adapters: no

@@ -180,11 +180,25 @@ def _pattern(patterns: dict, name: str, default):
     return default
 
 
+def _block_diagonal(Bs: torch.Tensor, half: int) -> bool:
+    """Whether every expert's fused gate_up ``B`` (rows: gate then up; columns: rank, (2F, r, E))
+    is block diagonal, gate's rows on the first r/2 columns and up's on the others: the
+    adapter ``save_adapter`` writes for separate gate and up adapters of rank r/2. Such an
+    adapter loads back as those two (the same update; continued, it trains as it did in
+    Ember). An all-zero B (a fresh PEFT adapter) stays one rank-r adapter shared by both, as
+    PEFT trains it."""
+    r = Bs.shape[1]
+    if r % 2 or not Bs.any():
+        return False
+    return not (Bs[:half, r // 2:].any() or Bs[half:, :r // 2].any())
+
+
 def split_expert_adapter(tensors: dict, config: dict, cfg) -> tuple[dict, dict]:
     """A PEFT adapter with ``target_parameters`` on the experts -> the same adapter with one
     LoRA pair per expert projection (keys ``...mlp.experts.E.gate_proj.lora_A.weight``), ranks
     and alphas in ``rank_pattern`` / ``alpha_pattern``: exact (expert e's gate and up share
-    PEFT's A and split its B rows)."""
+    PEFT's A and split its B rows; a block-diagonal B, as ``save_adapter`` writes, splits into
+    gate's and up's own halves of A and B at half the rank)."""
     targets = list(config.get("target_parameters") or [])
     num_experts = getattr(cfg, "num_experts", 0)
     out = {k: v for k, v in tensors.items() if not _PARAM_KEY.fullmatch(k)}
@@ -219,15 +233,22 @@ def split_expert_adapter(tensors: dict, config: dict, cfg) -> tuple[dict, dict]:
             alpha = _pattern(config.get("alpha_pattern"), name, config["lora_alpha"])
             Bs = B.reshape(B.shape[0], r, num_experts)  # column j * E + e
             half = B.shape[0] // 2
+            split = p == "gate_up_proj" and _block_diagonal(Bs, half)
             for e in range(num_experts):
                 Ae, Be = A[e * r:(e + 1) * r], Bs[:, :, e]
-                parts = ({"gate_proj": Be[:half], "up_proj": Be[half:]} if p == "gate_up_proj"
-                         else {"down_proj": Be})
-                for proj, b in parts.items():
+                parts = ({"gate_proj": (Ae, Be[:half]), "up_proj": (Ae, Be[half:])}
+                         if p == "gate_up_proj" else {"down_proj": (Ae, Be)})
+                re_, alpha_ = r, alpha
+                if split:  # the two rank-r/2 adapters save_adapter fused: exactly them again
+                    re_ = r // 2
+                    alpha_ = alpha / (math.sqrt(2) if config.get("use_rslora") else 2)
+                    parts = {"gate_proj": (Ae[:re_], Be[:half, :re_]),
+                             "up_proj": (Ae[re_:], Be[half:, re_:])}
+                for proj, (a, b) in parts.items():
                     hf = f"{prefix}.{e}.{proj}"
-                    out[f"base_model.model.{hf}.lora_A.weight"] = Ae.contiguous()
+                    out[f"base_model.model.{hf}.lora_A.weight"] = a.contiguous()
                     out[f"base_model.model.{hf}.lora_B.weight"] = b.contiguous()
-                    ranks[re.escape(hf)], alphas[re.escape(hf)] = r, alpha
+                    ranks[re.escape(hf)], alphas[re.escape(hf)] = re_, alpha_
     # Other targeted parameters (a router's "gate.weight", a dense model's "q_proj.weight": LoRA
     # on a 2-D weight, as on a linear module): PEFT looks their rank and alpha up by the
     # parameter's name, not the module's.

@@ -133,6 +133,7 @@ def test_continued_trainable_tokens_train_as_peft(bases, tmp_path, base, indices
                    rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3.0})),
     ("plain", dict(target_modules=["q_proj", "o_proj"], use_rslora=True)),
     ("plain", dict(target_modules=["q_proj", "gate_proj"], use_dora=True)),
+    ("plain", dict(target_modules=["q_proj", "embed_tokens"], use_dora=True)),  # was refused
     ("plain", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
     ("plain", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
     ("biased", dict(target_modules=["q_proj", "o_proj"], bias="lora_only")),

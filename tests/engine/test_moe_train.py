@@ -10,10 +10,12 @@ import torch
 from ember import EmberError
 from ember.engine.activation import apply_activation_checkpointing, set_mlp_chunks
 from ember.engine.cli import main as cli
+from ember.engine.runtime import build_model
 from ember.engine.state import load_run_model
 from ember.engine.trainer import Trainer, resolve
 from ember.models import ModelConfig, Transformer
 from ember.models.loading import load_pretrained, save_pretrained
+from ember.models.lora import lora_modules
 from ember.models.moe import MoE, collect_router_stats, load_balancing_loss
 from ember.models.nf4 import Linear4bit
 from tests.engine._shared_launch import shares_launch
@@ -246,3 +248,19 @@ def test_aux_loss_under_gradient_accumulation_is_the_mean_over_micro_batches(moe
                                                 dtype=torch.float32).state_dict()
     for name, p in hf.model.state_dict().items():
         torch.testing.assert_close(ours[name], p, rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_lora_run_on_experts_continues_as_a_stage(moe_tiny, tmp_path):
+    """model.init on a LoRA run with adapters on the experts: its adapter holds PEFT's
+    rank_pattern (the fused gate_up_proj at rank 2r); the stage was refused as an adapter
+    with per-module ranks."""
+    run = tmp_path / "one"
+    one, _ = _run(moe_tiny, run, "max_steps=1", "optim.warmup_steps=0",
+                  "checkpoint.save_final=true")
+    cfg = resolve(tiny_config(moe_tiny, tmp_path / "two", f'model.init="{run}"'))
+    assert (cfg.lora.rank, cfg.lora.alpha) == (4, 8.0)
+    # the stage starts from the trained adapters exactly, each expert's gate and up at rank r
+    mine, theirs = lora_modules(one.model), lora_modules(build_model(cfg, "cpu")[0])
+    assert sorted(mine) == sorted(theirs)
+    for n, m in mine.items():
+        assert theirs[n].rank == m.rank and torch.equal(theirs[n].lora_B, m.lora_B), n

@@ -465,3 +465,16 @@ def test_continued_adapter_takes_the_configs_embedding_lr(tiny, tmp_path):
     emb = [k for k in a if "embed" in k]
     assert emb and all(moved[k] < 1e-7 for k in emb), moved
     assert max(moved[k] for k in a if k not in emb) > 1e-3, moved
+
+
+def test_continued_adapter_without_lora_alpha_takes_peft_default(tiny, sft_lora, tmp_path):
+    """An adapter_config.json without lora_alpha (older or hand-written): PEFT's LoraConfig and
+    load_adapter take 8; continuing it as model.init was refused ("r and lora_alpha must be
+    numbers")."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(sft_lora / "final" / "adapter", adapter)
+    c = json.loads((adapter / "adapter_config.json").read_text())
+    del c["lora_alpha"]
+    (adapter / "adapter_config.json").write_text(json.dumps(c))
+    cfg = resolve(tiny_config(tiny, tmp_path / "x", f'model.init="{adapter}"'))
+    assert (cfg.lora.rank, cfg.lora.alpha) == (4, 8.0)

@@ -301,13 +301,14 @@ def test_refused(bases, tmp_path):
         load_adapter(model, tmp_path / "a")
 
 
-def test_peft_dora_on_the_embedding_is_refused_with_the_way_out(bases, tmp_path):
-    """PEFT's DoRA on embed_tokens (not in Ember) is refused with PEFT's merge as the way out
-    (the hint said to change the targets, which a user holding the file cannot), and the merged
-    model loads with PEFT's logits."""
-    pm = _peft_dora(bases["plain"], tmp_path / "a", target_modules=["q_proj", "embed_tokens"])
+def test_peft_dora_on_the_head_is_refused_with_the_way_out(bases, tmp_path):
+    """PEFT's DoRA on lm_head (not in Ember; on embed_tokens it loads:
+    tests/models/test_peft_variants.py) is refused with PEFT's merge as the way out (the hint
+    said to change the targets, which a user holding the file cannot), and the merged model
+    loads with PEFT's logits."""
+    pm = _peft_dora(bases["plain"], tmp_path / "a", target_modules=["q_proj", "lm_head"])
     model, _ = load_pretrained(bases["plain"], "float32")
-    with pytest.raises(EmberError, match="DoRA .* on \\['embed'\\].*merge_and_unload"):
+    with pytest.raises(EmberError, match="DoRA .* on \\['lm_head'\\].*merge_and_unload"):
         load_adapter(model, tmp_path / "a")
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

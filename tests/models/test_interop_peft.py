@@ -75,6 +75,11 @@ def _double_embedding(model):
         model.model.embed_tokens.weight.mul_(2)
 
 
+def _double_token_base(model):
+    with torch.no_grad():
+        model.model.embed_tokens.token_adapter.base_layer.weight.mul_(2)
+
+
 @pytest.mark.parametrize(
     "case,base,kw",
     [
@@ -124,6 +129,17 @@ def test_plain_lora_math_loads_with_peft_logits(bases, tmp_path, case, base, kw)
                 save_kw=dict(save_embedding_layers=True),
             ),
             "embedding or output head",
+        ),
+        (  # the base inside PEFT's trainable-tokens wrapper, which PEFT loads back over the base
+            "new_embeddings_beside_tokens",
+            "plain",
+            dict(
+                target_modules=["q_proj"],
+                trainable_token_indices=[3],
+                edit_base=_double_token_base,
+                save_kw=dict(save_embedding_layers=True),
+            ),
+            r"embedding or output head \(\['base_model.model.model.embed_tokens.token_adapter",
         ),
     ],
 )

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ember import EmberError
-from ember.models.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
+from ember.models.lora import LoRAConfig, apply_lora, load_adapter, lora_modules, save_adapter
 from tests.models.test_moe import _hf_model, _ids, _load
 
 transformers = pytest.importorskip("transformers")
@@ -91,9 +91,16 @@ def test_expert_lora_exports_to_peft_target_parameters(tmp_path, case, targets, 
     # the adapters matter: the base model's logits are far from these
     with torch.no_grad():
         assert (_load(folder)(ids) - ours).abs().max() > 1e-2
-    back = load_adapter(_load(folder), tmp_path / "ember")  # gate/up come back at rank 2r
+    back = load_adapter(_load(folder), tmp_path / "ember")
     with torch.no_grad():
         assert (back(ids) - ours).abs().max().item() <= 1e-5
+    # the adapters trained, exactly (gate and up came back at rank 2r with equal A's, PEFT's
+    # fused gate_up, which a continued run, model.init, could not train as the run had)
+    mine, theirs = lora_modules(model), lora_modules(back)
+    assert sorted(mine) == sorted(theirs)
+    for n, m in mine.items():
+        assert (theirs[n].rank, theirs[n].scale) == (m.rank, m.scale), n
+        assert torch.equal(theirs[n].lora_A, m.lora_A) and torch.equal(theirs[n].lora_B, m.lora_B)
 
 
 @pytest.mark.parametrize("case,params", [
