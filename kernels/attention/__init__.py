@@ -152,7 +152,7 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
             # torch's CPU flash kernel gives a finite row for a query with a NaN/inf (the math
             # backend, the explicit-mask path and the kernels give NaN): carry it over, so a
             # broken step is seen (and skipped) instead of trained on.
-            return (out + qt.sum(-1, keepdim=True) * 0).transpose(1, 2)
+            return (out + (qt.sum(-1, keepdim=True) * 0).to(out.dtype)).transpose(1, 2)
         return _attend_ref(q, k, v, causal, scale, window, softcap)
     if _dispatch.no_host_values(cu_seqlens):
         return _packed_ref(q, k, v, cu_seqlens, causal, scale, window, softcap)
