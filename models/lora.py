@@ -179,11 +179,8 @@ class LoRALinear(nn.Module):
 
     def _init_from_base(self, init: str) -> None:
         if hasattr(self.base, "quant_weight"):
-            # PEFT's pissa_init refuses a 4-bit base too (its QPiSSA: init on the dense model,
-            # then quantize the residual)
-            raise EmberError(f"lora.init {init!r} on a 4-bit (NF4) base is not supported: the "
-                             "residual would have to be re-quantized; train the unquantized "
-                             "model, or use lora.init = 'kaiming' with model.quantize")
+            self._init_from_nf4_base(init)
+            return
         w = self.base.weight
         if w.device.type == "meta":
             return
@@ -191,6 +188,31 @@ class LoRALinear(nn.Module):
         self.lora_A.copy_(A)
         self.lora_B.copy_(B)
         self.base.weight = nn.Parameter(residual, requires_grad=False)
+
+    def _init_from_nf4_base(self, init: str) -> None:
+        """OLoRA on a 4-bit base as PEFT's ``olora_init``: QR of bitsandbytes' dequantized
+        weight (in its own dtype, then fp32); A, B stay fp32 (PEFT casts adapters only to a
+        float base's dtype) and the fp32 residual is quantized again with the weight's
+        blocksize and double quant (``Params4bit`` of the fp32 residual: its quant state's
+        dtype becomes float32, so it dequantizes in fp32)."""
+        if init != "olora":
+            # PEFT's pissa_init refuses a 4-bit base too: its QPiSSA decomposes the dense weight
+            # and quantizes the residual, which a model loaded in 4 bit no longer has
+            raise EmberError(f"lora.init {init!r} on a 4-bit (NF4) base is not supported: PiSSA "
+                             "decomposes the full-precision weight, which an NF4 model no "
+                             "longer holds; use lora.init = 'olora' (PEFT's 4-bit OLoRA), "
+                             "'kaiming', or train the unquantized model")
+        q = self.base.quant_weight
+        if q is None or q.device.type == "meta":
+            return
+        if q.state.quant_type != "nf4":
+            raise EmberError(f"lora.init {init!r}: the base is bitsandbytes "
+                             f"{q.state.quant_type.upper()}, and Ember quantizes to NF4 only; "
+                             "use lora.init = 'kaiming'")
+        A, B, residual = base_changing_init(q.dequantize().float(), self.rank, self.scale, init)
+        self.lora_A.copy_(A)
+        self.lora_B.copy_(B)
+        self.base.set_weight(residual, blocksize=q.blocksize, double_quant=q.state.nested)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The trained tensors by attribute name: lora_A, lora_B (and lora_magnitude)."""

@@ -14,6 +14,7 @@ import torch
 from ember import EmberError
 from ember.engine.state import load_run_model
 from ember.engine.trainer import Trainer, resolve, train
+from ember.models.loading import load_pretrained
 from tests.engine._tiny import quiet, rows_of, tiny_config
 
 peft = pytest.importorskip("peft")
@@ -66,3 +67,28 @@ def test_pissa_refused_for_a_continued_adapter(tiny, tmp_path):
           progress=False)
     with pytest.raises(EmberError, match="lora.init = 'olora' starts new adapters"):
         resolve(tiny_config(tiny, tmp_path / "b", f'model.init="{run}"', 'lora.init="olora"'))
+
+
+def test_olora_on_nf4_run_resumes_and_exports(tiny, tmp_path):
+    """QLoRA with lora.init = "olora" (PEFT's 4-bit OLoRA: the residual re-quantized): a resume
+    rebuilds the same residual; the final adapter is the rank-2r LoRA on the original NF4 base,
+    which computes the trained model within the residual's re-quantization error; without the
+    final export the checkpoint's adapters over the rebuilt residual are the trained model."""
+    extra = ("max_steps=2", "checkpoint.every_steps=1", 'lora.init="olora"',
+             'model.quantize="nf4"', 'lora.targets=["q", "v", "down"]', "optim.lr=1e-2", *FAST)
+    t = Trainer(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
+    t.run()
+    cfg_b = tiny_config(tiny, tmp_path / "b", *extra)
+    train(cfg_b, echo=quiet, progress=False, stop_after=1)
+    train(cfg_b, resume=True, echo=quiet, progress=False)
+    assert rows_of(tmp_path / "a", timing=False) == rows_of(tmp_path / "b", timing=False)
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
+    with torch.no_grad():
+        trained = t.model.eval()(ids)
+        final = load_run_model(tmp_path / "a", "cpu")[0](ids)
+        dense, nf4 = (load_pretrained(tiny["model"], quantize=q)[0].eval()(ids)
+                      for q in (None, "nf4"))
+        assert 0 < (final - trained).abs().max() < (dense - nf4).abs().max()  # NF4's own error
+        shutil.rmtree(tmp_path / "a" / "final")
+        torch.testing.assert_close(load_run_model(tmp_path / "a", "cpu")[0](ids), trained,
+                                   rtol=0, atol=1e-5)
