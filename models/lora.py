@@ -39,6 +39,7 @@ import fnmatch
 import math
 import re
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -133,7 +134,9 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, *, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, dense_weight: torch.Tensor | None = None):
+        """``dense_weight``: the full-precision weight an NF4 ``base`` was quantized from, for
+        PiSSA on it (QPiSSA: ``apply_lora(..., dense_weights=...)``)."""
         super().__init__()
         if not _is_linear(base):
             raise TypeError(f"LoRALinear wraps nn.Linear or an NF4 Linear4bit, got {type(base)}")
@@ -150,7 +153,9 @@ class LoRALinear(nn.Module):
         self.lora_magnitude = None
         if use_dora:  # fp32 like A and B; reset_lora sets it to the row norms
             self.lora_magnitude = nn.Parameter(torch.empty(out_f, device=device, dtype=dtype))
+        self._dense_init = dense_weight  # read once, by the init
         self.reset_lora(init)
+        self._dense_init = None
 
     @property
     def in_features(self) -> int:
@@ -190,26 +195,37 @@ class LoRALinear(nn.Module):
         self.base.weight = nn.Parameter(residual, requires_grad=False)
 
     def _init_from_nf4_base(self, init: str) -> None:
-        """OLoRA on a 4-bit base as PEFT's ``olora_init``: QR of bitsandbytes' dequantized
+        """OLoRA as PEFT's ``olora_init`` on a bitsandbytes 4-bit layer: QR of the dequantized
         weight (in its own dtype, then fp32); A, B stay fp32 (PEFT casts adapters only to a
         float base's dtype) and the fp32 residual is quantized again with the weight's
         blocksize and double quant (``Params4bit`` of the fp32 residual: its quant state's
-        dtype becomes float32, so it dequantizes in fp32)."""
-        if init != "olora":
-            # PEFT's pissa_init refuses a 4-bit base too: its QPiSSA decomposes the dense weight
-            # and quantizes the residual, which a model loaded in 4 bit no longer has
-            raise EmberError(f"lora.init {init!r} on a 4-bit (NF4) base is not supported: PiSSA "
-                             "decomposes the full-precision weight, which an NF4 model no "
-                             "longer holds; use lora.init = 'olora' (PEFT's 4-bit OLoRA), "
-                             "'kaiming', or train the unquantized model")
+        dtype becomes float32). PiSSA (QPiSSA, PEFT's documented recipe: PiSSA on the dense
+        model, the residual saved and loaded in 4 bit): the decomposition of the weight the
+        NF4 one was quantized from, in its dtype, the residual quantized in that dtype."""
         q = self.base.quant_weight
         if q is None or q.device.type == "meta":
             return
+        dense = self._dense_init
+        if init != "olora" and dense is None:
+            # PEFT's pissa_init refuses a 4-bit base too
+            raise EmberError(f"lora.init {init!r} on a 4-bit (NF4) base needs the "
+                             "full-precision weights it was quantized from (QPiSSA): pass "
+                             "apply_lora(..., dense_weights=lambda: iter_dense_weights(model "
+                             "folder)) (ember train does), or use lora.init = 'olora' (PEFT's "
+                             "4-bit OLoRA) or 'kaiming'")
         if q.state.quant_type != "nf4":
             raise EmberError(f"lora.init {init!r}: the base is bitsandbytes "
                              f"{q.state.quant_type.upper()}, and Ember quantizes to NF4 only; "
                              "use lora.init = 'kaiming'")
-        A, B, residual = base_changing_init(q.dequantize().float(), self.rank, self.scale, init)
+        if init == "olora":
+            w = q.dequantize().float()
+        else:
+            if tuple(dense.shape) != tuple(q.shape):
+                raise EmberError(f"lora.init {init!r}: a full-precision weight of shape "
+                                 f"{tuple(dense.shape)} for an NF4 weight of shape "
+                                 f"{tuple(q.shape)}: not the model it was quantized from")
+            w = dense.detach().to(q.device, q.dtype)
+        A, B, residual = base_changing_init(w, self.rank, self.scale, init)
         self.lora_A.copy_(A)
         self.lora_B.copy_(B)
         self.base.set_weight(residual, blocksize=q.blocksize, double_quant=q.state.nested)
@@ -363,9 +379,16 @@ def check_embed_head(names, *, use_dora: bool, where: str = "lora",
                          f"supported; {hint}")
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoRAConfig, *,
+               dense_weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None
+               ) -> nn.Module:
     """Freeze every parameter and wrap the targeted projections in ``LoRALinear`` (the token
-    embedding in a ``LoRAEmbedding``; on a tied model it adapts the head too)."""
+    embedding in a ``LoRAEmbedding``; on a tied model it adapts the head too).
+
+    ``dense_weights``: ``(key, tensor)`` of the full-precision weights an NF4 model was
+    quantized from (``ember.models.loading.iter_dense_weights``), which PiSSA on an NF4 base
+    (QPiSSA) decomposes; read once, one tensor at a time (the whole dense model is never
+    held). With ``pissa_niter_K`` the random draws follow the order the weights come in."""
     if lora_modules(model):
         raise EmberError("the model already has LoRA adapters; merge_lora() it first or start "
                          "from a fresh base model")
@@ -376,15 +399,31 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     pad = getattr(getattr(model, "cfg", None), "pad_token_id", None)  # transformers' padding_idx
-    for name in names:
+
+    def wrap(name: str, dense: torch.Tensor | None = None) -> None:
         base = model.get_submodule(name)
         if name == "embed":
             mod = LoRAEmbedding(base, cfg.rank, cfg.alpha, use_rslora=cfg.use_rslora,
                                 dropout=cfg.dropout, ties_head=tied_lm(model), padding_idx=pad)
         else:
             mod = LoRALinear(base, cfg.rank, cfg.alpha, dropout=cfg.dropout,
-                             use_rslora=cfg.use_rslora, init=cfg.init, use_dora=cfg.use_dora)
+                             use_rslora=cfg.use_rslora, init=cfg.init, use_dora=cfg.use_dora,
+                             dense_weight=dense)
         _set_module(model, name, mod)
+
+    qpissa = {f"{n}.weight": n for n in names if cfg.init.startswith("pissa")
+              and _loaded_nf4(model.get_submodule(n))}
+    if qpissa and dense_weights is not None:
+        for key, t in dense_weights():  # each tensor freed before the next is read
+            if key in qpissa:
+                wrap(qpissa.pop(key), t)
+        if qpissa:
+            raise EmberError(f"lora.init {cfg.init!r}: the full-precision weights have no "
+                             f"{sorted(qpissa)[:3]}: not the model the NF4 one was quantized "
+                             "from")
+    for name in names:
+        if not isinstance(model.get_submodule(name), (LoRALinear, LoRAEmbedding)):
+            wrap(name)
     if changes_base(cfg.init):
         # The starting adapters, for the export as a plain LoRA on the original base
         # (ember.models.lora_init), kept in host memory; a model attribute named peft_* travels
@@ -396,6 +435,11 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
                                 for n, m in lora_modules(model).items()
                                 if isinstance(m, LoRALinear)}
     return model
+
+
+def _loaded_nf4(m: nn.Module) -> bool:
+    q = getattr(m, "quant_weight", None)
+    return q is not None and q.device.type != "meta"
 
 
 def check_base_changing(model: nn.Module, init: str, names: list[str]) -> None:
