@@ -141,6 +141,8 @@ def test_nf4_adapter_exports_for_peft(base, bnb_plain, tmp_path, init):
 
 
 def test_pissa_on_nf4_refusals(base, tmp_path):
+    with pytest.raises(EmberError, match="'loftq' is not supported.*'pissa' with model.quantize"):
+        LoRAConfig(init="loftq")
     model, _ = load_pretrained(base, quantize="nf4")
     with pytest.raises(EmberError, match="'pissa' on a 4-bit.*full-precision.*'olora'"):
         apply_lora(model, LoRAConfig(rank=4, targets=("q_proj",), init="pissa"))
