@@ -4,17 +4,21 @@ switched off), and exports the plain LoRA that PEFT applies to the original base
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import shutil
 import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ember import EmberError
 from ember.engine.state import load_run_model
 from ember.engine.trainer import Trainer, resolve, train
 from ember.models.loading import load_pretrained
+from tests.engine._shared_launch import shares_launch
 from tests.engine._tiny import quiet, rows_of, tiny_config
 
 peft = pytest.importorskip("peft")
@@ -96,3 +100,39 @@ def test_nf4_base_run_resumes_and_exports(tiny, tmp_path, init):
         shutil.rmtree(tmp_path / "a" / "final")
         torch.testing.assert_close(load_run_model(tmp_path / "a", "cpu")[0](ids), trained,
                                    rtol=0, atol=1e-5)
+
+
+def _nf4_cfg(init: str) -> tuple[str, ...]:
+    return (f'lora.init="{init}"', 'model.quantize="nf4"', 'lora.targets=["q", "v", "down"]',
+            "optim.lr=1e-2", "max_steps=2", "eval.every_steps=2", "eval.metrics=[]",
+            "eval.before=false", "checkpoint.every_steps=0")
+
+
+def _nf4_plan(tiny, folder) -> list[dict]:
+    from tests.engine.test_distributed import write_config
+
+    return [{"name": init, "args": [str(write_config(tiny, folder / f"two_{init}",
+                                                     *_nf4_cfg(init)))]}
+            for init in ("pissa", "olora")]
+
+
+@shares_launch(_nf4_plan)
+def test_nf4_base_inits_under_torchrun_match_one_process(tiny, launched):
+    """QPiSSA (rank 0 reads the dense weights; the others build on "meta" and get the residual
+    by broadcast) and NF4 OLoRA under torchrun (FSDP2, 2 processes): the log and the final
+    adapter of one process with twice the grad_accum."""
+    from ember.engine.cli import main
+    from tests.engine.test_distributed import _same_rows, sets, write_config
+
+    tmp_path, _ = launched
+    for init in ("pissa", "olora"):
+        one = tmp_path / f"one_{init}"
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["train", str(write_config(tiny, one, *_nf4_cfg(init))),
+                         *sets("grad_accum=2")]) == 0
+        _same_rows(rows_of(tmp_path / f"two_{init}"), rows_of(one))
+        name = "final/adapter/adapter_model.safetensors"
+        a, b = load_file(str(one / name)), load_file(str(tmp_path / f"two_{init}" / name))
+        assert a.keys() == b.keys() and a
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
