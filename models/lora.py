@@ -50,7 +50,7 @@ from ember import EmberError
 from ember.kernels import lora_linear
 from ember.models.hf_phi import EMBER_LEAVES as PHI_LEAVES
 from ember.models.lora_embed import LoRAEmbedding
-from ember.models.lora_init import base_changing_init, changes_base, check_init
+from ember.models.lora_init import _NITER, base_changing_init, changes_base, check_init
 from ember.models.peft_files import untie_head
 
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
@@ -388,7 +388,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, *,
     ``dense_weights``: ``(key, tensor)`` of the full-precision weights an NF4 model was
     quantized from (``ember.models.loading.iter_dense_weights``), which PiSSA on an NF4 base
     (QPiSSA) decomposes; read once, one tensor at a time (the whole dense model is never
-    held). With ``pissa_niter_K`` the random draws follow the order the weights come in."""
+    held). ``pissa_niter_K`` draws as on a dense base: module by module in the model's order."""
     if lora_modules(model):
         raise EmberError("the model already has LoRA adapters; merge_lora() it first or start "
                          "from a fresh base model")
@@ -413,17 +413,33 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, *,
 
     qpissa = {f"{n}.weight": n for n in names if cfg.init.startswith("pissa")
               and _loaded_nf4(model.get_submodule(n))}
+    # pissa_niter_K draws from the global RNG: the other modules are wrapped in module order (as
+    # PEFT and the dense path draw) and the RNG is advanced past each QPiSSA module's draw, whose
+    # RNG state is kept for when its dense weight comes in (the checkpoint's order)
+    draws = {}
+    for name in names:
+        if f"{name}.weight" not in qpissa:
+            wrap(name)
+        elif dense_weights is not None and _NITER.fullmatch(cfg.init):
+            q = model.get_submodule(name).quant_weight
+            draws[name] = _rng_state(q.device)
+            torch.randn(min(q.shape), cfg.rank, device=q.device)  # svd_lowrank's draw
     if qpissa and dense_weights is not None:
+        after = {d: _rng_state(d) for d in {q.device for q in _nf4s(model, qpissa)}}
         for key, t in dense_weights():  # each tensor freed before the next is read
             if key in qpissa:
-                wrap(qpissa.pop(key), t)
+                name = qpissa.pop(key)
+                if name in draws:
+                    _set_rng_state(model.get_submodule(name).quant_weight.device, draws[name])
+                wrap(name, t)
+        for d, state in after.items():
+            _set_rng_state(d, state)
         if qpissa:
             raise EmberError(f"lora.init {cfg.init!r}: the full-precision weights have no "
                              f"{sorted(qpissa)[:3]}: not the model the NF4 one was quantized "
                              "from")
-    for name in names:
-        if not isinstance(model.get_submodule(name), (LoRALinear, LoRAEmbedding)):
-            wrap(name)
+    for name in qpissa.values():  # no dense weights: LoRALinear refuses, saying what to do
+        wrap(name)
     if changes_base(cfg.init):
         # The starting adapters, for the export as a plain LoRA on the original base
         # (ember.models.lora_init), kept in host memory; a model attribute named peft_* travels
@@ -435,6 +451,21 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, *,
                                 for n, m in lora_modules(model).items()
                                 if isinstance(m, LoRALinear)}
     return model
+
+
+def _nf4s(model: nn.Module, keys: dict[str, str]) -> list:
+    return [model.get_submodule(n).quant_weight for n in keys.values()]
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def _loaded_nf4(m: nn.Module) -> bool:

@@ -109,6 +109,24 @@ def test_qpissa_is_peft_s_recipe(base, tmp_path, dtype):
         assert d <= 1e-4, d
 
 
+def test_qpissa_niter_draws_as_the_dense_path(base):
+    """pissa_niter_K on an NF4 base draws what the dense path draws from the same seed: module
+    by module in the model's order (the dense weights come in the checkpoint's order, where
+    layers.0.mlp.down_proj precedes layers.0.self_attn.q_proj)."""
+    cfg = LoRAConfig(rank=4, alpha=8, targets=("embed_tokens", *TARGETS), init="pissa_niter_2")
+    torch.manual_seed(3)
+    dense = apply_lora(load_pretrained(base)[0], cfg)
+    after = torch.rand(3)
+    torch.manual_seed(3)
+    nf4 = apply_lora(load_pretrained(base, quantize="nf4")[0], cfg,
+                     dense_weights=lambda: iter_dense_weights(base))
+    assert torch.equal(torch.rand(3), after)  # the RNG left where the dense path leaves it
+    mods = lora_modules(nf4)
+    for name, m in lora_modules(dense).items():
+        for k, p in m.adapter_params().items():
+            assert torch.equal(p, mods[name].adapter_params()[k]), (name, k)
+
+
 @pytest.fixture(scope="module")
 def bnb_plain(base):
     """(transformers' bnb NF4 logits, NF4's own error: the dense model against them)."""
