@@ -136,3 +136,26 @@ def test_nf4_base_inits_under_torchrun_match_one_process(tiny, launched):
         assert a.keys() == b.keys() and a
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_nf4_merged_export_from_a_checkpoint_is_the_final_one(tiny, tmp_path):
+    """export --merged of an NF4 OLoRA run without its final adapter: the original NF4 base +
+    the converted adapter, as from the final adapter (was: the re-quantized residual + B A,
+    another model by the residual's re-quantization error)."""
+    from ember.engine.cli import main
+    from ember.models.loading import load_pretrained
+
+    run = tmp_path / "a"
+    train(tiny_config(tiny, run, "max_steps=1", 'lora.init="olora"', 'model.quantize="nf4"',
+                      'lora.targets=["q", "down"]', "optim.lr=1e-2", *FAST),
+          echo=quiet, progress=False)
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
+    outs = []
+    with contextlib.redirect_stdout(io.StringIO()):
+        for name in ("final", "ckpt"):
+            if name == "ckpt":
+                shutil.rmtree(run / "final")
+            assert main(["export", "--merged", str(tmp_path / name), str(run)]) == 0
+            with torch.no_grad():
+                outs.append(load_pretrained(tmp_path / name)[0].eval()(ids))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
