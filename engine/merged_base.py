@@ -30,6 +30,8 @@ def widen_frozen_base_(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype | 
     Returns whether anything was loaded. Not for an NF4 base (the 4-bit weights are the base, as
     PEFT merges into bitsandbytes' dequantized ones)."""
     mods = lora_modules(model)
+    if cfg.method == "lora" and is_quantized(model) and "peft_base_init" in model.__dict__:
+        return _unresidual_nf4_(model, cfg)
     if cfg.method != "lora" or dtype is None or not mods or is_quantized(model):
         return False
     # the dtype the run loaded its base in (model.dtype, "auto" in an unresolved config)
@@ -81,4 +83,23 @@ def _unresidual_(model: nn.Module, theirs: dict[str, torch.Tensor]) -> None:
             )
             m.lora_A, m.lora_B = nn.Parameter(A, False), nn.Parameter(B, False)
             m.scale = m.alpha / (math.sqrt(m.rank) if m.use_rslora else m.rank)
-            m.base.weight.data = theirs[f"{n}.weight"]
+            if hasattr(m.base, "weight"):  # (an NF4 base: _unresidual_nf4_ swaps it)
+                m.base.weight.data = theirs[f"{n}.weight"]
+
+
+def _unresidual_nf4_(model: nn.Module, cfg: TrainConfig) -> bool:
+    """``_unresidual_`` for a PiSSA / OLoRA run on an NF4 base rebuilt from a checkpoint: its
+    residual was quantized again, so residual + B A differs from the final adapter's merge (the
+    original NF4 base + the rank-2r adapter) by the residual's re-quantization error (0.1 on
+    the tiny test model's logits): each such module gets the original NF4 weight (the base
+    quantized again as the run loaded it) and the converted adapter, the final export's."""
+    mods = lora_modules(model)
+    device = next(model.parameters()).device
+    orig = load_base(cfg, base_of(cfg), cfg.model.dtype, str(device),
+                     quantize=cfg.model.quantize, double_quant=cfg.model.double_quant)[0]
+    src = {n: orig.get_submodule(n) for n in model.peft_base_init if n in mods}
+    weights = {n: m.quant_weight for n, m in src.items() if hasattr(m, "quant_weight")}
+    _unresidual_(model, {f"{n}.weight": m.weight for n, m in src.items() if n not in weights})
+    for n, w in weights.items():
+        mods[n].base.quant_weight = w
+    return True

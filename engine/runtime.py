@@ -18,7 +18,8 @@ import torch
 from ember import EmberError
 from ember.engine.classification import resolve_head, train_head
 from ember.engine.config import TrainConfig, from_dict, to_dict
-from ember.engine.stages import load_start, resolve_start
+from ember.engine.stages import base_of, load_start, resolve_start
+from ember.models.loading import iter_dense_weights
 from ember.models.lora import apply_lora
 from ember.models.nf4 import is_quantized
 from ember.models.peft_adapter import check_peft_exportable
@@ -280,7 +281,12 @@ def build_model(cfg: TrainConfig, device: str):
         raise EmberError(f"model {cfg.model.name!r} has no tokenizer.json; training needs one")
     if cfg.method == "lora":
         if not started:
-            apply_lora(model, cfg.lora)
+            # QPiSSA: PiSSA on an NF4 base decomposes the weights it was quantized from, read
+            # again from the base's files one tensor at a time
+            dense = None
+            if cfg.lora.init.startswith("pissa") and is_quantized(model):
+                dense = lambda: iter_dense_weights(base_of(cfg))  # noqa: E731
+            apply_lora(model, cfg.lora, dense_weights=dense)
         if cfg.checkpoint.save_final:  # a PEFT file the run could not write: say so now
             check_peft_exportable(model)
     elif cfg.method == "prompt":

@@ -43,6 +43,7 @@ import os
 import shutil
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -215,6 +216,29 @@ def load_hf_folder(
     else:
         _assign_(model, iter_checkpoint(folder, cfg, ckpt, dequant), device, target)
     return model
+
+
+def iter_dense_weights(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(ember_key, tensor)`` for every weight of the model at ``path`` (a folder, a ``.gguf``
+    file or a built-in name), one at a time, as stored (an 8-bit checkpoint's dequantized):
+    what a quantize-while-loading model was quantized from, for an init that must see the
+    full-precision weights (QPiSSA: ``apply_lora(..., dense_weights=...)``). EmberError for a
+    bitsandbytes 4-bit checkpoint, which has no full-precision weights."""
+    folder = _resolve_path(path)
+    cfg_path, raw = _read_config_json(folder)
+    cfg = _parse_config(cfg_path, raw)
+    qc = quantization_config_from_hf(raw)
+    int8 = is_int8_config(qc)
+    if qc is not None and not int8:
+        raise EmberError(f"{folder} is a bitsandbytes 4-bit checkpoint: it holds no "
+                         "full-precision weights to decompose; point model.name at the "
+                         "unquantized model (with model.quantize = \"nf4\")")
+    ckpt, dequant = scan_checkpoint(folder, int8=int8), None
+    if int8:
+        ckpt, dequant = int8_view(ckpt)
+    if cfg.extra.get("multimodal"):
+        ckpt = language_model_view(ckpt)
+    yield from iter_checkpoint(folder, untie_if_head_differs(ckpt, cfg), ckpt, dequant)
 
 
 def _config_dtype(raw: dict, stored: torch.dtype) -> torch.dtype:

@@ -39,6 +39,7 @@ import fnmatch
 import math
 import re
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,7 @@ from ember import EmberError
 from ember.kernels import lora_linear
 from ember.models.hf_phi import EMBER_LEAVES as PHI_LEAVES
 from ember.models.lora_embed import LoRAEmbedding
-from ember.models.lora_init import base_changing_init, changes_base, check_init
+from ember.models.lora_init import _NITER, base_changing_init, changes_base, check_init
 from ember.models.peft_files import untie_head
 
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
@@ -133,7 +134,9 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, *, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, dense_weight: torch.Tensor | None = None):
+        """``dense_weight``: the full-precision weight an NF4 ``base`` was quantized from, for
+        PiSSA on it (QPiSSA: ``apply_lora(..., dense_weights=...)``)."""
         super().__init__()
         if not _is_linear(base):
             raise TypeError(f"LoRALinear wraps nn.Linear or an NF4 Linear4bit, got {type(base)}")
@@ -150,7 +153,9 @@ class LoRALinear(nn.Module):
         self.lora_magnitude = None
         if use_dora:  # fp32 like A and B; reset_lora sets it to the row norms
             self.lora_magnitude = nn.Parameter(torch.empty(out_f, device=device, dtype=dtype))
+        self._dense_init = dense_weight  # read once, by the init
         self.reset_lora(init)
+        self._dense_init = None
 
     @property
     def in_features(self) -> int:
@@ -179,11 +184,8 @@ class LoRALinear(nn.Module):
 
     def _init_from_base(self, init: str) -> None:
         if hasattr(self.base, "quant_weight"):
-            # PEFT's pissa_init refuses a 4-bit base too (its QPiSSA: init on the dense model,
-            # then quantize the residual)
-            raise EmberError(f"lora.init {init!r} on a 4-bit (NF4) base is not supported: the "
-                             "residual would have to be re-quantized; train the unquantized "
-                             "model, or use lora.init = 'kaiming' with model.quantize")
+            self._init_from_nf4_base(init)
+            return
         w = self.base.weight
         if w.device.type == "meta":
             return
@@ -191,6 +193,42 @@ class LoRALinear(nn.Module):
         self.lora_A.copy_(A)
         self.lora_B.copy_(B)
         self.base.weight = nn.Parameter(residual, requires_grad=False)
+
+    def _init_from_nf4_base(self, init: str) -> None:
+        """OLoRA as PEFT's ``olora_init`` on a bitsandbytes 4-bit layer: QR of the dequantized
+        weight (in its own dtype, then fp32); A, B stay fp32 (PEFT casts adapters only to a
+        float base's dtype) and the fp32 residual is quantized again with the weight's
+        blocksize and double quant (``Params4bit`` of the fp32 residual: its quant state's
+        dtype becomes float32). PiSSA (QPiSSA, PEFT's documented recipe: PiSSA on the dense
+        model, the residual saved and loaded in 4 bit): the decomposition of the weight the
+        NF4 one was quantized from, in its dtype, the residual quantized in that dtype."""
+        q = self.base.quant_weight
+        if q is None or q.device.type == "meta":
+            return
+        dense = self._dense_init
+        if init != "olora" and dense is None:
+            # PEFT's pissa_init refuses a 4-bit base too
+            raise EmberError(f"lora.init {init!r} on a 4-bit (NF4) base needs the "
+                             "full-precision weights it was quantized from (QPiSSA): pass "
+                             "apply_lora(..., dense_weights=lambda: iter_dense_weights(model "
+                             "folder)) (ember train does), or use lora.init = 'olora' (PEFT's "
+                             "4-bit OLoRA) or 'kaiming'")
+        if q.state.quant_type != "nf4":
+            raise EmberError(f"lora.init {init!r}: the base is bitsandbytes "
+                             f"{q.state.quant_type.upper()}, and Ember quantizes to NF4 only; "
+                             "use lora.init = 'kaiming'")
+        if init == "olora":
+            w = q.dequantize().float()
+        else:
+            if tuple(dense.shape) != tuple(q.shape):
+                raise EmberError(f"lora.init {init!r}: a full-precision weight of shape "
+                                 f"{tuple(dense.shape)} for an NF4 weight of shape "
+                                 f"{tuple(q.shape)}: not the model it was quantized from")
+            w = dense.detach().to(q.device, q.dtype)
+        A, B, residual = base_changing_init(w, self.rank, self.scale, init)
+        self.lora_A.copy_(A)
+        self.lora_B.copy_(B)
+        self.base.set_weight(residual, blocksize=q.blocksize, double_quant=q.state.nested)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The trained tensors by attribute name: lora_A, lora_B (and lora_magnitude)."""
@@ -344,9 +382,16 @@ def check_embed_head(names, *, use_dora: bool, where: str = "lora",
                          f"the head) is not supported; {hint}")
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoRAConfig, *,
+               dense_weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None
+               ) -> nn.Module:
     """Freeze every parameter and wrap the targeted projections in ``LoRALinear`` (the token
-    embedding in a ``LoRAEmbedding``; on a tied model it adapts the head too)."""
+    embedding in a ``LoRAEmbedding``; on a tied model it adapts the head too).
+
+    ``dense_weights``: ``(key, tensor)`` of the full-precision weights an NF4 model was
+    quantized from (``ember.models.loading.iter_dense_weights``), which PiSSA on an NF4 base
+    (QPiSSA) decomposes; read once, one tensor at a time (the whole dense model is never
+    held). ``pissa_niter_K`` draws as on a dense base: module by module in the model's order."""
     if lora_modules(model):
         raise EmberError("the model already has LoRA adapters; merge_lora() it first or start "
                          "from a fresh base model")
@@ -357,7 +402,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     pad = getattr(getattr(model, "cfg", None), "pad_token_id", None)  # transformers' padding_idx
-    for name in names:
+
+    def wrap(name: str, dense: torch.Tensor | None = None) -> None:
         base = model.get_submodule(name)
         if name == "embed":
             mod = LoRAEmbedding(base, cfg.rank, cfg.alpha, use_rslora=cfg.use_rslora,
@@ -365,8 +411,39 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
                                 use_dora=cfg.use_dora)
         else:
             mod = LoRALinear(base, cfg.rank, cfg.alpha, dropout=cfg.dropout,
-                             use_rslora=cfg.use_rslora, init=cfg.init, use_dora=cfg.use_dora)
+                             use_rslora=cfg.use_rslora, init=cfg.init, use_dora=cfg.use_dora,
+                             dense_weight=dense)
         _set_module(model, name, mod)
+
+    qpissa = {f"{n}.weight": n for n in names if cfg.init.startswith("pissa")
+              and _loaded_nf4(model.get_submodule(n))}
+    # pissa_niter_K draws from the global RNG: the other modules are wrapped in module order (as
+    # PEFT and the dense path draw) and the RNG is advanced past each QPiSSA module's draw, whose
+    # RNG state is kept for when its dense weight comes in (the checkpoint's order)
+    draws = {}
+    for name in names:
+        if f"{name}.weight" not in qpissa:
+            wrap(name)
+        elif dense_weights is not None and _NITER.fullmatch(cfg.init):
+            q = model.get_submodule(name).quant_weight
+            draws[name] = _rng_state(q.device)
+            torch.randn(min(q.shape), cfg.rank, device=q.device)  # svd_lowrank's draw
+    if qpissa and dense_weights is not None:
+        after = {d: _rng_state(d) for d in {q.device for q in _nf4s(model, qpissa)}}
+        for key, t in dense_weights():  # each tensor freed before the next is read
+            if key in qpissa:
+                name = qpissa.pop(key)
+                if name in draws:
+                    _set_rng_state(model.get_submodule(name).quant_weight.device, draws[name])
+                wrap(name, t)
+        for d, state in after.items():
+            _set_rng_state(d, state)
+        if qpissa:
+            raise EmberError(f"lora.init {cfg.init!r}: the full-precision weights have no "
+                             f"{sorted(qpissa)[:3]}: not the model the NF4 one was quantized "
+                             "from")
+    for name in qpissa.values():  # no dense weights: LoRALinear refuses, saying what to do
+        wrap(name)
     if changes_base(cfg.init):
         # The starting adapters, for the export as a plain LoRA on the original base
         # (ember.models.lora_init), kept in host memory; a model attribute named peft_* travels
@@ -378,6 +455,26 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
                                 for n, m in lora_modules(model).items()
                                 if isinstance(m, LoRALinear)}
     return model
+
+
+def _nf4s(model: nn.Module, keys: dict[str, str]) -> list:
+    return [model.get_submodule(n).quant_weight for n in keys.values()]
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _loaded_nf4(m: nn.Module) -> bool:
+    q = getattr(m, "quant_weight", None)
+    return q is not None and q.device.type != "meta"
 
 
 def check_base_changing(model: nn.Module, init: str, names: list[str]) -> None:

@@ -39,6 +39,13 @@ def check_init(init: object) -> None:
     if isinstance(init, str) and (init in ("kaiming", "gaussian", "pissa", "olora")
                                   or _NITER.fullmatch(init)):
         return
+    if isinstance(init, str) and init.lower().startswith("loftq"):
+        # PEFT 0.21's loftq_init computes on "cuda" / "xpu" only, and its base (the dequantized
+        # LoftQ weight) is no low-rank step from the original: an export needs the base too
+        raise EmberError("lora.init 'loftq' is not supported: for a quantization-aware init use "
+                         "lora.init = 'pissa' with model.quantize = \"nf4\" (QPiSSA) or "
+                         "'olora' (LoftQ replaces the base by its own dequantized weights, "
+                         "which a run would have to export beside the adapter)")
     raise EmberError(f"lora.init must be one of {', '.join(repr(i) for i in INITS)} (K: the "
                      f"number of subspace iterations, e.g. 'pissa_niter_4'), got {init!r}")
 

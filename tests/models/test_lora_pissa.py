@@ -217,7 +217,7 @@ def test_refusals(bases, tmp_path):
     LoRAConfig(init="pissa_niter_16")
     model, _ = load_pretrained(bases["plain"])
     quantize_model_(model)
-    with pytest.raises(EmberError, match="4-bit.*not supported"):
+    with pytest.raises(EmberError, match="4-bit.*needs the full-precision weights"):
         apply_lora(model, LoRAConfig(rank=4, targets=("q_proj",), init="pissa"))
     model, _ = load_pretrained(bases["plain"])
     with pytest.raises(EmberError, match="rank 40 exceeds.*<= 16"):
