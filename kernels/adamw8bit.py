@@ -76,11 +76,16 @@ def quantize_lut(code: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(mid, grid, side="left").to(torch.uint8)
 
 
+# Built once here: dynamo ignores functools.cache and traces _tables' body, where building a map
+# (a float tensor's tolist()) is unsupported, so double-quantizing NF4 failed under fullgraph.
+_MAPS = (dynamic_map(True), dynamic_map(False))
+_LUTS = tuple(quantize_lut(q) for q in _MAPS)
+
+
 @functools.cache
 def _tables(device: torch.device):
     """(signed map, unsigned map, their lookup tables) on device."""
-    q1, q2 = dynamic_map(True), dynamic_map(False)
-    return tuple(t.to(device) for t in (q1, q2, quantize_lut(q1), quantize_lut(q2)))
+    return tuple(t.to(device) for t in (*_MAPS, *_LUTS))
 
 
 # ----------------------------------------------------------------------------------- reference
