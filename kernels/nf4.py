@@ -434,8 +434,8 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     lo, hi = torch.aminmax(w.detach())  # NaN propagates; no n-element temporary
     finite = torch.isfinite(lo) & torch.isfinite(hi)
     msg = (f"nf4_quantize: w of shape {tuple(w.shape)} holds inf or NaN values, which have no "
-           "4-bit code (bitsandbytes silently writes garbage codes); fix or re-export the weights "
-           "before quantizing")
+           "4-bit code (bitsandbytes silently dequantizes their block, with double quantization "
+           "the whole weight, to inf/NaN); fix or re-export the weights before quantizing")
     if _dispatch.no_host_values(w):  # torch.compile / fake tensors: a host read breaks the graph
         torch._assert_async(finite, msg)
     elif not finite:
