@@ -283,6 +283,7 @@ def test_nf4_quantize_compiles_with_fullgraph(double_quant):
     traced offset is a 0-d tensor of the same value); a NaN weight still fails."""
     bnbf = pytest.importorskip("bitsandbytes.functional")
     from ember.kernels import nf4_dequantize, nf4_quantize
+    from ember.models.nf4_storage import nf4_layout
 
     torch.manual_seed(0)
     w = torch.randn(48, 40)  # 1920 values: 30 blocks of 64
@@ -297,6 +298,8 @@ def test_nf4_quantize_compiles_with_fullgraph(double_quant):
         assert torch.equal(state.nested_absmax, sb.state2.absmax)
         assert float(state.offset) == sb.offset.item()
         assert json.loads(state.quant_state_json())["nested_offset"] == sb.offset.item()
+        layout = nf4_layout(NF4Weight(packed, state))  # Python values only: no tensor
+        assert type(layout.offset) is float and layout.offset == sb.offset.item()
     assert torch.equal(nf4_dequantize(packed, state), bnbf.dequantize_4bit(pb, sb))
     w[3, 5] = float("nan")
     with pytest.raises(RuntimeError, match="inf or NaN"):
