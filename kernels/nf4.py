@@ -246,14 +246,15 @@ def _make_state(absmax, w, blocksize, double_quant) -> NF4State:
     code = _tables(absmax.device)[0]
     if not double_quant:
         return NF4State(absmax, w.shape, w.dtype, blocksize, code)
-    finite = torch.isfinite(absmax - absmax.mean()).all()
-    msg = ("nf4_quantize: weights this large (max |w| = {}) overflow fp32 in double quantization "
-           "(the mean of the block absmax; bitsandbytes silently returns NaN weights); quantize "
-           "with double_quant=False (bnb_4bit_use_double_quant=False) or rescale them")
+    # (a NaN/inf weight is nf4_quantize's own error, which inductor may raise after this one)
+    finite = torch.isfinite(absmax - absmax.mean()).all() | ~torch.isfinite(absmax).all()
+    msg = ("nf4_quantize: weights this large{} overflow fp32 in double quantization (the mean "
+           "of the block absmax; bitsandbytes silently returns NaN weights); quantize with "
+           "double_quant=False (bnb_4bit_use_double_quant=False) or rescale them")
     if _dispatch.no_host_values(absmax):  # traced: a host read here breaks the graph
-        torch._assert_async(finite, msg.format("too large"))
+        torch._assert_async(finite, msg.format(""))
     elif not finite:
-        raise ValueError(msg.format(f"{absmax.max().item():.3g}"))
+        raise ValueError(msg.format(f" (max |w| = {absmax.max().item():.3g})"))
     q, am2, offset, dyn = _quantize_absmax(absmax)
     return NF4State(q, w.shape, w.dtype, blocksize, code, offset, am2, dyn)
 
