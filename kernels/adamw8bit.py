@@ -77,10 +77,23 @@ def quantize_lut(code: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
+def _build_tables() -> tuple[torch.Tensor, ...]:
+    q1, q2 = dynamic_map(True), dynamic_map(False)
+    return q1, q2, quantize_lut(q1), quantize_lut(q2)
+
+
+# Dynamo ignores functools.cache and traces a cached function's body, where building a map (a
+# float tensor's tolist()) is unsupported: double-quantizing NF4 failed under fullgraph. So the
+# tables are built outside the graph, once (not at import: ~0.2 s), and enter it as constants.
+@torch.compiler.assume_constant_result
+def _cpu_tables() -> tuple[torch.Tensor, ...]:
+    return _build_tables()
+
+
+@functools.cache
 def _tables(device: torch.device):
     """(signed map, unsigned map, their lookup tables) on device."""
-    q1, q2 = dynamic_map(True), dynamic_map(False)
-    return tuple(t.to(device) for t in (q1, q2, quantize_lut(q1), quantize_lut(q2)))
+    return tuple(t.to(device) for t in _cpu_tables())
 
 
 # ----------------------------------------------------------------------------------- reference

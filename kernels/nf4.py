@@ -84,7 +84,9 @@ class NF4State:
     dtype: torch.dtype
     blocksize: int
     code: torch.Tensor
-    offset: float | None = None
+    # A float, or under torch.compile a 0-d fp32 tensor (reading it to the host would break the
+    # graph); ``offset_value`` is it as a float either way.
+    offset: float | torch.Tensor | None = None
     nested_absmax: torch.Tensor | None = None
     nested_code: torch.Tensor | None = None
     nested_blocksize: int = NESTED_BLOCKSIZE
@@ -103,9 +105,13 @@ class NF4State:
             n *= s
         return n
 
+    @property
+    def offset_value(self) -> float | None:
+        return None if self.offset is None else float(self.offset)
+
     def to(self, device) -> NF4State:
-        mv = lambda t: None if t is None else t.to(device)
-        return replace(self, absmax=mv(self.absmax), code=mv(self.code),
+        mv = lambda t: t.to(device) if torch.is_tensor(t) else t
+        return replace(self, absmax=mv(self.absmax), code=mv(self.code), offset=mv(self.offset),
                        nested_absmax=mv(self.nested_absmax), nested_code=mv(self.nested_code))
 
     def quant_state_json(self) -> str:
@@ -114,7 +120,7 @@ class NF4State:
              "dtype": str(self.dtype).removeprefix("torch."), "shape": list(self.shape)}
         if self.nested:
             d.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
-                     nested_offset=self.offset)
+                     nested_offset=self.offset_value)
         return json.dumps(d)
 
 
@@ -227,21 +233,28 @@ def as_nf4_weight(weight):
 # ----------------------------------------------------------------------------------- reference
 def _quantize_absmax(absmax: torch.Tensor):
     """Double quantization (torch, any device): (uint8 codes, fp32 absmax2, offset, the map) of
-    absmax - its mean, by bnb's 8-bit blockwise rule."""
+    absmax - its mean, by bnb's 8-bit blockwise rule. The offset is a float, or a 0-d tensor
+    while traced (``NF4State.offset``)."""
     offset = absmax.mean()
     q, am2 = quantize_blockwise_ref(absmax - offset, signed=True)
-    return q.contiguous(), am2, offset.item(), _tables(absmax.device)[2]
+    if not _dispatch.no_host_values(absmax):
+        offset = offset.item()
+    return q.contiguous(), am2, offset, _tables(absmax.device)[2]
 
 
 def _make_state(absmax, w, blocksize, double_quant) -> NF4State:
     code = _tables(absmax.device)[0]
     if not double_quant:
         return NF4State(absmax, w.shape, w.dtype, blocksize, code)
-    if not torch.isfinite(absmax - absmax.mean()).all():
-        raise ValueError(f"nf4_quantize: weights this large (max |w| = {absmax.max().item():.3g}) "
-                         "overflow fp32 in double quantization (the mean of the block absmax; "
-                         "bitsandbytes silently returns NaN weights); quantize with "
-                         "double_quant=False (bnb_4bit_use_double_quant=False) or rescale them")
+    # (a NaN/inf weight is nf4_quantize's own error, which inductor may raise after this one)
+    finite = torch.isfinite(absmax - absmax.mean()).all() | ~torch.isfinite(absmax).all()
+    msg = ("nf4_quantize: weights this large{} overflow fp32 in double quantization (the mean "
+           "of the block absmax; bitsandbytes silently returns NaN weights); quantize with "
+           "double_quant=False (bnb_4bit_use_double_quant=False) or rescale them")
+    if _dispatch.no_host_values(absmax):  # traced: a host read here breaks the graph
+        torch._assert_async(finite, msg.format(""))
+    elif not finite:
+        raise ValueError(msg.format(f" (max |w| = {absmax.max().item():.3g})"))
     q, am2, offset, dyn = _quantize_absmax(absmax)
     return NF4State(q, w.shape, w.dtype, blocksize, code, offset, am2, dyn)
 
@@ -422,8 +435,8 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     lo, hi = torch.aminmax(w.detach())  # NaN propagates; no n-element temporary
     finite = torch.isfinite(lo) & torch.isfinite(hi)
     msg = (f"nf4_quantize: w of shape {tuple(w.shape)} holds inf or NaN values, which have no "
-           "4-bit code (bitsandbytes silently writes garbage codes); fix or re-export the weights "
-           "before quantizing")
+           "4-bit code (bitsandbytes silently dequantizes their block, with double quantization "
+           "the whole weight, to inf/NaN); fix or re-export the weights before quantizing")
     if _dispatch.no_host_values(w):  # torch.compile / fake tensors: a host read breaks the graph
         torch._assert_async(finite, msg)
     elif not finite:

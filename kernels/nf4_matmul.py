@@ -198,7 +198,7 @@ def state_args(state):
     absmax, code = state.absmax.contiguous(), state.code.contiguous()
     if state.nested:
         return (absmax, state.nested_absmax.contiguous(), code, state.nested_code.contiguous(),
-                float(state.offset))
+                state.offset_value)
     return absmax, absmax, code, code, 0.0
 
 

@@ -119,7 +119,7 @@ def cat_nf4_rows(ws: Sequence[NF4Weight], key: str) -> NF4Weight:
                          "save with dequantize=True")
     if not any(w.state.nested for w in ws):
         state = replace(st, absmax=torch.cat([w.state.absmax for w in ws]))
-    elif (all(w.state.nested and w.state.offset == st.offset and
+    elif (all(w.state.nested and w.state.offset_value == st.offset_value and
               w.state.nested_blocksize == nbs and torch.equal(w.state.nested_code, st.nested_code)
               for w in ws) and all(w.state.absmax.numel() % nbs == 0 for w in ws[:-1])):
         state = replace(st, absmax=torch.cat([w.state.absmax for w in ws]),

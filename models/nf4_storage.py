@@ -65,7 +65,7 @@ def nf4_layout(w: NF4Weight) -> NF4Layout:
         parts.append((name, t.dtype, tuple(t.shape), at))
         at = _align(at + t.numel() * t.dtype.itemsize)
     st = w.state
-    return NF4Layout(tuple(st.shape), st.dtype, st.blocksize, st.offset, st.nested_blocksize,
+    return NF4Layout(tuple(st.shape), st.dtype, st.blocksize, st.offset_value, st.nested_blocksize,
                      tuple(parts), max(at, ALIGN), st.quant_type)
 
 

@@ -372,7 +372,7 @@ def _tokenizer_class(folder: Path, cfg: dict, model_type: str) -> str:
     if isinstance(cls, str):
         base = cls.removesuffix("Fast")
         if base == "CodeGenTokenizer":  # Phi-1.5 / Phi-2: GPT-2's pipeline in transformers 5
-            return "GPT2Tokenizer"
+            base = "GPT2Tokenizer"  # (but a qwen2 model's is still Qwen2Tokenizer, below)
         if base in _BPE_CLASSES:  # a qwen2 model's is Qwen2Tokenizer, whatever the folder says
             registered = resolved_class(cfg, model_type)
             return registered if registered in _BPE_CLASSES else base

@@ -7,6 +7,8 @@ result must come out in the dtype torch gives, with gradients reaching fp32 leav
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -272,22 +274,36 @@ def test_lora_mlp_second_backward_says_why_or_matches_torch():
         assert torch.allclose(gx, want_gx, rtol=1e-4, atol=1e-4)
 
 
-def test_nf4_quantize_compiles_with_fullgraph():
-    """nf4_quantize(double_quant=False) under torch.compile(fullgraph=True), as a compiled
-    init/load step would call it: the inf/NaN check read w on the host ("Data-dependent
-    branching" under fullgraph). Oracle: bitsandbytes' quantize_4bit, byte for byte; a NaN
-    weight still fails. (double_quant=True keeps one host read: NF4State.offset is a float.)"""
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_quantize_compiles_with_fullgraph(double_quant):
+    """nf4_quantize under torch.compile(fullgraph=True), as a compiled init/load step would call
+    it: the inf/NaN check read w on the host ("Data-dependent branching" under fullgraph); with
+    double_quant=True so did the absmax-overflow check, the offset's .item() and building the
+    8-bit map (a tensor's tolist()). Oracle: bitsandbytes' quantize_4bit, byte for byte (the
+    traced offset is a 0-d tensor of the same value); a NaN weight still fails."""
     bnbf = pytest.importorskip("bitsandbytes.functional")
-    from ember.kernels import nf4_quantize
+    from ember.kernels import nf4_dequantize, nf4_quantize
+    from ember.models.nf4_storage import nf4_layout
 
     torch.manual_seed(0)
     w = torch.randn(48, 40)  # 1920 values: 30 blocks of 64
-    pb, sb = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    pb, sb = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                compress_statistics=double_quant)
     torch._dynamo.reset()
-    step = torch.compile(lambda w: nf4_quantize(w, 64, False, impl="ref"), backend="aot_eager",
-                         fullgraph=True)
+    step = torch.compile(lambda w: nf4_quantize(w, 64, double_quant, impl="ref"),
+                         backend="aot_eager", fullgraph=True)
     packed, state = step(w)
     assert torch.equal(packed, pb) and torch.equal(state.absmax, sb.absmax)
+    if double_quant:
+        assert torch.equal(state.nested_absmax, sb.state2.absmax)
+        assert float(state.offset) == sb.offset.item()
+        assert json.loads(state.quant_state_json())["nested_offset"] == sb.offset.item()
+        layout = nf4_layout(NF4Weight(packed, state))  # Python values only: no tensor
+        assert type(layout.offset) is float and layout.offset == sb.offset.item()
+    assert torch.equal(nf4_dequantize(packed, state), bnbf.dequantize_4bit(pb, sb))
+    if double_quant:  # bnb: NaN weights; traced, the overflow check is an assert
+        with pytest.raises(RuntimeError, match="double_quant=False"):
+            step(w.clamp(-3, 3) * 1e38)
     w[3, 5] = float("nan")
     with pytest.raises(RuntimeError, match="inf or NaN"):
         step(w)
