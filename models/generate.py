@@ -123,6 +123,32 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def _ngrams(ids: list[int], n: int) -> dict[tuple[int, ...], set[int]]:
+    """Each (n-1)-gram of ``ids`` -> the tokens that followed it."""
+    grams: dict[tuple[int, ...], set[int]] = {}
+    for i in range(len(ids) - n + 1):
+        grams.setdefault(tuple(ids[i:i + n - 1]), set()).add(ids[i + n - 1])
+    return grams
+
+
+def _add_ngram(grams: dict[tuple[int, ...], set[int]], ids: list[int], n: int) -> None:
+    """Record the n-gram ending at ``ids``' last token."""
+    if len(ids) >= n:
+        grams.setdefault(tuple(ids[len(ids) - n:-1]), set()).add(ids[-1])
+
+
+def _ban_ngrams(logits: torch.Tensor, grams: list[dict], ids: list[list[int]], n: int
+                ) -> torch.Tensor:
+    """transformers' NoRepeatNGramLogitsProcessor: -inf for each token that would complete an
+    n-gram already in a row's ``ids`` (the row's (n-1)-token suffix seen before, followed by it)."""
+    banned = torch.zeros(logits.shape, dtype=torch.bool)
+    for b, (g, row) in enumerate(zip(grams, ids, strict=True)):
+        if len(row) >= n:
+            ban = [t for t in g.get(tuple(row[len(row) - n + 1:]), ()) if t < logits.shape[-1]]
+            banned[b, ban] = True
+    return logits.masked_fill(banned.to(logits.device), float("-inf"))
+
+
 def _check_ids(what: str, i: int, ids: list[int], vocab: int) -> None:
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
@@ -151,7 +177,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, eos_token_ids: Iterable[int] = (),
                  pad_token_id: int | None = 0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0,
+                 repetition_penalty: float = 1.0, min_new_tokens: int = 0,
+                 no_repeat_ngram_size: int = 0,
                  should_stop: Callable[[int, list[int]], bool] | None = None,
                  drafts: Sequence[Sequence[int]] | None = None,
                  sync: Callable[[bool], bool] | None = None,
@@ -160,7 +187,10 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     """Generate up to ``max_new_tokens`` per prompt. Returns the new ids per row, without the
     stop token. ``should_stop(row, ids_so_far)`` may end a row early (stop strings).
     ``repetition_penalty`` (greedy and sampled) and ``min_p`` act as transformers' do: the
-    penalty on every token of the prompt and of the generation so far.
+    penalty on every token of the prompt and of the generation so far. ``min_new_tokens``: the
+    stop ids are not generated before that many new tokens (transformers' MinNewTokensLength);
+    ``no_repeat_ngram_size`` N: no N-gram of the prompt and output occurs twice (transformers'
+    NoRepeatNGram, on each row's own tokens, as that prompt alone).
 
     ``drafts`` (greedy only): a guessed continuation per prompt, e.g. the reference answer when
     evaluating. It is verified the way speculative decoding verifies a draft model's tokens: fed
@@ -185,7 +215,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     flag across processes), and the passes end when it returns False. Until then a call whose
     rows have all finished, or that got no prompts at all, makes one-token passes whose output
     is dropped, so every process makes as many forward calls."""
-    check_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
+    check_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
+                   min_new_tokens, no_repeat_ngram_size)
     prompts = _as_id_lists("prompt", prompt_ids)
     if generators is not None and (generator is not None or seed is not None
                                    or len(generators) != len(prompts)):
@@ -201,9 +232,10 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             raise EmberError(f"prompt {i} is empty: give at least one token (e.g. BOS)")
         _check_ids("prompt", i, p, cfg.vocab_size)
     if drafts is not None:
-        if temperature > 0 or repetition_penalty != 1:
+        if temperature > 0 or repetition_penalty != 1 or min_new_tokens or no_repeat_ngram_size:
             raise EmberError("drafts are verified against plain greedy choices: use "
-                             "temperature = 0 and repetition_penalty = 1")
+                             "temperature = 0, repetition_penalty = 1, min_new_tokens = 0 and "
+                             "no_repeat_ngram_size = 0")
         drafts = _as_id_lists("draft", drafts)
         if len(drafts) != len(prompts):
             raise EmberError(f"{len(drafts)} drafts for {len(prompts)} prompts: give one per "
@@ -233,7 +265,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
         return [generate_ids(
             model, [p], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, eos_token_ids=stop_ids, pad_token_id=pad_token_id, min_p=min_p,
-            repetition_penalty=repetition_penalty,
+            repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+            no_repeat_ngram_size=no_repeat_ngram_size,
             should_stop=None if should_stop is None else (
                 lambda _, ids, i=i: should_stop(i, ids)),
             drafts=None if drafts is None else [drafts[i]], generator=generator,
@@ -263,6 +296,14 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
         seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
             seen[i, torch.tensor(p, device=device)] = True
+    # no_repeat_ngram_size N: per prompt, each (N-1)-gram of its tokens so far -> the tokens
+    # that followed it (transformers bans those after the same N-1 tokens)
+    grams = None if not no_repeat_ngram_size else [_ngrams(p, no_repeat_ngram_size)
+                                                    for p in prompts]
+    history = None if grams is None else [list(p) for p in prompts]  # prompt + output
+    # min_new_tokens: the stop ids the model can give, masked until then
+    eos_cols = torch.tensor(sorted(t for t in stop_ids if 0 <= t < cfg.vocab_size),
+                            dtype=torch.long, device=device)
 
     lr = cfg.longrope
     # LongRoPE: each row's table so far (None: not LongRoPE), and for phi3 the ids and positions
@@ -289,6 +330,12 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             logits = model.logits(hidden[:, -1]).float()  # (b, V)
             if seen is not None:
                 logits = penalize_repetition(logits, seen, repetition_penalty)
+            if grams is not None:
+                logits = _ban_ngrams(logits, [grams[r] for r in rows],
+                                     [history[r] for r in rows], no_repeat_ngram_size)
+            early = [b for b, r in enumerate(rows) if len(out[r]) < min_new_tokens]
+            if early and len(eos_cols):  # transformers: -inf, after the repetition penalty
+                logits[torch.tensor(early, device=device)[:, None], eos_cols] = float("-inf")
             if generators is not None and temperature > 0:  # each row from its own generator
                 preds = torch.cat([sample_next(logits[b:b + 1], temperature, top_p, top_k,
                                                generators[r], min_p) for b, r in enumerate(rows)])
@@ -310,6 +357,9 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                 out[r].append(t)
                 if seen is not None:
                     seen[b, t] = True
+                if grams is not None:
+                    history[r].append(t)
+                    _add_ngram(grams[r], history[r], no_repeat_ngram_size)
                 if drafting[r]:
                     n = len(out[r])
                     drafting[r] = n < len(drafts[r]) and drafts[r][n - 1] == t
@@ -439,7 +489,8 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
              top_k: int | None = None, seed: int | None = None,
              stop_strings: Sequence[str] | None = None, chat: bool = False,
              min_p: float | None = None, repetition_penalty: float | None = None,
-             template_kwargs: Mapping | None = None, **hf_options) -> list[str]:
+             template_kwargs: Mapping | None = None, min_new_tokens: int | None = None,
+             no_repeat_ngram_size: int | None = None, **hf_options) -> list[str]:
     """Completions (list[str], one per prompt) for a prompt or a list of prompts.
 
     ``chat=True`` wraps each string as a user message and renders the model's chat template; a
@@ -452,7 +503,8 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     string that is a special token, e.g. ``<|im_end|>``, stops generation there and is not in
     the text, special tokens being skipped).
 
-    ``top_p``, ``top_k``, ``min_p`` and ``repetition_penalty`` left None are the model's
+    ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``, ``min_new_tokens`` (no stop token
+    before that many new tokens) and ``no_repeat_ngram_size`` left None are the model's
     generation_config.json's, else transformers' defaults (``sampling_defaults``: top_k 50 when
     sampling), as transformers' ``generate()`` takes them; sampling itself is only ever asked
     for with ``temperature`` > 0 (the file's do_sample and temperature are not used).
@@ -463,7 +515,8 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     if hf_options:
         raise EmberError(unsupported_options(hf_options))
     knobs = sampling_defaults(model, top_p=top_p, top_k=top_k, min_p=min_p,
-                              repetition_penalty=repetition_penalty)
+                              repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+                              no_repeat_ngram_size=no_repeat_ngram_size)
     if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], dict)):
         prompts = [prompts]
