@@ -39,10 +39,12 @@ from ember.models.generation_config import (  # noqa: F401  (generate's API, re-
     HF_SAMPLING_DEFAULTS,
     check_sampling,
     sampling_defaults,
+    token_ban_defaults,
     unapplied_settings,
     unsupported_options,
 )
 from ember.models.prompt_tuning import virtual_ids
+from ember.models.token_bans import TokenBans
 from ember.models.tokenizer import generation_ids
 from ember.models.transformer import KVCache, Transformer
 
@@ -123,32 +125,6 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _ngrams(ids: list[int], n: int) -> dict[tuple[int, ...], set[int]]:
-    """Each (n-1)-gram of ``ids`` -> the tokens that followed it."""
-    grams: dict[tuple[int, ...], set[int]] = {}
-    for i in range(len(ids) - n + 1):
-        grams.setdefault(tuple(ids[i:i + n - 1]), set()).add(ids[i + n - 1])
-    return grams
-
-
-def _add_ngram(grams: dict[tuple[int, ...], set[int]], ids: list[int], n: int) -> None:
-    """Record the n-gram ending at ``ids``' last token."""
-    if len(ids) >= n:
-        grams.setdefault(tuple(ids[len(ids) - n:-1]), set()).add(ids[-1])
-
-
-def _ban_ngrams(logits: torch.Tensor, grams: list[dict], ids: list[list[int]], n: int
-                ) -> torch.Tensor:
-    """transformers' NoRepeatNGramLogitsProcessor: -inf for each token that would complete an
-    n-gram already in a row's ``ids`` (the row's (n-1)-token suffix seen before, followed by it)."""
-    banned = torch.zeros(logits.shape, dtype=torch.bool)
-    for b, (g, row) in enumerate(zip(grams, ids, strict=True)):
-        if len(row) >= n:
-            ban = [t for t in g.get(tuple(row[len(row) - n + 1:]), ()) if t < logits.shape[-1]]
-            banned[b, ban] = True
-    return logits.masked_fill(banned.to(logits.device), float("-inf"))
-
-
 def _check_ids(what: str, i: int, ids: list[int], vocab: int) -> None:
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
@@ -179,6 +155,9 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                  pad_token_id: int | None = 0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, min_new_tokens: int = 0,
                  no_repeat_ngram_size: int = 0,
+                 bad_words_ids: Sequence[Sequence[int]] | None = None,
+                 suppress_tokens: Sequence[int] | None = None,
+                 begin_suppress_tokens: Sequence[int] | None = None,
                  should_stop: Callable[[int, list[int]], bool] | None = None,
                  drafts: Sequence[Sequence[int]] | None = None,
                  sync: Callable[[bool], bool] | None = None,
@@ -190,7 +169,10 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     penalty on every token of the prompt and of the generation so far. ``min_new_tokens``: the
     stop ids are not generated before that many new tokens (transformers' MinNewTokensLength);
     ``no_repeat_ngram_size`` N: no N-gram of the prompt and output occurs twice (transformers'
-    NoRepeatNGram, on each row's own tokens, as that prompt alone).
+    NoRepeatNGram, on each row's own tokens, as that prompt alone); ``bad_words_ids`` (token-id
+    sequences never completed; a lone stop id is not banned), ``suppress_tokens`` (never
+    generated) and ``begin_suppress_tokens`` (not as the first new token): transformers' NoBadWords,
+    SuppressTokens and SuppressTokensAtBegin (``ember.models.token_bans``).
 
     ``drafts`` (greedy only): a guessed continuation per prompt, e.g. the reference answer when
     evaluating. It is verified the way speculative decoding verifies a draft model's tokens: fed
@@ -232,10 +214,11 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             raise EmberError(f"prompt {i} is empty: give at least one token (e.g. BOS)")
         _check_ids("prompt", i, p, cfg.vocab_size)
     if drafts is not None:
-        if temperature > 0 or repetition_penalty != 1 or min_new_tokens or no_repeat_ngram_size:
+        if temperature > 0 or repetition_penalty != 1 or min_new_tokens or (
+                no_repeat_ngram_size or bad_words_ids or suppress_tokens or begin_suppress_tokens):
             raise EmberError("drafts are verified against plain greedy choices: use "
                              "temperature = 0, repetition_penalty = 1, min_new_tokens = 0 and "
-                             "no_repeat_ngram_size = 0")
+                             "no_repeat_ngram_size = 0, without bad_words_ids / suppress_tokens")
         drafts = _as_id_lists("draft", drafts)
         if len(drafts) != len(prompts):
             raise EmberError(f"{len(drafts)} drafts for {len(prompts)} prompts: give one per "
@@ -266,7 +249,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             model, [p], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, eos_token_ids=stop_ids, pad_token_id=pad_token_id, min_p=min_p,
             repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-            no_repeat_ngram_size=no_repeat_ngram_size,
+            no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids,
+            suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens,
             should_stop=None if should_stop is None else (
                 lambda _, ids, i=i: should_stop(i, ids)),
             drafts=None if drafts is None else [drafts[i]], generator=generator,
@@ -296,14 +280,10 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
         seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
             seen[i, torch.tensor(p, device=device)] = True
-    # no_repeat_ngram_size N: per prompt, each (N-1)-gram of its tokens so far -> the tokens
-    # that followed it (transformers bans those after the same N-1 tokens)
-    grams = None if not no_repeat_ngram_size else [_ngrams(p, no_repeat_ngram_size)
-                                                    for p in prompts]
-    history = None if grams is None else [list(p) for p in prompts]  # prompt + output
-    # min_new_tokens: the stop ids the model can give, masked until then
-    eos_cols = torch.tensor(sorted(t for t in stop_ids if 0 <= t < cfg.vocab_size),
-                            dtype=torch.long, device=device)
+    bans = TokenBans(prompts, cfg.vocab_size, stop_ids, min_new_tokens=min_new_tokens,
+                     no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids,
+                     suppress_tokens=suppress_tokens,
+                     begin_suppress_tokens=begin_suppress_tokens)
 
     lr = cfg.longrope
     # LongRoPE: each row's table so far (None: not LongRoPE), and for phi3 the ids and positions
@@ -330,12 +310,9 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             logits = model.logits(hidden[:, -1]).float()  # (b, V)
             if seen is not None:
                 logits = penalize_repetition(logits, seen, repetition_penalty)
-            if grams is not None:
-                logits = _ban_ngrams(logits, [grams[r] for r in rows],
-                                     [history[r] for r in rows], no_repeat_ngram_size)
-            early = [b for b, r in enumerate(rows) if len(out[r]) < min_new_tokens]
-            if early and len(eos_cols):  # transformers: -inf, after the repetition penalty
-                logits[torch.tensor(early, device=device)[:, None], eos_cols] = float("-inf")
+            if bans.active:  # transformers: -inf, after the repetition penalty
+                banned = bans.mask(rows, [len(out[r]) for r in rows]).to(device)
+                logits = logits.masked_fill(banned, float("-inf"))
             if generators is not None and temperature > 0:  # each row from its own generator
                 preds = torch.cat([sample_next(logits[b:b + 1], temperature, top_p, top_k,
                                                generators[r], min_p) for b, r in enumerate(rows)])
@@ -357,9 +334,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                 out[r].append(t)
                 if seen is not None:
                     seen[b, t] = True
-                if grams is not None:
-                    history[r].append(t)
-                    _add_ngram(grams[r], history[r], no_repeat_ngram_size)
+                bans.add(r, t)
                 if drafting[r]:
                     n = len(out[r])
                     drafting[r] = n < len(drafts[r]) and drafts[r][n - 1] == t
@@ -490,7 +465,11 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
              stop_strings: Sequence[str] | None = None, chat: bool = False,
              min_p: float | None = None, repetition_penalty: float | None = None,
              template_kwargs: Mapping | None = None, min_new_tokens: int | None = None,
-             no_repeat_ngram_size: int | None = None, **hf_options) -> list[str]:
+             no_repeat_ngram_size: int | None = None,
+             bad_words_ids: Sequence[Sequence[int]] | None = None,
+             suppress_tokens: Sequence[int] | None = None,
+             begin_suppress_tokens: Sequence[int] | None = None,
+             num_return_sequences: int = 1, **hf_options) -> list[str]:
     """Completions (list[str], one per prompt) for a prompt or a list of prompts.
 
     ``chat=True`` wraps each string as a user message and renders the model's chat template; a
@@ -509,6 +488,11 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     sampling), as transformers' ``generate()`` takes them; sampling itself is only ever asked
     for with ``temperature`` > 0 (the file's do_sample and temperature are not used).
 
+    ``min_new_tokens``, ``no_repeat_ngram_size``, ``bad_words_ids``, ``suppress_tokens`` and
+    ``begin_suppress_tokens`` left None are the generation_config.json's too (``generate_ids``
+    says what each does). ``num_return_sequences`` (sampling only): that many answers per prompt,
+    a prompt's together, as transformers returns them.
+
     Several prompts sample together from one generator seeded with ``seed`` (as transformers'
     batched ``generate``): a prompt's text depends on the prompts beside it (``ember generate``
     seeds one generator per prompt instead, ``generate_ids(..., generators=...)``)."""
@@ -517,6 +501,16 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     knobs = sampling_defaults(model, top_p=top_p, top_k=top_k, min_p=min_p,
                               repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
                               no_repeat_ngram_size=no_repeat_ngram_size)
+    knobs.update(token_ban_defaults(model, bad_words_ids=bad_words_ids,
+                                    suppress_tokens=suppress_tokens,
+                                    begin_suppress_tokens=begin_suppress_tokens))
+    if isinstance(num_return_sequences, bool) or not isinstance(
+            num_return_sequences, int) or num_return_sequences < 1:
+        raise EmberError(f"num_return_sequences must be an int >= 1, got "
+                         f"{num_return_sequences!r}")
+    if num_return_sequences > 1 and temperature == 0:  # transformers refuses it too
+        raise EmberError("num_return_sequences > 1 needs sampling (temperature > 0): greedy "
+                         "decoding gives the same answer each time")
     if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], dict)):
         prompts = [prompts]
@@ -524,6 +518,8 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
         raise EmberError("stop_strings must be a list of strings, not a single str")
     stops = [s for s in (stop_strings or []) if s]
     ids = encode_prompts(tokenizer, list(prompts), chat, template_kwargs)
+    # transformers' order: each prompt's num_return_sequences answers together
+    ids = [p for p in ids for _ in range(num_return_sequences)]
     should_stop = None
     spanned: set[int] = set()  # rows stopped by a stop string begun in the prompt
     if stops:

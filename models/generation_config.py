@@ -43,7 +43,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k:
 _HF_HINTS = {
     "do_sample": "sampling is temperature > 0 (temperature = 0: greedy)",
     "max_length": "give max_new_tokens (tokens after the prompt)",
-    "num_return_sequences": "repeat the prompt in the list, with temperature > 0",
+    "renormalize_logits": "not needed: Ember samples from the processed logits' softmax",
     "num_beams": "not supported: greedy or sampling only",
     "eos_token_id": "generation stops at the tokenizer's eos_token_ids and the model's "
                     "generation_config.json ones; use stop_strings for more",
@@ -59,7 +59,8 @@ def unsupported_options(options: dict) -> str:
     lines = [f"{k}: {_HF_HINTS.get(k, 'not an option of ember generate')}" for k in options]
     return ("generate() does not take " + ", ".join(map(repr, options)) + "\n  "
             + "\n  ".join(lines) + "\n(its options: max_new_tokens, temperature, top_p, "
-            "top_k, min_p, repetition_penalty, min_new_tokens, no_repeat_ngram_size, seed, "
+            "top_k, min_p, repetition_penalty, min_new_tokens, no_repeat_ngram_size, "
+            "bad_words_ids, suppress_tokens, begin_suppress_tokens, num_return_sequences, seed, "
             "stop_strings, chat, template_kwargs)")
 
 
@@ -95,17 +96,28 @@ def sampling_defaults(model: Transformer, **given) -> dict:
     return out
 
 
+# token-id lists of a generation_config.json that ``generate_ids`` takes (``token_bans``)
+TOKEN_BAN_SETTINGS = ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
+
+
+def token_ban_defaults(model: Transformer, **given) -> dict:
+    """``TOKEN_BAN_SETTINGS``: ``given`` where not None, else the generation_config.json's the
+    model was loaded with (as transformers' ``generate()`` takes them), else None."""
+    gen = getattr(model, "hf_generation_config", None)
+    gen = gen if isinstance(gen, dict) else {}
+    return {k: given[k] if given.get(k) is not None else gen.get(k) for k in TOKEN_BAN_SETTINGS}
+
+
 # generation_config.json settings that change transformers' generate() output and that Ember
 # does not apply, with the value that leaves each off
-_UNAPPLIED = {"min_length": 0, "bad_words_ids": None, "suppress_tokens": None,
-              "begin_suppress_tokens": None,
-              "forced_bos_token_id": None, "forced_eos_token_id": None, "typical_p": 1.0,
-              "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1, "sequence_bias": None}
+_UNAPPLIED = {"min_length": 0, "forced_bos_token_id": None, "forced_eos_token_id": None,
+              "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1,
+              "sequence_bias": None}
 
 
 def unapplied_settings(model: Transformer) -> list[str]:
     """The settings of the model's generation_config.json that transformers' ``generate()``
-    applies and Ember does not (``bad_words_ids``, ``suppress_tokens``, beams...), as
+    applies and Ember does not (``min_length``, ``forced_eos_token_id``, beams...), as
     ``name=value``: Ember's output may differ from transformers' there, so the CLI says so."""
     gen = getattr(model, "hf_generation_config", None)
     if not isinstance(gen, dict):

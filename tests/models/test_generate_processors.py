@@ -120,3 +120,66 @@ def test_generation_config_min_new_tokens_and_ngrams_apply_as_in_transformers(tm
                  "--min-new-tokens", "3"]) == 0
     assert capsys.readouterr().out == hf_text(hf, prompts[0], no_repeat_ngram_size=2,
                                               min_new_tokens=3) + "\n"
+
+
+def test_bad_words_and_suppressed_tokens_equal_transformers_generate(pair):  # noqa: F811
+    """bad_words_ids (one token: never; several: never completed after the others; a lone stop
+    id: not banned), suppress_tokens and begin_suppress_tokens (not first) as transformers'
+    NoBadWords / SuppressTokens / SuppressTokensAtBegin processors, each row on its own tokens."""
+    hf, ours = pair
+    plain = [_hf_greedy(hf, p, 8) for p in PROMPTS]
+    eos = plain[2][5]
+    kw = dict(bad_words_ids=[[plain[0][0]], plain[1][2:4], [eos]],
+              suppress_tokens=[plain[2][1]], begin_suppress_tokens=[plain[1][0]])
+    want = [_strip(_hf_greedy(hf, p, 8, eos_token_id=eos, **kw), eos) for p in PROMPTS]
+    assert all(w != p[:len(w)] for w, p in zip(want, plain, strict=True))  # each one matters
+    assert generate_ids(ours, PROMPTS, max_new_tokens=8, eos_token_ids=[eos], **kw) == want
+    with pytest.raises(EmberError, match=r"bad_words_ids\[1\] holds 97"):
+        generate_ids(ours, PROMPTS, max_new_tokens=4, bad_words_ids=[[1], [2, 97]])
+    with pytest.raises(EmberError, match="suppress_tokens holds -1"):
+        generate_ids(ours, PROMPTS, max_new_tokens=4, suppress_tokens=[-1])
+
+
+def test_num_return_sequences_and_file_bans_as_in_transformers(tmp_path, capsys):
+    """``generate(..., num_return_sequences=n)`` samples n answers per prompt, in transformers'
+    order and with its seeded draws (it was refused: 'repeat the prompt in the list'); greedy is
+    refused as transformers does. A generation_config.json's suppress_tokens apply, as in
+    transformers' generate() (Ember ignored them; ember generate with a note)."""
+    tok, hf, model = _with_tokenizer(tmp_path, "<|im_end|>", "<|im_end|>")
+    prompts = ["he", "the 12"]
+    x = torch.tensor([tok.encode(prompts[1])])
+    for seed in range(2):
+        torch.manual_seed(seed)
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6,
+                          do_sample=True, temperature=2.0, num_return_sequences=3,
+                          pad_token_id=tok.eos_token_id)
+        want = tok.batch_decode(out[:, x.shape[1]:], skip_special_tokens=True)
+        assert len(set(want)) > 1
+        assert generate(model, tok, prompts[1], max_new_tokens=6, temperature=2.0, seed=seed,
+                        num_return_sequences=3) == want
+    with pytest.raises(EmberError, match="needs sampling"):
+        generate(model, tok, prompts, num_return_sequences=2)
+
+    tok.save_pretrained(tmp_path)
+    plain = generate(model, tok, prompts, max_new_tokens=8)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    banned = tok.encode(plain[0])[0]
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {**gen, "suppress_tokens": [banned]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+    want = []
+    for p in prompts:
+        x = torch.tensor([tok.encode(p)])
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8,
+                          pad_token_id=tok.eos_token_id)
+        want.append(tok.decode(out[0, x.shape[1]:], skip_special_tokens=True))
+    assert want[0] != plain[0]
+    assert generate(model, tok, prompts, max_new_tokens=8) == want
+    from ember.engine.cli import main
+
+    assert main(["generate", str(tmp_path), "--raw", "--device", "cpu", "--max-new-tokens", "8",
+                 "--prompt", prompts[0]]) == 0
+    assert capsys.readouterr().out == want[0] + "\n"
