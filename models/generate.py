@@ -157,7 +157,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                  no_repeat_ngram_size: int = 0,
                  bad_words_ids: Sequence[Sequence[int]] | None = None,
                  suppress_tokens: Sequence[int] | None = None,
-                 begin_suppress_tokens: Sequence[int] | None = None,
+                 begin_suppress_tokens: Sequence[int] | None = None, min_length: int = 0,
+                 forced_eos_token_id: int | Sequence[int] | None = None,
                  should_stop: Callable[[int, list[int]], bool] | None = None,
                  drafts: Sequence[Sequence[int]] | None = None,
                  sync: Callable[[bool], bool] | None = None,
@@ -172,7 +173,9 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     NoRepeatNGram, on each row's own tokens, as that prompt alone); ``bad_words_ids`` (token-id
     sequences never completed; a lone stop id is not banned), ``suppress_tokens`` (never
     generated) and ``begin_suppress_tokens`` (not as the first new token): transformers' NoBadWords,
-    SuppressTokens and SuppressTokensAtBegin (``ember.models.token_bans``).
+    SuppressTokens and SuppressTokensAtBegin; ``min_length`` (no stop id before the prompt and
+    output hold that many tokens) and ``forced_eos_token_id`` (the only token allowed as the
+    ``max_new_tokens``-th): MinLength and ForcedEOSToken (``ember.models.token_bans``).
 
     ``drafts`` (greedy only): a guessed continuation per prompt, e.g. the reference answer when
     evaluating. It is verified the way speculative decoding verifies a draft model's tokens: fed
@@ -198,7 +201,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     rows have all finished, or that got no prompts at all, makes one-token passes whose output
     is dropped, so every process makes as many forward calls."""
     check_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
-                   min_new_tokens, no_repeat_ngram_size)
+                   min_new_tokens, no_repeat_ngram_size, min_length)
     prompts = _as_id_lists("prompt", prompt_ids)
     if generators is not None and (generator is not None or seed is not None
                                    or len(generators) != len(prompts)):
@@ -214,11 +217,12 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             raise EmberError(f"prompt {i} is empty: give at least one token (e.g. BOS)")
         _check_ids("prompt", i, p, cfg.vocab_size)
     if drafts is not None:
-        if temperature > 0 or repetition_penalty != 1 or min_new_tokens or (
-                no_repeat_ngram_size or bad_words_ids or suppress_tokens or begin_suppress_tokens):
+        if temperature > 0 or repetition_penalty != 1 or min_new_tokens or min_length or (
+                no_repeat_ngram_size or bad_words_ids or suppress_tokens or begin_suppress_tokens
+                or forced_eos_token_id is not None):
             raise EmberError("drafts are verified against plain greedy choices: use "
                              "temperature = 0, repetition_penalty = 1, min_new_tokens = 0 and "
-                             "no_repeat_ngram_size = 0, without bad_words_ids / suppress_tokens")
+                             "no_repeat_ngram_size = 0, without token bans or forced tokens")
         drafts = _as_id_lists("draft", drafts)
         if len(drafts) != len(prompts):
             raise EmberError(f"{len(drafts)} drafts for {len(prompts)} prompts: give one per "
@@ -251,6 +255,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
             no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids,
             suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens,
+            min_length=min_length, forced_eos_token_id=forced_eos_token_id,
             should_stop=None if should_stop is None else (
                 lambda _, ids, i=i: should_stop(i, ids)),
             drafts=None if drafts is None else [drafts[i]], generator=generator,
@@ -283,7 +288,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     bans = TokenBans(prompts, cfg.vocab_size, stop_ids, min_new_tokens=min_new_tokens,
                      no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids,
                      suppress_tokens=suppress_tokens,
-                     begin_suppress_tokens=begin_suppress_tokens)
+                     begin_suppress_tokens=begin_suppress_tokens, min_length=min_length,
+                     forced_eos_token_id=forced_eos_token_id, max_new_tokens=max_new_tokens)
 
     lr = cfg.longrope
     # LongRoPE: each row's table so far (None: not LongRoPE), and for phi3 the ids and positions
@@ -310,9 +316,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             logits = model.logits(hidden[:, -1]).float()  # (b, V)
             if seen is not None:
                 logits = penalize_repetition(logits, seen, repetition_penalty)
-            if bans.active:  # transformers: -inf, after the repetition penalty
-                banned = bans.mask(rows, [len(out[r]) for r in rows]).to(device)
-                logits = logits.masked_fill(banned, float("-inf"))
+            if bans.active:  # transformers' order: after the repetition penalty
+                logits = bans.apply(logits, rows, [len(out[r]) for r in rows])
             if generators is not None and temperature > 0:  # each row from its own generator
                 preds = torch.cat([sample_next(logits[b:b + 1], temperature, top_p, top_k,
                                                generators[r], min_p) for b, r in enumerate(rows)])
@@ -468,7 +473,8 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
              no_repeat_ngram_size: int | None = None,
              bad_words_ids: Sequence[Sequence[int]] | None = None,
              suppress_tokens: Sequence[int] | None = None,
-             begin_suppress_tokens: Sequence[int] | None = None,
+             begin_suppress_tokens: Sequence[int] | None = None, min_length: int | None = None,
+             forced_eos_token_id: int | Sequence[int] | None = None,
              num_return_sequences: int = 1, **hf_options) -> list[str]:
     """Completions (list[str], one per prompt) for a prompt or a list of prompts.
 
@@ -488,8 +494,9 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     sampling), as transformers' ``generate()`` takes them; sampling itself is only ever asked
     for with ``temperature`` > 0 (the file's do_sample and temperature are not used).
 
-    ``min_new_tokens``, ``no_repeat_ngram_size``, ``bad_words_ids``, ``suppress_tokens`` and
-    ``begin_suppress_tokens`` left None are the generation_config.json's too (``generate_ids``
+    ``min_new_tokens``, ``min_length``, ``no_repeat_ngram_size``, ``bad_words_ids``,
+    ``suppress_tokens``, ``begin_suppress_tokens`` and ``forced_eos_token_id`` left None are the
+    generation_config.json's too (``generate_ids``
     says what each does). ``num_return_sequences`` (sampling only): that many answers per prompt,
     a prompt's together, as transformers returns them.
 
@@ -500,10 +507,11 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
         raise EmberError(unsupported_options(hf_options))
     knobs = sampling_defaults(model, top_p=top_p, top_k=top_k, min_p=min_p,
                               repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-                              no_repeat_ngram_size=no_repeat_ngram_size)
+                              no_repeat_ngram_size=no_repeat_ngram_size, min_length=min_length)
     knobs.update(token_ban_defaults(model, bad_words_ids=bad_words_ids,
                                     suppress_tokens=suppress_tokens,
-                                    begin_suppress_tokens=begin_suppress_tokens))
+                                    begin_suppress_tokens=begin_suppress_tokens,
+                                    forced_eos_token_id=forced_eos_token_id))
     if isinstance(num_return_sequences, bool) or not isinstance(
             num_return_sequences, int) or num_return_sequences < 1:
         raise EmberError(f"num_return_sequences must be an int >= 1, got "

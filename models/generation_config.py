@@ -17,10 +17,10 @@ if TYPE_CHECKING:
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                    min_p: float = 0.0, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
-                   no_repeat_ngram_size: int = 0) -> None:
+                   no_repeat_ngram_size: int = 0, min_length: int = 0) -> None:
     """EmberError naming the first invalid setting of ``generate_ids``' sampling knobs."""
     for name, v in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens),
-                    ("no_repeat_ngram_size", no_repeat_ngram_size)):
+                    ("no_repeat_ngram_size", no_repeat_ngram_size), ("min_length", min_length)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
             raise EmberError(f"{name} must be an int >= 0 (0 = off), got {v!r}")
     for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
@@ -60,15 +60,16 @@ def unsupported_options(options: dict) -> str:
     return ("generate() does not take " + ", ".join(map(repr, options)) + "\n  "
             + "\n  ".join(lines) + "\n(its options: max_new_tokens, temperature, top_p, "
             "top_k, min_p, repetition_penalty, min_new_tokens, no_repeat_ngram_size, "
-            "bad_words_ids, suppress_tokens, begin_suppress_tokens, num_return_sequences, seed, "
+            "min_length, bad_words_ids, suppress_tokens, begin_suppress_tokens, "
+            "forced_eos_token_id, num_return_sequences, seed, "
             "stop_strings, chat, template_kwargs)")
 
 
 # transformers 5's defaults (GenerationConfig._get_default_generation_params) for the knobs a
 # model's generation_config.json may set: top_k is 50 when sampling, not off
 HF_SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
-                        "min_new_tokens": 0, "no_repeat_ngram_size": 0}
-_INT_KNOBS = ("top_k", "min_new_tokens", "no_repeat_ngram_size")
+                        "min_new_tokens": 0, "no_repeat_ngram_size": 0, "min_length": 0}
+_INT_KNOBS = ("top_k", "min_new_tokens", "no_repeat_ngram_size", "min_length")
 
 
 def sampling_defaults(model: Transformer, **given) -> dict:
@@ -97,7 +98,8 @@ def sampling_defaults(model: Transformer, **given) -> dict:
 
 
 # token-id lists of a generation_config.json that ``generate_ids`` takes (``token_bans``)
-TOKEN_BAN_SETTINGS = ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
+TOKEN_BAN_SETTINGS = ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+                      "forced_eos_token_id")
 
 
 def token_ban_defaults(model: Transformer, **given) -> dict:
@@ -110,14 +112,13 @@ def token_ban_defaults(model: Transformer, **given) -> dict:
 
 # generation_config.json settings that change transformers' generate() output and that Ember
 # does not apply, with the value that leaves each off
-_UNAPPLIED = {"min_length": 0, "forced_bos_token_id": None, "forced_eos_token_id": None,
-              "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1,
-              "sequence_bias": None}
+_UNAPPLIED = {"forced_bos_token_id": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+              "eta_cutoff": 0.0, "num_beams": 1, "sequence_bias": None}
 
 
 def unapplied_settings(model: Transformer) -> list[str]:
     """The settings of the model's generation_config.json that transformers' ``generate()``
-    applies and Ember does not (``min_length``, ``forced_eos_token_id``, beams...), as
+    applies and Ember does not (``typical_p``, ``sequence_bias``, beams...), as
     ``name=value``: Ember's output may differ from transformers' there, so the CLI says so."""
     gen = getattr(model, "hf_generation_config", None)
     if not isinstance(gen, dict):

@@ -1,6 +1,7 @@
 """transformers' logits processors that ban tokens (set their logits to -inf), per batch row of
-``generate_ids``: MinNewTokensLength (no stop id before ``min_new_tokens`` new tokens),
-NoRepeatNGram, NoBadWords (``bad_words_ids``), SuppressTokens and SuppressTokensAtBegin.
+``generate_ids``: MinLength / MinNewTokensLength (no stop id before ``min_length`` tokens in
+all, ``min_new_tokens`` new ones), NoRepeatNGram, NoBadWords (``bad_words_ids``), ForcedEOSToken
+(the last token allowed is ``forced_eos_token_id``), SuppressTokens and SuppressTokensAtBegin.
 
 Each row is checked against its own prompt and output (not the left padding of a batch), so a
 row gets what transformers' ``generate()`` gives that prompt alone."""
@@ -36,8 +37,17 @@ class TokenBans:
                  min_new_tokens: int = 0, no_repeat_ngram_size: int = 0,
                  bad_words_ids: Sequence[Sequence[int]] | None = None,
                  suppress_tokens: Sequence[int] | None = None,
-                 begin_suppress_tokens: Sequence[int] | None = None) -> None:
-        self.vocab, self.n, self.min_new = vocab, no_repeat_ngram_size, min_new_tokens
+                 begin_suppress_tokens: Sequence[int] | None = None, min_length: int = 0,
+                 forced_eos_token_id: int | Sequence[int] | None = None,
+                 max_new_tokens: int = 0) -> None:
+        self.vocab, self.n = vocab, no_repeat_ngram_size
+        # per prompt: new tokens before a stop id may come (min_length counts the prompt)
+        self.min_new = [max(min_new_tokens, min_length - len(p)) for p in prompts]
+        forced = ([] if forced_eos_token_id is None else [forced_eos_token_id]
+                  if isinstance(forced_eos_token_id, numbers.Integral) else forced_eos_token_id)
+        self.forced = torch.zeros(vocab, dtype=torch.bool)
+        self.forced[_id_list("forced_eos_token_id", forced, vocab)] = True
+        self.last = max_new_tokens - 1  # the step forced_eos_token_id is forced at
         stops = sorted(t for t in stop_ids if 0 <= t < vocab)
         self.eos = torch.zeros(vocab, dtype=torch.bool)
         self.eos[stops] = True
@@ -58,8 +68,8 @@ class TokenBans:
                 self.seqs.setdefault(tuple(w[:-1]), set()).add(w[-1])
             elif w[0] not in stops:  # transformers never bans a stop id as a bad word
                 self.always[w[0]] = True
-        self.active = bool(min_new_tokens and stops or self.n or self.seqs
-                           or self.always.any() or self.begin.any())
+        self.active = bool(stops and max(self.min_new, default=0) > 0 or self.n or self.seqs
+                           or self.always.any() or self.begin.any() or self.forced.any())
         need_history = bool(self.n or self.seqs)
         self.history = [list(p) for p in prompts] if need_history else None
         # no_repeat_ngram_size N: each (N-1)-gram of a row's tokens -> the tokens that followed it
@@ -80,14 +90,26 @@ class TokenBans:
         if self.grams is not None and len(ids) >= self.n:
             self.grams[row].setdefault(tuple(ids[len(ids) - self.n:-1]), set()).add(token)
 
-    def mask(self, rows: list[int], n_out: list[int]) -> torch.Tensor:
-        """(len(rows), V) bool: the banned tokens of each batch row (``rows``: its prompt,
-        ``n_out``: how many tokens it generated so far)."""
+    def apply(self, logits: torch.Tensor, rows: list[int], n_out: list[int]) -> torch.Tensor:
+        """``logits`` (len(rows), V) processed in transformers' order (``rows``: each batch
+        row's prompt, ``n_out``: how many tokens it generated so far)."""
+        logits = logits.masked_fill(self._mask(rows, n_out).to(logits.device), float("-inf"))
+        if self.forced.any():
+            for b, k in enumerate(n_out):
+                if k == self.last:  # ForcedEOS: 0 for those ids, -inf for all others, then
+                    # SuppressTokens / AtBegin, which come after it in transformers' list
+                    late = self.always | self.begin if k == 0 else self.always
+                    keep = (self.forced & ~late).to(logits.device)
+                    logits[b] = torch.where(keep, 0.0, float("-inf"))
+        return logits
+
+    def _mask(self, rows: list[int], n_out: list[int]) -> torch.Tensor:
+        """(len(rows), V) bool: the banned tokens of each batch row."""
         m = self.always.expand(len(rows), -1).clone()
         for b, (r, k) in enumerate(zip(rows, n_out, strict=True)):
             if k == 0:
                 m[b] |= self.begin
-            if k < self.min_new:
+            if k < self.min_new[r]:
                 m[b] |= self.eos
             ids = None if self.history is None else self.history[r]
             if self.grams is not None and len(ids) >= self.n:

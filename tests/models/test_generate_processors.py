@@ -183,3 +183,26 @@ def test_num_return_sequences_and_file_bans_as_in_transformers(tmp_path, capsys)
     assert main(["generate", str(tmp_path), "--raw", "--device", "cpu", "--max-new-tokens", "8",
                  "--prompt", prompts[0]]) == 0
     assert capsys.readouterr().out == want[0] + "\n"
+
+
+def test_min_length_and_forced_eos_equal_transformers_generate(pair):  # noqa: F811
+    """min_length (no stop id before prompt + output hold that many tokens, each row its own
+    prompt) and forced_eos_token_id (the only token allowed last, then suppress_tokens) as
+    transformers' MinLength / ForcedEOSToken processors; Ember ignored both."""
+    hf, ours = pair
+    plain = [_hf_greedy(hf, p, 8) for p in PROMPTS]
+    eos = [plain[0][1], plain[1][0]]
+    # 8 in all: 1, 7 and 5 new tokens for prompts of 7, 1 and 3 (transformers per prompt)
+    def hf_ids(**kw) -> list[list[int]]:
+        out = [_hf_greedy(pair[0], p, 8, eos_token_id=eos, **kw) for p in PROMPTS]
+        return [w[:-1] if w[-1:] and w[-1] in eos else w for w in out]
+
+    want = hf_ids(min_length=8)
+    assert len(want[1]) >= 7 and want != hf_ids()
+    assert generate_ids(ours, PROMPTS, max_new_tokens=8, eos_token_ids=eos,
+                        min_length=8) == want
+    forced = [_hf_greedy(hf, p, 6, forced_eos_token_id=[5, 7], suppress_tokens=[5])
+              for p in PROMPTS]
+    assert all(f[-1] == 7 and f[:-1] == p[:5] for f, p in zip(forced, plain, strict=True))
+    assert generate_ids(ours, PROMPTS, max_new_tokens=6, forced_eos_token_id=[5, 7],
+                        suppress_tokens=[5]) == forced
