@@ -374,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repetition-penalty", type=float, default=None,
                        help="transformers' repetition penalty on prompt and output, greedy too "
                             "(1 = off; default: the model's generation_config.json, else 1)")
+        p.add_argument("--min-new-tokens", type=int, default=None,
+                       help="no end-of-answer token before this many new tokens, as "
+                            "transformers' min_new_tokens (default: the model's "
+                            "generation_config.json, else 0)")
+        p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+                       help="never repeat an N-token sequence of the prompt and answer, as "
+                            "transformers' no_repeat_ngram_size (0 = off; default: the model's "
+                            "generation_config.json, else 0)")
         p.add_argument("--template-kwargs", metavar="JSON",
                        help="variables for the chat template, a JSON object, as transformers' "
                             "apply_chat_template(**kwargs) takes them: e.g. "

@@ -36,7 +36,7 @@ from ember.engine.distributed import (
     eval_share,
 )
 from ember.engine.losses import sft_loss, sft_loss_tokens
-from ember.models.generate import generate_ids, sampling_defaults
+from ember.models.generate import generate_ids, sampling_defaults, token_ban_defaults
 from ember.models.prompt_tuning import num_virtual_tokens, virtual_ids
 from ember.models.tokenizer import generation_ids
 
@@ -215,9 +215,15 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     spaces_may_go = _cleans_up(tokenizer)
     preds: list[str] = [""] * len(usable)
     # transformers' generate(do_sample=False) applies the generation_config.json's
-    # repetition_penalty (Qwen2.5-Instruct's 1.05) to greedy decoding; drafts are verified
-    # against plain greedy choices only, so with a penalty each token takes its own pass
-    penalty = sampling_defaults(model)["repetition_penalty"]
+    # repetition_penalty (Qwen2.5-Instruct's 1.05), no_repeat_ngram_size, min_new_tokens,
+    # bad_words_ids... to greedy decoding; drafts are verified against plain greedy choices
+    # only, so with any of them each token takes its own pass
+    knobs = sampling_defaults(model)
+    greedy = {k: knobs[k] for k in ("repetition_penalty", "min_new_tokens", "min_length",
+                                    "no_repeat_ngram_size")} | token_ban_defaults(model)
+    plain = greedy["repetition_penalty"] == 1 and greedy["forced_eos_token_id"] is None and not any(
+        greedy[k] for k in ("min_new_tokens", "min_length", "no_repeat_ngram_size",
+                            "bad_words_ids", "suppress_tokens", "begin_suppress_tokens"))
     was_training = model.training
     model.eval()
     try:
@@ -226,7 +232,7 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
             prompts = [usable[i].input_ids[:usable[i].prompt_len] for i in idx]
             # The reference answer's tokens as a speculative draft: greedy output unchanged, but a
             # model that has learned the task answers a whole row in one pass.
-            drafts = None if penalty != 1 else [usable[i].input_ids[usable[i].prompt_len:]
+            drafts = None if not plain else [usable[i].input_ids[usable[i].prompt_len:]
                                                 for i in idx]
             should_stop = None
             if decidable:
@@ -238,7 +244,7 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
             with autocast():
                 out = generate_ids(model, prompts, max_new_tokens=max_new_tokens,
                                    eos_token_ids=eos, pad_token_id=pad, should_stop=should_stop,
-                                   drafts=drafts, sync=sync, repetition_penalty=penalty)
+                                   drafts=drafts, sync=sync, **greedy)
             for i, ids in zip(idx, out, strict=True):
                 preds[i] = tokenizer.decode(ids, skip_special_tokens=True)
     finally:

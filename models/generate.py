@@ -39,10 +39,12 @@ from ember.models.generation_config import (  # noqa: F401  (generate's API, re-
     HF_SAMPLING_DEFAULTS,
     check_sampling,
     sampling_defaults,
+    token_ban_defaults,
     unapplied_settings,
     unsupported_options,
 )
 from ember.models.prompt_tuning import virtual_ids
+from ember.models.token_bans import TokenBans
 from ember.models.tokenizer import generation_ids
 from ember.models.transformer import KVCache, Transformer
 
@@ -151,7 +153,12 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, eos_token_ids: Iterable[int] = (),
                  pad_token_id: int | None = 0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0,
+                 repetition_penalty: float = 1.0, min_new_tokens: int = 0,
+                 no_repeat_ngram_size: int = 0,
+                 bad_words_ids: Sequence[Sequence[int]] | None = None,
+                 suppress_tokens: Sequence[int] | None = None,
+                 begin_suppress_tokens: Sequence[int] | None = None, min_length: int = 0,
+                 forced_eos_token_id: int | Sequence[int] | None = None,
                  should_stop: Callable[[int, list[int]], bool] | None = None,
                  drafts: Sequence[Sequence[int]] | None = None,
                  sync: Callable[[bool], bool] | None = None,
@@ -160,7 +167,15 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     """Generate up to ``max_new_tokens`` per prompt. Returns the new ids per row, without the
     stop token. ``should_stop(row, ids_so_far)`` may end a row early (stop strings).
     ``repetition_penalty`` (greedy and sampled) and ``min_p`` act as transformers' do: the
-    penalty on every token of the prompt and of the generation so far.
+    penalty on every token of the prompt and of the generation so far. ``min_new_tokens``: the
+    stop ids are not generated before that many new tokens (transformers' MinNewTokensLength);
+    ``no_repeat_ngram_size`` N: no N-gram of the prompt and output occurs twice (transformers'
+    NoRepeatNGram, on each row's own tokens, as that prompt alone); ``bad_words_ids`` (token-id
+    sequences never completed; a lone stop id is not banned), ``suppress_tokens`` (never
+    generated) and ``begin_suppress_tokens`` (not as the first new token): transformers' NoBadWords,
+    SuppressTokens and SuppressTokensAtBegin; ``min_length`` (no stop id before the prompt and
+    output hold that many tokens) and ``forced_eos_token_id`` (the only token allowed as the
+    ``max_new_tokens``-th): MinLength and ForcedEOSToken (``ember.models.token_bans``).
 
     ``drafts`` (greedy only): a guessed continuation per prompt, e.g. the reference answer when
     evaluating. It is verified the way speculative decoding verifies a draft model's tokens: fed
@@ -185,7 +200,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     flag across processes), and the passes end when it returns False. Until then a call whose
     rows have all finished, or that got no prompts at all, makes one-token passes whose output
     is dropped, so every process makes as many forward calls."""
-    check_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
+    check_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
+                   min_new_tokens, no_repeat_ngram_size, min_length)
     prompts = _as_id_lists("prompt", prompt_ids)
     if generators is not None and (generator is not None or seed is not None
                                    or len(generators) != len(prompts)):
@@ -201,9 +217,12 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             raise EmberError(f"prompt {i} is empty: give at least one token (e.g. BOS)")
         _check_ids("prompt", i, p, cfg.vocab_size)
     if drafts is not None:
-        if temperature > 0 or repetition_penalty != 1:
+        if temperature > 0 or repetition_penalty != 1 or min_new_tokens or min_length or (
+                no_repeat_ngram_size or bad_words_ids or suppress_tokens or begin_suppress_tokens
+                or forced_eos_token_id is not None):
             raise EmberError("drafts are verified against plain greedy choices: use "
-                             "temperature = 0 and repetition_penalty = 1")
+                             "temperature = 0, repetition_penalty = 1, min_new_tokens = 0 and "
+                             "no_repeat_ngram_size = 0, without token bans or forced tokens")
         drafts = _as_id_lists("draft", drafts)
         if len(drafts) != len(prompts):
             raise EmberError(f"{len(drafts)} drafts for {len(prompts)} prompts: give one per "
@@ -233,7 +252,10 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
         return [generate_ids(
             model, [p], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, eos_token_ids=stop_ids, pad_token_id=pad_token_id, min_p=min_p,
-            repetition_penalty=repetition_penalty,
+            repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+            no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids,
+            suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens,
+            min_length=min_length, forced_eos_token_id=forced_eos_token_id,
             should_stop=None if should_stop is None else (
                 lambda _, ids, i=i: should_stop(i, ids)),
             drafts=None if drafts is None else [drafts[i]], generator=generator,
@@ -263,6 +285,11 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
         seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
             seen[i, torch.tensor(p, device=device)] = True
+    bans = TokenBans(prompts, cfg.vocab_size, stop_ids, min_new_tokens=min_new_tokens,
+                     no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids,
+                     suppress_tokens=suppress_tokens,
+                     begin_suppress_tokens=begin_suppress_tokens, min_length=min_length,
+                     forced_eos_token_id=forced_eos_token_id, max_new_tokens=max_new_tokens)
 
     lr = cfg.longrope
     # LongRoPE: each row's table so far (None: not LongRoPE), and for phi3 the ids and positions
@@ -289,6 +316,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             logits = model.logits(hidden[:, -1]).float()  # (b, V)
             if seen is not None:
                 logits = penalize_repetition(logits, seen, repetition_penalty)
+            if bans.active:  # transformers' order: after the repetition penalty
+                logits = bans.apply(logits, rows, [len(out[r]) for r in rows])
             if generators is not None and temperature > 0:  # each row from its own generator
                 preds = torch.cat([sample_next(logits[b:b + 1], temperature, top_p, top_k,
                                                generators[r], min_p) for b, r in enumerate(rows)])
@@ -310,6 +339,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                 out[r].append(t)
                 if seen is not None:
                     seen[b, t] = True
+                bans.add(r, t)
                 if drafting[r]:
                     n = len(out[r])
                     drafting[r] = n < len(drafts[r]) and drafts[r][n - 1] == t
@@ -439,7 +469,13 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
              top_k: int | None = None, seed: int | None = None,
              stop_strings: Sequence[str] | None = None, chat: bool = False,
              min_p: float | None = None, repetition_penalty: float | None = None,
-             template_kwargs: Mapping | None = None, **hf_options) -> list[str]:
+             template_kwargs: Mapping | None = None, min_new_tokens: int | None = None,
+             no_repeat_ngram_size: int | None = None,
+             bad_words_ids: Sequence[Sequence[int]] | None = None,
+             suppress_tokens: Sequence[int] | None = None,
+             begin_suppress_tokens: Sequence[int] | None = None, min_length: int | None = None,
+             forced_eos_token_id: int | Sequence[int] | None = None,
+             num_return_sequences: int = 1, **hf_options) -> list[str]:
     """Completions (list[str], one per prompt) for a prompt or a list of prompts.
 
     ``chat=True`` wraps each string as a user message and renders the model's chat template; a
@@ -452,10 +488,17 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     string that is a special token, e.g. ``<|im_end|>``, stops generation there and is not in
     the text, special tokens being skipped).
 
-    ``top_p``, ``top_k``, ``min_p`` and ``repetition_penalty`` left None are the model's
+    ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``, ``min_new_tokens`` (no stop token
+    before that many new tokens) and ``no_repeat_ngram_size`` left None are the model's
     generation_config.json's, else transformers' defaults (``sampling_defaults``: top_k 50 when
     sampling), as transformers' ``generate()`` takes them; sampling itself is only ever asked
     for with ``temperature`` > 0 (the file's do_sample and temperature are not used).
+
+    ``min_new_tokens``, ``min_length``, ``no_repeat_ngram_size``, ``bad_words_ids``,
+    ``suppress_tokens``, ``begin_suppress_tokens`` and ``forced_eos_token_id`` left None are the
+    generation_config.json's too (``generate_ids``
+    says what each does). ``num_return_sequences`` (sampling only): that many answers per prompt,
+    a prompt's together, as transformers returns them.
 
     Several prompts sample together from one generator seeded with ``seed`` (as transformers'
     batched ``generate``): a prompt's text depends on the prompts beside it (``ember generate``
@@ -463,7 +506,19 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     if hf_options:
         raise EmberError(unsupported_options(hf_options))
     knobs = sampling_defaults(model, top_p=top_p, top_k=top_k, min_p=min_p,
-                              repetition_penalty=repetition_penalty)
+                              repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+                              no_repeat_ngram_size=no_repeat_ngram_size, min_length=min_length)
+    knobs.update(token_ban_defaults(model, bad_words_ids=bad_words_ids,
+                                    suppress_tokens=suppress_tokens,
+                                    begin_suppress_tokens=begin_suppress_tokens,
+                                    forced_eos_token_id=forced_eos_token_id))
+    if isinstance(num_return_sequences, bool) or not isinstance(
+            num_return_sequences, int) or num_return_sequences < 1:
+        raise EmberError(f"num_return_sequences must be an int >= 1, got "
+                         f"{num_return_sequences!r}")
+    if num_return_sequences > 1 and temperature == 0:  # transformers refuses it too
+        raise EmberError("num_return_sequences > 1 needs sampling (temperature > 0): greedy "
+                         "decoding gives the same answer each time")
     if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], dict)):
         prompts = [prompts]
@@ -471,6 +526,8 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
         raise EmberError("stop_strings must be a list of strings, not a single str")
     stops = [s for s in (stop_strings or []) if s]
     ids = encode_prompts(tokenizer, list(prompts), chat, template_kwargs)
+    # transformers' order: each prompt's num_return_sequences answers together
+    ids = [p for p in ids for _ in range(num_return_sequences)]
     should_stop = None
     spanned: set[int] = set()  # rows stopped by a stop string begun in the prompt
     if stops:

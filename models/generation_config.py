@@ -16,11 +16,13 @@ if TYPE_CHECKING:
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                    min_p: float = 0.0, repetition_penalty: float = 1.0) -> None:
+                   min_p: float = 0.0, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
+                   no_repeat_ngram_size: int = 0, min_length: int = 0) -> None:
     """EmberError naming the first invalid setting of ``generate_ids``' sampling knobs."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or (
-            max_new_tokens < 0):
-        raise EmberError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    for name, v in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens),
+                    ("no_repeat_ngram_size", no_repeat_ngram_size), ("min_length", min_length)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise EmberError(f"{name} must be an int >= 0 (0 = off), got {v!r}")
     for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
                     ("repetition_penalty", repetition_penalty)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
@@ -41,15 +43,14 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k:
 _HF_HINTS = {
     "do_sample": "sampling is temperature > 0 (temperature = 0: greedy)",
     "max_length": "give max_new_tokens (tokens after the prompt)",
-    "num_return_sequences": "repeat the prompt in the list, with temperature > 0",
-    "min_new_tokens": "not supported",
-    "no_repeat_ngram_size": "not supported (repetition_penalty is)",
+    "renormalize_logits": "not needed: Ember samples from the processed logits' softmax",
     "num_beams": "not supported: greedy or sampling only",
     "eos_token_id": "generation stops at the tokenizer's eos_token_ids and the model's "
                     "generation_config.json ones; use stop_strings for more",
     "pad_token_id": "not needed: batches are left-padded internally",
     "generation_config": "pass its fields as keywords (temperature, top_p, top_k, min_p, "
-                         "repetition_penalty, max_new_tokens)",
+                         "repetition_penalty, min_new_tokens, no_repeat_ngram_size, "
+                         "max_new_tokens)",
 }
 
 
@@ -58,12 +59,17 @@ def unsupported_options(options: dict) -> str:
     lines = [f"{k}: {_HF_HINTS.get(k, 'not an option of ember generate')}" for k in options]
     return ("generate() does not take " + ", ".join(map(repr, options)) + "\n  "
             + "\n  ".join(lines) + "\n(its options: max_new_tokens, temperature, top_p, "
-            "top_k, min_p, repetition_penalty, seed, stop_strings, chat, template_kwargs)")
+            "top_k, min_p, repetition_penalty, min_new_tokens, no_repeat_ngram_size, "
+            "min_length, bad_words_ids, suppress_tokens, begin_suppress_tokens, "
+            "forced_eos_token_id, num_return_sequences, seed, "
+            "stop_strings, chat, template_kwargs)")
 
 
 # transformers 5's defaults (GenerationConfig._get_default_generation_params) for the knobs a
 # model's generation_config.json may set: top_k is 50 when sampling, not off
-HF_SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
+HF_SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
+                        "min_new_tokens": 0, "no_repeat_ngram_size": 0, "min_length": 0}
+_INT_KNOBS = ("top_k", "min_new_tokens", "no_repeat_ngram_size", "min_length")
 
 
 def sampling_defaults(model: Transformer, **given) -> dict:
@@ -80,7 +86,7 @@ def sampling_defaults(model: Transformer, **given) -> dict:
         if v is None:
             v = gen.get(name)
             ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and not (
-                name == "top_k" and not isinstance(v, numbers.Integral))
+                name in _INT_KNOBS and not isinstance(v, numbers.Integral))
             if ok:  # a value out of range (top_p 1.5) is off, as transformers skips it
                 try:
                     check_sampling(0, 0.0, **{**HF_SAMPLING_DEFAULTS, name: v})
@@ -91,17 +97,28 @@ def sampling_defaults(model: Transformer, **given) -> dict:
     return out
 
 
+# token-id lists of a generation_config.json that ``generate_ids`` takes (``token_bans``)
+TOKEN_BAN_SETTINGS = ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+                      "forced_eos_token_id")
+
+
+def token_ban_defaults(model: Transformer, **given) -> dict:
+    """``TOKEN_BAN_SETTINGS``: ``given`` where not None, else the generation_config.json's the
+    model was loaded with (as transformers' ``generate()`` takes them), else None."""
+    gen = getattr(model, "hf_generation_config", None)
+    gen = gen if isinstance(gen, dict) else {}
+    return {k: given[k] if given.get(k) is not None else gen.get(k) for k in TOKEN_BAN_SETTINGS}
+
+
 # generation_config.json settings that change transformers' generate() output and that Ember
 # does not apply, with the value that leaves each off
-_UNAPPLIED = {"no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None,
-              "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-              "forced_bos_token_id": None, "forced_eos_token_id": None, "typical_p": 1.0,
-              "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1, "sequence_bias": None}
+_UNAPPLIED = {"forced_bos_token_id": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+              "eta_cutoff": 0.0, "num_beams": 1, "sequence_bias": None}
 
 
 def unapplied_settings(model: Transformer) -> list[str]:
     """The settings of the model's generation_config.json that transformers' ``generate()``
-    applies and Ember does not (``no_repeat_ngram_size``, ``min_new_tokens``, beams...), as
+    applies and Ember does not (``typical_p``, ``sequence_bias``, beams...), as
     ``name=value``: Ember's output may differ from transformers' there, so the CLI says so."""
     gen = getattr(model, "hf_generation_config", None)
     if not isinstance(gen, dict):

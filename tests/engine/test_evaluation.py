@@ -323,11 +323,13 @@ def test_exact_match_early_stop_survives_a_decoder_that_cleans_up_spaces():
         assert res.samples[0][1] == "Hello."
 
 
-def test_generation_eval_applies_the_generation_config_repetition_penalty(tmp_path):
+@pytest.mark.parametrize("setting", [{"repetition_penalty": 1.8}, {"no_repeat_ngram_size": 1}])
+def test_generation_eval_applies_the_generation_config_repetition_penalty(tmp_path, setting):
     """transformers' ``generate(do_sample=False)`` applies the folder's generation_config.json
-    ``repetition_penalty`` (Qwen2.5-Instruct's 1.05) to greedy decoding; evaluation decoded
-    without it. The references are the unpenalized completions, so the reference draft, were it
-    still verified against plain greedy choices, would give those instead."""
+    ``repetition_penalty`` (Qwen2.5-Instruct's 1.05), ``no_repeat_ngram_size``, ... to greedy
+    decoding; evaluation decoded without them (the ngram setting: until now). The references are
+    the plain completions, so the reference draft, were it still verified against plain greedy
+    choices, would give those instead."""
     import json
     import warnings
 
@@ -341,19 +343,18 @@ def test_generation_eval_applies_the_generation_config_repetition_penalty(tmp_pa
         hf.save_pretrained(tmp_path)
     gen = json.loads((tmp_path / "generation_config.json").read_text())
     (tmp_path / "generation_config.json").write_text(json.dumps(
-        {**gen, "repetition_penalty": 1.8}))
+        {**gen, **setting}))
     model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 3, 6)]
 
-    def hf_greedy(p, penalty):
+    def hf_greedy(p, **kw):
         out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=int),
-                          max_new_tokens=8, do_sample=False, repetition_penalty=penalty,
-                          pad_token_id=0)
+                          max_new_tokens=8, do_sample=False, pad_token_id=0, **kw)
         return out[0, len(p):].tolist()
 
-    plain = [hf_greedy(p, 1.0) for p in prompts]
-    want = [tok.decode(hf_greedy(p, 1.8), skip_special_tokens=True) for p in prompts]
+    plain = [hf_greedy(p, repetition_penalty=1.0, no_repeat_ngram_size=0) for p in prompts]
+    want = [tok.decode(hf_greedy(p, **setting), skip_special_tokens=True) for p in prompts]
     refs = [tok.decode(a, skip_special_tokens=True) for a in plain]
     assert want != refs
     examples = [Example(p + a, [IGNORE] * (len(p) - 1) + a + [IGNORE], f"t:{i}", len(p), r)

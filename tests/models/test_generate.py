@@ -371,17 +371,17 @@ def test_a_stop_string_spelled_byte_by_byte_stops_generation(monkeypatch):
 
 
 def test_transformers_generate_options_get_a_clear_error(tiny):
-    """transformers' generate() keywords Ember's does not take (num_return_sequences, do_sample,
+    """transformers' generate() keywords Ember's does not take (num_beams, do_sample,
     max_length, ...) raised Python's bare "unexpected keyword argument"; the error now names
     each one with what Ember does instead, and lists the options it has."""
     import inspect
 
     model, tok = tiny
     with pytest.raises(EmberError) as e:
-        generate(model, tok, ["he"], max_new_tokens=2, num_return_sequences=3, do_sample=True,
+        generate(model, tok, ["he"], max_new_tokens=2, num_beams=3, do_sample=True,
                  typo_option=1)
     msg = str(e.value)
-    for needle in ("num_return_sequences: repeat the prompt", "do_sample: sampling is "
+    for needle in ("num_beams: not supported", "do_sample: sampling is "
                    "temperature > 0", "typo_option: not an option", "its options:"):
         assert needle in msg
     # every option the message lists is one generate() takes

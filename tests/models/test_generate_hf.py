@@ -427,7 +427,7 @@ def test_knobs_not_given_are_the_generation_config_s_as_in_transformers(tmp_path
 
 def test_generation_config_settings_ember_does_not_apply_are_stated(tmp_path, capsys):
     """A generation_config.json setting that changes transformers' greedy output and that
-    Ember has no such processor for (no_repeat_ngram_size) is named on stderr by ember
+    Ember has no such processor for (num_beams) is named on stderr by ember
     generate, not silently ignored; a folder without one gets no note."""
     import json
 
@@ -442,7 +442,7 @@ def test_generation_config_settings_ember_does_not_apply_are_stated(tmp_path, ca
     assert "note" not in plain.err
     gen = json.loads((tmp_path / "generation_config.json").read_text())
     (tmp_path / "generation_config.json").write_text(json.dumps(
-        {**gen, "no_repeat_ngram_size": 1}))
+        {**gen, "num_beams": 3}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -452,4 +452,4 @@ def test_generation_config_settings_ember_does_not_apply_are_stated(tmp_path, ca
     new = out[0, ids.shape[1]:]
     assert tok.decode(new, skip_special_tokens=True) + "\n" != plain.out  # it matters
     assert main(argv) == 0
-    assert "sets no_repeat_ngram_size=1, which Ember" in capsys.readouterr().err
+    assert "sets num_beams=3, which Ember" in capsys.readouterr().err
