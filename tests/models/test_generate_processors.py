@@ -120,6 +120,10 @@ def test_generation_config_min_new_tokens_and_ngrams_apply_as_in_transformers(tm
                  "--min-new-tokens", "3"]) == 0
     assert capsys.readouterr().out == hf_text(hf, prompts[0], no_repeat_ngram_size=2,
                                               min_new_tokens=3) + "\n"
+    # a setting Ember does not apply is said in Python too (was: only the CLI's note)
+    model.hf_generation_config = {**model.hf_generation_config, "typical_p": 0.5}
+    with pytest.warns(UserWarning, match="typical_p=0.5"):
+        generate(model, tok, prompts[:1], max_new_tokens=2)
 
 
 def test_bad_words_and_suppressed_tokens_equal_transformers_generate(pair):  # noqa: F811
