@@ -19,12 +19,19 @@ norm, is the same). An adapter without a base-changing init (the token embedding
 at A zero, B normal) is padded with zeros to rank 2r, which changes nothing it computes. PEFT's
 own conversion keeps only ``lora_A`` / ``lora_B`` keys (it drops an embedding adapter and a DoRA
 magnitude); Ember keeps them.
+
+On a CPU the decomposition and the residual's product run on one thread: LAPACK's SVD / QR and
+the matmul split their work by threads, so another thread count gave other last bits, and a run
+resumed with another count (a one-process run continued under torchrun, whose ranks get
+OMP_NUM_THREADS=1; another ``threads``) was refused as built on other base weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 
 import torch
 
@@ -55,10 +62,31 @@ def changes_base(init: str) -> bool:
     return init.startswith("pissa") or init == "olora"
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """One torch thread on a CPU (the same bits at any thread count; see the module docstring)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def base_changing_init(weight: torch.Tensor, rank: int, scale: float, init: str
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A (r, in), B (out, r), residual (out, in)) of PEFT's ``pissa_init`` / ``olora_init`` for
-    a dense base weight (out, in): A and B fp32, the residual in the weight's dtype."""
+    a dense base weight (out, in): A and B fp32, the residual in the weight's dtype; on a CPU the
+    same bits at any thread count."""
+    with _one_cpu_thread(weight.device):
+        return _base_changing_init(weight, rank, scale, init)
+
+
+def _base_changing_init(weight: torch.Tensor, rank: int, scale: float, init: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dtype = weight.dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise EmberError(f"lora.init {init!r} needs a float32 / float16 / bfloat16 base weight, "

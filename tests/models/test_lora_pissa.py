@@ -192,15 +192,46 @@ def test_residual_is_deterministic(bases):
     assert base_fingerprint(plain) != base_fingerprint(a)
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_residual_does_not_depend_on_the_thread_count(init):
+    """The residual base (and A, B) came out otherwise with another CPU thread count (LAPACK's
+    SVD / QR and the B @ A product split their work by threads; e.g. pissa on a 96 x 64 weight,
+    olora on 64 x 64): a run started in one process (torch's default: every core) was refused
+    when continued under torchrun (OMP_NUM_THREADS=1 per rank) or with another ``threads``, its
+    base fingerprint differing. Decomposed on one thread, the same bits at any count."""
+    before = torch.get_num_threads()
+    weights = [torch.randn(out, inp, generator=torch.Generator().manual_seed(i)) * 0.05
+               for i, (out, inp) in enumerate([(96, 64), (64, 64), (64, 96), (200, 72)])]
+    got = {}
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            torch.manual_seed(0)  # (pissa_niter_K's random draw)
+            got[n] = [base_changing_init(w, 4, 2.0, init) for w in weights]
+            assert torch.get_num_threads() == n  # left as the caller set it
+    finally:
+        torch.set_num_threads(before)
+    for one, three in zip(got[1], got[3], strict=True):
+        for x, y in zip(one, three, strict=True):
+            assert torch.equal(x, y)
+
+
 def test_bf16_base_is_peft_s(tmp_path):
-    """A bf16 base: the residual is rounded to bf16 and A, B through it, as PEFT casts them."""
+    """A bf16 base: the residual is rounded to bf16 and A, B through it, as PEFT casts them.
+    PEFT decomposes on one thread here too: its last bits (before the bf16 rounding) depend on
+    the thread count, Ember's are those of one thread at any count."""
     base = save_random_model(tmp_path / "b", transformers.LlamaConfig, seed=6,
                              torch_dtype=torch.bfloat16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-        pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"],
-                                                     init_lora_weights="pissa"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+            pm = peft.get_peft_model(hf, peft.LoraConfig(
+                r=4, lora_alpha=8, target_modules=["v_proj"], init_lora_weights="pissa"))
+    finally:
+        torch.set_num_threads(threads)
     model, _ = load_pretrained(base, dtype=torch.bfloat16)
     apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=("v_proj",), init="pissa"))
     for name, m in lora_modules(model).items():
