@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from ember import EmberError
 from ember.engine.losses import sft_loss
 from ember.models import Transformer
-from ember.models.generate import generate_ids
 from ember.models.hf import config_from_hf, from_hf_state_dict, to_hf_state_dict
 from ember.models.loading import load_pretrained, read_config, save_pretrained
 from tests.models.lora_util import lora_with_random_b
+from tests.models.test_interop_hf import assert_greedy_equals_transformers
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
@@ -199,19 +199,8 @@ def test_packed_equals_per_document_and_fused_lora(tmp_path, case):
 def test_generation_matches_transformers_generate(tmp_path, case):
     """Left-padded batch, KV cache, 12 tokens past the window: the tokens of transformers'
     greedy ``generate`` on each prompt alone (its sliding-window cache layers included)."""
-    folder = _save(tmp_path, case)
-    model, _ = load_pretrained(folder)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, attn_implementation="eager").eval()
-    prompts = [_ids(1, n, seed=n)[0].tolist() for n in (7, 3, 11)]
-    out = generate_ids(model, prompts, max_new_tokens=12)
-    for prompt, new in zip(prompts, out, strict=True):
-        with torch.no_grad():
-            want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)[0, len(prompt):]
-        assert new == want.tolist()
+    assert_greedy_equals_transformers(_save(tmp_path, case),
+                                      [_ids(1, n, seed=n)[0].tolist() for n in (7, 3, 11)])
 
 
 def test_refusals(tmp_path):

@@ -494,19 +494,24 @@ def test_greedy_generation_matches_transformers_generate(tmp_path, case, one_thr
     """A left-padded batch of prompts of different lengths, decoded with the KV cache for 12
     tokens, past the sliding window (5) where the family has one: each row's tokens are those
     of transformers' ``generate(do_sample=False)`` on that prompt alone."""
+    cls, kw = GENERATION_CASES[case]
+    assert_greedy_equals_transformers(_save(tmp_path, case, cls, **kw),
+                                      [_ids(n)[0, :n].tolist() for n in (9, 3, 13)])
+
+
+def assert_greedy_equals_transformers(folder, prompts: list[list[int]], new: int = 12) -> None:
+    """Ember's batched (left-padded, KV-cache) greedy tokens for ``prompts`` equal transformers'
+    ``generate(do_sample=False)`` (eager attention) on each prompt alone."""
     from ember.models.generate import generate_ids
 
-    cls, kw = GENERATION_CASES[case]
-    folder = _save(tmp_path, case, cls, **kw)
     model, _ = load_pretrained(folder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = transformers.AutoModelForCausalLM.from_pretrained(
             folder, attn_implementation="eager").eval()
-    prompts = [_ids(n)[0, :n].tolist() for n in (9, 3, 13)]
-    out = generate_ids(model, prompts, max_new_tokens=12)
-    for prompt, new in zip(prompts, out, strict=True):
+    out = generate_ids(model, prompts, max_new_tokens=new)
+    for prompt, got in zip(prompts, out, strict=True):
         with torch.no_grad():
-            want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+            want = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
                                eos_token_id=None, pad_token_id=0)[0, len(prompt):]
-        assert new == want.tolist()
+        assert got == want.tolist()
