@@ -124,3 +124,19 @@ def no_host_values(t: torch.Tensor) -> bool:
     host read is a graph break (an error under ``fullgraph=True``). Input checks on values then
     use ``torch._assert_async``, as they do on CUDA."""
     return torch.compiler.is_compiling() or t.is_meta or is_fake(t)
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device):
+    """One torch thread on a CPU, for results that must not change in their last bits with the
+    thread count (torch splits a large CPU reduction, an SVD or a QR across threads): a run
+    resumed under torchrun (one thread per process) is checked against the bytes it began with."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -235,7 +235,11 @@ def _quantize_absmax(absmax: torch.Tensor):
     """Double quantization (torch, any device): (uint8 codes, fp32 absmax2, offset, the map) of
     absmax - its mean, by bnb's 8-bit blockwise rule. The offset is a float, or a 0-d tensor
     while traced (``NF4State.offset``)."""
-    offset = absmax.mean()
+    if _dispatch.no_host_values(absmax):
+        offset = absmax.mean()
+    else:  # a CPU mean of over 32K blocks (a 2M+ weight) is split across threads otherwise
+        with _dispatch.one_cpu_thread(absmax.device):
+            offset = absmax.mean()
     q, am2 = quantize_blockwise_ref(absmax - offset, signed=True)
     if not _dispatch.no_host_values(absmax):
         offset = offset.item()

@@ -28,14 +28,13 @@ OMP_NUM_THREADS=1; another ``threads``) was refused as built on other base weigh
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
-from collections.abc import Iterator
 
 import torch
 
 from ember import EmberError
+from ember.kernels._dispatch import one_cpu_thread
 
 INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora")
 _NITER = re.compile(r"pissa_niter_(\d+)")
@@ -62,26 +61,12 @@ def changes_base(init: str) -> bool:
     return init.startswith("pissa") or init == "olora"
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """One torch thread on a CPU (the same bits at any thread count; see the module docstring)."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def base_changing_init(weight: torch.Tensor, rank: int, scale: float, init: str
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A (r, in), B (out, r), residual (out, in)) of PEFT's ``pissa_init`` / ``olora_init`` for
     a dense base weight (out, in): A and B fp32, the residual in the weight's dtype; on a CPU the
     same bits at any thread count."""
-    with _one_cpu_thread(weight.device):
+    with one_cpu_thread(weight.device):
         return _base_changing_init(weight, rank, scale, init)
 
 

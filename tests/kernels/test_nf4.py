@@ -274,3 +274,25 @@ def test_bnb_linear4bit_weight_works_in_nf4_linear_and_lora_linear(impl):
     want = want + 0.5 * (x @ A.t()) @ B.t()
     assert_close_to_ref("lora_linear", lora_linear(x, lin.weight, A, B, 0.5, lin.bias, impl=impl),
                         want, want)
+
+
+def test_double_quant_offset_is_the_same_at_any_cpu_thread_count():
+    """The offset (mean of the block absmax) of a weight with more than 32K blocks: torch splits
+    that CPU reduction across threads and its fp32 last bits followed the thread count (a 16.7M
+    weight: 0.0500207059 on 1 thread, 0.0500207096 on 2), so a QLoRA run resumed under torchrun
+    (one thread per process) met other 8-bit codes. One thread, as bnb on one thread."""
+    from ember.kernels.nf4 import _quantize_absmax
+
+    absmax = torch.rand(262144, generator=torch.Generator().manual_seed(0)) * 0.1
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = absmax.mean().item()
+        got = []
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            got.append(_quantize_absmax(absmax)[2])
+            assert torch.get_num_threads() == threads  # given back
+    finally:
+        torch.set_num_threads(before)
+    assert got == [want] * 3
