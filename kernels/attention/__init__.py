@@ -149,10 +149,16 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
             out = F.scaled_dot_product_attention(
                 qt, k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
                 scale=scale, enable_gqa=q.shape[2] != k.shape[2])
-            # torch's CPU flash kernel gives a finite row for a query with a NaN/inf (the math
-            # backend, the explicit-mask path and the kernels give NaN): carry it over, so a
-            # broken step is seen (and skipped) instead of trained on.
-            return (out + qt.sum(-1, keepdim=True) * 0).transpose(1, 2)
+            # torch's CPU flash kernel gives a finite row for a query with a NaN/inf, and zero
+            # rows for a head whose every key has one (sequences under 16 tokens: a NaN in
+            # k_proj); the math backend, the explicit-mask path and the kernels give NaN. Carry
+            # both over (a key to the rows that see it: all, or causal from it on), so a broken
+            # step is seen (and skipped) instead of trained on.
+            bad_k = k.transpose(1, 2).sum(-1, keepdim=True) * 0  # (B, Hkv, S, 1)
+            bad_k = bad_k.cumsum(2) if causal else bad_k.sum(2, keepdim=True)
+            if q.shape[2] != k.shape[2]:
+                bad_k = bad_k.repeat_interleave(q.shape[2] // k.shape[2], dim=1)
+            return (out + qt.sum(-1, keepdim=True) * 0 + bad_k).transpose(1, 2)
         return _attend_ref(q, k, v, causal, scale, window, softcap)
     if _dispatch.no_host_values(cu_seqlens):
         return _packed_ref(q, k, v, cu_seqlens, causal, scale, window, softcap)

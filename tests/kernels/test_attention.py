@@ -287,6 +287,31 @@ def test_nan_in_a_query_makes_its_own_row_nan(impl, window):
     torch.testing.assert_close(out[0][rest], want[0][rest], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_nan_in_every_key_of_a_head_makes_its_rows_nan(impl, causal):
+    """A NaN weight in k_proj puts a NaN in one dim of every key of a kv head: every row of its
+    query heads is NaN (SDPA's math backend), the other heads unchanged. torch's CPU flash
+    kernel (the reference's SDPA shortcut) returned finite rows for sequences under 16 tokens,
+    so a packed batch of short documents gave a finite loss (and evaluation a finite val loss)
+    for a diverged model."""
+    q, k, v = _qkv(1, 9, 9, 4, 2, 16)
+    want = flash_attention_ref(q, k, v, causal=causal)
+    k[0, :, 0, 3] = float("nan")
+    math_sdpa = _attend_ref(q, k, v, causal, 0.25, None, None)
+    assert math_sdpa[0, :, :2].isnan().all()
+    out = flash_attention(q, k, v, causal=causal, impl=impl)
+    assert out[0, :, :2].isnan().all()
+    torch.testing.assert_close(out[0, :, 2:], want[0, :, 2:], rtol=1e-4, atol=1e-4)
+    # Varlen (packed documents, the HF backend's unpadded batches): only the poisoned document.
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    q, k, v = (t[0] for t in _qkv(1, 9, 9, 4, 2, 16))
+    k[4:, 0, 3] = float("nan")
+    out = flash_attention(q, k, v, causal=causal, cu_seqlens=cu, max_seqlen=5, impl=impl)
+    assert out[4:, :2].isnan().all() and torch.isfinite(out[:4]).all()
+    assert torch.isfinite(out[4:, 2:]).all()
+
+
 def test_reference_fast_path_matches_explicit_masks():
     """The SDPA shortcut in flash_attention_ref agrees with the explicit-mask oracle."""
     q, k, v = _qkv(2, 29, 29, 4, 2, 16)
