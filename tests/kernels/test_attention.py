@@ -312,6 +312,27 @@ def test_nan_in_every_key_of_a_head_makes_its_rows_nan(impl, causal):
     assert torch.isfinite(out[4:, 2:]).all()
 
 
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_row_whose_scores_are_all_minus_inf_is_nan(impl, window):
+    """An inf in q whose every visible score is -inf: softmax over only -inf is NaN (SDPA's
+    math backend, ``_attend_ref``); the Triton kernel took l = 0 for a row with no key and
+    wrote 0 (and zero gradients). Rows with no key at all (S < T) still give 0."""
+    q, k, v = _qkv(1, 5, 5, 2, 1, 16)
+    k[0, :3, 0, 3] = -k[0, :3, 0, 3].abs() - 0.1
+    q[0, 2, 0, 3] = float("inf")  # row 2 sees keys 0..2: scores -inf
+    want = _attend_ref(q, k, v, True, 0.25, window, None)
+    assert want[0, 2, 0].isnan().all() and torch.isfinite(want[0, :2]).all()
+    q.requires_grad_(True)
+    out = flash_attention(q, k, v, causal=True, window=window, impl=impl)
+    assert out[0, 2, 0].isnan().all() and torch.isfinite(out[0, :2]).all()
+    out.sum().backward()
+    assert not torch.isfinite(q.grad).all()
+    q, k, v = _qkv(1, 7, 4, 2, 1, 16)  # S < T: rows 0..2 see no key
+    out = flash_attention(q, k, v, causal=True, window=window, impl=impl)
+    assert (out[0, :3] == 0).all() and torch.isfinite(out).all()
+
+
 def test_reference_fast_path_matches_explicit_masks():
     """The SDPA shortcut in flash_attention_ref agrees with the explicit-mask oracle."""
     q, k, v = _qkv(2, 29, 29, 4, 2, 16)
