@@ -225,8 +225,8 @@ def compute(names: Sequence[str], predictions: Sequence[str], references: Sequen
 
 
 def perplexity(mean_loss: float) -> float:
-    """exp(loss), inf instead of an overflow."""
-    return math.exp(mean_loss) if mean_loss < 700 else math.inf
+    """exp(loss), inf instead of an overflow; NaN for a NaN loss (a diverged model)."""
+    return math.inf if mean_loss >= 700 else math.exp(mean_loss)
 
 
 def _check_text(predictions: Sequence[str], references: Sequence[str]) -> None:

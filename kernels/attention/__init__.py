@@ -16,7 +16,8 @@ Contract:
 - ``window=W``: query i sees keys j with i - j < W (W keys including itself; HF's
   ``sliding_window``); without ``causal`` also j - i < W.
 - ``softcap=c``: scores s become c * tanh(s / c) before masking (Gemma 2).
-- A query row that sees no key (causal with S < T) gets output 0 and zero gradients.
+- A query row that sees no key (causal with S < T) gets output 0 and zero gradients; a NaN/inf
+  in q or in a key it sees makes its output NaN (a row of only -inf scores too, as softmax).
 
 Triton path (``_fwd.py``, ``_bwd.py``, shared device helpers in ``_common.py``): FA2-style. The
 forward saves the output and the natural-log LSE per query row (fp32, (B, Hq, T); (1, Hq, total) in
@@ -68,6 +69,12 @@ def _attend_ref(q, k, v, causal, scale, window, softcap, keep=None):
     s = s.masked_fill(~keep, float("-inf")).masked_fill(empty, 0.0)
     p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
     return torch.matmul(p, vf).transpose(1, 2).to(q.dtype)
+
+
+def _nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """x.sum(-1, keepdim=True) of x * (x - x): 0 where a row is finite, NaN (value and gradient)
+    where it holds a NaN or inf."""
+    return (x * (x - x)).sum(-1, keepdim=True)
 
 
 def _mask(T, S, device, causal, window, doc=None):
@@ -149,10 +156,19 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
             out = F.scaled_dot_product_attention(
                 qt, k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
                 scale=scale, enable_gqa=q.shape[2] != k.shape[2])
-            # torch's CPU flash kernel gives a finite row for a query with a NaN/inf (the math
-            # backend, the explicit-mask path and the kernels give NaN): carry it over, so a
-            # broken step is seen (and skipped) instead of trained on.
-            return (out + (qt.sum(-1, keepdim=True) * 0).to(out.dtype)).transpose(1, 2)
+            # torch's CPU flash kernel gives a finite row for a query with a NaN/inf, and zero
+            # rows for a head whose every key has one (sequences under 16 tokens: a NaN in
+            # k_proj), with finite gradients; the math backend, the explicit-mask path and the
+            # kernels give NaN. Carry both over (a key to the rows that see it: all, or causal
+            # from it on), so a broken step is seen (and skipped) instead of trained on.
+            # x * (x - x) is exactly 0 for a finite x and NaN otherwise, and so is its gradient.
+            bad_q = _nonfinite(qt)  # (B, Hq, T, 1)
+            bad_k = _nonfinite(k.transpose(1, 2))  # (B, Hkv, S, 1)
+            bad_k = bad_k.cumsum(2) if causal else bad_k.sum(2, keepdim=True)
+            if q.shape[2] != k.shape[2]:
+                bad_k = bad_k.repeat_interleave(q.shape[2] // k.shape[2], dim=1)
+            # In out's dtype: under autocast q, k are fp32 and SDPA's out bf16.
+            return (out + (bad_q + bad_k).to(out.dtype)).transpose(1, 2)
         return _attend_ref(q, k, v, causal, scale, window, softcap)
     if _dispatch.no_host_values(cu_seqlens):
         return _packed_ref(q, k, v, cu_seqlens, causal, scale, window, softcap)

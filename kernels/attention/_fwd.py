@@ -126,7 +126,15 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU,
                                full_hi, hi, T, S, off, window, qk_scale, cap2, True, CAUSAL,
                                WINDOWED, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, INTERPRET,
                                IEEE)
-    empty = l_i == 0.0  # no visible key (causal with S < T): output 0, lse +inf
+    # A row with no visible key (causal with S < T) outputs 0 with lse +inf. Told apart by
+    # position, not by l = 0: a row whose visible scores are all -inf (an inf in q or k) has
+    # l = 0 too and must give NaN (0 / 0), as softmax does, so the trainer's guard sees it.
+    if CAUSAL:
+        empty = rows + off < 0
+    elif WINDOWED:
+        empty = rows + off <= -window
+    else:
+        empty = rows < 0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)

@@ -3,6 +3,8 @@ and ``accuracy_score`` (written out from sklearn's documentation when sklearn is
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from ember.engine import metrics as M
@@ -184,3 +186,11 @@ def test_text_metrics_refuse_non_strings_clearly(name):
     with pytest.raises(M.EmberError, match="a prediction is NoneType None"):
         M.compute([name], [None], [text])
     assert M.compute([name], [text], [text])[name] == 1.0
+
+
+def test_perplexity_of_a_nan_loss_is_nan():
+    """exp(loss) as transformers' run_clm reports it: a NaN val loss (a diverged model) gives a
+    NaN perplexity, not inf (which reads as an overflow of a finite loss); a huge loss is inf."""
+    assert math.isnan(M.perplexity(float("nan")))
+    assert M.perplexity(800.0) == math.inf and M.perplexity(float("inf")) == math.inf
+    assert M.perplexity(1.0) == math.exp(1.0)

@@ -287,6 +287,52 @@ def test_nan_in_a_query_makes_its_own_row_nan(impl, window):
     torch.testing.assert_close(out[0][rest], want[0][rest], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_nan_in_every_key_of_a_head_makes_its_rows_nan(impl, causal):
+    """A NaN weight in k_proj puts a NaN in one dim of every key of a kv head: every row of its
+    query heads is NaN (SDPA's math backend), the other heads unchanged. torch's CPU flash
+    kernel (the reference's SDPA shortcut) returned finite rows for sequences under 16 tokens,
+    so a packed batch of short documents gave a finite loss (and evaluation a finite val loss)
+    for a diverged model."""
+    q, k, v = _qkv(1, 9, 9, 4, 2, 16)
+    want = flash_attention_ref(q, k, v, causal=causal)
+    k[0, :, 0, 3] = float("nan")
+    math_sdpa = _attend_ref(q, k, v, causal, 0.25, None, None)
+    assert math_sdpa[0, :, :2].isnan().all()
+    out = flash_attention(q, k, v, causal=causal, impl=impl)
+    assert out[0, :, :2].isnan().all()
+    torch.testing.assert_close(out[0, :, 2:], want[0, :, 2:], rtol=1e-4, atol=1e-4)
+    # Varlen (packed documents, the HF backend's unpadded batches): only the poisoned document.
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    q, k, v = (t[0] for t in _qkv(1, 9, 9, 4, 2, 16))
+    k[4:, 0, 3] = float("nan")
+    out = flash_attention(q, k, v, causal=causal, cu_seqlens=cu, max_seqlen=5, impl=impl)
+    assert out[4:, :2].isnan().all() and torch.isfinite(out[:4]).all()
+    assert torch.isfinite(out[4:, 2:]).all()
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_row_whose_scores_are_all_minus_inf_is_nan(impl, window):
+    """An inf in q whose every visible score is -inf: softmax over only -inf is NaN (SDPA's
+    math backend, ``_attend_ref``); the Triton kernel took l = 0 for a row with no key and
+    wrote 0 (and zero gradients). Rows with no key at all (S < T) still give 0."""
+    q, k, v = _qkv(1, 5, 5, 2, 1, 16)
+    k[0, :3, 0, 3] = -k[0, :3, 0, 3].abs() - 0.1
+    q[0, 2, 0, 3] = float("inf")  # row 2 sees keys 0..2: scores -inf
+    want = _attend_ref(q, k, v, True, 0.25, window, None)
+    assert want[0, 2, 0].isnan().all() and torch.isfinite(want[0, :2]).all()
+    q.requires_grad_(True)
+    out = flash_attention(q, k, v, causal=True, window=window, impl=impl)
+    assert out[0, 2, 0].isnan().all() and torch.isfinite(out[0, :2]).all()
+    out.sum().backward()
+    assert not torch.isfinite(q.grad).all()
+    q, k, v = _qkv(1, 7, 4, 2, 1, 16)  # S < T: rows 0..2 see no key
+    out = flash_attention(q, k, v, causal=True, window=window, impl=impl)
+    assert (out[0, :3] == 0).all() and torch.isfinite(out).all()
+
+
 def test_reference_fast_path_matches_explicit_masks():
     """The SDPA shortcut in flash_attention_ref agrees with the explicit-mask oracle."""
     q, k, v = _qkv(2, 29, 29, 4, 2, 16)

@@ -547,3 +547,23 @@ def test_bf16_rule(case, dev):
         logits = [m.eval()(ids, attention_mask=mask).logits[real].float()
                   for m in (model, ref16, ref32)]
     assert_close_to_ref("logits", *logits)
+
+
+def test_nan_weight_gives_a_nan_loss(flash_calls):
+    """A NaN in k_proj (a diverged step) gives a NaN loss, as HF's own model does: the padded
+    batch runs as short packed documents, where torch's CPU flash kernel (the reference's SDPA
+    shortcut) returned zero rows for a head whose every key has a NaN, so the loss was finite
+    and the trainer's guard (and evaluation) could not see the broken model."""
+    ref, model = _pair("llama", seed=2, attn="eager")
+    accelerate(model)
+    ids = _ids(2, 9, seed=3)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :2] = 0  # left padding: the varlen path
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, 2] = -100
+    for m in (ref, model):
+        with torch.no_grad():
+            m.model.layers[0].self_attn.k_proj.weight[0, 0] = float("nan")
+    assert ref(ids, attention_mask=mask, labels=labels).loss.isnan()
+    assert model(ids, attention_mask=mask, labels=labels).loss.isnan()
+    assert flash_calls == ["varlen"] * BASE["num_hidden_layers"]
