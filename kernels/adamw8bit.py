@@ -15,7 +15,8 @@ torch's CPU kernels do for bnb's ``mul_/add_/addcmul_/addcdiv_`` calls; fma = on
   p = p * (1 - lr * wd)                             (decoupled weight decay, skipped when wd = 0)
   p = p + ((-lr / c1) * m) / denom                  then rounded to p's dtype (RNE)
 Requantization of the *new* m and v (the update above used them unquantized), per block b:
-  absmax_b = max |x| over the block; a block of zeros stores absmax 0 and codes 0;
+  absmax_b = max |x| over the block, NaN left out (bnb's fmax); a block of zeros (or of NaNs)
+  stores absmax 0 and codes 0; a NaN value takes code 0;
   s = clamp(x * (1 / absmax_b), -1, 1); code = lut[int(((s + 1) * 0.5) * 65535 + 0.5)]
   with lut[i] = #{map midpoints 0.5 * (map[k] + map[k+1]) < -1 + 2i / 65535}: bnb's CPU rule
   (a 65536-entry table, not quite nearest: a value within 1/65535 of a midpoint may take the
@@ -112,12 +113,15 @@ def quantize_blockwise_ref(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor,
     n = flat.numel()
     nb = -(-n // BLOCKSIZE)
     blocks = torch.nn.functional.pad(flat, (0, nb * BLOCKSIZE - n)).view(nb, BLOCKSIZE)
-    am = blocks.abs().amax(1)
+    # NaN does not count (bnb takes the max with C's fmax): one NaN leaves its block's scale,
+    # and so its other 255 values, finite; a block of NaNs stores 0.
+    a = blocks.abs()
+    am = torch.where(a.isnan(), torch.zeros_like(a), a).amax(1)
     inv = torch.where(am > 0, 1.0 / am, torch.zeros_like(am))
     s = (blocks * inv[:, None]).clamp(-1.0, 1.0)
     lut = _tables(x.device)[2 if signed else 3]
-    # A subnormal absmax has 1 / absmax = inf, so a zero there is NaN: bnb's C code gives it
-    # code 0 (its index conversion), never an out-of-range table read.
+    # A NaN value, or a zero in a block of subnormal absmax (1 / absmax = inf), scales to NaN:
+    # bnb's C code gives it code 0 (its index conversion), never an out-of-range table read.
     q = lut[((s + 1.0) * 0.5 * 65535.0 + 0.5).nan_to_num(0.0).to(torch.int32)]
     q = torch.where(am[:, None] > 0, q, torch.zeros_like(q))
     return q.reshape(-1)[:n].view(x.shape), am
@@ -170,7 +174,8 @@ def _load_f32(X, idx, mask, BF16_BITS: tl.constexpr):
 @triton.jit
 def _requantize(x, LUT):
     """(codes, absmax) of the fp32 tile x (ROWS, BLOCK): one block per row, bnb's CPU rule."""
-    am = tl.max(tl.abs(x), axis=1)
+    a = tl.abs(x)
+    am = tl.max(tl.where(a == a, a, 0.0), axis=1)  # NaN does not count, as in the reference
     inv = tl.math.div_rn(tl.full(am.shape, 1.0, tl.float32), tl.where(am > 0, am, 1.0))
     s = tl.where(am[:, None] > 0, x * inv[:, None], 0.0)  # a block of zeros: codes 0
     s = tl.minimum(tl.maximum(s, -1.0), 1.0)

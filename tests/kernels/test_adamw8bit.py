@@ -197,3 +197,46 @@ def test_zeros_in_a_block_of_subnormal_moments_match_bitsandbytes(impl):
     adamw8bit_step(p, g, s1, s2, a1, a2, step=2, lr=1e-3, weight_decay=1e-2, impl=impl)
     for a, b in ((p, pb.data), (s1, st["state1"]), (a1, st["absmax1"]), (s2, st["state2"])):
         assert torch.equal(a, b)
+
+
+def _nan_grad(n: int) -> torch.Tensor:
+    """A gradient with one NaN in block 0, a block of NaNs (block 2) and a NaN next to an inf."""
+    g = torch.randn(n)
+    g[5] = float("nan")
+    g[2 * BLOCKSIZE:3 * BLOCKSIZE] = float("nan")
+    g[3 * BLOCKSIZE + 1], g[3 * BLOCKSIZE + 9] = float("nan"), float("inf")
+    return g
+
+
+def test_quantize_skips_nan_as_bitsandbytes():
+    """bnb's CPU quantizer takes a block's absmax with fmax, which drops NaN (an all-NaN block
+    stores 0), and gives a NaN code 0; the reference's amax propagated NaN, so one NaN made its
+    block's absmax NaN and every other code of the block 0."""
+    x = _nan_grad(5 * BLOCKSIZE + 7)
+    for signed in (True, False):
+        xx = x if signed else x.abs()
+        code = F.create_dynamic_map(signed=signed)
+        q_bnb, am_bnb = torch.ops.bitsandbytes.quantize_blockwise(xx, code, BLOCKSIZE)
+        q, am = quantize_blockwise_ref(xx, signed)
+        assert torch.equal(am, am_bnb) and torch.equal(q, q_bnb)
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_nan_gradient_matches_bitsandbytes(impl):
+    """A NaN gradient (a user calling the step directly; Ember's trainer skips such a step) turns
+    only its own parameters to NaN, as bnb's AdamW8bit: the reference turned the NaN's whole
+    block of 256 parameters to NaN at the next step (its state scale was NaN)."""
+    n = 4096 + 77
+    torch.manual_seed(7)
+    p0, grads = torch.randn(n), [_nan_grad(n), torch.randn(n)]
+    ours, theirs = _our_steps(p0, grads, 1e-3, 0.01, impl=impl), _bnb_steps(p0, grads, 1e-3, 0.01)
+    for name, a, b in zip(("state1", "state2", "absmax1", "absmax2"), ours[1:], theirs[1:],
+                          strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(ours[0].isnan(), theirs[0].isnan())
+    assert int(ours[0][:2 * BLOCKSIZE].isnan().sum()) == 1  # (an inf scale: its block is NaN)
+    fin = ~theirs[0].isnan()
+    if impl == "ref":
+        assert torch.equal(ours[0][fin], theirs[0][fin])
+    else:  # the kernel's sqrt is correctly rounded, torch's CPU one not always (see top)
+        assert_close_to_ref("p", ours[0][fin], theirs[0][fin], theirs[0][fin])
