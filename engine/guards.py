@@ -3,8 +3,11 @@
 - ``NonFiniteGuard``: a step whose loss or gradient norm is NaN/inf is skipped (no optimizer
   update; the data still advances, so a bad batch is not retried forever) and counted; after
   ``max_in_a_row`` consecutive bad steps the run stops with a message naming the likely causes.
-  With fp16's ``GradScaler`` the scaler already skips overflowing steps while it calibrates:
-  pass ``grad_norm=None`` there so only a non-finite *loss* counts.
+  With fp16's ``GradScaler`` pass ``loss_scale`` (the scale the step ran at): a non-finite
+  gradient norm is then the step the scaler skips (it halves the scale); it is skipped and
+  logged as any other, but while the scale is above 1 it is the scaler calibrating (from 2^16 at
+  the start of training) and does not count toward the limit; at a scale <= 1 the gradients
+  overflow (or are NaN) unscaled, and it counts.
 - ``oom_guard``: turns ``torch.cuda.OutOfMemoryError`` into an ``EmberError`` with the numbers
   (tokens in the micro-batch, longest sequence, peak and total GPU memory) and what to change.
 - ``GracefulStop``: SIGTERM (schedulers' preemption notice, ``kill``) and SIGINT (Ctrl-C) set a
@@ -30,7 +33,9 @@ from ember import EmberError
 class GuardConfig:
     """``[guards]`` in a run config."""
 
-    max_nonfinite_in_a_row: int = 5  # consecutive NaN/inf steps (each skipped) before stopping
+    # consecutive NaN/inf steps (each skipped) before stopping; fp16: a step the GradScaler
+    # skips counts only at a loss scale <= 1 (above, the scaler is calibrating)
+    max_nonfinite_in_a_row: int = 5
 
     def __post_init__(self) -> None:
         n = self.max_nonfinite_in_a_row
@@ -47,22 +52,29 @@ class NonFiniteGuard:
         if max_in_a_row < 1:
             raise EmberError(f"max_in_a_row must be >= 1, got {max_in_a_row}")
         self.max_in_a_row = max_in_a_row
-        self.in_a_row = 0
+        self.in_a_row = 0  # skipped steps in a row, calibrating ones included
+        self.counted = 0  # of them, since the last step that was applied, those that count
         self.skipped = 0
         self.last_bad: int | None = None
 
-    def check(self, step: int, loss: float, grad_norm: float | None = None) -> bool:
+    def check(self, step: int, loss: float, grad_norm: float | None = None, *,
+              loss_scale: float | None = None) -> bool:
         loss, norm = float(loss), None if grad_norm is None else float(grad_norm)
         if math.isfinite(loss) and (norm is None or math.isfinite(norm)):
-            self.in_a_row = 0
+            self.in_a_row = self.counted = 0
             return True
         self.in_a_row += 1
         self.skipped += 1
         self.last_bad = step
-        if self.in_a_row >= self.max_in_a_row:
+        if math.isfinite(loss) and loss_scale is not None and loss_scale > 1.0:
+            return False  # fp16: the scaler lowers its scale and skips (calibrating)
+        self.counted += 1
+        if self.counted >= self.max_in_a_row:
             what = f"loss {loss}" + ("" if norm is None else f", gradient norm {norm}")
+            if loss_scale is not None:
+                what += f" at fp16 loss scale {loss_scale:g}"
             raise EmberError(
-                f"step {step}: {what}. {self.in_a_row} steps in a row had a NaN/inf loss or "
+                f"step {step}: {what}. {self.counted} steps in a row had a NaN/inf loss or "
                 f"gradients (each was skipped; {self.skipped} skipped in total), so the run "
                 "stops. Usual causes: a learning rate too high (lower optim.lr, or add warmup "
                 "with optim.warmup_steps), fp16 overflow (use precision = \"bf16\"), or broken "
@@ -71,10 +83,12 @@ class NonFiniteGuard:
         return False
 
     def state_dict(self) -> dict:
-        return {"in_a_row": self.in_a_row, "skipped": self.skipped, "last_bad": self.last_bad}
+        return {"in_a_row": self.in_a_row, "counted": self.counted, "skipped": self.skipped,
+                "last_bad": self.last_bad}
 
     def load_state_dict(self, state: dict) -> None:
         self.in_a_row, self.skipped = int(state["in_a_row"]), int(state["skipped"])
+        self.counted = int(state.get("counted", self.in_a_row))  # older checkpoints: all counted
         self.last_bad = state.get("last_bad")
 
 

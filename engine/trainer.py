@@ -31,7 +31,8 @@ Resume (``resume=True``) continues from the newest complete checkpoint, with any
 processes; on CPU the continued run logs the same losses as an uninterrupted one.
 
 Guards in the loop (``engine/guards.py``): a step with a NaN/inf loss or gradient norm is skipped
-and counted, ``guards.max_nonfinite_in_a_row`` of them in a row stop the run; a CUDA
+and counted (fp16: the GradScaler's skips too), ``guards.max_nonfinite_in_a_row`` of them in a row
+stop the run (the scaler's only at a loss scale <= 1: above, it is calibrating); a CUDA
 out-of-memory error becomes a message with the numbers and the remedies; SIGTERM / SIGINT finish
 the current step, write a checkpoint, print the command that resumes and return (exit status 0).
 
@@ -284,8 +285,10 @@ class Trainer(EvalMixin):
                 [local, float(signals.requested), aux_local], info)
             if coef:
                 extra = {**extra, "router_aux_loss": aux_all}
-            # With fp16 the scaler skips overflowing steps itself: only the loss counts there.
-            applied = guard.check(step, total, None if scaler else norm)
+            # fp16: a non-finite norm (of the unscaled gradients) is the step the scaler skips
+            # (its unscale_ found inf/NaN): skipped and logged, counted only at a scale <= 1.
+            applied = guard.check(step, total, norm,
+                                  loss_scale=scaler.get_scale() if scaler else None)
             if applied:
                 if scaler:
                     scaler.step(opt)
@@ -418,8 +421,10 @@ class Trainer(EvalMixin):
                 prog.tokens += s.tokens
                 step, dt = prog.step, time.perf_counter() - t0
                 if not s.applied:
+                    scale = (f", fp16 loss scale lowered to {scaler.get_scale():g}"
+                             if scaler else "")
                     say(f"step {step}: loss {s.loss}, gradient norm {s.grad_norm}: skipped "
-                        f"({guard.in_a_row} in a row, {guard.skipped} in total)")
+                        f"({guard.in_a_row} in a row, {guard.skipped} in total{scale})")
                 evaluating = bool(cfg.eval.every_steps) and step % cfg.eval.every_steps == 0 and (
                     step < total)
                 leave = step < total and (s.stop or (self.stop_after is not None

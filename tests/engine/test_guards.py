@@ -48,6 +48,81 @@ def test_guard_counts_and_stops_after_n_in_a_row():
         GuardConfig(max_nonfinite_in_a_row=0)
 
 
+def _fp16_steps(guard: NonFiniteGuard, grad_hook, steps: int) -> list[tuple[bool, bool]]:
+    """The trainer's fp16 step (unscale_, norm, guard with the scale, scaler.step / update) on
+    one weight; grad_hook stands in for fp16 backward. Per step: (guard applied, the scaler
+    skipped by accelerate's rule (the scale dropped; HF Trainer's optimizer_step_was_skipped))."""
+    w = torch.nn.Parameter(torch.ones(4))
+    w.register_hook(grad_hook)
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    out = []
+    for n in range(1, steps + 1):
+        before = w.detach().clone()
+        scaler.scale((w * 10.0).sum()).backward()
+        scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_([w], math.inf)
+        applied = guard.check(n, 1.0, norm.item(), loss_scale=scaler.get_scale())
+        scale = scaler.get_scale()
+        if applied:
+            scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        assert torch.equal(before, w.detach()) != applied
+        out.append((applied, scaler.get_scale() < scale))
+    return out
+
+
+def test_fp16_scaler_skips_are_skipped_steps_and_calibration_does_not_stop():
+    """With fp16 the guard saw only the loss, so a step the GradScaler skipped (inf/NaN
+    gradients) was logged as applied and never counted. Now it is skipped exactly when the
+    scaler skips; while the scaler calibrates (its scale drops from 2^16: here 4 halvings until
+    the gradient fits fp16) the run goes on, but NaN gradients at any scale stop it once the
+    scale is <= 1 and the limit is reached (the scaler alone would halve it forever)."""
+    guard = NonFiniteGuard(2)
+    steps = _fp16_steps(guard, lambda g: g.half().float(), 6)  # fp16 overflow above 65504
+    assert steps == [(False, True)] * 4 + [(True, False)] * 2
+    assert (guard.skipped, guard.in_a_row, guard.counted) == (4, 0, 0)
+    guard = NonFiniteGuard(2)
+    with pytest.raises(EmberError, match=r"step 18: loss 1.0, gradient norm nan at fp16 loss "
+                                         r"scale 0.5\. 2 steps in a row .* 18 skipped in total"):
+        _fp16_steps(guard, lambda g: g * float("nan"), 30)
+    assert guard.in_a_row == 18
+    again = NonFiniteGuard(3)
+    again.load_state_dict({"in_a_row": 2, "skipped": 2, "last_bad": 2})  # an older checkpoint
+    assert again.counted == 2
+
+
+def test_fp16_run_logs_the_scaler_skips(tiny, tmp_path, monkeypatch):
+    """An fp16 run (CUDA only: here on CPU autocast with a CPU GradScaler starting at 2^24, so
+    the first steps overflow fp16): the steps the scaler skips are logged as skipped (they were
+    logged as applied, their loss in the means), and their calibration does not stop the run."""
+    from dataclasses import replace
+
+    from ember.engine import trainer as tr
+
+    resolve = tr.resolve
+    monkeypatch.setattr(tr, "resolve", lambda raw: replace(resolve(raw), precision="fp16"))
+    scalers, make = [], torch.amp.GradScaler
+
+    def scaler(device):
+        scalers.append(make("cpu", init_scale=2.0**24))
+        return scalers[-1]
+
+    monkeypatch.setattr(torch.amp, "GradScaler", scaler)
+    run = tmp_path / "fp16"
+    cfg = tiny_config(tiny, run, "max_steps=8", "guards.max_nonfinite_in_a_row=2",
+                      "checkpoint.save_final=false", "eval.before=false", "eval.metrics=[]",
+                      "log_every=1")
+    assert tr.Trainer(cfg).run() is not None
+    rows = [r for r in rows_of(run) if r["kind"] == "train"]
+    skipped = [r["step"] for r in rows if r.get("skipped")]
+    assert len(rows) == 8 and len(skipped) >= 3, rows
+    assert all(not math.isfinite(r["grad_norm"]) for r in rows if r.get("skipped"))
+    assert all(math.isfinite(r["grad_norm"]) for r in rows if not r.get("skipped"))
+    assert scalers[0].get_scale() == 2.0**24 / 2 ** len(skipped)
+
+
 def test_skipped_step_leaves_weights_and_optimizer_untouched():
     model = w.make_model("full")
     opt = w.make_optimizer(model)
