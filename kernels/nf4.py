@@ -234,31 +234,31 @@ def as_nf4_weight(weight):
 def _quantize_absmax(absmax: torch.Tensor):
     """Double quantization (torch, any device): (uint8 codes, fp32 absmax2, offset, the map) of
     absmax - its mean, by bnb's 8-bit blockwise rule. The offset is a float, or a 0-d tensor
-    while traced (``NF4State.offset``)."""
-    if _dispatch.no_host_values(absmax):
+    while traced (``NF4State.offset``). ValueError where absmax - mean overflows fp32."""
+    traced = _dispatch.no_host_values(absmax)
+    if traced:
         offset = absmax.mean()
     else:  # a CPU mean of over 32K blocks (a 2M+ weight) is split across threads otherwise
         with _dispatch.one_cpu_thread(absmax.device):
             offset = absmax.mean()
-    q, am2 = quantize_blockwise_ref(absmax - offset, signed=True)
-    if not _dispatch.no_host_values(absmax):
-        offset = offset.item()
-    return q.contiguous(), am2, offset, _tables(absmax.device)[2]
+    centred = absmax - offset
+    # (a NaN/inf weight is nf4_quantize's own error, which inductor may raise after this one)
+    finite = torch.isfinite(centred).all() | ~torch.isfinite(absmax).all()
+    msg = ("nf4_quantize: weights this large{} overflow fp32 in double quantization (the mean "
+           "of the block absmax; bitsandbytes silently returns NaN weights); quantize with "
+           "double_quant=False (bnb_4bit_use_double_quant=False) or rescale them")
+    if traced:  # a host read here breaks the graph
+        torch._assert_async(finite, msg.format(""))
+    elif not finite:
+        raise ValueError(msg.format(f" (max |w| = {absmax.max().item():.3g})"))
+    q, am2 = quantize_blockwise_ref(centred, signed=True)
+    return q.contiguous(), am2, offset if traced else offset.item(), _tables(absmax.device)[2]
 
 
 def _make_state(absmax, w, blocksize, double_quant) -> NF4State:
     code = _tables(absmax.device)[0]
     if not double_quant:
         return NF4State(absmax, w.shape, w.dtype, blocksize, code)
-    # (a NaN/inf weight is nf4_quantize's own error, which inductor may raise after this one)
-    finite = torch.isfinite(absmax - absmax.mean()).all() | ~torch.isfinite(absmax).all()
-    msg = ("nf4_quantize: weights this large{} overflow fp32 in double quantization (the mean "
-           "of the block absmax; bitsandbytes silently returns NaN weights); quantize with "
-           "double_quant=False (bnb_4bit_use_double_quant=False) or rescale them")
-    if _dispatch.no_host_values(absmax):  # traced: a host read here breaks the graph
-        torch._assert_async(finite, msg.format(""))
-    elif not finite:
-        raise ValueError(msg.format(f" (max |w| = {absmax.max().item():.3g})"))
     q, am2, offset, dyn = _quantize_absmax(absmax)
     return NF4State(q, w.shape, w.dtype, blocksize, code, offset, am2, dyn)
 
