@@ -110,9 +110,7 @@ def _generator(model, tok, a):
     knobs.update(token_ban_defaults(model))  # generation_config.json's bad_words_ids etc.
     unapplied = unapplied_settings(model)
     if unapplied:  # stated, not silently ignored: transformers' generate() applies them
-        _note(f"ember: note: the model's generation_config.json sets {', '.join(unapplied)}, "
-              "which Ember's generation does not apply (transformers' generate() does): "
-              "answers may differ from transformers' there")
+        _note(f"ember: note: {unapplied}")
     if a.seed is not None and not -2**63 <= a.seed < 2**64:  # was torch's overflow traceback
         raise EmberError(f"--seed must be a 64-bit integer (torch.Generator's seed), got {a.seed}")
     if is_classifier(model):

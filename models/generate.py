@@ -515,9 +515,7 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
                                     forced_eos_token_id=forced_eos_token_id))
     unapplied = unapplied_settings(model)
     if unapplied:  # said, as the CLI says it: transformers' generate() applies them
-        warnings.warn(f"the model's generation_config.json sets {', '.join(unapplied)}, which "
-                      "Ember's generation does not apply (transformers' generate() does): "
-                      "answers may differ from transformers' there", stacklevel=2)
+        warnings.warn(unapplied, stacklevel=2)
     if isinstance(num_return_sequences, bool) or not isinstance(
             num_return_sequences, int) or num_return_sequences < 1:
         raise EmberError(f"num_return_sequences must be an int >= 1, got "

@@ -116,12 +116,17 @@ _UNAPPLIED = {"forced_bos_token_id": None, "typical_p": 1.0, "epsilon_cutoff": 0
               "eta_cutoff": 0.0, "num_beams": 1, "sequence_bias": None}
 
 
-def unapplied_settings(model: Transformer) -> list[str]:
-    """The settings of the model's generation_config.json that transformers' ``generate()``
-    applies and Ember does not (``typical_p``, ``sequence_bias``, beams...), as
-    ``name=value``: Ember's output may differ from transformers' there, so the CLI says so."""
+def unapplied_settings(model: Transformer) -> str | None:
+    """What to tell about the settings of the model's generation_config.json that transformers'
+    ``generate()`` applies and Ember does not (``typical_p``, ``sequence_bias``, beams...), named
+    as ``name=value``: Ember's output may differ from transformers' there. None: there are none."""
     gen = getattr(model, "hf_generation_config", None)
     if not isinstance(gen, dict):
-        return []
-    return [f"{k}={gen[k]!r}" for k, off in _UNAPPLIED.items()
-            if gen.get(k, off) not in (off, None) and gen.get(k) != []]
+        return None
+    unapplied = [f"{k}={gen[k]!r}" for k, off in _UNAPPLIED.items()
+                 if gen.get(k, off) not in (off, None) and gen.get(k) != []]
+    if not unapplied:
+        return None
+    return (f"the model's generation_config.json sets {', '.join(unapplied)}, which Ember's "
+            "generation does not apply (transformers' generate() does): answers may differ "
+            "from transformers' there")
