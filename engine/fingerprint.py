@@ -73,11 +73,11 @@ def stale_final(run_dir: Path) -> str | None:
         step = int(json.loads((run_dir / "final" / RUN_END_FILE).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    latest = dcp.find_latest(dcp.checkpoint_root(run_dir)).path  # (a step_<N> folder)
-    if latest is None:
-        return None
-    newest = int(latest.name.removeprefix("step_"))
-    if newest <= step:
+    # The newest step_<N> folder's step: a checkpoint is written under a temporary name and
+    # renamed when complete (not verified here: hashing a checkpoint's files for a note cost
+    # every eval / generate / export a read of its shards)
+    newest = max((s for s, _ in dcp.list_checkpoints(dcp.checkpoint_root(run_dir))), default=None)
+    if newest is None or newest <= step:
         return None
     return (f"note: {run_dir / 'final'} holds the weights of the run's end at step {step}, but "
             f"its checkpoint of step {newest} is newer (a --resume that stopped before its "
