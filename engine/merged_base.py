@@ -10,15 +10,13 @@ every projection and the embedding, though only the adapter was trained).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
 from ember.engine.config import TrainConfig
 from ember.engine.stages import base_of, load_base
 from ember.models.lora import LoRALinear, lora_modules
-from ember.models.lora_init import converted_adapter
+from ember.models.lora_init import converted_adapter, lora_scale
 from ember.models.nf4 import is_quantized
 
 
@@ -82,7 +80,7 @@ def _unresidual_(model: nn.Module, theirs: dict[str, torch.Tensor]) -> None:
                 m.use_rslora,
             )
             m.lora_A, m.lora_B = nn.Parameter(A, False), nn.Parameter(B, False)
-            m.scale = m.alpha / (math.sqrt(m.rank) if m.use_rslora else m.rank)
+            m.scale = lora_scale(m.rank, m.alpha, m.use_rslora)
             if hasattr(m.base, "weight"):  # (an NF4 base: _unresidual_nf4_ swaps it)
                 m.base.weight.data = theirs[f"{n}.weight"]
 

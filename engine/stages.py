@@ -73,7 +73,7 @@ from ember.models.lora import (
     resolve_targets,
 )
 from ember.models.lora_fused import part_names
-from ember.models.lora_init import changes_base
+from ember.models.lora_init import changes_base, lora_scale
 from ember.models.peft_adapter import _PEFT_KEY, LORA_DEFAULTS, _read_adapter_config
 from ember.models.peft_files import _FULL_WEIGHTS
 from ember.models.peft_tokens import train_trainable_tokens
@@ -461,8 +461,9 @@ def continue_adapters(model, cfg: TrainConfig, tokenizer, start: Start) -> None:
         merge_lora(model)
         return
     mods = lora_modules(model)
+    scale = lora_scale(cfg.lora.rank, cfg.lora.alpha, cfg.lora.use_rslora)
     odd = sorted(n for n, m in mods.items() if m.rank != cfg.lora.rank
-                 or not math.isclose(m.scale, _scale(cfg.lora), rel_tol=1e-6))
+                 or not math.isclose(m.scale, scale, rel_tol=1e-6))
     if odd:
         raise EmberError(
             f"model.init {start.source!r}: the adapter has per-module ranks or alphas (e.g. "
@@ -488,10 +489,6 @@ def continue_adapters(model, cfg: TrainConfig, tokenizer, start: Start) -> None:
             for name in ("lora_B", "lora_embedding_B"):
                 if hasattr(m, name):
                     getattr(m, name).requires_grad_(False)
-
-
-def _scale(lora: LoRAConfig) -> float:
-    return lora.alpha / (math.sqrt(lora.rank) if lora.use_rslora else lora.rank)
 
 
 def _train_saved_modules(model, mods: dict, mode: str) -> None:

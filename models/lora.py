@@ -50,7 +50,13 @@ from ember import EmberError
 from ember.kernels import lora_linear
 from ember.models.hf_phi import EMBER_LEAVES as PHI_LEAVES
 from ember.models.lora_embed import LoRAEmbedding
-from ember.models.lora_init import _NITER, base_changing_init, changes_base, check_init
+from ember.models.lora_init import (
+    _NITER,
+    base_changing_init,
+    changes_base,
+    check_init,
+    lora_scale,
+)
 from ember.models.peft_files import untie_head
 
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
@@ -144,7 +150,7 @@ class LoRALinear(nn.Module):
         device = _base_weight(base).device
         self.base = base
         self.rank, self.alpha, self.use_rslora = rank, float(alpha), use_rslora
-        self.scale = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.scale = lora_scale(rank, self.alpha, use_rslora)
         # Adapters train in fp32 even over a bf16/NF4 base (PEFT's autocast_adapter_dtype).
         self.lora_A = nn.Parameter(torch.empty(rank, in_f, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_f, rank, device=device, dtype=dtype))

@@ -30,11 +30,11 @@ embedding, i.e. a head LoRA with ``A_head = B_emb^T``, ``B_head = A_emb^T`` (PEF
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ember.models.lora_init import lora_scale
 
 
 class LoRAEmbedding(nn.Module):
@@ -53,7 +53,7 @@ class LoRAEmbedding(nn.Module):
         device = base.weight.device
         self.base = base
         self.rank, self.alpha, self.use_rslora = rank, float(alpha), use_rslora
-        self.scale = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.scale = lora_scale(rank, self.alpha, use_rslora)
         self.lora_embedding_A = nn.Parameter(torch.zeros(rank, V, device=device, dtype=dtype))
         self.lora_embedding_B = nn.Parameter(torch.empty(D, rank, device=device, dtype=dtype))
         # used only on the tied head's branch (PEFT's Embedding has no dropout)

@@ -56,6 +56,11 @@ def check_init(init: object) -> None:
                      f"number of subspace iterations, e.g. 'pissa_niter_4'), got {init!r}")
 
 
+def lora_scale(rank: int, alpha: float, use_rslora: bool) -> float:
+    """The factor of B A: alpha / rank, alpha / sqrt(rank) with rsLoRA (PEFT's ``scaling``)."""
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
 def changes_base(init: str) -> bool:
     """Whether the init moves the top of the base weight into the adapter (PiSSA, OLoRA)."""
     return init.startswith("pissa") or init == "olora"

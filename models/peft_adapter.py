@@ -64,7 +64,7 @@ from ember.models.lora_fused import (
     part_names,
     split_adapter,
 )
-from ember.models.lora_init import converted_adapter
+from ember.models.lora_init import converted_adapter, lora_scale
 from ember.models.peft_bias import (
     _adapter_biases,
     _bias_tensors,
@@ -465,7 +465,7 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     for name, (A, B, mag, r, alpha) in plan.items():
         mod = model.get_submodule(name)
         if isinstance(mod, (LoRALinear, LoRAEmbedding)):
-            mod.alpha, mod.scale = alpha, alpha / (math.sqrt(r) if rslora else r)
+            mod.alpha, mod.scale = alpha, lora_scale(r, alpha, rslora)
         elif name == "embed":
             mod = LoRAEmbedding(mod, r, alpha, dropout=dropout, use_rslora=rslora,
                                 padding_idx=getattr(cfg, "pad_token_id", None), use_dora=use_dora)
@@ -505,10 +505,6 @@ def _defaulted_note(config: dict, model_type: str | None) -> str:
             "was trained with)")
 
 
-def _scale(r: int, alpha: float, rslora: bool) -> float:
-    return alpha / (math.sqrt(r) if rslora else r)
-
-
 def _check_tied_head_scale(embed_ra: tuple, config: dict, cfg, wfile: Path) -> None:
     """PEFT's ensure_weight_tying head reuses the embedding's A and B but takes its scale from
     its own name, ``lm_head``, in rank_pattern / alpha_pattern; Ember's one tied adapter has one
@@ -516,7 +512,7 @@ def _check_tied_head_scale(embed_ra: tuple, config: dict, cfg, wfile: Path) -> N
     rslora, head = bool(config.get("use_rslora")), hf_module_name("lm_head", cfg)
     r_h = _pattern_value(config.get("rank_pattern") or {}, head, config["r"])
     a_h = _pattern_value(config.get("alpha_pattern") or {}, head, config["lora_alpha"])
-    emb, hd = _scale(*embed_ra, rslora), _scale(r_h, a_h, rslora)
+    emb, hd = lora_scale(*embed_ra, rslora), lora_scale(r_h, a_h, rslora)
     if not math.isclose(emb, hd, rel_tol=1e-6):
         raise EmberError(f"{wfile}: with ensure_weight_tying PEFT scales the tied lm_head's update "
                          f"by {hd:g} (r={r_h}, alpha={a_h} for 'lm_head' in rank_pattern / "
