@@ -27,13 +27,8 @@ import warnings
 from typing import Any
 
 from ember import EmberError
-from ember.models.tokenizer import (
-    _PRE_SPLITS,
-    _WHOLE_WORDS,
-    Tokenizer,
-    _pre_tokenizer,
-    gguf_stop_ids,
-)
+from ember.models.gguf_pretokenizers import _PRE_SPLITS, _WHOLE_WORDS, _pre_tokenizer
+from ember.models.tokenizer import Tokenizer, gguf_stop_ids
 
 _CONTROL, _USER_DEFINED, _NORMAL, _UNUSED = 3, 4, 1, 5
 # a text that tells the known splits apart: contractions, digit runs, letters and marks of

@@ -42,8 +42,8 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from ember import EmberError
+from ember.models.gguf_pretokenizers import _QWEN2 as _QWEN2_SPLIT  # GGUF "qwen2": the same regex
 from ember.models.spm import SPACE, recovered_merges, spm_bpe, spm_pipeline
-from ember.models.tokenizer import _QWEN2 as _QWEN2_SPLIT  # the GGUF "qwen2" split, the same regex
 from ember.models.tokenizer_classes import (
     _REGISTERED,
     add_named_specials,

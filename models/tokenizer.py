@@ -28,22 +28,7 @@ from ember.models.chat_template import (
     render,
     select_template,
 )
-from ember.models.gguf_pretokenizers import (  # noqa: F401  (importable here, as before)
-    _DEEPSEEK_CODER,
-    _DIGITS,
-    _GPT2,
-    _GPT4O,
-    _LLAMA3,
-    _LLAMA3_PRES,
-    _PRE_SPLITS,
-    _QWEN2,
-    _QWEN35,
-    _SEED_CODER,
-    _TEKKEN,
-    _WHOLE_WORDS,
-    _bytes_to_unicode,
-    _pre_tokenizer,
-)
+from ember.models.gguf_pretokenizers import _WHOLE_WORDS, _bytes_to_unicode, _pre_tokenizer
 from ember.models.tokenizer_classes import (
     MAIN_SPECIALS,
     add_named_specials,
