@@ -37,7 +37,6 @@ back into ``ModelConfig`` fields and Ember tensors:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from ember import EmberError
 from ember.models.config import ModelConfig
 from ember.models.gguf_moe import BLOCK_NAMES as MOE_BLOCK_NAMES
 from ember.models.gguf_moe import expert_tensors
-from ember.models.gguf_rope import nice_float
+from ember.models.gguf_rope import nice_float, rope_base
 
 # GGUF architecture -> (HF model_type, whether llama.cpp permuted Q/K rows for it)
 ARCHITECTURES = {
@@ -139,11 +138,7 @@ def arch_fields(arch: str, md: dict, get: Callable, base: dict) -> dict:
         final = get("final_logit_softcapping")
         # the converter writes rope_parameters' sliding_attention base as rope.freq_base_swa
         local = get("rope.freq_base_swa")
-        local = 10000.0 if local is None else local
-        if not (math.isfinite(local) and local > 0):  # frequencies base**(-2i/d): inf / NaN
-            raise EmberError(f"gemma3.rope.freq_base_swa is {local}, not a positive number; "
-                             "the file is corrupt: convert the model again")
-        local = nice_float(local)
+        local = rope_base(10000.0 if local is None else local, "gemma3.rope.freq_base_swa")
         out.update(final_softcap=float(final) if final else None, rope_local_theta=local)
     scalar = hidden // heads if layers == _LAYERS_27B[arch] else base["head_dim"]
     out.update(sandwich_norms=True, sliding_window=window, query_pre_attn_scalar=float(scalar),

@@ -147,15 +147,21 @@ def _longrope(g, get: Callable, arch: str, context: int, rotary_dim: int,
                        attention_factor=nice_float(attn), short_factor=short, long_factor=long)
 
 
+def rope_base(value: float, name: str) -> float:
+    """A RoPE base read from a file (``name``: where, for the error) as ``nice_float``; an
+    EmberError unless finite and > 0 (the frequencies base**(-2i/d) would be inf / NaN)."""
+    if not (math.isfinite(value) and value > 0):
+        raise EmberError(f"{name} is {value}, not a positive number; the file is corrupt: "
+                         "convert the model again")
+    return nice_float(value)
+
+
 def rope_fields(g, arch: str, get: Callable, head_dim: int, context: int) -> dict:
     """``rope_theta``, ``rope_scaling`` and ``partial_rotary_factor`` of the parsed file ``g``;
     ``get(key)`` reads ``<arch>.<key>``."""
     path = g.path
-    theta = get("rope.freq_base", 10000.0)
-    if not (math.isfinite(theta) and theta > 0):  # frequencies base**(-2i/d): inf / NaN
-        raise EmberError(f"{path}: {arch}.rope.freq_base is {theta}, not a positive number; "
-                         "the file is corrupt: convert the model again")
-    out: dict = {"rope_theta": nice_float(theta)}
+    out: dict = {"rope_theta": rope_base(get("rope.freq_base", 10000.0),
+                                         f"{path}: {arch}.rope.freq_base")}
     rot = get("rope.dimension_count")
     rotary_dim = head_dim if rot is None else int(rot)
     if rotary_dim != head_dim:
