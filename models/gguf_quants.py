@@ -340,9 +340,8 @@ def _q6_k(x: torch.Tensor) -> torch.Tensor:
     L = torch.where(d == 0, L, requant).to(torch.uint8).reshape(nb, 2, 4, 32)
     ql = torch.cat([L[:, :, 0] & 0xF, L[:, :, 1] & 0xF], 2) | (
         torch.cat([L[:, :, 2] & 0xF, L[:, :, 3] & 0xF], 2) << 4)
-    qh = ((L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4)
-          | ((L[:, :, 3] >> 4) << 6))
-    out = torch.cat([ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(torch.uint8),
+    qh = _pack2((L >> 4).reshape(nb, QK_K))
+    out = torch.cat([ql.reshape(nb, 128), qh, sc.view(torch.uint8),
                      d16.view(torch.uint8).reshape(nb, 2)], 1)
     return torch.where(zero[:, None], torch.zeros_like(out), out)
 
@@ -405,6 +404,8 @@ def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
             sumlx, suml2 = torch.where(take, slx, sumlx), torch.where(take, sl2, suml2)
             changed |= take
         live &= changed
+        if not live.any():  # every row has stopped: the rounds left would change nothing
+            break
     scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1.0), 0.0)
     return torch.where(zero, 0.0, L + nmax).T, torch.where(zero, 0.0, scale)
 
