@@ -120,7 +120,6 @@ from ember import EmberError
 from ember.kernels import apply_rope, flash_attention, geglu, rms_norm, swiglu
 from ember.models.hf_backend_io import (
     AttentionPlan,
-    as_tuple,
     attention_plan,
     cache_name,
     check_labels,
@@ -514,7 +513,7 @@ def _causal_lm(self, fused, kept, input_ids, attention_mask, position_ids, input
     name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
     out = output(loss=loss, logits=logits, **{name: getattr(outputs, name)},
                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-    return as_tuple(out) if return_dict is False else out
+    return out.to_tuple() if return_dict is False else out  # loss and logits both tensors
 
 
 # ------------------------------------------------------------------------------------- public

@@ -193,11 +193,3 @@ def labels_read_padding(attention_mask, labels, shift_labels, ignore_index: int,
     if sdpa:
         read &= keep.cumsum(1) > 0
     return bool(read.any())
-
-
-def as_tuple(out) -> tuple:
-    """``return_dict=False``: HF's tuple is ``(loss, logits, past_key_values, ...)``. Its
-    ``to_tuple()`` drops None fields, which would move a later field into an empty slot: the
-    loss and logits slots are kept whatever they hold."""
-    rest = tuple(v for k, v in out.items() if k not in ("loss", "logits"))
-    return (out.loss, out.logits, *rest)
