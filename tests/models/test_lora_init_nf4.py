@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ember import EmberError
+from ember.kernels._dispatch import one_cpu_thread
 from ember.models.loading import iter_dense_weights, load_pretrained
 from ember.models.lora import LoRAConfig, apply_lora, hf_module_name, lora_modules, save_adapter
 from tests.models.test_interop_peft import VOCAB, save_random_model
@@ -75,8 +76,9 @@ def test_olora_on_nf4_is_peft_s(base, double_quant):
 
 def _peft_qpissa(base, tmp_path, dtype, **kw):
     """PEFT's QPiSSA recipe: pissa on the dense model, its starting adapter and its residual
-    model saved, the residual loaded in 4 bit with the adapter on it."""
-    with warnings.catch_warnings():
+    model saved, the residual loaded in 4 bit with the adapter on it. PEFT decomposes on one
+    thread, as Ember does (the SVD's last bits follow the thread count)."""
+    with warnings.catch_warnings(), one_cpu_thread(torch.device("cpu")):
         warnings.simplefilter("ignore")
         hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         pm = peft.get_peft_model(hf, peft.LoraConfig(init_lora_weights="pissa", **kw))
