@@ -159,9 +159,7 @@ class LoRALinear(nn.Module):
         self.lora_magnitude = None
         if use_dora:  # fp32 like A and B; reset_lora sets it to the row norms
             self.lora_magnitude = nn.Parameter(torch.empty(out_f, device=device, dtype=dtype))
-        self._dense_init = dense_weight  # read once, by the init
-        self.reset_lora(init)
-        self._dense_init = None
+        self.reset_lora(init, dense_weight)
 
     @property
     def in_features(self) -> int:
@@ -171,14 +169,15 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.lora_B.shape[0]
 
-    def reset_lora(self, init: str = "kaiming") -> None:
+    def reset_lora(self, init: str = "kaiming", dense_weight: torch.Tensor | None = None) -> None:
         """A random, B zero (and a DoRA magnitude ``||W||``): the wrapped model computes exactly
         what the base did. PiSSA / OLoRA (``ember.models.lora_init``): A and B from the base
         weight, which becomes the residual ``W - scale * B A`` (a weight on the meta device is
-        left as it is: its real values are loaded later)."""
+        left as it is: its real values are loaded later). ``dense_weight``: the full-precision
+        weight an NF4 base was quantized from (QPiSSA)."""
         with torch.no_grad():
             if changes_base(init):
-                self._init_from_base(init)
+                self._init_from_base(init, dense_weight)
             elif init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             else:
@@ -188,9 +187,9 @@ class LoRALinear(nn.Module):
             if self.lora_magnitude is not None:
                 self.lora_magnitude.copy_(self.weight_norm())
 
-    def _init_from_base(self, init: str) -> None:
+    def _init_from_base(self, init: str, dense: torch.Tensor | None) -> None:
         if hasattr(self.base, "quant_weight"):
-            self._init_from_nf4_base(init)
+            self._init_from_nf4_base(init, dense)
             return
         w = self.base.weight
         if w.device.type == "meta":
@@ -200,7 +199,7 @@ class LoRALinear(nn.Module):
         self.lora_B.copy_(B)
         self.base.weight = nn.Parameter(residual, requires_grad=False)
 
-    def _init_from_nf4_base(self, init: str) -> None:
+    def _init_from_nf4_base(self, init: str, dense: torch.Tensor | None) -> None:
         """OLoRA as PEFT's ``olora_init`` on a bitsandbytes 4-bit layer: QR of the dequantized
         weight (in its own dtype, then fp32); A, B stay fp32 (PEFT casts adapters only to a
         float base's dtype) and the fp32 residual is quantized again with the weight's
@@ -211,7 +210,6 @@ class LoRALinear(nn.Module):
         q = self.base.quant_weight
         if q is None or q.device.type == "meta":
             return
-        dense = self._dense_init
         if init != "olora" and dense is None:
             # PEFT's pissa_init refuses a 4-bit base too
             raise EmberError(f"lora.init {init!r} on a 4-bit (NF4) base needs the "
