@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ember.engine.config import TrainConfig
 from ember.engine.stages import base_of, load_base
-from ember.models.lora import LoRALinear, lora_modules
+from ember.models.lora import LoRALinear, base_state_dict, lora_modules
 from ember.models.lora_init import converted_adapter, lora_scale
 from ember.models.nf4 import is_quantized
 
@@ -41,11 +41,8 @@ def widen_frozen_base_(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype | 
     orig = load_base(cfg, base_of(cfg), str(dtype).removeprefix("torch."), str(device))[0]
     theirs = orig.state_dict()
     _unresidual_(model, theirs)
-    wrapped = {f"{n}.base.": f"{n}." for n in lora_modules(model)}
     with torch.no_grad():
-        for name, t in model.state_dict(keep_vars=True).items():
-            pre = next((w for w in wrapped if name.startswith(w)), None)
-            key = name if pre is None else wrapped[pre] + name[len(pre) :]
+        for key, t in base_state_dict(model, keep_vars=True).items():
             src = theirs.get(key)
             if (
                 src is None

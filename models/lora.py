@@ -509,12 +509,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, p in m.adapter_params().items()}
 
 
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def base_state_dict(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
     """The model's state dict without adapters and with un-wrapped names
-    (``layers.0.attn.q_proj.base.weight`` -> ``layers.0.attn.q_proj.weight``)."""
+    (``layers.0.attn.q_proj.base.weight`` -> ``layers.0.attn.q_proj.weight``); ``keep_vars``:
+    the parameters themselves (``state_dict(keep_vars=True)``)."""
     wrapped = tuple(f"{n}." for n in lora_modules(model))
     out = {}
-    for k, v in model.state_dict().items():
+    for k, v in model.state_dict(keep_vars=keep_vars).items():
         pre = next((w for w in wrapped if k.startswith(w)), None)
         if pre is None:
             out[k] = v
