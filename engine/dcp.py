@@ -372,11 +372,12 @@ class Loaded:
 
 def load(folder: str | os.PathLike, *, model: nn.Module,
          optimizer: torch.optim.Optimizer | None = None, info: DistInfo | None = None,
-         restore_rng: bool = True, level: str = "hash") -> Loaded:
+         restore_rng: bool = True, level: str = "hash", extra: dict | None = None) -> Loaded:
     """Restore ``model``'s trainable weights, ``optimizer`` and this rank's RNG from a checkpoint
     (in place; any world size) and return its step, extra state and config. Build the model
     (LoRA, checkpointing, sharding) and the optimizer exactly as for the run that saved it.
-    A checkpoint that fails verification is refused. Every rank must call it."""
+    A checkpoint that fails verification is refused. Every rank must call it. ``extra``: its
+    ``extra.pt`` as the caller has already read it (not read again)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -429,7 +430,8 @@ def load(folder: str | os.PathLike, *, model: nn.Module,
         # replay the same per-rank randomness anyway; ranks reuse the saved ones cyclically.
         rng = torch.load(folder / "rng" / f"rank_{info.rank % saved}.pt", weights_only=True)
         set_rng_state(rng)
-    extra = torch.load(folder / "extra.pt", weights_only=True)
+    if extra is None:
+        extra = torch.load(folder / "extra.pt", weights_only=True)
     cfg = folder / "config.toml"
     return Loaded(folder, manifest["step"], manifest.get("world_size", 1), extra,
                   cfg.read_text(encoding="utf-8") if cfg.exists() else None)

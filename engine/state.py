@@ -233,29 +233,43 @@ def save(cfg: TrainConfig, info: DistInfo, model, optimizer, *, progress: Progre
 def restore(path: Path, cfg: TrainConfig, info: DistInfo, model, optimizer, *,
             batches: PackedBatches, guard: NonFiniteGuard, scaler=None,
             base: str | None = None, frozen: dict[str, str] | None = None,
-            base_files: str | None = None) -> Progress:
+            base_files: str | None = None, extra: dict | None = None) -> Progress:
     """Load a checkpoint into the built (and sharded) model, the optimizer, this rank's RNG,
     the data position, the guard and the scaler; returns the run's progress. ``base``: the
     model's ``base_fingerprint``, refused unless the checkpoint's (where it has one) is the same:
     its run trained on other frozen weights (the model folder replaced or retrained since).
     ``frozen``: the objective's fingerprints by role, refused alike (an older checkpoint has
-    none: it resumes). ``base_files`` is for ``load_run_model`` (``save``): ``base`` covers it."""
+    none: it resumes). ``base_files`` is for ``load_run_model`` (``save``): ``base`` covers it.
+    ``extra``: the checkpoint's extra state as ``read_extra`` gave it to ``check_fingerprints``
+    and ``check_data`` (the trainer's early refusals; the latter restored the data position):
+    neither is repeated here."""
     # find_latest has just verified the files at cfg.checkpoint.verify: sizes suffice here.
-    loaded = dcp.load(path, model=model, optimizer=optimizer, info=info, level="size")
-    extra = loaded.extra
-    check_fingerprints(path, cfg, extra, base=base, frozen=frozen)
-    restore_data_state(batches, extra["data"], cfg.grad_accum * info.world_size, info.world_size)
+    checked = extra is not None
+    extra = dcp.load(path, model=model, optimizer=optimizer, info=info, level="size",
+                     extra=extra).extra
+    if not checked:
+        check_fingerprints(path, cfg, extra, base=base, frozen=frozen)
+        restore_data_state(batches, extra["data"], cfg.grad_accum * info.world_size,
+                           info.world_size)
     guard.load_state_dict(extra["guard"])
     if scaler is not None and extra.get("scaler"):
         scaler.load_state_dict(extra["scaler"])
     return Progress(**extra["progress"])
 
 
-def check_data(path: Path, batches: PackedBatches, batches_per_step: int, processes: int) -> None:
+def read_extra(path: Path) -> dict:
+    """Checkpoint ``path``'s extra state (``save``'s ``extra``), read once at a resume for
+    ``check_fingerprints``, ``check_data`` and ``restore``."""
+    return torch.load(Path(path) / "extra.pt", weights_only=True)
+
+
+def check_data(path: Path, batches: PackedBatches, batches_per_step: int, processes: int,
+               extra: dict | None = None) -> None:
     """EmberError when checkpoint ``path``'s run trained on other data or batching: the
     refusal ``restore`` would give, before DPO's / KTO's reference precompute rather than after
-    it (minutes of forwards on a real model)."""
-    extra = torch.load(Path(path) / "extra.pt", weights_only=True)
+    it (minutes of forwards on a real model). Otherwise ``batches`` continues at its data
+    position. ``extra``: its extra state (``read_extra``; read when None)."""
+    extra = read_extra(path) if extra is None else extra
     restore_data_state(batches, extra["data"], batches_per_step, processes)
 
 
@@ -267,7 +281,7 @@ def check_fingerprints(path: Path, cfg: TrainConfig, extra: dict | None = None, 
     right after building the model, before the data and DPO's / KTO's reference precompute
     (minutes of forwards on a real model, then refused by ``restore``)."""
     if extra is None:
-        extra = torch.load(Path(path) / "extra.pt", weights_only=True)
+        extra = read_extra(path)
     if base is not None and extra.get("base", base) != base:
         init = f", model.init {cfg.model.init!r}" if cfg.model.init else ""
         # PiSSA / OLoRA: the frozen base is a residual recomputed from the model at the resume

@@ -104,6 +104,7 @@ from ember.engine.state import (
     checkpoint_config,
     export_final,
     open_run,
+    read_extra,
     restore,
     save,
 )
@@ -316,8 +317,10 @@ class Trainer(EvalMixin):
         # Before _build seeds the run: loading a teacher / reference leaves the RNG as SFT's.
         self.objective = make_objective(cfg, info, trained=latest is not None)
         self.model = model = self._build(cfg, info)
+        extra = None if latest is None else read_extra(latest)  # read once for the resume
         if latest is not None:  # before the data and a reference precompute (minutes): refused
-            check_fingerprints(latest, cfg, base=self.base_print, frozen=self.frozen_prints)
+            check_fingerprints(latest, cfg, extra, base=self.base_print,
+                               frozen=self.frozen_prints)
         self.aux_coef = router_aux_coef(cfg, model)
         self.objective.check_model(model, self.tokenizer)
         if cfg.checkpoint.save_final:  # now, not after training: final/ is the export
@@ -334,7 +337,7 @@ class Trainer(EvalMixin):
         per_epoch = len(batches.plan(0))
         per_step = cfg.grad_accum * info.world_size
         if latest is not None:  # other training data: refused before a precompute (minutes)
-            check_data(latest, batches, per_step, info.world_size)
+            check_data(latest, batches, per_step, info.world_size, extra)
         self.objective.prepare(model, self.datasets, cfg.data.tokens_per_batch, self.device,
                                self.autocast, self.echo,
                                prints={"base": self.base_print, **self.frozen_prints})
@@ -365,7 +368,7 @@ class Trainer(EvalMixin):
 
         prog = Progress()
         if latest is not None:
-            prog = restore(latest, cfg, info, model, opt, **ckpt_state)
+            prog = restore(latest, cfg, info, model, opt, **ckpt_state, extra=extra)
             self.echo(f"resumed from {latest} (step {prog.step} of {total})")
             was = checkpoint_config(latest)
             old_total = total if (was.epochs, was.max_steps) == (cfg.epochs, cfg.max_steps) else (

@@ -122,7 +122,7 @@ def _tensorboard(run_dir) -> dict[str, list[tuple[int, float]]]:
     return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
 
 
-def test_stop_resume_equals_uninterrupted_run(tiny, tmp_path):
+def test_stop_resume_equals_uninterrupted_run(tiny, tmp_path, monkeypatch):
     extra = ("max_steps=6", "checkpoint.every_steps=2", "eval.every_steps=3", "lora.dropout=0.1",
              "data.tokens_per_batch=96", "grad_accum=2", "eval.metrics=[]", "tensorboard=true")
     train(tiny_config(tiny, tmp_path / "a", *extra), echo=quiet, progress=False)
@@ -142,7 +142,17 @@ def test_stop_resume_equals_uninterrupted_run(tiny, tmp_path):
 
     with SummaryWriter(str(tmp_path / "b" / "tensorboard")) as tb:  # and its TensorBoard events
         tb.add_scalar("train/loss", 123.0, 5)
+    reads, load = [], torch.load
+
+    def counted(f, *args, **kwargs):
+        reads.append(str(f))
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted)
     train(cfg_b, resume=True, echo=quiet, progress=False)
+    monkeypatch.undo()
+    # the checks before the data and the restore share one read (it was 3)
+    assert sum(r.endswith("extra.pt") for r in reads) == 1
     a, b = rows_of(tmp_path / "a", timing=False), rows_of(tmp_path / "b", timing=False)
     assert a == b
     # TensorBoard holds the same numbers, and the resumed run's events past the checkpoint were
