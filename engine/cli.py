@@ -234,35 +234,34 @@ def _cmd_export(a) -> None:
             raise EmberError(f"{a.run_dir} is a full fine-tuning run: it has no adapter; use "
                              "--merged OUT to export the model")
         out = save_adapter(model, a.adapter, base_model_name_or_path=base_of(cfg))
-    elif a.gguf:
-        from ember.models.gguf_export import save_gguf
-
-        # merged in fp32 (a QLoRA base dequantized into it) or the base checkpoint's dtype (a
-        # bf16 run's fp32 base: its fp32 weights): the GGUF type is the only rounding
-        if cfg is not None:
-            widen_frozen_base_(model, cfg, resolve_dtype(model.cfg.torch_dtype))
-        if lora_modules(model):
-            merge_lora(model, torch.float32 if is_quantized(model) else None)
-        out = save_gguf(model, tok, a.gguf, dtype=a.gguf_type)
     else:
-        # Written in its base checkpoint's dtype (config.json's, else the stored one: a bf16
-        # base trains in fp32 on a CPU; PEFT's merge_and_unload keeps the base's dtype as
-        # transformers loaded it). A QLoRA run's 4-bit base is dequantized into it, as PEFT's
-        # Linear4bit.merge adds the update to bnb's dequantize_4bit in the dtype the base was
-        # loaded in (was bf16 whatever the base: an fp32 / fp16 base and its embedding's update
-        # rounded to bf16). Merged in the dtype written: PEFT's embedding merge rounds its
-        # update to it first. A run whose base trained in a narrower dtype (precision = "bf16"
-        # over an fp32 base) merges into the checkpoint's own weights, as PEFT on transformers'
-        # fp32 model (was: the bf16-rounded ones, written as fp32).
         nf4 = is_quantized(model)
+        # The base checkpoint's dtype (config.json's, else the stored one: a bf16 base trains in
+        # fp32 on a CPU). A run whose base trained in a narrower dtype (precision = "bf16" over
+        # an fp32 base) merges into the checkpoint's own weights, as PEFT on transformers' fp32
+        # model (was: the bf16-rounded ones, written as fp32).
         dtype = resolve_dtype(model.cfg.torch_dtype)
-        if cfg is not None:  # a bf16 run over an fp32 base: merged into the fp32 weights
+        if cfg is not None:
             widen_frozen_base_(model, cfg, dtype)
-        if lora_modules(model):
-            merge_lora(model, dtype)
-        out = save_pretrained(model, a.merged, tok, dtype=dtype,
-                              dequantize=nf4,
-                              multimodal_base=multimodal_base(model, cfg) if cfg else None)
+        if a.gguf:
+            from ember.models.gguf_export import save_gguf
+
+            # merged in fp32 (a QLoRA base dequantized into it) or the base checkpoint's dtype
+            # (a bf16 run's fp32 base: its fp32 weights): the GGUF type is the only rounding
+            if lora_modules(model):
+                merge_lora(model, torch.float32 if nf4 else None)
+            out = save_gguf(model, tok, a.gguf, dtype=a.gguf_type)
+        else:
+            # Written in that dtype (PEFT's merge_and_unload keeps the base's dtype as
+            # transformers loaded it). A QLoRA run's 4-bit base is dequantized into it, as PEFT's
+            # Linear4bit.merge adds the update to bnb's dequantize_4bit in the dtype the base was
+            # loaded in (was bf16 whatever the base: an fp32 / fp16 base and its embedding's
+            # update rounded to bf16). Merged in the dtype written: PEFT's embedding merge rounds
+            # its update to it first.
+            if lora_modules(model):
+                merge_lora(model, dtype)
+            out = save_pretrained(model, a.merged, tok, dtype=dtype, dequantize=nf4,
+                                  multimodal_base=multimodal_base(model, cfg) if cfg else None)
     print(f"wrote {out}")
 
 
