@@ -56,6 +56,9 @@ from ember.models.lora_init import (
     changes_base,
     check_init,
     lora_scale,
+    rng_state,
+    set_rng_state,
+    skip_lowrank_draw,
 )
 from ember.models.peft_files import untie_head
 
@@ -395,7 +398,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, *,
     ``dense_weights``: ``(key, tensor)`` of the full-precision weights an NF4 model was
     quantized from (``ember.models.loading.iter_dense_weights``), which PiSSA on an NF4 base
     (QPiSSA) decomposes; read once, one tensor at a time (the whole dense model is never
-    held). ``pissa_niter_K`` draws as on a dense base: module by module in the model's order."""
+    held). ``pissa_niter_K`` draws as on a dense base: module by module in the model's order.
+    All or nothing: when it raises (a refusal at a late module, a PiSSA failure, an
+    interrupt), the model is as it was (its modules, weights and ``requires_grad``)."""
     if lora_modules(model):
         raise EmberError("the model already has LoRA adapters; merge_lora() it first or start "
                          "from a fresh base model")
@@ -403,12 +408,42 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, *,
     check_embed_head(names, use_dora=cfg.use_dora, where="lora.targets", tied=tied_lm(model))
     if changes_base(cfg.init):
         check_base_changing(model, cfg.init, names)
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    wrapped: list[tuple[str, nn.Module, dict]] = []
+    try:
+        _apply_lora(model, cfg, names, dense_weights, wrapped)
+    except BaseException:
+        # a half-wrapped model (its first modules' bases replaced by PiSSA's residual) cannot be
+        # retried ("already has LoRA adapters") nor used as the base it was
+        for name, base, state in reversed(wrapped):
+            base.__dict__.clear()
+            base.__dict__.update(state)
+            _set_module(model, name, base)
+        for p, grad in grads:
+            p.requires_grad_(grad)
+        raise
+    return model
+
+
+def _module_state(m: nn.Module) -> dict:
+    """``m``'s attributes with its own parameter / buffer / submodule tables copied: what
+    PiSSA's residual (a new weight Parameter, an NF4 weight set anew) replaces, to put back."""
+    return {**m.__dict__, **{k: dict(m.__dict__[k]) for k in ("_parameters", "_buffers",
+                                                               "_modules")}}
+
+
+def _apply_lora(model: nn.Module, cfg: LoRAConfig, names: list[str],
+                dense_weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None,
+                wrapped: list[tuple[str, nn.Module, dict]]) -> None:
+    """``apply_lora``'s wrapping; each module replaced is appended to ``wrapped`` (its name,
+    the base module and the base's state before) first."""
     for p in model.parameters():
         p.requires_grad_(False)
     pad = getattr(getattr(model, "cfg", None), "pad_token_id", None)  # transformers' padding_idx
 
     def wrap(name: str, dense: torch.Tensor | None = None) -> None:
         base = model.get_submodule(name)
+        wrapped.append((name, base, _module_state(base)))
         if name == "embed":
             mod = LoRAEmbedding(base, cfg.rank, cfg.alpha, use_rslora=cfg.use_rslora,
                                 dropout=cfg.dropout, ties_head=tied_lm(model), padding_idx=pad,
@@ -430,18 +465,20 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, *,
             wrap(name)
         elif dense_weights is not None and _NITER.fullmatch(cfg.init):
             q = model.get_submodule(name).quant_weight
-            draws[name] = _rng_state(q.device)
-            torch.randn(min(q.shape), cfg.rank, device=q.device)  # svd_lowrank's draw
+            draws[name] = rng_state(q.device)
+            skip_lowrank_draw(tuple(q.shape), cfg.rank, q.device)
     if qpissa and dense_weights is not None:
-        after = {d: _rng_state(d) for d in {q.device for q in _nf4s(model, qpissa)}}
-        for key, t in dense_weights():  # each tensor freed before the next is read
-            if key in qpissa:
-                name = qpissa.pop(key)
-                if name in draws:
-                    _set_rng_state(model.get_submodule(name).quant_weight.device, draws[name])
-                wrap(name, t)
-        for d, state in after.items():
-            _set_rng_state(d, state)
+        cuda = {d for n in qpissa.values()
+                if (d := model.get_submodule(n).quant_weight.device).type == "cuda"}
+        # each module's draw replayed from its kept state; the RNG then left past them all
+        with torch.random.fork_rng(devices=sorted(cuda, key=str)):
+            for key, t in dense_weights():  # each tensor freed before the next is read
+                if key in qpissa:
+                    name = qpissa.pop(key)
+                    if name in draws:
+                        set_rng_state(model.get_submodule(name).quant_weight.device,
+                                      draws[name])
+                    wrap(name, t)
         if qpissa:
             raise EmberError(f"lora.init {cfg.init!r}: the full-precision weights have no "
                              f"{sorted(qpissa)[:3]}: not the model the NF4 one was quantized "
@@ -458,22 +495,6 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, *,
         model.peft_base_init = {n: (host(m.lora_A), host(m.lora_B))
                                 for n, m in lora_modules(model).items()
                                 if isinstance(m, LoRALinear)}
-    return model
-
-
-def _nf4s(model: nn.Module, keys: dict[str, str]) -> list:
-    return [model.get_submodule(n).quant_weight for n in keys.values()]
-
-
-def _rng_state(device: torch.device) -> torch.Tensor:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
 
 
 def _loaded_nf4(m: nn.Module) -> bool:

@@ -103,6 +103,25 @@ def _base_changing_init(weight: torch.Tensor, rank: int, scale: float, init: str
     return A.to(dtype).float(), B.to(dtype).float(), residual
 
 
+def skip_lowrank_draw(shape: tuple[int, int], rank: int, device: torch.device) -> None:
+    """Advance ``device``'s RNG as ``base_changing_init``'s ``pissa_niter_K`` on a ``shape``
+    weight does without decomposing it: ``torch.svd_lowrank`` draws one fp32 Gaussian
+    ``(min(shape), rank)`` test matrix (its ``get_approximate_basis`` of the tall side)."""
+    torch.randn(min(shape), rank, device=device)
+
+
+def rng_state(device: torch.device) -> torch.Tensor:
+    """``device``'s RNG state (a CUDA device's, else the CPU's): one module's draw, replayed."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def converted_adapter(A: torch.Tensor, B: torch.Tensor, init: tuple | None,
                       rank: int, alpha: float, use_rslora: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, int, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -366,3 +367,28 @@ def test_a_failed_save_leaves_the_adapter_folder_as_it_was(hf_dir, tmp_path, mon
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
     assert peft.PeftModel.from_pretrained(hf, out).peft_config["default"].r == 4
+
+
+def test_a_failed_apply_lora_leaves_the_model_as_it_was(hf_dir):
+    """PiSSA at rank 32 is refused at layers.0.attn.v_proj (24 rows): the embedding and q_proj
+    before it were left wrapped, q_proj's base replaced by the residual, every weight frozen (a
+    retry then: "already has LoRA adapters"). All or nothing: the model as it was, the refusal
+    unchanged."""
+    model = _ember_model(hf_dir)
+    mods = {n: id(m) for n, m in model.named_modules()}
+    params = {n: (id(p), p.requires_grad) for n, p in model.named_parameters()}
+    model.embed.weight.requires_grad_(False)  # a frozen one stays frozen
+    params["embed.weight"] = (params["embed.weight"][0], False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = LoRAConfig(rank=32, alpha=8.0, targets=("embed_tokens", "q_proj", "v_proj"),
+                     init="pissa")
+    with pytest.raises(EmberError, match=r"rank 32 exceeds the smaller side of a \(24, 48\)"):
+        apply_lora(model, cfg)
+    assert {n: id(m) for n, m in model.named_modules()} == mods
+    assert {n: (id(p), p.requires_grad) for n, p in model.named_parameters()} == params
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v)
+                                                 for k, v in before.items())
+    assert "peft_base_init" not in model.__dict__
+    apply_lora(model, dataclasses.replace(cfg, rank=4))
+    assert len(lora_modules(model)) == 5
