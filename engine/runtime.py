@@ -285,7 +285,7 @@ def build_model(cfg: TrainConfig, device: str):
             # again from the base's files one tensor at a time
             dense = None
             if cfg.lora.init.startswith("pissa") and is_quantized(model):
-                dense = lambda: iter_dense_weights(base_of(cfg))  # noqa: E731
+                dense = lambda keys: iter_dense_weights(base_of(cfg), keys)  # noqa: E731
             apply_lora(model, cfg.lora, dense_weights=dense)
         if cfg.checkpoint.save_final:  # a PEFT file the run could not write: say so now
             check_peft_exportable(model)

@@ -43,7 +43,7 @@ import os
 import shutil
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -177,22 +177,9 @@ def load_hf_folder(
         raise EmberError(f"model folder {folder} does not exist")
     if quantize not in (None, "nf4"):
         raise EmberError(f"quantize must be None or 'nf4', got {quantize!r}")
-    path, raw = _read_config_json(folder)
-    cfg = _parse_config(path, raw)
-    qc = quantization_config_from_hf(raw)
-    int8 = is_int8_config(qc)  # LLM.int8: read as the dense model (ember.models.bnb_int8)
-    prequantized = qc is not None and not int8
-    ckpt = scan_checkpoint(folder, quantized=prequantized, int8=int8)
-    _check_base_model(path, raw, cfg, ckpt)
-    dequant = None
-    if int8:
-        ckpt, dequant = int8_view(ckpt)
-    if cfg.extra.get("multimodal"):
-        ckpt = language_model_view(ckpt)
-    cfg = untie_if_head_differs(ckpt, cfg)
-    stored = ckpt.stored_dtype()
-    auto = _config_dtype(raw, stored)
-    target = auto if dtype == "auto" else resolve_dtype(dtype) or stored
+    raw, cfg, qc, ckpt, dequant = _open_folder(folder)
+    prequantized = qc is not None and not is_int8_config(qc)
+    auto, target = _dtypes(raw, ckpt, dtype)
     # the dtype transformers 5 loads (its default dtype="auto"), trains and saves this model in,
     # which a full fine-tune's or merged export is written in: config.json's, else the stored one
     cfg = cfg.replace(torch_dtype=_dtype_name(auto))
@@ -218,27 +205,55 @@ def load_hf_folder(
     return model
 
 
-def iter_dense_weights(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(ember_key, tensor)`` for every weight of the model at ``path`` (a folder, a ``.gguf``
-    file or a built-in name), one at a time, as stored (an 8-bit checkpoint's dequantized):
-    what a quantize-while-loading model was quantized from, for an init that must see the
-    full-precision weights (QPiSSA: ``apply_lora(..., dense_weights=...)``). EmberError for a
-    bitsandbytes 4-bit checkpoint, which has no full-precision weights."""
-    folder = _resolve_path(path)
-    cfg_path, raw = _read_config_json(folder)
-    cfg = _parse_config(cfg_path, raw)
+def _open_folder(folder: Path, *, dense: bool = False):
+    """``(config.json, ModelConfig, quantization config, CheckpointIndex, dequant)`` of an HF
+    model folder, the checkpoint index as Ember reads it (an 8-bit one's dequantized by
+    ``dequant``, a multimodal one's language model; the config untied when the stored head
+    differs from the embedding). ``dense``: EmberError for a bitsandbytes 4-bit checkpoint."""
+    path, raw = _read_config_json(folder)
+    cfg = _parse_config(path, raw)
     qc = quantization_config_from_hf(raw)
-    int8 = is_int8_config(qc)
-    if qc is not None and not int8:
+    int8 = is_int8_config(qc)  # LLM.int8: read as the dense model (ember.models.bnb_int8)
+    prequantized = qc is not None and not int8
+    if dense and prequantized:
         raise EmberError(f"{folder} is a bitsandbytes 4-bit checkpoint: it holds no "
                          "full-precision weights to decompose; point model.name at the "
                          "unquantized model (with model.quantize = \"nf4\")")
-    ckpt, dequant = scan_checkpoint(folder, int8=int8), None
+    ckpt = scan_checkpoint(folder, quantized=prequantized, int8=int8)
+    _check_base_model(path, raw, cfg, ckpt)
+    dequant = None
     if int8:
         ckpt, dequant = int8_view(ckpt)
     if cfg.extra.get("multimodal"):
         ckpt = language_model_view(ckpt)
-    yield from iter_checkpoint(folder, untie_if_head_differs(ckpt, cfg), ckpt, dequant)
+    return raw, untie_if_head_differs(ckpt, cfg), qc, ckpt, dequant
+
+
+def iter_dense_weights(path: str | os.PathLike, keys: Collection[str] | None = None
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(ember_key, tensor)`` for every weight of the model at ``path`` (a folder, a ``.gguf``
+    file or a built-in name), one at a time, as stored (an 8-bit checkpoint's dequantized):
+    what a quantize-while-loading model was quantized from, for an init that must see the
+    full-precision weights (QPiSSA: ``apply_lora(..., dense_weights=...)``). ``keys``: only
+    those weights (the rest of the checkpoint is not read). EmberError, at the call, for a
+    bitsandbytes 4-bit checkpoint, which has no full-precision weights."""
+    folder = _resolve_path(path)
+    _, cfg, _, ckpt, dequant = _open_folder(folder, dense=True)
+    return iter_checkpoint(folder, cfg, ckpt, dequant, keys)
+
+
+def load_dtype(path: str | os.PathLike, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """The dtype ``load_pretrained(path, dtype)`` gives the weights of the model at ``path``
+    (the dtype its NF4 layers are quantized from), without reading them."""
+    raw, _, _, ckpt, _ = _open_folder(_resolve_path(path))
+    return _dtypes(raw, ckpt, dtype)[1]
+
+
+def _dtypes(raw: dict, ckpt, dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(transformers' ``dtype="auto"``, the dtype the weights are loaded in for ``dtype``)."""
+    stored = ckpt.stored_dtype()
+    auto = _config_dtype(raw, stored)
+    return auto, auto if dtype == "auto" else resolve_dtype(dtype) or stored
 
 
 def _config_dtype(raw: dict, stored: torch.dtype) -> torch.dtype:

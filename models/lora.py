@@ -39,7 +39,7 @@ import fnmatch
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +61,9 @@ from ember.models.lora_init import (
     skip_lowrank_draw,
 )
 from ember.models.peft_files import untie_head
+
+# QPiSSA's source: (the Ember weight keys wanted) -> their (key, full-precision tensor)
+DenseWeights = Callable[[Collection[str]], Iterable[tuple[str, torch.Tensor]]]
 
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
 _LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -217,9 +220,9 @@ class LoRALinear(nn.Module):
             # PEFT's pissa_init refuses a 4-bit base too
             raise EmberError(f"lora.init {init!r} on a 4-bit (NF4) base needs the "
                              "full-precision weights it was quantized from (QPiSSA): pass "
-                             "apply_lora(..., dense_weights=lambda: iter_dense_weights(model "
-                             "folder)) (ember train does), or use lora.init = 'olora' (PEFT's "
-                             "4-bit OLoRA) or 'kaiming'")
+                             "apply_lora(..., dense_weights=lambda keys: iter_dense_weights("
+                             "model folder, keys)) (ember train does), or use lora.init = "
+                             "'olora' (PEFT's 4-bit OLoRA) or 'kaiming'")
         if q.state.quant_type != "nf4":
             raise EmberError(f"lora.init {init!r}: the base is bitsandbytes "
                              f"{q.state.quant_type.upper()}, and Ember quantizes to NF4 only; "
@@ -390,17 +393,17 @@ def check_embed_head(names, *, use_dora: bool, where: str = "lora",
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig, *,
-               dense_weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None
+               dense_weights: DenseWeights | None = None
                ) -> nn.Module:
     """Freeze every parameter and wrap the targeted projections in ``LoRALinear`` (the token
     embedding in a ``LoRAEmbedding``; on a tied model it adapts the head too).
 
-    ``dense_weights``: ``(key, tensor)`` of the full-precision weights an NF4 model was
-    quantized from (``ember.models.loading.iter_dense_weights``), which PiSSA on an NF4 base
-    (QPiSSA) decomposes; read once, one tensor at a time (the whole dense model is never
-    held). ``pissa_niter_K`` draws as on a dense base: module by module in the model's order.
-    All or nothing: when it raises (a refusal at a late module, a PiSSA failure, an
-    interrupt), the model is as it was (its modules, weights and ``requires_grad``)."""
+    ``dense_weights(keys)``: ``(key, tensor)`` of the full-precision weights ``keys`` an NF4
+    model was quantized from (``lambda keys: ember.models.loading.iter_dense_weights(folder,
+    keys)``), which PiSSA on an NF4 base (QPiSSA) decomposes; read once, one tensor at a time
+    (the whole dense model is never held). ``pissa_niter_K`` draws as on a dense base: module
+    by module in the model's order. All or nothing: when it raises (a refusal at a late module,
+    a PiSSA failure, an interrupt), the model is as it was (modules, weights, requires_grad)."""
     if lora_modules(model):
         raise EmberError("the model already has LoRA adapters; merge_lora() it first or start "
                          "from a fresh base model")
@@ -433,7 +436,7 @@ def _module_state(m: nn.Module) -> dict:
 
 
 def _apply_lora(model: nn.Module, cfg: LoRAConfig, names: list[str],
-                dense_weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None,
+                dense_weights: DenseWeights | None,
                 wrapped: list[tuple[str, nn.Module, dict]]) -> None:
     """``apply_lora``'s wrapping; each module replaced is appended to ``wrapped`` (its name,
     the base module and the base's state before) first."""
@@ -472,7 +475,8 @@ def _apply_lora(model: nn.Module, cfg: LoRAConfig, names: list[str],
                 if (d := model.get_submodule(n).quant_weight.device).type == "cuda"}
         # each module's draw replayed from its kept state; the RNG then left past them all
         with torch.random.fork_rng(devices=sorted(cuda, key=str)):
-            for key, t in dense_weights():  # each tensor freed before the next is read
+            # each tensor freed before the next is read; only the decomposed modules' are read
+            for key, t in dense_weights(frozenset(qpissa)):
                 if key in qpissa:
                     name = qpissa.pop(key)
                     if name in draws:

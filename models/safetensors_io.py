@@ -19,7 +19,7 @@ import json
 import os
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -499,13 +499,15 @@ def _unlisted_hint(ckpt: CheckpointIndex) -> str:
 def iter_checkpoint(
     folder: str | os.PathLike, cfg: ModelConfig | None = None, ckpt: CheckpointIndex | None = None,
     dequant: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    keys: Collection[str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(ember_key, tensor)`` for every weight, one file at a time, as stored (dtype, CPU).
 
     All keys and shapes are validated against cfg (default: the folder's config.json) before the
     first tensor is read, so a bad checkpoint fails fast and names the key. ``dequant(stored
     key, tensor)`` turns a stored tensor into the weight it stands for (an 8-bit checkpoint's:
-    ``ember.models.bnb_int8``)."""
+    ``ember.models.bnb_int8``). ``keys``: only these Ember weights (the others, and the files
+    holding none of them, are not read)."""
     cfg = cfg if cfg is not None else read_config(folder)
     ckpt = ckpt if ckpt is not None else scan_checkpoint(folder)
     try:
@@ -514,21 +516,30 @@ def iter_checkpoint(
         raise EmberError(f"{e}{_unlisted_hint(ckpt)}") from None
     fused = fused_parts(ckpt.shapes, cfg)  # Phi-3: one stored tensor, several Ember weights
     experts = expert_parts(ckpt.shapes, cfg, str(ckpt.folder))  # 3-D MoE expert stacks
+    parts = {k: [p[0] for p in v] for k, v in (*fused.items(), *experts.items())}
+
+    def wanted(k: str) -> bool:  # a stored tensor holding one of ``keys`` (all: None)
+        return keys is None or any(mapping[p] in keys for p in parts.get(k, (k,)))
+
     for path in ckpt.files:
-        keys = [k for k, p in ckpt.key_file.items()
-                if p == path and (k in mapping or k in fused or k in experts)]
+        names = [k for k, p in ckpt.key_file.items()
+                 if p == path and (k in mapping or k in parts) and wanted(k)]
+        if keys is not None and not names:
+            continue
         try:
             with open_weights(path) as f:
-                for key in keys:
+                for key in names:
                     t = f.get_tensor(ckpt.stored_key(key))
                     if dequant is not None:
                         t = dequant(ckpt.stored_key(key), t)
                     if key in fused:
                         for part, a, b in fused[key]:
-                            yield mapping[part], t[a:b].clone()
+                            if keys is None or mapping[part] in keys:
+                                yield mapping[part], t[a:b].clone()
                     elif key in experts:
                         for part, e, a, b in experts[key]:
-                            yield mapping[part], t[e, a:b].clone()
+                            if keys is None or mapping[part] in keys:
+                                yield mapping[part], t[e, a:b].clone()
                     else:
                         yield mapping[key], t
         except SafetensorError as e:
