@@ -13,8 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ember import EmberError
 from ember.engine.config import TrainConfig
 from ember.engine.stages import base_of, load_base
+from ember.kernels.nf4 import NF4Weight
+from ember.models.loading import iter_dense_weights, load_dtype
 from ember.models.lora import LoRALinear, base_state_dict, lora_modules
 from ember.models.lora_init import converted_adapter, lora_scale
 from ember.models.nf4 import is_quantized
@@ -89,12 +92,34 @@ def _unresidual_nf4_(model: nn.Module, cfg: TrainConfig) -> bool:
     the tiny test model's logits): each such module gets the original NF4 weight (the base
     quantized again as the run loaded it) and the converted adapter, the final export's."""
     mods = lora_modules(model)
-    device = next(model.parameters()).device
-    orig = load_base(cfg, base_of(cfg), cfg.model.dtype, str(device),
-                     quantize=cfg.model.quantize, double_quant=cfg.model.double_quant)[0]
-    src = {n: orig.get_submodule(n) for n in model.peft_base_init if n in mods}
-    weights = {n: m.quant_weight for n, m in src.items() if hasattr(m, "quant_weight")}
-    _unresidual_(model, {f"{n}.weight": m.weight for n, m in src.items() if n not in weights})
+    names = [n for n in model.peft_base_init if n in mods]
+    orig = _original_weights(model, cfg, names)
+    weights = {n: w for n, w in orig.items() if isinstance(w, NF4Weight)}
+    _unresidual_(model, {f"{n}.weight": w for n, w in orig.items() if n not in weights})
     for n, w in weights.items():
         mods[n].base.quant_weight = w
     return True
+
+
+def _original_weights(model: nn.Module, cfg: TrainConfig, names: list[str]) -> dict:
+    """The weights of the modules ``names`` as the run loaded its base: those of NF4 layers
+    quantized again (alone: the rest of the base is neither read nor quantized, was the whole
+    base), the others dense. A bitsandbytes 4-bit base (no dense weights) is loaded whole, its
+    4-bit weights as stored."""
+    mods = lora_modules(model)
+    device = next(model.parameters()).device
+    try:
+        dense = iter_dense_weights(base_of(cfg), {f"{n}.weight" for n in names})
+    except EmberError:  # a 4-bit checkpoint (any other error: load_base's own, below)
+        orig = load_base(cfg, base_of(cfg), cfg.model.dtype, str(device),
+                         quantize=cfg.model.quantize, double_quant=cfg.model.double_quant)[0]
+        src = {n: orig.get_submodule(n) for n in names}
+        return {n: getattr(m, "quant_weight", None) or m.weight for n, m in src.items()}
+    dtype = load_dtype(base_of(cfg), cfg.model.dtype)
+    out = {}
+    for key, t in dense:
+        n = key.removesuffix(".weight")
+        t = t.to(device=device, dtype=dtype)  # as the loader casts before quantizing
+        q = getattr(mods[n].base, "quant_weight", None)  # the residual, quantized as the base
+        out[n] = t if q is None else NF4Weight.quantize(t, q.blocksize, q.state.nested)
+    return out

@@ -152,12 +152,21 @@ def test_nf4_base_inits_under_torchrun_match_one_process(tiny, launched):
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
 
 
-def test_nf4_merged_export_from_a_checkpoint_is_the_final_one(tiny, tmp_path):
+def test_nf4_merged_export_from_a_checkpoint_is_the_final_one(tiny, tmp_path, monkeypatch):
     """export --merged of an NF4 OLoRA run without its final adapter: the original NF4 base +
     the converted adapter, as from the final adapter (was: the re-quantized residual + B A,
-    another model by the residual's re-quantization error)."""
+    another model by the residual's re-quantization error). Only the adapted modules' original
+    weights are read and quantized again (was: the whole base, every linear a second time)."""
     from ember.engine.cli import main
+    from ember.kernels.nf4 import NF4Weight
     from ember.models.loading import load_pretrained
+    from ember.models.nf4 import Linear4bit
+
+    quantized, real = [], NF4Weight.quantize.__func__
+
+    def counted(cls, w, *args, **kwargs):
+        quantized.append(tuple(w.shape))
+        return real(cls, w, *args, **kwargs)
 
     run = tmp_path / "a"
     train(tiny_config(tiny, run, "max_steps=1", 'lora.init="olora"', 'model.quantize="nf4"',
@@ -169,7 +178,13 @@ def test_nf4_merged_export_from_a_checkpoint_is_the_final_one(tiny, tmp_path):
         for name in ("final", "ckpt"):
             if name == "ckpt":
                 shutil.rmtree(run / "final")
+                monkeypatch.setattr(NF4Weight, "quantize", classmethod(counted))
             assert main(["export", "--merged", str(tmp_path / name), str(run)]) == 0
+            monkeypatch.undo()
             with torch.no_grad():
                 outs.append(load_pretrained(tmp_path / name)[0].eval()(ids))
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+    base = load_pretrained(tiny["model"], quantize="nf4")[0]
+    linears = sum(isinstance(m, Linear4bit) for m in base.modules())
+    adapted = 2 * base.cfg.num_layers  # q and down: each residual, then its original weight
+    assert len(quantized) == linears + 2 * adapted, (len(quantized), linears, adapted)
