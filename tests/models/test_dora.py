@@ -350,3 +350,29 @@ def test_ember_train_with_dora_learns(tiny, tmp_path):
     q = lora_modules(build_model(nxt, "cpu")[0])["layers.0.attn.q_proj"]
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
     assert q.use_dora and torch.equal(q.lora_magnitude.detach(), mags[key])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_embedding_dora_norm_is_exact_without_a_vocab_sized_matrix(dtype):
+    """DoRA's embedding norm ||E + s (B A)^T|| per hidden dim, expanded (no (V, D) matrix, E in
+    row blocks): nearer the fp64 norm than PEFT's fp32 one over the (V, D) sum (1.2e-6 against
+    9e-6 relative here), and the module starts as the base embedding bit for bit."""
+    from ember.models.lora_embed import LoRAEmbedding
+
+    g = torch.Generator().manual_seed(0)
+    base = nn.Embedding(70_001, 60).to(dtype)  # rows past one 16 MB block, V not a power of 2
+    with torch.no_grad():
+        base.weight.copy_(0.02 * torch.randn(base.weight.shape, generator=g))
+    emb = LoRAEmbedding(base, 4, 8.0, use_dora=True)
+    ids = torch.randint(0, 70_001, (2, 7), generator=g)
+    assert torch.equal(emb(ids), base(ids))
+    with torch.no_grad():
+        emb.lora_embedding_A.copy_(0.02 * torch.randn(emb.lora_embedding_A.shape, generator=g))
+    A, B, E = (t.detach().double() for t in (emb.lora_embedding_A, emb.lora_embedding_B,
+                                             base.weight))
+    want = torch.linalg.norm(E + emb.scale * (B @ A).t(), dim=0)
+    peft = torch.linalg.norm(base.weight.float() + emb.delta_weight(), dim=0)
+    got = emb.weight_norm()
+    assert got.dtype == torch.float32 and got.shape == (60,)
+    err, peft_err = (((t.double() - want).abs() / want).max().item() for t in (got, peft))
+    assert err < 2e-6 and err < peft_err, (err, peft_err)
