@@ -449,7 +449,8 @@ def test_a_fraction_of_an_epoch_rounds_as_transformers_trainer(tmp_path):
     assert len(epoch_step_sizes(_Plan(50), 1.1, 1)) == math.ceil(1.1 * 50) == 56
 
 
-def test_a_final_export_older_than_the_newest_checkpoint_is_noted(tiny, tmp_path, monkeypatch):
+def test_a_final_export_older_than_the_newest_checkpoint_is_noted(tiny, tmp_path, monkeypatch,
+                                                                 capsys):
     """A finished run (final/ at step 2) resumed with a larger max_steps that stops before its
     own export: eval / export / generate used the step-2 final/ without a word while a step-4
     checkpoint existed. final/run_end.json records the end final/ was written at; a newer
@@ -475,6 +476,12 @@ def test_a_final_export_older_than_the_newest_checkpoint_is_noted(tiny, tmp_path
     assert any("step 2" in m and "step 4 is newer" in m and "--resume" in m for m in said), said
     with pytest.warns(UserWarning, match="newer"):
         load_run_model(run, "cpu")
+    from ember.engine.cli import main
+
+    for flag in ("--adapter", "--merged"):  # each export says it once
+        capsys.readouterr()
+        assert main(["export", flag, str(tmp_path / flag.strip("-")), str(run)]) == 0
+        assert capsys.readouterr().err.count("step 4 is newer") == 1, flag
     monkeypatch.setattr(trainer_mod, "export_final", real_export)
     train(load_config(run, ["max_steps=4"]), resume=True, echo=quiet, progress=False)
     assert stale_final(run) is None
