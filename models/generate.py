@@ -32,13 +32,16 @@ from __future__ import annotations
 import operator
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from ember import EmberError
 from ember.models.generation_config import (  # noqa: F401  (generate's API, re-exported)
     HF_SAMPLING_DEFAULTS,
+    Knobs,
     check_sampling,
+    knob_defaults,
     sampling_defaults,
     token_ban_defaults,
     unapplied_settings,
@@ -151,22 +154,18 @@ def _idle_passes(model: Transformer, sync: Callable[[bool], bool]) -> None:
 
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
-                 max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, eos_token_ids: Iterable[int] = (),
-                 pad_token_id: int | None = 0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, min_new_tokens: int = 0,
-                 no_repeat_ngram_size: int = 0,
-                 bad_words_ids: Sequence[Sequence[int]] | None = None,
-                 suppress_tokens: Sequence[int] | None = None,
-                 begin_suppress_tokens: Sequence[int] | None = None, min_length: int = 0,
-                 forced_eos_token_id: int | Sequence[int] | None = None,
+                 max_new_tokens: int = 128, temperature: float = 0.0, seed: int | None = None,
+                 eos_token_ids: Iterable[int] = (), pad_token_id: int | None = 0,
                  should_stop: Callable[[int, list[int]], bool] | None = None,
                  drafts: Sequence[Sequence[int]] | None = None,
                  sync: Callable[[bool], bool] | None = None,
                  generator: torch.Generator | None = None,
-                 generators: Sequence[torch.Generator] | None = None) -> list[list[int]]:
+                 generators: Sequence[torch.Generator] | None = None,
+                 **knobs: Any) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt. Returns the new ids per row, without the
     stop token. ``should_stop(row, ids_so_far)`` may end a row early (stop strings).
+    ``knobs``: the fields of ``generation_config.Knobs`` (None or left out: off), the logits
+    processors and warpers below.
     ``repetition_penalty`` (greedy and sampled) and ``min_p`` act as transformers' do: the
     penalty on every token of the prompt and of the generation so far. ``min_new_tokens``: the
     stop ids are not generated before that many new tokens (transformers' MinNewTokensLength);
@@ -201,8 +200,11 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     flag across processes), and the passes end when it returns False. Until then a call whose
     rows have all finished, or that got no prompts at all, makes one-token passes whose output
     is dropped, so every process makes as many forward calls."""
-    check_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
-                   min_new_tokens, no_repeat_ngram_size, min_length)
+    kn = Knobs.of(knobs)
+    check_sampling(max_new_tokens, temperature, kn.top_p, kn.top_k, kn.min_p,
+                   kn.repetition_penalty, kn.min_new_tokens, kn.no_repeat_ngram_size,
+                   kn.min_length)
+    top_p, top_k, min_p = kn.top_p, kn.top_k, kn.min_p
     prompts = _as_id_lists("prompt", prompt_ids)
     if generators is not None and (generator is not None or seed is not None
                                    or len(generators) != len(prompts)):
@@ -218,12 +220,12 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             raise EmberError(f"prompt {i} is empty: give at least one token (e.g. BOS)")
         _check_ids("prompt", i, p, cfg.vocab_size)
     if drafts is not None:
-        if temperature > 0 or repetition_penalty != 1 or min_new_tokens or min_length or (
-                no_repeat_ngram_size or bad_words_ids or suppress_tokens or begin_suppress_tokens
-                or forced_eos_token_id is not None):
+        on = kn.processors_on()
+        if temperature > 0 or on:
             raise EmberError("drafts are verified against plain greedy choices: use "
                              "temperature = 0, repetition_penalty = 1, min_new_tokens = 0 and "
-                             "no_repeat_ngram_size = 0, without token bans or forced tokens")
+                             "no_repeat_ngram_size = 0, without token bans or forced tokens ("
+                             + ", ".join(on or ["temperature"]) + " set)")
         drafts = _as_id_lists("draft", drafts)
         if len(drafts) != len(prompts):
             raise EmberError(f"{len(drafts)} drafts for {len(prompts)} prompts: give one per "
@@ -251,12 +253,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     if dynamic and B > 1 and sync is None and (
             len(virtual) + L + max_new_tokens > cfg.max_position_embeddings):
         return [generate_ids(
-            model, [p], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, eos_token_ids=stop_ids, pad_token_id=pad_token_id, min_p=min_p,
-            repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-            no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids,
-            suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens,
-            min_length=min_length, forced_eos_token_id=forced_eos_token_id,
+            model, [p], max_new_tokens=max_new_tokens, temperature=temperature,
+            eos_token_ids=stop_ids, pad_token_id=pad_token_id, **kn.as_dict(),
             should_stop=None if should_stop is None else (
                 lambda _, ids, i=i: should_stop(i, ids)),
             drafts=None if drafts is None else [drafts[i]], generator=generator,
@@ -282,15 +280,12 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     key_mask = None if bool(mask.all()) else mask
     cache = KVCache(cfg, B, slots, device, weight.dtype)
     seen = None  # repetition penalty: the tokens of each batch row's prompt and output so far
-    if repetition_penalty != 1:
+    if kn.repetition_penalty != 1:
         seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
             seen[i, torch.tensor(p, device=device)] = True
-    bans = TokenBans(prompts, cfg.vocab_size, stop_ids, min_new_tokens=min_new_tokens,
-                     no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids,
-                     suppress_tokens=suppress_tokens,
-                     begin_suppress_tokens=begin_suppress_tokens, min_length=min_length,
-                     forced_eos_token_id=forced_eos_token_id, max_new_tokens=max_new_tokens)
+    bans = TokenBans(prompts, cfg.vocab_size, stop_ids, max_new_tokens=max_new_tokens,
+                     **kn.bans())
 
     lr = cfg.longrope
     # LongRoPE: each row's table so far (None: not LongRoPE), and for phi3 the ids and positions
@@ -316,7 +311,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
         if hidden.shape[1] == 1:
             logits = model.logits(hidden[:, -1]).float()  # (b, V)
             if seen is not None:
-                logits = penalize_repetition(logits, seen, repetition_penalty)
+                logits = penalize_repetition(logits, seen, kn.repetition_penalty)
             if bans.active:  # transformers' order: after the repetition penalty
                 logits = bans.apply(logits, rows, [len(out[r]) for r in rows])
             if generators is not None and temperature > 0:  # each row from its own generator
@@ -466,17 +461,10 @@ def _config_stop_ids(model: Transformer) -> list[int]:
 
 
 def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
-             max_new_tokens: int = 256, temperature: float = 0.0, top_p: float | None = None,
-             top_k: int | None = None, seed: int | None = None,
+             max_new_tokens: int = 256, temperature: float = 0.0, seed: int | None = None,
              stop_strings: Sequence[str] | None = None, chat: bool = False,
-             min_p: float | None = None, repetition_penalty: float | None = None,
-             template_kwargs: Mapping | None = None, min_new_tokens: int | None = None,
-             no_repeat_ngram_size: int | None = None,
-             bad_words_ids: Sequence[Sequence[int]] | None = None,
-             suppress_tokens: Sequence[int] | None = None,
-             begin_suppress_tokens: Sequence[int] | None = None, min_length: int | None = None,
-             forced_eos_token_id: int | Sequence[int] | None = None,
-             num_return_sequences: int = 1, **hf_options) -> list[str]:
+             template_kwargs: Mapping | None = None, num_return_sequences: int = 1,
+             **options: Any) -> list[str]:
     """Completions (list[str], one per prompt) for a prompt or a list of prompts.
 
     ``chat=True`` wraps each string as a user message and renders the model's chat template; a
@@ -489,6 +477,7 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     string that is a special token, e.g. ``<|im_end|>``, stops generation there and is not in
     the text, special tokens being skipped).
 
+    ``options``: the logits processors and warpers (``generation_config.Knobs``).
     ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``, ``min_new_tokens`` (no stop token
     before that many new tokens) and ``no_repeat_ngram_size`` left None are the model's
     generation_config.json's, else transformers' defaults (``sampling_defaults``: top_k 50 when
@@ -504,15 +493,11 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     Several prompts sample together from one generator seeded with ``seed`` (as transformers'
     batched ``generate``): a prompt's text depends on the prompts beside it (``ember generate``
     seeds one generator per prompt instead, ``generate_ids(..., generators=...)``)."""
+    names = Knobs().as_dict()
+    hf_options = {k: v for k, v in options.items() if k not in names}
     if hf_options:
         raise EmberError(unsupported_options(hf_options))
-    knobs = sampling_defaults(model, top_p=top_p, top_k=top_k, min_p=min_p,
-                              repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-                              no_repeat_ngram_size=no_repeat_ngram_size, min_length=min_length)
-    knobs.update(token_ban_defaults(model, bad_words_ids=bad_words_ids,
-                                    suppress_tokens=suppress_tokens,
-                                    begin_suppress_tokens=begin_suppress_tokens,
-                                    forced_eos_token_id=forced_eos_token_id))
+    knobs = knob_defaults(model, **options)
     unapplied = unapplied_settings(model)
     if unapplied:  # said, as the CLI says it: transformers' generate() applies them
         warnings.warn(unapplied, stacklevel=2)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 from ember import EmberError
 
@@ -37,6 +39,54 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k:
         raise EmberError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
     if not repetition_penalty > 0:
         raise EmberError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+
+
+def _ban(default: Any = None) -> Any:
+    return field(default=default, metadata={"ban": True})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Knobs:
+    """transformers' logits processors and warpers that ``generate_ids`` applies, each at the
+    value that leaves it off: the one list of them. ``generate_ids`` takes them as keywords
+    (``Knobs.of``), passes the bans to ``token_bans.TokenBans`` (``bans``), and a speculative
+    draft needs every processor off (``processors_on``; the warpers act only when sampling)."""
+
+    # processors: they change greedy decoding too
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = _ban(0)
+    min_length: int = _ban(0)
+    no_repeat_ngram_size: int = _ban(0)
+    bad_words_ids: Sequence[Sequence[int]] | None = _ban()
+    suppress_tokens: Sequence[int] | None = _ban()
+    begin_suppress_tokens: Sequence[int] | None = _ban()
+    forced_eos_token_id: int | Sequence[int] | None = _ban()
+    # warpers: sampling only
+    top_k: int = field(default=0, metadata={"warper": True})
+    top_p: float = field(default=1.0, metadata={"warper": True})
+    min_p: float = field(default=0.0, metadata={"warper": True})
+
+    @classmethod
+    def of(cls, given: Mapping[str, Any]) -> Knobs:
+        """``given`` (None: off) as Knobs; EmberError naming a keyword that is none of them."""
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in given if k not in names]
+        if unknown:
+            raise EmberError(f"generate_ids() does not take {', '.join(map(repr, unknown))} "
+                             f"(its logits processors and warpers: {', '.join(names)})")
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def bans(self) -> dict[str, Any]:
+        """The keywords of ``token_bans.TokenBans``."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("ban")}
+
+    def processors_on(self) -> list[str]:
+        """The processors set (not the warpers): what changes greedy decoding's tokens."""
+        return [f.name for f in fields(self) if not f.metadata.get("warper")
+                and getattr(self, f.name) not in (f.default, None, [], ())]
 
 
 # transformers' generate() options a user coming from it may pass, and what Ember does instead
@@ -100,6 +150,14 @@ def sampling_defaults(model: Transformer, **given) -> dict:
 # token-id lists of a generation_config.json that ``generate_ids`` takes (``token_bans``)
 TOKEN_BAN_SETTINGS = ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
                       "forced_eos_token_id")
+
+
+def knob_defaults(model: Transformer, **given) -> dict:
+    """Every ``Knobs`` field as transformers' ``generate()`` takes it: ``given`` where not None,
+    else the generation_config.json's (``sampling_defaults``, ``token_ban_defaults``)."""
+    numbers_ = {k: given.get(k) for k in HF_SAMPLING_DEFAULTS}
+    lists = {k: given.get(k) for k in TOKEN_BAN_SETTINGS}
+    return sampling_defaults(model, **numbers_) | token_ban_defaults(model, **lists)
 
 
 def token_ban_defaults(model: Transformer, **given) -> dict:

@@ -210,3 +210,17 @@ def test_min_length_and_forced_eos_equal_transformers_generate(pair):  # noqa: F
     assert all(f[-1] == 7 and f[:-1] == p[:5] for f, p in zip(forced, plain, strict=True))
     assert generate_ids(ours, PROMPTS, max_new_tokens=6, forced_eos_token_id=[5, 7],
                         suppress_tokens=[5]) == forced
+
+
+def test_knobs_are_one_list(pair):  # noqa: F811
+    """Every logits processor / warper is a field of ``Knobs``: the generation_config.json
+    defaults cover exactly them, an unknown keyword is refused by name, and a draft is refused
+    naming the processor that is on."""
+    from ember.models.generation_config import Knobs, knob_defaults
+
+    ours = pair[1]
+    assert set(knob_defaults(ours)) == set(Knobs().as_dict())
+    with pytest.raises(EmberError, match="does not take 'typical_q'"):
+        generate_ids(ours, PROMPTS, max_new_tokens=2, typical_q=0.5)
+    with pytest.raises(EmberError, match=r"forced_eos_token_id set"):
+        generate_ids(ours, PROMPTS[:1], max_new_tokens=2, forced_eos_token_id=0, drafts=[[1]])
