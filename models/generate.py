@@ -88,10 +88,13 @@ def _is_index(t) -> bool:
 
 
 def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-                top_k: int = 0, min_p: float = 0.0) -> torch.Tensor:
+                top_k: int = 0, min_p: float = 0.0, *, typical_p: float = 1.0,
+                epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0) -> torch.Tensor:
     """Logits (B, V) divided by ``temperature`` (> 0), with the tokens outside the top-k, the
-    top-p nucleus and the min-p cut set to -inf, in that order: transformers' Temperature, TopK,
-    TopP and MinP logits warpers."""
+    top-p nucleus, the min-p cut, the ``typical_p`` mass of locally typical tokens and the
+    epsilon / eta cuts set to -inf, in that order: transformers' Temperature, TopK, TopP, MinP,
+    Typical, Epsilon and Eta logits warpers, computed as they compute them (so ties at a cut
+    keep the same tokens)."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -107,6 +110,25 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
         probs = torch.softmax(logits, dim=-1)
         logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True),
                                     float("-inf"))
+    if typical_p < 1.0:  # keep the tokens whose surprise is closest to the entropy
+        normalized = torch.nn.functional.log_softmax(logits, dim=-1)
+        ent = -(normalized * torch.exp(normalized)).nansum(-1, keepdim=True)
+        shifted, order = torch.sort(torch.abs((-normalized) - ent), descending=False)
+        mass = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+        last = (mass < typical_p).sum(dim=1).clamp_(max=shifted.shape[-1] - 1)
+        drop = shifted > shifted.gather(1, last.view(-1, 1))
+        drop[..., :1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    for eta, cut in ((False, epsilon_cutoff), (True, eta_cutoff)):
+        if not 0 < cut < 1:
+            continue
+        probs = logits.softmax(dim=-1)
+        if eta:  # eta = min(epsilon, sqrt(epsilon) * exp(-entropy))
+            eps = torch.tensor(cut, device=logits.device)
+            entropy = torch.distributions.Categorical(logits=logits).entropy()
+            cut = torch.min(eps, torch.sqrt(eps) * torch.exp(-entropy))[..., None]
+        best = torch.topk(logits, 1)[0][..., -1, None]  # the best token always stays
+        logits = logits.masked_fill((probs < cut) & (logits < best), float("-inf"))
     return logits
 
 
@@ -119,14 +141,19 @@ def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                 top_k: int = 0, generator: torch.Generator | None = None,
-                min_p: float = 0.0) -> torch.Tensor:
+                min_p: float = 0.0, *, typical_p: float = 1.0, epsilon_cutoff: float = 0.0,
+                eta_cutoff: float = 0.0, renormalize_logits: bool = False) -> torch.Tensor:
     """Next token per row from logits (B, V): argmax when temperature == 0, else a draw from
-    softmax(logits / temperature) restricted to the top-k, the top-p nucleus and the min-p cut
-    (``warp_logits``)."""
+    softmax(logits / temperature) restricted by the warpers (``warp_logits``).
+    ``renormalize_logits``: log-softmax last, as transformers' LogitNormalization (it can only
+    move ties and last bits)."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(warp_logits(logits, temperature, top_p, top_k, min_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        return (logits.log_softmax(dim=-1) if renormalize_logits else logits).argmax(dim=-1)
+    logits = warp_logits(logits, temperature, top_p, top_k, min_p, typical_p=typical_p,
+                         epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff)
+    if renormalize_logits:
+        logits = logits.log_softmax(dim=-1)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
 
 def _check_ids(what: str, i: int, ids: list[int], vocab: int) -> None:
@@ -175,7 +202,14 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     generated) and ``begin_suppress_tokens`` (not as the first new token): transformers' NoBadWords,
     SuppressTokens and SuppressTokensAtBegin; ``min_length`` (no stop id before the prompt and
     output hold that many tokens) and ``forced_eos_token_id`` (the only token allowed as the
-    ``max_new_tokens``-th): MinLength and ForcedEOSToken (``ember.models.token_bans``).
+    ``max_new_tokens``-th): MinLength and ForcedEOSToken; ``sequence_bias`` (``[[ids, bias],
+    ...]``, added before the repetition penalty), ``forced_bos_token_id`` (the first token after
+    a one-token prompt) and ``exponential_decay_length_penalty`` (``[start, factor]``: the stop
+    ids' logits grow by ``factor ** (new tokens - start)`` of their size) as transformers'
+    SequenceBias, ForcedBOSToken and ExponentialDecayLengthPenalty (``ember.models
+    .token_bans``); ``typical_p``, ``epsilon_cutoff`` and ``eta_cutoff`` (sampling) as its
+    Typical, Epsilon and Eta warpers after ``min_p``, and ``renormalize_logits`` (a log-softmax
+    last) as its LogitNormalization.
 
     ``drafts`` (greedy only): a guessed continuation per prompt, e.g. the reference answer when
     evaluating. It is verified the way speculative decoding verifies a draft model's tokens: fed
@@ -203,8 +237,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     kn = Knobs.of(knobs)
     check_sampling(max_new_tokens, temperature, kn.top_p, kn.top_k, kn.min_p,
                    kn.repetition_penalty, kn.min_new_tokens, kn.no_repeat_ngram_size,
-                   kn.min_length)
-    top_p, top_k, min_p = kn.top_p, kn.top_k, kn.min_p
+                   kn.min_length, kn.typical_p, kn.epsilon_cutoff, kn.eta_cutoff)
+    warp = kn.sampling()
     prompts = _as_id_lists("prompt", prompt_ids)
     if generators is not None and (generator is not None or seed is not None
                                    or len(generators) != len(prompts)):
@@ -310,15 +344,17 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     while True:
         if hidden.shape[1] == 1:
             logits = model.logits(hidden[:, -1]).float()  # (b, V)
+            logits = bans.bias(logits, rows)  # sequence_bias: transformers' first processor
             if seen is not None:
                 logits = penalize_repetition(logits, seen, kn.repetition_penalty)
             if bans.active:  # transformers' order: after the repetition penalty
                 logits = bans.apply(logits, rows, [len(out[r]) for r in rows])
             if generators is not None and temperature > 0:  # each row from its own generator
-                preds = torch.cat([sample_next(logits[b:b + 1], temperature, top_p, top_k,
-                                               generators[r], min_p) for b, r in enumerate(rows)])
+                preds = torch.cat([sample_next(logits[b:b + 1], temperature,
+                                               generator=generators[r], **warp)
+                                   for b, r in enumerate(rows)])
             else:
-                preds = sample_next(logits, temperature, top_p, top_k, generator, min_p)
+                preds = sample_next(logits, temperature, generator=generator, **warp)
             preds = preds[:, None].tolist()
         else:  # a draft pass (greedy): a prediction after every fed token
             preds = _greedy_tokens(model, hidden).tolist()  # (b, T)
@@ -484,11 +520,13 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     sampling), as transformers' ``generate()`` takes them; sampling itself is only ever asked
     for with ``temperature`` > 0 (the file's do_sample and temperature are not used).
 
-    ``min_new_tokens``, ``min_length``, ``no_repeat_ngram_size``, ``bad_words_ids``,
-    ``suppress_tokens``, ``begin_suppress_tokens`` and ``forced_eos_token_id`` left None are the
-    generation_config.json's too (``generate_ids``
-    says what each does). ``num_return_sequences`` (sampling only): that many answers per prompt,
-    a prompt's together, as transformers returns them.
+    The other knobs (``min_length``, ``bad_words_ids``, ``suppress_tokens``,
+    ``begin_suppress_tokens``, ``forced_eos_token_id``, ``forced_bos_token_id``,
+    ``sequence_bias``, ``exponential_decay_length_penalty``, ``renormalize_logits``,
+    ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff``) left None are the
+    generation_config.json's too (``generate_ids`` says what each does).
+    ``num_return_sequences`` (sampling only): that many answers per prompt, a prompt's
+    together, as transformers returns them.
 
     Several prompts sample together from one generator seeded with ``seed`` (as transformers'
     batched ``generate``): a prompt's text depends on the prompts beside it (``ember generate``
