@@ -355,6 +355,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                                    for b, r in enumerate(rows)])
             else:
                 preds = sample_next(logits, temperature, generator=generator, **warp)
+            if seen is not None:  # marked on the device (a finished row's marks go unread)
+                seen.scatter_(1, preds[:, None], True)
             preds = preds[:, None].tolist()
         else:  # a draft pass (greedy): a prediction after every fed token
             preds = _greedy_tokens(model, hidden).tolist()  # (b, T)
@@ -369,8 +371,6 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                     alive[b] = False
                     break
                 out[r].append(t)
-                if seen is not None:
-                    seen[b, t] = True
                 bans.add(r, t)
                 if drafting[r]:
                     n = len(out[r])
