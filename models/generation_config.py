@@ -192,12 +192,13 @@ def token_ban_defaults(model: Transformer, **given) -> dict:
 
 # generation_config.json settings that change transformers' generate() output and that Ember
 # does not apply, with the value that leaves each off
-_UNAPPLIED = {"num_beams": 1}
+_UNAPPLIED = {"num_beams": 1, "top_h": None, "guidance_scale": 1.0, "watermarking_config": None,
+              "token_healing": False}
 
 
 def unapplied_settings(model: Transformer) -> str | None:
     """What to tell about the settings of the model's generation_config.json that transformers'
-    ``generate()`` applies and Ember does not (beam search), named
+    ``generate()`` applies and Ember does not (beams, top_h, guidance_scale...), named
     as ``name=value``: Ember's output may differ from transformers' there. None: there are none."""
     gen = getattr(model, "hf_generation_config", None)
     if not isinstance(gen, dict):

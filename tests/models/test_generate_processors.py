@@ -121,9 +121,11 @@ def test_generation_config_min_new_tokens_and_ngrams_apply_as_in_transformers(tm
     assert capsys.readouterr().out == hf_text(hf, prompts[0], no_repeat_ngram_size=2,
                                               min_new_tokens=3) + "\n"
     # a setting Ember does not apply is said in Python too (was: only the CLI's note)
-    model.hf_generation_config = {**model.hf_generation_config, "num_beams": 2}
-    with pytest.warns(UserWarning, match="num_beams=2"):
+    model.hf_generation_config = {**model.hf_generation_config, "num_beams": 2, "top_h": 0.4,
+                                  "guidance_scale": 1.0, "token_healing": False}
+    with pytest.warns(UserWarning, match=r"sets num_beams=2, top_h=0.4, which") as w:
         generate(model, tok, prompts[:1], max_new_tokens=2)
+    assert "guidance_scale" not in str(w[0].message)  # 1.0 is off
 
 
 def test_bad_words_and_suppressed_tokens_equal_transformers_generate(pair):  # noqa: F811
