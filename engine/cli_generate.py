@@ -87,10 +87,10 @@ def _generator(model, tok, a):
     import torch
 
     from ember.models.generate import (
+        HF_SAMPLING_DEFAULTS,
         check_sampling,
         generate_ids,
-        sampling_defaults,
-        token_ban_defaults,
+        knob_defaults,
         unapplied_settings,
     )
     from ember.models.heads import is_classifier
@@ -102,12 +102,12 @@ def _generator(model, tok, a):
     if a.max_new_tokens < 1:  # 0 printed nothing (transformers' generate refuses it too)
         raise EmberError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     # knobs not given: the model's generation_config.json's, else transformers' defaults
-    knobs = sampling_defaults(model, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-                              repetition_penalty=a.repetition_penalty,
-                              min_new_tokens=a.min_new_tokens,
-                              no_repeat_ngram_size=a.no_repeat_ngram_size)
-    check_sampling(a.max_new_tokens, a.temperature, **knobs)
-    knobs.update(token_ban_defaults(model))  # generation_config.json's bad_words_ids etc.
+    knobs = knob_defaults(model, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+                          repetition_penalty=a.repetition_penalty,
+                          min_new_tokens=a.min_new_tokens,
+                          no_repeat_ngram_size=a.no_repeat_ngram_size)
+    check_sampling(a.max_new_tokens, a.temperature,
+                   **{k: knobs[k] for k in HF_SAMPLING_DEFAULTS})
     unapplied = unapplied_settings(model)
     if unapplied:  # stated, not silently ignored: transformers' generate() applies them
         _note(f"ember: note: {unapplied}")

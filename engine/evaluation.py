@@ -36,7 +36,7 @@ from ember.engine.distributed import (
     eval_share,
 )
 from ember.engine.losses import sft_loss, sft_loss_tokens
-from ember.models.generate import generate_ids, sampling_defaults, token_ban_defaults
+from ember.models.generate import Knobs, generate_ids, knob_defaults
 from ember.models.prompt_tuning import num_virtual_tokens, virtual_ids
 from ember.models.tokenizer import generation_ids
 
@@ -218,12 +218,8 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     # repetition_penalty (Qwen2.5-Instruct's 1.05), no_repeat_ngram_size, min_new_tokens,
     # bad_words_ids... to greedy decoding; drafts are verified against plain greedy choices
     # only, so with any of them each token takes its own pass
-    knobs = sampling_defaults(model)
-    greedy = {k: knobs[k] for k in ("repetition_penalty", "min_new_tokens", "min_length",
-                                    "no_repeat_ngram_size")} | token_ban_defaults(model)
-    plain = greedy["repetition_penalty"] == 1 and greedy["forced_eos_token_id"] is None and not any(
-        greedy[k] for k in ("min_new_tokens", "min_length", "no_repeat_ngram_size",
-                            "bad_words_ids", "suppress_tokens", "begin_suppress_tokens"))
+    greedy = knob_defaults(model)  # (its warpers act only when sampling)
+    plain = not Knobs.of(greedy).processors_on()
     was_training = model.training
     model.eval()
     try:

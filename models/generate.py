@@ -32,13 +32,16 @@ from __future__ import annotations
 import operator
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from ember import EmberError
 from ember.models.generation_config import (  # noqa: F401  (generate's API, re-exported)
     HF_SAMPLING_DEFAULTS,
+    Knobs,
     check_sampling,
+    knob_defaults,
     sampling_defaults,
     token_ban_defaults,
     unapplied_settings,
@@ -85,10 +88,13 @@ def _is_index(t) -> bool:
 
 
 def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-                top_k: int = 0, min_p: float = 0.0) -> torch.Tensor:
+                top_k: int = 0, min_p: float = 0.0, *, typical_p: float = 1.0,
+                epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0) -> torch.Tensor:
     """Logits (B, V) divided by ``temperature`` (> 0), with the tokens outside the top-k, the
-    top-p nucleus and the min-p cut set to -inf, in that order: transformers' Temperature, TopK,
-    TopP and MinP logits warpers."""
+    top-p nucleus, the min-p cut, the ``typical_p`` mass of locally typical tokens and the
+    epsilon / eta cuts set to -inf, in that order: transformers' Temperature, TopK, TopP, MinP,
+    Typical, Epsilon and Eta logits warpers, computed as they compute them (so ties at a cut
+    keep the same tokens)."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -104,6 +110,25 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
         probs = torch.softmax(logits, dim=-1)
         logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True),
                                     float("-inf"))
+    if typical_p < 1.0:  # keep the tokens whose surprise is closest to the entropy
+        normalized = torch.nn.functional.log_softmax(logits, dim=-1)
+        ent = -(normalized * torch.exp(normalized)).nansum(-1, keepdim=True)
+        shifted, order = torch.sort(torch.abs((-normalized) - ent), descending=False)
+        mass = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+        last = (mass < typical_p).sum(dim=1).clamp_(max=shifted.shape[-1] - 1)
+        drop = shifted > shifted.gather(1, last.view(-1, 1))
+        drop[..., :1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    for eta, cut in ((False, epsilon_cutoff), (True, eta_cutoff)):
+        if not 0 < cut < 1:
+            continue
+        probs = logits.softmax(dim=-1)
+        if eta:  # eta = min(epsilon, sqrt(epsilon) * exp(-entropy))
+            eps = torch.tensor(cut, device=logits.device)
+            entropy = torch.distributions.Categorical(logits=logits).entropy()
+            cut = torch.min(eps, torch.sqrt(eps) * torch.exp(-entropy))[..., None]
+        best = torch.topk(logits, 1)[0][..., -1, None]  # the best token always stays
+        logits = logits.masked_fill((probs < cut) & (logits < best), float("-inf"))
     return logits
 
 
@@ -116,14 +141,19 @@ def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                 top_k: int = 0, generator: torch.Generator | None = None,
-                min_p: float = 0.0) -> torch.Tensor:
+                min_p: float = 0.0, *, typical_p: float = 1.0, epsilon_cutoff: float = 0.0,
+                eta_cutoff: float = 0.0, renormalize_logits: bool = False) -> torch.Tensor:
     """Next token per row from logits (B, V): argmax when temperature == 0, else a draw from
-    softmax(logits / temperature) restricted to the top-k, the top-p nucleus and the min-p cut
-    (``warp_logits``)."""
+    softmax(logits / temperature) restricted by the warpers (``warp_logits``).
+    ``renormalize_logits``: log-softmax last, as transformers' LogitNormalization (it can only
+    move ties and last bits)."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(warp_logits(logits, temperature, top_p, top_k, min_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        return (logits.log_softmax(dim=-1) if renormalize_logits else logits).argmax(dim=-1)
+    logits = warp_logits(logits, temperature, top_p, top_k, min_p, typical_p=typical_p,
+                         epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff)
+    if renormalize_logits:
+        logits = logits.log_softmax(dim=-1)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
 
 def _check_ids(what: str, i: int, ids: list[int], vocab: int) -> None:
@@ -151,22 +181,18 @@ def _idle_passes(model: Transformer, sync: Callable[[bool], bool]) -> None:
 
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
-                 max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, eos_token_ids: Iterable[int] = (),
-                 pad_token_id: int | None = 0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, min_new_tokens: int = 0,
-                 no_repeat_ngram_size: int = 0,
-                 bad_words_ids: Sequence[Sequence[int]] | None = None,
-                 suppress_tokens: Sequence[int] | None = None,
-                 begin_suppress_tokens: Sequence[int] | None = None, min_length: int = 0,
-                 forced_eos_token_id: int | Sequence[int] | None = None,
+                 max_new_tokens: int = 128, temperature: float = 0.0, seed: int | None = None,
+                 eos_token_ids: Iterable[int] = (), pad_token_id: int | None = 0,
                  should_stop: Callable[[int, list[int]], bool] | None = None,
                  drafts: Sequence[Sequence[int]] | None = None,
                  sync: Callable[[bool], bool] | None = None,
                  generator: torch.Generator | None = None,
-                 generators: Sequence[torch.Generator] | None = None) -> list[list[int]]:
+                 generators: Sequence[torch.Generator] | None = None,
+                 **knobs: Any) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt. Returns the new ids per row, without the
     stop token. ``should_stop(row, ids_so_far)`` may end a row early (stop strings).
+    ``knobs``: the fields of ``generation_config.Knobs`` (None or left out: off), the logits
+    processors and warpers below.
     ``repetition_penalty`` (greedy and sampled) and ``min_p`` act as transformers' do: the
     penalty on every token of the prompt and of the generation so far. ``min_new_tokens``: the
     stop ids are not generated before that many new tokens (transformers' MinNewTokensLength);
@@ -176,7 +202,14 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     generated) and ``begin_suppress_tokens`` (not as the first new token): transformers' NoBadWords,
     SuppressTokens and SuppressTokensAtBegin; ``min_length`` (no stop id before the prompt and
     output hold that many tokens) and ``forced_eos_token_id`` (the only token allowed as the
-    ``max_new_tokens``-th): MinLength and ForcedEOSToken (``ember.models.token_bans``).
+    ``max_new_tokens``-th): MinLength and ForcedEOSToken; ``sequence_bias`` (``[[ids, bias],
+    ...]``, added before the repetition penalty), ``forced_bos_token_id`` (the first token after
+    a one-token prompt) and ``exponential_decay_length_penalty`` (``[start, factor]``: the stop
+    ids' logits grow by ``factor ** (new tokens - start)`` of their size) as transformers'
+    SequenceBias, ForcedBOSToken and ExponentialDecayLengthPenalty (``ember.models
+    .token_bans``); ``typical_p``, ``epsilon_cutoff`` and ``eta_cutoff`` (sampling) as its
+    Typical, Epsilon and Eta warpers after ``min_p``, and ``renormalize_logits`` (a log-softmax
+    last) as its LogitNormalization.
 
     ``drafts`` (greedy only): a guessed continuation per prompt, e.g. the reference answer when
     evaluating. It is verified the way speculative decoding verifies a draft model's tokens: fed
@@ -201,8 +234,11 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     flag across processes), and the passes end when it returns False. Until then a call whose
     rows have all finished, or that got no prompts at all, makes one-token passes whose output
     is dropped, so every process makes as many forward calls."""
-    check_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
-                   min_new_tokens, no_repeat_ngram_size, min_length)
+    kn = Knobs.of(knobs)
+    check_sampling(max_new_tokens, temperature, kn.top_p, kn.top_k, kn.min_p,
+                   kn.repetition_penalty, kn.min_new_tokens, kn.no_repeat_ngram_size,
+                   kn.min_length, kn.typical_p, kn.epsilon_cutoff, kn.eta_cutoff)
+    warp = kn.sampling()
     prompts = _as_id_lists("prompt", prompt_ids)
     if generators is not None and (generator is not None or seed is not None
                                    or len(generators) != len(prompts)):
@@ -218,12 +254,12 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
             raise EmberError(f"prompt {i} is empty: give at least one token (e.g. BOS)")
         _check_ids("prompt", i, p, cfg.vocab_size)
     if drafts is not None:
-        if temperature > 0 or repetition_penalty != 1 or min_new_tokens or min_length or (
-                no_repeat_ngram_size or bad_words_ids or suppress_tokens or begin_suppress_tokens
-                or forced_eos_token_id is not None):
+        on = kn.processors_on()
+        if temperature > 0 or on:
             raise EmberError("drafts are verified against plain greedy choices: use "
                              "temperature = 0, repetition_penalty = 1, min_new_tokens = 0 and "
-                             "no_repeat_ngram_size = 0, without token bans or forced tokens")
+                             "no_repeat_ngram_size = 0, without token bans or forced tokens ("
+                             + ", ".join(on or ["temperature"]) + " set)")
         drafts = _as_id_lists("draft", drafts)
         if len(drafts) != len(prompts):
             raise EmberError(f"{len(drafts)} drafts for {len(prompts)} prompts: give one per "
@@ -251,12 +287,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     if dynamic and B > 1 and sync is None and (
             len(virtual) + L + max_new_tokens > cfg.max_position_embeddings):
         return [generate_ids(
-            model, [p], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, eos_token_ids=stop_ids, pad_token_id=pad_token_id, min_p=min_p,
-            repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-            no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids,
-            suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens,
-            min_length=min_length, forced_eos_token_id=forced_eos_token_id,
+            model, [p], max_new_tokens=max_new_tokens, temperature=temperature,
+            eos_token_ids=stop_ids, pad_token_id=pad_token_id, **kn.as_dict(),
             should_stop=None if should_stop is None else (
                 lambda _, ids, i=i: should_stop(i, ids)),
             drafts=None if drafts is None else [drafts[i]], generator=generator,
@@ -282,15 +314,12 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     key_mask = None if bool(mask.all()) else mask
     cache = KVCache(cfg, B, slots, device, weight.dtype)
     seen = None  # repetition penalty: the tokens of each batch row's prompt and output so far
-    if repetition_penalty != 1:
+    if kn.repetition_penalty != 1:
         seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
             seen[i, torch.tensor(p, device=device)] = True
-    bans = TokenBans(prompts, cfg.vocab_size, stop_ids, min_new_tokens=min_new_tokens,
-                     no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids,
-                     suppress_tokens=suppress_tokens,
-                     begin_suppress_tokens=begin_suppress_tokens, min_length=min_length,
-                     forced_eos_token_id=forced_eos_token_id, max_new_tokens=max_new_tokens)
+    bans = TokenBans(prompts, cfg.vocab_size, stop_ids, max_new_tokens=max_new_tokens,
+                     **kn.bans())
 
     lr = cfg.longrope
     # LongRoPE: each row's table so far (None: not LongRoPE), and for phi3 the ids and positions
@@ -315,15 +344,19 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     while True:
         if hidden.shape[1] == 1:
             logits = model.logits(hidden[:, -1]).float()  # (b, V)
+            logits = bans.bias(logits, rows)  # sequence_bias: transformers' first processor
             if seen is not None:
-                logits = penalize_repetition(logits, seen, repetition_penalty)
+                logits = penalize_repetition(logits, seen, kn.repetition_penalty)
             if bans.active:  # transformers' order: after the repetition penalty
                 logits = bans.apply(logits, rows, [len(out[r]) for r in rows])
             if generators is not None and temperature > 0:  # each row from its own generator
-                preds = torch.cat([sample_next(logits[b:b + 1], temperature, top_p, top_k,
-                                               generators[r], min_p) for b, r in enumerate(rows)])
+                preds = torch.cat([sample_next(logits[b:b + 1], temperature,
+                                               generator=generators[r], **warp)
+                                   for b, r in enumerate(rows)])
             else:
-                preds = sample_next(logits, temperature, top_p, top_k, generator, min_p)
+                preds = sample_next(logits, temperature, generator=generator, **warp)
+            if seen is not None:  # marked on the device (a finished row's marks go unread)
+                seen.scatter_(1, preds[:, None], True)
             preds = preds[:, None].tolist()
         else:  # a draft pass (greedy): a prediction after every fed token
             preds = _greedy_tokens(model, hidden).tolist()  # (b, T)
@@ -338,8 +371,6 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                     alive[b] = False
                     break
                 out[r].append(t)
-                if seen is not None:
-                    seen[b, t] = True
                 bans.add(r, t)
                 if drafting[r]:
                     n = len(out[r])
@@ -466,17 +497,10 @@ def _config_stop_ids(model: Transformer) -> list[int]:
 
 
 def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
-             max_new_tokens: int = 256, temperature: float = 0.0, top_p: float | None = None,
-             top_k: int | None = None, seed: int | None = None,
+             max_new_tokens: int = 256, temperature: float = 0.0, seed: int | None = None,
              stop_strings: Sequence[str] | None = None, chat: bool = False,
-             min_p: float | None = None, repetition_penalty: float | None = None,
-             template_kwargs: Mapping | None = None, min_new_tokens: int | None = None,
-             no_repeat_ngram_size: int | None = None,
-             bad_words_ids: Sequence[Sequence[int]] | None = None,
-             suppress_tokens: Sequence[int] | None = None,
-             begin_suppress_tokens: Sequence[int] | None = None, min_length: int | None = None,
-             forced_eos_token_id: int | Sequence[int] | None = None,
-             num_return_sequences: int = 1, **hf_options) -> list[str]:
+             template_kwargs: Mapping | None = None, num_return_sequences: int = 1,
+             **options: Any) -> list[str]:
     """Completions (list[str], one per prompt) for a prompt or a list of prompts.
 
     ``chat=True`` wraps each string as a user message and renders the model's chat template; a
@@ -489,30 +513,29 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     string that is a special token, e.g. ``<|im_end|>``, stops generation there and is not in
     the text, special tokens being skipped).
 
+    ``options``: the logits processors and warpers (``generation_config.Knobs``).
     ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``, ``min_new_tokens`` (no stop token
     before that many new tokens) and ``no_repeat_ngram_size`` left None are the model's
     generation_config.json's, else transformers' defaults (``sampling_defaults``: top_k 50 when
     sampling), as transformers' ``generate()`` takes them; sampling itself is only ever asked
     for with ``temperature`` > 0 (the file's do_sample and temperature are not used).
 
-    ``min_new_tokens``, ``min_length``, ``no_repeat_ngram_size``, ``bad_words_ids``,
-    ``suppress_tokens``, ``begin_suppress_tokens`` and ``forced_eos_token_id`` left None are the
-    generation_config.json's too (``generate_ids``
-    says what each does). ``num_return_sequences`` (sampling only): that many answers per prompt,
-    a prompt's together, as transformers returns them.
+    The other knobs (``min_length``, ``bad_words_ids``, ``suppress_tokens``,
+    ``begin_suppress_tokens``, ``forced_eos_token_id``, ``forced_bos_token_id``,
+    ``sequence_bias``, ``exponential_decay_length_penalty``, ``renormalize_logits``,
+    ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff``) left None are the
+    generation_config.json's too (``generate_ids`` says what each does).
+    ``num_return_sequences`` (sampling only): that many answers per prompt, a prompt's
+    together, as transformers returns them.
 
     Several prompts sample together from one generator seeded with ``seed`` (as transformers'
     batched ``generate``): a prompt's text depends on the prompts beside it (``ember generate``
     seeds one generator per prompt instead, ``generate_ids(..., generators=...)``)."""
+    names = Knobs().as_dict()
+    hf_options = {k: v for k, v in options.items() if k not in names}
     if hf_options:
         raise EmberError(unsupported_options(hf_options))
-    knobs = sampling_defaults(model, top_p=top_p, top_k=top_k, min_p=min_p,
-                              repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-                              no_repeat_ngram_size=no_repeat_ngram_size, min_length=min_length)
-    knobs.update(token_ban_defaults(model, bad_words_ids=bad_words_ids,
-                                    suppress_tokens=suppress_tokens,
-                                    begin_suppress_tokens=begin_suppress_tokens,
-                                    forced_eos_token_id=forced_eos_token_id))
+    knobs = knob_defaults(model, **options)
     unapplied = unapplied_settings(model)
     if unapplied:  # said, as the CLI says it: transformers' generate() applies them
         warnings.warn(unapplied, stacklevel=2)

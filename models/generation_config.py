@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 from ember import EmberError
 
@@ -17,14 +19,16 @@ if TYPE_CHECKING:
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                    min_p: float = 0.0, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
-                   no_repeat_ngram_size: int = 0, min_length: int = 0) -> None:
+                   no_repeat_ngram_size: int = 0, min_length: int = 0, typical_p: float = 1.0,
+                   epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0) -> None:
     """EmberError naming the first invalid setting of ``generate_ids``' sampling knobs."""
     for name, v in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens),
                     ("no_repeat_ngram_size", no_repeat_ngram_size), ("min_length", min_length)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
             raise EmberError(f"{name} must be an int >= 0 (0 = off), got {v!r}")
     for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
-                    ("repetition_penalty", repetition_penalty)):
+                    ("repetition_penalty", repetition_penalty), ("typical_p", typical_p),
+                    ("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
             raise EmberError(f"{name} must be a number, got {v!r}")
     if temperature < 0:
@@ -37,20 +41,87 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k:
         raise EmberError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
     if not repetition_penalty > 0:
         raise EmberError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+    if not 0 < typical_p <= 1:  # transformers' TypicalLogitsWarper refuses 0
+        raise EmberError(f"typical_p must be in (0, 1] (1 = off), got {typical_p}")
+    for name, v in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):
+        if not 0 <= v < 1:
+            raise EmberError(f"{name} must be in [0, 1) (0 = off), got {v}")
+
+
+def _ban(default: Any = None) -> Any:
+    return field(default=default, metadata={"ban": True})
+
+
+def _warper(default: float) -> Any:
+    return field(default=default, metadata={"warper": True, "sample_next": True})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Knobs:
+    """transformers' logits processors and warpers that ``generate_ids`` applies, each at the
+    value that leaves it off: the one list of them. ``generate_ids`` takes them as keywords
+    (``Knobs.of``), passes the bans to ``token_bans.TokenBans`` (``bans``), and a speculative
+    draft needs every processor off (``processors_on``; the warpers act only when sampling)."""
+
+    # processors: they change greedy decoding too
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = _ban(0)
+    min_length: int = _ban(0)
+    no_repeat_ngram_size: int = _ban(0)
+    bad_words_ids: Sequence[Sequence[int]] | None = _ban()
+    suppress_tokens: Sequence[int] | None = _ban()
+    begin_suppress_tokens: Sequence[int] | None = _ban()
+    forced_eos_token_id: int | Sequence[int] | None = _ban()
+    forced_bos_token_id: int | None = _ban()
+    sequence_bias: Sequence | Mapping | None = _ban()
+    exponential_decay_length_penalty: Sequence | None = _ban()
+    renormalize_logits: bool = field(default=False, metadata={"sample_next": True})
+    # warpers: sampling only
+    top_k: int = _warper(0)
+    top_p: float = _warper(1.0)
+    min_p: float = _warper(0.0)
+    typical_p: float = _warper(1.0)
+    epsilon_cutoff: float = _warper(0.0)
+    eta_cutoff: float = _warper(0.0)
+
+    @classmethod
+    def of(cls, given: Mapping[str, Any]) -> Knobs:
+        """``given`` (None: off) as Knobs; EmberError naming a keyword that is none of them."""
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in given if k not in names]
+        if unknown:
+            raise EmberError(f"generate_ids() does not take {', '.join(map(repr, unknown))} "
+                             f"(its logits processors and warpers: {', '.join(names)})")
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def sampling(self) -> dict[str, Any]:
+        """The keywords of ``generate.sample_next``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.metadata.get("sample_next")}
+
+    def bans(self) -> dict[str, Any]:
+        """The keywords of ``token_bans.TokenBans``."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("ban")}
+
+    def processors_on(self) -> list[str]:
+        """The processors set (not the warpers): what changes greedy decoding's tokens."""
+        return [f.name for f in fields(self) if not f.metadata.get("warper")
+                and getattr(self, f.name) not in (f.default, None, [], ())]
 
 
 # transformers' generate() options a user coming from it may pass, and what Ember does instead
 _HF_HINTS = {
     "do_sample": "sampling is temperature > 0 (temperature = 0: greedy)",
     "max_length": "give max_new_tokens (tokens after the prompt)",
-    "renormalize_logits": "not needed: Ember samples from the processed logits' softmax",
     "num_beams": "not supported: greedy or sampling only",
     "eos_token_id": "generation stops at the tokenizer's eos_token_ids and the model's "
                     "generation_config.json ones; use stop_strings for more",
     "pad_token_id": "not needed: batches are left-padded internally",
-    "generation_config": "pass its fields as keywords (temperature, top_p, top_k, min_p, "
-                         "repetition_penalty, min_new_tokens, no_repeat_ngram_size, "
-                         "max_new_tokens)",
+    "generation_config": "pass its fields as keywords (temperature, max_new_tokens and the "
+                         "logits processors listed below)",
 }
 
 
@@ -58,17 +129,16 @@ def unsupported_options(options: dict) -> str:
     """The error for keywords ``generate`` does not take, with what to do for transformers'."""
     lines = [f"{k}: {_HF_HINTS.get(k, 'not an option of ember generate')}" for k in options]
     return ("generate() does not take " + ", ".join(map(repr, options)) + "\n  "
-            + "\n  ".join(lines) + "\n(its options: max_new_tokens, temperature, top_p, "
-            "top_k, min_p, repetition_penalty, min_new_tokens, no_repeat_ngram_size, "
-            "min_length, bad_words_ids, suppress_tokens, begin_suppress_tokens, "
-            "forced_eos_token_id, num_return_sequences, seed, "
-            "stop_strings, chat, template_kwargs)")
+            + "\n  ".join(lines) + "\n(its options: max_new_tokens, temperature, "
+            + ", ".join(Knobs().as_dict()) + ", num_return_sequences, seed, stop_strings, "
+            "chat, template_kwargs)")
 
 
 # transformers 5's defaults (GenerationConfig._get_default_generation_params) for the knobs a
 # model's generation_config.json may set: top_k is 50 when sampling, not off
 HF_SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
-                        "min_new_tokens": 0, "no_repeat_ngram_size": 0, "min_length": 0}
+                        "min_new_tokens": 0, "no_repeat_ngram_size": 0, "min_length": 0,
+                        "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 _INT_KNOBS = ("top_k", "min_new_tokens", "no_repeat_ngram_size", "min_length")
 
 
@@ -97,9 +167,19 @@ def sampling_defaults(model: Transformer, **given) -> dict:
     return out
 
 
-# token-id lists of a generation_config.json that ``generate_ids`` takes (``token_bans``)
+# settings of a generation_config.json that ``generate_ids`` takes as they are (``token_bans``
+# checks the token ids)
 TOKEN_BAN_SETTINGS = ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
-                      "forced_eos_token_id")
+                      "forced_eos_token_id", "forced_bos_token_id", "sequence_bias",
+                      "exponential_decay_length_penalty", "renormalize_logits")
+
+
+def knob_defaults(model: Transformer, **given) -> dict:
+    """Every ``Knobs`` field as transformers' ``generate()`` takes it: ``given`` where not None,
+    else the generation_config.json's (``sampling_defaults``, ``token_ban_defaults``)."""
+    numbers_ = {k: given.get(k) for k in HF_SAMPLING_DEFAULTS}
+    lists = {k: given.get(k) for k in TOKEN_BAN_SETTINGS}
+    return sampling_defaults(model, **numbers_) | token_ban_defaults(model, **lists)
 
 
 def token_ban_defaults(model: Transformer, **given) -> dict:
@@ -112,13 +192,13 @@ def token_ban_defaults(model: Transformer, **given) -> dict:
 
 # generation_config.json settings that change transformers' generate() output and that Ember
 # does not apply, with the value that leaves each off
-_UNAPPLIED = {"forced_bos_token_id": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-              "eta_cutoff": 0.0, "num_beams": 1, "sequence_bias": None}
+_UNAPPLIED = {"num_beams": 1, "top_h": None, "guidance_scale": 1.0, "watermarking_config": None,
+              "token_healing": False}
 
 
 def unapplied_settings(model: Transformer) -> str | None:
     """What to tell about the settings of the model's generation_config.json that transformers'
-    ``generate()`` applies and Ember does not (``typical_p``, ``sequence_bias``, beams...), named
+    ``generate()`` applies and Ember does not (beams, top_h, guidance_scale...), named
     as ``name=value``: Ember's output may differ from transformers' there. None: there are none."""
     gen = getattr(model, "hf_generation_config", None)
     if not isinstance(gen, dict):

@@ -1,7 +1,12 @@
-"""transformers' logits processors that ban tokens (set their logits to -inf), per batch row of
-``generate_ids``: MinLength / MinNewTokensLength (no stop id before ``min_length`` tokens in
-all, ``min_new_tokens`` new ones), NoRepeatNGram, NoBadWords (``bad_words_ids``), ForcedEOSToken
-(the last token allowed is ``forced_eos_token_id``), SuppressTokens and SuppressTokensAtBegin.
+"""transformers' logits processors that act on token ids, per batch row of ``generate_ids``:
+SequenceBias (``sequence_bias``: added to a token's logit, for a sequence of several tokens when
+the next one completes it), then, after the repetition penalty, NoRepeatNGram, NoBadWords
+(``bad_words_ids``), MinLength / MinNewTokensLength (no stop id before ``min_length`` tokens in
+all, ``min_new_tokens`` new ones), ForcedBOSToken (``forced_bos_token_id``: the only token
+allowed after a one-token prompt), ForcedEOSToken (the last token allowed is
+``forced_eos_token_id``), ExponentialDecayLengthPenalty (the stop ids' logits grown by
+``factor ** (new tokens - start)`` of their absolute value), SuppressTokens and
+SuppressTokensAtBegin, in transformers' order.
 
 Each row is checked against its own prompt and output (not the left padding of a batch), so a
 row gets what transformers' ``generate()`` gives that prompt alone."""
@@ -10,7 +15,7 @@ from __future__ import annotations
 
 import numbers
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -30,8 +35,39 @@ def _id_list(what: str, ids, vocab: int) -> list[int]:
     return out
 
 
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _sequence_bias(bias, vocab: int) -> list[tuple[list[int], float]]:
+    """transformers' ``sequence_bias``: ``[[ids, bias], ...]`` (generation_config.json's form)
+    or ``{tuple(ids): bias}``, as (ids, bias) pairs in its order, a repeated sequence's last
+    bias winning (transformers makes a dict of the list)."""
+    pairs = list(bias.items()) if isinstance(bias, Mapping) else bias
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+        raise EmberError(f"sequence_bias must be a list of [token ids, bias] pairs, got {bias!r}")
+    out: dict[tuple[int, ...], float] = {}
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2 or (
+                not _is_real(pair[1])):
+            raise EmberError(f"sequence_bias[{i}] must be a [token ids, bias] pair, e.g. "
+                             f"[[10, 45], -2.0], got {pair!r}")
+        ids = _id_list(f"sequence_bias[{i}]", pair[0], vocab)
+        if not ids:
+            raise EmberError(f"sequence_bias[{i}] has no token ids")
+        out[tuple(ids)] = float(pair[1])
+    return [(list(k), v) for k, v in out.items()]
+
+
 class TokenBans:
-    """The tokens each row may not generate next; ``active`` is False when nothing is set."""
+    """The token-id processors of each row; ``active`` is False when nothing is set.
+
+    The fixed parts (suppress_tokens, one-token bad words and biases, the stop ids held back by
+    min_length / min_new_tokens, begin_suppress_tokens, the forced tokens) are tensors made
+    once on the logits' device, so a step sends nothing to it for them; the parts that depend
+    on a row's tokens (no_repeat_ngram_size, longer bad words and biased sequences) are dict
+    lookups on the host, one per row and sequence length, and reach the device as one small
+    index tensor, only on a step where one matches."""
 
     def __init__(self, prompts: list[list[int]], vocab: int, stop_ids: Iterable[int], *,
                  min_new_tokens: int = 0, no_repeat_ngram_size: int = 0,
@@ -39,46 +75,78 @@ class TokenBans:
                  suppress_tokens: Sequence[int] | None = None,
                  begin_suppress_tokens: Sequence[int] | None = None, min_length: int = 0,
                  forced_eos_token_id: int | Sequence[int] | None = None,
+                 forced_bos_token_id: int | None = None,
+                 sequence_bias: Sequence | Mapping | None = None,
+                 exponential_decay_length_penalty: Sequence | None = None,
                  max_new_tokens: int = 0) -> None:
         self.vocab, self.n = vocab, no_repeat_ngram_size
+        stops = sorted({t for t in stop_ids if 0 <= t < vocab})
         # per prompt: new tokens before a stop id may come (min_length counts the prompt)
-        self.min_new = [max(min_new_tokens, min_length - len(p)) for p in prompts]
+        self.min_new = [max(min_new_tokens, min_length - len(p)) if stops else 0
+                        for p in prompts]
         forced = ([] if forced_eos_token_id is None else [forced_eos_token_id]
                   if isinstance(forced_eos_token_id, numbers.Integral) else forced_eos_token_id)
-        self.forced = torch.zeros(vocab, dtype=torch.bool)
-        self.forced[_id_list("forced_eos_token_id", forced, vocab)] = True
+        forced = _id_list("forced_eos_token_id", forced, vocab)
         self.last = max_new_tokens - 1  # the step forced_eos_token_id is forced at
-        stops = sorted(t for t in stop_ids if 0 <= t < vocab)
-        self.eos = torch.zeros(vocab, dtype=torch.bool)
-        self.eos[stops] = True
-        self.always = torch.zeros(vocab, dtype=torch.bool)
-        self.always[_id_list("suppress_tokens", suppress_tokens or (), vocab)] = True
-        self.begin = torch.zeros(vocab, dtype=torch.bool)
-        self.begin[_id_list("begin_suppress_tokens", begin_suppress_tokens or (), vocab)] = True
+        bos = [] if forced_bos_token_id is None else _id_list(
+            "forced_bos_token_id", [forced_bos_token_id], vocab)
+        # ForcedBOS acts where transformers' whole input is one token: a one-token prompt's
+        # first step; SuppressTokensAtBegin then waits one token more
+        self.bos_rows = [bool(bos) and len(p) == 1 for p in prompts]
+        self.decay = None
+        if exponential_decay_length_penalty is not None:
+            d = exponential_decay_length_penalty
+            if isinstance(d, (str, bytes)) or not isinstance(d, Sequence) or len(d) != 2 or (
+                    isinstance(d[0], bool) or not isinstance(d[0], numbers.Integral)
+                    or not _is_real(d[1])):
+                raise EmberError("exponential_decay_length_penalty must be [start, factor] "
+                                 f"(new tokens before it acts, a number), got {d!r}")
+            self.decay = (int(d[0]), float(d[1]))
+        suppress = _id_list("suppress_tokens", suppress_tokens or (), vocab)
+        begin = _id_list("begin_suppress_tokens", begin_suppress_tokens or (), vocab)
         if isinstance(bad_words_ids, (str, bytes)) or not isinstance(
                 bad_words_ids or (), Iterable):
             raise EmberError(f"bad_words_ids must be a list of token-id lists, got "
                              f"{bad_words_ids!r}")
-        self.seqs: dict[tuple[int, ...], set[int]] = {}  # a bad word's first tokens -> its last
+        # bad words of several tokens: their first tokens' count -> those tokens -> last tokens
+        self.heads: dict[int, dict[tuple[int, ...], list[int]]] = {}
+        bad1 = set()
         for i, w in enumerate(bad_words_ids or ()):
             w = _id_list(f"bad_words_ids[{i}]", w, vocab)
             if not w:
                 raise EmberError(f"bad_words_ids[{i}] is empty: give the token ids of a word")
             if len(w) > 1:
-                self.seqs.setdefault(tuple(w[:-1]), set()).add(w[-1])
+                lasts = self.heads.setdefault(len(w) - 1, {}).setdefault(tuple(w[:-1]), [])
+                if w[-1] not in lasts:
+                    lasts.append(w[-1])
             elif w[0] not in stops:  # transformers never bans a stop id as a bad word
-                self.always[w[0]] = True
-        self.active = bool(stops and max(self.min_new, default=0) > 0 or self.n or self.seqs
-                           or self.always.any() or self.begin.any() or self.forced.any())
-        need_history = bool(self.n or self.seqs)
+                bad1.add(w[0])
+        # sequence_bias: one-token biases as a (V,) tensor; longer sequences by prefix length
+        # (in transformers' order, which is the order their biases add up in)
+        self.bias1: list[tuple[int, float]] = []
+        self.biased: dict[int, dict[tuple[int, ...], list[tuple[int, float]]]] = {}
+        for ids, v in _sequence_bias(sequence_bias, vocab) if sequence_bias is not None else ():
+            if len(ids) == 1:
+                self.bias1.append((ids[0], v))
+            else:
+                self.biased.setdefault(len(ids) - 1, {}).setdefault(tuple(ids[:-1]), []).append(
+                    (ids[-1], v))
+        self.has_bias = sequence_bias is not None
+        # host id lists; ``_on`` makes them tensors on the logits' device once
+        self._ids = {"bad1": sorted(bad1), "suppress": sorted(set(suppress)),
+                     "begin": sorted(set(begin)), "eos": stops, "forced": forced, "bos": bos}
+        self._dev: dict[str, torch.Tensor] | None = None
+        self.active = bool(bad1 or suppress or begin or forced or bos or self.n or self.heads
+                           or max(self.min_new, default=0) > 0 or (self.decay and stops))
+        need_history = bool(self.n or self.heads or self.biased)
         self.history = [list(p) for p in prompts] if need_history else None
         # no_repeat_ngram_size N: each (N-1)-gram of a row's tokens -> the tokens that followed it
         self.grams = [self._ngrams(p) for p in prompts] if self.n else None
 
-    def _ngrams(self, ids: list[int]) -> dict[tuple[int, ...], set[int]]:
-        grams: dict[tuple[int, ...], set[int]] = {}
+    def _ngrams(self, ids: list[int]) -> dict[tuple[int, ...], list[int]]:
+        grams: dict[tuple[int, ...], list[int]] = {}
         for i in range(len(ids) - self.n + 1):
-            grams.setdefault(tuple(ids[i:i + self.n - 1]), set()).add(ids[i + self.n - 1])
+            grams.setdefault(tuple(ids[i:i + self.n - 1]), []).append(ids[i + self.n - 1])
         return grams
 
     def add(self, row: int, token: int) -> None:
@@ -88,33 +156,92 @@ class TokenBans:
         ids = self.history[row]
         ids.append(token)
         if self.grams is not None and len(ids) >= self.n:
-            self.grams[row].setdefault(tuple(ids[len(ids) - self.n:-1]), set()).add(token)
+            self.grams[row].setdefault(tuple(ids[len(ids) - self.n:-1]), []).append(token)
+
+    def _on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if self._dev is None or self._dev["eos"].device != device:
+            self._dev = {k: torch.tensor(v, dtype=torch.long, device=device)
+                         for k, v in self._ids.items()}
+            b1 = torch.zeros(self.vocab, dtype=torch.float, device=device)
+            if self.bias1:  # transformers' length_1_bias (a repeated id: its last bias)
+                ids, vs = zip(*self.bias1, strict=True)
+                b1[torch.tensor(ids, device=device)] = torch.tensor(vs, device=device)
+            self._dev["bias1"] = b1
+        return self._dev
+
+    def bias(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """``logits`` (len(rows), V) plus ``sequence_bias`` (transformers' first processor),
+        added as transformers adds it: the biases summed first, then added to the logits."""
+        if not self.has_bias:
+            return logits
+        bias = torch.zeros_like(logits)
+        bias += self._on(logits.device)["bias1"]
+        at_b: list[int] = []
+        at_t: list[int] = []
+        vals: list[float] = []
+        for n, seqs in self.biased.items() if self.history is not None else ():
+            for b, r in enumerate(rows):
+                ids = self.history[r]
+                for t, v in seqs.get(tuple(ids[len(ids) - n:]), ()) if n <= len(ids) else ():
+                    at_b.append(b)
+                    at_t.append(t)
+                    vals.append(v)
+        if at_b:
+            at = torch.tensor([at_b, at_t], dtype=torch.long).to(logits.device)
+            bias.index_put_((at[0], at[1]), torch.tensor(vals).to(logits.device), accumulate=True)
+        return logits + bias
 
     def apply(self, logits: torch.Tensor, rows: list[int], n_out: list[int]) -> torch.Tensor:
-        """``logits`` (len(rows), V) processed in transformers' order (``rows``: each batch
-        row's prompt, ``n_out``: how many tokens it generated so far)."""
-        logits = logits.masked_fill(self._mask(rows, n_out).to(logits.device), float("-inf"))
-        if self.forced.any():
-            for b, k in enumerate(n_out):
-                if k == self.last:  # ForcedEOS: 0 for those ids, -inf for all others, then
-                    # SuppressTokens / AtBegin, which come after it in transformers' list
-                    late = self.always | self.begin if k == 0 else self.always
-                    keep = (self.forced & ~late).to(logits.device)
-                    logits[b] = torch.where(keep, 0.0, float("-inf"))
-        return logits
+        """``logits`` (len(rows), V) through the processors after the repetition penalty, in
+        transformers' order, in place (``rows``: each batch row's prompt, ``n_out``: how many
+        tokens it generated so far)."""
+        dev, ninf = self._on(logits.device), float("-inf")
 
-    def _mask(self, rows: list[int], n_out: list[int]) -> torch.Tensor:
-        """(len(rows), V) bool: the banned tokens of each batch row."""
-        m = self.always.expand(len(rows), -1).clone()
-        for b, (r, k) in enumerate(zip(rows, n_out, strict=True)):
-            if k == 0:
-                m[b] |= self.begin
-            if k < self.min_new[r]:
-                m[b] |= self.eos
-            ids = None if self.history is None else self.history[r]
-            if self.grams is not None and len(ids) >= self.n:
-                m[b, list(self.grams[r].get(tuple(ids[len(ids) - self.n + 1:]), ()))] = True
-            for head, last in self.seqs.items():
-                if len(head) <= len(ids) and tuple(ids[len(ids) - len(head):]) == head:
-                    m[b, list(last)] = True
-        return m
+        def each(sel: list[bool]):
+            """The rows selected: ``slice(None)`` for all of them (one op for the batch; a row
+            selector would be a copy to the device), else their indices."""
+            return [slice(None)] if all(sel) else [b for b, s in enumerate(sel) if s]
+
+        def ban(name: str, sel: list[bool]) -> None:
+            if dev[name].numel():
+                for b in each(sel):
+                    logits[b].index_fill_(-1, dev[name], ninf)
+
+        ban("bad1", [True] * len(rows))  # NoBadWords, then NoRepeatNGram's and its longer words
+        if self.history is not None and (self.n or self.heads):
+            at_b: list[int] = []
+            at_t: list[int] = []
+            for b, r in enumerate(rows):
+                ids = self.history[r]
+                if self.grams is not None and len(ids) >= self.n:
+                    got = self.grams[r].get(tuple(ids[len(ids) - self.n + 1:]), ())
+                    at_b += [b] * len(got)
+                    at_t += got
+                for n, heads in self.heads.items():
+                    if n <= len(ids):
+                        got = heads.get(tuple(ids[len(ids) - n:]), ())
+                        at_b += [b] * len(got)
+                        at_t += got
+            if at_b:  # one small copy; duplicates are fine (each writes -inf)
+                at = torch.tensor([at_b, at_t], dtype=torch.long).to(logits.device)
+                logits[at[0], at[1]] = ninf
+        by_row = list(zip(rows, n_out, strict=True))
+        ban("eos", [k < self.min_new[r] for r, k in by_row])
+        for name, sel in (("bos", [k == 0 and self.bos_rows[r] for r, k in by_row]),
+                          ("forced", [k == self.last for k in n_out])):
+            if dev[name].numel():  # ForcedBOS / ForcedEOS: 0 for those ids, -inf for all others
+                for b in each(sel):
+                    logits[b] = ninf
+                    logits[b].index_fill_(-1, dev[name], 0.0)
+        if self.decay is not None and dev["eos"].numel():
+            start, factor = self.decay
+            for k in sorted({k for k in n_out if k > start}):
+                # ExponentialDecayLengthPenalty's own arithmetic, on the stop ids' logits
+                for b in each([j == k for j in n_out]):
+                    s = logits[b][..., dev["eos"]]
+                    penalty = torch.abs(s) * (pow(factor, k - start) - 1)
+                    penalty = penalty.masked_fill(~torch.isfinite(s), 0.0)
+                    logits[b][..., dev["eos"]] = s + penalty
+        ban("suppress", [True] * len(rows))
+        ban("begin", [k == int(self.bos_rows[r]) for r, k in by_row])
+        return logits

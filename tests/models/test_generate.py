@@ -384,9 +384,12 @@ def test_transformers_generate_options_get_a_clear_error(tiny):
     for needle in ("num_beams: not supported", "do_sample: sampling is "
                    "temperature > 0", "typo_option: not an option", "its options:"):
         assert needle in msg
-    # every option the message lists is one generate() takes
+    # every option the message lists is one generate() takes (its logits processors and
+    # warpers as the fields of Knobs)
+    from ember.models.generation_config import Knobs
+
     listed = msg.rsplit("its options: ", 1)[1].rstrip(")").split(", ")
-    assert set(listed) <= set(inspect.signature(generate).parameters)
+    assert set(listed) <= set(inspect.signature(generate).parameters) | set(Knobs().as_dict())
 
 
 def test_masked_attention_keeps_a_nan_and_zeroes_only_rows_without_keys():

@@ -121,9 +121,11 @@ def test_generation_config_min_new_tokens_and_ngrams_apply_as_in_transformers(tm
     assert capsys.readouterr().out == hf_text(hf, prompts[0], no_repeat_ngram_size=2,
                                               min_new_tokens=3) + "\n"
     # a setting Ember does not apply is said in Python too (was: only the CLI's note)
-    model.hf_generation_config = {**model.hf_generation_config, "typical_p": 0.5}
-    with pytest.warns(UserWarning, match="typical_p=0.5"):
+    model.hf_generation_config = {**model.hf_generation_config, "num_beams": 2, "top_h": 0.4,
+                                  "guidance_scale": 1.0, "token_healing": False}
+    with pytest.warns(UserWarning, match=r"sets num_beams=2, top_h=0.4, which") as w:
         generate(model, tok, prompts[:1], max_new_tokens=2)
+    assert "guidance_scale" not in str(w[0].message)  # 1.0 is off
 
 
 def test_bad_words_and_suppressed_tokens_equal_transformers_generate(pair):  # noqa: F811
@@ -210,3 +212,63 @@ def test_min_length_and_forced_eos_equal_transformers_generate(pair):  # noqa: F
     assert all(f[-1] == 7 and f[:-1] == p[:5] for f, p in zip(forced, plain, strict=True))
     assert generate_ids(ours, PROMPTS, max_new_tokens=6, forced_eos_token_id=[5, 7],
                         suppress_tokens=[5]) == forced
+
+
+def test_knobs_are_one_list(pair):  # noqa: F811
+    """Every logits processor / warper is a field of ``Knobs``: the generation_config.json
+    defaults cover exactly them, an unknown keyword is refused by name, and a draft is refused
+    naming the processor that is on."""
+    from ember.models.generation_config import Knobs, knob_defaults
+
+    ours = pair[1]
+    assert set(knob_defaults(ours)) == set(Knobs().as_dict())
+    with pytest.raises(EmberError, match="does not take 'typical_q'"):
+        generate_ids(ours, PROMPTS, max_new_tokens=2, typical_q=0.5)
+    with pytest.raises(EmberError, match=r"forced_eos_token_id set"):
+        generate_ids(ours, PROMPTS[:1], max_new_tokens=2, forced_eos_token_id=0, drafts=[[1]])
+
+
+def test_generation_config_sampling_and_bias_settings_apply_as_in_transformers(tmp_path):
+    """A generation_config.json's typical_p, epsilon_cutoff, eta_cutoff (sampling),
+    sequence_bias, exponential_decay_length_penalty and renormalize_logits act in generate() as
+    in transformers' generate() from that folder (Ember named them in a warning and ignored
+    them): greedy and seeded sampled tokens equal."""
+    tok, _, _ = _with_tokenizer(tmp_path, "<|im_end|>", "<|im_end|>")
+    tok.save_pretrained(tmp_path)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    prompts = ["he", "the 12"]
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+    plain = generate(model, tok, prompts, max_new_tokens=10)
+    first = tok.encode(plain[1])[:3]
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    settings = {"sequence_bias": [[[first[0]], -30.0], [[first[1], first[2]], 9.0]],
+                "exponential_decay_length_penalty": [3, 1.7], "renormalize_logits": True,
+                "typical_p": 0.6, "epsilon_cutoff": 0.001, "eta_cutoff": 0.002,
+                "eos_token_id": eos}
+    (tmp_path / "generation_config.json").write_text(json.dumps({**gen, **settings}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+
+    def hf_text(p: str, **kw) -> str:
+        ids = torch.tensor([tok.encode(p)])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                          pad_token_id=eos, **kw)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left unapplied to warn about
+        got = generate(model, tok, prompts, max_new_tokens=10)
+    want = [hf_text(p, do_sample=False) for p in prompts]
+    assert got == want and want != plain
+    differs = False
+    for seed in range(3):
+        torch.manual_seed(seed)
+        want = hf_text(prompts[1], do_sample=True, temperature=1.5, top_k=0)
+        assert generate(model, tok, prompts[1], max_new_tokens=10, temperature=1.5, top_k=0,
+                        seed=seed) == [want]
+        differs |= generate(model, tok, prompts[1], max_new_tokens=10, temperature=1.5,
+                            top_k=0, seed=seed, typical_p=1.0, epsilon_cutoff=0.0,
+                            eta_cutoff=0.0) != [want]
+    assert differs  # the warpers matter here
