@@ -138,6 +138,12 @@ class _Encoder:
                    else self._render(messages[:i], True, messages))
             if i and not upto.startswith(pre):  # a prompt that opens more than turns render
                 pre = shared_opening(pre, upto, self._render(messages[:i], False, messages))
+                # the turn's own header may go on past where the two part (Granite's prompt
+                # writes its controls, assistant {"length": ...}<|end_of_role|>, where the turn
+                # writes assistant<|end_of_role|>): the answer starts after the header
+                head = self._header(messages, i)
+                pre = head if head is not None and upto.startswith(head) and len(head) > len(
+                    pre) else pre
             if full.startswith(upto) and upto.startswith(pre):
                 start, end = len(pre), len(upto)
             else:  # the turn renders otherwise once later messages follow
@@ -182,6 +188,19 @@ class _Encoder:
         same, turns = self._tokens(full, spans)
         last = next((t for t in reversed(turns) if t), None)
         return last[0] if same == ids and last is not None else block_start
+
+    def _header(self, messages, i: int) -> str | None:
+        """What the template writes before message ``i``'s content, from a render with a marker
+        as that content; None when the marker does not come out once."""
+        marker = "\x00EmberAnswer\x00"
+        if not isinstance(messages[i].get("content"), str):
+            return None
+        try:
+            probe = self._render([*messages[:i], {**messages[i], "content": marker}], False,
+                                 messages)
+        except _Bad:  # (a template that reads the content, e.g. for a think block)
+            return None
+        return probe[:probe.find(marker)] if probe.count(marker) == 1 else None
 
     def _opening(self, messages, upto: str) -> str:
         """What a template renders before a conversation's first message when that message is
