@@ -221,7 +221,16 @@ def parse_template_kwargs(obj: dict) -> dict | None:
     if kw is not None and not isinstance(kw, dict):
         raise _Bad("wrong type", "field 'chat_template_kwargs' must be an object of template "
                                  f"variables, got {_type_name(kw)}")
-    bad = sorted(set(kw or ()) & set(_RENDER_ARGS))
+    # documents: TRL passes the kwargs to apply_chat_template whole, so they render (Granite's
+    # and Command R's RAG turns); checked as transformers checks them
+    bad = sorted(set(kw or ()) & set(_RENDER_ARGS) - {"documents"})
+    docs = (kw or {}).get("documents")
+    odd = [d for d in docs if not isinstance(d, dict)] if isinstance(docs, list) else [docs]
+    if docs is not None and odd:
+        held = (f"an array holding {_type_name(odd[0])}" if isinstance(docs, list)
+                else _type_name(docs))
+        raise _Bad("wrong type", "field 'chat_template_kwargs': 'documents' must be an array of "
+                                 f"objects (e.g. {{\"title\": ..., \"text\": ...}}), got {held}")
     if bad:
         raise _Bad("wrong type", f"field 'chat_template_kwargs' sets {bad}, which are "
                                  "apply_chat_template's own arguments, not template variables "

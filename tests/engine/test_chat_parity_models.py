@@ -111,9 +111,11 @@ DOCUMENTS = [{"doc_id": 1, "title": "Paris", "text": "Paris is the capital of Fr
 NO_SYSTEM = {"gemma2"}  # its template raises on a system message
 DATED = {"llama3.2", "granite", "small3.2"}  # the templates that call strftime_now
 TOOL_CALLS = {"llama3.2", "nemo", "small3.2"}  # the templates that render tool calls
-# template variables each model documents: (name, variables)
-VARIABLES = {"llama3.2": {"date_string": "01 Jan 2025"}, "smollm3": {"enable_thinking": False},
-             "granite": {"controls": {"length": "short"}}}
+# template variables each model documents
+VARIABLES = {"llama3.2": [{"date_string": "01 Jan 2025"}],
+             "smollm3": [{"enable_thinking": False}],
+             "granite": [{"controls": {"length": "short"}},
+                         {"documents": DOCUMENTS, "controls": {"citations": True}}]}
 
 
 class _Date(datetime.datetime):
@@ -158,8 +160,8 @@ def _conversations(name):
     yield CHAT[:2], None, {}
     if name not in NO_SYSTEM:
         yield [SYSTEM, *TOOL_CHAT], TOOLS, {}
-    if name in VARIABLES:
-        yield system + CHAT, None, VARIABLES[name]
+    for variables in VARIABLES.get(name, ()):
+        yield CHAT, None, variables
 
 
 def _load(tmp_path, ours, messages, tools=None, variables=None):
@@ -232,3 +234,21 @@ def test_template_errors_are_clear(tmp_path, backend, name, messages, kwargs, wh
         ours.apply_chat_template(parse({"messages": messages}, "messages"), **kwargs)
     with pytest.raises(EmberError, match=f"d.jsonl:1: .*{why}"):
         _load(tmp_path, ours, messages, kwargs.get("tools"))
+
+
+def test_documents_of_a_line_reach_the_template(tmp_path, backend):
+    """TRL passes a line's ``chat_template_kwargs`` to apply_chat_template whole, so
+    ``documents`` there render (Granite's RAG turns); Ember refused every such line as setting
+    one of apply_chat_template's own arguments. A value that is not a list of objects is the
+    line's error, as transformers refuses it."""
+    ours, hf = _pair(backend, "granite", MARKED["granite"])
+    ex = _load(tmp_path, ours, CHAT, variables={"documents": DOCUMENTS})
+    out = hf.apply_chat_template(CHAT, documents=DOCUMENTS, tokenize=True, return_dict=True,
+                                 return_assistant_tokens_mask=True)
+    assert ex.input_ids == list(out["input_ids"])
+    assert DOCUMENTS[1]["text"] in backend.decode(ex.input_ids)
+    assert [0] + [int(t != IGNORE) for t in ex.labels[:-1]] == list(out["assistant_masks"])
+    with pytest.raises(TypeError, match="Documents should be a list of dicts"):
+        hf.apply_chat_template(CHAT, documents=["Paris is the capital."], tokenize=False)
+    with pytest.raises(EmberError, match="d.jsonl:1: .*'documents' must be an array of objects"):
+        _load(tmp_path, ours, CHAT, variables={"documents": ["Paris is the capital."]})
