@@ -149,6 +149,12 @@ class _Encoder:
             else:  # the turn renders otherwise once later messages follow
                 start = len(pre) if full.startswith(pre) else turn_start(
                     full, pos, pre, messages[i - 1].get("content") if i else None)
+                if start is None and i:
+                    # the prompt opens more than the turn shows once later messages follow
+                    # (Qwen3.5 and Nemotron 3 prompt <think>\n; an earlier answer drops its
+                    # think block): the turn starts where the two part
+                    cut = shared_opening(pre, full, self._render(messages[:i], False, messages))
+                    start = len(cut) if cut != pre and full.startswith(cut) else None
                 end = (None if start is None else len(upto) if full.startswith(upto)
                        else turn_end(full, start, upto, m.get("content")))
                 if end is None and start is not None and upto.startswith(pre):

@@ -252,3 +252,55 @@ def test_documents_of_a_line_reach_the_template(tmp_path, backend):
         hf.apply_chat_template(CHAT, documents=["Paris is the capital."], tokenize=False)
     with pytest.raises(EmberError, match="d.jsonl:1: .*'documents' must be an array of objects"):
         _load(tmp_path, ours, CHAT, variables={"documents": ["Paris is the capital."]})
+
+
+QWEN35_GEN = _marked(R.QWEN35, (
+    """        {%- if loop.index0 > ns.last_query_index %}
+            {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content + '\\n</think>\\n\\n' + content }}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- endif %}""",
+    """        {%- if loop.index0 > ns.last_query_index %}
+            {{- '<|im_start|>' + message.role + '\\n<think>\\n' }}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\\n' }}
+        {%- endif %}
+        {%- generation %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {{- reasoning_content + '\\n</think>\\n\\n' + content }}
+        {%- else %}
+            {{- content }}
+        {%- endif %}"""), (
+    """        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}""",
+    """        {{- '<|im_end|>' }}
+        {%- endgeneration %}
+        {{- '\\n' }}
+    {%- elif message.role == "tool" %}"""))
+
+
+def test_turns_whose_prompt_opens_a_think_block_are_found(tmp_path, backend):
+    """Qwen3.5's generation prompt opens a think block (``<|im_start|>assistant\\n<think>\\n``)
+    that an earlier turn, once a later question follows, renders without
+    (``<|im_start|>assistant\\nParis...``): Ember refused every multi-turn line ("does not render
+    this conversation turn by turn"). The turn now starts where the prompt and the conversation
+    part; the mask is the marked template's (history turns: content and <|im_end|>; the last
+    query's: its reasoning, answer and <|im_end|>, after the prompt's ``<think>\\n``)."""
+    ours = Tokenizer(backend, eos_token="<|im_end|>", chat_template=R.QWEN35)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                              chat_template=QWEN35_GEN)
+    think = [CHAT[0], {**CHAT[1], "reasoning_content": "France is asked."}, CHAT[2],
+             {**CHAT[3], "reasoning_content": "Italy now."}]
+    tool_think = [*TOOL_CHAT[:3], {**TOOL_CHAT[3], "reasoning_content": "It is warm."}]
+    for messages, tools in (([SYSTEM, *CHAT], None), (think, None), (think + think, None),
+                            ([*CHAT, *TOOL_CHAT], TOOLS), (tool_think, TOOLS)):
+        assert hf.apply_chat_template(messages, tools=tools, tokenize=False) == (
+            hf.apply_chat_template(messages, tools=tools, tokenize=False,
+                                   chat_template=R.QWEN35))
+        out = hf.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
+                                     return_assistant_tokens_mask=True)
+        ex = _load(tmp_path, ours, messages, tools)
+        assert ex.input_ids == list(out["input_ids"])
+        mask = [0] + [int(t != IGNORE) for t in ex.labels[:-1]]
+        assert mask == list(out["assistant_masks"]), backend.decode(
+            [t for t in ex.labels if t != IGNORE], skip_special_tokens=False)
