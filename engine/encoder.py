@@ -132,7 +132,8 @@ class _Encoder:
                 continue
             upto = self._render(messages[: i + 1], False, messages)
             eos = getattr(self.tok, "eos_token", None)
-            if eos and not full.startswith(upto) and upto.endswith(eos):
+            if eos and not full.startswith(upto) and upto.endswith(eos) and full.startswith(
+                    upto[: -len(eos)]):
                 upto = upto[: -len(eos)]  # Phi-3 ends a render with EOS, not each turn
             pre = (self._opening(messages, upto) if i == 0
                    else self._render(messages[:i], True, messages))

@@ -160,6 +160,8 @@ def _conversations(name):
     yield CHAT[:2], None, {}
     if name not in NO_SYSTEM:
         yield [SYSTEM, *TOOL_CHAT], TOOLS, {}
+    if name in TOOL_CALLS:  # earlier turns that the tools' place renders otherwise (Mistral)
+        yield [*CHAT, *TOOL_CHAT], TOOLS, {}
     for variables in VARIABLES.get(name, ()):
         yield CHAT, None, variables
 
