@@ -212,13 +212,17 @@ class _Encoder:
     def _opening(self, messages, upto: str) -> str:
         """What a template renders before a conversation's first message when that message is
         the assistant's (a greeting): the generation prompt of no messages when it leads to
-        ``upto`` (transformers refuses to render none), else the text before the answer in a
-        render with a marker for its content (a default system prompt comes with the first
-        message in SmolLM2's and Qwen's templates)."""
+        ``upto`` (transformers refuses to render none) and the turn's own header is not longer,
+        else the text before the answer in a render with a marker for its content (a default
+        system prompt comes with the first message in SmolLM2's and Qwen's templates)."""
         try:
             pre = self._render([], True, messages)
             if upto.startswith(pre):
-                return pre
+                # a template that writes its prompt only after a message (OLMo 2's, in its
+                # loop) prompts none here: the answer starts after the turn's own header
+                head = self._header(messages, 0)
+                return head if head is not None and upto.startswith(head) and len(head) > len(
+                    pre) else pre
         except _Bad:
             pass
         marker = "\x00EmberAnswer\x00"

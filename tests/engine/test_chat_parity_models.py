@@ -109,6 +109,7 @@ TOOL_CHAT = [{"role": "user", "content": "Weather in Paris?"},
 DOCUMENTS = [{"doc_id": 1, "title": "Paris", "text": "Paris is the capital of France."},
              {"doc_id": 2, "title": "Rome", "text": "Rome is the capital of Italy."}]
 NO_SYSTEM = {"gemma2"}  # its template raises on a system message
+ALTERNATE = {"gemma2", "nemo", "small3.2"}  # the templates that want a user message first
 DATED = {"llama3.2", "granite", "small3.2"}  # the templates that call strftime_now
 TOOL_CALLS = {"llama3.2", "nemo", "small3.2"}  # the templates that render tool calls
 # template variables each model documents
@@ -162,6 +163,8 @@ def _conversations(name):
         yield [SYSTEM, *TOOL_CHAT], TOOLS, {}
     if name in TOOL_CALLS:  # earlier turns that the tools' place renders otherwise (Mistral)
         yield [*CHAT, *TOOL_CHAT], TOOLS, {}
+    if name not in ALTERNATE:  # a greeting
+        yield [{"role": "assistant", "content": "Hello! How can I help?"}, *CHAT], None, {}
     for variables in VARIABLES.get(name, ()):
         yield CHAT, None, variables
 
