@@ -132,9 +132,12 @@ class _Encoder:
                 continue
             upto = self._render(messages[: i + 1], False, messages)
             eos = getattr(self.tok, "eos_token", None)
-            if eos and not full.startswith(upto) and upto.endswith(eos) and full.startswith(
-                    upto[: -len(eos)]):
-                upto = upto[: -len(eos)]  # Phi-3 ends a render with EOS, not each turn
+            # Phi-3 ends a render with EOS, not each turn (gpt-oss its last answer with
+            # <|return|>, the others with <|end|>); Mistral's </s> ends every turn
+            bare = upto[: -len(eos)] if eos and not full.startswith(upto) and upto.endswith(
+                eos) else None
+            if bare is not None and full.startswith(bare):
+                upto, bare = bare, None
             pre = (self._opening(messages, upto) if i == 0
                    else self._render(messages[:i], True, messages))
             if i and not upto.startswith(pre):  # a prompt that opens more than turns render
@@ -160,6 +163,12 @@ class _Encoder:
                        else turn_end(full, start, upto, m.get("content")))
                 if end is None and start is not None and upto.startswith(pre):
                     end = turn_tail_end(full, start, upto[len(pre):])
+                if end is None and start is not None and bare is not None:
+                    # the EOS ends the render after all (gpt-oss's <|return|> after an analysis
+                    # that later messages drop)
+                    end = turn_end(full, start, bare, m.get("content"))
+                    if end is None and bare.startswith(pre):
+                        end = turn_tail_end(full, start, bare[len(pre):])
             if end is None or not pos <= start <= end:
                 return None
             spans += [(pos, start, False), (start, end, True)]

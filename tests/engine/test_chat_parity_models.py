@@ -309,3 +309,34 @@ def test_turns_whose_prompt_opens_a_think_block_are_found(tmp_path, backend):
         mask = [0] + [int(t != IGNORE) for t in ex.labels[:-1]]
         assert mask == list(out["assistant_masks"]), backend.decode(
             [t for t in ex.labels if t != IGNORE], skip_special_tokens=False)
+
+
+def test_gpt_oss_turns_with_reasoning_are_found(tmp_path):
+    """gpt-oss renders an answer's analysis only in the last turn and ends the last answer with
+    <|return|> (its EOS), an earlier one with <|end|>: a line whose earlier answers carry
+    ``thinking`` was refused. Tokens are transformers'; each answer trains from its channel on
+    (after the prompt's ``<|start|>assistant``), the last one through <|return|>."""
+    specials = ["<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>", "<|call|>"]
+    tok = Backend(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([json.dumps(CHAT)] * 3, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    ours = Tokenizer(tok, eos_token="<|return|>", chat_template=R.GPT_OSS,
+                     extra_eos_token_ids=[tok.token_to_id("<|call|>")])
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|return|>",
+                                              chat_template=R.GPT_OSS)
+    messages = [CHAT[0], {**CHAT[1], "thinking": "France is asked."}, CHAT[2],
+                {**CHAT[3], "thinking": "Italy now."}]
+    ex = _load(tmp_path, ours, messages)
+    assert ex.input_ids == hf.apply_chat_template(messages, tokenize=True, return_dict=False)
+    trained, run = [], []
+    for t in ex.labels:
+        if t == IGNORE and run:
+            trained, run = [*trained, tok.decode(run, skip_special_tokens=False)], []
+        elif t != IGNORE:
+            run.append(t)
+    assert trained == ["<|channel|>final<|message|>Paris is the capital of France.",
+                       "<|channel|>analysis<|message|>Italy now.<|end|><|start|>assistant"
+                       "<|channel|>final<|message|>Rome, of course.<|return|>"]
