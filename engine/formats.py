@@ -455,7 +455,8 @@ def json_object(line: str) -> dict:
 def turn_end(full: str, start: int, upto: str, content) -> int | None:
     """Where an assistant turn that starts at ``start`` in ``full`` ends: after the first
     ``content`` there and the text that closes the turn in ``upto`` (the conversation rendered up
-    to that turn); None when that text is not there or another turn's close comes first."""
+    to that turn; none when it ends with the content); None when that text is not there or
+    another turn's close comes first."""
     if not isinstance(content, str):
         return None
     if "</think>" in content and content not in full[start:]:
@@ -465,7 +466,8 @@ def turn_end(full: str, start: int, upto: str, content) -> int | None:
         return None
     close = upto[upto.rindex(content) + len(content):]
     at = full.find(content, start)
-    if at < 0 or not close.strip() or close.strip() in full[start:at] or not full.startswith(
+    # (no close: a template that ends a turn with its content, GLM-4.5's, ends it there)
+    if at < 0 or close.strip() and close.strip() in full[start:at] or not full.startswith(
             close, at + len(content)):
         return None
     return at + len(content) + len(close)

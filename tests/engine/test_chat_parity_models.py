@@ -340,3 +340,33 @@ def test_gpt_oss_turns_with_reasoning_are_found(tmp_path):
     assert trained == ["<|channel|>final<|message|>Paris is the capital of France.",
                        "<|channel|>analysis<|message|>Italy now.<|end|><|start|>assistant"
                        "<|channel|>final<|message|>Rome, of course.<|return|>"]
+
+
+GLM45_GEN = _marked(R.GLM45, (
+    "{%- if loop.index0 > ns.last_user_index and reasoning_content -%}",
+    "{%- generation -%}\n{%- if loop.index0 > ns.last_user_index and reasoning_content -%}"), (
+    "</tool_call>{% endfor %}\n{% endif %}\n", "</tool_call>{% endfor %}\n{% endif %}{%- endgeneration -%}\n"))
+
+
+def test_turns_without_an_end_of_turn_are_found(tmp_path, backend):
+    """GLM-4.5 ends an answer with its text (the next message's role token follows) and drops
+    an earlier answer's reasoning: a line whose earlier answers carry reasoning was refused
+    ("does not render this conversation turn by turn"). Tokens and mask are transformers' on the
+    template with each answer marked after ``<|assistant|>``, and Ember's EOS after the last."""
+    ours = Tokenizer(backend, eos_token="<|endoftext|>", chat_template=R.GLM45)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                              chat_template=GLM45_GEN)
+    think = [CHAT[0], {**CHAT[1], "reasoning_content": "France is asked."}, CHAT[2],
+             {**CHAT[3], "reasoning_content": "Italy now."}]
+    tool_think = [*TOOL_CHAT[:3], {**TOOL_CHAT[3], "reasoning_content": "It is warm."}]
+    for messages, tools in ((think, None), ([SYSTEM, *think, *think], None),
+                            (tool_think, TOOLS)):
+        assert hf.apply_chat_template(messages, tools=tools, tokenize=False) == (
+            hf.apply_chat_template(messages, tools=tools, tokenize=False, chat_template=R.GLM45))
+        out = hf.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
+                                     return_assistant_tokens_mask=True)
+        ex = _load(tmp_path, ours, messages, tools)
+        assert ex.input_ids == [*out["input_ids"], hf.eos_token_id]
+        mask = [0] + [int(t != IGNORE) for t in ex.labels[:-1]]
+        assert mask == [*out["assistant_masks"], 1], backend.decode(
+            [t for t in ex.labels if t != IGNORE], skip_special_tokens=False)
