@@ -132,21 +132,43 @@ class _Encoder:
                 continue
             upto = self._render(messages[: i + 1], False, messages)
             eos = getattr(self.tok, "eos_token", None)
-            if eos and not full.startswith(upto) and upto.endswith(eos):
-                upto = upto[: -len(eos)]  # Phi-3 ends a render with EOS, not each turn
+            # Phi-3 ends a render with EOS, not each turn (gpt-oss its last answer with
+            # <|return|>, the others with <|end|>); Mistral's </s> ends every turn
+            bare = upto[: -len(eos)] if eos and not full.startswith(upto) and upto.endswith(
+                eos) else None
+            if bare is not None and full.startswith(bare):
+                upto, bare = bare, None
             pre = (self._opening(messages, upto) if i == 0
                    else self._render(messages[:i], True, messages))
             if i and not upto.startswith(pre):  # a prompt that opens more than turns render
                 pre = shared_opening(pre, upto, self._render(messages[:i], False, messages))
+                # the turn's own header may go on past where the two part (Granite's prompt
+                # writes its controls, assistant {"length": ...}<|end_of_role|>, where the turn
+                # writes assistant<|end_of_role|>): the answer starts after the header
+                head = self._header(messages, i)
+                pre = head if head is not None and upto.startswith(head) and len(head) > len(
+                    pre) else pre
             if full.startswith(upto) and upto.startswith(pre):
                 start, end = len(pre), len(upto)
             else:  # the turn renders otherwise once later messages follow
                 start = len(pre) if full.startswith(pre) else turn_start(
                     full, pos, pre, messages[i - 1].get("content") if i else None)
+                if start is None and i:
+                    # the prompt opens more than the turn shows once later messages follow
+                    # (Qwen3.5 and Nemotron 3 prompt <think>\n; an earlier answer drops its
+                    # think block): the turn starts where the two part
+                    cut = shared_opening(pre, full, self._render(messages[:i], False, messages))
+                    start = len(cut) if cut != pre and full.startswith(cut) else None
                 end = (None if start is None else len(upto) if full.startswith(upto)
                        else turn_end(full, start, upto, m.get("content")))
                 if end is None and start is not None and upto.startswith(pre):
                     end = turn_tail_end(full, start, upto[len(pre):])
+                if end is None and start is not None and bare is not None:
+                    # the EOS ends the render after all (gpt-oss's <|return|> after an analysis
+                    # that later messages drop)
+                    end = turn_end(full, start, bare, m.get("content"))
+                    if end is None and bare.startswith(pre):
+                        end = turn_tail_end(full, start, bare[len(pre):])
             if end is None or not pos <= start <= end:
                 return None
             spans += [(pos, start, False), (start, end, True)]
@@ -183,16 +205,33 @@ class _Encoder:
         last = next((t for t in reversed(turns) if t), None)
         return last[0] if same == ids and last is not None else block_start
 
+    def _header(self, messages, i: int) -> str | None:
+        """What the template writes before message ``i``'s content, from a render with a marker
+        as that content; None when the marker does not come out once."""
+        marker = "\x00EmberAnswer\x00"
+        if not isinstance(messages[i].get("content"), str):
+            return None
+        try:
+            probe = self._render([*messages[:i], {**messages[i], "content": marker}], False,
+                                 messages)
+        except _Bad:  # (a template that reads the content, e.g. for a think block)
+            return None
+        return probe[:probe.find(marker)] if probe.count(marker) == 1 else None
+
     def _opening(self, messages, upto: str) -> str:
         """What a template renders before a conversation's first message when that message is
         the assistant's (a greeting): the generation prompt of no messages when it leads to
-        ``upto`` (transformers refuses to render none), else the text before the answer in a
-        render with a marker for its content (a default system prompt comes with the first
-        message in SmolLM2's and Qwen's templates)."""
+        ``upto`` (transformers refuses to render none) and the turn's own header is not longer,
+        else the text before the answer in a render with a marker for its content (a default
+        system prompt comes with the first message in SmolLM2's and Qwen's templates)."""
         try:
             pre = self._render([], True, messages)
             if upto.startswith(pre):
-                return pre
+                # a template that writes its prompt only after a message (OLMo 2's, in its
+                # loop) prompts none here: the answer starts after the turn's own header
+                head = self._header(messages, 0)
+                return head if head is not None and upto.startswith(head) and len(head) > len(
+                    pre) else pre
         except _Bad:
             pass
         marker = "\x00EmberAnswer\x00"

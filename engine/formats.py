@@ -221,7 +221,16 @@ def parse_template_kwargs(obj: dict) -> dict | None:
     if kw is not None and not isinstance(kw, dict):
         raise _Bad("wrong type", "field 'chat_template_kwargs' must be an object of template "
                                  f"variables, got {_type_name(kw)}")
-    bad = sorted(set(kw or ()) & set(_RENDER_ARGS))
+    # documents: TRL passes the kwargs to apply_chat_template whole, so they render (Granite's
+    # and Command R's RAG turns); checked as transformers checks them
+    bad = sorted(set(kw or ()) & set(_RENDER_ARGS) - {"documents"})
+    docs = (kw or {}).get("documents")
+    odd = [d for d in docs if not isinstance(d, dict)] if isinstance(docs, list) else [docs]
+    if docs is not None and odd:
+        held = (f"an array holding {_type_name(odd[0])}" if isinstance(docs, list)
+                else _type_name(docs))
+        raise _Bad("wrong type", "field 'chat_template_kwargs': 'documents' must be an array of "
+                                 f"objects (e.g. {{\"title\": ..., \"text\": ...}}), got {held}")
     if bad:
         raise _Bad("wrong type", f"field 'chat_template_kwargs' sets {bad}, which are "
                                  "apply_chat_template's own arguments, not template variables "
@@ -446,7 +455,8 @@ def json_object(line: str) -> dict:
 def turn_end(full: str, start: int, upto: str, content) -> int | None:
     """Where an assistant turn that starts at ``start`` in ``full`` ends: after the first
     ``content`` there and the text that closes the turn in ``upto`` (the conversation rendered up
-    to that turn); None when that text is not there or another turn's close comes first."""
+    to that turn; none when it ends with the content); None when that text is not there or
+    another turn's close comes first."""
     if not isinstance(content, str):
         return None
     if "</think>" in content and content not in full[start:]:
@@ -456,7 +466,8 @@ def turn_end(full: str, start: int, upto: str, content) -> int | None:
         return None
     close = upto[upto.rindex(content) + len(content):]
     at = full.find(content, start)
-    if at < 0 or not close.strip() or close.strip() in full[start:at] or not full.startswith(
+    # (no close: a template that ends a turn with its content, GLM-4.5's, ends it there)
+    if at < 0 or close.strip() and close.strip() in full[start:at] or not full.startswith(
             close, at + len(content)):
         return None
     return at + len(content) + len(close)
