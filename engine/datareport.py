@@ -21,6 +21,7 @@ class DataReport:
     dropped_too_long: int = 0
     tokens: int = 0
     loss_tokens: int = 0
+    tool_calls_dropped: int = 0  # conversations whose tool calls the chat template does not render
     kinds: Counter = field(default_factory=Counter)  # problem kind -> count
     problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS, "path:line: why"
 
@@ -36,6 +37,12 @@ class DataReport:
                                                (self.truncated, "truncated"),
                                                (self.dropped_too_long, "dropped (too long)"))
                  if n]
+        if self.tool_calls_dropped:
+            s += (f"\n  note: {self.tool_calls_dropped} conversations hold tool calls that the "
+                  "chat template does not render (it writes only an assistant message's "
+                  "content), so their call turns train only the end of turn, as TRL trains them; "
+                  "to train the calls, write them into the content or use a template that "
+                  "renders tool_calls")
         if extra:
             s += "; " + ", ".join(extra)
             s += "".join(f"\n  {p}" for p in self.problems)

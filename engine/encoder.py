@@ -48,6 +48,9 @@ class _Encoder:
             "endgeneration" in (t or "") for t in (tokenizer.chat_template,
                                                    *tokenizer.chat_templates.values()))
         self.chat = self.has_template if cfg.use_chat_template is None else cfg.use_chat_template
+        # conversations whose tool calls the template leaves out of its render (counted for the
+        # data report: such a call turn trains only its end of turn)
+        self.tool_calls_dropped = 0
         if self.chat and not self.has_template:
             raise EmberError("data.use_chat_template is true but the tokenizer has no chat "
                              "template; set data.use_chat_template = false")
@@ -118,6 +121,20 @@ class _Encoder:
         except Exception as e:  # jinja raise_exception() and template bugs: a per-line problem
             raise _Bad("chat template", f"the chat template rejected this conversation: "
                                         f"{type(e).__name__}: {e}") from None
+
+    def _drops_tool_calls(self, messages: Chat, full: str) -> bool:
+        """Whether ``full``, the render of ``messages``, leaves out their assistant messages'
+        tool calls: templates that render only ``content`` (Phi-3.5/4, OLMo 2, Granite 3.3,
+        SmolLM2) give the same text without them. TRL trains such a line as rendered (the call
+        turn: its end of turn alone), and so does Ember; the data report counts them."""
+        if not any(m.get("tool_calls") for m in messages if m.get("role") == "assistant"):
+            return False
+        bare = Chat([{k: v for k, v in m.items() if k != "tool_calls"} for m in messages],
+                    getattr(messages, "tools", None), getattr(messages, "template_kwargs", None))
+        try:
+            return self._render(bare) == full
+        except _Bad:  # a template that needs the calls (it renders them)
+            return False
 
     def _spans(self, messages, full: str):
         """(start, end, is_assistant) character spans covering ``full``; None when the template
@@ -290,6 +307,8 @@ class _Encoder:
         if not isinstance(messages, Chat):
             messages = Chat(messages)
         full = self._render(messages)
+        if self._drops_tool_calls(messages, full):
+            self.tool_calls_dropped += 1
         marked = self._generation(messages, full)
         spans = self._spans(messages, full) if marked is None else marked
         if spans is None and not all_loss:

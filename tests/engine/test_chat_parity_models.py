@@ -370,3 +370,25 @@ def test_turns_without_an_end_of_turn_are_found(tmp_path, backend):
         mask = [0] + [int(t != IGNORE) for t in ex.labels[:-1]]
         assert mask == [*out["assistant_masks"], 1], backend.decode(
             [t for t in ex.labels if t != IGNORE], skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("name", ["phi4", "llama3.2"])
+def test_tool_calls_a_template_drops_are_reported(tmp_path, backend, name):
+    """Phi-4's template writes only an assistant message's content: a tool-call turn trains its
+    end of turn alone (as TRL trains it). The render says so (transformers' render of the
+    conversation without the calls is the same text) and the data report notes it; Llama
+    3.2's template renders the calls, and no note is made."""
+    ours, hf = _pair(backend, name)
+    messages = [SYSTEM, *TOOL_CHAT]
+    bare = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
+    render = (hf.apply_chat_template(m, tools=TOOLS, tokenize=False) for m in (messages, bare))
+    drops = next(render) == next(render)
+    assert drops == (name == "phi4")
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": messages, "tools": TOOLS}) + "\n"
+                    + json.dumps({"messages": CHAT}) + "\n")
+    _, rep = load_examples(path, DataConfig(train=str(path), bad_lines="error",
+                                            max_seq_len=4096), ours)
+    assert rep.tool_calls_dropped == drops
+    assert ("1 conversations hold tool calls that the chat template does not render"
+            in rep.summary()) == drops
