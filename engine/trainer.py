@@ -413,7 +413,11 @@ class Trainer(EvalMixin):
                 micro = [batches.collate(idx) for idx in mine]
                 # A rank with fewer of the step's batches: passes on a real batch that add 0
                 pad = [batches.collate(window[0])] * (passes - len(mine))
-                lr = o.lr * lr_factor(prog.step, total, warmup, o.schedule, o.min_lr_ratio)
+                # A skipped step (fp16's scaler found inf/NaN, or the guard) does not advance
+                # the schedule, as transformers' Trainer steps its scheduler only when the
+                # optimizer step was not skipped; the step still counts toward max_steps.
+                lr = o.lr * lr_factor(prog.step - guard.skipped, total, warmup, o.schedule,
+                                      o.min_lr_ratio)
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_ratio", 1.0)
                 s = self._step(micro, prog.step + 1, opt, params, scaler, guard, signals, pad)
@@ -450,7 +454,10 @@ class Trainer(EvalMixin):
                                     "loss_tokens": s.loss_tokens, "tokens_per_s": s.tokens / dt,
                                     "seconds": seconds0 + time.perf_counter() - t_train,
                                     **values,
-                                    **({} if s.applied else {"skipped": True})})
+                                    **({} if s.applied else {"skipped": True}),
+                                    # the lr schedule is this many steps behind the step
+                                    **({"skipped_steps": guard.skipped} if guard.skipped
+                                       else {})})
                 status = (f"loss {s.loss:.4f} | {s.tokens / dt:,.0f} tok/s | "
                           f"mem {memory_gib(self.device):.1f} GiB")
                 if bar is not None:

@@ -26,7 +26,7 @@ from ember.engine.guards import (
 )
 from ember.engine.losses import sft_loss
 from tests.engine import _tiny as w
-from tests.engine._tiny import checkpoint_weights, rows_of, tiny_config
+from tests.engine._tiny import checkpoint_weights, hf_lr_factors, rows_of, tiny_config
 
 
 def test_guard_counts_and_stops_after_n_in_a_row():
@@ -95,8 +95,15 @@ def test_fp16_scaler_skips_are_skipped_steps_and_calibration_does_not_stop():
 
 def test_fp16_run_logs_the_scaler_skips(tiny, tmp_path, monkeypatch):
     """An fp16 run (CUDA only: here on CPU autocast with a CPU GradScaler starting at 2^24, so
-    the first steps overflow fp16): the steps the scaler skips are logged as skipped (they were
-    logged as applied, their loss in the means), and their calibration does not stop the run."""
+    the first steps overflow fp16; step 6's gradients made inf by a hook): the steps the scaler
+    skips are logged as skipped (they were logged as applied, their loss in the means), and
+    their calibration does not stop the run. The lr holds over a skipped step as transformers'
+    Trainer's (no scheduler step when accelerate reports the optimizer step skipped; the step
+    still counts toward max_steps): Ember's schedule followed the step counter, so after k
+    skips its lr was k steps ahead of transformers' (here skips at steps 1, 2, 4, 6 of 8,
+    cosine after 2 warmup steps: step 3, the first update, ran at the peak 1e-3 instead of
+    transformers' 0, step 8 at 0.07e-3 instead of 0.93e-3). The skip count carries through a
+    stop and --resume, and the log's skipped_steps says how far the schedule is behind."""
     from dataclasses import replace
 
     from ember.engine import trainer as tr
@@ -106,21 +113,38 @@ def test_fp16_run_logs_the_scaler_skips(tiny, tmp_path, monkeypatch):
     scalers, make = [], torch.amp.GradScaler
 
     def scaler(device):
-        scalers.append(make("cpu", init_scale=2.0**24))
+        scalers.append(make("cpu", init_scale=2.0**19))
         return scalers[-1]
 
     monkeypatch.setattr(torch.amp, "GradScaler", scaler)
+    real_step, now, hooked = tr.Trainer._step, [0], set()
+
+    def step(self, micro, n, *args, **kw):  # step 6's backward gives inf gradients
+        if id(self) not in hooked:
+            hooked.add(id(self))
+            p = next(p for p in self.model.parameters() if p.requires_grad)
+            p.register_hook(lambda g: torch.full_like(g, math.inf) if now[0] == 6 else g)
+        now[0] = n
+        return real_step(self, micro, n, *args, **kw)
+
+    monkeypatch.setattr(tr.Trainer, "_step", step)
     run = tmp_path / "fp16"
     cfg = tiny_config(tiny, run, "max_steps=8", "guards.max_nonfinite_in_a_row=2",
                       "checkpoint.save_final=false", "eval.before=false", "eval.metrics=[]",
-                      "log_every=1")
-    assert tr.Trainer(cfg).run() is not None
+                      "log_every=1", "optim.warmup_steps=2")
+    assert tr.Trainer(cfg, stop_after=4).run().steps == 4
+    assert tr.Trainer(cfg, resume=True).run() is not None
     rows = [r for r in rows_of(run) if r["kind"] == "train"]
     skipped = [r["step"] for r in rows if r.get("skipped")]
-    assert len(rows) == 8 and len(skipped) >= 3, rows
+    assert [r["step"] for r in rows] == list(range(1, 9)) and len(skipped) >= 4, rows
+    assert 6 in skipped and 5 not in skipped and 7 not in skipped, skipped
     assert all(not math.isfinite(r["grad_norm"]) for r in rows if r.get("skipped"))
     assert all(math.isfinite(r["grad_norm"]) for r in rows if not r.get("skipped"))
-    assert scalers[0].get_scale() == 2.0**24 / 2 ** len(skipped)
+    assert scalers[-1].get_scale() == 2.0**19 / 2 ** len(skipped)
+    hf = hf_lr_factors("cosine", 8, 2, skipped=set(skipped))
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * f for f in hf], rel=1e-12)
+    assert [r.get("skipped_steps", 0) for r in rows] == [
+        sum(s <= r["step"] for s in skipped) for r in rows]
 
 
 def test_skipped_step_leaves_weights_and_optimizer_untouched():
