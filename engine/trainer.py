@@ -87,7 +87,6 @@ from ember.engine.runtime import (
     build_model,
     cpu_has_bf16,  # noqa: F401 (bench/train.py imports it from here)
     length_note,
-    lr_factor,
     make_optimizer,
     memory_gib,
     num_weights,
@@ -95,6 +94,7 @@ from ember.engine.runtime import (
     router_aux_coef,
     warmup_steps,
 )
+from ember.engine.schedules import lr_factor, schedule_options
 from ember.engine.stages import describe as describe_start
 from ember.engine.state import (
     Progress,
@@ -354,6 +354,7 @@ class Trainer(EvalMixin):
                       f"lr rises from 0 and never reaches optim.lr = {o.lr:g}"
                       + (" (the one step is at lr 0: nothing trains)" if total == 1 else "")
                       + "; lower optim.warmup_steps / optim.warmup_ratio, or train more steps")
+        shape = schedule_options(o, total, warmup)
         opt = make_optimizer(model, o, self.device, embedding_lr=cfg.lora.embedding_lr
                              if cfg.method == "lora" else None)
         params = [p for g in opt.param_groups for p in g["params"]]
@@ -417,7 +418,7 @@ class Trainer(EvalMixin):
                 # the schedule, as transformers' Trainer steps its scheduler only when the
                 # optimizer step was not skipped; the step still counts toward max_steps.
                 lr = o.lr * lr_factor(prog.step - guard.skipped, total, warmup, o.schedule,
-                                      o.min_lr_ratio)
+                                      o.min_lr_ratio, **shape)
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_ratio", 1.0)
                 s = self._step(micro, prog.step + 1, opt, params, scaler, guard, signals, pad)
