@@ -49,6 +49,7 @@ from ember.engine.guards import GuardConfig
 from ember.engine.kto import KTOConfig
 from ember.engine.objectives import OBJECTIVES, PREFERENCE_OBJECTIVES, DistillConfig
 from ember.engine.preference_objectives import DPOConfig, ORPOConfig, SimPOConfig
+from ember.engine.schedules import HF_SCHEDULE_NAMES, check_schedule  # noqa: F401
 from ember.models.lora import LoRAConfig
 from ember.models.prompt_tuning import PromptTuningConfig
 
@@ -118,15 +119,6 @@ class ModelSpec:
 # transformers' optim names of the same AdamW update (bnb's paging only moves the states)
 HF_OPTIM_NAMES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw",
                   "adamw_bnb_8bit": "adamw_8bit", "paged_adamw_8bit": "adamw_8bit"}
-# transformers' lr_scheduler_type names that Ember's schedules give (the same lr at every step)
-HF_SCHEDULE_NAMES = {
-    "cosine_with_min_lr": "schedule = \"cosine\" with optim.min_lr_ratio = its min_lr_rate "
-                          "(or min_lr / lr)",
-    "constant_with_warmup": "schedule = \"constant\" (warmup: optim.warmup_steps or "
-                            "optim.warmup_ratio)",
-    "polynomial": "power 1 is schedule = \"linear\" with optim.min_lr_ratio = lr_end / lr "
-                  "(other powers are not supported)",
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,8 +134,15 @@ class OptimConfig:
     # peak lr (the first step at lr 0), the peak at step warmup_steps.
     warmup_steps: int | None = None  # None: warmup_ratio of the run, rounded up
     warmup_ratio: float = 0.05
-    schedule: str = "cosine"  # "cosine" | "linear" | "constant" (after warmup)
-    min_lr_ratio: float = 0.0  # cosine/linear decay to lr * min_lr_ratio
+    # After the warmup ("wsd": warmup, stable, decay; engine/schedules.py):
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant" | "wsd" | "inverse_sqrt"
+    min_lr_ratio: float = 0.0  # decay to lr * min_lr_ratio (and "wsd"'s warmup starts there)
+    cycles: int = 1  # "cosine": > 1 hard restarts (transformers' cosine_with_restarts num_cycles)
+    decay_power: float = 1.0  # "linear": (1 - progress) ** decay_power (transformers' polynomial)
+    decay_steps: int | None = None  # "wsd": the decay, the run's last steps (None: decay_ratio)
+    decay_ratio: float = 0.1  # "wsd": the decay's fraction of the run's steps, rounded up
+    decay_type: str = "cosine"  # "wsd": the decay's shape, "linear" | "cosine" | "1-sqrt"
+    timescale: int | None = None  # "inverse_sqrt": its timescale (None: warmup steps, else 10000)
     max_grad_norm: float = 1.0  # 0: no clipping
 
     def __post_init__(self) -> None:
@@ -151,16 +150,11 @@ class OptimConfig:
             raise EmberError(f"optim.name = {self.name!r} is transformers' optim; in Ember: "
                              f"optim.name = {HF_OPTIM_NAMES[self.name]!r}")
         _one_of("optim.name", self.name, ("adamw", "adamw_8bit"))
-        if self.schedule in HF_SCHEDULE_NAMES:
-            raise EmberError(f"optim.schedule = {self.schedule!r} is transformers' "
-                             f"lr_scheduler_type; in Ember: {HF_SCHEDULE_NAMES[self.schedule]}")
-        _one_of("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        check_schedule(self)
         if self.lr is not None and not self.lr > 0:
             raise EmberError(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise EmberError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise EmberError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise EmberError(f"optim.warmup_steps must be >= 0 (or left out for warmup_ratio), "
                              f"got {self.warmup_steps}")

@@ -180,6 +180,14 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
         note("optim", given("optim", ("min_lr_ratio",)),
              'it sets where a "cosine" / "linear" decay ends, and optim.schedule = "constant" '
              "never decays")
+    if cfg.optim.schedule == "inverse_sqrt":
+        note("optim", given("optim", ("min_lr_ratio",)),
+             'optim.schedule = "inverse_sqrt" decays without a floor')
+    for schedule, keys in (("cosine", ("cycles",)), ("linear", ("decay_power",)),
+                           ("wsd", ("decay_steps", "decay_ratio", "decay_type")),
+                           ("inverse_sqrt", ("timescale",))):
+        if cfg.optim.schedule != schedule:
+            note("optim", given("optim", keys), f'they apply to optim.schedule = "{schedule}"')
     if cfg.activations.checkpointing != "every_k":
         note("activations", given("activations", ("every_k",)),
              'it applies to activations.checkpointing = "every_k"')

@@ -7,7 +7,9 @@
   gradient norm is then the step the scaler skips (it halves the scale); it is skipped and
   logged as any other, but while the scale is above 1 it is the scaler calibrating (from 2^16 at
   the start of training) and does not count toward the limit; at a scale <= 1 the gradients
-  overflow (or are NaN) unscaled, and it counts.
+  overflow (or are NaN) unscaled, and it counts. A skipped step does not advance the lr
+  schedule (the trainer's ``lr_factor(step - guard.skipped)``), as transformers' Trainer steps
+  its scheduler only when accelerate reports the optimizer step not skipped.
 - ``oom_guard``: turns ``torch.cuda.OutOfMemoryError`` into an ``EmberError`` with the numbers
   (tokens in the micro-batch, longest sequence, peak and total GPU memory) and what to change.
 - ``GracefulStop``: SIGTERM (schedulers' preemption notice, ``kill``) and SIGINT (Ctrl-C) set a

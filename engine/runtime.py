@@ -18,6 +18,7 @@ import torch
 from ember import EmberError
 from ember.engine.classification import resolve_head, train_head
 from ember.engine.config import TrainConfig, from_dict, to_dict
+from ember.engine.schedules import lr_factor  # noqa: F401  (re-exported: its old home)
 from ember.engine.stages import base_of, load_start, resolve_start
 from ember.models.loading import iter_dense_weights
 from ember.models.lora import apply_lora
@@ -231,20 +232,6 @@ def length_note(step: int, old: int, new: int) -> str | None:
     return (f"note: this run is {new} steps long (max_steps / epochs), the checkpoint's was "
             f"{old}: from step {step + 1} on the lr follows the {new}-step schedule (its warmup "
             "too, with a warmup_ratio), as transformers' Trainer resumed with another max_steps")
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based) of ``total``: transformers'
-    ``get_scheduler`` (linear / cosine / cosine_with_min_lr / constant_with_warmup), whose linear
-    warmup gives step k ``k / warmup`` of the peak (the first step at lr 0, the peak at step
-    ``warmup``)."""
-    if step < warmup:
-        return step / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-    return min_ratio + (1 - min_ratio) * decay
 
 
 def freeze_parameters(model, freeze: tuple[str, ...], train_layers: tuple[int, ...] | None

@@ -87,7 +87,6 @@ from ember.engine.runtime import (
     build_model,
     cpu_has_bf16,  # noqa: F401 (bench/train.py imports it from here)
     length_note,
-    lr_factor,
     make_optimizer,
     memory_gib,
     num_weights,
@@ -95,6 +94,7 @@ from ember.engine.runtime import (
     router_aux_coef,
     warmup_steps,
 )
+from ember.engine.schedules import lr_factor, schedule_options
 from ember.engine.stages import describe as describe_start
 from ember.engine.state import (
     Progress,
@@ -357,6 +357,7 @@ class Trainer(EvalMixin):
                       f"lr rises from 0 and never reaches optim.lr = {o.lr:g}"
                       + (" (the one step is at lr 0: nothing trains)" if total == 1 else "")
                       + "; lower optim.warmup_steps / optim.warmup_ratio, or train more steps")
+        shape = schedule_options(o, total, warmup)
         opt = make_optimizer(model, o, self.device, embedding_lr=cfg.lora.embedding_lr
                              if cfg.method == "lora" else None)
         params = [p for g in opt.param_groups for p in g["params"]]
@@ -416,7 +417,11 @@ class Trainer(EvalMixin):
                 micro = [batches.collate(idx) for idx in mine]
                 # A rank with fewer of the step's batches: passes on a real batch that add 0
                 pad = [batches.collate(window[0])] * (passes - len(mine))
-                lr = o.lr * lr_factor(prog.step, total, warmup, o.schedule, o.min_lr_ratio)
+                # A skipped step (fp16's scaler found inf/NaN, or the guard) does not advance
+                # the schedule, as transformers' Trainer steps its scheduler only when the
+                # optimizer step was not skipped; the step still counts toward max_steps.
+                lr = o.lr * lr_factor(prog.step - guard.skipped, total, warmup, o.schedule,
+                                      o.min_lr_ratio, **shape)
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_ratio", 1.0)
                 s = self._step(micro, prog.step + 1, opt, params, scaler, guard, signals, pad)
@@ -453,7 +458,10 @@ class Trainer(EvalMixin):
                                     "loss_tokens": s.loss_tokens, "tokens_per_s": s.tokens / dt,
                                     "seconds": seconds0 + time.perf_counter() - t_train,
                                     **values,
-                                    **({} if s.applied else {"skipped": True})})
+                                    **({} if s.applied else {"skipped": True}),
+                                    # the lr schedule is this many steps behind the step
+                                    **({"skipped_steps": guard.skipped} if guard.skipped
+                                       else {})})
                 status = (f"loss {s.loss:.4f} | {s.tokens / dt:,.0f} tok/s | "
                           f"mem {memory_gib(self.device):.1f} GiB")
                 if bar is not None:

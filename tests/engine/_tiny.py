@@ -183,9 +183,12 @@ tokens_per_batch = 128
     return run
 
 
-def hf_lr_factors(name: str, total: int, warmup: int, **kw) -> list[float]:
+def hf_lr_factors(name: str, total: int, warmup: int, *, skipped=(), **kw) -> list[float]:
     """transformers' ``get_scheduler(name, ...)`` lr multiplier of each optimizer step (0-based)
-    of ``total``; ``kw``: its ``scheduler_specific_kwargs``."""
+    of ``total``; ``kw``: its ``scheduler_specific_kwargs``. ``skipped``: the steps (1-based)
+    whose update the fp16 GradScaler skipped: transformers' Trainer does not step the scheduler
+    after them (``if not self.accelerator.optimizer_step_was_skipped: lr_scheduler.step()``)
+    but counts them in ``global_step``, so the run still ends after ``total`` steps."""
     from transformers import get_scheduler
 
     p = torch.nn.Parameter(torch.zeros(1))
@@ -193,10 +196,11 @@ def hf_lr_factors(name: str, total: int, warmup: int, **kw) -> list[float]:
     sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total,
                           scheduler_specific_kwargs=kw)
     out = []
-    for _ in range(total):
+    for step in range(1, total + 1):
         out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+        if step not in skipped:
+            opt.step()
+            sched.step()
     return out
 
 

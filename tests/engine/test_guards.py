@@ -26,7 +26,7 @@ from ember.engine.guards import (
 )
 from ember.engine.losses import sft_loss
 from tests.engine import _tiny as w
-from tests.engine._tiny import checkpoint_weights, rows_of, tiny_config
+from tests.engine._tiny import checkpoint_weights, hf_lr_factors, rows_of, tiny_config
 
 
 def test_guard_counts_and_stops_after_n_in_a_row():
@@ -94,9 +94,17 @@ def test_fp16_scaler_skips_are_skipped_steps_and_calibration_does_not_stop():
 
 
 def test_fp16_run_logs_the_scaler_skips(tiny, tmp_path, monkeypatch):
-    """An fp16 run (CUDA only: here on CPU autocast with a CPU GradScaler starting at 2^24, so
-    the first steps overflow fp16): the steps the scaler skips are logged as skipped (they were
-    logged as applied, their loss in the means), and their calibration does not stop the run."""
+    """An fp16 run (CUDA only: here CPU autocast with a CPU GradScaler; a hook makes the
+    gradients of steps 1, 2, 4 and 6 inf, as a scaler calibrating down from 2^16 and a later
+    overflow give them, without depending on how near 65504 this CPU's fp16 gradients come):
+    the steps the scaler skips are logged as skipped (they were logged as applied, their loss
+    in the means), and two in a row at a scale > 1 (calibrating) do not stop the run. The lr
+    holds over a skipped step as transformers' Trainer's (no scheduler step when accelerate
+    reports the optimizer step skipped; the step still counts toward max_steps): Ember's
+    schedule followed the step counter, k skips put it k steps ahead (cosine after 2 warmup
+    steps: step 3, the first update, ran at the peak 1e-3 instead of transformers' 0, step 8 at
+    0.07e-3 instead of 0.93e-3). The skip count carries through a stop and --resume, and the
+    log's skipped_steps says how far the schedule is behind."""
     from dataclasses import replace
 
     from ember.engine import trainer as tr
@@ -106,21 +114,81 @@ def test_fp16_run_logs_the_scaler_skips(tiny, tmp_path, monkeypatch):
     scalers, make = [], torch.amp.GradScaler
 
     def scaler(device):
-        scalers.append(make("cpu", init_scale=2.0**24))
+        scalers.append(make("cpu", init_scale=2.0**12))
         return scalers[-1]
 
     monkeypatch.setattr(torch.amp, "GradScaler", scaler)
+    real_step, now, hooked, inject = tr.Trainer._step, [0], set(), {1, 2, 4, 6}
+
+    def step(self, micro, n, *args, **kw):  # these steps' backward gives inf gradients
+        if id(self) not in hooked:
+            hooked.add(id(self))
+            p = next(p for p in self.model.parameters() if p.requires_grad)
+            p.register_hook(lambda g: torch.full_like(g, math.inf) if now[0] in inject else g)
+        now[0] = n
+        return real_step(self, micro, n, *args, **kw)
+
+    monkeypatch.setattr(tr.Trainer, "_step", step)
     run = tmp_path / "fp16"
     cfg = tiny_config(tiny, run, "max_steps=8", "guards.max_nonfinite_in_a_row=2",
                       "checkpoint.save_final=false", "eval.before=false", "eval.metrics=[]",
-                      "log_every=1")
-    assert tr.Trainer(cfg).run() is not None
+                      "log_every=1", "optim.warmup_steps=2")
+    assert tr.Trainer(cfg, stop_after=4).run().steps == 4
+    assert tr.Trainer(cfg, resume=True).run() is not None
     rows = [r for r in rows_of(run) if r["kind"] == "train"]
     skipped = [r["step"] for r in rows if r.get("skipped")]
-    assert len(rows) == 8 and len(skipped) >= 3, rows
+    assert [r["step"] for r in rows] == list(range(1, 9)) and skipped == [1, 2, 4, 6], rows
     assert all(not math.isfinite(r["grad_norm"]) for r in rows if r.get("skipped"))
     assert all(math.isfinite(r["grad_norm"]) for r in rows if not r.get("skipped"))
-    assert scalers[0].get_scale() == 2.0**24 / 2 ** len(skipped)
+    assert scalers[-1].get_scale() == 2.0**12 / 2**4
+    hf = hf_lr_factors("cosine", 8, 2, skipped=set(skipped))
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * f for f in hf], rel=1e-12)
+    assert [r.get("skipped_steps", 0) for r in rows] == [
+        sum(s <= r["step"] for s in skipped) for r in rows]
+
+
+def test_the_skip_rule_of_the_lr_oracle_is_transformers_trainers(tmp_path):
+    """``hf_lr_factors(skipped=...)`` (the oracle of the fp16 run above) is what transformers'
+    Trainer does: a tiny Llama trained by it at fp16 with a GradScaler (on CPU accelerate makes
+    none: a CPU one is set on its accelerator), the gradients of steps 2, 3 and 6 made inf. With
+    optim "adamw_torch" its scheduler holds over those steps. (Its default "adamw_torch_fused"
+    advances it: accelerate detects a skip by optimizer.step not being called, and GradScaler
+    calls a fused AdamW's step, which skips inside; accelerate issue #4242, its intent is to
+    hold.)"""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2))
+    data = [{"input_ids": torch.randint(0, 64, (16,)), "labels": torch.randint(0, 64, (16,))}
+            for _ in range(7)]
+    now, inject = [0], {2, 3, 6}
+    model.model.layers[0].mlp.down_proj.weight.register_hook(
+        lambda g: torch.full_like(g, math.inf) if now[0] in inject else g)
+
+    class Step(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            now[0] = state.global_step + 1
+
+    args = TrainingArguments(output_dir=str(tmp_path), fp16=True, use_cpu=True, max_steps=7,
+                             per_device_train_batch_size=1, learning_rate=1e-3, warmup_steps=2,
+                             lr_scheduler_type="cosine", logging_steps=1, report_to=[],
+                             save_strategy="no", optim="adamw_torch", disable_tqdm=True)
+    hf = Trainer(model=model, args=args, train_dataset=data, callbacks=[Step()])
+    hf.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    hf.train()
+    logs = [h for h in hf.state.log_history if "learning_rate" in h]
+    assert [h["step"] for h in logs if not math.isfinite(h["grad_norm"])] == sorted(inject)
+    assert hf.accelerator.scaler.get_scale() == 2.0**10 / 2**3
+    want = [1e-3 * f for f in hf_lr_factors("cosine", 7, 2, skipped=inject)]
+    assert [h["learning_rate"] for h in logs] == pytest.approx(want, rel=1e-12)
 
 
 def test_skipped_step_leaves_weights_and_optimizer_untouched():

@@ -10,28 +10,112 @@ import pytest
 from ember import EmberError
 from ember.engine.config import HF_SCHEDULE_NAMES, OptimConfig
 from ember.engine.runtime import lr_factor
+from ember.engine.schedules import schedule_options
 from ember.engine.trainer import train
 from tests.engine._tiny import hf_lr_factors, rows_of, tiny_config
 
-# transformers' name and kwargs (peak lr 1), Ember's (schedule, min_lr_ratio)
-CASES = [("polynomial", dict(power=1.0, lr_end=0.1), ("linear", 0.1)),
-         ("polynomial", dict(power=1.0, lr_end=0.0), ("linear", 0.0)),
-         ("cosine_with_min_lr", dict(min_lr_rate=0.2), ("cosine", 0.2)),
-         ("cosine_with_min_lr", dict(min_lr=0.3), ("cosine", 0.3)),
-         ("constant_with_warmup", {}, ("constant", 0.0))]
+# transformers' name and kwargs (peak lr 1), Ember's optim settings
+CASES = [("polynomial", dict(power=1.0, lr_end=0.1), dict(schedule="linear", min_lr_ratio=0.1)),
+         ("polynomial", dict(power=1.0, lr_end=0.0), dict(schedule="linear")),
+         ("polynomial", dict(power=2.0, lr_end=0.1),
+          dict(schedule="linear", decay_power=2.0, min_lr_ratio=0.1)),
+         ("polynomial", dict(power=0.5), dict(schedule="linear", decay_power=0.5,
+                                              min_lr_ratio=1e-7)),
+         ("cosine_with_min_lr", dict(min_lr_rate=0.2), dict(schedule="cosine", min_lr_ratio=0.2)),
+         ("cosine_with_min_lr", dict(min_lr=0.3), dict(schedule="cosine", min_lr_ratio=0.3)),
+         ("constant_with_warmup", {}, dict(schedule="constant")),
+         ("cosine_with_restarts", dict(num_cycles=3), dict(schedule="cosine", cycles=3)),
+         ("cosine_with_restarts", dict(num_cycles=1), dict(schedule="cosine")),
+         ("cosine_with_restarts", {}, dict(schedule="cosine")),
+         *[("warmup_stable_decay", dict(num_decay_steps=3, decay_type=t, min_lr_ratio=m),
+            dict(schedule="wsd", decay_steps=3, decay_type=t, min_lr_ratio=m))
+           for t in ("linear", "cosine", "1-sqrt") for m in (0.0, 0.1)],
+         ("warmup_stable_decay", dict(num_decay_steps=0), dict(schedule="wsd", decay_steps=0)),
+         ("inverse_sqrt", {}, dict(schedule="inverse_sqrt")),
+         ("inverse_sqrt", dict(timescale=5), dict(schedule="inverse_sqrt", timescale=5))]
+
+
+def _ours(settings: dict, total: int, warmup: int) -> list[float]:
+    o = OptimConfig(**settings)
+    shape = schedule_options(o, total, warmup)
+    return [lr_factor(k, total, warmup, o.schedule, o.min_lr_ratio, **shape)
+            for k in range(total)]
 
 
 @pytest.mark.parametrize("name,kw,ours", CASES)
 def test_the_named_equivalent_is_transformers_schedule(name, kw, ours):
     """The setting the refusal names gives transformers' lr at every step (linear decay to
-    lr * min_lr_ratio is transformers' polynomial schedule of power 1 to lr_end)."""
-    schedule, min_ratio = ours
-    assert schedule in HF_SCHEDULE_NAMES[name] and (not min_ratio
-                                                    or "min_lr_ratio" in HF_SCHEDULE_NAMES[name])
-    for total, warmup in [(10, 2), (7, 0), (37, 4), (3, 1), (12, 11)]:
+    lr * min_lr_ratio is transformers' polynomial schedule of power 1 to lr_end). transformers'
+    polynomial of another power, cosine_with_restarts, warmup_stable_decay and inverse_sqrt were
+    refused or missing: now optim.decay_power, optim.cycles, schedule "wsd" (decay_steps /
+    decay_ratio, decay_type, min_lr_ratio, which wsd's warmup starts from) and "inverse_sqrt"
+    (timescale) give them, every step equal, the warmup too and a warmup as long as the run."""
+    if name in HF_SCHEDULE_NAMES:
+        text = HF_SCHEDULE_NAMES[name]
+        assert f'schedule = "{ours["schedule"]}"' in text
+        assert all(f"optim.{k}" in text for k in ours if k != "schedule"), text
+    for total, warmup in [(10, 2), (7, 0), (37, 4), (3, 1), (12, 11), (5, 5)]:
+        if name == "polynomial" and total == warmup:
+            continue  # transformers divides by total - warmup = 0 (never reached by a run)
         hf = hf_lr_factors(name, total, warmup, **kw)
-        got = [lr_factor(k, total, warmup, schedule, min_ratio) for k in range(total)]
-        assert got == pytest.approx(hf, rel=1e-12, abs=1e-12), (total, warmup)
+        assert _ours(ours, total, warmup) == pytest.approx(hf, rel=1e-12, abs=1e-12), (
+            total, warmup)
+
+
+def test_wsd_decay_ratio_and_a_resume_with_another_length():
+    """decay_ratio: the last ceil(ratio * steps) steps decay (as warmup_ratio's rounding); a
+    resume with another max_steps follows the new length's schedule from there, as
+    transformers' Trainer rebuilds its scheduler for the new num_training_steps."""
+    settings = dict(schedule="wsd", decay_ratio=0.25, decay_type="linear", min_lr_ratio=0.1)
+    for total in (10, 7, 37, 4):
+        hf = hf_lr_factors("warmup_stable_decay", total, 2, num_decay_steps=-(-total // 4),
+                           decay_type="linear", min_lr_ratio=0.1)
+        assert _ours(settings, total, 2) == pytest.approx(hf, rel=1e-12, abs=1e-12), total
+    before, after = _ours(settings, 10, 2), _ours(settings, 16, 2)
+    hf = hf_lr_factors("warmup_stable_decay", 16, 2, num_decay_steps=4, decay_type="linear",
+                       min_lr_ratio=0.1)
+    assert after[5:] == pytest.approx(hf[5:], rel=1e-12) and before[5:] != after[5:10]
+
+
+@pytest.mark.parametrize("settings,match", [
+    (dict(cycles=0), "optim.cycles must be an integer >= 1"),
+    (dict(cycles=1.5), "optim.cycles must be an integer >= 1"),
+    (dict(decay_power=0.0), "optim.decay_power must be a finite number > 0"),
+    (dict(decay_power=float("nan")), "optim.decay_power must be a finite number > 0"),
+    (dict(decay_steps=-1), r"optim.decay_steps must be >= 0"),
+    (dict(decay_ratio=1.5), r"optim.decay_ratio must be in \[0, 1\]"),
+    (dict(decay_type="exp"), "optim.decay_type must be one of 'linear', 'cosine', '1-sqrt'"),
+    (dict(timescale=0), "optim.timescale must be an integer >= 1"),
+    (dict(schedule="step"), "optim.schedule must be one of 'cosine', 'linear', 'constant', "
+                            "'wsd', 'inverse_sqrt'")])
+def test_bad_schedule_settings_are_named(settings, match):
+    with pytest.raises(EmberError, match=match):
+        OptimConfig(**settings)
+
+
+def test_a_schedule_s_setting_given_to_another_is_said():
+    """optim.cycles / decay_power / decay_* / timescale given with a schedule that has no use
+    for them (a port of lr_scheduler_kwargs to the wrong schedule) is said, as min_lr_ratio with
+    "constant"; so is min_lr_ratio with "inverse_sqrt" (it never decays to a floor)."""
+    from ember.engine.config import load_config
+    from ember.engine.config_doc import unused_settings
+
+    def notes(*sets: str) -> list[str]:
+        return unused_settings(load_config(None, list(sets)))
+
+    assert notes('optim.schedule="linear"', "optim.cycles=3") == [
+        'optim.cycles ignored: it applies to optim.schedule = "cosine"']
+    assert notes("optim.decay_power=2.0") == [
+        'optim.decay_power ignored: it applies to optim.schedule = "linear"']
+    assert notes("optim.decay_steps=3", 'optim.decay_type="linear"') == [
+        'optim.decay_steps, optim.decay_type ignored: they apply to optim.schedule = "wsd"']
+    assert notes('optim.schedule="wsd"', "optim.timescale=4") == [
+        'optim.timescale ignored: it applies to optim.schedule = "inverse_sqrt"']
+    assert notes('optim.schedule="inverse_sqrt"', "optim.min_lr_ratio=0.1") == [
+        'optim.min_lr_ratio ignored: optim.schedule = "inverse_sqrt" decays without a floor']
+    assert notes('optim.schedule="wsd"', "optim.decay_ratio=0.2", "optim.min_lr_ratio=0.1",
+                 'optim.decay_type="1-sqrt"') == []
+    assert notes('optim.schedule="cosine"', "optim.cycles=2", "optim.min_lr_ratio=0.1") == []
 
 
 @pytest.mark.parametrize("name", sorted(HF_SCHEDULE_NAMES))
@@ -99,3 +183,24 @@ def test_a_warmup_as_long_as_the_run_is_said(tiny, tmp_path):
     assert hf_lr_factors("cosine", 1, 1) == [0.0]
     notes = [m for m in said if "covers the whole" in m]
     assert len(notes) == 1 and "nothing trains" in notes[0], said
+
+
+def test_a_wsd_run_resumed_with_another_length_logs_transformers_lr(tiny, tmp_path):
+    """The trainer's lr at each step of a "wsd" run (decay_ratio 0.5, 1-sqrt decay to 0.1 of
+    the peak) stopped after step 2 of 4 and resumed with max_steps = 6: steps 1-2 on
+    transformers' 4-step schedule (2 decay steps), 3-6 on its 6-step one (3 decay steps)."""
+    run = tmp_path / "r"
+    extra = (f'data.train=["{tiny["small"]}"]', "optim.lr=1e-3", 'optim.schedule="wsd"',
+             "optim.warmup_steps=1", "optim.decay_ratio=0.5", 'optim.decay_type="1-sqrt"',
+             "optim.min_lr_ratio=0.1", "eval.metrics=[]", "eval.val_loss=false",
+             "checkpoint.save_final=false", "data.max_seq_len=32", "data.tokens_per_batch=32")
+    assert train(tiny_config(tiny, run, "max_steps=4", *extra), echo=lambda m: None,
+                 progress=False, stop_after=2).steps == 2
+    train(tiny_config(tiny, run, "max_steps=6", *extra), resume=True, echo=lambda m: None,
+          progress=False)
+    lrs = [r["lr"] for r in rows_of(run) if r["kind"] == "train"]
+    kw = dict(decay_type="1-sqrt", min_lr_ratio=0.1)
+    old = hf_lr_factors("warmup_stable_decay", 4, 1, num_decay_steps=2, **kw)
+    new = hf_lr_factors("warmup_stable_decay", 6, 1, num_decay_steps=3, **kw)
+    assert lrs == pytest.approx([1e-3 * f for f in old[:2] + new[2:]], rel=1e-12, abs=0)
+    assert lrs[0] == pytest.approx(1e-4) and lrs[2] == 1e-3 != lrs[-1]  # warmup from min
