@@ -353,9 +353,12 @@ class Trainer(EvalMixin):
         o = cfg.optim
         warmup = warmup_steps(o, total)
         if warmup >= total:  # transformers' schedule too: its first warmup step is at lr 0
+            # wsd's warmup starts at lr * min_lr_ratio (transformers' _get_wsd_scheduler_lambda)
+            floor = o.lr * o.min_lr_ratio if o.schedule == "wsd" else 0.0
             self.echo(f"note: the warmup ({warmup} steps) covers the whole {total}-step run: the "
-                      f"lr rises from 0 and never reaches optim.lr = {o.lr:g}"
-                      + (" (the one step is at lr 0: nothing trains)" if total == 1 else "")
+                      f"lr rises from {floor:g} and never reaches optim.lr = {o.lr:g}"
+                      + (f" (the one step is at lr {floor:g}"
+                         + (": nothing trains)" if floor == 0 else ")") if total == 1 else "")
                       + "; lower optim.warmup_steps / optim.warmup_ratio, or train more steps")
         shape = schedule_options(o, total, warmup)
         opt = make_optimizer(model, o, self.device, embedding_lr=cfg.lora.embedding_lr

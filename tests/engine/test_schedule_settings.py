@@ -170,19 +170,25 @@ def test_bad_optimizer_numbers_are_named(key, value):
     OptimConfig(max_grad_norm=float("inf"))  # no clipping, as 0
 
 
-def test_a_warmup_as_long_as_the_run_is_said(tiny, tmp_path):
+@pytest.mark.parametrize("wsd", [False, True])
+def test_a_warmup_as_long_as_the_run_is_said(tiny, tmp_path, wsd):
     """max_steps = 1 with the default warmup_ratio (0.05: 1 warmup step, rounded up as
     transformers does): the step is at lr 0, as transformers' schedule gives it, so the run
-    trains nothing; it said nothing."""
+    trains nothing; it said nothing. A "wsd" warmup starts at lr * min_lr_ratio (transformers'
+    too): the note says that lr, and that the step trains."""
     said = []
+    extra = ('optim.schedule="wsd"', "optim.min_lr_ratio=0.1") if wsd else ()
     train(tiny_config(tiny, tmp_path / "r", f'data.train=["{tiny["small"]}"]', "max_steps=1",
                       'method="full"', "eval.metrics=[]", "eval.before=false",
-                      "eval.val_loss=false", "checkpoint.save_final=false"),
+                      "eval.val_loss=false", "checkpoint.save_final=false", "optim.lr=1e-3",
+                      *extra),
           echo=said.append, progress=False)
-    assert [r["lr"] for r in rows_of(tmp_path / "r") if r["kind"] == "train"] == [0.0]
+    lr = [r["lr"] for r in rows_of(tmp_path / "r") if r["kind"] == "train"]
+    assert lr == pytest.approx([1e-4 if wsd else 0.0])
     assert hf_lr_factors("cosine", 1, 1) == [0.0]
     notes = [m for m in said if "covers the whole" in m]
-    assert len(notes) == 1 and "nothing trains" in notes[0], said
+    assert len(notes) == 1 and ("nothing trains" in notes[0]) != wsd, said
+    assert f"rises from {1e-4 if wsd else 0:g}" in notes[0]
 
 
 def test_a_wsd_run_resumed_with_another_length_logs_transformers_lr(tiny, tmp_path):
