@@ -6,25 +6,35 @@ A line holds a question and its candidate answers::
     {"question": "The capital of France is", "choices": ["Paris", "Rome", "Berlin"], "answer": 0}
 
 ``question`` (or ``prompt``), ``choices`` (two or more strings) and ``answer`` (the index of the
-right choice, or its text). Each choice is scored by the log-probability the model gives its
+right choice, or its text), optionally ``target_delimiter`` (lm-eval's task field: the text put
+between question and choice). Each choice is scored by the log-probability the model gives its
 tokens after the question; the prediction is the highest-scoring choice:
 
 - ``choice_accuracy``: by the summed log-probability (lm-eval's ``acc``);
-- ``choice_accuracy_norm``: by the summed log-probability per character of the choice
-  (lm-eval's ``acc_norm``, which favours long answers less).
+- ``choice_accuracy_norm``: by the summed log-probability per character of the choice, without
+  the delimiter (lm-eval's ``acc_norm``: ``len(choice)``, which favours long answers less).
 
-Rendering. With a chat template (an instruct model, or a run trained on chats) the question is
-the user's message and the choice is the assistant's answer, as training renders them (the run's
-``data.system_prompt`` included). Without one (``--raw``, base models), as lm-eval: the
-context is the question text (BOS per the tokenizer), the continuation is ``" " + choice``
-(no space added when the question ends with whitespace or the choice starts with it), trailing
-whitespace of the question moves into the continuation, and the continuation's tokens are those
-of ``question + continuation`` past the question's own tokens, so a token that spans the
-boundary is scored as the model would see it.
+Rendering, as lm-eval's ``HFLM.loglikelihood`` on ``(context, delimiter + choice)`` requests
+(checked against lm-eval 0.4.13 itself: ``tools/check_lmeval.py``): the context's trailing
+whitespace moves into the continuation, and the continuation's tokens are those of ``context +
+continuation`` past the context's own tokens, so a token that spans the boundary is scored as the
+model would see it (where the boundary changes the context's own tokens, lm-eval's slice would
+cut the wrong tokens: the continuation is tokenized alone). Without a chat template (``--raw``,
+base models) the context is the question text (BOS per the tokenizer; an empty question is the
+BOS token, else EOS, as lm-eval), the delimiter the line's ``target_delimiter``, by default
+``" "`` except where the question ends with whitespace or the choice starts with it (there
+lm-eval's default ``" "`` would score a doubled space, and warns). With one (an instruct model,
+or a run trained on chats) the question is the user's message and the choice the assistant's
+answer, as training renders them (the run's ``data.system_prompt`` included; no delimiter, as
+lm-eval's ``--apply_chat_template``), so the generation prompt's trailing "\n" is scored as the
+first continuation token, as lm-eval scores it: a constant per question, which can change
+``choice_accuracy_norm`` only. BOS is the template's to write (lm-eval's tokenizer may add one
+more where the template writes none).
 
 Each question is one packed example whose documents are (context + choice) for every choice, so
 a forward pass scores all of them together (the context is computed once per choice). A
-question longer than ``data.max_seq_len`` loses context tokens from the left (after BOS) and is
+question longer than ``data.max_seq_len`` loses context tokens from the left (after BOS: lm-eval
+cuts BOS too, and fits ``max_length + 1`` tokens, the last never being an input) and is
 counted as truncated, or is dropped with ``data.truncation = "drop"``; bad lines are reported
 like any other data file's (``data.bad_lines``).
 """
@@ -94,7 +104,7 @@ class _ChoiceReader(_Reader):
         super().__init__(path, cfg, tokenizer)
         self.questions: list[Question] = []
 
-    def parse(self, line: str) -> tuple[str, list[str], int]:
+    def parse(self, line: str) -> tuple[str, list[str], int, str | None]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -126,26 +136,42 @@ class _ChoiceReader(_Reader):
         if not 0 <= answer < len(choices):
             raise _Bad("unknown answer", f"answer index {answer} is out of range for "
                                          f"{len(choices)} choices")
-        return q, choices, answer
+        delimiter = obj.get("target_delimiter")
+        if delimiter is not None and not isinstance(delimiter, str):
+            raise _Bad("wrong type", "'target_delimiter' must be a string (lm-eval's, put "
+                                     f"between question and choice), got {_type_name(delimiter)}")
+        return q, choices, answer, delimiter
 
-    def context(self, question: str) -> tuple[str, bool]:
-        """(the text every choice of ``question`` continues, whether it takes BOS): the chat
-        template's user turn and generation prompt, or (raw) the question without its trailing
-        whitespace, which moves into each continuation."""
+    def context(self, question: str) -> tuple[str, str, bool]:
+        """(the text every choice of ``question`` continues, the whitespace it ended with,
+        whether it takes BOS). The text is the chat template's user turn and generation prompt,
+        or (raw) the question; its trailing whitespace (a template's "\n" after "assistant")
+        moves into each continuation, as lm-eval's ``_encode_pair`` moves it."""
         if self.enc.chat:
             msgs = with_system_prompt(self.cfg, [{"role": "user", "content": question}])
-            return self.enc._render(msgs, True), False
-        return question.rstrip(), True
+            text, special = self.enc._render(msgs, True), False
+        else:
+            text, special = question, True
+        context = text.rstrip()
+        return context, text[len(context):], special
 
-    def pair(self, question: str, context: str, special: bool, choice: str
-             ) -> tuple[list[int], list[int]]:
+    def pair(self, question: str, context: str, moved: str, special: bool, choice: str,
+             delimiter: str | None) -> tuple[list[int], list[int]]:
         """(context ids, continuation ids) of one choice."""
         enc = self.enc
-        if enc.chat:
-            cont = choice
+        if enc.chat:  # lm-eval's chat path puts no target_delimiter after the template
+            sep = ""
+        elif delimiter is not None:
+            sep = delimiter
         else:
             sep = "" if (not question or question[-1].isspace() or choice[0].isspace()) else " "
-            cont = question[len(context):] + sep + choice
+        cont = moved + sep + choice
+        if not context:  # lm-eval: an empty context is the BOS token (else EOS)
+            ids, bos = enc._enc(cont), getattr(enc.tok, "bos_token_id", None)
+            prefix = bos if bos is not None else enc.eos
+            if prefix is None or ids[:1] == [prefix]:
+                return ids[:1], ids[1:]
+            return [prefix], ids
         ctx = enc._enc(context, special)
         whole = enc._enc(context + cont, special)
         if whole[:len(ctx)] != ctx:  # the boundary token changed the context's own tokens
@@ -167,9 +193,9 @@ class _ChoiceReader(_Reader):
         if line is None:
             return None
         try:
-            question, choices, answer = self.parse(line)
-            context, special = self.context(question)
-            pairs = [self.pair(question, context, special, c) for c in choices]
+            question, choices, answer, delimiter = self.parse(line)
+            context, moved, special = self.context(question)
+            pairs = [self.pair(question, context, moved, special, c, delimiter) for c in choices]
             if any(not cont for _, cont in pairs):
                 raise _Bad("empty choice", "a choice has no tokens")
         except _Bad as e:
@@ -188,8 +214,6 @@ class _ChoiceReader(_Reader):
             doc = fitted + cont
             # labels pre-shifted: position t predicts doc[t + 1]; the continuation is scored
             lab = [IGNORE] * (len(fitted) - 1) + cont + [IGNORE]
-            if not fitted:  # no context at all: the first continuation token has no predictor
-                lab = cont[1:] + [IGNORE]
             ids += doc
             labels += lab
             parts.append(len(doc))

@@ -1,6 +1,7 @@
 """Multiple-choice evaluation (engine/choices.py, ember eval on question/choices/answer lines).
 Oracle: transformers' model on the same folder, log-probabilities summed over each choice's tokens
-(lm-eval's recipe: the continuation is the tokens of context + continuation past the context's)."""
+of lm-eval's requests (``_lmeval_pair``: lm-eval 0.4.13's ``TemplateLM._encode_pair`` and
+``loglikelihood``); lm-eval itself gives the same numbers (tools/check_lmeval.py)."""
 
 from __future__ import annotations
 
@@ -51,15 +52,31 @@ def _hf_sums(folder, pairs) -> list[float]:
     return out
 
 
+def _lmeval_pair(tok, context: str, continuation: str, special: bool = True):
+    """lm-eval's (context ids, continuation ids): an empty context is BOS (else EOS); otherwise
+    the context's trailing whitespace moves into the continuation, which is the tokens of the
+    whole text past the context's."""
+    if not context:
+        ids = tok.encode(continuation, add_special_tokens=False)
+        prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        return ([prefix], ids) if ids[0] != prefix else (ids[:1], ids[1:])
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    ctx = tok.encode(context, add_special_tokens=special)
+    whole = tok.encode(context + continuation, add_special_tokens=special)
+    assert whole[:len(ctx)] == ctx
+    return ctx, whole[len(ctx):]
+
+
 def _raw_pairs(tok, row):
+    """lm-eval's pairs for (question, target_delimiter + choice); Ember's default delimiter is
+    " " but none after a question ending with whitespace or before a choice starting with it."""
     q = row.get("question", row.get("prompt"))
     for c in row["choices"]:
-        context = q.rstrip()
-        cont = q[len(context):] + ("" if not q or q[-1].isspace() or c[0].isspace() else " ") + c
-        ctx = tok.encode(context, add_special_tokens=True)
-        whole = tok.encode(context + cont, add_special_tokens=True)
-        assert whole[:len(ctx)] == ctx
-        yield ctx, whole[len(ctx):]
+        sep = row.get("target_delimiter",
+                      "" if not q or q[-1].isspace() or c[0].isspace() else " ")
+        yield _lmeval_pair(tok, q, sep + c)
 
 
 def test_scores_match_transformers(base, tmp_path, capsys):
@@ -83,6 +100,30 @@ def test_scores_match_transformers(base, tmp_path, capsys):
     assert row == {"data": path, "examples": 3, **choice_metrics(split, questions)}
 
 
+def test_target_delimiter_and_an_empty_question_are_lm_evals(base, tmp_path):
+    """A line's target_delimiter is put verbatim, as lm-eval's task setting (its default " "
+    after "colors:\n" scores "\n red", Ember's default "\nred"); an empty question is scored
+    after EOS, lm-eval's prefix token for a tokenizer without BOS (Ember left the first token of
+    the choice unscored: 0.0 for a one-token choice)."""
+    model, tok = load_pretrained(base, "float32", "cpu")
+    rows = [{"question": "colors:\n", "choices": ["red", " blue"], "answer": 0,
+             "target_delimiter": " "},
+            {"question": "say red", "choices": ["dog", " cat"], "answer": 0,
+             "target_delimiter": ""},
+            {"question": "say red ", "choices": ["dog", "cat"], "answer": 0,
+             "target_delimiter": "\n"},
+            {"question": "", "choices": ["red", "blue dog"], "answer": 1},
+            {"question": "", "choices": ["red", "blue dog"], "answer": 1,
+             "target_delimiter": " "}]
+    path = write_jsonl(tmp_path / "mc.jsonl", rows)
+    examples, _, _ = load_choices(path, DataConfig(use_chat_template=False), tok)
+    got = torch.cat(score_choices(model, examples, 256, "cpu"))
+    pairs = [p for r in rows for p in _raw_pairs(tok, r)]
+    assert pairs[0][1] == tok.encode("\n red", add_special_tokens=False)
+    assert [ctx for ctx, _ in pairs[6:]] == [[tok.eos_token_id]] * 4
+    torch.testing.assert_close(got, torch.tensor(_hf_sums(base, pairs)), rtol=1e-4, atol=1e-4)
+
+
 def test_chat_models_score_the_assistant_answer(chat_model, tmp_path):  # noqa: F811
     model, tok = load_pretrained(chat_model, "float32", "cpu")
     rows = ROWS[:2]
@@ -95,8 +136,10 @@ def test_chat_models_score_the_assistant_answer(chat_model, tmp_path):  # noqa: 
         text = tok.apply_chat_template([{"role": "system", "content": "S"},
                                         {"role": "user", "content": q}],
                                        add_generation_prompt=True, tokenize=False)
-        ctx = tok.encode(text)
-        pairs += [(ctx, tok.encode(text + c)[len(ctx):]) for c in r["choices"]]
+        # lm-eval (apply_chat_template, add_bos_token=False): no delimiter, and the generation
+        # prompt's trailing "\n" moves into the continuation (it was not scored: -7.9 to -8.9
+        # apart from lm-eval's log-likelihoods on tools/check_lmeval.py's model)
+        pairs += [_lmeval_pair(tok, text, c, special=False) for c in r["choices"]]
     torch.testing.assert_close(got, torch.tensor(_hf_sums(chat_model, pairs)), rtol=1e-4,
                                atol=1e-4)
 
@@ -131,6 +174,8 @@ def test_long_questions_lose_context_from_the_left(base, tmp_path):
     ({"question": "q", "choices": ["a", "b"], "answer": 2}, "out of range for 2 choices"),
     ({"question": "q", "choices": ["a", "b"], "answer": "c"}, "'c' is not one of the choices"),
     ({"question": "q", "choices": ["a", "b"], "answer": True}, "index of the right choice"),
+    ({"question": "q", "choices": ["a", "b"], "answer": 0, "target_delimiter": 1},
+     "'target_delimiter' must be a string"),
 ])
 def test_bad_lines_say_what_is_wrong(base_tok, tmp_path, row, message):
     tok = base_tok
