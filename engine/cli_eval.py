@@ -105,6 +105,17 @@ def cmd_eval(a) -> None:
                                                    max(len(e) for e in examples)), device,
                               autocast)
     scores = {"loss": loss, "perplexity": perplexity(loss)}
+    from ember.engine.choices import first_record
+    from ember.engine.formats import detect
+
+    if (data_cfg.format == "text" if data_cfg.format != "auto"
+            else detect(first_record(data) or {}) == "text"):
+        from ember.engine.rolling import rolling_eval
+
+        # lm-eval's wikitext metrics: each document whole, in rolling windows (the loss above
+        # is per training example: a document past data.max_seq_len is cut)
+        scores.update(rolling_eval(model, tok, data, data_cfg, device, autocast,
+                                   a.max_examples))
     if generate:
         res = generation_eval(model, tok, examples, metrics, max_new_tokens=a.max_new_tokens,
                               batch_size=a.batch_size, autocast=autocast)

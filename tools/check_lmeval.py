@@ -1,15 +1,17 @@
 """Ember's multiple-choice scores (engine/choices.py) against lm-evaluation-harness itself: the
 same questions as a local ``multiple_choice`` task run by ``lm_eval.simple_evaluate`` on
 ``HFLM`` (raw and ``apply_chat_template``), per-choice log-likelihoods and acc / acc_norm, on a
-tiny random Llama whose tokenizer adds BOS (built here, nothing downloaded).
+tiny random Llama whose tokenizer adds BOS (built here, nothing downloaded); and the rolling
+document perplexity (engine/rolling.py) against ``HFLM.loglikelihood_rolling`` and lm-eval's
+word_perplexity / byte_perplexity / bits_per_byte aggregations, in windows of 512, 16 and 5.
 
 lm_eval is not an Ember dependency: install it in a private venv, e.g.
     python -m venv --system-site-packages /tmp/lmeval-venv
     /tmp/lmeval-venv/bin/pip install lm_eval
     PYTHONPATH=. /tmp/lmeval-venv/bin/python tools/check_lmeval.py
 Prints one line per choice (lm-eval, Ember, difference) and exits 1 when a log-likelihood
-differs by more than 1e-5 (relative) or a metric differs. The numbers recorded in
-tests/engine/test_choices.py came from this script.
+differs by more than 1e-5 (relative) or a metric differs. The tests (tests/engine/test_choices.py,
+test_rolling.py) re-derive lm-eval's rules on transformers, without lm_eval.
 """
 
 from __future__ import annotations
@@ -144,6 +146,61 @@ def lmeval_scores(folder: Path, rows: list[dict], chat: bool, system: str | None
     return lls, {"choice_accuracy": acc / len(rows), "choice_accuracy_norm": norm / len(rows)}
 
 
+DOCS = [
+    "Hello world",
+    "Paris is the capital of France. " * 9 + "Bonjour le monde é",
+    "  What is the capital of France?\n\nParis.  ",
+]
+
+
+def check_rolling(folder: Path, work: Path, window: int) -> int:
+    """Per-document log-likelihoods and the three metrics against lm-eval's
+    loglikelihood_rolling (add_bos_token=False: see engine/rolling.py) in ``window``-token
+    windows."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.metrics import bits_per_byte, weighted_perplexity
+    from lm_eval.api.task import Task
+    from lm_eval.models.huggingface import HFLM
+
+    from ember.engine.rolling import load_documents, rolling_metrics
+
+    path = work / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    model, tok = load_pretrained(folder, "float32", "cpu")
+    examples, words, nbytes, _ = load_documents(path, DataConfig(max_seq_len=window), tok)
+    got = [float(s.double().sum()) for s in score_choices(model, examples, 4096, "cpu")]
+    got_m = rolling_metrics(got, words, nbytes)
+    lm = HFLM(
+        pretrained=str(folder),
+        device="cpu",
+        dtype="float32",
+        batch_size=1,
+        max_length=window,
+        add_bos_token=False,
+    )
+    want = lm.loglikelihood_rolling(
+        [Instance("loglikelihood_rolling", d, (d,), 0) for d in DOCS], disable_tqdm=True
+    )
+    w = [(ll, Task.count_words(d)) for ll, d in zip(want, DOCS, strict=True)]
+    b = [(ll, Task.count_bytes(d)) for ll, d in zip(want, DOCS, strict=True)]
+    want_m = {
+        "word_perplexity": weighted_perplexity(w),
+        "byte_perplexity": weighted_perplexity(b),
+        "bits_per_byte": bits_per_byte(b),
+    }
+    print(f"--- rolling, window {window}")
+    bad = 0
+    for d, gg, ww in zip(DOCS, got, want, strict=True):
+        off = abs(gg - ww) > 1e-5 * max(1.0, abs(ww))
+        bad += off
+        print(f"{ww:14.6f} {gg:14.6f} {gg - ww:+.1e}{' DIFF' if off else ''} {d[:30]!r}")
+    for k, v in want_m.items():
+        off = abs(got_m[k] - v) > 1e-5 * abs(v)
+        bad += off
+        print(f"{k}: lm-eval {v:.7g} ember {got_m[k]:.7g}{' DIFF' if off else ''}")
+    return bad
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp())
     folder = tiny_bos_model(work / "model")
@@ -166,6 +223,8 @@ def main() -> int:
                 )
         print("lm-eval", want_m, "ember", got_m)
         bad += want_m != got_m
+    for window in (512, 16, 5):
+        bad += check_rolling(folder, work, window)
     return int(bad > 0)
 
 
