@@ -33,8 +33,9 @@ more where the template writes none).
 
 Each question is one packed example whose documents are (context + choice) for every choice, so
 a forward pass scores all of them together (the context is computed once per choice). A
-question longer than ``data.max_seq_len`` loses context tokens from the left (after BOS: lm-eval
-cuts BOS too, and fits ``max_length + 1`` tokens, the last never being an input) and is
+question whose context and choice, less the choice's last token (no input: lm-eval's
+``max_length`` does not count it), exceed ``data.max_seq_len`` loses context tokens from the
+left, after BOS (lm-eval cuts BOS too), and is
 counted as truncated, or is dropped with ``data.truncation = "drop"``; bad lines are reported
 like any other data file's (``data.bad_lines``).
 """
@@ -179,9 +180,10 @@ class _ChoiceReader(_Reader):
         return ctx, whole[len(ctx):]
 
     def fit(self, ctx: list[int], cont: list[int]) -> list[int] | None:
-        """The context cut from the left to fit ``max_seq_len`` (None: cannot)."""
-        room = self.cfg.max_seq_len - len(cont)
-        if len(ctx) + len(cont) <= self.cfg.max_seq_len:
+        """The context cut from the left so that it and the continuation but its last token
+        (which predicts nothing) fit ``max_seq_len``, lm-eval's ``max_length`` (None: cannot)."""
+        room = self.cfg.max_seq_len + 1 - len(cont)
+        if len(ctx) <= room:
             return ctx
         keep_bos = int(self._bos(ctx) is not None)  # ember.engine.data._Reader._bos
         if self.cfg.truncation == "drop" or room < keep_bos + 1:
@@ -211,9 +213,10 @@ class _ChoiceReader(_Reader):
                                              "(dropped)")
                 return None
             cut = cut or len(fitted) < len(ctx)
-            doc = fitted + cont
-            # labels pre-shifted: position t predicts doc[t + 1]; the continuation is scored
-            lab = [IGNORE] * (len(fitted) - 1) + cont + [IGNORE]
+            # the continuation's last token is no input (lm-eval's [:-1]); labels pre-shifted:
+            # position t predicts the token after it, the continuation's are scored
+            doc = fitted + cont[:-1]
+            lab = [IGNORE] * (len(fitted) - 1) + cont
             ids += doc
             labels += lab
             parts.append(len(doc))

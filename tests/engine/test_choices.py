@@ -154,14 +154,21 @@ def test_accuracy_and_length_normalized_accuracy():
 
 
 def test_long_questions_lose_context_from_the_left(base, tmp_path):
-    _, tok = load_pretrained(base, "float32", "cpu")
-    row = {"question": "say red dog -> " * 20, "choices": ["red", "blue"], "answer": 0}
+    """As lm-eval: the model's input is (context + continuation)[-(max_length + 1):][:-1], the
+    continuation's last token being no input (Ember fitted max_seq_len tokens with it: one
+    context token fewer than lm-eval: -5.8346 for "red" here, lm-eval -5.7645)."""
+    model, tok = load_pretrained(base, "float32", "cpu")
+    row = {"question": "say red dog -> " * 20, "choices": ["red", "blue dog"], "answer": 0}
     path = write_jsonl(tmp_path / "long.jsonl", [row])
     cfg = DataConfig(use_chat_template=False, max_seq_len=12, tokens_per_batch=64)
     (ex,), _, rep = load_choices(path, cfg, tok)
-    assert rep.truncated == 1 and all(n <= 12 for n in ex.parts)
+    assert rep.truncated == 1 and ex.parts == (12, 12)
+    cut = []
     for (ctx, cont), n, at in zip(_raw_pairs(tok, row), ex.parts, (0, ex.parts[0]), strict=True):
-        assert ex.input_ids[at:at + n] == (ctx[len(ctx) - (12 - len(cont)):] + cont)
+        assert ex.input_ids[at:at + n] == (ctx + cont)[-13:][:-1]
+        cut.append((ctx[len(ctx) + len(cont) - 13:], cont))
+    got = torch.cat(score_choices(model, [ex], 64, "cpu"))
+    torch.testing.assert_close(got, torch.tensor(_hf_sums(base, cut)), rtol=1e-4, atol=1e-4)
     with pytest.raises(EmberError, match="no usable questions"):
         load_choices(path, DataConfig(use_chat_template=False, max_seq_len=12,
                                       truncation="drop", bad_lines="skip"), tok)
