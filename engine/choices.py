@@ -12,7 +12,10 @@ tokens after the question; the prediction is the highest-scoring choice:
 
 - ``choice_accuracy``: by the summed log-probability (lm-eval's ``acc``);
 - ``choice_accuracy_norm``: by the summed log-probability per character of the choice, without
-  the delimiter (lm-eval's ``acc_norm``: ``len(choice)``, which favours long answers less).
+  the delimiter (lm-eval's ``acc_norm``: ``len(choice)``, which favours long answers less);
+- ``choice_accuracy_mutual_info`` (``ember eval --metrics choice_accuracy_mutual_info``; twice
+  the documents): by the summed log-probability less that of the choice without the question
+  (``delimiter + choice`` after BOS, else EOS: lm-eval's ``acc_mutual_info``).
 
 Rendering, as lm-eval's ``HFLM.loglikelihood`` on ``(context, delimiter + choice)`` requests
 (checked against lm-eval 0.4.13 itself: ``tools/check_lmeval.py``): the context's trailing
@@ -101,9 +104,10 @@ class Question:
 
 
 class _ChoiceReader(_Reader):
-    def __init__(self, path: Path, cfg: DataConfig, tokenizer):
+    def __init__(self, path: Path, cfg: DataConfig, tokenizer, mutual_info: bool = False):
         super().__init__(path, cfg, tokenizer)
         self.questions: list[Question] = []
+        self.mutual_info = mutual_info
 
     def parse(self, line: str) -> tuple[str, list[str], int, str | None]:
         try:
@@ -156,17 +160,18 @@ class _ChoiceReader(_Reader):
         context = text.rstrip()
         return context, text[len(context):], special
 
-    def pair(self, question: str, context: str, moved: str, special: bool, choice: str,
-             delimiter: str | None) -> tuple[list[int], list[int]]:
-        """(context ids, continuation ids) of one choice."""
+    def sep(self, question: str, choice: str, delimiter: str | None) -> str:
+        """The text between question and choice: none after a chat template (lm-eval's chat
+        path), else the line's target_delimiter, by default " " (see the module docstring)."""
+        if self.enc.chat:
+            return ""
+        if delimiter is not None:
+            return delimiter
+        return "" if (not question or question[-1].isspace() or choice[0].isspace()) else " "
+
+    def pair(self, context: str, special: bool, cont: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) of one (context, continuation) request."""
         enc = self.enc
-        if enc.chat:  # lm-eval's chat path puts no target_delimiter after the template
-            sep = ""
-        elif delimiter is not None:
-            sep = delimiter
-        else:
-            sep = "" if (not question or question[-1].isspace() or choice[0].isspace()) else " "
-        cont = moved + sep + choice
         if not context:  # lm-eval: an empty context is the BOS token (else EOS)
             ids, bos = enc._enc(cont), getattr(enc.tok, "bos_token_id", None)
             prefix = bos if bos is not None else enc.eos
@@ -197,7 +202,12 @@ class _ChoiceReader(_Reader):
         try:
             question, choices, answer, delimiter = self.parse(line)
             context, moved, special = self.context(question)
-            pairs = [self.pair(question, context, moved, special, c, delimiter) for c in choices]
+            seps = [self.sep(question, c, delimiter) for c in choices]
+            pairs = [self.pair(context, special, moved + sep + c)
+                     for sep, c in zip(seps, choices, strict=True)]
+            if self.mutual_info:  # lm-eval's ("", delimiter + choice) requests
+                pairs += [self.pair("", True, sep + c) for sep, c in zip(seps, choices,
+                                                                         strict=True)]
             if any(not cont for _, cont in pairs):
                 raise _Bad("empty choice", "a choice has no tokens")
         except _Bad as e:
@@ -229,10 +239,12 @@ class _ChoiceReader(_Reader):
         return Example(ids, labels, self.where(lineno), 0, choices[answer], key, tuple(parts))
 
 
-def load_choices(path: str | Path, cfg: DataConfig, tokenizer
+def load_choices(path: str | Path, cfg: DataConfig, tokenizer, mutual_info: bool = False
                  ) -> tuple[list[Example], list[Question], DataReport]:
-    """(one packed example per question, its answer and choice lengths, the report)."""
-    reader, examples = read_lines(path, lambda p: _ChoiceReader(p, cfg, tokenizer))
+    """(one packed example per question, its answer and choice lengths, the report).
+    ``mutual_info``: each example also scores every choice without the question, after BOS
+    (else EOS), for ``choice_accuracy_mutual_info``."""
+    reader, examples = read_lines(path, lambda p: _ChoiceReader(p, cfg, tokenizer, mutual_info))
     rep = reader.report
     rep.format, rep.examples = "multiple choice", len(examples)
     rep.tokens = sum(len(e) for e in examples)
@@ -269,8 +281,15 @@ def choice_metrics(scores: list[torch.Tensor], questions: list[Question]) -> dic
     """``choice_accuracy`` and ``choice_accuracy_norm`` (see the module docstring)."""
     if len(scores) != len(questions):
         raise EmberError(f"{len(scores)} scored questions for {len(questions)} answers")
-    acc = sum(int(s.argmax()) == q.answer for s, q in zip(scores, questions, strict=True))
-    norm = sum(int((s / torch.tensor(q.chars, dtype=s.dtype)).argmax()) == q.answer
-               for s, q in zip(scores, questions, strict=True))
+    acc = norm = mutual = 0
+    for s, q in zip(scores, questions, strict=True):
+        k = len(q.chars)
+        acc += int(s[:k].argmax()) == q.answer
+        norm += int((s[:k] / torch.tensor(q.chars, dtype=s.dtype)).argmax()) == q.answer
+        if len(s) == 2 * k:  # and each choice's score without the question (mutual_info)
+            mutual += int((s[:k] - s[k:]).argmax()) == q.answer
     n = len(questions)
-    return {"choice_accuracy": acc / n, "choice_accuracy_norm": norm / n}
+    out = {"choice_accuracy": acc / n, "choice_accuracy_norm": norm / n}
+    if all(len(s) == 2 * len(q.chars) for s, q in zip(scores, questions, strict=True)):
+        out["choice_accuracy_mutual_info"] = mutual / n
+    return out

@@ -72,10 +72,13 @@ def cmd_eval(a) -> None:
             print(json.dumps(scores))
             return
     if is_choice_file(data):
-        if set(asked) - {"choice_accuracy", "choice_accuracy_norm"}:
+        if set(asked) - {"choice_accuracy", "choice_accuracy_norm",
+                         "choice_accuracy_mutual_info"}:
             raise EmberError(f"{data} is a multiple-choice file: its metrics are choice_accuracy "
-                             f"and choice_accuracy_norm (both reported), not {sorted(asked)}")
-        examples, questions, report = load_choices(data, data_cfg, tok)
+                             f"and choice_accuracy_norm (both reported) and "
+                             f"choice_accuracy_mutual_info (asked for), not {sorted(asked)}")
+        examples, questions, report = load_choices(
+            data, data_cfg, tok, mutual_info="choice_accuracy_mutual_info" in asked)
         print(report.summary(), file=sys.stderr)
         examples, questions = examples[:a.max_examples], questions[:a.max_examples]
         scores = score_choices(model, examples, data_cfg.tokens_per_batch, device, autocast)

@@ -1,9 +1,10 @@
 """Ember's multiple-choice scores (engine/choices.py) against lm-evaluation-harness itself: the
 same questions as a local ``multiple_choice`` task run by ``lm_eval.simple_evaluate`` on
-``HFLM`` (raw and ``apply_chat_template``), per-choice log-likelihoods and acc / acc_norm, on a
-tiny random Llama whose tokenizer adds BOS (built here, nothing downloaded); and the rolling
-document perplexity (engine/rolling.py) against ``HFLM.loglikelihood_rolling`` and lm-eval's
-word_perplexity / byte_perplexity / bits_per_byte aggregations, in windows of 512, 16 and 5.
+``HFLM`` (raw and ``apply_chat_template``), per-choice log-likelihoods (with and without the
+question) and acc / acc_norm / acc_mutual_info, on a tiny random Llama whose tokenizer adds BOS
+(built here, nothing downloaded); and the rolling document perplexity (engine/rolling.py)
+against ``HFLM.loglikelihood_rolling`` and lm-eval's word_perplexity / byte_perplexity /
+bits_per_byte aggregations, in windows of 512, 16 and 5.
 
 lm_eval is not an Ember dependency: install it in a private venv, e.g.
     python -m venv --system-site-packages /tmp/lmeval-venv
@@ -85,7 +86,7 @@ def tiny_bos_model(folder: Path) -> Path:
 def ember_scores(folder: Path, path: Path, chat: bool, system: str | None):
     model, tok = load_pretrained(folder, "float32", "cpu")
     cfg = DataConfig(use_chat_template=chat, system_prompt=system, max_seq_len=512)
-    examples, questions, _ = load_choices(path, cfg, tok)
+    examples, questions, _ = load_choices(path, cfg, tok, mutual_info=True)
     scores = score_choices(model, examples, 4096, "cpu")
     return [s.tolist() for s in scores], choice_metrics(scores, questions)
 
@@ -115,7 +116,7 @@ def lmeval_scores(folder: Path, rows: list[dict], chat: bool, system: str | None
             f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
             f"doc_to_text: question\ndoc_to_choice: choices\ndoc_to_target: answer\n"
             f"target_delimiter: {json.dumps(delim)}\n"
-            "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+            "metric_list:\n  - metric: acc\n  - metric: acc_norm\n  - metric: acc_mutual_info\n"
         )
         names[f"ember_mc_{n}"] = idx
     # chat: BOS is the template's to write in Ember (as transformers' apply_chat_template
@@ -138,12 +139,14 @@ def lmeval_scores(folder: Path, rows: list[dict], chat: bool, system: str | None
         num_fewshot=0,
     )
     lls: list = [None] * len(rows)
-    acc = norm = 0.0
+    sums = dict.fromkeys(("acc", "acc_norm", "acc_mutual_info"), 0.0)
     for name, idx in names.items():
         for s in out["samples"][name]:
-            lls[idx[s["doc_id"]]] = [r[0][0] for r in s["resps"]]
-            acc, norm = acc + s["acc"], norm + s["acc_norm"]
-    return lls, {"choice_accuracy": acc / len(rows), "choice_accuracy_norm": norm / len(rows)}
+            lls[idx[s["doc_id"]]] = [r[0][0] for r in s["resps"]]  # conditional, unconditional
+            for k in sums:
+                sums[k] += s[k]
+    ours = ("choice_accuracy", "choice_accuracy_norm", "choice_accuracy_mutual_info")
+    return lls, {o: sums[k] / len(rows) for o, k in zip(ours, sums, strict=True)}
 
 
 DOCS = [
@@ -214,7 +217,7 @@ def main() -> int:
         want, want_m = lmeval_scores(folder, rows, chat, system)
         print(f"--- chat={chat} system={system!r}")
         for r, g, w in zip(rows, got, want, strict=True):
-            for c, gg, ww in zip(r["choices"], g, w, strict=True):
+            for c, gg, ww in zip(r["choices"] * 2, g, w, strict=True):
                 off = abs(gg - ww) > 1e-5 * max(1.0, abs(ww))
                 bad += off
                 print(

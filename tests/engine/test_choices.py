@@ -74,9 +74,13 @@ def _raw_pairs(tok, row):
     " " but none after a question ending with whitespace or before a choice starting with it."""
     q = row.get("question", row.get("prompt"))
     for c in row["choices"]:
-        sep = row.get("target_delimiter",
-                      "" if not q or q[-1].isspace() or c[0].isspace() else " ")
-        yield _lmeval_pair(tok, q, sep + c)
+        yield _lmeval_pair(tok, q, _sep(row, c) + c)
+
+
+def _sep(row, choice: str) -> str:
+    q = row.get("question", row.get("prompt"))
+    return row.get("target_delimiter",
+                   "" if not q or q[-1].isspace() or choice[0].isspace() else " ")
 
 
 def test_scores_match_transformers(base, tmp_path, capsys):
@@ -122,6 +126,31 @@ def test_target_delimiter_and_an_empty_question_are_lm_evals(base, tmp_path):
     assert pairs[0][1] == tok.encode("\n red", add_special_tokens=False)
     assert [ctx for ctx, _ in pairs[6:]] == [[tok.eos_token_id]] * 4
     torch.testing.assert_close(got, torch.tensor(_hf_sums(base, pairs)), rtol=1e-4, atol=1e-4)
+
+
+def test_mutual_info_is_lm_evals(base, tmp_path, capsys):
+    """choice_accuracy_mutual_info (lm-eval's acc_mutual_info, asked for with --metrics): the
+    choice's log-likelihood less that of lm-eval's ("", delimiter + choice) request, the
+    choice after EOS alone here (no BOS)."""
+    model, tok = load_pretrained(base, "float32", "cpu")
+    path = write_jsonl(tmp_path / "mc.jsonl", ROWS)
+    cfg = DataConfig(use_chat_template=False)
+    examples, questions, _ = load_choices(path, cfg, tok, mutual_info=True)
+    got = score_choices(model, examples, 256, "cpu")
+    hits = 0
+    for r, q, g in zip(ROWS, questions, got, strict=True):
+        cond = _hf_sums(base, list(_raw_pairs(tok, r)))
+        alone = _hf_sums(base, [_lmeval_pair(tok, "", _sep(r, c) + c) for c in r["choices"]])
+        torch.testing.assert_close(g, torch.tensor(cond + alone), rtol=1e-4, atol=1e-4)
+        hits += int(torch.tensor(cond).sub(torch.tensor(alone)).argmax()) == q.answer
+    want = {**choice_metrics([g[:len(q.chars)] for g, q in zip(got, questions, strict=True)],
+                             questions), "choice_accuracy_mutual_info": hits / 3}
+    assert choice_metrics(got, questions) == want
+    capsys.readouterr()
+    assert main(["eval", str(base), "--raw", "--data", path, "--device", "cpu", "--metrics",
+                 "choice_accuracy_mutual_info"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {
+        "data": path, "examples": 3, **want}
 
 
 def test_chat_models_score_the_assistant_answer(chat_model, tmp_path):  # noqa: F811
