@@ -38,9 +38,9 @@ Each question is one packed example whose documents are (context + choice) for e
 a forward pass scores all of them together (the context is computed once per choice). A
 question whose context and choice, less the choice's last token (no input: lm-eval's
 ``max_length`` does not count it), exceed ``data.max_seq_len`` loses context tokens from the
-left, after BOS (lm-eval cuts BOS too), and is
-counted as truncated, or is dropped with ``data.truncation = "drop"``; bad lines are reported
-like any other data file's (``data.bad_lines``).
+left, after BOS (lm-eval cuts BOS too), and is counted as truncated, or is dropped with
+``data.truncation = "drop"``; bad lines are reported like any other data file's
+(``data.bad_lines``).
 """
 
 from __future__ import annotations
