@@ -72,10 +72,13 @@ def cmd_eval(a) -> None:
             print(json.dumps(scores))
             return
     if is_choice_file(data):
-        if set(asked) - {"choice_accuracy", "choice_accuracy_norm"}:
+        if set(asked) - {"choice_accuracy", "choice_accuracy_norm",
+                         "choice_accuracy_mutual_info"}:
             raise EmberError(f"{data} is a multiple-choice file: its metrics are choice_accuracy "
-                             f"and choice_accuracy_norm (both reported), not {sorted(asked)}")
-        examples, questions, report = load_choices(data, data_cfg, tok)
+                             f"and choice_accuracy_norm (both reported) and "
+                             f"choice_accuracy_mutual_info (asked for), not {sorted(asked)}")
+        examples, questions, report = load_choices(
+            data, data_cfg, tok, mutual_info="choice_accuracy_mutual_info" in asked)
         print(report.summary(), file=sys.stderr)
         examples, questions = examples[:a.max_examples], questions[:a.max_examples]
         scores = score_choices(model, examples, data_cfg.tokens_per_batch, device, autocast)
@@ -105,6 +108,17 @@ def cmd_eval(a) -> None:
                                                    max(len(e) for e in examples)), device,
                               autocast)
     scores = {"loss": loss, "perplexity": perplexity(loss)}
+    from ember.engine.choices import first_record
+    from ember.engine.formats import detect
+
+    if (data_cfg.format == "text" if data_cfg.format != "auto"
+            else detect(first_record(data) or {}) == "text"):
+        from ember.engine.rolling import rolling_eval
+
+        # lm-eval's wikitext metrics: each document whole, in rolling windows (the loss above
+        # is per training example: a document past data.max_seq_len is cut)
+        scores.update(rolling_eval(model, tok, data, data_cfg, device, autocast,
+                                   a.max_examples))
     if generate:
         res = generation_eval(model, tok, examples, metrics, max_new_tokens=a.max_new_tokens,
                               batch_size=a.batch_size, autocast=autocast)

@@ -1,6 +1,7 @@
 """Multiple-choice evaluation (engine/choices.py, ember eval on question/choices/answer lines).
 Oracle: transformers' model on the same folder, log-probabilities summed over each choice's tokens
-(lm-eval's recipe: the continuation is the tokens of context + continuation past the context's)."""
+of lm-eval's requests (``_lmeval_pair``: lm-eval 0.4.13's ``TemplateLM._encode_pair`` and
+``loglikelihood``); lm-eval itself gives the same numbers (tools/check_lmeval.py)."""
 
 from __future__ import annotations
 
@@ -51,15 +52,35 @@ def _hf_sums(folder, pairs) -> list[float]:
     return out
 
 
+def _lmeval_pair(tok, context: str, continuation: str, special: bool = True):
+    """lm-eval's (context ids, continuation ids): an empty context is BOS (else EOS); otherwise
+    the context's trailing whitespace moves into the continuation, which is the tokens of the
+    whole text past the context's."""
+    if not context:
+        ids = tok.encode(continuation, add_special_tokens=False)
+        prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        return ([prefix], ids) if ids[0] != prefix else (ids[:1], ids[1:])
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    ctx = tok.encode(context, add_special_tokens=special)
+    whole = tok.encode(context + continuation, add_special_tokens=special)
+    assert whole[:len(ctx)] == ctx
+    return ctx, whole[len(ctx):]
+
+
 def _raw_pairs(tok, row):
+    """lm-eval's pairs for (question, target_delimiter + choice); Ember's default delimiter is
+    " " but none after a question ending with whitespace or before a choice starting with it."""
     q = row.get("question", row.get("prompt"))
     for c in row["choices"]:
-        context = q.rstrip()
-        cont = q[len(context):] + ("" if not q or q[-1].isspace() or c[0].isspace() else " ") + c
-        ctx = tok.encode(context, add_special_tokens=True)
-        whole = tok.encode(context + cont, add_special_tokens=True)
-        assert whole[:len(ctx)] == ctx
-        yield ctx, whole[len(ctx):]
+        yield _lmeval_pair(tok, q, _sep(row, c) + c)
+
+
+def _sep(row, choice: str) -> str:
+    q = row.get("question", row.get("prompt"))
+    return row.get("target_delimiter",
+                   "" if not q or q[-1].isspace() or choice[0].isspace() else " ")
 
 
 def test_scores_match_transformers(base, tmp_path, capsys):
@@ -83,6 +104,55 @@ def test_scores_match_transformers(base, tmp_path, capsys):
     assert row == {"data": path, "examples": 3, **choice_metrics(split, questions)}
 
 
+def test_target_delimiter_and_an_empty_question_are_lm_evals(base, tmp_path):
+    """A line's target_delimiter is put verbatim, as lm-eval's task setting (its default " "
+    after "colors:\n" scores "\n red", Ember's default "\nred"); an empty question is scored
+    after EOS, lm-eval's prefix token for a tokenizer without BOS (Ember left the first token of
+    the choice unscored: 0.0 for a one-token choice)."""
+    model, tok = load_pretrained(base, "float32", "cpu")
+    rows = [{"question": "colors:\n", "choices": ["red", " blue"], "answer": 0,
+             "target_delimiter": " "},
+            {"question": "say red", "choices": ["dog", " cat"], "answer": 0,
+             "target_delimiter": ""},
+            {"question": "say red ", "choices": ["dog", "cat"], "answer": 0,
+             "target_delimiter": "\n"},
+            {"question": "", "choices": ["red", "blue dog"], "answer": 1},
+            {"question": "", "choices": ["red", "blue dog"], "answer": 1,
+             "target_delimiter": " "}]
+    path = write_jsonl(tmp_path / "mc.jsonl", rows)
+    examples, _, _ = load_choices(path, DataConfig(use_chat_template=False), tok)
+    got = torch.cat(score_choices(model, examples, 256, "cpu"))
+    pairs = [p for r in rows for p in _raw_pairs(tok, r)]
+    assert pairs[0][1] == tok.encode("\n red", add_special_tokens=False)
+    assert [ctx for ctx, _ in pairs[6:]] == [[tok.eos_token_id]] * 4
+    torch.testing.assert_close(got, torch.tensor(_hf_sums(base, pairs)), rtol=1e-4, atol=1e-4)
+
+
+def test_mutual_info_is_lm_evals(base, tmp_path, capsys):
+    """choice_accuracy_mutual_info (lm-eval's acc_mutual_info, asked for with --metrics): the
+    choice's log-likelihood less that of lm-eval's ("", delimiter + choice) request, the
+    choice after EOS alone here (no BOS)."""
+    model, tok = load_pretrained(base, "float32", "cpu")
+    path = write_jsonl(tmp_path / "mc.jsonl", ROWS)
+    cfg = DataConfig(use_chat_template=False)
+    examples, questions, _ = load_choices(path, cfg, tok, mutual_info=True)
+    got = score_choices(model, examples, 256, "cpu")
+    hits = 0
+    for r, q, g in zip(ROWS, questions, got, strict=True):
+        cond = _hf_sums(base, list(_raw_pairs(tok, r)))
+        alone = _hf_sums(base, [_lmeval_pair(tok, "", _sep(r, c) + c) for c in r["choices"]])
+        torch.testing.assert_close(g, torch.tensor(cond + alone), rtol=1e-4, atol=1e-4)
+        hits += int(torch.tensor(cond).sub(torch.tensor(alone)).argmax()) == q.answer
+    want = {**choice_metrics([g[:len(q.chars)] for g, q in zip(got, questions, strict=True)],
+                             questions), "choice_accuracy_mutual_info": hits / 3}
+    assert choice_metrics(got, questions) == want
+    capsys.readouterr()
+    assert main(["eval", str(base), "--raw", "--data", path, "--device", "cpu", "--metrics",
+                 "choice_accuracy_mutual_info"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {
+        "data": path, "examples": 3, **want}
+
+
 def test_chat_models_score_the_assistant_answer(chat_model, tmp_path):  # noqa: F811
     model, tok = load_pretrained(chat_model, "float32", "cpu")
     rows = ROWS[:2]
@@ -95,8 +165,10 @@ def test_chat_models_score_the_assistant_answer(chat_model, tmp_path):  # noqa: 
         text = tok.apply_chat_template([{"role": "system", "content": "S"},
                                         {"role": "user", "content": q}],
                                        add_generation_prompt=True, tokenize=False)
-        ctx = tok.encode(text)
-        pairs += [(ctx, tok.encode(text + c)[len(ctx):]) for c in r["choices"]]
+        # lm-eval (apply_chat_template, add_bos_token=False): no delimiter, and the generation
+        # prompt's trailing "\n" moves into the continuation (it was not scored: -7.9 to -8.9
+        # apart from lm-eval's log-likelihoods on tools/check_lmeval.py's model)
+        pairs += [_lmeval_pair(tok, text, c, special=False) for c in r["choices"]]
     torch.testing.assert_close(got, torch.tensor(_hf_sums(chat_model, pairs)), rtol=1e-4,
                                atol=1e-4)
 
@@ -111,14 +183,21 @@ def test_accuracy_and_length_normalized_accuracy():
 
 
 def test_long_questions_lose_context_from_the_left(base, tmp_path):
-    _, tok = load_pretrained(base, "float32", "cpu")
-    row = {"question": "say red dog -> " * 20, "choices": ["red", "blue"], "answer": 0}
+    """As lm-eval: the model's input is (context + continuation)[-(max_length + 1):][:-1], the
+    continuation's last token being no input (Ember fitted max_seq_len tokens with it: one
+    context token fewer than lm-eval: -5.8346 for "red" here, lm-eval -5.7645)."""
+    model, tok = load_pretrained(base, "float32", "cpu")
+    row = {"question": "say red dog -> " * 20, "choices": ["red", "blue dog"], "answer": 0}
     path = write_jsonl(tmp_path / "long.jsonl", [row])
     cfg = DataConfig(use_chat_template=False, max_seq_len=12, tokens_per_batch=64)
     (ex,), _, rep = load_choices(path, cfg, tok)
-    assert rep.truncated == 1 and all(n <= 12 for n in ex.parts)
+    assert rep.truncated == 1 and ex.parts == (12, 12)
+    cut = []
     for (ctx, cont), n, at in zip(_raw_pairs(tok, row), ex.parts, (0, ex.parts[0]), strict=True):
-        assert ex.input_ids[at:at + n] == (ctx[len(ctx) - (12 - len(cont)):] + cont)
+        assert ex.input_ids[at:at + n] == (ctx + cont)[-13:][:-1]
+        cut.append((ctx[len(ctx) + len(cont) - 13:], cont))
+    got = torch.cat(score_choices(model, [ex], 64, "cpu"))
+    torch.testing.assert_close(got, torch.tensor(_hf_sums(base, cut)), rtol=1e-4, atol=1e-4)
     with pytest.raises(EmberError, match="no usable questions"):
         load_choices(path, DataConfig(use_chat_template=False, max_seq_len=12,
                                       truncation="drop", bad_lines="skip"), tok)
@@ -131,6 +210,8 @@ def test_long_questions_lose_context_from_the_left(base, tmp_path):
     ({"question": "q", "choices": ["a", "b"], "answer": 2}, "out of range for 2 choices"),
     ({"question": "q", "choices": ["a", "b"], "answer": "c"}, "'c' is not one of the choices"),
     ({"question": "q", "choices": ["a", "b"], "answer": True}, "index of the right choice"),
+    ({"question": "q", "choices": ["a", "b"], "answer": 0, "target_delimiter": 1},
+     "'target_delimiter' must be a string"),
 ])
 def test_bad_lines_say_what_is_wrong(base_tok, tmp_path, row, message):
     tok = base_tok

@@ -398,8 +398,10 @@ def test_eval_refuses_unknown_or_unusable_metrics_before_scoring(trained, tmp_pa
         "exceeds the model's context of 256 tokens; lower eval.max_new_tokens (ember eval: "
         "--max-new-tokens)") in err, err
     monkeypatch.setattr(evaluation, "validation_loss", loss)
-    assert main([*base, "--data", text]) == 0  # loss and perplexity only
-    assert set(json.loads(capsys.readouterr().out)) == {"data", "examples", "loss", "perplexity"}
+    assert main([*base, "--data", text]) == 0  # loss, perplexity and lm-eval's rolling ones
+    assert set(json.loads(capsys.readouterr().out)) == {
+        "data", "examples", "loss", "perplexity", "word_perplexity", "byte_perplexity",
+        "bits_per_byte", "rolling_window"}
     assert main([*base, "--data", trained["test"], "--metrics", "exact_match, accuracy",
                  "--max-examples", "2"]) == 0
     assert {"exact_match", "accuracy"} <= set(json.loads(capsys.readouterr().out))
