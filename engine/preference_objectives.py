@@ -58,7 +58,13 @@ from ember.engine.preference_losses import (
     orpo_loss,
     simpo_loss,
 )
-from ember.engine.reference_cache import cache_key, cache_path, load_cached, save_cached
+from ember.engine.reference_cache import (
+    cache_key,
+    cache_path,
+    forward_settings,
+    load_cached,
+    save_cached,
+)
 from ember.engine.stage_reference import adapter_snapshot, adapters_swapped
 from ember.engine.stages import continues_lora, frozen_start
 from ember.models.lora_init import changes_base
@@ -249,13 +255,8 @@ class Referenced:
         self.ref_model, self.ref_adapters = None, None
         self.precompute, self.released = precompute, False
         # where and under which settings a precompute is kept for a resume (reference_cache)
-        m = cfg.model
         self.cache_dir = cfg.out_dir
-        self.cache_settings = {
-            "objective": cfg.objective, "method": cfg.method, "precision": cfg.precision,
-            "model.dtype": m.dtype, "model.quantize": m.quantize,
-            "model.double_quant": m.double_quant, "model.rope_scaling": m.rope_scaling,
-            "model.rope_factor": m.rope_factor, "dist.mixed_precision": cfg.dist.mixed_precision}
+        self.cache_settings = forward_settings(cfg)
         # a continued adapter: a frozen copy of it; so for PiSSA / OLoRA's starting adapters
         # (with them off the model is the residual base, not the starting model)
         self.snapshot = continues_lora(cfg) or (cfg.method == "lora"

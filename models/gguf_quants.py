@@ -240,6 +240,26 @@ def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     return lo.to(torch.uint8)
 
 
+def _super_scale(v: torch.Tensor, top: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k-quants' second level on the sub-block scales (or mins) v (nb, n): codes
+    nearest_int(top / vmax * v) kept to a byte (uint8_t), 0 where vmax is not > 0, and the fp16
+    super-scale vmax / top (nb, 1), vmax the largest v floored at +0.0 as C starts it."""
+    vmax = v.amax(1, keepdim=True)
+    vmax = torch.where(vmax > 0, vmax, 0.0)  # C starts at +0.0: a -0.0 max leaves it +0.0
+    codes = torch.where(vmax > 0, _nearest_int(_div(top, vmax) * v), 0) & 0xFF
+    return codes, (vmax / top).half()
+
+
+def _requant(sub: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch.Tensor,
+             nmax: int) -> torch.Tensor:
+    """Codes of the sub-blocks sub (nb * n, k) again against the rounded fp32 scales d = d16 * ls
+    and mins dm = dmin16 * lm (nb, n) each; sub-blocks whose d is 0 keep the first fit's L. Returns
+    (nb, 256) uint8."""
+    d, dm = d.reshape(-1, 1), dm.reshape(-1, 1)
+    requant = _nearest_int((sub + dm) / d).clamp(0, nmax).float()
+    return torch.where(d == 0, L, requant).to(torch.uint8).reshape(-1, QK_K)
+
+
 def _q45_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     """The common part of Q4_K and Q5_K on super-blocks x (nb, 256): (d, dmin, scales, L)."""
     nb = x.shape[0]
@@ -248,19 +268,10 @@ def _q45_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     av_x = torch.sqrt((sum_x2 / 32).double()).float()  # torch's fp32 sqrt is not correctly rounded
     weights = av_x[:, None] + sub.abs()
     L, scales, mins = _make_qkx2(sub, weights, nmax, rmin, 0.1, nstep)
-    scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
-    max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
-    max_scale = torch.where(max_scale > 0, max_scale, torch.zeros_like(max_scale))
-    max_min = torch.where(max_min > 0, max_min, torch.zeros_like(max_min))
-    inv_scale = torch.where(max_scale > 0, _div(63.0, max_scale), torch.zeros_like(max_scale))
-    inv_min = torch.where(max_min > 0, _div(63.0, max_min), torch.zeros_like(max_min))
-    ls = (_nearest_int(inv_scale * scales) & 0xFF).clamp(max=63)  # uint8_t, then MIN(63, .)
-    lm = (_nearest_int(inv_min * mins) & 0xFF).clamp(max=63)
-    d16, dmin16 = (max_scale / 63).half(), (max_min / 63).half()
-    d = (d16.float() * ls.float()).reshape(-1, 1)
-    dm = (dmin16.float() * lm.float()).reshape(-1, 1)
-    requant = _nearest_int((sub + dm) / d).clamp(0, nmax).float()
-    L = torch.where(d == 0, L, requant).to(torch.uint8).reshape(nb, QK_K)
+    ls, d16 = _super_scale(scales.reshape(nb, 8), 63.0)
+    lm, dmin16 = _super_scale(mins.reshape(nb, 8), 63.0)
+    ls, lm = ls.clamp(max=63), lm.clamp(max=63)  # uint8_t, then MIN(63, .)
+    L = _requant(sub, L, d16.float() * ls, dmin16.float() * lm, nmax)
     head = torch.cat([d16.view(torch.uint8).reshape(nb, 2), dmin16.view(torch.uint8).reshape(nb, 2),
                       _pack_scales_k4(ls, lm)], 1)
     return head, L
@@ -359,18 +370,10 @@ def _q2_k(x: torch.Tensor) -> torch.Tensor:
     nb = x.shape[0]
     sub = x.reshape(-1, 16)
     L, scales, mins = _make_qkx2(sub, sub.abs(), 3, -0.5, 0.1, 15, mad=True)
-    scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
-    max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
-    max_scale = torch.where(max_scale > 0, max_scale, 0.0)  # C starts both at +0.0: a -0.0
-    max_min = torch.where(max_min > 0, max_min, 0.0)  # min (all x > 0) leaves dmin +0.0
-    ls = torch.where(max_scale > 0, _nearest_int(_div(15.0, max_scale) * scales), 0) & 0xFF
-    lm = torch.where(max_min > 0, _nearest_int(_div(15.0, max_min) * mins), 0)
+    ls, d16 = _super_scale(scales.reshape(nb, 16), 15.0)
+    lm, dmin16 = _super_scale(mins.reshape(nb, 16), 15.0)
     sc = (ls | (lm << 4)) & 0xFF  # y.scales[j] |= l << 4, kept to a byte
-    d16, dmin16 = (max_scale / 15).half(), (max_min / 15).half()
-    d = (d16.float() * (sc & 0xF).float()).reshape(-1, 1)
-    dm = (dmin16.float() * (sc >> 4).float()).reshape(-1, 1)
-    requant = _nearest_int((sub + dm) / d).clamp(0, 3).float()
-    L = torch.where(d == 0, L, requant).to(torch.uint8).reshape(nb, QK_K)
+    L = _requant(sub, L, d16.float() * (sc & 0xF), dmin16.float() * (sc >> 4), 3)
     return torch.cat([sc.to(torch.uint8), _pack2(L), d16.view(torch.uint8).reshape(nb, 2),
                       dmin16.view(torch.uint8).reshape(nb, 2)], 1)
 

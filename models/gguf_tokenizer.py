@@ -106,7 +106,7 @@ def tokenizer_metadata(tok: Tokenizer, vocab_size: int, arch: str | None = None
         # (imported here: that module checks the export on this module's PROBE)
         from ember.models.gguf_tokenizer_spm import check_round_trip, spm_vocab_metadata
 
-        md = spm_vocab_metadata(tok, model, vocab_size, arch)
+        md = spm_vocab_metadata(tok, spec, vocab_size, arch)
         _add_specials(tok, md)
         unk = tok.backend.token_to_id(model.get("unk_token") or "")
         if unk is not None:

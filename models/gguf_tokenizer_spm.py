@@ -39,7 +39,6 @@ former); transformers ignores ``add_space_prefix`` (it always prepends, and neve
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -94,13 +93,14 @@ def _first_ranks(merges: list) -> dict[str, int]:
     return rank
 
 
-def _isolated_pieces(tok: Tokenizer, vocab: dict[str, int]) -> set[str]:
+def _isolated_pieces(spec: dict, vocab: dict[str, int]) -> set[str]:
     """The pieces a pre-tokenizer ``Split`` isolates whole: the user-defined pieces of
     transformers' generic SentencePiece backend, which splits them off instead of adding them as
     tokens (``ember.models.slow_tokenizer``); llama.cpp matches them in the raw text when typed
-    user-defined, as its converter types them from tokenizer.model."""
-    spec = json.loads(tok.backend.to_str()).get("pre_tokenizer") or {}
-    steps = spec.get("pretokenizers", []) if spec.get("type") == "Sequence" else [spec]
+    user-defined, as its converter types them from tokenizer.model. ``spec``: the backend's
+    tokenizer.json dict."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     out: set[str] = set()
     for step in steps:
         pattern = (step.get("pattern") or {}).get("Regex")
@@ -114,10 +114,12 @@ def _isolated_pieces(tok: Tokenizer, vocab: dict[str, int]) -> set[str]:
     return out
 
 
-def spm_vocab_metadata(tok: Tokenizer, model: dict, vocab_size: int, arch: str | None
+def spm_vocab_metadata(tok: Tokenizer, spec: dict, vocab_size: int, arch: str | None
                        ) -> dict[str, Any]:
     """The vocabulary part of the metadata (tokens, scores, types, add_space_prefix) of an SPM-style
-    BPE ``model`` (tokenizer.json's "model") for an embedding of ``vocab_size`` rows."""
+    BPE tokenizer ``tok`` for an embedding of ``vocab_size`` rows; ``spec``: its backend as the
+    tokenizer.json dict, which the caller has already serialised (once: ~0.1 s at 32k pieces)."""
+    model = spec.get("model") or {}
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in vocab]
     if missing:
@@ -134,7 +136,7 @@ def spm_vocab_metadata(tok: Tokenizer, model: dict, vocab_size: int, arch: str |
     tokens: list[str | None] = [None] * n
     types = [_UNUSED] * n
     unk = model.get("unk_token")
-    user = _isolated_pieces(tok, vocab)
+    user = _isolated_pieces(spec, vocab)
     for t, i in vocab.items():
         tokens[i] = t  # (a user-defined piece too: the converter copies tokenizer.model's)
         types[i] = (_BYTE if _BYTE_PIECE.fullmatch(t) else _UNKNOWN if t == unk else

@@ -201,18 +201,23 @@ def split_expert_adapter(tensors: dict, config: dict, cfg) -> tuple[dict, dict]:
     gate's and up's own halves of A and B at half the rank)."""
     targets = list(config.get("target_parameters") or [])
     num_experts = getattr(cfg, "num_experts", 0)
-    out = {k: v for k, v in tensors.items() if not _PARAM_KEY.fullmatch(k)}
-    ranks, alphas = {}, {}  # the split experts' own entries, ahead of the config's (first wins)
-    found = {}
+    out, found = {}, {}
     for k, v in tensors.items():
         m = _PARAM_KEY.fullmatch(k)
         if m:
             found[(int(m[1]), bool(m[2]), m[3])] = v
+        else:
+            out[k] = v
+    plain = list(out)  # the keys not split below: the only ones other targets can name
+    ranks, alphas = {}, {}  # the split experts' own entries, ahead of the config's (first wins)
     if found and not num_experts:
         raise EmberError(f"the adapter targets parameters {targets[:3]} (LoRA on mixture-of-"
                          "experts experts) but the model has no experts")
+    # a block-diagonal gate_up adapter splits at half the rank, with the same scale
+    half_alpha = math.sqrt(2) if config.get("use_rslora") else 2
     for i in sorted({i for i, _, _ in found}):
         prefix = f"model.layers.{i}.mlp.experts"
+        escaped = re.escape(prefix)  # + rf"\.{e}\.{proj}" is re.escape of the expert's name
         params = [p for p in _PARAMS
                   if any(f"{prefix}.{p}" == t or f"{prefix}.{p}".endswith("." + t)
                          for t in targets)]
@@ -234,25 +239,27 @@ def split_expert_adapter(tensors: dict, config: dict, cfg) -> tuple[dict, dict]:
             Bs = B.reshape(B.shape[0], r, num_experts)  # column j * E + e
             half = B.shape[0] // 2
             split = p == "gate_up_proj" and _block_diagonal(Bs, half)
+            # the two rank-r/2 adapters save_adapter fused: exactly them again
+            re_, alpha_ = (r // 2, alpha / half_alpha) if split else (r, alpha)
             for e in range(num_experts):
                 Ae, Be = A[e * r:(e + 1) * r], Bs[:, :, e]
-                parts = ({"gate_proj": (Ae, Be[:half]), "up_proj": (Ae, Be[half:])}
-                         if p == "gate_up_proj" else {"down_proj": (Ae, Be)})
-                re_, alpha_ = r, alpha
-                if split:  # the two rank-r/2 adapters save_adapter fused: exactly them again
-                    re_ = r // 2
-                    alpha_ = alpha / (math.sqrt(2) if config.get("use_rslora") else 2)
+                if split:
                     parts = {"gate_proj": (Ae[:re_], Be[:half, :re_]),
                              "up_proj": (Ae[re_:], Be[half:, re_:])}
+                elif p == "gate_up_proj":
+                    parts = {"gate_proj": (Ae, Be[:half]), "up_proj": (Ae, Be[half:])}
+                else:
+                    parts = {"down_proj": (Ae, Be)}
                 for proj, (a, b) in parts.items():
                     hf = f"{prefix}.{e}.{proj}"
                     out[f"base_model.model.{hf}.lora_A.weight"] = a.contiguous()
                     out[f"base_model.model.{hf}.lora_B.weight"] = b.contiguous()
-                    ranks[re.escape(hf)], alphas[re.escape(hf)] = re_, alpha_
+                    key = rf"{escaped}\.{e}\.{proj}"
+                    ranks[key], alphas[key] = re_, alpha_
     # Other targeted parameters (a router's "gate.weight", a dense model's "q_proj.weight": LoRA
     # on a 2-D weight, as on a linear module): PEFT looks their rank and alpha up by the
-    # parameter's name, not the module's.
-    for key in out:
+    # parameter's name, not the module's. (Not the split experts' keys: their ranks are A's.)
+    for key in plain:
         m = _LORA_A.fullmatch(key)
         param = f"{m[1]}.weight" if m else None
         if param and any(param == t or param.endswith("." + t) for t in targets):

@@ -15,7 +15,9 @@ folders) is in ``ember.models.loading``; bitsandbytes 4-bit folders in
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import warnings
 from collections import Counter
@@ -459,6 +461,32 @@ def language_model_view(ckpt: CheckpointIndex) -> CheckpointIndex:
     )
 
 
+_HEAD_BLOCK_BYTES = 16 << 20  # fp32 bytes of each tensor's rows compared at a time
+
+
+def _same_values(ckpt: CheckpointIndex, a: str, b: str) -> bool:
+    """Whether stored tensors ``a`` and ``b`` (one shape) hold equal values (as fp32: -0.0 equals
+    0.0, NaN nothing), read a block of rows at a time, stopping at the first block that differs:
+    not both whole plus their fp32 copies (4 V x D fp32 buffers for a bf16 embedding and head)
+    every time a tied folder with a stored head is opened."""
+    files = {ckpt.key_file[k] for k in (a, b)}
+    with contextlib.ExitStack() as stack:
+        opened = {p: stack.enter_context(open_weights(p)) for p in files}
+        sa, sb = (opened[ckpt.key_file[k]] for k in (a, b))
+        # (a .bin's tensors are memory-mapped: sliced as they are)
+        sa, sb = (f.get_tensor(ckpt.stored_key(k)) if isinstance(f, _TorchFile)
+                  else f.get_slice(ckpt.stored_key(k)) for f, k in ((sa, a), (sb, b)))
+        shape = ckpt.shapes[a]
+        rows = max(1, _HEAD_BLOCK_BYTES // (4 * max(1, math.prod(shape[1:]))))
+        for i in range(0, shape[0], rows):
+            x, y = sa[i:i + rows], sb[i:i + rows]
+            if x.dtype != y.dtype or x.dtype not in _ST_DTYPES.values():
+                x, y = x.float(), y.float()  # (fp16 / bf16 -> fp32 is exact: compared as is)
+            if not torch.equal(x, y):
+                return False
+    return True
+
+
 def untie_if_head_differs(ckpt: CheckpointIndex, cfg: ModelConfig) -> ModelConfig:
     """cfg, untied when config.json says tie_word_embeddings but the checkpoint stores an
     ``lm_head.weight`` that differs from the embedding. transformers then keeps the two apart
@@ -468,11 +496,7 @@ def untie_if_head_differs(ckpt: CheckpointIndex, cfg: ModelConfig) -> ModelConfi
         return cfg
     if head in ckpt.quantized_weights() or ckpt.shapes[head] != ckpt.shapes[emb]:
         return cfg  # map_hf_keys names the mismatch
-    tensors = {}
-    for key in (emb, head):
-        with open_weights(ckpt.key_file[key]) as f:
-            tensors[key] = f.get_tensor(ckpt.stored_key(key))
-    if torch.equal(tensors[emb].float(), tensors[head].float()):
+    if _same_values(ckpt, emb, head):
         return cfg
     warnings.warn(
         f"{ckpt.folder}: config.json has tie_word_embeddings=true but the checkpoint's "

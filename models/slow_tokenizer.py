@@ -387,11 +387,6 @@ def _tokenizer_class(folder: Path, cfg: dict, model_type: str) -> str:
     return "Qwen2Tokenizer" if model_type.startswith("qwen") else "GPT2Tokenizer"
 
 
-def builds_generic(folder: Path, cfg: dict, model_type: str = "") -> bool:
-    """Whether ``slow_backend`` builds transformers 5's generic backend for ``folder``."""
-    return _tokenizer_class(folder, cfg, model_type) == _GENERIC
-
-
 def _added_token(d: dict, content: str) -> AddedToken:
     flags = {k: bool(d[k]) for k in ("single_word", "lstrip", "rstrip", "normalized", "special")
              if k in d}
@@ -399,11 +394,11 @@ def _added_token(d: dict, content: str) -> AddedToken:
 
 
 def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
-                 ) -> tuple[tokenizers.Tokenizer, dict[str, str]]:
+                 ) -> tuple[tokenizers.Tokenizer, dict[str, str], bool]:
     """The backend transformers builds from ``folder``'s slow files (without post-processor: the
-    caller adds bos/eos), and the special tokens its tokenizer class assumes where the folder
-    names none (those the vocabulary lacks are left out: transformers would add them as new
-    tokens)."""
+    caller adds bos/eos), the special tokens its tokenizer class assumes where the folder names
+    none (those the vocabulary lacks are left out: transformers would add them as new tokens),
+    and whether that backend is transformers 5's generic one (which cleans up decoding)."""
     cls = _tokenizer_class(folder, cfg, model_type)
     if cls in (*_SPM_CLASSES, _GENERIC):
         if not (folder / "tokenizer.model").is_file():
@@ -455,4 +450,4 @@ def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
     # vocabulary has them; load_tokenizer reports those it has not
     add_named_specials(backend, specials,
                        promoted_tokens(every, cls) if isinstance(decoder, dict) else set())
-    return backend, defaults
+    return backend, defaults, cls == _GENERIC

@@ -330,20 +330,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     specials = {n: _token_str(cfg.get(n, smap.get(n))) for n in MAIN_SPECIALS}
     slow = not tj.is_file()
     defaults: dict[str, str] = {}  # the slow class's own special tokens (Gemma's mask)
-    model_type = None  # config.json's, read for slow tokenizers only
+    generic = False  # slow files built as transformers 5's generic SentencePiece backend
     if slow:
-        from ember.models.slow_tokenizer import (
-            builds_generic,
-            has_slow_tokenizer,
-            no_tokenizer_error,
-            slow_backend,
-        )
+        from ember.models.slow_tokenizer import has_slow_tokenizer, no_tokenizer_error, slow_backend
 
         if not has_slow_tokenizer(folder):
             raise no_tokenizer_error(folder)
         model_cfg = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
         model_type = model_cfg.get("model_type") if isinstance(model_cfg, dict) else None
-        backend, defaults = slow_backend(folder, cfg, smap, str(model_type or ""))
+        backend, defaults, generic = slow_backend(folder, cfg, smap, str(model_type or ""))
         specials.update({n: t for n, t in defaults.items()
                          if n in specials and backend.token_to_id(t) is not None})
     else:
@@ -403,8 +398,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     # transformers 5 builds LlamaTokenizer / GemmaTokenizer as a BPE, whose decoding it never
     # cleans up; Ember's Unigram for a unigram tokenizer.model must not either. Its generic
     # backend keeps a unigram model a Unigram, which it cleans up (as a tokenizer.json's)
-    clean_up = bool(cfg.get("clean_up_tokenization_spaces")) and (not slow or builds_generic(
-        folder, cfg, str(model_type or "")))
+    clean_up = bool(cfg.get("clean_up_tokenization_spaces")) and (not slow or generic)
     return Tokenizer(backend, **specials, chat_template=template, chat_templates=named,
                      clean_up_tokenization_spaces=clean_up, template_tokens=template_tokens(
                          {**{k: v for k, v in defaults.items() if backend.token_to_id(v)

@@ -195,3 +195,43 @@ def test_precomputed_reference_resumes_exactly(tiny, prefs, tmp_path, monkeypatc
     with pytest.raises(EmberError, match="dataset or batching settings differ"):
         train(cfg_b, resume=True, echo=quiet, progress=False)
     assert calls == [12, 12, 12]
+
+
+def _config_fields(cls, prefix: str = "") -> list[str]:
+    """Every leaf field of a config dataclass, as the dotted path ``--set`` takes."""
+    import typing
+
+    hints, out = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        out += (_config_fields(t, f"{prefix}{f.name}.") if dataclasses.is_dataclass(t)
+                else [prefix + f.name])
+    return out
+
+
+def test_every_config_field_is_placed_for_the_reference_cache_key():
+    """A setting that changes the reference's forward but not its weights or examples must be in
+    the cache key, else a resume reuses values computed under the old setting: every TrainConfig
+    field is either in FORWARD_SETTINGS or declared (with why) not to change that forward."""
+    from ember.engine.config import TrainConfig
+    from ember.engine.reference_cache import (
+        FORWARD_SETTINGS,
+        NOT_FORWARD_SETTINGS,
+        forward_settings,
+    )
+
+    declared = [n for names in NOT_FORWARD_SETTINGS.values() for n in names]
+    placed = [*FORWARD_SETTINGS, *declared]
+    assert len(placed) == len(set(placed)), "a field is placed twice"
+    fields = _config_fields(TrainConfig)
+    assert not set(fields) - set(placed), (
+        f"place {sorted(set(fields) - set(placed))} in reference_cache.FORWARD_SETTINGS (if it "
+        "changes the reference's log-probs) or NOT_FORWARD_SETTINGS")
+    assert not set(placed) - set(fields), f"no such fields: {sorted(set(placed) - set(fields))}"
+    cfg = TrainConfig()
+    assert forward_settings(cfg) == {
+        "objective": cfg.objective, "method": cfg.method, "precision": cfg.precision,
+        "model.dtype": cfg.model.dtype, "model.quantize": cfg.model.quantize,
+        "model.double_quant": cfg.model.double_quant, "model.rope_scaling": cfg.model.rope_scaling,
+        "model.rope_factor": cfg.model.rope_factor,
+        "dist.mixed_precision": cfg.dist.mixed_precision}

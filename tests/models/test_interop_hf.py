@@ -515,3 +515,41 @@ def assert_greedy_equals_transformers(folder, prompts: list[list[int]], new: int
             want = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
                                eos_token_id=None, pad_token_id=0)[0, len(prompt):]
         assert got == want.tolist()
+
+
+@pytest.mark.parametrize("head", ["equal", "last_differs", "signed_zero", "nan", "bf16",
+                                  "bf16_differs", "bin_differs"])
+def test_tied_stored_head_compared_in_row_blocks(tmp_path, monkeypatch, head):
+    """The stored head is compared with the embedding a few rows at a time (not two V x D
+    tensors and their fp32 copies), as values: -0.0 equals 0.0 (tied), a NaN equals nothing
+    (untied), a difference in the last row of the last block unties."""
+    from ember.models import safetensors_io
+
+    monkeypatch.setattr(safetensors_io, "_HEAD_BLOCK_BYTES", 3 * BASE["hidden_size"] * 4)
+    folder = _save(tmp_path, "tied", tie_word_embeddings=True)
+    sd = load_file(folder / "model.safetensors")
+    emb = sd["model.embed_tokens.weight"]
+    emb[3, 1], emb[-1, 0] = 0.0, 1.0
+    sd["lm_head.weight"] = lm = emb.clone()
+    if head == "last_differs":
+        lm[-1, -1] += 1
+    elif head == "signed_zero":
+        lm[3, 1] = -0.0
+    elif head == "nan":
+        emb[-1, 0], lm[-1, 0] = float("nan"), float("nan")
+    elif head.startswith("bf16"):  # a bf16 embedding beside an fp32 head; or both bf16
+        sd["model.embed_tokens.weight"] = emb = emb.bfloat16()
+        sd["lm_head.weight"] = lm = emb.float() if head == "bf16" else emb.clone()
+        lm[-1, -1] += 0 if head == "bf16" else 1
+    if head == "bin_differs":
+        lm[-1, -1] += 1
+        (folder / "model.safetensors").unlink()
+        torch.save(sd, folder / "pytorch_model.bin")
+    else:
+        save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = read_config(folder)
+    ckpt = safetensors_io.scan_checkpoint(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = safetensors_io.untie_if_head_differs(ckpt, cfg)
+    assert out.tie_word_embeddings == (head in ("equal", "signed_zero", "bf16"))
