@@ -12,10 +12,12 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from ember.models.loading import load_pretrained
 from ember.models.lora import load_adapter
 from tests.models.test_interop_peft import _peft_adapter, save_random_model
+from tests.models.test_moe import _hf_model, _ids, _load
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -118,3 +120,68 @@ def test_new_and_hand_written_configs_keep_peft_0_21_patterns(saved, tmp_path):
         _variant(saved, tmp_path / "hand", hand, alpha_pattern=pattern),
     ):
         _assert_loads_to(saved, folder, _peft_logits_of(saved, folder))
+
+
+def test_transformers_4_qwen2_moe_expert_adapter_loads_as_its_writer(tmp_path):
+    """A Qwen2-MoE adapter PEFT made on transformers 4 names each expert's modules
+    ``mlp.experts.E.gate_proj`` / ``up_proj`` / ``down_proj``. peft 0.21 on transformers 5 drops
+    these weights without a word (logits off by 1.0 on a file PEFT 0.13.2 saved on
+    transformers 4.46), Ember applies them as the PEFT that wrote the file did (1.5e-7 there).
+    With ``layers_to_transform`` PEFT 0.7-0.17 took the last number in a module's name for the
+    layer: expert 1 of every layer (and layer 1's shared expert) carries the adapter, as here.
+    The oracle: transformers 5 with each update added into its fused expert weights."""
+    layers = [1]
+    hf = _hf_model("qwen2_moe")
+    hf.save_pretrained(tmp_path / "m")
+    c, g, sd = hf.config, torch.Generator().manual_seed(0), {}
+    D, F, S = c.hidden_size, c.moe_intermediate_size, c.shared_expert_intermediate_size
+    leaves = {"gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
+    updates = {}
+    for i in range(c.num_hidden_layers):
+        mods = {
+            f"mlp.experts.{e}.{n}": shape
+            for e in range(c.num_experts)
+            if e in layers
+            for n, shape in leaves.items()
+        }
+        if i in layers:
+            mods.update(
+                {f"mlp.shared_expert.{n}": (S, D) if n == "down_proj" else (D, S) for n in leaves}
+            )
+        for name, (fin, fout) in mods.items():
+            key = f"base_model.model.model.layers.{i}.{name}"
+            A, B = 0.3 * torch.randn(2, fin, generator=g), 0.3 * torch.randn(fout, 2, generator=g)
+            sd[f"{key}.lora_A.weight"], sd[f"{key}.lora_B.weight"] = A, B
+            updates[(i, name)] = 2 * B @ A  # lora_alpha / r = 2
+    (tmp_path / "v4").mkdir()
+    save_file(sd, tmp_path / "v4" / "adapter_model.safetensors")
+    (tmp_path / "v4" / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": 2,
+                "lora_alpha": 4,
+                "target_modules": list(leaves),
+                "layers_to_transform": layers,
+                "lora_dropout": 0.0,
+                "bias": "none",
+            }
+        )
+    )
+    with torch.no_grad():
+        for (i, name), dw in updates.items():
+            mlp = hf.model.layers[i].mlp
+            if name.startswith("mlp.shared_expert."):
+                getattr(mlp.shared_expert, name.rpartition(".")[2]).weight.add_(dw)
+                continue
+            e, leaf = int(name.split(".")[2]), name.rpartition(".")[2]
+            if leaf == "down_proj":
+                mlp.experts.down_proj[e].add_(dw)
+            else:  # gate_up_proj (E, 2F, D): gate's rows, then up's
+                mlp.experts.gate_up_proj[e, (0 if leaf == "gate_proj" else F) :][:F].add_(dw)
+        ids = _ids()
+        want = hf(ids).logits
+        model = load_adapter(_load(tmp_path / "m"), tmp_path / "v4")
+        assert (model(ids) - want).abs().max().item() <= 1e-4
+        assert (_load(tmp_path / "m")(ids) - want).abs().max().item() > 1e-1  # it matters
