@@ -114,6 +114,15 @@ _FIELDS_0_14 = _FIELDS_0_13 | {"lora_bias", "eva_config", "exclude_modules"}
 _PEFT_WRITTEN = ("auto_mapping", "revision", "inference_mode", "rank_pattern", "alpha_pattern")
 
 
+def old_writer(config: dict) -> str | None:
+    """"0.13" for a config PEFT 0.13 or older wrote, "0.14" for PEFT 0.14's, else None (a newer
+    PEFT's, Ember's or a hand-written one), told by its fields."""
+    keys = set(config)
+    if not all(k in keys for k in _PEFT_WRITTEN) or not keys <= _FIELDS_0_14:
+        return None
+    return "0.13" if keys <= _FIELDS_0_13 else "0.14"
+
+
 def rank_alpha(config: dict, hf_name: str) -> tuple[int, float]:
     r"""A module's (r, lora_alpha) from ``r`` / ``lora_alpha`` and ``rank_pattern`` /
     ``alpha_pattern``, as the PEFT that wrote the config read them. PEFT 0.15+ (get_pattern_key)
@@ -127,14 +136,14 @@ def rank_alpha(config: dict, hf_name: str) -> tuple[int, float]:
     what the adapter computes."""
     r0, a0 = config["r"], config["lora_alpha"]
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    keys = set(config)
-    if not all(k in keys for k in _PEFT_WRITTEN) or not keys <= _FIELDS_0_14:
+    writer = old_writer(config)
+    if writer is None:
         return _pattern_value(ranks, hf_name, r0), _pattern_value(alphas, hf_name, a0)
 
     def old_key(patterns) -> str:
         return next((k for k in patterns if re.match(rf".*\.{k}$", hf_name)), hf_name)
 
-    if not keys <= _FIELDS_0_13:  # PEFT 0.14
+    if writer == "0.14":
         return ranks.get(old_key(ranks), r0), alphas.get(old_key(alphas), a0)
     key = old_key([*ranks, *alphas])
     return ranks.get(key, r0), alphas.get(key, a0)
@@ -248,7 +257,8 @@ def check_field_types(config: dict, where: Path) -> None:
         if any(_regex_error(p) for p in listed):
             raise bad("layers_pattern", "is not a valid regular expression "
                                         f"({next(filter(None, map(_regex_error, listed)))})")
-        if config.get("layers_to_transform") is None:
+        # PEFT 0.13 and older saved such configs and adapted every layer (0.14+ refuses them)
+        if config.get("layers_to_transform") is None and old_writer(config) != "0.13":
             raise bad("layers_pattern", "is set without layers_to_transform (the layer indices "
                                         "it locates)")
     for key in ("layers_to_transform", "layers_pattern"):

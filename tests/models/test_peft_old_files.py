@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ember import EmberError
 from ember.models.loading import load_pretrained
 from ember.models.lora import load_adapter
 from tests.models.test_interop_peft import _peft_adapter, save_random_model
@@ -185,3 +186,19 @@ def test_transformers_4_qwen2_moe_expert_adapter_loads_as_its_writer(tmp_path):
         model = load_adapter(_load(tmp_path / "m"), tmp_path / "v4")
         assert (model(ids) - want).abs().max().item() <= 1e-4
         assert (_load(tmp_path / "m")(ids) - want).abs().max().item() > 1e-1  # it matters
+
+
+@pytest.mark.parametrize("layers_pattern", ["layers", ["layers"]])
+def test_old_peft_layers_pattern_without_layer_indices_adapts_every_layer(
+    saved, tmp_path, layers_pattern
+):
+    """PEFT 0.6-0.13 saved a config with layers_pattern and no layers_to_transform (axolotl's
+    peft_layers_pattern alone, say) and adapted every layer, the pattern unused; PEFT 0.14+
+    refuses such a config, and Ember refused the old files too. They load as their writer
+    computed them (checked on files PEFT 0.6.2 and 0.13.2 saved: Ember's logits equal theirs);
+    from a newer PEFT the config is still refused by name."""
+    old = _variant(saved, tmp_path / "old", PEFT_0_13_FIELDS, layers_pattern=layers_pattern)
+    _assert_loads_to(saved, old, _peft_logits_of(saved, saved[1]))
+    new = _variant(saved, tmp_path / "new", PEFT_0_14_FIELDS, layers_pattern=layers_pattern)
+    with pytest.raises(EmberError, match="layers_pattern=.* is set without layers_to_transform"):
+        load_adapter(load_pretrained(saved[0])[0], new)
