@@ -87,6 +87,7 @@ from ember.models.peft_files import (  # noqa: F401  (re-exported)
     default_targets,
     full_weights,
     full_weights_view,
+    rank_alpha,
     untie_head,
 )
 from ember.models.peft_keys import (  # noqa: F401  (re-exported)
@@ -420,8 +421,6 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
                          "adapter_config does not target (target_modules, layers_to_transform, "
                          f"exclude_modules), e.g. {extra[:3]}; PEFT would drop them: fix the "
                          "config or the file so they agree" + _defaulted_note(config, defaulted))
-    r0, alpha0 = config["r"], config["lora_alpha"]
-    rank_pat, alpha_pat = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     dropout, rslora = float(config.get("lora_dropout") or 0.0), bool(config.get("use_rslora"))
     plan = {}
     for name in sorted(pairs, key=_natural_key):
@@ -430,7 +429,7 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
         mod = cands[name]
         base = mod.base if isinstance(mod, (LoRALinear, LoRAEmbedding)) else mod
         in_f, out_f = base.weight.shape if name == "embed" else _features(base)
-        r = _pattern_value(rank_pat, seen.get(name, hf), r0)
+        r, alpha = rank_alpha(config, seen.get(name, hf))
         if A.ndim != 2 or B.ndim != 2 or A.shape != (r, in_f) or B.shape != (out_f, r):
             raise EmberError(f"{wfile}: {hf}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
                              f"do not fit this model, expected ({r}, {in_f}) / ({out_f}, {r}) "
@@ -443,7 +442,7 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
         if mag is not None and tuple(mag.shape) != (out_f,):
             raise EmberError(f"{wfile}: {hf}: lora_magnitude_vector {tuple(mag.shape)} does not "
                              f"fit this model, expected ({out_f},)")
-        plan[name] = (A, B, mag, r, float(_pattern_value(alpha_pat, seen.get(name, hf), alpha0)))
+        plan[name] = (A, B, mag, r, float(alpha))
     stale = sorted(set(lora_modules(model)) - set(plan), key=_natural_key)
     if stale:
         raise EmberError(f"{wfile}: the model already has LoRA adapters on {stale[:3]} "
@@ -510,8 +509,7 @@ def _check_tied_head_scale(embed_ra: tuple, config: dict, cfg, wfile: Path) -> N
     its own name, ``lm_head``, in rank_pattern / alpha_pattern; Ember's one tied adapter has one
     scale, so a pattern that sets the embedding apart from the head is refused."""
     rslora, head = bool(config.get("use_rslora")), hf_module_name("lm_head", cfg)
-    r_h = _pattern_value(config.get("rank_pattern") or {}, head, config["r"])
-    a_h = _pattern_value(config.get("alpha_pattern") or {}, head, config["lora_alpha"])
+    r_h, a_h = rank_alpha(config, head)
     emb, hd = lora_scale(*embed_ra, rslora), lora_scale(r_h, a_h, rslora)
     if not math.isclose(emb, hd, rel_tol=1e-6):
         raise EmberError(f"{wfile}: with ensure_weight_tying PEFT scales the tied lm_head's update "

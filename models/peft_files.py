@@ -100,6 +100,55 @@ def _pattern_value(patterns: dict, hf_name: str, default):
     return default
 
 
+# Every PEFT writes all of its LoraConfig's fields; these are the ones PEFT 0.13 wrote (0.6 wrote
+# a subset), and PEFT 0.14 added three. A config with only these and the pattern fields was
+# written by a PEFT whose rank_pattern / alpha_pattern lookup differs from 0.15+'s.
+_FIELDS_0_13 = frozenset("""
+    alpha_pattern auto_mapping base_model_name_or_path bias fan_in_fan_out inference_mode
+    init_lora_weights layer_replication layers_pattern layers_to_transform loftq_config lora_alpha
+    lora_dropout megatron_config megatron_core modules_to_save peft_type r rank_pattern revision
+    target_modules task_type use_dora use_rslora
+""".split())
+_FIELDS_0_14 = _FIELDS_0_13 | {"lora_bias", "eva_config", "exclude_modules"}
+# fields only PEFT's own save writes (asdict), never a hand-written config's essentials
+_PEFT_WRITTEN = ("auto_mapping", "revision", "inference_mode", "rank_pattern", "alpha_pattern")
+
+
+def old_writer(config: dict) -> str | None:
+    """"0.13" for a config PEFT 0.13 or older wrote, "0.14" for PEFT 0.14's, else None (a newer
+    PEFT's, Ember's or a hand-written one), told by its fields."""
+    keys = set(config)
+    if not all(k in keys for k in _PEFT_WRITTEN) or not keys <= _FIELDS_0_14:
+        return None
+    return "0.13" if keys <= _FIELDS_0_13 else "0.14"
+
+
+def rank_alpha(config: dict, hf_name: str) -> tuple[int, float]:
+    r"""A module's (r, lora_alpha) from ``r`` / ``lora_alpha`` and ``rank_pattern`` /
+    ``alpha_pattern``, as the PEFT that wrote the config read them. PEFT 0.15+ (get_pattern_key)
+    looks each pattern up on its own, a key matching as ``(.*\.)?(key)$``. PEFT 0.14 matched a key
+    as ``.*\.key$``, else took the module's own name as the key (a regex from the model's root
+    matches nothing). PEFT 0.6-0.13 also took one
+    key for both: the first key of rank_pattern then alpha_pattern that matches, so a module
+    matching a rank_pattern key took its alpha from alpha_pattern under that same key (else
+    lora_alpha), whatever other alpha_pattern key it matched. PEFT 0.21 reads the old files by
+    its own rule, a different scale than the adapter was trained with; the writer's rule is
+    what the adapter computes."""
+    r0, a0 = config["r"], config["lora_alpha"]
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    writer = old_writer(config)
+    if writer is None:
+        return _pattern_value(ranks, hf_name, r0), _pattern_value(alphas, hf_name, a0)
+
+    def old_key(patterns) -> str:
+        return next((k for k in patterns if re.match(rf".*\.{k}$", hf_name)), hf_name)
+
+    if writer == "0.14":
+        return ranks.get(old_key(ranks), r0), alphas.get(old_key(alphas), a0)
+    key = old_key([*ranks, *alphas])
+    return ranks.get(key, r0), alphas.get(key, a0)
+
+
 def _write_adapter(out_dir, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
     """A PEFT adapter folder: adapter_model.safetensors + adapter_config.json, each atomic."""
     from safetensors.torch import save_file
@@ -208,7 +257,8 @@ def check_field_types(config: dict, where: Path) -> None:
         if any(_regex_error(p) for p in listed):
             raise bad("layers_pattern", "is not a valid regular expression "
                                         f"({next(filter(None, map(_regex_error, listed)))})")
-        if config.get("layers_to_transform") is None:
+        # PEFT 0.13 and older saved such configs and adapted every layer (0.14+ refuses them)
+        if config.get("layers_to_transform") is None and old_writer(config) != "0.13":
             raise bad("layers_pattern", "is set without layers_to_transform (the layer indices "
                                         "it locates)")
     for key in ("layers_to_transform", "layers_pattern"):
