@@ -156,6 +156,10 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         out["mlp_bias"] = cfg.mlp_bias
     if mt in ("mistral", "ministral", "phi3"):
         out["sliding_window"] = cfg.sliding_window
+    if mt == "ministral" and cfg.sliding_window is None:
+        # transformers' Ministral builds its sliding mask even when no layer slides, and fails
+        # without a window: one as long as the context, used by no layer (read back as none)
+        out["sliding_window"] = cfg.max_position_embeddings
     if mt == "ministral" or (mt == "mistral" and cfg.layer_types is not None):
         # a mistral config.json with layer_types is what transformers' AutoConfig loads as
         # ministral, the class that reads it
