@@ -105,7 +105,10 @@ def draw(fam: str, r: random.Random) -> dict:
         tie_word_embeddings=r.random() < 0.5,
         rms_norm_eps=r.choice([1e-6, 1e-5, 0.1]),
     )
-    if fam != "phi" and (r.random() < 0.6 or fam in ("qwen3", "gemma", "gemma2", "gemma3_text")):
+    if fam != "phi" and (
+        r.random() < 0.6
+        or fam in ("qwen3", "gemma", "gemma2", "gemma3_text", "ministral", "mixtral")
+    ):
         kw["head_dim"] = r.choice([8, 16, 24, 40, 80, 96, 120, hidden // heads])
     hd = kw.get("head_dim", hidden // heads)
     V = kw["vocab_size"]
@@ -127,7 +130,12 @@ def draw(fam: str, r: random.Random) -> dict:
         if even:
             kw["partial_rotary_factor"] = r.choice(even)
     kw["rope_parameters"] = _rope(r, fam, kw, hd)
-    if fam not in ("phi3", "phi") and r.random() < 0.15 and "default" in str(kw["rope_parameters"]):
+    rp = kw["rope_parameters"]
+    if (
+        fam not in ("phi3", "phi")
+        and r.random() < 0.15
+        and (rp.get("full_attention", rp)["rope_type"] == "default")
+    ):
         # ignored by the other families' default RoPE (their scaled ones fail in transformers)
         kw["partial_rotary_factor"] = 0.5
     kinds = [r.choice(_LAYER_KINDS) for _ in range(layers)]
@@ -340,6 +348,8 @@ def _effective(c: dict, fam: str, windowed: bool) -> dict:
             c.pop(k, None)
     if fam not in ("phi3", "phi"):
         c.pop("partial_rotary_factor", None)  # ignored there (or refused with scaled RoPE)
+    if c.get("partial_rotary_factor") == 1.0:
+        c.pop("partial_rotary_factor")  # the default
     for k in ("head_dim", "router_jitter_noise", "partial_rotary_factor"):
         if c.get(k) is None:
             c.pop(k, None)
