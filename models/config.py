@@ -281,6 +281,20 @@ class ModelConfig:
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def padding_idx(self) -> int | None:
+        """The embedding row transformers builds ``nn.Embedding`` with as ``padding_idx`` (its
+        lookups add nothing to the row's gradient): ``pad_token_id``, or a config.json's negative
+        one (early Llama conversions: -1; kept in ``extra``, since it names no token), which
+        PyTorch counts from the end (-1: the last row). None when the id is out of range."""
+        pad = self.pad_token_id
+        if pad is None:
+            pad = self.extra.get("pad_token_id")
+            if isinstance(pad, int) and not isinstance(pad, bool) and -self.vocab_size <= pad < 0:
+                return pad + self.vocab_size
+            return None
+        return pad if 0 <= pad < self.vocab_size else None
+
     def num_params(self) -> int:
         """Parameter count (embeddings included once when tied; a classifier's score head)."""
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size

@@ -130,7 +130,7 @@ def add_classification_head(
     model.lm_head = None  # not used by the classifier (HF's classifier has none either)
     embed = getattr(model.embed, "base", model.embed)  # under a LoRA / prompt-tuning wrapper
     if isinstance(embed, nn.Embedding):  # the pad row's lookups add no gradient (transformers)
-        embed.padding_idx = pad if pad is not None and 0 <= pad < cfg.vocab_size else None
+        embed.padding_idx = model.cfg.padding_idx
     if getattr(model, "head_bias", None) is not None:
         model.head_bias = None  # the LM head's bias (Phi) goes with it
     return model

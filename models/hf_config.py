@@ -460,6 +460,8 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
     else:
         attn_bias = out_bias = False
     extra = {k: raw[k] for k in ("initializer_range",) if k in raw}
+    if _pad_token_id(raw) is None and isinstance(raw.get("pad_token_id"), int):
+        extra["pad_token_id"] = raw["pad_token_id"]  # negative: ModelConfig.padding_idx
     window, layer_types = _parse_window(raw, model_type, num_layers)
     fields = dict(rope_theta=theta, rope_scaling=scaling, sliding_window=window)
     if layer_types is not None:  # Qwen2/3 with the window on some layers only
@@ -510,7 +512,8 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
 
 def _pad_token_id(raw: Mapping) -> int | None:
     """pad_token_id; a negative one (early Llama conversions: -1) is no pad token: no token id is
-    negative, and transformers' embedding only keeps that row's gradient at zero."""
+    negative. transformers' embedding still takes it as padding_idx, which PyTorch counts from
+    the end: ``config_from_hf`` keeps it in ``extra`` for ``ModelConfig.padding_idx`` and export."""
     pad = raw.get("pad_token_id")
     if isinstance(pad, int) and not isinstance(pad, bool) and pad < 0:
         return None

@@ -22,7 +22,7 @@ from ember.models.hf_config import (
 )
 from ember.models.hf_gemma import gemma_to_hf
 from ember.models.hf_moe import MOE_FAMILIES, moe_check_exportable, moe_to_hf
-from ember.models.hf_phi import phi_fields_of, phi_to_hf, shape_to_hf
+from ember.models.hf_phi import pad_token_id_to_hf, phi_fields_of, phi_to_hf, shape_to_hf
 from ember.models.hf_rope import LONGROPE_FAMILIES, legacy_rope_scaling, rope_to_hf
 
 # Families transformers has no *ForSequenceClassification for: a classifier of one has no
@@ -138,7 +138,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id,
+        "pad_token_id": pad_token_id_to_hf(cfg),
         # 5.x reads rope_parameters and dtype; 4.x reads rope_theta, rope_scaling and torch_dtype.
         "rope_parameters": rope,
         "rope_theta": cfg.rope_theta,
@@ -156,6 +156,10 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         out["mlp_bias"] = cfg.mlp_bias
     if mt in ("mistral", "ministral", "phi3"):
         out["sliding_window"] = cfg.sliding_window
+    if mt == "ministral" and cfg.sliding_window is None:
+        # transformers' Ministral builds its sliding mask even when no layer slides, and fails
+        # without a window: one as long as the context, used by no layer (read back as none)
+        out["sliding_window"] = cfg.max_position_embeddings
     if mt == "ministral" or (mt == "mistral" and cfg.layer_types is not None):
         # a mistral config.json with layer_types is what transformers' AutoConfig loads as
         # ministral, the class that reads it

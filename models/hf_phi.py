@@ -171,6 +171,12 @@ def shape_to_hf(cfg: ModelConfig) -> dict:
             "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads}
 
 
+def pad_token_id_to_hf(cfg: ModelConfig) -> int | None:
+    """config.json's ``pad_token_id``: the model's, else the negative one it was read with
+    (``ModelConfig.padding_idx``), so that transformers keeps the same embedding row untrained."""
+    return cfg.pad_token_id if cfg.pad_token_id is not None else cfg.extra.get("pad_token_id")
+
+
 def phi_to_hf(cfg: ModelConfig, dtype: str) -> dict:
     """config.json of a phi ModelConfig (transformers 5 names, plus 4.x's rope_theta /
     partial_rotary_factor), or an EmberError naming what PhiForCausalLM cannot express."""
@@ -207,7 +213,7 @@ def phi_to_hf(cfg: ModelConfig, dtype: str) -> dict:
         "rope_scaling": legacy_rope_scaling(cfg),
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id,
+        "pad_token_id": pad_token_id_to_hf(cfg),
         "dtype": dtype,
         "torch_dtype": dtype,
         "use_cache": True,

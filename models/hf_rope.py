@@ -47,8 +47,8 @@ _ROPE_KEYS = {
 }
 # transformers computes LongRoPE in the shared rotary embedding of these families (Gemma 3: on its
 # full-attention layers); MoE families count as their dense sibling (hf_moe)
-LONGROPE_FAMILIES = ("phi3", "phi", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
-                     "gemma3_text", "olmo2", "granite", "smollm3")
+LONGROPE_FAMILIES = ("phi3", "phi", "llama", "mistral", "ministral", "qwen2", "qwen3", "gemma",
+                     "gemma2", "gemma3_text", "olmo2", "granite", "smollm3")
 PHI3_ROPE_TYPES = ("default", "longrope")  # transformers' Phi3Config.validate_rope
 PHI3_ORIGINAL_MAX = 4096  # Phi3Config's class default for original_max_position_embeddings
 

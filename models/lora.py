@@ -442,7 +442,7 @@ def _apply_lora(model: nn.Module, cfg: LoRAConfig, names: list[str],
     the base module and the base's state before) first."""
     for p in model.parameters():
         p.requires_grad_(False)
-    pad = getattr(getattr(model, "cfg", None), "pad_token_id", None)  # transformers' padding_idx
+    pad = getattr(getattr(model, "cfg", None), "padding_idx", None)  # transformers' padding_idx
 
     def wrap(name: str, dense: torch.Tensor | None = None) -> None:
         base = model.get_submodule(name)

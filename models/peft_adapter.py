@@ -467,7 +467,7 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
             mod.alpha, mod.scale = alpha, lora_scale(r, alpha, rslora)
         elif name == "embed":
             mod = LoRAEmbedding(mod, r, alpha, dropout=dropout, use_rslora=rslora,
-                                padding_idx=getattr(cfg, "pad_token_id", None), use_dora=use_dora)
+                                padding_idx=getattr(cfg, "padding_idx", None), use_dora=use_dora)
             _set_module(model, name, mod)
         else:
             mod = LoRALinear(mod, r, alpha, dropout=dropout, use_rslora=rslora,

@@ -361,9 +361,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         # transformers builds every family's embedding with padding_idx=pad_token_id: looking up
         # the pad token adds nothing to that row's gradient (a tied head still does)
-        pad = cfg.pad_token_id
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=pad if (
-            pad is not None and 0 <= pad < cfg.vocab_size) else None)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.padding_idx)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg, cfg.hidden_size)
         # A classifier (cfg.labels) has no LM head, as in HF's *ForSequenceClassification: its

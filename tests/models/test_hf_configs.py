@@ -177,6 +177,20 @@ def test_ministral_windows_per_layer_load_and_export(tmp_path, model_type):
         assert (uniform(_ids(20)) - model(_ids(20))).abs().max().item() > 1e-2
 
 
+def test_ministral_without_sliding_layers_exports_a_config_transformers_runs(tmp_path):
+    """A ministral config.json whose layer_types slide nowhere: transformers' Ministral builds its
+    sliding mask whatever the layers say, so it needs a sliding_window; Ember's export wrote
+    null (there is no window to keep) and transformers' forward on it raised "Could not find a
+    `sliding_window` argument in the config"."""
+    folder = _save(tmp_path, "ministral", "MinistralConfig", head_dim=12, sliding_window=5,
+                   layer_types=["full_attention", "full_attention"])
+    model, _ = load_pretrained(folder)
+    assert model.cfg.sliding_window is None and model.cfg.layer_types is None
+    _assert_parity_and_export(model, folder, _ids(), tmp_path)
+    out = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert out["model_type"] == "ministral" and out["layer_types"] == ["full_attention"] * 2
+
+
 def test_mixtral_layer_types_stays_refused(tmp_path):
     """Mistral's layer_types is not Mixtral's: transformers' Mixtral has no per-layer windows."""
     folder = _save(tmp_path, "mixtral", "MixtralConfig", num_local_experts=4,

@@ -3,6 +3,7 @@ fp32, on tiny random checkpoints (the logits alone do not see what only a backwa
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.models.hf import to_hf_state_dict
-from ember.models.loading import load_pretrained
+from ember.models.loading import load_pretrained, save_pretrained
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
@@ -86,3 +87,25 @@ def test_a_lora_on_the_embedding_leaves_the_pad_row_as_peft_does(tmp_path, one_t
     for name in ("lora_embedding_A", "lora_embedding_B"):
         ours = getattr(model.embed, name).grad
         assert (ours - theirs[name]).abs().max().item() <= 1e-5, name
+
+
+@pytest.mark.parametrize("cls", ["LlamaConfig", "PhiConfig"])
+def test_a_negative_pad_id_leaves_the_row_pytorch_counts_from_the_end(tmp_path, cls, one_thread):
+    """pad_token_id -1 (the first Llama conversions): transformers builds the embedding with
+    padding_idx=-1, which nn.Embedding reads as the last row (V - 1), so that token's lookups add
+    nothing to its row's gradient. Ember read -1 as no pad token and trained the row (its grad
+    differed by 0.19 from transformers' zero); its export wrote pad_token_id null, training it."""
+    folder = _save(tmp_path, cls, cls)
+    path = folder / "config.json"
+    raw = {**json.loads(path.read_text()), "pad_token_id": -1}
+    if cls == "PhiConfig":  # Phi's is layer_norm_eps
+        del raw["rms_norm_eps"]
+    path.write_text(json.dumps(raw))
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    ids[:, 4] = VOCAB - 1
+    diffs = _max_grad_diffs(folder, ids)
+    assert max(diffs.values()) <= 1e-5, {k: v for k, v in diffs.items() if v > 1e-5}
+    model, _ = load_pretrained(folder)
+    assert model.cfg.pad_token_id is None  # no pad token for classifiers and generation
+    save_pretrained(model, tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["pad_token_id"] == -1

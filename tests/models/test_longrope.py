@@ -149,8 +149,9 @@ def test_phi3_reads_the_top_level_original_context(tmp_path):
 
 
 def test_llama_family_longrope_matches_transformers(tmp_path):
-    """transformers computes LongRoPE for Llama/Qwen/Mistral too (full rotary only)."""
-    for cls in ("LlamaConfig", "Qwen2Config", "Qwen3Config", "MistralConfig"):
+    """transformers computes LongRoPE for Llama/Qwen/Mistral/Ministral too (full rotary only;
+    Ministral's was refused although its rotary embedding is Mistral's)."""
+    for cls in ("LlamaConfig", "Qwen2Config", "Qwen3Config", "MistralConfig", "MinistralConfig"):
         kw = dict(pad_token_id=None, eos_token_id=2, head_dim=HEAD_DIM)
         hf, folder = _make(tmp_path, cls, 1.0, True, cls=cls, **kw)
         model, _ = load_pretrained(folder)

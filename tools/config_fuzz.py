@@ -1,0 +1,449 @@
+"""Config fuzz against transformers: random valid tiny configs of every family Ember loads, each
+saved by transformers and checked against its eager fp32 model (the oracle).
+
+Per case (a family and a seed; the same pair always draws the same config and weights):
+logits at T = 1, 7, 13 (past the sliding windows of 5), KV-cache decode against transformers'
+incremental forward, the next-token loss and every weight's gradient, a left- and right-padded
+batch (attention_mask, positions counted from each row's first real token), Ember's export
+reloaded by transformers (same logits) and its config read back (the fields the original
+set, as effective values). About 40% of the folders are rewritten in the transformers 4.x
+config.json style (``rope_theta`` / ``rope_scaling`` with either key, ``torch_dtype``).
+
+One line per case: ``OK``, ``FAIL`` (with the mismatches), ``REFUSED`` (an EmberError: check
+that the message is right and transformers' checkpoints of the family do not set the field) or
+``HF_REJECTS`` (transformers itself cannot build or run the config: not a finding). Exit status 1
+if any case failed.
+
+    python tools/config_fuzz.py --families llama,gemma3_text --seeds 0:20
+    EMBER_KERNELS=triton TRITON_INTERPRET=1 python tools/config_fuzz.py --families qwen3 --seeds 3:4
+
+transformers' dynamic RoPE keeps state between calls (it rescales once a longer input was seen);
+each compared forward starts from a fresh table, as a single call of a new model does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from ember import EmberError
+from ember.models.hf import from_hf_state_dict
+from ember.models.loading import load_pretrained, save_pretrained
+from ember.models.transformer import KVCache
+
+CLASSES = dict(
+    llama="LlamaConfig", mistral="MistralConfig", ministral="MinistralConfig",
+    qwen2="Qwen2Config", qwen3="Qwen3Config", phi3="Phi3Config", gemma="GemmaConfig",
+    gemma2="Gemma2Config", gemma3_text="Gemma3TextConfig", phi="PhiConfig",
+    smollm3="SmolLM3Config", granite="GraniteConfig", olmo2="Olmo2Config",
+    mixtral="MixtralConfig", qwen2_moe="Qwen2MoeConfig", qwen3_moe="Qwen3MoeConfig",
+)  # fmt: skip
+WINDOW = 5
+ATOL = 1e-4
+_LAYER_KINDS = ("sliding_attention", "full_attention")
+
+
+def _rope(r: random.Random, fam: str, kw: dict, head_dim: int) -> dict:
+    kind = r.choice(["default", "default", "linear", "dynamic", "llama3", "yarn", "longrope"])
+    rp = {"rope_type": kind, "rope_theta": r.choice([10000.0, 500000.0, 1e6, 123.0])}
+    if kind in ("linear", "dynamic"):
+        rp["factor"] = r.choice([2.0, 4.0])
+    elif kind == "llama3":
+        rp.update(
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=r.choice([4, 8, 16]),
+        )
+    elif kind == "yarn":
+        rp["factor"] = r.choice([2.0, 4.0])
+        if r.random() < 0.5:
+            rp["original_max_position_embeddings"] = r.choice([4, 8])
+        if r.random() < 0.5:
+            rp.update(beta_fast=16.0, beta_slow=2.0)
+        if r.random() < 0.3:
+            rp["attention_factor"] = 1.3
+    elif kind == "longrope":
+        n = int(head_dim * kw.get("partial_rotary_factor", 1.0)) // 2
+        rp.update(
+            short_factor=[1.0 + 0.1 * i for i in range(n)],
+            long_factor=[1.5 + 0.2 * i for i in range(n)],
+            original_max_position_embeddings=r.choice([4, 8]),
+        )
+        kw["max_position_embeddings"] = r.choice([16, 64])
+    if fam == "gemma3_text":
+        return {
+            "full_attention": rp,
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        }
+    return rp
+
+
+def draw(fam: str, r: random.Random) -> dict:
+    """Keyword arguments of a random transformers config of family ``fam``."""
+    hidden = r.choice([32, 40, 48, 56, 64])
+    heads = r.choice([h for h in (2, 4, 8) if hidden % h == 0 and hidden // h % 2 == 0])
+    layers = r.choice([2, 3, 4])
+    kw = dict(
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=r.choice([1, heads, max(1, heads // 2)]),
+        num_hidden_layers=layers,
+        vocab_size=r.choice([97, 128, 257, 1001, 49153]),
+        intermediate_size=r.choice([37, 64, 100]),
+        max_position_embeddings=r.choice([8, 10, 64, 4096]),
+        tie_word_embeddings=r.random() < 0.5,
+        rms_norm_eps=r.choice([1e-6, 1e-5, 0.1]),
+    )
+    if fam != "phi" and (
+        r.random() < 0.6
+        or fam in ("qwen3", "gemma", "gemma2", "gemma3_text", "ministral", "mixtral")
+    ):
+        kw["head_dim"] = r.choice([8, 16, 24, 40, 80, 96, 120, hidden // heads])
+    hd = kw.get("head_dim", hidden // heads)
+    V = kw["vocab_size"]
+    c = r.random()
+    if c < 0.2:
+        kw.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    elif c < 0.4:
+        kw.update(bos_token_id=1, eos_token_id=[2, 3], pad_token_id=V - 1)
+    elif c < 0.5:
+        kw.update(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    elif c < 0.6:
+        kw.update(bos_token_id=V + 3, eos_token_id=V + 7)  # out of the vocabulary
+    elif c < 0.65:
+        kw.update(pad_token_id=-1)
+    if fam in ("smollm3", "phi3") and "pad_token_id" not in kw:  # class defaults past V
+        kw["pad_token_id"] = r.choice([None, V - 2])
+    if fam in ("phi3", "phi") and r.random() < 0.5:
+        even = [p for p in (0.25, 0.4, 0.5, 0.75) if int(hd * p) % 2 == 0 and int(hd * p) >= 2]
+        if even:
+            kw["partial_rotary_factor"] = r.choice(even)
+    kw["rope_parameters"] = _rope(r, fam, kw, hd)
+    rp = kw["rope_parameters"]
+    if (
+        fam not in ("phi3", "phi")
+        and r.random() < 0.15
+        and (rp.get("full_attention", rp)["rope_type"] == "default")
+    ):
+        # ignored by the other families' default RoPE (their scaled ones fail in transformers)
+        kw["partial_rotary_factor"] = 0.5
+    kinds = [r.choice(_LAYER_KINDS) for _ in range(layers)]
+    if fam in (
+        "llama",
+        "granite",
+        "smollm3",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "olmo2",
+        "qwen3_moe",
+    ):
+        kw["attention_bias"] = r.random() < 0.5
+    if fam in ("llama", "granite", "smollm3"):
+        kw["mlp_bias"] = r.random() < 0.5
+    if fam in ("mistral", "phi3", "mixtral") and r.random() < 0.7:
+        kw["sliding_window"] = WINDOW
+    if fam == "ministral":
+        kw.update(sliding_window=WINDOW, layer_types=kinds)
+    if fam in ("qwen2", "qwen3") and r.random() < 0.6:
+        kw.update(
+            use_sliding_window=True, sliding_window=WINDOW, max_window_layers=r.choice([0, 1, 2])
+        )
+        if r.random() < 0.4:
+            kw["layer_types"] = kinds
+    if fam in ("gemma2", "gemma3_text"):
+        kw.update(
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=r.choice([hd, 24, 100]),
+            final_logit_softcapping=r.choice([None, 3.0, 30.0]),
+        )
+        if r.random() < 0.5:
+            kw["layer_types"] = kinds
+        if fam == "gemma2":
+            kw["attn_logit_softcapping"] = r.choice([None, 2.0, 50.0])
+    if fam == "smollm3":
+        kw["no_rope_layers"] = [r.choice([0, 1]) for _ in range(layers)]
+        if r.random() < 0.5:
+            kw.update(use_sliding_window=True, sliding_window=WINDOW)
+    if fam == "granite":
+        kw.update(
+            embedding_multiplier=r.choice([1.0, 12.0]),
+            residual_multiplier=r.choice([1.0, 0.22]),
+            attention_multiplier=r.choice([1.0, 0.0078125, 0.3]),
+            logits_scaling=r.choice([1.0, 8.0]),
+        )
+    if fam == "phi":
+        kw.update(
+            qk_layernorm=r.random() < 0.5,
+            hidden_act="gelu_new",
+            layer_norm_eps=kw.pop("rms_norm_eps"),
+        )
+    if fam == "mixtral":
+        kw.update(num_local_experts=r.choice([2, 3, 4]), num_experts_per_tok=r.choice([1, 2]))
+    if fam in ("qwen2_moe", "qwen3_moe"):
+        kw.update(
+            num_experts=r.choice([2, 3, 5]),
+            num_experts_per_tok=r.choice([1, 2]),
+            moe_intermediate_size=r.choice([24, 33]),
+            norm_topk_prob=r.random() < 0.5,
+            decoder_sparse_step=r.choice([1, 2]),
+            mlp_only_layers=r.choice([[], [0], [1], [0, 2]]),
+        )
+        if fam == "qwen2_moe":
+            kw["shared_expert_intermediate_size"] = r.choice([0, 20, 48])
+    if r.random() < 0.2 and not fam.startswith("gemma") and fam != "phi":
+        kw["hidden_act"] = r.choice(["gelu_pytorch_tanh", "swish", "gelu_new"])
+    if r.random() < 0.2:
+        kw["attention_dropout"] = 0.1  # eval forwards: no effect
+    if r.random() < 0.2:
+        kw["dtype"] = r.choice(["bfloat16", "float16", "float32"])
+    return kw
+
+
+def _randomize_(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.2 * noise if "norm" in n else 0.1 * noise)
+
+
+def _to_4x_style_(path: Path, r: random.Random) -> None:
+    """config.json as transformers 4.x wrote it."""
+    raw = json.loads(path.read_text())
+    rp = raw.pop("rope_parameters", None)
+    if isinstance(rp, dict) and "full_attention" in rp:  # Gemma 3
+        raw["rope_local_base_freq"] = rp["sliding_attention"]["rope_theta"]
+        rp = rp["full_attention"]
+    if isinstance(rp, dict):
+        rp = dict(rp)
+        raw["rope_theta"] = rp.pop("rope_theta")
+        if "partial_rotary_factor" in rp:
+            raw["partial_rotary_factor"] = rp.pop("partial_rotary_factor")
+        if rp.get("rope_type") != "default":
+            if r.random() < 0.5:
+                rp["type"] = rp.pop("rope_type")
+            raw["rope_scaling"] = rp
+    if "dtype" in raw:
+        raw["torch_dtype"] = raw.pop("dtype")
+    raw["transformers_version"] = "4.46.0"
+    path.write_text(json.dumps(raw, indent=2))
+
+
+def _fresh(hf: torch.nn.Module) -> torch.nn.Module:
+    """Reset transformers' dynamic-RoPE state (see the module docstring)."""
+    for m in hf.modules():
+        if hasattr(m, "original_inv_freq") and hasattr(m, "max_seq_len_cached"):
+            m.register_buffer("inv_freq", m.original_inv_freq.clone(), persistent=False)
+            m.max_seq_len_cached = m.original_max_seq_len
+        for kind in _LAYER_KINDS:  # Gemma 3: a table per layer kind
+            if hasattr(m, f"{kind}_original_inv_freq"):
+                orig = getattr(m, f"{kind}_original_inv_freq")
+                m.register_buffer(f"{kind}_inv_freq", orig.clone(), persistent=False)
+                setattr(m, f"{kind}_max_seq_len_cached", m.original_max_seq_len)
+    return hf
+
+
+def _hf_load(folder: Path) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32
+    ).eval()
+
+
+def _loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)
+    )
+
+
+def _compare(model, hf, V: int, g: torch.Generator, probs: list[str]) -> None:
+    for T in (1, 7, 13):
+        ids = torch.randint(0, V, (2, T), generator=g)
+        with torch.no_grad():
+            d = (model(ids) - _fresh(hf)(ids).logits).abs().max().item()
+        if not d <= ATOL:
+            probs.append(f"logits T={T}: {d:.3g}")
+    ids = torch.randint(0, V, (2, 13), generator=g)
+    cache = KVCache(model.cfg, 2, 16, "cpu", torch.float32)
+    with torch.no_grad():
+        ours = [model(ids[:, :4], cache=cache)]
+        out = _fresh(hf)(ids[:, :4], use_cache=True)
+        theirs, pkv = [out.logits], out.past_key_values
+        for t in range(4, 13):
+            ours.append(model(ids[:, t : t + 1], cache=cache))
+            out = hf(ids[:, t : t + 1], past_key_values=pkv, use_cache=True)
+            theirs.append(out.logits)
+            pkv = out.past_key_values
+    d = (torch.cat(ours, 1) - torch.cat(theirs, 1)).abs().max().item()
+    if not d <= ATOL:
+        probs.append(f"KV-cache decode: {d:.3g}")
+    ids = torch.randint(0, V, (2, 11), generator=g)
+    hf.zero_grad()
+    model.zero_grad()
+    lh, le = _loss(_fresh(hf)(ids).logits, ids), _loss(model(ids), ids)
+    lh.backward()
+    le.backward()
+    if abs(lh.item() - le.item()) > ATOL:
+        probs.append(f"loss {le.item():.6g} vs {lh.item():.6g}")
+    grads = {
+        n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in hf.named_parameters()
+    }
+    if model.cfg.tie_word_embeddings:
+        grads.pop("lm_head.weight", None)
+    theirs = from_hf_state_dict(grads, model.cfg)
+    for n, p in model.named_parameters():
+        ours = p.grad if p.grad is not None else torch.zeros_like(p)
+        scale = max(1.0, theirs[n].abs().max().item())
+        d = (ours - theirs[n]).abs().max().item()
+        if not d <= ATOL * scale:
+            probs.append(f"grad {n}: {d:.3g} (max |grad| {scale:.3g})")
+    ids = torch.randint(0, V, (2, 12), generator=g)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    mask[1, -2:] = 0  # right padding
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = model(ids, position_ids=pos, key_mask=mask.bool())
+        theirs = _fresh(hf)(ids, attention_mask=mask, position_ids=pos).logits
+    d = (ours - theirs)[mask.bool()].abs().max().item()
+    if not d <= ATOL:
+        probs.append(f"padded batch: {d:.3g}")
+
+
+_ALIASES = {"swish": "silu", "gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
+
+
+def _effective(c: dict, fam: str, windowed: bool) -> dict:
+    """A config dict without the differences that change nothing (aliases, ignored fields)."""
+    c = {
+        k: v
+        for k, v in c.items()
+        if k
+        not in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype")
+    }
+    if c.get("hidden_act") in _ALIASES:
+        c["hidden_act"] = _ALIASES[c["hidden_act"]]
+    rp = c.get("rope_parameters")
+    if isinstance(rp, dict):
+        rp = c["rope_parameters"] = dict(rp)
+        rp.pop("type", None)
+        if rp.get("rope_type") == "default" and fam != "phi3":
+            rp.pop("partial_rotary_factor", None)
+    if fam == "phi3" and (rp or {}).get("rope_type") != "longrope":
+        c.pop("original_max_position_embeddings", None)
+    if not windowed or not c.get("use_sliding_window", True):
+        for k in ("sliding_window", "use_sliding_window", "max_window_layers"):
+            c.pop(k, None)
+    if fam not in ("phi3", "phi"):
+        c.pop("partial_rotary_factor", None)  # ignored there (or refused with scaled RoPE)
+    if c.get("partial_rotary_factor") == 1.0:
+        c.pop("partial_rotary_factor")  # the default
+    for k in ("head_dim", "router_jitter_noise", "partial_rotary_factor"):
+        if c.get(k) is None:
+            c.pop(k, None)
+    if fam.startswith("gemma"):
+        c.pop("hidden_act", None)  # Gemma 2/3 compute hidden_activation
+    if c.get("layer_types") is not None:
+        c.pop("max_window_layers", None)  # transformers ignores it when layer_types is given
+    return c
+
+
+def _covers(a, b) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return all(_covers(v, b.get(k)) for k, v in a.items())
+    return a == b
+
+
+def run_case(fam: str, seed: int, tmp: Path) -> tuple[str, dict, list[str]]:
+    r = random.Random(f"{fam}-{seed}")
+    kw = draw(fam, r)
+    try:
+        config = getattr(transformers, CLASSES[fam])(**kw)
+        hf = transformers.AutoModelForCausalLM.from_config(
+            config, attn_implementation="eager", experts_implementation="eager"
+        ).float()
+    except Exception as e:  # noqa: BLE001 - any failure of transformers' own is reported
+        return "HF_REJECTS", kw, [repr(e)[:200]]
+    _randomize_(hf, seed)
+    if kw.get("dtype") in ("bfloat16", "float16") and r.random() < 0.5:
+        hf = hf.to(getattr(torch, kw["dtype"]))  # stored in the config's dtype
+    folder = tmp / f"{fam}-{seed}"
+    hf.save_pretrained(folder)
+    if r.random() < 0.4:
+        _to_4x_style_(folder / "config.json", r)
+    try:
+        hf = _hf_load(folder)
+        hf(torch.zeros(1, 13, dtype=torch.long))
+    except Exception as e:  # noqa: BLE001
+        return "HF_REJECTS", kw, [repr(e)[:200]]
+    try:
+        model, _ = load_pretrained(folder, dtype=torch.float32)
+    except EmberError as e:
+        return "REFUSED", kw, [str(e).split("config.json: ")[-1][:300]]
+    probs: list[str] = []
+    try:
+        _compare(model, hf, kw["vocab_size"], torch.Generator().manual_seed(seed), probs)
+        export = tmp / f"{fam}-{seed}-export"
+        save_pretrained(model, export)
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, kw["vocab_size"], (2, 13), generator=g)
+        with torch.no_grad():
+            d = (_fresh(_hf_load(export))(ids).logits - _fresh(hf)(ids).logits).abs().max()
+        if not d.item() <= ATOL:
+            probs.append(f"export's logits in transformers: {d.item():.3g}")
+        windowed = model.cfg.sliding_window is not None
+        c1, c2 = (
+            _effective(transformers.AutoConfig.from_pretrained(f).to_dict(), fam, windowed)
+            for f in (folder, export)
+        )
+        diff = {k: (c1.get(k), c2.get(k)) for k in c1 if not _covers(c1[k], c2.get(k))}
+        if diff:
+            probs.append(f"config read back differs: {diff}")
+    except Exception:  # noqa: BLE001 - a traceback is a finding
+        probs.append("CRASH " + traceback.format_exc()[-1500:])
+    return ("FAIL" if probs else "OK"), kw, probs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--families", default=",".join(CLASSES), help="comma-separated model_types (default: all)"
+    )
+    ap.add_argument("--seeds", default="0:5", help="a range start:stop (default 0:5)")
+    args = ap.parse_args(argv)
+    fams = args.families.split(",")
+    unknown = [f for f in fams if f not in CLASSES]
+    if unknown:
+        ap.error(f"unknown families {unknown}; choose from {', '.join(CLASSES)}")
+    start, stop = (int(x) for x in args.seeds.split(":"))
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    failed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for fam in fams:
+            for seed in range(start, stop):
+                status, kw, notes = run_case(fam, seed, Path(tmp))
+                failed += status == "FAIL"
+                print(f"{fam} {seed} {status} {json.dumps(kw)}")
+                for note in notes:
+                    print(f"    {note}")
+                sys.stdout.flush()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
