@@ -98,7 +98,7 @@ class Knobs:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def sampling(self) -> dict[str, Any]:
-        """The keywords of ``generate.sample_next``."""
+        """The keywords of ``sampling.sample_next``."""
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.metadata.get("sample_next")}
 

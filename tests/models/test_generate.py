@@ -8,7 +8,8 @@ import torch
 
 from ember import EmberError
 from ember.models.config import ModelConfig
-from ember.models.generate import generate, generate_ids, sample_next
+from ember.models.generate import generate, generate_ids
+from ember.models.sampling import sample_next
 from ember.models.tokenizer import tokenizer_from_gguf
 from ember.models.transformer import Transformer
 from tests.models.test_gguf import smollm2, smollm2_dir, tiny_tokenizer_md  # noqa: F401

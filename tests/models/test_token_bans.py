@@ -103,7 +103,7 @@ def test_warpers_equal_transformers(hf, kw, bf16):
     """typical_p, epsilon_cutoff and eta_cutoff (after temperature, top-k, top-p and min-p) as
     the warpers transformers' generate(do_sample=True) lists: the same surviving tokens and the
     same values, bf16-rounded logits (ties) included."""
-    from ember.models.generate import warp_logits
+    from ember.models.sampling import warp_logits
 
     torch.manual_seed(len(str(kw)) + bf16)
     logits = torch.randn(6, V) * 3
@@ -122,7 +122,7 @@ def test_warpers_equal_transformers(hf, kw, bf16):
 def test_renormalize_logits_as_transformers(hf):
     """renormalize_logits: transformers' LogitNormalization (log-softmax) last, then argmax or
     the draw from its softmax."""
-    from ember.models.generate import sample_next
+    from ember.models.sampling import sample_next
 
     logits = torch.randn(4, V).bfloat16().float()
     want = hf_processors(hf, 3, 4, [3], renormalize_logits=True)(torch.tensor([[1, 2, 3]]),
