@@ -1,5 +1,5 @@
-"""Autoregressive generation with a KV cache: greedy, temperature, top-k, top-p and min-p sampling,
-repetition penalty (transformers' logits processors, in transformers' order).
+"""Autoregressive generation with a KV cache: greedy, temperature, top-h, top-k, top-p and min-p
+sampling, repetition penalty (transformers' logits processors, in transformers' order).
 
 Batches are left-padded: every prompt ends at the same column, so each decode step appends one
 column for all rows. Padded keys are hidden with ``key_mask`` and positions count real tokens only
@@ -144,7 +144,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     ids' logits grow by ``factor ** (new tokens - start)`` of their size) as transformers'
     SequenceBias, ForcedBOSToken and ExponentialDecayLengthPenalty (``ember.models
     .token_bans``); ``typical_p``, ``epsilon_cutoff`` and ``eta_cutoff`` (sampling) as its
-    Typical, Epsilon and Eta warpers after ``min_p``, and ``renormalize_logits`` (a log-softmax
+    Typical, Epsilon and Eta warpers after ``min_p``, ``top_h`` (0: off) as its TopH right
+    after the temperature (``ember.models.sampling``), and ``renormalize_logits`` (a log-softmax
     last) as its LogitNormalization.
 
     ``drafts`` (greedy only): a guessed continuation per prompt, e.g. the reference answer when
@@ -173,7 +174,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     kn = Knobs.of(knobs)
     check_sampling(max_new_tokens, temperature, kn.top_p, kn.top_k, kn.min_p,
                    kn.repetition_penalty, kn.min_new_tokens, kn.no_repeat_ngram_size,
-                   kn.min_length, kn.typical_p, kn.epsilon_cutoff, kn.eta_cutoff)
+                   kn.min_length, kn.typical_p, kn.epsilon_cutoff, kn.eta_cutoff, kn.top_h)
     warp = kn.sampling()
     prompts = _as_id_lists("prompt", prompt_ids)
     if generators is not None and (generator is not None or seed is not None
@@ -459,7 +460,7 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     The other knobs (``min_length``, ``bad_words_ids``, ``suppress_tokens``,
     ``begin_suppress_tokens``, ``forced_eos_token_id``, ``forced_bos_token_id``,
     ``sequence_bias``, ``exponential_decay_length_penalty``, ``renormalize_logits``,
-    ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff``) left None are the
+    ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff``, ``top_h``) left None are the
     generation_config.json's too (``generate_ids`` says what each does).
     ``num_return_sequences`` (sampling only): that many answers per prompt, a prompt's
     together, as transformers returns them.

@@ -1,5 +1,5 @@
 """transformers' logits warpers and repetition penalty as ``generate_ids`` applies them:
-``warp_logits`` (temperature, top-k, top-p, min-p, typical, epsilon, eta, in
+``warp_logits`` (temperature, top-h, top-k, top-p, min-p, typical, epsilon, eta, in
 transformers' ``_get_logits_processor`` order, each computed as transformers computes it so
 ties at a cut keep the same tokens), ``penalize_repetition`` and ``sample_next`` (one token
 per row)."""
@@ -19,13 +19,27 @@ def warp_logits(
     typical_p: float = 1.0,
     epsilon_cutoff: float = 0.0,
     eta_cutoff: float = 0.0,
+    top_h: float = 0.0,
 ) -> torch.Tensor:
-    """Logits (B, V) divided by ``temperature`` (> 0), with the tokens outside the top-k, the
-    top-p nucleus, the min-p cut, the ``typical_p`` mass of locally typical tokens and the
-    epsilon / eta cuts set to -inf, in that order: transformers' Temperature, TopK, TopP, MinP,
-    Typical, Epsilon and Eta logits warpers, computed as they compute them (so ties at a cut
-    keep the same tokens)."""
+    """Logits (B, V) divided by ``temperature`` (> 0), with the tokens outside the top-h set,
+    the top-k, the top-p nucleus, the min-p cut, the ``typical_p`` mass of locally typical
+    tokens and the epsilon / eta cuts set to -inf, in that order: transformers' Temperature,
+    TopH, TopK, TopP, MinP, Typical, Epsilon and Eta logits warpers, computed as they compute
+    them (so ties at a cut keep the same tokens). ``top_h`` in (0, 1] (0: off, transformers'
+    None): of the 100 most likely tokens, the most likely ones whose entropy terms -p log p
+    (p renormalized over those 100) sum to <= ``top_h`` times those 100's entropy; the best
+    always stays."""
     logits = logits.float() / temperature
+    if top_h > 0:
+        # TopHLogitsWarper's own computation (its 100-token cap, torch's Categorical): a token
+        # of p = 0 in the 100 (-inf, or underflowed) makes the sum NaN, dropping it and the rest
+        top, idx = torch.topk(logits, min(100, logits.shape[-1]), dim=-1, sorted=True)
+        dist = torch.distributions.Categorical(logits=top)
+        probs = dist.probs
+        keep = torch.cumsum(-probs * torch.log(probs), dim=-1) <= (dist.entropy() * top_h)[:, None]
+        keep[:, 0] = True
+        kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, keep)
+        logits = logits.masked_fill(~kept, float("-inf"))
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -78,6 +92,7 @@ def sample_next(
     typical_p: float = 1.0,
     epsilon_cutoff: float = 0.0,
     eta_cutoff: float = 0.0,
+    top_h: float = 0.0,
     renormalize_logits: bool = False,
 ) -> torch.Tensor:
     """Next token per row from logits (B, V): argmax when temperature == 0, else a draw from
@@ -95,6 +110,7 @@ def sample_next(
         typical_p=typical_p,
         epsilon_cutoff=epsilon_cutoff,
         eta_cutoff=eta_cutoff,
+        top_h=top_h,
     )
     if renormalize_logits:
         logits = logits.log_softmax(dim=-1)
