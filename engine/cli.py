@@ -367,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-k", type=int, default=None,
                        help="0 = no top-k cut (default: the model's generation_config.json, "
                             "else 50, as transformers' generate())")
+        p.add_argument("--top-h", type=float, default=None,
+                       help="transformers' top_h, in (0, 1]: of the 100 most likely tokens, keep"
+                            " the most likely ones whose entropy stays within this share of "
+                            "theirs (0 = off; default: the model's generation_config.json, else "
+                            "off)")
         p.add_argument("--min-p", type=float, default=None,
                        help="drop tokens less likely than this times the best one (0 = off; "
                             "default: the model's generation_config.json, else 0)")

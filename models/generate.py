@@ -1,5 +1,5 @@
-"""Autoregressive generation with a KV cache: greedy, temperature, top-k, top-p and min-p sampling,
-repetition penalty (transformers' logits processors, in transformers' order).
+"""Autoregressive generation with a KV cache: greedy, temperature, top-h, top-k, top-p and min-p
+sampling, repetition penalty (transformers' logits processors, in transformers' order).
 
 Batches are left-padded: every prompt ends at the same column, so each decode step appends one
 column for all rows. Padded keys are hidden with ``key_mask`` and positions count real tokens only
@@ -48,6 +48,11 @@ from ember.models.generation_config import (  # noqa: F401  (generate's API, re-
     unsupported_options,
 )
 from ember.models.prompt_tuning import virtual_ids
+from ember.models.sampling import (  # noqa: F401  (generate's API, re-exported)
+    penalize_repetition,
+    sample_next,
+    warp_logits,
+)
 from ember.models.token_bans import TokenBans
 from ember.models.tokenizer import generation_ids
 from ember.models.transformer import KVCache, Transformer
@@ -85,75 +90,6 @@ def _is_index(t) -> bool:
     except TypeError:
         return False
     return True
-
-
-def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-                top_k: int = 0, min_p: float = 0.0, *, typical_p: float = 1.0,
-                epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0) -> torch.Tensor:
-    """Logits (B, V) divided by ``temperature`` (> 0), with the tokens outside the top-k, the
-    top-p nucleus, the min-p cut, the ``typical_p`` mass of locally typical tokens and the
-    epsilon / eta cuts set to -inf, in that order: transformers' Temperature, TopK, TopP, MinP,
-    Typical, Epsilon and Eta logits warpers, computed as they compute them (so ties at a cut
-    keep the same tokens)."""
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        # transformers' computation, so that ties at the cut keep the same tokens: from the
-        # least likely up, drop tokens while their mass is <= 1 - top_p; the best always stays
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
-        drop = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1) <= 1 - top_p
-        drop[:, -1] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    if min_p > 0:  # drop tokens less likely than min_p times the best one (which always stays)
-        probs = torch.softmax(logits, dim=-1)
-        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True),
-                                    float("-inf"))
-    if typical_p < 1.0:  # keep the tokens whose surprise is closest to the entropy
-        normalized = torch.nn.functional.log_softmax(logits, dim=-1)
-        ent = -(normalized * torch.exp(normalized)).nansum(-1, keepdim=True)
-        shifted, order = torch.sort(torch.abs((-normalized) - ent), descending=False)
-        mass = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
-        last = (mass < typical_p).sum(dim=1).clamp_(max=shifted.shape[-1] - 1)
-        drop = shifted > shifted.gather(1, last.view(-1, 1))
-        drop[..., :1] = False
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    for eta, cut in ((False, epsilon_cutoff), (True, eta_cutoff)):
-        if not 0 < cut < 1:
-            continue
-        probs = logits.softmax(dim=-1)
-        if eta:  # eta = min(epsilon, sqrt(epsilon) * exp(-entropy))
-            eps = torch.tensor(cut, device=logits.device)
-            entropy = torch.distributions.Categorical(logits=logits).entropy()
-            cut = torch.min(eps, torch.sqrt(eps) * torch.exp(-entropy))[..., None]
-        best = torch.topk(logits, 1)[0][..., -1, None]  # the best token always stays
-        logits = logits.masked_fill((probs < cut) & (logits < best), float("-inf"))
-    return logits
-
-
-def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float
-                        ) -> torch.Tensor:
-    """transformers' repetition penalty: the logits (B, V) of the tokens marked in ``seen``
-    (B, V) divided by ``penalty`` where positive, multiplied where negative."""
-    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                top_k: int = 0, generator: torch.Generator | None = None,
-                min_p: float = 0.0, *, typical_p: float = 1.0, epsilon_cutoff: float = 0.0,
-                eta_cutoff: float = 0.0, renormalize_logits: bool = False) -> torch.Tensor:
-    """Next token per row from logits (B, V): argmax when temperature == 0, else a draw from
-    softmax(logits / temperature) restricted by the warpers (``warp_logits``).
-    ``renormalize_logits``: log-softmax last, as transformers' LogitNormalization (it can only
-    move ties and last bits)."""
-    if temperature == 0:
-        return (logits.log_softmax(dim=-1) if renormalize_logits else logits).argmax(dim=-1)
-    logits = warp_logits(logits, temperature, top_p, top_k, min_p, typical_p=typical_p,
-                         epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff)
-    if renormalize_logits:
-        logits = logits.log_softmax(dim=-1)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
 
 def _check_ids(what: str, i: int, ids: list[int], vocab: int) -> None:
@@ -208,7 +144,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     ids' logits grow by ``factor ** (new tokens - start)`` of their size) as transformers'
     SequenceBias, ForcedBOSToken and ExponentialDecayLengthPenalty (``ember.models
     .token_bans``); ``typical_p``, ``epsilon_cutoff`` and ``eta_cutoff`` (sampling) as its
-    Typical, Epsilon and Eta warpers after ``min_p``, and ``renormalize_logits`` (a log-softmax
+    Typical, Epsilon and Eta warpers after ``min_p``, ``top_h`` (0: off) as its TopH right
+    after the temperature (``ember.models.sampling``), and ``renormalize_logits`` (a log-softmax
     last) as its LogitNormalization.
 
     ``drafts`` (greedy only): a guessed continuation per prompt, e.g. the reference answer when
@@ -237,7 +174,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     kn = Knobs.of(knobs)
     check_sampling(max_new_tokens, temperature, kn.top_p, kn.top_k, kn.min_p,
                    kn.repetition_penalty, kn.min_new_tokens, kn.no_repeat_ngram_size,
-                   kn.min_length, kn.typical_p, kn.epsilon_cutoff, kn.eta_cutoff)
+                   kn.min_length, kn.typical_p, kn.epsilon_cutoff, kn.eta_cutoff, kn.top_h)
     warp = kn.sampling()
     prompts = _as_id_lists("prompt", prompt_ids)
     if generators is not None and (generator is not None or seed is not None
@@ -523,7 +460,7 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     The other knobs (``min_length``, ``bad_words_ids``, ``suppress_tokens``,
     ``begin_suppress_tokens``, ``forced_eos_token_id``, ``forced_bos_token_id``,
     ``sequence_bias``, ``exponential_decay_length_penalty``, ``renormalize_logits``,
-    ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff``) left None are the
+    ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff``, ``top_h``) left None are the
     generation_config.json's too (``generate_ids`` says what each does).
     ``num_return_sequences`` (sampling only): that many answers per prompt, a prompt's
     together, as transformers returns them.

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                    min_p: float = 0.0, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
                    no_repeat_ngram_size: int = 0, min_length: int = 0, typical_p: float = 1.0,
-                   epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0) -> None:
+                   epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0,
+                   top_h: float = 0.0) -> None:
     """EmberError naming the first invalid setting of ``generate_ids``' sampling knobs."""
     for name, v in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens),
                     ("no_repeat_ngram_size", no_repeat_ngram_size), ("min_length", min_length)):
@@ -28,7 +29,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k:
             raise EmberError(f"{name} must be an int >= 0 (0 = off), got {v!r}")
     for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
                     ("repetition_penalty", repetition_penalty), ("typical_p", typical_p),
-                    ("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):
+                    ("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff),
+                    ("top_h", top_h)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
             raise EmberError(f"{name} must be a number, got {v!r}")
     if temperature < 0:
@@ -46,6 +48,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k:
     for name, v in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):
         if not 0 <= v < 1:
             raise EmberError(f"{name} must be in [0, 1) (0 = off), got {v}")
+    if not 0 <= top_h <= 1:  # transformers' TopHLogitsWarper takes (0, 1]; its off is None
+        raise EmberError(f"top_h must be in [0, 1] (0 = off), got {top_h}")
 
 
 def _ban(default: Any = None) -> Any:
@@ -77,6 +81,7 @@ class Knobs:
     exponential_decay_length_penalty: Sequence | None = _ban()
     renormalize_logits: bool = field(default=False, metadata={"sample_next": True})
     # warpers: sampling only
+    top_h: float = _warper(0.0)
     top_k: int = _warper(0)
     top_p: float = _warper(1.0)
     min_p: float = _warper(0.0)
@@ -98,7 +103,7 @@ class Knobs:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def sampling(self) -> dict[str, Any]:
-        """The keywords of ``generate.sample_next``."""
+        """The keywords of ``sampling.sample_next``."""
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.metadata.get("sample_next")}
 
@@ -135,10 +140,12 @@ def unsupported_options(options: dict) -> str:
 
 
 # transformers 5's defaults (GenerationConfig._get_default_generation_params) for the knobs a
-# model's generation_config.json may set: top_k is 50 when sampling, not off
+# model's generation_config.json may set: top_k is 50 when sampling, not off; top_h's is None
+# (off), which is 0 here (transformers refuses 0) so that a keyword can turn the file's off
 HF_SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
                         "min_new_tokens": 0, "no_repeat_ngram_size": 0, "min_length": 0,
-                        "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+                        "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+                        "top_h": 0.0}
 _INT_KNOBS = ("top_k", "min_new_tokens", "no_repeat_ngram_size", "min_length")
 
 
@@ -192,13 +199,13 @@ def token_ban_defaults(model: Transformer, **given) -> dict:
 
 # generation_config.json settings that change transformers' generate() output and that Ember
 # does not apply, with the value that leaves each off
-_UNAPPLIED = {"num_beams": 1, "top_h": None, "guidance_scale": 1.0, "watermarking_config": None,
+_UNAPPLIED = {"num_beams": 1, "guidance_scale": 1.0, "watermarking_config": None,
               "token_healing": False}
 
 
 def unapplied_settings(model: Transformer) -> str | None:
     """What to tell about the settings of the model's generation_config.json that transformers'
-    ``generate()`` applies and Ember does not (beams, top_h, guidance_scale...), named
+    ``generate()`` applies and Ember does not (beams, guidance_scale...), named
     as ``name=value``: Ember's output may differ from transformers' there. None: there are none."""
     gen = getattr(model, "hf_generation_config", None)
     if not isinstance(gen, dict):

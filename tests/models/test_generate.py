@@ -8,7 +8,8 @@ import torch
 
 from ember import EmberError
 from ember.models.config import ModelConfig
-from ember.models.generate import generate, generate_ids, sample_next
+from ember.models.generate import generate, generate_ids
+from ember.models.sampling import sample_next
 from ember.models.tokenizer import tokenizer_from_gguf
 from ember.models.transformer import Transformer
 from tests.models.test_gguf import smollm2, smollm2_dir, tiny_tokenizer_md  # noqa: F401
@@ -289,6 +290,7 @@ def test_bad_inputs(tiny):
     model, tok = tiny
     for kw, msg in [(dict(temperature=-1.0), "temperature"), (dict(top_p=-0.1), "top_p"),
                     (dict(top_k=-2), "top_k"), (dict(max_new_tokens=-1), "max_new_tokens"),
+                    (dict(top_h=1.5), r"top_h must be in \[0, 1\]"), (dict(top_h="x"), "top_h"),
                     (dict(max_new_tokens=200), "exceeds the model's context")]:
         with pytest.raises(EmberError, match=msg):
             generate_ids(model, [[5, 6]], **kw)

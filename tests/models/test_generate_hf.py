@@ -9,8 +9,9 @@ import warnings
 import pytest
 import torch
 
-from ember.models.generate import generate_ids, penalize_repetition, warp_logits
+from ember.models.generate import generate_ids
 from ember.models.loading import load_hf_folder
+from ember.models.sampling import penalize_repetition, warp_logits
 
 transformers = pytest.importorskip("transformers")
 

@@ -122,8 +122,8 @@ def test_generation_config_min_new_tokens_and_ngrams_apply_as_in_transformers(tm
                                               min_new_tokens=3) + "\n"
     # a setting Ember does not apply is said in Python too (was: only the CLI's note)
     model.hf_generation_config = {**model.hf_generation_config, "num_beams": 2, "top_h": 0.4,
-                                  "guidance_scale": 1.0, "token_healing": False}
-    with pytest.warns(UserWarning, match=r"sets num_beams=2, top_h=0.4, which") as w:
+                                  "guidance_scale": 1.0, "token_healing": True}
+    with pytest.warns(UserWarning, match=r"sets num_beams=2, token_healing=True, which") as w:
         generate(model, tok, prompts[:1], max_new_tokens=2)
     assert "guidance_scale" not in str(w[0].message)  # 1.0 is off
 
@@ -228,8 +228,8 @@ def test_knobs_are_one_list(pair):  # noqa: F811
         generate_ids(ours, PROMPTS[:1], max_new_tokens=2, forced_eos_token_id=0, drafts=[[1]])
 
 
-def test_generation_config_sampling_and_bias_settings_apply_as_in_transformers(tmp_path):
-    """A generation_config.json's typical_p, epsilon_cutoff, eta_cutoff (sampling),
+def test_generation_config_sampling_and_bias_settings_apply_as_in_transformers(tmp_path, capsys):
+    """A generation_config.json's top_h, typical_p, epsilon_cutoff, eta_cutoff (sampling),
     sequence_bias, exponential_decay_length_penalty and renormalize_logits act in generate() as
     in transformers' generate() from that folder (Ember named them in a warning and ignored
     them): greedy and seeded sampled tokens equal."""
@@ -244,7 +244,7 @@ def test_generation_config_sampling_and_bias_settings_apply_as_in_transformers(t
     settings = {"sequence_bias": [[[first[0]], -30.0], [[first[1], first[2]], 9.0]],
                 "exponential_decay_length_penalty": [3, 1.7], "renormalize_logits": True,
                 "typical_p": 0.6, "epsilon_cutoff": 0.001, "eta_cutoff": 0.002,
-                "eos_token_id": eos}
+                "top_h": 0.8, "eos_token_id": eos}
     (tmp_path / "generation_config.json").write_text(json.dumps({**gen, **settings}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -270,5 +270,24 @@ def test_generation_config_sampling_and_bias_settings_apply_as_in_transformers(t
                         seed=seed) == [want]
         differs |= generate(model, tok, prompts[1], max_new_tokens=10, temperature=1.5,
                             top_k=0, seed=seed, typical_p=1.0, epsilon_cutoff=0.0,
-                            eta_cutoff=0.0) != [want]
+                            eta_cutoff=0.0, top_h=0) != [want]
     assert differs  # the warpers matter here
+    # top_h alone (the json's, then --top-h): transformers' TopH right after temperature
+    from ember.engine.cli import main
+
+    alone = dict(typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+    argv = ["generate", str(tmp_path), "--raw", "--device", "cpu", "--max-new-tokens", "10",
+            "--prompt", prompts[1], "--temperature", "1.5", "--top-k", "0"]
+    differs = False
+    for seed in range(3):
+        torch.manual_seed(seed)
+        want = hf_text(prompts[1], do_sample=True, temperature=1.5, top_k=0, **alone)
+        assert generate(model, tok, prompts[1], max_new_tokens=10, temperature=1.5, top_k=0,
+                        seed=seed, **alone) == [want]
+        differs |= generate(model, tok, prompts[1], max_new_tokens=10, temperature=1.5,
+                            top_k=0, seed=seed, top_h=0, **alone) != [want]
+        torch.manual_seed(seed)
+        want = hf_text(prompts[1], do_sample=True, temperature=1.5, top_k=0, top_h=0.3)
+        assert main([*argv, "--top-h", "0.3", "--seed", str(seed)]) == 0
+        assert capsys.readouterr().out == want + "\n"
+    assert differs  # top_h matters here

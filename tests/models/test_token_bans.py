@@ -103,7 +103,7 @@ def test_warpers_equal_transformers(hf, kw, bf16):
     """typical_p, epsilon_cutoff and eta_cutoff (after temperature, top-k, top-p and min-p) as
     the warpers transformers' generate(do_sample=True) lists: the same surviving tokens and the
     same values, bf16-rounded logits (ties) included."""
-    from ember.models.generate import warp_logits
+    from ember.models.sampling import warp_logits
 
     torch.manual_seed(len(str(kw)) + bf16)
     logits = torch.randn(6, V) * 3
@@ -119,10 +119,44 @@ def test_warpers_equal_transformers(hf, kw, bf16):
     torch.testing.assert_close(got.softmax(-1), want.softmax(-1), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("kw", [
+    dict(top_h=0.4), dict(top_h=1.0), dict(top_h=0.7, temperature=0.6, top_k=20, min_p=0.05),
+    dict(top_h=0.3, top_p=0.9, typical_p=0.9, temperature=1.4),
+])
+def test_top_h_equals_transformers(hf, kw, bf16):
+    """top_h as transformers' TopHLogitsWarper, which generate(do_sample=True) lists right after
+    temperature: among the 100 most likely tokens (a vocabulary past 100 here), those whose
+    entropy terms sum to <= top_h times those tokens' entropy. Ties, rows with -inf tokens (a
+    NaN sum past them) and a peaked row; then the same seeded draw."""
+    from ember.models.sampling import sample_next, warp_logits
+
+    torch.manual_seed(len(str(kw)) + bf16)
+    logits = torch.randn(5, 160) * 2
+    logits = logits.bfloat16().float() if bf16 else logits
+    logits[0, :8] = logits[0, 8]  # a tie across a cut
+    logits[1, 40:] = float("-inf")  # fewer finite tokens than TopH's 100
+    logits[2, ::3] = float("-inf")
+    logits[3, 7] = 30.0  # one token holds nearly all the mass
+    args = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=None) | kw
+    want = hf_processors(hf, 3, 4, [3], do_sample=True, **args)(torch.tensor([[1, 2, 3]]),
+                                                                  logits.clone())
+    ours = {k: v for k, v in args.items() if v is not None}
+    got = warp_logits(logits, **ours)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert int(torch.isfinite(got).sum()) < int(torch.isfinite(logits).sum()) - 10  # it cuts
+    assert torch.equal(got, want)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        draw = torch.multinomial(want.softmax(-1), 1, generator=g)[:, 0]
+        g = torch.Generator().manual_seed(seed)
+        assert torch.equal(sample_next(logits, generator=g, **ours), draw)
+
+
 def test_renormalize_logits_as_transformers(hf):
     """renormalize_logits: transformers' LogitNormalization (log-softmax) last, then argmax or
     the draw from its softmax."""
-    from ember.models.generate import sample_next
+    from ember.models.sampling import sample_next
 
     logits = torch.randn(4, V).bfloat16().float()
     want = hf_processors(hf, 3, 4, [3], renormalize_logits=True)(torch.tensor([[1, 2, 3]]),
