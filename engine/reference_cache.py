@@ -41,8 +41,9 @@ FILE = "logps.safetensors"
 FORWARD_SETTINGS = ("objective", "method", "precision", "model.dtype", "model.quantize",
                     "model.double_quant", "model.rope_scaling", "model.rope_factor",
                     "dist.mixed_precision")
-# Every other field, by why it does not (tests/engine/test_precompute_reference.py fails on a
-# field in neither: a new one must be placed in one of the two)
+# Every other field, by why it does not ("section.*": all of that section's, as the optimizer's and
+# the schedule's act after the values; tests/engine/test_precompute_reference.py fails on a field
+# in neither: a new one must be placed in one of the two)
 NOT_FORWARD_SETTINGS: dict[str, tuple[str, ...]] = {
     "the reference's weights (fingerprinted)": ("model.name", "model.init"),
     "the adapters: scaled to 0 in the reference, or (continued, PiSSA / OLoRA) swapped in as "
@@ -67,17 +68,11 @@ NOT_FORWARD_SETTINGS: dict[str, tuple[str, ...]] = {
         "simpo.label_smoothing", "simpo.sft_weight", "kto.beta", "kto.desirable_weight",
         "kto.undesirable_weight", "kto.loss_type", "kto.precompute_ref_log_probs", "head.type",
         "head.labels", "head.label_field", "head.center_rewards_coefficient", "freeze",
-        "train_layers", "optim.name", "optim.lr", "optim.weight_decay", "optim.betas",
-        "optim.eps", "optim.warmup_steps", "optim.warmup_ratio", "optim.schedule",
-        "optim.min_lr_ratio", "optim.max_grad_norm", "guards.max_nonfinite_in_a_row",
-        "grad_accum", "max_steps", "epochs", "seed"),
+        "train_layers", "optim.*", "guards.max_nonfinite_in_a_row", "grad_accum", "max_steps",
+        "epochs", "seed"),
     "bookkeeping": (
-        "name", "run_dir", "eval.every_steps", "eval.val_loss", "eval.max_val_batches",
-        "eval.metrics", "eval.split", "eval.max_examples", "eval.max_new_tokens",
-        "eval.batch_size", "eval.before", "eval.show", "eval.choices", "eval.early_stopping",
-        "eval.patience", "eval.mode", "eval.min_delta", "checkpoint.every_steps",
-        "checkpoint.keep_last", "checkpoint.save_final", "checkpoint.verify",
-        "dist.timeout_minutes", "log_every", "plot", "tensorboard"),
+        "name", "run_dir", "eval.*", "checkpoint.*", "dist.timeout_minutes", "log_every", "plot",
+        "tensorboard"),
 }
 # fmt: on
 
