@@ -281,15 +281,17 @@ def choice_metrics(scores: list[torch.Tensor], questions: list[Question]) -> dic
     """``choice_accuracy`` and ``choice_accuracy_norm`` (see the module docstring)."""
     if len(scores) != len(questions):
         raise EmberError(f"{len(scores)} scored questions for {len(questions)} answers")
+    # each choice also scored without the question (mutual_info), when asked for
+    mutual_info = all(len(s) == 2 * len(q.chars) for s, q in zip(scores, questions, strict=True))
     acc = norm = mutual = 0
     for s, q in zip(scores, questions, strict=True):
         k = len(q.chars)
         acc += int(s[:k].argmax()) == q.answer
         norm += int((s[:k] / torch.tensor(q.chars, dtype=s.dtype)).argmax()) == q.answer
-        if len(s) == 2 * k:  # and each choice's score without the question (mutual_info)
+        if mutual_info:
             mutual += int((s[:k] - s[k:]).argmax()) == q.answer
     n = len(questions)
     out = {"choice_accuracy": acc / n, "choice_accuracy_norm": norm / n}
-    if all(len(s) == 2 * len(q.chars) for s, q in zip(scores, questions, strict=True)):
+    if mutual_info:
         out["choice_accuracy_mutual_info"] = mutual / n
     return out

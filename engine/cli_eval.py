@@ -108,11 +108,7 @@ def cmd_eval(a) -> None:
                                                    max(len(e) for e in examples)), device,
                               autocast)
     scores = {"loss": loss, "perplexity": perplexity(loss)}
-    from ember.engine.choices import first_record
-    from ember.engine.formats import detect
-
-    if (data_cfg.format == "text" if data_cfg.format != "auto"
-            else detect(first_record(data) or {}) == "text"):
+    if report.format == "text":  # (load_examples: the file's format, "auto" decided)
         from ember.engine.rolling import rolling_eval
 
         # lm-eval's wikitext metrics: each document whole, in rolling windows (the loss above

@@ -75,7 +75,7 @@ def _template_kwargs(text: str | None) -> dict | None:
                                   and all(isinstance(t, dict) for t in tools)):
         raise EmberError(f"--template-kwargs: 'tools' must be an array of tool schemas "
                          f"(objects), got {_type_name(tools)} {json.dumps(tools)}")
-    bad = sorted(set(kw) & set(_RENDER_ARGS) - {"tools", "documents"})
+    bad = sorted(set(kw) & set(_RENDER_ARGS) - {"tools"})
     if bad:
         raise EmberError(f"--template-kwargs sets {bad}: those are apply_chat_template's own "
                          "arguments, which ember sets itself, not template variables")

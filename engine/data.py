@@ -383,7 +383,7 @@ def load_examples(path: str | Path, cfg: DataConfig, tokenizer, make_reader=None
     rep.examples = len(examples)
     rep.tokens = sum(len(e) for e in examples)
     rep.loss_tokens = sum(e.num_loss_tokens for e in examples)
-    rep.tool_calls_dropped = getattr(getattr(reader, "enc", None), "tool_calls_dropped", 0)
+    rep.tool_calls_dropped = reader.enc.tool_calls_dropped
     if rep.lines == rep.blank_lines:
         raise EmberError(f"{path}: the file is empty; expected one JSON object per line (or a "
                          ".json array of them)")

@@ -129,10 +129,9 @@ class _Encoder:
         turn: its end of turn alone), and so does Ember; the data report counts them."""
         if not any(m.get("tool_calls") for m in messages if m.get("role") == "assistant"):
             return False
-        bare = Chat([{k: v for k, v in m.items() if k != "tool_calls"} for m in messages],
-                    getattr(messages, "tools", None), getattr(messages, "template_kwargs", None))
+        bare = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
         try:
-            return self._render(bare) == full
+            return self._render(bare, line=messages) == full
         except _Bad:  # a template that needs the calls (it renders them)
             return False
 
@@ -307,8 +306,7 @@ class _Encoder:
         if not isinstance(messages, Chat):
             messages = Chat(messages)
         full = self._render(messages)
-        if self._drops_tool_calls(messages, full):
-            self.tool_calls_dropped += 1
+        drops_calls = self._drops_tool_calls(messages, full)
         marked = self._generation(messages, full)
         spans = self._spans(messages, full) if marked is None else marked
         if spans is None and not all_loss:
@@ -351,6 +349,7 @@ class _Encoder:
             ids.insert(end, self.eos)
             mask.insert(end, True)
         reference = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+        self.tool_calls_dropped += drops_calls  # (a line refused above is not counted)
         return ids, mask, prompt_len, reference
 
 

@@ -206,7 +206,7 @@ def parse_tools(obj: dict) -> list[dict] | None:
 
 
 # apply_chat_template's own arguments, which a line's template variables cannot set
-_RENDER_ARGS = ("add_generation_prompt", "tokenize", "chat_template", "tools", "documents",
+_RENDER_ARGS = ("add_generation_prompt", "tokenize", "chat_template", "tools",
                 "continue_final_message", "return_dict", "return_assistant_tokens_mask",
                 "conversation", "messages", "padding", "truncation", "max_length",
                 "return_tensors", "tokenizer_kwargs")
@@ -223,7 +223,7 @@ def parse_template_kwargs(obj: dict) -> dict | None:
                                  f"variables, got {_type_name(kw)}")
     # documents: TRL passes the kwargs to apply_chat_template whole, so they render (Granite's
     # and Command R's RAG turns); checked as transformers checks them
-    bad = sorted(set(kw or ()) & set(_RENDER_ARGS) - {"documents"})
+    bad = sorted(set(kw or ()) & set(_RENDER_ARGS))
     docs = (kw or {}).get("documents")
     odd = [d for d in docs if not isinstance(d, dict)] if isinstance(docs, list) else [docs]
     if docs is not None and odd:
