@@ -21,6 +21,7 @@ import re
 import torch
 
 from ember.models.config import ModelConfig
+from ember.models.peft_files import rank_alpha
 
 GROUPS = {
     "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -66,10 +67,9 @@ def split_adapter(tensors: dict, config: dict, cfg: ModelConfig) -> tuple[dict, 
             name = _part_name(prefix, group, part)
             out[f"base_model.model.{name}.{m[2]}{suffix}"] = chunk
             # Always explicit: a pattern that PEFT matched against no fused name (e.g. "up_proj",
-            # which "gate_up_proj" does not end with) must not reach the part's own name.
-            for old, new, dflt in ((old_rank, rank_pat, "r"), (old_alpha, alpha_pat, "lora_alpha")):
-                hit = next((v for k, v in old.items() if re.match(rf"(.*\.)?({k})$", m[1])), None)
-                new[re.escape(name)] = config.get(dflt) if hit is None else hit
+            # which "gate_up_proj" does not end with) must not reach the part's own name; the
+            # fused module's values by the rule of the PEFT that wrote the config (rank_alpha)
+            rank_pat[re.escape(name)], alpha_pat[re.escape(name)] = rank_alpha(config, m[1])
     config = {
         **config,
         "rank_pattern": {**rank_pat, **old_rank},

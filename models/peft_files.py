@@ -139,6 +139,9 @@ def rank_alpha(config: dict, hf_name: str) -> tuple[int, float]:
     writer = old_writer(config)
     if writer is None:
         return _pattern_value(ranks, hf_name, r0), _pattern_value(alphas, hf_name, a0)
+    exact = re.escape(hf_name)  # a fused module's part: its values as split_adapter resolved
+    if exact in ranks and exact in alphas:  # them (the old rules match no escaped full name)
+        return ranks[exact], alphas[exact]
 
     def old_key(patterns) -> str:
         return next((k for k in patterns if re.match(rf".*\.{k}$", hf_name)), hf_name)

@@ -202,3 +202,28 @@ def test_old_peft_layers_pattern_without_layer_indices_adapts_every_layer(
     new = _variant(saved, tmp_path / "new", PEFT_0_14_FIELDS, layers_pattern=layers_pattern)
     with pytest.raises(EmberError, match="layers_pattern=.* is set without layers_to_transform"):
         load_adapter(load_pretrained(saved[0])[0], new)
+
+
+@pytest.mark.parametrize("pattern", ["alpha_pattern", "rank_pattern"])
+def test_old_peft_patterns_of_phi3_fused_modules(tmp_path, pattern):
+    """Phi-3's fused qkv_proj in an adapter PEFT <= 0.13 saved, its rank or alpha set by a
+    pattern: the parts Ember splits it into (q/k/v_proj, each given the fused module's values
+    under its escaped full name) fell back to r / lora_alpha under the old writer's rule,
+    which needs a '.' before the key (alpha: a silently wrong scale; rank: refused). The
+    reference: peft 0.21 on the same file with a field newer than 0.14 (both rules give
+    qkv_proj's value there)."""
+    base = save_random_model(tmp_path / "base", transformers.Phi3Config, seed=5,
+                             pad_token_id=0)
+    value = {"rank_pattern": {"qkv_proj": 2}, "alpha_pattern": {"qkv_proj": 32}}[pattern]
+    ids, ref = _peft_adapter(base, tmp_path / "new", target_modules=["qkv_proj", "o_proj"],
+                             **{pattern: value})
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "new", old)
+    path = old / "adapter_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in config.items() if k in PEFT_0_13_FIELDS}))
+    model, _ = load_pretrained(base)
+    load_adapter(model, old)
+    with torch.no_grad():
+        out = model.eval()(ids)
+    assert (out - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
