@@ -77,7 +77,6 @@ from ember.models.peft_files import (  # noqa: F401  (re-exported)
     HEAD_KEY,
     HEAD_MODULES,
     LORA_DEFAULTS,
-    _pattern_value,
     _read_adapter,
     _read_adapter_config,
     _saved_modules,
