@@ -231,27 +231,16 @@ def save(cfg: TrainConfig, info: DistInfo, model, optimizer, *, progress: Progre
                     keep_last=cfg.checkpoint.keep_last)
 
 
-def restore(path: Path, cfg: TrainConfig, info: DistInfo, model, optimizer, *,
-            batches: PackedBatches, guard: NonFiniteGuard, scaler=None,
-            base: str | None = None, frozen: dict[str, str] | None = None,
-            base_files: str | None = None, extra: dict | None = None) -> Progress:
-    """Load a checkpoint into the built (and sharded) model, the optimizer, this rank's RNG,
-    the data position, the guard and the scaler; returns the run's progress. ``base``: the
-    model's ``base_fingerprint``, refused unless the checkpoint's (where it has one) is the same:
-    its run trained on other frozen weights (the model folder replaced or retrained since).
-    ``frozen``: the objective's fingerprints by role, refused alike (an older checkpoint has
-    none: it resumes). ``base_files`` is for ``load_run_model`` (``save``): ``base`` covers it.
-    ``extra``: the checkpoint's extra state as ``read_extra`` gave it to ``check_fingerprints``
-    and ``check_data`` (the trainer's early refusals; the latter restored the data position):
-    neither is repeated here."""
+def restore(path: Path, info: DistInfo, model, optimizer, *, extra: dict,
+            guard: NonFiniteGuard, scaler=None, **_saved) -> Progress:
+    """Load a checkpoint into the built (and sharded) model, the optimizer, this rank's RNG, the
+    guard and the scaler; returns the run's progress. ``extra``: the checkpoint's extra state as
+    ``read_extra`` gave it to the trainer's early refusals, ``check_fingerprints`` (the base and
+    frozen models) and ``check_data`` (which restored the data position): neither is repeated
+    here. ``_saved``: the rest of what ``save`` takes (the trainer passes one dict to both)."""
     # find_latest has just verified the files at cfg.checkpoint.verify: sizes suffice here.
-    checked = extra is not None
     extra = dcp.load(path, model=model, optimizer=optimizer, info=info, level="size",
                      extra=extra).extra
-    if not checked:
-        check_fingerprints(path, cfg, extra, base=base, frozen=frozen)
-        restore_data_state(batches, extra["data"], cfg.grad_accum * info.world_size,
-                           info.world_size)
     guard.load_state_dict(extra["guard"])
     if scaler is not None and extra.get("scaler"):
         scaler.load_state_dict(extra["scaler"])

@@ -372,7 +372,7 @@ class Trainer(EvalMixin):
 
         prog = Progress()
         if latest is not None:
-            prog = restore(latest, cfg, info, model, opt, **ckpt_state, extra=extra)
+            prog = restore(latest, info, model, opt, **ckpt_state, extra=extra)
             self.echo(f"resumed from {latest} (step {prog.step} of {total})")
             was = checkpoint_config(latest)
             old_total = total if (was.epochs, was.max_steps) == (cfg.epochs, cfg.max_steps) else (
