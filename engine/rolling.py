@@ -141,9 +141,22 @@ def rolling_eval(
     window = min(cfg.max_seq_len, context or cfg.max_seq_len)
     examples, words, nbytes, _ = load_documents(path, replace(cfg, max_seq_len=window), tokenizer)
     examples = examples[:max_examples]
-    sums = score_choices(model, examples, cfg.tokens_per_batch, device, autocast)
+    # each window its own example, so a batch holds data.tokens_per_batch tokens however long
+    # a document is; summed back per document
+    windows, owner = [], []
+    for d, e in enumerate(examples):
+        at = 0
+        for n in e.parts:
+            windows.append(replace(e, input_ids=e.input_ids[at:at + n],
+                                   labels=e.labels[at:at + n], parts=(n,)))
+            owner.append(d)
+            at += n
+    sums = score_choices(model, windows, cfg.tokens_per_batch, device, autocast)
+    docs = [[] for _ in examples]
+    for d, s in zip(owner, sums, strict=True):
+        docs[d].append(float(s.double().sum()))
     n = len(examples)
     return {
-        **rolling_metrics([float(s.double().sum()) for s in sums], words[:n], nbytes[:n]),
+        **rolling_metrics([math.fsum(w) for w in docs], words[:n], nbytes[:n]),
         "rolling_window": window,
     }
