@@ -183,8 +183,9 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
     if cfg.optim.schedule == "inverse_sqrt":
         note("optim", given("optim", ("min_lr_ratio",)),
              'optim.schedule = "inverse_sqrt" decays without a floor')
-    for schedule, keys in (("cosine", ("cycles",)), ("linear", ("decay_power",)),
-                           ("wsd", ("decay_steps", "decay_ratio", "decay_type")),
+    for schedule, keys in (("cosine", ("cycles", "schedule_shift")), ("linear", ("decay_power",)),
+                           ("wsd", ("decay_steps", "decay_ratio", "decay_type", "warmup_type",
+                                    "stable_steps")),
                            ("inverse_sqrt", ("timescale",))):
         if cfg.optim.schedule != schedule:
             note("optim", given("optim", keys), f'they apply to optim.schedule = "{schedule}"')
