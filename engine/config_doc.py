@@ -189,6 +189,11 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
                            ("inverse_sqrt", ("timescale",))):
         if cfg.optim.schedule != schedule:
             note("optim", given("optim", keys), f'they apply to optim.schedule = "{schedule}"')
+    o = cfg.optim
+    if o.schedule not in ("cosine", "wsd") or (o.schedule == "wsd" and o.decay_type != "cosine"):
+        note("optim", given("optim", ("cosine_waves",)),
+             'it shapes a cosine: optim.schedule = "cosine", or "wsd" with optim.decay_type = '
+             '"cosine"')
     if cfg.activations.checkpointing != "every_k":
         note("activations", given("activations", ("every_k",)),
              'it applies to activations.checkpointing = "every_k"')

@@ -5,7 +5,8 @@ the same or another max_steps, follows the schedule of the run's length from the
 
     "cosine"        transformers' cosine / cosine_with_min_lr; ``cycles`` > 1: its
                     cosine_with_restarts (hard restarts, its num_cycles); ``schedule_shift`` 1:
-                    its cosine_warmup_with_min_lr (every step at the lr of the next step)
+                    its cosine_warmup_with_min_lr (every step at the lr of the next step);
+                    ``cosine_waves``: their num_cycles (0.5: peak to floor; wsd's cosine too)
     "linear"        linear / polynomial (``decay_power``: its power, lr_end = lr * min_lr_ratio)
     "constant"      constant_with_warmup (transformers' "constant" ignores the warmup: Ember's
                     "constant" with warmup_steps = 0)
@@ -27,7 +28,7 @@ DECAY_TYPES = ("linear", "cosine", "1-sqrt")  # wsd's warmup_type too
 # transformers' lr_scheduler_type names and the Ember setting that gives the same lr at every step
 HF_SCHEDULE_NAMES = {
     "cosine_with_min_lr": "schedule = \"cosine\" with optim.min_lr_ratio = its min_lr_rate "
-                          "(or min_lr / lr)",
+                          "(or min_lr / lr) and optim.cosine_waves = its num_cycles",
     "cosine_with_restarts": "schedule = \"cosine\" with optim.cycles = its num_cycles",
     "constant_with_warmup": "schedule = \"constant\" (warmup: optim.warmup_steps or "
                             "optim.warmup_ratio)",
@@ -37,10 +38,12 @@ HF_SCHEDULE_NAMES = {
                            "optim.decay_ratio of the run), optim.decay_type = its decay_type and "
                            "optim.min_lr_ratio = its min_lr_ratio, optim.warmup_type = its "
                            "warmup_type and optim.stable_steps = its num_stable_steps (left "
-                           "out: the stable phase is the rest of the run)",
+                           "out: the stable phase is the rest of the run); its num_cycles: "
+                           "optim.cosine_waves",
     "cosine_warmup_with_min_lr": "schedule = \"cosine\" with optim.schedule_shift = 1 and "
-                                 "optim.min_lr_ratio = its min_lr_rate (or min_lr / lr); its "
-                                 "warmup_lr_rate has no Ember setting",
+                                 "optim.min_lr_ratio = its min_lr_rate (or min_lr / lr), "
+                                 "optim.cosine_waves = its num_cycles; its warmup_lr_rate has "
+                                 "no Ember setting",
 }
 # transformers' lr_scheduler_type names that no Ember setting gives, and why
 HF_SCHEDULES_REFUSED = {
@@ -93,6 +96,13 @@ def check_schedule(o) -> None:
     if o.schedule_shift not in (0, 1) or isinstance(o.schedule_shift, bool):
         raise EmberError(f"optim.schedule_shift must be 0 or 1 (1: transformers' "
                          f"cosine_warmup_with_min_lr), got {o.schedule_shift!r}")
+    if not (o.cosine_waves > 0 and math.isfinite(o.cosine_waves)):
+        raise EmberError(f"optim.cosine_waves must be a finite number > 0 (0.5: one decay from "
+                         f"the peak to the floor), got {o.cosine_waves!r}")
+    if o.cycles > 1 and o.cosine_waves != 0.5:
+        raise EmberError(f"optim.cycles = {o.cycles} (hard restarts, each a half-wave) and "
+                         f"optim.cosine_waves = {o.cosine_waves} (one cosine of that many waves) "
+                         "are two shapes: set one of them")
     if o.timescale is not None and (isinstance(o.timescale, bool) or o.timescale < 1):
         raise EmberError(f"optim.timescale must be an integer >= 1 (or left out: the warmup's "
                          f"steps, else 10000), got {o.timescale!r}")
@@ -108,7 +118,7 @@ def schedule_options(o, total: int, warmup: int) -> dict:
     return dict(cycles=o.cycles, power=o.decay_power, decay_steps=decay, stable_steps=stable,
                 decay_type=o.decay_type, warmup_type=o.warmup_type,
                 timescale=o.timescale or warmup or 10_000,
-                shift=o.schedule_shift if o.schedule == "cosine" else 0)
+                shift=o.schedule_shift if o.schedule == "cosine" else 0, waves=o.cosine_waves)
 
 
 def wsd_note(o, total: int, warmup: int) -> str | None:
@@ -131,18 +141,19 @@ def wsd_note(o, total: int, warmup: int) -> str | None:
     return None
 
 
-def _decay(kind: str, progress: float) -> float:
+def _decay(kind: str, progress: float, waves: float = 0.5) -> float:
     if kind == "linear":
         return 1.0 - progress
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "cosine":  # transformers' num_cycles: waves (0.5: one half-wave, peak to floor)
+        return 0.5 * (1.0 + math.cos(math.pi * float(waves) * 2.0 * progress))
     return 1.0 - math.sqrt(progress)  # "1-sqrt"
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float, *,
               cycles: int = 1, power: float = 1.0, decay_steps: int = 0,
               stable_steps: int | None = None, decay_type: str = "cosine",
-              warmup_type: str = "linear", timescale: int | None = None, shift: int = 0) -> float:
+              warmup_type: str = "linear", timescale: int | None = None, shift: int = 0,
+              waves: float = 0.5) -> float:
     """Multiplier of the peak lr for optimizer step ``step`` (0-based) of ``total``: transformers'
     ``get_scheduler``, whose linear warmup gives step k ``k / warmup`` of the peak (the first step
     at lr 0, the peak at step ``warmup``; "wsd": from ``min_ratio``). ``shift`` 1: the lr of step
@@ -166,7 +177,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
             return 1.0
         if step >= start + decay_steps:
             return min_ratio
-        decay = _decay(decay_type, (step - start) / max(1, decay_steps))
+        decay = _decay(decay_type, (step - start) / max(1, decay_steps), waves)
         return max(0.0, min_ratio + (1 - min_ratio) * decay)
     if step < warmup:
         return step / warmup
@@ -181,5 +192,5 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     elif cycles > 1:  # transformers' hard restarts: each cycle a whole cosine from the peak
         decay = 0.0 if progress >= 1 else 0.5 * (1 + math.cos(math.pi * (cycles * progress % 1)))
     else:
-        decay = 0.5 * (1 + math.cos(math.pi * progress))
+        decay = _decay("cosine", progress, waves)
     return min_ratio + (1 - min_ratio) * decay

@@ -45,7 +45,15 @@ CASES = [("polynomial", dict(power=1.0, lr_end=0.1), dict(schedule="linear", min
            for w in ("cosine", "1-sqrt") for t in ("linear", "1-sqrt") for m in (0.0, 0.1)],
          *[("warmup_stable_decay", dict(num_decay_steps=2, num_stable_steps=n, min_lr_ratio=0.1),
             dict(schedule="wsd", decay_steps=2, stable_steps=n, min_lr_ratio=0.1))
-           for n in (0, 3, 40)]]
+           for n in (0, 3, 40)],
+         ("cosine", dict(num_cycles=1.0), dict(schedule="cosine", cosine_waves=1.0)),
+         ("cosine", dict(num_cycles=0.3), dict(schedule="cosine", cosine_waves=0.3)),
+         ("cosine_with_min_lr", dict(min_lr_rate=0.1, num_cycles=1.5),
+          dict(schedule="cosine", min_lr_ratio=0.1, cosine_waves=1.5)),
+         ("cosine_warmup_with_min_lr", dict(min_lr_rate=0.1, num_cycles=1.0),
+          dict(schedule="cosine", schedule_shift=1, min_lr_ratio=0.1, cosine_waves=1.0)),
+         ("warmup_stable_decay", dict(num_decay_steps=3, num_cycles=1.0, min_lr_ratio=0.1),
+          dict(schedule="wsd", decay_steps=3, cosine_waves=1.0, min_lr_ratio=0.1))]
 
 
 def _ours(settings: dict, total: int, warmup: int) -> list[float]:
@@ -62,7 +70,9 @@ def test_the_named_equivalent_is_transformers_schedule(name, kw, ours):
     polynomial of another power, cosine_with_restarts, warmup_stable_decay and inverse_sqrt were
     refused or missing: now optim.decay_power, optim.cycles, schedule "wsd" (decay_steps /
     decay_ratio, decay_type, min_lr_ratio, which wsd's warmup starts from) and "inverse_sqrt"
-    (timescale) give them, every step equal, the warmup too and a warmup as long as the run."""
+    (timescale) give them, every step equal, the warmup too and a warmup as long as the run.
+    This session: cosine_warmup_with_min_lr (optim.schedule_shift = 1), wsd's warmup_type and
+    num_stable_steps, and num_cycles of the cosines other than 0.5 (optim.cosine_waves)."""
     if name in HF_SCHEDULE_NAMES:
         text = HF_SCHEDULE_NAMES[name]
         assert f'schedule = "{ours["schedule"]}"' in text
@@ -105,6 +115,9 @@ def test_wsd_decay_ratio_and_a_resume_with_another_length():
     (dict(stable_steps=-1), "optim.stable_steps must be an integer >= 0"),
     (dict(stable_steps=2.5), "optim.stable_steps must be an integer >= 0"),
     (dict(schedule_shift=2), "optim.schedule_shift must be 0 or 1"),
+    (dict(cosine_waves=0.0), "optim.cosine_waves must be a finite number > 0"),
+    (dict(cosine_waves=float("inf")), "optim.cosine_waves must be a finite number > 0"),
+    (dict(cycles=2, cosine_waves=1.0), "are two shapes: set one of them"),
     (dict(schedule="step"), "optim.schedule must be one of 'cosine', 'linear', 'constant', "
                             "'wsd', 'inverse_sqrt'")])
 def test_bad_schedule_settings_are_named(settings, match):
@@ -135,6 +148,12 @@ def test_a_schedule_s_setting_given_to_another_is_said():
     assert notes('optim.schedule="wsd"', 'optim.warmup_type="1-sqrt"', "optim.stable_steps=3",
                  "optim.decay_steps=2") == []
     assert notes("optim.schedule_shift=1", "optim.min_lr_ratio=0.1") == []
+    assert notes('optim.schedule="linear"', "optim.cosine_waves=1.0") == [
+        'optim.cosine_waves ignored: it shapes a cosine: optim.schedule = "cosine", or "wsd" '
+        'with optim.decay_type = "cosine"']
+    assert len(notes('optim.schedule="wsd"', 'optim.decay_type="linear"',
+                     "optim.cosine_waves=1.0")) == 1
+    assert notes('optim.schedule="wsd"', "optim.cosine_waves=1.0") == []
     assert notes('optim.schedule="wsd"', "optim.timescale=4") == [
         'optim.timescale ignored: it applies to optim.schedule = "inverse_sqrt"']
     assert notes('optim.schedule="inverse_sqrt"', "optim.min_lr_ratio=0.1") == [
