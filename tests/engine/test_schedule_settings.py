@@ -244,24 +244,28 @@ def test_a_warmup_as_long_as_the_run_is_said(tiny, tmp_path, kind):
 
 
 def test_a_wsd_run_resumed_with_another_length_logs_transformers_lr(tiny, tmp_path):
-    """The trainer's lr at each step of a "wsd" run (decay_ratio 0.5, 1-sqrt decay to 0.1 of
-    the peak) stopped after step 2 of 4 and resumed with max_steps = 6: steps 1-2 on
-    transformers' 4-step schedule (2 decay steps), 3-6 on its 6-step one (3 decay steps)."""
+    """The trainer's lr at each step of a "wsd" run (a 2-step cosine warmup from 0.1 of the
+    peak, decay_ratio 0.5, 1-sqrt decay to 0.1) stopped after step 2 of 4 and resumed with
+    max_steps = 6: steps 1-2 on transformers' 4-step schedule (2 decay steps), 3-6 on its
+    6-step one (3 decay steps); the resume's note says the decay_ratio's decay is rescaled."""
     run = tmp_path / "r"
     extra = (f'data.train=["{tiny["small"]}"]', "optim.lr=1e-3", 'optim.schedule="wsd"',
-             "optim.warmup_steps=1", "optim.decay_ratio=0.5", 'optim.decay_type="1-sqrt"',
+             "optim.warmup_steps=2", 'optim.warmup_type="cosine"', "optim.decay_ratio=0.5",
+             'optim.decay_type="1-sqrt"',
              "optim.min_lr_ratio=0.1", "eval.metrics=[]", "eval.val_loss=false",
              "checkpoint.save_final=false", "data.max_seq_len=32", "data.tokens_per_batch=32")
     assert train(tiny_config(tiny, run, "max_steps=4", *extra), echo=lambda m: None,
                  progress=False, stop_after=2).steps == 2
-    train(tiny_config(tiny, run, "max_steps=6", *extra), resume=True, echo=lambda m: None,
+    said = []
+    train(tiny_config(tiny, run, "max_steps=6", *extra), resume=True, echo=said.append,
           progress=False)
     lrs = [r["lr"] for r in rows_of(run) if r["kind"] == "train"]
-    kw = dict(decay_type="1-sqrt", min_lr_ratio=0.1)
-    old = hf_lr_factors("warmup_stable_decay", 4, 1, num_decay_steps=2, **kw)
-    new = hf_lr_factors("warmup_stable_decay", 6, 1, num_decay_steps=3, **kw)
+    kw = dict(warmup_type="cosine", decay_type="1-sqrt", min_lr_ratio=0.1)
+    old = hf_lr_factors("warmup_stable_decay", 4, 2, num_decay_steps=2, **kw)
+    new = hf_lr_factors("warmup_stable_decay", 6, 2, num_decay_steps=3, **kw)
     assert lrs == pytest.approx([1e-3 * f for f in old[:2] + new[2:]], rel=1e-12, abs=0)
-    assert lrs[0] == pytest.approx(1e-4) and lrs[2] == 1e-3 != lrs[-1]  # warmup from min
+    assert lrs[:3] == pytest.approx([1e-4, 5.5e-4, 1e-3]) and lrs[-1] < 1e-3  # warmup from min
+    assert any("6-step schedule" in m and "decay_ratio" in m for m in said), said
 
 
 def test_every_transformers_schedule_name_is_ember_s_or_said():
