@@ -52,9 +52,10 @@ HF_SCHEDULES_REFUSED = {
                             "function of the step: stop on a plateau with eval.early_stopping "
                             "(eval.patience), or decay with schedule = \"cosine\" / \"linear\" "
                             "/ \"wsd\"",
-    "greedy": "it moves the lr with the loss (GreedyLR), so the lr depends on the losses, not on "
-              "the step; in Ember the lr is a function of the step: schedule = \"cosine\" / "
-              "\"linear\" / \"wsd\" / \"constant\"",
+    "greedy": "it raises the lr while the eval metric improves and cuts it on a plateau "
+              "(GreedyLR), so the lr depends on the evaluations, not on the step; in Ember the "
+              "lr is a function of the step: schedule = \"cosine\" / \"linear\" / \"wsd\" / "
+              "\"constant\", and eval.early_stopping to stop on a plateau",
 }
 
 

@@ -272,7 +272,8 @@ def test_every_transformers_schedule_name_is_ember_s_or_said():
     """Every lr_scheduler_type transformers has is an Ember schedule, refused with the Ember
     setting that gives it (cosine_warmup_with_min_lr: optim.schedule_shift = 1, was refused with
     the list of Ember's names only), or refused saying why none does: reduce_lr_on_plateau and
-    greedy move the lr with the eval metric / the loss (an lr that is no function of the step)."""
+    greedy move the lr with the eval metric (Trainer steps them on metric_for_best_model at each
+    evaluation: an lr that is no function of the step)."""
     from transformers.trainer_utils import SchedulerType
 
     names = {t.value for t in SchedulerType}
@@ -280,7 +281,8 @@ def test_every_transformers_schedule_name_is_ember_s_or_said():
     with pytest.raises(EmberError, match="'reduce_lr_on_plateau' .* no Ember equivalent: .*"
                                          "eval.early_stopping"):
         OptimConfig(schedule="reduce_lr_on_plateau")
-    with pytest.raises(EmberError, match="'greedy' .* no Ember equivalent: it moves the lr"):
+    with pytest.raises(EmberError, match="'greedy' .* no Ember equivalent: it raises the lr "
+                                         ".*eval.early_stopping"):
         OptimConfig(schedule="greedy")
 
 
