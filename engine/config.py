@@ -141,6 +141,7 @@ class OptimConfig:
     # cosine_with_restarts num_cycles, without a floor; its "cosine" num_cycles counts waves)
     cycles: int = 1
     schedule_shift: int = 0  # "cosine": 1: every step at the next's lr (cosine_warmup_with_min_lr)
+    warmup_start_ratio: float | None = None  # shift 1: the warmup from lr * it (warmup_lr_rate)
     cosine_waves: float = 0.5  # a cosine's waves (transformers' cosine num_cycles; 1: down and up)
     decay_power: float = 1.0  # "linear": (1 - progress) ** decay_power (transformers' polynomial)
     decay_steps: int | None = None  # "wsd": the decay, the run's last steps (None: decay_ratio)

@@ -5,7 +5,8 @@ the same or another max_steps, follows the schedule of the run's length from the
 
     "cosine"        transformers' cosine / cosine_with_min_lr; ``cycles`` > 1: its
                     cosine_with_restarts (hard restarts, its num_cycles); ``schedule_shift`` 1:
-                    its cosine_warmup_with_min_lr (every step at the lr of the next step);
+                    its cosine_warmup_with_min_lr (every step at the lr of the next step;
+                    ``warmup_start_ratio``: its warmup_lr_rate);
                     ``cosine_waves``: their num_cycles (0.5: peak to floor; wsd's cosine too)
     "linear"        linear / polynomial (``decay_power``: its power, lr_end = lr * min_lr_ratio)
     "constant"      constant_with_warmup (transformers' "constant" ignores the warmup: Ember's
@@ -42,8 +43,8 @@ HF_SCHEDULE_NAMES = {
                            "optim.cosine_waves",
     "cosine_warmup_with_min_lr": "schedule = \"cosine\" with optim.schedule_shift = 1 and "
                                  "optim.min_lr_ratio = its min_lr_rate (or min_lr / lr), "
-                                 "optim.cosine_waves = its num_cycles; its warmup_lr_rate has "
-                                 "no Ember setting",
+                                 "optim.cosine_waves = its num_cycles and "
+                                 "optim.warmup_start_ratio = its warmup_lr_rate",
 }
 # transformers' lr_scheduler_type names that no Ember setting gives, and why
 HF_SCHEDULES_REFUSED = {
@@ -104,6 +105,9 @@ def check_schedule(o) -> None:
         raise EmberError(f"optim.cycles = {o.cycles} (hard restarts, each a half-wave) and "
                          f"optim.cosine_waves = {o.cosine_waves} (one cosine of that many waves) "
                          "are two shapes: set one of them")
+    if o.warmup_start_ratio is not None and not 0 <= o.warmup_start_ratio <= 1:
+        raise EmberError(f"optim.warmup_start_ratio must be in [0, 1] (or left out), got "
+                         f"{o.warmup_start_ratio}")
     if o.timescale is not None and (isinstance(o.timescale, bool) or o.timescale < 1):
         raise EmberError(f"optim.timescale must be an integer >= 1 (or left out: the warmup's "
                          f"steps, else 10000), got {o.timescale!r}")
@@ -119,7 +123,14 @@ def schedule_options(o, total: int, warmup: int) -> dict:
     return dict(cycles=o.cycles, power=o.decay_power, decay_steps=decay, stable_steps=stable,
                 decay_type=o.decay_type, warmup_type=o.warmup_type,
                 timescale=o.timescale or warmup or 10_000,
-                shift=o.schedule_shift if o.schedule == "cosine" else 0, waves=o.cosine_waves)
+                shift=o.schedule_shift if o.schedule == "cosine" else 0, waves=o.cosine_waves,
+                warmup_start=o.warmup_start_ratio if uses_warmup_start(o) else None)
+
+
+def uses_warmup_start(o) -> bool:
+    """Whether ``o.warmup_start_ratio`` applies: transformers' warmup_lr_rate is
+    cosine_warmup_with_min_lr's only ("cosine" with schedule_shift 1)."""
+    return o.schedule == "cosine" and o.schedule_shift == 1
 
 
 def wsd_note(o, total: int, warmup: int) -> str | None:
@@ -154,12 +165,15 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
               cycles: int = 1, power: float = 1.0, decay_steps: int = 0,
               stable_steps: int | None = None, decay_type: str = "cosine",
               warmup_type: str = "linear", timescale: int | None = None, shift: int = 0,
-              waves: float = 0.5) -> float:
+              waves: float = 0.5, warmup_start: float | None = None) -> float:
     """Multiplier of the peak lr for optimizer step ``step`` (0-based) of ``total``: transformers'
     ``get_scheduler``, whose linear warmup gives step k ``k / warmup`` of the peak (the first step
     at lr 0, the peak at step ``warmup``; "wsd": from ``min_ratio``). ``shift`` 1: the lr of step
     ``step + 1`` (transformers' cosine_warmup_with_min_lr: warmup (k + 1) / warmup, its decay's
-    progress (k - warmup + 1) / (total - warmup), the last step at the floor)."""
+    progress (k - warmup + 1) / (total - warmup), the last step at the floor); with its
+    warmup_lr_rate (``warmup_start``) the warmup is start + (1 - start) * k / (warmup - 1)."""
+    if warmup_start is not None and step < warmup:  # its warmup_lr_rate: step k, not k + 1
+        return warmup_start + (1 - warmup_start) * step / max(1, warmup - 1)
     step += shift
     if schedule == "wsd":  # transformers' _get_wsd_scheduler_lambda
         if step < warmup:

@@ -52,6 +52,9 @@ CASES = [("polynomial", dict(power=1.0, lr_end=0.1), dict(schedule="linear", min
           dict(schedule="cosine", min_lr_ratio=0.1, cosine_waves=1.5)),
          ("cosine_warmup_with_min_lr", dict(min_lr_rate=0.1, num_cycles=1.0),
           dict(schedule="cosine", schedule_shift=1, min_lr_ratio=0.1, cosine_waves=1.0)),
+         *[("cosine_warmup_with_min_lr", dict(min_lr_rate=0.1, warmup_lr_rate=r),
+            dict(schedule="cosine", schedule_shift=1, min_lr_ratio=0.1, warmup_start_ratio=r))
+           for r in (0.0, 0.3)],
          ("warmup_stable_decay", dict(num_decay_steps=3, num_cycles=1.0, min_lr_ratio=0.1),
           dict(schedule="wsd", decay_steps=3, cosine_waves=1.0, min_lr_ratio=0.1))]
 
@@ -116,6 +119,7 @@ def test_wsd_decay_ratio_and_a_resume_with_another_length():
     (dict(stable_steps=2.5), "optim.stable_steps must be an integer >= 0"),
     (dict(schedule_shift=2), "optim.schedule_shift must be 0 or 1"),
     (dict(cosine_waves=0.0), "optim.cosine_waves must be a finite number > 0"),
+    (dict(warmup_start_ratio=1.5), r"optim.warmup_start_ratio must be in \[0, 1\]"),
     (dict(cosine_waves=float("inf")), "optim.cosine_waves must be a finite number > 0"),
     (dict(cycles=2, cosine_waves=1.0), "are two shapes: set one of them"),
     (dict(schedule="step"), "optim.schedule must be one of 'cosine', 'linear', 'constant', "
@@ -154,6 +158,10 @@ def test_a_schedule_s_setting_given_to_another_is_said():
     assert len(notes('optim.schedule="wsd"', 'optim.decay_type="linear"',
                      "optim.cosine_waves=1.0")) == 1
     assert notes('optim.schedule="wsd"', "optim.cosine_waves=1.0") == []
+    assert notes("optim.warmup_start_ratio=0.1") == [
+        'optim.warmup_start_ratio ignored: it applies to optim.schedule = "cosine" with '
+        "optim.schedule_shift = 1 (transformers' cosine_warmup_with_min_lr's warmup_lr_rate)"]
+    assert notes("optim.schedule_shift=1", "optim.warmup_start_ratio=0.1") == []
     assert notes('optim.schedule="wsd"', "optim.timescale=4") == [
         'optim.timescale ignored: it applies to optim.schedule = "inverse_sqrt"']
     assert notes('optim.schedule="inverse_sqrt"', "optim.min_lr_ratio=0.1") == [
