@@ -137,11 +137,18 @@ class OptimConfig:
     # After the warmup ("wsd": warmup, stable, decay; engine/schedules.py):
     schedule: str = "cosine"  # "cosine" | "linear" | "constant" | "wsd" | "inverse_sqrt"
     min_lr_ratio: float = 0.0  # decay to lr * min_lr_ratio (and "wsd"'s warmup starts there)
-    cycles: int = 1  # "cosine": > 1 hard restarts (transformers' cosine_with_restarts num_cycles)
+    # "cosine": > 1 hard restarts, each down to lr * min_lr_ratio (transformers'
+    # cosine_with_restarts num_cycles, without a floor; its "cosine" num_cycles counts waves)
+    cycles: int = 1
+    schedule_shift: int = 0  # "cosine": 1: every step at the next's lr (cosine_warmup_with_min_lr)
+    warmup_start_ratio: float | None = None  # shift 1: the warmup from lr * it (warmup_lr_rate)
+    cosine_waves: float = 0.5  # a cosine's waves (transformers' cosine num_cycles; 1: down and up)
     decay_power: float = 1.0  # "linear": (1 - progress) ** decay_power (transformers' polynomial)
     decay_steps: int | None = None  # "wsd": the decay, the run's last steps (None: decay_ratio)
     decay_ratio: float = 0.1  # "wsd": the decay's fraction of the run's steps, rounded up
     decay_type: str = "cosine"  # "wsd": the decay's shape, "linear" | "cosine" | "1-sqrt"
+    warmup_type: str = "linear"  # "wsd": the warmup's shape, "linear" | "cosine" | "1-sqrt"
+    stable_steps: int | None = None  # "wsd": the peak's steps after the warmup (None: to the decay)
     timescale: int | None = None  # "inverse_sqrt": its timescale (None: warmup steps, else 10000)
     max_grad_norm: float = 1.0  # 0: no clipping
 

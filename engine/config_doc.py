@@ -12,6 +12,7 @@ import re
 
 from ember import EmberError
 from ember.engine.config import TrainConfig, _toml_value, given_keys, to_dict
+from ember.engine.schedules import uses_warmup_start
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
 
@@ -183,11 +184,21 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
     if cfg.optim.schedule == "inverse_sqrt":
         note("optim", given("optim", ("min_lr_ratio",)),
              'optim.schedule = "inverse_sqrt" decays without a floor')
-    for schedule, keys in (("cosine", ("cycles",)), ("linear", ("decay_power",)),
-                           ("wsd", ("decay_steps", "decay_ratio", "decay_type")),
+    for schedule, keys in (("cosine", ("cycles", "schedule_shift")), ("linear", ("decay_power",)),
+                           ("wsd", ("decay_steps", "decay_ratio", "decay_type", "warmup_type",
+                                    "stable_steps")),
                            ("inverse_sqrt", ("timescale",))):
         if cfg.optim.schedule != schedule:
             note("optim", given("optim", keys), f'they apply to optim.schedule = "{schedule}"')
+    o = cfg.optim
+    if not uses_warmup_start(o):
+        note("optim", given("optim", ("warmup_start_ratio",)),
+             'it applies to optim.schedule = "cosine" with optim.schedule_shift = 1 '
+             "(transformers' cosine_warmup_with_min_lr's warmup_lr_rate)")
+    if o.schedule not in ("cosine", "wsd") or (o.schedule == "wsd" and o.decay_type != "cosine"):
+        note("optim", given("optim", ("cosine_waves",)),
+             'it shapes a cosine: optim.schedule = "cosine", or "wsd" with optim.decay_type = '
+             '"cosine"')
     if cfg.activations.checkpointing != "every_k":
         note("activations", given("activations", ("every_k",)),
              'it applies to activations.checkpointing = "every_k"')

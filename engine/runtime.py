@@ -221,8 +221,9 @@ class StepSizes:
 def length_note(step: int, old: int, new: int) -> str | None:
     """A resume at ``step`` whose run length (max_steps / epochs: ``new`` steps) differs from
     the checkpoint's (``old``): the note that says what happens (None: the same length). The
-    lr schedule and a warmup_ratio's warmup are of the new length from the resume on, as in
-    transformers' Trainer resumed with another max_steps (its scheduler is rebuilt for it)."""
+    lr schedule, a warmup_ratio's warmup and a decay_ratio's decay are of the new length from the
+    resume on, as in transformers' Trainer resumed with another max_steps (its scheduler is
+    rebuilt for it)."""
     if old == new:
         return None
     if step >= new:
@@ -231,7 +232,8 @@ def length_note(step: int, old: int, new: int) -> str | None:
                 f"train, the run ends at step {step}")
     return (f"note: this run is {new} steps long (max_steps / epochs), the checkpoint's was "
             f"{old}: from step {step + 1} on the lr follows the {new}-step schedule (its warmup "
-            "too, with a warmup_ratio), as transformers' Trainer resumed with another max_steps")
+            "too with a warmup_ratio, and \"wsd\"'s decay with a decay_ratio), as transformers' "
+            "Trainer resumed with another max_steps")
 
 
 def freeze_parameters(model, freeze: tuple[str, ...], train_layers: tuple[int, ...] | None

@@ -94,7 +94,7 @@ from ember.engine.runtime import (
     router_aux_coef,
     warmup_steps,
 )
-from ember.engine.schedules import lr_factor, schedule_options
+from ember.engine.schedules import lr_factor, schedule_options, wsd_note
 from ember.engine.stages import describe as describe_start
 from ember.engine.state import (
     Progress,
@@ -352,15 +352,18 @@ class Trainer(EvalMixin):
                       f"({cfg.eval.early_stopping}) cannot stop this run; lower eval.every_steps")
         o = cfg.optim
         warmup = warmup_steps(o, total)
-        if warmup >= total:  # transformers' schedule too: its first warmup step is at lr 0
-            # wsd's warmup starts at lr * min_lr_ratio (transformers' _get_wsd_scheduler_lambda)
-            floor = o.lr * o.min_lr_ratio if o.schedule == "wsd" else 0.0
+        shape = schedule_options(o, total, warmup)
+        if warmup >= total + shape["shift"]:  # transformers' too: its first warmup step at lr 0
+            # wsd's warmup starts at lr * min_lr_ratio (transformers' _get_wsd_scheduler_lambda),
+            # a shifted one at lr / warmup (its cosine_warmup_with_min_lr)
+            floor = o.lr * lr_factor(0, total, warmup, o.schedule, o.min_lr_ratio, **shape)
             self.echo(f"note: the warmup ({warmup} steps) covers the whole {total}-step run: the "
                       f"lr rises from {floor:g} and never reaches optim.lr = {o.lr:g}"
                       + (f" (the one step is at lr {floor:g}"
                          + (": nothing trains)" if floor == 0 else ")") if total == 1 else "")
                       + "; lower optim.warmup_steps / optim.warmup_ratio, or train more steps")
-        shape = schedule_options(o, total, warmup)
+        if note := wsd_note(o, total, warmup):
+            self.echo(note)
         opt = make_optimizer(model, o, self.device, embedding_lr=cfg.lora.embedding_lr
                              if cfg.method == "lora" else None)
         params = [p for g in opt.param_groups for p in g["params"]]

@@ -38,7 +38,7 @@ def test_a_toml_date_is_a_named_error_not_a_crash(tmp_path, capsys):
     ("lr=1e-3", "'optim.lr'"),             # a section's key at the top level
     ("rank=8", "'lora.rank'"),
     ("max_step=3", "'max_steps'"),
-    ("optim.warmup=3", "'warmup_steps' or 'warmup_ratio'"),
+    ("optim.warmup=3", "'warmup_type' or 'warmup_steps'"),  # (optim.warmup_type: wsd's)
     ("lora.lr=1e-3", "'optim.lr'"),        # another table's key (was no suggestion)
     ("optim.rank=8", "'lora.rank'"),
     ("data.metrics=[f1]", "'eval.metrics'"),  # (bare words in brackets: not a TOML error)
