@@ -49,7 +49,7 @@ from ember.engine.guards import GuardConfig
 from ember.engine.kto import KTOConfig
 from ember.engine.objectives import OBJECTIVES, PREFERENCE_OBJECTIVES, DistillConfig
 from ember.engine.preference_objectives import DPOConfig, ORPOConfig, SimPOConfig
-from ember.engine.schedules import HF_SCHEDULE_NAMES, check_schedule  # noqa: F401
+from ember.engine.schedules import check_schedule
 from ember.models.lora import LoRAConfig
 from ember.models.prompt_tuning import PromptTuningConfig
 

@@ -18,7 +18,6 @@ import torch
 from ember import EmberError
 from ember.engine.classification import resolve_head, train_head
 from ember.engine.config import TrainConfig, from_dict, to_dict
-from ember.engine.schedules import lr_factor  # noqa: F401  (re-exported: its old home)
 from ember.engine.stages import base_of, load_start, resolve_start
 from ember.models.loading import iter_dense_weights
 from ember.models.lora import apply_lora

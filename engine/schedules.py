@@ -122,7 +122,7 @@ def schedule_options(o, total: int, warmup: int) -> dict:
     stable = o.stable_steps if o.stable_steps is not None else total - warmup - decay
     return dict(cycles=o.cycles, power=o.decay_power, decay_steps=decay, stable_steps=stable,
                 decay_type=o.decay_type, warmup_type=o.warmup_type,
-                timescale=o.timescale or warmup or 10_000,
+                timescale=o.timescale,
                 shift=o.schedule_shift if o.schedule == "cosine" else 0, waves=o.cosine_waves,
                 warmup_start=o.warmup_start_ratio if uses_warmup_start(o) else None)
 

@@ -7,7 +7,7 @@ the optimizer state (sharded by rank), every rank's RNG states, the resolved con
 
     progress   step, tokens seen, seconds trained, early-stopping state, scores before training
                (the lr schedule is a function of the step less the guard's skipped steps:
-               ``runtime.lr_factor``)
+               ``schedules.lr_factor``)
     data       the data position in terms that do not depend on the number of processes
     guard      the non-finite guard's streak and total
     scaler     the fp16 GradScaler (fp16 only)

@@ -10,9 +10,16 @@ import warnings
 import pytest
 
 from ember import EmberError
-from ember.engine.config import HF_SCHEDULE_NAMES, OptimConfig
-from ember.engine.runtime import length_note, lr_factor
-from ember.engine.schedules import HF_SCHEDULES_REFUSED, SCHEDULES, schedule_options, wsd_note
+from ember.engine.config import OptimConfig
+from ember.engine.runtime import length_note
+from ember.engine.schedules import (
+    HF_SCHEDULE_NAMES,
+    HF_SCHEDULES_REFUSED,
+    SCHEDULES,
+    lr_factor,
+    schedule_options,
+    wsd_note,
+)
 from ember.engine.trainer import train
 from tests.engine._tiny import hf_lr_factors, rows_of, tiny_config
 
