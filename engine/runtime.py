@@ -153,16 +153,6 @@ def autocast_for(device: str, precision: str):
     return lambda: torch.autocast(kind, dtype=dtype)
 
 
-def warmup_steps(optim, total: int) -> int:
-    """``optim.warmup_steps``, else ``optim.warmup_ratio`` of ``total`` steps rounded up, exactly
-    as transformers' ``TrainingArguments.get_warmup_steps`` (0.05 of 10 steps is 1 warmup step,
-    of 50 steps 3; its float product too: 0.07 * 100 is 7.000000000000001, 8 steps), so a run's
-    lr is the one transformers gives at every step."""
-    if optim.warmup_steps is not None:
-        return optim.warmup_steps
-    return math.ceil(total * optim.warmup_ratio)
-
-
 def _epoch_steps(batches, epoch: int, grad_accum: int) -> list[int]:
     """The micro-batches of each optimizer step of ``epoch``: whole steps, then one of the
     micro-batches left (transformers' Trainer's partial accumulation)."""

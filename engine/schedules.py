@@ -113,12 +113,25 @@ def check_schedule(o) -> None:
                          f"steps, else 10000), got {o.timescale!r}")
 
 
+def warmup_steps(optim, total: int) -> int:
+    """``optim.warmup_steps``, else ``optim.warmup_ratio`` of ``total`` steps rounded up, exactly
+    as transformers' ``TrainingArguments.get_warmup_steps`` (0.05 of 10 steps is 1 warmup step,
+    of 50 steps 3; its float product too: 0.07 * 100 is 7.000000000000001, 8 steps), so a run's
+    lr is the one transformers gives at every step."""
+    return ratio_steps(optim.warmup_steps, optim.warmup_ratio, total)
+
+
+def ratio_steps(steps: int | None, ratio: float, total: int) -> int:
+    """``steps`` when given, else ``ratio`` of ``total`` steps rounded up (transformers' rule)."""
+    return steps if steps is not None else math.ceil(total * ratio)
+
+
 def schedule_options(o, total: int, warmup: int) -> dict:
     """``lr_factor``'s keyword arguments from ``o`` (an ``OptimConfig``) for a ``total``-step run
     with ``warmup`` warmup steps: decay_ratio of the run rounded up (as warmup_ratio), wsd's
     stable phase (transformers' num_stable_steps: the rest of the run when not given), the
     inverse square root's timescale (transformers' default: the warmup, else 10000)."""
-    decay = o.decay_steps if o.decay_steps is not None else math.ceil(total * o.decay_ratio)
+    decay = ratio_steps(o.decay_steps, o.decay_ratio, total)
     stable = o.stable_steps if o.stable_steps is not None else total - warmup - decay
     return dict(cycles=o.cycles, power=o.decay_power, decay_steps=decay, stable_steps=stable,
                 decay_type=o.decay_type, warmup_type=o.warmup_type,

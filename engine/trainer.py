@@ -92,9 +92,8 @@ from ember.engine.runtime import (
     num_weights,
     resolve,
     router_aux_coef,
-    warmup_steps,
 )
-from ember.engine.schedules import lr_factor, schedule_options, wsd_note
+from ember.engine.schedules import lr_factor, schedule_options, warmup_steps, wsd_note
 from ember.engine.stages import describe as describe_start
 from ember.engine.state import (
     Progress,

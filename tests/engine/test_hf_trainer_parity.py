@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ember.engine import trainer as trainer_mod
-from ember.engine.runtime import warmup_steps
+from ember.engine.schedules import warmup_steps
 from tests.engine._tiny import quiet, rows_of, tiny_config
 
 IGNORE = -100

@@ -453,7 +453,7 @@ def test_lr_schedule_matches_transformers(schedule):
     from transformers import TrainingArguments
 
     from ember.engine.config import OptimConfig
-    from ember.engine.runtime import warmup_steps
+    from ember.engine.schedules import warmup_steps
 
     ours_name = schedule.removesuffix("0")
     _, min_ratio = HF_SCHEDULES[schedule]
