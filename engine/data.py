@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember import EmberError
+from ember.engine import hfdatasets
 from ember.engine.datafiles import open_data, table_items
 from ember.engine.datareport import MAX_PROBLEMS, DataReport
 from ember.engine.encoder import _Encoder, with_system_prompt  # noqa: F401  (for readers)
@@ -356,7 +357,7 @@ def read_lines(path: str | Path, make_reader) -> tuple[_Reader, list[Example]]:
     of them gzipped (``ember.engine.datafiles``; items named ``path[index]``): ``make_reader(path)``
     turns each line into an example or reports it (its ``report`` counts the lines)."""
     path = Path(path)
-    if not path.exists():
+    if not hfdatasets.exists(str(path)):
         raise EmberError(f"{path}: dataset file not found")
     reader, examples = make_reader(path), []
     with open_data(path) as f:
@@ -427,6 +428,7 @@ def load_datasets(cfg: DataConfig, tokenizer, load_file=load_examples) -> Datase
         reports.append(rep)
         return ex
 
+    cfg = hfdatasets.named_splits(cfg)  # a datasets folder: the split named like the setting
     train = []
     for group, path in enumerate(cfg.train):
         for e in load(path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ember import EmberError
+from ember.engine import hfdatasets
 from ember.engine.classification import resolve_head, train_head
 from ember.engine.config import TrainConfig, from_dict, to_dict
 from ember.engine.schedules import lr_factor  # noqa: F401  (re-exported: its old home)
@@ -64,6 +65,8 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     def fix(v):
         if isinstance(v, str) and v and not os.path.isabs(v) and Path(v).expanduser().exists():
             return os.path.abspath(Path(v).expanduser())
+        if isinstance(v, str) and v and not os.path.isabs(v) and hfdatasets.exists(v):
+            return hfdatasets.absolute(v)  # "folder:split" of a datasets folder
         return [fix(x) for x in v] if isinstance(v, (list, tuple)) else v
 
     d = to_dict(cfg)
@@ -94,8 +97,10 @@ def moved_task_file(path: str, out_dir: Path) -> str:
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Decide every "auto" field (device, precision, model dtype, lr, task data paths); local
-    paths become absolute (``absolute_paths``)."""
+    paths become absolute (``absolute_paths``), a datasets folder's the split named like its
+    setting (``hfdatasets.named_splits``)."""
     cfg = absolute_paths(cfg)
+    cfg = cfg.replace(data=hfdatasets.named_splits(cfg.data))
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from ember import EmberError
-from ember.engine.data import DataConfig, load_examples
+from ember.engine.data import DataConfig, load_datasets, load_examples
 from ember.models.tokenizer import Tokenizer
 from tests.engine.test_formats import CHATML, chat_backend
 
@@ -265,39 +265,151 @@ def test_parquet_messages_whose_keys_differ_by_row(tmp_path, tok):
     _same(examples, _jsonl(tmp_path, rows, tok))
 
 
-def test_datasets_folders_and_arrow_files_say_how_to_export(tmp_path, tok):
-    """Hugging Face ``datasets``' save_to_disk output (Arrow stream shards, written with pyarrow
-    as datasets writes them, beside state.json; a DatasetDict's dataset_dict.json over split
-    folders) was "is a directory; give the JSONL file", and a shard given as the file was
-    "not valid UTF-8" at line 1; a folder of Parquet files (a Hub snapshot) did not say which
-    files it holds. Each now says what it is and what to give instead."""
+def _save_to_disk(folder, rows, shards=1, indices=None):
+    """A folder as ``datasets.Dataset.from_list(rows).save_to_disk(folder, num_shards=shards)``
+    writes it (datasets 5.2: Arrow IPC stream shards, state.json listing them in order,
+    dataset_info.json), written with pyarrow; ``indices``: datasets 1.x's indices mapping of a
+    select / shuffle (``_indices_data_files``, an Arrow file of one uint64 column)."""
+    pa = pytest.importorskip("pyarrow")
+    folder.mkdir(parents=True)
+    table, names = pa.Table.from_pylist(rows), []
+    size = -(-len(rows) // shards)
+    for i in range(shards):
+        names.append(f"data-{i:05d}-of-{shards:05d}.arrow")
+        part = table.slice(i * size, size)
+        with pa.OSFile(str(folder / names[-1]), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(part)
+    state = {"_data_files": [{"filename": n} for n in names],
+             "_fingerprint": "0", "_format_columns": None, "_format_kwargs": {},
+             "_format_type": None, "_output_all_columns": False, "_split": None}
+    if indices is not None:
+        idx = pa.table({"indices": pa.array(indices, pa.uint64())})
+        with pa.OSFile(str(folder / "indices.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, idx.schema) as writer:
+                writer.write_table(idx)
+        state["_indices_data_files"] = [{"filename": "indices.arrow"}]
+    (folder / "state.json").write_text(json.dumps(state))
+    (folder / "dataset_info.json").write_text("{}")
+
+
+def test_save_to_disk_folders_read_as_load_from_disk(tmp_path, tok):
+    """A datasets save_to_disk folder was refused ("export it with to_json"): it now reads as
+    load_from_disk(folder) gives it (checked with datasets 5.2: every shard in state.json's
+    order, nested list/struct columns as JSON, a DatasetDict's split per setting), named
+    folder[index] / folder:split[index]; datasets 1.x's indices mapping is applied."""
+    rows = [*ROWS, *ROWS[:2]]
+    _save_to_disk(tmp_path / "one", rows, shards=3)
+    examples, rep = load_examples(tmp_path / "one", DataConfig(), tok)
+    _same(examples, _jsonl(tmp_path, rows, tok))
+    assert [e.source for e in examples] == [f"{tmp_path / 'one'}[{i}]" for i in range(5)]
+    _save_to_disk(tmp_path / "chat", CHATS)  # a list-of-struct column
+    _same(load_examples(tmp_path / "chat", DataConfig(), tok)[0], _jsonl(tmp_path, CHATS, tok))
+    _save_to_disk(tmp_path / "sel", ROWS, indices=[2, 0])
+    _same(load_examples(tmp_path / "sel", DataConfig(), tok)[0],
+          _jsonl(tmp_path, [ROWS[2], ROWS[0]], tok))
+
+    dd = tmp_path / "dd"
+    _save_to_disk(dd / "train", ROWS, shards=2)
+    _save_to_disk(dd / "test", ROWS[1:])
+    (dd / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    ds = load_datasets(DataConfig(train=(str(dd),), test=str(dd)), tok)
+    _same(ds.train, _jsonl(tmp_path, ROWS, tok))
+    _same(ds.test, _jsonl(tmp_path, ROWS[1:], tok))
+    assert ds.test[1].source == f"{dd}:test[1]"
+    _same(load_examples(f"{dd}:test", DataConfig(), tok)[0], ds.test)
+    for cfg, why in (
+            (DataConfig(train=(str(dd),), validation=str(dd)),
+             r"splits train, test but no 'validation' split for data\.validation; name the one "
+             r"to use, e\.g\. data\.validation = \".*dd:train\""),
+            (DataConfig(train=(f"{dd}:dev",)), r"dd:dev: no split 'dev' in .*dd \(it has train, "
+                                               r"test\)"),
+            (DataConfig(train=(f"{tmp_path / 'one'}:train",)), r"one saved Dataset, without "
+                                                                r"splits: give the folder alone")):
+        with pytest.raises(EmberError, match=why):
+            load_datasets(cfg, tok)
+    with pytest.raises(EmberError, match=r"dd: a Hugging Face datasets folder with the splits "
+                                         r"train, test: name one, e\.g\. \".*dd:train\""):
+        load_examples(dd, DataConfig(), tok)  # no setting to name the split
+
+
+def test_datasets_folder_paths_in_a_run_config(tmp_path, monkeypatch):
+    """A run records "folder:split" (absolute, the split named like the setting), so eval /
+    resume read the same split from any folder; a missing folder is named before the model
+    loads."""
+    from ember.engine.cli import _check_data_files
+    from ember.engine.config import TrainConfig
+    from ember.engine.hfdatasets import named_splits
+    from ember.engine.runtime import absolute_paths
+
+    _save_to_disk(tmp_path / "dd" / "train", ROWS)
+    _save_to_disk(tmp_path / "dd" / "validation", ROWS)
+    (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train", "validation"]}')
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(TrainConfig(data=DataConfig(train=("dd",), validation="dd:train")))
+    assert cfg.data.validation == f"{tmp_path / 'dd'}:train"
+    assert named_splits(cfg.data).train == (f"{tmp_path / 'dd'}:train",)
+    _check_data_files(cfg)
+    with pytest.raises(EmberError, match=r"data file not found: data\.test = 'gone:test'"):
+        _check_data_files(TrainConfig(data=DataConfig(train=("dd",), test="gone:test")))
+
+
+def test_hub_folders_split_as_load_dataset_infers(tmp_path, tok):
+    """A Hub-style folder of data files reads the split datasets.load_dataset(folder) infers
+    (datasets 5.2 gave these splits and rows): data/{split}-NNNNN-of-NNNNN shards (any split
+    name, shards in order), else folder names, else file names (dev -> validation), else all
+    files as train; a split reads the files of its most common format (a tie: Parquet, JSON
+    Lines, JSON, CSV). Blank JSONL lines are not rows (the index is the row's in the split)."""
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    table = pa.Table.from_pylist(ROWS)
-    split = tmp_path / "ds" / "train"
-    split.mkdir(parents=True)
-    with pa.OSFile(str(split / "data-00000-of-00001.arrow"), "wb") as sink:
-        with pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-    (split / "state.json").write_text(json.dumps(
-        {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": "train"}))
-    (split / "dataset_info.json").write_text("{}")
-    (tmp_path / "ds" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
-    for path, why in (
-            (split, r"a Hugging Face datasets folder .*load_from_disk\(FOLDER\)\.to_json"),
-            (tmp_path / "ds", r"datasets folder .*load_from_disk\(FOLDER\)\[\"train\"\]"),
-            (split / "data-00000-of-00001.arrow",
-             r"an Arrow file .*datasets\.Dataset\.from_file\(FILE\)\.to_json")):
-        with pytest.raises(EmberError, match=why):
-            load_examples(path, DataConfig(), tok)
     hub = tmp_path / "hub" / "data"
     hub.mkdir(parents=True)
-    pq.write_table(table, hub / "train-00000-of-00001.parquet")
-    with pytest.raises(EmberError, match=r"is a directory; give a data file \(it holds "
-                                         r"data/train-00000-of-00001\.parquet\)"):
-        load_examples(tmp_path / "hub", DataConfig(), tok)
-    _same(load_examples(hub / "train-00000-of-00001.parquet", DataConfig(), tok)[0],
+    pq.write_table(pa.Table.from_pylist(ROWS[:2]), hub / "train-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(ROWS[2:]), hub / "train-00001-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(CHATS), hub / "test_sft-00000-of-00001.parquet")
+    (tmp_path / "hub" / "README.md").write_text("---\n---\n")
+    from ember.engine.hfdatasets import splits
+
+    assert splits(tmp_path / "hub") == ["train", "test_sft"]
+    _same(load_datasets(DataConfig(train=(str(tmp_path / "hub"),)), tok).train,
           _jsonl(tmp_path, ROWS, tok))
+    _same(load_examples(f"{tmp_path / 'hub'}:test_sft", DataConfig(), tok)[0],
+          _jsonl(tmp_path, CHATS, tok))
+    names = tmp_path / "names"
+    (names / ".cache").mkdir(parents=True)
+    (names / ".cache" / "test.jsonl").write_text("not data\n")
+    (names / "train.jsonl").write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n")
+    _csv(names / "dev.csv", ROWS[2:])
+    _csv(names / "train_x.csv", CHATS)  # a train file of the format fewer train files have
+    assert splits(names) == ["train", "validation"]
+    ds = load_datasets(DataConfig(train=(str(names),), validation=str(names)), tok)
+    _same(ds.train, _jsonl(tmp_path, ROWS[:2], tok))
+    assert ds.train[1].source == f"{names}:train[1]"
+    _same(ds.validation, _jsonl(tmp_path, ROWS[2:], tok))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "b.jsonl").write_text(json.dumps(ROWS[1]) + "\n")
+    (flat / "a.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    assert splits(flat) == ["train"]
+    _same(load_datasets(DataConfig(train=(str(flat),)), tok).train,
+          _jsonl(tmp_path, ROWS[:2], tok))
+
+
+def test_arrow_files_and_folders_without_data_say_what_to_give(tmp_path, tok):
+    """A save_to_disk shard given as the file was "not valid UTF-8" at line 1; a folder with no
+    data files said only "is a directory"."""
+    _save_to_disk(tmp_path / "one", ROWS)
+    with pytest.raises(EmberError, match=r"an Arrow file .*datasets\.Dataset\.from_file\(FILE\)"
+                                         r"\.to_json"):
+        load_examples(tmp_path / "one" / "data-00000-of-00001.arrow", DataConfig(), tok)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(EmberError, match=r"empty: is a directory; give a data file"):
+        load_examples(tmp_path / "empty", DataConfig(), tok)
+    (tmp_path / "one" / "state.json").write_text('{"_data_files": [{"filename": "gone.arrow"}]}')
+    with pytest.raises(EmberError, match=r"one: state\.json lists gone\.arrow, which is not "
+                                         r"there"):
+        load_examples(tmp_path / "one", DataConfig(), tok)
 
 
 def test_csv_cells_python_reads_as_numbers_but_pandas_does_not_stay_text(tmp_path):
@@ -419,14 +531,19 @@ def test_bom_on_a_later_line_says_files_were_joined(tmp_path, tok):
 
 
 def test_a_folder_given_as_data_names_its_data_files_without_walking_the_tree(tmp_path, tok):
-    """A folder given as data.train names some data files in it (a Hub snapshot's
-    data/train.parquet), looking three levels deep and not in hidden folders: the message walked
-    the whole tree (seconds for /usr, longer for a home or repository folder given by mistake)
-    and listed .git / .cache files as data."""
-    for name in (".git/objects/x.json", ".cache/hub/y.jsonl", "data/train.jsonl",
-                 "a/b/c/deep.jsonl"):
+    """A folder without data files outside hidden folders (.git, .cache) says it is a directory
+    (was: the whole tree walked and .git / .cache files listed as data); one with data files is
+    split as datasets 5.2's load_dataset splits it: only data/train.jsonl is a train file here
+    (a/b/c/deep.jsonl is in no split)."""
+    from ember.engine.hfdatasets import _hub_splits
+
+    for name in (".git/objects/x.json", ".cache/hub/y.jsonl"):
         (tmp_path / "repo" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "repo" / name).write_text("{}\n")
-    with pytest.raises(EmberError, match=r"repo: is a directory; give a data file \(it holds "
-                                         r"data/train\.jsonl\); data\.train may list several"):
+    with pytest.raises(EmberError, match=r"repo: is a directory; give a data file; data\.train "
+                                         r"may list several"):
         load_examples(tmp_path / "repo", DataConfig(), tok)
+    for name in ("data/train.jsonl", "a/b/c/deep.jsonl"):
+        (tmp_path / "repo" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "repo" / name).write_text(json.dumps(ROWS[0]) + "\n")
+    assert _hub_splits(tmp_path / "repo") == {"train": ["data/train.jsonl"]}
