@@ -92,19 +92,21 @@ def splits(folder: Path) -> list[str]:
     return list(_hub_splits(folder)) if k == "hub" else []
 
 
-def with_split(value: str, split: str) -> str:
+def with_split(value: str, split: str, setting: str = "") -> str:
     """``"folder:split"`` for a data path that is a DatasetDict or Hub-style folder given without
-    a split (``split``: the setting's, "train" for data.train); anything else unchanged. A folder
-    without that split is an EmberError naming its splits."""
+    a split (``split``: the setting's, "train" for data.train; ``setting``: its name, default
+    ``data.<split>``); anything else unchanged. A folder without that split is an EmberError
+    naming its splits."""
+    setting = setting or f"data.{split}"
     src = source(Path(value))
     if src is None or src[1] is not None or kind(src[0]) not in ("dict", "hub"):
         return value
     have = splits(src[0])
     if split not in have:
         raise EmberError(
-            f"{value}: a Hugging Face datasets folder with the splits "
-            f"{', '.join(have)} but no {split!r} split for data.{split}; name the "
-            f'one to use, e.g. data.{split} = "{value}:{have[0]}"'
+            f"{value}: a Hugging Face datasets folder with the splits {', '.join(have)} but no "
+            f"{split!r} split for {setting}; name the one to use, e.g. {setting} = "
+            f'"{value}:{have[0]}"'
         )
     return f"{value}:{split}"
 
