@@ -419,6 +419,7 @@ def load_datasets(cfg: DataConfig, tokenizer, load_file=load_examples) -> Datase
     one file (``engine/kto.py`` passes its own reader)."""
     if not cfg.train:
         raise EmberError("data.train is empty: give one or more JSONL files")
+    cfg = hfdatasets.named_splits(cfg)  # a datasets folder: the split named like the setting
     if len(cfg.train) > 1:  # a file listed twice: refused (was: silently seen twice an epoch,
         source_names(list(cfg.train), "data.train")  # unless data.mix / val_fraction refused it)
     reports = []
@@ -428,7 +429,6 @@ def load_datasets(cfg: DataConfig, tokenizer, load_file=load_examples) -> Datase
         reports.append(rep)
         return ex
 
-    cfg = hfdatasets.named_splits(cfg)  # a datasets folder: the split named like the setting
     train = []
     for group, path in enumerate(cfg.train):
         for e in load(path):

@@ -10,7 +10,9 @@
   ``train.jsonl``, ``test.csv``, ...), split as ``datasets.load_dataset(folder)`` infers splits
   from file and folder names (``datasets.data_files``): ``data/{split}-NNNNN-of-NNNNN.*`` shards
   first, then folder names, then file names holding train/training, validation/valid/dev/val,
-  test/testing/eval/evaluation; else every file is the train split.
+  test/testing/eval/evaluation; else every file is the train split; a README.md whose front
+  matter lists ``configs`` gives each config's ``data_files`` instead (the only or default
+  config, or ``"folder:config:split"``; needs PyYAML).
 
 A split is named ``"folder:split"``; ``"folder"`` alone is a ``Dataset`` folder's rows, or the
 split named like the setting that gives it (``with_split``: data.train takes ``train``). Rows come
@@ -50,13 +52,19 @@ _BUDGET = 20000  # names looked at in a Hub-style folder before it is refused as
 
 
 def source(path: Path) -> tuple[Path, str | None] | None:
-    """(folder, split) of a data path that names a datasets folder (``"folder"`` or
-    ``"folder:split"``); None for anything else (a file, or a path that does not exist)."""
+    """(folder, split) of a data path that names a datasets folder (``"folder"``,
+    ``"folder:split"``, or ``"folder:config:split"`` for a Hub folder whose README lists configs:
+    split "config:split"); None for anything else (a file, or a path that does not exist)."""
     if path.is_dir():
         return path, None
     folder, sep, split = str(path).rpartition(":")
-    if sep and split and "/" not in split and not path.exists() and Path(folder).is_dir():
+    if not sep or not split or "/" in split or path.exists():
+        return None
+    if Path(folder).is_dir():
         return Path(folder), split
+    folder, sep, config = folder.rpartition(":")
+    if sep and config and "/" not in config and Path(folder).is_dir():
+        return Path(folder), f"{config}:{split}"
     return None
 
 
@@ -81,15 +89,16 @@ def kind(folder: Path) -> str | None:
         return "dict"
     if (folder / "state.json").is_file():
         return "dataset"
-    return "hub" if _hub_splits(folder) else None
+    return "hub" if _readme_front(folder) is not None or _hub_files(folder) else None
 
 
-def splits(folder: Path) -> list[str]:
-    """The split names of a DatasetDict or Hub-style folder, in datasets' order."""
+def splits(folder: Path, config: str | None = None) -> list[str]:
+    """The split names of a DatasetDict or Hub-style folder (of its README's ``config``), in
+    datasets' order."""
     k = kind(folder)
     if k == "dict":
         return _dict_splits(folder)
-    return list(_hub_splits(folder)) if k == "hub" else []
+    return list(_hub_splits(folder, config)) if k == "hub" else []
 
 
 def with_split(value: str, split: str, setting: str = "") -> str:
@@ -174,19 +183,101 @@ _MODULES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "c
 _RANK = (".tsv", ".csv", ".json", ".jsonl", ".parquet")
 
 
-def _hub_splits(folder: Path) -> dict[str, list[str]]:
-    """split -> files of a Hub-style folder, as ``datasets.data_files.get_data_patterns``
-    resolves them, each split keeping the files of the format most of its files have, as
-    ``load_dataset`` reads only those (where splits differ in format, datasets refuses the
-    folder: Ember reads each); empty: no data files."""
+def _hub_splits(folder: Path, config: str | None = None) -> dict[str, list[str]]:
+    """split -> files of a Hub-style folder: those its README's ``configs`` give (``config``, or
+    its only or default one), else as ``datasets.data_files.get_data_patterns`` resolves them;
+    each split keeps the files of the format most of its files have, as ``load_dataset`` reads
+    only those (where splits differ in format, datasets refuses the folder: Ember reads each);
+    empty: no data files."""
     from ember.engine.datafiles import kind as suffix
 
+    listed = _readme_splits(folder, config)
+    if listed is None and config is not None:
+        raise EmberError(
+            f"{folder}: no README.md configs, so no config {config!r}: name the "
+            "split alone (FOLDER:split)"
+        )
     out = {}
-    for split, files in _split_files(_hub_files(folder)).items():
+    for split, files in (_split_files(_hub_files(folder)) if listed is None else listed).items():
         count = Counter(suffix(Path(f)) for f in files)
-        module = _MODULES[max(count, key=lambda k: (count[k], _RANK.index(k)))]
-        out[split] = [f for f in files if _MODULES[suffix(Path(f))] == module]
+        if count:
+            module = _MODULES[max(count, key=lambda k: (count[k], _RANK.index(k)))]
+            out[split] = [f for f in files if _MODULES[suffix(Path(f))] == module]
     return out
+
+
+def _readme_front(folder: Path) -> str | None:
+    """The YAML front matter of a Hub dataset's README.md when it lists ``configs``, else
+    None."""
+    try:
+        text = (folder / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    head = re.match(r"---[ \t]*\n(.*?)\n---[ \t]*(\n|$)", text, re.S)
+    return head[1] if head and re.search(r"^configs:", head[1], re.M) else None
+
+
+def _readme_splits(folder: Path, config: str | None) -> dict[str, list[str]] | None:
+    """split -> files of the config a Hub dataset's README.md front matter lists (``configs``:
+    ``data_files`` as a pattern, a list of them, or ``{split, path}`` items, as datasets reads
+    them): ``config``, else the only or the ``default: true`` one; None without configs."""
+    front = _readme_front(folder)
+    if front is None:
+        return None
+    try:
+        import yaml
+    except ImportError:
+        raise EmberError(
+            f"{folder}/README.md lists the dataset's configs: reading them needs "
+            "PyYAML (pip install pyyaml)"
+        ) from None
+    try:
+        configs = yaml.safe_load(front)["configs"]
+        by_name = {c.get("config_name", "default"): c for c in configs}
+    except (yaml.YAMLError, TypeError, KeyError, AttributeError) as e:
+        raise EmberError(
+            f"{folder}/README.md: its configs cannot be read ({type(e).__name__}: {e})"
+        ) from None
+    if config is None:
+        chosen = [c for c in configs if c.get("default")] or (
+            configs if len(configs) == 1 else [c for n, c in by_name.items() if n == "default"]
+        )
+        if not chosen:
+            raise EmberError(
+                f"{folder}: a Hub dataset with the configs {', '.join(by_name)} "
+                "(README.md) and no default one: name one with its split, e.g. "
+                f'"{folder}:{next(iter(by_name))}:train"'
+            )
+        spec = chosen[0]
+    elif config in by_name:
+        spec = by_name[config]
+    else:
+        raise EmberError(
+            f"{folder}: no config {config!r} in README.md (it has {', '.join(by_name)})"
+        )
+    files = spec.get("data_files")
+    if isinstance(files, str) or (
+        isinstance(files, list) and all(isinstance(f, str) for f in files)
+    ):
+        files = {"train": files}
+    elif isinstance(files, list) and all(isinstance(f, dict) for f in files):
+        files = {f.get("split", "train"): f.get("path", []) for f in files}
+    if not isinstance(files, dict):
+        raise EmberError(
+            f"{folder}/README.md: config {spec.get('config_name', 'default')!r} "
+            "gives no data_files Ember reads"
+        )
+    found = {}
+    for split, patterns in files.items():
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+        hits = {
+            p.relative_to(folder).as_posix()
+            for pat in patterns
+            for p in folder.glob(pat)
+            if p.is_file() and _data_file(p.name)
+        }
+        found[str(split)] = sorted(hits)
+    return found
 
 
 def _split_files(files: list[str]) -> dict[str, list[str]]:
@@ -224,6 +315,8 @@ def items(path: Path) -> list[bytes]:
     from ember.engine.datafiles import _json_line
 
     folder, split = source(path)
+    config, _, split = split.rpartition(":") if split else ("", "", None)
+    config = config or None
     k = kind(folder)
     if k is None:
         raise EmberError(
@@ -242,10 +335,9 @@ def items(path: Path) -> list[bytes]:
             f'{", ".join(splits(folder))}: name one, e.g. "{folder}:'
             f'{splits(folder)[0]}"'
         )
-    elif split not in splits(folder):
-        raise EmberError(
-            f"{path}: no split {split!r} in {folder} (it has {', '.join(splits(folder))})"
-        )
+    elif split not in splits(folder, config):
+        have = ", ".join(splits(folder, config))
+        raise EmberError(f"{path}: no split {split!r} in {folder} (it has {have})")
     elif k == "dict":
         sub = folder / split
         if not (sub / "state.json").is_file():
@@ -255,7 +347,7 @@ def items(path: Path) -> list[bytes]:
             )
         rows = _saved_rows(sub)
     else:
-        return _hub_rows(path, folder, _hub_splits(folder)[split])
+        return _hub_rows(path, folder, _hub_splits(folder, config)[split])
     return [_json_line(r, path, i) for i, r in enumerate(rows)]
 
 

@@ -350,6 +350,10 @@ def test_datasets_folder_paths_in_a_run_config(tmp_path, monkeypatch):
     assert cfg.data.validation == f"{tmp_path / 'dd'}:train"
     assert named_splits(cfg.data).train == (f"{tmp_path / 'dd'}:train",)
     _check_data_files(cfg)
+    from ember.engine.mixing import source_names
+
+    (tmp_path / "dd.v2").mkdir()  # per-source names (val_loss/<name>): the whole "folder:split"
+    assert source_names(["dd:train", "dd.v2:train"], "data.train") == ["dd:train", "dd.v2:train"]
     with pytest.raises(EmberError, match=r"data file not found: data\.test = 'gone:test'"):
         _check_data_files(TrainConfig(data=DataConfig(train=("dd",), test="gone:test")))
 
@@ -393,6 +397,35 @@ def test_hub_folders_split_as_load_dataset_infers(tmp_path, tok):
     assert splits(flat) == ["train"]
     _same(load_datasets(DataConfig(train=(str(flat),)), tok).train,
           _jsonl(tmp_path, ROWS[:2], tok))
+
+
+def test_hub_folder_configs_from_its_readme(tmp_path, tok):
+    """A Hub snapshot whose README.md lists configs (gsm8k's main/ and socratic/) read both
+    configs' train files as one train split (their names hold "train"); it now reads a
+    config's data_files as datasets 5.2's load_dataset(folder, config, split=...) does:
+    "folder:config:split", or the only / default config; several without a default are
+    refused, naming them."""
+    pytest.importorskip("yaml")
+    for config, rows in (("main", ROWS), ("socratic", CHATS)):
+        (tmp_path / "gsm" / config).mkdir(parents=True)
+        _csv(tmp_path / "gsm" / config / "train-00000-of-00001.csv", rows)
+    readme = ("---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n"
+              "    path: main/train-*\n- config_name: socratic\n  data_files:\n"
+              "  - split: train\n    path: socratic/train-*\n---\n# gsm\n")
+    (tmp_path / "gsm" / "README.md").write_text(readme)
+    gsm = tmp_path / "gsm"
+    _same(load_examples(f"{gsm}:socratic:train", DataConfig(), tok)[0],
+          _jsonl(tmp_path, CHATS, tok))
+    with pytest.raises(EmberError, match=r"gsm: a Hub dataset with the configs main, socratic "
+                                         r"\(README\.md\) and no default one: name one with its "
+                                         r"split, e\.g\. \".*gsm:main:train\""):
+        load_datasets(DataConfig(train=(str(gsm),)), tok)
+    (gsm / "README.md").write_text(readme.replace("path: main/train-*\n",
+                                                  "path: main/train-*\n  default: true\n"))
+    _same(load_datasets(DataConfig(train=(str(gsm),)), tok).train, _jsonl(tmp_path, ROWS, tok))
+    with pytest.raises(EmberError, match=r"no config 'other' in README\.md \(it has main, "
+                                         r"socratic\)"):
+        load_examples(f"{gsm}:other:train", DataConfig(), tok)
 
 
 def test_arrow_files_and_folders_without_data_say_what_to_give(tmp_path, tok):
