@@ -360,6 +360,7 @@ def read_lines(path: str | Path, make_reader) -> tuple[_Reader, list[Example]]:
     if not hfdatasets.exists(str(path)):
         raise EmberError(f"{path}: dataset file not found")
     reader, examples = make_reader(path), []
+    reader.report.files = hfdatasets.hub_files(path)
     with open_data(path) as f:
         items = table_items(path, f)
         if items is not None:

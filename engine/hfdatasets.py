@@ -24,6 +24,7 @@ split=split)``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -349,6 +350,18 @@ def items(path: Path) -> list[bytes]:
     else:
         return _hub_rows(path, folder, _hub_splits(folder, config)[split])
     return [_json_line(r, path, i) for i, r in enumerate(rows)]
+
+
+def hub_files(path: Path) -> list[str]:
+    """The files a Hub-style folder's split (``"folder:split"``) reads, relative to the folder;
+    empty for anything else (a file, a save_to_disk folder, a split that is not there)."""
+    src = source(path)
+    if src is None or src[1] is None or kind(src[0]) != "hub":
+        return []
+    config, _, split = src[1].rpartition(":")
+    with contextlib.suppress(EmberError):
+        return _hub_splits(src[0], config or None).get(split, [])
+    return []
 
 
 def _pyarrow(path: Path):

@@ -375,8 +375,10 @@ def test_hub_folders_split_as_load_dataset_infers(tmp_path, tok):
     from ember.engine.hfdatasets import splits
 
     assert splits(tmp_path / "hub") == ["train", "test_sft"]
-    _same(load_datasets(DataConfig(train=(str(tmp_path / "hub"),)), tok).train,
-          _jsonl(tmp_path, ROWS, tok))
+    ds = load_datasets(DataConfig(train=(str(tmp_path / "hub"),)), tok)
+    _same(ds.train, _jsonl(tmp_path, ROWS, tok))
+    assert ("\n  read from 2 files: data/train-00000-of-00002.parquet, "
+            "data/train-00001-of-00002.parquet") in ds.summary()  # what the split was taken as
     _same(load_examples(f"{tmp_path / 'hub'}:test_sft", DataConfig(), tok)[0],
           _jsonl(tmp_path, CHATS, tok))
     names = tmp_path / "names"
