@@ -113,9 +113,10 @@ def with_split(value: str, split: str, setting: str = "") -> str:
         return value
     have = splits(src[0])
     if split not in have:
+        given = f"{setting} " if setting.startswith("--") else f"{setting} = "
         raise EmberError(
             f"{value}: a Hugging Face datasets folder with the splits {', '.join(have)} but no "
-            f"{split!r} split for {setting}; name the one to use, e.g. {setting} = "
+            f"{split!r} split for {setting}; name the one to use, e.g. {given}"
             f'"{value}:{have[0]}"'
         )
     return f"{value}:{split}"

@@ -354,6 +354,13 @@ def test_datasets_folder_paths_in_a_run_config(tmp_path, monkeypatch):
 
     (tmp_path / "dd.v2").mkdir()  # per-source names (val_loss/<name>): the whole "folder:split"
     assert source_names(["dd:train", "dd.v2:train"], "data.train") == ["dd:train", "dd.v2:train"]
+    from ember.engine.cli_generate import _file_prompts
+
+    # ember generate --prompts FOLDER: its test split, as ember eval --data FOLDER
+    with pytest.raises(EmberError, match=r"no 'test' split for --prompts; name the one to use, "
+                                         r"e\.g\. --prompts \".*dd:train\""):
+        _file_prompts("dd")
+    assert [p[0] for p in _file_prompts("dd:validation")] == [r["prompt"] for r in ROWS]
     with pytest.raises(EmberError, match=r"data file not found: data\.test = 'gone:test'"):
         _check_data_files(TrainConfig(data=DataConfig(train=("dd",), test="gone:test")))
 
