@@ -56,6 +56,7 @@ def source(path: Path) -> tuple[Path, str | None] | None:
     """(folder, split) of a data path that names a datasets folder (``"folder"``,
     ``"folder:split"``, or ``"folder:config:split"`` for a Hub folder whose README lists configs:
     split "config:split"); None for anything else (a file, or a path that does not exist)."""
+    path = path.expanduser()  # (a TOML path "~/data/ds:train", as absolute_paths expands one)
     if path.is_dir():
         return path, None
     folder, sep, split = str(path).rpartition(":")

@@ -349,6 +349,9 @@ def test_datasets_folder_paths_in_a_run_config(tmp_path, monkeypatch):
     cfg = absolute_paths(TrainConfig(data=DataConfig(train=("dd",), validation="dd:train")))
     assert cfg.data.validation == f"{tmp_path / 'dd'}:train"
     assert named_splits(cfg.data).train == (f"{tmp_path / 'dd'}:train",)
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~/dd:train" (was read as a relative "~" path)
+    assert absolute_paths(TrainConfig(data=DataConfig(train=("~/dd:train",)))).data.train == (
+        f"{tmp_path / 'dd'}:train",)
     _check_data_files(cfg)
     from ember.engine.mixing import source_names
 
