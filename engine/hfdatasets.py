@@ -85,8 +85,8 @@ def absolute(value: str) -> str:
 
 
 def kind(folder: Path) -> str | None:
-    """ "dataset" (a save_to_disk Dataset), "dict" (a save_to_disk DatasetDict), "hub" (a folder
-    of data files) or None (none of them)."""
+    """What a folder is: "dataset" (a save_to_disk Dataset), "dict" (a save_to_disk
+    DatasetDict), "hub" (a folder of data files) or None (none of them)."""
     if (folder / "dataset_dict.json").is_file():
         return "dict"
     if (folder / "state.json").is_file():
@@ -96,11 +96,15 @@ def kind(folder: Path) -> str | None:
 
 def splits(folder: Path, config: str | None = None) -> list[str]:
     """The split names of a DatasetDict or Hub-style folder (of its README's ``config``), in
-    datasets' order."""
+    datasets' order; an EmberError where it has none."""
     k = kind(folder)
-    if k == "dict":
-        return _dict_splits(folder)
-    return list(_hub_splits(folder, config)) if k == "hub" else []
+    names = _dict_splits(folder) if k == "dict" else list(_hub_splits(folder, config))
+    if not names:
+        raise EmberError(
+            f"{folder}: a Hugging Face datasets folder without data files in any "
+            "split" + (" (README.md's configs match none)" if k == "hub" else "")
+        )
+    return names
 
 
 def with_split(value: str, split: str, setting: str = "") -> str:

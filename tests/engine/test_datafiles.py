@@ -438,6 +438,10 @@ def test_hub_folder_configs_from_its_readme(tmp_path, tok):
     with pytest.raises(EmberError, match=r"no config 'other' in README\.md \(it has main, "
                                          r"socratic\)"):
         load_examples(f"{gsm}:other:train", DataConfig(), tok)
+    (gsm / "README.md").write_text("---\nconfigs:\n- config_name: x\n  data_files: none/*\n---\n")
+    with pytest.raises(EmberError, match=r"gsm: a Hugging Face datasets folder without data "
+                                         r"files in any split \(README\.md's configs match none"):
+        load_datasets(DataConfig(train=(str(gsm),)), tok)
 
 
 def test_arrow_files_and_folders_without_data_say_what_to_give(tmp_path, tok):
