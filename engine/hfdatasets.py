@@ -410,10 +410,10 @@ def _saved_rows(folder: Path) -> list[dict]:
             f"{folder}: state.json lists {', '.join(missing)}, which is not there; "
             "copy the whole folder"
         )
+    pa = _pyarrow(folder)
     tables = [_arrow_table(s) for s in shards]
     if not tables:
         return []
-    pa = _pyarrow(folder)
     try:
         table = pa.concat_tables(tables)
     except pa.ArrowInvalid as e:

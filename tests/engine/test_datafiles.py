@@ -444,7 +444,7 @@ def test_hub_folder_configs_from_its_readme(tmp_path, tok):
         load_datasets(DataConfig(train=(str(gsm),)), tok)
 
 
-def test_arrow_files_and_folders_without_data_say_what_to_give(tmp_path, tok):
+def test_arrow_files_and_folders_without_data_say_what_to_give(tmp_path, tok, monkeypatch):
     """A save_to_disk shard given as the file was "not valid UTF-8" at line 1; a folder with no
     data files said only "is a directory"."""
     _save_to_disk(tmp_path / "one", ROWS)
@@ -455,6 +455,11 @@ def test_arrow_files_and_folders_without_data_say_what_to_give(tmp_path, tok):
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(EmberError, match=r"empty: is a directory; give a data file"):
         load_examples(tmp_path / "empty", DataConfig(), tok)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "pyarrow", None)  # import fails
+        with pytest.raises(EmberError, match=r"one: reading a datasets folder needs pyarrow "
+                                             r"\(pip install pyarrow\)"):
+            load_examples(tmp_path / "one", DataConfig(), tok)
     (tmp_path / "one" / "state.json").write_text('{"_data_files": [{"filename": "gone.arrow"}]}')
     with pytest.raises(EmberError, match=r"one: state\.json lists gone\.arrow, which is not "
                                          r"there"):
