@@ -17,7 +17,7 @@ from ember import EmberError
 from ember.engine.cli import main
 from ember.engine.config import load_config
 from tests.engine._tiny import make_tiny_model, tiny_rows, write_jsonl
-from tests.engine.test_datafiles import _save_to_disk
+from tests.engine.test_hfdatasets import _save_to_disk
 
 
 def _relative_run(root: Path) -> Path:
