@@ -101,7 +101,9 @@ FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt"
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    train: tuple[str, ...] = ()  # JSONL file(s)
+    # JSONL file(s) (or JSON / CSV / Parquet; a Hugging Face datasets folder: its train split,
+    # "folder:split" another; validation / test likewise: ember.engine.hfdatasets)
+    train: tuple[str, ...] = ()
     # Weights of the train files in every epoch (up/down-sampling; ember.engine.mixing); empty:
     # the files concatenated, each example once per epoch.
     mix: tuple[float, ...] = ()
