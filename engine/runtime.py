@@ -62,19 +62,20 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     any folder (``model.name = "model"`` was "model 'model' not found" from another folder). A
     built-in or Hub name (no such file or folder here) stays a name, as ``resolve_model`` reads
     a folder of that name first."""
-    def fix(v):
+    def fix(v, data: bool):
         if isinstance(v, str) and v and not os.path.isabs(v) and Path(v).expanduser().exists():
             return os.path.abspath(Path(v).expanduser())
-        if isinstance(v, str) and v and not os.path.isabs(v) and hfdatasets.exists(v):
-            return hfdatasets.absolute(v)  # "folder:split" of a datasets folder
-        return [fix(x) for x in v] if isinstance(v, (list, tuple)) else v
+        if data and isinstance(v, str) and v and not os.path.isabs(v) and hfdatasets.exists(v):
+            return hfdatasets.absolute(v)  # "folder:split" of a datasets folder (a model name
+            # "name:tag" beside a folder "name" stays a name)
+        return [fix(x, data) for x in v] if isinstance(v, (list, tuple)) else v
 
     d = to_dict(cfg)
     changes = {}
     for key in PATH_KEYS:
         section, name = key.split(".")
         old = d.get(section, {}).get(name)
-        new = fix(old)
+        new = fix(old, key.startswith("data.") or key == "eval.choices")
         if new != (list(old) if isinstance(old, tuple) else old):
             changes.setdefault(section, {})[name] = new
     if not changes:

@@ -95,7 +95,7 @@ def test_datasets_folder_paths_in_a_run_config(tmp_path, monkeypatch):
     resume read the same split from any folder; a missing folder is named before the model
     loads."""
     from ember.engine.cli import _check_data_files
-    from ember.engine.config import TrainConfig
+    from ember.engine.config import ModelSpec, TrainConfig
     from ember.engine.hfdatasets import named_splits
     from ember.engine.runtime import absolute_paths
 
@@ -106,6 +106,9 @@ def test_datasets_folder_paths_in_a_run_config(tmp_path, monkeypatch):
     cfg = absolute_paths(TrainConfig(data=DataConfig(train=("dd",), validation="dd:train")))
     assert cfg.data.validation == f"{tmp_path / 'dd'}:train"
     assert named_splits(cfg.data).train == (f"{tmp_path / 'dd'}:train",)
+    # a model name "name:tag" beside a folder "name" is no datasets path
+    named = absolute_paths(TrainConfig(model=ModelSpec(name="dd:tag"), data=DataConfig()))
+    assert named.model.name == "dd:tag"
     monkeypatch.setenv("HOME", str(tmp_path))  # "~/dd:train" (was read as a relative "~" path)
     assert absolute_paths(TrainConfig(data=DataConfig(train=("~/dd:train",)))).data.train == (
         f"{tmp_path / 'dd'}:train",)
