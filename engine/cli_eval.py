@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ember import EmberError
+from ember.engine import hfdatasets
 
 
 def cmd_eval(a) -> None:
@@ -36,11 +37,13 @@ def cmd_eval(a) -> None:
                          "one with --data FILE.jsonl")
     if data is None:
         raise EmberError("give the examples to score with --data FILE.jsonl")
-    if not a.data and not Path(data).exists():  # the run's own split, recorded as it was given
+    if not a.data and not hfdatasets.exists(data):  # the run's own split, recorded as given
         key = "data.test" if data_cfg.test else "data.validation"
         raise EmberError(f"the run's {key} {data!r} not found (a relative path is taken from the "
                          f"current folder, {Path.cwd()}: run ember eval from the folder the run "
                          "started in, or give the file with --data FILE.jsonl)")
+    if a.data:  # a datasets folder: its test split, as data.test would take it
+        data = hfdatasets.with_split(a.data, "test", "--data")
     from ember.models.heads import is_classifier
 
     if is_classifier(model):

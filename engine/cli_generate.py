@@ -144,6 +144,7 @@ def _file_prompts(path: str) -> list[tuple[str | list[dict], dict, str]]:
     import json
     from pathlib import Path
 
+    from ember.engine import hfdatasets
     from ember.engine.datafiles import check_data_path, iter_items
     from ember.engine.formats import (
         _Bad,
@@ -152,10 +153,10 @@ def _file_prompts(path: str) -> list[tuple[str | list[dict], dict, str]]:
         parse_tools,
     )
 
-    file = Path(path)
-    if not file.exists():
+    if not hfdatasets.exists(str(path)):
         raise EmberError(f"--prompts {path} not found (a relative path is taken from the "
                          f"current folder, {Path.cwd()})")
+    file = Path(hfdatasets.with_split(str(path), "test", "--prompts"))  # as ember eval --data
     check_data_path(file)
     out = []
     for n, raw in enumerate(iter_items(file), 1):

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember import EmberError
+from ember.engine import hfdatasets
 from ember.engine.datafiles import open_data, table_items
 from ember.engine.datareport import MAX_PROBLEMS, DataReport
 from ember.engine.encoder import _Encoder, with_system_prompt  # noqa: F401  (for readers)
@@ -100,7 +101,9 @@ FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt"
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    train: tuple[str, ...] = ()  # JSONL file(s)
+    # JSONL file(s) (or JSON / CSV / Parquet; a Hugging Face datasets folder: its train split,
+    # "folder:split" another; validation / test likewise: ember.engine.hfdatasets)
+    train: tuple[str, ...] = ()
     # Weights of the train files in every epoch (up/down-sampling; ember.engine.mixing); empty:
     # the files concatenated, each example once per epoch.
     mix: tuple[float, ...] = ()
@@ -356,9 +359,10 @@ def read_lines(path: str | Path, make_reader) -> tuple[_Reader, list[Example]]:
     of them gzipped (``ember.engine.datafiles``; items named ``path[index]``): ``make_reader(path)``
     turns each line into an example or reports it (its ``report`` counts the lines)."""
     path = Path(path)
-    if not path.exists():
+    if not hfdatasets.exists(str(path)):
         raise EmberError(f"{path}: dataset file not found")
     reader, examples = make_reader(path), []
+    reader.report.files = hfdatasets.hub_files(path)
     with open_data(path) as f:
         items = table_items(path, f)
         if items is not None:
@@ -418,6 +422,7 @@ def load_datasets(cfg: DataConfig, tokenizer, load_file=load_examples) -> Datase
     one file (``engine/kto.py`` passes its own reader)."""
     if not cfg.train:
         raise EmberError("data.train is empty: give one or more JSONL files")
+    cfg = hfdatasets.named_splits(cfg)  # a datasets folder: the split named like the setting
     if len(cfg.train) > 1:  # a file listed twice: refused (was: silently seen twice an epoch,
         source_names(list(cfg.train), "data.train")  # unless data.mix / val_fraction refused it)
     reports = []

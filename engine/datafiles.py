@@ -18,8 +18,9 @@
 - ``.parquet`` (what Hugging Face datasets are stored as): rows as objects, list and struct
   columns as JSON arrays and objects; needs ``pyarrow`` (``pip install pyarrow``);
 - any of these, or JSONL, compressed with gzip (``.jsonl.gz``, ``.csv.gz`` ...).
-A folder or an Arrow file (Hugging Face ``datasets``' ``save_to_disk`` output, which needs
-``datasets`` to read) is refused with how to export it (``check_data_path``).
+Hugging Face ``datasets`` folders (``save_to_disk`` output, Hub-style folders of data files) are
+read by ``ember.engine.hfdatasets``; an Arrow file alone (a shard, the datasets cache) is refused
+with how to export it (``check_data_path``).
 Items of the non-JSONL kinds are named ``file[index]`` (0-based) in reports.
 """
 
@@ -71,17 +72,20 @@ def _export(load: str) -> str:
 
 
 def check_data_path(path: Path) -> None:
-    """EmberError for a path that is no data file Ember reads, saying what to give instead: a
-    folder (Hugging Face ``datasets``' ``save_to_disk`` output, a Hub snapshot of data files) or
-    an Arrow file (``save_to_disk``'s shards, the datasets cache)."""
+    """EmberError for a path that is no data file or datasets folder Ember reads, saying what to
+    give instead: a folder without data files or an Arrow file (``save_to_disk``'s shards, the
+    datasets cache)."""
+    from ember.engine import hfdatasets
+
+    src = hfdatasets.source(path)
+    if src is not None and hfdatasets.kind(src[0]) is not None:
+        return  # a datasets folder, read by ember.engine.hfdatasets
     if path.is_dir():
         names = sorted(p.name for p in path.iterdir())
-        if ({"state.json", "dataset_dict.json"} & set(names)
-                or any(n.endswith(".arrow") for n in names)):
-            split = "" if "dataset_dict.json" not in names else "[\"train\"]"
-            raise EmberError(f"{path}: a Hugging Face datasets folder (save_to_disk's Arrow "
-                             "files), not a data file; "
-                             + _export(f"datasets.load_from_disk(FOLDER){split}"))
+        if any(n.endswith(".arrow") for n in names):  # (save_to_disk's has a state.json)
+            raise EmberError(f"{path}: a folder of Arrow files without save_to_disk's state.json "
+                             "(the datasets cache?), not a data file; "
+                             + _export("datasets.Dataset.from_file(FILE)"))
         files = _data_files_in(path)
         listed = f" (it holds {', '.join(files[:5])}{', ...' if len(files) > 5 else ''})"
         raise EmberError(f"{path}: is a directory; give a data file{listed if files else ''}; "
@@ -108,8 +112,13 @@ def _data_files_in(folder: Path, depth: int = 3, budget: int = 2000) -> list[str
 
 
 def open_data(path: Path) -> IO[bytes]:
-    """The file's bytes, gunzipped when it is named ``*.gz``."""
+    """The file's bytes, gunzipped when it is named ``*.gz``; nothing for a datasets folder
+    (``table_items`` reads its rows)."""
+    from ember.engine import hfdatasets
+
     check_data_path(path)
+    if hfdatasets.source(path) is not None:
+        return io.BytesIO()
     if path.suffix.lower() == ".gz":
         with open(path, "rb") as f:
             if f.read(2) != b"\x1f\x8b":
@@ -334,6 +343,10 @@ def _parquet_rows(path: Path, f: IO[bytes]) -> list[bytes]:
 def table_items(path: Path, f: IO[bytes]) -> list[bytes] | None:
     """The examples of a JSON-array, CSV/TSV or Parquet file as JSON lines; None for JSONL (read
     line by line from ``f``)."""
+    from ember.engine import hfdatasets
+
+    if hfdatasets.source(path) is not None:
+        return hfdatasets.items(path)
     k = kind(path)
     if k not in TABLE_SUFFIXES:  # a .json array, or one in a file named .jsonl (a JSON Lines
         return _json_array(path, f)  # line never starts with "["): else None, read as lines

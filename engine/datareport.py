@@ -24,6 +24,7 @@ class DataReport:
     tool_calls_dropped: int = 0  # conversations whose tool calls the chat template does not render
     kinds: Counter = field(default_factory=Counter)  # problem kind -> count
     problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS, "path:line: why"
+    files: list[str] = field(default_factory=list)  # a Hub-style folder's split: the files read
 
     def note(self, kind: str, message: str) -> None:
         self.kinds[kind] += 1
@@ -37,6 +38,9 @@ class DataReport:
                                                (self.truncated, "truncated"),
                                                (self.dropped_too_long, "dropped (too long)"))
                  if n]
+        if self.files:  # which files a folder's split was inferred to hold
+            shown = ", ".join(self.files[:4]) + (", ..." if len(self.files) > 4 else "")
+            s += f"\n  read from {len(self.files)} file{'s' * (len(self.files) > 1)}: {shown}"
         if self.tool_calls_dropped:
             s += (f"\n  note: {self.tool_calls_dropped} conversations hold tool calls that the "
                   "chat template does not render (it writes only an assistant message's "

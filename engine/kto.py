@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ember import EmberError
+from ember.engine import hfdatasets
 from ember.engine.data import (
     IGNORE,
     Batch,
@@ -286,6 +287,7 @@ class KTO(Referenced, SFT):
         return batch.num_docs
 
     def load_datasets(self, cfg: DataConfig, tokenizer) -> Datasets:
+        cfg = hfdatasets.named_splits(cfg)  # data.test read here, not by load_datasets
         ds = load_datasets(replace(cfg, test=None), tokenizer, load_kto_examples)
         if cfg.test is not None:
             ds.test, rep = load_examples(cfg.test, cfg, tokenizer,

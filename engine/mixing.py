@@ -33,6 +33,7 @@ from array import array
 from pathlib import Path
 
 from ember import EmberError
+from ember.engine import hfdatasets
 
 
 def check_weights(mix: tuple[float, ...], files: int) -> None:
@@ -131,6 +132,8 @@ def source_names(paths: list[str], what: str) -> list[str]:
     as it takes to tell them apart (``data/math/val.jsonl`` or ``.jsonl.gz`` -> ``math/val``)."""
 
     def stem(p: Path) -> Path:
+        if hfdatasets.source(p) is not None:  # a datasets folder ("folder.v2:train"): whole
+            return p
         p = p.with_suffix("") if p.suffix.lower() == ".gz" else p
         return p.with_suffix("")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ember import EmberError
+from ember.engine import hfdatasets
 from ember.engine.classification import resolve_head, train_head
 from ember.engine.config import TrainConfig, from_dict, to_dict
 from ember.engine.stages import base_of, load_start, resolve_start
@@ -60,17 +61,20 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     any folder (``model.name = "model"`` was "model 'model' not found" from another folder). A
     built-in or Hub name (no such file or folder here) stays a name, as ``resolve_model`` reads
     a folder of that name first."""
-    def fix(v):
+    def fix(v, data: bool):
         if isinstance(v, str) and v and not os.path.isabs(v) and Path(v).expanduser().exists():
             return os.path.abspath(Path(v).expanduser())
-        return [fix(x) for x in v] if isinstance(v, (list, tuple)) else v
+        if data and isinstance(v, str) and v and not os.path.isabs(v) and hfdatasets.exists(v):
+            return hfdatasets.absolute(v)  # "folder:split" of a datasets folder (a model name
+            # "name:tag" beside a folder "name" stays a name)
+        return [fix(x, data) for x in v] if isinstance(v, (list, tuple)) else v
 
     d = to_dict(cfg)
     changes = {}
     for key in PATH_KEYS:
         section, name = key.split(".")
         old = d.get(section, {}).get(name)
-        new = fix(old)
+        new = fix(old, key.startswith("data.") or key == "eval.choices")
         if new != (list(old) if isinstance(old, tuple) else old):
             changes.setdefault(section, {})[name] = new
     if not changes:
@@ -93,8 +97,10 @@ def moved_task_file(path: str, out_dir: Path) -> str:
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Decide every "auto" field (device, precision, model dtype, lr, task data paths); local
-    paths become absolute (``absolute_paths``)."""
+    paths become absolute (``absolute_paths``), a datasets folder's the split named like its
+    setting (``hfdatasets.named_splits``)."""
     cfg = absolute_paths(cfg)
+    cfg = cfg.replace(data=hfdatasets.named_splits(cfg.data))
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

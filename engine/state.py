@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ember import EmberError
-from ember.engine import dcp
+from ember.engine import dcp, hfdatasets
 from ember.engine.best import best_root
 from ember.engine.classification import attach_head
 from ember.engine.config import TrainConfig, from_dict, parse_toml, to_dict, to_toml
@@ -156,6 +156,9 @@ def _relocated(old, new) -> bool:
     if not (isinstance(old, str) and isinstance(new, str) and os.path.isabs(old)):
         return False
     o, n = Path(old), Path(new).expanduser()
+    src = hfdatasets.source(n)  # "folder:split" (a datasets folder): the same split of it
+    if src is not None and src[1] is not None and old.endswith(f":{src[1]}"):
+        o, n = Path(old[: -len(src[1]) - 1]), src[0]
     if o.exists() and n.exists():
         return os.path.samefile(o, n)
     return not o.exists() and n.exists() and o.name == n.name

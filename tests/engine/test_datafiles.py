@@ -265,41 +265,6 @@ def test_parquet_messages_whose_keys_differ_by_row(tmp_path, tok):
     _same(examples, _jsonl(tmp_path, rows, tok))
 
 
-def test_datasets_folders_and_arrow_files_say_how_to_export(tmp_path, tok):
-    """Hugging Face ``datasets``' save_to_disk output (Arrow stream shards, written with pyarrow
-    as datasets writes them, beside state.json; a DatasetDict's dataset_dict.json over split
-    folders) was "is a directory; give the JSONL file", and a shard given as the file was
-    "not valid UTF-8" at line 1; a folder of Parquet files (a Hub snapshot) did not say which
-    files it holds. Each now says what it is and what to give instead."""
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
-    table = pa.Table.from_pylist(ROWS)
-    split = tmp_path / "ds" / "train"
-    split.mkdir(parents=True)
-    with pa.OSFile(str(split / "data-00000-of-00001.arrow"), "wb") as sink:
-        with pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-    (split / "state.json").write_text(json.dumps(
-        {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": "train"}))
-    (split / "dataset_info.json").write_text("{}")
-    (tmp_path / "ds" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
-    for path, why in (
-            (split, r"a Hugging Face datasets folder .*load_from_disk\(FOLDER\)\.to_json"),
-            (tmp_path / "ds", r"datasets folder .*load_from_disk\(FOLDER\)\[\"train\"\]"),
-            (split / "data-00000-of-00001.arrow",
-             r"an Arrow file .*datasets\.Dataset\.from_file\(FILE\)\.to_json")):
-        with pytest.raises(EmberError, match=why):
-            load_examples(path, DataConfig(), tok)
-    hub = tmp_path / "hub" / "data"
-    hub.mkdir(parents=True)
-    pq.write_table(table, hub / "train-00000-of-00001.parquet")
-    with pytest.raises(EmberError, match=r"is a directory; give a data file \(it holds "
-                                         r"data/train-00000-of-00001\.parquet\)"):
-        load_examples(tmp_path / "hub", DataConfig(), tok)
-    _same(load_examples(hub / "train-00000-of-00001.parquet", DataConfig(), tok)[0],
-          _jsonl(tmp_path, ROWS, tok))
-
-
 def test_csv_cells_python_reads_as_numbers_but_pandas_does_not_stay_text(tmp_path):
     """Python's float() reads "1_1" (digits grouped by "_") and non-ASCII digits as numbers, so
     a class-name column of "1_1", "1_2" became the numbers 11.0 and 12.0 (two classes merged with
@@ -416,17 +381,3 @@ def test_bom_on_a_later_line_says_files_were_joined(tmp_path, tok):
     assert rep.bad_lines == 1 and len(examples) == 3
     (tmp_path / "one.jsonl").write_bytes(part)
     _same(load_examples(tmp_path / "one.jsonl", DataConfig(), tok)[0], _jsonl(tmp_path, rows, tok))
-
-
-def test_a_folder_given_as_data_names_its_data_files_without_walking_the_tree(tmp_path, tok):
-    """A folder given as data.train names some data files in it (a Hub snapshot's
-    data/train.parquet), looking three levels deep and not in hidden folders: the message walked
-    the whole tree (seconds for /usr, longer for a home or repository folder given by mistake)
-    and listed .git / .cache files as data."""
-    for name in (".git/objects/x.json", ".cache/hub/y.jsonl", "data/train.jsonl",
-                 "a/b/c/deep.jsonl"):
-        (tmp_path / "repo" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "repo" / name).write_text("{}\n")
-    with pytest.raises(EmberError, match=r"repo: is a directory; give a data file \(it holds "
-                                         r"data/train\.jsonl\); data\.train may list several"):
-        load_examples(tmp_path / "repo", DataConfig(), tok)

@@ -17,6 +17,7 @@ from ember import EmberError
 from ember.engine.cli import main
 from ember.engine.config import load_config
 from tests.engine._tiny import make_tiny_model, tiny_rows, write_jsonl
+from tests.engine.test_hfdatasets import _save_to_disk
 
 
 def _relative_run(root: Path) -> Path:
@@ -25,7 +26,9 @@ def _relative_run(root: Path) -> Path:
     work.mkdir()
     make_tiny_model(work / "model")
     write_jsonl(work / "train.jsonl", tiny_rows(16, seed=1))
-    write_jsonl(work / "test.jsonl", tiny_rows(4, seed=3))
+    # the test split: a datasets DatasetDict folder (save_to_disk), recorded as "dd:test"
+    _save_to_disk(work / "dd" / "test", tiny_rows(4, seed=3))
+    (work / "dd" / "dataset_dict.json").write_text('{"splits": ["test"]}')
     (work / "run.toml").write_text("""
 name = "x"
 max_steps = 1
@@ -39,7 +42,7 @@ rank = 4
 alpha = 8
 [data]
 train = ["train.jsonl"]
-test = "test.jsonl"
+test = "dd"
 max_seq_len = 64
 tokens_per_batch = 128
 [eval]
@@ -65,7 +68,7 @@ def test_a_run_on_a_relative_model_folder_is_used_from_another_folder(tmp_path, 
     recorded = load_config(work / "runs" / "x")
     assert recorded.model.name == str(work / "model")  # a local path, recorded absolute
     assert recorded.data.train == (str(work / "train.jsonl"),)
-    assert recorded.data.test == str(work / "test.jsonl")
+    assert recorded.data.test == f"{work / 'dd'}:test"  # the split named like the setting
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -73,6 +76,8 @@ def test_a_run_on_a_relative_model_folder_is_used_from_another_folder(tmp_path, 
     capsys.readouterr()
     assert main(["generate", run, "--prompt", "say red ->", "--max-new-tokens", "2"]) == 0
     assert main(["eval", run]) == 0  # the run's data.test
+    assert "loss" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", run, "--data", "../work/dd"]) == 0  # a datasets folder: its test split
     assert "loss" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(["train", run, "--resume", "--set", "max_steps=2"]) == 0
     assert main(["export", run, "--merged", "merged"]) == 0

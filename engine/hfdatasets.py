@@ -1,0 +1,446 @@
+"""Hugging Face ``datasets`` folders read as data, without the ``datasets`` package:
+
+- a ``save_to_disk`` folder of a ``Dataset``: ``state.json`` listing the Arrow IPC *stream*
+  shards (``_data_files``), read in that order with pyarrow; an indices mapping
+  (``_indices_data_files``, written by datasets 1.x for a ``select`` / ``shuffle``d dataset) is
+  applied as ``load_from_disk`` applied it;
+- a ``save_to_disk`` folder of a ``DatasetDict``: ``dataset_dict.json`` over one such folder per
+  split;
+- a Hub-style folder of data files (a snapshot: ``data/train-00000-of-00002.parquet``,
+  ``train.jsonl``, ``test.csv``, ...), split as ``datasets.load_dataset(folder)`` infers splits
+  from file and folder names (``datasets.data_files``): ``data/{split}-NNNNN-of-NNNNN.*`` shards
+  first, then folder names, then file names holding train/training, validation/valid/dev/val,
+  test/testing/eval/evaluation; else every file is the train split; a README.md whose front
+  matter lists ``configs`` gives each config's ``data_files`` instead (the only or default
+  config, or ``"folder:config:split"``; needs PyYAML).
+
+A split is named ``"folder:split"``; ``"folder"`` alone is a ``Dataset`` folder's rows, or the
+split named like the setting that gives it (``with_split``: data.train takes ``train``). Rows come
+in stored order, every shard, as JSON lines (nested list / struct columns as JSON arrays and
+objects, as the Parquet reader writes them); they are named ``"folder:split[index]"`` in reports,
+the index being the row's in ``load_from_disk(folder)[split]`` / ``load_dataset(folder,
+split=split)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+from ember import EmberError
+
+_SPLIT_KEYWORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+_SEP = r"[-._ 0-9]"  # datasets' NON_WORDS_CHARS
+_SHARDED = re.compile(r"(?P<split>\w+(?:\.\w+)*)-[0-9]{5}-of-[0-9]{5}.*\..*")
+# datasets' FILES_TO_IGNORE
+_IGNORED = {
+    "README.md",
+    "config.json",
+    "dataset_info.json",
+    "dataset_infos.json",
+    "dummy_data.zip",
+    "dataset_dict.json",
+}
+_BUDGET = 20000  # names looked at in a Hub-style folder before it is refused as too big
+
+
+def source(path: Path) -> tuple[Path, str | None] | None:
+    """(folder, split) of a data path that names a datasets folder (``"folder"``,
+    ``"folder:split"``, or ``"folder:config:split"`` for a Hub folder whose README lists configs:
+    split "config:split"); None for anything else (a file, or a path that does not exist)."""
+    path = path.expanduser()  # (a TOML path "~/data/ds:train", as absolute_paths expands one)
+    if path.is_dir():
+        return path, None
+    folder, sep, split = str(path).rpartition(":")
+    if not sep or not split or "/" in split or path.exists():
+        return None
+    if Path(folder).is_dir():
+        return Path(folder), split
+    folder, sep, config = folder.rpartition(":")
+    if sep and config and "/" not in config and Path(folder).is_dir():
+        return Path(folder), f"{config}:{split}"
+    return None
+
+
+def exists(value: str) -> bool:
+    """Whether a data path exists: a file, a folder, or ``"folder:split"`` of an existing folder
+    (the split itself is checked when it is read)."""
+    return Path(value).exists() or source(Path(value)) is not None
+
+
+def absolute(value: str) -> str:
+    """``value`` made absolute, a ``:split`` suffix kept."""
+    src = source(Path(value))
+    if src is not None and src[1] is not None:
+        return f"{os.path.abspath(src[0])}:{src[1]}"
+    return os.path.abspath(value)
+
+
+def kind(folder: Path) -> str | None:
+    """What a folder is: "dataset" (a save_to_disk Dataset), "dict" (a save_to_disk
+    DatasetDict), "hub" (a folder of data files) or None (none of them)."""
+    if (folder / "dataset_dict.json").is_file():
+        return "dict"
+    if (folder / "state.json").is_file():
+        return "dataset"
+    return "hub" if _readme_front(folder) is not None or _hub_files(folder) else None
+
+
+def splits(folder: Path, config: str | None = None) -> list[str]:
+    """The split names of a DatasetDict or Hub-style folder (of its README's ``config``), in
+    datasets' order; an EmberError where it has none."""
+    k = kind(folder)
+    names = _dict_splits(folder) if k == "dict" else list(_hub_splits(folder, config))
+    if not names:
+        raise EmberError(
+            f"{folder}: a Hugging Face datasets folder without data files in any "
+            "split" + (" (README.md's configs match none)" if k == "hub" else "")
+        )
+    return names
+
+
+def with_split(value: str, split: str, setting: str = "") -> str:
+    """``"folder:split"`` for a data path that is a DatasetDict or Hub-style folder given without
+    a split (``split``: the setting's, "train" for data.train; ``setting``: its name, default
+    ``data.<split>``); anything else unchanged. A folder without that split is an EmberError
+    naming its splits."""
+    setting = setting or f"data.{split}"
+    src = source(Path(value))
+    if src is None or src[1] is not None or kind(src[0]) not in ("dict", "hub"):
+        return value
+    have = splits(src[0])
+    if split not in have:
+        given = f"{setting} " if setting.startswith("--") else f"{setting} = "
+        raise EmberError(
+            f"{value}: a Hugging Face datasets folder with the splits {', '.join(have)} but no "
+            f"{split!r} split for {setting}; name the one to use, e.g. {given}"
+            f'"{value}:{have[0]}"'
+        )
+    return f"{value}:{split}"
+
+
+def named_splits(data):
+    """A ``DataConfig`` whose datasets folders given without a split name the split of their
+    setting: data.train's ``train``, data.validation's ``validation``, data.test's ``test``."""
+    from dataclasses import replace
+
+    val = data.validation
+    if isinstance(val, str):
+        val = with_split(val, "validation")
+    elif val is not None:
+        val = tuple(with_split(v, "validation") for v in val)
+    new = replace(
+        data,
+        train=tuple(with_split(p, "train") for p in data.train),
+        validation=val,
+        test=None if data.test is None else with_split(data.test, "test"),
+    )
+    return data if new == data else new
+
+
+def _dict_splits(folder: Path) -> list[str]:
+    try:
+        names = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EmberError(
+            f"{folder}/dataset_dict.json: not a readable DatasetDict description "
+            f"({type(e).__name__}: {e})"
+        ) from None
+    return [str(s) for s in names]
+
+
+def _data_file(name: str) -> bool:
+    from ember.engine.datafiles import _DATA_SUFFIXES, kind
+
+    return kind(Path(name)) in _DATA_SUFFIXES
+
+
+def _hub_files(folder: Path) -> list[str]:
+    """The data files of a Hub-style folder, relative, sorted; hidden and ``__*`` folders and
+    files left out, as datasets leaves them out."""
+    found, budget = [], _BUDGET
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+        budget -= len(names) + len(dirs)
+        if budget < 0:
+            raise EmberError(
+                f"{folder}: a folder of more than {_BUDGET} files and folders, "
+                "not read as a dataset folder; give its data files"
+            )
+        rel = Path(root).relative_to(folder)
+        found += [
+            (rel / n).as_posix()
+            for n in names
+            if not n.startswith((".", "__")) and n not in _IGNORED and _data_file(n)
+        ]
+    return sorted(found)
+
+
+# datasets' loader of each suffix, and its order among suffixes as common
+# (load.infer_module_for_data_files_list: Parquet first, then JSON Lines, JSON, CSV)
+_MODULES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv"}
+_RANK = (".tsv", ".csv", ".json", ".jsonl", ".parquet")
+
+
+def _hub_splits(folder: Path, config: str | None = None) -> dict[str, list[str]]:
+    """split -> files of a Hub-style folder: those its README's ``configs`` give (``config``, or
+    its only or default one), else as ``datasets.data_files.get_data_patterns`` resolves them;
+    each split keeps the files of the format most of its files have, as ``load_dataset`` reads
+    only those (where splits differ in format, datasets refuses the folder: Ember reads each);
+    empty: no data files."""
+    from ember.engine.datafiles import kind as suffix
+
+    listed = _readme_splits(folder, config)
+    if listed is None and config is not None:
+        raise EmberError(
+            f"{folder}: no README.md configs, so no config {config!r}: name the "
+            "split alone (FOLDER:split)"
+        )
+    out = {}
+    for split, files in (_split_files(_hub_files(folder)) if listed is None else listed).items():
+        count = Counter(suffix(Path(f)) for f in files)
+        if count:
+            module = _MODULES[max(count, key=lambda k: (count[k], _RANK.index(k)))]
+            out[split] = [f for f in files if _MODULES[suffix(Path(f))] == module]
+    return out
+
+
+def _readme_front(folder: Path) -> str | None:
+    """The YAML front matter of a Hub dataset's README.md when it lists ``configs``, else
+    None."""
+    try:
+        text = (folder / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    head = re.match(r"---[ \t]*\n(.*?)\n---[ \t]*(\n|$)", text, re.S)
+    return head[1] if head and re.search(r"^configs:", head[1], re.M) else None
+
+
+def _readme_splits(folder: Path, config: str | None) -> dict[str, list[str]] | None:
+    """split -> files of the config a Hub dataset's README.md front matter lists (``configs``:
+    ``data_files`` as a pattern, a list of them, or ``{split, path}`` items, as datasets reads
+    them): ``config``, else the only or the ``default: true`` one; None without configs."""
+    front = _readme_front(folder)
+    if front is None:
+        return None
+    try:
+        import yaml
+    except ImportError:
+        raise EmberError(
+            f"{folder}/README.md lists the dataset's configs: reading them needs "
+            "PyYAML (pip install pyyaml)"
+        ) from None
+    try:
+        configs = yaml.safe_load(front)["configs"]
+        by_name = {c.get("config_name", "default"): c for c in configs}
+    except (yaml.YAMLError, TypeError, KeyError, AttributeError) as e:
+        raise EmberError(
+            f"{folder}/README.md: its configs cannot be read ({type(e).__name__}: {e})"
+        ) from None
+    if config is None:
+        chosen = [c for c in configs if c.get("default")] or (
+            configs if len(configs) == 1 else [c for n, c in by_name.items() if n == "default"]
+        )
+        if not chosen:
+            raise EmberError(
+                f"{folder}: a Hub dataset with the configs {', '.join(by_name)} "
+                "(README.md) and no default one: name one with its split, e.g. "
+                f'"{folder}:{next(iter(by_name))}:train"'
+            )
+        spec = chosen[0]
+    elif config in by_name:
+        spec = by_name[config]
+    else:
+        raise EmberError(
+            f"{folder}: no config {config!r} in README.md (it has {', '.join(by_name)})"
+        )
+    files = spec.get("data_files")
+    if isinstance(files, str) or (
+        isinstance(files, list) and all(isinstance(f, str) for f in files)
+    ):
+        files = {"train": files}
+    elif isinstance(files, list) and all(isinstance(f, dict) for f in files):
+        files = {f.get("split", "train"): f.get("path", []) for f in files}
+    if not isinstance(files, dict):
+        raise EmberError(
+            f"{folder}/README.md: config {spec.get('config_name', 'default')!r} "
+            "gives no data_files Ember reads"
+        )
+    found = {}
+    for split, patterns in files.items():
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+        hits = {
+            p.relative_to(folder).as_posix()
+            for pat in patterns
+            for p in folder.glob(pat)
+            if p.is_file() and _data_file(p.name)
+        }
+        found[str(split)] = sorted(hits)
+    return found
+
+
+def _split_files(files: list[str]) -> dict[str, list[str]]:
+    """split -> files, by datasets' patterns (``datasets.data_files.get_data_patterns``)."""
+    if not files:
+        return {}
+    sharded: dict[str, list[str]] = {}
+    for f in files:
+        parts = f.split("/")
+        m = _SHARDED.fullmatch(parts[-1])
+        if len(parts) == 2 and parts[0] == "data" and m:
+            sharded.setdefault(m["split"], []).append(f)
+    if sharded:
+        order = [s for s in _SPLIT_KEYWORDS if s in sharded]
+        return {s: sharded[s] for s in order + sorted(set(sharded) - set(order))}
+    for in_dirs in (True, False):
+        out = {}
+        for split, words in _SPLIT_KEYWORDS.items():
+            word = "|".join(words)
+            if in_dirs:  # a folder named like the split (train/, my-train/, train_2024/ ...)
+                pat = re.compile(rf"(?:.*{_SEP})?(?:{word})(?:{_SEP}.*)?")
+                hit = [f for f in files if any(pat.fullmatch(d) for d in f.split("/")[:-1])]
+            else:  # a file name holding it (train.jsonl, my_test-1.csv, ...)
+                pat = re.compile(rf"(?:.*{_SEP})?(?:{word}){_SEP}.*")
+                hit = [f for f in files if pat.fullmatch(f.split("/")[-1])]
+            if hit:
+                out[split] = hit
+        if out:
+            return out
+    return {"train": files}
+
+
+def items(path: Path) -> list[bytes]:
+    """The rows of a datasets folder path (``source``) as JSON lines."""
+    from ember.engine.datafiles import _json_line
+
+    folder, split = source(path)
+    config, _, split = split.rpartition(":") if split else ("", "", None)
+    config = config or None
+    k = kind(folder)
+    if k is None:
+        raise EmberError(
+            f"{folder}: neither a Hugging Face datasets save_to_disk folder "
+            "(state.json / dataset_dict.json) nor a folder of data files"
+        )
+    if k == "dataset":
+        if split is not None:
+            raise EmberError(
+                f"{path}: {folder} is one saved Dataset, without splits: give the folder alone"
+            )
+        rows = _saved_rows(folder)
+    elif split is None:
+        raise EmberError(
+            f"{folder}: a Hugging Face datasets folder with the splits "
+            f'{", ".join(splits(folder))}: name one, e.g. "{folder}:'
+            f'{splits(folder)[0]}"'
+        )
+    elif split not in splits(folder, config):
+        have = ", ".join(splits(folder, config))
+        raise EmberError(f"{path}: no split {split!r} in {folder} (it has {have})")
+    elif k == "dict":
+        sub = folder / split
+        if not (sub / "state.json").is_file():
+            raise EmberError(
+                f"{sub}: the DatasetDict's {split!r} folder has no state.json; "
+                "save the dataset again (save_to_disk)"
+            )
+        rows = _saved_rows(sub)
+    else:
+        return _hub_rows(path, folder, _hub_splits(folder, config)[split])
+    return [_json_line(r, path, i) for i, r in enumerate(rows)]
+
+
+def hub_files(path: Path) -> list[str]:
+    """The files a Hub-style folder's split (``"folder:split"``) reads, relative to the folder;
+    empty for anything else (a file, a save_to_disk folder, a split that is not there)."""
+    src = source(path)
+    if src is None or src[1] is None or kind(src[0]) != "hub":
+        return []
+    config, _, split = src[1].rpartition(":")
+    with contextlib.suppress(EmberError):
+        return _hub_splits(src[0], config or None).get(split, [])
+    return []
+
+
+def _pyarrow(path: Path):
+    try:
+        import pyarrow as pa
+        import pyarrow.ipc  # noqa: F401
+    except ImportError:
+        raise EmberError(
+            f"{path}: reading a datasets folder needs pyarrow (pip install pyarrow), "
+            "or export it to JSONL (load_from_disk(FOLDER).to_json(...))"
+        ) from None
+    return pa
+
+
+def _arrow_table(path: Path):
+    pa = _pyarrow(path)
+    try:
+        with pa.memory_map(str(path)) as f:
+            try:
+                return pa.ipc.open_stream(f).read_all()
+            except pa.ArrowInvalid:  # an Arrow IPC file (random-access format) instead
+                f.seek(0)
+                return pa.ipc.open_file(f).read_all()
+    except Exception as e:  # pyarrow's errors have no common base worth naming
+        raise EmberError(f"{path}: not a readable Arrow file ({type(e).__name__}: {e})") from None
+
+
+def _saved_rows(folder: Path) -> list[dict]:
+    """The rows of a save_to_disk Dataset folder, shards in state.json's order."""
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        shards = [folder / d["filename"] for d in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EmberError(
+            f"{folder}/state.json: not a readable datasets state file ({type(e).__name__}: {e})"
+        ) from None
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise EmberError(
+            f"{folder}: state.json lists {', '.join(missing)}, which is not there; "
+            "copy the whole folder"
+        )
+    pa = _pyarrow(folder)
+    tables = [_arrow_table(s) for s in shards]
+    if not tables:
+        return []
+    try:
+        table = pa.concat_tables(tables)
+    except pa.ArrowInvalid as e:
+        raise EmberError(f"{folder}: its shards' columns differ ({e})") from None
+    indices = state.get("_indices_data_files")
+    if indices:  # datasets 1.x: row i is table[indices[i]]
+        try:
+            idx = pa.concat_tables([_arrow_table(folder / d["filename"]) for d in indices])
+            table = table.take(idx.column(0))
+        except (KeyError, TypeError, IndexError, pa.ArrowException) as e:
+            raise EmberError(
+                f"{folder}: its indices mapping (_indices_data_files) cannot be "
+                f"applied ({type(e).__name__}: {e}); save the dataset again with "
+                "a recent datasets (save_to_disk writes the selected rows)"
+            ) from None
+    return table.to_pylist()
+
+
+def _hub_rows(path: Path, folder: Path, files: list[str]) -> list[bytes]:
+    """The split's rows: each file's in order, files in sorted order; blank JSONL lines skipped,
+    as datasets' JSON reader skips them."""
+    from ember.engine.datafiles import open_data, table_items
+
+    out: list[bytes] = []
+    for name in files:
+        f_path = folder / name
+        with open_data(f_path) as f:
+            rows = table_items(f_path, f)
+            out += [r for r in (f if rows is None else rows) if r.strip()]
+    return out

@@ -1,0 +1,245 @@
+"""Hugging Face ``datasets`` folders as data (``ember.engine.hfdatasets``): save_to_disk
+Dataset / DatasetDict folders (built with pyarrow as datasets 5.2 writes them) and Hub-style
+folders of data files, each read as the rows datasets gives (checked against datasets 5.2's
+load_from_disk / load_dataset(folder, split=...) on these layouts)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from ember import EmberError
+from ember.engine.data import DataConfig, load_datasets, load_examples
+from ember.models.tokenizer import Tokenizer
+from tests.engine.test_datafiles import CHATS, ROWS, _csv, _jsonl, _same
+from tests.engine.test_formats import CHATML, chat_backend
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(chat_backend(), eos_token="<|im_end|>", chat_template=CHATML)
+
+
+def _save_to_disk(folder, rows, shards=1, indices=None):
+    """A folder as ``datasets.Dataset.from_list(rows).save_to_disk(folder, num_shards=shards)``
+    writes it (datasets 5.2: Arrow IPC stream shards, state.json listing them in order,
+    dataset_info.json), written with pyarrow; ``indices``: datasets 1.x's indices mapping of a
+    select / shuffle (``_indices_data_files``, an Arrow file of one uint64 column)."""
+    pa = pytest.importorskip("pyarrow")
+    folder.mkdir(parents=True)
+    table, names = pa.Table.from_pylist(rows), []
+    size = -(-len(rows) // shards)
+    for i in range(shards):
+        names.append(f"data-{i:05d}-of-{shards:05d}.arrow")
+        part = table.slice(i * size, size)
+        with pa.OSFile(str(folder / names[-1]), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(part)
+    state = {"_data_files": [{"filename": n} for n in names],
+             "_fingerprint": "0", "_format_columns": None, "_format_kwargs": {},
+             "_format_type": None, "_output_all_columns": False, "_split": None}
+    if indices is not None:
+        idx = pa.table({"indices": pa.array(indices, pa.uint64())})
+        with pa.OSFile(str(folder / "indices.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, idx.schema) as writer:
+                writer.write_table(idx)
+        state["_indices_data_files"] = [{"filename": "indices.arrow"}]
+    (folder / "state.json").write_text(json.dumps(state))
+    (folder / "dataset_info.json").write_text("{}")
+
+
+def test_save_to_disk_folders_read_as_load_from_disk(tmp_path, tok):
+    """A datasets save_to_disk folder was refused ("export it with to_json"): it now reads as
+    load_from_disk(folder) gives it (checked with datasets 5.2: every shard in state.json's
+    order, nested list/struct columns as JSON, a DatasetDict's split per setting), named
+    folder[index] / folder:split[index]; datasets 1.x's indices mapping is applied."""
+    rows = [*ROWS, *ROWS[:2]]
+    _save_to_disk(tmp_path / "one", rows, shards=3)
+    examples, rep = load_examples(tmp_path / "one", DataConfig(), tok)
+    _same(examples, _jsonl(tmp_path, rows, tok))
+    assert [e.source for e in examples] == [f"{tmp_path / 'one'}[{i}]" for i in range(5)]
+    _save_to_disk(tmp_path / "chat", CHATS)  # a list-of-struct column
+    _same(load_examples(tmp_path / "chat", DataConfig(), tok)[0], _jsonl(tmp_path, CHATS, tok))
+    _save_to_disk(tmp_path / "sel", ROWS, indices=[2, 0])
+    _same(load_examples(tmp_path / "sel", DataConfig(), tok)[0],
+          _jsonl(tmp_path, [ROWS[2], ROWS[0]], tok))
+
+    dd = tmp_path / "dd"
+    _save_to_disk(dd / "train", ROWS, shards=2)
+    _save_to_disk(dd / "test", ROWS[1:])
+    (dd / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    ds = load_datasets(DataConfig(train=(str(dd),), test=str(dd)), tok)
+    _same(ds.train, _jsonl(tmp_path, ROWS, tok))
+    _same(ds.test, _jsonl(tmp_path, ROWS[1:], tok))
+    assert ds.test[1].source == f"{dd}:test[1]"
+    _same(load_examples(f"{dd}:test", DataConfig(), tok)[0], ds.test)
+    for cfg, why in (
+            (DataConfig(train=(str(dd),), validation=str(dd)),
+             r"splits train, test but no 'validation' split for data\.validation; name the one "
+             r"to use, e\.g\. data\.validation = \".*dd:train\""),
+            (DataConfig(train=(f"{dd}:dev",)), r"dd:dev: no split 'dev' in .*dd \(it has train, "
+                                               r"test\)"),
+            (DataConfig(train=(f"{tmp_path / 'one'}:train",)), r"one saved Dataset, without "
+                                                                r"splits: give the folder alone")):
+        with pytest.raises(EmberError, match=why):
+            load_datasets(cfg, tok)
+    with pytest.raises(EmberError, match=r"dd: a Hugging Face datasets folder with the splits "
+                                         r"train, test: name one, e\.g\. \".*dd:train\""):
+        load_examples(dd, DataConfig(), tok)  # no setting to name the split
+
+
+def test_datasets_folder_paths_in_a_run_config(tmp_path, monkeypatch):
+    """A run records "folder:split" (absolute, the split named like the setting), so eval /
+    resume read the same split from any folder; a missing folder is named before the model
+    loads."""
+    from ember.engine.cli import _check_data_files
+    from ember.engine.config import ModelSpec, TrainConfig
+    from ember.engine.hfdatasets import named_splits
+    from ember.engine.runtime import absolute_paths
+
+    _save_to_disk(tmp_path / "dd" / "train", ROWS)
+    _save_to_disk(tmp_path / "dd" / "validation", ROWS)
+    (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train", "validation"]}')
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(TrainConfig(data=DataConfig(train=("dd",), validation="dd:train")))
+    assert cfg.data.validation == f"{tmp_path / 'dd'}:train"
+    assert named_splits(cfg.data).train == (f"{tmp_path / 'dd'}:train",)
+    # a model name "name:tag" beside a folder "name" is no datasets path
+    named = absolute_paths(TrainConfig(model=ModelSpec(name="dd:tag"), data=DataConfig()))
+    assert named.model.name == "dd:tag"
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~/dd:train" (was read as a relative "~" path)
+    assert absolute_paths(TrainConfig(data=DataConfig(train=("~/dd:train",)))).data.train == (
+        f"{tmp_path / 'dd'}:train",)
+    _check_data_files(cfg)
+    from ember.engine.mixing import source_names
+
+    (tmp_path / "dd.v2").mkdir()  # per-source names (val_loss/<name>): the whole "folder:split"
+    assert source_names(["dd:train", "dd.v2:train"], "data.train") == ["dd:train", "dd.v2:train"]
+    from ember.engine.cli_generate import _file_prompts
+
+    # ember generate --prompts FOLDER: its test split, as ember eval --data FOLDER
+    with pytest.raises(EmberError, match=r"no 'test' split for --prompts; name the one to use, "
+                                         r"e\.g\. --prompts \".*dd:train\""):
+        _file_prompts("dd")
+    assert [p[0] for p in _file_prompts("dd:validation")] == [r["prompt"] for r in ROWS]
+    with pytest.raises(EmberError, match=r"data file not found: data\.test = 'gone:test'"):
+        _check_data_files(TrainConfig(data=DataConfig(train=("dd",), test="gone:test")))
+
+
+def test_hub_folders_split_as_load_dataset_infers(tmp_path, tok):
+    """A Hub-style folder of data files reads the split datasets.load_dataset(folder) infers
+    (datasets 5.2 gave these splits and rows): data/{split}-NNNNN-of-NNNNN shards (any split
+    name, shards in order), else folder names, else file names (dev -> validation), else all
+    files as train; a split reads the files of its most common format (a tie: Parquet, JSON
+    Lines, JSON, CSV). Blank JSONL lines are not rows (the index is the row's in the split)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(ROWS[:2]), hub / "train-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(ROWS[2:]), hub / "train-00001-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(CHATS), hub / "test_sft-00000-of-00001.parquet")
+    (tmp_path / "hub" / "README.md").write_text("---\n---\n")
+    from ember.engine.hfdatasets import splits
+
+    assert splits(tmp_path / "hub") == ["train", "test_sft"]
+    ds = load_datasets(DataConfig(train=(str(tmp_path / "hub"),)), tok)
+    _same(ds.train, _jsonl(tmp_path, ROWS, tok))
+    assert ("\n  read from 2 files: data/train-00000-of-00002.parquet, "
+            "data/train-00001-of-00002.parquet") in ds.summary()  # what the split was taken as
+    _same(load_examples(f"{tmp_path / 'hub'}:test_sft", DataConfig(), tok)[0],
+          _jsonl(tmp_path, CHATS, tok))
+    names = tmp_path / "names"
+    (names / ".cache").mkdir(parents=True)
+    (names / ".cache" / "test.jsonl").write_text("not data\n")
+    (names / "train.jsonl").write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n")
+    _csv(names / "dev.csv", ROWS[2:])
+    _csv(names / "train_x.csv", CHATS)  # a train file of the format fewer train files have
+    assert splits(names) == ["train", "validation"]
+    ds = load_datasets(DataConfig(train=(str(names),), validation=str(names)), tok)
+    _same(ds.train, _jsonl(tmp_path, ROWS[:2], tok))
+    assert ds.train[1].source == f"{names}:train[1]"
+    _same(ds.validation, _jsonl(tmp_path, ROWS[2:], tok))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "b.jsonl").write_text(json.dumps(ROWS[1]) + "\n")
+    (flat / "a.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    assert splits(flat) == ["train"]
+    _same(load_datasets(DataConfig(train=(str(flat),)), tok).train,
+          _jsonl(tmp_path, ROWS[:2], tok))
+
+
+def test_hub_folder_configs_from_its_readme(tmp_path, tok):
+    """A Hub snapshot whose README.md lists configs (gsm8k's main/ and socratic/) read both
+    configs' train files as one train split (their names hold "train"); it now reads a
+    config's data_files as datasets 5.2's load_dataset(folder, config, split=...) does:
+    "folder:config:split", or the only / default config; several without a default are
+    refused, naming them."""
+    pytest.importorskip("yaml")
+    for config, rows in (("main", ROWS), ("socratic", CHATS)):
+        (tmp_path / "gsm" / config).mkdir(parents=True)
+        _csv(tmp_path / "gsm" / config / "train-00000-of-00001.csv", rows)
+    readme = ("---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n"
+              "    path: main/train-*\n- config_name: socratic\n  data_files:\n"
+              "  - split: train\n    path: socratic/train-*\n---\n# gsm\n")
+    (tmp_path / "gsm" / "README.md").write_text(readme)
+    gsm = tmp_path / "gsm"
+    _same(load_examples(f"{gsm}:socratic:train", DataConfig(), tok)[0],
+          _jsonl(tmp_path, CHATS, tok))
+    with pytest.raises(EmberError, match=r"gsm: a Hub dataset with the configs main, socratic "
+                                         r"\(README\.md\) and no default one: name one with its "
+                                         r"split, e\.g\. \".*gsm:main:train\""):
+        load_datasets(DataConfig(train=(str(gsm),)), tok)
+    (gsm / "README.md").write_text(readme.replace("path: main/train-*\n",
+                                                  "path: main/train-*\n  default: true\n"))
+    _same(load_datasets(DataConfig(train=(str(gsm),)), tok).train, _jsonl(tmp_path, ROWS, tok))
+    with pytest.raises(EmberError, match=r"no config 'other' in README\.md \(it has main, "
+                                         r"socratic\)"):
+        load_examples(f"{gsm}:other:train", DataConfig(), tok)
+    (gsm / "README.md").write_text("---\nconfigs:\n- config_name: x\n  data_files: none/*\n---\n")
+    with pytest.raises(EmberError, match=r"gsm: a Hugging Face datasets folder without data "
+                                         r"files in any split \(README\.md's configs match none"):
+        load_datasets(DataConfig(train=(str(gsm),)), tok)
+
+
+def test_arrow_files_and_folders_without_data_say_what_to_give(tmp_path, tok, monkeypatch):
+    """A save_to_disk shard given as the file was "not valid UTF-8" at line 1; a folder with no
+    data files said only "is a directory"."""
+    _save_to_disk(tmp_path / "one", ROWS)
+    with pytest.raises(EmberError, match=r"an Arrow file .*datasets\.Dataset\.from_file\(FILE\)"
+                                         r"\.to_json"):
+        load_examples(tmp_path / "one" / "data-00000-of-00001.arrow", DataConfig(), tok)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(EmberError, match=r"empty: is a directory; give a data file"):
+        load_examples(tmp_path / "empty", DataConfig(), tok)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "pyarrow", None)  # import fails
+        with pytest.raises(EmberError, match=r"one: reading a datasets folder needs pyarrow "
+                                             r"\(pip install pyarrow\)"):
+            load_examples(tmp_path / "one", DataConfig(), tok)
+    (tmp_path / "one" / "state.json").write_text('{"_data_files": [{"filename": "gone.arrow"}]}')
+    with pytest.raises(EmberError, match=r"one: state\.json lists gone\.arrow, which is not "
+                                         r"there"):
+        load_examples(tmp_path / "one", DataConfig(), tok)
+
+
+def test_a_folder_given_as_data_names_its_data_files_without_walking_the_tree(tmp_path, tok):
+    """A folder without data files outside hidden folders (.git, .cache) says it is a directory
+    (was: the whole tree walked and .git / .cache files listed as data); one with data files is
+    split as datasets 5.2's load_dataset splits it: only data/train.jsonl is a train file here
+    (a/b/c/deep.jsonl is in no split)."""
+    from ember.engine.hfdatasets import _hub_splits
+
+    for name in (".git/objects/x.json", ".cache/hub/y.jsonl"):
+        (tmp_path / "repo" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "repo" / name).write_text("{}\n")
+    with pytest.raises(EmberError, match=r"repo: is a directory; give a data file; data\.train "
+                                         r"may list several"):
+        load_examples(tmp_path / "repo", DataConfig(), tok)
+    for name in ("data/train.jsonl", "a/b/c/deep.jsonl"):
+        (tmp_path / "repo" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "repo" / name).write_text(json.dumps(ROWS[0]) + "\n")
+    assert _hub_splits(tmp_path / "repo") == {"train": ["data/train.jsonl"]}
