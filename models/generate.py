@@ -472,7 +472,10 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     hf_options = {k: v for k, v in options.items() if k not in names}
     if hf_options:
         raise EmberError(unsupported_options(hf_options))
-    knobs = knob_defaults(model, **options)
+    # the file's warpers are checked only when sampling, as transformers builds them then only
+    sampling = isinstance(temperature, int | float) and not isinstance(
+        temperature, bool) and temperature > 0
+    knobs = knob_defaults(model, sampling=sampling, **options)
     unapplied = unapplied_settings(model)
     if unapplied:  # said, as the CLI says it: transformers' generate() applies them
         warnings.warn(unapplied, stacklevel=2)
