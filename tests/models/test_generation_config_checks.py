@@ -75,7 +75,7 @@ def _ember(model, folder, sample: bool) -> list[int] | EmberError:
         knobs = knob_defaults(model, sampling=sample)
     except EmberError as e:
         return e
-    key = (sample, *sorted(knobs.items()))
+    key = (sample, json.dumps(knobs, sort_keys=True))
     if key not in _RUNS:  # (greedy decoding's knobs are often the same: kept, the test is slow)
         _RUNS[key] = generate_ids(model, [PROMPT], max_new_tokens=3, temperature=float(sample),
                                   seed=0 if sample else None, eos_token_ids=[EOS], **knobs)[0]
@@ -104,6 +104,30 @@ def test_a_file_value_is_refused_where_transformers_refuses_it(tiny, key, value)
             assert f"{key} = {value!r}" in msg and "must be" in msg
         else:
             assert got == want, (sample, want, got)
+
+
+@pytest.mark.parametrize("settings", [
+    {"suppress_tokens": [5], "forced_eos_token_id": [5]},
+    {"suppress_tokens": [5, 9], "forced_bos_token_id": 5},
+    {"suppress_tokens": [5], "forced_eos_token_id": [5, 9]},
+])
+def test_a_forced_token_also_suppressed_is_refused_as_transformers(tiny, settings):
+    """Forcing a token while suppressing it: transformers' validate() refuses it; Ember's greedy
+    decoding chose id 0 at the forced step (every logit -inf) and sampling failed in
+    multinomial. Forcing one of several tokens, the other not suppressed, is fine in both."""
+    folder, hf, ours, _ = tiny
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": EOS, **settings}))
+    for sample in (False, True):
+        want = _hf(hf, folder, sample)
+        if isinstance(want, Exception):
+            with pytest.raises(EmberError, match="also in suppress_tokens"):
+                _ember(ours, folder, sample)
+            with pytest.raises(EmberError, match="also in suppress_tokens"):  # as keywords
+                generate_ids(ours, [[1]], max_new_tokens=2, temperature=float(sample),
+                             **settings)
+        else:
+            assert _ember(ours, folder, sample) == want
 
 
 def test_generate_and_the_cli_check_the_file_as_they_decode(tmp_path, capsys):
