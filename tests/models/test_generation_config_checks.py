@@ -151,3 +151,12 @@ def test_generate_and_the_cli_check_the_file_as_they_decode(tmp_path, capsys):
     assert main(cli) != 0
     assert "generation_config.json: top_k = -1 is invalid" in capsys.readouterr().err
     assert main([*cli, "--top-k", "5"]) == 0
+    # eos_token_id: not a token id makes transformers' generate() fail (a TypeError making its
+    # tensor; Ember ignored it); a negative one gets its warning ('eos_token_id should consist
+    # of positive integers'; Ember said nothing)
+    model.hf_generation_config = {**gen, "eos_token_id": "2"}
+    with pytest.raises(EmberError, match=r"eos_token_id = '2' is invalid"):
+        generate(model, tok, "he", max_new_tokens=2)
+    model.hf_generation_config = {**gen, "eos_token_id": [-1, gen["eos_token_id"]]}
+    with pytest.warns(UserWarning, match="holds a negative id"):
+        generate(model, tok, "he", max_new_tokens=2)
