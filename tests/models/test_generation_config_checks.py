@@ -160,3 +160,20 @@ def test_generate_and_the_cli_check_the_file_as_they_decode(tmp_path, capsys):
     model.hf_generation_config = {**gen, "eos_token_id": [-1, gen["eos_token_id"]]}
     with pytest.warns(UserWarning, match="holds a negative id"):
         generate(model, tok, "he", max_new_tokens=2)
+
+
+def test_an_evaluation_refuses_a_file_value_before_training(tiny):
+    """Generation metrics check the file's processors with the evaluation split, before
+    training (``check_task_split``), not at the first evaluation after hours of steps."""
+    from ember.engine.packing import IGNORE, Example
+    from ember.engine.evaluation import generation_examples
+
+    _, _, ours, _ = tiny
+    ex = [Example([1, 5, 6, 7], [IGNORE, IGNORE, 6, 7], "t:0", 2, "x")]
+    for bad, match in (({"repetition_penalty": 0}, "repetition_penalty = 0 is invalid"),
+                       ({"suppress_tokens": [5], "forced_eos_token_id": 5}, "also in suppress")):
+        ours.hf_generation_config = {"eos_token_id": EOS, **bad}
+        with pytest.raises(EmberError, match=match):
+            generation_examples(ours, ex, 4, metric_names=["exact_match"])
+    ours.hf_generation_config = {"eos_token_id": EOS, "repetition_penalty": 1.2}
+    assert generation_examples(ours, ex, 4, metric_names=["exact_match"]) == ex
