@@ -165,8 +165,8 @@ def test_generate_and_the_cli_check_the_file_as_they_decode(tmp_path, capsys):
 def test_an_evaluation_refuses_a_file_value_before_training(tiny):
     """Generation metrics check the file's processors with the evaluation split, before
     training (``check_task_split``), not at the first evaluation after hours of steps."""
-    from ember.engine.packing import IGNORE, Example
     from ember.engine.evaluation import generation_examples
+    from ember.engine.packing import IGNORE, Example
 
     _, _, ours, _ = tiny
     ex = [Example([1, 5, 6, 7], [IGNORE, IGNORE, 6, 7], "t:0", 2, "x")]
