@@ -25,12 +25,29 @@ EOS = 2
 PROMPT = [1, 5, 6, 7]
 
 CASES = [
-    ("repetition_penalty", 0), ("repetition_penalty", "1.1"), ("repetition_penalty", 1.3),
-    ("no_repeat_ngram_size", -1), ("no_repeat_ngram_size", 2.5), ("min_new_tokens", 2.5),
-    ("min_length", -3), ("min_length", 2.5), ("top_p", 1.5), ("top_p", -0.1), ("top_p", "0.9"),
-    ("top_k", -1), ("top_k", 5.0), ("top_k", "5"), ("top_k", 0), ("min_p", 1.5),
-    ("typical_p", 1.5), ("typical_p", 0), ("epsilon_cutoff", 1.5), ("eta_cutoff", -0.1),
-    ("top_h", 1.5), ("top_h", 0), ("top_h", 0.5),
+    ("repetition_penalty", 0),
+    ("repetition_penalty", "1.1"),
+    ("repetition_penalty", 1.3),
+    ("no_repeat_ngram_size", -1),
+    ("no_repeat_ngram_size", 2.5),
+    ("min_new_tokens", 2.5),
+    ("min_length", -3),
+    ("min_length", 2.5),
+    ("top_p", 1.5),
+    ("top_p", -0.1),
+    ("top_p", "0.9"),
+    ("top_k", -1),
+    ("top_k", 5.0),
+    ("top_k", "5"),
+    ("top_k", 0),
+    ("min_p", 1.5),
+    ("typical_p", 1.5),
+    ("typical_p", 0),
+    ("epsilon_cutoff", 1.5),
+    ("eta_cutoff", -0.1),
+    ("top_h", 1.5),
+    ("top_h", 0),
+    ("top_h", 0.5),
 ]
 
 
@@ -38,10 +55,18 @@ CASES = [
 def tiny(tmp_path_factory):
     """(folder, transformers model, Ember's, its greedy new ids) of a tiny random Llama; eos 2."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
-                                   num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=1, max_position_embeddings=32,
-                                   bos_token_id=1, eos_token_id=EOS, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        pad_token_id=0,
+    )
     hf = transformers.LlamaForCausalLM(cfg).eval()
     for p in hf.parameters():  # spread logits: the knobs change the tokens
         torch.nn.init.normal_(p, std=0.5)
@@ -61,12 +86,13 @@ def _hf(hf, folder, sample: bool) -> list[int] | Exception:
         try:
             hf.generation_config = transformers.GenerationConfig.from_pretrained(folder)
             torch.manual_seed(0)
-            out = hf.generate(torch.tensor([PROMPT]), max_new_tokens=3, do_sample=sample,
-                              pad_token_id=0)
+            out = hf.generate(
+                torch.tensor([PROMPT]), max_new_tokens=3, do_sample=sample, pad_token_id=0
+            )
         except (ValueError, TypeError) as e:
             return e
-    ids = out[0, len(PROMPT):].tolist()
-    return ids[:ids.index(EOS)] if EOS in ids else ids
+    ids = out[0, len(PROMPT) :].tolist()
+    return ids[: ids.index(EOS)] if EOS in ids else ids
 
 
 def _ember(model, folder, sample: bool) -> list[int] | EmberError:
@@ -77,8 +103,15 @@ def _ember(model, folder, sample: bool) -> list[int] | EmberError:
         return e
     key = (sample, json.dumps(knobs, sort_keys=True))
     if key not in _RUNS:  # (greedy decoding's knobs are often the same: kept, the test is slow)
-        _RUNS[key] = generate_ids(model, [PROMPT], max_new_tokens=3, temperature=float(sample),
-                                  seed=0 if sample else None, eos_token_ids=[EOS], **knobs)[0]
+        _RUNS[key] = generate_ids(
+            model,
+            [PROMPT],
+            max_new_tokens=3,
+            temperature=float(sample),
+            seed=0 if sample else None,
+            eos_token_ids=[EOS],
+            **knobs,
+        )[0]
     return _RUNS[key]
 
 
@@ -88,8 +121,9 @@ _RUNS: dict = {}
 @pytest.mark.parametrize(("key", "value"), CASES)
 def test_a_file_value_is_refused_where_transformers_refuses_it(tiny, key, value):
     folder, hf, ours, plain = tiny
-    (folder / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 1, "eos_token_id": EOS, key: value}))
+    (folder / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": EOS, key: value})
+    )
     for sample in (False, True):
         want, got = _hf(hf, folder, sample), _ember(ours, folder, sample)
         if (key, value, sample) == ("top_k", "5", False):
@@ -106,26 +140,29 @@ def test_a_file_value_is_refused_where_transformers_refuses_it(tiny, key, value)
             assert got == want, (sample, want, got)
 
 
-@pytest.mark.parametrize("settings", [
-    {"suppress_tokens": [5], "forced_eos_token_id": [5]},
-    {"suppress_tokens": [5, 9], "forced_bos_token_id": 5},
-    {"suppress_tokens": [5], "forced_eos_token_id": [5, 9]},
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"suppress_tokens": [5], "forced_eos_token_id": [5]},
+        {"suppress_tokens": [5, 9], "forced_bos_token_id": 5},
+        {"suppress_tokens": [5], "forced_eos_token_id": [5, 9]},
+    ],
+)
 def test_a_forced_token_also_suppressed_is_refused_as_transformers(tiny, settings):
     """Forcing a token while suppressing it: transformers' validate() refuses it; Ember's greedy
     decoding chose id 0 at the forced step (every logit -inf) and sampling failed in
     multinomial. Forcing one of several tokens, the other not suppressed, is fine in both."""
     folder, hf, ours, _ = tiny
-    (folder / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 1, "eos_token_id": EOS, **settings}))
+    (folder / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": EOS, **settings})
+    )
     for sample in (False, True):
         want = _hf(hf, folder, sample)
         if isinstance(want, Exception):
             with pytest.raises(EmberError, match="also in suppress_tokens"):
                 _ember(ours, folder, sample)
             with pytest.raises(EmberError, match="also in suppress_tokens"):  # as keywords
-                generate_ids(ours, [[1]], max_new_tokens=2, temperature=float(sample),
-                             **settings)
+                generate_ids(ours, [[1]], max_new_tokens=2, temperature=float(sample), **settings)
         else:
             assert _ember(ours, folder, sample) == want
 
@@ -146,8 +183,19 @@ def test_generate_and_the_cli_check_the_file_as_they_decode(tmp_path, capsys):
     with pytest.raises(EmberError, match=r"generation_config\.json: top_k = -1 .* when sampling"):
         generate(model, tok, "he", max_new_tokens=2, temperature=1.0)
     generate(model, tok, "he", max_new_tokens=2, temperature=1.0, top_k=5)
-    cli = ["generate", str(tmp_path), "--raw", "--prompt", "he", "--device", "cpu",
-           "--max-new-tokens", "2", "--temperature", "1"]
+    cli = [
+        "generate",
+        str(tmp_path),
+        "--raw",
+        "--prompt",
+        "he",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "2",
+        "--temperature",
+        "1",
+    ]
     assert main(cli) != 0
     assert "generation_config.json: top_k = -1 is invalid" in capsys.readouterr().err
     assert main([*cli, "--top-k", "5"]) == 0
@@ -170,8 +218,10 @@ def test_an_evaluation_refuses_a_file_value_before_training(tiny):
 
     _, _, ours, _ = tiny
     ex = [Example([1, 5, 6, 7], [IGNORE, IGNORE, 6, 7], "t:0", 2, "x")]
-    for bad, match in (({"repetition_penalty": 0}, "repetition_penalty = 0 is invalid"),
-                       ({"suppress_tokens": [5], "forced_eos_token_id": 5}, "also in suppress")):
+    for bad, match in (
+        ({"repetition_penalty": 0}, "repetition_penalty = 0 is invalid"),
+        ({"suppress_tokens": [5], "forced_eos_token_id": 5}, "also in suppress"),
+    ):
         ours.hf_generation_config = {"eos_token_id": EOS, **bad}
         with pytest.raises(EmberError, match=match):
             generation_examples(ours, ex, 4, metric_names=["exact_match"])
