@@ -102,7 +102,8 @@ def _generator(model, tok, a):
     if a.max_new_tokens < 1:  # 0 printed nothing (transformers' generate refuses it too)
         raise EmberError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     # knobs not given: the model's generation_config.json's, else transformers' defaults
-    knobs = knob_defaults(model, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, top_h=a.top_h,
+    knobs = knob_defaults(model, sampling=a.temperature > 0, top_p=a.top_p, top_k=a.top_k,
+                          min_p=a.min_p, top_h=a.top_h,
                           repetition_penalty=a.repetition_penalty,
                           min_new_tokens=a.min_new_tokens,
                           no_repeat_ngram_size=a.no_repeat_ngram_size)

@@ -38,6 +38,7 @@ from ember.engine.distributed import (
 from ember.engine.losses import sft_loss, sft_loss_tokens
 from ember.models.generate import Knobs, generate_ids, knob_defaults
 from ember.models.prompt_tuning import num_virtual_tokens, virtual_ids
+from ember.models.token_bans import TokenBans
 from ember.models.tokenizer import generation_ids
 
 PREFIX_DECIDABLE = {"exact_match"}
@@ -187,6 +188,11 @@ def generation_examples(model, examples: list[Example], max_new_tokens: int,
                          f"{model_cfg.max_position_embeddings} tokens; lower "
                          "eval.max_new_tokens (ember eval: --max-new-tokens) or "
                          "data.max_seq_len, or shorten that prompt")
+    if model_cfg is not None:
+        # the generation_config.json's processors as generate_ids takes them: a value
+        # transformers refuses (a repetition_penalty of 0) said now, not at the first evaluation
+        bans = Knobs.of(knob_defaults(model)).bans()
+        TokenBans([[0]], model_cfg.vocab_size, (), max_new_tokens=max_new_tokens, **bans)
     return usable
 
 

@@ -426,11 +426,25 @@ def encode_prompts(tokenizer, prompts: Sequence, chat: bool = False,
 
 def _config_stop_ids(model: Transformer) -> list[int]:
     """``eos_token_id`` (one id or a list) of the generation_config.json the model was loaded
-    with; [] without one."""
+    with; [] without one. EmberError for one that is not a token id (transformers' generate()
+    fails on it: a TypeError making its tensor); a negative id, which no token matches, is
+    warned about as transformers warns."""
     gen = getattr(model, "hf_generation_config", None)
     eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
-    ids = [eos] if _is_index(eos) else eos if isinstance(eos, list) else []
-    return [operator.index(i) for i in ids if _is_index(i) and not isinstance(i, bool)]
+    if eos is None:
+        return []
+    ids = eos if isinstance(eos, list) else [eos]
+    where = getattr(model, "hf_generation_config_path", None) or "generation_config.json"
+    if any(isinstance(i, bool) or not _is_index(i) for i in ids):
+        raise EmberError(f"{where}: eos_token_id = {eos!r} is invalid (it must be a token id or "
+                         "a list of them); transformers' generate() fails on it too: fix it in "
+                         "that file")
+    ids = [operator.index(i) for i in ids]
+    if any(i < 0 for i in ids):
+        warnings.warn(f"{where}: eos_token_id = {eos!r} holds a negative id, which no token "
+                      "matches: generation stops at the tokenizer's eos only (transformers "
+                      "warns too)", stacklevel=3)
+    return [i for i in ids if i >= 0]
 
 
 def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
@@ -472,7 +486,10 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     hf_options = {k: v for k, v in options.items() if k not in names}
     if hf_options:
         raise EmberError(unsupported_options(hf_options))
-    knobs = knob_defaults(model, **options)
+    # the file's warpers are checked only when sampling, as transformers builds them then only
+    sampling = isinstance(temperature, int | float) and not isinstance(
+        temperature, bool) and temperature > 0
+    knobs = knob_defaults(model, sampling=sampling, **options)
     unapplied = unapplied_settings(model)
     if unapplied:  # said, as the CLI says it: transformers' generate() applies them
         warnings.warn(unapplied, stacklevel=2)

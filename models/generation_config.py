@@ -149,27 +149,72 @@ HF_SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_pen
 _INT_KNOBS = ("top_k", "min_new_tokens", "no_repeat_ngram_size", "min_length")
 
 
-def sampling_defaults(model: Transformer, **given) -> dict:
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral)
+
+
+# A generation_config.json's knob as transformers 5.24's generate() takes it: whether it builds
+# that logits processor / warper for the value (no: the knob is off), then whether that
+# processor's __init__ accepts it (no: transformers raises), and the valid range. The warpers
+# are built only when sampling, so a bad one raises only then.
+_FILE_RANGES: dict[str, tuple[Any, Any, str]] = {
+    "repetition_penalty": (lambda v: v != 1, lambda v: v > 0, "> 0 (1 = off)"),
+    "min_new_tokens": (lambda v: v > 0, _is_int, "an int >= 0 (0 = off)"),
+    "no_repeat_ngram_size": (lambda v: v > 0, _is_int, "an int >= 0 (0 = off)"),
+    "min_length": (lambda v: v > 0, _is_int, "an int >= 0 (0 = off)"),
+    "top_h": (lambda v: True, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: v != 0, lambda v: v > 0 and _is_int(v), "an int >= 0 (0 = off)"),
+    "top_p": (lambda v: v < 1, lambda v: v >= 0, "in [0, 1] (1 = off)"),
+    "min_p": (lambda v: True, lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)"),
+    "typical_p": (lambda v: v < 1, lambda v: v > 0, "in (0, 1] (1 = off)"),
+    "epsilon_cutoff": (lambda v: 0 < v < 1, lambda v: True, "in [0, 1) (0 = off)"),
+    "eta_cutoff": (lambda v: 0 < v < 1, lambda v: True, "in [0, 1) (0 = off)"),
+}
+_WARPERS = {f.name for f in fields(Knobs) if f.metadata.get("warper")}
+
+
+def _file_knob(model: Transformer, name: str, v: Any, sampling: bool) -> Any:
+    """The generation_config.json's ``name`` = ``v`` as transformers' generate() takes it: the
+    value, its off value where transformers builds no processor for it (a top_p of 1.5, a
+    negative no_repeat_ngram_size), None when unset; EmberError where transformers refuses it
+    (a top_k of -1 when sampling, a repetition_penalty of 0 always: its processors' checks)."""
+    number = isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
+    if v is None or (name in _WARPERS and not sampling):
+        # no warper is built for greedy decoding: a valid value is kept (unused), any other unset
+        try:
+            ok = number and (name not in _INT_KNOBS or _is_int(v))
+            ok = ok and check_sampling(0, 0.0, **{**HF_SAMPLING_DEFAULTS, name: v}) is None
+        except EmberError:
+            ok = False
+        return v if ok else None
+    built, accepted, valid = _FILE_RANGES[name]
+    if number and not built(v):
+        return Knobs().as_dict()[name]
+    if not number or not accepted(v):
+        where = getattr(model, "hf_generation_config_path", None) or "generation_config.json"
+        mode = " when sampling" if name in _WARPERS else ""
+        raise EmberError(f"{where}: {name} = {v!r} is invalid ({name} must be {valid}); "
+                         f"transformers' generate() refuses it too{mode}: fix or remove it in "
+                         f"that file, or pass {name} to override it")
+    return v
+
+
+def sampling_defaults(model: Transformer, *, sampling: bool = False, **given) -> dict:
     """The knobs of ``HF_SAMPLING_DEFAULTS`` as transformers' ``generate()`` takes those not
     passed: ``given`` where not None, else the generation_config.json the model was loaded with
     (Qwen2.5-Instruct's top_k 20, top_p 0.8, repetition_penalty 1.05, which transformers applies
     to greedy decoding too), else transformers' default. Its do_sample / temperature are not
-    taken: Ember is greedy unless a temperature > 0 is given."""
+    taken: Ember is greedy unless a temperature > 0 is given. ``sampling``: whether it is: a
+    file's value transformers refuses is an EmberError then for the warpers, always for the
+    processors (``_file_knob``); one for which it builds no processor is off."""
     gen = getattr(model, "hf_generation_config", None)
     gen = gen if isinstance(gen, dict) else {}
     out = {}
     for name, default in HF_SAMPLING_DEFAULTS.items():
         v = given.get(name)
         if v is None:
-            v = gen.get(name)
-            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and not (
-                name in _INT_KNOBS and not isinstance(v, numbers.Integral))
-            if ok:  # a value out of range (top_p 1.5) is off, as transformers skips it
-                try:
-                    check_sampling(0, 0.0, **{**HF_SAMPLING_DEFAULTS, name: v})
-                except EmberError:
-                    ok = False
-            v = v if ok else default
+            v = _file_knob(model, name, gen.get(name), sampling)
+            v = default if v is None else v
         out[name] = v
     return out
 
@@ -181,12 +226,14 @@ TOKEN_BAN_SETTINGS = ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens
                       "exponential_decay_length_penalty", "renormalize_logits")
 
 
-def knob_defaults(model: Transformer, **given) -> dict:
+def knob_defaults(model: Transformer, *, sampling: bool = False, **given) -> dict:
     """Every ``Knobs`` field as transformers' ``generate()`` takes it: ``given`` where not None,
-    else the generation_config.json's (``sampling_defaults``, ``token_ban_defaults``)."""
+    else the generation_config.json's (``sampling_defaults``, ``token_ban_defaults``).
+    ``sampling``: temperature > 0 (the file's warpers are checked then only)."""
     numbers_ = {k: given.get(k) for k in HF_SAMPLING_DEFAULTS}
     lists = {k: given.get(k) for k in TOKEN_BAN_SETTINGS}
-    return sampling_defaults(model, **numbers_) | token_ban_defaults(model, **lists)
+    return (sampling_defaults(model, sampling=sampling, **numbers_)
+            | token_ban_defaults(model, **lists))
 
 
 def token_ban_defaults(model: Transformer, **given) -> dict:

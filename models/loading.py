@@ -187,6 +187,8 @@ def load_hf_folder(
         model = Transformer(cfg)
     # the source's generation_config.json (sampling defaults, stop ids), which an export keeps
     model.hf_generation_config = read_generation_config(folder)
+    # named in the errors about its values (generation_config._file_knob)
+    model.hf_generation_config_path = str(Path(folder) / "generation_config.json")
     device = torch.device(device)
     if device.type == "meta":  # the structure alone (FSDP: ranks > 0 get their shards later)
         # With quantize / a 4-bit checkpoint: the dense structure; under FSDP rank 0's NF4

@@ -104,6 +104,14 @@ class TokenBans:
             self.decay = (int(d[0]), float(d[1]))
         suppress = _id_list("suppress_tokens", suppress_tokens or (), vocab)
         begin = _id_list("begin_suppress_tokens", begin_suppress_tokens or (), vocab)
+        # transformers' GenerationConfig.validate refuses it: every logit of the forced step
+        # would be -inf (greedy decoding chose id 0 there, sampling failed in multinomial)
+        for name, ids in (("forced_bos_token_id", bos), ("forced_eos_token_id", forced)):
+            if ids and set(ids) <= set(suppress):
+                raise EmberError(f"every token of {name} ({sorted(set(ids))}) is also in "
+                                 "suppress_tokens: forcing a token while suppressing it leaves "
+                                 "none to generate (transformers refuses it too); remove it "
+                                 "from one of them (min_new_tokens keeps an early stop away)")
         if isinstance(bad_words_ids, (str, bytes)) or not isinstance(
                 bad_words_ids or (), Iterable):
             raise EmberError(f"bad_words_ids must be a list of token-id lists, got "

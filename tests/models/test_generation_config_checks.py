@@ -1,0 +1,229 @@
+"""A generation_config.json's knob values as transformers 5.24's ``generate()`` takes them, with
+transformers as the oracle on the same file: a value it refuses (its logits processors' own
+checks: always for the processors, when sampling for the warpers) is an EmberError naming the
+file, key and value; one for which it builds no processor (top_p 1.5, a negative
+no_repeat_ngram_size) is off, generating transformers' tokens. Ember used to treat every value
+out of its own range as off without a word (a repetition_penalty of 0 generated unpenalised, a
+top_k of -1 sampled with top_k 50)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from ember import EmberError
+from ember.models.generate import generate_ids, knob_defaults
+from ember.models.loading import load_hf_folder
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 61
+EOS = 2
+PROMPT = [1, 5, 6, 7]
+
+CASES = [
+    ("repetition_penalty", 0),
+    ("repetition_penalty", "1.1"),
+    ("repetition_penalty", 1.3),
+    ("no_repeat_ngram_size", -1),
+    ("no_repeat_ngram_size", 2.5),
+    ("min_new_tokens", 2.5),
+    ("min_length", -3),
+    ("min_length", 2.5),
+    ("top_p", 1.5),
+    ("top_p", -0.1),
+    ("top_p", "0.9"),
+    ("top_k", -1),
+    ("top_k", 5.0),
+    ("top_k", "5"),
+    ("top_k", 0),
+    ("min_p", 1.5),
+    ("typical_p", 1.5),
+    ("typical_p", 0),
+    ("epsilon_cutoff", 1.5),
+    ("eta_cutoff", -0.1),
+    ("top_h", 1.5),
+    ("top_h", 0),
+    ("top_h", 0.5),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(folder, transformers model, Ember's, its greedy new ids) of a tiny random Llama; eos 2."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        pad_token_id=0,
+    )
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    for p in hf.parameters():  # spread logits: the knobs change the tokens
+        torch.nn.init.normal_(p, std=0.5)
+    folder = tmp_path_factory.mktemp("tiny_gen_llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(folder)
+    plain = _hf(hf, folder, False)  # greedy, without a knob
+    return folder, hf, load_hf_folder(folder, torch.float32, "cpu").eval(), plain
+
+
+def _hf(hf, folder, sample: bool) -> list[int] | Exception:
+    """transformers' new ids (seed 0 when sampling) with the folder's generation_config.json,
+    or the exception it raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            hf.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+            torch.manual_seed(0)
+            out = hf.generate(
+                torch.tensor([PROMPT]), max_new_tokens=3, do_sample=sample, pad_token_id=0
+            )
+        except (ValueError, TypeError) as e:
+            return e
+    ids = out[0, len(PROMPT) :].tolist()
+    return ids[: ids.index(EOS)] if EOS in ids else ids
+
+
+def _ember(model, folder, sample: bool) -> list[int] | EmberError:
+    model.hf_generation_config = json.loads((folder / "generation_config.json").read_text())
+    try:
+        knobs = knob_defaults(model, sampling=sample)
+    except EmberError as e:
+        return e
+    key = (sample, json.dumps(knobs, sort_keys=True))
+    if key not in _RUNS:  # (greedy decoding's knobs are often the same: kept, the test is slow)
+        _RUNS[key] = generate_ids(
+            model,
+            [PROMPT],
+            max_new_tokens=3,
+            temperature=float(sample),
+            seed=0 if sample else None,
+            eos_token_ids=[EOS],
+            **knobs,
+        )[0]
+    return _RUNS[key]
+
+
+_RUNS: dict = {}
+
+
+@pytest.mark.parametrize(("key", "value"), CASES)
+def test_a_file_value_is_refused_where_transformers_refuses_it(tiny, key, value):
+    folder, hf, ours, plain = tiny
+    (folder / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": EOS, key: value})
+    )
+    for sample in (False, True):
+        want, got = _hf(hf, folder, sample), _ember(ours, folder, sample)
+        if (key, value, sample) == ("top_k", "5", False):
+            # transformers' TypeError comparing "5" > 1 (get_generation_mode's contrastive
+            # search test); greedy decoding uses no top_k: Ember leaves it unused
+            assert isinstance(want, TypeError) and got == plain
+            continue
+        if isinstance(want, Exception):
+            assert isinstance(got, EmberError), (sample, want, got)
+            msg = str(got)
+            assert str(folder / "generation_config.json") in msg
+            assert f"{key} = {value!r}" in msg and "must be" in msg
+        else:
+            assert got == want, (sample, want, got)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"suppress_tokens": [5], "forced_eos_token_id": [5]},
+        {"suppress_tokens": [5, 9], "forced_bos_token_id": 5},
+        {"suppress_tokens": [5], "forced_eos_token_id": [5, 9]},
+    ],
+)
+def test_a_forced_token_also_suppressed_is_refused_as_transformers(tiny, settings):
+    """Forcing a token while suppressing it: transformers' validate() refuses it; Ember's greedy
+    decoding chose id 0 at the forced step (every logit -inf) and sampling failed in
+    multinomial. Forcing one of several tokens, the other not suppressed, is fine in both."""
+    folder, hf, ours, _ = tiny
+    (folder / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": EOS, **settings})
+    )
+    for sample in (False, True):
+        want = _hf(hf, folder, sample)
+        if isinstance(want, Exception):
+            with pytest.raises(EmberError, match="also in suppress_tokens"):
+                _ember(ours, folder, sample)
+            with pytest.raises(EmberError, match="also in suppress_tokens"):  # as keywords
+                generate_ids(ours, [[1]], max_new_tokens=2, temperature=float(sample), **settings)
+        else:
+            assert _ember(ours, folder, sample) == want
+
+
+def test_generate_and_the_cli_check_the_file_as_they_decode(tmp_path, capsys):
+    """``generate()`` and ``ember generate`` read the file as above: its top_k of -1 is refused
+    when sampling only (greedy decoding builds no warper); a valid top_k given overrides it."""
+    from ember.engine.cli import main
+    from ember.models.generate import generate
+    from tests.models.test_generate_hf import _with_tokenizer
+
+    tok, _, _ = _with_tokenizer(tmp_path, "<|im_end|>", "<|im_end|>")
+    tok.save_pretrained(tmp_path)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**gen, "top_k": -1}))
+    model = load_hf_folder(tmp_path, torch.float32, "cpu").eval()
+    generate(model, tok, "he", max_new_tokens=2)
+    with pytest.raises(EmberError, match=r"generation_config\.json: top_k = -1 .* when sampling"):
+        generate(model, tok, "he", max_new_tokens=2, temperature=1.0)
+    generate(model, tok, "he", max_new_tokens=2, temperature=1.0, top_k=5)
+    cli = [
+        "generate",
+        str(tmp_path),
+        "--raw",
+        "--prompt",
+        "he",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "2",
+        "--temperature",
+        "1",
+    ]
+    assert main(cli) != 0
+    assert "generation_config.json: top_k = -1 is invalid" in capsys.readouterr().err
+    assert main([*cli, "--top-k", "5"]) == 0
+    # eos_token_id: not a token id makes transformers' generate() fail (a TypeError making its
+    # tensor; Ember ignored it); a negative one gets its warning ('eos_token_id should consist
+    # of positive integers'; Ember said nothing)
+    model.hf_generation_config = {**gen, "eos_token_id": "2"}
+    with pytest.raises(EmberError, match=r"eos_token_id = '2' is invalid"):
+        generate(model, tok, "he", max_new_tokens=2)
+    model.hf_generation_config = {**gen, "eos_token_id": [-1, gen["eos_token_id"]]}
+    with pytest.warns(UserWarning, match="holds a negative id"):
+        generate(model, tok, "he", max_new_tokens=2)
+
+
+def test_an_evaluation_refuses_a_file_value_before_training(tiny):
+    """Generation metrics check the file's processors with the evaluation split, before
+    training (``check_task_split``), not at the first evaluation after hours of steps."""
+    from ember.engine.evaluation import generation_examples
+    from ember.engine.packing import IGNORE, Example
+
+    _, _, ours, _ = tiny
+    ex = [Example([1, 5, 6, 7], [IGNORE, IGNORE, 6, 7], "t:0", 2, "x")]
+    for bad, match in (
+        ({"repetition_penalty": 0}, "repetition_penalty = 0 is invalid"),
+        ({"suppress_tokens": [5], "forced_eos_token_id": 5}, "also in suppress"),
+    ):
+        ours.hf_generation_config = {"eos_token_id": EOS, **bad}
+        with pytest.raises(EmberError, match=match):
+            generation_examples(ours, ex, 4, metric_names=["exact_match"])
+    ours.hf_generation_config = {"eos_token_id": EOS, "repetition_penalty": 1.2}
+    assert generation_examples(ours, ex, 4, metric_names=["exact_match"]) == ex
