@@ -172,9 +172,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     rows have all finished, or that got no prompts at all, makes one-token passes whose output
     is dropped, so every process makes as many forward calls."""
     kn = Knobs.of(knobs)
-    check_sampling(max_new_tokens, temperature, kn.top_p, kn.top_k, kn.min_p,
-                   kn.repetition_penalty, kn.min_new_tokens, kn.no_repeat_ngram_size,
-                   kn.min_length, kn.typical_p, kn.epsilon_cutoff, kn.eta_cutoff, kn.top_h)
+    check_sampling(max_new_tokens, temperature,
+                   **{k: getattr(kn, k) for k in HF_SAMPLING_DEFAULTS})
     warp = kn.sampling()
     prompts = _as_id_lists("prompt", prompt_ids)
     if generators is not None and (generator is not None or seed is not None

@@ -220,20 +220,16 @@ def sampling_defaults(model: Transformer, *, sampling: bool = False, **given) ->
 
 
 # settings of a generation_config.json that ``generate_ids`` takes as they are (``token_bans``
-# checks the token ids)
-TOKEN_BAN_SETTINGS = ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
-                      "forced_eos_token_id", "forced_bos_token_id", "sequence_bias",
-                      "exponential_decay_length_penalty", "renormalize_logits")
+# checks the token ids): every other Knobs field
+TOKEN_BAN_SETTINGS = tuple(f.name for f in fields(Knobs) if f.name not in HF_SAMPLING_DEFAULTS)
 
 
 def knob_defaults(model: Transformer, *, sampling: bool = False, **given) -> dict:
     """Every ``Knobs`` field as transformers' ``generate()`` takes it: ``given`` where not None,
     else the generation_config.json's (``sampling_defaults``, ``token_ban_defaults``).
     ``sampling``: temperature > 0 (the file's warpers are checked then only)."""
-    numbers_ = {k: given.get(k) for k in HF_SAMPLING_DEFAULTS}
-    lists = {k: given.get(k) for k in TOKEN_BAN_SETTINGS}
-    return (sampling_defaults(model, sampling=sampling, **numbers_)
-            | token_ban_defaults(model, **lists))
+    return (sampling_defaults(model, sampling=sampling, **given)
+            | token_ban_defaults(model, **given))
 
 
 def token_ban_defaults(model: Transformer, **given) -> dict:

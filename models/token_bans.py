@@ -139,7 +139,7 @@ class TokenBans:
             else:
                 self.biased.setdefault(len(ids) - 1, {}).setdefault(tuple(ids[:-1]), []).append(
                     (ids[-1], v))
-        self.has_bias = sequence_bias is not None
+        self.has_bias = bool(self.bias1 or self.biased)
         # host id lists; ``_on`` makes them tensors on the logits' device once
         self._ids = {"bad1": sorted(bad1), "suppress": sorted(set(suppress)),
                      "begin": sorted(set(begin)), "eos": stops, "forced": forced, "bos": bos}
@@ -151,10 +151,11 @@ class TokenBans:
         # no_repeat_ngram_size N: each (N-1)-gram of a row's tokens -> the tokens that followed it
         self.grams = [self._ngrams(p) for p in prompts] if self.n else None
 
-    def _ngrams(self, ids: list[int]) -> dict[tuple[int, ...], list[int]]:
-        grams: dict[tuple[int, ...], list[int]] = {}
+    def _ngrams(self, ids: list[int]) -> dict[tuple[int, ...], dict[int, None]]:
+        # the followers as an ordered set: a prompt's repeats are banned once per step
+        grams: dict[tuple[int, ...], dict[int, None]] = {}
         for i in range(len(ids) - self.n + 1):
-            grams.setdefault(tuple(ids[i:i + self.n - 1]), []).append(ids[i + self.n - 1])
+            grams.setdefault(tuple(ids[i:i + self.n - 1]), {})[ids[i + self.n - 1]] = None
         return grams
 
     def add(self, row: int, token: int) -> None:
@@ -164,7 +165,7 @@ class TokenBans:
         ids = self.history[row]
         ids.append(token)
         if self.grams is not None and len(ids) >= self.n:
-            self.grams[row].setdefault(tuple(ids[len(ids) - self.n:-1]), []).append(token)
+            self.grams[row].setdefault(tuple(ids[len(ids) - self.n:-1]), {})[token] = None
 
     def _on(self, device: torch.device) -> dict[str, torch.Tensor]:
         if self._dev is None or self._dev["eos"].device != device:
@@ -187,7 +188,7 @@ class TokenBans:
         at_b: list[int] = []
         at_t: list[int] = []
         vals: list[float] = []
-        for n, seqs in self.biased.items() if self.history is not None else ():
+        for n, seqs in self.biased.items():  # (biased: history is kept)
             for b, r in enumerate(rows):
                 ids = self.history[r]
                 for t, v in seqs.get(tuple(ids[len(ids) - n:]), ()) if n <= len(ids) else ():
