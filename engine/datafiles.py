@@ -32,7 +32,6 @@ import decimal
 import gzip
 import io
 import json
-import os
 import re
 import zlib
 from collections.abc import Iterator
@@ -86,29 +85,13 @@ def check_data_path(path: Path) -> None:
             raise EmberError(f"{path}: a folder of Arrow files without save_to_disk's state.json "
                              "(the datasets cache?), not a data file; "
                              + _export("datasets.Dataset.from_file(FILE)"))
-        files = _data_files_in(path)
-        listed = f" (it holds {', '.join(files[:5])}{', ...' if len(files) > 5 else ''})"
-        raise EmberError(f"{path}: is a directory; give a data file{listed if files else ''}; "
+        # (a folder holding data files outside hidden folders is a datasets folder, above)
+        raise EmberError(f"{path}: is a directory without data files (JSONL, JSON, CSV/TSV, "
+                         "Parquet, or a datasets save_to_disk / Hub folder); give a data file; "
                          "data.train may list several")
     if kind(path) == ".arrow":
         raise EmberError(f"{path}: an Arrow file (Hugging Face datasets' save_to_disk or cache), "
                          "not a data file; " + _export("datasets.Dataset.from_file(FILE)"))
-
-
-def _data_files_in(folder: Path, depth: int = 3, budget: int = 2000) -> list[str]:
-    """Some data files of a folder for an error message (six at most): three levels deep, hidden
-    folders (.git, .cache) left out, at most ``budget`` names looked at (was: the whole tree,
-    seconds to minutes for a home or repository folder given by mistake)."""
-    found: list[str] = []
-    for root, dirs, names in os.walk(folder):
-        rel = Path(root).relative_to(folder)
-        dirs[:] = [] if len(rel.parts) + 1 >= depth else sorted(
-            d for d in dirs if not d.startswith("."))
-        budget -= len(names)
-        found += [str(rel / n) for n in sorted(names) if kind(Path(n)) in _DATA_SUFFIXES]
-        if len(found) > 5 or budget < 0:
-            break
-    return found
 
 
 def open_data(path: Path) -> IO[bytes]:

@@ -354,7 +354,7 @@ def items(path: Path) -> list[bytes]:
             )
         rows = _saved_rows(sub)
     else:
-        return _hub_rows(path, folder, _hub_splits(folder, config)[split])
+        return _hub_rows(folder, _hub_splits(folder, config)[split])
     return [_json_line(r, path, i) for i, r in enumerate(rows)]
 
 
@@ -432,7 +432,7 @@ def _saved_rows(folder: Path) -> list[dict]:
     return table.to_pylist()
 
 
-def _hub_rows(path: Path, folder: Path, files: list[str]) -> list[bytes]:
+def _hub_rows(folder: Path, files: list[str]) -> list[bytes]:
     """The split's rows: each file's in order, files in sorted order; blank JSONL lines skipped,
     as datasets' JSON reader skips them."""
     from ember.engine.datafiles import open_data, table_items

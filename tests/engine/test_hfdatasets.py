@@ -213,7 +213,7 @@ def test_arrow_files_and_folders_without_data_say_what_to_give(tmp_path, tok, mo
         load_examples(tmp_path / "one" / "data-00000-of-00001.arrow", DataConfig(), tok)
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("x")
-    with pytest.raises(EmberError, match=r"empty: is a directory; give a data file"):
+    with pytest.raises(EmberError, match=r"empty: is a directory without data files"):
         load_examples(tmp_path / "empty", DataConfig(), tok)
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "pyarrow", None)  # import fails
@@ -236,8 +236,8 @@ def test_a_folder_given_as_data_names_its_data_files_without_walking_the_tree(tm
     for name in (".git/objects/x.json", ".cache/hub/y.jsonl"):
         (tmp_path / "repo" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "repo" / name).write_text("{}\n")
-    with pytest.raises(EmberError, match=r"repo: is a directory; give a data file; data\.train "
-                                         r"may list several"):
+    with pytest.raises(EmberError, match=r"repo: is a directory without data files .*; give "
+                                         r"a data file; data\.train may list several"):
         load_examples(tmp_path / "repo", DataConfig(), tok)
     for name in ("data/train.jsonl", "a/b/c/deep.jsonl"):
         (tmp_path / "repo" / name).parent.mkdir(parents=True, exist_ok=True)
