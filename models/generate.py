@@ -53,7 +53,7 @@ from ember.models.sampling import (  # noqa: F401  (generate's API, re-exported)
     sample_next,
     warp_logits,
 )
-from ember.models.token_bans import TokenBans
+from ember.models.token_bans import TokenBans, _is_real
 from ember.models.tokenizer import generation_ids
 from ember.models.transformer import KVCache, Transformer
 
@@ -486,8 +486,7 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     if hf_options:
         raise EmberError(unsupported_options(hf_options))
     # the file's warpers are checked only when sampling, as transformers builds them then only
-    sampling = isinstance(temperature, int | float) and not isinstance(
-        temperature, bool) and temperature > 0
+    sampling = _is_real(temperature) and temperature > 0  # (a numpy float too)
     knobs = knob_defaults(model, sampling=sampling, **options)
     unapplied = unapplied_settings(model)
     if unapplied:  # said, as the CLI says it: transformers' generate() applies them

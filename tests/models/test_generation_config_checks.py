@@ -227,3 +227,23 @@ def test_an_evaluation_refuses_a_file_value_before_training(tiny):
             generation_examples(ours, ex, 4, metric_names=["exact_match"])
     ours.hf_generation_config = {"eos_token_id": EOS, "repetition_penalty": 1.2}
     assert generation_examples(ours, ex, 4, metric_names=["exact_match"]) == ex
+
+
+
+def test_a_numpy_temperature_samples_and_checks_the_file_s_warpers(tiny):
+    """A numpy float temperature (as a sweep script passes it) is sampling: the file's warpers
+    are checked as with a Python float (generate() decided 'greedy' for anything not an
+    int | float, so a file's top_k -1 became 50 where the same float refused it). The check
+    comes before any tokenizing."""
+    import numpy as np
+
+    from ember.models.generate import generate
+
+    model = tiny[2]
+    kept, model.hf_generation_config = getattr(model, "hf_generation_config", None), {"top_k": -1}
+    try:
+        for t in (0.7, np.float32(0.7)):
+            with pytest.raises(EmberError, match="top_k = -1 is invalid"):
+                generate(model, None, ["hi"], max_new_tokens=2, temperature=t)
+    finally:
+        model.hf_generation_config = kept
