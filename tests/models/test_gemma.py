@@ -429,7 +429,8 @@ def test_gemma3_partial_rotary_with_a_scaled_rope_and_no_full_attention_layer(tm
     raw = {**json.loads(path.read_text()), "partial_rotary_factor": 0.5,
            "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
     with pytest.raises(EmberError, match="partial_rotary_factor=0.5 .* full-attention layers"):
-        config_from_hf(raw)
+        with pytest.warns(UserWarning, match="partial_rotary_factor=0.5 is ignored"):
+            config_from_hf(raw)
     with pytest.raises(RuntimeError), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path.write_text(json.dumps(raw))
