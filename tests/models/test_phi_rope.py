@@ -168,16 +168,18 @@ def test_phi_yarn_with_top_level_original_context_matches_transformers(tmp_path)
     assert _err(model, _hf(folder), _ids(20)) <= 1e-4
 
 
-def test_phi_odd_head_dim_with_an_even_rotary_part_matches_transformers(tmp_path):
+@pytest.mark.parametrize("family", ["phi", "phi3"])
+def test_phi_odd_head_dim_with_an_even_rotary_part_matches_transformers(tmp_path, family):
     """hidden 40 over 8 heads: head_dim 5, of which int(5 * 0.4) = 2 dims rotate. transformers'
-    Phi rotates only that part (and sizes its q/k LayerNorms 5), so it runs; Ember refused it
-    ("head_dim must be even for RoPE"). Logits, every weight's gradient, the export."""
-    config = transformers.PhiConfig(**dict(BASE, hidden_size=40, num_attention_heads=8,
-                                           num_key_value_heads=8), qk_layernorm=True,
-                                    partial_rotary_factor=0.4)
+    Phi and Phi-3 rotate only that part (Phi sizes its q/k LayerNorms 5), so they run; Ember
+    refused it ("head_dim must be even for RoPE"). Logits, every weight's gradient, the export."""
+    kw = dict(BASE, hidden_size=40, num_attention_heads=8, num_key_value_heads=4,
+              partial_rotary_factor=0.4)
+    config = (transformers.PhiConfig(**kw, qk_layernorm=True) if family == "phi"
+              else transformers.Phi3Config(**kw, pad_token_id=0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf = transformers.PhiForCausalLM(config)
+        hf = transformers.AutoModelForCausalLM.from_config(config)
     hf.save_pretrained(tmp_path / "hf")
     hf = _hf(tmp_path / "hf")
     model, _ = load_pretrained(tmp_path / "hf")
