@@ -14,10 +14,10 @@ Triton path: one program per token (b, t) rotates all q heads and all k heads of
 cos/sin are read once per token. q/k may have any strides (they are usually ``.view``s of a linear
 output) as long as the last dim is contiguous (a copy is made otherwise); outputs are new contiguous
 tensors (partial rotary: the kernel rotates the x[..., :R] views and the untouched tail is
-concatenated after). Any even D is accepted: the half-dim block is the next power of two and its
-tail is masked (D = 80, 96). Backward is the same rotation by -sin (a rotation's transpose): it
-saves only cos/sin. cos/sin get no gradient on the Triton path (they are position tables; pass
-them detached).
+concatenated after, so D itself may be odd: Phi's head_dim 5 with R = 2). Any even R is
+accepted: the half-dim block is the next power of two and its tail is masked (D = 80, 96).
+Backward is the same rotation by -sin (a rotation's transpose): it saves only cos/sin. cos/sin get
+no gradient on the Triton path (they are position tables; pass them detached).
 """
 
 from __future__ import annotations
@@ -171,16 +171,18 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     """Rotate q (B, T, H, D) and k (B, T, K, D) by cos/sin (B or 1, T, R/2); returns (q', k').
     R = D rotates every dim; an even R < D only the first R (partial rotary). transformers'
     full-width tables (B or 1, T, D) (the halves repeated) are accepted too. q, k fp32/fp16/bf16
-    (outputs in their dtypes, new contiguous tensors), cos/sin fp32 (fp16/bf16 upcast), any even
-    D; half-rotation layout (x1 = x[..., :R/2], x2 = x[..., R/2:R])."""
+    (outputs in their dtypes, new contiguous tensors), cos/sin fp32 (fp16/bf16 upcast), any D
+    (an odd D with R < D only); half-rotation layout (x1 = x[..., :R/2], x2 = x[..., R/2:R])."""
     check_tensors("apply_rope", q=q, k=k, cos=cos, sin=sin)
-    if q.dim() != 4 or k.dim() != 4 or q.shape[-1] % 2 or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"apply_rope: q, k must be (B, T, H, D) with the same even D; got "
+    if q.dim() != 4 or k.dim() != 4 or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"apply_rope: q, k must be (B, T, H, D) with the same D; got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
     if q.shape[:2] != k.shape[:2]:
         raise ValueError(f"apply_rope: q and k must share (B, T); got {tuple(q.shape)} and "
                          f"{tuple(k.shape)}")
-    if cos.dim() == 3 and cos.shape == sin.shape and cos.shape[-1] == q.shape[-1]:
+    # an odd D has no full-width table (transformers' Phi: an even R < D, e.g. D = 5, R = 2)
+    if (cos.dim() == 3 and cos.shape == sin.shape and cos.shape[-1] == q.shape[-1]
+            and q.shape[-1] % 2 == 0):
         cos, sin = _from_full_width(cos, sin)
     if (cos.dim() != 3 or cos.shape != sin.shape or not 0 < cos.shape[-1] <= q.shape[-1] // 2
             or cos.shape[1] != q.shape[1] or cos.shape[0] not in (1, q.shape[0])):

@@ -168,12 +168,13 @@ class ModelConfig:
                 raise ValueError(
                     "hidden_size must be divisible by num_heads when head_dim is unset")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        # an odd head_dim is fine when only an even part of it rotates (transformers' Phi/Phi-3
+        # partial rotary: head_dim 5, factor 0.4); the full-width RoPE needs it even
         if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim < 2 or self.rotary_dim % 2:
             raise ValueError(
                 f"partial_rotary_factor ({self.partial_rotary_factor}) must be in (0, 1] and "
-                f"give an even rotary dim int(head_dim * factor) >= 2; got {self.rotary_dim}")
+                f"give an even rotary dim int(head_dim * factor) >= 2; got {self.rotary_dim} "
+                f"(head_dim {self.head_dim})")
         if self.rope_scaling is not None and self.rope_scaling.kind == "dynamic" and (
                 self.rotary_dim < 4):
             raise ValueError(f"dynamic NTK RoPE needs a rotary dim >= 4, got {self.rotary_dim}")

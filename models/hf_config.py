@@ -305,8 +305,10 @@ def quantization_config_from_hf(raw: Mapping) -> dict | None:
     return dict(qc)
 
 
-def config_from_hf(raw: Mapping) -> ModelConfig:
-    """ModelConfig from a parsed config.json (either transformers 4.x or 5.x style)."""
+def config_from_hf(raw: Mapping, *, partial_rotary_factor: float | None = None) -> ModelConfig:
+    """ModelConfig from a parsed config.json (either transformers 4.x or 5.x style).
+    ``partial_rotary_factor``: set by ``hf_phi``, which reads Phi's own (default 0.5) and parses
+    the shared fields as a Llama config's (whose factor would be ignored)."""
     if not isinstance(raw, Mapping):
         raise EmberError(f"config.json must hold a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type")
@@ -409,7 +411,8 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             "config.json: rope_interleaved=true is not supported (Ember uses the "
             "half-rotation RoPE layout)"
         )
-    partial = _parse_partial_rotary(raw, model_type)
+    partial = (_parse_partial_rotary(raw, model_type) if partial_rotary_factor is None
+               else partial_rotary_factor)
 
     dflt = _DEFAULTS[model_type]
     num_layers = _get_int(raw, "num_hidden_layers")
@@ -432,9 +435,14 @@ def config_from_hf(raw: Mapping) -> ModelConfig:
             f"config.json: hidden_size ({raw['hidden_size']}) is not divisible by "
             f"num_attention_heads ({num_heads}); set head_dim"
         )
-    if head_dim is not None and head_dim % 2:
-        raise EmberError(f"config.json: head_dim must be even for RoPE, got {head_dim}")
     rotary_dim = int((head_dim or _get_int(raw, "hidden_size") // num_heads) * partial)
+    if rotary_dim % 2:
+        # transformers builds ceil(rotary_dim / 2) frequencies, a table one wider than the rotated
+        # part, and fails; an odd head_dim is fine when an even part of it rotates (partial rotary)
+        raise EmberError(
+            f"config.json: RoPE rotates int(head_dim * partial_rotary_factor) = {rotary_dim} "
+            f"dims of each head (head_dim {head_dim or raw['hidden_size'] // num_heads}), which "
+            "must be even; transformers cannot run this config either")
     theta, scaling = (None, None) if model_type == "gemma3_text" else _parse_rope(
         raw, max_pos, model_type, rotary_dim
     )

@@ -103,7 +103,7 @@ def gemma_fields(raw: Mapping, model_type: str, num_layers: int, max_pos: int,
         out["attn_softcap"] = None
     if model_type == "gemma3_text":
         out["rope_theta"], out["rope_scaling"], out["rope_local_theta"] = parse_gemma3_rope(
-            raw, max_pos, rotary_dim
+            raw, max_pos, rotary_dim, global_layers="full_attention" in types
         )
     return out
 
@@ -129,12 +129,12 @@ def gemma_to_hf(cfg: ModelConfig, out: dict) -> None:
         out["rope_local_base_freq"] = out["rope_parameters"]["sliding_attention"]["rope_theta"]
 
 
-def parse_gemma3_rope(raw: Mapping, max_pos: int, rotary_dim: int | None = None
-                      ) -> tuple[float, RopeScaling | None, float]:
+def parse_gemma3_rope(raw: Mapping, max_pos: int, rotary_dim: int | None = None,
+                      global_layers: bool = True) -> tuple[float, RopeScaling | None, float]:
     """Gemma 3 (``gemma3_text``): (global theta, global scaling, local theta), as transformers 5's
     ``Gemma3TextConfig.convert_rope_params_to_dict`` reads either ``rope_parameters`` per layer type
     or the legacy ``rope_theta`` / ``rope_scaling`` (global layers only) / ``rope_local_base_freq``.
-    """
+    ``global_layers``: whether some layer uses full attention (the scaled RoPE)."""
     params = raw.get("rope_parameters")
     if params is not None and (
         not isinstance(params, dict) or not set(params) <= {"sliding_attention", "full_attention"}
@@ -143,22 +143,37 @@ def parse_gemma3_rope(raw: Mapping, max_pos: int, rotary_dim: int | None = None
             "config.json: gemma3_text rope_parameters must map 'sliding_attention' / "
             f"'full_attention' to RoPE parameters, got {params!r}"
         )
-    params = params or {}
-    full = dict(params.get("full_attention") or {})
-    local = dict(params.get("sliding_attention") or {})
+    # without rope_parameters transformers starts from {"rope_type": "default"} per layer type
+    full = dict(params.get("full_attention") or {}) if params else {"rope_type": "default"}
+    local = dict((params or {}).get("sliding_attention") or {})
     scaling = raw.get("rope_scaling")
     if scaling is not None:
         if not isinstance(scaling, dict):
             raise EmberError(f"config.json: rope_scaling must be an object, got {scaling!r}")
-        if "type" in scaling and "rope_type" not in scaling:
-            # transformers 5 merges it into {"rope_type": "default"} and ignores "type"; 4.x
-            # applied it: the two disagree, so say which was meant
-            raise EmberError(
-                "config.json: Gemma 3 rope_scaling names its type with the legacy key 'type', "
-                "which transformers 5 ignores (4.x applied it); rename it to 'rope_type' to "
-                "apply the scaling, or remove rope_scaling"
-            )
         full.update(scaling)
+    # transformers 5.24 reads a legacy "type" only where no "rope_type" is set, and without
+    # rope_parameters one is ("default"): {"type": "linear", "factor": 8} then changes nothing
+    # (4.x applied it), so it is ignored here too
+    kind = full.get("rope_type") or full.get("type") or "default"
+    if kind == "default" and full.get("type", "default") != "default":
+        warnings.warn(
+            f"config.json: Gemma 3 rope_scaling {scaling!r} names its type with the legacy key "
+            "'type', which transformers 5 ignores (it computes the default RoPE; 4.x applied "
+            "the scaling); Ember does the same. Rename it to 'rope_type' to apply the scaling",
+            stacklevel=3)
+        full = {k: v for k, v in full.items() if k in ("rope_theta", "partial_rotary_factor")}
+    # the scaled types size the full-attention frequencies by partial_rotary_factor (the dict's,
+    # else the top-level one) but rotate the whole head: transformers fails on a full-attention
+    # layer, and never builds that table when there is none
+    partial = full.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    if kind != "default" and partial is not None and partial != 1:
+        if global_layers:
+            raise EmberError(
+                f"config.json: partial_rotary_factor={partial} is not supported for Gemma 3 "
+                f"with the {kind!r} RoPE on its full-attention layers: transformers sizes the "
+                f"{kind} frequencies by it but rotates the whole head, and fails there. Remove "
+                "partial_rotary_factor")
+        full.pop("partial_rotary_factor", None)
     full.setdefault("rope_theta", get_float(raw, "rope_theta", 1_000_000.0))
     local.setdefault("rope_theta", get_float(raw, "rope_local_base_freq", 10_000.0))
     theta, rs = parse_rope({"rope_parameters": full}, max_pos, "gemma3_text", rotary_dim)

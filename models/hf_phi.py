@@ -140,7 +140,7 @@ def phi_config(raw: Mapping, harmless: frozenset, config_from_hf) -> ModelConfig
                 rms_norm_eps=get_float(raw, "layer_norm_eps", 1e-5),
                 hidden_act=raw.get("hidden_act", "gelu_new"))
     try:
-        cfg = config_from_hf(base)
+        cfg = config_from_hf(base, partial_rotary_factor=partial)  # Phi's: head_dim may be odd
     except EmberError as e:  # the shared fields were read as a llama config's: say phi
         raise EmberError(str(e).replace("for llama", "for phi")) from None
     try:

@@ -17,7 +17,8 @@ sqrt(1 + ln(factor) / ln(original)) (1 when factor <= 1). Which table a forward 
 
 ``partial_rotary_factor`` (Phi-4-mini: 0.75; from the rope dict, else the top-level field) is read
 for phi3 only (phi: ``hf_phi``): transformers' other families ignore it with the default RoPE (so
-does Ember, with a warning) and break with the scaled types (refused, naming the family).
+does Ember, with a warning) and break with the scaled types (refused, naming the family; Gemma 3
+only where a layer uses the scaled RoPE, ``hf_gemma``).
 Per-layer-type parameters are refused here; Gemma 3's are read in ``ember.models.hf_gemma``.
 """
 
@@ -88,7 +89,9 @@ def parse_partial_rotary(raw: Mapping, model_type: str, warn: bool = True) -> fl
     if not 0 < f <= 1:
         raise EmberError(f"{where}: partial_rotary_factor must be in (0, 1], got {f}")
     if f != 1.0 and model_type != "phi3":
-        if kind != "default":
+        # Gemma 3's per-layer-type dicts: decided in hf_gemma.parse_gemma3_rope, which knows
+        # whether a layer uses the scaled (full-attention) RoPE
+        if kind != "default" and model_type != "gemma3_text":
             raise EmberError(
                 f"{where}: partial_rotary_factor={f} is not supported for model_type "
                 f"{model_type!r} with rope type {kind!r}: transformers' {model_type} sizes the "

@@ -338,9 +338,20 @@ def _effective(c: dict, fam: str, windowed: bool) -> dict:
     rp = c.get("rope_parameters")
     if isinstance(rp, dict):
         rp = c["rope_parameters"] = dict(rp)
-        rp.pop("type", None)
-        if rp.get("rope_type") == "default" and fam != "phi3":
-            rp.pop("partial_rotary_factor", None)
+        nested = [k for k in _LAYER_KINDS if isinstance(rp.get(k), dict)]
+        for k in nested:
+            rp[k] = dict(rp[k])
+        for d in [rp[k] for k in nested] or [rp]:
+            d.pop("type", None)  # read only where rope_type is unset (standardized by now)
+            if d.get("rope_type") == "default":
+                # the default RoPE reads rope_theta (phi/phi3: and the factor) only; Gemma 3 keeps
+                # a legacy {"type": "linear", "factor": 8} there, unread
+                keep = ("rope_type", "rope_theta") + (
+                    ("partial_rotary_factor",) if fam in ("phi", "phi3") else ())
+                for key in [key for key in d if key not in keep]:
+                    d.pop(key)
+            if fam == "gemma3_text":
+                d.pop("partial_rotary_factor", None)  # never applied (or refused: hf_gemma)
     if fam == "phi3" and (rp or {}).get("rope_type") != "longrope":
         c.pop("original_max_position_embeddings", None)
     if not windowed or not c.get("use_sliding_window", True):

@@ -62,6 +62,7 @@ def test_fp32(b, t, h, kh, d, cos_b, layout, poisoned):
     (2, 5, 4, 2, 64, 48, "fused"),  # Phi-4-mini's 0.75 of a 128 head, halved
     (1, 3, 3, 1, 80, 40, "separate"),
     (2, 2, 2, 2, 32, 2, "separate"),
+    (2, 3, 8, 8, 5, 2, "fused"),  # Phi's odd head_dim 5 at partial_rotary_factor 0.4
 ])
 def test_partial_rotary(b, t, h, kh, d, rot, layout, poisoned):
     _check(b, t, h, kh, d, 1, torch.float32, "cpu", layout, rot)
@@ -99,10 +100,12 @@ def test_noncontiguous_last_dim_and_one_sided_grad(poisoned):
 def test_bad_inputs():
     q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8)
     cos, sin = _cos_sin(1, 4, 8, "cpu")
-    with pytest.raises(ValueError, match="even D"):
+    with pytest.raises(ValueError, match="cos/sin"):  # an odd D rotates fewer dims (R < D)
         apply_rope(torch.randn(1, 4, 2, 7), torch.randn(1, 4, 1, 7), cos, sin)
-    with pytest.raises(ValueError, match="even D"):
+    with pytest.raises(ValueError, match="same D"):
         apply_rope(q[0], k[0], cos, sin)
+    with pytest.raises(ValueError, match="same D"):
+        apply_rope(q, torch.randn(1, 4, 1, 6), cos, sin)
     with pytest.raises(ValueError, match="share"):
         apply_rope(q, torch.randn(1, 3, 1, 8), cos, sin)
     with pytest.raises(ValueError, match="cos/sin"):

@@ -213,8 +213,6 @@ def test_refusals(tmp_path):
     with pytest.raises(EmberError, match="sliding_window_size"):
         config_from_hf({**raw, "sliding_window_size": WINDOW + 1})
     g3 = json.loads((_save(tmp_path, "gemma3_legacy") / "config.json").read_text())
-    with pytest.raises(EmberError, match="legacy key 'type'"):
-        config_from_hf({**g3, "rope_scaling": {"type": "linear", "factor": 4.0}})
     with pytest.raises(EmberError, match="sliding-attention layers"):
         config_from_hf({**g3, "rope_parameters": {"sliding_attention": {
             "rope_type": "linear", "factor": 2.0, "rope_theta": 10.0}}})
@@ -382,3 +380,64 @@ def test_nf4_quantize_while_loading(tmp_path):
     ids = _ids()
     with torch.no_grad():
         assert (dense(ids) - nf4(ids)).abs().max().item() <= 1e-5
+
+
+def _grad_and_export_parity(tmp_path, folder, model) -> None:
+    """Logits, every weight's gradient of a next-token loss, and the export, vs transformers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, attn_implementation="eager").eval()
+    ids = _ids()
+    ours, ref = model(ids), hf(ids, labels=ids)
+    assert (ours - ref.logits).abs().max().item() <= 1e-4
+    F.cross_entropy(ours[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).backward()
+    ref.loss.backward()
+    grads = to_hf_state_dict({n: p.grad for n, p in model.named_parameters()}, model.cfg)
+    theirs = dict(hf.named_parameters())
+    diffs = {k: (g - theirs[k].grad).abs().max().item() for k, g in grads.items()}
+    assert max(diffs.values()) <= 1e-5, {k: v for k, v in diffs.items() if v > 1e-5}
+    save_pretrained(model, tmp_path / "export")
+    assert read_config(tmp_path / "export") == model.cfg
+    with torch.no_grad():
+        assert (ours - _hf_logits(tmp_path / "export", ids)).abs().max().item() <= 1e-4
+
+
+def test_gemma3_legacy_type_key_is_ignored_as_transformers_5_does(tmp_path):
+    """rope_scaling {"type": "linear", "factor": 4} without rope_parameters: transformers 5.24
+    merges it into its {"rope_type": "default"} and computes the default RoPE (4.x scaled).
+    Ember refused the config; now it computes what transformers does, with a warning."""
+    folder = _save(tmp_path, "gemma3_legacy")
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "rope_scaling": {"type": "linear", "factor": 4.0}}))
+    with pytest.warns(UserWarning, match="legacy key 'type', which transformers 5 ignores"):
+        model, _ = load_pretrained(folder)
+    assert model.cfg.rope_scaling is None and model.cfg.rope_theta == 5000
+    _grad_and_export_parity(tmp_path, folder, model)
+    # where rope_parameters leave the full-attention type unset, transformers reads "type"
+    rp = {"full_attention": {"type": "linear", "factor": 4.0}}
+    assert config_from_hf({**raw, "rope_parameters": rp}).rope_scaling.factor == 4.0
+
+
+def test_gemma3_partial_rotary_with_a_scaled_rope_and_no_full_attention_layer(tmp_path):
+    """partial_rotary_factor with a dynamic RoPE: transformers sizes the full-attention table by
+    it and fails on a full-attention layer (refused, saying so), but builds no such table when
+    every layer slides, and runs; Ember refused both."""
+    folder = _save(tmp_path, "gemma3_legacy")
+    path = folder / "config.json"
+    raw = {**json.loads(path.read_text()), "partial_rotary_factor": 0.5,
+           "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
+    with pytest.raises(EmberError, match="partial_rotary_factor=0.5 .* full-attention layers"):
+        with pytest.warns(UserWarning, match="partial_rotary_factor=0.5 is ignored"):
+            config_from_hf(raw)
+    with pytest.raises(RuntimeError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path.write_text(json.dumps(raw))
+        transformers.AutoModelForCausalLM.from_pretrained(folder)(_ids())
+    path.write_text(json.dumps({**raw, "layer_types": ["sliding_attention"] * 4}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _ = load_pretrained(folder)
+    assert set(model.cfg.layer_types) == {"sliding_attention"}
+    _grad_and_export_parity(tmp_path, folder, model)

@@ -166,3 +166,51 @@ def test_phi_yarn_with_top_level_original_context_matches_transformers(tmp_path)
     model, _ = load_pretrained(folder)
     assert model.cfg.rope_scaling.original_max_position_embeddings == 64
     assert _err(model, _hf(folder), _ids(20)) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["phi", "phi3"])
+def test_phi_odd_head_dim_with_an_even_rotary_part_matches_transformers(tmp_path, family):
+    """hidden 40 over 8 heads: head_dim 5, of which int(5 * 0.4) = 2 dims rotate. transformers'
+    Phi and Phi-3 rotate only that part (Phi sizes its q/k LayerNorms 5), so they run; Ember
+    refused it ("head_dim must be even for RoPE"). Logits, every weight's gradient, the export."""
+    kw = dict(BASE, hidden_size=40, num_attention_heads=8, num_key_value_heads=4,
+              partial_rotary_factor=0.4)
+    config = (transformers.PhiConfig(**kw, qk_layernorm=True) if family == "phi"
+              else transformers.Phi3Config(**kw, pad_token_id=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    hf.save_pretrained(tmp_path / "hf")
+    hf = _hf(tmp_path / "hf")
+    model, _ = load_pretrained(tmp_path / "hf")
+    assert (model.cfg.head_dim, model.cfg.rotary_dim) == (5, 2)
+    ids = _ids(12)
+    logits, ref = model(ids), hf(ids, labels=ids)
+    assert (logits - ref.logits).abs().max().item() <= 1e-4
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB),
+                                      ids[:, 1:].reshape(-1)).backward()
+    ref.loss.backward()
+    from ember.models.hf import to_hf_state_dict
+    ours = to_hf_state_dict({n: p.grad for n, p in model.named_parameters()}, model.cfg)
+    theirs = dict(hf.named_parameters())
+    assert set(ours) == set(theirs)
+    diffs = {k: (g - theirs[k].grad).abs().max().item() for k, g in ours.items()}
+    assert max(diffs.values()) <= 1e-5, {k: v for k, v in diffs.items() if v > 1e-5}
+    save_pretrained(model, tmp_path / "export")
+    assert read_config(tmp_path / "export") == model.cfg
+    assert _err(model, _hf(tmp_path / "export"), ids) <= 1e-4
+
+
+def test_an_odd_rotary_dim_stays_refused_as_transformers_fails():
+    """head_dim 5 fully rotated (Llama), or int(6 * 0.5) = 3 dims (Phi): transformers builds
+    ceil(R / 2) frequencies, one more than the rotated half, and fails at the first forward."""
+    llama = dict(BASE, model_type="llama", hidden_size=40, num_attention_heads=8,
+                 num_key_value_heads=8)
+    with pytest.raises(EmberError, match=r"= 5 dims .* must be even"):
+        config_from_hf(llama)
+    with pytest.raises(EmberError, match=r"= 3 dims .* must be even"):
+        config_from_hf(dict(llama, model_type="phi", head_dim=6, partial_rotary_factor=0.5))
+    with pytest.raises(RuntimeError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.PhiForCausalLM(transformers.PhiConfig(
+            **dict(BASE, head_dim=6), partial_rotary_factor=0.5))(_ids(4))
