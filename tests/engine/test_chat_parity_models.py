@@ -22,6 +22,7 @@ from ember.engine.data import IGNORE, DataConfig, load_examples
 from ember.engine.formats import parse
 from ember.models.tokenizer import Tokenizer
 from tests.engine import real_chat_templates as R
+from tests.engine.test_chat_parity import CHAT, SYSTEM, TOOLS
 
 transformers = pytest.importorskip("transformers")
 hf_chat = pytest.importorskip("transformers.utils.chat_template_utils")
@@ -90,15 +91,6 @@ SPECIALS = sorted({t for _, bos, eos, eot in TEMPLATES.values() for t in (bos, e
     "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]",
     "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[CALL_ID]",
     "[ARGS]", "[TOOL_CONTENT]", "<think>", "</think>"})
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}]
-SYSTEM = {"role": "system", "content": "You are terse."}
-CHAT = [{"role": "user", "content": "What is the capital of France?"},
-        {"role": "assistant", "content": "Paris is the capital of France."},
-        {"role": "user", "content": "And of Italy?"},
-        {"role": "assistant", "content": "Rome, of course."}]
 CALL = {"id": "call12345", "type": "function",  # Mistral's templates want 9-character ids
         "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 TOOL_CHAT = [{"role": "user", "content": "Weather in Paris?"},
