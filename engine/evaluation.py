@@ -157,6 +157,13 @@ def generation_examples(model, examples: list[Example], max_new_tokens: int,
     first ``max_examples``; EmberError when there are none, when a prompt and
     ``max_new_tokens`` do not fit the model's context, or when one of ``metric_names`` cannot
     score a reference (json_match of a reference that is not JSON), naming its line."""
+    return _checked_examples(model, examples, max_new_tokens, max_examples, metric_names)[0]
+
+
+def _checked_examples(model, examples: list[Example], max_new_tokens: int,
+                      max_examples: int | None, metric_names) -> tuple[list[Example], dict]:
+    """``generation_examples`` and the greedy knobs (``knob_defaults``) it checked, so that
+    ``generation_eval`` decodes with the very knobs checked rather than building them twice."""
     if max_new_tokens < 1:  # every prediction would be empty: a score of nothing
         raise EmberError(f"generation metrics need max_new_tokens >= 1, got {max_new_tokens}; "
                          "to skip them give none (eval.metrics = [])")
@@ -188,12 +195,13 @@ def generation_examples(model, examples: list[Example], max_new_tokens: int,
                          f"{model_cfg.max_position_embeddings} tokens; lower "
                          "eval.max_new_tokens (ember eval: --max-new-tokens) or "
                          "data.max_seq_len, or shorten that prompt")
+    greedy = knob_defaults(model)  # (its warpers act only when sampling)
     if model_cfg is not None:
         # the generation_config.json's processors as generate_ids takes them: a value
         # transformers refuses (a repetition_penalty of 0) said now, not at the first evaluation
-        bans = Knobs.of(knob_defaults(model)).bans()
+        bans = Knobs.of(greedy).bans()
         TokenBans([[0]], model_cfg.vocab_size, (), max_new_tokens=max_new_tokens, **bans)
-    return usable
+    return usable, greedy
 
 
 def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
@@ -207,7 +215,8 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     gathered and every rank scores all of them."""
     if batch_size < 1:
         raise EmberError(f"the generation batch size must be >= 1, got {batch_size}")
-    usable = generation_examples(model, examples, max_new_tokens, max_examples, metric_names)
+    usable, greedy = _checked_examples(model, examples, max_new_tokens, max_examples,
+                                       metric_names)
     info = info or DistInfo()
     sync = None if not info.distributed else (lambda flag: any_rank(flag, info))
     t0 = time.perf_counter()
@@ -224,7 +233,6 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     # repetition_penalty (Qwen2.5-Instruct's 1.05), no_repeat_ngram_size, min_new_tokens,
     # bad_words_ids... to greedy decoding; drafts are verified against plain greedy choices
     # only, so with any of them each token takes its own pass
-    greedy = knob_defaults(model)  # (its warpers act only when sampling)
     plain = not Knobs.of(greedy).processors_on()
     was_training = model.training
     model.eval()
