@@ -89,6 +89,7 @@ def _generator(model, tok, a):
     from ember.models.generate import (
         HF_SAMPLING_DEFAULTS,
         check_sampling,
+        config_stop_ids,
         generate_ids,
         knob_defaults,
         unapplied_settings,
@@ -118,6 +119,8 @@ def _generator(model, tok, a):
         raise EmberError(f"{a.model} is a sequence classifier (labels {list(model.cfg.labels)}): "
                          "it has no LM head to generate with; score text with ember eval")
     eos, pad = generation_ids(tok)
+    # the file's stop ids as generate() takes them: checked (a "2" refused, a -1 warned about)
+    eos = sorted(set(eos) | set(config_stop_ids(model)))
     device = model.embed.weight.device
 
     def run(ids: list[list[int]], stream: _Stream | None = None, first: int = 0

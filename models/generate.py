@@ -423,7 +423,7 @@ def encode_prompts(tokenizer, prompts: Sequence, chat: bool = False,
     return out
 
 
-def _config_stop_ids(model: Transformer) -> list[int]:
+def config_stop_ids(model: Transformer) -> list[int]:
     """``eos_token_id`` (one id or a list) of the generation_config.json the model was loaded
     with; [] without one. EmberError for one that is not a token id (transformers' generate()
     fails on it: a TypeError making its tensor); a negative id, which no token matches, is
@@ -535,7 +535,7 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
     # stop ids of the model folder's generation_config.json, which transformers' generate stops
     # at (Llama 3's [<|end_of_text|>, <|eom_id|>, <|eot_id|>]; its tokenizer's eos is one of them)
     eos, pad = generation_ids(tokenizer)
-    eos = sorted(set(eos) | set(_config_stop_ids(model)))
+    eos = sorted(set(eos) | set(config_stop_ids(model)))
     gen = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                        seed=seed, eos_token_ids=eos, pad_token_id=pad,
                        should_stop=should_stop, **knobs)

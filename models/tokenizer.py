@@ -365,7 +365,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if (folder / name).is_file():
             eos = _read_json(folder / name).get("eos_token_id")
             if eos is not None:
-                extra_eos = eos if isinstance(eos, list) else [eos]
+                # token ids only: the model's generate() check (config_stop_ids) says what is
+                # wrong with the others, as transformers' generate() fails or warns there
+                extra_eos = [i for i in (eos if isinstance(eos, list) else [eos])
+                             if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
                 break
     if specials["eos_token"] is None and extra_eos:
         specials["eos_token"] = backend.id_to_token(int(extra_eos[0]))

@@ -229,7 +229,6 @@ def test_an_evaluation_refuses_a_file_value_before_training(tiny):
     assert generation_examples(ours, ex, 4, metric_names=["exact_match"]) == ex
 
 
-
 def test_a_numpy_temperature_samples_and_checks_the_file_s_warpers(tiny):
     """A numpy float temperature (as a sweep script passes it) is sampling: the file's warpers
     are checked as with a Python float (generate() decided 'greedy' for anything not an
@@ -247,3 +246,51 @@ def test_a_numpy_temperature_samples_and_checks_the_file_s_warpers(tiny):
                 generate(model, None, ["hi"], max_new_tokens=2, temperature=t)
     finally:
         model.hf_generation_config = kept
+
+
+@pytest.mark.parametrize("eos", ["2", "abc", [-1, "eos"]])
+def test_the_cli_checks_the_file_stop_ids_as_generate(tmp_path, capsys, monkeypatch, eos):
+    """The stop ids of generation_config.json: ``ember generate`` read them through the
+    tokenizer, unchecked: "2" stopped at id 2 (transformers' generate() fails: a TypeError
+    making its tensor), "abc" was int()'s ValueError traceback from the tokenizer's load, -1
+    was taken silently (transformers warns). Both paths now say what ``generate()`` says."""
+    from ember.engine.cli import main
+    from ember.models.generate import generate
+    from ember.models.loading import load_pretrained
+    from tests.models.test_generate_hf import _with_tokenizer
+
+    tok, hf, _ = _with_tokenizer(tmp_path, "<|im_end|>", "<|im_end|>")
+    tok.save_pretrained(tmp_path)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    eos = [-1, gen["eos_token_id"]] if isinstance(eos, list) else eos
+    (tmp_path / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": eos}))
+    model, ours = load_pretrained(tmp_path, "float32", "cpu")
+    cli = [
+        "generate",
+        str(tmp_path),
+        "--raw",
+        "--prompt",
+        "he",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "2",
+    ]
+    if isinstance(eos, str):
+        assert isinstance(_hf(hf, tmp_path, False), TypeError)  # the oracle
+        with pytest.raises(EmberError, match=f"eos_token_id = '{eos}' is invalid"):
+            generate(model, ours, "he", max_new_tokens=2)
+        assert main(cli) != 0
+        assert f"generation_config.json: eos_token_id = '{eos}' is invalid" in (
+            capsys.readouterr().err
+        )
+    else:
+        said = []  # the oracle: transformers' generate() logs its warning
+        monkeypatch.setattr(transformers.generation.utils.logger, "warning", said.append)
+        _hf(hf, tmp_path, False)
+        assert any("should consist of positive integers" in m for m in said)
+        with pytest.warns(UserWarning, match="holds a negative id"):
+            want = generate(model, ours, "he", max_new_tokens=2)
+        with pytest.warns(UserWarning, match="holds a negative id"):
+            assert main(cli) == 0
+        assert capsys.readouterr().out == want[0] + "\n"
