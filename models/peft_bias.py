@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -88,6 +89,24 @@ def _saved_unchanged_embedding(model: nn.Module, key: str, t: torch.Tensor) -> b
 _BIAS_KEY = re.compile(r"base_model\.model\.(.+?)(?:\.base_layer)?\.bias")
 
 
+_LORA_A_KEY = re.compile(r"base_model\.model\.(.+)\.lora_A(?:\.default)?\.weight")
+
+
+def _warn_unsaved_biases(params: dict, tensors: dict, wfile: Path) -> None:
+    """bias="lora_only" trains the adapted modules' biases; PEFT 0.10-0.17 never saved them (its
+    get_peft_model_state_dict looked for ``q_proj.bias``, the key is ``q_proj.base_layer.bias``),
+    so such a file holds none: the biases it trained are lost. Said, not refused (peft 0.21
+    loads the file silently with the base's biases, as Ember does)."""
+    adapted = {m[1] for k in tensors if (m := _LORA_A_KEY.fullmatch(k))}
+    missing = sorted(hf for hf in params if hf in adapted)
+    saved = {m[1] for k in tensors if (m := _BIAS_KEY.fullmatch(k))}
+    if missing and not saved & set(missing):
+        warnings.warn(f"{wfile}: bias='lora_only' but the adapter holds no bias of the "
+                      f"{len(missing)} adapted modules that have one ({missing[0]}, ...): the "
+                      "PEFT that wrote it (0.10-0.17 did not save them) lost the biases it "
+                      "trained; the base model's biases are used", stacklevel=3)
+
+
 def _adapter_biases(model: nn.Module, config: dict, tensors: dict, wfile: Path) -> dict:
     """The biases saved with the adapter (popped from tensors) that differ from the model's:
     ``{parameter: bias}``. PEFT trains them with bias="all" / "lora_only" and with a
@@ -96,6 +115,8 @@ def _adapter_biases(model: nn.Module, config: dict, tensors: dict, wfile: Path) 
     none: a plain LoRA."""
     mode, params, out = config.get("bias", "none"), _bias_params(model), {}
     head_saved = "lm_head" in _saved_modules(config.get("modules_to_save") or [])[0]
+    if mode == "lora_only":
+        _warn_unsaved_biases(params, tensors, wfile)
     for key in [k for k in tensors if k.endswith(".bias")]:
         m = _BIAS_KEY.fullmatch(key)
         wrapped, p = params.get(m[1] if m else "", (None, None))

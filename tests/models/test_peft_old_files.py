@@ -227,3 +227,30 @@ def test_old_peft_patterns_of_phi3_fused_modules(tmp_path, pattern):
     with torch.no_grad():
         out = model.eval()(ids)
     assert (out - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_an_old_lora_only_file_without_its_biases_is_said(tmp_path):
+    """PEFT 0.10-0.17 trained the adapted modules' biases with bias="lora_only" but saved none
+    (it looked for q_proj.bias, not q_proj.base_layer.bias): Ember, like peft 0.21, loads such a
+    file with the base's biases, and now says the trained biases are lost. A file that holds
+    them (peft 0.21's save) loads without a word."""
+    from safetensors.torch import load_file
+
+    base = save_random_model(tmp_path / "base", transformers.Qwen2Config, seed=4)
+    _peft_adapter(base, tmp_path / "new", target_modules=["q_proj", "v_proj"], bias="lora_only")
+    tensors = load_file(tmp_path / "new" / "adapter_model.safetensors")
+    assert any(k.endswith("base_layer.bias") for k in tensors)  # peft 0.21 saves them
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".bias")},
+              old / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+    (old / "adapter_config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if k in PEFT_0_13_FIELDS}))
+    for folder, said in ((tmp_path / "new", False), (old, True)):
+        model, _ = load_pretrained(base)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            load_adapter(model, folder)
+        lost = [w for w in seen if "lost the biases it trained" in str(w.message)]
+        assert bool(lost) == said, [str(w.message) for w in seen]
