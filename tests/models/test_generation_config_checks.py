@@ -95,6 +95,12 @@ def _hf(hf, folder, sample: bool) -> list[int] | Exception:
     return ids[: ids.index(EOS)] if EOS in ids else ids
 
 
+def _cli(folder) -> list[str]:
+    """``ember generate``'s arguments for two raw greedy tokens of "he" from ``folder``."""
+    return ["generate", str(folder), "--raw", "--prompt", "he", "--device", "cpu",
+            "--max-new-tokens", "2"]
+
+
 def _ember(model, folder, sample: bool) -> list[int] | EmberError:
     model.hf_generation_config = json.loads((folder / "generation_config.json").read_text())
     try:
@@ -183,19 +189,7 @@ def test_generate_and_the_cli_check_the_file_as_they_decode(tmp_path, capsys):
     with pytest.raises(EmberError, match=r"generation_config\.json: top_k = -1 .* when sampling"):
         generate(model, tok, "he", max_new_tokens=2, temperature=1.0)
     generate(model, tok, "he", max_new_tokens=2, temperature=1.0, top_k=5)
-    cli = [
-        "generate",
-        str(tmp_path),
-        "--raw",
-        "--prompt",
-        "he",
-        "--device",
-        "cpu",
-        "--max-new-tokens",
-        "2",
-        "--temperature",
-        "1",
-    ]
+    cli = [*_cli(tmp_path), "--temperature", "1"]
     assert main(cli) != 0
     assert "generation_config.json: top_k = -1 is invalid" in capsys.readouterr().err
     assert main([*cli, "--top-k", "5"]) == 0
@@ -265,17 +259,7 @@ def test_the_cli_checks_the_file_stop_ids_as_generate(tmp_path, capsys, monkeypa
     eos = [-1, gen["eos_token_id"]] if isinstance(eos, list) else eos
     (tmp_path / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": eos}))
     model, ours = load_pretrained(tmp_path, "float32", "cpu")
-    cli = [
-        "generate",
-        str(tmp_path),
-        "--raw",
-        "--prompt",
-        "he",
-        "--device",
-        "cpu",
-        "--max-new-tokens",
-        "2",
-    ]
+    cli = _cli(tmp_path)
     if isinstance(eos, str):
         assert isinstance(_hf(hf, tmp_path, False), TypeError)  # the oracle
         with pytest.raises(EmberError, match=f"eos_token_id = '{eos}' is invalid"):
