@@ -89,13 +89,12 @@ def _generator(model, tok, a):
     from ember.models.generate import (
         HF_SAMPLING_DEFAULTS,
         check_sampling,
-        config_stop_ids,
         generate_ids,
         knob_defaults,
+        stop_and_pad_ids,
         unapplied_settings,
     )
     from ember.models.heads import is_classifier
-    from ember.models.tokenizer import generation_ids
 
     # before the first message: ember chat reports a failed answer and reads the next line
     if a.max_new_tokens is None:
@@ -118,9 +117,7 @@ def _generator(model, tok, a):
     if is_classifier(model):
         raise EmberError(f"{a.model} is a sequence classifier (labels {list(model.cfg.labels)}): "
                          "it has no LM head to generate with; score text with ember eval")
-    eos, pad = generation_ids(tok)
-    # the file's stop ids as generate() takes them: checked (a "2" refused, a -1 warned about)
-    eos = sorted(set(eos) | set(config_stop_ids(model)))
+    eos, pad = stop_and_pad_ids(model, tok)  # the file's stop ids checked as generate()'s
     device = model.embed.weight.device
 
     def run(ids: list[list[int]], stream: _Stream | None = None, first: int = 0

@@ -446,6 +446,14 @@ def config_stop_ids(model: Transformer) -> list[int]:
     return [i for i in ids if i >= 0]
 
 
+def stop_and_pad_ids(model: Transformer, tokenizer) -> tuple[list[int], int | None]:
+    """(the ids generation stops at, the pad id): the tokenizer's end-of-turn / eos ids and the
+    stop ids of the model folder's generation_config.json, which transformers' generate stops at
+    (Llama 3's [<|end_of_text|>, <|eom_id|>, <|eot_id|>]), checked (``config_stop_ids``)."""
+    eos, pad = generation_ids(tokenizer)
+    return sorted(set(eos) | set(config_stop_ids(model))), pad
+
+
 def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
              max_new_tokens: int = 256, temperature: float = 0.0, seed: int | None = None,
              stop_strings: Sequence[str] | None = None, chat: bool = False,
@@ -532,10 +540,7 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
             return False
 
     # an Ember or a transformers tokenizer (whose eos_token_ids is one int or None), and the
-    # stop ids of the model folder's generation_config.json, which transformers' generate stops
-    # at (Llama 3's [<|end_of_text|>, <|eom_id|>, <|eot_id|>]; its tokenizer's eos is one of them)
-    eos, pad = generation_ids(tokenizer)
-    eos = sorted(set(eos) | set(config_stop_ids(model)))
+    eos, pad = stop_and_pad_ids(model, tokenizer)
     gen = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                        seed=seed, eos_token_ids=eos, pad_token_id=pad,
                        should_stop=should_stop, **knobs)
