@@ -435,13 +435,14 @@ def config_from_hf(raw: Mapping, *, partial_rotary_factor: float | None = None) 
             f"config.json: hidden_size ({raw['hidden_size']}) is not divisible by "
             f"num_attention_heads ({num_heads}); set head_dim"
         )
-    rotary_dim = int((head_dim or _get_int(raw, "hidden_size") // num_heads) * partial)
+    dims = head_dim or _get_int(raw, "hidden_size") // num_heads
+    rotary_dim = int(dims * partial)
     if rotary_dim % 2:
         # transformers builds ceil(rotary_dim / 2) frequencies, a table one wider than the rotated
         # part, and fails; an odd head_dim is fine when an even part of it rotates (partial rotary)
         raise EmberError(
             f"config.json: RoPE rotates int(head_dim * partial_rotary_factor) = {rotary_dim} "
-            f"dims of each head (head_dim {head_dim or raw['hidden_size'] // num_heads}), which "
+            f"dims of each head (head_dim {dims}), which "
             "must be even; transformers cannot run this config either")
     theta, scaling = (None, None) if model_type == "gemma3_text" else _parse_rope(
         raw, max_pos, model_type, rotary_dim
