@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-import ember.models.lora as lora_mod
+import ember.models.lora_layer as lora_layer_mod
 import ember.models.transformer as transformer_mod
 from ember import EmberError
 from ember.kernels import lora_linear, lora_mlp, lora_qkv
@@ -310,7 +310,7 @@ def _counting(monkeypatch, device):
 
     monkeypatch.setattr(transformer_mod, "lora_qkv", wrap("lora_qkv", lora_qkv))
     monkeypatch.setattr(transformer_mod, "lora_mlp", wrap("lora_mlp", lora_mlp))
-    monkeypatch.setattr(lora_mod, "lora_linear", functools.partial(lora_linear, impl=impl))
+    monkeypatch.setattr(lora_layer_mod, "lora_linear", functools.partial(lora_linear, impl=impl))
     return calls
 
 
