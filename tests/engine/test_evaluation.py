@@ -385,3 +385,32 @@ def test_generation_eval_completes_the_generation_prompt():
     res = generation_eval(model, tok, [ex], ["f1"], max_new_tokens=8, show=1)
     assert res.samples[0][0] == tok.decode(prompt, skip_special_tokens=False)
     assert res.samples[0][1] == tok.decode(want, skip_special_tokens=True)
+
+
+def test_a_plain_prompt_is_completed_from_the_tokens_training_shares_with_it(tmp_path):
+    """A plain prompt ending in a space that the answer's first token takes in ("Answer: " +
+    "yes": " yes") is completed after "Answer:" (what the model learned to continue), not
+    after the prompt's own lone " " token that ``ember generate`` (transformers, lm-eval's
+    generate_until) feeds: a deliberate difference, README's generation metrics."""
+    import json
+
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from ember.engine.data import DataConfig, load_examples, render_prompt
+    from ember.models.tokenizer import Tokenizer
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(["Answer: yes", "Answer: no"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = Tokenizer(backend, eos_token="</s>")
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "Answer: ", "completion": "yes"}))
+    cfg = DataConfig(train=str(path))
+    (ex,), _ = load_examples(path, cfg, tok)
+    assert tok.decode(ex.prompt_ids) == "Answer:"
+    assert tok.decode(ex.input_ids[ex.prompt_len:], skip_special_tokens=False) == " yes</s>"
+    assert tok.decode(render_prompt(tok, cfg, "Answer: ")) == "Answer: "
