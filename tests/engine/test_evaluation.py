@@ -370,19 +370,19 @@ def test_generation_eval_completes_the_generation_prompt():
     the training tokens still give the draft."""
     tok = tokenizer_from_gguf(tiny_tokenizer_md())
     vocab = len(tiny_tokenizer_md()["tokenizer.ggml.tokens"])
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=48, intermediate_size=80, num_layers=2,
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=48, intermediate_size=80, num_layers=1,
                       num_heads=4, num_kv_heads=2, max_position_embeddings=96)
     model = Transformer(cfg).init_weights(std=0.5, seed=int(torch.randint(0, 2**30, ())))
     eos = sorted(tok.eos_token_ids)
     context = torch.randint(3, vocab, (6,)).tolist()
     prompt = context[:3] + torch.randint(3, vocab, (4,)).tolist() + context[3:]
-    want, = generate_ids(model, [prompt], max_new_tokens=8, eos_token_ids=eos)
-    other, = generate_ids(model, [context], max_new_tokens=8, eos_token_ids=eos)
+    want, = generate_ids(model, [prompt], max_new_tokens=4, eos_token_ids=eos)
+    other, = generate_ids(model, [context], max_new_tokens=4, eos_token_ids=eos)
     answer = other + eos[:1]  # the training answer: what the context alone would give
     ex = Example(context + answer, [IGNORE] * (len(context) - 1) + answer + [IGNORE], "t:1",
                  len(context), tok.decode(answer, skip_special_tokens=True),
                  generation_prompt=prompt)
-    res = generation_eval(model, tok, [ex], ["f1"], max_new_tokens=8, show=1)
+    res = generation_eval(model, tok, [ex], ["f1"], max_new_tokens=4, show=1)
     assert res.samples[0][0] == tok.decode(prompt, skip_special_tokens=False)
     assert res.samples[0][1] == tok.decode(want, skip_special_tokens=True)
 
