@@ -210,6 +210,15 @@ def render_chat(tokenizer, cfg: DataConfig, messages: Sequence[dict]) -> list[in
         raise EmberError(e.why) from None
 
 
+def _cut_prompt(prompt: list[int], cut: int, bos: int | None) -> list[int]:
+    """``prompt`` less the ``cut`` tokens truncate_left took from the training context's prompt
+    (after the BOS it keeps), so that a generation prompt is cut as the context was."""
+    if cut <= 0:
+        return prompt
+    keep = int(bos is not None and prompt[:1] == [bos])
+    return prompt[:keep] + prompt[keep + cut:]
+
+
 def _labels(ids: list[int], mask: list[bool]) -> list[int]:
     return [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
 
@@ -286,11 +295,20 @@ class _Reader:
         try:
             rec = self.record(line)  # fixes self.fmt on the first line
             if self.fmt == "preference":
-                from ember.engine.preference import encode_pair
+                from ember.engine.preference import answer_conversation, encode_pair
 
                 docs = encode_pair(self.enc, rec, self.pairs)
+                gen = None
+                if docs[0][2] > 0 and self.enc.has_template and (  # (its chosen half's)
+                        self.enc.chat or not isinstance(rec.prompt, str)):
+                    gen = self.enc.generation_prompt(answer_conversation(
+                        self.enc, rec.prompt, rec.chosen, rec.tools, rec.template_kwargs),
+                        docs[0][0][:docs[0][2]])
             else:
-                docs = [self.enc.encode(self.fmt, rec)]
+                # gen: the prompt generation metrics feed, where the template renders it
+                # otherwise than the training context (Example.generation_prompt)
+                doc, gen = self.enc.encode_with_prompt(self.fmt, rec)
+                docs = [doc]
         except _Bad as e:
             self.bad(lineno, e.kind, e.why)
             return None
@@ -303,12 +321,16 @@ class _Reader:
                 return None
         rep.truncated = truncated + (rep.truncated > truncated)
         key = hashlib.blake2b(line.strip().encode(), digest_size=16).hexdigest()
+        if gen is not None:  # the tokens truncation took from the training context's prompt
+            gen = _cut_prompt(gen, docs[0][2] - fitted[0][2], self._bos(docs[0][0]))
         if len(fitted) == 1:
             (ids, labels, prompt_len, first), = fitted
-            return Example(ids, labels, where, prompt_len, docs[0][3], key, first_label=first)
+            return Example(ids, labels, where, prompt_len, docs[0][3], key, first_label=first,
+                           generation_prompt=gen)
         # A pair: the chosen document first; generation metrics use its prompt and completion.
         return Example([t for f in fitted for t in f[0]], [t for f in fitted for t in f[1]], where,
-                       fitted[0][2], rec.reference, key, parts=tuple(len(f[0]) for f in fitted))
+                       fitted[0][2], rec.reference, key, parts=tuple(len(f[0]) for f in fitted),
+                       generation_prompt=gen)
 
     def _bos(self, ids) -> int | None:
         """The BOS that opens ``ids`` and that truncate_left keeps there, or None."""

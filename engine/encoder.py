@@ -51,6 +51,8 @@ class _Encoder:
         # conversations whose tool calls the template leaves out of its render (counted for the
         # data report: such a call turn trains only its end of turn)
         self.tool_calls_dropped = 0
+        # (the Chat, how many of its messages, the text) of the last generation prompt rendered
+        self._last_prompt: tuple[Chat | None, int, str] = (None, 0, "")
         if self.chat and not self.has_template:
             raise EmberError("data.use_chat_template is true but the tokenizer has no chat "
                              "template; set data.use_chat_template = false")
@@ -90,7 +92,27 @@ class _Encoder:
             mask = [all_loss or j >= start for j in range(len(ids))]
             ids = self._with_eos(ids)
             return ids, mask + [True] * (len(ids) - len(mask)), start, rec[1]
-        if fmt in ("prompt_completion", "alpaca"):
+        return self._chat(self.conversation(fmt, rec), all_loss)
+
+    def encode_with_prompt(self, fmt: str, rec) -> tuple[tuple, list[int] | None]:
+        """``encode``'s document and, for a chat with a final answer, its
+        ``generation_prompt`` (None: the training context's ids are the prompt)."""
+        if fmt == "text" or fmt in ("prompt_completion", "alpaca") and not (
+                self.chat or isinstance(rec, Chat)):
+            return self.encode(fmt, rec), None
+        if isinstance(rec, Chat) and fmt == "prompt_completion":
+            fmt = "message-array prompt/completion"  # (as encode names it)
+        messages = self.conversation(fmt, rec)
+        doc = self._chat(messages, self.cfg.loss_on == "all")
+        gen = None if not doc[2] or doc[3] is None else self.generation_prompt(
+            messages, doc[0][:doc[2]])
+        return doc, gen
+
+    def conversation(self, fmt: str, rec) -> Chat:
+        """The messages a chat-rendered record (``encode``'s chat cases) is rendered from: a
+        prompt/completion or Alpaca pair as a user/assistant chat, ``data.system_prompt`` first
+        unless the line has its own system message."""
+        if fmt in ("prompt_completion", "alpaca") and not isinstance(rec, Chat):
             system = rec.system if fmt == "alpaca" else None
             rec = Chat([{"role": "user", "content": rec[0]},
                         {"role": "assistant", "content": rec[1]}])
@@ -99,7 +121,28 @@ class _Encoder:
         elif not self.has_template:
             raise EmberError(f"the {fmt} format needs a tokenizer with a chat template; this one "
                              "has none (use prompt/completion lines of strings instead)")
-        return self._chat(with_system_prompt(self.cfg, rec), all_loss)
+        return with_system_prompt(self.cfg, rec)
+
+    def generation_prompt(self, messages: Chat, context: list[int]) -> list[int] | None:
+        """The ids of ``messages`` up to their last answer rendered with the generation prompt,
+        as transformers' ``apply_chat_template(..., add_generation_prompt=True)`` gives them (the
+        prompt vLLM, lm-eval's chat mode and ``ember generate`` feed), where they differ from
+        ``context``, the training render up to that answer; None where they are the same, or
+        where the conversation does not end with an answer. They differ where a template renders
+        a turn otherwise once it is the last: Mistral Nemo writes the system message in the
+        last user turn only when that turn ends the conversation, Granite writes its
+        ``controls`` in the generation prompt only, DeepSeek-R1's distills open it with
+        ``<think>\n``."""
+        if not messages or messages[-1].get("role") != "assistant" or len(messages) < 2:
+            return None
+        line, n, text = self._last_prompt
+        if line is not messages or n != len(messages) - 1:  # (``_spans`` rendered it: reused)
+            try:
+                text = self._render(messages[:-1], True, messages)
+            except _Bad:  # a template that refuses the prompt alone: the training context
+                return None
+        ids = self._enc(text)
+        return None if ids == list(context) else ids
 
     def _render(self, messages, gen: bool = False, line: Chat | None = None,
                 blocks: list | None = None) -> str:
@@ -109,7 +152,7 @@ class _Encoder:
         line = messages if line is None else line
         tools = getattr(line, "tools", None)
         try:
-            return self.tok.apply_chat_template(messages, add_generation_prompt=gen,
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=gen,
                                                 tokenize=False,
                                                 **(getattr(line, "template_kwargs", None) or {}),
                                                 **({"tools": tools} if tools is not None else {}),
@@ -121,6 +164,9 @@ class _Encoder:
         except Exception as e:  # jinja raise_exception() and template bugs: a per-line problem
             raise _Bad("chat template", f"the chat template rejected this conversation: "
                                         f"{type(e).__name__}: {e}") from None
+        if gen and blocks is None:  # the last generation prompt, which generation_prompt reuses
+            self._last_prompt = (line, len(messages), text)
+        return text
 
     def _drops_tool_calls(self, messages: Chat, full: str) -> bool:
         """Whether ``full``, the render of ``messages``, leaves out their assistant messages'

@@ -1,7 +1,9 @@
 """Evaluation: validation loss / perplexity on packed batches, and task metrics by generation.
 
-Generation metrics: each example's prompt (its tokens up to ``prompt_len``, rendered exactly as in
-training) is completed greedily in batches of similar prompt lengths (left-padded, every row stops
+Generation metrics: each example's prompt (the conversation up to the answer as transformers'
+``apply_chat_template(..., add_generation_prompt=True)`` renders it, which vLLM, lm-eval's chat
+mode and ``ember generate`` feed: ``Example.prompt_ids``; a plain prompt's tokens as in training)
+is completed greedily in batches of similar prompt lengths (left-padded, every row stops
 at EOS), decoded, and scored against the example's reference completion with
 ``ember.engine.metrics``. The reference's own tokens are passed to ``generate_ids`` as a
 speculative draft: the output is exactly greedy decoding's, but where the model agrees with the
@@ -184,8 +186,8 @@ def _checked_examples(model, examples: list[Example], max_new_tokens: int,
                 raise EmberError(f"{e.source}: {why}")
     model_cfg = getattr(model, "cfg", None)
     # prompt tuning's virtual tokens take context too; dynamic NTK RoPE has no limit to pass
-    first_longest = max(usable, key=lambda e: e.prompt_len)
-    longest = first_longest.prompt_len + len(virtual_ids(model))
+    first_longest = max(usable, key=lambda e: len(e.prompt_ids))
+    longest = len(first_longest.prompt_ids) + len(virtual_ids(model))
     rs = getattr(model_cfg, "rope_scaling", None)
     if model_cfg is not None and not (rs is not None and rs.kind == "dynamic") and (
             longest + max_new_tokens > model_cfg.max_position_embeddings):
@@ -221,7 +223,7 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     sync = None if not info.distributed else (lambda flag: any_rank(flag, info))
     t0 = time.perf_counter()
     eos, pad = generation_ids(tokenizer)
-    order = sorted(range(len(usable)), key=lambda i: usable[i].prompt_len)
+    order = sorted(range(len(usable)), key=lambda i: len(usable[i].prompt_ids))
     share = eval_share(len(order), info)  # the same length on every rank, so as many batches
     mine = [order[i] for i in share if i is not None]
     # Exact match is decided as soon as a row's text leaves its reference: stop that row there
@@ -239,7 +241,7 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     try:
         for a in range(0, len(share), batch_size):
             idx = mine[a:a + batch_size]  # empty: only lock-step passes
-            prompts = [usable[i].input_ids[:usable[i].prompt_len] for i in idx]
+            prompts = [usable[i].prompt_ids for i in idx]
             # The reference answer's tokens as a speculative draft: greedy output unchanged, but a
             # model that has learned the task answers a whole row in one pass.
             drafts = None if not plain else [usable[i].input_ids[usable[i].prompt_len:]
@@ -265,6 +267,6 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
                 preds[i] = p
     refs = [e.reference for e in usable]
     scores = M.compute(metric_names, preds, refs)
-    samples = [(tokenizer.decode(e.input_ids[:e.prompt_len], skip_special_tokens=False), p, r)
+    samples = [(tokenizer.decode(e.prompt_ids, skip_special_tokens=False), p, r)
                for e, p, r in list(zip(usable, preds, refs, strict=True))[:show]]
     return GenerationResult(scores, samples, time.perf_counter() - t0, len(usable))

@@ -61,6 +61,7 @@ from ember.engine.data import (
     Datasets,
     Example,
     _Bad,
+    _cut_prompt,
     _Reader,
     _type_name,
     collate,
@@ -78,7 +79,12 @@ from ember.engine.formats import (
 )
 from ember.engine.losses import doc_logprobs
 from ember.engine.objectives import SFT
-from ember.engine.preference import answer_messages, encode_answer, parse_pair
+from ember.engine.preference import (
+    answer_conversation,
+    answer_messages,
+    encode_answer,
+    parse_pair,
+)
 from ember.engine.preference_losses import KTO_LOSS_TYPES, UnpairedLosses, kto_loss
 from ember.engine.preference_objectives import Referenced
 
@@ -179,14 +185,22 @@ class _KTOReader(_Reader):
             self.bad(lineno, e.kind, e.why)
             return None
         out = []
-        for k, ((*_, desirable), doc) in enumerate(zip(records, docs, strict=True)):
+        for k, ((prompt, answer, desirable), doc) in enumerate(zip(records, docs, strict=True)):
             fitted = self._fit(lineno, *doc[:3])
             if fitted is None:
                 continue
             ids, labels, prompt_len, _ = fitted  # KTO refuses prompt tuning
             key = hashlib.blake2b(f"{line.strip()}\0{k}".encode(), digest_size=16).hexdigest()
+            gen = None  # generation metrics' prompt (a desirable completion is a reference)
+            if desirable and doc[2] > 0 and self.enc.has_template and (
+                    self.enc.chat or not isinstance(prompt, str)):
+                gen = self.enc.generation_prompt(
+                    answer_conversation(self.enc, prompt, answer, *extra), doc[0][:doc[2]])
+                if gen is not None:
+                    gen = _cut_prompt(gen, doc[2] - prompt_len, self._bos(doc[0]))
             out.append(Example(ids, labels, self.where(lineno), prompt_len,
-                               doc[3] if desirable else None, key, desirable=desirable))
+                               doc[3] if desirable else None, key, desirable=desirable,
+                               generation_prompt=gen))
         return out or None
 
 

@@ -55,9 +55,20 @@ class Example:
     # which no position of the example predicts; a prompt-tuned model's last virtual token does
     # (PEFT puts -100 for the virtual tokens in front of labels that include token 0).
     first_label: int = IGNORE
+    # The generation prompt's ids where the chat template renders them otherwise than the
+    # training context input_ids[:prompt_len] (``_Encoder.generation_prompt``); None: the same
+    generation_prompt: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The prompt generation metrics complete: the conversation up to the answer as
+        ``apply_chat_template(..., add_generation_prompt=True)`` renders it."""
+        if self.generation_prompt is not None:
+            return self.generation_prompt
+        return self.input_ids[:self.prompt_len]
 
     @property
     def num_loss_tokens(self) -> int:

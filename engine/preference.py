@@ -197,6 +197,17 @@ def encode_answer(enc, prompt: str | list[dict], answer: str | dict,
     return ids, mask, prompt_len, reference
 
 
+def answer_conversation(enc, prompt: str | list[dict], answer: str | dict | tuple,
+                        tools: list[dict] | None = None,
+                        template_kwargs: dict | None = None) -> Chat:
+    """A prompt and answer (``encode_answer``'s) as the messages a chat template renders: the
+    prompt (a string as one user message) after ``data.system_prompt``, then the answer's."""
+    head = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    tail = ([{"role": "assistant", "content": answer}] if isinstance(answer, str)
+            else list(answer) if isinstance(answer, tuple) else [answer])
+    return with_system_prompt(enc.cfg, Chat([*head, *tail], tools, template_kwargs))
+
+
 def encode_pair(enc, pair: Pair, rule: str = "dpo") -> list[tuple]:
     """Two documents, chosen then rejected: (ids, target mask, prompt_len, reference) each, from
     ``enc`` (``ember.engine.encoder._Encoder``). ``rule`` "dpo" (objective "dpo": TRL 1.x's DPO

@@ -384,3 +384,60 @@ def test_tool_calls_a_template_drops_are_reported(tmp_path, backend, name):
     assert rep.tool_calls_dropped == drops
     assert ("1 conversations hold tool calls that the chat template does not render"
             in rep.summary()) == drops
+
+
+def _pair_line(messages, tools, variables):
+    """A DPO line of ``messages``: the prompt, the last answer chosen, another rejected."""
+    return {"prompt": messages[:-1], "chosen": [messages[-1]],
+            "rejected": [{"role": "assistant", "content": "No idea."}],
+            **({"tools": tools} if tools else {}),
+            **({"chat_template_kwargs": variables} if variables else {})}
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_eval_prompt_is_transformers_generation_prompt(tmp_path, backend, name):
+    """Generation metrics complete ``Example.prompt_ids``: transformers' ``apply_chat_template(
+    conversation up to the answer, add_generation_prompt=True)`` ids, which vLLM and lm-eval's
+    chat mode feed. Ember fed the training context (the whole render up to the answer), which
+    differs for Mistral Nemo (the system message is written in the last user turn only when
+    that turn ends the conversation: the prompt lacked it) and Granite with controls (written in
+    the generation prompt only); the training tokens stay the whole render's. DPO pairs (the
+    chosen half) and data.system_prompt alike."""
+    ours, hf = _pair(backend, name)
+    for messages, tools, variables in _conversations(name):
+        want = hf.apply_chat_template(messages[:-1], tools=tools, add_generation_prompt=True,
+                                      tokenize=True, return_dict=False, **variables)
+        ex = _load(tmp_path, ours, messages, tools, variables)
+        assert ex.prompt_ids == want
+        assert ex.input_ids == hf.apply_chat_template(messages, tools=tools, tokenize=True,
+                                                      return_dict=False, **variables)
+        if messages[0]["role"] == "user" or messages[0] == SYSTEM:
+            path = tmp_path / "p.jsonl"
+            path.write_text(json.dumps(_pair_line(messages, tools, variables)))
+            (pair,), _ = load_examples(path, DataConfig(train=str(path), bad_lines="error",
+                                                        max_seq_len=4096), ours)
+            assert pair.prompt_ids == want
+    if name not in NO_SYSTEM:  # data.system_prompt goes where the line's system message would
+        path = tmp_path / "s.jsonl"
+        path.write_text(json.dumps({"prompt": CHAT[0]["content"], "completion": "Paris."}))
+        (ex,), _ = load_examples(path, DataConfig(train=str(path), system_prompt="Be terse.",
+                                                  max_seq_len=4096), ours)
+        assert ex.prompt_ids == hf.apply_chat_template(
+            [{"role": "system", "content": "Be terse."}, CHAT[0]], add_generation_prompt=True,
+            tokenize=True, return_dict=False)
+
+
+def test_eval_prompt_is_cut_as_the_training_context(tmp_path, backend):
+    """A line over data.max_seq_len (truncate_left) loses the same prompt tokens, after the
+    BOS, from the generation prompt as from its training context."""
+    ours, hf = _pair(backend, "nemo")
+    messages = [SYSTEM, *CHAT]
+    whole = hf.apply_chat_template(messages, tokenize=True, return_dict=False)
+    want = hf.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
+                                  return_dict=False)
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": messages}))
+    (ex,), _ = load_examples(path, DataConfig(train=str(path), max_seq_len=len(whole) - 5),
+                             ours)
+    assert ex.input_ids == whole[:1] + whole[6:]
+    assert ex.prompt_ids == want[:1] + want[6:]

@@ -262,3 +262,43 @@ def test_argument_text_goes_to_a_template_writing_a_non_mapping_as_given(backend
     assert want == '{"city":"Z\\u00fcrich"}'
     assert ours.apply_chat_template(parsed, chat_template=either) == want
     assert ours.apply_chat_template(parsed, chat_template=pairs) == "city=Zürich"
+
+
+@pytest.mark.parametrize("name", ["r1-distill", "deepseek-r1", "qwen3", "qwen3.5", "glm-4.5"])
+def test_eval_prompt_opens_the_think_block_as_transformers(tmp_path, backend, name):
+    """DeepSeek-R1 and its distills open the generation prompt with ``<think>\\n``, which a
+    turn's render does not hold: generation metrics completed ``...<｜Assistant｜>`` (the
+    training context), where transformers' ``add_generation_prompt=True`` render, which vLLM
+    and lm-eval's chat mode feed, ends ``<｜Assistant｜><think>\\n``. ``Example.prompt_ids`` is
+    that render (SFT and KTO lines, with or without enable_thinking); training is unchanged."""
+    from tests.engine import real_chat_templates as R
+
+    template, bos, eos = {
+        "r1-distill": (R1_DISTILL, "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+        "deepseek-r1": (DEEPSEEK_R1, "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+        "qwen3": (QWEN3, None, "<|im_end|>"), "qwen3.5": (R.QWEN35, None, "<|im_end|>"),
+        "glm-4.5": (R.GLM45, None, "<|endoftext|>")}[name]
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos,
+                                              eos_token=eos, chat_template=template)
+    ours = Tokenizer(backend, bos_token=bos, eos_token=eos, chat_template=template)
+    for messages in ([SYSTEM, Q1, A2], [Q1, A1, Q2, A2]):
+        for variables in ({}, {"enable_thinking": False}):
+            want = hf.apply_chat_template(messages[:-1], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False, **variables)
+            path = tmp_path / "d.jsonl"
+            kw = {"chat_template_kwargs": variables} if variables else {}
+            path.write_text(json.dumps({"messages": messages, **kw}) + "\n"
+                            + json.dumps({"prompt": messages[:-1], "completion": messages[-1:],
+                                          "label": True, **kw}) + "\n")
+            (ex,), _ = load_examples(path, DataConfig(train=str(path), bad_lines="skip"), ours)
+            assert ex.prompt_ids == want
+            whole = hf.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                           **variables)  # (GLM-4.5's: Ember's EOS after it)
+            assert ex.input_ids[:len(whole)] == whole and len(ex) <= len(whole) + 1
+            from ember.engine.kto import load_kto_examples
+
+            path.write_text(path.read_text().splitlines()[1])
+            (kto,), _ = load_kto_examples(path, DataConfig(train=str(path)), ours)
+            assert kto.prompt_ids == want
+    if name.startswith("r1") or name.startswith("deepseek"):
+        assert backend.decode(want[-2:], skip_special_tokens=False) == "<think>\n"

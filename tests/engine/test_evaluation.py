@@ -361,3 +361,56 @@ def test_generation_eval_applies_the_generation_config_repetition_penalty(tmp_pa
                 for i, (p, a, r) in enumerate(zip(prompts, plain, refs, strict=True))]
     res = generation_eval(model, tok, examples, ["f1"], max_new_tokens=8, batch_size=2, show=3)
     assert [s[1] for s in res.samples] == want
+
+
+def test_generation_eval_completes_the_generation_prompt():
+    """An example whose chat template renders the generation prompt otherwise than its
+    training context (``Example.generation_prompt``: Mistral Nemo's system message, R1's
+    ``<think>\\n``) is completed from that prompt, as ``ember generate`` and vLLM complete it;
+    the training tokens still give the draft."""
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    vocab = len(tiny_tokenizer_md()["tokenizer.ggml.tokens"])
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=48, intermediate_size=80, num_layers=1,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=96)
+    model = Transformer(cfg).init_weights(std=0.5, seed=int(torch.randint(0, 2**30, ())))
+    eos = sorted(tok.eos_token_ids)
+    context = torch.randint(3, vocab, (6,)).tolist()
+    prompt = context[:3] + torch.randint(3, vocab, (4,)).tolist() + context[3:]
+    want, = generate_ids(model, [prompt], max_new_tokens=4, eos_token_ids=eos)
+    other, = generate_ids(model, [context], max_new_tokens=4, eos_token_ids=eos)
+    answer = other + eos[:1]  # the training answer: what the context alone would give
+    ex = Example(context + answer, [IGNORE] * (len(context) - 1) + answer + [IGNORE], "t:1",
+                 len(context), tok.decode(answer, skip_special_tokens=True),
+                 generation_prompt=prompt)
+    res = generation_eval(model, tok, [ex], ["f1"], max_new_tokens=4, show=1)
+    assert res.samples[0][0] == tok.decode(prompt, skip_special_tokens=False)
+    assert res.samples[0][1] == tok.decode(want, skip_special_tokens=True)
+
+
+def test_a_plain_prompt_is_completed_from_the_tokens_training_shares_with_it(tmp_path):
+    """A plain prompt ending in a space that the answer's first token takes in ("Answer: " +
+    "yes": " yes") is completed after "Answer:" (what the model learned to continue), not
+    after the prompt's own lone " " token that ``ember generate`` (transformers, lm-eval's
+    generate_until) feeds: a deliberate difference, README's generation metrics."""
+    import json
+
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from ember.engine.data import DataConfig, load_examples, render_prompt
+    from ember.models.tokenizer import Tokenizer
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(["Answer: yes", "Answer: no"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = Tokenizer(backend, eos_token="</s>")
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "Answer: ", "completion": "yes"}))
+    cfg = DataConfig(train=str(path))
+    (ex,), _ = load_examples(path, cfg, tok)
+    assert tok.decode(ex.prompt_ids) == "Answer:"
+    assert tok.decode(ex.input_ids[ex.prompt_len:], skip_special_tokens=False) == " yes</s>"
+    assert tok.decode(render_prompt(tok, cfg, "Answer: ")) == "Answer: "
