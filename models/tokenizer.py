@@ -218,6 +218,8 @@ class Tokenizer:
             "split_special_tokens": self.backend.encode_special_tokens,
             **self.template_tokens, **specials,
         }
+        if _prefixes_bytes(self.backend):  # transformers' Qwen2Tokenizer rebuilds its ByteLevel
+            cfg["add_prefix_space"] = True  # from this flag (so does load_tokenizer)
         if self.extra_special_tokens:  # the name transformers 4 and 5 both read as a list
             cfg["additional_special_tokens"] = self.extra_special_tokens
         if self.chat_templates:  # several named ones: the list form, read by transformers 4 and 5
@@ -228,6 +230,16 @@ class Tokenizer:
             cfg["chat_template"] = self.chat_template
         _write_json(out / "tokenizer_config.json", cfg)
         _write_json(out / "special_tokens_map.json", specials)
+
+
+def _prefixes_bytes(backend: tokenizers.Tokenizer) -> bool:
+    """Whether ``backend`` splits with a byte-level pre-tokenizer that prefixes a space."""
+    pre = backend.pre_tokenizer
+    if pre is None:
+        return False
+    spec = json.loads(pre.__getstate__())
+    steps = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
+    return any(s.get("type") == "ByteLevel" and s.get("add_prefix_space") for s in steps)
 
 
 def _set_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None) -> None:

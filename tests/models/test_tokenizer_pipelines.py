@@ -253,3 +253,23 @@ def test_bpe_dropout_is_ignored_with_a_warning(tmp_path):
         None,
         0.0,
     )
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_qwen2_add_prefix_space_survives_save_pretrained(prefix, tmp_path):
+    """A model type qwen2 folder is read by transformers 5's Qwen2Tokenizer, which builds its
+    ByteLevel from tokenizer_config.json's ``add_prefix_space`` (Ember too). Ember's saved config
+    lacked the flag, so with ``add_prefix_space = true`` the saved folder lost the prefix in
+    transformers and in Ember ("Hello world": ids [225, 283, 291] became [283, 291])."""
+    tok = _trained("qwen2")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    ours, theirs = _assert_like_transformers(
+        tok, tmp_path, {"tokenizer_class": "Qwen2Tokenizer", "add_prefix_space": prefix}
+    )
+    out = tmp_path / "saved"
+    ours.save_pretrained(out)
+    (out / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    again, theirs_again = load_tokenizer(out), transformers.AutoTokenizer.from_pretrained(out)
+    want = [theirs.encode(t, add_special_tokens=False) for t in TEXTS]
+    assert again.encode_batch(TEXTS) == want
+    assert [theirs_again.encode(t, add_special_tokens=False) for t in TEXTS] == want
