@@ -38,8 +38,10 @@ from ember.models.tokenizer_classes import (
     named_special_tokens,
     other_special_tokens,
     promoted_tokens,
+    rebuilt_class,
     special_tokens_config,
     template_tokens,
+    without_added_tokens,
 )
 
 
@@ -367,10 +369,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                           "as at inference (transformers would drop merges at random on every "
                           "encode)", stacklevel=2)
             backend.model.dropout = None
+        rebuilt = rebuilt_class(backend, folder, cfg)
+        if rebuilt is not None and isinstance(cfg.get("added_tokens_decoder"), dict):
+            backend = without_added_tokens(backend)
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
         add_named_specials(backend, named_special_tokens(cfg),
                            promoted_tokens(cfg, folder_class(folder, cfg)))
-        class_pipeline(backend, folder, cfg)
+        class_pipeline(backend, rebuilt, cfg)
     template, named = read_templates(cfg, folder)
     extra_eos: list[int] = []
     for name in ("generation_config.json", "config.json"):

@@ -2,8 +2,9 @@
 
 transformers 5 reads a folder's tokenizer.json as written (``TokenizersBackend``) unless the class
 it resolves for the folder defines its own pipeline: that class keeps tokenizer.json's
-vocabulary, merges, added tokens and post-processor and builds the normalizer, pre-tokenizer and
-decoder itself, from tokenizer_config.json's flags. The class is tokenizer_config.json's
+vocabulary, merges and post-processor and builds the normalizer, pre-tokenizer and decoder
+itself, from tokenizer_config.json's flags; its added tokens are tokenizer_config.json's
+``added_tokens_decoder`` where the config has one (tokenizer.json's otherwise). The class is tokenizer_config.json's
 ``tokenizer_class``, unless config.json's model type has a registered tokenizer that
 transformers prefers (``qwen2``: always ``Qwen2Tokenizer``) or a generic one (Mistral, Ministral,
 Mixtral, Phi-3, Granite, OLMo2: tokenizer.json as written). Mirrored here, for the families Ember
@@ -223,27 +224,41 @@ def folder_class(folder: Path, cfg: dict) -> str | None:
     return resolved_class(cfg, model_type if isinstance(model_type, str) else None)
 
 
-def class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> None:
-    """Give ``backend`` (read from ``folder``'s tokenizer.json) the normalizer, pre-tokenizer and
-    decoder transformers 5 gives it, for the classes above; unchanged otherwise."""
+def rebuilt_class(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> str | None:
+    """The class above whose own pipeline transformers 5 builds over ``backend`` (read from
+    ``folder``'s tokenizer.json): LlamaTokenizer / CodeLlamaTokenizer over a SentencePiece-style
+    BPE, Qwen2Tokenizer over a byte-level one; None where Ember reads tokenizer.json as written."""
     cls = folder_class(folder, cfg)
     if cls not in ("LlamaTokenizer", "CodeLlamaTokenizer", "Qwen2Tokenizer"):
-        return
+        return None
+    if type(backend.model).__name__ != "BPE":
+        return None
+    byte_level = any(b"ByteLevel" in part.__getstate__()
+                     for part in (backend.pre_tokenizer, backend.decoder) if part is not None)
+    return cls if byte_level == (cls == "Qwen2Tokenizer") else None
+
+
+def without_added_tokens(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """``backend`` with none of tokenizer.json's added tokens, as a class transformers 5 rebuilds
+    reads it when tokenizer_config.json has ``added_tokens_decoder``: that list (renames, flags,
+    omissions and all) is then the tokenizer's added tokens, added in id order."""
     spec = json.loads(backend.to_str())
-    if (spec.get("model") or {}).get("type") != "BPE":
+    spec["added_tokens"] = []
+    return tokenizers.Tokenizer.from_str(json.dumps(spec))
+
+
+def class_pipeline(backend: tokenizers.Tokenizer, cls: str | None, cfg: dict) -> None:
+    """Give ``backend`` the normalizer, pre-tokenizer and decoder transformers 5 gives it for
+    ``cls`` (``rebuilt_class``); unchanged for None."""
+    if cls is None:
         return
-    byte_level = "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
     if cls == "Qwen2Tokenizer":
-        if not byte_level:
-            return
         backend.normalizer = normalizers.NFC()
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=bool(cfg.get("add_prefix_space")),
                                      use_regex=False)])
         backend.decoder = decoders.ByteLevel()
-        return
-    if byte_level:
         return
     from ember.models.spm import spm_pipeline
 
