@@ -37,6 +37,7 @@ from ember.models.tokenizer_classes import (
     folder_class,
     named_special_tokens,
     other_special_tokens,
+    own_added_tokens,
     promoted_tokens,
     rebuilt_class,
     special_tokens_config,
@@ -369,13 +370,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                           "as at inference (transformers would drop merges at random on every "
                           "encode)", stacklevel=2)
             backend.model.dropout = None
-        rebuilt = rebuilt_class(backend, folder, cfg)
-        if rebuilt is not None and isinstance(cfg.get("added_tokens_decoder"), dict):
+        if own_added_tokens(backend, folder, cfg):
             backend = without_added_tokens(backend)
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
         add_named_specials(backend, named_special_tokens(cfg),
                            promoted_tokens(cfg, folder_class(folder, cfg)))
-        class_pipeline(backend, rebuilt, cfg)
+        class_pipeline(backend, rebuilt_class(backend, folder, cfg), cfg)
     template, named = read_templates(cfg, folder)
     extra_eos: list[int] = []
     for name in ("generation_config.json", "config.json"):

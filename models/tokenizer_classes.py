@@ -4,11 +4,11 @@ transformers 5 reads a folder's tokenizer.json as written (``TokenizersBackend``
 it resolves for the folder defines its own pipeline: that class keeps tokenizer.json's
 vocabulary, merges and post-processor and builds the normalizer, pre-tokenizer and decoder
 itself, from tokenizer_config.json's flags; its added tokens are tokenizer_config.json's
-``added_tokens_decoder`` where the config has one (tokenizer.json's otherwise). The class is tokenizer_config.json's
-``tokenizer_class``, unless config.json's model type has a registered tokenizer that
-transformers prefers (``qwen2``: always ``Qwen2Tokenizer``) or a generic one (Mistral, Ministral,
-Mixtral, Phi-3, Granite, OLMo2: tokenizer.json as written). Mirrored here, for the families Ember
-loads:
+``added_tokens_decoder`` where the config has one (tokenizer.json's otherwise). The class is
+tokenizer_config.json's ``tokenizer_class``, unless config.json's model type has a registered
+tokenizer that transformers prefers (``qwen2``: always ``Qwen2Tokenizer``) or a generic one
+(Mistral, Ministral, Mixtral, Phi-3, Granite, OLMo2: tokenizer.json as written). Mirrored here,
+for the families Ember loads:
 
 - ``LlamaTokenizer`` over a SentencePiece-style BPE (Llama 2, TinyLlama, Vicuna): no normalizer,
   a ``Metaspace`` pre-tokenizer from ``add_prefix_space`` and ``legacy`` ("first" prefix,
@@ -21,7 +21,9 @@ loads:
 
 Not mirrored: ``GPT2Tokenizer``, which transformers 5 rebuilds as GPT-2's regex alone, dropping
 e.g. SmolLM2's and StarCoder's digit split from their tokenizer.json (Ember keeps the model's own
-split), and ``GemmaTokenizer``, whose pipeline is the one Gemma's tokenizer.json already has.
+split), and ``GemmaTokenizer``, whose pipeline is the one Gemma's tokenizer.json already has;
+their added tokens (and CodeGenTokenizer's, GPTNeoXTokenizer's) are read as transformers reads
+them (``own_added_tokens``).
 
 Also how transformers 5 reads the special tokens of any folder: special_tokens_map.json
 (``special_tokens_config``) and the named tokens it adds (``named_special_tokens``).
@@ -236,6 +238,20 @@ def rebuilt_class(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> str
     byte_level = any(b"ByteLevel" in part.__getstate__()
                      for part in (backend.pre_tokenizer, backend.decoder) if part is not None)
     return cls if byte_level == (cls == "Qwen2Tokenizer") else None
+
+
+# classes that transformers 5 also builds over tokenizer.json's vocabulary, whose pipelines Ember
+# does not mirror (see above) but whose added tokens it reads as there (``own_added_tokens``)
+_OWN_ADDED_TOKENS = ("GPT2Tokenizer", "CodeGenTokenizer", "GPTNeoXTokenizer", "GemmaTokenizer")
+
+
+def own_added_tokens(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> bool:
+    """Whether transformers 5 reads ``folder`` with a class that drops tokenizer.json's added
+    tokens for tokenizer_config.json's ``added_tokens_decoder`` (``without_added_tokens``)."""
+    if not isinstance(cfg.get("added_tokens_decoder"), dict):
+        return False
+    return (rebuilt_class(backend, folder, cfg) is not None
+            or folder_class(folder, cfg) in _OWN_ADDED_TOKENS)
 
 
 def without_added_tokens(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:

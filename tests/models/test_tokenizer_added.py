@@ -91,6 +91,9 @@ REBUILT = {
     "qwen2": ("Qwen2Tokenizer", "qwen2", "qwen2"),
     "llama": ("LlamaTokenizer", "llama", "metaspace_first"),
     "as_written": ("PreTrainedTokenizerFast", None, "qwen2"),
+    # classes whose pipeline Ember keeps as tokenizer.json has it (SmolLM2's, Gemma's)
+    "gpt2": ("GPT2Tokenizer", "llama", "bytelevel"),
+    "gemma": ("GemmaTokenizer", "gemma", "gemma"),
 }
 CHAT = ["<|im_start|>user\nhi<|im_end|>\n", "a<extra_0>b <tool> c", "<extra_1> x<s>y</s>"]
 
@@ -100,7 +103,8 @@ CHAT = ["<|im_start|>user\nhi<|im_end|>\n", "a<extra_0>b <tool> c", "<extra_1> x
 def test_config_added_tokens_replace_tokenizer_json_ones_where_transformers_rebuilds(
         tmp_path, kind, change):
     """Where transformers 5 builds a tokenizer class's own pipeline over tokenizer.json's
-    vocabulary (Qwen2Tokenizer for model type qwen2, LlamaTokenizer over a SentencePiece BPE),
+    vocabulary (Qwen2Tokenizer for model type qwen2, LlamaTokenizer over a SentencePiece BPE,
+    GPT2Tokenizer, GemmaTokenizer),
     tokenizer.json's added tokens are dropped and tokenizer_config.json's ``added_tokens_decoder``
     is the list, added in id order (then the named special tokens). A config that renames id 500
     "<extra_0>" to "<tool>" gave "<tool>" id 500 in transformers and 502 in Ember (past the
@@ -112,7 +116,14 @@ def test_config_added_tokens_replace_tokenizer_json_ones_where_transformers_rebu
     from tests.models.test_tokenizer_pipelines import _trained
 
     cls, model_type, vocab = REBUILT[kind]
-    tok = _trained(vocab, byte_fallback=True) if vocab.startswith("meta") else _trained(vocab)
+    if vocab == "gemma":  # Gemma's tokenizer.json: spaces replaced, byte fallback, no prefix
+        tok = _trained("metaspace_never", normalizers.Replace(" ", "▁"), byte_fallback=True,
+                       unk_token="<unk>", fuse_unk=True)
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                         decoders.Fuse()])
+    else:
+        tok = _trained(vocab, byte_fallback=True) if vocab.startswith("meta") else _trained(vocab)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t in ("<extra_0>", "<extra_1>")])
     tok.save(str(tmp_path / "tokenizer.json"))
@@ -129,7 +140,8 @@ def test_config_added_tokens_replace_tokenizer_json_ones_where_transformers_rebu
         decoder[im_start] |= {"special": False, "rstrip": True}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": cls, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-         "pad_token": "<unk>", "added_tokens_decoder": decoder}))  # (Qwen2's default pad: none)
+         "pad_token": "<unk>", "mask_token": "<unk>",  # (none of Qwen2's / Gemma's defaults)
+         "added_tokens_decoder": decoder}))
     if model_type is not None:
         (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
