@@ -40,6 +40,7 @@ from ember.models.tokenizer_classes import (
     own_added_tokens,
     promoted_tokens,
     rebuilt_class,
+    reset_special_flags,
     special_tokens_config,
     template_tokens,
     without_added_tokens,
@@ -375,7 +376,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
         add_named_specials(backend, named_special_tokens(cfg),
                            promoted_tokens(cfg, folder_class(folder, cfg)))
-        class_pipeline(backend, rebuilt_class(backend, folder, cfg), cfg)
+        rebuilt = rebuilt_class(backend, folder, cfg)
+        if rebuilt == "Qwen2Tokenizer":
+            reset_special_flags(backend, named_special_tokens(cfg))
+        class_pipeline(backend, rebuilt, cfg)
     template, named = read_templates(cfg, folder)
     extra_eos: list[int] = []
     for name in ("generation_config.json", "config.json"):

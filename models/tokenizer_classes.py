@@ -191,6 +191,14 @@ def add_named_specials(backend: tokenizers.Tokenizer, tokens: list[AddedToken],
     backend.add_special_tokens(new)
 
 
+def reset_special_flags(backend: tokenizers.Tokenizer, tokens: list[AddedToken]) -> None:
+    """Qwen2Tokenizer's last step (transformers 5): every special token it names is added again
+    as ``AddedToken(content, special=True)``, so their lstrip / rstrip / single_word / normalized
+    flags are false whatever the config said."""
+    backend.add_tokens([AddedToken(t.content, special=True) for t in tokens
+                        if backend.token_to_id(t.content) is not None])
+
+
 def other_special_tokens(cfg: dict) -> list[str]:
     """The special tokens ``cfg`` names besides bos, eos, unk and pad."""
     main = [cfg.get(k) for k in MAIN_SPECIALS]

@@ -154,3 +154,32 @@ def test_config_added_tokens_replace_tokenizer_json_ones_where_transformers_rebu
         for skip in (False, True):
             assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
                 ids, skip_special_tokens=skip), (text, skip)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "as_written"])
+def test_qwen2_tokenizer_resets_the_flags_of_its_special_tokens(tmp_path, kind):
+    """transformers 5's Qwen2Tokenizer re-adds every special token it names (bos, eos, unk, pad,
+    the extra list) as a plain special token, so their lstrip / rstrip from the config are gone:
+    "hi <|im_end|> x" keeps the spaces around an lstrip/rstrip <|im_end|> there (Ember stripped
+    them: [454, 4, 92] where transformers has [454, 225, 4, 333]). Tokens it does not name keep
+    their flags, and a folder read as written keeps them all."""
+    transformers = pytest.importorskip("transformers")
+    from tests.models.test_tokenizer_pipelines import _trained
+
+    cls, model_type, vocab = REBUILT[kind]
+    tok = _trained(vocab)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    strip = {"lstrip": True, "rstrip": True}
+    decoder = {str(i): {"content": t.content, "normalized": False, "single_word": False,
+                        "special": True, **strip}
+               for i, t in tok.get_added_tokens_decoder().items()}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": cls, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "pad_token": "<unk>", "additional_special_tokens": ["<|im_end|>"],
+         "added_tokens_decoder": decoder}))
+    if model_type is not None:
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    for text in ["hi <|im_end|> x", "<s> x </s> y", "a  <|im_start|>  b", *CHAT]:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
