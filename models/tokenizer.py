@@ -538,7 +538,10 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
         "tokenizer.ggml.pre") in _WHOLE_WORDS))
     add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
     bos, eos = tok("bos_token_id"), tok("eos_token_id")
-    if (add_bos and bos) or (add_eos and eos):
+    # without the token the flag is off, as transformers turns it off (llama.cpp would add its
+    # default id 1: a GGUF export saying add_bos without a BOS id would make it do so)
+    add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
+    if add_bos or add_eos:
         _set_bos_eos(backend, bos if add_bos else None, eos if add_eos else None)
     elif kind == "gpt2":
         backend.post_processor = processors.ByteLevel(trim_offsets=False)

@@ -262,3 +262,24 @@ def test_text_after_special_tokens_follows_transformers_unless_no_space_prefix(s
             assert text == "<s>Hello" or {ours.id_to_token(i) for i in extra} == {"▁"}, text
     if prefix is False:  # transformers prefixes anyway
         assert theirs("Hello")["input_ids"] != ours.encode("Hello", add_special_tokens=True)
+
+
+def test_no_bos_token_id_means_no_bos_flag(sp_model, tmp_path):
+    """A SentencePiece GGUF without ``bos_token_id`` (llama.cpp would default it to id 1,
+    transformers and Ember have no BOS): Ember added no BOS but said ``add_bos_token`` (the file's
+    default), so a GGUF export wrote add_bos_token = true with no BOS id and llama.cpp prepended
+    id 1 to text Ember trained on without it. The flag is now off, as transformers has it."""
+    from ember.models.gguf_tokenizer import tokenizer_metadata
+    from tests.models.test_gguf_export_spm import llama_cpp_spm
+
+    md = _metadata(sp_model, "llama", **{"tokenizer.ggml.add_eos_token": True})
+    del md["tokenizer.ggml.bos_token_id"], md["tokenizer.ggml.eos_token_id"]
+    ours = tokenizer_from_gguf(md)
+    theirs = _theirs(_write(tmp_path / "m.gguf", md))
+    assert (ours.add_bos_token, ours.add_eos_token) == (False, False) == (
+        theirs.add_bos_token, theirs.add_eos_token)
+    exported = tokenizer_metadata(ours, len(md["tokenizer.ggml.tokens"]))
+    assert not exported["tokenizer.ggml.add_bos_token"]
+    for text in ("hello", "the lazy dog"):
+        ids = ours.encode(text, add_special_tokens=True)
+        assert ids == theirs(text)["input_ids"] == llama_cpp_spm(exported, text, add_special=True)
