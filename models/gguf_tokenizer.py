@@ -16,13 +16,15 @@ writes).
   other added tokens, normal otherwise), merges, special token ids, add_bos / add_eos, the chat
   template, and end-of-turn ids that the template does not already imply.
 
-A normalizer (Qwen2's NFC) has no GGUF field and is dropped, as llama.cpp's converter drops it.
+A normalizer (Qwen2's NFC) has no GGUF field and is dropped, as llama.cpp's converter drops it;
+one that changes more text than NFC does (Lowercase, NFKC) is refused.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import unicodedata
 import warnings
 from typing import Any
 
@@ -113,6 +115,7 @@ def tokenizer_metadata(tok: Tokenizer, vocab_size: int, arch: str | None = None
             md.setdefault("tokenizer.ggml.unknown_token_id", unk)
         check_round_trip(tok, md, arch)
         return md
+    _check_dropped_normalizer(tok)
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     added = tok.backend.get_added_tokens_decoder()
     vocab.update({t.content: i for i, t in added.items()})
@@ -138,6 +141,22 @@ def tokenizer_metadata(tok: Tokenizer, vocab_size: int, arch: str | None = None
     }
     _add_specials(tok, md)
     return md
+
+
+def _check_dropped_normalizer(tok: Tokenizer) -> None:
+    """A byte-level file has no normalizer (llama.cpp tokenizes the raw text): refuse one that
+    changes more than NFC does (Qwen2's NFC is dropped, as the converter drops it)."""
+    norm = tok.backend.normalizer
+    if norm is None:
+        return
+    for text in (PROBE, *PROBE.split()):
+        ours = norm.normalize_str(text)
+        if ours != unicodedata.normalize("NFC", text):
+            raise EmberError(
+                f"save_gguf: the tokenizer's normalizer turns {text[:40]!r} into {ours[:40]!r}; "
+                "GGUF cannot say so and llama.cpp would tokenize the raw text, so the file "
+                "would not give the model's ids. Export the merged HF folder (ember export "
+                "--merged) instead")
 
 
 def _add_specials(tok: Tokenizer, md: dict[str, Any]) -> None:

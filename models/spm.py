@@ -16,8 +16,12 @@ agree with ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``:
   transformers ignores the flag and always prepends);
 - decoding maps U+2581 back to spaces, fuses byte pieces and drops the prefix space.
 
-Known difference from SentencePiece itself (and llama.cpp), shared with transformers: text that
-already starts with a space gets no second U+2581 (" a" is "▁a", SentencePiece's "▁", "▁a").
+Known differences from SentencePiece itself and llama.cpp, shared with transformers (the reader
+Ember follows; the one exception is ``add_space_prefix = false`` above, where Ember's ids are
+llama.cpp's): text that already starts with a space gets no second U+2581 (" a" is "▁a",
+SentencePiece's "▁", "▁a"), and in llama-style files text right after a special token gets no
+U+2581 ("<s>Hello": "<s>", "H", ...; llama.cpp prefixes every text fragment: "<s>", "▁He", ...).
+Phi-3-style files prefix in the normalizer, so there all three agree.
 
 Files without ``tokenizer.ggml.add_bos_token`` add BOS (llama.cpp's default for this model type).
 """

@@ -37,9 +37,13 @@ from ember.models.tokenizer_classes import (
     folder_class,
     named_special_tokens,
     other_special_tokens,
+    own_added_tokens,
     promoted_tokens,
+    rebuilt_class,
+    reset_special_flags,
     special_tokens_config,
     template_tokens,
+    without_added_tokens,
 )
 
 
@@ -218,6 +222,8 @@ class Tokenizer:
             "split_special_tokens": self.backend.encode_special_tokens,
             **self.template_tokens, **specials,
         }
+        if _prefixes_bytes(self.backend):  # transformers' Qwen2Tokenizer rebuilds its ByteLevel
+            cfg["add_prefix_space"] = True  # from this flag (so does load_tokenizer)
         if self.extra_special_tokens:  # the name transformers 4 and 5 both read as a list
             cfg["additional_special_tokens"] = self.extra_special_tokens
         if self.chat_templates:  # several named ones: the list form, read by transformers 4 and 5
@@ -228,6 +234,16 @@ class Tokenizer:
             cfg["chat_template"] = self.chat_template
         _write_json(out / "tokenizer_config.json", cfg)
         _write_json(out / "special_tokens_map.json", specials)
+
+
+def _prefixes_bytes(backend: tokenizers.Tokenizer) -> bool:
+    """Whether ``backend`` splits with a byte-level pre-tokenizer that prefixes a space."""
+    pre = backend.pre_tokenizer
+    if pre is None:
+        return False
+    spec = json.loads(pre.__getstate__())
+    steps = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
+    return any(s.get("type") == "ByteLevel" and s.get("add_prefix_space") for s in steps)
 
 
 def _set_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None) -> None:
@@ -355,10 +371,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                           "as at inference (transformers would drop merges at random on every "
                           "encode)", stacklevel=2)
             backend.model.dropout = None
+        if own_added_tokens(backend, folder, cfg):
+            backend = without_added_tokens(backend)
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
         add_named_specials(backend, named_special_tokens(cfg),
                            promoted_tokens(cfg, folder_class(folder, cfg)))
-        class_pipeline(backend, folder, cfg)
+        rebuilt = rebuilt_class(backend, folder, cfg)
+        if rebuilt == "Qwen2Tokenizer":
+            reset_special_flags(backend, named_special_tokens(cfg))
+        class_pipeline(backend, rebuilt, cfg)
     template, named = read_templates(cfg, folder)
     extra_eos: list[int] = []
     for name in ("generation_config.json", "config.json"):
@@ -517,7 +538,10 @@ def tokenizer_from_gguf(md: dict[str, Any], source: str = "GGUF") -> Tokenizer:
         "tokenizer.ggml.pre") in _WHOLE_WORDS))
     add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
     bos, eos = tok("bos_token_id"), tok("eos_token_id")
-    if (add_bos and bos) or (add_eos and eos):
+    # without the token the flag is off, as transformers turns it off (llama.cpp would add its
+    # default id 1: a GGUF export saying add_bos without a BOS id would make it do so)
+    add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
+    if add_bos or add_eos:
         _set_bos_eos(backend, bos if add_bos else None, eos if add_eos else None)
     elif kind == "gpt2":
         backend.post_processor = processors.ByteLevel(trim_offsets=False)

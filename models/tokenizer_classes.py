@@ -2,12 +2,13 @@
 
 transformers 5 reads a folder's tokenizer.json as written (``TokenizersBackend``) unless the class
 it resolves for the folder defines its own pipeline: that class keeps tokenizer.json's
-vocabulary, merges, added tokens and post-processor and builds the normalizer, pre-tokenizer and
-decoder itself, from tokenizer_config.json's flags. The class is tokenizer_config.json's
-``tokenizer_class``, unless config.json's model type has a registered tokenizer that
-transformers prefers (``qwen2``: always ``Qwen2Tokenizer``) or a generic one (Mistral, Ministral,
-Mixtral, Phi-3, Granite, OLMo2: tokenizer.json as written). Mirrored here, for the families Ember
-loads:
+vocabulary, merges and post-processor and builds the normalizer, pre-tokenizer and decoder
+itself, from tokenizer_config.json's flags; its added tokens are tokenizer_config.json's
+``added_tokens_decoder`` where the config has one (tokenizer.json's otherwise). The class is
+tokenizer_config.json's ``tokenizer_class``, unless config.json's model type has a registered
+tokenizer that transformers prefers (``qwen2``: always ``Qwen2Tokenizer``) or a generic one
+(Mistral, Ministral, Mixtral, Phi-3, Granite, OLMo2: tokenizer.json as written). Mirrored here,
+for the families Ember loads:
 
 - ``LlamaTokenizer`` over a SentencePiece-style BPE (Llama 2, TinyLlama, Vicuna): no normalizer,
   a ``Metaspace`` pre-tokenizer from ``add_prefix_space`` and ``legacy`` ("first" prefix,
@@ -20,7 +21,9 @@ loads:
 
 Not mirrored: ``GPT2Tokenizer``, which transformers 5 rebuilds as GPT-2's regex alone, dropping
 e.g. SmolLM2's and StarCoder's digit split from their tokenizer.json (Ember keeps the model's own
-split), and ``GemmaTokenizer``, whose pipeline is the one Gemma's tokenizer.json already has.
+split), and ``GemmaTokenizer``, whose pipeline is the one Gemma's tokenizer.json already has;
+their added tokens (and CodeGenTokenizer's, GPTNeoXTokenizer's) are read as transformers reads
+them (``own_added_tokens``).
 
 Also how transformers 5 reads the special tokens of any folder: special_tokens_map.json
 (``special_tokens_config``) and the named tokens it adds (``named_special_tokens``).
@@ -188,6 +191,14 @@ def add_named_specials(backend: tokenizers.Tokenizer, tokens: list[AddedToken],
     backend.add_special_tokens(new)
 
 
+def reset_special_flags(backend: tokenizers.Tokenizer, tokens: list[AddedToken]) -> None:
+    """Qwen2Tokenizer's last step (transformers 5): every special token it names is added again
+    as ``AddedToken(content, special=True)``, so their lstrip / rstrip / single_word / normalized
+    flags are false whatever the config said."""
+    backend.add_tokens([AddedToken(t.content, special=True) for t in tokens
+                        if backend.token_to_id(t.content) is not None])
+
+
 def other_special_tokens(cfg: dict) -> list[str]:
     """The special tokens ``cfg`` names besides bos, eos, unk and pad."""
     main = [cfg.get(k) for k in MAIN_SPECIALS]
@@ -223,27 +234,55 @@ def folder_class(folder: Path, cfg: dict) -> str | None:
     return resolved_class(cfg, model_type if isinstance(model_type, str) else None)
 
 
-def class_pipeline(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> None:
-    """Give ``backend`` (read from ``folder``'s tokenizer.json) the normalizer, pre-tokenizer and
-    decoder transformers 5 gives it, for the classes above; unchanged otherwise."""
+def rebuilt_class(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> str | None:
+    """The class above whose own pipeline transformers 5 builds over ``backend`` (read from
+    ``folder``'s tokenizer.json): LlamaTokenizer / CodeLlamaTokenizer over a SentencePiece-style
+    BPE, Qwen2Tokenizer over a byte-level one; None where Ember reads tokenizer.json as written."""
     cls = folder_class(folder, cfg)
     if cls not in ("LlamaTokenizer", "CodeLlamaTokenizer", "Qwen2Tokenizer"):
-        return
+        return None
+    if type(backend.model).__name__ != "BPE":
+        return None
+    byte_level = any(b"ByteLevel" in part.__getstate__()
+                     for part in (backend.pre_tokenizer, backend.decoder) if part is not None)
+    return cls if byte_level == (cls == "Qwen2Tokenizer") else None
+
+
+# classes that transformers 5 also builds over tokenizer.json's vocabulary, whose pipelines Ember
+# does not mirror (see above) but whose added tokens it reads as there (``own_added_tokens``)
+_OWN_ADDED_TOKENS = ("GPT2Tokenizer", "CodeGenTokenizer", "GPTNeoXTokenizer", "GemmaTokenizer")
+
+
+def own_added_tokens(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> bool:
+    """Whether transformers 5 reads ``folder`` with a class that drops tokenizer.json's added
+    tokens for tokenizer_config.json's ``added_tokens_decoder`` (``without_added_tokens``)."""
+    if not isinstance(cfg.get("added_tokens_decoder"), dict):
+        return False
+    return (rebuilt_class(backend, folder, cfg) is not None
+            or folder_class(folder, cfg) in _OWN_ADDED_TOKENS)
+
+
+def without_added_tokens(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """``backend`` with none of tokenizer.json's added tokens, as a class transformers 5 rebuilds
+    reads it when tokenizer_config.json has ``added_tokens_decoder``: that list (renames, flags,
+    omissions and all) is then the tokenizer's added tokens, added in id order."""
     spec = json.loads(backend.to_str())
-    if (spec.get("model") or {}).get("type") != "BPE":
+    spec["added_tokens"] = []
+    return tokenizers.Tokenizer.from_str(json.dumps(spec))
+
+
+def class_pipeline(backend: tokenizers.Tokenizer, cls: str | None, cfg: dict) -> None:
+    """Give ``backend`` the normalizer, pre-tokenizer and decoder transformers 5 gives it for
+    ``cls`` (``rebuilt_class``); unchanged for None."""
+    if cls is None:
         return
-    byte_level = "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
     if cls == "Qwen2Tokenizer":
-        if not byte_level:
-            return
         backend.normalizer = normalizers.NFC()
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=bool(cfg.get("add_prefix_space")),
                                      use_regex=False)])
         backend.decoder = decoders.ByteLevel()
-        return
-    if byte_level:
         return
     from ember.models.spm import spm_pipeline
 

@@ -230,3 +230,25 @@ def test_empty_tokens_load_as_in_llama_cpp_and_transformers(tmp_path):
     assert ours.vocab_size == n + 2 and ours.id_to_token(n + 1) == f"[EMPTY_{n + 1}]"
     for text in TRICKY:
         assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+
+
+@pytest.mark.parametrize("normalizer", ["nfc", "lowercase", "nfkc"])
+def test_gguf_export_of_a_byte_level_normalizer(normalizer):
+    """GGUF has no field for a normalizer and llama.cpp tokenizes the raw text. Qwen2's NFC is
+    dropped, as llama.cpp's converter drops it (it changes only non-NFC text); one that changes
+    more (Lowercase: "Hello" is "hello" to the model, "Hello" to llama.cpp) was dropped too, so
+    the file tokenized differently from the model's tokenizer: now refused, saying why."""
+    from tokenizers import normalizers
+
+    from ember.models.gguf_tokenizer import tokenizer_metadata
+
+    tok, md = _trained("qwen2")
+    ours = tokenizer_from_gguf(md)
+    ours.backend.normalizer = {"nfc": normalizers.NFC(), "lowercase": normalizers.Lowercase(),
+                               "nfkc": normalizers.NFKC()}[normalizer]
+    n = len(md["tokenizer.ggml.tokens"])
+    if normalizer == "nfc":
+        assert tokenizer_metadata(ours, n)["tokenizer.ggml.pre"] == "qwen2"
+        return
+    with pytest.raises(EmberError, match="normalizer.*llama.cpp"):
+        tokenizer_metadata(ours, n)

@@ -5,6 +5,8 @@ model is trained at test time, written into GGUF metadata the way llama.cpp's co
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from gguf import GGUFWriter
 
@@ -218,3 +220,66 @@ def test_phi3_named_file_keeps_spaces_after_specials_as_transformers(sp_model, t
     theirs = _theirs(path)
     for text in ("hi</s>  \n next", "<|im_start|> \nuser", "<s>\n\nx"):
         assert ours.encode(text, add_special_tokens=True) == theirs(text)["input_ids"], text
+
+
+# Text right after a special token, where transformers' and llama.cpp's SentencePiece readers
+# differ (Mistral's control tokens [INST] / [/INST] included)
+AFTER_SPECIAL = ["<s>Hello", "</s> world", "[INST]hi[/INST]", "<s>[INST] hi [/INST] ok</s>",
+                 "a<|im_start|>user", "<|im_start|> user", " Hello", "<s>  x"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+@pytest.mark.parametrize("prefix", [None, False])
+def test_text_after_special_tokens_follows_transformers_unless_no_space_prefix(sp_model, arch,
+                                                                               prefix, tmp_path):
+    """Ember reads a SentencePiece GGUF as transformers' GGUF loader does, with one exception.
+    llama.cpp (``llama_cpp_spm``, transcribed from llama-vocab.cpp) prefixes U+2581 after every
+    special token and before text that starts with a space; transformers does that for Phi-3
+    (a ``Prepend`` normalizer) but not for llama files (a "first" ``Metaspace``: "<s>Hello" is
+    "<s>", "H", ... there, "<s>", "▁He", ... in llama.cpp). The exception: a file whose
+    ``add_space_prefix`` is false (its model had no dummy prefix), which transformers ignores
+    (it prefixes anyway) and Ember follows as llama.cpp does, id for id."""
+    from tests.models.test_gguf_export_spm import llama_cpp_spm
+
+    md = _metadata(sp_model, arch, **({} if prefix is None else {
+        "tokenizer.ggml.add_space_prefix": prefix}))
+    md["tokenizer.ggml.tokens"] += ["[INST]", "[/INST]"]
+    md["tokenizer.ggml.scores"] += [0.0, 0.0]
+    md["tokenizer.ggml.token_type"] += [CONTROL, CONTROL]
+    path = _write(tmp_path / f"{arch}.gguf", md)
+    ours = tokenizer_from_gguf(md)
+    theirs = _theirs(path)
+    for text in AFTER_SPECIAL:
+        ids = ours.encode(text, add_special_tokens=True)
+        llama_cpp = llama_cpp_spm(md, text, add_special=True, parse_special=True)
+        if prefix is None:
+            assert ids == theirs(text)["input_ids"], text
+        if prefix is False or arch == "phi3":
+            assert ids == llama_cpp, text
+        else:
+            assert ids != llama_cpp, text  # the known difference, on every one of these texts
+            extra = Counter(llama_cpp) - Counter(ids)  # llama.cpp's added U+2581 pieces
+            assert text == "<s>Hello" or {ours.id_to_token(i) for i in extra} == {"▁"}, text
+    if prefix is False:  # transformers prefixes anyway
+        assert theirs("Hello")["input_ids"] != ours.encode("Hello", add_special_tokens=True)
+
+
+def test_no_bos_token_id_means_no_bos_flag(sp_model, tmp_path):
+    """A SentencePiece GGUF without ``bos_token_id`` (llama.cpp would default it to id 1,
+    transformers and Ember have no BOS): Ember added no BOS but said ``add_bos_token`` (the file's
+    default), so a GGUF export wrote add_bos_token = true with no BOS id and llama.cpp prepended
+    id 1 to text Ember trained on without it. The flag is now off, as transformers has it."""
+    from ember.models.gguf_tokenizer import tokenizer_metadata
+    from tests.models.test_gguf_export_spm import llama_cpp_spm
+
+    md = _metadata(sp_model, "llama", **{"tokenizer.ggml.add_eos_token": True})
+    del md["tokenizer.ggml.bos_token_id"], md["tokenizer.ggml.eos_token_id"]
+    ours = tokenizer_from_gguf(md)
+    theirs = _theirs(_write(tmp_path / "m.gguf", md))
+    assert (ours.add_bos_token, ours.add_eos_token) == (False, False) == (
+        theirs.add_bos_token, theirs.add_eos_token)
+    exported = tokenizer_metadata(ours, len(md["tokenizer.ggml.tokens"]))
+    assert not exported["tokenizer.ggml.add_bos_token"]
+    for text in ("hello", "the lazy dog"):
+        ids = ours.encode(text, add_special_tokens=True)
+        assert ids == theirs(text)["input_ids"] == llama_cpp_spm(exported, text, add_special=True)

@@ -253,3 +253,135 @@ def test_bpe_dropout_is_ignored_with_a_warning(tmp_path):
         None,
         0.0,
     )
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_qwen2_add_prefix_space_survives_save_pretrained(prefix, tmp_path):
+    """A model type qwen2 folder is read by transformers 5's Qwen2Tokenizer, which builds its
+    ByteLevel from tokenizer_config.json's ``add_prefix_space`` (Ember too). Ember's saved config
+    lacked the flag, so with ``add_prefix_space = true`` the saved folder lost the prefix in
+    transformers and in Ember ("Hello world": ids [225, 283, 291] became [283, 291])."""
+    tok = _trained("qwen2")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    ours, theirs = _assert_like_transformers(
+        tok, tmp_path, {"tokenizer_class": "Qwen2Tokenizer", "add_prefix_space": prefix}
+    )
+    out = tmp_path / "saved"
+    ours.save_pretrained(out)
+    (out / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    again, theirs_again = load_tokenizer(out), transformers.AutoTokenizer.from_pretrained(out)
+    want = [theirs.encode(t, add_special_tokens=False) for t in TEXTS]
+    assert again.encode_batch(TEXTS) == want
+    assert [theirs_again.encode(t, add_special_tokens=False) for t in TEXTS] == want
+
+
+def _model_trained(model, trainer, pre_tokenizer, normalizer=None, decoder=None) -> Tokenizer:
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizer
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.train_from_iterator(CORPUS, trainer)
+    if decoder is not None:
+        tok.decoder = decoder
+    return tok
+
+
+def _bpe(pre_tokenizer, normalizer=None, decoder=None, byte_level=False, **bpe) -> Tokenizer:
+    alphabet = pre.ByteLevel.alphabet() if byte_level else []
+    trainer = trainers.BpeTrainer(
+        vocab_size=500, special_tokens=SPECIALS, show_progress=False, initial_alphabet=alphabet
+    )
+    return _model_trained(models.BPE(**bpe), trainer, pre_tokenizer, normalizer, decoder)
+
+
+def _wordpiece() -> Tokenizer:
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=400, special_tokens=[*SPECIALS, "[CLS]", "[SEP]"], show_progress=False
+    )
+    tok = _model_trained(
+        models.WordPiece(unk_token="<unk>"),
+        trainer,
+        pre.BertPreTokenizer(),
+        norms.BertNormalizer(),
+        decoders.WordPiece(),
+    )
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = post.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return tok
+
+
+def _unigram() -> Tokenizer:
+    trainer = trainers.UnigramTrainer(
+        vocab_size=300, special_tokens=SPECIALS, unk_token="<unk>", show_progress=False
+    )
+    return _model_trained(
+        models.Unigram(), trainer, pre.Metaspace(), norms.NFKC(), decoders.Metaspace()
+    )
+
+
+_SPM_DECODER = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+# name -> tokenizer: the rest of what real tokenizer.json files combine
+MORE = {
+    "split_behaviors": lambda: _bpe(
+        pre.Sequence(
+            [
+                pre.Split(Regex(r"\p{N}"), behavior="isolated"),
+                pre.Split(" ", behavior="merged_with_next"),
+                pre.Split(",", behavior="merged_with_previous"),
+                pre.Split(Regex(r"\t+"), behavior="removed"),
+                _bl(regex=False),
+            ]
+        ),
+        decoder=decoders.ByteLevel(),
+        byte_level=True,
+    ),
+    "split_contiguous_inverted": lambda: _bpe(
+        pre.Sequence(
+            [
+                pre.Split(Regex(r"[^\p{L}\p{N}]"), behavior="contiguous"),
+                pre.Split(Regex(r"\p{L}+"), behavior="isolated", invert=True),
+                _bl(regex=False),
+            ]
+        ),
+        decoder=decoders.ByteLevel(),
+        byte_level=True,
+    ),
+    "scripts_whitespace": lambda: _bpe(
+        pre.Sequence([pre.UnicodeScripts(), pre.Whitespace()]), unk_token="<unk>"
+    ),
+    "nfd_strip_accents": lambda: _bpe(
+        pre.WhitespaceSplit(),
+        norms.Sequence([norms.NFD(), norms.StripAccents(), norms.Lowercase()]),
+        unk_token="<unk>",
+    ),
+    # Llama 2 / Mistral v0.1: the prefix in the normalizer, byte fallback, the prefix stripped
+    "spm_legacy_normalizer": lambda: _bpe(
+        None,
+        norms.Sequence([norms.Prepend("▁"), norms.Replace(" ", "▁")]),
+        decoders.Sequence([*_SPM_DECODER, decoders.Strip(" ", 1, 0)]),
+        byte_fallback=True,
+        fuse_unk=True,
+        unk_token="<unk>",
+    ),
+    "replace_regex_strip": lambda: _bpe(
+        _bl(),
+        norms.Sequence([norms.Replace(Regex(r"\s+"), " "), norms.Strip()]),
+        decoders.ByteLevel(),
+        byte_level=True,
+    ),
+    "wordpiece": _wordpiece,
+    "unigram": _unigram,
+}
+
+
+@pytest.mark.parametrize("name", list(MORE))
+def test_more_pipelines_like_transformers(name, tmp_path):
+    """Split with each behavior (and inverted), UnicodeScripts, NFD + StripAccents, Llama 2's
+    normalizer with ByteFallback + Fuse + Strip, a regex Replace, WordPiece with Bert's
+    normalizer, pre-tokenizer, decoder and [CLS]/[SEP] template, Unigram with NFKC; decoding
+    cleaned up as tokenizer_config.json asks (transformers 5: never for BPE)."""
+    _assert_like_transformers(MORE[name](), tmp_path, {"clean_up_tokenization_spaces": True})
