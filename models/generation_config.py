@@ -158,7 +158,9 @@ def _is_int(v: Any) -> bool:
 # processor's __init__ accepts it (no: transformers raises), and the valid range. The warpers
 # are built only when sampling, so a bad one raises only then.
 _FILE_RANGES: dict[str, tuple[Any, Any, str]] = {
-    "repetition_penalty": (lambda v: v != 1, lambda v: v > 0, "> 0 (1 = off)"),
+    # its processor takes a float only: a file's 2 (an int) is refused, its 1 builds none
+    "repetition_penalty": (lambda v: v != 1, lambda v: isinstance(v, float) and v > 0,
+                           "a float > 0 (1 = off)"),
     "min_new_tokens": (lambda v: v > 0, _is_int, "an int >= 0 (0 = off)"),
     "no_repeat_ngram_size": (lambda v: v > 0, _is_int, "an int >= 0 (0 = off)"),
     "min_length": (lambda v: v > 0, _is_int, "an int >= 0 (0 = off)"),

@@ -48,6 +48,17 @@ CASES = [
     ("top_h", 1.5),
     ("top_h", 0),
     ("top_h", 0.5),
+    # ints where transformers' processors check for a float (or convert one)
+    ("repetition_penalty", 1),
+    ("repetition_penalty", 2),
+    ("top_p", 1),
+    ("top_p", 0),
+    ("min_p", 0),
+    ("min_p", 1),
+    ("typical_p", 1),
+    ("epsilon_cutoff", 0),
+    ("eta_cutoff", 0),
+    ("top_h", 1),
 ]
 
 
