@@ -226,6 +226,8 @@ def test_an_evaluation_refuses_a_file_value_before_training(tiny):
     for bad, match in (
         ({"repetition_penalty": 0}, "repetition_penalty = 0 is invalid"),
         ({"suppress_tokens": [5], "forced_eos_token_id": 5}, "also in suppress"),
+        # its stop ids as generate() checks them (the tokenizer's reading dropped a string)
+        ({"eos_token_id": "2"}, "eos_token_id = '2' is invalid"),
     ):
         ours.hf_generation_config = {"eos_token_id": EOS, **bad}
         with pytest.raises(EmberError, match=match):
