@@ -239,7 +239,16 @@ def token_ban_defaults(model: Transformer, **given) -> dict:
     model was loaded with (as transformers' ``generate()`` takes them), else None."""
     gen = getattr(model, "hf_generation_config", None)
     gen = gen if isinstance(gen, dict) else {}
-    return {k: given[k] if given.get(k) is not None else gen.get(k) for k in TOKEN_BAN_SETTINGS}
+    out = {k: given[k] if given.get(k) is not None else gen.get(k) for k in TOKEN_BAN_SETTINGS}
+    bias = gen.get("sequence_bias") if given.get("sequence_bias") is None else None
+    if isinstance(bias, list) and any(isinstance(p, list) and len(p) == 2 and _is_int(p[1])
+                                      for p in bias):
+        # transformers' SequenceBias takes a float bias only (the keyword's -10 is Ember's -10.0)
+        where = getattr(model, "hf_generation_config_path", None) or "generation_config.json"
+        raise EmberError(f"{where}: sequence_bias = {bias!r} is invalid (each bias must be a "
+                         "float, e.g. -10.0); transformers' generate() refuses it too: fix or "
+                         "remove it in that file, or pass sequence_bias to override it")
+    return out
 
 
 # generation_config.json settings that change transformers' generate() output and that Ember

@@ -59,6 +59,8 @@ CASES = [
     ("epsilon_cutoff", 0),
     ("eta_cutoff", 0),
     ("top_h", 1),
+    ("sequence_bias", [[[5], -10]]),
+    ("sequence_bias", [[[5], -10.0]]),
 ]
 
 
