@@ -547,7 +547,7 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
                         return True
             return False
 
-    # an Ember or a transformers tokenizer (whose eos_token_ids is one int or None), and the
+    # an Ember or a transformers tokenizer's stop ids, and the model's generation_config.json's
     eos, pad = stop_and_pad_ids(model, tokenizer)
     gen = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                        seed=seed, eos_token_ids=eos, pad_token_id=pad,
