@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,10 +39,15 @@ from ember.engine.distributed import (
     eval_share,
 )
 from ember.engine.losses import sft_loss, sft_loss_tokens
-from ember.models.generate import Knobs, generate_ids, knob_defaults
+from ember.models.generate import (
+    Knobs,
+    config_stop_ids,
+    generate_ids,
+    knob_defaults,
+    stop_and_pad_ids,
+)
 from ember.models.prompt_tuning import num_virtual_tokens, virtual_ids
 from ember.models.token_bans import TokenBans
-from ember.models.tokenizer import generation_ids
 
 PREFIX_DECIDABLE = {"exact_match"}
 
@@ -203,6 +209,9 @@ def _checked_examples(model, examples: list[Example], max_new_tokens: int,
         # transformers refuses (a repetition_penalty of 0) said now, not at the first evaluation
         bans = Knobs.of(greedy).bans()
         TokenBans([[0]], model_cfg.vocab_size, (), max_new_tokens=max_new_tokens, **bans)
+    with warnings.catch_warnings():  # (a negative stop id is warned about as it generates)
+        warnings.simplefilter("ignore")
+        config_stop_ids(model)  # its stop ids: one transformers fails on is refused now too
     return usable, greedy
 
 
@@ -222,7 +231,8 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     info = info or DistInfo()
     sync = None if not info.distributed else (lambda flag: any_rank(flag, info))
     t0 = time.perf_counter()
-    eos, pad = generation_ids(tokenizer)
+    # the tokenizer's and the generation_config.json's, checked, as ``generate()`` stops
+    eos, pad = stop_and_pad_ids(model, tokenizer)
     order = sorted(range(len(usable)), key=lambda i: len(usable[i].prompt_ids))
     share = eval_share(len(order), info)  # the same length on every rank, so as many batches
     mine = [order[i] for i in share if i is not None]

@@ -156,7 +156,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
 
     Sampling draws from ``generator`` when given, else from one seeded with ``seed``: one
     generator for the whole batch, so a row's tokens depend on the other prompts with it (as
-    transformers' batched ``generate`` with a seed). ``generators`` (one per prompt, instead):
+    transformers' batched ``generate`` with a seed, whose tokens it draws, rows that stopped
+    still drawn for). ``generators`` (one per prompt, instead):
     each row draws from its own alone, so a prompt samples the same tokens in any batch as it
     does alone with that generator (``ember generate`` with and without ``--stream``).
 
@@ -289,6 +290,13 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                 preds = torch.cat([sample_next(logits[b:b + 1], temperature,
                                                generator=generators[r], **warp)
                                    for b, r in enumerate(rows)])
+            elif temperature > 0 and len(rows) < B:
+                # the draw over the whole batch, as transformers' batched generate draws for
+                # its finished rows too: a (b, V) draw takes other random numbers per row
+                full = logits.new_zeros((B, logits.shape[1]))
+                at = torch.tensor(rows, device=device)
+                full[at] = logits
+                preds = sample_next(full, temperature, generator=generator, **warp)[at]
             else:
                 preds = sample_next(logits, temperature, generator=generator, **warp)
             if seen is not None:  # marked on the device (a finished row's marks go unread)
@@ -539,7 +547,7 @@ def generate(model: Transformer, tokenizer, prompts: str | Sequence, *,
                         return True
             return False
 
-    # an Ember or a transformers tokenizer (whose eos_token_ids is one int or None), and the
+    # an Ember or a transformers tokenizer's stop ids, and the model's generation_config.json's
     eos, pad = stop_and_pad_ids(model, tokenizer)
     gen = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                        seed=seed, eos_token_ids=eos, pad_token_id=pad,

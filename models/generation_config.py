@@ -158,7 +158,9 @@ def _is_int(v: Any) -> bool:
 # processor's __init__ accepts it (no: transformers raises), and the valid range. The warpers
 # are built only when sampling, so a bad one raises only then.
 _FILE_RANGES: dict[str, tuple[Any, Any, str]] = {
-    "repetition_penalty": (lambda v: v != 1, lambda v: v > 0, "> 0 (1 = off)"),
+    # its processor takes a float only: a file's 2 (an int) is refused, its 1 builds none
+    "repetition_penalty": (lambda v: v != 1, lambda v: isinstance(v, float) and v > 0,
+                           "a float > 0 (1 = off)"),
     "min_new_tokens": (lambda v: v > 0, _is_int, "an int >= 0 (0 = off)"),
     "no_repeat_ngram_size": (lambda v: v > 0, _is_int, "an int >= 0 (0 = off)"),
     "min_length": (lambda v: v > 0, _is_int, "an int >= 0 (0 = off)"),
@@ -237,7 +239,16 @@ def token_ban_defaults(model: Transformer, **given) -> dict:
     model was loaded with (as transformers' ``generate()`` takes them), else None."""
     gen = getattr(model, "hf_generation_config", None)
     gen = gen if isinstance(gen, dict) else {}
-    return {k: given[k] if given.get(k) is not None else gen.get(k) for k in TOKEN_BAN_SETTINGS}
+    out = {k: given[k] if given.get(k) is not None else gen.get(k) for k in TOKEN_BAN_SETTINGS}
+    bias = gen.get("sequence_bias") if given.get("sequence_bias") is None else None
+    if isinstance(bias, list) and any(isinstance(p, list) and len(p) == 2 and _is_int(p[1])
+                                      for p in bias):
+        # transformers' SequenceBias takes a float bias only (the keyword's -10 is Ember's -10.0)
+        where = getattr(model, "hf_generation_config_path", None) or "generation_config.json"
+        raise EmberError(f"{where}: sequence_bias = {bias!r} is invalid (each bias must be a "
+                         "float, e.g. -10.0); transformers' generate() refuses it too: fix or "
+                         "remove it in that file, or pass sequence_bias to override it")
+    return out
 
 
 # generation_config.json settings that change transformers' generate() output and that Ember

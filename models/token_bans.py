@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -22,16 +23,23 @@ import torch
 from ember import EmberError
 
 
-def _id_list(what: str, ids, vocab: int) -> list[int]:
-    """``ids`` as a list of ints in [0, vocab); EmberError naming ``what`` otherwise."""
+def _id_list(what: str, ids, vocab: int, outside_ok: bool = False) -> list[int]:
+    """``ids`` as a list of ints in [0, vocab); EmberError naming ``what`` otherwise.
+    ``outside_ok``: ints outside the vocabulary are dropped with a warning instead (transformers'
+    SuppressTokens and SuppressTokensAtBegin ban ``isin(vocabulary, ids)``: such an id bans
+    nothing there, where its other processors fail on one)."""
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise EmberError(f"{what} must be a list of token ids, got {ids!r}")
-    out = []
+    out, outside = [], []
     for t in ids:
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or (
+                not outside_ok and not 0 <= t < vocab):
             raise EmberError(f"{what} holds {t!r}, not a token id of the model's vocabulary "
                              f"[0, {vocab})")
-        out.append(operator.index(t))
+        (out if 0 <= t < vocab else outside).append(operator.index(t))
+    if outside:
+        warnings.warn(f"{what} holds ids outside the model's vocabulary [0, {vocab}), which ban "
+                      f"nothing (transformers ignores them too): {outside[:5]}", stacklevel=4)
     return out
 
 
@@ -102,8 +110,9 @@ class TokenBans:
                 raise EmberError("exponential_decay_length_penalty must be [start, factor] "
                                  f"(new tokens before it acts, a number), got {d!r}")
             self.decay = (int(d[0]), float(d[1]))
-        suppress = _id_list("suppress_tokens", suppress_tokens or (), vocab)
-        begin = _id_list("begin_suppress_tokens", begin_suppress_tokens or (), vocab)
+        suppress = _id_list("suppress_tokens", suppress_tokens or (), vocab, outside_ok=True)
+        begin = _id_list("begin_suppress_tokens", begin_suppress_tokens or (), vocab,
+                         outside_ok=True)
         # transformers' GenerationConfig.validate refuses it: every logit of the forced step
         # would be -inf (greedy decoding chose id 0 there, sampling failed in multinomial)
         for name, ids in (("forced_bos_token_id", bos), ("forced_eos_token_id", forced)):

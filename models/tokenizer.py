@@ -381,18 +381,30 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             reset_special_flags(backend, named_special_tokens(cfg))
         class_pipeline(backend, rebuilt, cfg)
     template, named = read_templates(cfg, folder)
-    extra_eos: list[int] = []
-    for name in ("generation_config.json", "config.json"):
-        if (folder / name).is_file():
-            eos = _read_json(folder / name).get("eos_token_id")
-            if eos is not None:
-                # token ids only: the model's generate() check (config_stop_ids) says what is
-                # wrong with the others, as transformers' generate() fails or warns there
-                extra_eos = [i for i in (eos if isinstance(eos, list) else [eos])
-                             if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
-                break
-    if specials["eos_token"] is None and extra_eos:
-        specials["eos_token"] = backend.id_to_token(int(extra_eos[0]))
+    from ember.models.safetensors_io import read_generation_config
+
+    with warnings.catch_warnings():  # an unreadable file: the model's loading says it
+        warnings.simplefilter("ignore")
+        gen = read_generation_config(folder)
+
+    def eos_of(d: Any) -> list[int]:
+        # token ids only: the model's generate() check (config_stop_ids) says what is wrong
+        # with the others, as transformers' generate() fails or warns there
+        eos = d.get("eos_token_id") if isinstance(d, dict) else None
+        return [i for i in (eos if isinstance(eos, list) else [eos])
+                if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
+
+    def config_eos() -> list[int]:
+        path = folder / "config.json"
+        return eos_of(_read_json(path)) if path.is_file() else []
+
+    # the stop ids transformers' generate() takes: generation_config.json's, config.json's only
+    # without a readable one (GenerationConfig.from_model_config)
+    extra_eos = eos_of(gen) if gen is not None else config_eos()
+    if specials["eos_token"] is None:
+        first = extra_eos or config_eos()
+        if first:
+            specials["eos_token"] = backend.id_to_token(int(first[0]))
     for name, tok in specials.items():
         if tok is not None and backend.token_to_id(tok) is None:
             # transformers adds such tokens at load time; we keep the vocabulary the model has

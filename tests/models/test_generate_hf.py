@@ -119,6 +119,35 @@ def test_top_p_zero_samples_the_top_token_as_transformers(pair):
 
 
 
+def _hf_sampled_batch(hf, prompts: list[list[int]], n: int, eos: int, **kw) -> list[list[int]]:
+    """transformers' seeded (0) sampling of the left-padded batch, each row cut at ``eos``."""
+    L = max(map(len, prompts))
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    torch.manual_seed(0)
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=True, top_k=20,
+                      pad_token_id=0, eos_token_id=eos, **kw)[:, L:].tolist()
+    return [r[:r.index(eos)] if eos in r else r for r in out]
+
+
+@pytest.mark.parametrize(("kw", "eos"), [(dict(num_return_sequences=3), 27),
+                                         (dict(min_new_tokens=3), 82)])
+def test_a_sampled_batch_whose_rows_stop_equals_transformers_batched_sampling(pair, kw, eos):
+    """One generator for the batch draws what transformers' batched generate draws with that
+    seed, after a row stopped too: transformers keeps drawing for finished rows (a (B, V) draw
+    each step), Ember drew for the rows left only, so the others' tokens changed from the next
+    step on (num_return_sequences=3: rows 0, 1, 4 and 5 differed from their 4th token)."""
+    hf, ours = pair
+    prompts = PROMPTS[:2]
+    want = _hf_sampled_batch(hf, prompts, 8, eos, **kw)
+    assert any(len(w) < 8 for w in want) and any(len(w) == 8 for w in want)
+    n = kw.get("num_return_sequences", 1)
+    got = generate_ids(ours, [p for p in prompts for _ in range(n)], max_new_tokens=8,
+                       temperature=1.0, top_k=20, seed=0, eos_token_ids=[eos],
+                       min_new_tokens=kw.get("min_new_tokens", 0))
+    assert got == want
+
+
 def dynamic_ntk_llama(vocab: int):
     """A tiny random transformers Llama with dynamic NTK RoPE and a 16-token context, weights
     large enough (std 0.4) that greedy tokens depend on the RoPE base."""

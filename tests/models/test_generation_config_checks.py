@@ -48,6 +48,19 @@ CASES = [
     ("top_h", 1.5),
     ("top_h", 0),
     ("top_h", 0.5),
+    # ints where transformers' processors check for a float (or convert one)
+    ("repetition_penalty", 1),
+    ("repetition_penalty", 2),
+    ("top_p", 1),
+    ("top_p", 0),
+    ("min_p", 0),
+    ("min_p", 1),
+    ("typical_p", 1),
+    ("epsilon_cutoff", 0),
+    ("eta_cutoff", 0),
+    ("top_h", 1),
+    ("sequence_bias", [[[5], -10]]),
+    ("sequence_bias", [[[5], -10.0]]),
 ]
 
 
@@ -215,6 +228,8 @@ def test_an_evaluation_refuses_a_file_value_before_training(tiny):
     for bad, match in (
         ({"repetition_penalty": 0}, "repetition_penalty = 0 is invalid"),
         ({"suppress_tokens": [5], "forced_eos_token_id": 5}, "also in suppress"),
+        # its stop ids as generate() checks them (the tokenizer's reading dropped a string)
+        ({"eos_token_id": "2"}, "eos_token_id = '2' is invalid"),
     ):
         ours.hf_generation_config = {"eos_token_id": EOS, **bad}
         with pytest.raises(EmberError, match=match):
@@ -278,3 +293,38 @@ def test_the_cli_checks_the_file_stop_ids_as_generate(tmp_path, capsys, monkeypa
         with pytest.warns(UserWarning, match="holds a negative id"):
             assert main(cli) == 0
         assert capsys.readouterr().out == want[0] + "\n"
+
+
+@pytest.mark.parametrize("gen", [{"bos_token_id": None}, "{not json", "[2]"])
+def test_stop_ids_come_from_config_json_only_without_a_usable_generation_config(tmp_path, gen):
+    """transformers' generate() stops at generation_config.json's eos_token_id, config.json's
+    only when the folder has no generation_config.json it can read. Ember's tokenizer took
+    config.json's when the file set none (stopping where transformers goes on), refused to load
+    a folder whose file is not JSON ('cannot read': transformers loads it) and failed with an
+    AttributeError on one that is not an object; it now reads the file as the model does."""
+    from ember.models.generate import stop_and_pad_ids
+    from ember.models.loading import load_pretrained
+    from tests.models.test_generate_hf import _with_tokenizer
+
+    tok, hf, _ = _with_tokenizer(tmp_path, "<|im_end|>", "<|im_end|>")
+    tok.save_pretrained(tmp_path)
+    ids = tok.encode("he")
+    plain = hf.generate(torch.tensor([ids]), max_new_tokens=6, pad_token_id=0)[0, len(ids) :]
+    stop = int(plain[2])
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "eos_token_id": stop}))
+    (tmp_path / "generation_config.json").write_text(
+        gen if isinstance(gen, str) else json.dumps(gen)
+    )
+    if gen != "[2]":  # (transformers fails on a file that is not an object: a TypeError)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        out = again.generate(torch.tensor([ids]), max_new_tokens=6, pad_token_id=0)[0].tolist()
+        assert (len(out) - len(ids) == 3) == isinstance(gen, str)  # stops at config.json's
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        model, ours = load_pretrained(tmp_path, "float32", "cpu")
+    assert (stop in stop_and_pad_ids(model, ours)[0]) == isinstance(gen, str)
+    if isinstance(gen, str):
+        assert sum("generation_config.json" in str(w.message) for w in said) == 1

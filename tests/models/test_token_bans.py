@@ -170,3 +170,17 @@ def test_renormalize_logits_as_transformers(hf):
         g = torch.Generator().manual_seed(seed)
         assert torch.equal(sample_next(logits, 1.0, top_k=5, generator=g,
                                        renormalize_logits=True), draw)
+
+
+@pytest.mark.parametrize("name", ["suppress_tokens", "begin_suppress_tokens"])
+def test_suppressed_ids_outside_the_vocabulary_are_ignored_as_transformers(hf, name):
+    """transformers' SuppressTokens / SuppressTokensAtBegin ban ``isin(vocab, ids)``: an id
+    outside the vocabulary (a generation_config.json made for a larger one, -1) bans nothing
+    and the others still act; Ember refused the whole list. It warns, naming the ids."""
+    ids = [4, V + 3, -1]
+    logits = torch.randn(2, V)
+    want = hf_processors(hf, 3, 4, [3], **{name: ids})(torch.tensor([[5, 6, 7]] * 2), logits)
+    with pytest.warns(UserWarning, match=rf"{name} holds ids outside .* \[{V + 3}, -1\]"):
+        bans = TokenBans([[5, 6, 7]] * 2, V, [3], max_new_tokens=4, **{name: ids})
+    assert torch.equal(bans.apply(logits.clone(), [0, 1], [0, 0]), want)
+    assert want[:, 4].isinf().all()
