@@ -29,9 +29,11 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from ember import EmberError
+from ember.engine import hfarrow
 
 _SPLIT_KEYWORDS = {
     "train": ("train", "training"),
@@ -158,9 +160,9 @@ def _dict_splits(folder: Path) -> list[str]:
 
 
 def _data_file(name: str) -> bool:
-    from ember.engine.datafiles import _DATA_SUFFIXES, kind
+    from ember.engine.datafiles import kind
 
-    return kind(Path(name)) in _DATA_SUFFIXES
+    return kind(Path(name)) in _MODULES
 
 
 def _hub_files(folder: Path) -> list[str]:
@@ -185,9 +187,16 @@ def _hub_files(folder: Path) -> list[str]:
 
 
 # datasets' loader of each suffix, and its order among suffixes as common
-# (load.infer_module_for_data_files_list: Parquet first, then JSON Lines, JSON, CSV)
-_MODULES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv"}
-_RANK = (".tsv", ".csv", ".json", ".jsonl", ".parquet")
+# (load.infer_module_for_data_files_list: Parquet first, then Arrow, JSON Lines, JSON, CSV)
+_MODULES = {
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+}
+_RANK = (".tsv", ".csv", ".json", ".jsonl", ".arrow", ".parquet")
 
 
 def _hub_splits(folder: Path, config: str | None = None) -> dict[str, list[str]]:
@@ -317,8 +326,9 @@ def _split_files(files: list[str]) -> dict[str, list[str]]:
     return {"train": files}
 
 
-def items(path: Path) -> list[bytes]:
-    """The rows of a datasets folder path (``source``) as JSON lines."""
+def items(path: Path) -> Iterator[bytes]:
+    """The rows of a datasets folder path (``source``) as JSON lines, read as they are asked for
+    (what is wrong with the folder or split is raised at once)."""
     from ember.engine.datafiles import _json_line
 
     folder, split = source(path)
@@ -335,7 +345,7 @@ def items(path: Path) -> list[bytes]:
             raise EmberError(
                 f"{path}: {folder} is one saved Dataset, without splits: give the folder alone"
             )
-        rows = _saved_rows(folder)
+        rows = hfarrow.saved_rows(folder)
     elif split is None:
         raise EmberError(
             f"{folder}: a Hugging Face datasets folder with the splits "
@@ -352,10 +362,10 @@ def items(path: Path) -> list[bytes]:
                 f"{sub}: the DatasetDict's {split!r} folder has no state.json; "
                 "save the dataset again (save_to_disk)"
             )
-        rows = _saved_rows(sub)
+        rows = hfarrow.saved_rows(sub)
     else:
         return _hub_rows(folder, _hub_splits(folder, config)[split])
-    return [_json_line(r, path, i) for i, r in enumerate(rows)]
+    return (_json_line(r, path, i) for i, r in enumerate(rows))
 
 
 def hub_files(path: Path) -> list[str]:
@@ -370,77 +380,13 @@ def hub_files(path: Path) -> list[str]:
     return []
 
 
-def _pyarrow(path: Path):
-    try:
-        import pyarrow as pa
-        import pyarrow.ipc  # noqa: F401
-    except ImportError:
-        raise EmberError(
-            f"{path}: reading a datasets folder needs pyarrow (pip install pyarrow), "
-            "or export it to JSONL (load_from_disk(FOLDER).to_json(...))"
-        ) from None
-    return pa
-
-
-def _arrow_table(path: Path):
-    pa = _pyarrow(path)
-    try:
-        with pa.memory_map(str(path)) as f:
-            try:
-                return pa.ipc.open_stream(f).read_all()
-            except pa.ArrowInvalid:  # an Arrow IPC file (random-access format) instead
-                f.seek(0)
-                return pa.ipc.open_file(f).read_all()
-    except Exception as e:  # pyarrow's errors have no common base worth naming
-        raise EmberError(f"{path}: not a readable Arrow file ({type(e).__name__}: {e})") from None
-
-
-def _saved_rows(folder: Path) -> list[dict]:
-    """The rows of a save_to_disk Dataset folder, shards in state.json's order."""
-    try:
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        shards = [folder / d["filename"] for d in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise EmberError(
-            f"{folder}/state.json: not a readable datasets state file ({type(e).__name__}: {e})"
-        ) from None
-    missing = [s.name for s in shards if not s.is_file()]
-    if missing:
-        raise EmberError(
-            f"{folder}: state.json lists {', '.join(missing)}, which is not there; "
-            "copy the whole folder"
-        )
-    pa = _pyarrow(folder)
-    tables = [_arrow_table(s) for s in shards]
-    if not tables:
-        return []
-    try:
-        table = pa.concat_tables(tables)
-    except pa.ArrowInvalid as e:
-        raise EmberError(f"{folder}: its shards' columns differ ({e})") from None
-    indices = state.get("_indices_data_files")
-    if indices:  # datasets 1.x: row i is table[indices[i]]
-        try:
-            idx = pa.concat_tables([_arrow_table(folder / d["filename"]) for d in indices])
-            table = table.take(idx.column(0))
-        except (KeyError, TypeError, IndexError, pa.ArrowException) as e:
-            raise EmberError(
-                f"{folder}: its indices mapping (_indices_data_files) cannot be "
-                f"applied ({type(e).__name__}: {e}); save the dataset again with "
-                "a recent datasets (save_to_disk writes the selected rows)"
-            ) from None
-    return table.to_pylist()
-
-
-def _hub_rows(folder: Path, files: list[str]) -> list[bytes]:
+def _hub_rows(folder: Path, files: list[str]) -> Iterator[bytes]:
     """The split's rows: each file's in order, files in sorted order; blank JSONL lines skipped,
     as datasets' JSON reader skips them."""
     from ember.engine.datafiles import open_data, table_items
 
-    out: list[bytes] = []
     for name in files:
         f_path = folder / name
         with open_data(f_path) as f:
             rows = table_items(f_path, f)
-            out += [r for r in (f if rows is None else rows) if r.strip()]
-    return out
+            yield from (r for r in (f if rows is None else rows) if r.strip())

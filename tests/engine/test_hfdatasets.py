@@ -22,21 +22,33 @@ def tok():
     return Tokenizer(chat_backend(), eos_token="<|im_end|>", chat_template=CHATML)
 
 
-def _save_to_disk(folder, rows, shards=1, indices=None):
+def _arrow(path, rows, features=None, stream=True):
+    """An Arrow file as datasets' ArrowWriter writes it: the IPC stream format (``stream=False``:
+    the IPC file format, which datasets does not write), its features (``ClassLabel`` names)
+    in the schema's ``huggingface`` metadata."""
+    pa = pytest.importorskip("pyarrow")
+    table = pa.Table.from_pylist(rows)
+    if features is not None:
+        meta = {"huggingface": json.dumps({"info": {"features": features}})}
+        table = table.replace_schema_metadata(meta)
+    with pa.OSFile(str(path), "wb") as sink:
+        new = pa.ipc.new_stream if stream else pa.ipc.new_file
+        with new(sink, table.schema) as writer:
+            writer.write_table(table)
+
+
+def _save_to_disk(folder, rows, shards=1, indices=None, features=None):
     """A folder as ``datasets.Dataset.from_list(rows).save_to_disk(folder, num_shards=shards)``
     writes it (datasets 5.2: Arrow IPC stream shards, state.json listing them in order,
     dataset_info.json), written with pyarrow; ``indices``: datasets 1.x's indices mapping of a
     select / shuffle (``_indices_data_files``, an Arrow file of one uint64 column)."""
     pa = pytest.importorskip("pyarrow")
     folder.mkdir(parents=True)
-    table, names = pa.Table.from_pylist(rows), []
+    names = []
     size = -(-len(rows) // shards)
     for i in range(shards):
         names.append(f"data-{i:05d}-of-{shards:05d}.arrow")
-        part = table.slice(i * size, size)
-        with pa.OSFile(str(folder / names[-1]), "wb") as sink:
-            with pa.ipc.new_stream(sink, table.schema) as writer:
-                writer.write_table(part)
+        _arrow(folder / names[-1], rows[i * size:(i + 1) * size], features)
     state = {"_data_files": [{"filename": n} for n in names],
              "_fingerprint": "0", "_format_columns": None, "_format_kwargs": {},
              "_format_type": None, "_output_all_columns": False, "_split": None}
@@ -48,6 +60,24 @@ def _save_to_disk(folder, rows, shards=1, indices=None):
         state["_indices_data_files"] = [{"filename": "indices.arrow"}]
     (folder / "state.json").write_text(json.dumps(state))
     (folder / "dataset_info.json").write_text("{}")
+
+
+def _cache(folder, splits, name="json", features=None):
+    """A datasets cache folder (``~/.cache/huggingface/datasets/json/default-<hash>/0.0.0/<hash>``)
+    as ``load_dataset("json", data_files=...)`` leaves it (datasets 5.2): ``{name}-{split}.arrow``,
+    or ``{name}-{split}-00000-of-00003.arrow`` shards, dataset_info.json, no state.json; and a
+    ``cache-<fingerprint>.arrow`` that a ``.map`` wrote beside them. ``splits``: split ->
+    (rows, shards)."""
+    folder.mkdir(parents=True)
+    info = {"features": features, "dataset_name": name, "splits": {}}
+    for split, (rows, shards) in splits.items():
+        size = -(-len(rows) // shards)
+        for i in range(shards):
+            tail = f"-{i:05d}-of-{shards:05d}" if shards > 1 else ""
+            _arrow(folder / f"{name}-{split}{tail}.arrow", rows[i * size:(i + 1) * size], features)
+        info["splits"][split] = {"name": split, "num_examples": len(rows), "dataset_name": name}
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    _arrow(folder / "cache-5d2ba7a3e1d0e3b1.arrow", [{"x": 1}])
 
 
 def test_save_to_disk_folders_read_as_load_from_disk(tmp_path, tok):
@@ -204,13 +234,36 @@ def test_hub_folder_configs_from_its_readme(tmp_path, tok):
         load_datasets(DataConfig(train=(str(gsm),)), tok)
 
 
-def test_arrow_files_and_folders_without_data_say_what_to_give(tmp_path, tok, monkeypatch):
-    """A save_to_disk shard given as the file was "not valid UTF-8" at line 1; a folder with no
-    data files said only "is a directory"."""
+def test_arrow_files_and_datasets_cache_folders_read_as_datasets_reads_them(tmp_path, tok):
+    """An Arrow file (a save_to_disk shard, a datasets cache file) and a datasets cache folder
+    (Arrow files and dataset_info.json, no state.json) were refused ("export it with to_json"):
+    a file reads as datasets.Dataset.from_file(file) gives it, a cache folder as
+    load_dataset(folder) splits it, by file name, shards in order (checked with datasets 5.2 on
+    these files; the .map cache file is in no split); an IPC file-format file reads too."""
     _save_to_disk(tmp_path / "one", ROWS)
-    with pytest.raises(EmberError, match=r"an Arrow file .*datasets\.Dataset\.from_file\(FILE\)"
-                                         r"\.to_json"):
-        load_examples(tmp_path / "one" / "data-00000-of-00001.arrow", DataConfig(), tok)
+    shard = tmp_path / "one" / "data-00000-of-00001.arrow"
+    examples, _ = load_examples(shard, DataConfig(), tok)
+    _same(examples, _jsonl(tmp_path, ROWS, tok))
+    assert examples[2].source == f"{shard}[2]"
+    _arrow(tmp_path / "f.arrow", CHATS, stream=False)
+    _same(load_examples(tmp_path / "f.arrow", DataConfig(), tok)[0],
+          _jsonl(tmp_path, CHATS, tok))
+    cache = tmp_path / "json" / "default-0a1b" / "0.0.0" / "2c3d"
+    _cache(cache, {"train": ([*ROWS, *ROWS], 3), "test": (ROWS[1:], 1)})
+    ds = load_datasets(DataConfig(train=(str(cache),), test=str(cache)), tok)
+    _same(ds.train, _jsonl(tmp_path, [*ROWS, *ROWS], tok))
+    _same(ds.test, _jsonl(tmp_path, ROWS[1:], tok))
+    assert ("read from 3 files: json-train-00000-of-00003.arrow, json-train-00001-of-00003"
+            ".arrow, json-train-00002-of-00003.arrow") in ds.summary()
+    (tmp_path / "bad.arrow").write_bytes(shard.read_bytes()[:-200])
+    with pytest.raises(EmberError, match=r"bad\.arrow: not a readable Arrow file"):
+        load_examples(tmp_path / "bad.arrow", DataConfig(), tok)
+
+
+def test_folders_without_data_and_missing_shards_say_what_to_give(tmp_path, tok, monkeypatch):
+    """A folder with no data files said only "is a directory"; pyarrow missing, or a shard that
+    state.json lists missing, are named."""
+    _save_to_disk(tmp_path / "one", ROWS)
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(EmberError, match=r"empty: is a directory without data files"):
