@@ -305,7 +305,10 @@ def _parquet_rows(path: Path, f: IO[bytes]) -> list[bytes]:
         table = pq.read_table(f)
     except Exception as e:  # pyarrow's errors have no common base worth naming
         raise EmberError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
-    return [_json_line(row, path, i) for i, row in enumerate(table.to_pylist())]
+    from ember.engine.hfarrow import named, text_labels
+
+    text = text_labels(table.schema)  # datasets' ClassLabel names, where they are text
+    return [_json_line(named(row, text), path, i) for i, row in enumerate(table.to_pylist())]
 
 
 def table_items(path: Path, f: IO[bytes]) -> Iterable[bytes] | None:

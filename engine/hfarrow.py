@@ -94,13 +94,15 @@ def labels_of(schema) -> dict[str, list[str]]:
     return out
 
 
-def _text_labels(schema) -> dict[str, list[str]]:
+def text_labels(schema) -> dict[str, list[str]]:
+    """``labels_of`` the columns Ember reads as text (``datafiles._TEXT_FIELDS``)."""
     from ember.engine.datafiles import _TEXT_FIELDS
 
     return {k: v for k, v in labels_of(schema).items() if k in _TEXT_FIELDS}
 
 
-def _named(row: dict, text: dict[str, list[str]]) -> dict:
+def named(row: dict, text: dict[str, list[str]]) -> dict:
+    """``row`` with the class names of its ``text_labels`` columns for their integers."""
     for col, names in text.items():
         v = row.get(col)
         if isinstance(v, int) and 0 <= v < len(names):
@@ -123,10 +125,10 @@ def rows(shards: list[Path], where: Path) -> Iterator[dict]:
                 f"{[str(t) for t in plain.types]}, the first: {first.names} of "
                 f"{[str(t) for t in first.types]})"
             )
-        text = _text_labels(schema)
+        text = text_labels(schema)
         for batch in _batches(shard, batches):
             for row in batch.to_pylist():
-                yield _named(row, text) if text else row
+                yield named(row, text) if text else row
 
 
 def schema_of(path: Path):
@@ -186,5 +188,5 @@ def _selected_rows(folder: Path, shards: list[Path], indices: list[Path]) -> lis
             f"applied ({type(e).__name__}: {e}); save the dataset again with "
             "a recent datasets (save_to_disk writes the selected rows)"
         ) from None
-    text = _text_labels(schema_of(shards[0])) if shards else {}
-    return [_named(r, text) for r in whole.to_pylist()]
+    text = text_labels(schema_of(shards[0])) if shards else {}
+    return [named(r, text) for r in whole.to_pylist()]

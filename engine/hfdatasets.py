@@ -390,3 +390,48 @@ def _hub_rows(folder: Path, files: list[str]) -> Iterator[bytes]:
         with open_data(f_path) as f:
             rows = table_items(f_path, f)
             yield from (r for r in (f if rows is None else rows) if r.strip())
+
+
+def class_names(paths, field: str) -> tuple[str, ...] | None:
+    """The class names of ``field`` where datasets stores it as a ``ClassLabel`` (integers with
+    names in its Arrow / Parquet files' features) in any of the data paths (``data.train``), in
+    their order, as transformers' run_classification takes them (``features[field].names``);
+    None where no path has one. Paths whose names differ are an EmberError: an index would mean
+    one class in one path and another in the next."""
+    found: dict[str, tuple[str, ...]] = {}
+    for p in paths:
+        with contextlib.suppress(EmberError):  # (reading the path reports what is wrong)
+            file = _first_table_file(Path(p))
+            names = hfarrow.labels_of(hfarrow.schema_of(file)).get(field) if file else None
+            if names:
+                found[str(p)] = tuple(names)
+    if len(set(found.values())) > 1:
+        raise EmberError(
+            f"the {field!r} classes differ between the datasets: "
+            + "; ".join(f"{p}: {list(n)}" for p, n in found.items())
+            + " (datasets ClassLabel names): the same index names a different class in each; "
+            "map them to one list (datasets' align_labels_with_mapping) and save them again"
+        )
+    return next(iter(found.values()), None)
+
+
+def _first_table_file(path: Path) -> Path | None:
+    """The first Arrow / Parquet file a data path reads (where datasets' features are), or
+    None (a JSONL, JSON or CSV file or split)."""
+    from ember.engine.datafiles import kind as suffix
+
+    src = source(path)
+    if src is None:
+        return path if path.suffix in (".arrow", ".parquet") and path.is_file() else None
+    folder, split = src
+    config, _, split = split.rpartition(":") if split else ("", "", None)
+    k = kind(folder)
+    if k == "dataset" and split is None:
+        files = hfarrow.state_shards(folder)[0]
+    elif k == "dict" and split is not None:
+        files = hfarrow.state_shards(folder / split)[0]
+    elif k == "hub" and split is not None:
+        files = [folder / f for f in _hub_splits(folder, config or None).get(split, [])]
+    else:
+        files = []
+    return next((f for f in files if suffix(f) in (".arrow", ".parquet")), None)

@@ -296,3 +296,50 @@ def test_a_folder_given_as_data_names_its_data_files_without_walking_the_tree(tm
         (tmp_path / "repo" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "repo" / name).write_text(json.dumps(ROWS[0]) + "\n")
     assert _hub_splits(tmp_path / "repo") == {"train": ["data/train.jsonl"]}
+
+
+LABELS = {"text": {"dtype": "string", "_type": "Value"},
+          "label": {"names": ["neg", "neu", "pos"], "_type": "ClassLabel"}}
+
+
+def test_class_label_columns_keep_datasets_class_names(tmp_path, tok):
+    """A datasets ClassLabel column (integers; names in the files' features) made a classifier's
+    labels "0", "1" from the integers seen (here "pos", 2, is in no train row: 2 classes for 3,
+    and id2label without the names); they are now the ClassLabel's names in its order, as
+    transformers' run_classification takes them (features["label"].names: datasets 5.2 gives
+    neg, neu, pos for these files: save_to_disk, cache, Parquet). A ClassLabel column Ember
+    reads as text (an SFT completion) is its class name (features[...].int2str)."""
+    from ember.engine.classification import infer_labels
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [{"text": "fine", "label": 1}, {"text": "awful", "label": 0}]
+    _save_to_disk(tmp_path / "saved", rows, features=LABELS)
+    _cache(tmp_path / "cache", {"train": (rows, 2)}, features=LABELS)
+    _arrow(tmp_path / "x.arrow", rows, LABELS)
+    (tmp_path / "more.jsonl").write_text(json.dumps({"text": "good", "label": "pos"}) + "\n")
+    pa = pytest.importorskip("pyarrow")
+    table = pa.Table.from_pylist(rows).replace_schema_metadata(
+        {"huggingface": json.dumps({"info": {"features": LABELS}})})
+    pq.write_table(table, tmp_path / "x.parquet")
+    want = ("neg", "neu", "pos")
+    for paths in ([tmp_path / "saved"], [f"{tmp_path / 'cache'}:train"], [tmp_path / "x.arrow"],
+                  [tmp_path / "x.parquet", tmp_path / "more.jsonl"]):
+        assert infer_labels(paths) == want, paths
+    assert infer_labels([tmp_path / "more.jsonl", tmp_path / "saved"]) == want
+    other = {**LABELS, "label": {"names": ["pos", "neg"], "_type": "ClassLabel"}}
+    _save_to_disk(tmp_path / "other", rows, features=other)
+    with pytest.raises(EmberError, match=r"the 'label' classes differ between the datasets: .*"
+                                         r"saved: \['neg', 'neu', 'pos'\]; .*other: \['pos', "
+                                         r"'neg'\] .*align_labels_with_mapping"):
+        infer_labels([tmp_path / "saved", tmp_path / "other"])
+    sft = [{"prompt": "Sentiment of: fine", "completion": 2},
+           {"prompt": "Sentiment of: awful", "completion": 0}]
+    feats = {"prompt": LABELS["text"], "completion": LABELS["label"]}
+    _save_to_disk(tmp_path / "sft", sft, features=feats)
+    named = [{"prompt": "Sentiment of: fine", "completion": "pos"},
+             {"prompt": "Sentiment of: awful", "completion": "neg"}]
+    _same(load_examples(tmp_path / "sft", DataConfig(), tok)[0], _jsonl(tmp_path, named, tok))
+    pq.write_table(pa.Table.from_pylist(sft).replace_schema_metadata(
+        {"huggingface": json.dumps({"info": {"features": feats}})}), tmp_path / "sft.parquet")
+    _same(load_examples(tmp_path / "sft.parquet", DataConfig(), tok)[0],
+          _jsonl(tmp_path, named, tok))
