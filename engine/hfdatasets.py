@@ -165,9 +165,43 @@ def _data_file(name: str) -> bool:
     return kind(Path(name)) in _MODULES
 
 
+# Listings of the folders walked while one_walk is under way (None: not under way, each call
+# walks): a load asks kind / splits / items / hub_files of each split, ~10 walks of each folder.
+_WALKS: dict | None = None
+
+
+@contextlib.contextmanager
+def one_walk() -> Iterator[None]:
+    """Within it (and as a decorator: a config's resolution, a load of its splits), each
+    datasets folder is walked once and that listing serves every split and setting; nothing is
+    kept after (a folder may change between runs: no listing is trusted across them)."""
+    global _WALKS
+    if _WALKS is not None:  # nested: the outer one's listings
+        yield
+        return
+    _WALKS = {}
+    try:
+        yield
+    finally:
+        _WALKS = None
+
+
+def _walked(what: str, folder: Path, config: str | None, walk):
+    if _WALKS is None:
+        return walk()
+    key = (what, os.path.abspath(folder), config)
+    if key not in _WALKS:
+        _WALKS[key] = walk()
+    return _WALKS[key]
+
+
 def _hub_files(folder: Path) -> list[str]:
     """The data files of a Hub-style folder, relative, sorted; hidden and ``__*`` folders and
     files left out, as datasets leaves them out."""
+    return _walked("files", folder, None, lambda: _walk_files(folder))
+
+
+def _walk_files(folder: Path) -> list[str]:
     found, budget = [], _BUDGET
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
@@ -205,6 +239,10 @@ def _hub_splits(folder: Path, config: str | None = None) -> dict[str, list[str]]
     each split keeps the files of the format most of its files have, as ``load_dataset`` reads
     only those (where splits differ in format, datasets refuses the folder: Ember reads each);
     empty: no data files."""
+    return _walked("splits", folder, config, lambda: _walk_splits(folder, config))
+
+
+def _walk_splits(folder: Path, config: str | None) -> dict[str, list[str]]:
     from ember.engine.datafiles import kind as suffix
 
     listed = _readme_splits(folder, config)
@@ -376,7 +414,7 @@ def hub_files(path: Path) -> list[str]:
         return []
     config, _, split = src[1].rpartition(":")
     with contextlib.suppress(EmberError):
-        return _hub_splits(src[0], config or None).get(split, [])
+        return list(_hub_splits(src[0], config or None).get(split, []))  # (a copy: one_walk)
     return []
 
 
