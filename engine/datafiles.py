@@ -295,20 +295,31 @@ def _messages_or_text(cell: str):
         isinstance(m, dict) for m in value) else cell
 
 
-def _parquet_rows(path: Path, f: IO[bytes]) -> list[bytes]:
+def _parquet_rows(path: Path, f: IO[bytes]) -> Iterator[bytes]:
+    """The rows of a Parquet file, a batch at a time (a 1M-row file as Python objects whole was
+    ~400 MB); a file that is no Parquet is an EmberError at once."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise EmberError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or "
                          "convert the file to JSONL") from None
     try:
-        table = pq.read_table(f)
+        file = pq.ParquetFile(f)
     except Exception as e:  # pyarrow's errors have no common base worth naming
         raise EmberError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
     from ember.engine.hfarrow import named, text_labels
 
-    text = text_labels(table.schema)  # datasets' ClassLabel names, where they are text
-    return [_json_line(named(row, text), path, i) for i, row in enumerate(table.to_pylist())]
+    text = text_labels(file.schema_arrow)  # datasets' ClassLabel names, where they are text
+    return (_json_line(named(row, text), path, i)
+            for i, row in enumerate(_parquet_batch_rows(path, file)))
+
+
+def _parquet_batch_rows(path: Path, file) -> Iterator[dict]:
+    try:
+        for batch in file.iter_batches(batch_size=1000):
+            yield from batch.to_pylist()
+    except Exception as e:  # pyarrow's errors have no common base worth naming
+        raise EmberError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
 
 
 def table_items(path: Path, f: IO[bytes]) -> Iterable[bytes] | None:

@@ -368,3 +368,27 @@ def test_a_load_walks_each_datasets_folder_once(tmp_path, tok, monkeypatch):
     _csv(hub / "test.csv", ROWS[:1])
     assert splits(hub) == ["train", "validation", "test"]
     assert len(load_datasets(DataConfig(train=(str(hub),), test=str(hub)), tok).test) == 1
+
+
+def test_arrow_and_parquet_rows_are_read_a_batch_at_a_time(tmp_path):
+    """A save_to_disk folder's rows were held whole as Python dicts and JSON lines, and so were
+    a Parquet file's (1M rows: 383 MB of Python objects at the peak, 386 MB for Parquet); they
+    are now read a record batch (row group) at a time, in order."""
+    import tracemalloc
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from ember.engine.datafiles import iter_items
+
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(6000)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet", row_group_size=1000)
+    _save_to_disk(tmp_path / "saved", rows, shards=3)
+    for path in (tmp_path / "d.parquet", tmp_path / "saved"):
+        tracemalloc.start()
+        try:
+            for got, want in zip(iter_items(path), rows, strict=True):
+                assert json.loads(got) == want
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1.5e6, (path, peak)  # (was 4.7 MB and 2.5 MB; now 0.4 MB, 0.7 MB)
