@@ -260,15 +260,42 @@ def _walk_splits(folder: Path, config: str | None) -> dict[str, list[str]]:
     return out
 
 
-def _readme_front(folder: Path) -> str | None:
-    """The YAML front matter of a Hub dataset's README.md when it lists ``configs``, else
-    None."""
+def _readme_front(folder: Path, key: str = "configs") -> str | None:
+    """The YAML front matter of a Hub dataset's README.md when it lists ``key``, else None."""
     try:
         text = (folder / "README.md").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
     head = re.match(r"---[ \t]*\n(.*?)\n---[ \t]*(\n|$)", text, re.S)
-    return head[1] if head and re.search(r"^configs:", head[1], re.M) else None
+    return head[1] if head and re.search(rf"^{key}:", head[1], re.M) else None
+
+
+def _readme_labels(folder: Path, config: str | None) -> dict[str, list[str]]:
+    """column -> class names of the ``class_label`` features that a Hub dataset's README.md
+    ``dataset_info`` gives its config (``config``, else the only or "default" one), which
+    load_dataset(folder) casts every data file to (datasets 5.2: a JSONL's integers stay, its
+    names become their indices); {} without them, or without PyYAML."""
+    front = _readme_front(folder, "dataset_info")
+    try:
+        import yaml
+
+        info = yaml.safe_load(front)["dataset_info"] if front else None
+    except (ImportError, yaml.YAMLError, TypeError, KeyError):
+        return {}
+    if isinstance(info, list):  # one per config
+        named = {i.get("config_name", "default"): i for i in info if isinstance(i, dict)}
+        info = named.get(config or "default") or (info[0] if len(info) == 1 else None)
+    feats = info.get("features") if isinstance(info, dict) else None
+    out = {}
+    for f in feats if isinstance(feats, list) else []:
+        dtype = f.get("dtype") if isinstance(f, dict) else None
+        names = dtype.get("class_label", {}).get("names") if isinstance(dtype, dict) else None
+        if isinstance(names, dict):  # {'0': neg, '1': pos}, as push_to_hub writes them
+            with contextlib.suppress(ValueError, TypeError):
+                names = [names[k] for k in sorted(names, key=int)]
+        if isinstance(names, list):
+            out[str(f.get("name"))] = [str(n) for n in names]
+    return out
 
 
 def _readme_splits(folder: Path, config: str | None) -> dict[str, list[str]] | None:
@@ -432,15 +459,18 @@ def _hub_rows(folder: Path, files: list[str]) -> Iterator[bytes]:
 
 def class_names(paths, field: str) -> tuple[str, ...] | None:
     """The class names of ``field`` where datasets stores it as a ``ClassLabel`` (integers with
-    names in its Arrow / Parquet files' features) in any of the data paths (``data.train``), in
+    names in its Arrow / Parquet files' features, or in a Hub folder README's ``dataset_info``,
+    which load_dataset casts its files to) in any of the data paths (``data.train``), in
     their order, as transformers' run_classification takes them (``features[field].names``);
     None where no path has one. Paths whose names differ are an EmberError: an index would mean
     one class in one path and another in the next."""
     found: dict[str, tuple[str, ...]] = {}
     for p in paths:
         with contextlib.suppress(EmberError):  # (reading the path reports what is wrong)
-            file = _first_table_file(Path(p))
-            names = hfarrow.labels_of(hfarrow.schema_of(file)).get(field) if file else None
+            names = _readme_class_names(Path(p)).get(field)
+            file = None if names else _first_table_file(Path(p))
+            if file is not None:
+                names = hfarrow.labels_of(hfarrow.schema_of(file)).get(field)
             if names:
                 found[str(p)] = tuple(names)
     if len(set(found.values())) > 1:
@@ -451,6 +481,15 @@ def class_names(paths, field: str) -> tuple[str, ...] | None:
             "map them to one list (datasets' align_labels_with_mapping) and save them again"
         )
     return next(iter(found.values()), None)
+
+
+def _readme_class_names(path: Path) -> dict[str, list[str]]:
+    """``_readme_labels`` of a Hub-style folder's split (``"folder:split"``), {} for others."""
+    src = source(path)
+    if src is None or src[1] is None or kind(src[0]) != "hub":
+        return {}
+    config, _, _ = src[1].rpartition(":")
+    return _readme_labels(src[0], config or None)
 
 
 def _first_table_file(path: Path) -> Path | None:

@@ -307,7 +307,8 @@ def test_class_label_columns_keep_datasets_class_names(tmp_path, tok):
     labels "0", "1" from the integers seen (here "pos", 2, is in no train row: 2 classes for 3,
     and id2label without the names); they are now the ClassLabel's names in its order, as
     transformers' run_classification takes them (features["label"].names: datasets 5.2 gives
-    neg, neu, pos for these files: save_to_disk, cache, Parquet). A ClassLabel column Ember
+    neg, neu, pos for these files: save_to_disk, cache, Parquet, a Hub folder of JSONL whose
+    README's dataset_info has the ClassLabel). A ClassLabel column Ember
     reads as text (an SFT completion) is its class name (features[...].int2str)."""
     from ember.engine.classification import infer_labels
 
@@ -332,6 +333,14 @@ def test_class_label_columns_keep_datasets_class_names(tmp_path, tok):
                                          r"saved: \['neg', 'neu', 'pos'\]; .*other: \['pos', "
                                          r"'neg'\] .*align_labels_with_mapping"):
         infer_labels([tmp_path / "saved", tmp_path / "other"])
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    (hub / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (hub / "README.md").write_text(  # as push_to_hub writes a ClassLabel into the card
+        "---\ndataset_info:\n- config_name: default\n  features:\n  - name: text\n    dtype: "
+        "string\n  - name: label\n    dtype:\n      class_label:\n        names:\n"
+        "          '0': neg\n          '1': neu\n          '2': pos\n---\n")
+    assert infer_labels([f"{hub}:train"]) == want
     sft = [{"prompt": "Sentiment of: fine", "completion": 2},
            {"prompt": "Sentiment of: awful", "completion": 0}]
     feats = {"prompt": LABELS["text"], "completion": LABELS["label"]}
