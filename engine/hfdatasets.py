@@ -429,8 +429,24 @@ def items(path: Path) -> Iterator[bytes]:
             )
         rows = hfarrow.saved_rows(sub)
     else:
-        return _hub_rows(folder, _hub_splits(folder, config)[split])
+        files = _hub_splits(folder, config)[split]
+        _one_cache(folder, split, files)
+        return _hub_rows(folder, files)
     return (_json_line(r, path, i) for i, r in enumerate(rows))
+
+
+def _one_cache(folder: Path, split: str, files: list[str]) -> None:
+    """An EmberError where a split's files lie in several datasets cache folders (a folder of
+    the datasets cache above them: ``json/`` holds a ``default-<hash>/0.0.0/<hash>/`` folder per
+    load_dataset call): load_dataset(folder) reads every one of them, each row once per copy."""
+    leaves = sorted({str(Path(f).parent) for f in files})
+    leaves = [d for d in leaves if (folder / d / "dataset_info.json").is_file()]
+    if len(leaves) > 1:
+        raise EmberError(
+            f"{folder}: its {split!r} files lie in {len(leaves)} datasets cache folders "
+            f"({', '.join(leaves[:3])}{', ...' * (len(leaves) > 3)}), each a copy of a dataset "
+            f'as one load_dataset call wrote it: name one, e.g. "{folder / leaves[0]}:{split}"'
+        )
 
 
 def hub_files(path: Path) -> list[str]:

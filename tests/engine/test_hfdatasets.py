@@ -239,7 +239,9 @@ def test_arrow_files_and_datasets_cache_folders_read_as_datasets_reads_them(tmp_
     (Arrow files and dataset_info.json, no state.json) were refused ("export it with to_json"):
     a file reads as datasets.Dataset.from_file(file) gives it, a cache folder as
     load_dataset(folder) splits it, by file name, shards in order (checked with datasets 5.2 on
-    these files; the .map cache file is in no split); an IPC file-format file reads too."""
+    these files; the .map cache file is in no split); an IPC file-format file reads too. A
+    folder above two cache folders of a dataset is refused (load_dataset reads both: every
+    row twice)."""
     _save_to_disk(tmp_path / "one", ROWS)
     shard = tmp_path / "one" / "data-00000-of-00001.arrow"
     examples, _ = load_examples(shard, DataConfig(), tok)
@@ -255,6 +257,12 @@ def test_arrow_files_and_datasets_cache_folders_read_as_datasets_reads_them(tmp_
     _same(ds.test, _jsonl(tmp_path, ROWS[1:], tok))
     assert ("read from 3 files: json-train-00000-of-00003.arrow, json-train-00001-of-00003"
             ".arrow, json-train-00002-of-00003.arrow") in ds.summary()
+    _cache(tmp_path / "json" / "default-4e5f" / "0.0.0" / "2c3d", {"train": (ROWS, 1)})
+    with pytest.raises(EmberError, match=r"json: its 'train' files lie in 2 datasets cache folders "
+                                         r"\(default-0a1b/0\.0\.0/2c3d, default-4e5f/0\.0\.0/2c3d\)"
+                                         r".*name one, e\.g\. \".*json/default-0a1b/0\.0\.0/"
+                                         r"2c3d:train\""):
+        load_examples(f"{tmp_path / 'json'}:train", DataConfig(), tok)  # datasets: 9 rows
     (tmp_path / "bad.arrow").write_bytes(shard.read_bytes()[:-200])
     with pytest.raises(EmberError, match=r"bad\.arrow: not a readable Arrow file"):
         load_examples(tmp_path / "bad.arrow", DataConfig(), tok)
