@@ -7,7 +7,8 @@
 - a ``save_to_disk`` folder of a ``DatasetDict``: ``dataset_dict.json`` over one such folder per
   split;
 - a Hub-style folder of data files (a snapshot: ``data/train-00000-of-00002.parquet``,
-  ``train.jsonl``, ``test.csv``, ...), split as ``datasets.load_dataset(folder)`` infers splits
+  ``train.jsonl``, ``test.csv``, ...; a datasets cache folder: ``json-train.arrow``,
+  ``json-test-00000-of-00002.arrow``, ...), split as ``datasets.load_dataset(folder)`` infers splits
   from file and folder names (``datasets.data_files``): ``data/{split}-NNNNN-of-NNNNN.*`` shards
   first, then folder names, then file names holding train/training, validation/valid/dev/val,
   test/testing/eval/evaluation; else every file is the train split; a README.md whose front
@@ -19,7 +20,8 @@ split named like the setting that gives it (``with_split``: data.train takes ``t
 in stored order, every shard, as JSON lines (nested list / struct columns as JSON arrays and
 objects, as the Parquet reader writes them); they are named ``"folder:split[index]"`` in reports,
 the index being the row's in ``load_from_disk(folder)[split]`` / ``load_dataset(folder,
-split=split)``.
+split=split)``. Rows are read as they are used (``ember.engine.hfarrow``); a folder is walked once
+per load (``one_walk``). ``class_names``: a ``ClassLabel`` column's names, for a classifier.
 """
 
 from __future__ import annotations
