@@ -77,6 +77,9 @@ def check_data_path(path: Path) -> None:
         raise EmberError(f"{path}: is a directory without data files (JSONL, JSON, CSV/TSV, "
                          "Parquet, Arrow, or a datasets save_to_disk / Hub folder); give a data "
                          "file; data.train may list several")
+    if kind(path) == ".arrow" and path.suffix.lower() == ".gz":  # (read memory-mapped)
+        raise EmberError(f"{path}: a gzipped Arrow file; decompress it (gunzip FILE) and give the "
+                         ".arrow file")
 
 
 def open_data(path: Path) -> IO[bytes]:

@@ -5,6 +5,7 @@ load_from_disk / load_dataset(folder, split=...) on these layouts)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 
@@ -263,6 +264,9 @@ def test_arrow_files_and_datasets_cache_folders_read_as_datasets_reads_them(tmp_
                                          r".*name one, e\.g\. \".*json/default-0a1b/0\.0\.0/"
                                          r"2c3d:train\""):
         load_examples(f"{tmp_path / 'json'}:train", DataConfig(), tok)  # datasets: 9 rows
+    (tmp_path / "f.arrow.gz").write_bytes(gzip.compress(shard.read_bytes()))
+    with pytest.raises(EmberError, match=r"f\.arrow\.gz: a gzipped Arrow file; decompress it"):
+        load_examples(tmp_path / "f.arrow.gz", DataConfig(), tok)
     (tmp_path / "bad.arrow").write_bytes(shard.read_bytes()[:-200])
     with pytest.raises(EmberError, match=r"bad\.arrow: not a readable Arrow file"):
         load_examples(tmp_path / "bad.arrow", DataConfig(), tok)
