@@ -446,8 +446,9 @@ def _one_cache(folder: Path, split: str, files: list[str]) -> None:
     if len(leaves) > 1:
         raise EmberError(
             f"{folder}: its {split!r} files lie in {len(leaves)} datasets cache folders "
-            f"({', '.join(leaves[:3])}{', ...' * (len(leaves) > 3)}), each a copy of a dataset "
-            f'as one load_dataset call wrote it: name one, e.g. "{folder / leaves[0]}:{split}"'
+            f"({', '.join(leaves[:3])}{', ...' * (len(leaves) > 3)}), each a dataset of its "
+            "own with its dataset_info.json (the datasets cache keeps one per load_dataset call: "
+            f'read together, each row once per copy): name one, e.g. "{folder / leaves[0]}:{split}"'
         )
 
 
