@@ -253,13 +253,53 @@ def _walk_splits(folder: Path, config: str | None) -> dict[str, list[str]]:
             f"{folder}: no README.md configs, so no config {config!r}: name the "
             "split alone (FOLDER:split)"
         )
+    if listed is None:
+        files = _hub_files(folder)
+        listed = _cache_splits(folder, files) or _split_files(files)
     out = {}
-    for split, files in (_split_files(_hub_files(folder)) if listed is None else listed).items():
+    for split, files in listed.items():
         count = Counter(suffix(Path(f)) for f in files)
         if count:
             module = _MODULES[max(count, key=lambda k: (count[k], _RANK.index(k)))]
             out[split] = [f for f in files if _MODULES[suffix(Path(f))] == module]
     return out
+
+
+def _cache_splits(folder: Path, files: list[str]) -> dict[str, list[str]] | None:
+    """split -> files of a datasets cache folder (what ``load_dataset(name)`` wrote: Arrow files
+    beside a dataset_info.json listing the splits), named as datasets' builder names and reads
+    them (naming.filenames_for_dataset_split: ``{dataset_name}-{split}.arrow``, or
+    ``-00000-of-00003.arrow`` per entry of the split's ``shard_lengths``), in dataset_info's
+    order; None where the folder is not one (a file missing). load_dataset(folder) splits such
+    a folder by its file names instead: train_sft and train_gen both in "train"."""
+    try:
+        info = json.loads((folder / "dataset_info.json").read_text(encoding="utf-8"))
+        specs = info["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(specs, dict):
+        return None
+    have, out = set(files), {}
+    for split, spec in specs.items():
+        spec = spec if isinstance(spec, dict) else {}
+        name = spec.get("dataset_name") or info.get("dataset_name") or info.get("builder_name")
+        if not isinstance(name, str):
+            return None
+        name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)  # naming.camelcase_to_snakecase
+        prefix = re.sub(r"([a-z\d])([A-Z])", r"\1_\2", name).lower() + f"-{split}"
+        shards = spec.get("shard_lengths")
+        n = len(shards) if isinstance(shards, list) else 0
+        names = (
+            [f"{prefix}-{i:05d}-of-{n:05d}.arrow" for i in range(n)]
+            if n > 1
+            else [f"{prefix}.arrow"]
+        )
+        if not have.issuperset(names):
+            if spec.get("num_examples") == 0:
+                continue  # (an empty split may have no file)
+            return None
+        out[str(split)] = names
+    return out or None
 
 
 def _readme_front(folder: Path, key: str = "configs") -> str | None:

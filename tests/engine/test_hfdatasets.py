@@ -77,6 +77,9 @@ def _cache(folder, splits, name="json", features=None):
             tail = f"-{i:05d}-of-{shards:05d}" if shards > 1 else ""
             _arrow(folder / f"{name}-{split}{tail}.arrow", rows[i * size:(i + 1) * size], features)
         info["splits"][split] = {"name": split, "num_examples": len(rows), "dataset_name": name}
+        if shards > 1:
+            info["splits"][split]["shard_lengths"] = [len(rows[i * size:(i + 1) * size])
+                                                      for i in range(shards)]
     (folder / "dataset_info.json").write_text(json.dumps(info))
     _arrow(folder / "cache-5d2ba7a3e1d0e3b1.arrow", [{"x": 1}])
 
@@ -238,11 +241,14 @@ def test_hub_folder_configs_from_its_readme(tmp_path, tok):
 def test_arrow_files_and_datasets_cache_folders_read_as_datasets_reads_them(tmp_path, tok):
     """An Arrow file (a save_to_disk shard, a datasets cache file) and a datasets cache folder
     (Arrow files and dataset_info.json, no state.json) were refused ("export it with to_json"):
-    a file reads as datasets.Dataset.from_file(file) gives it, a cache folder as
-    load_dataset(folder) splits it, by file name, shards in order (checked with datasets 5.2 on
-    these files; the .map cache file is in no split); an IPC file-format file reads too. A
-    folder above two cache folders of a dataset is refused (load_dataset reads both: every
-    row twice)."""
+    a file reads as datasets.Dataset.from_file(file) gives it; a cache folder's splits are its
+    dataset_info.json's, each read from the files datasets' builder named and reads, shards in
+    order (datasets 5.2: load_dataset(...)[split] of the load that wrote it; load_dataset(folder)
+    gives the same here, but merges train_sft and train_gen into one "train" split); the .map
+    cache file is in no split; an IPC file-format file reads too. A folder above two cache
+    folders of a dataset is refused (load_dataset reads both: every row twice)."""
+    from ember.engine.hfdatasets import splits
+
     _save_to_disk(tmp_path / "one", ROWS)
     shard = tmp_path / "one" / "data-00000-of-00001.arrow"
     examples, _ = load_examples(shard, DataConfig(), tok)
@@ -258,6 +264,11 @@ def test_arrow_files_and_datasets_cache_folders_read_as_datasets_reads_them(tmp_
     _same(ds.test, _jsonl(tmp_path, ROWS[1:], tok))
     assert ("read from 3 files: json-train-00000-of-00003.arrow, json-train-00001-of-00003"
             ".arrow, json-train-00002-of-00003.arrow") in ds.summary()
+    chat = tmp_path / "ultrachat"  # Hub-style split names: load_dataset(folder) gives "train"
+    _cache(chat, {"train_sft": (ROWS, 2), "train_gen": (ROWS[:1], 1), "test_sft": (ROWS[2:], 1)},
+           name="ultrachat_200k")  # (all of train_sft and train_gen), "test"; the builder these
+    assert splits(chat) == ["train_sft", "train_gen", "test_sft"]  # splits, as here
+    _same(load_examples(f"{chat}:train_sft", DataConfig(), tok)[0], _jsonl(tmp_path, ROWS, tok))
     _cache(tmp_path / "json" / "default-4e5f" / "0.0.0" / "2c3d", {"train": (ROWS, 1)})
     with pytest.raises(EmberError, match=r"json: its 'train' files lie in 2 datasets cache folders "
                                          r"\(default-0a1b/0\.0\.0/2c3d, default-4e5f/0\.0\.0/2c3d\)"
