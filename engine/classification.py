@@ -62,7 +62,7 @@ from ember.engine.data import (
 from ember.engine.datafiles import iter_items
 from ember.engine.distributed import DistInfo
 from ember.engine.evaluation import GenerationResult, scored_batches
-from ember.engine.hfdatasets import class_names
+from ember.engine.hfdatasets import class_names, class_remap
 from ember.engine.objectives import SFT
 from ember.models.heads import add_classification_head, classify, is_classifier, name_pad_token
 from ember.models.loading import read_config
@@ -310,13 +310,14 @@ class _ClassReader(_Reader):
         super().__init__(path, cfg, tokenizer)
         self.labels, self.field, self.pad = tuple(labels), field, pad
         self.index = {name: i for i, name in enumerate(self.labels)}
+        self.remap = class_remap(path, field, self.labels)  # datasets ClassLabel indices
 
     def _label(self, obj: dict) -> int:
         if self.field not in obj:
             raise _Bad(
                 "missing field", f"missing field {self.field!r} (keys present: {sorted(obj)})"
             )
-        v = obj[self.field]
+        v = self.remap(obj[self.field])
         if isinstance(v, int) and not isinstance(v, bool):
             if not 0 <= v < len(self.labels):
                 raise _Bad(

@@ -542,6 +542,27 @@ def class_names(paths, field: str) -> tuple[str, ...] | None:
     return next(iter(found.values()), None)
 
 
+def class_remap(path, field: str, labels: tuple[str, ...]):
+    """A function mapping a row's ``field`` value to the index ``labels`` gives its class, where
+    the path's ``ClassLabel`` names are ``labels`` in another order (matched case-insensitively,
+    as transformers' run_glue maps a dataset's label indices to a model's label2id): a row's
+    integer is an index into the ClassLabel's names, not into ``labels``; else the identity
+    (other names: the indices are taken as they are, as before)."""
+    names = class_names([path], field)
+    low = {label.lower(): i for i, label in enumerate(labels)}
+    if (
+        not names
+        or list(names) == list(labels)
+        or len(low) != len(labels)
+        or sorted(n.lower() for n in names) != sorted(low)
+    ):
+        return lambda v: v
+    table = [low[n.lower()] for n in names]
+    return lambda v: (
+        table[v] if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(table) else v
+    )
+
+
 def _readme_class_names(path: Path) -> dict[str, list[str]]:
     """``_readme_labels`` of a Hub-style folder's split (``"folder:split"``), {} for others."""
     src = source(path)

@@ -332,7 +332,11 @@ def test_class_label_columns_keep_datasets_class_names(tmp_path, tok):
     transformers' run_classification takes them (features["label"].names: datasets 5.2 gives
     neg, neu, pos for these files: save_to_disk, cache, Parquet, a Hub folder of JSONL whose
     README's dataset_info has the ClassLabel). A ClassLabel column Ember
-    reads as text (an SFT completion) is its class name (features[...].int2str)."""
+    reads as text (an SFT completion) is its class name (features[...].int2str). head.labels
+    (or a model's id2label) naming the ClassLabel's classes in another order took a row's
+    integer as an index into them (neu read as neg): it is mapped by name, as transformers'
+    run_glue maps a dataset's indices to a model's label2id (case-insensitive); other names:
+    by position, as before."""
     from ember.engine.classification import infer_labels
 
     pq = pytest.importorskip("pyarrow.parquet")
@@ -350,6 +354,11 @@ def test_class_label_columns_keep_datasets_class_names(tmp_path, tok):
                   [tmp_path / "x.parquet", tmp_path / "more.jsonl"]):
         assert infer_labels(paths) == want, paths
     assert infer_labels([tmp_path / "more.jsonl", tmp_path / "saved"]) == want
+    from ember.engine.classification import load_labelled_datasets
+
+    for labels, want_ids in ((("pos", "NEU", "neg"), [1, 2]), (("a", "b", "c"), [1, 0])):
+        ds = load_labelled_datasets(DataConfig(train=(str(tmp_path / "saved"),)), tok, labels)
+        assert [e.labels[-1] for e in ds.train] == want_ids, labels
     other = {**LABELS, "label": {"names": ["pos", "neg"], "_type": "ClassLabel"}}
     _save_to_disk(tmp_path / "other", rows, features=other)
     with pytest.raises(EmberError, match=r"the 'label' classes differ between the datasets: .*"
