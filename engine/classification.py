@@ -62,6 +62,7 @@ from ember.engine.data import (
 from ember.engine.datafiles import iter_items
 from ember.engine.distributed import DistInfo
 from ember.engine.evaluation import GenerationResult, scored_batches
+from ember.engine.hfdatasets import class_names, class_remap
 from ember.engine.objectives import SFT
 from ember.models.heads import add_classification_head, classify, is_classifier, name_pad_token
 from ember.models.loading import read_config
@@ -158,9 +159,11 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def infer_labels(paths, field: str = "label") -> tuple[str, ...]:
-    """The sorted distinct labels of data files of any kind ``data.train`` reads (JSONL, JSON
-    array, CSV/TSV, Parquet, gzipped; integers: ``"0" .. str(max)``). Lines that do not parse are
-    left to the data loader to report."""
+    """datasets' ``ClassLabel`` names of ``field`` (``hfdatasets.class_names``), else the sorted
+    distinct labels of the data files of any kind data.train reads (integers: ``"0" ..
+    str(max)``). Lines that do not parse are left to the data loader to report."""
+    if (classes := class_names(paths, field)) and len(classes) > 1:
+        return classes
     names, indices, others = set(), set(), {}
     for path in paths:
         try:
@@ -307,13 +310,14 @@ class _ClassReader(_Reader):
         super().__init__(path, cfg, tokenizer)
         self.labels, self.field, self.pad = tuple(labels), field, pad
         self.index = {name: i for i, name in enumerate(self.labels)}
+        self.remap = class_remap(path, field, self.labels)  # datasets ClassLabel indices
 
     def _label(self, obj: dict) -> int:
         if self.field not in obj:
             raise _Bad(
                 "missing field", f"missing field {self.field!r} (keys present: {sorted(obj)})"
             )
-        v = obj[self.field]
+        v = self.remap(obj[self.field])
         if isinstance(v, int) and not isinstance(v, bool):
             if not 0 <= v < len(self.labels):
                 raise _Bad(

@@ -421,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="loss, perplexity and generation metrics on a data file; "
                                     "multiple-choice accuracy on question/choices/answer lines")
     model_args(p, "to evaluate")
-    p.add_argument("--data", help="examples: .jsonl, .json, .csv/.tsv, .parquet, or one of "
-                                  "those .gz (default: the run's test split)")
+    p.add_argument("--data", help="examples: .jsonl, .json, .csv/.tsv, .parquet, one of "
+                                  "those .gz, .arrow, or a Hugging Face datasets folder "
+                                  "(default: the run's test split)")
     p.add_argument("--metrics", help="comma-separated: exact_match, accuracy, f1 (= macro_f1), "
                                      "squad_exact_match, squad_f1, json_match, "
                                      "field_accuracy (engine/metrics.py; default: a run's "

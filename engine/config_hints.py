@@ -40,7 +40,7 @@ def not_a_config(p: Path) -> str | None:
         suffixes.pop()
     if p.name in ("config.json", "adapter_config.json") and p.parent.is_dir():
         return "a model's config.json"  # of a model folder or adapter: the folder is the model
-    if suffixes and suffixes[-1] in (".jsonl", ".json", ".csv", ".tsv", ".parquet"):
+    if suffixes and suffixes[-1] in (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow"):
         return "a data file"
     if suffixes and suffixes[-1] in (".gguf", ".safetensors", ".bin"):
         return "a model"

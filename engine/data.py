@@ -439,6 +439,7 @@ class Datasets:
                          + ([self.mixing] if self.mixing else []))
 
 
+@hfdatasets.one_walk()  # each datasets folder walked once for all its splits
 def load_datasets(cfg: DataConfig, tokenizer, load_file=load_examples) -> Datasets:
     """Every split of ``cfg``; ``load_file(path, cfg, tokenizer) -> (examples, report)`` reads
     one file (``engine/kto.py`` passes its own reader)."""

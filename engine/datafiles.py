@@ -18,9 +18,11 @@
 - ``.parquet`` (what Hugging Face datasets are stored as): rows as objects, list and struct
   columns as JSON arrays and objects; needs ``pyarrow`` (``pip install pyarrow``);
 - any of these, or JSONL, compressed with gzip (``.jsonl.gz``, ``.csv.gz`` ...).
-Hugging Face ``datasets`` folders (``save_to_disk`` output, Hub-style folders of data files) are
-read by ``ember.engine.hfdatasets``; an Arrow file alone (a shard, the datasets cache) is refused
-with how to export it (``check_data_path``).
+- ``.arrow``: an Arrow file as Hugging Face datasets writes it (``Dataset.from_file``: a
+  ``save_to_disk`` shard, a file of the datasets cache), read a record batch at a time
+  (``ember.engine.hfarrow``); needs ``pyarrow``.
+Hugging Face ``datasets`` folders (``save_to_disk`` output, Hub-style folders of data files, the
+datasets cache's folders of Arrow files) are read by ``ember.engine.hfdatasets``.
 Items of the non-JSONL kinds are named ``file[index]`` (0-based) in reports.
 """
 
@@ -34,7 +36,7 @@ import io
 import json
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -62,36 +64,22 @@ def kind(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-_DATA_SUFFIXES = (".jsonl", ".json", *TABLE_SUFFIXES)
-
-
-def _export(load: str) -> str:
-    return ("Ember reads JSONL, JSON, CSV/TSV and Parquet files: write it out with datasets, "
-            f"{load}.to_json(\"train.jsonl\") (or .to_parquet(...)), and give that file")
-
-
 def check_data_path(path: Path) -> None:
     """EmberError for a path that is no data file or datasets folder Ember reads, saying what to
-    give instead: a folder without data files or an Arrow file (``save_to_disk``'s shards, the
-    datasets cache)."""
+    give instead: a folder without data files."""
     from ember.engine import hfdatasets
 
     src = hfdatasets.source(path)
     if src is not None and hfdatasets.kind(src[0]) is not None:
         return  # a datasets folder, read by ember.engine.hfdatasets
     if path.is_dir():
-        names = sorted(p.name for p in path.iterdir())
-        if any(n.endswith(".arrow") for n in names):  # (save_to_disk's has a state.json)
-            raise EmberError(f"{path}: a folder of Arrow files without save_to_disk's state.json "
-                             "(the datasets cache?), not a data file; "
-                             + _export("datasets.Dataset.from_file(FILE)"))
         # (a folder holding data files outside hidden folders is a datasets folder, above)
         raise EmberError(f"{path}: is a directory without data files (JSONL, JSON, CSV/TSV, "
-                         "Parquet, or a datasets save_to_disk / Hub folder); give a data file; "
-                         "data.train may list several")
-    if kind(path) == ".arrow":
-        raise EmberError(f"{path}: an Arrow file (Hugging Face datasets' save_to_disk or cache), "
-                         "not a data file; " + _export("datasets.Dataset.from_file(FILE)"))
+                         "Parquet, Arrow, or a datasets save_to_disk / Hub folder); give a data "
+                         "file; data.train may list several")
+    if kind(path) == ".arrow" and path.suffix.lower() == ".gz":  # (read memory-mapped)
+        raise EmberError(f"{path}: a gzipped Arrow file; decompress it (gunzip FILE) and give the "
+                         ".arrow file")
 
 
 def open_data(path: Path) -> IO[bytes]:
@@ -100,8 +88,8 @@ def open_data(path: Path) -> IO[bytes]:
     from ember.engine import hfdatasets
 
     check_data_path(path)
-    if hfdatasets.source(path) is not None:
-        return io.BytesIO()
+    if hfdatasets.source(path) is not None or kind(path) == ".arrow":
+        return io.BytesIO()  # (read with pyarrow by table_items)
     if path.suffix.lower() == ".gz":
         with open(path, "rb") as f:
             if f.read(2) != b"\x1f\x8b":
@@ -310,27 +298,43 @@ def _messages_or_text(cell: str):
         isinstance(m, dict) for m in value) else cell
 
 
-def _parquet_rows(path: Path, f: IO[bytes]) -> list[bytes]:
+def _parquet_rows(path: Path, f: IO[bytes]) -> Iterator[bytes]:
+    """The rows of a Parquet file, a batch at a time (a 1M-row file as Python objects whole was
+    ~400 MB); a file that is no Parquet is an EmberError at once."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise EmberError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or "
                          "convert the file to JSONL") from None
     try:
-        table = pq.read_table(f)
+        file = pq.ParquetFile(f)
     except Exception as e:  # pyarrow's errors have no common base worth naming
         raise EmberError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
-    return [_json_line(row, path, i) for i, row in enumerate(table.to_pylist())]
+    from ember.engine.hfarrow import named, text_labels
+
+    text = text_labels(file.schema_arrow)  # datasets' ClassLabel names, where they are text
+    return (_json_line(named(row, text), path, i)
+            for i, row in enumerate(_parquet_batch_rows(path, file)))
 
 
-def table_items(path: Path, f: IO[bytes]) -> list[bytes] | None:
-    """The examples of a JSON-array, CSV/TSV or Parquet file as JSON lines; None for JSONL (read
-    line by line from ``f``)."""
-    from ember.engine import hfdatasets
+def _parquet_batch_rows(path: Path, file) -> Iterator[dict]:
+    try:
+        for batch in file.iter_batches(batch_size=1000):
+            yield from batch.to_pylist()
+    except Exception as e:  # pyarrow's errors have no common base worth naming
+        raise EmberError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+
+
+def table_items(path: Path, f: IO[bytes]) -> Iterable[bytes] | None:
+    """The examples of a JSON-array, CSV/TSV, Parquet or Arrow file or of a datasets folder as
+    JSON lines; None for JSONL (read line by line from ``f``)."""
+    from ember.engine import hfarrow, hfdatasets
 
     if hfdatasets.source(path) is not None:
         return hfdatasets.items(path)
     k = kind(path)
+    if k == ".arrow":
+        return (_json_line(r, path, i) for i, r in enumerate(hfarrow.rows([path], path)))
     if k not in TABLE_SUFFIXES:  # a .json array, or one in a file named .jsonl (a JSON Lines
         return _json_array(path, f)  # line never starts with "["): else None, read as lines
     if k in (".csv", ".tsv"):

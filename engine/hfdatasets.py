@@ -7,7 +7,8 @@
 - a ``save_to_disk`` folder of a ``DatasetDict``: ``dataset_dict.json`` over one such folder per
   split;
 - a Hub-style folder of data files (a snapshot: ``data/train-00000-of-00002.parquet``,
-  ``train.jsonl``, ``test.csv``, ...), split as ``datasets.load_dataset(folder)`` infers splits
+  ``train.jsonl``, ``test.csv``, ...; a datasets cache folder: ``json-train.arrow``,
+  ``json-test-00000-of-00002.arrow``, ...), split as ``datasets.load_dataset(folder)`` infers splits
   from file and folder names (``datasets.data_files``): ``data/{split}-NNNNN-of-NNNNN.*`` shards
   first, then folder names, then file names holding train/training, validation/valid/dev/val,
   test/testing/eval/evaluation; else every file is the train split; a README.md whose front
@@ -19,7 +20,8 @@ split named like the setting that gives it (``with_split``: data.train takes ``t
 in stored order, every shard, as JSON lines (nested list / struct columns as JSON arrays and
 objects, as the Parquet reader writes them); they are named ``"folder:split[index]"`` in reports,
 the index being the row's in ``load_from_disk(folder)[split]`` / ``load_dataset(folder,
-split=split)``.
+split=split)``. Rows are read as they are used (``ember.engine.hfarrow``); a folder is walked once
+per load (``one_walk``). ``class_names``: a ``ClassLabel`` column's names, for a classifier.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from ember import EmberError
+from ember.engine import hfarrow
 
 _SPLIT_KEYWORDS = {
     "train": ("train", "training"),
@@ -158,14 +162,48 @@ def _dict_splits(folder: Path) -> list[str]:
 
 
 def _data_file(name: str) -> bool:
-    from ember.engine.datafiles import _DATA_SUFFIXES, kind
+    from ember.engine.datafiles import kind
 
-    return kind(Path(name)) in _DATA_SUFFIXES
+    return kind(Path(name)) in _MODULES
+
+
+# Listings of the folders walked while one_walk is under way (None: not under way, each call
+# walks): a load asks kind / splits / items / hub_files of each split, ~10 walks of each folder.
+_WALKS: dict | None = None
+
+
+@contextlib.contextmanager
+def one_walk() -> Iterator[None]:
+    """Within it (and as a decorator: a config's resolution, a load of its splits), each
+    datasets folder is walked once and that listing serves every split and setting; nothing is
+    kept after (a folder may change between runs: no listing is trusted across them)."""
+    global _WALKS
+    if _WALKS is not None:  # nested: the outer one's listings
+        yield
+        return
+    _WALKS = {}
+    try:
+        yield
+    finally:
+        _WALKS = None
+
+
+def _walked(what: str, folder: Path, config: str | None, walk):
+    if _WALKS is None:
+        return walk()
+    key = (what, os.path.abspath(folder), config)
+    if key not in _WALKS:
+        _WALKS[key] = walk()
+    return _WALKS[key]
 
 
 def _hub_files(folder: Path) -> list[str]:
     """The data files of a Hub-style folder, relative, sorted; hidden and ``__*`` folders and
     files left out, as datasets leaves them out."""
+    return _walked("files", folder, None, lambda: _walk_files(folder))
+
+
+def _walk_files(folder: Path) -> list[str]:
     found, budget = [], _BUDGET
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
@@ -185,9 +223,16 @@ def _hub_files(folder: Path) -> list[str]:
 
 
 # datasets' loader of each suffix, and its order among suffixes as common
-# (load.infer_module_for_data_files_list: Parquet first, then JSON Lines, JSON, CSV)
-_MODULES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv"}
-_RANK = (".tsv", ".csv", ".json", ".jsonl", ".parquet")
+# (load.infer_module_for_data_files_list: Parquet first, then Arrow, JSON Lines, JSON, CSV)
+_MODULES = {
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+}
+_RANK = (".tsv", ".csv", ".json", ".jsonl", ".arrow", ".parquet")
 
 
 def _hub_splits(folder: Path, config: str | None = None) -> dict[str, list[str]]:
@@ -196,6 +241,10 @@ def _hub_splits(folder: Path, config: str | None = None) -> dict[str, list[str]]
     each split keeps the files of the format most of its files have, as ``load_dataset`` reads
     only those (where splits differ in format, datasets refuses the folder: Ember reads each);
     empty: no data files."""
+    return _walked("splits", folder, config, lambda: _walk_splits(folder, config))
+
+
+def _walk_splits(folder: Path, config: str | None) -> dict[str, list[str]]:
     from ember.engine.datafiles import kind as suffix
 
     listed = _readme_splits(folder, config)
@@ -204,8 +253,11 @@ def _hub_splits(folder: Path, config: str | None = None) -> dict[str, list[str]]
             f"{folder}: no README.md configs, so no config {config!r}: name the "
             "split alone (FOLDER:split)"
         )
+    if listed is None:
+        files = _hub_files(folder)
+        listed = _cache_splits(folder, files) or _split_files(files)
     out = {}
-    for split, files in (_split_files(_hub_files(folder)) if listed is None else listed).items():
+    for split, files in listed.items():
         count = Counter(suffix(Path(f)) for f in files)
         if count:
             module = _MODULES[max(count, key=lambda k: (count[k], _RANK.index(k)))]
@@ -213,15 +265,79 @@ def _hub_splits(folder: Path, config: str | None = None) -> dict[str, list[str]]
     return out
 
 
-def _readme_front(folder: Path) -> str | None:
-    """The YAML front matter of a Hub dataset's README.md when it lists ``configs``, else
-    None."""
+def _cache_splits(folder: Path, files: list[str]) -> dict[str, list[str]] | None:
+    """split -> files of a datasets cache folder (what ``load_dataset(name)`` wrote: Arrow files
+    beside a dataset_info.json listing the splits), named as datasets' builder names and reads
+    them (naming.filenames_for_dataset_split: ``{dataset_name}-{split}.arrow``, or
+    ``-00000-of-00003.arrow`` per entry of the split's ``shard_lengths``), in dataset_info's
+    order; None where the folder is not one (a file missing). load_dataset(folder) splits such
+    a folder by its file names instead: train_sft and train_gen both in "train"."""
+    try:
+        info = json.loads((folder / "dataset_info.json").read_text(encoding="utf-8"))
+        specs = info["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(specs, dict):
+        return None
+    have, out = set(files), {}
+    for split, spec in specs.items():
+        spec = spec if isinstance(spec, dict) else {}
+        name = spec.get("dataset_name") or info.get("dataset_name") or info.get("builder_name")
+        if not isinstance(name, str):
+            return None
+        name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)  # naming.camelcase_to_snakecase
+        prefix = re.sub(r"([a-z\d])([A-Z])", r"\1_\2", name).lower() + f"-{split}"
+        shards = spec.get("shard_lengths")
+        n = len(shards) if isinstance(shards, list) else 0
+        names = (
+            [f"{prefix}-{i:05d}-of-{n:05d}.arrow" for i in range(n)]
+            if n > 1
+            else [f"{prefix}.arrow"]
+        )
+        if not have.issuperset(names):
+            if spec.get("num_examples") == 0:
+                continue  # (an empty split may have no file)
+            return None
+        out[str(split)] = names
+    return out or None
+
+
+def _readme_front(folder: Path, key: str = "configs") -> str | None:
+    """The YAML front matter of a Hub dataset's README.md when it lists ``key``, else None."""
     try:
         text = (folder / "README.md").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
     head = re.match(r"---[ \t]*\n(.*?)\n---[ \t]*(\n|$)", text, re.S)
-    return head[1] if head and re.search(r"^configs:", head[1], re.M) else None
+    return head[1] if head and re.search(rf"^{key}:", head[1], re.M) else None
+
+
+def _readme_labels(folder: Path, config: str | None) -> dict[str, list[str]]:
+    """column -> class names of the ``class_label`` features that a Hub dataset's README.md
+    ``dataset_info`` gives its config (``config``, else the only or "default" one), which
+    load_dataset(folder) casts every data file to (datasets 5.2: a JSONL's integers stay, its
+    names become their indices); {} without them, or without PyYAML."""
+    front = _readme_front(folder, "dataset_info")
+    try:
+        import yaml
+
+        info = yaml.safe_load(front)["dataset_info"] if front else None
+    except (ImportError, yaml.YAMLError, TypeError, KeyError):
+        return {}
+    if isinstance(info, list):  # one per config
+        named = {i.get("config_name", "default"): i for i in info if isinstance(i, dict)}
+        info = named.get(config or "default") or (info[0] if len(info) == 1 else None)
+    feats = info.get("features") if isinstance(info, dict) else None
+    out = {}
+    for f in feats if isinstance(feats, list) else []:
+        dtype = f.get("dtype") if isinstance(f, dict) else None
+        names = dtype.get("class_label", {}).get("names") if isinstance(dtype, dict) else None
+        if isinstance(names, dict):  # {'0': neg, '1': pos}, as push_to_hub writes them
+            with contextlib.suppress(ValueError, TypeError):
+                names = [names[k] for k in sorted(names, key=int)]
+        if isinstance(names, list):
+            out[str(f.get("name"))] = [str(n) for n in names]
+    return out
 
 
 def _readme_splits(folder: Path, config: str | None) -> dict[str, list[str]] | None:
@@ -317,8 +433,9 @@ def _split_files(files: list[str]) -> dict[str, list[str]]:
     return {"train": files}
 
 
-def items(path: Path) -> list[bytes]:
-    """The rows of a datasets folder path (``source``) as JSON lines."""
+def items(path: Path) -> Iterator[bytes]:
+    """The rows of a datasets folder path (``source``) as JSON lines, read as they are asked for
+    (what is wrong with the folder or split is raised at once)."""
     from ember.engine.datafiles import _json_line
 
     folder, split = source(path)
@@ -335,7 +452,7 @@ def items(path: Path) -> list[bytes]:
             raise EmberError(
                 f"{path}: {folder} is one saved Dataset, without splits: give the folder alone"
             )
-        rows = _saved_rows(folder)
+        rows = hfarrow.saved_rows(folder)
     elif split is None:
         raise EmberError(
             f"{folder}: a Hugging Face datasets folder with the splits "
@@ -352,10 +469,27 @@ def items(path: Path) -> list[bytes]:
                 f"{sub}: the DatasetDict's {split!r} folder has no state.json; "
                 "save the dataset again (save_to_disk)"
             )
-        rows = _saved_rows(sub)
+        rows = hfarrow.saved_rows(sub)
     else:
-        return _hub_rows(folder, _hub_splits(folder, config)[split])
-    return [_json_line(r, path, i) for i, r in enumerate(rows)]
+        files = _hub_splits(folder, config)[split]
+        _one_cache(folder, split, files)
+        return _hub_rows(folder, files)
+    return (_json_line(r, path, i) for i, r in enumerate(rows))
+
+
+def _one_cache(folder: Path, split: str, files: list[str]) -> None:
+    """An EmberError where a split's files lie in several datasets cache folders (a folder of
+    the datasets cache above them: ``json/`` holds a ``default-<hash>/0.0.0/<hash>/`` folder per
+    load_dataset call): load_dataset(folder) reads every one of them, each row once per copy."""
+    leaves = sorted({str(Path(f).parent) for f in files})
+    leaves = [d for d in leaves if (folder / d / "dataset_info.json").is_file()]
+    if len(leaves) > 1:
+        raise EmberError(
+            f"{folder}: its {split!r} files lie in {len(leaves)} datasets cache folders "
+            f"({', '.join(leaves[:3])}{', ...' * (len(leaves) > 3)}), each a dataset of its "
+            "own with its dataset_info.json (the datasets cache keeps one per load_dataset call: "
+            f'read together, each row once per copy): name one, e.g. "{folder / leaves[0]}:{split}"'
+        )
 
 
 def hub_files(path: Path) -> list[str]:
@@ -366,81 +500,95 @@ def hub_files(path: Path) -> list[str]:
         return []
     config, _, split = src[1].rpartition(":")
     with contextlib.suppress(EmberError):
-        return _hub_splits(src[0], config or None).get(split, [])
+        return list(_hub_splits(src[0], config or None).get(split, []))  # (a copy: one_walk)
     return []
 
 
-def _pyarrow(path: Path):
-    try:
-        import pyarrow as pa
-        import pyarrow.ipc  # noqa: F401
-    except ImportError:
-        raise EmberError(
-            f"{path}: reading a datasets folder needs pyarrow (pip install pyarrow), "
-            "or export it to JSONL (load_from_disk(FOLDER).to_json(...))"
-        ) from None
-    return pa
-
-
-def _arrow_table(path: Path):
-    pa = _pyarrow(path)
-    try:
-        with pa.memory_map(str(path)) as f:
-            try:
-                return pa.ipc.open_stream(f).read_all()
-            except pa.ArrowInvalid:  # an Arrow IPC file (random-access format) instead
-                f.seek(0)
-                return pa.ipc.open_file(f).read_all()
-    except Exception as e:  # pyarrow's errors have no common base worth naming
-        raise EmberError(f"{path}: not a readable Arrow file ({type(e).__name__}: {e})") from None
-
-
-def _saved_rows(folder: Path) -> list[dict]:
-    """The rows of a save_to_disk Dataset folder, shards in state.json's order."""
-    try:
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        shards = [folder / d["filename"] for d in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise EmberError(
-            f"{folder}/state.json: not a readable datasets state file ({type(e).__name__}: {e})"
-        ) from None
-    missing = [s.name for s in shards if not s.is_file()]
-    if missing:
-        raise EmberError(
-            f"{folder}: state.json lists {', '.join(missing)}, which is not there; "
-            "copy the whole folder"
-        )
-    pa = _pyarrow(folder)
-    tables = [_arrow_table(s) for s in shards]
-    if not tables:
-        return []
-    try:
-        table = pa.concat_tables(tables)
-    except pa.ArrowInvalid as e:
-        raise EmberError(f"{folder}: its shards' columns differ ({e})") from None
-    indices = state.get("_indices_data_files")
-    if indices:  # datasets 1.x: row i is table[indices[i]]
-        try:
-            idx = pa.concat_tables([_arrow_table(folder / d["filename"]) for d in indices])
-            table = table.take(idx.column(0))
-        except (KeyError, TypeError, IndexError, pa.ArrowException) as e:
-            raise EmberError(
-                f"{folder}: its indices mapping (_indices_data_files) cannot be "
-                f"applied ({type(e).__name__}: {e}); save the dataset again with "
-                "a recent datasets (save_to_disk writes the selected rows)"
-            ) from None
-    return table.to_pylist()
-
-
-def _hub_rows(folder: Path, files: list[str]) -> list[bytes]:
+def _hub_rows(folder: Path, files: list[str]) -> Iterator[bytes]:
     """The split's rows: each file's in order, files in sorted order; blank JSONL lines skipped,
     as datasets' JSON reader skips them."""
     from ember.engine.datafiles import open_data, table_items
 
-    out: list[bytes] = []
     for name in files:
         f_path = folder / name
         with open_data(f_path) as f:
             rows = table_items(f_path, f)
-            out += [r for r in (f if rows is None else rows) if r.strip()]
-    return out
+            yield from (r for r in (f if rows is None else rows) if r.strip())
+
+
+def class_names(paths, field: str) -> tuple[str, ...] | None:
+    """The class names of ``field`` where datasets stores it as a ``ClassLabel`` (integers with
+    names in its Arrow / Parquet files' features, or in a Hub folder README's ``dataset_info``,
+    which load_dataset casts its files to) in any of the data paths (``data.train``), in
+    their order, as transformers' run_classification takes them (``features[field].names``);
+    None where no path has one. Paths whose names differ are an EmberError: an index would mean
+    one class in one path and another in the next."""
+    found: dict[str, tuple[str, ...]] = {}
+    for p in paths:
+        with contextlib.suppress(EmberError):  # (reading the path reports what is wrong)
+            names = _readme_class_names(Path(p)).get(field)
+            file = None if names else _first_table_file(Path(p))
+            if file is not None:
+                names = hfarrow.labels_of(hfarrow.schema_of(file)).get(field)
+            if names:
+                found[str(p)] = tuple(names)
+    if len(set(found.values())) > 1:
+        raise EmberError(
+            f"the {field!r} classes differ between the datasets: "
+            + "; ".join(f"{p}: {list(n)}" for p, n in found.items())
+            + " (datasets ClassLabel names): the same index names a different class in each; "
+            "map them to one list (datasets' align_labels_with_mapping) and save them again"
+        )
+    return next(iter(found.values()), None)
+
+
+def class_remap(path, field: str, labels: tuple[str, ...]):
+    """A function mapping a row's ``field`` value to the index ``labels`` gives its class, where
+    the path's ``ClassLabel`` names are ``labels`` in another order (matched case-insensitively,
+    as transformers' run_glue maps a dataset's label indices to a model's label2id): a row's
+    integer is an index into the ClassLabel's names, not into ``labels``; else the identity
+    (other names: the indices are taken as they are, as before)."""
+    names = class_names([path], field)
+    low = {label.lower(): i for i, label in enumerate(labels)}
+    if (
+        not names
+        or list(names) == list(labels)
+        or len(low) != len(labels)
+        or sorted(n.lower() for n in names) != sorted(low)
+    ):
+        return lambda v: v
+    table = [low[n.lower()] for n in names]
+    return lambda v: (
+        table[v] if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(table) else v
+    )
+
+
+def _readme_class_names(path: Path) -> dict[str, list[str]]:
+    """``_readme_labels`` of a Hub-style folder's split (``"folder:split"``), {} for others."""
+    src = source(path)
+    if src is None or src[1] is None or kind(src[0]) != "hub":
+        return {}
+    config, _, _ = src[1].rpartition(":")
+    return _readme_labels(src[0], config or None)
+
+
+def _first_table_file(path: Path) -> Path | None:
+    """The first Arrow / Parquet file a data path reads (where datasets' features are), or
+    None (a JSONL, JSON or CSV file or split)."""
+    from ember.engine.datafiles import kind as suffix
+
+    src = source(path)
+    if src is None:
+        return path if path.suffix in (".arrow", ".parquet") and path.is_file() else None
+    folder, split = src
+    config, _, split = split.rpartition(":") if split else ("", "", None)
+    k = kind(folder)
+    if k == "dataset" and split is None:
+        files = hfarrow.state_shards(folder)[0]
+    elif k == "dict" and split is not None:
+        files = hfarrow.state_shards(folder / split)[0]
+    elif k == "hub" and split is not None:
+        files = [folder / f for f in _hub_splits(folder, config or None).get(split, [])]
+    else:
+        files = []
+    return next((f for f in files if suffix(f) in (".arrow", ".parquet")), None)

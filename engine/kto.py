@@ -300,6 +300,7 @@ class KTO(Referenced, SFT):
     def weight(self, batch) -> int:
         return batch.num_docs
 
+    @hfdatasets.one_walk()  # each datasets folder walked once for its splits and the test's
     def load_datasets(self, cfg: DataConfig, tokenizer) -> Datasets:
         cfg = hfdatasets.named_splits(cfg)  # data.test read here, not by load_datasets
         ds = load_datasets(replace(cfg, test=None), tokenizer, load_kto_examples)

@@ -95,6 +95,7 @@ def moved_task_file(path: str, out_dir: Path) -> str:
     return path
 
 
+@hfdatasets.one_walk()  # each datasets folder walked once for all its settings
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Decide every "auto" field (device, precision, model dtype, lr, task data paths); local
     paths become absolute (``absolute_paths``), a datasets folder's the split named like its

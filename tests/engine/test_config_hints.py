@@ -62,6 +62,9 @@ def test_a_data_file_or_model_given_as_the_config_says_where_it_goes(tmp_path):
     data.write_text('{"text": "hi"}\n')
     with pytest.raises(EmberError, match=r"is a data file, not a run config .*data.train = "):
         load_config(data)  # was "invalid TOML: Invalid statement (at line 1, column 1)"
+    (tmp_path / "json-train.arrow").write_bytes(b"\xff\xff\xff\xff")  # datasets' cache file
+    with pytest.raises(EmberError, match=r"is a data file, not a run config .*data.train = "):
+        load_config(tmp_path / "json-train.arrow")  # was "not valid UTF-8"
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
     with pytest.raises(EmberError, match=r"is a model, not a run config .*model.name = "):
