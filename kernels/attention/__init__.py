@@ -47,7 +47,7 @@ from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
 from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
-from ember.kernels.attention import _bwd, _fwd
+from ember.kernels.attention import _bwd, _fwd, _segments
 
 
 def _attend_ref(q, k, v, causal, scale, window, softcap, keep=None):
@@ -172,25 +172,38 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
         return _attend_ref(q, k, v, causal, scale, window, softcap)
     if _dispatch.no_host_values(cu_seqlens):
         return _packed_ref(q, k, v, cu_seqlens, causal, scale, window, softcap)
-    outs = []
     bounds = cu_seqlens.tolist()
-    if bounds[0] == 0 and bounds[-1] == q.shape[0]:
+    lens = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    # Short documents: a few segments in one masked batched matmul (_segments); longer ones:
+    # one SDPA call each. Outputs in SDPA's dtype (the autocast dtype under autocast).
+    segs, alone = _segments.plan_segments(lens)
+    dev = q.device.type
+    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+    outs, where = [], []
+    if segs:
+        out, idx = _segments.segment_attention(q, k, v, bounds, segs, causal=causal,
+                                               scale=scale, window=window, softcap=softcap)
+        outs.append(out.to(out_dtype))
+        where.append(idx)
+    if alone and bounds[0] == 0 and bounds[-1] == q.shape[0]:
         # One split per tensor: its backward is one concatenation, where a slice per document
         # would zero-fill and add a full-size gradient per document.
-        lens = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        docs = zip(*(t.split(lens) for t in (q, k, v)), strict=True)
+        pieces = list(zip(*(t.split(lens) for t in (q, k, v)), strict=True))
     else:
-        docs = ((q[a:b], k[a:b], v[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
-    for qd, kd, vd in docs:
-        if qd.shape[0]:
-            outs.append(flash_attention_ref(qd[None], kd[None], vd[None], causal=causal,
-                                            softmax_scale=scale, window=window,
-                                            softcap=softcap)[0])
-    if outs:
-        return torch.cat(outs, dim=0)
-    # No tokens: an empty output that is still part of the graph (a plain new_zeros made
-    # out.sum().backward() fail with "does not require grad"), as SDPA's is.
-    return q * 0.0 + (k.sum() + v.sum()) * 0.0
+        pieces = [(q[a:b], k[a:b], v[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    for i in alone:
+        qd, kd, vd = pieces[i]
+        outs.append(flash_attention_ref(qd[None], kd[None], vd[None], causal=causal,
+                                        softmax_scale=scale, window=window,
+                                        softcap=softcap)[0].to(out_dtype))
+        where.append(torch.arange(bounds[i], bounds[i + 1], device=q.device))
+    if not outs:
+        # No tokens: an empty output that is still part of the graph (a plain new_zeros made
+        # out.sum().backward() fail with "does not require grad"), as SDPA's is.
+        return q * 0.0 + (k.sum() + v.sum()) * 0.0
+    if not alone:  # segments keep the documents' order
+        return outs[0]
+    return torch.cat(outs)[torch.argsort(torch.cat(where))]  # back to document order
 
 
 def _as_int(max_seqlen) -> int:
