@@ -176,21 +176,21 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
     lens = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     # Short documents: a few segments in one masked batched matmul (_segments); longer ones:
     # one SDPA call each. Outputs in SDPA's dtype (the autocast dtype under autocast).
-    segs, alone = _segments.plan_segments(lens)
+    lay = _segments.layout(tuple(bounds), causal, window, q.device)
+    alone = lay.alone
     dev = q.device.type
     out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
     outs, where = [], []
-    if segs:
-        out, idx = _segments.segment_attention(q, k, v, bounds, segs, causal=causal,
-                                               scale=scale, window=window, softcap=softcap)
-        outs.append(out.to(out_dtype))
-        where.append(idx)
-    if alone and bounds[0] == 0 and bounds[-1] == q.shape[0]:
+    if lay.idx is not None:
+        outs.append(_segments.segment_attention(q, k, v, lay, scale=scale,
+                                                softcap=softcap).to(out_dtype))
+        where.append(lay.tokens)
+    if len(alone) > 1 and bounds[0] == 0 and bounds[-1] == q.shape[0]:
         # One split per tensor: its backward is one concatenation, where a slice per document
         # would zero-fill and add a full-size gradient per document.
-        pieces = list(zip(*(t.split(lens) for t in (q, k, v)), strict=True))
+        pieces = dict(enumerate(zip(*(t.split(lens) for t in (q, k, v)), strict=True)))
     else:
-        pieces = [(q[a:b], k[a:b], v[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        pieces = {i: tuple(t[bounds[i]:bounds[i + 1]] for t in (q, k, v)) for i in alone}
     for i in alone:
         qd, kd, vd = pieces[i]
         outs.append(flash_attention_ref(qd[None], kd[None], vd[None], causal=causal,
