@@ -63,7 +63,8 @@ NOT_FORWARD_SETTINGS: dict[str, tuple[str, ...]] = {
     "off in the reference's eval-mode forward": ("model.attention_dropout", "neftune_noise_alpha"),
     "the losses and training on top of the values": (
         "model.router_aux_loss_coef", "distill.teacher", "distill.temperature", "distill.alpha",
-        "dpo.beta", "dpo.loss_type", "dpo.label_smoothing", "dpo.sft_weight",
+        "dpo.beta", "dpo.loss_type", "dpo.loss_weights", "dpo.label_smoothing", "dpo.sft_weight",
+        "dpo.f_divergence_type", "dpo.f_alpha_divergence_coef", "dpo.discopop_tau",
         "dpo.precompute_ref_log_probs", "orpo.beta", "simpo.beta", "simpo.gamma",
         "simpo.label_smoothing", "simpo.sft_weight", "kto.beta", "kto.desirable_weight",
         "kto.undesirable_weight", "kto.loss_type", "kto.precompute_ref_log_probs", "head.type",

@@ -103,13 +103,14 @@ def test_dpo_loss_types_match_trl(loss_type, ls):
 
 @pytest.mark.parametrize("loss_type", ["hinge", "ipo"])
 def test_dpo_label_smoothing_on_hinge_or_ipo_is_refused(loss_type):
-    """Label smoothing means something for "sigmoid" (conservative DPO) and "robust" only: it is
-    refused elsewhere, in the config and in the pure loss, rather than ignored."""
+    """Label smoothing means something for "sigmoid" (conservative DPO), "robust", "exo_pair" and
+    the AOTs only: it is refused elsewhere, in the config and in the pure loss, rather than
+    ignored."""
     with pytest.raises(EmberError, match=rf"dpo\.label_smoothing applies to loss_type "
-                                         rf"\"sigmoid\" and \"robust\", not '{loss_type}'"):
+                                         rf"'sigmoid', 'robust', .*not '{loss_type}'"):
         load_config(None, [f'dpo.loss_type="{loss_type}"', "dpo.label_smoothing=0.1"])
     x = torch.zeros(3)
-    with pytest.raises(EmberError, match="label_smoothing applies to loss_type 'sigmoid' and"):
+    with pytest.raises(EmberError, match="label_smoothing applies to loss_type 'sigmoid', "):
         dpo_loss(x, x, x, x, 0.1, 0.1, loss_type, chosen_tokens=x + 1, rejected_tokens=x + 1)
 
 
@@ -193,6 +194,13 @@ CASES = {
     "dpo_robust": ('objective="dpo"', 'dpo.loss_type="robust"', "dpo.label_smoothing=0.2"),
     "dpo_hinge": ('objective="dpo"', 'dpo.loss_type="hinge"', "dpo.beta=2.0"),
     "dpo_ipo": ('objective="dpo"', 'dpo.loss_type="ipo"', "dpo.beta=0.5"),
+    # TRL 1.16's other loss types (their pure losses against TRL's numbers:
+    # test_dpo_loss_types.py), here the objective's wiring: weights, "sft", f-divergence, tau
+    "dpo_mpo": ('objective="dpo"', 'dpo.loss_type=["sigmoid", "bco_pair", "sft"]',
+                "dpo.loss_weights=[0.8, 0.2, 0.5]"),
+    "dpo_ipo_discopop_js": ('objective="dpo"', 'dpo.loss_type=["ipo", "discopop"]',
+                            "dpo.loss_weights=[0.3, 1.0]", "dpo.discopop_tau=0.2",
+                            'dpo.f_divergence_type="js_divergence"', "dpo.beta=0.5"),
     "orpo": ('objective="orpo"', "orpo.beta=0.3"),
     "simpo": ('objective="simpo"', "simpo.beta=2.5", "simpo.gamma=0.4",
               "simpo.label_smoothing=0.1", "simpo.sft_weight=0.6"),
@@ -227,9 +235,15 @@ def _trl_step(cfg, policy, reference, examples):
     if cfg.objective == "dpo":
         c = cfg.dpo
         ref_sums, _ = _alone(reference, examples)
-        losses, ch, rj = trl_dpo(sums[:P], sums[P:], ref_sums[:P], ref_sums[P:], c.beta,
-                                 c.label_smoothing, c.loss_type, counts[:P], counts[P:])
-        weight = c.sft_weight
+        if c.loss_type in ("sigmoid", "robust", "hinge", "ipo"):
+            losses, ch, rj = trl_dpo(sums[:P], sums[P:], ref_sums[:P], ref_sums[P:], c.beta,
+                                     c.label_smoothing, c.loss_type, counts[:P], counts[P:])
+        else:  # the pure loss, pinned to TRL 1.16's numbers in test_dpo_loss_types.py
+            losses, ch, rj = dpo_loss(
+                sums[:P], sums[P:], ref_sums[:P], ref_sums[P:], c.beta, c.label_smoothing,
+                c.loss_types, counts[:P], counts[P:], loss_weights=c.pair_weights,
+                f_divergence=c.f_divergence_type, discopop_tau=c.discopop_tau)
+        weight = c.nll_weight
     elif cfg.objective == "orpo":
         losses, ch, rj, _ = trl_orpo(means[:P], means[P:], cfg.orpo.beta)
         weight = 1.0
@@ -308,7 +322,7 @@ def test_orpo_nll_covers_the_chosen_prompt_as_trl(tiny, pref_batch, tmp_path):
 
 @pytest.mark.parametrize("sets,match", [
     (['dpo.loss_type="robust"'], r"dpo\.loss_type = \"robust\" needs dpo\.label_smoothing"),
-    (['dpo.loss_type="kto"'], r"dpo\.loss_type must be one of .*'ipo', got 'kto'"),
+    (['dpo.loss_type="kto"'], r"dpo\.loss_type must be one of .*'ipo', .*got 'kto'"),
     (["dpo.beta=-0.1"], r"dpo\.beta must be > 0"),
     (["dpo.sft_weight=-1"], r"dpo\.sft_weight must be >= 0"),
     (["orpo.beta=0"], r"orpo\.beta must be > 0"),
