@@ -47,6 +47,10 @@ argument clamped at 80, at 11 in fp16; a = 1 is reverse_kl). Only the loss types
 take one (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop; TRL refuses the rest).
 Several loss types with weights (MPO: TRL's ``loss_weights``) add up per pair. The rewards are
 always those of the summed log-probs, IPO's too (TRL logs ``beta * (pi - ref)`` for every loss).
+LD-DPO (``ld_token_weights``, TRL's ``ld_alpha``) sums each answer's tokens past the length the
+pair's answers share times alpha, in the policy's and the reference's log-probs (rewards and
+logps metrics too; the NLL term and the token counts stay plain). WPO (``wpo_pair_weights``,
+TRL's ``use_weighting``) multiplies each pair's loss by its weight, no gradient through it.
 
 ORPO (``orpo_loss``; Hong et al. 2024, TRL ``ORPOTrainer``) on per-token *mean* log-probs ``a``:
 ``log_odds(a) = a - log(1 - exp(a))``, loss ``-beta log s(log_odds(a_c) - log_odds(a_r))`` (beta
@@ -217,6 +221,38 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     if pair_weights is not None:
         total = total * pair_weights.detach()
     return PairLosses(total, beta * c.detach(), beta * r.detach())
+
+
+def ld_token_weights(doc: torch.Tensor, counts: torch.Tensor, alpha: float,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """LD-DPO's (Liu et al. 2024; TRL's ``ld_alpha``) weight of each answer token of a batch of
+    pairs: 1 for the first ``min(n_c, n_r)`` answer tokens of each document (the length the
+    pair's two answers share), ``alpha`` for the rest (the longer answer's excess). ``doc`` (N,)
+    is each token's document, in batch order (chosen, rejected, chosen, ...: each document's
+    tokens contiguous); ``counts`` (num_docs,) the answer tokens of each."""
+    if not 0 <= alpha <= 1:
+        raise EmberError(f"dpo ld_alpha must be in [0, 1], got {alpha}")
+    n = counts.long()
+    if n.numel() % 2:
+        raise EmberError(f"ld_token_weights: {n.numel()} documents are not pairs")
+    rank = torch.arange(doc.numel(), device=doc.device) - (n.cumsum(0) - n)[doc]
+    shared = torch.minimum(n[0::2], n[1::2]).repeat_interleave(2)
+    one = torch.ones(doc.numel(), dtype=dtype, device=doc.device)
+    return torch.where(rank < shared[doc], one, one * alpha)
+
+
+def wpo_pair_weights(tokens: torch.Tensor, log_sum_sq: torch.Tensor, doc: torch.Tensor,
+                     num_docs: int) -> torch.Tensor:
+    """WPO's (Zhou et al. 2024, eq. 2; TRL's ``use_weighting``) weight of each pair (P,), no
+    gradient: ``w = exp(mean over the answer's tokens of (log p - log sum_v p_v^2))`` per
+    document, the pair's the product of its two answers'. ``tokens``, ``log_sum_sq``, ``doc``
+    (N,): the policy's per-token log-probs, ``log sum_v p_v^2`` and document, as
+    ``TokenLogprobs``."""
+    aligned = tokens.detach() - log_sum_sq
+    sums = aligned.new_zeros(num_docs).index_add(0, doc, aligned)
+    counts = torch.bincount(doc, minlength=num_docs).clamp(min=1).to(sums.dtype)
+    w = torch.exp(sums / counts)
+    return w[0::2] * w[1::2]
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -45,8 +45,10 @@ from ember.engine.distributed import DistInfo, build_device, release, shard_froz
 from ember.engine.evaluation import eval_plan, scored_batches
 from ember.engine.losses import (
     DocLogprobs,
+    TokenLogprobs,
     adapters_disabled,
     answer_counts,
+    answer_token_logprobs,
     doc_logprobs,
     doc_logprobs_prompt_nll,
     prompt_positions,
@@ -59,9 +61,11 @@ from ember.engine.preference_losses import (
     SMOOTHED,
     PairLosses,
     dpo_loss,
+    ld_token_weights,
     orpo_log_odds,
     orpo_loss,
     simpo_loss,
+    wpo_pair_weights,
 )
 from ember.engine.reference_cache import (
     cache_key,
@@ -111,6 +115,13 @@ class DPOConfig:
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5  # alpha of f_divergence_type = "alpha_divergence"
     discopop_tau: float = 0.05  # loss_type "discopop"'s temperature (the paper's 0.05)
+    # LD-DPO: each answer's tokens past the length the pair's two answers share count times
+    # ld_alpha in [0, 1] in the policy's and the reference's log-probs (TRL's ld_alpha; unset:
+    # every token counts fully, as 1)
+    ld_alpha: float | None = None
+    # WPO: weigh each pair's loss by exp(mean(log p - log sum p^2)) of its two answers under the
+    # policy (TRL's use_weighting)
+    use_weighting: bool = False
     # Score every pair with the reference once, before training (eval mode), instead of one
     # reference forward per micro-batch: fewer forwards from the second epoch on, and a full
     # fine-tune's frozen copy is freed for the run (TRL's precompute_ref_log_probs)
@@ -174,6 +185,17 @@ class DPOConfig:
                              f"{self.f_alpha_divergence_coef}")
         if not self.discopop_tau > 0:
             raise EmberError(f"dpo.discopop_tau must be > 0, got {self.discopop_tau}")
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            raise EmberError(f"dpo.ld_alpha must be in [0, 1] (1: every token counts fully, 0: "
+                             f"none past the shared length), got {self.ld_alpha}")
+        if self.use_weighting and set(pair) & {"aot", "aot_unpaired"}:
+            raise EmberError("dpo.use_weighting with loss_type \"aot\" / \"aot_unpaired\": "
+                             "their losses sort the batch's pairs, so no loss belongs to one "
+                             "pair to weigh (TRL refuses it too)")
+        if self.use_weighting and self.nll_weight:
+            raise EmberError("dpo.use_weighting with an NLL term (loss_type \"sft\" or "
+                             "sft_weight): TRL 1.16 fails on it (it scales its expanded sft loss "
+                             "in place), so there is no reference to follow; drop one")
 
     @property
     def loss_types(self) -> tuple[str, ...]:
@@ -373,6 +395,10 @@ class Referenced:
             return adapters_swapped(model, self.ref_adapters)
         return adapters_disabled(model)
 
+    def _scored(self, model, batch) -> DocLogprobs:
+        """The log-probs a reference forward gives (DPO's LD-DPO weighs them)."""
+        return doc_logprobs(model, batch)
+
     def needs_live_reference(self) -> bool:
         """Whether batches that carry no precomputed log-probs are scored during training."""
         return False
@@ -381,7 +407,8 @@ class Referenced:
                 prints: dict[str, str] | None = None) -> None:
         """``precompute_ref_log_probs``: one pass of the reference (eval mode, no gradients) over
         the training and validation examples before the first step, each document's summed answer
-        log-prob kept on its example (``Example.ref_logps``, carried into ``Batch.ref_sums``), so
+        log-prob (``_scored``'s: LD-DPO's weighted sum) kept on its example (``Example.ref_logps``,
+        carried into ``Batch.ref_sums``), so
         the steps and evaluations run no reference forward; a full fine-tune's frozen copy is then
         released unless live scoring still needs it (KTO's mismatched KL documents). With
         ``prints`` (the reference's weight fingerprints by role) the values are saved in the run
@@ -427,7 +454,7 @@ class Referenced:
             raise EmberError(f"internal: a {self.name} batch has no precomputed reference "
                              "log-probs and the reference model was released")
         with torch.no_grad(), self.reference(model) as ref:
-            lp = doc_logprobs(ref, batch)
+            lp = self._scored(ref, batch)
         if self.ref_model is not None:
             release(self.ref_model)
         return lp
@@ -457,16 +484,40 @@ class DPO(Referenced, _Pairs):
         self.cfg = cfg.dpo
         self._init_reference(cfg, info, cfg.dpo.precompute_ref_log_probs)
 
+    def _scored(self, model, batch) -> DocLogprobs:
+        """``doc_logprobs`` of the batch, with ``ld_alpha`` (LD-DPO) the weighted sums."""
+        if self.cfg.ld_alpha is None:
+            return doc_logprobs(model, batch)
+        tok = answer_token_logprobs(model, batch)
+        return tok.doc_logprobs(self._ld_weights(tok))
+
+    def _ld_weights(self, tok: TokenLogprobs) -> torch.Tensor:
+        counts = torch.bincount(tok.doc, minlength=tok.num_docs)
+        return ld_token_weights(tok.doc, counts, self.cfg.ld_alpha, tok.logps.dtype)
+
     def _pair_losses(self, model, batch):
         ref_lp = self.ref_logprobs(model, batch)
-        lp = doc_logprobs(model, batch)  # (2 * pairs,): chosen, rejected, chosen, ...
-        c = self.cfg
-        pol, ref, n = lp.sums, ref_lp.sums, lp.counts
+        c, extra, weights = self.cfg, {}, None
+        if c.ld_alpha is None and not c.use_weighting:
+            lp = doc_logprobs(model, batch)  # (2 * pairs,): chosen, rejected, chosen, ...
+            pol = lp.sums
+        else:
+            tok = answer_token_logprobs(model, batch, log_sum_sq=c.use_weighting)
+            lp = tok.doc_logprobs()  # the plain sums: the NLL term's (TRL's sft loss too)
+            pol = lp.sums
+            if c.ld_alpha is not None:  # TRL's logps/* are LD's weighted sums
+                pol = tok.doc_logprobs(self._ld_weights(tok)).sums
+                extra = {"chosen_logps": float(pol[0::2].detach().sum()),
+                         "rejected_logps": float(pol[1::2].detach().sum())}
+            if c.use_weighting:
+                weights = wpo_pair_weights(tok.logps, tok.log_sum_sq, tok.doc, tok.num_docs)
+        ref, n = ref_lp.sums, lp.counts
         out = dpo_loss(pol[0::2], pol[1::2], ref[0::2], ref[1::2], c.beta, c.label_smoothing,
                        c.loss_types, chosen_tokens=n[0::2], rejected_tokens=n[1::2],
                        loss_weights=c.pair_weights, f_divergence=c.f_divergence_type,
-                       f_alpha=c.f_alpha_divergence_coef, discopop_tau=c.discopop_tau)
-        return out, lp, {}
+                       f_alpha=c.f_alpha_divergence_coef, discopop_tau=c.discopop_tau,
+                       pair_weights=weights)
+        return out, lp, extra
 
 
 class ORPO(_Pairs):

@@ -8,16 +8,27 @@ the DPOConfig fields of each case (TRL's names: ``loss_type``, ``beta``, ``label
 ``tau``, ``loss_weights`` ``weights``, ``ld_alpha`` ``ld``, ``use_weighting`` ``wpo``), the
 returned loss back-propagated to the per-token log-probs. Kept: the loss, the gradient of each
 answer's tokens (one value per answer where every token gets the same; each token's with
-``ld``), and the logged ``logps/chosen``, ``logps/rejected``. The tests need no TRL."""
+``ld``), and the logged ``logps/chosen``, ``logps/rejected``. The tests need no TRL. On a real
+model: the DPO objective with LD-DPO / WPO against those definitions on each document's full
+logits alone (the reference live and precomputed)."""
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from ember import EmberError
+from ember.engine import preference_objectives
 from ember.engine.config import load_config
-from ember.engine.preference_losses import dpo_loss
+from ember.engine.data import IGNORE, DataConfig, collate, load_examples
+from ember.engine.distributed import DistInfo
+from ember.engine.objectives import make_objective
+from ember.engine.preference_losses import dpo_loss, ld_token_weights, wpo_pair_weights
+from ember.models.loading import load_pretrained
+from ember.models.lora import LoRAConfig, apply_lora
+from tests.engine._tiny import tiny_config
 
 NC, NR = [3, 5, 2, 4], [4, 2, 2, 6]  # answer tokens: the chosen, then the rejected answers
 LENGTHS = NC + NR
@@ -231,6 +242,57 @@ def test_dpo_loss_types_match_trl_1_16(case):
     torch.testing.assert_close(out.chosen, kw["beta"] * (sums[:4] - ref[:4]).detach())
 
 
+PACKED = [0, 4, 1, 5, 2, 6, 3, 7]  # Ember's batch order: chosen 0, rejected 0, chosen 1, ...
+
+
+@pytest.mark.parametrize("case", ["ld_sigmoid", "ld_ipo", "wpo_sigmoid"])
+def test_ld_dpo_and_wpo_match_trl_1_16(case):
+    """LD-DPO's weighted sums (policy and reference) and WPO's pair weights on per-token
+    log-probs in Ember's packed order: TRL's loss, its gradient w.r.t. every answer token's
+    log-prob, and its logps/* (LD's weighted sums)."""
+    kw, loss, chosen_logps, rejected_logps, grads = TRL_1_16[case]
+    pol, ref, lss = (torch.cat([tokens(k)[i] for i in PACKED]) for k in ("pol", "ref", "lss"))
+    pol.requires_grad_()
+    counts = torch.tensor([LENGTHS[i] for i in PACKED])
+    doc = torch.repeat_interleave(torch.arange(8), counts)
+    w = None if kw.get("ld") is None else ld_token_weights(doc, counts, kw["ld"], torch.float64)
+    p = torch.zeros(8, dtype=torch.float64).index_add(0, doc, pol if w is None else pol * w)
+    r = torch.zeros(8, dtype=torch.float64).index_add(0, doc, ref if w is None else ref * w)
+    pw = wpo_pair_weights(pol, lss, doc, 8) if kw.get("wpo") else None
+    n = counts.double()
+    out = dpo_loss(
+        p[0::2],
+        p[1::2],
+        r[0::2],
+        r[1::2],
+        chosen_tokens=n[0::2],
+        rejected_tokens=n[1::2],
+        pair_weights=pw,
+        **_ember_args(kw),
+    )
+    nll = -torch.zeros(8, dtype=torch.float64).index_add(0, doc, pol)[0::2].sum() / n[0::2].sum()
+    got = out.losses.mean() + _sft_weight(kw) * nll  # the NLL of the plain log-probs, as TRL
+    torch.testing.assert_close(got, torch.tensor(loss, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+    got.backward()
+    want = (
+        grads
+        if kw.get("ld") is not None
+        else [[g] * n for g, n in zip(grads, LENGTHS, strict=True)]
+    )
+    want = torch.tensor([x for i in PACKED for x in want[i]], dtype=torch.float64)
+    torch.testing.assert_close(pol.grad, want, rtol=1e-10, atol=1e-12)
+    assert float(p[0::2].detach().mean()) == pytest.approx(chosen_logps, rel=1e-12)
+    assert float(p[1::2].detach().mean()) == pytest.approx(rejected_logps, rel=1e-12)
+
+
+def test_ld_weights_count_the_shared_length_fully():
+    doc = torch.repeat_interleave(torch.arange(4), torch.tensor([3, 5, 2, 2]))
+    w = ld_token_weights(doc, torch.tensor([3, 5, 2, 2]), 0.25)
+    assert w.tolist() == [1, 1, 1] + [1, 1, 1, 0.25, 0.25] + [1, 1] + [1, 1]
+    with pytest.raises(EmberError, match=r"dpo ld_alpha must be in \[0, 1\], got 1\.5"):
+        ld_token_weights(doc, torch.tensor([3, 5, 2, 2]), 1.5)
+
+
 def test_aot_sorts_within_the_batch():
     """AOT pairs the k-th smallest policy margin with the k-th smallest reference margin: the
     pairs' order does not change the loss, and with one pair it is the sigmoid loss."""
@@ -281,6 +343,16 @@ def test_aot_sorts_within_the_batch():
         (["dpo.loss_type=[]"], r"dpo\.loss_type must name at least one loss type"),
         (['dpo.loss_type="simpo"'], r"dpo\.loss_type must be one of .*'sft' \(or a list"),
         (["dpo.discopop_tau=0"], r"dpo\.discopop_tau must be > 0"),
+        (["dpo.ld_alpha=-0.1"], r"dpo\.ld_alpha must be in \[0, 1\]"),
+        (
+            ['dpo.loss_type="aot"', "dpo.use_weighting=true"],
+            r"use_weighting with loss_type \"aot\" / \"aot_unpaired\".*TRL refuses it too",
+        ),
+        (
+            ['dpo.loss_type=["sigmoid", "sft"]', "dpo.use_weighting=true"],
+            r"use_weighting with an NLL term .*TRL 1\.16 fails on it",
+        ),
+        (["dpo.sft_weight=1", "dpo.use_weighting=true"], r"use_weighting with an NLL term"),
     ],
 )
 def test_bad_dpo_loss_configs(sets, match):
@@ -309,12 +381,127 @@ def test_mpo_config_splits_the_nll_term():
 def test_unused_dpo_knobs_are_reported():
     from ember.engine.config_doc import unused_settings
 
-    cfg = load_config(None, ['objective="dpo"', "dpo.f_alpha_divergence_coef=0.3",
-                             "dpo.discopop_tau=0.2"])
+    cfg = load_config(
+        None, ['objective="dpo"', "dpo.f_alpha_divergence_coef=0.3", "dpo.discopop_tau=0.2"]
+    )
     assert unused_settings(cfg) == [
-        'dpo.f_alpha_divergence_coef ignored: it applies to dpo.f_divergence_type = '
-        '"alpha_divergence"', 'dpo.discopop_tau ignored: it applies to dpo.loss_type "discopop"']
-    cfg = load_config(None, ['objective="dpo"', 'dpo.f_divergence_type="alpha_divergence"',
-                             "dpo.f_alpha_divergence_coef=0.3", 'dpo.loss_type="discopop"',
-                             "dpo.discopop_tau=0.2"])
+        "dpo.f_alpha_divergence_coef ignored: it applies to dpo.f_divergence_type = "
+        '"alpha_divergence"',
+        'dpo.discopop_tau ignored: it applies to dpo.loss_type "discopop"',
+    ]
+    cfg = load_config(
+        None,
+        [
+            'objective="dpo"',
+            'dpo.f_divergence_type="alpha_divergence"',
+            "dpo.f_alpha_divergence_coef=0.3",
+            'dpo.loss_type="discopop"',
+            "dpo.discopop_tau=0.2",
+        ],
+    )
     assert unused_settings(cfg) == []
+
+
+# --- on a real model ----------------------------------------------------------------------------
+
+
+def _tokens_alone(model, examples):
+    """Per document in batch order (chosen 0, rejected 0, chosen 1, ...), from its full logits
+    alone (float64): each answer token's log p(label) and log sum_v p_v^2."""
+    lps, lss = [], []
+    for e in examples:
+        start = 0
+        for n in e.parts:
+            ids = torch.tensor([e.input_ids[start : start + n]])
+            labels = torch.tensor(e.labels[start : start + n])
+            logp = torch.log_softmax(model(ids)[0].double(), -1)  # (n, V)
+            keep = labels != IGNORE
+            lps.append(logp[keep].gather(1, labels[keep, None]).squeeze(1))
+            lss.append(torch.logsumexp(2 * logp[keep], -1))
+            start += n
+    return lps, lss
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ("dpo.ld_alpha=0.3", "dpo.sft_weight=0.5"),
+        ("dpo.use_weighting=true", 'dpo.loss_type="ipo"'),
+        ("dpo.ld_alpha=0", "dpo.use_weighting=true", 'dpo.loss_type=["sigmoid", "apo_zero"]'),
+    ],
+)
+def test_ld_dpo_and_wpo_objective_on_a_batch(tiny, prefs, tmp_path, sets):
+    """The DPO objective with ld_alpha / use_weighting on a real batch (one micro-batch, and
+    the same step as two; the reference live, then precomputed) against TRL's definitions on
+    each document's full logits alone: LD's weights from the pair's shared answer length,
+    WPO's from the policy's per-token log p and log sum p^2, the NLL of the plain log-probs."""
+    base, tok = load_pretrained(tiny["model"], "float32")
+    examples = load_examples(prefs, DataConfig(), tok)[0][:5]
+    cfg = tiny_config(tiny, tmp_path, 'objective="dpo"', "dpo.beta=0.5", *sets)
+    c = cfg.dpo
+    model, _ = load_pretrained(tiny["model"], "float32")
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy away from its reference (the base model)
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.2)
+    obj = make_objective(cfg, DistInfo())
+    obj.check_model(model, None)
+    with torch.no_grad():
+        pol, lss = _tokens_alone(model, examples)
+        ref, _ = _tokens_alone(base, examples)
+    counts = torch.tensor([len(x) for x in pol])
+    n = counts.double()
+    shared = torch.minimum(counts[0::2], counts[1::2]).repeat_interleave(2)
+    alpha = 1.0 if c.ld_alpha is None else c.ld_alpha
+
+    def ld(rows):  # LD-DPO's sums, written out
+        return torch.stack(
+            [x[:m].sum() + alpha * x[m:].sum() for x, m in zip(rows, shared, strict=True)]
+        )
+
+    ps, rs = ld(pol), ld(ref)
+    pw = None
+    if c.use_weighting:
+        w = torch.stack([torch.exp((x - q).mean()) for x, q in zip(pol, lss, strict=True)])
+        pw = w[0::2] * w[1::2]
+    out = dpo_loss(
+        ps[0::2],
+        ps[1::2],
+        rs[0::2],
+        rs[1::2],
+        c.beta,
+        c.label_smoothing,
+        c.loss_types,
+        n[0::2],
+        n[1::2],
+        loss_weights=c.pair_weights,
+        pair_weights=pw,
+    )
+    nll = -torch.stack([x.sum() for x in pol[0::2]]).sum() / n[0::2].sum()
+    want = out.losses.mean() + c.nll_weight * nll
+    for pre in (False, True):
+        if pre:  # the reference's values precomputed onto the examples (LD's weighted sums)
+            for e in examples:
+                e.ref_logps = None
+            preference_objectives.attach_ref_logps(
+                examples,
+                lambda b: obj.ref_logprobs(model, b),
+                model,
+                128,
+                "cpu",
+                nullcontext,
+                DistInfo(),
+            )
+            assert [x for e in examples for x in e.ref_logps] == pytest.approx(
+                rs.tolist(), abs=2e-5
+            )
+        for micro in ([collate(examples)], [collate(examples[:3]), collate(examples[3:])]):
+            assert (micro[0].ref_sums is not None) == pre
+            obj.begin_step(micro, lambda xs: xs)
+            total = sum(obj.loss(model, b, 5) for b in micro)
+            torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=1e-5)
+            got = obj.step_metrics(lambda xs: xs)
+            assert got["chosen_logps"] == pytest.approx(float(ps[0::2].mean()), rel=1e-5)
+            assert got["nll_loss"] == pytest.approx(float(nll), rel=1e-5)
