@@ -28,7 +28,7 @@ from ember.engine.objectives import make_objective
 from ember.engine.preference_losses import dpo_loss, ld_token_weights, wpo_pair_weights
 from ember.models.loading import load_pretrained
 from ember.models.lora import LoRAConfig, apply_lora
-from tests.engine._tiny import tiny_config
+from tests.engine._tiny import WORDS, tiny_config, write_jsonl
 
 NC, NR = [3, 5, 2, 4], [4, 2, 2, 6]  # answer tokens: the chosen, then the rejected answers
 LENGTHS = NC + NR
@@ -430,13 +430,21 @@ def _tokens_alone(model, examples):
         ("dpo.ld_alpha=0", "dpo.use_weighting=true", 'dpo.loss_type=["sigmoid", "apo_zero"]'),
     ],
 )
-def test_ld_dpo_and_wpo_objective_on_a_batch(tiny, prefs, tmp_path, sets):
+def test_ld_dpo_and_wpo_objective_on_a_batch(tiny, tmp_path, sets):
     """The DPO objective with ld_alpha / use_weighting on a real batch (one micro-batch, and
     the same step as two; the reference live, then precomputed) against TRL's definitions on
     each document's full logits alone: LD's weights from the pair's shared answer length,
     WPO's from the policy's per-token log p and log sum p^2, the NLL of the plain log-probs."""
     base, tok = load_pretrained(tiny["model"], "float32")
-    examples = load_examples(prefs, DataConfig(), tok)[0][:5]
+    rows = [  # answers of different lengths: LD-DPO weighs the longer one's excess
+        {
+            "prompt": f"say {' '.join(WORDS[i : i + 3])} ->",
+            "chosen": " " + " ".join(WORDS[:nc]),
+            "rejected": " " + " ".join(WORDS[-nr:]),
+        }
+        for i, (nc, nr) in enumerate([(1, 4), (3, 1), (2, 2), (5, 2), (1, 3)])
+    ]
+    examples = load_examples(write_jsonl(tmp_path / "pairs.jsonl", rows), DataConfig(), tok)[0]
     cfg = tiny_config(tiny, tmp_path, 'objective="dpo"', "dpo.beta=0.5", *sets)
     c = cfg.dpo
     model, _ = load_pretrained(tiny["model"], "float32")
@@ -452,6 +460,7 @@ def test_ld_dpo_and_wpo_objective_on_a_batch(tiny, prefs, tmp_path, sets):
         pol, lss = _tokens_alone(model, examples)
         ref, _ = _tokens_alone(base, examples)
     counts = torch.tensor([len(x) for x in pol])
+    assert (counts[0::2] != counts[1::2]).sum() >= 3
     n = counts.double()
     shared = torch.minimum(counts[0::2], counts[1::2]).repeat_interleave(2)
     alpha = 1.0 if c.ld_alpha is None else c.ld_alpha
