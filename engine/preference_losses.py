@@ -61,7 +61,9 @@ gradients (TRL 1.16 branches the same way but is -inf at a = 0; TRL 0.x wrote ``
 SimPO (``simpo_loss``; Meng et al. 2024, TRL ``CPOTrainer`` ``loss_type="simpo"``) on mean
 log-probs: ``x = beta (a_c - a_r) - gamma``, loss ``-(1 - e) log s(x) - e log s(-x)``, rewards
 ``beta * a``. ``gamma`` is TRL's ``simpo_gamma`` (the target margin; SimPO's own code writes it
-as ``gamma_beta_ratio = gamma / beta``).
+as ``gamma_beta_ratio = gamma / beta``). AlphaPO (Gupta et al. 2025; TRL ``CPOConfig.alpha``):
+with ``alpha`` != 0 each ``a`` is first replaced by ``(1 - p^-alpha) / alpha`` with ``p = exp(a)``,
+in the margin and the rewards (alpha -> 0 gives ``a`` back).
 
 KTO (``kto_loss``; Ethayarajh et al. 2024, TRL ``KTOTrainer``) on unpaired completions, each
 desirable or not, with summed log-probs: ``r = pi - ref``, ``z = max(KL, 0)`` (detached; the
@@ -282,12 +284,17 @@ def orpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, beta: floa
 
 
 def simpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, beta: float = 2.0,
-               gamma: float = 0.5, label_smoothing: float = 0.0) -> PairLosses:
-    """SimPO's per-pair losses and rewards from per-token mean log-probs."""
+               gamma: float = 0.5, label_smoothing: float = 0.0, alpha: float = 0.0
+               ) -> PairLosses:
+    """SimPO's (with ``alpha`` != 0 AlphaPO's) per-pair losses and rewards from per-token mean
+    log-probs."""
     if not beta > 0:
         raise EmberError(f"simpo beta must be > 0, got {beta}")
     if not 0 <= label_smoothing < 0.5:
         raise EmberError(f"simpo label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if alpha:  # (1 - exp(a)^-alpha) / alpha, by expm1: exact as alpha a -> 0
+        chosen_mean = -torch.expm1(-alpha * chosen_mean) / alpha
+        rejected_mean = -torch.expm1(-alpha * rejected_mean) / alpha
     losses = _smoothed(beta * (chosen_mean - rejected_mean) - gamma, label_smoothing)
     return PairLosses(losses, beta * chosen_mean.detach(), beta * rejected_mean.detach())
 

@@ -235,11 +235,16 @@ class SimPOConfig:
     gamma: float = 0.5  # target margin (TRL's simpo_gamma; SimPO's gamma_beta_ratio = gamma/beta)
     label_smoothing: float = 0.0
     sft_weight: float = 0.0  # CPO's NLL term (TRL's cpo_alpha; TRL's default 1.0, SimPO's 0)
+    # AlphaPO: != 0 scores each answer (1 - p^-alpha) / alpha, p its per-token mean probability,
+    # in place of log p (TRL's CPOConfig alpha; 0: SimPO)
+    alpha: float = 0.0
 
     def __post_init__(self) -> None:
         _check("simpo", self.beta, self.label_smoothing, self.sft_weight)
         if not self.gamma >= 0:
             raise EmberError(f"simpo.gamma must be >= 0, got {self.gamma}")
+        if not math.isfinite(self.alpha):
+            raise EmberError(f"simpo.alpha must be finite, got {self.alpha}")
 
 
 class _Pairs(SFT):
@@ -551,7 +556,7 @@ class SimPO(_Pairs):
     def _pair_losses(self, model, batch):
         lp = doc_logprobs(model, batch)
         a, c = lp.means, self.cfg
-        return simpo_loss(a[0::2], a[1::2], c.beta, c.gamma, c.label_smoothing), lp, {}
+        return simpo_loss(a[0::2], a[1::2], c.beta, c.gamma, c.label_smoothing, c.alpha), lp, {}
 
 
 PREFERENCE = {"dpo": DPO, "orpo": ORPO, "simpo": SimPO}
