@@ -413,11 +413,11 @@ class Referenced:
         """``precompute_ref_log_probs``: one pass of the reference (eval mode, no gradients) over
         the training and validation examples before the first step, each document's summed answer
         log-prob (``_scored``'s: LD-DPO's weighted sum) kept on its example (``Example.ref_logps``,
-        carried into ``Batch.ref_sums``), so
-        the steps and evaluations run no reference forward; a full fine-tune's frozen copy is then
-        released unless live scoring still needs it (KTO's mismatched KL documents). With
-        ``prints`` (the reference's weight fingerprints by role) the values are saved in the run
-        directory and a resume under the same key loads them (``engine/reference_cache.py``)."""
+        carried into ``Batch.ref_sums``), so the steps and evaluations run no reference forward;
+        a full fine-tune's frozen copy is then released unless live scoring still needs it (KTO's
+        mismatched KL documents). With ``prints`` (the reference's weight fingerprints by role)
+        the values are saved in the run directory and a resume under the same key loads them
+        (``engine/reference_cache.py``)."""
         if not self.precompute:
             return
         t0 = time.perf_counter()
