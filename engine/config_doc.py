@@ -163,6 +163,11 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
         if cfg.objective != section:
             note(section, given(section), f'they apply to objective = "{section}", this run\'s '
                  f'objective is "{cfg.objective}"')
+    if cfg.objective == "dpo" and cfg.dpo.f_divergence_type != "alpha_divergence":
+        note("dpo", given("dpo", ("f_alpha_divergence_coef",)),
+             'it applies to dpo.f_divergence_type = "alpha_divergence"')
+    if cfg.objective == "dpo" and "discopop" not in cfg.dpo.loss_types:
+        note("dpo", given("dpo", ("discopop_tau",)), 'it applies to dpo.loss_type "discopop"')
     if cfg.head.type is None:
         note("head", given("head", ("labels", "label_field", "center_rewards_coefficient")),
              'they apply to a task head ([head] type = "classification", "reward" or '

@@ -243,6 +243,46 @@ def _doc_logprobs(model, batch, prompt_docs: torch.Tensor | None
     return DocLogprobs(sums, counts), -token_lp[idx.numel():].sum(), rows.numel() - idx.numel()
 
 
+class TokenLogprobs(NamedTuple):
+    """The answer tokens of a packed batch, in batch order: log p(label) of each (N,), the
+    document of each (N,), the batch's documents, and (``answer_token_logprobs(...,
+    log_sum_sq=True)``) ``log sum_v p_v^2`` of each one's next-token distribution (N,), no
+    gradient (WPO's alignment term, TRL's ``log_sum_sq_probs``)."""
+
+    logps: torch.Tensor
+    doc: torch.Tensor
+    num_docs: int
+    log_sum_sq: torch.Tensor | None = None
+
+    def doc_logprobs(self, weights: torch.Tensor | None = None) -> DocLogprobs:
+        """Per document the summed log-probs (each token times ``weights`` (N,) if given) and
+        the answer token count (unweighted)."""
+        lp = self.logps if weights is None else self.logps * weights
+        sums = lp.new_zeros(self.num_docs).index_add(0, self.doc, lp)
+        return DocLogprobs(sums, torch.bincount(self.doc, minlength=self.num_docs).to(sums.dtype))
+
+
+def answer_token_logprobs(model, batch, log_sum_sq: bool = False,
+                          chunk: int = 256) -> TokenLogprobs:
+    """``doc_logprobs``'s per-token values, from one forward whose head runs on the answer tokens
+    only; with ``log_sum_sq`` also ``log sum_v p_v^2`` per answer token, from the logits (after
+    the final softcap) of ``chunk`` tokens at a time, without gradients."""
+    idx, doc = _answer_docs(batch)
+    labels = batch.labels.reshape(-1).index_select(0, idx)
+    h = _hidden(model, batch).index_select(0, idx)
+    token_lp = -linear_cross_entropy(*_head(model, h), labels, bias=_head_bias(model, h),
+                                     reduction="none", softcap=model.cfg.final_softcap)  # (N,)
+    lss = None
+    if log_sum_sq:
+        with torch.no_grad():
+            parts = []
+            for x in h.detach().split(chunk):
+                z = model.logits(x).float()  # (n, V)
+                parts.append(torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1))
+            lss = torch.cat(parts) if parts else token_lp.detach().new_zeros(0)
+    return TokenLogprobs(token_lp, doc, batch.cu_seqlens.numel() - 1, lss)
+
+
 def sequence_logprobs(model, batch) -> torch.Tensor:
     """Sum of log p(label) over each document's answer tokens: (num_docs,) fp32."""
     return doc_logprobs(model, batch).sums

@@ -5,7 +5,8 @@ documents side by side in one packed batch; the losses are in ``engine/preferenc
 ``"dpo"``    against a reference: the starting model, i.e. the same model with its LoRA adapters
              switched off; with full fine-tuning a frozen copy of the starting weights; after
              ``model.init`` the earlier stage's result (a continued adapter: its loaded weights
-             swapped in; ``engine/stages.py``). ``[dpo] loss_type``: sigmoid, robust, hinge, ipo.
+             swapped in; ``engine/stages.py``). ``[dpo] loss_type``: TRL 1.16's (sigmoid,
+             ipo, bco_pair, ...; lists of them with weights: MPO).
 ``"orpo"``   reference-free: NLL of the chosen answers + the odds-ratio term (``[orpo]``).
 ``"simpo"``  reference-free: the length-normalized margin with a target gap (``[simpo]``).
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,8 +45,10 @@ from ember.engine.distributed import DistInfo, build_device, release, shard_froz
 from ember.engine.evaluation import eval_plan, scored_batches
 from ember.engine.losses import (
     DocLogprobs,
+    TokenLogprobs,
     adapters_disabled,
     answer_counts,
+    answer_token_logprobs,
     doc_logprobs,
     doc_logprobs_prompt_nll,
     prompt_positions,
@@ -52,11 +56,16 @@ from ember.engine.losses import (
 from ember.engine.objectives import SFT, record_fingerprint
 from ember.engine.preference_losses import (
     DPO_LOSS_TYPES,
+    F_DIVERGENCE_LOSS_TYPES,
+    F_DIVERGENCES,
+    SMOOTHED,
     PairLosses,
     dpo_loss,
+    ld_token_weights,
     orpo_log_odds,
     orpo_loss,
     simpo_loss,
+    wpo_pair_weights,
 )
 from ember.engine.reference_cache import (
     cache_key,
@@ -86,32 +95,130 @@ def _check(section: str, beta: float, label_smoothing: float, sft_weight: float)
 @dataclass(frozen=True, kw_only=True)
 class DPOConfig:
     beta: float = 0.1  # strength of the pull towards the reference (higher: stay closer)
-    # "sigmoid" (DPO) | "robust" (needs label_smoothing) | "hinge" (SLiC) | "ipo" (per-token
-    # mean log-probs); formulas in engine/preference_losses.py
-    loss_type: str = "sigmoid"
+    # TRL 1.16's: "sigmoid" (DPO) | "robust" (needs label_smoothing) | "hinge" (SLiC) | "ipo"
+    # | "sigmoid_norm" | "exo_pair" (needs label_smoothing) | "nca_pair" | "bco_pair" |
+    # "sppo_hard" | "aot" | "aot_unpaired" | "apo_zero" | "apo_down" | "discopop"; or a list of
+    # them, "sft" too (MPO: ["sigmoid", "bco_pair", "sft"]), added up with loss_weights;
+    # formulas in engine/preference_losses.py
+    loss_type: str | tuple[str, ...] = "sigmoid"
+    # one weight per loss_type entry (TRL's loss_weights; default 1 each); "sft"'s is the NLL's
+    loss_weights: tuple[float, ...] | None = None
     # sigmoid: > 0 is conservative DPO (TRL 0.x; TRL 1.x ignores it there, so leave it at 0
-    # for TRL 1.x's loss); robust: the assumed fraction of flipped labels
+    # for TRL 1.x's loss); robust: the assumed fraction of flipped labels; exo_pair: epsilon;
+    # aot, aot_unpaired: label smoothing
     label_smoothing: float = 0.0
     # RPO: + weight * NLL per chosen answer token (TRL 1.x: loss_type ["sigmoid", "sft"] with
     # loss_weights [1, weight]; TRL 0.x's rpo_alpha)
     sft_weight: float = 0.0
+    # f-DPO's divergence: "reverse_kl" (DPO) | "forward_kl" | "js_divergence" |
+    # "alpha_divergence" (TRL's f_divergence_type; for the loss types on the reward margin)
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5  # alpha of f_divergence_type = "alpha_divergence"
+    discopop_tau: float = 0.05  # loss_type "discopop"'s temperature (the paper's 0.05)
+    # LD-DPO: each answer's tokens past the length the pair's two answers share count times
+    # ld_alpha in [0, 1] in the policy's and the reference's log-probs (TRL's ld_alpha; unset:
+    # every token counts fully, as 1)
+    ld_alpha: float | None = None
+    # WPO: weigh each pair's loss by exp(mean(log p - log sum p^2)) of its two answers under the
+    # policy (TRL's use_weighting)
+    use_weighting: bool = False
     # Score every pair with the reference once, before training (eval mode), instead of one
     # reference forward per micro-batch: fewer forwards from the second epoch on, and a full
     # fine-tune's frozen copy is freed for the run (TRL's precompute_ref_log_probs)
     precompute_ref_log_probs: bool = False
 
     def __post_init__(self) -> None:
-        if self.loss_type not in DPO_LOSS_TYPES:
-            raise EmberError(f"dpo.loss_type must be one of "
-                             f"{', '.join(map(repr, DPO_LOSS_TYPES))}, got {self.loss_type!r}")
+        types = _as_names(self.loss_type)
+        if not types:
+            raise EmberError("dpo.loss_type must name at least one loss type")
+        # one name stays a string (as written, and as TRL 1.x's config takes it too)
+        object.__setattr__(self, "loss_type", types[0] if len(types) == 1 else types)
+        if self.loss_weights is not None:
+            object.__setattr__(self, "loss_weights", tuple(self.loss_weights))
+        for t in types:
+            if t not in (*DPO_LOSS_TYPES, "sft"):
+                raise EmberError(f"dpo.loss_type must be one of "
+                                 f"{', '.join(map(repr, (*DPO_LOSS_TYPES, 'sft')))} (or a list "
+                                 f"of them), got {t!r}")
         _check("dpo", self.beta, self.label_smoothing, self.sft_weight)
-        if self.loss_type == "robust" and self.label_smoothing == 0:
+        w = self.loss_weights
+        if w is not None and len(w) != len(types):
+            raise EmberError(f"dpo.loss_weights must have one weight per dpo.loss_type entry: "
+                             f"{len(w)} weights for {len(types)} loss types")
+        if w is not None and not all(x >= 0 and math.isfinite(x) for x in w):
+            raise EmberError(f"dpo.loss_weights must be finite and >= 0, got {list(w)}")
+        if "sft" in types and self.sft_weight:
+            raise EmberError("dpo.sft_weight and loss_type \"sft\" are the same NLL term: give "
+                             "its weight once (loss_type \"sft\" with its loss_weights entry, or "
+                             "sft_weight)")
+        if "robust" in types and self.label_smoothing == 0:
             raise EmberError("dpo.loss_type = \"robust\" needs dpo.label_smoothing in (0, 0.5): "
                              "the fraction of preference labels assumed flipped (with 0 it is "
                              "plain sigmoid DPO)")
-        if self.loss_type in ("hinge", "ipo") and self.label_smoothing:
-            raise EmberError(f"dpo.label_smoothing applies to loss_type \"sigmoid\" and "
-                             f"\"robust\", not {self.loss_type!r}: drop it")
+        if "exo_pair" in types and self.label_smoothing == 0:
+            raise EmberError("dpo.loss_type = \"exo_pair\" needs dpo.label_smoothing in (0, 0.5): "
+                             "EXO's epsilon (the paper recommends 1e-3)")
+        pair = [t for t in types if t != "sft"]
+        if self.label_smoothing and not set(pair) & set(SMOOTHED):
+            raise EmberError(f"dpo.label_smoothing applies to loss_type "
+                             f"{', '.join(f'{t!r}' for t in SMOOTHED)}, not "
+                             f"{', '.join(map(repr, pair or types))}: drop it")
+        if self.label_smoothing and "sigmoid" in pair and len(set(pair) & set(SMOOTHED)) > 1:
+            raise EmberError("dpo.label_smoothing with loss_type \"sigmoid\" and another loss "
+                             "type that takes it: Ember's \"sigmoid\" with label_smoothing is "
+                             "conservative DPO (TRL 0.x), where TRL 1.x's ignores it; run them "
+                             "apart or drop \"sigmoid\"")
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise EmberError(f"dpo.f_divergence_type must be one of "
+                             f"{', '.join(map(repr, F_DIVERGENCES))}, got "
+                             f"{self.f_divergence_type!r}")
+        if self.f_divergence_type != "reverse_kl" and not set(pair) <= set(
+                F_DIVERGENCE_LOSS_TYPES):
+            bad = sorted(set(pair) - set(F_DIVERGENCE_LOSS_TYPES))
+            raise EmberError(f"dpo.f_divergence_type = {self.f_divergence_type!r} applies to "
+                             f"loss_type {', '.join(map(repr, F_DIVERGENCE_LOSS_TYPES))} (and "
+                             f"'sft'), not {', '.join(map(repr, bad))}: their losses are not on "
+                             "the chosen-rejected reward margin, where f-DPO's log Z(x) cancels "
+                             "(TRL refuses them too); use f_divergence_type = \"reverse_kl\"")
+        if not math.isfinite(self.f_alpha_divergence_coef):
+            raise EmberError(f"dpo.f_alpha_divergence_coef must be finite, got "
+                             f"{self.f_alpha_divergence_coef}")
+        if not self.discopop_tau > 0:
+            raise EmberError(f"dpo.discopop_tau must be > 0, got {self.discopop_tau}")
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            raise EmberError(f"dpo.ld_alpha must be in [0, 1] (1: every token counts fully, 0: "
+                             f"none past the shared length), got {self.ld_alpha}")
+        if self.use_weighting and set(pair) & {"aot", "aot_unpaired"}:
+            raise EmberError("dpo.use_weighting with loss_type \"aot\" / \"aot_unpaired\": "
+                             "their losses sort the batch's pairs, so no loss belongs to one "
+                             "pair to weigh (TRL refuses it too)")
+        if self.use_weighting and self.nll_weight:
+            raise EmberError("dpo.use_weighting with an NLL term (loss_type \"sft\" or "
+                             "sft_weight): TRL 1.16 fails on it (it scales its expanded sft loss "
+                             "in place), so there is no reference to follow; drop one")
+
+    @property
+    def loss_types(self) -> tuple[str, ...]:
+        """The pair losses of ``loss_type`` ("sft", the NLL term, left out)."""
+        return tuple(t for t in _as_names(self.loss_type) if t != "sft")
+
+    @property
+    def pair_weights(self) -> tuple[float, ...]:
+        """``loss_weights`` of ``loss_types``."""
+        types = _as_names(self.loss_type)
+        w = self.loss_weights or (1.0,) * len(types)
+        return tuple(x for t, x in zip(types, w, strict=True) if t != "sft")
+
+    @property
+    def nll_weight(self) -> float:
+        """The NLL term's weight: ``sft_weight``, or loss_type "sft"'s ``loss_weights`` entry."""
+        types = _as_names(self.loss_type)
+        w = self.loss_weights or (1.0,) * len(types)
+        return self.sft_weight + sum(x for t, x in zip(types, w, strict=True) if t == "sft")
+
+
+def _as_names(v: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (v,) if isinstance(v, str) else tuple(v)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,11 +235,16 @@ class SimPOConfig:
     gamma: float = 0.5  # target margin (TRL's simpo_gamma; SimPO's gamma_beta_ratio = gamma/beta)
     label_smoothing: float = 0.0
     sft_weight: float = 0.0  # CPO's NLL term (TRL's cpo_alpha; TRL's default 1.0, SimPO's 0)
+    # AlphaPO: != 0 scores each answer (1 - p^-alpha) / alpha, p its per-token mean probability,
+    # in place of log p (TRL's CPOConfig alpha; 0: SimPO)
+    alpha: float = 0.0
 
     def __post_init__(self) -> None:
         _check("simpo", self.beta, self.label_smoothing, self.sft_weight)
         if not self.gamma >= 0:
             raise EmberError(f"simpo.gamma must be >= 0, got {self.gamma}")
+        if not math.isfinite(self.alpha):
+            raise EmberError(f"simpo.alpha must be finite, got {self.alpha}")
 
 
 class _Pairs(SFT):
@@ -288,6 +400,10 @@ class Referenced:
             return adapters_swapped(model, self.ref_adapters)
         return adapters_disabled(model)
 
+    def _scored(self, model, batch) -> DocLogprobs:
+        """The log-probs a reference forward gives (DPO's LD-DPO weighs them)."""
+        return doc_logprobs(model, batch)
+
     def needs_live_reference(self) -> bool:
         """Whether batches that carry no precomputed log-probs are scored during training."""
         return False
@@ -296,11 +412,12 @@ class Referenced:
                 prints: dict[str, str] | None = None) -> None:
         """``precompute_ref_log_probs``: one pass of the reference (eval mode, no gradients) over
         the training and validation examples before the first step, each document's summed answer
-        log-prob kept on its example (``Example.ref_logps``, carried into ``Batch.ref_sums``), so
-        the steps and evaluations run no reference forward; a full fine-tune's frozen copy is then
-        released unless live scoring still needs it (KTO's mismatched KL documents). With
-        ``prints`` (the reference's weight fingerprints by role) the values are saved in the run
-        directory and a resume under the same key loads them (``engine/reference_cache.py``)."""
+        log-prob (``_scored``'s: LD-DPO's weighted sum) kept on its example (``Example.ref_logps``,
+        carried into ``Batch.ref_sums``), so the steps and evaluations run no reference forward;
+        a full fine-tune's frozen copy is then released unless live scoring still needs it (KTO's
+        mismatched KL documents). With ``prints`` (the reference's weight fingerprints by role)
+        the values are saved in the run directory and a resume under the same key loads them
+        (``engine/reference_cache.py``)."""
         if not self.precompute:
             return
         t0 = time.perf_counter()
@@ -342,7 +459,7 @@ class Referenced:
             raise EmberError(f"internal: a {self.name} batch has no precomputed reference "
                              "log-probs and the reference model was released")
         with torch.no_grad(), self.reference(model) as ref:
-            lp = doc_logprobs(ref, batch)
+            lp = self._scored(ref, batch)
         if self.ref_model is not None:
             release(self.ref_model)
         return lp
@@ -368,18 +485,44 @@ class DPO(Referenced, _Pairs):
     name = "dpo"
 
     def __init__(self, cfg: TrainConfig, info: DistInfo):
-        super().__init__(cfg, info, cfg.dpo.sft_weight)
+        super().__init__(cfg, info, cfg.dpo.nll_weight)
         self.cfg = cfg.dpo
         self._init_reference(cfg, info, cfg.dpo.precompute_ref_log_probs)
 
+    def _scored(self, model, batch) -> DocLogprobs:
+        """``doc_logprobs`` of the batch, with ``ld_alpha`` (LD-DPO) the weighted sums."""
+        if self.cfg.ld_alpha is None:
+            return doc_logprobs(model, batch)
+        tok = answer_token_logprobs(model, batch)
+        return tok.doc_logprobs(self._ld_weights(tok))
+
+    def _ld_weights(self, tok: TokenLogprobs) -> torch.Tensor:
+        counts = torch.bincount(tok.doc, minlength=tok.num_docs)
+        return ld_token_weights(tok.doc, counts, self.cfg.ld_alpha, tok.logps.dtype)
+
     def _pair_losses(self, model, batch):
         ref_lp = self.ref_logprobs(model, batch)
-        lp = doc_logprobs(model, batch)  # (2 * pairs,): chosen, rejected, chosen, ...
-        c = self.cfg
-        pol, ref, n = lp.sums, ref_lp.sums, lp.counts
+        c, extra, weights = self.cfg, {}, None
+        if c.ld_alpha is None and not c.use_weighting:
+            lp = doc_logprobs(model, batch)  # (2 * pairs,): chosen, rejected, chosen, ...
+            pol = lp.sums
+        else:
+            tok = answer_token_logprobs(model, batch, log_sum_sq=c.use_weighting)
+            lp = tok.doc_logprobs()  # the plain sums: the NLL term's (TRL's sft loss too)
+            pol = lp.sums
+            if c.ld_alpha is not None:  # TRL's logps/* are LD's weighted sums
+                pol = tok.doc_logprobs(self._ld_weights(tok)).sums
+                extra = {"chosen_logps": float(pol[0::2].detach().sum()),
+                         "rejected_logps": float(pol[1::2].detach().sum())}
+            if c.use_weighting:
+                weights = wpo_pair_weights(tok.logps, tok.log_sum_sq, tok.doc, tok.num_docs)
+        ref, n = ref_lp.sums, lp.counts
         out = dpo_loss(pol[0::2], pol[1::2], ref[0::2], ref[1::2], c.beta, c.label_smoothing,
-                       c.loss_type, chosen_tokens=n[0::2], rejected_tokens=n[1::2])
-        return out, lp, {}
+                       c.loss_types, chosen_tokens=n[0::2], rejected_tokens=n[1::2],
+                       loss_weights=c.pair_weights, f_divergence=c.f_divergence_type,
+                       f_alpha=c.f_alpha_divergence_coef, discopop_tau=c.discopop_tau,
+                       pair_weights=weights)
+        return out, lp, extra
 
 
 class ORPO(_Pairs):
@@ -413,7 +556,7 @@ class SimPO(_Pairs):
     def _pair_losses(self, model, batch):
         lp = doc_logprobs(model, batch)
         a, c = lp.means, self.cfg
-        return simpo_loss(a[0::2], a[1::2], c.beta, c.gamma, c.label_smoothing), lp, {}
+        return simpo_loss(a[0::2], a[1::2], c.beta, c.gamma, c.label_smoothing, c.alpha), lp, {}
 
 
 PREFERENCE = {"dpo": DPO, "orpo": ORPO, "simpo": SimPO}

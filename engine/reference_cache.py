@@ -7,10 +7,10 @@ as its metadata, the key they were computed under: the fingerprints of the refer
 (the base a LoRA reference is, a full fine-tune's frozen copy, a continued adapter: those a
 checkpoint records), a digest of each split's tokenized examples (so a changed data line,
 data.max_seq_len, truncation, template or tokenizer changes it), and the settings that change the
-forward without changing those (objective, precision, model dtype / quantization / RoPE scaling).
-A key that differs in any part recomputes, saying which part. TRL 1.16 does the same with a
-datasets cache file keyed by (the tokenized dataset's fingerprint, a hash of the reference
-module), rank 0's key broadcast, the main process writing and every rank reading.
+forward without changing those (objective, precision, model dtype / quantization / RoPE scaling,
+DPO's ld_alpha). A key that differs in any part recomputes, saying which part. TRL 1.16 does the
+same with a datasets cache file keyed by (the tokenized dataset's fingerprint, a hash of the
+reference module), rank 0's key broadcast, the main process writing and every rank reading.
 
 Under torchrun every rank holds all values after the precompute (``scored_batches`` gathers
 them): rank 0 writes the file, and at a resume rank 0 reads it and broadcasts the values, so the
@@ -40,7 +40,7 @@ FILE = "logps.safetensors"
 # (fingerprinted) nor its tokenized examples (digested): the key holds their values.
 FORWARD_SETTINGS = ("objective", "method", "precision", "model.dtype", "model.quantize",
                     "model.double_quant", "model.rope_scaling", "model.rope_factor",
-                    "dist.mixed_precision")
+                    "dist.mixed_precision", "dpo.ld_alpha")
 # Every other field, by why it does not ("section.*": all of that section's, as the optimizer's and
 # the schedule's act after the values; tests/engine/test_precompute_reference.py fails on a field
 # in neither: a new one must be placed in one of the two)
@@ -63,9 +63,11 @@ NOT_FORWARD_SETTINGS: dict[str, tuple[str, ...]] = {
     "off in the reference's eval-mode forward": ("model.attention_dropout", "neftune_noise_alpha"),
     "the losses and training on top of the values": (
         "model.router_aux_loss_coef", "distill.teacher", "distill.temperature", "distill.alpha",
-        "dpo.beta", "dpo.loss_type", "dpo.label_smoothing", "dpo.sft_weight",
-        "dpo.precompute_ref_log_probs", "orpo.beta", "simpo.beta", "simpo.gamma",
-        "simpo.label_smoothing", "simpo.sft_weight", "kto.beta", "kto.desirable_weight",
+        "dpo.beta", "dpo.loss_type", "dpo.loss_weights", "dpo.label_smoothing", "dpo.sft_weight",
+        "dpo.f_divergence_type", "dpo.f_alpha_divergence_coef", "dpo.discopop_tau",
+        "dpo.use_weighting", "dpo.precompute_ref_log_probs", "orpo.beta", "simpo.beta",
+        "simpo.gamma", "simpo.label_smoothing", "simpo.sft_weight", "simpo.alpha", "kto.beta",
+        "kto.desirable_weight",
         "kto.undesirable_weight", "kto.loss_type", "kto.precompute_ref_log_probs", "head.type",
         "head.labels", "head.label_field", "head.center_rewards_coefficient", "freeze",
         "train_layers", "optim.*", "guards.max_nonfinite_in_a_row", "grad_accum", "max_steps",

@@ -201,7 +201,9 @@ def test_reference_free_objectives_learn_the_preference_with_one_forward(
 
 @pytest.mark.parametrize("sets", [('dpo.loss_type="ipo"', "dpo.sft_weight=0.5"),
                                   ('dpo.loss_type="hinge"',),
-                                  ('dpo.loss_type="robust"', "dpo.label_smoothing=0.1")])
+                                  ('dpo.loss_type="robust"', "dpo.label_smoothing=0.1"),
+                                  ('dpo.loss_type=["sigmoid", "bco_pair", "sft"]',  # MPO
+                                   "dpo.loss_weights=[1.0, 0.5, 0.2]")])
 def test_dpo_loss_types_train(tiny, prefs, tmp_path, sets):
     cfg = tiny_config(tiny, tmp_path / "run", 'objective="dpo"', "dpo.beta=0.5", *sets,
                       "max_steps=10", "optim.lr=1e-2", "optim.warmup_steps=1", "eval.metrics=[]",

@@ -236,4 +236,4 @@ def test_every_config_field_is_placed_for_the_reference_cache_key():
         "model.dtype": cfg.model.dtype, "model.quantize": cfg.model.quantize,
         "model.double_quant": cfg.model.double_quant, "model.rope_scaling": cfg.model.rope_scaling,
         "model.rope_factor": cfg.model.rope_factor,
-        "dist.mixed_precision": cfg.dist.mixed_precision}
+        "dist.mixed_precision": cfg.dist.mixed_precision, "dpo.ld_alpha": None}

@@ -57,7 +57,9 @@ def trl_orpo(ac, ar, beta):
     return -beta * _logsig(log_odds), beta * ac, beta * ar, log_odds
 
 
-def trl_simpo(ac, ar, beta, gamma, ls):
+def trl_simpo(ac, ar, beta, gamma, ls, alpha=0.0):
+    if alpha:  # AlphaPO's rewards (TRL's CPOConfig alpha)
+        ac, ar = (1 - torch.exp(ac) ** -alpha) / alpha, (1 - torch.exp(ar) ** -alpha) / alpha
     logits = (ac - ar) - gamma / beta
     losses = -_logsig(beta * logits) * (1 - ls) - _logsig(-beta * logits) * ls
     return losses, beta * ac, beta * ar
@@ -103,13 +105,14 @@ def test_dpo_loss_types_match_trl(loss_type, ls):
 
 @pytest.mark.parametrize("loss_type", ["hinge", "ipo"])
 def test_dpo_label_smoothing_on_hinge_or_ipo_is_refused(loss_type):
-    """Label smoothing means something for "sigmoid" (conservative DPO) and "robust" only: it is
-    refused elsewhere, in the config and in the pure loss, rather than ignored."""
+    """Label smoothing means something for "sigmoid" (conservative DPO), "robust", "exo_pair" and
+    the AOTs only: it is refused elsewhere, in the config and in the pure loss, rather than
+    ignored."""
     with pytest.raises(EmberError, match=rf"dpo\.label_smoothing applies to loss_type "
-                                         rf"\"sigmoid\" and \"robust\", not '{loss_type}'"):
+                                         rf"'sigmoid', 'robust', .*not '{loss_type}'"):
         load_config(None, [f'dpo.loss_type="{loss_type}"', "dpo.label_smoothing=0.1"])
     x = torch.zeros(3)
-    with pytest.raises(EmberError, match="label_smoothing applies to loss_type 'sigmoid' and"):
+    with pytest.raises(EmberError, match="label_smoothing applies to loss_type 'sigmoid', "):
         dpo_loss(x, x, x, x, 0.1, 0.1, loss_type, chosen_tokens=x + 1, rejected_tokens=x + 1)
 
 
@@ -129,6 +132,48 @@ def test_simpo_and_orpo_match_trl(ls):
         got.losses.mean().backward()
         want[0].mean().backward()
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+# TRL 1.16.0 CPOTrainer.cpo_loss (trl/experimental/cpo/cpo_trainer.py, loss_type="simpo") run on
+# ALPHAPO_A (per-token mean log-probs, float64); each: (beta, simpo_gamma, label_smoothing, alpha),
+# the per-pair losses, the rewards, and the gradients of losses.mean() w.r.t. a_c and a_r
+# fmt: off
+ALPHAPO_A = ([-0.42, -1.35, -0.08, -2.2], [-0.9, -0.61, -1.7, -2.05])
+ALPHAPO_TRL = [
+    ((2.5, 1.2, 0.0, 0.0), [0.6931471805599453, 3.0962716853586625, 0.05623317787848317,
+    1.7631441994952815], [-1.05, -3.375, -0.2, -5.5], [-2.25, -1.525, -4.25, -5.125],
+    [-0.31249999999999994, -0.5967390790729453, -0.03417582325996299, -0.5178095187653745],
+    [0.31249999999999994, 0.5967390790729453, 0.03417582325996299, 0.5178095187653745]),
+    ((2.5, 1.2, 0.0, 0.25), [0.5909138627744164, 3.594821285332176, 0.02016133933682268,
+    1.985617309415125], [-1.1071061035570517, -4.014396083919731, -0.20201340026755776,
+    -7.332530178673952], [-2.523227161918644, -1.647424620946143, -5.295904196633787,
+    -6.6945963130764286], [-0.3097348870749281, -0.8518426505989414, -0.012726666468179758,
+    -0.9345528745929467], [0.3492251100012748, 0.7079700760807296, 0.019081122853130534,
+    0.9001561118728735]),
+    ((2.0, 0.5, 0.1, -0.3), [0.5882021321071675, 1.6277645435924992, 0.3268283135705797,
+    1.009852314993751], [-0.7892343547772263, -2.2201545942768375, -0.15809526828060472,
+    -3.2209911033886724], [-1.5774700377543125, -1.114878961752727, -2.6633628079182268,
+    -3.062394031271223], [-0.14477696336584964, -0.24436510861970995, -0.009104338992167012,
+    -0.14444577845557877], [0.12536059877970557, 0.30510728037126655, 0.005599913281697117,
+    0.15109430851073768]),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("case", range(len(ALPHAPO_TRL)))
+def test_simpo_alphapo_matches_trl_1_16(case):
+    """SimPO with TRL's CPOConfig ``alpha`` (AlphaPO's reward (1 - p^-alpha) / alpha, p the
+    per-token mean probability; 0: SimPO): losses, rewards and gradients, TRL's numbers."""
+    (beta, gamma, ls, alpha), losses, chosen, rejected, grad_c, grad_r = ALPHAPO_TRL[case]
+    c, r = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in ALPHAPO_A)
+    out = simpo_loss(c, r, beta, gamma, ls, alpha)
+    for got, want in zip(out, (losses, chosen, rejected), strict=True):
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-10,
+                                   atol=1e-12)
+    out.losses.mean().backward()
+    for got, want in ((c.grad, grad_c), (r.grad, grad_r)):
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-10,
+                                   atol=1e-12)
 
 
 def test_log1mexp_is_accurate_and_finite_near_zero():
@@ -193,9 +238,17 @@ CASES = {
     "dpo_robust": ('objective="dpo"', 'dpo.loss_type="robust"', "dpo.label_smoothing=0.2"),
     "dpo_hinge": ('objective="dpo"', 'dpo.loss_type="hinge"', "dpo.beta=2.0"),
     "dpo_ipo": ('objective="dpo"', 'dpo.loss_type="ipo"', "dpo.beta=0.5"),
+    # TRL 1.16's other loss types (their pure losses against TRL's numbers:
+    # test_dpo_loss_types.py), here the objective's wiring: weights, "sft", f-divergence, tau
+    "dpo_mpo": ('objective="dpo"', 'dpo.loss_type=["sigmoid", "bco_pair", "sft"]',
+                "dpo.loss_weights=[0.8, 0.2, 0.5]"),
+    "dpo_ipo_discopop_js": ('objective="dpo"', 'dpo.loss_type=["ipo", "discopop"]',
+                            "dpo.loss_weights=[0.3, 1.0]", "dpo.discopop_tau=0.2",
+                            'dpo.f_divergence_type="js_divergence"', "dpo.beta=0.5"),
     "orpo": ('objective="orpo"', "orpo.beta=0.3"),
     "simpo": ('objective="simpo"', "simpo.beta=2.5", "simpo.gamma=0.4",
               "simpo.label_smoothing=0.1", "simpo.sft_weight=0.6"),
+    "simpo_alphapo": ('objective="simpo"', "simpo.beta=2.5", "simpo.gamma=0.4", "simpo.alpha=0.25"),
 }
 
 
@@ -227,15 +280,22 @@ def _trl_step(cfg, policy, reference, examples):
     if cfg.objective == "dpo":
         c = cfg.dpo
         ref_sums, _ = _alone(reference, examples)
-        losses, ch, rj = trl_dpo(sums[:P], sums[P:], ref_sums[:P], ref_sums[P:], c.beta,
-                                 c.label_smoothing, c.loss_type, counts[:P], counts[P:])
-        weight = c.sft_weight
+        if c.loss_type in ("sigmoid", "robust", "hinge", "ipo"):
+            losses, ch, rj = trl_dpo(sums[:P], sums[P:], ref_sums[:P], ref_sums[P:], c.beta,
+                                     c.label_smoothing, c.loss_type, counts[:P], counts[P:])
+        else:  # the pure loss, pinned to TRL 1.16's numbers in test_dpo_loss_types.py
+            losses, ch, rj = dpo_loss(
+                sums[:P], sums[P:], ref_sums[:P], ref_sums[P:], c.beta, c.label_smoothing,
+                c.loss_types, counts[:P], counts[P:], loss_weights=c.pair_weights,
+                f_divergence=c.f_divergence_type, discopop_tau=c.discopop_tau)
+        weight = c.nll_weight
     elif cfg.objective == "orpo":
         losses, ch, rj, _ = trl_orpo(means[:P], means[P:], cfg.orpo.beta)
         weight = 1.0
     else:
         c = cfg.simpo
-        losses, ch, rj = trl_simpo(means[:P], means[P:], c.beta, c.gamma, c.label_smoothing)
+        losses, ch, rj = trl_simpo(means[:P], means[P:], c.beta, c.gamma, c.label_smoothing,
+                                   c.alpha)
         weight = c.sft_weight
     logps = sums if cfg.objective == "dpo" else means  # TRL's logps/*: ORPO, CPO average
     return losses.mean() + weight * nll, {
@@ -308,7 +368,7 @@ def test_orpo_nll_covers_the_chosen_prompt_as_trl(tiny, pref_batch, tmp_path):
 
 @pytest.mark.parametrize("sets,match", [
     (['dpo.loss_type="robust"'], r"dpo\.loss_type = \"robust\" needs dpo\.label_smoothing"),
-    (['dpo.loss_type="kto"'], r"dpo\.loss_type must be one of .*'ipo', got 'kto'"),
+    (['dpo.loss_type="kto"'], r"dpo\.loss_type must be one of .*'ipo', .*got 'kto'"),
     (["dpo.beta=-0.1"], r"dpo\.beta must be > 0"),
     (["dpo.sft_weight=-1"], r"dpo\.sft_weight must be >= 0"),
     (["orpo.beta=0"], r"orpo\.beta must be > 0"),
