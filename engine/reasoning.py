@@ -77,21 +77,33 @@ def answer_text(text: str, end: str) -> str:
     return text.split(end)[-1].lstrip() if end in text else text
 
 
+def _marker_ids(tokenizer, end: str) -> list[int]:
+    """The tokens of ``end``: its id when it is one token, else its encoding (special tokens in
+    it as themselves: gpt-oss's ``<|channel|>final<|message|>``)."""
+    one = token_id(tokenizer, end)
+    if one is not None:
+        return [one]
+    try:
+        return list(tokenizer.encode(end, add_special_tokens=False))
+    except (TypeError, ValueError):  # a tokenizer without that keyword: the text only
+        return []
+
+
 def generated_answer(
     tokenizer, prompt_ids: Sequence[int], ids: Sequence[int], end: str
 ) -> str | None:
     """The answer in generated ``ids`` (a completion of ``prompt_ids``): after the last ``end``
-    (by token id when it is one token, so a marker the tokenizer counts as special and decoding
-    skips still counts, as lm-eval's integer think_end_token), left-stripped; None (no answer:
-    score ``""``) when the think block is still open, opened by the prompt (R1's
-    ``<think>\\n``) or the generation; the whole text when no block was opened."""
-    end_id = token_id(tokenizer, end)
-    ids = list(ids)
-    if end_id is not None and end_id in ids:
-        last = len(ids) - 1 - ids[::-1].index(end_id)
-        return answer_text(
-            tokenizer.decode(ids[last + 1 :], skip_special_tokens=True), end
-        ).lstrip()
+    (by its tokens where the generation has them, so a marker the tokenizer counts as special
+    and decoding skips still counts, as lm-eval's integer think_end_token; else in the text),
+    left-stripped; None (no answer: score ``""``) when the think block is still open, opened by
+    the prompt (R1's ``<think>\\n``) or the generation; the whole text when no block was
+    opened."""
+    ids, marker = list(ids), _marker_ids(tokenizer, end)
+    n = len(marker)
+    last = next((k for k in range(len(ids) - n, -1, -1) if n and ids[k : k + n] == marker), None)
+    if last is not None:
+        after = tokenizer.decode(ids[last + n :], skip_special_tokens=True)
+        return answer_text(after, end).lstrip()
     text = tokenizer.decode(ids, skip_special_tokens=True)
     if end in text:
         return answer_text(text, end)

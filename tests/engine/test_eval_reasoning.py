@@ -68,6 +68,13 @@ def test_the_answer_after_the_last_think_end_is_scored(special_think):
     for prompt, text, want in cases:
         ids = enc(text).ids
         assert generated_answer(tok, prompt, ids, "</think>") == want, text
+    # a marker of several tokens, special ones among them (gpt-oss's
+    # <|channel|>final<|message|>), which decoding skips: found by its tokens
+    marker = "<|im_start|>final<|im_end|>"
+    said = enc(f"hm<|im_start|>final<|im_end|> Paris.{EOS}").ids
+    assert tok.decode(said) == "hmfinal Paris."
+    assert generated_answer(tok, plain, said, marker) == "Paris."
+    assert generated_answer(tok, plain, enc("hm").ids, marker) == "hm"  # no "/": lm-eval's
 
 
 def test_references_lose_their_think_block_and_auto_finds_the_marker():
