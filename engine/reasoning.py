@@ -16,9 +16,10 @@ Paris."`` is scored as ``"Paris."``, what DeepSeek-R1's template trains (it rend
 ``content.split('</think>')[-1]``) and Qwen3's renders after the block.
 
 ``eval.think_end``: ``"auto"`` is ``"</think>"`` when the tokenizer's chat template mentions it,
-its vocabulary has it as one token, or a reference holds it; ``""`` turns this off; any other
-string is the marker (the opening marker is taken as it without its first ``/``:
-``◁/think▷`` -> ``◁think▷``).
+its vocabulary has it as one token, or a reference holds it, else gpt-oss's final channel
+``<|channel|>final<|message|>`` when the template has it (its analysis channel, the reasoning,
+opens the block); ``""`` turns this off; any other string is the marker (the opening marker is
+taken as it without its first ``/``: ``◁/think▷`` -> ``◁think▷``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 THINK_END = "</think>"
+# gpt-oss (harmony): the analysis channel is the reasoning, the final channel the answer
+HARMONY_FINAL, HARMONY_ANALYSIS = "<|channel|>final<|message|>", "<|channel|>analysis<|message|>"
 
 
 def _templates(tokenizer) -> list[str]:
@@ -57,17 +60,21 @@ def resolve_think_end(
         return setting
     if any(THINK_END in r for r in references if isinstance(r, str)):
         return THINK_END
-    if tokenizer is not None and (
-        any(THINK_END in t for t in _templates(tokenizer))
-        or token_id(tokenizer, THINK_END) is not None
+    templates = [] if tokenizer is None else _templates(tokenizer)
+    if any(THINK_END in t for t in templates) or (
+        tokenizer is not None and token_id(tokenizer, THINK_END) is not None
     ):
         return THINK_END
+    if any(HARMONY_FINAL in t for t in templates):
+        return HARMONY_FINAL
     return None
 
 
 def think_start(end: str) -> str | None:
-    """The opening marker of a think block that ``end`` closes (``</think>`` -> ``<think>``),
-    None when ``end`` has no ``/`` to drop."""
+    """The opening marker of a think block that ``end`` closes (``</think>`` -> ``<think>``;
+    gpt-oss's final channel -> its analysis channel), None when ``end`` has no ``/`` to drop."""
+    if end == HARMONY_FINAL:
+        return HARMONY_ANALYSIS
     return end.replace("/", "", 1) if "/" in end else None
 
 

@@ -27,10 +27,12 @@ from tests.engine.test_chat_parity_reasoning import A1, Q1, R1_DISTILL, SPECIALS
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
 
-def _tokenizer(special_think: bool, template: str | None = R1_DISTILL) -> Tokenizer:
-    """A byte-level BPE with the R1 / Qwen3 control tokens; ``special_think``: <think> and
-    </think> are special tokens (skipped by decoding), else added as plain ones (as Qwen3's and
-    R1-Distill's tokenizer.json have them)."""
+def _tokenizer(
+    special_think: bool | None, template: str | None = R1_DISTILL, more: tuple[str, ...] = ()
+) -> Tokenizer:
+    """A byte-level BPE with the R1 / Qwen3 control tokens and the special tokens ``more``;
+    ``special_think``: <think> and </think> are special tokens (skipped by decoding), False:
+    added as plain ones (as Qwen3's and R1-Distill's tokenizer.json have them), None: none."""
     specials = [s for s in SPECIALS if special_think or "think>" not in s]
     b = Backend(models.BPE())
     b.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -39,12 +41,12 @@ def _tokenizer(special_think: bool, template: str | None = R1_DISTILL) -> Tokeni
         [json.dumps([Q1, A1])] * 3,
         trainers.BpeTrainer(
             vocab_size=300,
-            special_tokens=specials,
+            special_tokens=specials + list(more),
             show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         ),
     )
-    if not special_think:
+    if special_think is False:
         b.add_tokens(["<think>", "</think>"])
     return Tokenizer(b, bos_token=BOS, eos_token=EOS, chat_template=template)
 
@@ -75,6 +77,23 @@ def test_the_answer_after_the_last_think_end_is_scored(special_think):
     assert tok.decode(said) == "hmfinal Paris."
     assert generated_answer(tok, plain, said, marker) == "Paris."
     assert generated_answer(tok, plain, enc("hm").ids, marker) == "hm"  # no "/": lm-eval's
+
+
+def test_gpt_oss_final_channel_is_the_answer():
+    """gpt-oss writes its reasoning in the analysis channel and its answer in the final one;
+    "auto" finds the final channel's marker in its template."""
+    from tests.engine.real_chat_templates import GPT_OSS
+
+    more = ("<|channel|>", "<|message|>", "<|end|>", "<|start|>", "<|return|>")
+    tok = _tokenizer(None, GPT_OSS, more)
+    end = resolve_think_end("auto", tok)
+    assert end == "<|channel|>final<|message|>"
+    prompt = tok.encode(tok.apply_chat_template([Q1], add_generation_prompt=True))
+    head = "<|channel|>analysis<|message|>It is Paris.<|end|><|start|>assistant"
+    said = tok.encode(f"{head}<|channel|>final<|message|>Paris.<|return|>")
+    assert generated_answer(tok, prompt, said, end) == "Paris."
+    assert generated_answer(tok, prompt, tok.encode(head[:40]), end) is None  # still thinking
+    assert generated_answer(tok, prompt, tok.encode("Paris."), end) == "Paris."
 
 
 def test_references_lose_their_think_block_and_auto_finds_the_marker():
