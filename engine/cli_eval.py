@@ -99,14 +99,18 @@ def cmd_eval(a) -> None:
         raise EmberError(f"--metrics {','.join(asked)}: {data} has no prompt/completion or "
                          "messages examples (a prompt and a reference answer) to generate for; "
                          "leave --metrics out for loss and perplexity only")
-    metrics = asked or ["exact_match"]
-    if not asked and _is_run_dir(a.model):  # the metrics the run was evaluated with; a run
-        from ember.engine.config import load_config  # with eval.metrics = [] generated nothing
+    metrics, think_end = asked or ["exact_match"], "auto"
+    if _is_run_dir(a.model):
+        from ember.engine.config import load_config
 
-        metrics = list(load_config(a.model).eval.metrics)
+        run_eval = load_config(a.model).eval
+        think_end = run_eval.think_end  # its answers are scored as its evaluations scored them
+        if not asked:  # the metrics the run was evaluated with (eval.metrics = []: none)
+            metrics = list(run_eval.metrics)
     generate = bool(metrics) and any(e.reference is not None for e in examples)
     if generate:  # a prompt too long for --max-new-tokens: said before the loss pass, not after
-        generation_examples(model, examples, a.max_new_tokens, metric_names=metrics)
+        generation_examples(model, examples, a.max_new_tokens, metric_names=metrics,
+                            think_end=think_end)
     loss, _ = validation_loss(model, examples, max(data_cfg.tokens_per_batch,
                                                    max(len(e) for e in examples)), device,
                               autocast)
@@ -120,8 +124,12 @@ def cmd_eval(a) -> None:
                                    a.max_examples))
     if generate:
         res = generation_eval(model, tok, examples, metrics, max_new_tokens=a.max_new_tokens,
-                              batch_size=a.batch_size, autocast=autocast)
+                              batch_size=a.batch_size, autocast=autocast, think_end=think_end)
         scores.update(res.scores)
+        if res.unclosed:  # scored as no answer: a reasoning model cut off while thinking
+            print(f"{res.unclosed} of {res.examples} generations were still in their think block "
+                  f"at --max-new-tokens {a.max_new_tokens} (scored as no answer): raise it",
+                  file=sys.stderr)
     print(json.dumps({"data": str(data), "examples": len(examples), **scores}))
 
 

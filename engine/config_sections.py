@@ -177,6 +177,10 @@ class EvalConfig:
     batch_size: int = 64
     before: bool = True  # also measure the metrics before training (the baseline)
     show: int = 3  # print this many (prompt, prediction, reference) samples after the last eval
+    # Reasoning models: score the answer after the think block, of generation and reference
+    # (lm-eval's think_end_token; engine/reasoning.py). "auto": "</think>" when the chat
+    # template or vocabulary has it or a reference holds it; "": score the whole text
+    think_end: str = "auto"
     # A multiple-choice file ({"question", "choices", "answer"} lines, engine/choices.py) scored
     # at every evaluation by log-likelihood: choice_accuracy and choice_accuracy_norm.
     choices: str | None = None
@@ -208,6 +212,10 @@ class EvalConfig:
                                  f"set {off}")
         if self.show < 0:
             raise EmberError(f"eval.show must be >= 0, got {self.show}")
+        if not isinstance(self.think_end, str) or self.think_end and not self.think_end.strip():
+            raise EmberError(f"eval.think_end must be \"auto\", \"\" (score whole generations) "
+                             f"or the text that ends a think block (\"</think>\"), got "
+                             f"{self.think_end!r}")
         if self.min_delta < 0:  # would count worse scores as improvements: never stopping
             raise EmberError(f"eval.min_delta must be >= 0 (the improvement that resets "
                              f"eval.patience), got {self.min_delta}")

@@ -8,7 +8,9 @@ at EOS), decoded, and scored against the example's reference completion with
 ``ember.engine.metrics``. The reference's own tokens are passed to ``generate_ids`` as a
 speculative draft: the output is exactly greedy decoding's, but where the model agrees with the
 reference a row costs one forward pass instead of one per token (a fine-tuned model evaluates at
-close to the cost of its prompts).
+close to the cost of its prompts). A reasoning model's generation is scored by its answer, the
+text after its think block, against the reference's (``ember.engine.reasoning``,
+``eval.think_end``).
 
 Under torchrun both are shared out (``info``): each rank takes every N-th validation batch
 (``eval_batches``) or example, and as a sharded model's forward is a collective, a rank with less
@@ -39,6 +41,7 @@ from ember.engine.distributed import (
     eval_share,
 )
 from ember.engine.losses import sft_loss, sft_loss_tokens
+from ember.engine.reasoning import answer_text, generated_answer, resolve_think_end
 from ember.models.generate import (
     Knobs,
     config_stop_ids,
@@ -82,6 +85,10 @@ class GenerationResult:
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (prompt, pred, ref)
     seconds: float = 0.0
     examples: int = 0
+    # The samples' predictions as scored, where a think block was cut from them (``pred``: the
+    # whole generation, reasoning included); empty when generations are scored whole
+    answers: list[str] = field(default_factory=list)
+    unclosed: int = 0  # generations still in their think block at max_new_tokens: no answer
 
 
 def eval_plan(examples: list[Example], tokens_per_batch: int) -> list[list[int]]:
@@ -160,16 +167,20 @@ def validation_loss(model, examples: list[Example], tokens_per_batch: int, devic
 
 
 def generation_examples(model, examples: list[Example], max_new_tokens: int,
-                        max_examples: int | None = None, metric_names=()) -> list[Example]:
+                        max_examples: int | None = None, metric_names=(),
+                        think_end: str | None = "auto") -> list[Example]:
     """The examples generation metrics score: those with a prompt and a reference answer, the
     first ``max_examples``; EmberError when there are none, when a prompt and
     ``max_new_tokens`` do not fit the model's context, or when one of ``metric_names`` cannot
-    score a reference (json_match of a reference that is not JSON), naming its line."""
-    return _checked_examples(model, examples, max_new_tokens, max_examples, metric_names)[0]
+    score a reference (json_match of a reference that is not JSON, after its think block is
+    cut as ``think_end``, ``eval.think_end``, says), naming its line."""
+    return _checked_examples(model, examples, max_new_tokens, max_examples, metric_names,
+                             think_end)[0]
 
 
 def _checked_examples(model, examples: list[Example], max_new_tokens: int,
-                      max_examples: int | None, metric_names) -> tuple[list[Example], dict]:
+                      max_examples: int | None, metric_names, think_end: str | None = "auto"
+                      ) -> tuple[list[Example], dict]:
     """``generation_examples`` and the greedy knobs (``knob_defaults``) it checked, so that
     ``generation_eval`` decodes with the very knobs checked rather than building them twice."""
     if max_new_tokens < 1:  # every prediction would be empty: a score of nothing
@@ -185,9 +196,12 @@ def _checked_examples(model, examples: list[Example], max_new_tokens: int,
                          "= [] or give such a file")
     usable = usable[:max_examples]
     M.check_names(metric_names)  # an unknown name: said now, not after generating
+    # (without the tokenizer "auto" only finds the marker in references: those it cuts)
+    end = resolve_think_end(think_end, None, [e.reference for e in usable])
     for e in usable:
         for name in metric_names:
-            why = M.reference_error(name, e.reference)
+            why = M.reference_error(name, e.reference if end is None
+                                    else answer_text(e.reference, end))
             if why is not None:
                 raise EmberError(f"{e.source}: {why}")
     model_cfg = getattr(model, "cfg", None)
@@ -218,8 +232,11 @@ def _checked_examples(model, examples: list[Example], max_new_tokens: int,
 def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
                     max_new_tokens: int = 64, batch_size: int = 64, autocast=contextlib.nullcontext,
                     max_examples: int | None = None, show: int = 0,
-                    info: DistInfo | None = None) -> GenerationResult:
-    """Greedy completions of every example's prompt, scored against its reference. Under
+                    info: DistInfo | None = None, think_end: str | None = "auto"
+                    ) -> GenerationResult:
+    """Greedy completions of every example's prompt, scored against its reference; with a
+    think-end marker (``think_end``: ``eval.think_end``, ``ember.engine.reasoning``) the
+    answers after the think blocks are scored, of the generation and of the reference. Under
     torchrun (``info``) each rank completes a share of the examples (every N-th by prompt
     length, ``distributed.eval_share``) in as many batches as the others, decoding in lock step
     (``generate_ids``' ``sync``: a sharded forward is a collective); the predictions are
@@ -227,7 +244,8 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     if batch_size < 1:
         raise EmberError(f"the generation batch size must be >= 1, got {batch_size}")
     usable, greedy = _checked_examples(model, examples, max_new_tokens, max_examples,
-                                       metric_names)
+                                       metric_names, think_end)
+    end = resolve_think_end(think_end, tokenizer, [e.reference for e in usable])
     info = info or DistInfo()
     sync = None if not info.distributed else (lambda flag: any_rank(flag, info))
     t0 = time.perf_counter()
@@ -238,9 +256,11 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
     mine = [order[i] for i in share if i is not None]
     # Exact match is decided as soon as a row's text leaves its reference: stop that row there
     # (a base model that never says the answer costs a few decode steps, not max_new_tokens).
-    decidable = set(metric_names) <= PREFIX_DECIDABLE
+    # Not with think blocks cut: a later think-end marker starts the answer over.
+    decidable = set(metric_names) <= PREFIX_DECIDABLE and end is None
     spaces_may_go = _cleans_up(tokenizer)
-    preds: list[str] = [""] * len(usable)
+    # (generation, answer scored: None when its think block never closed)
+    preds: list[tuple[str, str | None]] = [("", "")] * len(usable)
     # transformers' generate(do_sample=False) applies the generation_config.json's
     # repetition_penalty (Qwen2.5-Instruct's 1.05), no_repeat_ngram_size, min_new_tokens,
     # bad_words_ids... to greedy decoding; drafts are verified against plain greedy choices
@@ -268,15 +288,19 @@ def generation_eval(model, tokenizer, examples: list[Example], metric_names, *,
                                    eos_token_ids=eos, pad_token_id=pad, should_stop=should_stop,
                                    drafts=drafts, sync=sync, **greedy)
             for i, ids in zip(idx, out, strict=True):
-                preds[i] = tokenizer.decode(ids, skip_special_tokens=True)
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                preds[i] = (text, text if end is None else
+                            generated_answer(tokenizer, usable[i].prompt_ids, ids, end))
     finally:
         model.train(was_training)
     if info.distributed:
         for part in all_gather_objects({i: preds[i] for i in mine}, info):
             for i, p in part.items():
                 preds[i] = p
-    refs = [e.reference for e in usable]
-    scores = M.compute(metric_names, preds, refs)
-    samples = [(tokenizer.decode(e.prompt_ids, skip_special_tokens=False), p, r)
+    refs = [e.reference if end is None else answer_text(e.reference, end) for e in usable]
+    scores = M.compute(metric_names, [a or "" for _, a in preds], refs)
+    samples = [(tokenizer.decode(e.prompt_ids, skip_special_tokens=False), p[0], r)
                for e, p, r in list(zip(usable, preds, refs, strict=True))[:show]]
-    return GenerationResult(scores, samples, time.perf_counter() - t0, len(usable))
+    answers = [] if end is None else [a or "" for _, a in preds[:show]]
+    return GenerationResult(scores, samples, time.perf_counter() - t0, len(usable), answers,
+                            sum(a is None for _, a in preds))

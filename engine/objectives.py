@@ -128,11 +128,12 @@ class SFT:
         return generation_eval(model, tokenizer, examples, ev.metrics,
                                max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
                                autocast=autocast, max_examples=ev.max_examples, show=ev.show,
-                               info=self.info)
+                               info=self.info, think_end=ev.think_end)
 
     def check_task_split(self, model, examples: list[Example], ev) -> None:
         """EmberError now, before training, when ``task_eval`` could not score ``examples``."""
-        generation_examples(model, examples, ev.max_new_tokens, ev.max_examples, ev.metrics)
+        generation_examples(model, examples, ev.max_new_tokens, ev.max_examples, ev.metrics,
+                            ev.think_end)
 
     def prepare(self, model, ds: Datasets, tokens_per_batch: int, device, autocast, echo, *,
                 prints: dict[str, str] | None = None) -> None:

@@ -368,7 +368,7 @@ class Trainer(EvalMixin):
         params = [p for g in opt.param_groups for p in g["params"]]
         scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         guard = NonFiniteGuard(cfg.guards.max_nonfinite_in_a_row)
-        self.last_samples, self.last_gen = [], None
+        self.last_samples, self.last_gen, self.last_answers = [], None, []
         ckpt_state = dict(batches=batches, guard=guard, scaler=scaler, base=self.base_print,
                           frozen=self.frozen_prints, base_files=self.base_files)
 
@@ -507,8 +507,7 @@ class Trainer(EvalMixin):
                       f"improvement in {cfg.eval.patience} evaluations")
         self.echo(f"after fine-tuning ({prog.step} steps, {prog.seconds:.0f} s): "
                   f"{format_scores(scores)}{self._gen_note()}")
-        for prompt, pred, ref in self.last_samples:
-            self.echo(f"  prompt: {prompt!r}\n  output: {pred!r}\n  answer: {ref!r}")
+        self._echo_samples()
         if cfg.checkpoint.save_final:
             self._checkpoint(opt, prog, ckpt_state)
         if cfg.eval.early_stopping and prog.best_step not in (None, prog.step):

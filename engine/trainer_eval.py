@@ -4,7 +4,7 @@ that the configured evaluation and early stopping can be made.
 
 ``Trainer`` (``engine/trainer.py``) inherits ``EvalMixin``; it sets the attributes used here
 (``cfg``, ``datasets``, ``objective``, ``model``, ``tokenizer``, ``device``, ``autocast``,
-``info``, ``log``, ``choice_set``, ``last_gen``, ``last_samples``).
+``info``, ``log``, ``choice_set``, ``last_gen``, ``last_samples``, ``last_answers``, ``echo``).
 """
 
 from __future__ import annotations
@@ -38,11 +38,21 @@ class EvalMixin:
             res = self.objective.task_eval(self.model, self.tokenizer, split[1], cfg.eval,
                                            self.autocast)
             scores.update(res.scores)
-            self.last_samples, self.last_gen = res.samples, (split[0], res.examples, res.seconds)
+            self.last_samples, self.last_gen = res.samples, (split[0], res.examples, res.seconds,
+                                                             res.unclosed)
+            self.last_answers = res.answers
         scores = broadcast_object(scores, self.info)  # early stopping decides alike everywhere
         if scores:
             self.log.write({"kind": "eval", "step": step, **scores})
         return scores
+
+    def _echo_samples(self) -> None:
+        """The last evaluation's (prompt, output, reference) samples, with the answer scored
+        where a think block was cut from the output."""
+        for k, (prompt, pred, ref) in enumerate(self.last_samples):
+            scored = self.last_answers[k] if k < len(self.last_answers) else None
+            cut = "" if scored is None else f"\n  scored: {scored!r}"
+            self.echo(f"  prompt: {prompt!r}\n  output: {pred!r}{cut}\n  answer: {ref!r}")
 
     def _check_eval_data(self) -> None:
         """Early stopping on a metric no evaluation can produce would never stop, an eval.split
@@ -84,5 +94,8 @@ class EvalMixin:
     def _gen_note(self) -> str:
         if self.last_gen is None:
             return ""
-        split, n, sec = self.last_gen
-        return f" ({n} {split} examples, {sec:.0f} s)"
+        split, n, sec, unclosed = self.last_gen
+        # a reasoning model cut off while thinking scores 0 there: say why, and what to raise
+        still = (f"; {unclosed} still in their think block at eval.max_new_tokens, scored as "
+                 "no answer: raise it") if unclosed else ""
+        return f" ({n} {split} examples, {sec:.0f} s{still})"
