@@ -466,6 +466,8 @@ def _effective(c: dict, fam: str, windowed: bool) -> dict:
         c.pop("partial_rotary_factor", None)  # ignored there (or refused with scaled RoPE)
     if c.get("partial_rotary_factor") == 1.0:
         c.pop("partial_rotary_factor")  # the default
+    if c.get("head_dim") == c["hidden_size"] // c["num_attention_heads"]:
+        c.pop("head_dim")  # the default (PhiConfig has no such field: written when it differs)
     for k in ("head_dim", "router_jitter_noise", "partial_rotary_factor"):
         if c.get(k) is None:
             c.pop(k, None)
