@@ -10,7 +10,8 @@ set, as effective values), then LoRA with random B on every linear layer: its PE
 loaded by PEFT on transformers' model and its merged export (``ember export --merged``)
 reloaded by transformers, both with Ember's logits. About 40% of the folders are rewritten in
 the transformers 4.x config.json style (``rope_theta`` / ``rope_scaling`` with either key,
-``torch_dtype``).
+``torch_dtype``; half the Gemma 2 / 3 ones whose layer_types follow a period: none, or
+``sliding_window_pattern``).
 
 One line per case: ``OK``, ``FAIL`` (with the mismatches), ``REFUSED`` (an EmberError: check
 that the message is right and transformers' checkpoints of the family do not set the field) or
@@ -293,6 +294,16 @@ def _to_4x_style_(path: Path, r: random.Random) -> None:
             raw["rope_scaling"] = rp
     if "dtype" in raw:
         raw["torch_dtype"] = raw.pop("dtype")
+    types, n = raw.get("layer_types"), raw["num_hidden_layers"]
+    if raw["model_type"] in ("gemma2", "gemma3_text") and types and r.random() < 0.5:
+        # the Hub's Gemma 2 / early Gemma 3 configs: no layer_types, every P-th layer global
+        for p in (2, 3, 4, 6) if raw["model_type"] == "gemma3_text" else (2,):
+            if types == ["sliding_attention" if (i + 1) % p else "full_attention"
+                         for i in range(n)]:
+                del raw["layer_types"]
+                if raw["model_type"] == "gemma3_text":
+                    raw["sliding_window_pattern"] = p
+                break
     raw["transformers_version"] = "4.46.0"
     path.write_text(json.dumps(raw, indent=2))
 
@@ -485,6 +496,7 @@ def _effective(c: dict, fam: str, windowed: bool) -> dict:
     # only builds no_rope_layers (which to_dict holds) when that is unset
     c.pop("no_rope_layer_interval", None)
     c.pop("output_router_logits", None)  # Ember's exports write false: see README (MoE)
+    c.pop("sliding_window_pattern", None)  # 4.x's: only builds layer_types (compared)
     return c
 
 
