@@ -176,7 +176,18 @@ def parse_gemma3_rope(raw: Mapping, max_pos: int, rotary_dim: int | None = None,
         full.pop("partial_rotary_factor", None)
     full.setdefault("rope_theta", get_float(raw, "rope_theta", 1_000_000.0))
     local.setdefault("rope_theta", get_float(raw, "rope_local_base_freq", 10_000.0))
-    theta, rs = parse_rope({"rope_parameters": full}, max_pos, "gemma3_text", rotary_dim)
+    unused_longrope = kind == "longrope" and partial not in (None, 1) and rotary_dim is not None
+    theta, rs = parse_rope({"rope_parameters": full}, max_pos, "gemma3_text",
+                           int(rotary_dim * partial) if unused_longrope else rotary_dim)
+    if unused_longrope:
+        # transformers checks the factor lists against the partial width and, with no
+        # full-attention layer, never builds the table; Ember rotates whole heads, where those
+        # lists do not fit: the unused scaling is dropped (an export writes the default RoPE)
+        warnings.warn(
+            f"config.json: Gemma 3's LongRoPE with partial_rotary_factor={partial} is unused "
+            "(no layer uses full attention) and dropped, as transformers never builds it; an "
+            "export writes the default RoPE for the full-attention layers", stacklevel=2)
+        rs = None
     local_theta, local_rs = parse_rope({"rope_parameters": local}, max_pos, "gemma3_text",
                                        rotary_dim)
     if local_rs is not None:

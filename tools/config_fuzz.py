@@ -6,8 +6,12 @@ logits at T = 1, 7, 13 (past the sliding windows of 5), KV-cache decode against 
 incremental forward, the next-token loss and every weight's gradient, a left- and right-padded
 batch (attention_mask, positions counted from each row's first real token), Ember's export
 reloaded by transformers (same logits) and its config read back (the fields the original
-set, as effective values). About 40% of the folders are rewritten in the transformers 4.x
-config.json style (``rope_theta`` / ``rope_scaling`` with either key, ``torch_dtype``).
+set, as effective values), then LoRA with random B on every linear layer: its PEFT adapter
+loaded by PEFT on transformers' model and its merged export (``ember export --merged``)
+reloaded by transformers, both with Ember's logits. About 40% of the folders are rewritten in
+the transformers 4.x config.json style (``rope_theta`` / ``rope_scaling`` with either key,
+``torch_dtype``; half the Gemma 2 / 3 ones whose layer_types follow a period: none, or
+``sliding_window_pattern``).
 
 One line per case: ``OK``, ``FAIL`` (with the mismatches), ``REFUSED`` (an EmberError: check
 that the message is right and transformers' checkpoints of the family do not set the field) or
@@ -38,7 +42,10 @@ import transformers
 
 from ember import EmberError
 from ember.models.hf import from_hf_state_dict
+from ember.models.hf_rope import longrope_attention_factor, yarn_mscale
 from ember.models.loading import load_pretrained, save_pretrained
+from ember.models.lora import LoRAConfig, apply_lora, merge_lora
+from ember.models.peft_adapter import save_adapter
 from ember.models.transformer import KVCache
 
 CLASSES = dict(
@@ -54,15 +61,21 @@ _LAYER_KINDS = ("sliding_attention", "full_attention")
 
 
 def _rope(r: random.Random, fam: str, kw: dict, head_dim: int) -> dict:
-    kind = r.choice(["default", "default", "linear", "dynamic", "llama3", "yarn", "longrope"])
+    kinds = ["default", "default", "linear", "dynamic", "llama3", "yarn", "longrope"]
+    if fam == "phi3":  # Phi3Config accepts no other (yarn is read as longrope), and checks
+        # LongRoPE's factors against hidden_size / heads where its model uses head_dim
+        plain = kw.get("head_dim", head_dim) == kw["hidden_size"] // kw["num_attention_heads"]
+        kinds = ["default", "longrope"] if plain else ["default"]
+    kind = r.choice(kinds)
     rp = {"rope_type": kind, "rope_theta": r.choice([10000.0, 500000.0, 1e6, 123.0])}
     if kind in ("linear", "dynamic"):
         rp["factor"] = r.choice([2.0, 4.0])
     elif kind == "llama3":
+        low, high = r.choice([(1.0, 4.0), (2.0, 8.0), (0.5, 1.5)])
         rp.update(
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
+            factor=r.choice([8.0, 2.0, 32.0]),
+            low_freq_factor=low,
+            high_freq_factor=high,
             original_max_position_embeddings=r.choice([4, 8, 16]),
         )
     elif kind == "yarn":
@@ -73,19 +86,27 @@ def _rope(r: random.Random, fam: str, kw: dict, head_dim: int) -> dict:
             rp.update(beta_fast=16.0, beta_slow=2.0)
         if r.random() < 0.3:
             rp["attention_factor"] = 1.3
+        elif r.random() < 0.3:  # DeepSeek-style: attention_factor from the ratio of two mscales
+            rp.update(mscale=r.choice([0.707, 1.0]), mscale_all_dim=r.choice([0.707, 1.0, 0.0]))
+        if r.random() < 0.25:
+            rp["truncate"] = False  # gpt-oss
     elif kind == "longrope":
-        n = int(head_dim * kw.get("partial_rotary_factor", 1.0)) // 2
+        n = int(head_dim * kw.get("partial_rotary_factor", 0.5 if fam == "phi" else 1.0)) // 2
         rp.update(
             short_factor=[1.0 + 0.1 * i for i in range(n)],
             long_factor=[1.5 + 0.2 * i for i in range(n)],
             original_max_position_embeddings=r.choice([4, 8]),
         )
         kw["max_position_embeddings"] = r.choice([16, 64])
+        if r.random() < 0.3:
+            rp["factor"] = r.choice([1.0, 3.0, 32.0])  # else max_pos / original
+        if r.random() < 0.3:
+            rp["attention_factor"] = r.choice([1.0, 1.19])
     if fam == "gemma3_text":
-        return {
-            "full_attention": rp,
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-        }
+        local = {"rope_type": "default", "rope_theta": r.choice([10000.0, 10000.0, 1e6, 77.0])}
+        if r.random() < 0.15:  # a scaled local RoPE too (transformers builds a table per kind)
+            local.update(rope_type="linear", factor=r.choice([2.0, 8.0]))
+        return {"full_attention": rp, "sliding_attention": local}
     return rp
 
 
@@ -110,6 +131,10 @@ def draw(fam: str, r: random.Random) -> dict:
         or fam in ("qwen3", "gemma", "gemma2", "gemma3_text", "ministral", "mixtral")
     ):
         kw["head_dim"] = r.choice([8, 16, 24, 40, 80, 96, 120, hidden // heads])
+    if fam == "phi" and r.random() < 0.4:
+        # odd widths too: only int(head_dim * partial_rotary_factor) must be even. (Phi3Config
+        # checks LongRoPE's factors against hidden_size / heads whatever head_dim says.)
+        kw["head_dim"] = r.choice([5, 9, 10, 12, 20])
     hd = kw.get("head_dim", hidden // heads)
     V = kw["vocab_size"]
     c = r.random()
@@ -125,10 +150,11 @@ def draw(fam: str, r: random.Random) -> dict:
         kw.update(pad_token_id=-1)
     if fam in ("smollm3", "phi3") and "pad_token_id" not in kw:  # class defaults past V
         kw["pad_token_id"] = r.choice([None, V - 2])
-    if fam in ("phi3", "phi") and r.random() < 0.5:
-        even = [p for p in (0.25, 0.4, 0.5, 0.75) if int(hd * p) % 2 == 0 and int(hd * p) >= 2]
-        if even:
-            kw["partial_rotary_factor"] = r.choice(even)
+    even = [p for p in (0.25, 0.4, 0.5, 0.75) if int(hd * p) % 2 == 0 and int(hd * p) >= 2]
+    if fam in ("phi3", "phi") and even and r.random() < 0.5:
+        kw["partial_rotary_factor"] = r.choice(even)
+    if fam == "phi" and int(hd * 0.5) % 2 and even:
+        kw["partial_rotary_factor"] = r.choice(even)  # not the default 0.5: an odd rotary dim
     kw["rope_parameters"] = _rope(r, fam, kw, hd)
     rp = kw["rope_parameters"]
     if (
@@ -186,7 +212,8 @@ def draw(fam: str, r: random.Random) -> dict:
         )
     if fam == "phi":
         kw.update(
-            qk_layernorm=r.random() < 0.5,
+            # transformers sizes the q/k LayerNorms hidden_size / heads: no other head_dim
+            qk_layernorm=r.random() < (0.1 if "head_dim" in kw else 0.5),
             hidden_act="gelu_new",
             layer_norm_eps=kw.pop("rms_norm_eps"),
         )
@@ -205,6 +232,35 @@ def draw(fam: str, r: random.Random) -> dict:
             kw["shared_expert_intermediate_size"] = r.choice([0, 20, 48])
     if r.random() < 0.2 and not fam.startswith("gemma") and fam != "phi":
         kw["hidden_act"] = r.choice(["gelu_pytorch_tanh", "swish", "gelu_new"])
+    if fam == "phi" and r.random() < 0.2:
+        kw["hidden_act"] = r.choice(["gelu_fast", "gelu_pytorch_tanh", "gelu", "relu"])
+    if fam == "gemma" and r.random() < 0.3:  # Gemma 1 released with "gelu": the tanh GELU there
+        kw["hidden_act"] = r.choice(["gelu", "gelu_new"])
+        if r.random() < 0.5:
+            kw["hidden_activation"] = r.choice([None, "gelu_pytorch_tanh", "gelu"])
+    if fam in ("gemma2", "gemma3_text") and r.random() < 0.2:
+        kw["hidden_activation"] = r.choice(["gelu_new", "gelu", "silu"])
+    if fam == "gemma3_text" and r.random() < 0.3:
+        kw["attn_logit_softcapping"] = r.choice([2.0, 50.0])
+    if fam == "gemma3_text" and r.random() < 0.15:
+        # no full-attention layer: transformers never builds that table, so a partial factor
+        # with a scaled RoPE (which fails on a full-attention layer) runs; LongRoPE's lists are
+        # checked against the partial width
+        kw["layer_types"] = ["sliding_attention"] * layers
+        full = kw["rope_parameters"]["full_attention"]
+        full["partial_rotary_factor"] = 0.5
+        if full["rope_type"] == "longrope":
+            n = int(hd * 0.5) // 2
+            full.update(short_factor=full["short_factor"][:n], long_factor=full["long_factor"][:n])
+    if fam == "smollm3" and r.random() < 0.3:  # the every-nth-layer form (SmolLM3-3B: 4)
+        kw.pop("no_rope_layers")
+        kw["no_rope_layer_interval"] = r.choice([2, 3])
+    if fam == "smollm3" and kw.get("use_sliding_window") and r.random() < 0.5:
+        kw["layer_types"] = kinds
+    if fam == "mixtral" and r.random() < 0.3:  # the load-balancing loss (not in the logits)
+        kw.update(output_router_logits=True, router_aux_loss_coef=r.choice([0.001, 0.02]))
+    if fam in ("qwen2", "qwen3") and "use_sliding_window" not in kw and r.random() < 0.2:
+        kw["layer_types"] = ["full_attention"] * layers  # the field without a window
     if r.random() < 0.2:
         kw["attention_dropout"] = 0.1  # eval forwards: no effect
     if r.random() < 0.2:
@@ -238,6 +294,16 @@ def _to_4x_style_(path: Path, r: random.Random) -> None:
             raw["rope_scaling"] = rp
     if "dtype" in raw:
         raw["torch_dtype"] = raw.pop("dtype")
+    types, n = raw.get("layer_types"), raw["num_hidden_layers"]
+    if raw["model_type"] in ("gemma2", "gemma3_text") and types and r.random() < 0.5:
+        # the Hub's Gemma 2 / early Gemma 3 configs: no layer_types, every P-th layer global
+        for p in (2, 3, 4, 6) if raw["model_type"] == "gemma3_text" else (2,):
+            if types == ["sliding_attention" if (i + 1) % p else "full_attention"
+                         for i in range(n)]:
+                del raw["layer_types"]
+                if raw["model_type"] == "gemma3_text":
+                    raw["sliding_window_pattern"] = p
+                break
     raw["transformers_version"] = "4.46.0"
     path.write_text(json.dumps(raw, indent=2))
 
@@ -322,6 +388,40 @@ def _compare(model, hf, V: int, g: torch.Generator, probs: list[str]) -> None:
         probs.append(f"padded batch: {d:.3g}")
 
 
+def _lora_exports(model, hf, folder: Path, ids: torch.Tensor, seed: int, probs: list[str]
+                  ) -> None:
+    """LoRA (random B) on every linear layer: the PEFT adapter Ember writes, loaded by PEFT on
+    transformers' model, gives Ember's logits; so does the merged export (``ember export
+    --merged``) reloaded by transformers."""
+    import peft
+
+    g = torch.Generator().manual_seed(seed)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        ours = model(ids)
+    adapter = folder.with_name(folder.name + "-adapter")
+    try:
+        save_adapter(model, adapter)
+    except EmberError:  # a dense MLP of a Qwen3-MoE: PEFT 0.21 would retarget it (README)
+        adapter = None
+    if adapter is not None:
+        with torch.no_grad():
+            theirs = _fresh(peft.PeftModel.from_pretrained(hf, adapter).eval())(ids).logits
+        d = (ours - theirs).abs().max().item()
+        if not d <= ATOL:
+            probs.append(f"LoRA adapter in PEFT: {d:.3g}")
+    merge_lora(model)
+    save_pretrained(model, folder.with_name(folder.name + "-merged"))
+    with torch.no_grad():
+        d = (ours - _fresh(_hf_load(folder.with_name(folder.name + "-merged")))(ids).logits
+             ).abs().max().item()
+    if not d <= ATOL:
+        probs.append(f"merged export in transformers: {d:.3g}")
+
+
 _ALIASES = {"swish": "silu", "gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
 
 
@@ -333,8 +433,9 @@ def _effective(c: dict, fam: str, windowed: bool) -> dict:
         if k
         not in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype")
     }
-    if c.get("hidden_act") in _ALIASES:
-        c["hidden_act"] = _ALIASES[c["hidden_act"]]
+    for key in ("hidden_act", "hidden_activation"):
+        if c.get(key) in _ALIASES:
+            c[key] = _ALIASES[c[key]]
     rp = c.get("rope_parameters")
     if isinstance(rp, dict):
         rp = c["rope_parameters"] = dict(rp)
@@ -352,6 +453,21 @@ def _effective(c: dict, fam: str, windowed: bool) -> dict:
                     d.pop(key)
             if fam == "gemma3_text":
                 d.pop("partial_rotary_factor", None)  # never applied (or refused: hf_gemma)
+            if d.get("rope_type") == "longrope":  # the derived values when left out
+                orig = d.get("original_max_position_embeddings") or c.get(
+                    "original_max_position_embeddings", c["max_position_embeddings"])
+                d.setdefault("factor", c["max_position_embeddings"] / orig)
+                d.setdefault("attention_factor", longrope_attention_factor(d["factor"], orig))
+            if d.get("rope_type") == "yarn":  # transformers' _compute_yarn_parameters defaults
+                d.update(beta_fast=d.get("beta_fast") or 32.0, beta_slow=d.get("beta_slow") or 1.0)
+                d.setdefault("truncate", True)
+                if fam == "gemma3_text":  # read beside the per-layer-type dicts: always true
+                    d["truncate"] = True
+                ms, ms_all = d.pop("mscale", None), d.pop("mscale_all_dim", None)
+                if d.get("attention_factor") is None:
+                    d["attention_factor"] = (yarn_mscale(d["factor"], ms)
+                                             / yarn_mscale(d["factor"], ms_all)
+                                             if ms and ms_all else yarn_mscale(d["factor"]))
     if fam == "phi3" and (rp or {}).get("rope_type") != "longrope":
         c.pop("original_max_position_embeddings", None)
     if not windowed or not c.get("use_sliding_window", True):
@@ -361,13 +477,26 @@ def _effective(c: dict, fam: str, windowed: bool) -> dict:
         c.pop("partial_rotary_factor", None)  # ignored there (or refused with scaled RoPE)
     if c.get("partial_rotary_factor") == 1.0:
         c.pop("partial_rotary_factor")  # the default
+    if c.get("head_dim") == c["hidden_size"] // c["num_attention_heads"]:
+        c.pop("head_dim")  # the default (PhiConfig has no such field: written when it differs)
     for k in ("head_dim", "router_jitter_noise", "partial_rotary_factor"):
         if c.get(k) is None:
             c.pop(k, None)
-    if fam.startswith("gemma"):
+    if fam in ("gemma2", "gemma3_text"):
         c.pop("hidden_act", None)  # Gemma 2/3 compute hidden_activation
+    if fam == "gemma":
+        c.pop("hidden_activation", None)  # 4.x's field: transformers 5 computes hidden_act
+    if fam == "gemma3_text":
+        c.pop("attn_logit_softcapping", None)  # read and never applied by transformers' Gemma 3
+        if "full_attention" not in (c.get("layer_types") or ["full_attention"]):
+            full = rp["full_attention"]  # a table transformers never builds
+            rp["full_attention"] = {"rope_type": "default", "rope_theta": full["rope_theta"]}
     if c.get("layer_types") is not None:
         c.pop("max_window_layers", None)  # transformers ignores it when layer_types is given
+    # only builds no_rope_layers (which to_dict holds) when that is unset
+    c.pop("no_rope_layer_interval", None)
+    c.pop("output_router_logits", None)  # Ember's exports write false: see README (MoE)
+    c.pop("sliding_window_pattern", None)  # 4.x's: only builds layer_types (compared)
     return c
 
 
@@ -414,6 +543,7 @@ def run_case(fam: str, seed: int, tmp: Path) -> tuple[str, dict, list[str]]:
             d = (_fresh(_hf_load(export))(ids).logits - _fresh(hf)(ids).logits).abs().max()
         if not d.item() <= ATOL:
             probs.append(f"export's logits in transformers: {d.item():.3g}")
+        _lora_exports(model, hf, export, ids, seed, probs)
         windowed = model.cfg.sliding_window is not None
         c1, c2 = (
             _effective(transformers.AutoConfig.from_pretrained(f).to_dict(), fam, windowed)

@@ -441,3 +441,22 @@ def test_gemma3_partial_rotary_with_a_scaled_rope_and_no_full_attention_layer(tm
         model, _ = load_pretrained(folder)
     assert set(model.cfg.layer_types) == {"sliding_attention"}
     _grad_and_export_parity(tmp_path, folder, model)
+
+
+def test_gemma3_unused_longrope_sized_by_partial_rotary_is_dropped(tmp_path):
+    """LongRoPE factor lists sized by partial_rotary_factor (4 = 16 x 0.5 / 2) with every layer
+    sliding: transformers checks the lists against the partial width and never builds the table;
+    Ember refused the config (it checked them against the whole head, 8). Now the unused scaling
+    is dropped, with a warning, and logits, gradients and export match transformers."""
+    folder = _save(tmp_path, "gemma3_legacy")
+    path = folder / "config.json"
+    rope = {"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.4, 1.6],
+            "long_factor": [2.0, 3.0, 4.0, 5.0], "original_max_position_embeddings": 8}
+    path.write_text(json.dumps({**json.loads(path.read_text()), "partial_rotary_factor": 0.5,
+                                "rope_scaling": rope, "layer_types": ["sliding_attention"] * 4}))
+    with pytest.warns(UserWarning, match="LongRoPE with partial_rotary_factor=0.5 is unused"):
+        model, _ = load_pretrained(folder)
+    assert model.cfg.rope_scaling is None and model.cfg.rope_theta == 5000
+    _grad_and_export_parity(tmp_path, folder, model)
+    with pytest.raises(EmberError, match="partial_rotary_factor=0.5 .* full-attention layers"):
+        config_from_hf({**json.loads(path.read_text()), "layer_types": None})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gguf import MODEL_ARCH, GGUFWriter, get_tensor_name_map
+from gguf import MODEL_ARCH, GGUFReader, GGUFWriter, get_tensor_name_map
 
 from ember import EmberError
 from ember.models.gguf import import_gguf, load_gguf
@@ -20,9 +20,11 @@ from tests.models.test_gguf import VOCAB, _put, tiny_tokenizer_md
 transformers = pytest.importorskip("transformers")
 
 
-def _hf(partial: float, seed: int):
-    cfg = transformers.PhiConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256,
-                                 num_hidden_layers=2, num_attention_heads=4,
+def _hf(partial: float, seed: int, hidden: int = 64, heads: int = 4):
+    # intermediate 4 x hidden: the converter writes feed_forward_length = 4 x n_embd
+    cfg = transformers.PhiConfig(vocab_size=VOCAB, hidden_size=hidden,
+                                 intermediate_size=4 * hidden, num_hidden_layers=2,
+                                 num_attention_heads=heads,
                                  partial_rotary_factor=partial, max_position_embeddings=128,
                                  layer_norm_eps=1e-5)
     cfg._attn_implementation = "eager"
@@ -116,3 +118,25 @@ def test_export_reads_back_exactly_and_refuses_what_phi2_cannot_hold(tmp_path):
         other = Transformer(cfg.replace(**change))
         with pytest.raises(EmberError, match="phi2 architecture has no q/k LayerNorms"):
             save_gguf(other, tok, tmp_path / "bad.gguf")
+
+
+def test_odd_head_dim_converter_file_and_export(tmp_path):
+    """head_dim 5 (hidden 40 / 8 heads) with partial_rotary_factor 0.4: 2 rotated dims, 3 passed
+    through. The converter's rope.dimension_count, int(0.4 x 40) // 8 = 2, is Ember's
+    rotary_dim; its file runs as the HF model does, and Ember's export of it reads back exactly
+    with the same count (an odd width was untested)."""
+    hf = _hf(0.4, seed=3, hidden=40, heads=8)
+    write_phi2_gguf(tmp_path / "m.gguf", hf, fused=True)
+    cfg, sd, tok = load_gguf(tmp_path / "m.gguf")
+    assert (cfg.head_dim, cfg.rotary_dim) == (5, 2)
+    ids = _ids()
+    with torch.no_grad():
+        assert (_logits(cfg, sd, ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    model = Transformer(cfg).eval()
+    model.load_state_dict(sd)
+    save_gguf(model, tok, tmp_path / "out.gguf", dtype="f32")
+    fields = GGUFReader(tmp_path / "out.gguf").fields
+    assert fields["phi2.rope.dimension_count"].parts[-1][0] == 2
+    assert "phi2.attention.key_length" not in fields  # n_embd / n_head, llama.cpp's default
+    cfg2, sd2, _ = load_gguf(tmp_path / "out.gguf")
+    assert cfg2 == cfg and all(torch.equal(sd2[k], sd[k]) for k in sd)
