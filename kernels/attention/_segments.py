@@ -33,17 +33,20 @@ class Layout(NamedTuple):
     """Where a packing's tokens go: ``idx`` (n, L) the token of each segment slot (padding repeats
     the segment's first token), ``hidden`` (n, 1, 1, L, L) True where a slot must not see
     another, ``take`` the real slots' flat positions in (n * L) and ``tokens`` their tokens
-    (ascending: segments keep the documents' order), ``alone`` the long documents' indices."""
+    (ascending: segments keep the documents' order), ``alone`` the long documents' indices;
+    ``dense``: the segments are the tokens 0..total-1 in order without padding (rows of a packer
+    filled to one length), so (total, H, D) is reshaped rather than gathered and scattered."""
 
     idx: torch.Tensor | None
     hidden: torch.Tensor | None
     take: torch.Tensor | None
     tokens: torch.Tensor | None
     alone: tuple[int, ...]
+    dense: bool = False
 
 
 def plan_segments(lens: list[int], segment: int = SEGMENT) -> tuple[list[list[int]], list[int]]:
-    """(segments as lists of document indices, consecutive, each at most ``segment`` tokens;
+    """(segments as lists of document indices in order, each at most ``segment`` tokens;
     the indices of documents longer than that, attended alone). Empty documents are dropped."""
     segs: list[list[int]] = []
     alone: list[int] = []
@@ -87,8 +90,9 @@ def layout(bounds: tuple[int, ...], causal: bool, window: int | None,
         diff = pos[:, None] - pos[None, :]
         keep &= (diff < window) if causal else (diff.abs() < window)
     take = (doc >= 0).reshape(-1).nonzero().reshape(-1)
+    dense = not alone and take.numel() == idx.numel() == bounds[-1] and bounds[0] == 0
     return Layout(idx.to(device), (~keep)[:, None, None].to(device), take.to(device),
-                  idx.reshape(-1)[take].to(device), tuple(alone))
+                  idx.reshape(-1)[take].to(device), tuple(alone), dense)
 
 
 def segment_attention(q, k, v, lay: Layout, *, scale: float, softcap: float | None):
@@ -99,13 +103,15 @@ def segment_attention(q, k, v, lay: Layout, *, scale: float, softcap: float | No
     g = hq // hkv
     with torch.autocast(q.device.type, enabled=False):
         # (n, L, H, D) -> (n, Hkv, g * L, D): the g query heads of a kv head stacked, no k/v copy
-        qs = q[lay.idx].float().permute(0, 2, 1, 3).reshape(n, hkv, g * length, d)
-        ks = k[lay.idx].float().permute(0, 2, 3, 1)  # (n, Hkv, D, L)
-        vs = v[lay.idx].float().transpose(1, 2)  # (n, Hkv, L, D)
+        qs, ks, vs = ((t.reshape(n, length, *t.shape[1:]) if lay.dense else t[lay.idx]).float()
+                      for t in (q, k, v))
+        qs = qs.permute(0, 2, 1, 3).reshape(n, hkv, g * length, d)
+        ks = ks.permute(0, 2, 3, 1)  # (n, Hkv, D, L)
+        vs = vs.transpose(1, 2)  # (n, Hkv, L, D)
         s = torch.matmul(qs, ks).view(n, hkv, g, length, length) * scale
         if softcap is not None:
             s = softcap * torch.tanh(s / softcap)
         p = torch.softmax(s.masked_fill(lay.hidden, float("-inf")), dim=-1)
         out = torch.matmul(p.view(n, hkv, g * length, length), vs)  # (n, Hkv, g * L, D)
     out = out.view(n, hq, length, d).transpose(1, 2).reshape(n * length, hq, d)
-    return out.index_select(0, lay.take)
+    return out if lay.dense else out.index_select(0, lay.take)
