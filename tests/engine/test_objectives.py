@@ -219,7 +219,7 @@ def test_dpo_loss_types_train(tiny, prefs, tmp_path, sets):
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
-@pytest.mark.parametrize("objective", ["dpo", "kto"])
+@pytest.mark.parametrize("objective", ["dpo", "kto", "cpo"])
 def test_ember_eval_of_a_preference_run_scores_it_as_training_did(tiny, prefs, tmp_path,
                                                                   objective, capsys):
     """``ember eval RUN --data pairs.jsonl`` on a DPO / KTO run reports the run's own validation
