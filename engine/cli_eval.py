@@ -152,7 +152,7 @@ def _generation_defaults(a) -> None:
 
 def eval_preference_run(run_dir: str, model, tok, data: str, device: str, autocast, a
                          ) -> dict | None:
-    """A DPO / ORPO / SimPO / KTO run's validation scores on ``data`` (its own line format and
+    """A DPO / ORPO / SimPO / CPO / KTO run's validation scores on ``data`` (its own line format and
     metrics, against its reference, as its evaluations during training); None for other runs
     and for a file of plain SFT lines (scored as any run's test split, as ``data.test`` takes)."""
     from dataclasses import replace
@@ -164,7 +164,7 @@ def eval_preference_run(run_dir: str, model, tok, data: str, device: str, autoca
     from ember.engine.runtime import build_model, resolve
 
     cfg = load_config(run_dir)
-    if cfg.objective not in ("dpo", "orpo", "simpo", "kto"):
+    if cfg.objective not in ("dpo", "orpo", "simpo", "cpo", "kto"):
         return None
     if not {"label", "chosen", "rejected"} & (first_record(data) or {}).keys():
         return None  # plain SFT lines, as the run's data.test takes them: loss and metrics

@@ -159,7 +159,7 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
         note("prompt_tuning", given("prompt_tuning", ("num_virtual_tokens", "init", "init_text")),
              "the prompt continued from model.init keeps its own length and weights (they apply "
              "to a new prompt)")
-    for section in ("distill", "dpo", "orpo", "simpo", "kto"):
+    for section in ("distill", "dpo", "orpo", "simpo", "cpo", "kto"):
         if cfg.objective != section:
             note(section, given(section), f'they apply to objective = "{section}", this run\'s '
                  f'objective is "{cfg.objective}"')
@@ -168,6 +168,8 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
              'it applies to dpo.f_divergence_type = "alpha_divergence"')
     if cfg.objective == "dpo" and "discopop" not in cfg.dpo.loss_types:
         note("dpo", given("dpo", ("discopop_tau",)), 'it applies to dpo.loss_type "discopop"')
+    if cfg.objective == "cpo" and cfg.cpo.loss_type != "simpo":
+        note("cpo", given("cpo", ("simpo_gamma",)), 'it applies to cpo.loss_type "simpo"')
     if cfg.head.type is None:
         note("head", given("head", ("labels", "label_field", "center_rewards_coefficient")),
              'they apply to a task head ([head] type = "classification", "reward" or '

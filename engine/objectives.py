@@ -5,8 +5,8 @@
                ``T^2 * KL`` to a frozen teacher (``[distill]``); both terms are token-weighted
                over the whole accumulated step, like SFT.
 ``"kto"``      unpaired completions labelled desirable or not: ``engine/kto.py``.
-``"dpo"``, ``"orpo"``, ``"simpo"``  preference pairs (data lines {"prompt", "chosen",
-               "rejected"}; ``[dpo]``, ``[orpo]``, ``[simpo]``):
+``"dpo"``, ``"orpo"``, ``"simpo"``, ``"cpo"``  preference pairs (data lines {"prompt",
+               "chosen", "rejected"}; ``[dpo]``, ``[orpo]``, ``[simpo]``, ``[cpo]``):
                ``engine/preference_objectives.py``, imported here only by ``make_objective``
                (it builds on ``SFT``).
 
@@ -43,7 +43,7 @@ from ember.models.prompt_tuning import num_virtual_tokens
 if TYPE_CHECKING:
     from ember.engine.config import TrainConfig
 
-PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo")  # engine/preference_objectives.py
+PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo", "cpo")  # engine/preference_objectives.py
 OBJECTIVES = ("sft", "distill", *PREFERENCE_OBJECTIVES, "kto")  # kto: engine/kto.py
 
 
@@ -151,8 +151,8 @@ class SFT:
                                  "lines {\"prompt\", \"chosen\", \"rejected\"}; this " + split
                                  + " line is not one")
             raise EmberError(f"{bad.source}: a preference line (chosen/rejected) in the {split} "
-                             "data; set objective = \"dpo\", \"orpo\" or \"simpo\" to train on "
-                             "preference pairs (or, for a file that also has the chosen "
+                             "data; set objective = \"dpo\", \"orpo\", \"simpo\" or \"cpo\" to "
+                             "train on preference pairs (or, for a file that also has the chosen "
                              "conversation as \"messages\", data.format = \"messages\")")
 
     def begin_step(self, micro: list, reduce: Callable[[list[float]], list[float]], model=None,

@@ -1,4 +1,4 @@
-"""Preference lines (``objective`` "dpo", "orpo", "simpo"): parsing and encoding one pair.
+"""Preference lines (``objective`` "dpo", "orpo", "simpo", "cpo"): parsing and encoding one pair.
 
 Four shapes, as TRL's preference datasets have them:
 
@@ -21,8 +21,8 @@ render of prompt + answer less the prompt's; earlier assistant turns are part of
 Other shapes (a user turn after the prompt) are refused. A chat pair's ``tools`` (the JSON
 schemas of the tools it may call) and ``chat_template_kwargs`` (template variables) go to the
 template with both documents, as TRL passes them. That is TRL's DPO rule (objective "dpo");
-"orpo" and "simpo" tokenize as TRL's ORPO and CPO trainers (``encode_pair``'s rule "cpo": a BOS
-first and an EOS after each answer, the template's tail included).
+"orpo", "simpo" and "cpo" tokenize as TRL's ORPO and CPO trainers (``encode_pair``'s rule "cpo":
+a BOS first and an EOS after each answer, the template's tail included).
 """
 
 from __future__ import annotations
@@ -213,7 +213,8 @@ def encode_pair(enc, pair: Pair, rule: str = "dpo") -> list[tuple]:
     ``enc`` (``ember.engine.encoder._Encoder``). ``rule`` "dpo" (objective "dpo": TRL 1.x's DPO
     ``tokenize_fn``): a string pair's answers both start at the earlier of the two points where
     its texts' tokens leave the prompt's, as TRL takes the shorter common prefix for both;
-    "cpo" (objectives "orpo" and "simpo"): TRL's ORPO / CPO ``tokenize_row`` (``_encode_cpo``)."""
+    "cpo" (objectives "orpo", "simpo", "cpo"): TRL's ORPO / CPO ``tokenize_row``
+    (``_encode_cpo``)."""
     if rule == "cpo":
         return _encode_cpo(enc, pair)
     docs = [encode_answer(enc, pair.prompt, a, tools=pair.tools,

@@ -65,6 +65,14 @@ as ``gamma_beta_ratio = gamma / beta``). AlphaPO (Gupta et al. 2025; TRL ``CPOCo
 with ``alpha`` != 0 each ``a`` is first replaced by ``(1 - p^-alpha) / alpha`` with ``p = exp(a)``,
 in the margin and the rewards (alpha -> 0 gives ``a`` back).
 
+CPO (``cpo_loss``; Xu et al. 2024, TRL ``CPOTrainer``) is reference-free: on the answers'
+log-probs ``x`` (summed for sigmoid and hinge, per-token means for ipo and simpo, as TRL takes
+them), ``m = x_c - x_r``: ``sigmoid`` ``-(1 - e) log s(beta m) - e log s(-beta m)`` (CPO's eq. 3),
+``hinge`` ``relu(1 - beta m)``, ``ipo`` ``(m - 1 / (2 beta))^2``, ``simpo`` SimPO's loss above;
+rewards ``beta * x``; ``alpha`` != 0 replaces each ``x`` by AlphaPO's ``(1 - exp(x)^-alpha) /
+alpha`` first (every loss type, as TRL). The objective adds ``cpo_alpha`` times the chosen
+answers' NLL (CPO's behaviour-cloning term).
+
 KTO (``kto_loss``; Ethayarajh et al. 2024, TRL ``KTOTrainer``) on unpaired completions, each
 desirable or not, with summed log-probs: ``r = pi - ref``, ``z = max(KL, 0)`` (detached; the
 estimate from mismatched pairs, ``engine/kto.py``), desirable ``w_d (1 - s(beta (r - z)))``,
@@ -92,6 +100,8 @@ PER_TOKEN = ("ipo", "sigmoid_norm")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
                            "discopop")
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+CPO_MEAN_LOSS_TYPES = ("ipo", "simpo")  # on per-token mean log-probs (TRL's average_log_prob)
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 _LN2 = math.log(2.0)
 
@@ -297,6 +307,35 @@ def simpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, beta: flo
         rejected_mean = -torch.expm1(-alpha * rejected_mean) / alpha
     losses = _smoothed(beta * (chosen_mean - rejected_mean) - gamma, label_smoothing)
     return PairLosses(losses, beta * chosen_mean.detach(), beta * rejected_mean.detach())
+
+
+def cpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float = 0.1,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0, gamma: float = 0.5,
+             alpha: float = 0.0) -> PairLosses:
+    """TRL's ``CPOTrainer.cpo_loss``: the per-pair losses and rewards of ``loss_type`` from the
+    answers' log-probs, summed for "sigmoid" and "hinge", per-token means for "ipo" and "simpo"
+    (``CPO_MEAN_LOSS_TYPES``, as TRL's ``concatenated_forward`` averages them); ``gamma`` is
+    "simpo"'s target margin, ``alpha`` != 0 AlphaPO's reward shape for every loss type."""
+    if loss_type == "simpo":
+        return simpo_loss(chosen, rejected, beta, gamma, label_smoothing, alpha)
+    if loss_type not in CPO_LOSS_TYPES:
+        raise EmberError(f"cpo loss_type must be one of {_names(CPO_LOSS_TYPES)}, got "
+                         f"{loss_type!r}")
+    if not beta > 0:
+        raise EmberError(f"cpo beta must be > 0, got {beta}")
+    if not 0 <= label_smoothing < 0.5 or (label_smoothing and loss_type != "sigmoid"):
+        raise EmberError(f"cpo label_smoothing must be in [0, 0.5) and applies to loss_type "
+                         f"\"sigmoid\" or \"simpo\", got {label_smoothing} with {loss_type!r}")
+    if alpha:  # AlphaPO's (1 - exp(x)^-alpha) / alpha, by expm1: exact as alpha x -> 0
+        chosen, rejected = (-torch.expm1(-alpha * x) / alpha for x in (chosen, rejected))
+    margin = chosen - rejected
+    if loss_type == "sigmoid":
+        losses = _smoothed(beta * margin, label_smoothing)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * margin)
+    else:  # ipo: beta is the paper's tau
+        losses = (margin - 1 / (2 * beta)) ** 2
+    return PairLosses(losses, beta * chosen.detach(), beta * rejected.detach())
 
 
 class UnpairedLosses(NamedTuple):

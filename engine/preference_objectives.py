@@ -1,5 +1,5 @@
-"""Preference objectives (``objective`` = ``"dpo"``, ``"orpo"``, ``"simpo"``): data lines
-{"prompt", "chosen", "rejected"} (``engine/preference.py``), each pair's chosen and rejected
+"""Preference objectives (``objective`` = ``"dpo"``, ``"orpo"``, ``"simpo"``, ``"cpo"``): data
+lines {"prompt", "chosen", "rejected"} (``engine/preference.py``), each pair's chosen and rejected
 documents side by side in one packed batch; the losses are in ``engine/preference_losses.py``.
 
 ``"dpo"``    against a reference: the starting model, i.e. the same model with its LoRA adapters
@@ -9,8 +9,11 @@ documents side by side in one packed batch; the losses are in ``engine/preferenc
              ipo, bco_pair, ...; lists of them with weights: MPO).
 ``"orpo"``   reference-free: NLL of the chosen answers + the odds-ratio term (``[orpo]``).
 ``"simpo"``  reference-free: the length-normalized margin with a target gap (``[simpo]``).
+``"cpo"``    reference-free: TRL's CPOTrainer (``[cpo]``, ``engine/preference_cpo.py``): the
+             chosen answers' NLL weighted cpo_alpha plus loss_type's pair loss (sigmoid, hinge on
+             summed log-probs; ipo, simpo on per-token means).
 
-ORPO and SimPO run one forward per micro-batch and build no reference (no frozen copy, no
+ORPO, SimPO and CPO run one forward per micro-batch and build no reference (no frozen copy, no
 adapters-off forward). Each pair weighs 1: pair losses are averaged over the pairs of the whole
 accumulated step. An NLL term (ORPO's, DPO's / SimPO's ``sft_weight``: TRL 1.x's ``sft`` loss /
 ``cpo_alpha``) is the mean NLL per chosen answer token of the whole step, as TRL's token-mean
@@ -21,8 +24,8 @@ prompt and response"), where CPO / SimPO and DPO take the answers only. Metrics 
 ``reward_accuracy``, ``reward_margin``, ``chosen_reward``,
 ``rejected_reward`` (TRL's rewards/*), ``chosen_logps``, ``rejected_logps`` (TRL's logps/*: the
 policy's answer log-probs averaged over the pairs; summed per answer for DPO, per answer token for
-ORPO and SimPO), ``nll_loss`` (the NLL term's value per token), for ORPO
-also ``log_odds_ratio`` and ``log_odds_chosen``; ``val_*`` of each at evaluations.
+ORPO and SimPO, as its loss takes them for CPO), ``nll_loss`` (the NLL term's value per token),
+for ORPO also ``log_odds_ratio`` and ``log_odds_chosen``; ``val_*`` of each at evaluations.
 """
 
 from __future__ import annotations
@@ -55,11 +58,13 @@ from ember.engine.losses import (
 )
 from ember.engine.objectives import SFT, record_fingerprint
 from ember.engine.preference_losses import (
+    CPO_MEAN_LOSS_TYPES,
     DPO_LOSS_TYPES,
     F_DIVERGENCE_LOSS_TYPES,
     F_DIVERGENCES,
     SMOOTHED,
     PairLosses,
+    cpo_loss,
     dpo_loss,
     ld_token_weights,
     orpo_log_odds,
@@ -559,4 +564,22 @@ class SimPO(_Pairs):
         return simpo_loss(a[0::2], a[1::2], c.beta, c.gamma, c.label_smoothing, c.alpha), lp, {}
 
 
-PREFERENCE = {"dpo": DPO, "orpo": ORPO, "simpo": SimPO}
+class CPO(_Pairs):
+    name = "cpo"
+    pair_rule = "cpo"
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        super().__init__(cfg, info, cfg.cpo.cpo_alpha)
+        self.cfg = cfg.cpo
+        # TRL's logps/* are the log-probs its loss takes: per token for ipo and simpo
+        self.mean_logps = cfg.cpo.loss_type in CPO_MEAN_LOSS_TYPES
+
+    def _pair_losses(self, model, batch):
+        lp, c = doc_logprobs(model, batch), self.cfg
+        x = lp.means if self.mean_logps else lp.sums
+        out = cpo_loss(x[0::2], x[1::2], c.beta, c.loss_type, c.label_smoothing, c.simpo_gamma,
+                       c.alpha)
+        return out, lp, {}
+
+
+PREFERENCE = {"dpo": DPO, "orpo": ORPO, "simpo": SimPO, "cpo": CPO}

@@ -170,7 +170,7 @@ def test_support_tickets_task(tmp_path):
         generate_splits("nope", sizes)
 
 
-@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo", "kto"])
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo", "cpo", "kto"])
 def test_early_stopping_on_perplexity_of_a_preference_run_is_refused(objective):
     """A preference run's evaluation has no perplexity: early stopping on it never stopped and
     never kept the best weights (silently)."""

@@ -125,7 +125,7 @@ def test_pairs_stay_together_in_packed_batches(tiny, prefs):
 
 def test_objective_errors(tiny, prefs, tmp_path):
     with pytest.raises(EmberError, match=r"prefs\.jsonl:1: a preference line .*objective = "
-                                         r"\"dpo\", \"orpo\" or \"simpo\""):
+                                         r"\"dpo\", \"orpo\", \"simpo\" or \"cpo\""):
         train(tiny_config(tiny, tmp_path / "a", f'data.train=["{prefs}"]'), echo=quiet,
               progress=False)
     with pytest.raises(EmberError, match=r"train\.jsonl:\d+: objective = \"dpo\" trains on "
@@ -158,6 +158,8 @@ REFERENCE_FREE = {
     "orpo": ('objective="orpo"', "orpo.beta=1.0", "optim.lr=1e-2", "max_steps=20"),
     "simpo": ('objective="simpo"', "simpo.sft_weight=0.2", 'method="full"', "optim.lr=1e-3",
               "max_steps=10"),
+    "cpo": ('objective="cpo"', "cpo.cpo_alpha=0.2", 'method="full"', "optim.lr=1e-3",
+            "max_steps=10"),
 }
 
 
@@ -217,7 +219,7 @@ def test_dpo_loss_types_train(tiny, prefs, tmp_path, sets):
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
-@pytest.mark.parametrize("objective", ["dpo", "kto"])
+@pytest.mark.parametrize("objective", ["dpo", "kto", "cpo"])
 def test_ember_eval_of_a_preference_run_scores_it_as_training_did(tiny, prefs, tmp_path,
                                                                   objective, capsys):
     """``ember eval RUN --data pairs.jsonl`` on a DPO / KTO run reports the run's own validation

@@ -1,5 +1,5 @@
 """Preference losses against straightforward float64 implementations of TRL's definitions
-(DPOTrainer's loss types and rpo_alpha, ORPOTrainer, CPOTrainer's simpo): the pure losses on
+(DPOTrainer's loss types and rpo_alpha, ORPOTrainer, CPOTrainer's loss types): the pure losses on
 random log-probabilities, the per-document log-probabilities of a packed batch against each
 document's full logits alone, every objective's loss and metrics on a real batch against TRL's
 padded computation from full logits (one micro-batch or two), ORPO's log(1 - exp) near 0, and
@@ -19,7 +19,7 @@ from ember.engine.data import IGNORE, DataConfig, collate, load_examples
 from ember.engine.distributed import DistInfo
 from ember.engine.losses import doc_logprobs
 from ember.engine.objectives import make_objective
-from ember.engine.preference_losses import dpo_loss, log1mexp, orpo_loss, simpo_loss
+from ember.engine.preference_losses import cpo_loss, dpo_loss, log1mexp, orpo_loss, simpo_loss
 from ember.models.loading import load_pretrained
 from ember.models.lora import LoRAConfig, apply_lora
 from tests.engine._tiny import tiny_config
@@ -249,6 +249,13 @@ CASES = {
     "simpo": ('objective="simpo"', "simpo.beta=2.5", "simpo.gamma=0.4",
               "simpo.label_smoothing=0.1", "simpo.sft_weight=0.6"),
     "simpo_alphapo": ('objective="simpo"', "simpo.beta=2.5", "simpo.gamma=0.4", "simpo.alpha=0.25"),
+    # TRL's CPOTrainer: summed log-probs for sigmoid / hinge, per-token means for ipo / simpo
+    "cpo": ('objective="cpo"', "cpo.beta=0.2", "cpo.label_smoothing=0.1", "cpo.cpo_alpha=0.7"),
+    "cpo_hinge_alphapo": ('objective="cpo"', 'cpo.loss_type="hinge"', "cpo.beta=0.05",
+                          "cpo.alpha=0.02"),
+    "cpo_ipo": ('objective="cpo"', 'cpo.loss_type="ipo"', "cpo.beta=0.5"),
+    "cpo_simpo": ('objective="cpo"', 'cpo.loss_type="simpo"', "cpo.beta=2.5",
+                  "cpo.simpo_gamma=0.4"),
 }
 
 
@@ -292,12 +299,19 @@ def _trl_step(cfg, policy, reference, examples):
     elif cfg.objective == "orpo":
         losses, ch, rj, _ = trl_orpo(means[:P], means[P:], cfg.orpo.beta)
         weight = 1.0
+    elif cfg.objective == "cpo":  # the pure loss, pinned to TRL 1.16's numbers in test_cpo.py
+        c = cfg.cpo
+        x = means if c.loss_type in ("ipo", "simpo") else sums  # TRL's average_log_prob
+        losses, ch, rj = cpo_loss(x[:P], x[P:], c.beta, c.loss_type, c.label_smoothing,
+                                  c.simpo_gamma, c.alpha)
+        weight = c.cpo_alpha
     else:
         c = cfg.simpo
         losses, ch, rj = trl_simpo(means[:P], means[P:], c.beta, c.gamma, c.label_smoothing,
                                    c.alpha)
         weight = c.sft_weight
-    logps = sums if cfg.objective == "dpo" else means  # TRL's logps/*: ORPO, CPO average
+    # TRL's logps/*: what its loss takes (DPO sums; ORPO, SimPO average; CPO by loss type)
+    logps = sums if cfg.objective == "dpo" else x if cfg.objective == "cpo" else means
     return losses.mean() + weight * nll, {
         "chosen_logps": float(logps[:P].mean()), "rejected_logps": float(logps[P:].mean()),
         "reward_accuracy": float((ch > rj).double().mean()),
@@ -377,7 +391,7 @@ def test_orpo_nll_covers_the_chosen_prompt_as_trl(tiny, pref_batch, tmp_path):
     (["simpo.label_smoothing=0.5"], r"simpo\.label_smoothing must be in \[0, 0\.5\)"),
     (["orpo.lambda_=0.1"], r"unknown config key 'orpo\.lambda_'; valid keys in \[orpo\]: beta"),
     (["simpo.gamma_beta_ratio=0.5"], r"unknown config key 'simpo\.gamma_beta_ratio'"),
-    (['objective="cpo"'], r"objective must be one of .*'orpo', 'simpo', 'kto', got 'cpo'"),
+    (['objective="ppo"'], r"objective must be one of .*'simpo', 'cpo', 'kto', got 'ppo'"),
 ])
 def test_bad_preference_configs(sets, match):
     with pytest.raises(EmberError, match=match):
@@ -385,12 +399,12 @@ def test_bad_preference_configs(sets, match):
 
 
 def test_reference_free_objectives_allow_prompt_tuning():
-    for objective in ("orpo", "simpo"):
+    for objective in ("orpo", "simpo", "cpo"):
         assert load_config(None, [f'objective="{objective}"', 'method="prompt"']).method == "prompt"
     assert math.isclose(load_config(None, ['objective="simpo"']).simpo.beta, 2.0)
 
 
-@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo"])
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo", "cpo"])
 def test_pair_objectives_refuse_loss_on_all(tiny, prefs, tmp_path, objective):
     """TRL's preference trainers score the completion only. data.loss_on = "all" used to put the
     prompt's tokens into every document's log-probability (a silently different IPO / ORPO /

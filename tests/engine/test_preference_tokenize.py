@@ -195,7 +195,8 @@ def test_dpo_pairs_are_tokenized_as_trls_dpo_trainer(tmp_path, toks, case):
         assert _targets(labels) == _targets(want_labels)
 
 
-@pytest.mark.parametrize("objective,rule", [("orpo", "cpo"), ("simpo", "cpo"), ("dpo", "dpo")])
+@pytest.mark.parametrize("objective,rule", [("orpo", "cpo"), ("simpo", "cpo"), ("cpo", "cpo"),
+                                            ("dpo", "dpo")])
 def test_each_preference_objective_loads_pairs_with_its_trl_rule(tiny, tmp_path, smollm2,
                                                                   objective, rule):
     """The objective's own load_datasets picks the rule (what training and ember eval read)."""
