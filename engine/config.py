@@ -3,7 +3,7 @@
 A run is ``TrainConfig``; each TOML table is one section (``[model]``, ``[lora]``,
 ``[prompt_tuning]``, ``[optim]``, ``[data]``, ``[task]``, ``[eval]``, ``[checkpoint]``,
 ``[activations]``, ``[dist]``, ``[guards]``, ``[distill]``, ``[dpo]``, ``[orpo]``, ``[simpo]``,
-``[kto]``, ``[head]``),
+``[cpo]``, ``[kto]``, ``[head]``),
 top-level keys are ``TrainConfig`` fields.
 ``--set a.b=value`` overrides parse ``value`` as a TOML value (a bare word is a string; a,b or
 [a, b] of bare words for a key that takes a list, nothing an empty one), applied in order (a
@@ -63,6 +63,7 @@ from ember.engine.distributed import DistConfig
 from ember.engine.guards import GuardConfig
 from ember.engine.kto import KTOConfig
 from ember.engine.objectives import OBJECTIVES, PREFERENCE_OBJECTIVES, DistillConfig
+from ember.engine.preference_cpo import CPOConfig
 from ember.engine.preference_objectives import DPOConfig, ORPOConfig, SimPOConfig
 from ember.models.lora import LoRAConfig
 from ember.models.prompt_tuning import PromptTuningConfig
@@ -77,12 +78,13 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
     # "sft" | "distill" (from distill.teacher) | preference pairs: "dpo" (against a reference),
-    # "orpo", "simpo" (reference-free); "kto": unpaired labelled completions (engine/kto.py)
+    # "orpo", "simpo", "cpo" (reference-free); "kto": unpaired labelled completions (engine/kto.py)
     objective: str = "sft"
     distill: DistillConfig = field(default_factory=DistillConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     orpo: ORPOConfig = field(default_factory=ORPOConfig)
     simpo: SimPOConfig = field(default_factory=SimPOConfig)
+    cpo: CPOConfig = field(default_factory=CPOConfig)
     kto: KTOConfig = field(default_factory=KTOConfig)
     # A task head instead of the LM head: [head] type = "classification"
     # (engine/classification.py), "reward" or "regression" (engine/reward.py)
