@@ -136,7 +136,7 @@ class TrainConfig:
             raise EmberError(f"objective = \"{self.objective}\" with method = \"prompt\" is "
                              "not supported (the reference would be the model with its initial "
                              "prompt): use method = \"lora\" or \"full\", or the reference-free "
-                             "objective = \"orpo\" or \"simpo\"")
+                             "objective = \"orpo\", \"simpo\" or \"cpo\"")
         if self.objective == "distill" and not (self.distill.teacher or "").strip():
             raise EmberError("objective = \"distill\" needs distill.teacher: a model name, HF "
                              "folder or .gguf file sharing the student's tokenizer")
