@@ -32,9 +32,12 @@ from ember.models.gguf_pretokenizers import _WHOLE_WORDS, _bytes_to_unicode, _pr
 from ember.models.tokenizer_classes import (
     MAIN_SPECIALS,
     add_named_specials,
+    class_bos_eos,
     class_pipeline,
+    class_specials,
     extra_special_tokens,
     folder_class,
+    missing_class_specials,
     named_special_tokens,
     other_special_tokens,
     own_added_tokens,
@@ -343,8 +346,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     smap = _read_json(folder / "special_tokens_map.json") if (
         folder / "special_tokens_map.json").is_file() else {}
     cfg, smap = special_tokens_config(cfg, smap, folder), {}
-    specials = {n: _token_str(cfg.get(n, smap.get(n))) for n in MAIN_SPECIALS}
     slow = not tj.is_file()
+    cls = folder_class(folder, cfg)
+    given = cfg  # the tokens the folder names; the class's own defaults fill in the rest
+    if not slow:
+        cfg = class_specials(cfg, cls)
+    specials = {n: _token_str(cfg.get(n, smap.get(n))) for n in MAIN_SPECIALS}
     defaults: dict[str, str] = {}  # the slow class's own special tokens (Gemma's mask)
     generic = False  # slow files built as transformers 5's generic SentencePiece backend
     if slow:
@@ -374,12 +381,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if own_added_tokens(backend, folder, cfg):
             backend = without_added_tokens(backend)
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
-        add_named_specials(backend, named_special_tokens(cfg),
-                           promoted_tokens(cfg, folder_class(folder, cfg)))
+        backend.add_special_tokens(missing_class_specials(backend, given, cls))
+        add_named_specials(backend, named_special_tokens(cfg), promoted_tokens(cfg, cls))
         rebuilt = rebuilt_class(backend, folder, cfg)
         if rebuilt == "Qwen2Tokenizer":
             reset_special_flags(backend, named_special_tokens(cfg))
         class_pipeline(backend, rebuilt, cfg)
+        forced = class_bos_eos(cls)
+        if forced is not None:  # the class's own post-processor, whatever tokenizer.json's
+            ends = [specials[n] if on and specials[n] is not None
+                    and backend.token_to_id(specials[n]) is not None else None
+                    for n, on in zip(("bos_token", "eos_token"), forced, strict=True)]
+            backend.post_processor = None
+            _set_bos_eos(backend, *ends)
     template, named = read_templates(cfg, folder)
     from ember.models.safetensors_io import read_generation_config
 

@@ -248,6 +248,55 @@ def rebuilt_class(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> str
     return cls if byte_level == (cls == "Qwen2Tokenizer") else None
 
 
+# the special tokens each class's ``__init__`` defaults to, for a config that does not name them
+# (a null in the config is no token); transformers adds one the vocabulary lacks as a new token
+_EOT = "<|endoftext|>"
+_LLAMA = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+_CLASS_SPECIALS = {
+    "LlamaTokenizer": _LLAMA,
+    "CodeLlamaTokenizer": {**_LLAMA, "prefix_token": "\u2581<PRE>", "middle_token": "\u2581<MID>",
+                           "suffix_token": "\u2581<SUF>", "eot_token": "\u2581<EOT>",
+                           "fill_token": "<FILL_ME>"},  # its infilling tokens, special too
+    "Qwen2Tokenizer": {"unk_token": _EOT, "eos_token": _EOT, "pad_token": _EOT},
+    "GPT2Tokenizer": {"unk_token": _EOT, "bos_token": _EOT, "eos_token": _EOT},
+    "CodeGenTokenizer": {"unk_token": _EOT, "bos_token": _EOT, "eos_token": _EOT},
+    "GPTNeoXTokenizer": {"unk_token": _EOT, "bos_token": _EOT, "eos_token": _EOT,
+                         "pad_token": "<|padding|>"},
+    "GemmaTokenizer": {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>",
+                       "pad_token": "<pad>"},
+}
+# classes whose ``__init__`` rebuilds tokenizer.json's post-processor: (BOS, EOS) they add.
+# transformers drops the config's add_bos_token / add_eos_token beside a tokenizer.json, and
+# CodeLlamaTokenizer passes its own add_bos_token=True on, which rebuilds it as BOS + text
+_CLASS_BOS_EOS = {"CodeLlamaTokenizer": (True, False), "GPTNeoXTokenizer": (False, False)}
+
+
+def class_specials(cfg: dict, cls: str | None) -> dict:
+    """``cfg`` with the special tokens ``cls`` defaults to where it names none."""
+    return {**_CLASS_SPECIALS.get(cls or "", {}), **cfg}
+
+
+def missing_class_specials(backend: tokenizers.Tokenizer, cfg: dict, cls: str | None
+                           ) -> list[AddedToken]:
+    """The class's default special tokens (``class_specials``) that ``cfg`` leaves to it and the
+    vocabulary lacks: transformers 5 adds them as new tokens (Qwen2Tokenizer's <|endoftext|>)."""
+    own = _CLASS_SPECIALS.get(cls or "", {})
+    return [AddedToken(t, special=True, normalized=False)
+            for t in dict.fromkeys(own[k] for k in sorted(own, key=_named_first)
+                                   if k not in cfg and backend.token_to_id(own[k]) is None)]
+
+
+def _named_first(key: str) -> int:
+    """transformers' order: bos, eos, unk, sep, pad, cls, mask, then the others as listed."""
+    return _NAMED.index(key) if key in _NAMED else len(_NAMED)
+
+
+def class_bos_eos(cls: str | None) -> tuple[bool, bool] | None:
+    """(BOS, EOS) that ``cls`` adds whatever tokenizer.json's post-processor does; None where the
+    post-processor decides."""
+    return _CLASS_BOS_EOS.get(cls or "")
+
+
 # classes that transformers 5 also builds over tokenizer.json's vocabulary, whose pipelines Ember
 # does not mirror (see above) but whose added tokens it reads as there (``own_added_tokens``)
 _OWN_ADDED_TOKENS = ("GPT2Tokenizer", "CodeGenTokenizer", "GPTNeoXTokenizer", "GemmaTokenizer")

@@ -1,0 +1,128 @@
+"""What the tokenizer classes transformers 5 builds over a tokenizer.json (``ember.models.
+tokenizer_classes``) do beyond the pipeline: the BOS / EOS their ``__init__`` adds whatever the
+file's post-processor and the config say (CodeLlamaTokenizer always BOS, GPTNeoXTokenizer
+nothing), their default special tokens for a config that names none (Qwen2Tokenizer's
+``<|endoftext|>``, added when the vocabulary lacks it), and which class a model type gets. The
+oracle is ``AutoTokenizer`` on the same folder (a small BPE trained at test time)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from functools import cache
+
+import pytest
+import transformers
+from tokenizers import Tokenizer
+from tokenizers import processors as post
+
+from ember.models.tokenizer import load_tokenizer
+from tests.models.test_tokenizer_pipelines import _trained
+
+TEXTS = ["Hello world", " a", "x", "", "hi<|endoftext|> there</s>", "<s>x</s>"]
+SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+@cache
+def _vocab(name: str) -> str:
+    """A trained tokenizer.json, once per vocabulary kind (training is most of the cost)."""
+    bpe = {"byte_fallback": True} if name.startswith("metaspace") else {}
+    return _trained(name, **bpe).to_str()
+
+
+def _folder(
+    tmp_path,
+    name: str,
+    cfg: dict,
+    model_type: str | None = None,
+    processor: str | None = None,
+    extra: tuple[str, ...] = (),
+):
+    tok = Tokenizer.from_str(_vocab(name))
+    tok.add_special_tokens(list(extra))
+    if processor == "none":
+        tok.post_processor = None
+    elif processor in ("<s>", "</s>"):
+        single = f"{processor} $A" if processor == "<s>" else f"$A {processor}"
+        tok.post_processor = post.TemplateProcessing(
+            single=single,
+            pair=f"{single} $B:1",
+            special_tokens=[(processor, tok.token_to_id(processor))],
+        )
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    if model_type is not None:
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with warnings.catch_warnings():  # tokens the vocabulary lacks: said elsewhere
+        warnings.simplefilter("ignore")
+        ours = load_tokenizer(tmp_path)
+    return ours, transformers.AutoTokenizer.from_pretrained(tmp_path)
+
+
+def _assert_like(ours, theirs):
+    for special in (False, True):
+        got = ours.encode_batch(TEXTS, add_special_tokens=special)
+        assert got == [theirs.encode(t, add_special_tokens=special) for t in TEXTS], special
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):  # (Ember's pad id falls
+        assert getattr(ours, name) == getattr(theirs, name), name  # back to eos's)
+        assert getattr(ours, name + "_id") == getattr(theirs, name + "_id") or name == "pad_token"
+    assert len(ours) == len(theirs)
+    ids = theirs.encode(TEXTS[4], add_special_tokens=True)
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
+            ids, skip_special_tokens=skip
+        ), skip
+
+
+@pytest.mark.parametrize("processor", ["none", "<s>", "</s>"])
+@pytest.mark.parametrize("flags", [{}, {"add_bos_token": False, "add_eos_token": True}])
+@pytest.mark.parametrize(
+    ("cls", "name"),
+    [
+        ("CodeLlamaTokenizer", "metaspace_first"),
+        ("LlamaTokenizer", "metaspace_first"),
+        ("GPTNeoXTokenizer", "bytelevel"),
+        ("Qwen2Tokenizer", "qwen2"),
+    ],
+)
+def test_bos_eos_added_as_the_class_adds_them(cls, name, flags, processor, tmp_path):
+    """CodeLlamaTokenizer passes its ``add_bos_token=True`` default to the backend, which then
+    rebuilds the post-processor as BOS + text (transformers drops the config's add_bos_token /
+    add_eos_token beside a tokenizer.json); GPTNeoXTokenizer rebuilds it with neither. Ember kept
+    tokenizer.json's post-processor: no BOS for CodeLlama without one (Ember [233, 189],
+    transformers [0, 233, 189]) and BOS / EOS for GPT-NeoX where the file adds them. The other
+    classes keep the file's."""
+    ours, theirs = _folder(
+        tmp_path, name, {"tokenizer_class": cls, **SPECIALS, **flags}, processor=processor
+    )
+    _assert_like(ours, theirs)
+    ids = theirs.encode("x", add_special_tokens=True)
+    assert (ours.add_bos_token, ours.add_eos_token) == (
+        ids[0] == theirs.bos_token_id,
+        ids[-1] == theirs.eos_token_id,
+    )
+
+
+@pytest.mark.parametrize("extra", [(), ("<|endoftext|>", "<|padding|>")])
+@pytest.mark.parametrize(
+    "cfg", [{}, {"eos_token": "</s>"}, {"unk_token": None, "eos_token": None, "pad_token": None}]
+)
+@pytest.mark.parametrize(
+    ("cls", "name"),
+    [
+        ("Qwen2Tokenizer", "qwen2"),
+        ("GPTNeoXTokenizer", "bytelevel"),
+        ("GPT2Tokenizer", "bytelevel"),
+        ("CodeLlamaTokenizer", "metaspace_first"),
+        ("LlamaTokenizer", "metaspace_first"),
+    ],
+)
+def test_class_default_special_tokens(cls, name, cfg, extra, tmp_path):
+    """A config that names no eos / unk / pad (/ bos) gets the class's own: Qwen2Tokenizer's
+    <|endoftext|> for unk, eos and pad (GPT-2's and GPT-NeoX's for bos too, Llama's <s>, </s>,
+    <unk>, CodeLlama's infilling tokens), added as a new special token where the vocabulary
+    lacks it (Qwen2: 501 tokens, eos = pad = 500; Ember had 500 and no eos, unk or pad); a null
+    in the config is no token."""
+    ours, theirs = _folder(tmp_path, name, {"tokenizer_class": cls, **cfg}, extra=extra)
+    _assert_like(ours, theirs)
+
