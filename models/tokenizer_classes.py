@@ -4,11 +4,15 @@ transformers 5 reads a folder's tokenizer.json as written (``TokenizersBackend``
 it resolves for the folder defines its own pipeline: that class keeps tokenizer.json's
 vocabulary, merges and post-processor and builds the normalizer, pre-tokenizer and decoder
 itself, from tokenizer_config.json's flags; its added tokens are tokenizer_config.json's
-``added_tokens_decoder`` where the config has one (tokenizer.json's otherwise). The class is
-tokenizer_config.json's ``tokenizer_class``, unless config.json's model type has a registered
-tokenizer that transformers prefers (``qwen2``: always ``Qwen2Tokenizer``) or a generic one
-(Mistral, Ministral, Mixtral, Phi-3, Granite, OLMo2: tokenizer.json as written). Mirrored here,
-for the families Ember loads:
+``added_tokens_decoder`` where the config has one (tokenizer.json's otherwise), its special
+tokens the class's defaults where the config names none (Qwen2Tokenizer's ``<|endoftext|>``,
+added when the vocabulary lacks it: ``class_specials``), and CodeLlamaTokenizer / GPTNeoXTokenizer
+rebuild the post-processor too (``class_bos_eos``). The class is tokenizer_config.json's
+``tokenizer_class`` (the model type's registered one where it names none), unless config.json's
+model type has a registered tokenizer that transformers prefers (``qwen2``: always
+``Qwen2Tokenizer``) or a generic one (Mistral, Ministral, Mixtral, Phi-3, Granite, OLMo2,
+StableLM: tokenizer.json as written); a model type transformers registers nothing for (Llama,
+DeepSeek) gets the folder's class. Mirrored here:
 
 - ``LlamaTokenizer`` over a SentencePiece-style BPE (Llama 2, TinyLlama, Vicuna): no normalizer,
   a ``Metaspace`` pre-tokenizer from ``add_prefix_space`` and ``legacy`` ("first" prefix,
@@ -40,36 +44,53 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 
 from ember import EmberError
 
-# config.json model type -> the tokenizer class transformers 5 registers for it: None (none: the
-# folder's class), "" (a generic backend: tokenizer.json as written) or a class name
-_REGISTERED = {
-    "llama": None, "smollm3": None, "mistral": "", "ministral": "", "mixtral": "", "phi3": "",
-    "granite": "", "olmo2": "", "gemma": "GemmaTokenizer", "gemma2": "GemmaTokenizer",
-    "gemma3": "GemmaTokenizer", "gemma3_text": "GemmaTokenizer", "qwen2": "Qwen2Tokenizer",
-    "qwen3": "Qwen2Tokenizer", "qwen2_moe": "Qwen2Tokenizer", "qwen3_moe": "Qwen2Tokenizer",
-    "phi": "GPT2Tokenizer",
+# config.json model type -> the tokenizer class transformers 5 registers for it (its
+# TOKENIZER_MAPPING_NAMES, for the text models): None (none: the folder's class), "" (a generic
+# backend: tokenizer.json as written) or a class name. A model type not listed is taken as
+# registering none, as transformers does for Llama, SmolLM3, DeepSeek, Falcon, ...
+_REGISTERED: dict[str, str | None] = {
+    "llama": None, "smollm3": None,
+    **dict.fromkeys((
+        "mistral", "ministral", "ministral3", "mixtral", "mistral3", "phi3", "phimoe", "granite",
+        "granitemoe", "granitemoeshared", "granitemoehybrid", "olmo2", "olmo3", "olmo_hybrid",
+        "flex_olmo", "stablelm", "gpt_bigcode", "persimmon", "nemotron", "jamba", "arctic",
+        "internlm2", "internlm3", "ernie4_5", "ernie4_5_moe", "glm", "glm4", "glm4_moe",
+        "glm4_moe_lite", "minimax_m2", "kimi_linear", "minicpm3", "hyperclovax", "chatlm",
+        "iquestcoder", "mimo_v2_flash", "modernbert-decoder"), ""),
+    **dict.fromkeys(("gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text",
+                     "recurrent_gemma"), "GemmaTokenizer"),
+    **dict.fromkeys(("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen2_vl",
+                     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"), "Qwen2Tokenizer"),
+    **dict.fromkeys(("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"),
+                    "Qwen3_5Tokenizer"),
+    **dict.fromkeys(("phi", "gpt2", "codegen", "gptj", "gpt_neo", "starcoder2", "dbrx", "opt",
+                     "jais2"), "GPT2Tokenizer"),
+    **dict.fromkeys(("gpt_neox", "olmo", "olmoe", "mpt", "mamba", "mamba2", "falcon_mamba",
+                     "rwkv"), "GPTNeoXTokenizer"),
+    "code_llama": "CodeLlamaTokenizer",
 }
 # model types whose registered class transformers uses whatever the folder names
-_REGISTERED_WINS = ("qwen2", "phi3")
+# (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)
+_REGISTERED_WINS = ("qwen2", "phi3", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def resolved_class(cfg: dict, model_type: str | None) -> str | None:
     """The tokenizer class transformers 5 builds for a folder (tokenizer_config.json ``cfg``,
-    config.json's ``model_type``), without "Fast"; None when it reads tokenizer.json as written
-    or the model type is one Ember does not know."""
+    config.json's ``model_type``), without "Fast"; None when it reads tokenizer.json as written.
+    The folder's class, unless the model type registers a generic backend (then None), or
+    another class and the folder names none or the model type is one whose registered class
+    wins."""
     hub = str(cfg.get("tokenizer_class") or "").removesuffix("Fast") or None
     if not model_type:
         return hub
-    if model_type not in _REGISTERED:
-        return None
-    registered = _REGISTERED[model_type]
+    registered = _REGISTERED.get(model_type)
     if registered is None or registered == hub:
         return hub
     if registered == "":
         return None
-    return registered if model_type in _REGISTERED_WINS else hub
+    return registered if hub is None or model_type in _REGISTERED_WINS else hub
 
 
 def special_tokens_config(cfg: Any, smap: Any, folder: Path) -> dict:
@@ -263,7 +284,7 @@ _CLASS_SPECIALS = {
     "GPTNeoXTokenizer": {"unk_token": _EOT, "bos_token": _EOT, "eos_token": _EOT,
                          "pad_token": "<|padding|>"},
     "GemmaTokenizer": {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>",
-                       "pad_token": "<pad>"},
+                       "pad_token": "<pad>", "mask_token": "<mask>"},
 }
 # classes whose ``__init__`` rebuilds tokenizer.json's post-processor: (BOS, EOS) they add.
 # transformers drops the config's add_bos_token / add_eos_token beside a tokenizer.json, and

@@ -13,11 +13,13 @@ from functools import cache
 
 import pytest
 import transformers
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, models, trainers
+from tokenizers import normalizers as norms
+from tokenizers import pre_tokenizers as pre
 from tokenizers import processors as post
 
 from ember.models.tokenizer import load_tokenizer
-from tests.models.test_tokenizer_pipelines import _trained
+from tests.models.test_tokenizer_pipelines import CORPUS, _trained
 
 TEXTS = ["Hello world", " a", "x", "", "hi<|endoftext|> there</s>", "<s>x</s>"]
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -26,6 +28,22 @@ SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 @cache
 def _vocab(name: str) -> str:
     """A trained tokenizer.json, once per vocabulary kind (training is most of the cost)."""
+    if name == "gemma":  # GemmaTokenizer's own pipeline (its vocabulary lacks <mask>)
+        tok = Tokenizer(models.BPE(byte_fallback=True, fuse_unk=True, unk_token="<unk>"))
+        tok.normalizer = norms.Replace(" ", "\u2581")
+        tok.pre_tokenizer = pre.Split(" ", "merged_with_previous")
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        )
+        tok.train_from_iterator(
+            CORPUS,
+            trainers.BpeTrainer(
+                vocab_size=500,
+                special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+                show_progress=False,
+            ),
+        )
+        return tok.to_str()
     bpe = {"byte_fallback": True} if name.startswith("metaspace") else {}
     return _trained(name, **bpe).to_str()
 
@@ -115,6 +133,7 @@ def test_bos_eos_added_as_the_class_adds_them(cls, name, flags, processor, tmp_p
         ("GPT2Tokenizer", "bytelevel"),
         ("CodeLlamaTokenizer", "metaspace_first"),
         ("LlamaTokenizer", "metaspace_first"),
+        ("GemmaTokenizer", "gemma"),
     ],
 )
 def test_class_default_special_tokens(cls, name, cfg, extra, tmp_path):
@@ -126,3 +145,26 @@ def test_class_default_special_tokens(cls, name, cfg, extra, tmp_path):
     ours, theirs = _folder(tmp_path, name, {"tokenizer_class": cls, **cfg}, extra=extra)
     _assert_like(ours, theirs)
 
+
+@pytest.mark.parametrize(
+    ("model_type", "cls", "name"),
+    [
+        ("gpt_neox", "GPTNeoXTokenizer", "bytelevel"),  # registered: the class
+        ("olmo", "GPTNeoXTokenizer", "bytelevel"),
+        ("stablelm", "GPTNeoXTokenizer", "bytelevel"),  # registered generic: as written
+        ("qwen3", None, "qwen2"),  # no class named: the registered one
+        ("qwen2_vl", "Qwen2Tokenizer", "qwen2"),
+        ("qwen3_next", "PreTrainedTokenizerFast", "qwen2"),
+        ("deepseek_v2", "LlamaTokenizerFast", "metaspace_first"),  # not registered: the folder's
+        ("granitemoe", "GPT2Tokenizer", "bytelevel"),
+    ],
+)
+def test_model_types_get_the_class_transformers_resolves(model_type, cls, name, tmp_path):
+    """transformers 5 resolves the class from config.json's model type and the folder's
+    ``tokenizer_class`` for every model type (its tokenizer registry), not only the ones Ember
+    loads models of: GPT-NeoX's class drops the BOS tokenizer.json adds (Ember kept it), a qwen3
+    folder naming no class is Qwen2Tokenizer (Ember: as written, no eos), a model type it does
+    not register builds the folder's class (Llama's <s> / </s> defaults)."""
+    cfg = {"tokenizer_class": cls} if cls else {}
+    ours, theirs = _folder(tmp_path, name, cfg, model_type=model_type, processor="<s>")
+    _assert_like(ours, theirs)
