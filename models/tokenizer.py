@@ -32,11 +32,11 @@ from ember.models.gguf_pretokenizers import _WHOLE_WORDS, _bytes_to_unicode, _pr
 from ember.models.tokenizer_classes import (
     MAIN_SPECIALS,
     add_named_specials,
+    built_class,
     class_bos_eos,
     class_pipeline,
     class_specials,
     extra_special_tokens,
-    folder_class,
     missing_class_specials,
     named_special_tokens,
     other_special_tokens,
@@ -346,12 +346,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     smap = _read_json(folder / "special_tokens_map.json") if (
         folder / "special_tokens_map.json").is_file() else {}
     cfg, smap = special_tokens_config(cfg, smap, folder), {}
-    slow = not tj.is_file()
-    cls = folder_class(folder, cfg)
-    given = cfg  # the tokens the folder names; the class's own defaults fill in the rest
-    if not slow:
-        cfg = class_specials(cfg, cls)
     specials = {n: _token_str(cfg.get(n, smap.get(n))) for n in MAIN_SPECIALS}
+    slow = not tj.is_file()
     defaults: dict[str, str] = {}  # the slow class's own special tokens (Gemma's mask)
     generic = False  # slow files built as transformers 5's generic SentencePiece backend
     if slow:
@@ -378,6 +374,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                           "as at inference (transformers would drop merges at random on every "
                           "encode)", stacklevel=2)
             backend.model.dropout = None
+        cls = built_class(backend, folder, cfg)
+        given = cfg  # the tokens the folder names; the class's own defaults fill in the rest
+        cfg = class_specials(cfg, cls)
+        specials = {n: _token_str(cfg.get(n)) for n in MAIN_SPECIALS}
         if own_added_tokens(backend, folder, cfg):
             backend = without_added_tokens(backend)
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))

@@ -255,6 +255,20 @@ def folder_class(folder: Path, cfg: dict) -> str | None:
     return resolved_class(cfg, model_type if isinstance(model_type, str) else None)
 
 
+def built_class(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> str | None:
+    """``folder_class``, except a LlamaTokenizer over a byte-level tokenizer.json (DeepSeek's),
+    which transformers 5 reads as written (``TokenizersBackend``): None."""
+    cls = folder_class(folder, cfg)
+    if cls == "LlamaTokenizer" and _byte_level(backend):
+        return None
+    return cls
+
+
+def _byte_level(backend: tokenizers.Tokenizer) -> bool:
+    return any(b"ByteLevel" in part.__getstate__()
+               for part in (backend.pre_tokenizer, backend.decoder) if part is not None)
+
+
 def rebuilt_class(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> str | None:
     """The class above whose own pipeline transformers 5 builds over ``backend`` (read from
     ``folder``'s tokenizer.json): LlamaTokenizer / CodeLlamaTokenizer over a SentencePiece-style
@@ -264,9 +278,7 @@ def rebuilt_class(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> str
         return None
     if type(backend.model).__name__ != "BPE":
         return None
-    byte_level = any(b"ByteLevel" in part.__getstate__()
-                     for part in (backend.pre_tokenizer, backend.decoder) if part is not None)
-    return cls if byte_level == (cls == "Qwen2Tokenizer") else None
+    return cls if _byte_level(backend) == (cls == "Qwen2Tokenizer") else None
 
 
 # the special tokens each class's ``__init__`` defaults to, for a config that does not name them

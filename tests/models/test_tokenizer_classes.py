@@ -157,6 +157,7 @@ def test_class_default_special_tokens(cls, name, cfg, extra, tmp_path):
         ("qwen3_next", "PreTrainedTokenizerFast", "qwen2"),
         ("deepseek_v2", "LlamaTokenizerFast", "metaspace_first"),  # not registered: the folder's
         ("granitemoe", "GPT2Tokenizer", "bytelevel"),
+        ("llama", "LlamaTokenizerFast", "bytelevel"),  # DeepSeek's: as written, no <s> / </s>
     ],
 )
 def test_model_types_get_the_class_transformers_resolves(model_type, cls, name, tmp_path):
