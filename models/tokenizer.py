@@ -376,12 +376,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             backend.model.dropout = None
         cls = built_class(backend, folder, cfg)
         given = cfg  # the tokens the folder names; the class's own defaults fill in the rest
-        cfg = class_specials(cfg, cls)
-        specials = {n: _token_str(cfg.get(n)) for n in MAIN_SPECIALS}
         if own_added_tokens(backend, folder, cfg):
             backend = without_added_tokens(backend)
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
-        backend.add_special_tokens(missing_class_specials(backend, given, cls))
+        # The class's defaults the vocabulary lacks (Qwen2Tokenizer's <|endoftext|> beside a
+        # vocabulary without it) are left out, silently: transformers adds them as new tokens
+        # past the model's embedding (an eos id the model cannot embed: training crashed with
+        # "index out of range"); Ember keeps the vocabulary the model has, as for named ones.
+        absent = {t.content for t in missing_class_specials(backend, given, cls)}
+        cfg = {k: v for k, v in class_specials(cfg, cls).items()
+               if k in given or _token_str(v) not in absent}
+        specials = {n: _token_str(cfg.get(n)) for n in MAIN_SPECIALS}
         add_named_specials(backend, named_special_tokens(cfg), promoted_tokens(cfg, cls))
         rebuilt = rebuilt_class(backend, folder, cfg)
         if rebuilt == "Qwen2Tokenizer":
