@@ -32,9 +32,12 @@ from ember.models.gguf_pretokenizers import _WHOLE_WORDS, _bytes_to_unicode, _pr
 from ember.models.tokenizer_classes import (
     MAIN_SPECIALS,
     add_named_specials,
+    built_class,
+    class_bos_eos,
     class_pipeline,
+    class_specials,
     extra_special_tokens,
-    folder_class,
+    missing_class_specials,
     named_special_tokens,
     other_special_tokens,
     own_added_tokens,
@@ -371,15 +374,31 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                           "as at inference (transformers would drop merges at random on every "
                           "encode)", stacklevel=2)
             backend.model.dropout = None
+        cls = built_class(backend, folder, cfg)
+        given = cfg  # the tokens the folder names; the class's own defaults fill in the rest
         if own_added_tokens(backend, folder, cfg):
             backend = without_added_tokens(backend)
         _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
-        add_named_specials(backend, named_special_tokens(cfg),
-                           promoted_tokens(cfg, folder_class(folder, cfg)))
+        # The class's defaults the vocabulary lacks (Qwen2Tokenizer's <|endoftext|> beside a
+        # vocabulary without it) are left out, silently: transformers adds them as new tokens
+        # past the model's embedding (an eos id the model cannot embed: training crashed with
+        # "index out of range"); Ember keeps the vocabulary the model has, as for named ones.
+        absent = {t.content for t in missing_class_specials(backend, given, cls)}
+        cfg = {k: v for k, v in class_specials(cfg, cls).items()
+               if k in given or _token_str(v) not in absent}
+        specials = {n: _token_str(cfg.get(n)) for n in MAIN_SPECIALS}
+        add_named_specials(backend, named_special_tokens(cfg), promoted_tokens(cfg, cls))
         rebuilt = rebuilt_class(backend, folder, cfg)
         if rebuilt == "Qwen2Tokenizer":
             reset_special_flags(backend, named_special_tokens(cfg))
         class_pipeline(backend, rebuilt, cfg)
+        forced = class_bos_eos(cls)
+        if forced is not None:  # the class's own post-processor, whatever tokenizer.json's
+            ends = [specials[n] if on and specials[n] is not None
+                    and backend.token_to_id(specials[n]) is not None else None
+                    for n, on in zip(("bos_token", "eos_token"), forced, strict=True)]
+            backend.post_processor = None
+            _set_bos_eos(backend, *ends)
     template, named = read_templates(cfg, folder)
     from ember.models.safetensors_io import read_generation_config
 

@@ -4,11 +4,15 @@ transformers 5 reads a folder's tokenizer.json as written (``TokenizersBackend``
 it resolves for the folder defines its own pipeline: that class keeps tokenizer.json's
 vocabulary, merges and post-processor and builds the normalizer, pre-tokenizer and decoder
 itself, from tokenizer_config.json's flags; its added tokens are tokenizer_config.json's
-``added_tokens_decoder`` where the config has one (tokenizer.json's otherwise). The class is
-tokenizer_config.json's ``tokenizer_class``, unless config.json's model type has a registered
-tokenizer that transformers prefers (``qwen2``: always ``Qwen2Tokenizer``) or a generic one
-(Mistral, Ministral, Mixtral, Phi-3, Granite, OLMo2: tokenizer.json as written). Mirrored here,
-for the families Ember loads:
+``added_tokens_decoder`` where the config has one (tokenizer.json's otherwise), its special
+tokens the class's defaults where the config names none (Qwen2Tokenizer's ``<|endoftext|>``,
+added when the vocabulary lacks it: ``class_specials``), and CodeLlamaTokenizer / GPTNeoXTokenizer
+rebuild the post-processor too (``class_bos_eos``). The class is tokenizer_config.json's
+``tokenizer_class`` (the model type's registered one where it names none), unless config.json's
+model type has a registered tokenizer that transformers prefers (``qwen2``: always
+``Qwen2Tokenizer``) or a generic one (Mistral, Ministral, Mixtral, Phi-3, Granite, OLMo2,
+StableLM: tokenizer.json as written); a model type transformers registers nothing for (Llama,
+DeepSeek) gets the folder's class. Mirrored here:
 
 - ``LlamaTokenizer`` over a SentencePiece-style BPE (Llama 2, TinyLlama, Vicuna): no normalizer,
   a ``Metaspace`` pre-tokenizer from ``add_prefix_space`` and ``legacy`` ("first" prefix,
@@ -40,36 +44,53 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 
 from ember import EmberError
 
-# config.json model type -> the tokenizer class transformers 5 registers for it: None (none: the
-# folder's class), "" (a generic backend: tokenizer.json as written) or a class name
-_REGISTERED = {
-    "llama": None, "smollm3": None, "mistral": "", "ministral": "", "mixtral": "", "phi3": "",
-    "granite": "", "olmo2": "", "gemma": "GemmaTokenizer", "gemma2": "GemmaTokenizer",
-    "gemma3": "GemmaTokenizer", "gemma3_text": "GemmaTokenizer", "qwen2": "Qwen2Tokenizer",
-    "qwen3": "Qwen2Tokenizer", "qwen2_moe": "Qwen2Tokenizer", "qwen3_moe": "Qwen2Tokenizer",
-    "phi": "GPT2Tokenizer",
+# config.json model type -> the tokenizer class transformers 5 registers for it (its
+# TOKENIZER_MAPPING_NAMES, for the text models): None (none: the folder's class), "" (a generic
+# backend: tokenizer.json as written) or a class name. A model type not listed is taken as
+# registering none, as transformers does for Llama, SmolLM3, DeepSeek, Falcon, ...
+_REGISTERED: dict[str, str | None] = {
+    "llama": None, "smollm3": None,
+    **dict.fromkeys((
+        "mistral", "ministral", "ministral3", "mixtral", "mistral3", "phi3", "phimoe", "granite",
+        "granitemoe", "granitemoeshared", "granitemoehybrid", "olmo2", "olmo3", "olmo_hybrid",
+        "flex_olmo", "stablelm", "gpt_bigcode", "persimmon", "nemotron", "jamba", "arctic",
+        "internlm2", "internlm3", "ernie4_5", "ernie4_5_moe", "glm", "glm4", "glm4_moe",
+        "glm4_moe_lite", "minimax_m2", "kimi_linear", "minicpm3", "hyperclovax", "chatlm",
+        "iquestcoder", "mimo_v2_flash", "modernbert-decoder"), ""),
+    **dict.fromkeys(("gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text",
+                     "recurrent_gemma"), "GemmaTokenizer"),
+    **dict.fromkeys(("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen2_vl",
+                     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"), "Qwen2Tokenizer"),
+    **dict.fromkeys(("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"),
+                    "Qwen3_5Tokenizer"),
+    **dict.fromkeys(("phi", "gpt2", "codegen", "gptj", "gpt_neo", "starcoder2", "dbrx", "opt",
+                     "jais2"), "GPT2Tokenizer"),
+    **dict.fromkeys(("gpt_neox", "olmo", "olmoe", "mpt", "mamba", "mamba2", "falcon_mamba",
+                     "rwkv"), "GPTNeoXTokenizer"),
+    "code_llama": "CodeLlamaTokenizer",
 }
 # model types whose registered class transformers uses whatever the folder names
-_REGISTERED_WINS = ("qwen2", "phi3")
+# (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)
+_REGISTERED_WINS = ("qwen2", "phi3", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def resolved_class(cfg: dict, model_type: str | None) -> str | None:
     """The tokenizer class transformers 5 builds for a folder (tokenizer_config.json ``cfg``,
-    config.json's ``model_type``), without "Fast"; None when it reads tokenizer.json as written
-    or the model type is one Ember does not know."""
+    config.json's ``model_type``), without "Fast"; None when it reads tokenizer.json as written.
+    The folder's class, unless the model type registers a generic backend (then None), or
+    another class and the folder names none or the model type is one whose registered class
+    wins."""
     hub = str(cfg.get("tokenizer_class") or "").removesuffix("Fast") or None
     if not model_type:
         return hub
-    if model_type not in _REGISTERED:
-        return None
-    registered = _REGISTERED[model_type]
+    registered = _REGISTERED.get(model_type)
     if registered is None or registered == hub:
         return hub
     if registered == "":
         return None
-    return registered if model_type in _REGISTERED_WINS else hub
+    return registered if hub is None or model_type in _REGISTERED_WINS else hub
 
 
 def special_tokens_config(cfg: Any, smap: Any, folder: Path) -> dict:
@@ -234,6 +255,20 @@ def folder_class(folder: Path, cfg: dict) -> str | None:
     return resolved_class(cfg, model_type if isinstance(model_type, str) else None)
 
 
+def built_class(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> str | None:
+    """``folder_class``, except a LlamaTokenizer over a byte-level tokenizer.json (DeepSeek's),
+    which transformers 5 reads as written (``TokenizersBackend``): None."""
+    cls = folder_class(folder, cfg)
+    if cls == "LlamaTokenizer" and _byte_level(backend):
+        return None
+    return cls
+
+
+def _byte_level(backend: tokenizers.Tokenizer) -> bool:
+    return any(b"ByteLevel" in part.__getstate__()
+               for part in (backend.pre_tokenizer, backend.decoder) if part is not None)
+
+
 def rebuilt_class(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> str | None:
     """The class above whose own pipeline transformers 5 builds over ``backend`` (read from
     ``folder``'s tokenizer.json): LlamaTokenizer / CodeLlamaTokenizer over a SentencePiece-style
@@ -243,9 +278,56 @@ def rebuilt_class(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> str
         return None
     if type(backend.model).__name__ != "BPE":
         return None
-    byte_level = any(b"ByteLevel" in part.__getstate__()
-                     for part in (backend.pre_tokenizer, backend.decoder) if part is not None)
-    return cls if byte_level == (cls == "Qwen2Tokenizer") else None
+    return cls if _byte_level(backend) == (cls == "Qwen2Tokenizer") else None
+
+
+# the special tokens each class's ``__init__`` defaults to, for a config that does not name them
+# (a null in the config is no token); transformers adds one the vocabulary lacks as a new token
+_EOT = "<|endoftext|>"
+_LLAMA = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+_CLASS_SPECIALS = {
+    "LlamaTokenizer": _LLAMA,
+    "CodeLlamaTokenizer": {**_LLAMA, "prefix_token": "\u2581<PRE>", "middle_token": "\u2581<MID>",
+                           "suffix_token": "\u2581<SUF>", "eot_token": "\u2581<EOT>",
+                           "fill_token": "<FILL_ME>"},  # its infilling tokens, special too
+    "Qwen2Tokenizer": {"unk_token": _EOT, "eos_token": _EOT, "pad_token": _EOT},
+    "GPT2Tokenizer": {"unk_token": _EOT, "bos_token": _EOT, "eos_token": _EOT},
+    "CodeGenTokenizer": {"unk_token": _EOT, "bos_token": _EOT, "eos_token": _EOT},
+    "GPTNeoXTokenizer": {"unk_token": _EOT, "bos_token": _EOT, "eos_token": _EOT,
+                         "pad_token": "<|padding|>"},
+    "GemmaTokenizer": {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>",
+                       "pad_token": "<pad>", "mask_token": "<mask>"},
+}
+# classes whose ``__init__`` rebuilds tokenizer.json's post-processor: (BOS, EOS) they add.
+# transformers drops the config's add_bos_token / add_eos_token beside a tokenizer.json, and
+# CodeLlamaTokenizer passes its own add_bos_token=True on, which rebuilds it as BOS + text
+_CLASS_BOS_EOS = {"CodeLlamaTokenizer": (True, False), "GPTNeoXTokenizer": (False, False)}
+
+
+def class_specials(cfg: dict, cls: str | None) -> dict:
+    """``cfg`` with the special tokens ``cls`` defaults to where it names none."""
+    return {**_CLASS_SPECIALS.get(cls or "", {}), **cfg}
+
+
+def missing_class_specials(backend: tokenizers.Tokenizer, cfg: dict, cls: str | None
+                           ) -> list[AddedToken]:
+    """The class's default special tokens (``class_specials``) that ``cfg`` leaves to it and the
+    vocabulary lacks: transformers 5 adds them as new tokens (Qwen2Tokenizer's <|endoftext|>)."""
+    own = _CLASS_SPECIALS.get(cls or "", {})
+    return [AddedToken(t, special=True, normalized=False)
+            for t in dict.fromkeys(own[k] for k in sorted(own, key=_named_first)
+                                   if k not in cfg and backend.token_to_id(own[k]) is None)]
+
+
+def _named_first(key: str) -> int:
+    """transformers' order: bos, eos, unk, sep, pad, cls, mask, then the others as listed."""
+    return _NAMED.index(key) if key in _NAMED else len(_NAMED)
+
+
+def class_bos_eos(cls: str | None) -> tuple[bool, bool] | None:
+    """(BOS, EOS) that ``cls`` adds whatever tokenizer.json's post-processor does; None where the
+    post-processor decides."""
+    return _CLASS_BOS_EOS.get(cls or "")
 
 
 # classes that transformers 5 also builds over tokenizer.json's vocabulary, whose pipelines Ember
