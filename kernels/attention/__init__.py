@@ -176,15 +176,14 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
     lens = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     # Short documents: a few segments in one masked batched matmul (_segments); longer ones:
     # one SDPA call each. Outputs in SDPA's dtype (the autocast dtype under autocast).
-    lay = _segments.layout(tuple(bounds), causal, window, q.device)
+    lay = _segments.layout(tuple(bounds), q.shape[0], causal, window, q.device)
     alone = lay.alone
     dev = q.device.type
     out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
-    outs, where = [], []
+    outs = []
     if lay.idx is not None:
         outs.append(_segments.segment_attention(q, k, v, lay, scale=scale,
                                                 softcap=softcap).to(out_dtype))
-        where.append(lay.tokens)
     if len(alone) > 1 and bounds[0] == 0 and bounds[-1] == q.shape[0]:
         # One split per tensor: its backward is one concatenation, where a slice per document
         # would zero-fill and add a full-size gradient per document.
@@ -196,14 +195,13 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
         outs.append(flash_attention_ref(qd[None], kd[None], vd[None], causal=causal,
                                         softmax_scale=scale, window=window,
                                         softcap=softcap)[0].to(out_dtype))
-        where.append(torch.arange(bounds[i], bounds[i + 1], device=q.device))
     if not outs:
         # No tokens: an empty output that is still part of the graph (a plain new_zeros made
         # out.sum().backward() fail with "does not require grad"), as SDPA's is.
         return q * 0.0 + (k.sum() + v.sum()) * 0.0
     if not alone:  # segments keep the documents' order
         return outs[0]
-    return torch.cat(outs)[torch.argsort(torch.cat(where))]  # back to document order
+    return torch.cat(outs)[lay.order]  # back to document order
 
 
 def _as_int(max_seqlen) -> int:

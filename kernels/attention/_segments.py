@@ -35,7 +35,9 @@ class Layout(NamedTuple):
     another, ``take`` the real slots' flat positions in (n * L) and ``tokens`` their tokens
     (ascending: segments keep the documents' order), ``alone`` the long documents' indices;
     ``dense``: the segments are the tokens 0..total-1 in order without padding (rows of a packer
-    filled to one length), so (total, H, D) is reshaped rather than gathered and scattered."""
+    filled to one length), so (total, H, D) is reshaped rather than gathered and scattered;
+    ``order``: with long documents, the permutation from (segment outputs, then each long
+    document's) back to document order."""
 
     idx: torch.Tensor | None
     hidden: torch.Tensor | None
@@ -43,6 +45,7 @@ class Layout(NamedTuple):
     tokens: torch.Tensor | None
     alone: tuple[int, ...]
     dense: bool = False
+    order: torch.Tensor | None = None
 
 
 def plan_segments(lens: list[int], segment: int = SEGMENT) -> tuple[list[list[int]], list[int]]:
@@ -66,14 +69,17 @@ def plan_segments(lens: list[int], segment: int = SEGMENT) -> tuple[list[list[in
 
 
 @functools.lru_cache(maxsize=8)
-def layout(bounds: tuple[int, ...], causal: bool, window: int | None,
+def layout(bounds: tuple[int, ...], total: int, causal: bool, window: int | None,
            device: torch.device) -> Layout:
-    """The segments of a packing (``bounds``: cu_seqlens on the host), built once per step: every
-    layer of the model attends the same packing."""
+    """The segments of a packing (``bounds``: cu_seqlens on the host, over ``total`` tokens),
+    built once per step: every layer of the model attends the same packing."""
     lens = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     segs, alone = plan_segments(lens)
+    long_tokens = [torch.arange(bounds[i], bounds[i + 1]) for i in alone]
     if not segs:
-        return Layout(None, None, None, None, tuple(alone))
+        order = torch.argsort(torch.cat(long_tokens)) if long_tokens else None
+        return Layout(None, None, None, None, tuple(alone), False,
+                      None if order is None else order.to(device))
     idx_rows = [[t for i in seg for t in range(bounds[i], bounds[i + 1])] for seg in segs]
     length = max(len(r) for r in idx_rows)
     # Padding slots repeat the segment's first token (finite whenever the data is) and get a
@@ -90,9 +96,11 @@ def layout(bounds: tuple[int, ...], causal: bool, window: int | None,
         diff = pos[:, None] - pos[None, :]
         keep &= (diff < window) if causal else (diff.abs() < window)
     take = (doc >= 0).reshape(-1).nonzero().reshape(-1)
-    dense = not alone and take.numel() == idx.numel() == bounds[-1] and bounds[0] == 0
+    tokens = idx.reshape(-1)[take]
+    dense = not alone and take.numel() == idx.numel() == bounds[-1] == total and bounds[0] == 0
+    order = torch.argsort(torch.cat([tokens, *long_tokens])).to(device) if alone else None
     return Layout(idx.to(device), (~keep)[:, None, None].to(device), take.to(device),
-                  idx.reshape(-1)[take].to(device), tuple(alone), dense)
+                  tokens.to(device), tuple(alone), dense, order)
 
 
 def segment_attention(q, k, v, lay: Layout, *, scale: float, softcap: float | None):

@@ -56,14 +56,18 @@ def test_random_packings_match_each_document_alone(seed):
                                 dict(causal=False, window=7, softcap=2.0)])
 def test_a_layout_without_padding_is_reshaped_not_gathered(kw):
     bounds = (0, 50, 128, 200, 256)  # two segments of exactly 128 tokens
-    assert _segments.layout(bounds, True, None, torch.device("cpu")).dense
-    assert not _segments.layout((0, 50, 128, 200, 250), True, None, torch.device("cpu")).dense
+    cpu = torch.device("cpu")
+    assert _segments.layout(bounds, 256, True, None, cpu).dense
+    assert not _segments.layout((0, 50, 128, 200, 250), 250, True, None, cpu).dense
+    assert not _segments.layout(bounds, 260, True, None, cpu).dense  # tokens after the last
     _compare([50, 78, 72, 56], 4, 2, 8, softmax_scale=0.3, **kw)
 
 
-def test_bounds_inside_a_longer_tensor():
-    # cu_seqlens not starting at 0 nor ending at the last token: only the documents' tokens come out
-    _compare([9, 20, 140], 2, 1, 8, start=3, extra=5, causal=True, window=None, softcap=None,
+@pytest.mark.parametrize(("lens", "start"), [([9, 20, 140], 3), ([50, 78], 0), ([140, 9], 0)])
+def test_bounds_inside_a_longer_tensor(lens, start):
+    # cu_seqlens not starting at 0 or not ending at the last token (5 more): only the documents'
+    # tokens come out ([50, 78] from 0 would be reshaped without padding if it ended at the end)
+    _compare(lens, 2, 1, 8, start=start, extra=5, causal=True, window=None, softcap=None,
              softmax_scale=0.35)
 
 
