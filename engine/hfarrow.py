@@ -133,11 +133,14 @@ def rows(shards: list[Path], where: Path) -> Iterator[dict]:
 
 def schema_of(path: Path):
     """The schema of an Arrow or Parquet file (its first, for a save_to_disk folder's)."""
-    if path.suffix == ".parquet":
+    from ember.engine.datafiles import kind, open_data
+
+    if kind(path) == ".parquet":  # (also gzipped or upper case, as the rows are read)
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_schema(str(path))
+            with open_data(path) as f:
+                return pq.ParquetFile(f).schema_arrow
         except Exception as e:  # pyarrow's errors have no common base worth naming
             raise EmberError(f"{path}: not a readable Parquet file ({e})") from None
     return _open(path)[0]

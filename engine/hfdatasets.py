@@ -318,11 +318,15 @@ def _readme_labels(folder: Path, config: str | None) -> dict[str, list[str]]:
     load_dataset(folder) casts every data file to (datasets 5.2: a JSONL's integers stay, its
     names become their indices); {} without them, or without PyYAML."""
     front = _readme_front(folder, "dataset_info")
+    if not front:
+        return {}
     try:
         import yaml
-
-        info = yaml.safe_load(front)["dataset_info"] if front else None
-    except (ImportError, yaml.YAMLError, TypeError, KeyError):
+    except ImportError:
+        return {}
+    try:
+        info = yaml.safe_load(front)["dataset_info"]
+    except (yaml.YAMLError, TypeError, KeyError):
         return {}
     if isinstance(info, list):  # one per config
         named = {i.get("config_name", "default"): i for i in info if isinstance(i, dict)}
@@ -579,7 +583,7 @@ def _first_table_file(path: Path) -> Path | None:
 
     src = source(path)
     if src is None:
-        return path if path.suffix in (".arrow", ".parquet") and path.is_file() else None
+        return path if suffix(path) in (".arrow", ".parquet") and path.is_file() else None
     folder, split = src
     config, _, split = split.rpartition(":") if split else ("", "", None)
     k = kind(folder)

@@ -349,9 +349,11 @@ def test_class_label_columns_keep_datasets_class_names(tmp_path, tok):
     table = pa.Table.from_pylist(rows).replace_schema_metadata(
         {"huggingface": json.dumps({"info": {"features": LABELS}})})
     pq.write_table(table, tmp_path / "x.parquet")
+    # gzipped / upper case: the names were lost (the schema read as Arrow), the rows kept theirs
+    (tmp_path / "y.PARQUET.gz").write_bytes(gzip.compress((tmp_path / "x.parquet").read_bytes()))
     want = ("neg", "neu", "pos")
     for paths in ([tmp_path / "saved"], [f"{tmp_path / 'cache'}:train"], [tmp_path / "x.arrow"],
-                  [tmp_path / "x.parquet", tmp_path / "more.jsonl"]):
+                  [tmp_path / "x.parquet", tmp_path / "more.jsonl"], [tmp_path / "y.PARQUET.gz"]):
         assert infer_labels(paths) == want, paths
     assert infer_labels([tmp_path / "more.jsonl", tmp_path / "saved"]) == want
     from ember.engine.classification import load_labelled_datasets
