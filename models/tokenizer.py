@@ -31,6 +31,7 @@ from ember.models.chat_template import (
 from ember.models.gguf_pretokenizers import _WHOLE_WORDS, _bytes_to_unicode, _pre_tokenizer
 from ember.models.tokenizer_classes import (
     MAIN_SPECIALS,
+    add_config_tokens,
     add_named_specials,
     built_class,
     class_bos_eos,
@@ -44,6 +45,7 @@ from ember.models.tokenizer_classes import (
     promoted_tokens,
     rebuilt_class,
     reset_special_flags,
+    same_added_tokens,
     special_tokens_config,
     template_tokens,
     without_added_tokens,
@@ -262,22 +264,6 @@ def _set_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None
                         if t is not None and backend.token_to_id(t) is not None])
 
 
-def _add_config_tokens(backend: tokenizers.Tokenizer, decoder: Any) -> None:
-    """tokenizer_config.json's ``added_tokens_decoder`` in id order, as transformers 5 adds it:
-    a token tokenizer.json lacks is added, one it has with other flags takes the config's."""
-    if not isinstance(decoder, dict):
-        return
-    entries = sorted((int(i), d) for i, d in decoder.items() if str(i).isdigit()
-                     and isinstance(d, dict) and isinstance(d.get("content"), str))
-    have = {repr(t) for t in backend.get_added_tokens_decoder().values()}
-    for _, d in entries:
-        flags = {k: bool(d[k]) for k in ("single_word", "lstrip", "rstrip", "normalized",
-                                         "special") if k in d}
-        token = AddedToken(d["content"], **flags)
-        if repr(token) not in have:
-            backend.add_tokens([token])
-
-
 def _added_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None,
                    default: tuple[bool, bool]) -> tuple[bool, bool]:
     """Whether ``encode(..., add_special_tokens=True)`` puts ``bos`` before the text and ``eos``
@@ -376,9 +362,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             backend.model.dropout = None
         cls = built_class(backend, folder, cfg)
         given = cfg  # the tokens the folder names; the class's own defaults fill in the rest
-        if own_added_tokens(backend, folder, cfg):
+        if own_added_tokens(backend, folder, cfg) and not same_added_tokens(
+                backend, cfg.get("added_tokens_decoder")):
             backend = without_added_tokens(backend)
-        _add_config_tokens(backend, cfg.get("added_tokens_decoder"))
+        add_config_tokens(backend, cfg.get("added_tokens_decoder"))
         # The class's defaults the vocabulary lacks (Qwen2Tokenizer's <|endoftext|> beside a
         # vocabulary without it) are left out, silently: transformers adds them as new tokens
         # past the model's embedding (an eos id the model cannot embed: training crashed with

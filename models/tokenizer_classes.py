@@ -378,3 +378,31 @@ def class_pipeline(backend: tokenizers.Tokenizer, cls: str | None, cfg: dict) ->
         backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "),
                                              decoders.ByteFallback(), decoders.Fuse(),
                                              decoders.Strip(content=" ", left=1)])
+
+
+def _config_added(decoder: Any) -> dict[int, AddedToken]:
+    """tokenizer_config.json's ``added_tokens_decoder`` as {id: AddedToken}, in id order."""
+    if not isinstance(decoder, dict):
+        return {}
+    entries = sorted((int(i), d) for i, d in decoder.items() if str(i).isdigit()
+                     and isinstance(d, dict) and isinstance(d.get("content"), str))
+    return {i: AddedToken(d["content"], **{k: bool(d[k]) for k in (
+        "single_word", "lstrip", "rstrip", "normalized", "special") if k in d})
+        for i, d in entries}
+
+
+def add_config_tokens(backend: tokenizers.Tokenizer, decoder: Any) -> None:
+    """tokenizer_config.json's ``added_tokens_decoder`` in id order, as transformers 5 adds it:
+    a token tokenizer.json lacks is added, one it has with other flags takes the config's."""
+    have = {repr(t) for t in backend.get_added_tokens_decoder().values()}
+    for token in _config_added(decoder).values():
+        if repr(token) not in have:
+            backend.add_tokens([token])
+
+
+def same_added_tokens(backend: tokenizers.Tokenizer, decoder: Any) -> bool:
+    """Whether tokenizer.json's added tokens are exactly the config's (ids, text and flags), as a
+    folder transformers saved has them: dropping and re-adding them would change nothing (and
+    re-serialises the whole tokenizer: 0.3 s for SmolLM2's 49k vocabulary)."""
+    have = {i: repr(t) for i, t in backend.get_added_tokens_decoder().items()}
+    return have == {i: repr(t) for i, t in _config_added(decoder).items()}
