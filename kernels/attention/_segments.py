@@ -72,7 +72,15 @@ def plan_segments(lens: list[int], segment: int = SEGMENT) -> tuple[list[list[in
 def layout(bounds: tuple[int, ...], total: int, causal: bool, window: int | None,
            device: torch.device) -> Layout:
     """The segments of a packing (``bounds``: cu_seqlens on the host, over ``total`` tokens),
-    built once per step: every layer of the model attends the same packing."""
+    built once per step: every layer of the model attends the same packing. Made outside
+    inference mode, so that a layout first built by a teacher's or reference's
+    ``torch.inference_mode()`` forward can be saved for a training forward's backward."""
+    with torch.inference_mode(False):
+        return _layout(bounds, total, causal, window, device)
+
+
+def _layout(bounds: tuple[int, ...], total: int, causal: bool, window: int | None,
+            device: torch.device) -> Layout:
     lens = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     segs, alone = plan_segments(lens)
     long_tokens = [torch.arange(bounds[i], bounds[i + 1]) for i in alone]

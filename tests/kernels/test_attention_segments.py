@@ -97,3 +97,15 @@ def test_nan_in_a_key_stays_in_its_document():
     out = flash_attention_ref(q, k, v, causal=True, cu_seqlens=cu)
     rows = out.isnan().flatten(1).any(1).nonzero().flatten().tolist()
     assert rows == list(range(7, 12))
+
+
+def test_a_layout_first_built_in_inference_mode_serves_a_training_forward():
+    # a distillation teacher's (or DPO reference's) inference_mode forward builds the packing's
+    # layout first; the student's forward reuses it and saves it for backward
+    cu = torch.tensor([0, 7, 19, 30], dtype=torch.int32)
+    q, k, v = (torch.randn(30, 2, 8) for _ in range(3))
+    with torch.inference_mode():
+        flash_attention_ref(q, k, v, causal=True, cu_seqlens=cu)
+    q.requires_grad_()
+    flash_attention_ref(q, k, v, causal=True, cu_seqlens=cu).sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
