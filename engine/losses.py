@@ -225,6 +225,18 @@ def doc_logprobs_prompt_nll(model, batch, prompt_docs: torch.Tensor
 
 def _doc_logprobs(model, batch, prompt_docs: torch.Tensor | None
                   ) -> tuple[DocLogprobs, torch.Tensor | None, int]:
+    token_lp, _, doc, n_extra = _token_logprobs(model, batch, prompt_docs)
+    n = token_lp.numel() - n_extra
+    lp = TokenLogprobs(token_lp[:n], doc, batch.cu_seqlens.numel() - 1).doc_logprobs()
+    if prompt_docs is None:
+        return lp, None, 0
+    return lp, -token_lp[n:].sum(), n_extra
+
+
+def _token_logprobs(model, batch, prompt_docs: torch.Tensor | None = None):
+    """log p(label) of the answer tokens (then of the prompt tokens of ``prompt_docs``, if
+    given), from one forward whose head runs on those tokens only: (log-probs, their hidden
+    states, the answer tokens' documents, the number of prompt tokens)."""
     idx, doc = _answer_docs(batch)
     labels = batch.labels.reshape(-1).index_select(0, idx)
     rows = idx
@@ -234,13 +246,7 @@ def _doc_logprobs(model, batch, prompt_docs: torch.Tensor | None
     h = _hidden(model, batch).index_select(0, rows)
     token_lp = -linear_cross_entropy(*_head(model, h), labels, bias=_head_bias(model, h),
                                      reduction="none", softcap=model.cfg.final_softcap)  # (N+M,)
-    n_docs = batch.cu_seqlens.numel() - 1
-    answer_lp = token_lp[:idx.numel()]
-    sums = answer_lp.new_zeros(n_docs).index_add(0, doc, answer_lp)
-    counts = torch.bincount(doc, minlength=n_docs).to(sums.dtype)
-    if prompt_docs is None:
-        return DocLogprobs(sums, counts), None, 0
-    return DocLogprobs(sums, counts), -token_lp[idx.numel():].sum(), rows.numel() - idx.numel()
+    return token_lp, h, doc, rows.numel() - idx.numel()
 
 
 class TokenLogprobs(NamedTuple):
@@ -267,11 +273,7 @@ def answer_token_logprobs(model, batch, log_sum_sq: bool = False,
     """``doc_logprobs``'s per-token values, from one forward whose head runs on the answer tokens
     only; with ``log_sum_sq`` also ``log sum_v p_v^2`` per answer token, from the logits (after
     the final softcap) of ``chunk`` tokens at a time, without gradients."""
-    idx, doc = _answer_docs(batch)
-    labels = batch.labels.reshape(-1).index_select(0, idx)
-    h = _hidden(model, batch).index_select(0, idx)
-    token_lp = -linear_cross_entropy(*_head(model, h), labels, bias=_head_bias(model, h),
-                                     reduction="none", softcap=model.cfg.final_softcap)  # (N,)
+    token_lp, h, doc, _ = _token_logprobs(model, batch)
     lss = None
     if log_sum_sq:
         with torch.no_grad():
