@@ -295,15 +295,11 @@ class _Reader:
         try:
             rec = self.record(line)  # fixes self.fmt on the first line
             if self.fmt == "preference":
-                from ember.engine.preference import answer_conversation, encode_pair
+                from ember.engine.preference import answer_generation_prompt, encode_pair
 
                 docs = encode_pair(self.enc, rec, self.pairs)
-                gen = None
-                if docs[0][2] > 0 and self.enc.has_template and (  # (its chosen half's)
-                        self.enc.chat or not isinstance(rec.prompt, str)):
-                    gen = self.enc.generation_prompt(answer_conversation(
-                        self.enc, rec.prompt, rec.chosen, rec.tools, rec.template_kwargs),
-                        docs[0][0][:docs[0][2]])
+                gen = answer_generation_prompt(  # (its chosen half's)
+                    self.enc, rec.prompt, rec.chosen, rec.tools, rec.template_kwargs, docs[0])
             else:
                 # gen: the prompt generation metrics feed, where the template renders it
                 # otherwise than the training context (Example.generation_prompt)

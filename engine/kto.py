@@ -80,7 +80,7 @@ from ember.engine.formats import (
 from ember.engine.losses import doc_logprobs
 from ember.engine.objectives import SFT
 from ember.engine.preference import (
-    answer_conversation,
+    answer_generation_prompt,
     answer_messages,
     encode_answer,
     parse_pair,
@@ -191,13 +191,11 @@ class _KTOReader(_Reader):
                 continue
             ids, labels, prompt_len, _ = fitted  # KTO refuses prompt tuning
             key = hashlib.blake2b(f"{line.strip()}\0{k}".encode(), digest_size=16).hexdigest()
-            gen = None  # generation metrics' prompt (a desirable completion is a reference)
-            if desirable and doc[2] > 0 and self.enc.has_template and (
-                    self.enc.chat or not isinstance(prompt, str)):
-                gen = self.enc.generation_prompt(
-                    answer_conversation(self.enc, prompt, answer, *extra), doc[0][:doc[2]])
-                if gen is not None:
-                    gen = _cut_prompt(gen, doc[2] - prompt_len, self._bos(doc[0]))
+            # generation metrics' prompt (a desirable completion is a reference)
+            gen = (answer_generation_prompt(self.enc, prompt, answer, *extra, doc)
+                   if desirable else None)
+            if gen is not None:
+                gen = _cut_prompt(gen, doc[2] - prompt_len, self._bos(doc[0]))
             out.append(Example(ids, labels, self.where(lineno), prompt_len,
                                doc[3] if desirable else None, key, desirable=desirable,
                                generation_prompt=gen))

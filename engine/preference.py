@@ -208,6 +208,20 @@ def answer_conversation(enc, prompt: str | list[dict], answer: str | dict | tupl
     return with_system_prompt(enc.cfg, Chat([*head, *tail], tools, template_kwargs))
 
 
+def answer_generation_prompt(enc, prompt: str | list[dict], answer: str | dict | tuple,
+                             tools: list[dict] | None, template_kwargs: dict | None,
+                             doc: tuple) -> list[int] | None:
+    """The prompt generation metrics feed for an answer's document ``doc`` (``encode_answer``'s:
+    ids, mask, prompt_len, ...): transformers' add_generation_prompt render of the conversation
+    up to ``answer`` where the chat template renders it otherwise than the training context's
+    prompt (``Example.generation_prompt``), else None (no template, no prompt, a plain-text
+    prompt without chat)."""
+    if doc[2] > 0 and enc.has_template and (enc.chat or not isinstance(prompt, str)):
+        return enc.generation_prompt(answer_conversation(enc, prompt, answer, tools,
+                                                         template_kwargs), doc[0][:doc[2]])
+    return None
+
+
 def encode_pair(enc, pair: Pair, rule: str = "dpo") -> list[tuple]:
     """Two documents, chosen then rejected: (ids, target mask, prompt_len, reference) each, from
     ``enc`` (``ember.engine.encoder._Encoder``). ``rule`` "dpo" (objective "dpo": TRL 1.x's DPO
