@@ -28,7 +28,8 @@ from ember.engine.hfdatasets import class_names, class_remap
 def infer_labels(paths, field: str = "label") -> tuple[str, ...]:
     """datasets' ``ClassLabel`` names of ``field`` (``hfdatasets.class_names``), else the sorted
     distinct labels of the data files of any kind data.train reads (integers: ``"0" ..
-    str(max)``). Lines that do not parse are left to the data loader to report."""
+    str(max)``, refused where fewer than half of them occur: ids, not class indices). Lines
+    that do not parse are left to the data loader to report."""
     if (classes := class_names(paths, field)) and len(classes) > 1:
         return classes
     # One streaming pass: only the distinct labels are kept (the order rule is sorted names or
@@ -58,10 +59,20 @@ def infer_labels(paths, field: str = "label") -> tuple[str, ...]:
             f"{where}: the {field!r} values mix names and indices; list the class "
             "names in order in [head] labels"
         )
+    top = max(indices, default=-1)
+    if top + 1 > 2 * len(indices):  # ids, not class indices (1001, 2002: 2003 classes, most
+        # never seen; 20000002: a head too big to allocate)
+        raise EmberError(
+            f"{where}: the {field!r} values are integers up to {top} but only "
+            f"{len(indices)} distinct ones occur; as class indices they would make {top + 1} "
+            "classes, most never seen in training. If they are ids, write them as strings "
+            '(e.g. "1001"; the classes are then the sorted names), or list the class names '
+            "in index order in [head] labels"
+        )
     labels = (
         tuple(sorted(names))
         if names
-        else tuple(str(i) for i in range(max(indices, default=-1) + 1))
+        else tuple(str(i) for i in range(top + 1))
     )
     if len(labels) < 2:
         kinds = ", ".join(f"{n} {t}" for t, n in sorted(others.items()))

@@ -43,3 +43,16 @@ def test_infer_labels_streams_the_file(tmp_path):
         tracemalloc.stop()
     assert labels == ("c0", "c1", "c2")
     assert peak < 512 * 1024, peak
+
+
+def test_sparse_integer_labels_are_refused_not_made_into_a_huge_head(tmp_path):
+    """Integer labels are class indices (classes "0" .. max). Ids such as 1001 and 20000002 made
+    20,000,003 classes (a 1.4 GB label tuple after 48 s, then a head too big to allocate), where
+    transformers' run_classification takes the 2 sorted distinct values. Now an error that says
+    how to name them; a few classes missing from the training data still count."""
+    path = tmp_path / "ids.jsonl"
+    path.write_text("".join(json.dumps({"text": "t", "label": i}) + "\n" for i in (1001, 20000002)))
+    with pytest.raises(EmberError, match=r"up to 20000002 but only 2 distinct.*as strings"):
+        infer_labels([path])
+    path.write_text("".join(json.dumps({"text": "t", "label": i}) + "\n" for i in (0, 3, 3)))
+    assert infer_labels([path]) == ("0", "1", "2", "3")  # 1 and 2 absent from train: kept
