@@ -48,7 +48,8 @@ def infer_labels(paths, field: str = "label") -> tuple[str, ...]:
                 elif isinstance(v, int) and not isinstance(v, bool) and v >= 0:
                     indices.add(v)
                 elif v is not None:  # left to the reader (a bad line); named if nothing else is
-                    others[_type_name(v)] = others.get(_type_name(v), 0) + 1
+                    kind = "empty string" if v == "" else _type_name(v)
+                    others[kind] = others.get(kind, 0) + 1
         except OSError as e:  # opening it, or a read error part-way (a corrupt .gz)
             raise EmberError(
                 f"{path}: cannot read the training file to find the labels ({e})"

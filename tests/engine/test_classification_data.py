@@ -56,3 +56,12 @@ def test_sparse_integer_labels_are_refused_not_made_into_a_huge_head(tmp_path):
         infer_labels([path])
     path.write_text("".join(json.dumps({"text": "t", "label": i}) + "\n" for i in (0, 3, 3)))
     assert infer_labels([path]) == ("0", "1", "2", "3")  # 1 and 2 absent from train: kept
+
+
+def test_empty_string_labels_are_named_as_such(tmp_path):
+    """An empty label was counted as a "string" among the values that are "neither class names
+    (strings) nor indices": the error contradicted itself."""
+    path = tmp_path / "e.jsonl"
+    path.write_text("".join(json.dumps({"text": "t", "label": v}) + "\n" for v in ("", "", "x")))
+    with pytest.raises(EmberError, match=r"\(2 empty string\) are neither"):
+        infer_labels([path])
