@@ -14,7 +14,8 @@ distinct labels of the training files (indices: ``"0" .. "n-1"``), written into 
 config so evaluation and export agree. A missing, mistyped or unknown
 label is a bad line (``file:line: reason``, counted and reported, or an error with
 ``data.bad_lines = "error"``). Trailing pad tokens are stripped, so each document's last token is
-where the head pools (and where its class index is stored: ``Example.labels[-1]``).
+where the head pools (and where its class index is stored: ``Example.labels[-1]``). Label
+inference and the labelled reader live in ``engine/classification_data.py``.
 
 Loss: cross-entropy of the class logits, summed over the documents of a micro-batch and divided
 by the documents of the whole optimizer step (the trainer's weight), so gradient accumulation and
@@ -34,8 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import hashlib
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,23 +45,17 @@ import torch.nn.functional as F
 
 from ember import EmberError
 from ember.engine import metrics as M
-from ember.engine.data import (
-    IGNORE,
-    DataConfig,
-    DataReport,
-    Datasets,
-    Example,
-    _Bad,
-    _Reader,
-    _type_name,
-    load_datasets,
-    read_lines,
-    with_system_prompt,
+from ember.engine.classification_data import (  # noqa: F401  (importable from here, as before)
+    _ClassReader,
+    infer_labels,
+    load_labelled,
+    load_labelled_datasets,
+    read_head_file,
+    strip_pad,
 )
-from ember.engine.datafiles import iter_items
+from ember.engine.data import DataConfig, DataReport, Datasets, Example
 from ember.engine.distributed import DistInfo
 from ember.engine.evaluation import GenerationResult, scored_batches
-from ember.engine.hfdatasets import class_names, class_remap
 from ember.engine.objectives import SFT
 from ember.models.heads import add_classification_head, classify, is_classifier, name_pad_token
 from ember.models.loading import read_config
@@ -158,61 +151,6 @@ def check_config(cfg: TrainConfig) -> None:
         )
 
 
-def infer_labels(paths, field: str = "label") -> tuple[str, ...]:
-    """datasets' ``ClassLabel`` names of ``field`` (``hfdatasets.class_names``), else the sorted
-    distinct labels of the data files of any kind data.train reads (integers: ``"0" ..
-    str(max)``). Lines that do not parse are left to the data loader to report."""
-    if (classes := class_names(paths, field)) and len(classes) > 1:
-        return classes
-    names, indices, others = set(), set(), {}
-    for path in paths:
-        try:
-            lines = list(iter_items(Path(path)))
-        except OSError as e:
-            raise EmberError(
-                f"{path}: cannot read the training file to find the labels ({e})"
-            ) from None
-        for raw in lines:
-            try:
-                obj = json.loads(raw.decode("utf-8-sig"))
-            except (ValueError, RecursionError):  # (a number past json's digit limit too)
-                continue
-            v = obj.get(field) if isinstance(obj, dict) else None
-            if isinstance(v, str) and v:
-                names.add(v)
-            elif isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-                indices.add(v)
-            elif v is not None:  # left to the reader (a bad line); named if nothing else is
-                others[_type_name(v)] = others.get(_type_name(v), 0) + 1
-    where = ", ".join(map(str, paths))
-    if names and indices:
-        raise EmberError(
-            f"{where}: the {field!r} values mix names and indices; list the class "
-            "names in order in [head] labels"
-        )
-    labels = (
-        tuple(sorted(names))
-        if names
-        else tuple(str(i) for i in range(max(indices, default=-1) + 1))
-    )
-    if len(labels) < 2:
-        kinds = ", ".join(f"{n} {t}" for t, n in sorted(others.items()))
-        hint = (
-            f"the other {field!r} values ({kinds}) are neither class names (strings) nor "
-            'indices (integers >= 0): write the classes as strings (e.g. "true" / "false"), '
-            'or train numeric targets with head.type = "regression"'
-            + ("; each line has one class (multi-label classification is not supported)"
-               if "array" in others else "")
-            if others
-            else "check the field name (head.label_field) or list the names in [head] labels"
-        )
-        raise EmberError(
-            f"{where}: found {len(labels)} distinct {field!r} value(s) "
-            f"{list(labels)}; a classifier needs at least two: {hint}"
-        )
-    return labels
-
-
 def resolve_head(cfg: TrainConfig) -> TrainConfig:
     """Labels, when not given: an HF classifier's (``model.name``), else inferred from
     data.train; accuracy and macro_f1 as the default metrics. The resolved config records both."""
@@ -292,140 +230,6 @@ def train_head(model, cfg: TrainConfig) -> None:
     """The head trains with every method, unless a freeze pattern names it."""
     frozen = any(fnmatch.fnmatchcase("score.weight", p) for p in cfg.freeze)
     model.score.weight.requires_grad_(not frozen)
-
-
-# --- data ----------------------------------------------------------------------------------------
-
-
-def strip_pad(ids: list[int], pad: int | None) -> list[int]:
-    """``ids`` without trailing ``pad`` tokens (where the head pools: the last real token)."""
-    n = len(ids)
-    while n and ids[n - 1] == pad:
-        n -= 1
-    return ids[:n]
-
-
-class _ClassReader(_Reader):
-    def __init__(self, path: Path, cfg: DataConfig, tokenizer, labels, field: str, pad):
-        super().__init__(path, cfg, tokenizer)
-        self.labels, self.field, self.pad = tuple(labels), field, pad
-        self.index = {name: i for i, name in enumerate(self.labels)}
-        self.remap = class_remap(path, field, self.labels)  # datasets ClassLabel indices
-
-    def _label(self, obj: dict) -> int:
-        if self.field not in obj:
-            raise _Bad(
-                "missing field", f"missing field {self.field!r} (keys present: {sorted(obj)})"
-            )
-        v = self.remap(obj[self.field])
-        if isinstance(v, int) and not isinstance(v, bool):
-            if not 0 <= v < len(self.labels):
-                raise _Bad(
-                    "unknown label",
-                    f"label index {v} out of range for "
-                    f"{len(self.labels)} labels {list(self.labels)}",
-                )
-            return v
-        if not isinstance(v, str):
-            raise _Bad(
-                "wrong type",
-                f"field {self.field!r} must be a class name (string) or "
-                f"index (integer), got {_type_name(v)}",
-            )
-        if v not in self.index:
-            raise _Bad("unknown label", f"unknown label {v!r} (labels: {', '.join(self.labels)})")
-        return self.index[v]
-
-    def encode(self, line: str) -> tuple[list[int], int]:
-        rec = self.record(line)  # validates text / messages; fixes self.fmt on the first line
-        if self.fmt not in ("text", "messages", "sharegpt"):
-            raise EmberError(
-                f'{self.path}: a classification file holds {{"text", '
-                f'"{self.field}"}} or {{"messages", "{self.field}"}} lines, '
-                f"not {self.fmt} lines"
-            )
-        label = self._label(json.loads(line))
-        enc = self.enc
-        if self.fmt == "text":
-            ids = enc._enc(rec, True)  # as tokenizer(text) for an HF classifier
-        elif not enc.has_template:
-            raise EmberError(
-                "the messages format needs a tokenizer with a chat template; this "
-                'one has none (use {"text", "label"} lines instead)'
-            )
-        else:
-            rec = with_system_prompt(self.cfg, rec)
-            ids = enc._enc(enc._render(rec))
-        return ids, label
-
-    def example(self, lineno: int, raw: bytes) -> Example | None:
-        rep, where = self.report, self.where(lineno)
-        line = self.text(lineno, raw)
-        if line is None:
-            return None
-        try:
-            ids, label = self.encode(line)
-            ids = strip_pad(ids, self.pad)
-            if not ids:
-                raise _Bad("empty text", "no tokens besides padding")
-        except _Bad as e:
-            self.bad(lineno, e.kind, e.why)
-            return None
-        m = self.cfg.max_seq_len
-        if len(ids) > m:
-            what = f"{where}: {len(ids)} tokens > max_seq_len {m}"
-            if self.cfg.truncation == "drop":
-                rep.dropped_too_long += 1
-                rep.note("too long", f"{what} (dropped)")
-                return None
-            if self.cfg.truncation == "truncate_right":
-                ids = strip_pad(ids[:m], self.pad) or ids[:1]
-            else:
-                keep_bos = int(self._bos(ids) is not None)  # data._Reader._bos
-                ids = ids[:keep_bos] + ids[len(ids) - m + keep_bos :]
-            rep.truncated += 1
-            rep.note("too long", f"{what} ({self.cfg.truncation.replace('_', ' ')})")
-        key = hashlib.blake2b(line.strip().encode(), digest_size=16).hexdigest()
-        return Example(ids, [IGNORE] * (len(ids) - 1) + [label], where, 0, self.labels[label], key)
-
-
-def load_labelled(
-    path, cfg: DataConfig, tokenizer, labels, field: str = "label", pad: int | None = None
-):
-    """(examples, DataReport) of one labelled JSONL file; bad lines as ``data.load_examples``."""
-    return read_head_file(
-        path, lambda p: _ClassReader(p, cfg, tokenizer, labels, field, pad), f" + {field}"
-    )
-
-
-def read_head_file(path, make_reader, what: str = ""):
-    """(examples, DataReport) of one file read by a head's reader (``data.read_lines``); an
-    empty file or one without a usable line is an error that lists the problems."""
-    reader, examples = read_lines(path, make_reader)
-    rep = reader.report
-    rep.format = f"{reader.fmt or reader.cfg.format}{what}"
-    rep.examples = len(examples)
-    rep.tokens = sum(len(e) for e in examples)
-    rep.loss_tokens = sum(len(e.doc_lengths) for e in examples)
-    if rep.lines == rep.blank_lines:
-        raise EmberError(f"{path}: the file is empty; expected one JSON object per line")
-    if not examples:
-        raise EmberError(
-            f"{path}: no usable examples: all {rep.lines - rep.blank_lines} lines "
-            "are bad or too long\n" + "\n".join(f"  {p}" for p in rep.problems)
-        )
-    return examples, rep
-
-
-def load_labelled_datasets(
-    cfg: DataConfig, tokenizer, labels, field: str = "label", pad: int | None = None, load=None
-) -> Datasets:
-    """Train / validation / test of a head's files; ``load(path) -> (examples, report)``
-    (default: ``load_labelled``). The splits are made as ``data.load_datasets`` makes them, so
-    several training files mix by ``data.mix`` and several validation files (or
-    ``data.val_fraction`` of several training files) are scored per source."""
-    load_file = load or (lambda p: load_labelled(p, cfg, tokenizer, labels, field, pad))
-    return load_datasets(cfg, tokenizer, lambda path, _cfg, _tok: load_file(path))
 
 
 # --- loss and evaluation -------------------------------------------------------------------------

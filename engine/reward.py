@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from ember import EmberError
-from ember.engine.classification import (
-    Classification,
+from ember.engine.classification import Classification
+from ember.engine.classification_data import (
     _ClassReader,
     load_labelled_datasets,
     read_head_file,
