@@ -105,6 +105,10 @@ class KTOConfig:
     # dpo.precompute_ref_log_probs; the KL term's mismatched documents are still scored per step
     # (they change with each batch), so a full fine-tune keeps its frozen copy with loss "kto"
     precompute_ref_log_probs: bool = False
+    # Turn off, for the run, the dropout its training forwards draw (lora.dropout, Phi's
+    # residual/embedding dropout; model.attention_dropout stays, as TRL leaves it):
+    # TRL's disable_dropout, default on
+    disable_dropout: bool = True
 
     def __post_init__(self) -> None:
         if self.loss_type not in KTO_LOSS_TYPES:

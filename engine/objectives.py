@@ -38,6 +38,7 @@ from ember.engine.evaluation import (
 )
 from ember.engine.losses import distill_sft_loss, sft_loss, sft_loss_tokens
 from ember.engine.metrics import perplexity
+from ember.models.dropout import disable_dropout_
 from ember.models.prompt_tuning import num_virtual_tokens
 
 if TYPE_CHECKING:
@@ -45,6 +46,25 @@ if TYPE_CHECKING:
 
 PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo", "cpo")  # engine/preference_objectives.py
 OBJECTIVES = ("sft", "distill", *PREFERENCE_OBJECTIVES, "kto")  # kto: engine/kto.py
+
+
+def disable_run_dropout(cfg: TrainConfig, model) -> str | None:
+    """``<objective>.disable_dropout`` (the preference objectives'; TRL's default, on): turn the
+    dropout of ``model``'s training forwards off for the run (``ember.models.dropout``); returns
+    the start-up note saying what was turned off, None when nothing was."""
+    if cfg.objective not in (*PREFERENCE_OBJECTIVES, "kto"):
+        return None
+    key = f"{cfg.objective}.disable_dropout"
+    if not getattr(cfg, cfg.objective).disable_dropout:
+        return None
+    off = disable_dropout_(model)
+    attn = getattr(getattr(model, "cfg", None), "attention_dropout", 0.0)
+    kept = (f"; attention dropout {attn:g} stays on, as TRL leaves transformers' "
+            "attention_dropout on (model.attention_dropout = 0 turns it off)") if attn else ""
+    if not off:
+        return f"{key}: the model draws no other dropout{kept}" if kept else None
+    return (f"{key} (TRL's default): off for this run: {', '.join(off)} (set {key} = false "
+            f"to keep it){kept}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,6 +25,10 @@ class CPOConfig:
     # AlphaPO: != 0 scores each answer (1 - p^-alpha) / alpha, p = exp(its log-prob), in place of
     # the log-prob, for every loss type (TRL's CPOConfig alpha; 0: off)
     alpha: float = 0.0
+    # Turn off, for the run, the dropout its training forwards draw (lora.dropout, Phi's
+    # residual/embedding dropout; model.attention_dropout stays, as TRL leaves it):
+    # TRL's disable_dropout, default on
+    disable_dropout: bool = True
 
     def __post_init__(self) -> None:
         if self.loss_type == "alphapo":

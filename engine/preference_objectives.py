@@ -131,6 +131,10 @@ class DPOConfig:
     # reference forward per micro-batch: fewer forwards from the second epoch on, and a full
     # fine-tune's frozen copy is freed for the run (TRL's precompute_ref_log_probs)
     precompute_ref_log_probs: bool = False
+    # Turn off, for the run, the dropout its training forwards draw (lora.dropout, Phi's
+    # residual/embedding dropout; model.attention_dropout stays, as TRL leaves it):
+    # TRL's disable_dropout, default on
+    disable_dropout: bool = True
 
     def __post_init__(self) -> None:
         types = _as_names(self.loss_type)
@@ -229,6 +233,10 @@ def _as_names(v: str | tuple[str, ...]) -> tuple[str, ...]:
 @dataclass(frozen=True, kw_only=True)
 class ORPOConfig:
     beta: float = 0.1  # weight of the odds-ratio term next to the NLL (the paper's lambda)
+    # Turn off, for the run, the dropout its training forwards draw (lora.dropout, Phi's
+    # residual/embedding dropout; model.attention_dropout stays, as TRL leaves it):
+    # TRL's disable_dropout, default on
+    disable_dropout: bool = True
 
     def __post_init__(self) -> None:
         _check("orpo", self.beta, 0.0, 0.0)
@@ -243,6 +251,10 @@ class SimPOConfig:
     # AlphaPO: != 0 scores each answer (1 - p^-alpha) / alpha, p its per-token mean probability,
     # in place of log p (TRL's CPOConfig alpha; 0: SimPO)
     alpha: float = 0.0
+    # Turn off, for the run, the dropout its training forwards draw (lora.dropout, Phi's
+    # residual/embedding dropout; model.attention_dropout stays, as TRL leaves it):
+    # TRL's disable_dropout, default on
+    disable_dropout: bool = True
 
     def __post_init__(self) -> None:
         _check("simpo", self.beta, self.label_smoothing, self.sft_weight)

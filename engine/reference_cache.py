@@ -60,7 +60,10 @@ NOT_FORWARD_SETTINGS: dict[str, tuple[str, ...]] = {
         "data.packing", "data.tokens_per_batch", "activations.checkpointing",
         "activations.every_k", "activations.offload", "activations.mlp_chunk_tokens",
         "dist.reshard_after_forward", "device", "threads"),
-    "off in the reference's eval-mode forward": ("model.attention_dropout", "neftune_noise_alpha"),
+    "off in the reference's eval-mode forward": (
+        "model.attention_dropout", "neftune_noise_alpha", "dpo.disable_dropout",
+        "orpo.disable_dropout", "simpo.disable_dropout", "cpo.disable_dropout",
+        "kto.disable_dropout"),
     "the losses and training on top of the values": (
         "model.router_aux_loss_coef", "distill.teacher", "distill.temperature", "distill.alpha",
         "dpo.beta", "dpo.loss_type", "dpo.loss_weights", "dpo.label_smoothing", "dpo.sft_weight",

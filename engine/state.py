@@ -143,7 +143,14 @@ def checkpoint_config(path: Path) -> TrainConfig:
         text = where.read_text(encoding="utf-8")
     except OSError:
         raise EmberError(f"{path} has no config.toml: not a checkpoint of an ember run") from None
-    return from_dict(TrainConfig, parse_toml(text, str(where)))
+    raw = parse_toml(text, str(where))
+    # A checkpoint written before <objective>.disable_dropout existed (its config names every
+    # field of the section) trained with dropout on: say so, so a resume onto today's default
+    # (off) is refused as a changed setting rather than training on differently
+    for name in ("dpo", "orpo", "simpo", "cpo", "kto"):
+        if raw.get("objective") == name and isinstance(raw.get(name), dict):
+            raw[name].setdefault("disable_dropout", False)
+    return from_dict(TrainConfig, raw)
 
 
 def _relocated(old, new) -> bool:

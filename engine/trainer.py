@@ -79,7 +79,7 @@ from ember.engine.distributed import (
 )
 from ember.engine.guards import GracefulStop, NonFiniteGuard, oom_guard, resume_command
 from ember.engine.neftune import add_model_neftune
-from ember.engine.objectives import make_objective
+from ember.engine.objectives import disable_run_dropout, make_objective
 from ember.engine.runlog import MetricsLog, format_scores
 from ember.engine.runtime import (
     StepSizes,
@@ -171,6 +171,7 @@ class Trainer(EvalMixin):
         torch.manual_seed(cfg.seed)  # the same initial weights (LoRA's A) on every rank
         random.seed(cfg.seed)
         model, self.tokenizer = build_model(cfg, build_device(info))
+        dropout_note = disable_run_dropout(cfg, model)  # TRL's disable_dropout: after PEFT's wrap
         # what the checkpoints do not hold (resumed onto other base weights, another teacher or
         # reference: refused); one broadcast of rank 0's, the only rank holding the weights
         self.base_print, self.frozen_prints, self.base_files = broadcast_object(
@@ -207,6 +208,8 @@ class Trainer(EvalMixin):
         self.echo(f"run {cfg.out_dir}: {cfg.model.name} ({n_all / 1e6:.1f}M params), {what}, "
                   f"{n_train / 1e6:.2f}M trainable; {where}, {cfg.precision}, "
                   f"{torch.get_num_threads()} threads{ckpt}")
+        if dropout_note:
+            self.echo(dropout_note)
         for role, frozen in self.objective.frozen_models().items():
             n = sum(p.numel() for p in frozen.parameters())
             self.echo(f"{cfg.objective} {role}: {n / 1e6:.1f}M params, frozen" + (

@@ -364,6 +364,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.padding_idx)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg, cfg.hidden_size)
+        self.embed_dropout = cfg.embed_dropout  # Phi's; 0 once off (ember.models.dropout)
         # A classifier (cfg.labels) has no LM head, as in HF's *ForSequenceClassification: its
         # ``score`` maps a document's last hidden state to class logits (ember.models.heads).
         self.lm_head = None if cfg.tie_word_embeddings or cfg.labels else nn.Linear(
@@ -493,8 +494,8 @@ class Transformer(nn.Module):
         rope = self.rope(position_ids, long_rope=long_rope)
         local = rope if cfg.rope_local_theta is None else self.rope(position_ids, local=True)
         x = self.embed(input_ids)  # (B, T, D)
-        if cfg.embed_dropout and self.training:
-            x = F.dropout(x, cfg.embed_dropout, True)
+        if self.embed_dropout and self.training:
+            x = F.dropout(x, self.embed_dropout, True)
         if cfg.embedding_scale is not None:
             scaled = x * torch.tensor(cfg.embedding_scale, dtype=x.dtype)
             virtual = getattr(self.embed, "virtual_mask", None)  # prompt tuning: rows unscaled

@@ -108,6 +108,7 @@ def test_ember_config_shows_the_cpo_section_and_notes_unused_knobs():
         "cpo_alpha",
         "simpo_gamma",
         "alpha",
+        "disable_dropout",
     ]
     assert section[1].startswith('loss_type = "ipo"  # "sigmoid" (CPO)')
     assert unused_settings(cfg) == []

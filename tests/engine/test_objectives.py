@@ -408,3 +408,109 @@ def test_a_run_an_older_ember_ran_with_a_stray_teacher_resumes(tiny, teacher, tm
     model, _, _ = load_run_model(run, "cpu")
     with torch.no_grad():
         torch.testing.assert_close(model(ids).float(), want(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def _trl_disable_dropout_in_model(model) -> None:
+    """TRL 1.16's ``trl/trainer/utils.py disable_dropout_in_model``, verbatim (the oracle)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0
+
+
+@pytest.mark.parametrize("objective,off", [("dpo", True), ("kto", True), ("dpo", False)])
+def test_preference_objectives_turn_lora_dropout_off_as_trl(tiny, tmp_path, objective, off):
+    """TRL's DPO/ORPO/CPO/KTO configs default to disable_dropout=True: PEFT's lora_dropout
+    draws nothing in training forwards (was: Ember drew it, so a TRL recipe with lora_dropout
+    0.1 trained differently, and DPO's policy and reference disagreed at step 0). Off: two
+    training forwards give the same log-probs, equal to transformers + peft's after TRL's
+    disable_dropout_in_model, and the exported adapter keeps lora_dropout 0.1 as PEFT's config
+    does; disable_dropout = false keeps drawing it."""
+    import json
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ember.engine.objectives import disable_run_dropout
+    from ember.engine.runtime import build_model
+    from ember.models.lora import lora_modules
+    from ember.models.peft_adapter import save_adapter
+
+    sets = [f'objective="{objective}"', "lora.dropout=0.1"]
+    if not off:
+        sets.append(f"{objective}.disable_dropout=false")
+    cfg = tiny_config(tiny, tmp_path / "run", *sets)
+    model, _ = build_model(cfg, "cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B != 0: the adapters' (dropped-out) input counts
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(0.5 * torch.randn(m.lora_B.shape, generator=g))
+    note = disable_run_dropout(cfg, model)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 12), generator=g)
+    model.train()
+    with torch.no_grad():
+        a, b = (F.log_softmax(model(ids), -1) for _ in range(2))
+    if not off:
+        assert note is None and (a - b).abs().max().item() > 1e-3
+        return
+    assert note.startswith(f"{objective}.disable_dropout (TRL's default): off for this run: "
+                           "LoRA dropout 0.1")
+    assert torch.equal(a, b)
+    save_adapter(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()
+                      )["lora_dropout"] == 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]),
+                                       tmp_path / "adapter", is_trainable=True)
+    _trl_disable_dropout_in_model(pm)
+    with torch.no_grad():
+        ref = F.log_softmax(pm.train()(ids).logits, -1)
+    assert (a - ref).abs().max().item() <= 1e-4
+
+
+def test_disable_dropout_is_documented_and_guards_a_resume(tiny, tmp_path):
+    """``ember config`` shows <objective>.disable_dropout (TRL's default, true) for every
+    preference section. A checkpoint an older Ember wrote (no such key: it trained with dropout
+    on) resumes only with the setting false, as it trained: today's default would change the
+    run silently, so it is refused by name like any other changed setting."""
+    from ember.engine.config import to_toml
+    from ember.engine.config_doc import annotated_toml
+    from ember.engine.state import _check_same_run, checkpoint_config
+
+    cfg = tiny_config(tiny, tmp_path / "run", 'objective="dpo"', "lora.dropout=0.1")
+    shown = annotated_toml(cfg)
+    for section in ("dpo", "orpo", "simpo", "cpo", "kto"):
+        body = shown.split(f"\n[{section}]\n")[1].split("\n[")[0]
+        assert "\ndisable_dropout = true  # Turn off, for the run," in "\n" + body, section
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    older = "\n".join(x for x in to_toml(cfg).splitlines() if not x.startswith("disable_dropout"))
+    (ckpt / "config.toml").write_text(older + "\n")
+    assert checkpoint_config(ckpt).dpo.disable_dropout is False
+    assert checkpoint_config(ckpt).kto.disable_dropout is True  # not the run's objective
+    with pytest.raises(EmberError, match=r"dpo\.disable_dropout \(False in the checkpoint, "
+                                         r"now True\)"):
+        _check_same_run(ckpt, cfg)
+    _check_same_run(ckpt, tiny_config(tiny, tmp_path / "run", 'objective="dpo"',
+                                      "lora.dropout=0.1", "dpo.disable_dropout=false"))
+    (ckpt / "config.toml").write_text(to_toml(cfg))  # written now: the setting is recorded
+    assert checkpoint_config(ckpt).dpo.disable_dropout is True
+    _check_same_run(ckpt, cfg)
+
+
+def test_a_dpo_run_says_what_dropout_it_turned_off(tiny, prefs, tmp_path):
+    """The trainer applies dpo.disable_dropout after the LoRA wrapping and says so at start-up;
+    the run trains with no LoRA dropout module left."""
+    from ember.models.lora import lora_modules
+
+    lines = []
+    cfg = tiny_config(tiny, tmp_path / "run", 'objective="dpo"', "lora.dropout=0.1",
+                      "max_steps=1", "eval.metrics=[]", f'data.train=["{prefs}"]',
+                      f'data.validation="{prefs}"', "data.tokens_per_batch=96",
+                      "checkpoint.save_final=false")
+    t = Trainer(cfg, echo=lambda *a, **_k: lines.append(" ".join(map(str, a))), progress=False)
+    t.run()
+    assert ("dpo.disable_dropout (TRL's default): off for this run: LoRA dropout 0.1 (set "
+            "dpo.disable_dropout = false to keep it)") in lines
+    assert all(m.dropout is None for m in lora_modules(t.model).values())

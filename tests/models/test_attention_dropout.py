@@ -189,3 +189,76 @@ def test_residual_dropout_with_sandwich_norms_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"resid_dropout \(0.1\) is not applied with "
                                          r"sandwich_norms.*set resid_dropout=0"):
         model.cfg.replace(resid_dropout=0.1)
+
+
+def test_disable_dropout_turns_phi_dropout_off_and_keeps_attention_dropout_as_trl(tmp_path):
+    """The preference objectives' disable_dropout (``ember.models.dropout``) against TRL 1.16's
+    ``disable_dropout_in_model`` (p = 0 on every ``torch.nn.Dropout``) on transformers' Phi:
+    its resid_dropout / embed_dropout modules stop drawing, and its attention_dropout (a float
+    transformers applies functionally, no module) keeps drawing, the same masks for the same
+    seed. The model's config, and so its export, keep the checkpoint's values."""
+    from ember.models.dropout import disable_dropout_
+    from tests.models.test_interop_hf import BASE, randomize_
+
+    config = transformers.PhiConfig(**{k: v for k, v in BASE.items() if k != "rms_norm_eps"},
+                                    resid_pdrop=0.2, embd_pdrop=0.15, attention_dropout=0.25)
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    randomize_(hf, 5)
+    hf.save_pretrained(tmp_path / "phi")
+    model, _ = load_pretrained(tmp_path / "phi")
+    assert disable_dropout_(model) == ["embedding dropout 0.15", "residual dropout 0.2"]
+    assert (model.cfg.resid_dropout, model.cfg.embed_dropout) == (0.2, 0.15)
+    assert disable_dropout_(model) == []  # nothing left on (attention dropout is no module)
+    hf = _hf_train(tmp_path / "phi")
+    for m in hf.modules():  # TRL's disable_dropout_in_model, verbatim
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0
+    model.train()
+    ids = _ids(12)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        ref = hf(ids).logits
+        torch.manual_seed(7)
+        assert (model(ids) - ref).abs().max().item() <= 1e-4
+        torch.manual_seed(8)  # attention dropout still drawn, in both
+        assert (model(ids) - ref).abs().max().item() > 1e-2
+        torch.manual_seed(8)
+        assert (hf(ids).logits - ref).abs().max().item() > 1e-2
+
+
+def test_dpo_start_up_note_says_granite_attention_dropout_stays(tmp_path):
+    """A Granite-style attention_dropout under objective dpo: disable_dropout (default) turns
+    the LoRA dropout off and says that attention dropout stays on, as TRL leaves transformers'
+    on, naming the setting that turns it off; model.attention_dropout = 0 then leaves nothing."""
+    from ember.engine.config import load_config
+    from ember.engine.objectives import disable_run_dropout
+    from ember.engine.stages import load_base
+    from ember.models.lora import apply_lora
+
+    def build(sets):
+        cfg = load_config(None, sets)
+        model, _ = load_base(cfg, str(folder), "float32", "cpu")
+        return cfg, apply_lora(model, cfg.lora)
+
+    folder = _save(tmp_path, "granite", "GraniteConfig", attention_dropout=0.1, **GRANITE)
+    sets = [f"model.name={folder}", 'objective="dpo"', "lora.dropout=0.05", 'device="cpu"']
+    cfg, model = build(sets)
+    note = disable_run_dropout(cfg, model)
+    assert note == ("dpo.disable_dropout (TRL's default): off for this run: LoRA dropout 0.05 "
+                    "(set dpo.disable_dropout = false to keep it); attention dropout 0.1 stays "
+                    "on, as TRL leaves transformers' attention_dropout on "
+                    "(model.attention_dropout = 0 turns it off)")
+    ids = _ids(12)
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = model(ids)
+        torch.manual_seed(2)
+        assert (model(ids) - a).abs().max().item() > 1e-3  # attention dropout still drawn
+    sets += ["model.attention_dropout=0"]
+    cfg, model = build(sets)
+    assert disable_run_dropout(cfg, model).startswith(
+        "dpo.disable_dropout (TRL's default): off for this run: LoRA dropout 0.05")
+    with torch.no_grad():
+        a = model.train()(ids)
+        assert torch.equal(model(ids), a)

@@ -149,12 +149,12 @@ def test_phi2_dropout_config_loads_and_drops_only_in_training(folders, tmp_path)
         for block in model.layers:  # the embedding dropout alone
             block.resid_dropout = 0.0
         assert _err(model(ids), ref) > 1e-2
-        model.cfg = model.cfg.replace(embed_dropout=0.0)  # then nothing random is left
+        model.embed_dropout = 0.0  # then nothing random is left (read as blocks read theirs)
         assert _err(model(ids), ref) <= 1e-4
         for block in model.layers:  # the residual dropout alone
             block.resid_dropout = 0.1
         assert _err(model(ids), ref) > 1e-2
-        model.cfg = model.cfg.replace(embed_dropout=0.05)
+        model.embed_dropout = 0.05
     save_pretrained(model.eval(), tmp_path / "export")
     out = json.loads((tmp_path / "export" / "config.json").read_text())
     assert (out["resid_pdrop"], out["embd_pdrop"], out["attention_dropout"]) == (0.1, 0.05, 0.0)
