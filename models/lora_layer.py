@@ -206,3 +206,11 @@ class LoRALinear(nn.Module):
         return (f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, "
                 f"dropout={self.dropout.p if self.dropout is not None else 0.0}"
                 + (", dora" if self.use_dora else ""))
+
+
+def configured_dropout(m: nn.Module) -> float:
+    """The LoRA dropout ``m`` was made with: its module's p, or the p a run turned off
+    (``ember.models.dropout.disable_dropout_`` keeps it as ``export_dropout``) - what an
+    exported adapter_config.json says and what PEFT's checks apply to."""
+    p = getattr(m, "export_dropout", None)
+    return p if p is not None else (m.dropout.p if m.dropout is not None else 0.0)

@@ -65,6 +65,7 @@ from ember.models.lora_fused import (
     split_adapter,
 )
 from ember.models.lora_init import converted_adapter, lora_scale
+from ember.models.lora_layer import configured_dropout
 from ember.models.peft_bias import (
     _adapter_biases,
     _bias_tensors,
@@ -152,9 +153,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
     if getattr(model, "score", None) is not None and cfg is not None:
         check_classifier_exportable(cfg, "save a PEFT adapter of")
     rslora = {m.use_rslora for m in mods.values()}
-    # export_dropout: the configured p of a dropout turned off for a run (ember.models.dropout)
-    drops = {getattr(m, "export_dropout", None) or (m.dropout.p if m.dropout is not None else 0.0)
-             for m in mods.values()}
+    drops = {configured_dropout(m) for m in mods.values()}  # (also one a run turned off)
     dora = {m.use_dora for m in mods.values()}
     experts = expert_modules(mods)  # MoE experts: PEFT's target_parameters (ember.models.peft_moe)
     expert_sd, expert_targets, expert_ranks, expert_alphas = expert_tensors(

@@ -30,6 +30,7 @@ import re
 import torch
 
 from ember import EmberError
+from ember.models.lora_layer import configured_dropout
 
 EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)")
 ROUTER = re.compile(r"layers\.(\d+)\.mlp\.gate")
@@ -90,7 +91,7 @@ def router_tensors(routers: dict) -> tuple[dict, list, dict, dict]:
     it; patterns are keyed by the parameter's name."""
     tensors, targets, ranks, alphas = {}, [], {}, {}
     for n, m in routers.items():
-        if m.use_dora or (m.dropout is not None and m.dropout.p):
+        if m.use_dora or configured_dropout(m):
             raise EmberError(f"PEFT export: LoRA on the router {n} with DoRA or dropout: PEFT's "
                              "LoRA on parameters has neither; turn them off or drop the routers "
                              "from lora.targets")
@@ -108,8 +109,7 @@ def _check(group: dict, num_experts: int, what: str) -> tuple[int, float, bool]:
                          "experts; PEFT adapts all experts of a layer or none (target the "
                          "experts of whole layers, e.g. lora.targets=['gate','up','down'])")
     kinds = {(m.rank, m.alpha, m.use_rslora) for m in group.values()}
-    if len(kinds) != 1 or any(m.use_dora or (m.dropout is not None and m.dropout.p)
-                              for m in group.values()):
+    if len(kinds) != 1 or any(m.use_dora or configured_dropout(m) for m in group.values()):
         raise EmberError(f"PEFT export: {what}'s experts need one rank and alpha, no DoRA and no "
                          "dropout (PEFT's LoRA on expert parameters has neither)")
     return kinds.pop()

@@ -191,6 +191,13 @@ def test_router_adapters_round_trip(tmp_path, case):
                       LoRAConfig(rank=2, alpha=4, dropout=0.1, targets=("layers.1.mlp.gate",)))
     with pytest.raises(EmberError, match="router layers.1.mlp.gate with DoRA or dropout"):
         save_adapter(ours, tmp_path / "drop")
+    # a preference run turns the dropout off (disable_dropout) but the adapter is still one with
+    # lora_dropout 0.1, which PEFT's LoRA on parameters refuses: still refused
+    from ember.models.dropout import disable_dropout_
+
+    assert disable_dropout_(ours) == ["LoRA dropout 0.1"]
+    with pytest.raises(EmberError, match="router layers.1.mlp.gate with DoRA or dropout"):
+        save_adapter(ours, tmp_path / "drop")
 
 
 @pytest.mark.parametrize("targets", [["w1", "w2", "w3", "gate"], "all-linear"])
