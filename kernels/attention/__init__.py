@@ -48,6 +48,7 @@ from torch.autograd.function import once_differentiable
 from ember.kernels import _dispatch
 from ember.kernels._dispatch import check_dtype, check_tensors, use_triton
 from ember.kernels.attention import _bwd, _fwd, _segments
+from ember.kernels.attention._segments import visibility as _mask
 
 
 def _attend_ref(q, k, v, causal, scale, window, softcap, keep=None):
@@ -75,20 +76,6 @@ def _nonfinite(x: torch.Tensor) -> torch.Tensor:
     """x.sum(-1, keepdim=True) of x * (x - x): 0 where a row is finite, NaN (value and gradient)
     where it holds a NaN or inf."""
     return (x * (x - x)).sum(-1, keepdim=True)
-
-
-def _mask(T, S, device, causal, window, doc=None):
-    """(T, S) bool visibility; ``doc``: per-token document ids (T == S), tokens see their own."""
-    i = torch.arange(T, device=device)[:, None] + (S - T)
-    j = torch.arange(S, device=device)[None, :]
-    keep = torch.ones(T, S, dtype=torch.bool, device=device)
-    if causal:
-        keep &= j <= i
-    if window is not None:
-        keep &= (i - j < window) if causal else ((i - j).abs() < window)
-    if doc is not None:
-        keep &= doc[:, None] == doc[None, :]
-    return keep
 
 
 def _packed_ref(q, k, v, cu_seqlens, causal, scale, window, softcap):

@@ -5,8 +5,9 @@ however short the document, and its graph is some 40 small ops more: on the CPU 
 4 x 128 packed tokens, 14 documents) the attention was 14 SDPA calls per layer and two thirds of
 the step's ~16k forward ops. Here consecutive short documents are laid side by side in segments of
 at most ``SEGMENT`` tokens, all segments padded to one length and attended in one batched fp32
-matmul under a block-diagonal mask: about 2x less attention time at 128 tokens per segment and a
-few dozen ops per layer. Longer documents keep their own SDPA call (flash: O(T) memory).
+matmul under a block-diagonal mask and a few dozen ops per layer (idle, bf16, 2 threads: 7.7 vs
+11.9 ms of attention for 31 documents of 8-24 tokens, 7.7 vs 8.3 ms for 14 of 16-64; half the
+CPU time on a loaded machine). Longer documents keep their own SDPA call (flash: O(T) memory).
 
 Same spec as the per-document path (``flash_attention_ref``): causal or not, window, softcap,
 GQA, a NaN in a query or key reaching exactly the rows that see it (one in a value reaches
@@ -24,16 +25,31 @@ import torch
 
 # Documents up to this long share segments; a segment's scores are (H, SEGMENT, SEGMENT) fp32, kept
 # for backward: H * SEGMENT * 4 bytes per token and layer (SmolLM2: 4.6 KB, next to ~25 KB of the
-# layer's other saved activations). Measured: masked math beats per-document SDPA at 128 tokens
-# (2.3 vs 4.6 ms per 128 tokens, bf16 autocast, one thread) and breaks even at 256.
+# layer's other saved activations). Measured (loaded machine, one thread): masked math beat
+# per-document SDPA at 128 tokens (2.3 vs 4.6 ms per 128 tokens) and broke even at 256.
 SEGMENT = 128
+
+
+def visibility(T, S, device, causal, window, doc=None):
+    """(T, S) bool visibility, the explicit-mask reference's (``_attend_ref``) and the segments';
+    ``doc``: per-token document ids (T == S), tokens see their own."""
+    i = torch.arange(T, device=device)[:, None] + (S - T)
+    j = torch.arange(S, device=device)[None, :]
+    keep = torch.ones(T, S, dtype=torch.bool, device=device)
+    if causal:
+        keep &= j <= i
+    if window is not None:
+        keep &= (i - j < window) if causal else ((i - j).abs() < window)
+    if doc is not None:
+        keep &= doc[:, None] == doc[None, :]
+    return keep
 
 
 class Layout(NamedTuple):
     """Where a packing's tokens go: ``idx`` (n, L) the token of each segment slot (padding repeats
     the segment's first token), ``hidden`` (n, 1, 1, L, L) True where a slot must not see
-    another, ``take`` the real slots' flat positions in (n * L) and ``tokens`` their tokens
-    (ascending: segments keep the documents' order), ``alone`` the long documents' indices;
+    another, ``take`` the real slots' flat positions in (n * L) (their tokens ascend: segments
+    keep the documents' order), ``alone`` the long documents' indices;
     ``dense``: the segments are the tokens 0..total-1 in order without padding (rows of a packer
     filled to one length), so (total, H, D) is reshaped rather than gathered and scattered;
     ``order``: with long documents, the permutation from (segment outputs, then each long
@@ -42,7 +58,6 @@ class Layout(NamedTuple):
     idx: torch.Tensor | None
     hidden: torch.Tensor | None
     take: torch.Tensor | None
-    tokens: torch.Tensor | None
     alone: tuple[int, ...]
     dense: bool = False
     order: torch.Tensor | None = None
@@ -86,7 +101,7 @@ def _layout(bounds: tuple[int, ...], total: int, causal: bool, window: int | Non
     long_tokens = [torch.arange(bounds[i], bounds[i + 1]) for i in alone]
     if not segs:
         order = torch.argsort(torch.cat(long_tokens)) if long_tokens else None
-        return Layout(None, None, None, None, tuple(alone), False,
+        return Layout(None, None, None, tuple(alone), False,
                       None if order is None else order.to(device))
     idx_rows = [[t for i in seg for t in range(bounds[i], bounds[i + 1])] for seg in segs]
     length = max(len(r) for r in idx_rows)
@@ -96,24 +111,20 @@ def _layout(bounds: tuple[int, ...], total: int, causal: bool, window: int | Non
     doc = torch.tensor([[i for i in seg for _ in range(lens[i])]
                         + list(range(-1 - len(r), -1 - length, -1))
                         for seg, r in zip(segs, idx_rows, strict=True)])
-    pos = torch.arange(length)
-    keep = doc[:, :, None] == doc[:, None, :]  # (n, L, L): same document
-    if causal:
-        keep &= pos[None, :, None] >= pos[None, None, :]
-    if window is not None:  # positions within a segment differ as within the document
-        diff = pos[:, None] - pos[None, :]
-        keep &= (diff < window) if causal else (diff.abs() < window)
+    # same document, causal / window by slot (positions within a segment differ as within the
+    # document): (n, L, L)
+    keep = (doc[:, :, None] == doc[:, None, :]) & visibility(length, length, "cpu", causal, window)
     take = (doc >= 0).reshape(-1).nonzero().reshape(-1)
     tokens = idx.reshape(-1)[take]
     dense = not alone and take.numel() == idx.numel() == bounds[-1] == total and bounds[0] == 0
     order = torch.argsort(torch.cat([tokens, *long_tokens])).to(device) if alone else None
     return Layout(idx.to(device), (~keep)[:, None, None].to(device), take.to(device),
-                  tokens.to(device), tuple(alone), dense, order)
+                  tuple(alone), dense, order)
 
 
 def segment_attention(q, k, v, lay: Layout, *, scale: float, softcap: float | None):
     """The segmented documents of ``lay`` (q (total, Hq, D), k/v (total, Hkv, D)) -> their
-    outputs (n_tokens, Hq, D) fp32, token by token as ``lay.tokens``."""
+    outputs (n_tokens, Hq, D) fp32, token by token as the segments hold them."""
     n, length = lay.idx.shape
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     g = hq // hkv
