@@ -46,13 +46,15 @@ if TYPE_CHECKING:
 
 PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo", "cpo")  # engine/preference_objectives.py
 OBJECTIVES = ("sft", "distill", *PREFERENCE_OBJECTIVES, "kto")  # kto: engine/kto.py
+# the objectives whose section has disable_dropout (TRL's preference trainers')
+DROPOUT_OFF_OBJECTIVES = (*PREFERENCE_OBJECTIVES, "kto")
 
 
 def disable_run_dropout(cfg: TrainConfig, model) -> str | None:
     """``<objective>.disable_dropout`` (the preference objectives'; TRL's default, on): turn the
     dropout of ``model``'s training forwards off for the run (``ember.models.dropout``); returns
     the start-up note saying what was turned off, None when nothing was."""
-    if cfg.objective not in (*PREFERENCE_OBJECTIVES, "kto"):
+    if cfg.objective not in DROPOUT_OFF_OBJECTIVES:
         return None
     key = f"{cfg.objective}.disable_dropout"
     if not getattr(cfg, cfg.objective).disable_dropout:

@@ -51,6 +51,7 @@ from ember.engine.fingerprint import (
     write_run_end,
 )
 from ember.engine.guards import NonFiniteGuard
+from ember.engine.objectives import DROPOUT_OFF_OBJECTIVES
 from ember.engine.runtime import PATH_KEYS, absolute_paths, build_model
 from ember.engine.stages import base_of, load_base
 from ember.models.loading import save_pretrained
@@ -147,9 +148,9 @@ def checkpoint_config(path: Path) -> TrainConfig:
     # A checkpoint written before <objective>.disable_dropout existed (its config names every
     # field of the section) trained with dropout on: say so, so a resume onto today's default
     # (off) is refused as a changed setting rather than training on differently
-    for name in ("dpo", "orpo", "simpo", "cpo", "kto"):
-        if raw.get("objective") == name and isinstance(raw.get(name), dict):
-            raw[name].setdefault("disable_dropout", False)
+    name = raw.get("objective")
+    if name in DROPOUT_OFF_OBJECTIVES and isinstance(raw.get(name), dict):
+        raw[name].setdefault("disable_dropout", False)
     return from_dict(TrainConfig, raw)
 
 
