@@ -12,6 +12,7 @@ import re
 
 from ember import EmberError
 from ember.engine.config import TrainConfig, _toml_value, given_keys, to_dict
+from ember.engine.objectives import OBJECTIVES
 from ember.engine.schedules import uses_warmup_start
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
@@ -159,7 +160,7 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
         note("prompt_tuning", given("prompt_tuning", ("num_virtual_tokens", "init", "init_text")),
              "the prompt continued from model.init keeps its own length and weights (they apply "
              "to a new prompt)")
-    for section in ("distill", "dpo", "orpo", "simpo", "cpo", "kto"):
+    for section in (o for o in OBJECTIVES if o != "sft"):  # each has its own section
         if cfg.objective != section:
             note(section, given(section), f'they apply to objective = "{section}", this run\'s '
                  f'objective is "{cfg.objective}"')

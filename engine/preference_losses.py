@@ -293,6 +293,12 @@ def orpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, beta: floa
     return PairLosses(losses, beta * chosen_mean.detach(), beta * rejected_mean.detach())
 
 
+def _alphapo(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AlphaPO's reward shape of a log-prob x: (1 - exp(x)^-alpha) / alpha, by expm1: exact as
+    alpha x -> 0 (TRL's CPOTrainer)."""
+    return -torch.expm1(-alpha * x) / alpha
+
+
 def simpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, beta: float = 2.0,
                gamma: float = 0.5, label_smoothing: float = 0.0, alpha: float = 0.0
                ) -> PairLosses:
@@ -302,9 +308,8 @@ def simpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, beta: flo
         raise EmberError(f"simpo beta must be > 0, got {beta}")
     if not 0 <= label_smoothing < 0.5:
         raise EmberError(f"simpo label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if alpha:  # (1 - exp(a)^-alpha) / alpha, by expm1: exact as alpha a -> 0
-        chosen_mean = -torch.expm1(-alpha * chosen_mean) / alpha
-        rejected_mean = -torch.expm1(-alpha * rejected_mean) / alpha
+    if alpha:
+        chosen_mean, rejected_mean = _alphapo(chosen_mean, alpha), _alphapo(rejected_mean, alpha)
     losses = _smoothed(beta * (chosen_mean - rejected_mean) - gamma, label_smoothing)
     return PairLosses(losses, beta * chosen_mean.detach(), beta * rejected_mean.detach())
 
@@ -326,8 +331,8 @@ def cpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float = 0.1,
     if not 0 <= label_smoothing < 0.5 or (label_smoothing and loss_type != "sigmoid"):
         raise EmberError(f"cpo label_smoothing must be in [0, 0.5) and applies to loss_type "
                          f"\"sigmoid\" or \"simpo\", got {label_smoothing} with {loss_type!r}")
-    if alpha:  # AlphaPO's (1 - exp(x)^-alpha) / alpha, by expm1: exact as alpha x -> 0
-        chosen, rejected = (-torch.expm1(-alpha * x) / alpha for x in (chosen, rejected))
+    if alpha:
+        chosen, rejected = _alphapo(chosen, alpha), _alphapo(rejected, alpha)
     margin = chosen - rejected
     if loss_type == "sigmoid":
         losses = _smoothed(beta * margin, label_smoothing)
