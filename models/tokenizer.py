@@ -38,6 +38,7 @@ from ember.models.tokenizer_classes import (
     class_pipeline,
     class_specials,
     extra_special_tokens,
+    folder_class,
     missing_class_specials,
     named_special_tokens,
     other_special_tokens,
@@ -360,9 +361,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                           "as at inference (transformers would drop merges at random on every "
                           "encode)", stacklevel=2)
             backend.model.dropout = None
-        cls = built_class(backend, folder, cfg)
+        named = folder_class(folder, cfg)  # (reads config.json's model type: once)
+        cls, rebuilt = built_class(backend, named), rebuilt_class(backend, named)
         given = cfg  # the tokens the folder names; the class's own defaults fill in the rest
-        if own_added_tokens(backend, folder, cfg) and not same_added_tokens(
+        if own_added_tokens(cfg, named, rebuilt) and not same_added_tokens(
                 backend, cfg.get("added_tokens_decoder")):
             backend = without_added_tokens(backend)
         add_config_tokens(backend, cfg.get("added_tokens_decoder"))
@@ -375,7 +377,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                if k in given or _token_str(v) not in absent}
         specials = {n: _token_str(cfg.get(n)) for n in MAIN_SPECIALS}
         add_named_specials(backend, named_special_tokens(cfg), promoted_tokens(cfg, cls))
-        rebuilt = rebuilt_class(backend, folder, cfg)
         if rebuilt == "Qwen2Tokenizer":
             reset_special_flags(backend, named_special_tokens(cfg))
         class_pipeline(backend, rebuilt, cfg)

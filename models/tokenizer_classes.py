@@ -255,10 +255,10 @@ def folder_class(folder: Path, cfg: dict) -> str | None:
     return resolved_class(cfg, model_type if isinstance(model_type, str) else None)
 
 
-def built_class(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> str | None:
-    """``folder_class``, except a LlamaTokenizer over a byte-level tokenizer.json (DeepSeek's),
-    which transformers 5 reads as written (``TokenizersBackend``): None."""
-    cls = folder_class(folder, cfg)
+def built_class(backend: tokenizers.Tokenizer, cls: str | None) -> str | None:
+    """The folder's class ``cls`` (``folder_class``), except a LlamaTokenizer over a byte-level
+    tokenizer.json (DeepSeek's), which transformers 5 reads as written (``TokenizersBackend``):
+    None."""
     if cls == "LlamaTokenizer" and _byte_level(backend):
         return None
     return cls
@@ -269,11 +269,11 @@ def _byte_level(backend: tokenizers.Tokenizer) -> bool:
                for part in (backend.pre_tokenizer, backend.decoder) if part is not None)
 
 
-def rebuilt_class(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> str | None:
-    """The class above whose own pipeline transformers 5 builds over ``backend`` (read from
-    ``folder``'s tokenizer.json): LlamaTokenizer / CodeLlamaTokenizer over a SentencePiece-style
-    BPE, Qwen2Tokenizer over a byte-level one; None where Ember reads tokenizer.json as written."""
-    cls = folder_class(folder, cfg)
+def rebuilt_class(backend: tokenizers.Tokenizer, cls: str | None) -> str | None:
+    """The folder's class ``cls`` (``folder_class``) where transformers 5 builds its own pipeline
+    over ``backend`` (the folder's tokenizer.json): LlamaTokenizer / CodeLlamaTokenizer over a
+    SentencePiece-style BPE, Qwen2Tokenizer over a byte-level one; None where Ember reads
+    tokenizer.json as written."""
     if cls not in ("LlamaTokenizer", "CodeLlamaTokenizer", "Qwen2Tokenizer"):
         return None
     if type(backend.model).__name__ != "BPE":
@@ -335,13 +335,13 @@ def class_bos_eos(cls: str | None) -> tuple[bool, bool] | None:
 _OWN_ADDED_TOKENS = ("GPT2Tokenizer", "CodeGenTokenizer", "GPTNeoXTokenizer", "GemmaTokenizer")
 
 
-def own_added_tokens(backend: tokenizers.Tokenizer, folder: Path, cfg: dict) -> bool:
-    """Whether transformers 5 reads ``folder`` with a class that drops tokenizer.json's added
-    tokens for tokenizer_config.json's ``added_tokens_decoder`` (``without_added_tokens``)."""
+def own_added_tokens(cfg: dict, cls: str | None, rebuilt: str | None) -> bool:
+    """Whether transformers 5 reads the folder (class ``cls``, ``folder_class``; ``rebuilt``:
+    ``rebuilt_class``) with a class that drops tokenizer.json's added tokens for
+    tokenizer_config.json's ``added_tokens_decoder`` (``without_added_tokens``)."""
     if not isinstance(cfg.get("added_tokens_decoder"), dict):
         return False
-    return (rebuilt_class(backend, folder, cfg) is not None
-            or folder_class(folder, cfg) in _OWN_ADDED_TOKENS)
+    return rebuilt is not None or cls in _OWN_ADDED_TOKENS
 
 
 def without_added_tokens(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
