@@ -278,6 +278,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
     next_pos = positions[:, -1].tolist()
     drafting = [drafts is not None and len(d) > 0 for d in (drafts or [[]] * B)]
     out: list[list[int]] = [[] for _ in range(B)]
+    at = None  # rows on the device, for a whole-batch draw
     while True:
         if hidden.shape[1] == 1:
             logits = model.logits(hidden[:, -1]).float()  # (b, V)
@@ -294,7 +295,8 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                 # the draw over the whole batch, as transformers' batched generate draws for
                 # its finished rows too: a (b, V) draw takes other random numbers per row
                 full = logits.new_zeros((B, logits.shape[1]))
-                at = torch.tensor(rows, device=device)
+                if at is None:  # (the rows change only when finished ones are dropped)
+                    at = torch.tensor(rows, device=device)
                 full[at] = logits
                 preds = sample_next(full, temperature, generator=generator, **warp)[at]
             else:
@@ -347,7 +349,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[Sequence[int]], *,
                 slots_in = tuple(t.index_select(0, idx) for t in slots_in)
             long = None if long is None else [long[b] for b in keep]
             rows, next_pos = [rows[b] for b in keep], [next_pos[b] for b in keep]
-            alive = [True] * len(keep)
+            alive, at = [True] * len(keep), None
         # Next pass: each live row feeds its last token, plus what is left of its draft.
         feeds = []
         for b, r in enumerate(rows):
