@@ -85,6 +85,12 @@ def _err(a, b) -> float:
     return (a - b).abs().max().item()
 
 
+def _tol(ref, rel: float = 1e-5) -> float:
+    """fp32 parity bound that scales with the logits (their rounding does; the order tests run in
+    moves the adapters PEFT draws from the global RNG, and so the logits' size)."""
+    return rel * max(1.0, ref.abs().max().item())
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_peft_adapters_load_save_and_merge_with_peft_logits(bases, tmp_path, case):
     base, kw = CASES[case]
@@ -94,18 +100,18 @@ def test_peft_adapters_load_save_and_merge_with_peft_logits(bases, tmp_path, cas
     plain = _logits(model, ids)
     load_adapter(model, tmp_path / "peft")
     got = _logits(model, ids)
-    assert _err(got, ref) <= 1e-5, _err(got, ref)
+    assert _err(got, ref) <= _tol(ref), _err(got, ref)
     assert _err(plain, ref) > 1e-2  # ... and the check sees them
     with adapters_disabled(model):  # DPO's reference: the base
         assert _err(_logits(model, ids), plain) <= 1e-6
     # Ember -> PEFT: the same logits from PEFT's loader
     save_adapter(model, tmp_path / "ember")
-    assert _err(_peft_logits(bases[base], tmp_path / "ember", ids), ref) <= 1e-5
+    assert _err(_peft_logits(bases[base], tmp_path / "ember", ids), ref) <= _tol(ref)
     merge_lora(model)
     assert not lora_modules(model)
     if case == "tied_embedding_alone":  # the head keeps the base matrix: untied (was refused)
         assert not model.cfg.tie_word_embeddings and model.lm_head is not None
-    assert _err(_logits(model, ids), ref) <= 2e-5
+    assert _err(_logits(model, ids), ref) <= _tol(ref, 2e-5)
 
 
 @pytest.mark.parametrize("tied", [False, True])
