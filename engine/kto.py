@@ -86,7 +86,7 @@ from ember.engine.preference import (
     parse_pair,
 )
 from ember.engine.preference_losses import KTO_LOSS_TYPES, UnpairedLosses, kto_loss
-from ember.engine.preference_objectives import Referenced
+from ember.engine.preference_reference import Referenced
 
 if TYPE_CHECKING:
     from ember.engine.config import TrainConfig

@@ -48,8 +48,6 @@ head's evaluation shares out its batches the same way (``classification.predict`
 
 from __future__ import annotations
 
-import math
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -58,46 +56,32 @@ from pathlib import Path
 import torch
 
 from ember import EmberError
-from ember.engine.activation import apply_activation_checkpointing, set_mlp_chunks
-from ember.engine.best import improved, prune_best, restart_best, restore_best, save_best, stop_mode
-from ember.engine.choices import load_choices
+from ember.engine.best import restart_best, restore_best
 from ember.engine.config import TrainConfig
 from ember.engine.config_doc import unused_settings
-from ember.engine.data import Datasets, PackedBatches
+from ember.engine.data import PackedBatches
 from ember.engine.distributed import (
-    DistInfo,
-    all_reduce_sums,
-    barrier,
     broadcast_object,
-    build_device,
-    clip_grad_norm,
     init_distributed,
-    local_numel,
     rank0_echo,
-    shard_model,
     step_share,
 )
-from ember.engine.guards import GracefulStop, NonFiniteGuard, oom_guard, resume_command
-from ember.engine.neftune import add_model_neftune
-from ember.engine.objectives import disable_run_dropout, make_objective
+from ember.engine.guards import GracefulStop, NonFiniteGuard, resume_command
+from ember.engine.objectives import make_objective
 from ember.engine.runlog import MetricsLog, format_scores
 from ember.engine.runtime import (
     StepSizes,
     autocast_for,
-    build_model,
     cpu_has_bf16,  # noqa: F401 (bench/train.py imports it from here)
     length_note,
     make_optimizer,
     memory_gib,
-    num_weights,
     resolve,
     router_aux_coef,
 )
 from ember.engine.schedules import lr_factor, schedule_options, warmup_steps, wsd_note
-from ember.engine.stages import describe as describe_start
 from ember.engine.state import (
     Progress,
-    base_fingerprint,
     check_data,
     check_fingerprints,
     checkpoint_config,
@@ -108,9 +92,9 @@ from ember.engine.state import (
     save,
 )
 from ember.engine.trainer_eval import EvalMixin
+from ember.engine.trainer_setup import SetupMixin
+from ember.engine.trainer_step import StepMixin, StepStats  # noqa: F401 (re-exported)
 from ember.models.hf_config_export import check_classifier_exportable
-from ember.models.lora import lora_modules
-from ember.models.moe import collect_router_stats, load_balancing_loss
 
 
 @dataclass
@@ -123,18 +107,7 @@ class RunResult:
     seconds: float
 
 
-@dataclass
-class StepStats:
-    loss: float  # token-mean loss of the step, all processes together
-    grad_norm: float
-    loss_tokens: int
-    tokens: int
-    applied: bool  # False: a non-finite step, skipped
-    stop: bool  # a process got SIGTERM / SIGINT
-    extra: dict  # the objective's metrics (distillation's KD / SFT terms, DPO's rewards)
-
-
-class Trainer(EvalMixin):
+class Trainer(SetupMixin, StepMixin, EvalMixin):
     """``Trainer(cfg).run()`` trains, evaluates and saves; see the module docstring."""
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, echo=print,
@@ -145,163 +118,7 @@ class Trainer(EvalMixin):
         self.stop_after = stop_after
         self.ckpt_best = None  # the best step the newest checkpoint records (best/ keeps it)
 
-    # --- setup ---------------------------------------------------------------------------------
-    def _datasets(self, cfg: TrainConfig, info: DistInfo, tokenizer) -> Datasets:
-        if cfg.task.name is not None:
-            if info.is_main:
-                from ember.engine.tasks import write_splits
-
-                t = cfg.task
-                write_splits(t.name, cfg.out_dir / "data",
-                             {"train": t.train, "validation": t.validation, "test": t.test},
-                             t.seed)
-            barrier(info)
-        ds = self.objective.load_datasets(cfg.data, tokenizer)
-        self.echo(ds.summary())
-        self.objective.check_data(ds)
-        self.choice_set = None
-        if cfg.eval.choices is not None:
-            examples, questions, rep = load_choices(cfg.eval.choices, cfg.data, tokenizer)
-            self.echo(rep.summary())
-            self.choice_set = (examples, questions)
-        return ds
-
-    def _build(self, cfg: TrainConfig, info: DistInfo):
-        """Model -> LoRA / freezing -> activation checkpointing -> FSDP2 (STYLE.md's order)."""
-        torch.manual_seed(cfg.seed)  # the same initial weights (LoRA's A) on every rank
-        random.seed(cfg.seed)
-        model, self.tokenizer = build_model(cfg, build_device(info))
-        dropout_note = disable_run_dropout(cfg, model)  # TRL's disable_dropout: after PEFT's wrap
-        # what the checkpoints do not hold (resumed onto other base weights, another teacher or
-        # reference: refused); one broadcast of rank 0's, the only rank holding the weights
-        self.base_print, self.frozen_prints, self.base_files = broadcast_object(
-            (base_fingerprint(model), self.objective.fingerprints(model),
-             getattr(model, "ember_base_print", None)) if info.is_main
-            else (None, None, None), info)
-        n_all = num_weights(model)
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        act = cfg.activations
-        blocks = apply_activation_checkpointing(model, act.checkpointing, k=act.every_k,
-                                                offload=act.offload)
-        set_mlp_chunks(model, act.mlp_chunk_tokens)
-        if cfg.neftune_noise_alpha:
-            add_model_neftune(model, cfg.neftune_noise_alpha)
-        # Under torchrun only rank 0 read the weights: shard_model broadcasts them into the
-        # shards.
-        shard_model(model, info, mixed_precision=cfg.dist.mixed_precision,
-                    reshard_after_forward=cfg.dist.reshard_after_forward)
-        if info.rank:  # each rank its own dropout masks; rank 0 goes on as one process would
-            torch.manual_seed(cfg.seed + info.rank)
-            random.seed(cfg.seed + info.rank)
-        kind = "DoRA" if cfg.lora.use_dora else "LoRA"
-        what = {"lora": f"{kind} r={cfg.lora.rank} on {len(lora_modules(model))} modules",
-                "prompt": f"prompt tuning ({cfg.prompt_tuning.num_virtual_tokens} virtual tokens)",
-                }.get(cfg.method, "full fine-tuning")
-        if cfg.objective != "sft":
-            what += f", objective {cfg.objective}"
-        if cfg.head.type is not None:
-            what += f", {cfg.head.type} head ({len(model.cfg.labels)} outputs)"
-        where = (f"{info.world_size} processes (FSDP2), {self.device} on rank 0"
-                 if info.distributed else self.device)
-        ckpt = (f"; activation checkpointing on {len(blocks)}/{len(model.layers)} blocks"
-                + (" with CPU offload" if act.offload else "")) if blocks else ""
-        self.echo(f"run {cfg.out_dir}: {cfg.model.name} ({n_all / 1e6:.1f}M params), {what}, "
-                  f"{n_train / 1e6:.2f}M trainable; {where}, {cfg.precision}, "
-                  f"{torch.get_num_threads()} threads{ckpt}")
-        if dropout_note:
-            self.echo(dropout_note)
-        for role, frozen in self.objective.frozen_models().items():
-            n = sum(p.numel() for p in frozen.parameters())
-            self.echo(f"{cfg.objective} {role}: {n / 1e6:.1f}M params, frozen" + (
-                f", sharded: {local_numel(frozen) / n:.0%} of it on rank 0"
-                if info.distributed else ""))
-        if cfg.model.init is not None:
-            self.echo(describe_start(cfg))
-        if cfg.model.quantize and not self.device.startswith("cuda"):
-            self.echo("note: QLoRA on a CPU dequantizes every 4-bit weight in PyTorch at each use "
-                      "(about 20x slower than LoRA on SmolLM2-135M, measured); on a CPU, LoRA on "
-                      "the full-precision base is the faster choice")
-        return model
-
-    # --- the training data's lengths (evaluation: EvalMixin, engine/trainer_eval.py) ----------
-    def _check_context(self, model) -> None:
-        """Documents longer than the model's context train positions it has never seen: say so
-        (model.rope_scaling extends the context)."""
-        limit = model.cfg.max_position_embeddings
-        longest = max(n for e in self.datasets.train for n in e.doc_lengths)
-        if longest > limit:
-            over = sum(any(n > limit for n in e.doc_lengths) for e in self.datasets.train)
-            self.echo(f"warning: {over} training examples are longer than the model's context "
-                      f"({limit} tokens; the longest has {longest}): set model.rope_scaling = "
-                      f"\"yarn\" and model.rope_factor = {math.ceil(longest / limit)} to extend "
-                      "it, or lower data.max_seq_len")
-
-    # --- one optimizer step --------------------------------------------------------------------
-    def _step(self, micro: list, step: int, opt, params, scaler, guard: NonFiniteGuard,
-              signals: GracefulStop, pad: list = ()) -> StepStats:
-        """One optimizer step on this rank's ``micro``-batches; ``pad``: batches for passes that
-        count for nothing (a rank with fewer batches: a sharded forward is a collective)."""
-        cfg, info = self.cfg, self.info
-        obj = self.objective
-        n_loss, n_tok, n_w, n_micro = all_reduce_sums([sum(b.num_loss_tokens for b in micro),
-                                                       sum(b.num_tokens for b in micro),
-                                                       sum(obj.weight(b) for b in micro),
-                                                       len(micro)], info)
-        n_loss, n_w = int(n_loss), int(n_w)
-        act = cfg.activations
-        coef = self.aux_coef
-        aux_local = 0.0
-        with oom_guard(batch_tokens=max(b.num_tokens for b in [*micro, *pad]),
-                       seq_len=max(b.max_seqlen for b in [*micro, *pad]), device=self.device,
-                       step=step, method=cfg.method, checkpointing=act.checkpointing,
-                       offload=act.offload, mlp_chunk_tokens=act.mlp_chunk_tokens):
-            local = 0.0
-            obj.begin_step(micro, lambda xs: all_reduce_sums(xs, info), model=self.model,
-                           device=self.device, autocast=self.autocast, pad=pad)
-            if n_w > 0:
-                # Every rank runs every micro-batch (even one without answer tokens: it adds 0):
-                # a sharded forward / backward is a collective.
-                for b in micro:
-                    with self.autocast(), collect_router_stats(self.model) as stats:
-                        loss = obj.loss(self.model, b.to(self.device), n_w)
-                    local += float(loss.detach())
-                    aux = load_balancing_loss(stats, self.model.cfg.num_experts) if coef else None
-                    if aux is not None:
-                        # MoE load balancing: one loss per micro-batch (its forwards together),
-                        # the step's term the mean over its micro-batches (all processes), as TRL's
-                        # SFT / DPO / KTO trainers average it; logged apart from the loss
-                        loss = loss + coef * aux / n_micro
-                        aux_local += float(aux.detach()) / n_micro
-                    (scaler.scale(loss) if scaler else loss).backward()
-                for b in pad:
-                    sums = dict(obj.sums)  # its metric sums: unchanged, the same keys (reduced)
-                    with self.autocast():
-                        loss = obj.loss(self.model, b.to(self.device), n_w) * 0.0
-                    obj.sums = {k: sums.get(k, 0.0) for k in obj.sums}
-                    (scaler.scale(loss) if scaler else loss).backward()
-            if scaler:
-                scaler.unscale_(opt)
-            norm = clip_grad_norm(params, cfg.optim.max_grad_norm or math.inf)
-            extra = obj.step_metrics(lambda xs: all_reduce_sums(xs, info))
-            # One collective for the loss and the stop requests, so all ranks stop together.
-            total, stops, aux_all = all_reduce_sums(
-                [local, float(signals.requested), aux_local], info)
-            if coef:
-                extra = {**extra, "router_aux_loss": aux_all}
-            # fp16: a non-finite norm (of the unscaled gradients) is the step the scaler skips
-            # (its unscale_ found inf/NaN): skipped and logged, counted only at a scale <= 1.
-            applied = guard.check(step, total, norm,
-                                  loss_scale=scaler.get_scale() if scaler else None)
-            if applied:
-                if scaler:
-                    scaler.step(opt)
-                else:
-                    opt.step()
-            if scaler:
-                scaler.update()
-            opt.zero_grad(set_to_none=True)
-        return StepStats(total, norm, n_loss, int(n_tok), applied, stops > 0, extra)
-
+    # --- setup: SetupMixin (trainer_setup.py); one optimizer step: StepMixin (trainer_step.py)
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> RunResult:
         t_start = time.perf_counter()
@@ -547,50 +364,9 @@ class Trainer(EvalMixin):
         self._keep_checkpointed_best(prog)
         return path
 
-    def _keep_checkpointed_best(self, prog: Progress) -> None:
-        """best/ keeps only the best step the newest checkpoint (``prog``) records: the weights
-        a resume from it needs (each new best also keeps its own, ``save_best``)."""
-        self.ckpt_best = prog.best_step
-        prune_best(self.cfg.out_dir, {prog.best_step}, self.info)
-
     def _stream(self, batches: PackedBatches):
         while True:
             yield from batches.indices()
-
-    def _early_stop(self, scores: dict, prog: Progress, step: int | None = None) -> bool:
-        """Whether to stop; an improving evaluation's weights are kept (``engine/best.py``) when
-        ``step`` is given."""
-        ev = self.cfg.eval
-        name = ev.early_stopping
-        if name is None:
-            return False
-        if name not in scores:  # it would never stop, nor keep the best weights
-            raise EmberError(f"eval.early_stopping = {name!r}: this run's evaluation has no such "
-                             f"score (it has {', '.join(sorted(scores)) or 'none'}); choose one "
-                             "of those")
-        mode = stop_mode(ev)
-        value = scores[name]
-        # The weights kept: any improvement of an evaluation during training (transformers'
-        # best model; the base model before step 1 is not one to end with). Patience as
-        # EarlyStoppingCallback: reset by an improvement of more than min_delta on the best so
-        # far (from the baseline before training), which moves on any improvement (the
-        # Trainer's best_metric), so slow steady gains below min_delta do stop the run.
-        if step and improved(value, prog.best_scores.get(name), mode, 0.0):
-            prog.best_step, prog.best_scores = step, dict(scores)
-            save_best(self.cfg.out_dir, step, self.model, self.info, self.ckpt_best)
-        # The first evaluation has no best to beat: it resets patience even if NaN, and a NaN
-        # one leaves the best at the worst value (EarlyStoppingCallback, _determine_best_metric)
-        first = prog.best is None
-        enough = first or improved(value, prog.best, mode, ev.min_delta)
-        if first and math.isnan(value):
-            prog.best = math.inf if mode == "min" else -math.inf
-        elif improved(value, prog.best, mode, 0.0):
-            prog.best = value
-        if enough:
-            prog.bad_evals = 0
-            return False
-        prog.bad_evals += 1
-        return prog.bad_evals >= ev.patience
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, echo=print, progress: bool | None = None,

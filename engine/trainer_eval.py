@@ -1,18 +1,27 @@
 """The trainer's evaluations: the scores of one evaluation (validation loss per source, choice
-questions, generation metrics on the test or validation split) and the checks, before training,
-that the configured evaluation and early stopping can be made.
+questions, generation metrics on the test or validation split), the checks, before training,
+that the configured evaluation and early stopping can be made, and early stopping itself (with
+the best evaluation's weights kept in best/: ``engine/best.py``).
 
 ``Trainer`` (``engine/trainer.py``) inherits ``EvalMixin``; it sets the attributes used here
 (``cfg``, ``datasets``, ``objective``, ``model``, ``tokenizer``, ``device``, ``autocast``,
-``info``, ``log``, ``choice_set``, ``last_gen``, ``last_samples``, ``last_answers``, ``echo``).
+``info``, ``log``, ``choice_set``, ``last_gen``, ``last_samples``, ``last_answers``, ``echo``,
+``ckpt_best``).
 """
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 from ember import EmberError
+from ember.engine.best import improved, prune_best, save_best, stop_mode
 from ember.engine.choices import choice_metrics, score_choices
 from ember.engine.distributed import broadcast_object
 from ember.engine.mixing import per_source_scores
+
+if TYPE_CHECKING:
+    from ember.engine.state import Progress
 
 
 class EvalMixin:
@@ -99,3 +108,45 @@ class EvalMixin:
         still = (f"; {unclosed} still in their think block at eval.max_new_tokens, scored as "
                  "no answer: raise it") if unclosed else ""
         return f" ({n} {split} examples, {sec:.0f} s{still})"
+
+    # --- early stopping and the best weights (best/, engine/best.py) -------------------------
+    def _keep_checkpointed_best(self, prog: Progress) -> None:
+        """best/ keeps only the best step the newest checkpoint (``prog``) records: the weights
+        a resume from it needs (each new best also keeps its own, ``save_best``)."""
+        self.ckpt_best = prog.best_step
+        prune_best(self.cfg.out_dir, {prog.best_step}, self.info)
+
+    def _early_stop(self, scores: dict, prog: Progress, step: int | None = None) -> bool:
+        """Whether to stop; an improving evaluation's weights are kept (``engine/best.py``) when
+        ``step`` is given."""
+        ev = self.cfg.eval
+        name = ev.early_stopping
+        if name is None:
+            return False
+        if name not in scores:  # it would never stop, nor keep the best weights
+            raise EmberError(f"eval.early_stopping = {name!r}: this run's evaluation has no such "
+                             f"score (it has {', '.join(sorted(scores)) or 'none'}); choose one "
+                             "of those")
+        mode = stop_mode(ev)
+        value = scores[name]
+        # The weights kept: any improvement of an evaluation during training (transformers'
+        # best model; the base model before step 1 is not one to end with). Patience as
+        # EarlyStoppingCallback: reset by an improvement of more than min_delta on the best so
+        # far (from the baseline before training), which moves on any improvement (the
+        # Trainer's best_metric), so slow steady gains below min_delta do stop the run.
+        if step and improved(value, prog.best_scores.get(name), mode, 0.0):
+            prog.best_step, prog.best_scores = step, dict(scores)
+            save_best(self.cfg.out_dir, step, self.model, self.info, self.ckpt_best)
+        # The first evaluation has no best to beat: it resets patience even if NaN, and a NaN
+        # one leaves the best at the worst value (EarlyStoppingCallback, _determine_best_metric)
+        first = prog.best is None
+        enough = first or improved(value, prog.best, mode, ev.min_delta)
+        if first and math.isnan(value):
+            prog.best = math.inf if mode == "min" else -math.inf
+        elif improved(value, prog.best, mode, 0.0):
+            prog.best = value
+        if enough:
+            prog.bad_evals = 0
+            return False
+        prog.bad_evals += 1
+        return prog.bad_evals >= ev.patience

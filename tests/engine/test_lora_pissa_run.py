@@ -43,7 +43,7 @@ def test_pissa_dpo_run_resumes_and_exports(tiny, prefs, tmp_path, monkeypatch):
     train(cfg_b, resume=True, echo=quiet, progress=False)
     assert rows_of(tmp_path / "a", timing=False) == rows_of(tmp_path / "b", timing=False)
     # a residual that came out otherwise at a resume (another machine): refused, saying why
-    monkeypatch.setattr("ember.engine.trainer.base_fingerprint", lambda *a, **k: "other")
+    monkeypatch.setattr("ember.engine.trainer_setup.base_fingerprint", lambda *a, **k: "other")
     with pytest.raises(EmberError, match="lora.init 'pissa_niter_2', the residual base"):
         train(cfg_b.replace(max_steps=3), resume=True, echo=quiet, progress=False)
     monkeypatch.undo()

@@ -168,7 +168,7 @@ def test_reference_free_objectives_learn_the_preference_with_one_forward(
         tiny, prefs, tmp_path, monkeypatch, objective):
     """ORPO (LoRA) and SimPO (full fine-tuning): the loss falls and the reward accuracy rises,
     with one forward per batch and no reference: no frozen copy, no adapters-off forward."""
-    from ember.engine import preference_objectives
+    from ember.engine import preference_reference
     from ember.engine.evaluation import eval_batches
     from ember.models import Transformer
 
@@ -176,7 +176,7 @@ def test_reference_free_objectives_learn_the_preference_with_one_forward(
         raise AssertionError(f"objective {objective} built or ran a reference")
 
     for name in ("adapters_disabled", "adapters_swapped", "frozen_start", "shard_frozen"):
-        monkeypatch.setattr(preference_objectives, name, no_reference)
+        monkeypatch.setattr(preference_reference, name, no_reference)
     forwards = []
     hidden = Transformer.hidden_states
     monkeypatch.setattr(Transformer, "hidden_states",

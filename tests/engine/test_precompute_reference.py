@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ember import EmberError
-from ember.engine import preference_objectives
+from ember.engine import preference_reference
 from ember.engine.distributed import DistInfo
 from ember.engine.reference_cache import cache_key, load_cached
 from ember.engine.trainer import Trainer, train
@@ -57,13 +57,13 @@ def _count_training_forwards(monkeypatch) -> list[bool]:
 def _count_precomputes(monkeypatch) -> list[int]:
     """The examples of each reference precompute pass (one per split scored)."""
     calls = []
-    real = preference_objectives.attach_ref_logps
+    real = preference_reference.attach_ref_logps
 
     def counted(examples, *a, **k):
         calls.append(len(examples))
         return real(examples, *a, **k)
 
-    monkeypatch.setattr(preference_objectives, "attach_ref_logps", counted)
+    monkeypatch.setattr(preference_reference, "attach_ref_logps", counted)
     return calls
 
 

@@ -108,7 +108,7 @@ def test_a_changed_reference_is_refused_before_the_precompute(tiny, prefs, tmp_p
     """precompute_ref_log_probs scores every document with the reference before the first
     step: a resume onto changed files is refused before that pass and before the data is read
     (was: after it, minutes of a real model's forwards spent on a run then refused)."""
-    from ember.engine import preference_objectives, trainer
+    from ember.engine import preference_reference, trainer
 
     model = shutil.copytree(tiny["model"], tmp_path / "model")
     cfg = tiny_config(dict(tiny, model=str(model), train=prefs, val=prefs, test=prefs),
@@ -118,8 +118,8 @@ def test_a_changed_reference_is_refused_before_the_precompute(tiny, prefs, tmp_p
     assert train(cfg, echo=quiet, progress=False, stop_after=1).steps == 1
     _changed(model / "model.safetensors", "layers.1.self_attn.q_proj")
     spent = []
-    real_score, real_data = preference_objectives.attach_ref_logps, trainer.Trainer._datasets
-    monkeypatch.setattr(preference_objectives, "attach_ref_logps",
+    real_score, real_data = preference_reference.attach_ref_logps, trainer.Trainer._datasets
+    monkeypatch.setattr(preference_reference, "attach_ref_logps",
                         lambda *a, **k: spent.append("precompute") or real_score(*a, **k))
     monkeypatch.setattr(trainer.Trainer, "_datasets",
                         lambda *a, **k: spent.append("data") or real_data(*a, **k))

@@ -79,7 +79,7 @@ def test_a_pissa_checkpoint_is_checked_by_the_files_its_residual_comes_from(
     restore()
     # a checkpoint with only the residual's fingerprint (as before base_files): it may round
     # otherwise on a CPU, so a warning
-    monkeypatch.setattr("ember.engine.state._recorded_prints", lambda *a: {"base": "cuda's"})
+    monkeypatch.setattr("ember.engine.run_model._recorded_prints", lambda *a: {"base": "cuda's"})
     with pytest.warns(UserWarning, match="or only seems to: the run computed its residual base"):
         load_run_model(run, "cpu")
 

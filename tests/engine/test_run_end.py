@@ -192,9 +192,9 @@ def test_patience_counts_as_transformers_early_stopping_callback(tiny, tmp_path,
     best moves on any improvement (transformers): steady gains smaller than min_delta stop the
     run. Ember measured min_delta from the last score that had beaten it by min_delta, so
     3.0, 2.6, 2.4, 2.3 with min_delta 0.5 never stopped (2.4 is 0.6 below 3.0)."""
-    import ember.engine.trainer as trainer_module
+    import ember.engine.trainer_eval as trainer_eval  # _early_stop looks save_best up there
 
-    monkeypatch.setattr(trainer_module, "save_best", lambda *a: None)
+    monkeypatch.setattr(trainer_eval, "save_best", lambda *a: None)
     cases = [([3.0, 2.6, 2.4, 2.3, 2.2], 2, 0.5, "min"), ([3.0, 2.8, 2.7, 2.9], 2, 0.5, "min"),
              ([3.0, 2.0, 2.1, 1.95, 1.9, 1.7], 2, 0.1, "min"),
              ([0.1, 0.3, 0.35, 0.38, 0.5, 0.52], 2, 0.1, "max"),
@@ -207,9 +207,9 @@ def test_patience_edge_cases_count_as_transformers(tiny, tmp_path, monkeypatch):
     for transformers (|1.72 - 1.77| > 0.05 in floats) and was none for Ember (1.72 < 1.77 -
     0.05 is false), which stopped a run transformers continues; and a first evaluation that is
     NaN resets patience there (nothing to beat yet) but counted as a bad one here."""
-    import ember.engine.trainer as trainer_module
+    import ember.engine.trainer_eval as trainer_eval  # _early_stop looks save_best up there
 
-    monkeypatch.setattr(trainer_module, "save_best", lambda *a: None)
+    monkeypatch.setattr(trainer_eval, "save_best", lambda *a: None)
     nan = float("nan")
     cases = [([1.77, 1.72, 1.7], 1, 0.05, "min"), ([4.1, 4.3, 4.35], 1, 0.2, "max"),
              ([2.0, 1.9, 1.8, 1.7, 1.6], 1, 0.1, "min"), ([0.5, 0.8, 1.1, 1.2], 1, 0.3, "max"),
@@ -244,13 +244,13 @@ def test_early_stopping_turned_off_then_on_again_starts_its_count_again(tiny, tm
     """A checkpoint of a run resumed without early stopping still holds the best val_loss of
     the run before it; turned on again (on perplexity) the count started from that val_loss.
     After the resume it counts as a fresh EarlyStoppingCallback on the evaluations."""
-    import ember.engine.trainer as trainer_module
+    import ember.engine.trainer_eval as trainer_eval  # _early_stop looks save_best up there
     from ember.engine.best import restart_best
     from ember.engine.config import EvalConfig
     from ember.engine.state import Progress
     from ember.engine.trainer import Trainer
 
-    monkeypatch.setattr(trainer_module, "save_best", lambda *a: None)
+    monkeypatch.setattr(trainer_eval, "save_best", lambda *a: None)
     cfg = tiny_config(tiny, tmp_path / "r", 'eval.early_stopping="perplexity"',
                       "eval.patience=1", "eval.every_steps=1", "eval.metrics=[]")
     t = Trainer(cfg, echo=quiet, progress=False)

@@ -270,11 +270,11 @@ def test_early_stopping_comparisons_with_nan():
 def test_best_weights_follow_any_improvement_patience_min_delta(tiny, tmp_path, monkeypatch):
     """As transformers: the kept best moves on any improvement, while patience counts only
     improvements by more than min_delta (EarlyStoppingCallback's threshold)."""
-    import ember.engine.trainer as trainer_module
+    import ember.engine.trainer_eval as trainer_eval  # _early_stop looks save_best up there
     from ember.engine.state import Progress
 
     kept = []
-    monkeypatch.setattr(trainer_module, "save_best", lambda run_dir, step, *a: kept.append(step))
+    monkeypatch.setattr(trainer_eval, "save_best", lambda run_dir, step, *a: kept.append(step))
     cfg = tiny_config(tiny, tmp_path / "r", 'eval.early_stopping="val_loss"', "eval.patience=2",
                       "eval.min_delta=0.5", "eval.every_steps=1", "eval.metrics=[]")
     t = Trainer(cfg, echo=quiet, progress=False)
