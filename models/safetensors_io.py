@@ -1,5 +1,6 @@
-"""HF model folders on disk, below the model: ``config.json`` and ``generation_config.json``,
-safetensors headers and shard indexes, the stream of tensors they hold (sharded writing:
+"""HF model folders on disk, below the model: ``config.json`` and ``generation_config.json``
+(``ember.models.config_files``), safetensors headers and shard indexes, the stream of tensors they
+hold (opening one weights file: ``ember.models.weights_files``; sharded writing:
 ``ember.models.shard_writer``).
 
 ``scan_checkpoint`` reads only the file headers (``CheckpointIndex``: which file holds which
@@ -26,191 +27,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from ember import EmberError
 from ember.models.config import ModelConfig
+from ember.models.config_files import (  # noqa: F401  (re-exported: their old home)
+    _parse_config,
+    _read_config_json,
+    generation_config_to_write,
+    read_config,
+    read_generation_config,
+)
 from ember.models.hf import expert_parts, fused_parts, map_hf_keys, split_multimodal_keys
-from ember.models.hf_config import ARCHITECTURES, _classifier_architecture, config_from_hf
 from ember.models.nf4 import QS_SUFFIXES, is_quant_state_key, split_bnb_key
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-# PyTorch checkpoints as transformers names them: read with torch.load(weights_only=True)
-TORCH_FILE = "pytorch_model.bin"
-TORCH_INDEX_FILE = "pytorch_model.bin.index.json"
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
+from ember.models.weights_files import (  # noqa: F401  (re-exported: their old home)
+    _PICKLE_SUFFIXES,
+    _ST_DTYPES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    TORCH_FILE,
+    TORCH_INDEX_FILE,
+    _TorchFile,
+    lfs_pointer,
+    open_weights,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Reading
-
-_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                torch.uint8: "U8", torch.int8: "I8", torch.float64: "F64", torch.int32: "I32",
-                torch.int64: "I64", torch.bool: "BOOL"}
-
-
-class _TorchSlice:
-    def __init__(self, t: torch.Tensor):
-        self.t = t
-
-    def get_dtype(self) -> str:
-        return _DTYPE_NAMES.get(self.t.dtype, str(self.t.dtype).removeprefix("torch."))
-
-    def get_shape(self) -> list[int]:
-        return list(self.t.shape)
-
-
-class _TorchFile:
-    """A ``pytorch_model*.bin`` behind safetensors' ``safe_open`` interface. It is read with
-    ``torch.load(weights_only=True)``: PyTorch's restricted unpickler, which builds tensors and
-    plain containers only and refuses anything else (no code runs), memory-mapped when the file
-    allows it."""
-
-    def __init__(self, path: Path):
-        try:
-            try:
-                sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except RuntimeError:  # the pre-1.6 (non-zip) format cannot be memory-mapped
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # the restricted unpickler's refusals, truncated files
-            pointer = lfs_pointer(path, "the weights")
-            if pointer:
-                raise EmberError(f"{path} is not readable: {pointer}") from None
-            raise EmberError(f"{path} is not a plain PyTorch tensor checkpoint "
-                             f"(torch.load(weights_only=True) refused it: {type(e).__name__}: "
-                             f"{str(e)[:200]}); convert it to safetensors with a tool you trust"
-                             ) from None
-        if not isinstance(sd, dict) or not all(
-                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-            raise EmberError(f"{path} does not hold a state dict (name -> tensor)")
-        self.sd = sd
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return False
-
-    def keys(self) -> list[str]:
-        return list(self.sd)
-
-    def get_tensor(self, key: str) -> torch.Tensor:
-        return self.sd[key]
-
-    def get_slice(self, key: str) -> _TorchSlice:
-        return _TorchSlice(self.sd[key])
-
-
-def open_weights(path: Path):
-    """A weights file opened for reading: safetensors (``safe_open``), or a transformers
-    ``pytorch_model*.bin`` (``torch.load(weights_only=True)``)."""
-    if Path(path).suffix == ".bin":
-        return _TorchFile(Path(path))
-    return safe_open(path, framework="pt", device="cpu")
-
-
-def _read_config_json(folder: str | os.PathLike) -> tuple[Path, dict]:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        ggufs = sorted(p.name for p in Path(folder).glob("*.gguf"))
-        hint = f"; the folder holds {', '.join(ggufs)}: pass that .gguf file" if ggufs else ""
-        raise EmberError(f"{path} not found: a model folder needs config.json next to the "
-                         f"weights{hint}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EmberError(f"{path} is not valid JSON ({e})") from None
-    if isinstance(raw, dict) and raw.get("architectures") is None and isinstance(
-            raw.get("model_type"), str) and raw["model_type"] in ARCHITECTURES and {
-            "score.weight"} == _head_keys(Path(folder)):
-        # transformers' Auto classes never need architectures; the weights say it is a classifier
-        raw = {**raw, "architectures": [_classifier_architecture(raw["model_type"])]}
-    return path, raw
-
-
-def _head_keys(folder: Path) -> set[str]:
-    """Which of ``lm_head.weight`` / ``score.weight`` the safetensors weights hold (the index's
-    names, or the single file's header); nothing for a folder without them."""
-    try:
-        if (folder / SINGLE_FILE).is_file():
-            with safe_open(folder / SINGLE_FILE, framework="pt") as f:
-                names = set(f.keys())
-        else:
-            names = set(json.loads((folder / INDEX_FILE).read_text())["weight_map"])
-    except (OSError, ValueError, TypeError, KeyError, SafetensorError):
-        return set()  # loading the weights says what is wrong with them
-    return names & {"lm_head.weight", "score.weight"}
-
-
-def _parse_config(path: Path, raw) -> ModelConfig:
-    try:
-        return config_from_hf(raw)
-    except EmberError as e:
-        # A model that needs its repo's own code (transformers' trust_remote_code): say so.
-        remote = (isinstance(raw, dict) and isinstance(raw.get("auto_map"), dict)
-                  and "not supported" in str(e))
-        hint = ("; its auto_map names custom modeling code (transformers' trust_remote_code), "
-                "which Ember never runs: convert the model to a supported architecture"
-                if remote else "")
-        raise EmberError(f"{path}: {str(e).removeprefix('config.json: ')}{hint}") from None
-
-
-def read_config(folder: str | os.PathLike) -> ModelConfig:
-    """ModelConfig from ``folder/config.json``."""
-    return _parse_config(*_read_config_json(folder))
-
-
-def read_generation_config(folder: str | os.PathLike) -> dict | None:
-    """``folder/generation_config.json`` as a dict (its sampling defaults, stop ids...), or None
-    when there is none; an unreadable one is ignored with a warning, as transformers falls back
-    to the model config's defaults."""
-    path = Path(folder) / "generation_config.json"
-    if not path.is_file():
-        return None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raw = e
-    if not isinstance(raw, dict):
-        warnings.warn(f"{path} is not a JSON object ({raw}); ignoring it: an export writes "
-                      "config.json's bos / eos ids alone", stacklevel=3)
-        return None
-    return raw
-
-
-def _stop_ids(cfg: ModelConfig, tokenizer) -> int | list[int] | None:
-    """generation_config.json's eos_token_id: config.json's, then the other ids the tokenizer
-    stops at (the source folder's generation_config.json, e.g. Gemma's ``<end_of_turn>`` or
-    Llama 3's ``<|eot_id|>``), which transformers' generate and a reload here would lose."""
-    eos = cfg.eos_token_id
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    from ember.models.tokenizer import stop_token_ids
-
-    ids += sorted(set(stop_token_ids(tokenizer)) - set(ids)) if tokenizer is not None else []
-    return None if not ids else ids[0] if len(ids) == 1 else ids
-
-
-def _id_list(ids) -> list:
-    return [ids] if isinstance(ids, int) else list(ids) if isinstance(ids, list) else []
-
-
-def generation_config_to_write(cfg: ModelConfig, tokenizer, source: dict | None) -> dict:
-    """generation_config.json to write: the source folder's (its sampling defaults:
-    ``do_sample``, ``temperature``, ``top_p``..., which transformers' generate uses and its
-    save_pretrained keeps) with the model's bos / eos / pad ids; its stop ids are kept as they
-    are when they include the model's (``_stop_ids``), joined to them otherwise."""
-    gen = {k: v for k, v in (source or {}).items() if k != "transformers_version"}
-    for key, ours in (("bos_token_id", cfg.bos_token_id), ("pad_token_id", cfg.pad_token_id)):
-        if ours is not None:
-            gen[key] = ours
-    gen.setdefault("bos_token_id", None)
-    ours, theirs = _id_list(_stop_ids(cfg, tokenizer)), _id_list(gen.get("eos_token_id"))
-    if not set(ours) <= set(theirs) or "eos_token_id" not in gen:
-        ids = ours + [i for i in theirs if i not in ours]
-        gen["eos_token_id"] = None if not ids else ids[0] if len(ids) == 1 else ids
-    return gen
 
 
 @dataclass
@@ -287,20 +130,6 @@ def _index_files(folder: Path, name: str = INDEX_FILE) -> list[Path]:
             )
         files.append(path)
     return files
-
-
-def lfs_pointer(path: str | os.PathLike, what: str) -> str | None:
-    """If ``path`` is a Git LFS pointer file (a repository cloned without git-lfs), the reason
-    to give for it (``what`` it stands in for: "the weights", "the tokenizer"); else None."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError:
-        return None
-    if not head.startswith(b"version https://git-lfs"):
-        return None
-    return (f"it is a Git LFS pointer, not {what} (the repository was cloned without "
-            "git-lfs): run 'git lfs install && git lfs pull' in the folder")
 
 
 def _why_unreadable(path: Path) -> str:

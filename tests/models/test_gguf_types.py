@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as Q
 
 from ember import EmberError
 from ember.models import gguf as ember_gguf
+from ember.models import gguf_reader
 from ember.models.gguf import dequantize, import_gguf, load_gguf
 from tests.models import test_gguf
 from tests.models.test_gguf import write_tiny_gguf
@@ -86,8 +87,8 @@ def test_a_type_gguf_cannot_dequantize_is_refused_up_front_naming_the_tensor(qt,
     path = tmp_path / "m.gguf"
     write_tiny_gguf(path, hidden=256, heads=4, kv_heads=2)  # ffn_gate rows: 256, one K block
     calls = []
-    real = ember_gguf.dequantize
-    monkeypatch.setattr(ember_gguf, "dequantize", lambda *a: calls.append(a) or real(*a))
+    real = gguf_reader.dequantize  # (looked up there, by GGUFFile.tensor)
+    monkeypatch.setattr(gguf_reader, "dequantize", lambda *a: calls.append(a) or real(*a))
     want = rf"m\.gguf: tensor 'blk\.0\.ffn_gate\.weight': GGUF tensor type {qt.name} "
     with pytest.raises(EmberError, match=want):
         load_gguf(path)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ember import EmberError
-from ember.models import hf_backend
+from ember.models import hf_backend_forwards
 from ember.models.hf_backend import accelerate, find_causal_lm, restore, swapped
 from ember.models.hf_backend_loss import LazyLogits
 from tests.numerics import assert_close_to_ref
@@ -94,13 +94,13 @@ def _check_grads(ref, model):
 def flash_calls(monkeypatch):
     """Counts the calls that reach Ember's flash_attention (vs HF's attention)."""
     calls = []
-    real = hf_backend.flash_attention
+    real = hf_backend_forwards.flash_attention  # (looked up there, by the swapped forwards)
 
     def counting(*args, **kw):
         calls.append("varlen" if kw.get("cu_seqlens") is not None else "dense")
         return real(*args, **kw)
 
-    monkeypatch.setattr(hf_backend, "flash_attention", counting)
+    monkeypatch.setattr(hf_backend_forwards, "flash_attention", counting)
     return calls
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ember import EmberError
-from ember.models import hf_backend, hf_backend_loss
+from ember.models import hf_backend, hf_backend_forwards, hf_backend_loss
 from ember.models.hf_backend import accelerate, restore, swapped
 from tests.models.test_hf_backend import (
     VOCAB,
@@ -105,9 +105,9 @@ def calls(monkeypatch):
 
     attn = (lambda a, kw: ("varlen" if kw.get("cu_seqlens") is not None else "dense",
                            kw.get("window"), kw.get("softcap"), kw.get("softmax_scale")))
-    monkeypatch.setattr(hf_backend, "flash_attention",
-                        counting("attn", hf_backend.flash_attention, attn))
-    for mod, name in ((hf_backend, "rms_norm"), (hf_backend, "apply_rope"),
+    monkeypatch.setattr(hf_backend_forwards, "flash_attention",
+                        counting("attn", hf_backend_forwards.flash_attention, attn))
+    for mod, name in ((hf_backend_forwards, "rms_norm"), (hf_backend_forwards, "apply_rope"),
                       (hf_backend_loss, "linear_cross_entropy")):
         monkeypatch.setattr(mod, name, counting(name, getattr(mod, name)))
     for key, fn in list(hf_backend._ACTIVATIONS.items()):
@@ -151,7 +151,8 @@ def test_forward_backward_parity(case, calls):
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
-DROPS = {  # feature -> (case, kernel in hf_backend(_loss), keyword the broken swap sets to None)
+# feature -> (case, kernel in hf_backend_forwards / _loss, keyword the broken swap sets to None)
+DROPS = {
     "attention softcap": ("gemma2", "flash_attention", "softcap"),
     "gemma2 window": ("gemma2", "flash_attention", "window"),
     "gemma3 window": ("gemma3", "flash_attention", "window"),
@@ -164,7 +165,7 @@ DROPS = {  # feature -> (case, kernel in hf_backend(_loss), keyword the broken s
 def test_dropped_feature_is_caught(feature, monkeypatch):
     """A swap that loses the feature fails the parity check above: the configs make it bite."""
     case, kernel, kw_name = DROPS[feature]
-    mod = hf_backend_loss if kernel == "linear_cross_entropy" else hf_backend
+    mod = hf_backend_loss if kernel == "linear_cross_entropy" else hf_backend_forwards
     real = getattr(mod, kernel)
     monkeypatch.setattr(mod, kernel, lambda *a, **kw: real(*a, **{**kw, kw_name: None}))
     ref, model = _fam(case, seed=len(case))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ember.models import hf_backend
+from ember.models import hf_backend_forwards
 from ember.models.hf_backend import accelerate
 from ember.models.hf_backend_io import kept_shift_labels
 from tests.models.test_hf_backend import _close, _ids, _loss_and_grads_match, _pair, flash_calls
@@ -103,7 +103,8 @@ def test_logits_to_keep_with_labels(keep, monkeypatch):
         if shifted:
             kw["shift_labels"] = kept
         calls = []
-        monkeypatch.setattr(hf_backend, "kept_shift_labels", counting(calls, kept_shift_labels))
+        monkeypatch.setattr(hf_backend_forwards, "kept_shift_labels",
+                            counting(calls, kept_shift_labels))
         _loss_and_grads_match(ref, model, ids, **kw)
         assert len(calls) == 1  # once per forward (was: twice, before and after the model)
         with torch.no_grad():

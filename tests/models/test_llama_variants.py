@@ -403,14 +403,14 @@ def test_accelerate_hf(tmp_path, case, monkeypatch):
     layers skip Ember's RoPE, Granite's softmax scale is its attention_multiplier."""
     import copy
 
-    from ember.models import hf_backend
+    from ember.models import hf_backend, hf_backend_forwards
 
     seen = {"rope": 0, "scale": []}
-    rope, attn = hf_backend.apply_rope, hf_backend.flash_attention
-    monkeypatch.setattr(hf_backend, "apply_rope",
+    rope, attn = hf_backend_forwards.apply_rope, hf_backend_forwards.flash_attention
+    monkeypatch.setattr(hf_backend_forwards, "apply_rope",
                         lambda *a, **k: seen.__setitem__("rope", seen["rope"] + 1) or rope(*a, **k))
-    monkeypatch.setattr(hf_backend, "flash_attention", lambda *a, **k: seen["scale"].append(
-        (k["softmax_scale"], k["window"])) or attn(*a, **k))
+    monkeypatch.setattr(hf_backend_forwards, "flash_attention", lambda *a, **k: seen[
+        "scale"].append((k["softmax_scale"], k["window"])) or attn(*a, **k))
     ref = _hf(_save(tmp_path, case)).train()
     model = hf_backend.accelerate(copy.deepcopy(ref))
     ids = _ids()
