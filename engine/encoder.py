@@ -24,6 +24,7 @@ from ember.engine.formats import (
     turn_tail_end,
 )
 from ember.models.tokenizer import Tokenizer, stop_token_ids
+from ember.models.tokenizer_specials import special_added_ids
 
 if TYPE_CHECKING:
     from ember.engine.data import DataConfig
@@ -36,11 +37,14 @@ class _Encoder:
         self.eos = getattr(tokenizer, "eos_token_id", None)
         # Every id that ends a turn (e.g. Llama 3's <|eot_id|> besides <|end_of_text|>).
         self.ends = set(stop_token_ids(tokenizer))
-        self.specials = set(getattr(tokenizer, "all_special_ids", None) or ())
         # the tokenizers object whose offsets mask a text tokenized whole (Ember's tokenizer, or
         # a transformers one's backend_tokenizer); None: span by span
         self.backend = next((b for b in (getattr(tokenizer, k, None) for k in (
             "backend", "backend_tokenizer")) if isinstance(b, tokenizers.Tokenizer)), None)
+        # every added token flagged special (an unnamed <|im_end|> too), whichever tokenizer:
+        # all_special_ids lists only the named and extra ones (transformers 5's and Ember's)
+        self.specials = (special_added_ids(self.backend) if self.backend is not None
+                         else set(getattr(tokenizer, "all_special_ids", None) or ()))
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         # whether a template of Ember's tokenizer marks {% generation %} blocks (else: no need
         # to render each conversation again to find them)

@@ -51,6 +51,7 @@ from ember.models.tokenizer_classes import (
     template_tokens,
     without_added_tokens,
 )
+from ember.models.tokenizer_specials import all_special_tokens
 
 
 class Tokenizer:
@@ -123,8 +124,14 @@ class Tokenizer:
         return self.vocab_size
 
     @property
-    def all_special_ids(self) -> set[int]:
-        return {t_id for t_id, t in self.backend.get_added_tokens_decoder().items() if t.special}
+    def all_special_tokens(self) -> list[str]:
+        """The named, then the extra special tokens, as transformers 5 lists them (not every
+        added token flagged special: ``ember.models.tokenizer_specials``)."""
+        return all_special_tokens(self)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self.backend.token_to_id(t) for t in all_special_tokens(self)]
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -344,7 +351,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             raise no_tokenizer_error(folder)
         model_cfg = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
         model_type = model_cfg.get("model_type") if isinstance(model_cfg, dict) else None
-        backend, defaults, generic = slow_backend(folder, cfg, smap, str(model_type or ""))
+        backend, defaults, generic, pieces = slow_backend(folder, cfg, smap, str(model_type or ""))
+        cfg = {**cfg, "additional_special_tokens": pieces} if pieces else cfg
         specials.update({n: t for n, t in defaults.items()
                          if n in specials and backend.token_to_id(t) is not None})
     else:
