@@ -23,10 +23,16 @@ DeepSeek) gets the folder's class. Mirrored here:
 - ``Qwen2Tokenizer``: NFC, Qwen2's split regex, byte-level. A qwen2 folder written from a GGUF
   file (which has no normalizer, like llama.cpp) is read with NFC, as transformers reads it.
 
-Not mirrored: ``GPT2Tokenizer``, which transformers 5 rebuilds as GPT-2's regex alone, dropping
-e.g. SmolLM2's and StarCoder's digit split from their tokenizer.json (Ember keeps the model's own
-split), and ``GemmaTokenizer``, whose pipeline is the one Gemma's tokenizer.json already has;
-their added tokens (and CodeGenTokenizer's, GPTNeoXTokenizer's) are read as transformers reads
+- ``GPT2Tokenizer``, ``CodeGenTokenizer``, ``GPTNeoXTokenizer`` over a byte-level BPE: no
+  normalizer (GPT-NeoX: NFC), GPT-2's regex in a ``ByteLevel`` whose ``add_prefix_space`` is the
+  config's (False where it names none, whatever tokenizer.json says), a ``ByteLevel`` decoder.
+  Except where that rebuild would leave out a step of tokenizer.json (``dropped_steps``: SmolLM2's
+  and StarCoder's digit split, a cl100k-style Split, a normalizer the class lacks), a known
+  transformers 5 regression that changes the model's ids: there Ember reads tokenizer.json as
+  written and warns, naming the fix (``"tokenizer_class": "PreTrainedTokenizerFast"``).
+
+Not mirrored: ``GemmaTokenizer``, whose pipeline is the one Gemma's tokenizer.json already has;
+its added tokens (and those of a GPT-2 class read as written) are read as transformers reads
 them (``own_added_tokens``).
 
 Also how transformers 5 reads the special tokens of any folder: special_tokens_map.json
@@ -272,13 +278,62 @@ def _byte_level(backend: tokenizers.Tokenizer) -> bool:
 def rebuilt_class(backend: tokenizers.Tokenizer, cls: str | None) -> str | None:
     """The folder's class ``cls`` (``folder_class``) where transformers 5 builds its own pipeline
     over ``backend`` (the folder's tokenizer.json): LlamaTokenizer / CodeLlamaTokenizer over a
-    SentencePiece-style BPE, Qwen2Tokenizer over a byte-level one; None where Ember reads
-    tokenizer.json as written."""
-    if cls not in ("LlamaTokenizer", "CodeLlamaTokenizer", "Qwen2Tokenizer"):
+    SentencePiece-style BPE, Qwen2Tokenizer, GPT2Tokenizer, CodeGenTokenizer and
+    GPTNeoXTokenizer over a byte-level one, except where the GPT-2 classes would drop a step of
+    tokenizer.json (``dropped_steps``); None where Ember reads tokenizer.json as written."""
+    if cls not in ("LlamaTokenizer", "CodeLlamaTokenizer", "Qwen2Tokenizer", *_GPT2_CLASSES):
         return None
     if type(backend.model).__name__ != "BPE":
         return None
+    if cls in _GPT2_CLASSES:
+        return cls if _byte_level(backend) and not dropped_steps(backend, cls) else None
     return cls if _byte_level(backend) == (cls == "Qwen2Tokenizer") else None
+
+
+# classes whose __init__ builds GPT-2's pipeline over the file's vocabulary and merges: the
+# normalizer each sets (GPT-NeoX: NFC), ByteLevel with GPT-2's regex, a ByteLevel decoder
+_GPT2_CLASSES = {"GPT2Tokenizer": None, "CodeGenTokenizer": None, "GPTNeoXTokenizer": "NFC"}
+
+
+def _steps(part: Any, key: str) -> list[dict]:
+    if part is None:
+        return []
+    spec = json.loads(part.__getstate__())
+    return spec.get(key, [spec]) if spec.get("type") == "Sequence" else [spec]
+
+
+def dropped_steps(backend: tokenizers.Tokenizer, cls: str | None) -> list[str]:
+    """The steps of tokenizer.json ``backend`` that transformers 5's ``cls`` (a GPT-2 class)
+    leaves out of its rebuilt pipeline: a normalizer other than the class's, a pre-tokenizer step
+    before GPT-2's regex (SmolLM2's and StarCoder's ``Digits``, OLMo 3's cl100k ``Split``), BPE's
+    ``ignore_merges``. Those change the model's ids (huggingface/transformers#45701): Ember keeps
+    tokenizer.json's pipeline there (``dropped_steps_warning``)."""
+    if cls not in _GPT2_CLASSES or type(backend.model).__name__ != "BPE":
+        return []
+    own = _GPT2_CLASSES[cls]
+    out = [s["type"] for s in _steps(backend.normalizer, "normalizers") if s["type"] != own]
+    for s in _steps(backend.pre_tokenizer, "pretokenizers"):
+        if s["type"] != "ByteLevel":
+            out.append(s["type"])
+        elif not s.get("use_regex", True):
+            out.append("ByteLevel(use_regex=false)")
+    if getattr(backend.model, "ignore_merges", False):
+        out.append("ignore_merges")
+    return list(dict.fromkeys(out))
+
+
+def dropped_steps_warning(backend: tokenizers.Tokenizer, cls: str | None, folder: Path
+                          ) -> str | None:
+    """What to tell the user where ``dropped_steps`` finds any; None where there are none."""
+    steps = dropped_steps(backend, cls) if _byte_level(backend) else []
+    if not steps:
+        return None
+    return (f"{folder}: tokenizer_class {cls} makes transformers 5 rebuild this tokenizer as "
+            f"GPT-2's pipeline, leaving out tokenizer.json's {', '.join(steps)} (a known "
+            "transformers 5 regression, huggingface/transformers#45701): its ids then differ "
+            "from the model's own on some texts. Ember keeps tokenizer.json's pipeline; set "
+            "\"tokenizer_class\": \"PreTrainedTokenizerFast\" in tokenizer_config.json to make "
+            "transformers read it as written too")
 
 
 # the special tokens each class's ``__init__`` defaults to, for a config that does not name them
@@ -357,6 +412,12 @@ def class_pipeline(backend: tokenizers.Tokenizer, cls: str | None, cfg: dict) ->
     """Give ``backend`` the normalizer, pre-tokenizer and decoder transformers 5 gives it for
     ``cls`` (``rebuilt_class``); unchanged for None."""
     if cls is None:
+        return
+    if cls in _GPT2_CLASSES:
+        backend.normalizer = normalizers.NFC() if _GPT2_CLASSES[cls] else None
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(
+            add_prefix_space=bool(cfg.get("add_prefix_space")), use_regex=True)
+        backend.decoder = decoders.ByteLevel()
         return
     if cls == "Qwen2Tokenizer":
         backend.normalizer = normalizers.NFC()
