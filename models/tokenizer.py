@@ -28,6 +28,7 @@ from ember.models.chat_template import (
     render,
     select_template,
 )
+from ember.models.code_llama_infill import infill_ids
 from ember.models.gguf_pretokenizers import _WHOLE_WORDS, _bytes_to_unicode, _pre_tokenizer
 from ember.models.tokenizer_classes import (
     MAIN_SPECIALS,
@@ -72,8 +73,10 @@ class Tokenizer:
                  chat_templates: dict[str, str] | None = None,
                  clean_up_tokenization_spaces: bool = False,
                  template_tokens: dict[str, str] | None = None,
-                 extra_special_tokens: Iterable[str] = ()):
+                 extra_special_tokens: Iterable[str] = (), fill_token: str | None = None):
         self.backend = backend
+        # CodeLlama's: a text holding it is an infilling prompt (ember.models.code_llama_infill)
+        self.fill_token, self._infill = fill_token, None
         # additional special tokens, saved back so that transformers lists them again
         self.extra_special_tokens = list(extra_special_tokens)
         # sep, cls, mask and model-specific tokens: chat template variables, as in transformers
@@ -144,6 +147,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise EmberError(f"tokenizer.encode expects a str, got {type(text).__name__}")
+        infill = infill_ids(self, text, add_special_tokens) if self.fill_token else None
+        if infill is not None:
+            return infill
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False
@@ -151,6 +157,8 @@ class Tokenizer:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise EmberError("tokenizer.encode_batch expects a list of str (one text: use "
                              f"encode), got {type(texts).__name__}")
+        if self.fill_token and any(self.fill_token in t for t in texts):
+            return [self.encode(t, add_special_tokens) for t in texts]
         return [e.ids for e in self.backend.encode_batch(list(texts),
                                                          add_special_tokens=add_special_tokens)]
 
@@ -344,6 +352,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     specials = {n: _token_str(cfg.get(n, smap.get(n))) for n in MAIN_SPECIALS}
     slow = not tj.is_file()
     defaults: dict[str, str] = {}  # the slow class's own special tokens (Gemma's mask)
+    fill = None  # CodeLlamaTokenizer's fill token (<FILL_ME>)
     generic = False  # slow files built as transformers 5's generic SentencePiece backend
     if slow:
         from ember.models.slow_tokenizer import has_slow_tokenizer, no_tokenizer_error, slow_backend
@@ -391,6 +400,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if rebuilt == "Qwen2Tokenizer":
             reset_special_flags(backend, named_special_tokens(cfg))
         class_pipeline(backend, rebuilt, cfg)
+        fill = class_specials(given, cls).get("fill_token") if cls == "CodeLlamaTokenizer" else None
         forced = class_bos_eos(cls)
         if forced is not None:  # the class's own post-processor, whatever tokenizer.json's
             ends = [specials[n] if on and specials[n] is not None
@@ -459,7 +469,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                              is not None}, **cfg}),
                      extra_special_tokens=[t for t in extra_special_tokens(cfg)
                                            if backend.token_to_id(t) is not None],
-                     add_bos_token=add_bos, add_eos_token=add_eos, extra_eos_token_ids=extra_eos,
+                     fill_token=fill, add_bos_token=add_bos, add_eos_token=add_eos,
+                     extra_eos_token_ids=extra_eos,
                      model_max_length=int(max_len) if isinstance(max_len, int | float)
                      and max_len < 1e12 else None)
 

@@ -1,0 +1,79 @@
+"""CodeLlamaTokenizer's infilling: a text with ``<FILL_ME>`` is encoded as prefix and suffix,
+``[bos] ▁<PRE> " "+prefix ▁<SUF> suffix ▁<MID>`` (spaces written as U+2581, no prefix space added
+to the prefix beyond the one written), against transformers 5's ``AutoTokenizer`` on the same
+folder (a small SentencePiece-style BPE trained at test time)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import transformers
+from tokenizers import AddedToken, Tokenizer
+
+from ember import EmberError
+from ember.models.tokenizer import load_tokenizer
+from tests.models.test_tokenizer_classes import _vocab
+
+INFILL = ["\u2581<PRE>", "\u2581<MID>", "\u2581<SUF>", "\u2581<EOT>"]
+BASE = {
+    "tokenizer_class": "CodeLlamaTokenizer",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+}
+TEXTS = [
+    "def f(x):\n    <FILL_ME>\n    return y",
+    "a <FILL_ME>b",
+    "<FILL_ME> b",
+    "a<FILL_ME>",
+    "<FILL_ME>",
+    "x <s> y<FILL_ME>  z</s>",
+    "plain  text",
+]
+
+
+def _load(tmp_path, cfg: dict, infill=INFILL):
+    tmp_path.mkdir(exist_ok=True)
+    tok = Tokenizer.from_str(_vocab("metaspace_first"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in infill])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**BASE, **cfg}))
+    with warnings.catch_warnings():  # <FILL_ME> is not in the vocabulary: said elsewhere
+        warnings.simplefilter("ignore")
+        ours = load_tokenizer(tmp_path)
+    return ours, transformers.AutoTokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("cfg", [{}, {"add_prefix_space": False}, {"add_eos_token": True}])
+def test_fill_me_is_split_into_prefix_and_suffix_like_transformers(cfg, tmp_path):
+    """Ember encoded "<FILL_ME>" as text ("a <FILL_ME>b": [0, 202, 177, 38, ...], transformers
+    [0, 500, 202, 129, 502, 129, 57, 501]). Each text on a fresh transformers tokenizer: its
+    infilling leaves the backend's normalizer changed for later calls."""
+    ours, _ = _load(tmp_path, cfg)
+    for text in TEXTS:
+        for special in (True, False):
+            theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+            want = theirs.encode(text, add_special_tokens=special)
+            assert ours.encode(text, add_special_tokens=special) == want, (text, special)
+    fresh = [transformers.AutoTokenizer.from_pretrained(tmp_path).encode(t) for t in TEXTS]
+    assert ours.encode_batch(TEXTS, add_special_tokens=True) == fresh
+
+
+def test_fill_me_errors(tmp_path):
+    """Two <FILL_ME> (transformers: a bare "too many values to unpack") and a vocabulary without
+    the infilling tokens (transformers adds them as new tokens, ids past the model's embedding)
+    are clear errors; a config without a fill token encodes <FILL_ME> as text, as transformers
+    does."""
+    ours, theirs = _load(tmp_path / "a", {})
+    with pytest.raises(ValueError, match="too many values"):
+        theirs.encode("a<FILL_ME>b<FILL_ME>c")
+    with pytest.raises(EmberError, match="2 <FILL_ME>.*exactly one"):
+        ours.encode("a<FILL_ME>b<FILL_ME>c")
+    ours, theirs = _load(tmp_path / "b", {}, infill=[])
+    assert max(theirs.encode("a<FILL_ME>b")) >= len(ours) == 500
+    with pytest.raises(EmberError, match="▁<PRE>.*infilling"):
+        ours.encode("a<FILL_ME>b")
+    ours, theirs = _load(tmp_path / "c", {"fill_token": None})
+    assert ours.encode("a<FILL_ME>b") == theirs.encode("a<FILL_ME>b", add_special_tokens=False)
