@@ -38,7 +38,7 @@ from ember.models.tokenizer_classes import (
     class_bos_eos,
     class_pipeline,
     class_specials,
-    dropped_steps_warning,
+    class_warnings,
     extra_special_tokens,
     folder_class,
     missing_class_specials,
@@ -381,8 +381,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             backend.model.dropout = None
         named = folder_class(folder, cfg)  # (reads config.json's model type: once)
         cls, rebuilt = built_class(backend, named), rebuilt_class(backend, named)
-        if (dropped := dropped_steps_warning(backend, named, folder)) is not None:
-            warnings.warn(dropped, stacklevel=2)
+        for message in class_warnings(backend, named, folder):
+            warnings.warn(message, stacklevel=2)
         given = cfg  # the tokens the folder names; the class's own defaults fill in the rest
         if own_added_tokens(cfg, named, rebuilt) and not same_added_tokens(
                 backend, cfg.get("added_tokens_decoder")):

@@ -307,7 +307,7 @@ def dropped_steps(backend: tokenizers.Tokenizer, cls: str | None) -> list[str]:
     leaves out of its rebuilt pipeline: a normalizer other than the class's, a pre-tokenizer step
     before GPT-2's regex (SmolLM2's and StarCoder's ``Digits``, OLMo 3's cl100k ``Split``), BPE's
     ``ignore_merges``. Those change the model's ids (huggingface/transformers#45701): Ember keeps
-    tokenizer.json's pipeline there (``dropped_steps_warning``)."""
+    tokenizer.json's pipeline there and warns (``class_warnings``)."""
     if cls not in _GPT2_CLASSES or type(backend.model).__name__ != "BPE":
         return []
     own = _GPT2_CLASSES[cls]
@@ -322,18 +322,28 @@ def dropped_steps(backend: tokenizers.Tokenizer, cls: str | None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def dropped_steps_warning(backend: tokenizers.Tokenizer, cls: str | None, folder: Path
-                          ) -> str | None:
-    """What to tell the user where ``dropped_steps`` finds any; None where there are none."""
+def class_warnings(backend: tokenizers.Tokenizer, cls: str | None, folder: Path) -> list[str]:
+    """What to tell the user about how transformers 5's ``cls`` reads tokenizer.json ``backend``
+    (before ``class_pipeline``): the steps it leaves out (``dropped_steps``); the characters a
+    LlamaTokenizer drops, whose BPE has no unk token (where the vocabulary lacks byte pieces)."""
+    out = []
     steps = dropped_steps(backend, cls) if _byte_level(backend) else []
-    if not steps:
-        return None
-    return (f"{folder}: tokenizer_class {cls} makes transformers 5 rebuild this tokenizer as "
+    if steps:
+        out.append(
+            f"{folder}: tokenizer_class {cls} makes transformers 5 rebuild this tokenizer as "
             f"GPT-2's pipeline, leaving out tokenizer.json's {', '.join(steps)} (a known "
             "transformers 5 regression, huggingface/transformers#45701): its ids then differ "
             "from the model's own on some texts. Ember keeps tokenizer.json's pipeline; set "
-            "\"tokenizer_class\": \"PreTrainedTokenizerFast\" in tokenizer_config.json to make "
+            '"tokenizer_class": "PreTrainedTokenizerFast" in tokenizer_config.json to make '
             "transformers read it as written too")
+    unk = getattr(backend.model, "unk_token", None)
+    if rebuilt_class(backend, cls) == "LlamaTokenizer" and unk is not None and any(
+            backend.token_to_id(f"<0x{b:02X}>") is None for b in range(256)):
+        out.append(
+            f"{folder}: transformers 5's LlamaTokenizer drops the characters this vocabulary "
+            f"cannot spell (it lacks byte pieces and the class's BPE has no unk token); Ember "
+            f"encodes each run of them as {unk} (tokenizer.json's unk token)")
+    return out
 
 
 # the special tokens each class's ``__init__`` defaults to, for a config that does not name them
@@ -435,6 +445,15 @@ def class_pipeline(backend: tokenizers.Tokenizer, cls: str | None, cfg: dict) ->
                else "first")
     backend.normalizer = None
     spm_pipeline(backend, style="llama", prepend=prepend)
+    # the class's BPE options: CodeLlama's model has the unk token, Llama's none (an unknown
+    # character without a byte piece then vanishes in transformers: Ember keeps tokenizer.json's
+    # unk token, see class_warnings)
+    backend.model.fuse_unk, backend.model.byte_fallback = True, True
+    unk = cfg.get("unk_token")
+    unk = unk.get("content") if isinstance(unk, dict) else unk
+    if cls == "CodeLlamaTokenizer" and isinstance(unk, str) and (
+            backend.token_to_id(unk) is not None):
+        backend.model.unk_token = unk
     if cls == "CodeLlamaTokenizer":  # its decoder drops a leading space even without a prefix
         backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "),
                                              decoders.ByteFallback(), decoders.Fuse(),

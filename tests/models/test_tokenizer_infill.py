@@ -15,6 +15,7 @@ from tokenizers import AddedToken, Tokenizer
 from ember import EmberError
 from ember.models.tokenizer import load_tokenizer
 from tests.models.test_tokenizer_classes import _vocab
+from tests.models.test_tokenizer_pipelines import _trained
 
 INFILL = ["\u2581<PRE>", "\u2581<MID>", "\u2581<SUF>", "\u2581<EOT>"]
 BASE = {
@@ -77,3 +78,40 @@ def test_fill_me_errors(tmp_path):
         ours.encode("a<FILL_ME>b")
     ours, theirs = _load(tmp_path / "c", {"fill_token": None})
     assert ours.encode("a<FILL_ME>b") == theirs.encode("a<FILL_ME>b", add_special_tokens=False)
+
+
+@pytest.mark.parametrize("cls", ["CodeLlamaTokenizer", "LlamaTokenizer"])
+@pytest.mark.parametrize(
+    "bpe",
+    [
+        {},
+        {"byte_fallback": True},
+        {"unk_token": "<unk>"},
+        {"byte_fallback": True, "unk_token": "<unk>"},
+    ],
+)
+def test_characters_the_vocabulary_lacks_like_transformers(cls, bpe, tmp_path):
+    """The class's BPE options, not tokenizer.json's: CodeLlamaTokenizer builds its BPE with
+    ``unk_token``, ``fuse_unk`` and ``byte_fallback`` (Ember kept a file without an unk token,
+    and dropped "B", which the vocabulary lacks: "Be" [129, 60], transformers [129, 2, 60]);
+    LlamaTokenizer with ``fuse_unk`` and ``byte_fallback`` but no unk token, so transformers drops
+    such characters ("Be" [129, 60]): Ember keeps them as <unk> (fused: [129, 2, 60]) and warns,
+    where the vocabulary lacks byte pieces."""
+    tok = _trained("metaspace_first", **bpe)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**BASE, "tokenizer_class": cls}))
+    lossy = cls == "LlamaTokenizer" and "unk_token" in bpe
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = load_tokenizer(tmp_path)
+    said = [str(w.message) for w in caught if "drops" in str(w.message)]
+    assert bool(said) == lossy and all("<unk>" in s for s in said)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in ["Be", "x \u03a9 y", "a\u2603\u2603b B", "<unk>B"]:
+        want = theirs.encode(text, add_special_tokens=False)
+        got = ours.encode(text)
+        if lossy:  # transformers' ids with each run of lost characters as one <unk>
+            assert [i for i in got if i != 2] == [i for i in want if i != 2], text
+            assert (2 in got) == (text != "x \u03a9 y"), text
+        else:
+            assert got == want, text
