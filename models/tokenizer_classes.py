@@ -135,7 +135,7 @@ def special_tokens_config(cfg: Any, smap: Any, folder: Path) -> dict:
 # The special tokens Ember's Tokenizer keeps as attributes (ember.models.tokenizer), and every
 # one transformers names, in its order
 MAIN_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
-_NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
           "mask_token")
 
 
@@ -145,9 +145,9 @@ def named_special_tokens(cfg: dict) -> list[AddedToken]:
     5 adds those not yet added: special, with the flags of one written as a dict ({"content",
     "lstrip", "rstrip", ...}: Llama 2's and GPT-2's "__type": "AddedToken"), not normalized
     otherwise."""
-    values = [cfg.get(k) for k in _NAMED]
+    values = [cfg.get(k) for k in NAMED_SPECIALS]
     # model-specific tokens: any other top-level "*_token" string (image_token ...), special too
-    values += [v for k, v in cfg.items() if k.endswith("_token") and k not in _NAMED
+    values += [v for k, v in cfg.items() if k.endswith("_token") and k not in NAMED_SPECIALS
                and isinstance(v, str | dict)]
     extra = cfg.get("extra_special_tokens")
     values += list(extra.values()) if isinstance(extra, dict) else []
@@ -240,8 +240,8 @@ def template_tokens(cfg: dict) -> dict[str, str]:
     other top-level ``*_token`` string of the config, e.g. ``image_token``)."""
     out = {}
     extra = cfg.get("extra_special_tokens")
-    named = {k: cfg.get(k) for k in _NAMED[3:] if k != "pad_token"}
-    auto = {k: v for k, v in cfg.items() if k.endswith("_token") and k not in _NAMED}
+    named = {k: cfg.get(k) for k in NAMED_SPECIALS[3:] if k != "pad_token"}
+    auto = {k: v for k, v in cfg.items() if k.endswith("_token") and k not in NAMED_SPECIALS}
     for key, v in {**named, **auto, **(extra if isinstance(extra, dict) else {})}.items():
         v = v.get("content") if isinstance(v, dict) else v
         if isinstance(v, str):
@@ -386,7 +386,7 @@ def missing_class_specials(backend: tokenizers.Tokenizer, cfg: dict, cls: str | 
 
 def _named_first(key: str) -> int:
     """transformers' order: bos, eos, unk, sep, pad, cls, mask, then the others as listed."""
-    return _NAMED.index(key) if key in _NAMED else len(_NAMED)
+    return NAMED_SPECIALS.index(key) if key in NAMED_SPECIALS else len(NAMED_SPECIALS)
 
 
 def class_bos_eos(cls: str | None) -> tuple[bool, bool] | None:

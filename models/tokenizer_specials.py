@@ -14,19 +14,10 @@ from typing import TYPE_CHECKING
 
 import tokenizers
 
+from ember.models.tokenizer_classes import NAMED_SPECIALS
+
 if TYPE_CHECKING:
     from ember.models.tokenizer import Tokenizer
-
-# transformers' SPECIAL_TOKENS_ATTRIBUTES order; model-specific names come after these
-_ORDER = (
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-)
 
 
 def all_special_tokens(tok: Tokenizer) -> list[str]:
@@ -34,13 +25,13 @@ def all_special_tokens(tok: Tokenizer) -> list[str]:
     once; only those in the vocabulary (Ember leaves a token the vocabulary lacks out, where
     transformers would add it with an id past the model's embedding)."""
     named = {
-        **{k: tok.template_tokens.get(k) for k in _ORDER},
+        **{k: tok.template_tokens.get(k) for k in NAMED_SPECIALS},
         "bos_token": tok.bos_token,
         "eos_token": tok.eos_token,
         "unk_token": tok.unk_token,
         "pad_token": tok.pad_token,
     }
-    named.update((k, v) for k, v in tok.template_tokens.items() if k not in _ORDER)
+    named.update((k, v) for k, v in tok.template_tokens.items() if k not in NAMED_SPECIALS)
     out = [t for t in (*named.values(), *tok.extra_special_tokens) if t is not None]
     return [t for t in dict.fromkeys(out) if tok.backend.token_to_id(t) is not None]
 
