@@ -22,6 +22,8 @@ DeepSeek) gets the folder's class. Mirrored here:
 - ``CodeLlamaTokenizer``: the same without ``legacy``; its decoder always drops a leading space.
 - ``Qwen2Tokenizer``: NFC, Qwen2's split regex, byte-level. A qwen2 folder written from a GGUF
   file (which has no normalizer, like llama.cpp) is read with NFC, as transformers reads it.
+  ``Qwen3_5Tokenizer`` (the qwen3_5 model types): the same with combining marks kept with their
+  letters in the split, and without Qwen2Tokenizer's last step (``reset_special_flags``).
 
 - ``GPT2Tokenizer``, ``CodeGenTokenizer``, ``GPTNeoXTokenizer`` over a byte-level BPE: no
   normalizer (GPT-NeoX: NFC), GPT-2's regex in a ``ByteLevel`` whose ``add_prefix_space`` is the
@@ -80,6 +82,10 @@ _REGISTERED: dict[str, str | None] = {
 _REGISTERED_WINS = ("qwen2", "phi3", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen3_5Tokenizer's: letters with their combining marks ([\p{L}\p{M}]+)
+_QWEN3_5_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+                  r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN_SPLITS = {"Qwen2Tokenizer": _QWEN2_SPLIT, "Qwen3_5Tokenizer": _QWEN3_5_SPLIT}
 
 
 def resolved_class(cfg: dict, model_type: str | None) -> str | None:
@@ -281,13 +287,13 @@ def rebuilt_class(backend: tokenizers.Tokenizer, cls: str | None) -> str | None:
     SentencePiece-style BPE, Qwen2Tokenizer, GPT2Tokenizer, CodeGenTokenizer and
     GPTNeoXTokenizer over a byte-level one, except where the GPT-2 classes would drop a step of
     tokenizer.json (``dropped_steps``); None where Ember reads tokenizer.json as written."""
-    if cls not in ("LlamaTokenizer", "CodeLlamaTokenizer", "Qwen2Tokenizer", *_GPT2_CLASSES):
+    if cls not in ("LlamaTokenizer", "CodeLlamaTokenizer", *_QWEN_SPLITS, *_GPT2_CLASSES):
         return None
     if type(backend.model).__name__ != "BPE":
         return None
     if cls in _GPT2_CLASSES:
         return cls if _byte_level(backend) and not dropped_steps(backend, cls) else None
-    return cls if _byte_level(backend) == (cls == "Qwen2Tokenizer") else None
+    return cls if _byte_level(backend) == (cls in _QWEN_SPLITS) else None
 
 
 # classes whose __init__ builds GPT-2's pipeline over the file's vocabulary and merges: the
@@ -356,6 +362,7 @@ _CLASS_SPECIALS = {
                            "suffix_token": "\u2581<SUF>", "eot_token": "\u2581<EOT>",
                            "fill_token": "<FILL_ME>"},  # its infilling tokens, special too
     "Qwen2Tokenizer": {"unk_token": _EOT, "eos_token": _EOT, "pad_token": _EOT},
+    "Qwen3_5Tokenizer": {"unk_token": _EOT, "eos_token": _EOT, "pad_token": _EOT},
     "GPT2Tokenizer": {"unk_token": _EOT, "bos_token": _EOT, "eos_token": _EOT},
     "CodeGenTokenizer": {"unk_token": _EOT, "bos_token": _EOT, "eos_token": _EOT},
     "GPTNeoXTokenizer": {"unk_token": _EOT, "bos_token": _EOT, "eos_token": _EOT,
@@ -429,10 +436,10 @@ def class_pipeline(backend: tokenizers.Tokenizer, cls: str | None, cfg: dict) ->
             add_prefix_space=bool(cfg.get("add_prefix_space")), use_regex=True)
         backend.decoder = decoders.ByteLevel()
         return
-    if cls == "Qwen2Tokenizer":
+    if cls in _QWEN_SPLITS:
         backend.normalizer = normalizers.NFC()
         backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(_QWEN_SPLITS[cls]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=bool(cfg.get("add_prefix_space")),
                                      use_regex=False)])
         backend.decoder = decoders.ByteLevel()
