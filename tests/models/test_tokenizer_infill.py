@@ -115,3 +115,28 @@ def test_characters_the_vocabulary_lacks_like_transformers(cls, bpe, tmp_path):
             assert (2 in got) == (text != "x \u03a9 y"), text
         else:
             assert got == want, text
+
+
+def test_training_lines_with_the_fill_token(tmp_path):
+    """A text line holding <FILL_ME> is encoded as transformers' tokenizer(text) encodes it (an
+    infilling prompt), plus eos. A prompt/completion line holding it is refused, naming the token:
+    transformers' tokenizer reorders such a text into prefix / suffix / middle, which the loss
+    mask over the text's characters cannot follow (Ember trained the literal "<FILL_ME>"
+    pieces); two fill tokens are a bad line, not a crash."""
+    from ember.engine.data import DataConfig, load_examples
+
+    ours, theirs = _load(tmp_path / "t", {})
+    rows = tmp_path / "d.jsonl"
+    lines = [
+        {"text": "def f(x):\n    <FILL_ME>\n    return y"},
+        {"text": "a<FILL_ME>b<FILL_ME>c"},
+    ]
+    rows.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cfg = DataConfig(max_seq_len=128, tokens_per_batch=128, bad_lines="skip")
+    examples, report = load_examples(rows, cfg, ours)
+    assert report.bad_lines == 1 and len(examples) == 1
+    want = theirs.encode(lines[0]["text"]) + [theirs.eos_token_id]
+    assert examples[0].input_ids == want
+    rows.write_text(json.dumps({"prompt": "a <FILL_ME>", "completion": "b"}) + "\n")
+    with pytest.raises(EmberError, match="<FILL_ME>.*infilling"):
+        load_examples(rows, DataConfig(max_seq_len=128, tokens_per_batch=128), ours)
