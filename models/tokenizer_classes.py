@@ -330,11 +330,19 @@ def dropped_steps(backend: tokenizers.Tokenizer, cls: str | None) -> list[str]:
 
 def class_warnings(backend: tokenizers.Tokenizer, cls: str | None, folder: Path) -> list[str]:
     """What to tell the user about how transformers 5's ``cls`` reads tokenizer.json ``backend``
-    (before ``class_pipeline``): the steps it leaves out (``dropped_steps``); the characters a
+    (before ``class_pipeline``): the steps it leaves out (``dropped_steps``; a GPT-2 class over
+    a vocabulary that is not byte-level leaves out all of them); the characters a
     LlamaTokenizer drops, whose BPE has no unk token (where the vocabulary lacks byte pieces)."""
     out = []
-    steps = dropped_steps(backend, cls) if _byte_level(backend) else []
-    if steps:
+    steps = dropped_steps(backend, cls)
+    if steps and not _byte_level(backend):
+        out.append(
+            f"{folder}: tokenizer_class {cls} over a vocabulary that is not byte-level "
+            f"(tokenizer.json's {', '.join(steps)}): transformers 5 rebuilds it as GPT-2's "
+            "byte-level pipeline, whose ids are not the model's. Ember reads tokenizer.json as "
+            'written; set "tokenizer_class": "PreTrainedTokenizerFast" in tokenizer_config.json '
+            "to make transformers read it so too")
+    elif steps:
         out.append(
             f"{folder}: tokenizer_class {cls} makes transformers 5 rebuild this tokenizer as "
             f"GPT-2's pipeline, leaving out tokenizer.json's {', '.join(steps)} (a known "

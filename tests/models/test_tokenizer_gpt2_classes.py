@@ -62,13 +62,19 @@ def test_the_class_pipeline_as_transformers_rebuilds_it(cls, name, cfg, tmp_path
 
 @pytest.mark.parametrize(
     ("name", "normalizer", "step", "text"),
-    [("digits", None, "Digits", "  0"), ("bytelevel", norms.Lowercase(), "Lowercase", "Hi")],
+    [
+        ("digits", None, "Digits", "  0"),
+        ("bytelevel", norms.Lowercase(), "Lowercase", "Hi"),
+        ("metaspace_first", None, "not byte-level.*Metaspace", "Hello world"),
+    ],
 )
 @pytest.mark.parametrize("cls", CLASSES)
 def test_a_step_transformers_drops_is_kept_and_said(cls, name, normalizer, step, text, tmp_path):
     """tokenizer.json splits digits off first (SmolLM2, StarCoder) or lowercases: transformers 5
-    drops the step ("  0": [225, 225, 20], the model's own [265, 20]). Ember keeps the model's
-    tokenizer.json, with a warning that names the step, the difference and the fix."""
+    drops the step ("  0": [225, 225, 20], the model's own [265, 20]); over a vocabulary that is
+    not byte-level at all its byte-level pipeline spells nothing right. Ember keeps the model's
+    tokenizer.json, with a warning that names the step, the difference and the fix (it warned
+    nothing for the SentencePiece-style vocabulary)."""
     tok = _write(tmp_path, name, {"tokenizer_class": cls, **BASE}, normalizer)
     with pytest.warns(UserWarning, match=rf"{step}.*transformers 5.*PreTrainedTokenizerFast"):
         ours = load_tokenizer(tmp_path)
