@@ -24,6 +24,7 @@ from ember.engine.formats import (
     turn_tail_end,
 )
 from ember.models.tokenizer import Tokenizer, stop_token_ids
+from ember.models.tokenizer_specials import special_added_ids
 
 if TYPE_CHECKING:
     from ember.engine.data import DataConfig
@@ -36,11 +37,14 @@ class _Encoder:
         self.eos = getattr(tokenizer, "eos_token_id", None)
         # Every id that ends a turn (e.g. Llama 3's <|eot_id|> besides <|end_of_text|>).
         self.ends = set(stop_token_ids(tokenizer))
-        self.specials = set(getattr(tokenizer, "all_special_ids", None) or ())
         # the tokenizers object whose offsets mask a text tokenized whole (Ember's tokenizer, or
         # a transformers one's backend_tokenizer); None: span by span
         self.backend = next((b for b in (getattr(tokenizer, k, None) for k in (
             "backend", "backend_tokenizer")) if isinstance(b, tokenizers.Tokenizer)), None)
+        # every added token flagged special (an unnamed <|im_end|> too), whichever tokenizer:
+        # all_special_ids lists only the named and extra ones (transformers 5's and Ember's)
+        self.specials = (special_added_ids(self.backend) if self.backend is not None
+                         else set(getattr(tokenizer, "all_special_ids", None) or ()))
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         # whether a template of Ember's tokenizer marks {% generation %} blocks (else: no need
         # to render each conversation again to find them)
@@ -78,8 +82,12 @@ class _Encoder:
         if isinstance(rec, Chat):  # TRL's conversational prompt-completion: a conversation
             fmt = "message-array prompt/completion" if fmt == "prompt_completion" else fmt
         if fmt == "text":
-            ids = self._with_eos(self._enc(rec, True))
+            try:  # (a text holding CodeLlama's fill token is an infilling prompt, as in TRL)
+                ids = self._with_eos(self._enc(rec, True))
+            except EmberError as e:
+                raise _Bad("fill token", str(e)) from None
             return ids, [True] * len(ids), 0, None
+        self._no_fill(rec)
         if fmt in ("prompt_completion", "alpaca") and not self.chat:
             prompt = alpaca_prompt(rec) if fmt == "alpaca" else rec[0]
             full = prompt + rec[1]
@@ -94,6 +102,21 @@ class _Encoder:
             return ids, mask + [True] * (len(ids) - len(mask)), start, rec[1]
         return self._chat(self.conversation(fmt, rec), all_loss)
 
+    def _no_fill(self, rec) -> None:
+        """Refuses a record whose text holds the tokenizer's fill token (CodeLlama's <FILL_ME>):
+        transformers' tokenizer encodes such a text as an infilling prompt, prefix / suffix /
+        middle reordered, which a loss mask over the text's characters cannot follow."""
+        fill = getattr(self.tok, "fill_token", None)
+        stack = [rec]
+        while fill and stack:
+            x = stack.pop()
+            if isinstance(x, str) and fill in x:
+                raise _Bad("fill token", f"the line holds {fill}, which CodeLlama's tokenizer "
+                                         "turns into an infilling prompt (prefix, suffix, middle "
+                                         "reordered) that the loss mask cannot follow; write "
+                                         "the infilling tokens yourself, or use the text format")
+            stack += x.values() if isinstance(x, dict) else x if isinstance(x, list | tuple) else []
+
     def encode_with_prompt(self, fmt: str, rec) -> tuple[tuple, list[int] | None]:
         """``encode``'s document and, for a chat with a final answer, its
         ``generation_prompt`` (None: the training context's ids are the prompt)."""
@@ -102,6 +125,7 @@ class _Encoder:
             return self.encode(fmt, rec), None
         if isinstance(rec, Chat) and fmt == "prompt_completion":
             fmt = "message-array prompt/completion"  # (as encode names it)
+        self._no_fill(rec)
         messages = self.conversation(fmt, rec)
         doc = self._chat(messages, self.cfg.loss_on == "all")
         gen = None if not doc[2] or doc[3] is None else self.generation_prompt(

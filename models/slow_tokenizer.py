@@ -394,16 +394,23 @@ def _added_token(d: dict, content: str) -> AddedToken:
 
 
 def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
-                 ) -> tuple[tokenizers.Tokenizer, dict[str, str], bool]:
+                 ) -> tuple[tokenizers.Tokenizer, dict[str, str], bool, list[str]]:
     """The backend transformers builds from ``folder``'s slow files (without post-processor: the
     caller adds bos/eos), the special tokens its tokenizer class assumes where the folder names
     none (those the vocabulary lacks are left out: transformers would add them as new tokens),
-    and whether that backend is transformers 5's generic one (which cleans up decoding)."""
+    whether that backend is transformers 5's generic one (which cleans up decoding), and the
+    additional special tokens transformers 5 lists for a tokenizer.model in place of the config's
+    (its control and user-defined pieces, in id order; control ones only for the generic backend;
+    none for vocab.json + merges.txt)."""
     cls = _tokenizer_class(folder, cfg, model_type)
+    pieces: list[str] = []
     if cls in (*_SPM_CLASSES, _GENERIC):
         if not (folder / "tokenizer.model").is_file():
             raise EmberError(f"{folder}: {cls} needs tokenizer.model, which is missing")
         backend = _spm_backend(folder, cls, cfg)
+        # (its added tokens so far are exactly those pieces: the generic one splits user-defined
+        # pieces off in its pre-tokenizer instead)
+        pieces = [t.content for _, t in sorted(backend.get_added_tokens_decoder().items())]
     else:
         backend = _bpe_backend(folder, cls, cfg)
     defaults = {k: v for k, v in _DEFAULTS[cls].items() if k not in cfg and k not in smap}
@@ -450,4 +457,4 @@ def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
     # vocabulary has them; load_tokenizer reports those it has not
     add_named_specials(backend, specials,
                        promoted_tokens(every, cls) if isinstance(decoder, dict) else set())
-    return backend, defaults, cls == _GENERIC
+    return backend, defaults, cls == _GENERIC, pieces

@@ -28,6 +28,7 @@ from ember.models.chat_template import (
     render,
     select_template,
 )
+from ember.models.code_llama_infill import infill_ids
 from ember.models.gguf_pretokenizers import _WHOLE_WORDS, _bytes_to_unicode, _pre_tokenizer
 from ember.models.tokenizer_classes import (
     MAIN_SPECIALS,
@@ -37,6 +38,7 @@ from ember.models.tokenizer_classes import (
     class_bos_eos,
     class_pipeline,
     class_specials,
+    class_warnings,
     extra_special_tokens,
     folder_class,
     missing_class_specials,
@@ -51,6 +53,7 @@ from ember.models.tokenizer_classes import (
     template_tokens,
     without_added_tokens,
 )
+from ember.models.tokenizer_specials import all_special_tokens
 
 
 class Tokenizer:
@@ -70,8 +73,10 @@ class Tokenizer:
                  chat_templates: dict[str, str] | None = None,
                  clean_up_tokenization_spaces: bool = False,
                  template_tokens: dict[str, str] | None = None,
-                 extra_special_tokens: Iterable[str] = ()):
+                 extra_special_tokens: Iterable[str] = (), fill_token: str | None = None):
         self.backend = backend
+        # CodeLlama's: a text holding it is an infilling prompt (ember.models.code_llama_infill)
+        self.fill_token, self._infill = fill_token, None
         # additional special tokens, saved back so that transformers lists them again
         self.extra_special_tokens = list(extra_special_tokens)
         # sep, cls, mask and model-specific tokens: chat template variables, as in transformers
@@ -123,8 +128,14 @@ class Tokenizer:
         return self.vocab_size
 
     @property
-    def all_special_ids(self) -> set[int]:
-        return {t_id for t_id, t in self.backend.get_added_tokens_decoder().items() if t.special}
+    def all_special_tokens(self) -> list[str]:
+        """The named, then the extra special tokens, as transformers 5 lists them (not every
+        added token flagged special: ``ember.models.tokenizer_specials``)."""
+        return all_special_tokens(self)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self.backend.token_to_id(t) for t in all_special_tokens(self)]
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -136,6 +147,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise EmberError(f"tokenizer.encode expects a str, got {type(text).__name__}")
+        infill = infill_ids(self, text, add_special_tokens) if self.fill_token else None
+        if infill is not None:
+            return infill
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False
@@ -143,6 +157,8 @@ class Tokenizer:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise EmberError("tokenizer.encode_batch expects a list of str (one text: use "
                              f"encode), got {type(texts).__name__}")
+        if self.fill_token and any(self.fill_token in t for t in texts):
+            return [self.encode(t, add_special_tokens) for t in texts]
         return [e.ids for e in self.backend.encode_batch(list(texts),
                                                          add_special_tokens=add_special_tokens)]
 
@@ -336,6 +352,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     specials = {n: _token_str(cfg.get(n, smap.get(n))) for n in MAIN_SPECIALS}
     slow = not tj.is_file()
     defaults: dict[str, str] = {}  # the slow class's own special tokens (Gemma's mask)
+    fill = None  # CodeLlamaTokenizer's fill token (<FILL_ME>)
     generic = False  # slow files built as transformers 5's generic SentencePiece backend
     if slow:
         from ember.models.slow_tokenizer import has_slow_tokenizer, no_tokenizer_error, slow_backend
@@ -344,7 +361,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             raise no_tokenizer_error(folder)
         model_cfg = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
         model_type = model_cfg.get("model_type") if isinstance(model_cfg, dict) else None
-        backend, defaults, generic = slow_backend(folder, cfg, smap, str(model_type or ""))
+        backend, defaults, generic, pieces = slow_backend(folder, cfg, smap, str(model_type or ""))
+        cfg = {**cfg, "additional_special_tokens": pieces} if pieces else cfg
         specials.update({n: t for n, t in defaults.items()
                          if n in specials and backend.token_to_id(t) is not None})
     else:
@@ -363,6 +381,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             backend.model.dropout = None
         named = folder_class(folder, cfg)  # (reads config.json's model type: once)
         cls, rebuilt = built_class(backend, named), rebuilt_class(backend, named)
+        for message in class_warnings(backend, named, folder):
+            warnings.warn(message, stacklevel=2)
         given = cfg  # the tokens the folder names; the class's own defaults fill in the rest
         if own_added_tokens(cfg, named, rebuilt) and not same_added_tokens(
                 backend, cfg.get("added_tokens_decoder")):
@@ -380,6 +400,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if rebuilt == "Qwen2Tokenizer":
             reset_special_flags(backend, named_special_tokens(cfg))
         class_pipeline(backend, rebuilt, cfg)
+        fill = class_specials(given, cls).get("fill_token") if cls == "CodeLlamaTokenizer" else None
         forced = class_bos_eos(cls)
         if forced is not None:  # the class's own post-processor, whatever tokenizer.json's
             ends = [specials[n] if on and specials[n] is not None
@@ -448,7 +469,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                              is not None}, **cfg}),
                      extra_special_tokens=[t for t in extra_special_tokens(cfg)
                                            if backend.token_to_id(t) is not None],
-                     add_bos_token=add_bos, add_eos_token=add_eos, extra_eos_token_ids=extra_eos,
+                     fill_token=fill, add_bos_token=add_bos, add_eos_token=add_eos,
+                     extra_eos_token_ids=extra_eos,
                      model_max_length=int(max_len) if isinstance(max_len, int | float)
                      and max_len < 1e12 else None)
 

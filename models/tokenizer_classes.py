@@ -22,11 +22,19 @@ DeepSeek) gets the folder's class. Mirrored here:
 - ``CodeLlamaTokenizer``: the same without ``legacy``; its decoder always drops a leading space.
 - ``Qwen2Tokenizer``: NFC, Qwen2's split regex, byte-level. A qwen2 folder written from a GGUF
   file (which has no normalizer, like llama.cpp) is read with NFC, as transformers reads it.
+  ``Qwen3_5Tokenizer`` (the qwen3_5 model types): the same with combining marks kept with their
+  letters in the split, and without Qwen2Tokenizer's last step (``reset_special_flags``).
 
-Not mirrored: ``GPT2Tokenizer``, which transformers 5 rebuilds as GPT-2's regex alone, dropping
-e.g. SmolLM2's and StarCoder's digit split from their tokenizer.json (Ember keeps the model's own
-split), and ``GemmaTokenizer``, whose pipeline is the one Gemma's tokenizer.json already has;
-their added tokens (and CodeGenTokenizer's, GPTNeoXTokenizer's) are read as transformers reads
+- ``GPT2Tokenizer``, ``CodeGenTokenizer``, ``GPTNeoXTokenizer`` over a byte-level BPE: no
+  normalizer (GPT-NeoX: NFC), GPT-2's regex in a ``ByteLevel`` whose ``add_prefix_space`` is the
+  config's (False where it names none, whatever tokenizer.json says), a ``ByteLevel`` decoder.
+  Except where that rebuild would leave out a step of tokenizer.json (``dropped_steps``: SmolLM2's
+  and StarCoder's digit split, a cl100k-style Split, a normalizer the class lacks), a known
+  transformers 5 regression that changes the model's ids: there Ember reads tokenizer.json as
+  written and warns, naming the fix (``"tokenizer_class": "PreTrainedTokenizerFast"``).
+
+Not mirrored: ``GemmaTokenizer``, whose pipeline is the one Gemma's tokenizer.json already has;
+its added tokens (and those of a GPT-2 class read as written) are read as transformers reads
 them (``own_added_tokens``).
 
 Also how transformers 5 reads the special tokens of any folder: special_tokens_map.json
@@ -74,6 +82,10 @@ _REGISTERED: dict[str, str | None] = {
 _REGISTERED_WINS = ("qwen2", "phi3", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen3_5Tokenizer's: letters with their combining marks ([\p{L}\p{M}]+)
+_QWEN3_5_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+                  r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN_SPLITS = {"Qwen2Tokenizer": _QWEN2_SPLIT, "Qwen3_5Tokenizer": _QWEN3_5_SPLIT}
 
 
 def resolved_class(cfg: dict, model_type: str | None) -> str | None:
@@ -129,7 +141,7 @@ def special_tokens_config(cfg: Any, smap: Any, folder: Path) -> dict:
 # The special tokens Ember's Tokenizer keeps as attributes (ember.models.tokenizer), and every
 # one transformers names, in its order
 MAIN_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
-_NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
           "mask_token")
 
 
@@ -139,9 +151,9 @@ def named_special_tokens(cfg: dict) -> list[AddedToken]:
     5 adds those not yet added: special, with the flags of one written as a dict ({"content",
     "lstrip", "rstrip", ...}: Llama 2's and GPT-2's "__type": "AddedToken"), not normalized
     otherwise."""
-    values = [cfg.get(k) for k in _NAMED]
+    values = [cfg.get(k) for k in NAMED_SPECIALS]
     # model-specific tokens: any other top-level "*_token" string (image_token ...), special too
-    values += [v for k, v in cfg.items() if k.endswith("_token") and k not in _NAMED
+    values += [v for k, v in cfg.items() if k.endswith("_token") and k not in NAMED_SPECIALS
                and isinstance(v, str | dict)]
     extra = cfg.get("extra_special_tokens")
     values += list(extra.values()) if isinstance(extra, dict) else []
@@ -234,8 +246,8 @@ def template_tokens(cfg: dict) -> dict[str, str]:
     other top-level ``*_token`` string of the config, e.g. ``image_token``)."""
     out = {}
     extra = cfg.get("extra_special_tokens")
-    named = {k: cfg.get(k) for k in _NAMED[3:] if k != "pad_token"}
-    auto = {k: v for k, v in cfg.items() if k.endswith("_token") and k not in _NAMED}
+    named = {k: cfg.get(k) for k in NAMED_SPECIALS[3:] if k != "pad_token"}
+    auto = {k: v for k, v in cfg.items() if k.endswith("_token") and k not in NAMED_SPECIALS}
     for key, v in {**named, **auto, **(extra if isinstance(extra, dict) else {})}.items():
         v = v.get("content") if isinstance(v, dict) else v
         if isinstance(v, str):
@@ -272,13 +284,80 @@ def _byte_level(backend: tokenizers.Tokenizer) -> bool:
 def rebuilt_class(backend: tokenizers.Tokenizer, cls: str | None) -> str | None:
     """The folder's class ``cls`` (``folder_class``) where transformers 5 builds its own pipeline
     over ``backend`` (the folder's tokenizer.json): LlamaTokenizer / CodeLlamaTokenizer over a
-    SentencePiece-style BPE, Qwen2Tokenizer over a byte-level one; None where Ember reads
-    tokenizer.json as written."""
-    if cls not in ("LlamaTokenizer", "CodeLlamaTokenizer", "Qwen2Tokenizer"):
+    SentencePiece-style BPE, Qwen2Tokenizer, GPT2Tokenizer, CodeGenTokenizer and
+    GPTNeoXTokenizer over a byte-level one, except where the GPT-2 classes would drop a step of
+    tokenizer.json (``dropped_steps``); None where Ember reads tokenizer.json as written."""
+    if cls not in ("LlamaTokenizer", "CodeLlamaTokenizer", *_QWEN_SPLITS, *_GPT2_CLASSES):
         return None
     if type(backend.model).__name__ != "BPE":
         return None
-    return cls if _byte_level(backend) == (cls == "Qwen2Tokenizer") else None
+    if cls in _GPT2_CLASSES:
+        return cls if _byte_level(backend) and not dropped_steps(backend, cls) else None
+    return cls if _byte_level(backend) == (cls in _QWEN_SPLITS) else None
+
+
+# classes whose __init__ builds GPT-2's pipeline over the file's vocabulary and merges: the
+# normalizer each sets (GPT-NeoX: NFC), ByteLevel with GPT-2's regex, a ByteLevel decoder
+_GPT2_CLASSES = {"GPT2Tokenizer": None, "CodeGenTokenizer": None, "GPTNeoXTokenizer": "NFC"}
+
+
+def _steps(part: Any, key: str) -> list[dict]:
+    if part is None:
+        return []
+    spec = json.loads(part.__getstate__())
+    return spec.get(key, [spec]) if spec.get("type") == "Sequence" else [spec]
+
+
+def dropped_steps(backend: tokenizers.Tokenizer, cls: str | None) -> list[str]:
+    """The steps of tokenizer.json ``backend`` that transformers 5's ``cls`` (a GPT-2 class)
+    leaves out of its rebuilt pipeline: a normalizer other than the class's, a pre-tokenizer step
+    before GPT-2's regex (SmolLM2's and StarCoder's ``Digits``, OLMo 3's cl100k ``Split``), BPE's
+    ``ignore_merges``. Those change the model's ids (huggingface/transformers#45701): Ember keeps
+    tokenizer.json's pipeline there and warns (``class_warnings``)."""
+    if cls not in _GPT2_CLASSES or type(backend.model).__name__ != "BPE":
+        return []
+    own = _GPT2_CLASSES[cls]
+    out = [s["type"] for s in _steps(backend.normalizer, "normalizers") if s["type"] != own]
+    for s in _steps(backend.pre_tokenizer, "pretokenizers"):
+        if s["type"] != "ByteLevel":
+            out.append(s["type"])
+        elif not s.get("use_regex", True):
+            out.append("ByteLevel(use_regex=false)")
+    if getattr(backend.model, "ignore_merges", False):
+        out.append("ignore_merges")
+    return list(dict.fromkeys(out))
+
+
+def class_warnings(backend: tokenizers.Tokenizer, cls: str | None, folder: Path) -> list[str]:
+    """What to tell the user about how transformers 5's ``cls`` reads tokenizer.json ``backend``
+    (before ``class_pipeline``): the steps it leaves out (``dropped_steps``; a GPT-2 class over
+    a vocabulary that is not byte-level leaves out all of them); the characters a
+    LlamaTokenizer drops, whose BPE has no unk token (where the vocabulary lacks byte pieces)."""
+    out = []
+    steps = dropped_steps(backend, cls)
+    if steps and not _byte_level(backend):
+        out.append(
+            f"{folder}: tokenizer_class {cls} over a vocabulary that is not byte-level "
+            f"(tokenizer.json's {', '.join(steps)}): transformers 5 rebuilds it as GPT-2's "
+            "byte-level pipeline, whose ids are not the model's. Ember reads tokenizer.json as "
+            'written; set "tokenizer_class": "PreTrainedTokenizerFast" in tokenizer_config.json '
+            "to make transformers read it so too")
+    elif steps:
+        out.append(
+            f"{folder}: tokenizer_class {cls} makes transformers 5 rebuild this tokenizer as "
+            f"GPT-2's pipeline, leaving out tokenizer.json's {', '.join(steps)} (a known "
+            "transformers 5 regression, huggingface/transformers#45701): its ids then differ "
+            "from the model's own on some texts. Ember keeps tokenizer.json's pipeline; set "
+            '"tokenizer_class": "PreTrainedTokenizerFast" in tokenizer_config.json to make '
+            "transformers read it as written too")
+    unk = getattr(backend.model, "unk_token", None)
+    if rebuilt_class(backend, cls) == "LlamaTokenizer" and unk is not None and any(
+            backend.token_to_id(f"<0x{b:02X}>") is None for b in range(256)):
+        out.append(
+            f"{folder}: transformers 5's LlamaTokenizer drops the characters this vocabulary "
+            f"cannot spell (it lacks byte pieces and the class's BPE has no unk token); Ember "
+            f"encodes each run of them as {unk} (tokenizer.json's unk token)")
+    return out
 
 
 # the special tokens each class's ``__init__`` defaults to, for a config that does not name them
@@ -291,6 +370,7 @@ _CLASS_SPECIALS = {
                            "suffix_token": "\u2581<SUF>", "eot_token": "\u2581<EOT>",
                            "fill_token": "<FILL_ME>"},  # its infilling tokens, special too
     "Qwen2Tokenizer": {"unk_token": _EOT, "eos_token": _EOT, "pad_token": _EOT},
+    "Qwen3_5Tokenizer": {"unk_token": _EOT, "eos_token": _EOT, "pad_token": _EOT},
     "GPT2Tokenizer": {"unk_token": _EOT, "bos_token": _EOT, "eos_token": _EOT},
     "CodeGenTokenizer": {"unk_token": _EOT, "bos_token": _EOT, "eos_token": _EOT},
     "GPTNeoXTokenizer": {"unk_token": _EOT, "bos_token": _EOT, "eos_token": _EOT,
@@ -321,7 +401,7 @@ def missing_class_specials(backend: tokenizers.Tokenizer, cfg: dict, cls: str | 
 
 def _named_first(key: str) -> int:
     """transformers' order: bos, eos, unk, sep, pad, cls, mask, then the others as listed."""
-    return _NAMED.index(key) if key in _NAMED else len(_NAMED)
+    return NAMED_SPECIALS.index(key) if key in NAMED_SPECIALS else len(NAMED_SPECIALS)
 
 
 def class_bos_eos(cls: str | None) -> tuple[bool, bool] | None:
@@ -358,10 +438,16 @@ def class_pipeline(backend: tokenizers.Tokenizer, cls: str | None, cfg: dict) ->
     ``cls`` (``rebuilt_class``); unchanged for None."""
     if cls is None:
         return
-    if cls == "Qwen2Tokenizer":
+    if cls in _GPT2_CLASSES:
+        backend.normalizer = normalizers.NFC() if _GPT2_CLASSES[cls] else None
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(
+            add_prefix_space=bool(cfg.get("add_prefix_space")), use_regex=True)
+        backend.decoder = decoders.ByteLevel()
+        return
+    if cls in _QWEN_SPLITS:
         backend.normalizer = normalizers.NFC()
         backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(_QWEN_SPLITS[cls]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=bool(cfg.get("add_prefix_space")),
                                      use_regex=False)])
         backend.decoder = decoders.ByteLevel()
@@ -374,6 +460,15 @@ def class_pipeline(backend: tokenizers.Tokenizer, cls: str | None, cfg: dict) ->
                else "first")
     backend.normalizer = None
     spm_pipeline(backend, style="llama", prepend=prepend)
+    # the class's BPE options: CodeLlama's model has the unk token, Llama's none (an unknown
+    # character without a byte piece then vanishes in transformers: Ember keeps tokenizer.json's
+    # unk token, see class_warnings)
+    backend.model.fuse_unk, backend.model.byte_fallback = True, True
+    unk = cfg.get("unk_token")
+    unk = unk.get("content") if isinstance(unk, dict) else unk
+    if cls == "CodeLlamaTokenizer" and isinstance(unk, str) and (
+            backend.token_to_id(unk) is not None):
+        backend.model.unk_token = unk
     if cls == "CodeLlamaTokenizer":  # its decoder drops a leading space even without a prefix
         backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "),
                                              decoders.ByteFallback(), decoders.Fuse(),

@@ -194,7 +194,8 @@ def _assert_like_transformers(folder):
     mine, want = (json.loads(t.to_str())["model"] for t in (ours.backend,
                                                             theirs.backend_tokenizer))
     assert (mine.get("merges"), mine["vocab"]) == (want.get("merges"), want["vocab"])
-    assert ours.all_special_ids == {i for i, t in theirs.added_tokens_decoder.items() if t.special}
+    assert ours.all_special_tokens == theirs.all_special_tokens
+    assert ours.all_special_ids == theirs.all_special_ids
     assert (ours.add_bos_token, ours.add_eos_token) == (theirs.add_bos_token,
                                                         theirs.add_eos_token)
     if ours.chat_template is not None:
