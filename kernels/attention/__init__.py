@@ -137,8 +137,12 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
                                    max_seqlen=longest).reshape(q.shape)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if cu_seqlens is None:
-        if softcap is None and window is None and q.shape[1] == k.shape[1]:
+        if softcap is None and window is None and q.shape[1] == k.shape[1] and (
+                scale > 0 or not causal):
             # Fast path: SDPA handles GQA and causal on CPU without an explicit (T, S) mask.
+            # Not for causal with a scale <= 0: torch's CPU flash kernel then answers NaN for
+            # every row but the last (its masked -inf times the scale); the explicit mask is
+            # right for any finite scale.
             qt = q.transpose(1, 2)
             out = F.scaled_dot_product_attention(
                 qt, k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
@@ -207,7 +211,8 @@ def _as_int(max_seqlen) -> int:
     return int(max_seqlen)
 
 
-def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap, softmax_scale=None):
+def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap, softmax_scale=None,
+              causal=True):
     """Raises on bad input; returns max_seqlen (computed from cu_seqlens when not given)."""
     check_tensors("flash_attention", q=q, k=k, v=v)
     if cu_seqlens is not None:
@@ -226,6 +231,12 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap, softmax_scale=No
     if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
         raise ValueError(f"flash_attention: query heads ({q.shape[-2]}) must be a multiple of kv "
                          f"heads ({k.shape[-2]})")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"flash_attention: q, k, v must be on the same device, got {q.device}, "
+                         f"{k.device}, {v.device}")
+    # "no" was bool("no") = True on the Triton path (silently causal), a TypeError in SDPA
+    if causal not in (True, False):
+        raise ValueError(f"flash_attention: causal must be a bool, got {causal!r}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, "
                          f"{v.dtype})")
@@ -335,7 +346,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         return flash_attention(qf, kf, vf, causal=causal, softmax_scale=softmax_scale,
                                window=window, softcap=softcap, cu_seqlens=cu, max_seqlen=longest,
                                impl=impl).reshape(q.shape)
-    max_seqlen = _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap, softmax_scale)
+    max_seqlen = _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap, softmax_scale,
+                           causal)
+    causal = bool(causal)  # a NumPy or 0-d tensor bool: SDPA takes only a Python bool
     if not use_triton(q, impl, "flash_attention"):
         return flash_attention_ref(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                    window=window, softcap=softcap, cu_seqlens=cu_seqlens,

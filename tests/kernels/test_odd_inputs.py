@@ -1,0 +1,64 @@
+"""The public kernels as another tool calls them: arguments our own model never passes (a softmax
+scale <= 0, 0-d tensor hyperparameters, non-bool flags, lists where tensors go). Each must give
+the oracle's answer (plain PyTorch written from the op's math, bitsandbytes' float arithmetic) or
+a ValueError naming the argument, never a silently different result or an error from deep inside
+(an InterpreterError, an AttributeError)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ember.kernels as K
+
+
+def _attention_oracle(q, k, v, scale):
+    """Causal attention in fp64 with an explicit mask, from the math (B, T, H, D)."""
+    qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))
+    s = qd @ kd.transpose(-1, -2) * scale
+    t = s.shape[-1]
+    keep = torch.ones(t, t, dtype=torch.bool).tril()
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+    return (p @ vd).transpose(1, 2)
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+def test_causal_attention_with_a_non_positive_scale_matches_the_math(impl, scale):
+    """softmax_scale <= 0 is finite and allowed (a uniform average at 0); torch's CPU flash SDPA
+    kernel, the reference's fast path, answered NaN for every row before the last under
+    is_causal (its masked -inf times the scale); the math and the Triton path are finite."""
+    q, k, v = (torch.randn(1, 5, 2, 8) for _ in range(3))
+    out = K.flash_attention(q, k, v, softmax_scale=scale, impl=impl)
+    want = _attention_oracle(q, k, v, scale)
+    assert torch.isfinite(out).all(), f"{impl}: NaN/inf rows for softmax_scale={scale}"
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    # packed documents take the same per-document path
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    packed = K.flash_attention(q[0], k[0], v[0], cu_seqlens=cu, softmax_scale=scale, impl=impl)
+    want = torch.cat(
+        [
+            _attention_oracle(t[None, a:b], u[None, a:b], w[None, a:b], scale)[0]
+            for a, b in ((0, 2), (2, 5))
+            for t, u, w in [(q[0], k[0], v[0])]
+        ]
+    )
+    torch.testing.assert_close(packed.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+@pytest.mark.parametrize("causal", [None, "no", 2])
+def test_attention_causal_must_be_a_bool(impl, causal):
+    """causal="no" was bool("no") = True on the Triton path (silently causal) and a TypeError from
+    inside SDPA on the reference."""
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="causal must be"):
+        K.flash_attention(q, q, q, causal=causal, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_attention_on_two_devices_is_a_value_error(impl):
+    q = torch.randn(1, 4, 2, 8)
+    k = torch.randn(1, 4, 2, 8, device="meta")
+    with pytest.raises(ValueError, match="same device"):
+        K.flash_attention(q, k, k, impl=impl)
