@@ -6,6 +6,8 @@ a ValueError naming the argument, never a silently different result or an error 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -62,3 +64,47 @@ def test_attention_on_two_devices_is_a_value_error(impl):
     k = torch.randn(1, 4, 2, 8, device="meta")
     with pytest.raises(ValueError, match="same device"):
         K.flash_attention(q, k, k, impl=impl)
+
+
+def _adamw_tensors(n=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    nb = -(-n // 256)
+    return [
+        torch.randn(n, generator=g),
+        torch.randn(n, generator=g),
+        torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g),
+        torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g),
+        torch.rand(nb, generator=g),
+        torch.rand(nb, generator=g) * 1e-2,
+    ]
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+@pytest.mark.parametrize("name", ["lr", "beta1", "beta2", "eps", "weight_decay", "step"])
+def test_adamw8bit_takes_zero_dim_tensor_hyperparameters_as_floats(impl, name):
+    """torch.optim keeps ``step`` (and may keep ``lr``) as 0-d tensors. The Triton launcher
+    passed them to the kernel as pointers (an InterpreterError; on a GPU, a compile error), and
+    the reference did the bias corrections in fp32 instead of bitsandbytes' Python floats."""
+    hp = dict(step=3, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+    value = torch.tensor(hp[name])  # fp32 (int64 for step): the oracle takes its value
+    got, want = _adamw_tensors(), _adamw_tensors()
+    K.adamw8bit_step(*got, **{**hp, name: value}, impl=impl)
+    # the same op with the Python number (the reference equals bitsandbytes bit for bit there,
+    # test_adamw8bit.py; the kernel may differ from it in a parameter's last bit)
+    K.adamw8bit_step(*want, **{**hp, name: value.item()}, impl=impl)
+    for a, b, what in zip(
+        got, want, ("p", "grad", "state1", "state2", "absmax1", "absmax2"), strict=True
+    ):
+        assert torch.equal(a, b), f"{what} differs with a tensor {name}"
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_adamw8bit_refuses_bad_hyperparameters(impl):
+    ts = _adamw_tensors()
+    for kw, match in (
+        (dict(weight_decay=math.nan), "weight_decay"),
+        (dict(lr=torch.ones(2)), "lr"),
+        (dict(step=True), "step"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            K.adamw8bit_step(*ts, **{**dict(step=1, lr=1e-3), **kw}, impl=impl)
