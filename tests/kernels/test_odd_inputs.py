@@ -108,3 +108,33 @@ def test_adamw8bit_refuses_bad_hyperparameters(impl):
     ):
         with pytest.raises(ValueError, match=match):
             K.adamw8bit_step(*ts, **{**dict(step=1, lr=1e-3), **kw}, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_non_tensor_optional_arguments_are_named(impl):
+    """Lists where an optional tensor goes: a ValueError naming it, not an AttributeError."""
+    x, w, a, b = torch.randn(3, 64), torch.randn(5, 64), torch.randn(2, 64), torch.randn(5, 2)
+    nf4 = K.NF4Weight.quantize(w)
+    calls = [
+        ("lora_x", lambda: K.lora_linear(x, w, a, b, 1.0, lora_x=[1.0] * 64, impl=impl)),
+        ("bias 0", lambda: K.lora_linear(x, w, a, b, 1.0, [0.0] * 5, impl=impl)),
+        ("bias", lambda: K.nf4_linear(x, nf4, [0.0] * 5, impl=impl)),
+        ("scale", lambda: K.lora_linear(x, w, a, b, None, impl=impl)),
+    ]
+    for name, call in calls:
+        with pytest.raises(ValueError, match=name):
+            call()
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_nf4_blocksize_is_an_integer(impl):
+    """64.0 passed ``in BLOCKSIZES`` and crashed in torch.empty; a 0-d tensor crashed the Triton
+    launcher and, on the reference, ended up as a tensor in the state (and its JSON). An integer
+    tensor is read as its value, as bitsandbytes' int arguments would be."""
+    w = torch.randn(8, 64)
+    with pytest.raises(ValueError, match="blocksize"):
+        K.nf4_quantize(w, 64.0, impl=impl)
+    packed, state = K.nf4_quantize(w, torch.tensor(64), impl=impl)
+    want_packed, want_state = K.nf4_quantize(w, 64, impl=impl)
+    assert type(state.blocksize) is int and state.blocksize == 64
+    assert torch.equal(packed, want_packed) and torch.equal(state.absmax, want_state.absmax)
