@@ -43,6 +43,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
@@ -102,11 +103,15 @@ def _from_seq_idx(q, k, v, seq_idx, cu_seqlens, max_seqlen):
                          f"got {seq_idx.dtype}")
     if seq_idx.dim() not in (1, 2) or q.dim() != seq_idx.dim() + 2 or (
             tuple(q.shape[:seq_idx.dim()]) != tuple(seq_idx.shape)) or (
-            tuple(k.shape[:seq_idx.dim()]) != tuple(seq_idx.shape)):
+            tuple(k.shape[:seq_idx.dim()]) != tuple(seq_idx.shape)) or (
+            tuple(v.shape[:seq_idx.dim()]) != tuple(seq_idx.shape)):
         raise ValueError(f"flash_attention: seq_idx must be (B, T) with q (B, T, H, D) and k/v "
                          f"(B, T, Hkv, D), or (total,) with q (total, H, D) and k/v "
                          f"(total, Hkv, D); got seq_idx {tuple(seq_idx.shape)}, q "
-                         f"{tuple(q.shape)}, k {tuple(k.shape)}")
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not torch.compiler.is_compiling() and (seq_idx.is_meta or is_fake(seq_idx)):
+        raise ValueError("flash_attention: seq_idx is read on the host, and a meta/fake tensor has "
+                         "no values; pass cu_seqlens and max_seqlen instead")
     ids = seq_idx.detach().to("cpu", torch.int64)  # the one host read
     ids = ids.reshape(-1, ids.shape[-1]) if ids.numel() else ids.new_zeros(0, 1)
     step = ids[:, 1:] - ids[:, :-1]
@@ -256,7 +261,8 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap, softmax_scale=No
         raise ValueError(f"flash_attention: softmax_scale must be finite (None for "
                          f"1/sqrt(head_dim)), got {softmax_scale}")
     if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+        if (cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point()
+                or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool):
             raise ValueError(f"flash_attention: cu_seqlens must be a 1-D integer tensor of "
                              f"n_docs + 1 offsets; got shape {tuple(cu_seqlens.shape)}, "
                              f"dtype {cu_seqlens.dtype}")

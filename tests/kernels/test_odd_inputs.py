@@ -138,3 +138,20 @@ def test_nf4_blocksize_is_an_integer(impl):
     want_packed, want_state = K.nf4_quantize(w, 64, impl=impl)
     assert type(state.blocksize) is int and state.blocksize == 64
     assert torch.equal(packed, want_packed) and torch.equal(state.absmax, want_state.absmax)
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_attention_document_ids_and_offsets_are_checked(impl):
+    """v shaped unlike k under seq_idx failed in a reshape ("shape '[6, 2, 8]' is invalid"); a
+    meta/fake seq_idx (shape inference) in its host read ("Cannot copy out of meta tensor");
+    bool cu_seqlens ([False, True]) were taken as the offsets [0, 1]."""
+    q = torch.randn(1, 6, 2, 8)
+    ids = torch.zeros(1, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="seq_idx"):
+        K.flash_attention(q, q, torch.randn(1, 5, 2, 8), seq_idx=ids, impl=impl)
+    with pytest.raises(ValueError, match="cu_seqlens and max_seqlen"):
+        K.flash_attention(q, q, q, seq_idx=ids.to("meta"), impl=impl)
+    with pytest.raises(ValueError, match="cu_seqlens must be"):
+        K.flash_attention(
+            q[0, :2], q[0, :2], q[0, :2], cu_seqlens=torch.tensor([False, True]), impl=impl
+        )
