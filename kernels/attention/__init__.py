@@ -352,6 +352,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         return flash_attention(qf, kf, vf, causal=causal, softmax_scale=softmax_scale,
                                window=window, softcap=softcap, cu_seqlens=cu, max_seqlen=longest,
                                impl=impl).reshape(q.shape)
+    # Under torch.autocast q, k, v in its dtype, as SDPA (the reference) takes them, before the
+    # dtype check: SDPA takes an fp32 q with bf16 k/v there, which the check refused.
+    q, k, v = _dispatch.cast_floats(_dispatch.autocast_dtype(q), q, k, v)
     max_seqlen = _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap, softmax_scale,
                            causal)
     causal = bool(causal)  # a NumPy or 0-d tensor bool: SDPA takes only a Python bool
@@ -385,8 +388,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         raise ValueError(f"flash_attention: the Triton kernels take at most 65535 sequences "
                          f"(documents) and 65535 heads per call (CUDA's grid limit), got {n_seq} "
                          f"and {q.shape[-2]}; split the batch or use impl='ref'")
-    # Under torch.autocast q, k, v in its dtype, as SDPA (the reference) takes them.
-    q, k, v = _dispatch.cast_floats(_dispatch.autocast_dtype(q), q, k, v)
     # The kernels need unit stride on head_dim only (RoPE'd views of fused projections are fine).
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     _check_int32_offsets(q, k, v, cu_seqlens, max_seqlen)

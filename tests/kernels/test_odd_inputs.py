@@ -155,3 +155,20 @@ def test_attention_document_ids_and_offsets_are_checked(impl):
         K.flash_attention(
             q[0, :2], q[0, :2], q[0, :2], cu_seqlens=torch.tensor([False, True]), impl=impl
         )
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_attention_under_autocast_takes_mixed_dtypes_as_sdpa_does(impl):
+    """Under torch.autocast SDPA takes an fp32 q with bf16 k/v (it casts all three), as Ember's
+    other matmul ops do; flash_attention refused them ("dtypes differ") before casting."""
+    q = torch.randn(1, 5, 2, 16, requires_grad=True)
+    k, v = (torch.randn(1, 5, 2, 16, dtype=torch.bfloat16) for _ in range(2))
+    with torch.autocast("cpu", torch.bfloat16):
+        out = K.flash_attention(q, k, v, impl=impl)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        ).transpose(1, 2)
+    assert out.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32
