@@ -284,10 +284,14 @@ def nf4_quantize_ref(w: torch.Tensor, blocksize: int = 64, double_quant: bool = 
 
 
 def _absmax_ref(state: NF4State) -> torch.Tensor:
+    """fp32 (blocks,) scales. The state's vectors are read flat, as the kernels read them: a
+    (blocks, 1) absmax was broadcast against the (blocks,) block index into a wrong weight."""
+    absmax = state.absmax.reshape(-1)
     if not state.nested:
-        return state.absmax.float()
-    blk = torch.arange(state.absmax.numel(), device=state.absmax.device) // state.nested_blocksize
-    return state.nested_code[state.absmax.long()] * state.nested_absmax[blk] + state.offset
+        return absmax.float()
+    blk = torch.arange(absmax.numel(), device=absmax.device) // state.nested_blocksize
+    return (state.nested_code.reshape(-1)[absmax.long()] * state.nested_absmax.reshape(-1)[blk]
+            + state.offset)
 
 
 def nf4_dequantize_ref(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None):
@@ -297,7 +301,7 @@ def nf4_dequantize_ref(packed: torch.Tensor, state: NF4State, dtype: torch.dtype
     b = packed.reshape(-1)
     q = torch.stack([b >> 4, b & 15], 1).reshape(-1)[:n].long()
     am = _absmax_ref(state)
-    vals = F.pad(state.code[q], (0, am.numel() * bs - n)).view(-1, bs) * am[:, None]
+    vals = F.pad(state.code.reshape(-1)[q], (0, am.numel() * bs - n)).view(-1, bs) * am[:, None]
     return vals.reshape(-1)[:n].view(state.shape).to(dtype or state.dtype)
 
 

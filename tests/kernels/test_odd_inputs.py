@@ -6,6 +6,7 @@ a ValueError naming the argument, never a silently different result or an error 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -172,3 +173,24 @@ def test_attention_under_autocast_takes_mixed_dtypes_as_sdpa_does(impl):
     torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
     out.float().sum().backward()
     assert q.grad is not None and q.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_state_with_column_shaped_absmax_dequantizes_as_flat(impl, double_quant):
+    """absmax stored (blocks, 1) (a checkpoint's column vector; likewise the code and the nested
+    tensors) holds the same values as (blocks,): the Triton path read them flat, the reference
+    broadcast absmax to (blocks, blocks, blocksize) and returned a wrong weight (max error 1.5)."""
+    w = torch.randn(8, 64)
+    packed, state = K.nf4_quantize(w, 64, double_quant)
+    want = K.nf4_dequantize(packed, state, impl=impl)
+    col = {"absmax": state.absmax.reshape(-1, 1), "code": state.code.reshape(-1, 1)}
+    if double_quant:
+        col["nested_absmax"] = state.nested_absmax.reshape(-1, 1)
+        col["nested_code"] = state.nested_code.reshape(-1, 1)
+    got = K.nf4_dequantize(packed, dataclasses.replace(state, **col), impl=impl)
+    assert torch.equal(got, want)
+    y = K.nf4_linear(
+        torch.randn(3, 64), K.NF4Weight(packed, dataclasses.replace(state, **col)), impl=impl
+    )
+    assert y.shape == (3, 8) and torch.isfinite(y).all()
