@@ -261,6 +261,26 @@ def _adamw8bit_step(p, grad, state1, state2, absmax1, absmax2, step, lr, beta1, 
         enable_fp_fusion=False)
 
 
+def _number(op: str, name: str, value) -> float | int:
+    """A hyperparameter as a Python number: torch.optim keeps ``step`` (and may keep ``lr``) as a
+    0-d tensor, which the launcher passed to the kernel as a pointer and the reference used in
+    fp32 arithmetic where bitsandbytes uses Python floats (one host read)."""
+    given = value
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{op}: {name} must be a number (or a one-element real tensor), got "
+                             f"a {value.dtype} tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    elif not isinstance(value, (bool, int, float)):
+        try:  # NumPy scalars and the like
+            value = float(value)
+        except (TypeError, ValueError):
+            value = True  # refused below
+    if isinstance(value, bool):
+        raise ValueError(f"{op}: {name} must be a number, got {given!r}")
+    return int(value) if name == "step" and float(value).is_integer() else value
+
+
 def adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor,
                    state2: torch.Tensor, absmax1: torch.Tensor, absmax2: torch.Tensor, *,
                    step: int, lr: float, beta1: float = 0.9, beta2: float = 0.999,
@@ -275,6 +295,10 @@ def adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor,
                   absmax2=absmax2)
     check_dtype(op, "p", p)
     check_dtype(op, "grad", grad)
+    step, lr, beta1, beta2, eps, weight_decay = (
+        _number(op, name, value) for name, value in (
+            ("step", step), ("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps),
+            ("weight_decay", weight_decay)))
     n, nb = p.numel(), -(-p.numel() // BLOCKSIZE)
     if grad.shape != p.shape:
         raise ValueError(f"{op}: grad shape {tuple(grad.shape)} != p shape {tuple(p.shape)}")
@@ -289,7 +313,7 @@ def adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor,
     ts = (p, grad, state1, state2, absmax1, absmax2)
     if any(t.device != p.device for t in ts) or not all(t.is_contiguous() for t in ts):
         raise ValueError(f"{op}: p, grad, states and absmax must be contiguous and on one device")
-    if step < 1 or not lr >= 0 or not eps > 0 or weight_decay < 0:
+    if not step >= 1 or not lr >= 0 or not eps > 0 or not weight_decay >= 0:
         raise ValueError(f"{op}: need step >= 1, lr >= 0, eps > 0, weight_decay >= 0; got "
                          f"step={step} lr={lr} eps={eps} weight_decay={weight_decay}")
     if not (0 <= beta1 < 1 and 0 <= beta2 < 1):

@@ -59,14 +59,14 @@ def lora_linear_ref(x, weight, A, B, scale, bias=None, *, lora_x=None):
 def lora_qkv_ref(x, weights, As, Bs, scale, biases=None, *, lora_x=None):
     """The spec of ``lora_qkv``: three ``lora_linear_ref`` of x (..., in) fp32/fp16/bf16, outputs
     (..., out_i) in x.dtype."""
-    scales, biases = _scales(scale, 3), biases or (None,) * 3
+    scales, biases = _scales(scale, 3, "lora_qkv"), biases or (None,) * 3
     return tuple(lora_linear_ref(x, w, A, B, s, b, lora_x=lora_x)
                  for w, A, B, s, b in zip(weights, As, Bs, scales, biases, strict=True))
 
 
 def lora_mlp_ref(x, weights, As, Bs, scale, biases=None, *, lora_x=None, activation="silu"):
     """The spec of ``lora_mlp``: x (..., in) -> (..., out) in x.dtype, unfused, plain autograd."""
-    s, b = _scales(scale, 3), biases or (None,) * 3
+    s, b = _scales(scale, 3, "lora_mlp"), biases or (None,) * 3
     g = lora_linear_ref(x, weights[0], As[0], Bs[0], s[0], b[0], lora_x=lora_x)
     u = lora_linear_ref(x, weights[1], As[1], Bs[1], s[1], b[1], lora_x=lora_x)
     h = _ACTS[activation][1](g, u)
@@ -225,20 +225,30 @@ class _LoRAMLP(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------- public API
-def _scales(scale, n: int) -> tuple[float, ...]:
-    if isinstance(scale, (int, float)):
-        return (float(scale),) * n
-    scale = tuple(float(s) for s in scale)
-    if len(scale) != n:
-        raise ValueError(f"expected one scale or {n} scales, got {len(scale)}")
-    return scale
+def _scales(scale, n: int, op: str) -> tuple[float, ...]:
+    """scale as n floats: one number (or a one-element tensor) for all, or n of them. None or a
+    string failed inside float() with a TypeError that named no argument."""
+    if isinstance(scale, (int, float)) or (isinstance(scale, torch.Tensor) and scale.numel() == 1):
+        scale = (scale,) * n
+    try:
+        out = tuple(float(s) for s in scale)
+    except (TypeError, ValueError, RuntimeError):
+        out = None
+    if out is None or len(out) != n or any(isinstance(s, (bool, str)) for s in scale):
+        raise ValueError(f"{op}: scale must be one number or {n} numbers (one per projection), "
+                         f"got {scale!r}")
+    return out
 
 
 def _check(op, x, lora_x, weights, As, Bs, biases, in_features=None):
     check_tensors(op, x=x)
     check_dtype(op, "x", x)
-    for i, (w, A, B) in enumerate(zip(weights, As, Bs, strict=True)):
+    if lora_x is not None:
+        check_tensors(op, lora_x=lora_x)
+    for i, (w, A, B, b) in enumerate(zip(weights, As, Bs, biases, strict=True)):
         check_tensors(op, **{f"A {i}": A, f"B {i}": B})
+        if b is not None:
+            check_tensors(op, **{f"bias {i}": b})
         if not isinstance(w, (torch.Tensor, NF4Weight)):
             raise ValueError(f"{op}: weight {i} must be a tensor, an NF4Weight or a bitsandbytes "
                              f"Params4bit, got {type(w).__name__}")
@@ -307,8 +317,9 @@ def lora_linear(x, weight, A, B, scale, bias=None, *, lora_x=None, impl=None):
     requires one. See the module docstring."""
     weight = as_nf4_weight(weight)
     _check("lora_linear", x, lora_x, (weight,), (A,), (B,), (bias,))
+    (scale,) = _scales(scale, 1, "lora_linear")
     if use_triton(x, impl, "lora_linear"):
-        return _group(x, (weight,), (A,), (B,), (float(scale),), (bias,), lora_x)[0]
+        return _group(x, (weight,), (A,), (B,), (scale,), (bias,), lora_x)[0]
     return lora_linear_ref(x, weight, A, B, scale, bias, lora_x=lora_x)
 
 
@@ -325,7 +336,7 @@ def lora_qkv(x: torch.Tensor, weights: Sequence, As: Sequence[torch.Tensor],
         raise ValueError("lora_qkv: weights, As, Bs (and biases) must each hold 3 entries "
                          "(q, k, v)")
     _check("lora_qkv", x, lora_x, weights, As, Bs, biases)
-    scales = _scales(scale, 3)
+    scales = _scales(scale, 3, "lora_qkv")
     if use_triton(x, impl, "lora_qkv"):
         return _group(x, tuple(weights), tuple(As), tuple(Bs), scales, biases, lora_x)
     return lora_qkv_ref(x, weights, As, Bs, scales, biases, lora_x=lora_x)
@@ -350,7 +361,7 @@ def lora_mlp(x: torch.Tensor, weights: Sequence, As: Sequence[torch.Tensor],
         raise ValueError(f"lora_mlp: gate {tuple(weights[0].shape)} and up "
                          f"{tuple(weights[1].shape)} weights must have the same shape")
     _check("lora_mlp", x, lora_x, weights, As, Bs, biases, in_features=weights[0].shape[0])
-    scales = _scales(scale, 3)
+    scales = _scales(scale, 3, "lora_mlp")
     if not use_triton(x, impl, "lora_mlp"):
         return lora_mlp_ref(x, weights, As, Bs, scales, biases, lora_x=lora_x,
                             activation=activation)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 from dataclasses import dataclass, replace
 
 import torch
@@ -283,10 +284,14 @@ def nf4_quantize_ref(w: torch.Tensor, blocksize: int = 64, double_quant: bool = 
 
 
 def _absmax_ref(state: NF4State) -> torch.Tensor:
+    """fp32 (blocks,) scales. The state's vectors are read flat, as the kernels read them: a
+    (blocks, 1) absmax was broadcast against the (blocks,) block index into a wrong weight."""
+    absmax = state.absmax.reshape(-1)
     if not state.nested:
-        return state.absmax.float()
-    blk = torch.arange(state.absmax.numel(), device=state.absmax.device) // state.nested_blocksize
-    return state.nested_code[state.absmax.long()] * state.nested_absmax[blk] + state.offset
+        return absmax.float()
+    blk = torch.arange(absmax.numel(), device=absmax.device) // state.nested_blocksize
+    return (state.nested_code.reshape(-1)[absmax.long()] * state.nested_absmax.reshape(-1)[blk]
+            + state.offset)
 
 
 def nf4_dequantize_ref(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None):
@@ -296,7 +301,7 @@ def nf4_dequantize_ref(packed: torch.Tensor, state: NF4State, dtype: torch.dtype
     b = packed.reshape(-1)
     q = torch.stack([b >> 4, b & 15], 1).reshape(-1)[:n].long()
     am = _absmax_ref(state)
-    vals = F.pad(state.code[q], (0, am.numel() * bs - n)).view(-1, bs) * am[:, None]
+    vals = F.pad(state.code.reshape(-1)[q], (0, am.numel() * bs - n)).view(-1, bs) * am[:, None]
     return vals.reshape(-1)[:n].view(state.shape).to(dtype or state.dtype)
 
 
@@ -425,6 +430,20 @@ class _NF4Linear(torch.autograd.Function):
 
 
 # -------------------------------------------------------------------------------------- public
+def _as_index(value):
+    """value as a Python int when it is an integer (int, NumPy integer, one-element integer
+    tensor), else unchanged (the caller's check refuses it)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not (
+            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        return int(value.item())
+    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
 def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, *,
                  impl: str | None = None):
     """Quantize ``w`` (any shape, fp32/fp16/bf16) to NF4 in blocks of ``blocksize`` (32..4096),
@@ -432,8 +451,12 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     compress_statistics=double_quant)``: returns (packed (ceil(n/2), 1) uint8, NF4State)."""
     check_tensors("nf4_quantize", w=w)
     check_dtype("nf4_quantize", "w", w)
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"nf4_quantize: blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    # 64.0 is "in" BLOCKSIZES and crashed in torch.empty; a 0-d tensor crashed the launcher (and
+    # became a tensor field of the reference's state): an integer, read as a Python int
+    blocksize = _as_index(blocksize)
+    if not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"nf4_quantize: blocksize must be an int, one of {BLOCKSIZES}, got "
+                         f"{blocksize!r}")
     if w.numel() == 0:
         raise ValueError("nf4_quantize: cannot quantize an empty tensor")
     lo, hi = torch.aminmax(w.detach())  # NaN propagates; no n-element temporary
@@ -490,6 +513,7 @@ def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
         raise ValueError(f"nf4_linear: x on {x.device}, weight on {weight.device}")
     if bias is not None:
         # The fused kernels read bias[:out] unchecked: a short bias would add memory past its end.
+        check_tensors("nf4_linear", bias=bias)
         check_dtype("nf4_linear", "bias", bias)
         if tuple(bias.shape) != (weight.shape[0],) or bias.device != x.device:
             raise ValueError(f"nf4_linear: bias must be ({weight.shape[0]},) on {x.device}, got "

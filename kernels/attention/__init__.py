@@ -43,6 +43,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
@@ -102,11 +103,15 @@ def _from_seq_idx(q, k, v, seq_idx, cu_seqlens, max_seqlen):
                          f"got {seq_idx.dtype}")
     if seq_idx.dim() not in (1, 2) or q.dim() != seq_idx.dim() + 2 or (
             tuple(q.shape[:seq_idx.dim()]) != tuple(seq_idx.shape)) or (
-            tuple(k.shape[:seq_idx.dim()]) != tuple(seq_idx.shape)):
+            tuple(k.shape[:seq_idx.dim()]) != tuple(seq_idx.shape)) or (
+            tuple(v.shape[:seq_idx.dim()]) != tuple(seq_idx.shape)):
         raise ValueError(f"flash_attention: seq_idx must be (B, T) with q (B, T, H, D) and k/v "
                          f"(B, T, Hkv, D), or (total,) with q (total, H, D) and k/v "
                          f"(total, Hkv, D); got seq_idx {tuple(seq_idx.shape)}, q "
-                         f"{tuple(q.shape)}, k {tuple(k.shape)}")
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not torch.compiler.is_compiling() and (seq_idx.is_meta or is_fake(seq_idx)):
+        raise ValueError("flash_attention: seq_idx is read on the host, and a meta/fake tensor has "
+                         "no values; pass cu_seqlens and max_seqlen instead")
     ids = seq_idx.detach().to("cpu", torch.int64)  # the one host read
     ids = ids.reshape(-1, ids.shape[-1]) if ids.numel() else ids.new_zeros(0, 1)
     step = ids[:, 1:] - ids[:, :-1]
@@ -137,8 +142,12 @@ def flash_attention_ref(q, k, v, *, causal=True, softmax_scale=None, window=None
                                    max_seqlen=longest).reshape(q.shape)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if cu_seqlens is None:
-        if softcap is None and window is None and q.shape[1] == k.shape[1]:
+        if softcap is None and window is None and q.shape[1] == k.shape[1] and (
+                scale > 0 or not causal):
             # Fast path: SDPA handles GQA and causal on CPU without an explicit (T, S) mask.
+            # Not for causal with a scale <= 0: torch's CPU flash kernel then answers NaN for
+            # every row but the last (its masked -inf times the scale); the explicit mask is
+            # right for any finite scale.
             qt = q.transpose(1, 2)
             out = F.scaled_dot_product_attention(
                 qt, k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
@@ -207,7 +216,8 @@ def _as_int(max_seqlen) -> int:
     return int(max_seqlen)
 
 
-def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap, softmax_scale=None):
+def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap, softmax_scale=None,
+              causal=True):
     """Raises on bad input; returns max_seqlen (computed from cu_seqlens when not given)."""
     check_tensors("flash_attention", q=q, k=k, v=v)
     if cu_seqlens is not None:
@@ -226,6 +236,12 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap, softmax_scale=No
     if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
         raise ValueError(f"flash_attention: query heads ({q.shape[-2]}) must be a multiple of kv "
                          f"heads ({k.shape[-2]})")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"flash_attention: q, k, v must be on the same device, got {q.device}, "
+                         f"{k.device}, {v.device}")
+    # "no" was bool("no") = True on the Triton path (silently causal), a TypeError in SDPA
+    if causal not in (True, False):
+        raise ValueError(f"flash_attention: causal must be a bool, got {causal!r}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, "
                          f"{v.dtype})")
@@ -245,7 +261,8 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap, softmax_scale=No
         raise ValueError(f"flash_attention: softmax_scale must be finite (None for "
                          f"1/sqrt(head_dim)), got {softmax_scale}")
     if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+        if (cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point()
+                or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool):
             raise ValueError(f"flash_attention: cu_seqlens must be a 1-D integer tensor of "
                              f"n_docs + 1 offsets; got shape {tuple(cu_seqlens.shape)}, "
                              f"dtype {cu_seqlens.dtype}")
@@ -335,7 +352,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         return flash_attention(qf, kf, vf, causal=causal, softmax_scale=softmax_scale,
                                window=window, softcap=softcap, cu_seqlens=cu, max_seqlen=longest,
                                impl=impl).reshape(q.shape)
-    max_seqlen = _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap, softmax_scale)
+    # Under torch.autocast q, k, v in its dtype, as SDPA (the reference) takes them, before the
+    # dtype check: SDPA takes an fp32 q with bf16 k/v there, which the check refused.
+    q, k, v = _dispatch.cast_floats(_dispatch.autocast_dtype(q), q, k, v)
+    max_seqlen = _validate(q, k, v, cu_seqlens, max_seqlen, window, softcap, softmax_scale,
+                           causal)
+    causal = bool(causal)  # a NumPy or 0-d tensor bool: SDPA takes only a Python bool
     if not use_triton(q, impl, "flash_attention"):
         return flash_attention_ref(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                    window=window, softcap=softcap, cu_seqlens=cu_seqlens,
@@ -366,8 +388,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         raise ValueError(f"flash_attention: the Triton kernels take at most 65535 sequences "
                          f"(documents) and 65535 heads per call (CUDA's grid limit), got {n_seq} "
                          f"and {q.shape[-2]}; split the batch or use impl='ref'")
-    # Under torch.autocast q, k, v in its dtype, as SDPA (the reference) takes them.
-    q, k, v = _dispatch.cast_floats(_dispatch.autocast_dtype(q), q, k, v)
     # The kernels need unit stride on head_dim only (RoPE'd views of fused projections are fine).
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     _check_int32_offsets(q, k, v, cu_seqlens, max_seqlen)
