@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember import EmberError
+from ember.models.activations import ACTIVATIONS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +75,9 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
     sliding_window: int | None = None  # keys visible to each query, incl. itself (Mistral)
     norm_offset: float = 0.0  # RMSNorm scales by (offset + w); Gemma uses 1.0
-    activation: str = "silu"  # "silu" (SwiGLU) | "gelu_tanh" (GeGLU)
+    # "silu" (SwiGLU) | "gelu_tanh" (GeGLU), both fused, or another of transformers' ACT2FN
+    # (ember.models.activations: "gelu", "relu", "relu2", ... on a plain PyTorch path)
+    activation: str = "silu"
     attn_softcap: float | None = None
     final_softcap: float | None = None
     embedding_scale: float | None = None  # Gemma multiplies embeddings by sqrt(hidden)
@@ -142,8 +145,9 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")
-        if self.activation not in ("silu", "gelu_tanh"):
-            raise ValueError(f"activation must be 'silu' or 'gelu_tanh', got {self.activation!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got "
+                             f"{self.activation!r}")
         if self.norm not in ("rms", "layernorm"):
             raise ValueError(f"norm must be 'rms' or 'layernorm', got {self.norm!r}")
         if self.norm == "rms" and not 0 < self.rms_norm_eps < math.inf:

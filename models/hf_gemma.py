@@ -111,9 +111,8 @@ def gemma_fields(raw: Mapping, model_type: str, num_layers: int, max_pos: int,
 def gemma_to_hf(cfg: ModelConfig, out: dict) -> None:
     """Gemma 2/3 fields of config.json (transformers 5 names, plus Gemma 3's 4.x RoPE names)."""
     scalar = cfg.query_pre_attn_scalar or cfg.head_dim
-    del out["hidden_act"]
     out.update(
-        hidden_activation="gelu_pytorch_tanh",
+        hidden_activation=out.pop("hidden_act"),
         # transformers types it as an int and checks
         query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
         sliding_window=cfg.sliding_window,
