@@ -456,9 +456,10 @@ class Transformer(nn.Module):
     def rope(self, position_ids: torch.Tensor, local: bool = False,
              long_rope: bool | torch.Tensor | None = None):
         """cos, sin (B, T, rotary_dim/2) fp32 for integer positions (B, T); ``local``: the
-        sliding layers' table (``rope_local_theta``). LongRoPE: the long table iff ``long_rope``
-        (a bool, or a (B,) bool tensor: per row), or (None) iff max(position_ids) + 1 >
-        original_max_position_embeddings, as transformers decides it once per forward."""
+        sliding layers' table (``rope_local_theta``, ``rope_local_scaling``). LongRoPE: the long
+        table iff ``long_rope`` (a bool, or a (B,) bool tensor: per row), or (None) iff
+        max(position_ids) + 1 > original_max_position_embeddings, as transformers decides it
+        once per forward."""
         inv_freq = self.inv_freq_local if local else self.inv_freq
         lr = None if local else self.cfg.longrope
         if lr is not None and long_rope is None and position_ids.numel():
@@ -474,7 +475,7 @@ class Transformer(nn.Module):
         if not local and rs is not None and rs.kind == "dynamic" and position_ids.numel():
             inv_freq = rope_dynamic_inv_freq(self.cfg, position_ids.max() + 1, inv_freq)
         freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, rotary_dim/2)
-        scale = 1.0 if local else rope_attention_factor(self.cfg)
+        scale = rope_attention_factor(self.cfg, local)
         if scale != 1.0:  # YaRN scales cos/sin, so q.k by scale^2
             return freqs.cos() * scale, freqs.sin() * scale
         return freqs.cos(), freqs.sin()
