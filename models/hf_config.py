@@ -416,11 +416,14 @@ def config_from_hf(raw: Mapping, *, partial_rotary_factor: float | None = None) 
     rotary_dim = int(dims * partial)
     if rotary_dim % 2:
         # transformers builds ceil(rotary_dim / 2) frequencies, a table one wider than the rotated
-        # part, and fails; an odd head_dim is fine when an even part of it rotates (partial rotary)
+        # part, and fails, except Phi-3, which rotates rotary_dim + 1 dims with frequencies spaced
+        # for rotary_dim; an odd head_dim is fine when an even part of it rotates (partial rotary)
+        theirs = ("transformers' Phi-3 rotates int(...) + 1 dims with frequencies spaced for the "
+                  "odd width, which Ember does not implement" if model_type == "phi3" else
+                  "transformers cannot run this config either")
         raise EmberError(
             f"config.json: RoPE rotates int(head_dim * partial_rotary_factor) = {rotary_dim} "
-            f"dims of each head (head_dim {dims}), which "
-            "must be even; transformers cannot run this config either")
+            f"dims of each head (head_dim {dims}), which must be even; {theirs}")
     theta, scaling = (None, None) if model_type == "gemma3_text" else _parse_rope(
         raw, max_pos, model_type, rotary_dim
     )
