@@ -63,6 +63,7 @@ def _close(a, b):
         ("Gemma2Config", "hidden_activation", "silu", "gelu_tanh"),  # was refused for Gemma
         ("Gemma3TextConfig", "hidden_activation", "mish", "gelu_tanh"),
         ("PhiConfig", "hidden_act", "relu", "gelu_tanh"),  # the plain (ungated) MLP
+        ("MixtralConfig", "hidden_act", "gelu", "gelu_tanh"),  # each expert's MLP
     ],
 )
 def test_family_with_any_activation_matches_transformers(tmp_path, cls, key, act, wrong):
