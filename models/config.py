@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember import EmberError
+from ember.models.activations import ACTIVATIONS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +75,9 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
     sliding_window: int | None = None  # keys visible to each query, incl. itself (Mistral)
     norm_offset: float = 0.0  # RMSNorm scales by (offset + w); Gemma uses 1.0
-    activation: str = "silu"  # "silu" (SwiGLU) | "gelu_tanh" (GeGLU)
+    # "silu" (SwiGLU) | "gelu_tanh" (GeGLU), both fused, or another of transformers' ACT2FN
+    # (ember.models.activations: "gelu", "relu", "relu2", ... on a plain PyTorch path)
+    activation: str = "silu"
     attn_softcap: float | None = None
     final_softcap: float | None = None
     embedding_scale: float | None = None  # Gemma multiplies embeddings by sqrt(hidden)
@@ -84,7 +87,10 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None
     sandwich_norms: bool = False  # Gemma 2/3: RMSNorm on the attention and MLP outputs too
     query_pre_attn_scalar: float | None = None  # softmax scale is this ** -0.5; None: head_dim
-    rope_local_theta: float | None = None  # unscaled RoPE base of sliding layers (Gemma 3)
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (Gemma 3)
+    # their scaling (Gemma 3's rope_parameters["sliding_attention"]): "linear", "llama3" or
+    # "yarn" (a table fixed per model; the sequence-dependent kinds are the global layers' only)
+    rope_local_scaling: RopeScaling | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -142,8 +148,9 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")
-        if self.activation not in ("silu", "gelu_tanh"):
-            raise ValueError(f"activation must be 'silu' or 'gelu_tanh', got {self.activation!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got "
+                             f"{self.activation!r}")
         if self.norm not in ("rms", "layernorm"):
             raise ValueError(f"norm must be 'rms' or 'layernorm', got {self.norm!r}")
         if self.norm == "rms" and not 0 < self.rms_norm_eps < math.inf:
@@ -178,6 +185,13 @@ class ModelConfig:
         if self.rope_scaling is not None and self.rope_scaling.kind == "dynamic" and (
                 self.rotary_dim < 4):
             raise ValueError(f"dynamic NTK RoPE needs a rotary dim >= 4, got {self.rotary_dim}")
+        local = self.rope_local_scaling
+        if local is not None and (self.rope_local_theta is None
+                                  or local.kind not in ("linear", "llama3", "yarn")):
+            raise ValueError(
+                f"rope_local_scaling {local.kind!r} (sliding layers' RoPE) needs "
+                "rope_local_theta and one of the kinds linear, llama3, yarn; the sequence-"
+                "dependent dynamic and longrope scale the global layers only")
         if self.longrope is not None and len(self.longrope.short_factor) != self.rotary_dim // 2:
             raise ValueError(
                 f"longrope short_factor/long_factor must have rotary_dim / 2 = "
@@ -329,13 +343,13 @@ class ModelConfig:
 
 def rope_inv_freq(cfg: ModelConfig, local: bool = False, long: bool = False) -> torch.Tensor:
     """Inverse frequencies (rotary_dim/2,) in fp32, with the config's scaling applied (LongRoPE:
-    the short factors, or with ``long`` the long ones); with ``local``, the unscaled ones of base
-    ``rope_local_theta`` (Gemma 3's sliding layers)."""
+    the short factors, or with ``long`` the long ones); with ``local``, those of base
+    ``rope_local_theta`` scaled by ``rope_local_scaling`` (Gemma 3's sliding layers)."""
     hd = cfg.rotary_dim
     theta = cfg.rope_local_theta if local else cfg.rope_theta
     # fp32 exactly as transformers computes it, so logits match bit for bit where possible.
     exponent = torch.arange(0, hd, 2, dtype=torch.int64).float() / hd
-    rs = None if local else cfg.rope_scaling
+    rs = cfg.rope_local_scaling if local else cfg.rope_scaling
     if rs is not None and rs.kind == "longrope":
         ext = torch.tensor(rs.long_factor if long else rs.short_factor, dtype=torch.float32)
         return 1.0 / (ext * theta**exponent)
@@ -347,7 +361,7 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False, long: bool = False) -> 
     if rs.kind == "dynamic":  # the table up to max_position_embeddings; see rope_dynamic_inv_freq
         return inv
     if rs.kind == "yarn":
-        return _yarn_inv_freq(hd, cfg.rope_theta, rs)
+        return _yarn_inv_freq(hd, theta, rs)
     # llama3: keep high frequencies, divide low ones by factor, interpolate smoothly in between.
     low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
     high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
@@ -377,10 +391,10 @@ def rope_dynamic_inv_freq(cfg: ModelConfig, seq_len: torch.Tensor, inv_freq: tor
     return torch.where(seq_len > L, 1.0 / (base**exponent), inv_freq)
 
 
-def rope_attention_factor(cfg: ModelConfig) -> float:
+def rope_attention_factor(cfg: ModelConfig, local: bool = False) -> float:
     """The factor cos and sin are multiplied by (YaRN's and LongRoPE's attention scaling; 1
-    otherwise)."""
-    rs = cfg.rope_scaling
+    otherwise); with ``local``, the sliding layers' (``rope_local_scaling``)."""
+    rs = cfg.rope_local_scaling if local else cfg.rope_scaling
     return rs.attention_factor if rs is not None and rs.kind in ("yarn", "longrope") else 1.0
 
 

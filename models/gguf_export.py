@@ -103,6 +103,12 @@ def gguf_arch(cfg: ModelConfig) -> str:
         raise EmberError("save_gguf: llama.cpp's phi2 architecture has no q/k LayerNorms "
                          "(qk_layernorm) and no tied output head; export the merged HF folder "
                          "instead (ember export --merged)")
+    own = "gelu_tanh" if arch in (*GEMMA, "phi2") else "silu"  # llama.cpp's graphs hard-code it
+    if cfg.activation != own:
+        raise EmberError(f"save_gguf: llama.cpp's {arch} computes the MLP with {own} and a GGUF "
+                         f"file has no key for another; this model has activation "
+                         f"{cfg.activation!r}. Export the merged HF folder instead (ember export "
+                         "--merged)")
     if arch in ("gemma", "gemma2") and not cfg.tie_word_embeddings:
         # llama.cpp reads token_embd as the output matrix and has no output.weight for these
         # (its converter drops lm_head); transformers' GGUF loader leaves lm_head uninitialized

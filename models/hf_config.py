@@ -16,9 +16,9 @@ major version loads the folder. RoPE (default, linear, llama3, yarn, longrope; P
 ``partial_rotary_factor``) is parsed in ``ember.models.hf_rope``, Gemma 2/3's own fields (windows
 per layer, softcaps, Gemma 3's RoPE per layer type) in ``ember.models.hf_gemma``.
 
-MLP activation: SiLU (SwiGLU) or the tanh GELU (GeGLU) in any family, under transformers' names for
-them (silu / swish, gelu_pytorch_tanh / gelu_new / gelu_fast), read from the field transformers 5
-reads (``hidden_activation`` for Gemma 2/3, else ``hidden_act``); the exact GELU is refused.
+MLP activation: any parameter-free name of transformers' ACT2FN in any family
+(``ember.models.activations``; SiLU and the tanh GELU on fused kernels), read from the field
+transformers 5 reads (``hidden_activation`` for Gemma 2/3, else ``hidden_act``).
 
 Every config.json field is either understood, checked to have the one value Ember implements, or on
 an explicit list of harmless fields (bookkeeping, generation defaults); any other field is an error
@@ -45,6 +45,7 @@ import torch
 
 from ember import EmberError
 from ember.models import hf_llama_variants as _var
+from ember.models.activations import activation_from_hf
 from ember.models.config import ModelConfig
 from ember.models.heads import labels_from_hf, problem_type_from_hf
 from ember.models.hf_gemma import DEFAULTS as _GEMMA_DEFAULTS
@@ -255,38 +256,14 @@ def _window_layers(types, window: int | None, num_layers: int
     return window, None
 
 
-# transformers' activations (ACT2FN names) that Ember's MLP kernels compute: SiLU (SwiGLU) and the
-# tanh GELU (GeGLU; "gelu_new" and "gelu_fast" are the same formula written out). Exact (erf)
-# GELU is not implemented.
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
-                "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
-
-
 def _activation(raw: Mapping, model_type: str) -> str:
-    """Ember's MLP activation for the config's hidden activation, read as transformers 5 reads it:
-    ``hidden_act`` (Gemma v1, where the original releases' "gelu" means the tanh GELU), or
-    ``hidden_activation`` (Gemma 2/3)."""
+    """Ember's MLP activation, read from the field transformers 5's MLP reads: ``hidden_act``, or
+    ``hidden_activation`` (Gemma 2/3); ``ember.models.activations``."""
     if raw.get("use_bidirectional_attention"):
         raise EmberError("config.json: use_bidirectional_attention=true is not supported")
     key = "hidden_activation" if model_type in _SANDWICH else "hidden_act"
-    act = raw.get(key, "gelu_pytorch_tanh" if model_type in GEMMA else "silu")
-    if model_type == "gemma" and act == "gelu":
-        act = "gelu_pytorch_tanh"
-    if act not in _ACTIVATIONS or (model_type in GEMMA and _ACTIVATIONS[act] != "gelu_tanh"):
-        supported = [a for a, v in _ACTIVATIONS.items() if model_type not in GEMMA or v != "silu"]
-        raise EmberError(
-            f"config.json: {key} {act!r} is not supported for {model_type} (supported: "
-            f"{', '.join(supported)})"
-        )
-    other = raw.get("hidden_activation") if model_type == "gemma" else None
-    if other is not None and _ACTIVATIONS.get(other) != _ACTIVATIONS[act]:
-        # transformers 4.40-4.4x computed Gemma's hidden_activation, 5.x computes hidden_act
-        raise EmberError(
-            f"config.json: hidden_act {act!r} and hidden_activation {other!r} differ; "
-            "transformers 5 computes hidden_act and 4.x computed hidden_activation, so make "
-            "them agree"
-        )
-    return _ACTIVATIONS[act]
+    return activation_from_hf(raw, model_type, key,
+                              "gelu_pytorch_tanh" if model_type in GEMMA else "silu")
 
 
 def quantization_config_from_hf(raw: Mapping) -> dict | None:
@@ -439,11 +416,14 @@ def config_from_hf(raw: Mapping, *, partial_rotary_factor: float | None = None) 
     rotary_dim = int(dims * partial)
     if rotary_dim % 2:
         # transformers builds ceil(rotary_dim / 2) frequencies, a table one wider than the rotated
-        # part, and fails; an odd head_dim is fine when an even part of it rotates (partial rotary)
+        # part, and fails, except Phi-3, which rotates rotary_dim + 1 dims with frequencies spaced
+        # for rotary_dim; an odd head_dim is fine when an even part of it rotates (partial rotary)
+        theirs = ("transformers' Phi-3 rotates int(...) + 1 dims with frequencies spaced for the "
+                  "odd width, which Ember does not implement" if model_type == "phi3" else
+                  "transformers cannot run this config either")
         raise EmberError(
             f"config.json: RoPE rotates int(head_dim * partial_rotary_factor) = {rotary_dim} "
-            f"dims of each head (head_dim {dims}), which "
-            "must be even; transformers cannot run this config either")
+            f"dims of each head (head_dim {dims}), which must be even; {theirs}")
     theta, scaling = (None, None) if model_type == "gemma3_text" else _parse_rope(
         raw, max_pos, model_type, rotary_dim
     )

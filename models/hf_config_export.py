@@ -8,6 +8,7 @@ import torch
 
 from ember import EmberError
 from ember.models import hf_llama_variants as _var
+from ember.models.activations import to_hf_name
 from ember.models.config import ModelConfig
 from ember.models.heads import labels_to_hf
 from ember.models.hf_config import (
@@ -51,8 +52,6 @@ def _check_exportable(cfg: ModelConfig) -> None:
     problems = [p for p in phi_fields_of(cfg) if not (  # Phi-3 has Phi's residual dropout
         mt == "phi3" and p.startswith("resid_dropout="))] + _var.variant_problems(cfg)
     gemma, sandwich = mt in GEMMA, mt in _SANDWICH
-    if gemma and cfg.activation != "gelu_tanh":
-        problems.append(f"activation={cfg.activation!r}")
     names = ("layer_types", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
     for name in () if sandwich else names:
         if name == "layer_types" and mt in ("qwen2", "qwen3", "smollm3", "mistral",
@@ -132,7 +131,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         "model_type": mt,
         **shape_to_hf(cfg),
         "head_dim": cfg.head_dim,
-        "hidden_act": "gelu_pytorch_tanh" if cfg.activation == "gelu_tanh" else "silu",
+        "hidden_act": to_hf_name(cfg.activation, mt),
         "rms_norm_eps": cfg.rms_norm_eps,
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,

@@ -2,7 +2,8 @@
 ``ember.models.hf_config``: per-layer sliding windows (``layer_types`` or transformers' default
 pattern), ``query_pre_attn_scalar``, logit softcaps (Gemma 3's ``attn_logit_softcapping``
 is ignored, with a warning, as transformers ignores it), and Gemma 3's RoPE per layer type (a scaled
-global RoPE, an unscaled local one with its own base), read as transformers 5 reads them.
+global RoPE, a local one with its own base, linear / llama3 / yarn scaled where
+``rope_parameters["sliding_attention"]`` says so), read as transformers 5 reads them.
 
 The multimodal Gemma 3 (``model_type`` "gemma3", ``Gemma3ForConditionalGeneration``: SigLIP vision
 tower + projector + a Gemma 3 text model): ``multimodal_text_config`` gives the config.json of its
@@ -50,7 +51,7 @@ def gemma_fields(raw: Mapping, model_type: str, num_layers: int, max_pos: int,
                  window: int | None, rotary_dim: int | None = None) -> dict:
     """ModelConfig fields of Gemma 2 / Gemma 3 text: per-layer windows (``layer_types``, else
     transformers' default pattern: every ``window_period``-th layer global), softcaps, attention
-    scale and (Gemma 3) the local RoPE base with the scaling on global layers only. ``window``:
+    scale and (Gemma 3) each layer type's RoPE base and scaling. ``window``:
     the parsed ``sliding_window``; ``rotary_dim``: the rotated width of a head (LongRoPE's factor
     lists have rotary_dim / 2 entries)."""
     dflt = DEFAULTS[model_type]
@@ -102,18 +103,18 @@ def gemma_fields(raw: Mapping, model_type: str, num_layers: int, max_pos: int,
         )
         out["attn_softcap"] = None
     if model_type == "gemma3_text":
-        out["rope_theta"], out["rope_scaling"], out["rope_local_theta"] = parse_gemma3_rope(
-            raw, max_pos, rotary_dim, global_layers="full_attention" in types
-        )
+        (out["rope_theta"], out["rope_scaling"], out["rope_local_theta"],
+         out["rope_local_scaling"]) = parse_gemma3_rope(
+            raw, max_pos, rotary_dim, global_layers="full_attention" in types,
+            local_layers="sliding_attention" in types)
     return out
 
 
 def gemma_to_hf(cfg: ModelConfig, out: dict) -> None:
     """Gemma 2/3 fields of config.json (transformers 5 names, plus Gemma 3's 4.x RoPE names)."""
     scalar = cfg.query_pre_attn_scalar or cfg.head_dim
-    del out["hidden_act"]
     out.update(
-        hidden_activation="gelu_pytorch_tanh",
+        hidden_activation=out.pop("hidden_act"),
         # transformers types it as an int and checks
         query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
         sliding_window=cfg.sliding_window,
@@ -130,11 +131,13 @@ def gemma_to_hf(cfg: ModelConfig, out: dict) -> None:
 
 
 def parse_gemma3_rope(raw: Mapping, max_pos: int, rotary_dim: int | None = None,
-                      global_layers: bool = True) -> tuple[float, RopeScaling | None, float]:
-    """Gemma 3 (``gemma3_text``): (global theta, global scaling, local theta), as transformers 5's
-    ``Gemma3TextConfig.convert_rope_params_to_dict`` reads either ``rope_parameters`` per layer type
-    or the legacy ``rope_theta`` / ``rope_scaling`` (global layers only) / ``rope_local_base_freq``.
-    ``global_layers``: whether some layer uses full attention (the scaled RoPE)."""
+                      global_layers: bool = True, local_layers: bool = True
+                      ) -> tuple[float, RopeScaling | None, float, RopeScaling | None]:
+    """Gemma 3 (``gemma3_text``): (global theta, global scaling, local theta, local scaling), as
+    transformers 5's ``Gemma3TextConfig.convert_rope_params_to_dict`` reads either
+    ``rope_parameters`` per layer type or the legacy ``rope_theta`` / ``rope_scaling`` (global
+    layers only) / ``rope_local_base_freq``. ``global_layers`` / ``local_layers``: whether some
+    layer uses full / sliding attention (transformers builds only the tables of those)."""
     params = raw.get("rope_parameters")
     if params is not None and (
         not isinstance(params, dict) or not set(params) <= {"sliding_attention", "full_attention"}
@@ -188,13 +191,7 @@ def parse_gemma3_rope(raw: Mapping, max_pos: int, rotary_dim: int | None = None,
             "(no layer uses full attention) and dropped, as transformers never builds it; an "
             "export writes the default RoPE for the full-attention layers", stacklevel=2)
         rs = None
-    local_theta, local_rs = parse_rope({"rope_parameters": local}, max_pos, "gemma3_text",
-                                       rotary_dim)
-    if local_rs is not None:
-        raise EmberError(
-            f"config.json: RoPE scaling on Gemma 3's sliding-attention layers ({local}) is not "
-            "supported (Ember scales the full-attention layers' RoPE only)"
-        )
+    local_theta, local_rs = _local_rope(raw, local, max_pos, rotary_dim, local_layers)
     if rs is not None and rs.kind == "yarn" and not rs.truncate:
         # transformers 5's YaRN reads truncate from the top level of rope_parameters, which for
         # Gemma 3 holds the per-layer-type dicts: it always truncates (4.x honoured the flag)
@@ -204,14 +201,50 @@ def parse_gemma3_rope(raw: Mapping, max_pos: int, rotary_dim: int | None = None,
             stacklevel=2,
         )
         rs = replace(rs, truncate=True)
-    return theta, rs, local_theta
+    return theta, rs, local_theta, local_rs
+
+
+def _local_rope(raw: Mapping, local: dict, max_pos: int, rotary_dim: int | None,
+                local_layers: bool) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) of Gemma 3's sliding layers from ``rope_parameters["sliding_attention"]``
+    (``local``), as transformers 5 builds that table: linear, llama3 and yarn as for the global
+    layers; the sequence-dependent dynamic and longrope refused (Ember grows or switches the
+    global table only); nothing when no layer slides (transformers never builds it)."""
+    kind = local.get("rope_type") or "default"
+    partial = local.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    if not local_layers or kind == "default":
+        theta, rs = parse_rope({"rope_parameters": local}, max_pos, "gemma3_text", rotary_dim)
+        return theta, rs if local_layers else None
+    if kind in ("dynamic", "longrope"):
+        raise EmberError(
+            f"config.json: rope_parameters['sliding_attention'] has rope_type {kind!r}, which "
+            "Ember does not run on Gemma 3's sliding layers (linear, llama3 and yarn load; "
+            f"{kind} only on full-attention layers)")
+    if partial is not None and partial != 1:
+        raise EmberError(
+            f"config.json: partial_rotary_factor={partial} is not supported with the {kind!r} "
+            "RoPE on Gemma 3's sliding_attention layers: transformers sizes the frequencies by "
+            "it but rotates the whole head, and fails there. Remove partial_rotary_factor")
+    local = {k: v for k, v in local.items() if k != "partial_rotary_factor"}
+    theta, rs = parse_rope({"rope_parameters": local}, max_pos, "gemma3_text", rotary_dim)
+    if rs is not None and rs.kind == "yarn" and not rs.truncate:
+        warnings.warn(
+            "config.json: Gemma 3 YaRN truncate=false (sliding_attention) is ignored, as "
+            "transformers 5 ignores it (it truncates, reading the flag beside the per-layer-type "
+            "dicts)", stacklevel=3)
+        rs = replace(rs, truncate=True)
+    return theta, rs
 
 
 def gemma3_rope_to_hf(cfg: ModelConfig) -> dict:
     """transformers 5's per-layer-type ``rope_parameters`` of a Gemma 3 config."""
     local = cfg.rope_theta if cfg.rope_local_theta is None else cfg.rope_local_theta
+    sliding = {"rope_type": "default", "rope_theta": local}
+    if cfg.rope_local_scaling is not None:
+        sliding = rope_to_hf(cfg.replace(rope_theta=local, rope_scaling=cfg.rope_local_scaling,
+                                         partial_rotary_factor=1.0))
     return {
-        "sliding_attention": {"rope_type": "default", "rope_theta": local},
+        "sliding_attention": sliding,
         "full_attention": rope_to_hf(cfg),
     }
 

@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Mapping
 
 from ember import EmberError
+from ember.models.activations import to_hf_name
 from ember.models.config import ModelConfig, RopeScaling
 from ember.models.heads import labels_from_hf, labels_to_hf, problem_type_from_hf
 from ember.models.hf_llama_variants import variant_problems
@@ -198,7 +199,7 @@ def phi_to_hf(cfg: ModelConfig, dtype: str) -> dict:
         "architectures": [ARCHITECTURE],
         "model_type": "phi",
         **shape_to_hf(cfg),
-        "hidden_act": "gelu_new" if cfg.activation == "gelu_tanh" else "silu",
+        "hidden_act": to_hf_name(cfg.activation, "phi"),
         "layer_norm_eps": cfg.rms_norm_eps,
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,

@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ember.kernels import apply_rope, flash_attention, geglu, lora_mlp, lora_qkv, rms_norm, swiglu
+from ember.models.activations import FUSED, act_fn, gated
 from ember.models.config import (
     ModelConfig,
     rope_attention_factor,
@@ -275,16 +276,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
-        self.act = swiglu if cfg.activation == "silu" else geglu
+        # fused kernels for SiLU / tanh GELU; other activations: plain PyTorch (activations.py)
+        self.act = {"silu": swiglu, "gelu_tanh": geglu}.get(cfg.activation) or gated(
+            cfg.activation)
         self.activation, self.cfg = cfg.activation, cfg
         # With LoRA on gate, up and down: one fused call (ember.kernels.lora_mlp) that keeps the
-        # gate/up outputs but not act(gate, up); False runs the modules one by one.
+        # gate/up outputs but not act(gate, up); False (or an activation lora_mlp lacks) runs
+        # the modules one by one.
         self.fuse_lora = True
 
     def forward(self, x):
         mods = (self.gate_proj, self.up_proj, self.down_proj)
         lora_x = shared_lora_input(self.cfg, mods[:2], x)  # Phi-3: one mask for gate and up
-        if self.fuse_lora and _fusable(mods):
+        if self.fuse_lora and self.activation in FUSED and _fusable(mods):
             return lora_mlp(x, *_lora_args(mods), activation=self.activation)
         if lora_x is not None:
             gate, up = (m(x, lora_x) if isinstance(m, LoRALinear) else m(x) for m in mods[:2])
@@ -300,12 +304,10 @@ class PlainMLP(nn.Module):
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
-        self.activation = cfg.activation
+        self.activation, self.act = cfg.activation, act_fn(cfg.activation)
 
     def forward(self, x):
-        h = self.up_proj(x)
-        h = F.silu(h) if self.activation == "silu" else F.gelu(h, approximate="tanh")
-        return self.down_proj(h)
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -454,9 +456,10 @@ class Transformer(nn.Module):
     def rope(self, position_ids: torch.Tensor, local: bool = False,
              long_rope: bool | torch.Tensor | None = None):
         """cos, sin (B, T, rotary_dim/2) fp32 for integer positions (B, T); ``local``: the
-        sliding layers' table (``rope_local_theta``). LongRoPE: the long table iff ``long_rope``
-        (a bool, or a (B,) bool tensor: per row), or (None) iff max(position_ids) + 1 >
-        original_max_position_embeddings, as transformers decides it once per forward."""
+        sliding layers' table (``rope_local_theta``, ``rope_local_scaling``). LongRoPE: the long
+        table iff ``long_rope`` (a bool, or a (B,) bool tensor: per row), or (None) iff
+        max(position_ids) + 1 > original_max_position_embeddings, as transformers decides it
+        once per forward."""
         inv_freq = self.inv_freq_local if local else self.inv_freq
         lr = None if local else self.cfg.longrope
         if lr is not None and long_rope is None and position_ids.numel():
@@ -472,7 +475,7 @@ class Transformer(nn.Module):
         if not local and rs is not None and rs.kind == "dynamic" and position_ids.numel():
             inv_freq = rope_dynamic_inv_freq(self.cfg, position_ids.max() + 1, inv_freq)
         freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, rotary_dim/2)
-        scale = 1.0 if local else rope_attention_factor(self.cfg)
+        scale = rope_attention_factor(self.cfg, local)
         if scale != 1.0:  # YaRN scales cos/sin, so q.k by scale^2
             return freqs.cos() * scale, freqs.sin() * scale
         return freqs.cos(), freqs.sin()

@@ -357,7 +357,7 @@ def test_bad_weights(tmp_path):
             "low_freq_factor",
         ),
         ({"some_new_field": 1}, "some_new_field"),
-        ({"hidden_act": "gelu"}, "gelu"),
+        ({"hidden_act": "prelu"}, "prelu"),
         ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
         ({"num_attention_heads": 5}, "num_attention_heads"),
         ({"hidden_size": "48"}, "hidden_size"),

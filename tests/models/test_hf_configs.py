@@ -43,12 +43,13 @@ def test_activations_ember_computes_load_and_export(tmp_path, cls, key, act, our
 @pytest.mark.parametrize(
     "cls,change,needle",
     [
-        ("LlamaConfig", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported for llama"),
-        ("Gemma2Config", {"hidden_activation": "gelu"}, "hidden_activation 'gelu' is not"),
+        # (any other ACT2FN name loads: tests/models/test_activations.py)
+        ("LlamaConfig", {"hidden_act": "prelu"}, "hidden_act 'prelu' is not supported"),
+        ("Gemma2Config", {"hidden_activation": "xielu"}, "hidden_activation 'xielu' is not"),
         # transformers 5's Gemma computes hidden_act (SiLU here); Ember used to read
         # hidden_activation first and compute the tanh GELU, silently different
         ("GemmaConfig", {"hidden_act": "silu", "hidden_activation": "gelu_pytorch_tanh"},
-         "hidden_act 'silu' is not supported for gemma"),
+         "hidden_act 'silu' and hidden_activation 'gelu_pytorch_tanh' differ"),
         # 4.x computed hidden_activation (exact GELU), 5.x hidden_act (the tanh GELU)
         ("GemmaConfig", {"hidden_act": "gelu", "hidden_activation": "gelu"}, "differ"),
     ],

@@ -167,7 +167,7 @@ def test_phi2_dropout_config_loads_and_drops_only_in_training(folders, tmp_path)
     (dict(head_dim=16, qk_layernorm=True), "head_dim=16 differs"),
     (dict(rms_norm_eps=1e-6), r"\['rms_norm_eps'\] are not supported for model_type 'phi'"),
     (dict(architectures=["PhiForTokenClassification"]), "only \\['PhiForCausalLM'\\]"),
-    (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported for phi "),  # said llama
+    (dict(hidden_act="prelu"), "hidden_act 'prelu' is not supported for phi"),  # said llama
     (dict(resid_pdrop=1.0), "resid_pdrop must be in"),
     (dict(qk_layernorm="yes"), "qk_layernorm must be true or false"),
     (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True,

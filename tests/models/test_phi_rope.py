@@ -201,6 +201,19 @@ def test_phi_odd_head_dim_with_an_even_rotary_part_matches_transformers(tmp_path
     assert _err(model, _hf(tmp_path / "export"), ids) <= 1e-4
 
 
+def test_an_odd_rotary_dim_on_phi3_is_refused_without_claiming_transformers_fails():
+    """transformers' Phi-3 runs int(12 * 0.75) = 9 (5 frequencies over 10 dims); Ember's refusal
+    said transformers could not run it."""
+    cfg = transformers.Phi3Config(
+        vocab_size=96, hidden_size=48, intermediate_size=72, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=None, bos_token_id=1,
+        eos_token_id=2, partial_rotary_factor=0.75)
+    hf = transformers.Phi3ForCausalLM(cfg)
+    assert hf(torch.tensor([[1, 2, 3]])).logits.isfinite().all()  # the oracle runs it
+    with pytest.raises(EmberError, match=r"= 9 dims .* must be even; transformers' Phi-3 rotates"):
+        config_from_hf(json.loads(cfg.to_json_string()))
+
+
 def test_an_odd_rotary_dim_stays_refused_as_transformers_fails():
     """head_dim 5 fully rotated (Llama), or int(6 * 0.5) = 3 dims (Phi): transformers builds
     ceil(R / 2) frequencies, one more than the rotated half, and fails at the first forward."""
