@@ -22,19 +22,22 @@ bf16 model; built on ``replace_linears_with_4bit_`` + ``assign_quantized_``);
 ``load_bnb_4bit_state`` turns such a state dict into ``{weight key: NF4Weight}``; and
 ``quantize_model_`` quantizes a loaded model in place, one layer at a time. Saving: the model's
 ``state_dict()`` is already in bnb's format; ``rename_bnb_keys`` applies the HF key renaming.
+
+``Linear4bit`` lives in ``ember.models.nf4_layer``, the row-block helpers of a fused NF4 weight
+(``split_nf4_rows``, ``cat_nf4_rows``, ...) in ``ember.models.nf4_rows``; this module keeps the
+whole-model helpers and re-exports both, the place to import them from.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
 from ember import EmberError
-from ember.kernels.nf4 import NF4Weight, _absmax_ref, nf4_linear
+from ember.kernels.nf4 import NF4Weight
 
 # bitsandbytes' tensor format lives in ember.models.bnb_format; its names are re-exported here.
 from ember.models.bnb_format import BNB_SUFFIXES as BNB_SUFFIXES
@@ -46,242 +49,15 @@ from ember.models.bnb_format import check_quant_type as check_quant_type
 from ember.models.bnb_format import check_quantization_config as check_quantization_config
 from ember.models.bnb_format import is_quant_state_key as is_quant_state_key
 from ember.models.bnb_format import load_bnb_4bit_state as load_bnb_4bit_state
-from ember.models.bnb_format import nf4_from_bnb, nf4_to_bnb, quant_state_key, split_bnb_key
+from ember.models.bnb_format import nf4_from_bnb as nf4_from_bnb
+from ember.models.bnb_format import nf4_to_bnb as nf4_to_bnb
+from ember.models.bnb_format import quant_state_key as quant_state_key
 from ember.models.bnb_format import rename_bnb_keys as rename_bnb_keys
-from ember.models.nf4_storage import STORAGE_DTYPE, NF4Layout, pack_nf4, unpack_nf4
-
-
-# ---------------------------------------------------------------------------- NF4 row blocks
-def rows_straddle_blocks(rows: Sequence[int], k: int, blocksize: int) -> bool:
-    """True when cutting a (sum(rows), k) weight into ``rows`` falls inside a 4-bit block (a
-    width k times a part's rows not a multiple of blocksize: tiny or odd Phi-3 configs). Such a
-    part is no NF4 weight of its own: ``split_nf4_rows`` refuses it, and loaders keep it dense
-    (``dequantize_nf4_rows``), bnb's dequantized rows."""
-    at = 0
-    for r in rows[:-1]:
-        at += r
-        if at * k % blocksize:
-            return True
-    return False
-
-
-def dequantize_nf4_rows(w: NF4Weight, rows: Sequence[int]) -> list[torch.Tensor]:
-    """A 2D NF4 weight dequantized (in its own dtype, as bitsandbytes does) and cut into row
-    blocks: the dense parts of a fused weight whose cuts straddle 4-bit blocks."""
-    return [t.clone() for t in w.dequantize().split(list(rows))]
-
-
-def split_nf4_rows(w: NF4Weight, rows: Sequence[int], key: str) -> list[NF4Weight]:
-    """A 2D NF4 weight cut into row blocks (Phi-3's fused qkv_proj / gate_up_proj), each part
-    dequantizing to exactly the whole's rows. The cuts must fall between 4-bit blocks; a nested
-    absmax is sliced where the cuts also fall between its 256-value blocks (real model sizes),
-    else each part keeps the fp32 absmax it dequantizes to (bit-identical weights)."""
-    st = w.state
-    k = st.shape[1] if len(st.shape) == 2 else 0
-    cuts = [0]
-    for r in rows:
-        cuts.append(cuts[-1] + r)
-    if len(st.shape) != 2 or cuts[-1] != st.shape[0]:
-        raise EmberError(f"{key}: NF4 weight of shape {tuple(st.shape)} cannot be cut into "
-                         f"{list(rows)} rows")
-    bs, nbs = st.blocksize, st.nested_blocksize
-    if any(c * k % bs for c in cuts[1:-1]):
-        raise EmberError(f"{key}: its 4-bit blocks of {bs} values straddle the parts (rows "
-                         f"{cuts[1:-1]} of {k} values); load the unquantized model with "
-                         "quantize='nf4'")
-    sliced = not st.nested or all(c * k // bs % nbs == 0 for c in cuts[1:-1])
-    absmax = st.absmax if sliced else _absmax_ref(st)
-    flat = w.packed.reshape(-1)
-    parts = []
-    for a, b in zip(cuts[:-1], cuts[1:], strict=False):
-        ba, bb = a * k // bs, -(-b * k // bs)
-        part = replace(st, shape=torch.Size((b - a, k)), absmax=absmax[ba:bb].clone())
-        if st.nested and sliced:
-            part = replace(part, nested_absmax=st.nested_absmax[ba // nbs:-(-bb // nbs)].clone())
-        elif st.nested:
-            part = replace(part, offset=None, nested_absmax=None, nested_code=None)
-        parts.append(NF4Weight(flat[a * k // 2:(b * k + 1) // 2].clone().reshape(-1, 1), part))
-    return parts
-
-
-def cat_nf4_rows(ws: Sequence[NF4Weight], key: str) -> NF4Weight:
-    """The inverse of ``split_nf4_rows``: row blocks stacked into one NF4 weight, exactly (the
-    parts' 4-bit blocks and double-quantization statistics must line up as one weight's would:
-    parts quantized one by one with double quantization have their own offsets)."""
-    st = ws[0].state
-    k, bs, nbs = st.shape[-1], st.blocksize, st.nested_blocksize
-    if any(len(w.shape) != 2 or w.shape[1] != k or w.blocksize != bs or w.dtype != st.dtype
-           or w.state.quant_type != st.quant_type for w in ws):
-        raise EmberError(f"{key}: its NF4 parts differ in width, blocksize, dtype or quant_type "
-                         f"({[tuple(w.shape) for w in ws]}); save with dequantize=True")
-    if any(w.numel() % bs for w in ws[:-1]):
-        raise EmberError(f"{key}: its 4-bit blocks of {bs} values would straddle the parts; "
-                         "save with dequantize=True")
-    if not any(w.state.nested for w in ws):
-        state = replace(st, absmax=torch.cat([w.state.absmax for w in ws]))
-    elif (all(w.state.nested and w.state.offset_value == st.offset_value and
-              w.state.nested_blocksize == nbs and torch.equal(w.state.nested_code, st.nested_code)
-              for w in ws) and all(w.state.absmax.numel() % nbs == 0 for w in ws[:-1])):
-        state = replace(st, absmax=torch.cat([w.state.absmax for w in ws]),
-                        nested_absmax=torch.cat([w.state.nested_absmax for w in ws]))
-    else:
-        raise EmberError(f"{key}: its parts were quantized one by one (each with its own "
-                         "double-quantization statistics), so bitsandbytes' fused weight would "
-                         "need re-quantizing; save with dequantize=True")
-    shape = torch.Size((sum(w.shape[0] for w in ws), k))
-    packed = torch.cat([w.packed.reshape(-1) for w in ws]).reshape(-1, 1)
-    return NF4Weight(packed, replace(state, shape=shape))
-
-
-# ---------------------------------------------------------------------------------- Linear4bit
-class Linear4bit(nn.Module):
-    """y = x W^T + b with W stored as NF4 (frozen); output in x.dtype. ``quant_weight`` is None
-    until a weight is set (``set_weight`` or ``load_state_dict``).
-
-    Flat-storage mode (``store_flat_``): all the weight's NF4 bytes become one frozen 1-D
-    Parameter, ``nf4_storage`` (``ember.models.nf4_storage``), and ``quant_weight`` is rebuilt
-    from it at each use as views of whatever tensor that Parameter is then, so a wrapper that
-    swaps Parameters (a data-parallel one sharding them, gathering them for the forward) moves
-    the 4-bit base like any other weight. The state dict then holds ``nf4_storage`` rather
-    than bitsandbytes' entries; the weight can no longer be replaced."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 device=None, dtype=None, quant_weight: NF4Weight | None = None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.nf4_layout: NF4Layout | None = None  # set in flat-storage mode
-        self.quant_weight = quant_weight
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64,
-                    double_quant: bool = True) -> Linear4bit:
-        q = cls(linear.in_features, linear.out_features, bias=False)
-        q.set_weight(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        if linear.bias is not None:
-            q.bias = nn.Parameter(linear.bias.detach(), requires_grad=linear.bias.requires_grad)
-        return q
-
-    def set_weight(self, weight: torch.Tensor | NF4Weight, *, blocksize: int = 64,
-                   double_quant: bool = True) -> None:
-        """Quantize a dense (out, in) weight on its device, or take an ``NF4Weight`` as is."""
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise EmberError(f"Linear4bit: weight of shape {tuple(weight.shape)} does not fit "
-                             f"({self.out_features}, {self.in_features})")
-        if isinstance(weight, torch.Tensor):
-            if weight.device.type == "meta":
-                raise EmberError("Linear4bit: cannot quantize a meta tensor; load real weights")
-            weight = NF4Weight.quantize(weight, blocksize, double_quant)
-        self.quant_weight = weight
-
-    def _device(self):
-        """Where a loaded weight goes: the current weight's device, else the bias's (unless meta),
-        else wherever the state dict's tensor is."""
-        if self.quant_weight is not None:
-            return self.quant_weight.device
-        if self.bias is not None and self.bias.device.type != "meta":
-            return self.bias.device
-        return None
-
-    @property
-    def quant_weight(self) -> NF4Weight | None:
-        if self.nf4_layout is not None:
-            return unpack_nf4(self.nf4_storage, self.nf4_layout)
-        return self._quant_weight
-
-    @quant_weight.setter
-    def quant_weight(self, weight: NF4Weight | None) -> None:
-        if self.nf4_layout is not None:
-            raise EmberError("Linear4bit: this layer keeps its NF4 bytes as one parameter "
-                             "(flat storage, e.g. sharded across processes); its weight cannot "
-                             "be replaced")
-        self._quant_weight = weight
-
-    def store_flat_(self, layout: NF4Layout | None = None) -> None:
-        """Switch to flat-storage mode (see the class docstring). Without ``layout``: pack the
-        current weight. With one (e.g. another process's ``nf4_layout``): an uninitialized
-        storage of that layout on the meta device, for a copy of a layer whose bytes arrive
-        later (``load_state_dict``); the layer's weight, if any, is dropped."""
-        if self.nf4_layout is not None:
-            raise EmberError("Linear4bit: the NF4 weight is in flat storage already")
-        if layout is None:
-            if self._quant_weight is None:
-                raise EmberError("Linear4bit: no NF4 weight to store; load the weights first")
-            storage, layout = pack_nf4(self._quant_weight)
-        else:
-            storage = torch.empty(layout.numel, dtype=STORAGE_DTYPE, device="meta")
-        if tuple(layout.shape) != (self.out_features, self.in_features):
-            raise EmberError(f"Linear4bit: an NF4 layout of shape {layout.shape} does not fit "
-                             f"({self.out_features}, {self.in_features})")
-        self._quant_weight = None
-        self.nf4_storage = nn.Parameter(storage, requires_grad=False)
-        self.nf4_layout = layout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.quant_weight
-        if w is None:
-            raise EmberError("Linear4bit has no weight yet: load a checkpoint or call set_weight")
-        return nf4_linear(x, w, self.bias)
-
-    def _apply(self, fn, recurse=True):
-        # The NF4 bytes follow the module's device moves, never a dtype cast (which would break
-        # them: exact absmax values, codes that are no numbers).
-        if self.nf4_layout is not None:
-            storage = self.nf4_storage
-            probe = fn(torch.empty(0, dtype=storage.dtype, device=storage.device))
-            if probe.dtype == storage.dtype:
-                return super()._apply(fn, recurse)
-            del self._parameters["nf4_storage"]
-            try:
-                super()._apply(fn, recurse)
-            finally:
-                self.nf4_storage = nn.Parameter(storage.to(probe.device), requires_grad=False)
-            return self
-        if self._quant_weight is not None:
-            probe = fn(torch.empty(0, device=self._quant_weight.device))
-            if probe.device != self._quant_weight.device:
-                self._quant_weight = self._quant_weight.to(probe.device)
-        return super()._apply(fn, recurse)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if self._quant_weight is not None:
-            destination.update(nf4_to_bnb(self._quant_weight, prefix + "weight"))
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        if self.nf4_layout is not None:  # nf4_storage is a Parameter like the bias
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                          missing_keys, unexpected_keys, error_msgs)
-            return
-        key = prefix + "weight"
-        mine = {k: v for k, v in state_dict.items() if k == key or k.startswith(key + ".")}
-        if key not in mine:
-            missing_keys.append(key)
-        else:
-            device = self._device()
-            try:
-                if len(mine) == 1 and mine[key].is_floating_point():  # a dense checkpoint
-                    w = mine[key].to(device) if device is not None else mine[key]
-                    self.set_weight(w)
-                else:
-                    self.set_weight(nf4_from_bnb(mine, key, device))
-            except EmberError as e:
-                error_msgs.append(str(e))
-        rest = {k: v for k, v in state_dict.items() if k not in mine}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
-    def extra_repr(self) -> str:
-        qw, lay = self._quant_weight, self.nf4_layout
-        nf4 = ("None" if qw is None else f"blocksize {qw.blocksize}, nested {qw.state.nested}")
-        if lay is not None:
-            nf4 = f"blocksize {lay.blocksize}, nested {lay.offset is not None}, flat storage"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, nf4={nf4}")
+from ember.models.bnb_format import split_bnb_key
+from ember.models.nf4_layer import Linear4bit
+from ember.models.nf4_rows import cat_nf4_rows as cat_nf4_rows
+from ember.models.nf4_rows import dequantize_nf4_rows as dequantize_nf4_rows
+from ember.models.nf4_rows import rows_straddle_blocks, split_nf4_rows
 
 
 # ----------------------------------------------------------------------- whole-model helpers
