@@ -17,7 +17,8 @@ _DTYPE_ALIASES = {
     "bf16": "bfloat16",
     "float": "float32",
 }
-# What a model folder may contain; save_pretrained only replaces folders made of these.
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """None, a torch floating dtype, or a name ("bfloat16", "bf16", "float32", "fp16", ...)."""
     if dtype is None or dtype in DTYPES.values():
