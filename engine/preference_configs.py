@@ -16,6 +16,23 @@ from ember.engine.preference_losses import (
 )
 
 
+def check_sync_settings(section: str, c) -> None:
+    """``[dpo]`` / ``[kto]``'s TR-DPO keys (``engine/reference_sync.py``)."""
+    if not 0 <= c.ref_model_mixup_alpha <= 1:
+        raise EmberError(f"{section}.ref_model_mixup_alpha must be in [0, 1] (1: the reference "
+                         f"becomes a copy of the policy), got {c.ref_model_mixup_alpha}")
+    if isinstance(c.ref_model_sync_steps, bool) or not (
+            isinstance(c.ref_model_sync_steps, int) and c.ref_model_sync_steps >= 1):
+        raise EmberError(f"{section}.ref_model_sync_steps must be an integer >= 1 (optimizer "
+                         f"steps), got {c.ref_model_sync_steps!r}")
+    if c.sync_ref_model and c.precompute_ref_log_probs:
+        raise EmberError(f"{section}.sync_ref_model with {section}.precompute_ref_log_probs: the "
+                         "precomputed log-probs assume a fixed reference, and TR-DPO updates it "
+                         "during training, so they would go stale (TRL refuses it too); set "
+                         f"{section}.precompute_ref_log_probs = false or {section}.sync_ref_model "
+                         "= false")
+
+
 def _check(section: str, beta: float, label_smoothing: float, sft_weight: float) -> None:
     if not beta > 0:
         raise EmberError(f"{section}.beta must be > 0, got {beta}")
@@ -63,8 +80,15 @@ class DPOConfig:
     # residual/embedding dropout; model.attention_dropout stays, as TRL leaves it):
     # TRL's disable_dropout, default on
     disable_dropout: bool = True
+    # TR-DPO: every ref_model_sync_steps optimizer steps the reference becomes
+    # ref_model_mixup_alpha * policy + (1 - alpha) * reference (TRL's sync_ref_model; method =
+    # "full" only, not with precompute_ref_log_probs; engine/reference_sync.py)
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6  # TR-DPO's alpha: the policy's share of each update
+    ref_model_sync_steps: int = 512  # TR-DPO's tau: optimizer steps between reference updates
 
     def __post_init__(self) -> None:
+        check_sync_settings("dpo", self)
         types = _as_names(self.loss_type)
         if not types:
             raise EmberError("dpo.loss_type must name at least one loss type")
