@@ -8,12 +8,7 @@ import math
 from dataclasses import dataclass
 
 from ember import EmberError
-from ember.engine.preference_losses import (
-    DPO_LOSS_TYPES,
-    F_DIVERGENCE_LOSS_TYPES,
-    F_DIVERGENCES,
-    SMOOTHED,
-)
+from ember.engine.preference_losses import check_dpo
 
 
 def check_sync_settings(section: str, c) -> None:
@@ -90,62 +85,19 @@ class DPOConfig:
     def __post_init__(self) -> None:
         check_sync_settings("dpo", self)
         types = _as_names(self.loss_type)
-        if not types:
-            raise EmberError("dpo.loss_type must name at least one loss type")
+        check_dpo(types, self.beta, self.label_smoothing, self.f_divergence_type,
+                  self.f_alpha_divergence_coef, self.discopop_tau, self.loss_weights, toml=True)
         # one name stays a string (as written, and as TRL 1.x's config takes it too)
         object.__setattr__(self, "loss_type", types[0] if len(types) == 1 else types)
         if self.loss_weights is not None:
             object.__setattr__(self, "loss_weights", tuple(self.loss_weights))
-        for t in types:
-            if t not in (*DPO_LOSS_TYPES, "sft"):
-                raise EmberError(f"dpo.loss_type must be one of "
-                                 f"{', '.join(map(repr, (*DPO_LOSS_TYPES, 'sft')))} (or a list "
-                                 f"of them), got {t!r}")
-        _check("dpo", self.beta, self.label_smoothing, self.sft_weight)
-        w = self.loss_weights
-        if w is not None and len(w) != len(types):
-            raise EmberError(f"dpo.loss_weights must have one weight per dpo.loss_type entry: "
-                             f"{len(w)} weights for {len(types)} loss types")
-        if w is not None and not all(x >= 0 and math.isfinite(x) for x in w):
-            raise EmberError(f"dpo.loss_weights must be finite and >= 0, got {list(w)}")
+        if not self.sft_weight >= 0:
+            raise EmberError(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
         if "sft" in types and self.sft_weight:
             raise EmberError("dpo.sft_weight and loss_type \"sft\" are the same NLL term: give "
                              "its weight once (loss_type \"sft\" with its loss_weights entry, or "
                              "sft_weight)")
-        if "robust" in types and self.label_smoothing == 0:
-            raise EmberError("dpo.loss_type = \"robust\" needs dpo.label_smoothing in (0, 0.5): "
-                             "the fraction of preference labels assumed flipped (with 0 it is "
-                             "plain sigmoid DPO)")
-        if "exo_pair" in types and self.label_smoothing == 0:
-            raise EmberError("dpo.loss_type = \"exo_pair\" needs dpo.label_smoothing in (0, 0.5): "
-                             "EXO's epsilon (the paper recommends 1e-3)")
         pair = [t for t in types if t != "sft"]
-        if self.label_smoothing and not set(pair) & set(SMOOTHED):
-            raise EmberError(f"dpo.label_smoothing applies to loss_type "
-                             f"{', '.join(f'{t!r}' for t in SMOOTHED)}, not "
-                             f"{', '.join(map(repr, pair or types))}: drop it")
-        if self.label_smoothing and "sigmoid" in pair and len(set(pair) & set(SMOOTHED)) > 1:
-            raise EmberError("dpo.label_smoothing with loss_type \"sigmoid\" and another loss "
-                             "type that takes it: Ember's \"sigmoid\" with label_smoothing is "
-                             "conservative DPO (TRL 0.x), where TRL 1.x's ignores it; run them "
-                             "apart or drop \"sigmoid\"")
-        if self.f_divergence_type not in F_DIVERGENCES:
-            raise EmberError(f"dpo.f_divergence_type must be one of "
-                             f"{', '.join(map(repr, F_DIVERGENCES))}, got "
-                             f"{self.f_divergence_type!r}")
-        if self.f_divergence_type != "reverse_kl" and not set(pair) <= set(
-                F_DIVERGENCE_LOSS_TYPES):
-            bad = sorted(set(pair) - set(F_DIVERGENCE_LOSS_TYPES))
-            raise EmberError(f"dpo.f_divergence_type = {self.f_divergence_type!r} applies to "
-                             f"loss_type {', '.join(map(repr, F_DIVERGENCE_LOSS_TYPES))} (and "
-                             f"'sft'), not {', '.join(map(repr, bad))}: their losses are not on "
-                             "the chosen-rejected reward margin, where f-DPO's log Z(x) cancels "
-                             "(TRL refuses them too); use f_divergence_type = \"reverse_kl\"")
-        if not math.isfinite(self.f_alpha_divergence_coef):
-            raise EmberError(f"dpo.f_alpha_divergence_coef must be finite, got "
-                             f"{self.f_alpha_divergence_coef}")
-        if not self.discopop_tau > 0:
-            raise EmberError(f"dpo.discopop_tau must be > 0, got {self.discopop_tau}")
         if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
             raise EmberError(f"dpo.ld_alpha must be in [0, 1] (1: every token counts fully, 0: "
                              f"none past the shared length), got {self.ld_alpha}")
