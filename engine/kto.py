@@ -85,6 +85,7 @@ from ember.engine.preference import (
     encode_answer,
     parse_pair,
 )
+from ember.engine.preference_configs import check_sync_settings
 from ember.engine.preference_losses import KTO_LOSS_TYPES, UnpairedLosses, kto_loss
 from ember.engine.preference_reference import Referenced
 
@@ -109,8 +110,13 @@ class KTOConfig:
     # residual/embedding dropout; model.attention_dropout stays, as TRL leaves it):
     # TRL's disable_dropout, default on
     disable_dropout: bool = True
+    # TR-DPO's reference updates, as dpo.sync_ref_model (TRL's KTOConfig has them too)
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6  # TR-DPO's alpha: the policy's share of each update
+    ref_model_sync_steps: int = 512  # TR-DPO's tau: optimizer steps between reference updates
 
     def __post_init__(self) -> None:
+        check_sync_settings("kto", self)
         if self.loss_type not in KTO_LOSS_TYPES:
             raise EmberError(f"kto.loss_type must be one of "
                              f"{', '.join(map(repr, KTO_LOSS_TYPES))}, got {self.loss_type!r}")

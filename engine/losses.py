@@ -233,10 +233,17 @@ def _doc_logprobs(model, batch, prompt_docs: torch.Tensor | None
     return lp, -token_lp[n:].sum(), n_extra
 
 
-def _token_logprobs(model, batch, prompt_docs: torch.Tensor | None = None):
+def _token_logprobs(
+    model,
+    batch,
+    prompt_docs: torch.Tensor | None = None,
+    log_sum_sq: bool = False,
+    chunk: int = 256,
+):
     """log p(label) of the answer tokens (then of the prompt tokens of ``prompt_docs``, if
-    given), from one forward whose head runs on those tokens only: (log-probs, their hidden
-    states, the answer tokens' documents, the number of prompt tokens)."""
+    given), from one forward whose head runs on those tokens only: (log-probs, ``log sum_v
+    p_v^2`` of each (``log_sum_sq``; else None), the answer tokens' documents, the number of
+    prompt tokens)."""
     idx, doc = _answer_docs(batch)
     labels = batch.labels.reshape(-1).index_select(0, idx)
     rows = idx
@@ -244,9 +251,29 @@ def _token_logprobs(model, batch, prompt_docs: torch.Tensor | None = None):
         extra, extra_labels = prompt_positions(batch, prompt_docs)
         rows, labels = torch.cat([idx, extra]), torch.cat([labels, extra_labels])
     h = _hidden(model, batch).index_select(0, rows)
-    token_lp = -linear_cross_entropy(*_head(model, h), labels, bias=_head_bias(model, h),
-                                     reduction="none", softcap=model.cfg.final_softcap)  # (N+M,)
-    return token_lp, h, doc, rows.numel() - idx.numel()
+    # One head output for both: a LoRA on the head draws its dropout mask once, here
+    x, w = _head(model, h)
+    bias = _head_bias(model, h)
+    token_lp = -linear_cross_entropy(
+        x, w, labels, bias=bias, reduction="none", softcap=model.cfg.final_softcap
+    )  # (N+M,)
+    lss = _log_sum_sq(x, w, bias, model.cfg.final_softcap, chunk) if log_sum_sq else None
+    return token_lp, lss, doc, rows.numel() - idx.numel()
+
+
+def _log_sum_sq(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, softcap: float | None, chunk: int
+) -> torch.Tensor:
+    """``log sum_v p_v^2`` (N,) of the logits ``x W^T + b`` (after ``softcap``), fp32, no
+    gradient, ``chunk`` rows at a time (memory O(chunk x V))."""
+    parts = []
+    with torch.no_grad():
+        for xs in x.detach().split(chunk):
+            z = F.linear(xs, w, bias).float()  # (n, V)
+            if softcap is not None:
+                z = softcap * torch.tanh(z / softcap)
+            parts.append(torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1))
+    return torch.cat(parts) if parts else x.new_zeros(0, dtype=torch.float32)
 
 
 class TokenLogprobs(NamedTuple):
@@ -268,20 +295,15 @@ class TokenLogprobs(NamedTuple):
         return DocLogprobs(sums, torch.bincount(self.doc, minlength=self.num_docs).to(sums.dtype))
 
 
-def answer_token_logprobs(model, batch, log_sum_sq: bool = False,
-                          chunk: int = 256) -> TokenLogprobs:
+def answer_token_logprobs(
+    model, batch, log_sum_sq: bool = False, chunk: int = 256
+) -> TokenLogprobs:
     """``doc_logprobs``'s per-token values, from one forward whose head runs on the answer tokens
-    only; with ``log_sum_sq`` also ``log sum_v p_v^2`` per answer token, from the logits (after
-    the final softcap) of ``chunk`` tokens at a time, without gradients."""
-    token_lp, h, doc, _ = _token_logprobs(model, batch)
-    lss = None
-    if log_sum_sq:
-        with torch.no_grad():
-            parts = []
-            for x in h.detach().split(chunk):
-                z = model.logits(x).float()  # (n, V)
-                parts.append(torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1))
-            lss = torch.cat(parts) if parts else token_lp.detach().new_zeros(0)
+    only; with ``log_sum_sq`` also ``log sum_v p_v^2`` per answer token, without gradients, from
+    the same head output as the log-probs (one LoRA dropout mask on the head, as TRL's fused
+    head computes both from one logits tile; after the final softcap), ``chunk`` tokens' logits
+    at a time."""
+    token_lp, lss, doc, _ = _token_logprobs(model, batch, log_sum_sq=log_sum_sq, chunk=chunk)
     return TokenLogprobs(token_lp, doc, batch.cu_seqlens.numel() - 1, lss)
 
 

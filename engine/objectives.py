@@ -134,6 +134,16 @@ class SFT:
         """The objective's own forward-only models by role (a teacher, a reference copy)."""
         return {}
 
+    def end_step(self, model, step: int) -> None:
+        """After optimizer step ``step`` (1-based, applied or skipped), before its evaluation
+        and checkpoint (TR-DPO mixes the policy into DPO's / KTO's reference here)."""
+
+    def save_state(self, step_dir, info: DistInfo) -> None:
+        """Write what the objective trains besides the model into checkpoint ``step_dir``."""
+
+    def load_state(self, step_dir, info: DistInfo) -> None:
+        """Load ``save_state``'s from checkpoint ``step_dir`` at a resume."""
+
     def fingerprints(self, model) -> dict[str, str]:
         """Rank 0, on the built ``model`` before sharding: fingerprints by role of what the
         objective reads from files at every start and the checkpoints do not hold (its frozen

@@ -8,12 +8,24 @@ import math
 from dataclasses import dataclass
 
 from ember import EmberError
-from ember.engine.preference_losses import (
-    DPO_LOSS_TYPES,
-    F_DIVERGENCE_LOSS_TYPES,
-    F_DIVERGENCES,
-    SMOOTHED,
-)
+from ember.engine.preference_losses import check_dpo
+
+
+def check_sync_settings(section: str, c) -> None:
+    """``[dpo]`` / ``[kto]``'s TR-DPO keys (``engine/reference_sync.py``)."""
+    if not 0 <= c.ref_model_mixup_alpha <= 1:
+        raise EmberError(f"{section}.ref_model_mixup_alpha must be in [0, 1] (1: the reference "
+                         f"becomes a copy of the policy), got {c.ref_model_mixup_alpha}")
+    if isinstance(c.ref_model_sync_steps, bool) or not (
+            isinstance(c.ref_model_sync_steps, int) and c.ref_model_sync_steps >= 1):
+        raise EmberError(f"{section}.ref_model_sync_steps must be an integer >= 1 (optimizer "
+                         f"steps), got {c.ref_model_sync_steps!r}")
+    if c.sync_ref_model and c.precompute_ref_log_probs:
+        raise EmberError(f"{section}.sync_ref_model with {section}.precompute_ref_log_probs: the "
+                         "precomputed log-probs assume a fixed reference, and TR-DPO updates it "
+                         "during training, so they would go stale (TRL refuses it too); set "
+                         f"{section}.precompute_ref_log_probs = false or {section}.sync_ref_model "
+                         "= false")
 
 
 def _check(section: str, beta: float, label_smoothing: float, sft_weight: float) -> None:
@@ -63,65 +75,29 @@ class DPOConfig:
     # residual/embedding dropout; model.attention_dropout stays, as TRL leaves it):
     # TRL's disable_dropout, default on
     disable_dropout: bool = True
+    # TR-DPO: every ref_model_sync_steps optimizer steps the reference becomes
+    # ref_model_mixup_alpha * policy + (1 - alpha) * reference (TRL's sync_ref_model; method =
+    # "full" only, not with precompute_ref_log_probs; engine/reference_sync.py)
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6  # TR-DPO's alpha: the policy's share of each update
+    ref_model_sync_steps: int = 512  # TR-DPO's tau: optimizer steps between reference updates
 
     def __post_init__(self) -> None:
+        check_sync_settings("dpo", self)
         types = _as_names(self.loss_type)
-        if not types:
-            raise EmberError("dpo.loss_type must name at least one loss type")
+        check_dpo(types, self.beta, self.label_smoothing, self.f_divergence_type,
+                  self.f_alpha_divergence_coef, self.discopop_tau, self.loss_weights, toml=True)
         # one name stays a string (as written, and as TRL 1.x's config takes it too)
         object.__setattr__(self, "loss_type", types[0] if len(types) == 1 else types)
         if self.loss_weights is not None:
             object.__setattr__(self, "loss_weights", tuple(self.loss_weights))
-        for t in types:
-            if t not in (*DPO_LOSS_TYPES, "sft"):
-                raise EmberError(f"dpo.loss_type must be one of "
-                                 f"{', '.join(map(repr, (*DPO_LOSS_TYPES, 'sft')))} (or a list "
-                                 f"of them), got {t!r}")
-        _check("dpo", self.beta, self.label_smoothing, self.sft_weight)
-        w = self.loss_weights
-        if w is not None and len(w) != len(types):
-            raise EmberError(f"dpo.loss_weights must have one weight per dpo.loss_type entry: "
-                             f"{len(w)} weights for {len(types)} loss types")
-        if w is not None and not all(x >= 0 and math.isfinite(x) for x in w):
-            raise EmberError(f"dpo.loss_weights must be finite and >= 0, got {list(w)}")
+        if not self.sft_weight >= 0:
+            raise EmberError(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
         if "sft" in types and self.sft_weight:
             raise EmberError("dpo.sft_weight and loss_type \"sft\" are the same NLL term: give "
                              "its weight once (loss_type \"sft\" with its loss_weights entry, or "
                              "sft_weight)")
-        if "robust" in types and self.label_smoothing == 0:
-            raise EmberError("dpo.loss_type = \"robust\" needs dpo.label_smoothing in (0, 0.5): "
-                             "the fraction of preference labels assumed flipped (with 0 it is "
-                             "plain sigmoid DPO)")
-        if "exo_pair" in types and self.label_smoothing == 0:
-            raise EmberError("dpo.loss_type = \"exo_pair\" needs dpo.label_smoothing in (0, 0.5): "
-                             "EXO's epsilon (the paper recommends 1e-3)")
         pair = [t for t in types if t != "sft"]
-        if self.label_smoothing and not set(pair) & set(SMOOTHED):
-            raise EmberError(f"dpo.label_smoothing applies to loss_type "
-                             f"{', '.join(f'{t!r}' for t in SMOOTHED)}, not "
-                             f"{', '.join(map(repr, pair or types))}: drop it")
-        if self.label_smoothing and "sigmoid" in pair and len(set(pair) & set(SMOOTHED)) > 1:
-            raise EmberError("dpo.label_smoothing with loss_type \"sigmoid\" and another loss "
-                             "type that takes it: Ember's \"sigmoid\" with label_smoothing is "
-                             "conservative DPO (TRL 0.x), where TRL 1.x's ignores it; run them "
-                             "apart or drop \"sigmoid\"")
-        if self.f_divergence_type not in F_DIVERGENCES:
-            raise EmberError(f"dpo.f_divergence_type must be one of "
-                             f"{', '.join(map(repr, F_DIVERGENCES))}, got "
-                             f"{self.f_divergence_type!r}")
-        if self.f_divergence_type != "reverse_kl" and not set(pair) <= set(
-                F_DIVERGENCE_LOSS_TYPES):
-            bad = sorted(set(pair) - set(F_DIVERGENCE_LOSS_TYPES))
-            raise EmberError(f"dpo.f_divergence_type = {self.f_divergence_type!r} applies to "
-                             f"loss_type {', '.join(map(repr, F_DIVERGENCE_LOSS_TYPES))} (and "
-                             f"'sft'), not {', '.join(map(repr, bad))}: their losses are not on "
-                             "the chosen-rejected reward margin, where f-DPO's log Z(x) cancels "
-                             "(TRL refuses them too); use f_divergence_type = \"reverse_kl\"")
-        if not math.isfinite(self.f_alpha_divergence_coef):
-            raise EmberError(f"dpo.f_alpha_divergence_coef must be finite, got "
-                             f"{self.f_alpha_divergence_coef}")
-        if not self.discopop_tau > 0:
-            raise EmberError(f"dpo.discopop_tau must be > 0, got {self.discopop_tau}")
         if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
             raise EmberError(f"dpo.ld_alpha must be in [0, 1] (1: every token counts fully, 0: "
                              f"none past the shared length), got {self.ld_alpha}")

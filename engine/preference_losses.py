@@ -140,29 +140,66 @@ def f_scores(logratio: torch.Tensor, f_divergence: str = "reverse_kl", f_alpha: 
     return (torch.exp(t.float().clamp(max=top)) - 1.0).to(t.dtype) / (f_alpha - 1.0)
 
 
-def _check_dpo(loss_types: tuple[str, ...], beta: float, label_smoothing: float,
-               f_divergence: str, discopop_tau: float) -> None:
+_ARG_NAMES = {"f_divergence_type": "f_divergence", "f_alpha_divergence_coef": "f_alpha"}
+
+
+def check_dpo(types: tuple[str, ...], beta: float, label_smoothing: float = 0.0,
+              f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
+              discopop_tau: float = 0.05, loss_weights: tuple[float, ...] | None = None, *,
+              toml: bool = False) -> None:
+    """DPO's settings, one rule for ``[dpo]`` (``toml``: the messages name its keys, ``dpo.beta``;
+    ``types`` may hold "sft", the NLL term) and ``dpo_loss``'s arguments (``dpo beta``,
+    ``dpo f_divergence``)."""
+    def k(name: str) -> str:
+        return f"dpo.{name}" if toml else f"dpo {_ARG_NAMES.get(name, name)}"
+
+    if not types:
+        raise EmberError(f"{k('loss_type')} must name at least one loss type")
+    allowed = (*DPO_LOSS_TYPES, "sft") if toml else DPO_LOSS_TYPES
+    for t in types:
+        if t not in allowed:
+            raise EmberError(f"{k('loss_type')} must be one of {_names(allowed)} (or a list of "
+                             f"them), got {t!r}")
     if not beta > 0:
-        raise EmberError(f"dpo beta must be > 0, got {beta}")
-    for t in loss_types:
-        if t not in DPO_LOSS_TYPES:
-            raise EmberError(f"dpo loss_type must be one of {_names(DPO_LOSS_TYPES)}, got {t!r}")
+        raise EmberError(f"{k('beta')} must be > 0, got {beta}")
     if not 0 <= label_smoothing < 0.5:
-        raise EmberError(f"dpo label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and not set(loss_types) & set(SMOOTHED):
-        raise EmberError(f"dpo label_smoothing applies to loss_type {_names(SMOOTHED)}, not "
-                         f"{_names(loss_types)}")
-    if "exo_pair" in loss_types and not label_smoothing:
-        raise EmberError("dpo loss_type 'exo_pair' needs label_smoothing > 0 (its epsilon)")
+        raise EmberError(f"{k('label_smoothing')} must be in [0, 0.5), got {label_smoothing}")
+    w = loss_weights
+    if w is not None and len(w) != len(types):
+        raise EmberError(f"{k('loss_weights')} must have one weight per {k('loss_type')} entry: "
+                         f"{len(w)} weights for {len(types)} loss types")
+    if w is not None and not all(x >= 0 and math.isfinite(x) for x in w):
+        raise EmberError(f"{k('loss_weights')} must be finite and >= 0, got {list(w)}")
+    e = k("label_smoothing")
+    if "robust" in types and label_smoothing == 0:
+        raise EmberError(f"{k('loss_type')} = \"robust\" needs {e} in (0, 0.5): the fraction of "
+                         "preference labels assumed flipped (with 0 it is plain sigmoid DPO)")
+    if "exo_pair" in types and label_smoothing == 0:
+        raise EmberError(f"{k('loss_type')} = \"exo_pair\" needs {e} in (0, 0.5): EXO's "
+                         "epsilon (the paper recommends 1e-3)")
+    pair = [t for t in types if t != "sft"]
+    if label_smoothing and not set(pair) & set(SMOOTHED):
+        raise EmberError(f"{e} applies to loss_type {_names(SMOOTHED)}, not "
+                         f"{_names(pair or types)}: drop it")
+    if label_smoothing and "sigmoid" in pair and len(set(pair) & set(SMOOTHED)) > 1:
+        raise EmberError(f"{e} with loss_type \"sigmoid\" and another loss type that takes it: "
+                         "Ember's \"sigmoid\" with label_smoothing is conservative DPO (TRL "
+                         "0.x), where TRL 1.x's ignores it; run them apart or drop \"sigmoid\"")
+    f = k("f_divergence_type")
     if f_divergence not in F_DIVERGENCES:
-        raise EmberError(f"dpo f_divergence must be one of {_names(F_DIVERGENCES)}, got "
-                         f"{f_divergence!r}")
-    if f_divergence != "reverse_kl" and not set(loss_types) <= set(F_DIVERGENCE_LOSS_TYPES):
-        raise EmberError(f"dpo f_divergence {f_divergence!r} applies to loss_type "
-                         f"{_names(F_DIVERGENCE_LOSS_TYPES)}, not "
-                         f"{_names(sorted(set(loss_types) - set(F_DIVERGENCE_LOSS_TYPES)))}")
+        raise EmberError(f"{f} must be one of {_names(F_DIVERGENCES)}, got {f_divergence!r}")
+    if f_divergence != "reverse_kl" and not set(pair) <= set(F_DIVERGENCE_LOSS_TYPES):
+        bad = sorted(set(pair) - set(F_DIVERGENCE_LOSS_TYPES))
+        sft = " (and 'sft')" if toml else ""
+        raise EmberError(f"{f} = {f_divergence!r} applies to loss_type "
+                         f"{_names(F_DIVERGENCE_LOSS_TYPES)}{sft}, not {_names(bad)}: "
+                         "their losses are not on the chosen-rejected reward margin, where "
+                         f"f-DPO's log Z(x) cancels (TRL refuses them too); use {f} = "
+                         "\"reverse_kl\"")
+    if not math.isfinite(f_alpha):
+        raise EmberError(f"{k('f_alpha_divergence_coef')} must be finite, got {f_alpha}")
     if not discopop_tau > 0:
-        raise EmberError(f"dpo discopop_tau must be > 0, got {discopop_tau}")
+        raise EmberError(f"{k('discopop_tau')} must be > 0, got {discopop_tau}")
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -178,11 +215,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     (``chosen_tokens``, ``rejected_tokens``). Several loss types add up, each times its
     ``loss_weights`` entry (default 1), and then times ``pair_weights`` (P,) (WPO's weights)."""
     types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    check_dpo(types, beta, label_smoothing, f_divergence, f_alpha, discopop_tau, loss_weights)
     weights = (1.0,) * len(types) if loss_weights is None else tuple(loss_weights)
-    if len(weights) != len(types):
-        raise EmberError(f"dpo loss_weights must have one weight per loss_type: {len(weights)} "
-                         f"weights for {len(types)} loss types")
-    _check_dpo(types, beta, label_smoothing, f_divergence, discopop_tau)
     e = label_smoothing
     c = policy_chosen - ref_chosen.detach()  # log-ratios (P,)
     r = policy_rejected - ref_rejected.detach()

@@ -25,6 +25,12 @@ from ember.engine.reference_cache import (
     load_cached,
     save_cached,
 )
+from ember.engine.reference_sync import (
+    check_sync,
+    load_reference,
+    save_reference,
+    sync_reference,
+)
 from ember.engine.stage_reference import adapter_snapshot, adapters_swapped
 from ember.engine.stages import continues_lora, frozen_start
 from ember.models.lora_init import changes_base
@@ -42,6 +48,12 @@ class Referenced:
     def _init_reference(self, cfg: TrainConfig, info: DistInfo, precompute: bool) -> None:
         self.ref_model, self.ref_adapters = None, None
         self.precompute, self.released = precompute, False
+        sec = getattr(cfg, self.name)  # [dpo] / [kto]
+        # TR-DPO (engine/reference_sync.py): (alpha, every that many steps), or None
+        self.sync = None
+        if sec.sync_ref_model:
+            check_sync(self.name, cfg.method)
+            self.sync = (sec.ref_model_mixup_alpha, sec.ref_model_sync_steps)
         # where and under which settings a precompute is kept for a resume (reference_cache)
         self.cache_dir = cfg.out_dir
         self.cache_settings = forward_settings(cfg)
@@ -56,6 +68,23 @@ class Referenced:
 
     def frozen_models(self) -> dict[str, torch.nn.Module]:
         return {} if self.ref_model is None else {"reference": self.ref_model}
+
+    def end_step(self, model, step: int) -> None:
+        """TR-DPO: after optimizer step ``step``, a multiple of ``ref_model_sync_steps``, the
+        reference becomes ``alpha * model + (1 - alpha) * reference`` (TRL's
+        ``SyncRefModelCallback.on_step_end``)."""
+        if self.sync is not None and step % self.sync[1] == 0:
+            sync_reference(self.ref_model, model, self.sync[0])
+
+    def save_state(self, step_dir, info: DistInfo) -> None:
+        """TR-DPO's reference is training state: into checkpoint ``step_dir`` with the model."""
+        if self.sync is not None:
+            save_reference(step_dir, self.ref_model, info)
+
+    def load_state(self, step_dir, info: DistInfo) -> None:
+        """TR-DPO: the mixed reference of checkpoint ``step_dir`` (refused when it has none)."""
+        if self.sync is not None:
+            load_reference(step_dir, self.ref_model, info, self.name)
 
     def fingerprints(self, model) -> dict[str, str]:
         prints = super().fingerprints(model)

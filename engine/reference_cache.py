@@ -77,6 +77,9 @@ NOT_FORWARD_SETTINGS: dict[str, tuple[str, ...]] = {
         "head.labels", "head.label_field", "head.center_rewards_coefficient", "freeze",
         "train_layers", "optim.*", "guards.max_nonfinite_in_a_row", "grad_accum", "max_steps",
         "epochs", "seed"),
+    "TR-DPO's reference updates: refused with precompute_ref_log_probs (no values to key)": (
+        "dpo.sync_ref_model", "dpo.ref_model_mixup_alpha", "dpo.ref_model_sync_steps",
+        "kto.sync_ref_model", "kto.ref_model_mixup_alpha", "kto.ref_model_sync_steps"),
     "bookkeeping": (
         "name", "run_dir", "eval.*", "checkpoint.*", "dist.timeout_minutes", "log_every", "plot",
         "tensorboard"),

@@ -195,6 +195,7 @@ class Trainer(SetupMixin, StepMixin, EvalMixin):
         prog = Progress()
         if latest is not None:
             prog = restore(latest, info, model, opt, **ckpt_state, extra=extra)
+            self.objective.load_state(latest, info)  # TR-DPO's mixed reference
             self.echo(f"resumed from {latest} (step {prog.step} of {total})")
             was = checkpoint_config(latest)
             old_total = total if (was.epochs, was.max_steps) == (cfg.epochs, cfg.max_steps) else (
@@ -251,6 +252,7 @@ class Trainer(SetupMixin, StepMixin, EvalMixin):
                     g["lr"] = lr * g.get("lr_ratio", 1.0)
                 s = self._step(micro, prog.step + 1, opt, params, scaler, guard, signals, pad)
                 prog.step += 1
+                self.objective.end_step(model, prog.step)  # TR-DPO's reference update
                 prog.tokens += s.tokens
                 step, dt = prog.step, time.perf_counter() - t0
                 if not s.applied:
@@ -361,6 +363,7 @@ class Trainer(SetupMixin, StepMixin, EvalMixin):
 
     def _checkpoint(self, opt, prog: Progress, ckpt_state: dict):
         path = save(self.cfg, self.info, self.model, opt, progress=prog, **ckpt_state)
+        self.objective.save_state(path, self.info)
         self._keep_checkpointed_best(prog)
         return path
 
