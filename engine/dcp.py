@@ -36,6 +36,7 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -289,10 +290,12 @@ def _fsync_dir(path: Path) -> None:
 def save(root: str | os.PathLike, step: int, *, model: nn.Module,
          optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None,
          config_text: str | None = None, info: DistInfo | None = None,
-         keep_last: int | None = None) -> Path:
+         keep_last: int | None = None, write_more: Callable[[Path], None] | None = None) -> Path:
     """Write the checkpoint of ``step`` (replacing one of the same step) and keep the newest
     ``keep_last`` complete ones. Every rank must call it, between steps, with gradients cleared
-    (``zero_grad(set_to_none=True)``). Returns the checkpoint folder."""
+    (``zero_grad(set_to_none=True)``). ``write_more(folder)`` (every rank) adds files to the
+    checkpoint before its manifest (TR-DPO's reference): they are published with the rest in
+    the one rename, or not at all. Returns the checkpoint folder."""
     import torch.distributed.checkpoint as dcp
 
     if keep_last is not None and keep_last < 1:
@@ -312,6 +315,8 @@ def save(root: str | os.PathLike, step: int, *, model: nn.Module,
         _dcp_call(dcp.save, _state_dicts(model, optimizer), tmp)
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank_{info.rank}.pt")
+        if write_more is not None:
+            write_more(tmp)
         if info.is_main:
             torch.save(extra or {}, tmp / "extra.pt")
             if config_text is not None:

@@ -12,17 +12,16 @@ mixing B @ A (``check_sync``). Under torchrun the reference is sharded like the 
 (``distributed.shard_frozen``: the same ``fully_shard`` per block, the same process group), so
 each rank mixes its own shards, local and exact.
 
-The mixed reference is training state: ``save_reference`` writes it into each checkpoint (a
-``reference/`` folder of DCP shards, its own ``manifest.json`` written last), ``load_reference``
-loads it at a resume and refuses a checkpoint without one.
+The mixed reference is training state: ``save_reference`` writes it into each checkpoint while
+``dcp.save`` builds it (a ``reference/`` folder of DCP shards and its own ``manifest.json``,
+published with the model in the checkpoint's one rename), ``load_reference`` loads it at a
+resume and refuses a checkpoint without one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -95,33 +94,27 @@ def _state(ref: nn.Module) -> tuple[dict, bool]:
 
 
 def save_reference(step_dir: Path, ref: nn.Module, info: DistInfo) -> Path:
-    """Write ``ref``'s weights into checkpoint ``step_dir``'s ``reference/`` (every rank): DCP
-    shards into a temporary folder, its manifest, then one rename."""
+    """Write ``ref``'s weights into ``step_dir``'s ``reference/`` (every rank): DCP shards, then
+    their manifest. ``step_dir`` is the checkpoint being written (``dcp.save``'s ``write_more``),
+    so the reference is published with the model and optimizer in one rename, or not at all."""
     import torch.distributed.checkpoint as tdcp
 
-    step_dir = Path(step_dir)
-    tmp = step_dir / broadcast_object(
-        f".tmp-{FOLDER}-{uuid.uuid4().hex[:8]}" if info.is_main else None, info
-    )
+    final = Path(step_dir) / FOLDER
     if info.is_main:
-        tmp.mkdir()
+        final.mkdir()
     barrier(info)
     state, _ = _state(ref)
-    dcp._dcp_call(tdcp.save, state, tmp)
+    dcp._dcp_call(tdcp.save, state, final)
     barrier(info)
-    final = step_dir / FOLDER
     if info.is_main:
         files = {
-            n: {"bytes": (tmp / n).stat().st_size, "sha256": dcp._sha256(tmp / n)}
-            for n in dcp._files(tmp)
+            n: {"bytes": (final / n).stat().st_size, "sha256": dcp._sha256(final / n)}
+            for n in dcp._files(final)
         }
-        with open(tmp / dcp.MANIFEST, "w") as f:
+        with open(final / dcp.MANIFEST, "w") as f:
             f.write(json.dumps({"files": files}, indent=2) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
     barrier(info)
     return final
 

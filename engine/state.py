@@ -220,8 +220,9 @@ def base_fingerprint(model, *, trained: bool = False) -> str:
 def save(cfg: TrainConfig, info: DistInfo, model, optimizer, *, progress: Progress,
          batches: PackedBatches, guard: NonFiniteGuard, scaler=None,
          base: str | None = None, frozen: dict[str, str] | None = None,
-         base_files: str | None = None) -> Path:
+         base_files: str | None = None, write_more=None) -> Path:
     """Checkpoint the run after ``progress.step`` (every rank; gradients must be cleared);
+    ``write_more``: ``dcp.save``'s (the objective's own training state, in the same save);
     ``base``: the model's ``base_fingerprint``; ``frozen``: the objective's (``fingerprints``:
     its teacher's, its reference's) by role; ``base_files``: the ``weights_fingerprint`` of the
     base as loaded (``load_run_model`` checks a PiSSA run's by it)."""
@@ -238,7 +239,7 @@ def save(cfg: TrainConfig, info: DistInfo, model, optimizer, *, progress: Progre
         extra["scaler"] = scaler.state_dict()
     return dcp.save(dcp.checkpoint_root(cfg.out_dir), progress.step, model=model,
                     optimizer=optimizer, extra=extra, config_text=to_toml(cfg), info=info,
-                    keep_last=cfg.checkpoint.keep_last)
+                    keep_last=cfg.checkpoint.keep_last, write_more=write_more)
 
 
 def restore(path: Path, info: DistInfo, model, optimizer, *, extra: dict,

@@ -362,8 +362,8 @@ class Trainer(SetupMixin, StepMixin, EvalMixin):
         return means
 
     def _checkpoint(self, opt, prog: Progress, ckpt_state: dict):
-        path = save(self.cfg, self.info, self.model, opt, progress=prog, **ckpt_state)
-        self.objective.save_state(path, self.info)
+        path = save(self.cfg, self.info, self.model, opt, progress=prog, **ckpt_state,
+                    write_more=lambda folder: self.objective.save_state(folder, self.info))
         self._keep_checkpointed_best(prog)
         return path
 

@@ -8,6 +8,7 @@ the mixed reference; a resume continues it exactly, and a checkpoint without it 
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -90,8 +91,15 @@ def test_tr_dpo_reference_follows_trl_recurrence_and_resumes(tiny, prefs, tmp_pa
         assert torch.equal(p, ref[n]), n
     assert rows_of(part, timing=False) == rows_of(run, timing=False)
 
-    # a checkpoint whose reference is missing (an interrupted save): refused, not restarted
-    shutil.rmtree(dcp.step_dir(dcp.checkpoint_root(broken), 3) / "reference")
+    # the reference is part of the checkpoint's one atomic save: its manifest lists the files
+    step3 = dcp.step_dir(dcp.checkpoint_root(broken), 3)
+    manifest = json.loads((step3 / dcp.MANIFEST).read_text())
+    assert any(n.startswith("reference/") for n in manifest["files"])
+    # a checkpoint holding no reference (written without sync_ref_model): refused, not restarted
+    shutil.rmtree(step3 / "reference")
+    manifest["files"] = {k: v for k, v in manifest["files"].items()
+                         if not k.startswith("reference/")}
+    (step3 / dcp.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(
         EmberError,
         match=r"step_0+3: dpo\.sync_ref_model makes the reference "
