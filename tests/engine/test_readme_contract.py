@@ -1,0 +1,81 @@
+"""What README.md promises a user, tried: CLI help that lists what the README lists, exports that
+load in the tool they are for (PEFT) with the run's own logits, errors for a user's mistakes that
+say what to do."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ember.engine.cli import build_parser, main
+from ember.engine.state import load_run_model
+from ember.engine.trainer import train
+from tests.engine._tiny import tiny_config
+
+
+def _help(*argv: str) -> str:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "cmd" or getattr(a, "choices", None))
+    return sub.choices[argv[0]].format_help() if argv else parser.format_help()
+
+
+def test_export_help_lists_every_gguf_type_the_readme_lists():
+    from ember.models.gguf_export import GGUF_TYPES
+
+    text = " ".join(_help("export").lower().split())
+    missing = [t for t in GGUF_TYPES if t not in text]
+    assert not missing, f"ember export --help does not list {missing}"
+
+
+def test_an_adapter_of_a_context_extended_run_tells_peft_users_the_rope_it_needs(
+        tiny, tmp_path, capsys):
+    """A PEFT adapter has no place for model.rope_scaling: PEFT on the plain base computes
+    another model. The export says so, with the base config's fields to set; set as it says,
+    transformers + PEFT give the run's logits."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    train(tiny_config(tiny, run, 'model.rope_scaling="yarn"', "model.rope_factor=4.0",
+                      "max_steps=2", "eval.metrics=[]", "optim.lr=0.02"),
+          echo=lambda *a: None, progress=False)
+    capsys.readouterr()
+    assert main(["export", str(run), "--adapter", str(tmp_path / "adapter")]) == 0
+    err = capsys.readouterr().err
+    assert "model.rope_scaling" in err and "rope_parameters" in err
+    fields = json.loads(err[err.index("{"):err.rindex("}") + 1])
+    ids = torch.tensor([[5, 9, 17, 33, 2, 70, 100, 150, 7, 12]])
+    model, _, _ = load_run_model(run, "cpu")
+    with torch.no_grad():
+        ours = model.float()(ids)
+        config = AutoConfig.from_pretrained(tiny["model"])
+        for key, value in fields.items():
+            setattr(config, key, value)
+        base = AutoModelForCausalLM.from_pretrained(tiny["model"], config=config,
+                                                    dtype=torch.float32)
+        theirs = PeftModel.from_pretrained(base, tmp_path / "adapter")(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+        unscaled = PeftModel.from_pretrained(plain, tmp_path / "adapter")(ids).logits
+    assert (unscaled - ours).abs().max() > 1e-3  # the note matters
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_an_adapter_for_another_model_names_the_model_it_was_trained_on(tiny, tmp_path, capsys):
+    from ember.models import ModelConfig, Transformer
+    from ember.models.loading import load_pretrained, save_pretrained
+
+    run = tmp_path / "run"
+    train(tiny_config(tiny, run, "max_steps=1", "eval.metrics=[]"), echo=lambda *a: None,
+          progress=False)
+    _, tok = load_pretrained(tiny["model"])
+    narrow = Transformer(ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                                     num_layers=2, num_heads=4, num_kv_heads=2,
+                                     tie_word_embeddings=True))
+    save_pretrained(narrow.init_weights(std=0.05, seed=0), tmp_path / "other", tok)
+    capsys.readouterr()
+    code = main(["generate", str(tmp_path / "other"), "--adapter", str(run / "final" / "adapter"),
+                 "--raw", "--prompt", "say red ->", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "do not fit this model" in err and tiny["model"] in err, err
