@@ -5,7 +5,9 @@ say what to do."""
 from __future__ import annotations
 
 import json
+import re
 
+import pytest
 import torch
 
 from ember.engine.cli import build_parser, main
@@ -79,3 +81,19 @@ def test_an_adapter_for_another_model_names_the_model_it_was_trained_on(tiny, tm
     err = capsys.readouterr().err
     assert code == 2
     assert "do not fit this model" in err and tiny["model"] in err, err
+
+
+@pytest.mark.parametrize("key, value, hint", [
+    ("method", "qlora", 'model.quantize = "nf4"'),
+    ("method", "dora", "lora.use_dora = true"),
+    ("method", "dpo", 'objective = "dpo"'),
+    ("method", "sft", 'objective = "sft"'),
+    ("objective", "lora", 'method = "lora"'),
+])
+def test_a_method_or_objective_named_as_other_tools_name_it_says_the_ember_setting(
+        tiny, tmp_path, key, value, hint):
+    """Axolotl's adapter: qlora, a DPO run asked for as a method: the README's setting named."""
+    from ember import EmberError
+
+    with pytest.raises(EmberError, match=f"{key} must be one of .*{re.escape(hint)}"):
+        tiny_config(tiny, tmp_path, f'{key}="{value}"')
