@@ -97,3 +97,20 @@ def test_a_method_or_objective_named_as_other_tools_name_it_says_the_ember_setti
 
     with pytest.raises(EmberError, match=f"{key} must be one of .*{re.escape(hint)}"):
         tiny_config(tiny, tmp_path, f'{key}="{value}"')
+
+
+def test_sampling_flags_without_a_temperature_are_said_to_be_unused(tiny, capsys):
+    """Greedy is the default: --top-p / --top-k / --min-p / --top-h / --seed alone change
+    nothing, which transformers' generate(do_sample=False) says too ("generation flags are not
+    valid and may be ignored"); was silent."""
+    def err(*flags):
+        capsys.readouterr()
+        assert main(["generate", tiny["model"], "--raw", "--prompt", "say red ->",
+                     "--max-new-tokens", "2", *flags]) == 0
+        return capsys.readouterr().err
+
+    said = err("--top-p", "0.5", "--seed", "3")
+    assert "--top-p" in said and "--seed" in said and "--temperature" in said
+    assert "--top-k" not in said
+    assert "--top-p" not in err("--top-p", "0.5", "--temperature", "0.7")
+    assert "--temperature" not in err()
