@@ -459,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "eval.metrics (none: loss and perplexity), else "
                                      "exact_match; a classifier: "
                                      "accuracy,macro_f1; a reward head: accuracy,margin; a "
-                                     "regression head: mse,rmse,pearson)")
+                                     "regression head: mse,rmse,pearson; question/choices/"
+                                     "answer lines: choice_accuracy and choice_accuracy_norm, "
+                                     "plus choice_accuracy_mutual_info when asked for)")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"prompts completed at once for generation metrics (default "
                         f"{DEFAULT_EVAL_BATCH_SIZE}; a run: its eval.batch_size)")

@@ -114,3 +114,8 @@ def test_sampling_flags_without_a_temperature_are_said_to_be_unused(tiny, capsys
     assert "--top-k" not in said
     assert "--top-p" not in err("--top-p", "0.5", "--temperature", "0.7")
     assert "--temperature" not in err()
+
+
+def test_eval_help_names_the_multiple_choice_metric_the_readme_tells_to_ask_for():
+    text = " ".join(_help("eval").split())
+    assert "choice_accuracy_mutual_info" in text
