@@ -38,10 +38,10 @@ def _cmd_train(a) -> None:
 
     cfg = load_config(a.config, a.set or [])
     _check_data_files(cfg)
-    if run_folder(a.config) is not None:  # its recorded models, named with their key
+    if (folder := run_folder(a.config)) is not None:  # its recorded models, named with their key
         from ember.engine.state import check_models
 
-        check_models(cfg, a.config)
+        check_models(cfg, folder)
     try:
         train(cfg, resume=a.resume, echo=_train_echo)
     except BaseException:

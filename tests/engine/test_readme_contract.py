@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +120,37 @@ def test_sampling_flags_without_a_temperature_are_said_to_be_unused(tiny, capsys
 def test_eval_help_names_the_multiple_choice_metric_the_readme_tells_to_ask_for():
     text = " ".join(_help("eval").split())
     assert "choice_accuracy_mutual_info" in text
+
+
+def test_a_run_resumed_through_its_own_config_file_from_another_folder_continues_there(
+        tiny, tmp_path, monkeypatch, capsys):
+    """README: a run is used from any folder. ``ember train RUN/config.toml --resume`` from
+    another folder (the recorded run_dir is relative to the folder the run started in) was a new
+    run from step 0 in another folder ("resume: no checkpoint in ...")."""
+    from ember.engine.config import load_config
+
+    start, other = tmp_path / "project", tmp_path / "elsewhere"
+    start.mkdir()
+    other.mkdir()
+    monkeypatch.chdir(start)
+    cfg = tiny_config(tiny, "run", "max_steps=1", "eval.metrics=[]", "eval.before=false")
+    assert cfg.run_dir == "run"
+    train(cfg, echo=lambda *a: None, progress=False)
+    monkeypatch.chdir(other)
+    assert load_config("../project/run/config.toml").out_dir.resolve() == start / "run"
+    capsys.readouterr()
+    assert main(["train", "../project/run/config.toml", "--resume", "--set", "max_steps=2"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert not (other / "run").exists()
+    steps = [json.loads(r)["step"] for r in (start / "run" / "metrics.jsonl").read_text()
+             .splitlines() if json.loads(r)["kind"] == "train"]
+    assert steps == [1, 2]
+
+
+def test_a_project_config_named_config_toml_is_not_taken_for_a_run(tiny, tmp_path,
+                                                                    monkeypatch):
+    from ember.engine.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.toml").write_text('name = "mine"\n')
+    assert load_config("config.toml").out_dir == Path("runs/mine")
