@@ -509,6 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for attr in ("model", "run_dir"):  # RUN/config.toml is that run, as ember train takes it
+        given = getattr(args, attr, None)
+        if isinstance(given, str) and Path(given).name == "config.toml":
+            from ember.engine.config_source import run_folder
+
+            args.__dict__[attr] = str(run_folder(given) or given)
     try:
         args.fn(args)
     except EmberError as e:

@@ -154,3 +154,19 @@ def test_a_project_config_named_config_toml_is_not_taken_for_a_run(tiny, tmp_pat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "config.toml").write_text('name = "mine"\n')
     assert load_config("config.toml").out_dir == Path("runs/mine")
+
+
+def test_eval_generate_and_export_take_a_runs_config_file_as_the_run(tiny, tmp_path, capsys):
+    """As ember train RUN/config.toml does: was "config.toml is a file but not a .gguf"."""
+    run = tmp_path / "run"
+    train(tiny_config(tiny, run, "max_steps=1", "eval.metrics=[]", "eval.before=false"),
+          echo=lambda *a: None, progress=False)
+    said = {}
+    for target in (run, run / "config.toml"):
+        capsys.readouterr()
+        assert main(["generate", str(target), "--prompt", "say red ->",
+                     "--max-new-tokens", "3"]) == 0
+        said[target.name] = capsys.readouterr().out
+    assert said["run"] == said["config.toml"]
+    assert main(["export", str(run / "config.toml"), "--adapter", str(tmp_path / "ad")]) == 0
+    assert (tmp_path / "ad" / "adapter_config.json").is_file()
