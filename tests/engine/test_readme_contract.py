@@ -170,3 +170,19 @@ def test_eval_generate_and_export_take_a_runs_config_file_as_the_run(tiny, tmp_p
     assert said["run"] == said["config.toml"]
     assert main(["export", str(run / "config.toml"), "--adapter", str(tmp_path / "ad")]) == 0
     assert (tmp_path / "ad" / "adapter_config.json").is_file()
+
+
+def test_a_split_that_leaves_no_training_examples_shows_the_lines_skipped(tiny, tmp_path):
+    """A file of 2 lines, one bad: was 'val_fraction=0.2 leaves no training examples out of 1'
+    with the bad line never shown (the data report came after)."""
+    from ember import EmberError
+    from ember.engine.config import load_config
+
+    data = tmp_path / "two.jsonl"
+    data.write_text('{"prompt": "say red ->", "completion": " red"}\n{"prompt": "say dog ->"}\n')
+    with pytest.raises(EmberError, match=r"(?s)out of 1.*two.jsonl:2: missing field 'completion'"):
+        train(load_config(None, [f'model.name="{tiny["model"]}"', f'run_dir="{tmp_path}/run"',
+                                 'device="cpu"', f'data.train=["{data}"]', "data.max_seq_len=64",
+                                 "data.tokens_per_batch=128", "data.val_fraction=0.2",
+                                 "max_steps=1", "plot=false"]),
+              echo=lambda *a: None, progress=False)
