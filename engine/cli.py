@@ -38,10 +38,10 @@ def _cmd_train(a) -> None:
 
     cfg = load_config(a.config, a.set or [])
     _check_data_files(cfg)
-    if run_folder(a.config) is not None:  # its recorded models, named with their key
+    if (folder := run_folder(a.config)) is not None:  # its recorded models, named with their key
         from ember.engine.state import check_models
 
-        check_models(cfg, a.config)
+        check_models(cfg, folder)
     try:
         train(cfg, resume=a.resume, echo=_train_echo)
     except BaseException:
@@ -214,6 +214,8 @@ def _cmd_export(a) -> None:
 
         cfg = load_config(a.run_dir)
         _check_export_target(a, cfg)  # before loading: a mistake costs nothing
+        if a.adapter:
+            _rope_note(cfg)
         if a.adapter and (out := export_final_adapter(a.run_dir, cfg, a.adapter)) is not None:
             if note := stale_final(Path(a.run_dir)):
                 _note(note)
@@ -264,6 +266,33 @@ def _cmd_export(a) -> None:
             out = save_pretrained(model, a.merged, tok, dtype=dtype, dequantize=nf4,
                                   multimodal_base=multimodal_base(model, cfg) if cfg else None)
     print(f"wrote {out}")
+
+
+def _rope_note(cfg) -> None:
+    """A PEFT adapter has no place for the run's model.rope_scaling: PEFT on the plain base
+    computes another model (was: not said). Names the base config fields that give the trained
+    model, as ``--merged`` writes them into config.json (when the base can be read)."""
+    m = cfg.model
+    if m.rope_scaling is None:
+        return
+    import json
+
+    from ember.models.context import extended_config
+    from ember.models.hf_config import config_from_hf
+    from ember.models.hf_rope import rope_to_hf
+    from ember.models.hub import resolve_model
+
+    try:
+        raw = json.loads((resolve_model(m.name) / "config.json").read_text())
+        ext = extended_config(config_from_hf(raw), m.rope_scaling, m.rope_factor)
+        fields = json.dumps({"rope_parameters": rope_to_hf(ext),
+                             "max_position_embeddings": ext.max_position_embeddings})
+    except (OSError, ValueError, EmberError):  # a base moved away: the settings alone
+        fields = "rope_parameters and max_position_embeddings as --merged writes them"
+    _note(f"this run trained with model.rope_scaling = {m.rope_scaling!r}, rope_factor = "
+          f"{m.rope_factor:g}, which a PEFT adapter has no place for: PEFT on the plain base "
+          "computes another model. Load the base with these config.json fields (transformers: "
+          f"set them on its AutoConfig and pass config=), or export --merged: {fields}")
 
 
 def _check_export_target(a, cfg) -> None:
@@ -430,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "eval.metrics (none: loss and perplexity), else "
                                      "exact_match; a classifier: "
                                      "accuracy,macro_f1; a reward head: accuracy,margin; a "
-                                     "regression head: mse,rmse,pearson)")
+                                     "regression head: mse,rmse,pearson; question/choices/"
+                                     "answer lines: choice_accuracy and choice_accuracy_norm, "
+                                     "plus choice_accuracy_mutual_info when asked for)")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"prompts completed at once for generation metrics (default "
                         f"{DEFAULT_EVAL_BATCH_SIZE}; a run: its eval.batch_size)")
@@ -452,9 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF file for llama.cpp / Ollama / LM Studio, adapter merged")
     p.add_argument("--gguf-type", default="f16", metavar="TYPE",
                    help="f16 (default), bf16, f32, or a llama-quantize type, any case: Q8_0, "
-                        "Q4_0, Q4_1, Q5_0, Q5_1, Q4_K_S, Q4_K_M (= Q4_K), Q5_K_S, "
-                        "Q5_K_M (= Q5_K), Q6_K (per-tensor types as llama-quantize picks them; "
-                        "norms stay f32)")
+                        "Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M (= Q3_K), Q3_K_L, "
+                        "Q4_K_S, Q4_K_M (= Q4_K), Q5_K_S, Q5_K_M (= Q5_K), Q6_K (per-tensor "
+                        "types as llama-quantize picks them; norms stay f32)")
     p.set_defaults(fn=_cmd_export)
 
     p = sub.add_parser("import-gguf", help="convert a .gguf file to an HF model folder")
@@ -478,6 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for attr in ("model", "run_dir"):  # RUN/config.toml is that run, as ember train takes it
+        given = getattr(args, attr, None)
+        if isinstance(given, str) and Path(given).name == "config.toml":
+            from ember.engine.config_source import run_folder
+
+            args.__dict__[attr] = str(run_folder(given) or given)
     try:
         args.fn(args)
     except EmberError as e:

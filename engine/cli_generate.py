@@ -112,6 +112,11 @@ def _generator(model, tok, a):
     unapplied = unapplied_settings(model)
     if unapplied:  # stated, not silently ignored: transformers' generate() applies them
         _note(f"ember: note: {unapplied}")
+    unused = [f for f, v in (("--top-p", a.top_p), ("--top-k", a.top_k), ("--min-p", a.min_p),
+                             ("--top-h", a.top_h), ("--seed", a.seed)) if v is not None]
+    if unused and a.temperature == 0:  # was silent (transformers: "flags are not valid")
+        _note(f"ember: note: {' / '.join(unused)} only act{'s' * (len(unused) == 1)} when "
+              "sampling (--temperature > 0); these answers are greedy")
     if a.seed is not None and not -2**63 <= a.seed < 2**64:  # was torch's overflow traceback
         raise EmberError(f"--seed must be a 64-bit integer (torch.Generator's seed), got {a.seed}")
     if is_classifier(model):

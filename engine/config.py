@@ -68,6 +68,13 @@ from ember.engine.preference_objectives import DPOConfig, ORPOConfig, SimPOConfi
 from ember.models.lora import LoRAConfig
 from ember.models.prompt_tuning import PromptTuningConfig
 
+# method names other tools use (Axolotl's adapter: qlora, ...) -> the Ember settings for them
+_METHOD_HINTS = {
+    "qlora": 'QLoRA is method = "lora" with model.quantize = "nf4"',
+    "dora": 'DoRA is method = "lora" with lora.use_dora = true',
+    "freeze": 'layer freezing is method = "full" with train_layers = [...] or freeze = [...]',
+    "prompt_tuning": 'prompt tuning is method = "prompt" ([prompt_tuning] num_virtual_tokens)',
+}
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -126,11 +133,20 @@ class TrainConfig:
         if self.run_dir is not None and not self.run_dir.strip():
             raise EmberError("run_dir is empty: give the run's folder (e.g. runs/my-run), or "
                              "leave it out for runs/<name>")
+        if self.method in _METHOD_HINTS or self.method in OBJECTIVES:
+            raise EmberError(f"method must be one of 'lora', 'full', 'prompt', got "
+                             f"{self.method!r}: " + _METHOD_HINTS.get(
+                                 self.method, f'{self.method} is an objective: objective = '
+                                 f'"{self.method}"'))
         _one_of("method", self.method, ("lora", "full", "prompt"))
         _one_of("precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
             raise EmberError(f"device must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got "
                              f"{self.device!r}")
+        if self.objective in ("lora", "full", "prompt"):
+            raise EmberError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got "
+                             f"{self.objective!r}: {self.objective} is a method: method = "
+                             f'"{self.objective}"')
         _one_of("objective", self.objective, OBJECTIVES)
         if self.objective in ("dpo", "kto") and self.method == "prompt":
             raise EmberError(f"objective = \"{self.objective}\" with method = \"prompt\" is "

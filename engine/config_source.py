@@ -52,9 +52,18 @@ def _config_text(p: Path) -> str:
                          "TOML files are UTF-8: save it as UTF-8") from None
 
 
+# what a run writes beside its config.toml (a project's own config.toml has none of them)
+RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl")
+
+
 def run_folder(source: str | Path) -> Path | None:
-    """``source`` as a run directory (a folder with ``config.toml``), else None."""
+    """``source`` as a run directory (a folder with ``config.toml``, or that ``config.toml``
+    beside the run's output), else None. ``RUN/config.toml`` from another folder was a new run
+    from step 0: its run_dir is recorded relative to the folder the run started in."""
     p = Path(source)
+    if p.name == "config.toml" and p.is_file() and any(
+            (p.parent / n).exists() for n in RUN_OUTPUTS):
+        p = p.parent
     return p if p.is_dir() and (p / "config.toml").is_file() else None
 
 

@@ -464,7 +464,12 @@ def load_datasets(cfg: DataConfig, tokenizer, load_file=load_examples) -> Datase
         if len(files) > 1:
             val_sources = dict(zip(source_names(files, "data.validation"), loaded, strict=True))
     else:
-        train, val = split_examples(train, cfg.val_fraction, cfg.seed)
+        try:
+            train, val = split_examples(train, cfg.val_fraction, cfg.seed)
+        except EmberError as e:  # the lines skipped were reported after it: the count puzzled
+            raise EmberError("\n".join([str(e), *(r.summary() for r in reports
+                                                   if r.bad_lines or r.dropped_too_long)])
+                             ) from None
         if val and len(cfg.train) > 1:
             names = source_names(list(cfg.train), "data.train")
             val_sources = {n: ex for g, n in enumerate(names)

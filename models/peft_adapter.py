@@ -433,7 +433,7 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
         if A.ndim != 2 or B.ndim != 2 or A.shape != (r, in_f) or B.shape != (out_f, r):
             raise EmberError(f"{wfile}: {hf}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
                              f"do not fit this model, expected ({r}, {in_f}) / ({out_f}, {r}) "
-                             "(rank from adapter_config r/rank_pattern)")
+                             "(rank from adapter_config r/rank_pattern)" + _trained_on(config))
         if isinstance(mod, (LoRALinear, LoRAEmbedding)) and (
                 mod.rank != r or mod.use_dora != use_dora):
             raise EmberError(f"{name} already has a rank-{mod.rank} adapter (use_dora="
@@ -494,6 +494,13 @@ def _load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
             model.score.weight.copy_(head)
         model.score.weight.requires_grad_(True)  # trains with the adapters (modules_to_save)
     return model
+
+
+def _trained_on(config: dict) -> str:
+    """The model an adapter names as its base, for an error about weights that do not fit."""
+    base = config.get("base_model_name_or_path")
+    return (f"; is it an adapter for another model? Its adapter_config.json names "
+            f"base_model_name_or_path = {base!r}: load it onto that model" if base else "")
 
 
 def _defaulted_note(config: dict, model_type: str | None) -> str:
