@@ -19,7 +19,7 @@ from tokenizers import processors
 from ember import EmberError
 from ember.models.chat_template import refuse_hf_options, render, select_template
 from ember.models.code_llama_infill import infill_ids
-from ember.models.tokenizer_classes import MAIN_SPECIALS
+from ember.models.tokenizer_classes import MAIN_SPECIALS, pipeline_steps
 from ember.models.tokenizer_specials import all_special_tokens
 
 
@@ -227,12 +227,8 @@ class Tokenizer:
 
 def _prefixes_bytes(backend: tokenizers.Tokenizer) -> bool:
     """Whether ``backend`` splits with a byte-level pre-tokenizer that prefixes a space."""
-    pre = backend.pre_tokenizer
-    if pre is None:
-        return False
-    spec = json.loads(pre.__getstate__())
-    steps = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
-    return any(s.get("type") == "ByteLevel" and s.get("add_prefix_space") for s in steps)
+    return any(s.get("type") == "ByteLevel" and s.get("add_prefix_space")
+               for s in pipeline_steps(backend.pre_tokenizer, "pretokenizers"))
 
 
 def _set_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None) -> None:
