@@ -118,11 +118,12 @@ def test_characters_the_vocabulary_lacks_like_transformers(cls, bpe, tmp_path):
 
 
 def test_training_lines_with_the_fill_token(tmp_path):
-    """A text line holding <FILL_ME> is encoded as transformers' tokenizer(text) encodes it (an
-    infilling prompt), plus eos. A prompt/completion line holding it is refused, naming the token:
-    transformers' tokenizer reorders such a text into prefix / suffix / middle, which the loss
-    mask over the text's characters cannot follow (Ember trained the literal "<FILL_ME>"
-    pieces); two fill tokens are a bad line, not a crash."""
+    """A text line holding <FILL_ME> is encoded as TRL's SFT encodes it: transformers'
+    tokenizer(text + eos_token), an infilling prompt whose suffix ends with the eos. A
+    prompt/completion line holding it is refused, naming the token: transformers' tokenizer
+    reorders such a text into prefix / suffix / middle, which the loss mask over the text's
+    characters cannot follow (Ember trained the literal "<FILL_ME>" pieces); two fill tokens are
+    a bad line, not a crash."""
     from ember.engine.data import DataConfig, load_examples
 
     ours, theirs = _load(tmp_path / "t", {})
@@ -135,7 +136,8 @@ def test_training_lines_with_the_fill_token(tmp_path):
     cfg = DataConfig(max_seq_len=128, tokens_per_batch=128, bad_lines="skip")
     examples, report = load_examples(rows, cfg, ours)
     assert report.bad_lines == 1 and len(examples) == 1
-    want = theirs.encode(lines[0]["text"]) + [theirs.eos_token_id]
+    # TRL's SFT recipe: the eos string appended to the text, the whole tokenized (add_eos)
+    want = theirs(lines[0]["text"] + theirs.eos_token)["input_ids"]
     assert examples[0].input_ids == want
     rows.write_text(json.dumps({"prompt": "a <FILL_ME>", "completion": "b"}) + "\n")
     with pytest.raises(EmberError, match="<FILL_ME>.*infilling"):
