@@ -90,8 +90,11 @@ class _Encoder:
                                      f"it): write {fill} once, or not at all")
         try:
             return self._raw(text, special)
-        except EmberError as e:  # Ember's tokenizer: a vocabulary without ▁<PRE> (no infilling)
-            raise _Bad("fill token", str(e)) from None
+        except (EmberError, ValueError) as e:  # a tokenizer without infilling tokens (Ember's
+            if not n:  # or a transformers one: its ValueError names no line)
+                raise
+            raise _Bad("fill token", f"{type(e).__name__}: {e}" if not isinstance(
+                e, EmberError) else str(e)) from None
 
     def _with_eos(self, ids: list[int]) -> list[int]:
         if self.cfg.add_eos and self.eos is not None and (not ids or ids[-1] != self.eos):

@@ -120,3 +120,15 @@ def test_the_rendered_chat_is_checked_not_the_record(tmp_path):
             DataConfig(max_seq_len=128, tokens_per_batch=128),
             ours,
         )
+
+
+def test_a_tokenizer_without_infilling_tokens_makes_a_bad_line(tmp_path):
+    """prefix_token null: transformers' tokenizer raises a ValueError on a text with <FILL_ME>,
+    which crashed load_examples; Ember's an EmberError. Both: a bad line."""
+    ours, _ = _load(tmp_path / "t", {"prefix_token": None})
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "t")
+    path = _rows(tmp_path, [{"text": "fine"}, {"text": "a <FILL_ME>b"}])
+    for tok in (ours, theirs):
+        examples, rep = load_examples(path, _cfg(), tok)
+        assert (len(examples), rep.bad_lines) == (1, 1), type(tok).__name__
+        assert "prefix" in "\n".join(rep.problems)
