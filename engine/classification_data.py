@@ -143,7 +143,7 @@ class _ClassReader(_Reader):
         label = self._label(json.loads(line))
         enc = self.enc
         if self.fmt == "text":
-            ids = enc._enc(rec, True)  # as tokenizer(text) for an HF classifier
+            ids = enc.text_ids(rec, True)  # as tokenizer(text) for an HF classifier
         elif not enc.has_template:
             raise EmberError(
                 "the messages format needs a tokenizer with a chat template; this "
@@ -151,7 +151,7 @@ class _ClassReader(_Reader):
             )
         else:
             rec = with_system_prompt(self.cfg, rec)
-            ids = enc._enc(enc._render(rec))
+            ids = enc.text_ids(enc._render(rec))
         return ids, label
 
     def example(self, lineno: int, raw: bytes) -> Example | None:

@@ -205,7 +205,7 @@ def render_chat(tokenizer, cfg: DataConfig, messages: Sequence[dict]) -> list[in
         raise EmberError("a conversation needs a chat template; this model or run renders "
                          "prompts as plain text (use ember generate)")
     try:
-        return enc._enc(enc._render(with_system_prompt(cfg, messages), True))
+        return enc.text_ids(enc._render(with_system_prompt(cfg, messages), True))
     except _Bad as e:
         raise EmberError(e.why) from None
 

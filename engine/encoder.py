@@ -52,6 +52,9 @@ class _Encoder:
             "endgeneration" in (t or "") for t in (tokenizer.chat_template,
                                                    *tokenizer.chat_templates.values()))
         self.chat = self.has_template if cfg.use_chat_template is None else cfg.use_chat_template
+        # CodeLlama's fill token (<FILL_ME>), Ember's tokenizer's or a transformers one's
+        fill = getattr(tokenizer, "fill_token", None)
+        self.fill: str | None = str(fill) if fill else None
         # conversations whose tool calls the template leaves out of its render (counted for the
         # data report: such a call turn trains only its end of turn)
         self.tool_calls_dropped = 0
@@ -65,7 +68,33 @@ class _Encoder:
                              "without one, put the instructions in each prompt")
 
     def _enc(self, text: str, special: bool = False) -> list[int]:
+        """The ids of ``text``, a piece whose tokens a mask or a boundary follows: a fill token
+        in it is a bad line (``_no_fill``). A whole text encoded as one is ``text_ids``."""
+        self._no_fill(text)
+        return self._raw(text, special)
+
+    def _raw(self, text: str, special: bool) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=special)) if text else []
+
+    def text_ids(self, text: str, special: bool = False) -> list[int]:
+        """The ids of a whole text as transformers' ``tokenizer(text)`` gives them: with the
+        tokenizer's fill token (CodeLlama's <FILL_ME>) once, the infilling prompt; more than
+        once, a bad line (transformers fails on such a text with "too many values to
+        unpack", Ember's tokenizer with an error that names no line)."""
+        fill = self.fill
+        n = text.count(fill) if fill else 0
+        if n > 1:
+            raise _Bad("fill token", f"the text holds {fill} {n} times; CodeLlama's tokenizer "
+                                     "reads a text with it as an infilling prompt, which has "
+                                     "exactly one (the hole between the code before and after "
+                                     f"it): write {fill} once, or not at all")
+        try:
+            return self._raw(text, special)
+        except (EmberError, ValueError) as e:  # a tokenizer without infilling tokens (Ember's
+            if not n:  # or a transformers one: its ValueError names no line)
+                raise
+            raise _Bad("fill token", f"{type(e).__name__}: {e}" if not isinstance(
+                e, EmberError) else str(e)) from None
 
     def _with_eos(self, ids: list[int]) -> list[int]:
         if self.cfg.add_eos and self.eos is not None and (not ids or ids[-1] != self.eos):
@@ -81,16 +110,13 @@ class _Encoder:
         all_loss = self.cfg.loss_on == "all"
         if isinstance(rec, Chat):  # TRL's conversational prompt-completion: a conversation
             fmt = "message-array prompt/completion" if fmt == "prompt_completion" else fmt
-        if fmt == "text":
-            try:  # (a text holding CodeLlama's fill token is an infilling prompt, as in TRL)
-                ids = self._with_eos(self._enc(rec, True))
-            except EmberError as e:
-                raise _Bad("fill token", str(e)) from None
+        if fmt == "text":  # (a text holding CodeLlama's fill token is an infilling prompt)
+            ids = self._text_line(rec)
             return ids, [True] * len(ids), 0, None
-        self._no_fill(rec)
         if fmt in ("prompt_completion", "alpaca") and not self.chat:
             prompt = alpaca_prompt(rec) if fmt == "alpaca" else rec[0]
             full = prompt + rec[1]
+            self._no_fill(full)
             ids, _ = self._tokens(full, [(0, len(prompt), False),
                                          (len(prompt), len(full), True)], special=True)
             alone = (self.backend.encode(prompt, add_special_tokens=True).ids
@@ -102,20 +128,28 @@ class _Encoder:
             return ids, mask + [True] * (len(ids) - len(mask)), start, rec[1]
         return self._chat(self.conversation(fmt, rec), all_loss)
 
-    def _no_fill(self, rec) -> None:
-        """Refuses a record whose text holds the tokenizer's fill token (CodeLlama's <FILL_ME>):
-        transformers' tokenizer encodes such a text as an infilling prompt, prefix / suffix /
-        middle reordered, which a loss mask over the text's characters cannot follow."""
-        fill = getattr(self.tok, "fill_token", None)
-        stack = [rec]
-        while fill and stack:
-            x = stack.pop()
-            if isinstance(x, str) and fill in x:
-                raise _Bad("fill token", f"the line holds {fill}, which CodeLlama's tokenizer "
-                                         "turns into an infilling prompt (prefix, suffix, middle "
-                                         "reordered) that the loss mask cannot follow; write "
-                                         "the infilling tokens yourself, or use the text format")
-            stack += x.values() if isinstance(x, dict) else x if isinstance(x, list | tuple) else []
+    def _text_line(self, text: str) -> list[int]:
+        """A text line's ids with the eos ``data.add_eos`` adds. With the fill token, TRL's SFT
+        recipe: its ``add_eos`` appends the eos *string* to the text (unless the text ends with
+        it) and the tokenizer encodes the whole, so the eos lands in the infilling prompt's
+        suffix, before ``▁<MID>``, not after it."""
+        eos = getattr(self.tok, "eos_token", None)
+        if self.fill and self.fill in text and self.cfg.add_eos and self.eos is not None and eos:
+            return self.text_ids(text if text.endswith(eos) else text + eos, True)
+        return self._with_eos(self.text_ids(text, True))
+
+    def _no_fill(self, text: str) -> None:
+        """Refuses a text (a record's rendered text, or a piece of it) that holds the
+        tokenizer's fill token (CodeLlama's <FILL_ME>): transformers' tokenizer encodes such a
+        text as an infilling prompt, prefix / suffix / middle reordered, which a loss mask or a
+        prompt / answer boundary over the text's characters cannot follow. The rendered text:
+        ``data.system_prompt``, tools and template variables put it there too, and a record's
+        key the template never renders does not."""
+        if self.fill and self.fill in text:
+            raise _Bad("fill token", f"the line's text holds {self.fill}, which CodeLlama's "
+                                     "tokenizer turns into an infilling prompt (prefix, suffix, "
+                                     "middle reordered) that the loss mask cannot follow; write "
+                                     "the infilling tokens yourself, or use the text format")
 
     def encode_with_prompt(self, fmt: str, rec) -> tuple[tuple, list[int] | None]:
         """``encode``'s document and, for a chat with a final answer, its
@@ -125,7 +159,6 @@ class _Encoder:
             return self.encode(fmt, rec), None
         if isinstance(rec, Chat) and fmt == "prompt_completion":
             fmt = "message-array prompt/completion"  # (as encode names it)
-        self._no_fill(rec)
         messages = self.conversation(fmt, rec)
         doc = self._chat(messages, self.cfg.loss_on == "all")
         gen = None if not doc[2] or doc[3] is None else self.generation_prompt(
@@ -376,6 +409,7 @@ class _Encoder:
         if not isinstance(messages, Chat):
             messages = Chat(messages)
         full = self._render(messages)
+        self._no_fill(full)
         drops_calls = self._drops_tool_calls(messages, full)
         marked = self._generation(messages, full)
         spans = self._spans(messages, full) if marked is None else marked

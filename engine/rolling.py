@@ -77,11 +77,12 @@ class _TextReader(_Reader):
                     "not text",
                     f'rolling perplexity scores {{"text": ...}} lines, this file\'s are {self.fmt}',
                 )
+            doc = self.enc.text_ids(text)  # a whole document (a fill token: infilling, once)
         except _Bad as e:
             self.bad(lineno, e.kind, e.why)
             return None
         ids, labels, parts = [], [], []
-        for inp, pred in rolling_windows(self.enc._enc(text), self.prefix, self.cfg.max_seq_len):
+        for inp, pred in rolling_windows(doc, self.prefix, self.cfg.max_seq_len):
             ids += inp
             labels += [IGNORE] * (len(inp) - len(pred)) + pred  # pre-shifted: t predicts t + 1
             parts.append(len(inp))

@@ -225,18 +225,25 @@ class _LoRAMLP(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------- public API
+def _is_bool(s) -> bool:
+    return isinstance(s, bool) or "bool" in str(getattr(s, "dtype", ""))
+
+
 def _scales(scale, n: int, op: str) -> tuple[float, ...]:
-    """scale as n floats: one number (or a one-element tensor) for all, or n of them. None or a
-    string failed inside float() with a TypeError that named no argument."""
-    if isinstance(scale, (int, float)) or (isinstance(scale, torch.Tensor) and scale.numel() == 1):
+    """scale as n floats: one number for all (a Python or NumPy number, or anything 0-d or
+    one-element: a tensor, a NumPy array), or n of them. None or a string failed inside float()
+    with a TypeError that named no argument."""
+    given = scale
+    if isinstance(scale, int | float) or getattr(scale, "ndim", None) == 0 or (
+            isinstance(scale, torch.Tensor) and scale.numel() == 1):
         scale = (scale,) * n
     try:
         out = tuple(float(s) for s in scale)
     except (TypeError, ValueError, RuntimeError):
         out = None
-    if out is None or len(out) != n or any(isinstance(s, (bool, str)) for s in scale):
-        raise ValueError(f"{op}: scale must be one number or {n} numbers (one per projection), "
-                         f"got {scale!r}")
+    if out is None or len(out) != n or any(_is_bool(s) or isinstance(s, str) for s in scale):
+        want = "one number" if n == 1 else f"one number or {n} numbers (one per projection)"
+        raise ValueError(f"{op}: scale must be {want}, got {given!r}")
     return out
 
 

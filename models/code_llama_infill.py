@@ -25,11 +25,14 @@ if TYPE_CHECKING:
 
 _ROLES = ("prefix_token", "suffix_token", "middle_token")
 _DEFAULTS = dict(zip(_ROLES, ("\u2581<PRE>", "\u2581<SUF>", "\u2581<MID>"), strict=True))
+FILL = "<FILL_ME>"  # CodeLlamaTokenizer's fill token
 
 
 def infill_backend(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     """``backend`` with transformers' infilling normalizer and no post-processor."""
     copy = tokenizers.Tokenizer.from_str(backend.to_str())
+    # (not in to_str(): split_special_tokens encodes "<s>" in the text as text there too)
+    copy.encode_special_tokens = backend.encode_special_tokens
     copy.normalizer = normalizers.Replace(" ", "\u2581")
     copy.post_processor = None
     return copy
@@ -52,15 +55,17 @@ def infill_ids(tok: Tokenizer, text: str, add_special_tokens: bool) -> list[int]
         return tok.encode(prefix, add_special_tokens=add_special_tokens)
     ids = [tok.token_to_id(t) if (t := tok.template_tokens.get(r)) else None for r in _ROLES]
     if None in ids:
-        names = [
-            f"{r} ({tok.template_tokens.get(r) or _DEFAULTS[r]})"
-            for r, i in zip(_ROLES, ids, strict=True)
-            if i is None
-        ]
+        missing = [r for r, i in zip(_ROLES, ids, strict=True) if i is None]
+        # a role without a token whose default the vocabulary has: the config turned it off
+        off = [r for r in missing if r not in tok.template_tokens
+               and tok.token_to_id(_DEFAULTS[r]) is not None]
+        lacks = [f"{r} ({tok.template_tokens.get(r) or _DEFAULTS[r]})"
+                 for r in missing if r not in off]
+        why = [f"tokenizer_config.json turns {', '.join(off)} off (null)"] if off else []
+        why += [f"the vocabulary lacks {', '.join(lacks)}"] if lacks else []
         raise EmberError(
-            f"the text holds {fill}, an infilling prompt, but the vocabulary lacks "
-            f"{', '.join(names)}: this model does not support infilling; remove "
-            f"{fill} from the text"
+            f"the text holds {fill}, an infilling prompt, but {' and '.join(why)}: this "
+            f"tokenizer does not support infilling; remove {fill} from the text"
         )
     pre, suf, mid = ids
     if tok._infill is None:  # built once per tokenizer: a copy of the whole vocabulary
@@ -69,3 +74,43 @@ def infill_ids(tok: Tokenizer, text: str, add_special_tokens: bool) -> list[int]
     bos = [tok.bos_token_id] if add_special_tokens and tok.add_bos_token else []
     eos = [tok.eos_token_id] if add_special_tokens and tok.add_eos_token else []
     return [*bos, pre, *enc[0].ids, suf, *enc[1].ids, mid, *eos]
+
+
+def class_infill_tokens(cfg: dict, given: dict, where: object) -> tuple[dict, str | None,
+                                                                        list[str]]:
+    """(``cfg`` with CodeLlamaTokenizer's infilling tokens as transformers 5 loads them, the
+    fill token, warnings). transformers 5 keeps the class's own prefix / middle / suffix / fill
+    tokens whatever plain string ``given`` (the folder's tokenizer_config.json) names, and takes
+    an AddedToken dict's ({"content": ...}, as transformers writes one); a null turns one off.
+    (transformers then fails on an infilling text with a prefix / middle / suffix dict, "'
+    AddedToken' object is not iterable": Ember uses its content.)"""
+    defaults = {**_DEFAULTS, "fill_token": FILL}
+    out, notes = dict(cfg), []
+    for role, default in defaults.items():
+        if role not in given:
+            continue
+        v = given[role]
+        if v is None or isinstance(v, dict):
+            out[role] = v.get("content") if isinstance(v, dict) else None
+        elif v != default:
+            notes.append(f"{where}: tokenizer_config.json sets {role} {v!r}; transformers 5's "
+                         f"CodeLlamaTokenizer ignores it and uses {default!r}, and so does Ember "
+                         "(null turns it off)")
+            out[role] = default
+        else:
+            out[role] = default
+    return out, out.get("fill_token", FILL), notes
+
+
+def code_llama_config(fill: str, template_tokens: dict[str, str]) -> dict:
+    """The tokenizer_config.json entries that make transformers 5 and ``load_tokenizer`` load a
+    tokenizer with fill token ``fill`` as CodeLlamaTokenizer again (saved as the generic class,
+    neither split <FILL_ME> any more): the class, each infilling token (null where it has none:
+    a missing key would be the class's default), and a fill token other than the class's as an
+    AddedToken dict (a plain string is ignored, ``class_infill_tokens``)."""
+    cfg: dict = {"tokenizer_class": "CodeLlamaTokenizer"}
+    cfg.update({r: template_tokens.get(r) for r in _ROLES})
+    cfg["fill_token"] = fill if fill == FILL else {
+        "content": fill, "__type": "AddedToken", "lstrip": False, "rstrip": False,
+        "normalized": False, "single_word": False, "special": True}
+    return cfg

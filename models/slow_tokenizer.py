@@ -20,7 +20,9 @@
   One deliberate difference: a BPE model trained without byte fallback maps a character it
   cannot spell to the unknown piece, as SentencePiece does (transformers 5.x silently drops it).
 - ``vocab.json`` + ``merges.txt``: byte-level BPE, split like ``GPT2Tokenizer`` (GPT-2's regex;
-  ``CodeGenTokenizer`` too) or ``Qwen2Tokenizer`` (its own regex after NFC).
+  ``CodeGenTokenizer`` too) or ``Qwen2Tokenizer`` (its own regex after NFC; the qwen3_5 model
+  types' ``Qwen3_5Tokenizer`` with combining marks kept with their letters, which transformers 5
+  cannot build from these files: it ignores them, and Ember warns).
 
 Added tokens come from tokenizer_config.json's ``added_tokens_decoder`` (else the legacy
 ``added_tokens.json``) and the named special tokens; each must land on the id the folder says.
@@ -34,6 +36,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +45,9 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from ember import EmberError
-from ember.models.gguf_pretokenizers import _QWEN2 as _QWEN2_SPLIT  # GGUF "qwen2": the same regex
 from ember.models.spm import SPACE, recovered_merges, spm_bpe, spm_pipeline
 from ember.models.tokenizer_classes import (
+    _QWEN_SPLITS,
     _REGISTERED,
     add_named_specials,
     named_special_tokens,
@@ -58,7 +61,7 @@ _SPM_CLASSES = ("LlamaTokenizer", "GemmaTokenizer")
 # folder that names no class (Gemma's excepted)
 _GENERIC = "TokenizersBackend"
 _GENERIC_TYPES = tuple(t for t, cls in _REGISTERED.items() if cls == "")
-_BPE_CLASSES = ("GPT2Tokenizer", "Qwen2Tokenizer")
+_BPE_CLASSES = ("GPT2Tokenizer", "Qwen2Tokenizer", "Qwen3_5Tokenizer")
 # The special tokens each class assumes when the folder names none (transformers' defaults).
 _DEFAULTS = {
     "LlamaTokenizer": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"},
@@ -67,6 +70,7 @@ _DEFAULTS = {
                        "pad_token": "<pad>", "mask_token": "<mask>"},
     "GPT2Tokenizer": dict.fromkeys(("unk_token", "bos_token", "eos_token"), "<|endoftext|>"),
     "Qwen2Tokenizer": dict.fromkeys(("unk_token", "eos_token", "pad_token"), "<|endoftext|>"),
+    "Qwen3_5Tokenizer": dict.fromkeys(("unk_token", "eos_token", "pad_token"), "<|endoftext|>"),
 }
 
 
@@ -350,10 +354,10 @@ def _bpe_backend(folder: Path, cls: str, cfg: dict) -> tokenizers.Tokenizer:
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None,
                                               continuing_subword_prefix="",
                                               end_of_word_suffix="", fuse_unk=False))
-    if cls == "Qwen2Tokenizer":
+    if cls in _QWEN_SPLITS:  # Qwen3.5's keeps combining marks with their letters
         backend.normalizer = normalizers.NFC()
         backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(_QWEN_SPLITS[cls]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=False)])
     else:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
@@ -384,6 +388,9 @@ def _tokenizer_class(folder: Path, cfg: dict, model_type: str) -> str:
                          "(AutoTokenizer.from_pretrained(folder).save_pretrained(folder))")
     if (folder / "tokenizer.model").is_file():  # (transformers 5: Llama's and no model type too)
         return "GemmaTokenizer" if model_type.startswith("gemma") else _GENERIC
+    registered = resolved_class(cfg, model_type)  # (Qwen3_5Tokenizer for the qwen3_5 types)
+    if registered in _BPE_CLASSES:
+        return registered
     return "Qwen2Tokenizer" if model_type.startswith("qwen") else "GPT2Tokenizer"
 
 
@@ -413,6 +420,12 @@ def slow_backend(folder: Path, cfg: dict, smap: dict, model_type: str = ""
         pieces = [t.content for _, t in sorted(backend.get_added_tokens_decoder().items())]
     else:
         backend = _bpe_backend(folder, cls, cfg)
+        if cls == "Qwen3_5Tokenizer":
+            warnings.warn(f"{folder}: transformers 5's Qwen3_5Tokenizer does not read vocab.json "
+                          "and merges.txt (it loads a one-token vocabulary and encodes every "
+                          "text to no ids); Ember builds the class's pipeline over them. For "
+                          "transformers, save the tokenizer with Ember (tokenizer.json)",
+                          stacklevel=3)
     defaults = {k: v for k, v in _DEFAULTS[cls].items() if k not in cfg and k not in smap}
     every = {**smap, **cfg, **defaults}
     specials = named_special_tokens(every)

@@ -24,6 +24,7 @@ import tokenizers
 
 from ember import EmberError
 from ember.models.chat_template import read_templates
+from ember.models.code_llama_infill import class_infill_tokens
 from ember.models.tokenizer_classes import (
     MAIN_SPECIALS,
     add_config_tokens,
@@ -172,7 +173,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if rebuilt == "Qwen2Tokenizer":
             reset_special_flags(backend, named_special_tokens(cfg))
         class_pipeline(backend, rebuilt, cfg)
-        fill = class_specials(given, cls).get("fill_token") if cls == "CodeLlamaTokenizer" else None
+        if cls == "CodeLlamaTokenizer":  # its infilling tokens, as transformers 5 keeps them
+            cfg, fill, notes = class_infill_tokens(cfg, given, folder)
+            for note in notes:
+                warnings.warn(note, stacklevel=2)
         forced = class_bos_eos(cls)
         if forced is not None:  # the class's own post-processor, whatever tokenizer.json's
             ends = [specials[n] if on and specials[n] is not None

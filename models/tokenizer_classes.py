@@ -301,7 +301,9 @@ def rebuilt_class(backend: tokenizers.Tokenizer, cls: str | None) -> str | None:
 _GPT2_CLASSES = {"GPT2Tokenizer": None, "CodeGenTokenizer": None, "GPTNeoXTokenizer": "NFC"}
 
 
-def _steps(part: Any, key: str) -> list[dict]:
+def pipeline_steps(part: Any, key: str) -> list[dict]:
+    """The steps of a tokenizers normalizer / pre-tokenizer ``part`` (None: none) as their JSON
+    specs, a ``Sequence`` unwrapped (``key``: its list, "normalizers" or "pretokenizers")."""
     if part is None:
         return []
     spec = json.loads(part.__getstate__())
@@ -317,8 +319,8 @@ def dropped_steps(backend: tokenizers.Tokenizer, cls: str | None) -> list[str]:
     if cls not in _GPT2_CLASSES or type(backend.model).__name__ != "BPE":
         return []
     own = _GPT2_CLASSES[cls]
-    out = [s["type"] for s in _steps(backend.normalizer, "normalizers") if s["type"] != own]
-    for s in _steps(backend.pre_tokenizer, "pretokenizers"):
+    out = [s["type"] for s in pipeline_steps(backend.normalizer, "normalizers") if s["type"] != own]
+    for s in pipeline_steps(backend.pre_tokenizer, "pretokenizers"):
         if s["type"] != "ByteLevel":
             out.append(s["type"])
         elif not s.get("use_regex", True):

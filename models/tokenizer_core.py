@@ -18,8 +18,8 @@ from tokenizers import processors
 
 from ember import EmberError
 from ember.models.chat_template import refuse_hf_options, render, select_template
-from ember.models.code_llama_infill import infill_ids
-from ember.models.tokenizer_classes import MAIN_SPECIALS
+from ember.models.code_llama_infill import code_llama_config, infill_ids
+from ember.models.tokenizer_classes import MAIN_SPECIALS, pipeline_steps
 from ember.models.tokenizer_specials import all_special_tokens
 
 
@@ -211,6 +211,8 @@ class Tokenizer:
             "split_special_tokens": self.backend.encode_special_tokens,
             **self.template_tokens, **specials,
         }
+        if self.fill_token is not None:  # CodeLlama's: reloaded as the class that splits it
+            cfg.update(code_llama_config(self.fill_token, self.template_tokens))
         if _prefixes_bytes(self.backend):  # transformers' Qwen2Tokenizer rebuilds its ByteLevel
             cfg["add_prefix_space"] = True  # from this flag (so does load_tokenizer)
         if self.extra_special_tokens:  # the name transformers 4 and 5 both read as a list
@@ -227,12 +229,8 @@ class Tokenizer:
 
 def _prefixes_bytes(backend: tokenizers.Tokenizer) -> bool:
     """Whether ``backend`` splits with a byte-level pre-tokenizer that prefixes a space."""
-    pre = backend.pre_tokenizer
-    if pre is None:
-        return False
-    spec = json.loads(pre.__getstate__())
-    steps = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
-    return any(s.get("type") == "ByteLevel" and s.get("add_prefix_space") for s in steps)
+    return any(s.get("type") == "ByteLevel" and s.get("add_prefix_space")
+               for s in pipeline_steps(backend.pre_tokenizer, "pretokenizers"))
 
 
 def _set_bos_eos(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None) -> None:

@@ -43,7 +43,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
 from ember.kernels import _dispatch
@@ -109,7 +108,8 @@ def _from_seq_idx(q, k, v, seq_idx, cu_seqlens, max_seqlen):
                          f"(B, T, Hkv, D), or (total,) with q (total, H, D) and k/v "
                          f"(total, Hkv, D); got seq_idx {tuple(seq_idx.shape)}, q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not torch.compiler.is_compiling() and (seq_idx.is_meta or is_fake(seq_idx)):
+    # (under torch.compile the read is a graph break, as it was: only a shape-only tensor stops)
+    if _dispatch.no_host_values(seq_idx) and not torch.compiler.is_compiling():
         raise ValueError("flash_attention: seq_idx is read on the host, and a meta/fake tensor has "
                          "no values; pass cu_seqlens and max_seqlen instead")
     ids = seq_idx.detach().to("cpu", torch.int64)  # the one host read

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,7 +191,20 @@ def test_nf4_state_with_column_shaped_absmax_dequantizes_as_flat(impl, double_qu
         col["nested_code"] = state.nested_code.reshape(-1, 1)
     got = K.nf4_dequantize(packed, dataclasses.replace(state, **col), impl=impl)
     assert torch.equal(got, want)
-    y = K.nf4_linear(
-        torch.randn(3, 64), K.NF4Weight(packed, dataclasses.replace(state, **col)), impl=impl
-    )
-    assert y.shape == (3, 8) and torch.isfinite(y).all()
+    x = torch.randn(3, 64)
+    y = K.nf4_linear(x, K.NF4Weight(packed, dataclasses.replace(state, **col)), impl=impl)
+    assert torch.equal(y, K.nf4_linear(x, K.NF4Weight(packed, state), impl=impl))
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_lora_scale_takes_any_zero_d_number(impl):
+    """A NumPy scalar or 0-d array as scale (a config value read through NumPy) worked before the
+    argument checks and then raised "scale must be one number or 1 numbers"; it is one number,
+    as a Python float or a 0-d tensor is. Bools, strings and None stay refused."""
+    x, w, a, b = torch.randn(3, 64), torch.randn(5, 64), torch.randn(2, 64), torch.randn(5, 2)
+    want = K.lora_linear(x, w, a, b, 0.5, impl=impl)
+    for scale in (np.float32(0.5), np.array(0.5), np.float64(0.5), torch.tensor(0.5)):
+        assert torch.equal(K.lora_linear(x, w, a, b, scale, impl=impl), want), repr(scale)
+    for scale in (True, np.bool_(True), "0.5", None, np.array([0.5, 0.5])):
+        with pytest.raises(ValueError, match=r"scale must be one number, got"):
+            K.lora_linear(x, w, a, b, scale, impl=impl)

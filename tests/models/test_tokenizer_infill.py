@@ -25,6 +25,7 @@ BASE = {
     "unk_token": "<unk>",
 }
 TEXTS = [
+    "<s><FILL_ME></s>",
     "def f(x):\n    <FILL_ME>\n    return y",
     "a <FILL_ME>b",
     "<FILL_ME> b",
@@ -47,11 +48,16 @@ def _load(tmp_path, cfg: dict, infill=INFILL):
     return ours, transformers.AutoTokenizer.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("cfg", [{}, {"add_prefix_space": False}, {"add_eos_token": True}])
+@pytest.mark.parametrize(
+    "cfg",
+    [{}, {"add_prefix_space": False}, {"add_eos_token": True}, {"split_special_tokens": True}],
+)
 def test_fill_me_is_split_into_prefix_and_suffix_like_transformers(cfg, tmp_path):
     """Ember encoded "<FILL_ME>" as text ("a <FILL_ME>b": [0, 202, 177, 38, ...], transformers
     [0, 500, 202, 129, 502, 129, 57, 501]). Each text on a fresh transformers tokenizer: its
-    infilling leaves the backend's normalizer changed for later calls."""
+    infilling leaves the backend's normalizer changed for later calls. With split_special_tokens
+    the infilling copy encoded "<s>" in the text as a special token (it lost the flag:
+    "<s><FILL_ME></s>" [0, 500, 129, 0, 502, 1, 501], transformers [0, 500, 267, 502, 283, 501])."""
     ours, _ = _load(tmp_path, cfg)
     for text in TEXTS:
         for special in (True, False):
@@ -118,11 +124,12 @@ def test_characters_the_vocabulary_lacks_like_transformers(cls, bpe, tmp_path):
 
 
 def test_training_lines_with_the_fill_token(tmp_path):
-    """A text line holding <FILL_ME> is encoded as transformers' tokenizer(text) encodes it (an
-    infilling prompt), plus eos. A prompt/completion line holding it is refused, naming the token:
-    transformers' tokenizer reorders such a text into prefix / suffix / middle, which the loss
-    mask over the text's characters cannot follow (Ember trained the literal "<FILL_ME>"
-    pieces); two fill tokens are a bad line, not a crash."""
+    """A text line holding <FILL_ME> is encoded as TRL's SFT encodes it: transformers'
+    tokenizer(text + eos_token), an infilling prompt whose suffix ends with the eos. A
+    prompt/completion line holding it is refused, naming the token: transformers' tokenizer
+    reorders such a text into prefix / suffix / middle, which the loss mask over the text's
+    characters cannot follow (Ember trained the literal "<FILL_ME>" pieces); two fill tokens are
+    a bad line, not a crash."""
     from ember.engine.data import DataConfig, load_examples
 
     ours, theirs = _load(tmp_path / "t", {})
@@ -135,8 +142,74 @@ def test_training_lines_with_the_fill_token(tmp_path):
     cfg = DataConfig(max_seq_len=128, tokens_per_batch=128, bad_lines="skip")
     examples, report = load_examples(rows, cfg, ours)
     assert report.bad_lines == 1 and len(examples) == 1
-    want = theirs.encode(lines[0]["text"]) + [theirs.eos_token_id]
+    # TRL's SFT recipe: the eos string appended to the text, the whole tokenized (add_eos)
+    want = theirs(lines[0]["text"] + theirs.eos_token)["input_ids"]
     assert examples[0].input_ids == want
     rows.write_text(json.dumps({"prompt": "a <FILL_ME>", "completion": "b"}) + "\n")
     with pytest.raises(EmberError, match="<FILL_ME>.*infilling"):
         load_examples(rows, DataConfig(max_seq_len=128, tokens_per_batch=128), ours)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"fill_token": {"content": "<FILL_ME>", "__type": "AddedToken", "special": True}},
+        {"fill_token": {"content": "<FILL>", "__type": "AddedToken", "special": True}},
+        {"fill_token": "<FILL>"},
+        {"prefix_token": "\u2581<EOT>"},
+        {"middle_token": "\u2581<EOT>", "suffix_token": "\u2581<EOT>"},
+    ],
+)
+def test_config_infilling_tokens_as_transformers_reads_them(cfg, tmp_path):
+    """A fill_token written as an AddedToken dict made every encode raise a TypeError ("'in
+    <string>' requires string as left operand, not dict"); transformers 5 takes the dict's
+    content. It keeps its own fill / prefix / middle / suffix tokens whatever other plain string
+    the config names (prefix_token "▁<EOT>": transformers [0, 500, 202, ...], Ember
+    [0, 503, 202, ...]): Ember does too, and warns."""
+    _load(tmp_path, cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = load_tokenizer(tmp_path)
+    warned = any("CodeLlamaTokenizer ignores it" in str(w.message) for w in caught)
+    assert warned == all(isinstance(v, str) for v in cfg.values())
+    for text in ["a <FILL_ME>b", "a <FILL>b"]:
+        theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+        want = theirs.encode(text)
+        if max(want) >= len(ours):  # transformers added "<FILL>" as a new token: Ember does not
+            continue
+        assert ours.encode(text, add_special_tokens=True) == want, text
+
+
+def test_a_null_infilling_token_is_named_as_the_config_s(tmp_path):
+    """prefix_token null: transformers refuses the infilling text; Ember's message said the
+    vocabulary lacks ▁<PRE>, which it has: it names the config's null."""
+    ours, theirs = _load(tmp_path, {"prefix_token": None})
+    with pytest.raises(ValueError, match="prefix"):
+        theirs.encode("a <FILL_ME>b")
+    with pytest.raises(EmberError, match="tokenizer_config.json turns prefix_token off"):
+        ours.encode("a <FILL_ME>b")
+
+
+@pytest.mark.parametrize("cfg", [{}, {"add_eos_token": True}, {"suffix_token": None}])
+def test_a_saved_code_llama_tokenizer_still_splits_the_fill_token(cfg, tmp_path):
+    """Ember saved a CodeLlama tokenizer as the generic PreTrainedTokenizerFast, so neither
+    Ember nor transformers split <FILL_ME> in the reloaded folder ("a <FILL_ME>b": [0, 202,
+    177, 38, ...], the folder's own [0, 500, 202, 129, 502, 129, 57, 501])."""
+    ours, _ = _load(tmp_path / "a", cfg)
+    ours.save_pretrained(tmp_path / "b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = load_tokenizer(tmp_path / "b")
+    for text in TEXTS:
+        want = transformers.AutoTokenizer.from_pretrained(tmp_path / "a")
+        theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "b")
+        try:
+            expected = want.encode(text)
+        except ValueError:  # (suffix_token null: transformers refuses an infilling text)
+            with pytest.raises(ValueError):
+                theirs.encode(text)
+            with pytest.raises(EmberError):
+                again.encode(text, add_special_tokens=True)
+            continue
+        assert theirs.encode(text) == expected, text
+        assert again.encode(text, add_special_tokens=True) == expected, text

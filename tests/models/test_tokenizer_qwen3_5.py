@@ -51,3 +51,31 @@ def test_qwen3_5_folders_like_transformers(name, cls, cfg, tmp_path):
         want = getattr(theirs, attr)
         assert getattr(ours, attr) == (None if want in new else want), attr
     assert ours.all_special_tokens == [t for t in theirs.all_special_tokens if t not in new]
+
+
+@pytest.mark.parametrize("cls", ["Qwen2Tokenizer", None])
+def test_slow_qwen3_5_folders_split_as_the_class(cls, tmp_path):
+    """A qwen3_5 folder with only vocab.json + merges.txt was split with Qwen2's regex (a
+    combining mark apart from its letter: "x\\u0301y" [88, 225, 228, 89] where Qwen3.5's split
+    gives [88, 296, 89]). transformers 5's Qwen3_5Tokenizer ignores those files (a one-token
+    vocabulary: every text encodes to []), so the oracle is transformers on the same vocabulary
+    as tokenizer.json; Ember warns that transformers cannot read the folder."""
+    marks = "x\u0301y \u0928\u092e\u0938\u094d\u0924\u0947 a\u0308\u0301b"
+    texts = [*TEXTS, marks, "\u0915\u093f!"]
+    cfg = json.dumps({"tokenizer_class": cls} if cls else {})
+    for sub in ("slow", "fast"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "tokenizer_config.json").write_text(cfg)
+        (tmp_path / sub / "config.json").write_text(json.dumps({"model_type": "qwen3_5"}))
+    tok = Tokenizer.from_str(_vocab("qwen2"))
+    tok.model.save(str(tmp_path / "slow"))
+    tok.save(str(tmp_path / "fast" / "tokenizer.json"))
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "slow").encode("Hello") == []
+    with pytest.warns(UserWarning, match="Qwen3_5Tokenizer does not read vocab.json"):
+        ours = load_tokenizer(tmp_path / "slow")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "fast")
+    # (the file's added tokens are not in vocab.json: texts without them)
+    added = {t.content for t in tok.get_added_tokens_decoder().values()}
+    texts = [t for t in texts if not any(a in t for a in added)]
+    want = [theirs.encode(t, add_special_tokens=False) for t in texts]
+    assert marks in texts and ours.encode_batch(texts) == want
