@@ -20,8 +20,8 @@ import torch
 from ember import EmberError
 
 EXTRAS = ("gguf", "qlora")
-# printable ASCII (identity in GPT-2's byte map) three specials, a merge: 98 tokens
-_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *(chr(c) for c in range(33, 127)), "he"]
+# three specials, printable ASCII but "~" (identity in GPT-2's byte map) and one merge: 97
+_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *(chr(c) for c in range(33, 126)), "he"]
 
 
 def _tokenizer():
