@@ -31,23 +31,38 @@ class _Header:
 def _semantics(cfg: ModelConfig) -> dict[str, Any]:
     """The config fields that change the computation, in a form where equal means same model
     (floats at fp32 precision, per-layer windows and RoPE bases instead of their encodings)."""
+
     def f32(v):
         if isinstance(v, tuple):  # LongRoPE factors
             return tuple(map(f32, v))
         return float(np.float32(v)) if isinstance(v, float) else v
 
     out = {f.name: f32(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    for k in ("model_type", "torch_dtype", "extra", "bos_token_id", "eos_token_id",
-              "pad_token_id", "labels", "layer_types", "sliding_window", "query_pre_attn_scalar",
-              "rope_local_theta", "resid_dropout", "embed_dropout",
-              "attention_dropout"):  # dropout: training only
+    for k in (
+        "model_type",
+        "torch_dtype",
+        "extra",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "labels",
+        "layer_types",
+        "sliding_window",
+        "query_pre_attn_scalar",
+        "rope_local_theta",
+        "resid_dropout",
+        "embed_dropout",
+        "attention_dropout",
+    ):  # dropout: training only
         out.pop(k)
     rs = cfg.rope_scaling
-    out["rope_scaling"] = None if rs is None else {
-        k: f32(v) for k, v in dataclasses.asdict(rs).items()}
+    out["rope_scaling"] = (
+        None if rs is None else {k: f32(v) for k, v in dataclasses.asdict(rs).items()}
+    )
     out["windows"] = tuple(cfg.window(i) for i in range(cfg.num_layers))
-    out["local_rope"] = tuple(cfg.rope_local_theta if cfg.is_sliding(i) else None
-                              for i in range(cfg.num_layers))
+    out["local_rope"] = tuple(
+        cfg.rope_local_theta if cfg.is_sliding(i) else None for i in range(cfg.num_layers)
+    )
     out["softmax_scale"] = f32(cfg.softmax_scale or cfg.head_dim**-0.5)
     return out
 
@@ -59,16 +74,27 @@ def check_expressible(cfg: ModelConfig, md: dict, shapes: dict, extra: dict, pat
         back = config_from_gguf(_Header(md, shapes, extra, path))
     except EmberError as e:
         rs = cfg.rope_scaling
-        said = "" if rs is None else "; this model's rope scaling: " + ", ".join(
-            f"{f.name}={getattr(rs, f.name)}" for f in dataclasses.fields(rs)
-            if f.name in ("kind", "factor") or getattr(rs, f.name) != f.default)
-        raise EmberError(f"save_gguf: Ember could not read the {md['general.architecture']} "
-                         f"GGUF file back as this model ({str(e).split(': ', 1)[-1]}{said}). "
-                         "Export the merged HF folder instead (ember export --merged)") from None
+        said = (
+            ""
+            if rs is None
+            else "; this model's rope scaling: "
+            + ", ".join(
+                f"{f.name}={getattr(rs, f.name)}"
+                for f in dataclasses.fields(rs)
+                if f.name in ("kind", "factor") or getattr(rs, f.name) != f.default
+            )
+        )
+        raise EmberError(
+            f"save_gguf: Ember could not read the {md['general.architecture']} "
+            f"GGUF file back as this model ({str(e).split(': ', 1)[-1]}{said}). "
+            "Export the merged HF folder instead (ember export --merged)"
+        ) from None
     ours, theirs = _semantics(cfg), _semantics(back)
     diff = {k: (v, theirs[k]) for k, v in ours.items() if theirs[k] != v}
     if diff:
         said = "; ".join(f"{k}: {a!r} would be read as {b!r}" for k, (a, b) in diff.items())
-        raise EmberError(f"save_gguf: a {md['general.architecture']} GGUF file cannot express "
-                         f"this model ({said}); llama.cpp would compute a different model. "
-                         "Export the merged HF folder instead (ember export --merged)")
+        raise EmberError(
+            f"save_gguf: a {md['general.architecture']} GGUF file cannot express "
+            f"this model ({said}); llama.cpp would compute a different model. "
+            "Export the merged HF folder instead (ember export --merged)"
+        )
