@@ -217,15 +217,40 @@ def base_fingerprint(model, *, trained: bool = False) -> str:
     return weights_fingerprint(model, lambda name: (name in grads) == trained)
 
 
+# ModelConfig fields that do not change what the model computes (token ids, the stored dtype,
+# multimodal bookkeeping): not compared at a resume
+_NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "extra")
+
+
+def model_architecture(model) -> dict | None:
+    """What a checkpoint records of the model a run trains, rebuilt from model.name's
+    config.json at a resume: its ``ModelConfig`` (activation, RoPE and its scalings, windows,
+    norms...) as plain values; None for a model without one."""
+    cfg = getattr(model, "cfg", None)
+    if not dataclasses.is_dataclass(cfg):
+        return None
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v if v is None or isinstance(v, (bool, int, float, str)) else repr(v)
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_ARCHITECTURE}
+
+
 def save(cfg: TrainConfig, info: DistInfo, model, optimizer, *, progress: Progress,
          batches: PackedBatches, guard: NonFiniteGuard, scaler=None,
          base: str | None = None, frozen: dict[str, str] | None = None,
-         base_files: str | None = None, write_more=None) -> Path:
+         base_files: str | None = None, model_config: dict | None = None,
+         write_more=None) -> Path:
     """Checkpoint the run after ``progress.step`` (every rank; gradients must be cleared);
     ``write_more``: ``dcp.save``'s (the objective's own training state, in the same save);
     ``base``: the model's ``base_fingerprint``; ``frozen``: the objective's (``fingerprints``:
     its teacher's, its reference's) by role; ``base_files``: the ``weights_fingerprint`` of the
-    base as loaded (``load_run_model`` checks a PiSSA run's by it)."""
+    base as loaded (``load_run_model`` checks a PiSSA run's by it); ``model_config``: the
+    model's ``model_architecture``."""
     extra = {"progress": dataclasses.asdict(progress),
              "data": data_state(batches, cfg.grad_accum * info.world_size),
              "guard": guard.state_dict()}
@@ -235,6 +260,8 @@ def save(cfg: TrainConfig, info: DistInfo, model, optimizer, *, progress: Progre
         extra["frozen"] = dict(frozen)
     if base_files is not None:
         extra["base_files"] = base_files
+    if model_config is not None:
+        extra["model_config"] = model_config
     if scaler is not None:
         extra["scaler"] = scaler.state_dict()
     return dcp.save(dcp.checkpoint_root(cfg.out_dir), progress.step, model=model,
@@ -275,14 +302,25 @@ def check_data(path: Path, batches: PackedBatches, batches_per_step: int, proces
 
 
 def check_fingerprints(path: Path, cfg: TrainConfig, extra: dict | None = None, *,
-                       base: str | None = None, frozen: dict[str, str] | None = None) -> None:
+                       base: str | None = None, frozen: dict[str, str] | None = None,
+                       model_config: dict | None = None) -> None:
     """EmberError unless the weights a resume rebuilds from files (``base``: the model's
     ``base_fingerprint``; ``frozen``: the objective's by role) are those checkpoint ``path``
     was trained on (``extra``: its extra state, read from it when None). The trainer calls it
     right after building the model, before the data and DPO's / KTO's reference precompute
-    (minutes of forwards on a real model, then refused by ``restore``)."""
+    (minutes of forwards on a real model, then refused by ``restore``). ``model_config``: the
+    rebuilt model's ``model_architecture``, compared field by field with the checkpoint's (a
+    field only one of them has, an older or newer Ember's, is not compared)."""
     if extra is None:
         extra = read_extra(path)
+    was = extra.get("model_config") or {}
+    diff = {k: (was[k], v) for k, v in (model_config or {}).items() if k in was and was[k] != v}
+    if diff:
+        said = "; ".join(f"{k} {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise EmberError(f"cannot resume {cfg.out_dir}: the model built from model.name "
+                         f"{cfg.model.name!r} (its config.json) is not the one its checkpoint "
+                         f"{path.name} was trained as: {said}. Restore the config.json the run "
+                         "started with, or start a new run with --set run_dir=<new folder>")
     if base is not None and extra.get("base", base) != base:
         init = f", model.init {cfg.model.init!r}" if cfg.model.init else ""
         # PiSSA / OLoRA: the frozen base is a residual recomputed from the model at the resume

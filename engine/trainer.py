@@ -139,7 +139,7 @@ class Trainer(SetupMixin, StepMixin, EvalMixin):
         extra = None if latest is None else read_extra(latest)  # read once for the resume
         if latest is not None:  # before the data and a reference precompute (minutes): refused
             check_fingerprints(latest, cfg, extra, base=self.base_print,
-                               frozen=self.frozen_prints)
+                               frozen=self.frozen_prints, model_config=self.model_config)
         self.aux_coef = router_aux_coef(cfg, model)
         self.objective.check_model(model, self.tokenizer)
         if cfg.checkpoint.save_final:  # now, not after training: final/ is the export
@@ -190,7 +190,8 @@ class Trainer(SetupMixin, StepMixin, EvalMixin):
         guard = NonFiniteGuard(cfg.guards.max_nonfinite_in_a_row)
         self.last_samples, self.last_gen, self.last_answers = [], None, []
         ckpt_state = dict(batches=batches, guard=guard, scaler=scaler, base=self.base_print,
-                          frozen=self.frozen_prints, base_files=self.base_files)
+                          frozen=self.frozen_prints, base_files=self.base_files,
+                          model_config=self.model_config)
 
         prog = Progress()
         if latest is not None:

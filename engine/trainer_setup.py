@@ -28,7 +28,7 @@ from ember.engine.neftune import add_model_neftune
 from ember.engine.objectives import disable_run_dropout
 from ember.engine.runtime import build_model, num_weights
 from ember.engine.stages import describe as describe_start
-from ember.engine.state import base_fingerprint
+from ember.engine.state import base_fingerprint, model_architecture
 from ember.models.lora import lora_modules
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ class SetupMixin:
             (base_fingerprint(model), self.objective.fingerprints(model),
              getattr(model, "ember_base_print", None)) if info.is_main
             else (None, None, None), info)
+        self.model_config = model_architecture(model)  # the config: on every rank
         n_all = num_weights(model)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         act = cfg.activations

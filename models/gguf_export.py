@@ -38,7 +38,6 @@ attention.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import warnings
@@ -56,12 +55,11 @@ from ember.models.gguf import (
     _BLOCK_NAMES,
     _TOP_NAMES,
     Q,
-    TensorInfo,
-    config_from_gguf,
     permute_qk,
 )
 from ember.models.gguf_arch import ARCHITECTURES, GEMMA
 from ember.models.gguf_dequant import dequantize
+from ember.models.gguf_export_check import check_expressible
 from ember.models.gguf_moe import (
     EXPORT_ARCH,
     F32_TENSORS,
@@ -350,53 +348,6 @@ def arch_metadata(cfg: ModelConfig) -> dict[str, Any]:
                              f"layer_types differ (sliding: {sliding}), which no {arch} GGUF key "
                              "can say. Export the merged HF folder instead (ember export --merged)")
     return md
-
-
-class _Header:
-    """What ``config_from_gguf`` reads of a ``GGUFFile``: metadata, tensor shapes, rope_freqs."""
-
-    def __init__(self, md: dict, shapes: dict[str, tuple[int, ...]], extra: dict, path: Path):
-        self.metadata, self.path, self._extra = md, path, extra
-        self.tensors = {n: TensorInfo(n, s, 0, 0, 0) for n, s in shapes.items()}
-
-    def tensor(self, name: str) -> torch.Tensor:
-        return self._extra[name]
-
-
-def _semantics(cfg: ModelConfig) -> dict[str, Any]:
-    """The config fields that change the computation, in a form where equal means same model
-    (floats at fp32 precision, per-layer windows and RoPE bases instead of their encodings)."""
-    def f32(v):
-        if isinstance(v, tuple):  # LongRoPE factors
-            return tuple(map(f32, v))
-        return float(np.float32(v)) if isinstance(v, float) else v
-
-    out = {f.name: f32(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    for k in ("model_type", "torch_dtype", "extra", "bos_token_id", "eos_token_id",
-              "pad_token_id", "labels", "layer_types", "sliding_window", "query_pre_attn_scalar",
-              "rope_local_theta", "resid_dropout", "embed_dropout",
-              "attention_dropout"):  # dropout: training only
-        out.pop(k)
-    rs = cfg.rope_scaling
-    out["rope_scaling"] = None if rs is None else {
-        k: f32(v) for k, v in dataclasses.asdict(rs).items()}
-    out["windows"] = tuple(cfg.window(i) for i in range(cfg.num_layers))
-    out["local_rope"] = tuple(cfg.rope_local_theta if cfg.is_sliding(i) else None
-                              for i in range(cfg.num_layers))
-    out["softmax_scale"] = f32(cfg.softmax_scale or cfg.head_dim**-0.5)
-    return out
-
-
-def check_expressible(cfg: ModelConfig, md: dict, shapes: dict, extra: dict, path: Path) -> None:
-    """Read ``md`` back with the importer; EmberError naming every field that would differ."""
-    back = config_from_gguf(_Header(md, shapes, extra, path))
-    ours, theirs = _semantics(cfg), _semantics(back)
-    diff = {k: (v, theirs[k]) for k, v in ours.items() if theirs[k] != v}
-    if diff:
-        said = "; ".join(f"{k}: {a!r} would be read as {b!r}" for k, (a, b) in diff.items())
-        raise EmberError(f"save_gguf: a {md['general.architecture']} GGUF file cannot express "
-                         f"this model ({said}); llama.cpp would compute a different model. "
-                         "Export the merged HF folder instead (ember export --merged)")
 
 
 def _refuse_unexportable(model: torch.nn.Module) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 
+from ember.models.activations import supported_hf_names
+
 CLASSES = dict(
     llama="LlamaConfig", mistral="MistralConfig", ministral="MinistralConfig",
     qwen2="Qwen2Config", qwen3="Qwen3Config", phi3="Phi3Config", gemma="GemmaConfig",
@@ -19,14 +21,15 @@ WINDOW = 5
 _LAYER_KINDS = ("sliding_attention", "full_attention")
 
 
-def _rope(r: random.Random, fam: str, kw: dict, head_dim: int) -> dict:
-    kinds = ["default", "default", "linear", "dynamic", "llama3", "yarn", "longrope"]
-    if fam == "phi3":  # Phi3Config accepts no other (yarn is read as longrope), and checks
-        # LongRoPE's factors against hidden_size / heads where its model uses head_dim
-        plain = kw.get("head_dim", head_dim) == kw["hidden_size"] // kw["num_attention_heads"]
-        kinds = ["default", "longrope"] if plain else ["default"]
-    kind = r.choice(kinds)
-    rp = {"rope_type": kind, "rope_theta": r.choice([10000.0, 500000.0, 1e6, 123.0])}
+def _activation(r: random.Random) -> str:
+    """An ACT2FN name Ember runs: half the draws the released models' ones, half any."""
+    if r.random() < 0.5:
+        return r.choice(["silu", "swish", "gelu_pytorch_tanh", "gelu_new", "gelu", "gelu_fast"])
+    return r.choice(supported_hf_names())
+
+
+def _scaling(r: random.Random, kind: str, rp: dict) -> None:
+    """The parameters of a linear / dynamic / llama3 / yarn RoPE, into ``rp``."""
     if kind in ("linear", "dynamic"):
         rp["factor"] = r.choice([2.0, 4.0])
     elif kind == "llama3":
@@ -49,7 +52,18 @@ def _rope(r: random.Random, fam: str, kw: dict, head_dim: int) -> dict:
             rp.update(mscale=r.choice([0.707, 1.0]), mscale_all_dim=r.choice([0.707, 1.0, 0.0]))
         if r.random() < 0.25:
             rp["truncate"] = False  # gpt-oss
-    elif kind == "longrope":
+
+
+def _rope(r: random.Random, fam: str, kw: dict, head_dim: int) -> dict:
+    kinds = ["default", "default", "linear", "dynamic", "llama3", "yarn", "longrope"]
+    if fam == "phi3":  # Phi3Config accepts no other (yarn is read as longrope), and checks
+        # LongRoPE's factors against hidden_size / heads where its model uses head_dim
+        plain = kw.get("head_dim", head_dim) == kw["hidden_size"] // kw["num_attention_heads"]
+        kinds = ["default", "longrope"] if plain else ["default"]
+    kind = r.choice(kinds)
+    rp = {"rope_type": kind, "rope_theta": r.choice([10000.0, 500000.0, 1e6, 123.0])}
+    _scaling(r, kind, rp)
+    if kind == "longrope":
         n = int(head_dim * kw.get("partial_rotary_factor", 0.5 if fam == "phi" else 1.0)) // 2
         rp.update(
             short_factor=[1.0 + 0.1 * i for i in range(n)],
@@ -63,8 +77,9 @@ def _rope(r: random.Random, fam: str, kw: dict, head_dim: int) -> dict:
             rp["attention_factor"] = r.choice([1.0, 1.19])
     if fam == "gemma3_text":
         local = {"rope_type": "default", "rope_theta": r.choice([10000.0, 10000.0, 1e6, 77.0])}
-        if r.random() < 0.15:  # a scaled local RoPE too (transformers builds a table per kind)
-            local.update(rope_type="linear", factor=r.choice([2.0, 8.0]))
+        if r.random() < 0.3:  # a scaled local RoPE too (transformers builds a table per kind)
+            local["rope_type"] = r.choice(["linear", "llama3", "yarn"])
+            _scaling(r, local["rope_type"], local)
         return {"full_attention": rp, "sliding_attention": local}
     return rp
 
@@ -189,16 +204,11 @@ def draw(fam: str, r: random.Random) -> dict:
         )
         if fam == "qwen2_moe":
             kw["shared_expert_intermediate_size"] = r.choice([0, 20, 48])
-    if r.random() < 0.2 and not fam.startswith("gemma") and fam != "phi":
-        kw["hidden_act"] = r.choice(["gelu_pytorch_tanh", "swish", "gelu_new"])
-    if fam == "phi" and r.random() < 0.2:
-        kw["hidden_act"] = r.choice(["gelu_fast", "gelu_pytorch_tanh", "gelu", "relu"])
-    if fam == "gemma" and r.random() < 0.3:  # Gemma 1 released with "gelu": the tanh GELU there
-        kw["hidden_act"] = r.choice(["gelu", "gelu_new"])
-        if r.random() < 0.5:
-            kw["hidden_activation"] = r.choice([None, "gelu_pytorch_tanh", "gelu"])
-    if fam in ("gemma2", "gemma3_text") and r.random() < 0.2:
-        kw["hidden_activation"] = r.choice(["gelu_new", "gelu", "silu"])
+    if r.random() < 0.35:
+        key = "hidden_activation" if fam in ("gemma2", "gemma3_text") else "hidden_act"
+        kw[key] = _activation(r)
+        if fam == "gemma" and r.random() < 0.3:  # 4.x's field: must agree (or be None)
+            kw["hidden_activation"] = r.choice([None, kw[key]])
     if fam == "gemma3_text" and r.random() < 0.3:
         kw["attn_logit_softcapping"] = r.choice([2.0, 50.0])
     if fam == "gemma3_text" and r.random() < 0.15:

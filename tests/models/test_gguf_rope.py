@@ -336,3 +336,22 @@ def test_llama3_rope_freqs_without_original_context_key(orig, low, high, tmp_pat
     cfg, _, _ = load_gguf(tmp_path / "l3.gguf")
     assert cfg.rope_scaling.kind == "llama3" and cfg.rope_scaling.factor == 8.0
     torch.testing.assert_close(rope_inv_freq(cfg), theirs, rtol=1e-5, atol=0)
+
+
+def test_llama3_export_with_factors_the_importer_cannot_match_is_refused_with_a_way_out(
+        tmp_path):
+    """A Llama 3 RoPE with low/high frequency factors other than the released ones (here 2 / 8)
+    goes to the file as rope_freqs divisors that the importer cannot match back: save_gguf
+    refuses as a save_gguf error that says what to export instead (was: the importer's "this
+    GGUF is not supported", naming a temporary file, at export time)."""
+    rope = {"rope_type": "llama3", "rope_theta": 123.0, "factor": 2.0, "low_freq_factor": 2.0,
+            "high_freq_factor": 8.0, "original_max_position_embeddings": 16}
+    hf = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                  num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, rope_parameters=rope,
+                                  tie_word_embeddings=True)
+    model = _ember_from_hf(transformers.LlamaForCausalLM(hf), tmp_path / "hf")
+    with pytest.raises(EmberError, match=r"save_gguf: .*low_freq_factor=2\.0.*"
+                                         r"high_freq_factor=8\.0.*ember export --merged"):
+        save_gguf(model, tokenizer_from_gguf(tiny_tokenizer_md()), tmp_path / "l3.gguf")
+    assert not (tmp_path / "l3.gguf").exists()
