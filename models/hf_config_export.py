@@ -55,13 +55,13 @@ def _check_exportable(cfg: ModelConfig) -> None:
     names = ("layer_types", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
     for name in () if sandwich else names:
         if name == "layer_types" and mt in ("qwen2", "qwen3", "smollm3", "mistral",
-                                            "ministral") and cfg.sliding_window:
+                                            "ministral", "olmo3") and cfg.sliding_window:
             continue  # Qwen's / Ministral's own layer_types: the window on some layers only
         if getattr(cfg, name) is not None:
             problems.append(f"{name}={getattr(cfg, name)}")
-    if cfg.sandwich_norms != (sandwich or mt == "olmo2"):
+    if cfg.sandwich_norms != (sandwich or mt in _var.OLMO):
         problems.append(f"sandwich_norms={cfg.sandwich_norms}")
-    if cfg.rope_local_theta is not None and mt != "gemma3_text":
+    if cfg.rope_local_theta is not None and mt not in ("gemma3_text", "olmo3"):
         problems.append(f"rope_local_theta={cfg.rope_local_theta}")
     if mt == "gemma3_text" and cfg.rope_local_theta is None and cfg.rope_scaling is not None:
         problems.append("RoPE scaling on sliding layers (rope_local_theta=None)")

@@ -12,7 +12,7 @@ CLASSES = dict(
     llama="LlamaConfig", mistral="MistralConfig", ministral="MinistralConfig",
     qwen2="Qwen2Config", qwen3="Qwen3Config", phi3="Phi3Config", gemma="GemmaConfig",
     gemma2="Gemma2Config", gemma3_text="Gemma3TextConfig", phi="PhiConfig",
-    smollm3="SmolLM3Config", granite="GraniteConfig", olmo2="Olmo2Config",
+    smollm3="SmolLM3Config", granite="GraniteConfig", olmo2="Olmo2Config", olmo3="Olmo3Config",
     mixtral="MixtralConfig", qwen2_moe="Qwen2MoeConfig", qwen3_moe="Qwen3MoeConfig",
 )  # fmt: skip
 WINDOW = 5
@@ -65,6 +65,11 @@ def _rope(r: random.Random, fam: str, kw: dict, head_dim: int) -> dict:
         local = {"rope_type": "default", "rope_theta": r.choice([10000.0, 10000.0, 1e6, 77.0])}
         if r.random() < 0.15:  # a scaled local RoPE too (transformers builds a table per kind)
             local.update(rope_type="linear", factor=r.choice([2.0, 8.0]))
+        return {"full_attention": rp, "sliding_attention": local}
+    if fam == "olmo3":  # per layer type too; Ember refuses dynamic / longrope there
+        if kind in ("dynamic", "longrope"):
+            rp = {"rope_type": "default", "rope_theta": rp["rope_theta"]}
+        local = {"rope_type": "default", "rope_theta": r.choice([500000.0, 77.0])}
         return {"full_attention": rp, "sliding_attention": local}
     return rp
 
@@ -133,6 +138,7 @@ def draw(fam: str, r: random.Random) -> dict:
         "gemma2",
         "gemma3_text",
         "olmo2",
+        "olmo3",
         "qwen3_moe",
     ):
         kw["attention_bias"] = r.random() < 0.5
@@ -158,6 +164,10 @@ def draw(fam: str, r: random.Random) -> dict:
             kw["layer_types"] = kinds
         if fam == "gemma2":
             kw["attn_logit_softcapping"] = r.choice([None, 2.0, 50.0])
+    if fam == "olmo3":
+        kw["sliding_window"] = WINDOW
+        if r.random() < 0.6:
+            kw["layer_types"] = kinds
     if fam == "smollm3":
         kw["no_rope_layers"] = [r.choice([0, 1]) for _ in range(layers)]
         if r.random() < 0.5:
