@@ -56,10 +56,13 @@ from ember.models.hf_phi import phi_config
 from ember.models.hf_rope import get_float as _get_float
 from ember.models.hf_rope import parse_partial_rotary as _parse_partial_rotary
 from ember.models.hf_rope import parse_rope as _parse_rope
+from ember.models.hf_starcoder2 import ARCHITECTURE as _STARCODER2
+from ember.models.hf_starcoder2 import starcoder2_config
 from ember.models.nf4 import check_quantization_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "phi3", "gemma",
-                         "gemma2", "gemma3_text", "phi", *MOE_FAMILIES, *_var.VARIANTS)
+                         "gemma2", "gemma3_text", "phi", *MOE_FAMILIES, *_var.VARIANTS,
+                         "starcoder2")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 _SANDWICH = ("gemma2", "gemma3_text")  # Gemma 2/3: post-norms, softcaps, per-layer windows
 ARCHITECTURES = {
@@ -75,6 +78,7 @@ ARCHITECTURES = {
     "phi": "PhiForCausalLM",
     **{mt: arch for mt, (_, _, arch) in MOE_FAMILIES.items()},
     **_var.ARCHITECTURES,
+    "starcoder2": _STARCODER2,
 }
 # transformers' config-class pad_token_id where it is not None (the variants': hf_llama_variants):
 # the embedding's padding_idx (that row's gradient stays zero) and the classifier's last token
@@ -301,6 +305,8 @@ def config_from_hf(raw: Mapping, *, partial_rotary_factor: float | None = None) 
         return moe_config(raw, config_from_hf)
     if model_type == "phi":  # Phi-1/1.5/2: Llama's shared fields plus its own (hf_phi)
         return phi_config(raw, _HARMLESS_FIELDS, config_from_hf)
+    if model_type == "starcoder2":  # LayerNorms, plain MLP, biases (hf_starcoder2)
+        return starcoder2_config(raw, _HARMLESS_FIELDS, config_from_hf)
     if model_type not in SUPPORTED_MODEL_TYPES:
         multimodal = "text_config" in raw or "vision_config" in raw
         raise EmberError(

@@ -25,6 +25,7 @@ from ember.models.hf_gemma import gemma_to_hf
 from ember.models.hf_moe import MOE_FAMILIES, moe_check_exportable, moe_to_hf
 from ember.models.hf_phi import pad_token_id_to_hf, phi_fields_of, phi_to_hf, shape_to_hf
 from ember.models.hf_rope import LONGROPE_FAMILIES, legacy_rope_scaling, rope_to_hf
+from ember.models.hf_starcoder2 import starcoder2_to_hf
 
 # Families transformers has no *ForSequenceClassification for: a classifier of one has no
 # transformers class to load it into, as a SEQ_CLS adapter's base (a merged folder: variant_problems
@@ -114,7 +115,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
     ``dtype`` is the dtype the weights are saved in (default ``cfg.torch_dtype``)."""
     if cfg.num_experts or cfg.model_type in MOE_FAMILIES:  # ember.models.hf_moe
         return moe_to_hf(cfg, config_to_hf(moe_check_exportable(cfg), dtype))
-    if cfg.model_type != "phi":
+    if cfg.model_type not in ("phi", "starcoder2"):
         _check_exportable(cfg)
     if isinstance(dtype, torch.dtype):
         dtype = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
@@ -123,6 +124,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         raise EmberError(f"cannot export dtype {dtype!r} (use one of {', '.join(DTYPES)})")
     if cfg.model_type == "phi":  # ember.models.hf_phi
         return phi_to_hf(cfg, dtype)
+    if cfg.model_type == "starcoder2":  # ember.models.hf_starcoder2
+        return starcoder2_to_hf(cfg, dtype)
     mt = cfg.model_type
     rope = rope_to_hf(cfg)
     legacy_scaling = legacy_rope_scaling(cfg)

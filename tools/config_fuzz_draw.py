@@ -14,6 +14,7 @@ CLASSES = dict(
     gemma2="Gemma2Config", gemma3_text="Gemma3TextConfig", phi="PhiConfig",
     smollm3="SmolLM3Config", granite="GraniteConfig", olmo2="Olmo2Config", olmo3="Olmo3Config",
     mixtral="MixtralConfig", qwen2_moe="Qwen2MoeConfig", qwen3_moe="Qwen3MoeConfig",
+    starcoder2="Starcoder2Config",
 )  # fmt: skip
 WINDOW = 5
 _LAYER_KINDS = ("sliding_attention", "full_attention")
@@ -164,6 +165,10 @@ def draw(fam: str, r: random.Random) -> dict:
             kw["layer_types"] = kinds
         if fam == "gemma2":
             kw["attn_logit_softcapping"] = r.choice([None, 2.0, 50.0])
+    if fam == "starcoder2":  # LayerNorms (their eps), biases on every projection or none
+        kw.update(norm_epsilon=kw.pop("rms_norm_eps"), use_bias=r.random() < 0.7)
+        if r.random() < 0.5:
+            kw["sliding_window"] = WINDOW
     if fam == "olmo3":
         kw["sliding_window"] = WINDOW
         if r.random() < 0.6:
