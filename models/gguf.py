@@ -126,7 +126,7 @@ def _rms_eps(get, arch: str, model_type: str, path: Path) -> float:
     """``attention.layer_norm_rms_epsilon``; missing (llama.cpp refuses such a file), the
     transformers default of the family, with a warning."""
     eps = get("attention.layer_norm_rms_epsilon")
-    if eps is not None or arch == "phi2":  # (phi2: LayerNorms, eps read in arch_fields)
+    if eps is not None or arch in ("phi2", "starcoder2"):  # LayerNorms: eps in arch_fields
         return nice_float(1e-5 if eps is None else eps)
     eps = _HF_RMS_EPS.get(model_type, 1e-6)
     warnings.warn(f"{path}: {arch}.attention.layer_norm_rms_epsilon is missing (llama.cpp "

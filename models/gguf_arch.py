@@ -29,6 +29,8 @@ back into ``ModelConfig`` fields and Ember tensors:
   ``n_no_rope_layer_step``, hard-coded, no key) and has no sliding window.
 - OLMo2 (``olmo2``, not permuted: NeoX RoPE): ``post_attention_norm`` / ``post_ffw_norm`` and
   no pre-norms, q/k norms over the whole projection; an OLMo 3 sliding window is refused.
+- StarCoder2 (``starcoder2``, not permuted): LayerNorms with bias (``attention.layer_norm_epsilon``,
+  ``ffn_norm.bias`` too), every projection's bias, the plain tanh-GELU MLP; no window key.
 - Phi-1/1.5/2 (``phi2``): LayerNorms with bias (eps ``attention.layer_norm_epsilon``), parallel
   blocks, a plain GELU MLP, biases everywhere incl. ``output.bias``; q/k/v either separate or one
   ``attn_qkv`` (weight and bias, rows q; k; v: files converted from the original phi-2 code);
@@ -55,7 +57,7 @@ ARCHITECTURES = {
     "gemma": ("gemma", False), "gemma2": ("gemma2", False), "gemma3": ("gemma3_text", False),
     "phi3": ("phi3", False), "phi2": ("phi", False), "qwen2moe": ("qwen2_moe", False),
     "qwen3moe": ("qwen3_moe", False), "granite": ("granite", True), "smollm3": ("smollm3", True),
-    "olmo2": ("olmo2", False),
+    "olmo2": ("olmo2", False), "starcoder2": ("starcoder2", False),
 }
 GEMMA = ("gemma", "gemma2", "gemma3")
 # block tensors beyond the common ones: Gemma 2/3's sandwich norms, Phi-3's fused q/k/v
@@ -65,6 +67,7 @@ EXTRA_BLOCK_NAMES = {
     "attn_qkv.weight": "attn.qkv_proj.weight",  # split in arch_tensors
     "attn_qkv.bias": "attn.qkv_proj.bias",  # phi2's fused q/k/v bias, split likewise
     "attn_norm.bias": "attn_norm.bias",  # phi2: LayerNorms with bias
+    "ffn_norm.bias": "mlp_norm.bias",  # starcoder2: the MLP's LayerNorm too
     **MOE_BLOCK_NAMES,  # mixture of experts (ember.models.gguf_moe)
 }
 _LAYERS_27B = {"gemma2": 46, "gemma3": 62}  # llama.cpp's LLM_TYPE_27B test
@@ -110,6 +113,10 @@ def arch_fields(arch: str, md: dict, get: Callable, base: dict) -> dict:
         return dict(norm="layernorm", parallel_block=True, gated_mlp=False, attention_bias=True,
                     attention_out_bias=True, mlp_bias=True, lm_head_bias=True,
                     activation="gelu_tanh",
+                    rms_norm_eps=nice_float(get("attention.layer_norm_epsilon", required=True)))
+    if arch == "starcoder2":  # llama.cpp's STARCODER2: LayerNorms, biases, plain GELU MLP
+        return dict(norm="layernorm", gated_mlp=False, attention_bias=True,
+                    attention_out_bias=True, mlp_bias=True, activation="gelu_tanh",
                     rms_norm_eps=nice_float(get("attention.layer_norm_epsilon", required=True)))
     if arch == "phi3":
         window = int(get("attention.sliding_window") or 0)

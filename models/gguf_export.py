@@ -83,7 +83,7 @@ GGUF_TYPES = (*DTYPES, *FILE_TYPES, *ALIASES)
 _ARCH_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3",
             "phi3": "phi3", "phi": "phi2", "granite": "granite", "smollm3": "smollm3",
-            "olmo2": "olmo2", **EXPORT_ARCH}
+            "olmo2": "olmo2", "starcoder2": "starcoder2", **EXPORT_ARCH}
 _GGUF_BLOCK = {v: k for k, v in _BLOCK_NAMES.items()}
 _GGUF_TOP = {v: k for k, v in _TOP_NAMES.items()}
 # Phi-3's fused tensors and the Ember projections stacked in them, in row order
@@ -101,7 +101,10 @@ def gguf_arch(cfg: ModelConfig) -> str:
         raise EmberError("save_gguf: llama.cpp's phi2 architecture has no q/k LayerNorms "
                          "(qk_layernorm) and no tied output head; export the merged HF folder "
                          "instead (ember export --merged)")
-    own = "gelu_tanh" if arch in (*GEMMA, "phi2") else "silu"  # llama.cpp's graphs hard-code it
+    if arch == "starcoder2" and not (cfg.attention_bias and cfg.mlp_bias):  # llama.cpp needs them
+        raise EmberError("save_gguf: llama.cpp's starcoder2 requires every projection's bias "
+                         "(use_bias true); export the merged HF folder instead")
+    own = "gelu_tanh" if arch in (*GEMMA, "phi2", "starcoder2") else "silu"  # llama.cpp's
     if cfg.activation != own:
         raise EmberError(f"save_gguf: llama.cpp's {arch} computes the MLP with {own} and a GGUF "
                          f"file has no key for another; this model has activation "
@@ -301,7 +304,7 @@ def arch_metadata(cfg: ModelConfig) -> dict[str, Any]:
         md.update({"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim})
     if arch in ("llama", "phi3", "phi2", "granite", "smollm3"):
         md["rope.dimension_count"] = cfg.rotary_dim
-    if arch == "phi2":  # LayerNorms
+    if arch in ("phi2", "starcoder2"):  # LayerNorms
         md["attention.layer_norm_epsilon"] = float(md.pop("attention.layer_norm_rms_epsilon"))
     if arch == "granite":  # as the converter: the multipliers where non-zero, logit_scale always
         md.update({k: float(v) for k, v in (
@@ -466,10 +469,10 @@ def save_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *,
         # a window no shorter than the context never binds (Ministral: 32768 of 32768); the
         # converter writes no window key for these architectures either
         cfg = cfg.replace(sliding_window=None)
-    if cfg.sliding_window is not None and arch == "llama":
+    if cfg.sliding_window is not None and arch in ("llama", "starcoder2"):
         warnings.warn(f"save_gguf: the sliding window ({cfg.sliding_window}) is dropped: "
-                      "llama.cpp's llama architecture attends to the whole context (as its own "
-                      "converter does for Mistral v0.1); outputs differ past the window",
+                      f"llama.cpp's {arch} architecture attends to the whole context (as its "
+                      "converter does: Mistral v0.1, StarCoder2); outputs differ past the window",
                       stacklevel=2)
         cfg = cfg.replace(sliding_window=None)
     if cfg.sliding_window is not None and arch == "phi3" and (

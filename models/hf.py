@@ -43,6 +43,7 @@ from ember.models.hf_config import (
 from ember.models.hf_config_export import config_to_hf
 from ember.models.hf_moe import expert_parts, is_empty_shared_expert
 from ember.models.hf_phi import KEYS as PHI_KEYS
+from ember.models.hf_starcoder2 import KEYS as STARCODER2_KEYS
 from ember.models.nf4 import (
     QS_SUFFIX,
     cat_nf4_rows,
@@ -285,6 +286,7 @@ _PLAIN = _tables(KEY_TABLE)
 _SANDWICH = _tables(SANDWICH_KEYS + KEY_TABLE)
 _MOE_TABLES = {mt: _tables(rows + KEY_TABLE) for mt, rows in MOE_KEYS.items()}
 _PHI = _tables(PHI_KEYS)  # Phi-1/1.5/2: its own names (LayerNorms with bias, dense, fc1/fc2)
+_STARCODER2 = _tables(STARCODER2_KEYS)  # LayerNorms with bias, c_fc / c_proj
 
 
 def _rename(key: str, patterns, table) -> str | None:
@@ -303,6 +305,8 @@ def _table(cfg: ModelConfig | None):
         return _SANDWICH
     if cfg is not None and cfg.model_type == "phi":
         return _PHI
+    if cfg is not None and cfg.model_type == "starcoder2":
+        return _STARCODER2
     return _MOE_TABLES.get(cfg.model_type, _PLAIN) if cfg is not None else _PLAIN
 
 

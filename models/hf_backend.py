@@ -2,7 +2,8 @@
 
 ``accelerate`` takes a ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` /
 ``Qwen3ForCausalLM`` / ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` (text)
-/ ``Phi3ForCausalLM`` / ``SmolLM3ForCausalLM`` / ``GraniteForCausalLM`` / ``Olmo2ForCausalLM``
+/ ``Phi3ForCausalLM`` / ``SmolLM3ForCausalLM`` / ``GraniteForCausalLM`` / ``Olmo2ForCausalLM`` /
+``Olmo3ForCausalLM``
 instance (bare, or inside a PEFT ``PeftModel``: the causal LM is found
 inside) and rebinds ``forward`` on *that instance's* modules only (``types.MethodType``); no
 transformers class, function or registry is touched, parameters stay where they are (state dicts,

@@ -42,6 +42,7 @@ FAMILIES = {
     "SmolLM3ForCausalLM": Family(),
     "GraniteForCausalLM": Family(logits_scaling=True),
     "Olmo2ForCausalLM": Family(),
+    "Olmo3ForCausalLM": Family(),  # OLMo2's plus the module's window; RoPE per layer type in HF's
 }
 SUPPORTED = tuple(FAMILIES)
 

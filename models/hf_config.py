@@ -8,7 +8,7 @@ from ``layer_types``, softcaps; Gemma 3: (1 + w) q/k norms, a local RoPE base). 
 ``extra["multimodal"] = "gemma3"`` so that export writes for the multimodal class
 (``ember.models.hf_gemma.multimodal_text_config``); other multimodal families are refused.
 Mixture of experts (mixtral, qwen2_moe, qwen3_moe): ``ember.models.hf_moe``; smollm3, granite,
-olmo2: ``ember.models.hf_llama_variants``. Both
+olmo2, olmo3: ``ember.models.hf_llama_variants``. Both
 config.json styles are read: transformers 4.x (``rope_theta``, ``rope_scaling``, ``torch_dtype``)
 and 5.x (``rope_parameters``, ``dtype``); ``config_to_hf`` (``ember.models.hf_config_export``)
 writes both, so either
@@ -56,10 +56,13 @@ from ember.models.hf_phi import phi_config
 from ember.models.hf_rope import get_float as _get_float
 from ember.models.hf_rope import parse_partial_rotary as _parse_partial_rotary
 from ember.models.hf_rope import parse_rope as _parse_rope
+from ember.models.hf_starcoder2 import ARCHITECTURE as _STARCODER2
+from ember.models.hf_starcoder2 import starcoder2_config
 from ember.models.nf4 import check_quantization_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "phi3", "gemma",
-                         "gemma2", "gemma3_text", "phi", *MOE_FAMILIES, *_var.VARIANTS)
+                         "gemma2", "gemma3_text", "phi", *MOE_FAMILIES, *_var.VARIANTS,
+                         "starcoder2")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 _SANDWICH = ("gemma2", "gemma3_text")  # Gemma 2/3: post-norms, softcaps, per-layer windows
 ARCHITECTURES = {
@@ -75,6 +78,7 @@ ARCHITECTURES = {
     "phi": "PhiForCausalLM",
     **{mt: arch for mt, (_, _, arch) in MOE_FAMILIES.items()},
     **_var.ARCHITECTURES,
+    "starcoder2": _STARCODER2,
 }
 # transformers' config-class pad_token_id where it is not None (the variants': hf_llama_variants):
 # the embedding's padding_idx (that row's gradient stays zero) and the classifier's last token
@@ -138,7 +142,7 @@ _FAMILY_FIELDS = {
 
 _MLP_BIAS = ("llama", "smollm3", "granite")
 _WINDOW_IGNORED = ("llama", "gemma", "granite", "olmo2")  # no window in transformers
-_QK_NORM = ("qwen3", "gemma3_text", "olmo2")
+_QK_NORM = ("qwen3", "gemma3_text", "olmo2", "olmo3")
 _PHI3_NOOP_FIELDS = dict(full_attn_mod=1, interpolate_factor=1, lm_head_bias=False, mlp_bias=False)
 
 # transformers' class defaults for fields a config.json may omit; matching them keeps parity.
@@ -301,6 +305,8 @@ def config_from_hf(raw: Mapping, *, partial_rotary_factor: float | None = None) 
         return moe_config(raw, config_from_hf)
     if model_type == "phi":  # Phi-1/1.5/2: Llama's shared fields plus its own (hf_phi)
         return phi_config(raw, _HARMLESS_FIELDS, config_from_hf)
+    if model_type == "starcoder2":  # LayerNorms, plain MLP, biases (hf_starcoder2)
+        return starcoder2_config(raw, _HARMLESS_FIELDS, config_from_hf)
     if model_type not in SUPPORTED_MODEL_TYPES:
         multimodal = "text_config" in raw or "vision_config" in raw
         raise EmberError(
@@ -424,7 +430,8 @@ def config_from_hf(raw: Mapping, *, partial_rotary_factor: float | None = None) 
         raise EmberError(
             f"config.json: RoPE rotates int(head_dim * partial_rotary_factor) = {rotary_dim} "
             f"dims of each head (head_dim {dims}), which must be even; {theirs}")
-    theta, scaling = (None, None) if model_type == "gemma3_text" else _parse_rope(
+    # Gemma 3's and OLMo 3's RoPE per layer type: hf_gemma / hf_olmo3
+    theta, scaling = (None, None) if model_type in ("gemma3_text", "olmo3") else _parse_rope(
         raw, max_pos, model_type, rotary_dim
     )
     dtype = raw.get("dtype") or raw.get("torch_dtype")
@@ -455,7 +462,7 @@ def config_from_hf(raw: Mapping, *, partial_rotary_factor: float | None = None) 
     fields = dict(rope_theta=theta, rope_scaling=scaling, sliding_window=window)
     if layer_types is not None:  # Qwen2/3 with the window on some layers only
         fields["layer_types"] = layer_types
-    fields.update(_var.variant_fields(raw, num_layers))
+    fields.update(_var.variant_fields(raw, num_layers, max_pos, rotary_dim))
     if model_type in _SANDWICH:
         fields.update(gemma_fields(raw, model_type, num_layers, max_pos, fields["sliding_window"],
                                    rotary_dim))

@@ -25,6 +25,7 @@ from ember.models.hf_gemma import gemma_to_hf
 from ember.models.hf_moe import MOE_FAMILIES, moe_check_exportable, moe_to_hf
 from ember.models.hf_phi import pad_token_id_to_hf, phi_fields_of, phi_to_hf, shape_to_hf
 from ember.models.hf_rope import LONGROPE_FAMILIES, legacy_rope_scaling, rope_to_hf
+from ember.models.hf_starcoder2 import starcoder2_to_hf
 
 # Families transformers has no *ForSequenceClassification for: a classifier of one has no
 # transformers class to load it into, as a SEQ_CLS adapter's base (a merged folder: variant_problems
@@ -55,13 +56,13 @@ def _check_exportable(cfg: ModelConfig) -> None:
     names = ("layer_types", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
     for name in () if sandwich else names:
         if name == "layer_types" and mt in ("qwen2", "qwen3", "smollm3", "mistral",
-                                            "ministral") and cfg.sliding_window:
+                                            "ministral", "olmo3") and cfg.sliding_window:
             continue  # Qwen's / Ministral's own layer_types: the window on some layers only
         if getattr(cfg, name) is not None:
             problems.append(f"{name}={getattr(cfg, name)}")
-    if cfg.sandwich_norms != (sandwich or mt == "olmo2"):
+    if cfg.sandwich_norms != (sandwich or mt in _var.OLMO):
         problems.append(f"sandwich_norms={cfg.sandwich_norms}")
-    if cfg.rope_local_theta is not None and mt != "gemma3_text":
+    if cfg.rope_local_theta is not None and mt not in ("gemma3_text", "olmo3"):
         problems.append(f"rope_local_theta={cfg.rope_local_theta}")
     if mt == "gemma3_text" and cfg.rope_local_theta is None and cfg.rope_scaling is not None:
         problems.append("RoPE scaling on sliding layers (rope_local_theta=None)")
@@ -114,7 +115,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
     ``dtype`` is the dtype the weights are saved in (default ``cfg.torch_dtype``)."""
     if cfg.num_experts or cfg.model_type in MOE_FAMILIES:  # ember.models.hf_moe
         return moe_to_hf(cfg, config_to_hf(moe_check_exportable(cfg), dtype))
-    if cfg.model_type != "phi":
+    if cfg.model_type not in ("phi", "starcoder2"):
         _check_exportable(cfg)
     if isinstance(dtype, torch.dtype):
         dtype = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
@@ -123,6 +124,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         raise EmberError(f"cannot export dtype {dtype!r} (use one of {', '.join(DTYPES)})")
     if cfg.model_type == "phi":  # ember.models.hf_phi
         return phi_to_hf(cfg, dtype)
+    if cfg.model_type == "starcoder2":  # ember.models.hf_starcoder2
+        return starcoder2_to_hf(cfg, dtype)
     mt = cfg.model_type
     rope = rope_to_hf(cfg)
     legacy_scaling = legacy_rope_scaling(cfg)

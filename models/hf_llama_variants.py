@@ -1,4 +1,4 @@
-"""SmolLM3, Granite and OLMo2 ``config.json`` fields <-> ``ModelConfig``, for
+"""SmolLM3, Granite, OLMo2 and OLMo3 ``config.json`` fields <-> ``ModelConfig``, for
 ``ember.models.hf_config``: Llama's decoder with a few fields each, read as transformers 5 reads
 them (``models/{smollm3,granite,olmo2}/modeling_*.py``).
 
@@ -15,6 +15,8 @@ them (``models/{smollm3,granite,olmo2}/modeling_*.py``).
 - OLMo2: no pre-norms; ``post_attention_layernorm`` / ``post_feedforward_layernorm`` are RMSNorms on
   the attention and MLP outputs before the residual add (Ember's sandwich norms, whose HF names
   are Gemma 2's), and q_norm / k_norm over the whole q / k projection width before RoPE.
+- OLMo3: OLMo2 plus a window on the layers ``layer_types`` marks (default: every layer but each
+  4th), and RoPE per layer type (``ember.models.hf_olmo3``).
 
 The state-dict key table is Llama's (OLMo2: Gemma 2's sandwich rows in ``ember.models.hf``).
 """
@@ -26,10 +28,12 @@ from collections.abc import Mapping
 
 from ember import EmberError
 from ember.models.config import ModelConfig
+from ember.models.hf_olmo3 import OLMO3_FIELDS, olmo3_fields, olmo3_problems, olmo3_to_hf
 from ember.models.hf_rope import get_float
 
 ARCHITECTURES = {"smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
-                 "olmo2": "Olmo2ForCausalLM"}
+                 "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}
+OLMO = ("olmo2", "olmo3")  # no pre-norms, sandwich norms, q/k norms over the whole projection
 VARIANTS = tuple(ARCHITECTURES)
 _GRANITE_MULT = ("embedding_multiplier", "residual_multiplier", "attention_multiplier",
                  "logits_scaling")
@@ -40,6 +44,7 @@ FIELDS = {
         no_rope_layers no_rope_layer_interval layer_types max_window_layers""".split()),
     "granite": frozenset({"attention_bias", "mlp_bias", *_GRANITE_MULT}),
     "olmo2": frozenset({"attention_bias"}),
+    "olmo3": OLMO3_FIELDS,
 }
 # transformers' class defaults for the fields a config.json may omit
 DEFAULTS = {
@@ -49,8 +54,10 @@ DEFAULTS = {
                     num_key_value_heads=None),
     "olmo2": dict(bos_token_id=None, eos_token_id=50279, max_position_embeddings=2048,
                   num_key_value_heads=None, rms_norm_eps=1e-5),
+    "olmo3": dict(bos_token_id=None, eos_token_id=50279, max_position_embeddings=2048,
+                  num_key_value_heads=None, rms_norm_eps=1e-5),
 }
-_PAD = {"smollm3": 128004, "granite": None, "olmo2": 1}
+_PAD = {"smollm3": 128004, "granite": None, "olmo2": 1, "olmo3": 1}
 SMOLLM3_THETA = 2_000_000.0  # SmolLM3Config.default_theta
 _NO_GRANITE_CLASSIFIER = ("transformers has no GraniteForSequenceClassification, so a Granite "
                           "sequence classifier has no Hugging Face form")
@@ -126,9 +133,10 @@ def _granite_fields(raw: Mapping) -> dict:
                 logits_scaling=m["logits_scaling"])
 
 
-def variant_fields(raw: Mapping, num_layers: int) -> dict:
-    """The ModelConfig fields of a SmolLM3 / Granite / OLMo2 config.json beyond Llama's ({} for
-    other families)."""
+def variant_fields(raw: Mapping, num_layers: int, max_pos: int = 2048,
+                   rotary_dim: int | None = None) -> dict:
+    """The ModelConfig fields of a SmolLM3 / Granite / OLMo2 / OLMo3 config.json beyond Llama's
+    ({} for other families; OLMo3's RoPE needs ``max_pos`` and ``rotary_dim``)."""
     mt = raw["model_type"]
     if mt not in VARIANTS:
         return {}
@@ -138,7 +146,10 @@ def variant_fields(raw: Mapping, num_layers: int) -> dict:
         if raw.get("architectures") == ["GraniteForSequenceClassification"]:
             raise EmberError(_NO_GRANITE_CLASSIFIER)
         return _granite_fields(raw)
-    return dict(sandwich_norms=True, pre_norms=False, qk_norm_full=True)  # qk_norm: hf_config
+    out = dict(sandwich_norms=True, pre_norms=False, qk_norm_full=True)  # qk_norm: hf_config
+    if mt == "olmo3":
+        out.update(olmo3_fields(raw, num_layers, max_pos, rotary_dim))
+    return out
 
 
 def variant_problems(cfg: ModelConfig) -> list[str]:
@@ -151,10 +162,10 @@ def variant_problems(cfg: ModelConfig) -> list[str]:
     for name, plain in granite.items():
         if mt != "granite" and getattr(cfg, name) != plain:
             problems.append(f"{name}={getattr(cfg, name)}")
-    olmo2 = mt == "olmo2"
-    if cfg.pre_norms == olmo2:
+    olmo = mt in OLMO
+    if cfg.pre_norms == olmo:
         problems.append(f"pre_norms={cfg.pre_norms}")
-    if cfg.qk_norm_full != olmo2:
+    if cfg.qk_norm_full != olmo:
         problems.append(f"qk_norm_full={cfg.qk_norm_full}")
     if mt in ("granite", "olmo2") and cfg.sliding_window is not None:
         problems.append(f"sliding_window={cfg.sliding_window}")
@@ -162,6 +173,8 @@ def variant_problems(cfg: ModelConfig) -> list[str]:
         problems.append(f"labels={list(cfg.labels)} ({_NO_GRANITE_CLASSIFIER})")
     if mt == "smollm3" and cfg.rope_local_theta is not None:
         problems.append(f"rope_local_theta={cfg.rope_local_theta}")
+    if mt == "olmo3":
+        problems += olmo3_problems(cfg)
     return problems
 
 
@@ -188,3 +201,5 @@ def variant_to_hf(cfg: ModelConfig, out: dict) -> None:
             attention_multiplier=cfg.head_dim**-0.5 if cfg.softmax_scale is None
             else cfg.softmax_scale,
             logits_scaling=cfg.logits_scaling)
+    if mt == "olmo3":
+        olmo3_to_hf(cfg, out)

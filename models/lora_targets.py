@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from ember import EmberError
 from ember.models.hf_phi import EMBER_LEAVES as PHI_LEAVES
+from ember.models.hf_starcoder2 import EMBER_LEAVES as STARCODER2_LEAVES
 from ember.models.lora_embed import LoRAEmbedding
 from ember.models.lora_init import check_init
 from ember.models.lora_layer import LoRALinear, _is_linear
@@ -23,7 +24,9 @@ _LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 SHORT_TARGETS = {**dict(zip(ALL_LINEAR, _LINEAR_LEAVES, strict=True)),
                  "embed_tokens": "embed", "lm_head": "lm_head"}
 # transformers' leaf names of the linears "all-linear" selects (Phi-1/2: dense, fc1, fc2)
-HF_LINEAR_LEAVES = (*_LINEAR_LEAVES, *PHI_LEAVES)
+HF_LINEAR_LEAVES = (*_LINEAR_LEAVES, *PHI_LEAVES, *STARCODER2_LEAVES)
+# transformers' names -> ours, per family
+_OWN_LEAVES = {"phi": PHI_LEAVES, "starcoder2": STARCODER2_LEAVES}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,14 +113,14 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
         cands.pop("score", None)
     chosen, unmatched = set(), []
     cfg = getattr(model, "cfg", None)
-    phi = getattr(cfg, "model_type", None) == "phi"
+    own = _OWN_LEAVES.get(getattr(cfg, "model_type", None), {})
     if not getattr(cfg, "gated_mlp", True) and {"up", "down"} <= set(targets) and "gate" in targets:
         # the seven short names (the default) mean every projection; a plain MLP has no gate
         warnings.warn("lora.targets: 'gate' skipped, this model's MLP has no gate projection "
                       "(Phi-1/2: fc1 -> fc2 are 'up' / 'down')", stacklevel=3)
         targets = tuple(t for t in targets if t != "gate")
     for t in targets:
-        hit = [n for n in cands if _target_matches(PHI_LEAVES.get(t, t) if phi else t, n)]
+        hit = [n for n in cands if _target_matches(own.get(t, t), n)]
         if t == "lm_head" and not hit and tied_lm(model) and "embed" in cands:
             hit = ["embed"]  # tied: one adapter on the embedding serves the head too
         if not hit:

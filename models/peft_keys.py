@@ -20,6 +20,12 @@ import torch
 from ember import EmberError
 from ember.models.hf_phi import EMBER_LEAVES as _PHI_EMBER_LEAVES
 from ember.models.hf_phi import HF_LEAVES as _PHI_HF_LEAVES
+from ember.models.hf_starcoder2 import EMBER_LEAVES as _SC2_EMBER_LEAVES
+from ember.models.hf_starcoder2 import HF_LEAVES as _SC2_HF_LEAVES
+
+# transformers' own names of Ember's projections, per family; back: no family's clash
+_HF_LEAVES = {"phi": _PHI_HF_LEAVES, "starcoder2": _SC2_HF_LEAVES}
+_EMBER_LEAVES = {**_PHI_EMBER_LEAVES, **_SC2_EMBER_LEAVES}
 
 # Qwen2-MoE's shared expert is a plain MLP inside the MoE block (experts: ember.models.peft_moe)
 _EMBER_NAME = re.compile(r"layers\.(\d+)\.(attn|mlp)\.((?:shared_expert\.)?\w+)")
@@ -67,7 +73,7 @@ def hf_module_name(name: str, cfg=None) -> str:
         raise EmberError(f"no transformers name for module {name!r}: PEFT export covers the "
                          "attention and MLP projections inside layers, embed_tokens and lm_head")
     part = "self_attn" if m[2] == "attn" else "mlp"
-    leaf = _PHI_HF_LEAVES.get(m[3], m[3]) if getattr(cfg, "model_type", None) == "phi" else m[3]
+    leaf = _HF_LEAVES.get(getattr(cfg, "model_type", None), {}).get(m[3], m[3])
     return f"{prefix}layers.{m[1]}.{part}.{leaf}"
 
 
@@ -86,7 +92,7 @@ def ember_module_name(hf_name: str) -> str | None:
     m = _HF_NAME.fullmatch(hf_name)
     if m is None:
         return None
-    leaf = _PHI_EMBER_LEAVES.get(m[3], m[3])  # Phi's dense / fc1 / fc2 (no other family's names)
+    leaf = _EMBER_LEAVES.get(m[3], m[3])  # Phi's dense / fc1 / fc2, StarCoder2's c_fc / c_proj
     return f"layers.{m[1]}.{'attn' if m[2] == 'self_attn' else 'mlp'}.{leaf}"
 
 

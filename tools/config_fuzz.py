@@ -79,6 +79,13 @@ def _to_4x_style_(path: Path, r: random.Random) -> None:
     """config.json as transformers 4.x wrote it."""
     raw = json.loads(path.read_text())
     rp = raw.pop("rope_parameters", None)
+    if raw["model_type"] == "olmo3" and isinstance(rp, dict) and "full_attention" in rp:
+        # 4.x-style rope_theta / rope_scaling reach OLMo 3's full-attention layers only, the
+        # sliding ones keep base 500000: that form exists only for such a sliding table
+        if rp["sliding_attention"] == {"rope_type": "default", "rope_theta": 500000.0}:
+            rp = rp["full_attention"]
+        else:
+            raw["rope_parameters"], rp = rp, None
     if isinstance(rp, dict) and "full_attention" in rp:  # Gemma 3
         raw["rope_local_base_freq"] = rp["sliding_attention"]["rope_theta"]
         rp = rp["full_attention"]
@@ -297,7 +304,7 @@ def _effective(c: dict, fam: str, windowed: bool) -> dict:
             if d.get("rope_type") == "yarn":  # transformers' _compute_yarn_parameters defaults
                 d.update(beta_fast=d.get("beta_fast") or 32.0, beta_slow=d.get("beta_slow") or 1.0)
                 d.setdefault("truncate", True)
-                if fam == "gemma3_text":  # read beside the per-layer-type dicts: always true
+                if fam in ("gemma3_text", "olmo3"):  # read beside the per-type dicts: true
                     d["truncate"] = True
                 ms, ms_all = d.pop("mscale", None), d.pop("mscale_all_dim", None)
                 if d.get("attention_factor") is None:
@@ -332,6 +339,11 @@ def _effective(c: dict, fam: str, windowed: bool) -> dict:
         if "sliding_attention" not in (c.get("layer_types") or ["sliding_attention"]):
             local = rp["sliding_attention"]  # nor this one (Ember drops its unused scaling)
             rp["sliding_attention"] = {"rope_type": "default", "rope_theta": local["rope_theta"]}
+    if fam == "olmo3":  # a table no layer uses is written as the other one
+        used = set(c["layer_types"])
+        if len(used) == 1:
+            (kind,) = used
+            rp[_LAYER_KINDS[kind == "sliding_attention"]] = rp[kind]
     if c.get("layer_types") is not None:
         c.pop("max_window_layers", None)  # transformers ignores it when layer_types is given
     # only builds no_rope_layers (which to_dict holds) when that is unset

@@ -14,8 +14,9 @@ CLASSES = dict(
     llama="LlamaConfig", mistral="MistralConfig", ministral="MinistralConfig",
     qwen2="Qwen2Config", qwen3="Qwen3Config", phi3="Phi3Config", gemma="GemmaConfig",
     gemma2="Gemma2Config", gemma3_text="Gemma3TextConfig", phi="PhiConfig",
-    smollm3="SmolLM3Config", granite="GraniteConfig", olmo2="Olmo2Config",
+    smollm3="SmolLM3Config", granite="GraniteConfig", olmo2="Olmo2Config", olmo3="Olmo3Config",
     mixtral="MixtralConfig", qwen2_moe="Qwen2MoeConfig", qwen3_moe="Qwen3MoeConfig",
+    starcoder2="Starcoder2Config",
 )  # fmt: skip
 WINDOW = 5
 _LAYER_KINDS = ("sliding_attention", "full_attention")
@@ -80,6 +81,11 @@ def _rope(r: random.Random, fam: str, kw: dict, head_dim: int) -> dict:
         if r.random() < 0.3:  # a scaled local RoPE too (transformers builds a table per kind)
             local["rope_type"] = r.choice(["linear", "llama3", "yarn"])
             _scaling(r, local["rope_type"], local)
+        return {"full_attention": rp, "sliding_attention": local}
+    if fam == "olmo3":  # per layer type too; Ember refuses dynamic / longrope there
+        if kind in ("dynamic", "longrope"):
+            rp = {"rope_type": "default", "rope_theta": rp["rope_theta"]}
+        local = {"rope_type": "default", "rope_theta": r.choice([500000.0, 77.0])}
         return {"full_attention": rp, "sliding_attention": local}
     return rp
 
@@ -148,6 +154,7 @@ def draw(fam: str, r: random.Random) -> dict:
         "gemma2",
         "gemma3_text",
         "olmo2",
+        "olmo3",
         "qwen3_moe",
     ):
         kw["attention_bias"] = r.random() < 0.5
@@ -173,6 +180,14 @@ def draw(fam: str, r: random.Random) -> dict:
             kw["layer_types"] = kinds
         if fam == "gemma2":
             kw["attn_logit_softcapping"] = r.choice([None, 2.0, 50.0])
+    if fam == "starcoder2":  # LayerNorms (their eps), biases on every projection or none
+        kw.update(norm_epsilon=kw.pop("rms_norm_eps"), use_bias=r.random() < 0.7)
+        if r.random() < 0.5:
+            kw["sliding_window"] = WINDOW
+    if fam == "olmo3":
+        kw["sliding_window"] = WINDOW
+        if r.random() < 0.6:
+            kw["layer_types"] = kinds
     if fam == "smollm3":
         kw["no_rope_layers"] = [r.choice([0, 1]) for _ in range(layers)]
         if r.random() < 0.5:

@@ -1,5 +1,5 @@
-"""SmolLM3, Granite and OLMo2 (``ember.models.hf_llama_variants``) against transformers and PEFT on
-tiny random configs (every weight randomized, sequences longer than SmolLM3's window): logits
+"""SmolLM3, Granite, OLMo2 and OLMo3 (``ember.models.hf_llama_variants``) against transformers and
+PEFT on tiny random configs (every weight randomized, sequences longer than the windows): logits
 (fp32, <= 1e-4), exact state-dict and config.json round trips (transformers reads the export back
 to the same family fields), a LoRA step's loss and gradients against transformers + PEFT through
 the fused loss, PEFT adapters both ways, greedy KV-cache generation against ``generate``, packed ==
@@ -58,12 +58,22 @@ CASES = {  # name -> (config class, kwargs)
     "olmo2": ("Olmo2Config", {}),
     "olmo2_mqa_tied_bias": ("Olmo2Config", dict(num_key_value_heads=1, tie_word_embeddings=True,
                                                 attention_bias=True)),
+    # OLMo3: every 4th layer full (transformers' default layer_types); then its own layer types,
+    # YaRN on the full-attention layers and another base on the sliding ones
+    "olmo3": ("Olmo3Config", dict(sliding_window=WINDOW)),
+    "olmo3_rope_per_type_tied_bias": ("Olmo3Config", dict(
+        sliding_window=WINDOW, tie_word_embeddings=True, attention_bias=True,
+        layer_types=["full_attention", "sliding_attention"] * 2, rope_parameters={
+            "full_attention": dict(rope_type="yarn", factor=2.0, rope_theta=1000.0,
+                                   original_max_position_embeddings=32),
+            "sliding_attention": dict(rope_type="default", rope_theta=50.0)})),
 }
-FAMILY = ["smollm3", "granite", "olmo2"]  # one case per family for the slower tests
+FAMILY = ["smollm3", "granite", "olmo2", "olmo3"]  # one case per family for the slower tests
 # family-specific fields transformers must read back the same from Ember's export
 HF_FIELDS = {"SmolLM3Config": ("no_rope_layers", "layer_types", "use_sliding_window",
                                "sliding_window", "mlp_bias"),
-             "GraniteConfig": (*GRANITE, "mlp_bias"), "Olmo2Config": ()}
+             "GraniteConfig": (*GRANITE, "mlp_bias"), "Olmo2Config": (),
+             "Olmo3Config": ("layer_types", "sliding_window")}
 COMMON = ("attention_bias", "tie_word_embeddings", "num_key_value_heads", "rms_norm_eps",
           "rope_parameters")
 
@@ -122,7 +132,14 @@ def test_logits_parity_and_round_trips(tmp_path, case):
     cls = CASES[case][0]
     want, got = (transformers.AutoConfig.from_pretrained(f) for f in (folder, tmp_path / "export"))
     for name in (*HF_FIELDS[cls], *COMMON):
-        assert getattr(got, name) == getattr(want, name), name
+        assert _within(getattr(want, name), getattr(got, name)), name
+
+
+def _within(want, got) -> bool:
+    """got has want's values (an exported YaRN dict also spells out the defaults it implies)."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        return all(k in got and _within(v, got[k]) for k, v in want.items())
+    return want == got
 
 
 def test_family_fields_as_read(tmp_path):
@@ -136,6 +153,12 @@ def test_family_fields_as_read(tmp_path):
             cfg.logits_scaling) == (3.0, 0.4, 0.05, 4.0)
     cfg = read_config(_save(tmp_path, "olmo2"))
     assert cfg.sandwich_norms and not cfg.pre_norms and cfg.qk_norm and cfg.qk_norm_full
+    cfg = read_config(_save(tmp_path, "olmo3"))
+    assert [cfg.window(i) for i in range(4)] == [WINDOW] * 3 + [None]
+    assert cfg.rope_theta == 5e5 and cfg.rope_local_theta is None and cfg.qk_norm_full
+    cfg = read_config(_save(tmp_path, "olmo3_rope_per_type_tied_bias"))
+    assert (cfg.rope_theta, cfg.rope_scaling.kind, cfg.rope_local_theta) == (1e3, "yarn", 50.0)
+    assert [cfg.window(i) for i in range(4)] == [None, WINDOW] * 2 and cfg.attention_out_bias
     assert cfg.num_params() == sum(p.numel() for p in Transformer(cfg).parameters())
 
 
@@ -173,6 +196,9 @@ def test_the_parity_check_catches_a_missing_piece(tmp_path, case):
             block.sandwich = False
         with torch.no_grad():
             assert (model(ids) - ref).abs().max().item() > 1e-2
+        if case == "olmo3":
+            assert err(sliding_window=None) > 1e-2
+            assert err(rope_local_theta=5e4) > 1e-2  # the sliding layers' own RoPE table is used
 
 
 def _packed(model, docs):
@@ -341,6 +367,20 @@ def test_refusals(tmp_path):
     olmo = json.loads((_save(tmp_path, "olmo2") / "config.json").read_text())
     with pytest.raises(EmberError, match=r"\['mlp_bias'\] are not supported"):
         config_from_hf({**olmo, "mlp_bias": True})  # transformers' OLMo2 MLP has no bias
+    o3 = json.loads((_save(tmp_path, "olmo3") / "config.json").read_text())
+    for change, needle in ((dict(rope_parameters={"rope_type": "default", "rope_theta": 9.0}),
+                            "must map 'full_attention'"),
+                           (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+                            "'dynamic' is not supported"),
+                           (dict(rope_scaling={"type": "linear", "factor": 2.0}), "'rope_type'"),
+                           (dict(sliding_window=None), "sliding_window is null"),
+                           (dict(layer_types=["full_attention"]), "layer_types must list")):
+        with pytest.raises(EmberError, match=needle):
+            config_from_hf({**o3, **change})
+    with pytest.raises(EmberError, match="'olmo3' has no GGUF export"):
+        from ember.models.gguf_export import gguf_arch
+
+        gguf_arch(config_from_hf(o3))
     # another family's config with these fields has no config.json form
     cfg = config_from_hf(smol)
     for change, needle in ((dict(model_type="llama", sliding_window=None), "nope_layers"),
@@ -370,6 +410,9 @@ def test_lora_training_through_ember_train(tmp_path):
         "granite": dict(embedding_scale=4.0, residual_multiplier=0.5, attention_multiplier=0.2,
                         logits_scaling=2.0),
         "olmo2": dict(sandwich_norms=True, pre_norms=False, qk_norm=True, qk_norm_full=True),
+        "olmo3": dict(sandwich_norms=True, pre_norms=False, qk_norm=True, qk_norm_full=True,
+                      sliding_window=6, layer_types=("sliding_attention", "full_attention"),
+                      rope_theta=5e5, rope_local_theta=1e4),
     }
     train = write_jsonl(tmp_path / "train.jsonl", tiny_rows(24, seed=1))
     for mt, kw in families.items():
@@ -396,7 +439,8 @@ def test_lora_training_through_ember_train(tmp_path):
         assert (ours - _hf_logits(tmp_path / f"merged_{mt}", ids)).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("case", ["smollm3", "granite_tied_mha_bias", "olmo2_mqa_tied_bias"])
+@pytest.mark.parametrize("case", ["smollm3", "granite_tied_mha_bias", "olmo2_mqa_tied_bias",
+                                  "olmo3_rope_per_type_tied_bias"])
 def test_accelerate_hf(tmp_path, case, monkeypatch):
     """``accelerate_hf`` on the transformers model: the same loss, gradients and eval logits as
     the model without the swap, on a right-padded batch (varlen attention) too; SmolLM3's NoPE
@@ -440,6 +484,8 @@ def test_accelerate_hf(tmp_path, case, monkeypatch):
         assert {w for _, w in seen["scale"]} == {None, WINDOW}
     if case.startswith("granite"):
         assert {s for s, _ in seen["scale"]} == {cfg.attention_multiplier}
+    if case.startswith("olmo3"):
+        assert {w for _, w in seen["scale"]} == {None, WINDOW}
     hf_backend.restore(model)
 
 
@@ -452,7 +498,7 @@ def test_accelerate_hf_refuses_a_smollm3_window_transformers_applies_two_ways():
         accelerate(transformers.AutoModelForCausalLM.from_config(config))
 
 
-@pytest.mark.parametrize("mt", ["smollm3", "olmo2"])
+@pytest.mark.parametrize("mt", ["smollm3", "olmo2", "olmo3"])
 def test_sequence_classifier_exports_to_transformers(tmp_path, mt):
     """An Ember SmolLM3 / OLMo2 classifier (score head) loads as transformers'
     ``*ForSequenceClassification`` with the same class logits on a right-padded batch."""
@@ -463,6 +509,8 @@ def test_sequence_classifier_exports_to_transformers(tmp_path, mt):
 
     kw = dict(nope_layers=(1,)) if mt == "smollm3" else dict(
         sandwich_norms=True, pre_norms=False, qk_norm=True, qk_norm_full=True)
+    if mt == "olmo3":
+        kw.update(sliding_window=3, layer_types=("sliding_attention", "full_attention"))
     cfg = ModelConfig(**HEADS_BASE, hidden_size=48, model_type=mt, labels=LABELS, **kw)
     model = Transformer(cfg).init_weights(std=0.1, seed=0).eval()
     save_pretrained(model, tmp_path)
