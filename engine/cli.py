@@ -31,8 +31,7 @@ DEFAULT_EVAL_BATCH_SIZE = 64
 
 
 def _cmd_train(a) -> None:
-    from ember.engine.config import load_config
-    from ember.engine.config_source import run_folder
+    from ember.engine.config import load_config, run_folder
     from ember.engine.distributed import shutdown
     from ember.engine.trainer import train
 
@@ -512,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     for attr in ("model", "run_dir"):  # RUN/config.toml is that run, as ember train takes it
         given = getattr(args, attr, None)
         if isinstance(given, str) and Path(given).name == "config.toml":
-            from ember.engine.config_source import run_folder
+            from ember.engine.config import run_folder
 
             args.__dict__[attr] = str(run_folder(given) or given)
     try:

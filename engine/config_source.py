@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.resources
+import json
 from pathlib import Path
 
 try:
@@ -52,19 +53,54 @@ def _config_text(p: Path) -> str:
                          "TOML files are UTF-8: save it as UTF-8") from None
 
 
-# what a run writes beside its config.toml (a project's own config.toml has none of them)
-RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl")
-
-
-def run_folder(source: str | Path) -> Path | None:
-    """``source`` as a run directory (a folder with ``config.toml``, or that ``config.toml``
-    beside the run's output), else None. ``RUN/config.toml`` from another folder was a new run
-    from step 0: its run_dir is recorded relative to the folder the run started in."""
+def run_folder(source: str | Path, cls=None) -> Path | None:
+    """``source`` as a run directory (a folder with ``config.toml``, or a ``config.toml`` that is
+    a run's: see ``_a_runs_config``), else None. ``RUN/config.toml`` from another folder was a
+    new run from step 0: its run_dir is recorded relative to the folder the run started in.
+    ``cls``: the config dataclass whose fields a run's config.toml names (None: no file is a
+    run's)."""
     p = Path(source)
-    if p.name == "config.toml" and p.is_file() and any(
-            (p.parent / n).exists() for n in RUN_OUTPUTS):
+    if p.name == "config.toml" and p.is_file() and cls is not None and _a_runs_config(p, cls):
         p = p.parent
     return p if p.is_dir() and (p / "config.toml").is_file() else None
+
+
+def _a_runs_config(p: Path, cls) -> bool:
+    """``p`` is the config.toml Ember wrote into a run directory: it names every field of
+    ``cls`` that is never None (``to_toml`` writes them all; a project's own config names the
+    few it sets), and Ember's own output is beside it (``_ember_output``). Was: any
+    ``checkpoints``, ``final`` or ``metrics.jsonl`` beside it, so a project's config.toml
+    beside another tool's checkpoints/ trained into the project folder, wrote its step folders
+    there and overwrote the config.toml with the resolved one."""
+    if not _ember_output(p.parent):
+        return False
+    try:
+        data = tomllib.loads(_config_text(p))
+    except (tomllib.TOMLDecodeError, EmberError, OSError):
+        return False  # (load_source names what is wrong with it)
+    written = {f.name for f in dataclasses.fields(cls) if f.default is not None and (
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)}
+    return written <= data.keys()
+
+
+def _ember_output(folder: Path) -> bool:
+    """``folder`` holds what an Ember run writes: a checkpoint (``checkpoints/step_N`` with
+    Ember's manifest) or a ``final/`` export (its run_end.json or base.json, or the PEFT
+    adapter / HF model folder ``export_final`` writes). A folder named checkpoints/ or final/
+    alone, or a metrics.jsonl, is not: another tool, or the user, may have made it."""
+    from ember.engine import dcp
+
+    for _, step in dcp.list_checkpoints(folder / "checkpoints"):
+        try:
+            manifest = json.loads((step / dcp.MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(
+                dcp.FORMAT.split("/")[0] + "/"):
+            return True
+    final = folder / "final"
+    return any((final / n).is_file() for n in (
+        "run_end.json", "base.json", "adapter/adapter_config.json", "model/config.json"))
 
 
 def in_place(data: dict, folder: Path | None, overrides) -> None:
