@@ -53,27 +53,25 @@ def _config_text(p: Path) -> str:
                          "TOML files are UTF-8: save it as UTF-8") from None
 
 
-def run_folder(source: str | Path, cls=None) -> Path | None:
-    """``source`` as a run directory (a folder with ``config.toml``, or a ``config.toml`` that is
-    a run's: see ``_a_runs_config``), else None. ``RUN/config.toml`` from another folder was a
-    new run from step 0: its run_dir is recorded relative to the folder the run started in.
-    ``cls``: the config dataclass whose fields a run's config.toml names (None: no file is a
-    run's)."""
+def run_folder(source: str | Path, cls) -> Path | None:
+    """``source`` as a run directory, else None: a folder with a config.toml, or a config.toml
+    Ember wrote (``_written``) with its run's output beside it (``_ember_output``).
+    ``RUN/config.toml`` from another folder was a new run from step 0: its run_dir is recorded
+    relative to the folder the run started in. ``cls``: the config dataclass.
+
+    Was: any config.toml beside a checkpoints/, final/ or metrics.jsonl, so a project's own
+    config.toml beside another tool's checkpoints/ trained into the project folder, wrote its
+    step folders into that checkpoints/ and overwrote the config.toml with the resolved one."""
     p = Path(source)
-    if p.name == "config.toml" and p.is_file() and cls is not None and _a_runs_config(p, cls):
-        p = p.parent
+    if p.name == "config.toml" and p.is_file():
+        return p.parent if _written(p, cls) and _ember_output(p.parent) else None
     return p if p.is_dir() and (p / "config.toml").is_file() else None
 
 
-def _a_runs_config(p: Path, cls) -> bool:
-    """``p`` is the config.toml Ember wrote into a run directory: it names every field of
+def _written(p: Path, cls) -> bool:
+    """``p`` is a config.toml as Ember writes one into a run directory: it names every field of
     ``cls`` that is never None (``to_toml`` writes them all; a project's own config names the
-    few it sets), and Ember's own output is beside it (``_ember_output``). Was: any
-    ``checkpoints``, ``final`` or ``metrics.jsonl`` beside it, so a project's config.toml
-    beside another tool's checkpoints/ trained into the project folder, wrote its step folders
-    there and overwrote the config.toml with the resolved one."""
-    if not _ember_output(p.parent):
-        return False
+    few it sets)."""
     try:
         data = tomllib.loads(_config_text(p))
     except (tomllib.TOMLDecodeError, EmberError, OSError):
@@ -85,9 +83,9 @@ def _a_runs_config(p: Path, cls) -> bool:
 
 def _ember_output(folder: Path) -> bool:
     """``folder`` holds what an Ember run writes: a checkpoint (``checkpoints/step_N`` with
-    Ember's manifest) or a ``final/`` export (its run_end.json or base.json, or the PEFT
-    adapter / HF model folder ``export_final`` writes). A folder named checkpoints/ or final/
-    alone, or a metrics.jsonl, is not: another tool, or the user, may have made it."""
+    Ember's manifest) or a ``final/`` export (its run_end.json or base.json, or the
+    ``adapter/`` / ``model/`` folder ``export_final`` writes). A folder named checkpoints/ or
+    final/ alone, or a metrics.jsonl, is not: another tool, or the user, may have made it."""
     from ember.engine import dcp
 
     for _, step in dcp.list_checkpoints(folder / "checkpoints"):
@@ -99,8 +97,8 @@ def _ember_output(folder: Path) -> bool:
                 dcp.FORMAT.split("/")[0] + "/"):
             return True
     final = folder / "final"
-    return any((final / n).is_file() for n in (
-        "run_end.json", "base.json", "adapter/adapter_config.json", "model/config.json"))
+    return any((final / n).is_file() for n in ("run_end.json", "base.json")) or any(
+        (final / n).is_dir() and any((final / n).iterdir()) for n in ("adapter", "model"))
 
 
 def in_place(data: dict, folder: Path | None, overrides) -> None:
