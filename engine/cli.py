@@ -513,15 +513,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    for attr in ("model", "run_dir"):  # RUN/config.toml is that run, as ember train takes it
+def _runs_config_as_the_run(args) -> None:
+    """RUN/config.toml given to eval / generate / chat / export is that run, as ember train
+    takes it; another config.toml (a project's own, no run output beside it) is named as such
+    (was: "config.toml is a file but not a .gguf")."""
+    for attr in ("model", "run_dir"):
         given = getattr(args, attr, None)
-        if isinstance(given, str) and Path(given).name == "config.toml":
+        if isinstance(given, str) and Path(given).name == "config.toml" and Path(given).is_file():
             from ember.engine.config import run_folder
 
-            args.__dict__[attr] = str(run_folder(given) or given)
+            if (folder := run_folder(given)) is None:
+                raise EmberError(f"{given} is a config file, not a run's (no Ember checkpoint or "
+                                 "final/ beside it): give a run directory (runs/<name>) or its "
+                                 "config.toml, or a model; train it first with ember train "
+                                 f"{given}")
+            args.__dict__[attr] = str(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
+        _runs_config_as_the_run(args)
         args.fn(args)
     except EmberError as e:
         print(f"ember: error: {e}", file=sys.stderr)

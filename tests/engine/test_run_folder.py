@@ -95,14 +95,18 @@ def test_a_project_config_beside_another_tools_checkpoints_trains_into_runs_name
     ids=["metrics.jsonl", "final", "foreign-manifest"],
 )
 def test_a_project_config_beside_output_ember_did_not_write_is_not_a_run(
-    tiny, tmp_path, monkeypatch, files
+    tiny, tmp_path, monkeypatch, capsys, files
 ):
     proj = tmp_path / "proj"
     _project(tiny, proj, **files)
     monkeypatch.chdir(proj)
     assert run_folder("config.toml") is None
     assert load_config("config.toml").out_dir.resolve() == (proj / "runs" / "exp1").resolve()
+    capsys.readouterr()
     assert main(["generate", "config.toml", "--prompt", "x"]) == 2  # not taken for a run
+    assert capsys.readouterr().err.startswith(
+        "ember: error: config.toml is a config file, not a run's (no Ember checkpoint"
+    )
 
 
 @pytest.mark.parametrize("output", ["checkpoints", "final"])
