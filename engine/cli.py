@@ -31,8 +31,7 @@ DEFAULT_EVAL_BATCH_SIZE = 64
 
 
 def _cmd_train(a) -> None:
-    from ember.engine.config import load_config
-    from ember.engine.config_source import run_folder
+    from ember.engine.config import load_config, run_folder
     from ember.engine.distributed import shutdown
     from ember.engine.trainer import train
 
@@ -214,11 +213,10 @@ def _cmd_export(a) -> None:
 
         cfg = load_config(a.run_dir)
         _check_export_target(a, cfg)  # before loading: a mistake costs nothing
-        if a.adapter:
-            _rope_note(cfg)
         if a.adapter and (out := export_final_adapter(a.run_dir, cfg, a.adapter)) is not None:
             if note := stale_final(Path(a.run_dir)):
                 _note(note)
+            _rope_note(cfg)
             print(f"wrote {out}")  # final/adapter's files: no base needed
             return
         model, tok, cfg = load_run_model(a.run_dir, "cpu", echo=_note)
@@ -265,13 +263,16 @@ def _cmd_export(a) -> None:
                 merge_lora(model, dtype)
             out = save_pretrained(model, a.merged, tok, dtype=dtype, dequantize=nf4,
                                   multimodal_base=multimodal_base(model, cfg) if cfg else None)
+    if a.adapter and cfg is not None:  # (after the export: a full fine-tune has no adapter)
+        _rope_note(cfg)
     print(f"wrote {out}")
 
 
 def _rope_note(cfg) -> None:
     """A PEFT adapter has no place for the run's model.rope_scaling: PEFT on the plain base
     computes another model (was: not said). Names the base config fields that give the trained
-    model, as ``--merged`` writes them into config.json (when the base can be read)."""
+    model, as ``--merged`` writes them into config.json, when the base is a model folder (a
+    .gguf or built-in base is not imported just to say this: was converted to print a note)."""
     m = cfg.model
     if m.rope_scaling is None:
         return
@@ -280,10 +281,15 @@ def _rope_note(cfg) -> None:
     from ember.models.context import extended_config
     from ember.models.hf_config import config_from_hf
     from ember.models.hf_rope import rope_to_hf
-    from ember.models.hub import resolve_model
+    from ember.models.hub import hf_cache_snapshot
 
+    base = Path(m.name).expanduser()
     try:
-        raw = json.loads((resolve_model(m.name) / "config.json").read_text())
+        if not base.is_dir():  # a Hub id's cached snapshot is a folder too; a .gguf is not
+            base = hf_cache_snapshot(m.name)
+            if base is None:
+                raise ValueError(f"{m.name} is not a model folder")
+        raw = json.loads((base / "config.json").read_text())
         ext = extended_config(config_from_hf(raw), m.rope_scaling, m.rope_factor)
         fields = json.dumps({"rope_parameters": rope_to_hf(ext),
                              "max_position_embeddings": ext.max_position_embeddings})
@@ -507,15 +513,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _runs_config_as_the_run(args) -> None:
+    """RUN/config.toml given to eval / generate / chat / export is that run, as ember train
+    takes it; another config.toml (a project's own, no run output beside it) is named as such
+    (was: "config.toml is a file but not a .gguf")."""
+    for attr in ("model", "run_dir"):
+        given = getattr(args, attr, None)
+        if isinstance(given, str) and Path(given).name == "config.toml" and Path(given).is_file():
+            from ember.engine.config import run_folder
+
+            if (folder := run_folder(given)) is None:
+                raise EmberError(f"{given} is a config file, not a run's (no Ember checkpoint or "
+                                 "final/ beside it): give a run directory (runs/<name>) or its "
+                                 "config.toml, or a model; train it first with ember train "
+                                 f"{given}")
+            args.__dict__[attr] = str(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for attr in ("model", "run_dir"):  # RUN/config.toml is that run, as ember train takes it
-        given = getattr(args, attr, None)
-        if isinstance(given, str) and Path(given).name == "config.toml":
-            from ember.engine.config_source import run_folder
-
-            args.__dict__[attr] = str(run_folder(given) or given)
     try:
+        _runs_config_as_the_run(args)
         args.fn(args)
     except EmberError as e:
         print(f"ember: error: {e}", file=sys.stderr)

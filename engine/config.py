@@ -56,7 +56,6 @@ from ember.engine.config_source import (  # noqa: F401  (re-exported: their old 
     parse_override,
     parse_toml,
     recipe_names,
-    run_folder,
 )
 from ember.engine.data import DataConfig
 from ember.engine.distributed import DistConfig
@@ -397,3 +396,9 @@ def load_config(source: str | Path | None = None, overrides: list[str] | tuple =
     if source is not None:
         in_place(data, run_folder(source), overrides)
     return from_dict(TrainConfig, apply_overrides(data, list(overrides)))
+
+
+def run_folder(source: str | Path) -> Path | None:
+    """``source`` as a run directory, else None (``config_source.run_folder``: a config.toml
+    is a run's when it names every TrainConfig field and Ember's run output is beside it)."""
+    return cs.run_folder(source, TrainConfig)

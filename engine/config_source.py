@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.resources
+import json
 from pathlib import Path
 
 try:
@@ -52,19 +53,52 @@ def _config_text(p: Path) -> str:
                          "TOML files are UTF-8: save it as UTF-8") from None
 
 
-# what a run writes beside its config.toml (a project's own config.toml has none of them)
-RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl")
+def run_folder(source: str | Path, cls) -> Path | None:
+    """``source`` as a run directory, else None: a folder with a config.toml, or a config.toml
+    Ember wrote (``_written``) with its run's output beside it (``_ember_output``).
+    ``RUN/config.toml`` from another folder was a new run from step 0: its run_dir is recorded
+    relative to the folder the run started in. ``cls``: the config dataclass.
 
-
-def run_folder(source: str | Path) -> Path | None:
-    """``source`` as a run directory (a folder with ``config.toml``, or that ``config.toml``
-    beside the run's output), else None. ``RUN/config.toml`` from another folder was a new run
-    from step 0: its run_dir is recorded relative to the folder the run started in."""
+    Was: any config.toml beside a checkpoints/, final/ or metrics.jsonl, so a project's own
+    config.toml beside another tool's checkpoints/ trained into the project folder, wrote its
+    step folders into that checkpoints/ and overwrote the config.toml with the resolved one."""
     p = Path(source)
-    if p.name == "config.toml" and p.is_file() and any(
-            (p.parent / n).exists() for n in RUN_OUTPUTS):
-        p = p.parent
+    if p.name == "config.toml" and p.is_file():
+        return p.parent if _written(p, cls) and _ember_output(p.parent) else None
     return p if p.is_dir() and (p / "config.toml").is_file() else None
+
+
+def _written(p: Path, cls) -> bool:
+    """``p`` is a config.toml as Ember writes one into a run directory: it names every field of
+    ``cls`` that is never None (``to_toml`` writes them all; a project's own config names the
+    few it sets)."""
+    try:
+        data = tomllib.loads(_config_text(p))
+    except (tomllib.TOMLDecodeError, EmberError, OSError):
+        return False  # (load_source names what is wrong with it)
+    written = {f.name for f in dataclasses.fields(cls) if f.default is not None and (
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)}
+    return written <= data.keys()
+
+
+def _ember_output(folder: Path) -> bool:
+    """``folder`` holds what an Ember run writes: a checkpoint (``checkpoints/step_N`` with
+    Ember's manifest) or a ``final/`` export (its run_end.json or base.json, or the
+    ``adapter/`` / ``model/`` folder ``export_final`` writes). A folder named checkpoints/ or
+    final/ alone, or a metrics.jsonl, is not: another tool, or the user, may have made it."""
+    from ember.engine import dcp
+
+    for _, step in dcp.list_checkpoints(folder / "checkpoints"):
+        try:
+            manifest = json.loads((step / dcp.MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(
+                dcp.FORMAT.split("/")[0] + "/"):
+            return True
+    final = folder / "final"
+    return any((final / n).is_file() for n in ("run_end.json", "base.json")) or any(
+        (final / n).is_dir() and any((final / n).iterdir()) for n in ("adapter", "model"))
 
 
 def in_place(data: dict, folder: Path | None, overrides) -> None:
