@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from ember import EmberError
-from ember.models.activations import act_fn, from_hf_name, gated, supported_hf_names
+from ember.models.activations import ACTIVATIONS, act_fn, from_hf_name, gated, supported_hf_names
+from ember.models.hf_config import config_from_hf
+from ember.models.hf_config_export import config_to_hf
 from ember.models.loading import load_pretrained, read_config, save_pretrained
 from ember.models.transformer import Transformer
 from tests.models.test_interop_hf import BASE, PHI3, _hf_logits, _ids, randomize_
@@ -85,8 +87,27 @@ def test_family_with_any_activation_matches_transformers(tmp_path, cls, key, act
     save_pretrained(model, tmp_path / "export")
     raw = json.loads((tmp_path / "export" / "config.json").read_text())
     assert raw[key] == act  # Gemma v1: "gelu_python", as "gelu" there means the tanh GELU
+    if cls == "GemmaConfig":
+        # transformers 4.40-4.47's Gemma MLP computes hidden_activation (the tanh GELU when it
+        # is missing), 4.48+ hidden_act: both written, the same name (was: hidden_act only)
+        assert raw["hidden_activation"] == act
     assert read_config(tmp_path / "export") == model.cfg
     assert _close(ours, _hf_logits(tmp_path / "export", ids))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gemma_v1_export_writes_both_activation_fields(activation):
+    """transformers 4.40-4.47's GemmaMLP computes ``hidden_activation`` (the tanh GELU when it
+    is missing) and 4.48+ ``hidden_act``: an export writes both, with the same name, and reads
+    back as the same config (was: hidden_act only, which 4.40-4.47 ran as the tanh GELU)."""
+    from transformers import GemmaConfig
+
+    raw = {**GemmaConfig(**BASE).to_dict(), "hidden_act": "gelu_pytorch_tanh"}
+    cfg = config_from_hf(raw).replace(activation=activation)
+    out = config_to_hf(cfg)
+    assert out["hidden_activation"] == out["hidden_act"]
+    assert from_hf_name(out["hidden_activation"]) == activation
+    assert config_from_hf(out) == cfg
 
 
 @pytest.mark.parametrize("cls,act", [("LlamaConfig", "gelu"), ("Gemma2Config", "relu2")])
