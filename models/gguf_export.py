@@ -103,12 +103,6 @@ def gguf_arch(cfg: ModelConfig) -> str:
         raise EmberError("save_gguf: llama.cpp's phi2 architecture has no q/k LayerNorms "
                          "(qk_layernorm) and no tied output head; export the merged HF folder "
                          "instead (ember export --merged)")
-    own = "gelu_tanh" if arch in (*GEMMA, "phi2") else "silu"  # llama.cpp's graphs hard-code it
-    if cfg.activation != own:
-        raise EmberError(f"save_gguf: llama.cpp's {arch} computes the MLP with {own} and a GGUF "
-                         f"file has no key for another; this model has activation "
-                         f"{cfg.activation!r}. Export the merged HF folder instead (ember export "
-                         "--merged)")
     if arch in ("gemma", "gemma2") and not cfg.tie_word_embeddings:
         # llama.cpp reads token_embd as the output matrix and has no output.weight for these
         # (its converter drops lm_head); transformers' GGUF loader leaves lm_head uninitialized
@@ -387,13 +381,22 @@ def _semantics(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
+# why a field cannot be written, where the GGUF file has no key for it at all
+_WHY = {
+    "activation": " (llama.cpp's graph for this architecture hard-codes its MLP activation and "
+    "a GGUF file has no key for another)"
+}
+
+
 def check_expressible(cfg: ModelConfig, md: dict, shapes: dict, extra: dict, path: Path) -> None:
     """Read ``md`` back with the importer; EmberError naming every field that would differ."""
     back = config_from_gguf(_Header(md, shapes, extra, path))
     ours, theirs = _semantics(cfg), _semantics(back)
     diff = {k: (v, theirs[k]) for k, v in ours.items() if theirs[k] != v}
     if diff:
-        said = "; ".join(f"{k}: {a!r} would be read as {b!r}" for k, (a, b) in diff.items())
+        said = "; ".join(
+            f"{k}: {a!r} would be read as {b!r}{_WHY.get(k, '')}" for k, (a, b) in diff.items()
+        )
         raise EmberError(f"save_gguf: a {md['general.architecture']} GGUF file cannot express "
                          f"this model ({said}); llama.cpp would compute a different model. "
                          "Export the merged HF folder instead (ember export --merged)")

@@ -184,16 +184,18 @@ def test_activations_ember_cannot_run_are_refused(tmp_path, cls, key, value, nee
     [("llama", "gelu_tanh"), ("qwen2", "relu"), ("gemma", "silu"), ("phi3", "gelu")],
 )
 def test_gguf_export_refuses_an_activation_llama_cpp_does_not_run(tmp_path, model_type, act):
-    """llama.cpp's llama/qwen2/phi3 graphs hard-code SiLU and its gemma graphs the tanh GELU;
-    a GGUF file has no activation key, so such a model was written and then ran with the
-    architecture's own activation."""
+    """llama.cpp's llama/qwen2/phi3 graphs hard-code SiLU and its gemma graphs the tanh GELU,
+    and a GGUF file has no activation key: save_gguf refuses such a model naming the
+    activation llama.cpp would run, and writes nothing."""
     from ember.models.config import ModelConfig
-    from ember.models.gguf_export import gguf_arch
+    from ember.models.gguf_export import save_gguf
+    from ember.models.tokenizer import tokenizer_from_gguf
+    from tests.models.test_gguf import VOCAB, tiny_tokenizer_md
 
     gemma = model_type == "gemma"
     cfg = ModelConfig(
         model_type=model_type,
-        vocab_size=32,
+        vocab_size=VOCAB,
         hidden_size=16,
         intermediate_size=24,
         num_layers=1,
@@ -202,7 +204,18 @@ def test_gguf_export_refuses_an_activation_llama_cpp_does_not_run(tmp_path, mode
         activation=act,
         tie_word_embeddings=gemma,
         norm_offset=1.0 if gemma else 0.0,
+        embedding_scale=16**0.5 if gemma else None,
     )
-    with pytest.raises(EmberError, match=f"activation {act!r}.*merged HF folder"):
-        gguf_arch(cfg)
-    assert gguf_arch(cfg.replace(activation="gelu_tanh" if gemma else "silu"))
+    own = "gelu_tanh" if gemma else "silu"
+    tok = tokenizer_from_gguf(tiny_tokenizer_md())
+    with pytest.raises(
+        EmberError, match=f"activation: {act!r} would be read as {own!r}.*merged HF folder"
+    ):
+        save_gguf(Transformer(cfg).init_weights(std=0.1, seed=0), tok, tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())
+    save_gguf(
+        Transformer(cfg.replace(activation=own)).init_weights(std=0.1, seed=0),
+        tok,
+        tmp_path / "m.gguf",
+    )
+    assert (tmp_path / "m.gguf").exists()
