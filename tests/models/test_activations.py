@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ember import EmberError
 from ember.models.activations import ACTIVATIONS, act_fn, from_hf_name, gated, supported_hf_names
@@ -34,6 +35,58 @@ def test_each_name_computes_transformers_function(name):
     want = ACT2FN[name](g.float()) * u.float()
     assert glu.dtype == torch.bfloat16
     torch.testing.assert_close(glu.float(), want, rtol=2**-8, atol=1e-5)
+
+
+def _saved_bytes(fn, *inputs) -> int:
+    """Bytes autograd keeps for backward of ``fn(*inputs).sum()`` (each storage once)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*inputs)
+    return sum(seen.values()) - out.untyped_storage().nbytes() * (
+        out.untyped_storage().data_ptr() in seen
+    )
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gated_saves_gate_and_up_only(activation):
+    """``gated`` keeps gate and up in their own dtype for backward (4 bytes/element in bf16, as
+    the fused kernels) and recomputes act in fp32 there: the same forward bits, gradients equal
+    to autograd's through the fp32 formula (was: that autograd, keeping fp32 copies and act's
+    intermediates, 12-20 bytes/element). Also under torch.compile(fullgraph) and checkpoint."""
+    fn = act_fn(activation)
+    gen = torch.Generator().manual_seed(len(activation))
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(2, 3, 2 * 37, generator=gen) * 3
+        g, u = (t.to(dtype).contiguous().requires_grad_() for t in x.chunk(2, dim=-1))
+        g2, u2 = (t.detach().clone().requires_grad_() for t in (g, u))
+        want = (fn(g2.float()) * u2.float()).to(dtype)
+        got = gated(activation)(g, u)
+        assert got.dtype == dtype and torch.equal(got, want)
+        dout = torch.randn(got.shape, generator=gen).to(dtype)
+        (want * dout).sum().backward()
+        (got * dout).sum().backward()
+        tol = dict(rtol=1e-6, atol=1e-7)  # fp32 rounding (bf16: one rounding apart at most)
+        if dtype == torch.bfloat16:
+            tol = dict(rtol=2**-8, atol=1e-6)
+        torch.testing.assert_close(g.grad, g2.grad, **tol)
+        torch.testing.assert_close(u.grad, u2.grad, **tol)
+        assert _saved_bytes(gated(activation), g, u) == g.nbytes + u.nbytes
+    runs = [lambda a, b: checkpoint(gated(activation), a, b, use_reentrant=False)]
+    if activation in ("gelu", "relu2", "mish", "laplace"):  # (each compile takes a while)
+        torch._dynamo.reset()  # one code object per activation: not the recompile limit
+        runs.append(torch.compile(gated(activation), fullgraph=True, backend="aot_eager"))
+    for run in runs:
+        g3, u3 = (t.detach().clone().requires_grad_() for t in (g, u))
+        out = run(g3, u3)
+        assert torch.equal(out, got)
+        (out * dout).sum().backward()
+        torch.testing.assert_close(g3.grad, g.grad, rtol=0, atol=0)
+        torch.testing.assert_close(u3.grad, u.grad, rtol=0, atol=0)
 
 
 def _save_scaled(tmp_path, name, cls, **kw):
