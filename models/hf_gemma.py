@@ -240,7 +240,8 @@ def _local_rope(
     layers; the sequence-dependent dynamic and longrope refused (Ember grows or switches the
     global table only); nothing when no layer slides (transformers never builds it)."""
     # transformers 5 takes the kind of a per-layer-type dict from the legacy "type" too
-    kind = local.get("rope_type") or local.get("type") or "default"
+    key = "rope_type" if local.get("rope_type") else "type"
+    kind = local.get(key) or "default"
     partial = local.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
     if not local_layers or kind == "default":
         theta, rs = parse_rope({"rope_parameters": local}, max_pos, "gemma3_text", rotary_dim)
@@ -254,7 +255,7 @@ def _local_rope(
         return theta, rs if local_layers else None
     if kind in ("dynamic", "longrope"):
         raise EmberError(
-            f"config.json: rope_parameters['sliding_attention'] has rope_type {kind!r}, which "
+            f"config.json: rope_parameters['sliding_attention'] has {key} {kind!r}, which "
             "Ember does not run on Gemma 3's sliding layers (linear, llama3 and yarn load; "
             f"{kind} only on full-attention layers)"
         )
