@@ -7,7 +7,8 @@ kernels (``ember.kernels.swiglu``): "silu" (SwiGLU; transformers' "silu", "swish
 "gelu_tanh" (GeGLU; "gelu_pytorch_tanh" and the same formula written out: "gelu_new",
 "gelu_fast", "gelu_accurate", "gelu_python_tanh"; they differ from the fused op by rounding
 only). Every other parameter-free ``ACT2FN`` entry is kept under its transformers name and runs
-on a plain PyTorch path (``gated``: act(gate) * up in fp32, autograd; no fused LoRA MLP).
+on a plain PyTorch path (``gated``: act(gate) * up in fp32, act recomputed in backward; no
+fused LoRA MLP).
 "prelu" and "xielu" carry learned parameters in the MLP (``act_fn.weight``...), which Ember's
 MLP has no place for: refused.
 """
@@ -126,12 +127,36 @@ def act_fn(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return FUNCTIONS[activation]
 
 
+class _Gated(torch.autograd.Function):
+    """act(gate) * up in fp32, output in gate's dtype, saving only gate and up in their own
+    dtype (4 bytes/element in bf16, as the fused kernels): backward recomputes act in fp32 and
+    its derivative with ``torch.func.vjp`` (traceable by torch.compile, fullgraph). Plain
+    autograd through the fp32 formula kept the fp32 copies and act's intermediates: 12-20
+    bytes/element."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        ctx.activation = activation
+        return (FUNCTIONS[activation](gate.float()) * up.float()).to(gate.dtype)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        d = dout.float()
+        act, vjp = torch.func.vjp(FUNCTIONS[ctx.activation], gate.float())
+        dgate = vjp(d * up.float())[0].to(gate.dtype) if ctx.needs_input_grad[0] else None
+        dup = (act * d).to(up.dtype) if ctx.needs_input_grad[1] else None
+        return dgate, dup, None
+
+
 def gated(activation: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """act(gate) * up for an activation without a fused kernel: math in fp32 (as the fused
-    kernels do), output in gate's dtype."""
-    fn = FUNCTIONS[activation]
+    kernels do), output in gate's dtype; backward saves gate and up only (``_Gated``)."""
+    if activation not in FUNCTIONS:
+        raise EmberError(f"unknown activation {activation!r} (one of {', '.join(ACTIVATIONS)})")
 
     def glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return (fn(gate.float()) * up.float()).to(gate.dtype)
+        return _Gated.apply(gate, up, activation)
 
     return glu

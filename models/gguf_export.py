@@ -104,12 +104,6 @@ def gguf_arch(cfg: ModelConfig) -> str:
     if arch == "starcoder2" and not (cfg.attention_bias and cfg.mlp_bias):  # llama.cpp needs them
         raise EmberError("save_gguf: llama.cpp's starcoder2 requires every projection's bias "
                          "(use_bias true); export the merged HF folder instead")
-    own = "gelu_tanh" if arch in (*GEMMA, "phi2", "starcoder2") else "silu"  # llama.cpp's
-    if cfg.activation != own:
-        raise EmberError(f"save_gguf: llama.cpp's {arch} computes the MLP with {own} and a GGUF "
-                         f"file has no key for another; this model has activation "
-                         f"{cfg.activation!r}. Export the merged HF folder instead (ember export "
-                         "--merged)")
     if arch in ("gemma", "gemma2") and not cfg.tie_word_embeddings:
         # llama.cpp reads token_embd as the output matrix and has no output.weight for these
         # (its converter drops lm_head); transformers' GGUF loader leaves lm_head uninitialized

@@ -16,6 +16,12 @@ from ember import EmberError
 from ember.models.config import ModelConfig
 from ember.models.gguf import TensorInfo, config_from_gguf
 
+# why a field cannot be written, where the GGUF file has no key for it at all
+_WHY = {
+    "activation": " (llama.cpp's graph for this architecture hard-codes its MLP activation and "
+    "a GGUF file has no key for another)"
+}
+
 
 class _Header:
     """What ``config_from_gguf`` reads of a ``GGUFFile``: metadata, tensor shapes, rope_freqs."""
@@ -92,7 +98,9 @@ def check_expressible(cfg: ModelConfig, md: dict, shapes: dict, extra: dict, pat
     ours, theirs = _semantics(cfg), _semantics(back)
     diff = {k: (v, theirs[k]) for k, v in ours.items() if theirs[k] != v}
     if diff:
-        said = "; ".join(f"{k}: {a!r} would be read as {b!r}" for k, (a, b) in diff.items())
+        said = "; ".join(
+            f"{k}: {a!r} would be read as {b!r}{_WHY.get(k, '')}" for k, (a, b) in diff.items()
+        )
         raise EmberError(
             f"save_gguf: a {md['general.architecture']} GGUF file cannot express "
             f"this model ({said}); llama.cpp would compute a different model. "

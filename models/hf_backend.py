@@ -25,9 +25,10 @@ What is swapped (each a keyword, all on by default):
   closer to fp32 in bf16). Gemma's norms are ``x * (1 + w)`` in fp32, cast at the end, exactly
   HF's: ``rms_norm(..., offset=1.0)``.
 - ``mlp``: ``down(act(gate(x)) * up(x))`` with the fused ``swiglu`` (silu/swish) or ``geglu``
-  (gelu_pytorch_tanh), the activation read from the field the family's MLP reads (``hidden_act``;
-  Gemma 2/3: ``hidden_activation``); other activations keep HF's MLP. Phi-3's fused
-  ``gate_up_proj`` output is chunked in two, gate first, as HF does.
+  (gelu_pytorch_tanh and the same formula written out: gelu_new, gelu_fast, gelu_accurate,
+  gelu_python_tanh; ``ember.models.activations``), the activation read from the field the
+  family's MLP reads (``hidden_act``; Gemma 2/3: ``hidden_activation``); other activations keep
+  HF's MLP. Phi-3's fused ``gate_up_proj`` output is chunked in two, gate first, as HF does.
 - ``rope`` and ``attention``: the attention module's forward is replaced. Projections are called
   as modules (PEFT's LoRA layers apply; Phi-3's fused ``qkv_proj`` output is split into q, k, v by
   head counts). RoPE: HF passes the layer's cos/sin (Gemma 3: the local or global table for that
@@ -117,6 +118,7 @@ import torch.nn as nn
 
 from ember import EmberError
 from ember.kernels import geglu, swiglu
+from ember.models.activations import FUSED, from_hf_name, supported_hf_names
 from ember.models.hf_backend_families import (  # noqa: F401  (re-exported: their old home)
     FAMILIES,
     SUPPORTED,
@@ -147,7 +149,14 @@ from ember.models.hf_wrappers import (
     _wrapped_swap,
 )
 
-_ACTIVATIONS = {"silu": swiglu, "swish": swiglu, "gelu_pytorch_tanh": geglu}
+# every transformers name of an activation Ember runs fused (silu / swish; gelu_pytorch_tanh and
+# the tanh GELU written out: gelu_new, gelu_fast... equal within rounding) -> its gated kernel
+_KERNELS = {"silu": swiglu, "gelu_tanh": geglu}
+_ACTIVATIONS = {
+    name: _KERNELS[from_hf_name(name)]
+    for name in supported_hf_names()
+    if from_hf_name(name) in FUSED
+}
 
 
 

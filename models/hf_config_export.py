@@ -156,6 +156,10 @@ def config_to_hf(cfg: ModelConfig, dtype: str | torch.dtype | None = None) -> di
         out["attention_bias"] = cfg.attention_bias
     if mt == "llama":
         out["mlp_bias"] = cfg.mlp_bias
+    if mt == "gemma":
+        # transformers 4.40-4.47's GemmaMLP computes hidden_activation (the tanh GELU when it is
+        # missing), 4.48+ hidden_act: both, the same name (the reader checks that they agree)
+        out["hidden_activation"] = out["hidden_act"]
     if mt in ("mistral", "ministral", "phi3"):
         out["sliding_window"] = cfg.sliding_window
     if mt == "ministral" and cfg.sliding_window is None:

@@ -47,8 +47,14 @@ def _opt_float(raw: Mapping, key: str, default: float | None) -> float | None:
     return get_float(raw, key, None) if key in raw else default
 
 
-def gemma_fields(raw: Mapping, model_type: str, num_layers: int, max_pos: int,
-                 window: int | None, rotary_dim: int | None = None) -> dict:
+def gemma_fields(
+    raw: Mapping,
+    model_type: str,
+    num_layers: int,
+    max_pos: int,
+    window: int | None,
+    rotary_dim: int | None = None,
+) -> dict:
     """ModelConfig fields of Gemma 2 / Gemma 3 text: per-layer windows (``layer_types``, else
     transformers' default pattern: every ``window_period``-th layer global), softcaps, attention
     scale and (Gemma 3) each layer type's RoPE base and scaling. ``window``:
@@ -74,9 +80,11 @@ def gemma_fields(raw: Mapping, model_type: str, num_layers: int, max_pos: int,
     if not isinstance(types, list):
         raise EmberError(f"config.json: layer_types must be a list, got {types!r}")
     if window is None and "sliding_attention" in types:
-        raise EmberError("config.json: sliding_window is null but layer_types (or the default "
-                         "pattern) has sliding-attention layers; transformers cannot build their "
-                         "mask: set sliding_window, or mark every layer full_attention")
+        raise EmberError(
+            "config.json: sliding_window is null but layer_types (or the default "
+            "pattern) has sliding-attention layers; transformers cannot build their "
+            "mask: set sliding_window, or mark every layer full_attention"
+        )
     scalar = get_float(raw, "query_pre_attn_scalar", dflt["query_pre_attn_scalar"])
     if scalar <= 0:
         raise EmberError(f"config.json: query_pre_attn_scalar must be > 0, got {scalar}")
@@ -103,10 +111,18 @@ def gemma_fields(raw: Mapping, model_type: str, num_layers: int, max_pos: int,
         )
         out["attn_softcap"] = None
     if model_type == "gemma3_text":
-        (out["rope_theta"], out["rope_scaling"], out["rope_local_theta"],
-         out["rope_local_scaling"]) = parse_gemma3_rope(
-            raw, max_pos, rotary_dim, global_layers="full_attention" in types,
-            local_layers="sliding_attention" in types)
+        (
+            out["rope_theta"],
+            out["rope_scaling"],
+            out["rope_local_theta"],
+            out["rope_local_scaling"],
+        ) = parse_gemma3_rope(
+            raw,
+            max_pos,
+            rotary_dim,
+            global_layers="full_attention" in types,
+            local_layers="sliding_attention" in types,
+        )
     return out
 
 
@@ -130,9 +146,13 @@ def gemma_to_hf(cfg: ModelConfig, out: dict) -> None:
         out["rope_local_base_freq"] = out["rope_parameters"]["sliding_attention"]["rope_theta"]
 
 
-def parse_gemma3_rope(raw: Mapping, max_pos: int, rotary_dim: int | None = None,
-                      global_layers: bool = True, local_layers: bool = True
-                      ) -> tuple[float, RopeScaling | None, float, RopeScaling | None]:
+def parse_gemma3_rope(
+    raw: Mapping,
+    max_pos: int,
+    rotary_dim: int | None = None,
+    global_layers: bool = True,
+    local_layers: bool = True,
+) -> tuple[float, RopeScaling | None, float, RopeScaling | None]:
     """Gemma 3 (``gemma3_text``): (global theta, global scaling, local theta, local scaling), as
     transformers 5's ``Gemma3TextConfig.convert_rope_params_to_dict`` reads either
     ``rope_parameters`` per layer type or the legacy ``rope_theta`` / ``rope_scaling`` (global
@@ -163,7 +183,8 @@ def parse_gemma3_rope(raw: Mapping, max_pos: int, rotary_dim: int | None = None,
             f"config.json: Gemma 3 rope_scaling {scaling!r} names its type with the legacy key "
             "'type', which transformers 5 ignores (it computes the default RoPE; 4.x applied "
             "the scaling); Ember does the same. Rename it to 'rope_type' to apply the scaling",
-            stacklevel=3)
+            stacklevel=3,
+        )
         full = {k: v for k, v in full.items() if k in ("rope_theta", "partial_rotary_factor")}
     # the scaled types size the full-attention frequencies by partial_rotary_factor (the dict's,
     # else the top-level one) but rotate the whole head: transformers fails on a full-attention
@@ -175,13 +196,18 @@ def parse_gemma3_rope(raw: Mapping, max_pos: int, rotary_dim: int | None = None,
                 f"config.json: partial_rotary_factor={partial} is not supported for Gemma 3 "
                 f"with the {kind!r} RoPE on its full-attention layers: transformers sizes the "
                 f"{kind} frequencies by it but rotates the whole head, and fails there. Remove "
-                "partial_rotary_factor")
+                "partial_rotary_factor"
+            )
         full.pop("partial_rotary_factor", None)
     full.setdefault("rope_theta", get_float(raw, "rope_theta", 1_000_000.0))
     local.setdefault("rope_theta", get_float(raw, "rope_local_base_freq", 10_000.0))
     unused_longrope = kind == "longrope" and partial not in (None, 1) and rotary_dim is not None
-    theta, rs = parse_rope({"rope_parameters": full}, max_pos, "gemma3_text",
-                           int(rotary_dim * partial) if unused_longrope else rotary_dim)
+    theta, rs = parse_rope(
+        {"rope_parameters": full},
+        max_pos,
+        "gemma3_text",
+        int(rotary_dim * partial) if unused_longrope else rotary_dim,
+    )
     if unused_longrope:
         # transformers checks the factor lists against the partial width and, with no
         # full-attention layer, never builds the table; Ember rotates whole heads, where those
@@ -189,7 +215,9 @@ def parse_gemma3_rope(raw: Mapping, max_pos: int, rotary_dim: int | None = None,
         warnings.warn(
             f"config.json: Gemma 3's LongRoPE with partial_rotary_factor={partial} is unused "
             "(no layer uses full attention) and dropped, as transformers never builds it; an "
-            "export writes the default RoPE for the full-attention layers", stacklevel=2)
+            "export writes the default RoPE for the full-attention layers",
+            stacklevel=2,
+        )
         rs = None
     local_theta, local_rs = _local_rope(raw, local, max_pos, rotary_dim, local_layers)
     if rs is not None and rs.kind == "yarn" and not rs.truncate:
@@ -204,34 +232,48 @@ def parse_gemma3_rope(raw: Mapping, max_pos: int, rotary_dim: int | None = None,
     return theta, rs, local_theta, local_rs
 
 
-def _local_rope(raw: Mapping, local: dict, max_pos: int, rotary_dim: int | None,
-                local_layers: bool) -> tuple[float, RopeScaling | None]:
+def _local_rope(
+    raw: Mapping, local: dict, max_pos: int, rotary_dim: int | None, local_layers: bool
+) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) of Gemma 3's sliding layers from ``rope_parameters["sliding_attention"]``
     (``local``), as transformers 5 builds that table: linear, llama3 and yarn as for the global
     layers; the sequence-dependent dynamic and longrope refused (Ember grows or switches the
     global table only); nothing when no layer slides (transformers never builds it)."""
-    kind = local.get("rope_type") or "default"
+    # transformers 5 takes the kind of a per-layer-type dict from the legacy "type" too
+    key = "rope_type" if local.get("rope_type") else "type"
+    kind = local.get(key) or "default"
     partial = local.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
     if not local_layers or kind == "default":
         theta, rs = parse_rope({"rope_parameters": local}, max_pos, "gemma3_text", rotary_dim)
+        if not local_layers and kind != "default":
+            warnings.warn(
+                f"config.json: Gemma 3's rope_parameters['sliding_attention'] {kind!r} scaling "
+                "is unused (no layer uses sliding attention) and dropped, as transformers never "
+                "builds it; an export writes the default RoPE for the sliding layers",
+                stacklevel=3,
+            )
         return theta, rs if local_layers else None
     if kind in ("dynamic", "longrope"):
         raise EmberError(
-            f"config.json: rope_parameters['sliding_attention'] has rope_type {kind!r}, which "
+            f"config.json: rope_parameters['sliding_attention'] has {key} {kind!r}, which "
             "Ember does not run on Gemma 3's sliding layers (linear, llama3 and yarn load; "
-            f"{kind} only on full-attention layers)")
+            f"{kind} only on full-attention layers)"
+        )
     if partial is not None and partial != 1:
         raise EmberError(
             f"config.json: partial_rotary_factor={partial} is not supported with the {kind!r} "
             "RoPE on Gemma 3's sliding_attention layers: transformers sizes the frequencies by "
-            "it but rotates the whole head, and fails there. Remove partial_rotary_factor")
+            "it but rotates the whole head, and fails there. Remove partial_rotary_factor"
+        )
     local = {k: v for k, v in local.items() if k != "partial_rotary_factor"}
     theta, rs = parse_rope({"rope_parameters": local}, max_pos, "gemma3_text", rotary_dim)
     if rs is not None and rs.kind == "yarn" and not rs.truncate:
         warnings.warn(
             "config.json: Gemma 3 YaRN truncate=false (sliding_attention) is ignored, as "
             "transformers 5 ignores it (it truncates, reading the flag beside the per-layer-type "
-            "dicts)", stacklevel=3)
+            "dicts)",
+            stacklevel=3,
+        )
         rs = replace(rs, truncate=True)
     return theta, rs
 
@@ -241,8 +283,11 @@ def gemma3_rope_to_hf(cfg: ModelConfig) -> dict:
     local = cfg.rope_theta if cfg.rope_local_theta is None else cfg.rope_local_theta
     sliding = {"rope_type": "default", "rope_theta": local}
     if cfg.rope_local_scaling is not None:
-        sliding = rope_to_hf(cfg.replace(rope_theta=local, rope_scaling=cfg.rope_local_scaling,
-                                         partial_rotary_factor=1.0))
+        sliding = rope_to_hf(
+            cfg.replace(
+                rope_theta=local, rope_scaling=cfg.rope_local_scaling, partial_rotary_factor=1.0
+            )
+        )
     return {
         "sliding_attention": sliding,
         "full_attention": rope_to_hf(cfg),
@@ -255,11 +300,13 @@ def gemma3_rope_to_hf(cfg: ModelConfig) -> dict:
 MULTIMODAL = {"gemma3": "Gemma3ForConditionalGeneration"}  # model_type -> its one architecture
 # Top-level fields of a gemma3 config.json besides the text/vision configs: image-token bookkeeping
 # (text-only inputs never use them) and fields handed to the text config.
-_MM_FIELDS = frozenset("""
+_MM_FIELDS = frozenset(
+    """
     text_config vision_config mm_tokens_per_image boi_token_index eoi_token_index
     image_token_index image_token_id boi_token_id eoi_token_id tie_word_embeddings dtype torch_dtype
     bos_token_id eos_token_id pad_token_id initializer_range
-""".split())
+""".split()
+)
 # transformers 5's Gemma3TextConfig defaults for the fields Ember otherwise requires (Google's
 # gemma-3-4b/12b/27b text_config lists only what differs from them).
 _TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216,
@@ -290,8 +337,11 @@ def multimodal_text_config(raw: Mapping, harmless: frozenset) -> dict:
     text = raw.get("text_config") or {}
     if not isinstance(text, Mapping):
         raise EmberError(f"config.json: text_config must be an object, got {text!r}")
-    top = {k: raw[k] for k in ("dtype", "torch_dtype", "bos_token_id", "eos_token_id",
-                               "pad_token_id") if k in raw and k not in text}
+    top = {
+        k: raw[k]
+        for k in ("dtype", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id")
+        if k in raw and k not in text
+    }
     text = {**_TEXT_DEFAULTS, "model_type": "gemma3_text", **top, **text}
     if text["model_type"] != "gemma3_text":
         raise EmberError(

@@ -88,6 +88,14 @@ def test_scaled_rope_on_sliding_layers_matches_transformers(tmp_path, kind, full
     assert _close(ours, _hf_logits(tmp_path / "export", ids))
 
 
+def _rewrite_local(folder, local):
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    raw["rope_parameters"]["sliding_attention"] = {**local, "rope_theta": 1000.0}
+    path.write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize("key", ["rope_type", "type"])
 @pytest.mark.parametrize(
     "local",
     [
@@ -100,13 +108,32 @@ def test_scaled_rope_on_sliding_layers_matches_transformers(tmp_path, kind, full
         },
     ],
 )
-def test_sequence_dependent_rope_on_sliding_layers_is_refused(tmp_path, local):
+def test_sequence_dependent_rope_on_sliding_layers_is_refused(tmp_path, local, key):
+    """The legacy key "type" (transformers 5 honours it in a per-layer-type dict) is refused as
+    "rope_type" is (was: a message about rope_local_scaling / rope_local_theta)."""
     folder = _save(tmp_path, "m", {"rope_type": "linear", "factor": 2.0})
-    path = folder / "config.json"
-    raw = json.loads(path.read_text())
-    raw["rope_parameters"]["sliding_attention"] = {**local, "rope_theta": 1000.0}
-    path.write_text(json.dumps(raw))
-    with pytest.raises(EmberError, match=f"sliding_attention.*{local['rope_type']}"):
+    kind = local["rope_type"]
+    _rewrite_local(folder, {key: kind, **{k: v for k, v in local.items() if k != "rope_type"}})
+    with pytest.raises(EmberError, match=f"sliding_attention.*{kind}"):
+        load_pretrained(folder)
+
+
+def test_legacy_type_key_on_sliding_layers_matches_transformers(tmp_path):
+    """{"type": "yarn", "truncate": false} in sliding_attention: transformers 5 builds the yarn
+    table from "type" and truncates (the flag is read beside the per-layer-type dicts); Ember
+    read the kind from "rope_type" only, kept truncate=false and its inv_freq differed by 0.049.
+    A partial_rotary_factor beside it is refused as it is with "rope_type"."""
+    folder = _save(tmp_path, "m", LOCAL["yarn"])
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    _rewrite_local(folder, {**yarn, "truncate": False})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).model.rotary_emb
+    with pytest.warns(UserWarning, match="truncate=false"):
+        model, _ = load_pretrained(folder)
+    assert model.cfg.rope_local_scaling.kind == "yarn"
+    assert model.cfg.rope_local_scaling.truncate
+    torch.testing.assert_close(model.inv_freq_local, hf.sliding_attention_inv_freq)
+    _rewrite_local(folder, {**yarn, "partial_rotary_factor": 0.5})
+    with pytest.raises(EmberError, match="partial_rotary_factor.*sliding_attention"):
         load_pretrained(folder)
 
 
@@ -130,3 +157,22 @@ def test_gguf_export_refuses_scaled_sliding_rope(tmp_path):
             tokenizer_from_gguf(tiny_tokenizer_md()),
             tmp_path / "m.gguf",
         )
+
+
+def test_unused_sliding_rope_scaling_warns(tmp_path):
+    """No layer slides: transformers never builds the sliding table, so its scaling is unused
+    and an export writes the default RoPE there. Was dropped silently; now a warning says so,
+    as the equivalent drop of an unused full-attention LongRoPE does."""
+    config = transformers.Gemma3TextConfig(
+        **{**BASE, "head_dim": 12},
+        sliding_window=6,
+        layer_types=["full_attention"] * 2,
+        rope_parameters={"full_attention": FULL, "sliding_attention": {**LOCAL["yarn"]}},
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    with pytest.warns(UserWarning, match="sliding_attention.*'yarn'.*unused.*default RoPE"):
+        model, _ = load_pretrained(tmp_path / "m")
+    assert model.cfg.rope_local_scaling is None
+    save_pretrained(model, tmp_path / "export")
+    raw = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert raw["rope_parameters"]["sliding_attention"]["rope_type"] == "default"

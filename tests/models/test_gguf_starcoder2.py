@@ -107,7 +107,7 @@ def test_converter_file_matches_hf_and_exports_back(tmp_path, tied):
             dict(attention_bias=False, attention_out_bias=False, mlp_bias=False),
             "requires every projection's bias",
         ),
-        (dict(activation="gelu"), "computes the MLP with gelu_tanh"),
+        (dict(activation="gelu"), "'gelu' would be read as 'gelu_tanh' .llama.cpp's graph"),
     ):
         with pytest.raises(EmberError, match=needle):
             save_gguf(Transformer(cfg.replace(**change)), tok, tmp_path / "bad.gguf")

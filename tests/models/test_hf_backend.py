@@ -567,3 +567,30 @@ def test_nan_weight_gives_a_nan_loss(flash_calls):
     assert ref(ids, attention_mask=mask, labels=labels).loss.isnan()
     assert model(ids, attention_mask=mask, labels=labels).loss.isnan()
     assert flash_calls == ["varlen"] * BASE["num_hidden_layers"]
+
+
+@pytest.mark.parametrize(
+    "act,kind",
+    [
+        ("swish", "mlp:swiglu"),
+        ("gelu_new", "mlp:geglu"),
+        ("gelu_fast", "mlp:geglu"),
+        ("gelu_accurate", "mlp:geglu"),
+        ("gelu_python_tanh", "mlp:geglu"),
+        ("gelu", None),  # the exact GELU: no fused kernel, HF's MLP kept
+    ],
+)
+def test_mlp_swap_for_every_name_of_a_fused_activation(act, kind):
+    """transformers' written-out tanh GELUs (gelu_new / gelu_fast / gelu_accurate /
+    gelu_python_tanh) are the fused geglu's function within rounding, as Ember's own MLP runs
+    them: accelerate() swaps their MLP too (was: only silu / swish / gelu_pytorch_tanh), with
+    transformers' loss and gradients."""
+    ref, model = _pair("llama", seed=3, hidden_act=act)
+    with torch.no_grad():  # gates large enough that the activation's shape matters
+        for m in (ref, model):
+            for layer in m.model.layers:
+                layer.mlp.gate_proj.weight.mul_(8)
+    accelerate(model)
+    mlps = {k for k in swapped(model).values() if k.startswith("mlp")}
+    assert mlps == ({kind} if kind else set())
+    _loss_and_grads_match(ref, model, _ids(2, 13, seed=1), labels=_ids(2, 13, seed=1))
