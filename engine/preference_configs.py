@@ -28,6 +28,20 @@ def check_sync_settings(section: str, c) -> None:
                          "= false")
 
 
+def check_sync(section: str, method: str) -> None:
+    """EmberError unless ``<section>.sync_ref_model`` can mix the reference exactly
+    (``engine/reference_sync.py``): ``TrainConfig`` checks it, before a run folder is made."""
+    if method != "full":
+        raise EmberError(
+            f'{section}.sync_ref_model needs method = "full" (a separate frozen '
+            f"copy of the model to mix into); with method = {method!r} the reference "
+            "is the same model with its adapters switched off (or a snapshot of the "
+            "starting adapter), and mixing the adapters' A and B apart is not mixing "
+            "their product B @ A (TRL refuses PEFT models too): train with method = "
+            f'"full", or set {section}.sync_ref_model = false'
+        )
+
+
 def _check(section: str, beta: float, label_smoothing: float, sft_weight: float) -> None:
     if not beta > 0:
         raise EmberError(f"{section}.beta must be > 0, got {beta}")

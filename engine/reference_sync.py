@@ -30,23 +30,10 @@ from torch import nn
 from ember import EmberError
 from ember.engine import dcp
 from ember.engine.distributed import DistInfo, barrier, broadcast_object, reshard_all
+from ember.engine.preference_configs import check_sync  # noqa: F401  (re-exported)
 
 FOLDER = "reference"  # inside a checkpoint's step_N/
 _WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def check_sync(section: str, method: str) -> None:
-    """EmberError unless ``<section>.sync_ref_model`` can mix the reference exactly (the config
-    refuses it with ``precompute_ref_log_probs``: ``preference_configs.check_sync_settings``)."""
-    if method != "full":
-        raise EmberError(
-            f'{section}.sync_ref_model needs method = "full" (a separate frozen '
-            f"copy of the model to mix into); with method = {method!r} the reference "
-            "is the same model with its adapters switched off (or a snapshot of the "
-            "starting adapter), and mixing the adapters' A and B apart is not mixing "
-            "their product B @ A (TRL refuses PEFT models too): train with method = "
-            f'"full", or set {section}.sync_ref_model = false'
-        )
 
 
 def _name(n: str) -> str:
