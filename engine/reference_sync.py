@@ -13,15 +13,13 @@ mixing B @ A (``check_sync``). Under torchrun the reference is sharded like the 
 each rank mixes its own shards, local and exact.
 
 The mixed reference is training state: ``save_reference`` writes it into each checkpoint while
-``dcp.save`` builds it (a ``reference/`` folder of DCP shards and its own ``manifest.json``,
-published with the model in the checkpoint's one rename), ``load_reference`` loads it at a
-resume and refuses a checkpoint without one.
+``dcp.save`` builds it (a ``reference/`` folder of DCP shards, hashed by the checkpoint's
+manifest and published with the model in the checkpoint's one rename), ``load_reference``
+loads it at a resume and refuses a checkpoint without one.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -81,9 +79,10 @@ def _state(ref: nn.Module) -> tuple[dict, bool]:
 
 
 def save_reference(step_dir: Path, ref: nn.Module, info: DistInfo) -> Path:
-    """Write ``ref``'s weights into ``step_dir``'s ``reference/`` (every rank): DCP shards, then
-    their manifest. ``step_dir`` is the checkpoint being written (``dcp.save``'s ``write_more``),
-    so the reference is published with the model and optimizer in one rename, or not at all."""
+    """Write ``ref``'s weights into ``step_dir``'s ``reference/`` (every rank): DCP shards.
+    ``step_dir`` is the checkpoint being written (``dcp.save``'s ``write_more``), so the
+    reference is published with the model and optimizer in one rename, or not at all, and the
+    checkpoint's manifest hashes its files (a damaged one is skipped like any damaged file)."""
     import torch.distributed.checkpoint as tdcp
 
     final = Path(step_dir) / FOLDER
@@ -93,28 +92,19 @@ def save_reference(step_dir: Path, ref: nn.Module, info: DistInfo) -> Path:
     state, _ = _state(ref)
     dcp._dcp_call(tdcp.save, state, final)
     barrier(info)
-    if info.is_main:
-        files = {
-            n: {"bytes": (final / n).stat().st_size, "sha256": dcp._sha256(final / n)}
-            for n in dcp._files(final)
-        }
-        with open(final / dcp.MANIFEST, "w") as f:
-            f.write(json.dumps({"files": files}, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    barrier(info)
     return final
 
 
 def load_reference(step_dir: Path, ref: nn.Module, info: DistInfo, section: str) -> None:
     """Load checkpoint ``step_dir``'s mixed reference into ``ref`` (every rank); EmberError when
-    the checkpoint holds none or it is incomplete."""
+    the checkpoint holds none (its files' integrity is the checkpoint manifest's, checked before
+    the resume chose it)."""
     import torch.distributed.checkpoint as tdcp
 
     folder = Path(step_dir) / FOLDER
     why = None
-    if info.is_main:
-        why = _check(folder)
+    if info.is_main and not (folder / ".metadata").is_file():
+        why = f"{FOLDER}/ is missing" if not folder.exists() else f"{FOLDER}/ is incomplete"
     why = broadcast_object(why, info)
     if why is not None:
         raise EmberError(
@@ -130,15 +120,3 @@ def load_reference(step_dir: Path, ref: nn.Module, info: DistInfo, section: str)
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         set_model_state_dict(ref, state["model"])
-
-
-def _check(folder: Path) -> str | None:
-    path = folder / dcp.MANIFEST
-    if not path.exists():
-        return f"{FOLDER}/ is missing" if not folder.exists() else f"{FOLDER}/ is incomplete"
-    files = json.loads(path.read_text())["files"]
-    for n, meta in files.items():
-        f = folder / n
-        if not f.exists() or f.stat().st_size != meta["bytes"]:
-            return f"{FOLDER}/{n} is missing or truncated"
-    return None

@@ -92,11 +92,21 @@ def test_tr_dpo_reference_follows_trl_recurrence_and_resumes(tiny, prefs, tmp_pa
     # the reference is part of the checkpoint's one atomic save: its manifest lists the files
     step3 = dcp.step_dir(dcp.checkpoint_root(broken), 3)
     manifest = json.loads((step3 / dcp.MANIFEST).read_text())
-    assert any(n.startswith("reference/") for n in manifest["files"])
+    assert "reference/.metadata" in manifest["files"]
+    assert not (step3 / "reference" / dcp.MANIFEST).exists()  # the outer one covers it
+    # a damaged reference (its .metadata gone) is skipped like any damaged file: the resume
+    # falls back to step 2 and ends with the same reference
+    damaged = tmp_path / "damaged"
+    shutil.copytree(broken, damaged)
+    (dcp.step_dir(dcp.checkpoint_root(damaged), 3) / "reference" / ".metadata").unlink()
+    again = _run(_cfg(tiny, prefs, damaged), resume=True)
+    for n, p in again.objective.ref_model.named_parameters():
+        assert torch.equal(p, ref[n]), n
     # a checkpoint holding no reference (written without sync_ref_model): refused, not restarted
     shutil.rmtree(step3 / "reference")
-    manifest["files"] = {k: v for k, v in manifest["files"].items()
-                         if not k.startswith("reference/")}
+    manifest["files"] = {
+        k: v for k, v in manifest["files"].items() if not k.startswith("reference/")
+    }
     (step3 / dcp.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(
         EmberError,
