@@ -91,7 +91,8 @@ class DPOConfig:
     disable_dropout: bool = True
     # TR-DPO: every ref_model_sync_steps optimizer steps the reference becomes
     # ref_model_mixup_alpha * policy + (1 - alpha) * reference (TRL's sync_ref_model; method =
-    # "full" only, not with precompute_ref_log_probs; engine/reference_sync.py)
+    # "full" only, not with precompute_ref_log_probs; the reference is then kept in the
+    # policy's weights dtype, fp32 under precision bf16: twice the memory; reference_sync.py)
     sync_ref_model: bool = False
     ref_model_mixup_alpha: float = 0.6  # TR-DPO's alpha: the policy's share of each update
     ref_model_sync_steps: int = 512  # TR-DPO's tau: optimizer steps between reference updates

@@ -6,6 +6,12 @@ dtype, as TRL's ``SyncRefModelCallback._sync_target_model`` does
 ``ref_model_sync_steps`` (its ``on_step_end`` at ``global_step % ref_model_sync_steps == 0``;
 one step is one optimizer step, whatever ``grad_accum``).
 
+The reference is built in the policy's weights dtype (``preference_reference``): fp32, as the
+masters, under precision bf16 (twice a bf16 copy's memory; under FSDP its fp32 shards are
+gathered in bf16 for the forwards, as the policy's), as TRL builds its ``ref_model``; a bf16
+reference would drop every update below half a bf16 step (at alpha 0.01 and lr 5e-7 most
+weights never move).
+
 Only a full fine-tune's frozen copy can be mixed exactly: a LoRA run's reference is the model
 with its adapters off (or a snapshot of the starting adapter), and mixing A and B apart is not
 mixing B @ A (``check_sync``). Under torchrun the reference is sharded like the model

@@ -163,3 +163,34 @@ def test_kto_hard_sync_copies_the_policy(tiny, prefs, tmp_path):
     for n, q in t.objective.ref_model.named_parameters():
         assert torch.equal(q, policy[n].detach()), n
     assert not all(torch.equal(p, policy[n]) for n, p in start.named_parameters())
+
+
+def test_tr_dpo_mixes_in_the_policys_dtype_under_bf16(tiny, prefs, tmp_path):
+    """Under precision bf16 a full fine-tune's policy keeps fp32 masters, and TRL builds the
+    reference in the policy's dtype: the mix must be the fp32 recurrence, not a bf16 one that
+    drops every update below half a bf16 step (at a small alpha and lr: most of them)."""
+    alpha = 0.05
+    run = tmp_path / "bf16"
+    cfg = _cfg(
+        tiny,
+        prefs,
+        run,
+        'precision="bf16"',
+        f"dpo.ref_model_mixup_alpha={alpha}",
+        "dpo.ref_model_sync_steps=1",
+        "max_steps=2",
+        "optim.lr=1e-4",
+    )
+    t = _run(cfg)
+    ref = dict(t.objective.ref_model.named_parameters())
+    start, _ = load_pretrained(tiny["model"], "float32")
+    want = {n: p.detach().clone() for n, p in start.named_parameters()}
+    final = {n: p.detach() for n, p in t.model.named_parameters()}
+    for step in (1, 2):
+        policy = checkpoint_weights(run, tmp_path, step) if step < 2 else final
+        assert all(p.dtype == torch.float32 for p in policy.values())
+        for n, q in want.items():
+            q.mul_(1.0 - alpha).add_(policy[n], alpha=alpha)
+    for n, q in want.items():
+        assert ref[n].dtype == torch.float32, n
+        assert torch.equal(ref[n].detach(), q), n
