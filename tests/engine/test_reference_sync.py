@@ -18,6 +18,7 @@ from ember import EmberError
 from ember.engine import dcp
 from ember.engine.config import load_config
 from ember.engine.data import DataConfig, collate, load_examples
+from ember.engine.kto import kl_documents
 from ember.engine.losses import doc_logprobs
 from ember.engine.trainer import Trainer
 from ember.models.loading import load_pretrained
@@ -194,3 +195,78 @@ def test_tr_dpo_mixes_in_the_policys_dtype_under_bf16(tiny, prefs, tmp_path):
     for n, q in want.items():
         assert ref[n].dtype == torch.float32, n
         assert torch.equal(ref[n].detach(), q), n
+
+
+def test_sync_counts_a_skipped_step(tiny, prefs, tmp_path, monkeypatch):
+    """TRL syncs at ``on_step_end`` when ``global_step % ref_model_sync_steps == 0``, and
+    ``global_step`` counts a skipped optimizer step too: step 1 skipped (an inf gradient), the
+    sync of step 2 still happens, mixing in the policy of its one applied update."""
+    import math
+
+    from ember.engine import trainer as tr
+
+    real_step = tr.Trainer._step
+
+    def step(self, micro, n, *args, **kw):  # step 1's backward gives inf gradients
+        if not getattr(self, "_inf_hooked", False):
+            self._inf_hooked = True
+            p = next(p for p in self.model.parameters() if p.requires_grad)
+            p.register_hook(lambda g: torch.full_like(g, math.inf) if self._now == 1 else g)
+        self._now = n
+        return real_step(self, micro, n, *args, **kw)
+
+    monkeypatch.setattr(tr.Trainer, "_step", step)
+    cfg = _cfg(tiny, prefs, tmp_path / "skip", "max_steps=2", "checkpoint.every_steps=0")
+    t = _run(cfg)
+    rows = [r for r in rows_of(tmp_path / "skip") if r["kind"] == "train"]
+    assert [r.get("skipped", False) for r in rows] == [True, False]
+    start, _ = load_pretrained(tiny["model"], "float32")
+    policy = dict(t.model.named_parameters())
+    ref = dict(t.objective.ref_model.named_parameters())
+    for n, p in start.named_parameters():
+        want = p.detach().clone().mul_(1.0 - ALPHA).add_(policy[n].detach(), alpha=ALPHA)
+        assert torch.equal(ref[n], want), n
+    assert not all(torch.equal(p, policy[n]) for n, p in start.named_parameters())
+
+
+def test_kto_kl_term_reads_the_mixed_reference(tiny, prefs, tmp_path):
+    """KTO's KL estimate (the mismatched documents' policy - reference log-probs) is scored
+    with the mixed reference, at an alpha other than 1: a model holding the recurrence's
+    weights gives the same estimate."""
+    alpha = 0.5
+    run = tmp_path / "kto"
+    cfg = tiny_config(
+        dict(tiny, train=prefs, val=prefs, test=prefs),
+        run,
+        'method="full"',
+        'objective="kto"',
+        "kto.sync_ref_model=true",
+        f"kto.ref_model_mixup_alpha={alpha}",
+        "kto.ref_model_sync_steps=1",
+        *SYNC[6:],
+        "max_steps=2",
+    )
+    t = _run(cfg)
+    start, tok = load_pretrained(tiny["model"], "float32")
+    want = {n: p.detach().clone() for n, p in start.named_parameters()}
+    final = {n: p.detach() for n, p in t.model.named_parameters()}
+    for step in (1, 2):
+        policy = checkpoint_weights(run, tmp_path, step) if step < 2 else final
+        for n, q in want.items():
+            q.mul_(1.0 - alpha).add_(policy[n], alpha=alpha)
+    with torch.no_grad():
+        for n, p in start.named_parameters():
+            p.copy_(want[n])
+    obj = t.objective
+    batch = collate(obj.load_datasets(cfg.data, tok).train[:4])
+    total, n = obj._kl_sums(t.model, [batch], "cpu", None)
+    kl = kl_documents(batch, obj.max_len)
+    with torch.no_grad():
+        diff = doc_logprobs(t.model, kl).sums - doc_logprobs(start.eval(), kl).sums
+    assert n == kl.num_docs > 1
+    assert total == pytest.approx(float(diff.sum()), rel=1e-6, abs=1e-6)
+    unmixed, _ = load_pretrained(tiny["model"], "float32")
+    for other in (unmixed.eval(), t.model):  # the starting reference, a hard copy: not these
+        with torch.no_grad():
+            far = doc_logprobs(t.model, kl).sums - doc_logprobs(other, kl).sums
+        assert abs(total - float(far.sum())) > 1e-3
