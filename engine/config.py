@@ -62,6 +62,7 @@ from ember.engine.distributed import DistConfig
 from ember.engine.guards import GuardConfig
 from ember.engine.kto import KTOConfig
 from ember.engine.objectives import OBJECTIVES, PREFERENCE_OBJECTIVES, DistillConfig
+from ember.engine.preference_configs import check_sync
 from ember.engine.preference_cpo import CPOConfig
 from ember.engine.preference_objectives import DPOConfig, ORPOConfig, SimPOConfig
 from ember.models.lora import LoRAConfig
@@ -152,6 +153,8 @@ class TrainConfig:
                              "not supported (the reference would be the model with its initial "
                              "prompt): use method = \"lora\" or \"full\", or the reference-free "
                              "objective = \"orpo\", \"simpo\" or \"cpo\"")
+        if self.objective in ("dpo", "kto") and getattr(self, self.objective).sync_ref_model:
+            check_sync(self.objective, self.method)
         if self.objective == "distill" and not (self.distill.teacher or "").strip():
             raise EmberError("objective = \"distill\" needs distill.teacher: a model name, HF "
                              "folder or .gguf file sharing the student's tokenizer")

@@ -116,8 +116,10 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[str]:
+    """Every file under ``folder`` but its own manifest (the one at its top)."""
+    top = folder / MANIFEST
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.name != MANIFEST)
+                  if p.is_file() and p != top)
 
 
 def _check_files(folder: Path, names: list[str], manifest: dict, verify: str) -> list[str]:

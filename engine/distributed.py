@@ -249,7 +249,7 @@ def shard_model(model: nn.Module, info: DistInfo, *, mixed_precision: str = "aut
     return model
 
 
-def shard_frozen(model: nn.Module, info: DistInfo) -> nn.Module:
+def shard_frozen(model: nn.Module, info: DistInfo, mixed_precision: str = "none") -> nn.Module:
     """A model for forwards only (distillation's teacher, DPO's reference with full fine-tuning):
     eval mode, no gradients and, under torchrun, sharded like the trained model (``fully_shard``
     per block, then the root, on the same process group; no optimizer), so each rank holds
@@ -258,9 +258,10 @@ def shard_frozen(model: nn.Module, info: DistInfo) -> nn.Module:
     must make the same forward calls in the same order; call ``release`` after each use (the
     root stays gathered after a forward, for the ``logits`` / ``output_weight`` that follow it).
     Weights stay in their dtype (no mixed-precision policy: they are loaded in the compute
-    dtype)."""
+    dtype), unless ``mixed_precision`` (``dist.mixed_precision``'s values) gathers fp32 shards
+    in bf16 for the forwards, as the trained model's (TR-DPO's reference: fp32 for its mix)."""
     model.requires_grad_(False).eval()
-    return shard_model(model, info, mixed_precision="none", reshard_after_forward=True)
+    return shard_model(model, info, mixed_precision=mixed_precision, reshard_after_forward=True)
 
 
 def release(model: nn.Module) -> None:

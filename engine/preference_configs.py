@@ -28,6 +28,20 @@ def check_sync_settings(section: str, c) -> None:
                          "= false")
 
 
+def check_sync(section: str, method: str) -> None:
+    """EmberError unless ``<section>.sync_ref_model`` can mix the reference exactly
+    (``engine/reference_sync.py``): ``TrainConfig`` checks it, before a run folder is made."""
+    if method != "full":
+        raise EmberError(
+            f'{section}.sync_ref_model needs method = "full" (a separate frozen '
+            f"copy of the model to mix into); with method = {method!r} the reference "
+            "is the same model with its adapters switched off (or a snapshot of the "
+            "starting adapter), and mixing the adapters' A and B apart is not mixing "
+            "their product B @ A (TRL refuses PEFT models too): train with method = "
+            f'"full", or set {section}.sync_ref_model = false'
+        )
+
+
 def _check(section: str, beta: float, label_smoothing: float, sft_weight: float) -> None:
     if not beta > 0:
         raise EmberError(f"{section}.beta must be > 0, got {beta}")
@@ -77,7 +91,8 @@ class DPOConfig:
     disable_dropout: bool = True
     # TR-DPO: every ref_model_sync_steps optimizer steps the reference becomes
     # ref_model_mixup_alpha * policy + (1 - alpha) * reference (TRL's sync_ref_model; method =
-    # "full" only, not with precompute_ref_log_probs; engine/reference_sync.py)
+    # "full" only, not with precompute_ref_log_probs; the reference is then kept in the
+    # policy's weights dtype, fp32 under precision bf16: twice the memory; reference_sync.py)
     sync_ref_model: bool = False
     ref_model_mixup_alpha: float = 0.6  # TR-DPO's alpha: the policy's share of each update
     ref_model_sync_steps: int = 512  # TR-DPO's tau: optimizer steps between reference updates

@@ -222,12 +222,22 @@ class DPO(Referenced, _Pairs):
             if c.use_weighting:
                 weights = wpo_pair_weights(tok.logps, tok.log_sum_sq, tok.doc, tok.num_docs)
         ref, n = ref_lp.sums, lp.counts
+        if not c.loss_types:  # loss_type "sft" alone: the NLL term only (TRL 1.16's too)
+            return _nll_only(pol, ref, c.beta), lp, extra
         out = dpo_loss(pol[0::2], pol[1::2], ref[0::2], ref[1::2], c.beta, c.label_smoothing,
                        c.loss_types, chosen_tokens=n[0::2], rejected_tokens=n[1::2],
                        loss_weights=c.pair_weights, f_divergence=c.f_divergence_type,
                        f_alpha=c.f_alpha_divergence_coef, discopop_tau=c.discopop_tau,
                        pair_weights=weights)
         return out, lp, extra
+
+
+def _nll_only(pol: torch.Tensor, ref: torch.Tensor, beta: float) -> PairLosses:
+    """DPO's pair losses when ``loss_type`` names "sft" alone: zero (on the policy's graph, so
+    a step backpropagates even with the NLL term weighted 0), and the rewards TRL logs anyway."""
+    c = (pol[0::2] - ref[0::2]).detach()
+    r = (pol[1::2] - ref[1::2]).detach()
+    return PairLosses(pol[0::2] * 0.0, beta * c, beta * r)
 
 
 class ORPO(_Pairs):

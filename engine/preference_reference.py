@@ -40,6 +40,12 @@ if TYPE_CHECKING:
     from ember.engine.data import Datasets, Example
 
 
+def _weights_dtype(cfg: TrainConfig) -> str:
+    """The trained model's weights dtype of a full fine-tune (``model.dtype``; "auto": fp32
+    masters, ``runtime``'s rule)."""
+    return "float32" if cfg.model.dtype == "auto" else cfg.model.dtype
+
+
 class Referenced:
     """The reference of DPO and KTO: the starting model, i.e. the same model with its LoRA
     adapters switched off; with full fine-tuning a frozen copy of the starting weights; after
@@ -62,9 +68,14 @@ class Referenced:
         self.snapshot = continues_lora(cfg) or (cfg.method == "lora"
                                                 and changes_base(cfg.lora.init))
         if cfg.method == "full":  # no adapters to switch off: a frozen copy is the reference
-            ref = frozen_start(cfg, build_device(info))
-            record_fingerprint(self.prints, "reference", ref, info)
-            self.ref_model = shard_frozen(ref, info)
+            if self.sync is None:  # forwards only: in the autocast dtype
+                ref = frozen_start(cfg, build_device(info))
+                record_fingerprint(self.prints, "reference", ref, info)
+                self.ref_model = shard_frozen(ref, info)
+            else:  # TR-DPO mixes the policy in: in its dtype (fp32 masters), as TRL builds it
+                ref = frozen_start(cfg, build_device(info), _weights_dtype(cfg))
+                record_fingerprint(self.prints, "reference", ref, info)
+                self.ref_model = shard_frozen(ref, info, cfg.dist.mixed_precision)
 
     def frozen_models(self) -> dict[str, torch.nn.Module]:
         return {} if self.ref_model is None else {"reference": self.ref_model}

@@ -6,6 +6,12 @@ dtype, as TRL's ``SyncRefModelCallback._sync_target_model`` does
 ``ref_model_sync_steps`` (its ``on_step_end`` at ``global_step % ref_model_sync_steps == 0``;
 one step is one optimizer step, whatever ``grad_accum``).
 
+The reference is built in the policy's weights dtype (``preference_reference``): fp32, as the
+masters, under precision bf16 (twice a bf16 copy's memory; under FSDP its fp32 shards are
+gathered in bf16 for the forwards, as the policy's), as TRL builds its ``ref_model``; a bf16
+reference would drop every update below half a bf16 step (at alpha 0.01 and lr 5e-7 most
+weights never move).
+
 Only a full fine-tune's frozen copy can be mixed exactly: a LoRA run's reference is the model
 with its adapters off (or a snapshot of the starting adapter), and mixing A and B apart is not
 mixing B @ A (``check_sync``). Under torchrun the reference is sharded like the model
@@ -13,15 +19,13 @@ mixing B @ A (``check_sync``). Under torchrun the reference is sharded like the 
 each rank mixes its own shards, local and exact.
 
 The mixed reference is training state: ``save_reference`` writes it into each checkpoint while
-``dcp.save`` builds it (a ``reference/`` folder of DCP shards and its own ``manifest.json``,
-published with the model in the checkpoint's one rename), ``load_reference`` loads it at a
-resume and refuses a checkpoint without one.
+``dcp.save`` builds it (a ``reference/`` folder of DCP shards, hashed by the checkpoint's
+manifest and published with the model in the checkpoint's one rename), ``load_reference``
+loads it at a resume and refuses a checkpoint without one.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -30,23 +34,10 @@ from torch import nn
 from ember import EmberError
 from ember.engine import dcp
 from ember.engine.distributed import DistInfo, barrier, broadcast_object, reshard_all
+from ember.engine.preference_configs import check_sync  # noqa: F401  (re-exported)
 
 FOLDER = "reference"  # inside a checkpoint's step_N/
 _WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def check_sync(section: str, method: str) -> None:
-    """EmberError unless ``<section>.sync_ref_model`` can mix the reference exactly (the config
-    refuses it with ``precompute_ref_log_probs``: ``preference_configs.check_sync_settings``)."""
-    if method != "full":
-        raise EmberError(
-            f'{section}.sync_ref_model needs method = "full" (a separate frozen '
-            f"copy of the model to mix into); with method = {method!r} the reference "
-            "is the same model with its adapters switched off (or a snapshot of the "
-            "starting adapter), and mixing the adapters' A and B apart is not mixing "
-            "their product B @ A (TRL refuses PEFT models too): train with method = "
-            f'"full", or set {section}.sync_ref_model = false'
-        )
 
 
 def _name(n: str) -> str:
@@ -94,9 +85,10 @@ def _state(ref: nn.Module) -> tuple[dict, bool]:
 
 
 def save_reference(step_dir: Path, ref: nn.Module, info: DistInfo) -> Path:
-    """Write ``ref``'s weights into ``step_dir``'s ``reference/`` (every rank): DCP shards, then
-    their manifest. ``step_dir`` is the checkpoint being written (``dcp.save``'s ``write_more``),
-    so the reference is published with the model and optimizer in one rename, or not at all."""
+    """Write ``ref``'s weights into ``step_dir``'s ``reference/`` (every rank): DCP shards.
+    ``step_dir`` is the checkpoint being written (``dcp.save``'s ``write_more``), so the
+    reference is published with the model and optimizer in one rename, or not at all, and the
+    checkpoint's manifest hashes its files (a damaged one is skipped like any damaged file)."""
     import torch.distributed.checkpoint as tdcp
 
     final = Path(step_dir) / FOLDER
@@ -106,28 +98,19 @@ def save_reference(step_dir: Path, ref: nn.Module, info: DistInfo) -> Path:
     state, _ = _state(ref)
     dcp._dcp_call(tdcp.save, state, final)
     barrier(info)
-    if info.is_main:
-        files = {
-            n: {"bytes": (final / n).stat().st_size, "sha256": dcp._sha256(final / n)}
-            for n in dcp._files(final)
-        }
-        with open(final / dcp.MANIFEST, "w") as f:
-            f.write(json.dumps({"files": files}, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    barrier(info)
     return final
 
 
 def load_reference(step_dir: Path, ref: nn.Module, info: DistInfo, section: str) -> None:
     """Load checkpoint ``step_dir``'s mixed reference into ``ref`` (every rank); EmberError when
-    the checkpoint holds none or it is incomplete."""
+    the checkpoint holds none (its files' integrity is the checkpoint manifest's, checked before
+    the resume chose it)."""
     import torch.distributed.checkpoint as tdcp
 
     folder = Path(step_dir) / FOLDER
     why = None
-    if info.is_main:
-        why = _check(folder)
+    if info.is_main and not (folder / ".metadata").is_file():
+        why = f"{FOLDER}/ is missing" if not folder.exists() else f"{FOLDER}/ is incomplete"
     why = broadcast_object(why, info)
     if why is not None:
         raise EmberError(
@@ -143,15 +126,3 @@ def load_reference(step_dir: Path, ref: nn.Module, info: DistInfo, section: str)
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         set_model_state_dict(ref, state["model"])
-
-
-def _check(folder: Path) -> str | None:
-    path = folder / dcp.MANIFEST
-    if not path.exists():
-        return f"{FOLDER}/ is missing" if not folder.exists() else f"{FOLDER}/ is incomplete"
-    files = json.loads(path.read_text())["files"]
-    for n, meta in files.items():
-        f = folder / n
-        if not f.exists() or f.stat().st_size != meta["bytes"]:
-            return f"{FOLDER}/{n} is missing or truncated"
-    return None

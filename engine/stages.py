@@ -342,10 +342,11 @@ def load_start(cfg: TrainConfig, dtype: str, device: str):
     return model, tok, start.kind == cfg.method
 
 
-def frozen_start(cfg: TrainConfig, device: str):
+def frozen_start(cfg: TrainConfig, device: str, dtype: str | None = None):
     """The starting model for forwards only (DPO's reference with full fine-tuning): eval mode,
-    no gradients, weights in the autocast dtype."""
-    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.precision, "float32")
+    no gradients, weights in ``dtype`` (default: the autocast dtype)."""
+    if dtype is None:
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.precision, "float32")
     model, _, _ = load_start(cfg, dtype, device)
     return model.requires_grad_(False).eval()
 

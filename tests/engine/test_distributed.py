@@ -140,8 +140,11 @@ def short_runs(tiny, tmp: Path) -> dict[str, tuple[str, ...]]:
                     "dpo.sft_weight=0.5", "dpo.precompute_ref_log_probs=true",
                     f'data.train=["{prefs}"]', f'data.validation="{prefs}"',
                     "data.tokens_per_batch=80"),
-            # the KL term pooled over the step's micro-batches of both processes
+            # the KL term pooled over the step's micro-batches of both processes; TR-DPO's
+            # reference mixed after every step, each rank its own shards
             "kto": (*short, 'method="full"', 'objective="kto"', "kto.beta=1.0", "optim.lr=1e-2",
+                    "kto.sync_ref_model=true", "kto.ref_model_mixup_alpha=0.5",
+                    "kto.ref_model_sync_steps=1",
                     f'data.train=["{kto}"]', f'data.validation="{kto}"', f'data.test="{kto}"',
                     "data.max_seq_len=32",
                     "data.tokens_per_batch=80"),

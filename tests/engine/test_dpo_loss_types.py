@@ -242,6 +242,24 @@ def test_dpo_loss_types_match_trl_1_16(case):
     torch.testing.assert_close(out.chosen, kw["beta"] * (sums[:4] - ref[:4]).detach())
 
 
+def test_sft_alone_is_trl_1_16s_nll():
+    """TRL 1.16's loss_type ["sft"] alone, read off its numbers above (its loss is linear in
+    loss_weights: "mpo" less 0.8 "sigmoid" and 0.2 "bco_pair"), is the chosen answers' mean NLL
+    per token, the term the DPO objective adds (checked on a real batch below)."""
+    parts = {k: TRL_1_16[k] for k in ("mpo", "sigmoid", "bco_pair")}
+    loss = parts["mpo"][1] - 0.8 * parts["sigmoid"][1] - 0.2 * parts["bco_pair"][1]
+    grads = [
+        m - 0.8 * a - 0.2 * b
+        for m, a, b in zip(parts["mpo"][4], parts["sigmoid"][4], parts["bco_pair"][4], strict=True)
+    ]
+    sums = torch.stack([t.sum() for t in tokens("pol")]).requires_grad_()
+    counts = torch.tensor(LENGTHS, dtype=torch.float64)
+    nll = -sums[:4].sum() / counts[:4].sum()
+    assert float(nll.detach()) == pytest.approx(loss, rel=1e-12)
+    nll.backward()
+    assert sums.grad.tolist() == pytest.approx(grads, abs=1e-12)
+
+
 PACKED = [0, 4, 1, 5, 2, 6, 3, 7]  # Ember's batch order: chosen 0, rejected 0, chosen 1, ...
 
 
@@ -428,6 +446,8 @@ def _tokens_alone(model, examples):
         ("dpo.ld_alpha=0.3", "dpo.sft_weight=0.5"),
         ("dpo.use_weighting=true", 'dpo.loss_type="ipo"'),
         ("dpo.ld_alpha=0", "dpo.use_weighting=true", 'dpo.loss_type=["sigmoid", "apo_zero"]'),
+        ('dpo.loss_type="sft"',),  # the NLL term alone: no pair loss (TRL 1.16 takes it)
+        ('dpo.loss_type=["sft"]', "dpo.loss_weights=[0.5]", "dpo.ld_alpha=0.5"),
     ],
 )
 def test_ld_dpo_and_wpo_objective_on_a_batch(tiny, tmp_path, sets):
@@ -475,21 +495,23 @@ def test_ld_dpo_and_wpo_objective_on_a_batch(tiny, tmp_path, sets):
     if c.use_weighting:
         w = torch.stack([torch.exp((x - q).mean()) for x, q in zip(pol, lss, strict=True)])
         pw = w[0::2] * w[1::2]
-    out = dpo_loss(
-        ps[0::2],
-        ps[1::2],
-        rs[0::2],
-        rs[1::2],
-        c.beta,
-        c.label_smoothing,
-        c.loss_types,
-        n[0::2],
-        n[1::2],
-        loss_weights=c.pair_weights,
-        pair_weights=pw,
-    )
+    pairs = 0.0  # loss_type "sft" alone: TRL's loss is its sft term only
+    if c.loss_types:
+        pairs = dpo_loss(
+            ps[0::2],
+            ps[1::2],
+            rs[0::2],
+            rs[1::2],
+            c.beta,
+            c.label_smoothing,
+            c.loss_types,
+            n[0::2],
+            n[1::2],
+            loss_weights=c.pair_weights,
+            pair_weights=pw,
+        ).losses.mean()
     nll = -torch.stack([x.sum() for x in pol[0::2]]).sum() / n[0::2].sum()
-    want = out.losses.mean() + c.nll_weight * nll
+    want = pairs + c.nll_weight * nll
     for pre in (False, True):
         if pre:  # the reference's values precomputed onto the examples (LD's weighted sums)
             for e in examples:
@@ -514,3 +536,5 @@ def test_ld_dpo_and_wpo_objective_on_a_batch(tiny, tmp_path, sets):
             got = obj.step_metrics(lambda xs: xs)
             assert got["chosen_logps"] == pytest.approx(float(ps[0::2].mean()), rel=1e-5)
             assert got["nll_loss"] == pytest.approx(float(nll), rel=1e-5)
+            margin = c.beta * ((ps[0::2] - rs[0::2]) - (ps[1::2] - rs[1::2]))
+            assert got["reward_margin"] == pytest.approx(float(margin.mean()), rel=1e-4)
