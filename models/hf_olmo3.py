@@ -22,7 +22,7 @@ from dataclasses import replace
 
 from ember import EmberError
 from ember.models.config import ModelConfig
-from ember.models.hf_rope import get_float, parse_rope, rope_to_hf
+from ember.models.hf_rope import get_float, get_window, parse_rope, rope_to_hf
 
 OLMO3_FIELDS = frozenset({"attention_bias", "sliding_window", "layer_types"})
 OLMO3_THETA = 500_000.0  # Olmo3Config.default_theta
@@ -71,13 +71,7 @@ def _rope(d: dict, where: str, max_pos: int, rotary_dim: int | None):
 def olmo3_fields(raw: Mapping, num_layers: int, max_pos: int, rotary_dim: int | None) -> dict:
     """Window, per-layer types and per-layer-type RoPE of an OLMo 3 config.json."""
     types = _layer_types(raw, num_layers)
-    window = raw.get("sliding_window", OLMO3_WINDOW)
-    if window is not None and (
-        isinstance(window, bool) or not isinstance(window, int) or window < 1
-    ):
-        raise EmberError(
-            f"config.json: sliding_window must be an integer >= 1 or null, got {window!r}"
-        )
+    window = get_window(raw, OLMO3_WINDOW)
     sliding = [t == "sliding_attention" for t in types]
     if any(sliding) and window is None:
         raise EmberError(

@@ -65,6 +65,17 @@ def get_float(d: Mapping, key: str, default=..., where: str = "config.json") -> 
     return float(v)
 
 
+def get_window(d: Mapping, default: int | None = None) -> int | None:
+    """config.json's ``sliding_window``: an integer >= 1, or null (no window)."""
+    window = d.get("sliding_window", default)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        raise EmberError(
+            f"config.json: sliding_window must be an integer >= 1 or null, got {window!r}"
+        )
+    return window
+
+
 def rope_dict(raw: Mapping) -> dict:
     """The rope parameters transformers 5 reads: a non-empty legacy ``rope_scaling`` wins over
     ``rope_parameters``."""

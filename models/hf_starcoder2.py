@@ -23,7 +23,7 @@ from ember.models.activations import to_hf_name
 from ember.models.config import ModelConfig
 from ember.models.heads import labels_from_hf, labels_to_hf, problem_type_from_hf
 from ember.models.hf_llama_variants import variant_problems
-from ember.models.hf_rope import get_float, legacy_rope_scaling, rope_to_hf
+from ember.models.hf_rope import get_float, get_window, legacy_rope_scaling, rope_to_hf
 
 ARCHITECTURE = "Starcoder2ForCausalLM"
 CLASSIFIER = "Starcoder2ForSequenceClassification"
@@ -35,8 +35,13 @@ FIELDS = frozenset(
     residual_dropout embedding_dropout attention_dropout sliding_window tie_word_embeddings
     rope_parameters rope_theta rope_scaling bos_token_id eos_token_id pad_token_id dtype
     torch_dtype quantization_config original_max_position_embeddings
+    mlp_type norm_type rms_norm_eps
 """.split()
 )
+# Keys the released checkpoints' config.json carry (starcoder2-3b/7b/15b, written before
+# Starcoder2Config settled) and transformers ignores: the only values they take there, else refused
+# (rms_norm_eps: transformers reads norm_epsilon, and so does Ember)
+RELEASED_ONLY = {"mlp_type": "default", "norm_type": "layer_norm"}
 # Starcoder2Config's class defaults where they differ from Llama's
 DEFAULTS = dict(
     bos_token_id=50256,
@@ -102,15 +107,16 @@ def starcoder2_config(raw: Mapping, harmless: frozenset, config_from_hf) -> Mode
     bias = raw.get("use_bias", True)
     if not isinstance(bias, bool):
         raise EmberError(f"config.json: use_bias must be true or false, got {bias!r}")
-    window = raw.get("sliding_window")
-    if window is not None and (
-        isinstance(window, bool) or not isinstance(window, int) or window < 1
-    ):
-        raise EmberError(
-            f"config.json: sliding_window must be an integer >= 1 or null, got {window!r}"
-        )
+    window = get_window(raw)
+    for key, only in RELEASED_ONLY.items():
+        if key in raw and raw[key] != only:
+            raise EmberError(
+                f"config.json: {key} {raw[key]!r} is not supported for model_type 'starcoder2' "
+                f"(the released checkpoints have {only!r}, the only one transformers computes)"
+            )
     resid, embd = _fraction(raw, "residual_dropout"), _fraction(raw, "embedding_dropout")
     own = (
+        *RELEASED_ONLY,
         "use_bias",
         "norm_epsilon",
         "residual_dropout",

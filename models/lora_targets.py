@@ -116,8 +116,10 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     own = _OWN_LEAVES.get(getattr(cfg, "model_type", None), {})
     if not getattr(cfg, "gated_mlp", True) and {"up", "down"} <= set(targets) and "gate" in targets:
         # the seven short names (the default) mean every projection; a plain MLP has no gate
+        names = {"phi": "Phi-1/2: fc1 -> fc2", "starcoder2": "StarCoder2: c_fc -> c_proj"}
+        which = names.get(getattr(cfg, "model_type", None), "up_proj -> down_proj")
         warnings.warn("lora.targets: 'gate' skipped, this model's MLP has no gate projection "
-                      "(Phi-1/2: fc1 -> fc2 are 'up' / 'down')", stacklevel=3)
+                      f"({which} are 'up' / 'down')", stacklevel=3)
         targets = tuple(t for t in targets if t != "gate")
     for t in targets:
         hit = [n for n in cands if _target_matches(own.get(t, t), n)]

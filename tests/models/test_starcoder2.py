@@ -266,3 +266,21 @@ def test_refusals(tmp_path):
 
     with pytest.raises(EmberError, match="Starcoder2ForCausalLM is not a supported model"):
         accelerate(_hf(tmp_path / "default"))
+
+
+def test_the_released_checkpoints_config_keys_load_as_transformers_reads_them(tmp_path):
+    """starcoder2-3b/7b/15b's config.json carry mlp_type / norm_type / rms_norm_eps, which
+    Starcoder2Config never writes and transformers ignores (it reads norm_epsilon)."""
+    folder = _save(tmp_path, "default", norm_epsilon=1e-3)
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    path.write_text(
+        json.dumps({**raw, "mlp_type": "default", "norm_type": "layer_norm", "rms_norm_eps": 1e-5})
+    )
+    model, _ = load_pretrained(folder)
+    assert model.cfg.rms_norm_eps == 1e-3
+    with torch.no_grad():
+        assert (model(_ids()) - _hf(folder)(_ids()).logits).abs().max().item() <= 1e-4
+    for key, value in (("mlp_type", "moe"), ("norm_type", "rms_norm")):
+        with pytest.raises(EmberError, match=f"{key} '{value}' is not supported.*released"):
+            config_from_hf({**raw, key: value})
