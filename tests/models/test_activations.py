@@ -87,6 +87,12 @@ def test_gated_saves_gate_and_up_only(activation):
         (out * dout).sum().backward()
         torch.testing.assert_close(g3.grad, g.grad, rtol=0, atol=0)
         torch.testing.assert_close(u3.grad, u.grad, rtol=0, atol=0)
+    for frozen in (0, 1):  # one input needs no gradient (e.g. one projection frozen)
+        a, b = (t.detach().clone().requires_grad_(i != frozen) for i, t in enumerate((g, u)))
+        (gated(activation)(a, b) * dout).sum().backward()
+        live, ref = (b, u.grad) if frozen == 0 else (a, g.grad)
+        assert (a.grad is None) == (frozen == 0) and (b.grad is None) == (frozen == 1)
+        assert torch.equal(live.grad, ref)
 
 
 def _save_scaled(tmp_path, name, cls, **kw):
