@@ -48,14 +48,13 @@ import torch
 import torch.nn.functional as F
 import transformers
 from config_fuzz_draw import _LAYER_KINDS, CLASSES, draw  # (this folder)
-from config_fuzz_extra import EXTRAS, gguf_check, qlora_check
+from config_fuzz_extra import EXTRAS, gguf_check, lora_saved, qlora_check
 
 from ember import EmberError
 from ember.models.hf import from_hf_state_dict
 from ember.models.hf_rope import longrope_attention_factor, yarn_mscale
 from ember.models.loading import load_pretrained, save_pretrained
-from ember.models.lora import LoRAConfig, apply_lora, merge_lora
-from ember.models.peft_adapter import save_adapter
+from ember.models.lora import merge_lora
 from ember.models.transformer import KVCache
 
 ATOL = 1e-4
@@ -229,19 +228,9 @@ def _lora_exports(model, hf, folder: Path, ids: torch.Tensor, seed: int, probs: 
     --merged``) reloaded by transformers."""
     import peft
 
-    g = torch.Generator().manual_seed(seed)
-    apply_lora(model, LoRAConfig(rank=4, alpha=8))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        ours = model(ids)
     adapter = folder.with_name(folder.name + "-adapter")
-    try:
-        save_adapter(model, adapter)
-    except EmberError:  # a dense MLP of a Qwen3-MoE: PEFT 0.21 would retarget it (README)
-        adapter = None
-    if adapter is not None:
+    ours, saved = lora_saved(model, ids, seed, adapter)
+    if saved:
         with torch.no_grad():
             theirs = _fresh(peft.PeftModel.from_pretrained(hf, adapter).eval())(ids).logits
         d = (ours - theirs).abs().max().item()

@@ -88,6 +88,27 @@ def _nf4_round_trip_(hf: torch.nn.Module, skip: tuple[str, ...]) -> None:
                 m.weight.copy_(bnbf.dequantize_4bit(q, state).reshape(m.weight.shape))
 
 
+def lora_saved(model, ids: torch.Tensor, seed: int, adapter: Path) -> tuple[torch.Tensor, bool]:
+    """LoRA (r 4, random B from ``seed``) on every linear layer of ``model``: its logits on ``ids``,
+    and whether its PEFT adapter was written to ``adapter`` (not for a dense MLP of a Qwen3-MoE:
+    PEFT 0.21 would retarget it, README)."""
+    from ember.models.lora import LoRAConfig, apply_lora
+    from ember.models.peft_adapter import save_adapter
+
+    g = torch.Generator().manual_seed(seed)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        ours = model(ids)
+    try:
+        save_adapter(model, adapter)
+    except EmberError:
+        return ours, False
+    return ours, True
+
+
 def qlora_check(
     folder: Path, hf, ids: torch.Tensor, seed: int, tol, probs: list[str], notes: list[str]
 ) -> None:
@@ -98,9 +119,7 @@ def qlora_check(
     import peft
 
     from ember.models.loading import load_pretrained
-    from ember.models.lora import LoRAConfig, apply_lora
     from ember.models.nf4 import HEADS
-    from ember.models.peft_adapter import save_adapter
 
     if any("expert" in n for n, _ in hf.named_parameters()):
         # Ember quantizes each expert's gate / up / down; transformers 5 holds them fused in
@@ -119,17 +138,9 @@ def qlora_check(
         d = (model(ids) - ref).abs().max().item()
     if not d <= tol(ref):
         probs.append(f"nf4 logits vs transformers with bnb's dequantized NF4: {d:.3g}")
-    g = torch.Generator().manual_seed(seed)
-    apply_lora(model, LoRAConfig(rank=4, alpha=8))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        ours = model(ids)
     adapter = folder.with_name(folder.name + "-qlora-adapter")
-    try:
-        save_adapter(model, adapter)
-    except EmberError:  # a dense MLP of a Qwen3-MoE: PEFT 0.21 would retarget it (README)
+    ours, saved = lora_saved(model, ids, seed, adapter)
+    if not saved:
         return
     with torch.no_grad():
         theirs = peft.PeftModel.from_pretrained(hf, adapter).eval()(ids).logits
