@@ -71,6 +71,15 @@ def make_tiny_model(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def away_from_reference(model) -> None:
+    """Every LoRA B of ``model`` drawn N(0, 0.2) from the global RNG: a policy away from its
+    reference (the base model, its adapters off)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.2)
+
+
 def write_jsonl(path: Path, rows) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

@@ -28,7 +28,7 @@ from ember.engine.objectives import make_objective
 from ember.engine.preference_losses import dpo_loss, ld_token_weights, wpo_pair_weights
 from ember.models.loading import load_pretrained
 from ember.models.lora import LoRAConfig, apply_lora
-from tests.engine._tiny import WORDS, tiny_config, write_jsonl
+from tests.engine._tiny import WORDS, away_from_reference, tiny_config, write_jsonl
 
 NC, NR = [3, 5, 2, 4], [4, 2, 2, 6]  # answer tokens: the chosen, then the rejected answers
 LENGTHS = NC + NR
@@ -470,10 +470,7 @@ def test_ld_dpo_and_wpo_objective_on_a_batch(tiny, tmp_path, sets):
     model, _ = load_pretrained(tiny["model"], "float32")
     apply_lora(model, LoRAConfig(rank=4, alpha=8))
     torch.manual_seed(0)
-    with torch.no_grad():  # a policy away from its reference (the base model)
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(0, 0.2)
+    away_from_reference(model)  # a policy away from its reference (the base model)
     obj = make_objective(cfg, DistInfo())
     obj.check_model(model, None)
     with torch.no_grad():

@@ -29,7 +29,7 @@ from ember.engine.trainer import Trainer, train
 from ember.models import Transformer
 from ember.models.loading import load_pretrained
 from ember.models.lora import LoRAConfig, apply_lora
-from tests.engine._tiny import WORDS, quiet, rows_of, tiny_config, write_jsonl
+from tests.engine._tiny import WORDS, away_from_reference, quiet, rows_of, tiny_config, write_jsonl
 
 # --- TRL's KTOTrainer._compute_loss, written out plainly (float64) -------------------------------
 
@@ -174,10 +174,7 @@ def test_objective_matches_trl_on_a_batch(tiny, kto_file, tmp_path, case):
     model, _ = load_pretrained(tiny["model"], "float32")
     torch.manual_seed(seed)
     apply_lora(model, LoRAConfig(rank=4, alpha=8))
-    with torch.no_grad():  # a policy away from its reference (the base model)
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(0, 0.2)
+    away_from_reference(model)
     obj.check_model(model, None)
     # One micro-batch of the 5 examples, then the same step as two micro-batches (3 + 2): each
     # rotates its own completions, one KL estimate for the step.
@@ -236,10 +233,7 @@ def test_kl_documents_are_mismatched_and_carry_no_loss(tiny, kto_file, tmp_path)
     # A one-document micro-batch has no mismatched pair: scored, not counted.
     obj = make_objective(tiny_config(tiny, tmp_path, 'objective="kto"'), DistInfo())
     apply_lora(model, LoRAConfig(rank=4, alpha=8))
-    with torch.no_grad():  # B != 0: the policy is not the reference
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(0, 0.2)
+    away_from_reference(model)  # B != 0: the policy is not the reference
     total, n = obj._kl_sums(model, [collate(ex[:1]), collate(ex[1:3])], "cpu", None)
     assert n == 2 and total != 0
 

@@ -22,7 +22,7 @@ from ember.engine.objectives import make_objective
 from ember.engine.preference_losses import cpo_loss, dpo_loss, log1mexp, orpo_loss, simpo_loss
 from ember.models.loading import load_pretrained
 from ember.models.lora import LoRAConfig, apply_lora
-from tests.engine._tiny import tiny_config
+from tests.engine._tiny import away_from_reference, tiny_config
 
 # --- TRL's definitions, written out plainly (float64) --------------------------------------------
 
@@ -327,10 +327,7 @@ def test_objective_matches_trl_on_a_batch(tiny, pref_batch, tmp_path, case):
     model, _ = load_pretrained(tiny["model"], "float32")
     apply_lora(model, LoRAConfig(rank=4, alpha=8))
     torch.manual_seed(0)
-    with torch.no_grad():  # a policy away from its reference (the base model)
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(0, 0.2)
+    away_from_reference(model)
     obj.check_model(model, None)
     with torch.no_grad():
         want, metrics = _trl_step(cfg, model, base, examples)
@@ -359,10 +356,7 @@ def test_orpo_nll_covers_the_chosen_prompt_as_trl(tiny, pref_batch, tmp_path):
     model, _ = load_pretrained(tiny["model"], "float32")
     apply_lora(model, LoRAConfig(rank=4, alpha=8))
     torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(0, 0.2)
+    away_from_reference(model)
     obj.check_model(model, None)
     B = [p for n, p in model.named_parameters() if n.endswith("lora_B")]
     sums, counts = _alone(model, examples)  # TRL's loss = nll - mean(beta * log s(log odds))
