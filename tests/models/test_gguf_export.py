@@ -160,6 +160,8 @@ def test_family_export_matches_transformers_and_reimports_exactly(case, tmp_path
     if case not in NO_TRANSFORMERS_GGUF:
         diffs["transformers GGUF"] = _diff(ours, _logits(_transformers_gguf(path, case, hf), ids))
     print(f"{case}: max |logit diff| " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    # the re-import holds the same weights (checked above; Gemma's norms to 2^-23): same logits
+    assert diffs["Ember re-import"] <= 1e-6, diffs
     assert all(v <= 1e-4 for v in diffs.values()), diffs
 
 
